@@ -1,0 +1,101 @@
+"""MMMU-style parsing of a generated answer into an option letter.
+
+``parse_choice`` tries, in order, and returns the first hit:
+
+1. the whole response is one letter, optionally wrapped/punctuated: "B", "(B)", "B.", "B)", "B:",
+   "[B]", "**B**" (a lone lowercase letter counts too, since it cannot be an article there);
+2. an explicit answer phrase: "Answer: B", "the answer is (B)", "Option B", "choice: B";
+3. a parenthesised letter "(B)" anywhere;
+4. a letter followed by "." / ")" / ":" at a token start: "B. blue", "B) blue";
+5. a bare standalone uppercase letter token ("B is correct");
+6. the option text itself ("blue"), case-insensitive on word boundaries; the longest matching
+   option wins, ties go to the earliest position.
+
+Within a tier the FIRST occurrence wins. MMMU's reference parser takes the last candidate, which
+suits long chain-of-thought answers; our generations are a few greedy tokens, where the first
+letter is the answer and later text is the model rambling on ("B. Blue is not C").
+
+Only uppercase letters within the options' range count, because lowercase "a" and "i" are words.
+For the same reason a bare "A" or "I" followed by a lowercase word ("A red circle", "I think")
+is read as an article/pronoun, not as a choice, except before "is" ("A is correct").
+Text after a special token such as ``<|im_end|>`` or ``</s>`` is ignored.
+"""
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+# Cut at the first special token: chat-template markers like <|im_end|>, <|eot_id|>, and </s>, <eos>, <end_of_turn>.
+_SPECIAL = re.compile(r"<\|[^|>]{0,40}\|>|</s>|<eos>|<end_of_turn>|<\|endoftext\|>")
+_WRAP = "()[]{}*`'\"_ \t\n"  # wrapping characters stripped around a lone letter
+
+
+def _letters(n: int) -> str:
+    return "".join(chr(ord("A") + i) for i in range(min(n, 26)))
+
+
+def strip_special(response: str) -> str:
+    """The response up to the first special token, whitespace-stripped."""
+    m = _SPECIAL.search(response)
+    return (response[: m.start()] if m else response).strip()
+
+
+def _lone_letter(text: str, letters: str) -> str | None:
+    core = text.strip(_WRAP).rstrip(".:)").strip(_WRAP)
+    if len(core) == 1 and core.upper() in letters:
+        return core.upper()
+    return None
+
+
+def _first(pattern: str, text: str, letters: str, flags: int = 0) -> str | None:
+    for m in re.finditer(pattern, text, flags):
+        if m.group("L") in letters:
+            return m.group("L")
+    return None
+
+
+def _is_word(text: str, m: re.Match[str]) -> bool:
+    """A bare "A"/"I" starting an English phrase ("A red circle", "I think"), not a choice."""
+    if m.group("L") not in "AI":
+        return False
+    nxt = re.match(r"\s+([a-z]\w*)", text[m.end():])
+    return bool(nxt) and nxt.group(1) != "is"
+
+
+def _bare_letter(text: str, letters: str) -> str | None:
+    for m in re.finditer(r"(?<![A-Za-z0-9])(?P<L>[A-Z])(?![A-Za-z0-9'])", text):
+        if m.group("L") in letters and not _is_word(text, m):
+            return m.group("L")
+    return None
+
+
+def _option_text(text: str, options: Sequence[str]) -> str | None:
+    best: tuple[int, int, int] | None = None  # (-len, position, index)
+    for i, opt in enumerate(options):
+        opt = opt.strip()
+        if not opt:
+            continue
+        m = re.search(r"(?<!\w)" + re.escape(opt) + r"(?!\w)", text, re.IGNORECASE)
+        if m:
+            key = (-len(opt), m.start(), i)
+            best = key if best is None or key < best else best
+    return chr(ord("A") + best[2]) if best else None
+
+
+def parse_choice(response: str, options: Sequence[str]) -> str | None:
+    """The option letter chosen in ``response`` ('A', 'B', ...), or None if none can be read."""
+    letters = _letters(len(options))
+    if not letters:
+        return None
+    text = strip_special(response)
+    if not text:
+        return None
+    return (
+        _lone_letter(text, letters)
+        or _first(r"(?:answer|option|choice)(?:\s+is)?\s*[:\-]?\s*[(\[*]*(?P<L>[A-Z])(?![A-Za-z0-9])",
+                  text, letters, re.IGNORECASE)
+        or _first(r"\((?P<L>[A-Z])\)", text, letters)
+        or _first(r"(?<![A-Za-z0-9])(?P<L>[A-Z])[.):](?![A-Za-z0-9])", text, letters)
+        or _bare_letter(text, letters)
+        or _option_text(text, options)
+    )

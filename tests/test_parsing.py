@@ -1,0 +1,109 @@
+import pytest
+
+from probe.parsing import parse_choice, strip_special
+
+OPTS4 = ["red", "blue", "green", "yellow"]
+OPTS6 = ["1", "2", "3", "4", "5", "6"]
+
+
+@pytest.mark.parametrize(
+    "response, expected",
+    [
+        # lone letters, wrapped or punctuated
+        ("B", "B"),
+        ("  B  ", "B"),
+        ("(B)", "B"),
+        ("B.", "B"),
+        ("B)", "B"),
+        ("B:", "B"),
+        ("[C]", "C"),
+        ("**D**", "D"),
+        ("b", "B"),  # a lone lowercase letter cannot be an article
+        ("(b)", "B"),
+        ("\nA\n", "A"),
+        # explicit answer phrases
+        ("Answer: B", "B"),
+        ("answer: (C)", "C"),
+        ("The answer is D.", "D"),
+        ("The correct option is B", "B"),
+        ("I think the answer is C", "C"),  # the pronoun "I" is not choice I (and out of range anyway)
+        # letter with punctuation followed by text
+        ("B. blue", "B"),
+        ("C) green", "C"),
+        ("(A) red", "A"),
+        # first standalone letter wins (short greedy generations)
+        ("B. Blue, not C", "B"),
+        ("B is correct, C is not", "B"),
+        ("A is correct", "A"),
+        # special tokens end the response
+        ("C<|im_end|>A", "C"),
+        ("<|im_start|>", None),
+        ("D</s>", "D"),
+        ("C<|eot_id|>", "C"),
+        # option text
+        ("blue", "B"),
+        ("It is Yellow.", "D"),
+        ("A red circle", "A"),  # article "A" ignored, option text "red" gives A
+        ("A green one", "C"),
+        # nothing parseable
+        ("", None),
+        ("   ", None),
+        ("I don't know", None),
+        ("a", "A"),  # lone letter, in range
+        ("purple", None),
+        ("redish", None),  # option text only on word boundaries
+    ],
+)
+def test_parse_choice_four_options(response, expected):
+    assert parse_choice(response, OPTS4) == expected
+
+
+def test_letters_out_of_range_ignored():
+    assert parse_choice("E", OPTS4) is None
+    assert parse_choice("E. or B", OPTS4) == "B"
+    assert parse_choice("(F)", OPTS4) is None
+
+
+def test_letters_beyond_d():
+    assert parse_choice("E", OPTS6) == "E"
+    assert parse_choice("(F)", OPTS6) == "F"
+    assert parse_choice("Answer: E", OPTS6) == "E"
+
+
+def test_option_text_longest_wins():
+    opts = ["blue", "light blue", "red"]
+    assert parse_choice("light blue", opts) == "B"
+    assert parse_choice("It's blue", opts) == "A"
+
+
+def test_option_text_with_symbols():
+    opts = ["$6", "$7", "$8"]
+    assert parse_choice("$7", opts) == "B"
+    assert parse_choice("The cost is $8 total", opts) == "C"
+
+
+def test_numeric_options_match_text():
+    assert parse_choice("3", OPTS6) == "C"
+    assert parse_choice("There are 5 shapes", OPTS6) == "E"
+
+
+def test_image_options():
+    opts = ["<image 1>", "<image 2>"]
+    assert parse_choice("<image 2>", opts) == "B"
+    assert parse_choice("B", opts) == "B"
+
+
+def test_pronoun_i_with_many_options():
+    opts = [str(i) for i in range(10)]  # letters A..J, so "I" is in range
+    assert parse_choice("I think it is J", opts) == "J"
+    assert parse_choice("I", opts) == "I"
+    assert parse_choice("I.", opts) == "I"
+
+
+def test_no_options():
+    assert parse_choice("A", []) is None
+
+
+def test_strip_special():
+    assert strip_special("  B <|im_end|> trailing") == "B"
+    assert strip_special("no tokens ") == "no tokens"
