@@ -1,0 +1,294 @@
+"""Load MMMU (or anything in its Hugging Face parquet layout) into validated, deterministic items.
+
+Layout after a hub download of ``MMMU/MMMU``: ``<root>/<Subject>/<split>-XXXXX-of-XXXXX.parquet``.
+A directory that directly holds ``<split>-*.parquet`` files is accepted as a single subject named
+after the directory. Only multiple-choice items are kept; open-ended ones are skipped and counted.
+Every problem the user can fix is raised as :class:`probe.errors.BadInput` with one line naming
+the file and row id.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from PIL import Image
+
+from probe.errors import BadInput
+
+MAX_IMAGES = 7
+REQUIRED_COLUMNS = ("id", "question", "options", "answer", "question_type")
+_IMAGE_REF = re.compile(r"<image (\d+)>")
+_VIDEO_REF = "<video>"
+_HUB_REPO = "MMMU/MMMU"
+
+
+def option_letters(n: int) -> tuple[str, ...]:
+    """'A', 'B', ... for n options (MMMU has items with more than four)."""
+    if n > 26:
+        raise ValueError(f"at most 26 options supported, got {n}")
+    return tuple(chr(ord("A") + i) for i in range(n))
+
+
+def _decode(data: bytes, max_side: int | None) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    # Composite transparency onto white: a bare convert("RGB") turns transparent pixels black.
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        img = Image.new("RGB", rgba.size, (255, 255, 255))
+        img.paste(rgba, mask=rgba.getchannel("A"))
+    else:
+        img = img.convert("RGB")
+    if max_side is not None and max(img.size) > max_side:
+        w, h = img.size
+        scale = max_side / max(w, h)
+        img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC)
+    return img
+
+
+@dataclass(frozen=True)
+class Item:
+    """One multiple-choice item. ``images`` are in order of first ``<image k>`` reference
+    (question, then options); images never referenced are not included."""
+
+    id: str
+    subject: str
+    question: str
+    options: tuple[str, ...]
+    answer: str
+    images: tuple[bytes, ...]
+    frames: tuple[bytes, ...] = ()
+
+    @property
+    def letters(self) -> tuple[str, ...]:
+        return option_letters(len(self.options))
+
+    def pil_images(self, max_side: int | None = None) -> list[Image.Image]:
+        """Decoded RGB images, downscaled (aspect kept) so the longer side is <= max_side."""
+        return [_decode(b, max_side) for b in self.images]
+
+    def pil_frames(self, max_side: int | None = None) -> list[Image.Image]:
+        return [_decode(b, max_side) for b in self.frames]
+
+
+@dataclass
+class LoadReport:
+    n_multiple_choice: int
+    n_skipped_open: int
+    subjects: list[str]
+    files: list[str]
+    fingerprint: str  # sha256 over ids, questions, options, answers, image and frame bytes
+
+
+# ---------------------------------------------------------------------------------------------
+# discovery
+
+
+def _split_files(folder: Path, split: str) -> list[Path]:
+    return sorted(p for p in folder.glob(f"{split}-*.parquet") if p.is_file())
+
+
+def discover(root: str | Path, split: str) -> dict[str, list[Path]]:
+    """Map subject -> its parquet files for ``split``, sorted by subject."""
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise BadInput(f"MMMU data directory not found: {root}")
+    if not root.is_dir():
+        raise BadInput(f"MMMU data path is not a directory: {root}")
+    found = {d.name: _split_files(d, split) for d in sorted(root.iterdir()) if d.is_dir()}
+    found = {k: v for k, v in found.items() if v}
+    direct = _split_files(root, split)
+    if direct:  # a single-subject directory; its own files win over nothing
+        found.setdefault(root.resolve().name, direct)
+    if not found:
+        raise BadInput(f"no '{split}-*.parquet' files in {root} or its subject folders")
+    return dict(sorted(found.items()))
+
+
+# ---------------------------------------------------------------------------------------------
+# row validation
+
+
+def _id_key(item_id: str) -> tuple[int, int, str]:
+    """Sort by the numeric suffix of the id ("validation_Art_10" after "..._9"); fall back to text."""
+    tail = item_id.rsplit("_", 1)[-1]
+    return (0, int(tail), item_id) if tail.isdigit() else (1, 0, item_id)
+
+
+def _parse_options(raw: Any, where: str) -> tuple[str, ...]:
+    if isinstance(raw, (list, tuple)):
+        value: Any = list(raw)
+    elif isinstance(raw, str):
+        try:
+            value = ast.literal_eval(raw)  # a Python literal, never eval()
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            raise BadInput(f"{where}: 'options' is not a Python list literal: {raw[:80]!r}") from None
+    else:
+        raise BadInput(f"{where}: 'options' must be a string holding a list, got {type(raw).__name__}")
+    if not isinstance(value, list) or not all(isinstance(o, str) for o in value):
+        raise BadInput(f"{where}: 'options' must be a list of strings, got {str(raw)[:80]!r}")
+    return tuple(value)
+
+
+def _image_bytes(cell: Any, where: str, what: str) -> bytes:
+    if isinstance(cell, dict):
+        cell = cell.get("bytes")
+    if not isinstance(cell, (bytes, bytearray)) or not cell:
+        raise BadInput(f"{where}: {what} is referenced but empty or null")
+    try:
+        with Image.open(io.BytesIO(cell)) as img:
+            img.verify()  # header/CRC check only; cheap
+    except Exception as exc:  # PIL raises many types for bad bytes
+        raise BadInput(f"{where}: {what} is not a decodable image ({type(exc).__name__})") from None
+    return bytes(cell)
+
+
+def _referenced(texts: Sequence[str]) -> list[int]:
+    """Image numbers in order of first reference."""
+    order: list[int] = []
+    for text in texts:
+        for m in _IMAGE_REF.finditer(text):
+            k = int(m.group(1))
+            if k not in order:
+                order.append(k)
+    return order
+
+
+def _make_item(row: dict[str, Any], subject: str, where: str) -> Item:
+    question = row["question"]
+    if not isinstance(question, str):
+        raise BadInput(f"{where}: 'question' is not a string")
+    options = _parse_options(row["options"], where)
+    if not options:
+        raise BadInput(f"{where}: multiple-choice item has no options")
+    letters = option_letters(len(options))
+    answer = row["answer"]
+    answer = answer.strip() if isinstance(answer, str) else answer
+    if answer not in letters:
+        raise BadInput(f"{where}: answer {answer!r} is not one of the option letters {letters[0]}-{letters[-1]}")
+    images = []
+    for k in _referenced([question, *options]):
+        if not 1 <= k <= MAX_IMAGES:
+            raise BadInput(f"{where}: references <image {k}>, but only image_1..image_{MAX_IMAGES} exist")
+        images.append(_image_bytes(row.get(f"image_{k}"), where, f"image_{k}"))
+    frames: tuple[bytes, ...] = ()
+    if _VIDEO_REF in question:
+        video = row.get("video")
+        if not isinstance(video, (list, tuple)) or not video:
+            raise BadInput(f"{where}: references <video>, but the 'video' column is missing or empty")
+        frames = tuple(_image_bytes(f, where, f"video frame {i}") for i, f in enumerate(video))
+    return Item(str(row["id"]), subject, question, options, answer, tuple(images), frames)
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ... for corrupt files
+        raise BadInput(f"cannot read parquet file {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+    if missing:
+        raise BadInput(f"{path}: missing required column(s) {', '.join(missing)}")
+    return table.to_pylist()
+
+
+# ---------------------------------------------------------------------------------------------
+# public entry points
+
+
+def _fingerprint(items: Sequence[Item]) -> str:
+    h = hashlib.sha256()
+
+    def put(b: bytes) -> None:  # length-prefixed, so field boundaries cannot collide
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+
+    for it in items:
+        for s in (it.id, it.question, *it.options, it.answer):
+            put(s.encode("utf-8"))
+        put(len(it.options).to_bytes(4, "little"))
+        for b in (*it.images, b"--frames--", *it.frames):
+            put(b)
+    return h.hexdigest()
+
+
+def load_mmmu(
+    root: str | Path,
+    split: str = "validation",
+    subjects: Sequence[str] | None = None,
+    limit: int | None = None,
+) -> tuple[list[Item], LoadReport]:
+    """Load the multiple-choice items of ``split``.
+
+    Items are sorted by (subject, numeric id suffix). ``limit`` keeps the first N multiple-choice
+    items overall after sorting (so a small limit covers only the first subjects; filter with
+    ``subjects`` for another slice). Every row of the selected subjects is validated, including
+    rows past the limit, so a malformed file is reported whatever the limit.
+    """
+    if limit is not None and limit < 1:
+        raise BadInput(f"limit must be >= 1, got {limit}")
+    found = discover(root, split)
+    if subjects is not None:
+        unknown = [s for s in subjects if s not in found]
+        if unknown:
+            raise BadInput(f"unknown subject(s) {', '.join(unknown)}; available: {', '.join(found)}")
+        found = {s: found[s] for s in sorted(set(subjects))}
+    items: list[Item] = []
+    n_open = 0
+    files: list[str] = []
+    for subject, paths in found.items():
+        sub_items: list[Item] = []
+        for path in paths:
+            files.append(str(path))
+            for i, row in enumerate(_read_rows(path)):
+                where = f"{path.name} ({subject}) row {i} id={row.get('id')!r}"
+                if row.get("question_type") != "multiple-choice":
+                    n_open += 1
+                    continue
+                sub_items.append(_make_item(row, subject, where))
+        items.extend(sorted(sub_items, key=lambda it: _id_key(it.id)))
+    if not items:
+        raise BadInput(f"no multiple-choice items in split '{split}' under {root} (skipped {n_open} open-ended)")
+    if limit is not None:
+        items = items[:limit]
+    report = LoadReport(
+        n_multiple_choice=len(items),
+        n_skipped_open=n_open,
+        subjects=sorted({it.subject for it in items}),
+        files=files,
+        fingerprint=_fingerprint(items),
+    )
+    return items, report
+
+
+def resolve_data(data: str | Path) -> Path:
+    """A directory as given, or the alias ``"mmmu"`` resolved from the local Hugging Face cache."""
+    if str(data).lower() != "mmmu":
+        return Path(data).expanduser()
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(_HUB_REPO, repo_type="dataset", local_files_only=True))
+    except ImportError:
+        raise BadInput("the 'mmmu' alias needs huggingface_hub; pass the downloaded MMMU directory instead") from None
+    except Exception:  # LocalEntryNotFoundError and friends: not cached, and we never go online here
+        raise BadInput(
+            f"{_HUB_REPO} is not in the local Hugging Face cache; download it "
+            f"(huggingface-cli download {_HUB_REPO} --repo-type dataset) and pass its directory"
+        ) from None
+
+
+def load_items(
+    data: str | Path,
+    split: str = "validation",
+    subjects: Sequence[str] | None = None,
+    limit: int | None = None,
+) -> tuple[list[Item], LoadReport]:
+    """:func:`load_mmmu` on a directory or the ``"mmmu"`` alias."""
+    return load_mmmu(resolve_data(data), split=split, subjects=subjects, limit=limit)
