@@ -1,0 +1,35 @@
+"""``python -m figures KIND DIR``: redraw figures from saved result files only."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from probe.errors import BadInput, cli_main
+
+# kind → (module, function taking the result dir and returning the written paths)
+KINDS: dict[str, tuple[str, str]] = {
+    "heads": ("figures.heads", "draw_heads"),
+    "shift": ("figures.shift", "draw_shift"),
+    "trajectory": ("figures.trajectory", "draw_trajectory"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m figures", description=__doc__)
+    p.add_argument("kind", choices=sorted(KINDS), help="which result directory type to draw")
+    p.add_argument("dir", type=Path, help="result directory written by the matching command")
+    args = p.parse_args(argv)
+    if not args.dir.is_dir():
+        raise BadInput(f"{args.dir} is not a directory")
+    module, func = KINDS[args.kind]
+    written = getattr(importlib.import_module(module), func)(args.dir)
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main(main))

@@ -1,0 +1,91 @@
+"""Layer × head heatmaps of a head sweep, drawn only from DIR/heads.csv and DIR/baseline.json."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from probe.errors import BadInput
+
+PANELS = {
+    "accuracy": ("Accuracy with head masked", "viridis"),
+    "prob_accuracy": ("Probability accuracy with head masked", "viridis"),
+    "kl": ("KL(orig ‖ masked) over option letters [nats]", "magma_r"),
+}
+
+
+def _grid(heads: pd.DataFrame, metric: str) -> tuple[np.ndarray, list[int], list[int]]:
+    layers = sorted(heads["layer"].unique())
+    cols = sorted(heads["head"].unique())
+    grid = np.full((len(layers), len(cols)), np.nan)
+    li = {l: i for i, l in enumerate(layers)}
+    hi = {h: i for i, h in enumerate(cols)}
+    for r in heads.itertuples():
+        grid[li[r.layer], hi[r.head]] = getattr(r, metric)
+    return grid, layers, cols
+
+
+def draw_metric(heads: pd.DataFrame, baseline: dict, metric: str, out_stem: Path, label: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid, layers, cols = _grid(heads, metric)
+    title, cmap = PANELS[metric]
+    n_l, n_h = grid.shape
+    cell = 0.32 if max(n_l, n_h) > 12 else 0.7
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.8 + cell * n_h), max(3.5, 1.2 + cell * n_l)), dpi=150)
+    valid = grid[~np.isnan(grid)]
+    if metric == "kl":
+        vmin, vmax = 0.0, max(float(valid.max()) if valid.size else 0.0, 1e-9)
+    else:
+        vmin, vmax = 0.0, 1.0
+    im = ax.imshow(grid, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
+    cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    cbar.set_label(metric.replace("_", " "))
+    if metric != "kl" and baseline.get(metric) is not None and np.isfinite(baseline[metric]):
+        cbar.ax.axhline(baseline[metric], color="red", linewidth=2)  # where the unmasked model sits
+    step = 1 if len(layers) <= 16 else 2
+    ax.set_yticks(range(0, n_l, step), [str(l) for l in layers[::step]])
+    ax.set_xticks(range(0, n_h, step), [str(h) for h in cols[::step]])
+    ax.set_xlabel("query head")
+    ax.set_ylabel("layer")
+    if n_l * n_h <= 100:  # small grids: print the values in the cells
+        fmt = "{:.3f}" if metric == "kl" else "{:.2f}"
+        for i in range(n_l):
+            for j in range(n_h):
+                if np.isfinite(grid[i, j]):
+                    v = (grid[i, j] - vmin) / (vmax - vmin or 1)
+                    ax.text(j, i, fmt.format(grid[i, j]), ha="center", va="center", fontsize=7,
+                            color="black" if 0.35 < v < 0.8 else "white")
+    base_txt = "" if metric == "kl" else f" — baseline {baseline.get(metric, float('nan')):.3f}"
+    n = baseline.get("n_items", "?")
+    ax.set_title(f"{title}{base_txt}\n{label} (n={n} items)".strip(), fontsize=9)
+    fig.tight_layout()
+    for ext in ("png", "pdf"):
+        fig.savefig(out_stem.with_suffix(f".{ext}"))
+    plt.close(fig)
+
+
+def draw_heads(run_dir: Path) -> list[Path]:
+    """Redraw heatmap_{accuracy,prob_accuracy,kl}.{png,pdf} of a finished sweep."""
+    run_dir = Path(run_dir)
+    try:
+        heads = pd.read_csv(run_dir / "heads.csv")
+        baseline = json.loads((run_dir / "baseline.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise BadInput(f"{run_dir}: not a finished head sweep ({exc})") from None
+    label = str(baseline.get("model", ""))
+    if baseline.get("approximate"):
+        label += " [attribution estimate]"
+    written = []
+    for metric in PANELS:
+        if metric not in heads or heads[metric].isna().all():
+            continue  # e.g. accuracy when generation was skipped
+        stem = run_dir / f"heatmap_{metric}"
+        draw_metric(heads, baseline, metric, stem, label)
+        written += [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
+    return written

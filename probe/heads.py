@@ -1,0 +1,261 @@
+"""``python -m probe.heads``: mask one attention head at a time and measure MMMU salience (paper §5.2, Fig. 2).
+
+Writes DIR/heads.csv, baseline.json, items.parquet, heatmap_{accuracy,prob_accuracy,kl}.{png,pdf}, run.json.
+Resumable: the same command after a kill continues from the finished chunks.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from probe.errors import BadInput, cli_main
+from probe.families import ALIASES
+
+DEFAULT_MODEL = "tiny-qwen2-vl"
+DEFAULT_OUT = "runs/heads"
+METHODS = ("exact", "naive", "attribution")
+
+
+def parse_index_spec(spec: str, n: int, what: str) -> list[int]:
+    """'all' | '3' | '0-3,7' → sorted indices, each checked against 0..n-1."""
+    if spec.strip().lower() == "all":
+        return list(range(n))
+    out: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            if "-" in part[1:]:
+                lo, hi = part.split("-", 1) if not part.startswith("-") else (part, "")
+                rng = range(int(lo), int(hi) + 1)
+            else:
+                rng = range(int(part), int(part) + 1)
+        except ValueError:
+            raise BadInput(f"bad --{what}s spec {spec!r}: use 'all', '3', or '0-3,7'") from None
+        for i in rng:
+            if not 0 <= i < n:
+                raise BadInput(f"{what} {i} out of range 0..{n - 1}")
+            out.add(i)
+    if not out:
+        raise BadInput(f"--{what}s {spec!r} selects nothing")
+    return sorted(out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m probe.heads",
+        description="Mask each attention head of the LLM decoder in turn and measure accuracy, "
+        "probability accuracy and KL(orig||masked) on MMMU multiple-choice items.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"alias ({', '.join(ALIASES)}) or a local HF model dir")
+    p.add_argument("--data", default=None,
+                   help="MMMU root dir (<root>/<Subject>/<split>-*.parquet) or 'mmmu' for the HF cache; "
+                   "default: the bundled synthetic MMMU-format set")
+    p.add_argument("--split", default="validation", help="dataset split")
+    p.add_argument("--subjects", nargs="+", default=None, help="subject folders to use (default: all)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N multiple-choice items")
+    p.add_argument("--layers", default="all", help="layers to sweep: 'all', '3', '0-3,7'")
+    p.add_argument("--heads", default="all", help="query heads to sweep in each layer: 'all', '0-3,7'")
+    p.add_argument("--method", choices=METHODS, default="exact",
+                   help="exact: cached-residual batched sweep; naive: one full run per head (oracle); "
+                   "attribution: first-order gradient estimate (approximate)")
+    p.add_argument("--batch-size", type=int, default=8, help="masked rows per forward (exact engine)")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--attn-implementation", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"),
+                   help="attention kernel (masking does not depend on it; recorded with the results)")
+    p.add_argument("--no-generate", action="store_true",
+                   help="skip greedy generation: no accuracy column, much faster (prob_accuracy and KL only)")
+    p.add_argument("--max-new-tokens", type=int, default=5, help="tokens generated for the accuracy parser")
+    p.add_argument("--image-max-side", type=int, default=None,
+                   help="downscale images so the longer side is at most this many pixels")
+    p.add_argument("--system-prompt", default=None, help="override the system prompt of the template")
+    p.add_argument("--template", type=Path, default=None,
+                   help="JSON file with PromptTemplate fields (system, user, choice, assistant_prefix)")
+    p.add_argument("--chunk-size", type=int, default=8, help="items per resumable unit of work")
+    p.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing run in --out")
+    p.add_argument("--no-figures", action="store_true", help="do not draw heatmaps")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything validated before a weight is loaded (STYLE 5)."""
+
+    model_spec: str
+    model_path: str
+    family: str
+    n_layers: int
+    n_heads: int
+    layers: list[int]
+    heads: list[int]
+    data_dir: str
+    data_fingerprint: str
+    n_items: int
+    n_skipped_open: int
+    subjects: list[str]
+    method: str
+    template: dict[str, str]
+    settings: dict[str, Any]
+
+    def fingerprint(self) -> str:
+        keep = asdict(self)
+        return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_template(args: argparse.Namespace):
+    from probe.prompting import PromptTemplate
+
+    fields: dict[str, str] = {}
+    if args.template is not None:
+        try:
+            fields = json.loads(args.template.read_text())
+            template = PromptTemplate(**fields)
+        except (OSError, json.JSONDecodeError, TypeError) as exc:
+            raise BadInput(f"--template {args.template}: {exc}") from None
+    else:
+        template = PromptTemplate()
+    if args.system_prompt is not None:
+        template = PromptTemplate(**(template.to_dict() | {"system": args.system_prompt}))
+    return template
+
+
+def make_plan(args: argparse.Namespace):
+    from probe.mmmu import load_items
+    from probe.models import resolve_model
+    from probe.synthetic import default_data_dir
+
+    for name in ("limit", "batch_size", "chunk_size", "max_new_tokens", "image_max_side"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise BadInput(f"--{name.replace('_', '-')} must be ≥ 1, got {value}")
+    ref = resolve_model(args.model)
+    g = ref.geometry
+    layers = parse_index_spec(args.layers, g.n_layers, "layer")
+    heads = parse_index_spec(args.heads, g.n_heads, "head")
+    data = args.data if args.data is not None else str(default_data_dir())
+    items, report = load_items(data, split=args.split, subjects=args.subjects, limit=args.limit)
+    template = load_template(args)
+    settings = {
+        "dtype": args.dtype, "attn_implementation": args.attn_implementation, "generate": not args.no_generate,
+        "max_new_tokens": args.max_new_tokens, "image_max_side": args.image_max_side,
+        "split": args.split, "limit": args.limit, "chunk_size": args.chunk_size,
+    }
+    plan = Plan(
+        model_spec=args.model, model_path=str(ref.path), family=ref.family.name, n_layers=g.n_layers,
+        n_heads=g.n_heads, layers=layers, heads=heads, data_dir=str(data),
+        data_fingerprint=report.fingerprint, n_items=len(items), n_skipped_open=report.n_skipped_open,
+        subjects=list(report.subjects), method=args.method, template=template.to_dict(), settings=settings,
+    )
+    return plan, ref, items, template
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import torch
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "numpy": numpy.__version__, "omniprobe": "0.1.0"}
+
+
+def run(args: argparse.Namespace) -> Path:
+    from probe.results import (atomic_write_json, part_path, prepare_out_dir, read_parts, write_outputs)
+
+    plan, ref, items, template = make_plan(args)
+    out: Path = args.out
+    resumed = prepare_out_dir(out, plan.fingerprint(), args.overwrite)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = args.device
+    if device.startswith("cuda") and world > 1 and ":" not in device:
+        device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
+
+    chunks = [items[i:i + args.chunk_size] for i in range(0, len(items), args.chunk_size)]
+    todo = [c for c in range(len(chunks)) if c % world == rank and not part_path(out, c).is_file()]
+    run_info = {
+        "fingerprint": plan.fingerprint(), "plan": asdict(plan), "versions": versions(),
+        "argv": sys.argv[1:], "approximate": plan.method == "attribution",
+        "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if rank == 0 and not resumed:
+        atomic_write_json(out / "run.json", run_info)
+    t0 = time.perf_counter()
+    if todo:
+        from probe.models import load_model
+        from probe.sweep import ENGINES, SweepConfig
+        from probe.results import atomic_write_parquet
+        import pandas as pd
+
+        loaded = load_model(ref, dtype=args.dtype, device=device, attn_implementation=args.attn_implementation)
+        cfg = SweepConfig(template=template, generate=not args.no_generate, max_new_tokens=args.max_new_tokens,
+                          image_max_side=args.image_max_side, batch_size=args.batch_size)
+        pairs = [(l, h) for l in plan.layers for h in plan.heads]
+        engine = ENGINES.get(plan.method)
+        if engine is None:
+            raise BadInput(f"--method {plan.method} is not available in this build")
+        bar = _progress(sum(len(chunks[c]) for c in todo) * (len(pairs) + 1), args.quiet,
+                        f"{ref.family.name} {plan.method}")
+        for c in todo:
+            rows = engine(loaded, chunks[c], pairs, cfg, progress=bar.update)
+            atomic_write_parquet(part_path(out, c), pd.DataFrame.from_records(rows))
+        bar.close()
+    missing = [c for c in range(len(chunks)) if not part_path(out, c).is_file()]
+    if missing:  # other ranks still working; the last one to finish assembles
+        print(f"rank {rank}: done; waiting for {len(missing)} chunks from other ranks", file=sys.stderr)
+        return out
+    items_df = read_parts(out, range(len(chunks)))
+    heads = write_outputs(out, items_df, {"n_skipped_open": plan.n_skipped_open, "method": plan.method,
+                                          "model": plan.model_spec, "approximate": plan.method == "attribution"})
+    run_info |= {"status": "complete", "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                 "elapsed_s_this_process": round(time.perf_counter() - t0, 3)}
+    if resumed:
+        try:
+            run_info["started"] = json.loads((out / "run.json").read_text()).get("started")
+        except (OSError, json.JSONDecodeError):
+            pass
+    atomic_write_json(out / "run.json", run_info)
+    if not args.no_figures:
+        from figures.heads import draw_heads
+
+        draw_heads(out)
+    _print_summary(out, heads)
+    return out
+
+
+def _progress(total: int, quiet: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=quiet, desc=desc, unit="run", dynamic_ncols=True, file=sys.stderr)
+
+
+def _print_summary(out: Path, heads) -> None:
+    base = json.loads((out / "baseline.json").read_text())
+    print(f"baseline: accuracy {base['accuracy']:.3f}  prob_accuracy {base['prob_accuracy']:.3f}  "
+          f"n_items {base['n_items']}  (skipped open-ended: {base['n_skipped_open']})")
+    if len(heads):
+        worst = heads.sort_values("prob_accuracy_drop", ascending=False).head(3)
+        for r in worst.itertuples():
+            print(f"  L{r.layer}.H{r.head}: prob_accuracy {r.prob_accuracy:.3f} "
+                  f"(drop {r.prob_accuracy_drop:+.3f}), KL {r.kl:.4f}")
+    print(f"results in {out}/")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main(main))

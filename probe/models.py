@@ -1,0 +1,172 @@
+"""Resolve a model argument (alias or directory) and load it with its tokenizer and image processor.
+
+Resolution reads only config.json (STYLE 5: validate before loading weights). Loading goes through the
+family table, so a real checkpoint, a tiny random model and a trained organism share one code path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from probe.errors import BadInput
+from probe.families import (
+    ALIASES,
+    Family,
+    HeadGeometry,
+    family_of_model_type,
+    read_config_json,
+    text_config_dict,
+)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model located on disk and understood from its config, before any weight is read."""
+
+    spec: str  # what the user typed
+    path: Path
+    family: Family
+    geometry: HeadGeometry
+    config: dict[str, Any]
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # noqa: BLE001 - any failure means "not available offline"
+        raise BadInput(
+            f"{repo_id} is not in the local Hugging Face cache and the hub is unreachable; "
+            "download it and pass its directory instead"
+        ) from None
+
+
+def _source_dir(source: str) -> Path:
+    kind, _, name = source.partition(":")
+    if kind == "tiny":
+        from probe.tiny import tiny_dir
+
+        return tiny_dir(name)
+    if kind == "organism":
+        from probe.zoo import organism_dir
+
+        return organism_dir(name)
+    return _hub_snapshot(source)
+
+
+def known_models() -> str:
+    return ", ".join(ALIASES)
+
+
+def resolve_model(spec: str) -> ModelRef:
+    """Alias → directory (hub cache, bundled organism, or tiny build); directory → itself. Reads config only."""
+    if spec in ALIASES:
+        path = _source_dir(ALIASES[spec].source)
+    else:
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise BadInput(f"unknown model {spec!r}: not a directory nor an alias (known: {known_models()})")
+        if not path.is_dir():
+            raise BadInput(f"model {spec!r} is not a directory")
+    config = read_config_json(path)
+    model_type = config.get("model_type")
+    if not model_type:
+        raise BadInput(f"{path}/config.json has no model_type")
+    family = family_of_model_type(model_type)
+    geometry = HeadGeometry.from_text_config(text_config_dict(config, family))
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise BadInput(f"{path}: no weight files (*.safetensors)")
+    return ModelRef(spec, path, family, geometry, config)
+
+
+def _processor_without_video(cls):
+    """transformers 5 video processors need torchvision, which does not work here: allow `None` for them."""
+
+    class ImageOnly(cls):  # type: ignore[misc, valid-type]
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    ImageOnly.__name__ = cls.__name__
+    return ImageOnly
+
+
+@dataclass
+class LoadedModel:
+    ref: ModelRef
+    model: nn.Module
+    tokenizer: Any
+    processor: Any | None  # image processor wrapper for multimodal families; None for text models
+    dtype: torch.dtype
+    device: torch.device
+    attn_implementation: str
+
+    @property
+    def family(self) -> Family:
+        return self.ref.family
+
+    @property
+    def geometry(self) -> HeadGeometry:
+        return self.ref.geometry
+
+    @cached_property
+    def layers(self) -> nn.ModuleList:
+        return self.model.get_submodule(self.family.layers_path)
+
+    def o_proj(self, layer: int) -> nn.Linear:
+        return self.layers[layer].get_submodule(self.family.o_proj_path)
+
+
+def load_model(
+    ref: ModelRef,
+    dtype: str = "float32",
+    device: str = "cpu",
+    attn_implementation: str = "sdpa",
+) -> LoadedModel:
+    import transformers
+
+    if dtype not in DTYPES:
+        raise BadInput(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    torch_dtype = DTYPES[dtype]
+    cls = getattr(transformers, ref.family.model_class)
+    try:
+        model = cls.from_pretrained(ref.path, dtype=torch_dtype, attn_implementation=attn_implementation)
+    except (OSError, ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BadInput(f"cannot load checkpoint {ref.path}: {first}") from None
+    model.to(device).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(ref.path)
+    processor = None
+    if ref.family.processor_class is not None:
+        image_processor = transformers.AutoImageProcessor.from_pretrained(ref.path)
+        proc_cls = _processor_without_video(getattr(transformers, ref.family.processor_class))
+        extra = {k: ref.config[k] for k in ref.family.processor_kwargs if k in ref.config}
+        if ref.family.name == "llava_onevision":
+            vision = ref.config.get("vision_config", {})
+            extra["num_image_tokens"] = (vision.get("image_size", 384) // vision.get("patch_size", 14)) ** 2
+        processor = proc_cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=None, **extra)
+    loaded = LoadedModel(ref, model, tokenizer, processor, torch_dtype, torch.device(device), attn_implementation)
+    _check_geometry(loaded)
+    return loaded
+
+
+def _check_geometry(m: LoadedModel) -> None:
+    """o_proj must take n_heads × head_dim inputs, or head slices would be wrong (pyvene hit this twice)."""
+    g = m.geometry
+    if len(m.layers) != g.n_layers:
+        raise BadInput(f"{m.ref.path}: config says {g.n_layers} layers, model has {len(m.layers)}")
+    inner = m.o_proj(0).in_features
+    if inner != g.n_heads * g.head_dim:
+        raise BadInput(
+            f"{m.ref.path}: o_proj takes {inner} inputs, not n_heads×head_dim = {g.n_heads}×{g.head_dim}"
+        )

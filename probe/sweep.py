@@ -1,0 +1,113 @@
+"""Sweep engines: measure every item with no mask (baseline) and with each selected head masked.
+
+Every engine returns the same table (one row per item × (baseline | head)), so the naive loop below stays in
+the code as the oracle the faster engines are tested against (DESIGN §4).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from probe.masking import mask_heads
+from probe.metrics import kl_orig_masked, option_log_probs, prob_choice
+from probe.models import LoadedModel
+from probe.parsing import parse_choice
+from probe.prompting import ItemLike, PromptTemplate, build_inputs, letter_token_ids
+
+BASELINE = -1  # layer and head value of the unmasked rows
+
+COLUMNS = [
+    "item_id", "subject", "layer", "head", "answer", "pred", "correct",
+    "prob_pred", "prob_correct", "p_answer", "kl", "response",
+]
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    template: PromptTemplate = field(default_factory=PromptTemplate)
+    generate: bool = True  # accuracy needs greedy generation; prob-accuracy and KL do not
+    max_new_tokens: int = 5
+    image_max_side: int | None = None
+    batch_size: int = 8  # rows stacked per forward by the exact engine
+
+
+@dataclass
+class Measurement:
+    """What one run of the model on one item gives: option log-probs and (optionally) the generated text."""
+
+    logp: torch.Tensor  # [n_options], fp32
+    response: str | None
+
+
+def _first_token_measure(
+    loaded: LoadedModel, inputs: dict[str, torch.Tensor], letter_ids: list[int], cfg: SweepConfig
+) -> Measurement:
+    """Greedy generation (if asked) whose first-step raw logits give the option probabilities."""
+    model = loaded.model
+    with torch.no_grad():
+        if cfg.generate:
+            out = model.generate(
+                **inputs,
+                max_new_tokens=cfg.max_new_tokens,
+                do_sample=False,
+                return_dict_in_generate=True,
+                output_logits=True,
+                pad_token_id=loaded.tokenizer.pad_token_id,
+            )
+            first = out.logits[0][0]
+            new = out.sequences[0, inputs["input_ids"].shape[1]:]
+            text = loaded.tokenizer.decode(new, skip_special_tokens=True)
+            return Measurement(option_log_probs(first, letter_ids), text)
+        logits = model(**inputs).logits[0, -1]
+        return Measurement(option_log_probs(logits, letter_ids), None)
+
+
+def measurement_row(
+    item: ItemLike, layer: int, head: int, m: Measurement, base_logp: torch.Tensor
+) -> dict:
+    letters = item.letters
+    idx = letters.index(item.answer)
+    prob_pred = letters[int(prob_choice(m.logp))]
+    pred = parse_choice(m.response, item.options) if m.response is not None else None
+    return {
+        "item_id": item.id,
+        "subject": getattr(item, "subject", ""),
+        "layer": layer,
+        "head": head,
+        "answer": item.answer,
+        "pred": pred or "",
+        "correct": float(pred == item.answer) if m.response is not None else float("nan"),
+        "prob_pred": prob_pred,
+        "prob_correct": float(prob_pred == item.answer),
+        "p_answer": float(m.logp[idx].exp()),
+        "kl": float(kl_orig_masked(base_logp, m.logp)),
+        "response": m.response or "",
+    }
+
+
+def naive_sweep(
+    loaded: LoadedModel,
+    items: Sequence[ItemLike],
+    heads: Sequence[tuple[int, int]],
+    cfg: SweepConfig,
+    progress: Callable[[int], None] = lambda n: None,
+) -> list[dict]:
+    """The oracle: for every item, one full run unmasked and one per head with that head removed."""
+    rows: list[dict] = []
+    for item in items:
+        inputs = build_inputs(loaded, item, cfg.template, cfg.image_max_side)
+        letter_ids = letter_token_ids(loaded.tokenizer, item.letters)
+        base = _first_token_measure(loaded, inputs, letter_ids, cfg)
+        rows.append(measurement_row(item, BASELINE, BASELINE, base, base.logp))
+        progress(1)
+        for layer, head in heads:
+            with mask_heads(loaded, [(layer, head)]):
+                m = _first_token_measure(loaded, inputs, letter_ids, cfg)
+            rows.append(measurement_row(item, layer, head, m, base.logp))
+            progress(1)
+    return rows
+
+
+ENGINES: dict[str, Callable[..., list[dict]]] = {"naive": naive_sweep}

@@ -1,0 +1,72 @@
+"""An offline byte-level BPE tokenizer carrying the special tokens of the Qwen2 / Qwen2-VL / LLaVA families.
+
+No hub is reachable here, so tiny test models and the trained organisms use a tokenizer trained locally with
+the `tokenizers` library. Single capital letters are guaranteed to be single tokens (the probe reads the logits
+of option letters at the first generated position).
+"""
+from __future__ import annotations
+
+import string
+from typing import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+SPECIAL_TOKENS: tuple[str, ...] = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<image>",
+    "<video>",
+)
+
+# ChatML, rendering HF content lists; `image_token`/`video_token` are substituted per family.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}__IMAGE__"
+    "{% elif part['type'] == 'video' %}__VIDEO__"
+    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def chat_template_for(image_placeholder: str | None, video_placeholder: str | None) -> str:
+    return CHAT_TEMPLATE.replace("__IMAGE__", image_placeholder or "").replace(
+        "__VIDEO__", video_placeholder or ""
+    )
+
+
+def build_tokenizer(
+    corpus: Iterable[str],
+    vocab_size: int = 1024,
+    image_placeholder: str | None = "<|vision_start|><|image_pad|><|vision_end|>",
+    video_placeholder: str | None = "<|vision_start|><|video_pad|><|vision_end|>",
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on `corpus` (deterministic for a fixed corpus) and wrap it for transformers."""
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    # Letters and digits on their own so option letters are single tokens whatever the corpus.
+    seed_lines = [" ".join(string.ascii_uppercase), " ".join(string.digits)]
+    tok.train_from_iterator(list(seed_lines) + list(corpus), trainer)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token=None,
+        model_max_length=32768,
+    )
+    wrapped.chat_template = chat_template_for(image_placeholder, video_placeholder)
+    return wrapped
