@@ -135,6 +135,7 @@ def load_model(
 ) -> LoadedModel:
     import transformers
 
+    transformers.utils.logging.disable_progress_bar()  # our own bar is the one that matters
     if dtype not in DTYPES:
         raise BadInput(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     torch_dtype = DTYPES[dtype]
