@@ -1,0 +1,233 @@
+import io
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from probe.errors import BadInput
+from probe.mmmu import Item, load_items, load_mmmu
+from probe.synthetic import MMMU_COLUMNS, mmmu_schema, write_mmmu_parquet
+
+
+def png(colour=(255, 0, 0), size=(8, 6)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+RED, GREEN, BLUE = png((255, 0, 0)), png((0, 255, 0)), png((0, 0, 255))
+
+
+def row(i: int, subject: str = "Art", split: str = "validation", **kw) -> dict:
+    r = {c: None for c in MMMU_COLUMNS}
+    r.update(id=f"{split}_{subject}_{i}", question="<image 1> What colour?", options="['red', 'green', 'blue', 'white']",
+             explanation="", image_1={"bytes": RED, "path": "a.png"}, img_type="['Photo']", answer="A",
+             topic_difficulty="Easy", question_type="multiple-choice", subfield="x")
+    r.update(kw)
+    return r
+
+
+def write(root: Path, rows_by_subject: dict, split: str = "validation") -> Path:
+    write_mmmu_parquet(rows_by_subject, root, split)
+    return root
+
+
+def test_basic_load_and_sorting(tmp_path):
+    # ids out of order, and numeric order differs from text order (10 after 9)
+    write(tmp_path, {"Music": [row(10, "Music"), row(9, "Music")], "Art": [row(2), row(1)]})
+    items, rep = load_mmmu(tmp_path)
+    assert [it.id for it in items] == ["validation_Art_1", "validation_Art_2", "validation_Music_9", "validation_Music_10"]
+    assert rep.subjects == ["Art", "Music"]
+    assert rep.n_multiple_choice == 4 and rep.n_skipped_open == 0
+    assert len(rep.files) == 2
+    it = items[0]
+    assert isinstance(it, Item) and it.subject == "Art"
+    assert it.options == ("red", "green", "blue", "white") and it.letters == ("A", "B", "C", "D")
+    assert it.images == (RED,) and it.frames == ()
+
+
+def test_multi_image_order_and_unreferenced_dropped(tmp_path):
+    r = row(1, question="Compare <image 2> with <image 1>, then <image 2> again.",
+            options="['<image 3>', 'neither']",
+            image_1={"bytes": RED, "path": None}, image_2={"bytes": GREEN, "path": None},
+            image_3={"bytes": BLUE, "path": None}, image_4={"bytes": RED, "path": None})  # image_4 unreferenced
+    write(tmp_path, {"Art": [r]})
+    (it,), _ = load_mmmu(tmp_path)
+    assert it.images == (GREEN, RED, BLUE)
+    imgs = it.pil_images()
+    assert [im.getpixel((0, 0)) for im in imgs] == [(0, 255, 0), (255, 0, 0), (0, 0, 255)]
+
+
+def test_pil_images_downscale_keeps_aspect(tmp_path):
+    write(tmp_path, {"Art": [row(1, image_1={"bytes": png(size=(200, 100)), "path": None})]})
+    (it,), _ = load_mmmu(tmp_path)
+    assert it.pil_images()[0].size == (200, 100)
+    small = it.pil_images(max_side=50)[0]
+    assert small.size == (50, 25) and small.mode == "RGB"
+    assert it.pil_images(max_side=500)[0].size == (200, 100)  # never upscaled
+
+
+def test_transparent_image_composited_on_white(tmp_path):
+    buf = io.BytesIO()
+    Image.new("RGBA", (4, 4), (0, 0, 0, 0)).save(buf, format="PNG")
+    write(tmp_path, {"Art": [row(1, image_1={"bytes": buf.getvalue(), "path": None})]})
+    (it,), _ = load_mmmu(tmp_path)
+    assert it.pil_images()[0].getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_open_items_skipped_and_counted(tmp_path):
+    rows = [row(1), row(2, question_type="open", options="[]", answer="42"), row(3, question_type="open", answer="x")]
+    write(tmp_path, {"Art": rows})
+    items, rep = load_mmmu(tmp_path)
+    assert [it.id for it in items] == ["validation_Art_1"]
+    assert rep.n_skipped_open == 2 and rep.n_multiple_choice == 1
+
+
+def test_subjects_filter_and_unknown(tmp_path):
+    write(tmp_path, {"Art": [row(1)], "Music": [row(1, "Music")], "Math": [row(1, "Math")]})
+    items, rep = load_mmmu(tmp_path, subjects=["Music", "Art"])
+    assert rep.subjects == ["Art", "Music"] and [it.subject for it in items] == ["Art", "Music"]
+    with pytest.raises(BadInput, match=r"unknown subject.*Physics.*available: Art, Math, Music"):
+        load_mmmu(tmp_path, subjects=["Physics"])
+
+
+def test_limit_first_n_after_sorting(tmp_path):
+    write(tmp_path, {"Art": [row(i) for i in (3, 1, 2)], "Music": [row(1, "Music")]})
+    items, rep = load_mmmu(tmp_path, limit=2)
+    assert [it.id for it in items] == ["validation_Art_1", "validation_Art_2"]
+    assert rep.n_multiple_choice == 2 and rep.subjects == ["Art"]
+    with pytest.raises(BadInput, match="limit"):
+        load_mmmu(tmp_path, limit=0)
+
+
+def test_more_than_four_options(tmp_path):
+    write(tmp_path, {"Art": [row(1, options=str(["a", "b", "c", "d", "e", "f", "g"]), answer="G")]})
+    (it,), _ = load_mmmu(tmp_path)
+    assert it.letters == tuple("ABCDEFG") and it.answer == "G"
+
+
+def test_split_selection_and_single_subject_dir(tmp_path):
+    write(tmp_path, {"Art": [row(1)]}, split="validation")
+    write(tmp_path, {"Art": [row(1, split="dev"), row(2, split="dev")]}, split="dev")
+    assert len(load_mmmu(tmp_path, split="dev")[0]) == 2
+    items, rep = load_mmmu(tmp_path / "Art", split="dev")  # a directory holding the parquet files directly
+    assert rep.subjects == ["Art"] and len(items) == 2
+    with pytest.raises(BadInput, match="no 'test-\\*.parquet' files"):
+        load_mmmu(tmp_path, split="test")
+
+
+def test_video_frames(tmp_path):
+    schema = mmmu_schema().append(pa.field("video", pa.list_(pa.struct([("bytes", pa.binary()), ("path", pa.string())]))))
+    r = row(1, question="<video> What happens?", options="['x', 'y']")
+    r["image_1"] = None
+    r["video"] = [{"bytes": RED, "path": None}, {"bytes": BLUE, "path": None}]
+    (tmp_path / "Vid").mkdir()
+    pq.write_table(pa.Table.from_pylist([r], schema=schema), tmp_path / "Vid" / "validation-00000-of-00001.parquet")
+    (it,), _ = load_mmmu(tmp_path)
+    assert it.frames == (RED, BLUE) and it.images == ()
+    assert [f.getpixel((0, 0)) for f in it.pil_frames(max_side=4)] == [(255, 0, 0), (0, 0, 255)]
+
+
+# ---- errors ---------------------------------------------------------------------------------
+
+
+def test_missing_root(tmp_path):
+    with pytest.raises(BadInput, match="not found"):
+        load_mmmu(tmp_path / "nope")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(BadInput, match="not a directory"):
+        load_mmmu(tmp_path / "file")
+
+
+def test_empty_dir(tmp_path):
+    (tmp_path / "Art").mkdir()
+    with pytest.raises(BadInput, match="no 'validation-\\*.parquet' files"):
+        load_mmmu(tmp_path)
+
+
+def test_corrupt_parquet(tmp_path):
+    (tmp_path / "Art").mkdir()
+    (tmp_path / "Art" / "validation-00000-of-00001.parquet").write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(BadInput, match="cannot read parquet file .*validation-00000-of-00001.parquet"):
+        load_mmmu(tmp_path)
+
+
+def test_missing_column(tmp_path):
+    (tmp_path / "Art").mkdir()
+    t = pa.table({"id": ["validation_Art_1"], "question": ["q"], "options": ["['a']"], "question_type": ["multiple-choice"]})
+    pq.write_table(t, tmp_path / "Art" / "validation-00000-of-00001.parquet")
+    with pytest.raises(BadInput, match="missing required column.*answer"):
+        load_mmmu(tmp_path)
+
+
+def test_all_open_is_error(tmp_path):
+    write(tmp_path, {"Art": [row(1, question_type="open")]})
+    with pytest.raises(BadInput, match="no multiple-choice items.*skipped 1"):
+        load_mmmu(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"options": "['a', 'b'"}, "not a Python list literal"),
+        ({"options": "__import__('os').getcwd()"}, "not a Python list literal"),  # never evaluated
+        ({"options": "['a', 3]"}, "list of strings"),
+        ({"options": "{'a': 1}"}, "list of strings"),
+        ({"options": "[]"}, "no options"),
+        ({"answer": "E"}, "answer 'E' is not one of the option letters A-D"),
+        ({"answer": "b"}, "answer 'b'"),
+        ({"answer": None}, "answer None"),
+        ({"image_1": None}, "image_1 is referenced but empty or null"),
+        ({"image_1": {"bytes": None, "path": "x.png"}}, "image_1 is referenced but empty or null"),
+        ({"image_1": {"bytes": b"not an image", "path": None}}, "image_1 is not a decodable image"),
+        ({"question": "<image 2> and <image 1>"}, "image_2 is referenced but empty or null"),
+        ({"question": "<image 9>"}, "only image_1..image_7"),
+        ({"question": "<video> what?"}, "references <video>"),
+    ],
+)
+def test_malformed_rows_name_the_row(tmp_path, bad, match):
+    write(tmp_path, {"Art": [row(1), row(7, **bad)]})
+    with pytest.raises(BadInput, match=match) as exc:
+        load_mmmu(tmp_path)
+    msg = str(exc.value)
+    assert "validation_Art_7" in msg and "validation-00000-of-00001.parquet" in msg and "\n" not in msg
+
+
+def test_fingerprint_stable_and_content_sensitive(tmp_path):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    write(a, {"Art": [row(1), row(2)]})
+    write(b, {"Art": [row(2), row(1)]})  # same content, other row order
+    fp = load_mmmu(a)[1].fingerprint
+    assert load_mmmu(a)[1].fingerprint == fp == load_mmmu(b)[1].fingerprint
+    variants = [
+        {"answer": "B"},
+        {"question": "<image 1> What colour is it?"},
+        {"options": "['red', 'green', 'blue', 'black']"},
+        {"image_1": {"bytes": GREEN, "path": "a.png"}},
+    ]
+    seen = {fp}
+    for i, kw in enumerate(variants):
+        write(c / str(i), {"Art": [row(1), row(2, **kw)]})
+        seen.add(load_mmmu(c / str(i))[1].fingerprint)
+    assert len(seen) == len(variants) + 1
+    assert load_mmmu(a, limit=1)[1].fingerprint != fp  # covers the loaded items only
+
+
+def test_load_items_directory_and_alias(tmp_path, monkeypatch):
+    write(tmp_path, {"Art": [row(1)]})
+    assert len(load_items(str(tmp_path))[0]) == 1
+    # the alias never goes online: an empty offline cache gives a clear BadInput
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(BadInput, match="not in the local Hugging Face cache"):
+        load_items("mmmu")
+    # and a cached snapshot is used as the root
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: calls.append((a, k)) or str(tmp_path))
+    assert len(load_items("MMMU")[0]) == 1
+    assert calls == [(("MMMU/MMMU",), {"repo_type": "dataset", "local_files_only": True})]
