@@ -1,0 +1,160 @@
+import ast
+import io
+import json
+import random
+from collections import Counter
+
+import pytest
+from PIL import Image
+
+from probe.mmmu import load_mmmu
+from probe.synthetic import (
+    ALL_KINDS, BACKGROUND, COLOURS, QUESTION_BUILDERS, SLOTS, SUBJECT_KINDS, SceneSpec, ShapeSpec,
+    build_dataset, default_data_dir, draw_scene, generate_items, main, png_bytes, random_scene,
+)  # fmt: skip
+
+COLOUR_OF = {rgb: name for name, rgb in COLOURS.items()}
+
+
+def decode(b: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(b)).convert("RGB")
+
+
+def read_scene(img: Image.Image) -> dict[str, str]:
+    """slot -> colour name, read from the pixels alone (no antialiasing, so colours are exact)."""
+    out = {}
+    for slot, (fx, fy) in SLOTS.items():
+        px = img.getpixel((int(fx * img.width), int(fy * img.height)))
+        if px != BACKGROUND:
+            out[slot] = COLOUR_OF[px]
+    return out
+
+
+def expected_answer(kind: str, question: str, scenes: list[SceneSpec]) -> str:
+    """Derive the answer text independently of the generator's bookkeeping."""
+    shapes = scenes[0].shapes
+    if kind == "colour":
+        return next(s.colour for s in shapes if f"the {s.kind}?" in question)
+    if kind == "shape":
+        return next(s.kind for s in shapes if f"is {s.colour}?" in question)
+    if kind == "count":
+        return str(len(shapes))
+    if kind == "position":
+        return next(s.slot for s in shapes if f"the {s.colour} {s.kind}?" in question)
+    assert kind == "compare"
+    if "more shapes" in question:
+        return "Image 1" if len(shapes) > len(scenes[1].shapes) else "Image 2"
+    colour = question.split("contains a ")[1].split()[0]
+    has = [colour in {s.colour for s in sc.shapes} for sc in scenes]
+    assert has.count(True) == 1  # unambiguous
+    return f"<image {has.index(True) + 1}>"
+
+
+def test_generate_deterministic_per_seed():
+    a = generate_items(20, seed=3)
+    b = generate_items(20, seed=3)
+    assert a == b  # includes the PNG bytes
+    c = generate_items(20, seed=4)
+    assert [r["image_1"]["bytes"] for r in a] != [r["image_1"]["bytes"] for r in c]
+
+
+def test_global_rng_untouched():
+    random.seed(123)
+    state = random.getstate()
+    generate_items(5, seed=0)
+    assert random.getstate() == state
+
+
+def test_png_bytes_deterministic():
+    spec = random_scene(random.Random(0))
+    assert png_bytes(draw_scene(spec, 64)) == png_bytes(draw_scene(spec, 64))
+
+
+def test_build_dataset_byte_identical(tmp_path):
+    build_dataset(tmp_path / "a", n_per_subject=6, seed=1)
+    build_dataset(tmp_path / "b", n_per_subject=6, seed=1)
+    build_dataset(tmp_path / "c", n_per_subject=6, seed=2)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.parquet"))
+    assert len(files) == len(SUBJECT_KINDS)
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    assert any((tmp_path / "a" / f).read_bytes() != (tmp_path / "c" / f).read_bytes() for f in files)
+
+
+def test_open_fraction_and_kinds():
+    rows = generate_items(20, seed=0, kinds=("count",), open_fraction=0.25)
+    assert Counter(r["question_type"] for r in rows) == {"multiple-choice": 15, "open": 5}
+    assert {r["subfield"] for r in rows} == {"count"}
+    for r in rows:
+        if r["question_type"] == "open":
+            assert r["options"] == "[]" and r["answer"].isdigit()
+    with pytest.raises(ValueError, match="unknown"):
+        generate_items(2, seed=0, kinds=("smell",))
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_answers_match_scene_and_pixels(kind):
+    rows = generate_items(30, seed=11, image_size=64, kinds=(kind,), open_fraction=0.2)
+    for r in rows:
+        info = json.loads(r["explanation"])
+        scenes = [SceneSpec.from_json(s) for s in info["scenes"]]
+        assert info["kind"] == kind and len(scenes) == (2 if kind == "compare" else 1)
+        for k, scene in enumerate(scenes, start=1):
+            # the picture shows exactly the spec: one shape per slot, distinct colours and kinds
+            img = decode(r[f"image_{k}"]["bytes"])
+            assert img.size == (64, 64)
+            assert read_scene(img) == {s.slot: s.colour for s in scene.shapes}
+            assert len({s.colour for s in scene.shapes}) == len({s.kind for s in scene.shapes}) == len(scene.shapes)
+        for k in range(len(scenes) + 1, 8):
+            assert r[f"image_{k}"] is None
+        truth = expected_answer(kind, r["question"], scenes)
+        if r["question_type"] == "open":
+            assert r["answer"] == truth
+        else:
+            options = ast.literal_eval(r["options"])
+            assert options.count(truth) == 1 and len(set(options)) == len(options)
+            assert options[ord(r["answer"]) - ord("A")] == truth
+
+
+def test_round_trip_through_loader(tmp_path):
+    root = build_dataset(tmp_path, n_per_subject=20, seed=5)
+    items, rep = load_mmmu(root)
+    assert rep.subjects == sorted(SUBJECT_KINDS)
+    assert rep.n_multiple_choice == 4 * 18 and rep.n_skipped_open == 4 * 2
+    assert max(len(it.options) for it in items) >= 5  # letters beyond D occur
+    assert any(it.answer > "D" for it in items)
+    compare = [it for it in items if it.subject == "Comparison"]
+    assert compare and all(len(it.images) == 2 for it in compare)
+    assert any(it.options == ("<image 1>", "<image 2>") or it.options == ("<image 2>", "<image 1>") for it in compare)
+    for it in items:
+        assert all(im.size == (64, 64) for im in it.pil_images())
+    assert load_mmmu(build_dataset(tmp_path / "again", n_per_subject=20, seed=5))[1].fingerprint == rep.fingerprint
+
+
+def test_scene_spec_json_round_trip():
+    spec = SceneSpec((ShapeSpec("star", "red", "left"), ShapeSpec("circle", "blue", "center")))
+    assert SceneSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec
+    img = draw_scene(spec, 96)
+    assert read_scene(img) == {"left": "red", "center": "blue"}
+
+
+def test_builders_are_pure_given_rng():
+    for kind, build in QUESTION_BUILDERS.items():
+        assert build(random.Random(9), False) == build(random.Random(9), False), kind
+
+
+def test_default_data_dir_is_in_sync(tmp_path):
+    root = default_data_dir()
+    items, rep = load_mmmu(root)
+    assert rep.n_multiple_choice == 48 and rep.n_skipped_open == 4
+    assert sum(p.stat().st_size for p in root.rglob("*")) < 1_000_000
+    assert any(len(it.options) > 4 for it in items)
+    # the committed files are what build_dataset's defaults produce (compare content, not parquet bytes,
+    # which carry the pyarrow version)
+    assert load_mmmu(build_dataset(tmp_path))[1].fingerprint == rep.fingerprint
+
+
+def test_cli(tmp_path, capsys):
+    assert main(["--out", str(tmp_path), "--n", "4", "--seed", "2", "--split", "dev", "--split", "validation"]) == 0
+    assert len(load_mmmu(tmp_path, split="dev")[0]) > 0
+    assert len(load_mmmu(tmp_path, split="validation")[0]) > 0
+    assert str(tmp_path) in capsys.readouterr().out
