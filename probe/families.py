@@ -10,6 +10,7 @@ Canonical LM names: ``embed_tokens.weight``, ``layers.{i}.<rest>``, ``norm.weigh
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -299,5 +300,10 @@ def canonical_lm_name(layout: Layout, key: str) -> str | None:
         return None
     for disk, canon in layout.lm_prefixes:
         if key.startswith(disk):
-            return canon + key[len(disk):]
+            name = canon + key[len(disk):]
+            # Keys under an LM prefix that are not LM tensors (e.g. a resampler under ``model.``) stay "other".
+            return name if _CANONICAL_LM.match(name) else None
     return None
+
+
+_CANONICAL_LM = re.compile(r"^(embed_tokens\.weight|norm\.weight|lm_head\.weight|layers\.\d+\..+)$")

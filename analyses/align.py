@@ -1,0 +1,94 @@
+"""Match the LM tensors of several checkpoints by canonical name, with shape checks and the vocabulary rule.
+
+DESIGN §5: vocabulary sizes can differ; the common leading rows are compared/merged and the rest is kept from
+the reference (base or carrier), and reported. Any other shape difference is bad input (exit 2).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from analyses.checkpoints import VOCAB_TENSORS, Checkpoint, TensorInfo, layer_module
+from probe.errors import BadInput
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One canonical LM tensor across checkpoints; ``infos[0]`` is the reference."""
+
+    canon: str
+    infos: tuple[TensorInfo, ...]
+    common: int  # leading flat elements present in every input (row-major: the common vocab rows)
+
+    @property
+    def ref(self) -> TensorInfo:
+        return self.infos[0]
+
+    @property
+    def vocab_rows(self) -> tuple[int, ...]:
+        return tuple(i.shape[0] for i in self.infos)
+
+
+@dataclass
+class Alignment:
+    tensors: list[TensorPlan]
+    ignored: dict[str, list[str]] = field(default_factory=dict)  # model -> canonical names absent from the ref
+    vocab: dict[str, Any] = field(default_factory=dict)  # what the vocabulary rule did, for reports
+
+    @property
+    def largest_bytes(self) -> int:
+        return max(i.nbytes for t in self.tensors for i in t.infos)
+
+
+def canon_order(canon: str) -> tuple:
+    layer, module = layer_module(canon)
+    group = {"embed_tokens.weight": 0, "norm.weight": 2, "lm_head.weight": 3}.get(canon, 1)
+    return (group, layer if layer is not None else -1, module)
+
+
+def align(ckpts: Sequence[Checkpoint], names: Sequence[str] | None = None) -> Alignment:
+    """Plan the LM tensors of ``ckpts[0]`` (reference) against every other checkpoint; checks headers only."""
+    ref = ckpts[0]
+    names = names or [c.name for c in ckpts]
+    canons = sorted(ref.lm, key=canon_order)
+    plans: list[TensorPlan] = []
+    for canon in canons:
+        infos = []
+        for ck, nm in zip(ckpts, names):
+            key = ck.lm_key(canon)
+            if key is None:
+                raise BadInput(f"LM tensor sets differ: {canon} is in {names[0]} but not in {nm}")
+            infos.append(ck.infos[key])
+        r = infos[0]
+        for info, nm in zip(infos, names):
+            if not info.dtype.is_floating_point:
+                raise BadInput(f"{nm}: LM tensor {info.key} has non-float dtype {info.dtype}")
+            same_rest = info.shape[1:] == r.shape[1:] and len(info.shape) == len(r.shape)
+            if info.shape != r.shape and not (canon in VOCAB_TENSORS and same_rest):
+                raise BadInput(
+                    f"LM shapes differ: {canon} is {list(r.shape)} in {names[0]} but {list(info.shape)} in {nm}"
+                )
+        rows = min(i.shape[0] for i in infos) if r.shape else 0
+        common = rows * (r.numel // r.shape[0]) if r.shape and r.shape[0] else r.numel
+        plans.append(TensorPlan(canon, tuple(infos), common))
+    ignored = {}
+    for ck, nm in zip(ckpts[1:], names[1:]):
+        extra = sorted(set(ck.lm) - set(ref.lm) - ({"lm_head.weight"} if ref.tied else set()))
+        if extra:
+            ignored[nm] = extra
+    vocab = {}
+    for p in plans:
+        if p.canon in VOCAB_TENSORS and len(set(p.vocab_rows)) > 1:
+            vocab[p.canon] = {
+                "rows": dict(zip(names, p.vocab_rows)),
+                "common_rows": min(p.vocab_rows),
+                "rule": f"first {min(p.vocab_rows)} rows compared/merged; rows beyond kept from {names[0]}",
+            }
+    return Alignment(plans, ignored, vocab)
+
+
+def check_finite(t: torch.Tensor, who: str, key: str) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise BadInput(f"{who}: tensor {key} contains NaN/Inf")

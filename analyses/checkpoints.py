@@ -1,0 +1,317 @@
+"""Lazy, memory-mapped checkpoint reading, one tensor at a time, with layout resolution (DESIGN §1, STYLE 7).
+
+Safetensors headers are parsed and checked eagerly (cheap); tensor data is a zero-copy view of a read-only
+``mmap`` (so inputs can never be written) and its pages are dropped with ``madvise(DONTNEED)`` once the caller
+is done, which keeps peak RSS at a few tensors whatever the model size. ``.bin`` checkpoints are read only when
+asked for, with ``torch.load(weights_only=True, mmap=True)``.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import re
+import struct
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from probe.errors import BadInput
+from probe.families import ALIASES, FAMILIES, Family, Layout, canonical_lm_name, detect_layout, read_config_json
+from probe.families import text_config_dict
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+VOCAB_TENSORS = ("embed_tokens.weight", "lm_head.weight")  # dim 0 is the vocabulary (DESIGN §5)
+_MAX_HEADER = 100 * 1024 * 1024
+_PAGE = mmap.PAGESIZE
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: file, dtype, shape, absolute byte range (safetensors) or key (.bin)."""
+
+    key: str
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int = 0
+    end: int = 0
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+class SafetensorsFile:
+    """One safetensors file: header validated on open, data memory-mapped read-only on first use."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._mm: mmap.mmap | None = None
+        self._fd: int | None = None
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                raw = f.read(8)
+                if len(raw) < 8:
+                    raise BadInput(f"{self.path}: corrupt safetensors file (shorter than its header)")
+                (n,) = struct.unpack("<Q", raw)
+                if n > min(_MAX_HEADER, size - 8):
+                    raise BadInput(f"{self.path}: corrupt safetensors file (bad header length)")
+                header = json.loads(f.read(n))
+        except OSError as exc:
+            raise BadInput(f"{self.path}: cannot read ({exc.strerror})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise BadInput(f"{self.path}: corrupt safetensors file (header is not JSON)") from None
+        if not isinstance(header, dict):
+            raise BadInput(f"{self.path}: corrupt safetensors file (header is not a mapping)")
+        base = 8 + n
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.tensors: dict[str, TensorInfo] = {}
+        for key, meta in header.items():
+            try:
+                dtype = DTYPES[meta["dtype"]]
+                shape = tuple(int(s) for s in meta["shape"])
+                lo, hi = (int(x) for x in meta["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise BadInput(f"{self.path}: corrupt safetensors entry {key!r}") from None
+            info = TensorInfo(key, self.path, dtype, shape, base + lo, base + hi)
+            if hi < lo or base + hi > size or info.nbytes != hi - lo:
+                raise BadInput(f"{self.path}: corrupt or truncated safetensors file (tensor {key!r})")
+            self.tensors[key] = info
+
+    def _map(self) -> mmap.mmap:
+        if self._mm is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+            self._mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
+        return self._mm
+
+    def view(self, info: TensorInfo) -> torch.Tensor:
+        """Zero-copy, read-only tensor over the mapped bytes (writing to it would fault, never touch disk)."""
+        if info.numel == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "buffer is not writable": intended, inputs are read-only
+            t = torch.frombuffer(self._map(), dtype=info.dtype, count=info.numel, offset=info.start)
+        return t.view(info.shape)
+
+    def raw(self, info: TensorInfo) -> memoryview:
+        """The tensor's bytes as stored (for bit-exact copies)."""
+        return memoryview(self._map())[info.start:info.end]
+
+    def release(self, info: TensorInfo) -> None:
+        """Drop the tensor's pages from this process's resident set (they stay in the page cache)."""
+        if self._mm is None or info.end <= info.start:
+            return
+        lo = (info.start // _PAGE) * _PAGE
+        try:
+            self._mm.madvise(mmap.MADV_DONTNEED, lo, info.end - lo)
+        except (AttributeError, OSError, ValueError):
+            pass  # advisory only
+
+    def close(self) -> None:
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:
+                pass  # a view is still alive; the mapping goes with it
+            os.close(self._fd)  # type: ignore[arg-type]
+            self._mm = self._fd = None
+
+
+class BinFile:
+    """A PyTorch ``.bin`` state dict, loaded with ``weights_only=True`` and ``mmap=True`` (opt-in only)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            sd = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # torch raises many types for a bad pickle
+            raise BadInput(f"{self.path}: unreadable .bin checkpoint ({type(exc).__name__})") from None
+        self._sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+        self.metadata: dict[str, str] = {}
+        self.tensors = {
+            k: TensorInfo(k, self.path, v.dtype, tuple(v.shape), 0, v.numel() * v.element_size())
+            for k, v in self._sd.items()
+        }
+
+    def view(self, info: TensorInfo) -> torch.Tensor:
+        return self._sd[info.key].contiguous()
+
+    def raw(self, info: TensorInfo) -> memoryview:
+        t = self._sd[info.key].contiguous().reshape(-1)
+        return memoryview(t.view(torch.uint8).numpy())
+
+    def release(self, info: TensorInfo) -> None:
+        pass
+
+    def close(self) -> None:
+        self._sd.clear()
+
+
+def resolve_model_dir(spec: str, local_files_only: bool = True) -> Path:
+    """A local dir, or an alias resolved through the local Hugging Face cache (no hub access here)."""
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        return p
+    if spec in ALIASES:
+        source = ALIASES[spec].source
+        if ":" in source and not "/" in source.split(":", 1)[0]:
+            raise BadInput(f"alias {spec!r} ({source}) is built, not downloaded; pass its directory instead")
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(source, local_files_only=local_files_only))
+        except Exception:
+            raise BadInput(
+                f"alias {spec!r} -> {source} is not in the local Hugging Face cache; "
+                f"run `huggingface-cli download {source}` or pass a local directory"
+            ) from None
+    if p.exists():
+        raise BadInput(f"{spec}: not a directory")
+    raise BadInput(f"{spec}: no such directory and not a known alias ({', '.join(ALIASES)})")
+
+
+def _weight_files(model_dir: Path, allow_bin: bool) -> dict[str, Path]:
+    """Map every tensor key to its file, from the index when there is one; check every shard exists."""
+    for index_name, suffix in (("model.safetensors.index.json", ".safetensors"), ("pytorch_model.bin.index.json", ".bin")):
+        index = model_dir / index_name
+        if index.is_file():
+            if suffix == ".bin" and not allow_bin:
+                raise BadInput(f"{model_dir}: only .bin weights; pass --allow-bin to read them (weights_only)")
+            try:
+                wmap = json.loads(index.read_text())["weight_map"]
+            except (OSError, json.JSONDecodeError, KeyError, TypeError):
+                raise BadInput(f"{index}: corrupt index (no weight_map)") from None
+            files = {k: model_dir / v for k, v in wmap.items()}
+            for f in sorted(set(files.values())):
+                if not f.is_file():
+                    raise BadInput(f"{model_dir}: missing shard {f.name} (listed in {index_name})")
+            return files
+    single = sorted(model_dir.glob("*.safetensors"))
+    if not single:
+        bins = sorted(model_dir.glob("pytorch_model*.bin"))
+        if bins and not allow_bin:
+            raise BadInput(f"{model_dir}: only .bin weights; pass --allow-bin to read them (weights_only)")
+        single = bins
+    if not single:
+        raise BadInput(f"{model_dir}: no weight files (*.safetensors)")
+    return {"": f for f in single}  # "" = take all keys of these files
+
+
+
+
+@dataclass
+class Checkpoint:
+    """One HF checkpoint dir: its layout, its LM tensors under canonical names, the rest under disk names."""
+
+    name: str
+    path: Path
+    config: dict[str, Any]
+    layout: Layout
+    family: Family
+    infos: dict[str, TensorInfo]  # disk key -> where it lives
+    lm: dict[str, str]  # canonical LM name -> disk key
+    other: list[str]  # non-LM disk keys (vision tower, projector, ...), in file order
+    _files: dict[Path, SafetensorsFile | BinFile] = field(default_factory=dict, repr=False)
+
+    @property
+    def text_config(self) -> dict[str, Any]:
+        return text_config_dict(self.config, self.family)
+
+    @property
+    def tied(self) -> bool:
+        """No lm_head on disk: the embedding doubles as the output projection."""
+        return "lm_head.weight" not in self.lm
+
+    def lm_key(self, canon: str) -> str | None:
+        if canon in self.lm:
+            return self.lm[canon]
+        if canon == "lm_head.weight" and self.tied:
+            return self.lm.get("embed_tokens.weight")
+        return None
+
+    def lm_info(self, canon: str) -> TensorInfo:
+        key = self.lm_key(canon)
+        if key is None:
+            raise BadInput(f"{self.name}: LM tensor {canon!r} missing (layout {self.layout.name})")
+        return self.infos[key]
+
+    def file(self, info: TensorInfo) -> SafetensorsFile | BinFile:
+        return self._files[info.file]
+
+    def view(self, info: TensorInfo) -> torch.Tensor:
+        return self.file(info).view(info)
+
+    def release(self, info: TensorInfo) -> None:
+        self.file(info).release(info)
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_checkpoint(spec: str, allow_bin: bool = False) -> Checkpoint:
+    """Resolve, read config and headers, detect the layout; no tensor data is touched."""
+    path = resolve_model_dir(spec)
+    config = read_config_json(path)
+    files: dict[Path, SafetensorsFile | BinFile] = {}
+    infos: dict[str, TensorInfo] = {}
+    wmap = _weight_files(path, allow_bin)
+    for f in sorted(set(wmap.values())):
+        files[f] = BinFile(f) if f.suffix == ".bin" else SafetensorsFile(f)
+    if "" in wmap:
+        for fobj in files.values():
+            infos.update(fobj.tensors)
+    else:
+        for key, f in wmap.items():
+            info = files[f].tensors.get(key)
+            if info is None:
+                raise BadInput(f"{f}: tensor {key!r} listed in the index is missing from the shard (corrupt)")
+            infos[key] = info
+    layout = detect_layout(config.get("model_type"), infos)
+    lm: dict[str, str] = {}
+    other: list[str] = []
+    for key in infos:
+        canon = canonical_lm_name(layout, key)
+        if canon is None:
+            other.append(key)
+        elif canon in lm:
+            raise BadInput(f"{path}: two tensors map to LM name {canon!r} ({lm[canon]}, {key})")
+        else:
+            lm[canon] = key
+    if "embed_tokens.weight" not in lm or not any(c.startswith("layers.") for c in lm):
+        raise BadInput(f"{path}: no LM tensors found under layout {layout.name}")
+    return Checkpoint(spec, path, config, layout, FAMILIES[layout.family], infos, lm, other, files)
+
+
+def layer_module(canon: str) -> tuple[int | None, str]:
+    """``layers.3.self_attn.q_proj.weight`` -> (3, ``self_attn.q_proj.weight``); others -> (None, name)."""
+    m = re.match(r"layers\.(\d+)\.(.+)$", canon)
+    return (int(m.group(1)), m.group(2)) if m else (None, canon)
+
+
+def chunks(numel: int, size: int) -> Iterator[tuple[int, int]]:
+    for lo in range(0, numel, size):
+        yield lo, min(numel, lo + size)

@@ -1,0 +1,117 @@
+"""The paper's formulas (sections 5.1, 5.3) as small pure functions in a registry (STYLE 6).
+
+Merges are linear: each method only decides the coefficient of every input per tensor, and one streaming
+kernel (``analyses.merge``) applies ``θ = Σ c_j θ_j`` chunk by chunk in fp32. The full-tensor functions here
+are the in-memory definitions the streaming code is tested against.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class Formula:
+    name: str
+    equation: str  # where it is in the paper
+    fn: Callable
+
+
+FORMULAS: dict[str, Formula] = {}
+
+
+def formula(name: str, equation: str) -> Callable[[Callable], Callable]:
+    def register(fn: Callable) -> Callable:
+        FORMULAS[name] = Formula(name, equation, fn)
+        return fn
+
+    return register
+
+
+@formula("delta_avg", "Eq. 3")
+def delta_avg(theta_ori: torch.Tensor, theta_mft: torch.Tensor) -> float:
+    """Eq. 3: Δavg = avg |θ_ori − θ_mft|, in fp32 (fp64 accumulation)."""
+    d = theta_ori.float() - theta_mft.float()
+    return float(d.abs().sum(dtype=torch.float64) / max(d.numel(), 1))
+
+
+@formula("average", "Eq. 1")
+def average_coefficients(n: int) -> list[float]:
+    """Eq. 1: θ = (1/n) Σ θ_i (the paper prints Σ; it is an average, DESIGN §5)."""
+    return [1.0 / n] * n
+
+
+@formula("weighted", "Eq. 2")
+def weighted_coefficients(weights: Sequence[float], normalize: bool = True) -> list[float]:
+    """Eq. 2: θ = Σ α_i θ_i with given α, normalised to sum 1 unless told otherwise."""
+    total = float(sum(weights))
+    if normalize:
+        if total <= 0:
+            raise ValueError("weights must have a positive sum")
+        return [float(w) / total for w in weights]
+    return [float(w) for w in weights]
+
+
+@formula("shift_softmax", "Eq. 4 (α_i)")
+def shift_softmax(deltas: Sequence[float], temperature: float) -> list[float]:
+    """α_i = softmax_i(Δavg_i / τ) for one tensor (the released code: softmax(1000·Δ), τ = 1e-3)."""
+    z = [d / temperature for d in deltas]
+    m = max(z)
+    e = [math.exp(v - m) for v in z]
+    s = sum(e)
+    return [v / s for v in e]
+
+
+@formula("shift", "Eq. 4")
+def shift_coefficients(deltas: Sequence[float], alpha0: float, temperature: float) -> list[float]:
+    """Eq. 4: θ = α0 θ_0 + (1 − α0) Σ α_i θ_i; returns [c_base, c_1, ..., c_n]."""
+    return [alpha0] + [(1.0 - alpha0) * a for a in shift_softmax(deltas, temperature)]
+
+
+def combine(thetas: Sequence[torch.Tensor], coefficients: Sequence[float]) -> torch.Tensor:
+    """θ = Σ c_j θ_j in fp32 (the in-memory reference; the merge streams the same sum chunk by chunk)."""
+    acc = torch.zeros(thetas[0].shape, dtype=torch.float32)
+    for t, c in zip(thetas, coefficients):
+        acc.add_(t.float(), alpha=c)
+    return acc
+
+
+@dataclass
+class ShiftStats:
+    """Streaming accumulator for one (base, model) tensor pair: Eq. 3 plus max |Δ| and relative L2."""
+
+    numel: int = 0
+    sum_abs: float = 0.0
+    max_abs: float = 0.0
+    sum_sq: float = 0.0
+    base_sq: float = 0.0
+
+    def add(self, base: torch.Tensor, model: torch.Tensor) -> None:
+        b = base.float()
+        d = model.float() - b
+        a = d.abs()
+        self.numel += d.numel()
+        self.sum_abs += float(a.sum(dtype=torch.float64))
+        if d.numel():
+            self.max_abs = max(self.max_abs, float(a.max()))
+        self.sum_sq += float(d.pow(2).sum(dtype=torch.float64))
+        self.base_sq += float(b.pow(2).sum(dtype=torch.float64))
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.sum_abs) and math.isfinite(self.sum_sq) and math.isfinite(self.base_sq)
+
+    @property
+    def delta_avg(self) -> float:  # Eq. 3
+        return self.sum_abs / max(self.numel, 1)
+
+    @property
+    def l2(self) -> float:  # ‖θ − θ_ref‖ (the trajectory feature, DESIGN §6)
+        return math.sqrt(self.sum_sq)
+
+    @property
+    def rel_l2(self) -> float:
+        return math.sqrt(self.sum_sq) / math.sqrt(self.base_sq) if self.base_sq > 0 else math.inf

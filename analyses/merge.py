@@ -1,0 +1,364 @@
+"""Merge the LLMs of modality-extended models (sections 5.1, 5.3; DESIGN §5) and transplant the result.
+
+    python -m analyses.merge --base qwen2 --models qwen2-vl llava-video llava-ov-si --method shift \\
+        --carrier qwen2-vl llava-ov-si --out runs/merged
+
+Methods: ``average`` (Eq. 1), ``weighted`` (Eq. 2, ``--weights``), ``shift`` (Eq. 4: α_i = softmax(Δavg_i/τ)
+per tensor, θ = α0 θ_0 + (1 − α0) Σ α_i θ_i; defaults as released α0 = 0.5, τ = 1e-3). Only LM tensors are
+merged, streamed chunk by chunk in fp32 and written in the input dtype. ``DIR`` is a Qwen2 model dir that
+``AutoModelForCausalLM`` loads, with ``merge_weights.csv`` (every tensor's α per model) and ``merge.json``;
+``DIR/carriers/<name>/`` is each carrier with its LM replaced and every other tensor copied bit-exact.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm import tqdm
+
+from analyses.align import Alignment, TensorPlan, align, check_finite
+from analyses.checkpoints import Checkpoint, chunks, open_checkpoint
+from analyses.formulas import FORMULAS, ShiftStats, average_coefficients, shift_coefficients, weighted_coefficients
+from analyses.shift import CHUNK, read_shift_csv
+from analyses.writer import Entry, ShardedWriter, atomic_dir, check_output, copy_side_files, parse_size
+from probe.errors import BadInput, cli_main
+
+METHODS = {"average": "average", "weighted": "weighted", "shift": "shift"}  # CLI name -> formula registry name
+TOKENIZER_FILES = ("tokenizer", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template", "generation_config.json")
+RAW_CHUNK = 64 << 20  # bytes per bit-exact copy step
+
+
+@dataclass
+class MergeConfig:
+    models: list[str]
+    method: str
+    out: Path
+    base: str | None = None
+    weights: list[float] | None = None
+    normalize: bool = True
+    alpha0: float = 0.5
+    temperature: float = 1e-3
+    carriers: list[str] = field(default_factory=list)
+    shift_dir: Path | None = None
+    shard_size: int = 5 * 10**9
+    overwrite: bool = False
+    allow_bin: bool = False
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise BadInput(f"--method must be one of {', '.join(METHODS)}")
+        if not self.models:
+            raise BadInput("--models: give at least one model")
+        if self.method == "shift" and self.base is None:
+            raise BadInput("--method shift needs --base (Eq. 4 weighs the base by alpha0)")
+        if self.method == "weighted":
+            if not self.weights or len(self.weights) != len(self.models):
+                raise BadInput(f"--weights: give one weight per model ({len(self.models)})")
+            if self.normalize and sum(self.weights) <= 0:
+                raise BadInput("--weights must have a positive sum")
+        elif self.weights:
+            raise BadInput("--weights only applies to --method weighted")
+        if not 0.0 <= self.alpha0 <= 1.0:
+            raise BadInput("--alpha0 must be in [0, 1]")
+        if not self.temperature > 0:
+            raise BadInput("--temperature must be > 0")
+        if self.shift_dir is not None and not (self.shift_dir / "shift.csv").is_file():
+            raise BadInput(f"--shift {self.shift_dir}: no shift.csv there (run python -m analyses.shift)")
+        check_output(self.out, self.overwrite)
+
+
+def lm_disk_key(canon: str) -> str:
+    """Canonical LM name -> Qwen2ForCausalLM checkpoint key."""
+    return canon if canon == "lm_head.weight" else "model." + canon
+
+
+class ShiftTable:
+    """Δavg per (model, tensor) from a saved ``analyses.shift`` run, matched by name or resolved path."""
+
+    def __init__(self, shift_dir: Path, base: Checkpoint, models: Sequence[Checkpoint]):
+        table = read_shift_csv(shift_dir / "shift.csv")
+        summary = json.loads((shift_dir / "summary.json").read_text()) if (shift_dir / "summary.json").is_file() else {}
+        by_path = {str(Path(m["path"]).resolve()): m["name"] for m in summary.get("models", [])}
+        sbase = summary.get("base", {}).get("path")
+        if sbase and Path(sbase).resolve() != base.path.resolve():
+            raise BadInput(f"--shift {shift_dir}: computed against base {sbase}, not {base.path}")
+        self.table = table
+        self.names = []
+        have = {m for m, _ in table}
+        for m in models:
+            nm = m.name if m.name in have else by_path.get(str(m.path.resolve()))
+            if nm is None or nm not in have:
+                raise BadInput(f"--shift {shift_dir}: no rows for model {m.name}")
+            self.names.append(nm)
+
+    def deltas(self, canon: str) -> list[float]:
+        try:
+            return [self.table[(nm, canon)] for nm in self.names]
+        except KeyError as exc:
+            raise BadInput(f"--shift: no delta_avg for {exc.args[0]}") from None
+
+
+@dataclass
+class Merger:
+    """Streams one merge; ``inputs[0]`` is the reference (base, else the first model)."""
+
+    cfg: MergeConfig
+    inputs: list[Checkpoint]
+    names: list[str]
+    al: Alignment
+    has_base: bool
+    shift_table: ShiftTable | None = None
+    alpha_rows: list[tuple[str, str, float | None, float]] = field(default_factory=list)
+
+    def coefficients(self, plan: TensorPlan, views: Sequence[torch.Tensor]) -> tuple[list[float], list[float] | None]:
+        n_models = len(self.cfg.models)
+        off = 1 if self.has_base else 0
+        if self.cfg.method == "average":
+            return [0.0] * off + average_coefficients(n_models), None
+        if self.cfg.method == "weighted":
+            return [0.0] * off + weighted_coefficients(self.cfg.weights or [], self.cfg.normalize), None
+        if self.shift_table is not None:
+            deltas = self.shift_table.deltas(plan.canon)
+        else:  # Eq. 3 on the fly: one extra pass over the (already mapped) tensors
+            stats = [ShiftStats() for _ in range(n_models)]
+            for lo, hi in chunks(plan.common, CHUNK):
+                b = views[0][lo:hi].float()
+                for st, v in zip(stats, views[1:]):
+                    st.add(b, v[lo:hi])
+            for st, v, nm, info in zip(stats, views[1:], self.names[1:], plan.infos[1:]):
+                if not st.finite:
+                    check_finite(views[0], self.names[0], plan.infos[0].key)
+                    check_finite(v, nm, info.key)
+            deltas = [st.delta_avg for st in stats]
+        return shift_coefficients(deltas, self.cfg.alpha0, self.cfg.temperature), deltas
+
+    def merge_tensor(self, plan: TensorPlan, sink: Any, out_dtype: torch.dtype) -> None:
+        views = [ck.view(info).reshape(-1) for ck, info in zip(self.inputs, plan.infos)]
+        coeffs, deltas = self.coefficients(plan, views)
+        for j, (nm, c) in enumerate(zip(self.names, coeffs)):
+            if j == 0 and self.has_base and self.cfg.method != "shift":
+                continue  # the base only supplies vocabulary rows here
+            d = deltas[j - 1] if deltas is not None and j > 0 else None
+            self.alpha_rows.append((plan.canon, nm, d, c))
+        for lo, hi in chunks(plan.common, CHUNK):
+            acc: torch.Tensor | None = None
+            for v, c in zip(views, coeffs):
+                if c == 0.0:
+                    continue
+                if acc is None:
+                    acc = v[lo:hi].to(torch.float32, copy=True).mul_(c)
+                else:
+                    acc.add_(v[lo:hi], alpha=c)  # promotes to fp32 elementwise, no bf16 rounding
+            assert acc is not None
+            if not torch.isfinite(acc.sum()):
+                for v, c, nm, info in zip(views, coeffs, self.names, plan.infos):
+                    check_finite(v[lo:hi], nm, info.key)
+                raise BadInput(f"merged tensor {plan.canon} overflows")
+            sink.write(acc.to(out_dtype))
+        for lo, hi in chunks(plan.ref.numel - plan.common, CHUNK):  # vocab rows only the reference has
+            tail = views[0][plan.common + lo:plan.common + hi]
+            check_finite(tail, self.names[0], plan.ref.key)
+            sink.write(tail.to(out_dtype))
+        del views
+        for ck, info in zip(self.inputs, plan.infos):
+            ck.release(info)
+
+
+def merged_config(ref: Checkpoint, dtype: torch.dtype, vocab_rows: int, tied: bool) -> dict[str, Any]:
+    """A Qwen2 config from the reference's text config, so ``AutoModelForCausalLM`` loads the merged LM."""
+    from transformers import Qwen2Config
+
+    tc = {k: v for k, v in ref.text_config.items()
+          if k not in ("model_type", "architectures", "auto_map", "_name_or_path", "transformers_version",
+                       "torch_dtype", "dtype", "rope_scaling") and not k.startswith("mm_")}
+    rope = tc.get("rope_parameters")
+    if isinstance(rope, dict) and ("mrope_section" in rope or rope.get("rope_type") == "mrope"):
+        # M-RoPE is a Qwen2-VL input convention; on text alone it equals plain RoPE with the same theta.
+        tc["rope_parameters"] = {"rope_type": "default", "rope_theta": rope.get("rope_theta", 1e6)}
+    cfg = Qwen2Config(**tc)
+    cfg.architectures = ["Qwen2ForCausalLM"]
+    cfg.vocab_size = vocab_rows
+    cfg.tie_word_embeddings = tied
+    cfg.dtype = dtype
+    return cfg.to_dict()
+
+
+def write_carrier(carrier: Checkpoint, merged: Checkpoint, dest: Path, shard_size: int) -> dict[str, Any]:
+    """Copy ``carrier`` with its LM tensors replaced by ``merged``'s (vocab rule: merged common rows, then the
+    carrier's own rows); every non-LM tensor is copied byte for byte."""
+    dest.mkdir(parents=True)
+    keys = sorted(carrier.infos, key=lambda k: (str(carrier.infos[k].file), carrier.infos[k].start))
+    entries = [Entry(k, carrier.infos[k].dtype, carrier.infos[k].shape) for k in keys]
+    writer = ShardedWriter(dest, entries, shard_size, {"merged_from": str(merged.path.name)})
+    lm_by_key = {v: c for c, v in carrier.lm.items()}
+    n_lm = 0
+    for key in tqdm(keys, desc=f"carrier {dest.name}", unit="tensor", leave=False):
+        info = carrier.infos[key]
+        with writer.tensor(key) as sink:
+            canon = lm_by_key.get(key)
+            if canon is None:
+                f = carrier.file(info)
+                raw = f.raw(info)
+                for lo in range(0, len(raw), RAW_CHUNK):
+                    sink.write(raw[lo:lo + RAW_CHUNK])
+                del raw
+            else:
+                n_lm += 1
+                minfo = merged.lm_info(canon)
+                m = merged.view(minfo).reshape(-1)
+                c = carrier.view(info).reshape(-1)
+                rows = min(minfo.shape[0], info.shape[0]) if info.shape else 0
+                common = rows * (info.numel // info.shape[0]) if info.shape and info.shape[0] else info.numel
+                for lo, hi in chunks(common, CHUNK):
+                    sink.write(m[lo:hi].to(info.dtype))
+                for lo, hi in chunks(info.numel - common, CHUNK):
+                    sink.write(c[common + lo:common + hi].clone())
+                del m, c
+                merged.release(minfo)
+        carrier.release(info)
+    writer.close()
+    copied = copy_side_files(carrier.path, dest)
+    return {"name": dest.name, "source": str(carrier.path), "layout": carrier.layout.name,
+            "lm_tensors_replaced": n_lm, "tensors_copied_bit_exact": len(keys) - n_lm, "files_copied": copied}
+
+
+def run_merge(cfg: MergeConfig) -> dict[str, Any]:
+    cfg.validate()
+    t0 = time.perf_counter()
+    with ExitStack() as stack:
+        opened = lambda s: stack.enter_context(open_checkpoint(s, cfg.allow_bin))  # noqa: E731
+        base = opened(cfg.base) if cfg.base else None
+        models = [opened(m) for m in cfg.models]
+        carriers = [opened(c) for c in cfg.carriers]
+        inputs = ([base] if base else []) + models
+        names = ([cfg.base] if base else []) + list(cfg.models)
+        al = align(inputs, names)  # shapes, vocab rule: all checked before anything is written
+        for car in carriers:
+            align([inputs[0], car], [names[0], car.name])
+        shift_table = ShiftTable(cfg.shift_dir, base, models) if cfg.shift_dir and base else None
+        merger = Merger(cfg, inputs, names, al, base is not None, shift_table)
+        ref = inputs[0]
+        entries = [Entry(lm_disk_key(p.canon), p.ref.dtype, p.ref.shape) for p in al.tensors]
+        with atomic_dir(cfg.out, cfg.overwrite) as tmp:
+            writer = ShardedWriter(tmp, entries, cfg.shard_size, {"merge_method": cfg.method})
+            for plan, e in zip(tqdm(al.tensors, desc=f"merge ({cfg.method})", unit="tensor"), entries):
+                with writer.tensor(e.key) as sink:
+                    merger.merge_tensor(plan, sink, e.dtype)
+            writer.close()
+            embed = next(p for p in al.tensors if p.canon == "embed_tokens.weight")
+            config = merged_config(ref, embed.ref.dtype, embed.ref.shape[0], ref.tied)
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+            tok_src = ref.path
+            copied = copy_side_files(tok_src, tmp, TOKENIZER_FILES)
+            write_alphas(tmp / "merge_weights.csv", merger.alpha_rows)
+            t_lm = time.perf_counter() - t0
+            carrier_reports = []
+            if carriers:
+                merged = stack.enter_context(open_checkpoint(str(tmp)))
+                used: set[str] = set()
+                for car in carriers:
+                    nm = unique_name(car.path.name if Path(car.name).is_dir() else car.name, used)
+                    carrier_reports.append(write_carrier(car, merged, tmp / "carriers" / nm, cfg.shard_size))
+            report = {
+                "method": cfg.method,
+                "equation": FORMULAS[METHODS[cfg.method]].equation,
+                "base": cfg.base,
+                "models": list(cfg.models),
+                "reference": names[0],
+                "weights": cfg.weights if cfg.method == "weighted" else None,
+                "normalize": cfg.normalize if cfg.method == "weighted" else None,
+                "alpha0": cfg.alpha0 if cfg.method == "shift" else None,
+                "temperature": cfg.temperature if cfg.method == "shift" else None,
+                "shift_source": str(cfg.shift_dir) if shift_table else ("computed" if cfg.method == "shift" else None),
+                "mean_alpha": mean_alphas(merger.alpha_rows),
+                "n_tensors": len(al.tensors),
+                "dtype": str(embed.ref.dtype),
+                "math_dtype": "float32",
+                "shards": writer.names,
+                "vocab": al.vocab,
+                "ignored_tensors": al.ignored,
+                "tokenizer_files": copied,
+                "carriers": carrier_reports,
+                "seconds_lm": round(t_lm, 3),
+                "seconds_total": round(time.perf_counter() - t0, 3),
+            }
+            (tmp / "merge.json").write_text(json.dumps(report, indent=2) + "\n")
+            for c in carriers:
+                c.close()  # release mappings before the rename
+    if al.vocab:
+        print(f"vocabulary sizes differ, rule applied: {json.dumps(al.vocab)}", file=sys.stderr)
+    print(f"merged {len(al.tensors)} LM tensors ({cfg.method}) -> {cfg.out}")
+    return report
+
+
+def unique_name(name: str, used: set[str]) -> str:
+    out, i = name, 2
+    while out in used:
+        out, i = f"{name}-{i}", i + 1
+    used.add(out)
+    return out
+
+
+def write_alphas(path: Path, rows: Sequence[tuple[str, str, float | None, float]]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["tensor", "model", "delta_avg", "alpha"])
+        for t, m, d, a in rows:
+            w.writerow([t, m, "" if d is None else repr(d), repr(a)])
+
+
+def mean_alphas(rows: Sequence[tuple[str, str, float | None, float]]) -> dict[str, float]:
+    acc: dict[str, list[float]] = {}
+    for _, m, _, a in rows:
+        acc.setdefault(m, []).append(a)
+    return {m: sum(v) / len(v) for m, v in acc.items()}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m analyses.merge",
+        description="Merge the LLM backbones of modality-extended models (paper Eq. 1, 2, 4) and optionally "
+        "transplant the merged LM into each multimodal carrier.",
+    )
+    p.add_argument("--base", help="base LLM (dir or alias); required for --method shift; for average/weighted "
+                   "it only supplies config, tokenizer and extra vocabulary rows (list it in --models to include it)")
+    p.add_argument("--models", nargs="+", required=True, help="models whose LMs are merged (dirs or aliases)")
+    p.add_argument("--method", choices=list(METHODS), default="shift",
+                   help="average (Eq. 1), weighted (Eq. 2), shift (Eq. 4; default)")
+    p.add_argument("--weights", nargs="+", type=float, help="Eq. 2 weights, one per --models entry")
+    p.add_argument("--no-normalize", action="store_true", help="use --weights as given (default: sum to 1)")
+    p.add_argument("--alpha0", type=float, default=0.5, help="Eq. 4 weight of the base (default 0.5, as released)")
+    p.add_argument("--temperature", type=float, default=1e-3,
+                   help="Eq. 4 softmax temperature tau: alpha_i = softmax(delta_avg_i / tau) (default 1e-3)")
+    p.add_argument("--shift", type=Path, dest="shift_dir", metavar="DIR",
+                   help="reuse Δavg from a python -m analyses.shift output dir instead of recomputing")
+    p.add_argument("--carrier", nargs="+", default=[], dest="carriers", metavar="M",
+                   help="multimodal models to receive the merged LM (written to OUT/carriers/<name>/)")
+    p.add_argument("--shard-size", default="5GB", help="max bytes per safetensors shard (default 5GB)")
+    p.add_argument("--out", type=Path, required=True, help="output HF model dir")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
+    p.add_argument("--allow-bin", action="store_true", help="also read .bin checkpoints (weights_only)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    run_merge(MergeConfig(
+        models=a.models, method=a.method, out=a.out, base=a.base, weights=a.weights, normalize=not a.no_normalize,
+        alpha0=a.alpha0, temperature=a.temperature, carriers=a.carriers, shift_dir=a.shift_dir,
+        shard_size=parse_size(a.shard_size), overwrite=a.overwrite, allow_bin=a.allow_bin,
+    ))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main(main))

@@ -1,0 +1,182 @@
+"""How far modality fine-tuning moved the LLM, per tensor (Eq. 3, section 5.3).
+
+    python -m analyses.shift --base qwen2 --models qwen2-vl llava-video llava-ov-si --out runs/shift
+
+writes ``shift.csv`` (model, tensor, layer, module, numel, delta_avg, delta_max, rel_l2), ``summary.json``
+(per model: mean Δavg over tensors, as the paper averages it, the element-weighted mean, and the ratio to the
+least-shifted model, so "Qwen2-VL shift is 10x the others" can be checked) and the figures of
+``figures.shift``. Streams one tensor at a time from memory-mapped safetensors.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm import tqdm
+
+from analyses.align import Alignment, align, check_finite
+from analyses.checkpoints import Checkpoint, chunks, layer_module, open_checkpoint
+from analyses.formulas import ShiftStats
+from analyses.writer import atomic_dir, check_output
+from probe.errors import BadInput, cli_main
+
+CHUNK = 1 << 22  # elements per streamed chunk: 16 MB of fp32 temporaries
+COLUMNS = ["model", "tensor", "layer", "module", "numel", "delta_avg", "delta_max", "rel_l2"]
+
+
+@dataclass
+class ShiftConfig:
+    base: str
+    models: list[str]
+    out: Path
+    overwrite: bool = False
+    allow_bin: bool = False
+    figures: bool = True
+
+
+@dataclass
+class ShiftRow:
+    model: str
+    tensor: str
+    layer: int | None
+    module: str
+    numel: int
+    delta_avg: float
+    delta_max: float
+    rel_l2: float
+
+
+def stream_stats(ckpts: Sequence[Checkpoint], plan_al: Alignment, names: Sequence[str], progress: str = "shift") -> list[list[ShiftStats]]:
+    """Per tensor, stats of every checkpoint after the first against the first, over the common elements."""
+    out = []
+    base = ckpts[0]
+    for plan in tqdm(plan_al.tensors, desc=progress, unit="tensor", leave=False):
+        stats = [ShiftStats() for _ in ckpts[1:]]
+        views = [ck.view(info).reshape(-1) for ck, info in zip(ckpts, plan.infos)]
+        for lo, hi in chunks(plan.common, CHUNK):
+            b = views[0][lo:hi].float()
+            for st, v in zip(stats, views[1:]):
+                st.add(b, v[lo:hi])
+        for st, ck, nm, info, v in zip(stats, ckpts[1:], names[1:], plan.infos[1:], views[1:]):
+            if not st.finite:
+                check_finite(views[0], names[0], plan.infos[0].key)
+                check_finite(v, nm, info.key)
+        del views
+        for ck, info in zip(ckpts, plan.infos):
+            ck.release(info)
+        out.append(stats)
+    return out
+
+
+def compute_shift(base: Checkpoint, models: Sequence[Checkpoint], names: Sequence[str]) -> tuple[list[ShiftRow], Alignment]:
+    al = align([base, *models], [base.name, *names])
+    stats = stream_stats([base, *models], al, [base.name, *names])
+    rows = []
+    for i, nm in enumerate(names):
+        for plan, st in zip(al.tensors, stats):
+            layer, module = layer_module(plan.canon)
+            rows.append(ShiftRow(nm, plan.canon, layer, module, st[i].numel, st[i].delta_avg, st[i].max_abs, st[i].rel_l2))
+    return rows, al
+
+
+def summarize(rows: Sequence[ShiftRow], names: Sequence[str]) -> dict[str, Any]:
+    per: dict[str, Any] = {}
+    for nm in names:
+        r = [x for x in rows if x.model == nm]
+        numel = sum(x.numel for x in r)
+        per[nm] = {
+            "n_tensors": len(r),
+            "numel": numel,
+            "mean_delta_avg": statistics.fmean(x.delta_avg for x in r),  # the paper's "average parameter shift"
+            "weighted_delta_avg": sum(x.delta_avg * x.numel for x in r) / max(numel, 1),  # mean |Δ| over all weights
+            "median_delta_avg": statistics.median(x.delta_avg for x in r),
+            "max_delta": max(x.delta_max for x in r),
+            "mean_rel_l2": statistics.fmean(x.rel_l2 for x in r),
+        }
+    low = min(v["mean_delta_avg"] for v in per.values())
+    low_w = min(v["weighted_delta_avg"] for v in per.values())
+    for v in per.values():
+        v["ratio_to_least_shifted"] = v["mean_delta_avg"] / low if low > 0 else float("inf")
+        v["weighted_ratio_to_least_shifted"] = v["weighted_delta_avg"] / low_w if low_w > 0 else float("inf")
+    return per
+
+
+def write_csv(path: Path, rows: Sequence[ShiftRow]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(COLUMNS)
+        for r in rows:
+            w.writerow([r.model, r.tensor, "" if r.layer is None else r.layer, r.module, r.numel,
+                        repr(r.delta_avg), repr(r.delta_max), repr(r.rel_l2)])
+
+
+def read_shift_csv(path: Path) -> dict[tuple[str, str], float]:
+    """(model, tensor) -> Δavg from a saved ``shift.csv`` (for ``analyses.merge --shift``)."""
+    try:
+        with open(path, newline="") as f:
+            return {(r["model"], r["tensor"]): float(r["delta_avg"]) for r in csv.DictReader(f)}
+    except (OSError, KeyError, ValueError) as exc:
+        raise BadInput(f"{path}: unreadable shift.csv ({exc})") from None
+
+
+def run_shift(cfg: ShiftConfig) -> dict[str, Any]:
+    check_output(cfg.out, cfg.overwrite)
+    if not cfg.models:
+        raise BadInput("--models: give at least one model")
+    with ExitStack() as stack:
+        base = stack.enter_context(open_checkpoint(cfg.base, cfg.allow_bin))
+        models = [stack.enter_context(open_checkpoint(m, cfg.allow_bin)) for m in cfg.models]
+        rows, al = compute_shift(base, models, cfg.models)
+        summary = {
+            "base": {"name": cfg.base, "path": str(base.path), "layout": base.layout.name},
+            "models": [{"name": m.name, "path": str(m.path), "layout": m.layout.name} for m in models],
+            "per_model": summarize(rows, cfg.models),
+            "vocab": al.vocab,
+            "ignored_tensors": al.ignored,
+            "formula": "delta_avg = mean |theta_base - theta_model| per tensor (Eq. 3), fp32",
+            "dtype": str(al.tensors[0].ref.dtype),
+        }
+    with atomic_dir(cfg.out, cfg.overwrite) as tmp:
+        write_csv(tmp / "shift.csv", rows)
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if cfg.figures:
+            from figures.shift import draw
+
+            draw(tmp)
+    for nm, v in summary["per_model"].items():
+        print(f"{nm}: mean Δavg {v['mean_delta_avg']:.3g} ({v['ratio_to_least_shifted']:.2f}x least shifted)")
+    if al.vocab:
+        print(f"vocabulary sizes differ: {json.dumps(al.vocab)}", file=sys.stderr)
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m analyses.shift",
+        description="Per-tensor parameter shift of modality-extended LLMs from their base (paper Eq. 3).",
+    )
+    p.add_argument("--base", required=True, help="base LLM: local HF dir or alias (e.g. qwen2)")
+    p.add_argument("--models", nargs="+", required=True, help="modality-extended models (dirs or aliases)")
+    p.add_argument("--out", type=Path, required=True, help="output dir (shift.csv, summary.json, figures)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
+    p.add_argument("--allow-bin", action="store_true", help="also read .bin checkpoints (weights_only)")
+    p.add_argument("--no-figures", action="store_true", help="skip the figures")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    run_shift(ShiftConfig(a.base, a.models, a.out, a.overwrite, a.allow_bin, not a.no_figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main(main))

@@ -1,0 +1,174 @@
+"""Streaming safetensors writer and atomic output directories.
+
+Shapes and dtypes are known before any data is computed, so every shard's header is written first and tensor
+bytes are appended chunk by chunk: no output tensor is ever held whole. Output goes to a hidden temporary dir
+beside the target and is renamed only when complete (a killed run leaves no complete-looking output).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from analyses.checkpoints import DTYPE_NAMES
+from probe.errors import BadInput
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def parse_size(text: str) -> int:
+    """``5GB``, ``500MB``, ``2GiB`` or a plain byte count."""
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?i?B?)?\s*", text, re.I)
+    if not m:
+        raise BadInput(f"bad size {text!r} (use e.g. 5GB, 500MB)")
+    unit = (m.group(2) or "").upper().rstrip("B")
+    mult = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+    return int(float(m.group(1)) * mult[unit])
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for s in self.shape:
+            n *= s
+        return n
+
+
+class ShardedWriter:
+    """Write ``entries`` (in this order) as ``model.safetensors`` or N shards plus the HF index."""
+
+    def __init__(self, out_dir: Path, entries: Sequence[Entry], max_shard_bytes: int, metadata: dict[str, str] | None = None):
+        self.out_dir = Path(out_dir)
+        self.metadata = {"format": "pt", **(metadata or {})}
+        shards: list[list[Entry]] = [[]]
+        size = 0
+        for e in entries:
+            if shards[-1] and size + e.nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(e)
+            size += e.nbytes
+        n = len(shards)
+        self.names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self._order = [(e, i) for i, s in enumerate(shards) for e in s]
+        self._shards = shards
+        self._pos = 0
+        self._file = None
+        self._shard = -1
+        self.total_bytes = sum(e.nbytes for e in entries)
+
+    def _open_shard(self, i: int) -> None:
+        if self._file:
+            self._file.close()
+        header: dict[str, object] = {"__metadata__": self.metadata}
+        off = 0
+        for e in self._shards[i]:
+            header[e.key] = {"dtype": DTYPE_NAMES[e.dtype], "shape": list(e.shape), "data_offsets": [off, off + e.nbytes]}
+            off += e.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # 8-byte alignment of the data section
+        self._file = open(self.out_dir / self.names[i], "wb")
+        self._file.write(len(raw).to_bytes(8, "little") + raw)
+        self._shard = i
+
+    @contextmanager
+    def tensor(self, key: str) -> Iterator["_TensorSink"]:
+        """Append the next tensor's bytes (in any number of chunks); checks the byte count at the end."""
+        entry, shard = self._order[self._pos]
+        if entry.key != key:
+            raise RuntimeError(f"writer expected {entry.key}, got {key}")
+        if shard != self._shard:
+            self._open_shard(shard)
+        sink = _TensorSink(self._file, entry)
+        yield sink
+        if sink.written != entry.nbytes:
+            raise RuntimeError(f"{key}: wrote {sink.written} bytes, expected {entry.nbytes}")
+        self._pos += 1
+
+    def close(self) -> None:
+        if self._pos != len(self._order):
+            raise RuntimeError(f"writer closed after {self._pos} of {len(self._order)} tensors")
+        if self._file:
+            self._file.close()
+            self._file = None
+        if len(self.names) > 1:
+            index = {
+                "metadata": {"total_size": self.total_bytes},
+                "weight_map": {e.key: self.names[i] for e, i in self._order},
+            }
+            (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+class _TensorSink:
+    def __init__(self, f, entry: Entry):
+        self._f = f
+        self.entry = entry
+        self.written = 0
+
+    def write(self, chunk: torch.Tensor | memoryview | bytes) -> None:
+        if isinstance(chunk, torch.Tensor):
+            if chunk.dtype != self.entry.dtype:
+                raise RuntimeError(f"{self.entry.key}: chunk dtype {chunk.dtype} != {self.entry.dtype}")
+            chunk = chunk.contiguous().reshape(-1).view(torch.uint8).numpy().data
+        self._f.write(chunk)
+        self.written += len(chunk) if not isinstance(chunk, memoryview) else chunk.nbytes
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """Refuse an existing output unless asked; validated before anything is read (STYLE 5)."""
+    if out.exists() and not overwrite:
+        raise BadInput(f"{out} exists; pass --overwrite to replace it")
+    if not out.parent.exists():
+        raise BadInput(f"{out.parent}: parent directory does not exist")
+
+
+@contextmanager
+def atomic_dir(out: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a hidden temp dir beside ``out``; rename it to ``out`` on success, delete it on any error."""
+    out = Path(out)
+    check_output(out, overwrite)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+WEIGHT_FILE = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.ckpt|\.msgpack|\.h5|\.gguf)$|\.index\.json$")
+
+
+def copy_side_files(src: Path, dst: Path, only: Sequence[str] | None = None) -> list[str]:
+    """Copy non-weight files (configs, tokenizer, processor) from ``src``; returns the names copied."""
+    copied = []
+    for f in sorted(Path(src).iterdir()):
+        if not f.is_file() or WEIGHT_FILE.search(f.name) or f.name.startswith("."):
+            continue
+        if only is not None and f.name not in only and not any(f.name.startswith(p) for p in only):
+            continue
+        shutil.copy2(f, dst / f.name)
+        copied.append(f.name)
+    return copied
