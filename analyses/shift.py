@@ -148,9 +148,9 @@ def run_shift(cfg: ShiftConfig) -> dict[str, Any]:
         write_csv(tmp / "shift.csv", rows)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if cfg.figures:
-            from figures.shift import draw
+            from figures.shift import draw_shift
 
-            draw(tmp)
+            draw_shift(tmp)
     for nm, v in summary["per_model"].items():
         print(f"{nm}: mean Δavg {v['mean_delta_avg']:.3g} ({v['ratio_to_least_shifted']:.2f}x least shifted)")
     if al.vocab:

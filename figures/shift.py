@@ -1,0 +1,100 @@
+"""Figures of ``analyses.shift`` results, drawn only from ``DIR/shift.csv`` (``python -m figures shift DIR``).
+
+- ``shift_heatmap_<model>.{png,pdf}``: layer × module Δavg (Eq. 3), log colour scale, one per model.
+- ``shift_models.{png,pdf}``: mean Δavg per model (the paper's comparison) and mean Δavg per layer.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.colors import LogNorm  # noqa: E402
+
+from probe.errors import BadInput  # noqa: E402
+
+
+def short_names(models: list[str]) -> dict[str, str]:
+    """Readable, unique labels: the last path component of each model argument."""
+    out: dict[str, str] = {}
+    for m in models:
+        label = Path(m.rstrip("/")).name or m
+        while label in out.values():
+            label += "'"
+        out[m] = label
+    return out
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "model"
+
+
+def save(fig: plt.Figure, path: Path) -> list[Path]:
+    paths = [path.with_suffix(".png"), path.with_suffix(".pdf")]
+    for p in paths:
+        fig.savefig(p, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+    return paths
+
+
+def draw_shift(result_dir: Path) -> list[Path]:
+    result_dir = Path(result_dir)
+    csv = result_dir / "shift.csv"
+    if not csv.is_file():
+        raise BadInput(f"{result_dir}: no shift.csv (run python -m analyses.shift)")
+    df = pd.read_csv(csv)
+    models = list(dict.fromkeys(df["model"]))
+    labels = short_names(models)
+    written: list[Path] = []
+    layer_df = df.dropna(subset=["layer"]).copy()
+    layer_df["layer"] = layer_df["layer"].astype(int)
+    positive = df["delta_avg"][df["delta_avg"] > 0]
+    vmin, vmax = (positive.min(), positive.max()) if len(positive) else (1e-8, 1.0)
+    for m in models:
+        sub = layer_df[layer_df["model"] == m]
+        if sub.empty:
+            continue
+        grid = sub.pivot_table(index="layer", columns="module", values="delta_avg", aggfunc="first")
+        fig, ax = plt.subplots(figsize=(max(6, 0.45 * grid.shape[1] + 2), max(3, 0.22 * grid.shape[0] + 1.5)))
+        data = np.ma.masked_less_equal(grid.to_numpy(dtype=float), 0)
+        im = ax.imshow(data, aspect="auto", cmap="viridis", norm=LogNorm(vmin=vmin, vmax=max(vmax, vmin * 1.01)))
+        ax.set_xticks(range(grid.shape[1]), [c.replace(".weight", ".w").replace(".bias", ".b") for c in grid.columns],
+                      rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(grid.shape[0]), grid.index, fontsize=7)
+        ax.set_xlabel("module")
+        ax.set_ylabel("layer")
+        ax.set_title(f"Δavg = mean |θ_base − θ| per tensor (Eq. 3): {labels[m]}", fontsize=9)
+        fig.colorbar(im, ax=ax, label="Δavg (log)")
+        written += save(fig, result_dir / f"shift_heatmap_{slug(labels[m])}")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    means = df.groupby("model", sort=False)["delta_avg"].mean().reindex(models)
+    ax1.bar([labels[m] for m in models], means.to_numpy(), color="C0")
+    ax1.set_yscale("log")
+    ax1.set_ylabel("mean Δavg over tensors")
+    ax1.set_title("parameter shift from the base (Eq. 3)", fontsize=9)
+    low = means.min()
+    for i, v in enumerate(means.to_numpy()):
+        ax1.annotate(f"{v:.2g}\n({v / low:.1f}×)" if low > 0 else f"{v:.2g}", (i, v), ha="center", va="bottom", fontsize=8)
+    ax1.tick_params(axis="x", rotation=20)
+    if low > 0:
+        ax1.set_ylim(low / 3, means.max() * 4)  # room for the labels
+    for m in models:
+        per_layer = layer_df[layer_df["model"] == m].groupby("layer")["delta_avg"].mean()
+        ax2.plot(per_layer.index, per_layer.to_numpy(), marker="o", ms=3, label=labels[m])
+    ax2.set_yscale("log")
+    ax2.set_xlabel("layer")
+    ax2.set_ylabel("mean Δavg over the layer's tensors")
+    ax2.set_title("shift by depth", fontsize=9)
+    ax2.legend(fontsize=8)
+    ax2.xaxis.get_major_locator().set_params(integer=True)
+    fig.tight_layout(w_pad=3)
+    written += save(fig, result_dir / "shift_models")
+    return written
+
+
+draw = draw_shift
