@@ -1,0 +1,210 @@
+"""Map checkpoints in weight space (section 6.2, Figure 4; DESIGN §6).
+
+    python -m analyses.trajectory --base qwen2 --experts qwen2-vl llava-ov-si --merged runs/merged \\
+        --runs runs/ft-text runs/ft-image --out runs/trajectory
+
+Two features per checkpoint, both against a reference (``--ref``, default the base), both streamed:
+``norms`` is the paper's vector of per-tensor ‖θ − θ_ref‖ (one entry per LM tensor); ``sketch`` is a seeded
+count-sketch projection of the whole delta (``analyses.sketch``). Each is mapped with PCA and t-SNE (perplexity
+clamped below the number of points). A ``--runs`` dir holds ``checkpoint-<step>`` subdirs (HF Trainer), drawn
+as a trajectory in step order. Writes ``points.csv``, ``features.npz``, ``coords.csv`` (name, kind, run, step,
+feature, method, x, y), ``run.json`` and ``trajectory_<feature>.{png,pdf}``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import sys
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from analyses.align import align, check_finite
+from analyses.checkpoints import Checkpoint, open_checkpoint
+from analyses.sketch import SKETCH_CHUNK, CountSketch
+from analyses.writer import atomic_dir, check_output
+from probe.errors import BadInput, cli_main
+
+
+@dataclass
+class TrajectoryConfig:
+    out: Path
+    base: str
+    experts: list[str] = field(default_factory=list)
+    merged: list[str] = field(default_factory=list)
+    runs: list[str] = field(default_factory=list)
+    ref: str | None = None
+    sketch_dim: int = 256
+    seed: int = 0
+    perplexity: float = 30.0
+    overwrite: bool = False
+    allow_bin: bool = False
+    figures: bool = True
+
+
+@dataclass
+class Point:
+    name: str
+    kind: str  # base | expert | merged | run
+    path: str
+    run: str = ""
+    step: int | None = None
+
+
+def run_points(run_dir: str) -> list[Point]:
+    """``checkpoint-<step>`` subdirs of a fine-tuning run, in step order."""
+    d = Path(run_dir)
+    if not d.is_dir():
+        raise BadInput(f"--runs {run_dir}: not a directory")
+    steps = []
+    for sub in d.iterdir():
+        m = re.fullmatch(r"checkpoint-(\d+)", sub.name)
+        if m and sub.is_dir():
+            steps.append((int(m.group(1)), sub))
+    if not steps:
+        raise BadInput(f"--runs {run_dir}: no checkpoint-<step> subdirectories")
+    return [Point(f"{d.name}@{s}", "run", str(p), d.name, s) for s, p in sorted(steps)]
+
+
+def collect_points(cfg: TrajectoryConfig) -> list[Point]:
+    pts = [Point(cfg.base, "base", cfg.base)]
+    pts += [Point(m, "expert", m) for m in cfg.experts]
+    pts += [Point(m, "merged", m) for m in cfg.merged]
+    for r in cfg.runs:
+        pts += run_points(r)
+    return pts
+
+
+def stream_features(ref: Checkpoint, ckpts: Sequence[Checkpoint], names: Sequence[str], sketch: CountSketch
+                    ) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Per checkpoint: per-tensor ‖θ − θ_ref‖ and the count sketch of θ − θ_ref, reading each tensor once."""
+    al = align([ref, *ckpts], ["ref", *names])
+    norms = np.zeros((len(ckpts), len(al.tensors)))
+    sk = torch.zeros((len(ckpts), sketch.dim), dtype=torch.float64)
+    for t, plan in enumerate(tqdm(al.tensors, desc="features", unit="tensor", leave=False)):
+        views = [ck.view(info).reshape(-1) for ck, info in zip([ref, *ckpts], plan.infos)]
+        sq = [0.0] * len(ckpts)
+        for c, lo in enumerate(range(0, plan.common, SKETCH_CHUNK)):
+            hi = min(plan.common, lo + SKETCH_CHUNK)
+            r = views[0][lo:hi].float()
+            buckets, signs = sketch.hashes(plan.canon, c, hi - lo)
+            for i, v in enumerate(views[1:]):
+                d = v[lo:hi].float() - r
+                sq[i] += float(d.double().pow(2).sum())
+                sketch.update(sk[i], d, buckets, signs)
+        for i, (v, info) in enumerate(zip(views[1:], plan.infos[1:])):
+            if not np.isfinite(sq[i]):
+                check_finite(views[0], "ref", plan.infos[0].key)
+                check_finite(v, names[i], info.key)
+            norms[i, t] = np.sqrt(sq[i])
+        del views
+        for ck, info in zip([ref, *ckpts], plan.infos):
+            ck.release(info)
+    return [p.canon for p in al.tensors], norms, sk.numpy()
+
+
+def embed_2d(x: np.ndarray, perplexity: float, seed: int) -> tuple[dict[str, np.ndarray], float | None]:
+    """PCA and t-SNE coordinates; t-SNE perplexity clamped to n − 1 (sklearn needs it below n)."""
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    n = x.shape[0]
+    out: dict[str, np.ndarray] = {}
+    k = min(2, n, x.shape[1])
+    pca = PCA(n_components=k, random_state=seed).fit_transform(x)
+    out["pca"] = np.pad(pca, ((0, 0), (0, 2 - k)))
+    used = None
+    if n >= 3:
+        used = float(min(perplexity, n - 1))
+        out["tsne"] = TSNE(n_components=2, perplexity=used, init="pca" if k == 2 else "random", random_state=seed,
+                           method="exact" if n <= 500 else "barnes_hut")  # exact: faster and better for few points.fit_transform(x)
+    return out, used
+
+
+def run_trajectory(cfg: TrajectoryConfig) -> dict[str, Any]:
+    check_output(cfg.out, cfg.overwrite)
+    if cfg.sketch_dim < 2:
+        raise BadInput("--sketch-dim must be >= 2")
+    if cfg.perplexity <= 0:
+        raise BadInput("--perplexity must be > 0")
+    points = collect_points(cfg)
+    if len(points) < 2:
+        raise BadInput("need at least two checkpoints (base plus --experts/--merged/--runs)")
+    with ExitStack() as stack:
+        ckpts = [stack.enter_context(open_checkpoint(p.path, cfg.allow_bin)) for p in points]
+        ref = stack.enter_context(open_checkpoint(cfg.ref, cfg.allow_bin)) if cfg.ref else ckpts[0]
+        tensors, norms, sketch = stream_features(ref, ckpts, [p.name for p in points], CountSketch(cfg.sketch_dim, cfg.seed))
+    coords: list[list[Any]] = []
+    perplexity_used = None
+    for feature, x in (("norms", norms), ("sketch", sketch)):
+        emb, perplexity_used = embed_2d(x, cfg.perplexity, cfg.seed)
+        for method, xy in emb.items():
+            for p, (a, b) in zip(points, xy):
+                coords.append([p.name, p.kind, p.run, "" if p.step is None else p.step, feature, method, float(a), float(b)])
+    run = {
+        "ref": cfg.ref or cfg.base,
+        "n_points": len(points),
+        "n_tensors": len(tensors),
+        "sketch": {"kind": "count sketch (sparse JL)", "dim": cfg.sketch_dim, "seed": cfg.seed, "chunk": SKETCH_CHUNK},
+        "perplexity_requested": cfg.perplexity,
+        "perplexity_used": perplexity_used,
+        "tsne": "skipped: fewer than 3 points" if perplexity_used is None else "sklearn TSNE (exact up to 500 points)",
+    }
+    with atomic_dir(cfg.out, cfg.overwrite) as tmp:
+        with open(tmp / "points.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["name", "kind", "run", "step", "path"])
+            for p in points:
+                w.writerow([p.name, p.kind, p.run, "" if p.step is None else p.step, p.path])
+        with open(tmp / "coords.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["name", "kind", "run", "step", "feature", "method", "x", "y"])
+            w.writerows(coords)
+        np.savez(tmp / "features.npz", names=np.array([p.name for p in points]), tensors=np.array(tensors),
+                 norms=norms, sketch=sketch)
+        (tmp / "run.json").write_text(json.dumps(run, indent=2) + "\n")
+        if cfg.figures:
+            from figures.trajectory import draw_trajectory
+
+            draw_trajectory(tmp)
+    print(f"{len(points)} checkpoints mapped -> {cfg.out}/coords.csv")
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m analyses.trajectory",
+        description="Map checkpoints in weight space: per-tensor ‖θ − θ_ref‖ and a streamed random-projection "
+        "sketch of θ − θ_ref, embedded with PCA and t-SNE (paper section 6.2, Figure 4).",
+    )
+    p.add_argument("--base", required=True, help="base LLM (dir or alias); also the reference unless --ref")
+    p.add_argument("--experts", nargs="+", default=[], help="modality-extended models")
+    p.add_argument("--merged", nargs="+", default=[], help="merged models (e.g. python -m analyses.merge outputs)")
+    p.add_argument("--runs", nargs="+", default=[], help="fine-tuning run dirs holding checkpoint-<step> subdirs")
+    p.add_argument("--ref", help="reference θ_ref for the deltas (default: --base)")
+    p.add_argument("--sketch-dim", type=int, default=256, help="sketch dimension (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sketch, PCA and t-SNE (default 0)")
+    p.add_argument("--perplexity", type=float, default=30.0, help="t-SNE perplexity, clamped to n_points - 1")
+    p.add_argument("--out", type=Path, required=True, help="output dir")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
+    p.add_argument("--allow-bin", action="store_true", help="also read .bin checkpoints (weights_only)")
+    p.add_argument("--no-figures", action="store_true", help="skip the figures")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    run_trajectory(TrajectoryConfig(a.out, a.base, a.experts, a.merged, a.runs, a.ref, a.sketch_dim, a.seed,
+                                    a.perplexity, a.overwrite, a.allow_bin, not a.no_figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main(main))

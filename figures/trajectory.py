@@ -1,0 +1,72 @@
+"""Weight-space maps from ``analyses.trajectory``, drawn only from ``DIR/coords.csv``
+(``python -m figures trajectory DIR``): one ``trajectory_<feature>.{png,pdf}`` per feature, PCA and t-SNE side by
+side; fine-tuning runs as arrows in step order; base, experts and merged models marked.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from figures.shift import save, short_names  # noqa: E402
+from probe.errors import BadInput  # noqa: E402
+
+STYLE = {  # kind -> marker, size, colour (None: one colour per run)
+    "base": ("*", 260, "black"),
+    "expert": ("s", 70, "tab:blue"),
+    "merged": ("D", 80, "tab:red"),
+    "run": ("o", 30, None),
+}
+TITLES = {"norms": "per-tensor ‖θ − θ_ref‖ (paper's feature)", "sketch": "random-projection sketch of θ − θ_ref"}
+
+
+def draw_trajectory(result_dir: Path) -> list[Path]:
+    result_dir = Path(result_dir)
+    path = result_dir / "coords.csv"
+    if not path.is_file():
+        raise BadInput(f"{result_dir}: no coords.csv (run python -m analyses.trajectory)")
+    df = pd.read_csv(path, keep_default_na=False)
+    labels = short_names(list(dict.fromkeys(df["name"])))
+    written: list[Path] = []
+    for feature in dict.fromkeys(df["feature"]):
+        sub = df[df["feature"] == feature]
+        methods = list(dict.fromkeys(sub["method"]))
+        fig, axes = plt.subplots(1, len(methods), figsize=(6 * len(methods), 5), squeeze=False)
+        for ax, method in zip(axes[0], methods):
+            d = sub[sub["method"] == method]
+            runs = [r for r in dict.fromkeys(d["run"]) if r]
+            for i, run in enumerate(runs):
+                r = d[d["run"] == run].copy()
+                r["step"] = pd.to_numeric(r["step"])
+                r = r.sort_values("step")
+                colour = f"C{(i + 2) % 10}"
+                xs, ys = r["x"].to_numpy(), r["y"].to_numpy()
+                ax.plot(xs, ys, "-", color=colour, alpha=0.6, lw=1.2, label=f"run {run}")
+                for j in range(len(xs) - 1):
+                    ax.annotate("", (xs[j + 1], ys[j + 1]), (xs[j], ys[j]),
+                                arrowprops=dict(arrowstyle="->", color=colour, lw=1.2))
+                ax.scatter(xs, ys, s=STYLE["run"][1], color=colour, zorder=3)
+                ax.annotate(f"step {int(r['step'].iloc[-1])}", (xs[-1], ys[-1]), fontsize=7, color=colour,
+                            xytext=(4, -8), textcoords="offset points")
+            for kind in ("base", "expert", "merged"):
+                k = d[d["kind"] == kind]
+                if k.empty:
+                    continue
+                marker, size, colour = STYLE[kind]
+                ax.scatter(k["x"], k["y"], marker=marker, s=size, color=colour, label=kind, zorder=4,
+                           edgecolors="white", linewidths=0.6)
+                for _, row in k.iterrows():
+                    ax.annotate(labels[row["name"]], (row["x"], row["y"]), fontsize=8, xytext=(5, 4),
+                                textcoords="offset points")
+            ax.set_title(f"{method.upper() if method == 'pca' else 't-SNE'}: {TITLES.get(feature, feature)}", fontsize=9)
+            ax.set_xlabel("component 1")
+            ax.set_ylabel("component 2")
+            ax.legend(fontsize=7, loc="best")
+            ax.margins(0.15)
+        fig.tight_layout()
+        written += save(fig, result_dir / f"trajectory_{feature}")
+    return written
