@@ -42,6 +42,8 @@ class Family:
     model_class: str  # transformers class that loads it
     layers_path: str  # dotted module path of the decoder ModuleList
     o_proj_path: str  # path of the attention output projection, relative to one decoder layer
+    norm_path: str  # final norm of the LM (applied before lm_head)
+    lm_head_path: str
     text_config_attr: str | None  # where the LM config sits (None: the config itself)
     processor_class: str | None  # transformers processor class (None: tokenizer only)
     image_placeholder: str | None  # text put in the user turn for each image
@@ -77,6 +79,8 @@ FAMILIES: dict[str, Family] = {
             model_class="Qwen2ForCausalLM",
             layers_path="model.layers",
             o_proj_path="self_attn.o_proj",
+            norm_path="model.norm",
+            lm_head_path="lm_head",
             text_config_attr=None,
             processor_class=None,
             image_placeholder=None,
@@ -88,6 +92,8 @@ FAMILIES: dict[str, Family] = {
             model_class="Qwen2VLForConditionalGeneration",
             layers_path="model.language_model.layers",
             o_proj_path="self_attn.o_proj",
+            norm_path="model.language_model.norm",
+            lm_head_path="lm_head",
             text_config_attr="text_config",
             processor_class="Qwen2VLProcessor",
             image_placeholder="<|vision_start|><|image_pad|><|vision_end|>",
@@ -99,6 +105,8 @@ FAMILIES: dict[str, Family] = {
             model_class="LlavaOnevisionForConditionalGeneration",
             layers_path="model.language_model.layers",
             o_proj_path="self_attn.o_proj",
+            norm_path="model.language_model.norm",
+            lm_head_path="lm_head",
             text_config_attr="text_config",
             processor_class="LlavaOnevisionProcessor",
             image_placeholder="<image>\n",
@@ -111,6 +119,8 @@ FAMILIES: dict[str, Family] = {
             model_class="Qwen2AudioForConditionalGeneration",
             layers_path="model.language_model.layers",
             o_proj_path="self_attn.o_proj",
+            norm_path="model.language_model.norm",
+            lm_head_path="lm_head",
             text_config_attr="text_config",
             processor_class=None,  # audio inputs are not probed; the LM is read by analyses/
             image_placeholder=None,

@@ -193,7 +193,7 @@ def run(args: argparse.Namespace) -> Path:
     t0 = time.perf_counter()
     if todo:
         from probe.models import load_model
-        from probe.sweep import ENGINES, SweepConfig
+        from probe.sweep import ENGINES, SweepConfig, get_engine
         from probe.results import atomic_write_parquet
         import pandas as pd
 
@@ -201,9 +201,7 @@ def run(args: argparse.Namespace) -> Path:
         cfg = SweepConfig(template=template, generate=not args.no_generate, max_new_tokens=args.max_new_tokens,
                           image_max_side=args.image_max_side, batch_size=args.batch_size)
         pairs = [(l, h) for l in plan.layers for h in plan.heads]
-        engine = ENGINES.get(plan.method)
-        if engine is None:
-            raise BadInput(f"--method {plan.method} is not available in this build")
+        engine = get_engine(plan.method)
         bar = _progress(sum(len(chunks[c]) for c in todo) * (len(pairs) + 1), args.quiet,
                         f"{ref.family.name} {plan.method}")
         for c in todo:

@@ -123,6 +123,15 @@ class LoadedModel:
     def layers(self) -> nn.ModuleList:
         return self.model.get_submodule(self.family.layers_path)
 
+    @cached_property
+    def eos_token_ids(self) -> set[int]:
+        """Every id that ends generation: the generation config's (int or list) and the tokenizer's."""
+        ids = self.model.generation_config.eos_token_id
+        out = set(ids if isinstance(ids, (list, tuple)) else [] if ids is None else [ids])
+        if self.tokenizer.eos_token_id is not None:
+            out.add(self.tokenizer.eos_token_id)
+        return out
+
     def o_proj(self, layer: int) -> nn.Linear:
         return self.layers[layer].get_submodule(self.family.o_proj_path)
 

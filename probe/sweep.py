@@ -41,6 +41,17 @@ class Measurement:
     response: str | None
 
 
+def greedy_config(loaded: LoadedModel, max_new_tokens: int):
+    """Plain greedy decoding: checkpoints' own generation configs may carry sampling or repetition penalties."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+        eos_token_id=sorted(loaded.eos_token_ids), pad_token_id=loaded.tokenizer.pad_token_id,
+        return_dict_in_generate=True, output_logits=True,
+    )
+
+
 def _first_token_measure(
     loaded: LoadedModel, inputs: dict[str, torch.Tensor], letter_ids: list[int], cfg: SweepConfig
 ) -> Measurement:
@@ -48,14 +59,7 @@ def _first_token_measure(
     model = loaded.model
     with torch.no_grad():
         if cfg.generate:
-            out = model.generate(
-                **inputs,
-                max_new_tokens=cfg.max_new_tokens,
-                do_sample=False,
-                return_dict_in_generate=True,
-                output_logits=True,
-                pad_token_id=loaded.tokenizer.pad_token_id,
-            )
+            out = model.generate(**inputs, generation_config=greedy_config(loaded, cfg.max_new_tokens))
             first = out.logits[0][0]
             new = out.sequences[0, inputs["input_ids"].shape[1]:]
             text = loaded.tokenizer.decode(new, skip_special_tokens=True)
@@ -110,4 +114,16 @@ def naive_sweep(
     return rows
 
 
-ENGINES: dict[str, Callable[..., list[dict]]] = {"naive": naive_sweep}
+# name → "module:function"; resolved lazily so engines can build on this module without import cycles.
+ENGINES: dict[str, str] = {
+    "naive": "probe.sweep:naive_sweep",
+    "exact": "probe.exact:exact_sweep",
+    "attribution": "probe.attribution:attribution_sweep",
+}
+
+
+def get_engine(name: str) -> Callable[..., list[dict]]:
+    import importlib
+
+    module, func = ENGINES[name].split(":")
+    return getattr(importlib.import_module(module), func)
