@@ -84,11 +84,18 @@ def build_inputs(
         kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt"}
         if images:
             kwargs["images"] = images
-        batch = dict(loaded.processor(**kwargs))
         if frames:
+            # HF processors refuse video tokens without their (torchvision) video processor: probe.video
+            # expands the placeholder of the tokenised prompt and adds the frame tensors itself.
             from probe.video import add_video_inputs
 
-            batch = add_video_inputs(loaded, batch, frames)
+            if images:
+                raise BadInput(f"item {item.id} has both images and video; one modality per item is supported")
+            enc = loaded.tokenizer(text, return_tensors="pt", add_special_tokens=False)
+            batch = add_video_inputs(loaded, {"input_ids": enc["input_ids"],
+                                              "attention_mask": enc["attention_mask"]}, frames)
+        else:
+            batch = dict(loaded.processor(**kwargs))
     out = {}
     for k, v in batch.items():
         if not isinstance(v, torch.Tensor):

@@ -1,0 +1,110 @@
+"""Video inputs from PIL frames without torchvision (HF video processors need it; it does not work here).
+
+``add_video_inputs(loaded, batch, frames)`` takes the processor output of a prompt that holds the family's video
+placeholder once and returns it with the pixel tensors the model needs and the video token expanded:
+
+- LLaVA-OneVision: ``pixel_values_videos`` (1, F, 3, S, S), each frame resized to the vision tower's size and
+  normalised exactly like the base view of the PIL image processor; the ``<video>`` token is expanded to
+  F·⌈h/2⌉·⌈w/2⌉ + 1 tokens (h = w = image_size / patch_size; 2×2 pooling per frame, one newline token), as
+  ``get_video_features`` produces. Any *further* ``<video>`` token (MMMU-style questions reference the video as
+  ``<video>`` in their text, which the tokenizer maps to the same special token) is removed, since the
+  placeholder before the question already carries the frames.
+- Qwen2-VL: ``pixel_values_videos`` (patches, C·T·P·P) and ``video_grid_thw``, frames resized like images and
+  paired along time (temporal_patch_size; an odd last frame is repeated); ``<|video_pad|>`` is expanded to
+  t·h·w / merge² tokens.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from probe.errors import BadInput
+
+
+def _expand(batch: dict[str, Any], token_id: int, count: int, drop_extra: bool) -> dict[str, Any]:
+    ids = batch["input_ids"]
+    if ids.shape[0] != 1:
+        raise ValueError("add_video_inputs expects a batch of one prompt")
+    row = ids[0].tolist()
+    where = [i for i, t in enumerate(row) if t == token_id]
+    if not where:
+        raise BadInput("the prompt has no video placeholder token; check the family's video_placeholder")
+    if len(where) > 1 and not drop_extra:
+        raise BadInput("more than one video placeholder in the prompt; one video per item is supported")
+    first = where[0]
+    keep = [i for i in range(len(row)) if i == first or row[i] != token_id]
+    out_ids, out_mask = [], []
+    mask = batch["attention_mask"][0].tolist() if "attention_mask" in batch else [1] * len(row)
+    for i in keep:
+        n = count if i == first else 1
+        out_ids += [row[i]] * n
+        out_mask += [mask[i]] * n
+    batch = dict(batch)
+    batch["input_ids"] = torch.tensor([out_ids], dtype=ids.dtype)
+    batch["attention_mask"] = torch.tensor([out_mask], dtype=torch.long)
+    return batch
+
+
+def _normalise(frames: Sequence[Image.Image], height: int, width: int, mean, std, resample) -> np.ndarray:
+    arrs = []
+    for f in frames:
+        f = f.convert("RGB").resize((width, height), resample)
+        a = np.asarray(f, dtype=np.float32) / 255.0
+        arrs.append(((a - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)).transpose(2, 0, 1))
+    return np.stack(arrs)  # (F, C, H, W)
+
+
+def _llava_onevision(loaded, batch, frames):
+    cfg = loaded.model.config
+    ip = loaded.processor.image_processor
+    vision = cfg.vision_config
+    size = vision.image_size
+    # The base view of the anyres image processor: frames resized to the tower's size and normalised.
+    pix = ip(images=list(frames), return_tensors="pt")["pixel_values"][:, 0]
+    if pix.shape[-2:] != (size, size):
+        raise BadInput(f"image processor size {tuple(pix.shape[-2:])} differs from the vision tower's {size}")
+    side = size // vision.patch_size
+    per_frame = math.ceil(side / 2) ** 2
+    count = len(frames) * per_frame + 1
+    batch = _expand(batch, cfg.video_token_id, count, drop_extra=True)
+    batch["pixel_values_videos"] = pix[None]
+    return batch
+
+
+def _qwen2_vl(loaded, batch, frames):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    cfg = loaded.model.config
+    ip = loaded.processor.image_processor
+    p, m, tp = ip.patch_size, ip.merge_size, ip.temporal_patch_size
+    w0, h0 = frames[0].size
+    min_pixels = getattr(ip, "min_pixels", None) or ip.size["shortest_edge"]
+    max_pixels = getattr(ip, "max_pixels", None) or ip.size["longest_edge"]
+    h, w = smart_resize(h0, w0, factor=p * m, min_pixels=min_pixels, max_pixels=max_pixels)
+    arr = _normalise(frames, h, w, ip.image_mean, ip.image_std, Image.Resampling.BICUBIC)
+    if arr.shape[0] % tp:
+        arr = np.concatenate([arr, np.repeat(arr[-1:], tp - arr.shape[0] % tp, axis=0)])
+    gt, gh, gw = arr.shape[0] // tp, h // p, w // p
+    c = arr.shape[1]
+    x = arr.reshape(gt, tp, c, gh // m, m, p, gw // m, m, p).transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    x = x.reshape(gt * gh * gw, c * tp * p * p)
+    batch = _expand(batch, cfg.video_token_id, gt * gh * gw // (m * m), drop_extra=False)
+    batch["pixel_values_videos"] = torch.from_numpy(np.ascontiguousarray(x))
+    batch["video_grid_thw"] = torch.tensor([[gt, gh, gw]])
+    return batch
+
+
+def add_video_inputs(loaded, batch: dict[str, Any], frames: Sequence[Image.Image]) -> dict[str, Any]:
+    """Add the video tensors of ``frames`` to a processor output (batch of one) and expand its video token."""
+    if not frames:
+        return batch
+    name = loaded.family.name
+    if name == "llava_onevision":
+        return _llava_onevision(loaded, batch, frames)
+    if name == "qwen2_vl":
+        return _qwen2_vl(loaded, batch, frames)
+    raise BadInput(f"video inputs are not supported for the {name} family")

@@ -1,0 +1,148 @@
+"""Short frame-sequence questions in MMMU format (a ``video`` column of PNG frames, ``<video>`` in the question).
+
+Subjects: **Motion** (which way does a shape move), **Order** (which colour appears first / last), **Change**
+(what colour is the shape at the start / end). Four frames per video by default, drawn with PIL (no
+antialiasing, fixed palette, deterministic PNG bytes). Deterministic per seed.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from PIL import Image, ImageDraw
+
+from probe.synthetic import BACKGROUND, COLOURS, MMMU_COLUMNS, RADIUS, SLOTS, _polygon, png_bytes
+
+SUBJECTS: tuple[str, ...] = ("Motion", "Order", "Change")
+KINDS = ("circle", "square", "triangle")
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+N_FRAMES = 4
+
+
+def _draw(draw: ImageDraw.ImageDraw, kind: str, colour: str, fx: float, fy: float, size: int) -> None:
+    cx, cy, r, fill = fx * size, fy * size, RADIUS * size, COLOURS[colour]
+    if kind == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif kind == "square":
+        s = r * 0.85
+        draw.rectangle((cx - s, cy - s, cx + s, cy + s), fill=fill)
+    else:
+        draw.polygon(_polygon(cx, cy + r * 0.15, r, 3, -90), fill=fill)
+
+
+def render(frames: list[list[tuple[str, str, float, float]]], size: int) -> list[bytes]:
+    """Each frame is a list of (kind, colour, x, y) with x, y fractions of the side."""
+    out = []
+    for shapes in frames:
+        img = Image.new("RGB", (size, size), BACKGROUND)
+        d = ImageDraw.Draw(img)
+        for kind, colour, x, y in shapes:
+            _draw(d, kind, colour, x, y, size)
+        out.append(png_bytes(img))
+    return out
+
+
+def _mc(rng: random.Random, correct: str, pool, n: int = 4) -> tuple[list[str], str]:
+    options = [correct, *rng.sample(sorted(set(pool) - {correct}), n - 1)]
+    rng.shuffle(options)
+    return options, chr(ord("A") + options.index(correct))
+
+
+def q_motion(rng: random.Random, n_frames: int):
+    direction = rng.choice(sorted(DIRECTIONS))
+    dx, dy = DIRECTIONS[direction]
+    kind, other_kind = rng.sample(KINDS, 2)
+    colour, other_colour = rng.sample(sorted(COLOURS), 2)
+    cross = rng.uniform(0.3, 0.7)  # coordinate across the motion axis
+    frames = []
+    for t in range(n_frames):
+        along = 0.2 + 0.6 * t / (n_frames - 1)
+        along = along if dx + dy > 0 else 1.0 - along
+        x, y = (along, cross) if dx else (cross, along)
+        frames.append([(kind, colour, x, y)])
+    if rng.random() < 0.5:  # a static distractor in a corner away from the path
+        ox, oy = rng.choice(((0.12, 0.12), (0.88, 0.88), (0.12, 0.88), (0.88, 0.12)))
+        for f in frames:
+            f.insert(0, (other_kind, other_colour, ox, oy))
+    options, answer = _mc(rng, direction, DIRECTIONS)
+    return f"<video> Which way does the {colour} {kind} move?", options, answer, frames
+
+
+def q_order(rng: random.Random, n_frames: int):
+    colours = rng.sample(sorted(COLOURS), 3)
+    slots = rng.sample(sorted(SLOTS), 3)
+    kinds = [rng.choice(KINDS) for _ in colours]
+    frames = []
+    for t in range(n_frames):
+        shown = min(t + 1, 3)
+        frames.append([(kinds[i], colours[i], *SLOTS[slots[i]]) for i in range(shown)])
+    which = rng.choice(("first", "last"))
+    correct = colours[0] if which == "first" else colours[2]
+    options, answer = _mc(rng, correct, colours + [c for c in sorted(COLOURS) if c not in colours][:1])
+    return f"<video> Which colour appears {which}?", options, answer, frames
+
+
+def q_change(rng: random.Random, n_frames: int):
+    kind = rng.choice(KINDS)
+    start, end = rng.sample(sorted(COLOURS), 2)
+    at = rng.randint(1, n_frames - 1)
+    x, y = SLOTS[rng.choice(sorted(SLOTS))]
+    frames = [[(kind, start if t < at else end, x, y)] for t in range(n_frames)]
+    which = rng.choice(("start", "end"))
+    correct = start if which == "start" else end
+    pool = [c for c in sorted(COLOURS) if c not in (start, end)]
+    options = [start, end, *rng.sample(pool, 2)]
+    rng.shuffle(options)
+    return (f"<video> The {kind} changes colour. What colour is it at the {which}?", options,
+            chr(ord("A") + options.index(correct)), frames)
+
+
+BUILDERS: dict[str, Callable[[random.Random, int], tuple]] = {
+    "Motion": q_motion, "Order": q_order, "Change": q_change,
+}
+
+
+def generate_rows(n: int, seed: int | str, subject: str, split: str, size: int = 64,
+                  n_frames: int = N_FRAMES) -> list[dict[str, Any]]:
+    rng = random.Random(f"omniprobe-video:{seed}:{split}:{subject}")
+    rows = []
+    for i in range(n):
+        text, options, answer, frames = BUILDERS[subject](rng, n_frames)
+        item_id = f"{split}_{subject}_{i + 1}"
+        row: dict[str, Any] = {c: None for c in MMMU_COLUMNS}
+        row.update(id=item_id, question=text, options=str(list(options)),
+                   explanation=json.dumps({"frames": frames}), img_type="['Synthetic video']", answer=answer,
+                   topic_difficulty="Easy", question_type="multiple-choice", subfield=subject.lower())
+        row["video"] = [{"bytes": b, "path": f"{item_id}_frame_{k}.png"}
+                        for k, b in enumerate(render(frames, size))]
+        rows.append(row)
+    return rows
+
+
+def video_schema():
+    import pyarrow as pa
+
+    from probe.synthetic import mmmu_schema
+
+    frame = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    return mmmu_schema().append(pa.field("video", pa.list_(frame)))
+
+
+def write_video_parquet(rows_by_subject: Mapping[str, list[dict[str, Any]]], root: Path, split: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = video_schema()
+    for subject, rows in rows_by_subject.items():
+        folder = Path(root) / subject
+        folder.mkdir(parents=True, exist_ok=True)
+        table = pa.Table.from_pylist([{c: r.get(c) for c in schema.names} for r in rows], schema=schema)
+        pq.write_table(table, folder / f"{split}-00000-of-00001.parquet", compression="zstd")
+
+
+def build_video_dataset(root, n_per_subject: dict[str, int], seed: int = 0, size: int = 64,
+                        subjects: tuple[str, ...] = SUBJECTS) -> None:
+    for split, n in n_per_subject.items():
+        write_video_parquet({s: generate_rows(n, seed, s, split, size) for s in subjects}, root, split)
