@@ -95,6 +95,12 @@ def _qwen2_vl(loaded, batch, frames):
     batch = _expand(batch, cfg.video_token_id, gt * gh * gw // (m * m), drop_extra=False)
     batch["pixel_values_videos"] = torch.from_numpy(np.ascontiguousarray(x))
     batch["video_grid_thw"] = torch.tensor([[gt, gh, gw]])
+    # M-RoPE needs the modality of every token: text 0, image 1, video 2 (the processor would return these).
+    ids = batch["input_ids"]
+    types = torch.zeros_like(ids)
+    types[ids == cfg.image_token_id] = 1
+    types[ids == cfg.video_token_id] = 2
+    batch["mm_token_type_ids"] = types
     return batch
 
 
