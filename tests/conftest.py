@@ -1,0 +1,145 @@
+"""Shared fixtures of the head-salience probe tests: tiny random models (fp32), a small synthetic MMMU set.
+
+Everything heavy is session-scoped and, under pytest-xdist, built once for all workers: the model cache
+(``OMNIPROBE_CACHE``) and the CLI's reference run live in a directory shared by the workers of one pytest run,
+guarded by file locks. Nothing is written to ``~``.
+"""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+FAMILIES = ("qwen2", "qwen2_vl", "llava_onevision")
+VL_FAMILIES = ("qwen2_vl", "llava_onevision")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _shared_root(tmp_path_factory) -> Path:
+    """A tmp dir common to every xdist worker of this pytest run (the per-run basetemp otherwise)."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    root = base / "omniprobe-shared"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def shared_root(tmp_path_factory) -> Path:
+    return _shared_root(tmp_path_factory)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def omniprobe_cache(shared_root) -> Path:
+    """Tiny models are built once per test session under a tmp dir (never in ~/.cache)."""
+    cache = shared_root / "cache"
+    cache.mkdir(exist_ok=True)
+    old = {k: os.environ.get(k) for k in ("OMNIPROBE_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    os.environ["OMNIPROBE_CACHE"] = str(cache)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    yield cache
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(omniprobe_cache, shared_root) -> dict[str, Path]:
+    """family → directory of its tiny random model (built atomically by probe.tiny, shared by workers)."""
+    from filelock import FileLock
+
+    from probe.tiny import tiny_dir
+
+    with FileLock(str(shared_root / "tiny.lock")):
+        return {fam: tiny_dir(fam) for fam in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def load_tiny(tiny_dirs) -> Callable:
+    """``load_tiny(family, attn="eager")`` → a LoadedModel in fp32 on CPU, cached for the session.
+
+    Tests must leave the model as they found it (weights restored, no hooks left behind).
+    """
+    import torch
+
+    from probe.models import load_model, resolve_model
+
+    torch.set_num_threads(1)  # 2 shared cores and two xdist workers: one thread each is fastest
+    cache: dict = {}
+
+    def load(family: str, attn: str = "eager"):
+        key = (family, attn)
+        if key not in cache:
+            cache[key] = load_model(resolve_model(str(tiny_dirs[family])), dtype="float32",
+                                    attn_implementation=attn)
+        return cache[key]
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """A small synthetic MMMU tree: 4 subjects × 3 rows (some open-ended), 64 px images."""
+    from probe.synthetic import build_dataset
+
+    return build_dataset(tmp_path_factory.mktemp("mmmu"), n_per_subject=3, seed=1)
+
+
+def png_bytes(colour=(200, 30, 30), size=(48, 40), seed: int = 0) -> bytes:
+    """A small RGB PNG with some structure (a gradient plus a coloured block), deterministic per seed."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    arr[: size[1] // 2, : size[0] // 2] = colour
+    buf = io.BytesIO()
+    Image.fromarray(arr, "RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_item(
+    n_options: int = 4,
+    answer: str = "A",
+    with_image: bool = True,
+    question: str = "What colour is the circle?",
+    item_id: str = "validation_Test_1",
+    subject: str = "Test",
+    seed: int = 0,
+):
+    """An MMMU Item; with an image the question references it as ``<image 1>`` like MMMU does."""
+    from probe.mmmu import Item
+
+    pool = ("red", "blue", "green", "yellow", "purple", "orange", "circle", "square")
+    return Item(
+        id=item_id,
+        subject=subject,
+        question=(f"<image 1> {question}" if with_image else question),
+        options=tuple(pool[:n_options]),
+        answer=answer,
+        images=(png_bytes(seed=seed),) if with_image else (),
+    )
+
+
+@pytest.fixture
+def item_factory() -> Callable:
+    return make_item
+
+
+def inputs_for(loaded, item, template=None):
+    """Model inputs for an item through the probe's own prompt builder."""
+    from probe.prompting import PromptTemplate, build_inputs
+
+    return build_inputs(loaded, item, template or PromptTemplate())
+
+
+def text_inputs(loaded, text: str = "Question: What colour is the circle?\nChoices:\nA. red\nB. blue\n"):
+    enc = loaded.tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
