@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from probe.errors import BadInput
@@ -83,6 +84,7 @@ def resolve_model(spec: str) -> ModelRef:
         raise BadInput(f"{path}/config.json has no model_type")
     family = family_of_model_type(model_type)
     geometry = HeadGeometry.from_text_config(text_config_dict(config, family))
+    check_weight_files(path)
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise BadInput(f"{path}: no weight files (*.safetensors)")
     return ModelRef(spec, path, family, geometry, config)
@@ -151,7 +153,7 @@ def load_model(
     cls = getattr(transformers, ref.family.model_class)
     try:
         model = cls.from_pretrained(ref.path, dtype=torch_dtype, attn_implementation=attn_implementation)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BadInput(f"cannot load checkpoint {ref.path}: {first}") from None
     model.to(device).eval()
@@ -180,3 +182,17 @@ def _check_geometry(m: LoadedModel) -> None:
         raise BadInput(
             f"{m.ref.path}: o_proj takes {inner} inputs, not n_heads×head_dim = {g.n_heads}×{g.head_dim}"
         )
+
+
+def check_weight_files(path: Path) -> None:
+    """Read every safetensors header (no tensor data) so a corrupt or truncated checkpoint is bad input found
+    before any output is written (STYLE 5), not a traceback after loading starts."""
+    from safetensors import safe_open
+
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as fh:
+                fh.keys()
+        except (OSError, SafetensorError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise BadInput(f"unreadable checkpoint file {file}: {first}") from None
