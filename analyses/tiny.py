@@ -48,11 +48,11 @@ def resize_vocab(lm: dict[str, torch.Tensor], rows: int, seed: int = 99) -> dict
     return out
 
 
-def _model(kind: str, vocab: int, seed: int):
+def _model(kind: str, vocab: int, seed: int, **text_over):
     import transformers as tf
 
     torch.manual_seed(seed)
-    txt = text_kwargs(vocab_size=vocab)
+    txt = text_kwargs(**{**text_over, "vocab_size": vocab})
     if kind == "qwen2":
         return tf.Qwen2ForCausalLM(tf.Qwen2Config(**txt))
     if kind == "qwen2_vl":
@@ -83,10 +83,10 @@ def _model(kind: str, vocab: int, seed: int):
 
 
 def write_model(kind: str, out: Path, lm: dict[str, torch.Tensor], seed: int = 0,
-                dtype: torch.dtype = torch.float32, max_shard_size: str | None = None) -> Path:
+                dtype: torch.dtype = torch.float32, max_shard_size: str | None = None, **text_over) -> Path:
     """Save a tiny ``kind`` model with its LM tensors set to ``lm`` (canonical names), in the published layout."""
     out = Path(out)
-    model = _model(kind, lm["embed_tokens.weight"].shape[0], seed).to(dtype)
+    model = _model(kind, lm["embed_tokens.weight"].shape[0], seed, **text_over).to(dtype)
     kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out, **kw)
     layout = LAYOUTS[kind]  # the published layout of each kind has the kind's name
@@ -153,3 +153,22 @@ def to_lmms_layout(model_dir: Path) -> Path:
     (model_dir / "config.json").write_text(json.dumps(flat, indent=2))
     _rewrite(model_dir, lambda k, t: (_rename(k, LMMS_RENAMES), t))
     return model_dir
+
+
+def build_zoo(root: Path) -> dict[str, Path]:
+    """The test set: a Qwen2 base and experts of every family with known shifts, plus layout rewrites."""
+    import shutil
+
+    root = Path(root)
+    base = base_lm(0)
+    zoo = {
+        "base": write_model("qwen2", root / "base", base),
+        "vl": write_model("qwen2_vl", root / "vl", perturb(base, 0.01, 1)),
+        "ov": write_model("llava_onevision", root / "ov", perturb(base, 0.001, 2), max_shard_size="20KB"),
+        "au": write_model("qwen2_audio", root / "au", perturb(base, 0.002, 3)),
+        "q1": write_model("qwen2", root / "q1", perturb(base, 0.005, 4)),
+    }
+    for src, dst, fn in (("vl", "vl_tf4", to_tf4_layout), ("ov", "ov_tf4", to_tf4_layout), ("ov", "ov_lmms", to_lmms_layout)):
+        shutil.copytree(zoo[src], root / dst)
+        zoo[dst] = fn(root / dst)
+    return zoo

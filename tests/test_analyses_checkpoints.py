@@ -1,0 +1,150 @@
+"""Checkpoint layer: every layout of DESIGN §1, layout invariance, bad input -> exit 2 with one line."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from analyses import merge, shift, tiny
+from analyses.checkpoints import open_checkpoint
+from probe.errors import cli_main
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory) -> dict[str, Path]:
+    return tiny.build_zoo(tmp_path_factory.mktemp("zoo"))
+
+
+def run_cli(main, argv: list[str], capsys) -> tuple[int, str]:
+    code = cli_main(main, [str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def assert_bad(code: int, err: str, out: Path, *needles: str) -> None:
+    assert code == 2
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, err
+    for n in needles:
+        assert n in lines[0], lines[0]
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}.partial-*"))
+
+
+@pytest.mark.parametrize("name,layout", [
+    ("base", "qwen2"), ("vl", "qwen2_vl"), ("vl_tf4", "qwen2_vl_tf4"), ("ov", "llava_onevision"),
+    ("ov_tf4", "llava_onevision_tf4"), ("ov_lmms", "llava_next_original"), ("au", "qwen2_audio"),
+])
+def test_layout_detected_and_lm_mapped(zoo, name, layout):
+    with open_checkpoint(str(zoo[name])) as ck:
+        assert ck.layout.name == layout
+        assert set(ck.lm) == set(open_checkpoint(str(zoo["base"])).lm)  # 27 canonical LM tensors
+        assert ck.other or name == "base"
+
+
+def test_same_weights_in_two_layouts_identical(zoo, tmp_path, capsys):
+    for a, b in (("ov", "ov_tf4"), ("ov", "ov_lmms"), ("vl", "vl_tf4")):
+        rows = {}
+        for m in (a, b):
+            assert run_cli(shift.main, ["--base", zoo["base"], "--models", zoo[m], "--out", tmp_path / f"s{m}{a}{b}",
+                                        "--no-figures"], capsys)[0] == 0
+            rows[m] = [ln.split(",", 1)[1] for ln in (tmp_path / f"s{m}{a}{b}" / "shift.csv").read_text().splitlines()[1:]]
+            assert run_cli(merge.main, ["--base", zoo["base"], "--models", zoo[m], zoo["q1"], "--out",
+                                        tmp_path / f"m{m}{a}{b}"], capsys)[0] == 0
+        assert rows[a] == rows[b]
+        ta = load_file(tmp_path / f"m{a}{a}{b}" / "model.safetensors")
+        tb = load_file(tmp_path / f"m{b}{a}{b}" / "model.safetensors")
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_bin_only_with_flag(zoo, tmp_path, capsys):
+    d = tmp_path / "binmodel"
+    d.mkdir()
+    (d / "config.json").write_text((zoo["q1"] / "config.json").read_text())
+    torch.save(load_file(zoo["q1"] / "model.safetensors"), d / "pytorch_model.bin")
+    out = tmp_path / "o"
+    code, err = run_cli(shift.main, ["--base", zoo["base"], "--models", d, "--out", out, "--no-figures"], capsys)
+    assert_bad(code, err, out, "--allow-bin")
+    code, _ = run_cli(shift.main, ["--base", zoo["base"], "--models", d, zoo["q1"], "--out", out, "--no-figures",
+                                   "--allow-bin"], capsys)
+    assert code == 0
+    s = json.loads((out / "summary.json").read_text())["per_model"]
+    assert s[str(d)]["mean_delta_avg"] == s[str(zoo["q1"])]["mean_delta_avg"]
+
+
+def corrupt_copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_shard(zoo, tmp_path, capsys):
+    d = corrupt_copy(zoo["ov"], tmp_path / "ov_missing")
+    (d / "model-00003-of-00009.safetensors").unlink()
+    out = tmp_path / "o"
+    code, err = run_cli(merge.main, ["--base", zoo["base"], "--models", d, "--method", "shift", "--out", out], capsys)
+    assert_bad(code, err, out, "missing shard", "model-00003-of-00009")
+
+
+def test_corrupt_file(zoo, tmp_path, capsys):
+    d = corrupt_copy(zoo["q1"], tmp_path / "q_trunc")
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    out = tmp_path / "o"
+    code, err = run_cli(merge.main, ["--models", d, zoo["base"], "--method", "average", "--out", out], capsys)
+    assert_bad(code, err, out, "corrupt")
+    f.write_bytes(b"\xff" * 64)
+    code, err = run_cli(merge.main, ["--models", d, zoo["base"], "--method", "average", "--out", out], capsys)
+    assert_bad(code, err, out, "corrupt")
+
+
+def test_nan_tensor_named(zoo, tmp_path, capsys):
+    d = corrupt_copy(zoo["q1"], tmp_path / "q_nan")
+    sd = load_file(d / "model.safetensors")
+    sd["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+    for main, argv in ((merge.main, ["--base", zoo["base"], "--models", zoo["vl"], d, "--method", "shift"]),
+                       (merge.main, ["--models", zoo["base"], d, "--method", "average"]),
+                       (shift.main, ["--base", zoo["base"], "--models", d, "--no-figures"])):
+        out = tmp_path / "o"
+        code, err = run_cli(main, [*argv, "--out", out], capsys)
+        assert_bad(code, err, out, "NaN", "model.layers.1.mlp.up_proj.weight", "q_nan")
+
+
+def test_lm_shapes_differ(zoo, tmp_path, capsys):
+    big = tiny.write_model("qwen2", tmp_path / "wide", tiny.base_lm(5, hidden_size=48), hidden_size=48)
+    out = tmp_path / "o"
+    code, err = run_cli(merge.main, ["--base", zoo["base"], "--models", big, "--out", out], capsys)
+    assert_bad(code, err, out, "LM shapes differ")
+    deep = tiny.write_model("qwen2", tmp_path / "deep", tiny.base_lm(5, num_hidden_layers=3), num_hidden_layers=3)
+    code, err = run_cli(merge.main, ["--models", deep, zoo["base"], "--method", "average", "--out", out], capsys)
+    assert_bad(code, err, out, "LM tensor sets differ")
+
+
+def test_unknown_layout(zoo, tmp_path, capsys):
+    d = corrupt_copy(zoo["q1"], tmp_path / "llama")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    (d / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "o"
+    code, err = run_cli(shift.main, ["--base", zoo["base"], "--models", d, "--out", out], capsys)
+    assert_bad(code, err, out, "unknown checkpoint layout")
+
+
+def test_existing_output_and_unknown_model(zoo, tmp_path, capsys):
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    code, err = run_cli(merge.main, ["--models", zoo["base"], zoo["q1"], "--method", "average", "--out", out], capsys)
+    assert code == 2 and "--overwrite" in err and (out / "keep.txt").exists()
+    code, _ = run_cli(merge.main, ["--models", zoo["base"], zoo["q1"], "--method", "average", "--out", out,
+                                   "--overwrite"], capsys)
+    assert code == 0 and not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    o2 = tmp_path / "o2"
+    code, err = run_cli(merge.main, ["--models", "no-such-model", "--method", "average", "--out", o2], capsys)
+    assert_bad(code, err, o2, "no-such-model")
+    code, err = run_cli(merge.main, ["--models", "qwen2-vl", "--method", "average", "--out", o2], capsys)
+    assert_bad(code, err, o2, "local Hugging Face cache")
