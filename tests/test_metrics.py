@@ -1,0 +1,168 @@
+"""Salience metrics (DESIGN §3) against hand computations, plus letter-token and summary checks."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import inputs_for, make_item
+from probe.errors import BadInput
+from probe.metrics import kl_orig_masked, option_log_probs, prob_choice
+from probe.prompting import letter_token_ids
+
+
+def test_kl_hand_computation():
+    # p = (1/2, 1/4, 1/4), q = (1/4, 1/2, 1/4): KL(p||q) = 1/2 ln 2 + 1/4 ln(1/2) = ln(2) / 4
+    p = torch.tensor([0.5, 0.25, 0.25]).log()
+    q = torch.tensor([0.25, 0.5, 0.25]).log()
+    assert kl_orig_masked(p, q).item() == pytest.approx(math.log(2) / 4, abs=1e-7)
+    # that pair is symmetric; this one pins the argument order: KL(orig || masked), not KL(masked || orig)
+    p = torch.tensor([0.9, 0.1]).log()
+    q = torch.tensor([0.5, 0.5]).log()
+    want = 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)
+    reverse = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)
+    got = kl_orig_masked(p, q).item()
+    assert got == pytest.approx(want, abs=1e-6)
+    assert abs(got - reverse) > 0.1
+
+
+def test_kl_from_logits_matches_manual_sum():
+    """On the option letters: KL = Σ p_o (log p_o − log p_m) with p = softmax over the letters only."""
+    g = torch.Generator().manual_seed(0)
+    orig, masked = torch.randn(50, generator=g) * 3, torch.randn(50, generator=g) * 3
+    letters = [7, 3, 41, 12, 30]
+    lo, lm = option_log_probs(orig, letters), option_log_probs(masked, letters)
+    po = [math.exp(orig[i].item()) for i in letters]
+    pm = [math.exp(masked[i].item()) for i in letters]
+    po = [x / sum(po) for x in po]
+    pm = [x / sum(pm) for x in pm]
+    want = sum(a * math.log(a / b) for a, b in zip(po, pm))
+    assert kl_orig_masked(lo, lm).item() == pytest.approx(want, rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_kl_nonnegative_and_zero_on_identity(seed):
+    g = torch.Generator().manual_seed(seed)
+    n = 2 + seed % 9
+    scale = [0.1, 1.0, 10.0, 60.0][seed % 4]  # includes nearly one-hot distributions
+    a = option_log_probs(torch.randn(4, n, generator=g) * scale, list(range(n)))
+    b = option_log_probs(torch.randn(4, n, generator=g) * scale, list(range(n)))
+    kl = kl_orig_masked(a, b)
+    assert kl.shape == (4,)
+    assert bool((kl >= 0).all())
+    assert bool((kl_orig_masked(a, a) == 0).all())  # exactly zero, not just small
+
+
+def test_kl_exactly_zero_with_no_mask_on_a_model(load_tiny):
+    m = load_tiny("qwen2_vl")
+    item = make_item(n_options=5)
+    inputs = inputs_for(m, item)
+    ids = letter_token_ids(m.tokenizer, item.letters)
+    with torch.no_grad():
+        a = option_log_probs(m.model(**inputs).logits[0, -1], ids)
+        b = option_log_probs(m.model(**inputs).logits[0, -1], ids)
+    assert kl_orig_masked(a, b).item() == 0.0
+
+
+def test_option_log_probs_restricted_to_given_letters():
+    logits = torch.full((20,), -5.0)
+    logits[19] = 100.0  # a non-letter token dominating the full vocabulary must not matter
+    logits[4], logits[6], logits[2] = 1.0, 2.0, 0.5
+    lp = option_log_probs(logits, [4, 6, 2])
+    assert lp.shape == (3,)
+    z = math.log(math.exp(1.0) + math.exp(2.0) + math.exp(0.5))
+    assert lp.tolist() == pytest.approx([1.0 - z, 2.0 - z, 0.5 - z], abs=1e-6)
+    assert lp.exp().sum().item() == pytest.approx(1.0, abs=1e-6)
+    assert lp.dtype == torch.float32
+    # bf16 logits are promoted to fp32 before the softmax
+    assert option_log_probs(logits.bfloat16(), [4, 6, 2]).dtype == torch.float32
+
+
+def test_prob_choice_can_pick_beyond_d():
+    ids = [10, 11, 12, 13, 14]  # A..E
+    logits = torch.zeros(32)
+    logits[10:14] = torch.tensor([1.0, 2.0, 3.0, 2.5])
+    logits[14] = 3.5  # E wins
+    logits[20] = 50.0  # not an option letter
+    assert int(prob_choice(option_log_probs(logits, ids))) == 4
+    other = logits.clone()
+    other[10] = 9.0  # second row: A wins
+    assert prob_choice(option_log_probs(torch.stack([logits, other]), ids)).tolist() == [4, 0]
+
+
+def test_measurement_row_prob_pred_beyond_d():
+    """The per-item row of the sweep marks E correct when E has the largest option probability."""
+    from probe.sweep import Measurement, measurement_row
+
+    item = make_item(n_options=6, answer="E", with_image=False)
+    logp = torch.log_softmax(torch.tensor([0.0, 0.1, 0.2, 0.3, 2.0, 0.4]), -1)
+    base = torch.log_softmax(torch.zeros(6), -1)
+    row = measurement_row(item, 2, 1, Measurement(logp, "E"), base)
+    assert row["prob_pred"] == "E" and row["prob_correct"] == 1.0
+    assert row["pred"] == "E" and row["correct"] == 1.0
+    z = sum(math.exp(x) for x in (0.0, 0.1, 0.2, 0.3, 2.0, 0.4))
+    assert row["p_answer"] == pytest.approx(math.exp(2.0) / z)
+    want_kl = float(sum(math.exp(b) * (b - a) for a, b in zip(logp.tolist(), base.tolist())))
+    assert row["kl"] == pytest.approx(want_kl, abs=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------------
+# option letters are single tokens and decode back to the letter
+
+
+def test_letter_token_ids_single_tokens(load_tiny):
+    for family in ("qwen2", "qwen2_vl", "llava_onevision"):
+        tok = load_tiny(family).tokenizer
+        letters = [chr(ord("A") + i) for i in range(26)]
+        ids = letter_token_ids(tok, letters)
+        assert len(set(ids)) == 26
+        assert [tok.decode([i]) for i in ids] == letters
+        assert not set(ids) & set(tok.all_special_ids)
+
+
+def test_letter_token_ids_rejects_multi_token_letters():
+    class Splitting:
+        def encode(self, text, add_special_tokens=False):
+            return [1, 2] if text == "C" else [ord(text)]
+
+    assert letter_token_ids(Splitting(), ["A", "B"]) == [65, 66]
+    with pytest.raises(BadInput, match="'C'"):
+        letter_token_ids(Splitting(), ["A", "B", "C"])
+
+
+# --------------------------------------------------------------------------------------------------------
+# results.summarize: heads.csv aggregates against a hand-built per-item table
+
+
+def _rows():
+    from probe.sweep import BASELINE
+
+    rows = []
+    # two items; baseline correct on item 0 only; head (1, 2) flips item 0 wrong; head (0, 0) changes nothing
+    for item, subject in (("i0", "Art"), ("i1", "Music")):
+        base_ok = 1.0 if item == "i0" else 0.0
+        rows.append(dict(item_id=item, subject=subject, layer=BASELINE, head=BASELINE, answer="A", pred="A",
+                         correct=base_ok, prob_pred="A", prob_correct=base_ok, p_answer=0.6, kl=0.0, response="A"))
+        for (layer, head), ok, kl in (((0, 0), base_ok, 0.01), ((1, 2), 0.0, 0.5 if item == "i0" else 0.1)):
+            rows.append(dict(item_id=item, subject=subject, layer=layer, head=head, answer="A", pred="B",
+                             correct=ok, prob_pred="B", prob_correct=ok, p_answer=0.4, kl=kl, response="B"))
+    return pd.DataFrame(rows)
+
+
+def test_summarize_drops_and_means():
+    from probe.results import summarize
+
+    heads, base = summarize(_rows())
+    assert base["n_items"] == 2 and base["accuracy"] == 0.5 and base["prob_accuracy"] == 0.5
+    assert set(base["per_subject"]) == {"Art", "Music"}
+    h = heads.set_index(["layer", "head"])
+    assert list(h.index) == [(0, 0), (1, 2)]
+    assert h.loc[(1, 2), "accuracy"] == 0.0 and h.loc[(1, 2), "accuracy_drop"] == 0.5
+    assert h.loc[(1, 2), "prob_accuracy_drop"] == 0.5
+    assert h.loc[(1, 2), "kl"] == pytest.approx(0.3)
+    assert h.loc[(0, 0), "accuracy_drop"] == 0.0 and h.loc[(0, 0), "kl"] == pytest.approx(0.01)
+    assert (h["n_items"] == 2).all()
+    for col in ("layer", "head", "accuracy", "prob_accuracy", "kl", "n_items"):
+        assert col in heads.columns
