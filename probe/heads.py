@@ -48,6 +48,18 @@ def parse_index_spec(spec: str, n: int, what: str) -> list[int]:
     return sorted(out)
 
 
+def default_data_for(model_spec: str) -> Path:
+    """An organism's own bundled validation set; the synthetic MMMU-format set for anything else."""
+    alias = ALIASES.get(model_spec)
+    if alias is not None and alias.source.startswith("organism:"):
+        from probe.zoo import organism_validation_dir
+
+        return organism_validation_dir(alias.source.partition(":")[2])
+    from probe.synthetic import default_data_dir
+
+    return default_data_dir()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m probe.heads",
@@ -59,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"alias ({', '.join(ALIASES)}) or a local HF model dir")
     p.add_argument("--data", default=None,
                    help="MMMU root dir (<root>/<Subject>/<split>-*.parquet) or 'mmmu' for the HF cache; "
-                   "default: the bundled synthetic MMMU-format set")
+                   "default: the model's own bundled validation set (organisms) or the synthetic MMMU-format set")
     p.add_argument("--split", default="validation", help="dataset split")
     p.add_argument("--subjects", nargs="+", default=None, help="subject folders to use (default: all)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N multiple-choice items")
@@ -134,8 +146,6 @@ def load_template(args: argparse.Namespace):
 def make_plan(args: argparse.Namespace):
     from probe.mmmu import load_items
     from probe.models import resolve_model
-    from probe.synthetic import default_data_dir
-
     for name in ("limit", "batch_size", "chunk_size", "max_new_tokens", "image_max_side"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -144,7 +154,7 @@ def make_plan(args: argparse.Namespace):
     g = ref.geometry
     layers = parse_index_spec(args.layers, g.n_layers, "layer")
     heads = parse_index_spec(args.heads, g.n_heads, "head")
-    data = args.data if args.data is not None else str(default_data_dir())
+    data = args.data if args.data is not None else str(default_data_for(args.model))
     items, report = load_items(data, split=args.split, subjects=args.subjects, limit=args.limit)
     template = load_template(args)
     settings = {

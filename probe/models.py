@@ -37,6 +37,11 @@ class ModelRef:
     family: Family
     geometry: HeadGeometry
     config: dict[str, Any]
+    gguf_file: str | None = None  # weights in a GGUF file inside `path` (dequantised on load)
+
+    @property
+    def load_kwargs(self) -> dict[str, Any]:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
 
 
 def _hub_snapshot(repo_id: str) -> Path:
@@ -61,7 +66,24 @@ def _source_dir(source: str) -> Path:
         from probe.zoo import organism_dir
 
         return organism_dir(name)
+    if kind == "pypi":  # a model file shipped inside an installed package: "pypi:<module>/<file>"
+        import importlib.util
+
+        module, _, filename = name.partition("/")
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            raise BadInput(f"model file {filename} needs the package providing {module!r} (pip install it)")
+        return Path(list(spec.submodule_search_locations)[0]) / filename
     return _hub_snapshot(source)
+
+
+def _gguf_config(path: Path) -> dict[str, Any]:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name).to_dict()
+    except Exception as exc:  # noqa: BLE001 - gguf parse errors come in many types
+        raise BadInput(f"{path}: unreadable GGUF file ({type(exc).__name__}: {exc})") from None
 
 
 def known_models() -> str:
@@ -76,18 +98,21 @@ def resolve_model(spec: str) -> ModelRef:
         path = Path(spec).expanduser()
         if not path.exists():
             raise BadInput(f"unknown model {spec!r}: not a directory nor an alias (known: {known_models()})")
-        if not path.is_dir():
-            raise BadInput(f"model {spec!r} is not a directory")
-    config = read_config_json(path)
+    if path.is_file() and path.suffix == ".gguf":
+        config, gguf_file, path = _gguf_config(path), path.name, path.parent
+    elif not path.is_dir():
+        raise BadInput(f"model {spec!r} is not a directory (nor a .gguf file)")
+    else:
+        config, gguf_file = read_config_json(path), None
     model_type = config.get("model_type")
     if not model_type:
         raise BadInput(f"{path}/config.json has no model_type")
     family = family_of_model_type(model_type)
     geometry = HeadGeometry.from_text_config(text_config_dict(config, family))
     check_weight_files(path)
-    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+    if gguf_file is None and not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise BadInput(f"{path}: no weight files (*.safetensors)")
-    return ModelRef(spec, path, family, geometry, config)
+    return ModelRef(spec, path, family, geometry, config, gguf_file)
 
 
 def _processor_without_video(cls):
@@ -152,12 +177,14 @@ def load_model(
     torch_dtype = DTYPES[dtype]
     cls = getattr(transformers, ref.family.model_class)
     try:
-        model = cls.from_pretrained(ref.path, dtype=torch_dtype, attn_implementation=attn_implementation)
+        model = cls.from_pretrained(
+            ref.path, dtype=torch_dtype, attn_implementation=attn_implementation, **ref.load_kwargs
+        )
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BadInput(f"cannot load checkpoint {ref.path}: {first}") from None
     model.to(device).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(ref.path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(ref.path, **ref.load_kwargs)
     processor = None
     if ref.family.processor_class is not None:
         image_processor = transformers.AutoImageProcessor.from_pretrained(ref.path)
