@@ -1,0 +1,32 @@
+"""python -m probe.zoo build --out DIR [--quick] [--steps N] [--seed S] [--ship]"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m probe.zoo", description="Build the trained tiny organisms.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="regenerate data and organisms deterministically")
+    b.add_argument("--out", type=Path, required=True)
+    b.add_argument("--quick", action="store_true", help="tiny data and few steps (CI smoke test)")
+    b.add_argument("--steps", type=int, default=None, help="override the training steps of every organism")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--ship", action="store_true", help="copy the result into the package (maintainers)")
+    args = ap.parse_args(argv)
+    from probe.errors import BadInput
+    from probe.zoo.build import build, ship
+
+    if args.steps is not None and args.steps < 1:
+        raise BadInput("--steps must be >= 1")
+    build(args.out, quick=args.quick, steps=args.steps, seed=args.seed)
+    if args.ship:
+        ship(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    from probe.errors import cli_main
+
+    raise SystemExit(cli_main(main))

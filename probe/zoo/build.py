@@ -1,0 +1,388 @@
+"""Build the organisms: data → tokenizer → organism-base (from scratch) → vl / ov-si / video (LM from base).
+
+Every model is trained on exactly the probe's prompt (``probe.prompting.build_inputs`` with the default
+``PromptTemplate``), loss on the answer letter and ``<|im_end|>``, so the first generated token is the letter.
+Models are built from configs, saved as ordinary HF directories, and loaded back through ``probe.models`` — the
+same code path as a real checkpoint. Shipped weights are bfloat16; quality is measured on the saved weights.
+Deterministic: fixed seeds, string-seeded ``random.Random`` data, single-threaded data preparation.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from probe.families import FAMILIES
+from probe.prompting import PromptTemplate, build_inputs, letter_token_ids
+from probe.zoo import tasks_text, tasks_video
+
+TEMPLATE = PromptTemplate()
+IMAGE_SIZE = 64
+VL_SUBJECTS = ("Colour_Shape", "Counting", "Spatial", "Comparison")
+SI_SUBJECTS = ("Colour_Shape", "Counting", "Spatial")
+MODALITY_SUBJECTS = {"text": tasks_text.SUBJECTS, "image": VL_SUBJECTS, "image_single": SI_SUBJECTS,
+                     "video": tasks_video.SUBJECTS}
+LM = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=8,
+          num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, tie_word_embeddings=False,
+          rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+
+
+@dataclass(frozen=True)
+class Recipe:
+    steps: int
+    lr: float
+    lm_lr: float
+    batch: int = 32
+    warmup: int = 50
+
+
+FULL = {"base": Recipe(1200, 3e-3, 3e-3), "vl": Recipe(500, 2e-3, 5e-4),
+        "ov-si": Recipe(500, 2e-3, 5e-4), "video": Recipe(400, 2e-3, 5e-4)}
+# Items per subject per split.
+FULL_DATA = {"train": 1500, "validation": 32}
+QUICK_DATA = {"train": 24, "validation": 8}
+
+
+def log(msg: str) -> None:
+    print(f"[zoo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+def build_data(root: Path, sizes: dict[str, int], seed: int = 0) -> dict[str, Path]:
+    """MMMU-format parquet per modality: text, image (4 subjects), image_single (3), video (3)."""
+    from probe.synthetic import SUBJECT_KINDS, generate_items, write_mmmu_parquet
+
+    out = {}
+    tasks_text.build_text_dataset(root / "text", sizes, seed)
+    out["text"] = root / "text"
+    for modality in ("image", "image_single"):
+        for split, n in sizes.items():
+            rows = {s: generate_items(n, f"{seed}:{modality}:{split}:{s}", IMAGE_SIZE, SUBJECT_KINDS[s], 0.0,
+                                      subject=s, split=split) for s in MODALITY_SUBJECTS[modality]}
+            write_mmmu_parquet(rows, root / modality, split)
+        out[modality] = root / modality
+    tasks_video.build_video_dataset(root / "video", sizes, seed, IMAGE_SIZE)
+    out["video"] = root / "video"
+    return out
+
+
+def tokenizer_corpus(seed: int = 0) -> list[str]:
+    from probe.synthetic import ALL_KINDS, QUESTION_BUILDERS
+
+    corpus = [TEMPLATE.system, "Question: \nChoices:\n", "user assistant system"]
+    for s in tasks_text.SUBJECTS:
+        for r in tasks_text.generate_rows(200, f"tok{seed}", s, "train"):
+            corpus.append(r["question"] + " " + " ".join(eval_list(r["options"])))
+    rng = random.Random(f"omniprobe-tok:{seed}")
+    for _ in range(100):
+        for k in ALL_KINDS:
+            q = QUESTION_BUILDERS[k](rng, False)
+            corpus.append(q.text + " " + " ".join(q.options))
+    for s in tasks_video.SUBJECTS:
+        for _ in range(100):
+            text, options, _, _ = tasks_video.BUILDERS[s](rng, 4)
+            corpus.append(text + " " + " ".join(options))
+    return corpus
+
+
+def eval_list(s: str) -> list[str]:
+    import ast
+
+    return list(ast.literal_eval(s))
+
+
+# ------------------------------------------------------------------------------------------- models
+
+
+def _special(tok) -> dict[str, int]:
+    ids = tok.convert_tokens_to_ids
+    return {"bos_token_id": ids("<|endoftext|>"), "eos_token_id": ids("<|im_end|>"),
+            "pad_token_id": ids("<|endoftext|>")}
+
+
+def init_organism(name: str, tok, out_dir: Path, base_dir: Path | None, seed: int) -> Path:
+    """Write an untrained organism (LM copied from organism-base when given) with tokenizer and processor."""
+    import transformers as T
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from probe.tokenizer import chat_template_for
+
+    torch.manual_seed(seed)
+    special = _special(tok)
+    text = dict(LM, vocab_size=len(tok), **special)
+    ids = tok.convert_tokens_to_ids
+    image_processor = None
+    if name == "base":
+        family = "qwen2"
+        model = T.Qwen2ForCausalLM(T.Qwen2Config(**text))
+    elif name == "vl":
+        family = "qwen2_vl"
+        text = text | {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                           "mrope_section": [4, 2, 2]}}
+        cfg = T.Qwen2VLConfig(
+            text_config=text,
+            vision_config=dict(depth=2, embed_dim=64, hidden_size=LM["hidden_size"], num_heads=2, mlp_ratio=2,
+                               patch_size=8, spatial_merge_size=2, temporal_patch_size=2, in_chans=3),
+            **special, image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+            vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        )
+        model = T.Qwen2VLForConditionalGeneration(cfg)
+        image_processor = Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=64 * 64, patch_size=8,
+                                                   merge_size=2, temporal_patch_size=2)
+    else:
+        family = "llava_onevision"
+        size, patch = (48, 12) if name == "ov-si" else (64, 8)
+        cfg = T.LlavaOnevisionConfig(
+            text_config=dict(model_type="qwen2") | text,
+            vision_config=dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=128,
+                               num_hidden_layers=2, num_attention_heads=2, image_size=size, patch_size=patch),
+            **special, image_token_id=ids("<image>"), video_token_id=ids("<video>"),
+            vision_feature_select_strategy="full", vision_feature_layer=-1,
+            image_grid_pinpoints=[[size, size]],
+        )
+        model = T.LlavaOnevisionForConditionalGeneration(cfg)
+        image_processor = LlavaOnevisionImageProcessorPil(size={"height": size, "width": size},
+                                                          image_grid_pinpoints=[[size, size]], crop_size=None)
+    if base_dir is not None:
+        base = T.Qwen2ForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        model.model.language_model.load_state_dict(base.model.state_dict())
+        model.lm_head.load_state_dict(base.lm_head.state_dict())
+    fam = FAMILIES[family]
+    tok = _copy_tok(tok)
+    tok.chat_template = chat_template_for(fam.image_placeholder, fam.video_placeholder)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.do_sample = False
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    if image_processor is not None:
+        image_processor.save_pretrained(out_dir)
+    return out_dir
+
+
+def _copy_tok(tok):
+    import copy
+
+    return copy.deepcopy(tok)
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+def encode(loaded, items: Sequence, with_answer: bool) -> list[dict[str, torch.Tensor]]:
+    end = loaded.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    out = []
+    for it in items:
+        b = build_inputs(loaded, it, TEMPLATE)
+        b = {k: v[0] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v for k, v in b.items()}
+        n_prompt = b["input_ids"].shape[0]
+        if with_answer:
+            ans = torch.tensor([letter_token_ids(loaded.tokenizer, [it.answer])[0], end])
+            b["input_ids"] = torch.cat([b["input_ids"], ans])
+            b["attention_mask"] = torch.cat([b["attention_mask"], torch.ones(2, dtype=b["attention_mask"].dtype)])
+            if "mm_token_type_ids" in b:
+                b["mm_token_type_ids"] = torch.cat([b["mm_token_type_ids"], torch.zeros(2, dtype=torch.long)])
+            labels = torch.full_like(b["input_ids"], -100)
+            labels[n_prompt:] = ans
+            b["labels"] = labels
+        b["_last"] = torch.tensor(n_prompt - 1)
+        b["_letters"] = torch.tensor(letter_token_ids(loaded.tokenizer, it.letters) + [-1] * (26 - len(it.letters)))
+        b["_answer"] = torch.tensor(ord(it.answer) - ord("A"))
+        out.append(b)
+    return out
+
+
+_SEQ = ("input_ids", "attention_mask", "labels", "mm_token_type_ids")
+
+
+def collate(rows: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    n = max(r["input_ids"].shape[0] for r in rows)
+    out: dict[str, Any] = {}
+    pad = {"input_ids": pad_id, "attention_mask": 0, "labels": -100, "mm_token_type_ids": 0}
+    for k in _SEQ:
+        if k in rows[0]:
+            out[k] = torch.stack([torch.nn.functional.pad(r[k], (0, n - r[k].shape[0]), value=pad[k])
+                                  for r in rows])
+    if any("mm_token_type_ids" in r for r in rows) and "mm_token_type_ids" not in out:
+        out["mm_token_type_ids"] = torch.stack([
+            torch.nn.functional.pad(r.get("mm_token_type_ids", torch.zeros_like(r["input_ids"])),
+                                    (0, n - r["input_ids"].shape[0])) for r in rows])
+    keys = {k for r in rows for k in r if k not in _SEQ}
+    for k in sorted(keys):
+        present = [r[k] for r in rows if k in r]
+        if k.startswith("_"):
+            out[k] = torch.stack(present)
+        else:
+            out[k] = torch.cat(present, dim=0)
+    return out
+
+
+def _mm_types_for(rows, loaded):
+    """Qwen2-VL needs mm_token_type_ids on every row once any row has an image."""
+    if loaded.family.name != "qwen2_vl":
+        return rows
+    cfg = loaded.model.config
+    for r in rows:
+        if "mm_token_type_ids" not in r:
+            t = torch.zeros_like(r["input_ids"])
+            t[r["input_ids"] == cfg.image_token_id] = 1
+            t[r["input_ids"] == cfg.video_token_id] = 2
+            r["mm_token_type_ids"] = t
+    return rows
+
+
+def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in batch.items() if not k.startswith("_")}
+
+
+def train(loaded, rows: list[dict], recipe: Recipe, seed: int) -> list[float]:
+    model = loaded.model
+    model.train()
+    torch.manual_seed(seed)
+    lm, other = [], []
+    for n, p in model.named_parameters():
+        (lm if ("language_model" in n or n.startswith("lm_head") or loaded.family.name == "qwen2") else other).append(p)
+    groups = [{"params": lm, "lr": recipe.lm_lr}] + ([{"params": other, "lr": recipe.lr}] if other else [])
+    opt = torch.optim.AdamW(groups, weight_decay=0.01, betas=(0.9, 0.98))
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    gen = torch.Generator().manual_seed(seed)
+    pad = loaded.tokenizer.pad_token_id
+    losses = []
+    t0 = time.time()
+    for step in range(recipe.steps):
+        warm = min(1.0, (step + 1) / recipe.warmup)
+        decay = 0.5 * (1 + math.cos(math.pi * step / max(1, recipe.steps)))
+        for g, lr in zip(opt.param_groups, base_lrs):
+            g["lr"] = lr * warm * (0.05 + 0.95 * decay)
+        idx = torch.randint(len(rows), (recipe.batch,), generator=gen).tolist()
+        batch = collate([rows[i] for i in idx], pad)
+        out = model(**_model_inputs(batch))
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(float(out.loss.detach()))
+        if step % 100 == 0 or step == recipe.steps - 1:
+            log(f"  step {step:5d}  loss {sum(losses[-50:]) / len(losses[-50:]):.4f}  ({time.time() - t0:.0f}s)")
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def evaluate(loaded, rows: list[dict], batch_size: int = 32) -> dict[str, float]:
+    """Forward-only: accuracy = full-vocabulary argmax at the first generated position is the right letter;
+    prob_accuracy = argmax over the item's option letters."""
+    loaded.model.eval()
+    pad = loaded.tokenizer.pad_token_id
+    n = acc = pacc = 0
+    for i in range(0, len(rows), batch_size):
+        batch = collate(_mm_types_for(rows[i:i + batch_size], loaded), pad)
+        inputs = {k: v.to(loaded.device) for k, v in _model_inputs(batch).items() if k != "labels"}
+        inputs = {k: v.to(loaded.dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+        logits = loaded.model(**inputs).logits.float()
+        last = logits[torch.arange(logits.shape[0]), batch["_last"]]
+        letters = batch["_letters"]
+        for j in range(last.shape[0]):
+            ids = letters[j][letters[j] >= 0]
+            right = int(ids[batch["_answer"][j]])
+            acc += int(last[j].argmax()) == right
+            pacc += int(last[j][ids].argmax()) == int(batch["_answer"][j])
+            n += 1
+    return {"accuracy": acc / n, "prob_accuracy": pacc / n, "n_items": n}
+
+
+# ------------------------------------------------------------------------------------------- driver
+
+
+def _load(path: Path):
+    from probe.models import load_model, resolve_model
+
+    return load_model(resolve_model(str(path)), dtype="float32")
+
+
+def _save_bf16(loaded, out_dir: Path) -> None:
+    loaded.model.to(torch.bfloat16).save_pretrained(out_dir)
+    loaded.model.to(torch.float32)
+
+
+def build(out: Path, quick: bool = False, steps: int | None = None, seed: int = 0) -> dict[str, Any]:
+    """Regenerate data and all four organisms under ``out``; returns the quality table (also quality.json)."""
+    from probe.mmmu import load_mmmu
+    from probe.tokenizer import build_tokenizer
+
+    torch.set_num_threads(2)
+    t_start = time.time()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = QUICK_DATA if quick else FULL_DATA
+    log(f"data → {out / 'data'}")
+    data = build_data(out / "data", sizes, seed)
+    items = {m: {s: load_mmmu(d, s)[0] for s in sizes} for m, d in data.items()}
+    log(f"tokenizer ({time.time() - t_start:.0f}s)")
+    tok = build_tokenizer(tokenizer_corpus(seed), 1024)
+    recipes = {k: Recipe(steps if steps is not None else (20 if quick else r.steps), r.lr, r.lm_lr,
+                         8 if quick else r.batch, min(r.warmup, 5) if quick else r.warmup)
+               for k, r in FULL.items()}
+    quality: dict[str, Any] = {"seed": seed, "quick": quick, "organisms": {}}
+    own = {"base": "text", "vl": "image", "ov-si": "image_single", "video": "video"}
+    for k, name in enumerate(("base", "vl", "ov-si", "video")):
+        t0 = time.time()
+        d = out / f"organism-{name}"
+        if d.exists():
+            shutil.rmtree(d)
+        init_organism(name, tok, d, None if name == "base" else out / "organism-base", seed + k)
+        loaded = _load(d)
+        train_items = list(items[own[name]]["train"])
+        log(f"organism-{name}: encoding {len(train_items)} training items")
+        rows = _mm_types_for(encode(loaded, train_items, True), loaded)
+        log(f"organism-{name}: training {recipes[name]}")
+        losses = train(loaded, rows, recipes[name], seed + 100 + k)
+        _save_bf16(loaded, d)
+        train_s = time.time() - t0
+        shipped = _load(d)  # measure what ships: bf16 weights through the ordinary loading path
+        res = {"train_seconds": round(train_s, 1), "final_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4),
+               "recipe": asdict(recipes[name])}
+        evals = {"own": own[name]} if name == "base" else {"own": own[name], "text": "text"}
+        for label, modality in evals.items():
+            val = encode(shipped, items[modality]["validation"], False)
+            res[label] = evaluate(shipped, val) | {"modality": modality}
+        (d / "organism.json").write_text(json.dumps({"name": f"organism-{name}"} | res, indent=1))
+        quality["organisms"][f"organism-{name}"] = res
+        log(f"organism-{name}: {json.dumps({k2: v for k2, v in res.items() if k2 != 'recipe'})}")
+    quality["build_seconds"] = round(time.time() - t_start, 1)
+    (out / "quality.json").write_text(json.dumps(quality, indent=1))
+    log(f"done in {quality['build_seconds']}s")
+    return quality
+
+
+def ship(out: Path) -> None:
+    """Copy built organisms and the validation sets into the package (probe/zoo/organisms, probe/zoo/data)."""
+    from probe.zoo import organisms_root, package_root
+
+    out = Path(out)
+    for name in ("base", "vl", "ov-si", "video"):
+        src, dst = out / f"organism-{name}", organisms_root() / f"organism-{name}"
+        if dst.exists():
+            shutil.rmtree(dst)
+        shutil.copytree(src, dst)
+    for modality in MODALITY_SUBJECTS:
+        dst = package_root() / "data" / modality
+        if dst.exists():
+            shutil.rmtree(dst)
+        for f in sorted((out / "data" / modality).glob("*/validation-*.parquet")):
+            (dst / f.parent.name).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, dst / f.parent.name / f.name)
+    shutil.copy2(out / "quality.json", organisms_root() / "quality.json")
