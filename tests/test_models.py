@@ -1,0 +1,163 @@
+"""Model resolution (config only) and loading: aliases, bad dirs, head geometry, the o_proj width check."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import FAMILIES
+from probe.errors import BadInput
+from probe.families import ALIASES, HeadGeometry
+from probe.models import _check_geometry, resolve_model
+from probe.tiny import TinySpec
+
+SPEC = TinySpec()
+
+
+def write_model_dir(path, config: dict, weights: bool = True):
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    if weights:
+        save_file({"x": torch.zeros(2)}, str(path / "model.safetensors"))
+    return path
+
+
+def qwen2_config(**kw) -> dict:
+    return {"model_type": "qwen2", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 3,
+            "num_key_value_heads": 2} | kw
+
+
+def test_unknown_alias_lists_known_ones():
+    with pytest.raises(BadInput) as exc:
+        resolve_model("qwen2-vl-7b-typo")
+    msg = str(exc.value)
+    assert "qwen2-vl-7b-typo" in msg
+    for alias in ("qwen2", "qwen2-vl", "llava-ov-si", "tiny-qwen2-vl"):
+        assert alias in msg
+    assert "\n" not in msg
+
+
+def test_dir_without_config_json(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(BadInput, match="config.json"):
+        resolve_model(str(tmp_path))
+
+
+def test_dir_without_weights(tmp_path):
+    write_model_dir(tmp_path, qwen2_config(), weights=False)
+    with pytest.raises(BadInput, match="weight"):
+        resolve_model(str(tmp_path))
+
+
+def test_config_without_model_type_or_unknown_type(tmp_path):
+    write_model_dir(tmp_path / "a", {"hidden_size": 8})
+    with pytest.raises(BadInput, match="model_type"):
+        resolve_model(str(tmp_path / "a"))
+    write_model_dir(tmp_path / "b", qwen2_config(model_type="mamba"))
+    with pytest.raises(BadInput, match="mamba"):
+        resolve_model(str(tmp_path / "b"))
+
+
+def test_unreadable_config_json(tmp_path):
+    write_model_dir(tmp_path, qwen2_config())
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(BadInput):
+        resolve_model(str(tmp_path))
+
+
+def test_corrupt_and_truncated_safetensors_found_at_resolve(tmp_path, tiny_dirs):
+    src = tiny_dirs["qwen2"]
+    good = (src / "model.safetensors").read_bytes()
+    for name, data in (("garbage", bytes(range(256)) * 20), ("truncated", good[: len(good) // 2])):
+        d = tmp_path / name
+        shutil.copytree(src, d)
+        (d / "model.safetensors").write_bytes(data)
+        with pytest.raises(BadInput, match="model.safetensors"):
+            resolve_model(str(d))
+
+
+def test_head_dim_fallbacks(tmp_path):
+    g = resolve_model(str(write_model_dir(tmp_path / "fallback", qwen2_config()))).geometry
+    assert (g.n_layers, g.n_heads, g.n_kv_heads, g.head_dim, g.hidden_size) == (3, 4, 2, 16, 64)
+    g = resolve_model(str(write_model_dir(tmp_path / "explicit", qwen2_config(head_dim=32)))).geometry
+    assert g.head_dim == 32  # explicit head_dim wins over hidden_size / heads
+    g = resolve_model(str(write_model_dir(tmp_path / "null", qwen2_config(head_dim=None)))).geometry
+    assert g.head_dim == 16
+    cfg = qwen2_config()
+    del cfg["num_key_value_heads"]
+    g = resolve_model(str(write_model_dir(tmp_path / "mha", cfg))).geometry
+    assert g.n_kv_heads == 4  # no GQA entry: one KV head per query head
+    cfg = qwen2_config()
+    del cfg["num_attention_heads"]
+    with pytest.raises(BadInput, match="num_attention_heads"):
+        resolve_model(str(write_model_dir(tmp_path / "noheads", cfg)))
+
+
+def test_nested_text_config_of_multimodal_family(tmp_path):
+    cfg = {"model_type": "qwen2_vl", "text_config": qwen2_config(num_hidden_layers=5, hidden_size=96,
+                                                                 num_attention_heads=6)}
+    g = resolve_model(str(write_model_dir(tmp_path, cfg))).geometry
+    assert (g.n_layers, g.n_heads, g.head_dim) == (5, 6, 16)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_geometry_of_tiny_families(load_tiny, family):
+    m = load_tiny(family)
+    g = m.geometry
+    want_head_dim = SPEC.hidden_size // SPEC.num_attention_heads
+    assert (g.n_layers, g.n_heads, g.n_kv_heads, g.head_dim, g.hidden_size) == (
+        SPEC.num_hidden_layers, SPEC.num_attention_heads, SPEC.num_key_value_heads, want_head_dim, SPEC.hidden_size)
+    # and the modules agree with the numbers
+    assert len(m.layers) == g.n_layers
+    attn = m.layers[0].self_attn
+    assert attn.q_proj.out_features == g.n_heads * g.head_dim
+    assert attn.k_proj.out_features == g.n_kv_heads * g.head_dim
+    for layer in range(g.n_layers):
+        o = m.o_proj(layer)
+        assert isinstance(o, torch.nn.Linear) and o.in_features == g.n_heads * g.head_dim
+        assert o.out_features == g.hidden_size
+    # o_proj is the LLM decoder's, not the vision tower's
+    names = {id(mod): name for name, mod in m.model.named_modules()}
+    name = names[id(m.o_proj(g.n_layers - 1))]
+    assert name.endswith(f"layers.{g.n_layers - 1}.self_attn.o_proj")
+    assert "visual" not in name and "vision" not in name
+    if family != "qwen2":
+        assert "language_model" in name
+
+
+def test_alias_resolves_tiny_models(tiny_dirs):
+    for alias, family in (("tiny-qwen2", "qwen2"), ("tiny-qwen2-vl", "qwen2_vl"), ("tiny-llava-ov",
+                                                                                   "llava_onevision")):
+        ref = resolve_model(alias)
+        assert ALIASES[alias].family == ref.family.name == family
+        assert ref.path == tiny_dirs[family]
+
+
+def test_o_proj_width_check(load_tiny):
+    m = load_tiny("qwen2")
+    _check_geometry(m)  # the real geometry passes
+    bad = dataclasses.replace(m.geometry, head_dim=8)
+    wrong = dataclasses.replace(m, ref=dataclasses.replace(m.ref, geometry=bad))
+    with pytest.raises(BadInput, match="o_proj takes 64 inputs"):
+        _check_geometry(wrong)
+    wrong_layers = dataclasses.replace(m, ref=dataclasses.replace(
+        m.ref, geometry=dataclasses.replace(m.geometry, n_layers=5)))
+    with pytest.raises(BadInput, match="5 layers"):
+        _check_geometry(wrong_layers)
+
+
+def test_load_model_bad_dtype(tiny_dirs):
+    from probe.models import load_model
+
+    with pytest.raises(BadInput, match="dtype"):
+        load_model(resolve_model(str(tiny_dirs["qwen2"])), dtype="float8")
+
+
+def test_head_geometry_from_text_config_is_int():
+    g = HeadGeometry.from_text_config({"num_attention_heads": "4", "hidden_size": 64, "num_hidden_layers": 2})
+    assert g == HeadGeometry(2, 4, 4, 16, 64)
