@@ -1,0 +1,242 @@
+"""Merging (Eq. 1, 2, 4) and shift (Eq. 3) against independent oracles; carriers; atomicity; memory bound."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from analyses import merge, shift, tiny
+from analyses.checkpoints import open_checkpoint
+from probe.errors import cli_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("zoo")
+    z = tiny.build_zoo(root)
+    z["big_vocab"] = tiny.write_model("qwen2_vl", root / "big_vocab",
+                                      tiny.resize_vocab(tiny.perturb(tiny.base_lm(0), 0.004, 7), 136))
+    z["bf16"] = tiny.write_model("qwen2", root / "bf16", tiny.perturb(tiny.base_lm(0), 0.003, 8), dtype=torch.bfloat16)
+    return z
+
+
+def canonical(path: Path) -> dict[str, torch.Tensor]:
+    """Direct full load of a checkpoint's LM, canonical names (the in-memory side of every oracle)."""
+    with open_checkpoint(str(path)) as ck:
+        sd = {}
+        for f in {i.file for i in ck.infos.values()}:
+            sd.update(load_file(f))
+        return {c: sd[k].clone() for c, k in ck.lm.items()}
+
+
+def merged_lm(out: Path) -> dict[str, torch.Tensor]:
+    return canonical(out)
+
+
+def run(main, *argv) -> int:
+    return cli_main(main, [str(a) for a in argv])
+
+
+def test_delta_avg_equals_direct(zoo, tmp_path):
+    assert run(shift.main, "--base", zoo["base"], "--models", zoo["vl"], zoo["ov"], "--out", tmp_path / "s") == 0
+    base = canonical(zoo["base"])
+    rows = list(csv.DictReader(open(tmp_path / "s" / "shift.csv")))
+    assert len(rows) == 2 * len(base)
+    for r in rows:
+        m = canonical(Path(r["model"]))[r["tensor"]].double()
+        b = base[r["tensor"]].double()
+        assert float(r["delta_avg"]) == pytest.approx(float((m - b).abs().mean()), rel=1e-6)
+        assert float(r["delta_max"]) == pytest.approx(float((m - b).abs().max()), rel=1e-6)
+        assert float(r["rel_l2"]) == pytest.approx(float((m - b).norm() / b.norm()), rel=1e-6)
+    summ = json.loads((tmp_path / "s" / "summary.json").read_text())["per_model"]
+    # vl was perturbed 10x more than ov: the "10x the others" sentence is checkable from the summary
+    assert summ[str(zoo["vl"])]["ratio_to_least_shifted"] == pytest.approx(10, rel=0.05)
+    assert (tmp_path / "s" / "shift_models.png").is_file()
+
+
+def test_average_equals_mergekit_linear(zoo, tmp_path):
+    models = [zoo["base"], zoo["q1"], zoo["vl"]]
+    assert run(merge.main, "--models", *models, "--method", "average", "--out", tmp_path / "ours") == 0
+    cfg = tmp_path / "mk.yml"
+    cfg.write_text("merge_method: linear\ndtype: float32\nmodels:\n" + "".join(
+        f"  - model: {tiny_qwen2_view(m, tmp_path)}\n    parameters: {{weight: 1.0}}\n" for m in models))
+    exe = Path(sys.executable).with_name("mergekit-yaml")
+    subprocess.run([str(exe), str(cfg), str(tmp_path / "mk"), "--lazy-unpickle"], check=True, capture_output=True)
+    mk = {}
+    for f in (tmp_path / "mk").glob("*.safetensors"):
+        mk.update(load_file(f))
+    ours = load_file(tmp_path / "ours" / "model.safetensors")
+    assert set(ours) <= set(mk)
+    for k in ours:
+        torch.testing.assert_close(ours[k], mk[k], rtol=1e-6, atol=1e-7)
+
+
+def tiny_qwen2_view(model_dir: Path, tmp: Path) -> Path:
+    """mergekit reads plain Qwen2 dirs; give it the LM of a multimodal dir as one (same tensors)."""
+    if json.loads((model_dir / "config.json").read_text())["model_type"] == "qwen2":
+        return model_dir
+    out = tmp / f"view_{model_dir.name}"
+    if not out.exists():
+        from safetensors.torch import save_file
+
+        out.mkdir()
+        (out / "config.json").write_text((model_dir.parent / "base" / "config.json").read_text())
+        save_file({merge.lm_disk_key(c): t.contiguous() for c, t in canonical(model_dir).items()}, out / "model.safetensors",
+                  metadata={"format": "pt"})
+    return out
+
+
+def test_eq4_equals_in_memory(zoo, tmp_path):
+    models = [zoo["vl"], zoo["ov"], zoo["au"]]
+    for tau in (1e-3, 1e-2):
+        out = tmp_path / f"m{tau}"
+        assert run(merge.main, "--base", zoo["base"], "--models", *models, "--method", "shift", "--alpha0", 0.4,
+                   "--temperature", tau, "--out", out) == 0
+        base = canonical(zoo["base"])
+        exps = [canonical(m) for m in models]
+        got = merged_lm(out)
+        alphas = list(csv.DictReader(open(out / "merge_weights.csv")))
+        for name, t0 in base.items():
+            d = torch.tensor([(t0 - e[name]).abs().mean() for e in exps], dtype=torch.float64)
+            a = torch.softmax(d / tau, 0)
+            want = 0.4 * t0.double() + 0.6 * sum(ai * e[name].double() for ai, e in zip(a, exps))
+            torch.testing.assert_close(got[name].double(), want, rtol=1e-5, atol=1e-6)
+            row = {r["model"]: float(r["alpha"]) for r in alphas if r["tensor"] == name}
+            assert row[str(zoo["base"])] == pytest.approx(0.4)
+            assert [row[str(m)] for m in models] == pytest.approx((0.6 * a).tolist(), rel=1e-6)
+
+
+def test_shift_dir_equals_recomputed(zoo, tmp_path):
+    models = [zoo["vl"], zoo["q1"]]
+    assert run(shift.main, "--base", zoo["base"], "--models", *models, "--out", tmp_path / "s", "--no-figures") == 0
+    assert run(merge.main, "--base", zoo["base"], "--models", *models, "--out", tmp_path / "a") == 0
+    assert run(merge.main, "--base", zoo["base"], "--models", *models, "--shift", tmp_path / "s", "--out", tmp_path / "b") == 0
+    a, b = merged_lm(tmp_path / "a"), merged_lm(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "b" / "merge.json").read_text())["shift_source"] == str(tmp_path / "s")
+
+
+def test_merging_a_with_a_gives_a(zoo, tmp_path):
+    q = canonical(zoo["q1"])
+    for args in (["--models", zoo["q1"], zoo["q1"], "--method", "average"],
+                 ["--models", zoo["q1"], zoo["q1"], "--method", "weighted", "--weights", 3, 1],
+                 ["--base", zoo["q1"], "--models", zoo["q1"], zoo["q1"], "--method", "shift"]):
+        out = tmp_path / str(len(list(tmp_path.iterdir())))
+        assert run(merge.main, *args, "--out", out) == 0
+        got = merged_lm(out)
+        for k in q:
+            torch.testing.assert_close(got[k], q[k], rtol=0, atol=1e-7)
+
+
+def test_weighted_eq2(zoo, tmp_path):
+    assert run(merge.main, "--models", zoo["base"], zoo["vl"], "--method", "weighted", "--weights", 3, 1,
+               "--out", tmp_path / "w") == 0
+    b, v, got = canonical(zoo["base"]), canonical(zoo["vl"]), merged_lm(tmp_path / "w")
+    for k in b:
+        torch.testing.assert_close(got[k], 0.75 * b[k] + 0.25 * v[k])
+
+
+def test_output_loads_and_carriers_bit_exact(zoo, tmp_path):
+    import transformers as tf
+
+    out = tmp_path / "m"
+    carriers = {"vl": tf.Qwen2VLForConditionalGeneration, "ov": tf.LlavaOnevisionForConditionalGeneration,
+                "au": tf.Qwen2AudioForConditionalGeneration, "vl_tf4": None, "ov_lmms": None}
+    assert run(merge.main, "--base", zoo["base"], "--models", zoo["vl"], zoo["ov"], "--carrier",
+               *[zoo[c] for c in carriers], "--shard-size", "30KB", "--out", out) == 0
+    assert (out / "model.safetensors.index.json").is_file()  # sharded by --shard-size
+    lm = tf.AutoModelForCausalLM.from_pretrained(out)
+    merged = merged_lm(out)
+    torch.testing.assert_close(lm.model.layers[1].mlp.up_proj.weight, merged["layers.1.mlp.up_proj.weight"])
+    assert lm(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 128)
+    for name, cls in carriers.items():
+        dest = out / "carriers" / name
+        with open_checkpoint(str(zoo[name])) as src, open_checkpoint(str(dest)) as new:
+            assert new.layout.name == src.layout.name
+            for k in src.other:  # vision/audio towers and projectors: byte for byte
+                assert bytes(src.file(src.infos[k]).raw(src.infos[k])) == bytes(new.file(new.infos[k]).raw(new.infos[k]))
+            for c, k in new.lm.items():
+                assert torch.equal(new.view(new.infos[k]), merged[c])
+        if cls is not None:
+            model = cls.from_pretrained(dest)
+            assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 128)
+            w = model.state_dict()
+            got = next(v for k, v in w.items() if k.endswith("layers.0.self_attn.q_proj.weight") and "visual" not in k
+                       and "audio" not in k and "vision" not in k)
+            torch.testing.assert_close(got, merged["layers.0.self_attn.q_proj.weight"])
+
+
+def test_vocab_rule_and_dtype(zoo, tmp_path):
+    out = tmp_path / "m"
+    assert run(merge.main, "--base", zoo["base"], "--models", zoo["big_vocab"], zoo["bf16"], "--method", "average",
+               "--carrier", zoo["big_vocab"], "--out", out) == 0
+    rep = json.loads((out / "merge.json").read_text())
+    assert rep["vocab"]["embed_tokens.weight"]["common_rows"] == 128
+    got, big, bf = merged_lm(out), canonical(zoo["big_vocab"]), canonical(zoo["bf16"])
+    assert got["embed_tokens.weight"].shape == (128, 32) and got["embed_tokens.weight"].dtype == torch.float32
+    want = 0.5 * big["embed_tokens.weight"][:128] + 0.5 * bf["embed_tokens.weight"].float()
+    torch.testing.assert_close(got["embed_tokens.weight"], want)
+    car = canonical(out / "carriers" / "big_vocab")
+    assert car["lm_head.weight"].shape == (136, 32)
+    assert torch.equal(car["lm_head.weight"][:128], got["lm_head.weight"])
+    assert torch.equal(car["lm_head.weight"][128:], big["lm_head.weight"][128:])  # rest kept from the carrier
+    # bf16 inputs -> bf16 output, fp32 math
+    assert run(merge.main, "--models", zoo["bf16"], zoo["bf16"], "--method", "average", "--out", tmp_path / "b") == 0
+    b = merged_lm(tmp_path / "b")
+    assert b["norm.weight"].dtype == torch.bfloat16 and torch.equal(b["norm.weight"], bf["norm.weight"])
+
+
+def test_killed_mid_merge_leaves_no_complete_output(zoo, tmp_path):
+    out = tmp_path / "killed"
+    code = textwrap.dedent(f"""
+        import os, signal, sys
+        from analyses import merge
+        orig, n = merge.Merger.merge_tensor, [0]
+        def dying(self, *a, **k):
+            n[0] += 1
+            if n[0] == 10:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return orig(self, *a, **k)
+        merge.Merger.merge_tensor = dying
+        merge.main(["--base", "{zoo['base']}", "--models", "{zoo['vl']}", "{zoo['ov']}", "--out", "{out}"])
+    """)
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True)
+    assert p.returncode == -9
+    assert not out.exists()
+    leftovers = list(tmp_path.glob(".killed.partial-*"))
+    assert leftovers and not (leftovers[0] / "config.json").exists()
+
+
+def test_peak_rss_within_bound(tmp_path):
+    """Three ~60 MB models: peak RSS growth stays within (k + 2) x largest tensor (16 MB fp32 embeddings)."""
+    over = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, vocab_size=16384)
+    base = tiny.base_lm(0, **over)
+    dirs = [tiny.write_model("qwen2", tmp_path / f"r{i}", tiny.perturb(base, 0.001 * (i + 1), i), **over)
+            for i in range(3)]
+    largest = 16384 * 256 * 4
+    code = textwrap.dedent(f"""
+        import resource, json
+        from analyses import merge
+        from analyses.checkpoints import open_checkpoint
+        import transformers  # what the merge imports for the config, before the baseline
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        merge.main(["--base", "{dirs[0]}", "--models", "{dirs[1]}", "{dirs[2]}", "--out", "{tmp_path / 'out'}"])
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print(json.dumps([before, after]))
+    """)
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    before, after = json.loads(p.stdout.strip().splitlines()[-1])
+    k = 3
+    total = sum(f.stat().st_size for d in dirs for f in d.glob("*.safetensors"))
+    assert after <= 1e9 + (k + 2) * largest
+    assert after - before <= (k + 2) * largest < total  # the bound is below "load every model"
