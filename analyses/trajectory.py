@@ -124,7 +124,7 @@ def embed_2d(x: np.ndarray, perplexity: float, seed: int) -> tuple[dict[str, np.
     if n >= 3:
         used = float(min(perplexity, n - 1))
         out["tsne"] = TSNE(n_components=2, perplexity=used, init="pca" if k == 2 else "random", random_state=seed,
-                           method="exact" if n <= 500 else "barnes_hut")  # exact: faster and better for few points.fit_transform(x)
+                           method="exact" if n <= 500 else "barnes_hut").fit_transform(x)  # exact: fast for few points.fit_transform(x)
     return out, used
 
 

@@ -1,0 +1,84 @@
+"""Weight trajectories: features against direct computation, sketch determinism, outputs, redraw."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from analyses import tiny, trajectory
+from analyses.sketch import CountSketch
+from probe.errors import cli_main
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("traj")
+    base = tiny.base_lm(0)
+    out = {"base": tiny.write_model("qwen2", root / "base", base),
+           "e1": tiny.write_model("qwen2_vl", root / "e1", tiny.perturb(base, 0.01, 1)),
+           "m": tiny.write_model("qwen2", root / "m", tiny.perturb(base, 0.003, 2))}
+    for step in (30, 10, 20):  # written out of order: the run must be sorted by step
+        tiny.write_model("qwen2", root / "run" / f"checkpoint-{step}", tiny.perturb(base, 0.001 * step / 10, 3))
+    out["run"] = root / "run"
+    return out
+
+
+def test_sketch_streaming_equals_in_memory_and_is_deterministic():
+    cs = CountSketch(64, seed=3)
+    d = torch.randn(3_000_000)
+    a = cs.project("layers.0.mlp.up_proj.weight", d)
+    b = CountSketch(64, seed=3).project("layers.0.mlp.up_proj.weight", d.clone())
+    assert torch.equal(a, b)
+    assert not torch.equal(a, CountSketch(64, seed=4).project("layers.0.mlp.up_proj.weight", d))
+    assert not torch.equal(a, cs.project("layers.1.mlp.up_proj.weight", d))
+    # norm preserved in expectation: within a loose band for one draw
+    assert 0.5 < float(a.norm() / d.double().norm()) < 1.5
+
+
+def test_trajectory_outputs_and_features(models, tmp_path):
+    out = tmp_path / "t"
+    code = cli_main(trajectory.main, [str(a) for a in ["--base", models["base"], "--experts", models["e1"], "--merged",
+                    models["m"], "--runs", models["run"], "--sketch-dim", 32, "--out", out]])
+    assert code == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["n_points"] == 6 and run["perplexity_requested"] == 30 and run["perplexity_used"] == 5  # clamped
+    rows = list(csv.DictReader(open(out / "coords.csv")))
+    assert {(r["feature"], r["method"]) for r in rows} == {(f, m) for f in ("norms", "sketch") for m in ("pca", "tsne")}
+    steps = [int(r["step"]) for r in csv.DictReader(open(out / "points.csv")) if r["kind"] == "run"]
+    assert steps == [10, 20, 30]
+    for f in ("trajectory_norms", "trajectory_sketch"):
+        assert (out / f"{f}.png").stat().st_size > 10_000 and (out / f"{f}.pdf").is_file()
+    feats = np.load(out / "features.npz")
+    tensors = list(feats["tensors"])
+    b = load_file(models["base"] / "model.safetensors")
+    m = load_file(models["m"] / "model.safetensors")
+    i = list(feats["names"]).index(str(models["m"]))
+    for t, name in enumerate(tensors):
+        key = name if name == "lm_head.weight" else "model." + name
+        assert feats["norms"][i, t] == pytest.approx(float((m[key].double() - b[key].double()).norm()), rel=1e-6)
+    assert np.all(feats["norms"][0] == 0) and np.all(feats["sketch"][0] == 0)  # the base is the reference
+    # the sketch of the merged model equals the in-memory sketch of its delta
+    cs = CountSketch(32, seed=0)
+    want = sum(cs.project(n, m[n if n == "lm_head.weight" else "model." + n] - b[n if n == "lm_head.weight" else "model." + n])
+               for n in tensors)
+    np.testing.assert_allclose(feats["sketch"][i], want.numpy(), rtol=1e-6, atol=1e-9)
+    # figures redraw from saved results only
+    from figures.__main__ import main as figures_main
+
+    for f in out.glob("trajectory_*"):
+        f.unlink()
+    assert figures_main(["trajectory", str(out)]) == 0
+    assert (out / "trajectory_sketch.png").is_file()
+
+
+def test_trajectory_bad_input(models, tmp_path, capsys):
+    out = tmp_path / "t"
+    code = cli_main(trajectory.main, ["--base", str(models["base"]), "--runs", str(tmp_path), "--out", str(out)])
+    assert code == 2 and "checkpoint-<step>" in capsys.readouterr().err and not out.exists()
+    code = cli_main(trajectory.main, ["--base", str(models["base"]), "--out", str(out)])
+    assert code == 2 and "at least two" in capsys.readouterr().err
