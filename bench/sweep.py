@@ -34,7 +34,7 @@ def text_items(n: int):
     from probe.zoo.tasks_text import build_text_dataset
 
     root = Path(tempfile.mkdtemp(prefix="bench-text-"))
-    build_text_dataset(root, {"Knowledge": n, "Reasoning": n}, seed=0)
+    build_text_dataset(root, {"validation": n}, seed=0)
     return load_items(str(root), limit=n)[0]
 
 
