@@ -60,12 +60,21 @@ def default_data_for(model_spec: str) -> Path:
     return default_data_dir()
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults only where they say something (not None / False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False) or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m probe.heads",
         description="Mask each attention head of the LLM decoder in turn and measure accuracy, "
         "probability accuracy and KL(orig||masked) on MMMU multiple-choice items.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Help,
     )
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"alias ({', '.join(ALIASES)}) or a local HF model dir")

