@@ -118,6 +118,8 @@ class Merger:
     has_base: bool
     shift_table: ShiftTable | None = None
     alpha_rows: list[tuple[str, str, float | None, float]] = field(default_factory=list)
+    _bufs: tuple[torch.Tensor, torch.Tensor] | None = None
+    _out_bufs: dict[torch.dtype, torch.Tensor] = field(default_factory=dict)
 
     def coefficients(self, plan: TensorPlan, views: Sequence[torch.Tensor]) -> tuple[list[float], list[float] | None]:
         n_models = len(self.cfg.models)
@@ -141,6 +143,12 @@ class Merger:
             deltas = [st.delta_avg for st in stats]
         return shift_coefficients(deltas, self.cfg.alpha0, self.cfg.temperature), deltas
 
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 accumulator and cast buffer, allocated once (fresh 16 MB tensors cost a page fault per 4 KB)."""
+        if self._bufs is None:
+            self._bufs = (torch.empty(CHUNK, dtype=torch.float32), torch.empty(CHUNK, dtype=torch.float32))
+        return self._bufs
+
     def merge_tensor(self, plan: TensorPlan, sink: Any, out_dtype: torch.dtype) -> None:
         views = [ck.view(info).reshape(-1) for ck, info in zip(self.inputs, plan.infos)]
         coeffs, deltas = self.coefficients(plan, views)
@@ -149,21 +157,34 @@ class Merger:
                 continue  # the base only supplies vocabulary rows here
             d = deltas[j - 1] if deltas is not None and j > 0 else None
             self.alpha_rows.append((plan.canon, nm, d, c))
+        acc_buf, tmp_buf = self.buffers()
+        out_buf = self._out_bufs.get(out_dtype)
+        if out_buf is None:
+            out_buf = self._out_bufs[out_dtype] = torch.empty(CHUNK, dtype=out_dtype)
         for lo, hi in chunks(plan.common, CHUNK):
-            acc: torch.Tensor | None = None
+            n = hi - lo
+            acc, tmp, out = acc_buf[:n], tmp_buf[:n], out_buf[:n]
+            first = True
             for v, c in zip(views, coeffs):
                 if c == 0.0:
                     continue
-                if acc is None:
-                    acc = v[lo:hi].to(torch.float32, copy=True).mul_(c)
+                x = v[lo:hi]
+                if x.dtype != torch.float32:
+                    tmp.copy_(x)  # vectorised cast into a reused buffer: no page faults, no bf16 math
+                    x = tmp
+                if first:
+                    torch.mul(x, c, out=acc)
+                    first = False
                 else:
-                    acc.add_(v[lo:hi], alpha=c)  # promotes to fp32 elementwise, no bf16 rounding
-            assert acc is not None
+                    acc.add_(x, alpha=c)
+            if first:
+                acc.zero_()
             if not torch.isfinite(acc.sum()):
                 for v, c, nm, info in zip(views, coeffs, self.names, plan.infos):
                     check_finite(v[lo:hi], nm, info.key)
                 raise BadInput(f"merged tensor {plan.canon} overflows")
-            sink.write(acc.to(out_dtype))
+            out.copy_(acc)
+            sink.write(out)
         for lo, hi in chunks(plan.ref.numel - plan.common, CHUNK):  # vocab rows only the reference has
             tail = views[0][plan.common + lo:plan.common + hi]
             check_finite(tail, self.names[0], plan.ref.key)
@@ -174,22 +195,24 @@ class Merger:
 
 
 def merged_config(ref: Checkpoint, dtype: torch.dtype, vocab_rows: int, tied: bool) -> dict[str, Any]:
-    """A Qwen2 config from the reference's text config, so ``AutoModelForCausalLM`` loads the merged LM."""
-    from transformers import Qwen2Config
+    """A Qwen2 config from the reference's text config, so ``AutoModelForCausalLM`` loads the merged LM.
 
+    Built as a plain dict (importing transformers would cost seconds per merge); the tests load it with
+    ``AutoModelForCausalLM`` for every family.
+    """
     tc = {k: v for k, v in ref.text_config.items()
           if k not in ("model_type", "architectures", "auto_map", "_name_or_path", "transformers_version",
-                       "torch_dtype", "dtype", "rope_scaling") and not k.startswith("mm_")}
-    rope = tc.get("rope_parameters")
-    if isinstance(rope, dict) and ("mrope_section" in rope or rope.get("rope_type") == "mrope"):
-        # M-RoPE is a Qwen2-VL input convention; on text alone it equals plain RoPE with the same theta.
-        tc["rope_parameters"] = {"rope_type": "default", "rope_theta": rope.get("rope_theta", 1e6)}
-    cfg = Qwen2Config(**tc)
-    cfg.architectures = ["Qwen2ForCausalLM"]
-    cfg.vocab_size = vocab_rows
-    cfg.tie_word_embeddings = tied
-    cfg.dtype = dtype
-    return cfg.to_dict()
+                       "torch_dtype", "dtype", "text_config", "vision_config", "audio_config")
+          and not k.startswith("mm_") and not k.endswith("_token_id") or k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = tc.get(key)
+        if isinstance(rope, dict) and ("mrope_section" in rope or "mrope" in (rope.get("rope_type"), rope.get("type"))):
+            # M-RoPE is a Qwen2-VL input convention; on text alone it equals plain RoPE with the same theta.
+            theta = rope.get("rope_theta", tc.get("rope_theta", 1e6))
+            tc[key] = {"rope_type": "default", "rope_theta": theta} if key == "rope_parameters" else None
+    tc.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=vocab_rows,
+              tie_word_embeddings=tied, dtype=str(dtype).removeprefix("torch."))
+    return tc
 
 
 def write_carrier(carrier: Checkpoint, merged: Checkpoint, dest: Path, shard_size: int) -> dict[str, Any]:

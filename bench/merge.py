@@ -1,0 +1,167 @@
+"""Merge benchmark: ``python -m analyses.merge`` against the I/O floor and against mergekit.
+
+    python bench/merge.py [--k 3] [--params-m 160] [--dtype bfloat16] [--workdir DIR] [--keep]
+
+Writes k synthetic Qwen2 checkpoints of about ``params_m`` million parameters each, then measures (page cache
+warm for every measurement):
+- the I/O floor: read (copy into memory) every tensor of every input with plain safetensors + write one model
+  with ``save_file``;
+- our ``--method average`` merge (in a fresh process; merge time excludes interpreter start and imports), its
+  peak RSS, and the bound 1 GB + (k + 2) x largest tensor;
+- mergekit 0.1.5 ``linear`` on the same models (``mergekit-yaml --lazy-unpickle``), wall time and peak RSS.
+Targets: merge <= 1.3x the I/O floor, RSS within the bound, not slower than mergekit.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def make_models(workdir: Path, k: int, params_m: int, dtype: str) -> list[Path]:
+    import torch
+    from safetensors.torch import save_file
+    from transformers import Qwen2Config
+
+    hidden = 1024
+    layers = max(1, round((params_m * 1e6 - 2 * 32000 * hidden) / 12.9e6))
+    cfg = Qwen2Config(hidden_size=hidden, intermediate_size=2816, num_hidden_layers=layers, num_attention_heads=16,
+                      num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False)
+    cfg.architectures = ["Qwen2ForCausalLM"]
+    cfg.dtype = dtype
+    td = getattr(torch, dtype)
+    shapes = {"model.embed_tokens.weight": (32000, hidden), "model.norm.weight": (hidden,), "lm_head.weight": (32000, hidden)}
+    kv = 4 * (hidden // 16)
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.q_proj.bias": (hidden,),
+                       p + "self_attn.k_proj.weight": (kv, hidden), p + "self_attn.k_proj.bias": (kv,),
+                       p + "self_attn.v_proj.weight": (kv, hidden), p + "self_attn.v_proj.bias": (kv,),
+                       p + "self_attn.o_proj.weight": (hidden, hidden), p + "mlp.gate_proj.weight": (2816, hidden),
+                       p + "mlp.up_proj.weight": (2816, hidden), p + "mlp.down_proj.weight": (hidden, 2816),
+                       p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,)})
+    g = torch.Generator().manual_seed(0)
+    dirs = []
+    for m in range(k):
+        d = workdir / f"model{m}"
+        d.mkdir(parents=True, exist_ok=True)
+        cfg.save_pretrained(d)
+        sd = {n: (torch.randn(s, generator=g) * 0.02).to(td) for n, s in shapes.items()}
+        # two shards, like a real checkpoint with an index
+        names = list(sd)
+        half = len(names) // 2
+        wmap = {}
+        for j, part in enumerate((names[:half], names[half:])):
+            fn = f"model-{j + 1:05d}-of-00002.safetensors"
+            save_file({n: sd[n] for n in part}, d / fn, metadata={"format": "pt"})
+            wmap.update({n: fn for n in part})
+        (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wmap}))
+        dirs.append(d)
+    return dirs
+
+
+def io_floor(dirs: list[Path], out: Path) -> float:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    t0 = time.perf_counter()
+    keep = {}
+    for i, d in enumerate(dirs):
+        for f in sorted(d.glob("*.safetensors")):
+            with safe_open(f, "pt") as st:
+                for k in st.keys():
+                    t = st.get_tensor(k).clone()  # get_tensor may be a lazy mmap view: really read the bytes
+                    if i == 0:
+                        keep[k] = t  # the output to write: one model's worth
+                    del t
+    save_file(keep, out / "floor.safetensors", metadata={"format": "pt"})
+    dt = time.perf_counter() - t0
+    (out / "floor.safetensors").unlink()
+    return dt
+
+
+def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, str]:
+    """Wall time, peak RSS (bytes) of a child process, and its stdout."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT, env=env)
+    out = p.stdout.read() if p.stdout else ""
+    _, status, ru = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode:
+        raise RuntimeError(f"{cmd[:3]} failed with {p.returncode}")
+    return time.perf_counter() - t0, ru.ru_maxrss * 1024, out
+
+
+OURS = """
+import json, sys, time
+from analyses import merge
+t0 = time.perf_counter()
+merge.main(sys.argv[1:])
+print(json.dumps({"merge_s": time.perf_counter() - t0}))
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--k", type=int, default=3, help="number of checkpoints merged (default 3)")
+    ap.add_argument("--params-m", type=int, default=160, help="million parameters per checkpoint (default 160)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--workdir", type=Path, help="where the synthetic checkpoints go (default: a temp dir)")
+    ap.add_argument("--keep", action="store_true", help="keep the workdir")
+    ap.add_argument("--no-mergekit", action="store_true", help="skip the mergekit comparison")
+    a = ap.parse_args(argv)
+    work = a.workdir or Path(tempfile.mkdtemp(prefix="bench-merge-"))
+    try:
+        dirs = make_models(work, a.k, a.params_m, a.dtype)
+        size = sum(f.stat().st_size for f in dirs[0].glob("*.safetensors"))
+        from analyses.checkpoints import open_checkpoint
+
+        with open_checkpoint(str(dirs[0])) as ck:
+            largest = max(i.nbytes for i in ck.infos.values())
+        io_floor(dirs, work)  # warm the page cache for everyone
+        floor = min(io_floor(dirs, work) for _ in range(2))
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        ours_t = []
+        for rep in range(2):
+            out = work / "ours"
+            shutil.rmtree(out, ignore_errors=True)
+            wall, rss, stdout = run_measured([sys.executable, "-c", OURS, "--models", *map(str, dirs), "--method",
+                                              "average", "--out", str(out)], env)
+            ours_t.append((json.loads(stdout.strip().splitlines()[-1])["merge_s"], wall, rss))
+        merge_s, wall, rss = min(ours_t)
+        bound = 1e9 + (a.k + 2) * largest
+        res = {
+            "k": a.k, "dtype": a.dtype, "checkpoint_mb": round(size / 1e6), "largest_tensor_mb": round(largest / 1e6, 1),
+            "io_floor_s": round(floor, 2), "merge_s": round(merge_s, 2), "merge_wall_s": round(wall, 2),
+            "ratio_to_io_floor": round(merge_s / floor, 2), "peak_rss_mb": round(rss / 1e6),
+            "rss_bound_mb": round(bound / 1e6), "rss_within_bound": rss <= bound,
+        }
+        if not a.no_mergekit:
+            cfg = work / "mergekit.yml"
+            cfg.write_text(f"merge_method: linear\ndtype: {a.dtype}\nmodels:\n" + "".join(
+                f"  - model: {d}\n    parameters: {{weight: 1.0}}\n" for d in dirs))
+            exe = str(Path(sys.executable).with_name("mergekit-yaml"))
+            shutil.rmtree(work / "mk", ignore_errors=True)
+            mk_wall, mk_rss, _ = run_measured([exe, str(cfg), str(work / "mk"), "--lazy-unpickle"])
+            res.update({"mergekit_wall_s": round(mk_wall, 2), "mergekit_peak_rss_mb": round(mk_rss / 1e6),
+                        "ours_wall_vs_mergekit_wall": round(wall / mk_wall, 2)})
+        for key, v in res.items():
+            print(f"{key:28s} {v}")
+        print(json.dumps(res))
+    finally:
+        if not a.keep and a.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
