@@ -71,6 +71,8 @@ class MergeConfig:
             raise BadInput("--alpha0 must be in [0, 1]")
         if not self.temperature > 0:
             raise BadInput("--temperature must be > 0")
+        if self.shift_dir is not None and self.method != "shift":
+            raise BadInput("--shift only applies to --method shift")
         if self.shift_dir is not None and not (self.shift_dir / "shift.csv").is_file():
             raise BadInput(f"--shift {self.shift_dir}: no shift.csv there (run python -m analyses.shift)")
         check_output(self.out, self.overwrite)
