@@ -1,0 +1,36 @@
+"""Scale-out: ranks (RANK / WORLD_SIZE as torchrun sets them) take disjoint chunks; the last one assembles."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pandas as pd
+
+from conftest import REPO
+
+
+def _run(args: list[str], env_extra: dict[str, str]) -> subprocess.CompletedProcess:
+    env = dict(os.environ, **env_extra)
+    return subprocess.run([sys.executable, "-m", "probe.heads", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_two_ranks_equal_one_process(tmp_path, tiny_dirs, data_dir):
+    common = ["--model", str(tiny_dirs["qwen2_vl"]), "--data", str(data_dir), "--limit", "5",
+              "--chunk-size", "2", "--layers", "1,3", "--heads", "0-3", "--no-figures", "--quiet",
+              "--no-generate"]
+    single = tmp_path / "single"
+    r = _run(common + ["--out", str(single)], {})
+    assert r.returncode == 0, r.stderr
+    sharded = tmp_path / "sharded"
+    r0 = _run(common + ["--out", str(sharded)], {"RANK": "0", "WORLD_SIZE": "2"})
+    assert r0.returncode == 0, r0.stderr
+    assert not (sharded / "heads.csv").exists()  # rank 1's chunks are still missing
+    parts = sorted(p.name for p in (sharded / "parts").iterdir())
+    assert parts == ["chunk_00000.parquet", "chunk_00002.parquet"]
+    r1 = _run(common + ["--out", str(sharded)], {"RANK": "1", "WORLD_SIZE": "2"})
+    assert r1.returncode == 0, r1.stderr
+    pd.testing.assert_frame_equal(pd.read_csv(single / "heads.csv"), pd.read_csv(sharded / "heads.csv"))
+    pd.testing.assert_frame_equal(pd.read_parquet(single / "items.parquet"),
+                                  pd.read_parquet(sharded / "items.parquet"))
