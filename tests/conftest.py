@@ -85,11 +85,18 @@ def load_tiny(tiny_dirs) -> Callable:
 
 
 @pytest.fixture(scope="session")
-def data_dir(tmp_path_factory) -> Path:
-    """A small synthetic MMMU tree: 4 subjects × 3 rows (some open-ended), 64 px images."""
+def data_dir(shared_root) -> Path:
+    """A small synthetic MMMU tree: 4 subjects × 3 rows (some open-ended), 64 px images (shared by workers)."""
+    from filelock import FileLock
+
     from probe.synthetic import build_dataset
 
-    return build_dataset(tmp_path_factory.mktemp("mmmu"), n_per_subject=3, seed=1)
+    root = shared_root / "mmmu"
+    with FileLock(str(shared_root / "mmmu.lock")):
+        if not (root / ".complete").is_file():
+            build_dataset(root, n_per_subject=3, seed=1, open_fraction=0.25)
+            (root / ".complete").write_text("ok")
+    return root
 
 
 def png_bytes(colour=(200, 30, 30), size=(48, 40), seed: int = 0) -> bytes:

@@ -1,0 +1,347 @@
+"""``python -m probe.heads`` as users run it (a subprocess), on the tiny Qwen2-VL and a small synthetic MMMU set.
+
+The reference run is made once per pytest run (shared by xdist workers) with the naive engine; other tests copy
+it before changing anything. Numbers are checked against pandas aggregation of the per-item table and against
+an in-process oracle (o_proj weight columns zeroed).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import REPO
+
+N_ITEMS, LAYERS, HEADS = 6, (0, 3), (0, 1)
+BASE_ARGS = ["--model", "tiny-qwen2-vl", "--limit", str(N_ITEMS), "--layers", "0,3", "--heads", "0-1",
+             "--method", "naive", "--chunk-size", "1", "--max-new-tokens", "3", "--quiet"]
+HEATMAPS = [f"heatmap_{m}.{e}" for m in ("accuracy", "prob_accuracy", "kl") for e in ("png", "pdf")]
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)  # carries OMNIPROBE_CACHE and HF offline flags set by conftest
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"  # two xdist workers share two cores
+    env.pop("PYTEST_XDIST_WORKER", None)
+    return env
+
+
+def cli(args, module: str = "probe.heads", cwd: Path = REPO, timeout: float = 400) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd, env=cli_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def ok(r: subprocess.CompletedProcess) -> None:
+    assert r.returncode == 0, f"exit {r.returncode}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr[-4000:]}"
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess) -> None:
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, f"exit {r.returncode}, stderr:\n{r.stderr[-3000:]}"
+    assert len(lines) == 1, f"want exactly one stderr line, got {len(lines)}:\n{r.stderr[-3000:]}"
+    assert lines[0].startswith("error:"), lines[0]
+    assert "Traceback" not in r.stderr
+
+
+@pytest.fixture(scope="session")
+def base_run(shared_root, data_dir) -> Path:
+    """The uninterrupted reference run (read-only for tests)."""
+    from filelock import FileLock
+
+    out = shared_root / "cli-base"
+    with FileLock(str(shared_root / "cli-base.lock")):
+        done = out / "heads.csv"
+        if not done.is_file():
+            shutil.rmtree(out, ignore_errors=True)
+            ok(cli([*BASE_ARGS, "--data", data_dir, "--out", out]))
+    return out
+
+
+def count_open_rows(data_dir: Path) -> int:
+    return sum(sum(q != "multiple-choice" for q in pq.read_table(f, columns=["question_type"])
+                   .column("question_type").to_pylist()) for f in data_dir.glob("*/validation-*.parquet"))
+
+
+# --------------------------------------------------------------------------------------------------------
+# outputs
+
+
+def test_outputs_exist_and_agree_with_items(base_run, data_dir):
+    heads = pd.read_csv(base_run / "heads.csv")
+    for col in ("layer", "head", "accuracy", "prob_accuracy", "kl", "n_items"):
+        assert col in heads.columns, col
+    assert sorted(zip(heads["layer"], heads["head"])) == [(l, h) for l in LAYERS for h in HEADS]
+    assert (heads["n_items"] == N_ITEMS).all()
+
+    base = json.loads((base_run / "baseline.json").read_text())
+    for key in ("accuracy", "prob_accuracy", "n_items", "n_skipped_open"):
+        assert key in base, key
+    assert base["n_items"] == N_ITEMS
+    assert base["n_skipped_open"] == count_open_rows(data_dir) > 0
+
+    items = pd.read_parquet(base_run / "items.parquet")
+    assert len(items) == N_ITEMS * (1 + len(LAYERS) * len(HEADS))
+    is_base = (items["layer"] == -1) & (items["head"] == -1)
+    assert is_base.sum() == N_ITEMS and items.loc[is_base, "item_id"].is_unique
+    assert (items.loc[is_base, "kl"] == 0.0).all()  # exactly zero with nothing masked
+    assert (items["kl"] >= 0).all()
+    # heads.csv and baseline.json are the means of the per-item table (recomputed here with pandas)
+    masked = items[~is_base].groupby(["layer", "head"])
+    agg = pd.DataFrame({"accuracy": masked["correct"].mean(), "prob_accuracy": masked["prob_correct"].mean(),
+                        "kl": masked["kl"].mean()}).reset_index()
+    merged = heads.merge(agg, on=["layer", "head"], suffixes=("", "_want"))
+    for m in ("accuracy", "prob_accuracy", "kl"):
+        assert (merged[m] - merged[f"{m}_want"]).abs().max() <= 1e-5 * max(1.0, merged[f"{m}_want"].abs().max())
+    assert base["accuracy"] == pytest.approx(items.loc[is_base, "correct"].mean())
+    assert base["prob_accuracy"] == pytest.approx(items.loc[is_base, "prob_correct"].mean())
+    # 5-option items score all five letters
+    assert set(items["prob_pred"]) <= set("ABCDE")
+
+    for name in HEATMAPS:
+        data = (base_run / name).read_bytes()
+        assert data.startswith(b"\x89PNG" if name.endswith("png") else b"%PDF"), name
+
+    run = json.loads((base_run / "run.json").read_text())
+    assert run["status"] == "complete" and len(run["fingerprint"]) >= 8
+    assert {"torch", "transformers", "python"} <= set(run["versions"])
+    assert run["plan"]["template"]["system"] and "{question}" in run["plan"]["template"]["user"]
+    assert run["plan"]["method"] == "naive" and run["plan"]["settings"]["attn_implementation"]
+
+
+def test_cli_numbers_match_in_process_oracle(base_run, data_dir, load_tiny):
+    """p_answer, KL and the probability choice of the CLI equal a direct computation with o_proj columns zeroed."""
+    from probe.mmmu import load_items
+    from probe.prompting import PromptTemplate, build_inputs, letter_token_ids
+
+    m = load_tiny("qwen2_vl", "sdpa")
+    run = json.loads((base_run / "run.json").read_text())
+    template = PromptTemplate(**run["plan"]["template"])
+    items, _ = load_items(data_dir, limit=N_ITEMS)
+    table = pd.read_parquet(base_run / "items.parquet").set_index(["item_id", "layer", "head"])
+    o_proj = {l: m.model.model.language_model.layers[l].self_attn.o_proj for l in LAYERS}
+    d = o_proj[0].in_features // m.model.config.text_config.num_attention_heads
+    worst = 0.0
+    for item in items[:3]:
+        inputs = build_inputs(m, item, template)
+        ids = letter_token_ids(m.tokenizer, item.letters)
+        with torch.no_grad():
+            base_logp = torch.log_softmax(m.model(**inputs).logits[0, -1, ids].double(), -1)
+        for layer, head in [(3, 1), (0, 0)]:
+            w = o_proj[layer].weight
+            saved = w.detach().clone()
+            try:
+                with torch.no_grad():
+                    w[:, head * d:(head + 1) * d] = 0
+                    logp = torch.log_softmax(m.model(**inputs).logits[0, -1, ids].double(), -1)
+            finally:
+                with torch.no_grad():
+                    w.copy_(saved)
+            row = table.loc[(item.id, layer, head)]
+            answer = item.letters.index(item.answer)
+            p_ans = float(logp[answer].exp())
+            kl = float((base_logp.exp() * (base_logp - logp)).sum())
+            worst = max(worst, abs(row["p_answer"] - p_ans), abs(row["kl"] - kl))
+            assert row["p_answer"] == pytest.approx(p_ans, abs=1e-5)
+            assert row["kl"] == pytest.approx(kl, abs=1e-5)
+            assert row["prob_pred"] == item.letters[int(logp.argmax())]
+        assert table.loc[(item.id, -1, -1), "p_answer"] == pytest.approx(
+            float(base_logp[item.letters.index(item.answer)].exp()), abs=1e-5)
+    assert worst <= 1e-5
+
+
+def test_figures_redraw(base_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(base_run, run)
+    for name in HEATMAPS:
+        (run / name).unlink()
+    r = cli(["heads", run], module="figures")
+    ok(r)
+    for name in HEATMAPS:
+        assert (run / name).stat().st_size > 0, name
+    assert len(r.stdout.strip().splitlines()) == len(HEATMAPS)
+    assert_one_line_error(cli(["heads", tmp_path / "missing"], module="figures"))
+
+
+# --------------------------------------------------------------------------------------------------------
+# resume, reruns, overwrite
+
+
+def test_resume_after_kill_equals_uninterrupted(base_run, data_dir, tmp_path):
+    out = tmp_path / "resumed"
+    args = [sys.executable, "-m", "probe.heads", *BASE_ARGS, "--data", str(data_dir), "--out", str(out)]
+    proc = subprocess.Popen(args, cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    parts = out / "parts"
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if parts.is_dir() and any(p.name.startswith("chunk_") for p in parts.iterdir()):
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, f"run ended before it could be killed:\n{proc.stderr.read().decode()[-2000:]}"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=60)
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    done = sorted(p for p in parts.iterdir() if p.name.startswith("chunk_"))
+    assert 1 <= len(done) < N_ITEMS, f"{len(done)} parts at kill time: nothing left to resume"
+    assert not (out / "heads.csv").exists()
+    first = done[0]
+    first_bytes, first_mtime = first.read_bytes(), first.stat().st_mtime_ns
+
+    ok(cli([*BASE_ARGS, "--data", data_dir, "--out", out]))
+    assert first.stat().st_mtime_ns == first_mtime and first.read_bytes() == first_bytes, "finished part redone"
+    assert (out / "heads.csv").read_bytes() == (base_run / "heads.csv").read_bytes()
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "items.parquet"), pd.read_parquet(base_run / "items.parquet"),
+                                  check_exact=True)
+    b1, b2 = (json.loads((d / "baseline.json").read_text()) for d in (out, base_run))
+    assert b1 == b2
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "complete"
+
+
+def run_in_process(args, capfd) -> subprocess.CompletedProcess:
+    """``python -m probe.heads ARGS`` in this process (cheap: torch is already imported); fd-level stderr."""
+    from probe.errors import cli_main
+    from probe.heads import main
+
+    capfd.readouterr()
+    rc = cli_main(main, [str(a) for a in args])
+    captured = capfd.readouterr()
+    return subprocess.CompletedProcess(["probe.heads", *map(str, args)], rc, captured.out, captured.err)
+
+
+def test_rerun_with_other_settings_then_overwrite(base_run, data_dir, tmp_path, capfd):
+    out = tmp_path / "run"
+    shutil.copytree(base_run, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    small = ["--model", "tiny-qwen2-vl", "--data", data_dir, "--limit", "2", "--layers", "3", "--heads", "0",
+             "--method", "naive", "--chunk-size", "1", "--max-new-tokens", "2", "--quiet", "--out", out]
+    r = cli(small)  # a real process: exit code and stderr exactly as a user sees them
+    assert_one_line_error(r)
+    assert "--out" in r.stderr or "differ" in r.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before, "refused run touched files"
+
+    ok(run_in_process([*small, "--overwrite", "--no-figures"], capfd))
+    heads = pd.read_csv(out / "heads.csv")
+    assert list(zip(heads["layer"], heads["head"])) == [(3, 0)] and heads["n_items"].tolist() == [2]
+    assert sorted(p.name for p in (out / "parts").iterdir() if p.name.startswith("chunk_")) == [
+        "chunk_00000.parquet", "chunk_00001.parquet"]
+    assert len(pd.read_parquet(out / "items.parquet")) == 2 * 2
+    assert not list(out.glob("heatmap_*")), "stale heatmaps of the overwritten run survived"
+    old_fp = json.loads(before["run.json"])["fingerprint"]
+    assert json.loads((out / "run.json").read_text())["fingerprint"] != old_fp
+
+
+def test_same_command_on_finished_run_is_a_noop_resume(base_run, data_dir, tmp_path, capfd):
+    out = tmp_path / "run"
+    shutil.copytree(base_run, out)
+    items_before = (out / "items.parquet").read_bytes()
+    ok(run_in_process([*BASE_ARGS, "--data", data_dir, "--out", out], capfd))
+    assert (out / "items.parquet").read_bytes() == items_before
+
+
+# --------------------------------------------------------------------------------------------------------
+# bad input: exit 2, one line, no output dir
+
+
+def _no_mc_data(root: Path) -> Path:
+    from probe.synthetic import MMMU_COLUMNS, write_mmmu_parquet
+
+    row = {c: None for c in MMMU_COLUMNS} | {"id": "validation_Art_1", "question": "Name it.", "options": "[]",
+                                             "answer": "x", "question_type": "open", "explanation": ""}
+    write_mmmu_parquet({"Art": [row]}, root, "validation")
+    return root
+
+
+def _corrupt_model(root: Path, tiny: Path) -> Path:
+    shutil.copytree(tiny, root)
+    (root / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}" * 50)
+    return root
+
+
+BAD_CASES = {
+    "unknown alias": lambda t, d, m: ["--model", "qwen2-vl-typo", "--data", d],
+    "missing data dir": lambda t, d, m: ["--data", t / "nope"],
+    "empty data dir": lambda t, d, m: ["--data", (t / "empty").mkdir() or t / "empty"],
+    "no multiple-choice items": lambda t, d, m: ["--data", _no_mc_data(t / "open")],
+    "layer out of range": lambda t, d, m: ["--data", d, "--layers", "99"],
+    "head out of range": lambda t, d, m: ["--data", d, "--heads", "99"],
+    "bad layer spec": lambda t, d, m: ["--data", d, "--layers", "two"],
+    "unknown subject": lambda t, d, m: ["--data", d, "--subjects", "Astrology"],
+    "unreadable checkpoint": lambda t, d, m: ["--model", _corrupt_model(t / "corrupt", m["qwen2"]), "--data", d],
+    "text-only model, image items": lambda t, d, m: ["--model", "tiny-qwen2", "--data", d],
+    "unknown dtype": lambda t, d, m: ["--data", d, "--dtype", "float8"],
+}
+# Reported to the owner of probe/heads.py: these are validated only after the output dir and run.json exist.
+NOT_VALIDATED_BEFORE_OUT = {"text-only model, image items", "unknown dtype"}
+
+
+XFAIL_HEADS = pytest.mark.xfail(
+    strict=True, reason="probe/heads.py make_plan does not check this; run.json (and the dir) are written before "
+    "load_model/build_inputs raise (reported to the heads.py owner)")
+# Each case runs in this process (fd-level stderr captured); SUBPROCESS_CASES also as a real `python -m`.
+SUBPROCESS_CASES = ("unknown alias", "unreadable checkpoint")
+
+
+def _bad_args(case, tmp_path, data_dir, tiny_dirs):
+    out = tmp_path / "out"
+    return [*BAD_CASES[case](tmp_path, data_dir, tiny_dirs), "--limit", "2", "--method", "naive", "--quiet",
+            "--out", out], out
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=XFAIL_HEADS) if c in NOT_VALIDATED_BEFORE_OUT else c
+                                  for c in BAD_CASES])
+def test_bad_input_exit_2_one_line_no_output(case, tmp_path, data_dir, tiny_dirs, capfd):
+    args, out = _bad_args(case, tmp_path, data_dir, tiny_dirs)
+    assert_one_line_error(run_in_process(args, capfd))
+    assert not out.exists(), f"{case}: output dir was created"
+
+
+@pytest.mark.parametrize("case", SUBPROCESS_CASES)
+def test_bad_input_subprocess(case, tmp_path, data_dir, tiny_dirs):
+    args, out = _bad_args(case, tmp_path, data_dir, tiny_dirs)
+    assert_one_line_error(cli(args))
+    assert not out.exists(), f"{case}: output dir was created"
+
+
+# --------------------------------------------------------------------------------------------------------
+# the default, no-argument run (embedded model and data, default engine)
+
+
+def _exact_available() -> bool:
+    from probe.sweep import ENGINES
+
+    if "exact" not in ENGINES:
+        return False
+    import importlib.util
+
+    module = ENGINES["exact"].split(":")[0] if isinstance(ENGINES["exact"], str) else "probe.sweep"
+    return importlib.util.find_spec(module) is not None
+
+
+@pytest.mark.skipif(not _exact_available(), reason="the default --method exact is not registered in "
+                    "probe.sweep.ENGINES yet")
+def test_default_no_argument_run(tmp_path):
+    r = cli([], cwd=tmp_path, timeout=580)
+    ok(r)
+    out = tmp_path / "runs" / "heads"
+    for name in ("heads.csv", "baseline.json", "items.parquet", "run.json", *HEATMAPS):
+        assert (out / name).is_file(), name
+    heads = pd.read_csv(out / "heads.csv")
+    run = json.loads((out / "run.json").read_text())
+    assert run["plan"]["method"] == "exact" and run["plan"]["model_spec"] == "tiny-qwen2-vl"
+    assert len(heads) == run["plan"]["n_layers"] * run["plan"]["n_heads"]
+    assert (heads["kl"] >= 0).all()
