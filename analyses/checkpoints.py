@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import torch
 
 from probe.errors import BadInput
-from probe.families import ALIASES, FAMILIES, Family, Layout, canonical_lm_name, detect_layout, read_config_json
+from probe.families import FAMILIES, Family, Layout, canonical_lm_name, detect_layout, read_config_json
 from probe.families import text_config_dict
 
 DTYPES: dict[str, torch.dtype] = {
@@ -164,27 +164,14 @@ class BinFile:
         self._sd.clear()
 
 
-def resolve_model_dir(spec: str, local_files_only: bool = True) -> Path:
-    """A local dir, or an alias resolved through the local Hugging Face cache (no hub access here)."""
-    p = Path(spec).expanduser()
-    if p.is_dir():
-        return p
-    if spec in ALIASES:
-        source = ALIASES[spec].source
-        if ":" in source and not "/" in source.split(":", 1)[0]:
-            raise BadInput(f"alias {spec!r} ({source}) is built, not downloaded; pass its directory instead")
-        try:
-            from huggingface_hub import snapshot_download
+def resolve_model_dir(spec: str) -> Path:
+    """A local checkpoint dir, or an alias resolved by the probe's one resolver (hub cache, organisms, tiny)."""
+    from probe.models import model_path
 
-            return Path(snapshot_download(source, local_files_only=local_files_only))
-        except Exception:
-            raise BadInput(
-                f"alias {spec!r} -> {source} is not in the local Hugging Face cache; "
-                f"run `huggingface-cli download {source}` or pass a local directory"
-            ) from None
-    if p.exists():
+    path = model_path(spec)
+    if not path.is_dir():
         raise BadInput(f"{spec}: not a directory")
-    raise BadInput(f"{spec}: no such directory and not a known alias ({', '.join(ALIASES)})")
+    return path
 
 
 def _weight_files(model_dir: Path, allow_bin: bool) -> dict[str, Path]:

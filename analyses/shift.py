@@ -15,11 +15,10 @@ import json
 import statistics
 import sys
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 from tqdm import tqdm
 
 from analyses.align import Alignment, align, check_finite
@@ -57,7 +56,6 @@ class ShiftRow:
 def stream_stats(ckpts: Sequence[Checkpoint], plan_al: Alignment, names: Sequence[str], progress: str = "shift") -> list[list[ShiftStats]]:
     """Per tensor, stats of every checkpoint after the first against the first, over the common elements."""
     out = []
-    base = ckpts[0]
     for plan in tqdm(plan_al.tensors, desc=progress, unit="tensor", leave=False):
         stats = [ShiftStats() for _ in ckpts[1:]]
         views = [ck.view(info).reshape(-1) for ck, info in zip(ckpts, plan.infos)]

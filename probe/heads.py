@@ -212,7 +212,7 @@ def run(args: argparse.Namespace) -> Path:
     t0 = time.perf_counter()
     if todo:
         from probe.models import load_model
-        from probe.sweep import ENGINES, SweepConfig, get_engine
+        from probe.sweep import SweepConfig, get_engine
         from probe.results import atomic_write_parquet
         import pandas as pd
 

@@ -90,14 +90,19 @@ def known_models() -> str:
     return ", ".join(ALIASES)
 
 
-def resolve_model(spec: str) -> ModelRef:
-    """Alias → directory (hub cache, bundled organism, or tiny build); directory → itself. Reads config only."""
+def model_path(spec: str) -> Path:
+    """Alias → its location (hub cache, shipped organism, tiny build, file in a package); else the path given."""
     if spec in ALIASES:
-        path = _source_dir(ALIASES[spec].source)
-    else:
-        path = Path(spec).expanduser()
-        if not path.exists():
-            raise BadInput(f"unknown model {spec!r}: not a directory nor an alias (known: {known_models()})")
+        return _source_dir(ALIASES[spec].source)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise BadInput(f"unknown model {spec!r}: not a directory nor an alias (known: {known_models()})")
+    return path
+
+
+def resolve_model(spec: str) -> ModelRef:
+    """Alias or directory → a ModelRef. Reads config only (STYLE 5: validate before loading weights)."""
+    path = model_path(spec)
     if path.is_file() and path.suffix == ".gguf":
         config, gguf_file, path = _gguf_config(path), path.name, path.parent
     elif not path.is_dir():
