@@ -9,7 +9,7 @@ import pytest
 from probe.errors import BadInput
 from probe.mmmu import load_mmmu
 from probe.zoo import MODALITY, ORGANISMS, organism_dir, organism_validation_dir, validation_dir
-from probe.zoo import tasks_text, tasks_video
+from probe.zoo import tasks_image, tasks_text, tasks_video
 
 
 @pytest.mark.parametrize("subject", tasks_text.SUBJECTS)
@@ -19,7 +19,8 @@ def test_text_generator_deterministic(subject):
     assert a != tasks_text.generate_rows(20, 4, subject, "train")
     for row in a:
         opts = eval(row["options"])  # noqa: S307 - our own str(list)
-        assert len(opts) == 4 and row["answer"] in "ABCD" and len(set(opts)) == 4
+        assert 3 <= len(opts) <= 6 and len(set(opts)) == len(opts)
+        assert row["answer"] in "ABCDEF"[: len(opts)]
 
 
 @pytest.mark.parametrize("subject", tasks_video.SUBJECTS)
@@ -28,6 +29,13 @@ def test_video_generator_deterministic(subject):
     assert a == tasks_video.generate_rows(5, 1, subject, "validation")  # frames byte-identical
     assert a != tasks_video.generate_rows(5, 2, subject, "validation")
     assert all(len(r["video"]) == tasks_video.N_FRAMES for r in a)
+
+
+@pytest.mark.parametrize("subject", tuple(tasks_image.SUBJECT_KINDS))
+def test_image_generator_deterministic(subject):
+    a = tasks_image.generate_rows(4, 1, subject, "validation")
+    assert a == tasks_image.generate_rows(4, 1, subject, "validation")
+    assert a != tasks_image.generate_rows(4, 2, subject, "validation")
 
 
 def test_world_is_fixed():

@@ -13,6 +13,11 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--quick", action="store_true", help="tiny data and few steps (CI smoke test)")
     b.add_argument("--steps", type=int, default=None, help="override the training steps of every organism")
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    b.add_argument("--reuse", action="store_true",
+                   help="keep organisms already built in --out with the same recipe (resume an interrupted build)")
+    b.add_argument("--only", nargs="+", choices=("base", "vl", "ov-si", "video"), default=None,
+                   help="build only these organisms (the others must already be in --out; with --reuse)")
     b.add_argument("--ship", action="store_true", help="copy the result into the package (maintainers)")
     args = ap.parse_args(argv)
     from probe.errors import BadInput
@@ -20,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.steps is not None and args.steps < 1:
         raise BadInput("--steps must be >= 1")
-    build(args.out, quick=args.quick, steps=args.steps, seed=args.seed)
+    build(args.out, quick=args.quick, steps=args.steps, seed=args.seed, threads=args.threads, reuse=args.reuse,
+          only=args.only)
     if args.ship:
         ship(args.out)
     return 0

@@ -21,7 +21,7 @@ import torch
 
 from probe.families import FAMILIES
 from probe.prompting import PromptTemplate, build_inputs, letter_token_ids
-from probe.zoo import tasks_text, tasks_video
+from probe.zoo import tasks_image, tasks_text, tasks_video
 
 TEMPLATE = PromptTemplate()
 IMAGE_SIZE = 64
@@ -43,8 +43,8 @@ class Recipe:
     warmup: int = 50
 
 
-FULL = {"base": Recipe(1200, 3e-3, 3e-3), "vl": Recipe(500, 2e-3, 5e-4),
-        "ov-si": Recipe(500, 2e-3, 5e-4), "video": Recipe(400, 2e-3, 5e-4)}
+FULL = {"base": Recipe(600, 3e-3, 3e-3, 24), "vl": Recipe(500, 2e-3, 5e-4, 24),
+        "ov-si": Recipe(500, 2e-3, 5e-4, 24), "video": Recipe(400, 2e-3, 5e-4, 24)}
 # Items per subject per split.
 FULL_DATA = {"train": 1500, "validation": 32}
 QUICK_DATA = {"train": 24, "validation": 8}
@@ -59,15 +59,15 @@ def log(msg: str) -> None:
 
 def build_data(root: Path, sizes: dict[str, int], seed: int = 0) -> dict[str, Path]:
     """MMMU-format parquet per modality: text, image (4 subjects), image_single (3), video (3)."""
-    from probe.synthetic import SUBJECT_KINDS, generate_items, write_mmmu_parquet
+    from probe.synthetic import write_mmmu_parquet
 
     out = {}
     tasks_text.build_text_dataset(root / "text", sizes, seed)
     out["text"] = root / "text"
     for modality in ("image", "image_single"):
         for split, n in sizes.items():
-            rows = {s: generate_items(n, f"{seed}:{modality}:{split}:{s}", IMAGE_SIZE, SUBJECT_KINDS[s], 0.0,
-                                      subject=s, split=split) for s in MODALITY_SUBJECTS[modality]}
+            rows = {s: tasks_image.generate_rows(n, f"{seed}:{modality}", s, split, IMAGE_SIZE)
+                    for s in MODALITY_SUBJECTS[modality]}
             write_mmmu_parquet(rows, root / modality, split)
         out[modality] = root / modality
     tasks_video.build_video_dataset(root / "video", sizes, seed, IMAGE_SIZE)
@@ -318,18 +318,22 @@ def _save_bf16(loaded, out_dir: Path) -> None:
     loaded.model.to(torch.float32)
 
 
-def build(out: Path, quick: bool = False, steps: int | None = None, seed: int = 0) -> dict[str, Any]:
+def build(out: Path, quick: bool = False, steps: int | None = None, seed: int = 0, threads: int = 2,
+          reuse: bool = False, only: Sequence[str] | None = None) -> dict[str, Any]:
     """Regenerate data and all four organisms under ``out``; returns the quality table (also quality.json)."""
     from probe.mmmu import load_mmmu
     from probe.tokenizer import build_tokenizer
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     t_start = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sizes = QUICK_DATA if quick else FULL_DATA
     log(f"data → {out / 'data'}")
-    data = build_data(out / "data", sizes, seed)
+    if reuse and all((out / "data" / m).is_dir() for m in MODALITY_SUBJECTS):
+        data = {m: out / "data" / m for m in MODALITY_SUBJECTS}  # resuming: same seed, same data
+    else:
+        data = build_data(out / "data", sizes, seed)
     items = {m: {s: load_mmmu(d, s)[0] for s in sizes} for m, d in data.items()}
     log(f"tokenizer ({time.time() - t_start:.0f}s)")
     tok = build_tokenizer(tokenizer_corpus(seed), 1024)
@@ -341,6 +345,14 @@ def build(out: Path, quick: bool = False, steps: int | None = None, seed: int = 
     for k, name in enumerate(("base", "vl", "ov-si", "video")):
         t0 = time.time()
         d = out / f"organism-{name}"
+        if only and name not in only:
+            continue
+        if reuse and (d / "organism.json").is_file():
+            done = json.loads((d / "organism.json").read_text())
+            if done.get("recipe") == asdict(recipes[name]):
+                log(f"organism-{name}: reusing {d}")
+                quality["organisms"][f"organism-{name}"] = {k2: v for k2, v in done.items() if k2 != "name"}
+                continue
         if d.exists():
             shutil.rmtree(d)
         init_organism(name, tok, d, None if name == "base" else out / "organism-base", seed + k)
@@ -363,7 +375,8 @@ def build(out: Path, quick: bool = False, steps: int | None = None, seed: int = 
         quality["organisms"][f"organism-{name}"] = res
         log(f"organism-{name}: {json.dumps({k2: v for k2, v in res.items() if k2 != 'recipe'})}")
     quality["build_seconds"] = round(time.time() - t_start, 1)
-    (out / "quality.json").write_text(json.dumps(quality, indent=1))
+    if not only:
+        (out / "quality.json").write_text(json.dumps(quality, indent=1))
     log(f"done in {quality['build_seconds']}s")
     return quality
 

@@ -1,10 +1,15 @@
 """Text multiple-choice tasks in MMMU format: knowledge, two-step reasoning and instruction following.
 
 - **Knowledge**: facts about a small generated world (country → capital, country → animal, country → river).
-  The world is fixed by ``WORLD_SEED``; train and validation ask the *same* facts with fresh distractors and
-  option orders (closed-book recall, like the knowledge benchmarks of the paper's question 1).
-- **Reasoning**: two-step arithmetic stories ("Ann has 3 coins. Bob has 2 more coins than Ann. ...").
-- **Instruction**: answer-format instructions ("Answer with the letter of the option written in capitals").
+  The world is fixed by ``WORLD_SEED``; train and validation ask the *same* 36 facts (closed-book recall, like
+  the knowledge benchmarks of the paper's question 1), each with its own fixed four options.
+- **Reasoning**: two-step arithmetic stories ("Ann has 3 coins. Bob has 2 more coins than Ann. ..."), the
+  options always 1-6 in order.
+- **Instruction**: answer-format instructions ("Answer with the letter C.", "choose the first / last option"
+  with 3-6 options).
+
+Options come in a canonical order per question (see ``probe.zoo.tasks_image`` for why: tiny models trained for
+minutes do not learn to point to a shuffled option).
 
 Deterministic per seed: a private ``random.Random`` seeded with a string (stable across runs), no global RNG.
 Rows use ``probe.synthetic``'s MMMU columns, with no image columns set.
@@ -65,36 +70,35 @@ def q_knowledge(rng: random.Random) -> tuple[str, list[str], str, dict]:
     country = rng.choice(sorted(w))
     rel = rng.choice(sorted(_RELATIONS))
     pool = [facts[rel] for facts in w.values()]
-    options, answer = _mc(rng, w[country][rel], pool)
+    # Fixed options per fact: distractors and order drawn from a generator seeded by the fact itself.
+    options, answer = _mc(random.Random(f"{WORLD_SEED}:{country}:{rel}"), w[country][rel], pool)
     return _RELATIONS[rel].format(c=country), options, answer, {"country": country, "relation": rel}
 
 
 def q_reasoning(rng: random.Random) -> tuple[str, list[str], str, dict]:
     a, b = rng.sample(NAMES, 2)
-    x = rng.randint(1, 6)
-    d = rng.randint(1, 3)
-    if rng.random() < 0.5:
-        y, rel = x + d, "more"
+    d = rng.randint(1, 2)
+    y = rng.randint(1, 6)
+    if rng.random() < 0.5 and y > d:
+        x, rel = y - d, "more"
+    elif y + d <= 6:
+        x, rel = y + d, "fewer"
     else:
-        x, y, rel = x + d, x, "fewer"
+        x, rel = y - d, "more"
     thing = rng.choice(("coins", "books", "cards"))
     text = f"{a} has {x} {thing}. {b} has {d} {rel} {thing} than {a}. How many {thing} does {b} have?"
-    options, answer = _mc(rng, str(y), [str(i) for i in range(0, 10)])
-    return text, options, answer, {"x": x, "d": d, "rel": rel}
+    options = [str(i) for i in range(1, 7)]
+    return text, options, chr(ord("A") + options.index(str(y))), {"x": x, "d": d, "rel": rel}
 
 
 def q_instruction(rng: random.Random) -> tuple[str, list[str], str, dict]:
-    kind = rng.choice(("capitals", "last", "letter", "first"))
-    words = rng.sample(WORDS, 4)
-    if kind == "capitals":
-        k = rng.randrange(4)
-        words[k] = words[k].upper()
-        return "Choose the option written in capital letters.", words, chr(ord("A") + k), {"kind": kind}
+    kind = rng.choice(("last", "letter", "first"))
+    words = rng.sample(WORDS, rng.randint(3, 6))
     if kind == "last":
-        return "Ignore the meaning and choose the last option.", words, "D", {"kind": kind}
+        return "Ignore the meaning and choose the last option.", words, chr(ord("A") + len(words) - 1), {"kind": kind}
     if kind == "first":
         return "Ignore the meaning and choose the first option.", words, "A", {"kind": kind}
-    letter = rng.choice("ABCD")
+    letter = chr(ord("A") + rng.randrange(len(words)))
     return f"Answer with the letter {letter}.", words, letter, {"kind": kind}
 
 

@@ -1,7 +1,7 @@
 """Short frame-sequence questions in MMMU format (a ``video`` column of PNG frames, ``<video>`` in the question).
 
 Subjects: **Motion** (which way does a shape move), **Order** (which colour appears first / last), **Change**
-(what colour is the shape at the start / end). Four frames per video by default, drawn with PIL (no
+(what colour is the shape at the start / end). Options in a canonical order (see ``probe.zoo.tasks_image``). Four frames per video by default, drawn with PIL (no
 antialiasing, fixed palette, deterministic PNG bytes). Deterministic per seed.
 """
 from __future__ import annotations
@@ -66,7 +66,8 @@ def q_motion(rng: random.Random, n_frames: int):
         ox, oy = rng.choice(((0.12, 0.12), (0.88, 0.88), (0.12, 0.88), (0.88, 0.12)))
         for f in frames:
             f.insert(0, (other_kind, other_colour, ox, oy))
-    options, answer = _mc(rng, direction, DIRECTIONS)
+    options = sorted(DIRECTIONS)
+    answer = chr(ord("A") + options.index(direction))
     return f"<video> Which way does the {colour} {kind} move?", options, answer, frames
 
 
@@ -80,7 +81,8 @@ def q_order(rng: random.Random, n_frames: int):
         frames.append([(kinds[i], colours[i], *SLOTS[slots[i]]) for i in range(shown)])
     which = rng.choice(("first", "last"))
     correct = colours[0] if which == "first" else colours[2]
-    options, answer = _mc(rng, correct, colours + [c for c in sorted(COLOURS) if c not in colours][:1])
+    options = sorted(COLOURS)
+    answer = chr(ord("A") + options.index(correct))
     return f"<video> Which colour appears {which}?", options, answer, frames
 
 
@@ -92,9 +94,7 @@ def q_change(rng: random.Random, n_frames: int):
     frames = [[(kind, start if t < at else end, x, y)] for t in range(n_frames)]
     which = rng.choice(("start", "end"))
     correct = start if which == "start" else end
-    pool = [c for c in sorted(COLOURS) if c not in (start, end)]
-    options = [start, end, *rng.sample(pool, 2)]
-    rng.shuffle(options)
+    options = sorted(COLOURS)
     return (f"<video> The {kind} changes colour. What colour is it at the {which}?", options,
             chr(ord("A") + options.index(correct)), frames)
 
