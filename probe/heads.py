@@ -152,19 +152,43 @@ def load_template(args: argparse.Namespace):
     return template
 
 
+def check_device(device: str) -> None:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise BadInput(f"unknown --device {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BadInput(f"--device {device}: CUDA is not available on this machine")
+
+
+def check_modalities(ref, items) -> None:
+    """A text-only model cannot take image or video items: say so before anything is written."""
+    for item in items:
+        if (item.images and ref.family.image_placeholder is None) or (
+                item.frames and ref.family.video_placeholder is None):
+            raise BadInput(f"item {item.id} has images or video but {ref.spec} ({ref.family.name}) is text-only")
+
+
 def make_plan(args: argparse.Namespace):
     from probe.mmmu import load_items
-    from probe.models import resolve_model
+    from probe.models import DTYPES, resolve_model
+
     for name in ("limit", "batch_size", "chunk_size", "max_new_tokens", "image_max_side"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise BadInput(f"--{name.replace('_', '-')} must be ≥ 1, got {value}")
+    if args.dtype not in DTYPES:
+        raise BadInput(f"unknown --dtype {args.dtype!r}; use one of {', '.join(DTYPES)}")
+    check_device(args.device)
     ref = resolve_model(args.model)
     g = ref.geometry
     layers = parse_index_spec(args.layers, g.n_layers, "layer")
     heads = parse_index_spec(args.heads, g.n_heads, "head")
     data = args.data if args.data is not None else str(default_data_for(args.model))
     items, report = load_items(data, split=args.split, subjects=args.subjects, limit=args.limit)
+    check_modalities(ref, items)
     template = load_template(args)
     settings = {
         "dtype": args.dtype, "attn_implementation": args.attn_implementation, "generate": not args.no_generate,
@@ -207,8 +231,6 @@ def run(args: argparse.Namespace) -> Path:
         "argv": sys.argv[1:], "approximate": plan.method == "attribution",
         "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    if rank == 0 and not resumed:
-        atomic_write_json(out / "run.json", run_info)
     t0 = time.perf_counter()
     if todo:
         from probe.models import load_model
@@ -217,6 +239,8 @@ def run(args: argparse.Namespace) -> Path:
         import pandas as pd
 
         loaded = load_model(ref, dtype=args.dtype, device=device, attn_implementation=args.attn_implementation)
+        if not (out / "run.json").is_file():  # only once the model loaded: failures leave no directory
+            atomic_write_json(out / "run.json", run_info)
         cfg = SweepConfig(template=template, generate=not args.no_generate, max_new_tokens=args.max_new_tokens,
                           image_max_side=args.image_max_side, batch_size=args.batch_size)
         pairs = [(l, h) for l in plan.layers for h in plan.heads]

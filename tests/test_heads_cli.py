@@ -285,13 +285,6 @@ BAD_CASES = {
     "text-only model, image items": lambda t, d, m: ["--model", "tiny-qwen2", "--data", d],
     "unknown dtype": lambda t, d, m: ["--data", d, "--dtype", "float8"],
 }
-# Reported to the owner of probe/heads.py: these are validated only after the output dir and run.json exist.
-NOT_VALIDATED_BEFORE_OUT = {"text-only model, image items", "unknown dtype"}
-
-
-XFAIL_HEADS = pytest.mark.xfail(
-    strict=True, reason="probe/heads.py make_plan does not check this; run.json (and the dir) are written before "
-    "load_model/build_inputs raise (reported to the heads.py owner)")
 # Each case runs in this process (fd-level stderr captured); SUBPROCESS_CASES also as a real `python -m`.
 SUBPROCESS_CASES = ("unknown alias", "unreadable checkpoint")
 
@@ -302,8 +295,7 @@ def _bad_args(case, tmp_path, data_dir, tiny_dirs):
             "--out", out], out
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=XFAIL_HEADS) if c in NOT_VALIDATED_BEFORE_OUT else c
-                                  for c in BAD_CASES])
+@pytest.mark.parametrize("case", list(BAD_CASES))
 def test_bad_input_exit_2_one_line_no_output(case, tmp_path, data_dir, tiny_dirs, capfd):
     args, out = _bad_args(case, tmp_path, data_dir, tiny_dirs)
     assert_one_line_error(run_in_process(args, capfd))
@@ -321,20 +313,9 @@ def test_bad_input_subprocess(case, tmp_path, data_dir, tiny_dirs):
 # the default, no-argument run (embedded model and data, default engine)
 
 
-def _exact_available() -> bool:
-    from probe.sweep import ENGINES
-
-    if "exact" not in ENGINES:
-        return False
-    import importlib.util
-
-    module = ENGINES["exact"].split(":")[0] if isinstance(ENGINES["exact"], str) else "probe.sweep"
-    return importlib.util.find_spec(module) is not None
-
-
-@pytest.mark.skipif(not _exact_available(), reason="the default --method exact is not registered in "
-                    "probe.sweep.ENGINES yet")
 def test_default_no_argument_run(tmp_path):
+    from probe.heads import DEFAULT_MODEL
+
     r = cli([], cwd=tmp_path, timeout=580)
     ok(r)
     out = tmp_path / "runs" / "heads"
@@ -342,6 +323,6 @@ def test_default_no_argument_run(tmp_path):
         assert (out / name).is_file(), name
     heads = pd.read_csv(out / "heads.csv")
     run = json.loads((out / "run.json").read_text())
-    assert run["plan"]["method"] == "exact" and run["plan"]["model_spec"] == "tiny-qwen2-vl"
+    assert run["plan"]["method"] == "exact" and run["plan"]["model_spec"] == DEFAULT_MODEL
     assert len(heads) == run["plan"]["n_layers"] * run["plan"]["n_heads"]
     assert (heads["kl"] >= 0).all()
