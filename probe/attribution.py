@@ -14,8 +14,8 @@ import torch
 
 from probe.masking import HeadMask
 from probe.models import LoadedModel
-from probe.prompting import ItemLike, build_inputs, letter_token_ids
-from probe.sweep import BASELINE, Measurement, SweepConfig, measurement_row
+from probe.prompting import ItemLike
+from probe.sweep import BASELINE, Measurement, SweepConfig, measurement_row, prepare_item
 
 
 def option_logit_jacobian(
@@ -48,8 +48,7 @@ def attribution_sweep(
 ) -> list[dict]:
     rows: list[dict] = []
     for item in items:
-        inputs = build_inputs(loaded, item, cfg.template, cfg.image_max_side)
-        letter_ids = letter_token_ids(loaded.tokenizer, item.letters)
+        inputs, letter_ids = prepare_item(loaded, item, cfg)
         z, jac = option_logit_jacobian(loaded, inputs, letter_ids)
         base_logp = torch.log_softmax(z, -1)
         rows.append(measurement_row(item, BASELINE, BASELINE, Measurement(base_logp, None), base_logp))

@@ -18,8 +18,8 @@ from transformers import DynamicCache
 from probe.masking import HeadMask
 from probe.metrics import option_log_probs
 from probe.models import LoadedModel
-from probe.prompting import ItemLike, build_inputs, letter_token_ids
-from probe.sweep import BASELINE, Measurement, SweepConfig, measurement_row
+from probe.prompting import ItemLike
+from probe.sweep import BASELINE, Measurement, SweepConfig, measurement_row, prepare_item
 
 
 @dataclass
@@ -116,8 +116,7 @@ def exact_sweep(
         by_layer.setdefault(layer, []).append(head)
     rows: list[dict] = []
     for item in items:
-        inputs = build_inputs(loaded, item, cfg.template, cfg.image_max_side)
-        letter_ids = letter_token_ids(loaded.tokenizer, item.letters)
+        inputs, letter_ids = prepare_item(loaded, item, cfg)
         clean = clean_pass(loaded, inputs, keep_cache=cfg.generate)
         base_logp = option_log_probs(clean.last_logits, letter_ids)
         text = None

@@ -91,6 +91,12 @@ def measurement_row(
     }
 
 
+def prepare_item(loaded: LoadedModel, item: ItemLike, cfg: SweepConfig) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """Model inputs of an item (images encoded once) and the token ids of its option letters."""
+    return (build_inputs(loaded, item, cfg.template, cfg.image_max_side),
+            letter_token_ids(loaded.tokenizer, item.letters))
+
+
 def naive_sweep(
     loaded: LoadedModel,
     items: Sequence[ItemLike],
@@ -101,8 +107,7 @@ def naive_sweep(
     """The oracle: for every item, one full run unmasked and one per head with that head removed."""
     rows: list[dict] = []
     for item in items:
-        inputs = build_inputs(loaded, item, cfg.template, cfg.image_max_side)
-        letter_ids = letter_token_ids(loaded.tokenizer, item.letters)
+        inputs, letter_ids = prepare_item(loaded, item, cfg)
         base = _first_token_measure(loaded, inputs, letter_ids, cfg)
         rows.append(measurement_row(item, BASELINE, BASELINE, base, base.logp))
         progress(1)
