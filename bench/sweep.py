@@ -96,10 +96,11 @@ def main() -> int:
     print(f"model {args.model}: {g.n_layers} layers x {g.n_heads} heads, {len(items)} items, "
           f"generate={args.generate}, threads={torch.get_num_threads()}, load {t_load:.1f}s", flush=True)
 
+    engines = {name: get_engine(name) for name in ("naive", "exact", "attribution")}  # import all up front
     peak = matmul_flops()
-    naive, t_naive = timed(lambda: pd.DataFrame(get_engine("naive")(loaded, items, heads, cfg)))
-    exact, t_exact = timed(lambda: pd.DataFrame(get_engine("exact")(loaded, items, heads, cfg)))
-    attr, t_attr = timed(lambda: pd.DataFrame(get_engine("attribution")(loaded, items, heads, cfg)))
+    naive, t_naive = timed(lambda: pd.DataFrame(engines["naive"](loaded, items, heads, cfg)))
+    exact, t_exact = timed(lambda: pd.DataFrame(engines["exact"](loaded, items, heads, cfg)))
+    attr, t_attr = timed(lambda: pd.DataFrame(engines["attribution"](loaded, items, heads, cfg)))
     peak = max(peak, matmul_flops())  # measured before and after: the better of two
 
     seq = [build_inputs(loaded, it, cfg.template)["input_ids"].shape[1] for it in items]
