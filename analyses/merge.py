@@ -16,10 +16,10 @@ import csv
 import json
 import sys
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from tqdm import tqdm
@@ -35,6 +35,7 @@ METHODS = {"average": "average", "weighted": "weighted", "shift": "shift"}  # CL
 TOKENIZER_FILES = ("tokenizer", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
                    "chat_template", "generation_config.json")
 RAW_CHUNK = 64 << 20  # bytes per bit-exact copy step
+MERGE_CHUNK = 1 << 18  # elements per combine step: the 1 MB fp32 accumulator and cast buffer stay in L2 cache
 
 
 @dataclass
@@ -120,8 +121,8 @@ class Merger:
     has_base: bool
     shift_table: ShiftTable | None = None
     alpha_rows: list[tuple[str, str, float | None, float]] = field(default_factory=list)
-    _bufs: tuple[torch.Tensor, torch.Tensor] | None = None
-    _out_bufs: dict[torch.dtype, torch.Tensor] = field(default_factory=dict)
+    _acc: torch.Tensor = field(default_factory=lambda: torch.empty(MERGE_CHUNK, dtype=torch.float32))
+    _tmp: torch.Tensor = field(default_factory=lambda: torch.empty(MERGE_CHUNK, dtype=torch.float32))
 
     def coefficients(self, plan: TensorPlan, views: Sequence[torch.Tensor]) -> tuple[list[float], list[float] | None]:
         n_models = len(self.cfg.models)
@@ -145,13 +146,7 @@ class Merger:
             deltas = [st.delta_avg for st in stats]
         return shift_coefficients(deltas, self.cfg.alpha0, self.cfg.temperature), deltas
 
-    def buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """fp32 accumulator and cast buffer, allocated once (fresh 16 MB tensors cost a page fault per 4 KB)."""
-        if self._bufs is None:
-            self._bufs = (torch.empty(CHUNK, dtype=torch.float32), torch.empty(CHUNK, dtype=torch.float32))
-        return self._bufs
-
-    def merge_tensor(self, plan: TensorPlan, sink: Any, out_dtype: torch.dtype) -> None:
+    def merge_tensor(self, plan: TensorPlan, sink: Any) -> None:
         views = [ck.view(info).reshape(-1) for ck, info in zip(self.inputs, plan.infos)]
         coeffs, deltas = self.coefficients(plan, views)
         for j, (nm, c) in enumerate(zip(self.names, coeffs)):
@@ -159,41 +154,60 @@ class Merger:
                 continue  # the base only supplies vocabulary rows here
             d = deltas[j - 1] if deltas is not None and j > 0 else None
             self.alpha_rows.append((plan.canon, nm, d, c))
-        acc_buf, tmp_buf = self.buffers()
-        out_buf = self._out_bufs.get(out_dtype)
-        if out_buf is None:
-            out_buf = self._out_bufs[out_dtype] = torch.empty(CHUNK, dtype=out_dtype)
-        for lo, hi in chunks(plan.common, CHUNK):
-            n = hi - lo
-            acc, tmp, out = acc_buf[:n], tmp_buf[:n], out_buf[:n]
-            first = True
-            for v, c in zip(views, coeffs):
-                if c == 0.0:
-                    continue
-                x = v[lo:hi]
-                if x.dtype != torch.float32:
-                    tmp.copy_(x)  # vectorised cast into a reused buffer: no page faults, no bf16 math
-                    x = tmp
-                if first:
-                    torch.mul(x, c, out=acc)
-                    first = False
-                else:
-                    acc.add_(x, alpha=c)
-            if first:
-                acc.zero_()
-            if not torch.isfinite(acc.sum()):
-                for v, c, nm, info in zip(views, coeffs, self.names, plan.infos):
-                    check_finite(v[lo:hi], nm, info.key)
-                raise BadInput(f"merged tensor {plan.canon} overflows")
-            out.copy_(acc)
-            sink.write(out)
-        for lo, hi in chunks(plan.ref.numel - plan.common, CHUNK):  # vocab rows only the reference has
+        terms = [(v, c) for v, c in zip(views, coeffs) if c != 0.0]
+        with torch_threads(1):
+            for lo, hi in chunks(plan.common, MERGE_CHUNK):
+                out = sink.buffer(hi - lo)
+                acc = self.combine(terms, lo, hi, out)
+                if not torch.isfinite(acc.sum()):  # NaN/Inf in an input or an overflow: one pass, in cache
+                    self.raise_nonfinite(plan, views, lo, hi)
+                sink.write(out)
+        for lo, hi in chunks(plan.ref.numel - plan.common, MERGE_CHUNK):  # vocab rows only the reference has
             tail = views[0][plan.common + lo:plan.common + hi]
             check_finite(tail, self.names[0], plan.ref.key)
-            sink.write(tail.to(out_dtype))
-        del views
+            out = sink.buffer(hi - lo)
+            out.copy_(tail)
+            sink.write(out)
+        del views, terms
         for ck, info in zip(self.inputs, plan.infos):
             ck.release(info)
+
+    def combine(self, terms: Sequence[tuple[torch.Tensor, float]], lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
+        """out = Σ c·x[lo:hi], accumulated in fp32 (elementwise: any chunk size gives the same bits); returns the
+        fp32 accumulator."""
+        acc, tmp = self._acc[:hi - lo], self._tmp[:hi - lo]
+        if not terms:
+            acc.zero_()
+        for i, (v, c) in enumerate(terms):
+            x = v[lo:hi]
+            if x.dtype != torch.float32:
+                tmp.copy_(x)  # vectorised cast into a reused buffer: no page faults, no bf16 math
+                x = tmp
+            if i == 0:
+                torch.mul(x, c, out=acc)
+            else:
+                acc.add_(x, alpha=c)
+        out.copy_(acc)
+        return acc
+
+    def raise_nonfinite(self, plan: TensorPlan, views: Sequence[torch.Tensor], lo: int, hi: int) -> None:
+        """Name the input tensor with NaN/Inf, else report the merged tensor as overflowing."""
+        for v, nm, info in zip(views, self.names, plan.infos):
+            check_finite(v[lo:hi], nm, info.key)
+        raise BadInput(f"merged tensor {plan.canon} overflows")
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run torch kernels on ``n`` threads. The combine is one pass per input over cache-sized chunks, where
+    OpenMP's per-kernel barrier costs more than a second thread gains, the more so on a shared machine; the
+    background shard writer runs on the other core."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def merged_config(ref: Checkpoint, dtype: torch.dtype, vocab_rows: int, tied: bool) -> dict[str, Any]:
@@ -274,11 +288,11 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
         ref = inputs[0]
         entries = [Entry(lm_disk_key(p.canon), p.ref.dtype, p.ref.shape) for p in al.tensors]
         with atomic_dir(cfg.out, cfg.overwrite) as tmp:
-            writer = ShardedWriter(tmp, entries, cfg.shard_size, {"merge_method": cfg.method})
-            for plan, e in zip(tqdm(al.tensors, desc=f"merge ({cfg.method})", unit="tensor"), entries):
-                with writer.tensor(e.key) as sink:
-                    merger.merge_tensor(plan, sink, e.dtype)
-            writer.close()
+            with ShardedWriter(tmp, entries, cfg.shard_size, {"merge_method": cfg.method}, background=True) as writer:
+                for plan, e in zip(tqdm(al.tensors, desc=f"merge ({cfg.method})", unit="tensor"), entries):
+                    with writer.tensor(e.key) as sink:
+                        merger.merge_tensor(plan, sink)
+                writer.close()
             embed = next(p for p in al.tensors if p.canon == "embed_tokens.weight")
             config = merged_config(ref, embed.ref.dtype, embed.ref.shape[0], ref.tied)
             (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")

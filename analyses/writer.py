@@ -1,19 +1,23 @@
 """Streaming safetensors writer and atomic output directories.
 
 Shapes and dtypes are known before any data is computed, so every shard's header is written first and tensor
-bytes are appended chunk by chunk: no output tensor is ever held whole. Output goes to a hidden temporary dir
-beside the target and is renamed only when complete (a killed run leaves no complete-looking output).
+bytes are appended chunk by chunk: no output tensor is ever held whole. With ``background=True`` the chunks are
+written by one thread, in order, while the caller computes the next ones (file writes release the GIL). Output
+goes to a hidden temporary dir beside the target and is renamed only when complete (a killed run leaves no
+complete-looking output).
 """
 from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import shutil
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import BinaryIO, Callable, Iterator, Sequence
 
 import torch
 
@@ -21,6 +25,7 @@ from analyses.checkpoints import DTYPE_NAMES
 from probe.errors import BadInput
 
 INDEX_NAME = "model.safetensors.index.json"
+Chunk = torch.Tensor | memoryview | bytes
 
 
 def parse_size(text: str) -> int:
@@ -50,8 +55,11 @@ class Entry:
 class ShardedWriter:
     """Write ``entries`` (in this order) as ``model.safetensors`` or N shards plus the HF index."""
 
-    def __init__(self, out_dir: Path, entries: Sequence[Entry], max_shard_bytes: int, metadata: dict[str, str] | None = None):
+    def __init__(self, out_dir: Path, entries: Sequence[Entry], max_shard_bytes: int,
+                 metadata: dict[str, str] | None = None, background: bool = False):
         self.out_dir = Path(out_dir)
+        self._io = _WriteThread() if background else None
+        self._pool = _BufferPool()
         self.metadata = {"format": "pt", **(metadata or {})}
         shards: list[list[Entry]] = [[]]
         size = 0
@@ -71,8 +79,7 @@ class ShardedWriter:
         self.total_bytes = sum(e.nbytes for e in entries)
 
     def _open_shard(self, i: int) -> None:
-        if self._file:
-            self._file.close()
+        self._close_file()
         header: dict[str, object] = {"__metadata__": self.metadata}
         off = 0
         for e in self._shards[i]:
@@ -92,18 +99,33 @@ class ShardedWriter:
             raise RuntimeError(f"writer expected {entry.key}, got {key}")
         if shard != self._shard:
             self._open_shard(shard)
-        sink = _TensorSink(self._file, entry)
+        sink = _TensorSink(self, entry)
         yield sink
         if sink.written != entry.nbytes:
             raise RuntimeError(f"{key}: wrote {sink.written} bytes, expected {entry.nbytes}")
         self._pos += 1
 
-    def close(self) -> None:
-        if self._pos != len(self._order):
-            raise RuntimeError(f"writer closed after {self._pos} of {len(self._order)} tensors")
+    def _emit(self, data: Chunk, done: Callable[[], None] | None) -> None:
+        """Write ``data`` now, or queue it for the write thread; ``done`` runs once it is on its way to disk."""
+        if self._io is None:
+            self._file.write(data)
+            if done is not None:
+                done()
+        else:
+            self._io.submit(self._file, data, done)
+
+    def _close_file(self) -> None:
+        if self._io is not None:
+            self._io.drain()
         if self._file:
             self._file.close()
             self._file = None
+
+    def close(self) -> None:
+        if self._pos != len(self._order):
+            raise RuntimeError(f"writer closed after {self._pos} of {len(self._order)} tensors")
+        self._close_file()
+        self.abort()
         if len(self.names) > 1:
             index = {
                 "metadata": {"total_size": self.total_bytes},
@@ -111,20 +133,113 @@ class ShardedWriter:
             }
             (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
+    def abort(self) -> None:
+        """Stop the write thread (idempotent); after an error the caller deletes the output."""
+        if self._io is not None:
+            self._io.stop()
+            self._io = None
+
+    def __enter__(self) -> "ShardedWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.abort()
+
 
 class _TensorSink:
-    def __init__(self, f, entry: Entry):
-        self._f = f
+    def __init__(self, writer: ShardedWriter, entry: Entry):
+        self._writer = writer
         self.entry = entry
         self.written = 0
 
-    def write(self, chunk: torch.Tensor | memoryview | bytes) -> None:
+    def buffer(self, n: int) -> torch.Tensor:
+        """An ``n``-element buffer of this tensor's dtype to fill and pass to ``write``, which takes it back.
+
+        Buffers are pooled (a fresh one would cost a page fault per 4 KB) and the pool is small, so a caller
+        that gets ahead of the write thread waits here.
+        """
+        return self._writer._pool.take(self.entry.dtype, n)
+
+    def write(self, chunk: Chunk) -> None:
+        """Append ``chunk``; with a background writer it must not change afterwards (``buffer``s are safe)."""
+        done = None
         if isinstance(chunk, torch.Tensor):
             if chunk.dtype != self.entry.dtype:
                 raise RuntimeError(f"{self.entry.key}: chunk dtype {chunk.dtype} != {self.entry.dtype}")
+            done = self._writer._pool.giver(chunk)
             chunk = chunk.contiguous().reshape(-1).view(torch.uint8).numpy().data
-        self._f.write(chunk)
         self.written += len(chunk) if not isinstance(chunk, memoryview) else chunk.nbytes
+        self._writer._emit(chunk, done)
+
+
+class _BufferPool:
+    """Reusable chunk buffers per dtype: at most ``size`` exist, so queued writes hold bounded memory."""
+
+    def __init__(self, size: int = 4):
+        self._size = size
+        self._free: dict[torch.dtype, queue.SimpleQueue[torch.Tensor]] = {}
+        self._count: dict[torch.dtype, int] = {}
+        self._lent: dict[int, torch.Tensor] = {}  # data_ptr of a lent slice -> its pooled buffer
+
+    def take(self, dtype: torch.dtype, n: int) -> torch.Tensor:
+        free = self._free.setdefault(dtype, queue.SimpleQueue())
+        if free.empty() and self._count.get(dtype, 0) < self._size:
+            self._count[dtype] = self._count.get(dtype, 0) + 1
+            buf = torch.empty(n, dtype=dtype)
+        else:
+            buf = free.get()
+        if buf.numel() < n:
+            buf = torch.empty(n, dtype=dtype)  # grows to the largest chunk asked for, then stays
+        self._lent[buf.data_ptr()] = buf
+        return buf[:n]
+
+    def giver(self, chunk: torch.Tensor) -> Callable[[], None] | None:
+        """For a lent buffer, the call that returns it to the pool once written; ``None`` for other tensors."""
+        buf = self._lent.pop(chunk.data_ptr(), None) if chunk.numel() else None
+        if buf is None:
+            return None
+        free = self._free[buf.dtype]
+        return lambda: free.put(buf)
+
+
+class _WriteThread:
+    """Performs queued writes in order on one thread; its first error is raised in the caller's next call."""
+
+    def __init__(self, depth: int = 2):
+        self._queue: queue.Queue[tuple[BinaryIO, Chunk, Callable[[], None] | None] | None] = queue.Queue(depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            f, data, done = item
+            try:
+                if self._error is None:
+                    f.write(data)
+            except BaseException as exc:  # handed to the caller, never lost
+                self._error = exc
+            finally:
+                if done is not None:
+                    done()  # even after an error: a caller waiting for a buffer must not hang
+                self._queue.task_done()
+        self._queue.task_done()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def submit(self, f: BinaryIO, data: Chunk, done: Callable[[], None] | None) -> None:
+        self._raise()
+        self._queue.put((f, data, done))
+
+    def drain(self) -> None:
+        self._queue.join()
+        self._raise()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
 
 
 def check_output(out: Path, overwrite: bool) -> None:

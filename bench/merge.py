@@ -1,13 +1,16 @@
 """Merge benchmark: ``python -m analyses.merge`` against the I/O floor and against mergekit.
 
-    python bench/merge.py [--k 3] [--params-m 160] [--dtype bfloat16] [--workdir DIR] [--keep]
+    python bench/merge.py [--k 3] [--params-m 160] [--dtype bfloat16] [--rounds 3] [--workdir DIR] [--keep]
 
-Writes k synthetic Qwen2 checkpoints of about ``params_m`` million parameters each, then measures (page cache
-warm for every measurement):
+Writes k synthetic Qwen2 checkpoints of about ``params_m`` million parameters each, then measures, each in a
+fresh process, in alternating order for ``--rounds`` rounds (median reported), with the page cache warm and
+dirty pages synced before every measurement:
 - the I/O floor: read (copy into memory) every tensor of every input with plain safetensors + write one model
-  with ``save_file``;
-- our ``--method average`` merge (in a fresh process; merge time excludes interpreter start and imports), its
-  peak RSS, and the bound 1 GB + (k + 2) x largest tensor;
+  with ``save_file``, once with 1 and once with 2 torch threads (the faster median is the floor);
+- the raw floor: the same input bytes read into one reused buffer and one model's bytes written, no torch
+  (what the disk and page cache alone cost);
+- our ``--method average`` merge (merge time excludes interpreter start and imports), its peak RSS, and the
+  bound 1 GB + (k + 2) x largest tensor;
 - mergekit 0.1.5 ``linear`` on the same models (``mergekit-yaml --lazy-unpickle``), wall time and peak RSS.
 Targets: merge <= 1.3x the I/O floor, RSS within the bound, not slower than mergekit.
 """
@@ -17,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -89,25 +93,62 @@ def io_floor(dirs: list[Path], out: Path) -> float:
     return dt
 
 
-def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, str]:
-    """Wall time, peak RSS (bytes) of a child process, and its stdout."""
+def raw_floor(dirs: list[Path], out: Path) -> float:
+    """Read every input byte into one reused buffer, write one model's bytes: pure I/O, no tensors."""
+    buf = memoryview(bytearray(64 << 20))
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT, env=env)
-    out = p.stdout.read() if p.stdout else ""
-    _, status, ru = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode:
-        raise RuntimeError(f"{cmd[:3]} failed with {p.returncode}")
-    return time.perf_counter() - t0, ru.ru_maxrss * 1024, out
+    with open(out / "raw.bin", "wb") as dst:
+        for i, d in enumerate(dirs):
+            for f in sorted(d.glob("*.safetensors")):
+                with open(f, "rb", buffering=0) as src:
+                    while n := src.readinto(buf):
+                        if i == 0:
+                            dst.write(buf[:n])
+    dt = time.perf_counter() - t0
+    (out / "raw.bin").unlink()
+    return dt
 
 
-OURS = """
+FLOOR = """
+import json, runpy, sys, torch
+from pathlib import Path
+torch.set_num_threads(int(sys.argv[1]))
+bench = runpy.run_path(sys.argv[2])
+print(json.dumps(bench[sys.argv[3]]([Path(d) for d in sys.argv[5:]], Path(sys.argv[4]))))
+"""
+
+
+# Peak RSS is read from the child's own VmHWM: ru_maxrss of a child also counts the (large) bench process it
+# was forked from, since Linux carries the pre-exec high-water mark across exec.
+PEAK_HOOK = """
+import atexit
+atexit.register(lambda: print("peak_rss_kb", open("/proc/self/status").read().split("VmHWM:")[1].split()[0]))
+"""
+OURS = PEAK_HOOK + """
 import json, sys, time
 from analyses import merge
 t0 = time.perf_counter()
 merge.main(sys.argv[1:])
 print(json.dumps({"merge_s": time.perf_counter() - t0}))
 """
+SCRIPT = PEAK_HOOK + """
+import runpy, sys
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, str]:
+    """Wall time, peak RSS (bytes) and stdout of a child run with ``PEAK_HOOK`` (dirty pages are synced first,
+    so one measurement's writeback does not land in the next)."""
+    os.sync()
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT, env=env)
+    wall = time.perf_counter() - t0
+    if p.returncode:
+        raise RuntimeError(f"{cmd[:3]} failed with {p.returncode}")
+    *lines, peak = p.stdout.strip().splitlines()
+    return wall, int(peak.split()[1]) * 1024, "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=3, help="number of checkpoints merged (default 3)")
     ap.add_argument("--params-m", type=int, default=160, help="million parameters per checkpoint (default 160)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds, median reported (default 3)")
     ap.add_argument("--workdir", type=Path, help="where the synthetic checkpoints go (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the workdir")
     ap.add_argument("--no-mergekit", action="store_true", help="skip the mergekit comparison")
@@ -127,22 +169,34 @@ def main(argv: list[str] | None = None) -> int:
 
         with open_checkpoint(str(dirs[0])) as ck:
             largest = max(i.nbytes for i in ck.infos.values())
-        io_floor(dirs, work)  # warm the page cache for everyone
-        floor = min(io_floor(dirs, work) for _ in range(2))
         env = dict(os.environ, PYTHONPATH=str(ROOT))
-        ours_t = []
-        for rep in range(2):
+        inputs = list(map(str, dirs))
+        runs: dict[str, list[float]] = {"floor_1thread": [], "floor_2threads": [], "raw_floor": [], "merge": [],
+                                        "merge_wall": []}
+        rss = 0
+        io_floor(dirs, work)  # warm the page cache for everyone
+        for _ in range(a.rounds):  # alternating, so load from other users hits every kind alike
+            for key, fn, threads in (("floor_1thread", "io_floor", 1), ("floor_2threads", "io_floor", 2),
+                                     ("raw_floor", "raw_floor", 1)):
+                cmd = [sys.executable, "-c", PEAK_HOOK + FLOOR, str(threads), __file__, fn, str(work), *inputs]
+                _, _, stdout = run_measured(cmd)
+                runs[key].append(float(stdout.strip().splitlines()[-1]))
             out = work / "ours"
             shutil.rmtree(out, ignore_errors=True)
-            wall, rss, stdout = run_measured([sys.executable, "-c", OURS, "--models", *map(str, dirs), "--method",
-                                              "average", "--out", str(out)], env)
-            ours_t.append((json.loads(stdout.strip().splitlines()[-1])["merge_s"], wall, rss))
-        merge_s, wall, rss = min(ours_t)
+            wall, peak, stdout = run_measured([sys.executable, "-c", OURS, "--models", *inputs, "--method", "average",
+                                               "--out", str(out)], env)
+            runs["merge"].append(json.loads(stdout.strip().splitlines()[-1])["merge_s"])
+            runs["merge_wall"].append(wall)
+            rss = max(rss, peak)
+        med = {k: statistics.median(v) for k, v in runs.items()}
+        floor, merge_s = min(med["floor_1thread"], med["floor_2threads"]), med["merge"]
         bound = 1e9 + (a.k + 2) * largest
         res = {
             "k": a.k, "dtype": a.dtype, "checkpoint_mb": round(size / 1e6), "largest_tensor_mb": round(largest / 1e6, 1),
-            "io_floor_s": round(floor, 2), "merge_s": round(merge_s, 2), "merge_wall_s": round(wall, 2),
-            "ratio_to_io_floor": round(merge_s / floor, 2), "peak_rss_mb": round(rss / 1e6),
+            "rounds": a.rounds, **{f"{k}_s": round(v, 2) for k, v in med.items()},
+            "all_runs_s": {k: [round(x, 2) for x in v] for k, v in runs.items()}, "io_floor_s": round(floor, 2),
+            "ratio_to_io_floor": round(merge_s / floor, 2), "ratio_to_raw_floor": round(merge_s / med["raw_floor"], 2),
+            "peak_rss_mb": round(rss / 1e6),
             "rss_bound_mb": round(bound / 1e6), "rss_within_bound": rss <= bound,
         }
         if not a.no_mergekit:
@@ -151,9 +205,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"  - model: {d}\n    parameters: {{weight: 1.0}}\n" for d in dirs))
             exe = str(Path(sys.executable).with_name("mergekit-yaml"))
             shutil.rmtree(work / "mk", ignore_errors=True)
-            mk_wall, mk_rss, _ = run_measured([exe, str(cfg), str(work / "mk"), "--lazy-unpickle"])
+            mk_wall, mk_rss, _ = run_measured([sys.executable, "-c", SCRIPT, exe, str(cfg), str(work / "mk"),
+                                               "--lazy-unpickle"])
             res.update({"mergekit_wall_s": round(mk_wall, 2), "mergekit_peak_rss_mb": round(mk_rss / 1e6),
-                        "ours_wall_vs_mergekit_wall": round(wall / mk_wall, 2)})
+                        "ours_wall_vs_mergekit_wall": round(med["merge_wall"] / mk_wall, 2)})
         for key, v in res.items():
             print(f"{key:28s} {v}")
         print(json.dumps(res))
