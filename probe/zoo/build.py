@@ -43,7 +43,7 @@ class Recipe:
     warmup: int = 50
 
 
-FULL = {"base": Recipe(600, 3e-3, 3e-3, 24), "vl": Recipe(500, 2e-3, 5e-4, 24),
+FULL = {"base": Recipe(600, 3e-3, 3e-3, 24), "vl": Recipe(600, 5e-3, 5e-4, 24),
         "ov-si": Recipe(500, 2e-3, 5e-4, 24), "video": Recipe(400, 2e-3, 5e-4, 24)}
 # Items per subject per split.
 FULL_DATA = {"train": 1500, "validation": 32}
