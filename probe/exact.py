@@ -65,17 +65,36 @@ def _cache_prefix(clean: DynamicCache, upto: int, batch: int) -> DynamicCache:
     return cache
 
 
-def run_from_layer(
-    loaded: LoadedModel, clean: CleanPass, layer: int, gates: torch.Tensor, cache: DynamicCache | None
+def head_gates(n_rows: int, n_heads: int, heads: Sequence[int], first_row: int = 0) -> torch.Tensor:
+    """[n_rows, n_heads] ones, with head heads[k] removed in row first_row + k."""
+    gates = torch.ones(n_rows, n_heads)
+    gates[first_row + torch.arange(len(heads)), torch.tensor(list(heads))] = 0.0
+    return gates
+
+
+def run_rows(
+    loaded: LoadedModel, clean: CleanPass, rows: Sequence[tuple[int, int]], cache: DynamicCache | None = None
 ) -> torch.Tensor:
-    """Logits [B, V] at the last position, with row r of layer `layer` gated by gates[r]."""
-    rows = gates.shape[0]
-    h = clean.layer_inputs[layer].expand(rows, -1, -1)
+    """Logits [len(rows), V] at the last position; row r has head rows[r] = (layer, head) removed.
+
+    Rows (sorted by layer) join the batch at their own layer from the cached residual, so one pass over the
+    layers serves heads of several layers. With a KV cache (for decoding) all rows must share one layer.
+    """
+    n_heads = loaded.geometry.n_heads
+    first = rows[0][0]
+    if cache is not None and any(layer != first for layer, _ in rows):
+        raise ValueError("a KV cache needs rows of a single layer")
+    h = clean.layer_inputs[first][:0]  # an empty batch; rows join below
     layers = loaded.layers
-    with torch.no_grad(), HeadMask(loaded, {layer: gates}):
-        for i in range(layer, len(layers)):
+    with torch.no_grad():
+        for i in range(first, len(layers)):
+            joining = [head for layer, head in rows if layer == i]
+            if joining:
+                h = torch.cat([h, clean.layer_inputs[i].expand(len(joining), -1, -1)])
             kw = dict(clean.layer_kwargs[i], past_key_values=cache, use_cache=cache is not None)
-            h = layers[i](h, **kw)
+            gates = {i: head_gates(h.shape[0], n_heads, joining, h.shape[0] - len(joining))} if joining else {}
+            with HeadMask(loaded, gates):
+                h = layers[i](h, **kw)
             h = h[0] if isinstance(h, tuple) else h
         last = loaded.model.get_submodule(loaded.family.norm_path)(h[:, -1:])
         return loaded.model.get_submodule(loaded.family.lm_head_path)(last)[:, -1]
@@ -111,9 +130,13 @@ def exact_sweep(
     progress: Callable[[int], None] = lambda n: None,
 ) -> list[dict]:
     n_heads = loaded.geometry.n_heads
-    by_layer: dict[int, list[int]] = {}
-    for layer, head in heads:
-        by_layer.setdefault(layer, []).append(head)
+    ordered = sorted(heads)  # by layer, so rows join the batch as the pass reaches their layer
+    if cfg.generate:  # decoding needs a KV cache per batch, hence batches of one layer
+        batches = [[p for p in ordered if p[0] == layer][s:s + cfg.batch_size]
+                   for layer in sorted({p[0] for p in ordered})
+                   for s in range(0, sum(p[0] == layer for p in ordered), cfg.batch_size)]
+    else:
+        batches = [ordered[s:s + cfg.batch_size] for s in range(0, len(ordered), cfg.batch_size)]
     rows: list[dict] = []
     for item in items:
         inputs, letter_ids = prepare_item(loaded, item, cfg)
@@ -126,20 +149,18 @@ def exact_sweep(
         rows.append(measurement_row(item, BASELINE, BASELINE, Measurement(base_logp, text), base_logp))
         progress(1)
         item_rows: dict[tuple[int, int], dict] = {}
-        for layer, layer_heads in by_layer.items():
-            for start in range(0, len(layer_heads), cfg.batch_size):
-                chunk = layer_heads[start:start + cfg.batch_size]
-                gates = torch.ones(len(chunk), n_heads)
-                gates[torch.arange(len(chunk)), torch.tensor(chunk)] = 0.0
-                cache = _cache_prefix(clean.cache, layer, len(chunk)) if cfg.generate else None
-                logits = run_from_layer(loaded, clean, layer, gates, cache)
-                texts: list[str | None] = [None] * len(chunk)
-                if cfg.generate:
-                    texts = greedy_continue(loaded, logits, cache, {layer: gates}, cfg.max_new_tokens)
-                logp = option_log_probs(logits, letter_ids)
-                for r, head in enumerate(chunk):
-                    m = Measurement(logp[r], texts[r])
-                    item_rows[(layer, head)] = measurement_row(item, layer, head, m, base_logp)
-                progress(len(chunk))
+        for batch in batches:
+            layer = batch[0][0]
+            cache = _cache_prefix(clean.cache, layer, len(batch)) if cfg.generate else None
+            logits = run_rows(loaded, clean, batch, cache)
+            texts: list[str | None] = [None] * len(batch)
+            if cfg.generate:
+                gates = {layer: head_gates(len(batch), n_heads, [h for _, h in batch])}
+                texts = greedy_continue(loaded, logits, cache, gates, cfg.max_new_tokens)
+            logp = option_log_probs(logits, letter_ids)
+            for r, (layer, head) in enumerate(batch):
+                item_rows[(layer, head)] = measurement_row(item, layer, head, Measurement(logp[r], texts[r]),
+                                                           base_logp)
+            progress(len(batch))
         rows.extend(item_rows[pair] for pair in heads)  # same row order as the naive loop
     return rows
