@@ -58,9 +58,10 @@ def draw_metric(heads: pd.DataFrame, baseline: dict, metric: str, out_stem: Path
         for i in range(n_l):
             for j in range(n_h):
                 if np.isfinite(grid[i, j]):
-                    v = (grid[i, j] - vmin) / (vmax - vmin or 1)
+                    r, g, b, _ = im.cmap(im.norm(grid[i, j]))
+                    dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5  # text colour by cell luminance
                     ax.text(j, i, fmt.format(grid[i, j]), ha="center", va="center", fontsize=7,
-                            color="black" if 0.35 < v < 0.8 else "white")
+                            color="white" if dark else "black")
     base_txt = "" if metric == "kl" else f" — baseline {baseline.get(metric, float('nan')):.3f}"
     n = baseline.get("n_items", "?")
     ax.set_title(f"{title}{base_txt}\n{label} (n={n} items)".strip(), fontsize=9)
