@@ -246,8 +246,8 @@ def check_output(out: Path, overwrite: bool) -> None:
     """Refuse an existing output unless asked; validated before anything is read (STYLE 5)."""
     if out.exists() and not overwrite:
         raise BadInput(f"{out} exists; pass --overwrite to replace it")
-    if not out.parent.exists():
-        raise BadInput(f"{out.parent}: parent directory does not exist")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise BadInput(f"{out.parent} is not a directory")
 
 
 @contextmanager
@@ -258,7 +258,7 @@ def atomic_dir(out: Path, overwrite: bool) -> Iterator[Path]:
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp.mkdir(parents=True)  # missing parents are created, like any output dir
     try:
         yield tmp
     except BaseException:
