@@ -118,9 +118,14 @@ def build_tiny(family: str, out_dir: Path, spec: TinySpec = TinySpec()) -> Path:
         )
     else:
         raise ValueError(f"no tiny builder for family {family!r}")
+    return save_model_dir(model, tok, image_processor, Path(out_dir))
+
+
+def save_model_dir(model, tok, image_processor, out_dir: Path) -> Path:
+    """Write an ordinary HF model dir: greedy generation config, weights, tokenizer, image-processor config."""
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
-    out_dir = Path(out_dir)
+    model.generation_config.do_sample = False
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)

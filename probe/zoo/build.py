@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import torch
 
 from probe.families import FAMILIES
+from probe.tiny import save_model_dir
 from probe.prompting import PromptTemplate, build_inputs, letter_token_ids
 from probe.zoo import tasks_image, tasks_text, tasks_video
 
@@ -162,15 +163,7 @@ def init_organism(name: str, tok, out_dir: Path, base_dir: Path | None, seed: in
     fam = FAMILIES[family]
     tok = _copy_tok(tok)
     tok.chat_template = chat_template_for(fam.image_placeholder, fam.video_placeholder)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.do_sample = False
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
-    if image_processor is not None:
-        image_processor.save_pretrained(out_dir)
-    return out_dir
+    return save_model_dir(model, tok, image_processor, out_dir)
 
 
 def _copy_tok(tok):
