@@ -3,13 +3,15 @@
 Per item: the inputs (image encoding included) are built once and one clean pass records the residual stream
 entering every decoder layer together with the keyword arguments the layer received (rotary embeddings,
 M-RoPE positions, causal mask), so the masked runs need no family-specific position logic. Masking a head of
-layer L changes nothing before L, so masked runs start at L from that cache, with the heads of L stacked along
-the batch, one head mask per row. Only the last position's logits are computed. When accuracy is asked for,
-greedy decoding continues from a KV cache whose layers < L are the clean ones.
+layer L changes nothing before L, so a masked row starts at L from that cache; rows are stacked along the batch,
+one head mask per row, and join the batch as the pass reaches their layer. Only the last position's logits are
+computed. When accuracy is asked for, greedy decoding continues from a KV cache whose layers < L are the clean
+ones (then a batch holds heads of one layer).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import groupby
 from typing import Any, Callable, Sequence
 
 import torch
@@ -131,12 +133,9 @@ def exact_sweep(
 ) -> list[dict]:
     n_heads = loaded.geometry.n_heads
     ordered = sorted(heads)  # by layer, so rows join the batch as the pass reaches their layer
-    if cfg.generate:  # decoding needs a KV cache per batch, hence batches of one layer
-        batches = [[p for p in ordered if p[0] == layer][s:s + cfg.batch_size]
-                   for layer in sorted({p[0] for p in ordered})
-                   for s in range(0, sum(p[0] == layer for p in ordered), cfg.batch_size)]
-    else:
-        batches = [ordered[s:s + cfg.batch_size] for s in range(0, len(ordered), cfg.batch_size)]
+    # decoding needs a KV cache per batch, hence batches of a single layer
+    groups = [list(g) for _, g in groupby(ordered, key=lambda p: p[0])] if cfg.generate else [ordered]
+    batches = [g[s:s + cfg.batch_size] for g in groups for s in range(0, len(g), cfg.batch_size)]
     rows: list[dict] = []
     for item in items:
         inputs, letter_ids = prepare_item(loaded, item, cfg)
