@@ -302,3 +302,12 @@ def layer_module(canon: str) -> tuple[int | None, str]:
 def chunks(numel: int, size: int) -> Iterator[tuple[int, int]]:
     for lo in range(0, numel, size):
         yield lo, min(numel, lo + size)
+
+
+def add_output_args(p, out_help: str, figures: bool = True) -> None:
+    """The options every analyses command shares: where to write, replacing it, reading .bin, figures."""
+    p.add_argument("--out", type=Path, required=True, help=out_help)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
+    p.add_argument("--allow-bin", action="store_true", help="also read .bin checkpoints (weights_only)")
+    if figures:
+        p.add_argument("--no-figures", action="store_true", help="skip the figures")

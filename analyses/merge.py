@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from analyses.align import Alignment, TensorPlan, align, check_finite
-from analyses.checkpoints import Checkpoint, chunks, open_checkpoint
+from analyses.checkpoints import Checkpoint, add_output_args, chunks, open_checkpoint
 from analyses.formulas import FORMULAS, ShiftStats, average_coefficients, shift_coefficients, weighted_coefficients
 from analyses.shift import CHUNK, read_shift_csv
 from analyses.writer import Entry, ShardedWriter, atomic_dir, check_output, copy_side_files, parse_size
@@ -383,9 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--carrier", nargs="+", default=[], dest="carriers", metavar="M",
                    help="multimodal models to receive the merged LM (written to OUT/carriers/<name>/)")
     p.add_argument("--shard-size", default="5GB", help="max bytes per safetensors shard (default 5GB)")
-    p.add_argument("--out", type=Path, required=True, help="output HF model dir")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
-    p.add_argument("--allow-bin", action="store_true", help="also read .bin checkpoints (weights_only)")
+    add_output_args(p, "output HF model dir", figures=False)
     return p
 
 

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 from tqdm import tqdm
 
 from analyses.align import Alignment, align, check_finite
-from analyses.checkpoints import Checkpoint, chunks, layer_module, open_checkpoint
+from analyses.checkpoints import Checkpoint, add_output_args, chunks, layer_module, open_checkpoint
 from analyses.formulas import ShiftStats
 from analyses.writer import atomic_dir, check_output
 from probe.errors import BadInput, cli_main
@@ -163,10 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--base", required=True, help="base LLM: local HF dir or alias (e.g. qwen2)")
     p.add_argument("--models", nargs="+", required=True, help="modality-extended models (dirs or aliases)")
-    p.add_argument("--out", type=Path, required=True, help="output dir (shift.csv, summary.json, figures)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
-    p.add_argument("--allow-bin", action="store_true", help="also read .bin checkpoints (weights_only)")
-    p.add_argument("--no-figures", action="store_true", help="skip the figures")
+    add_output_args(p, "output dir (shift.csv, summary.json, figures)")
     return p
 
 

@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from analyses.align import align, check_finite
-from analyses.checkpoints import Checkpoint, open_checkpoint
+from analyses.checkpoints import Checkpoint, add_output_args, open_checkpoint
 from analyses.sketch import SKETCH_CHUNK, CountSketch
 from analyses.writer import atomic_dir, check_output
 from probe.errors import BadInput, cli_main
@@ -192,10 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sketch-dim", type=int, default=256, help="sketch dimension (default 256)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sketch, PCA and t-SNE (default 0)")
     p.add_argument("--perplexity", type=float, default=30.0, help="t-SNE perplexity, clamped to n_points - 1")
-    p.add_argument("--out", type=Path, required=True, help="output dir")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
-    p.add_argument("--allow-bin", action="store_true", help="also read .bin checkpoints (weights_only)")
-    p.add_argument("--no-figures", action="store_true", help="skip the figures")
+    add_output_args(p, "output dir (coords.csv, points.csv, features.npz, figures)")
     return p
 
 
