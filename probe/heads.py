@@ -163,17 +163,10 @@ def check_device(device: str) -> None:
         raise BadInput(f"--device {device}: CUDA is not available on this machine")
 
 
-def check_modalities(ref, items) -> None:
-    """A text-only model cannot take image or video items: say so before anything is written."""
-    for item in items:
-        if (item.images and ref.family.image_placeholder is None) or (
-                item.frames and ref.family.video_placeholder is None):
-            raise BadInput(f"item {item.id} has images or video but {ref.spec} ({ref.family.name}) is text-only")
-
-
 def make_plan(args: argparse.Namespace):
     from probe.mmmu import load_items
     from probe.models import DTYPES, resolve_model
+    from probe.prompting import check_modalities
 
     for name in ("limit", "batch_size", "chunk_size", "max_new_tokens", "image_max_side"):
         value = getattr(args, name)

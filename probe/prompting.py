@@ -21,6 +21,8 @@ class ItemLike(Protocol):
     question: str
     options: tuple[str, ...]
     answer: str
+    images: tuple[bytes, ...]
+    frames: tuple[bytes, ...]
 
     @property
     def letters(self) -> tuple[str, ...]: ...
@@ -64,38 +66,42 @@ def letter_token_ids(tokenizer: Any, letters: Sequence[str]) -> list[int]:
     return ids
 
 
+def check_modalities(ref: Any, items: Sequence[ItemLike]) -> None:
+    """A text-only model (no placeholder in its family row) cannot take image or video items."""
+    for item in items:
+        if (item.images and ref.family.image_placeholder is None) or (
+                item.frames and ref.family.video_placeholder is None):
+            raise BadInput(f"item {item.id} has images or video but {ref.spec} ({ref.family.name}) is text-only")
+
+
 def build_inputs(
     loaded: LoadedModel, item: ItemLike, template: PromptTemplate, image_max_side: int | None = None
 ) -> dict[str, torch.Tensor]:
     """Tokenised prompt (batch of 1) with pixel tensors, on the model's device and dtype."""
     fam = loaded.family
+    check_modalities(loaded.ref, [item])
     images = item.pil_images(image_max_side)
     frames = item.pil_frames(image_max_side)
-    if (images and fam.image_placeholder is None) or (frames and fam.video_placeholder is None):
-        raise BadInput(f"item {item.id} has images or video but {loaded.ref.spec} is a text-only model")
     placeholders = (fam.image_placeholder or "") * len(images)
     if frames:
         placeholders += fam.video_placeholder or ""
     text = render_chat(template, item, placeholders)
-    if loaded.processor is None:
+    if frames and images:
+        raise BadInput(f"item {item.id} has both images and video; one modality per item is supported")
+    if loaded.processor is None or frames:
         enc = loaded.tokenizer(text, return_tensors="pt", add_special_tokens=False)
         batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-    else:
-        kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt"}
-        if images:
-            kwargs["images"] = images
         if frames:
             # HF processors refuse video tokens without their (torchvision) video processor: probe.video
             # expands the placeholder of the tokenised prompt and adds the frame tensors itself.
             from probe.video import add_video_inputs
 
-            if images:
-                raise BadInput(f"item {item.id} has both images and video; one modality per item is supported")
-            enc = loaded.tokenizer(text, return_tensors="pt", add_special_tokens=False)
-            batch = add_video_inputs(loaded, {"input_ids": enc["input_ids"],
-                                              "attention_mask": enc["attention_mask"]}, frames)
-        else:
-            batch = dict(loaded.processor(**kwargs))
+            batch = add_video_inputs(loaded, batch, frames)
+    else:
+        kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt"}
+        if images:
+            kwargs["images"] = images
+        batch = dict(loaded.processor(**kwargs))
     out = {}
     for k, v in batch.items():
         if not isinstance(v, torch.Tensor):
