@@ -28,7 +28,11 @@ TEMPLATE = PromptTemplate()
 IMAGE_SIZE = 64
 VL_SUBJECTS = ("Colour_Shape", "Counting", "Spatial", "Comparison")
 SI_SUBJECTS = ("Colour_Shape", "Counting", "Spatial")
-MODALITY_SUBJECTS = {"text": tasks_text.SUBJECTS, "image": VL_SUBJECTS, "image_single": SI_SUBJECTS,
+# Text includes "Scenes": the image questions with each picture described in words, so organism-base already
+# answers them from text and the extensions mostly have to make image tokens read like those words (as a
+# real VLM starts from an LM that already talks about colours).
+TEXT_SUBJECTS = (*tasks_text.SUBJECTS, "Scenes")
+MODALITY_SUBJECTS = {"text": TEXT_SUBJECTS, "image": VL_SUBJECTS, "image_single": SI_SUBJECTS,
                      "video": tasks_video.SUBJECTS}
 LM = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=8,
           num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, tie_word_embeddings=False,
@@ -42,10 +46,11 @@ class Recipe:
     lm_lr: float
     batch: int = 32
     warmup: int = 50
+    vision_steps: int = 0  # pretrain_vision steps before the fine-tuning
 
 
-FULL = {"base": Recipe(600, 3e-3, 3e-3, 24), "vl": Recipe(600, 5e-3, 5e-4, 24),
-        "ov-si": Recipe(500, 2e-3, 5e-4, 24), "video": Recipe(400, 2e-3, 5e-4, 24)}
+FULL = {"base": Recipe(900, 3e-3, 3e-3, 24), "vl": Recipe(500, 5e-4, 1e-3, 24, vision_steps=300),
+        "ov-si": Recipe(500, 5e-4, 1e-3, 24, vision_steps=300), "video": Recipe(500, 5e-4, 1e-3, 24, vision_steps=300)}
 # Items per subject per split.
 FULL_DATA = {"train": 1500, "validation": 32}
 QUICK_DATA = {"train": 24, "validation": 8}
@@ -64,6 +69,8 @@ def build_data(root: Path, sizes: dict[str, int], seed: int = 0) -> dict[str, Pa
 
     out = {}
     tasks_text.build_text_dataset(root / "text", sizes, seed)
+    for split, n in sizes.items():
+        write_mmmu_parquet({"Scenes": tasks_image.generate_text_rows(n, seed, split)}, root / "text", split)
     out["text"] = root / "text"
     for modality in ("image", "image_single"):
         for split, n in sizes.items():
@@ -140,11 +147,12 @@ def init_organism(name: str, tok, out_dir: Path, base_dir: Path | None, seed: in
             vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
         )
         model = T.Qwen2VLForConditionalGeneration(cfg)
-        image_processor = Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=64 * 64, patch_size=8,
+        # 48 px → a 3×3 grid of merged 16-px tokens whose centres are the scene slots: one shape per token.
+        image_processor = Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=48 * 48, patch_size=8,
                                                    merge_size=2, temporal_patch_size=2)
     else:
         family = "llava_onevision"
-        size, patch = (48, 12) if name == "ov-si" else (64, 8)
+        size, patch = (48, 16) if name == "ov-si" else (64, 8)  # ov-si: 3×3 patches centred on the slots
         cfg = T.LlavaOnevisionConfig(
             text_config=dict(model_type="qwen2") | text,
             vision_config=dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=128,
@@ -247,7 +255,7 @@ def train(loaded, rows: list[dict], recipe: Recipe, seed: int) -> list[float]:
     torch.manual_seed(seed)
     lm, other = [], []
     for n, p in model.named_parameters():
-        (lm if ("language_model" in n or n.startswith("lm_head") or loaded.family.name == "qwen2") else other).append(p)
+        (lm if _is_lm(n, loaded) else other).append(p)
     groups = [{"params": lm, "lr": recipe.lm_lr}] + ([{"params": other, "lr": recipe.lr}] if other else [])
     opt = torch.optim.AdamW(groups, weight_decay=0.01, betas=(0.9, 0.98))
     base_lrs = [g["lr"] for g in opt.param_groups]
@@ -272,6 +280,84 @@ def train(loaded, rows: list[dict], recipe: Recipe, seed: int) -> list[float]:
             log(f"  step {step:5d}  loss {sum(losses[-50:]) / len(losses[-50:]):.4f}  ({time.time() - t0:.0f}s)")
     model.eval()
     return losses
+
+
+# Stand-in for the CLIP/SigLIP pretraining a real vision tower has before it meets the LM: the tower and
+# projector learn to say which shape of which colour sits in each cell of a GRID×GRID grid (a linear head on the
+# image's tokens, thrown away afterwards). Without it the tower's features collapsed to one vector while the
+# LM learned the answer prior (measured: image features' cross-image variation 0.37 → 0.05, chance accuracy).
+Shapes = list[tuple[str, str, float, float]]  # (kind, colour, x, y), x and y fractions of the side
+GRID = 4
+
+
+def cell_targets(shapes: Shapes, kinds: Sequence[str], colours: Sequence[str]) -> torch.Tensor:
+    """[2, GRID*GRID] class per cell: shape kind and colour (0 = empty, else 1 + index)."""
+    out = torch.zeros(2, GRID * GRID, dtype=torch.long)
+    for kind, colour, x, y in shapes:
+        cell = min(GRID - 1, int(y * GRID)) * GRID + min(GRID - 1, int(x * GRID))
+        out[0, cell], out[1, cell] = 1 + kinds.index(kind), 1 + colours.index(colour)
+    return out
+
+
+def image_features(loaded, images) -> torch.Tensor:
+    """[n_images, tokens*hidden]: the projector's output for each image, as the LM receives it."""
+    enc = {k: v for k, v in loaded.processor.image_processor(images=images, return_tensors="pt").items()
+           if isinstance(v, torch.Tensor)}
+    feats = loaded.model.model.get_image_features(**enc).pooler_output
+    return torch.stack([f.reshape(-1) for f in feats])
+
+
+def pretrain_vision(loaded, sample, steps: int, seed: int, lr: float = 2e-3, batch: int = 32) -> dict[str, float]:
+    """Train the non-LM parameters on cell targets; ``sample(rng) -> (PIL image, shapes)``. Returns accuracies."""
+    from probe.zoo.tasks_image import COLOUR_OPTIONS, SHAPE_OPTIONS
+
+    kinds = SHAPE_OPTIONS + tuple(k for k in tasks_video.KINDS if k not in SHAPE_OPTIONS)
+    rng = random.Random(f"omniprobe-vision-pretrain:{seed}")
+    torch.manual_seed(seed)
+    params = [p for n, p in loaded.model.named_parameters() if not _is_lm(n, loaded)]
+    with torch.no_grad():
+        dim = image_features(loaded, [sample(rng)[0]]).shape[1]
+    n_k, n_c = len(kinds) + 1, len(COLOUR_OPTIONS) + 1
+    head = torch.nn.Linear(dim, GRID * GRID * (n_k + n_c))
+    opt = torch.optim.AdamW(params + list(head.parameters()), lr=lr, weight_decay=0.0)
+    loaded.model.train()
+    t0 = time.time()
+    for step in range(steps):
+        drawn = [sample(rng) for _ in range(batch)]
+        target = torch.stack([cell_targets(sh, kinds, COLOUR_OPTIONS) for _, sh in drawn])  # [B, 2, cells]
+        logits = head(image_features(loaded, [im for im, _ in drawn])).reshape(batch, GRID * GRID, n_k + n_c)
+        kind_logits, colour_logits = logits[..., :n_k], logits[..., n_k:]
+        loss = (torch.nn.functional.cross_entropy(kind_logits.flatten(0, 1), target[:, 0].flatten())
+                + torch.nn.functional.cross_entropy(colour_logits.flatten(0, 1), target[:, 1].flatten()))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            occupied = target[:, 0] > 0
+            acc = {"kind": float((kind_logits.argmax(-1) == target[:, 0])[occupied].float().mean()),
+                   "colour": float((colour_logits.argmax(-1) == target[:, 1])[occupied].float().mean())}
+            log(f"  vision step {step:4d}  loss {float(loss.detach()):.4f}  "
+                f"cell accuracy kind {acc['kind']:.2f} colour {acc['colour']:.2f}  ({time.time() - t0:.0f}s)")
+    loaded.model.eval()
+    return acc
+
+
+def _is_lm(name: str, loaded) -> bool:
+    return "language_model" in name or name.startswith("lm_head") or loaded.family.name == "qwen2"
+
+
+def scene_sample(rng: random.Random):
+    from probe.synthetic import SLOTS, draw_scene
+
+    scene = tasks_image.random_scene(rng)
+    return draw_scene(scene, IMAGE_SIZE), [(s.kind, s.colour, *SLOTS[s.slot]) for s in scene.shapes]
+
+
+def frame_sample(rng: random.Random):
+    """One frame of a random video question."""
+    _, _, _, frames = tasks_video.BUILDERS[rng.choice(tasks_video.SUBJECTS)](rng, tasks_video.N_FRAMES)
+    shapes = rng.choice(frames)
+    return tasks_video.render_images([shapes], IMAGE_SIZE)[0], shapes
 
 
 @torch.no_grad()
@@ -331,7 +417,8 @@ def build(out: Path, quick: bool = False, steps: int | None = None, seed: int = 
     log(f"tokenizer ({time.time() - t_start:.0f}s)")
     tok = build_tokenizer(tokenizer_corpus(seed), 1024)
     recipes = {k: Recipe(steps if steps is not None else (20 if quick else r.steps), r.lr, r.lm_lr,
-                         8 if quick else r.batch, min(r.warmup, 5) if quick else r.warmup)
+                         8 if quick else r.batch, min(r.warmup, 5) if quick else r.warmup,
+                         min(r.vision_steps, 10) if quick else r.vision_steps)
                for k, r in FULL.items()}
     quality: dict[str, Any] = {"seed": seed, "quick": quick, "organisms": {}}
     own = {"base": "text", "vl": "image", "ov-si": "image_single", "video": "video"}
@@ -353,6 +440,10 @@ def build(out: Path, quick: bool = False, steps: int | None = None, seed: int = 
         train_items = list(items[own[name]]["train"])
         log(f"organism-{name}: encoding {len(train_items)} training items")
         rows = _mm_types_for(encode(loaded, train_items, True), loaded)
+        if recipes[name].vision_steps:
+            log(f"organism-{name}: pretraining the vision tower ({recipes[name].vision_steps} steps)")
+            pretrain_vision(loaded, frame_sample if name == "video" else scene_sample, recipes[name].vision_steps,
+                            seed + 200 + k)
         log(f"organism-{name}: training {recipes[name]}")
         losses = train(loaded, rows, recipes[name], seed + 100 + k)
         _save_bf16(loaded, d)

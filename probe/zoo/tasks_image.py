@@ -1,23 +1,33 @@
 """Image questions for the organisms, in MMMU format, with a *canonical option list* per question kind.
 
-Scenes, drawing, rows and the parquet writer are ``probe.synthetic``'s; only the options differ: every
-colour question lists the six colours in the same order, every shape question the six shapes, and so on.
+Drawing, rows and the parquet writer are ``probe.synthetic``'s; the world is smaller: four colours and four
+shapes, one shape per picture for colour / shape / position questions (1-4 for counting and comparison).
+Every colour question lists the four colours in the same order, every shape question the four shapes, and so on.
 Why: a ~1M-parameter LM trained for minutes on 2 CPU cores does not learn to *point* to a shuffled option
 (the "find the matching option, copy its letter" circuit stayed at chance for 1000 steps in our runs), while
 it learns content → fixed letter quickly. The organisms therefore answer fixed-order multiple choice; the
-prompt format is exactly the probe's. Deterministic per seed.
+prompt format is exactly the probe's. ``generate_text_rows`` writes the same questions with each picture
+described in words (organism-base's "Scenes" subject). Deterministic per seed.
 """
 from __future__ import annotations
 
 import random
 from typing import Any, Callable
 
-from probe.synthetic import COLOURS, MAX_SHAPES, SHAPES, SLOTS, Question, question_to_row, random_scene
+from probe.synthetic import MAX_SHAPES, SLOTS, Question, SceneSpec, ShapeSpec, question_to_row
 
-COLOUR_OPTIONS = tuple(sorted(COLOURS))
-SHAPE_OPTIONS = tuple(SHAPES)
+# A four-colour, four-shape world: the most distinct colours and outlines at 15 pixels.
+COLOUR_OPTIONS = ("blue", "green", "red", "yellow")
+SHAPE_OPTIONS = ("circle", "square", "triangle", "star")
 COUNT_OPTIONS = tuple(str(i) for i in range(1, MAX_SHAPES + 1))
 POSITION_OPTIONS = tuple(sorted(SLOTS))
+
+
+def random_scene(rng: random.Random, n: int | None = None) -> SceneSpec:
+    """1-4 shapes with distinct kinds, colours and slots, from the organisms' four colours and shapes."""
+    n = n if n is not None else rng.randint(1, MAX_SHAPES)
+    kinds, colours, slots = rng.sample(SHAPE_OPTIONS, n), rng.sample(COLOUR_OPTIONS, n), rng.sample(sorted(SLOTS), n)
+    return SceneSpec(tuple(ShapeSpec(k, c, s) for k, c, s in zip(kinds, colours, slots)))
 
 
 def _q(kind: str, text: str, options: tuple[str, ...], correct: str, scenes) -> Question:
@@ -25,26 +35,26 @@ def _q(kind: str, text: str, options: tuple[str, ...], correct: str, scenes) -> 
 
 
 def q_colour(rng: random.Random) -> Question:
-    scene = random_scene(rng)
+    scene = random_scene(rng, 1)
     t = rng.choice(scene.shapes)
-    return _q("colour", f"<image 1> What colour is the {t.kind}?", COLOUR_OPTIONS, t.colour, [scene])
+    return _q("colour", "<image 1> What colour is the shape?", COLOUR_OPTIONS, t.colour, [scene])
 
 
 def q_shape(rng: random.Random) -> Question:
-    scene = random_scene(rng)
+    scene = random_scene(rng, 1)
     t = rng.choice(scene.shapes)
-    return _q("shape", f"<image 1> Which shape is {t.colour}?", SHAPE_OPTIONS, t.kind, [scene])
+    return _q("shape", "<image 1> Which shape is shown?", SHAPE_OPTIONS, t.kind, [scene])
 
 
 def q_count(rng: random.Random) -> Question:
     scene = random_scene(rng)
-    return _q("count", "How many shapes are there in <image 1>?", COUNT_OPTIONS, str(len(scene.shapes)), [scene])
+    return _q("count", "<image 1> How many shapes are there?", COUNT_OPTIONS, str(len(scene.shapes)), [scene])
 
 
 def q_position(rng: random.Random) -> Question:
-    scene = random_scene(rng)
+    scene = random_scene(rng, 1)
     t = rng.choice(scene.shapes)
-    return _q("position", f"<image 1> Where is the {t.colour} {t.kind}?", POSITION_OPTIONS, t.slot, [scene])
+    return _q("position", "<image 1> Where is the shape?", POSITION_OPTIONS, t.slot, [scene])
 
 
 def q_compare(rng: random.Random) -> Question:
@@ -68,3 +78,25 @@ def generate_rows(n: int, seed: int | str, subject: str, split: str, size: int =
     kinds = SUBJECT_KINDS[subject]
     return [question_to_row(BUILDERS[kinds[i % len(kinds)]](rng), f"{split}_{subject}_{i + 1}", subject, size)
             for i in range(n)]
+
+
+def describe(scene) -> str:
+    """The scene in words, in slot order: ``red circle left, blue star top.``"""
+    return ", ".join(f"{s.colour} {s.kind} {s.slot}" for s in scene.shapes) + "."
+
+
+def text_question(q: Question) -> Question:
+    """The same question with each ``<image k>`` replaced by the description of scene k (no images)."""
+    text = q.text
+    for k, scene in enumerate(q.scenes, start=1):
+        label = f"Image {k}: " if len(q.scenes) > 1 else ""
+        text = text.replace(f"<image {k}>", f"{label}{describe(scene)}")
+    return Question(q.kind, " ".join(text.split()), q.options, q.answer, ())
+
+
+def generate_text_rows(n: int, seed: int | str, split: str) -> list[dict[str, Any]]:
+    """Described-scene questions (text only) over every image question kind, cycling through the kinds."""
+    rng = random.Random(f"omniprobe-organism-scene-text:{seed}:{split}")
+    kinds = tuple(BUILDERS)
+    return [question_to_row(text_question(BUILDERS[kinds[i % len(kinds)]](rng)), f"{split}_Scenes_{i + 1}",
+                            "Scenes", 0) for i in range(n)]

@@ -15,6 +15,8 @@ from PIL import Image, ImageDraw
 
 from probe.synthetic import BACKGROUND, COLOURS, MMMU_COLUMNS, RADIUS, SLOTS, _polygon, png_bytes
 
+from probe.zoo.tasks_image import COLOUR_OPTIONS
+
 SUBJECTS: tuple[str, ...] = ("Motion", "Order", "Change")
 KINDS = ("circle", "square", "triangle")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
@@ -32,7 +34,7 @@ def _draw(draw: ImageDraw.ImageDraw, kind: str, colour: str, fx: float, fy: floa
         draw.polygon(_polygon(cx, cy + r * 0.15, r, 3, -90), fill=fill)
 
 
-def render(frames: list[list[tuple[str, str, float, float]]], size: int) -> list[bytes]:
+def render_images(frames: list[list[tuple[str, str, float, float]]], size: int) -> list[Image.Image]:
     """Each frame is a list of (kind, colour, x, y) with x, y fractions of the side."""
     out = []
     for shapes in frames:
@@ -40,8 +42,12 @@ def render(frames: list[list[tuple[str, str, float, float]]], size: int) -> list
         d = ImageDraw.Draw(img)
         for kind, colour, x, y in shapes:
             _draw(d, kind, colour, x, y, size)
-        out.append(png_bytes(img))
+        out.append(img)
     return out
+
+
+def render(frames: list[list[tuple[str, str, float, float]]], size: int) -> list[bytes]:
+    return [png_bytes(img) for img in render_images(frames, size)]
 
 
 def _mc(rng: random.Random, correct: str, pool, n: int = 4) -> tuple[list[str], str]:
@@ -54,7 +60,7 @@ def q_motion(rng: random.Random, n_frames: int):
     direction = rng.choice(sorted(DIRECTIONS))
     dx, dy = DIRECTIONS[direction]
     kind, other_kind = rng.sample(KINDS, 2)
-    colour, other_colour = rng.sample(sorted(COLOURS), 2)
+    colour, other_colour = rng.sample(COLOUR_OPTIONS, 2)
     cross = rng.uniform(0.3, 0.7)  # coordinate across the motion axis
     frames = []
     for t in range(n_frames):
@@ -72,7 +78,7 @@ def q_motion(rng: random.Random, n_frames: int):
 
 
 def q_order(rng: random.Random, n_frames: int):
-    colours = rng.sample(sorted(COLOURS), 3)
+    colours = rng.sample(COLOUR_OPTIONS, 3)
     slots = rng.sample(sorted(SLOTS), 3)
     kinds = [rng.choice(KINDS) for _ in colours]
     frames = []
@@ -81,20 +87,20 @@ def q_order(rng: random.Random, n_frames: int):
         frames.append([(kinds[i], colours[i], *SLOTS[slots[i]]) for i in range(shown)])
     which = rng.choice(("first", "last"))
     correct = colours[0] if which == "first" else colours[2]
-    options = sorted(COLOURS)
+    options = list(COLOUR_OPTIONS)
     answer = chr(ord("A") + options.index(correct))
     return f"<video> Which colour appears {which}?", options, answer, frames
 
 
 def q_change(rng: random.Random, n_frames: int):
     kind = rng.choice(KINDS)
-    start, end = rng.sample(sorted(COLOURS), 2)
+    start, end = rng.sample(COLOUR_OPTIONS, 2)
     at = rng.randint(1, n_frames - 1)
     x, y = SLOTS[rng.choice(sorted(SLOTS))]
     frames = [[(kind, start if t < at else end, x, y)] for t in range(n_frames)]
     which = rng.choice(("start", "end"))
     correct = start if which == "start" else end
-    options = sorted(COLOURS)
+    options = list(COLOUR_OPTIONS)
     return (f"<video> The {kind} changes colour. What colour is it at the {which}?", options,
             chr(ord("A") + options.index(correct)), frames)
 
