@@ -19,7 +19,7 @@ from typing import Any, Sequence
 from probe.errors import BadInput, cli_main
 from probe.families import ALIASES
 
-DEFAULT_MODEL = "tiny-qwen2-vl"
+DEFAULT_MODEL = "organism-vl"
 DEFAULT_OUT = "runs/heads"
 METHODS = ("exact", "naive", "attribution")
 
