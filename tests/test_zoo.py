@@ -76,7 +76,7 @@ def test_unknown_organism_is_bad_input():
         organism_dir("nope")
 
 
-# The multimodal organisms shipped now are below the 0.9 bar (README: 68 / 87.5 / 68 %); the test records that
+# The multimodal organisms shipped now are below the 0.9 bar (README: 75 / 88.5 / 68 %); the test records that
 # instead of hiding it, and shows XPASS once better weights ship.
 _BELOW_BAR = pytest.mark.xfail(reason="shipped multimodal organism below the 0.9 accuracy bar", strict=False)
 

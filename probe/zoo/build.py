@@ -49,8 +49,8 @@ class Recipe:
     vision_steps: int = 0  # pretrain_vision steps before the fine-tuning
 
 
-FULL = {"base": Recipe(900, 3e-3, 3e-3, 24), "vl": Recipe(500, 5e-4, 1e-3, 24, vision_steps=300),
-        "ov-si": Recipe(500, 5e-4, 1e-3, 24, vision_steps=300), "video": Recipe(500, 5e-4, 1e-3, 24, vision_steps=300)}
+FULL = {"base": Recipe(900, 3e-3, 3e-3, 24), "vl": Recipe(800, 5e-4, 5e-4, 24, vision_steps=300),
+        "ov-si": Recipe(800, 5e-4, 5e-4, 24, vision_steps=300), "video": Recipe(500, 5e-4, 1e-3, 24, vision_steps=300)}
 # Items per subject per split.
 FULL_DATA = {"train": 1500, "validation": 32}
 QUICK_DATA = {"train": 24, "validation": 8}
