@@ -79,11 +79,12 @@ class SceneSpec:
         return SceneSpec(tuple(ShapeSpec(**s) for s in d["shapes"]), tuple(d["background"]))  # type: ignore[arg-type]
 
 
-def random_scene(rng: random.Random, n_shapes: int | None = None) -> SceneSpec:
-    """1-4 shapes with distinct kinds, colours and slots."""
+def random_scene(rng: random.Random, n_shapes: int | None = None, kinds: Sequence[str] = SHAPES,
+                 colours: Sequence[str] = tuple(sorted(COLOURS))) -> SceneSpec:
+    """1-4 shapes with distinct kinds, colours and slots, drawn from ``kinds`` and ``colours``."""
     n = n_shapes if n_shapes is not None else rng.randint(1, MAX_SHAPES)
-    kinds = rng.sample(SHAPES, n)
-    colours = rng.sample(sorted(COLOURS), n)
+    kinds = rng.sample(kinds, n)
+    colours = rng.sample(colours, n)
     slots = rng.sample(sorted(SLOTS), n)
     return SceneSpec(tuple(ShapeSpec(k, c, s) for k, c, s in zip(kinds, colours, slots)))
 

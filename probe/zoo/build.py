@@ -309,22 +309,21 @@ def image_features(loaded, images) -> torch.Tensor:
 
 def pretrain_vision(loaded, sample, steps: int, seed: int, lr: float = 2e-3, batch: int = 32) -> dict[str, float]:
     """Train the non-LM parameters on cell targets; ``sample(rng) -> (PIL image, shapes)``. Returns accuracies."""
-    from probe.zoo.tasks_image import COLOUR_OPTIONS, SHAPE_OPTIONS
-
-    kinds = SHAPE_OPTIONS + tuple(k for k in tasks_video.KINDS if k not in SHAPE_OPTIONS)
+    kinds = tasks_image.SHAPE_OPTIONS + tuple(k for k in tasks_video.KINDS if k not in tasks_image.SHAPE_OPTIONS)
+    colours = tasks_image.COLOUR_OPTIONS
     rng = random.Random(f"omniprobe-vision-pretrain:{seed}")
     torch.manual_seed(seed)
     params = [p for n, p in loaded.model.named_parameters() if not _is_lm(n, loaded)]
     with torch.no_grad():
         dim = image_features(loaded, [sample(rng)[0]]).shape[1]
-    n_k, n_c = len(kinds) + 1, len(COLOUR_OPTIONS) + 1
+    n_k, n_c = len(kinds) + 1, len(colours) + 1
     head = torch.nn.Linear(dim, GRID * GRID * (n_k + n_c))
     opt = torch.optim.AdamW(params + list(head.parameters()), lr=lr, weight_decay=0.0)
     loaded.model.train()
     t0 = time.time()
     for step in range(steps):
         drawn = [sample(rng) for _ in range(batch)]
-        target = torch.stack([cell_targets(sh, kinds, COLOUR_OPTIONS) for _, sh in drawn])  # [B, 2, cells]
+        target = torch.stack([cell_targets(sh, kinds, colours) for _, sh in drawn])  # [B, 2, cells]
         logits = head(image_features(loaded, [im for im, _ in drawn])).reshape(batch, GRID * GRID, n_k + n_c)
         kind_logits, colour_logits = logits[..., :n_k], logits[..., n_k:]
         loss = (torch.nn.functional.cross_entropy(kind_logits.flatten(0, 1), target[:, 0].flatten())

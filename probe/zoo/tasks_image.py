@@ -14,7 +14,8 @@ from __future__ import annotations
 import random
 from typing import Any, Callable
 
-from probe.synthetic import MAX_SHAPES, SLOTS, Question, SceneSpec, ShapeSpec, question_to_row
+from probe import synthetic
+from probe.synthetic import MAX_SHAPES, SLOTS, Question, SceneSpec, question_to_row
 
 # A four-colour, four-shape world: the most distinct colours and outlines at 15 pixels.
 COLOUR_OPTIONS = ("blue", "green", "red", "yellow")
@@ -25,9 +26,7 @@ POSITION_OPTIONS = tuple(sorted(SLOTS))
 
 def random_scene(rng: random.Random, n: int | None = None) -> SceneSpec:
     """1-4 shapes with distinct kinds, colours and slots, from the organisms' four colours and shapes."""
-    n = n if n is not None else rng.randint(1, MAX_SHAPES)
-    kinds, colours, slots = rng.sample(SHAPE_OPTIONS, n), rng.sample(COLOUR_OPTIONS, n), rng.sample(sorted(SLOTS), n)
-    return SceneSpec(tuple(ShapeSpec(k, c, s) for k, c, s in zip(kinds, colours, slots)))
+    return synthetic.random_scene(rng, n, SHAPE_OPTIONS, COLOUR_OPTIONS)
 
 
 def _q(kind: str, text: str, options: tuple[str, ...], correct: str, scenes) -> Question:
