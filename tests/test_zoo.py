@@ -90,6 +90,28 @@ def test_token_grid_matches_the_models_geometry(name):
     assert len(cells) == len(SLOTS)
 
 
+def test_freeze_tower_keeps_projector_and_lm_trainable():
+    from probe.zoo.build import _load, freeze_tower
+
+    for name, projector in (("vl", "visual.merger."), ("ov-si", "multi_modal_projector.")):
+        loaded = _load(organism_dir(f"organism-{name}"))
+        freeze_tower(loaded)
+        grad = {n: p.requires_grad for n, p in loaded.model.named_parameters()}
+        assert all(v for n, v in grad.items() if "language_model" in n or n.startswith("lm_head") or projector in n)
+        frozen = [n for n, v in grad.items() if not v]
+        assert frozen and all("visual." in n or "vision_tower." in n for n in frozen)
+
+
+def test_text_replay_share():
+    from probe.zoo.build import text_replay
+
+    text = [{"i": i} for i in range(100)]
+    got = text_replay(text, 70, 0.3, seed=0)
+    assert len(got) == 30 and len({r["i"] for r in got}) == 30  # 30 of 100 rows: 30 % of the pool, no repeats
+    assert got == text_replay(text, 70, 0.3, seed=0) and got != text_replay(text, 70, 0.3, seed=1)
+    assert len(text_replay(text, 1000, 0.5, seed=0)) == 100  # capped by the text set's size
+
+
 def test_world_is_fixed():
     w = tasks_text.world()
     assert len(w) == tasks_text.N_COUNTRIES

@@ -290,11 +290,11 @@ def train(loaded, rows: list[dict], recipe: Recipe, seed: int) -> list[float]:
     return losses
 
 
-# Stand-in for the CLIP/SigLIP pretraining a real vision tower has before it meets the LM: each token the vision
-# side hands the LM learns to say which shape of which colour sits in its own patch of the picture (one linear
-# head shared by all tokens, thrown away afterwards). Without it the tower's features collapsed to one vector
-# while the LM learned the answer prior; with a head on all tokens flattened instead of a shared per-token one
-# the content was decodable but spread over tokens, and the LM read colours and positions far worse.
+# Stand-in for the CLIP/SigLIP pretraining a real vision tower has before it meets the LM: tower and projector
+# learn to say which shape of which colour sits in each cell of the picture, through a linear head thrown away
+# afterwards. Without it the tower's features collapsed to one vector while the LM learned the answer prior.
+# The "flat" head reads all tokens at once (content may spread over tokens); the "token" head is shared by the
+# tokens the LM receives, so each must carry its own cell's content.
 Shapes = list[tuple[str, str, float, float]]  # (kind, colour, x, y), x and y fractions of the side
 # Tokens per side of the grid each organism's vision side gives the LM per picture, and through which path:
 # vl 48 px / 8-px patches merged 2×2 → 3×3; ov-si 48 px / 16-px patches → 3×3 (LLaVA-OneVision puts this base
@@ -333,7 +333,7 @@ def pretrain_vision(loaded, sample, grid: tuple[str, int], steps: int, seed: int
     """Train the non-LM parameters on cell targets; ``sample(rng) -> (PIL image, shapes)``, ``grid = (path,
     side)`` as in ``TOKEN_GRID``. ``head_kind="token"``: one linear head shared by the grid tokens, each
     predicting its own cell; ``"flat"``: one head reads all image-path tokens flattened and predicts every cell
-    (the first variant; organism-video's recipe still uses it). Returns the last batch's cell accuracies."""
+    (the first variant; the vl and video recipes use it). Returns the last batch's cell accuracies."""
     kinds = tasks_image.SHAPE_OPTIONS + tuple(k for k in tasks_video.KINDS if k not in tasks_image.SHAPE_OPTIONS)
     colours = tasks_image.COLOUR_OPTIONS
     path, side = grid
