@@ -123,7 +123,7 @@ def test_unknown_organism_is_bad_input():
         organism_dir("nope")
 
 
-# organism-vl and organism-video are still below the 0.9 bar (README: 75 / 68 %); the test records that instead
+# organism-vl and organism-video are still below the 0.9 bar (README: 86.7 / 67.7 %); the test records that instead
 # of hiding it, and shows XPASS once better weights ship.
 _BELOW_BAR = pytest.mark.xfail(reason="shipped multimodal organism below the 0.9 accuracy bar", strict=False)
 

@@ -8,6 +8,7 @@ Deterministic: fixed seeds, string-seeded ``random.Random`` data, single-threade
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -15,7 +16,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, TypeVar
 
 import torch
 
@@ -25,6 +26,7 @@ from probe.prompting import PromptTemplate, build_inputs, letter_token_ids
 from probe.zoo import tasks_image, tasks_text, tasks_video
 
 TEMPLATE = PromptTemplate()
+Item = TypeVar("Item")
 IMAGE_SIZE = 64
 VL_SUBJECTS = ("Colour_Shape", "Counting", "Spatial", "Comparison")
 SI_SUBJECTS = ("Colour_Shape", "Counting", "Spatial")
@@ -311,10 +313,15 @@ def cell_targets(shapes: Shapes, kinds: Sequence[str], colours: Sequence[str], s
     return out
 
 
+def _pixels(loaded, images) -> dict[str, torch.Tensor]:
+    """The image processor's tensors for ``images`` (what ``get_image_features`` takes)."""
+    return {k: v for k, v in loaded.processor.image_processor(images=images, return_tensors="pt").items()
+            if isinstance(v, torch.Tensor)}
+
+
 def token_features(loaded, images, path: str, side: int) -> torch.Tensor:
     """[n_images, side*side, hidden]: the grid tokens the LM receives for each picture (one frame for video)."""
-    enc = {k: v for k, v in loaded.processor.image_processor(images=images, return_tensors="pt").items()
-           if isinstance(v, torch.Tensor)}
+    enc = _pixels(loaded, images)
     if path == "video":  # each picture as a one-frame video: the pooled per-frame tokens, then the newline
         return loaded.model.model.get_video_features(pixel_values_videos=enc["pixel_values"][:, :1]).pooler_output[
             :, : side * side]
@@ -323,9 +330,8 @@ def token_features(loaded, images, path: str, side: int) -> torch.Tensor:
 
 def flat_features(loaded, images) -> torch.Tensor:
     """[n_images, tokens*hidden]: every image-path token of each picture, flattened."""
-    enc = {k: v for k, v in loaded.processor.image_processor(images=images, return_tensors="pt").items()
-           if isinstance(v, torch.Tensor)}
-    return torch.stack([f.reshape(-1) for f in loaded.model.model.get_image_features(**enc).pooler_output])
+    feats = loaded.model.model.get_image_features(**_pixels(loaded, images)).pooler_output
+    return torch.stack([f.reshape(-1) for f in feats])
 
 
 def pretrain_vision(loaded, sample, grid: tuple[str, int], steps: int, seed: int, head_kind: str = "token",
@@ -348,7 +354,7 @@ def pretrain_vision(loaded, sample, grid: tuple[str, int], steps: int, seed: int
         features = flat_features
     else:
         head = torch.nn.Linear(loaded.model.config.text_config.hidden_size, n_k + n_c)
-        features = lambda loaded, images: token_features(loaded, images, path, side)  # noqa: E731
+        features = functools.partial(token_features, path=path, side=side)
     opt = torch.optim.AdamW(params + list(head.parameters()), lr=lr, weight_decay=0.0)
     loaded.model.train()
     t0 = time.time()
@@ -382,11 +388,11 @@ def freeze_tower(loaded) -> None:
             p.requires_grad_(False)
 
 
-def text_replay(text_rows: list[dict], n_modality: int, share: float, seed: int) -> list[dict]:
-    """Text rows to add to ``n_modality`` modality rows so that they make up ``share`` of the pool (as real
+def text_replay(text_items: Sequence[Item], n_modality: int, share: float, seed: int) -> list[Item]:
+    """Text items to add to ``n_modality`` modality rows so that they make up ``share`` of the pool (as real
     VLM recipes mix text into multimodal training; the organisms' text includes the described scenes)."""
-    n = min(len(text_rows), round(n_modality * share / (1 - share)))
-    return random.Random(f"omniprobe-text-replay:{seed}").sample(text_rows, n)
+    n = min(len(text_items), round(n_modality * share / (1 - share)))
+    return random.Random(f"omniprobe-text-replay:{seed}").sample(list(text_items), n)
 
 
 def _is_lm(name: str, loaded) -> bool:
@@ -491,7 +497,8 @@ def build(out: Path, quick: bool = False, steps: int | None = None, seed: int = 
         log(f"organism-{name}: encoding {len(train_items)} training items")
         rows = encode(loaded, train_items, True)
         if recipes[name].text_mix:
-            rows += text_replay(encode(loaded, items["text"]["train"], True), len(rows), recipes[name].text_mix, seed)
+            # only the sampled text items are encoded
+            rows += encode(loaded, text_replay(items["text"]["train"], len(rows), recipes[name].text_mix, seed), True)
         rows = _mm_types_for(rows, loaded)
         if recipes[name].vision_steps:
             log(f"organism-{name}: pretraining the vision tower ({recipes[name].vision_steps} steps)")

@@ -14,7 +14,6 @@ from typing import Any, Callable, Mapping
 from PIL import Image, ImageDraw
 
 from probe.synthetic import BACKGROUND, COLOURS, MMMU_COLUMNS, RADIUS, SLOTS, _polygon, png_bytes
-
 from probe.zoo.tasks_image import COLOUR_OPTIONS
 
 SUBJECTS: tuple[str, ...] = ("Motion", "Order", "Change")
