@@ -9,8 +9,12 @@ from __future__ import annotations
 import string
 from typing import Iterable
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+# Qwen2's pre-tokenization (digits one by one). transformers 5 rebuilds it whenever a directory loads as
+# Qwen2Tokenizer (AutoTokenizer does for model_type "qwen2" but not for "qwen2_vl"), so a tokenizer.json that
+# carried anything else would read text differently depending on which model it sits next to.
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_SPLIT
 
 SPECIAL_TOKENS: tuple[str, ...] = (
     "<|endoftext|>",
@@ -61,6 +65,12 @@ def build_tokenizer(
     # Letters and digits on their own so option letters are single tokens whatever the corpus.
     seed_lines = [" ".join(string.ascii_uppercase), " ".join(string.digits)]
     tok.train_from_iterator(list(seed_lines) + list(corpus), trainer)
+    # Served with Qwen2's pre-tokenizer; the merges above stay as learnt (multi-digit ones simply go unused).
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
