@@ -70,13 +70,17 @@ class ShapeSpec:
 class SceneSpec:
     shapes: tuple[ShapeSpec, ...]
     background: tuple[int, int, int] = BACKGROUND
+    frame: tuple[int, int, int] | None = None  # colour of a 2-px border around the picture; None: no border
 
     def to_json(self) -> dict[str, Any]:
-        return {"shapes": [asdict(s) for s in self.shapes], "background": list(self.background)}
+        out = {"shapes": [asdict(s) for s in self.shapes], "background": list(self.background)}
+        return out | ({"frame": list(self.frame)} if self.frame else {})
 
     @staticmethod
     def from_json(d: Mapping[str, Any]) -> "SceneSpec":
-        return SceneSpec(tuple(ShapeSpec(**s) for s in d["shapes"]), tuple(d["background"]))  # type: ignore[arg-type]
+        frame = tuple(d["frame"]) if d.get("frame") else None
+        shapes = tuple(ShapeSpec(**s) for s in d["shapes"])
+        return SceneSpec(shapes, tuple(d["background"]), frame)  # type: ignore[arg-type]
 
 
 def random_scene(rng: random.Random, n_shapes: int | None = None, kinds: Sequence[str] = SHAPES,
@@ -127,6 +131,8 @@ def draw_scene(spec: SceneSpec, size: int = 64) -> Image.Image:
     draw = ImageDraw.Draw(img)
     for shape in spec.shapes:
         draw_shape(draw, shape, size)
+    if spec.frame:
+        draw.rectangle((0, 0, size - 1, size - 1), outline=spec.frame, width=max(1, size // 32))
     return img
 
 

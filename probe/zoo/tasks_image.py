@@ -12,6 +12,7 @@ described in words (organism-base's "Scenes" subject). Deterministic per seed.
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from typing import Any, Callable
 
 from probe import synthetic
@@ -22,11 +23,15 @@ COLOUR_OPTIONS = ("blue", "green", "red", "yellow")
 SHAPE_OPTIONS = ("circle", "square", "triangle", "star")
 COUNT_OPTIONS = tuple(str(i) for i in range(1, MAX_SHAPES + 1))
 POSITION_OPTIONS = tuple(sorted(SLOTS))
+# A grey border around every picture. Qwen2-VL's tower has no absolute position embedding (2D RoPE only) and the
+# background is uniform, so without it a token cannot tell which cell it shows; the border makes each of the
+# 3×3 cells look different (which edges it touches), as the frame of a real photo or screenshot does.
+FRAME = (96, 96, 96)
 
 
 def random_scene(rng: random.Random, n: int | None = None) -> SceneSpec:
     """1-4 shapes with distinct kinds, colours and slots, from the organisms' four colours and shapes."""
-    return synthetic.random_scene(rng, n, SHAPE_OPTIONS, COLOUR_OPTIONS)
+    return replace(synthetic.random_scene(rng, n, SHAPE_OPTIONS, COLOUR_OPTIONS), frame=FRAME)
 
 
 def _q(kind: str, text: str, options: tuple[str, ...], correct: str, scenes) -> Question:

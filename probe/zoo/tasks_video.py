@@ -1,8 +1,11 @@
 """Short frame-sequence questions in MMMU format (a ``video`` column of PNG frames, ``<video>`` in the question).
 
-Subjects: **Motion** (which way does a shape move), **Order** (which colour appears first / last), **Change**
-(what colour is the shape at the start / end). Options in a canonical order (see ``probe.zoo.tasks_image``). Four frames per video by default, drawn with PIL (no
-antialiasing, fixed palette, deterministic PNG bytes). Deterministic per seed.
+Subjects: **Motion** (which way does a shape move), **Order** (shapes flash one per frame: which colour comes
+first / last), **Change** (what colour is the shape first / last). Every frame carries a progress bar along
+its bottom edge (length ∝ frame number, like a player's time bar): LLaVA-OneVision's tower sees each frame alone,
+so without it a frame's tokens cannot say *when* they are. Options in a canonical order (see
+``probe.zoo.tasks_image``). Four frames per video by default, drawn with PIL (no antialiasing, fixed palette,
+deterministic PNG bytes). Deterministic per seed.
 """
 from __future__ import annotations
 
@@ -33,14 +36,19 @@ def _draw(draw: ImageDraw.ImageDraw, kind: str, colour: str, fx: float, fy: floa
         draw.polygon(_polygon(cx, cy + r * 0.15, r, 3, -90), fill=fill)
 
 
+BAR = (96, 96, 96)
+
+
 def render_images(frames: list[list[tuple[str, str, float, float]]], size: int) -> list[Image.Image]:
-    """Each frame is a list of (kind, colour, x, y) with x, y fractions of the side."""
+    """Each frame is a list of (kind, colour, x, y) with x, y fractions of the side; frame t of n gets a
+    progress bar (t + 1) / n of the width along the bottom (drawn over anything there)."""
     out = []
-    for shapes in frames:
+    for t, shapes in enumerate(frames):
         img = Image.new("RGB", (size, size), BACKGROUND)
         d = ImageDraw.Draw(img)
         for kind, colour, x, y in shapes:
             _draw(d, kind, colour, x, y, size)
+        d.rectangle((0, size - max(2, size // 16), round((t + 1) / len(frames) * size) - 1, size - 1), fill=BAR)
         out.append(img)
     return out
 
@@ -77,15 +85,13 @@ def q_motion(rng: random.Random, n_frames: int):
 
 
 def q_order(rng: random.Random, n_frames: int):
-    colours = rng.sample(COLOUR_OPTIONS, 3)
-    slots = rng.sample(sorted(SLOTS), 3)
-    kinds = [rng.choice(KINDS) for _ in colours]
-    frames = []
-    for t in range(n_frames):
-        shown = min(t + 1, 3)
-        frames.append([(kinds[i], colours[i], *SLOTS[slots[i]]) for i in range(shown)])
+    """One shape per frame, each in its own colour (colours repeat only past four frames) and slot."""
+    n = len(COLOUR_OPTIONS)
+    colours = [c for _ in range(0, n_frames, n) for c in rng.sample(COLOUR_OPTIONS, n)]
+    slots = [rng.choice(sorted(SLOTS)) for _ in range(n_frames)]
+    frames = [[(rng.choice(KINDS), colours[t], *SLOTS[slots[t]])] for t in range(n_frames)]
     which = rng.choice(("first", "last"))
-    correct = colours[0] if which == "first" else colours[2]
+    correct = colours[0] if which == "first" else colours[n_frames - 1]
     options = list(COLOUR_OPTIONS)
     answer = chr(ord("A") + options.index(correct))
     return f"<video> Which colour appears {which}?", options, answer, frames
@@ -97,10 +103,10 @@ def q_change(rng: random.Random, n_frames: int):
     at = rng.randint(1, n_frames - 1)
     x, y = SLOTS[rng.choice(sorted(SLOTS))]
     frames = [[(kind, start if t < at else end, x, y)] for t in range(n_frames)]
-    which = rng.choice(("start", "end"))
-    correct = start if which == "start" else end
+    which = rng.choice(("first", "last"))  # Order's words: the same reading (frame 1 / last frame) learnt once
+    correct = start if which == "first" else end
     options = list(COLOUR_OPTIONS)
-    return (f"<video> The {kind} changes colour. What colour is it at the {which}?", options,
+    return (f"<video> The {kind} changes colour. What colour is it {which}?", options,
             chr(ord("A") + options.index(correct)), frames)
 
 
