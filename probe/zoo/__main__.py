@@ -9,11 +9,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m probe.zoo", description="Build the trained tiny organisms.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="regenerate data and organisms deterministically")
-    b.add_argument("--out", type=Path, required=True)
+    b.add_argument("--out", type=Path, required=True, metavar="DIR",
+                   help="where data/, organism-*/ and quality.json are written")
     b.add_argument("--quick", action="store_true", help="tiny data and few steps (CI smoke test)")
     b.add_argument("--steps", type=int, default=None, help="override the training steps of every organism")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    b.add_argument("--seed", type=int, default=0, help="seed of the data, initialisation and training (default 0)")
+    b.add_argument("--threads", type=int, default=2,
+                   help="CPU threads (default 2): organism-base trains on all; the three extensions on threads // 2 "
+                   "each, in two processes at once when there are two or more")
     b.add_argument("--reuse", action="store_true",
                    help="keep organisms already built in --out with the same recipe (resume an interrupted build)")
     b.add_argument("--only", nargs="+", choices=("base", "vl", "ov-si", "video"), default=None,
