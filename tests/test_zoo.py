@@ -55,6 +55,46 @@ def test_scene_text_rows_describe_the_scenes():
     assert all(r["image_1"] is None for r in a)
 
 
+def test_pictures_carry_position_and_time_cues():
+    """Scenes have a border (Qwen2-VL's tower needs it to tell cells apart); video frames a progress bar whose
+    length grows with the frame number; Order shows one shape per frame and asks for frame 1 or the last."""
+    import random
+
+    from probe.synthetic import BACKGROUND, draw_scene
+
+    img = draw_scene(tasks_image.random_scene(random.Random(0), 1), 64)
+    assert img.getpixel((0, 0)) == img.getpixel((63, 32)) == tasks_image.FRAME
+    assert img.getpixel((3, 3)) == BACKGROUND  # the border is thin: 2 px at 64
+    text, options, answer, frames = tasks_video.q_order(random.Random(1), tasks_video.N_FRAMES)
+    bars = [sum(im.getpixel((x, 63)) == tasks_video.BAR for x in range(64))
+            for im in tasks_video.render_images(frames, 64)]
+    assert bars == [16, 32, 48, 64]
+    assert all(len(f) == 1 for f in frames) and len({f[0][1] for f in frames}) == len(frames)
+    at = 0 if "first" in text else -1
+    assert options[ord(answer) - ord("A")] == frames[at][0][1]
+
+
+def test_pretrain_vision_tags_train_only_the_vision_side():
+    """Per-token cell / frame / word targets are learned by the tower and projector; the LM (its word embeddings
+    included, which the word targets read) stays as it was."""
+    import random
+
+    import torch
+
+    from probe.zoo.build import TOKEN_GRID, _is_lm, _load, frame_sample, pretrain_vision
+
+    loaded = _load(organism_dir("organism-video"))
+    before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+    image, shapes, t = frame_sample(random.Random(0))
+    assert 0 <= t < tasks_video.N_FRAMES and image.size == (64, 64)
+    acc = pretrain_vision(loaded, frame_sample, TOKEN_GRID["video"], steps=2, seed=0, tags="cell,frame,word",
+                          batch=4)
+    assert set(acc) == {"kind", "colour", "cell", "frame", "kind_word", "colour_word"}
+    assert all(0 <= v <= 1 for v in acc.values())
+    changed = {n for n, p in loaded.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and not any(_is_lm(n, loaded) for n in changed)
+
+
 def test_cell_targets():
     from probe.zoo.build import cell_targets
 
@@ -76,7 +116,7 @@ def test_token_grid_matches_the_models_geometry(name):
 
     path, side = TOKEN_GRID[name]
     loaded = _load(organism_dir(f"organism-{name}"))
-    image, _ = scene_sample(random.Random(0))
+    image, _, _ = scene_sample(random.Random(0))
     feats = token_features(loaded, [image, image], path, side)
     assert feats.shape == (2, side * side, loaded.model.config.text_config.hidden_size)
     cfg = loaded.model.config.vision_config
@@ -123,13 +163,7 @@ def test_unknown_organism_is_bad_input():
         organism_dir("nope")
 
 
-# organism-vl and organism-video are still below the 0.9 bar (README: 86.7 / 67.7 %); the test records that instead
-# of hiding it, and shows XPASS once better weights ship.
-_BELOW_BAR = pytest.mark.xfail(reason="shipped multimodal organism below the 0.9 accuracy bar", strict=False)
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_BELOW_BAR) if n in ("vl", "video") else n
-                                  for n in ORGANISMS])
+@pytest.mark.parametrize("name", ORGANISMS)
 def test_shipped_organism_accuracy(name):
     """The shipped (bf16) weights, loaded like any checkpoint, answer ≥ 90 % of a held-out slice."""
     from probe.models import load_model, resolve_model
@@ -149,14 +183,42 @@ def test_validation_sets_shipped():
         assert len(items) >= 64 and report.n_skipped_open == 0
 
 
-def test_quick_build(tmp_path):
+def test_quick_build_one_or_two_processes(tmp_path):
+    """The short build runs end to end; --threads 2 trains the extensions in two processes of one thread,
+    --threads 1 one after another on one thread: the same files, byte for byte (same seeds, same tokenizer)."""
     from probe.models import load_model, resolve_model
     from probe.zoo.__main__ import main
 
-    assert main(["build", "--out", str(tmp_path), "--quick", "--steps", "2"]) == 0
-    quality = json.loads((tmp_path / "quality.json").read_text())
-    assert set(quality["organisms"]) == {f"organism-{n}" for n in ORGANISMS}
+    for threads in ("2", "1"):
+        assert main(["build", "--out", str(tmp_path / threads), "--quick", "--steps", "2", "--threads", threads]) == 0
     for name in ORGANISMS:
-        loaded = load_model(resolve_model(str(tmp_path / f"organism-{name}")))
+        for f in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "config.json"):
+            a, b = (tmp_path / t / f"organism-{name}" / f for t in ("2", "1"))
+            assert a.read_bytes() == b.read_bytes(), (name, f)
+        loaded = load_model(resolve_model(str(tmp_path / "2" / f"organism-{name}")))
         assert loaded.tokenizer.convert_tokens_to_ids("<|im_start|>") is not None
-    assert (tmp_path / "data" / "video" / "Motion" / "train-00000-of-00001.parquet").is_file()
+    assert (tmp_path / "2" / "data" / "video" / "Motion" / "train-00000-of-00001.parquet").is_file()
+    q = json.loads((tmp_path / "2" / "quality.json").read_text())
+    assert list(q["organisms"]) == [f"organism-{n}" for n in ORGANISMS]  # the family's order, not finishing order
+    # rebuilding one organism alone (one lane, in this process) gives the bits of the full build
+    vl = tmp_path / "2" / "organism-vl" / "model.safetensors"
+    before = vl.read_bytes()
+    assert main(["build", "--out", str(tmp_path / "2"), "--quick", "--steps", "2", "--only", "vl"]) == 0
+    assert vl.read_bytes() == before
+
+
+def test_family_tokenizer_reads_text_one_way():
+    """transformers 5 rebuilds the pre-tokenizer when a directory loads as Qwen2Tokenizer (model_type qwen2) but
+    not otherwise: the shipped tokenizer must split text the same either way, or base and extensions would
+    read the same question as different tokens."""
+    from transformers import PreTrainedTokenizerFast, Qwen2Tokenizer
+
+    text = "<|im_start|>user\nIs 123 + 45 = 168? Ünïcode café,  it's <|image_pad|> red.\n\n<|im_end|>"
+    ids = None
+    for name in ORGANISMS:
+        d = organism_dir(f"organism-{name}")
+        for cls in (PreTrainedTokenizerFast, Qwen2Tokenizer):
+            got = cls.from_pretrained(d).encode(text)
+            assert ids is None or got == ids, (name, cls.__name__)
+            ids = got
+    assert len(ids) > 20
