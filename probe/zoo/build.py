@@ -362,7 +362,7 @@ def pretrain_vision(loaded, sample, grid: tuple[str, int], steps: int, seed: int
     tag_list = [t for t in tags.split(",") if t] if head_kind == "token" else []
     words = "word" in tag_list
     tag_list = [t for t in tag_list if t != "word"]
-    n_w = sum(n_tags[t] for t in tag_list)
+    n_t = sum(n_tags[t] for t in tag_list)
     if words:  # class index (0 = empty) → the vocabulary id of " colour" / " kind", as the Scenes texts write them
         embed = loaded.model.get_input_embeddings().weight.detach()
         word_id = [torch.tensor([-100] + [loaded.tokenizer.encode(" " + w, add_special_tokens=False)[0] for w in ws])
@@ -373,7 +373,7 @@ def pretrain_vision(loaded, sample, grid: tuple[str, int], steps: int, seed: int
         head = torch.nn.Linear(dim, side * side * (n_k + n_c))
         features = flat_features
     else:
-        head = torch.nn.Linear(loaded.model.config.text_config.hidden_size, n_k + n_c + n_w)
+        head = torch.nn.Linear(loaded.model.config.text_config.hidden_size, n_k + n_c + n_t)
         features = functools.partial(token_features, path=path, side=side)
     opt = torch.optim.AdamW(params + list(head.parameters()), lr=lr, weight_decay=0.0)
     loaded.model.train()
@@ -382,7 +382,7 @@ def pretrain_vision(loaded, sample, grid: tuple[str, int], steps: int, seed: int
         drawn = [sample(rng) for _ in range(batch)]
         target = torch.stack([cell_targets(sh, kinds, colours, side) for _, sh, _ in drawn])  # [B, 2, cells]
         feats = features(loaded, [im for im, _, _ in drawn])  # [B, cells, hidden]
-        logits = head(feats).reshape(batch, side * side, n_k + n_c + n_w)
+        logits = head(feats).reshape(batch, side * side, n_k + n_c + n_t)
         kind_logits, colour_logits = logits[..., :n_k], logits[..., n_k:n_k + n_c]
         loss = (torch.nn.functional.cross_entropy(kind_logits.flatten(0, 1), target[:, 0].flatten())
                 + torch.nn.functional.cross_entropy(colour_logits.flatten(0, 1), target[:, 1].flatten()))
@@ -555,7 +555,7 @@ def _load_items(data: dict[str, Path], splits) -> dict[str, dict[str, list]]:
 
 def _lane(names: Sequence[str], out: Path, tok, data: dict[str, Path], splits, recipes: dict[str, Recipe],
           seed: int, threads: int) -> dict[str, dict[str, Any]]:
-    """One worker process: the extensions in ``names`` one after another."""
+    """One worker process: the extensions in ``names`` one after another (``data``: their modalities and text)."""
     torch.set_num_threads(threads)
     items = _load_items(data, splits)
     return {n: build_organism(n, out, tok, items, recipes[n], seed) for n in names}
@@ -603,8 +603,8 @@ def build(out: Path, quick: bool = False, steps: int | None = None, seed: int = 
     if threads >= 2 and len(lanes) > 1:
         log(f"extensions in {len(lanes)} processes of {threads // 2} thread(s): {lanes}")
         with ProcessPoolExecutor(len(lanes), mp_context=get_context("spawn")) as pool:
-            jobs = [pool.submit(_lane, lane, out, tok, data, tuple(sizes), recipes, seed, threads // 2)
-                    for lane in lanes]
+            jobs = [pool.submit(_lane, lane, out, tok, {m: data[m] for m in {OWN[n] for n in lane} | {"text"}},
+                                tuple(sizes), recipes, seed, threads // 2) for lane in lanes]
             for job in jobs:
                 built |= job.result()
     else:  # one lane left, or --threads 1: in this process, on the thread count a lane would get (same bits)

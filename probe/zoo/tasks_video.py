@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping
 from PIL import Image, ImageDraw
 
 from probe.synthetic import BACKGROUND, COLOURS, MMMU_COLUMNS, RADIUS, SLOTS, _polygon, png_bytes
-from probe.zoo.tasks_image import COLOUR_OPTIONS
+from probe.zoo.tasks_image import COLOUR_OPTIONS, FRAME
 
 SUBJECTS: tuple[str, ...] = ("Motion", "Order", "Change")
 KINDS = ("circle", "square", "triangle")
@@ -36,7 +36,7 @@ def _draw(draw: ImageDraw.ImageDraw, kind: str, colour: str, fx: float, fy: floa
         draw.polygon(_polygon(cx, cy + r * 0.15, r, 3, -90), fill=fill)
 
 
-BAR = (96, 96, 96)
+BAR = FRAME  # the progress bar in the grey of the pictures' frame
 
 
 def render_images(frames: list[list[tuple[str, str, float, float]]], size: int) -> list[Image.Image]:
