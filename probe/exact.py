@@ -7,6 +7,11 @@ layer L changes nothing before L, so a masked row starts at L from that cache; r
 one head mask per row, and join the batch as the pass reaches their layer. Only the last position's logits are
 computed. When accuracy is asked for, greedy decoding continues from a KV cache whose layers < L are the clean
 ones (then a batch holds heads of one layer).
+
+Calls into transformers internals (a decoder layer called directly, KV caches built by hand) go through
+probe/upstream.py. As a run-time guard, the first item of every call also recomputes its deepest masked row with
+the naive oracle and stops the run if the two disagree (``EngineDisagrees``), so an upstream change cannot
+make a sweep silently wrong.
 """
 from __future__ import annotations
 
@@ -15,32 +20,33 @@ from itertools import groupby
 from typing import Any, Callable, Sequence
 
 import torch
-from transformers import DynamicCache
-
-from probe.masking import HeadMask
+from probe.masking import HeadMask, mask_heads
 from probe.metrics import option_log_probs
 from probe.models import LoadedModel
 from probe.prompting import ItemLike
-from probe.sweep import BASELINE, Measurement, SweepConfig, measurement_row, prepare_item
+from probe.sweep import BASELINE, Measurement, SweepConfig, first_token_measure, measurement_row, prepare_item
+from probe.upstream import (LayerCall, cache_layer_kv, call_layer, check_cache, model_call_with_cache, output_cache, prefix_cache,
+                            record_layer_call)
 
 
 @dataclass
 class CleanPass:
-    layer_inputs: list[torch.Tensor]  # [1, T, d] entering each decoder layer
-    layer_kwargs: list[dict[str, Any]]  # what each layer was called with, minus the cache
-    cache: DynamicCache | None  # clean KV cache of the prompt (only kept when decoding)
+    calls: list[LayerCall]  # what each decoder layer received: input residual [1, T, d] and keywords, no cache
+    cache: Any | None  # clean KV cache of the prompt (only kept when decoding)
     last_logits: torch.Tensor  # [V] at the last prompt position
+
+    @property
+    def length(self) -> int:
+        return self.calls[0].hidden.shape[1]
 
 
 def clean_pass(loaded: LoadedModel, inputs: dict[str, torch.Tensor], keep_cache: bool) -> CleanPass:
     n = loaded.geometry.n_layers
-    hidden: list[torch.Tensor | None] = [None] * n
-    kwargs: list[dict[str, Any] | None] = [None] * n
+    calls: list[LayerCall | None] = [None] * n
 
     def recorder(i: int):
         def hook(module, args, kw):
-            hidden[i] = args[0] if args else kw["hidden_states"]
-            kwargs[i] = {k: v for k, v in kw.items() if k not in ("past_key_values", "hidden_states")}
+            calls[i] = record_layer_call(args, kw)
 
         return hook
 
@@ -52,19 +58,10 @@ def clean_pass(loaded: LoadedModel, inputs: dict[str, torch.Tensor], keep_cache:
     finally:
         for h in handles:
             h.remove()
-    if any(h is None for h in hidden):
+    if any(c is None for c in calls):
         raise RuntimeError("clean pass did not run every decoder layer")
-    cache = out.past_key_values if keep_cache else None
-    return CleanPass(hidden, kwargs, cache, out.logits[0, -1])
-
-
-def _cache_prefix(clean: DynamicCache, upto: int, batch: int) -> DynamicCache:
-    """A new cache holding the clean K/V of layers < upto, repeated over `batch` rows."""
-    cache = DynamicCache()
-    for i in range(upto):
-        layer = clean.layers[i]
-        cache.update(layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1), i)
-    return cache
+    cache = output_cache(out) if keep_cache else None
+    return CleanPass(calls, cache, out.logits[0, -1])
 
 
 def head_gates(n_rows: int, n_heads: int, heads: Sequence[int], first_row: int = 0) -> torch.Tensor:
@@ -75,7 +72,7 @@ def head_gates(n_rows: int, n_heads: int, heads: Sequence[int], first_row: int =
 
 
 def run_rows(
-    loaded: LoadedModel, clean: CleanPass, rows: Sequence[tuple[int, int]], cache: DynamicCache | None = None
+    loaded: LoadedModel, clean: CleanPass, rows: Sequence[tuple[int, int]], cache: Any | None = None
 ) -> torch.Tensor:
     """Logits [len(rows), V] at the last position; row r has head rows[r] = (layer, head) removed.
 
@@ -86,24 +83,24 @@ def run_rows(
     first = rows[0][0]
     if cache is not None and any(layer != first for layer, _ in rows):
         raise ValueError("a KV cache needs rows of a single layer")
-    h = clean.layer_inputs[first][:0]  # an empty batch; rows join below
+    h = clean.calls[first].hidden[:0]  # an empty batch; rows join below
     layers = loaded.layers
     with torch.no_grad():
         for i in range(first, len(layers)):
             joining = [head for layer, head in rows if layer == i]
             if joining:
-                h = torch.cat([h, clean.layer_inputs[i].expand(len(joining), -1, -1)])
-            kw = dict(clean.layer_kwargs[i], past_key_values=cache, use_cache=cache is not None)
+                h = torch.cat([h, clean.calls[i].hidden.expand(len(joining), -1, -1)])
             gates = {i: head_gates(h.shape[0], n_heads, joining, h.shape[0] - len(joining))} if joining else {}
             with HeadMask(loaded, gates):
-                h = layers[i](h, **kw)
-            h = h[0] if isinstance(h, tuple) else h
+                h = call_layer(layers[i], h, clean.calls[i], cache)
+        if cache is not None:  # the rows' own cache, clean below `first` and masked from it: nothing else
+            check_cache(cache, range(len(layers)), len(rows), clean.length)
         last = loaded.model.get_submodule(loaded.family.norm_path)(h[:, -1:])
         return loaded.model.get_submodule(loaded.family.lm_head_path)(last)[:, -1]
 
 
 def greedy_continue(
-    loaded: LoadedModel, first_logits: torch.Tensor, cache: DynamicCache, gates: dict[int, torch.Tensor],
+    loaded: LoadedModel, first_logits: torch.Tensor, cache: Any, gates: dict[int, torch.Tensor],
     max_new_tokens: int,
 ) -> list[str]:
     """Greedy decoding after the first position, like ``generate(do_sample=False)``: finished rows get pad."""
@@ -112,16 +109,52 @@ def greedy_continue(
     token = first_logits.argmax(-1)
     tokens = [token]
     done = torch.isin(token, eos)
+    prompt_length = cache_layer_kv(cache, 0)[0].shape[-2]
     for _ in range(max_new_tokens - 1):
         if bool(done.all()):
             break
         with torch.no_grad(), HeadMask(loaded, gates):
-            out = loaded.model(input_ids=token[:, None], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model_call_with_cache(loaded.model, cache, input_ids=token[:, None], logits_to_keep=1)
         token = torch.where(done, torch.full_like(token, pad), out.logits[:, -1].argmax(-1))
         tokens.append(token)
         done |= torch.isin(token, eos)
+    check_cache(cache, range(loaded.geometry.n_layers), len(token), prompt_length + len(tokens) - 1)
     seqs = torch.stack(tokens, dim=1)
     return loaded.tokenizer.batch_decode(seqs, skip_special_tokens=True)
+
+
+class EngineDisagrees(RuntimeError):
+    """The exact engine's numbers differ from the naive oracle's on the same row: never report them."""
+
+
+# Max |Δp| over the option letters between the engine and the oracle on one row, by dtype: fp32 differs only in
+# summation order (≈1e-6); half precision also by batch composition. A broken engine is off by ≫ 0.05.
+GUARD_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.05, torch.float16: 0.05}
+
+
+def check_against_naive(
+    loaded: LoadedModel, item: ItemLike, inputs: dict[str, torch.Tensor], letter_ids: list[int],
+    pair: tuple[int, int], got: Measurement, cfg: SweepConfig,
+) -> None:
+    """Run-time guard (one naive run per call): recompute one masked row with the oracle and compare.
+
+    A transformers release that changes an internal the engine calls must not make a sweep silently wrong
+    (transformers 5.24 did, with one row per batch): the first item of every call is checked on its deepest row.
+    """
+    with mask_heads(loaded, [pair]):
+        want = first_token_measure(loaded, inputs, letter_ids, cfg)
+    dp = float((got.logp.exp() - want.logp.exp()).abs().max())
+    tol = GUARD_TOLERANCE.get(loaded.dtype, 0.05)
+    text_differs = loaded.dtype == torch.float32 and got.response != want.response
+    if dp > tol or text_differs:
+        import transformers
+
+        detail = (f"generated {got.response!r} vs {want.response!r}" if text_differs else
+                  f"max |Δp| over the options {dp:.3g} > {tol:g}")
+        raise EngineDisagrees(
+            f"exact engine disagrees with the naive oracle on item {item.id}, head L{pair[0]}.H{pair[1]} ({detail}) "
+            f"under transformers {transformers.__version__}: an internal it calls has probably changed "
+            "(see probe/upstream.py). Nothing was written for this chunk; use --method naive meanwhile")
 
 
 def exact_sweep(
@@ -136,21 +169,22 @@ def exact_sweep(
     # decoding needs a KV cache per batch, hence batches of a single layer
     groups = [list(g) for _, g in groupby(ordered, key=lambda p: p[0])] if cfg.generate else [ordered]
     batches = [g[s:s + cfg.batch_size] for g in groups for s in range(0, len(g), cfg.batch_size)]
+    guarded = batches[-1][-1] if batches else None  # the deepest row: it crosses the most engine-built state
     rows: list[dict] = []
-    for item in items:
+    for n_item, item in enumerate(items):
         inputs, letter_ids = prepare_item(loaded, item, cfg)
         clean = clean_pass(loaded, inputs, keep_cache=cfg.generate)
         base_logp = option_log_probs(clean.last_logits, letter_ids)
         text = None
         if cfg.generate:
-            cache = _cache_prefix(clean.cache, loaded.geometry.n_layers, 1)
+            cache = prefix_cache(clean.cache, loaded.geometry.n_layers, 1)
             text = greedy_continue(loaded, clean.last_logits[None], cache, {}, cfg.max_new_tokens)[0]
         rows.append(measurement_row(item, BASELINE, BASELINE, Measurement(base_logp, text), base_logp))
         progress(1)
         item_rows: dict[tuple[int, int], dict] = {}
         for batch in batches:
             layer = batch[0][0]
-            cache = _cache_prefix(clean.cache, layer, len(batch)) if cfg.generate else None
+            cache = prefix_cache(clean.cache, layer, len(batch)) if cfg.generate else None
             logits = run_rows(loaded, clean, batch, cache)
             texts: list[str | None] = [None] * len(batch)
             if cfg.generate:
@@ -158,8 +192,10 @@ def exact_sweep(
                 texts = greedy_continue(loaded, logits, cache, gates, cfg.max_new_tokens)
             logp = option_log_probs(logits, letter_ids)
             for r, (layer, head) in enumerate(batch):
-                item_rows[(layer, head)] = measurement_row(item, layer, head, Measurement(logp[r], texts[r]),
-                                                           base_logp)
+                m = Measurement(logp[r], texts[r])
+                if n_item == 0 and (layer, head) == guarded:
+                    check_against_naive(loaded, item, inputs, letter_ids, guarded, m, cfg)
+                item_rows[(layer, head)] = measurement_row(item, layer, head, m, base_logp)
             progress(len(batch))
         rows.extend(item_rows[pair] for pair in heads)  # same row order as the naive loop
     return rows

@@ -238,6 +238,11 @@ def run(args: argparse.Namespace) -> Path:
                           image_max_side=args.image_max_side, batch_size=args.batch_size)
         pairs = [(l, h) for l in plan.layers for h in plan.heads]
         engine = get_engine(plan.method)
+        if plan.method == "exact":
+            from probe.upstream import untested_warning
+
+            if warning := untested_warning():
+                print(warning, file=sys.stderr)
         bar = _progress(sum(len(chunks[c]) for c in todo) * (len(pairs) + 1), args.quiet,
                         f"{ref.family.name} {plan.method}")
         for c in todo:
@@ -267,10 +272,10 @@ def run(args: argparse.Namespace) -> Path:
     return out
 
 
-def _progress(total: int, quiet: bool, desc: str):
+def _progress(total: int, quiet: bool, desc: str, unit: str = "run"):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, disable=quiet, desc=desc, unit="run", dynamic_ncols=True, file=sys.stderr)
+    return tqdm(total=total, disable=quiet, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr)
 
 
 def _print_summary(out: Path, heads) -> None:

@@ -267,21 +267,15 @@ def load_mmmu(
     return items, report
 
 
-def resolve_data(data: str | Path) -> Path:
-    """A directory as given, or the alias ``"mmmu"`` resolved from the local Hugging Face cache."""
+def resolve_data(data: str | Path, split: str = "validation", subjects: Sequence[str] | None = None) -> Path:
+    """A directory as given, or the alias ``"mmmu"``: the hub dataset's snapshot, only the split (and subjects)
+    asked for, downloaded when missing unless HF_HUB_OFFLINE is set (probe.hub)."""
     if str(data).lower() != "mmmu":
         return Path(data).expanduser()
-    try:
-        from huggingface_hub import snapshot_download
+    from probe.hub import hub_snapshot
 
-        return Path(snapshot_download(_HUB_REPO, repo_type="dataset", local_files_only=True))
-    except ImportError:
-        raise BadInput("the 'mmmu' alias needs huggingface_hub; pass the downloaded MMMU directory instead") from None
-    except Exception:  # LocalEntryNotFoundError and friends: not cached, and we never go online here
-        raise BadInput(
-            f"{_HUB_REPO} is not in the local Hugging Face cache; download it "
-            f"(huggingface-cli download {_HUB_REPO} --repo-type dataset) and pass its directory"
-        ) from None
+    patterns = [f"{s}/{split}-*" for s in subjects] if subjects else [f"*/{split}-*"]
+    return hub_snapshot(_HUB_REPO, repo_type="dataset", patterns=patterns)
 
 
 def load_items(
@@ -291,4 +285,4 @@ def load_items(
     limit: int | None = None,
 ) -> tuple[list[Item], LoadReport]:
     """:func:`load_mmmu` on a directory or the ``"mmmu"`` alias."""
-    return load_mmmu(resolve_data(data), split=split, subjects=subjects, limit=limit)
+    return load_mmmu(resolve_data(data, split, subjects), split=split, subjects=subjects, limit=limit)

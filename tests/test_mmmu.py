@@ -218,16 +218,32 @@ def test_fingerprint_stable_and_content_sensitive(tmp_path):
 def test_load_items_directory_and_alias(tmp_path, monkeypatch):
     write(tmp_path, {"Art": [row(1)]})
     assert len(load_items(str(tmp_path))[0]) == 1
-    # the alias never goes online: an empty offline cache gives a clear BadInput
     import huggingface_hub
     from huggingface_hub import constants
 
+    # offline and not cached: one clear line saying exactly that
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(BadInput, match="not in the local Hugging Face cache"):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BadInput, match="not in the local Hugging Face cache and HF_HUB_OFFLINE is set"):
         load_items("mmmu")
-    # and a cached snapshot is used as the root
+    # online: the substituted downloader is asked for the split (and subjects) only, and its snapshot is the root
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     calls = []
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: calls.append((a, k)) or str(tmp_path))
     assert len(load_items("MMMU")[0]) == 1
-    assert calls == [(("MMMU/MMMU",), {"repo_type": "dataset", "local_files_only": True})]
+    assert len(load_items("mmmu", subjects=["Art"])[0]) == 1
+    assert calls == [(("MMMU/MMMU",), {"repo_type": "dataset", "allow_patterns": ["*/validation-*"]}),
+                     (("MMMU/MMMU",), {"repo_type": "dataset", "allow_patterns": ["Art/validation-*"]})]
+
+
+def test_mmmu_alias_download_failure_is_one_line(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def unreachable(*a, **k):
+        raise ConnectionError("Max retries exceeded with url: /api/datasets/MMMU/MMMU\n(more detail)")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    with pytest.raises(BadInput, match=r"could not download MMMU/MMMU from the Hugging Face hub .*ConnectionError: "
+                                       r"Max retries exceeded[^\n]*\)$"):
+        load_items("mmmu")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,3 +162,60 @@ def test_load_model_bad_dtype(tiny_dirs):
 def test_head_geometry_from_text_config_is_int():
     g = HeadGeometry.from_text_config({"num_attention_heads": "4", "hidden_size": 64, "num_hidden_layers": 2})
     assert g == HeadGeometry(2, 4, 4, 16, 64)
+
+
+def _fake_hub(monkeypatch, source: Path, snapshot: Path, calls: list):
+    """A substituted huggingface_hub.snapshot_download serving ``source`` as the repo (no network)."""
+    import fnmatch
+    import shutil
+
+    import huggingface_hub
+
+    def download(repo_id, repo_type="model", allow_patterns=None, **kw):
+        calls.append((repo_id, tuple(allow_patterns or ()), kw.get("local_files_only", False)))
+        snapshot.mkdir(parents=True, exist_ok=True)
+        for f in source.iterdir():
+            if f.is_file() and any(fnmatch.fnmatch(f.name, p) for p in allow_patterns or ["*"]):
+                shutil.copy(f, snapshot / f.name)
+        return str(snapshot)
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+
+
+def test_hub_alias_downloads_configs_first_then_weights_on_load(tiny_dirs, tmp_path, monkeypatch):
+    from probe.hub import META_PATTERNS, WEIGHT_PATTERNS
+    from probe.models import load_model
+
+    calls: list = []
+    snapshot = tmp_path / "snapshot"
+    _fake_hub(monkeypatch, tiny_dirs["qwen2_vl"], snapshot, calls)
+    ref = resolve_model("qwen2-vl")
+    assert ref.hub_repo == "Qwen/Qwen2-VL-7B-Instruct" and ref.path == snapshot
+    assert calls == [("Qwen/Qwen2-VL-7B-Instruct", META_PATTERNS, False)]  # validation reads configs only
+    assert not list(snapshot.glob("*.safetensors"))
+    loaded = load_model(ref)
+    assert calls[-1] == ("Qwen/Qwen2-VL-7B-Instruct", WEIGHT_PATTERNS, False)
+    assert loaded.geometry.n_layers == len(loaded.layers)
+
+
+def test_hub_alias_offline_and_not_cached_says_so(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BadInput, match=r"^Qwen/Qwen2-VL-7B-Instruct is not in the local Hugging Face cache and "
+                                       r"HF_HUB_OFFLINE is set"):
+        resolve_model("qwen2-vl")
+
+
+def test_hub_alias_download_error_is_bad_input(monkeypatch):
+    import huggingface_hub
+
+    def gated(*a, **k):
+        raise PermissionError("401 Client Error: access to model is restricted")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", gated)
+    with pytest.raises(BadInput, match="could not download Qwen/Qwen2-7B-Instruct .*PermissionError: 401"):
+        resolve_model("qwen2")

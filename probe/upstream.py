@@ -1,0 +1,149 @@
+"""Every call into transformers' internals that the exact engine relies on, in one place (STYLE: upstream calls).
+
+The exact engine (probe/exact.py) calls decoder layers directly and builds KV caches by hand. Those are internal
+APIs that change between monthly releases: transformers 5.24 renamed the decoder layer's cache keyword
+(``past_key_values`` → ``cache``), so kwargs recorded from a clean pass suddenly carried the clean prompt cache
+into the masked rows — a shape error with several rows, a silently wrong answer with one. What is version
+sensitive lives here, is checked loudly (``UpstreamChanged`` names the API and this file), and is tested in
+``tests/test_upstream.py`` against every release the project declares.
+
+Checked against transformers 5.23.0 and 5.24.0 (``TESTED_TRANSFORMERS``).
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+TESTED_TRANSFORMERS = ("5.23.0", "5.24.0")
+
+# The names a decoder layer / model has used for its KV cache argument, newest first.
+CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
+# Keyword arguments of a recorded layer call that belong to the clean pass only, never to masked rows.
+_PASS_ONLY = frozenset(CACHE_KWARGS) | {"use_cache", "hidden_states"}
+
+
+class UpstreamChanged(RuntimeError):
+    """An internal API of transformers that the engines call no longer behaves as probe/upstream.py expects."""
+
+    def __init__(self, what: str):
+        import transformers
+
+        super().__init__(
+            f"transformers {transformers.__version__}: {what}. probe/upstream.py was checked against "
+            f"{', '.join(TESTED_TRANSFORMERS)}; install one of those (pip install 'transformers=={TESTED_TRANSFORMERS[-1]}') "
+            "or use --method naive until it is updated"
+        )
+
+
+def untested_warning() -> str | None:
+    """One line for stderr when the installed transformers is not a release this file was checked against."""
+    import transformers
+
+    if transformers.__version__ in TESTED_TRANSFORMERS:
+        return None
+    return (f"warning: transformers {transformers.__version__} is not one of the releases probe/upstream.py was "
+            f"checked against ({', '.join(TESTED_TRANSFORMERS)}); the exact engine's run-time guard stays on")
+
+
+def cache_kwarg(fn: Any) -> str:
+    """The name under which ``fn`` (a decoder layer's or model's forward) takes its KV cache."""
+    params = inspect.signature(fn).parameters  # follows functools.wraps (deprecate_kwarg keeps the new name)
+    for name in CACHE_KWARGS:
+        if name in params:
+            return name
+    raise UpstreamChanged(f"{getattr(fn, '__qualname__', fn)} takes none of the cache keywords {CACHE_KWARGS}")
+
+
+def _contains_cache(value: Any) -> bool:
+    from transformers.cache_utils import Cache
+
+    if isinstance(value, Cache):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_contains_cache(v) for v in value)
+    if isinstance(value, dict):
+        return any(_contains_cache(v) for v in value.values())
+    return False
+
+
+@dataclass
+class LayerCall:
+    """What a decoder layer received in the clean pass: its input residual and the keywords that masked rows
+    reuse (rotary embeddings, M-RoPE positions, causal mask) — never the clean pass's cache."""
+
+    hidden: torch.Tensor  # [1, T, d]
+    kwargs: dict[str, Any]
+
+
+def record_layer_call(args: tuple, kwargs: dict[str, Any]) -> LayerCall:
+    """Split a forward-pre-hook's (args, kwargs) of a decoder layer into a reusable LayerCall."""
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    if not isinstance(hidden, torch.Tensor):
+        raise UpstreamChanged("a decoder layer was called without its hidden states as first argument")
+    kept = {k: v for k, v in kwargs.items() if k not in _PASS_ONLY}
+    leaked = sorted(k for k, v in kept.items() if _contains_cache(v))
+    if leaked:  # a renamed cache keyword: reusing it would feed the clean cache to the masked rows
+        raise UpstreamChanged(f"decoder layers now receive a KV cache under {leaked}, a name not in {CACHE_KWARGS}")
+    return LayerCall(hidden, kept)
+
+
+def call_layer(layer: nn.Module, hidden: torch.Tensor, call: LayerCall, cache: Any | None) -> torch.Tensor:
+    """Run one decoder layer on ``hidden`` with the recorded keywords and (optionally) a KV cache to extend."""
+    kw = dict(call.kwargs, use_cache=cache is not None)
+    kw[cache_kwarg(layer.forward)] = cache
+    out = layer(hidden, **kw)
+    out = out[0] if isinstance(out, tuple) else out
+    if not isinstance(out, torch.Tensor) or out.shape != hidden.shape:
+        raise UpstreamChanged(f"a decoder layer returned {type(out).__name__} "
+                              f"{tuple(getattr(out, 'shape', ()))} for input {tuple(hidden.shape)}")
+    return out
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache a model's forward returned (``cache`` from 5.24 on, ``past_key_values`` before)."""
+    for name in CACHE_KWARGS:
+        value = getattr(out, name, None)
+        if value is not None:
+            return value
+    raise UpstreamChanged("the model returned no KV cache although use_cache=True")
+
+
+def cache_layer_kv(cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values [batch, kv_heads, T, d] held for one layer."""
+    try:
+        entry = cache.layers[layer]
+        return entry.keys, entry.values
+    except (AttributeError, IndexError):
+        raise UpstreamChanged(f"{type(cache).__name__} no longer exposes .layers[{layer}].keys/.values") from None
+
+
+def prefix_cache(clean: Any, upto: int, batch: int) -> Any:
+    """A new DynamicCache holding the clean K/V of layers < upto, repeated over ``batch`` rows; layers ≥ upto are
+    filled as the masked rows run through them."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for i in range(upto):
+        keys, values = cache_layer_kv(clean, i)
+        cache.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), i)
+    return cache
+
+
+def check_cache(cache: Any, layers: Iterable[int], batch: int, length: int) -> None:
+    """Every listed layer holds exactly ``batch`` rows of ``length`` positions — or the KV cache was not the one
+    the engine built (the 5.24 failure mode), and every number after it would be wrong."""
+    for i in layers:
+        keys, values = cache_layer_kv(cache, i)
+        if keys.shape[0] != batch or keys.shape[-2] != length or values.shape[-2] != length:
+            raise UpstreamChanged(
+                f"KV cache layer {i} holds {tuple(keys.shape)} after the engine's calls, expected {batch} rows "
+                f"of {length} positions")
+
+
+def model_call_with_cache(model: nn.Module, cache: Any, **inputs: Any) -> Any:
+    """One forward of the whole model that extends ``cache`` (greedy decoding after the first position)."""
+    return model(**inputs, **{cache_kwarg(model.forward): cache}, use_cache=True)

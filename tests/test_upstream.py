@@ -1,0 +1,121 @@
+"""probe/upstream.py: the transformers internals the exact engine calls, checked one by one on every family.
+
+These fail with a message naming the API and probe/upstream.py (never a shape error deep inside transformers)
+when a release changes what the engine relies on; the run-time guard of the exact engine is tested here too.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from conftest import FAMILIES, inputs_for, make_item, text_inputs
+
+
+def _inputs(loaded, family):
+    return text_inputs(loaded) if family == "qwen2" else inputs_for(loaded, make_item())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cache_keyword_is_known_for_layers_and_models(family, load_tiny):
+    from probe.upstream import CACHE_KWARGS, cache_kwarg
+
+    loaded = load_tiny(family)
+    assert cache_kwarg(loaded.layers[0].forward) in CACHE_KWARGS
+    assert cache_kwarg(loaded.model.forward) in CACHE_KWARGS
+
+
+def test_unknown_cache_keyword_fails_loudly():
+    from probe.upstream import UpstreamChanged, cache_kwarg
+
+    def forward(hidden_states, kv_store=None, **kwargs):  # a future rename
+        return hidden_states
+
+    with pytest.raises(UpstreamChanged, match=r"none of the cache keywords.*probe/upstream.py"):
+        cache_kwarg(forward)
+
+
+def test_a_cache_under_a_new_name_is_never_reused():
+    """The 5.24 failure: the clean pass's cache arrived under a keyword the engine did not strip."""
+    from transformers import DynamicCache
+
+    from probe.upstream import UpstreamChanged, record_layer_call
+
+    hidden = torch.zeros(1, 3, 8)
+    call = record_layer_call((hidden,), {"past_key_values": DynamicCache(), "cache": DynamicCache(),
+                                         "use_cache": True, "position_ids": torch.arange(3)})
+    assert set(call.kwargs) == {"position_ids"}  # every known cache name and use_cache dropped
+    with pytest.raises(UpstreamChanged, match=r"KV cache under \['kv_store'\]"):
+        record_layer_call((hidden,), {"kv_store": DynamicCache()})
+    with pytest.raises(UpstreamChanged, match="KV cache under"):  # nested in a container
+        record_layer_call((hidden,), {"extras": {"kv": DynamicCache()}})
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layers_called_directly_reproduce_the_clean_pass(family, load_tiny):
+    """Layer by layer: each recorded call, replayed through upstream.call_layer, gives the next layer's input
+    exactly — with no cache, and with an engine-built cache that then holds exactly the prompt."""
+    from probe.exact import clean_pass
+    from probe.upstream import call_layer, check_cache, prefix_cache
+
+    loaded = load_tiny(family)
+    clean = clean_pass(loaded, _inputs(loaded, family), keep_cache=True)
+    n = loaded.geometry.n_layers
+    for i in range(n - 1):
+        out = call_layer(loaded.layers[i], clean.calls[i].hidden, clean.calls[i], None)
+        torch.testing.assert_close(out, clean.calls[i + 1].hidden, rtol=0, atol=1e-6)
+    upto = n // 2
+    cache = prefix_cache(clean.cache, upto, batch=2)
+    check_cache(cache, range(upto), batch=2, length=clean.length)
+    h = clean.calls[upto].hidden.expand(2, -1, -1)
+    for i in range(upto, n):
+        h = call_layer(loaded.layers[i], h, clean.calls[i], cache)
+    check_cache(cache, range(n), batch=2, length=clean.length)
+
+
+def test_check_cache_names_the_wrong_layer(load_tiny):
+    from probe.exact import clean_pass
+    from probe.upstream import UpstreamChanged, check_cache, prefix_cache
+
+    loaded = load_tiny("qwen2")
+    clean = clean_pass(loaded, text_inputs(loaded), keep_cache=True)
+    cache = prefix_cache(clean.cache, 1, batch=1)
+    with pytest.raises(UpstreamChanged, match="layer 0 holds"):
+        check_cache(cache, [0], batch=1, length=clean.length + 1)
+    with pytest.raises(UpstreamChanged, match=r"no longer exposes \.layers\[1\]"):
+        check_cache(cache, [1], batch=1, length=clean.length)
+
+
+@pytest.mark.parametrize("generate", [True, False])
+def test_exact_engine_stops_when_it_disagrees_with_the_oracle(generate, load_tiny, monkeypatch):
+    """The run-time guard: a corrupted engine (here a shifted logit) raises instead of writing wrong numbers."""
+    import probe.exact as exact
+    from probe.sweep import SweepConfig
+
+    loaded = load_tiny("qwen2")
+    item = dataclasses.replace(make_item(with_image=False), id="validation_Test_guard")
+    heads = [(0, 0), (1, 1)]
+    cfg = SweepConfig(generate=generate, batch_size=2, max_new_tokens=2)
+    assert len(exact.exact_sweep(loaded, [item], heads, cfg)) == 3  # the guard passes on a sound engine
+    real = exact.run_rows
+
+    def corrupted(*args, **kwargs):
+        logits = real(*args, **kwargs)
+        noise = torch.randn(logits.shape, generator=torch.Generator().manual_seed(0))
+        return logits + 10 * noise  # far from the oracle
+
+    monkeypatch.setattr(exact, "run_rows", corrupted)
+    with pytest.raises(exact.EngineDisagrees, match=r"item validation_Test_guard, head L1\.H1"):
+        exact.exact_sweep(loaded, [item], heads, cfg)
+
+
+def test_untested_release_warns(monkeypatch):
+    import transformers
+
+    from probe.upstream import TESTED_TRANSFORMERS, untested_warning
+
+    monkeypatch.setattr(transformers, "__version__", TESTED_TRANSFORMERS[-1])
+    assert untested_warning() is None
+    monkeypatch.setattr(transformers, "__version__", "5.99.0")
+    assert "transformers 5.99.0 is not one of the releases" in untested_warning()
