@@ -11,7 +11,9 @@ from probe.errors import BadInput, cli_main
 
 # kind → (module, function taking the result dir and returning the written paths)
 KINDS: dict[str, tuple[str, str]] = {
+    "eval": ("figures.eval", "draw_eval"),
     "heads": ("figures.heads", "draw_heads"),
+    "merge": ("figures.merge", "draw_merge"),
     "shift": ("figures.shift", "draw_shift"),
     "trajectory": ("figures.trajectory", "draw_trajectory"),
 }

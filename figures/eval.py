@@ -1,0 +1,57 @@
+"""Accuracy of every model on every data set with its 95 % interval, drawn only from DIR/scores.csv
+(``python -m figures eval DIR``)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from probe.errors import BadInput
+
+
+def draw_eval(result_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    csv = result_dir / "scores.csv"
+    if not csv.is_file():
+        raise BadInput(f"{result_dir}: no scores.csv (run python -m probe.eval)")
+    scores = pd.read_csv(csv, keep_default_na=False, na_values=[""])
+    top = scores[scores["subject"] == "all"]
+    metric = "accuracy" if top["accuracy"].notna().any() else "prob_accuracy"
+    models = list(dict.fromkeys(top["model"]))
+    datasets = list(dict.fromkeys(top["data"]))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(2.2 + 2.6 * len(datasets), 1.3 + 0.38 * len(models)),
+                             dpi=150, sharey=True, squeeze=False)
+    colours = plt.get_cmap("tab10")
+    y = np.arange(len(models))[::-1]
+    for ax, ds in zip(axes[0], datasets):
+        rows = top[top["data"] == ds].set_index("model").reindex(models)
+        for k, (name, r) in enumerate(rows.iterrows()):
+            if r["n_items"] == 0:
+                ax.text(50, y[k], "n/a (modality)", ha="center", va="center", fontsize=8, color="0.5")
+                continue
+            v, lo, hi = r[metric], r[f"{metric}_lo"], r[f"{metric}_hi"]
+            ax.errorbar(100 * v, y[k], xerr=[[100 * (v - lo)], [100 * (hi - v)]], fmt="o", ms=4, capsize=3,
+                        color=colours(k % 10))
+        n = int(rows["n_items"].max())
+        ax.set_title(f"{ds} (n={n})", fontsize=9)
+        ax.set_xlim(-2, 102)
+        ax.set_ylim(-0.6, len(models) - 0.4)
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_xlabel(f"{metric.replace('_', ' ')} [%]", fontsize=8)
+        ax.tick_params(labelsize=8)
+    axes[0][0].set_yticks(y)
+    axes[0][0].set_yticklabels(models, fontsize=8)
+    fig.suptitle("Evaluation, 95 % bootstrap intervals", fontsize=10)
+    fig.tight_layout()
+    written = []
+    for ext in ("png", "pdf"):
+        path = result_dir / f"eval.{ext}"
+        fig.savefig(path)
+        written.append(path)
+    plt.close(fig)
+    return written

@@ -1,0 +1,88 @@
+"""What a salience-guided merge gave each participant, drawn only from DIR/merge_weights.csv and DIR/merge.json
+(``python -m figures merge DIR``): per participant a layer × head heatmap of the weight its q_proj/o_proj head
+slices received, beside the salience heatmap of its probe.heads run (when that run is still on disk)."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from probe.errors import BadInput
+
+Q_SLICE = re.compile(r"layers\.(\d+)\.self_attn\.q_proj\.weight$")
+
+
+def head_weights(rows: pd.DataFrame) -> dict[str, np.ndarray]:
+    """participant → [n_layers, n_heads] weight of its query-head slices."""
+    q = rows[rows["tensor"].str.match(Q_SLICE.pattern) & rows["slice"].str.startswith("rows ")].copy()
+    if q.empty:
+        raise BadInput("merge_weights.csv has no per-head slices (only --method salience writes them)")
+    q["layer"] = q["tensor"].str.extract(Q_SLICE.pattern)[0].astype(int)
+    bounds = q["slice"].str.extract(r"rows (\d+):(\d+)").astype(int)
+    q["head"] = bounds[0] // (bounds[1] - bounds[0])
+    out = {}
+    for model, g in q.groupby("model", sort=False):
+        grid = np.full((g["layer"].max() + 1, g["head"].max() + 1), np.nan)
+        grid[g["layer"], g["head"]] = g["alpha"]
+        out[model] = grid
+    return out
+
+
+def _salience_grid(run_dir: Path, metric: str) -> np.ndarray | None:
+    csv = run_dir / "heads.csv"
+    if not csv.is_file():
+        return None
+    df = pd.read_csv(csv)
+    grid = np.full((df["layer"].max() + 1, df["head"].max() + 1), np.nan)
+    grid[df["layer"], df["head"]] = df[metric]
+    return grid
+
+
+def draw_merge(result_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    weights_csv, merge_json = result_dir / "merge_weights.csv", result_dir / "merge.json"
+    if not weights_csv.is_file() or not merge_json.is_file():
+        raise BadInput(f"{result_dir}: no merge_weights.csv / merge.json (run python -m analyses.merge)")
+    info = json.loads(merge_json.read_text())
+    grids = head_weights(pd.read_csv(weights_csv))
+    sal = info.get("salience") or {}
+    runs = ([sal.get("base_run")] if sal.get("base_run") else [None]) + list(sal.get("runs", []))
+    names = list(grids)
+    fig, axes = plt.subplots(2, len(names), figsize=(2.4 + 2.6 * len(names), 5.6), dpi=150, squeeze=False)
+    for k, name in enumerate(names):
+        ax = axes[0][k]
+        im = ax.imshow(grids[name], vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_title(Path(name).name, fontsize=8)
+        ax.set_xlabel("head", fontsize=8)
+        ax.set_ylabel("layer", fontsize=8)
+        fig.colorbar(im, ax=ax, fraction=0.046).ax.tick_params(labelsize=7)
+        s = _salience_grid(Path(runs[k]), sal.get("metric", "kl")) if k < len(runs) and runs[k] else None
+        ax2 = axes[1][k]
+        if s is None:
+            ax2.text(0.5, 0.5, "base keeps alpha0\n(no salience run)" if k == 0 else "salience run not found",
+                     ha="center", va="center", fontsize=8, transform=ax2.transAxes)
+            ax2.set_axis_off()
+        else:
+            im2 = ax2.imshow(s, cmap="magma_r", aspect="auto")
+            ax2.set_title(f"its salience ({sal.get('metric', 'kl')})", fontsize=8)
+            ax2.set_xlabel("head", fontsize=8)
+            ax2.set_ylabel("layer", fontsize=8)
+            fig.colorbar(im2, ax=ax2, fraction=0.046).ax.tick_params(labelsize=7)
+        for a in (ax, ax2):
+            a.tick_params(labelsize=7)
+    fig.suptitle(f"Weight of each participant's query-head slices ({info.get('method')} merge)", fontsize=10)
+    fig.tight_layout()
+    written = []
+    for ext in ("png", "pdf"):
+        path = result_dir / f"merge_heads.{ext}"
+        fig.savefig(path)
+        written.append(path)
+    plt.close(fig)
+    return written

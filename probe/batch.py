@@ -1,0 +1,105 @@
+"""Batched evaluation (DESIGN §8): several items per forward, with the one-item path as the oracle beside it.
+
+Each item's inputs come from the probe's one prompt builder (``probe.sweep.prepare_item``), exactly as the head
+sweep builds them; ``collate`` then joins items:
+- token-aligned tensors (input_ids, attention_mask, mm_token_type_ids) are padded on the **left**, so every row's
+  next token is the last column; the attention mask marks the padding, and the model derives positions from it
+  (cumulative positions for Qwen2, M-RoPE's ``get_rope_index`` for Qwen2-VL);
+- every other tensor (pixel values, grid sizes, image sizes) is concatenated along its first dimension, in item
+  order, which is how the models match them to their placeholder tokens. Items are only batched with items whose
+  such tensors agree in every other dimension (``signature``), so pixel tensors are never padded.
+Then one ``generate`` call (greedy; the first step's raw logits give the option probabilities) serves the batch.
+``first_token_measure`` in probe.sweep, one item at a time, is the oracle the tests compare against.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable, Sequence
+
+import torch
+
+from probe.metrics import option_log_probs
+from probe.models import LoadedModel
+from probe.prompting import ItemLike
+from probe.sweep import Measurement, SweepConfig, greedy_config, prepare_item
+
+TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+
+
+def signature(inputs: dict[str, torch.Tensor]) -> tuple:
+    """Items with equal signatures can share a batch: same keys, same non-leading shapes of the other tensors."""
+    return tuple(sorted((k, tuple(v.shape[1:])) for k, v in inputs.items() if k not in TOKEN_KEYS))
+
+
+def collate(batch: Sequence[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad the token-aligned tensors and concatenate the others (see the module docstring)."""
+    if len({signature(b) for b in batch}) != 1:
+        raise ValueError("items of different input signatures cannot share a batch")
+    width = max(b["input_ids"].shape[1] for b in batch)
+    out: dict[str, torch.Tensor] = {}
+    for key in batch[0]:
+        parts = [b[key] for b in batch]
+        if key in TOKEN_KEYS:
+            fill = pad_id if key == "input_ids" else 0
+            rows = [torch.cat([torch.full((1, width - p.shape[1]), fill, dtype=p.dtype, device=p.device), p], 1)
+                    for p in parts]
+            out[key] = torch.cat(rows)
+        else:
+            out[key] = torch.cat(parts)
+    return out
+
+
+def measure_batch(
+    loaded: LoadedModel, inputs: Sequence[dict[str, torch.Tensor]], letter_ids: Sequence[list[int]],
+    cfg: SweepConfig,
+) -> list[Measurement]:
+    """One forward (or one greedy ``generate``) over the items; per item its option log-probs and text."""
+    pad = loaded.tokenizer.pad_token_id
+    pad = pad if pad is not None else min(loaded.eos_token_ids)
+    batch = collate(inputs, pad)
+    with torch.no_grad():
+        if cfg.generate:
+            out = loaded.model.generate(**batch, generation_config=greedy_config(loaded, cfg.max_new_tokens))
+            first = out.logits[0]  # [B, V] raw logits of the first generated position
+            new = out.sequences[:, batch["input_ids"].shape[1]:]
+            texts: list[str | None] = list(loaded.tokenizer.batch_decode(new, skip_special_tokens=True))
+        else:
+            first = loaded.model(**batch, logits_to_keep=1).logits[:, -1]
+            texts = [None] * len(inputs)
+    return [Measurement(option_log_probs(first[r], ids), texts[r]) for r, ids in enumerate(letter_ids)]
+
+
+def plan_batches(inputs: Sequence[dict[str, torch.Tensor]], batch_size: int) -> list[list[int]]:
+    """Item indices grouped by signature, sorted by prompt length (less padding), cut to ``batch_size`` rows."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, x in enumerate(inputs):
+        groups[signature(x)].append(i)
+    batches: list[list[int]] = []
+    for idx in groups.values():
+        idx.sort(key=lambda i: inputs[i]["input_ids"].shape[1])
+        batches += [idx[s:s + batch_size] for s in range(0, len(idx), batch_size)]
+    return batches
+
+
+def evaluate_items(
+    loaded: LoadedModel, items: Sequence[ItemLike], cfg: SweepConfig, batch_size: int,
+    progress: Callable[[int], None] = lambda n: None, window: int = 8,
+) -> list[Measurement]:
+    """Measurements of every item (no head masked), in item order, ``batch_size`` items per forward.
+
+    Inputs are prepared ``window`` batches at a time (sorted by length within the window), so pixel tensors of a
+    whole benchmark never sit in memory at once.
+    """
+    results: list[Measurement] = []
+    step = batch_size * window
+    for start in range(0, len(items), step):
+        chunk = items[start:start + step]
+        prepared = [prepare_item(loaded, item, cfg) for item in chunk]
+        inputs = [p[0] for p in prepared]
+        got: list[Measurement | None] = [None] * len(chunk)
+        for idx in plan_batches(inputs, batch_size):
+            for i, m in zip(idx, measure_batch(loaded, [inputs[i] for i in idx], [prepared[i][1] for i in idx], cfg)):
+                got[i] = m
+            progress(len(idx))
+        results += got  # type: ignore[arg-type]
+    return results

@@ -1,0 +1,304 @@
+"""``python -m probe.eval``: models × data sets with error bars — the paper's Tables 3, 4 and 5 (DESIGN §8).
+
+Every model (alias, directory, organism, merged output or carrier) answers every data set through the probe's
+own prompt, parser and metrics, no head masked, several items per forward (probe.batch). Per model × data set ×
+subject (and ``all``): n_items, accuracy, probability accuracy and mean p(answer), each with a seeded 95 %
+bootstrap interval, and with ``--reference`` the paired difference to that model on the same items. A model that
+cannot read a data set's modality gets a row with n_items 0 and a note, never 0 %.
+
+Writes DIR/scores.csv, items.parquet, table.md, eval.{png,pdf}, run.json; one part per (model, data set) in
+DIR/parts/, so a killed run continues where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from probe.errors import BadInput, cli_main
+from probe.families import ALIASES
+from probe.heads import _Help, _progress, check_device, load_template, versions
+
+DEFAULT_OUT = "runs/eval"
+OWNED = ("scores.csv", "items.parquet", "table.md", "run.json", "eval.png", "eval.pdf")
+ITEM_COLUMNS = ["model", "data", "item_id", "subject", "answer", "pred", "correct", "prob_pred", "prob_correct",
+                "p_answer", "response"]
+SCORE_COLUMNS = ["model", "data", "subject", "n_items", "accuracy", "accuracy_lo", "accuracy_hi", "prob_accuracy",
+                 "prob_accuracy_lo", "prob_accuracy_hi", "p_answer", "p_answer_lo", "p_answer_hi", "diff_accuracy",
+                 "diff_lo", "diff_hi", "diff_prob_accuracy", "diff_prob_lo", "diff_prob_hi", "note"]
+ALL = "all"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m probe.eval", formatter_class=_Help,
+        description="Evaluate models on MMMU-format data sets (accuracy, probability accuracy, p(answer)) with "
+        "seeded 95%% bootstrap intervals and paired differences to a reference model.")
+    p.add_argument("--models", nargs="+", required=True,
+                   help=f"aliases ({', '.join(ALIASES)}) or HF model dirs (merged outputs and carriers too)")
+    p.add_argument("--data", nargs="+", required=True,
+                   help="MMMU-layout dirs (<root>/<Subject>/<split>-*.parquet), 'mmmu', or the organisms' sets "
+                   "probe/zoo/data/{text,image,image_single,video}")
+    p.add_argument("--split", default="validation", help="dataset split")
+    p.add_argument("--subjects", nargs="+", default=None, help="subject folders to use (default: all)")
+    p.add_argument("--limit", type=int, default=None, help="first N multiple-choice items of each data set")
+    p.add_argument("--reference", default=None,
+                   help="model to compare every other one against (paired difference on the same items); "
+                   "added to --models if missing")
+    p.add_argument("--batch-size", type=int, default=32, help="items per forward")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--attn-implementation", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"),
+                   help="attention kernel (recorded with the results)")
+    p.add_argument("--no-generate", action="store_true",
+                   help="skip greedy generation: probability accuracy and p(answer) only (accuracy NaN)")
+    p.add_argument("--max-new-tokens", type=int, default=5, help="tokens generated for the accuracy parser")
+    p.add_argument("--image-max-side", type=int, default=None,
+                   help="downscale images so the longer side is at most this many pixels")
+    p.add_argument("--system-prompt", default=None, help="override the system prompt of the template")
+    p.add_argument("--template", type=Path, default=None,
+                   help="JSON file with PromptTemplate fields (system, user, choice, assistant_prefix)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap intervals")
+    p.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing run in --out")
+    p.add_argument("--no-figures", action="store_true", help="do not draw eval.png/pdf")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+@dataclass(frozen=True)
+class DataSet:
+    name: str  # label in the tables (the folder name, or the spec when folder names collide)
+    spec: str
+    path: str
+    fingerprint: str
+    n_items: int
+    n_skipped_open: int
+    subjects: list[str]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str  # the spec as given
+    path: str
+    family: str
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """Everything that decides the per-item results, validated before a weight loads (STYLE 5)."""
+
+    models: list[ModelEntry]
+    data: list[DataSet]
+    not_applicable: dict[str, str]  # "model|data" → why
+    template: dict[str, str]
+    settings: dict[str, Any]
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _labels(specs: Sequence[str]) -> list[str]:
+    short = [Path(s).name or s for s in specs]
+    return short if len(set(short)) == len(short) else list(specs)
+
+
+def make_plan(args: argparse.Namespace):
+    from probe.mmmu import load_items
+    from probe.models import DTYPES, resolve_model
+    from probe.prompting import check_modalities
+
+    for name in ("limit", "batch_size", "max_new_tokens", "image_max_side"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise BadInput(f"--{name.replace('_', '-')} must be ≥ 1, got {value}")
+    if args.dtype not in DTYPES:
+        raise BadInput(f"unknown --dtype {args.dtype!r}; use one of {', '.join(DTYPES)}")
+    check_device(args.device)
+    specs = list(args.models)
+    if args.reference is not None and args.reference not in specs:
+        specs.insert(0, args.reference)
+    for group, what in ((specs, "model"), (args.data, "data set")):
+        dup = sorted({s for s in group if group.count(s) > 1})
+        if dup:
+            raise BadInput(f"{what} {dup[0]!r} given twice")
+    refs = [resolve_model(s) for s in specs]
+    datasets, items = [], {}
+    for name, spec in zip(_labels(args.data), args.data):
+        its, report = load_items(spec, split=args.split, subjects=args.subjects, limit=args.limit)
+        items[name] = its
+        datasets.append(DataSet(name, spec, spec if spec.lower() == "mmmu" else str(Path(spec).resolve()),
+                                report.fingerprint, len(its), report.n_skipped_open, list(report.subjects)))
+    na = {}
+    for ref in refs:
+        for ds in datasets:
+            try:
+                check_modalities(ref, items[ds.name])
+            except BadInput:
+                kinds = sorted({"video" if i.frames else "image" for i in items[ds.name] if i.images or i.frames})
+                na[f"{ref.spec}|{ds.name}"] = (f"not applicable: {ref.spec} ({ref.family.name}) cannot read "
+                                               f"{'/'.join(kinds)} items")
+    template = load_template(args)
+    settings = {"dtype": args.dtype, "attn_implementation": args.attn_implementation,
+                "generate": not args.no_generate, "max_new_tokens": args.max_new_tokens,
+                "image_max_side": args.image_max_side, "split": args.split, "subjects": args.subjects,
+                "limit": args.limit}
+    plan = EvalPlan([ModelEntry(r.spec, str(r.path), r.family.name) for r in refs], datasets, na,
+                    template.to_dict(), settings)
+    return plan, refs, items, template
+
+
+def part_file(out: Path, m: int, d: int) -> Path:
+    return out / "parts" / f"model{m:03d}_data{d:03d}.parquet"
+
+
+def evaluate_pair(loaded, model_name: str, ds: DataSet, items, cfg, batch_size: int, bar) -> list[dict]:
+    from probe.batch import evaluate_items
+    from probe.sweep import BASELINE, measurement_row
+
+    rows = []
+    for item, m in zip(items, evaluate_items(loaded, items, cfg, batch_size, progress=bar.update)):
+        row = measurement_row(item, BASELINE, BASELINE, m, m.logp)
+        rows.append({"model": model_name, "data": ds.name} | {k: row[k] for k in ITEM_COLUMNS[2:]})
+    return rows
+
+
+def run(args: argparse.Namespace) -> Path:
+    import pandas as pd
+
+    from probe.results import atomic_write_json, atomic_write_parquet, prepare_out_dir
+
+    plan, refs, items, template = make_plan(args)
+    out: Path = args.out
+    resumed = prepare_out_dir(out, plan.fingerprint(), args.overwrite, owned=OWNED)
+    pairs = [(m, d) for m, entry in enumerate(plan.models) for d, ds in enumerate(plan.data)
+             if f"{entry.name}|{ds.name}" not in plan.not_applicable]
+    todo = [(m, d) for m, d in pairs if not part_file(out, m, d).is_file()]
+    run_info = {"fingerprint": plan.fingerprint(), "plan": asdict(plan), "versions": versions(),
+                "argv": sys.argv[1:], "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if resumed:
+        run_info["started"] = json.loads((out / "run.json").read_text()).get("started", run_info["started"])
+    t0 = time.perf_counter()
+    if todo:
+        from probe.models import load_model
+        from probe.sweep import SweepConfig
+
+        cfg = SweepConfig(template=template, generate=not args.no_generate, max_new_tokens=args.max_new_tokens,
+                          image_max_side=args.image_max_side)
+        bar = _progress(sum(plan.data[d].n_items for _, d in todo), args.quiet, "eval", unit="item")
+        for m in sorted({m for m, _ in todo}):
+            loaded = load_model(refs[m], dtype=args.dtype, device=args.device,
+                                attn_implementation=args.attn_implementation)
+            if not (out / "run.json").is_file():  # only once a model loaded: failures leave no directory
+                atomic_write_json(out / "run.json", run_info)
+            for d in [d for mm, d in todo if mm == m]:
+                ds = plan.data[d]
+                bar.set_description(f"eval {plan.models[m].name} on {ds.name}")
+                rows = evaluate_pair(loaded, plan.models[m].name, ds, items[ds.name], cfg, args.batch_size, bar)
+                atomic_write_parquet(part_file(out, m, d), pd.DataFrame.from_records(rows, columns=ITEM_COLUMNS))
+            del loaded
+        bar.close()
+    frames = [pd.read_parquet(part_file(out, m, d)) for m, d in pairs]
+    items_df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=ITEM_COLUMNS)
+    scores = score_table(items_df, plan, args.reference, args.seed)
+    write_results(out, items_df, scores, plan)
+    run_info |= {"status": "complete", "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seed": args.seed,
+                 "reference": args.reference, "elapsed_s_this_process": round(time.perf_counter() - t0, 3)}
+    atomic_write_json(out / "run.json", run_info)
+    if not args.no_figures:
+        from figures.eval import draw_eval
+
+        draw_eval(out)
+    print((out / "table.md").read_text().split("\n\n")[1])
+    print(f"results in {out}/")
+    return out
+
+
+def score_table(items: Any, plan: EvalPlan, reference: str | None, seed: int):
+    """scores.csv: per model × data set × subject (and 'all') the means with bootstrap intervals and, against
+    the reference, paired differences on the items both answered."""
+    import pandas as pd
+
+    from probe.stats import NAN, bootstrap_mean, paired_difference
+
+    rows = []
+    for entry in plan.models:
+        for ds in plan.data:
+            note = plan.not_applicable.get(f"{entry.name}|{ds.name}", "")
+            mine = items[(items["model"] == entry.name) & (items["data"] == ds.name)]
+            ref = items[(items["model"] == reference) & (items["data"] == ds.name)] if reference else None
+            for subject in [ALL, *ds.subjects]:
+                sub = mine if subject == ALL else mine[mine["subject"] == subject]
+                key = f"{entry.name}|{ds.name}"  # one stream per model × data set: 'all' of one subject = it
+                row: dict[str, Any] = {"model": entry.name, "data": ds.name, "subject": subject,
+                                       "n_items": int(len(sub)), "note": note}
+                for metric, col in (("accuracy", "correct"), ("prob_accuracy", "prob_correct"),
+                                    ("p_answer", "p_answer")):
+                    iv = bootstrap_mean(sub[col].to_numpy(), seed, f"{key}|{metric}") if len(sub) else NAN
+                    row |= {metric: iv.value, f"{metric}_lo": iv.lo, f"{metric}_hi": iv.hi}
+                diffs = {"accuracy": NAN, "prob_accuracy": NAN}
+                if ref is not None and len(sub) and entry.name != reference and len(ref):
+                    paired = sub.merge(ref, on="item_id", suffixes=("", "_ref"))  # the items both answered
+                    for metric, col in (("accuracy", "correct"), ("prob_accuracy", "prob_correct")):
+                        diffs[metric] = paired_difference(paired[col].to_numpy(), paired[f"{col}_ref"].to_numpy(),
+                                                          seed, f"{key}|diff|{metric}")
+                row |= {"diff_accuracy": diffs["accuracy"].value, "diff_lo": diffs["accuracy"].lo,
+                        "diff_hi": diffs["accuracy"].hi, "diff_prob_accuracy": diffs["prob_accuracy"].value,
+                        "diff_prob_lo": diffs["prob_accuracy"].lo, "diff_prob_hi": diffs["prob_accuracy"].hi}
+                rows.append(row)
+    return pd.DataFrame.from_records(rows, columns=SCORE_COLUMNS)
+
+
+def _cell(r: Any, metric: str) -> str:
+    if r.n_items == 0:
+        return "n/a"
+    v, lo, hi = getattr(r, metric), getattr(r, f"{metric}_lo"), getattr(r, f"{metric}_hi")
+    if v != v:  # NaN: not measured (--no-generate)
+        return "—"
+    return f"{100 * v:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def markdown_table(scores: Any, plan: EvalPlan, metric: str) -> str:
+    """Models × data sets (the paper's layout), then one models × subjects table per data set."""
+    names = [ds.name for ds in plan.data]
+    lines = [f"| model | {' | '.join(names)} |", "|---" * (len(names) + 1) + "|"]
+    top = scores[scores["subject"] == ALL].set_index(["model", "data"])
+    for entry in plan.models:
+        lines.append(f"| {entry.name} | " + " | ".join(_cell(top.loc[(entry.name, n)], metric) for n in names)
+                     + " |")
+    blocks = ["\n".join(lines)]
+    for ds in plan.data:
+        subs = ds.subjects
+        sub = scores[scores["data"] == ds.name].set_index(["model", "subject"])
+        head = [f"| {ds.name} ({ds.n_items} items) | {' | '.join(subs)} |", "|---" * (len(subs) + 1) + "|"]
+        body = [f"| {e.name} | " + " | ".join(_cell(sub.loc[(e.name, s)], metric) for s in subs) + " |"
+                for e in plan.models]
+        blocks.append("\n".join(head + body))
+    return "\n\n".join(blocks)
+
+
+def write_results(out: Path, items: Any, scores: Any, plan: EvalPlan) -> None:
+    from probe.results import atomic_write_bytes, atomic_write_parquet
+
+    atomic_write_parquet(out / "items.parquet", items)
+    atomic_write_bytes(out / "scores.csv", scores.to_csv(index=False).encode())
+    metric = "accuracy" if plan.settings["generate"] else "prob_accuracy"
+    title = "accuracy" if metric == "accuracy" else "probability accuracy"
+    notes = sorted(set(plan.not_applicable.values()))
+    text = (f"# Evaluation: {title} in %, 95 % bootstrap interval\n\n{markdown_table(scores, plan, metric)}\n\n"
+            + "".join(f"- n/a: {n.removeprefix('not applicable: ')}\n" for n in notes))
+    atomic_write_bytes(out / "table.md", text.encode())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    run(build_parser().parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main(main))

@@ -1,0 +1,269 @@
+"""probe.eval (DESIGN §8): the batched engine against the one-item oracle on every family, the statistics against
+direct formulas, and the CLI's outputs, resume and bad input."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import FAMILIES, REPO, VL_FAMILIES, make_item
+
+
+def _text(item):
+    def plain(s: str) -> str:
+        return s.replace("<image", "(image")
+
+    return dataclasses.replace(item, images=(), question=plain(item.question),
+                               options=tuple(plain(o) for o in item.options))
+
+
+def _items(family: str, data_dir, video_root=None):
+    from probe.mmmu import load_items, load_mmmu
+
+    items = load_items(str(data_dir))[0][:7]  # 1-2 images, 4-6 options, prompts of different lengths
+    items.append(make_item(n_options=5, answer="E", item_id="validation_Test_9", seed=3))
+    if family == "qwen2":
+        return [_text(i) for i in items]
+    if video_root is not None:
+        items += load_mmmu(video_root, "validation")[0][:3]
+    return items
+
+
+@pytest.fixture(scope="module")
+def video_root(tmp_path_factory):
+    from probe.zoo.tasks_video import build_video_dataset
+
+    root = tmp_path_factory.mktemp("video")
+    build_video_dataset(root, {"validation": 1}, seed=0)
+    return root
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("generate", [True, False])
+def test_batched_equals_one_item_path(family, generate, load_tiny, data_dir, video_root):
+    """Left padding, attention mask, positions (M-RoPE included), images and video: batched results equal the
+    one-item path — same predictions and generated text, p(answer) within 1e-4 (fp32)."""
+    from probe.batch import evaluate_items, plan_batches
+    from probe.sweep import SweepConfig, first_token_measure, measurement_row, prepare_item
+
+    loaded = load_tiny(family, "sdpa")
+    items = _items(family, data_dir, video_root if family in VL_FAMILIES else None)
+    cfg = SweepConfig(generate=generate, max_new_tokens=4)
+    batched = evaluate_items(loaded, items, cfg, batch_size=4)
+    prepared = [prepare_item(loaded, it, cfg) for it in items]
+    # anti-tautology: several rows per forward, and rows of different lengths (so padding took place)
+    plan = plan_batches([p[0] for p in prepared], 4)
+    assert max(len(b) for b in plan) > 1
+    assert any(len({prepared[i][0]["input_ids"].shape[1] for i in b}) > 1 for b in plan)
+    for item, (inputs, ids), got in zip(items, prepared, batched):
+        want = first_token_measure(loaded, inputs, ids, cfg)
+        a = measurement_row(item, -1, -1, got, got.logp)
+        b = measurement_row(item, -1, -1, want, want.logp)
+        assert (a["pred"], a["prob_pred"], a["response"]) == (b["pred"], b["prob_pred"], b["response"]), item.id
+        assert a["p_answer"] == pytest.approx(b["p_answer"], abs=1e-4), item.id
+        torch.testing.assert_close(got.logp.exp(), want.logp.exp(), atol=1e-4, rtol=0)
+    if not generate:  # preparing inputs window by window changes only which items share a batch
+        small = evaluate_items(loaded, items, cfg, batch_size=3, window=1)
+        for a, b in zip(small, batched):
+            torch.testing.assert_close(a.logp, b.logp, atol=1e-4, rtol=0)
+
+
+def test_collate_left_pads_and_concatenates():
+    from probe.batch import collate
+
+    a = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long),
+         "pixel_values": torch.ones(4, 2), "image_grid_thw": torch.tensor([[1, 2, 2]])}
+    b = {"input_ids": torch.tensor([[8]]), "attention_mask": torch.ones(1, 1, dtype=torch.long),
+         "pixel_values": 2 * torch.ones(8, 2), "image_grid_thw": torch.tensor([[1, 2, 4]])}
+    out = collate([a, b], pad_id=0)
+    assert out["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert out["pixel_values"].shape == (12, 2) and out["pixel_values"][4:].eq(2).all()
+    assert out["image_grid_thw"].tolist() == [[1, 2, 2], [1, 2, 4]]
+    with pytest.raises(ValueError, match="signatures"):
+        collate([a, {"input_ids": torch.tensor([[1]]), "attention_mask": torch.ones(1, 1)}], pad_id=0)
+
+
+def test_bootstrap_against_direct_computation():
+    from probe.stats import N_BOOT, _rng, bootstrap_mean, paired_difference
+
+    v = (np.arange(50) % 3 == 0).astype(float)
+    iv = bootstrap_mean(v, seed=7, key="m|d|accuracy")
+    idx = _rng(7, "m|d|accuracy").integers(0, 50, size=(N_BOOT, 50))  # the definition, written out
+    lo, hi = np.percentile(v[idx].mean(axis=1), [2.5, 97.5])
+    assert (iv.value, iv.lo, iv.hi) == (v.mean(), lo, hi)
+    assert iv.lo < iv.value < iv.hi
+    # close to the normal approximation of a proportion's interval
+    se = np.sqrt(v.mean() * (1 - v.mean()) / 50)
+    assert abs((iv.hi - iv.lo) - 2 * 1.96 * se) < 0.05
+    assert bootstrap_mean(v, 7, "m|d|accuracy") == iv  # seeded
+    same = paired_difference(v, v, 7, "x")
+    assert (same.value, same.lo, same.hi) == (0.0, 0.0, 0.0)
+    d = paired_difference(np.ones(40), np.r_[np.ones(30), np.zeros(10)], 7, "x")
+    assert d.value == 0.25 and 0 < d.lo < 0.25 < d.hi
+    assert np.isnan(bootstrap_mean(np.array([1.0, np.nan]), 0, "k").value)  # accuracy not measured
+
+
+# --------------------------------------------------------------------------------------------------------
+# the CLI
+
+
+def _eval(*args) -> int:
+    from probe.errors import cli_main
+    from probe.eval import main
+
+    return cli_main(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def text_dir(tmp_path_factory, data_dir):
+    """The synthetic set's questions without images, as a second data set."""
+    from probe.mmmu import load_items
+    from probe.synthetic import MMMU_COLUMNS, write_mmmu_parquet
+
+    root = tmp_path_factory.mktemp("textset")
+    rows: dict[str, list] = {}
+    for it in load_items(str(data_dir))[0]:
+        rows.setdefault(it.subject, []).append(
+            {c: None for c in MMMU_COLUMNS} | {"id": it.id, "question": _text(it).question, "answer": it.answer,
+                                               "options": str(list(_text(it).options)),
+                                               "question_type": "multiple-choice", "explanation": ""})
+    write_mmmu_parquet(rows, root, "validation")
+    return root
+
+
+@pytest.fixture(scope="module")
+def eval_run(tmp_path_factory, text_dir, data_dir):
+    out = tmp_path_factory.mktemp("eval") / "run"
+    args = ["--models", "tiny-qwen2-vl", "tiny-qwen2", "--data", text_dir, data_dir, "--reference", "tiny-qwen2-vl",
+            "--batch-size", "4", "--max-new-tokens", "3", "--quiet", "--out", out]
+    assert _eval(*args) == 0
+    return out, args
+
+
+def test_outputs_and_scores_against_items(eval_run, data_dir):
+    out, _ = eval_run
+    for name in ("scores.csv", "items.parquet", "table.md", "eval.png", "eval.pdf", "run.json"):
+        assert (out / name).is_file(), name
+    scores = pd.read_csv(out / "scores.csv", keep_default_na=False, na_values=[""])
+    items = pd.read_parquet(out / "items.parquet")
+    data_names = [Path(str(x)).name for x in (data_dir,)]
+    # the text model on image items: a row with n_items 0 and a note, never a score
+    na = scores[(scores["model"] == "tiny-qwen2") & (scores["data"] == data_names[0])]
+    assert (na["n_items"] == 0).all() and na["note"].str.contains("cannot read image").all()
+    assert na["accuracy"].isna().all()
+    assert not ((items["model"] == "tiny-qwen2") & (items["data"] == data_names[0])).any()
+    # every other row: the mean of its items, inside its interval; the paired difference = mean difference
+    from probe.stats import bootstrap_mean
+
+    for r in scores[scores["n_items"] > 0].itertuples():
+        sub = items[(items["model"] == r.model) & (items["data"] == r.data)]
+        if r.subject != "all":
+            sub = sub[sub["subject"] == r.subject]
+        assert r.n_items == len(sub)
+        assert r.accuracy == sub["correct"].mean() and r.prob_accuracy == sub["prob_correct"].mean()
+        assert r.p_answer == sub["p_answer"].mean()
+        assert r.accuracy_lo <= r.accuracy <= r.accuracy_hi
+        assert r.prob_accuracy_lo == bootstrap_mean(sub["prob_correct"].to_numpy(), 0,
+                                                    f"{r.model}|{r.data}|prob_accuracy").lo
+        if r.model == "tiny-qwen2":  # the reference answered the same text items
+            ref = items[(items["model"] == "tiny-qwen2-vl") & (items["data"] == r.data)].set_index("item_id")
+            want = (sub.set_index("item_id")["correct"] - ref.loc[sub["item_id"], "correct"]).mean()
+            assert r.diff_accuracy == pytest.approx(want) and r.diff_lo <= r.diff_accuracy <= r.diff_hi
+        else:
+            assert np.isnan(r.diff_accuracy)  # the reference itself
+    table = (out / "table.md").read_text()
+    assert "| tiny-qwen2 |" in table and "n/a" in table and "[" in table
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "complete" and run["reference"] == "tiny-qwen2-vl"
+
+
+def test_eval_items_equal_the_one_item_path(eval_run, load_tiny, text_dir):
+    """The CLI's per-item table is the one-item path's, item by item (batched inside)."""
+    from probe.mmmu import load_items
+    from probe.sweep import SweepConfig, first_token_measure, measurement_row, prepare_item
+
+    out, _ = eval_run
+    items = pd.read_parquet(out / "items.parquet")
+    mine = items[(items["model"] == "tiny-qwen2") & (items["data"] == text_dir.name)].set_index("item_id")
+    loaded = load_tiny("qwen2", "sdpa")
+    cfg = SweepConfig(max_new_tokens=3)
+    for it in load_items(str(text_dir))[0]:
+        m = first_token_measure(loaded, *prepare_item(loaded, it, cfg), cfg)
+        row = measurement_row(it, -1, -1, m, m.logp)
+        assert mine.loc[it.id, "response"] == row["response"]
+        assert mine.loc[it.id, "p_answer"] == pytest.approx(row["p_answer"], abs=1e-4)
+
+
+def test_resume_after_a_lost_part_gives_the_same_files(eval_run, tmp_path):
+    import shutil
+
+    out, args = eval_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    parts = sorted((copy / "parts").glob("*.parquet"))
+    assert len(parts) == 3  # (vl, text), (vl, image), (text LM, text); the n/a pair has none
+    parts[-1].unlink()
+    (copy / "scores.csv").unlink()
+    new_args = args[:-1] + [copy]
+    assert _eval(*new_args) == 0
+    for name in ("scores.csv", "table.md"):
+        assert (copy / name).read_bytes() == (out / name).read_bytes(), name
+    pd.testing.assert_frame_equal(pd.read_parquet(copy / "items.parquet"), pd.read_parquet(out / "items.parquet"))
+
+
+def test_a_different_run_is_refused_then_overwritten(eval_run, tmp_path, capfd, text_dir):
+    import shutil
+
+    out, _ = eval_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    other = ["--models", "tiny-qwen2", "--data", text_dir, "--no-generate", "--quiet", "--out", copy]
+    assert _eval(*other) == 2
+    assert "holds a different run" in capfd.readouterr().err
+    assert _eval(*other, "--overwrite") == 0
+    scores = pd.read_csv(copy / "scores.csv")
+    assert set(scores["model"]) == {"tiny-qwen2"} and scores["accuracy"].isna().all()
+    assert len(list((copy / "parts").glob("*.parquet"))) == 1
+
+
+BAD = {
+    "unknown model": lambda d: ["--models", "nope-7b", "--data", d],
+    "missing data": lambda d: ["--models", "tiny-qwen2", "--data", "/nonexistent/dir"],
+    "model twice": lambda d: ["--models", "tiny-qwen2", "tiny-qwen2", "--data", d],
+    "bad batch size": lambda d: ["--models", "tiny-qwen2", "--data", d, "--batch-size", "0"],
+    "no GPU": lambda d: ["--models", "tiny-qwen2", "--data", d, "--device", "cuda"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_exit_2_one_line_nothing_written(case, text_dir, tmp_path, capfd):
+    if case == "no GPU" and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    out = tmp_path / "out"
+    assert _eval(*BAD[case](text_dir), "--quiet", "--out", out) == 2
+    err = capfd.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert not out.exists()
+
+
+def test_figures_eval_redraws(eval_run, tmp_path):
+    import shutil
+
+    out, _ = eval_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    for f in copy.glob("eval.*"):
+        f.unlink()
+    res = subprocess.run([sys.executable, "-m", "figures", "eval", str(copy)], cwd=REPO, capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr
+    assert (copy / "eval.png").read_bytes().startswith(b"\x89PNG")
+    assert (copy / "eval.pdf").read_bytes().startswith(b"%PDF")
