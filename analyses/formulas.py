@@ -89,6 +89,11 @@ class ShiftStats:
     sum_sq: float = 0.0
     base_sq: float = 0.0
 
+    @staticmethod
+    def abs_sum(base: torch.Tensor, model: torch.Tensor) -> float:
+        """Σ |θ − θ_0| of one chunk in fp64: Eq. 3's numerator, the same bits as ``add`` accumulates."""
+        return float((model.float() - base.float()).abs().sum(dtype=torch.float64))
+
     def add(self, base: torch.Tensor, model: torch.Tensor) -> None:
         b = base.float()
         d = model.float() - b
@@ -115,3 +120,60 @@ class ShiftStats:
     @property
     def rel_l2(self) -> float:
         return math.sqrt(self.sum_sq) / math.sqrt(self.base_sq) if self.base_sq > 0 else math.inf
+
+
+@formula("salience_normalise", "§9 (ours): ŝ_i = s_i / mean s_i")
+def normalise_salience(s: torch.Tensor) -> torch.Tensor:
+    """ŝ_i = s_i / mean_{L,h} s_i for one participant's [n_layers, n_heads] salience, negatives (a head whose
+    removal helped) clamped to 0 first, so a model whose heads all matter a lot does not win everything."""
+    s = s.double().clamp_min(0.0)
+    mean = float(s.mean())
+    if not mean > 0:
+        raise ValueError("salience is zero for every head")
+    return s / mean
+
+
+@formula("salience", "§9 (ours): per-slice weights from head salience")
+def salience_weights(shat: torch.Tensor, temperature: float, alpha0: float | None) -> torch.Tensor:
+    """Weights of the participants for one slice (or, vectorised, for many: ``shat`` is [P, ...]).
+
+    With the base's salience in ``shat[0]`` (``alpha0`` None): w = softmax over all participants of ŝ / τ_s.
+    Without it (``shat`` holds the experts only): the base keeps α0 and the experts share 1 − α0 by
+    softmax(ŝ / τ_s). Returns [n_participants incl. base, ...] in float64, summing to 1 over dim 0.
+    """
+    w = torch.softmax(shat.double() / temperature, dim=0)
+    if alpha0 is None:
+        return w
+    return torch.cat([torch.full_like(w[:1], alpha0), (1.0 - alpha0) * w])
+
+
+@formula("task_arithmetic", "task arithmetic (Ilharco et al. 2023), mergekit's task_arithmetic")
+def task_arithmetic_coefficients(n: int, lam: float) -> list[float]:
+    """θ = θ_0 + λ Σ (θ_i − θ_0) as coefficients of [θ_0, θ_1, …, θ_n]."""
+    return [1.0 - lam * n] + [lam] * n
+
+
+def ties_threshold(delta: torch.Tensor, density: float) -> float:
+    """The magnitude of the k-th largest |δ|, k = max(1, ⌊density · numel⌋) (mergekit's ``magnitude``)."""
+    flat = delta.reshape(-1).abs().float()
+    k = max(1, int(density * flat.numel()))
+    return float(torch.kthvalue(flat, flat.numel() - k + 1).values)
+
+
+def ties_combine(base: torch.Tensor, deltas: Sequence[torch.Tensor], thresholds: Sequence[float],
+                 lam: float) -> torch.Tensor:
+    """TIES on one chunk: trim each δ_i to |δ_i| ≥ its threshold, elect the sign of Σ trimmed δ (ties → +),
+    average the trimmed δ_i that agree with it (disjoint mean), θ = θ_0 + λ · mean (all fp32)."""
+    trimmed = torch.stack([d * (d.abs() >= t) for d, t in zip(deltas, thresholds)])
+    sign = (trimmed.sum(0) >= 0).to(trimmed.dtype) * 2 - 1
+    agree = (trimmed.sign() == sign).to(trimmed.dtype)
+    count = agree.sum(0)
+    mixed = (trimmed * agree).sum(0) / torch.where(count == 0, torch.ones_like(count), count)
+    return base.float() + lam * mixed
+
+
+@formula("ties", "TIES-Merging (Yadav et al. 2023), mergekit's ties")
+def ties_merge(base: torch.Tensor, thetas: Sequence[torch.Tensor], density: float, lam: float) -> torch.Tensor:
+    """In-memory TIES over whole tensors: the definition the streaming merge is tested against."""
+    deltas = [t.float() - base.float() for t in thetas]
+    return ties_combine(base, deltas, [ties_threshold(d, density) for d in deltas], lam)

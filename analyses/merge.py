@@ -4,7 +4,10 @@
         --carrier qwen2-vl llava-ov-si --out runs/merged
 
 Methods: ``average`` (Eq. 1), ``weighted`` (Eq. 2, ``--weights``), ``shift`` (Eq. 4: α_i = softmax(Δavg_i/τ)
-per tensor, θ = α0 θ_0 + (1 − α0) Σ α_i θ_i; defaults as released α0 = 0.5, τ = 1e-3). Only LM tensors are
+per tensor, θ = α0 θ_0 + (1 − α0) Σ α_i θ_i; defaults as released α0 = 0.5, τ = 1e-3), ``salience`` (DESIGN §9:
+head-owned slices of q/k/v/o weighted by the participants' head salience from ``probe.heads`` runs, the rest by
+Eq. 4 or by layer salience), and the baselines ``task_arithmetic`` (θ_0 + λ Σ (θ_i − θ_0)) and ``ties`` (trim,
+elect sign, disjoint mean), as mergekit defines them but on LMs taken out of any carrier. Only LM tensors are
 merged, streamed chunk by chunk in fp32 and written in the input dtype. ``DIR`` is a Qwen2 model dir that
 ``AutoModelForCausalLM`` loads, with ``merge_weights.csv`` (every tensor's α per model) and ``merge.json``;
 ``DIR/carriers/<name>/`` is each carrier with its LM replaced and every other tensor copied bit-exact.
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import sys
 import time
 from contextlib import ExitStack, contextmanager
@@ -26,12 +30,18 @@ from tqdm import tqdm
 
 from analyses.align import Alignment, TensorPlan, align, check_finite
 from analyses.checkpoints import Checkpoint, add_output_args, chunks, open_checkpoint
-from analyses.formulas import FORMULAS, ShiftStats, average_coefficients, shift_coefficients, weighted_coefficients
+from analyses.formulas import (FORMULAS, ShiftStats, average_coefficients, shift_coefficients,
+                                task_arithmetic_coefficients, ties_combine, ties_threshold, weighted_coefficients)
+from analyses.salience import METRICS as SALIENCE_METRICS
+from analyses.salience import SalienceWeights, read_salience
 from analyses.shift import CHUNK, read_shift_csv
 from analyses.writer import Entry, ShardedWriter, atomic_dir, check_output, copy_side_files, parse_size
 from probe.errors import BadInput, cli_main
 
-METHODS = {"average": "average", "weighted": "weighted", "shift": "shift"}  # CLI name -> formula registry name
+# CLI name -> formula registry name
+METHODS = {"average": "average", "weighted": "weighted", "shift": "shift", "salience": "salience",
+           "task_arithmetic": "task_arithmetic", "ties": "ties"}
+NEEDS_BASE = ("shift", "salience", "task_arithmetic", "ties")
 TOKENIZER_FILES = ("tokenizer", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
                    "chat_template", "generation_config.json")
 RAW_CHUNK = 64 << 20  # bytes per bit-exact copy step
@@ -53,14 +63,34 @@ class MergeConfig:
     shard_size: int = 5 * 10**9
     overwrite: bool = False
     allow_bin: bool = False
+    lam: float = 1.0  # task_arithmetic / ties scale λ
+    density: float = 0.2  # ties: share of each task vector kept
+    salience: list[Path] = field(default_factory=list)  # one probe.heads run per --models entry
+    base_salience: Path | None = None
+    salience_metric: str = "kl"
+    salience_temperature: float = 1.0
+    rest: str = "shift"  # salience: non-head tensors by Eq. 4 ("shift") or by layer salience ("layer")
 
     def validate(self) -> None:
         if self.method not in METHODS:
             raise BadInput(f"--method must be one of {', '.join(METHODS)}")
         if not self.models:
             raise BadInput("--models: give at least one model")
-        if self.method == "shift" and self.base is None:
-            raise BadInput("--method shift needs --base (Eq. 4 weighs the base by alpha0)")
+        if self.method in NEEDS_BASE and self.base is None:
+            raise BadInput(f"--method {self.method} needs --base")
+        if self.method == "salience":
+            if len(self.salience) != len(self.models):
+                raise BadInput(f"--salience: give one probe.heads run per --models entry ({len(self.models)})")
+            if self.salience_metric not in SALIENCE_METRICS:
+                raise BadInput(f"--salience-metric must be one of {', '.join(SALIENCE_METRICS)}")
+            if not self.salience_temperature > 0:
+                raise BadInput("--salience-temperature must be > 0")
+            if self.rest not in ("shift", "layer"):
+                raise BadInput("--rest must be shift or layer")
+        elif self.salience or self.base_salience or self.rest != "shift":
+            raise BadInput("--salience / --base-salience / --rest only apply to --method salience")
+        if self.method == "ties" and not 0.0 < self.density <= 1.0:
+            raise BadInput("--density must be in (0, 1]")
         if self.method == "weighted":
             if not self.weights or len(self.weights) != len(self.models):
                 raise BadInput(f"--weights: give one weight per model ({len(self.models)})")
@@ -72,8 +102,8 @@ class MergeConfig:
             raise BadInput("--alpha0 must be in [0, 1]")
         if not self.temperature > 0:
             raise BadInput("--temperature must be > 0")
-        if self.shift_dir is not None and self.method != "shift":
-            raise BadInput("--shift only applies to --method shift")
+        if self.shift_dir is not None and self.method not in ("shift", "salience"):
+            raise BadInput("--shift only applies to --method shift or salience")
         if self.shift_dir is not None and not (self.shift_dir / "shift.csv").is_file():
             raise BadInput(f"--shift {self.shift_dir}: no shift.csv there (run python -m analyses.shift)")
         check_output(self.out, self.overwrite)
@@ -120,7 +150,8 @@ class Merger:
     al: Alignment
     has_base: bool
     shift_table: ShiftTable | None = None
-    alpha_rows: list[tuple[str, str, float | None, float]] = field(default_factory=list)
+    salience: SalienceWeights | None = None
+    alpha_rows: list[tuple[str, str, str, float | None, float]] = field(default_factory=list)
     _acc: torch.Tensor = field(default_factory=lambda: torch.empty(MERGE_CHUNK, dtype=torch.float32))
     _tmp: torch.Tensor = field(default_factory=lambda: torch.empty(MERGE_CHUNK, dtype=torch.float32))
 
@@ -131,29 +162,47 @@ class Merger:
             return [0.0] * off + average_coefficients(n_models), None
         if self.cfg.method == "weighted":
             return [0.0] * off + weighted_coefficients(self.cfg.weights or [], self.cfg.normalize), None
+        if self.cfg.method == "task_arithmetic":
+            return task_arithmetic_coefficients(n_models, self.cfg.lam), None
+        if self.salience is not None and self.cfg.rest == "layer":
+            layer = self.salience.layer_coefficients(plan.canon)
+            if layer is not None:
+                return layer, None
         if self.shift_table is not None:
             deltas = self.shift_table.deltas(plan.canon)
-        else:  # Eq. 3 on the fly: one extra pass over the (already mapped) tensors
-            stats = [ShiftStats() for _ in range(n_models)]
+        else:  # Eq. 3 on the fly: one extra pass over the (already mapped) tensors, Σ|Δ| only
+            sums = [0.0] * n_models
             for lo, hi in chunks(plan.common, CHUNK):
                 b = views[0][lo:hi].float()
-                for st, v in zip(stats, views[1:]):
-                    st.add(b, v[lo:hi])
-            for st, v, nm, info in zip(stats, views[1:], self.names[1:], plan.infos[1:]):
-                if not st.finite:
+                for j, v in enumerate(views[1:]):
+                    sums[j] += ShiftStats.abs_sum(b, v[lo:hi])
+            for total, v, nm, info in zip(sums, views[1:], self.names[1:], plan.infos[1:]):
+                if not math.isfinite(total):
                     check_finite(views[0], self.names[0], plan.infos[0].key)
                     check_finite(v, nm, info.key)
-            deltas = [st.delta_avg for st in stats]
+            deltas = [total / max(plan.common, 1) for total in sums]
         return shift_coefficients(deltas, self.cfg.alpha0, self.cfg.temperature), deltas
 
     def merge_tensor(self, plan: TensorPlan, sink: Any) -> None:
         views = [ck.view(info).reshape(-1) for ck, info in zip(self.inputs, plan.infos)]
+        sliced = self.salience.slice_coefficients(plan.canon, plan.ref.shape) if self.salience else None
+        if sliced is not None:
+            self.merge_slices(plan, views, *sliced, sink)
+        elif self.cfg.method == "ties":
+            self.merge_ties(plan, views, sink)
+        else:
+            self.merge_linear(plan, views, sink)
+        del views
+        for ck, info in zip(self.inputs, plan.infos):
+            ck.release(info)
+
+    def merge_linear(self, plan: TensorPlan, views: list[torch.Tensor], sink: Any) -> None:
         coeffs, deltas = self.coefficients(plan, views)
         for j, (nm, c) in enumerate(zip(self.names, coeffs)):
-            if j == 0 and self.has_base and self.cfg.method != "shift":
+            if j == 0 and self.has_base and self.cfg.method in ("average", "weighted"):
                 continue  # the base only supplies vocabulary rows here
             d = deltas[j - 1] if deltas is not None and j > 0 else None
-            self.alpha_rows.append((plan.canon, nm, d, c))
+            self.alpha_rows.append((plan.canon, "all", nm, d, c))
         terms = [(v, c) for v, c in zip(views, coeffs) if c != 0.0]
         with torch_threads(1):
             for lo, hi in chunks(plan.common, MERGE_CHUNK):
@@ -168,9 +217,59 @@ class Merger:
             out = sink.buffer(hi - lo)
             out.copy_(tail)
             sink.write(out)
-        del views, terms
-        for ck, info in zip(self.inputs, plan.infos):
-            ck.release(info)
+        del terms
+
+    def merge_slices(self, plan: TensorPlan, views: list[torch.Tensor], axis: int, weights: torch.Tensor,
+                     sink: Any) -> None:
+        """Salience-weighted head slices (DESIGN §9): θ = Σ_i w_i ⊙ θ_i with w_i constant on each head's rows
+        (q, and k/v per KV group) or columns (o). Streamed in blocks of whole rows through the same reused fp32
+        buffers as ``combine``, inputs in a fixed order (bit-stable)."""
+        shape = plan.ref.shape
+        self.alpha_rows.extend((t, sl, m, None, w) for t, sl, m, w in self.salience.slice_rows(plan.canon, self.names))
+        cols = shape[1] if len(shape) == 2 else 1
+        rows_per = max(1, MERGE_CHUNK // cols)
+        w = weights.float()
+        with torch_threads(1):
+            for r0 in range(0, shape[0], rows_per):
+                r1 = min(shape[0], r0 + rows_per)
+                n = (r1 - r0) * cols
+                acc, tmp = self._acc[:n].view(r1 - r0, cols), self._tmp[:n].view(r1 - r0, cols)
+                for i, v in enumerate(views):
+                    tmp.copy_(v[r0 * cols:r1 * cols].view(r1 - r0, cols))
+                    wi = w[i, r0:r1, None] if axis == 0 else w[i][None, :]
+                    if i == 0:
+                        torch.mul(tmp, wi, out=acc)
+                    else:
+                        acc.addcmul_(tmp, wi)
+                flat = acc.reshape(-1)
+                if not torch.isfinite(flat.sum()):
+                    self.raise_nonfinite(plan, views, r0 * cols, r1 * cols)
+                out = sink.buffer(n)
+                out.copy_(flat)
+                sink.write(out)
+
+    def merge_ties(self, plan: TensorPlan, views: list[torch.Tensor], sink: Any) -> None:
+        """TIES, streamed: one pass per expert for its trim threshold (k-th largest |δ| over the common rows),
+        then chunk by chunk trim, elect sign, disjoint mean (``analyses.formulas.ties_combine``)."""
+        base, experts = views[0], views[1:]
+        thresholds = []
+        for v in experts:
+            thresholds.append(ties_threshold(v[:plan.common].float() - base[:plan.common].float(), self.cfg.density))
+        for nm, t in zip(self.names[1:], thresholds):
+            self.alpha_rows.append((plan.canon, "all", nm, None, t))
+        with torch_threads(1):
+            for lo, hi in chunks(plan.common, MERGE_CHUNK):
+                b = base[lo:hi].float()
+                merged = ties_combine(b, [v[lo:hi].float() - b for v in experts], thresholds, self.cfg.lam)
+                if not torch.isfinite(merged).all():
+                    self.raise_nonfinite(plan, views, lo, hi)
+                out = sink.buffer(hi - lo)
+                out.copy_(merged)
+                sink.write(out)
+        for lo, hi in chunks(plan.ref.numel - plan.common, MERGE_CHUNK):  # vocab rows only the base has
+            out = sink.buffer(hi - lo)
+            out.copy_(base[plan.common + lo:plan.common + hi])
+            sink.write(out)
 
     def combine(self, terms: Sequence[tuple[torch.Tensor, float]], lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
         """out = Σ c·x[lo:hi], accumulated in fp32 (elementwise: any chunk size gives the same bits); returns the
@@ -284,7 +383,8 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
         for car in carriers:
             align([inputs[0], car], [names[0], car.name])
         shift_table = ShiftTable(cfg.shift_dir, base, models) if cfg.shift_dir and base else None
-        merger = Merger(cfg, inputs, names, al, base is not None, shift_table)
+        salience = load_salience(cfg, base, names) if cfg.method == "salience" else None
+        merger = Merger(cfg, inputs, names, al, base is not None, shift_table, salience)
         ref = inputs[0]
         entries = [Entry(lm_disk_key(p.canon), p.ref.dtype, p.ref.shape) for p in al.tensors]
         with atomic_dir(cfg.out, cfg.overwrite) as tmp:
@@ -315,9 +415,16 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
                 "reference": names[0],
                 "weights": cfg.weights if cfg.method == "weighted" else None,
                 "normalize": cfg.normalize if cfg.method == "weighted" else None,
-                "alpha0": cfg.alpha0 if cfg.method == "shift" else None,
-                "temperature": cfg.temperature if cfg.method == "shift" else None,
-                "shift_source": str(cfg.shift_dir) if shift_table else ("computed" if cfg.method == "shift" else None),
+                "alpha0": cfg.alpha0 if cfg.method in ("shift", "salience") else None,
+                "temperature": cfg.temperature if cfg.method in ("shift", "salience") else None,
+                "shift_source": str(cfg.shift_dir) if shift_table else (
+                    "computed" if cfg.method == "shift" or (cfg.method == "salience" and cfg.rest == "shift") else None),
+                "lambda": cfg.lam if cfg.method in ("task_arithmetic", "ties") else None,
+                "density": cfg.density if cfg.method == "ties" else None,
+                "salience": {"runs": [str(p) for p in cfg.salience],
+                             "base_run": str(cfg.base_salience) if cfg.base_salience else None,
+                             "metric": cfg.salience_metric, "temperature": cfg.salience_temperature,
+                             "rest": cfg.rest} if cfg.method == "salience" else None,
                 "mean_alpha": mean_alphas(merger.alpha_rows),
                 "n_tensors": len(al.tensors),
                 "dtype": str(embed.ref.dtype),
@@ -347,19 +454,30 @@ def unique_name(name: str, used: set[str]) -> str:
     return out
 
 
-def write_alphas(path: Path, rows: Sequence[tuple[str, str, float | None, float]]) -> None:
+def write_alphas(path: Path, rows: Sequence[tuple[str, str, str, float | None, float]]) -> None:
+    """One row per tensor (slice "all") or head slice per model; for ties, alpha is the trim threshold."""
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["tensor", "model", "delta_avg", "alpha"])
-        for t, m, d, a in rows:
-            w.writerow([t, m, "" if d is None else repr(d), repr(a)])
+        w.writerow(["tensor", "slice", "model", "delta_avg", "alpha"])
+        for t, sl, m, d, a in rows:
+            w.writerow([t, sl, m, "" if d is None else repr(d), repr(a)])
 
 
-def mean_alphas(rows: Sequence[tuple[str, str, float | None, float]]) -> dict[str, float]:
+def mean_alphas(rows: Sequence[tuple[str, str, str, float | None, float]]) -> dict[str, float]:
     acc: dict[str, list[float]] = {}
-    for _, m, _, a in rows:
+    for _, _, m, _, a in rows:
         acc.setdefault(m, []).append(a)
     return {m: sum(v) / len(v) for m, v in acc.items()}
+
+
+def load_salience(cfg: MergeConfig, base: Checkpoint, names: Sequence[str]) -> SalienceWeights:
+    """The participants' salience runs, checked against the base's head geometry (base run first if given)."""
+    from probe.families import HeadGeometry
+
+    geometry = HeadGeometry.from_text_config(base.text_config)
+    runs = ([(cfg.base_salience, names[0])] if cfg.base_salience else []) + list(zip(cfg.salience, names[1:]))
+    tables = [read_salience(Path(d), cfg.salience_metric, geometry, nm) for d, nm in runs]
+    return SalienceWeights.build(tables, geometry, cfg.salience_temperature, cfg.alpha0, cfg.base_salience is not None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -372,7 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "it only supplies config, tokenizer and extra vocabulary rows (list it in --models to include it)")
     p.add_argument("--models", nargs="+", required=True, help="models whose LMs are merged (dirs or aliases)")
     p.add_argument("--method", choices=list(METHODS), default="shift",
-                   help="average (Eq. 1), weighted (Eq. 2), shift (Eq. 4; default)")
+                   help="average (Eq. 1), weighted (Eq. 2), shift (Eq. 4; default), salience (DESIGN §9), "
+                   "task_arithmetic, ties")
     p.add_argument("--weights", nargs="+", type=float, help="Eq. 2 weights, one per --models entry")
     p.add_argument("--no-normalize", action="store_true", help="use --weights as given (default: sum to 1)")
     p.add_argument("--alpha0", type=float, default=0.5, help="Eq. 4 weight of the base (default 0.5, as released)")
@@ -382,6 +501,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reuse Δavg from a python -m analyses.shift output dir instead of recomputing")
     p.add_argument("--carrier", nargs="+", default=[], dest="carriers", metavar="M",
                    help="multimodal models to receive the merged LM (written to OUT/carriers/<name>/)")
+    p.add_argument("--salience", nargs="+", type=Path, default=[], metavar="DIR",
+                   help="salience: one complete python -m probe.heads run per --models entry, same order")
+    p.add_argument("--base-salience", type=Path, metavar="DIR",
+                   help="salience: a probe.heads run of the base on text; then the base competes by salience "
+                   "too instead of keeping --alpha0")
+    p.add_argument("--salience-metric", choices=SALIENCE_METRICS, default="kl",
+                   help="salience: heads.csv column used as s_i(L, h) (default kl)")
+    p.add_argument("--salience-temperature", type=float, default=1.0,
+                   help="salience: softmax temperature over normalised saliences (default 1.0)")
+    p.add_argument("--rest", choices=("shift", "layer"), default="shift",
+                   help="salience: non-head tensors by Eq. 4 (shift; default) or by the layer's mean salience")
+    p.add_argument("--lambda", type=float, default=1.0, dest="lam",
+                   help="task_arithmetic / ties: scale of the merged task vector (default 1.0)")
+    p.add_argument("--density", type=float, default=0.2,
+                   help="ties: share of each task vector kept, by magnitude (default 0.2)")
     p.add_argument("--shard-size", default="5GB", help="max bytes per safetensors shard (default 5GB)")
     add_output_args(p, "output HF model dir", figures=False)
     return p
@@ -392,7 +526,9 @@ def main(argv: list[str] | None = None) -> int:
     run_merge(MergeConfig(
         models=a.models, method=a.method, out=a.out, base=a.base, weights=a.weights, normalize=not a.no_normalize,
         alpha0=a.alpha0, temperature=a.temperature, carriers=a.carriers, shift_dir=a.shift_dir,
-        shard_size=parse_size(a.shard_size), overwrite=a.overwrite, allow_bin=a.allow_bin,
+        shard_size=parse_size(a.shard_size), overwrite=a.overwrite, allow_bin=a.allow_bin, lam=a.lam,
+        density=a.density, salience=a.salience, base_salience=a.base_salience, salience_metric=a.salience_metric,
+        salience_temperature=a.salience_temperature, rest=a.rest,
     ))
     return 0
 

@@ -1,6 +1,7 @@
 """Merge benchmark: ``python -m analyses.merge`` against the I/O floor and against mergekit.
 
     python bench/merge.py [--k 3] [--params-m 160] [--dtype bfloat16] [--rounds 3] [--workdir DIR] [--keep]
+                          [--method average|salience|ties|task_arithmetic]
 
 Writes k synthetic Qwen2 checkpoints of about ``params_m`` million parameters each, then measures, each in a
 fresh process, in alternating order for ``--rounds`` rounds (median reported), with the page cache warm and
@@ -9,8 +10,10 @@ dirty pages synced before every measurement:
   with ``save_file``, once with 1 and once with 2 torch threads (the faster median is the floor);
 - the raw floor: the same input bytes read into one reused buffer and one model's bytes written, no torch
   (what the disk and page cache alone cost);
-- our ``--method average`` merge (merge time excludes interpreter start and imports), its peak RSS, and the
-  bound 1 GB + (k + 2) x largest tensor;
+- our merge, ``--method average`` by default (merge time excludes interpreter start and imports), its peak RSS,
+  and the bound 1 GB + (k + 2) x largest tensor; with a base-relative ``--method`` the first checkpoint is the
+  base and the others its experts (same k inputs), and ``salience`` reads a synthetic probe.heads run per expert
+  and the Δavg of a ``python -m analyses.shift`` run made once before the timing (as the README's commands do);
 - mergekit 0.1.5 ``linear`` on the same models (``mergekit-yaml --lazy-unpickle``), wall time and peak RSS.
 Targets: merge <= 1.3x the I/O floor, RSS within the bound, not slower than mergekit.
 """
@@ -151,6 +154,33 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, s
     return wall, int(peak.split()[1]) * 1024, "\n".join(lines)
 
 
+def merge_args(method: str, inputs: list[str], work: Path, n_layers: int, n_heads: int) -> list[str]:
+    """The ``analyses.merge`` arguments of one benchmark merge (synthetic salience runs written once)."""
+    if method == "average":
+        return ["--models", *inputs, "--method", "average"]
+    args = ["--base", inputs[0], "--models", *inputs[1:], "--method", method]
+    if method == "salience":
+        import random
+
+        dirs = []
+        for m in range(1, len(inputs)):
+            d = work / f"salience{m}"
+            if not d.is_dir():
+                d.mkdir()
+                rng = random.Random(m)
+                rows = [f"{layer},{h},{rng.random()!r}" for layer in range(n_layers) for h in range(n_heads)]
+                (d / "heads.csv").write_text("layer,head,kl\n" + "\n".join(rows) + "\n")
+                (d / "run.json").write_text('{"status": "complete"}')
+            dirs.append(str(d))
+        shift_dir = work / "shift"
+        if not shift_dir.is_dir():  # Eq. 4's Δavg for the non-head tensors, computed once outside the timing
+            from analyses import shift
+
+            shift.main(["--base", inputs[0], "--models", *inputs[1:], "--out", str(shift_dir), "--no-figures"])
+        args += ["--salience", *dirs, "--shift", str(shift_dir)]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--k", type=int, default=3, help="number of checkpoints merged (default 3)")
@@ -160,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, help="where the synthetic checkpoints go (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the workdir")
     ap.add_argument("--no-mergekit", action="store_true", help="skip the mergekit comparison")
+    ap.add_argument("--method", default="average", choices=["average", "salience", "ties", "task_arithmetic"],
+                    help="our merge method measured (default average; mergekit's counterpart: linear, ties, "
+                    "task_arithmetic; salience has none)")
     a = ap.parse_args(argv)
     work = a.workdir or Path(tempfile.mkdtemp(prefix="bench-merge-"))
     try:
@@ -169,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
 
         with open_checkpoint(str(dirs[0])) as ck:
             largest = max(i.nbytes for i in ck.infos.values())
+            n_layers = int(ck.text_config["num_hidden_layers"])
+            n_heads = int(ck.text_config["num_attention_heads"])
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         inputs = list(map(str, dirs))
         runs: dict[str, list[float]] = {"floor_1thread": [], "floor_2threads": [], "raw_floor": [], "merge": [],
@@ -183,8 +218,8 @@ def main(argv: list[str] | None = None) -> int:
                 runs[key].append(float(stdout.strip().splitlines()[-1]))
             out = work / "ours"
             shutil.rmtree(out, ignore_errors=True)
-            wall, peak, stdout = run_measured([sys.executable, "-c", OURS, "--models", *inputs, "--method", "average",
-                                               "--out", str(out)], env)
+            wall, peak, stdout = run_measured([sys.executable, "-c", OURS, *merge_args(a.method, inputs, work, n_layers,
+                                                                                     n_heads), "--out", str(out)], env)
             runs["merge"].append(json.loads(stdout.strip().splitlines()[-1])["merge_s"])
             runs["merge_wall"].append(wall)
             rss = max(rss, peak)
@@ -192,17 +227,22 @@ def main(argv: list[str] | None = None) -> int:
         floor, merge_s = min(med["floor_1thread"], med["floor_2threads"]), med["merge"]
         bound = 1e9 + (a.k + 2) * largest
         res = {
-            "k": a.k, "dtype": a.dtype, "checkpoint_mb": round(size / 1e6), "largest_tensor_mb": round(largest / 1e6, 1),
+            "method": a.method, "k": a.k, "dtype": a.dtype, "checkpoint_mb": round(size / 1e6), "largest_tensor_mb": round(largest / 1e6, 1),
             "rounds": a.rounds, **{f"{k}_s": round(v, 2) for k, v in med.items()},
             "all_runs_s": {k: [round(x, 2) for x in v] for k, v in runs.items()}, "io_floor_s": round(floor, 2),
             "ratio_to_io_floor": round(merge_s / floor, 2), "ratio_to_raw_floor": round(merge_s / med["raw_floor"], 2),
             "peak_rss_mb": round(rss / 1e6),
             "rss_bound_mb": round(bound / 1e6), "rss_within_bound": rss <= bound,
         }
-        if not a.no_mergekit:
+        if not a.no_mergekit and a.method != "salience":
             cfg = work / "mergekit.yml"
-            cfg.write_text(f"merge_method: linear\ndtype: {a.dtype}\nmodels:\n" + "".join(
-                f"  - model: {d}\n    parameters: {{weight: 1.0}}\n" for d in dirs))
+            if a.method == "average":
+                cfg.write_text(f"merge_method: linear\ndtype: {a.dtype}\nmodels:\n" + "".join(
+                    f"  - model: {d}\n    parameters: {{weight: 1.0}}\n" for d in dirs))
+            else:
+                density = 0.2 if a.method == "ties" else 1.0
+                cfg.write_text(f"merge_method: {a.method}\ndtype: {a.dtype}\nbase_model: {dirs[0]}\nmodels:\n" + "".join(
+                    f"  - model: {d}\n    parameters: {{weight: 1.0, density: {density}}}\n" for d in dirs[1:]))
             exe = str(Path(sys.executable).with_name("mergekit-yaml"))
             shutil.rmtree(work / "mk", ignore_errors=True)
             mk_wall, mk_rss, _ = run_measured([sys.executable, "-c", SCRIPT, exe, str(cfg), str(work / "mk"),

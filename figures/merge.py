@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from figures import save_png_pdf
 from probe.errors import BadInput
 
 Q_SLICE = re.compile(r"layers\.(\d+)\.self_attn\.q_proj\.weight$")
@@ -77,12 +78,8 @@ def draw_merge(result_dir: Path) -> list[Path]:
             fig.colorbar(im2, ax=ax2, fraction=0.046).ax.tick_params(labelsize=7)
         for a in (ax, ax2):
             a.tick_params(labelsize=7)
+            a.set_yticks(range(grids[name].shape[0]))
+            a.set_xticks(range(grids[name].shape[1]))
     fig.suptitle(f"Weight of each participant's query-head slices ({info.get('method')} merge)", fontsize=10)
     fig.tight_layout()
-    written = []
-    for ext in ("png", "pdf"):
-        path = result_dir / f"merge_heads.{ext}"
-        fig.savefig(path)
-        written.append(path)
-    plt.close(fig)
-    return written
+    return save_png_pdf(fig, result_dir, "merge_heads")

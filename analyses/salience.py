@@ -1,0 +1,112 @@
+"""Head salience read from ``probe.heads`` runs, turned into per-slice merge weights (DESIGN §9).
+
+A participant's run gives s_i(L, h) (mean KL by default, or an accuracy drop) for every head of its LM; it is
+normalised per participant (``normalise_salience``) and turned into weights by ``salience_weights``. The
+slices a head owns: ``q_proj`` rows [h·d, (h+1)·d) and their bias, ``o_proj`` columns [h·d, (h+1)·d); KV
+group g = h // (H / H_kv) owns ``k_proj``/``v_proj`` rows [g·d, (g+1)·d), weighted by the mean ŝ of its query
+heads. Everything here is small ([n_layers, n_heads] tables); the merge streams the tensors.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from analyses.formulas import normalise_salience, salience_weights
+from probe.errors import BadInput
+from probe.families import HeadGeometry
+
+METRICS = ("kl", "accuracy_drop", "prob_accuracy_drop")
+HEAD_TENSOR = re.compile(r"layers\.(\d+)\.self_attn\.([qkvo])_proj\.(weight|bias)$")
+
+
+def read_salience(run_dir: Path, metric: str, geometry: HeadGeometry, who: str) -> torch.Tensor:
+    """[n_layers, n_heads] salience of a complete ``probe.heads`` run covering every head of the model."""
+    heads_csv, run_json = run_dir / "heads.csv", run_dir / "run.json"
+    if not heads_csv.is_file() or not run_json.is_file():
+        raise BadInput(f"--salience {run_dir}: not a probe.heads run (no heads.csv / run.json)")
+    try:
+        status = json.loads(run_json.read_text()).get("status")
+    except (OSError, json.JSONDecodeError):
+        raise BadInput(f"{run_json}: unreadable") from None
+    if status != "complete":
+        raise BadInput(f"--salience {run_dir}: the run is not complete (status {status!r}); finish it first")
+    try:  # csv, not pandas: importing pandas would cost the merge more than reading the table
+        with open(heads_csv, newline="") as f:
+            rows = list(csv.DictReader(f))
+        cells = {(int(r["layer"]), int(r["head"])): float(r[metric]) for r in rows}
+    except KeyError:
+        raise BadInput(f"{heads_csv}: no {metric!r} column") from None
+    except (OSError, ValueError) as exc:
+        raise BadInput(f"{heads_csv}: unreadable ({exc})") from None
+    want = {(layer, h) for layer in range(geometry.n_layers) for h in range(geometry.n_heads)}
+    if set(cells) != want or len(rows) != len(want):
+        raise BadInput(f"{heads_csv}: covers {len(cells)} (layer, head) pairs, but {who} has "
+                       f"{geometry.n_layers} layers x {geometry.n_heads} heads; sweep every head (--layers all "
+                       "--heads all) of that model")
+    grid = torch.zeros(geometry.n_layers, geometry.n_heads, dtype=torch.float64)
+    for (layer, h), v in cells.items():
+        grid[layer, h] = v
+    if not torch.isfinite(grid).all():
+        raise BadInput(f"{heads_csv}: {metric} is NaN for some heads (accuracy needs a run with generation)")
+    return grid
+
+
+@dataclass
+class SalienceWeights:
+    """Per-head and per-layer weights of every participant (base first): w_head [P, L, H], w_group [P, L, G],
+    w_layer [P, L], each summing to 1 over P."""
+
+    head: torch.Tensor
+    group: torch.Tensor
+    layer: torch.Tensor
+    geometry: HeadGeometry
+
+    @staticmethod
+    def build(saliences: Sequence[torch.Tensor], geometry: HeadGeometry, temperature: float,
+              alpha0: float, with_base: bool) -> "SalienceWeights":
+        """``saliences``: raw [L, H] tables, the base's first when ``with_base``."""
+        try:
+            shat = torch.stack([normalise_salience(s) for s in saliences])  # [P', L, H]
+        except ValueError as exc:
+            raise BadInput(f"salience: {exc}") from None
+        per_group = geometry.n_heads // geometry.n_kv_heads
+        group_shat = shat.unflatten(-1, (geometry.n_kv_heads, per_group)).mean(-1)
+        layer_shat = shat.mean(-1)
+        a0 = None if with_base else alpha0
+        return SalienceWeights(salience_weights(shat, temperature, a0), salience_weights(group_shat, temperature, a0),
+                               salience_weights(layer_shat, temperature, a0), geometry)
+
+    def slice_coefficients(self, canon: str, shape: Sequence[int]) -> tuple[int, torch.Tensor] | None:
+        """For a head-owned tensor: (axis, [P, shape[axis]] per-row or per-column weights); else None."""
+        m = HEAD_TENSOR.match(canon)
+        if m is None:
+            return None
+        layer, proj, _ = int(m.group(1)), m.group(2), m.group(3)
+        d = self.geometry.head_dim
+        per = self.head[:, layer] if proj in "qo" else self.group[:, layer]  # [P, H] or [P, G]
+        vec = per.repeat_interleave(d, dim=1)
+        axis = 1 if proj == "o" else 0
+        if vec.shape[1] != shape[axis]:
+            raise BadInput(f"{canon}: {shape[axis]} rows/columns, but the salience geometry gives {vec.shape[1]}")
+        return axis, vec
+
+    def layer_coefficients(self, canon: str) -> list[float] | None:
+        """For any other tensor of layer L (``--rest layer``): the layer's weights; None outside the layers."""
+        m = re.match(r"layers\.(\d+)\.", canon)
+        return None if m is None else self.layer[:, int(m.group(1))].tolist()
+
+    def slice_rows(self, canon: str, names: Sequence[str]) -> list[tuple[str, str, str, float]]:
+        """merge_weights.csv rows of a head-owned tensor: (tensor, slice, model, weight) per head or group."""
+        m = HEAD_TENSOR.match(canon)
+        layer, proj = int(m.group(1)), m.group(2)
+        d = self.geometry.head_dim
+        per = self.head[:, layer] if proj in "qo" else self.group[:, layer]
+        what = "columns" if proj == "o" else "rows"
+        return [(canon, f"{what} {j * d}:{(j + 1) * d}", nm, float(per[p, j]))
+                for j in range(per.shape[1]) for p, nm in enumerate(names)]

@@ -1,0 +1,246 @@
+"""Salience-guided merging (DESIGN §9), task arithmetic and TIES against independent oracles: an in-memory
+implementation written slice by slice, the degenerate cases, Eq. 4 on the rest, and mergekit 0.1.5."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from analyses import merge, tiny
+from analyses.formulas import delta_avg, shift_coefficients, ties_merge
+from test_analyses_merge import canonical, run, tiny_qwen2_view
+
+L, H, KV, D = 2, 4, 2, 8  # analyses.tiny.TEXT: 2 layers × 4 query heads, 2 KV heads, head_dim 32 / 4
+
+
+def write_run(path: Path, kl: torch.Tensor, status: str = "complete", layers: int = L, heads: int = H) -> Path:
+    """A probe.heads output dir holding only what the merge reads: heads.csv and run.json."""
+    path.mkdir(parents=True)
+    rows = ["layer,head,accuracy,prob_accuracy,kl,n_items,accuracy_drop,prob_accuracy_drop,p_answer"]
+    for layer in range(layers):
+        for h in range(heads):
+            v = float(kl[layer, h]) if layer < kl.shape[0] and h < kl.shape[1] else 0.1
+            rows.append(f"{layer},{h},0.5,0.5,{v!r},8,{v / 2!r},{v / 3!r},0.5")
+    (path / "heads.csv").write_text("\n".join(rows) + "\n")
+    (path / "run.json").write_text(json.dumps({"status": status}))
+    return path
+
+
+def in_memory_salience(base, experts, tables, tau, alpha0, base_table=None):
+    """DESIGN §9 written out slice by slice (loops over heads), the rest by Eq. 4 with Δavg computed directly."""
+    shat = [t.double().clamp_min(0) / t.double().clamp_min(0).mean() for t in ([base_table] if base_table is not None else []) + tables]
+    thetas = [base] + experts
+
+    def weights(values):  # one slice: [participants]
+        w = torch.softmax(torch.tensor(values, dtype=torch.float64) / tau, 0)
+        return w.tolist() if base_table is not None else [alpha0] + [(1 - alpha0) * x for x in w.tolist()]
+
+    out = {}
+    for name, ref in base.items():
+        parts = name.split(".")
+        if len(parts) >= 5 and parts[2] == "self_attn" and parts[3] in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            layer, proj = int(parts[1]), parts[3][0]
+            acc = torch.zeros(ref.shape, dtype=torch.float32)
+            units = H if proj in "qo" else KV
+            for j in range(units):
+                if proj in "qo":
+                    s = [t[layer, j] for t in shat]
+                else:
+                    s = [t[layer, j * (H // KV):(j + 1) * (H // KV)].mean() for t in shat]
+                sl = slice(j * D, (j + 1) * D)
+                for w, th in zip(weights([float(x) for x in s]), thetas):
+                    x = th[name].float()
+                    if proj == "o":
+                        acc[:, sl] += w * x[:, sl]
+                    else:
+                        acc[sl] += w * x[sl]
+            out[name] = acc
+        else:
+            coeffs = shift_coefficients([delta_avg(base[name], e[name]) for e in experts], alpha0, 1e-3)
+            acc = torch.zeros(ref.shape, dtype=torch.float32)
+            for c, th in zip(coeffs, thetas):
+                acc += c * th[name].float()
+            out[name] = acc
+    return out
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory) -> dict[str, Path]:
+    return tiny.build_zoo(tmp_path_factory.mktemp("zoo"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sal")
+    g = torch.Generator().manual_seed(0)
+    tables = [torch.rand(L, H, generator=g) * 3 for _ in range(3)]
+    return {"tables": tables, "dirs": [write_run(root / f"e{i}", t) for i, t in enumerate(tables)],
+            "base_table": torch.rand(L, H, generator=g), "base_dir": None, "root": root}
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+def test_salience_merge_equals_in_memory(zoo, runs, tmp_path, with_base):
+    experts = [zoo["vl"], zoo["ov"], zoo["au"]]  # Qwen2-VL, LLaVA-OneVision, Qwen2-Audio layouts
+    extra = []
+    if with_base:
+        extra = ["--base-salience", write_run(tmp_path / "b", runs["base_table"])]
+    out = tmp_path / "m"
+    assert run(merge.main, "--base", zoo["base"], "--models", *experts, "--method", "salience", "--salience",
+               *runs["dirs"], *extra, "--salience-temperature", 0.5, "--alpha0", 0.4, "--out", out) == 0
+    got = canonical(out)
+    want = in_memory_salience(canonical(zoo["base"]), [canonical(e) for e in experts], runs["tables"], 0.5, 0.4,
+                              runs["base_table"] if with_base else None)
+    for name, t in want.items():
+        torch.testing.assert_close(got[name].float(), t, rtol=1e-6, atol=1e-7, msg=name)
+    rows = list(csv.DictReader(open(out / "merge_weights.csv")))
+    q = [r for r in rows if r["tensor"] == "layers.1.self_attn.q_proj.weight" and r["slice"] == f"rows {D}:{2 * D}"]
+    assert len(q) == 4 and sum(float(r["alpha"]) for r in q) == pytest.approx(1.0)
+    o = [r for r in rows if r["tensor"] == "layers.0.self_attn.o_proj.weight"]
+    assert {r["slice"] for r in o} == {f"columns {h * D}:{(h + 1) * D}" for h in range(H)}
+    assert json.loads((out / "merge.json").read_text())["salience"]["metric"] == "kl"
+    # python -m figures merge: the weight grids it draws are the CSV's q_proj slices
+    from figures.merge import draw_merge, head_weights
+
+    grids = head_weights(__import__("pandas").read_csv(out / "merge_weights.csv"))
+    assert list(grids) == [str(zoo["base"]), *map(str, experts)] and grids[str(zoo["vl"])].shape == (L, H)
+    assert sum(g[1, 1] for g in grids.values()) == pytest.approx(1.0)
+    assert [p.suffix for p in draw_merge(out)] == [".png", ".pdf"]
+
+
+def test_equal_saliences_give_eq1_and_eq2(zoo, tmp_path):
+    experts = [zoo["vl"], zoo["ov"]]
+    flat = [write_run(tmp_path / f"f{i}", torch.full((L, H), 0.7)) for i in range(2)]
+    base, th = canonical(zoo["base"]), [canonical(e) for e in experts]
+    heads = [n for n in base if ".self_attn." in n and n.split(".")[3] in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    # with the base's run: every head slice is the plain average of all three (Eq. 1)
+    out = tmp_path / "eq1"
+    assert run(merge.main, "--base", zoo["base"], "--models", *experts, "--method", "salience", "--salience", *flat,
+               "--base-salience", write_run(tmp_path / "fb", torch.full((L, H), 2.0)), "--out", out) == 0
+    got = canonical(out)
+    for n in heads:
+        torch.testing.assert_close(got[n], (base[n] + th[0][n] + th[1][n]) / 3, rtol=1e-6, atol=1e-7)
+    # without it: α0 for the base, the rest shared equally (Eq. 2 with weights α0, (1-α0)/2, (1-α0)/2)
+    out = tmp_path / "eq2"
+    assert run(merge.main, "--base", zoo["base"], "--models", *experts, "--method", "salience", "--salience", *flat,
+               "--alpha0", 0.3, "--out", out) == 0
+    got = canonical(out)
+    for n in heads:
+        torch.testing.assert_close(got[n], 0.3 * base[n] + 0.35 * th[0][n] + 0.35 * th[1][n], rtol=1e-6, atol=1e-7)
+
+
+def test_dominant_expert_copies_its_slice(zoo, tmp_path):
+    experts = [zoo["vl"], zoo["ov"]]
+    s0 = torch.full((L, H), 0.1)
+    s0[1, 2] = 50.0  # expert 0 relies on L1.H2 alone
+    dirs = [write_run(tmp_path / "a", s0), write_run(tmp_path / "b", torch.full((L, H), 0.1))]
+    out = tmp_path / "m"
+    assert run(merge.main, "--base", zoo["base"], "--models", *experts, "--method", "salience", "--salience", *dirs,
+               "--alpha0", 0.0, "--salience-temperature", 0.01, "--out", out) == 0
+    got, vl = canonical(out), canonical(zoo["vl"])
+    sl = slice(2 * D, 3 * D)
+    torch.testing.assert_close(got["layers.1.self_attn.q_proj.weight"][sl], vl["layers.1.self_attn.q_proj.weight"][sl])
+    torch.testing.assert_close(got["layers.1.self_attn.q_proj.bias"][sl], vl["layers.1.self_attn.q_proj.bias"][sl])
+    torch.testing.assert_close(got["layers.1.self_attn.o_proj.weight"][:, sl], vl["layers.1.self_attn.o_proj.weight"][:, sl])
+
+
+def test_rest_shift_leaves_non_head_tensors_as_eq4(zoo, runs, tmp_path):
+    experts = [zoo["vl"], zoo["ov"], zoo["au"]]
+    a, b = tmp_path / "sal", tmp_path / "shift"
+    assert run(merge.main, "--base", zoo["base"], "--models", *experts, "--method", "salience",
+               "--salience", *runs["dirs"], "--out", a) == 0
+    assert run(merge.main, "--base", zoo["base"], "--models", *experts, "--method", "shift", "--out", b) == 0
+    sa, sb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    others = [k for k in sa if not any(f"self_attn.{p}_proj" in k for p in "qkvo")]
+    assert len(others) > 5
+    for k in others:
+        assert torch.equal(sa[k], sb[k]), k  # bit for bit
+    # and --rest layer gives layer tensors the layer's mean-salience weights, not Eq. 4
+    c = tmp_path / "layer"
+    assert run(merge.main, "--base", zoo["base"], "--models", *experts, "--method", "salience",
+               "--salience", *runs["dirs"], "--rest", "layer", "--out", c) == 0
+    sc = load_file(c / "model.safetensors")
+    assert not torch.equal(sc["model.layers.0.mlp.up_proj.weight"], sa["model.layers.0.mlp.up_proj.weight"])
+    assert torch.equal(sc["model.norm.weight"], sa["model.norm.weight"])  # outside the layers: Eq. 4 either way
+
+
+def test_salience_merge_is_bit_stable_with_carriers(zoo, runs, tmp_path):
+    experts = [zoo["vl"], zoo["ov"], zoo["au"]]
+    outs = []
+    for name in ("a", "b"):
+        outs.append(tmp_path / name / "merged")  # same name: carriers record it
+        assert run(merge.main, "--base", zoo["base"], "--models", *experts, "--method", "salience", "--salience",
+                   *runs["dirs"], "--carrier", zoo["vl"], "--out", outs[-1]) == 0
+    for rel in ("model.safetensors", "carriers/vl/model.safetensors"):
+        assert (outs[0] / rel).read_bytes() == (outs[1] / rel).read_bytes(), rel
+
+
+def _bad(tmp_path, zoo, dirs, *extra):
+    from probe.errors import cli_main
+
+    out = tmp_path / "never"
+    code = cli_main(merge.main, [str(a) for a in ["--base", zoo["base"], "--models", zoo["vl"], zoo["ov"], "--method",
+                                                   "salience", "--salience", *dirs, *extra, "--out", out]])
+    return code, out
+
+
+@pytest.mark.parametrize("case", ["shape", "missing", "partial", "nan", "count"])
+def test_bad_salience_runs_exit_2(case, zoo, tmp_path, capfd):
+    good = write_run(tmp_path / "good", torch.ones(L, H))
+    bad = {
+        "shape": lambda: write_run(tmp_path / "x", torch.ones(3, H), layers=3),
+        "missing": lambda: tmp_path / "nowhere",
+        "partial": lambda: write_run(tmp_path / "x", torch.ones(L, H), status="running"),
+        "nan": lambda: write_run(tmp_path / "x", torch.full((L, H), float("nan"))),
+        "count": lambda: None,
+    }[case]()
+    dirs = [good] if bad is None else [good, bad]
+    code, out = _bad(tmp_path, zoo, dirs)
+    err = capfd.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and "\n" not in err, err
+    assert {"shape": "layers x", "missing": "not a probe.heads run", "partial": "not complete",
+            "nan": "NaN", "count": "one probe.heads run per"}[case] in err
+    assert not out.exists() and not list(tmp_path.glob(".never.partial-*"))
+
+
+# --------------------------------------------------------------------------------------------------------
+# task arithmetic and TIES: mergekit 0.1.5 parity on plain Qwen2 checkpoints, and LMs taken out of carriers
+
+
+def _mergekit(tmp_path: Path, method: str, base: Path, models: list[Path], params: str) -> dict[str, torch.Tensor]:
+    cfg = tmp_path / f"{method}.yml"
+    cfg.write_text(f"merge_method: {method}\ndtype: float32\nbase_model: {tiny_qwen2_view(base, tmp_path)}\n"
+                   f"parameters: {{{params}}}\nmodels:\n" + "".join(
+                       f"  - model: {tiny_qwen2_view(m, tmp_path)}\n    parameters: {{weight: 1.0, density: "
+                       f"{0.3 if method == 'ties' else 1.0}}}\n" for m in models))
+    exe = Path(sys.executable).with_name("mergekit-yaml")
+    subprocess.run([str(exe), str(cfg), str(tmp_path / f"mk_{method}"), "--lazy-unpickle"], check=True,
+                   capture_output=True)
+    mk = {}
+    for f in (tmp_path / f"mk_{method}").glob("*.safetensors"):
+        mk.update(load_file(f))
+    return mk
+
+
+@pytest.mark.parametrize("method,args,params", [
+    ("task_arithmetic", ["--lambda", "0.7"], "lambda: 0.7"),
+    ("ties", ["--density", "0.3", "--lambda", "0.9"], "lambda: 0.9"),
+])
+def test_equals_mergekit(method, args, params, zoo, tmp_path):
+    experts = [zoo["q1"], zoo["vl"], zoo["ov"]]  # mergekit reads the carriers' LMs as plain Qwen2 views
+    out = tmp_path / "ours"
+    assert run(merge.main, "--base", zoo["base"], "--models", *experts, "--method", method, *args, "--out", out) == 0
+    mk = _mergekit(tmp_path, method, zoo["base"], experts, params)
+    ours = load_file(out / "model.safetensors")
+    for k in ours:
+        torch.testing.assert_close(ours[k], mk[k], rtol=1e-5, atol=1e-6, msg=k)
+    if method == "ties":  # and the in-memory definition, on the same inputs
+        base, th = canonical(zoo["base"]), [canonical(e) for e in experts]
+        for name in base:
+            want = ties_merge(base[name], [t[name] for t in th], 0.3, 0.9)
+            torch.testing.assert_close(ours[merge.lm_disk_key(name)], want, rtol=1e-6, atol=1e-7)
