@@ -3,7 +3,8 @@
     python bench/eval.py                       # organism-vl on its image set + SmolLM2-135M on long text items
     python bench/eval.py --items 16 --smollm-items 8 --batch-size 8
 
-Both cases run greedy decoding (the eval default, 5 new tokens) in fp32 on CPU. Prints wall times, the speed-up
+Both cases run greedy decoding (the eval default, 5 new tokens), by default on the GPU in bf16 when there is one,
+else in fp32 on the CPU. Prints wall times, the speed-up
 of batching, and whether the two paths agree (same predictions and generated text, max |Δ p(answer)|).
 SmolLM2 items are the organisms' text questions behind a seeded passage of filler prose, so that prompts have
 MMLU-like length (100–300 tokens).
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.sweep import text_items  # noqa: E402
 from probe.batch import evaluate_items  # noqa: E402
+from probe.devices import resolve_placement  # noqa: E402
 from probe.heads import default_data_for  # noqa: E402
 from probe.mmmu import load_items  # noqa: E402
 from probe.models import load_model, resolve_model  # noqa: E402
@@ -42,8 +44,8 @@ def long_text_items(n: int, seed: int = 0):
     return out
 
 
-def compare(name: str, spec: str, items, batch_size: int) -> dict:
-    loaded = load_model(resolve_model(spec))
+def compare(name: str, spec: str, items, batch_size: int, placement) -> dict:
+    loaded = load_model(resolve_model(spec), dtype=placement.dtype, device=placement.device)
     cfg = SweepConfig(max_new_tokens=5)
     lengths = [prepare_item(loaded, it, cfg)[0]["input_ids"].shape[1] for it in items]
     evaluate_items(loaded, items[:2], cfg, 2)  # warm-up: first-call allocations out of the timing
@@ -68,15 +70,20 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--skip-smollm", action="store_true")
+    p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda")
+    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU, else float32), float32, bfloat16")
     args = p.parse_args()
+    placement = resolve_placement(args.device, args.dtype)
+    print(placement.description)
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = [compare("organism-vl, image set", "organism-vl",
-                    load_items(str(default_data_for("organism-vl")), limit=args.items)[0], args.batch_size)]
+                    load_items(str(default_data_for("organism-vl")), limit=args.items)[0], args.batch_size,
+                    placement)]
     if not args.skip_smollm:
         rows.append(compare("SmolLM2-135M, long text", "smollm2-135m", long_text_items(args.smollm_items),
-                            args.batch_size))
-    print(f"torch threads {torch.get_num_threads()}, batch size {args.batch_size}, fp32 CPU, greedy 5 tokens")
+                            args.batch_size, placement))
+    print(f"torch threads {torch.get_num_threads()}, batch size {args.batch_size}, greedy 5 tokens")
     print("| case | items | prompt tokens | one at a time | batched | speed-up | same text | same prob pred "
           "| max abs Δp |")
     print("|---|---|---|---|---|---|---|---|---|")

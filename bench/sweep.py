@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from probe.heads import DEFAULT_MODEL, default_data_for  # noqa: E402
 from probe.mmmu import load_items  # noqa: E402
+from probe.devices import resolve_placement  # noqa: E402
 from probe.models import LoadedModel, load_model, resolve_model  # noqa: E402
 from probe.prompting import build_inputs  # noqa: E402
 from probe.sweep import SweepConfig, get_engine  # noqa: E402
@@ -38,13 +39,16 @@ def text_items(n: int):
     return load_items(str(root), limit=n)[0]
 
 
-def matmul_flops(n: int = 1024, reps: int = 10) -> float:
-    """Plain fp32 matmul throughput on this machine right now (FLOP/s)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_flops(n: int = 1024, reps: int = 10, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    """Plain matmul throughput on the run's device and dtype right now (FLOP/s)."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     torch.mm(a, b)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
     t = time.perf_counter()
     for _ in range(reps):
         torch.mm(a, b)
+    sync()
     return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
@@ -80,12 +84,16 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", type=Path, default=None, help="write the numbers here too")
+    p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda")
+    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU, else float32), float32, bfloat16")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     ref = resolve_model(args.model)
-    loaded, t_load = timed(lambda: load_model(ref))
+    placement = resolve_placement(args.device, args.dtype)
+    print(placement.description)
+    loaded, t_load = timed(lambda: load_model(ref, dtype=placement.dtype, device=placement.device))
     if ref.family.processor_class is None:
         items = text_items(args.items)
     else:
@@ -97,11 +105,11 @@ def main() -> int:
           f"generate={args.generate}, threads={torch.get_num_threads()}, load {t_load:.1f}s", flush=True)
 
     engines = {name: get_engine(name) for name in ("naive", "exact", "attribution")}  # import all up front
-    peak = matmul_flops()
+    peak = matmul_flops(device=placement.device, dtype=loaded.dtype)
     naive, t_naive = timed(lambda: pd.DataFrame(engines["naive"](loaded, items, heads, cfg)))
     exact, t_exact = timed(lambda: pd.DataFrame(engines["exact"](loaded, items, heads, cfg)))
     attr, t_attr = timed(lambda: pd.DataFrame(engines["attribution"](loaded, items, heads, cfg)))
-    peak = max(peak, matmul_flops())  # measured before and after: the better of two
+    peak = max(peak, matmul_flops(device=placement.device, dtype=loaded.dtype))  # before and after: the better
 
     seq = [build_inputs(loaded, it, cfg.template)["input_ids"].shape[1] for it in items]
     rows_per_layer = [(layer, g.n_heads) for layer in range(g.n_layers)]

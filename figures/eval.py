@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from figures import save_png_pdf
 from probe.errors import BadInput
 
 
@@ -48,10 +49,4 @@ def draw_eval(result_dir: Path) -> list[Path]:
     axes[0][0].set_yticklabels(models, fontsize=8)
     fig.suptitle("Evaluation, 95 % bootstrap intervals", fontsize=10)
     fig.tight_layout()
-    written = []
-    for ext in ("png", "pdf"):
-        path = result_dir / f"eval.{ext}"
-        fig.savefig(path)
-        written.append(path)
-    plt.close(fig)
-    return written
+    return save_png_pdf(fig, result_dir, "eval")

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 from probe.errors import BadInput, cli_main
 from probe.families import ALIASES
-from probe.heads import _Help, _progress, check_device, load_template, versions
+from probe.heads import _Help, _progress, add_placement_args, add_prompt_args, add_run_args, load_template, versions
 
 DEFAULT_OUT = "runs/eval"
 OWNED = ("scores.csv", "items.parquet", "table.md", "run.json", "eval.png", "eval.pdf")
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m probe.eval", formatter_class=_Help,
         description="Evaluate models on MMMU-format data sets (accuracy, probability accuracy, p(answer)) with "
-        "seeded 95%% bootstrap intervals and paired differences to a reference model.")
+        "seeded 95% bootstrap intervals and paired differences to a reference model.")
     p.add_argument("--models", nargs="+", required=True,
                    help=f"aliases ({', '.join(ALIASES)}) or HF model dirs (merged outputs and carriers too)")
     p.add_argument("--data", nargs="+", required=True,
@@ -51,23 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model to compare every other one against (paired difference on the same items); "
                    "added to --models if missing")
     p.add_argument("--batch-size", type=int, default=32, help="items per forward")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--attn-implementation", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"),
-                   help="attention kernel (recorded with the results)")
+    add_placement_args(p, "recorded with the results")
     p.add_argument("--no-generate", action="store_true",
                    help="skip greedy generation: probability accuracy and p(answer) only (accuracy NaN)")
-    p.add_argument("--max-new-tokens", type=int, default=5, help="tokens generated for the accuracy parser")
-    p.add_argument("--image-max-side", type=int, default=None,
-                   help="downscale images so the longer side is at most this many pixels")
-    p.add_argument("--system-prompt", default=None, help="override the system prompt of the template")
-    p.add_argument("--template", type=Path, default=None,
-                   help="JSON file with PromptTemplate fields (system, user, choice, assistant_prefix)")
+    add_prompt_args(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap intervals")
-    p.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help="output directory")
-    p.add_argument("--overwrite", action="store_true", help="discard an existing run in --out")
-    p.add_argument("--no-figures", action="store_true", help="do not draw eval.png/pdf")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_run_args(p, DEFAULT_OUT, "eval.png/pdf")
     return p
 
 
@@ -109,17 +98,16 @@ def _labels(specs: Sequence[str]) -> list[str]:
 
 
 def make_plan(args: argparse.Namespace):
+    from probe.devices import resolve_placement
     from probe.mmmu import load_items
-    from probe.models import DTYPES, resolve_model
+    from probe.models import resolve_model
     from probe.prompting import check_modalities
 
     for name in ("limit", "batch_size", "max_new_tokens", "image_max_side"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise BadInput(f"--{name.replace('_', '-')} must be ≥ 1, got {value}")
-    if args.dtype not in DTYPES:
-        raise BadInput(f"unknown --dtype {args.dtype!r}; use one of {', '.join(DTYPES)}")
-    check_device(args.device)
+    placement = resolve_placement(args.device, args.dtype, args.attn_implementation)
     specs = list(args.models)
     if args.reference is not None and args.reference not in specs:
         specs.insert(0, args.reference)
@@ -144,13 +132,14 @@ def make_plan(args: argparse.Namespace):
                 na[f"{ref.spec}|{ds.name}"] = (f"not applicable: {ref.spec} ({ref.family.name}) cannot read "
                                                f"{'/'.join(kinds)} items")
     template = load_template(args)
-    settings = {"dtype": args.dtype, "attn_implementation": args.attn_implementation,
+    settings = {"dtype": placement.dtype, "device_type": placement.device_type,
+                "attn_implementation": args.attn_implementation,
                 "generate": not args.no_generate, "max_new_tokens": args.max_new_tokens,
                 "image_max_side": args.image_max_side, "split": args.split, "subjects": args.subjects,
                 "limit": args.limit}
     plan = EvalPlan([ModelEntry(r.spec, str(r.path), r.family.name) for r in refs], datasets, na,
                     template.to_dict(), settings)
-    return plan, refs, items, template
+    return plan, refs, items, template, placement
 
 
 def part_file(out: Path, m: int, d: int) -> Path:
@@ -173,13 +162,16 @@ def run(args: argparse.Namespace) -> Path:
 
     from probe.results import atomic_write_json, atomic_write_parquet, prepare_out_dir
 
-    plan, refs, items, template = make_plan(args)
+    plan, refs, items, template, placement = make_plan(args)
     out: Path = args.out
     resumed = prepare_out_dir(out, plan.fingerprint(), args.overwrite, owned=OWNED)
     pairs = [(m, d) for m, entry in enumerate(plan.models) for d, ds in enumerate(plan.data)
              if f"{entry.name}|{ds.name}" not in plan.not_applicable]
     todo = [(m, d) for m, d in pairs if not part_file(out, m, d).is_file()]
     run_info = {"fingerprint": plan.fingerprint(), "plan": asdict(plan), "versions": versions(),
+                "placement": {"device": placement.device, "dtype": placement.dtype,
+                              "attn_implementation": placement.attn_implementation,
+                              "description": placement.description},
                 "argv": sys.argv[1:], "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if resumed:
         run_info["started"] = json.loads((out / "run.json").read_text()).get("started", run_info["started"])
@@ -190,9 +182,10 @@ def run(args: argparse.Namespace) -> Path:
 
         cfg = SweepConfig(template=template, generate=not args.no_generate, max_new_tokens=args.max_new_tokens,
                           image_max_side=args.image_max_side)
+        print(placement.description, file=sys.stderr)
         bar = _progress(sum(plan.data[d].n_items for _, d in todo), args.quiet, "eval", unit="item")
         for m in sorted({m for m, _ in todo}):
-            loaded = load_model(refs[m], dtype=args.dtype, device=args.device,
+            loaded = load_model(refs[m], dtype=placement.dtype, device=placement.device,
                                 attn_implementation=args.attn_implementation)
             if not (out / "run.json").is_file():  # only once a model loaded: failures leave no directory
                 atomic_write_json(out / "run.json", run_info)

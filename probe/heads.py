@@ -90,23 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exact: cached-residual batched sweep; naive: one full run per head (oracle); "
                    "attribution: first-order gradient estimate (approximate)")
     p.add_argument("--batch-size", type=int, default=8, help="masked rows per forward (exact engine)")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--attn-implementation", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"),
-                   help="attention kernel (masking does not depend on it; recorded with the results)")
+    add_placement_args(p, "masking does not depend on it; recorded with the results")
     p.add_argument("--no-generate", action="store_true",
                    help="skip greedy generation: no accuracy column, much faster (prob_accuracy and KL only)")
-    p.add_argument("--max-new-tokens", type=int, default=5, help="tokens generated for the accuracy parser")
-    p.add_argument("--image-max-side", type=int, default=None,
-                   help="downscale images so the longer side is at most this many pixels")
-    p.add_argument("--system-prompt", default=None, help="override the system prompt of the template")
-    p.add_argument("--template", type=Path, default=None,
-                   help="JSON file with PromptTemplate fields (system, user, choice, assistant_prefix)")
+    add_prompt_args(p)
     p.add_argument("--chunk-size", type=int, default=8, help="items per resumable unit of work")
-    p.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help="output directory")
-    p.add_argument("--overwrite", action="store_true", help="discard an existing run in --out")
-    p.add_argument("--no-figures", action="store_true", help="do not draw heatmaps")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_run_args(p, DEFAULT_OUT, "heatmaps")
     return p
 
 
@@ -152,29 +141,45 @@ def load_template(args: argparse.Namespace):
     return template
 
 
-def check_device(device: str) -> None:
-    import torch
+def add_run_args(p: argparse.ArgumentParser, default_out: str, figures: str) -> None:
+    """Where a resumable run goes and how loud it is (probe.heads, probe.eval)."""
+    p.add_argument("--out", type=Path, default=Path(default_out), help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing run in --out")
+    p.add_argument("--no-figures", action="store_true", help=f"do not draw {figures}")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise BadInput(f"unknown --device {device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BadInput(f"--device {device}: CUDA is not available on this machine")
+
+def add_prompt_args(p: argparse.ArgumentParser) -> None:
+    """How items become prompts and answers, shared by probe.heads and probe.eval (one prompt builder)."""
+    p.add_argument("--max-new-tokens", type=int, default=5, help="tokens generated for the accuracy parser")
+    p.add_argument("--image-max-side", type=int, default=None,
+                   help="downscale images so the longer side is at most this many pixels")
+    p.add_argument("--system-prompt", default=None, help="override the system prompt of the template")
+    p.add_argument("--template", type=Path, default=None,
+                   help="JSON file with PromptTemplate fields (system, user, choice, assistant_prefix)")
+
+
+def add_placement_args(p: argparse.ArgumentParser, attn_note: str) -> None:
+    """--device / --dtype / --attn-implementation, shared by every command that runs a model (probe.devices)."""
+    p.add_argument("--device", default="auto",
+                   help="auto (the GPU when there is one, under torchrun the rank's; else cpu), cpu, cuda, cuda:1")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16, float16")
+    p.add_argument("--attn-implementation", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"),
+                   help=f"attention kernel ({attn_note})")
 
 
 def make_plan(args: argparse.Namespace):
+    from probe.devices import resolve_placement
     from probe.mmmu import load_items
-    from probe.models import DTYPES, resolve_model
+    from probe.models import resolve_model
     from probe.prompting import check_modalities
 
     for name in ("limit", "batch_size", "chunk_size", "max_new_tokens", "image_max_side"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise BadInput(f"--{name.replace('_', '-')} must be ≥ 1, got {value}")
-    if args.dtype not in DTYPES:
-        raise BadInput(f"unknown --dtype {args.dtype!r}; use one of {', '.join(DTYPES)}")
-    check_device(args.device)
+    placement = resolve_placement(args.device, args.dtype, args.attn_implementation)
     ref = resolve_model(args.model)
     g = ref.geometry
     layers = parse_index_spec(args.layers, g.n_layers, "layer")
@@ -184,7 +189,8 @@ def make_plan(args: argparse.Namespace):
     check_modalities(ref, items)
     template = load_template(args)
     settings = {
-        "dtype": args.dtype, "attn_implementation": args.attn_implementation, "generate": not args.no_generate,
+        "dtype": placement.dtype, "device_type": placement.device_type,
+        "attn_implementation": args.attn_implementation, "generate": not args.no_generate,
         "max_new_tokens": args.max_new_tokens, "image_max_side": args.image_max_side,
         "split": args.split, "limit": args.limit, "chunk_size": args.chunk_size,
     }
@@ -194,7 +200,7 @@ def make_plan(args: argparse.Namespace):
         data_fingerprint=report.fingerprint, n_items=len(items), n_skipped_open=report.n_skipped_open,
         subjects=list(report.subjects), method=args.method, template=template.to_dict(), settings=settings,
     )
-    return plan, ref, items, template
+    return plan, ref, items, template, placement
 
 
 def versions() -> dict[str, str]:
@@ -209,19 +215,19 @@ def versions() -> dict[str, str]:
 def run(args: argparse.Namespace) -> Path:
     from probe.results import (atomic_write_json, part_path, prepare_out_dir, read_parts, write_outputs)
 
-    plan, ref, items, template = make_plan(args)
+    plan, ref, items, template, placement = make_plan(args)
     out: Path = args.out
     resumed = prepare_out_dir(out, plan.fingerprint(), args.overwrite)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = args.device
-    if device.startswith("cuda") and world > 1 and ":" not in device:
-        device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
+    device = placement.device
 
     chunks = [items[i:i + args.chunk_size] for i in range(0, len(items), args.chunk_size)]
     todo = [c for c in range(len(chunks)) if c % world == rank and not part_path(out, c).is_file()]
     run_info = {
         "fingerprint": plan.fingerprint(), "plan": asdict(plan), "versions": versions(),
         "argv": sys.argv[1:], "approximate": plan.method == "attribution",
+        "placement": {"device": placement.device, "dtype": placement.dtype,
+                      "attn_implementation": placement.attn_implementation, "description": placement.description},
         "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     t0 = time.perf_counter()
@@ -231,7 +237,8 @@ def run(args: argparse.Namespace) -> Path:
         from probe.results import atomic_write_parquet
         import pandas as pd
 
-        loaded = load_model(ref, dtype=args.dtype, device=device, attn_implementation=args.attn_implementation)
+        print(placement.description, file=sys.stderr)
+        loaded = load_model(ref, dtype=placement.dtype, device=device, attn_implementation=args.attn_implementation)
         if not (out / "run.json").is_file():  # only once the model loaded: failures leave no directory
             atomic_write_json(out / "run.json", run_info)
         cfg = SweepConfig(template=template, generate=not args.no_generate, max_new_tokens=args.max_new_tokens,

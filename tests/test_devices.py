@@ -1,0 +1,86 @@
+"""--device auto / --dtype auto (probe.devices): resolution with CUDA absent and with substituted machines."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from probe.devices import DeviceQuery, resolve_placement
+from probe.errors import BadInput
+
+CPU = DeviceQuery((), False, True, 2)
+CPU_NO_BF16 = DeviceQuery((), False, False, 2)
+ONE_GPU = DeviceQuery(("NVIDIA H200",), True, True, 16)
+TWO_OLD_GPUS = DeviceQuery(("Tesla V100", "Tesla V100"), False, True, 16)
+
+
+def test_auto_on_cpu_is_fp32():
+    p = resolve_placement(query=CPU)
+    assert (p.device, p.dtype, p.device_type) == ("cpu", "float32", "cpu")
+    assert p.description == "device cpu (2 threads), dtype float32, attention sdpa"
+
+
+def test_auto_on_a_gpu_is_bf16_on_it():
+    p = resolve_placement(query=ONE_GPU, local_rank=None)
+    assert (p.device, p.dtype) == ("cuda:0", "bfloat16")
+    assert p.description == "device cuda:0 (NVIDIA H200), dtype bfloat16, attention sdpa"
+
+
+def test_gpus_without_bf16_and_torchrun_ranks():
+    assert resolve_placement(query=TWO_OLD_GPUS).dtype == "float32"
+    p = resolve_placement(query=TWO_OLD_GPUS, local_rank=1)
+    assert p.device == "cuda:1" and p.device_type == "cuda"
+    assert resolve_placement("cuda", query=TWO_OLD_GPUS, local_rank=1).device == "cuda:1"
+    with pytest.raises(BadInput, match="does not support bfloat16"):
+        resolve_placement("cuda", "bfloat16", query=TWO_OLD_GPUS)
+
+
+def test_local_rank_from_the_environment(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_placement(query=TWO_OLD_GPUS).device == "cuda:1"
+    assert resolve_placement(query=CPU).device == "cpu"
+
+
+@pytest.mark.parametrize("device,dtype,query,match", [
+    ("cuda", "auto", CPU, "no CUDA GPU is visible"),
+    ("cuda:3", "auto", ONE_GPU, "only 1 GPU"),
+    ("tpu", "auto", CPU, "unknown --device"),
+    ("cpu", "bfloat16", CPU_NO_BF16, "this CPU does not support bfloat16"),
+    ("cpu", "float8", CPU, "unknown --dtype"),
+])
+def test_explicit_choices_the_machine_cannot_honour(device, dtype, query, match):
+    with pytest.raises(BadInput, match=match):
+        resolve_placement(device, dtype, query=query)
+
+
+def test_explicit_choices_pass_through():
+    p = resolve_placement("cpu", "bf16", query=CPU)
+    assert (p.device, p.dtype) == ("cpu", "bfloat16")
+    assert resolve_placement("cuda:0", "float16", query=ONE_GPU).dtype == "float16"
+
+
+def test_real_machine_defaults_are_cpu_fp32_here():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the defaults are the GPU's")
+    p = resolve_placement()
+    assert (p.device, p.dtype) == ("cpu", "float32")
+
+
+def test_cli_prints_and_records_placement_and_refuses_another_on_resume(tmp_path, data_dir, tiny_dirs, capfd):
+    """The default run says where it runs, records it, and a resume in another dtype is a different run."""
+    from probe.errors import cli_main
+    from probe.heads import main
+
+    out = tmp_path / "run"
+    args = ["--model", str(tiny_dirs["qwen2_vl"]), "--data", str(data_dir), "--limit", "2", "--layers", "0",
+            "--heads", "0", "--no-generate", "--no-figures", "--quiet", "--out", str(out)]
+    assert cli_main(main, args) == 0
+    err = capfd.readouterr().err
+    assert "device cpu (" in err and "dtype float32, attention sdpa" in err
+    run = json.loads((out / "run.json").read_text())
+    assert run["placement"]["device"] == "cpu" and run["placement"]["dtype"] == "float32"
+    assert run["plan"]["settings"]["device_type"] == "cpu"
+    assert cli_main(main, args + ["--dtype", "float16"]) == 2
+    assert "holds a different run" in capfd.readouterr().err
