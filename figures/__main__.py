@@ -15,6 +15,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "heads": ("figures.heads", "draw_heads"),
     "merge": ("figures.merge", "draw_merge"),
     "shift": ("figures.shift", "draw_shift"),
+    "steps": ("figures.steps", "draw_steps"),
     "trajectory": ("figures.trajectory", "draw_trajectory"),
 }
 
@@ -22,12 +23,17 @@ KINDS: dict[str, tuple[str, str]] = {
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m figures", description=__doc__)
     p.add_argument("kind", choices=sorted(KINDS), help="which result directory type to draw")
-    p.add_argument("dir", type=Path, help="result directory written by the matching command")
+    p.add_argument("dir", type=Path, nargs="+",
+                   help="result directory written by the matching command (steps: several probe.eval runs, one "
+                   "panel each; the figure goes into the first)")
     args = p.parse_args(argv)
-    if not args.dir.is_dir():
-        raise BadInput(f"{args.dir} is not a directory")
+    for d in args.dir:
+        if not d.is_dir():
+            raise BadInput(f"{d} is not a directory")
+    if len(args.dir) > 1 and args.kind != "steps":
+        raise BadInput(f"{args.kind} draws one result directory")
     module, func = KINDS[args.kind]
-    written = getattr(importlib.import_module(module), func)(args.dir)
+    written = getattr(importlib.import_module(module), func)(args.dir if args.kind == "steps" else args.dir[0])
     for path in written:
         print(path)
     return 0

@@ -81,7 +81,8 @@ def test_pretrain_vision_tags_train_only_the_vision_side():
 
     import torch
 
-    from probe.zoo.build import TOKEN_GRID, _is_lm, _load, frame_sample, pretrain_vision
+    from probe.train import is_lm_param
+    from probe.zoo.build import TOKEN_GRID, _load, frame_sample, pretrain_vision
 
     loaded = _load(organism_dir("organism-video"))
     before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
@@ -92,7 +93,7 @@ def test_pretrain_vision_tags_train_only_the_vision_side():
     assert set(acc) == {"kind", "colour", "cell", "frame", "kind_word", "colour_word"}
     assert all(0 <= v <= 1 for v in acc.values())
     changed = {n for n, p in loaded.model.named_parameters() if not torch.equal(p, before[n])}
-    assert changed and not any(_is_lm(n, loaded) for n in changed)
+    assert changed and not any(is_lm_param(n, loaded) for n in changed)
 
 
 def test_cell_targets():
@@ -167,7 +168,8 @@ def test_unknown_organism_is_bad_input():
 def test_shipped_organism_accuracy(name):
     """The shipped (bf16) weights, loaded like any checkpoint, answer ≥ 90 % of a held-out slice."""
     from probe.models import load_model, resolve_model
-    from probe.zoo.build import encode, evaluate
+    from probe.train import encode
+    from probe.zoo.build import evaluate
 
     loaded = load_model(resolve_model(f"organism-{name}"))
     items, _ = load_mmmu(organism_validation_dir(name), "validation")

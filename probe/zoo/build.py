@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import random
 import shutil
 import time
@@ -22,7 +21,9 @@ import torch
 
 from probe.families import FAMILIES
 from probe.tiny import save_model_dir
-from probe.prompting import PromptTemplate, build_inputs, letter_token_ids
+from probe.prompting import PromptTemplate
+from probe.train import TrainConfig, add_mm_types, collate, encode, is_lm_param, model_inputs
+from probe.train import train as train_loop
 from probe.zoo import tasks_image, tasks_text, tasks_video
 
 TEMPLATE = PromptTemplate()
@@ -200,103 +201,11 @@ def _copy_tok(tok):
 # ------------------------------------------------------------------------------------------- training
 
 
-def encode(loaded, items: Sequence, with_answer: bool) -> list[dict[str, torch.Tensor]]:
-    end = loaded.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    out = []
-    for it in items:
-        b = build_inputs(loaded, it, TEMPLATE)
-        b = {k: v[0] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v for k, v in b.items()}
-        n_prompt = b["input_ids"].shape[0]
-        if with_answer:
-            ans = torch.tensor([letter_token_ids(loaded.tokenizer, [it.answer])[0], end])
-            b["input_ids"] = torch.cat([b["input_ids"], ans])
-            b["attention_mask"] = torch.cat([b["attention_mask"], torch.ones(2, dtype=b["attention_mask"].dtype)])
-            if "mm_token_type_ids" in b:
-                b["mm_token_type_ids"] = torch.cat([b["mm_token_type_ids"], torch.zeros(2, dtype=torch.long)])
-            labels = torch.full_like(b["input_ids"], -100)
-            labels[n_prompt:] = ans
-            b["labels"] = labels
-        b["_last"] = torch.tensor(n_prompt - 1)
-        b["_letters"] = torch.tensor(letter_token_ids(loaded.tokenizer, it.letters) + [-1] * (26 - len(it.letters)))
-        b["_answer"] = torch.tensor(ord(it.answer) - ord("A"))
-        out.append(b)
-    return out
-
-
-_SEQ = ("input_ids", "attention_mask", "labels", "mm_token_type_ids")
-
-
-def collate(rows: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
-    n = max(r["input_ids"].shape[0] for r in rows)
-    out: dict[str, Any] = {}
-    pad = {"input_ids": pad_id, "attention_mask": 0, "labels": -100, "mm_token_type_ids": 0}
-    for k in _SEQ:
-        if k in rows[0]:
-            out[k] = torch.stack([torch.nn.functional.pad(r[k], (0, n - r[k].shape[0]), value=pad[k])
-                                  for r in rows])
-    if any("mm_token_type_ids" in r for r in rows) and "mm_token_type_ids" not in out:
-        out["mm_token_type_ids"] = torch.stack([
-            torch.nn.functional.pad(r.get("mm_token_type_ids", torch.zeros_like(r["input_ids"])),
-                                    (0, n - r["input_ids"].shape[0])) for r in rows])
-    keys = {k for r in rows for k in r if k not in _SEQ}
-    for k in sorted(keys):
-        present = [r[k] for r in rows if k in r]
-        if k.startswith("_"):
-            out[k] = torch.stack(present)
-        else:
-            out[k] = torch.cat(present, dim=0)
-    return out
-
-
-def _mm_types_for(rows, loaded):
-    """Qwen2-VL needs mm_token_type_ids on every row once any row has an image."""
-    if loaded.family.name != "qwen2_vl":
-        return rows
-    cfg = loaded.model.config
-    for r in rows:
-        if "mm_token_type_ids" not in r:
-            t = torch.zeros_like(r["input_ids"])
-            t[r["input_ids"] == cfg.image_token_id] = 1
-            t[r["input_ids"] == cfg.video_token_id] = 2
-            r["mm_token_type_ids"] = t
-    return rows
-
-
-def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in batch.items() if not k.startswith("_")}
-
-
 def train(loaded, rows: list[dict], recipe: Recipe, seed: int) -> list[float]:
-    model = loaded.model
-    model.train()
-    torch.manual_seed(seed)
-    lm, other = [], []
-    for n, p in model.named_parameters():
-        (lm if _is_lm(n, loaded) else other).append(p)
-    groups = [{"params": lm, "lr": recipe.lm_lr}] + ([{"params": other, "lr": recipe.lr}] if other else [])
-    opt = torch.optim.AdamW(groups, weight_decay=0.01, betas=(0.9, 0.98))
-    base_lrs = [g["lr"] for g in opt.param_groups]
-    gen = torch.Generator().manual_seed(seed)
-    pad = loaded.tokenizer.pad_token_id
-    losses = []
-    t0 = time.time()
-    for step in range(recipe.steps):
-        warm = min(1.0, (step + 1) / recipe.warmup)
-        decay = 0.5 * (1 + math.cos(math.pi * step / max(1, recipe.steps)))
-        for g, lr in zip(opt.param_groups, base_lrs):
-            g["lr"] = lr * warm * (0.05 + 0.95 * decay)
-        idx = torch.randint(len(rows), (recipe.batch,), generator=gen).tolist()
-        batch = collate([rows[i] for i in idx], pad)
-        out = model(**_model_inputs(batch))
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(float(out.loss.detach()))
-        if step % 100 == 0 or step == recipe.steps - 1:
-            log(f"  step {step:5d}  loss {sum(losses[-50:]) / len(losses[-50:]):.4f}  ({time.time() - t0:.0f}s)")
-    model.eval()
-    return losses
+    """The project's one training loop (probe.train), configured by the organism's recipe."""
+    cfg = TrainConfig(steps=recipe.steps, lr=recipe.lr, lm_lr=recipe.lm_lr, batch=recipe.batch,
+                      warmup=recipe.warmup, seed=seed)
+    return train_loop(loaded, rows, cfg, log=log)
 
 
 # Stand-in for the CLIP/SigLIP pretraining a real vision tower has before it meets the LM: tower and projector
@@ -356,7 +265,7 @@ def pretrain_vision(loaded, sample, grid: tuple[str, int], steps: int, seed: int
     path, side = grid
     rng = random.Random(f"omniprobe-vision-pretrain:{seed}")
     torch.manual_seed(seed)
-    params = [p for n, p in loaded.model.named_parameters() if not _is_lm(n, loaded)]
+    params = [p for n, p in loaded.model.named_parameters() if not is_lm_param(n, loaded)]
     n_k, n_c = len(kinds) + 1, len(colours) + 1
     n_tags = {"cell": side * side, "frame": tasks_video.N_FRAMES}
     tag_list = [t for t in tags.split(",") if t] if head_kind == "token" else []
@@ -421,7 +330,7 @@ PROJECTOR_MARKERS = ("visual.merger.", "multi_modal_projector.", "image_newline"
 
 def freeze_tower(loaded) -> None:
     for n, p in loaded.model.named_parameters():
-        if not _is_lm(n, loaded) and not any(m in n for m in PROJECTOR_MARKERS):
+        if not is_lm_param(n, loaded) and not any(m in n for m in PROJECTOR_MARKERS):
             p.requires_grad_(False)
 
 
@@ -430,10 +339,6 @@ def text_replay(text_items: Sequence[Item], n_modality: int, share: float, seed:
     VLM recipes mix text into multimodal training; the organisms' text includes the described scenes)."""
     n = min(len(text_items), round(n_modality * share / (1 - share)))
     return random.Random(f"omniprobe-text-replay:{seed}").sample(list(text_items), n)
-
-
-def _is_lm(name: str, loaded) -> bool:
-    return "language_model" in name or name.startswith("lm_head") or loaded.family.name == "qwen2"
 
 
 def scene_sample(rng: random.Random):
@@ -458,8 +363,8 @@ def evaluate(loaded, rows: list[dict], batch_size: int = 32) -> dict[str, float]
     pad = loaded.tokenizer.pad_token_id
     n = acc = pacc = 0
     for i in range(0, len(rows), batch_size):
-        batch = collate(_mm_types_for(rows[i:i + batch_size], loaded), pad)
-        inputs = {k: v.to(loaded.device) for k, v in _model_inputs(batch).items() if k != "labels"}
+        batch = collate(add_mm_types(rows[i:i + batch_size], loaded), pad)
+        inputs = {k: v.to(loaded.device) for k, v in model_inputs(batch).items() if k != "labels"}
         inputs = {k: v.to(loaded.dtype) if v.is_floating_point() else v for k, v in inputs.items()}
         logits = loaded.model(**inputs).logits.float()
         last = logits[torch.arange(logits.shape[0]), batch["_last"]]
@@ -524,7 +429,7 @@ def _build_organism(name: str, out: Path, tok, items: dict, recipe: Recipe, seed
     if recipe.text_mix:
         # only the sampled text items are encoded
         rows += encode(loaded, text_replay(items["text"]["train"], len(rows), recipe.text_mix, seed), True)
-    rows = _mm_types_for(rows, loaded)
+    rows = add_mm_types(rows, loaded)
     if recipe.vision_steps:
         log(f"organism-{name}: pretraining the vision tower ({recipe.vision_steps} steps)")
         pretrain_vision(loaded, frame_sample if name == "video" else scene_sample, TOKEN_GRID[name],

@@ -1,0 +1,259 @@
+"""``python -m analyses.finetune``: small-step fine-tuning of a (merged) model on a modality mix (paper §6.2).
+
+    python -m analyses.finetune --model runs/merged/carriers/organism-vl \\
+        --data text=probe/zoo/data/text image=probe/zoo/data/image video=probe/zoo/data/video --mix 3:2:1 \\
+        --split train --steps 1000 --save-steps 0 10 30 100 300 1000 --out runs/ft-mixed
+
+Full fine-tuning of any model the probe loads, with the project's one training loop (``probe.train``): the
+probe's prompt, loss on the answer letter and ``<|im_end|>``; each batch row draws its modality with
+probability ∝ ``--mix`` and then an item of it. Writes ``DIR/checkpoint-<step>/`` (loadable HF dirs; step 0 is
+the start) with the optimiser and sampler state beside the weights, ``train_log.csv`` (step, modality, loss,
+lr, tokens) and ``run.json``. The same command after a kill continues from the last checkpoint and ends with
+the same numbers. Items of a modality the model cannot read are bad input, before anything is written.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from probe.errors import BadInput, cli_main
+
+LOG_COLUMNS = ["step", "modality", "loss", "lr", "tokens"]
+STATE = "trainer_state.pt"
+
+
+@dataclass
+class FinetuneConfig:
+    model: str
+    data: dict[str, str]  # modality label → MMMU-layout dir
+    out: Path
+    steps: int
+    mix: dict[str, float] = field(default_factory=dict)  # default: equal
+    save_steps: list[int] = field(default_factory=lambda: [0])
+    split: str = "train"
+    limit: int | None = None
+    lr: float = 1e-4
+    lm_lr: float = 1e-4
+    batch: int = 16
+    warmup: int = 10
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+
+    def fingerprint(self) -> dict[str, Any]:
+        keep = asdict(self)
+        keep.pop("out")
+        keep["save_steps"] = sorted(set(keep["save_steps"]))
+        return keep
+
+
+def parse_data(specs: Sequence[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for s in specs:
+        label, sep, path = s.partition("=")
+        if not sep or not label or not path:
+            raise BadInput(f"--data {s!r}: use LABEL=DIR, e.g. text=probe/zoo/data/text")
+        if label in out:
+            raise BadInput(f"--data: {label} given twice")
+        out[label] = path
+    return out
+
+
+def parse_mix(spec: str | None, labels: Sequence[str]) -> dict[str, float]:
+    if spec is None:
+        return {m: 1.0 for m in labels}
+    try:
+        parts = [float(x) for x in spec.split(":")]
+    except ValueError:
+        raise BadInput(f"--mix {spec!r}: use numbers separated by ':' (e.g. 3:2:1)") from None
+    if len(parts) != len(labels) or any(p < 0 for p in parts) or sum(parts) <= 0:
+        raise BadInput(f"--mix {spec!r}: give {len(labels)} non-negative weights, one per --data, in order")
+    return dict(zip(labels, parts))
+
+
+def checkpoint_dirs(out: Path) -> dict[int, Path]:
+    found = {}
+    for d in out.glob("checkpoint-*"):
+        try:
+            found[int(d.name.split("-", 1)[1])] = d
+        except ValueError:
+            continue
+    return dict(sorted(found.items()))
+
+
+def mixed_sampler(offsets: dict[str, range], mix: dict[str, float]):
+    """Each row: a modality with probability ∝ mix, then one of its rows uniformly (seeded generator)."""
+    import torch
+
+    labels = [m for m in offsets if mix[m] > 0]
+    weights = torch.tensor([mix[m] for m in labels], dtype=torch.float64)
+
+    def sample(gen, batch: int) -> list[int]:
+        which = torch.multinomial(weights, batch, replacement=True, generator=gen).tolist()
+        return [offsets[labels[w]][int(torch.randint(len(offsets[labels[w]]), (1,), generator=gen))] for w in which]
+
+    return sample
+
+
+def save_checkpoint(loaded, source: Path, dest: Path, state: dict | None) -> None:
+    """An HF model dir (weights in the model's dtype, configs and tokenizer files of the source) plus the
+    trainer state, written to a hidden dir and renamed: a kill never leaves half a checkpoint."""
+    import torch
+
+    tmp = dest.parent / f".{dest.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    loaded.model.save_pretrained(tmp)
+    for f in sorted(source.iterdir()):  # tokenizer and processor files; the model's own config is written above
+        if f.is_file() and not (tmp / f.name).exists() and f.suffix != ".safetensors" and not f.name.startswith("."):
+            shutil.copy2(f, tmp / f.name)
+    if state is not None:
+        torch.save(state, tmp / STATE)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+
+
+def run_finetune(cfg: FinetuneConfig) -> Path:
+    import torch
+
+    from probe.devices import resolve_placement
+    from probe.mmmu import load_items
+    from probe.models import load_model, resolve_model
+    from probe.prompting import check_modalities
+    from probe.train import TrainConfig, add_mm_types, encode, is_main_process, wait_for_everyone
+    from probe.train import train as train_loop
+
+    if cfg.steps < 1 or cfg.batch < 1:
+        raise BadInput("--steps and --batch-size must be ≥ 1")
+    bad = [s for s in cfg.save_steps if not 0 <= s <= cfg.steps]
+    if bad:
+        raise BadInput(f"--save-steps {bad}: outside 0..{cfg.steps}")
+    placement = resolve_placement(cfg.device, cfg.dtype)
+    ref = resolve_model(cfg.model)
+    items = {}
+    for label, path in cfg.data.items():
+        its, _ = load_items(path, split=cfg.split, limit=cfg.limit)
+        try:
+            check_modalities(ref, its)
+        except BadInput:
+            raise BadInput(f"--data {label}={path}: {ref.spec} ({ref.family.name}) cannot read its items") from None
+        items[label] = its
+    fingerprint = cfg.fingerprint()
+    out = cfg.out
+    done = checkpoint_dirs(out) if out.is_dir() else {}
+    if out.exists() and any(out.iterdir()):
+        try:
+            previous = json.loads((out / "run.json").read_text())["config"]
+        except (OSError, json.JSONDecodeError, KeyError):
+            raise BadInput(f"--out {out} is not empty and holds no fine-tuning run.json") from None
+        if previous != json.loads(json.dumps(fingerprint)):
+            raise BadInput(f"--out {out} holds a different run (settings differ); use another --out")
+    resumable = {s: d for s, d in done.items() if (d / STATE).is_file() or s == cfg.steps}
+    start = max(resumable) if resumable else None
+    if start == cfg.steps and (out / "train_log.csv").is_file():
+        print(f"already complete: {out}")
+        return out
+    print(placement.description, file=sys.stderr)
+    source = ref.path
+    if start is not None:
+        ref = resolve_model(str(resumable[start]))
+    loaded = load_model(ref, dtype=placement.dtype, device=placement.device)
+    rows, offsets = [], {}
+    for label, its in items.items():
+        enc = encode(loaded, its, True)
+        offsets[label] = range(len(rows), len(rows) + len(enc))
+        rows += enc
+    rows = add_mm_types(rows, loaded)
+    modality_of = {i: label for label, r in offsets.items() for i in r}
+    tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, lm_lr=cfg.lm_lr, batch=cfg.batch, warmup=cfg.warmup,
+                       seed=cfg.seed, log_every=max(1, cfg.steps // 10))
+    writer = is_main_process()  # under torchrun only rank 0 writes, once every rank has read the out dir
+    wait_for_everyone()
+    out.mkdir(parents=True, exist_ok=True)
+    run_info = {"config": fingerprint, "placement": asdict(placement), "n_rows": {k: len(v) for k, v in offsets.items()},
+                "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    log_path = out / "train_log.csv"
+    keep = []
+    if start is not None and log_path.is_file():  # drop log lines past the checkpoint we resume from
+        with open(log_path, newline="") as f:
+            keep = [r for r in csv.DictReader(f) if int(r["step"]) <= start]
+    saves = set(cfg.save_steps) | {cfg.steps}
+    if writer:
+        (out / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
+        with open(log_path, "w", newline="") as f:
+            w = csv.DictWriter(f, LOG_COLUMNS)
+            w.writeheader()
+            w.writerows(keep)
+        if start is None:
+            save_checkpoint(loaded, source, out / "checkpoint-0", None)
+    resume = torch.load(resumable[start] / STATE, weights_only=False) if start else None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=start or 0, desc="finetune", unit="step", file=sys.stderr, disable=not writer)
+
+    def on_step(info, state) -> None:
+        bar.update(1)
+        if not writer:
+            return
+        counts: dict[str, int] = {}
+        for i in info.rows:
+            counts[modality_of[i]] = counts.get(modality_of[i], 0) + 1
+        with open(log_path, "a", newline="") as f:
+            csv.writer(f).writerow([info.step, ";".join(f"{k}={v}" for k, v in sorted(counts.items())),
+                                    repr(info.loss), repr(info.lrs[0]), info.tokens])
+        if info.step in saves:
+            loaded.model.eval()
+            save_checkpoint(loaded, source, out / f"checkpoint-{info.step}", state())
+            loaded.model.train()
+
+    train_loop(loaded, rows, tcfg, log=lambda m: None, sampler=mixed_sampler(offsets, cfg.mix), on_step=on_step,
+               resume=resume)
+    bar.close()
+    if not writer:
+        return out
+    run_info |= {"status": "complete", "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    (out / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
+    print(f"{cfg.steps} steps; checkpoints {sorted(saves)} in {out}/")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m analyses.finetune", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="alias or HF dir (a merged carrier, an organism, a real VLM)")
+    p.add_argument("--data", nargs="+", required=True, metavar="LABEL=DIR",
+                   help="MMMU-layout training sets by modality, e.g. text=DIR image=DIR video=DIR")
+    p.add_argument("--mix", default=None, help="sampling weights per --data, in order, e.g. 3:2:1 (default equal)")
+    p.add_argument("--split", default="train", help="split of the data sets to train on")
+    p.add_argument("--limit", type=int, default=None, help="first N items of each data set")
+    p.add_argument("--steps", type=int, required=True, help="optimiser steps")
+    p.add_argument("--save-steps", type=int, nargs="+", default=[0], help="steps to checkpoint (the last always)")
+    p.add_argument("--lr", type=float, default=1e-4, help="learning rate outside the LM (vision tower, projector)")
+    p.add_argument("--lm-lr", type=float, default=1e-4, help="learning rate of the LM")
+    p.add_argument("--batch-size", type=int, default=16, help="rows per step")
+    p.add_argument("--warmup", type=int, default=10, help="linear warm-up steps (then cosine decay)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda")
+    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU, else float32), float32, bfloat16")
+    p.add_argument("--out", type=Path, required=True, help="output dir (checkpoint-<step>/, train_log.csv)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    data = parse_data(a.data)
+    run_finetune(FinetuneConfig(model=a.model, data=data, out=a.out, steps=a.steps, mix=parse_mix(a.mix, list(data)),
+                                save_steps=a.save_steps, split=a.split, limit=a.limit, lr=a.lr, lm_lr=a.lm_lr,
+                                batch=a.batch_size, warmup=a.warmup, seed=a.seed, device=a.device, dtype=a.dtype))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main(main))

@@ -1,0 +1,57 @@
+"""Figure 3: accuracy against fine-tuning steps, drawn only from ``probe.eval`` runs over ``checkpoint-<step>`` dirs
+(``python -m figures steps DIR…``): one panel per eval run, one line per data set, 95 % intervals as bands, steps
+on a symmetric-log axis so step 0 (the start) sits beside 10, 100, 1000."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from figures import save_png_pdf
+from probe.errors import BadInput
+
+STEP = re.compile(r"checkpoint-(\d+)/?$")
+
+
+def step_scores(result_dir: Path) -> pd.DataFrame:
+    """The 'all' rows of an eval run whose models are checkpoints, with their step."""
+    csv = result_dir / "scores.csv"
+    if not csv.is_file():
+        raise BadInput(f"{result_dir}: no scores.csv (run python -m probe.eval over the checkpoints)")
+    s = pd.read_csv(csv, keep_default_na=False, na_values=[""])
+    s = s[(s["subject"] == "all") & (s["n_items"] > 0)].copy()
+    s["step"] = s["model"].astype(str).str.extract(STEP.pattern)[0]
+    s = s.dropna(subset=["step"])
+    if s.empty:
+        raise BadInput(f"{result_dir}: no model named .../checkpoint-<step> in scores.csv")
+    s["step"] = s["step"].astype(int)
+    return s.sort_values("step")
+
+
+def draw_steps(result_dirs: list[Path] | Path, out: Path | None = None) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dirs = [result_dirs] if isinstance(result_dirs, Path) else list(result_dirs)
+    tables = [step_scores(d) for d in dirs]
+    fig, axes = plt.subplots(1, len(dirs), figsize=(0.6 + 3.4 * len(dirs), 3.3), dpi=150, sharey=True,
+                             squeeze=False)
+    colours = plt.get_cmap("tab10")
+    for ax, d, t in zip(axes[0], dirs, tables):
+        metric = "accuracy" if t["accuracy"].notna().any() else "prob_accuracy"
+        for k, (data, g) in enumerate(t.groupby("data", sort=False)):
+            c = colours(k % 10)
+            ax.plot(g["step"], 100 * g[metric], marker="o", ms=3, color=c, label=data)
+            ax.fill_between(g["step"], 100 * g[f"{metric}_lo"], 100 * g[f"{metric}_hi"], color=c, alpha=0.2, lw=0)
+        ax.set_xscale("symlog", linthresh=10)
+        ax.set_title(d.name, fontsize=9)
+        ax.set_xlabel("fine-tuning step", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+    axes[0][0].set_ylabel("accuracy [%] (95 % interval)", fontsize=8)
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return save_png_pdf(fig, out or dirs[0], "steps")

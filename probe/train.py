@@ -1,0 +1,224 @@
+"""The project's one training loop (DESIGN §10): items → rows with the probe's prompt → AdamW steps.
+
+``encode`` builds every row through the probe's own prompt builder (``probe.prompting.build_inputs``), with the
+loss on the answer letter and ``<|im_end|>`` only, so a trained model's first generated token is the letter the
+probe reads. ``train`` samples batches with a seeded generator, warms the learning rate up linearly and decays it
+on a cosine to 5 % of its peak, clips gradients at 1.0, and keeps the LM and the rest (vision tower, projector)
+in two parameter groups with their own learning rates. The organisms' builder (``probe.zoo``) turns its recipes
+into a ``TrainConfig`` and calls it; nothing here imports ``probe.zoo``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from probe.errors import BadInput
+from probe.prompting import PromptTemplate, build_inputs, letter_token_ids
+
+SEQ_KEYS = ("input_ids", "attention_mask", "labels", "mm_token_type_ids")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int
+    lr: float  # parameters outside the LM (vision tower, projector)
+    lm_lr: float
+    batch: int = 32
+    warmup: int = 50
+    seed: int = 0
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    clip: float = 1.0
+    min_lr_fraction: float = 0.05  # the cosine decays to this share of the peak
+    log_every: int = 100
+
+
+def encode(loaded, items: Sequence, with_answer: bool,
+           template: PromptTemplate = PromptTemplate()) -> list[dict[str, torch.Tensor]]:
+    """One row per item: the prompt's tensors (batch dim dropped), with the answer and labels when training;
+    ``_last``, ``_letters`` and ``_answer`` say where and what to read when measuring."""
+    end = loaded.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    out = []
+    for it in items:
+        b = build_inputs(loaded, it, template)
+        b = {k: v[0] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v for k, v in b.items()}
+        n_prompt = b["input_ids"].shape[0]
+        if with_answer:
+            ans = torch.tensor([letter_token_ids(loaded.tokenizer, [it.answer])[0], end])
+            b["input_ids"] = torch.cat([b["input_ids"], ans])
+            b["attention_mask"] = torch.cat([b["attention_mask"], torch.ones(2, dtype=b["attention_mask"].dtype)])
+            if "mm_token_type_ids" in b:
+                b["mm_token_type_ids"] = torch.cat([b["mm_token_type_ids"], torch.zeros(2, dtype=torch.long)])
+            labels = torch.full_like(b["input_ids"], -100)
+            labels[n_prompt:] = ans
+            b["labels"] = labels
+        b["_last"] = torch.tensor(n_prompt - 1)
+        b["_letters"] = torch.tensor(letter_token_ids(loaded.tokenizer, it.letters) + [-1] * (26 - len(it.letters)))
+        b["_answer"] = torch.tensor(ord(it.answer) - ord("A"))
+        out.append(b)
+    return out
+
+
+def collate(rows: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad the sequence tensors (labels with -100), concatenate pixel tensors, stack ``_`` metadata."""
+    n = max(r["input_ids"].shape[0] for r in rows)
+    out: dict[str, Any] = {}
+    pad = {"input_ids": pad_id, "attention_mask": 0, "labels": -100, "mm_token_type_ids": 0}
+    for k in SEQ_KEYS:
+        if k in rows[0]:
+            out[k] = torch.stack([torch.nn.functional.pad(r[k], (0, n - r[k].shape[0]), value=pad[k])
+                                  for r in rows])
+    if any("mm_token_type_ids" in r for r in rows) and "mm_token_type_ids" not in out:
+        out["mm_token_type_ids"] = torch.stack([
+            torch.nn.functional.pad(r.get("mm_token_type_ids", torch.zeros_like(r["input_ids"])),
+                                    (0, n - r["input_ids"].shape[0])) for r in rows])
+    keys = {k for r in rows for k in r if k not in SEQ_KEYS}
+    for k in sorted(keys):
+        present = [r[k] for r in rows if k in r]
+        if k.startswith("_"):
+            out[k] = torch.stack(present)
+        else:
+            out[k] = torch.cat(present, dim=0)
+    return out
+
+
+def add_mm_types(rows, loaded):
+    """Qwen2-VL needs mm_token_type_ids on every row once any row has an image."""
+    if loaded.family.name != "qwen2_vl":
+        return rows
+    cfg = loaded.model.config
+    for r in rows:
+        if "mm_token_type_ids" not in r:
+            t = torch.zeros_like(r["input_ids"])
+            t[r["input_ids"] == cfg.image_token_id] = 1
+            t[r["input_ids"] == cfg.video_token_id] = 2
+            r["mm_token_type_ids"] = t
+    return rows
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in batch.items() if not k.startswith("_")}
+
+
+def is_lm_param(name: str, loaded) -> bool:
+    name = name.replace("_fsdp_wrapped_module.", "").removeprefix("module.")  # names under DDP / FSDP wrappers
+    return "language_model" in name or name.startswith("lm_head") or loaded.family.name == "qwen2"
+
+
+@dataclass
+class StepInfo:
+    """What one optimiser step did (for train_log.csv and checkpoints)."""
+
+    step: int  # 1-based: the number of updates done
+    loss: float
+    lrs: list[float]
+    rows: list[int]  # the rows of its batch
+    tokens: int  # label tokens in the batch
+
+
+Sampler = Callable[[torch.Generator, int], list[int]]
+
+
+def uniform_sampler(n_rows: int) -> Sampler:
+    """Rows drawn uniformly with replacement (the organisms' recipes)."""
+    return lambda gen, batch: torch.randint(n_rows, (batch,), generator=gen).tolist()
+
+
+def data_parallel(loaded, batch: int):
+    """accelerate's Accelerator when launched on several processes (torchrun / accelerate launch), else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=loaded.device.type == "cpu")
+    if batch % acc.num_processes:
+        raise BadInput(f"batch size {batch} does not split over {acc.num_processes} processes")
+    return acc
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def wait_for_everyone() -> None:
+    """A barrier across the launched processes (accelerate's); nothing on a single process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+
+
+def train(loaded, rows: list[dict], cfg: TrainConfig, log: Callable[[str], None] = print,
+          sampler: Sampler | None = None, on_step: Callable[[StepInfo, Any], None] | None = None,
+          resume: dict | None = None) -> list[float]:
+    """``cfg.steps`` AdamW steps on batches sampled (seeded) from ``rows``; the losses of the steps run here.
+
+    ``on_step(info, state)`` runs after every update with ``state()`` giving what ``resume`` takes (optimiser
+    and sampler state, step), so a run killed after a checkpoint continues with the same numbers.
+
+    Under ``torchrun`` / ``accelerate launch`` (WORLD_SIZE > 1) accelerate's data parallel engine takes over:
+    every rank draws the same global batch and trains on its share (rows rank, rank + W, …); gradients are
+    averaged, so with equal label tokens per row (the letter and ``<|im_end|>``) the updates and the logged
+    (rank-averaged) losses are those of one process with the same global batch, to float tolerance."""
+    model = loaded.model
+    model.train()
+    torch.manual_seed(cfg.seed)
+    acc = data_parallel(loaded, cfg.batch)
+    if acc is not None:  # the model first: FSDP replaces its parameters, which the optimiser must then hold
+        model = acc.prepare(model)
+    lm, other = [], []
+    for n, p in model.named_parameters():
+        (lm if is_lm_param(n, loaded) else other).append(p)
+    groups = [{"params": lm, "lr": cfg.lm_lr}] + ([{"params": other, "lr": cfg.lr}] if other else [])
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, betas=cfg.betas)
+    if acc is not None:
+        opt = acc.prepare(opt)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    rank, world = (acc.process_index, acc.num_processes) if acc is not None else (0, 1)
+    first = 0
+    if resume is not None:
+        opt.load_state_dict(resume["optimizer"])
+        gen.set_state(resume["generator"])
+        torch.set_rng_state(resume["torch_rng"])
+        first = int(resume["step"])
+    sample = sampler or uniform_sampler(len(rows))
+    pad = loaded.tokenizer.pad_token_id
+    losses = []
+    t0 = time.time()
+    floor = cfg.min_lr_fraction
+
+    def state() -> dict:
+        return {"optimizer": opt.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "step": step + 1}
+
+    for step in range(first, cfg.steps):
+        warm = min(1.0, (step + 1) / cfg.warmup)
+        decay = 0.5 * (1 + math.cos(math.pi * step / max(1, cfg.steps)))
+        for g, lr in zip(opt.param_groups, base_lrs):
+            g["lr"] = lr * warm * (floor + (1 - floor) * decay)
+        idx = sample(gen, cfg.batch)
+        batch = collate([rows[i] for i in idx[rank::world]], pad)
+        out = model(**model_inputs(batch))
+        opt.zero_grad(set_to_none=True)
+        if acc is None:
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        else:
+            acc.backward(out.loss)
+            acc.clip_grad_norm_(model.parameters(), cfg.clip)
+        opt.step()
+        loss = out.loss.detach() if acc is None else acc.reduce(out.loss.detach(), "mean")
+        losses.append(float(loss))
+        if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            log(f"  step {step:5d}  loss {sum(losses[-50:]) / len(losses[-50:]):.4f}  ({time.time() - t0:.0f}s)")
+        if on_step is not None:
+            tokens = int((batch["labels"] != -100).sum()) * world if "labels" in batch else 0
+            on_step(StepInfo(step + 1, losses[-1], [g["lr"] for g in opt.param_groups], idx, tokens), state)
+    model.eval()
+    return losses

@@ -1,0 +1,161 @@
+"""analyses.finetune: the one training loop over a modality mix, loadable checkpoints, resume after a kill,
+determinism, bad input."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from probe.errors import cli_main
+
+
+def _args(tiny_dirs, data_dir, text_dir, out: Path, *extra) -> list[str]:
+    return ["--model", str(tiny_dirs["qwen2_vl"]), "--data", f"text={text_dir}", f"image={data_dir}",
+            "--mix", "3:1", "--split", "validation", "--steps", "6", "--save-steps", "0", "2", "4",
+            "--batch-size", "4", "--lr", "1e-3", "--lm-lr", "1e-3", "--warmup", "2", "--dtype", "float32",
+            "--device", "cpu", "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def text_dir(tmp_path_factory, data_dir):
+    """The synthetic questions without their images, as a text set."""
+    import dataclasses
+
+    from probe.mmmu import load_items
+    from probe.synthetic import MMMU_COLUMNS, write_mmmu_parquet
+
+    root = tmp_path_factory.mktemp("ft-text")
+    rows: dict[str, list] = {}
+    for it in load_items(str(data_dir))[0]:
+        plain = dataclasses.replace(it, question=it.question.replace("<image", "(image"),
+                                    options=tuple(o.replace("<image", "(image") for o in it.options))
+        rows.setdefault(it.subject, []).append(
+            {c: None for c in MMMU_COLUMNS} | {"id": it.id, "question": plain.question, "answer": it.answer,
+                                               "options": str(list(plain.options)),
+                                               "question_type": "multiple-choice", "explanation": ""})
+    write_mmmu_parquet(rows, root, "validation")
+    return root
+
+
+@pytest.fixture(scope="module")
+def ft_run(tmp_path_factory, tiny_dirs, data_dir, text_dir):
+    from analyses.finetune import main
+
+    out = tmp_path_factory.mktemp("ft") / "run"
+    assert cli_main(main, _args(tiny_dirs, data_dir, text_dir, out)) == 0
+    return out
+
+
+def _log(out: Path) -> list[dict]:
+    with open(out / "train_log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_checkpoints_log_and_loadable(ft_run):
+    from probe.models import load_model, resolve_model
+
+    assert sorted(p.name for p in ft_run.glob("checkpoint-*")) == [f"checkpoint-{s}" for s in (0, 2, 4, 6)]
+    log = _log(ft_run)
+    assert [int(r["step"]) for r in log] == list(range(1, 7))
+    assert all(float(r["loss"]) > 0 and int(r["tokens"]) == 8 for r in log)  # 4 rows × (letter + <|im_end|>)
+    counts = {"text": 0, "image": 0}
+    for r in log:
+        for part in r["modality"].split(";"):
+            k, v = part.split("=")
+            counts[k] += int(v)
+    assert counts["text"] > counts["image"] > 0  # 3:1
+    # weights moved between checkpoints, and every checkpoint loads through the probe's own path
+    a = load_file(ft_run / "checkpoint-0" / "model.safetensors")
+    b = load_file(ft_run / "checkpoint-6" / "model.safetensors")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    loaded = load_model(resolve_model(str(ft_run / "checkpoint-6")))
+    assert loaded.processor is not None and loaded.geometry.n_layers == len(loaded.layers)
+    assert json.loads((ft_run / "run.json").read_text())["status"] == "complete"
+
+
+def test_deterministic_and_resumable_after_a_kill(ft_run, tiny_dirs, data_dir, text_dir, tmp_path, monkeypatch):
+    import probe.train as train_mod
+    from analyses.finetune import main
+
+    out = tmp_path / "killed"
+    real = train_mod.train
+
+    def killed_after_step_5(*args, **kwargs):
+        on_step = kwargs["on_step"]
+
+        def hook(info, state):
+            on_step(info, state)
+            if info.step == 5:
+                raise KeyboardInterrupt
+        return real(*args, **(kwargs | {"on_step": hook}))
+
+    monkeypatch.setattr(train_mod, "train", killed_after_step_5)
+    assert cli_main(main, _args(tiny_dirs, data_dir, text_dir, out)) == 130
+    assert not (out / "checkpoint-6").exists() and (out / "checkpoint-4").is_dir()
+    monkeypatch.setattr(train_mod, "train", real)
+    assert cli_main(main, _args(tiny_dirs, data_dir, text_dir, out)) == 0  # continues from checkpoint-4
+    assert _log(out) == _log(ft_run)
+    assert (out / "checkpoint-6" / "model.safetensors").read_bytes() == \
+        (ft_run / "checkpoint-6" / "model.safetensors").read_bytes()
+
+
+def test_bad_input_exit_2_nothing_written(tiny_dirs, data_dir, tmp_path, capfd):
+    from analyses.finetune import main
+
+    out = tmp_path / "never"
+    base = ["--steps", "2", "--out", str(out), "--device", "cpu"]
+    cases = [
+        (["--model", str(tiny_dirs["qwen2"]), "--data", f"image={data_dir}", "--split", "validation"], "cannot read"),
+        (["--model", str(tiny_dirs["qwen2_vl"]), "--data", f"{data_dir}", "--split", "validation"], "LABEL=DIR"),
+        (["--model", str(tiny_dirs["qwen2_vl"]), "--data", f"image={data_dir}", "--mix", "1:2", "--split",
+          "validation"], "--mix"),
+        (["--model", str(tiny_dirs["qwen2_vl"]), "--data", f"image={data_dir}", "--save-steps", "9", "--split",
+          "validation"], "--save-steps"),
+    ]
+    for argv, needle in cases:
+        assert cli_main(main, argv + base) == 2
+        err = capfd.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and needle in err, err
+        assert not out.exists()
+
+
+def test_two_processes_on_gloo_equal_one(ft_run, tiny_dirs, data_dir, text_dir, tmp_path):
+    """torchrun with 2 CPU processes (accelerate's data parallel engine on gloo), same global batch: the same
+    losses as one process, to float tolerance."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
+                          "analyses.finetune", *_args(tiny_dirs, data_dir, text_dir, out)],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    one, two = _log(ft_run), _log(out)
+    assert [(r["step"], r["modality"], r["tokens"]) for r in one] == [(r["step"], r["modality"], r["tokens"]) for r in two]
+    for a, b in zip(one, two):
+        assert float(b["loss"]) == pytest.approx(float(a["loss"]), rel=1e-5, abs=1e-6)
+    w1 = load_file(ft_run / "checkpoint-6" / "model.safetensors")
+    w2 = load_file(out / "checkpoint-6" / "model.safetensors")
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
+
+
+def test_eval_over_checkpoints_draws_figure_3(ft_run, text_dir, tmp_path):
+    from figures.steps import draw_steps, step_scores
+    from probe.eval import main as eval_main
+
+    out = tmp_path / "eval"
+    ckpts = [str(ft_run / f"checkpoint-{s}") for s in (0, 2, 4, 6)]
+    assert cli_main(eval_main, ["--models", *ckpts, "--data", str(text_dir), "--limit", "4", "--no-generate",
+                                "--device", "cpu", "--quiet", "--no-figures", "--out", str(out)]) == 0
+    table = step_scores(out)
+    assert sorted(set(table["step"])) == [0, 2, 4, 6]
+    assert [p.name for p in draw_steps([out, out], tmp_path)] == ["steps.png", "steps.pdf"]
