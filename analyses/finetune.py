@@ -46,6 +46,7 @@ class FinetuneConfig:
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
+    lora: int | None = None  # LoRA rank (peft) on the LM's attention and MLP projections; None = full fine-tuning
 
     def fingerprint(self) -> dict[str, Any]:
         keep = asdict(self)
@@ -102,15 +103,38 @@ def mixed_sampler(offsets: dict[str, range], mix: dict[str, float]):
     return sample
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def add_lora(loaded, rank: int, adapter: Path | None = None):
+    """Wrap the model's LM projections with LoRA adapters (peft); from ``adapter`` when resuming."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    targets = rf".*language_model.*\.({'|'.join(LORA_TARGETS)})$|^model\.layers\..*\.({'|'.join(LORA_TARGETS)})$"
+    if adapter is not None:
+        loaded.model = PeftModel.from_pretrained(loaded.model, adapter, is_trainable=True)
+    else:
+        loaded.model = get_peft_model(loaded.model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                                                target_modules=targets))
+    return loaded
+
+
 def save_checkpoint(loaded, source: Path, dest: Path, state: dict | None) -> None:
     """An HF model dir (weights in the model's dtype, configs and tokenizer files of the source) plus the
-    trainer state, written to a hidden dir and renamed: a kill never leaves half a checkpoint."""
+    trainer state, written to a hidden dir and renamed: a kill never leaves half a checkpoint. With LoRA the
+    weights are the merged model (a copy, so training goes on unmerged) and ``adapter/`` holds the adapter."""
+    import copy
+
     import torch
 
     tmp = dest.parent / f".{dest.name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    loaded.model.save_pretrained(tmp)
+    if hasattr(loaded.model, "merge_and_unload"):  # a peft model
+        loaded.model.save_pretrained(tmp / "adapter")
+        copy.deepcopy(loaded.model).merge_and_unload().save_pretrained(tmp)
+    else:
+        loaded.model.save_pretrained(tmp)
     for f in sorted(source.iterdir()):  # tokenizer and processor files; the model's own config is written above
         if f.is_file() and not (tmp / f.name).exists() and f.suffix != ".safetensors" and not f.name.startswith("."):
             shutil.copy2(f, tmp / f.name)
@@ -130,8 +154,8 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     from probe.train import TrainConfig, add_mm_types, encode, is_main_process, wait_for_everyone
     from probe.train import train as train_loop
 
-    if cfg.steps < 1 or cfg.batch < 1:
-        raise BadInput("--steps and --batch-size must be ≥ 1")
+    if cfg.steps < 1 or cfg.batch < 1 or (cfg.lora is not None and cfg.lora < 1):
+        raise BadInput("--steps, --batch-size and --lora must be ≥ 1")
     bad = [s for s in cfg.save_steps if not 0 <= s <= cfg.steps]
     if bad:
         raise BadInput(f"--save-steps {bad}: outside 0..{cfg.steps}")
@@ -162,9 +186,12 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         return out
     print(placement.description, file=sys.stderr)
     source = ref.path
-    if start is not None:
-        ref = resolve_model(str(resumable[start]))
+    if start is not None and cfg.lora is None:
+        ref = resolve_model(str(resumable[start]))  # full fine-tuning resumes from the checkpoint's weights
     loaded = load_model(ref, dtype=placement.dtype, device=placement.device)
+    if cfg.lora is not None:  # LoRA resumes from the original weights plus the checkpoint's adapter
+        torch.manual_seed(cfg.seed)  # the adapters' random initialisation
+        add_lora(loaded, cfg.lora, resumable[start] / "adapter" if start is not None else None)
     rows, offsets = [], {}
     for label, its in items.items():
         enc = encode(loaded, its, True)
@@ -240,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="rows per step")
     p.add_argument("--warmup", type=int, default=10, help="linear warm-up steps (then cosine decay)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lora", type=int, default=None, metavar="R",
+                   help="train LoRA adapters of rank R (peft) on the LM's projections instead of all weights; "
+                   "checkpoints hold the merged weights and the adapter")
     p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU, else float32), float32, bfloat16")
     p.add_argument("--out", type=Path, required=True, help="output dir (checkpoint-<step>/, train_log.csv)")
@@ -251,7 +281,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = parse_data(a.data)
     run_finetune(FinetuneConfig(model=a.model, data=data, out=a.out, steps=a.steps, mix=parse_mix(a.mix, list(data)),
                                 save_steps=a.save_steps, split=a.split, limit=a.limit, lr=a.lr, lm_lr=a.lm_lr,
-                                batch=a.batch_size, warmup=a.warmup, seed=a.seed, device=a.device, dtype=a.dtype))
+                                batch=a.batch_size, warmup=a.warmup, seed=a.seed, device=a.device, dtype=a.dtype,
+                                lora=a.lora))
     return 0
 
 

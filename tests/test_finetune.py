@@ -159,3 +159,40 @@ def test_eval_over_checkpoints_draws_figure_3(ft_run, text_dir, tmp_path):
     table = step_scores(out)
     assert sorted(set(table["step"])) == [0, 2, 4, 6]
     assert [p.name for p in draw_steps([out, out], tmp_path)] == ["steps.png", "steps.pdf"]
+
+
+def test_lora_trains_adapters_and_resumes(tiny_dirs, data_dir, text_dir, tmp_path, monkeypatch):
+    """--lora R: only adapters train (vision tower untouched), checkpoints hold the merged weights and the
+    adapter, and a killed run resumes to the same bytes."""
+    import probe.train as train_mod
+    from analyses.finetune import main
+
+    args = lambda out: _args(tiny_dirs, data_dir, text_dir, out, "--lora", "4")  # noqa: E731
+    full = tmp_path / "full"
+    assert cli_main(main, args(full)) == 0
+    w0 = load_file(full / "checkpoint-0" / "model.safetensors")
+    w6 = load_file(full / "checkpoint-6" / "model.safetensors")
+    assert set(w0) == set(w6) and not any("lora" in k for k in w6)  # plain HF weights
+    moved = [k for k in w0 if not torch.equal(w0[k], w6[k])]
+    assert moved and all(k.startswith("model.layers.") and k.endswith("proj.weight") for k in moved), moved[:5]
+    assert any(k.startswith("visual.") for k in w0)  # the vision tower exists and stayed put
+    assert (full / "checkpoint-6" / "adapter" / "adapter_config.json").is_file()
+    real = train_mod.train
+
+    def killed(*a, **kw):
+        on_step = kw["on_step"]
+
+        def hook(info, state):
+            on_step(info, state)
+            if info.step == 3:
+                raise KeyboardInterrupt
+        return real(*a, **(kw | {"on_step": hook}))
+
+    part = tmp_path / "part"
+    monkeypatch.setattr(train_mod, "train", killed)
+    assert cli_main(main, args(part)) == 130
+    monkeypatch.setattr(train_mod, "train", real)
+    assert cli_main(main, args(part)) == 0
+    assert _log(part) == _log(full)
+    assert (part / "checkpoint-6" / "model.safetensors").read_bytes() == \
+        (full / "checkpoint-6" / "model.safetensors").read_bytes()
