@@ -50,6 +50,20 @@ def ft_run(tmp_path_factory, tiny_dirs, data_dir, text_dir):
     return out
 
 
+def killed_after(real, step: int):
+    """probe.train.train that raises KeyboardInterrupt (a kill) right after update ``step``."""
+    def train(*args, **kwargs):
+        on_step = kwargs["on_step"]
+
+        def hook(info, state):
+            on_step(info, state)
+            if info.step == step:
+                raise KeyboardInterrupt
+        return real(*args, **(kwargs | {"on_step": hook}))
+
+    return train
+
+
 def _log(out: Path) -> list[dict]:
     with open(out / "train_log.csv", newline="") as f:
         return list(csv.DictReader(f))
@@ -83,17 +97,7 @@ def test_deterministic_and_resumable_after_a_kill(ft_run, tiny_dirs, data_dir, t
 
     out = tmp_path / "killed"
     real = train_mod.train
-
-    def killed_after_step_5(*args, **kwargs):
-        on_step = kwargs["on_step"]
-
-        def hook(info, state):
-            on_step(info, state)
-            if info.step == 5:
-                raise KeyboardInterrupt
-        return real(*args, **(kwargs | {"on_step": hook}))
-
-    monkeypatch.setattr(train_mod, "train", killed_after_step_5)
+    monkeypatch.setattr(train_mod, "train", killed_after(real, 5))
     assert cli_main(main, _args(tiny_dirs, data_dir, text_dir, out)) == 130
     assert not (out / "checkpoint-6").exists() and (out / "checkpoint-4").is_dir()
     monkeypatch.setattr(train_mod, "train", real)
@@ -178,18 +182,8 @@ def test_lora_trains_adapters_and_resumes(tiny_dirs, data_dir, text_dir, tmp_pat
     assert any(k.startswith("visual.") for k in w0)  # the vision tower exists and stayed put
     assert (full / "checkpoint-6" / "adapter" / "adapter_config.json").is_file()
     real = train_mod.train
-
-    def killed(*a, **kw):
-        on_step = kw["on_step"]
-
-        def hook(info, state):
-            on_step(info, state)
-            if info.step == 3:
-                raise KeyboardInterrupt
-        return real(*a, **(kw | {"on_step": hook}))
-
     part = tmp_path / "part"
-    monkeypatch.setattr(train_mod, "train", killed)
+    monkeypatch.setattr(train_mod, "train", killed_after(real, 3))
     assert cli_main(main, args(part)) == 130
     monkeypatch.setattr(train_mod, "train", real)
     assert cli_main(main, args(part)) == 0
