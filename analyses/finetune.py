@@ -169,7 +169,8 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         except BadInput:
             raise BadInput(f"--data {label}={path}: {ref.spec} ({ref.family.name}) cannot read its items") from None
         items[label] = its
-    fingerprint = cfg.fingerprint()
+    # what decides the numbers: resolved precision and device type, not the "auto" typed
+    fingerprint = cfg.fingerprint() | {"dtype": placement.dtype, "device": placement.device_type}
     out = cfg.out
     done = checkpoint_dirs(out) if out.is_dir() else {}
     if out.exists() and any(out.iterdir()):

@@ -190,3 +190,16 @@ def test_lora_trains_adapters_and_resumes(tiny_dirs, data_dir, text_dir, tmp_pat
     assert _log(part) == _log(full)
     assert (part / "checkpoint-6" / "model.safetensors").read_bytes() == \
         (full / "checkpoint-6" / "model.safetensors").read_bytes()
+
+
+def test_a_different_run_or_precision_in_the_same_out_is_refused(ft_run, tiny_dirs, data_dir, text_dir, capfd):
+    from analyses.finetune import main
+
+    before = sorted(p.name for p in ft_run.iterdir())
+    for extra in (["--seed", "1"], ["--dtype", "float16"]):
+        args = _args(tiny_dirs, data_dir, text_dir, ft_run)
+        i = args.index("--dtype")
+        args[i:i + 2] = []  # the fixture's float32 is replaced by each case's own setting
+        assert cli_main(main, args + (["--dtype", "float32"] if "--dtype" not in extra else []) + extra) == 2
+        assert "holds a different run" in capfd.readouterr().err
+    assert sorted(p.name for p in ft_run.iterdir()) == before
