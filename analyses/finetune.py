@@ -253,12 +253,15 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m analyses.finetune", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from probe.heads import _Help
+
+    p = argparse.ArgumentParser(prog="python -m analyses.finetune", formatter_class=_Help,
+                                description="Small-step fine-tuning of a (merged) model on a modality mix (paper "
+                                "§6.2): checkpoint-<step>/ dirs, train_log.csv, resumable after a kill.")
     p.add_argument("--model", required=True, help="alias or HF dir (a merged carrier, an organism, a real VLM)")
     p.add_argument("--data", nargs="+", required=True, metavar="LABEL=DIR",
                    help="MMMU-layout training sets by modality, e.g. text=DIR image=DIR video=DIR")
-    p.add_argument("--mix", default=None, help="sampling weights per --data, in order, e.g. 3:2:1 (default equal)")
+    p.add_argument("--mix", default=None, help="sampling weights per --data, in order, e.g. 3:2:1 (default: equal)")
     p.add_argument("--split", default="train", help="split of the data sets to train on")
     p.add_argument("--limit", type=int, default=None, help="first N items of each data set")
     p.add_argument("--steps", type=int, required=True, help="optimiser steps")
@@ -267,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lm-lr", type=float, default=1e-4, help="learning rate of the LM")
     p.add_argument("--batch-size", type=int, default=16, help="rows per step")
     p.add_argument("--warmup", type=int, default=10, help="linear warm-up steps (then cosine decay)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of sampling, adapters and the optimiser's run")
     p.add_argument("--lora", type=int, default=None, metavar="R",
                    help="train LoRA adapters of rank R (peft) on the LM's projections instead of all weights; "
                    "checkpoints hold the merged weights and the adapter")
