@@ -82,15 +82,22 @@ class SalienceWeights:
         return SalienceWeights(salience_weights(shat, temperature, a0), salience_weights(group_shat, temperature, a0),
                                salience_weights(layer_shat, temperature, a0), geometry)
 
-    def slice_coefficients(self, canon: str, shape: Sequence[int]) -> tuple[int, torch.Tensor] | None:
-        """For a head-owned tensor: (axis, [P, shape[axis]] per-row or per-column weights); else None."""
+    def _owner_weights(self, canon: str) -> tuple[str, torch.Tensor] | None:
+        """(projection letter, [P, H] per query head for q/o or [P, G] per KV group for k/v); None for tensors
+        no head owns."""
         m = HEAD_TENSOR.match(canon)
         if m is None:
             return None
-        layer, proj, _ = int(m.group(1)), m.group(2), m.group(3)
-        d = self.geometry.head_dim
-        per = self.head[:, layer] if proj in "qo" else self.group[:, layer]  # [P, H] or [P, G]
-        vec = per.repeat_interleave(d, dim=1)
+        layer, proj = int(m.group(1)), m.group(2)
+        return proj, self.head[:, layer] if proj in "qo" else self.group[:, layer]
+
+    def slice_coefficients(self, canon: str, shape: Sequence[int]) -> tuple[int, torch.Tensor] | None:
+        """For a head-owned tensor: (axis, [P, shape[axis]] per-row or per-column weights); else None."""
+        owned = self._owner_weights(canon)
+        if owned is None:
+            return None
+        proj, per = owned
+        vec = per.repeat_interleave(self.geometry.head_dim, dim=1)
         axis = 1 if proj == "o" else 0
         if vec.shape[1] != shape[axis]:
             raise BadInput(f"{canon}: {shape[axis]} rows/columns, but the salience geometry gives {vec.shape[1]}")
@@ -103,10 +110,8 @@ class SalienceWeights:
 
     def slice_rows(self, canon: str, names: Sequence[str]) -> list[tuple[str, str, str, float]]:
         """merge_weights.csv rows of a head-owned tensor: (tensor, slice, model, weight) per head or group."""
-        m = HEAD_TENSOR.match(canon)
-        layer, proj = int(m.group(1)), m.group(2)
+        proj, per = self._owner_weights(canon)
         d = self.geometry.head_dim
-        per = self.head[:, layer] if proj in "qo" else self.group[:, layer]
         what = "columns" if proj == "o" else "rows"
         return [(canon, f"{what} {j * d}:{(j + 1) * d}", nm, float(per[p, j]))
                 for j in range(per.shape[1]) for p, nm in enumerate(names)]

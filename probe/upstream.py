@@ -11,6 +11,7 @@ Checked against transformers 5.23.0 and 5.24.0 (``TESTED_TRANSFORMERS``).
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -49,8 +50,10 @@ def untested_warning() -> str | None:
             f"checked against ({', '.join(TESTED_TRANSFORMERS)}); the exact engine's run-time guard stays on")
 
 
+@functools.lru_cache(maxsize=None)
 def cache_kwarg(fn: Any) -> str:
-    """The name under which ``fn`` (a decoder layer's or model's forward) takes its KV cache."""
+    """The name under which ``fn`` (a decoder layer's or model's forward, best passed unbound: ``type(m).forward``)
+    takes its KV cache. Cached: it is asked on every layer call and every decoded token."""
     params = inspect.signature(fn).parameters  # follows functools.wraps (deprecate_kwarg keeps the new name)
     for name in CACHE_KWARGS:
         if name in params:
@@ -94,7 +97,7 @@ def record_layer_call(args: tuple, kwargs: dict[str, Any]) -> LayerCall:
 def call_layer(layer: nn.Module, hidden: torch.Tensor, call: LayerCall, cache: Any | None) -> torch.Tensor:
     """Run one decoder layer on ``hidden`` with the recorded keywords and (optionally) a KV cache to extend."""
     kw = dict(call.kwargs, use_cache=cache is not None)
-    kw[cache_kwarg(layer.forward)] = cache
+    kw[cache_kwarg(type(layer).forward)] = cache
     out = layer(hidden, **kw)
     out = out[0] if isinstance(out, tuple) else out
     if not isinstance(out, torch.Tensor) or out.shape != hidden.shape:
@@ -146,4 +149,4 @@ def check_cache(cache: Any, layers: Iterable[int], batch: int, length: int) -> N
 
 def model_call_with_cache(model: nn.Module, cache: Any, **inputs: Any) -> Any:
     """One forward of the whole model that extends ``cache`` (greedy decoding after the first position)."""
-    return model(**inputs, **{cache_kwarg(model.forward): cache}, use_cache=True)
+    return model(**inputs, **{cache_kwarg(type(model).forward): cache}, use_cache=True)
