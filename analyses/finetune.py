@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import shutil
 import sys
 import time
@@ -160,6 +161,10 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     if bad:
         raise BadInput(f"--save-steps {bad}: outside 0..{cfg.steps}")
     placement = resolve_placement(cfg.device, cfg.dtype)
+    if placement.spread and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise BadInput(f"--device {cfg.device}: each of the {os.environ['WORLD_SIZE']} processes would spread the model "
+                       f"over {len(placement.all_devices)} GPUs, which data parallelism cannot wrap; launch one process "
+                       "per GPU, or FSDP through accelerate launch")
     ref = resolve_model(cfg.model)
     items = {}
     for label, path in cfg.data.items():
@@ -189,7 +194,8 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     source = ref.path
     if start is not None and cfg.lora is None:
         ref = resolve_model(str(resumable[start]))  # full fine-tuning resumes from the checkpoint's weights
-    loaded = load_model(ref, dtype=placement.dtype, device=placement.device)
+    loaded = load_model(ref, dtype=placement.dtype, device=placement.device, devices=placement.all_devices,
+                        device_memory=placement.device_memory)
     if cfg.lora is not None:  # LoRA resumes from the original weights plus the checkpoint's adapter
         torch.manual_seed(cfg.seed)  # the adapters' random initialisation
         add_lora(loaded, cfg.lora, resumable[start] / "adapter" if start is not None else None)

@@ -45,7 +45,8 @@ def long_text_items(n: int, seed: int = 0):
 
 
 def compare(name: str, spec: str, items, batch_size: int, placement) -> dict:
-    loaded = load_model(resolve_model(spec), dtype=placement.dtype, device=placement.device)
+    loaded = load_model(resolve_model(spec), dtype=placement.dtype, device=placement.device,
+                        devices=placement.all_devices, device_memory=placement.device_memory)
     cfg = SweepConfig(max_new_tokens=5)
     lengths = [prepare_item(loaded, it, cfg)[0]["input_ids"].shape[1] for it in items]
     evaluate_items(loaded, items[:2], cfg, 2)  # warm-up: first-call allocations out of the timing

@@ -5,6 +5,11 @@
 numbers the tests and the README quote stay fp32. Explicit choices are checked against the machine: ``--device
 cuda`` without a GPU, or ``--dtype bfloat16`` where neither the GPU nor the CPU supports it, is bad input.
 The machine is read through ``DeviceQuery`` so the tests can substitute one GPU, several, with or without bf16.
+
+Several GPUs (DESIGN §12): ``auto`` gives a process *its share* of the visible GPUs — all of them without
+``torchrun``; under ``torchrun`` with LOCAL_WORLD_SIZE = k ranks on n GPUs, rank r gets GPUs [r·n/k, (r+1)·n/k)
+— and a share of more than one GPU spreads one model over them (a 72B model needs 2+ GPUs in bf16), split by
+layers (probe/dispatch.py). ``--device cuda:0,cuda:1`` names the GPUs explicitly; ``--device cuda`` is one GPU.
 """
 from __future__ import annotations
 
@@ -25,29 +30,43 @@ class DeviceQuery:
     cuda_bf16: bool = False
     cpu_bf16: bool = True
     cpu_threads: int = 1
+    cuda_memory: tuple[int, ...] = ()  # bytes per GPU; () = unknown (then a device map is not checked for fit)
 
     @staticmethod
     def probe() -> "DeviceQuery":
         import torch
 
         names: tuple[str, ...] = ()
+        memory: tuple[int, ...] = ()
         bf16 = False
         if torch.cuda.is_available():
             names = tuple(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+            memory = tuple(torch.cuda.get_device_properties(i).total_memory for i in range(len(names)))
             bf16 = bool(torch.cuda.is_bf16_supported())
         try:
             cpu_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
         except (AttributeError, RuntimeError):
             cpu_bf16 = True  # no way to ask: torch's CPU kernels emulate bf16
-        return DeviceQuery(names, bf16, cpu_bf16, torch.get_num_threads())
+        return DeviceQuery(names, bf16, cpu_bf16, torch.get_num_threads(), memory)
 
 
 @dataclass(frozen=True)
 class Placement:
-    device: str  # "cpu", "cuda:0", ...
+    device: str  # "cpu", "cuda:0", ...: where inputs go and the embeddings sit (the first of ``devices``)
     dtype: str  # "float32", "bfloat16", "float16"
     attn_implementation: str
     description: str  # the first line a command prints
+    devices: tuple[str, ...] = ()  # every device the model is spread over, in layer order; () = (device,)
+    device_memory: tuple[int, ...] = ()  # bytes per entry of ``devices`` where known (a device map must fit)
+
+    @property
+    def all_devices(self) -> tuple[str, ...]:
+        return self.devices or (self.device,)
+
+    @property
+    def spread(self) -> bool:
+        """One model over several devices (accelerate device map), rather than on one."""
+        return len(self.all_devices) > 1
 
     @property
     def device_type(self) -> str:
@@ -55,17 +74,38 @@ class Placement:
         return self.device.split(":")[0]
 
 
+def gpu_share(n_gpus: int, local_rank: int | None, local_world: int | None) -> list[int]:
+    """The GPU indices ``--device auto`` gives this process: all of them, or under torchrun the rank's share.
+
+    Without LOCAL_WORLD_SIZE (a rank number alone) a rank gets its own GPU, as HF tools do.
+    """
+    if local_rank is None or n_gpus == 0:
+        return list(range(n_gpus))
+    if not local_world or local_world >= n_gpus:
+        return [local_rank]
+    if n_gpus % local_world:
+        raise BadInput(f"--device auto: {n_gpus} GPUs cannot be shared evenly by {local_world} ranks "
+                       "(run --nproc-per-node with a divisor of the GPU count, or set CUDA_VISIBLE_DEVICES)")
+    per = n_gpus // local_world
+    return list(range(local_rank * per, (local_rank + 1) * per))
+
+
 def resolve_placement(device: str = "auto", dtype: str = "auto", attn_implementation: str = "sdpa",
-                      query: DeviceQuery | None = None, local_rank: int | None = None) -> Placement:
+                      query: DeviceQuery | None = None, local_rank: int | None = None,
+                      local_world: int | None = None) -> Placement:
     q = query or DeviceQuery.probe()
     if local_rank is None and "LOCAL_RANK" in os.environ:
         local_rank = int(os.environ["LOCAL_RANK"])
+    if local_world is None and "LOCAL_WORLD_SIZE" in os.environ:
+        local_world = int(os.environ["LOCAL_WORLD_SIZE"])
     if device == "auto":
-        device = f"cuda:{local_rank or 0}" if q.cuda_names else "cpu"
+        devices = [f"cuda:{i}" for i in gpu_share(len(q.cuda_names), local_rank, local_world)] or ["cpu"]
     else:
-        device = _check_device(device, q)
-    if device.startswith("cuda") and ":" not in device:
-        device = f"cuda:{local_rank or 0}"
+        devices = [_check_device(d.strip(), q) for d in device.split(",")]
+        devices = [f"cuda:{local_rank or 0}" if d == "cuda" else d for d in devices]
+        if len(devices) > 1 and (len(set(devices)) < len(devices) or not all(d.startswith("cuda:") for d in devices)):
+            raise BadInput(f"--device {device}: a list names distinct GPUs (cuda:0,cuda:1,…)")
+    device = devices[0]
     on_gpu = device.startswith("cuda")
     if dtype == "auto":
         dtype = "bfloat16" if on_gpu and q.cuda_bf16 else "float32"
@@ -75,12 +115,21 @@ def resolve_placement(device: str = "auto", dtype: str = "auto", attn_implementa
     if dtype == "bfloat16" and not (q.cuda_bf16 if on_gpu else q.cpu_bf16):
         raise BadInput(f"--dtype bfloat16: {'this GPU' if on_gpu else 'this CPU'} does not support bfloat16; "
                        "use --dtype auto or float32")
+    memory: tuple[int, ...] = ()
     if on_gpu:
-        index = int(device.split(":")[1])
-        where = f"device {device} ({q.cuda_names[index]})"
+        index = [int(d.split(":")[1]) for d in devices]
+        if q.cuda_memory:
+            memory = tuple(q.cuda_memory[i] for i in index)
+        if len(devices) == 1:
+            where = f"device {device} ({q.cuda_names[index[0]]})"
+        else:
+            names = sorted({q.cuda_names[i] for i in index})
+            where = (f"devices {','.join(devices)} ({len(devices)} × {' / '.join(names)}, "
+                     "one model split by layers)")
     else:
         where = f"device cpu ({q.cpu_threads} threads)"
-    return Placement(device, dtype, attn_implementation, f"{where}, dtype {dtype}, attention {attn_implementation}")
+    return Placement(device, dtype, attn_implementation, f"{where}, dtype {dtype}, attention {attn_implementation}",
+                     tuple(devices), memory)
 
 
 def _check_device(device: str, q: DeviceQuery) -> str:

@@ -186,7 +186,8 @@ def run(args: argparse.Namespace) -> Path:
         bar = _progress(sum(plan.data[d].n_items for _, d in todo), args.quiet, "eval", unit="item")
         for m in sorted({m for m, _ in todo}):
             loaded = load_model(refs[m], dtype=placement.dtype, device=placement.device,
-                                attn_implementation=args.attn_implementation)
+                                attn_implementation=args.attn_implementation, devices=placement.all_devices,
+                                device_memory=placement.device_memory)
             if not (out / "run.json").is_file():  # only once a model loaded: failures leave no directory
                 atomic_write_json(out / "run.json", run_info)
             for d in [d for mm, d in todo if mm == m]:

@@ -25,8 +25,8 @@ from probe.metrics import option_log_probs
 from probe.models import LoadedModel
 from probe.prompting import ItemLike
 from probe.sweep import BASELINE, Measurement, SweepConfig, first_token_measure, measurement_row, prepare_item
-from probe.upstream import (LayerCall, cache_layer_kv, call_layer, check_cache, model_call_with_cache, output_cache, prefix_cache,
-                            record_layer_call)
+from probe.upstream import (LayerCall, cache_layer_kv, call_layer, check_cache, model_call_with_cache, module_device,
+                            output_cache, prefix_cache, record_layer_call)
 
 
 @dataclass
@@ -43,10 +43,11 @@ class CleanPass:
 def clean_pass(loaded: LoadedModel, inputs: dict[str, torch.Tensor], keep_cache: bool) -> CleanPass:
     n = loaded.geometry.n_layers
     calls: list[LayerCall | None] = [None] * n
+    devices = loaded.layer_devices
 
     def recorder(i: int):
-        def hook(module, args, kw):
-            calls[i] = record_layer_call(args, kw)
+        def hook(module, args, kw):  # each layer's inputs kept on its own device (moved once, not per row)
+            calls[i] = record_layer_call(args, kw, devices[i])
 
         return hook
 
@@ -78,15 +79,17 @@ def run_rows(
 
     Rows (sorted by layer) join the batch at their own layer from the cached residual, so one pass over the
     layers serves heads of several layers. With a KV cache (for decoding) all rows must share one layer.
+    On a model spread over several devices the residual moves to each layer's device as the layers do.
     """
     n_heads = loaded.geometry.n_heads
     first = rows[0][0]
     if cache is not None and any(layer != first for layer, _ in rows):
         raise ValueError("a KV cache needs rows of a single layer")
     h = clean.calls[first].hidden[:0]  # an empty batch; rows join below
-    layers = loaded.layers
+    layers, devices = loaded.layers, loaded.layer_devices
     with torch.no_grad():
         for i in range(first, len(layers)):
+            h = h.to(devices[i])  # no-op unless layer i sits on another device than layer i - 1
             joining = [head for layer, head in rows if layer == i]
             if joining:
                 h = torch.cat([h, clean.calls[i].hidden.expand(len(joining), -1, -1)])
@@ -95,8 +98,10 @@ def run_rows(
                 h = call_layer(layers[i], h, clean.calls[i], cache)
         if cache is not None:  # the rows' own cache, clean below `first` and masked from it: nothing else
             check_cache(cache, range(len(layers)), len(rows), clean.length)
-        last = loaded.model.get_submodule(loaded.family.norm_path)(h[:, -1:])
-        return loaded.model.get_submodule(loaded.family.lm_head_path)(last)[:, -1]
+        norm = loaded.model.get_submodule(loaded.family.norm_path)
+        head = loaded.model.get_submodule(loaded.family.lm_head_path)
+        last = norm(h[:, -1:].to(module_device(norm)))
+        return head(last.to(module_device(head)))[:, -1].to(loaded.device)
 
 
 def greedy_continue(

@@ -238,7 +238,8 @@ def run(args: argparse.Namespace) -> Path:
         import pandas as pd
 
         print(placement.description, file=sys.stderr)
-        loaded = load_model(ref, dtype=placement.dtype, device=device, attn_implementation=args.attn_implementation)
+        loaded = load_model(ref, dtype=placement.dtype, device=device, attn_implementation=args.attn_implementation,
+                            devices=placement.all_devices, device_memory=placement.device_memory)
         if not (out / "run.json").is_file():  # only once the model loaded: failures leave no directory
             atomic_write_json(out / "run.json", run_info)
         cfg = SweepConfig(template=template, generate=not args.no_generate, max_new_tokens=args.max_new_tokens,

@@ -5,10 +5,11 @@ family table, so a real checkpoint, a tiny random model and a trained organism s
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -146,8 +147,9 @@ class LoadedModel:
     tokenizer: Any
     processor: Any | None  # image processor wrapper for multimodal families; None for text models
     dtype: torch.dtype
-    device: torch.device
+    device: torch.device  # where inputs go (the embeddings' device when the model is spread)
     attn_implementation: str
+    device_plan: Any | None = None  # probe.dispatch.DeviceMap when spread over several devices
 
     @property
     def family(self) -> Family:
@@ -160,6 +162,13 @@ class LoadedModel:
     @cached_property
     def layers(self) -> nn.ModuleList:
         return self.model.get_submodule(self.family.layers_path)
+
+    @cached_property
+    def layer_devices(self) -> list[torch.device]:
+        """Where each decoder layer runs: the residual entering layer i must be on layer_devices[i]."""
+        from probe.upstream import module_device
+
+        return [module_device(layer) for layer in self.layers]
 
     @cached_property
     def eos_token_ids(self) -> set[int]:
@@ -179,7 +188,12 @@ def load_model(
     dtype: str = "float32",
     device: str = "cpu",
     attn_implementation: str = "sdpa",
+    devices: Sequence[str] = (),
+    device_memory: Sequence[int] = (),
 ) -> LoadedModel:
+    """Load a checkpoint on ``device``, or spread by layers over ``devices`` when it names several (DESIGN §12:
+    probe/dispatch.py plans the map on the meta device first, so a model that cannot fit is bad input before
+    any weight is read). ``device_memory`` (bytes per device) is what the map is checked against."""
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # our own bar is the one that matters
@@ -190,14 +204,25 @@ def load_model(
         model_path(ref.spec, weights=True)
         check_weights(ref.path, ref.gguf_file)
     cls = getattr(transformers, ref.family.model_class)
+    plan = None
+    if len(devices) > 1:
+        plan = plan_for(ref, torch_dtype, devices, device_memory)
+        print(plan.summary(), file=sys.stderr)
+        device = plan.devices[0]  # inputs and embeddings
     try:
         model = cls.from_pretrained(
-            ref.path, dtype=torch_dtype, attn_implementation=attn_implementation, **ref.load_kwargs
+            ref.path, dtype=torch_dtype, attn_implementation=attn_implementation, **ref.load_kwargs,
+            **({"device_map": plan.device_map} if plan else {}),
         )
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BadInput(f"cannot load checkpoint {ref.path}: {first}") from None
-    model.to(device).eval()
+    if plan is not None:
+        from probe.dispatch import dispatch
+
+        dispatch(model, plan).eval()
+    else:
+        model.to(device).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(ref.path, **ref.load_kwargs)
     processor = None
     if ref.family.processor_class is not None:
@@ -208,9 +233,22 @@ def load_model(
             vision = ref.config.get("vision_config", {})
             extra["num_image_tokens"] = (vision.get("image_size", 384) // vision.get("patch_size", 14)) ** 2
         processor = proc_cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=None, **extra)
-    loaded = LoadedModel(ref, model, tokenizer, processor, torch_dtype, torch.device(device), attn_implementation)
+    loaded = LoadedModel(ref, model, tokenizer, processor, torch_dtype, torch.device(device), attn_implementation,
+                         plan)
     _check_geometry(loaded)
     return loaded
+
+
+def plan_for(ref: ModelRef, dtype: torch.dtype, devices: Sequence[str], memory: Sequence[int] = ()):
+    """The balanced device map of a checkpoint over ``devices``, from its config alone (meta device)."""
+    import transformers
+
+    from probe.dispatch import meta_model, plan_device_map
+
+    config = transformers.AutoConfig.from_pretrained(ref.path, **ref.load_kwargs)
+    skeleton = meta_model(getattr(transformers, ref.family.model_class), config, dtype)
+    fam = ref.family
+    return plan_device_map(skeleton, fam.layers_path, fam.norm_path, fam.lm_head_path, devices, memory)
 
 
 def _check_geometry(m: LoadedModel) -> None:

@@ -7,7 +7,8 @@ into the masked rows — a shape error with several rows, a silently wrong answe
 sensitive lives here, is checked loudly (``UpstreamChanged`` names the API and this file), and is tested in
 ``tests/test_upstream.py`` against every release the project declares.
 
-Checked against transformers 5.23.0 and 5.24.0 (``TESTED_TRANSFORMERS``).
+Checked against transformers 5.23.0 and 5.24.0 (``TESTED_TRANSFORMERS``); the device a dispatched module runs on
+is read from accelerate's hook (checked with accelerate 1.15).
 """
 from __future__ import annotations
 
@@ -82,8 +83,20 @@ class LayerCall:
     kwargs: dict[str, Any]
 
 
-def record_layer_call(args: tuple, kwargs: dict[str, Any]) -> LayerCall:
-    """Split a forward-pre-hook's (args, kwargs) of a decoder layer into a reusable LayerCall."""
+def to_device(value: Any, device: torch.device) -> Any:
+    """Tensors inside ``value`` (nested tuples, lists, dicts) moved to ``device``; anything else as it is."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def record_layer_call(args: tuple, kwargs: dict[str, Any], device: torch.device | None = None) -> LayerCall:
+    """Split a forward-pre-hook's (args, kwargs) of a decoder layer into a reusable LayerCall, its tensors on
+    ``device`` (the layer's, when the model is spread: a pre-hook sees them before accelerate moves them)."""
     hidden = args[0] if args else kwargs.get("hidden_states")
     if not isinstance(hidden, torch.Tensor):
         raise UpstreamChanged("a decoder layer was called without its hidden states as first argument")
@@ -91,7 +104,21 @@ def record_layer_call(args: tuple, kwargs: dict[str, Any]) -> LayerCall:
     leaked = sorted(k for k, v in kept.items() if _contains_cache(v))
     if leaked:  # a renamed cache keyword: reusing it would feed the clean cache to the masked rows
         raise UpstreamChanged(f"decoder layers now receive a KV cache under {leaked}, a name not in {CACHE_KWARGS}")
+    if device is not None:
+        hidden, kept = hidden.to(device), to_device(kept, device)
     return LayerCall(hidden, kept)
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Where ``module`` computes: the execution device of its accelerate hook when the model is dispatched
+    (accelerate 1.x ``AlignDevicesHook``, checked with 1.15), else the device of its first weight."""
+    hook = getattr(module, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    if device is not None:
+        return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+    for tensor in [*module.parameters(), *module.buffers()]:
+        return tensor.device
+    raise UpstreamChanged(f"{type(module).__name__} has no weights and no accelerate hook: its device is unknown")
 
 
 def call_layer(layer: nn.Module, hidden: torch.Tensor, call: LayerCall, cache: Any | None) -> torch.Tensor:

@@ -1,0 +1,76 @@
+"""The paper's architectures as configs, for random-weight benchmarks and device-map plans (no download).
+
+Hyperparameters are the published checkpoints' (Qwen2-7B/72B-Instruct, Qwen2-VL-7B/72B-Instruct,
+llava-onevision-qwen2-7b-si-hf), written out here so that a 7B-shaped model can be built with random weights
+on a machine without the hub: every matrix has its real shape. Only the special token ids follow the offline
+tokenizer they are paired with (probe/tokenizer.py), which does not change a shape. ``build_config`` can cut
+layers, vision layers and vocabulary for CPU smoke runs; whoever cuts them must report it (bench/sweep.py does).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+QWEN2_7B_TEXT: dict[str, Any] = dict(
+    vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+    num_key_value_heads=4, max_position_embeddings=32768, rms_norm_eps=1e-6, hidden_act="silu",
+    tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+)
+QWEN2_72B_TEXT: dict[str, Any] = QWEN2_7B_TEXT | dict(
+    hidden_size=8192, intermediate_size=29568, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+)
+QWEN2_VL_VISION_7B: dict[str, Any] = dict(depth=32, embed_dim=1280, hidden_size=3584, mlp_ratio=4, num_heads=16,
+                                          in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+MROPE = {"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0}
+# SigLIP-so400m as LLaVA-OneVision uses it (26 of its 27 layers: the last one's output is never read)
+SIGLIP_OV: dict[str, Any] = dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304,
+                                 num_hidden_layers=26, num_attention_heads=16, patch_size=14, image_size=384,
+                                 vision_use_head=False)
+
+
+@dataclass(frozen=True)
+class Arch:
+    name: str
+    family: str  # a probe.families.FAMILIES key
+    text: dict[str, Any]
+    vision: dict[str, Any] | None = None
+
+    @property
+    def vision_layers_key(self) -> str | None:
+        if self.vision is None:
+            return None
+        return "depth" if "depth" in self.vision else "num_hidden_layers"
+
+
+ARCHS: dict[str, Arch] = {a.name: a for a in (
+    Arch("qwen2-7b", "qwen2", QWEN2_7B_TEXT),
+    Arch("qwen2-vl-7b", "qwen2_vl", QWEN2_7B_TEXT | {"rope_parameters": MROPE}, QWEN2_VL_VISION_7B),
+    Arch("llava-ov-7b", "llava_onevision", QWEN2_7B_TEXT | {"vocab_size": 152128}, SIGLIP_OV),
+    Arch("qwen2-72b", "qwen2", QWEN2_72B_TEXT),
+    Arch("qwen2-vl-72b", "qwen2_vl", QWEN2_72B_TEXT | {"rope_parameters": MROPE},
+         QWEN2_VL_VISION_7B | {"hidden_size": 8192}),
+)}
+
+
+def build_config(name: str, special: dict[str, int] | None = None, layers: int | None = None,
+                 vision_layers: int | None = None, vocab_size: int | None = None):
+    """A transformers config of ``name``; ``special`` maps bos/eos/pad and the image/video token names to ids."""
+    from transformers import LlavaOnevisionConfig, Qwen2Config, Qwen2VLConfig
+
+    arch = ARCHS[name]
+    special = dict(special or {})
+    media = {k: special.pop(k) for k in list(special) if k.endswith("_token_id") and k.split("_")[0] in
+             ("image", "video", "vision")}
+    text = arch.text | special | ({"num_hidden_layers": layers} if layers else {}) | (
+        {"vocab_size": vocab_size} if vocab_size else {})
+    vision = dict(arch.vision or {}) | ({arch.vision_layers_key: vision_layers} if vision_layers else {})
+    if arch.family == "qwen2":
+        return Qwen2Config(**text)
+    if arch.family == "qwen2_vl":
+        return Qwen2VLConfig(text_config=text, vision_config=vision, **special, **media)
+    if arch.family == "llava_onevision":
+        ids = {"image_token_index": media.get("image_token_id", 151646),
+               "video_token_index": media.get("video_token_id", 151647)}
+        return LlavaOnevisionConfig(text_config={"model_type": "qwen2"} | text, vision_config=vision, **special,
+                                    **ids, vision_feature_select_strategy="full", vision_feature_layer=-1)
+    raise ValueError(f"no config builder for family {arch.family!r}")

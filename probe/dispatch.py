@@ -1,0 +1,173 @@
+"""One model over several devices (DESIGN §12): a device map balanced by layers, applied through accelerate.
+
+A 72B model (144 GB in bf16) fits on no single GPU. The map cuts the model into units — each decoder layer is
+one unit, never split (its residual add and KV cache live on one device); everything the decoder reads before
+its first layer (embeddings, vision or audio tower, projector, rotary embedding) goes to the first device, the
+final norm and lm_head to the last (to the first when lm_head is tied to the embeddings) — and gives each device
+a contiguous block of layers so that the largest device holds as few bytes as possible. accelerate's hooks
+(``dispatch_model``) then move every unit's inputs to its device; the engines, which call decoder layers
+directly, move the residual stream themselves (probe/exact.py).
+
+The plan is made from a model built on the meta device (no weights read), so a map that cannot fit the GPUs
+is bad input before a 144 GB download is opened (STYLE 5). Everything family-specific comes from the family
+table: ``layers_path``, ``norm_path``, ``lm_head_path``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+from torch import nn
+
+from probe.errors import BadInput
+
+# Room a device keeps for activations, the exact engine's stacked rows and KV caches: 8 % and 1 GiB.
+HEADROOM_FRACTION = 0.92
+HEADROOM_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A piece of the model that sits whole on one device: a module or a lone parameter (device-map key)."""
+
+    name: str
+    nbytes: int
+    kind: Literal["pre", "layer", "post"]
+
+
+@dataclass(frozen=True)
+class DeviceMap:
+    """Where every unit goes, and what that costs each device."""
+
+    device_map: dict[str, str]  # unit name → device, as accelerate / from_pretrained take it
+    devices: tuple[str, ...]
+    layer_blocks: tuple[tuple[int, int], ...]  # per device: [first, last) decoder layer
+    nbytes: tuple[int, ...]  # weight bytes per device
+
+    def summary(self) -> str:
+        parts = []
+        for dev, (a, b), n in zip(self.devices, self.layer_blocks, self.nbytes):
+            layers = f"layers {a}-{b - 1}" if b > a else "no layers"
+            parts.append(f"{dev} {layers} ({n / 2**30:.1f} GiB)")
+        return "device map: " + ", ".join(parts)
+
+
+def _nbytes(module: nn.Module) -> int:
+    own = {id(t): t for t in [*module.parameters(), *module.buffers()]}  # tied tensors once
+    return sum(t.numel() * t.element_size() for t in own.values())
+
+
+def model_units(model: nn.Module, layers_path: str, post_paths: Sequence[str]) -> list[Unit]:
+    """The model cut into units in forward order: pre units, one unit per decoder layer, post units."""
+    pre: list[Unit] = []
+    post: list[Unit] = []
+
+    def walk(prefix: str, module: nn.Module) -> None:
+        for name, p in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            pre.append(Unit(f"{prefix}{name}", p.numel() * p.element_size(), "pre"))
+        for name, child in module.named_children():
+            full = f"{prefix}{name}"
+            if full == layers_path:
+                continue
+            if layers_path.startswith(full + "."):
+                walk(full + ".", child)  # an ancestor of the decoder layers: open it up
+            elif _nbytes(child) or any(True for _ in child.parameters()):
+                target = post if full in post_paths else pre
+                target.append(Unit(full, _nbytes(child), "post" if full in post_paths else "pre"))
+
+    walk("", model)
+    layers = model.get_submodule(layers_path)
+    units = [Unit(f"{layers_path}.{i}", _nbytes(layer), "layer") for i, layer in enumerate(layers)]
+    return pre + units + post
+
+
+def balance_layers(layer_bytes: Sequence[int], first_extra: int, last_extra: int, n_devices: int) -> list[int]:
+    """Split layers into ≤ n_devices contiguous blocks (returned as block ends) minimising the largest device load,
+    the first device also holding ``first_extra`` bytes and the last ``last_extra`` (exact DP; n is small)."""
+    n = len(layer_bytes)
+    k = min(n_devices, n)
+    prefix = [0]
+    for b in layer_bytes:
+        prefix.append(prefix[-1] + b)
+    inf = float("inf")
+    # best[j][i]: the smallest possible max load putting layers [0, i) on devices [0, j)
+    best = [[inf] * (n + 1) for _ in range(k + 1)]
+    cut = [[0] * (n + 1) for _ in range(k + 1)]
+    best[0][0] = 0
+    for j in range(1, k + 1):
+        for i in range(1, n + 1):
+            for s in range(j - 1, i):
+                load = prefix[i] - prefix[s] + (first_extra if j == 1 else 0) + (last_extra if i == n and j == k else 0)
+                value = max(best[j - 1][s], load)
+                if value < best[j][i]:
+                    best[j][i], cut[j][i] = value, s
+    ends, i = [], n
+    for j in range(k, 0, -1):
+        ends.append(i)
+        i = cut[j][i]
+    return ends[::-1]
+
+
+def plan_device_map(model: nn.Module, layers_path: str, norm_path: str, lm_head_path: str,
+                    devices: Sequence[str], memory: Sequence[int] = ()) -> DeviceMap:
+    """The device map of ``model`` (usually on the meta device) over ``devices``, balanced by layers.
+
+    ``memory`` (bytes per device, when known) is checked with headroom: a map that does not fit is BadInput.
+    """
+    units = model_units(model, layers_path, (norm_path, lm_head_path))
+    head = model.get_submodule(lm_head_path)
+    tied = any(p is q for p in head.parameters() for q in model.get_input_embeddings().parameters())
+    pre = [u for u in units if u.kind == "pre"] + ([u for u in units if u.name == lm_head_path] if tied else [])
+    post = [u for u in units if u.kind == "post" and not (tied and u.name == lm_head_path)]
+    layers = [u for u in units if u.kind == "layer"]
+    ends = balance_layers([u.nbytes for u in layers], sum(u.nbytes for u in pre), sum(u.nbytes for u in post),
+                          len(devices))
+    used = tuple(devices[:len(ends)])
+    device_map: dict[str, str] = {u.name: used[0] for u in pre}
+    blocks, start = [], 0
+    for dev, end in zip(used, ends):
+        blocks.append((start, end))
+        device_map.update({layers[i].name: dev for i in range(start, end)})
+        start = end
+    device_map.update({u.name: used[-1] for u in post})
+    load = tuple(sum(u.nbytes for u in units if device_map[u.name] == dev) for dev in used)
+    plan = DeviceMap(device_map, used, tuple(blocks), load)
+    for dev, need, have in zip(used, load, memory):
+        usable = have * HEADROOM_FRACTION - HEADROOM_BYTES
+        if need > usable:
+            raise BadInput(f"the model does not fit on {len(devices)} device(s): {dev} would hold "
+                           f"{need / 2**30:.1f} GiB of weights, {have / 2**30:.1f} GiB total "
+                           f"({usable / 2**30:.1f} usable); use more GPUs or --dtype bfloat16")
+    return plan
+
+
+def meta_model(cls: type, config, dtype: torch.dtype) -> nn.Module:
+    """The model's modules with no storage (the meta device): sizes and names, no weights, no memory."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=True):
+        return cls._from_config(config, dtype=dtype)
+
+
+def dispatch(model: nn.Module, plan: DeviceMap) -> nn.Module:
+    """Attach accelerate's device hooks per the plan unless from_pretrained already did (it skips a map naming
+    one device, which is what the CPU tests use: several "cpu" devices still go through the hooks)."""
+    import logging
+    import warnings
+
+    from accelerate import dispatch_model
+
+    if getattr(model, "_hf_hook", None) is None:
+        # accelerate warns about "offloaded" parameters whenever a map names "cpu" (here nothing is offloaded:
+        # the main device is the CPU) and about lone parameters as map keys (LLaVA's image_newline): both noise
+        log = logging.getLogger("accelerate.big_modeling")
+        level = log.level
+        log.setLevel(logging.ERROR)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="The following device_map keys do not match")
+                dispatch_model(model, device_map=plan.device_map, main_device=plan.devices[0], force_hooks=True)
+        finally:
+            log.setLevel(level)
+    return model
