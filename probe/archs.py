@@ -74,3 +74,91 @@ def build_config(name: str, special: dict[str, int] | None = None, layers: int |
         return LlavaOnevisionConfig(text_config={"model_type": "qwen2"} | text, vision_config=vision, **special,
                                     **ids, vision_feature_select_strategy="full", vision_feature_layer=-1)
     raise ValueError(f"no config builder for family {arch.family!r}")
+
+
+def image_processor_for(name: str, config):
+    """The published image preprocessing of ``name`` (Qwen2-VL: 14-px patches merged 2×2, up to 12.8 MP;
+    LLaVA-OneVision: 384-px SigLIP tiles over the any-res grid of the config); None for text models."""
+    family = ARCHS[name].family
+    if family == "qwen2_vl":
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        return Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=28 * 28 * 16384, patch_size=14, merge_size=2,
+                                        temporal_patch_size=2)
+    if family == "llava_onevision":
+        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+            LlavaOnevisionImageProcessorPil,
+        )
+
+        return LlavaOnevisionImageProcessorPil(size={"height": 384, "width": 384},
+                                               image_grid_pinpoints=config.image_grid_pinpoints, crop_size=None)
+    return None
+
+
+def build_random(name: str, workdir, dtype: str = "float32", device: str = "cpu", attn_implementation: str = "sdpa",
+                 layers: int | None = None, vision_layers: int | None = None, vocab_size: int | None = None,
+                 seed: int = 0):
+    """A LoadedModel of architecture ``name`` with random weights, built directly on ``device`` (nothing is
+    downloaded or written but its config, tokenizer and image-processor files in ``workdir``)."""
+    from pathlib import Path
+
+    import torch
+    import transformers
+
+    from probe.families import FAMILIES, HeadGeometry, text_config_dict
+    from probe.models import DTYPES, LoadedModel, ModelRef, _check_geometry, load_processors
+    from probe.tiny import _CORPUS
+    from probe.tokenizer import build_tokenizer
+
+    arch = ARCHS[name]
+    fam = FAMILIES[arch.family]
+    tok = build_tokenizer(_CORPUS, 1024, fam.image_placeholder, fam.video_placeholder)
+    ids = tok.convert_tokens_to_ids
+    special = {"bos_token_id": ids("<|endoftext|>"), "eos_token_id": ids("<|im_end|>"),
+               "pad_token_id": ids("<|endoftext|>")}
+    if arch.family == "qwen2_vl":
+        special |= {"image_token_id": ids("<|image_pad|>"), "video_token_id": ids("<|video_pad|>"),
+                    "vision_start_token_id": ids("<|vision_start|>"), "vision_end_token_id": ids("<|vision_end|>")}
+    elif arch.family == "llava_onevision":
+        special |= {"image_token_id": ids("<image>"), "video_token_id": ids("<video>")}
+    config = build_config(name, special, layers, vision_layers, vocab_size)
+    out = Path(workdir)
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(out)
+    tok.save_pretrained(out)
+    processor = image_processor_for(name, config)
+    if processor is not None:
+        processor.save_pretrained(out)
+    cfg_dict = config.to_dict()
+    ref = ModelRef(name, out, fam, HeadGeometry.from_text_config(text_config_dict(cfg_dict, fam)), cfg_dict)
+    from transformers.initialization import no_init_weights
+
+    with torch.device(device), no_init_weights():  # built where it runs; initialised once, below
+        model = getattr(transformers, fam.model_class)._from_config(
+            config, dtype=DTYPES[dtype], attn_implementation=attn_implementation)
+    random_init(model, seed)
+    model.eval()
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.do_sample = False
+    tokenizer, proc = load_processors(ref)
+    loaded = LoadedModel(ref, model, tokenizer, proc, DTYPES[dtype], torch.device(device), attn_implementation)
+    _check_geometry(loaded)
+    return loaded
+
+
+def random_init(model, seed: int = 0, std: float = 0.02) -> None:
+    """What HF's initialisation gives, in one pass (torch's default init before it doubles the time of a CPU
+    smoke run): matrices and embeddings N(0, std), biases 0, norm scales 1. Buffers (rotary frequencies) are
+    computed by the modules themselves and left alone."""
+    import torch
+
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 or name.endswith("image_newline"):
+                p.normal_(0.0, std, generator=gen)
+            elif name.rsplit(".", 1)[-1] == "bias":
+                p.zero_()
+            else:
+                p.fill_(1.0)

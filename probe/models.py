@@ -223,6 +223,17 @@ def load_model(
         dispatch(model, plan).eval()
     else:
         model.to(device).eval()
+    tokenizer, processor = load_processors(ref)
+    loaded = LoadedModel(ref, model, tokenizer, processor, torch_dtype, torch.device(device), attn_implementation,
+                         plan)
+    _check_geometry(loaded)
+    return loaded
+
+
+def load_processors(ref: ModelRef) -> tuple[Any, Any | None]:
+    """The tokenizer and (multimodal families) the processor of a model directory."""
+    import transformers
+
     tokenizer = transformers.AutoTokenizer.from_pretrained(ref.path, **ref.load_kwargs)
     processor = None
     if ref.family.processor_class is not None:
@@ -233,10 +244,7 @@ def load_model(
             vision = ref.config.get("vision_config", {})
             extra["num_image_tokens"] = (vision.get("image_size", 384) // vision.get("patch_size", 14)) ** 2
         processor = proc_cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=None, **extra)
-    loaded = LoadedModel(ref, model, tokenizer, processor, torch_dtype, torch.device(device), attn_implementation,
-                         plan)
-    _check_geometry(loaded)
-    return loaded
+    return tokenizer, processor
 
 
 def plan_for(ref: ModelRef, dtype: torch.dtype, devices: Sequence[str], memory: Sequence[int] = ()):

@@ -15,6 +15,7 @@ import io
 import json
 import math
 import random
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -333,6 +334,36 @@ def build_dataset(
                                            open_fraction, subject=subject, split=split)
         write_mmmu_parquet(rows, root, split)
     return root
+
+
+# Sentences that lengthen a question to an MMMU-like prompt (its questions often carry a passage or a table).
+_PASSAGE = ("The figure was drawn for this question; read it together with the text.",
+            "Each shape sits in its own place and no two shapes overlap.",
+            "Colours are plain and every outline is sharp, so nothing is hidden.",
+            "Consider every option before choosing, as only one of them is correct.")
+
+
+def mmmu_length_rows(n: int, seed: int | str, image_size: int, text_tokens: int, count_tokens: Callable[[str], int],
+                     with_images: bool = True) -> list[dict[str, Any]]:
+    """``n`` multiple-choice rows alternating one and two images of ``image_size`` px, each question lengthened
+    by a passage until question + options reach ``text_tokens`` tokens (``count_tokens`` counts them), for
+    benchmarks at MMMU-like prompt lengths. Without images the ``<image k>`` references are dropped."""
+    rows = []
+    for i in range(n):
+        kind = ("colour", "compare")[i % 2]
+        row = generate_items(1, f"{seed}:{i}", image_size, (kind,), 0.0, subject="Bench")[0]
+        row["id"] = f"validation_Bench_{i + 1}"
+        if not with_images:
+            row.update({f"image_{k}": None for k in range(1, 8)})
+            row["question"] = re.sub(r"<image (\d+)>", r"image \1", row["question"])
+            row["options"] = re.sub(r"<image (\d+)>", r"image \1", row["options"])
+        passage, k = [], 0
+        while count_tokens(" ".join(passage) + row["question"] + row["options"]) < text_tokens:
+            passage.append(_PASSAGE[k % len(_PASSAGE)])
+            k += 1
+        row["question"] = (" ".join(passage) + "\n" if passage else "") + row["question"]
+        rows.append(row)
+    return rows
 
 
 def default_data_dir() -> Path:

@@ -1,0 +1,132 @@
+"""bench/sweep.py --random-config: the real 7B architectures from their configs with random weights, smoke-tested
+on CPU cut down to one 7B-shaped layer (the full model is the GPU script's, bench/gpu_check.sh)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _bench(*args: str, tmp: Path) -> tuple[int, str, str]:
+    """Run bench/sweep.py's main in this process (its imports would cost a subprocess 10 s): rc, stdout, stderr."""
+    import contextlib
+    import importlib.util
+    import io
+
+    from probe.errors import cli_main
+
+    spec = importlib.util.spec_from_file_location("bench_sweep", REPO / "bench" / "sweep.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out, err = io.StringIO(), io.StringIO()
+    threads = torch.get_num_threads()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = cli_main(module.main, list(args))
+    finally:
+        torch.set_num_threads(threads)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def test_random_config_qwen2_vl_7b_cut_to_one_layer_runs_and_reports(tmp_path):
+    """One 7B-shaped decoder layer (hidden 3584, 28 heads, 4 KV heads, MLP 18944), one vision layer of the real
+    tower, a 448-px image: the benchmark runs every engine, exact equals naive on the heads both measured, and the
+    report says what was cut and that the projection belongs to the cut model."""
+    from probe.archs import build_config
+    from probe.dispatch import meta_model
+
+    import transformers
+
+    out = tmp_path / "smoke.json"
+    rc, stdout, stderr = _bench(
+        "--random-config", "qwen2-vl-7b", "--layers", "1", "--vision-layers", "1", "--vocab-size", "2048",
+        "--heads", "0,27", "--naive-heads", "1", "--items", "1", "--image-size", "56", "--text-tokens", "16",
+        "--device", "cpu", "--threads", "1", "--json", str(out), tmp=tmp_path)
+    assert rc == 0, stderr[-3000:]
+    res = json.loads(out.read_text())
+    # the shapes are the real ones: parameters equal an independent count of the same cut config on meta
+    cfg = build_config("qwen2-vl-7b", None, layers=1, vision_layers=1, vocab_size=2048)
+    skeleton = meta_model(transformers.Qwen2VLForConditionalGeneration, cfg, torch.float32)
+    assert res["parameters"] == sum(p.numel() for p in skeleton.parameters())
+    assert (res["layers"], res["heads"], res["heads_swept"]) == (1, 28, 2)
+    assert res["cut"] == {"layers": "1/28", "vocab": "2048/152064", "vision_layers": "1/32"} and res["truncated"]
+    assert "cut-down model, not the full one" in stdout
+    # a 56-px image is 4×4 patches of 14 px merged 2×2: 4 image tokens, plus ≥ 16 text tokens
+    assert res["images_per_item"] == [1] and res["prompt_tokens"][0] >= 4 + 16
+    assert res["max_abs_diff_exact_vs_naive"] <= 1e-5 and res["same_predictions"]
+    assert res["naive_heads_timed"] == 1
+    assert all(res["s_per_item"][k] > 0 for k in ("naive", "exact", "attribution"))
+    assert res["matmul_tflops"] > 0 and 0 < res["exact_fraction_of_matmul"]
+    hours = res["projected_hours_full_sweep"]
+    assert hours["naive"] > 0 and hours["exact"] != hours["exact"]  # NaN: heads were cut, no exact projection
+    assert res["full_sweep"] == "28 heads x 900 items"
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--random-config", "qwen2-vl-7b", "--layers", "0"], "--layers must be ≥ 1"),
+    (["--random-config", "qwen2-7b", "--model", "tiny-qwen2"], "not both"),
+    (["--layers", "2"], "cut a --random-config model"),
+    (["--random-config", "qwen2-7b", "--device", "cuda"], "no CUDA GPU is visible"),
+])
+def test_bad_input_exits_2_with_one_line(args, match, tmp_path):
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    rc, _, stderr = _bench(*args, tmp=tmp_path)
+    assert rc == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and match in lines[0]
+
+
+def test_the_configs_are_the_published_7b_and_72b_shapes():
+    """Parameter counts of the published checkpoints (model cards: 7.62B, 8.29B, 8.03B, 72.7B, 73.4B)."""
+    import transformers
+
+    from probe.archs import ARCHS, build_config
+    from probe.dispatch import meta_model
+    from probe.families import FAMILIES
+
+    want = {"qwen2-7b": 7.62, "qwen2-vl-7b": 8.29, "llava-ov-7b": 8.03, "qwen2-72b": 72.71, "qwen2-vl-72b": 73.41}
+    for name, billions in want.items():
+        cls = getattr(transformers, FAMILIES[ARCHS[name].family].model_class)
+        model = meta_model(cls, build_config(name), torch.bfloat16)
+        assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == billions, name
+
+
+def test_mmmu_like_items_at_448_px_are_one_or_two_images_of_256_tokens_each(tmp_path):
+    """The items the GPU benchmark measures: alternately one and two 448×448 images, which Qwen2-VL-7B's
+    published preprocessing (14-px patches, 2×2 merge) turns into 256 tokens each; questions lengthened to the
+    asked number of text tokens. Processor and tokenizer only (no model)."""
+    from types import SimpleNamespace
+
+    from probe.archs import build_config, image_processor_for
+    from probe.families import FAMILIES
+    from probe.models import _processor_without_video
+    from probe.tiny import _CORPUS
+    from probe.tokenizer import build_tokenizer
+
+    import importlib.util
+    import transformers
+
+    fam = FAMILIES["qwen2_vl"]
+    tok = build_tokenizer(_CORPUS, 1024, fam.image_placeholder, fam.video_placeholder)
+    processor = _processor_without_video(transformers.Qwen2VLProcessor)(
+        image_processor=image_processor_for("qwen2-vl-7b", build_config("qwen2-vl-7b")), tokenizer=tok,
+        video_processor=None)
+    spec = importlib.util.spec_from_file_location("bench_sweep", REPO / "bench" / "sweep.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    loaded = SimpleNamespace(tokenizer=tok, family=fam)
+    items = module.mmmu_like_items(loaded, 2, 448, 200)
+    assert [len(i.images) for i in items] == [1, 2]
+    for item in items:
+        assert all(im.size == (448, 448) for im in item.pil_images())
+        text = item.question + str(list(item.options))  # as MMMU stores them: the str() of a list
+        assert len(tok(text, add_special_tokens=False)["input_ids"]) >= 200
+        enc = processor(text=[fam.image_placeholder * len(item.images) + text], images=item.pil_images(),
+                        return_tensors="pt")
+        n_image_tokens = int((enc["input_ids"] == tok.convert_tokens_to_ids("<|image_pad|>")).sum())
+        assert n_image_tokens == 256 * len(item.images)
