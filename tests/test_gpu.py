@@ -1,0 +1,149 @@
+"""bf16 and CUDA correctness (DESIGN §12). Every test here needs a CUDA GPU and is skipped on CPU with the reason
+listed (pytest -ra); bench/gpu_check.sh runs them on a GPU box. ``OMNIPROBE_GPU_TEST_DEVICE=cpu`` runs the same
+bodies on the CPU (bf16 emulated, flash-attention skipped) to check the tests themselves where no GPU is lent.
+
+Stated tolerances:
+- exact == naive in bf16: |Δp(answer)| ≤ 0.05 and |ΔKL| ≤ 0.05 + 10 % of KL per row, the same predicted letter
+  on ≥ 95 % of rows. bf16 keeps 8 bits of mantissa, and the exact engine stacks rows in a batch the naive loop
+  runs one by one, so the two orders of summation differ; 0.05 is also the exact engine's run-time guard for
+  half precision (probe/exact.py GUARD_TOLERANCE), and a broken engine is off by far more.
+- per-head mean KL in bf16 vs fp32 (exact engine, same items): Spearman ≥ 0.99 over the heads.
+- sdpa vs flash_attention_2 in bf16: per-head KL Spearman ≥ 0.99 and the same most salient head.
+- a model split between the CPU and the GPU (fp32, TF32 off) equals the model on the CPU to 1e-4.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+DEVICE = os.environ.get("OMNIPROBE_GPU_TEST_DEVICE", "cuda:0")
+ON_GPU = DEVICE.startswith("cuda")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(ON_GPU and not torch.cuda.is_available(),
+                       reason="needs a CUDA GPU (bench/gpu_check.sh runs these on a GPU box)"),
+]
+ORGANISMS = ("organism-vl", "organism-base", "organism-ov-si")
+N_ITEMS = 32
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def _load(alias: str, dtype: str, attn: str = "sdpa", device: str = DEVICE):
+    from probe.models import load_model, resolve_model
+
+    return load_model(resolve_model(alias), dtype=dtype, device=device, attn_implementation=attn)
+
+
+def _items(alias: str, n: int = N_ITEMS):
+    """n of the organism's validation items spread evenly over its subjects (they are sorted by subject)."""
+    from probe.heads import default_data_for
+    from probe.mmmu import load_items
+
+    items = load_items(str(default_data_for(alias)))[0]
+    return items[::max(1, len(items) // n)][:n]
+
+
+def _sweep(engine: str, loaded, items, generate: bool = False, batch_size: int = 16) -> pd.DataFrame:
+    from probe.sweep import SweepConfig, get_engine
+
+    g = loaded.geometry
+    heads = [(layer, h) for layer in range(g.n_layers) for h in range(g.n_heads)]
+    cfg = SweepConfig(generate=generate, batch_size=batch_size, max_new_tokens=3)
+    return pd.DataFrame(get_engine(engine)(loaded, items, heads, cfg))
+
+
+def _per_head_kl(df: pd.DataFrame) -> pd.Series:
+    return df[df["layer"] >= 0].groupby(["layer", "head"])["kl"].mean()
+
+
+@pytest.mark.parametrize("alias", ORGANISMS)
+def test_exact_equals_naive_in_bf16(alias):
+    loaded = _load(alias, "bfloat16")
+    items = _items(alias, 8)
+    naive, exact = _sweep("naive", loaded, items), _sweep("exact", loaded, items)
+    assert list(zip(naive["item_id"], naive["layer"], naive["head"])) == list(
+        zip(exact["item_id"], exact["layer"], exact["head"]))
+    assert np.abs(naive["p_answer"] - exact["p_answer"]).max() <= 0.05
+    assert (np.abs(naive["kl"] - exact["kl"]) <= 0.05 + 0.1 * naive["kl"]).all()
+    assert (naive["prob_pred"] == exact["prob_pred"]).mean() >= 0.95
+    assert exact.loc[exact["layer"] >= 0, "kl"].max() > 0.05  # trained heads matter: not 0 == 0
+
+
+@pytest.mark.parametrize("alias", ORGANISMS)
+def test_per_head_kl_in_bf16_ranks_heads_as_fp32_does(alias):
+    items = _items(alias)
+    fp32 = _per_head_kl(_sweep("exact", _load(alias, "float32"), items))
+    bf16 = _per_head_kl(_sweep("exact", _load(alias, "bfloat16"), items))
+    rho = spearmanr(fp32.values, bf16.values)[0]
+    assert rho >= 0.99, f"{alias}: Spearman {rho:.4f}"
+
+
+def test_sdpa_and_flash_attention_2_find_the_same_heads():
+    if not ON_GPU:
+        pytest.skip("flash_attention_2 runs on CUDA only")
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        pytest.skip("flash-attn is not installed (pip install flash-attn --no-build-isolation)")
+    items = _items("organism-vl")
+    sdpa = _per_head_kl(_sweep("exact", _load("organism-vl", "bfloat16", "sdpa"), items))
+    flash = _per_head_kl(_sweep("exact", _load("organism-vl", "bfloat16", "flash_attention_2"), items))
+    assert spearmanr(sdpa.values, flash.values)[0] >= 0.99
+    assert sdpa.idxmax() == flash.idxmax()
+
+
+@pytest.mark.parametrize("alias", ["organism-vl", "organism-ov-si"])
+def test_a_model_split_between_cpu_and_gpu_gives_the_cpu_numbers(alias):
+    """The residual really crosses devices: embeddings, tower and the first layers on the CPU, the rest on the
+    GPU (accelerate's hooks, main device the CPU). Every engine equals the model on the CPU alone (fp32)."""
+    from probe.dispatch import dispatch, plan_device_map
+
+    plain = _load(alias, "float32", device="cpu")
+    split = _load(alias, "float32", device="cpu")
+    fam = split.family
+    plan = plan_device_map(split.model, fam.layers_path, fam.norm_path, fam.lm_head_path, ["cpu", DEVICE])
+    dispatch(split.model, plan)
+    kinds = [d.type for d in split.layer_devices]
+    assert kinds[0] == "cpu" and kinds[-1] == torch.device(DEVICE).type
+    items = _items(alias, 4)
+    for engine, generate in (("exact", True), ("naive", False), ("attribution", False)):
+        a, b = _sweep(engine, plain, items, generate), _sweep(engine, split, items, generate)
+        np.testing.assert_allclose(a["p_answer"], b["p_answer"], atol=1e-4, err_msg=engine)
+        np.testing.assert_allclose(a["kl"], b["kl"], atol=1e-4, err_msg=engine)
+        assert (a["response"] == b["response"]).all()
+
+
+def test_device_auto_spreads_over_two_gpus_with_the_numbers_of_one():
+    if not ON_GPU or torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs")
+    from probe.models import load_model, resolve_model
+
+    ref = resolve_model("organism-vl")
+    one = load_model(ref, dtype="float32", device="cuda:0")
+    two = load_model(ref, dtype="float32", devices=("cuda:0", "cuda:1"))
+    assert {d.index for d in two.layer_devices} == {0, 1}
+    items = _items("organism-vl", 4)
+    a, b = _sweep("exact", one, items, True), _sweep("exact", two, items, True)
+    np.testing.assert_allclose(a["p_answer"], b["p_answer"], atol=1e-4)
+    assert (a["response"] == b["response"]).all()
+
+
+def test_defaults_on_a_gpu_are_cuda_and_bf16():
+    if not ON_GPU:
+        pytest.skip("the defaults on a CPU are tested in test_devices.py")
+    from probe.devices import resolve_placement
+
+    p = resolve_placement()
+    assert p.device_type == "cuda" and p.dtype == ("bfloat16" if torch.cuda.is_bf16_supported() else "float32")
