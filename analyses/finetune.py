@@ -280,7 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", type=int, default=None, metavar="R",
                    help="train LoRA adapters of rank R (peft) on the LM's projections instead of all weights; "
                    "checkpoints hold the merged weights and the adapter")
-    p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda")
+    p.add_argument("--device", default="auto",
+                   help="auto (this process's GPUs, several → one model split by layers; else cpu), cpu, cuda, "
+                        "cuda:0,cuda:1")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU, else float32), float32, bfloat16")
     p.add_argument("--out", type=Path, required=True, help="output dir (checkpoint-<step>/, train_log.csv)")
     return p

@@ -162,7 +162,8 @@ def add_prompt_args(p: argparse.ArgumentParser) -> None:
 def add_placement_args(p: argparse.ArgumentParser, attn_note: str) -> None:
     """--device / --dtype / --attn-implementation, shared by every command that runs a model (probe.devices)."""
     p.add_argument("--device", default="auto",
-                   help="auto (the GPU when there is one, under torchrun the rank's; else cpu), cpu, cuda, cuda:1")
+                   help="auto (this process's GPUs: all visible ones, under torchrun the rank's share; several → "
+                        "one model split by layers; no GPU → cpu), cpu, cuda, cuda:1, or a list cuda:0,cuda:1")
     p.add_argument("--dtype", default="auto",
                    help="auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16, float16")
     p.add_argument("--attn-implementation", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"),

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The GPU part of issue 18 (DESIGN §12) in one go, on a machine with a CUDA GPU: bf16/CUDA correctness tests and
+# the 7B-shaped sweep benchmark (random weights, no download), in about 8 minutes at most on one H200.
+#
+#   bench/gpu_check.sh [OUT_DIR]        # default runs/gpu-check; run from the repository root
+#
+# Needs: CUDA torch, this project installed with its test extras (README, "On GPUs"); nothing is downloaded.
+# Writes to OUT_DIR: env.txt (GPU, torch, CUDA, transformers, flash-attn), one <step>.log per step, summary.txt
+# (rc and seconds per step), bench_<arch>.json (bench/sweep.py --json), gpu_tests.xml (junit), and the
+# probe.heads CLI run of the default organism on the GPU. Each step has its own time limit, so a slow step
+# cannot eat the others' time; a step that ran past its limit shows rc=124 in summary.txt.
+set -u
+OUT=${1:-runs/gpu-check}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+PY=${PYTHON:-python}
+
+step() {  # step NAME LIMIT_S CMD...: run with a time limit, log to OUT/NAME.log, one line to summary.txt
+  local name=$1 limit=$2 start rc
+  shift 2
+  echo "== $name (limit ${limit}s)"
+  start=$(date +%s)
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  rc=$?
+  echo "$name rc=$rc $(($(date +%s) - start))s" | tee -a "$OUT/summary.txt"
+  tail -n 12 "$OUT/$name.log"
+}
+
+{
+  date -u
+  nvidia-smi || true
+  $PY -c "import torch, transformers, accelerate; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'available', torch.cuda.is_available(), [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())], \
+'transformers', transformers.__version__, 'accelerate', accelerate.__version__)"
+  $PY -c "import flash_attn; print('flash_attn', flash_attn.__version__)" 2>/dev/null || echo "flash_attn not installed"
+} >"$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+if ! $PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 3)"; then
+  echo "no CUDA GPU is visible to $PY: install a CUDA build of torch (README, On GPUs)" | tee -a "$OUT/summary.txt"
+  exit 3
+fi
+
+# 1. the benchmark the issue's targets are about: Qwen2-VL-7B, all 784 heads, 2 items (1 and 2 images of 448 px)
+step bench_qwen2-vl-7b 140 $PY bench/sweep.py --random-config qwen2-vl-7b --items 2 --batch-size 56 \
+  --json "$OUT/bench_qwen2-vl-7b.json"
+# 2. bf16 / CUDA correctness (tests/test_gpu.py) and the device resolution on the real machine
+step gpu_tests 150 $PY -m pytest -q -ra -p no:cacheprovider tests/test_gpu.py tests/test_devices.py \
+  --junitxml "$OUT/gpu_tests.xml"
+# 3. the other two 7B architectures, fewer items (LLaVA-OneVision's any-res tiles make its prompts long)
+step bench_qwen2-7b 50 $PY bench/sweep.py --random-config qwen2-7b --items 2 --batch-size 56 \
+  --json "$OUT/bench_qwen2-7b.json"
+step bench_llava-ov-7b 100 $PY bench/sweep.py --random-config llava-ov-7b --items 1 --batch-size 28 \
+  --json "$OUT/bench_llava-ov-7b.json"
+# 4. the CLI on the GPU with its defaults (--device auto, --dtype auto → cuda, bf16)
+step heads_cli 40 $PY -m probe.heads --no-generate --limit 32 --no-figures --quiet --overwrite \
+  --out "$OUT/heads-organism-vl"
+echo "results in $OUT/ (summary.txt)"
