@@ -5,6 +5,9 @@ in the gates at g = 1, so masking head (L, h) is estimated as z − ∂z/∂g_{L
 and KL are then computed from the estimated logits. It is a first-order estimate, not the exact sweep: run.json
 marks it approximate and `bench/sweep.py` reports its rank correlation with the exact engine. Accuracy needs
 generation, which a linearisation cannot give, so its column is NaN.
+
+On a model split over several devices (probe/dispatch.py) the forward and backward cross devices through
+accelerate's hooks and autograd; the gates live on the first device and each layer's slice moves to its own.
 """
 from __future__ import annotations
 

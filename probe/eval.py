@@ -169,7 +169,8 @@ def run(args: argparse.Namespace) -> Path:
              if f"{entry.name}|{ds.name}" not in plan.not_applicable]
     todo = [(m, d) for m, d in pairs if not part_file(out, m, d).is_file()]
     run_info = {"fingerprint": plan.fingerprint(), "plan": asdict(plan), "versions": versions(),
-                "placement": {"device": placement.device, "dtype": placement.dtype,
+                "placement": {"device": placement.device, "devices": list(placement.all_devices),
+                              "dtype": placement.dtype,
                               "attn_implementation": placement.attn_implementation,
                               "description": placement.description},
                 "argv": sys.argv[1:], "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

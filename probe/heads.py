@@ -227,7 +227,7 @@ def run(args: argparse.Namespace) -> Path:
     run_info = {
         "fingerprint": plan.fingerprint(), "plan": asdict(plan), "versions": versions(),
         "argv": sys.argv[1:], "approximate": plan.method == "attribution",
-        "placement": {"device": placement.device, "dtype": placement.dtype,
+        "placement": {"device": placement.device, "devices": list(placement.all_devices), "dtype": placement.dtype,
                       "attn_implementation": placement.attn_implementation, "description": placement.description},
         "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

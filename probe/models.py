@@ -200,15 +200,15 @@ def load_model(
     if dtype not in DTYPES:
         raise BadInput(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     torch_dtype = DTYPES[dtype]
+    plan = None
+    if len(devices) > 1:  # planned from the config alone: a model that cannot fit fails before the download
+        plan = plan_for(ref, torch_dtype, devices, device_memory)
+        print(plan.summary(), file=sys.stderr)
+        device = plan.devices[0]  # inputs and embeddings
     if ref.hub_repo is not None:  # resolution fetched configs only; the weights come now
         model_path(ref.spec, weights=True)
         check_weights(ref.path, ref.gguf_file)
     cls = getattr(transformers, ref.family.model_class)
-    plan = None
-    if len(devices) > 1:
-        plan = plan_for(ref, torch_dtype, devices, device_memory)
-        print(plan.summary(), file=sys.stderr)
-        device = plan.devices[0]  # inputs and embeddings
     try:
         model = cls.from_pretrained(
             ref.path, dtype=torch_dtype, attn_implementation=attn_implementation, **ref.load_kwargs,

@@ -227,3 +227,17 @@ def test_device_cuda_without_a_gpu_exits_2_with_one_line(tmp_path, data_dir, tin
         err = capfd.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "no CUDA GPU is visible" in err[0]
         assert not (tmp_path / "r").exists()
+
+
+def test_load_model_refuses_a_map_that_cannot_fit_before_reading_weights(tiny_dirs, monkeypatch):
+    """The memory check runs on the meta-device plan, before from_pretrained opens a weight file."""
+    import transformers
+
+    from probe.models import load_model, resolve_model
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were read before the plan was checked")
+
+    monkeypatch.setattr(transformers.Qwen2VLForConditionalGeneration, "from_pretrained", no_weights)
+    with pytest.raises(BadInput, match="does not fit on 2 device"):
+        load_model(resolve_model(str(tiny_dirs["qwen2_vl"])), devices=("cpu", "cpu"), device_memory=(GIB, GIB // 2))
