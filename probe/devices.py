@@ -81,6 +81,9 @@ def gpu_share(n_gpus: int, local_rank: int | None, local_world: int | None) -> l
     """
     if local_rank is None or n_gpus == 0:
         return list(range(n_gpus))
+    if local_rank >= n_gpus:
+        raise BadInput(f"--device auto: rank {local_rank} has no GPU of its own ({n_gpus} visible); "
+                       "run at most one process per GPU")
     if not local_world or local_world >= n_gpus:
         return [local_rank]
     if n_gpus % local_world:
