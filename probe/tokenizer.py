@@ -51,14 +51,20 @@ def build_tokenizer(
     vocab_size: int = 1024,
     image_placeholder: str | None = "<|vision_start|><|image_pad|><|vision_end|>",
     video_placeholder: str | None = "<|vision_start|><|video_pad|><|vision_end|>",
+    extra_special: tuple[str, ...] = (),
+    named_tokens: dict[str, str] | None = None,
 ) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE on `corpus` (deterministic for a fixed corpus) and wrap it for transformers."""
+    """Train a byte-level BPE on `corpus` (deterministic for a fixed corpus) and wrap it for transformers.
+
+    ``extra_special`` are further special tokens (after the common ones, so existing ids do not move);
+    ``named_tokens`` become tokenizer attributes some processors read (Gemma 3's ``boi_token``, InternVL's
+    ``context_image_token``, ...)."""
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=list(SPECIAL_TOKENS) + [t for t in extra_special if t not in SPECIAL_TOKENS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -77,6 +83,7 @@ def build_tokenizer(
         pad_token="<|endoftext|>",
         bos_token=None,
         model_max_length=32768,
+        **({"extra_special_tokens": dict(named_tokens)} if named_tokens else {}),
     )
     wrapped.chat_template = chat_template_for(image_placeholder, video_placeholder)
     return wrapped
