@@ -159,6 +159,7 @@ FAMILIES: dict[str, Family] = {
             video_placeholder="<video>\n",
             processor_kwargs=(("vision_feature_select_strategy", "vision_feature_select_strategy"),
                               ("num_image_tokens", "@vision_patches")),
+            lm_model_type="qwen2",  # also read from lmms-lab's flat llava_qwen configs
             video_inputs="llava_onevision",
             hub_examples=("llava-hf/llava-onevision-qwen2-7b-si-hf", "lmms-lab/LLaVA-Video-7B-Qwen2 (LM only)"),
         ),
@@ -339,9 +340,10 @@ _LM_NESTED = (("language_model.model.", ""), ("language_model.lm_head.", "lm_hea
 _LM_TF4 = (("model.language_model.", ""), ("lm_head.", "lm_head."))
 
 def _text_layouts() -> tuple[Layout, ...]:
-    """Plain causal LMs (Qwen3, Mistral, Gemma 3 text): ``model.…`` and ``lm_head`` (absent when tied)."""
+    """Plain causal LMs (Qwen3, Mistral, Gemma 3 text, Llama): ``model.…`` and ``lm_head`` (absent when tied)."""
     return tuple(Layout(name=t, family=t, model_types=(t,), lm_prefixes=_LM_PLAIN, other_prefixes=(),
-                        markers=("model.layers.",), description=f"{t} causal LM") for t in ("qwen3", "mistral", "gemma3_text"))
+                        markers=("model.layers.",), description=f"{t} causal LM")
+                 for t in ("qwen3", "mistral", "gemma3_text", "llama"))
 
 
 def _vlm_layouts() -> tuple[Layout, ...]:
@@ -502,6 +504,20 @@ def family_of_model_type(model_type: str) -> Family:
                    f"README 'Supported model families') has it; supported: {', '.join(known)}")
 
 
+# The causal-LM classes a merged LM is written as (families' lm_model_type → class); all name keys model.….
+CAUSAL_LM: dict[str, str] = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM",
+                             "mistral": "MistralForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+
+
+def causal_lm_type(family: Family, text_config: Mapping[str, Any]) -> str:
+    """The model_type a family's LM is written as on its own (a merged LM)."""
+    model_type = family.lm_model_type or text_config.get("model_type") or family.model_types[0]
+    if model_type not in CAUSAL_LM:
+        raise BadInput(f"{family.name}: no causal-LM class for LM model_type {model_type!r} "
+                       f"(probe/families.py CAUSAL_LM knows {', '.join(CAUSAL_LM)})")
+    return model_type
+
+
 def config_value(config: Mapping[str, Any], path: str) -> Any:
     """``config["a"]["b"]`` for the dotted path ``a.b`` (None when any part is missing)."""
     value: Any = config
@@ -564,6 +580,7 @@ class HeadGeometry:
 
     @staticmethod
     def from_text_config(cfg: Mapping[str, Any]) -> "HeadGeometry":
+        cfg = with_class_defaults(cfg)
         try:
             n_heads = int(cfg["num_attention_heads"])
             hidden = int(cfg["hidden_size"])
@@ -573,6 +590,21 @@ class HeadGeometry:
         head_dim = cfg.get("head_dim") or hidden // n_heads
         n_kv = cfg.get("num_key_value_heads") or n_heads
         return HeadGeometry(n_layers, n_heads, int(n_kv), int(head_dim), hidden)
+
+
+def with_class_defaults(cfg: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Published configs may store only what differs from the config class's defaults (llava-1.5-7b-hf's
+    text_config has no hidden_size): fill the head-layout keys from transformers' class for its model_type."""
+    needed = ("num_attention_heads", "hidden_size", "num_hidden_layers")
+    if all(k in cfg for k in needed) or not cfg.get("model_type"):
+        return cfg
+    from transformers import AutoConfig
+
+    try:
+        defaults = AutoConfig.for_model(cfg["model_type"]).to_dict()
+    except (ValueError, KeyError):
+        return cfg
+    return {**{k: defaults.get(k) for k in (*needed, "num_key_value_heads", "head_dim") if k in defaults}, **cfg}
 
 
 def text_config_dict(config: Mapping[str, Any], family: Family) -> dict[str, Any]:
@@ -586,8 +618,17 @@ def text_config_dict(config: Mapping[str, Any], family: Family) -> dict[str, Any
     return dict(sub)
 
 
+def check_layout_model_type(model_type: str | None) -> None:
+    """A model_type no layout row knows is bad input, said before any weight file is opened."""
+    if model_type is not None and not any(model_type in lay.model_types for lay in LAYOUTS.values()):
+        known = sorted({t for lay in LAYOUTS.values() for t in lay.model_types})
+        raise BadInput(f"unsupported model_type {model_type!r}: no row of the layout table (probe/families.py "
+                       f"LAYOUTS; README 'Supported model families') has it; supported: {', '.join(known)}")
+
+
 def detect_layout(model_type: str | None, keys: Iterable[str]) -> Layout:
     """Pick the one layout whose model_type and marker keys match; never guess silently."""
+    check_layout_model_type(model_type)
     keys = list(keys)
     candidates = [lay for lay in LAYOUTS.values() if model_type is None or model_type in lay.model_types]
     matches = [

@@ -94,6 +94,21 @@ def _b_qwen3(spec, text, ids):
     return tf.Qwen3ForCausalLM(tf.Qwen3Config(**text, head_dim=24)), None
 
 
+def _b_llama(spec, text, ids):
+    import transformers as tf
+
+    return tf.LlamaForCausalLM(tf.LlamaConfig(**text)), None
+
+
+def _b_qwen2_audio(spec, text, ids):
+    import transformers as tf
+
+    cfg = tf.Qwen2AudioConfig(text_config=dict(model_type="qwen2") | text, audio_token_index=ids("<|endoftext|>"),
+                              audio_config=dict(d_model=16, encoder_layers=1, encoder_attention_heads=2,
+                                                encoder_ffn_dim=32, num_mel_bins=8, max_source_positions=20))
+    return tf.Qwen2AudioForConditionalGeneration(cfg), None
+
+
 def _b_mistral(spec, text, ids):
     import transformers as tf
 
@@ -256,7 +271,7 @@ def _special(text: dict) -> dict:
 
 BUILDERS: dict[str, Callable] = {
     "qwen2": _b_qwen2, "qwen2_vl": _b_qwen2_vl, "llava_onevision": _b_llava_onevision,
-    "qwen3": _b_qwen3, "mistral": _b_mistral, "gemma3_text": _b_gemma3_text, "qwen2_5_vl": _b_qwen2_5_vl,
+    "llama": _b_llama, "qwen2_audio": _b_qwen2_audio, "qwen3": _b_qwen3, "mistral": _b_mistral, "gemma3_text": _b_gemma3_text, "qwen2_5_vl": _b_qwen2_5_vl,
     "qwen3_vl": _b_qwen3_vl, "qwen2_5_omni_thinker": _b_qwen2_5_omni_thinker, "llava": _b_llava,
     "llava_next": _b_llava_next, "gemma3": _b_gemma3, "idefics3": _b_idefics3, "internvl": _b_internvl,
 }

@@ -1,0 +1,276 @@
+"""The families added as table rows (issue 21), each on a tiny random model built from its config.
+
+Oracles: masking a head == zeroing its o_proj columns; the exact engine == the naive loop (text, image and, where
+the family takes it, video items); the checkpoint layout's canonical LM names == the loaded model's own LM modules;
+merges == the formula on the loaded modules' tensors, carriers loadable by their class.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import make_item
+from probe.families import ALIASES, CAUSAL_LM, FAMILIES, LAYOUTS, causal_lm_type, detect_layout, canonical_lm_name
+
+NEW = ("qwen3", "mistral", "gemma3_text", "qwen2_5_vl", "qwen3_vl", "qwen2_5_omni_thinker", "llava", "llava_next",
+       "gemma3", "idefics3", "internvl")
+VIDEO = ("qwen2_5_vl", "qwen2_5_omni_thinker")
+
+
+@pytest.fixture(scope="module")
+def dirs(omniprobe_cache, shared_root) -> dict[str, Path]:
+    from filelock import FileLock
+
+    from probe.tiny import tiny_dir
+
+    with FileLock(str(shared_root / "tiny.lock")):
+        return {f: tiny_dir(f) for f in NEW}
+
+
+@pytest.fixture(scope="module")
+def loaded(dirs):
+    from probe.models import load_model, resolve_model
+
+    torch.set_num_threads(1)
+    cache: dict = {}
+
+    def load(family: str):
+        if family not in cache:
+            cache[family] = load_model(resolve_model(str(dirs[family])), attn_implementation="sdpa")
+        return cache[family]
+
+    return load
+
+
+@pytest.fixture(scope="module")
+def video_item(tmp_path_factory):
+    from probe.mmmu import load_mmmu
+    from probe.zoo.tasks_video import build_video_dataset
+
+    root = tmp_path_factory.mktemp("video")
+    build_video_dataset(root, {"validation": 1}, seed=0)
+    return load_mmmu(root, "validation")[0][0]
+
+
+def items_for(m, video_item) -> list:
+    """A text item with five options (a letter beyond D), plus an image item and a video item where supported."""
+    items = [make_item(n_options=5, answer="E", with_image=False, item_id="validation_Test_5")]
+    if "image" in m.family.modalities:
+        items.append(make_item(item_id="validation_Test_1"))
+    if "video" in m.family.modalities:
+        items.append(video_item)
+    return items
+
+
+def test_table_rows_are_consistent():
+    from probe.tiny import BUILDERS
+
+    for fam in FAMILIES.values():
+        assert fam.name in BUILDERS, f"{fam.name}: no tiny builder (adding a family = a row + a tiny model)"
+    for lay in LAYOUTS.values():
+        assert lay.family in FAMILIES and set(lay.model_types) - {"llava_qwen"} <= {
+            t for f in FAMILIES.values() for t in f.model_types}, lay.name
+    for alias in ALIASES.values():
+        assert alias.family in FAMILIES, alias.alias
+    types = [t for f in FAMILIES.values() for t in f.model_types]
+    assert len(types) == len(set(types)), "a model_type in two rows"
+
+
+@pytest.mark.parametrize("family", NEW)
+def test_masking_equals_zeroed_o_proj_columns(family, loaded, video_item):
+    from probe.masking import mask_heads
+    from probe.prompting import PromptTemplate, build_inputs
+
+    m = loaded(family)
+    g = m.geometry
+    assert m.o_proj(0).in_features == g.n_heads * g.head_dim
+    item = items_for(m, video_item)[-1]  # the richest modality the family takes
+    inputs = build_inputs(m, item, PromptTemplate())
+    heads = [(0, 1), (g.n_layers - 1, g.n_heads - 1)]
+    with torch.no_grad():
+        clean = m.model(**inputs).logits[0, -1]
+        with mask_heads(m, heads):
+            masked = m.model(**inputs).logits[0, -1]
+        saved = {layer: m.o_proj(layer).weight.detach().clone() for layer, _ in heads}
+        try:
+            for layer, h in heads:
+                m.o_proj(layer).weight[:, h * g.head_dim:(h + 1) * g.head_dim] = 0
+            zeroed = m.model(**inputs).logits[0, -1]
+        finally:
+            for layer, w in saved.items():
+                m.o_proj(layer).weight.copy_(w)
+    torch.testing.assert_close(masked, zeroed, atol=1e-5, rtol=0)
+    assert (masked - clean).abs().max() > 1e-6  # the mask did something
+
+
+@pytest.mark.parametrize("family", NEW)
+def test_exact_equals_naive(family, loaded, video_item):
+    from probe.sweep import SweepConfig, get_engine
+
+    m = loaded(family)
+    g = m.geometry
+    heads = [(layer, h) for layer in range(g.n_layers) for h in range(g.n_heads)]
+    items = items_for(m, video_item)
+    cfg = SweepConfig(generate=True, batch_size=3, max_new_tokens=3)
+    naive = pd.DataFrame(get_engine("naive")(m, items, heads, cfg))
+    exact = pd.DataFrame(get_engine("exact")(m, items, heads, cfg))
+    for col in ("item_id", "layer", "head", "pred", "prob_pred", "response"):
+        assert (naive[col] == exact[col]).all(), col
+    for col in ("kl", "p_answer"):
+        np.testing.assert_allclose(exact[col], naive[col], atol=1e-5, rtol=0, err_msg=col)
+    assert exact.loc[exact["layer"] >= 0, "kl"].max() > 1e-7
+
+
+def module_lm(m) -> dict[str, torch.Tensor]:
+    """The LM tensors of a loaded model under canonical names, read from its modules (not from any key table)."""
+    fam = m.family
+    out = {f"layers.{k}": v for k, v in m.layers.state_dict().items()}
+    out["embed_tokens.weight"] = m.model.get_input_embeddings().weight
+    out["norm.weight"] = m.model.get_submodule(fam.norm_path).weight
+    out["lm_head.weight"] = m.model.get_submodule(fam.lm_head_path).weight
+    return {k: v.detach() for k, v in out.items()}
+
+
+EXPECTED_LAYOUT = {"qwen2_5_omni_thinker": "qwen2_5_omni"}
+
+
+@pytest.mark.parametrize("family", NEW)
+def test_layout_names_the_models_own_lm_tensors(family, dirs, loaded):
+    """What transformers writes for the family is read as the model's LM: every module tensor, nothing else."""
+    from analyses.checkpoints import open_checkpoint
+
+    m = loaded(family)
+    want = module_lm(m)
+    with open_checkpoint(str(dirs[family])) as ck:
+        assert ck.layout.name == EXPECTED_LAYOUT.get(family, family)
+        names = set(ck.lm) | ({"lm_head.weight"} if ck.tied else set())
+        assert names == set(want)
+        for canon in want:
+            torch.testing.assert_close(ck.view(ck.lm_info(canon)), want[canon], atol=0, rtol=0)
+    assert causal_lm_type(m.family, m.model.config.get_text_config().to_dict()) in CAUSAL_LM
+
+
+# Key names as the real checkpoints publish them (safetensors index of each hub repo), one LM, one non-LM key.
+PUBLISHED = {
+    "Qwen/Qwen2.5-VL-7B-Instruct": ("qwen2_5_vl", "qwen2_5_vl", ["model.layers.0.self_attn.q_proj.weight",
+                                    "model.embed_tokens.weight", "lm_head.weight", "visual.blocks.0.attn.qkv.weight"]),
+    "Qwen/Qwen3-VL-8B-Instruct": ("qwen3_vl", "qwen3_vl", ["model.language_model.layers.0.self_attn.q_norm.weight",
+                                  "model.language_model.embed_tokens.weight", "lm_head.weight",
+                                  "model.visual.blocks.0.attn.qkv.weight"]),
+    "Qwen/Qwen2.5-Omni-7B": ("qwen2_5_omni", "qwen2_5_omni", ["thinker.model.layers.0.self_attn.q_proj.weight",
+                             "thinker.model.embed_tokens.weight", "thinker.lm_head.weight",
+                             "thinker.visual.blocks.0.attn.qkv.weight", "thinker.audio_tower.conv1.weight",
+                             "talker.model.layers.0.self_attn.q_proj.weight", "token2wav.code2wav_dit_model.x"]),
+    "llava-hf/llava-1.5-7b-hf": ("llava", "llava", ["language_model.model.layers.0.self_attn.q_proj.weight",
+                                 "language_model.model.embed_tokens.weight", "language_model.lm_head.weight",
+                                 "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight",
+                                 "multi_modal_projector.linear_1.weight"]),
+    "llava-hf/llava-v1.6-mistral-7b-hf": ("llava_next", "llava_next", [
+        "language_model.model.layers.0.self_attn.q_proj.weight", "language_model.model.embed_tokens.weight",
+        "language_model.lm_head.weight", "image_newline", "vision_tower.vision_model.post_layernorm.weight"]),
+    "google/gemma-3-4b-it": ("gemma3", "gemma3", ["language_model.model.layers.0.self_attn.q_norm.weight",
+                             "language_model.model.embed_tokens.weight",
+                             "multi_modal_projector.mm_input_projection_weight",
+                             "vision_tower.vision_model.embeddings.patch_embedding.weight"]),
+    "HuggingFaceTB/SmolVLM-Instruct": ("idefics3", "idefics3", ["model.text_model.layers.0.self_attn.q_proj.weight",
+                                       "model.text_model.embed_tokens.weight", "lm_head.weight",
+                                       "model.vision_model.encoder.layers.0.mlp.fc1.weight",
+                                       "model.connector.modality_projection.proj.weight"]),
+    "OpenGVLab/InternVL3-8B-hf": ("internvl", "internvl_tf4", ["model.language_model.layers.0.self_attn.q_proj.weight",
+                                  "model.language_model.embed_tokens.weight", "lm_head.weight",
+                                  "model.vision_tower.encoder.layer.0.attention.q_proj.weight",
+                                  "model.multi_modal_projector.linear_1.weight"]),
+    "google/gemma-3-1b-it": ("gemma3_text", "gemma3_text", ["model.layers.0.self_attn.k_norm.weight",
+                             "model.embed_tokens.weight", "model.norm.weight"]),
+}
+
+
+@pytest.mark.parametrize("repo", PUBLISHED)
+def test_published_key_names(repo):
+    model_type, layout, keys = PUBLISHED[repo]
+    lay = detect_layout(model_type, keys)
+    assert lay.name == layout
+    canon = {k: canonical_lm_name(lay, k) for k in keys}
+    assert {c for c in canon.values() if c} == {
+        "layers.0.self_attn." + k.rsplit("self_attn.", 1)[1] for k in keys[:1]} | {
+        "embed_tokens.weight"} | ({"lm_head.weight"} if any("lm_head" in k for k in keys) else set()) | (
+        {"norm.weight"} if "model.norm.weight" in keys else set())
+    assert all(canon[k] is None for k in keys if any(s in k for s in ("visual", "vision", "audio", "projector",
+                                                                      "connector", "talker", "token2wav", "newline")))
+
+
+def _pair(family: str, root: Path) -> tuple[Path, Path]:
+    """Two tiny models of one family with different random weights (seeds 0 and 1)."""
+    from probe.tiny import SPECS, TinySpec, build_tiny
+
+    spec = SPECS.get(family, TinySpec())
+    return (build_tiny(family, root / f"{family}-a", spec),
+            build_tiny(family, root / f"{family}-b", dataclasses.replace(spec, seed=1)))
+
+
+@pytest.mark.parametrize("family", [f for f in NEW if FAMILIES[f].processor_class])
+def test_weighted_merge_transplanted_into_carrier(family, tmp_path):
+    """Eq. 2 on the loaded modules' tensors; the merged LM loads as its causal LM class; the carrier loads with
+    its family class, holds the merged LM and the first model's vision tower unchanged."""
+    import transformers as tf
+
+    from analyses import merge, shift
+    from probe.errors import cli_main
+    from probe.models import load_model, resolve_model
+
+    a, b = _pair(family, tmp_path)
+    out = tmp_path / "merged"
+    assert cli_main(merge.main, ["--models", str(a), str(b), "--method", "weighted", "--weights", "1", "3",
+                                 "--carrier", str(a), "--out", str(out)]) == 0
+    ma, mb = (load_model(resolve_model(str(p))) for p in (a, b))
+    la, lb = module_lm(ma), module_lm(mb)
+    lm = tf.AutoModelForCausalLM.from_pretrained(out)
+    assert type(lm).__name__ == CAUSAL_LM[causal_lm_type(ma.family, ma.model.config.get_text_config().to_dict())]
+    got = {f"layers.{k}": v for k, v in lm.model.layers.state_dict().items()}
+    got |= {"embed_tokens.weight": lm.model.embed_tokens.weight, "norm.weight": lm.model.norm.weight,
+            "lm_head.weight": lm.lm_head.weight}
+    assert set(got) == set(la)
+    for k in la:
+        torch.testing.assert_close(got[k].detach(), 0.25 * la[k] + 0.75 * lb[k])
+    carrier = load_model(resolve_model(str(out / "carriers" / a.name)))
+    lc = module_lm(carrier)
+    for k in la:
+        torch.testing.assert_close(lc[k], got[k].detach())
+    vision = {k: v for k, v in carrier.model.state_dict().items() if not k.startswith(ma.family.layers_path)
+              and "language_model" not in k and "text_model" not in k and "lm_head" not in k}
+    orig = ma.model.state_dict()
+    assert vision and all(torch.equal(v, orig[k]) for k, v in vision.items())
+    # Eq. 3 on the same pair: Δavg per tensor from the loaded modules
+    assert cli_main(shift.main, ["--base", str(a), "--models", str(b), "--out", str(tmp_path / "s"),
+                                 "--no-figures"]) == 0
+    rows = pd.read_csv(tmp_path / "s" / "shift.csv")
+    for r in rows.itertuples():
+        assert r.delta_avg == pytest.approx(float((la[r.tensor] - lb[r.tensor]).abs().mean()), rel=1e-5)
+
+
+def test_unknown_model_type_is_bad_input_before_loading(tmp_path, dirs):
+    """exit 2, one line naming the model_type and pointing at the table; nothing written."""
+    import shutil
+    import subprocess
+    import sys
+
+    model = tmp_path / "m"
+    shutil.copytree(dirs["qwen3"], model)
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(cfg | {"model_type": "mamba9"}))
+    (model / "model.safetensors").write_bytes(b"not read")  # loading would fail differently
+    for cmd in (["probe.heads", "--model", str(model), "--limit", "1", "--out", str(tmp_path / "o")],
+                ["probe.eval", "--models", str(model), "--data", "organisms", "--out", str(tmp_path / "o")],
+                ["analyses.shift", "--base", str(model), "--models", str(model), "--out", str(tmp_path / "o")]):
+        p = subprocess.run([sys.executable, "-m", *cmd], capture_output=True, text=True,
+                           cwd=Path(__file__).resolve().parents[1])
+        assert p.returncode == 2, (cmd, p.stderr)
+        line = p.stderr.strip().splitlines()[-1]
+        assert "'mamba9'" in line and "probe/families.py" in line, line
+        assert not (tmp_path / "o").exists()
