@@ -291,6 +291,7 @@ FAMILIES: dict[str, Family] = {
             image_placeholder="<start_of_image>",
             video_placeholder=None,
             processor_kwargs=(("image_seq_length", "mm_tokens_per_image"),),
+            lm_model_type="gemma3_text",
             special_tokens=_GEMMA3_TOKENS,
             named_tokens=tuple(zip(("boi_token", "image_token", "eoi_token"), _GEMMA3_TOKENS)),
             hub_examples=("google/gemma-3-4b-it", "google/gemma-3-12b-it"),
@@ -309,6 +310,7 @@ FAMILIES: dict[str, Family] = {
             image_placeholder="<image>",
             video_placeholder=None,
             processor_kwargs=(("image_seq_len", "@idefics3_image_seq_len"),),
+            lm_model_type="llama",
             special_tokens=("<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"),
             hub_examples=("HuggingFaceM4/Idefics3-8B-Llama3", "HuggingFaceTB/SmolVLM-Instruct"),
             note="SmolVLM (v1) is an Idefics3",
@@ -487,12 +489,62 @@ ALIASES: dict[str, ModelAlias] = {
         ModelAlias("tiny-qwen2", "tiny:qwen2", "qwen2", "random weights, built from a config (seed 0)"),
         ModelAlias("tiny-qwen2-vl", "tiny:qwen2_vl", "qwen2_vl", "random weights, built from a config (seed 0)"),
         ModelAlias("tiny-llava-ov", "tiny:llava_onevision", "llava_onevision", "random weights (seed 0)"),
+        # Issue 21: the families researchers merge today, and the paper's Table 7 omni pair.
+        ModelAlias("qwen2.5", "Qwen/Qwen2.5-7B-Instruct", "qwen2", "Qwen2.5-VL's and the Omni thinker's base"),
+        ModelAlias("qwen2.5-base", "Qwen/Qwen2.5-7B", "qwen2", "pretrained, not instruction-tuned"),
+        ModelAlias("qwen2.5-coder", "Qwen/Qwen2.5-Coder-7B-Instruct", "qwen2", "a Qwen2.5-7B text fine-tune"),
+        ModelAlias("qwen2.5-vl", "Qwen/Qwen2.5-VL-7B-Instruct", "qwen2_5_vl"),
+        ModelAlias("qwen2.5-omni", "Qwen/Qwen2.5-Omni-7B", "qwen2_5_omni_thinker", "the thinker loads; no talker"),
+        ModelAlias("qwen3", "Qwen/Qwen3-8B", "qwen3"),
+        ModelAlias("qwen3-base", "Qwen/Qwen3-8B-Base", "qwen3"),
+        ModelAlias("qwen3-vl", "Qwen/Qwen3-VL-8B-Instruct", "qwen3_vl"),
+        ModelAlias("vicuna-1.5", "lmsys/vicuna-7b-v1.5", "llama", "LLaVA-1.5's and LLaVA-NeXT-Vicuna's base"),
+        ModelAlias("llava-1.5", "llava-hf/llava-1.5-7b-hf", "llava"),
+        ModelAlias("mistral-7b-v0.2", "mistralai/Mistral-7B-Instruct-v0.2", "mistral", "LLaVA-NeXT-Mistral's base"),
+        ModelAlias("llava-next-mistral", "llava-hf/llava-v1.6-mistral-7b-hf", "llava_next"),
+        ModelAlias("llava-next-vicuna", "llava-hf/llava-v1.6-vicuna-7b-hf", "llava_next"),
+        ModelAlias("gemma3-1b", "google/gemma-3-1b-it", "gemma3_text"),
+        ModelAlias("gemma3", "google/gemma-3-4b-it", "gemma3"),
+        ModelAlias("idefics3", "HuggingFaceM4/Idefics3-8B-Llama3", "idefics3"),
+        ModelAlias("smolvlm", "HuggingFaceTB/SmolVLM-Instruct", "idefics3"),
+        ModelAlias("internvl3", "OpenGVLab/InternVL3-8B-hf", "internvl", "Qwen2.5-7B LM"),
+        ModelAlias("internvl3-1b", "OpenGVLab/InternVL3-1B-hf", "internvl", "Qwen2.5-0.5B LM, tied embeddings"),
+        ModelAlias("tiny-qwen2.5", "tiny:qwen2_5", "qwen2", "random weights, 2 layers: the LM shape of tiny-qwen2.5-vl"),
+        *(ModelAlias(alias, f"tiny:{f}", f, "random weights, built from a config (seed 0)")
+          for alias, f in (("tiny-qwen3", "qwen3"), ("tiny-mistral", "mistral"), ("tiny-gemma3-text", "gemma3_text"),
+                           ("tiny-qwen2.5-vl", "qwen2_5_vl"), ("tiny-qwen3-vl", "qwen3_vl"),
+                           ("tiny-qwen2.5-omni", "qwen2_5_omni_thinker"), ("tiny-llava", "llava"),
+                           ("tiny-llava-next", "llava_next"), ("tiny-gemma3", "gemma3"), ("tiny-idefics3", "idefics3"),
+                           ("tiny-internvl", "internvl"))),
         ModelAlias("organism-base", "organism:base", "qwen2", "trained tiny Qwen2 (text tasks), shipped"),
         ModelAlias("organism-vl", "organism:vl", "qwen2_vl", "trained tiny Qwen2-VL from organism-base, shipped"),
         ModelAlias("organism-ov-si", "organism:ov-si", "llava_onevision", "trained tiny LLaVA-OV (single image)"),
         ModelAlias("organism-video", "organism:video", "llava_onevision", "trained tiny LLaVA-OV (video)"),
     )
 }
+
+
+def supported_families_markdown() -> str:
+    """The README's "Supported model families" table, generated from FAMILIES, LAYOUTS, CAUSAL_LM and ALIASES
+    (tests/test_families.py checks the README holds exactly this; ``python -m probe.families`` prints it)."""
+    lines = ["| model_type | row | transformers class | modalities probed | commands | merged LM written as | "
+             "key layouts read | aliases |", "|---|---|---|---|---|---|---|---|"]
+    for fam in FAMILIES.values():
+        layouts = [lay for lay in LAYOUTS.values() if lay.family == fam.name]
+        commands = ["probe.heads", "probe.eval"]
+        if layouts:
+            commands += ["analyses.shift", "analyses.merge"]
+            if any(lay.other_prefixes for lay in layouts):
+                commands.append("--carrier")
+        lm = fam.lm_model_type or ("text config's" if fam.text_config_attr else fam.model_types[0])
+        lm_cls = CAUSAL_LM.get(lm, "the text config's (Llama, Mistral, Qwen2)")
+        aliases = [a.alias for a in ALIASES.values() if a.family == fam.name and not a.source.startswith("organism:")]
+        types = ", ".join(f"`{t}`" for t in fam.model_types)
+        note = f" ({fam.note})" if fam.note else ""
+        lines.append(f"| {types} | `{fam.name}`{note} | `{fam.model_class}` | {', '.join(fam.modalities)} | "
+                     f"{', '.join(commands)} | {lm_cls} | {', '.join(f'`{lay.name}`' for lay in layouts) or '-'} | "
+                     f"{', '.join(f'`{a}`' for a in aliases) or '-'} |")
+    return "\n".join(lines) + "\n"
 
 
 def family_of_model_type(model_type: str) -> Family:
@@ -662,3 +714,7 @@ def canonical_lm_name(layout: Layout, key: str) -> str | None:
 
 
 _CANONICAL_LM = re.compile(r"^(embed_tokens\.weight|norm\.weight|lm_head\.weight|layers\.\d+\..+)$")
+
+
+if __name__ == "__main__":
+    print(supported_families_markdown(), end="")

@@ -280,8 +280,16 @@ SPECS: dict[str, TinySpec] = {f: TinySpec(num_hidden_layers=2) for f in BUILDERS
                               if f not in ("qwen2", "qwen2_vl", "llava_onevision")}
 
 
+# Named tiny models that are not a family's default: the 2-layer Qwen2.5 base whose LM shape matches the tiny
+# Qwen2.5-VL and Omni thinker (the README's Table 7 recipe on CPU).
+VARIANTS: dict[str, tuple[str, TinySpec]] = {"qwen2_5": ("qwen2", TinySpec(num_hidden_layers=2))}
+
+
 def build_tiny(family: str, out_dir: Path, spec: TinySpec | None = None) -> Path:
-    """Write a tiny random model of ``family`` (any key of BUILDERS) to ``out_dir``."""
+    """Write a tiny random model of ``family`` (any key of BUILDERS, or of VARIANTS) to ``out_dir``."""
+    if family in VARIANTS:
+        family, default = VARIANTS[family]
+        spec = spec or default
     if family not in BUILDERS:
         raise ValueError(f"no tiny builder for family {family!r}")
     spec = spec or SPECS.get(family, TinySpec())

@@ -56,7 +56,7 @@ def build_tokenizer(
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on `corpus` (deterministic for a fixed corpus) and wrap it for transformers.
 
-    ``extra_special`` are further special tokens (after the common ones, so existing ids do not move);
+    ``extra_special`` are further special tokens, appended after the learnt vocabulary (existing ids do not move);
     ``named_tokens`` become tokenizer attributes some processors read (Gemma 3's ``boi_token``, InternVL's
     ``context_image_token``, ...)."""
     tok = Tokenizer(models.BPE(unk_token=None))
@@ -64,13 +64,16 @@ def build_tokenizer(
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS) + [t for t in extra_special if t not in SPECIAL_TOKENS],
+        special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     # Letters and digits on their own so option letters are single tokens whatever the corpus.
     seed_lines = [" ".join(string.ascii_uppercase), " ".join(string.digits)]
     tok.train_from_iterator(list(seed_lines) + list(corpus), trainer)
+    # Family tokens go after the learnt vocabulary (as real checkpoints append theirs), so every other id is the
+    # same as in the plain tokenizer: a tiny Qwen2.5 base and a tiny Omni thinker share their common rows.
+    tok.add_special_tokens([t for t in extra_special if t not in SPECIAL_TOKENS])
     # Served with Qwen2's pre-tokenizer; the merges above stay as learnt (multi-digit ones simply go unused).
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([

@@ -274,3 +274,68 @@ def test_unknown_model_type_is_bad_input_before_loading(tmp_path, dirs):
         line = p.stderr.strip().splitlines()[-1]
         assert "'mamba9'" in line and "probe/families.py" in line, line
         assert not (tmp_path / "o").exists()
+
+
+def test_readme_family_table_is_generated_from_the_table():
+    from probe.families import supported_families_markdown
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    begin, end = "<!-- families:begin -->\n", "<!-- families:end -->"
+    assert begin in readme and end in readme
+    assert readme.split(begin, 1)[1].split(end, 1)[0] == supported_families_markdown(), \
+        "README's family table drifted: paste `python -m probe.families` between the markers"
+
+
+@pytest.mark.parametrize("family", [f for f in NEW if FAMILIES[f].processor_class])
+def test_batched_evaluation_equals_one_item_path(family, loaded, video_item):
+    """probe.eval's batches (left padding, concatenated pixel tensors) give what one item at a time gives."""
+    from probe.batch import evaluate_items
+    from probe.sweep import SweepConfig, first_token_measure, prepare_item
+
+    m = loaded(family)
+    items = items_for(m, video_item) + [make_item(item_id="validation_Test_2", seed=1, question="Which shape?"),
+                                        make_item(n_options=3, with_image=False, item_id="validation_Test_3")]
+    cfg = SweepConfig(generate=True, max_new_tokens=3)
+    got = evaluate_items(m, items, cfg, batch_size=4)
+    for item, g in zip(items, got):
+        inputs, letters = prepare_item(m, item, cfg)
+        want = first_token_measure(m, inputs, letters, cfg)
+        assert g.response == want.response, item.id
+        torch.testing.assert_close(g.logp.exp(), want.logp.exp(), atol=1e-4, rtol=0)
+
+
+def test_table7_cpu_recipe_runs_as_written(tmp_path, dirs, monkeypatch):
+    """The README's CPU recipe, line by line (runs/ → a tmp dir): Δavg of the VL and Omni models, the Eq. 4 merge
+    transplanted into the Qwen2.5-VL and Omni carriers, and probe.eval of base, Omni, merge and the Omni carrier."""
+    import re
+    import shlex
+
+    from analyses import merge, shift
+    from probe import eval as probe_eval
+    from probe.errors import cli_main
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("<!-- table7:cpu -->\n```\n", 1)[1].split("```", 1)[0]
+    lines = [ln for ln in block.replace("\\\n", " ").splitlines() if ln.strip()]
+    mains = {"analyses.shift": shift.main, "analyses.merge": merge.main, "probe.eval": probe_eval.main}
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    for ln in lines:
+        argv = shlex.split(re.sub(r"\bruns/", f"{tmp_path}/", ln))
+        assert argv[:2] == ["python", "-m"] and argv[2] in mains, ln
+        assert cli_main(mains[argv[2]], argv[3:]) == 0, ln
+    rows = pd.read_csv(tmp_path / "t7" / "shift" / "shift.csv")
+    assert set(rows["model"]) == {"tiny-qwen2.5-vl", "tiny-qwen2.5-omni"}
+    assert (tmp_path / "t7" / "merged" / "carriers" / "tiny-qwen2.5-omni" / "config.json").is_file()
+    scores = pd.read_csv(tmp_path / "t7" / "eval" / "scores.csv")
+    allrows = scores[scores["subject"] == "all"].set_index(["model", "data"])
+    omni_carrier = str(tmp_path / "t7" / "merged" / "carriers" / "tiny-qwen2.5-omni")
+    text, image = "text", "image"
+    assert allrows.loc[("tiny-qwen2.5", text), "n_items"] == 8
+    assert allrows.loc[("tiny-qwen2.5", image), "n_items"] == 0  # a text LM on images: n/a, not 0 %
+    assert allrows.loc[(omni_carrier, image), "n_items"] == 8
+    assert not np.isnan(allrows.loc[("tiny-qwen2.5-omni", text), "diff_accuracy"])
+    # The merged LM answers text items alike bare and inside the Omni thinker (M-RoPE on text = RoPE).
+    items = pd.read_parquet(tmp_path / "t7" / "eval" / "items.parquet")
+    bare = items[(items["model"] == str(tmp_path / "t7" / "merged")) & (items["data"] == text)]
+    inside = items[(items["model"] == omni_carrier) & (items["data"] == text)]
+    np.testing.assert_allclose(bare["p_answer"].to_numpy(), inside["p_answer"].to_numpy(), atol=1e-4)
