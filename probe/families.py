@@ -632,7 +632,6 @@ class HeadGeometry:
 
     @staticmethod
     def from_text_config(cfg: Mapping[str, Any]) -> "HeadGeometry":
-        cfg = with_class_defaults(cfg)
         try:
             n_heads = int(cfg["num_attention_heads"])
             hidden = int(cfg["hidden_size"])
@@ -645,8 +644,8 @@ class HeadGeometry:
 
 
 def with_class_defaults(cfg: Mapping[str, Any]) -> Mapping[str, Any]:
-    """Published configs may store only what differs from the config class's defaults (llava-1.5-7b-hf's
-    text_config has no hidden_size): fill the head-layout keys from transformers' class for its model_type."""
+    """Nested text configs may store only what differs from their class's defaults (llava-1.5-7b-hf's text_config
+    has no hidden_size): fill the head-layout keys from transformers' config class for its model_type."""
     needed = ("num_attention_heads", "hidden_size", "num_hidden_layers")
     if all(k in cfg for k in needed) or not cfg.get("model_type"):
         return cfg
@@ -667,7 +666,7 @@ def text_config_dict(config: Mapping[str, Any], family: Family) -> dict[str, Any
     if not isinstance(sub, Mapping):
         # Old multimodal configs keep LM fields at top level.
         return dict(config)
-    return dict(sub)
+    return dict(with_class_defaults(sub))
 
 
 def check_layout_model_type(model_type: str | None) -> None:

@@ -254,26 +254,29 @@ def test_weighted_merge_transplanted_into_carrier(family, tmp_path):
         assert r.delta_avg == pytest.approx(float((la[r.tensor] - lb[r.tensor]).abs().mean()), rel=1e-5)
 
 
-def test_unknown_model_type_is_bad_input_before_loading(tmp_path, dirs):
-    """exit 2, one line naming the model_type and pointing at the table; nothing written."""
+def test_unknown_model_type_is_bad_input_before_loading(tmp_path, dirs, capsys):
+    """exit 2, one line naming the model_type and pointing at the table; nothing written, no weight file read."""
     import shutil
-    import subprocess
-    import sys
+
+    from analyses import merge, shift
+    from probe import eval as probe_eval
+    from probe import heads
+    from probe.errors import cli_main
 
     model = tmp_path / "m"
     shutil.copytree(dirs["qwen3"], model)
     cfg = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps(cfg | {"model_type": "mamba9"}))
-    (model / "model.safetensors").write_bytes(b"not read")  # loading would fail differently
-    for cmd in (["probe.heads", "--model", str(model), "--limit", "1", "--out", str(tmp_path / "o")],
-                ["probe.eval", "--models", str(model), "--data", "organisms", "--out", str(tmp_path / "o")],
-                ["analyses.shift", "--base", str(model), "--models", str(model), "--out", str(tmp_path / "o")]):
-        p = subprocess.run([sys.executable, "-m", *cmd], capture_output=True, text=True,
-                           cwd=Path(__file__).resolve().parents[1])
-        assert p.returncode == 2, (cmd, p.stderr)
-        line = p.stderr.strip().splitlines()[-1]
-        assert "'mamba9'" in line and "probe/families.py" in line, line
-        assert not (tmp_path / "o").exists()
+    (model / "model.safetensors").write_bytes(b"not read")  # opening it would be a different error
+    out = tmp_path / "o"
+    for main, argv in ((heads.main, ["--model", str(model), "--limit", "1"]),
+                       (probe_eval.main, ["--models", str(model), "--data", "probe/zoo/data/text"]),
+                       (shift.main, ["--base", str(model), "--models", str(model)]),
+                       (merge.main, ["--models", str(model), str(model), "--method", "average"])):
+        assert cli_main(main, [*argv, "--out", str(out)]) == 2, main.__module__
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "'mamba9'" in err[0] and "probe/families.py" in err[0], err
+        assert not out.exists()
 
 
 def test_readme_family_table_is_generated_from_the_table():
@@ -339,3 +342,13 @@ def test_table7_cpu_recipe_runs_as_written(tmp_path, dirs, monkeypatch):
     bare = items[(items["model"] == str(tmp_path / "t7" / "merged")) & (items["data"] == text)]
     inside = items[(items["model"] == omni_carrier) & (items["data"] == text)]
     np.testing.assert_allclose(bare["p_answer"].to_numpy(), inside["p_answer"].to_numpy(), atol=1e-4)
+
+
+def test_nested_text_config_with_class_defaults_only():
+    """llava-1.5-7b-hf's config.json stores only the text config's non-default fields: geometry from LlamaConfig."""
+    from probe.families import HeadGeometry, text_config_dict
+
+    published = {"model_type": "llava", "text_config": {"model_type": "llama", "vocab_size": 32064,
+                                                        "max_position_embeddings": 4096}}
+    g = HeadGeometry.from_text_config(text_config_dict(published, FAMILIES["llava"]))
+    assert (g.n_layers, g.n_heads, g.n_kv_heads, g.head_dim, g.hidden_size) == (32, 32, 32, 128, 4096)
