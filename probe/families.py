@@ -57,6 +57,9 @@ class Family:
     video_inputs: str | None = None  # probe.video builder of the video tensors (None: no video)
     special_tokens: tuple[str, ...] = ()  # tokens its processor needs in the vocabulary (tiny builds add them)
     named_tokens: tuple[tuple[str, str], ...] = ()  # tokenizer attributes its processor reads (boi_token, ...)
+    chat: str = "chatml"  # probe.prompting.CHAT_FORMATS key: the turn markup of the family's chat models
+    chat_by_lm: tuple[tuple[str, str], ...] = ()  # text-config model_type → chat format (LLaVA-NeXT on Mistral)
+    chat_bos: bool = False  # the chat format starts with the tokenizer's BOS (Llama, Mistral, Gemma)
     hub_examples: tuple[str, ...] = ()  # real checkpoints of the family (README table)
     note: str = ""
 
@@ -100,15 +103,17 @@ _LLAVA_PROCESSOR = (("patch_size", "vision_config.patch_size"),
 def _text_families() -> tuple[Family, ...]:
     """Plain causal LMs: same module paths, no processor (Qwen3 and Gemma 3 differ only inside their layers)."""
     rows = (
-        ("qwen3", "Qwen3ForCausalLM", ("Qwen/Qwen3-8B", "Qwen/Qwen3-8B-Base"), "q/k norms, explicit head_dim"),
-        ("mistral", "MistralForCausalLM", ("mistralai/Mistral-7B-Instruct-v0.2",), "LLaVA-NeXT-Mistral's base"),
-        ("gemma3_text", "Gemma3ForCausalLM", ("google/gemma-3-1b-it", "google/gemma-3-4b-pt (its LM)"),
-         "sliding-window layers, q/k norms, tied embeddings"),
+        ("qwen3", "Qwen3ForCausalLM", ("Qwen/Qwen3-8B", "Qwen/Qwen3-8B-Base"), "q/k norms, explicit head_dim", "chatml"),
+        ("mistral", "MistralForCausalLM", ("mistralai/Mistral-7B-Instruct-v0.2",), "LLaVA-NeXT-Mistral's base",
+         "mistral"),
+        ("gemma3_text", "Gemma3ForCausalLM", ("google/gemma-3-1b-it",),
+         "sliding-window layers, q/k norms, tied embeddings", "gemma"),
     )
     return tuple(Family(name=n, model_types=(n,), model_class=cls, layers_path="model.layers",
                         o_proj_path="self_attn.o_proj", norm_path="model.norm", lm_head_path="lm_head",
                         text_config_attr=None, processor_class=None, image_placeholder=None, video_placeholder=None,
-                        hub_examples=hub, note=note) for n, cls, hub, note in rows)
+                        chat=chat, chat_bos=chat != "chatml", hub_examples=hub, note=note)
+                 for n, cls, hub, note, chat in rows)
 
 
 FAMILIES: dict[str, Family] = {
@@ -261,6 +266,7 @@ FAMILIES: dict[str, Family] = {
             image_placeholder="<image>\n",
             video_placeholder=None,
             processor_kwargs=_LLAVA_PROCESSOR,
+            chat="vicuna", chat_by_lm=(("mistral", "mistral"),), chat_bos=True,
             hub_examples=("llava-hf/llava-1.5-7b-hf",),
         ),
         Family(
@@ -276,6 +282,7 @@ FAMILIES: dict[str, Family] = {
             image_placeholder="<image>\n",
             video_placeholder=None,
             processor_kwargs=_LLAVA_PROCESSOR,
+            chat="vicuna", chat_by_lm=(("mistral", "mistral"),), chat_bos=True,
             hub_examples=("llava-hf/llava-v1.6-mistral-7b-hf", "llava-hf/llava-v1.6-vicuna-7b-hf"),
         ),
         Family(
@@ -292,6 +299,7 @@ FAMILIES: dict[str, Family] = {
             video_placeholder=None,
             processor_kwargs=(("image_seq_length", "mm_tokens_per_image"),),
             lm_model_type="gemma3_text",
+            chat="gemma", chat_bos=True,
             special_tokens=_GEMMA3_TOKENS,
             named_tokens=tuple(zip(("boi_token", "image_token", "eoi_token"), _GEMMA3_TOKENS)),
             hub_examples=("google/gemma-3-4b-it", "google/gemma-3-12b-it"),
@@ -311,6 +319,7 @@ FAMILIES: dict[str, Family] = {
             video_placeholder=None,
             processor_kwargs=(("image_seq_len", "@idefics3_image_seq_len"),),
             lm_model_type="llama",
+            chat="idefics3", chat_bos=True,
             special_tokens=("<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"),
             hub_examples=("HuggingFaceM4/Idefics3-8B-Llama3", "HuggingFaceTB/SmolVLM-Instruct"),
             note="SmolVLM (v1) is an Idefics3",
@@ -527,8 +536,8 @@ ALIASES: dict[str, ModelAlias] = {
 def supported_families_markdown() -> str:
     """The README's "Supported model families" table, generated from FAMILIES, LAYOUTS, CAUSAL_LM and ALIASES
     (tests/test_families.py checks the README holds exactly this; ``python -m probe.families`` prints it)."""
-    lines = ["| model_type | row | transformers class | modalities probed | commands | merged LM written as | "
-             "key layouts read | aliases |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model_type | row | transformers class | modalities probed | chat format | commands | "
+             "merged LM written as | key layouts read | aliases |", "|---|---|---|---|---|---|---|---|---|"]
     for fam in FAMILIES.values():
         layouts = [lay for lay in LAYOUTS.values() if lay.family == fam.name]
         commands = ["probe.heads", "probe.eval"]
@@ -541,7 +550,8 @@ def supported_families_markdown() -> str:
         aliases = [a.alias for a in ALIASES.values() if a.family == fam.name and not a.source.startswith("organism:")]
         types = ", ".join(f"`{t}`" for t in fam.model_types)
         note = f" ({fam.note})" if fam.note else ""
-        lines.append(f"| {types} | `{fam.name}`{note} | `{fam.model_class}` | {', '.join(fam.modalities)} | "
+        chat = fam.chat + "".join(f" ({lm}: {c})" for lm, c in fam.chat_by_lm)
+        lines.append(f"| {types} | `{fam.name}`{note} | `{fam.model_class}` | {', '.join(fam.modalities)} | {chat} | "
                      f"{', '.join(commands)} | {lm_cls} | {', '.join(f'`{lay.name}`' for lay in layouts) or '-'} | "
                      f"{', '.join(f'`{a}`' for a in aliases) or '-'} |")
     return "\n".join(lines) + "\n"
@@ -568,6 +578,12 @@ def causal_lm_type(family: Family, text_config: Mapping[str, Any]) -> str:
         raise BadInput(f"{family.name}: no causal-LM class for LM model_type {model_type!r} "
                        f"(probe/families.py CAUSAL_LM knows {', '.join(CAUSAL_LM)})")
     return model_type
+
+
+def chat_format(family: Family, config: Mapping[str, Any]) -> str:
+    """The chat format of a model: the family's, unless its LM type has its own (``chat_by_lm``)."""
+    lm_type = text_config_dict(config, family).get("model_type")
+    return dict(family.chat_by_lm).get(lm_type, family.chat)
 
 
 def config_value(config: Mapping[str, Any], path: str) -> Any:

@@ -352,3 +352,23 @@ def test_nested_text_config_with_class_defaults_only():
                                                         "max_position_embeddings": 4096}}
     g = HeadGeometry.from_text_config(text_config_dict(published, FAMILIES["llava"]))
     assert (g.n_layers, g.n_heads, g.n_kv_heads, g.head_dim, g.hidden_size) == (32, 32, 32, 128, 4096)
+
+
+def test_chat_formats_follow_the_row_and_the_lm():
+    """Each family's turn markup (and BOS where its tokenizer has one); LLaVA-NeXT on Mistral uses [INST]."""
+    from probe.families import chat_format
+    from probe.prompting import PromptTemplate, render_chat
+
+    item = make_item(with_image=False)
+    t = PromptTemplate()
+    mistral_next = {"model_type": "llava_next", "text_config": {"model_type": "mistral", "num_attention_heads": 32,
+                                                                "hidden_size": 4096, "num_hidden_layers": 32}}
+    assert chat_format(FAMILIES["llava_next"], mistral_next) == "mistral"
+    assert chat_format(FAMILIES["llava_next"], mistral_next | {"text_config": {"model_type": "llama"}}) == "vicuna"
+    ends = {"chatml": "<|im_start|>assistant\n", "vicuna": " ASSISTANT:", "mistral": " [/INST]",
+            "gemma": "<start_of_turn>model\n", "idefics3": "<end_of_utterance>\nAssistant:"}
+    for fam in FAMILIES.values():
+        fmt = chat_format(fam, {})
+        text = render_chat(t, item, "", fmt, "<s>" if fam.chat_bos else "")
+        assert text.endswith(ends[fmt]) and t.system in text and "A. red\n" in text, fam.name
+        assert text.startswith("<s>") == fam.chat_bos
