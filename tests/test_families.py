@@ -372,3 +372,29 @@ def test_chat_formats_follow_the_row_and_the_lm():
         text = render_chat(t, item, "", fmt, "<s>" if fam.chat_bos else "")
         assert text.endswith(ends[fmt]) and t.system in text and "A. red\n" in text, fam.name
         assert text.startswith("<s>") == fam.chat_bos
+
+
+@pytest.mark.parametrize("family", NEW)
+def test_layers_called_directly_reproduce_the_clean_pass(family, loaded, video_item):
+    """probe/upstream.py on every new family: each recorded layer call, replayed, gives the next layer's input
+    (plus what the model added between layers: DeepStack for Qwen3-VL, nothing elsewhere), and an engine-built
+    cache holds exactly the prompt in every layer (sliding-window layers included)."""
+    from probe.exact import clean_pass
+    from probe.prompting import PromptTemplate, build_inputs
+    from probe.upstream import call_layer, check_cache, prefix_cache
+
+    m = loaded(family)
+    clean = clean_pass(m, build_inputs(m, items_for(m, video_item)[-1], PromptTemplate()), keep_cache=True)
+    n = m.geometry.n_layers
+    for i in range(n - 1):
+        out = call_layer(m.layers[i], clean.calls[i].hidden, clean.calls[i], None)
+        if clean.injected[i] is not None:
+            out = out + clean.injected[i]
+        torch.testing.assert_close(out, clean.calls[i + 1].hidden, rtol=0, atol=1e-5)
+    assert (clean.injected[0] is not None) == (family == "qwen3_vl")  # DeepStack at layer 0 of the tiny model
+    check_cache(clean.cache, range(n), batch=1, length=clean.length)
+    cache = prefix_cache(clean.cache, 1, batch=2)
+    h = clean.calls[1].hidden.expand(2, -1, -1)
+    for i in range(1, n):
+        h = call_layer(m.layers[i], h, clean.calls[i], cache)
+    check_cache(cache, range(n), batch=2, length=clean.length)
