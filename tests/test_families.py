@@ -398,3 +398,61 @@ def test_layers_called_directly_reproduce_the_clean_pass(family, loaded, video_i
     for i in range(1, n):
         h = call_layer(m.layers[i], h, clean.calls[i], cache)
     check_cache(cache, range(n), batch=2, length=clean.length)
+
+
+@pytest.fixture(scope="module")
+def qwen25_trio(tmp_path_factory, dirs, omniprobe_cache):
+    """Tiny Qwen2.5 base, a Qwen2.5 text fine-tune (other seed), and the tiny Qwen2.5-VL and Omni thinker (whose
+    vocabulary has 7 more rows, as the real Omni's special tokens come after the base's)."""
+    from probe.models import model_path
+    from probe.tiny import TinySpec, build_tiny
+
+    root = tmp_path_factory.mktemp("trio")
+    return {"base": model_path("tiny-qwen2.5"), "ft": build_tiny("qwen2_5", root / "ft", TinySpec(num_hidden_layers=2, seed=1)),
+            "vl": dirs["qwen2_5_vl"], "omni": dirs["qwen2_5_omni_thinker"]}
+
+
+@pytest.mark.parametrize("method", ["average", "weighted", "shift", "task_arithmetic", "ties", "salience"])
+def test_every_merge_method_on_qwen2_5_with_vl_and_omni_carriers(method, qwen25_trio, tmp_path):
+    """Issue 21's ask: merge Qwen2.5-7B, a text fine-tune, Qwen2.5-VL and the Omni thinker by every method, the
+    merged LM transplanted into the VL and Omni carriers (each loads with its class and holds the merged LM);
+    Eq. 1 and task arithmetic also against their formulas on the loaded tensors."""
+    import transformers as tf
+
+    from analyses import merge
+    from probe import heads
+    from probe.errors import cli_main
+    from probe.models import load_model, resolve_model
+
+    t = {k: str(v) for k, v in qwen25_trio.items()}
+    models = [t["ft"], t["vl"], t["omni"]]
+    argv = ["--base", t["base"], "--models", *models, "--method", method, "--carrier", t["vl"], t["omni"]]
+    if method == "weighted":
+        argv += ["--weights", "1", "2", "1"]
+    if method == "salience":  # one probe.heads run per expert on its own modality
+        runs = []
+        for name, data in (("ft", "text"), ("vl", "image"), ("omni", "image")):
+            runs.append(tmp_path / f"heads-{name}")
+            assert cli_main(heads.main, ["--model", t[name], "--data", f"probe/zoo/data/{data}", "--limit", "2",
+                                         "--no-generate", "--quiet", "--no-figures", "--out", str(runs[-1])]) == 0
+        argv += ["--salience", *map(str, runs)]
+    out = tmp_path / "merged"
+    assert cli_main(merge.main, [*argv, "--out", str(out)]) == 0
+    lm = tf.AutoModelForCausalLM.from_pretrained(out)
+    got = {f"layers.{k}": v.detach() for k, v in lm.model.layers.state_dict().items()}
+    got["norm.weight"] = lm.model.norm.weight.detach()
+    rows = lm.model.embed_tokens.weight.shape[0]
+    got["embed_tokens.weight"] = lm.model.embed_tokens.weight.detach()
+    lms = {k: module_lm(load_model(resolve_model(t[k]))) for k in ("base", "ft", "vl", "omni")}
+    common = min(v["embed_tokens.weight"].shape[0] for v in lms.values())
+    assert rows == lms["base"]["embed_tokens.weight"].shape[0]
+    for name in ("vl", "omni"):
+        carrier = module_lm(load_model(resolve_model(str(out / "carriers" / Path(t[name]).name))))
+        for k, v in got.items():
+            torch.testing.assert_close(carrier[k][:common], v[:common], atol=1e-6, rtol=0)
+    formula = {"average": lambda a, b, c, d: (b + c + d) / 3,
+               "task_arithmetic": lambda a, b, c, d: a + (b - a) + (c - a) + (d - a)}.get(method)
+    if formula is not None:
+        for k, v in got.items():
+            want = formula(*(lms[n][k][:common] for n in ("base", "ft", "vl", "omni")))
+            torch.testing.assert_close(v[:common], want, atol=1e-5, rtol=1e-5)
