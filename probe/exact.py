@@ -56,7 +56,8 @@ def clean_pass(loaded: LoadedModel, inputs: dict[str, torch.Tensor], keep_cache:
 
     def output_recorder(i: int):
         def hook(module, args, kw, out):
-            outputs[i] = out[0] if isinstance(out, tuple) else out
+            # a copy: a model that edits the residual in place between layers must still show the edit
+            outputs[i] = (out[0] if isinstance(out, tuple) else out).clone()
 
         return hook
 

@@ -103,7 +103,8 @@ _LLAVA_PROCESSOR = (("patch_size", "vision_config.patch_size"),
 def _text_families() -> tuple[Family, ...]:
     """Plain causal LMs: same module paths, no processor (Qwen3 and Gemma 3 differ only inside their layers)."""
     rows = (
-        ("qwen3", "Qwen3ForCausalLM", ("Qwen/Qwen3-8B", "Qwen/Qwen3-8B-Base"), "q/k norms, explicit head_dim", "chatml"),
+        ("qwen3", "Qwen3ForCausalLM", ("Qwen/Qwen3-8B", "Qwen/Qwen3-8B-Base"), "q/k norms, explicit head_dim",
+         "chatml"),
         ("mistral", "MistralForCausalLM", ("mistralai/Mistral-7B-Instruct-v0.2",), "LLaVA-NeXT-Mistral's base",
          "mistral"),
         ("gemma3_text", "Gemma3ForCausalLM", ("google/gemma-3-1b-it",),
@@ -518,7 +519,8 @@ ALIASES: dict[str, ModelAlias] = {
         ModelAlias("smolvlm", "HuggingFaceTB/SmolVLM-Instruct", "idefics3"),
         ModelAlias("internvl3", "OpenGVLab/InternVL3-8B-hf", "internvl", "Qwen2.5-7B LM"),
         ModelAlias("internvl3-1b", "OpenGVLab/InternVL3-1B-hf", "internvl", "Qwen2.5-0.5B LM, tied embeddings"),
-        ModelAlias("tiny-qwen2.5", "tiny:qwen2_5", "qwen2", "random weights, 2 layers: the LM shape of tiny-qwen2.5-vl"),
+        ModelAlias("tiny-qwen2.5", "tiny:qwen2_5", "qwen2",
+                   "random weights, 2 layers: the LM shape of tiny-qwen2.5-vl"),
         *(ModelAlias(alias, f"tiny:{f}", f, "random weights, built from a config (seed 0)")
           for alias, f in (("tiny-qwen3", "qwen3"), ("tiny-mistral", "mistral"), ("tiny-gemma3-text", "gemma3_text"),
                            ("tiny-qwen2.5-vl", "qwen2_5_vl"), ("tiny-qwen3-vl", "qwen3_vl"),
@@ -600,14 +602,17 @@ def _side(v: Any) -> int:
     return int(v[0] if isinstance(v, (list, tuple)) else v)
 
 
+def _patches(c: Mapping[str, Any]) -> int:
+    """Patches per image of the vision tower (image_size and patch_size may be ints or [h, w])."""
+    return (_side(c["vision_config"]["image_size"]) // _side(c["vision_config"]["patch_size"])) ** 2
+
+
 # Processor values the config implies but does not store (named by "@name" in Family.processor_kwargs).
 DERIVED: dict[str, Callable[[Mapping[str, Any]], Any]] = {
-    "vision_patches": lambda c: (_side(c["vision_config"]["image_size"]) // _side(c["vision_config"]["patch_size"])) ** 2,
+    "vision_patches": _patches,
     "vision_cls_tokens": lambda c: int(c["vision_config"].get("model_type") == "clip_vision_model"),
-    "idefics3_image_seq_len": lambda c: int((_side(c["vision_config"]["image_size"]) // _side(c["vision_config"]["patch_size"])) ** 2
-                                           / c.get("scale_factor", 2) ** 2),
-    "internvl_image_seq_length": lambda c: int((_side(c["vision_config"]["image_size"]) // _side(c["vision_config"]["patch_size"])) ** 2
-                                              * c.get("downsample_ratio", 0.5) ** 2),
+    "idefics3_image_seq_len": lambda c: int(_patches(c) / c.get("scale_factor", 2) ** 2),
+    "internvl_image_seq_length": lambda c: int(_patches(c) * c.get("downsample_ratio", 0.5) ** 2),
 }
 
 

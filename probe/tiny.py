@@ -116,10 +116,10 @@ def _b_mistral(spec, text, ids):
 
 
 def _gemma3_text(text: dict) -> dict:
+    """Sliding and full layers alternating, a window (8) shorter than every prompt, so both kinds are exercised."""
+    kinds = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(text["num_hidden_layers"])]
     return text | dict(head_dim=24, query_pre_attn_scalar=24, sliding_window=8, tie_word_embeddings=True,
-                       layer_types=[
-                           "sliding_attention" if i % 2 == 0 else "full_attention"
-                           for i in range(text["num_hidden_layers"])])
+                       layer_types=kinds)
 
 
 def _b_gemma3_text(spec, text, ids):
@@ -215,7 +215,8 @@ def _b_gemma3(spec, text, ids):
     import transformers as tf
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
-    cfg = tf.Gemma3Config(text_config=_gemma3_text(text), vision_config=dict(model_type="siglip_vision_model") | _vision(),
+    cfg = tf.Gemma3Config(text_config=_gemma3_text(text),
+                          vision_config=dict(model_type="siglip_vision_model") | _vision(),
                           mm_tokens_per_image=4, boi_token_index=ids("<start_of_image>"),
                           eoi_token_index=ids("<end_of_image>"), image_token_index=ids("<image_soft_token>"),
                           tie_word_embeddings=True, **_special(text))
@@ -238,7 +239,8 @@ def _b_internvl(spec, text, ids):
 
     cfg = tf.InternVLConfig(text_config=dict(model_type="qwen2") | text,
                             vision_config=_vision(image_size=[32, 32], patch_size=[8, 8]),
-                            downsample_ratio=0.5, image_token_id=ids("<IMG_CONTEXT>"), image_seq_length=4, tie_word_embeddings=False,
+                            downsample_ratio=0.5, image_token_id=ids("<IMG_CONTEXT>"), image_seq_length=4,
+                            tie_word_embeddings=False,
                             **_special(text))
     return tf.InternVLForConditionalGeneration(cfg), GotOcr2ImageProcessorPil(size={"height": 32, "width": 32})
 
@@ -271,7 +273,8 @@ def _special(text: dict) -> dict:
 
 BUILDERS: dict[str, Callable] = {
     "qwen2": _b_qwen2, "qwen2_vl": _b_qwen2_vl, "llava_onevision": _b_llava_onevision,
-    "llama": _b_llama, "qwen2_audio": _b_qwen2_audio, "qwen3": _b_qwen3, "mistral": _b_mistral, "gemma3_text": _b_gemma3_text, "qwen2_5_vl": _b_qwen2_5_vl,
+    "llama": _b_llama, "qwen2_audio": _b_qwen2_audio, "qwen3": _b_qwen3, "mistral": _b_mistral,
+    "gemma3_text": _b_gemma3_text, "qwen2_5_vl": _b_qwen2_5_vl,
     "qwen3_vl": _b_qwen3_vl, "qwen2_5_omni_thinker": _b_qwen2_5_omni_thinker, "llava": _b_llava,
     "llava_next": _b_llava_next, "gemma3": _b_gemma3, "idefics3": _b_idefics3, "internvl": _b_internvl,
 }

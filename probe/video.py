@@ -70,7 +70,7 @@ def _llava_onevision(loaded, batch, frames):
     side = size // vision.patch_size
     per_frame = math.ceil(side / 2) ** 2
     count = len(frames) * per_frame + 1
-    batch = _expand(batch, _token_id(cfg, 'video'), count, drop_extra=True)
+    batch = _expand(batch, _token_id(cfg, "video"), count, drop_extra=True)
     batch["pixel_values_videos"] = pix[None]
     return batch
 
@@ -92,14 +92,14 @@ def _qwen2_vl(loaded, batch, frames):
     c = arr.shape[1]
     x = arr.reshape(gt, tp, c, gh // m, m, p, gw // m, m, p).transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
     x = x.reshape(gt * gh * gw, c * tp * p * p)
-    batch = _expand(batch, _token_id(cfg, 'video'), gt * gh * gw // (m * m), drop_extra=False)
+    batch = _expand(batch, _token_id(cfg, "video"), gt * gh * gw // (m * m), drop_extra=False)
     batch["pixel_values_videos"] = torch.from_numpy(np.ascontiguousarray(x))
     batch["video_grid_thw"] = torch.tensor([[gt, gh, gw]])
     # M-RoPE needs the modality of every token: text 0, image 1, video 2 (the processor would return these).
     ids = batch["input_ids"]
     types = torch.zeros_like(ids)
-    types[ids == _token_id(cfg, 'image')] = 1
-    types[ids == _token_id(cfg, 'video')] = 2
+    types[ids == _token_id(cfg, "image")] = 1
+    types[ids == _token_id(cfg, "video")] = 2
     batch["mm_token_type_ids"] = types
     return batch
 

@@ -408,8 +408,9 @@ def qwen25_trio(tmp_path_factory, dirs, omniprobe_cache):
     from probe.tiny import TinySpec, build_tiny
 
     root = tmp_path_factory.mktemp("trio")
-    return {"base": model_path("tiny-qwen2.5"), "ft": build_tiny("qwen2_5", root / "ft", TinySpec(num_hidden_layers=2, seed=1)),
-            "vl": dirs["qwen2_5_vl"], "omni": dirs["qwen2_5_omni_thinker"]}
+    ft = build_tiny("qwen2_5", root / "ft", TinySpec(num_hidden_layers=2, seed=1))
+    return {"base": model_path("tiny-qwen2.5"), "ft": ft, "vl": dirs["qwen2_5_vl"],
+            "omni": dirs["qwen2_5_omni_thinker"]}
 
 
 @pytest.mark.parametrize("method", ["average", "weighted", "shift", "task_arithmetic", "ties", "salience"])
