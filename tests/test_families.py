@@ -457,3 +457,35 @@ def test_every_merge_method_on_qwen2_5_with_vl_and_omni_carriers(method, qwen25_
         for k, v in got.items():
             want = formula(*(lms[n][k][:common] for n in ("base", "ft", "vl", "omni")))
             torch.testing.assert_close(v[:common], want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("base, expert", [("qwen3", "qwen3_vl"), ("gemma3_text", "gemma3"), ("mistral", "llava_next")])
+def test_text_base_and_its_vlm_shift_and_merge(base, expert, dirs, loaded, tmp_path):
+    """A text LM and a VLM built on that LM type: Δavg per tensor, an Eq. 4 merge (α0 = 0.5, one expert) written as
+    the base's class, transplanted into the VLM (vocabularies of different sizes: common rows merged, the carrier keeps the rest)."""
+    import transformers as tf
+
+    from analyses import merge, shift
+    from probe.errors import cli_main
+    from probe.models import load_model, resolve_model
+
+    b, e = str(dirs[base]), str(dirs[expert])
+    assert cli_main(shift.main, ["--base", b, "--models", e, "--out", str(tmp_path / "s"), "--no-figures"]) == 0
+    lb, le = module_lm(loaded(base)), module_lm(loaded(expert))
+    common = min(lb["embed_tokens.weight"].shape[0], le["embed_tokens.weight"].shape[0])
+    for r in pd.read_csv(tmp_path / "s" / "shift.csv").itertuples():
+        want = (lb[r.tensor][:common] - le[r.tensor][:common]).abs().mean()
+        assert r.delta_avg == pytest.approx(float(want), rel=1e-5)
+    out = tmp_path / "m"
+    assert cli_main(merge.main, ["--base", b, "--models", e, "--method", "shift", "--shift", str(tmp_path / "s"),
+                                 "--carrier", e, "--out", str(out)]) == 0
+    lm = tf.AutoModelForCausalLM.from_pretrained(out)
+    assert type(lm).__name__ == FAMILIES[base].model_class
+    carrier = module_lm(load_model(resolve_model(str(out / "carriers" / Path(e).name))))
+    merged = {f"layers.{k}": v.detach() for k, v in lm.model.layers.state_dict().items()}
+    for k, v in merged.items():  # Eq. 4 with one expert: its softmax weight is 1, so θ = α0 θ_0 + (1 − α0) θ_1
+        torch.testing.assert_close(v, 0.5 * lb[k] + 0.5 * le[k])
+        torch.testing.assert_close(carrier[k], v)
+    emb = carrier["embed_tokens.weight"]
+    torch.testing.assert_close(emb[:common], lm.model.embed_tokens.weight.detach()[:common])
+    assert torch.equal(emb[common:], le["embed_tokens.weight"][common:])  # the carrier's own extra rows
