@@ -20,7 +20,8 @@ from typing import Any, Iterator
 import torch
 
 from probe.errors import BadInput
-from probe.families import FAMILIES, Family, Layout, canonical_lm_name, detect_layout, read_config_json
+from probe.families import (FAMILIES, Family, Layout, canonical_lm_name, check_layout_model_type, detect_layout,
+                            read_config_json)
 from probe.families import text_config_dict
 
 DTYPES: dict[str, torch.dtype] = {
@@ -263,6 +264,7 @@ def open_checkpoint(spec: str, allow_bin: bool = False) -> Checkpoint:
     """Resolve, read config and headers, detect the layout; no tensor data is touched."""
     path = resolve_model_dir(spec)
     config = read_config_json(path)
+    check_layout_model_type(config.get("model_type"))
     files: dict[Path, SafetensorsFile | BinFile] = {}
     infos: dict[str, TensorInfo] = {}
     wmap = _weight_files(path, allow_bin)

@@ -8,7 +8,7 @@ per tensor, θ = α0 θ_0 + (1 − α0) Σ α_i θ_i; defaults as released α0 =
 head-owned slices of q/k/v/o weighted by the participants' head salience from ``probe.heads`` runs, the rest by
 Eq. 4 or by layer salience), and the baselines ``task_arithmetic`` (θ_0 + λ Σ (θ_i − θ_0)) and ``ties`` (trim,
 elect sign, disjoint mean), as mergekit defines them but on LMs taken out of any carrier. Only LM tensors are
-merged, streamed chunk by chunk in fp32 and written in the input dtype. ``DIR`` is a Qwen2 model dir that
+merged, streamed chunk by chunk in fp32 and written in the input dtype. ``DIR`` is a causal-LM dir that
 ``AutoModelForCausalLM`` loads, with ``merge_weights.csv`` (every tensor's α per model) and ``merge.json``;
 ``DIR/carriers/<name>/`` is each carrier with its LM replaced and every other tensor copied bit-exact.
 """
@@ -37,6 +37,7 @@ from analyses.salience import SalienceWeights, read_salience
 from analyses.shift import CHUNK, read_shift_csv
 from analyses.writer import Entry, ShardedWriter, atomic_dir, check_output, copy_side_files, parse_size
 from probe.errors import BadInput, cli_main
+from probe.families import CAUSAL_LM, causal_lm_type
 
 # CLI name -> formula registry name
 METHODS = {"average": "average", "weighted": "weighted", "shift": "shift", "salience": "salience",
@@ -110,7 +111,7 @@ class MergeConfig:
 
 
 def lm_disk_key(canon: str) -> str:
-    """Canonical LM name -> Qwen2ForCausalLM checkpoint key."""
+    """Canonical LM name -> causal-LM checkpoint key (every class in families.CAUSAL_LM names them alike)."""
     return canon if canon == "lm_head.weight" else "model." + canon
 
 
@@ -310,7 +311,9 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 def merged_config(ref: Checkpoint, dtype: torch.dtype, vocab_rows: int, tied: bool) -> dict[str, Any]:
-    """A Qwen2 config from the reference's text config, so ``AutoModelForCausalLM`` loads the merged LM.
+    """A causal-LM config from the reference's text config, so ``AutoModelForCausalLM`` loads the merged LM: the
+    family table's ``lm_model_type`` (Qwen2 for Qwen2-VL, Qwen2.5-VL and the Omni thinker, Qwen3 for Qwen3-VL, the
+    text config's own type for LLaVA, Idefics3, InternVL and Gemma 3).
 
     Built as a plain dict (importing transformers would cost seconds per merge); the tests load it with
     ``AutoModelForCausalLM`` for every family.
@@ -325,7 +328,8 @@ def merged_config(ref: Checkpoint, dtype: torch.dtype, vocab_rows: int, tied: bo
             # M-RoPE is a Qwen2-VL input convention; on text alone it equals plain RoPE with the same theta.
             theta = rope.get("rope_theta", tc.get("rope_theta", 1e6))
             tc[key] = {"rope_type": "default", "rope_theta": theta} if key == "rope_parameters" else None
-    tc.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=vocab_rows,
+    model_type = causal_lm_type(ref.family, ref.text_config)
+    tc.update(model_type=model_type, architectures=[CAUSAL_LM[model_type]], vocab_size=vocab_rows,
               tie_word_embeddings=tied, dtype=str(dtype).removeprefix("torch."))
     return tc
 

@@ -25,13 +25,17 @@ from probe.metrics import option_log_probs
 from probe.models import LoadedModel
 from probe.prompting import ItemLike
 from probe.sweep import BASELINE, Measurement, SweepConfig, first_token_measure, measurement_row, prepare_item
-from probe.upstream import (LayerCall, cache_layer_kv, call_layer, check_cache, model_call_with_cache, module_device,
-                            output_cache, prefix_cache, record_layer_call)
+from probe.upstream import (LayerCall, cache_kwarg, cache_layer_kv, call_layer, check_cache, full_length_cache,
+                            model_call_with_cache, module_device, output_cache, prefix_cache, record_layer_call,
+                            reset_position_state)
 
 
 @dataclass
 class CleanPass:
     calls: list[LayerCall]  # what each decoder layer received: input residual [1, T, d] and keywords, no cache
+    # What the model added to the residual between layer i's output and layer i+1's input (None: nothing).
+    # Qwen3-VL's DeepStack adds vision features there; masked rows must receive the same addition.
+    injected: list[torch.Tensor | None]
     cache: Any | None  # clean KV cache of the prompt (only kept when decoding)
     last_logits: torch.Tensor  # [V] at the last prompt position
 
@@ -44,6 +48,7 @@ def clean_pass(loaded: LoadedModel, inputs: dict[str, torch.Tensor], keep_cache:
     n = loaded.geometry.n_layers
     calls: list[LayerCall | None] = [None] * n
     devices = loaded.layer_devices
+    outputs: list[torch.Tensor | None] = [None] * n
 
     def recorder(i: int):
         def hook(module, args, kw):  # each layer's inputs kept on its own device (moved once, not per row)
@@ -51,18 +56,31 @@ def clean_pass(loaded: LoadedModel, inputs: dict[str, torch.Tensor], keep_cache:
 
         return hook
 
+    def output_recorder(i: int):
+        def hook(module, args, kw, out):
+            # a copy: a model that edits the residual in place between layers must still show the edit
+            outputs[i] = (out[0] if isinstance(out, tuple) else out).clone()
+
+        return hook
+
     handles = [layer.register_forward_pre_hook(recorder(i), with_kwargs=True)
                for i, layer in enumerate(loaded.layers)]
+    handles += [layer.register_forward_hook(output_recorder(i), with_kwargs=True)
+                for i, layer in enumerate(loaded.layers)]
+    cache = {cache_kwarg(type(loaded.model).forward): full_length_cache()} if keep_cache else {}
+    reset_position_state(loaded.model)
     try:
         with torch.no_grad():
-            out = loaded.model(**inputs, use_cache=keep_cache, logits_to_keep=1)
+            out = loaded.model(**inputs, **cache, use_cache=keep_cache, logits_to_keep=1)
     finally:
         for h in handles:
             h.remove()
-    if any(c is None for c in calls):
+    if any(c is None for c in calls) or any(o is None for o in outputs):
         raise RuntimeError("clean pass did not run every decoder layer")
-    cache = output_cache(out) if keep_cache else None
-    return CleanPass(calls, cache, out.logits[0, -1])
+    outputs = [o.to(c.hidden.device) for o, c in zip(outputs[:-1], calls[1:])]  # on layer i+1's device
+    injected = [None if torch.equal(calls[i + 1].hidden, outputs[i]) else calls[i + 1].hidden - outputs[i]
+                for i in range(n - 1)] + [None]
+    return CleanPass(calls, injected, output_cache(out) if keep_cache else None, out.logits[0, -1])
 
 
 def head_gates(n_rows: int, n_heads: int, heads: Sequence[int], first_row: int = 0) -> torch.Tensor:
@@ -96,6 +114,8 @@ def run_rows(
             gates = {i: head_gates(h.shape[0], n_heads, joining, h.shape[0] - len(joining))} if joining else {}
             with HeadMask(loaded, gates):
                 h = call_layer(layers[i], h, clean.calls[i], cache)
+            if clean.injected[i] is not None:
+                h = h + clean.injected[i].to(h.device)
         if cache is not None:  # the rows' own cache, clean below `first` and masked from it: nothing else
             check_cache(cache, range(len(layers)), len(rows), clean.length)
         norm = loaded.model.get_submodule(loaded.family.norm_path)

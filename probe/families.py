@@ -13,7 +13,7 @@ import json
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from probe.errors import BadInput
 
@@ -44,11 +44,29 @@ class Family:
     o_proj_path: str  # path of the attention output projection, relative to one decoder layer
     norm_path: str  # final norm of the LM (applied before lm_head)
     lm_head_path: str
-    text_config_attr: str | None  # where the LM config sits (None: the config itself)
+    text_config_attr: str | None  # dotted path of the LM config inside config.json (None: the config itself)
     processor_class: str | None  # transformers processor class (None: tokenizer only)
     image_placeholder: str | None  # text put in the user turn for each image
     video_placeholder: str | None
-    processor_kwargs: tuple[str, ...] = ()  # config attributes forwarded to the processor
+    # Processor keywords: (kwarg, source); a source is a dotted config.json path, "@name" for a value derived
+    # from the config (DERIVED below), or a literal. The checkpoint's own processor_config.json wins.
+    processor_kwargs: tuple[tuple[str, Any], ...] = ()
+    config_path: str | None = None  # sub-config the model class is built from (Omni: only the thinker loads)
+    key_mapping: tuple[tuple[str, str], ...] = ()  # checkpoint-key regex → module key, applied when loading
+    lm_model_type: str | None = None  # causal LM a merged LM is written as (None: the text config's model_type)
+    video_inputs: str | None = None  # probe.video builder of the video tensors (None: no video)
+    special_tokens: tuple[str, ...] = ()  # tokens its processor needs in the vocabulary (tiny builds add them)
+    named_tokens: tuple[tuple[str, str], ...] = ()  # tokenizer attributes its processor reads (boi_token, ...)
+    chat: str = "chatml"  # probe.prompting.CHAT_FORMATS key: the turn markup of the family's chat models
+    chat_by_lm: tuple[tuple[str, str], ...] = ()  # text-config model_type → chat format (LLaVA-NeXT on Mistral)
+    chat_bos: bool = False  # the chat format starts with the tokenizer's BOS (Llama, Mistral, Gemma)
+    hub_examples: tuple[str, ...] = ()  # real checkpoints of the family (README table)
+    note: str = ""
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return ("text",) + (("image",) if self.image_placeholder else ()) + (
+            ("video",) if self.video_placeholder and self.video_inputs else ())
 
 
 @_strict
@@ -70,6 +88,35 @@ class Layout:
     description: str = ""
 
 
+_QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+_QWEN_VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
+_OMNI_TOKENS = ("<|IMAGE|>", "<|VIDEO|>", "<|AUDIO|>", "<|vision_bos|>", "<|vision_eos|>", "<|audio_bos|>",
+                "<|audio_eos|>")
+_GEMMA3_TOKENS = ("<start_of_image>", "<image_soft_token>", "<end_of_image>")
+_INTERNVL_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>", "<video>")
+# LLaVA processors count patches; a CLIP tower adds a CLS token the "default" strategy drops again.
+_LLAVA_PROCESSOR = (("patch_size", "vision_config.patch_size"),
+                    ("vision_feature_select_strategy", "vision_feature_select_strategy"),
+                    ("num_additional_image_tokens", "@vision_cls_tokens"))
+
+
+def _text_families() -> tuple[Family, ...]:
+    """Plain causal LMs: same module paths, no processor (Qwen3 and Gemma 3 differ only inside their layers)."""
+    rows = (
+        ("qwen3", "Qwen3ForCausalLM", ("Qwen/Qwen3-8B", "Qwen/Qwen3-8B-Base"), "q/k norms, explicit head_dim",
+         "chatml"),
+        ("mistral", "MistralForCausalLM", ("mistralai/Mistral-7B-Instruct-v0.2",), "LLaVA-NeXT-Mistral's base",
+         "mistral"),
+        ("gemma3_text", "Gemma3ForCausalLM", ("google/gemma-3-1b-it",),
+         "sliding-window layers, q/k norms, tied embeddings", "gemma"),
+    )
+    return tuple(Family(name=n, model_types=(n,), model_class=cls, layers_path="model.layers",
+                        o_proj_path="self_attn.o_proj", norm_path="model.norm", lm_head_path="lm_head",
+                        text_config_attr=None, processor_class=None, image_placeholder=None, video_placeholder=None,
+                        chat=chat, chat_bos=chat != "chatml", hub_examples=hub, note=note)
+                 for n, cls, hub, note, chat in rows)
+
+
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
@@ -85,6 +132,8 @@ FAMILIES: dict[str, Family] = {
             processor_class=None,
             image_placeholder=None,
             video_placeholder=None,
+            hub_examples=("Qwen/Qwen2-7B-Instruct", "Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-7B"),
+            note="Qwen2 and Qwen2.5 share model_type qwen2",
         ),
         Family(
             name="qwen2_vl",
@@ -98,6 +147,9 @@ FAMILIES: dict[str, Family] = {
             processor_class="Qwen2VLProcessor",
             image_placeholder="<|vision_start|><|image_pad|><|vision_end|>",
             video_placeholder="<|vision_start|><|video_pad|><|vision_end|>",
+            lm_model_type="qwen2",
+            video_inputs="qwen2_vl",
+            hub_examples=("Qwen/Qwen2-VL-7B-Instruct",),
         ),
         Family(
             name="llava_onevision",
@@ -111,7 +163,11 @@ FAMILIES: dict[str, Family] = {
             processor_class="LlavaOnevisionProcessor",
             image_placeholder="<image>\n",
             video_placeholder="<video>\n",
-            processor_kwargs=("vision_feature_select_strategy",),
+            processor_kwargs=(("vision_feature_select_strategy", "vision_feature_select_strategy"),
+                              ("num_image_tokens", "@vision_patches")),
+            lm_model_type="qwen2",  # also read from lmms-lab's flat llava_qwen configs
+            video_inputs="llava_onevision",
+            hub_examples=("llava-hf/llava-onevision-qwen2-7b-si-hf", "lmms-lab/LLaVA-Video-7B-Qwen2 (LM only)"),
         ),
         Family(
             name="llama",  # SmolLM2, the real small LM the benchmarks run on
@@ -125,6 +181,7 @@ FAMILIES: dict[str, Family] = {
             processor_class=None,
             image_placeholder=None,
             video_placeholder=None,
+            hub_examples=("HuggingFaceTB/SmolLM2-135M-Instruct", "lmsys/vicuna-7b-v1.5"),
         ),
         Family(
             name="qwen2_audio",
@@ -138,6 +195,154 @@ FAMILIES: dict[str, Family] = {
             processor_class=None,  # audio inputs are not probed; the LM is read by analyses/
             image_placeholder=None,
             video_placeholder=None,
+            lm_model_type="qwen2",
+            hub_examples=("Qwen/Qwen2-Audio-7B-Instruct",),
+            note="audio inputs are not probed",
+        ),
+        *_text_families(),
+        Family(
+            name="qwen2_5_vl",
+            model_types=("qwen2_5_vl",),
+            model_class="Qwen2_5_VLForConditionalGeneration",
+            layers_path="model.language_model.layers",
+            o_proj_path="self_attn.o_proj",
+            norm_path="model.language_model.norm",
+            lm_head_path="lm_head",
+            text_config_attr="text_config",
+            processor_class="Qwen2_5_VLProcessor",
+            image_placeholder=_QWEN_IMAGE,
+            video_placeholder=_QWEN_VIDEO,
+            lm_model_type="qwen2",  # M-RoPE on text alone is plain RoPE
+            video_inputs="qwen2_5_vl",
+            hub_examples=("Qwen/Qwen2.5-VL-7B-Instruct",),
+        ),
+        Family(
+            name="qwen3_vl",
+            model_types=("qwen3_vl",),
+            model_class="Qwen3VLForConditionalGeneration",
+            layers_path="model.language_model.layers",
+            o_proj_path="self_attn.o_proj",
+            norm_path="model.language_model.norm",
+            lm_head_path="lm_head",
+            text_config_attr="text_config",
+            processor_class="Qwen3VLProcessor",
+            image_placeholder=_QWEN_IMAGE,
+            video_placeholder=None,  # its video prompt carries per-frame timestamps, not built here
+            lm_model_type="qwen3",  # q/k norms; DeepStack adds vision features between layers (exact engine)
+            hub_examples=("Qwen/Qwen3-VL-8B-Instruct",),
+            note="dense models only; video not probed",
+        ),
+        Family(
+            name="qwen2_5_omni_thinker",
+            model_types=("qwen2_5_omni",),
+            model_class="Qwen2_5OmniThinkerForConditionalGeneration",
+            layers_path="model.language_model.layers",
+            o_proj_path="self_attn.o_proj",
+            norm_path="model.language_model.norm",
+            lm_head_path="lm_head",
+            text_config_attr="thinker_config.text_config",
+            processor_class="Qwen2_5OmniProcessor",
+            image_placeholder="<|vision_bos|><|IMAGE|><|vision_eos|>",
+            video_placeholder="<|vision_bos|><|VIDEO|><|vision_eos|>",
+            config_path="thinker_config",  # only the thinker loads: no talker, no token2wav
+            key_mapping=((r"^thinker\.", ""),),
+            lm_model_type="qwen2",
+            video_inputs="qwen2_5_omni",
+            special_tokens=_OMNI_TOKENS,
+            named_tokens=tuple(zip(("image_token", "video_token", "audio_token", "vision_bos_token",
+                                    "vision_eos_token", "audio_bos_token", "audio_eos_token"), _OMNI_TOKENS)),
+            hub_examples=("Qwen/Qwen2.5-Omni-7B",),
+            note="the thinker only; audio inputs are not probed",
+        ),
+        Family(
+            name="llava",
+            model_types=("llava",),
+            model_class="LlavaForConditionalGeneration",
+            layers_path="model.language_model.layers",
+            o_proj_path="self_attn.o_proj",
+            norm_path="model.language_model.norm",
+            lm_head_path="lm_head",
+            text_config_attr="text_config",
+            processor_class="LlavaProcessor",
+            image_placeholder="<image>\n",
+            video_placeholder=None,
+            processor_kwargs=_LLAVA_PROCESSOR,
+            chat="vicuna", chat_by_lm=(("mistral", "mistral"),), chat_bos=True,
+            hub_examples=("llava-hf/llava-1.5-7b-hf",),
+        ),
+        Family(
+            name="llava_next",
+            model_types=("llava_next",),
+            model_class="LlavaNextForConditionalGeneration",
+            layers_path="model.language_model.layers",
+            o_proj_path="self_attn.o_proj",
+            norm_path="model.language_model.norm",
+            lm_head_path="lm_head",
+            text_config_attr="text_config",
+            processor_class="LlavaNextProcessor",
+            image_placeholder="<image>\n",
+            video_placeholder=None,
+            processor_kwargs=_LLAVA_PROCESSOR,
+            chat="vicuna", chat_by_lm=(("mistral", "mistral"),), chat_bos=True,
+            hub_examples=("llava-hf/llava-v1.6-mistral-7b-hf", "llava-hf/llava-v1.6-vicuna-7b-hf"),
+        ),
+        Family(
+            name="gemma3",
+            model_types=("gemma3",),
+            model_class="Gemma3ForConditionalGeneration",
+            layers_path="model.language_model.layers",
+            o_proj_path="self_attn.o_proj",
+            norm_path="model.language_model.norm",
+            lm_head_path="lm_head",
+            text_config_attr="text_config",
+            processor_class="Gemma3Processor",
+            image_placeholder="<start_of_image>",
+            video_placeholder=None,
+            processor_kwargs=(("image_seq_length", "mm_tokens_per_image"),),
+            lm_model_type="gemma3_text",
+            chat="gemma", chat_bos=True,
+            special_tokens=_GEMMA3_TOKENS,
+            named_tokens=tuple(zip(("boi_token", "image_token", "eoi_token"), _GEMMA3_TOKENS)),
+            hub_examples=("google/gemma-3-4b-it", "google/gemma-3-12b-it"),
+            note="sliding-window layers, q/k norms, tied embeddings",
+        ),
+        Family(
+            name="idefics3",
+            model_types=("idefics3",),
+            model_class="Idefics3ForConditionalGeneration",
+            layers_path="model.text_model.layers",
+            o_proj_path="self_attn.o_proj",
+            norm_path="model.text_model.norm",
+            lm_head_path="lm_head",
+            text_config_attr="text_config",
+            processor_class="Idefics3Processor",
+            image_placeholder="<image>",
+            video_placeholder=None,
+            processor_kwargs=(("image_seq_len", "@idefics3_image_seq_len"),),
+            lm_model_type="llama",
+            chat="idefics3", chat_bos=True,
+            special_tokens=("<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"),
+            hub_examples=("HuggingFaceM4/Idefics3-8B-Llama3", "HuggingFaceTB/SmolVLM-Instruct"),
+            note="SmolVLM (v1) is an Idefics3",
+        ),
+        Family(
+            name="internvl",
+            model_types=("internvl",),
+            model_class="InternVLForConditionalGeneration",
+            layers_path="model.language_model.layers",
+            o_proj_path="self_attn.o_proj",
+            norm_path="model.language_model.norm",
+            lm_head_path="lm_head",
+            text_config_attr="text_config",
+            processor_class="InternVLProcessor",
+            image_placeholder="<IMG_CONTEXT>\n",
+            video_placeholder=None,
+            processor_kwargs=(("image_seq_length", "@internvl_image_seq_length"),),
+            special_tokens=_INTERNVL_TOKENS,
+            named_tokens=tuple(zip(("start_image_token", "end_image_token", "context_image_token", "video_token"),
+                                   _INTERNVL_TOKENS)),
+            hub_examples=("OpenGVLab/InternVL3-8B-hf", "OpenGVLab/InternVL3-2B-hf"),
+            note="-hf conversions (Qwen2/Llama LMs); InternLM2-based originals are not supported",
         ),
     )
 }
@@ -145,6 +350,47 @@ FAMILIES: dict[str, Family] = {
 _LM_PLAIN = (("model.", ""), ("lm_head.", "lm_head."))
 _LM_NESTED = (("language_model.model.", ""), ("language_model.lm_head.", "lm_head."))
 _LM_TF4 = (("model.language_model.", ""), ("lm_head.", "lm_head."))
+
+def _text_layouts() -> tuple[Layout, ...]:
+    """Plain causal LMs (Qwen3, Mistral, Gemma 3 text, Llama): ``model.…`` and ``lm_head`` (absent when tied)."""
+    return tuple(Layout(name=t, family=t, model_types=(t,), lm_prefixes=_LM_PLAIN, other_prefixes=(),
+                        markers=("model.layers.",), description=f"{t} causal LM")
+                 for t in ("qwen3", "mistral", "gemma3_text", "llama"))
+
+
+def _vlm_layouts() -> tuple[Layout, ...]:
+    """Multimodal families: the published key layout and, where it differs, the other transformers era's.
+
+    transformers 5 writes LLaVA-style models (LLaVA, LLaVA-NeXT, Gemma 3, InternVL) as ``language_model.model.…``;
+    4.52-4.57 wrote ``model.language_model.…`` (InternVL3 -hf and Qwen3-VL were published that way)."""
+    rows = []
+    for fam, vision in (("llava", ("vision_tower.", "multi_modal_projector.")),
+                        ("llava_next", ("vision_tower.", "multi_modal_projector.", "image_newline")),
+                        ("gemma3", ("vision_tower.", "multi_modal_projector.")),
+                        ("internvl", ("vision_tower.", "multi_modal_projector."))):
+        rows.append(Layout(name=fam, family=fam, model_types=(fam,), lm_prefixes=_LM_NESTED, other_prefixes=vision,
+                           markers=("language_model.model.",),
+                           description=f"{fam} as transformers 5 writes it (LLaVA -hf and Gemma 3 as published)"))
+        rows.append(Layout(name=f"{fam}_tf4", family=fam, model_types=(fam,), lm_prefixes=_LM_TF4,
+                           other_prefixes=tuple("model." + v for v in vision), markers=("model.language_model.",),
+                           description=f"{fam} as transformers 4.52-4.57 wrote it (InternVL3 -hf as published)"))
+    rows += [
+        Layout(name="qwen2_5_vl", family="qwen2_5_vl", model_types=("qwen2_5_vl",), lm_prefixes=_LM_PLAIN,
+               other_prefixes=("visual.",), markers=("visual.", "model.layers."),
+               description="Qwen2.5-VL as published and as transformers 5 writes it"),
+        Layout(name="qwen2_5_vl_tf4", family="qwen2_5_vl", model_types=("qwen2_5_vl",), lm_prefixes=_LM_TF4,
+               other_prefixes=("model.visual.",), markers=("model.language_model.", "model.visual."),
+               description="Qwen2.5-VL as transformers 4.52-4.57 wrote it"),
+        Layout(name="qwen3_vl", family="qwen3_vl", model_types=("qwen3_vl",), lm_prefixes=_LM_TF4,
+               other_prefixes=("model.visual.",), markers=("model.language_model.", "model.visual."),
+               description="Qwen3-VL as published and as transformers 5 writes it"),
+        Layout(name="idefics3", family="idefics3", model_types=("idefics3",),
+               lm_prefixes=(("model.text_model.", ""), ("lm_head.", "lm_head.")),
+               other_prefixes=("model.vision_model.", "model.connector."), markers=("model.text_model.",),
+               description="Idefics3 / SmolVLM as published and as transformers 5 writes it"),
+    ]
+    return tuple(rows)
+
 
 LAYOUTS: dict[str, Layout] = {
     lay.name: lay
@@ -212,6 +458,18 @@ LAYOUTS: dict[str, Layout] = {
             markers=("language_model.model.", "audio_tower."),
             description="Qwen2-Audio",
         ),
+        *_text_layouts(),
+        *_vlm_layouts(),
+        Layout(
+            name="qwen2_5_omni",
+            family="qwen2_5_omni_thinker",
+            model_types=("qwen2_5_omni",),
+            lm_prefixes=(("thinker.model.", ""), ("thinker.lm_head.", "lm_head.")),
+            other_prefixes=("thinker.visual.", "thinker.audio_tower.", "talker.", "token2wav."),
+            markers=("thinker.model.",),
+            description="Qwen2.5-Omni as published and as transformers 5 writes it (thinker LM merged; "
+                        "vision, audio, talker and token2wav kept)",
+        ),
     )
 }
 
@@ -241,6 +499,34 @@ ALIASES: dict[str, ModelAlias] = {
         ModelAlias("tiny-qwen2", "tiny:qwen2", "qwen2", "random weights, built from a config (seed 0)"),
         ModelAlias("tiny-qwen2-vl", "tiny:qwen2_vl", "qwen2_vl", "random weights, built from a config (seed 0)"),
         ModelAlias("tiny-llava-ov", "tiny:llava_onevision", "llava_onevision", "random weights (seed 0)"),
+        # Issue 21: the families researchers merge today, and the paper's Table 7 omni pair.
+        ModelAlias("qwen2.5", "Qwen/Qwen2.5-7B-Instruct", "qwen2", "Qwen2.5-VL's and the Omni thinker's base"),
+        ModelAlias("qwen2.5-base", "Qwen/Qwen2.5-7B", "qwen2", "pretrained, not instruction-tuned"),
+        ModelAlias("qwen2.5-coder", "Qwen/Qwen2.5-Coder-7B-Instruct", "qwen2", "a Qwen2.5-7B text fine-tune"),
+        ModelAlias("qwen2.5-vl", "Qwen/Qwen2.5-VL-7B-Instruct", "qwen2_5_vl"),
+        ModelAlias("qwen2.5-omni", "Qwen/Qwen2.5-Omni-7B", "qwen2_5_omni_thinker", "the thinker loads; no talker"),
+        ModelAlias("qwen3", "Qwen/Qwen3-8B", "qwen3"),
+        ModelAlias("qwen3-base", "Qwen/Qwen3-8B-Base", "qwen3"),
+        ModelAlias("qwen3-vl", "Qwen/Qwen3-VL-8B-Instruct", "qwen3_vl"),
+        ModelAlias("vicuna-1.5", "lmsys/vicuna-7b-v1.5", "llama", "LLaVA-1.5's and LLaVA-NeXT-Vicuna's base"),
+        ModelAlias("llava-1.5", "llava-hf/llava-1.5-7b-hf", "llava"),
+        ModelAlias("mistral-7b-v0.2", "mistralai/Mistral-7B-Instruct-v0.2", "mistral", "LLaVA-NeXT-Mistral's base"),
+        ModelAlias("llava-next-mistral", "llava-hf/llava-v1.6-mistral-7b-hf", "llava_next"),
+        ModelAlias("llava-next-vicuna", "llava-hf/llava-v1.6-vicuna-7b-hf", "llava_next"),
+        ModelAlias("gemma3-1b", "google/gemma-3-1b-it", "gemma3_text"),
+        ModelAlias("gemma3", "google/gemma-3-4b-it", "gemma3"),
+        ModelAlias("idefics3", "HuggingFaceM4/Idefics3-8B-Llama3", "idefics3"),
+        ModelAlias("smolvlm", "HuggingFaceTB/SmolVLM-Instruct", "idefics3"),
+        ModelAlias("internvl3", "OpenGVLab/InternVL3-8B-hf", "internvl", "Qwen2.5-7B LM"),
+        ModelAlias("internvl3-1b", "OpenGVLab/InternVL3-1B-hf", "internvl", "Qwen2.5-0.5B LM, tied embeddings"),
+        ModelAlias("tiny-qwen2.5", "tiny:qwen2_5", "qwen2",
+                   "random weights, 2 layers: the LM shape of tiny-qwen2.5-vl"),
+        *(ModelAlias(alias, f"tiny:{f}", f, "random weights, built from a config (seed 0)")
+          for alias, f in (("tiny-qwen3", "qwen3"), ("tiny-mistral", "mistral"), ("tiny-gemma3-text", "gemma3_text"),
+                           ("tiny-qwen2.5-vl", "qwen2_5_vl"), ("tiny-qwen3-vl", "qwen3_vl"),
+                           ("tiny-qwen2.5-omni", "qwen2_5_omni_thinker"), ("tiny-llava", "llava"),
+                           ("tiny-llava-next", "llava_next"), ("tiny-gemma3", "gemma3"), ("tiny-idefics3", "idefics3"),
+                           ("tiny-internvl", "internvl"))),
         ModelAlias("organism-base", "organism:base", "qwen2", "trained tiny Qwen2 (text tasks), shipped"),
         ModelAlias("organism-vl", "organism:vl", "qwen2_vl", "trained tiny Qwen2-VL from organism-base, shipped"),
         ModelAlias("organism-ov-si", "organism:ov-si", "llava_onevision", "trained tiny LLaVA-OV (single image)"),
@@ -249,12 +535,100 @@ ALIASES: dict[str, ModelAlias] = {
 }
 
 
+def supported_families_markdown() -> str:
+    """The README's "Supported model families" table, generated from FAMILIES, LAYOUTS, CAUSAL_LM and ALIASES
+    (tests/test_families.py checks the README holds exactly this; ``python -m probe.families`` prints it)."""
+    lines = ["| model_type | row | transformers class | modalities probed | chat format | commands | "
+             "merged LM written as | key layouts read | aliases |", "|---|---|---|---|---|---|---|---|---|"]
+    for fam in FAMILIES.values():
+        layouts = [lay for lay in LAYOUTS.values() if lay.family == fam.name]
+        commands = ["probe.heads", "probe.eval"]
+        if layouts:
+            commands += ["analyses.shift", "analyses.merge"]
+            if any(lay.other_prefixes for lay in layouts):
+                commands.append("--carrier")
+        lm = fam.lm_model_type or ("text config's" if fam.text_config_attr else fam.model_types[0])
+        lm_cls = CAUSAL_LM.get(lm, "the text config's (Llama, Mistral, Qwen2)")
+        aliases = [a.alias for a in ALIASES.values() if a.family == fam.name and not a.source.startswith("organism:")]
+        types = ", ".join(f"`{t}`" for t in fam.model_types)
+        note = f" ({fam.note})" if fam.note else ""
+        chat = fam.chat + "".join(f" ({lm}: {c})" for lm, c in fam.chat_by_lm)
+        lines.append(f"| {types} | `{fam.name}`{note} | `{fam.model_class}` | {', '.join(fam.modalities)} | {chat} | "
+                     f"{', '.join(commands)} | {lm_cls} | {', '.join(f'`{lay.name}`' for lay in layouts) or '-'} | "
+                     f"{', '.join(f'`{a}`' for a in aliases) or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
 def family_of_model_type(model_type: str) -> Family:
     for fam in FAMILIES.values():
         if model_type in fam.model_types:
             return fam
     known = sorted(t for f in FAMILIES.values() for t in f.model_types)
-    raise BadInput(f"unsupported model_type {model_type!r}; supported: {', '.join(known)}")
+    raise BadInput(f"unsupported model_type {model_type!r}: no row of the family table (probe/families.py FAMILIES; "
+                   f"README 'Supported model families') has it; supported: {', '.join(known)}")
+
+
+# The causal-LM classes a merged LM is written as (families' lm_model_type → class); all name keys model.….
+CAUSAL_LM: dict[str, str] = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM",
+                             "mistral": "MistralForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+
+
+def causal_lm_type(family: Family, text_config: Mapping[str, Any]) -> str:
+    """The model_type a family's LM is written as on its own (a merged LM)."""
+    model_type = family.lm_model_type or text_config.get("model_type") or family.model_types[0]
+    if model_type not in CAUSAL_LM:
+        raise BadInput(f"{family.name}: no causal-LM class for LM model_type {model_type!r} "
+                       f"(probe/families.py CAUSAL_LM knows {', '.join(CAUSAL_LM)})")
+    return model_type
+
+
+def chat_format(family: Family, config: Mapping[str, Any]) -> str:
+    """The chat format of a model: the family's, unless its LM type has its own (``chat_by_lm``)."""
+    lm_type = text_config_dict(config, family).get("model_type")
+    return dict(family.chat_by_lm).get(lm_type, family.chat)
+
+
+def config_value(config: Mapping[str, Any], path: str) -> Any:
+    """``config["a"]["b"]`` for the dotted path ``a.b`` (None when any part is missing)."""
+    value: Any = config
+    for part in path.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _side(v: Any) -> int:
+    return int(v[0] if isinstance(v, (list, tuple)) else v)
+
+
+def _patches(c: Mapping[str, Any]) -> int:
+    """Patches per image of the vision tower (image_size and patch_size may be ints or [h, w])."""
+    return (_side(c["vision_config"]["image_size"]) // _side(c["vision_config"]["patch_size"])) ** 2
+
+
+# Processor values the config implies but does not store (named by "@name" in Family.processor_kwargs).
+DERIVED: dict[str, Callable[[Mapping[str, Any]], Any]] = {
+    "vision_patches": _patches,
+    "vision_cls_tokens": lambda c: int(c["vision_config"].get("model_type") == "clip_vision_model"),
+    "idefics3_image_seq_len": lambda c: int(_patches(c) / c.get("scale_factor", 2) ** 2),
+    "internvl_image_seq_length": lambda c: int(_patches(c) * c.get("downsample_ratio", 0.5) ** 2),
+}
+
+
+def processor_kwargs(family: Family, config: Mapping[str, Any]) -> dict[str, Any]:
+    """The processor keywords of a family row, resolved against one config.json."""
+    out: dict[str, Any] = {}
+    for kwarg, source in family.processor_kwargs:
+        if isinstance(source, str) and source.startswith("@"):
+            value = DERIVED[source[1:]](config)
+        elif isinstance(source, str):
+            value = config_value(config, source)
+        else:
+            value = source
+        if value is not None:
+            out[kwarg] = value
+    return out
 
 
 def read_config_json(model_dir: Path) -> dict[str, Any]:
@@ -290,19 +664,43 @@ class HeadGeometry:
         return HeadGeometry(n_layers, n_heads, int(n_kv), int(head_dim), hidden)
 
 
+def with_class_defaults(cfg: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Nested text configs may store only what differs from their class's defaults (llava-1.5-7b-hf's text_config
+    has no hidden_size): fill the head-layout keys from transformers' config class for its model_type."""
+    needed = ("num_attention_heads", "hidden_size", "num_hidden_layers")
+    if all(k in cfg for k in needed) or not cfg.get("model_type"):
+        return cfg
+    from transformers import AutoConfig
+
+    try:
+        defaults = AutoConfig.for_model(cfg["model_type"]).to_dict()
+    except (ValueError, KeyError):
+        return cfg
+    return {**{k: defaults.get(k) for k in (*needed, "num_key_value_heads", "head_dim") if k in defaults}, **cfg}
+
+
 def text_config_dict(config: Mapping[str, Any], family: Family) -> dict[str, Any]:
     """The LM part of a config.json dict (nested under text_config for multimodal families)."""
     if family.text_config_attr is None:
         return dict(config)
-    sub = config.get(family.text_config_attr)
+    sub = config_value(config, family.text_config_attr)
     if not isinstance(sub, Mapping):
         # Old multimodal configs keep LM fields at top level.
         return dict(config)
-    return dict(sub)
+    return dict(with_class_defaults(sub))
+
+
+def check_layout_model_type(model_type: str | None) -> None:
+    """A model_type no layout row knows is bad input, said before any weight file is opened."""
+    if model_type is not None and not any(model_type in lay.model_types for lay in LAYOUTS.values()):
+        known = sorted({t for lay in LAYOUTS.values() for t in lay.model_types})
+        raise BadInput(f"unsupported model_type {model_type!r}: no row of the layout table (probe/families.py "
+                       f"LAYOUTS; README 'Supported model families') has it; supported: {', '.join(known)}")
 
 
 def detect_layout(model_type: str | None, keys: Iterable[str]) -> Layout:
     """Pick the one layout whose model_type and marker keys match; never guess silently."""
+    check_layout_model_type(model_type)
     keys = list(keys)
     candidates = [lay for lay in LAYOUTS.values() if model_type is None or model_type in lay.model_types]
     matches = [
@@ -336,3 +734,7 @@ def canonical_lm_name(layout: Layout, key: str) -> str | None:
 
 
 _CANONICAL_LM = re.compile(r"^(embed_tokens\.weight|norm\.weight|lm_head\.weight|layers\.\d+\..+)$")
+
+
+if __name__ == "__main__":
+    print(supported_families_markdown(), end="")

@@ -20,7 +20,9 @@ from probe.families import (
     ALIASES,
     Family,
     HeadGeometry,
+    config_value,
     family_of_model_type,
+    processor_kwargs,
     read_config_json,
     text_config_dict,
 )
@@ -208,10 +210,16 @@ def load_model(
     if ref.hub_repo is not None:  # resolution fetched configs only; the weights come now
         model_path(ref.spec, weights=True)
         check_weights(ref.path, ref.gguf_file)
-    cls = getattr(transformers, ref.family.model_class)
+    fam = ref.family
+    cls = getattr(transformers, fam.model_class)
+    extra_load: dict[str, Any] = {}
+    if fam.config_path is not None:
+        extra_load["config"] = part_config(ref)
+    if fam.key_mapping:
+        extra_load["key_mapping"] = dict(fam.key_mapping)
     try:
         model = cls.from_pretrained(
-            ref.path, dtype=torch_dtype, attn_implementation=attn_implementation, **ref.load_kwargs,
+            ref.path, dtype=torch_dtype, attn_implementation=attn_implementation, **ref.load_kwargs, **extra_load,
             **({"device_map": plan.device_map} if plan else {}),
         )
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
@@ -237,14 +245,19 @@ def load_processors(ref: ModelRef) -> tuple[Any, Any | None]:
     tokenizer = transformers.AutoTokenizer.from_pretrained(ref.path, **ref.load_kwargs)
     processor = None
     if ref.family.processor_class is not None:
-        image_processor = transformers.AutoImageProcessor.from_pretrained(ref.path)
-        proc_cls = _processor_without_video(getattr(transformers, ref.family.processor_class))
-        extra = {k: ref.config[k] for k in ref.family.processor_kwargs if k in ref.config}
-        if ref.family.name == "llava_onevision":
-            vision = ref.config.get("vision_config", {})
-            extra["num_image_tokens"] = (vision.get("image_size", 384) // vision.get("patch_size", 14)) ** 2
-        processor = proc_cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=None, **extra)
+        processor = build_processor(ref, tokenizer)
     return tokenizer, processor
+
+
+def part_config(ref: ModelRef) -> Any:
+    """The config the family's class is built from when it is a part of config.json (the Omni thinker's)."""
+    import transformers
+
+    fam = ref.family
+    sub = config_value(ref.config, fam.config_path)
+    if not isinstance(sub, dict):
+        raise BadInput(f"{ref.path}/config.json lacks {fam.config_path!r} ({fam.name})")
+    return getattr(transformers, fam.model_class).config_class(**sub)
 
 
 def plan_for(ref: ModelRef, dtype: torch.dtype, devices: Sequence[str], memory: Sequence[int] = ()):
@@ -253,10 +266,35 @@ def plan_for(ref: ModelRef, dtype: torch.dtype, devices: Sequence[str], memory: 
 
     from probe.dispatch import meta_model, plan_device_map
 
-    config = transformers.AutoConfig.from_pretrained(ref.path, **ref.load_kwargs)
+    config = (part_config(ref) if ref.family.config_path is not None
+              else transformers.AutoConfig.from_pretrained(ref.path, **ref.load_kwargs))
     skeleton = meta_model(getattr(transformers, ref.family.model_class), config, dtype)
     fam = ref.family
     return plan_device_map(skeleton, fam.layers_path, fam.norm_path, fam.lm_head_path, devices, memory)
+
+
+def build_processor(ref: ModelRef, tokenizer: Any) -> Any:
+    """The family's processor from its image processor and the tokenizer (no video processor: torchvision),
+    with the keywords of its table row, overridden by the checkpoint's own processor_config.json."""
+    import inspect
+    import json
+
+    import transformers
+
+    image_processor = transformers.AutoImageProcessor.from_pretrained(ref.path)
+    proc_cls = _processor_without_video(getattr(transformers, ref.family.processor_class))
+    kwargs = processor_kwargs(ref.family, ref.config)
+    saved = ref.path / "processor_config.json"
+    if saved.is_file():
+        try:
+            kwargs.update({k: v for k, v in json.loads(saved.read_text()).items() if k in kwargs})
+        except (OSError, json.JSONDecodeError):
+            raise BadInput(f"{saved}: unreadable processor config") from None
+    params = inspect.signature(proc_cls.__init__).parameters
+    for optional in ("video_processor", "feature_extractor"):  # modalities we feed ourselves (or not at all)
+        if optional in params:
+            kwargs[optional] = None
+    return proc_cls(image_processor=image_processor, tokenizer=tokenizer, **kwargs)
 
 
 def _check_geometry(m: LoadedModel) -> None:

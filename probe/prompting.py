@@ -1,4 +1,5 @@
-"""Turn an MMMU item into model inputs: a configurable ChatML prompt plus the family's image placeholders.
+"""Turn an MMMU item into model inputs: a configurable prompt in the family's chat format (ChatML for the Qwen
+families; the format is a field of the family row) plus the family's image placeholders.
 
 The template is recorded in run.json. Placeholders come from the family table; the HF processor expands them to
 the right number of image tokens (we build the chat text ourselves so no processor chat template, and hence no
@@ -13,6 +14,7 @@ import torch
 from PIL import Image
 
 from probe.errors import BadInput
+from probe.families import chat_format
 from probe.models import LoadedModel
 
 
@@ -45,14 +47,30 @@ class PromptTemplate:
         return asdict(self)
 
 
-def render_chat(template: PromptTemplate, item: ItemLike, placeholders: str) -> str:
+@dataclass(frozen=True)
+class ChatFormat:
+    """A family's turn markup around the template's system and user text (``{bos}`` = the tokenizer's BOS, or
+    nothing; prompts are tokenised without added special tokens so every path puts it in the same place)."""
+
+    prompt: str  # with {bos}, {system}, {user}; ends where the assistant's answer starts
+
+
+CHAT_FORMATS: dict[str, ChatFormat] = {
+    "chatml": ChatFormat("{bos}<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
+                         "<|im_start|>assistant\n"),
+    "vicuna": ChatFormat("{bos}{system}\nUSER: {user} ASSISTANT:"),  # LLaVA-1.5, LLaVA-NeXT-Vicuna
+    "mistral": ChatFormat("{bos}[INST] {system}\n\n{user} [/INST]"),  # no system role: it opens the user turn
+    "gemma": ChatFormat("{bos}<start_of_turn>user\n{system}\n\n{user}<end_of_turn>\n<start_of_turn>model\n"),
+    "idefics3": ChatFormat("{bos}System: {system}<end_of_utterance>\nUser:{user}<end_of_utterance>\nAssistant:"),
+}
+
+
+def render_chat(template: PromptTemplate, item: ItemLike, placeholders: str, chat: str = "chatml",
+                bos: str = "") -> str:
     choices = "".join(template.choice.format(letter=l, option=o) for l, o in zip(item.letters, item.options))
     user = template.user.format(question=item.question, choices=choices)
-    return (
-        f"<|im_start|>system\n{template.system}<|im_end|>\n"
-        f"<|im_start|>user\n{placeholders}{user}<|im_end|>\n"
-        f"<|im_start|>assistant\n{template.assistant_prefix}"
-    )
+    return CHAT_FORMATS[chat].prompt.format(bos=bos, system=template.system, user=placeholders + user) + \
+        template.assistant_prefix
 
 
 def letter_token_ids(tokenizer: Any, letters: Sequence[str]) -> list[int]:
@@ -85,7 +103,8 @@ def build_inputs(
     placeholders = (fam.image_placeholder or "") * len(images)
     if frames:
         placeholders += fam.video_placeholder or ""
-    text = render_chat(template, item, placeholders)
+    bos = loaded.tokenizer.bos_token if fam.chat_bos and loaded.tokenizer.bos_token else ""
+    text = render_chat(template, item, placeholders, chat_format(fam, loaded.ref.config), bos)
     if frames and images:
         raise BadInput(f"item {item.id} has both images and video; one modality per item is supported")
     if loaded.processor is None or frames:
@@ -98,7 +117,7 @@ def build_inputs(
 
             batch = add_video_inputs(loaded, batch, frames)
     else:
-        kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt"}
+        kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt", "add_special_tokens": False}
         if images:
             kwargs["images"] = images
         batch = dict(loaded.processor(**kwargs))

@@ -51,8 +51,14 @@ def build_tokenizer(
     vocab_size: int = 1024,
     image_placeholder: str | None = "<|vision_start|><|image_pad|><|vision_end|>",
     video_placeholder: str | None = "<|vision_start|><|video_pad|><|vision_end|>",
+    extra_special: tuple[str, ...] = (),
+    named_tokens: dict[str, str] | None = None,
 ) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE on `corpus` (deterministic for a fixed corpus) and wrap it for transformers."""
+    """Train a byte-level BPE on `corpus` (deterministic for a fixed corpus) and wrap it for transformers.
+
+    ``extra_special`` are further special tokens, appended after the learnt vocabulary (existing ids do not move);
+    ``named_tokens`` become tokenizer attributes some processors read (Gemma 3's ``boi_token``, InternVL's
+    ``context_image_token``, ...)."""
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
@@ -65,6 +71,9 @@ def build_tokenizer(
     # Letters and digits on their own so option letters are single tokens whatever the corpus.
     seed_lines = [" ".join(string.ascii_uppercase), " ".join(string.digits)]
     tok.train_from_iterator(list(seed_lines) + list(corpus), trainer)
+    # Family tokens go after the learnt vocabulary (as real checkpoints append theirs), so every other id is the
+    # same as in the plain tokenizer: a tiny Qwen2.5 base and a tiny Omni thinker share their common rows.
+    tok.add_special_tokens([t for t in extra_special if t not in SPECIAL_TOKENS])
     # Served with Qwen2's pre-tokenizer; the merges above stay as learnt (multi-digit ones simply go unused).
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -77,6 +86,7 @@ def build_tokenizer(
         pad_token="<|endoftext|>",
         bos_token=None,
         model_max_length=32768,
+        **({"extra_special_tokens": dict(named_tokens)} if named_tokens else {}),
     )
     wrapped.chat_template = chat_template_for(image_placeholder, video_placeholder)
     return wrapped

@@ -107,7 +107,8 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def is_lm_param(name: str, loaded) -> bool:
     name = name.replace("_fsdp_wrapped_module.", "").removeprefix("module.")  # names under DDP / FSDP wrappers
-    return "language_model" in name or name.startswith("lm_head") or loaded.family.name == "qwen2"
+    fam = loaded.family  # the LM is the module holding the decoder layers (all of a causal LM), and lm_head
+    return name.startswith((fam.layers_path.rsplit(".", 1)[0] + ".", fam.lm_head_path + "."))
 
 
 @dataclass

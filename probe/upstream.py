@@ -151,6 +151,27 @@ def cache_layer_kv(cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise UpstreamChanged(f"{type(cache).__name__} no longer exposes .layers[{layer}].keys/.values") from None
 
 
+def reset_position_state(model: nn.Module) -> None:
+    """Forget the M-RoPE offset a Qwen-VL-style model keeps from its last prompt (``rope_deltas`` on a submodule).
+
+    Decoding steps add it to their positions; a text-only prompt does not overwrite it (Qwen3-VL, 5.24), so after an
+    image item the next text item would decode at the image item's offsets. ``generate`` recomputes it; the exact
+    engine's hand-driven decoding must start from a clean state instead."""
+    for module in model.modules():
+        if getattr(module, "rope_deltas", None) is not None:
+            module.rope_deltas = None
+
+
+def full_length_cache() -> Any:
+    """An empty DynamicCache built without the model's config, so every layer keeps every position — sliding-window
+    layers (Gemma 3) included, whose own cache would keep only the last window. The exact engine copies prompt
+    prefixes per layer from it; the attention masks still apply each layer's window (checked against the naive
+    loop in tests/test_families.py)."""
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
 def prefix_cache(clean: Any, upto: int, batch: int) -> Any:
     """A new DynamicCache holding the clean K/V of layers < upto, repeated over ``batch`` rows; layers ≥ upto are
     filled as the masked rows run through them."""

@@ -70,7 +70,7 @@ def _llava_onevision(loaded, batch, frames):
     side = size // vision.patch_size
     per_frame = math.ceil(side / 2) ** 2
     count = len(frames) * per_frame + 1
-    batch = _expand(batch, cfg.video_token_id, count, drop_extra=True)
+    batch = _expand(batch, _token_id(cfg, "video"), count, drop_extra=True)
     batch["pixel_values_videos"] = pix[None]
     return batch
 
@@ -92,25 +92,49 @@ def _qwen2_vl(loaded, batch, frames):
     c = arr.shape[1]
     x = arr.reshape(gt, tp, c, gh // m, m, p, gw // m, m, p).transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
     x = x.reshape(gt * gh * gw, c * tp * p * p)
-    batch = _expand(batch, cfg.video_token_id, gt * gh * gw // (m * m), drop_extra=False)
+    batch = _expand(batch, _token_id(cfg, "video"), gt * gh * gw // (m * m), drop_extra=False)
     batch["pixel_values_videos"] = torch.from_numpy(np.ascontiguousarray(x))
     batch["video_grid_thw"] = torch.tensor([[gt, gh, gw]])
     # M-RoPE needs the modality of every token: text 0, image 1, video 2 (the processor would return these).
     ids = batch["input_ids"]
     types = torch.zeros_like(ids)
-    types[ids == cfg.image_token_id] = 1
-    types[ids == cfg.video_token_id] = 2
+    types[ids == _token_id(cfg, "image")] = 1
+    types[ids == _token_id(cfg, "video")] = 2
     batch["mm_token_type_ids"] = types
     return batch
+
+
+def _qwen2_5_vl(loaded, batch, frames):
+    """As Qwen2-VL, plus the seconds each temporal patch spans (M-RoPE time axis): the processor's default
+    2 fps sampling, temporal_patch_size frames per patch."""
+    batch = _qwen2_vl(loaded, batch, frames)
+    batch["second_per_grid_ts"] = torch.tensor([loaded.processor.image_processor.temporal_patch_size / 2.0])
+    return batch
+
+
+def _qwen2_5_omni(loaded, batch, frames):
+    batch = _qwen2_vl(loaded, batch, frames)
+    del batch["mm_token_type_ids"]  # the thinker finds vision tokens by id
+    batch["video_second_per_grid"] = torch.tensor([loaded.processor.image_processor.temporal_patch_size / 2.0])
+    return batch
+
+
+# Family.video_inputs → builder.
+BUILDERS = {"llava_onevision": _llava_onevision, "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_5_vl,
+            "qwen2_5_omni": _qwen2_5_omni}
+
+
+def _token_id(cfg, kind: str) -> int:
+    """``<kind>_token_id``, or ``<kind>_token_index`` (the Omni thinker's config)."""
+    value = getattr(cfg, f"{kind}_token_id", None)
+    return value if value is not None else getattr(cfg, f"{kind}_token_index")
 
 
 def add_video_inputs(loaded, batch: dict[str, Any], frames: Sequence[Image.Image]) -> dict[str, Any]:
     """Add the video tensors of ``frames`` to a processor output (batch of one) and expand its video token."""
     if not frames:
         return batch
-    name = loaded.family.name
-    if name == "llava_onevision":
-        return _llava_onevision(loaded, batch, frames)
-    if name == "qwen2_vl":
-        return _qwen2_vl(loaded, batch, frames)
-    raise BadInput(f"video inputs are not supported for the {name} family")
+    builder = BUILDERS.get(loaded.family.video_inputs or "")
+    if builder is None:
+        raise BadInput(f"video inputs are not supported for the {loaded.family.name} family")
+    return builder(loaded, batch, frames)

@@ -125,11 +125,15 @@ def test_lm_shapes_differ(zoo, tmp_path, capsys):
 
 
 def test_unknown_layout(zoo, tmp_path, capsys):
-    d = corrupt_copy(zoo["q1"], tmp_path / "llama")
+    d = corrupt_copy(zoo["q1"], tmp_path / "neox")
     cfg = json.loads((d / "config.json").read_text())
-    cfg["model_type"] = "llama"
+    cfg["model_type"] = "gpt_neox"  # no layout row (llama has one since issue 21)
     (d / "config.json").write_text(json.dumps(cfg))
     out = tmp_path / "o"
+    code, err = run_cli(shift.main, ["--base", zoo["base"], "--models", d, "--out", out], capsys)
+    assert_bad(code, err, out, "unsupported model_type 'gpt_neox'")
+    cfg["model_type"] = "qwen2_vl"  # a known type whose keys match none of its layouts
+    (d / "config.json").write_text(json.dumps(cfg))
     code, err = run_cli(shift.main, ["--base", zoo["base"], "--models", d, "--out", out], capsys)
     assert_bad(code, err, out, "unknown checkpoint layout")
 

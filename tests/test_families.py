@@ -1,0 +1,491 @@
+"""The families added as table rows (issue 21), each on a tiny random model built from its config.
+
+Oracles: masking a head == zeroing its o_proj columns; the exact engine == the naive loop (text, image and, where
+the family takes it, video items); the checkpoint layout's canonical LM names == the loaded model's own LM modules;
+merges == the formula on the loaded modules' tensors, carriers loadable by their class.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import make_item
+from probe.families import ALIASES, CAUSAL_LM, FAMILIES, LAYOUTS, causal_lm_type, detect_layout, canonical_lm_name
+
+NEW = ("qwen3", "mistral", "gemma3_text", "qwen2_5_vl", "qwen3_vl", "qwen2_5_omni_thinker", "llava", "llava_next",
+       "gemma3", "idefics3", "internvl")
+VIDEO = ("qwen2_5_vl", "qwen2_5_omni_thinker")
+
+
+@pytest.fixture(scope="module")
+def dirs(omniprobe_cache, shared_root) -> dict[str, Path]:
+    from filelock import FileLock
+
+    from probe.tiny import tiny_dir
+
+    with FileLock(str(shared_root / "tiny.lock")):
+        return {f: tiny_dir(f) for f in NEW}
+
+
+@pytest.fixture(scope="module")
+def loaded(dirs):
+    from probe.models import load_model, resolve_model
+
+    torch.set_num_threads(1)
+    cache: dict = {}
+
+    def load(family: str):
+        if family not in cache:
+            cache[family] = load_model(resolve_model(str(dirs[family])), attn_implementation="sdpa")
+        return cache[family]
+
+    return load
+
+
+@pytest.fixture(scope="module")
+def video_item(tmp_path_factory):
+    from probe.mmmu import load_mmmu
+    from probe.zoo.tasks_video import build_video_dataset
+
+    root = tmp_path_factory.mktemp("video")
+    build_video_dataset(root, {"validation": 1}, seed=0)
+    return load_mmmu(root, "validation")[0][0]
+
+
+def items_for(m, video_item) -> list:
+    """A text item with five options (a letter beyond D), plus an image item and a video item where supported."""
+    items = [make_item(n_options=5, answer="E", with_image=False, item_id="validation_Test_5")]
+    if "image" in m.family.modalities:
+        items.append(make_item(item_id="validation_Test_1"))
+    if "video" in m.family.modalities:
+        items.append(video_item)
+    return items
+
+
+def test_table_rows_are_consistent():
+    from probe.tiny import BUILDERS
+
+    for fam in FAMILIES.values():
+        assert fam.name in BUILDERS, f"{fam.name}: no tiny builder (adding a family = a row + a tiny model)"
+    for lay in LAYOUTS.values():
+        assert lay.family in FAMILIES and set(lay.model_types) - {"llava_qwen"} <= {
+            t for f in FAMILIES.values() for t in f.model_types}, lay.name
+    for alias in ALIASES.values():
+        assert alias.family in FAMILIES, alias.alias
+    types = [t for f in FAMILIES.values() for t in f.model_types]
+    assert len(types) == len(set(types)), "a model_type in two rows"
+
+
+@pytest.mark.parametrize("family", NEW)
+def test_masking_equals_zeroed_o_proj_columns(family, loaded, video_item):
+    from probe.masking import mask_heads
+    from probe.prompting import PromptTemplate, build_inputs
+
+    m = loaded(family)
+    g = m.geometry
+    assert m.o_proj(0).in_features == g.n_heads * g.head_dim
+    item = items_for(m, video_item)[-1]  # the richest modality the family takes
+    inputs = build_inputs(m, item, PromptTemplate())
+    heads = [(0, 1), (g.n_layers - 1, g.n_heads - 1)]
+    with torch.no_grad():
+        clean = m.model(**inputs).logits[0, -1]
+        with mask_heads(m, heads):
+            masked = m.model(**inputs).logits[0, -1]
+        saved = {layer: m.o_proj(layer).weight.detach().clone() for layer, _ in heads}
+        try:
+            for layer, h in heads:
+                m.o_proj(layer).weight[:, h * g.head_dim:(h + 1) * g.head_dim] = 0
+            zeroed = m.model(**inputs).logits[0, -1]
+        finally:
+            for layer, w in saved.items():
+                m.o_proj(layer).weight.copy_(w)
+    torch.testing.assert_close(masked, zeroed, atol=1e-5, rtol=0)
+    assert (masked - clean).abs().max() > 1e-6  # the mask did something
+
+
+@pytest.mark.parametrize("family", NEW)
+def test_exact_equals_naive(family, loaded, video_item):
+    from probe.sweep import SweepConfig, get_engine
+
+    m = loaded(family)
+    g = m.geometry
+    heads = [(layer, h) for layer in range(g.n_layers) for h in range(g.n_heads)]
+    items = items_for(m, video_item)
+    cfg = SweepConfig(generate=True, batch_size=3, max_new_tokens=3)
+    naive = pd.DataFrame(get_engine("naive")(m, items, heads, cfg))
+    exact = pd.DataFrame(get_engine("exact")(m, items, heads, cfg))
+    for col in ("item_id", "layer", "head", "pred", "prob_pred", "response"):
+        assert (naive[col] == exact[col]).all(), col
+    for col in ("kl", "p_answer"):
+        np.testing.assert_allclose(exact[col], naive[col], atol=1e-5, rtol=0, err_msg=col)
+    assert exact.loc[exact["layer"] >= 0, "kl"].max() > 1e-7
+
+
+def module_lm(m) -> dict[str, torch.Tensor]:
+    """The LM tensors of a loaded model under canonical names, read from its modules (not from any key table)."""
+    fam = m.family
+    out = {f"layers.{k}": v for k, v in m.layers.state_dict().items()}
+    out["embed_tokens.weight"] = m.model.get_input_embeddings().weight
+    out["norm.weight"] = m.model.get_submodule(fam.norm_path).weight
+    out["lm_head.weight"] = m.model.get_submodule(fam.lm_head_path).weight
+    return {k: v.detach() for k, v in out.items()}
+
+
+EXPECTED_LAYOUT = {"qwen2_5_omni_thinker": "qwen2_5_omni"}
+
+
+@pytest.mark.parametrize("family", NEW)
+def test_layout_names_the_models_own_lm_tensors(family, dirs, loaded):
+    """What transformers writes for the family is read as the model's LM: every module tensor, nothing else."""
+    from analyses.checkpoints import open_checkpoint
+
+    m = loaded(family)
+    want = module_lm(m)
+    with open_checkpoint(str(dirs[family])) as ck:
+        assert ck.layout.name == EXPECTED_LAYOUT.get(family, family)
+        names = set(ck.lm) | ({"lm_head.weight"} if ck.tied else set())
+        assert names == set(want)
+        for canon in want:
+            torch.testing.assert_close(ck.view(ck.lm_info(canon)), want[canon], atol=0, rtol=0)
+    assert causal_lm_type(m.family, m.model.config.get_text_config().to_dict()) in CAUSAL_LM
+
+
+# Key names as the real checkpoints publish them (safetensors index of each hub repo), one LM, one non-LM key.
+PUBLISHED = {
+    "Qwen/Qwen2.5-VL-7B-Instruct": ("qwen2_5_vl", "qwen2_5_vl", ["model.layers.0.self_attn.q_proj.weight",
+                                    "model.embed_tokens.weight", "lm_head.weight", "visual.blocks.0.attn.qkv.weight"]),
+    "Qwen/Qwen3-VL-8B-Instruct": ("qwen3_vl", "qwen3_vl", ["model.language_model.layers.0.self_attn.q_norm.weight",
+                                  "model.language_model.embed_tokens.weight", "lm_head.weight",
+                                  "model.visual.blocks.0.attn.qkv.weight"]),
+    "Qwen/Qwen2.5-Omni-7B": ("qwen2_5_omni", "qwen2_5_omni", ["thinker.model.layers.0.self_attn.q_proj.weight",
+                             "thinker.model.embed_tokens.weight", "thinker.lm_head.weight",
+                             "thinker.visual.blocks.0.attn.qkv.weight", "thinker.audio_tower.conv1.weight",
+                             "talker.model.layers.0.self_attn.q_proj.weight", "token2wav.code2wav_dit_model.x"]),
+    "llava-hf/llava-1.5-7b-hf": ("llava", "llava", ["language_model.model.layers.0.self_attn.q_proj.weight",
+                                 "language_model.model.embed_tokens.weight", "language_model.lm_head.weight",
+                                 "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight",
+                                 "multi_modal_projector.linear_1.weight"]),
+    "llava-hf/llava-v1.6-mistral-7b-hf": ("llava_next", "llava_next", [
+        "language_model.model.layers.0.self_attn.q_proj.weight", "language_model.model.embed_tokens.weight",
+        "language_model.lm_head.weight", "image_newline", "vision_tower.vision_model.post_layernorm.weight"]),
+    "google/gemma-3-4b-it": ("gemma3", "gemma3", ["language_model.model.layers.0.self_attn.q_norm.weight",
+                             "language_model.model.embed_tokens.weight",
+                             "multi_modal_projector.mm_input_projection_weight",
+                             "vision_tower.vision_model.embeddings.patch_embedding.weight"]),
+    "HuggingFaceTB/SmolVLM-Instruct": ("idefics3", "idefics3", ["model.text_model.layers.0.self_attn.q_proj.weight",
+                                       "model.text_model.embed_tokens.weight", "lm_head.weight",
+                                       "model.vision_model.encoder.layers.0.mlp.fc1.weight",
+                                       "model.connector.modality_projection.proj.weight"]),
+    "OpenGVLab/InternVL3-8B-hf": ("internvl", "internvl_tf4", ["model.language_model.layers.0.self_attn.q_proj.weight",
+                                  "model.language_model.embed_tokens.weight", "lm_head.weight",
+                                  "model.vision_tower.encoder.layer.0.attention.q_proj.weight",
+                                  "model.multi_modal_projector.linear_1.weight"]),
+    "google/gemma-3-1b-it": ("gemma3_text", "gemma3_text", ["model.layers.0.self_attn.k_norm.weight",
+                             "model.embed_tokens.weight", "model.norm.weight"]),
+}
+
+
+@pytest.mark.parametrize("repo", PUBLISHED)
+def test_published_key_names(repo):
+    model_type, layout, keys = PUBLISHED[repo]
+    lay = detect_layout(model_type, keys)
+    assert lay.name == layout
+    canon = {k: canonical_lm_name(lay, k) for k in keys}
+    assert {c for c in canon.values() if c} == {
+        "layers.0.self_attn." + k.rsplit("self_attn.", 1)[1] for k in keys[:1]} | {
+        "embed_tokens.weight"} | ({"lm_head.weight"} if any("lm_head" in k for k in keys) else set()) | (
+        {"norm.weight"} if "model.norm.weight" in keys else set())
+    assert all(canon[k] is None for k in keys if any(s in k for s in ("visual", "vision", "audio", "projector",
+                                                                      "connector", "talker", "token2wav", "newline")))
+
+
+def _pair(family: str, root: Path) -> tuple[Path, Path]:
+    """Two tiny models of one family with different random weights (seeds 0 and 1)."""
+    from probe.tiny import SPECS, TinySpec, build_tiny
+
+    spec = SPECS.get(family, TinySpec())
+    return (build_tiny(family, root / f"{family}-a", spec),
+            build_tiny(family, root / f"{family}-b", dataclasses.replace(spec, seed=1)))
+
+
+@pytest.mark.parametrize("family", [f for f in NEW if FAMILIES[f].processor_class])
+def test_weighted_merge_transplanted_into_carrier(family, tmp_path):
+    """Eq. 2 on the loaded modules' tensors; the merged LM loads as its causal LM class; the carrier loads with
+    its family class, holds the merged LM and the first model's vision tower unchanged."""
+    import transformers as tf
+
+    from analyses import merge, shift
+    from probe.errors import cli_main
+    from probe.models import load_model, resolve_model
+
+    a, b = _pair(family, tmp_path)
+    out = tmp_path / "merged"
+    assert cli_main(merge.main, ["--models", str(a), str(b), "--method", "weighted", "--weights", "1", "3",
+                                 "--carrier", str(a), "--out", str(out)]) == 0
+    ma, mb = (load_model(resolve_model(str(p))) for p in (a, b))
+    la, lb = module_lm(ma), module_lm(mb)
+    lm = tf.AutoModelForCausalLM.from_pretrained(out)
+    assert type(lm).__name__ == CAUSAL_LM[causal_lm_type(ma.family, ma.model.config.get_text_config().to_dict())]
+    got = {f"layers.{k}": v for k, v in lm.model.layers.state_dict().items()}
+    got |= {"embed_tokens.weight": lm.model.embed_tokens.weight, "norm.weight": lm.model.norm.weight,
+            "lm_head.weight": lm.lm_head.weight}
+    assert set(got) == set(la)
+    for k in la:
+        torch.testing.assert_close(got[k].detach(), 0.25 * la[k] + 0.75 * lb[k])
+    carrier = load_model(resolve_model(str(out / "carriers" / a.name)))
+    lc = module_lm(carrier)
+    for k in la:
+        torch.testing.assert_close(lc[k], got[k].detach())
+    vision = {k: v for k, v in carrier.model.state_dict().items() if not k.startswith(ma.family.layers_path)
+              and "language_model" not in k and "text_model" not in k and "lm_head" not in k}
+    orig = ma.model.state_dict()
+    assert vision and all(torch.equal(v, orig[k]) for k, v in vision.items())
+    # Eq. 3 on the same pair: Δavg per tensor from the loaded modules
+    assert cli_main(shift.main, ["--base", str(a), "--models", str(b), "--out", str(tmp_path / "s"),
+                                 "--no-figures"]) == 0
+    rows = pd.read_csv(tmp_path / "s" / "shift.csv")
+    for r in rows.itertuples():
+        assert r.delta_avg == pytest.approx(float((la[r.tensor] - lb[r.tensor]).abs().mean()), rel=1e-5)
+
+
+def test_unknown_model_type_is_bad_input_before_loading(tmp_path, dirs, capsys):
+    """exit 2, one line naming the model_type and pointing at the table; nothing written, no weight file read."""
+    import shutil
+
+    from analyses import merge, shift
+    from probe import eval as probe_eval
+    from probe import heads
+    from probe.errors import cli_main
+
+    model = tmp_path / "m"
+    shutil.copytree(dirs["qwen3"], model)
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(cfg | {"model_type": "mamba9"}))
+    (model / "model.safetensors").write_bytes(b"not read")  # opening it would be a different error
+    out = tmp_path / "o"
+    for main, argv in ((heads.main, ["--model", str(model), "--limit", "1"]),
+                       (probe_eval.main, ["--models", str(model), "--data", "probe/zoo/data/text"]),
+                       (shift.main, ["--base", str(model), "--models", str(model)]),
+                       (merge.main, ["--models", str(model), str(model), "--method", "average"])):
+        assert cli_main(main, [*argv, "--out", str(out)]) == 2, main.__module__
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "'mamba9'" in err[0] and "probe/families.py" in err[0], err
+        assert not out.exists()
+
+
+def test_readme_family_table_is_generated_from_the_table():
+    from probe.families import supported_families_markdown
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    begin, end = "<!-- families:begin -->\n", "<!-- families:end -->"
+    assert begin in readme and end in readme
+    assert readme.split(begin, 1)[1].split(end, 1)[0] == supported_families_markdown(), \
+        "README's family table drifted: paste `python -m probe.families` between the markers"
+
+
+@pytest.mark.parametrize("family", [f for f in NEW if FAMILIES[f].processor_class])
+def test_batched_evaluation_equals_one_item_path(family, loaded, video_item):
+    """probe.eval's batches (left padding, concatenated pixel tensors) give what one item at a time gives."""
+    from probe.batch import evaluate_items
+    from probe.sweep import SweepConfig, first_token_measure, prepare_item
+
+    m = loaded(family)
+    items = items_for(m, video_item) + [make_item(item_id="validation_Test_2", seed=1, question="Which shape?"),
+                                        make_item(n_options=3, with_image=False, item_id="validation_Test_3")]
+    cfg = SweepConfig(generate=True, max_new_tokens=3)
+    got = evaluate_items(m, items, cfg, batch_size=4)
+    for item, g in zip(items, got):
+        inputs, letters = prepare_item(m, item, cfg)
+        want = first_token_measure(m, inputs, letters, cfg)
+        assert g.response == want.response, item.id
+        torch.testing.assert_close(g.logp.exp(), want.logp.exp(), atol=1e-4, rtol=0)
+
+
+def test_table7_cpu_recipe_runs_as_written(tmp_path, dirs, monkeypatch):
+    """The README's CPU recipe, line by line (runs/ → a tmp dir): Δavg of the VL and Omni models, the Eq. 4 merge
+    transplanted into the Qwen2.5-VL and Omni carriers, and probe.eval of base, Omni, merge and the Omni carrier."""
+    import re
+    import shlex
+
+    from analyses import merge, shift
+    from probe import eval as probe_eval
+    from probe.errors import cli_main
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("<!-- table7:cpu -->\n```\n", 1)[1].split("```", 1)[0]
+    lines = [ln for ln in block.replace("\\\n", " ").splitlines() if ln.strip()]
+    mains = {"analyses.shift": shift.main, "analyses.merge": merge.main, "probe.eval": probe_eval.main}
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    for ln in lines:
+        argv = shlex.split(re.sub(r"\bruns/", f"{tmp_path}/", ln))
+        assert argv[:2] == ["python", "-m"] and argv[2] in mains, ln
+        assert cli_main(mains[argv[2]], argv[3:]) == 0, ln
+    rows = pd.read_csv(tmp_path / "t7" / "shift" / "shift.csv")
+    assert set(rows["model"]) == {"tiny-qwen2.5-vl", "tiny-qwen2.5-omni"}
+    assert (tmp_path / "t7" / "merged" / "carriers" / "tiny-qwen2.5-omni" / "config.json").is_file()
+    scores = pd.read_csv(tmp_path / "t7" / "eval" / "scores.csv")
+    allrows = scores[scores["subject"] == "all"].set_index(["model", "data"])
+    omni_carrier = str(tmp_path / "t7" / "merged" / "carriers" / "tiny-qwen2.5-omni")
+    text, image = "text", "image"
+    assert allrows.loc[("tiny-qwen2.5", text), "n_items"] == 8
+    assert allrows.loc[("tiny-qwen2.5", image), "n_items"] == 0  # a text LM on images: n/a, not 0 %
+    assert allrows.loc[(omni_carrier, image), "n_items"] == 8
+    assert not np.isnan(allrows.loc[("tiny-qwen2.5-omni", text), "diff_accuracy"])
+    # The merged LM answers text items alike bare and inside the Omni thinker (M-RoPE on text = RoPE).
+    items = pd.read_parquet(tmp_path / "t7" / "eval" / "items.parquet")
+    bare = items[(items["model"] == str(tmp_path / "t7" / "merged")) & (items["data"] == text)]
+    inside = items[(items["model"] == omni_carrier) & (items["data"] == text)]
+    np.testing.assert_allclose(bare["p_answer"].to_numpy(), inside["p_answer"].to_numpy(), atol=1e-4)
+
+
+def test_nested_text_config_with_class_defaults_only():
+    """llava-1.5-7b-hf's config.json stores only the text config's non-default fields: geometry from LlamaConfig."""
+    from probe.families import HeadGeometry, text_config_dict
+
+    published = {"model_type": "llava", "text_config": {"model_type": "llama", "vocab_size": 32064,
+                                                        "max_position_embeddings": 4096}}
+    g = HeadGeometry.from_text_config(text_config_dict(published, FAMILIES["llava"]))
+    assert (g.n_layers, g.n_heads, g.n_kv_heads, g.head_dim, g.hidden_size) == (32, 32, 32, 128, 4096)
+
+
+def test_chat_formats_follow_the_row_and_the_lm():
+    """Each family's turn markup (and BOS where its tokenizer has one); LLaVA-NeXT on Mistral uses [INST]."""
+    from probe.families import chat_format
+    from probe.prompting import PromptTemplate, render_chat
+
+    item = make_item(with_image=False)
+    t = PromptTemplate()
+    mistral_next = {"model_type": "llava_next", "text_config": {"model_type": "mistral", "num_attention_heads": 32,
+                                                                "hidden_size": 4096, "num_hidden_layers": 32}}
+    assert chat_format(FAMILIES["llava_next"], mistral_next) == "mistral"
+    assert chat_format(FAMILIES["llava_next"], mistral_next | {"text_config": {"model_type": "llama"}}) == "vicuna"
+    ends = {"chatml": "<|im_start|>assistant\n", "vicuna": " ASSISTANT:", "mistral": " [/INST]",
+            "gemma": "<start_of_turn>model\n", "idefics3": "<end_of_utterance>\nAssistant:"}
+    for fam in FAMILIES.values():
+        fmt = chat_format(fam, {})
+        text = render_chat(t, item, "", fmt, "<s>" if fam.chat_bos else "")
+        assert text.endswith(ends[fmt]) and t.system in text and "A. red\n" in text, fam.name
+        assert text.startswith("<s>") == fam.chat_bos
+
+
+@pytest.mark.parametrize("family", NEW)
+def test_layers_called_directly_reproduce_the_clean_pass(family, loaded, video_item):
+    """probe/upstream.py on every new family: each recorded layer call, replayed, gives the next layer's input
+    (plus what the model added between layers: DeepStack for Qwen3-VL, nothing elsewhere), and an engine-built
+    cache holds exactly the prompt in every layer (sliding-window layers included)."""
+    from probe.exact import clean_pass
+    from probe.prompting import PromptTemplate, build_inputs
+    from probe.upstream import call_layer, check_cache, prefix_cache
+
+    m = loaded(family)
+    clean = clean_pass(m, build_inputs(m, items_for(m, video_item)[-1], PromptTemplate()), keep_cache=True)
+    n = m.geometry.n_layers
+    for i in range(n - 1):
+        out = call_layer(m.layers[i], clean.calls[i].hidden, clean.calls[i], None)
+        if clean.injected[i] is not None:
+            out = out + clean.injected[i]
+        torch.testing.assert_close(out, clean.calls[i + 1].hidden, rtol=0, atol=1e-5)
+    assert (clean.injected[0] is not None) == (family == "qwen3_vl")  # DeepStack at layer 0 of the tiny model
+    check_cache(clean.cache, range(n), batch=1, length=clean.length)
+    cache = prefix_cache(clean.cache, 1, batch=2)
+    h = clean.calls[1].hidden.expand(2, -1, -1)
+    for i in range(1, n):
+        h = call_layer(m.layers[i], h, clean.calls[i], cache)
+    check_cache(cache, range(n), batch=2, length=clean.length)
+
+
+@pytest.fixture(scope="module")
+def qwen25_trio(tmp_path_factory, dirs, omniprobe_cache):
+    """Tiny Qwen2.5 base, a Qwen2.5 text fine-tune (other seed), and the tiny Qwen2.5-VL and Omni thinker (whose
+    vocabulary has 7 more rows, as the real Omni's special tokens come after the base's)."""
+    from probe.models import model_path
+    from probe.tiny import TinySpec, build_tiny
+
+    root = tmp_path_factory.mktemp("trio")
+    ft = build_tiny("qwen2_5", root / "ft", TinySpec(num_hidden_layers=2, seed=1))
+    return {"base": model_path("tiny-qwen2.5"), "ft": ft, "vl": dirs["qwen2_5_vl"],
+            "omni": dirs["qwen2_5_omni_thinker"]}
+
+
+@pytest.mark.parametrize("method", ["average", "weighted", "shift", "task_arithmetic", "ties", "salience"])
+def test_every_merge_method_on_qwen2_5_with_vl_and_omni_carriers(method, qwen25_trio, tmp_path):
+    """Issue 21's ask: merge Qwen2.5-7B, a text fine-tune, Qwen2.5-VL and the Omni thinker by every method, the
+    merged LM transplanted into the VL and Omni carriers (each loads with its class and holds the merged LM);
+    Eq. 1 and task arithmetic also against their formulas on the loaded tensors."""
+    import transformers as tf
+
+    from analyses import merge
+    from probe import heads
+    from probe.errors import cli_main
+    from probe.models import load_model, resolve_model
+
+    t = {k: str(v) for k, v in qwen25_trio.items()}
+    models = [t["ft"], t["vl"], t["omni"]]
+    argv = ["--base", t["base"], "--models", *models, "--method", method, "--carrier", t["vl"], t["omni"]]
+    if method == "weighted":
+        argv += ["--weights", "1", "2", "1"]
+    if method == "salience":  # one probe.heads run per expert on its own modality
+        runs = []
+        for name, data in (("ft", "text"), ("vl", "image"), ("omni", "image")):
+            runs.append(tmp_path / f"heads-{name}")
+            assert cli_main(heads.main, ["--model", t[name], "--data", f"probe/zoo/data/{data}", "--limit", "2",
+                                         "--no-generate", "--quiet", "--no-figures", "--out", str(runs[-1])]) == 0
+        argv += ["--salience", *map(str, runs)]
+    out = tmp_path / "merged"
+    assert cli_main(merge.main, [*argv, "--out", str(out)]) == 0
+    lm = tf.AutoModelForCausalLM.from_pretrained(out)
+    got = {f"layers.{k}": v.detach() for k, v in lm.model.layers.state_dict().items()}
+    got["norm.weight"] = lm.model.norm.weight.detach()
+    rows = lm.model.embed_tokens.weight.shape[0]
+    got["embed_tokens.weight"] = lm.model.embed_tokens.weight.detach()
+    lms = {k: module_lm(load_model(resolve_model(t[k]))) for k in ("base", "ft", "vl", "omni")}
+    common = min(v["embed_tokens.weight"].shape[0] for v in lms.values())
+    assert rows == lms["base"]["embed_tokens.weight"].shape[0]
+    for name in ("vl", "omni"):
+        carrier = module_lm(load_model(resolve_model(str(out / "carriers" / Path(t[name]).name))))
+        for k, v in got.items():
+            torch.testing.assert_close(carrier[k][:common], v[:common], atol=1e-6, rtol=0)
+    formula = {"average": lambda a, b, c, d: (b + c + d) / 3,
+               "task_arithmetic": lambda a, b, c, d: a + (b - a) + (c - a) + (d - a)}.get(method)
+    if formula is not None:
+        for k, v in got.items():
+            want = formula(*(lms[n][k][:common] for n in ("base", "ft", "vl", "omni")))
+            torch.testing.assert_close(v[:common], want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("base, expert", [("qwen3", "qwen3_vl"), ("gemma3_text", "gemma3"), ("mistral", "llava_next")])
+def test_text_base_and_its_vlm_shift_and_merge(base, expert, dirs, loaded, tmp_path):
+    """A text LM and a VLM built on that LM type: Δavg per tensor, an Eq. 4 merge (α0 = 0.5, one expert) written as
+    the base's class, transplanted into the VLM (vocabularies of different sizes: common rows merged, the carrier keeps the rest)."""
+    import transformers as tf
+
+    from analyses import merge, shift
+    from probe.errors import cli_main
+    from probe.models import load_model, resolve_model
+
+    b, e = str(dirs[base]), str(dirs[expert])
+    assert cli_main(shift.main, ["--base", b, "--models", e, "--out", str(tmp_path / "s"), "--no-figures"]) == 0
+    lb, le = module_lm(loaded(base)), module_lm(loaded(expert))
+    common = min(lb["embed_tokens.weight"].shape[0], le["embed_tokens.weight"].shape[0])
+    for r in pd.read_csv(tmp_path / "s" / "shift.csv").itertuples():
+        want = (lb[r.tensor][:common] - le[r.tensor][:common]).abs().mean()
+        assert r.delta_avg == pytest.approx(float(want), rel=1e-5)
+    out = tmp_path / "m"
+    assert cli_main(merge.main, ["--base", b, "--models", e, "--method", "shift", "--shift", str(tmp_path / "s"),
+                                 "--carrier", e, "--out", str(out)]) == 0
+    lm = tf.AutoModelForCausalLM.from_pretrained(out)
+    assert type(lm).__name__ == FAMILIES[base].model_class
+    carrier = module_lm(load_model(resolve_model(str(out / "carriers" / Path(e).name))))
+    merged = {f"layers.{k}": v.detach() for k, v in lm.model.layers.state_dict().items()}
+    for k, v in merged.items():  # Eq. 4 with one expert: its softmax weight is 1, so θ = α0 θ_0 + (1 − α0) θ_1
+        torch.testing.assert_close(v, 0.5 * lb[k] + 0.5 * le[k])
+        torch.testing.assert_close(carrier[k], v)
+    emb = carrier["embed_tokens.weight"]
+    torch.testing.assert_close(emb[:common], lm.model.embed_tokens.weight.detach()[:common])
+    assert torch.equal(emb[common:], le["embed_tokens.weight"][common:])  # the carrier's own extra rows
