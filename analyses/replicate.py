@@ -288,15 +288,17 @@ def run_stage(ctx: Context, stage: Stage, fp: str) -> str:
     if sdir.exists() and not resumed and stage.name != "report":
         shutil.rmtree(sdir)  # inputs changed (or no record): its outputs no longer belong to this config
     print(f"== {stage.name}: {'continuing' if resumed else 'running'}", file=sys.stderr)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     started = state.get("started") if resumed else time.strftime("%Y-%m-%dT%H:%M:%S%z")
     write_state(ctx.out, stage.name, {"stage": stage.name, "fingerprint": fp, "status": "running",
                                       "started": started})
     stage.run(ctx)
     seconds = time.perf_counter() - t0
+    # CPU seconds of all this process's threads: what the stage costs, whatever else shares the machine
     write_state(ctx.out, stage.name, {"stage": stage.name, "fingerprint": fp, "status": "complete",
                                       "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                      "seconds": round(seconds, 1), "resumed": resumed})
+                                      "seconds": round(seconds, 1),
+                                      "cpu_seconds": round(time.process_time() - c0, 1), "resumed": resumed})
     print(f"== {stage.name}: done in {seconds:.1f} s", file=sys.stderr)
     return "ran"
 

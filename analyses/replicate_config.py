@@ -99,7 +99,7 @@ class Trajectory:
 @dataclass(frozen=True)
 class ReplicateConfig:
     models: Models
-    data: dict[str, str]  # evaluation sets: label → MMMU-layout dir, or "mmmu"
+    data: dict[str, str]  # evaluation sets: label → MMMU-layout dir (relative to the config file), or "mmmu"
     finetune: Finetune
     eval: Eval = field(default_factory=Eval)
     train: Train = field(default_factory=Train)
@@ -181,7 +181,10 @@ def parse_config(path: Path) -> ReplicateConfig:
         raise BadInput(f"--config {path}: not valid TOML ({exc})") from None
     cfg = _build(ReplicateConfig, table)
     check_values(cfg)
-    return dataclasses.replace(cfg, source=str(path))
+    here = Path(path).resolve().parent  # relative directories are relative to the config file, not the cwd
+    data = {k: v if v.lower() == "mmmu" else str((here / v).resolve()) for k, v in cfg.data.items()}
+    train = dataclasses.replace(cfg.train, data={k: str((here / v).resolve()) for k, v in cfg.train.data.items()})
+    return dataclasses.replace(cfg, data=data, train=train, source=str(path))
 
 
 def check_values(cfg: ReplicateConfig) -> None:

@@ -75,10 +75,11 @@ class Doc:
                 body.append("<ul>" + "".join(f"<li>{_inline(x)}</li>" for x in v) + "</ul>")
             elif kind == "table":
                 header, rows, caption = v
-                cap = f"<caption>{_inline(caption)}</caption>" if caption else ""
+                cap = f'<p class="caption">{_inline(caption)}</p>' if caption else ""
                 head = "".join(f"<th>{_inline(x)}</th>" for x in header)
                 trs = "".join("<tr>" + "".join(f"<td>{_inline(x)}</td>" for x in r) + "</tr>" for r in rows)
-                body.append(f'<div class="scroll"><table>{cap}<thead><tr>{head}</tr></thead><tbody>{trs}'
+                wide = ' class="wide"' if len(header) > 8 else ""
+                body.append(f'{cap}<div class="scroll"><table{wide}><thead><tr>{head}</tr></thead><tbody>{trs}'
                             "</tbody></table></div>")
             elif kind == "img":
                 data = base64.b64encode((root / v[0]).read_bytes()).decode()
@@ -90,13 +91,13 @@ class Doc:
 
 CSS = """
 body{font-family:-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;line-height:1.45;color:#222;margin:0;background:#fafafa}
-main{max-width:1100px;margin:0 auto;padding:1.5em 2em;background:#fff}
+main{max-width:1200px;margin:0 auto;padding:1.5em 2em;background:#fff}
 h1{font-size:1.6em;border-bottom:2px solid #ddd;padding-bottom:.3em} h2{font-size:1.3em;margin-top:2em;border-bottom:1px solid #eee}
 h3{font-size:1.05em;margin-top:1.4em}
 .scroll{overflow-x:auto;margin:.8em 0}
-table{border-collapse:collapse;font-size:.88em} caption{caption-side:top;text-align:left;font-style:italic;color:#555;padding:.2em 0}
-th,td{border:1px solid #ddd;padding:.25em .55em;text-align:left;white-space:nowrap} th{background:#f3f3f3}
-tbody tr:nth-child(even){background:#fbfbfb}
+table{border-collapse:collapse;font-size:.88em} p.caption{font-style:italic;color:#555;margin:.9em 0 .2em}
+th,td{border:1px solid #ddd;padding:.25em .55em;text-align:left;white-space:nowrap} th{background:#f3f3f3;white-space:normal;vertical-align:bottom}
+tbody tr:nth-child(even){background:#fbfbfb} table.wide{font-size:.78em}
 figure{margin:1em 0} img{max-width:100%;height:auto;border:1px solid #eee} figcaption{font-size:.85em;color:#555}
 code{background:#f3f3f3;padding:0 .25em;border-radius:3px;font-size:.92em}
 strong.agrees{color:#1a7f37} strong.disagrees{color:#c62828} strong.partly{color:#a66300} strong.not-measured{color:#666}
@@ -127,6 +128,12 @@ def cell(run: EvalRun, model: str, data_spec: str, diff: bool = False) -> str:
     if r[d] != r[d]:
         return "—"
     return f"{100 * r[d]:+.1f} [{100 * r[lo]:+.1f}, {100 * r[hi]:+.1f}]"
+
+
+def mix_text(mix: dict[str, float]) -> str:
+    if len(mix) == 1:
+        return f"{next(iter(mix))} only"
+    return f"{':'.join(mix)} = {':'.join(f'{v:g}' for v in mix.values())}"
 
 
 def _paper_table(d: Doc, rows: dict[str, list[float]], columns: list[str], caption: str) -> None:
@@ -198,7 +205,7 @@ def build(r: Replication, figdir: Path) -> Doc:
     d = Doc()
     cfg = r.cfg
     fs = findings(r)
-    label = {e: f"{e} ({r.paper_name(e)})" if r.paper_name(e) else e for e in r.experts}
+    label = {e: e for e in r.experts}
     text = r.data(cfg["eval"]["text"])
     d.h(1, "Is extending modality the right path? — the paper's pipeline, replicated")
     d.p(f"Config `{Path(r.info.get('config_file', '')).name}`: base `{r.base}`, experts "
@@ -207,6 +214,9 @@ def build(r: Replication, figdir: Path) -> Doc:
         "items). Each section sets the run beside the paper's published numbers (cited by table; the paper "
         "measured 7B models on MMLU, MMMU, Video-MME and the like, so compare directions, not values) and says, "
         "per finding, whether the run agrees and by which criterion. Rebuild with `python -m figures report DIR`.")
+    if any(r.paper_name(e) for e in r.experts):
+        d.p("Stand-ins: " + "; ".join(f"`{e}` for {r.paper_name(e)}" for e in r.experts) + f"; `{r.base}` for the "
+            "base LLM (Qwen2-7B-Instruct).")
     d.h(2, "Findings at a glance")
     d.p("Each line: the verdict, where the paper says it, and the paper's claim; the numbers and the criterion "
         "that decided it follow in the section.")
@@ -314,7 +324,7 @@ def build(r: Replication, figdir: Path) -> Doc:
     d.h(2, "Figure 3: fine-tuning the Eq. 4 merge")
     d.p(f"The Eq. 4 merge inside `{ft['carrier']}`'s carrier, fine-tuned {ft['steps']} steps (batch "
         f"{ft['batch_size']}, LM lr {ft['lm_lr']:g}) once per data choice: "
-        + "; ".join(f"{n} = " + ":".join(f"{k} {v:g}" for k, v in mix.items()) for n, mix in r.runs.items())
+        + "; ".join(f"{n} ({mix_text(mix)})" for n, mix in r.runs.items())
         + f". Checkpoints {ft['save_steps']} evaluated on " + ", ".join(ft["eval_data"]) + ".")
     if r.complete("steps"):
         rows = []
@@ -354,10 +364,15 @@ def build(r: Replication, figdir: Path) -> Doc:
 
     # timing
     d.h(2, "Run time per stage")
-    rows = [[s, "—" if r.seconds(s) is None else f"{r.seconds(s):.0f}"] for s in r.info["stages"] if s != "report"]
-    total = sum(r.seconds(s) or 0 for s in r.info["stages"] if s != "report")
-    d.table(["stage", "seconds"], rows + [["all", f"{total:.0f}"]],
-            "Wall time of the process that completed each stage (a resumed stage counts its last process only)")
+    stages = [s for s in r.info["stages"] if s != "report"]
+    fmt = lambda v: "—" if v is None else f"{v:.0f}"  # noqa: E731
+    rows = [[s, fmt(r.seconds(s)), fmt(r.seconds(s, "cpu_seconds")), "yes" if r.resumed(s) else ""]
+            for s in stages]
+    rows.append(["all", fmt(sum(r.seconds(s) or 0 for s in stages)),
+                 fmt(sum(r.seconds(s, "cpu_seconds") or 0 for s in stages)), ""])
+    d.table(["stage", "wall s", "CPU s", "resumed"], rows,
+            "Time of the process that completed each stage (a resumed stage counts that process only); CPU "
+            "seconds sum all its threads, so they do not grow when other jobs share the machine")
     return d
 
 

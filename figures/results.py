@@ -65,11 +65,18 @@ class Replication:
             return False
         return st.get("status") == "complete" and st.get("fingerprint") == self.info["fingerprints"].get(stage)
 
-    def seconds(self, stage: str) -> float | None:
+    def seconds(self, stage: str, key: str = "seconds") -> float | None:
+        """Wall (``seconds``) or CPU (``cpu_seconds``) time of the process that completed the stage."""
         try:
-            return json.loads((self.out / "stages" / f"{stage}.json").read_text()).get("seconds")
+            return json.loads((self.out / "stages" / f"{stage}.json").read_text()).get(key)
         except (OSError, json.JSONDecodeError):
             return None
+
+    def resumed(self, stage: str) -> bool:
+        try:
+            return bool(json.loads((self.out / "stages" / f"{stage}.json").read_text()).get("resumed"))
+        except (OSError, json.JSONDecodeError):
+            return False
 
     # names from the saved config
     @property
