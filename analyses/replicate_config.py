@@ -220,6 +220,12 @@ def check_values(cfg: ReplicateConfig) -> None:
         raise BadInput(f"config key 'heads.data': 'eval' or '{GENERATED}', got {cfg.heads.data!r}")
     if cfg.heads.data == GENERATED and not cfg.train.generate:
         raise BadInput(f"config key 'heads.data': '{GENERATED}' needs train.generate > 0")
+    if cfg.heads.data == GENERATED:
+        made = set(cfg.train_dirs(Path(".")))
+        for key, label in [(f"models.own[{i}]", x) for i, x in enumerate(m.own)] + [("eval.text", cfg.eval.text)]:
+            if label not in made:
+                raise BadInput(f"config key {key!r}: heads.data = '{GENERATED}' has no {label!r} items "
+                               f"(generated: {', '.join(sorted(made))})")
     bad = [x for x in cfg.merge.methods if x not in MERGE_METHODS]
     if bad or not cfg.merge.methods:
         raise BadInput(f"config key 'merge.methods': choose from {', '.join(MERGE_METHODS)}, got {bad or '[]'}")
@@ -274,6 +280,11 @@ def check_machine(cfg: ReplicateConfig) -> dict[str, str]:
         resolve_placement(cfg.device, cfg.dtype)
     except BadInput as exc:
         raise BadInput(f"config key 'dtype': {exc}") from None
+    dirs = [(f"data.{k}", v) for k, v in cfg.data.items()]
+    dirs += [] if cfg.train.generate else [(f"train.data.{k}", v) for k, v in cfg.train.data.items()]
+    for key, d in dirs:
+        if d.lower() != "mmmu" and not Path(d).is_dir():
+            raise BadInput(f"config key {key!r}: {d} is not a directory")
     paths = {}
     for key, spec in [("models.base", cfg.models.base)] + [(f"models.experts[{i}]", e)
                                                           for i, e in enumerate(cfg.models.experts)]:
@@ -281,19 +292,7 @@ def check_machine(cfg: ReplicateConfig) -> dict[str, str]:
             paths[spec] = str(resolve_model(spec).path)
         except BadInput as exc:
             raise BadInput(f"config key {key!r}: {exc}") from None
-    dirs = [(f"data.{k}", v) for k, v in cfg.data.items()]
-    dirs += [] if cfg.train.generate else [(f"train.data.{k}", v) for k, v in cfg.train.data.items()]
-    for key, d in dirs:
-        if d.lower() != "mmmu" and not Path(d).is_dir():
-            raise BadInput(f"config key {key!r}: {d} is not a directory")
     return paths
-
-
-def load_config(path: Path, check: bool = True) -> ReplicateConfig:
-    cfg = parse_config(path)
-    if check:
-        check_machine(cfg)
-    return cfg
 
 
 def content_fingerprint(path: str | Path, hash_limit: int = 64 << 20) -> str:

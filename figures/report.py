@@ -191,7 +191,7 @@ def draw_figure2(r: Replication, dest: Path) -> bool:
             cb.set_label(label, fontsize=7)
             if row == 0:
                 what = "text" if m == r.base else r.own[r.experts.index(m)]
-                ax.set_title(f"{m} on {what}\nbaseline prob. acc. {100 * base['prob_accuracy']:.1f} %"
+                ax.set_title(f"{m} on {what} ({r.cfg['heads']['split']})\nbaseline prob. acc. {100 * base['prob_accuracy']:.1f} %"
                              f" (n={base['n_items']})", fontsize=8)
     fig.suptitle("Figure 2: removing one head at a time", fontsize=10)
     fig.tight_layout()
@@ -238,6 +238,11 @@ def build(r: Replication, figdir: Path) -> Doc:
 
     # Figure 2
     d.h(2, "Figure 2: head salience (each expert on its own modality, the base on text)")
+    hd = r.cfg["heads"]
+    d.p(f"Each head of the LM decoder removed in turn (`probe.heads`, exact engine) on the {hd['split']} split of "
+        + ("the items generated for training (never the evaluation items)" if hd["data"] == "generated"
+           else "each model's evaluation set") + ("" if hd["generate"] else "; no generation, so no accuracy column")
+        + ".")
     if r.complete("heads"):
         rows = []
         for m in [*r.experts, r.base]:
