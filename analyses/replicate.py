@@ -233,6 +233,14 @@ def _data(ctx: Context, labels: Sequence[str]) -> dict[str, str]:
     return {label: ctx.fingerprints[ctx.data_dir(label)] for label in labels}
 
 
+def _finetune_inputs(ctx: Context) -> dict[str, Any]:
+    """Training settings and sets; not what the checkpoints are evaluated on (that is the steps stage's)."""
+    keep = {k: v for k, v in ctx.cfg.section("finetune").items() if k not in ("eval_data", "eval_limit")}
+    train = (ctx.cfg.train_dirs(Path("DIR")) if ctx.cfg.train.generate  # their content: the data stage's fingerprint
+             else {k: content_fingerprint(v) for k, v in ctx.cfg.train.data.items()})
+    return keep | {"train": train}
+
+
 STAGES: list[Stage] = [
     Stage("data", (), stage_data, lambda c: c.cfg.section("train")),
     Stage("table3", (), stage_table3, lambda c: [c.cfg.section("eval"), _models(c), _data(c, list(c.cfg.data))]),
@@ -242,10 +250,7 @@ STAGES: list[Stage] = [
     Stage("merge", ("shift", "heads"), stage_merge, lambda c: [c.cfg.section("merge"), _models(c)]),
     Stage("table4", ("merge",), stage_table4, lambda c: [c.cfg.section("eval"), _data(c, [c.cfg.eval.text])]),
     Stage("table5", ("merge",), stage_table5, lambda c: [c.cfg.section("eval"), _data(c, c.cfg.models.own)]),
-    Stage("finetune", ("merge", "data"), stage_finetune,
-          lambda c: {k: v for k, v in c.cfg.section("finetune").items() if k not in ("eval_data", "eval_limit")}
-          | {"train": c.cfg.train_dirs(Path("DIR")) if c.cfg.train.generate else
-             {k: content_fingerprint(v) for k, v in c.cfg.train.data.items()}}),
+    Stage("finetune", ("merge", "data"), stage_finetune, lambda c: _finetune_inputs(c)),
     Stage("steps", ("finetune",), stage_steps,
           lambda c: [c.cfg.section("eval"), c.cfg.section("finetune"), _data(c, c.cfg.finetune.eval_data)]),
     Stage("trajectory", ("merge", "finetune"), stage_trajectory, lambda c: c.cfg.section("trajectory")),

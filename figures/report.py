@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -159,13 +160,10 @@ def _finding_list(d: Doc, fs: list[Finding]) -> None:
 def draw_figure2(r: Replication, dest: Path) -> bool:
     """One panel per swept model (experts on their own data, the base on text): KL and probability-accuracy
     drop per (layer, head), from each sweep's heads.csv."""
-    import json
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     from figures.heads import _grid
 
@@ -197,7 +195,6 @@ def draw_figure2(r: Replication, dest: Path) -> bool:
     fig.tight_layout()
     fig.savefig(dest)
     plt.close(fig)
-    del np
     return True
 
 
@@ -249,8 +246,6 @@ def build(r: Replication, figdir: Path) -> Doc:
             p = r.out / "heads" / short(m)
             if not (p / "heads.csv").is_file():
                 continue
-            import json
-
             b = json.loads((p / "baseline.json").read_text())
             h = pd.read_csv(p / "heads.csv").sort_values("kl", ascending=False)
             top = ", ".join(f"L{x.layer}.H{x.head} ({x.kl:.2f})" for x in h.head(3).itertuples())
@@ -267,8 +262,6 @@ def build(r: Replication, figdir: Path) -> Doc:
     # shift
     d.h(2, "Parameter shift (Eq. 3) and the Eq. 4 weights")
     if r.complete("shift"):
-        import json
-
         per = json.loads((r.out / "shift" / "summary.json").read_text())["per_model"]
         alpha = {}
         if (r.out / "merge" / "shift" / "merge.json").is_file():
