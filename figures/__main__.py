@@ -14,6 +14,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "eval": ("figures.eval", "draw_eval"),
     "heads": ("figures.heads", "draw_heads"),
     "merge": ("figures.merge", "draw_merge"),
+    "report": ("figures.report", "build_report"),
     "shift": ("figures.shift", "draw_shift"),
     "steps": ("figures.steps", "draw_steps"),
     "trajectory": ("figures.trajectory", "draw_trajectory"),
@@ -25,7 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("kind", choices=sorted(KINDS), help="which result directory type to draw")
     p.add_argument("dir", type=Path, nargs="+",
                    help="result directory written by the matching command (steps: several probe.eval runs, one "
-                   "panel each; the figure goes into the first)")
+                   "panel each; the figure goes into the first; report: a python -m analyses.replicate output)")
     args = p.parse_args(argv)
     for d in args.dir:
         if not d.is_dir():

@@ -1,0 +1,378 @@
+"""``python -m analyses.replicate``: the paper's pipeline in one command (DESIGN §11).
+
+    python -m analyses.replicate [--config FILE | --quick] [--only STAGE …] --out DIR
+
+Stages, in order, each writing its raw outputs to ``DIR/<stage>/`` through the existing commands' Python APIs
+(no second copy of any of them):
+
+- ``data``       training items for the salience sweeps and fine-tuning (organisms' generators), if configured
+- ``table3``     probe.eval: the base and every expert on every data set (paper Table 3)
+- ``heads``      probe.heads: every expert on its own modality, the base on text (Figure 2)
+- ``shift``      analyses.shift: Δavg per tensor (Eq. 3; "Qwen2-VL shifts 10×")
+- ``merge``      analyses.merge: Eq. 1 average, Eq. 4 shift-weighted, salience-guided, TIES; carriers = experts
+- ``table4``     probe.eval: the merged LMs on text (Table 4)
+- ``table5``     probe.eval: each expert's carriers of the merged LMs on its own modality (Table 5)
+- ``finetune``   analyses.finetune: the Eq. 4 carrier fine-tuned once per data choice (Figure 3, 4a)
+- ``steps``      probe.eval over every run's checkpoints (Figure 3)
+- ``trajectory`` analyses.trajectory: the runs around the merge (4a), base, experts and merges (4b)
+- ``report``     figures.report: DIR/report.md and a self-contained DIR/report.html
+
+Resumable: a stage whose fingerprint (its config section, the content of its input models and data, and its
+upstream stages' fingerprints) matches a completed ``DIR/stages/<stage>.json`` is skipped; a stage killed half-way
+continues through its command's own resume (evaluation parts, sweep chunks, fine-tuning checkpoints); a stage
+whose inputs changed is deleted and rerun, and so is everything downstream of it.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from analyses.replicate_config import (DEFAULT_CONFIG, GENERATED, QUICK_CONFIG, ReplicateConfig, check_machine,
+                                       content_fingerprint, parse_config)
+from probe.errors import BadInput, cli_main
+
+MARKER = "replicate.json"  # marks DIR as ours: only then are stage dirs inside it ever deleted
+STATE_DIR = "stages"  # DIR/stages/<stage>.json: fingerprint, status, seconds (beside, not inside, the outputs)
+
+
+def short(spec: str) -> str:
+    """A model's directory-safe name, as analyses.merge names its carriers."""
+    return Path(spec).name if Path(spec).is_dir() else spec
+
+
+@dataclass
+class Context:
+    cfg: ReplicateConfig
+    out: Path
+    quiet: bool
+    fingerprints: dict[str, str]  # model spec or data dir → content fingerprint
+
+    def data_dir(self, label: str) -> str:
+        return self.cfg.data[label]
+
+    def heads_dir(self, label: str) -> str:
+        return str(self.out / "data" / label) if self.cfg.heads.data == GENERATED else self.data_dir(label)
+
+    def merge_dir(self, method: str) -> Path:
+        return self.out / "merge" / method
+
+    def carrier(self, method: str, expert: str) -> Path:
+        return self.merge_dir(method) / "carriers" / short(expert)
+
+    def experts(self) -> list[tuple[str, str]]:
+        return list(zip(self.cfg.models.experts, self.cfg.models.own))
+
+    def placement_args(self) -> list[str]:
+        return ["--device", self.cfg.device, "--dtype", self.cfg.dtype] + (["--quiet"] if self.quiet else [])
+
+
+# ---- stages: each calls one command's Python API -------------------------------------------------------------
+
+def run_eval(ctx: Context, models: Sequence[str], data: Sequence[str], out: Path, reference: str | None,
+             limit: int | None) -> None:
+    from probe import eval as probe_eval
+
+    e = ctx.cfg.eval
+    argv = (["--models", *map(str, models), "--data", *data, "--split", e.split, "--batch-size", str(e.batch_size),
+             "--seed", str(ctx.cfg.seed), "--out", str(out)] + ctx.placement_args()
+            + (["--limit", str(limit)] if limit else []) + ([] if e.generate else ["--no-generate"])
+            + (["--reference", str(reference)] if reference else []))
+    probe_eval.run(probe_eval.build_parser().parse_args(argv))
+
+
+def stage_data(ctx: Context) -> None:
+    if not ctx.cfg.train.generate:
+        return
+    from probe.zoo.build import build_data
+
+    build_data(ctx.out / "data", {"train": ctx.cfg.train.generate}, seed=ctx.cfg.train.seed)
+
+
+def stage_table3(ctx: Context) -> None:
+    m = ctx.cfg.models
+    run_eval(ctx, [m.base, *m.experts], list(ctx.cfg.data.values()), ctx.out / "table3", m.base, ctx.cfg.eval.limit)
+
+
+def stage_heads(ctx: Context) -> None:
+    from probe import heads as probe_heads
+
+    h = ctx.cfg.heads
+    jobs = [(e, ctx.heads_dir(label)) for e, label in ctx.experts()]
+    if h.base_on_text:
+        jobs.append((ctx.cfg.models.base, ctx.heads_dir(ctx.cfg.eval.text)))
+    for model, data in jobs:
+        argv = (["--model", model, "--data", data, "--split", h.split, "--batch-size", str(h.batch_size),
+                 "--out", str(ctx.out / "heads" / short(model))] + ctx.placement_args()
+                + (["--limit", str(h.limit)] if h.limit else []) + ([] if h.generate else ["--no-generate"]))
+        print(f"[heads] {model} on {data}", file=sys.stderr)
+        probe_heads.run(probe_heads.build_parser().parse_args(argv))
+
+
+def stage_shift(ctx: Context) -> None:
+    from analyses.shift import ShiftConfig, run_shift
+
+    m = ctx.cfg.models
+    run_shift(ShiftConfig(m.base, list(m.experts), ctx.out / "shift", overwrite=True))
+
+
+def stage_merge(ctx: Context) -> None:
+    from analyses.merge import MergeConfig, run_merge
+
+    m, g = ctx.cfg.models, ctx.cfg.merge
+    common = dict(carriers=list(m.experts), overwrite=True)
+    for method in g.methods:
+        out = ctx.merge_dir(method)
+        if method == "average":  # Eq. 1 over all the LMs, the paper's "Qwen2-Text/VL/Video/SI" row
+            cfg = MergeConfig(models=[m.base, *m.experts], method="average", out=out, **common)
+        elif method == "ties":
+            cfg = MergeConfig(models=list(m.experts), method="ties", out=out, base=m.base, density=g.density,
+                              lam=g.lam, **common)
+        else:
+            extra: dict[str, Any] = {}
+            if method == "salience":
+                extra = dict(salience=[ctx.out / "heads" / short(e) for e in m.experts],
+                             base_salience=ctx.out / "heads" / short(m.base) if g.salience_base else None,
+                             salience_metric=g.salience_metric, salience_temperature=g.salience_temperature)
+            cfg = MergeConfig(models=list(m.experts), method=method, out=out, base=m.base, alpha0=g.alpha0,
+                              temperature=g.temperature, shift_dir=ctx.out / "shift", **extra, **common)
+        print(f"[merge] {method}", file=sys.stderr)
+        run_merge(cfg)
+        if method == "salience":
+            from figures.merge import draw_merge
+
+            draw_merge(out)
+
+
+def stage_table4(ctx: Context) -> None:
+    m = ctx.cfg.models
+    models = [m.base] + [str(ctx.merge_dir(x)) for x in ctx.cfg.merge.methods]
+    run_eval(ctx, models, [ctx.data_dir(ctx.cfg.eval.text)], ctx.out / "table4", m.base, ctx.cfg.eval.limit)
+
+
+def stage_table5(ctx: Context) -> None:
+    for expert, label in ctx.experts():
+        models = [expert] + [str(ctx.carrier(x, expert)) for x in ctx.cfg.merge.methods]
+        print(f"[table5] carriers of {expert} on {label}", file=sys.stderr)
+        run_eval(ctx, models, [ctx.data_dir(label)], ctx.out / "table5" / short(expert), expert,
+                 ctx.cfg.eval.limit)
+
+
+def stage_finetune(ctx: Context) -> None:
+    from analyses.finetune import FinetuneConfig, run_finetune
+
+    ft = ctx.cfg.finetune
+    dirs = ctx.cfg.train_dirs(ctx.out)
+    for name, mix in ft.runs.items():
+        print(f"[finetune] run {name}: mix {mix}", file=sys.stderr)
+        run_finetune(FinetuneConfig(
+            model=str(ctx.carrier("shift", ft.carrier)), data={k: dirs[k] for k in mix}, mix=dict(mix),
+            out=ctx.out / "finetune" / name, steps=ft.steps, save_steps=list(ft.save_steps), split="train",
+            lr=ft.lr, lm_lr=ft.lm_lr, batch=ft.batch_size, warmup=ft.warmup, seed=ctx.cfg.seed,
+            device=ctx.cfg.device, dtype=ctx.cfg.dtype))
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    from analyses.finetune import checkpoint_dirs
+
+    return [d for _, d in sorted(checkpoint_dirs(run_dir).items())]
+
+
+def stage_steps(ctx: Context) -> None:
+    ft = ctx.cfg.finetune
+    for name in ft.runs:
+        cks = checkpoints(ctx.out / "finetune" / name)
+        print(f"[steps] run {name}: {len(cks)} checkpoints", file=sys.stderr)
+        run_eval(ctx, [str(c) for c in cks], [ctx.data_dir(x) for x in ft.eval_data], ctx.out / "steps" / name,
+                 str(cks[0]), ft.eval_limit)
+
+
+def stage_trajectory(ctx: Context) -> None:
+    from analyses.trajectory import TrajectoryConfig, run_trajectory
+
+    m, t = ctx.cfg.models, ctx.cfg.trajectory
+    eq4 = str(ctx.merge_dir("shift"))
+    runs = [str(ctx.out / "finetune" / n) for n in ctx.cfg.finetune.runs]
+    # 4a: where fine-tuning takes the merge, deltas from the merge; 4b: the merges among the models they merge
+    run_trajectory(TrajectoryConfig(ctx.out / "trajectory" / "fig4a", m.base, merged=[eq4], runs=runs, ref=eq4,
+                                    sketch_dim=t.sketch_dim, seed=ctx.cfg.seed, perplexity=t.perplexity,
+                                    overwrite=True))
+    run_trajectory(TrajectoryConfig(ctx.out / "trajectory" / "fig4b", m.base, experts=list(m.experts),
+                                    merged=[str(ctx.merge_dir(x)) for x in ctx.cfg.merge.methods],
+                                    sketch_dim=t.sketch_dim, seed=ctx.cfg.seed, perplexity=t.perplexity,
+                                    overwrite=True))
+
+
+def stage_report(ctx: Context) -> None:
+    from figures.report import build_report
+
+    for path in build_report(ctx.out):
+        print(path)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    needs: tuple[str, ...]
+    run: Callable[[Context], None]
+    inputs: Callable[[Context], Any]  # what besides upstream stages decides its outputs
+
+
+def _models(ctx: Context) -> dict[str, str]:
+    m = ctx.cfg.models
+    return {s: ctx.fingerprints[s] for s in [m.base, *m.experts]}
+
+
+def _data(ctx: Context, labels: Sequence[str]) -> dict[str, str]:
+    return {label: ctx.fingerprints[ctx.data_dir(label)] for label in labels}
+
+
+def _finetune_inputs(ctx: Context) -> dict[str, Any]:
+    """Training settings and sets; not what the checkpoints are evaluated on (that is the steps stage's)."""
+    keep = {k: v for k, v in ctx.cfg.section("finetune").items() if k not in ("eval_data", "eval_limit")}
+    train = (ctx.cfg.train_dirs(Path("DIR")) if ctx.cfg.train.generate  # their content: the data stage's fingerprint
+             else {k: content_fingerprint(v) for k, v in ctx.cfg.train.data.items()})
+    return keep | {"train": train}
+
+
+STAGES: list[Stage] = [
+    Stage("data", (), stage_data, lambda c: c.cfg.section("train")),
+    Stage("table3", (), stage_table3, lambda c: [c.cfg.section("eval"), _models(c), _data(c, list(c.cfg.data))]),
+    Stage("heads", ("data",), stage_heads,
+          lambda c: [c.cfg.section("heads"), _models(c), _data(c, [*c.cfg.models.own, c.cfg.eval.text])]),
+    Stage("shift", (), stage_shift, _models),
+    Stage("merge", ("shift", "heads"), stage_merge, lambda c: [c.cfg.section("merge"), _models(c)]),
+    Stage("table4", ("merge",), stage_table4, lambda c: [c.cfg.section("eval"), _data(c, [c.cfg.eval.text])]),
+    Stage("table5", ("merge",), stage_table5, lambda c: [c.cfg.section("eval"), _data(c, c.cfg.models.own)]),
+    Stage("finetune", ("merge", "data"), stage_finetune, lambda c: _finetune_inputs(c)),
+    Stage("steps", ("finetune",), stage_steps,
+          lambda c: [c.cfg.section("eval"), c.cfg.section("finetune"), _data(c, c.cfg.finetune.eval_data)]),
+    Stage("trajectory", ("merge", "finetune"), stage_trajectory, lambda c: c.cfg.section("trajectory")),
+    Stage("report", tuple(s for s in ("table3", "heads", "shift", "merge", "table4", "table5", "steps",
+                                      "trajectory")), stage_report, lambda c: "always"),
+]
+BY_NAME = {s.name: s for s in STAGES}
+
+
+def fingerprints(ctx: Context) -> dict[str, str]:
+    """Each stage's fingerprint: its inputs and its upstream stages' fingerprints, in stage order."""
+    fps: dict[str, str] = {}
+    for s in STAGES:
+        blob = json.dumps([s.name, s.inputs(ctx), [fps[d] for d in s.needs]], sort_keys=True, default=str)
+        fps[s.name] = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return fps
+
+
+def read_state(out: Path, name: str) -> dict[str, Any]:
+    try:
+        return json.loads((out / STATE_DIR / f"{name}.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def write_state(out: Path, name: str, state: dict[str, Any]) -> None:
+    from probe.results import atomic_write_json
+
+    (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / STATE_DIR / f"{name}.json", state)
+
+
+def run_stage(ctx: Context, stage: Stage, fp: str) -> str:
+    state = read_state(ctx.out, stage.name)
+    if stage.name != "report" and state.get("fingerprint") == fp and state.get("status") == "complete":
+        print(f"== {stage.name}: unchanged, skipped ({state.get('seconds', 0):.0f} s when run)", file=sys.stderr)
+        return "skipped"
+    sdir = ctx.out / stage.name
+    resumed = state.get("fingerprint") == fp
+    if sdir.exists() and not resumed and stage.name != "report":
+        shutil.rmtree(sdir)  # inputs changed (or no record): its outputs no longer belong to this config
+    print(f"== {stage.name}: {'continuing' if resumed else 'running'}", file=sys.stderr)
+    t0, c0 = time.perf_counter(), time.process_time()
+    started = state.get("started") if resumed else time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    write_state(ctx.out, stage.name, {"stage": stage.name, "fingerprint": fp, "status": "running",
+                                      "started": started})
+    stage.run(ctx)
+    seconds = time.perf_counter() - t0
+    # CPU seconds of all this process's threads: what the stage costs, whatever else shares the machine
+    write_state(ctx.out, stage.name, {"stage": stage.name, "fingerprint": fp, "status": "complete",
+                                      "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                      "seconds": round(seconds, 1),
+                                      "cpu_seconds": round(time.process_time() - c0, 1), "resumed": resumed})
+    print(f"== {stage.name}: done in {seconds:.1f} s", file=sys.stderr)
+    return "ran"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from probe.heads import _Help
+
+    p = argparse.ArgumentParser(
+        prog="python -m analyses.replicate", formatter_class=_Help,
+        description="Run the paper's pipeline end to end (Tables 3-5, Figures 2-4, Eq. 1/3/4, salience and TIES "
+        "merges), resumably, and write DIR/report.md and DIR/report.html.")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--config", type=Path, default=None,
+                   help=f"TOML settings (default: {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[2])}, the "
+                   "organisms; analyses/configs/paper-7b.toml documents the real models)")
+    g.add_argument("--quick", action="store_true", help=f"the CI settings ({QUICK_CONFIG.name}): few items, few steps")
+    p.add_argument("--only", nargs="+", choices=[s.name for s in STAGES], metavar="STAGE",
+                   help=f"run only these stages (their inputs must be complete): {', '.join(BY_NAME)}")
+    p.add_argument("--out", type=Path, required=True, help="output directory (one subdirectory per stage)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def prepare(args: argparse.Namespace) -> tuple[Context, dict[str, str]]:
+    """Everything checked before a byte is written: config, machine, paths, the out dir, --only."""
+    path = QUICK_CONFIG if args.quick else (args.config or DEFAULT_CONFIG)
+    cfg = parse_config(path)
+    resolved = check_machine(cfg)
+    out: Path = args.out
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).is_file())):
+        raise BadInput(f"--out {out}: exists and is not a python -m analyses.replicate output")
+    fps = {spec: content_fingerprint(p) for spec, p in resolved.items()}
+    fps |= {d: content_fingerprint(d) for d in cfg.data.values()}
+    ctx = Context(cfg, out, args.quiet, fps)
+    stage_fps = fingerprints(ctx)
+    if args.only:
+        wanted = set(args.only)
+        for name in args.only:
+            for dep in BY_NAME[name].needs:
+                st = read_state(out, dep)
+                if dep not in wanted and not (st.get("status") == "complete" and st.get("fingerprint") == stage_fps[dep]):
+                    raise BadInput(f"--only {name}: it needs stage {dep!r}, which is not complete with these "
+                                   "settings; add it to --only or run without --only")
+    return ctx, stage_fps
+
+
+def run(args: argparse.Namespace) -> Path:
+    ctx, stage_fps = prepare(args)
+    out = ctx.out
+    out.mkdir(parents=True, exist_ok=True)
+    from probe.results import atomic_write_json
+
+    atomic_write_json(out / MARKER, {"out": str(out), "config_file": ctx.cfg.source, "config": asdict(ctx.cfg),
+                                     "stages": [s.name for s in STAGES], "fingerprints": stage_fps,
+                                     "model_content": ctx.fingerprints})
+    t0 = time.perf_counter()
+    for stage in STAGES:
+        if args.only and stage.name not in args.only:
+            continue
+        run_stage(ctx, stage, stage_fps[stage.name])
+    print(f"all done in {time.perf_counter() - t0:.1f} s; report: {out / 'report.md'}, {out / 'report.html'}",
+          file=sys.stderr)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    run(build_parser().parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main(main))

@@ -1,0 +1,312 @@
+"""The settings of ``python -m analyses.replicate``: one TOML file (``tomllib``) read into frozen dataclasses.
+
+Everything is checked before a weight loads (STYLE 5): an unknown key, a value of the wrong type, a data set or
+model that does not exist, a device the machine does not have — each is ``BadInput`` naming the key
+(``models.experts[2]``, ``finetune.runs.mixed``, ``device``), so the command exits 2 with one line and writes
+nothing. ``analyses/configs/`` holds the default (the organisms), ``quick.toml`` (CI) and ``paper-7b.toml`` (the
+paper's models on a GPU box, documented line by line).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from probe.errors import BadInput
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "organisms.toml"
+QUICK_CONFIG = CONFIG_DIR / "quick.toml"
+MERGE_METHODS = ("average", "shift", "salience", "ties")
+GENERATED = "generated"  # heads.data / finetune data: the items made by the [train] generate step
+
+
+@dataclass(frozen=True)
+class Models:
+    base: str  # the base LLM (the paper: qwen2)
+    experts: list[str]  # modality-extended models of it (the paper: qwen2-vl, llava-ov-si, llava-video)
+    own: list[str]  # per expert: the label in [data] of its own modality (Figure 2, Table 5)
+    paper: list[str] = field(default_factory=list)  # per expert: the paper model it stands for (report labels)
+
+
+@dataclass(frozen=True)
+class Eval:
+    split: str = "validation"
+    limit: int | None = None  # first N items of every set; None = all
+    batch_size: int = 32
+    generate: bool = True  # greedy generation for accuracy (else probability accuracy only)
+    text: str = "text"  # the label in [data] of the text set (Tables 3 and 4)
+
+
+@dataclass(frozen=True)
+class Train:
+    """Training items: ``generate`` > 0 writes that many per subject with the organisms' generators
+    (``probe.zoo.build.build_data``, split ``train``, seed ``seed``); else ``data`` names MMMU-layout dirs."""
+
+    generate: int = 0
+    seed: int = 1
+    data: dict[str, str] = field(default_factory=dict)  # label → dir with a train split
+
+
+@dataclass(frozen=True)
+class Heads:
+    data: str = "eval"  # "eval": each expert's [data] set; "generated": its training items (the same label)
+    split: str = "validation"
+    limit: int | None = None
+    generate: bool = True
+    base_on_text: bool = True  # also sweep the base on the text set (Figure 2's reference; salience base run)
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class Merge:
+    methods: list[str] = field(default_factory=lambda: list(MERGE_METHODS))
+    alpha0: float = 0.5
+    temperature: float = 1e-3
+    density: float = 0.2
+    lam: float = 1.0
+    salience_metric: str = "kl"
+    salience_temperature: float = 1.0
+    salience_base: bool = False  # give the salience merge the base's text run (then the base competes too)
+
+
+@dataclass(frozen=True)
+class Finetune:
+    carrier: str  # which expert's carrier of the Eq. 4 merge is fine-tuned (it must read every trained modality)
+    runs: dict[str, dict[str, float]]  # run name → mix over training labels, e.g. mixed = {text=3, image=2, video=1}
+    steps: int
+    save_steps: list[int]
+    eval_data: list[str]  # [data] labels each checkpoint is evaluated on (Figure 3)
+    batch_size: int = 16
+    lr: float = 1e-4
+    lm_lr: float = 1e-4
+    warmup: int = 10
+    eval_limit: int | None = None
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    sketch_dim: int = 256
+    perplexity: float = 30.0
+
+
+@dataclass(frozen=True)
+class ReplicateConfig:
+    models: Models
+    data: dict[str, str]  # evaluation sets: label → MMMU-layout dir (relative to the config file), or "mmmu"
+    finetune: Finetune
+    eval: Eval = field(default_factory=Eval)
+    train: Train = field(default_factory=Train)
+    heads: Heads = field(default_factory=Heads)
+    merge: Merge = field(default_factory=Merge)
+    trajectory: Trajectory = field(default_factory=Trajectory)
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+    source: str = ""  # the file it came from (not a key)
+
+    def section(self, name: str) -> dict[str, Any]:
+        """One section plus what every stage shares, as plain data: the input of a stage's fingerprint."""
+        common = {"device": self.device, "dtype": self.dtype, "seed": self.seed}
+        return json.loads(json.dumps(dataclasses.asdict(getattr(self, name)) | common, sort_keys=True))
+
+    def train_dirs(self, out: Path) -> dict[str, str]:
+        return ({k: str(out / "data" / k) for k in ("text", "image", "image_single", "video")}
+                if self.train.generate else dict(self.train.data))
+
+
+def _typed(value: Any, hint: Any, key: str) -> Any:
+    """Check one TOML value against a dataclass field's type hint; nested dataclasses recurse."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise BadInput(f"config key {key!r}: expected a table")
+        return _build(hint, value, key)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None or (isinstance(value, int) and value == 0 and type(None) in args and int in args):
+            return None  # TOML has no null: 0 means "none" for an optional limit
+        return _typed(value, next(a for a in args if a is not type(None)), key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise BadInput(f"config key {key!r}: expected a list")
+        (inner,) = typing.get_args(hint)
+        return [_typed(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise BadInput(f"config key {key!r}: expected a table")
+        _, inner = typing.get_args(hint)
+        return {str(k): _typed(v, inner, f"{key}.{k}") for k, v in value.items()}
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool) or hint is not bool and isinstance(value, bool) \
+            or not isinstance(value, hint):
+        raise BadInput(f"config key {key!r}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, table: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+    for k in table:
+        if k not in names:
+            where = f"{prefix}.{k}" if prefix else k
+            raise BadInput(f"config key {where!r}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name == "source":
+            continue
+        where = f"{prefix}.{f.name}" if prefix else f.name
+        if f.name not in table:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise BadInput(f"config key {where!r}: missing")
+            continue
+        kwargs[f.name] = _typed(table[f.name], hints[f.name], where)
+    return cls(**kwargs)
+
+
+def parse_config(path: Path) -> ReplicateConfig:
+    """Read and type-check the file; no path or machine is looked at yet."""
+    try:
+        table = tomllib.loads(Path(path).read_text())
+    except OSError as exc:
+        raise BadInput(f"--config {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise BadInput(f"--config {path}: not valid TOML ({exc})") from None
+    cfg = _build(ReplicateConfig, table)
+    check_values(cfg)
+    here = Path(path).resolve().parent  # relative directories are relative to the config file, not the cwd
+    data = {k: v if v.lower() == "mmmu" else str((here / v).resolve()) for k, v in cfg.data.items()}
+    train = dataclasses.replace(cfg.train, data={k: str((here / v).resolve()) for k, v in cfg.train.data.items()})
+    return dataclasses.replace(cfg, data=data, train=train, source=str(path))
+
+
+def check_values(cfg: ReplicateConfig) -> None:
+    """Ranges and cross-references between keys (still nothing read from disk)."""
+    m = cfg.models
+    if not m.experts:
+        raise BadInput("config key 'models.experts': give at least one expert")
+    if len(set([m.base, *m.experts])) != len(m.experts) + 1:
+        raise BadInput("config key 'models.experts': a model is listed twice (or is the base)")
+    if len(m.own) != len(m.experts):
+        raise BadInput(f"config key 'models.own': give one [data] label per expert ({len(m.experts)})")
+    if m.paper and len(m.paper) != len(m.experts):
+        raise BadInput(f"config key 'models.paper': give one paper model per expert ({len(m.experts)})")
+    for i, label in enumerate(m.own):
+        if label not in cfg.data:
+            raise BadInput(f"config key 'models.own[{i}]': {label!r} is not a label in [data]")
+    if cfg.eval.text not in cfg.data:
+        raise BadInput(f"config key 'eval.text': {cfg.eval.text!r} is not a label in [data]")
+    for key, v in (("eval.limit", cfg.eval.limit), ("heads.limit", cfg.heads.limit),
+                   ("finetune.eval_limit", cfg.finetune.eval_limit)):
+        if v is not None and v < 1:
+            raise BadInput(f"config key {key!r}: must be ≥ 1 (0 = all items)")
+    for key, v in (("eval.batch_size", cfg.eval.batch_size), ("heads.batch_size", cfg.heads.batch_size),
+                   ("finetune.batch_size", cfg.finetune.batch_size), ("finetune.steps", cfg.finetune.steps),
+                   ("trajectory.sketch_dim", cfg.trajectory.sketch_dim)):
+        if v < 1:
+            raise BadInput(f"config key {key!r}: must be ≥ 1")
+    if cfg.train.generate < 0:
+        raise BadInput("config key 'train.generate': must be ≥ 0")
+    if not cfg.train.generate and not cfg.train.data:
+        raise BadInput("config key 'train.data': give training sets (label = dir), or train.generate > 0")
+    if cfg.heads.data not in ("eval", GENERATED):
+        raise BadInput(f"config key 'heads.data': 'eval' or '{GENERATED}', got {cfg.heads.data!r}")
+    if cfg.heads.data == GENERATED and not cfg.train.generate:
+        raise BadInput(f"config key 'heads.data': '{GENERATED}' needs train.generate > 0")
+    if cfg.heads.data == GENERATED:
+        made = set(cfg.train_dirs(Path(".")))
+        for key, label in [(f"models.own[{i}]", x) for i, x in enumerate(m.own)] + [("eval.text", cfg.eval.text)]:
+            if label not in made:
+                raise BadInput(f"config key {key!r}: heads.data = '{GENERATED}' has no {label!r} items "
+                               f"(generated: {', '.join(sorted(made))})")
+    bad = [x for x in cfg.merge.methods if x not in MERGE_METHODS]
+    if bad or not cfg.merge.methods:
+        raise BadInput(f"config key 'merge.methods': choose from {', '.join(MERGE_METHODS)}, got {bad or '[]'}")
+    for needed in ("average", "shift"):  # Table 4/5's two rows of the paper and the merge Figure 3 starts from
+        if needed not in cfg.merge.methods:
+            raise BadInput(f"config key 'merge.methods': must include {needed!r} (the paper's Eq. 1 and Eq. 4)")
+    if cfg.merge.salience_metric not in ("kl", "accuracy_drop", "prob_accuracy_drop"):
+        raise BadInput("config key 'merge.salience_metric': kl, accuracy_drop or prob_accuracy_drop")
+    if cfg.merge.salience_metric == "accuracy_drop" and not cfg.heads.generate:
+        raise BadInput("config key 'merge.salience_metric': accuracy_drop needs heads.generate = true")
+    if not 0 <= cfg.merge.alpha0 <= 1:
+        raise BadInput("config key 'merge.alpha0': must be in [0, 1]")
+    for key, v in (("merge.temperature", cfg.merge.temperature),
+                   ("merge.salience_temperature", cfg.merge.salience_temperature),
+                   ("trajectory.perplexity", cfg.trajectory.perplexity)):
+        if not v > 0:
+            raise BadInput(f"config key {key!r}: must be > 0")
+    if not 0 < cfg.merge.density <= 1:
+        raise BadInput("config key 'merge.density': must be in (0, 1]")
+    ft = cfg.finetune
+    if ft.carrier not in m.experts:
+        raise BadInput(f"config key 'finetune.carrier': {ft.carrier!r} is not one of models.experts")
+    if not ft.runs:
+        raise BadInput("config key 'finetune.runs': give at least one run")
+    labels = set(cfg.train_dirs(Path("."))) if cfg.train.generate else set(cfg.train.data)
+    for name, mix in ft.runs.items():
+        if not mix or any(w <= 0 for w in mix.values()):
+            raise BadInput(f"config key 'finetune.runs.{name}': give positive weights per training label")
+        for label in mix:
+            if label not in labels:
+                raise BadInput(f"config key 'finetune.runs.{name}': {label!r} is not a training label "
+                               f"({', '.join(sorted(labels))})")
+    bad_steps = [s for s in ft.save_steps if not 0 <= s <= ft.steps]
+    if bad_steps:
+        raise BadInput(f"config key 'finetune.save_steps': {bad_steps} outside 0..{ft.steps}")
+    for i, label in enumerate(ft.eval_data):
+        if label not in cfg.data:
+            raise BadInput(f"config key 'finetune.eval_data[{i}]': {label!r} is not a label in [data]")
+
+
+def check_machine(cfg: ReplicateConfig) -> dict[str, str]:
+    """Paths, aliases and devices: resolved (hub aliases from the cache) before any weight loads. Returns each
+    model's resolved path."""
+    from probe.devices import resolve_placement
+    from probe.models import resolve_model
+
+    try:
+        resolve_placement(cfg.device, "auto")
+    except BadInput as exc:
+        raise BadInput(f"config key 'device': {exc}") from None
+    try:
+        resolve_placement(cfg.device, cfg.dtype)
+    except BadInput as exc:
+        raise BadInput(f"config key 'dtype': {exc}") from None
+    dirs = [(f"data.{k}", v) for k, v in cfg.data.items()]
+    dirs += [] if cfg.train.generate else [(f"train.data.{k}", v) for k, v in cfg.train.data.items()]
+    for key, d in dirs:
+        if d.lower() != "mmmu" and not Path(d).is_dir():
+            raise BadInput(f"config key {key!r}: {d} is not a directory")
+    paths = {}
+    for key, spec in [("models.base", cfg.models.base)] + [(f"models.experts[{i}]", e)
+                                                          for i, e in enumerate(cfg.models.experts)]:
+        try:
+            paths[spec] = str(resolve_model(spec).path)
+        except BadInput as exc:
+            raise BadInput(f"config key {key!r}: {exc}") from None
+    return paths
+
+
+def content_fingerprint(path: str | Path, hash_limit: int = 64 << 20) -> str:
+    """What a model or data directory holds: file names and bytes (sizes and mtimes for files over
+    ``hash_limit``, so a 15 GB checkpoint is not read twice), so a retrained organism in the same directory
+    counts as a changed input."""
+    p = Path(path)
+    h = hashlib.sha256()
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else ([p] if p.is_file() else [])
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(p) if p.is_dir() else f.name}|{st.st_size}|".encode())
+        if st.st_size <= hash_limit:
+            h.update(hashlib.sha256(f.read_bytes()).digest())
+        else:
+            h.update(str(st.st_mtime_ns).encode())
+    return h.hexdigest()[:16] if files else f"name:{path}"

@@ -1,0 +1,268 @@
+"""The paper's findings, each checked against a replication's saved results by a stated criterion.
+
+A finding is computed from the run's numbers only (no result is written down here); its verdict is one of
+agrees / partly / disagrees / not measured, with the criterion that decided it and the numbers it used.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from figures.paper import SHIFT_RATIO
+from figures.results import METHOD_LABELS, Replication, short
+
+SMALL_DROP = 0.02  # a head "matters" when removing it costs ≥ 2 points of probability accuracy
+SHARE_MATTERS = 0.9  # "no single head is dispensable": at least 90 % of the heads matter
+DISTINCT_COSINE = 0.8  # two fine-tuning runs move "in distinct directions" below this cosine
+MERGE_LOSS = 6.0  # the paper's largest loss of a merged carrier against its expert (Table 5, Video-MME)
+
+
+@dataclass
+class Finding:
+    cite: str  # where the paper says it
+    claim: str
+    verdict: str  # agrees | partly | disagrees | not measured
+    evidence: str  # the run's numbers that decided it
+    criterion: str
+
+    def short(self) -> str:
+        return f"**{self.verdict}** — {self.cite}: {self.claim}."
+
+    def line(self) -> str:
+        return f"**{self.verdict}** — {self.cite}: {self.claim}. {self.evidence} (Criterion: {self.criterion}.)"
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def interval(v: float, lo: float, hi: float) -> str:
+    return f"{100 * v:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+
+
+def text_costs(r: Replication) -> Finding:
+    crit = "every expert's paired difference to the base on the text set is below 0 (point estimate)"
+    run = r.eval("table3")
+    diffs = {e: run.row(e, r.data(r.cfg["eval"]["text"])) for e in r.experts}
+    below = [e for e, x in diffs.items() if x["diff_accuracy" if run.metric == "accuracy" else "diff_prob_accuracy"] < 0]
+    col = "diff_accuracy" if run.metric == "accuracy" else "diff_prob_accuracy"
+    lo, hi = ("diff_lo", "diff_hi") if run.metric == "accuracy" else ("diff_prob_lo", "diff_prob_hi")
+    ev = "; ".join(f"{e} {interval(x[col], x[lo], x[hi])} points" for e, x in diffs.items())
+    verdict = "agrees" if len(below) == len(diffs) else ("partly" if below else "disagrees")
+    return Finding("Table 3, §4.2", "modality fine-tuning costs the base LLM text ability (IFEval, GPQA, MATH, "
+                   "HumanEval+ fall for every extension)", verdict, f"Text vs the base: {ev}.", crit)
+
+
+def heads_all_matter(r: Replication) -> Finding:
+    crit = (f"in every expert's sweep at least {SHARE_MATTERS:.0%} of the heads lower probability accuracy by "
+            f"≥ {100 * SMALL_DROP:.0f} points when removed")
+    shares = {}
+    for e in r.experts:
+        h = pd.read_csv(r.out / "heads" / short(e) / "heads.csv")
+        shares[e] = float((h["prob_accuracy_drop"] >= SMALL_DROP).mean())
+    ok = [e for e, s in shares.items() if s >= SHARE_MATTERS]
+    ev = "; ".join(f"{e}: {s:.0%} of heads" for e, s in shares.items())
+    verdict = "agrees" if len(ok) == len(shares) else ("partly" if ok else "disagrees")
+    return Finding("Figure 2, §5.2", "masking any single attention head costs substantial performance", verdict,
+                   f"Heads whose removal costs ≥ {100 * SMALL_DROP:.0f} points: {ev}.", crit)
+
+
+def shallow_layers(r: Replication) -> Finding:
+    crit = "for every expert, the mean KL of removing a head is larger in the first half of the layers than in the second"
+    ev, ok = [], 0
+    for e in r.experts:
+        h = pd.read_csv(r.out / "heads" / short(e) / "heads.csv")
+        n = int(h["layer"].max()) + 1
+        shallow, deep = h[h["layer"] < n / 2]["kl"].mean(), h[h["layer"] >= n / 2]["kl"].mean()
+        ok += bool(shallow > deep)
+        ev.append(f"{e}: {shallow:.3g} vs {deep:.3g} nats")
+    verdict = "agrees" if ok == len(r.experts) else ("partly" if ok else "disagrees")
+    return Finding("Figure 2, §5.2", "heads in shallow layers matter more than heads in deep layers", verdict,
+                   f"Mean KL, shallow vs deep half: {'; '.join(ev)}.", crit)
+
+
+def shift_ratio(r: Replication) -> Finding:
+    import json
+
+    per = json.loads((r.out / "shift" / "summary.json").read_text())["per_model"]
+    means = {e: per[e]["mean_delta_avg"] for e in r.experts}
+    vl = next((e for e in r.experts if "qwen2-vl" in r.paper_name(e).lower()), None)
+    top = max(means, key=means.get)
+    who = vl or top
+    others = [means[e] for e in r.experts if e != who]
+    ratio = means[who] / max(others) if others and max(others) > 0 else float("inf")
+    crit = (f"the expert standing for Qwen2-VL ({who}) has the largest mean Δavg and at least {SHIFT_RATIO:.0f}× "
+            "every other expert's; largest but less than that is 'partly'")
+    verdict = "agrees" if who == top and ratio >= SHIFT_RATIO else ("partly" if who == top else "disagrees")
+    ev = ", ".join(f"{e} {v:.3g}" for e, v in means.items())
+    return Finding("§5.3, Eq. 3", f"Qwen2-VL, the most extensively fine-tuned, shifts most: {SHIFT_RATIO:.0f}× the "
+                   "others", verdict, f"Mean Δavg: {ev}; {who} is {ratio:.2f}× the next largest.", crit)
+
+
+def merge_keeps_text(r: Replication) -> Finding:
+    crit = ("the paired difference to the base on text of the Eq. 1 and Eq. 4 merged LMs has a 95 % interval "
+            "reaching 0 or above (no measurable loss)")
+    run = r.eval("table4")
+    text = r.data(r.cfg["eval"]["text"])
+    acc = run.metric == "accuracy"
+    ev, ok = [], 0
+    for m in ("average", "shift"):
+        x = run.row(r.merge_dir(m), text)
+        d, lo, hi = (x["diff_accuracy"], x["diff_lo"], x["diff_hi"]) if acc else (
+            x["diff_prob_accuracy"], x["diff_prob_lo"], x["diff_prob_hi"])
+        ok += bool(hi >= 0)
+        ev.append(f"{METHOD_LABELS[m]} {interval(d, lo, hi)} points")
+    verdict = "agrees" if ok == 2 else ("partly" if ok else "disagrees")
+    return Finding("Table 4, §5.5", "merging preserves the base's text abilities (on par except reasoning)",
+                   verdict, f"Merged LM vs base on text: {'; '.join(ev)}.", crit)
+
+
+def weighted_beats_average(r: Replication) -> Finding:
+    crit = ("Eq. 4's point estimate is at least Eq. 1's on text (Table 4) and on a majority of the experts' "
+            "modalities (Table 5, each in the expert's carrier)")
+    t4 = r.eval("table4")
+    text = r.data(r.cfg["eval"]["text"])
+    comps = [("text", t4.row(r.merge_dir("shift"), text)[t4.metric], t4.row(r.merge_dir("average"), text)[t4.metric])]
+    for e, label in zip(r.experts, r.own):
+        t5 = r.eval("table5", short(e))
+        comps.append((label, t5.row(r.carrier("shift", e), r.data(label))[t5.metric],
+                      t5.row(r.carrier("average", e), r.data(label))[t5.metric]))
+    wins = [c for c in comps[1:] if c[1] >= c[2]]
+    text_ok = comps[0][1] >= comps[0][2]
+    verdict = ("agrees" if text_ok and 2 * len(wins) > len(comps) - 1 else
+               "partly" if text_ok or wins else "disagrees")
+    ev = "; ".join(f"{k} {pct(a)} vs {pct(b)}" for k, a, b in comps)
+    return Finding("Tables 4 and 5, §5.5", "weighted (Eq. 4) merging preserves more than plain averaging (Eq. 1)",
+                   verdict, f"Eq. 4 vs Eq. 1 accuracy in %: {ev}.", crit)
+
+
+def carriers_fall_short(r: Replication) -> Finding:
+    crit = (f"every Eq. 1 and Eq. 4 carrier scores below its expert on the expert's modality by at most "
+            f"{MERGE_LOSS:.0f} points (the paper's largest loss); below but by more is 'partly'")
+    losses = []
+    for e, label in zip(r.experts, r.own):
+        t5 = r.eval("table5", short(e))
+        ref = t5.row(e, r.data(label))[t5.metric]
+        for m in ("average", "shift"):
+            losses.append((e, m, 100 * (ref - t5.row(r.carrier(m, e), r.data(label))[t5.metric])))
+    below = all(x > 0 for *_, x in losses)
+    small = all(0 < x <= MERGE_LOSS for *_, x in losses)
+    verdict = "agrees" if small else ("partly" if below else "disagrees")
+    ev = "; ".join(f"{e} {METHOD_LABELS[m]} −{x:.1f}" if x >= 0 else f"{e} {METHOD_LABELS[m]} +{-x:.1f}"
+                   for e, m, x in losses)
+    return Finding("Table 5, §5.4", "a merged LM in a multimodal carrier keeps most of the expert's modality "
+                   "skill (MMMU −0.7/−1.3, Video-MME −6.0/−1.8 points)", verdict,
+                   f"Carrier minus expert, points: {ev}.", crit)
+
+
+def steps_tradeoff(r: Replication) -> Finding:
+    crit = ("in every run trained on more than one modality, the accuracy on each non-text set is higher at the "
+            "last step than at step 0, and the text accuracy peaks before the last step and ends below its peak")
+    text_label = r.cfg["eval"]["text"]
+    ev, verdicts = [], []
+    multi = [n for n, mix in r.runs.items() if len(mix) > 1] or list(r.runs)
+    for name in r.runs:
+        run = r.eval("steps", name)
+        t = run.scores[run.scores["subject"] == "all"].copy()
+        t["step"] = t["model"].str.extract(r"checkpoint-(\d+)/?$")[0].astype(int)
+        t = t.sort_values("step")
+        parts = []
+        up_all, peak_ok = True, False
+        for label in r.cfg["finetune"]["eval_data"]:
+            g = t[t["data"] == run.data_names[r.data(label)]]
+            if g.empty or g["n_items"].iloc[0] == 0:
+                continue
+            v = g[run.metric].to_numpy()
+            steps = g["step"].to_numpy()
+            if label == text_label:
+                k = int(np.argmax(v))
+                peak_ok = k < len(v) - 1 and v[-1] < v[k]
+                parts.append(f"text {pct(v[0])} → peak {pct(v[k])} at step {steps[k]} → {pct(v[-1])}")
+            else:
+                up_all &= bool(v[-1] > v[0])
+                parts.append(f"{label} {pct(v[0])} → {pct(v[-1])}")
+        ev.append(f"{name}: {', '.join(parts)}")
+        if name in multi:
+            verdicts.append((up_all, peak_ok))
+    n_ok = sum(a and b for a, b in verdicts)
+    verdict = ("agrees" if n_ok == len(verdicts) else
+               "partly" if any(a or b for a, b in verdicts) else "disagrees")
+    return Finding("Figure 3, §6.2", "fine-tuning the merge improves the modalities with more steps while text "
+                   "peaks early (within ~100 steps) and then declines", verdict, f"Accuracy in %: {'; '.join(ev)}.",
+                   crit)
+
+
+def _sketch(r: Replication, fig: str) -> tuple[list[str], np.ndarray]:
+    z = np.load(r.out / "trajectory" / fig / "features.npz")
+    return [str(n) for n in z["names"]], z["sketch"].astype(np.float64)
+
+
+def distinct_directions(r: Replication) -> Finding:
+    crit = (f"every pair of runs trained on a single modality moves from step 0 to its last step in directions "
+            f"whose cosine (in the weight sketch) is below {DISTINCT_COSINE}")
+    names, x = _sketch(r, "fig4a")
+    moves = {}
+    for run in r.runs:
+        idx = [(int(n.rsplit("@", 1)[1]), i) for i, n in enumerate(names) if n.rsplit("@", 1)[0] == run and "@" in n]
+        if len(idx) >= 2:
+            idx.sort()
+            moves[run] = x[idx[-1][1]] - x[idx[0][1]]
+    single = [n for n, mix in r.runs.items() if len(mix) == 1 and n in moves]
+    pairs = [(a, b) for i, a in enumerate(single) for b in single[i + 1:]]
+    if not pairs:
+        return Finding("Figure 4a, §6.2", "fine-tuning on different modalities moves the weights in distinct "
+                       "directions", "not measured", "Fewer than two single-modality runs.", crit)
+    cos = {(a, b): float(moves[a] @ moves[b] / (np.linalg.norm(moves[a]) * np.linalg.norm(moves[b]) + 1e-30))
+           for a, b in pairs}
+    ok = [p for p, c in cos.items() if c < DISTINCT_COSINE]
+    verdict = "agrees" if len(ok) == len(cos) else ("partly" if ok else "disagrees")
+    ev = "; ".join(f"{a}/{b} {c:.2f}" for (a, b), c in cos.items())
+    return Finding("Figure 4a, §6.2", "fine-tuning on different modalities moves the weights in distinct "
+                   "directions", verdict, f"Cosines of the runs' moves: {ev}.", crit)
+
+
+def merge_aggregates(r: Replication) -> Finding:
+    crit = ("each merged model lies no farther from the centroid of the models it merges (base and experts) than "
+            "the farthest of them, in the weight sketch; true by construction for the linear merges Eq. 1 and "
+            "Eq. 4, informative for TIES and salience")
+    names, x = _sketch(r, "fig4b")
+    pos = {n: x[i] for i, n in enumerate(names)}
+    inputs = np.stack([pos[n] for n in [r.base, *r.experts]])
+    c = inputs.mean(0)
+    spread = float(np.linalg.norm(inputs - c, axis=1).max())
+    dist = {m: float(np.linalg.norm(pos[r.merge_dir(m)] - c)) for m in r.methods}
+    ok = [m for m, d in dist.items() if d <= spread]
+    verdict = "agrees" if len(ok) == len(dist) else ("partly" if ok else "disagrees")
+    ev = "; ".join(f"{METHOD_LABELS[m]} {d:.3g}" for m, d in dist.items())
+    return Finding("Figure 4b, §6.2", "merging places the model in a region that aggregates the models it merges",
+                   verdict, f"Distance to the inputs' centroid: {ev} (farthest input {spread:.3g}).", crit)
+
+
+CHECKS: list[tuple[str, Callable[[Replication], Finding], tuple[str, ...]]] = [
+    ("table3", text_costs, ("table3",)),
+    ("heads", heads_all_matter, ("heads",)),
+    ("heads", shallow_layers, ("heads",)),
+    ("shift", shift_ratio, ("shift",)),
+    ("table4", merge_keeps_text, ("table4",)),
+    ("table5", carriers_fall_short, ("table5",)),
+    ("table5", weighted_beats_average, ("table4", "table5")),
+    ("steps", steps_tradeoff, ("steps",)),
+    ("trajectory", distinct_directions, ("trajectory",)),
+    ("trajectory", merge_aggregates, ("trajectory",)),
+]
+
+
+def findings(r: Replication) -> dict[str, list[Finding]]:
+    """Section → its findings; a finding whose stages have not completed is 'not measured'."""
+    out: dict[str, list[Finding]] = {}
+    for section, check, stages in CHECKS:
+        if all(r.complete(s) for s in stages):
+            f = check(r)
+        else:
+            f = Finding(section, check.__name__.replace("_", " "), "not measured",
+                        f"stage {', '.join(s for s in stages if not r.complete(s))} has not completed.", "—")
+        out.setdefault(section, []).append(f)
+    return out

@@ -1,0 +1,389 @@
+"""``python -m figures report DIR``: the report of a ``python -m analyses.replicate`` run, rebuilt from its saved
+results alone — ``DIR/report.md`` (figures in ``DIR/report_figures/``) and ``DIR/report.html`` (self-contained:
+the same figures embedded as data URIs, opens from disk).
+
+Every table and figure of the run sits beside the paper's published numbers (figures/paper.py, cited by table),
+and every finding of the paper gets one line saying whether the run agrees, by a stated criterion
+(figures/findings.py). The document is built once as blocks and rendered twice, so the two files cannot differ.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from figures import paper
+from figures.findings import Finding, findings
+from figures.results import METHOD_LABELS, EvalRun, Replication, short
+
+FIG_DIR = "report_figures"
+MAX_WIDTH = 1100  # px: figures are downscaled to this so the committed example stays small
+
+
+@dataclass
+class Doc:
+    blocks: list[tuple[str, Any]] = field(default_factory=list)
+
+    def h(self, level: int, text: str) -> None:
+        self.blocks.append(("h", (level, text)))
+
+    def p(self, text: str) -> None:
+        self.blocks.append(("p", text))
+
+    def ul(self, items: list[str]) -> None:
+        self.blocks.append(("ul", items))
+
+    def table(self, header: list[str], rows: list[list[str]], caption: str = "") -> None:
+        self.blocks.append(("table", (header, rows, caption)))
+
+    def img(self, rel: str, alt: str) -> None:
+        self.blocks.append(("img", (rel, alt)))
+
+    def markdown(self) -> str:
+        out = []
+        for kind, v in self.blocks:
+            if kind == "h":
+                out.append(f"{'#' * v[0]} {v[1]}")
+            elif kind == "p":
+                out.append(v)
+            elif kind == "ul":
+                out.append("\n".join(f"- {x}" for x in v))
+            elif kind == "table":
+                header, rows, caption = v
+                lines = ([f"*{caption}*", ""] if caption else []) + [
+                    "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                lines += ["| " + " | ".join(r) + " |" for r in rows]
+                out.append("\n".join(lines))
+            elif kind == "img":
+                out.append(f"![{v[1]}]({v[0]})")
+        return "\n\n".join(out) + "\n"
+
+    def html(self, root: Path, title: str) -> str:
+        body = []
+        for kind, v in self.blocks:
+            if kind == "h":
+                body.append(f"<h{v[0]}>{_inline(v[1])}</h{v[0]}>")
+            elif kind == "p":
+                body.append(f"<p>{_inline(v)}</p>")
+            elif kind == "ul":
+                body.append("<ul>" + "".join(f"<li>{_inline(x)}</li>" for x in v) + "</ul>")
+            elif kind == "table":
+                header, rows, caption = v
+                cap = f'<p class="caption">{_inline(caption)}</p>' if caption else ""
+                head = "".join(f"<th>{_inline(x)}</th>" for x in header)
+                trs = "".join("<tr>" + "".join(f"<td>{_inline(x)}</td>" for x in r) + "</tr>" for r in rows)
+                wide = ' class="wide"' if len(header) > 8 else ""
+                body.append(f'{cap}<div class="scroll"><table{wide}><thead><tr>{head}</tr></thead><tbody>{trs}'
+                            "</tbody></table></div>")
+            elif kind == "img":
+                data = base64.b64encode((root / v[0]).read_bytes()).decode()
+                body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(v[1])}">'
+                            f"<figcaption>{_inline(v[1])}</figcaption></figure>")
+        return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}"
+                f"</title><style>{CSS}</style></head><body><main>\n" + "\n".join(body) + "\n</main></body></html>\n")
+
+
+CSS = """
+body{font-family:-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;line-height:1.45;color:#222;margin:0;background:#fafafa}
+main{max-width:1200px;margin:0 auto;padding:1.5em 2em;background:#fff}
+h1{font-size:1.6em;border-bottom:2px solid #ddd;padding-bottom:.3em} h2{font-size:1.3em;margin-top:2em;border-bottom:1px solid #eee}
+h3{font-size:1.05em;margin-top:1.4em}
+.scroll{overflow-x:auto;margin:.8em 0}
+table{border-collapse:collapse;font-size:.88em} p.caption{font-style:italic;color:#555;margin:.9em 0 .2em}
+th,td{border:1px solid #ddd;padding:.25em .55em;text-align:left;white-space:nowrap} th{background:#f3f3f3;white-space:normal;vertical-align:bottom}
+tbody tr:nth-child(even){background:#fbfbfb} table.wide{font-size:.78em}
+figure{margin:1em 0} img{max-width:100%;height:auto;border:1px solid #eee} figcaption{font-size:.85em;color:#555}
+code{background:#f3f3f3;padding:0 .25em;border-radius:3px;font-size:.92em}
+strong.agrees{color:#1a7f37} strong.disagrees{color:#c62828} strong.partly{color:#a66300} strong.not-measured{color:#666}
+"""
+
+
+def _inline(text: str) -> str:
+    """The few inline marks the report uses: **bold** (verdicts coloured), `code`."""
+    t = html.escape(text)
+    t = re.sub(r"\*\*(agrees|disagrees|partly|not measured)\*\*",
+               lambda m: f'<strong class="{m.group(1).replace(" ", "-")}">{m.group(1)}</strong>', t)
+    t = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", t)
+    t = re.sub(r"\*(.+?)\*", r"<em>\1</em>", t)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", t)
+
+
+def cell(run: EvalRun, model: str, data_spec: str, diff: bool = False) -> str:
+    """An accuracy (or paired difference) in %, with its 95 % interval — probe.eval's table format."""
+    from probe.eval import _cell
+
+    r = run.row(model, data_spec)
+    if not diff:
+        return _cell(r, run.metric)
+    if r["n_items"] == 0:
+        return "n/a"
+    d, lo, hi = (("diff_accuracy", "diff_lo", "diff_hi") if run.metric == "accuracy"
+                 else ("diff_prob_accuracy", "diff_prob_lo", "diff_prob_hi"))
+    if r[d] != r[d]:
+        return "—"
+    return f"{100 * r[d]:+.1f} [{100 * r[lo]:+.1f}, {100 * r[hi]:+.1f}]"
+
+
+def mix_text(mix: dict[str, float]) -> str:
+    if len(mix) == 1:
+        return f"{next(iter(mix))} only"
+    return f"{':'.join(mix)} = {':'.join(f'{v:g}' for v in mix.values())}"
+
+
+def _paper_table(d: Doc, rows: dict[str, list[float]], columns: list[str], caption: str) -> None:
+    d.table(["paper model", *columns], [[k, *[f"{x:g}" for x in v]] for k, v in rows.items()], caption)
+
+
+def _copy_png(src: Path, dest: Path) -> bool:
+    if not src.is_file():
+        return False
+    from PIL import Image
+
+    with Image.open(src) as im:
+        if im.width > MAX_WIDTH:
+            im = im.resize((MAX_WIDTH, round(im.height * MAX_WIDTH / im.width)), Image.LANCZOS)
+        im.save(dest, optimize=True)
+    return True
+
+
+def _finding_list(d: Doc, fs: list[Finding]) -> None:
+    d.ul([f.line() for f in fs])
+
+
+def draw_figure2(r: Replication, dest: Path) -> bool:
+    """One panel per swept model (experts on their own data, the base on text): KL and probability-accuracy
+    drop per (layer, head), from each sweep's heads.csv."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from figures.heads import _grid
+
+    models = [m for m in [*r.experts, r.base] if (r.out / "heads" / short(m) / "heads.csv").is_file()]
+    if not models:
+        return False
+    fig, axes = plt.subplots(2, len(models), figsize=(1.2 + 3.0 * len(models), 5.2), dpi=110, squeeze=False)
+    for k, m in enumerate(models):
+        run = r.out / "heads" / short(m)
+        heads = pd.read_csv(run / "heads.csv")
+        base = json.loads((run / "baseline.json").read_text())
+        for row, (metric, cmap, label) in enumerate((("kl", "magma_r", "KL(orig‖masked) [nats]"),
+                                                     ("prob_accuracy_drop", "viridis_r", "prob. accuracy drop"))):
+            grid, layers, hs = _grid(heads, metric)
+            ax = axes[row][k]
+            im = ax.imshow(grid, cmap=cmap, aspect="auto", vmin=0 if metric == "kl" else None)
+            ax.set_xticks(range(len(hs)), hs, fontsize=7)
+            ax.set_yticks(range(len(layers)), layers, fontsize=7)
+            ax.set_xlabel("head", fontsize=8)
+            ax.set_ylabel("layer", fontsize=8)
+            cb = fig.colorbar(im, ax=ax, fraction=0.046)
+            cb.ax.tick_params(labelsize=7)
+            cb.set_label(label, fontsize=7)
+            if row == 0:
+                what = "text" if m == r.base else r.own[r.experts.index(m)]
+                ax.set_title(f"{m} on {what} ({r.cfg['heads']['split']})\nbaseline prob. acc. {100 * base['prob_accuracy']:.1f} %"
+                             f" (n={base['n_items']})", fontsize=8)
+    fig.suptitle("Figure 2: removing one head at a time", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(dest)
+    plt.close(fig)
+    return True
+
+
+def build(r: Replication, figdir: Path) -> Doc:
+    d = Doc()
+    cfg = r.cfg
+    fs = findings(r)
+    label = {e: e for e in r.experts}
+    text = r.data(cfg["eval"]["text"])
+    d.h(1, "Is extending modality the right path? — the paper's pipeline, replicated")
+    d.p(f"Config `{Path(r.info.get('config_file', '')).name}`: base `{r.base}`, experts "
+        + ", ".join(f"`{e}`" for e in r.experts) + f"; device `{cfg['device']}`, dtype `{cfg['dtype']}`, seed "
+        f"{cfg['seed']}. Accuracy in %, with 95 % bootstrap intervals over items; differences are paired (same "
+        "items). Each section sets the run beside the paper's published numbers (cited by table; the paper "
+        "measured 7B models on MMLU, MMMU, Video-MME and the like, so compare directions, not values) and says, "
+        "per finding, whether the run agrees and by which criterion. Rebuild with `python -m figures report DIR`.")
+    if any(r.paper_name(e) for e in r.experts):
+        d.p("Stand-ins: " + "; ".join(f"`{e}` for {r.paper_name(e)}" for e in r.experts) + f"; `{r.base}` for the "
+            "base LLM (Qwen2-7B-Instruct).")
+    d.h(2, "Findings at a glance")
+    d.p("Each line: the verdict, where the paper says it, and the paper's claim; the numbers and the criterion "
+        "that decided it follow in the section.")
+    d.ul([f.short() for group in fs.values() for f in group])
+
+    # Table 3
+    d.h(2, "Table 3: the base and its modality extensions on every data set")
+    if r.complete("table3"):
+        run = r.eval("table3")
+        labels = list(cfg["data"])
+        rows = [[m if m == r.base else label[m], *[cell(run, m, r.data(x)) for x in labels],
+                 "reference" if m == r.base else cell(run, m, text, diff=True)] for m in [r.base, *r.experts]]
+        d.table(["model", *labels, f"{cfg['eval']['text']}: Δ vs base"], rows,
+                f"This run ({run.metric.replace('_', ' ')}, %); n/a: the model cannot read that modality")
+        if _copy_png(run.dir / "eval.png", figdir / "table3.png"):
+            d.img(f"{FIG_DIR}/table3.png", "Table 3 as a figure: accuracy per data set with 95 % intervals")
+    _paper_table(d, paper.TABLE3, paper.TABLE3_COLUMNS, "Paper, Table 3 (Qwen2-7B family, text benchmarks)")
+    _finding_list(d, fs["table3"])
+
+    # Figure 2
+    d.h(2, "Figure 2: head salience (each expert on its own modality, the base on text)")
+    hd = r.cfg["heads"]
+    d.p(f"Each head of the LM decoder removed in turn (`probe.heads`, exact engine) on the {hd['split']} split of "
+        + ("the items generated for training (never the evaluation items)" if hd["data"] == "generated"
+           else "each model's evaluation set") + ("" if hd["generate"] else "; no generation, so no accuracy column")
+        + ".")
+    if r.complete("heads"):
+        rows = []
+        for m in [*r.experts, r.base]:
+            p = r.out / "heads" / short(m)
+            if not (p / "heads.csv").is_file():
+                continue
+            b = json.loads((p / "baseline.json").read_text())
+            h = pd.read_csv(p / "heads.csv").sort_values("kl", ascending=False)
+            top = ", ".join(f"L{x.layer}.H{x.head} ({x.kl:.2f})" for x in h.head(3).itertuples())
+            acc = "—" if b["accuracy"] != b["accuracy"] else f"{100 * b['accuracy']:.1f}"
+            rows.append([m, str(b["n_items"]), acc, f"{100 * b['prob_accuracy']:.1f}", top])
+        d.table(["model", "items", "accuracy", "prob. accuracy", "most salient heads (KL, nats)"], rows,
+                "This run: unmasked baselines of the sweeps and their three most salient heads")
+        if draw_figure2(r, figdir / "figure2.png"):
+            d.img(f"{FIG_DIR}/figure2.png", "Figure 2 analogue: KL and probability-accuracy drop per removed head")
+    d.p(f"Paper (§5.2): {paper.HEADS_BASELINE[0]} scores {paper.HEADS_BASELINE[2]} % on "
+        f"{paper.HEADS_BASELINE[1]} unmasked; masking any head costs substantially; shallow layers matter most.")
+    _finding_list(d, fs["heads"])
+
+    # shift
+    d.h(2, "Parameter shift (Eq. 3) and the Eq. 4 weights")
+    if r.complete("shift"):
+        per = json.loads((r.out / "shift" / "summary.json").read_text())["per_model"]
+        alpha = {}
+        if (r.out / "merge" / "shift" / "merge.json").is_file():
+            alpha = json.loads((r.out / "merge" / "shift" / "merge.json").read_text()).get("mean_alpha", {})
+        rows = []
+        for e in r.experts:
+            pub = paper.SHIFT_RELEASED.get(r.paper_name(e))
+            rows.append([label[e], f"{per[e]['mean_delta_avg']:.4g}", f"{per[e]['ratio_to_least_shifted']:.2f}×",
+                         f"{alpha[e]:.3f}" if e in alpha else "—",
+                         f"{pub[0]:g}" if pub else "—", f"{pub[1]:.3f}" if pub else "—"])
+        d.table(["expert (stands for)", "mean Δavg", "× least shifted", "Eq. 4 mean α", "paper: mean Δavg",
+                 "paper: mean α"], rows, "This run beside the paper's (§5.3; the values are those of the authors' "
+                "released code, α of the 0.5 non-base mass)")
+        if _copy_png(r.out / "shift" / "shift_models.png", figdir / "shift.png"):
+            d.img(f"{FIG_DIR}/shift.png", "Mean Δavg per expert and module")
+    _finding_list(d, fs["shift"])
+
+    # merges
+    d.h(2, "The merges")
+    d.p("Eq. 1 averages the base and every expert; Eq. 4 (α0 = "
+        f"{cfg['merge']['alpha0']:g}, τ = {cfg['merge']['temperature']:g}) weights the experts by softmax(Δavg/τ); "
+        "the salience-guided merge (ours, DESIGN §9) weights each head's slices by the experts' Figure 2 salience "
+        f"and the rest by Eq. 4; TIES trims each task vector to {cfg['merge']['density']:g} of its entries. Each "
+        "merged LM is also transplanted into every expert's carrier.")
+    if r.complete("merge") and _copy_png(r.out / "merge" / "salience" / "merge_heads.png", figdir / "salience.png"):
+        d.img(f"{FIG_DIR}/salience.png", "Salience-guided merge: weight of each expert's head slices beside its "
+              "salience")
+
+    # Table 4
+    d.h(2, "Table 4: the merged LMs on text")
+    if r.complete("table4"):
+        run = r.eval("table4")
+        rows = [[r.base, cell(run, r.base, text), "reference"]]
+        rows += [[METHOD_LABELS[m], cell(run, r.merge_dir(m), text), cell(run, r.merge_dir(m), text, diff=True)]
+                 for m in r.methods]
+        d.table(["model", cfg["eval"]["text"], "Δ vs base"], rows, f"This run ({run.metric.replace('_', ' ')}, %)")
+    _paper_table(d, paper.TABLE4, paper.TABLE3_COLUMNS, "Paper, Table 4 (merged Qwen2-7B LLMs)")
+    _finding_list(d, fs["table4"])
+
+    # Table 5
+    d.h(2, "Table 5: the merged LMs inside each expert's carrier, on its modality")
+    if r.complete("table5"):
+        runs = {e: r.eval("table5", short(e)) for e in r.experts}
+        header = ["model"] + [f"{l} ({e})" for e, l in zip(r.experts, r.own)]
+        rows = [["expert alone"] + [cell(runs[e], e, r.data(l)) for e, l in zip(r.experts, r.own)]]
+        for m in r.methods:
+            rows.append([METHOD_LABELS[m]] + [cell(runs[e], r.carrier(m, e), r.data(l))
+                                              for e, l in zip(r.experts, r.own)])
+        d.table(header, rows, f"This run ({runs[r.experts[0]].metric.replace('_', ' ')}, %)")
+        rows = [[METHOD_LABELS[m]] + [cell(runs[e], r.carrier(m, e), r.data(l), diff=True)
+                                      for e, l in zip(r.experts, r.own)] for m in r.methods]
+        d.table(header, rows, "Carrier minus expert, points (paired)")
+    _paper_table(d, paper.TABLE5, paper.TABLE5_COLUMNS, "Paper, Table 5")
+    _finding_list(d, fs["table5"])
+
+    # Figure 3
+    ft = cfg["finetune"]
+    d.h(2, "Figure 3: fine-tuning the Eq. 4 merge")
+    d.p(f"The Eq. 4 merge inside `{ft['carrier']}`'s carrier, fine-tuned {ft['steps']} steps (batch "
+        f"{ft['batch_size']}, LM lr {ft['lm_lr']:g}) once per data choice: "
+        + "; ".join(f"{n} ({mix_text(mix)})" for n, mix in r.runs.items())
+        + f". Checkpoints {ft['save_steps']} evaluated on " + ", ".join(ft["eval_data"]) + ".")
+    if r.complete("steps"):
+        rows = []
+        for name in r.runs:
+            run = r.eval("steps", name)
+            t = run.scores[run.scores["subject"] == "all"].copy()
+            t["step"] = t["model"].str.extract(r"checkpoint-(\d+)/?$")[0].astype(int)
+            for lab in ft["eval_data"]:
+                g = t[t["data"] == run.data_names[r.data(lab)]].sort_values("step")
+                rows.append([name, lab, " → ".join("n/a" if n == 0 else f"{100 * v:.1f}"
+                                                   for v, n in zip(g[run.metric], g["n_items"]))])
+        d.table(["run", "data", "accuracy at steps " + ", ".join(map(str, sorted(set(ft["save_steps"]) |
+                                                                                {ft["steps"]})))], rows,
+                "This run")
+        from figures.steps import draw_steps
+
+        tmp = figdir / "_steps"
+        tmp.mkdir(exist_ok=True)
+        draw_steps([r.out / "steps" / n for n in r.runs], out=tmp)
+        _copy_png(tmp / "steps.png", figdir / "figure3.png")
+        shutil.rmtree(tmp)
+        d.img(f"{FIG_DIR}/figure3.png", "Figure 3 analogue: accuracy against fine-tuning steps, one panel per run")
+    d.p("Paper (Figure 3, §6.2): MMLU and MMLU-Pro peak within the first ~100 steps and fall after ~1,000, "
+        "while MMMU keeps improving with more steps.")
+    _finding_list(d, fs["steps"])
+
+    # Figure 4
+    d.h(2, "Figure 4: where fine-tuning and merging move the weights")
+    if r.complete("trajectory"):
+        for fig, cap in (("fig4a", "Figure 4a analogue: each run's checkpoints, relative to the Eq. 4 merge"),
+                         ("fig4b", "Figure 4b analogue: base, experts and every merge, relative to the base")):
+            if _copy_png(r.out / "trajectory" / fig / "trajectory_sketch.png", figdir / f"{fig}.png"):
+                d.img(f"{FIG_DIR}/{fig}.png", cap + " (random-projection sketch of the LM weights; PCA and t-SNE)")
+    d.p("Paper (Figure 4, §6.2): t-SNE of the weights; fine-tuning on text, image and video moves the merged "
+        "model in distinct directions (4a); the weighted merge sits among the models it merges (4b).")
+    _finding_list(d, fs["trajectory"])
+
+    # timing
+    d.h(2, "Run time per stage")
+    stages = [s for s in r.info["stages"] if s != "report"]
+    fmt = lambda v: "—" if v is None else f"{v:.0f}"  # noqa: E731
+    rows = [[s, fmt(r.seconds(s)), fmt(r.seconds(s, "cpu_seconds")), "yes" if r.resumed(s) else ""]
+            for s in stages]
+    rows.append(["all", fmt(sum(r.seconds(s) or 0 for s in stages)),
+                 fmt(sum(r.seconds(s, "cpu_seconds") or 0 for s in stages)), ""])
+    d.table(["stage", "wall s", "CPU s", "resumed"], rows,
+            "Time of the process that completed each stage (a resumed stage counts that process only); CPU "
+            "seconds sum all its threads, so they do not grow when other jobs share the machine")
+    return d
+
+
+def build_report(out: Path) -> list[Path]:
+    out = Path(out)
+    r = Replication.read(out)
+    figdir = out / FIG_DIR
+    if figdir.exists():
+        shutil.rmtree(figdir)
+    figdir.mkdir()
+    doc = build(r, figdir)
+    from probe.results import atomic_write_bytes
+
+    atomic_write_bytes(out / "report.md", doc.markdown().encode())
+    atomic_write_bytes(out / "report.html", doc.html(out, "omniprobe replication report").encode())
+    return [out / "report.md", out / "report.html"]

@@ -1,0 +1,127 @@
+"""Read a ``python -m analyses.replicate`` output back from its files: the saved config and each stage's raw
+results. The report and its findings use only this (``figures/`` draws from saved results alone)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from probe.errors import BadInput
+
+METHOD_LABELS = {"average": "Eq. 1 average", "shift": "Eq. 4 shift-weighted", "salience": "salience-guided (ours)",
+                 "ties": "TIES"}
+
+
+@dataclass
+class EvalRun:
+    """One probe.eval output: its 'all' rows, indexed by (model, data set name)."""
+
+    dir: Path
+    scores: pd.DataFrame
+    metric: str  # accuracy, or prob_accuracy for a --no-generate run
+    data_names: dict[str, str]  # data spec as given → name in scores.csv
+
+    @staticmethod
+    def read(d: Path) -> "EvalRun":
+        if not (d / "scores.csv").is_file() or not (d / "run.json").is_file():
+            raise BadInput(f"{d}: no scores.csv / run.json (the stage has not completed)")
+        s = pd.read_csv(d / "scores.csv", keep_default_na=False, na_values=[""])
+        plan = json.loads((d / "run.json").read_text())["plan"]
+        metric = "accuracy" if plan["settings"]["generate"] else "prob_accuracy"
+        return EvalRun(d, s, metric, {x["spec"]: x["name"] for x in plan["data"]})
+
+    def row(self, model: str, data_spec: str) -> Any:
+        """The 'all' row of a model on a data set (by the spec the replicate config gave)."""
+        s = self.scores
+        r = s[(s["model"] == model) & (s["data"] == self.data_names[data_spec]) & (s["subject"] == "all")]
+        if len(r) != 1:
+            raise BadInput(f"{self.dir}/scores.csv: no single row for {model} on {data_spec}")
+        return r.iloc[0]
+
+
+@dataclass
+class Replication:
+    out: Path
+    info: dict[str, Any]  # replicate.json
+
+    @property
+    def cfg(self) -> dict[str, Any]:
+        return self.info["config"]
+
+    @staticmethod
+    def read(out: Path) -> "Replication":
+        path = Path(out) / "replicate.json"
+        if not path.is_file():
+            raise BadInput(f"{out}: no replicate.json (not a python -m analyses.replicate output)")
+        return Replication(Path(out), json.loads(path.read_text()))
+
+    def complete(self, stage: str) -> bool:
+        try:
+            st = json.loads((self.out / "stages" / f"{stage}.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return False
+        return st.get("status") == "complete" and st.get("fingerprint") == self.info["fingerprints"].get(stage)
+
+    def seconds(self, stage: str, key: str = "seconds") -> float | None:
+        """Wall (``seconds``) or CPU (``cpu_seconds``) time of the process that completed the stage."""
+        try:
+            return json.loads((self.out / "stages" / f"{stage}.json").read_text()).get(key)
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def resumed(self, stage: str) -> bool:
+        try:
+            return bool(json.loads((self.out / "stages" / f"{stage}.json").read_text()).get("resumed"))
+        except (OSError, json.JSONDecodeError):
+            return False
+
+    # names from the saved config
+    @property
+    def base(self) -> str:
+        return self.cfg["models"]["base"]
+
+    @property
+    def experts(self) -> list[str]:
+        return self.cfg["models"]["experts"]
+
+    @property
+    def own(self) -> list[str]:
+        return self.cfg["models"]["own"]
+
+    def paper_name(self, expert: str) -> str:
+        paper = self.cfg["models"].get("paper") or []
+        return paper[self.experts.index(expert)] if paper else ""
+
+    def data(self, label: str) -> str:
+        return self.cfg["data"][label]
+
+    @property
+    def methods(self) -> list[str]:
+        return self.cfg["merge"]["methods"]
+
+    @property
+    def runs(self) -> dict[str, dict[str, float]]:
+        return self.cfg["finetune"]["runs"]
+
+    @property
+    def named_out(self) -> Path:
+        """DIR as the run spelled it: the model names in its scores.csv start with it."""
+        return Path(self.info.get("out", self.out))
+
+    def merge_dir(self, method: str) -> str:
+        return str(self.named_out / "merge" / method)
+
+    def carrier(self, method: str, expert: str) -> str:
+        return str(self.named_out / "merge" / method / "carriers" / short(expert))
+
+    def eval(self, *parts: str) -> EvalRun:
+        return EvalRun.read(self.out.joinpath(*parts))
+
+
+def short(spec: str) -> str:
+    from analyses.replicate import short as _short  # one rule for carrier and sweep directory names
+
+    return _short(spec)

@@ -1,0 +1,337 @@
+"""``python -m analyses.replicate`` and its report (``figures.report``).
+
+One quick run (``--quick``: the organisms, few items, few steps) goes through every stage; the report's numbers
+are then read back from report.md / report.html and compared with the stage outputs read independently from
+their files. Config validation, fingerprints (what reruns when an input changes), skipping and resuming are
+tested on that run or without running anything.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from analyses.replicate import STAGES, Context, fingerprints, main
+from analyses.replicate_config import CONFIG_DIR, DEFAULT_CONFIG, QUICK_CONFIG, parse_config
+from probe.errors import cli_main
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGE_NAMES = [s.name for s in STAGES]
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("replicate") / "run"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-m", "analyses.replicate", "--quick", "--quiet", "--out", str(out)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    print(f"quick replicate: {time.perf_counter() - t0:.1f} s")
+    return out
+
+
+def _section(md: str, title: str) -> str:
+    start = md.index(f"## {title}")
+    end = md.find("\n## ", start + 1)
+    return md[start:end if end > 0 else None]
+
+
+def _tables(section: str) -> list[list[list[str]]]:
+    """Every markdown table of a section as rows of cells (header first, separator dropped)."""
+    tables, cur = [], []
+    for line in section.splitlines() + [""]:
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not all(set(c) <= {"-"} for c in cells):
+                cur.append(cells)
+        elif cur:
+            tables.append(cur)
+            cur = []
+    return tables
+
+
+def _numbers(cell: str) -> list[float]:
+    return [float(x) for x in re.findall(r"[-+]?\d+\.\d+", cell)]
+
+
+def _scores(d: Path) -> pd.DataFrame:
+    s = pd.read_csv(d / "scores.csv", keep_default_na=False, na_values=[""])
+    return s[s["subject"] == "all"]
+
+
+def _row(scores: pd.DataFrame, model: str, data: str) -> pd.Series:
+    r = scores[(scores["model"] == model) & (scores["data"] == data)]
+    assert len(r) == 1, (model, data)
+    return r.iloc[0]
+
+
+def _expect(cell: str, values: list[float]) -> None:
+    got = _numbers(cell)
+    assert len(got) == len(values), (cell, values)
+    for g, v in zip(got, values):
+        assert abs(g - 100 * v) <= 0.05 + 1e-9, (cell, values)
+
+
+def test_every_stage_completes_and_writes_its_outputs(quick: Path) -> None:
+    for name in STAGE_NAMES:
+        state = json.loads((quick / "stages" / f"{name}.json").read_text())
+        assert state["status"] == "complete" and state["seconds"] >= 0, name
+    cfg = parse_config(QUICK_CONFIG)
+    assert (quick / "table3" / "scores.csv").is_file()
+    for m in [*cfg.models.experts, cfg.models.base]:
+        assert (quick / "heads" / m / "heads.csv").is_file()
+    for method in cfg.merge.methods:
+        for e in cfg.models.experts:
+            assert (quick / "merge" / method / "carriers" / e / "config.json").is_file()
+    for run in cfg.finetune.runs:
+        assert (quick / "finetune" / run / f"checkpoint-{cfg.finetune.steps}").is_dir()
+        assert (quick / "steps" / run / "scores.csv").is_file()
+    for fig in ("fig4a", "fig4b"):
+        assert (quick / "trajectory" / fig / "features.npz").is_file()
+
+
+def test_report_numbers_equal_the_stage_outputs(quick: Path) -> None:
+    cfg = parse_config(QUICK_CONFIG)
+    md = (quick / "report.md").read_text()
+    base, experts = cfg.models.base, cfg.models.experts
+    labels = list(cfg.data)
+
+    # Table 3: every cell and the paired differences on text, against table3/scores.csv
+    s3 = _scores(quick / "table3")
+    rows = _tables(_section(md, "Table 3"))[0]
+    assert rows[0][1:1 + len(labels)] == labels
+    assert len(rows) == 1 + 1 + len(experts)
+    for row, model in zip(rows[1:], [base, *experts]):
+        assert row[0].split(" (")[0] == model
+        for label, cell in zip(labels, row[1:]):
+            r = _row(s3, model, label)
+            if r["n_items"] == 0:
+                assert cell == "n/a"
+            else:
+                _expect(cell, [r["accuracy"], r["accuracy_lo"], r["accuracy_hi"]])
+        if model != base:
+            r = _row(s3, model, "text")
+            _expect(row[-1], [r["diff_accuracy"], r["diff_lo"], r["diff_hi"]])
+
+    # shift: mean Δavg per expert against shift/summary.json, α against merge/shift/merge.json
+    per = json.loads((quick / "shift" / "summary.json").read_text())["per_model"]
+    alpha = json.loads((quick / "merge" / "shift" / "merge.json").read_text())["mean_alpha"]
+    rows = _tables(_section(md, "Parameter shift"))[0]
+    for row, e in zip(rows[1:], experts):
+        assert row[0].startswith(e)
+        assert float(row[1]) == pytest.approx(per[e]["mean_delta_avg"], rel=1e-3)
+        assert float(row[3]) == pytest.approx(alpha[e], abs=6e-4)
+
+    # Table 4: the merged LMs (named by their directories in scores.csv) on text
+    s4 = _scores(quick / "table4")
+    rows = _tables(_section(md, "Table 4"))[0]
+    models = [base] + [str(quick / "merge" / m) for m in cfg.merge.methods]
+    assert len(rows) == 1 + len(models)
+    for row, model in zip(rows[1:], models):
+        r = _row(s4, model, "text")
+        _expect(row[1], [r["accuracy"], r["accuracy_lo"], r["accuracy_hi"]])
+        if model != base:
+            _expect(row[2], [r["diff_accuracy"], r["diff_lo"], r["diff_hi"]])
+
+    # Table 5: each expert's carriers on its own modality, and their paired differences
+    ours, diffs = _tables(_section(md, "Table 5"))[:2]
+    for k, (e, label) in enumerate(zip(experts, cfg.models.own)):
+        s5 = _scores(quick / "table5" / e)
+        r = _row(s5, e, label)
+        _expect(ours[1][1 + k], [r["accuracy"], r["accuracy_lo"], r["accuracy_hi"]])
+        for j, m in enumerate(cfg.merge.methods):
+            r = _row(s5, str(quick / "merge" / m / "carriers" / e), label)
+            _expect(ours[2 + j][1 + k], [r["accuracy"], r["accuracy_lo"], r["accuracy_hi"]])
+            _expect(diffs[1 + j][1 + k], [r["diff_accuracy"], r["diff_lo"], r["diff_hi"]])
+
+    # Figure 3's table: accuracy at every checkpoint, in step order
+    rows = _tables(_section(md, "Figure 3"))[0]
+    for run in cfg.finetune.runs:
+        s = _scores(quick / "steps" / run).copy()
+        s["step"] = s["model"].str.extract(r"checkpoint-(\d+)$")[0].astype(int)
+        for label in cfg.finetune.eval_data:
+            (row,) = [r for r in rows[1:] if r[0] == run and r[1] == label]
+            expected = s[s["data"] == label].sort_values("step")["accuracy"].tolist()
+            _expect(row[2], expected)
+
+    # the stage times are the stage records'
+    rows = _tables(_section(md, "Run time per stage"))[0]
+    for row in rows[1:-1]:
+        seconds = json.loads((quick / "stages" / f"{row[0]}.json").read_text())["seconds"]
+        assert abs(float(row[1]) - seconds) <= 0.5
+
+
+def test_one_verdict_line_per_finding_with_its_criterion(quick: Path) -> None:
+    md = (quick / "report.md").read_text()
+    glance = _section(md, "Findings at a glance")
+    lines = [x for x in glance.splitlines() if x.startswith("- ")]
+    assert len(lines) == 10
+    for line in lines:
+        assert re.match(r"- \*\*(agrees|partly|disagrees|not measured)\*\* — ", line), line
+    detailed = [x for x in md.splitlines() if x.startswith("- **") and "(Criterion: " in x]
+    assert len(detailed) == 10
+    # the Eq. 3 verdict follows from summary.json's numbers by its stated rule
+    per = json.loads((quick / "shift" / "summary.json").read_text())["per_model"]
+    means = {e: v["mean_delta_avg"] for e, v in per.items()}
+    vl = "organism-vl"
+    others = max(v for e, v in means.items() if e != vl)
+    want = "agrees" if means[vl] >= 10 * others else ("partly" if means[vl] > others else "disagrees")
+    (line,) = [x for x in detailed if "§5.3, Eq. 3" in x]
+    assert line.startswith(f"- **{want}**")
+
+
+def test_html_is_self_contained_and_says_the_same(quick: Path) -> None:
+    md = (quick / "report.md").read_text()
+    page = (quick / "report.html").read_text()
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert images and all((quick / p).is_file() for p in images)
+    assert page.count('src="data:image/png;base64,') == len(images)
+    assert re.findall(r'(?:src|href)="(?!data:)', page) == []
+    for row in _tables(_section(md, "Table 3"))[0][1:]:
+        for cell in row:
+            assert f"<td>{cell}</td>" in page
+
+
+def test_figures_report_rebuilds_it_from_saved_results(quick: Path, tmp_path: Path) -> None:
+    from figures.__main__ import main as figures_main
+
+    copy = tmp_path / "copy"
+    shutil.copytree(quick, copy)
+    before = (copy / "report.md").read_text()
+    for p in ("report.md", "report.html"):
+        (copy / p).unlink()
+    shutil.rmtree(copy / "report_figures")
+    assert cli_main(figures_main, ["report", str(copy)]) == 0
+    assert (copy / "report.md").read_text() == before
+    assert (copy / "report.html").is_file()
+
+
+def test_rerun_skips_unchanged_stages_and_continues_a_killed_one(quick: Path, capsys) -> None:
+    out = quick  # in place: a run resumes where it was made (its merged models are named by their paths)
+    scores = (out / "table4" / "scores.csv").read_bytes()
+    # "killed" in table4: the stage is still running and its assembled outputs are missing
+    state = json.loads((out / "stages" / "table4.json").read_text())
+    (out / "stages" / "table4.json").write_text(json.dumps(state | {"status": "running"}))
+    for f in ("scores.csv", "items.parquet", "table.md"):
+        (out / "table4" / f).unlink()
+    parts = {p.name: p.read_bytes() for p in (out / "table4" / "parts").iterdir()}
+    cwd = Path.cwd()
+    os.chdir(ROOT)
+    try:
+        assert cli_main(main, ["--quick", "--quiet", "--only", "table4", "--out", str(out)]) == 0
+        err = capsys.readouterr().err
+        assert "table4: continuing" in err
+        assert {p.name: p.read_bytes() for p in (out / "table4" / "parts").iterdir()} == parts  # nothing redone
+        assert (out / "table4" / "scores.csv").read_bytes() == scores
+        assert json.loads((out / "stages" / "table4.json").read_text())["status"] == "complete"
+        # everything complete with unchanged inputs: nothing runs again
+        assert cli_main(main, ["--quick", "--quiet", "--only", *STAGE_NAMES[:-1], "--out", str(out)]) == 0
+    finally:
+        os.chdir(cwd)
+    err = capsys.readouterr().err
+    for name in STAGE_NAMES[:-1]:
+        assert f"== {name}: unchanged, skipped" in err
+
+
+def _ctx(cfg, fps: dict[str, str] | None = None) -> Context:
+    specs = [cfg.models.base, *cfg.models.experts, *cfg.data.values()]
+    return Context(cfg, Path("/nowhere"), True, fps or {s: "fp0" for s in specs})
+
+
+def test_a_changed_input_reruns_its_stage_and_everything_downstream() -> None:
+    import dataclasses
+
+    cfg = parse_config(DEFAULT_CONFIG)
+    ref = fingerprints(_ctx(cfg))
+    merged = dataclasses.replace(cfg, merge=dataclasses.replace(cfg.merge, density=0.5))
+    fp = fingerprints(_ctx(merged))
+    assert {s for s in ref if ref[s] != fp[s]} == {"merge", "table4", "table5", "finetune", "steps", "trajectory",
+                                                   "report"}
+    steps = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, eval_limit=5))
+    fp = fingerprints(_ctx(steps))
+    assert {s for s in ref if ref[s] != fp[s]} == {"steps", "report"}
+    # a retrained expert in the same directory: its content fingerprint moves everything that reads it
+    fps = {s: "fp0" for s in [cfg.models.base, *cfg.models.experts, *cfg.data.values()]} | {"organism-vl": "fp1"}
+    fp = fingerprints(_ctx(cfg, fps))
+    assert {s for s in ref if ref[s] == fp[s]} == {"data"}
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("edit, key", [
+    (lambda t: t.replace("density = 0.2", "densty = 0.2"), "'merge.densty': unknown key"),
+    (lambda t: t.replace('zoo/data/text"', 'zoo/data/nope"'), "'data.text'"),
+    (lambda t: t.replace('device = "auto"', 'device = "cuda:9"'), "'device'"),  # no 10th GPU, CPU box or not
+    (lambda t: t.replace('device = "auto"', 'device = "tpu"'), "'device'"),
+    (lambda t: t.replace('dtype = "auto"', 'dtype = "fp64"'), "'dtype'"),
+    (lambda t: t.replace('carrier = "organism-vl"\n', ""), "'finetune.carrier': missing"),
+    (lambda t: t.replace('"organism-ov-si", "organism-video"]', '"organism-nope", "organism-video"]'),
+     "'models.experts[1]'"),
+    (lambda t: t.replace("steps = 200", 'steps = "many"'), "'finetune.steps'"),
+    (lambda t: t.replace("mixed = { text = 3", "mixed = { audio = 3"), "'finetune.runs.mixed'"),
+    (lambda t: t + "\n[extra]\nx = 1\n", "'extra': unknown key"),
+])
+def test_bad_config_exits_2_naming_the_key_and_writes_nothing(tmp_path: Path, capsys, edit, key) -> None:
+    cfg = _write(tmp_path, edit(DEFAULT_CONFIG.read_text().replace('"../../probe/', f'"{ROOT}/probe/')))
+    out = tmp_path / "out"
+    cwd = Path.cwd()
+    os.chdir(ROOT)
+    try:
+        assert cli_main(main, ["--config", str(cfg), "--out", str(out)]) == 2
+    finally:
+        os.chdir(cwd)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and key in err[0], err
+    assert not out.exists()
+
+
+def test_only_refuses_a_stage_whose_inputs_are_not_there(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    cwd = Path.cwd()
+    os.chdir(ROOT)
+    try:
+        assert cli_main(main, ["--quick", "--only", "table4", "--out", str(out)]) == 2
+    finally:
+        os.chdir(cwd)
+    assert "needs stage 'merge'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_out_must_be_a_replicate_output(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "precious.txt").write_text("x")
+    cwd = Path.cwd()
+    os.chdir(ROOT)
+    try:
+        assert cli_main(main, ["--quick", "--out", str(out)]) == 2
+    finally:
+        os.chdir(cwd)
+    assert "not a python -m analyses.replicate output" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
+
+
+def test_the_real_model_example_config_is_valid_and_names_the_paper_models(capsys) -> None:
+    from probe.families import ALIASES
+
+    cfg = parse_config(CONFIG_DIR / "paper-7b.toml")
+    assert cfg.models.base == "qwen2" and cfg.models.experts == ["qwen2-vl", "llava-ov-si", "llava-video"]
+    assert all(m in ALIASES for m in [cfg.models.base, *cfg.models.experts])
+    assert (cfg.device, cfg.dtype, cfg.data["image"]) == ("cuda", "bfloat16", "mmmu")
+    # its placeholder data paths stop it before any model is resolved (with a GPU) or at the device (without)
+    assert cli_main(main, ["--config", str(CONFIG_DIR / "paper-7b.toml"), "--out", "/nonexistent/x"]) == 2
+    err = capsys.readouterr().err
+    assert "config key 'data.text'" in err or "config key 'device'" in err
