@@ -4,7 +4,8 @@
 loss on the answer letter and ``<|im_end|>`` only, so a trained model's first generated token is the letter the
 probe reads. ``train`` samples batches with a seeded generator, warms the learning rate up linearly and decays it
 on a cosine to 5 % of its peak, clips gradients at 1.0, and keeps the LM and the rest (vision tower, projector)
-in two parameter groups with their own learning rates. The organisms' builder (``probe.zoo``) turns its recipes
+in parameter groups with their own learning rates (LM, projector, vision tower; a rate of 0 freezes its group, as
+staged VLM recipes do). The organisms' builder (``probe.zoo``) turns its recipes
 into a ``TrainConfig`` and calls it; nothing here imports ``probe.zoo``.
 """
 from __future__ import annotations
@@ -26,8 +27,9 @@ SEQ_KEYS = ("input_ids", "attention_mask", "labels", "mm_token_type_ids")
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int
-    lr: float  # parameters outside the LM (vision tower, projector)
-    lm_lr: float
+    lr: float  # parameters outside the LM (vision tower, and projector unless projector_lr is given); 0: frozen
+    lm_lr: float  # 0: the LM is frozen (LLaVA's stage 1)
+    projector_lr: float | None = None  # the projector between tower and LM on its own rate; None: ``lr``
     batch: int = 32
     warmup: int = 50
     seed: int = 0
@@ -111,6 +113,31 @@ def is_lm_param(name: str, loaded) -> bool:
     return name.startswith((fam.layers_path.rsplit(".", 1)[0] + ".", fam.lm_head_path + "."))
 
 
+# Modules between the vision tower and the LM (Qwen2-VL's merger, LLaVA's projector and its row newline): staged
+# recipes train them on their own, first.
+PROJECTOR_MARKERS = ("visual.merger.", "multi_modal_projector.", "image_newline")
+
+
+def is_projector_param(name: str) -> bool:
+    return any(m in name for m in PROJECTOR_MARKERS)
+
+
+def param_groups(model, loaded, cfg: TrainConfig) -> list[dict]:
+    """Optimiser groups by role: LM (``lm_lr``), projector (``projector_lr`` when given), the rest (``lr``).
+    A group whose rate is 0 is frozen (no gradients, not in the optimiser); parameters already frozen (LoRA's
+    base weights) stay frozen."""
+    roles: dict[str, list] = {"lm": [], "projector": [], "other": []}
+    rates = {"lm": cfg.lm_lr, "projector": cfg.lr if cfg.projector_lr is None else cfg.projector_lr, "other": cfg.lr}
+    for n, p in model.named_parameters():
+        role = ("lm" if is_lm_param(n, loaded) else
+                "projector" if cfg.projector_lr is not None and is_projector_param(n) else "other")
+        if rates[role] == 0:
+            p.requires_grad_(False)
+        elif p.requires_grad:
+            roles[role].append(p)
+    return [{"params": ps, "lr": rates[r]} for r, ps in roles.items() if ps]
+
+
 @dataclass
 class StepInfo:
     """What one optimiser step did (for train_log.csv and checkpoints)."""
@@ -172,11 +199,7 @@ def train(loaded, rows: list[dict], cfg: TrainConfig, log: Callable[[str], None]
     acc = data_parallel(loaded, cfg.batch)
     if acc is not None:  # the model first: FSDP replaces its parameters, which the optimiser must then hold
         model = acc.prepare(model)
-    lm, other = [], []
-    for n, p in model.named_parameters():
-        (lm if is_lm_param(n, loaded) else other).append(p)
-    groups = [{"params": lm, "lr": cfg.lm_lr}] + ([{"params": other, "lr": cfg.lr}] if other else [])
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, betas=cfg.betas)
+    opt = torch.optim.AdamW(param_groups(model, loaded, cfg), weight_decay=cfg.weight_decay, betas=cfg.betas)
     if acc is not None:
         opt = acc.prepare(opt)
     base_lrs = [g["lr"] for g in opt.param_groups]

@@ -131,26 +131,47 @@ def test_token_grid_matches_the_models_geometry(name):
     assert len(cells) == len(SLOTS)
 
 
-def test_freeze_tower_keeps_projector_and_lm_trainable():
-    from probe.zoo.build import _load, freeze_tower
+def test_stage_rates_freeze_and_group_by_role():
+    """A stage's zero rates freeze their part: LLaVA's projector alignment trains the projector alone, Qwen2-VL's
+    last stage the LM alone; LoRA-style pre-frozen parameters are never unfrozen."""
+    from probe.train import TrainConfig, param_groups
+    from probe.zoo.build import _load
 
     for name, projector in (("vl", "visual.merger."), ("ov-si", "multi_modal_projector.")):
         loaded = _load(organism_dir(f"organism-{name}"))
-        freeze_tower(loaded)
-        grad = {n: p.requires_grad for n, p in loaded.model.named_parameters()}
-        assert all(v for n, v in grad.items() if "language_model" in n or n.startswith("lm_head") or projector in n)
-        frozen = [n for n, v in grad.items() if not v]
-        assert frozen and all("visual." in n or "vision_tower." in n for n in frozen)
+        model = loaded.model
+        groups = param_groups(model, loaded, TrainConfig(steps=1, lr=0.0, lm_lr=0.0, projector_lr=1e-3))
+        trained = {id(p) for g in groups for p in g["params"]}
+        names = {n for n, p in model.named_parameters() if id(p) in trained}
+        assert names == {n for n, _ in model.named_parameters() if projector in n or "image_newline" in n}
+        assert all(p.requires_grad == (n in names) for n, p in model.named_parameters())
+        model.requires_grad_(True)
+        groups = param_groups(model, loaded, TrainConfig(steps=1, lr=0.0, lm_lr=1e-3, projector_lr=0.0))
+        assert [g["lr"] for g in groups] == [1e-3]
+        lm = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert lm and all("language_model" in n or n.startswith("lm_head") for n in lm)
+        model.requires_grad_(True)
+        groups = param_groups(model, loaded, TrainConfig(steps=1, lr=4e-5, lm_lr=2e-4, projector_lr=2e-4))
+        assert [g["lr"] for g in groups] == [2e-4, 2e-4, 4e-5]
+        assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+        first = next(p for n, p in model.named_parameters() if "language_model" in n)
+        first.requires_grad_(False)  # as peft leaves a base weight
+        groups = param_groups(model, loaded, TrainConfig(steps=1, lr=1e-3, lm_lr=1e-3))
+        assert not first.requires_grad and all(p is not first for g in groups for p in g["params"])
+        assert len(groups) == 2  # without projector_lr the projector trains with the tower, as before
 
 
-def test_text_replay_share():
-    from probe.zoo.build import text_replay
+def test_mix_in_shares():
+    from probe.zoo.build import mix_in
 
     text = [{"i": i} for i in range(100)]
-    got = text_replay(text, 70, 0.3, seed=0)
+    got = mix_in(text, 70, {"text": 0.3}, "text", seed=0)
     assert len(got) == 30 and len({r["i"] for r in got}) == 30  # 30 of 100 rows: 30 % of the pool, no repeats
-    assert got == text_replay(text, 70, 0.3, seed=0) and got != text_replay(text, 70, 0.3, seed=1)
-    assert len(text_replay(text, 1000, 0.5, seed=0)) == 100  # capped by the text set's size
+    assert got == mix_in(text, 70, {"text": 0.3}, "text", seed=0) != mix_in(text, 70, {"text": 0.3}, "text", seed=1)
+    assert len(mix_in(text, 1000, {"text": 0.5}, "text", seed=0)) == 100  # capped by the set's size
+    # two sets mixed in: 60 own rows make up 60 % of a pool of 100, each mixed set its 20 %
+    assert len(mix_in(text, 60, {"text": 0.2, "image_single": 0.2}, "text", seed=0)) == 20
+    assert mix_in(text, 70, {"image_single": 0.3}, "image_single", seed=0) != got  # its own draw
 
 
 def test_world_is_fixed():

@@ -43,28 +43,60 @@ LM = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_atten
 
 
 @dataclass(frozen=True)
-class Recipe:
+class Stage:
+    """One training stage: its steps and each part's learning rate (0 freezes the part), warm-up then cosine."""
+
     steps: int
-    lr: float
     lm_lr: float
-    batch: int = 32
+    projector_lr: float = 0.0  # Qwen2-VL's merger, LLaVA's projector and row newline
+    tower_lr: float = 0.0
     warmup: int = 50
-    vision_steps: int = 0  # pretrain_vision steps before the fine-tuning
-    tune_tower: bool = True  # False: after pretrain_vision the tower is frozen; projector and LM train
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    stages: tuple[Stage, ...]
+    batch: int = 24
+    vision_steps: int = 0  # pretrain_vision steps before the stages (the tower's own CLIP/SigLIP-like training)
     text_mix: float = 0.0  # share of the training pool drawn from the text training set (all its subjects)
+    image_mix: float = 0.0  # share drawn from the single-image training set (LLaVA-Video mixes OneVision data in)
     vision_head: str = "token"  # pretrain_vision's head: "token" (shared per token) or "flat" (all tokens at once)
     vision_tags: str = ""  # extra per-token targets of the token head, comma-separated: "cell", "frame", "word"
+    stands_for: str = ""  # the real recipe this one mirrors (README, quality.json)
+
+    @property
+    def lm_lr_steps(self) -> float:
+        """Σ LM rate × steps over the stages: how hard the LM was trained (the shift it should cause)."""
+        return sum(s.lm_lr * s.steps for s in self.stages)
 
 
-# Each recipe measured (README, "The recipe, and why"). ov-si: per-token vision pretraining, tower frozen, projector
-# and LM with 30 % text replay. vl: per-token pretraining that also names each token's cell and pulls shape tokens
-# towards the LM's own colour / shape word embeddings ("cell,word"), everything tuned, 20 % replay (the flat head
-# gave 78-92 % between runs, colour the weak kind). video: flat pretraining, everything tuned, 1100 steps (500: 68 %,
-# 1000: 83 %; token, frame, cell and word variants stayed at 27-65 %).
-FULL = {"base": Recipe(900, 3e-3, 3e-3, 24),
-        "vl": Recipe(800, 5e-4, 5e-4, 24, vision_steps=300, text_mix=0.2, vision_tags="cell,word"),
-        "ov-si": Recipe(800, 1e-3, 1e-3, 24, warmup=20, vision_steps=300, tune_tower=False, text_mix=0.3),
-        "video": Recipe(1100, 5e-4, 1e-3, 24, vision_steps=300, vision_head="flat")}
+# The extensions mirror the real models' recipes (issue 19; README "The recipe, and why"), scaled to minutes:
+# - vl like Qwen2-VL (Wang et al. 2024, §2.2): the most extensive fine-tuning of the family, full parameters; ViT
+#   trained with the LLM frozen, then every parameter, then the LLM with the ViT frozen (the merger belongs to
+#   Qwen2-VL's ViT); the LM trained longest and hardest.
+# - ov-si like LLaVA-OneVision-SI (Li et al. 2024): the projector aligned first with LM and tower frozen (lr 1e-3),
+#   then the whole model with the LM at a lower rate and the tower 5× below it (LLaVA: LM 1e-5, tower 2e-6).
+# - video like LLaVA-Video (Zhang et al. 2024): LLaVA-OneVision's recipe on video, with single-image data mixed in
+#   as LLaVA-Video's training mixes OneVision data; no text replay (paper question 1 in miniature).
+# organism-base: text from scratch, one stage. The vision pretraining (stand-in for CLIP/SigLIP) precedes all.
+FULL = {
+    "base": Recipe((Stage(900, 3e-3),)),
+    "vl": Recipe((Stage(200, 0.0, 5e-4, 5e-4, name="ViT, LLM frozen"),
+                  Stage(700, 1e-3, 5e-4, 5e-4, name="all parameters"),
+                  Stage(300, 1e-3, 0.0, 0.0, name="LLM, ViT frozen")),
+                 vision_steps=300, text_mix=0.2, vision_tags="cell,word",
+                 stands_for="Qwen2-VL: ViT with the LLM frozen, then full-parameter, then LLM-only instruction tuning"),
+    "ov-si": Recipe((Stage(200, 0.0, 1e-3, 0.0, warmup=20, name="projector alignment"),
+                     Stage(700, 2e-4, 2e-4, 4e-5, name="full model, LM at a lower rate")),
+                    vision_steps=300, text_mix=0.3,
+                    stands_for="LLaVA-OneVision-SI: projector alignment (LM and tower frozen), then the full model "
+                    "with the LM at 1e-5 and the tower at 2e-6"),
+    "video": Recipe((Stage(200, 0.0, 1e-3, 0.0, warmup=20, name="projector alignment"),
+                     Stage(1000, 4e-4, 4e-4, 8e-5, name="full model on video + single images")),
+                    vision_steps=300, vision_head="flat", image_mix=0.2,
+                    stands_for="LLaVA-Video: LLaVA-OneVision's stages on video, OneVision image data mixed in"),
+}
 # Items per subject per split.
 FULL_DATA = {"train": 1500, "validation": 32}
 QUICK_DATA = {"train": 24, "validation": 8}
@@ -202,10 +234,16 @@ def _copy_tok(tok):
 
 
 def train(loaded, rows: list[dict], recipe: Recipe, seed: int) -> list[float]:
-    """The project's one training loop (probe.train), configured by the organism's recipe."""
-    cfg = TrainConfig(steps=recipe.steps, lr=recipe.lr, lm_lr=recipe.lm_lr, batch=recipe.batch,
-                      warmup=recipe.warmup, seed=seed)
-    return train_loop(loaded, rows, cfg, log=log)
+    """The project's one training loop (probe.train), once per stage of the organism's recipe."""
+    losses: list[float] = []
+    for i, st in enumerate(recipe.stages):
+        loaded.model.requires_grad_(True)  # each stage freezes what its zero rates say, nothing else
+        log(f"  stage {i + 1}/{len(recipe.stages)} {st.name or ''}: {st}")
+        cfg = TrainConfig(steps=st.steps, lr=st.tower_lr, lm_lr=st.lm_lr, projector_lr=st.projector_lr,
+                          batch=recipe.batch, warmup=st.warmup, seed=seed + 1000 * i)
+        losses += train_loop(loaded, rows, cfg, log=log)
+    loaded.model.requires_grad_(True)
+    return losses
 
 
 # Stand-in for the CLIP/SigLIP pretraining a real vision tower has before it meets the LM: tower and projector
@@ -324,21 +362,11 @@ def pretrain_vision(loaded, sample, grid: tuple[str, int], steps: int, seed: int
     return acc
 
 
-# Parameters between the tower and the LM; they keep training when the tower is frozen.
-PROJECTOR_MARKERS = ("visual.merger.", "multi_modal_projector.", "image_newline")
-
-
-def freeze_tower(loaded) -> None:
-    for n, p in loaded.model.named_parameters():
-        if not is_lm_param(n, loaded) and not any(m in n for m in PROJECTOR_MARKERS):
-            p.requires_grad_(False)
-
-
-def text_replay(text_items: Sequence[Item], n_modality: int, share: float, seed: int) -> list[Item]:
-    """Text items to add to ``n_modality`` modality rows so that they make up ``share`` of the pool (as real
-    VLM recipes mix text into multimodal training; the organisms' text includes the described scenes)."""
-    n = min(len(text_items), round(n_modality * share / (1 - share)))
-    return random.Random(f"omniprobe-text-replay:{seed}").sample(list(text_items), n)
+def mix_in(extra: Sequence[Item], n_modality: int, shares: dict[str, float], label: str, seed: int) -> list[Item]:
+    """Items of the set ``label`` to add to ``n_modality`` rows of the organism's own modality so that every set in
+    ``shares`` makes up its share of the pool (as real VLM recipes mix text, and LLaVA-Video image data, in)."""
+    n = min(len(extra), round(n_modality * shares[label] / (1 - sum(shares.values()))))
+    return random.Random(f"omniprobe-{label}-replay:{seed}").sample(list(extra), n)
 
 
 def scene_sample(rng: random.Random):
@@ -393,16 +421,18 @@ def _save_bf16(loaded, out_dir: Path) -> None:
 
 
 def _shortened(r: Recipe, quick: bool, steps: int | None) -> Recipe:
+    """``--quick``: 20 steps per stage, small batches; ``--steps N``: N steps per stage."""
     if quick:
-        r = replace(r, steps=20, batch=8, warmup=min(r.warmup, 5), vision_steps=min(r.vision_steps, 10))
-    return r if steps is None else replace(r, steps=steps)
+        r = replace(r, stages=tuple(replace(s, steps=20, warmup=min(s.warmup, 5)) for s in r.stages), batch=8,
+                    vision_steps=min(r.vision_steps, 10))
+    return r if steps is None else replace(r, stages=tuple(replace(s, steps=steps) for s in r.stages))
 
 
 OWN = {"base": "text", "vl": "image", "ov-si": "image_single", "video": "video"}
 # organism-base trains on all threads; the extensions on max(1, threads // 2) each, whatever runs, so a rebuild
 # of one gives the same bits. With --threads >= 2 the two lanes run in two processes at once: two small models on
 # one thread each use two cores better than one model on two (torch's CPU scaling at these sizes is ~1.5×).
-# Lanes balanced by the recipes' cost (video's 1100 steps over four frames ≈ vl + ov-si).
+# Lanes balanced by the recipes' cost (video's 1200 steps over four frames ≈ vl + ov-si).
 LANES = (("video",), ("vl", "ov-si"))
 
 
@@ -426,17 +456,17 @@ def _build_organism(name: str, out: Path, tok, items: dict, recipe: Recipe, seed
     train_items = list(items[OWN[name]]["train"])
     log(f"organism-{name}: encoding {len(train_items)} training items")
     rows = encode(loaded, train_items, True)
-    if recipe.text_mix:
-        # only the sampled text items are encoded
-        rows += encode(loaded, text_replay(items["text"]["train"], len(rows), recipe.text_mix, seed), True)
+    shares = {label: share for label, share in (("text", recipe.text_mix), ("image_single", recipe.image_mix))
+              if share}
+    n_own = len(rows)
+    for label in shares:  # only the sampled items are encoded
+        rows += encode(loaded, mix_in(items[label]["train"], n_own, shares, label, seed), True)
     rows = add_mm_types(rows, loaded)
     if recipe.vision_steps:
         log(f"organism-{name}: pretraining the vision tower ({recipe.vision_steps} steps)")
         pretrain_vision(loaded, frame_sample if name == "video" else scene_sample, TOKEN_GRID[name],
                         recipe.vision_steps, seed + 200 + k, recipe.vision_head, recipe.vision_tags)
-    if not recipe.tune_tower:
-        freeze_tower(loaded)
-    log(f"organism-{name}: training {recipe}")
+    log(f"organism-{name}: {len(recipe.stages)} stage(s) on {len(rows)} rows ({n_own} {OWN[name]}, mixed in: {shares})")
     losses = train(loaded, rows, recipe, seed + 100 + k)
     _save_bf16(loaded, d)
     train_s = time.time() - t0
@@ -496,7 +526,7 @@ def build(out: Path, quick: bool = False, steps: int | None = None, seed: int = 
             continue
         if reuse and (d / "organism.json").is_file():
             done = json.loads((d / "organism.json").read_text())
-            if done.get("recipe") == asdict(recipes[name]):
+            if done.get("recipe") == json.loads(json.dumps(asdict(recipes[name]))):  # as organism.json holds it
                 log(f"organism-{name}: reusing {d}")
                 built[name] = {k: v for k, v in done.items() if k != "name"}
                 continue
@@ -508,7 +538,7 @@ def build(out: Path, quick: bool = False, steps: int | None = None, seed: int = 
     if threads >= 2 and len(lanes) > 1:
         log(f"extensions in {len(lanes)} processes of {threads // 2} thread(s): {lanes}")
         with ProcessPoolExecutor(len(lanes), mp_context=get_context("spawn")) as pool:
-            jobs = [pool.submit(_lane, lane, out, tok, {m: data[m] for m in {OWN[n] for n in lane} | {"text"}},
+            jobs = [pool.submit(_lane, lane, out, tok, {m: data[m] for m in {OWN[n] for n in lane} | {"text", "image_single"}},
                                 tuple(sizes), recipes, seed, threads // 2) for lane in lanes]
             for job in jobs:
                 built |= job.result()
