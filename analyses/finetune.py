@@ -48,10 +48,12 @@ class FinetuneConfig:
     device: str = "auto"
     dtype: str = "auto"
     lora: int | None = None  # LoRA rank (peft) on the LM's attention and MLP projections; None = full fine-tuning
+    quiet: bool = False  # no progress bar (not part of the run's identity)
 
     def fingerprint(self) -> dict[str, Any]:
         keep = asdict(self)
         keep.pop("out")
+        keep.pop("quiet")
         keep["save_steps"] = sorted(set(keep["save_steps"]))
         return keep
 
@@ -230,7 +232,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     resume = torch.load(resumable[start] / STATE, weights_only=False) if start else None
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=cfg.steps, initial=start or 0, desc="finetune", unit="step", file=sys.stderr, disable=not writer)
+    bar = tqdm(total=cfg.steps, initial=start or 0, desc="finetune", unit="step", file=sys.stderr, disable=not writer or cfg.quiet)
 
     def on_step(info, state) -> None:
         bar.update(1)
@@ -277,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="rows per step")
     p.add_argument("--warmup", type=int, default=10, help="linear warm-up steps (then cosine decay)")
     p.add_argument("--seed", type=int, default=0, help="seed of sampling, adapters and the optimiser's run")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--lora", type=int, default=None, metavar="R",
                    help="train LoRA adapters of rank R (peft) on the LM's projections instead of all weights; "
                    "checkpoints hold the merged weights and the adapter")
@@ -294,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_finetune(FinetuneConfig(model=a.model, data=data, out=a.out, steps=a.steps, mix=parse_mix(a.mix, list(data)),
                                 save_steps=a.save_steps, split=a.split, limit=a.limit, lr=a.lr, lm_lr=a.lm_lr,
                                 batch=a.batch_size, warmup=a.warmup, seed=a.seed, device=a.device, dtype=a.dtype,
-                                lora=a.lora))
+                                lora=a.lora, quiet=a.quiet))
     return 0
 
 
