@@ -154,7 +154,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     from probe.mmmu import load_items
     from probe.models import load_model, resolve_model
     from probe.prompting import check_modalities
-    from probe.train import TrainConfig, add_mm_types, encode, is_main_process, wait_for_everyone
+    from probe.train import TrainConfig, encode, is_main_process, wait_for_everyone
     from probe.train import train as train_loop
 
     if cfg.steps < 1 or cfg.batch < 1 or (cfg.lora is not None and cfg.lora < 1):
@@ -206,7 +206,6 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         enc = encode(loaded, its, True)
         offsets[label] = range(len(rows), len(rows) + len(enc))
         rows += enc
-    rows = add_mm_types(rows, loaded)
     modality_of = {i: label for label, r in offsets.items() for i in r}
     tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, lm_lr=cfg.lm_lr, batch=cfg.batch, warmup=cfg.warmup,
                        seed=cfg.seed, log_every=max(1, cfg.steps // 10))

@@ -72,13 +72,10 @@ def collate(rows: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch
     out: dict[str, Any] = {}
     pad = {"input_ids": pad_id, "attention_mask": 0, "labels": -100, "mm_token_type_ids": 0}
     for k in SEQ_KEYS:
-        if k in rows[0]:
-            out[k] = torch.stack([torch.nn.functional.pad(r[k], (0, n - r[k].shape[0]), value=pad[k])
-                                  for r in rows])
-    if any("mm_token_type_ids" in r for r in rows) and "mm_token_type_ids" not in out:
-        out["mm_token_type_ids"] = torch.stack([
-            torch.nn.functional.pad(r.get("mm_token_type_ids", torch.zeros_like(r["input_ids"])),
-                                    (0, n - r["input_ids"].shape[0])) for r in rows])
+        if any(k in r for r in rows):
+            # only mm_token_type_ids may be missing: such a row has no vision tokens, type 0 (text) throughout
+            seqs = [r.get(k, torch.zeros_like(r["input_ids"])) if k == "mm_token_type_ids" else r[k] for r in rows]
+            out[k] = torch.stack([torch.nn.functional.pad(x, (0, n - x.shape[0]), value=pad[k]) for x in seqs])
     keys = {k for r in rows for k in r if k not in SEQ_KEYS}
     for k in sorted(keys):
         present = [r[k] for r in rows if k in r]
@@ -87,20 +84,6 @@ def collate(rows: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch
         else:
             out[k] = torch.cat(present, dim=0)
     return out
-
-
-def add_mm_types(rows, loaded):
-    """Qwen2-VL needs mm_token_type_ids on every row once any row has an image."""
-    if loaded.family.name != "qwen2_vl":
-        return rows
-    cfg = loaded.model.config
-    for r in rows:
-        if "mm_token_type_ids" not in r:
-            t = torch.zeros_like(r["input_ids"])
-            t[r["input_ids"] == cfg.image_token_id] = 1
-            t[r["input_ids"] == cfg.video_token_id] = 2
-            r["mm_token_type_ids"] = t
-    return rows
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -22,7 +22,7 @@ import torch
 from probe.families import FAMILIES
 from probe.tiny import save_model_dir
 from probe.prompting import PromptTemplate
-from probe.train import TrainConfig, add_mm_types, collate, encode, is_lm_param, model_inputs
+from probe.train import TrainConfig, collate, encode, is_lm_param, model_inputs
 from probe.train import train as train_loop
 from probe.zoo import tasks_image, tasks_text, tasks_video
 
@@ -391,7 +391,7 @@ def evaluate(loaded, rows: list[dict], batch_size: int = 32) -> dict[str, float]
     pad = loaded.tokenizer.pad_token_id
     n = acc = pacc = 0
     for i in range(0, len(rows), batch_size):
-        batch = collate(add_mm_types(rows[i:i + batch_size], loaded), pad)
+        batch = collate(rows[i:i + batch_size], pad)
         inputs = {k: v.to(loaded.device) for k, v in model_inputs(batch).items() if k != "labels"}
         inputs = {k: v.to(loaded.dtype) if v.is_floating_point() else v for k, v in inputs.items()}
         logits = loaded.model(**inputs).logits.float()
@@ -461,7 +461,6 @@ def _build_organism(name: str, out: Path, tok, items: dict, recipe: Recipe, seed
     n_own = len(rows)
     for label in shares:  # only the sampled items are encoded
         rows += encode(loaded, mix_in(items[label]["train"], n_own, shares, label, seed), True)
-    rows = add_mm_types(rows, loaded)
     if recipe.vision_steps:
         log(f"organism-{name}: pretraining the vision tower ({recipe.vision_steps} steps)")
         pretrain_vision(loaded, frame_sample if name == "video" else scene_sample, TOKEN_GRID[name],
