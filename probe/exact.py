@@ -48,18 +48,26 @@ def clean_pass(loaded: LoadedModel, inputs: dict[str, torch.Tensor], keep_cache:
     n = loaded.geometry.n_layers
     calls: list[LayerCall | None] = [None] * n
     devices = loaded.layer_devices
-    outputs: list[torch.Tensor | None] = [None] * n
+    injected: list[torch.Tensor | None] = [None] * n
+    previous: dict[int, torch.Tensor] = {}  # layer i - 1's output (a copy), kept only until layer i starts
 
     def recorder(i: int):
         def hook(module, args, kw):  # each layer's inputs kept on its own device (moved once, not per row)
             calls[i] = record_layer_call(args, kw, devices[i])
+            if i > 0:
+                if i - 1 not in previous:
+                    raise RuntimeError(f"clean pass: layer {i} started before layer {i - 1} returned")
+                out = previous.pop(i - 1).to(calls[i].hidden.device)
+                if not torch.equal(calls[i].hidden, out):
+                    injected[i - 1] = calls[i].hidden - out
 
         return hook
 
     def output_recorder(i: int):
         def hook(module, args, kw, out):
-            # a copy: a model that edits the residual in place between layers must still show the edit
-            outputs[i] = (out[0] if isinstance(out, tuple) else out).clone()
+            if i < n - 1:
+                # a copy: a model that edits the residual in place between layers must still show the edit
+                previous[i] = (out[0] if isinstance(out, tuple) else out).clone()
 
         return hook
 
@@ -75,11 +83,8 @@ def clean_pass(loaded: LoadedModel, inputs: dict[str, torch.Tensor], keep_cache:
     finally:
         for h in handles:
             h.remove()
-    if any(c is None for c in calls) or any(o is None for o in outputs):
+    if any(c is None for c in calls):
         raise RuntimeError("clean pass did not run every decoder layer")
-    outputs = [o.to(c.hidden.device) for o, c in zip(outputs[:-1], calls[1:])]  # on layer i+1's device
-    injected = [None if torch.equal(calls[i + 1].hidden, outputs[i]) else calls[i + 1].hidden - outputs[i]
-                for i in range(n - 1)] + [None]
     return CleanPass(calls, injected, output_cache(out) if keep_cache else None, out.logits[0, -1])
 
 
