@@ -229,7 +229,9 @@ def score_table(items: Any, plan: EvalPlan, reference: str | None, seed: int):
             ref = items[(items["model"] == reference) & (items["data"] == ds.name)] if reference else None
             for subject in [ALL, *ds.subjects]:
                 sub = mine if subject == ALL else mine[mine["subject"] == subject]
-                key = f"{entry.name}|{ds.name}"  # one stream per model × data set: 'all' of one subject = it
+                # one resampling stream per data set, the same for every model (common random numbers): a model's
+                # interval depends on its answers only, not on its name or path; 'all' of one subject = it
+                key = ds.name
                 row: dict[str, Any] = {"model": entry.name, "data": ds.name, "subject": subject,
                                        "n_items": int(len(sub)), "note": note}
                 for metric, col in (("accuracy", "correct"), ("prob_accuracy", "prob_correct"),

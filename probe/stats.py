@@ -1,7 +1,9 @@
 """Error bars for evaluation (DESIGN §8): seeded percentile bootstrap over items, plain and paired.
 
-Each interval draws from its own generator, seeded by the run's seed and the interval's name (model, data set,
-subject, metric), so an interval does not change when other models or data sets are added to a run.
+Each interval draws from a generator seeded by the run's seed and a key naming the data set and metric, never the
+model: every model on a data set is resampled alike, so an interval does not change when other models or data
+sets are added to a run, nor when the same model is evaluated under another name or path (a merge written to two
+output directories gets the same interval).
 """
 from __future__ import annotations
 

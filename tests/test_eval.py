@@ -172,7 +172,7 @@ def test_outputs_and_scores_against_items(eval_run, data_dir):
         assert r.p_answer == sub["p_answer"].mean()
         assert r.accuracy_lo <= r.accuracy <= r.accuracy_hi
         assert r.prob_accuracy_lo == bootstrap_mean(sub["prob_correct"].to_numpy(), 0,
-                                                    f"{r.model}|{r.data}|prob_accuracy").lo
+                                                    f"{r.data}|prob_accuracy").lo
         if r.model == "tiny-qwen2":  # the reference answered the same text items
             ref = items[(items["model"] == "tiny-qwen2-vl") & (items["data"] == r.data)].set_index("item_id")
             want = (sub.set_index("item_id")["correct"] - ref.loc[sub["item_id"], "correct"]).mean()
@@ -217,6 +217,26 @@ def test_resume_after_a_lost_part_gives_the_same_files(eval_run, tmp_path):
     for name in ("scores.csv", "table.md"):
         assert (copy / name).read_bytes() == (out / name).read_bytes(), name
     pd.testing.assert_frame_equal(pd.read_parquet(copy / "items.parquet"), pd.read_parquet(out / "items.parquet"))
+
+
+def test_a_model_under_another_name_gets_the_same_intervals(eval_run, tmp_path, tiny_dirs, text_dir):
+    """Intervals depend on a model's answers, not on its name: the text LM copied to another directory and
+    evaluated alone gives tiny-qwen2's rows of the two-model run, intervals and paired differences included."""
+    import shutil
+
+    out, _ = eval_run
+    copy = tmp_path / "somewhere" / "else"
+    shutil.copytree(tiny_dirs["qwen2"], copy)
+    assert _eval("--models", copy, "tiny-qwen2-vl", "--data", text_dir, "--reference", "tiny-qwen2-vl",
+                 "--batch-size", "4", "--max-new-tokens", "3", "--quiet", "--out", tmp_path / "run") == 0
+    cols = ["subject", "n_items", "accuracy", "accuracy_lo", "accuracy_hi", "prob_accuracy_lo", "prob_accuracy_hi",
+            "diff_accuracy", "diff_lo", "diff_hi"]
+    text = Path(text_dir).name
+    want, got = pd.read_csv(out / "scores.csv"), pd.read_csv(tmp_path / "run" / "scores.csv")
+    want = want[(want["model"] == "tiny-qwen2") & (want["data"] == text)][cols]
+    got = got[(got["model"] != "tiny-qwen2-vl") & (got["data"] == text)][cols]
+    assert len(want) > 1
+    pd.testing.assert_frame_equal(got.reset_index(drop=True), want.reset_index(drop=True))
 
 
 def test_a_different_run_is_refused_then_overwritten(eval_run, tmp_path, capfd, text_dir):
