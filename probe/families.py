@@ -60,6 +60,9 @@ class Family:
     chat: str = "chatml"  # probe.prompting.CHAT_FORMATS key: the turn markup of the family's chat models
     chat_by_lm: tuple[tuple[str, str], ...] = ()  # text-config model_type → chat format (LLaVA-NeXT on Mistral)
     chat_bos: bool = False  # the chat format starts with the tokenizer's BOS (Llama, Mistral, Gemma)
+    # Module-name pieces of the projector between vision tower and LM (Qwen2-VL's merger, LLaVA's projector and
+    # its row newline): staged recipes train it on its own rate (probe.train.param_groups).
+    projector_markers: tuple[str, ...] = ("visual.merger.", "multi_modal_projector.", "image_newline")
     hub_examples: tuple[str, ...] = ()  # real checkpoints of the family (README table)
     note: str = ""
 

@@ -96,13 +96,9 @@ def is_lm_param(name: str, loaded) -> bool:
     return name.startswith((fam.layers_path.rsplit(".", 1)[0] + ".", fam.lm_head_path + "."))
 
 
-# Modules between the vision tower and the LM (Qwen2-VL's merger, LLaVA's projector and its row newline): staged
-# recipes train them on their own, first.
-PROJECTOR_MARKERS = ("visual.merger.", "multi_modal_projector.", "image_newline")
-
-
-def is_projector_param(name: str) -> bool:
-    return any(m in name for m in PROJECTOR_MARKERS)
+def is_projector_param(name: str, loaded) -> bool:
+    """A parameter of the projector between vision tower and LM (the family table's ``projector_markers``)."""
+    return any(m in name for m in loaded.family.projector_markers)
 
 
 def param_groups(model, loaded, cfg: TrainConfig) -> list[dict]:
@@ -113,7 +109,7 @@ def param_groups(model, loaded, cfg: TrainConfig) -> list[dict]:
     rates = {"lm": cfg.lm_lr, "projector": cfg.lr if cfg.projector_lr is None else cfg.projector_lr, "other": cfg.lr}
     for n, p in model.named_parameters():
         role = ("lm" if is_lm_param(n, loaded) else
-                "projector" if cfg.projector_lr is not None and is_projector_param(n) else "other")
+                "projector" if cfg.projector_lr is not None and is_projector_param(n, loaded) else "other")
         if rates[role] == 0:
             p.requires_grad_(False)
         elif p.requires_grad:
