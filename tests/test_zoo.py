@@ -245,3 +245,85 @@ def test_family_tokenizer_reads_text_one_way():
             assert ids is None or got == ids, (name, cls.__name__)
             ids = got
     assert len(ids) > 20
+
+
+@pytest.mark.parametrize("name", ["vl", "video"])
+def test_modality_parts_give_the_whole_batchs_loss_and_gradient(name):
+    """The training loop's step: the batch split by modality (each part padded to its own length), logits only where
+    a label is predicted, each part's summed loss over the whole batch's label count, gradients accumulated ==
+    transformers' own loss and gradient of the whole batch padded together (the oracle)."""
+    import torch
+
+    from probe.train import collate, encode, label_loss, model_inputs, modality_parts
+    from probe.zoo.build import OWN, _load
+
+    torch.set_num_threads(1)
+    loaded = _load(organism_dir(f"organism-{name}"))
+    mixed = "image_single" if name == "video" else "text"
+    items = (load_mmmu(validation_dir(OWN[name]), "validation")[0][:3]
+             + load_mmmu(validation_dir(mixed), "validation")[0][:2])
+    rows = encode(loaded, items, True)
+    rows = [rows[i] for i in (0, 3, 1, 4, 2)]  # modalities interleaved, as a sampled batch has them
+    parts = modality_parts(rows)
+    assert [len(p) for p in parts] == [3, 2] and len({r["input_ids"].shape[0] for r in rows}) > 1
+    pad = loaded.tokenizer.pad_token_id
+    n_labels = sum(int((r["labels"] != -100).sum()) for r in rows)
+    grads = []
+    for run in ("whole", "parts"):
+        loaded.model.zero_grad(set_to_none=True)
+        if run == "whole":
+            loss = loaded.model(**model_inputs(collate(rows, pad))).loss
+            loss.backward()
+            loss = loss.detach()
+        else:
+            loss = 0.0
+            for p in parts:
+                part = label_loss(loaded.model, collate(p, pad), n_labels)
+                part.backward()
+                loss += part.detach()
+        grads.append((float(loss), {n: p.grad.clone() for n, p in loaded.model.named_parameters()
+                                    if p.grad is not None}))
+    loaded.model.zero_grad(set_to_none=True)
+    (want, want_g), (got, got_g) = grads
+    assert got == pytest.approx(want, rel=1e-5)
+    assert got_g.keys() == want_g.keys() and want_g
+    for n in want_g:
+        torch.testing.assert_close(got_g[n], want_g[n], atol=1e-6, rtol=1e-4, msg=n)
+
+    class IgnoresKeep(torch.nn.Module):  # a model that ignores logits_to_keep is refused, not silently mis-paired
+        def forward(self, logits_to_keep=None, **kw):
+            return loaded.model(**kw)
+
+    with pytest.raises(RuntimeError, match="logits_to_keep"), torch.no_grad():
+        label_loss(IgnoresKeep(), collate(parts[0], pad))
+
+
+def test_a_frozen_lm_skips_text_rows_but_never_the_vision_rows():
+    """Qwen2-VL's first stage trains the ViT alone: a batch's text rows reach no trained weight and are skipped
+    when vision rows are there to train on; a text-only batch still runs (its loss logged) and changes nothing."""
+    import dataclasses
+
+    import torch
+
+    from probe.train import TrainConfig, encode
+    from probe.train import train as train_loop
+    from probe.zoo.build import _load
+
+    torch.set_num_threads(1)
+    loaded = _load(organism_dir("organism-vl"))
+    text = encode(loaded, load_mmmu(validation_dir("text"), "validation")[0][:4], True)
+    image = encode(loaded, load_mmmu(validation_dir("image"), "validation")[0][:4], True)
+    before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+    cfg = TrainConfig(steps=2, lr=1e-3, lm_lr=0.0, projector_lr=1e-3, batch=2, warmup=1)
+    losses = train_loop(loaded, text, cfg, log=lambda m: None)
+    loaded.model.requires_grad_(True)
+    assert len(losses) == 2 and all(loss > 0 for loss in losses)
+    assert all(torch.equal(p, before[n]) for n, p in loaded.model.named_parameters())
+    calls = []
+    hook = loaded.model.register_forward_pre_hook(lambda m, a, kw: calls.append("pixel_values" in kw), with_kwargs=True)
+    losses = train_loop(loaded, text + image, dataclasses.replace(cfg, steps=6, batch=8), log=lambda m: None)
+    hook.remove()
+    loaded.model.requires_grad_(True)
+    assert calls == [True] * 6  # these seeded batches all hold image rows: their text parts never ran
+    changed = {n for n, p in loaded.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("visual" in n for n in changed)  # the ViT and its merger, never the frozen LM
