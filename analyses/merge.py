@@ -409,7 +409,7 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
                 merged = stack.enter_context(open_checkpoint(str(tmp)))
                 used: set[str] = set()
                 for car in carriers:
-                    nm = unique_name(car.path.name if Path(car.name).is_dir() else car.name, used)
+                    nm = unique_name(carrier_name(car.name, car.path), used)
                     carrier_reports.append(write_carrier(car, merged, tmp / "carriers" / nm, cfg.shard_size))
             report = {
                 "method": cfg.method,
@@ -448,6 +448,12 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
         print(f"vocabulary sizes differ, rule applied: {json.dumps(al.vocab)}", file=sys.stderr)
     print(f"merged {len(al.tensors)} LM tensors ({cfg.method}) -> {cfg.out}")
     return report
+
+
+def carrier_name(spec: str, path: Path | None = None) -> str:
+    """The name a model gets under ``DIR/carriers/``: a checkpoint directory's own name (``path``, where it was
+    resolved, else the spec's last component), an alias as written. ``analyses.replicate`` finds carriers by it."""
+    return (path or Path(spec)).name if Path(spec).is_dir() else spec
 
 
 def unique_name(name: str, used: set[str]) -> str:

@@ -43,8 +43,10 @@ STATE_DIR = "stages"  # DIR/stages/<stage>.json: fingerprint, status, seconds (b
 
 
 def short(spec: str) -> str:
-    """A model's directory-safe name, as analyses.merge names its carriers."""
-    return Path(spec).name if Path(spec).is_dir() else spec
+    """A model's directory-safe name: the rule analyses.merge names its carriers by."""
+    from analyses.merge import carrier_name
+
+    return carrier_name(spec)
 
 
 @dataclass

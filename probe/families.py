@@ -232,6 +232,8 @@ FAMILIES: dict[str, Family] = {
             image_placeholder=_QWEN_IMAGE,
             video_placeholder=None,  # its video prompt carries per-frame timestamps, not built here
             lm_model_type="qwen3",  # q/k norms; DeepStack adds vision features between layers (exact engine)
+            # DeepStack's per-layer mergers feed the LM too
+            projector_markers=("visual.merger.", "visual.deepstack_merger_list."),
             hub_examples=("Qwen/Qwen3-VL-8B-Instruct",),
             note="dense models only; video not probed",
         ),
@@ -254,6 +256,8 @@ FAMILIES: dict[str, Family] = {
             special_tokens=_OMNI_TOKENS,
             named_tokens=tuple(zip(("image_token", "video_token", "audio_token", "vision_bos_token",
                                     "vision_eos_token", "audio_bos_token", "audio_eos_token"), _OMNI_TOKENS)),
+            # the audio encoder's last linear maps to the LM's width (Qwen2-Audio's separate projector)
+            projector_markers=("visual.merger.", "audio_tower.proj."),
             hub_examples=("Qwen/Qwen2.5-Omni-7B",),
             note="the thinker only; audio inputs are not probed",
         ),
@@ -325,6 +329,7 @@ FAMILIES: dict[str, Family] = {
             lm_model_type="llama",
             chat="idefics3", chat_bos=True,
             special_tokens=("<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"),
+            projector_markers=("model.connector.",),  # pixel shuffle + modality projection
             hub_examples=("HuggingFaceM4/Idefics3-8B-Llama3", "HuggingFaceTB/SmolVLM-Instruct"),
             note="SmolVLM (v1) is an Idefics3",
         ),

@@ -489,3 +489,28 @@ def test_text_base_and_its_vlm_shift_and_merge(base, expert, dirs, loaded, tmp_p
     emb = carrier["embed_tokens.weight"]
     torch.testing.assert_close(emb[:common], lm.model.embed_tokens.weight.detach()[:common])
     assert torch.equal(emb[common:], le["embed_tokens.weight"][common:])  # the carrier's own extra rows
+
+
+# The projector between each family's encoder and its LM, read off transformers' module definitions (the modules
+# whose output the LM receives): param_groups gives them --projector-lr, never the tower's rate.
+PROJECTORS = {
+    "qwen2_5_vl": ("model.visual.merger.",),
+    "qwen3_vl": ("model.visual.merger.", "model.visual.deepstack_merger_list."),
+    "qwen2_5_omni_thinker": ("model.visual.merger.", "model.audio_tower.proj."),
+    "llava": ("model.multi_modal_projector.",),
+    "llava_next": ("model.multi_modal_projector.", "model.image_newline"),
+    "gemma3": ("model.multi_modal_projector.",),
+    "idefics3": ("model.connector.",),
+    "internvl": ("model.multi_modal_projector.",),
+}
+
+
+@pytest.mark.parametrize("family", sorted(PROJECTORS))
+def test_projector_parameters_are_exactly_the_families_projector(family, loaded):
+    from probe.train import is_lm_param, is_projector_param
+
+    m = loaded(family)
+    names = [n for n, _ in m.model.named_parameters()]
+    want = {n for n in names if n.startswith(PROJECTORS[family])}
+    assert want and {n for n in names if is_projector_param(n, m)} == want
+    assert not any(is_lm_param(n, m) for n in want)
