@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from probe.mmmu import load_mmmu  # noqa: E402
-from probe.train import collate, encode, label_loss, model_inputs, modality_parts  # noqa: E402
+from probe.train import collate, encode, label_count, label_loss, model_inputs, modality_parts  # noqa: E402
 from probe.zoo import organism_dir, validation_dir  # noqa: E402
 from probe.zoo.build import OWN, _load  # noqa: E402
 
@@ -47,7 +47,7 @@ def whole(loaded, rows: list[dict]) -> None:
 
 
 def parts(loaded, rows: list[dict]) -> None:
-    n_labels = sum(int((r["labels"] != -100).sum()) for r in rows)
+    n_labels = label_count(rows)
     for part in modality_parts(rows):
         label_loss(loaded.model, collate(part, loaded.tokenizer.pad_token_id), n_labels).backward()
 

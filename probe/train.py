@@ -97,6 +97,11 @@ def vision_keys(row: dict[str, torch.Tensor]) -> tuple[str, ...]:
     return tuple(sorted(k for k in row if k not in SEQ_KEYS and not k.startswith("_")))
 
 
+def label_count(rows: Sequence[dict[str, torch.Tensor]]) -> int:
+    """Label tokens of training rows (the answer letter and ``<|im_end|>``: two per row)."""
+    return sum(int((r["labels"] != -100).sum()) for r in rows)
+
+
 def modality_parts(rows: list[dict]) -> list[list[dict]]:
     """A batch's rows split by modality (``vision_keys``), in order of first appearance. Each part pads to its own
     longest row: a batch of clips (131 tokens) with a few two-view images (205) no longer pads every clip to 205
@@ -243,7 +248,7 @@ def train(loaded, rows: list[dict], cfg: TrainConfig, log: Callable[[str], None]
             g["lr"] = lr * warm * (floor + (1 - floor) * decay)
         idx = sample(gen, cfg.batch)
         mine = [rows[i] for i in idx[rank::world]]
-        n_labels = sum(int((r["labels"] != -100).sum()) for r in mine)
+        n_labels = label_count(mine)
         # one process: the batch in modality parts (gradients accumulate); data parallel: one part per rank, as
         # every rank must run backward equally often
         parts = modality_parts(mine) if acc is None else [mine]
@@ -259,7 +264,7 @@ def train(loaded, rows: list[dict], cfg: TrainConfig, log: Callable[[str], None]
                 part_loss.backward() if acc is None else acc.backward(part_loss)
                 stepped = True
             loss_sum += part_loss.detach().cpu() * n_labels
-            ran += sum(int((r["labels"] != -100).sum()) for r in part)
+            ran += label_count(part)
         if stepped:
             if acc is None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)

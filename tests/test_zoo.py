@@ -254,7 +254,7 @@ def test_modality_parts_give_the_whole_batchs_loss_and_gradient(name):
     transformers' own loss and gradient of the whole batch padded together (the oracle)."""
     import torch
 
-    from probe.train import collate, encode, label_loss, model_inputs, modality_parts
+    from probe.train import collate, encode, label_count, label_loss, model_inputs, modality_parts
     from probe.zoo.build import OWN, _load
 
     torch.set_num_threads(1)
@@ -267,7 +267,7 @@ def test_modality_parts_give_the_whole_batchs_loss_and_gradient(name):
     parts = modality_parts(rows)
     assert [len(p) for p in parts] == [3, 2] and len({r["input_ids"].shape[0] for r in rows}) > 1
     pad = loaded.tokenizer.pad_token_id
-    n_labels = sum(int((r["labels"] != -100).sum()) for r in rows)
+    n_labels = label_count(rows)
     grads = []
     for run in ("whole", "parts"):
         loaded.model.zero_grad(set_to_none=True)
