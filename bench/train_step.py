@@ -48,7 +48,7 @@ def whole(loaded, rows: list[dict]) -> None:
 
 def parts(loaded, rows: list[dict]) -> None:
     n_labels = label_count(rows)
-    for part in modality_parts(rows):
+    for part in modality_parts(rows).values():
         label_loss(loaded.model, collate(part, loaded.tokenizer.pad_token_id), n_labels).backward()
 
 

@@ -102,14 +102,14 @@ def label_count(rows: Sequence[dict[str, torch.Tensor]]) -> int:
     return sum(int((r["labels"] != -100).sum()) for r in rows)
 
 
-def modality_parts(rows: list[dict]) -> list[list[dict]]:
-    """A batch's rows split by modality (``vision_keys``), in order of first appearance. Each part pads to its own
-    longest row: a batch of clips (131 tokens) with a few two-view images (205) no longer pads every clip to 205
-    (LLaVA's modality grouping, but inside the batch: the same rows, the same gradient)."""
+def modality_parts(rows: list[dict]) -> dict[tuple[str, ...], list[dict]]:
+    """A batch's rows by modality (``vision_keys``; ``()`` for text), in order of first appearance. Each part pads
+    to its own longest row: a batch of clips (131 tokens) with a few two-view images (205) no longer pads every
+    clip to 205 (LLaVA's modality grouping, but inside the batch: the same rows, the same gradient)."""
     parts: dict[tuple[str, ...], list[dict]] = {}
     for r in rows:
         parts.setdefault(vision_keys(r), []).append(r)
-    return list(parts.values())
+    return parts
 
 
 def label_loss(model, batch: dict[str, torch.Tensor], n_labels: int | None = None) -> torch.Tensor:
@@ -125,8 +125,8 @@ def label_loss(model, batch: dict[str, torch.Tensor], n_labels: int | None = Non
     if logits.shape[1] != keep.numel():  # a model that ignored logits_to_keep would pair logits and labels wrongly
         raise RuntimeError(f"{type(model).__name__} returned logits for {logits.shape[1]} positions, not the "
                            f"{keep.numel()} asked for with logits_to_keep")
-    total = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target[:, keep].flatten().to(logits.device),
-                                              ignore_index=-100, reduction="sum")
+    want = target[:, keep].flatten().to(logits.device)
+    total = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), want, ignore_index=-100, reduction="sum")
     return total / (int((target != -100).sum()) if n_labels is None else n_labels)
 
 
@@ -251,14 +251,14 @@ def train(loaded, rows: list[dict], cfg: TrainConfig, log: Callable[[str], None]
         n_labels = label_count(mine)
         # one process: the batch in modality parts (gradients accumulate); data parallel: one part per rank, as
         # every rank must run backward equally often
-        parts = modality_parts(mine) if acc is None else [mine]
-        if not lm_trains and any(vision_keys(p[0]) for p in parts):
+        parts = modality_parts(mine) if acc is None else {None: mine}
+        if not lm_trains and len(parts) > 1:
             # the LM frozen (a projector/tower stage): text rows reach no trained parameter, so their forward
-            # would only add to the logged loss; skip them when the batch has vision rows to train on
-            parts = [p for p in parts if vision_keys(p[0])]
+            # would only add to the logged loss; skip them, as the batch has vision rows to train on
+            parts.pop((), None)
         opt.zero_grad(set_to_none=True)
         loss_sum, ran, stepped = torch.zeros(()), 0, False
-        for part in parts:
+        for part in parts.values():
             part_loss = label_loss(model, collate(part, pad), n_labels)
             if part_loss.requires_grad:
                 part_loss.backward() if acc is None else acc.backward(part_loss)

@@ -264,7 +264,7 @@ def test_modality_parts_give_the_whole_batchs_loss_and_gradient(name):
              + load_mmmu(validation_dir(mixed), "validation")[0][:2])
     rows = encode(loaded, items, True)
     rows = [rows[i] for i in (0, 3, 1, 4, 2)]  # modalities interleaved, as a sampled batch has them
-    parts = modality_parts(rows)
+    parts = list(modality_parts(rows).values())
     assert [len(p) for p in parts] == [3, 2] and len({r["input_ids"].shape[0] for r in rows}) > 1
     pad = loaded.tokenizer.pad_token_id
     n_labels = label_count(rows)
