@@ -206,6 +206,31 @@ def test_validation_sets_shipped():
         assert len(items) >= 64 and report.n_skipped_open == 0
 
 
+def test_recipes_mirror_the_real_family_and_built_what_ships():
+    """Issue 19's regimes, as data: vl like Qwen2-VL (ViT with the LLM frozen → every parameter → LLM with the ViT
+    frozen; its LM trained hardest by far), ov-si and video like LLaVA (projector alone first, then the LM below
+    the projector's alignment rate and the tower below the LM; video with single images mixed in). And the shipped
+    organisms were built from exactly these recipes (their quality.json entries), so README and weights agree."""
+    from dataclasses import asdict
+
+    from probe.zoo import organisms_root
+    from probe.zoo.build import FULL
+
+    vl = FULL["vl"].stages
+    assert vl[0].lm_lr == 0 and vl[0].tower_lr > 0
+    assert all(r > 0 for r in (vl[1].lm_lr, vl[1].projector_lr, vl[1].tower_lr))
+    assert vl[-1].lm_lr > 0 and vl[-1].tower_lr == vl[-1].projector_lr == 0
+    others = max(FULL[n].lm_lr_steps for n in ("ov-si", "video"))
+    assert FULL["vl"].lm_lr_steps >= 2 * others, (FULL["vl"].lm_lr_steps, others)
+    for name in ("ov-si", "video"):
+        align, *rest = FULL[name].stages
+        assert align.lm_lr == align.tower_lr == 0 and align.projector_lr > 0
+        assert rest and all(0 < s.tower_lr < s.lm_lr < align.projector_lr for s in rest)
+    assert FULL["video"].image_mix > 0 and FULL["video"].text_mix == 0
+    shipped = json.loads((organisms_root() / "quality.json").read_text())["organisms"]
+    for name, recipe in FULL.items():
+        assert shipped[f"organism-{name}"]["recipe"] == json.loads(json.dumps(asdict(recipe))), name
+
 def test_quick_build_one_or_two_processes(tmp_path):
     """The short build runs end to end; --threads 2 trains the extensions in two processes of one thread,
     --threads 1 one after another on one thread: the same files, byte for byte (same seeds, same tokenizer)."""
