@@ -231,6 +231,7 @@ def test_recipes_mirror_the_real_family_and_built_what_ships():
     for name, recipe in FULL.items():
         assert shipped[f"organism-{name}"]["recipe"] == json.loads(json.dumps(asdict(recipe))), name
 
+
 def test_quick_build_one_or_two_processes(tmp_path):
     """The short build runs end to end; --threads 2 trains the extensions in two processes of one thread,
     --threads 1 one after another on one thread: the same files, byte for byte (same seeds, same tokenizer)."""
