@@ -153,18 +153,41 @@ def task_arithmetic_coefficients(n: int, lam: float) -> list[float]:
     return [1.0 - lam * n] + [lam] * n
 
 
-def ties_threshold(delta: torch.Tensor, density: float) -> float:
-    """The magnitude of the k-th largest |δ|, k = max(1, ⌊density · numel⌋) (mergekit's ``magnitude``)."""
-    flat = delta.reshape(-1).abs().float()
-    k = max(1, int(density * flat.numel()))
-    return float(torch.kthvalue(flat, flat.numel() - k + 1).values)
+@dataclass
+class TiesTrim:
+    """TIES' trim of one task vector δ: keep exactly k = max(1, ⌊density · numel⌋) entries, those of largest |δ|
+    (mergekit's ``magnitude``). Entries tied with the k-th largest |δ| (common in bf16 checkpoints, whose deltas
+    take few distinct values) are kept in flat-index order until k are kept; mergekit picks among them by an
+    unstable sort, so which tied entries it keeps is unspecified, but it too keeps exactly k.
+
+    ``mask`` must see the tensor's chunks in flat order, once each: it counts down the tied entries left."""
+
+    threshold: float  # the k-th largest |δ|
+    ties_left: int  # entries equal to it still to keep
+
+    @staticmethod
+    def of(delta: torch.Tensor, density: float) -> "TiesTrim":
+        flat = delta.reshape(-1).abs().float()
+        k = max(1, int(density * flat.numel()))
+        t = float(torch.kthvalue(flat, flat.numel() - k + 1).values)
+        return TiesTrim(t, k - int((flat > t).sum()))
+
+    def mask(self, delta: torch.Tensor) -> torch.Tensor:
+        a = delta.abs()
+        keep = a > self.threshold
+        tied = a == self.threshold
+        if self.ties_left > 0:
+            rank = tied.reshape(-1).cumsum(0).reshape(tied.shape)  # 1-based rank among this chunk's ties
+            keep |= tied & (rank <= self.ties_left)
+        self.ties_left -= min(self.ties_left, int(tied.sum()))
+        return keep
 
 
-def ties_combine(base: torch.Tensor, deltas: Sequence[torch.Tensor], thresholds: Sequence[float],
+def ties_combine(base: torch.Tensor, deltas: Sequence[torch.Tensor], trims: Sequence[TiesTrim],
                  lam: float) -> torch.Tensor:
-    """TIES on one chunk: trim each δ_i to |δ_i| ≥ its threshold, elect the sign of Σ trimmed δ (ties → +),
-    average the trimmed δ_i that agree with it (disjoint mean), θ = θ_0 + λ · mean (all fp32)."""
-    trimmed = torch.stack([d * (d.abs() >= t) for d, t in zip(deltas, thresholds)])
+    """TIES on one chunk: trim each δ_i (``TiesTrim``), elect the sign of Σ trimmed δ (ties → +), average the
+    trimmed δ_i that agree with it (disjoint mean), θ = θ_0 + λ · mean (all fp32)."""
+    trimmed = torch.stack([d * tr.mask(d) for d, tr in zip(deltas, trims)])
     sign = (trimmed.sum(0) >= 0).to(trimmed.dtype) * 2 - 1
     agree = (trimmed.sign() == sign).to(trimmed.dtype)
     count = agree.sum(0)
@@ -176,4 +199,4 @@ def ties_combine(base: torch.Tensor, deltas: Sequence[torch.Tensor], thresholds:
 def ties_merge(base: torch.Tensor, thetas: Sequence[torch.Tensor], density: float, lam: float) -> torch.Tensor:
     """In-memory TIES over whole tensors: the definition the streaming merge is tested against."""
     deltas = [t.float() - base.float() for t in thetas]
-    return ties_combine(base, deltas, [ties_threshold(d, density) for d in deltas], lam)
+    return ties_combine(base, deltas, [TiesTrim.of(d, density) for d in deltas], lam)

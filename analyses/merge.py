@@ -31,7 +31,7 @@ from tqdm import tqdm
 from analyses.align import Alignment, TensorPlan, align, check_finite
 from analyses.checkpoints import Checkpoint, add_output_args, chunks, open_checkpoint
 from analyses.formulas import (FORMULAS, ShiftStats, average_coefficients, shift_coefficients,
-                                task_arithmetic_coefficients, ties_combine, ties_threshold, weighted_coefficients)
+                                task_arithmetic_coefficients, TiesTrim, ties_combine, weighted_coefficients)
 from analyses.salience import METRICS as SALIENCE_METRICS
 from analyses.salience import SalienceWeights, read_salience
 from analyses.shift import CHUNK, read_shift_csv
@@ -250,18 +250,18 @@ class Merger:
                 sink.write(out)
 
     def merge_ties(self, plan: TensorPlan, views: list[torch.Tensor], sink: Any) -> None:
-        """TIES, streamed: one pass per expert for its trim threshold (k-th largest |δ| over the common rows),
-        then chunk by chunk trim, elect sign, disjoint mean (``analyses.formulas.ties_combine``)."""
+        """TIES, streamed: one pass per expert for its trim (k-th largest |δ| over the common rows, and how many
+        entries tied with it to keep), then chunk by chunk trim, elect sign, disjoint mean
+        (``analyses.formulas.ties_combine``)."""
         base, experts = views[0], views[1:]
-        thresholds = []
-        for v in experts:
-            thresholds.append(ties_threshold(v[:plan.common].float() - base[:plan.common].float(), self.cfg.density))
-        for nm, t in zip(self.names[1:], thresholds):
-            self.alpha_rows.append((plan.canon, "all", nm, None, t))
+        trims = [TiesTrim.of(v[:plan.common].float() - base[:plan.common].float(), self.cfg.density)
+                 for v in experts]
+        for nm, tr in zip(self.names[1:], trims):
+            self.alpha_rows.append((plan.canon, "all", nm, None, tr.threshold))
         with torch_threads(1):
             for lo, hi in chunks(plan.common, MERGE_CHUNK):
                 b = base[lo:hi].float()
-                merged = ties_combine(b, [v[lo:hi].float() - b for v in experts], thresholds, self.cfg.lam)
+                merged = ties_combine(b, [v[lo:hi].float() - b for v in experts], trims, self.cfg.lam)
                 if not torch.isfinite(merged).all():
                     self.raise_nonfinite(plan, views, lo, hi)
                 out = sink.buffer(hi - lo)

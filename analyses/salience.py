@@ -22,7 +22,8 @@ from probe.errors import BadInput
 from probe.families import HeadGeometry
 
 METRICS = ("kl", "accuracy_drop", "prob_accuracy_drop")
-HEAD_TENSOR = re.compile(r"layers\.(\d+)\.self_attn\.([qkvo])_proj\.(weight|bias)$")
+# o_proj's bias (Llama-style attention_bias) is added once after the heads are summed: no head owns it
+HEAD_TENSOR = re.compile(r"layers\.(\d+)\.self_attn\.(?:([qkv])_proj\.(?:weight|bias)|(o)_proj\.weight)$")
 
 
 def read_salience(run_dir: Path, metric: str, geometry: HeadGeometry, who: str) -> torch.Tensor:
@@ -88,7 +89,7 @@ class SalienceWeights:
         m = HEAD_TENSOR.match(canon)
         if m is None:
             return None
-        layer, proj = int(m.group(1)), m.group(2)
+        layer, proj = int(m.group(1)), m.group(2) or m.group(3)
         return proj, self.head[:, layer] if proj in "qo" else self.group[:, layer]
 
     def slice_coefficients(self, canon: str, shape: Sequence[int]) -> tuple[int, torch.Tensor] | None:

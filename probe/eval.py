@@ -240,7 +240,8 @@ def score_table(items: Any, plan: EvalPlan, reference: str | None, seed: int):
                     row |= {metric: iv.value, f"{metric}_lo": iv.lo, f"{metric}_hi": iv.hi}
                 diffs = {"accuracy": NAN, "prob_accuracy": NAN}
                 if ref is not None and len(sub) and entry.name != reference and len(ref):
-                    paired = sub.merge(ref, on="item_id", suffixes=("", "_ref"))  # the items both answered
+                    # the items both answered; ids need only be unique within a subject (the loader checks)
+                    paired = sub.merge(ref, on=["subject", "item_id"], suffixes=("", "_ref"))
                     for metric, col in (("accuracy", "correct"), ("prob_accuracy", "prob_correct")):
                         diffs[metric] = paired_difference(paired[col].to_numpy(), paired[f"{col}_ref"].to_numpy(),
                                                           seed, f"{key}|diff|{metric}")

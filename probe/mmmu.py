@@ -252,6 +252,12 @@ def load_mmmu(
                     n_open += 1
                     continue
                 sub_items.append(_make_item(row, subject, where))
+        seen: set[str] = set()
+        for it in sub_items:  # results are keyed by (subject, id): a repeated id would pair wrong answers
+            if it.id in seen:
+                raise BadInput(f"subject {subject}: item id {it.id!r} appears more than once "
+                               f"({', '.join(p.name for p in paths)})")
+            seen.add(it.id)
         items.extend(sorted(sub_items, key=lambda it: _id_key(it.id)))
     if not items:
         raise BadInput(f"no multiple-choice items in split '{split}' under {root} (skipped {n_open} open-ended)")

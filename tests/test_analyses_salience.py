@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from analyses import merge, tiny
-from analyses.formulas import delta_avg, shift_coefficients, ties_merge
+from analyses.formulas import TiesTrim, delta_avg, shift_coefficients, ties_merge
 from test_analyses_merge import canonical, run, tiny_qwen2_view
 
 L, H, KV, D = 2, 4, 2, 8  # analyses.tiny.TEXT: 2 layers × 4 query heads, 2 KV heads, head_dim 32 / 4
@@ -111,6 +111,27 @@ def test_salience_merge_equals_in_memory(zoo, runs, tmp_path, with_base):
     assert list(grids) == [str(zoo["base"]), *map(str, experts)] and grids[str(zoo["vl"])].shape == (L, H)
     assert sum(g[1, 1] for g in grids.values()) == pytest.approx(1.0)
     assert [p.suffix for p in draw_merge(out)] == [".png", ".pdf"]
+
+
+
+def test_which_tensors_a_head_owns():
+    """q/k/v weights and biases by rows, o_proj's weight by columns; o_proj's bias (Llama's attention_bias), added
+    once after the heads are summed, belongs to no head and is merged with the rest of its layer."""
+    from analyses.salience import SalienceWeights
+    from probe.families import HeadGeometry
+
+    geo = HeadGeometry(n_layers=L, n_heads=H, n_kv_heads=KV, head_dim=D, hidden_size=H * D)
+    g = torch.Generator().manual_seed(0)
+    w = SalienceWeights.build([torch.rand(L, H, generator=g) for _ in range(2)], geo, 1.0, 0.5, with_base=False)
+    expect = {"q_proj.weight": (0, H * D), "q_proj.bias": (0, H * D), "k_proj.weight": (0, KV * D),
+              "v_proj.bias": (0, KV * D), "o_proj.weight": (1, H * D)}
+    for name, (axis, n) in expect.items():
+        shape = (n, H * D) if axis == 0 else (H * D, n)
+        got_axis, vec = w.slice_coefficients(f"layers.1.self_attn.{name}", shape[:1] if "bias" in name else shape)
+        assert got_axis == axis and vec.shape == (3, n), name
+    assert torch.equal(w.slice_coefficients("layers.1.self_attn.o_proj.weight", (H * D, H * D))[1][:, ::D], w.head[:, 1])
+    assert w.slice_coefficients("layers.1.self_attn.o_proj.bias", (H * D,)) is None
+    assert w.layer_coefficients("layers.1.self_attn.o_proj.bias") == w.layer[:, 1].tolist()
 
 
 def test_equal_saliences_give_eq1_and_eq2(zoo, tmp_path):
@@ -244,3 +265,28 @@ def test_equals_mergekit(method, args, params, zoo, tmp_path):
         for name in base:
             want = ties_merge(base[name], [t[name] for t in th], 0.3, 0.9)
             torch.testing.assert_close(ours[merge.lm_disk_key(name)], want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("density", [0.05, 0.2, 0.5])
+def test_ties_trim_keeps_exactly_k_when_bf16_deltas_tie(density):
+    """bf16 checkpoints give deltas of few distinct values, so many tie with the k-th largest |δ|: the trim keeps
+    exactly k entries like mergekit's ``magnitude`` (which once kept every tie here), the same ones outside the
+    ties, the lowest-index ties first, and the same mask whether it sees the tensor whole or in row chunks."""
+    from mergekit.sparsify import magnitude
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(64, 48, generator=g).bfloat16()
+    expert = (base.float() + 0.01 * torch.randn(64, 48, generator=g)).bfloat16()
+    delta = expert.float() - base.float()
+    k = max(1, int(density * delta.numel()))
+    whole = TiesTrim.of(delta, density)
+    tied = delta.abs() == whole.threshold
+    assert int(tied.sum()) > 1 and int((delta.abs() >= whole.threshold).sum()) > k  # the case that went wrong
+    ours = whole.mask(delta)
+    theirs = magnitude(delta, density) != 0
+    assert int(ours.sum()) == int(theirs.sum()) == k
+    assert torch.equal(ours[~tied], theirs[~tied])
+    kept_ties = ours[tied].nonzero().squeeze(1)
+    assert torch.equal(kept_ties, torch.arange(len(kept_ties)))  # the first ties in flat order
+    chunked = TiesTrim.of(delta, density)
+    assert torch.equal(torch.cat([chunked.mask(delta[r:r + 5]) for r in range(0, 64, 5)]), ours)
+    assert chunked.ties_left == 0

@@ -111,6 +111,28 @@ def test_bootstrap_against_direct_computation():
     assert np.isnan(bootstrap_mean(np.array([1.0, np.nan]), 0, "k").value)  # accuracy not measured
 
 
+
+def test_paired_difference_pairs_items_within_their_subject():
+    """Item ids need only be unique within a subject (a user's set may number each subject 1, 2, …): the
+    difference to the reference pairs each item with the same subject's item, never across subjects."""
+    from probe.eval import DataSet, EvalPlan, ModelEntry, score_table
+    from probe.stats import paired_difference
+
+    ref_correct, b_correct = [1, 1, 0, 0], [1, 1, 1, 1]
+    rows = [{"model": m, "data": "d", "item_id": i, "subject": subj, "correct": float(c), "prob_correct": float(c),
+             "p_answer": 0.5}
+            for m, cs in (("ref", ref_correct), ("b", b_correct))
+            for (subj, i), c in zip([("S1", "1"), ("S1", "2"), ("S2", "1"), ("S2", "2")], cs)]
+    plan = EvalPlan([ModelEntry("ref", "ref", "qwen2"), ModelEntry("b", "b", "qwen2")],
+                    [DataSet("d", "d", "d", "fp", 4, 0, ["S1", "S2"])], {}, {}, {})
+    scores = score_table(pd.DataFrame(rows), plan, "ref", 0).set_index(["model", "subject"])
+    assert scores.loc[("b", "S1"), "diff_accuracy"] == 0.0
+    assert scores.loc[("b", "S2"), "diff_accuracy"] == 1.0
+    want = paired_difference(np.array(b_correct, float), np.array(ref_correct, float), 0, "d|diff|accuracy")
+    assert (scores.loc[("b", "all"), ["diff_accuracy", "diff_lo", "diff_hi"]].tolist()
+            == [want.value, want.lo, want.hi])  # 4 pairs, not the 8 of a join on the id alone
+
+
 # --------------------------------------------------------------------------------------------------------
 # the CLI
 

@@ -195,6 +195,17 @@ def test_malformed_rows_name_the_row(tmp_path, bad, match):
     assert "validation_Art_7" in msg and "validation-00000-of-00001.parquet" in msg and "\n" not in msg
 
 
+
+def test_ids_unique_within_a_subject(tmp_path):
+    """Results are keyed by (subject, id): a subject repeating an id is bad input; two subjects may share ids."""
+    write(tmp_path / "dup", {"Art": [row(1), row(2), row(1, answer="B")]})
+    with pytest.raises(BadInput, match="subject Art: item id 'validation_Art_1' appears more than once"):
+        load_mmmu(tmp_path / "dup")
+    write(tmp_path / "shared", {"Art": [row(1, id="1"), row(2, id="2")], "Music": [row(1, "Music", id="1")]})
+    items, _ = load_mmmu(tmp_path / "shared")
+    assert [(it.subject, it.id) for it in items] == [("Art", "1"), ("Art", "2"), ("Music", "1")]
+
+
 def test_fingerprint_stable_and_content_sensitive(tmp_path):
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     write(a, {"Art": [row(1), row(2)]})
