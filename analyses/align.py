@@ -34,7 +34,6 @@ class TensorPlan:
 @dataclass
 class Alignment:
     tensors: list[TensorPlan]
-    ignored: dict[str, list[str]] = field(default_factory=dict)  # model -> canonical names absent from the ref
     vocab: dict[str, Any] = field(default_factory=dict)  # what the vocabulary rule did, for reports
 
     @property
@@ -73,11 +72,11 @@ def align(ckpts: Sequence[Checkpoint], names: Sequence[str] | None = None) -> Al
         rows = min(i.shape[0] for i in infos) if r.shape else 0
         common = rows * (r.numel // r.shape[0]) if r.shape and r.shape[0] else r.numel
         plans.append(TensorPlan(canon, tuple(infos), common))
-    ignored = {}
-    for ck, nm in zip(ckpts[1:], names[1:]):
-        extra = sorted(set(ck.lm) - set(ref.lm) - ({"lm_head.weight"} if ref.tied else set()))
+    for ck, nm in zip(ckpts[1:], names[1:]):  # both ways: a deeper expert's extra layers must not vanish
+        extra = sorted(set(ck.lm) - set(ref.lm) - ({"lm_head.weight"} if ref.tied else set()), key=canon_order)
         if extra:
-            ignored[nm] = extra
+            more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+            raise BadInput(f"LM tensor sets differ: {extra[0]}{more} is in {nm} but not in {names[0]}")
     vocab = {}
     for p in plans:
         if p.canon in VOCAB_TENSORS and len(set(p.vocab_rows)) > 1:
@@ -86,7 +85,7 @@ def align(ckpts: Sequence[Checkpoint], names: Sequence[str] | None = None) -> Al
                 "common_rows": min(p.vocab_rows),
                 "rule": f"first {min(p.vocab_rows)} rows compared/merged; rows beyond kept from {names[0]}",
             }
-    return Alignment(plans, ignored, vocab)
+    return Alignment(plans, vocab)
 
 
 def check_finite(t: torch.Tensor, who: str, key: str) -> None:

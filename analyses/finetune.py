@@ -9,13 +9,16 @@ probe's prompt, loss on the answer letter and ``<|im_end|>``; each batch row dra
 probability ∝ ``--mix`` and then an item of it. Writes ``DIR/checkpoint-<step>/`` (loadable HF dirs; step 0 is
 the start) with the optimiser and sampler state beside the weights, ``train_log.csv`` (step, modality, loss,
 lr, tokens) and ``run.json``. The same command after a kill continues from the last checkpoint and ends with
-the same numbers. Items of a modality the model cannot read are bad input, before anything is written.
+the same numbers. Items of a modality the model cannot read, and rates, warm-up or seed out of range, are bad
+input, before anything is written; a run whose loss or weights stop being finite (``--dtype float16``) stops with
+exit 2 before it writes a checkpoint of them, and run.json says "failed".
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import json
+import math
 import os
 import shutil
 import sys
@@ -24,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from probe.errors import BadInput, cli_main
+from probe.errors import ArgParser, BadInput, check_out_path, cli_main
 
 LOG_COLUMNS = ["step", "modality", "loss", "lr", "tokens"]
 STATE = "trainer_state.pt"
@@ -77,8 +80,8 @@ def parse_mix(spec: str | None, labels: Sequence[str]) -> dict[str, float]:
         parts = [float(x) for x in spec.split(":")]
     except ValueError:
         raise BadInput(f"--mix {spec!r}: use numbers separated by ':' (e.g. 3:2:1)") from None
-    if len(parts) != len(labels) or any(p < 0 for p in parts) or sum(parts) <= 0:
-        raise BadInput(f"--mix {spec!r}: give {len(labels)} non-negative weights, one per --data, in order")
+    if len(parts) != len(labels) or not all(math.isfinite(p) and p >= 0 for p in parts) or sum(parts) <= 0:
+        raise BadInput(f"--mix {spec!r}: give {len(labels)} finite non-negative weights, one per --data, in order")
     return dict(zip(labels, parts))
 
 
@@ -147,6 +150,27 @@ def save_checkpoint(loaded, source: Path, dest: Path, state: dict | None) -> Non
     tmp.rename(dest)
 
 
+def check_numbers(cfg: FinetuneConfig) -> None:
+    """The numeric settings, before anything is read or written: a NaN or negative rate or warm-up trains to NaN
+    weights or climbs the loss (gradient ascent) and still exits 0 with checkpoints that look fine."""
+    if cfg.steps < 1 or cfg.batch < 1 or (cfg.lora is not None and cfg.lora < 1):
+        raise BadInput("--steps, --batch-size and --lora must be ≥ 1")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise BadInput(f"--limit must be ≥ 1, got {cfg.limit}")
+    for flag, v in (("--lr", cfg.lr), ("--lm-lr", cfg.lm_lr)):
+        if not (math.isfinite(v) and v >= 0):  # 0 is meaningful: it freezes that part (LLaVA's stage 1)
+            raise BadInput(f"{flag} must be a finite number ≥ 0 (0 freezes its part), got {v}")
+    if cfg.lr == 0 and cfg.lm_lr == 0:
+        raise BadInput("--lr and --lm-lr are both 0: nothing would train")
+    if cfg.warmup < 0:
+        raise BadInput(f"--warmup must be ≥ 0 (0: no warm-up), got {cfg.warmup}")
+    if not 0 <= cfg.seed < 2**64:  # torch's generators take 64-bit seeds
+        raise BadInput(f"--seed must be in 0 .. 2^64 - 1, got {cfg.seed}")
+    bad = [s for s in cfg.save_steps if not 0 <= s <= cfg.steps]
+    if bad:
+        raise BadInput(f"--save-steps {bad}: outside 0..{cfg.steps}")
+
+
 def run_finetune(cfg: FinetuneConfig) -> Path:
     import torch
 
@@ -154,14 +178,12 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     from probe.mmmu import load_items
     from probe.models import load_model, resolve_model
     from probe.prompting import check_modalities
-    from probe.train import TrainConfig, encode, is_main_process, wait_for_everyone
+    from probe.train import TrainConfig, anything_trains, check_finite_weights, encode, is_main_process
     from probe.train import train as train_loop
+    from probe.train import wait_for_everyone
 
-    if cfg.steps < 1 or cfg.batch < 1 or (cfg.lora is not None and cfg.lora < 1):
-        raise BadInput("--steps, --batch-size and --lora must be ≥ 1")
-    bad = [s for s in cfg.save_steps if not 0 <= s <= cfg.steps]
-    if bad:
-        raise BadInput(f"--save-steps {bad}: outside 0..{cfg.steps}")
+    check_numbers(cfg)
+    check_out_path(cfg.out)  # before the model loads: an --out below a file is a one-line error
     placement = resolve_placement(cfg.device, cfg.dtype)
     if placement.spread and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise BadInput(f"--device {cfg.device}: each of the {os.environ['WORLD_SIZE']} processes would spread the model "
@@ -192,7 +214,6 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     if start == cfg.steps and (out / "train_log.csv").is_file():
         print(f"already complete: {out}")
         return out
-    print(placement.description, file=sys.stderr)
     source = ref.path
     if start is not None and cfg.lora is None:
         ref = resolve_model(str(resumable[start]))  # full fine-tuning resumes from the checkpoint's weights
@@ -201,14 +222,19 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     if cfg.lora is not None:  # LoRA resumes from the original weights plus the checkpoint's adapter
         torch.manual_seed(cfg.seed)  # the adapters' random initialisation
         add_lora(loaded, cfg.lora, resumable[start] / "adapter" if start is not None else None)
+    tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, lm_lr=cfg.lm_lr, batch=cfg.batch, warmup=cfg.warmup,
+                       seed=cfg.seed, log_every=max(1, cfg.steps // 10))
+    if not anything_trains(loaded.model, loaded, tcfg):  # e.g. --lm-lr 0 on a text-only model: it is all LM
+        raise BadInput(f"--lr {cfg.lr} and --lm-lr {cfg.lm_lr} freeze every parameter of {ref.spec}: nothing would "
+                       "train (a rate of 0 freezes its part; --lm-lr is the LM's, --lr the vision tower's and "
+                       "projector's)")
+    print(placement.description, file=sys.stderr)  # after the last check: a refusal stays one line
     rows, offsets = [], {}
     for label, its in items.items():
         enc = encode(loaded, its, True)
         offsets[label] = range(len(rows), len(rows) + len(enc))
         rows += enc
     modality_of = {i: label for label, r in offsets.items() for i in r}
-    tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, lm_lr=cfg.lm_lr, batch=cfg.batch, warmup=cfg.warmup,
-                       seed=cfg.seed, log_every=max(1, cfg.steps // 10))
     writer = is_main_process()  # under torchrun only rank 0 writes, once every rank has read the out dir
     wait_for_everyone()
     out.mkdir(parents=True, exist_ok=True)
@@ -235,6 +261,8 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
 
     def on_step(info, state) -> None:
         bar.update(1)
+        if info.step in saves:  # on every rank (their weights are equal), so all stop together
+            check_finite_weights(loaded.model, info.step)  # the step's loss was finite, its update may not be
         if not writer:
             return
         counts: dict[str, int] = {}
@@ -248,8 +276,15 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
             save_checkpoint(loaded, source, out / f"checkpoint-{info.step}", state())
             loaded.model.train()
 
-    train_loop(loaded, rows, tcfg, log=lambda m: None, sampler=mixed_sampler(offsets, cfg.mix), on_step=on_step,
-               resume=resume)
+    try:
+        train_loop(loaded, rows, tcfg, log=lambda m: None, sampler=mixed_sampler(offsets, cfg.mix), on_step=on_step,
+                   resume=resume)
+    except BadInput as exc:  # diverged: run.json says so (not "running", which reads as a kill to resume)
+        bar.close()
+        if writer:
+            run_info |= {"status": "failed", "error": str(exc), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            (out / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
+        raise
     bar.close()
     if not writer:
         return out
@@ -262,7 +297,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     from probe.heads import _Help
 
-    p = argparse.ArgumentParser(prog="python -m analyses.finetune", formatter_class=_Help,
+    p = ArgParser(prog="python -m analyses.finetune", formatter_class=_Help,
                                 description="Small-step fine-tuning of a (merged) model on a modality mix (paper "
                                 "§6.2): checkpoint-<step>/ dirs, train_log.csv, resumable after a kill.")
     p.add_argument("--model", required=True, help="alias or HF dir (a merged carrier, an organism, a real VLM)")

@@ -29,14 +29,14 @@ import torch
 from tqdm import tqdm
 
 from analyses.align import Alignment, TensorPlan, align, check_finite
-from analyses.checkpoints import Checkpoint, add_output_args, chunks, open_checkpoint
+from analyses.checkpoints import Checkpoint, add_output_args, check_inputs_and_out, chunks, open_checkpoint
 from analyses.formulas import (FORMULAS, ShiftStats, average_coefficients, shift_coefficients,
                                 task_arithmetic_coefficients, TiesTrim, ties_combine, weighted_coefficients)
 from analyses.salience import METRICS as SALIENCE_METRICS
-from analyses.salience import SalienceWeights, read_salience
+from analyses.salience import SalienceWeights, check_run_model, read_salience
 from analyses.shift import CHUNK, read_shift_csv
 from analyses.writer import Entry, ShardedWriter, atomic_dir, check_output, copy_side_files, parse_size
-from probe.errors import BadInput, cli_main
+from probe.errors import ArgParser, BadInput, cli_main
 from probe.families import CAUSAL_LM, causal_lm_type
 
 # CLI name -> formula registry name
@@ -73,6 +73,17 @@ class MergeConfig:
     rest: str = "shift"  # salience: non-head tensors by Eq. 4 ("shift") or by layer salience ("layer")
 
     def validate(self) -> None:
+        numbers = {"--alpha0": self.alpha0, "--temperature": self.temperature, "--lambda": self.lam,
+                   "--density": self.density, "--salience-temperature": self.salience_temperature,
+                   **{f"--weights[{i}]": w for i, w in enumerate(self.weights or [])}}
+        for flag, v in numbers.items():  # NaN passes every range check below; inf makes a softmax NaN
+            if not math.isfinite(v):
+                raise BadInput(f"{flag} must be a finite number, got {v}")
+        if any(w < 0 for w in self.weights or []):
+            raise BadInput("--weights must be >= 0 (Eq. 2 mixes the models; for task negation use task_arithmetic "
+                           "with a negative --lambda)")
+        if self.shard_size < 1:
+            raise BadInput(f"--shard-size must be at least 1 byte, got {self.shard_size}")
         if self.method not in METHODS:
             raise BadInput(f"--method must be one of {', '.join(METHODS)}")
         if not self.models:
@@ -383,11 +394,12 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
         carriers = [opened(c) for c in cfg.carriers]
         inputs = ([base] if base else []) + models
         names = ([cfg.base] if base else []) + list(cfg.models)
+        check_inputs_and_out(cfg.out, models, ([base] if base else []) + carriers)  # base may be in --models
         al = align(inputs, names)  # shapes, vocab rule: all checked before anything is written
         for car in carriers:
             align([inputs[0], car], [names[0], car.name])
         shift_table = ShiftTable(cfg.shift_dir, base, models) if cfg.shift_dir and base else None
-        salience = load_salience(cfg, base, names) if cfg.method == "salience" else None
+        salience = load_salience(cfg, base, models, names) if cfg.method == "salience" else None
         merger = Merger(cfg, inputs, names, al, base is not None, shift_table, salience)
         ref = inputs[0]
         entries = [Entry(lm_disk_key(p.canon), p.ref.dtype, p.ref.shape) for p in al.tensors]
@@ -435,7 +447,6 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
                 "math_dtype": "float32",
                 "shards": writer.names,
                 "vocab": al.vocab,
-                "ignored_tensors": al.ignored,
                 "tokenizer_files": copied,
                 "carriers": carrier_reports,
                 "seconds_lm": round(t_lm, 3),
@@ -480,18 +491,22 @@ def mean_alphas(rows: Sequence[tuple[str, str, str, float | None, float]]) -> di
     return {m: sum(v) / len(v) for m, v in acc.items()}
 
 
-def load_salience(cfg: MergeConfig, base: Checkpoint, names: Sequence[str]) -> SalienceWeights:
+def load_salience(cfg: MergeConfig, base: Checkpoint, models: Sequence[Checkpoint],
+                  names: Sequence[str]) -> SalienceWeights:
     """The participants' salience runs, checked against the base's head geometry (base run first if given)."""
     from probe.families import HeadGeometry
 
     geometry = HeadGeometry.from_text_config(base.text_config)
     runs = ([(cfg.base_salience, names[0])] if cfg.base_salience else []) + list(zip(cfg.salience, names[1:]))
     tables = [read_salience(Path(d), cfg.salience_metric, geometry, nm) for d, nm in runs]
+    participants = dict(zip(names, [base.path, *(m.path for m in models)]))
+    for d, nm in runs:
+        check_run_model(Path(d), nm, participants)
     return SalienceWeights.build(tables, geometry, cfg.salience_temperature, cfg.alpha0, cfg.base_salience is not None)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgParser(
         prog="python -m analyses.merge",
         description="Merge the LLM backbones of modality-extended models (paper Eq. 1, 2, 4) and optionally "
         "transplant the merged LM into each multimodal carrier.",
@@ -500,8 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "it only supplies config, tokenizer and extra vocabulary rows (list it in --models to include it)")
     p.add_argument("--models", nargs="+", required=True, help="models whose LMs are merged (dirs or aliases)")
     p.add_argument("--method", choices=list(METHODS), default="shift",
-                   help="average (Eq. 1), weighted (Eq. 2), shift (Eq. 4; default), salience (DESIGN §9), "
-                   "task_arithmetic, ties")
+                   help="average (Eq. 1), weighted (Eq. 2), shift (Eq. 4; default), salience (head salience runs "
+                   "decide each head's weights), task_arithmetic, ties")
     p.add_argument("--weights", nargs="+", type=float, help="Eq. 2 weights, one per --models entry")
     p.add_argument("--no-normalize", action="store_true", help="use --weights as given (default: sum to 1)")
     p.add_argument("--alpha0", type=float, default=0.5, help="Eq. 4 weight of the base (default 0.5, as released)")

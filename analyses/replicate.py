@@ -36,7 +36,7 @@ from typing import Any, Callable, Sequence
 
 from analyses.replicate_config import (DEFAULT_CONFIG, GENERATED, QUICK_CONFIG, ReplicateConfig, check_machine,
                                        content_fingerprint, parse_config)
-from probe.errors import BadInput, cli_main
+from probe.errors import ArgParser, BadInput, cli_main
 
 MARKER = "replicate.json"  # marks DIR as ours: only then are stage dirs inside it ever deleted
 STATE_DIR = "stages"  # DIR/stages/<stage>.json: fingerprint, status, seconds (beside, not inside, the outputs)
@@ -313,7 +313,7 @@ def run_stage(ctx: Context, stage: Stage, fp: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     from probe.heads import _Help
 
-    p = argparse.ArgumentParser(
+    p = ArgParser(
         prog="python -m analyses.replicate", formatter_class=_Help,
         description="Run the paper's pipeline end to end (Tables 3-5, Figures 2-4, Eq. 1/3/4, salience and TIES "
         "merges), resumably, and write DIR/report.md and DIR/report.html.")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import tomllib
 import types
 import typing
@@ -187,8 +188,25 @@ def parse_config(path: Path) -> ReplicateConfig:
     return dataclasses.replace(cfg, data=data, train=train, source=str(path))
 
 
+def _check_finite(value: Any, key: str) -> None:
+    """Every float of the config, however deep (TOML reads ``nan`` and ``inf``): a NaN slips past range tests
+    (``nan <= 0`` is false) into a NaN merge or a NaN fine-tuning run that still exits 0."""
+    if dataclasses.is_dataclass(value):
+        for f in dataclasses.fields(value):
+            _check_finite(getattr(value, f.name), f"{key}.{f.name}" if key else f.name)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, f"{key}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_finite(v, f"{key}[{i}]")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise BadInput(f"config key {key!r}: must be a finite number, got {value}")
+
+
 def check_values(cfg: ReplicateConfig) -> None:
     """Ranges and cross-references between keys (still nothing read from disk)."""
+    _check_finite(cfg, "")
     m = cfg.models
     if not m.experts:
         raise BadInput("config key 'models.experts': give at least one expert")
@@ -208,10 +226,15 @@ def check_values(cfg: ReplicateConfig) -> None:
         if v is not None and v < 1:
             raise BadInput(f"config key {key!r}: must be ≥ 1 (0 = all items)")
     for key, v in (("eval.batch_size", cfg.eval.batch_size), ("heads.batch_size", cfg.heads.batch_size),
-                   ("finetune.batch_size", cfg.finetune.batch_size), ("finetune.steps", cfg.finetune.steps),
-                   ("trajectory.sketch_dim", cfg.trajectory.sketch_dim)):
+                   ("finetune.batch_size", cfg.finetune.batch_size), ("finetune.steps", cfg.finetune.steps)):
         if v < 1:
             raise BadInput(f"config key {key!r}: must be ≥ 1")
+    if cfg.trajectory.sketch_dim < 2:  # analyses.trajectory's own floor, met only at the end of the pipeline
+        raise BadInput("config key 'trajectory.sketch_dim': must be ≥ 2")
+    if not 0 <= cfg.seed < 2**32:  # the t-SNE of the trajectory stage (sklearn) takes no other seed
+        raise BadInput(f"config key 'seed': must be in 0 .. 2^32 - 1, got {cfg.seed}")
+    if cfg.train.seed < 0:
+        raise BadInput(f"config key 'train.seed': must be ≥ 0, got {cfg.train.seed}")
     if cfg.train.generate < 0:
         raise BadInput("config key 'train.generate': must be ≥ 0")
     if not cfg.train.generate and not cfg.train.data:
@@ -245,7 +268,16 @@ def check_values(cfg: ReplicateConfig) -> None:
             raise BadInput(f"config key {key!r}: must be > 0")
     if not 0 < cfg.merge.density <= 1:
         raise BadInput("config key 'merge.density': must be in (0, 1]")
+    if not cfg.merge.lam > 0:  # TIES adds λ × the merged task vector: ≤ 0 is the base, or away from the experts
+        raise BadInput(f"config key 'merge.lam': must be > 0, got {cfg.merge.lam}")
     ft = cfg.finetune
+    for key, v in (("finetune.lr", ft.lr), ("finetune.lm_lr", ft.lm_lr)):
+        if v < 0:  # a negative rate climbs the loss (gradient ascent); 0 freezes that part, as in analyses.finetune
+            raise BadInput(f"config key {key!r}: must be ≥ 0 (0 freezes its part), got {v}")
+    if ft.lr == 0 and ft.lm_lr == 0:
+        raise BadInput("config key 'finetune.lm_lr': finetune.lr and finetune.lm_lr are both 0, nothing would train")
+    if ft.warmup < 0:
+        raise BadInput(f"config key 'finetune.warmup': must be ≥ 0 (0: no warm-up), got {ft.warmup}")
     if ft.carrier not in m.experts:
         raise BadInput(f"config key 'finetune.carrier': {ft.carrier!r} is not one of models.experts")
     if not ft.runs:
@@ -285,14 +317,90 @@ def check_machine(cfg: ReplicateConfig) -> dict[str, str]:
     for key, d in dirs:
         if d.lower() != "mmmu" and not Path(d).is_dir():
             raise BadInput(f"config key {key!r}: {d} is not a directory")
-    paths = {}
+    refs = {}
     for key, spec in [("models.base", cfg.models.base)] + [(f"models.experts[{i}]", e)
                                                           for i, e in enumerate(cfg.models.experts)]:
         try:
-            paths[spec] = str(resolve_model(spec).path)
+            refs[key] = resolve_model(spec)
         except BadInput as exc:
             raise BadInput(f"config key {key!r}: {exc}") from None
-    return paths
+    check_lm_geometry(refs)
+    check_modalities_read(cfg, refs)
+    return {r.spec: str(r.path) for r in refs.values()}
+
+
+def check_lm_geometry(refs: dict[str, Any]) -> None:
+    """Every expert's LM is the base's: layers, heads and sizes from config.json, then (weights on disk) the LM
+    tensors' names and shapes from the safetensors headers with analyses.align, the check the shift and merge
+    stages make, so a mismatch stops here and not after table3 and heads have run. No weight is read."""
+    from contextlib import ExitStack
+
+    from analyses.align import align
+    from analyses.checkpoints import open_checkpoint
+
+    base = refs["models.base"]
+
+    def shape(g: Any) -> str:
+        return (f"{g.n_layers} layers, {g.n_heads} heads ({g.n_kv_heads} key/value) of {g.head_dim}, hidden "
+                f"{g.hidden_size}")
+
+    for key, ref in refs.items():
+        if ref.geometry != base.geometry:
+            raise BadInput(f"config key {key!r}: the LM of {ref.spec} has {shape(ref.geometry)}, the base "
+                           f"{base.spec} {shape(base.geometry)}; experts must be fine-tunes of models.base")
+    if any(r.hub_repo or r.gguf_file for r in refs.values()):
+        return  # hub weights are fetched when a stage first needs them; their configs agreed above
+    with ExitStack() as stack:
+        try:
+            ckpts = [stack.enter_context(open_checkpoint(str(r.path))) for r in refs.values()]
+            align(ckpts, [r.spec for r in refs.values()])
+        except BadInput as exc:
+            raise BadInput(f"config key 'models.experts': {exc}") from None
+
+
+def check_modalities_read(cfg: ReplicateConfig, refs: dict[str, Any]) -> None:
+    """Each model reads the items its stages give it (probe.prompting.check_modalities, as probe.eval and
+    analyses.finetune do): an expert its own set (heads, table5), the base the text set, the fine-tuned carrier
+    every trained label. Items are read, not weights; "mmmu" (a download) is left to the stage."""
+    from probe.mmmu import load_items
+    from probe.prompting import check_modalities
+    from probe.zoo import validation_dir
+
+    m = cfg.models
+    experts = {spec: refs[f"models.experts[{i}]"] for i, spec in enumerate(m.experts)}
+    loaded: dict[tuple, list] = {}
+
+    def source(label: str, generated: bool, path: str | None, split: str, limit: int | None) -> tuple | None:
+        if generated:  # not made yet: the bundled set of that label comes from the same generator (same modality)
+            try:
+                return str(validation_dir(label)), "validation", None
+            except BadInput:
+                return None
+        return None if path is None or path.lower() == "mmmu" else (path, split, limit)
+
+    h, e, gen = cfg.heads, cfg.eval, cfg.heads.data == GENERATED
+    jobs = []  # (config key, model, label, what reads it, where the items are)
+    for i, (spec, label) in enumerate(zip(m.experts, m.own)):
+        jobs.append((f"models.own[{i}]", experts[spec], label, "the heads stage",
+                     source(label, gen, cfg.data.get(label), h.split, h.limit)))
+        jobs.append((f"models.own[{i}]", experts[spec], label, "table5",
+                     source(label, False, cfg.data.get(label), e.split, e.limit)))
+    if h.base_on_text:
+        jobs.append(("eval.text", refs["models.base"], e.text, "the heads stage",
+                     source(e.text, gen, cfg.data.get(e.text), h.split, h.limit)))
+    for name, mix in cfg.finetune.runs.items():
+        for label in mix:
+            jobs.append((f"finetune.runs.{name}", experts[cfg.finetune.carrier], label, "fine-tuning",
+                         source(label, bool(cfg.train.generate), cfg.train.data.get(label), "train", None)))
+    for key, ref, label, what, src in jobs:
+        if src is None:
+            continue
+        try:
+            if src not in loaded:
+                loaded[src] = load_items(src[0], split=src[1], limit=src[2])[0]
+            check_modalities(ref, loaded[src])
+        except BadInput as exc:
+            raise BadInput(f"config key {key!r}: {what} would give {ref.spec} the {label!r} items: {exc}") from None
 
 
 def content_fingerprint(path: str | Path, hash_limit: int = 64 << 20) -> str:

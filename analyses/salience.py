@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -26,6 +27,26 @@ METRICS = ("kl", "accuracy_drop", "prob_accuracy_drop")
 HEAD_TENSOR = re.compile(r"layers\.(\d+)\.self_attn\.(?:([qkv])_proj\.(?:weight|bias)|(o)_proj\.weight)$")
 
 
+def check_run_model(run_dir: Path, who: str, participants: dict[str, Path]) -> None:
+    """A salience run must be of the participant it is given for: refuse a run measured on another participant
+    (runs swapped, or the base's run given for an expert); warn when it was measured on a model elsewhere (a copy?)."""
+    try:
+        measured = json.loads((run_dir / "run.json").read_text())["plan"]["model_path"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        print(f"warning: {run_dir / 'run.json'} does not name the model it measured (not a probe.heads run.json?); "
+              f"it is used as {who}'s run unchecked", file=sys.stderr)
+        return
+    measured_path = Path(measured).resolve()
+    if measured_path == participants[who].resolve():
+        return
+    other = next((nm for nm, p in participants.items() if p.resolve() == measured_path), None)
+    if other is not None:
+        raise BadInput(f"salience run {run_dir} measured {other}, but it is given for {who}; give each model its "
+                       "own run, in the order of --models")
+    print(f"warning: salience run {run_dir} measured {measured}, not {who} ({participants[who]}); it is used as "
+          "that model's run", file=sys.stderr)
+
+
 def read_salience(run_dir: Path, metric: str, geometry: HeadGeometry, who: str) -> torch.Tensor:
     """[n_layers, n_heads] salience of a complete ``probe.heads`` run covering every head of the model."""
     heads_csv, run_json = run_dir / "heads.csv", run_dir / "run.json"
@@ -33,7 +54,7 @@ def read_salience(run_dir: Path, metric: str, geometry: HeadGeometry, who: str) 
         raise BadInput(f"--salience {run_dir}: not a probe.heads run (no heads.csv / run.json)")
     try:
         status = json.loads(run_json.read_text()).get("status")
-    except (OSError, json.JSONDecodeError):
+    except (OSError, json.JSONDecodeError, AttributeError):
         raise BadInput(f"{run_json}: unreadable") from None
     if status != "complete":
         raise BadInput(f"--salience {run_dir}: the run is not complete (status {status!r}); finish it first")
@@ -55,6 +76,8 @@ def read_salience(run_dir: Path, metric: str, geometry: HeadGeometry, who: str) 
         grid[layer, h] = v
     if not torch.isfinite(grid).all():
         raise BadInput(f"{heads_csv}: {metric} is NaN for some heads (accuracy needs a run with generation)")
+    if metric == "kl" and float(grid.min()) < -1e-6:  # KL(orig‖masked) ≥ 0: a negative one is not a KL
+        raise BadInput(f"{heads_csv}: kl is negative ({float(grid.min()):.3g}) for some heads; not a probe.heads KL")
     return grid
 
 

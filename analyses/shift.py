@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import statistics
 import sys
 from contextlib import ExitStack
@@ -22,10 +23,11 @@ from typing import Any, Sequence
 from tqdm import tqdm
 
 from analyses.align import Alignment, align, check_finite
-from analyses.checkpoints import Checkpoint, add_output_args, chunks, layer_module, open_checkpoint
+from analyses.checkpoints import (Checkpoint, add_output_args, check_inputs_and_out, chunks, layer_module,
+                                  open_checkpoint)
 from analyses.formulas import ShiftStats
 from analyses.writer import atomic_dir, check_output
-from probe.errors import BadInput, cli_main
+from probe.errors import ArgParser, BadInput, cli_main
 
 CHUNK = 1 << 22  # elements per streamed chunk: 16 MB of fp32 temporaries
 COLUMNS = ["model", "tensor", "layer", "module", "numel", "delta_avg", "delta_max", "rel_l2"]
@@ -97,14 +99,21 @@ def summarize(rows: Sequence[ShiftRow], names: Sequence[str]) -> dict[str, Any]:
             "weighted_delta_avg": sum(x.delta_avg * x.numel for x in r) / max(numel, 1),  # mean |Δ| over all weights
             "median_delta_avg": statistics.median(x.delta_avg for x in r),
             "max_delta": max(x.delta_max for x in r),
-            "mean_rel_l2": statistics.fmean(x.rel_l2 for x in r),
+            # rel_l2 is undefined (inf) for a tensor whose base is all zeros: the mean is over the others
+            "mean_rel_l2": _mean_finite([x.rel_l2 for x in r]),
         }
     low = min(v["mean_delta_avg"] for v in per.values())
     low_w = min(v["weighted_delta_avg"] for v in per.values())
     for v in per.values():
-        v["ratio_to_least_shifted"] = v["mean_delta_avg"] / low if low > 0 else float("inf")
-        v["weighted_ratio_to_least_shifted"] = v["weighted_delta_avg"] / low_w if low_w > 0 else float("inf")
+        # null (valid JSON, unlike Infinity) when some model did not move at all: no ratio to it is defined
+        v["ratio_to_least_shifted"] = v["mean_delta_avg"] / low if low > 0 else None
+        v["weighted_ratio_to_least_shifted"] = v["weighted_delta_avg"] / low_w if low_w > 0 else None
     return per
+
+
+def _mean_finite(values: Sequence[float]) -> float | None:
+    finite = [v for v in values if math.isfinite(v)]
+    return statistics.fmean(finite) if finite else None
 
 
 def write_csv(path: Path, rows: Sequence[ShiftRow]) -> None:
@@ -132,32 +141,34 @@ def run_shift(cfg: ShiftConfig) -> dict[str, Any]:
     with ExitStack() as stack:
         base = stack.enter_context(open_checkpoint(cfg.base, cfg.allow_bin))
         models = [stack.enter_context(open_checkpoint(m, cfg.allow_bin)) for m in cfg.models]
+        check_inputs_and_out(cfg.out, models, [base])
         rows, al = compute_shift(base, models, cfg.models)
         summary = {
             "base": {"name": cfg.base, "path": str(base.path), "layout": base.layout.name},
             "models": [{"name": m.name, "path": str(m.path), "layout": m.layout.name} for m in models],
             "per_model": summarize(rows, cfg.models),
             "vocab": al.vocab,
-            "ignored_tensors": al.ignored,
             "formula": "delta_avg = mean |theta_base - theta_model| per tensor (Eq. 3), fp32",
             "dtype": str(al.tensors[0].ref.dtype),
         }
     with atomic_dir(cfg.out, cfg.overwrite) as tmp:
         write_csv(tmp / "shift.csv", rows)
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
         if cfg.figures:
             from figures.shift import draw_shift
 
             draw_shift(tmp)
     for nm, v in summary["per_model"].items():
-        print(f"{nm}: mean Δavg {v['mean_delta_avg']:.3g} ({v['ratio_to_least_shifted']:.2f}x least shifted)")
+        ratio = v["ratio_to_least_shifted"]
+        print(f"{nm}: mean Δavg {v['mean_delta_avg']:.3g} "
+              + (f"({ratio:.2f}x least shifted)" if ratio is not None else "(no ratio: a model did not move)"))
     if al.vocab:
         print(f"vocabulary sizes differ: {json.dumps(al.vocab)}", file=sys.stderr)
     return summary
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgParser(
         prog="python -m analyses.shift",
         description="Per-tensor parameter shift of modality-extended LLMs from their base (paper Eq. 3).",
     )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import re
 import sys
 from contextlib import ExitStack
@@ -27,10 +28,10 @@ import torch
 from tqdm import tqdm
 
 from analyses.align import align, check_finite
-from analyses.checkpoints import Checkpoint, add_output_args, open_checkpoint
+from analyses.checkpoints import Checkpoint, add_output_args, check_inputs_and_out, open_checkpoint
 from analyses.sketch import SKETCH_CHUNK, CountSketch
 from analyses.writer import atomic_dir, check_output
-from probe.errors import BadInput, cli_main
+from probe.errors import ArgParser, BadInput, cli_main
 
 
 @dataclass
@@ -132,14 +133,17 @@ def run_trajectory(cfg: TrajectoryConfig) -> dict[str, Any]:
     check_output(cfg.out, cfg.overwrite)
     if cfg.sketch_dim < 2:
         raise BadInput("--sketch-dim must be >= 2")
-    if cfg.perplexity <= 0:
-        raise BadInput("--perplexity must be > 0")
+    if not (math.isfinite(cfg.perplexity) and cfg.perplexity > 0):  # NaN passes a plain "<= 0" test
+        raise BadInput(f"--perplexity must be a finite number > 0, got {cfg.perplexity}")
+    if not 0 <= cfg.seed < 2**32:  # sklearn's PCA and t-SNE take random_state in 0 .. 2^32 - 1
+        raise BadInput(f"--seed must be in 0 .. 2^32 - 1, got {cfg.seed}")
     points = collect_points(cfg)
     if len(points) < 2:
         raise BadInput("need at least two checkpoints (base plus --experts/--merged/--runs)")
     with ExitStack() as stack:
         ckpts = [stack.enter_context(open_checkpoint(p.path, cfg.allow_bin)) for p in points]
         ref = stack.enter_context(open_checkpoint(cfg.ref, cfg.allow_bin)) if cfg.ref else ckpts[0]
+        check_inputs_and_out(cfg.out, ckpts, [ref])  # a point twice would sit on itself and skew t-SNE
         tensors, norms, sketch = stream_features(ref, ckpts, [p.name for p in points], CountSketch(cfg.sketch_dim, cfg.seed))
     coords: list[list[Any]] = []
     perplexity_used = None
@@ -179,7 +183,7 @@ def run_trajectory(cfg: TrajectoryConfig) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgParser(
         prog="python -m analyses.trajectory",
         description="Map checkpoints in weight space: per-tensor ‖θ − θ_ref‖ and a streamed random-projection "
         "sketch of θ − θ_ref, embedded with PCA and t-SNE (paper section 6.2, Figure 4).",

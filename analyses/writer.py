@@ -8,6 +8,7 @@ complete-looking output).
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import queue
@@ -22,7 +23,7 @@ from typing import BinaryIO, Callable, Iterator, Sequence
 import torch
 
 from analyses.checkpoints import DTYPE_NAMES
-from probe.errors import BadInput
+from probe.errors import BadInput, check_out_path
 
 INDEX_NAME = "model.safetensors.index.json"
 Chunk = torch.Tensor | memoryview | bytes
@@ -246,15 +247,45 @@ def check_output(out: Path, overwrite: bool) -> None:
     """Refuse an existing output unless asked; validated before anything is read (STYLE 5)."""
     if out.exists() and not overwrite:
         raise BadInput(f"{out} exists; pass --overwrite to replace it")
-    if out.parent.exists() and not out.parent.is_dir():
-        raise BadInput(f"{out.parent} is not a directory")
+    check_out_path(out)  # no existing parent of it is a file
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    except OverflowError:  # no such pid can exist
+        return False
+    return True
+
+
+def remove_stale_partials(out: Path) -> list[Path]:
+    """Delete ``.NAME.partial-PID`` dirs beside ``out`` left by killed runs (PID no longer alive); returns them.
+
+    A live process's dir is never touched. PIDs are this machine's: runs on other hosts sharing the directory
+    write the same names, so do not point two hosts at one ``--out`` at once (that is a conflict anyway).
+    """
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.partial-(\d+)")
+    removed = []
+    for d in out.parent.glob(f".{glob.escape(out.name)}.partial-*"):
+        m = pattern.fullmatch(d.name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))) and not d.is_symlink():
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
 
 
 @contextmanager
 def atomic_dir(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a hidden temp dir beside ``out``; rename it to ``out`` on success, delete it on any error."""
+    """Yield a hidden temp dir beside ``out``; rename it to ``out`` on success, delete it on any error. Temp dirs
+    of killed earlier runs (``kill -9`` leaves them) are removed first."""
     out = Path(out)
     check_output(out, overwrite)
+    if out.parent.is_dir():
+        remove_stale_partials(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.sweep import text_items  # noqa: E402
 from probe.batch import evaluate_items  # noqa: E402
 from probe.devices import resolve_placement  # noqa: E402
+from probe.errors import ArgParser  # noqa: E402
 from probe.heads import default_data_for  # noqa: E402
 from probe.mmmu import load_items  # noqa: E402
 from probe.models import load_model, resolve_model  # noqa: E402
@@ -65,7 +66,7 @@ def compare(name: str, spec: str, items, batch_size: int, placement) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--items", type=int, default=128, help="organism-vl image items")
     p.add_argument("--smollm-items", type=int, default=32, help="SmolLM2 text items")
     p.add_argument("--batch-size", type=int, default=32)

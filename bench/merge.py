@@ -33,6 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from probe.errors import ArgParser  # noqa: E402
+
 
 def make_models(workdir: Path, k: int, params_m: int, dtype: str) -> list[Path]:
     import torch
@@ -182,7 +184,7 @@ def merge_args(method: str, inputs: list[str], work: Path, n_layers: int, n_head
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--k", type=int, default=3, help="number of checkpoints merged (default 3)")
     ap.add_argument("--params-m", type=int, default=160, help="million parameters per checkpoint (default 160)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])

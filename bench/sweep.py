@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from probe.archs import ARCHS  # noqa: E402
 from probe.devices import resolve_placement  # noqa: E402
-from probe.errors import BadInput, cli_main  # noqa: E402
+from probe.errors import ArgParser, BadInput, cli_main  # noqa: E402
 from probe.heads import DEFAULT_MODEL, default_data_for, parse_index_spec  # noqa: E402
 from probe.mmmu import load_items  # noqa: E402
 from probe.models import LoadedModel, load_model, resolve_model  # noqa: E402
@@ -127,7 +127,7 @@ def spread_heads(heads: list[tuple[int, int]], k: int) -> list[tuple[int, int]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help=f"alias or HF dir (default {DEFAULT_MODEL})")
     p.add_argument("--random-config", choices=sorted(a for a in ARCHS if a.endswith("7b")), default=None,
                    help="build this architecture from its real config with random weights (no download)")

@@ -11,7 +11,6 @@ largest difference between the two variants' gradients, which the tests bound (t
 """
 from __future__ import annotations
 
-import argparse
 import random
 import statistics
 import sys
@@ -22,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from probe.errors import ArgParser  # noqa: E402
 from probe.mmmu import load_mmmu  # noqa: E402
 from probe.train import collate, encode, label_count, label_loss, model_inputs, modality_parts  # noqa: E402
 from probe.zoo import organism_dir, validation_dir  # noqa: E402
@@ -59,7 +59,7 @@ def grads(loaded, step, rows) -> dict[str, torch.Tensor]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = ArgParser(description=__doc__.split("\n")[0])
     ap.add_argument("--organisms", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--batch", type=int, default=24)
     ap.add_argument("--repeats", type=int, default=6)

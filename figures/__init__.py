@@ -1,8 +1,13 @@
 """Figures drawn only from saved result files (``python -m figures KIND DIR``)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
+
+from probe.errors import BadInput
+
+NA_TEXT = ("", "nan")  # how a saved table spells a missing number (pandas writes NaN as an empty cell)
 
 
 def save_png_pdf(fig: Any, result_dir: Path, stem: str) -> list[Path]:
@@ -16,3 +21,64 @@ def save_png_pdf(fig: Any, result_dir: Path, stem: str) -> list[Path]:
         written.append(path)
     plt.close(fig)
     return written
+
+
+def _missing(path: Path, source: str) -> BadInput:
+    return BadInput(f"{path.parent}: no {path.name}" + (f" (not a finished {source} output)" if source else ""))
+
+
+def read_table(path: Path, columns: Mapping[str, type], optional: Mapping[str, type] | None = None,
+               source: str = "", **read_csv: Any) -> Any:
+    """A saved CSV table, checked before anything is drawn from it: the file parses, every column of ``columns``
+    is there (``optional`` ones may be absent), at least one row. Column kinds: ``str`` (kept as text), ``float``
+    (numbers, empty = missing) and ``int`` (a count or index: whole, ≥ 0, never missing). Any problem is one
+    BadInput naming the file; ``source`` is the command that writes it."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise _missing(path, source)
+    try:
+        df = pd.read_csv(path, **read_csv)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise BadInput(f"{path}: not a readable table ({reason})") from None
+    lacking = [c for c in columns if c not in df.columns]
+    if lacking:
+        raise BadInput(f"{path}: missing column{'s' if len(lacking) > 1 else ''} {', '.join(lacking)}"
+                       + (f" (not as {source} writes it)" if source else ""))
+    if df.empty:
+        raise BadInput(f"{path}: no rows")
+    kinds = {**columns, **{c: k for c, k in (optional or {}).items() if c in df.columns}}
+    for col, kind in kinds.items():
+        raw = df[col]
+        if kind is str:
+            df[col] = raw.where(raw.isna(), raw.astype(str))
+            continue
+        num = pd.to_numeric(raw, errors="coerce")
+        text = raw.astype(str).str.strip().str.lower()
+        bad = num.isna() & raw.notna() & ~text.isin(NA_TEXT)
+        what = "numbers"
+        if kind is int:
+            bad |= num.isna() | (num % 1 != 0) | (num < 0)
+            what = "whole numbers ≥ 0"
+        if bad.any():
+            i = int(bad.to_numpy().argmax())
+            shown = "an empty cell" if text.iloc[i] in NA_TEXT else repr(raw.iloc[i])
+            raise BadInput(f"{path}: column {col} must hold {what}; line {i + 2} has {shown}")
+        df[col] = num.astype(int) if kind is int else num.astype(float)
+    return df
+
+
+def read_json(path: Path, source: str = "") -> dict[str, Any]:
+    """A saved JSON object (run.json, baseline.json, ...); missing, unparsable or not an object is BadInput."""
+    path = Path(path)
+    if not path.is_file():
+        raise _missing(path, source)
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise BadInput(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise BadInput(f"{path}: not a JSON object")
+    return obj

@@ -1,13 +1,12 @@
 """``python -m figures KIND DIR``: redraw figures from saved result files only."""
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from probe.errors import BadInput, cli_main
+from probe.errors import ArgParser, BadInput, cli_main
 
 # kind → (module, function taking the result dir and returning the written paths)
 KINDS: dict[str, tuple[str, str]] = {
@@ -22,7 +21,7 @@ KINDS: dict[str, tuple[str, str]] = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m figures", description=__doc__)
+    p = ArgParser(prog="python -m figures", description=__doc__)
     p.add_argument("kind", choices=sorted(KINDS), help="which result directory type to draw")
     p.add_argument("dir", type=Path, nargs="+",
                    help="result directory written by the matching command (steps: several probe.eval runs, one "

@@ -7,8 +7,24 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from figures import save_png_pdf
+from figures import read_table, save_png_pdf
 from probe.errors import BadInput
+
+SCORES = {"model": str, "data": str, "subject": str, "n_items": int,
+          **{f"{m}{s}": float for m in ("accuracy", "prob_accuracy") for s in ("", "_lo", "_hi")}}
+DIFFS = dict.fromkeys(["diff_accuracy", "diff_lo", "diff_hi", "diff_prob_accuracy", "diff_prob_lo", "diff_prob_hi"],
+                      float)
+
+
+def read_scores(result_dir: Path) -> pd.DataFrame:
+    """DIR/scores.csv of a probe.eval run, checked: its columns, numbers, one 'all' row per model and data set."""
+    csv = Path(result_dir) / "scores.csv"
+    scores = read_table(csv, SCORES, DIFFS, "python -m probe.eval", keep_default_na=False, na_values=[""])
+    if not (scores["subject"] == "all").any():
+        raise BadInput(f"{csv}: no row with subject 'all' (the per model and data set totals)")
+    if (twice := scores.duplicated(["model", "data", "subject"])).any():
+        raise BadInput(f"{csv}: line {int(twice.to_numpy().argmax()) + 2} repeats a model, data set and subject")
+    return scores
 
 
 def draw_eval(result_dir: Path) -> list[Path]:
@@ -17,10 +33,7 @@ def draw_eval(result_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    csv = result_dir / "scores.csv"
-    if not csv.is_file():
-        raise BadInput(f"{result_dir}: no scores.csv (run python -m probe.eval)")
-    scores = pd.read_csv(csv, keep_default_na=False, na_values=[""])
+    scores = read_scores(result_dir)
     top = scores[scores["subject"] == "all"]
     metric = "accuracy" if top["accuracy"].notna().any() else "prob_accuracy"
     models = list(dict.fromkeys(top["model"]))

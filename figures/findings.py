@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-import pandas as pd
 
 from figures.paper import SHIFT_RATIO
 from figures.results import METHOD_LABELS, Replication, short
+from probe.errors import BadInput
 
 SMALL_DROP = 0.02  # a head "matters" when removing it costs ≥ 2 points of probability accuracy
 SHARE_MATTERS = 0.9  # "no single head is dispensable": at least 90 % of the heads matter
@@ -61,7 +61,7 @@ def heads_all_matter(r: Replication) -> Finding:
             f"≥ {100 * SMALL_DROP:.0f} points when removed")
     shares = {}
     for e in r.experts:
-        h = pd.read_csv(r.out / "heads" / short(e) / "heads.csv")
+        h = r.heads(e, need=("prob_accuracy_drop",))[0]
         shares[e] = float((h["prob_accuracy_drop"] >= SMALL_DROP).mean())
     ok = [e for e, s in shares.items() if s >= SHARE_MATTERS]
     ev = "; ".join(f"{e}: {s:.0%} of heads" for e, s in shares.items())
@@ -74,7 +74,7 @@ def shallow_layers(r: Replication) -> Finding:
     crit = "for every expert, the mean KL of removing a head is larger in the first half of the layers than in the second"
     ev, ok = [], 0
     for e in r.experts:
-        h = pd.read_csv(r.out / "heads" / short(e) / "heads.csv")
+        h = r.heads(e, need=("kl",))[0]
         n = int(h["layer"].max()) + 1
         shallow, deep = h[h["layer"] < n / 2]["kl"].mean(), h[h["layer"] >= n / 2]["kl"].mean()
         ok += bool(shallow > deep)
@@ -85,9 +85,7 @@ def shallow_layers(r: Replication) -> Finding:
 
 
 def shift_ratio(r: Replication) -> Finding:
-    import json
-
-    per = json.loads((r.out / "shift" / "summary.json").read_text())["per_model"]
+    per = r.shift_per_model()
     means = {e: per[e]["mean_delta_avg"] for e in r.experts}
     vl = next((e for e in r.experts if "qwen2-vl" in r.paper_name(e).lower()), None)
     top = max(means, key=means.get)
@@ -196,8 +194,18 @@ def steps_tradeoff(r: Replication) -> Finding:
 
 
 def _sketch(r: Replication, fig: str) -> tuple[list[str], np.ndarray]:
-    z = np.load(r.out / "trajectory" / fig / "features.npz")
-    return [str(n) for n in z["names"]], z["sketch"].astype(np.float64)
+    path = r.out / "trajectory" / fig / "features.npz"
+    try:
+        with np.load(path) as z:
+            if lacking := [k for k in ("names", "sketch") if k not in z.files]:
+                raise BadInput(f"{path}: no {' / '.join(lacking)} array (not as python -m analyses.trajectory "
+                               "writes it)")
+            names, sketch = [str(n) for n in z["names"]], z["sketch"].astype(np.float64)
+    except (OSError, ValueError, EOFError, AttributeError, TypeError):
+        raise BadInput(f"{path}: not a readable .npz archive") from None
+    if sketch.ndim != 2 or len(sketch) != len(names):
+        raise BadInput(f"{path}: sketch is not one row per name")
+    return names, sketch
 
 
 def distinct_directions(r: Replication) -> Finding:

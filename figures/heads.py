@@ -1,12 +1,12 @@
 """Layer × head heatmaps of a head sweep, drawn only from DIR/heads.csv and DIR/baseline.json."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from figures import read_json, read_table
 from probe.errors import BadInput
 
 PANELS = {
@@ -71,14 +71,25 @@ def draw_metric(heads: pd.DataFrame, baseline: dict, metric: str, out_stem: Path
     plt.close(fig)
 
 
+def read_sweep(run_dir: Path, need: tuple[str, ...] = ()) -> tuple[pd.DataFrame, dict]:
+    """heads.csv (with the columns ``need``) and baseline.json of a finished head sweep, checked: BadInput naming
+    the file otherwise."""
+    source = "python -m probe.heads"
+    metrics = dict.fromkeys([*PANELS, "accuracy_drop", "prob_accuracy_drop"], float)
+    columns = {"layer": int, "head": int, **dict.fromkeys(need, float)}
+    heads = read_table(run_dir / "heads.csv", columns, metrics, source)
+    baseline = read_json(run_dir / "baseline.json", source)
+    for key in ("accuracy", "prob_accuracy", "n_items"):
+        v = baseline.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise BadInput(f"{run_dir / 'baseline.json'}: {key} is {v!r}, not a number")
+    return heads, baseline
+
+
 def draw_heads(run_dir: Path) -> list[Path]:
     """Redraw heatmap_{accuracy,prob_accuracy,kl}.{png,pdf} of a finished sweep."""
     run_dir = Path(run_dir)
-    try:
-        heads = pd.read_csv(run_dir / "heads.csv")
-        baseline = json.loads((run_dir / "baseline.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise BadInput(f"{run_dir}: not a finished head sweep ({exc})") from None
+    heads, baseline = read_sweep(run_dir)
     label = str(baseline.get("model", ""))
     if baseline.get("approximate"):
         label += " [attribution estimate]"
@@ -89,4 +100,6 @@ def draw_heads(run_dir: Path) -> list[Path]:
         stem = run_dir / f"heatmap_{metric}"
         draw_metric(heads, baseline, metric, stem, label)
         written += [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
+    if not written:
+        raise BadInput(f"{run_dir / 'heads.csv'}: no values in any of the columns {', '.join(PANELS)}")
     return written

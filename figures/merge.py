@@ -3,26 +3,29 @@
 slices received, beside the salience heatmap of its probe.heads run (when that run is still on disk)."""
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from figures import save_png_pdf
+from figures import read_json, read_table, save_png_pdf
 from probe.errors import BadInput
 
 Q_SLICE = re.compile(r"layers\.(\d+)\.self_attn\.q_proj\.weight$")
 
 
-def head_weights(rows: pd.DataFrame) -> dict[str, np.ndarray]:
+def head_weights(rows: pd.DataFrame, source: object = "merge_weights.csv") -> dict[str, np.ndarray]:
     """participant → [n_layers, n_heads] weight of its query-head slices."""
     q = rows[rows["tensor"].str.match(Q_SLICE.pattern) & rows["slice"].str.startswith("rows ")].copy()
     if q.empty:
-        raise BadInput("merge_weights.csv has no per-head slices (only --method salience writes them)")
+        raise BadInput(f"{source} has no per-head slices (only --method salience writes them)")
     q["layer"] = q["tensor"].str.extract(Q_SLICE.pattern)[0].astype(int)
-    bounds = q["slice"].str.extract(r"rows (\d+):(\d+)").astype(int)
+    bounds = q["slice"].str.extract(r"^rows (\d+):(\d+)$")
+    if (bad := bounds.isna().any(axis=1) | (bounds[1].astype(float) <= bounds[0].astype(float))).any():
+        raise BadInput(f"{source}: slice {q['slice'][bad].iloc[0]!r} of {q['tensor'][bad].iloc[0]} is not "
+                       "'rows START:END'")
+    bounds = bounds.astype(int)
     q["head"] = bounds[0] // (bounds[1] - bounds[0])
     out = {}
     for model, g in q.groupby("model", sort=False):
@@ -36,7 +39,7 @@ def _salience_grid(run_dir: Path, metric: str) -> np.ndarray | None:
     csv = run_dir / "heads.csv"
     if not csv.is_file():
         return None
-    df = pd.read_csv(csv)
+    df = read_table(csv, {"layer": int, "head": int, metric: float}, source="python -m probe.heads")
     grid = np.full((df["layer"].max() + 1, df["head"].max() + 1), np.nan)
     grid[df["layer"], df["head"]] = df[metric]
     return grid
@@ -48,14 +51,21 @@ def draw_merge(result_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    weights_csv, merge_json = result_dir / "merge_weights.csv", result_dir / "merge.json"
-    if not weights_csv.is_file() or not merge_json.is_file():
-        raise BadInput(f"{result_dir}: no merge_weights.csv / merge.json (run python -m analyses.merge)")
-    info = json.loads(merge_json.read_text())
-    grids = head_weights(pd.read_csv(weights_csv))
+    source = "python -m analyses.merge"
+    weights_csv = result_dir / "merge_weights.csv"
+    weights = read_table(weights_csv, {"tensor": str, "slice": str, "model": str, "alpha": float},
+                         {"delta_avg": float}, source)
+    info = read_json(result_dir / "merge.json", source)
+    grids = head_weights(weights, weights_csv)
     sal = info.get("salience") or {}
+    if not isinstance(sal, dict) or not isinstance(sal.get("runs", []), list):
+        raise BadInput(f"{result_dir / 'merge.json'}: 'salience' is not a salience merge's record")
     runs = ([sal.get("base_run")] if sal.get("base_run") else [None]) + list(sal.get("runs", []))
+    metric = sal.get("metric", "kl")
+    if not isinstance(metric, str) or not all(r is None or isinstance(r, str) for r in runs):
+        raise BadInput(f"{result_dir / 'merge.json'}: 'salience' is not a salience merge's record")
     names = list(grids)
+    sals = [_salience_grid(Path(runs[k]), metric) if k < len(runs) and runs[k] else None for k in range(len(names))]
     fig, axes = plt.subplots(2, len(names), figsize=(2.4 + 2.6 * len(names), 5.6), dpi=150, squeeze=False)
     for k, name in enumerate(names):
         ax = axes[0][k]
@@ -64,7 +74,7 @@ def draw_merge(result_dir: Path) -> list[Path]:
         ax.set_xlabel("head", fontsize=8)
         ax.set_ylabel("layer", fontsize=8)
         fig.colorbar(im, ax=ax, fraction=0.046).ax.tick_params(labelsize=7)
-        s = _salience_grid(Path(runs[k]), sal.get("metric", "kl")) if k < len(runs) and runs[k] else None
+        s = sals[k]
         ax2 = axes[1][k]
         if s is None:
             ax2.text(0.5, 0.5, "base keeps alpha0\n(no salience run)" if k == 0 else "salience run not found",

@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 
-from figures import paper
+from figures import paper, read_json
 from figures.findings import Finding, findings
 from figures.results import METHOD_LABELS, EvalRun, Replication, short
+from probe.errors import BadInput
 
 FIG_DIR = "report_figures"
 MAX_WIDTH = 1100  # px: figures are downscaled to this so the committed example stays small
@@ -172,9 +171,7 @@ def draw_figure2(r: Replication, dest: Path) -> bool:
         return False
     fig, axes = plt.subplots(2, len(models), figsize=(1.2 + 3.0 * len(models), 5.2), dpi=110, squeeze=False)
     for k, m in enumerate(models):
-        run = r.out / "heads" / short(m)
-        heads = pd.read_csv(run / "heads.csv")
-        base = json.loads((run / "baseline.json").read_text())
+        heads, base = r.heads(m, need=("kl", "prob_accuracy_drop"))
         for row, (metric, cmap, label) in enumerate((("kl", "magma_r", "KL(orig‖masked) [nats]"),
                                                      ("prob_accuracy_drop", "viridis_r", "prob. accuracy drop"))):
             grid, layers, hs = _grid(heads, metric)
@@ -246,8 +243,8 @@ def build(r: Replication, figdir: Path) -> Doc:
             p = r.out / "heads" / short(m)
             if not (p / "heads.csv").is_file():
                 continue
-            b = json.loads((p / "baseline.json").read_text())
-            h = pd.read_csv(p / "heads.csv").sort_values("kl", ascending=False)
+            h, b = r.heads(m, need=("kl",))
+            h = h.sort_values("kl", ascending=False)
             top = ", ".join(f"L{x.layer}.H{x.head} ({x.kl:.2f})" for x in h.head(3).itertuples())
             acc = "—" if b["accuracy"] != b["accuracy"] else f"{100 * b['accuracy']:.1f}"
             rows.append([m, str(b["n_items"]), acc, f"{100 * b['prob_accuracy']:.1f}", top])
@@ -262,14 +259,16 @@ def build(r: Replication, figdir: Path) -> Doc:
     # shift
     d.h(2, "Parameter shift (Eq. 3) and the Eq. 4 weights")
     if r.complete("shift"):
-        per = json.loads((r.out / "shift" / "summary.json").read_text())["per_model"]
+        per = r.shift_per_model()
         alpha = {}
-        if (r.out / "merge" / "shift" / "merge.json").is_file():
-            alpha = json.loads((r.out / "merge" / "shift" / "merge.json").read_text()).get("mean_alpha", {})
+        if (merge_json := r.out / "merge" / "shift" / "merge.json").is_file():
+            alpha = read_json(merge_json).get("mean_alpha") or {}
+            if not isinstance(alpha, dict) or not all(isinstance(v, (int, float)) for v in alpha.values()):
+                raise BadInput(f"{merge_json}: mean_alpha is not a number per model")
         rows = []
         for e in r.experts:
             pub = paper.SHIFT_RELEASED.get(r.paper_name(e))
-            rows.append([label[e], f"{per[e]['mean_delta_avg']:.4g}", f"{per[e]['ratio_to_least_shifted']:.2f}×",
+            rows.append([label[e], f"{per[e]['mean_delta_avg']:.4g}", _times(per[e]['ratio_to_least_shifted']),
                          f"{alpha[e]:.3f}" if e in alpha else "—",
                          f"{pub[0]:g}" if pub else "—", f"{pub[1]:.3f}" if pub else "—"])
         d.table(["expert (stands for)", "mean Δavg", "× least shifted", "Eq. 4 mean α", "paper: mean Δavg",
@@ -378,12 +377,24 @@ def build_report(out: Path) -> list[Path]:
     out = Path(out)
     r = Replication.read(out)
     figdir = out / FIG_DIR
+    tmp = out / f".{FIG_DIR}.partial"  # figures are drawn aside: bad results leave the previous report whole
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        doc = build(r, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if figdir.exists():
         shutil.rmtree(figdir)
-    figdir.mkdir()
-    doc = build(r, figdir)
+    tmp.rename(figdir)
     from probe.results import atomic_write_bytes
 
     atomic_write_bytes(out / "report.md", doc.markdown().encode())
     atomic_write_bytes(out / "report.html", doc.html(out, "omniprobe replication report").encode())
     return [out / "report.md", out / "report.html"]
+
+
+def _times(ratio: float | None) -> str:
+    """× least shifted; shift writes null when some model did not move (no ratio to it is defined)."""
+    return "—" if ratio is None else f"{ratio:.2f}×"

@@ -9,6 +9,7 @@ from typing import Any
 
 import pandas as pd
 
+from figures import read_json
 from probe.errors import BadInput
 
 METHOD_LABELS = {"average": "Eq. 1 average", "shift": "Eq. 4 shift-weighted", "salience": "salience-guided (ours)",
@@ -26,12 +27,18 @@ class EvalRun:
 
     @staticmethod
     def read(d: Path) -> "EvalRun":
+        from figures.eval import read_scores
+
         if not (d / "scores.csv").is_file() or not (d / "run.json").is_file():
             raise BadInput(f"{d}: no scores.csv / run.json (the stage has not completed)")
-        s = pd.read_csv(d / "scores.csv", keep_default_na=False, na_values=[""])
-        plan = json.loads((d / "run.json").read_text())["plan"]
-        metric = "accuracy" if plan["settings"]["generate"] else "prob_accuracy"
-        return EvalRun(d, s, metric, {x["spec"]: x["name"] for x in plan["data"]})
+        s = read_scores(d)
+        try:
+            plan = read_json(d / "run.json")["plan"]
+            metric = "accuracy" if plan["settings"]["generate"] else "prob_accuracy"
+            names = {x["spec"]: x["name"] for x in plan["data"]}
+        except (KeyError, TypeError):
+            raise BadInput(f"{d / 'run.json'}: not a probe.eval run.json (no plan with settings and data)") from None
+        return EvalRun(d, s, metric, names)
 
     def row(self, model: str, data_spec: str) -> Any:
         """The 'all' row of a model on a data set (by the spec the replicate config gave)."""
@@ -54,14 +61,34 @@ class Replication:
     @staticmethod
     def read(out: Path) -> "Replication":
         path = Path(out) / "replicate.json"
-        if not path.is_file():
-            raise BadInput(f"{out}: no replicate.json (not a python -m analyses.replicate output)")
-        return Replication(Path(out), json.loads(path.read_text()))
+        info = read_json(path, "python -m analyses.replicate")
+        if not all(isinstance(info.get(k), dict) for k in ("config", "fingerprints")):
+            raise BadInput(f"{path}: no config and fingerprints (not written by python -m analyses.replicate)")
+        return Replication(Path(out), info)
+
+    def heads(self, model: str, need: tuple[str, ...] = ()) -> tuple[pd.DataFrame, dict[str, Any]]:
+        """heads.csv and baseline.json of the head sweep of ``model``, checked."""
+        from figures.heads import read_sweep
+
+        return read_sweep(self.out / "heads" / short(model), need)
+
+    def shift_per_model(self) -> dict[str, dict[str, float]]:
+        """shift/summary.json's per-expert numbers, checked."""
+        path = self.out / "shift" / "summary.json"
+        per = read_json(path).get("per_model")
+        for e in self.experts:
+            row = per.get(e) if isinstance(per, dict) else None
+            ratio = row.get("ratio_to_least_shifted", "absent") if isinstance(row, dict) else None
+            # the ratio is null when some model did not move (shift writes no Infinity)
+            if not isinstance(row, dict) or not isinstance(row.get("mean_delta_avg"), (int, float)) \
+                    or not (ratio is None or isinstance(ratio, (int, float))):
+                raise BadInput(f"{path}: no per_model numbers for {e}")
+        return per
 
     def complete(self, stage: str) -> bool:
         try:
             st = json.loads((self.out / "stages" / f"{stage}.json").read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError, AttributeError):  # missing, unparsable or not an object
             return False
         return st.get("status") == "complete" and st.get("fingerprint") == self.info["fingerprints"].get(stage)
 
@@ -69,13 +96,13 @@ class Replication:
         """Wall (``seconds``) or CPU (``cpu_seconds``) time of the process that completed the stage."""
         try:
             return json.loads((self.out / "stages" / f"{stage}.json").read_text()).get(key)
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError, AttributeError):  # missing, unparsable or not an object
             return None
 
     def resumed(self, stage: str) -> bool:
         try:
             return bool(json.loads((self.out / "stages" / f"{stage}.json").read_text()).get("resumed"))
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError, AttributeError):  # missing, unparsable or not an object
             return False
 
     # names from the saved config

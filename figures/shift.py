@@ -13,10 +13,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
-from probe.errors import BadInput  # noqa: E402
+from figures import read_table  # noqa: E402
 
 
 def short_names(models: list[str]) -> dict[str, str]:
@@ -44,10 +43,8 @@ def save(fig: plt.Figure, path: Path) -> list[Path]:
 
 def draw_shift(result_dir: Path) -> list[Path]:
     result_dir = Path(result_dir)
-    csv = result_dir / "shift.csv"
-    if not csv.is_file():
-        raise BadInput(f"{result_dir}: no shift.csv (run python -m analyses.shift)")
-    df = pd.read_csv(csv)
+    df = read_table(result_dir / "shift.csv", {"model": str, "layer": float, "module": str, "delta_avg": float},
+                    source="python -m analyses.shift")
     models = list(dict.fromkeys(df["model"]))
     labels = short_names(models)
     written: list[Path] = []

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from figures import save_png_pdf
+from figures.eval import read_scores
 from probe.errors import BadInput
 
 STEP = re.compile(r"checkpoint-(\d+)/?$")
@@ -16,10 +17,7 @@ STEP = re.compile(r"checkpoint-(\d+)/?$")
 
 def step_scores(result_dir: Path) -> pd.DataFrame:
     """The 'all' rows of an eval run whose models are checkpoints, with their step."""
-    csv = result_dir / "scores.csv"
-    if not csv.is_file():
-        raise BadInput(f"{result_dir}: no scores.csv (run python -m probe.eval over the checkpoints)")
-    s = pd.read_csv(csv, keep_default_na=False, na_values=[""])
+    s = read_scores(result_dir)
     s = s[(s["subject"] == "all") & (s["n_items"] > 0)].copy()
     s["step"] = s["model"].astype(str).str.extract(STEP.pattern)[0]
     s = s.dropna(subset=["step"])

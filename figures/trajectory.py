@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from figures import read_table  # noqa: E402
 from figures.shift import save, short_names  # noqa: E402
 from probe.errors import BadInput  # noqa: E402
 
@@ -27,9 +28,10 @@ TITLES = {"norms": "per-tensor ‖θ − θ_ref‖ (paper's feature)", "sketch":
 def draw_trajectory(result_dir: Path) -> list[Path]:
     result_dir = Path(result_dir)
     path = result_dir / "coords.csv"
-    if not path.is_file():
-        raise BadInput(f"{result_dir}: no coords.csv (run python -m analyses.trajectory)")
-    df = pd.read_csv(path, keep_default_na=False)
+    df = read_table(path, {"name": str, "kind": str, "run": str, "step": float, "feature": str, "method": str,
+                           "x": float, "y": float}, source="python -m analyses.trajectory", keep_default_na=False)
+    if (no_step := (df["run"] != "") & df["step"].isna()).any():
+        raise BadInput(f"{path}: line {int(no_step.to_numpy().argmax()) + 2}: a fine-tuning run's point without a step")
     labels = short_names(list(dict.fromkeys(df["name"])))
     written: list[Path] = []
     for feature in dict.fromkeys(df["feature"]):

@@ -1,12 +1,34 @@
 """One exception type for bad user input, and the CLI wrapper that turns it into exit code 2."""
 from __future__ import annotations
 
+import argparse
 import sys
-from typing import Callable
+from pathlib import Path
+from typing import Callable, NoReturn
 
 
 class BadInput(Exception):
     """Raised for anything the user can fix: a missing file, an unknown alias, an out-of-range head."""
+
+
+class ArgParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose usage errors are one line (``error: … (see --help)``, exit 2), like
+    BadInput; ``--help`` still prints the full help."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {' '.join(message.split())} (see --help)\n")
+
+
+def check_out_path(out: Path) -> None:
+    """``out`` is, or can be created as, a directory: neither it nor any existing parent is a file."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out {out} exists and is not a directory")
+    for parent in out.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise BadInput(f"--out {out}: {parent} is a file, not a directory")
+            break
 
 
 def cli_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
@@ -15,6 +37,10 @@ def cli_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
         return main(argv)
     except BadInput as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except NotADirectoryError as exc:  # a path the user gave runs through a regular file (--out FILE/sub)
+        where = exc.filename if exc.filename is not None else exc
+        print(f"error: {where}: part of this path is a file, not a directory", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

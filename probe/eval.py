@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from probe.errors import BadInput, cli_main
+from probe.errors import ArgParser, BadInput, cli_main
 from probe.families import ALIASES
 from probe.heads import _Help, _progress, add_placement_args, add_prompt_args, add_run_args, load_template, versions
 
@@ -35,7 +35,7 @@ ALL = "all"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgParser(
         prog="python -m probe.eval", formatter_class=_Help,
         description="Evaluate models on MMMU-format data sets (accuracy, probability accuracy, p(answer)) with "
         "seeded 95% bootstrap intervals and paired differences to a reference model.")
@@ -107,6 +107,8 @@ def make_plan(args: argparse.Namespace):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise BadInput(f"--{name.replace('_', '-')} must be ≥ 1, got {value}")
+    if args.seed < 0:  # numpy's bootstrap generator refuses it, but only after run.json and the parts are written
+        raise BadInput(f"--seed must be ≥ 0, got {args.seed}")
     placement = resolve_placement(args.device, args.dtype, args.attn_implementation)
     specs = list(args.models)
     if args.reference is not None and args.reference not in specs:
@@ -160,7 +162,7 @@ def evaluate_pair(loaded, model_name: str, ds: DataSet, items, cfg, batch_size: 
 def run(args: argparse.Namespace) -> Path:
     import pandas as pd
 
-    from probe.results import atomic_write_json, atomic_write_parquet, prepare_out_dir
+    from probe.results import atomic_write_json, atomic_write_parquet, prepare_out_dir, read_part
 
     plan, refs, items, template, placement = make_plan(args)
     out: Path = args.out
@@ -198,7 +200,7 @@ def run(args: argparse.Namespace) -> Path:
                 atomic_write_parquet(part_file(out, m, d), pd.DataFrame.from_records(rows, columns=ITEM_COLUMNS))
             del loaded
         bar.close()
-    frames = [pd.read_parquet(part_file(out, m, d)) for m, d in pairs]
+    frames = [read_part(part_file(out, m, d), ITEM_COLUMNS) for m, d in pairs]  # a damaged part: exit 2, named
     items_df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=ITEM_COLUMNS)
     scores = score_table(items_df, plan, args.reference, args.seed)
     write_results(out, items_df, scores, plan)

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from probe.errors import BadInput, cli_main
+from probe.errors import ArgParser, BadInput, cli_main
 from probe.families import ALIASES
 
 DEFAULT_MODEL = "organism-vl"
@@ -70,7 +70,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgParser(
         prog="python -m probe.heads",
         description="Mask each attention head of the LLM decoder in turn and measure accuracy, "
         "probability accuracy and KL(orig||masked) on MMMU multiple-choice items.",

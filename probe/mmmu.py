@@ -166,6 +166,8 @@ def _make_item(row: dict[str, Any], subject: str, where: str) -> Item:
     options = _parse_options(row["options"], where)
     if not options:
         raise BadInput(f"{where}: multiple-choice item has no options")
+    if len(options) > 26:
+        raise BadInput(f"{where}: {len(options)} options, but letters run only A-Z (at most 26)")
     letters = option_letters(len(options))
     answer = row["answer"]
     answer = answer.strip() if isinstance(answer, str) else answer

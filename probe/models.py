@@ -217,14 +217,20 @@ def load_model(
         extra_load["config"] = part_config(ref)
     if fam.key_mapping:
         extra_load["key_mapping"] = dict(fam.key_mapping)
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()  # its load report is many lines; ours is one (below)
     try:
-        model = cls.from_pretrained(
+        model, info = cls.from_pretrained(
             ref.path, dtype=torch_dtype, attn_implementation=attn_implementation, **ref.load_kwargs, **extra_load,
-            **({"device_map": plan.device_map} if plan else {}),
+            **({"device_map": plan.device_map} if plan else {}), output_loading_info=True,
+            ignore_mismatched_sizes=True,  # reported by check_loading_info, which refuses them
         )
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BadInput(f"cannot load checkpoint {ref.path}: {first}") from None
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
+    check_loading_info(ref, info)
     if plan is not None:
         from probe.dispatch import dispatch
 
@@ -236,6 +242,20 @@ def load_model(
                          plan)
     _check_geometry(loaded)
     return loaded
+
+
+def check_loading_info(ref: ModelRef, info: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose tensors do not match its config: transformers would fill missing tensors (and
+    ones of the wrong shape) with random values and run, and every number measured on it would be silently
+    wrong. Unexpected tensors mean the checkpoint is not the model its config.json describes."""
+    mismatched = [f"{k} (shape {tuple(a)} in the file, {tuple(b)} by config.json)"
+                  for k, a, b in info.get("mismatched_keys", [])]
+    for what, keys in (("missing", sorted(info.get("missing_keys", []))), ("of the wrong shape", mismatched),
+                       ("not in the model config.json describes", sorted(info.get("unexpected_keys", [])))):
+        if keys:
+            more = f" and {len(keys) - 1} more" if len(keys) > 1 else ""
+            raise BadInput(f"checkpoint {ref.path}: tensor {keys[0]}{more} {what}; it does not match its "
+                           "config.json (a damaged or mislabelled checkpoint)")
 
 
 def load_processors(ref: ModelRef) -> tuple[Any, Any | None]:

@@ -16,19 +16,37 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from probe.errors import BadInput
+from probe.errors import BadInput, check_out_path
 from probe.sweep import BASELINE, COLUMNS
 
 OUTPUT_FILES = ("heads.csv", "baseline.json", "items.parquet", "run.json", "heatmap_*")
 METRICS = ("accuracy", "prob_accuracy", "kl")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def _file_mode() -> int:
+    """The mode ``open()`` gives a new file (0o666 less the umask); mkstemp's 0o600 is for secrets, not results."""
+    try:  # Linux reports the umask without changing it (no window in which another thread sees umask 0)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _temp_beside(path: Path) -> tuple[int, str]:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    return tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = _temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -40,11 +58,11 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def atomic_write_parquet(path: Path, df: pd.DataFrame) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = _temp_beside(path)
     os.close(fd)
     try:
         df.to_parquet(tmp, index=False)
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -62,8 +80,7 @@ def prepare_out_dir(out: Path, fingerprint: str, overwrite: bool, owned: Iterabl
     (``parts/`` and the ``owned`` names or glob patterns).
     """
     run_json = out / "run.json"
-    if out.exists() and not out.is_dir():
-        raise BadInput(f"--out {out} exists and is not a directory")
+    check_out_path(out)
     if not out.exists() or not any(out.iterdir()):
         return False
     if overwrite:
@@ -87,8 +104,24 @@ def clear_run_dir(out: Path, owned: Iterable[str] = OUTPUT_FILES) -> None:
             path.unlink()
 
 
+def read_part(path: Path, columns: Iterable[str] = COLUMNS) -> pd.DataFrame:
+    """One saved part; an unreadable or foreign one (a kill mid-copy, a disk error) is bad input naming it."""
+    fix = "delete it and rerun the same command to recompute it"
+    try:
+        df = pd.read_parquet(path)
+    except FileNotFoundError:
+        raise BadInput(f"{path} is missing; rerun the same command to recompute it") from None
+    except Exception as exc:  # pyarrow raises its own types (ArrowInvalid, OSError) for damaged files
+        reason = str(exc).split("\n")[0].split(". ")[0].rpartition(f"{path}': ")[2] or type(exc).__name__
+        raise BadInput(f"{path} is unreadable ({reason}); {fix}") from None
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise BadInput(f"{path} lacks columns {', '.join(missing)}; {fix}")
+    return df
+
+
 def read_parts(out: Path, chunks: Iterable[int]) -> pd.DataFrame:
-    frames = [pd.read_parquet(part_path(out, c)) for c in chunks]
+    frames = [read_part(part_path(out, c)) for c in chunks]
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
     return df[COLUMNS]
 

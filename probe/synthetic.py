@@ -10,7 +10,6 @@ names exactly one object. The scene spec of each item is stored as JSON in ``exp
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from PIL import Image, ImageDraw
+
+from probe.errors import ArgParser
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -372,7 +373,7 @@ def default_data_dir() -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m probe.synthetic", description=__doc__.splitlines()[0])
+    ap = ArgParser(prog="python -m probe.synthetic", description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, type=Path, help="output root (subject folders are created inside)")
     ap.add_argument("--n", type=int, default=13, help="items per subject (default 13)")
     ap.add_argument("--seed", type=int, default=0)

@@ -7,7 +7,8 @@ on a cosine to 5 % of its peak, clips gradients at 1.0, and keeps the LM and the
 in parameter groups with their own learning rates (LM, projector, vision tower; a rate of 0 freezes its group, as
 staged VLM recipes do). A step runs its batch in modality parts, each padded to its own length, with logits only
 where a label is predicted, and accumulates their gradients: transformers' loss and gradient of the whole batch
-(tested against it), at a third less work when clips share a batch with longer two-view images. The organisms'
+(tested against it), at a third less work when clips share a batch with longer two-view images. A step whose loss
+or gradient norm is not finite stops the run (``BadInput`` naming the step) before its update. The organisms'
 builder (``probe.zoo``) turns its recipes into a ``TrainConfig`` and calls it; nothing here imports ``probe.zoo``.
 """
 from __future__ import annotations
@@ -40,6 +41,22 @@ class TrainConfig:
     clip: float = 1.0
     min_lr_fraction: float = 0.05  # the cosine decays to this share of the peak
     log_every: int = 100
+
+    def __post_init__(self) -> None:
+        # every caller (finetune, replicate, the organisms' recipes) gets the same refusal: a NaN or negative rate
+        # would train to NaN weights or climb the loss (gradient ascent) and still finish with exit 0
+        for name in ("lr", "lm_lr", "projector_lr", "weight_decay"):
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(v) and v >= 0):
+                raise BadInput(f"training setting {name} = {v}: must be a finite number ≥ 0")
+        if not (math.isfinite(self.clip) and self.clip > 0):
+            raise BadInput(f"training setting clip = {self.clip}: must be a finite number > 0")
+        if not 0 <= self.min_lr_fraction <= 1 or not all(0 <= b < 1 for b in self.betas):
+            raise BadInput(f"training settings min_lr_fraction = {self.min_lr_fraction}, betas = {self.betas}: "
+                           "must lie in [0, 1] and [0, 1)")
+        for name, low in (("steps", 1), ("batch", 1), ("log_every", 1), ("warmup", 0), ("seed", 0)):
+            if getattr(self, name) < low:
+                raise BadInput(f"training setting {name} = {getattr(self, name)}: must be ≥ {low}")
 
 
 def encode(loaded, items: Sequence, with_answer: bool,
@@ -131,7 +148,8 @@ def label_loss(model, batch: dict[str, torch.Tensor], n_labels: int | None = Non
 
 
 def is_lm_param(name: str, loaded) -> bool:
-    name = name.replace("_fsdp_wrapped_module.", "").removeprefix("module.")  # names under DDP / FSDP wrappers
+    # names under DDP / FSDP wrappers and peft's LoRA wrapper (its adapters sit in the LM and train at lm_lr)
+    name = name.replace("_fsdp_wrapped_module.", "").removeprefix("module.").removeprefix("base_model.model.")
     fam = loaded.family  # the LM is the module holding the decoder layers (all of a causal LM), and lm_head
     return name.startswith((fam.layers_path.rsplit(".", 1)[0] + ".", fam.lm_head_path + "."))
 
@@ -146,15 +164,45 @@ def param_groups(model, loaded, cfg: TrainConfig) -> list[dict]:
     A group whose rate is 0 is frozen (no gradients, not in the optimiser); parameters already frozen (LoRA's
     base weights) stay frozen."""
     roles: dict[str, list] = {"lm": [], "projector": [], "other": []}
-    rates = {"lm": cfg.lm_lr, "projector": cfg.lr if cfg.projector_lr is None else cfg.projector_lr, "other": cfg.lr}
+    rates = _rates(cfg)
     for n, p in model.named_parameters():
-        role = ("lm" if is_lm_param(n, loaded) else
-                "projector" if cfg.projector_lr is not None and is_projector_param(n, loaded) else "other")
+        role = _role(n, loaded, cfg)
         if rates[role] == 0:
             p.requires_grad_(False)
         elif p.requires_grad:
             roles[role].append(p)
     return [{"params": ps, "lr": rates[r]} for r, ps in roles.items() if ps]
+
+
+def _rates(cfg: TrainConfig) -> dict[str, float]:
+    return {"lm": cfg.lm_lr, "projector": cfg.lr if cfg.projector_lr is None else cfg.projector_lr, "other": cfg.lr}
+
+
+def _role(name: str, loaded, cfg: TrainConfig) -> str:
+    return ("lm" if is_lm_param(name, loaded) else
+            "projector" if cfg.projector_lr is not None and is_projector_param(name, loaded) else "other")
+
+
+def anything_trains(model, loaded, cfg: TrainConfig) -> bool:
+    """Whether ``param_groups`` would leave a parameter to train (without freezing anything): callers check it
+    before writing, as rates of 0 on every group a model has (``--lm-lr 0`` on a text-only LM) train nothing."""
+    rates = _rates(cfg)
+    return any(p.requires_grad and rates[_role(n, loaded, cfg)] > 0 for n, p in model.named_parameters())
+
+
+def diverged(step: int, what: str, model) -> BadInput:
+    """The one-line error of a run whose numbers stopped being finite (``step``: 1-based, as train_log.csv)."""
+    dtype = str(next(iter(model.parameters())).dtype).removeprefix("torch.")
+    return BadInput(f"training diverged at step {step}: {what} is not finite (dtype {dtype}); no checkpoint of it "
+                    "is written; train in float32 or bfloat16 (float16 overflows), or with a lower learning rate")
+
+
+def check_finite_weights(model, step: int) -> None:
+    """Before a checkpoint is written: every weight finite. An update can make NaN weights from a finite loss and
+    gradient (AdamW's eps underflows in float16), which the next step's loss would only show after the save."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise diverged(step, f"weight {name}", model)
 
 
 @dataclass
@@ -218,7 +266,11 @@ def train(loaded, rows: list[dict], cfg: TrainConfig, log: Callable[[str], None]
     acc = data_parallel(loaded, cfg.batch)
     if acc is not None:  # the model first: FSDP replaces its parameters, which the optimiser must then hold
         model = acc.prepare(model)
-    opt = torch.optim.AdamW(param_groups(model, loaded, cfg), weight_decay=cfg.weight_decay, betas=cfg.betas)
+    groups = param_groups(model, loaded, cfg)
+    if not groups:
+        raise BadInput(f"nothing to train: every parameter is frozen (lr {cfg.lr}, lm_lr {cfg.lm_lr}, "
+                       f"projector_lr {cfg.projector_lr}; a rate of 0 freezes its group)")
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, betas=cfg.betas)
     if acc is not None:
         opt = acc.prepare(opt)
     base_lrs = [g["lr"] for g in opt.param_groups]
@@ -242,7 +294,7 @@ def train(loaded, rows: list[dict], cfg: TrainConfig, log: Callable[[str], None]
                 "step": step + 1}
 
     for step in range(first, cfg.steps):
-        warm = min(1.0, (step + 1) / cfg.warmup)
+        warm = min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else 1.0  # warmup 0: the peak from the start
         decay = 0.5 * (1 + math.cos(math.pi * step / max(1, cfg.steps)))
         for g, lr in zip(opt.param_groups, base_lrs):
             g["lr"] = lr * warm * (floor + (1 - floor) * decay)
@@ -265,15 +317,24 @@ def train(loaded, rows: list[dict], cfg: TrainConfig, log: Callable[[str], None]
                 stepped = True
             loss_sum += part_loss.detach().cpu() * n_labels
             ran += label_count(part)
+        # a non-finite loss or gradient stops the run before its update reaches the weights (one host sync per
+        # step, for the gradient norm; the loss is on the CPU already). Data parallel: the norm is global, so every
+        # rank stops at the same step; a rank's own loss is judged only after the reduction below.
+        if acc is None and not bool(torch.isfinite(loss_sum)):
+            raise diverged(step + 1, "the loss", model)
         if stepped:
             if acc is None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
             else:
-                acc.clip_grad_norm_(model.parameters(), cfg.clip)
+                norm = acc.clip_grad_norm_(model.parameters(), cfg.clip)
+            if norm is not None and not math.isfinite(float(norm)):
+                raise diverged(step + 1, "the gradient norm", model)
             opt.step()
         loss = loss_sum / ran  # the mean over the label tokens that ran
         loss = loss if acc is None else acc.reduce(loss.to(loaded.device), "mean")
         losses.append(float(loss))
+        if not math.isfinite(losses[-1]):
+            raise diverged(step + 1, "the loss", model)
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             log(f"  step {step:5d}  loss {sum(losses[-50:]) / len(losses[-50:]):.4f}  ({time.time() - t0:.0f}s)")
         if on_step is not None:

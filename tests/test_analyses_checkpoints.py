@@ -122,6 +122,32 @@ def test_lm_shapes_differ(zoo, tmp_path, capsys):
     deep = tiny.write_model("qwen2", tmp_path / "deep", tiny.base_lm(5, num_hidden_layers=3), num_hidden_layers=3)
     code, err = run_cli(merge.main, ["--models", deep, zoo["base"], "--method", "average", "--out", out], capsys)
     assert_bad(code, err, out, "LM tensor sets differ")
+    # the other way round: the reference (base, first model, trajectory ref) has fewer layers than an expert, whose
+    # extra layers would otherwise vanish from the merge and the shift table
+    for main, argv in ((merge.main, ["--base", zoo["base"], "--models", zoo["vl"], deep, "--method", "shift"]),
+                       (merge.main, ["--models", zoo["base"], deep, "--method", "average"]),
+                       (shift.main, ["--base", zoo["base"], "--models", deep, "--no-figures"])):
+        code, err = run_cli(main, [*argv, "--out", out], capsys)
+        assert_bad(code, err, out, "LM tensor sets differ", "layers.2.", "is in " + str(deep))
+
+
+def test_a_model_twice_or_out_over_an_input(zoo, tmp_path, capsys):
+    """A model listed twice would count twice in every mean; --out on (or above) an input would replace it under
+    --overwrite. Both are refused and the input is left as it was."""
+    out = tmp_path / "o"
+    for main, argv in ((merge.main, ["--models", zoo["vl"], zoo["vl"], "--method", "average"]),
+                       (shift.main, ["--base", zoo["base"], "--models", zoo["vl"], zoo["vl"], "--no-figures"])):
+        code, err = run_cli(main, [*argv, "--out", out], capsys)
+        assert_bad(code, err, out, "are the same checkpoint", "list each model once")
+    victim = corrupt_copy(zoo["vl"], tmp_path / "victim")
+    before = sorted((f.name, f.read_bytes()) for f in victim.iterdir())
+    for main, argv in ((merge.main, ["--base", zoo["base"], "--models", victim, zoo["q1"], "--method", "average"]),
+                       (merge.main, ["--models", zoo["base"], zoo["q1"], "--method", "average", "--carrier", victim]),
+                       (shift.main, ["--base", zoo["base"], "--models", victim, "--no-figures"])):
+        for target in (victim, tmp_path):
+            code, err = run_cli(main, [*argv, "--out", target, "--overwrite"], capsys)
+            assert code == 2 and "would replace the input" in err and err.count("\n") == 1, err
+    assert sorted((f.name, f.read_bytes()) for f in victim.iterdir()) == before
 
 
 def test_unknown_layout(zoo, tmp_path, capsys):
@@ -152,3 +178,18 @@ def test_existing_output_and_unknown_model(zoo, tmp_path, capsys):
     assert_bad(code, err, o2, "no-such-model")
     code, err = run_cli(merge.main, ["--models", "qwen2-vl", "--method", "average", "--out", o2], capsys)
     assert_bad(code, err, o2, "local Hugging Face cache")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--method", "weighted", "--weights", "nan", "1"], "--weights[0] must be a finite number"),
+    (["--method", "weighted", "--weights", "-1", "2"], "--weights must be >= 0"),
+    (["--method", "task_arithmetic", "--lambda", "nan"], "--lambda must be a finite number"),
+    (["--method", "shift", "--temperature", "inf"], "--temperature must be a finite number"),
+    (["--method", "average", "--shard-size", "0"], "--shard-size must be at least 1 byte"),
+])
+def test_merge_numbers_must_be_finite_and_in_range(zoo, tmp_path, capsys, args, needle):
+    """NaN passes every range comparison and inf turns a softmax into NaN: both are refused by name up front."""
+    out = tmp_path / "o"
+    code, err = run_cli(merge.main, ["--base", zoo["base"], "--models", zoo["vl"], zoo["q1"], *args, "--out", out],
+                        capsys)
+    assert_bad(code, err, out, needle)

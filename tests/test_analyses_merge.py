@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -61,6 +62,17 @@ def test_delta_avg_equals_direct(zoo, tmp_path):
     # vl was perturbed 10x more than ov: the "10x the others" sentence is checkable from the summary
     assert summ[str(zoo["vl"])]["ratio_to_least_shifted"] == pytest.approx(10, rel=0.05)
     assert (tmp_path / "s" / "shift_models.png").is_file()
+
+
+def test_shift_summary_is_valid_json_when_a_model_did_not_move(zoo, tmp_path):
+    """A model identical to the base has Δ = 0: no ratio to it is defined (null, not the invalid JSON Infinity)."""
+    twin = shutil.copytree(zoo["base"], tmp_path / "twin")
+    assert run(shift.main, "--base", zoo["base"], "--models", twin, zoo["vl"], "--no-figures",
+               "--out", tmp_path / "s") == 0
+    text = (tmp_path / "s" / "summary.json").read_text()
+    per = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))["per_model"]
+    assert per[str(twin)]["mean_delta_avg"] == 0 and per[str(zoo["vl"])]["ratio_to_least_shifted"] is None
+    assert per[str(twin)]["mean_rel_l2"] == 0
 
 
 def test_average_equals_mergekit_linear(zoo, tmp_path):
@@ -127,10 +139,11 @@ def test_shift_dir_equals_recomputed(zoo, tmp_path):
 
 def test_merging_a_with_a_gives_a(zoo, tmp_path):
     q = canonical(zoo["q1"])
-    for args in (["--models", zoo["q1"], zoo["q1"], "--method", "average"],
-                 ["--models", zoo["q1"], zoo["q1"], "--method", "weighted", "--weights", 3, 1],
-                 ["--base", zoo["q1"], "--models", zoo["q1"], zoo["q1"], "--method", "shift"]):
-        out = tmp_path / str(len(list(tmp_path.iterdir())))
+    twin = shutil.copytree(zoo["q1"], tmp_path / "twin")  # the same model twice must be two dirs (below)
+    for args in (["--models", zoo["q1"], twin, "--method", "average"],
+                 ["--models", zoo["q1"], twin, "--method", "weighted", "--weights", 3, 1],
+                 ["--base", zoo["q1"], "--models", zoo["q1"], twin, "--method", "shift"]):
+        out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
         assert run(merge.main, *args, "--out", out) == 0
         got = merged_lm(out)
         for k in q:
@@ -190,7 +203,8 @@ def test_vocab_rule_and_dtype(zoo, tmp_path):
     assert torch.equal(car["lm_head.weight"][:128], got["lm_head.weight"])
     assert torch.equal(car["lm_head.weight"][128:], big["lm_head.weight"][128:])  # rest kept from the carrier
     # bf16 inputs -> bf16 output, fp32 math
-    assert run(merge.main, "--models", zoo["bf16"], zoo["bf16"], "--method", "average", "--out", tmp_path / "b") == 0
+    twin = shutil.copytree(zoo["bf16"], tmp_path / "bf16-twin")
+    assert run(merge.main, "--models", zoo["bf16"], twin, "--method", "average", "--out", tmp_path / "b") == 0
     b = merged_lm(tmp_path / "b")
     assert b["norm.weight"].dtype == torch.bfloat16 and torch.equal(b["norm.weight"], bf["norm.weight"])
 

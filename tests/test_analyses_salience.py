@@ -19,8 +19,10 @@ from test_analyses_merge import canonical, run, tiny_qwen2_view
 L, H, KV, D = 2, 4, 2, 8  # analyses.tiny.TEXT: 2 layers × 4 query heads, 2 KV heads, head_dim 32 / 4
 
 
-def write_run(path: Path, kl: torch.Tensor, status: str = "complete", layers: int = L, heads: int = H) -> Path:
-    """A probe.heads output dir holding only what the merge reads: heads.csv and run.json."""
+def write_run(path: Path, kl: torch.Tensor, status: str = "complete", layers: int = L, heads: int = H,
+              model: Path | None = None) -> Path:
+    """A probe.heads output dir holding only what the merge reads: heads.csv and run.json (with the measured
+    model's path when ``model`` is given)."""
     path.mkdir(parents=True)
     rows = ["layer,head,accuracy,prob_accuracy,kl,n_items,accuracy_drop,prob_accuracy_drop,p_answer"]
     for layer in range(layers):
@@ -28,7 +30,8 @@ def write_run(path: Path, kl: torch.Tensor, status: str = "complete", layers: in
             v = float(kl[layer, h]) if layer < kl.shape[0] and h < kl.shape[1] else 0.1
             rows.append(f"{layer},{h},0.5,0.5,{v!r},8,{v / 2!r},{v / 3!r},0.5")
     (path / "heads.csv").write_text("\n".join(rows) + "\n")
-    (path / "run.json").write_text(json.dumps({"status": status}))
+    plan = {"plan": {"model_path": str(model)}} if model is not None else {}
+    (path / "run.json").write_text(json.dumps({"status": status} | plan))
     return path
 
 
@@ -210,22 +213,27 @@ def _bad(tmp_path, zoo, dirs, *extra):
     return code, out
 
 
-@pytest.mark.parametrize("case", ["shape", "missing", "partial", "nan", "count"])
+@pytest.mark.parametrize("case", ["shape", "missing", "partial", "nan", "count", "negative", "swapped", "base_run"])
 def test_bad_salience_runs_exit_2(case, zoo, tmp_path, capfd):
-    good = write_run(tmp_path / "good", torch.ones(L, H))
+    good = write_run(tmp_path / "good", torch.ones(L, H), model=zoo["vl"])
     bad = {
         "shape": lambda: write_run(tmp_path / "x", torch.ones(3, H), layers=3),
         "missing": lambda: tmp_path / "nowhere",
         "partial": lambda: write_run(tmp_path / "x", torch.ones(L, H), status="running"),
         "nan": lambda: write_run(tmp_path / "x", torch.full((L, H), float("nan"))),
         "count": lambda: None,
+        "negative": lambda: write_run(tmp_path / "x", torch.full((L, H), -0.5)),
+        "swapped": lambda: write_run(tmp_path / "x", torch.ones(L, H), model=zoo["vl"]),  # vl's run again, for ov
+        "base_run": lambda: write_run(tmp_path / "x", torch.ones(L, H), model=zoo["base"]),
     }[case]()
     dirs = [good] if bad is None else [good, bad]
     code, out = _bad(tmp_path, zoo, dirs)
     err = capfd.readouterr().err.strip()
     assert code == 2 and err.startswith("error: ") and "\n" not in err, err
     assert {"shape": "layers x", "missing": "not a probe.heads run", "partial": "not complete",
-            "nan": "NaN", "count": "one probe.heads run per"}[case] in err
+            "nan": "NaN", "count": "one probe.heads run per", "negative": "kl is negative",
+            "swapped": f"measured {zoo['vl']}, but it is given for {zoo['ov']}",
+            "base_run": f"measured {zoo['base']}, but it is given for {zoo['ov']}"}[case] in err
     assert not out.exists() and not list(tmp_path.glob(".never.partial-*"))
 
 

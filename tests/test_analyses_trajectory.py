@@ -82,3 +82,18 @@ def test_trajectory_bad_input(models, tmp_path, capsys):
     assert code == 2 and "checkpoint-<step>" in capsys.readouterr().err and not out.exists()
     code = cli_main(trajectory.main, ["--base", str(models["base"]), "--out", str(out)])
     assert code == 2 and "at least two" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--seed", "-1"], "--seed"),  # sklearn's traceback, after every checkpoint was read
+    (["--seed", str(2**32)], "--seed"),
+    (["--perplexity", "nan"], "--perplexity"),  # NaN passed the "<= 0" test
+    (["--perplexity", "inf"], "--perplexity"),
+])
+def test_bad_numbers_exit_2_one_line_nothing_written(models, tmp_path, capsys, extra: list[str], needle: str) -> None:
+    out = tmp_path / "t"
+    code = cli_main(trajectory.main, ["--base", str(models["base"]), "--merged", str(models["m"]), "--out", str(out),
+                                      *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and "\n" not in err and needle in err, err
+    assert not out.exists()

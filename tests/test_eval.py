@@ -282,6 +282,8 @@ BAD = {
     "model twice": lambda d: ["--models", "tiny-qwen2", "tiny-qwen2", "--data", d],
     "bad batch size": lambda d: ["--models", "tiny-qwen2", "--data", d, "--batch-size", "0"],
     "no GPU": lambda d: ["--models", "tiny-qwen2", "--data", d, "--device", "cuda"],
+    # numpy refused it in the bootstrap, after run.json and the parts were written
+    "negative seed": lambda d: ["--models", "tiny-qwen2", "--data", d, "--seed", "-1"],
 }
 
 

@@ -203,3 +203,104 @@ def test_a_different_run_or_precision_in_the_same_out_is_refused(ft_run, tiny_di
         assert cli_main(main, args + (["--dtype", "float32"] if "--dtype" not in extra else []) + extra) == 2
         assert "holds a different run" in capfd.readouterr().err
     assert sorted(p.name for p in ft_run.iterdir()) == before
+
+
+ZOO_TEXT = Path(__file__).resolve().parents[1] / "probe" / "zoo" / "data" / "text"
+
+
+def _organism_args(out: Path, *extra: str) -> list[str]:
+    """organism-base on the bundled text set: the audit's command, a few seconds on a CPU."""
+    return ["--model", "organism-base", "--data", f"text={ZOO_TEXT}", "--split", "validation", "--steps", "2",
+            "--batch-size", "2", "--device", "cpu", "--quiet", "--out", str(out), *extra]
+
+
+BAD_NUMBERS = {  # each once exited 0 with NaN or gradient-ascent checkpoints, or crashed after writing
+    "lm-lr nan": ["--lm-lr", "nan"],
+    "lm-lr inf": ["--lm-lr", "inf"],
+    "lm-lr negative": ["--lm-lr", "-1"],
+    "lr negative": ["--lr", "-1"],
+    "both rates 0": ["--lr", "0", "--lm-lr", "0"],
+    "LM frozen on a text-only model": ["--lm-lr", "0"],  # all of it is LM: nothing would train
+    "warmup negative": ["--warmup", "-3"],
+    "seed negative": ["--seed", "-1"],
+    "limit 0": ["--limit", "0"],
+    "mix nan": ["--mix", "nan"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_NUMBERS))
+def test_bad_numbers_exit_2_one_line_nothing_written(case: str, tmp_path: Path, capfd) -> None:
+    from analyses.finetune import main
+
+    out = tmp_path / "never"
+    assert cli_main(main, _organism_args(out, *BAD_NUMBERS[case])) == 2
+    err = capfd.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("extra, step, what", [
+    ([], 2, "the loss"),  # update 1 made NaN weights (AdamW's eps underflows in float16); step 2's loss shows it
+    (["--save-steps", "0", "1"], 1, "weight "),  # the same weights, caught before checkpoint-1 is written
+])
+def test_float16_divergence_stops_before_a_nan_checkpoint(extra: list[str], step: int, what: str, tmp_path: Path,
+                                                          capfd) -> None:
+    from analyses.finetune import main
+
+    out = tmp_path / "fp16"
+    assert cli_main(main, _organism_args(out, "--dtype", "float16", *extra)) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    # the placement line comes first (the run had started); the error is one line and names the step and cure
+    assert err[-1].startswith(f"error: training diverged at step {step}: {what}") and "float32" in err[-1], err
+    assert sum(line.startswith("error") for line in err) == 1 and not any("Traceback" in x for x in err)
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-0"]  # the start only, never NaN weights
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"  # not "running": no kill to resume
+
+
+def test_warmup_0_trains_at_the_peak_rate_from_step_1(tmp_path: Path) -> None:
+    """--warmup 0 (no warm-up) divided by zero after writing run.json and checkpoint-0."""
+    from analyses.finetune import main
+
+    out = tmp_path / "w0"
+    assert cli_main(main, _organism_args(out, "--warmup", "0", "--lm-lr", "1e-3")) == 0
+    assert float(_log(out)[0]["lr"]) == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("bad", [{"lr": float("nan")}, {"lm_lr": -1.0}, {"projector_lr": float("inf")},
+                                 {"warmup": -1}, {"clip": 0.0}, {"weight_decay": float("nan")}, {"seed": -1}])
+def test_train_config_refuses_what_would_train_silently_wrong(bad: dict) -> None:
+    """The loop's own guard, for callers that skip the CLI's checks (the organisms' recipes, the API)."""
+    from probe.errors import BadInput
+    from probe.train import TrainConfig
+
+    with pytest.raises(BadInput, match=next(iter(bad))):
+        TrainConfig(**({"steps": 1, "lr": 1e-4, "lm_lr": 1e-4} | bad))
+
+
+def test_a_non_finite_gradient_stops_before_the_update(monkeypatch) -> None:
+    """An infinite gradient norm would clip every gradient to 0 or NaN: the run stops with the weights untouched."""
+    from probe.errors import BadInput
+    from probe.mmmu import load_items
+    from probe.models import load_model, resolve_model
+    from probe.train import TrainConfig, encode, train
+
+    loaded = load_model(resolve_model("organism-base"))
+    rows = encode(loaded, load_items(str(ZOO_TEXT), limit=4)[0], True)
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, clip: torch.tensor(float("inf")))
+    with pytest.raises(BadInput, match="diverged at step 1: the gradient norm"):
+        train(loaded, rows, TrainConfig(steps=2, lr=1e-3, lm_lr=1e-3, batch=2, warmup=0), log=lambda m: None)
+    assert all(torch.equal(before[k], v) for k, v in loaded.model.state_dict().items())
+
+
+def test_lora_adapters_train_at_the_lm_rate(tiny_dirs) -> None:
+    """peft names its parameters base_model.model.…: the adapters (on the LM's projections) must count as LM, or
+    --lm-lr is ignored for --lr and a mixed batch's text rows are skipped as reaching nothing that trains."""
+    from analyses.finetune import add_lora
+    from probe.models import load_model, resolve_model
+    from probe.train import TrainConfig, param_groups
+
+    loaded = add_lora(load_model(resolve_model(str(tiny_dirs["qwen2_vl"]))), 4)
+    groups = param_groups(loaded.model, loaded, TrainConfig(steps=1, lr=0.0, lm_lr=1e-3))
+    trainable = [p for p in loaded.model.parameters() if p.requires_grad]
+    assert [g["lr"] for g in groups] == [1e-3] and len(groups[0]["params"]) == len(trainable) > 0

@@ -176,6 +176,7 @@ def test_all_open_is_error(tmp_path):
         ({"options": "['a', 3]"}, "list of strings"),
         ({"options": "{'a': 1}"}, "list of strings"),
         ({"options": "[]"}, "no options"),
+        ({"options": str([f"o{i}" for i in range(30)])}, "30 options, but letters run only A-Z"),
         ({"answer": "E"}, "answer 'E' is not one of the option letters A-D"),
         ({"answer": "b"}, "answer 'b'"),
         ({"answer": None}, "answer None"),

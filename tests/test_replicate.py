@@ -283,9 +283,24 @@ def _write(tmp_path: Path, text: str) -> Path:
     (lambda t: t.replace("steps = 200", 'steps = "many"'), "'finetune.steps'"),
     (lambda t: t.replace("mixed = { text = 3", "mixed = { audio = 3"), "'finetune.runs.mixed'"),
     (lambda t: t + "\n[extra]\nx = 1\n", "'extra': unknown key"),
+    # numbers that ran the pipeline to NaN weights, gradient ascent or a crash in a late stage
+    (lambda t: t.replace("lm_lr = 1e-4", "lm_lr = -1.0"), "'finetune.lm_lr'"),
+    (lambda t: t.replace("lm_lr = 1e-4", "lm_lr = nan"), "'finetune.lm_lr'"),
+    (lambda t: t.replace("warmup = 10", "warmup = -5"), "'finetune.warmup'"),
+    (lambda t: t.replace("lam = 1.0", "lam = nan"), "'merge.lam'"),
+    (lambda t: t.replace("salience_temperature = 1.0", "salience_temperature = inf"), "'merge.salience_temperature'"),
+    (lambda t: t.replace("seed = 1", "seed = -1"), "'train.seed'"),
+    (lambda t: t.replace("seed = 0 ", "seed = -1 "), "'seed'"),
+    (lambda t: t.replace("mixed = { text = 3", "mixed = { text = nan"), "'finetune.runs.mixed.text'"),
+    (lambda t: t.replace("sketch_dim = 256", "sketch_dim = 1"), "'trajectory.sketch_dim'"),
 ])
 def test_bad_config_exits_2_naming_the_key_and_writes_nothing(tmp_path: Path, capsys, edit, key) -> None:
-    cfg = _write(tmp_path, edit(DEFAULT_CONFIG.read_text().replace('"../../probe/', f'"{ROOT}/probe/')))
+    _assert_refused(tmp_path, capsys, edit(DEFAULT_CONFIG.read_text()), key)
+
+
+def _assert_refused(tmp_path: Path, capsys, text: str, key: str) -> None:
+    """Exit 2, one line naming ``key``, no output dir (the config's data paths made absolute)."""
+    cfg = _write(tmp_path, text.replace('"../../probe/', f'"{ROOT}/probe/'))
     out = tmp_path / "out"
     cwd = Path.cwd()
     os.chdir(ROOT)
@@ -296,6 +311,34 @@ def test_bad_config_exits_2_naming_the_key_and_writes_nothing(tmp_path: Path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and key in err[0], err
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def odd_models(tmp_path_factory) -> dict[str, Path]:
+    """A text-only LM posing as an expert, and two bases the organisms were not fine-tuned from."""
+    from analyses import tiny
+    from probe.models import model_path
+
+    root = tmp_path_factory.mktemp("odd")
+    plain = shutil.copytree(model_path("organism-base"), root / "plain")
+    geo = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, head_dim=16)
+    return {"plain": plain,
+            "shallow": tiny.write_model("qwen2", root / "shallow", tiny.base_lm(0)),  # 2 layers, hidden 32
+            # the organisms' head layout, a narrower MLP: config.json agrees, the tensor shapes do not
+            "narrow": tiny.write_model("qwen2", root / "narrow", tiny.base_lm(0, **geo, intermediate_size=64),
+                                       **geo, intermediate_size=64)}
+
+
+@pytest.mark.parametrize("model, edit, key", [
+    # the text-only expert failed in the heads stage, after replicate.json, data and table3 were written
+    ("plain", lambda t, m: t.replace('"organism-video"]', f'"{m}"]'), "'models.own[2]': the heads stage"),
+    # a base of another geometry failed after table3 and heads (17 s on the organisms)
+    ("shallow", lambda t, m: t.replace('base = "organism-base"', f'base = "{m}"'), "'models.experts[0]'"),
+    ("narrow", lambda t, m: t.replace('base = "organism-base"', f'base = "{m}"'), "'models.experts': LM shapes"),
+])
+def test_models_that_cannot_run_the_stages_are_refused_before_writing(tmp_path: Path, capsys, odd_models, model,
+                                                                      edit, key) -> None:
+    _assert_refused(tmp_path, capsys, edit(DEFAULT_CONFIG.read_text(), odd_models[model]), key)
 
 
 def test_only_refuses_a_stage_whose_inputs_are_not_there(tmp_path: Path, capsys) -> None:

@@ -1,12 +1,13 @@
 """python -m probe.zoo build --out DIR [--quick] [--steps N] [--seed S] [--ship]"""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
+
+from probe.errors import ArgParser
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m probe.zoo", description="Build the trained tiny organisms.")
+    ap = ArgParser(prog="python -m probe.zoo", description="Build the trained tiny organisms.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="regenerate data and organisms deterministically")
     b.add_argument("--out", type=Path, required=True, metavar="DIR",

@@ -1,0 +1,209 @@
+"""Bad input on the command line or in saved results: exit 2, one ``error: …`` line on stderr, no traceback,
+nothing written, inputs untouched."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import REPO
+from test_heads_cli import BASE_ARGS, base_run, cli  # noqa: F401 (base_run: the shared reference sweep)
+
+from probe.errors import cli_main
+
+
+def one_error_line(rc: int, err: str) -> str:
+    lines = err.strip().splitlines()
+    assert rc == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def snapshot(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+# --------------------------------------------------------------------------------------------------------
+# argparse: one line, every CLI
+
+MODULES = ["probe.heads", "probe.eval", "probe.synthetic", "probe.zoo.__main__", "analyses.shift", "analyses.merge",
+           "analyses.trajectory", "analyses.replicate", "analyses.finetune", "figures.__main__"]
+BENCH = ["sweep", "eval", "merge", "train_step"]
+
+
+def _main(name: str):
+    if name in BENCH:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.main
+    return importlib.import_module(name).main
+
+
+@pytest.mark.parametrize("name", MODULES + BENCH)
+def test_usage_error_is_one_line_and_help_stays_full(name, capsys, monkeypatch):
+    main = _main(name)
+
+    def parse(*argv: str) -> int:
+        monkeypatch.setattr(sys, "argv", [name, *argv])  # bench/eval.py parses sys.argv
+        with pytest.raises(SystemExit) as e:
+            main(list(argv)) if name != "eval" else main()
+        return e.value.code
+
+    rc = parse("--no-such-option", "abc")
+    line = one_error_line(rc, capsys.readouterr().err)
+    assert line.endswith("(see --help)")
+    assert parse("--help") == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage:") and len(out.splitlines()) > 5
+
+
+def test_every_cli_uses_the_shared_parser():
+    found = [f"{p}:{i}" for d in ("probe", "analyses", "figures", "bench") for p in sorted((REPO / d).rglob("*.py"))
+             for i, line in enumerate(p.read_text().splitlines(), 1) if "argparse.ArgumentParser(" in line]
+    assert not found, found
+
+
+def test_bad_int_option_in_a_subprocess():
+    r = subprocess.run([sys.executable, "-m", "probe.heads", "--limit", "abc"], cwd=REPO, capture_output=True,
+                       text=True)
+    assert one_error_line(r.returncode, r.stderr) == "error: argument --limit: invalid int value: 'abc' (see --help)"
+
+
+# --------------------------------------------------------------------------------------------------------
+# --out below a regular file
+
+
+def test_out_below_a_file(tmp_path, data_dir, tiny_dirs, capsys):
+    from analyses import finetune
+    from probe import eval as probe_eval
+    from probe import heads
+
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    out = str(afile / "sub")
+    for main, argv in ((heads.main, [*BASE_ARGS, "--data", str(data_dir), "--out", out]),
+                       (probe_eval.main, ["--models", "tiny-qwen2-vl", "--data", str(data_dir), "--limit", "2",
+                                          "--quiet", "--out", out]),
+                       (finetune.main, ["--model", "tiny-qwen2-vl", "--data", f"text={data_dir}", "--split",
+                                        "validation", "--steps", "1", "--batch-size", "1", "--quiet", "--device", "cpu",
+                                        "--out", out])):
+        line = one_error_line(cli_main(main, argv), capsys.readouterr().err)
+        assert str(afile) in line and "not a directory" in line
+    assert afile.read_text() == "keep" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+# --------------------------------------------------------------------------------------------------------
+# a damaged part of a resumable head sweep
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "foreign"])
+def test_damaged_part_is_bad_input(base_run, data_dir, tmp_path, damage):  # noqa: F811
+    run = tmp_path / "run"
+    shutil.copytree(base_run, run)
+    part = run / "parts" / "chunk_00000.parquet"
+    if damage == "truncated":
+        part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
+    elif damage == "empty":
+        part.write_bytes(b"")
+    else:
+        pd.DataFrame({"a": [1]}).to_parquet(part)
+    before = snapshot(run)
+    r = cli([*BASE_ARGS, "--data", data_dir, "--out", run])
+    line = one_error_line(r.returncode, r.stderr)
+    assert str(part) in line and "delete it" in line
+    assert snapshot(run) == before
+
+
+# --------------------------------------------------------------------------------------------------------
+# python -m figures KIND DIR on damaged saved results
+
+HEADS_CSV = "layer,head,accuracy,prob_accuracy,kl,n_items,accuracy_drop,prob_accuracy_drop,p_answer\n"
+BASELINE = json.dumps({"accuracy": 0.9, "prob_accuracy": 0.9, "kl": 0.0, "n_items": 4})
+SCORES = "model,data,subject,n_items,accuracy,accuracy_lo,accuracy_hi,prob_accuracy,prob_accuracy_lo,prob_accuracy_hi\n"
+CASES = {  # id: (kind, {file: content}, words the error names)
+    "heads-garbage": ("heads", {"heads.csv": b"\x00\x01garbage\n\xff", "baseline.json": BASELINE}, "heads.csv"),
+    "heads-header-only": ("heads", {"heads.csv": HEADS_CSV, "baseline.json": BASELINE}, "no rows"),
+    "heads-no-values": ("heads", {"heads.csv": HEADS_CSV + "0,0,,,,4,,,\n", "baseline.json": BASELINE},
+                        "no values"),
+    "heads-text-layer": ("heads", {"heads.csv": HEADS_CSV + "zero,0,1,1,0.1,4,0,0,0.5\n", "baseline.json": BASELINE},
+                         "column layer"),
+    "heads-text-metric": ("heads", {"heads.csv": HEADS_CSV + "0,0,1,high,0.1,4,0,0,0.5\n", "baseline.json": BASELINE},
+                          "column prob_accuracy"),
+    "heads-bad-baseline": ("heads", {"heads.csv": HEADS_CSV + "0,0,1,1,0.1,4,0,0,0.5\n", "baseline.json": "[1]"},
+                           "baseline.json"),
+    "shift-wrong-columns": ("shift", {"shift.csv": "a,b\n1,2\n"}, "missing columns model"),
+    "shift-text-delta": ("shift", {"shift.csv": "model,tensor,layer,module,delta_avg\nm,t,0,q,big\n"},
+                         "column delta_avg"),
+    "trajectory-garbage": ("trajectory", {"coords.csv": "x\n\x01garbage\n"}, "missing columns name"),
+    "eval-garbage": ("eval", {"scores.csv": "foo,bar\n1,2\n"}, "missing columns model"),
+    "eval-no-all-rows": ("eval", {"scores.csv": SCORES + "m,d,s1,3,1,1,1,1,1,1\n"}, "subject 'all'"),
+    "steps-text-n": ("steps", {"scores.csv": SCORES + "m/checkpoint-1,d,all,many,1,1,1,1,1,1\n"}, "column n_items"),
+    "merge-garbage": ("merge", {"merge_weights.csv": "nope\n1\n", "merge.json": "{}"}, "missing columns tensor"),
+    "merge-bad-json": ("merge", {"merge_weights.csv": "tensor,slice,model,delta_avg,alpha\nt,all,m,,0.5\n",
+                                 "merge.json": "{not json"}, "merge.json"),
+    "report-bad-json": ("report", {"replicate.json": "garbage"}, "replicate.json"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_figures_reject_damaged_results(case, tmp_path, capsys):
+    from figures.__main__ import main
+
+    kind, files, words = CASES[case]
+    for name, text in files.items():
+        (tmp_path / name).write_bytes(text if isinstance(text, bytes) else text.encode())
+    before = snapshot(tmp_path)
+    line = one_error_line(cli_main(main, [kind, str(tmp_path)]), capsys.readouterr().err)
+    assert str(tmp_path) in line and words in line, line
+    assert snapshot(tmp_path) == before
+
+
+# --------------------------------------------------------------------------------------------------------
+# written files are readable like normally created ones; a killed merge's temp dir is cleaned up
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_atomic_writes_use_the_default_file_mode(tmp_path, umask):
+    from probe.results import atomic_write_bytes, atomic_write_json, atomic_write_parquet
+
+    old = os.umask(umask)
+    try:
+        atomic_write_bytes(tmp_path / "a.csv", b"x\n")
+        atomic_write_json(tmp_path / "b.json", {"x": 1})
+        atomic_write_parquet(tmp_path / "c.parquet", pd.DataFrame({"x": [1]}))
+        (tmp_path / "plain").write_text("x")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == dict.fromkeys(["a.csv", "b.json", "c.parquet", "plain"], 0o666 & ~umask)
+
+
+def test_stale_partial_dirs_of_killed_runs_are_removed(tmp_path):
+    from analyses.writer import atomic_dir
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale, busy = tmp_path / f".out.partial-{dead.pid}", tmp_path / f".out.partial-{live.pid}"
+        other = tmp_path / f".other.partial-{dead.pid}"
+        for d in (stale, busy, other):
+            d.mkdir()
+            (d / "model.safetensors").write_bytes(b"half")
+        with atomic_dir(tmp_path / "out", overwrite=False) as tmp:
+            (tmp / "done").write_text("1")
+        assert not stale.exists() and busy.is_dir() and other.is_dir()  # only this output's, only the dead's
+        assert (tmp_path / "out" / "done").read_text() == "1"
+    finally:
+        live.kill()
+        live.wait()
