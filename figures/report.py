@@ -282,7 +282,7 @@ def build(r: Replication, figdir: Path) -> Doc:
     d.h(2, "The merges")
     d.p("Eq. 1 averages the base and every expert; Eq. 4 (α0 = "
         f"{cfg['merge']['alpha0']:g}, τ = {cfg['merge']['temperature']:g}) weights the experts by softmax(Δavg/τ); "
-        "the salience-guided merge (ours, DESIGN §9) weights each head's slices by the experts' Figure 2 salience "
+        "the salience-guided merge (ours) weights each head's slices by the experts' Figure 2 salience "
         f"and the rest by Eq. 4; TIES trims each task vector to {cfg['merge']['density']:g} of its entries. Each "
         "merged LM is also transplanted into every expert's carrier.")
     if r.complete("merge") and _copy_png(r.out / "merge" / "salience" / "merge_heads.png", figdir / "salience.png"):
