@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from torch import nn
 
@@ -225,8 +226,10 @@ def load_model(
             **({"device_map": plan.device_map} if plan else {}), output_loading_info=True,
             ignore_mismatched_sizes=True,  # reported by check_loading_info, which refuses them
         )
-    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except (OSError, ValueError, RuntimeError, SafetensorError, StrictDataclassError) as exc:
+        # (huggingface_hub's config validation, e.g. num_hidden_layers ≠ len(layer_types), is StrictDataclassError)
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+        first = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]  # a heading's reason is below it
         raise BadInput(f"cannot load checkpoint {ref.path}: {first}") from None
     finally:
         transformers.utils.logging.set_verbosity(verbosity)

@@ -219,3 +219,48 @@ def test_hub_alias_download_error_is_bad_input(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", gated)
     with pytest.raises(BadInput, match="could not download Qwen/Qwen2-7B-Instruct .*PermissionError: 401"):
         resolve_model("qwen2")
+
+
+@pytest.mark.parametrize("damage,needle", [
+    ("drop", "model.layers.1.self_attn.o_proj.weight missing"),
+    ("extra", "model.layers.9.mlp.up_proj.weight not in the model config.json describes"),
+    ("deeper_config", "model.layers.4."),
+    ("shape", "(shape (7, 128) in the file, (128, 128) by config.json)"),
+])
+def test_checkpoint_that_does_not_match_its_config_is_bad_input(tmp_path, damage, needle, capfd):
+    """transformers fills missing (or wrongly shaped) tensors with random values, prints a report and runs: every
+    number measured on it would be silently wrong. The load is refused with one line naming the first tensor."""
+    from safetensors.torch import load_file, save_file
+
+    from probe.models import load_model
+
+    d = shutil.copytree(resolve_model("organism-base").path, tmp_path / "m")
+    weights = d / "model.safetensors"
+    sd = load_file(weights)
+    if damage == "drop":
+        del sd["model.layers.1.self_attn.o_proj.weight"]
+    elif damage == "extra":
+        sd["model.layers.9.mlp.up_proj.weight"] = torch.zeros(2, 2, dtype=torch.bfloat16)
+    elif damage == "shape":
+        sd["model.layers.0.self_attn.q_proj.weight"] = sd["model.layers.0.self_attn.q_proj.weight"][:7]
+    else:
+        cfg = json.loads((d / "config.json").read_text())
+        deeper = {"num_hidden_layers": 6, "layer_types": ["full_attention"] * 6}
+        (d / "config.json").write_text(json.dumps(cfg | deeper))
+    save_file(sd, weights, metadata={"format": "pt"})
+    with pytest.raises(BadInput, match="does not match its config.json") as exc:
+        load_model(resolve_model(str(d)))
+    assert needle in str(exc.value) and "\n" not in str(exc.value)
+    assert "LOAD REPORT" not in capfd.readouterr().err  # transformers' many-line report is not printed
+
+
+def test_config_that_fails_its_own_validation_is_bad_input(tmp_path):
+    """huggingface_hub validates configs (here: 6 layers but 4 layer_types) with its own exception type; the
+    load names the reason in one line instead of a traceback."""
+    from probe.models import load_model
+
+    d = shutil.copytree(resolve_model("organism-base").path, tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(cfg | {"num_hidden_layers": 6}))
+    with pytest.raises(BadInput, match=r"cannot load checkpoint .*`num_hidden_layers` \(6\) must be equal"):
+        load_model(resolve_model(str(d)))
