@@ -164,7 +164,11 @@ def run(args: argparse.Namespace) -> Path:
 
     from probe.results import atomic_write_json, atomic_write_parquet, prepare_out_dir, read_part
 
+    from probe.models import preflight
+
     plan, refs, items, template, placement = make_plan(args)
+    for ref in refs:  # a damaged later model is found before the first one's results are written
+        preflight(ref)
     out: Path = args.out
     resumed = prepare_out_dir(out, plan.fingerprint(), args.overwrite, owned=OWNED)
     pairs = [(m, d) for m, entry in enumerate(plan.models) for d, ds in enumerate(plan.data)

@@ -197,9 +197,6 @@ def load_model(
     """Load a checkpoint on ``device``, or spread by layers over ``devices`` when it names several (DESIGN §12:
     probe/dispatch.py plans the map on the meta device first, so a model that cannot fit is bad input before
     any weight is read). ``device_memory`` (bytes per device) is what the map is checked against."""
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()  # our own bar is the one that matters
     if dtype not in DTYPES:
         raise BadInput(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     torch_dtype = DTYPES[dtype]
@@ -211,29 +208,8 @@ def load_model(
     if ref.hub_repo is not None:  # resolution fetched configs only; the weights come now
         model_path(ref.spec, weights=True)
         check_weights(ref.path, ref.gguf_file)
-    fam = ref.family
-    cls = getattr(transformers, fam.model_class)
-    extra_load: dict[str, Any] = {}
-    if fam.config_path is not None:
-        extra_load["config"] = part_config(ref)
-    if fam.key_mapping:
-        extra_load["key_mapping"] = dict(fam.key_mapping)
-    verbosity = transformers.utils.logging.get_verbosity()
-    transformers.utils.logging.set_verbosity_error()  # its load report is many lines; ours is one (below)
-    try:
-        model, info = cls.from_pretrained(
-            ref.path, dtype=torch_dtype, attn_implementation=attn_implementation, **ref.load_kwargs, **extra_load,
-            **({"device_map": plan.device_map} if plan else {}), output_loading_info=True,
-            ignore_mismatched_sizes=True,  # reported by check_loading_info, which refuses them
-        )
-    except (OSError, ValueError, RuntimeError, SafetensorError, StrictDataclassError) as exc:
-        # (huggingface_hub's config validation, e.g. num_hidden_layers ≠ len(layer_types), is StrictDataclassError)
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
-        first = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]  # a heading's reason is below it
-        raise BadInput(f"cannot load checkpoint {ref.path}: {first}") from None
-    finally:
-        transformers.utils.logging.set_verbosity(verbosity)
-    check_loading_info(ref, info)
+    model = _from_pretrained(ref, dtype=torch_dtype, attn_implementation=attn_implementation,
+                             **({"device_map": plan.device_map} if plan else {}))
     if plan is not None:
         from probe.dispatch import dispatch
 
@@ -245,6 +221,46 @@ def load_model(
                          plan)
     _check_geometry(loaded)
     return loaded
+
+
+def _from_pretrained(ref: ModelRef, **kwargs: Any) -> Any:
+    """The family's class from the checkpoint, refused as bad input (one line) when it cannot load or its tensors
+    do not match its config (``check_loading_info``)."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # our own bar is the one that matters
+    fam = ref.family
+    extra_load: dict[str, Any] = {}
+    if fam.config_path is not None:
+        extra_load["config"] = part_config(ref)
+    if fam.key_mapping:
+        extra_load["key_mapping"] = dict(fam.key_mapping)
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()  # its load report is many lines; ours is one (below)
+    try:
+        model, info = getattr(transformers, fam.model_class).from_pretrained(
+            ref.path, **ref.load_kwargs, **extra_load, **kwargs, output_loading_info=True,
+            ignore_mismatched_sizes=True,  # reported by check_loading_info, which refuses them
+        )
+    except (OSError, ValueError, RuntimeError, SafetensorError, StrictDataclassError) as exc:
+        # (huggingface_hub's config validation, e.g. num_hidden_layers ≠ len(layer_types), is StrictDataclassError)
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+        first = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]  # a heading's reason is below it
+        raise BadInput(f"cannot load checkpoint {ref.path}: {first}") from None
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
+    check_loading_info(ref, info)
+    return model
+
+
+def preflight(ref: ModelRef) -> None:
+    """The load's checks without its cost: the model built on the meta device, so transformers compares the
+    checkpoint's tensor names and shapes (headers) with the config and reads no weight. Commands that run
+    several models call it for every one before writing anything. Hub aliases whose weights are not local yet and
+    GGUF files are checked when they load."""
+    if ref.hub_repo is not None or ref.gguf_file is not None:
+        return
+    _from_pretrained(ref, device_map="meta")
 
 
 def check_loading_info(ref: ModelRef, info: dict[str, Any]) -> None:

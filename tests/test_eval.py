@@ -298,6 +298,24 @@ def test_bad_input_exit_2_one_line_nothing_written(case, text_dir, tmp_path, cap
     assert not out.exists()
 
 
+def test_a_damaged_later_model_stops_the_run_before_anything_is_written(text_dir, tiny_dirs, tmp_path, capfd):
+    """Every checkpoint is checked against its config (on the meta device, no weight read) before the first
+    model runs: a missing tensor in the second model used to surface only after the first model's parts."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = shutil.copytree(tiny_dirs["qwen2"], tmp_path / "damaged")
+    sd = load_file(bad / "model.safetensors")
+    del sd["model.layers.1.mlp.up_proj.weight"]
+    save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    assert _eval("--models", "tiny-qwen2", bad, "--data", text_dir, "--quiet", "--out", out) == 2
+    err = capfd.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "model.layers.1.mlp.up_proj.weight missing" in err
+    assert not out.exists()
+
+
 def test_figures_eval_redraws(eval_run, tmp_path):
     import shutil
 
