@@ -356,6 +356,13 @@ def check_lm_geometry(refs: dict[str, Any]) -> None:
             align(ckpts, [r.spec for r in refs.values()])
         except BadInput as exc:
             raise BadInput(f"config key 'models.experts': {exc}") from None
+    from probe.models import preflight
+
+    for key, ref in refs.items():  # every tensor (vision tower too) against its config: meta device, no weight read
+        try:
+            preflight(ref)
+        except BadInput as exc:
+            raise BadInput(f"config key {key!r}: {exc}") from None
 
 
 def check_modalities_read(cfg: ReplicateConfig, refs: dict[str, Any]) -> None:

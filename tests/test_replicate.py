@@ -322,7 +322,13 @@ def odd_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("odd")
     plain = shutil.copytree(model_path("organism-base"), root / "plain")
     geo = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, head_dim=16)
-    return {"plain": plain,
+    # organism-vl with one vision-tower tensor gone: its LM is intact, so only a full check of the checkpoint sees it
+    novision = shutil.copytree(model_path("organism-vl"), root / "novision")
+    from safetensors.torch import load_file, save_file
+    sd = load_file(novision / "model.safetensors")
+    del sd[next(k for k in sorted(sd) if "visual" in k)]
+    save_file(sd, novision / "model.safetensors", metadata={"format": "pt"})
+    return {"plain": plain, "novision": novision,
             "shallow": tiny.write_model("qwen2", root / "shallow", tiny.base_lm(0)),  # 2 layers, hidden 32
             # the organisms' head layout, a narrower MLP: config.json agrees, the tensor shapes do not
             "narrow": tiny.write_model("qwen2", root / "narrow", tiny.base_lm(0, **geo, intermediate_size=64),
@@ -335,6 +341,8 @@ def odd_models(tmp_path_factory) -> dict[str, Path]:
     # a base of another geometry failed after table3 and heads (17 s on the organisms)
     ("shallow", lambda t, m: t.replace('base = "organism-base"', f'base = "{m}"'), "'models.experts[0]'"),
     ("narrow", lambda t, m: t.replace('base = "organism-base"', f'base = "{m}"'), "'models.experts': LM shapes"),
+    # a damaged vision tower was found only when the heads stage loaded the expert
+    ("novision", lambda t, m: t.replace('"organism-video"]', f'"{m}"]'), "'models.experts[2]': checkpoint"),
 ])
 def test_models_that_cannot_run_the_stages_are_refused_before_writing(tmp_path: Path, capsys, odd_models, model,
                                                                       edit, key) -> None:
