@@ -151,20 +151,16 @@ def save_checkpoint(loaded, source: Path, dest: Path, state: dict | None) -> Non
 
 
 def check_numbers(cfg: FinetuneConfig) -> None:
-    """The numeric settings, before anything is read or written: a NaN or negative rate or warm-up trains to NaN
-    weights or climbs the loss (gradient ascent) and still exits 0 with checkpoints that look fine."""
-    if cfg.steps < 1 or cfg.batch < 1 or (cfg.lora is not None and cfg.lora < 1):
-        raise BadInput("--steps, --batch-size and --lora must be ≥ 1")
+    """The numeric settings only this command has, before anything is read or written (rates, warm-up and seed are
+    the training loop's: ``TrainConfig`` refuses a NaN or negative one, which would train to NaN weights or climb
+    the loss and still exit 0)."""
+    if cfg.lora is not None and cfg.lora < 1:
+        raise BadInput(f"--lora must be ≥ 1, got {cfg.lora}")
     if cfg.limit is not None and cfg.limit < 1:
         raise BadInput(f"--limit must be ≥ 1, got {cfg.limit}")
-    for flag, v in (("--lr", cfg.lr), ("--lm-lr", cfg.lm_lr)):
-        if not (math.isfinite(v) and v >= 0):  # 0 is meaningful: it freezes that part (LLaVA's stage 1)
-            raise BadInput(f"{flag} must be a finite number ≥ 0 (0 freezes its part), got {v}")
     if cfg.lr == 0 and cfg.lm_lr == 0:
         raise BadInput("--lr and --lm-lr are both 0: nothing would train")
-    if cfg.warmup < 0:
-        raise BadInput(f"--warmup must be ≥ 0 (0: no warm-up), got {cfg.warmup}")
-    if not 0 <= cfg.seed < 2**64:  # torch's generators take 64-bit seeds
+    if cfg.seed >= 2**64:  # torch's generators take 64-bit seeds (TrainConfig refuses negative ones)
         raise BadInput(f"--seed must be in 0 .. 2^64 - 1, got {cfg.seed}")
     bad = [s for s in cfg.save_steps if not 0 <= s <= cfg.steps]
     if bad:
@@ -183,6 +179,8 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     from probe.train import wait_for_everyone
 
     check_numbers(cfg)
+    tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, lm_lr=cfg.lm_lr, batch=cfg.batch, warmup=cfg.warmup,
+                       seed=cfg.seed, log_every=max(1, cfg.steps // 10))  # checks its numbers now, not mid-run
     check_out_path(cfg.out)  # before the model loads: an --out below a file is a one-line error
     placement = resolve_placement(cfg.device, cfg.dtype)
     if placement.spread and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -222,8 +220,6 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     if cfg.lora is not None:  # LoRA resumes from the original weights plus the checkpoint's adapter
         torch.manual_seed(cfg.seed)  # the adapters' random initialisation
         add_lora(loaded, cfg.lora, resumable[start] / "adapter" if start is not None else None)
-    tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, lm_lr=cfg.lm_lr, batch=cfg.batch, warmup=cfg.warmup,
-                       seed=cfg.seed, log_every=max(1, cfg.steps // 10))
     if not anything_trains(loaded.model, loaded, tcfg):  # e.g. --lm-lr 0 on a text-only model: it is all LM
         raise BadInput(f"--lr {cfg.lr} and --lm-lr {cfg.lm_lr} freeze every parameter of {ref.spec}: nothing would "
                        "train (a rate of 0 freezes its part; --lm-lr is the LM's, --lr the vision tower's and "
