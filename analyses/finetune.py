@@ -158,13 +158,19 @@ def check_numbers(cfg: FinetuneConfig) -> None:
         raise BadInput(f"--lora must be ≥ 1, got {cfg.lora}")
     if cfg.limit is not None and cfg.limit < 1:
         raise BadInput(f"--limit must be ≥ 1, got {cfg.limit}")
-    if cfg.lr == 0 and cfg.lm_lr == 0:
-        raise BadInput("--lr and --lm-lr are both 0: nothing would train")
     if cfg.seed >= 2**64:  # torch's generators take 64-bit seeds (TrainConfig refuses negative ones)
         raise BadInput(f"--seed must be in 0 .. 2^64 - 1, got {cfg.seed}")
     bad = [s for s in cfg.save_steps if not 0 <= s <= cfg.steps]
     if bad:
         raise BadInput(f"--save-steps {bad}: outside 0..{cfg.steps}")
+
+
+def finish(out: Path, run_info: dict[str, Any], status: str, **extra: str) -> None:
+    """run.json's last state: complete, or failed with the error (a run left "running" reads as a kill)."""
+    from probe.results import atomic_write_json
+
+    run_info |= {"status": status, **extra, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    atomic_write_json(out / "run.json", run_info)
 
 
 def run_finetune(cfg: FinetuneConfig) -> Path:
@@ -174,6 +180,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     from probe.mmmu import load_items
     from probe.models import load_model, resolve_model
     from probe.prompting import check_modalities
+    from probe.results import atomic_write_json
     from probe.train import TrainConfig, anything_trains, check_finite_weights, encode, is_main_process
     from probe.train import train as train_loop
     from probe.train import wait_for_everyone
@@ -243,7 +250,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
             keep = [r for r in csv.DictReader(f) if int(r["step"]) <= start]
     saves = set(cfg.save_steps) | {cfg.steps}
     if writer:
-        (out / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
+        atomic_write_json(out / "run.json", run_info)
         with open(log_path, "w", newline="") as f:
             w = csv.DictWriter(f, LOG_COLUMNS)
             w.writeheader()
@@ -278,14 +285,12 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     except BadInput as exc:  # diverged: run.json says so (not "running", which reads as a kill to resume)
         bar.close()
         if writer:
-            run_info |= {"status": "failed", "error": str(exc), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-            (out / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
+            finish(out, run_info, "failed", error=str(exc))
         raise
     bar.close()
     if not writer:
         return out
-    run_info |= {"status": "complete", "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    (out / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
+    finish(out, run_info, "complete")
     print(f"{cfg.steps} steps; checkpoints {sorted(saves)} in {out}/")
     return out
 

@@ -82,7 +82,7 @@ def draw_merge(result_dir: Path) -> list[Path]:
             ax2.set_axis_off()
         else:
             im2 = ax2.imshow(s, cmap="magma_r", aspect="auto")
-            ax2.set_title(f"its salience ({sal.get('metric', 'kl')})", fontsize=8)
+            ax2.set_title(f"its salience ({metric})", fontsize=8)
             ax2.set_xlabel("head", fontsize=8)
             ax2.set_ylabel("layer", fontsize=8)
             fig.colorbar(im2, ax=ax2, fraction=0.046).ax.tick_params(labelsize=7)

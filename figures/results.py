@@ -78,10 +78,9 @@ class Replication:
         per = read_json(path).get("per_model")
         for e in self.experts:
             row = per.get(e) if isinstance(per, dict) else None
-            ratio = row.get("ratio_to_least_shifted", "absent") if isinstance(row, dict) else None
-            # the ratio is null when some model did not move (shift writes no Infinity)
+            # the ratio is null when some model did not move (shift writes no Infinity), but never absent
             if not isinstance(row, dict) or not isinstance(row.get("mean_delta_avg"), (int, float)) \
-                    or not (ratio is None or isinstance(ratio, (int, float))):
+                    or not isinstance(row.get("ratio_to_least_shifted", "absent"), (int, float, type(None))):
                 raise BadInput(f"{path}: no per_model numbers for {e}")
         return per
 
