@@ -27,6 +27,11 @@ def read_scores(result_dir: Path) -> pd.DataFrame:
     return scores
 
 
+def short_label(model: str, width: int = 40) -> str:
+    """A model's name as a tick label: a long path keeps its tail (the part that tells runs apart)."""
+    return model if len(model) <= width else "…" + model[-(width - 1):]
+
+
 def draw_eval(result_dir: Path) -> list[Path]:
     import matplotlib
 
@@ -38,7 +43,9 @@ def draw_eval(result_dir: Path) -> list[Path]:
     metric = "accuracy" if top["accuracy"].notna().any() else "prob_accuracy"
     models = list(dict.fromkeys(top["model"]))
     datasets = list(dict.fromkeys(top["data"]))
-    fig, axes = plt.subplots(1, len(datasets), figsize=(2.2 + 2.6 * len(datasets), 1.3 + 0.38 * len(models)),
+    labels = [short_label(m) for m in models]
+    left = 0.6 + 0.055 * max(map(len, labels))  # inches for the longest model label at 8 pt
+    fig, axes = plt.subplots(1, len(datasets), figsize=(left + 2.6 * len(datasets), 1.3 + 0.38 * len(models)),
                              dpi=150, sharey=True, squeeze=False)
     colours = plt.get_cmap("tab10")
     y = np.arange(len(models))[::-1]
@@ -59,7 +66,7 @@ def draw_eval(result_dir: Path) -> list[Path]:
         ax.set_xlabel(f"{metric.replace('_', ' ')} [%]", fontsize=8)
         ax.tick_params(labelsize=8)
     axes[0][0].set_yticks(y)
-    axes[0][0].set_yticklabels(models, fontsize=8)
+    axes[0][0].set_yticklabels(labels, fontsize=8)
     fig.suptitle("Evaluation, 95 % bootstrap intervals", fontsize=10)
     fig.tight_layout()
     return save_png_pdf(fig, result_dir, "eval")

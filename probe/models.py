@@ -223,6 +223,12 @@ def load_model(
     return loaded
 
 
+# transformers 5.25 turns hub kernels on by default: from_pretrained swaps module forwards (norms, MLPs, attention)
+# for kernels fetched from the Hub. The engines hook those modules and are tested against the reference forwards,
+# and a run must not download code, so every load here asks for the plain PyTorch modules.
+NO_HUB_KERNELS = {"use_kernels": False}
+
+
 def _from_pretrained(ref: ModelRef, **kwargs: Any) -> Any:
     """The family's class from the checkpoint, refused as bad input (one line) when it cannot load or its tensors
     do not match its config (``check_loading_info``)."""
@@ -241,6 +247,7 @@ def _from_pretrained(ref: ModelRef, **kwargs: Any) -> Any:
         model, info = getattr(transformers, fam.model_class).from_pretrained(
             ref.path, **ref.load_kwargs, **extra_load, **kwargs, output_loading_info=True,
             ignore_mismatched_sizes=True,  # reported by check_loading_info, which refuses them
+            **NO_HUB_KERNELS,
         )
     except (OSError, ValueError, RuntimeError, SafetensorError, StrictDataclassError) as exc:
         # (huggingface_hub's config validation, e.g. num_hidden_layers ≠ len(layer_types), is StrictDataclassError)
@@ -249,6 +256,10 @@ def _from_pretrained(ref: ModelRef, **kwargs: Any) -> Any:
         raise BadInput(f"cannot load checkpoint {ref.path}: {first}") from None
     finally:
         transformers.utils.logging.set_verbosity(verbosity)
+    if getattr(model, "use_kernels", False):  # a later release might ignore the keyword: refuse, never measure it
+        from probe.upstream import UpstreamChanged
+
+        raise UpstreamChanged("from_pretrained(use_kernels=False) left hub kernels on")
     check_loading_info(ref, info)
     return model
 

@@ -8,7 +8,8 @@ sensitive lives here, is checked loudly (``UpstreamChanged`` names the API and t
 ``tests/test_upstream.py`` against every release the project declares.
 
 Checked against transformers 5.23.0 and 5.24.0 (``TESTED_TRANSFORMERS``); the device a dispatched module runs on
-is read from accelerate's hook (checked with accelerate 1.15).
+is read from accelerate's hook (checked with accelerate 1.15 and 1.16). 5.25 kernelizes models by default;
+probe/models.py loads with hub kernels off (NO_HUB_KERNELS).
 """
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from analyses import merge, shift, tiny
 from analyses.checkpoints import open_checkpoint
 from probe.errors import cli_main
+from probe.models import NO_HUB_KERNELS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -167,7 +168,7 @@ def test_output_loads_and_carriers_bit_exact(zoo, tmp_path):
     assert run(merge.main, "--base", zoo["base"], "--models", zoo["vl"], zoo["ov"], "--carrier",
                *[zoo[c] for c in carriers], "--shard-size", "30KB", "--out", out) == 0
     assert (out / "model.safetensors.index.json").is_file()  # sharded by --shard-size
-    lm = tf.AutoModelForCausalLM.from_pretrained(out)
+    lm = tf.AutoModelForCausalLM.from_pretrained(out, **NO_HUB_KERNELS)
     merged = merged_lm(out)
     torch.testing.assert_close(lm.model.layers[1].mlp.up_proj.weight, merged["layers.1.mlp.up_proj.weight"])
     assert lm(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 128)
@@ -180,7 +181,7 @@ def test_output_loads_and_carriers_bit_exact(zoo, tmp_path):
             for c, k in new.lm.items():
                 assert torch.equal(new.view(new.infos[k]), merged[c])
         if cls is not None:
-            model = cls.from_pretrained(dest)
+            model = cls.from_pretrained(dest, **NO_HUB_KERNELS)
             assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 128)
             w = model.state_dict()
             got = next(v for k, v in w.items() if k.endswith("layers.0.self_attn.q_proj.weight") and "visual" not in k

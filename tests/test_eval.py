@@ -329,3 +329,24 @@ def test_figures_eval_redraws(eval_run, tmp_path):
     assert res.returncode == 0, res.stderr
     assert (copy / "eval.png").read_bytes().startswith(b"\x89PNG")
     assert (copy / "eval.pdf").read_bytes().startswith(b"%PDF")
+
+
+def test_eval_figure_fits_long_model_paths(eval_run, tmp_path):
+    """A model given as a long directory path used to leave matplotlib unable to lay the figure out (labels cut
+    off); its label now keeps the path's tail and the figure widens for it."""
+    import shutil
+    import warnings
+
+    from figures.eval import draw_eval, short_label
+
+    out, _ = eval_run
+    copy = shutil.copytree(out, tmp_path / "run")
+    scores = pd.read_csv(copy / "scores.csv")
+    long = "/very/long/path/to/some/experiments/of/this/lab/merged/shift-softmax-tau-0.5"
+    scores.loc[scores["model"] == "tiny-qwen2", "model"] = long
+    scores.to_csv(copy / "scores.csv", index=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Tight layout not applied" is a UserWarning
+        draw_eval(copy)
+    assert short_label(long) == "…" + long[-39:] and len(short_label(long)) == 40
+    assert short_label("tiny-qwen2") == "tiny-qwen2"

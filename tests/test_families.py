@@ -17,6 +17,7 @@ import torch
 
 from conftest import make_item
 from probe.families import ALIASES, CAUSAL_LM, FAMILIES, LAYOUTS, causal_lm_type, detect_layout, canonical_lm_name
+from probe.models import NO_HUB_KERNELS
 
 NEW = ("qwen3", "mistral", "gemma3_text", "qwen2_5_vl", "qwen3_vl", "qwen2_5_omni_thinker", "llava", "llava_next",
        "gemma3", "idefics3", "internvl")
@@ -230,7 +231,7 @@ def test_weighted_merge_transplanted_into_carrier(family, tmp_path):
                                  "--carrier", str(a), "--out", str(out)]) == 0
     ma, mb = (load_model(resolve_model(str(p))) for p in (a, b))
     la, lb = module_lm(ma), module_lm(mb)
-    lm = tf.AutoModelForCausalLM.from_pretrained(out)
+    lm = tf.AutoModelForCausalLM.from_pretrained(out, **NO_HUB_KERNELS)
     assert type(lm).__name__ == CAUSAL_LM[causal_lm_type(ma.family, ma.model.config.get_text_config().to_dict())]
     got = {f"layers.{k}": v for k, v in lm.model.layers.state_dict().items()}
     got |= {"embed_tokens.weight": lm.model.embed_tokens.weight, "norm.weight": lm.model.norm.weight,
@@ -439,7 +440,7 @@ def test_every_merge_method_on_qwen2_5_with_vl_and_omni_carriers(method, qwen25_
         argv += ["--salience", *map(str, runs)]
     out = tmp_path / "merged"
     assert cli_main(merge.main, [*argv, "--out", str(out)]) == 0
-    lm = tf.AutoModelForCausalLM.from_pretrained(out)
+    lm = tf.AutoModelForCausalLM.from_pretrained(out, **NO_HUB_KERNELS)
     got = {f"layers.{k}": v.detach() for k, v in lm.model.layers.state_dict().items()}
     got["norm.weight"] = lm.model.norm.weight.detach()
     rows = lm.model.embed_tokens.weight.shape[0]
@@ -479,7 +480,7 @@ def test_text_base_and_its_vlm_shift_and_merge(base, expert, dirs, loaded, tmp_p
     out = tmp_path / "m"
     assert cli_main(merge.main, ["--base", b, "--models", e, "--method", "shift", "--shift", str(tmp_path / "s"),
                                  "--carrier", e, "--out", str(out)]) == 0
-    lm = tf.AutoModelForCausalLM.from_pretrained(out)
+    lm = tf.AutoModelForCausalLM.from_pretrained(out, **NO_HUB_KERNELS)
     assert type(lm).__name__ == FAMILIES[base].model_class
     carrier = module_lm(load_model(resolve_model(str(out / "carriers" / Path(e).name))))
     merged = {f"layers.{k}": v.detach() for k, v in lm.model.layers.state_dict().items()}

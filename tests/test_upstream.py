@@ -119,3 +119,34 @@ def test_untested_release_warns(monkeypatch):
     assert untested_warning() is None
     monkeypatch.setattr(transformers, "__version__", "5.99.0")
     assert "transformers 5.99.0 is not one of the releases" in untested_warning()
+
+
+def test_models_load_without_hub_kernels(tiny_dirs, monkeypatch):
+    """transformers 5.25 kernelizes by default (hub kernels swap the forwards the engines hook): every load asks for
+    the plain modules, and a release that ignored the request would be refused, never measured."""
+    import transformers
+
+    from probe import models
+    from probe.upstream import UpstreamChanged
+
+    ref = models.resolve_model(str(tiny_dirs["qwen2"]))
+    seen: list = []
+    real = transformers.Qwen2ForCausalLM.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        seen.append(kwargs.get("use_kernels"))
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.Qwen2ForCausalLM, "from_pretrained", classmethod(spy))
+    loaded = models.load_model(ref)
+    models.preflight(ref)
+    assert seen == [False, False] and not getattr(loaded.model, "use_kernels", False)
+
+    def ignores_it(cls, *args, **kwargs):
+        model, info = real(cls, *args, **kwargs)
+        model._use_kernels = True  # what a release that kernelized anyway would leave behind
+        return model, info
+
+    monkeypatch.setattr(transformers.Qwen2ForCausalLM, "from_pretrained", classmethod(ignores_it))
+    with pytest.raises(UpstreamChanged, match=r"left hub kernels on.*probe/upstream.py"):
+        models.load_model(ref)

@@ -20,6 +20,7 @@ from typing import Any, Sequence, TypeVar
 import torch
 
 from probe.families import FAMILIES
+from probe.models import NO_HUB_KERNELS
 from probe.tiny import save_model_dir
 from probe.prompting import PromptTemplate
 from probe.train import TrainConfig, collate, encode, is_lm_param, model_inputs
@@ -217,7 +218,7 @@ def init_organism(name: str, tok, out_dir: Path, base_dir: Path | None, seed: in
         image_processor = LlavaOnevisionImageProcessorPil(size={"height": size, "width": size},
                                                           image_grid_pinpoints=[[size, size]], crop_size=None)
     if base_dir is not None:
-        base = T.Qwen2ForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        base = T.Qwen2ForCausalLM.from_pretrained(base_dir, dtype=torch.float32, **NO_HUB_KERNELS)
         model.model.language_model.load_state_dict(base.model.state_dict())
         model.lm_head.load_state_dict(base.lm_head.state_dict())
     fam = FAMILIES[family]
