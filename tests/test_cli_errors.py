@@ -50,13 +50,12 @@ def _main(name: str):
 
 
 @pytest.mark.parametrize("name", MODULES + BENCH)
-def test_usage_error_is_one_line_and_help_stays_full(name, capsys, monkeypatch):
+def test_usage_error_is_one_line_and_help_stays_full(name, capsys):
     main = _main(name)
 
     def parse(*argv: str) -> int:
-        monkeypatch.setattr(sys, "argv", [name, *argv])  # bench/eval.py parses sys.argv
         with pytest.raises(SystemExit) as e:
-            main(list(argv)) if name != "eval" else main()
+            main(list(argv))
         return e.value.code
 
     rc = parse("--no-such-option", "abc")
