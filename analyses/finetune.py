@@ -150,6 +150,23 @@ def save_checkpoint(loaded, source: Path, dest: Path, state: dict | None) -> Non
     tmp.rename(dest)
 
 
+def read_state(path: Path) -> dict:
+    """The trainer state a resume continues from (optimiser, sampler and torch RNG, step), read before anything
+    runs: a damaged one is bad input naming the checkpoint to delete, never a traceback mid-run."""
+    import torch
+
+    fix = f"delete {path.parent} and rerun the same command to resume from the checkpoint before it"
+    try:
+        state = torch.load(path, weights_only=False)
+    except Exception as exc:  # torch raises pickle, zip and runtime errors for a damaged file
+        reason = str(exc).strip().split("\n")[0] or type(exc).__name__
+        raise BadInput(f"{path} is unreadable ({reason}); {fix}") from None
+    want = ("optimizer", "generator", "torch_rng", "step")
+    if not isinstance(state, dict) or any(k not in state for k in want):
+        raise BadInput(f"{path} is not a trainer state (it needs {', '.join(want)}); {fix}")
+    return state
+
+
 def check_numbers(cfg: FinetuneConfig) -> None:
     """The numeric settings only this command has, before anything is read or written (rates, warm-up and seed are
     the training loop's: ``TrainConfig`` refuses a NaN or negative one, which would train to NaN weights or climb
@@ -231,6 +248,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         raise BadInput(f"--lr {cfg.lr} and --lm-lr {cfg.lm_lr} freeze every parameter of {ref.spec}: nothing would "
                        "train (a rate of 0 freezes its part; --lm-lr is the LM's, --lr the vision tower's and "
                        "projector's)")
+    resume = read_state(resumable[start] / STATE) if start else None
     print(placement.description, file=sys.stderr)  # after the last check: a refusal stays one line
     rows, offsets = [], {}
     for label, its in items.items():
@@ -257,7 +275,6 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
             w.writerows(keep)
         if start is None:
             save_checkpoint(loaded, source, out / "checkpoint-0", None)
-    resume = torch.load(resumable[start] / STATE, weights_only=False) if start else None
     from tqdm.auto import tqdm
 
     bar = tqdm(total=cfg.steps, initial=start or 0, desc="finetune", unit="step", file=sys.stderr, disable=not writer or cfg.quiet)

@@ -174,6 +174,8 @@ def run(args: argparse.Namespace) -> Path:
     pairs = [(m, d) for m, entry in enumerate(plan.models) for d, ds in enumerate(plan.data)
              if f"{entry.name}|{ds.name}" not in plan.not_applicable]
     todo = [(m, d) for m, d in pairs if not part_file(out, m, d).is_file()]
+    # the parts a resume keeps are read now: a damaged one is named before anything runs or is printed
+    frames = {(m, d): read_part(part_file(out, m, d), ITEM_COLUMNS) for m, d in pairs if (m, d) not in todo}
     run_info = {"fingerprint": plan.fingerprint(), "plan": asdict(plan), "versions": versions(),
                 "placement": {"device": placement.device, "devices": list(placement.all_devices),
                               "dtype": placement.dtype,
@@ -202,10 +204,11 @@ def run(args: argparse.Namespace) -> Path:
                 bar.set_description(f"eval {plan.models[m].name} on {ds.name}")
                 rows = evaluate_pair(loaded, plan.models[m].name, ds, items[ds.name], cfg, args.batch_size, bar)
                 atomic_write_parquet(part_file(out, m, d), pd.DataFrame.from_records(rows, columns=ITEM_COLUMNS))
+                frames[m, d] = read_part(part_file(out, m, d), ITEM_COLUMNS)  # as a resume would read it
             del loaded
         bar.close()
-    frames = [read_part(part_file(out, m, d), ITEM_COLUMNS) for m, d in pairs]  # a damaged part: exit 2, named
-    items_df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=ITEM_COLUMNS)
+    items_df = (pd.concat([frames[p] for p in pairs], ignore_index=True) if pairs
+                else pd.DataFrame(columns=ITEM_COLUMNS))
     scores = score_table(items_df, plan, args.reference, args.seed)
     write_results(out, items_df, scores, plan)
     run_info |= {"status": "complete", "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seed": args.seed,

@@ -214,7 +214,7 @@ def versions() -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> Path:
-    from probe.results import (atomic_write_json, part_path, prepare_out_dir, read_parts, write_outputs)
+    from probe.results import (atomic_write_json, part_path, prepare_out_dir, read_part, read_parts, write_outputs)
 
     plan, ref, items, template, placement = make_plan(args)
     out: Path = args.out
@@ -224,6 +224,9 @@ def run(args: argparse.Namespace) -> Path:
 
     chunks = [items[i:i + args.chunk_size] for i in range(0, len(items), args.chunk_size)]
     todo = [c for c in range(len(chunks)) if c % world == rank and not part_path(out, c).is_file()]
+    for c in range(len(chunks)):  # the parts a resume keeps, checked now: a damaged one is named before hours run
+        if part_path(out, c).is_file():
+            read_part(part_path(out, c))
     run_info = {
         "fingerprint": plan.fingerprint(), "plan": asdict(plan), "versions": versions(),
         "argv": sys.argv[1:], "approximate": plan.method == "attribution",

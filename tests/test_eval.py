@@ -241,6 +241,24 @@ def test_resume_after_a_lost_part_gives_the_same_files(eval_run, tmp_path):
     pd.testing.assert_frame_equal(pd.read_parquet(copy / "items.parquet"), pd.read_parquet(out / "items.parquet"))
 
 
+def test_a_damaged_part_is_named_before_a_resume_runs_anything(eval_run, tmp_path, capfd):
+    """A kept part that cannot be read used to be found only after the missing parts were recomputed (and after
+    the placement line): now the resume reads what it keeps first, and one line names it."""
+    import shutil
+
+    out, args = eval_run
+    copy = shutil.copytree(out, tmp_path / "run")
+    parts = sorted((copy / "parts").glob("*.parquet"))
+    parts[-1].unlink()  # one part to recompute ...
+    parts[0].write_bytes(b"PAR1 not really")  # ... and one kept part damaged
+    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    capfd.readouterr()
+    assert _eval(*args[:-1], copy) == 2
+    err = capfd.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and str(parts[0]) in err and "unreadable" in err, err
+    assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before  # nothing recomputed or written
+
+
 def test_a_model_under_another_name_gets_the_same_intervals(eval_run, tmp_path, tiny_dirs, text_dir):
     """Intervals depend on a model's answers, not on its name: the text LM copied to another directory and
     evaluated alone gives tiny-qwen2's rows of the two-model run, intervals and paired differences included."""

@@ -107,6 +107,32 @@ def test_deterministic_and_resumable_after_a_kill(ft_run, tiny_dirs, data_dir, t
         (ft_run / "checkpoint-6" / "model.safetensors").read_bytes()
 
 
+@pytest.mark.parametrize("damage", ["truncated", "foreign"])
+def test_a_damaged_trainer_state_is_one_line_before_anything_runs(ft_run, tiny_dirs, data_dir, text_dir, tmp_path,
+                                                                   capfd, damage):
+    """Resuming from a checkpoint whose trainer state is damaged (a disk error, a copy cut short) or is not one
+    used to crash with a traceback after the placement line; now one line names it and what to do, and the run's
+    files are left as they were."""
+    import shutil
+
+    from analyses.finetune import STATE, main
+
+    out = shutil.copytree(ft_run, tmp_path / "run")
+    shutil.rmtree(out / "checkpoint-6")  # resume from checkpoint-4
+    state = out / "checkpoint-4" / STATE
+    if damage == "truncated":
+        state.write_bytes(state.read_bytes()[:100])
+    else:
+        torch.save({"step": 4}, state)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capfd.readouterr()
+    assert cli_main(main, _args(tiny_dirs, data_dir, text_dir, out)) == 2
+    err = capfd.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert str(state) in err and "delete" in err and "checkpoint-4" in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
 def test_bad_input_exit_2_nothing_written(tiny_dirs, data_dir, tmp_path, capfd):
     from analyses.finetune import main
 
