@@ -47,7 +47,8 @@ def draw_eval(result_dir: Path) -> list[Path]:
     left = 0.6 + 0.055 * max(map(len, labels))  # inches for the longest model label at 8 pt
     fig, axes = plt.subplots(1, len(datasets), figsize=(left + 2.6 * len(datasets), 1.3 + 0.38 * len(models)),
                              dpi=150, sharey=True, squeeze=False)
-    colours = plt.get_cmap("tab10")
+    palette = plt.get_cmap("tab10" if len(models) <= 10 else "tab20")  # a model's colour is its own up to 20
+    colours = [palette(k % palette.N) for k in range(len(models))]
     y = np.arange(len(models))[::-1]
     for ax, ds in zip(axes[0], datasets):
         rows = top[top["data"] == ds].set_index("model").reindex(models)
@@ -57,7 +58,7 @@ def draw_eval(result_dir: Path) -> list[Path]:
                 continue
             v, lo, hi = r[metric], r[f"{metric}_lo"], r[f"{metric}_hi"]
             ax.errorbar(100 * v, y[k], xerr=[[100 * (v - lo)], [100 * (hi - v)]], fmt="o", ms=4, capsize=3,
-                        color=colours(k % 10))
+                        color=colours[k])
         n = int(rows["n_items"].max())
         ax.set_title(f"{ds} (n={n})", fontsize=9)
         ax.set_xlim(-2, 102)
