@@ -20,6 +20,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -52,11 +53,12 @@ class FinetuneConfig:
     dtype: str = "auto"
     lora: int | None = None  # LoRA rank (peft) on the LM's attention and MLP projections; None = full fine-tuning
     quiet: bool = False  # no progress bar (not part of the run's identity)
+    overwrite: bool = False  # replace the fine-tuning run in --out (not part of the run's identity)
 
     def fingerprint(self) -> dict[str, Any]:
         keep = asdict(self)
-        keep.pop("out")
-        keep.pop("quiet")
+        for key in ("out", "quiet", "overwrite"):
+            keep.pop(key)
         keep["save_steps"] = sorted(set(keep["save_steps"]))
         return keep
 
@@ -150,6 +152,25 @@ def save_checkpoint(loaded, source: Path, dest: Path, state: dict | None) -> Non
     tmp.rename(dest)
 
 
+def clear_run(out: Path, inputs: Sequence[Path]) -> None:
+    """``--overwrite``: delete the fine-tuning run in ``out`` (its checkpoints, partial ones, log and run.json) and
+    nothing else there; refused when ``out`` holds an input (the model being tuned, a data set)."""
+    from probe.train import is_main_process, wait_for_everyone
+
+    out_r = out.resolve()
+    for p in inputs:
+        p = Path(p).resolve()
+        if p == out_r or out_r in p.parents:
+            raise BadInput(f"--out {out} holds the input {p}; --overwrite would delete it, pick another --out")
+    if is_main_process():
+        for d in out.iterdir():
+            if d.is_dir() and re.fullmatch(r"\.?checkpoint-\d+(\.partial)?", d.name):
+                shutil.rmtree(d)
+        for name in ("train_log.csv", "run.json"):
+            (out / name).unlink(missing_ok=True)
+    wait_for_everyone()  # no rank reads the out dir before it is cleared
+
+
 def read_state(path: Path) -> dict:
     """The trainer state a resume continues from (optimiser, sampler and torch RNG, step), read before anything
     runs: a damaged one is bad input naming the checkpoint to delete, never a traceback mid-run."""
@@ -195,9 +216,9 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
 
     from probe.devices import resolve_placement
     from probe.mmmu import load_items
-    from probe.models import load_model, resolve_model
+    from probe.models import load_model, model_fingerprint, resolve_model
     from probe.prompting import check_modalities
-    from probe.results import atomic_write_json
+    from probe.results import atomic_write_json, atomic_write_with, plan_differences
     from probe.train import TrainConfig, anything_trains, check_finite_weights, encode, is_main_process
     from probe.train import train as train_loop
     from probe.train import wait_for_everyone
@@ -220,20 +241,29 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         except BadInput:
             raise BadInput(f"--data {label}={path}: {ref.spec} ({ref.family.name}) cannot read its items") from None
         items[label] = its
-    # what decides the numbers: resolved precision and device type, not the "auto" typed
-    fingerprint = cfg.fingerprint() | {"dtype": placement.dtype, "device": placement.device_type}
+    # what decides the numbers: resolved precision and device type, not the "auto" typed, and the model's weights
+    # (a model re-merged at the same path is another run, never one whose checkpoints a resume continues)
+    fingerprint = cfg.fingerprint() | {"dtype": placement.dtype, "device": placement.device_type,
+                                       "model_fingerprint": model_fingerprint(ref)}
     out = cfg.out
-    done = checkpoint_dirs(out) if out.is_dir() else {}
     if out.exists() and any(out.iterdir()):
         try:
             previous = json.loads((out / "run.json").read_text())["config"]
         except (OSError, json.JSONDecodeError, KeyError):
             raise BadInput(f"--out {out} is not empty and holds no fine-tuning run.json") from None
-        if previous != json.loads(json.dumps(fingerprint)):
-            raise BadInput(f"--out {out} holds a different run (settings differ); use another --out")
+        if cfg.overwrite:
+            clear_run(out, [ref.path, *map(Path, cfg.data.values())])
+        elif previous != json.loads(json.dumps(fingerprint)):
+            what = plan_differences(previous, fingerprint) or ["settings"]
+            raise BadInput(f"--out {out} holds a different run ({', '.join(what)} differ); use another --out or "
+                           "--overwrite")
+    done = checkpoint_dirs(out) if out.is_dir() else {}
     resumable = {s: d for s, d in done.items() if (d / STATE).is_file() or s == cfg.steps}
     start = max(resumable) if resumable else None
     if start == cfg.steps and (out / "train_log.csv").is_file():
+        saved = json.loads((out / "run.json").read_text())
+        if saved.get("status") != "complete" and is_main_process():  # killed after its last checkpoint
+            finish(out, saved, "complete")
         print(f"already complete: {out}")
         return out
     source = ref.path
@@ -269,10 +299,13 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     saves = set(cfg.save_steps) | {cfg.steps}
     if writer:
         atomic_write_json(out / "run.json", run_info)
-        with open(log_path, "w", newline="") as f:
-            w = csv.DictWriter(f, LOG_COLUMNS)
-            w.writeheader()
-            w.writerows(keep)
+        def write_log(tmp: str) -> None:  # the kept lines, swapped in whole: a kill here loses none of them
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, LOG_COLUMNS)
+                w.writeheader()
+                w.writerows(keep)
+
+        atomic_write_with(log_path, write_log)
         if start is None:
             save_checkpoint(loaded, source, out / "checkpoint-0", None)
     from tqdm.auto import tqdm
@@ -340,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "cuda:0,cuda:1")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU, else float32), float32, bfloat16")
     p.add_argument("--out", type=Path, required=True, help="output dir (checkpoint-<step>/, train_log.csv)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the fine-tuning run in --out (its checkpoints, log and run.json; nothing else)")
     return p
 
 
@@ -349,7 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_finetune(FinetuneConfig(model=a.model, data=data, out=a.out, steps=a.steps, mix=parse_mix(a.mix, list(data)),
                                 save_steps=a.save_steps, split=a.split, limit=a.limit, lr=a.lr, lm_lr=a.lm_lr,
                                 batch=a.batch_size, warmup=a.warmup, seed=a.seed, device=a.device, dtype=a.dtype,
-                                lora=a.lora, quiet=a.quiet))
+                                lora=a.lora, quiet=a.quiet, overwrite=a.overwrite))
     return 0
 
 

@@ -345,13 +345,15 @@ def merged_config(ref: Checkpoint, dtype: torch.dtype, vocab_rows: int, tied: bo
     return tc
 
 
-def write_carrier(carrier: Checkpoint, merged: Checkpoint, dest: Path, shard_size: int) -> dict[str, Any]:
+def write_carrier(carrier: Checkpoint, merged: Checkpoint, dest: Path, shard_size: int,
+                  merged_name: str) -> dict[str, Any]:
     """Copy ``carrier`` with its LM tensors replaced by ``merged``'s (vocab rule: merged common rows, then the
-    carrier's own rows); every non-LM tensor is copied byte for byte."""
+    carrier's own rows); every non-LM tensor is copied byte for byte. ``merged_name`` is the merge's final
+    name (``merged`` is still read from its temp dir, whose name would make equal merges differ byte-wise)."""
     dest.mkdir(parents=True)
     keys = sorted(carrier.infos, key=lambda k: (str(carrier.infos[k].file), carrier.infos[k].start))
     entries = [Entry(k, carrier.infos[k].dtype, carrier.infos[k].shape) for k in keys]
-    writer = ShardedWriter(dest, entries, shard_size, {"merged_from": str(merged.path.name)})
+    writer = ShardedWriter(dest, entries, shard_size, {"merged_from": merged_name})
     lm_by_key = {v: c for c, v in carrier.lm.items()}
     n_lm = 0
     for key in tqdm(keys, desc=f"carrier {dest.name}", unit="tensor", leave=False):
@@ -422,7 +424,8 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
                 used: set[str] = set()
                 for car in carriers:
                     nm = unique_name(carrier_name(car.name, car.path), used)
-                    carrier_reports.append(write_carrier(car, merged, tmp / "carriers" / nm, cfg.shard_size))
+                    carrier_reports.append(write_carrier(car, merged, tmp / "carriers" / nm, cfg.shard_size,
+                                                           Path(cfg.out).name))
             report = {
                 "method": cfg.method,
                 "equation": FORMULAS[METHODS[cfg.method]].equation,

@@ -35,8 +35,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from analyses.replicate_config import (DEFAULT_CONFIG, GENERATED, QUICK_CONFIG, ReplicateConfig, check_machine,
-                                       content_fingerprint, parse_config)
+                                       parse_config)
 from probe.errors import ArgParser, BadInput, cli_main
+from probe.results import content_fingerprint
 
 MARKER = "replicate.json"  # marks DIR as ours: only then are stage dirs inside it ever deleted
 STATE_DIR = "stages"  # DIR/stages/<stage>.json: fingerprint, status, seconds (beside, not inside, the outputs)

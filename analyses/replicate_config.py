@@ -9,7 +9,6 @@ paper's models on a GPU box, documented line by line).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import tomllib
@@ -408,20 +407,3 @@ def check_modalities_read(cfg: ReplicateConfig, refs: dict[str, Any]) -> None:
             check_modalities(ref, loaded[src])
         except BadInput as exc:
             raise BadInput(f"config key {key!r}: {what} would give {ref.spec} the {label!r} items: {exc}") from None
-
-
-def content_fingerprint(path: str | Path, hash_limit: int = 64 << 20) -> str:
-    """What a model or data directory holds: file names and bytes (sizes and mtimes for files over
-    ``hash_limit``, so a 15 GB checkpoint is not read twice), so a retrained organism in the same directory
-    counts as a changed input."""
-    p = Path(path)
-    h = hashlib.sha256()
-    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else ([p] if p.is_file() else [])
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.relative_to(p) if p.is_dir() else f.name}|{st.st_size}|".encode())
-        if st.st_size <= hash_limit:
-            h.update(hashlib.sha256(f.read_bytes()).digest())
-        else:
-            h.update(str(st.st_mtime_ns).encode())
-    return h.hexdigest()[:16] if files else f"name:{path}"

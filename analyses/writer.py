@@ -24,6 +24,7 @@ import torch
 
 from analyses.checkpoints import DTYPE_NAMES
 from probe.errors import BadInput, check_out_path
+from probe.results import pid_alive
 
 INDEX_NAME = "model.safetensors.index.json"
 Chunk = torch.Tensor | memoryview | bytes
@@ -250,29 +251,19 @@ def check_output(out: Path, overwrite: bool) -> None:
     check_out_path(out)  # no existing parent of it is a file
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    except OverflowError:  # no such pid can exist
-        return False
-    return True
-
-
 def remove_stale_partials(out: Path) -> list[Path]:
-    """Delete ``.NAME.partial-PID`` dirs beside ``out`` left by killed runs (PID no longer alive); returns them.
+    """Delete ``.NAME.partial-PID`` dirs (a run killed while writing) and ``.NAME.old-PID`` dirs (one killed while
+    swapping in an ``--overwrite``: the whole previous output) beside ``out`` whose PID is no longer alive;
+    returns them.
 
     A live process's dir is never touched. PIDs are this machine's: runs on other hosts sharing the directory
     write the same names, so do not point two hosts at one ``--out`` at once (that is a conflict anyway).
     """
-    pattern = re.compile(rf"\.{re.escape(out.name)}\.partial-(\d+)")
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(?:partial|old)-(\d+)")
     removed = []
-    for d in out.parent.glob(f".{glob.escape(out.name)}.partial-*"):
+    for d in out.parent.glob(f".{glob.escape(out.name)}.*-*"):
         m = pattern.fullmatch(d.name)
-        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))) and not d.is_symlink():
+        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))) and not d.is_symlink():
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d)
     return removed

@@ -10,15 +10,20 @@ from probe.errors import BadInput
 NA_TEXT = ("", "nan")  # how a saved table spells a missing number (pandas writes NaN as an empty cell)
 
 
-def save_png_pdf(fig: Any, result_dir: Path, stem: str) -> list[Path]:
-    """Write ``fig`` as ``stem.png`` and ``stem.pdf`` in ``result_dir`` and close it."""
+def save_figure(fig: Any, path: Path, **savefig: Any) -> Path:
+    """``fig`` saved to ``path`` (format from its suffix) whole or not at all: a kill never leaves a 0-byte
+    figure that a finished-looking run would show."""
+    from probe.results import atomic_write_with
+
+    atomic_write_with(Path(path), lambda tmp: fig.savefig(tmp, format=Path(path).suffix[1:], **savefig))
+    return Path(path)
+
+
+def save_png_pdf(fig: Any, result_dir: Path, stem: str, **savefig: Any) -> list[Path]:
+    """Write ``fig`` as ``stem.png`` and ``stem.pdf`` in ``result_dir`` (``save_figure``) and close it."""
     import matplotlib.pyplot as plt
 
-    written = []
-    for ext in ("png", "pdf"):
-        path = result_dir / f"{stem}.{ext}"
-        fig.savefig(path)
-        written.append(path)
+    written = [save_figure(fig, Path(result_dir) / f"{stem}.{ext}", **savefig) for ext in ("png", "pdf")]
     plt.close(fig)
     return written
 

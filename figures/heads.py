@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from figures import read_json, read_table
+from figures import read_json, read_table, save_figure
 from probe.errors import BadInput
 
 PANELS = {
@@ -67,7 +67,7 @@ def draw_metric(heads: pd.DataFrame, baseline: dict, metric: str, out_stem: Path
     ax.set_title(f"{title}{base_txt}\n{label} (n={n} items)".strip(), fontsize=9)
     fig.tight_layout()
     for ext in ("png", "pdf"):
-        fig.savefig(out_stem.with_suffix(f".{ext}"))
+        save_figure(fig, out_stem.with_suffix(f".{ext}"))
     plt.close(fig)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 
-from figures import paper, read_json
+from figures import paper, read_json, save_figure
 from figures.findings import Finding, findings
 from figures.results import METHOD_LABELS, EvalRun, Replication, short
 from probe.errors import BadInput
@@ -190,7 +190,7 @@ def draw_figure2(r: Replication, dest: Path) -> bool:
                              f" (n={base['n_items']})", fontsize=8)
     fig.suptitle("Figure 2: removing one head at a time", fontsize=10)
     fig.tight_layout()
-    fig.savefig(dest)
+    save_figure(fig, dest)
     plt.close(fig)
     return True
 

@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
-from figures import read_table  # noqa: E402
+from figures import read_table, save_figure  # noqa: E402
 
 
 def short_names(models: list[str]) -> dict[str, str]:
@@ -36,7 +36,7 @@ def slug(text: str) -> str:
 def save(fig: plt.Figure, path: Path) -> list[Path]:
     paths = [path.with_suffix(".png"), path.with_suffix(".pdf")]
     for p in paths:
-        fig.savefig(p, dpi=150, bbox_inches="tight")
+        save_figure(fig, p, dpi=150, bbox_inches="tight")
     plt.close(fig)
     return paths
 

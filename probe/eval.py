@@ -76,6 +76,7 @@ class ModelEntry:
     name: str  # the spec as given
     path: str
     family: str
+    fingerprint: str  # the weights (probe.models.model_fingerprint): a model changed in place is another run
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ def _labels(specs: Sequence[str]) -> list[str]:
 def make_plan(args: argparse.Namespace):
     from probe.devices import resolve_placement
     from probe.mmmu import load_items
-    from probe.models import resolve_model
+    from probe.models import model_fingerprint, resolve_model
     from probe.prompting import check_modalities
 
     for name in ("limit", "batch_size", "max_new_tokens", "image_max_side"):
@@ -138,9 +139,9 @@ def make_plan(args: argparse.Namespace):
                 "attn_implementation": args.attn_implementation,
                 "generate": not args.no_generate, "max_new_tokens": args.max_new_tokens,
                 "image_max_side": args.image_max_side, "split": args.split, "subjects": args.subjects,
-                "limit": args.limit}
-    plan = EvalPlan([ModelEntry(r.spec, str(r.path), r.family.name) for r in refs], datasets, na,
-                    template.to_dict(), settings)
+                "limit": args.limit, "seed": args.seed, "reference": args.reference}  # the last two: scores.csv
+    entries = [ModelEntry(r.spec, str(r.path), r.family.name, model_fingerprint(r)) for r in refs]
+    plan = EvalPlan(entries, datasets, na, template.to_dict(), settings)
     return plan, refs, items, template, placement
 
 
@@ -170,7 +171,7 @@ def run(args: argparse.Namespace) -> Path:
     for ref in refs:  # a damaged later model is found before the first one's results are written
         preflight(ref)
     out: Path = args.out
-    resumed = prepare_out_dir(out, plan.fingerprint(), args.overwrite, owned=OWNED)
+    resumed = prepare_out_dir(out, plan.fingerprint(), args.overwrite, owned=OWNED, plan=asdict(plan))
     pairs = [(m, d) for m, entry in enumerate(plan.models) for d, ds in enumerate(plan.data)
              if f"{entry.name}|{ds.name}" not in plan.not_applicable]
     todo = [(m, d) for m, d in pairs if not part_file(out, m, d).is_file()]
@@ -211,13 +212,13 @@ def run(args: argparse.Namespace) -> Path:
                 else pd.DataFrame(columns=ITEM_COLUMNS))
     scores = score_table(items_df, plan, args.reference, args.seed)
     write_results(out, items_df, scores, plan)
-    run_info |= {"status": "complete", "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seed": args.seed,
-                 "reference": args.reference, "elapsed_s_this_process": round(time.perf_counter() - t0, 3)}
-    atomic_write_json(out / "run.json", run_info)
-    if not args.no_figures:
+    if not args.no_figures:  # before "complete": a run that says so has its figure
         from figures.eval import draw_eval
 
         draw_eval(out)
+    run_info |= {"status": "complete", "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seed": args.seed,
+                 "reference": args.reference, "elapsed_s_this_process": round(time.perf_counter() - t0, 3)}
+    atomic_write_json(out / "run.json", run_info)
     print((out / "table.md").read_text().split("\n\n")[1])
     print(f"results in {out}/")
     return out

@@ -105,6 +105,7 @@ class Plan:
 
     model_spec: str
     model_path: str
+    model_fingerprint: str  # the weights (probe.models.model_fingerprint): a model changed in place is another run
     family: str
     n_layers: int
     n_heads: int
@@ -173,7 +174,7 @@ def add_placement_args(p: argparse.ArgumentParser, attn_note: str) -> None:
 def make_plan(args: argparse.Namespace):
     from probe.devices import resolve_placement
     from probe.mmmu import load_items
-    from probe.models import resolve_model
+    from probe.models import model_fingerprint, resolve_model
     from probe.prompting import check_modalities
 
     for name in ("limit", "batch_size", "chunk_size", "max_new_tokens", "image_max_side"):
@@ -196,7 +197,8 @@ def make_plan(args: argparse.Namespace):
         "split": args.split, "limit": args.limit, "chunk_size": args.chunk_size,
     }
     plan = Plan(
-        model_spec=args.model, model_path=str(ref.path), family=ref.family.name, n_layers=g.n_layers,
+        model_spec=args.model, model_path=str(ref.path), model_fingerprint=model_fingerprint(ref),
+        family=ref.family.name, n_layers=g.n_layers,
         n_heads=g.n_heads, layers=layers, heads=heads, data_dir=str(data),
         data_fingerprint=report.fingerprint, n_items=len(items), n_skipped_open=report.n_skipped_open,
         subjects=list(report.subjects), method=args.method, template=template.to_dict(), settings=settings,
@@ -218,7 +220,7 @@ def run(args: argparse.Namespace) -> Path:
 
     plan, ref, items, template, placement = make_plan(args)
     out: Path = args.out
-    resumed = prepare_out_dir(out, plan.fingerprint(), args.overwrite)
+    resumed = prepare_out_dir(out, plan.fingerprint(), args.overwrite, plan=asdict(plan))
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = placement.device
 
@@ -268,6 +270,10 @@ def run(args: argparse.Namespace) -> Path:
     items_df = read_parts(out, range(len(chunks)))
     heads = write_outputs(out, items_df, {"n_skipped_open": plan.n_skipped_open, "method": plan.method,
                                           "model": plan.model_spec, "approximate": plan.method == "attribution"})
+    if not args.no_figures:  # before "complete": a run that says so has its figures
+        from figures.heads import draw_heads
+
+        draw_heads(out)
     run_info |= {"status": "complete", "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                  "elapsed_s_this_process": round(time.perf_counter() - t0, 3)}
     if resumed:
@@ -276,10 +282,6 @@ def run(args: argparse.Namespace) -> Path:
         except (OSError, json.JSONDecodeError):
             pass
     atomic_write_json(out / "run.json", run_info)
-    if not args.no_figures:
-        from figures.heads import draw_heads
-
-        draw_heads(out)
     _print_summary(out, heads)
     return out
 

@@ -264,6 +264,18 @@ def _from_pretrained(ref: ModelRef, **kwargs: Any) -> Any:
     return model
 
 
+def model_fingerprint(ref: ModelRef) -> str:
+    """What a run's results depend on besides settings: the weights. A hub snapshot is named by its commit (its
+    path says it, and its weights may not be downloaded yet); a local dir or GGUF file by its contents
+    (probe.results.content_fingerprint), so a model re-merged or retrained at the same path is a different run,
+    never one whose saved parts a resume would reuse."""
+    from probe.results import content_fingerprint
+
+    if ref.hub_repo is not None:
+        return f"hub:{ref.path}"
+    return content_fingerprint(ref.path / ref.gguf_file if ref.gguf_file else ref.path)
+
+
 def preflight(ref: ModelRef) -> None:
     """The load's checks without its cost: the model built on the meta device, so transformers compares the
     checkpoint's tensor names and shapes (headers) with the config and reads no weight. Commands that run

@@ -7,12 +7,14 @@ files as an uninterrupted one.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import pandas as pd
 
@@ -36,21 +38,52 @@ def _file_mode() -> int:
     return 0o666 & ~mask
 
 
-def _temp_beside(path: Path) -> tuple[int, str]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+# Temp files beside a result: ".NAME.PID.RANDOM.tmp", so one left by a killed process can be told from a live one's.
+_TEMP = re.compile(r"\..+\.(\d+)\.[a-z0-9_]+\.tmp")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = _temp_beside(path)
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this machine with that PID is running (someone else's counts as running)."""
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    except OverflowError:  # no such pid can exist
+        return False
+    return True
+
+
+def atomic_write_with(path: Path, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` fills a temp file beside ``path``, which then replaces ``path`` in one rename: a kill
+    leaves the old file or the new one, never half of one (and the temp file, which ``remove_stale_temps``
+    clears on the next run)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
         os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temps(directory: Path) -> list[Path]:
+    """Delete the temp files of killed writers in ``directory`` (their PID is no longer alive); returns them."""
+    removed = []
+    for f in directory.glob(".*.tmp") if directory.is_dir() else []:
+        m = _TEMP.fullmatch(f.name)
+        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))) and f.is_file():
+            f.unlink(missing_ok=True)
+            removed.append(f)
+    return removed
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write_with(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -58,29 +91,25 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def atomic_write_parquet(path: Path, df: pd.DataFrame) -> None:
-    fd, tmp = _temp_beside(path)
-    os.close(fd)
-    try:
-        df.to_parquet(tmp, index=False)
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_with(path, lambda tmp: df.to_parquet(tmp, index=False))
 
 
 def part_path(out: Path, chunk: int) -> Path:
     return out / "parts" / f"chunk_{chunk:05d}.parquet"
 
 
-def prepare_out_dir(out: Path, fingerprint: str, overwrite: bool, owned: Iterable[str] = OUTPUT_FILES) -> bool:
+def prepare_out_dir(out: Path, fingerprint: str, overwrite: bool, owned: Iterable[str] = OUTPUT_FILES,
+                    plan: dict[str, Any] | None = None) -> bool:
     """Check an existing run dir against this run's fingerprint. Returns True if it can be resumed.
 
     A different run is never mixed in: it needs ``--overwrite``, which removes only the files this tool owns
-    (``parts/`` and the ``owned`` names or glob patterns).
+    (``parts/`` and the ``owned`` names or glob patterns). Given this run's ``plan`` (what the fingerprint
+    hashes), the refusal names what differs from the saved run's.
     """
     run_json = out / "run.json"
     check_out_path(out)
+    for d in (out, out / "parts"):  # what killed writers left (live ranks of a torchrun keep theirs)
+        remove_stale_temps(d)
     if not out.exists() or not any(out.iterdir()):
         return False
     if overwrite:
@@ -89,12 +118,27 @@ def prepare_out_dir(out: Path, fingerprint: str, overwrite: bool, owned: Iterabl
     if not run_json.is_file():
         raise BadInput(f"--out {out} is not empty and holds no run.json; pick another dir or pass --overwrite")
     try:
-        previous = json.loads(run_json.read_text()).get("fingerprint")
+        saved = json.loads(run_json.read_text())
     except (OSError, json.JSONDecodeError):
         raise BadInput(f"{run_json} is unreadable; pass --overwrite to start fresh") from None
-    if previous != fingerprint:
-        raise BadInput(f"--out {out} holds a different run (settings differ); use another --out or --overwrite")
+    if saved.get("fingerprint") != fingerprint:
+        what = plan_differences(saved.get("plan"), plan) or ["settings"]
+        raise BadInput(f"--out {out} holds a different run ({', '.join(what)} differ); use another --out or "
+                       "--overwrite")
     return True
+
+
+def plan_differences(saved: Any, plan: dict[str, Any] | None) -> list[str]:
+    """The keys (settings by name) whose values differ between a saved plan and this run's, as JSON sees them."""
+    if not isinstance(saved, dict) or plan is None:
+        return []
+    now = json.loads(json.dumps(plan, default=str))
+    keys = sorted(set(saved) | set(now))
+    out = [k for k in keys if k != "settings" and saved.get(k) != now.get(k)]
+    a, b = saved.get("settings") or {}, now.get("settings") or {}
+    if isinstance(a, dict) and isinstance(b, dict):
+        out += [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return out
 
 
 def clear_run_dir(out: Path, owned: Iterable[str] = OUTPUT_FILES) -> None:
@@ -167,3 +211,20 @@ def write_outputs(out: Path, items: pd.DataFrame, baseline_extra: dict[str, Any]
     atomic_write_bytes(out / "heads.csv", heads.to_csv(index=False).encode())
     atomic_write_json(out / "baseline.json", baseline)
     return heads
+
+
+def content_fingerprint(path: str | Path, hash_limit: int = 64 << 20) -> str:
+    """What a model or data directory holds: file names and bytes (sizes and mtimes for files over
+    ``hash_limit``, so a 15 GB checkpoint is not read twice), so a retrained organism in the same directory
+    counts as a changed input."""
+    p = Path(path)
+    h = hashlib.sha256()
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else ([p] if p.is_file() else [])
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(p) if p.is_dir() else f.name}|{st.st_size}|".encode())
+        if st.st_size <= hash_limit:
+            h.update(hashlib.sha256(f.read_bytes()).digest())
+        else:
+            h.update(str(st.st_mtime_ns).encode())
+    return h.hexdigest()[:16] if files else f"name:{path}"

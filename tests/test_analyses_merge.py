@@ -159,6 +159,29 @@ def test_weighted_eq2(zoo, tmp_path):
         torch.testing.assert_close(got[k], 0.75 * b[k] + 0.25 * v[k])
 
 
+def test_the_same_merge_twice_gives_the_same_bytes(zoo, tmp_path):
+    """Carriers recorded the merge's temp dir (with its PID) in their safetensors metadata, so two identical
+    merges never matched byte for byte; they name the final output now, and a rerun reproduces every file."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    out = tmp_path / "m"
+    argv = ["--base", zoo["base"], "--models", zoo["vl"], zoo["ov"], "--carrier", zoo["vl"], "--out", out]
+
+    def digests() -> dict[str, str]:
+        return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(out.rglob("*")) if p.is_file() and p.name != "merge.json"}
+
+    assert run(merge.main, *argv) == 0
+    first = digests()
+    assert run(merge.main, *argv, "--overwrite") == 0
+    assert digests() == first
+    carrier = next((out / "carriers").rglob("*.safetensors"))
+    with safe_open(str(carrier), "pt") as f:
+        assert f.metadata()["merged_from"] == "m"
+
+
 def test_output_loads_and_carriers_bit_exact(zoo, tmp_path):
     import transformers as tf
 

@@ -198,14 +198,66 @@ def test_stale_partial_dirs_of_killed_runs_are_removed(tmp_path):
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         stale, busy = tmp_path / f".out.partial-{dead.pid}", tmp_path / f".out.partial-{live.pid}"
+        old = tmp_path / f".out.old-{dead.pid}"  # killed between the two renames of an --overwrite
         other = tmp_path / f".other.partial-{dead.pid}"
-        for d in (stale, busy, other):
+        for d in (stale, busy, other, old):
             d.mkdir()
             (d / "model.safetensors").write_bytes(b"half")
         with atomic_dir(tmp_path / "out", overwrite=False) as tmp:
             (tmp / "done").write_text("1")
-        assert not stale.exists() and busy.is_dir() and other.is_dir()  # only this output's, only the dead's
+        assert not stale.exists() and not old.exists()
+        assert busy.is_dir() and other.is_dir()  # only this output's, only the dead's
         assert (tmp_path / "out" / "done").read_text() == "1"
     finally:
         live.kill()
         live.wait()
+
+
+def test_temp_files_of_killed_writers_are_removed_on_the_next_run(tmp_path):
+    """A kill mid-write left ``.NAME.RANDOM`` temp files that no resume or --overwrite removed; they carry the
+    writer's PID now, and the next run in that --out deletes the dead writers' (a live rank's stay)."""
+    from probe.results import atomic_write_json, prepare_out_dir
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        out = tmp_path / "run"
+        (out / "parts").mkdir(parents=True)
+        atomic_write_json(out / "run.json", {"fingerprint": "fp"})
+        stale = [out / f".items.parquet.{dead.pid}.k2j_x9.tmp", out / "parts" / f".chunk_00002.parquet.{dead.pid}.a1.tmp"]
+        busy = out / "parts" / f".chunk_00003.parquet.{live.pid}.b2.tmp"
+        for f in (*stale, busy):
+            f.write_bytes(b"")
+        assert prepare_out_dir(out, "fp", overwrite=False)
+        assert not any(f.exists() for f in stale) and busy.is_file()
+        assert sorted(p.name for p in out.iterdir()) == ["parts", "run.json"]  # nothing else touched
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_a_figure_is_written_whole_or_not_at_all(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from figures import save_figure
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1])
+    real = fig.savefig
+
+    def dies_halfway(fname, **kw):
+        with open(fname, "wb") as f:
+            f.write(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    fig.savefig = dies_halfway
+    with pytest.raises(KeyboardInterrupt):
+        save_figure(fig, tmp_path / "a.png")
+    assert list(tmp_path.iterdir()) == []  # neither a half figure nor its temp file
+    fig.savefig = real
+    assert save_figure(fig, tmp_path / "a.png").read_bytes().startswith(b"\x89PNG")
+    plt.close(fig)

@@ -123,7 +123,7 @@ def test_paired_difference_pairs_items_within_their_subject():
              "p_answer": 0.5}
             for m, cs in (("ref", ref_correct), ("b", b_correct))
             for (subj, i), c in zip([("S1", "1"), ("S1", "2"), ("S2", "1"), ("S2", "2")], cs)]
-    plan = EvalPlan([ModelEntry("ref", "ref", "qwen2"), ModelEntry("b", "b", "qwen2")],
+    plan = EvalPlan([ModelEntry("ref", "ref", "qwen2", "fp"), ModelEntry("b", "b", "qwen2", "fp")],
                     [DataSet("d", "d", "d", "fp", 4, 0, ["S1", "S2"])], {}, {}, {})
     scores = score_table(pd.DataFrame(rows), plan, "ref", 0).set_index(["model", "subject"])
     assert scores.loc[("b", "S1"), "diff_accuracy"] == 0.0
@@ -279,6 +279,32 @@ def test_a_model_under_another_name_gets_the_same_intervals(eval_run, tmp_path, 
     pd.testing.assert_frame_equal(got.reset_index(drop=True), want.reset_index(drop=True))
 
 
+def test_a_model_changed_in_place_or_other_scoring_is_another_run(tiny_dirs, text_dir, tmp_path, capfd):
+    """The weights of every model are part of the run's identity (a model re-merged at the same path used to
+    resume with the old model's parts, exit 0), and so are --seed and --reference, which decide scores.csv (they
+    used to replace it silently)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = shutil.copytree(tiny_dirs["qwen2"], tmp_path / "model")
+    args = ["--models", model, "--data", text_dir, "--limit", "4", "--no-generate", "--no-figures", "--quiet",
+            "--out", tmp_path / "run"]
+    assert _eval(*args) == 0
+    for extra, what in ((["--seed", "7"], "seed"), (["--reference", str(model)], "reference")):
+        capfd.readouterr()
+        assert _eval(*args, *extra) == 2
+        assert f"holds a different run ({what} differ)" in capfd.readouterr().err
+    weights = model / "model.safetensors"
+    tensors = load_file(weights)
+    name = next(k for k in tensors if k.endswith("layers.0.mlp.up_proj.weight"))
+    tensors[name] = tensors[name] * 2
+    save_file(tensors, weights, metadata={"format": "pt"})
+    capfd.readouterr()
+    assert _eval(*args) == 2
+    assert "holds a different run (models differ)" in capfd.readouterr().err
+
+
 def test_a_different_run_is_refused_then_overwritten(eval_run, tmp_path, capfd, text_dir):
     import shutil
 
@@ -306,7 +332,8 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_input_exit_2_one_line_nothing_written(case, text_dir, tmp_path, capfd):
+def test_bad_input_exit_2_one_line_nothing_written(case, text_dir, tiny_dirs, tmp_path, capfd):
+    # tiny_dirs: the tiny models are built before (building one prints its own progress bar)
     if case == "no GPU" and torch.cuda.is_available():
         pytest.skip("a GPU is present")
     out = tmp_path / "out"

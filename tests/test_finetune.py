@@ -107,6 +107,24 @@ def test_deterministic_and_resumable_after_a_kill(ft_run, tiny_dirs, data_dir, t
         (ft_run / "checkpoint-6" / "model.safetensors").read_bytes()
 
 
+def test_killed_after_its_last_checkpoint_is_marked_complete_on_rerun(ft_run, tiny_dirs, data_dir, text_dir,
+                                                                      tmp_path):
+    """A kill between the last checkpoint and the final run.json left "running" for good (each rerun said
+    "already complete" and exit 0); the rerun now records the run as complete, and trains nothing."""
+    import shutil
+
+    from analyses.finetune import main
+
+    out = shutil.copytree(ft_run, tmp_path / "run")
+    info = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps(info | {"status": "running"}))
+    weights = (out / "checkpoint-6" / "model.safetensors").read_bytes()
+    assert cli_main(main, _args(tiny_dirs, data_dir, text_dir, out)) == 0
+    assert json.loads((out / "run.json").read_text())["status"] == "complete"
+    assert (out / "checkpoint-6" / "model.safetensors").read_bytes() == weights
+    assert _log(out) == _log(ft_run)
+
+
 @pytest.mark.parametrize("damage", ["truncated", "foreign"])
 def test_a_damaged_trainer_state_is_one_line_before_anything_runs(ft_run, tiny_dirs, data_dir, text_dir, tmp_path,
                                                                    capfd, damage):
@@ -330,3 +348,27 @@ def test_lora_adapters_train_at_the_lm_rate(tiny_dirs) -> None:
     groups = param_groups(loaded.model, loaded, TrainConfig(steps=1, lr=0.0, lm_lr=1e-3))
     trainable = [p for p in loaded.model.parameters() if p.requires_grad]
     assert [g["lr"] for g in groups] == [1e-3] and len(groups[0]["params"]) == len(trainable) > 0
+
+
+def test_overwrite_replaces_only_the_run_and_never_an_input(ft_run, tiny_dirs, data_dir, text_dir, tmp_path, capfd):
+    """--overwrite (which analyses.finetune lacked) starts a different run in a used --out: the old run's
+    checkpoints, log and run.json go, anything else there stays, and an --out holding the model is refused."""
+    import shutil
+
+    from analyses.finetune import main
+
+    out = shutil.copytree(ft_run, tmp_path / "run")
+    (out / "notes.txt").write_text("mine")
+    other = [a if a != "6" else "4" for a in _args(tiny_dirs, data_dir, text_dir, out)]  # --steps 4
+    assert other != _args(tiny_dirs, data_dir, text_dir, out)
+    capfd.readouterr()
+    assert cli_main(main, other) == 2
+    assert "holds a different run (steps differ); use another --out or --overwrite" in capfd.readouterr().err
+    assert cli_main(main, [*other, "--overwrite"]) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-0", "checkpoint-2", "checkpoint-4"]
+    assert [int(r["step"]) for r in _log(out)] == [1, 2, 3, 4] and (out / "notes.txt").read_text() == "mine"
+    # the model being tuned inside --out: refused before anything is deleted
+    inside = [a if a != str(tiny_dirs["qwen2_vl"]) else str(out / "checkpoint-4") for a in other]
+    assert cli_main(main, [*inside, "--overwrite"]) == 2
+    assert "--overwrite would delete it" in capfd.readouterr().err
+    assert (out / "checkpoint-4" / "model.safetensors").is_file()

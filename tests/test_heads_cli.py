@@ -258,6 +258,49 @@ def test_same_command_on_finished_run_is_a_noop_resume(base_run, data_dir, tmp_p
     assert (out / "items.parquet").read_bytes() == items_before
 
 
+def test_run_is_complete_only_once_its_figures_are_written(base_run, data_dir, tmp_path, capfd, monkeypatch):
+    """run.json said "complete" before the heatmaps were drawn: a kill then left a finished-looking run with
+    missing or 0-byte figures. The status is written last now."""
+    import figures.heads
+
+    out = shutil.copytree(base_run, tmp_path / "run")
+    for f in out.glob("heatmap_*"):
+        f.unlink()
+    info = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps(info | {"status": "running"}))
+
+    def killed(run_dir):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(figures.heads, "draw_heads", killed)
+    r = run_in_process([*BASE_ARGS, "--data", data_dir, "--out", out], capfd)
+    assert r.returncode == 130
+    assert json.loads((out / "run.json").read_text())["status"] == "running"
+    monkeypatch.undo()
+    ok(run_in_process([*BASE_ARGS, "--data", data_dir, "--out", out], capfd))
+    assert json.loads((out / "run.json").read_text())["status"] == "complete"
+    assert sorted(f.name for f in out.glob("heatmap_*")) == sorted(HEATMAPS)
+
+
+def test_a_model_changed_in_place_is_another_run(tiny_dirs, data_dir, tmp_path, capfd):
+    """A model re-merged or retrained at the same path used to resume into its old --out: every kept part then
+    belonged to the old weights (exit 0, silently wrong). The weights are part of the run's identity now."""
+    from safetensors.torch import load_file, save_file
+
+    model = shutil.copytree(tiny_dirs["qwen2_vl"], tmp_path / "model")
+    args = ["--model", model, "--data", data_dir, "--limit", "2", "--layers", "0", "--heads", "0",
+            "--no-generate", "--no-figures", "--quiet", "--out", tmp_path / "run"]
+    ok(run_in_process(args, capfd))
+    weights = model / "model.safetensors"
+    tensors = load_file(weights)
+    name = next(k for k in tensors if k.endswith("layers.0.self_attn.o_proj.weight"))
+    tensors[name] = tensors[name] * 2
+    save_file(tensors, weights, metadata={"format": "pt"})
+    r = run_in_process(args, capfd)
+    assert_one_line_error(r)
+    assert "holds a different run (model_fingerprint differ)" in r.stderr
+
+
 # --------------------------------------------------------------------------------------------------------
 # bad input: exit 2, one line, no output dir
 
