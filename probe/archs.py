@@ -1,10 +1,11 @@
 """The paper's architectures as configs, for random-weight benchmarks and device-map plans (no download).
 
 Hyperparameters are the published checkpoints' (Qwen2-7B/72B-Instruct, Qwen2-VL-7B/72B-Instruct,
-llava-onevision-qwen2-7b-si-hf, SmolLM2-135M-Instruct), written out here so that a 7B-shaped model can be built with random weights
-on a machine without the hub: every matrix has its real shape. Only the special token ids follow the offline
-tokenizer they are paired with (probe/tokenizer.py), which does not change a shape. ``build_config`` can cut
-layers, vision layers and vocabulary for CPU smoke runs; whoever cuts them must report it (bench/sweep.py does).
+llava-onevision-qwen2-7b-si-hf, SmolLM2-135M-Instruct), written out here so that a 7B-shaped model can be built
+with random weights on a machine without the hub: every matrix has its real shape. Only the special token ids
+follow the offline tokenizer they are paired with (probe/tokenizer.py), which does not change a shape.
+``build_config`` can cut layers, vision layers and vocabulary for CPU smoke runs; whoever cuts them must report it
+(bench/sweep.py does).
 """
 from __future__ import annotations
 
