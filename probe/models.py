@@ -273,7 +273,7 @@ def model_fingerprint(ref: ModelRef) -> str:
 
     if ref.hub_repo is not None:
         return f"hub:{ref.path}"
-    return content_fingerprint(ref.path / ref.gguf_file if ref.gguf_file else ref.path)
+    return content_fingerprint(ref.path / ref.gguf_file if ref.gguf_file else ref.path, recursive=False)
 
 
 def preflight(ref: ModelRef) -> None:

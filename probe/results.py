@@ -213,13 +213,15 @@ def write_outputs(out: Path, items: pd.DataFrame, baseline_extra: dict[str, Any]
     return heads
 
 
-def content_fingerprint(path: str | Path, hash_limit: int = 64 << 20) -> str:
+def content_fingerprint(path: str | Path, hash_limit: int = 64 << 20, recursive: bool = True) -> str:
     """What a model or data directory holds: file names and bytes (sizes and mtimes for files over
     ``hash_limit``, so a 15 GB checkpoint is not read twice), so a retrained organism in the same directory
-    counts as a changed input."""
+    counts as a changed input. ``recursive=False`` reads the top level only (a model's own files, not what
+    sits in folders inside it: carriers, or a run's --out placed there)."""
     p = Path(path)
     h = hashlib.sha256()
-    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else ([p] if p.is_file() else [])
+    listing = p.rglob("*") if recursive else p.iterdir()
+    files = sorted(f for f in listing if f.is_file()) if p.is_dir() else ([p] if p.is_file() else [])
     for f in files:
         st = f.stat()
         h.update(f"{f.relative_to(p) if p.is_dir() else f.name}|{st.st_size}|".encode())

@@ -299,6 +299,10 @@ def test_a_model_changed_in_place_is_another_run(tiny_dirs, data_dir, tmp_path, 
     r = run_in_process(args, capfd)
     assert_one_line_error(r)
     assert "holds a different run (model_fingerprint differ)" in r.stderr
+    # the model's own files count, not a folder inside it: a run whose --out sits in the model dir resumes
+    inside = [*args[:-1], model / "heads"]
+    ok(run_in_process(inside, capfd))
+    ok(run_in_process(inside, capfd))
 
 
 # --------------------------------------------------------------------------------------------------------
