@@ -15,7 +15,7 @@ import struct
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
@@ -306,20 +306,27 @@ def chunks(numel: int, size: int) -> Iterator[tuple[int, int]]:
         yield lo, min(numel, lo + size)
 
 
+def input_in_out(out: Path, inputs: Iterable[tuple[str, Path]]) -> tuple[str, Path] | None:
+    """The first (name, resolved path) of ``inputs`` that ``out`` is or holds: replacing ``out`` would delete it."""
+    out_r = Path(out).expanduser().resolve()
+    for name, path in inputs:
+        p = Path(path).resolve()
+        if out_r == p or out_r in p.parents:
+            return name, p
+    return None
+
+
 def check_inputs_and_out(out: Path, inputs: Sequence[Checkpoint], others: Sequence[Checkpoint] = ()) -> None:
     """Each of ``inputs`` once (a model listed twice would count twice in every mean and merge), and ``out`` never
     one of ``inputs``/``others`` nor a folder holding one: ``--overwrite`` replaces the whole output dir."""
-    out_r = Path(out).expanduser().resolve()
     seen: dict[Path, str] = {}
     for ck in inputs:
         p = Path(ck.path).resolve()
         if p in seen:
             raise BadInput(f"{ck.name} and {seen[p]} are the same checkpoint ({p}); list each model once")
         seen[p] = ck.name
-    for ck in [*inputs, *others]:
-        p = Path(ck.path).resolve()
-        if out_r == p or out_r in p.parents:
-            raise BadInput(f"--out {out} would replace the input {ck.name} ({p}); pick another --out")
+    if hit := input_in_out(out, [(ck.name, ck.path) for ck in [*inputs, *others]]):
+        raise BadInput(f"--out {out} would replace the input {hit[0]} ({hit[1]}); pick another --out")
 
 
 def add_output_args(p, out_help: str, figures: bool = True) -> None:

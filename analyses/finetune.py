@@ -157,11 +157,10 @@ def clear_run(out: Path, inputs: Sequence[Path]) -> None:
     nothing else there; refused when ``out`` holds an input (the model being tuned, a data set)."""
     from probe.train import is_main_process, wait_for_everyone
 
-    out_r = out.resolve()
-    for p in inputs:
-        p = Path(p).resolve()
-        if p == out_r or out_r in p.parents:
-            raise BadInput(f"--out {out} holds the input {p}; --overwrite would delete it, pick another --out")
+    from analyses.checkpoints import input_in_out
+
+    if hit := input_in_out(out, [(str(p), p) for p in inputs]):
+        raise BadInput(f"--out {out} holds the input {hit[1]}; --overwrite would delete it, pick another --out")
     if is_main_process():
         for d in out.iterdir():
             if d.is_dir() and re.fullmatch(r"\.?checkpoint-\d+(\.partial)?", d.name):
