@@ -216,8 +216,8 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     from probe.devices import resolve_placement
     from probe.mmmu import load_items
     from probe.models import load_model, model_fingerprint, resolve_model
-    from probe.prompting import check_modalities
-    from probe.results import atomic_write_json, atomic_write_with, plan_differences
+    from probe.prompting import check_items_against_tokenizer, check_modalities
+    from probe.results import atomic_write_json, atomic_write_with, different_run
     from probe.train import TrainConfig, anything_trains, check_finite_weights, encode, is_main_process
     from probe.train import train as train_loop
     from probe.train import wait_for_everyone
@@ -240,6 +240,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         except BadInput:
             raise BadInput(f"--data {label}={path}: {ref.spec} ({ref.family.name}) cannot read its items") from None
         items[label] = its
+    check_items_against_tokenizer(ref, [it for its in items.values() for it in its])
     # what decides the numbers: resolved precision and device type, not the "auto" typed, and the model's weights
     # (a model re-merged at the same path is another run, never one whose checkpoints a resume continues)
     fingerprint = cfg.fingerprint() | {"dtype": placement.dtype, "device": placement.device_type,
@@ -253,9 +254,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         if cfg.overwrite:
             clear_run(out, [ref.path, *map(Path, cfg.data.values())])
         elif previous != json.loads(json.dumps(fingerprint)):
-            what = plan_differences(previous, fingerprint) or ["settings"]
-            raise BadInput(f"--out {out} holds a different run ({', '.join(what)} differ); use another --out or "
-                           "--overwrite")
+            raise different_run(out, previous, fingerprint)
     done = checkpoint_dirs(out) if out.is_dir() else {}
     resumable = {s: d for s, d in done.items() if (d / STATE).is_file() or s == cfg.steps}
     start = max(resumable) if resumable else None

@@ -52,14 +52,18 @@ def draw_eval(result_dir: Path) -> list[Path]:
     y = np.arange(len(models))[::-1]
     for ax, ds in zip(axes[0], datasets):
         rows = top[top["data"] == ds].set_index("model").reindex(models)
+        n = int(rows["n_items"].max())
         for k, (name, r) in enumerate(rows.iterrows()):
             if r["n_items"] == 0:
                 ax.text(50, y[k], "n/a (modality)", ha="center", va="center", fontsize=8, color="0.5")
                 continue
             v, lo, hi = r[metric], r[f"{metric}_lo"], r[f"{metric}_hi"]
+            part = r["n_items"] < n  # a model scored on the items it can read: hollow, with its count
             ax.errorbar(100 * v, y[k], xerr=[[100 * (v - lo)], [100 * (hi - v)]], fmt="o", ms=4, capsize=3,
-                        color=colours[k])
-        n = int(rows["n_items"].max())
+                        color=colours[k], mfc="white" if part else colours[k])
+            if part:
+                ax.annotate(f"{int(r['n_items'])} of {n}", (100 * v, y[k]), xytext=(0, 5), textcoords="offset points",
+                            ha="center", fontsize=6, color="0.35")
         ax.set_title(f"{ds} (n={n})", fontsize=9)
         ax.set_xlim(-2, 102)
         ax.set_ylim(-0.6, len(models) - 0.4)

@@ -85,7 +85,8 @@ class EvalPlan:
 
     models: list[ModelEntry]
     data: list[DataSet]
-    not_applicable: dict[str, str]  # "model|data" → why
+    not_applicable: dict[str, str]  # "model|data" → why, for a model that cannot read some (or all) of the items
+    unreadable: dict[str, dict[str, int]]  # "model|data" → {subject: items of it the model cannot read}
     template: dict[str, str]
     settings: dict[str, Any]
 
@@ -102,7 +103,7 @@ def make_plan(args: argparse.Namespace):
     from probe.devices import resolve_placement
     from probe.mmmu import load_items
     from probe.models import model_fingerprint, resolve_model
-    from probe.prompting import check_modalities
+    from probe.prompting import can_read, check_items_against_tokenizer
 
     for name in ("limit", "batch_size", "max_new_tokens", "image_max_side"):
         value = getattr(args, name)
@@ -120,20 +121,25 @@ def make_plan(args: argparse.Namespace):
             raise BadInput(f"{what} {dup[0]!r} given twice")
     refs = [resolve_model(s) for s in specs]
     datasets, items = [], {}
-    for name, spec in zip(_labels(args.data), args.data):
-        its, report = load_items(spec, split=args.split, subjects=args.subjects, limit=args.limit)
+    for (name, spec), subjects in zip(zip(_labels(args.data), args.data), subjects_per_set(args)):
+        its, report = load_items(spec, split=args.split, subjects=subjects, limit=args.limit)
         items[name] = its
         datasets.append(DataSet(name, spec, spec if spec.lower() == "mmmu" else str(Path(spec).resolve()),
                                 report.fingerprint, len(its), report.n_skipped_open, list(report.subjects)))
-    na = {}
-    for ref in refs:
-        for ds in datasets:
-            try:
-                check_modalities(ref, items[ds.name])
-            except BadInput:
-                kinds = sorted({"video" if i.frames else "image" for i in items[ds.name] if i.images or i.frames})
+    na: dict[str, str] = {}
+    unreadable: dict[str, dict[str, int]] = {}
+    scored = {}  # (model, data set) → the items the model is scored on: all it can read
+    for m, ref in enumerate(refs):
+        for d, ds in enumerate(datasets):
+            scored[m, d] = [i for i in items[ds.name] if can_read(ref, i)]
+            lost = [i for i in items[ds.name] if not can_read(ref, i)]
+            if lost:  # scored on the items it can read; the rest are named in the notes, never counted as wrong
+                kinds = sorted({"video" if i.frames else "image" for i in lost})
                 na[f"{ref.spec}|{ds.name}"] = (f"not applicable: {ref.spec} ({ref.family.name}) cannot read "
                                                f"{'/'.join(kinds)} items")
+                unreadable[f"{ref.spec}|{ds.name}"] = {s: sum(i.subject == s for i in lost)
+                                                       for s in sorted({i.subject for i in lost})}
+        check_items_against_tokenizer(ref, [i for d in range(len(datasets)) for i in scored[m, d]])
     template = load_template(args)
     settings = {"dtype": placement.dtype, "device_type": placement.device_type,
                 "attn_implementation": args.attn_implementation,
@@ -141,8 +147,28 @@ def make_plan(args: argparse.Namespace):
                 "image_max_side": args.image_max_side, "split": args.split, "subjects": args.subjects,
                 "limit": args.limit, "seed": args.seed, "reference": args.reference}  # the last two: scores.csv
     entries = [ModelEntry(r.spec, str(r.path), r.family.name, model_fingerprint(r)) for r in refs]
-    plan = EvalPlan(entries, datasets, na, template.to_dict(), settings)
-    return plan, refs, items, template, placement
+    plan = EvalPlan(entries, datasets, na, unreadable, template.to_dict(), settings)
+    return plan, refs, scored, template, placement
+
+
+def subjects_per_set(args: argparse.Namespace) -> list[list[str] | None]:
+    """--subjects over several data sets: each set takes the named subjects it has; a name no set has, or a set
+    with none of the names, is bad input naming the sets."""
+    if args.subjects is None or len(args.data) == 1:
+        return [args.subjects] * len(args.data)
+    from probe.mmmu import discover, resolve_data
+
+    have = [set(discover(resolve_data(d, args.split, args.subjects), args.split)) for d in args.data]
+    unknown = [s for s in args.subjects if not any(s in h for h in have)]
+    if unknown:
+        listing = "; ".join(f"{d}: {', '.join(sorted(h))}" for d, h in zip(args.data, have))
+        raise BadInput(f"unknown subject(s) {', '.join(unknown)}: in none of the data sets ({listing})")
+    picked = [[s for s in args.subjects if s in h] for h in have]
+    for d, p, h in zip(args.data, picked, have):
+        if not p:
+            raise BadInput(f"--subjects: data set {d} has none of {', '.join(args.subjects)} "
+                           f"(its subjects: {', '.join(sorted(h))}); leave it out or name one of them")
+    return picked
 
 
 def part_file(out: Path, m: int, d: int) -> Path:
@@ -167,13 +193,12 @@ def run(args: argparse.Namespace) -> Path:
 
     from probe.models import preflight
 
-    plan, refs, items, template, placement = make_plan(args)
+    plan, refs, scored, template, placement = make_plan(args)
     for ref in refs:  # a damaged later model is found before the first one's results are written
         preflight(ref)
     out: Path = args.out
     resumed = prepare_out_dir(out, plan.fingerprint(), args.overwrite, owned=OWNED, plan=asdict(plan))
-    pairs = [(m, d) for m, entry in enumerate(plan.models) for d, ds in enumerate(plan.data)
-             if f"{entry.name}|{ds.name}" not in plan.not_applicable]
+    pairs = [pair for pair, its in scored.items() if its]
     todo = [(m, d) for m, d in pairs if not part_file(out, m, d).is_file()]
     # the parts a resume keeps are read now: a damaged one is named before anything runs or is printed
     frames = {(m, d): read_part(part_file(out, m, d), ITEM_COLUMNS) for m, d in pairs if (m, d) not in todo}
@@ -193,7 +218,7 @@ def run(args: argparse.Namespace) -> Path:
         cfg = SweepConfig(template=template, generate=not args.no_generate, max_new_tokens=args.max_new_tokens,
                           image_max_side=args.image_max_side)
         print(placement.description, file=sys.stderr)
-        bar = _progress(sum(plan.data[d].n_items for _, d in todo), args.quiet, "eval", unit="item")
+        bar = _progress(sum(len(scored[pair]) for pair in todo), args.quiet, "eval", unit="item")
         for m in sorted({m for m, _ in todo}):
             loaded = load_model(refs[m], dtype=placement.dtype, device=placement.device,
                                 attn_implementation=args.attn_implementation, devices=placement.all_devices,
@@ -203,7 +228,7 @@ def run(args: argparse.Namespace) -> Path:
             for d in [d for mm, d in todo if mm == m]:
                 ds = plan.data[d]
                 bar.set_description(f"eval {plan.models[m].name} on {ds.name}")
-                rows = evaluate_pair(loaded, plan.models[m].name, ds, items[ds.name], cfg, args.batch_size, bar)
+                rows = evaluate_pair(loaded, plan.models[m].name, ds, scored[m, d], cfg, args.batch_size, bar)
                 atomic_write_parquet(part_file(out, m, d), pd.DataFrame.from_records(rows, columns=ITEM_COLUMNS))
                 frames[m, d] = read_part(part_file(out, m, d), ITEM_COLUMNS)  # as a resume would read it
             del loaded
@@ -234,7 +259,8 @@ def score_table(items: Any, plan: EvalPlan, reference: str | None, seed: int):
     rows = []
     for entry in plan.models:
         for ds in plan.data:
-            note = plan.not_applicable.get(f"{entry.name}|{ds.name}", "")
+            why = plan.not_applicable.get(f"{entry.name}|{ds.name}", "")
+            lost = plan.unreadable.get(f"{entry.name}|{ds.name}", {})
             mine = items[(items["model"] == entry.name) & (items["data"] == ds.name)]
             ref = items[(items["model"] == reference) & (items["data"] == ds.name)] if reference else None
             for subject in [ALL, *ds.subjects]:
@@ -242,6 +268,10 @@ def score_table(items: Any, plan: EvalPlan, reference: str | None, seed: int):
                 # one resampling stream per data set, the same for every model (common random numbers): a model's
                 # interval depends on its answers only, not on its name or path; 'all' of one subject = it
                 key = ds.name
+                n_lost = sum(lost.values()) if subject == ALL else lost.get(subject, 0)
+                note = ""
+                if n_lost:  # the whole row, or the part of it the scores leave out
+                    note = why if not len(sub) else f"{n_lost} of {n_lost + len(sub)} items {why}"
                 row: dict[str, Any] = {"model": entry.name, "data": ds.name, "subject": subject,
                                        "n_items": int(len(sub)), "note": note}
                 for metric, col in (("accuracy", "correct"), ("prob_accuracy", "prob_correct"),
@@ -262,30 +292,35 @@ def score_table(items: Any, plan: EvalPlan, reference: str | None, seed: int):
     return pd.DataFrame.from_records(rows, columns=SCORE_COLUMNS)
 
 
-def _cell(r: Any, metric: str) -> str:
+def _cell(r: Any, metric: str, n_lost: int = 0) -> str:
     if r.n_items == 0:
         return "n/a"
     v, lo, hi = getattr(r, metric), getattr(r, f"{metric}_lo"), getattr(r, f"{metric}_hi")
     if v != v:  # NaN: not measured (--no-generate)
         return "—"
-    return f"{100 * v:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+    part = f" ({r.n_items} of {r.n_items + n_lost} items)" if n_lost else ""  # not comparable with a whole row
+    return f"{100 * v:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]{part}"
 
 
 def markdown_table(scores: Any, plan: EvalPlan, metric: str) -> str:
     """Models × data sets (the paper's layout), then one models × subjects table per data set."""
     names = [ds.name for ds in plan.data]
+
+    def lost(entry: ModelEntry, data: str) -> dict[str, int]:
+        return plan.unreadable.get(f"{entry.name}|{data}", {})
+
     lines = [f"| model | {' | '.join(names)} |", "|---" * (len(names) + 1) + "|"]
     top = scores[scores["subject"] == ALL].set_index(["model", "data"])
-    for entry in plan.models:
-        lines.append(f"| {entry.name} | " + " | ".join(_cell(top.loc[(entry.name, n)], metric) for n in names)
-                     + " |")
+    for e in plan.models:
+        cells = [_cell(top.loc[(e.name, n)], metric, sum(lost(e, n).values())) for n in names]
+        lines.append(f"| {e.name} | {' | '.join(cells)} |")
     blocks = ["\n".join(lines)]
     for ds in plan.data:
         subs = ds.subjects
         sub = scores[scores["data"] == ds.name].set_index(["model", "subject"])
         head = [f"| {ds.name} ({ds.n_items} items) | {' | '.join(subs)} |", "|---" * (len(subs) + 1) + "|"]
-        body = [f"| {e.name} | " + " | ".join(_cell(sub.loc[(e.name, s)], metric) for s in subs) + " |"
-                for e in plan.models]
+        body = [f"| {e.name} | " + " | ".join(_cell(sub.loc[(e.name, s)], metric, lost(e, ds.name).get(s, 0))
+                                              for s in subs) + " |" for e in plan.models]
         blocks.append("\n".join(head + body))
     return "\n\n".join(blocks)
 
@@ -297,9 +332,12 @@ def write_results(out: Path, items: Any, scores: Any, plan: EvalPlan) -> None:
     atomic_write_bytes(out / "scores.csv", scores.to_csv(index=False).encode())
     metric = "accuracy" if plan.settings["generate"] else "prob_accuracy"
     title = "accuracy" if metric == "accuracy" else "probability accuracy"
-    notes = sorted(set(plan.not_applicable.values()))
+    top = scores[scores["subject"] == ALL]
+    whole = sorted({r.note for r in top.itertuples() if r.n_items == 0 and r.note})
+    part = [f"- {r.model} on {r.data}: scored on {r.n_items} items; {r.note}\n"
+            for r in top.itertuples() if r.n_items > 0 and r.note]
     text = (f"# Evaluation: {title} in %, 95 % bootstrap interval\n\n{markdown_table(scores, plan, metric)}\n\n"
-            + "".join(f"- n/a: {n.removeprefix('not applicable: ')}\n" for n in notes))
+            + "".join(f"- n/a: {n.removeprefix('not applicable: ')}\n" for n in whole) + "".join(part))
     atomic_write_bytes(out / "table.md", text.encode())
 
 

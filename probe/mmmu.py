@@ -23,7 +23,7 @@ from probe.errors import BadInput
 MAX_IMAGES = 7
 REQUIRED_COLUMNS = ("id", "question", "options", "answer", "question_type")
 _IMAGE_REF = re.compile(r"<image (\d+)>")
-_VIDEO_REF = "<video>"
+VIDEO_REF = "<video>"
 _HUB_REPO = "MMMU/MMMU"
 
 
@@ -53,8 +53,9 @@ def _decode(data: bytes, max_side: int | None) -> Image.Image:
 
 @dataclass(frozen=True)
 class Item:
-    """One multiple-choice item. ``images`` are in order of first ``<image k>`` reference
-    (question, then options); images never referenced are not included."""
+    """One multiple-choice item. ``images`` are the referenced ones (``<image k>`` in the question or options)
+    in number order, so the k-th image shown is the one the text calls ``<image k>`` (lmms-eval's order; MMMU's
+    own items reference them in that order anyway). An image column the text never references is not shown."""
 
     id: str
     subject: str
@@ -79,7 +80,7 @@ class Item:
 @dataclass
 class LoadReport:
     n_multiple_choice: int
-    n_skipped_open: int
+    n_skipped_open: int  # open-ended items skipped among the rows the run covers (up to --limit's cut)
     subjects: list[str]
     files: list[str]
     fingerprint: str  # sha256 over ids, questions, options, answers, image and frame bytes
@@ -149,14 +150,18 @@ def _image_bytes(cell: Any, where: str, what: str) -> bytes:
 
 
 def _referenced(texts: Sequence[str]) -> list[int]:
-    """Image numbers in order of first reference."""
-    order: list[int] = []
-    for text in texts:
-        for m in _IMAGE_REF.finditer(text):
-            k = int(m.group(1))
-            if k not in order:
-                order.append(k)
-    return order
+    """The image numbers the texts reference, in number order."""
+    return sorted({int(m.group(1)) for text in texts for m in _IMAGE_REF.finditer(text)})
+
+
+def _filled_images(row: dict[str, Any]) -> list[int]:
+    return [k for k in range(1, MAX_IMAGES + 1) if _image_present(row.get(f"image_{k}"))]
+
+
+def _image_present(cell: Any) -> bool:
+    if isinstance(cell, dict):
+        cell = cell.get("bytes")
+    return isinstance(cell, (bytes, bytearray)) and len(cell) > 0
 
 
 def _make_item(row: dict[str, Any], subject: str, where: str) -> Item:
@@ -174,16 +179,24 @@ def _make_item(row: dict[str, Any], subject: str, where: str) -> Item:
     if answer not in letters:
         raise BadInput(f"{where}: answer {answer!r} is not one of the option letters {letters[0]}-{letters[-1]}")
     images = []
-    for k in _referenced([question, *options]):
+    referenced = _referenced([question, *options])
+    for k in referenced:
         if not 1 <= k <= MAX_IMAGES:
             raise BadInput(f"{where}: references <image {k}>, but only image_1..image_{MAX_IMAGES} exist")
         images.append(_image_bytes(row.get(f"image_{k}"), where, f"image_{k}"))
     frames: tuple[bytes, ...] = ()
-    if _VIDEO_REF in question:
+    if VIDEO_REF in question:
         video = row.get("video")
         if not isinstance(video, (list, tuple)) or not video:
             raise BadInput(f"{where}: references <video>, but the 'video' column is missing or empty")
         frames = tuple(_image_bytes(f, where, f"video frame {i}") for i, f in enumerate(video))
+    filled = _filled_images(row)
+    if filled and not referenced:  # data in another convention (untagged, LLaVA's bare <image>) would run blind
+        raise BadInput(f"{where}: image_{filled[0]} is filled but the question and options reference no "
+                       f"<image k>; only referenced images are shown, so tag each image where it belongs "
+                       f"('<image {filled[0]}>')")
+    if frames and images:
+        raise BadInput(f"{where}: references both images and <video>; one modality per item is supported")
     return Item(str(row["id"]), subject, question, options, answer, tuple(images), frames)
 
 
@@ -242,7 +255,7 @@ def load_mmmu(
             raise BadInput(f"unknown subject(s) {', '.join(unknown)}; available: {', '.join(found)}")
         found = {s: found[s] for s in sorted(set(subjects))}
     items: list[Item] = []
-    n_open = 0
+    open_keys: list[tuple[str, tuple[int, int, str]]] = []  # (subject, id order) of each skipped open item
     files: list[str] = []
     for subject, paths in found.items():
         sub_items: list[Item] = []
@@ -251,7 +264,7 @@ def load_mmmu(
             for i, row in enumerate(_read_rows(path)):
                 where = f"{path.name} ({subject}) row {i} id={row.get('id')!r}"
                 if row.get("question_type") != "multiple-choice":
-                    n_open += 1
+                    open_keys.append((subject, _id_key(str(row.get("id")))))
                     continue
                 sub_items.append(_make_item(row, subject, where))
         seen: set[str] = set()
@@ -262,9 +275,12 @@ def load_mmmu(
             seen.add(it.id)
         items.extend(sorted(sub_items, key=lambda it: _id_key(it.id)))
     if not items:
-        raise BadInput(f"no multiple-choice items in split '{split}' under {root} (skipped {n_open} open-ended)")
-    if limit is not None:
-        items = items[:limit]
+        raise BadInput(f"no multiple-choice items in split '{split}' under {root} "
+                       f"(skipped {len(open_keys)} open-ended)")
+    n_open = len(open_keys)
+    if limit is not None and len(items) > limit:
+        items = items[:limit]  # the open items counted are those the cut reaches, in the same order
+        n_open = sum(1 for key in open_keys if key <= (items[-1].subject, _id_key(items[-1].id)))
     report = LoadReport(
         n_multiple_choice=len(items),
         n_skipped_open=n_open,

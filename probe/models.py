@@ -300,11 +300,15 @@ def check_loading_info(ref: ModelRef, info: dict[str, Any]) -> None:
                            "config.json (a damaged or mislabelled checkpoint)")
 
 
-def load_processors(ref: ModelRef) -> tuple[Any, Any | None]:
-    """The tokenizer and (multimodal families) the processor of a model directory."""
+def load_tokenizer(ref: ModelRef) -> Any:
     import transformers
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(ref.path, **ref.load_kwargs)
+    return transformers.AutoTokenizer.from_pretrained(ref.path, **ref.load_kwargs)
+
+
+def load_processors(ref: ModelRef) -> tuple[Any, Any | None]:
+    """The tokenizer and (multimodal families) the processor of a model directory."""
+    tokenizer = load_tokenizer(ref)
     processor = None
     if ref.family.processor_class is not None:
         processor = build_processor(ref, tokenizer)

@@ -15,6 +15,7 @@ from PIL import Image
 
 from probe.errors import BadInput
 from probe.families import chat_format
+from probe.mmmu import VIDEO_REF
 from probe.models import LoadedModel
 
 
@@ -84,12 +85,48 @@ def letter_token_ids(tokenizer: Any, letters: Sequence[str]) -> list[int]:
     return ids
 
 
-def check_modalities(ref: Any, items: Sequence[ItemLike]) -> None:
+def can_read(ref: Any, item: ItemLike) -> bool:
     """A text-only model (no placeholder in its family row) cannot take image or video items."""
+    return not ((item.images and ref.family.image_placeholder is None)
+                or (item.frames and ref.family.video_placeholder is None))
+
+
+def check_modalities(ref: Any, items: Sequence[ItemLike]) -> None:
     for item in items:
-        if (item.images and ref.family.image_placeholder is None) or (
-                item.frames and ref.family.video_placeholder is None):
+        if not can_read(ref, item):
             raise BadInput(f"item {item.id} has images or video but {ref.spec} ({ref.family.name}) is text-only")
+
+
+def special_tokens(tokenizer: Any) -> tuple[str, ...]:
+    """The strings a tokenizer turns into special tokens when they occur in plain text (chat markup, image and
+    video placeholders, BOS/EOS): in an item's text they would change the prompt, not be read as text."""
+    found = set(getattr(tokenizer, "all_special_tokens", ()))
+    found |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+    return tuple(sorted(s for s in found if s))
+
+
+def check_item_text(items: Sequence[ItemLike], specials: Sequence[str], model: str) -> None:
+    """Refuse items whose question or options hold one of the model's special-token strings: a literal
+    ``<image>`` would ask a LLaVA processor for an image nobody passed, an ``<|im_end|>`` would end the turn.
+    A video item's ``<video>`` reference is the data's own marker (probe.video keeps the frames' one)."""
+    for item in items:
+        question = item.question.replace(VIDEO_REF, "") if item.frames else item.question  # the set's own marker
+        for text in (question, *item.options):
+            hit = next((s for s in specials if s in text), None)
+            if hit is not None:
+                raise BadInput(f"item {item.id}: its text holds {hit!r}, which {model}'s tokenizer reads as a special "
+                               "token (chat markup or a media placeholder), so the model would not see the item as "
+                               "written; remove or reword it")
+
+
+def check_items_against_tokenizer(ref: Any, items: Sequence[ItemLike]) -> None:
+    """check_item_text before any weight loads, for a model whose tokenizer is on disk (a hub alias still to
+    download is checked as its items are built, by build_inputs)."""
+    if ref.hub_repo is not None or not items:
+        return
+    from probe.models import load_tokenizer
+
+    check_item_text(items, special_tokens(load_tokenizer(ref)), ref.spec)
 
 
 def build_inputs(
@@ -98,6 +135,7 @@ def build_inputs(
     """Tokenised prompt (batch of 1) with pixel tensors, on the model's device and dtype."""
     fam = loaded.family
     check_modalities(loaded.ref, [item])
+    check_item_text([item], special_tokens(loaded.tokenizer), loaded.ref.spec)
     images = item.pil_images(image_max_side)
     frames = item.pil_frames(image_max_side)
     placeholders = (fam.image_placeholder or "") * len(images)
@@ -105,8 +143,6 @@ def build_inputs(
         placeholders += fam.video_placeholder or ""
     bos = loaded.tokenizer.bos_token if fam.chat_bos and loaded.tokenizer.bos_token else ""
     text = render_chat(template, item, placeholders, chat_format(fam, loaded.ref.config), bos)
-    if frames and images:
-        raise BadInput(f"item {item.id} has both images and video; one modality per item is supported")
     if loaded.processor is None or frames:
         enc = loaded.tokenizer(text, return_tensors="pt", add_special_tokens=False)
         batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}

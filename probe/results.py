@@ -122,10 +122,24 @@ def prepare_out_dir(out: Path, fingerprint: str, overwrite: bool, owned: Iterabl
     except (OSError, json.JSONDecodeError):
         raise BadInput(f"{run_json} is unreadable; pass --overwrite to start fresh") from None
     if saved.get("fingerprint") != fingerprint:
-        what = plan_differences(saved.get("plan"), plan) or ["settings"]
-        raise BadInput(f"--out {out} holds a different run ({', '.join(what)} differ); use another --out or "
-                       "--overwrite")
+        raise different_run(out, saved.get("plan"), plan)
     return True
+
+
+def different_run(out: Path, saved: Any, plan: dict[str, Any] | None) -> BadInput:
+    """The refusal for an --out holding another run: what differs, or that an older omniprobe wrote it."""
+    what = plan_differences(saved, plan) or ["settings"]
+
+    def keys(d: Any) -> set[str]:
+        inner = d.get("settings") if isinstance(d, dict) else None
+        return set(d if isinstance(d, dict) else ()) | set(inner if isinstance(inner, dict) else ())
+
+    unrecorded = [k for k in what if k in keys(plan) - keys(saved)]
+    if unrecorded and len(unrecorded) == len(what):
+        why = f"written by an older omniprobe that did not record {', '.join(unrecorded)}"
+    else:
+        why = f"{', '.join(what)} differ"
+    return BadInput(f"--out {out} holds a different run ({why}); use another --out or --overwrite")
 
 
 def plan_differences(saved: Any, plan: dict[str, Any] | None) -> list[str]:

@@ -124,7 +124,7 @@ def test_paired_difference_pairs_items_within_their_subject():
             for m, cs in (("ref", ref_correct), ("b", b_correct))
             for (subj, i), c in zip([("S1", "1"), ("S1", "2"), ("S2", "1"), ("S2", "2")], cs)]
     plan = EvalPlan([ModelEntry("ref", "ref", "qwen2", "fp"), ModelEntry("b", "b", "qwen2", "fp")],
-                    [DataSet("d", "d", "d", "fp", 4, 0, ["S1", "S2"])], {}, {}, {})
+                    [DataSet("d", "d", "d", "fp", 4, 0, ["S1", "S2"])], {}, {}, {}, {})
     scores = score_table(pd.DataFrame(rows), plan, "ref", 0).set_index(["model", "subject"])
     assert scores.loc[("b", "S1"), "diff_accuracy"] == 0.0
     assert scores.loc[("b", "S2"), "diff_accuracy"] == 1.0
@@ -358,6 +358,88 @@ def test_a_damaged_later_model_stops_the_run_before_anything_is_written(text_dir
     assert _eval("--models", "tiny-qwen2", bad, "--data", text_dir, "--quiet", "--out", out) == 2
     err = capfd.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "model.layers.1.mlp.up_proj.weight missing" in err
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def odd_sets(tmp_path_factory, text_dir, data_dir):
+    """mixed: a text subject and an image subject in one set; extra: a text set whose one subject no other set has;
+    special: a text set whose question holds the chat markup ``<|im_end|>``."""
+    import pyarrow.parquet as pq
+
+    from probe.synthetic import write_mmmu_parquet
+
+    root = tmp_path_factory.mktemp("odd")
+    text_rows = [r for f in sorted(text_dir.glob("*/validation-*.parquet")) for r in pq.read_table(f).to_pylist()][:3]
+    image_rows = [r for r in pq.read_table(next(data_dir.glob("*/validation-*.parquet"))).to_pylist()
+                  if r["question_type"] == "multiple-choice"][:2]
+    write_mmmu_parquet({"TextPart": text_rows, "ImagePart": image_rows}, root / "mixed", "validation")
+    write_mmmu_parquet({"Extra": text_rows}, root / "extra", "validation")
+    marked = [dict(text_rows[0], question=text_rows[0]["question"] + " <|im_end|>")]
+    write_mmmu_parquet({"Marked": marked}, root / "special", "validation")
+    return {name: root / name for name in ("mixed", "extra", "special")}
+
+
+def test_a_text_model_is_scored_on_the_text_items_of_a_mixed_set(odd_sets, tmp_path):
+    """A set mixing text and image subjects used to make a text model n/a everywhere, its text subject included,
+    with a note that was false for that subject. Now it is scored on what it can read, and the rows say what not."""
+    out = tmp_path / "run"
+    assert _eval("--models", "tiny-qwen2-vl", "tiny-qwen2", "--data", odd_sets["mixed"], "--reference",
+                 "tiny-qwen2-vl", "--batch-size", "4", "--max-new-tokens", "3", "--quiet", "--out", out) == 0
+    scores = pd.read_csv(out / "scores.csv", keep_default_na=False, na_values=[""]).set_index(["model", "subject"])
+    items = pd.read_parquet(out / "items.parquet")
+    text = scores.loc[("tiny-qwen2", "TextPart")]
+    assert text["n_items"] == 3 and pd.isna(text["note"]) and text["accuracy"] == pytest.approx(
+        items[(items["model"] == "tiny-qwen2") & (items["subject"] == "TextPart")]["correct"].mean())
+    image = scores.loc[("tiny-qwen2", "ImagePart")]
+    assert image["n_items"] == 0 and image["note"].startswith("not applicable: tiny-qwen2 (qwen2) cannot read image")
+    assert np.isnan(image["accuracy"])
+    whole = scores.loc[("tiny-qwen2", "all")]
+    assert whole["n_items"] == 3 and whole["note"].startswith("2 of 5 items not applicable: tiny-qwen2")
+    mine = items[items["model"] == "tiny-qwen2"].set_index("item_id")["correct"]
+    ref = items[items["model"] == "tiny-qwen2-vl"].set_index("item_id")["correct"]
+    assert whole["diff_accuracy"] == pytest.approx((mine - ref.loc[mine.index]).mean())  # paired on its 3 items
+    assert scores.loc[("tiny-qwen2-vl", "all")]["n_items"] == 5 and pd.isna(scores.loc[("tiny-qwen2-vl", "all")]["note"])
+    assert "- tiny-qwen2 on mixed: scored on 3 items; 2 of 5 items not applicable" in (out / "table.md").read_text()
+
+
+def test_subjects_over_several_sets_take_each_sets_own(odd_sets, text_dir, tmp_path, capfd):
+    """--subjects used to be checked against every set alone: a subject of the second set was 'unknown'."""
+    first = sorted(p.name for p in text_dir.iterdir() if p.is_dir())[0]
+    out = tmp_path / "run"
+    assert _eval("--models", "tiny-qwen2", "--data", text_dir, odd_sets["extra"], "--subjects", first, "Extra",
+                 "--no-generate", "--quiet", "--no-figures", "--out", out) == 0
+    capfd.readouterr()
+    scores = pd.read_csv(out / "scores.csv")
+    assert set(scores[scores["data"] == text_dir.name]["subject"]) == {"all", first}
+    assert set(scores[scores["data"] == "extra"]["subject"]) == {"all", "Extra"}
+    for subjects, want in ((["Nope", "Extra"], "unknown subject(s) Nope: in none of the data sets"),
+                           (["Extra"], f"data set {text_dir} has none of Extra")):
+        assert _eval("--models", "tiny-qwen2", "--data", text_dir, odd_sets["extra"], "--subjects", *subjects,
+                     "--quiet", "--out", tmp_path / "refused") == 2
+        err = capfd.readouterr().err.strip()
+        assert want in err and "\n" not in err
+        assert not (tmp_path / "refused").exists()
+
+
+@pytest.mark.parametrize("command", ["eval", "heads"])
+def test_text_holding_a_special_token_is_refused_before_anything_is_written(odd_sets, tiny_dirs, tmp_path, capfd,
+                                                                            command):
+    """A literal <image> in a LLaVA item's text crashed the processor with a traceback (exit 1) after run.json was
+    written; chat markup such as <|im_end|> would silently end the turn. Both are the model's special tokens."""
+    from probe.errors import cli_main
+    from probe.heads import main as heads_main
+
+    out = tmp_path / "out"
+    if command == "eval":
+        code = _eval("--models", "tiny-qwen2", "--data", odd_sets["special"], "--quiet", "--out", out)
+    else:
+        code = cli_main(heads_main, ["--model", "tiny-qwen2", "--data", str(odd_sets["special"]), "--layers", "0",
+                                     "--heads", "0", "--quiet", "--out", str(out)])
+    assert code == 2
+    err = capfd.readouterr().err.strip()
+    assert err.startswith("error: item validation_") and "'<|im_end|>', which tiny-qwen2's tokenizer reads as a " \
+        "special token" in err and "\n" not in err
     assert not out.exists()
 
 

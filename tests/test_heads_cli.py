@@ -67,9 +67,20 @@ def base_run(shared_root, data_dir) -> Path:
     return out
 
 
-def count_open_rows(data_dir: Path) -> int:
-    return sum(sum(q != "multiple-choice" for q in pq.read_table(f, columns=["question_type"])
-                   .column("question_type").to_pylist()) for f in data_dir.glob("*/validation-*.parquet"))
+def count_open_rows(data_dir: Path, limit: int) -> int:
+    """Open-ended rows met before the limit-th multiple-choice one, walking subjects and numeric ids in order."""
+    rows = sorted((f.parent.name, int(r["id"].rsplit("_", 1)[1]), r["question_type"])
+                  for f in data_dir.glob("*/validation-*.parquet")
+                  for r in pq.read_table(f, columns=["id", "question_type"]).to_pylist())
+    n_mc = n_open = 0
+    for _, _, kind in rows:
+        if kind == "multiple-choice":
+            n_mc += 1
+            if n_mc == limit:
+                break
+        else:
+            n_open += 1
+    return n_open
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -87,7 +98,7 @@ def test_outputs_exist_and_agree_with_items(base_run, data_dir):
     for key in ("accuracy", "prob_accuracy", "n_items", "n_skipped_open"):
         assert key in base, key
     assert base["n_items"] == N_ITEMS
-    assert base["n_skipped_open"] == count_open_rows(data_dir) > 0
+    assert base["n_skipped_open"] == count_open_rows(data_dir, N_ITEMS) > 0
 
     items = pd.read_parquet(base_run / "items.parquet")
     assert len(items) == N_ITEMS * (1 + len(LAYERS) * len(HEADS))
@@ -303,6 +314,21 @@ def test_a_model_changed_in_place_is_another_run(tiny_dirs, data_dir, tmp_path, 
     inside = [*args[:-1], model / "heads"]
     ok(run_in_process(inside, capfd))
     ok(run_in_process(inside, capfd))
+
+
+def test_a_run_from_an_older_omniprobe_is_named_as_such(tiny_dirs, data_dir, tmp_path, capfd):
+    """A run.json written before its plan recorded the model's fingerprint cannot be matched to the weights: it is
+    refused (never resumed on trust), and the line says why instead of calling an unrecorded key different."""
+    args = ["--model", tiny_dirs["qwen2_vl"], "--data", data_dir, "--limit", "2", "--layers", "0", "--heads", "0",
+            "--no-generate", "--no-figures", "--quiet", "--out", tmp_path / "run"]
+    ok(run_in_process(args, capfd))
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    del info["plan"]["model_fingerprint"]
+    info["fingerprint"] = "from-an-older-release"
+    (tmp_path / "run" / "run.json").write_text(json.dumps(info))
+    r = run_in_process(args, capfd)
+    assert_one_line_error(r)
+    assert "written by an older omniprobe that did not record model_fingerprint" in r.stderr
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -49,15 +49,53 @@ def test_basic_load_and_sorting(tmp_path):
 
 
 def test_multi_image_order_and_unreferenced_dropped(tmp_path):
+    """The k-th image shown is the one the text calls <image k>, whatever order the text names them in (lmms-eval's
+    order); a filled column the text never references is left out, once some image is referenced."""
     r = row(1, question="Compare <image 2> with <image 1>, then <image 2> again.",
             options="['<image 3>', 'neither']",
             image_1={"bytes": RED, "path": None}, image_2={"bytes": GREEN, "path": None},
             image_3={"bytes": BLUE, "path": None}, image_4={"bytes": RED, "path": None})  # image_4 unreferenced
     write(tmp_path, {"Art": [r]})
     (it,), _ = load_mmmu(tmp_path)
-    assert it.images == (GREEN, RED, BLUE)
+    assert it.images == (RED, GREEN, BLUE)
     imgs = it.pil_images()
-    assert [im.getpixel((0, 0)) for im in imgs] == [(0, 255, 0), (255, 0, 0), (0, 0, 255)]
+    assert [im.getpixel((0, 0)) for im in imgs] == [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+
+
+@pytest.mark.parametrize("question", ["What colour is the shape?", "<image> What colour is the shape?"])
+def test_images_the_text_never_references_are_refused(tmp_path, question):
+    """Data tagged another way (no tag, LLaVA's bare <image>) used to run with its pictures silently left out: an
+    image model answered blind and a text model was scored on image items as if they were text."""
+    write(tmp_path, {"Art": [row(1), row(2, question=question)]})
+    with pytest.raises(BadInput, match=r"row 1 id='validation_Art_2': image_1 is filled but the question and "
+                                       r"options reference no <image k>"):
+        load_mmmu(tmp_path)
+
+
+def write_video_rows(root: Path, rows: list[dict]) -> None:
+    schema = mmmu_schema().append(pa.field("video", pa.list_(pa.struct([("bytes", pa.binary()), ("path", pa.string())]))))
+    (root / "Vid").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), root / "Vid" / "validation-00000-of-00001.parquet")
+
+
+def test_an_item_with_images_and_video_is_refused_while_loading(tmp_path):
+    """It used to be found only as the model ran, after run.json was written into --out."""
+    video = [{"bytes": RED, "path": None}] * 2
+    write_video_rows(tmp_path, [row(1, question="<video> <image 1> What happens?", video=video)])
+    with pytest.raises(BadInput, match="references both images and <video>; one modality per item"):
+        load_mmmu(tmp_path)
+
+
+def test_open_items_are_counted_up_to_the_limit(tmp_path):
+    """n_skipped_open counts the open items the --limit cut reaches, not those of subjects it never read."""
+    open_row = {"question_type": "open", "options": "[]"}
+    write(tmp_path, {"Art": [row(1), row(2, **open_row), row(3), row(4, **open_row), row(5)],
+                     "Bio": [row(1, "Bio"), row(2, "Bio", **open_row)]})
+    assert load_mmmu(tmp_path)[1].n_skipped_open == 3
+    assert load_mmmu(tmp_path, limit=1)[1].n_skipped_open == 0
+    assert load_mmmu(tmp_path, limit=2)[1].n_skipped_open == 1
+    assert load_mmmu(tmp_path, limit=3)[1].n_skipped_open == 2  # Art_4 comes before Art_5
+    assert load_mmmu(tmp_path, limit=4)[1].n_skipped_open == 3  # nothing cut: every row read
 
 
 def test_pil_images_downscale_keeps_aspect(tmp_path):
@@ -119,12 +157,10 @@ def test_split_selection_and_single_subject_dir(tmp_path):
 
 
 def test_video_frames(tmp_path):
-    schema = mmmu_schema().append(pa.field("video", pa.list_(pa.struct([("bytes", pa.binary()), ("path", pa.string())]))))
     r = row(1, question="<video> What happens?", options="['x', 'y']")
     r["image_1"] = None
     r["video"] = [{"bytes": RED, "path": None}, {"bytes": BLUE, "path": None}]
-    (tmp_path / "Vid").mkdir()
-    pq.write_table(pa.Table.from_pylist([r], schema=schema), tmp_path / "Vid" / "validation-00000-of-00001.parquet")
+    write_video_rows(tmp_path, [r])
     (it,), _ = load_mmmu(tmp_path)
     assert it.frames == (RED, BLUE) and it.images == ()
     assert [f.getpixel((0, 0)) for f in it.pil_frames(max_side=4)] == [(255, 0, 0), (0, 0, 255)]
