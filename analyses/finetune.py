@@ -8,10 +8,11 @@ Full fine-tuning of any model the probe loads, with the project's one training l
 probe's prompt, loss on the answer letter and ``<|im_end|>``; each batch row draws its modality with
 probability ∝ ``--mix`` and then an item of it. Writes ``DIR/checkpoint-<step>/`` (loadable HF dirs; step 0 is
 the start) with the optimiser and sampler state beside the weights, ``train_log.csv`` (step, modality, loss,
-lr, tokens) and ``run.json``. The same command after a kill continues from the last checkpoint and ends with
-the same numbers. Items of a modality the model cannot read, and rates, warm-up or seed out of range, are bad
-input, before anything is written; a run whose loss or weights stop being finite (``--dtype float16``) stops with
-exit 2 before it writes a checkpoint of them, and run.json says "failed".
+lr and lm_lr as they were at that step, tokens) and ``run.json``. ``--dtype bfloat16`` (the default on a GPU) is
+mixed precision: float32 weights, optimiser and checkpoints, the forward in bfloat16. The same command after a
+kill continues from the last checkpoint and ends with the same numbers. Items of a modality the model cannot read, and rates, warm-up or seed out of range, are bad
+input, before anything is written; a run whose loss or weights stop being finite stops with exit 2 before it
+writes a checkpoint of them, and run.json says "failed".
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from typing import Any, Sequence
 
 from probe.errors import ArgParser, BadInput, check_out_path, cli_main
 
-LOG_COLUMNS = ["step", "modality", "loss", "lr", "tokens"]
+LOG_COLUMNS = ["step", "modality", "loss", "lr", "lm_lr", "tokens"]  # lr: --lr's rate now (tower, projector)
 STATE = "trainer_state.pt"
 
 
@@ -216,17 +217,22 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     from probe.devices import resolve_placement
     from probe.mmmu import load_items
     from probe.models import load_model, model_fingerprint, resolve_model
-    from probe.prompting import check_items_against_tokenizer, check_modalities
+    from probe.prompting import check_modalities, check_prompts
     from probe.results import atomic_write_json, atomic_write_with, different_run
     from probe.train import TrainConfig, anything_trains, check_finite_weights, encode, is_main_process
     from probe.train import train as train_loop
     from probe.train import wait_for_everyone
 
     check_numbers(cfg)
-    tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, lm_lr=cfg.lm_lr, batch=cfg.batch, warmup=cfg.warmup,
-                       seed=cfg.seed, log_every=max(1, cfg.steps // 10))  # checks its numbers now, not mid-run
     check_out_path(cfg.out)  # before the model loads: an --out below a file is a one-line error
     placement = resolve_placement(cfg.device, cfg.dtype)
+    if placement.dtype == "float16":
+        raise BadInput("--dtype float16: fine-tuning in float16 needs loss scaling, which the training loop does not "
+                       "do; use bfloat16 (mixed precision, float32 weights) or float32")
+    # half precision is mixed precision: float32 weights and updates, the forward under autocast (probe.train)
+    tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, lm_lr=cfg.lm_lr, batch=cfg.batch, warmup=cfg.warmup,
+                       seed=cfg.seed, log_every=max(1, cfg.steps // 10),  # checks its numbers now, not mid-run
+                       autocast="bfloat16" if placement.dtype == "bfloat16" else None)
     if placement.spread and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise BadInput(f"--device {cfg.device}: each of the {os.environ['WORLD_SIZE']} processes would spread the model "
                        f"over {len(placement.all_devices)} GPUs, which data parallelism cannot wrap; launch one process "
@@ -240,11 +246,12 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         except BadInput:
             raise BadInput(f"--data {label}={path}: {ref.spec} ({ref.family.name}) cannot read its items") from None
         items[label] = its
-    check_items_against_tokenizer(ref, [it for its in items.values() for it in its])
+    check_prompts(ref, [it for its in items.values() for it in its])
     # what decides the numbers: resolved precision and device type, not the "auto" typed, and the model's weights
     # (a model re-merged at the same path is another run, never one whose checkpoints a resume continues)
     fingerprint = cfg.fingerprint() | {"dtype": placement.dtype, "device": placement.device_type,
-                                       "model_fingerprint": model_fingerprint(ref)}
+                                       "model_fingerprint": model_fingerprint(ref), "schedule": tcfg.schedule,
+                                       "weights": "float32"}
     out = cfg.out
     if out.exists() and any(out.iterdir()):
         try:
@@ -267,7 +274,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     source = ref.path
     if start is not None and cfg.lora is None:
         ref = resolve_model(str(resumable[start]))  # full fine-tuning resumes from the checkpoint's weights
-    loaded = load_model(ref, dtype=placement.dtype, device=placement.device, devices=placement.all_devices,
+    loaded = load_model(ref, dtype="float32", device=placement.device, devices=placement.all_devices,
                         device_memory=placement.device_memory)
     if cfg.lora is not None:  # LoRA resumes from the original weights plus the checkpoint's adapter
         torch.manual_seed(cfg.seed)  # the adapters' random initialisation
@@ -321,7 +328,8 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
             counts[modality_of[i]] = counts.get(modality_of[i], 0) + 1
         with open(log_path, "a", newline="") as f:
             csv.writer(f).writerow([info.step, ";".join(f"{k}={v}" for k, v in sorted(counts.items())),
-                                    repr(info.loss), repr(info.lrs[0]), info.tokens])
+                                    repr(info.loss), repr(cfg.lr * info.lr_factor), repr(cfg.lm_lr * info.lr_factor),
+                                    info.tokens])
         if info.step in saves:
             loaded.model.eval()
             save_checkpoint(loaded, source, out / f"checkpoint-{info.step}", state())
@@ -360,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-4, help="learning rate outside the LM (vision tower, projector)")
     p.add_argument("--lm-lr", type=float, default=1e-4, help="learning rate of the LM")
     p.add_argument("--batch-size", type=int, default=16, help="rows per step")
-    p.add_argument("--warmup", type=int, default=10, help="linear warm-up steps (then cosine decay)")
+    p.add_argument("--warmup", type=int, default=10, help="linear warm-up steps to the peak rate (then a cosine down to 5 %% of it at the last step)")
     p.add_argument("--seed", type=int, default=0, help="seed of sampling, adapters and the optimiser's run")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--lora", type=int, default=None, metavar="R",
@@ -369,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto",
                    help="auto (this process's GPUs, several → one model split by layers; else cpu), cpu, cuda, "
                         "cuda:0,cuda:1")
-    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU, else float32), float32, bfloat16")
+    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU, else float32), float32, bfloat16; "
+                   "bfloat16 is mixed precision: the forward in it, float32 weights, updates and checkpoints")
     p.add_argument("--out", type=Path, required=True, help="output dir (checkpoint-<step>/, train_log.csv)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the fine-tuning run in --out (its checkpoints, log and run.json; nothing else)")

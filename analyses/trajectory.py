@@ -32,6 +32,7 @@ from analyses.checkpoints import Checkpoint, add_output_args, check_inputs_and_o
 from analyses.sketch import SKETCH_CHUNK, CountSketch
 from analyses.writer import atomic_dir, check_output
 from probe.errors import ArgParser, BadInput, cli_main
+from probe.results import distinct_names
 
 
 @dataclass
@@ -59,9 +60,11 @@ class Point:
     step: int | None = None
 
 
-def run_points(run_dir: str) -> list[Point]:
-    """``checkpoint-<step>`` subdirs of a fine-tuning run, in step order."""
+def run_points(run_dir: str, label: str | None = None) -> list[Point]:
+    """``checkpoint-<step>`` subdirs of a fine-tuning run, in step order, named ``label@step`` (default: the
+    run folder's name)."""
     d = Path(run_dir)
+    label = label or d.name
     if not d.is_dir():
         raise BadInput(f"--runs {run_dir}: not a directory")
     steps = []
@@ -71,15 +74,16 @@ def run_points(run_dir: str) -> list[Point]:
             steps.append((int(m.group(1)), sub))
     if not steps:
         raise BadInput(f"--runs {run_dir}: no checkpoint-<step> subdirectories")
-    return [Point(f"{d.name}@{s}", "run", str(p), d.name, s) for s, p in sorted(steps)]
+    return [Point(f"{label}@{s}", "run", str(p), label, s) for s, p in sorted(steps)]
 
 
 def collect_points(cfg: TrajectoryConfig) -> list[Point]:
     pts = [Point(cfg.base, "base", cfg.base)]
     pts += [Point(m, "expert", m) for m in cfg.experts]
     pts += [Point(m, "merged", m) for m in cfg.merged]
-    for r in cfg.runs:
-        pts += run_points(r)
+    # runs in folders of the same name (seed0/mixed, seed1/mixed) keep apart: one trajectory each
+    for r, label in zip(cfg.runs, distinct_names([str(Path(r).resolve()) for r in cfg.runs])):
+        pts += run_points(r, label)
     return pts
 
 

@@ -94,16 +94,12 @@ class EvalPlan:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _labels(specs: Sequence[str]) -> list[str]:
-    short = [Path(s).name or s for s in specs]
-    return short if len(set(short)) == len(short) else list(specs)
-
-
 def make_plan(args: argparse.Namespace):
     from probe.devices import resolve_placement
     from probe.mmmu import load_items
     from probe.models import model_fingerprint, resolve_model
-    from probe.prompting import can_read, check_items_against_tokenizer
+    from probe.prompting import can_read, check_prompts
+    from probe.results import distinct_names
 
     for name in ("limit", "batch_size", "max_new_tokens", "image_max_side"):
         value = getattr(args, name)
@@ -121,7 +117,7 @@ def make_plan(args: argparse.Namespace):
             raise BadInput(f"{what} {dup[0]!r} given twice")
     refs = [resolve_model(s) for s in specs]
     datasets, items = [], {}
-    for (name, spec), subjects in zip(zip(_labels(args.data), args.data), subjects_per_set(args)):
+    for (name, spec), subjects in zip(zip(distinct_names(args.data), args.data), subjects_per_set(args)):
         its, report = load_items(spec, split=args.split, subjects=subjects, limit=args.limit)
         items[name] = its
         datasets.append(DataSet(name, spec, spec if spec.lower() == "mmmu" else str(Path(spec).resolve()),
@@ -139,7 +135,7 @@ def make_plan(args: argparse.Namespace):
                                                f"{'/'.join(kinds)} items")
                 unreadable[f"{ref.spec}|{ds.name}"] = {s: sum(i.subject == s for i in lost)
                                                        for s in sorted({i.subject for i in lost})}
-        check_items_against_tokenizer(ref, [i for d in range(len(datasets)) for i in scored[m, d]])
+        check_prompts(ref, [i for d in range(len(datasets)) for i in scored[m, d]])
     template = load_template(args)
     settings = {"dtype": placement.dtype, "device_type": placement.device_type,
                 "attn_implementation": args.attn_implementation,

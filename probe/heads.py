@@ -175,7 +175,7 @@ def make_plan(args: argparse.Namespace):
     from probe.devices import resolve_placement
     from probe.mmmu import load_items
     from probe.models import model_fingerprint, resolve_model
-    from probe.prompting import check_items_against_tokenizer, check_modalities
+    from probe.prompting import check_modalities, check_prompts
 
     for name in ("limit", "batch_size", "chunk_size", "max_new_tokens", "image_max_side"):
         value = getattr(args, name)
@@ -189,7 +189,7 @@ def make_plan(args: argparse.Namespace):
     data = args.data if args.data is not None else str(default_data_for(args.model))
     items, report = load_items(data, split=args.split, subjects=args.subjects, limit=args.limit)
     check_modalities(ref, items)
-    check_items_against_tokenizer(ref, items)
+    check_prompts(ref, items)
     template = load_template(args)
     settings = {
         "dtype": placement.dtype, "device_type": placement.device_type,

@@ -303,7 +303,14 @@ def check_loading_info(ref: ModelRef, info: dict[str, Any]) -> None:
 def load_tokenizer(ref: ModelRef) -> Any:
     import transformers
 
-    return transformers.AutoTokenizer.from_pretrained(ref.path, **ref.load_kwargs)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(ref.path, **ref.load_kwargs)
+    except (OSError, ValueError) as exc:
+        raise BadInput(f"{ref.path}: cannot load its tokenizer ({str(exc).splitlines()[0][:160]})") from None
+    if len(tokenizer) < 2:  # no tokenizer files: transformers builds an empty tokenizer and carries on
+        raise BadInput(f"{ref.path}: no tokenizer files (tokenizer.json, tokenizer_config.json, …); the tokenizer "
+                       "transformers built from it is empty")
+    return tokenizer
 
 
 def load_processors(ref: ModelRef) -> tuple[Any, Any | None]:
@@ -347,7 +354,11 @@ def build_processor(ref: ModelRef, tokenizer: Any) -> Any:
 
     import transformers
 
-    image_processor = transformers.AutoImageProcessor.from_pretrained(ref.path)
+    try:
+        image_processor = transformers.AutoImageProcessor.from_pretrained(ref.path)
+    except OSError:
+        raise BadInput(f"{ref.path}: no image processor config (preprocessor_config.json), which a "
+                       f"{ref.family.name} model needs to read images") from None
     proc_cls = _processor_without_video(getattr(transformers, ref.family.processor_class))
     kwargs = processor_kwargs(ref.family, ref.config)
     saved = ref.path / "processor_config.json"

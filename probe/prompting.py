@@ -119,14 +119,17 @@ def check_item_text(items: Sequence[ItemLike], specials: Sequence[str], model: s
                                "written; remove or reword it")
 
 
-def check_items_against_tokenizer(ref: Any, items: Sequence[ItemLike]) -> None:
-    """check_item_text before any weight loads, for a model whose tokenizer is on disk (a hub alias still to
-    download is checked as its items are built, by build_inputs)."""
+def check_prompts(ref: Any, items: Sequence[ItemLike]) -> None:
+    """Before any weight loads, for a model whose files are on disk (a hub alias still to download is checked as
+    its items are built, by build_inputs): its tokenizer loads and is not empty, its processor loads when items
+    have images, and no item's text holds one of its special tokens (check_item_text)."""
     if ref.hub_repo is not None or not items:
         return
-    from probe.models import load_tokenizer
+    from probe.models import load_processors, load_tokenizer
 
-    check_item_text(items, special_tokens(load_tokenizer(ref)), ref.spec)
+    visual = ref.family.processor_class is not None and any(i.images for i in items)
+    tokenizer = load_processors(ref)[0] if visual else load_tokenizer(ref)
+    check_item_text(items, special_tokens(tokenizer), ref.spec)
 
 
 def build_inputs(

@@ -14,7 +14,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import pandas as pd
 
@@ -124,6 +124,17 @@ def prepare_out_dir(out: Path, fingerprint: str, overwrite: bool, owned: Iterabl
     if saved.get("fingerprint") != fingerprint:
         raise different_run(out, saved.get("plan"), plan)
     return True
+
+
+def distinct_names(paths: Sequence[str]) -> list[str]:
+    """Each path's shortest tail (its last folder names) that no other path shares: ``run`` for one run, and
+    ``seed0/run``, ``seed1/run`` for two runs whose folders have the same name, so labels never merge."""
+    parts = [Path(p).parts or (str(p),) for p in paths]
+    for k in range(1, max(map(len, parts), default=1) + 1):
+        names = ["/".join(q[-k:]) for q in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [str(p) for p in paths]
 
 
 def different_run(out: Path, saved: Any, plan: dict[str, Any] | None) -> BadInput:

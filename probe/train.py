@@ -2,17 +2,20 @@
 
 ``encode`` builds every row through the probe's own prompt builder (``probe.prompting.build_inputs``), with the
 loss on the answer letter and ``<|im_end|>`` only, so a trained model's first generated token is the letter the
-probe reads. ``train`` samples batches with a seeded generator, warms the learning rate up linearly and decays it
-on a cosine to 5 % of its peak, clips gradients at 1.0, and keeps the LM and the rest (vision tower, projector)
+probe reads. ``train`` samples batches with a seeded generator, warms the learning rate up linearly to its peak,
+then decays it on a cosine to 5 % of the peak at the last step (``lr_factor``), clips gradients at 1.0, and keeps the LM and the rest (vision tower, projector)
 in parameter groups with their own learning rates (LM, projector, vision tower; a rate of 0 freezes its group, as
 staged VLM recipes do). A step runs its batch in modality parts, each padded to its own length, with logits only
 where a label is predicted, and accumulates their gradients: transformers' loss and gradient of the whole batch
 (tested against it), at a third less work when clips share a batch with longer two-view images. A step whose loss
 or gradient norm is not finite stops the run (``BadInput`` naming the step) before its update. The organisms'
 builder (``probe.zoo``) turns its recipes into a ``TrainConfig`` and calls it; nothing here imports ``probe.zoo``.
+Half precision is mixed precision: the weights (and AdamW's update of them) stay float32 and the forward runs under
+autocast (``TrainConfig.autocast``), since bfloat16 weights round away any update under half their last bit.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -41,14 +44,18 @@ class TrainConfig:
     clip: float = 1.0
     min_lr_fraction: float = 0.05  # the cosine decays to this share of the peak
     log_every: int = 100
+    # "cosine": warm-up, then the cosine; "overlapped": the warm-up multiplies a cosine running from step 0 (the
+    # organisms' recipes were trained so and keep it, so they rebuild byte for byte); see lr_factor
+    schedule: str = "cosine"
+    autocast: str | None = None  # "bfloat16": the forward in it, the float32 weights updated in float32
 
     def __post_init__(self) -> None:
         # every caller (finetune, replicate, the organisms' recipes) gets the same refusal: a NaN or negative rate
         # would train to NaN weights or climb the loss (gradient ascent) and still finish with exit 0
         for name in ("lr", "lm_lr", "projector_lr", "weight_decay"):
             v = getattr(self, name)
-            if v is not None and not (math.isfinite(v) and v >= 0):
-                raise BadInput(f"training setting {name} = {v}: must be a finite number ≥ 0")
+            if v is not None and not (math.isfinite(v) and 0 <= v <= torch.finfo(torch.float32).max):
+                raise BadInput(f"training setting {name} = {v}: must be a finite number ≥ 0 (within float32's range)")
         if not (math.isfinite(self.clip) and self.clip > 0):
             raise BadInput(f"training setting clip = {self.clip}: must be a finite number > 0")
         if not 0 <= self.min_lr_fraction <= 1 or not all(0 <= b < 1 for b in self.betas):
@@ -57,6 +64,25 @@ class TrainConfig:
         for name, low in (("steps", 1), ("batch", 1), ("log_every", 1), ("warmup", 0), ("seed", 0)):
             if getattr(self, name) < low:
                 raise BadInput(f"training setting {name} = {getattr(self, name)}: must be ≥ {low}")
+        if self.schedule not in ("cosine", "overlapped") or self.autocast not in (None, "bfloat16"):
+            raise BadInput(f"training settings schedule = {self.schedule!r}, autocast = {self.autocast!r}: schedule "
+                           "is 'cosine' or 'overlapped', autocast None or 'bfloat16' (float16 would need loss scaling)")
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """The learning rate's share of its peak at 0-based ``step``. "cosine": linear warm-up to the peak at step
+    ``warmup - 1`` (step 0 with no warm-up), then a cosine down to ``min_lr_fraction`` at the last step.
+    "overlapped": the warm-up times a cosine that starts at step 0, so a warm-up that is a large share of the run
+    never reaches the peak (0.6 of it for a warm-up of half the steps)."""
+    warm = min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else 1.0  # warmup 0: the peak from the start
+    floor = cfg.min_lr_fraction
+    if cfg.schedule == "overlapped":
+        return warm * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * step / max(1, cfg.steps))))
+    peak = max(cfg.warmup, 1) - 1
+    if step < peak:
+        return warm
+    progress = (step - peak) / max(1, cfg.steps - 1 - peak)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def encode(loaded, items: Sequence, with_answer: bool,
@@ -193,8 +219,8 @@ def anything_trains(model, loaded, cfg: TrainConfig) -> bool:
 def diverged(step: int, what: str, model) -> BadInput:
     """The one-line error of a run whose numbers stopped being finite (``step``: 1-based, as train_log.csv)."""
     dtype = str(next(iter(model.parameters())).dtype).removeprefix("torch.")
-    return BadInput(f"training diverged at step {step}: {what} is not finite (dtype {dtype}); no checkpoint of it "
-                    "is written; train in float32 or bfloat16 (float16 overflows), or with a lower learning rate")
+    return BadInput(f"training diverged at step {step}: {what} is not finite (weights in {dtype}); no checkpoint of "
+                    "it is written; train with a lower learning rate (or in float32, if the forward ran in half precision)")
 
 
 def check_finite_weights(model, step: int) -> None:
@@ -211,7 +237,7 @@ class StepInfo:
 
     step: int  # 1-based: the number of updates done
     loss: float
-    lrs: list[float]
+    lr_factor: float  # every group's rate is its configured one times this (lr_factor)
     rows: list[int]  # the rows of its batch
     tokens: int  # label tokens in the batch
 
@@ -287,17 +313,19 @@ def train(loaded, rows: list[dict], cfg: TrainConfig, log: Callable[[str], None]
     pad = loaded.tokenizer.pad_token_id
     losses = []
     t0 = time.time()
-    floor = cfg.min_lr_fraction
+    def autocast():
+        if cfg.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(loaded.device.type, dtype=getattr(torch, cfg.autocast))
 
     def state() -> dict:
         return {"optimizer": opt.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
                 "step": step + 1}
 
     for step in range(first, cfg.steps):
-        warm = min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else 1.0  # warmup 0: the peak from the start
-        decay = 0.5 * (1 + math.cos(math.pi * step / max(1, cfg.steps)))
+        factor = lr_factor(step, cfg)
         for g, lr in zip(opt.param_groups, base_lrs):
-            g["lr"] = lr * warm * (floor + (1 - floor) * decay)
+            g["lr"] = lr * factor
         idx = sample(gen, cfg.batch)
         mine = [rows[i] for i in idx[rank::world]]
         n_labels = label_count(mine)
@@ -311,7 +339,8 @@ def train(loaded, rows: list[dict], cfg: TrainConfig, log: Callable[[str], None]
         opt.zero_grad(set_to_none=True)
         loss_sum, ran, stepped = torch.zeros(()), 0, False
         for part in parts.values():
-            part_loss = label_loss(model, collate(part, pad), n_labels)
+            with autocast():  # the forward only; backward follows the dtypes it recorded
+                part_loss = label_loss(model, collate(part, pad), n_labels)
             if part_loss.requires_grad:
                 part_loss.backward() if acc is None else acc.backward(part_loss)
                 stepped = True
@@ -338,6 +367,6 @@ def train(loaded, rows: list[dict], cfg: TrainConfig, log: Callable[[str], None]
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             log(f"  step {step:5d}  loss {sum(losses[-50:]) / len(losses[-50:]):.4f}  ({time.time() - t0:.0f}s)")
         if on_step is not None:
-            on_step(StepInfo(step + 1, losses[-1], [g["lr"] for g in opt.param_groups], idx, n_labels * world), state)
+            on_step(StepInfo(step + 1, losses[-1], factor, idx, n_labels * world), state)
     model.eval()
     return losses

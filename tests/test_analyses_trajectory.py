@@ -76,6 +76,24 @@ def test_trajectory_outputs_and_features(models, tmp_path):
     assert (out / "trajectory_sketch.png").is_file()
 
 
+def test_runs_in_folders_of_the_same_name_stay_two_trajectories(models, tmp_path):
+    """Two runs both called 'mixed' (seed0/mixed, seed1/mixed) became one run whose arrows zig-zagged through both
+    seeds' checkpoints, with one legend entry."""
+    base = tiny.base_lm(0)
+    runs = []
+    for seed in (0, 1):
+        for step in (0, 10):
+            tiny.write_model("qwen2", tmp_path / f"seed{seed}" / "mixed" / f"checkpoint-{step}",
+                             tiny.perturb(base, 0.001 * (step + 1), 5 + seed))
+        runs.append(tmp_path / f"seed{seed}" / "mixed")
+    out = tmp_path / "t"
+    assert cli_main(trajectory.main, [str(a) for a in ["--base", models["base"], "--runs", *runs,
+                                                       "--sketch-dim", 16, "--out", out]]) == 0
+    points = [r for r in csv.DictReader(open(out / "points.csv")) if r["kind"] == "run"]
+    assert [(r["name"], r["step"]) for r in points] == [
+        ("seed0/mixed@0", "0"), ("seed0/mixed@10", "10"), ("seed1/mixed@0", "0"), ("seed1/mixed@10", "10")]
+
+
 def test_trajectory_bad_input(models, tmp_path, capsys):
     out = tmp_path / "t"
     code = cli_main(trajectory.main, ["--base", str(models["base"]), "--runs", str(tmp_path), "--out", str(out)])

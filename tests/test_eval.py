@@ -443,6 +443,28 @@ def test_text_holding_a_special_token_is_refused_before_anything_is_written(odd_
     assert not out.exists()
 
 
+@pytest.mark.parametrize("family, remove, data, want", [
+    ("qwen2", ("tokenizer.json", "tokenizer_config.json"), "text", "no tokenizer files"),
+    ("qwen2_vl", ("tokenizer.json", "tokenizer_config.json"), "image", "no tokenizer files"),
+    ("qwen2_vl", ("preprocessor_config.json",), "image", "no image processor config (preprocessor_config.json)"),
+])
+def test_a_model_dir_missing_its_tokenizer_or_processor_is_bad_input(family, remove, data, want, tiny_dirs, text_dir,
+                                                                       data_dir, tmp_path, capfd):
+    """transformers builds an empty tokenizer from a dir without one: the run went on and crashed with a traceback
+    (image token count) or blamed the option letters, after run.json was written; a missing image processor config
+    was a traceback."""
+    import shutil
+
+    model = shutil.copytree(tiny_dirs[family], tmp_path / "model")
+    for name in remove:
+        (model / name).unlink()
+    out = tmp_path / "out"
+    assert _eval("--models", model, "--data", text_dir if data == "text" else data_dir, "--quiet", "--out", out) == 2
+    err = capfd.readouterr().err.strip()
+    assert err.startswith("error: ") and want in err and "\n" not in err, err
+    assert not out.exists()
+
+
 def test_figures_eval_redraws(eval_run, tmp_path):
     import shutil
 
