@@ -277,3 +277,29 @@ def test_peak_rss_within_bound(tmp_path):
     total = sum(f.stat().st_size for d in dirs for f in d.glob("*.safetensors"))
     assert after <= 1e9 + (k + 2) * largest
     assert after - before <= (k + 2) * largest < total  # the bound is below "load every model"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_outputs_of_read_only_inputs_get_a_new_files_mode(zoo, tmp_path, umask):
+    """A read-only model dir (a shared or hub-cached copy) gave its -r--r--r-- to every side file copied into the
+    merge and its carriers (shutil.copy2); every output file has 0666 less the umask, and the bytes are the source's."""
+    import os
+
+    ro = {}
+    for name in ("base", "vl", "ov"):
+        ro[name] = shutil.copytree(zoo[name], tmp_path / f"ro-{name}")
+        for f in ro[name].iterdir():
+            f.chmod(0o444)
+    out = tmp_path / "m"
+    old = os.umask(umask)
+    try:
+        assert run(merge.main, "--base", ro["base"], "--models", ro["vl"], ro["ov"], "--carrier", ro["vl"], ro["ov"],
+                   "--out", out) == 0
+    finally:
+        os.umask(old)
+    modes = {str(f.relative_to(out)): f.stat().st_mode & 0o777 for f in out.rglob("*") if f.is_file()}
+    assert {"generation_config.json", "carriers/ro-vl/config.json", "carriers/ro-ov/generation_config.json"} <= set(modes)
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask)
+    for f in ("generation_config.json", "carriers/ro-ov/config.json"):
+        src = ro["base"] if "/" not in f else ro["ov"]
+        assert (out / f).read_bytes() == (src / Path(f).name).read_bytes()
