@@ -35,10 +35,16 @@ class TensorPlan:
 class Alignment:
     tensors: list[TensorPlan]
     vocab: dict[str, Any] = field(default_factory=dict)  # what the vocabulary rule did, for reports
+    head: dict[str, Any] = field(default_factory=dict)  # what the tied-head rule did (tied and untied mixed)
 
     @property
     def largest_bytes(self) -> int:
         return max(i.nbytes for t in self.tensors for i in t.infos)
+
+    @property
+    def tied(self) -> bool:
+        """No participant has its own lm_head: a merged LM of these ties it to its embedding too."""
+        return all(t.canon != "lm_head.weight" for t in self.tensors)
 
 
 def canon_order(canon: str) -> tuple:
@@ -51,7 +57,10 @@ def align(ckpts: Sequence[Checkpoint], names: Sequence[str] | None = None) -> Al
     """Plan the LM tensors of ``ckpts[0]`` (reference) against every other checkpoint; checks headers only."""
     ref = ckpts[0]
     names = names or [c.name for c in ckpts]
-    canons = sorted(ref.lm, key=canon_order)
+    # lm_head is planned when any participant has its own: a tied one's head is its embedding (Checkpoint.lm_key),
+    # so an untied expert's head is compared and merged whichever of them is the reference
+    own_head = any(not ck.tied for ck in ckpts)
+    canons = sorted(set(ref.lm) | ({"lm_head.weight"} if own_head else set()), key=canon_order)
     plans: list[TensorPlan] = []
     for canon in canons:
         infos = []
@@ -85,7 +94,12 @@ def align(ckpts: Sequence[Checkpoint], names: Sequence[str] | None = None) -> Al
                 "common_rows": min(p.vocab_rows),
                 "rule": f"first {min(p.vocab_rows)} rows compared/merged; rows beyond kept from {names[0]}",
             }
-    return Alignment(plans, vocab)
+    head = {}
+    if own_head and any(ck.tied for ck in ckpts):
+        tied = list(dict.fromkeys(nm for ck, nm in zip(ckpts, names) if ck.tied))  # the base may be in --models too
+        head = {"own_lm_head": list(dict.fromkeys(nm for ck, nm in zip(ckpts, names) if not ck.tied)), "tied": tied,
+                "rule": f"lm_head compared/merged; tied {', '.join(tied)} contribute embed_tokens as lm_head"}
+    return Alignment(plans, vocab, head)
 
 
 def check_finite(t: torch.Tensor, who: str, key: str) -> None:

@@ -176,32 +176,31 @@ def resolve_model_dir(spec: str) -> Path:
 
 
 def _weight_files(model_dir: Path, allow_bin: bool) -> dict[str, Path]:
-    """Map every tensor key to its file, from the index when there is one; check every shard exists."""
-    for index_name, suffix in (("model.safetensors.index.json", ".safetensors"), ("pytorch_model.bin.index.json", ".bin")):
-        index = model_dir / index_name
-        if index.is_file():
-            if suffix == ".bin" and not allow_bin:
-                raise BadInput(f"{model_dir}: only .bin weights; pass --allow-bin to read them (weights_only)")
-            try:
-                wmap = json.loads(index.read_text())["weight_map"]
-            except (OSError, json.JSONDecodeError, KeyError, TypeError):
-                raise BadInput(f"{index}: corrupt index (no weight_map)") from None
-            files = {k: model_dir / v for k, v in wmap.items()}
-            for f in sorted(set(files.values())):
-                if not f.is_file():
-                    raise BadInput(f"{model_dir}: missing shard {f.name} (listed in {index_name})")
-            return files
-    single = sorted(model_dir.glob("*.safetensors"))
-    if not single:
-        bins = sorted(model_dir.glob("pytorch_model*.bin"))
-        if bins and not allow_bin:
+    """Map every tensor key to its file: the weights transformers loads (``probe.models.weights_entry``, so the
+    analyses read what probe.eval and probe.heads run), from the index when that is it; check every shard exists."""
+    from probe.models import weights_entry
+
+    entry = weights_entry(model_dir)
+    if entry is not None and entry.name.endswith(".index.json"):
+        if entry.name.startswith("pytorch_model") and not allow_bin:
             raise BadInput(f"{model_dir}: only .bin weights; pass --allow-bin to read them (weights_only)")
-        single = bins
+        try:
+            wmap = json.loads(entry.read_text())["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            raise BadInput(f"{entry}: corrupt index (no weight_map)") from None
+        files = {k: model_dir / v for k, v in wmap.items()}
+        for f in sorted(set(files.values())):
+            if not f.is_file():
+                raise BadInput(f"{model_dir}: missing shard {f.name} (listed in {entry.name})")
+        return files
+    # no standard name: every *.safetensors file, else every pytorch_model*.bin
+    single = [entry] if entry is not None else (sorted(model_dir.glob("*.safetensors"))
+                                                or sorted(model_dir.glob("pytorch_model*.bin")))
+    if single and single[0].suffix == ".bin" and not allow_bin:
+        raise BadInput(f"{model_dir}: only .bin weights; pass --allow-bin to read them (weights_only)")
     if not single:
         raise BadInput(f"{model_dir}: no weight files (*.safetensors)")
     return {"": f for f in single}  # "" = take all keys of these files
-
-
 
 
 @dataclass

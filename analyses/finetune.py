@@ -136,6 +136,9 @@ def save_checkpoint(loaded, source: Path, dest: Path, state: dict | None) -> Non
 
     import torch
 
+    from analyses.writer import copy_side_files
+    from probe.results import set_file_modes
+
     tmp = dest.parent / f".{dest.name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -144,11 +147,12 @@ def save_checkpoint(loaded, source: Path, dest: Path, state: dict | None) -> Non
         copy.deepcopy(loaded.model).merge_and_unload().save_pretrained(tmp)
     else:
         loaded.model.save_pretrained(tmp)
-    for f in sorted(source.iterdir()):  # tokenizer and processor files; the model's own config is written above
-        if f.is_file() and not (tmp / f.name).exists() and f.suffix != ".safetensors" and not f.name.startswith("."):
-            shutil.copy2(f, tmp / f.name)
+    # tokenizer and processor files; the model's own config is written above. No weight file of the source: its
+    # model.safetensors.index.json beside the model.safetensors just saved would be a second weight set.
+    copy_side_files(source, tmp, keep_existing=True)
     if state is not None:
         torch.save(state, tmp / STATE)
+    set_file_modes(tmp)  # save_pretrained writes the weights 0o600
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
 

@@ -37,7 +37,8 @@ from analyses.salience import SalienceWeights, check_run_model, read_salience
 from analyses.shift import CHUNK, read_shift_csv
 from analyses.writer import Entry, ShardedWriter, atomic_dir, check_output, copy_side_files, parse_size
 from probe.errors import ArgParser, BadInput, cli_main
-from probe.families import CAUSAL_LM, causal_lm_type
+from probe.families import CAUSAL_LM, LAYOUTS, causal_lm_type, untie_word_embeddings
+from probe.families import lm_disk_key as layout_key
 
 # CLI name -> formula registry name
 METHODS = {"average": "average", "weighted": "weighted", "shift": "shift", "salience": "salience",
@@ -123,7 +124,7 @@ class MergeConfig:
 
 def lm_disk_key(canon: str) -> str:
     """Canonical LM name -> causal-LM checkpoint key (every class in families.CAUSAL_LM names them alike)."""
-    return canon if canon == "lm_head.weight" else "model." + canon
+    return layout_key(LAYOUTS["qwen2"], canon)
 
 
 class ShiftTable:
@@ -137,6 +138,8 @@ class ShiftTable:
         if sbase and Path(sbase).resolve() != base.path.resolve():
             raise BadInput(f"--shift {shift_dir}: computed against base {sbase}, not {base.path}")
         self.table = table
+        # a pair of tied heads has no lm_head row (analyses.shift): its Δ is the embedding's
+        self.tied_pair = [base.tied and m.tied for m in models]
         self.names = []
         have = {m for m, _ in table}
         for m in models:
@@ -147,7 +150,8 @@ class ShiftTable:
 
     def deltas(self, canon: str) -> list[float]:
         try:
-            return [self.table[(nm, canon)] for nm in self.names]
+            return [self.table[(nm, "embed_tokens.weight" if canon == "lm_head.weight" and tied else canon)]
+                    for nm, tied in zip(self.names, self.tied_pair)]
         except KeyError as exc:
             raise BadInput(f"--shift: no delta_avg for {exc.args[0]}") from None
 
@@ -352,12 +356,19 @@ def write_carrier(carrier: Checkpoint, merged: Checkpoint, dest: Path, shard_siz
     name (``merged`` is still read from its temp dir, whose name would make equal merges differ byte-wise)."""
     dest.mkdir(parents=True)
     keys = sorted(carrier.infos, key=lambda k: (str(carrier.infos[k].file), carrier.infos[k].start))
-    entries = [Entry(k, carrier.infos[k].dtype, carrier.infos[k].shape) for k in keys]
-    writer = ShardedWriter(dest, entries, shard_size, {"merged_from": merged_name})
     lm_by_key = {v: c for c, v in carrier.lm.items()}
+    src = {k: carrier.infos[k] for k in keys}
+    untie = carrier.tied and not merged.tied  # else the carrier would tie the merged head back to its embedding
+    if untie:
+        head = layout_key(carrier.layout, "lm_head.weight")
+        keys.append(head)
+        lm_by_key[head] = "lm_head.weight"
+        src[head] = carrier.lm_info("lm_head.weight")  # its embedding: rows past the merged vocab come from it
+    entries = [Entry(k, src[k].dtype, src[k].shape) for k in keys]
+    writer = ShardedWriter(dest, entries, shard_size, {"merged_from": merged_name})
     n_lm = 0
     for key in tqdm(keys, desc=f"carrier {dest.name}", unit="tensor", leave=False):
-        info = carrier.infos[key]
+        info = src[key]
         with writer.tensor(key) as sink:
             canon = lm_by_key.get(key)
             if canon is None:
@@ -382,8 +393,12 @@ def write_carrier(carrier: Checkpoint, merged: Checkpoint, dest: Path, shard_siz
         carrier.release(info)
     writer.close()
     copied = copy_side_files(carrier.path, dest)
+    if untie:
+        config = untie_word_embeddings(carrier.config, carrier.family)
+        (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return {"name": dest.name, "source": str(carrier.path), "layout": carrier.layout.name,
-            "lm_tensors_replaced": n_lm, "tensors_copied_bit_exact": len(keys) - n_lm, "files_copied": copied}
+            "lm_tensors_replaced": n_lm, "tensors_copied_bit_exact": len(keys) - n_lm, "files_copied": copied,
+            "lm_head_added": untie}
 
 
 def run_merge(cfg: MergeConfig) -> dict[str, Any]:
@@ -412,7 +427,7 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
                         merger.merge_tensor(plan, sink)
                 writer.close()
             embed = next(p for p in al.tensors if p.canon == "embed_tokens.weight")
-            config = merged_config(ref, embed.ref.dtype, embed.ref.shape[0], ref.tied)
+            config = merged_config(ref, embed.ref.dtype, embed.ref.shape[0], al.tied)
             (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
             tok_src = ref.path
             copied = copy_side_files(tok_src, tmp, TOKENIZER_FILES)
@@ -450,6 +465,8 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
                 "math_dtype": "float32",
                 "shards": writer.names,
                 "vocab": al.vocab,
+                "lm_head": al.head,
+                "tie_word_embeddings": al.tied,
                 "tokenizer_files": copied,
                 "carriers": carrier_reports,
                 "seconds_lm": round(t_lm, 3),
@@ -460,6 +477,8 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
                 c.close()  # release mappings before the rename
     if al.vocab:
         print(f"vocabulary sizes differ, rule applied: {json.dumps(al.vocab)}", file=sys.stderr)
+    if al.head:
+        print(f"tied and untied lm_heads: {al.head['rule']}; the merged LM has its own lm_head", file=sys.stderr)
     print(f"merged {len(al.tensors)} LM tensors ({cfg.method}) -> {cfg.out}")
     return report
 

@@ -82,6 +82,8 @@ def compute_shift(base: Checkpoint, models: Sequence[Checkpoint], names: Sequenc
     rows = []
     for i, nm in enumerate(names):
         for plan, st in zip(al.tensors, stats):
+            if plan.canon == "lm_head.weight" and base.tied and models[i].tied:
+                continue  # both heads are their embeddings: the embed_tokens row already says it
             layer, module = layer_module(plan.canon)
             rows.append(ShiftRow(nm, plan.canon, layer, module, st[i].numel, st[i].delta_avg, st[i].max_abs, st[i].rel_l2))
     return rows, al
@@ -148,6 +150,7 @@ def run_shift(cfg: ShiftConfig) -> dict[str, Any]:
             "models": [{"name": m.name, "path": str(m.path), "layout": m.layout.name} for m in models],
             "per_model": summarize(rows, cfg.models),
             "vocab": al.vocab,
+            "lm_head": al.head,
             "formula": "delta_avg = mean |theta_base - theta_model| per tensor (Eq. 3), fp32",
             "dtype": str(al.tensors[0].ref.dtype),
         }
@@ -164,6 +167,8 @@ def run_shift(cfg: ShiftConfig) -> dict[str, Any]:
               + (f"({ratio:.2f}x least shifted)" if ratio is not None else "(no ratio: a model did not move)"))
     if al.vocab:
         print(f"vocabulary sizes differ: {json.dumps(al.vocab)}", file=sys.stderr)
+    if al.head:
+        print(f"tied and untied lm_heads: {al.head['rule']}", file=sys.stderr)
     return summary
 
 

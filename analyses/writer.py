@@ -24,7 +24,7 @@ import torch
 
 from analyses.checkpoints import DTYPE_NAMES
 from probe.errors import BadInput, check_out_path
-from probe.results import pid_alive
+from probe.results import copy_file, pid_alive
 
 INDEX_NAME = "model.safetensors.index.json"
 Chunk = torch.Tensor | memoryview | bytes
@@ -298,14 +298,17 @@ def atomic_dir(out: Path, overwrite: bool) -> Iterator[Path]:
 WEIGHT_FILE = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.ckpt|\.msgpack|\.h5|\.gguf)$|\.index\.json$")
 
 
-def copy_side_files(src: Path, dst: Path, only: Sequence[str] | None = None) -> list[str]:
-    """Copy non-weight files (configs, tokenizer, processor) from ``src``; returns the names copied."""
+def copy_side_files(src: Path, dst: Path, only: Sequence[str] | None = None, keep_existing: bool = False) -> list[str]:
+    """Copy non-weight files (configs, tokenizer, processor) from ``src``, each with a new file's mode (never a
+    read-only source's); ``keep_existing`` leaves files ``dst`` already has. Returns the names copied."""
     copied = []
     for f in sorted(Path(src).iterdir()):
         if not f.is_file() or WEIGHT_FILE.search(f.name) or f.name.startswith("."):
             continue
         if only is not None and f.name not in only and not any(f.name.startswith(p) for p in only):
             continue
-        shutil.copy2(f, dst / f.name)
+        if keep_existing and (dst / f.name).exists():
+            continue
+        copy_file(f, dst / f.name)
         copied.append(f.name)
     return copied

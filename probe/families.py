@@ -741,6 +741,32 @@ def canonical_lm_name(layout: Layout, key: str) -> str | None:
     return None
 
 
+def lm_disk_key(layout: Layout, canon: str) -> str:
+    """The key canonical LM tensor ``canon`` has on disk in ``layout`` (the inverse of ``canonical_lm_name``), for
+    writing one a checkpoint lacks: the lm_head of a tied carrier that receives a merged, untied LM."""
+    for disk, prefix in sorted(layout.lm_prefixes, key=lambda p: -len(p[1])):  # "lm_head." before ""
+        if canon.startswith(prefix):
+            key = disk + canon[len(prefix):]
+            if canonical_lm_name(layout, key) == canon:
+                return key
+    raise ValueError(f"layout {layout.name} has no disk key for {canon}")
+
+
+def untie_word_embeddings(config: Mapping[str, Any], family: Family) -> dict[str, Any]:
+    """A copy of config.json with ``tie_word_embeddings`` false wherever transformers reads it: the top level, the
+    sub-config the class is built from (Omni's thinker) and the text config. transformers 5 re-ties a composite
+    model whose text_config alone still says true (Qwen2VLConfig, LlavaOnevisionConfig), ignoring the lm_head."""
+    out = json.loads(json.dumps(config))
+    out["tie_word_embeddings"] = False
+    for path in filter(None, (family.config_path, family.text_config_attr)):
+        node: Any = out
+        for part in path.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, dict):
+                node["tie_word_embeddings"] = False
+    return out
+
+
 _CANONICAL_LM = re.compile(r"^(embed_tokens\.weight|norm\.weight|lm_head\.weight|layers\.\d+\..+)$")
 
 

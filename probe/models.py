@@ -124,7 +124,34 @@ def resolve_model(spec: str) -> ModelRef:
     return ModelRef(spec, path, family, geometry, config, gguf_file, repo)
 
 
+# The weight files transformers' from_pretrained picks in a local dir, in its order (modeling_utils
+# _get_resolved_checkpoint_files, checked on 5.24): a single file before an index, safetensors before .bin.
+WEIGHT_ENTRIES = (("model.safetensors", "model.safetensors.index.json"),
+                  ("pytorch_model.bin", "pytorch_model.bin.index.json"))
+
+
+def weights_entry(path: Path) -> Path | None:
+    """The single weights file or index that transformers loads from ``path`` (None: no standard name there).
+
+    The one rule the probe (``check_weights``) and the analyses (``analyses.checkpoints``) both follow. A dir
+    holding a single file *and* an index of one format is bad input: save_pretrained leaves that when it runs twice
+    into one dir, sharded then single or the reverse. transformers loads the single file, while the index names
+    other weights (or shards since deleted), so a reader following the index measures or merges a model that is
+    never run, and which one is current cannot be told from the files."""
+    for single, index in WEIGHT_ENTRIES:
+        one, idx = Path(path) / single, Path(path) / index
+        if one.is_file() and idx.is_file():
+            raise BadInput(f"{path} holds both {single} and {index} (save_pretrained run twice into one dir?): "
+                           f"transformers would load {single} and ignore the index; delete the stale one "
+                           f"({single}, or {index} with the shards it lists)")
+        if one.is_file() or idx.is_file():
+            return one if one.is_file() else idx
+    return None
+
+
 def check_weights(path: Path, gguf_file: str | None = None) -> None:
+    if gguf_file is None:
+        weights_entry(path)  # refuses a dir with two weight sets before anything is loaded or written
     check_weight_files(path)
     if gguf_file is None and not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise BadInput(f"{path}: no weight files (*.safetensors)")

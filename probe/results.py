@@ -25,7 +25,7 @@ OUTPUT_FILES = ("heads.csv", "baseline.json", "items.parquet", "run.json", "heat
 METRICS = ("accuracy", "prob_accuracy", "kl")
 
 
-def _file_mode() -> int:
+def file_mode() -> int:
     """The mode ``open()`` gives a new file (0o666 less the umask); mkstemp's 0o600 is for secrets, not results."""
     try:  # Linux reports the umask without changing it (no window in which another thread sees umask 0)
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -36,6 +36,24 @@ def _file_mode() -> int:
     mask = os.umask(0o22)
     os.umask(mask)
     return 0o666 & ~mask
+
+
+def copy_file(src: Path, dst: Path) -> None:
+    """Copy ``src``'s bytes (and mtime) to ``dst`` with the mode a new file gets: ``shutil.copy2`` would carry a
+    read-only source's -r--r--r-- (a hub cache, a shared model dir) into every output made from it."""
+    shutil.copyfile(src, dst)
+    os.chmod(dst, file_mode())
+    st = os.stat(src)
+    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def set_file_modes(root: Path) -> None:
+    """Give every file under ``root`` the mode a new file gets: transformers' ``save_pretrained`` writes its
+    weights 0o600, unreadable by the other users a result dir is shared with."""
+    mode = file_mode()
+    for f in Path(root).rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            os.chmod(f, mode)
 
 
 # Temp files beside a result: ".NAME.PID.RANDOM.tmp", so one left by a killed process can be told from a live one's.
@@ -64,7 +82,7 @@ def atomic_write_with(path: Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, _file_mode())
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -310,6 +310,8 @@ def build_tiny(family: str, out_dir: Path, spec: TinySpec | None = None) -> Path
 
 def save_model_dir(model, tok, image_processor, out_dir: Path) -> Path:
     """Write an ordinary HF model dir: greedy generation config, weights, tokenizer, image-processor config."""
+    from probe.results import set_file_modes
+
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.do_sample = False
@@ -318,6 +320,7 @@ def save_model_dir(model, tok, image_processor, out_dir: Path) -> Path:
     tok.save_pretrained(out_dir)
     if image_processor is not None:
         image_processor.save_pretrained(out_dir)
+    set_file_modes(out_dir)  # save_pretrained writes the weights 0o600
     return out_dir
 
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from analyses import merge, shift, tiny
 from analyses.checkpoints import open_checkpoint
-from probe.errors import cli_main
+from probe.errors import BadInput, cli_main
 
 
 @pytest.fixture(scope="module")
@@ -193,3 +193,73 @@ def test_merge_numbers_must_be_finite_and_in_range(zoo, tmp_path, capsys, args, 
     code, err = run_cli(merge.main, ["--base", zoo["base"], "--models", zoo["vl"], zoo["q1"], *args, "--out", out],
                         capsys)
     assert_bad(code, err, out, needle)
+
+
+def resaved(tmp: Path, name: str, first: dict, second: dict) -> tuple[Path, dict, dict]:
+    """save_pretrained run twice into one dir, as a training script that saves twice does: the first save's
+    weights, then perturbed ones; returns the dir and both state dicts."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    m = Qwen2ForCausalLM(Qwen2Config(**tiny.text_kwargs()))
+    d = tmp / name
+    m.save_pretrained(d, **first)
+    old = {k: v.clone() for k, v in m.state_dict().items()}
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05)
+    m.save_pretrained(d, **second)
+    return d, old, {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def test_single_file_and_index_in_one_dir_is_bad_input_everywhere(zoo, tmp_path, capsys):
+    """transformers loads model.safetensors and ignores model.safetensors.index.json; the analyses followed the
+    index, so shift and merge measured and merged weights probe.eval never ran (or, with the shards deleted,
+    refused a loadable model). Both orders are refused by the analyses and the probe alike, nothing written."""
+    from probe.models import resolve_model
+
+    a, _, _ = resaved(tmp_path, "single_then_sharded", {}, {"max_shard_size": "20KB"})
+    b, _, _ = resaved(tmp_path, "sharded_then_single", {"max_shard_size": "20KB"}, {})
+    for d in (a, b):
+        assert (d / "model.safetensors").is_file() and (d / "model.safetensors.index.json").is_file()
+        needles = (str(d), "model.safetensors and model.safetensors.index.json",
+                   "transformers would load model.safetensors", "delete the stale one")
+        out = tmp_path / "o"
+        for main, argv in ((shift.main, ["--base", zoo["base"], "--models", d, "--no-figures"]),
+                           (merge.main, ["--base", zoo["base"], "--models", d, zoo["q1"], "--method", "shift"]),
+                           (merge.main, ["--models", zoo["base"], zoo["q1"], "--method", "average",
+                                         "--carrier", d])):
+            code, err = run_cli(main, [*argv, "--out", out], capsys)
+            assert_bad(code, err, out, *needles)
+        with pytest.raises(BadInput) as exc:  # what probe.eval / probe.heads / analyses.finetune resolve with
+            resolve_model(str(d))
+        assert all(n in str(exc.value) for n in needles) and "\n" not in str(exc.value)
+
+
+def test_weights_entry_is_what_transformers_loads(tiny_dirs, tmp_path):
+    """The rule leaves every ordinary layout alone: shipped organisms, tiny builds, a sharded dir, a .bin dir, and
+    a Hugging Face cache snapshot (files are symlinks into blobs/)."""
+    from probe.models import model_path, weights_entry
+
+    for alias in ("organism-base", "organism-vl", "organism-ov-si", "organism-video"):
+        assert weights_entry(model_path(alias)) == model_path(alias) / "model.safetensors"
+    for d in tiny_dirs.values():
+        assert weights_entry(d).name == "model.safetensors"
+    single, old, new = resaved(tmp_path, "one", {}, {})  # the same layout twice: transformers replaces the file
+    assert weights_entry(single).name == "model.safetensors"
+    with open_checkpoint(str(single)) as ck:
+        assert torch.equal(ck.view(ck.lm_info("norm.weight")), new["model.norm.weight"])
+    sharded, _, _ = resaved(tmp_path, "two", {"max_shard_size": "20KB"}, {"max_shard_size": "20KB"})
+    assert weights_entry(sharded).name == "model.safetensors.index.json"
+    snap = tmp_path / "hub" / "snapshots" / "abc123"
+    blobs = tmp_path / "hub" / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for f in sharded.iterdir():
+        (blobs / f"sha-{f.name}").write_bytes(f.read_bytes())
+        (snap / f.name).symlink_to(Path("../../blobs") / f"sha-{f.name}")
+    assert weights_entry(snap).name == "model.safetensors.index.json"
+    with open_checkpoint(str(snap)) as ck, open_checkpoint(str(sharded)) as ref:
+        assert ck.lm == ref.lm
+    (tmp_path / "empty").mkdir()
+    assert weights_entry(tmp_path / "empty") is None

@@ -277,3 +277,88 @@ def test_peak_rss_within_bound(tmp_path):
     total = sum(f.stat().st_size for d in dirs for f in d.glob("*.safetensors"))
     assert after <= 1e9 + (k + 2) * largest
     assert after - before <= (k + 2) * largest < total  # the bound is below "load every model"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_outputs_of_read_only_inputs_get_a_new_files_mode(zoo, tmp_path, umask):
+    """A read-only model dir (a shared or hub-cached copy) gave its -r--r--r-- to every side file copied into the
+    merge and its carriers (shutil.copy2); every output file has 0666 less the umask, and the bytes are the source's."""
+    import os
+
+    ro = {}
+    for name in ("base", "vl", "ov"):
+        ro[name] = shutil.copytree(zoo[name], tmp_path / f"ro-{name}")
+        for f in ro[name].iterdir():
+            f.chmod(0o444)
+    out = tmp_path / "m"
+    old = os.umask(umask)
+    try:
+        assert run(merge.main, "--base", ro["base"], "--models", ro["vl"], ro["ov"], "--carrier", ro["vl"], ro["ov"],
+                   "--out", out) == 0
+    finally:
+        os.umask(old)
+    modes = {str(f.relative_to(out)): f.stat().st_mode & 0o777 for f in out.rglob("*") if f.is_file()}
+    assert {"generation_config.json", "carriers/ro-vl/config.json", "carriers/ro-ov/generation_config.json"} <= set(modes)
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask)
+    for f in ("generation_config.json", "carriers/ro-ov/config.json"):
+        src = ro["base"] if "/" not in f else ro["ov"]
+        assert (out / f).read_bytes() == (src / Path(f).name).read_bytes()
+
+
+def test_tied_base_and_untied_expert_head_compared_and_merged(zoo, tmp_path):
+    """A tied base (no lm_head on disk) with an untied expert: the expert's head was left out of shift.csv and the
+    merge wrote a tied LM without it. Now lm_head is planned, the tied participant's head is its embedding, and
+    the merged LM (and a tied carrier) carry their own lm_head with tie_word_embeddings false, so from_pretrained
+    runs the merged head rather than re-tying it to the embedding."""
+    import transformers as tf
+
+    base = tiny.base_lm(0)
+    base_t = tiny.write_model("qwen2", tmp_path / "base_tied", base, tie_word_embeddings=True)
+    vl_t = tiny.write_model("qwen2_vl", tmp_path / "vl_tied", tiny.perturb(base, 0.01, 5), tie_word_embeddings=True)
+    ov_t = tiny.write_model("llava_onevision", tmp_path / "ov_tied", tiny.perturb(base, 0.01, 6),
+                            tie_word_embeddings=True)
+    for d in (base_t, vl_t, ov_t):
+        with open_checkpoint(str(d)) as ck:
+            assert ck.tied
+    b, vl, vlt = (load_file(d / "model.safetensors") for d in (base_t, zoo["vl"], vl_t))
+    E = "model.embed_tokens.weight"
+    head = b[E].double(), vl["lm_head.weight"].double()  # the base's effective head, the expert's own
+
+    assert run(shift.main, "--base", base_t, "--models", zoo["vl"], vl_t, "--out", tmp_path / "s",
+               "--no-figures") == 0
+    rows = {(r["model"], r["tensor"]): r for r in csv.DictReader(open(tmp_path / "s" / "shift.csv"))}
+    got = rows[(str(zoo["vl"]), "lm_head.weight")]
+    assert float(got["delta_avg"]) == pytest.approx(float((head[0] - head[1]).abs().mean()), rel=1e-6)
+    assert float(got["delta_max"]) == pytest.approx(float((head[0] - head[1]).abs().max()), rel=1e-6)
+    assert (str(vl_t), "lm_head.weight") not in rows  # both tied: the embed_tokens row says it
+    assert float(rows[(str(vl_t), "embed_tokens.weight")]["delta_avg"]) == pytest.approx(
+        float((b[E].double() - vlt[E].double()).abs().mean()), rel=1e-6)
+
+    out = tmp_path / "m"
+    assert run(merge.main, "--models", base_t, zoo["vl"], "--method", "average", "--carrier", vl_t, ov_t,
+               "--out", out) == 0
+    want = ((head[0] + head[1]) / 2).float()  # Eq. 1 on [base embed, expert lm_head]
+    merged = merged_lm(out)
+    torch.testing.assert_close(merged["lm_head.weight"], want)
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    lm = tf.AutoModelForCausalLM.from_pretrained(out, **NO_HUB_KERNELS)
+    torch.testing.assert_close(lm.lm_head.weight, want)
+    assert not torch.equal(lm.lm_head.weight, lm.model.embed_tokens.weight)
+    rep = json.loads((out / "merge.json").read_text())
+    assert rep["lm_head"]["tied"] == [str(base_t)] and rep["tie_word_embeddings"] is False
+    for name, cls in (("vl_tied", tf.Qwen2VLForConditionalGeneration),
+                      ("ov_tied", tf.LlavaOnevisionForConditionalGeneration)):
+        dest = out / "carriers" / name
+        cfg = json.loads((dest / "config.json").read_text())
+        assert cfg["tie_word_embeddings"] is False and cfg["text_config"]["tie_word_embeddings"] is False
+        with open_checkpoint(str(dest)) as ck:
+            assert not ck.tied and torch.equal(ck.view(ck.lm_info("lm_head.weight")), merged["lm_head.weight"])
+        model = cls.from_pretrained(dest, **NO_HUB_KERNELS)
+        torch.testing.assert_close(model.lm_head.weight, want)
+
+    # Eq. 4 from a saved shift run (no lm_head row for the tied pair) equals Eq. 4 computed on the fly
+    for sub, extra in (("a", []), ("b", ["--shift", tmp_path / "s"])):
+        assert run(merge.main, "--base", base_t, "--models", zoo["vl"], vl_t, "--method", "shift", *extra,
+                   "--out", tmp_path / f"e4{sub}") == 0
+    ea, eb = (load_file(tmp_path / f"e4{s}" / "model.safetensors") for s in "ab")
+    assert ea.keys() == eb.keys() and "lm_head.weight" in ea and all(torch.equal(ea[k], eb[k]) for k in ea)

@@ -433,3 +433,34 @@ def test_overwrite_replaces_only_the_run_and_never_an_input(ft_run, tiny_dirs, d
     assert cli_main(main, [*inside, "--overwrite"]) == 2
     assert "--overwrite would delete it" in capfd.readouterr().err
     assert (out / "checkpoint-4" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_checkpoint_files_get_a_new_files_mode_and_no_second_weight_set(tiny_dirs, load_tiny, tmp_path, umask):
+    """save_pretrained writes model.safetensors 0o600 and the side files were copied with a read-only source's
+    mode; both get 0666 less the umask. A sharded source's model.safetensors.index.json is not copied beside the
+    single model.safetensors the checkpoint holds (a second weight set, refused by every command)."""
+    import os
+    import shutil
+
+    from analyses.finetune import save_checkpoint
+    from probe.models import resolve_model, weights_entry
+
+    loaded = load_tiny("qwen2")
+    source = shutil.copytree(tiny_dirs["qwen2"], tmp_path / "src")
+    loaded.model.save_pretrained(source, max_shard_size="100KB")  # the source sharded, with its index
+    (source / "model.safetensors").unlink()
+    assert (source / "model.safetensors.index.json").is_file()
+    for f in source.iterdir():
+        f.chmod(0o444)
+    dest = tmp_path / "checkpoint-0"
+    old = os.umask(umask)
+    try:
+        save_checkpoint(loaded, source, dest, {"step": 0})
+    finally:
+        os.umask(old)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in dest.iterdir()}
+    assert {"model.safetensors", "tokenizer.json", "trainer_state.pt"} <= set(modes)
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask)
+    assert weights_entry(dest) == dest / "model.safetensors" and not (dest / "model.safetensors.index.json").exists()
+    assert resolve_model(str(dest)).geometry == loaded.geometry
