@@ -205,6 +205,8 @@ def check_numbers(cfg: FinetuneConfig) -> None:
     bad = [s for s in cfg.save_steps if not 0 <= s <= cfg.steps]
     if bad:
         raise BadInput(f"--save-steps {bad}: outside 0..{cfg.steps}")
+    if cfg.warmup >= cfg.steps:  # the rate would never reach its peak, nor decay
+        raise BadInput(f"--warmup {cfg.warmup} must be below --steps {cfg.steps} (0: no warm-up)")
 
 
 def finish(out: Path, run_info: dict[str, Any], status: str, **extra: str) -> None:
@@ -372,7 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-4, help="learning rate outside the LM (vision tower, projector)")
     p.add_argument("--lm-lr", type=float, default=1e-4, help="learning rate of the LM")
     p.add_argument("--batch-size", type=int, default=16, help="rows per step")
-    p.add_argument("--warmup", type=int, default=10, help="linear warm-up steps to the peak rate (then a cosine down to 5 %% of it at the last step)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="linear warm-up steps to the peak rate, then a cosine down to 5 %% of it at the last step; "
+                   "must be below --steps (default: 10, or --steps - 1 for shorter runs)")
     p.add_argument("--seed", type=int, default=0, help="seed of sampling, adapters and the optimiser's run")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--lora", type=int, default=None, metavar="R",
@@ -394,7 +398,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = parse_data(a.data)
     run_finetune(FinetuneConfig(model=a.model, data=data, out=a.out, steps=a.steps, mix=parse_mix(a.mix, list(data)),
                                 save_steps=a.save_steps, split=a.split, limit=a.limit, lr=a.lr, lm_lr=a.lm_lr,
-                                batch=a.batch_size, warmup=a.warmup, seed=a.seed, device=a.device, dtype=a.dtype,
+                                batch=a.batch_size, warmup=a.warmup if a.warmup is not None else min(10, max(0, a.steps - 1)),
+                                seed=a.seed, device=a.device, dtype=a.dtype,
                                 lora=a.lora, quiet=a.quiet, overwrite=a.overwrite))
     return 0
 

@@ -275,8 +275,9 @@ def check_values(cfg: ReplicateConfig) -> None:
             raise BadInput(f"config key {key!r}: must be ≥ 0 (0 freezes its part), got {v}")
     if ft.lr == 0 and ft.lm_lr == 0:
         raise BadInput("config key 'finetune.lm_lr': finetune.lr and finetune.lm_lr are both 0, nothing would train")
-    if ft.warmup < 0:
-        raise BadInput(f"config key 'finetune.warmup': must be ≥ 0 (0: no warm-up), got {ft.warmup}")
+    if not 0 <= ft.warmup < ft.steps:
+        raise BadInput(f"config key 'finetune.warmup': must be ≥ 0 (0: no warm-up) and below finetune.steps "
+                       f"({ft.steps}), got {ft.warmup}")
     if ft.carrier not in m.experts:
         raise BadInput(f"config key 'finetune.carrier': {ft.carrier!r} is not one of models.experts")
     if not ft.runs:

@@ -2,6 +2,7 @@
 (``python -m figures eval DIR``)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,13 @@ def read_scores(result_dir: Path) -> pd.DataFrame:
     if (twice := scores.duplicated(["model", "data", "subject"])).any():
         raise BadInput(f"{csv}: line {int(twice.to_numpy().argmax()) + 2} repeats a model, data set and subject")
     return scores
+
+
+def set_size(row: pd.Series) -> int:
+    """The items of the row's data set: n_items, or the total its note gives when the model could read only some
+    ("32 of 40 items not applicable: …", probe.eval)."""
+    m = re.match(r"(\d+) of (\d+) items", str(row.get("note", "")))
+    return int(m.group(2)) if m else int(row["n_items"])
 
 
 def short_label(model: str, width: int = 40) -> str:
@@ -52,18 +60,19 @@ def draw_eval(result_dir: Path) -> list[Path]:
     y = np.arange(len(models))[::-1]
     for ax, ds in zip(axes[0], datasets):
         rows = top[top["data"] == ds].set_index("model").reindex(models)
-        n = int(rows["n_items"].max())
+        totals = [set_size(r) for _, r in rows.iterrows()]
+        n = max(totals)
         for k, (name, r) in enumerate(rows.iterrows()):
             if r["n_items"] == 0:
                 ax.text(50, y[k], "n/a (modality)", ha="center", va="center", fontsize=8, color="0.5")
                 continue
             v, lo, hi = r[metric], r[f"{metric}_lo"], r[f"{metric}_hi"]
-            part = r["n_items"] < n  # a model scored on the items it can read: hollow, with its count
+            part = r["n_items"] < totals[k]  # scored on the items it can read: hollow, with its count
             ax.errorbar(100 * v, y[k], xerr=[[100 * (v - lo)], [100 * (hi - v)]], fmt="o", ms=4, capsize=3,
                         color=colours[k], mfc="white" if part else colours[k])
             if part:
-                ax.annotate(f"{int(r['n_items'])} of {n}", (100 * v, y[k]), xytext=(0, 5), textcoords="offset points",
-                            ha="center", fontsize=6, color="0.35")
+                ax.annotate(f"{int(r['n_items'])} of {totals[k]}", (100 * v, y[k]), xytext=(0, 5),
+                            textcoords="offset points", ha="center", fontsize=6, color="0.35")
         ax.set_title(f"{ds} (n={n})", fontsize=9)
         ax.set_xlim(-2, 102)
         ax.set_ylim(-0.6, len(models) - 0.4)

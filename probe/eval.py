@@ -111,7 +111,8 @@ def make_plan(args: argparse.Namespace):
     specs = list(args.models)
     if args.reference is not None and args.reference not in specs:
         specs.insert(0, args.reference)
-    for group, what in ((specs, "model"), (args.data, "data set")):
+    same = [s if s.lower() == "mmmu" else str(Path(s).expanduser().resolve()) for s in args.data]  # text, ./text
+    for group, what in ((specs, "model"), (same, "data set")):
         dup = sorted({s for s in group if group.count(s) > 1})
         if dup:
             raise BadInput(f"{what} {dup[0]!r} given twice")

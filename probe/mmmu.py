@@ -54,8 +54,8 @@ def _decode(data: bytes, max_side: int | None) -> Image.Image:
 @dataclass(frozen=True)
 class Item:
     """One multiple-choice item. ``images`` are the referenced ones (``<image k>`` in the question or options)
-    in number order, so the k-th image shown is the one the text calls ``<image k>`` (lmms-eval's order; MMMU's
-    own items reference them in that order anyway). An image column the text never references is not shown."""
+    in the order of their numbers, whatever order the text names them in (lmms-eval's order; MMMU's own items
+    reference them in that order anyway). An image column the text never references is not shown."""
 
     id: str
     subject: str
@@ -191,6 +191,9 @@ def _make_item(row: dict[str, Any], subject: str, where: str) -> Item:
             raise BadInput(f"{where}: references <video>, but the 'video' column is missing or empty")
         frames = tuple(_image_bytes(f, where, f"video frame {i}") for i, f in enumerate(video))
     filled = _filled_images(row)
+    if filled and frames and not referenced:
+        raise BadInput(f"{where}: a video item also fills image_{filled[0]}, which would not be shown (one modality "
+                       "per item); empty that column")
     if filled and not referenced:  # data in another convention (untagged, LLaVA's bare <image>) would run blind
         raise BadInput(f"{where}: image_{filled[0]} is filled but the question and options reference no "
                        f"<image k>; only referenced images are shown, so tag each image where it belongs "

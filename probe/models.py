@@ -383,9 +383,9 @@ def build_processor(ref: ModelRef, tokenizer: Any) -> Any:
 
     try:
         image_processor = transformers.AutoImageProcessor.from_pretrained(ref.path)
-    except OSError:
-        raise BadInput(f"{ref.path}: no image processor config (preprocessor_config.json), which a "
-                       f"{ref.family.name} model needs to read images") from None
+    except (OSError, ValueError):
+        raise BadInput(f"{ref.path}: cannot load its image processor config (preprocessor_config.json missing or "
+                       f"unreadable), which a {ref.family.name} model needs") from None
     proc_cls = _processor_without_video(getattr(transformers, ref.family.processor_class))
     kwargs = processor_kwargs(ref.family, ref.config)
     saved = ref.path / "processor_config.json"

@@ -121,15 +121,13 @@ def check_item_text(items: Sequence[ItemLike], specials: Sequence[str], model: s
 
 def check_prompts(ref: Any, items: Sequence[ItemLike]) -> None:
     """Before any weight loads, for a model whose files are on disk (a hub alias still to download is checked as
-    its items are built, by build_inputs): its tokenizer loads and is not empty, its processor loads when items
-    have images, and no item's text holds one of its special tokens (check_item_text)."""
+    its items are built, by build_inputs): its tokenizer and (multimodal families) processor load as load_model
+    will load them, the tokenizer is not empty, and no item's text holds one of its special tokens."""
     if ref.hub_repo is not None or not items:
         return
-    from probe.models import load_processors, load_tokenizer
+    from probe.models import load_processors
 
-    visual = ref.family.processor_class is not None and any(i.images for i in items)
-    tokenizer = load_processors(ref)[0] if visual else load_tokenizer(ref)
-    check_item_text(items, special_tokens(tokenizer), ref.spec)
+    check_item_text(items, special_tokens(load_processors(ref)[0]), ref.spec)
 
 
 def build_inputs(

@@ -261,5 +261,9 @@ def test_weights_entry_is_what_transformers_loads(tiny_dirs, tmp_path):
     assert weights_entry(snap).name == "model.safetensors.index.json"
     with open_checkpoint(str(snap)) as ck, open_checkpoint(str(sharded)) as ref:
         assert ck.lm == ref.lm
+    binary = tmp_path / "bin"
+    binary.mkdir()
+    torch.save(new, binary / "pytorch_model.bin")
+    assert weights_entry(binary).name == "pytorch_model.bin"
     (tmp_path / "empty").mkdir()
     assert weights_entry(tmp_path / "empty") is None

@@ -401,6 +401,10 @@ def test_a_text_model_is_scored_on_the_text_items_of_a_mixed_set(odd_sets, tmp_p
     assert whole["diff_accuracy"] == pytest.approx((mine - ref.loc[mine.index]).mean())  # paired on its 3 items
     assert scores.loc[("tiny-qwen2-vl", "all")]["n_items"] == 5 and pd.isna(scores.loc[("tiny-qwen2-vl", "all")]["note"])
     assert "- tiny-qwen2 on mixed: scored on 3 items; 2 of 5 items not applicable" in (out / "table.md").read_text()
+    from figures.eval import read_scores, set_size  # the figure draws it hollow, "3 of 5", from scores.csv alone
+
+    top = read_scores(out).query("subject == 'all'").set_index("model")
+    assert set_size(top.loc["tiny-qwen2"]) == 5 and top.loc["tiny-qwen2", "n_items"] == 3
 
 
 def test_subjects_over_several_sets_take_each_sets_own(odd_sets, text_dir, tmp_path, capfd):
@@ -446,7 +450,9 @@ def test_text_holding_a_special_token_is_refused_before_anything_is_written(odd_
 @pytest.mark.parametrize("family, remove, data, want", [
     ("qwen2", ("tokenizer.json", "tokenizer_config.json"), "text", "no tokenizer files"),
     ("qwen2_vl", ("tokenizer.json", "tokenizer_config.json"), "image", "no tokenizer files"),
-    ("qwen2_vl", ("preprocessor_config.json",), "image", "no image processor config (preprocessor_config.json)"),
+    ("qwen2_vl", ("preprocessor_config.json",), "image", "cannot load its image processor config"),
+    # text items need no processor, but loading the model builds it: refused before the first model runs
+    ("qwen2_vl", ("preprocessor_config.json",), "text", "cannot load its image processor config"),
 ])
 def test_a_model_dir_missing_its_tokenizer_or_processor_is_bad_input(family, remove, data, want, tiny_dirs, text_dir,
                                                                        data_dir, tmp_path, capfd):
@@ -459,7 +465,8 @@ def test_a_model_dir_missing_its_tokenizer_or_processor_is_bad_input(family, rem
     for name in remove:
         (model / name).unlink()
     out = tmp_path / "out"
-    assert _eval("--models", model, "--data", text_dir if data == "text" else data_dir, "--quiet", "--out", out) == 2
+    assert _eval("--models", "tiny-qwen2", model, "--data", text_dir if data == "text" else data_dir, "--quiet",
+                 "--out", out) == 2
     err = capfd.readouterr().err.strip()
     assert err.startswith("error: ") and want in err and "\n" not in err, err
     assert not out.exists()

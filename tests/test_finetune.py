@@ -267,6 +267,7 @@ BAD_NUMBERS = {  # each once exited 0 with NaN or gradient-ascent checkpoints, o
     "both rates 0": ["--lr", "0", "--lm-lr", "0"],
     "LM frozen on a text-only model": ["--lm-lr", "0"],  # all of it is LM: nothing would train
     "warmup negative": ["--warmup", "-3"],
+    "warmup as long as the run": ["--warmup", "2"],  # the rate would never reach its peak, nor decay
     "seed negative": ["--seed", "-1"],
     "limit 0": ["--limit", "0"],
     "mix nan": ["--mix", "nan"],

@@ -86,6 +86,14 @@ def test_an_item_with_images_and_video_is_refused_while_loading(tmp_path):
         load_mmmu(tmp_path)
 
 
+def test_a_video_item_that_also_fills_an_image_column_says_to_empty_it(tmp_path):
+    """Telling it to tag the image would only lead to the images-and-video refusal."""
+    video = [{"bytes": RED, "path": None}] * 2
+    write_video_rows(tmp_path, [row(1, question="<video> What happens?", video=video)])  # row() fills image_1
+    with pytest.raises(BadInput, match="a video item also fills image_1, which would not be shown .* empty that"):
+        load_mmmu(tmp_path)
+
+
 def test_open_items_are_counted_up_to_the_limit(tmp_path):
     """n_skipped_open counts the open items the --limit cut reaches, not those of subjects it never read."""
     open_row = {"question_type": "open", "options": "[]"}
