@@ -485,8 +485,13 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
 
 def carrier_name(spec: str, path: Path | None = None) -> str:
     """The name a model gets under ``DIR/carriers/``: a checkpoint directory's own name (``path``, where it was
-    resolved, else the spec's last component), an alias as written. ``analyses.replicate`` finds carriers by it."""
-    return (path or Path(spec)).name if Path(spec).is_dir() else spec
+    resolved, else the spec's last component), an alias as written. ``analyses.replicate`` finds carriers by it.
+    A Hugging Face cache snapshot (``models--Org--Name/snapshots/<commit>``) is named after the model, not the commit."""
+    if not Path(spec).is_dir():
+        return spec
+    d = path or Path(spec)
+    hub = d.parent.parent.name if d.parent.name == "snapshots" else ""
+    return hub.split("--")[-1] if hub.startswith("models--") else d.name
 
 
 def unique_name(name: str, used: set[str]) -> str:

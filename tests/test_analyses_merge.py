@@ -362,3 +362,15 @@ def test_tied_base_and_untied_expert_head_compared_and_merged(zoo, tmp_path):
                    "--out", tmp_path / f"e4{sub}") == 0
     ea, eb = (load_file(tmp_path / f"e4{s}" / "model.safetensors") for s in "ab")
     assert ea.keys() == eb.keys() and "lm_head.weight" in ea and all(torch.equal(ea[k], eb[k]) for k in ea)
+
+
+def test_a_carrier_from_the_hub_cache_is_named_after_its_model(tmp_path):
+    """Carriers given as cache snapshots were named after the commit hash (carriers/0123…, carriers/0123…-2)."""
+    from analyses.merge import carrier_name
+
+    snap = tmp_path / "models--Qwen--Qwen2-VL-7B-Instruct" / "snapshots" / "0123abcd"
+    snap.mkdir(parents=True)
+    assert carrier_name(str(snap)) == "Qwen2-VL-7B-Instruct"
+    plain = tmp_path / "my-carrier"
+    plain.mkdir()
+    assert carrier_name(str(plain)) == "my-carrier" and carrier_name("organism-vl") == "organism-vl"
