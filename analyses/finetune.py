@@ -224,7 +224,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     from probe.mmmu import load_items
     from probe.models import load_model, model_fingerprint, resolve_model
     from probe.prompting import check_modalities, check_prompts
-    from probe.results import atomic_write_json, atomic_write_with, different_run
+    from probe.results import atomic_write_json, atomic_write_with, claim_out_dir, different_run, has_contents
     from probe.train import TrainConfig, anything_trains, check_finite_weights, encode, is_main_process
     from probe.train import train as train_loop
     from probe.train import wait_for_everyone
@@ -259,7 +259,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
                                        "model_fingerprint": model_fingerprint(ref), "schedule": tcfg.schedule,
                                        "weights": "float32"}
     out = cfg.out
-    if out.exists() and any(out.iterdir()):
+    if has_contents(out):
         try:
             previous = json.loads((out / "run.json").read_text())["config"]
         except (OSError, json.JSONDecodeError, KeyError):
@@ -309,6 +309,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
             keep = [r for r in csv.DictReader(f) if int(r["step"]) <= start]
     saves = set(cfg.save_steps) | {cfg.steps}
     if writer:
+        claim_out_dir(out, json.loads(json.dumps(fingerprint)), lambda saved: saved.get("config"))
         atomic_write_json(out / "run.json", run_info)
         def write_log(tmp: str) -> None:  # the kept lines, swapped in whole: a kill here loses none of them
             with open(tmp, "w", newline="") as f:

@@ -186,7 +186,7 @@ def evaluate_pair(loaded, model_name: str, ds: DataSet, items, cfg, batch_size: 
 def run(args: argparse.Namespace) -> Path:
     import pandas as pd
 
-    from probe.results import atomic_write_json, atomic_write_parquet, prepare_out_dir, read_part
+    from probe.results import atomic_write_json, atomic_write_parquet, claim_out_dir, prepare_out_dir, read_part
 
     from probe.models import preflight
 
@@ -221,6 +221,7 @@ def run(args: argparse.Namespace) -> Path:
                                 attn_implementation=args.attn_implementation, devices=placement.all_devices,
                                 device_memory=placement.device_memory)
             if not (out / "run.json").is_file():  # only once a model loaded: failures leave no directory
+                claim_out_dir(out, plan.fingerprint())
                 atomic_write_json(out / "run.json", run_info)
             for d in [d for mm, d in todo if mm == m]:
                 ds = plan.data[d]

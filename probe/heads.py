@@ -217,7 +217,8 @@ def versions() -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> Path:
-    from probe.results import (atomic_write_json, part_path, prepare_out_dir, read_part, read_parts, write_outputs)
+    from probe.results import (atomic_write_json, claim_out_dir, part_path, prepare_out_dir, read_part, read_parts,
+                               write_outputs)
 
     plan, ref, items, template, placement = make_plan(args)
     out: Path = args.out
@@ -248,6 +249,7 @@ def run(args: argparse.Namespace) -> Path:
         loaded = load_model(ref, dtype=placement.dtype, device=device, attn_implementation=args.attn_implementation,
                             devices=placement.all_devices, device_memory=placement.device_memory)
         if not (out / "run.json").is_file():  # only once the model loaded: failures leave no directory
+            claim_out_dir(out, plan.fingerprint())
             atomic_write_json(out / "run.json", run_info)
         cfg = SweepConfig(template=template, generate=not args.no_generate, max_new_tokens=args.max_new_tokens,
                           image_max_side=args.image_max_side, batch_size=args.batch_size)

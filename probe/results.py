@@ -128,7 +128,7 @@ def prepare_out_dir(out: Path, fingerprint: str, overwrite: bool, owned: Iterabl
     check_out_path(out)
     for d in (out, out / "parts"):  # what killed writers left (live ranks of a torchrun keep theirs)
         remove_stale_temps(d)
-    if not out.exists() or not any(out.iterdir()):
+    if not has_contents(out):
         return False
     if overwrite:
         clear_run_dir(out, owned)
@@ -153,6 +153,46 @@ def distinct_names(paths: Sequence[str]) -> list[str]:
         if len(set(names)) == len(names):
             return names
     return [str(p) for p in paths]
+
+
+LOCK = ".lock"
+_CLAIMED: dict[str, int] = {}  # out dirs this process holds (a resume in the same process keeps its claim)
+
+
+def has_contents(out: Path) -> bool:
+    """Whether ``out`` holds anything but the lock file of a run that ended or was killed before writing."""
+    return out.is_dir() and any(p.name != LOCK for p in out.iterdir())
+
+
+def claim_out_dir(out: Path, fingerprint: Any, saved_fingerprint: Callable[[dict], Any] = lambda d: d.get("fingerprint")
+                  ) -> None:
+    """Hold ``out`` from this run's first write to its exit: an flock on ``DIR/.lock``, which the kernel frees however
+    the process ends. Two different runs started into one --out at once both passed the check of the saved run.json
+    before either wrote one, and then mixed their parts. Ranks of one torchrun job share the dir and take no lock.
+    Called before run.json is written; refuses a run.json another run wrote since this one's check."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    key = str(out.resolve())
+    if key not in _CLAIMED and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        fd = os.open(out / LOCK, os.O_CREAT | os.O_RDWR, file_mode())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise BadInput(f"--out {out} is in use by another running command; wait for it to end or use another "
+                           "--out") from None
+        except OSError:  # a file system without locks (some NFS mounts): run unlocked, as before
+            os.close(fd)
+            fd = -1
+        _CLAIMED[key] = fd
+    try:
+        saved = json.loads((out / "run.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    if isinstance(saved, dict) and saved_fingerprint(saved) != fingerprint:
+        raise BadInput(f"--out {out} now holds a different run, started while this one was preparing; use another "
+                       "--out")
 
 
 def different_run(out: Path, saved: Any, plan: dict[str, Any] | None) -> BadInput:

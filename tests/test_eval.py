@@ -506,3 +506,24 @@ def test_eval_figure_fits_long_model_paths(eval_run, tmp_path):
         draw_eval(copy)
     assert short_label(long) == "…" + long[-39:] and len(short_label(long)) == 40
     assert short_label("tiny-qwen2") == "tiny-qwen2"
+
+
+def test_an_out_dir_in_use_by_another_command_is_refused(text_dir, tiny_dirs, tmp_path, capfd):
+    """Two different runs started into one --out at once both passed the saved-run check before either wrote run.json,
+    then mixed their parts. The first to write holds DIR/.lock until it exits; here another process holds it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               f"fd = os.open({str(out / '.lock')!r}, os.O_CREAT | os.O_RDWR)\n"
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert _eval("--models", "tiny-qwen2", "--data", text_dir, "--no-generate", "--quiet", "--out", out) == 2
+        err = capfd.readouterr().err.strip().splitlines()[-1]
+        assert err == f"error: --out {out} is in use by another running command; wait for it to end or use another --out"
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing of the refused run
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _eval("--models", "tiny-qwen2", "--data", text_dir, "--no-generate", "--quiet", "--out", out) == 0
