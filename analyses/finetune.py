@@ -10,9 +10,9 @@ probability ∝ ``--mix`` and then an item of it. Writes ``DIR/checkpoint-<step>
 the start) with the optimiser and sampler state beside the weights, ``train_log.csv`` (step, modality, loss,
 lr and lm_lr as they were at that step, tokens) and ``run.json``. ``--dtype bfloat16`` (the default on a GPU) is
 mixed precision: float32 weights, optimiser and checkpoints, the forward in bfloat16. The same command after a
-kill continues from the last checkpoint and ends with the same numbers. Items of a modality the model cannot read, and rates, warm-up or seed out of range, are bad
-input, before anything is written; a run whose loss or weights stop being finite stops with exit 2 before it
-writes a checkpoint of them, and run.json says "failed".
+kill continues from the last checkpoint and ends with the same numbers. Items of a modality the model cannot
+read, and rates, warm-up or seed out of range, are bad input, before anything is written; a run whose loss or
+weights stop being finite stops with exit 2 before it writes a checkpoint of them, and run.json says "failed".
 """
 from __future__ import annotations
 
@@ -33,6 +33,9 @@ from probe.errors import ArgParser, BadInput, check_out_path, cli_main
 
 LOG_COLUMNS = ["step", "modality", "loss", "lr", "lm_lr", "tokens"]  # lr: --lr's rate now (tower, projector)
 STATE = "trainer_state.pt"
+# what the loop does with the settings, part of a run's identity here and in analyses.replicate's fine-tuning stage:
+# runs made before the schedule fix (warm-up × cosine) or on bfloat16 weights are other runs
+LOOP_IDENTITY = {"schedule": "cosine", "weights": "float32"}
 
 
 @dataclass
@@ -238,7 +241,8 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     # half precision is mixed precision: float32 weights and updates, the forward under autocast (probe.train)
     tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, lm_lr=cfg.lm_lr, batch=cfg.batch, warmup=cfg.warmup,
                        seed=cfg.seed, log_every=max(1, cfg.steps // 10),  # checks its numbers now, not mid-run
-                       autocast="bfloat16" if placement.dtype == "bfloat16" else None)
+                       autocast="bfloat16" if placement.dtype == "bfloat16" else None,
+                       schedule=LOOP_IDENTITY["schedule"])
     if placement.spread and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise BadInput(f"--device {cfg.device}: each of the {os.environ['WORLD_SIZE']} processes would spread the model "
                        f"over {len(placement.all_devices)} GPUs, which data parallelism cannot wrap; launch one process "
@@ -256,8 +260,8 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     # what decides the numbers: resolved precision and device type, not the "auto" typed, and the model's weights
     # (a model re-merged at the same path is another run, never one whose checkpoints a resume continues)
     fingerprint = cfg.fingerprint() | {"dtype": placement.dtype, "device": placement.device_type,
-                                       "model_fingerprint": model_fingerprint(ref), "schedule": tcfg.schedule,
-                                       "weights": "float32"}
+                                       "model_fingerprint": model_fingerprint(ref), **LOOP_IDENTITY}
+    fingerprint = json.loads(json.dumps(fingerprint))  # as run.json holds it
     out = cfg.out
     if has_contents(out):
         try:
@@ -266,7 +270,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
             raise BadInput(f"--out {out} is not empty and holds no fine-tuning run.json") from None
         if cfg.overwrite:
             clear_run(out, [ref.path, *map(Path, cfg.data.values())])
-        elif previous != json.loads(json.dumps(fingerprint)):
+        elif previous != fingerprint:
             raise different_run(out, previous, fingerprint)
     done = checkpoint_dirs(out) if out.is_dir() else {}
     resumable = {s: d for s, d in done.items() if (d / STATE).is_file() or s == cfg.steps}
@@ -309,7 +313,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
             keep = [r for r in csv.DictReader(f) if int(r["step"]) <= start]
     saves = set(cfg.save_steps) | {cfg.steps}
     if writer:
-        claim_out_dir(out, json.loads(json.dumps(fingerprint)), lambda saved: saved.get("config"))
+        claim_out_dir(out, fingerprint, lambda saved: saved.get("config"))
         atomic_write_json(out / "run.json", run_info)
         def write_log(tmp: str) -> None:  # the kept lines, swapped in whole: a kill here loses none of them
             with open(tmp, "w", newline="") as f:
@@ -397,10 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     data = parse_data(a.data)
+    warmup = a.warmup if a.warmup is not None else min(10, max(0, a.steps - 1))  # below --steps, as it must be
     run_finetune(FinetuneConfig(model=a.model, data=data, out=a.out, steps=a.steps, mix=parse_mix(a.mix, list(data)),
                                 save_steps=a.save_steps, split=a.split, limit=a.limit, lr=a.lr, lm_lr=a.lm_lr,
-                                batch=a.batch_size, warmup=a.warmup if a.warmup is not None else min(10, max(0, a.steps - 1)),
-                                seed=a.seed, device=a.device, dtype=a.dtype,
+                                batch=a.batch_size, warmup=warmup, seed=a.seed, device=a.device, dtype=a.dtype,
                                 lora=a.lora, quiet=a.quiet, overwrite=a.overwrite))
     return 0
 

@@ -241,8 +241,9 @@ def _finetune_inputs(ctx: Context) -> dict[str, Any]:
     keep = {k: v for k, v in ctx.cfg.section("finetune").items() if k not in ("eval_data", "eval_limit")}
     train = (ctx.cfg.train_dirs(Path("DIR")) if ctx.cfg.train.generate  # their content: the data stage's fingerprint
              else {k: content_fingerprint(v) for k, v in ctx.cfg.train.data.items()})
-    # what the loop does with them (analyses.finetune's run identity too): runs before the schedule fix rerun
-    return keep | {"train": train, "schedule": "cosine", "weights": "float32"}
+    from analyses.finetune import LOOP_IDENTITY
+
+    return keep | {"train": train, **LOOP_IDENTITY}  # runs from before the schedule fix rerun
 
 
 STAGES: list[Stage] = [

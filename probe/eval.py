@@ -93,6 +93,11 @@ class EvalPlan:
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
+    def n_unread(self, model: str, data: str, subject: str = ALL) -> int:
+        """Items of a data set (one subject, or all) the model cannot read, so is not scored on."""
+        lost = self.unreadable.get(f"{model}|{data}", {})
+        return sum(lost.values()) if subject == ALL else lost.get(subject, 0)
+
 
 def make_plan(args: argparse.Namespace):
     from probe.devices import resolve_placement
@@ -128,8 +133,9 @@ def make_plan(args: argparse.Namespace):
     scored = {}  # (model, data set) → the items the model is scored on: all it can read
     for m, ref in enumerate(refs):
         for d, ds in enumerate(datasets):
-            scored[m, d] = [i for i in items[ds.name] if can_read(ref, i)]
-            lost = [i for i in items[ds.name] if not can_read(ref, i)]
+            readable = [can_read(ref, i) for i in items[ds.name]]
+            scored[m, d] = [i for i, ok in zip(items[ds.name], readable) if ok]
+            lost = [i for i, ok in zip(items[ds.name], readable) if not ok]
             if lost:  # scored on the items it can read; the rest are named in the notes, never counted as wrong
                 kinds = sorted({"video" if i.frames else "image" for i in lost})
                 na[f"{ref.spec}|{ds.name}"] = (f"not applicable: {ref.spec} ({ref.family.name}) cannot read "
@@ -258,7 +264,6 @@ def score_table(items: Any, plan: EvalPlan, reference: str | None, seed: int):
     for entry in plan.models:
         for ds in plan.data:
             why = plan.not_applicable.get(f"{entry.name}|{ds.name}", "")
-            lost = plan.unreadable.get(f"{entry.name}|{ds.name}", {})
             mine = items[(items["model"] == entry.name) & (items["data"] == ds.name)]
             ref = items[(items["model"] == reference) & (items["data"] == ds.name)] if reference else None
             for subject in [ALL, *ds.subjects]:
@@ -266,7 +271,7 @@ def score_table(items: Any, plan: EvalPlan, reference: str | None, seed: int):
                 # one resampling stream per data set, the same for every model (common random numbers): a model's
                 # interval depends on its answers only, not on its name or path; 'all' of one subject = it
                 key = ds.name
-                n_lost = sum(lost.values()) if subject == ALL else lost.get(subject, 0)
+                n_lost = plan.n_unread(entry.name, ds.name, subject)
                 note = ""
                 if n_lost:  # the whole row, or the part of it the scores leave out
                     note = why if not len(sub) else f"{n_lost} of {n_lost + len(sub)} items {why}"
@@ -303,21 +308,17 @@ def _cell(r: Any, metric: str, n_lost: int = 0) -> str:
 def markdown_table(scores: Any, plan: EvalPlan, metric: str) -> str:
     """Models × data sets (the paper's layout), then one models × subjects table per data set."""
     names = [ds.name for ds in plan.data]
-
-    def lost(entry: ModelEntry, data: str) -> dict[str, int]:
-        return plan.unreadable.get(f"{entry.name}|{data}", {})
-
     lines = [f"| model | {' | '.join(names)} |", "|---" * (len(names) + 1) + "|"]
     top = scores[scores["subject"] == ALL].set_index(["model", "data"])
     for e in plan.models:
-        cells = [_cell(top.loc[(e.name, n)], metric, sum(lost(e, n).values())) for n in names]
+        cells = [_cell(top.loc[(e.name, n)], metric, plan.n_unread(e.name, n)) for n in names]
         lines.append(f"| {e.name} | {' | '.join(cells)} |")
     blocks = ["\n".join(lines)]
     for ds in plan.data:
         subs = ds.subjects
         sub = scores[scores["data"] == ds.name].set_index(["model", "subject"])
         head = [f"| {ds.name} ({ds.n_items} items) | {' | '.join(subs)} |", "|---" * (len(subs) + 1) + "|"]
-        body = [f"| {e.name} | " + " | ".join(_cell(sub.loc[(e.name, s)], metric, lost(e, ds.name).get(s, 0))
+        body = [f"| {e.name} | " + " | ".join(_cell(sub.loc[(e.name, s)], metric, plan.n_unread(e.name, ds.name, s))
                                               for s in subs) + " |" for e in plan.models]
         blocks.append("\n".join(head + body))
     return "\n\n".join(blocks)

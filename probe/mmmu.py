@@ -136,9 +136,13 @@ def _parse_options(raw: Any, where: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _cell_bytes(cell: Any) -> Any:
+    """An image cell's bytes: HF parquet stores {bytes, path} structs; plain bytes are taken as they are."""
+    return cell.get("bytes") if isinstance(cell, dict) else cell
+
+
 def _image_bytes(cell: Any, where: str, what: str) -> bytes:
-    if isinstance(cell, dict):
-        cell = cell.get("bytes")
+    cell = _cell_bytes(cell)
     if not isinstance(cell, (bytes, bytearray)) or not cell:
         raise BadInput(f"{where}: {what} is referenced but empty or null")
     try:
@@ -155,13 +159,9 @@ def _referenced(texts: Sequence[str]) -> list[int]:
 
 
 def _filled_images(row: dict[str, Any]) -> list[int]:
-    return [k for k in range(1, MAX_IMAGES + 1) if _image_present(row.get(f"image_{k}"))]
-
-
-def _image_present(cell: Any) -> bool:
-    if isinstance(cell, dict):
-        cell = cell.get("bytes")
-    return isinstance(cell, (bytes, bytearray)) and len(cell) > 0
+    """The image columns that hold bytes, referenced or not."""
+    cells = {k: _cell_bytes(row.get(f"image_{k}")) for k in range(1, MAX_IMAGES + 1)}
+    return [k for k, b in cells.items() if isinstance(b, (bytes, bytearray)) and len(b) > 0]
 
 
 def _make_item(row: dict[str, Any], subject: str, where: str) -> Item:

@@ -190,6 +190,10 @@ class LoadedModel:
         return self.ref.geometry
 
     @cached_property
+    def special_tokens(self) -> tuple[str, ...]:
+        return special_tokens(self.tokenizer)  # once per model, not once per item built
+
+    @cached_property
     def layers(self) -> nn.ModuleList:
         return self.model.get_submodule(self.family.layers_path)
 
@@ -325,6 +329,14 @@ def check_loading_info(ref: ModelRef, info: dict[str, Any]) -> None:
             more = f" and {len(keys) - 1} more" if len(keys) > 1 else ""
             raise BadInput(f"checkpoint {ref.path}: tensor {keys[0]}{more} {what}; it does not match its "
                            "config.json (a damaged or mislabelled checkpoint)")
+
+
+def special_tokens(tokenizer: Any) -> tuple[str, ...]:
+    """The strings a tokenizer turns into special tokens when they occur in plain text (chat markup, image and
+    video placeholders, BOS/EOS): in an item's text they would change the prompt, not be read as text."""
+    found = set(getattr(tokenizer, "all_special_tokens", ()))
+    found |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+    return tuple(sorted(s for s in found if s))
 
 
 def load_tokenizer(ref: ModelRef) -> Any:

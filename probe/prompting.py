@@ -97,14 +97,6 @@ def check_modalities(ref: Any, items: Sequence[ItemLike]) -> None:
             raise BadInput(f"item {item.id} has images or video but {ref.spec} ({ref.family.name}) is text-only")
 
 
-def special_tokens(tokenizer: Any) -> tuple[str, ...]:
-    """The strings a tokenizer turns into special tokens when they occur in plain text (chat markup, image and
-    video placeholders, BOS/EOS): in an item's text they would change the prompt, not be read as text."""
-    found = set(getattr(tokenizer, "all_special_tokens", ()))
-    found |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
-    return tuple(sorted(s for s in found if s))
-
-
 def check_item_text(items: Sequence[ItemLike], specials: Sequence[str], model: str) -> None:
     """Refuse items whose question or options hold one of the model's special-token strings: a literal
     ``<image>`` would ask a LLaVA processor for an image nobody passed, an ``<|im_end|>`` would end the turn.
@@ -125,7 +117,7 @@ def check_prompts(ref: Any, items: Sequence[ItemLike]) -> None:
     will load them, the tokenizer is not empty, and no item's text holds one of its special tokens."""
     if ref.hub_repo is not None or not items:
         return
-    from probe.models import load_processors
+    from probe.models import load_processors, special_tokens
 
     check_item_text(items, special_tokens(load_processors(ref)[0]), ref.spec)
 
@@ -136,7 +128,7 @@ def build_inputs(
     """Tokenised prompt (batch of 1) with pixel tensors, on the model's device and dtype."""
     fam = loaded.family
     check_modalities(loaded.ref, [item])
-    check_item_text([item], special_tokens(loaded.tokenizer), loaded.ref.spec)
+    check_item_text([item], loaded.special_tokens, loaded.ref.spec)
     images = item.pil_images(image_max_side)
     frames = item.pil_frames(image_max_side)
     placeholders = (fam.image_placeholder or "") * len(images)

@@ -3,8 +3,8 @@
 ``encode`` builds every row through the probe's own prompt builder (``probe.prompting.build_inputs``), with the
 loss on the answer letter and ``<|im_end|>`` only, so a trained model's first generated token is the letter the
 probe reads. ``train`` samples batches with a seeded generator, warms the learning rate up linearly to its peak,
-then decays it on a cosine to 5 % of the peak at the last step (``lr_factor``), clips gradients at 1.0, and keeps the LM and the rest (vision tower, projector)
-in parameter groups with their own learning rates (LM, projector, vision tower; a rate of 0 freezes its group, as
+then decays it on a cosine to 5 % of the peak at the last step (``lr_factor``), clips gradients at 1.0, and keeps
+the LM and the rest (vision tower, projector) in parameter groups with their own learning rates (LM, projector, vision tower; a rate of 0 freezes its group, as
 staged VLM recipes do). A step runs its batch in modality parts, each padded to its own length, with logits only
 where a label is predicted, and accumulates their gradients: transformers' loss and gradient of the whole batch
 (tested against it), at a third less work when clips share a batch with longer two-view images. A step whose loss
@@ -220,7 +220,8 @@ def diverged(step: int, what: str, model) -> BadInput:
     """The one-line error of a run whose numbers stopped being finite (``step``: 1-based, as train_log.csv)."""
     dtype = str(next(iter(model.parameters())).dtype).removeprefix("torch.")
     return BadInput(f"training diverged at step {step}: {what} is not finite (weights in {dtype}); no checkpoint of "
-                    "it is written; train with a lower learning rate (or in float32, if the forward ran in half precision)")
+                    "it is written; train with a lower learning rate (or in float32, if the forward ran in half "
+                    "precision)")
 
 
 def check_finite_weights(model, step: int) -> None:
