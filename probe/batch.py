@@ -9,7 +9,10 @@ sweep builds them; ``collate`` then joins items:
   order, which is how the models match them to their placeholder tokens. Items are only batched with items whose
   such tensors agree in every other dimension (``signature``), so pixel tensors are never padded.
 Then one ``generate`` call (greedy; the first step's raw logits give the option probabilities) serves the batch.
-``first_token_measure`` in probe.sweep, one item at a time, is the oracle the tests compare against.
+``first_token_measure`` in probe.sweep, one item at a time, is the oracle the tests compare against. As a run-time
+guard, every window of batches also measures its most left-padded item alone and stops with ``BatchDisagrees``
+if the two differ: a transformers release that mishandled padding (positions, M-RoPE indices, the mask) in
+``generate`` would otherwise make an evaluation silently wrong.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import torch
 from probe.metrics import option_log_probs
 from probe.models import LoadedModel
 from probe.prompting import ItemLike
-from probe.sweep import Measurement, SweepConfig, greedy_config, prepare_item
+from probe.sweep import Measurement, SweepConfig, first_token_measure, greedy_config, oracle_mismatch, prepare_item
 
 TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 
@@ -81,6 +84,35 @@ def plan_batches(inputs: Sequence[dict[str, torch.Tensor]], batch_size: int) -> 
     return batches
 
 
+class BatchDisagrees(RuntimeError):
+    """A batched measurement differs from the same item measured alone: never report it."""
+
+
+def most_padded(inputs: Sequence[dict[str, torch.Tensor]], batches: Sequence[list[int]]) -> int | None:
+    """The item padded the most in its batch (the first such), or None when no batch has two rows: its row is the
+    one where left padding, and the positions derived from it, matter most."""
+    best, where = 0, None
+    for idx in batches:
+        width = max(inputs[i]["input_ids"].shape[1] for i in idx)
+        for i in idx:
+            pad = width - inputs[i]["input_ids"].shape[1]
+            if len(idx) > 1 and (where is None or pad > best):
+                best, where = pad, i
+    return where
+
+
+def check_against_one_item(loaded: LoadedModel, item: ItemLike, inputs: dict[str, torch.Tensor],
+                           letter_ids: list[int], got: Measurement, cfg: SweepConfig) -> None:
+    """Run-time guard (one extra forward per window): the item measured alone must give what its batch gave."""
+    if detail := oracle_mismatch(loaded, got, first_token_measure(loaded, inputs, letter_ids, cfg)):
+        import transformers
+
+        raise BatchDisagrees(
+            f"batched evaluation disagrees with the same item measured alone (item {item.id}: {detail}) under "
+            f"transformers {transformers.__version__}: its handling of padded batches has probably changed. Nothing "
+            "was written for this model and data set; use --batch-size 1 meanwhile")
+
+
 def evaluate_items(
     loaded: LoadedModel, items: Sequence[ItemLike], cfg: SweepConfig, batch_size: int,
     progress: Callable[[int], None] = lambda n: None, window: int = 8,
@@ -88,7 +120,8 @@ def evaluate_items(
     """Measurements of every item (no head masked), in item order, ``batch_size`` items per forward.
 
     Inputs are prepared ``window`` batches at a time (sorted by length within the window), so pixel tensors of a
-    whole benchmark never sit in memory at once.
+    whole benchmark never sit in memory at once. Each window's most padded item is measured alone too, as a
+    guard (``check_against_one_item``).
     """
     results: list[Measurement] = []
     step = batch_size * window
@@ -97,9 +130,12 @@ def evaluate_items(
         prepared = [prepare_item(loaded, item, cfg) for item in chunk]
         inputs = [p[0] for p in prepared]
         got: list[Measurement | None] = [None] * len(chunk)
-        for idx in plan_batches(inputs, batch_size):
+        batches = plan_batches(inputs, batch_size)
+        for idx in batches:
             for i, m in zip(idx, measure_batch(loaded, [inputs[i] for i in idx], [prepared[i][1] for i in idx], cfg)):
                 got[i] = m
             progress(len(idx))
+        if (g := most_padded(inputs, batches)) is not None:
+            check_against_one_item(loaded, chunk[g], inputs[g], prepared[g][1], got[g], cfg)  # type: ignore[arg-type]
         results += got  # type: ignore[arg-type]
     return results

@@ -24,7 +24,8 @@ from probe.masking import HeadMask, mask_heads
 from probe.metrics import option_log_probs
 from probe.models import LoadedModel
 from probe.prompting import ItemLike
-from probe.sweep import BASELINE, Measurement, SweepConfig, first_token_measure, measurement_row, prepare_item
+from probe.sweep import (BASELINE, Measurement, SweepConfig, first_token_measure, measurement_row, oracle_mismatch,
+                         prepare_item)
 from probe.upstream import (LayerCall, cache_kwarg, cache_layer_kv, call_layer, check_cache, full_length_cache,
                             model_call_with_cache, module_device, output_cache, prefix_cache, record_layer_call,
                             reset_position_state)
@@ -157,11 +158,6 @@ class EngineDisagrees(RuntimeError):
     """The exact engine's numbers differ from the naive oracle's on the same row: never report them."""
 
 
-# Max |Δp| over the option letters between the engine and the oracle on one row, by dtype: fp32 differs only in
-# summation order (≈1e-6); half precision also by batch composition. A broken engine is off by ≫ 0.05.
-GUARD_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.05, torch.float16: 0.05}
-
-
 def check_against_naive(
     loaded: LoadedModel, item: ItemLike, inputs: dict[str, torch.Tensor], letter_ids: list[int],
     pair: tuple[int, int], got: Measurement, cfg: SweepConfig,
@@ -173,14 +169,9 @@ def check_against_naive(
     """
     with mask_heads(loaded, [pair]):
         want = first_token_measure(loaded, inputs, letter_ids, cfg)
-    dp = float((got.logp.exp() - want.logp.exp()).abs().max())
-    tol = GUARD_TOLERANCE.get(loaded.dtype, 0.05)
-    text_differs = loaded.dtype == torch.float32 and got.response != want.response
-    if dp > tol or text_differs:
+    if detail := oracle_mismatch(loaded, got, want):
         import transformers
 
-        detail = (f"generated {got.response!r} vs {want.response!r}" if text_differs else
-                  f"max |Δp| over the options {dp:.3g} > {tol:g}")
         raise EngineDisagrees(
             f"exact engine disagrees with the naive oracle on item {item.id}, head L{pair[0]}.H{pair[1]} ({detail}) "
             f"under transformers {transformers.__version__}: an internal it calls has probably changed "

@@ -41,6 +41,24 @@ class Measurement:
     response: str | None
 
 
+# Max |Δp| over the option letters between a fast path (exact engine, batched evaluation) and its one-item oracle
+# on one row, by dtype: fp32 differs only in summation order (≈1e-6); half precision also by batch composition.
+# A broken path is off by ≫ 0.05.
+GUARD_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.05, torch.float16: 0.05}
+
+
+def oracle_mismatch(loaded: LoadedModel, got: Measurement, want: Measurement) -> str | None:
+    """Why ``got`` (a fast path's measurement) is not ``want`` (the oracle's on the same item), or None when they
+    agree: option probabilities within GUARD_TOLERANCE, and in fp32 the same generated text."""
+    dp = float((got.logp.exp() - want.logp.exp()).abs().max())
+    tol = GUARD_TOLERANCE.get(loaded.dtype, 0.05)
+    if loaded.dtype == torch.float32 and got.response != want.response:
+        return f"generated {got.response!r} vs {want.response!r}"
+    if dp > tol:
+        return f"max |Δp| over the options {dp:.3g} > {tol:g}"
+    return None
+
+
 def greedy_config(loaded: LoadedModel, max_new_tokens: int):
     """Plain greedy decoding: checkpoints' own generation configs may carry sampling or repetition penalties."""
     from transformers import GenerationConfig

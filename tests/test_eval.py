@@ -91,6 +91,44 @@ def test_collate_left_pads_and_concatenates():
         collate([a, {"input_ids": torch.tensor([[1]]), "attention_mask": torch.ones(1, 1)}], pad_id=0)
 
 
+def test_most_padded_picks_the_row_padded_most_in_a_shared_batch():
+    from probe.batch import most_padded
+
+    x = [{"input_ids": torch.zeros(1, n)} for n in (5, 2, 9, 9, 1)]
+    assert most_padded(x, [[0, 1, 2], [3, 4]]) == 4  # 8 pads against 7
+    assert most_padded(x, [[0, 1, 2], [3], [4]]) == 1  # a row alone is never padded
+    assert most_padded(x, [[0], [1]]) is None
+    assert most_padded(x, [[2, 3]]) == 2  # equal lengths: the first row
+
+
+def test_a_batch_that_stops_matching_the_one_item_path_stops_the_run(load_tiny, data_dir, monkeypatch):
+    """Run-time guard: an upstream change that mishandles padded batches (here: the attention mask lost on the
+    way into the model, so rows attend to their padding) must stop evaluation, not score it silently."""
+    import probe.batch as batch
+    from probe.sweep import SweepConfig
+
+    loaded = load_tiny("qwen2", "sdpa")
+    items = _items("qwen2", data_dir)
+    cfg = SweepConfig(max_new_tokens=3)
+    calls = []
+    oracle = batch.first_token_measure
+    monkeypatch.setattr(batch, "first_token_measure", lambda *a: calls.append(1) or oracle(*a))
+    batch.evaluate_items(loaded, items, cfg, batch_size=4, window=1)  # healthy: the guard runs and passes
+    assert len(calls) == len(range(0, len(items), 4))  # once per window of two-row batches
+    calls.clear()
+    batch.evaluate_items(loaded, items, cfg, batch_size=1)
+    assert calls == []  # one row per forward is the one-item path itself: nothing to check
+    collate = batch.collate
+
+    def unmasked(*a):
+        out = collate(*a)
+        return out | {"attention_mask": torch.ones_like(out["attention_mask"])}
+
+    monkeypatch.setattr(batch, "collate", unmasked)
+    with pytest.raises(batch.BatchDisagrees, match=r"measured alone \(item .*--batch-size 1"):
+        batch.evaluate_items(loaded, items, cfg, batch_size=4)
+
+
 def test_bootstrap_against_direct_computation():
     from probe.stats import N_BOOT, _rng, bootstrap_mean, paired_difference
 

@@ -6,7 +6,7 @@ Stated tolerances:
 - exact == naive in bf16: |Δp(answer)| ≤ 0.05 and |ΔKL| ≤ 0.05 + 10 % of KL per row, the same predicted letter
   on ≥ 95 % of rows. bf16 keeps 8 bits of mantissa, and the exact engine stacks rows in a batch the naive loop
   runs one by one, so the two orders of summation differ; 0.05 is also the exact engine's run-time guard for
-  half precision (probe/exact.py GUARD_TOLERANCE), and a broken engine is off by far more.
+  half precision (probe/sweep.py GUARD_TOLERANCE), and a broken engine is off by far more.
 - per-head mean KL in bf16 vs fp32 (exact engine, same items): Spearman ≥ 0.99 over the heads.
 - sdpa vs flash_attention_2 in bf16: per-head KL Spearman ≥ 0.99 and the same most salient head.
 - a model split between the CPU and the GPU (fp32, TF32 off) equals the model on the CPU to 1e-4.
