@@ -9,7 +9,8 @@ probe's prompt, loss on the answer letter and ``<|im_end|>``; each batch row dra
 probability ∝ ``--mix`` and then an item of it. Writes ``DIR/checkpoint-<step>/`` (loadable HF dirs; step 0 is
 the start) with the optimiser and sampler state beside the weights, ``train_log.csv`` (step, modality, loss,
 lr and lm_lr as they were at that step, tokens) and ``run.json``. ``--dtype bfloat16`` (the default on a GPU) is
-mixed precision: float32 weights, optimiser and checkpoints, the forward in bfloat16. The same command after a
+mixed precision: float32 weights, optimiser and checkpoints, the forward in bfloat16 (with ``--lora`` the frozen
+weights are held in bfloat16, the adapters in float32). The same command after a
 kill continues from the last checkpoint and ends with the same numbers. Items of a modality the model cannot
 read, and rates, warm-up or seed out of range, are bad input, before anything is written; a run whose loss or
 weights stop being finite stops with exit 2 before it writes a checkpoint of them, and run.json says "failed".
@@ -134,7 +135,8 @@ def add_lora(loaded, rank: int, adapter: Path | None = None):
 def save_checkpoint(loaded, source: Path, dest: Path, state: dict | None) -> None:
     """An HF model dir (weights in the model's dtype, configs and tokenizer files of the source) plus the
     trainer state, written to a hidden dir and renamed: a kill never leaves half a checkpoint. With LoRA the
-    weights are the merged model (a copy, so training goes on unmerged) and ``adapter/`` holds the adapter."""
+    weights are the merged model (a float32 copy, so training goes on unmerged) and ``adapter/`` holds the
+    adapter."""
     import copy
 
     import torch
@@ -147,7 +149,8 @@ def save_checkpoint(loaded, source: Path, dest: Path, state: dict | None) -> Non
     tmp.mkdir(parents=True)
     if hasattr(loaded.model, "merge_and_unload"):  # a peft model
         loaded.model.save_pretrained(tmp / "adapter")
-        copy.deepcopy(loaded.model).merge_and_unload().save_pretrained(tmp)
+        # merged in float32 (the frozen weights may be bfloat16): a small adapter update is not rounded away
+        copy.deepcopy(loaded.model).float().merge_and_unload().save_pretrained(tmp)
     else:
         loaded.model.save_pretrained(tmp)
     # tokenizer and processor files; the model's own config is written above. No weight file of the source: its
@@ -238,7 +241,9 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     if placement.dtype == "float16":
         raise BadInput("--dtype float16: fine-tuning in float16 needs loss scaling, which the training loop does not "
                        "do; use bfloat16 (mixed precision, float32 weights) or float32")
-    # half precision is mixed precision: float32 weights and updates, the forward under autocast (probe.train)
+    # half precision is mixed precision: float32 weights and updates, the forward under autocast (probe.train);
+    # with LoRA the frozen weights get no updates to lose, so they are held in bfloat16 (half the memory)
+    frozen = "bfloat16" if cfg.lora is not None and placement.dtype == "bfloat16" else "float32"
     tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, lm_lr=cfg.lm_lr, batch=cfg.batch, warmup=cfg.warmup,
                        seed=cfg.seed, log_every=max(1, cfg.steps // 10),  # checks its numbers now, not mid-run
                        autocast="bfloat16" if placement.dtype == "bfloat16" else None,
@@ -261,6 +266,8 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     # (a model re-merged at the same path is another run, never one whose checkpoints a resume continues)
     fingerprint = cfg.fingerprint() | {"dtype": placement.dtype, "device": placement.device_type,
                                        "model_fingerprint": model_fingerprint(ref), **LOOP_IDENTITY}
+    if frozen != "float32":  # LoRA runs from before frozen weights were held in bfloat16 are other runs
+        fingerprint["frozen_weights"] = frozen
     fingerprint = json.loads(json.dumps(fingerprint))  # as run.json holds it
     out = cfg.out
     if has_contents(out):
@@ -284,7 +291,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     source = ref.path
     if start is not None and cfg.lora is None:
         ref = resolve_model(str(resumable[start]))  # full fine-tuning resumes from the checkpoint's weights
-    loaded = load_model(ref, dtype="float32", device=placement.device, devices=placement.all_devices,
+    loaded = load_model(ref, dtype=frozen, device=placement.device, devices=placement.all_devices,
                         device_memory=placement.device_memory)
     if cfg.lora is not None:  # LoRA resumes from the original weights plus the checkpoint's adapter
         torch.manual_seed(cfg.seed)  # the adapters' random initialisation
@@ -386,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--lora", type=int, default=None, metavar="R",
                    help="train LoRA adapters of rank R (peft) on the LM's projections instead of all weights; "
-                   "checkpoints hold the merged weights and the adapter")
+                   "checkpoints hold the merged weights (float32) and the adapter; under bfloat16 the frozen "
+                   "weights are held in bfloat16, half the memory, and the adapters in float32")
     p.add_argument("--device", default="auto",
                    help="auto (this process's GPUs, several → one model split by layers; else cpu), cpu, cuda, "
                         "cuda:0,cuda:1")

@@ -236,6 +236,51 @@ def test_lora_trains_adapters_and_resumes(tiny_dirs, data_dir, text_dir, tmp_pat
         (full / "checkpoint-6" / "model.safetensors").read_bytes()
 
 
+def test_lora_under_bfloat16_holds_frozen_weights_in_bf16_and_merges_in_float32(tiny_dirs, data_dir, text_dir,
+                                                                               tmp_path, monkeypatch):
+    """--lora with --dtype bfloat16: the frozen weights are bfloat16 (half the memory; they get no update to lose),
+    the adapters and their optimiser float32, and each checkpoint is the float32 merge: checkpoint − checkpoint-0
+    is the adapter's own B·A·scale (a direct computation from adapter/), not rounded away in bfloat16."""
+    import probe.train as train_mod
+    from analyses.finetune import main
+
+    real, seen = train_mod.train, {}
+
+    def spy(loaded, *a, **k):
+        for name, p in loaded.model.named_parameters():
+            seen.setdefault((p.requires_grad, "lora_" in name), set()).add(p.dtype)
+        return real(loaded, *a, **k)
+
+    monkeypatch.setattr(train_mod, "train", spy)
+    args = _args(tiny_dirs, data_dir, text_dir, tmp_path / "run", "--lora", "4")
+    args[args.index("--dtype") + 1] = "bfloat16"
+    assert cli_main(main, args) == 0
+    assert seen == {(True, True): {torch.float32}, (False, False): {torch.bfloat16}}, seen
+    run = tmp_path / "run"
+    assert json.loads((run / "run.json").read_text())["config"]["frozen_weights"] == "bfloat16"
+    w0 = load_file(run / "checkpoint-0" / "model.safetensors")
+    w6 = load_file(run / "checkpoint-6" / "model.safetensors")
+    source = load_file(tiny_dirs["qwen2_vl"] / "model.safetensors")
+    assert all(v.dtype == torch.float32 for v in (*w0.values(), *w6.values()))
+    assert all(torch.equal(w0[k], source[k].to(torch.bfloat16).float()) for k in w0)  # the start, as held
+    adapter = load_file(run / "checkpoint-6" / "adapter" / "adapter_model.safetensors")
+    cfg = json.loads((run / "checkpoint-6" / "adapter" / "adapter_config.json").read_text())
+    scale = cfg["lora_alpha"] / cfg["r"]
+    checked = 0
+    for key, a in adapter.items():
+        if ".lora_A." not in key:
+            continue
+        b = adapter[key.replace(".lora_A.", ".lora_B.")]
+        tail = "." + key[key.index("layers."):].replace(".lora_A.weight", ".weight")  # the LM's layers.<i>.…
+        [target] = [k for k in w6 if k.endswith(tail) and "visual" not in k]
+        want = (b.double() @ a.double()) * scale
+        got = w6[target].double() - w0[target].double()
+        assert want.abs().max() > 0 and (got != 0).float().mean() > 0.99, target  # not rounded away
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+        checked += 1
+    assert checked >= 7  # every projection of a layer at least
+
+
 def test_a_different_run_or_precision_in_the_same_out_is_refused(ft_run, tiny_dirs, data_dir, text_dir, capfd):
     from analyses.finetune import main
 
