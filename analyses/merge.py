@@ -35,7 +35,8 @@ from analyses.formulas import (FORMULAS, ShiftStats, average_coefficients, shift
 from analyses.salience import METRICS as SALIENCE_METRICS
 from analyses.salience import SalienceWeights, check_run_model, read_salience
 from analyses.shift import CHUNK, read_shift_csv
-from analyses.writer import Entry, ShardedWriter, atomic_dir, check_output, copy_side_files, parse_size
+from analyses.writer import (Entry, ShardedWriter, atomic_dir, check_output, check_replaceable, copy_side_files,
+                             parse_size)
 from probe.errors import ArgParser, BadInput, cli_main
 from probe.families import CAUSAL_LM, LAYOUTS, causal_lm_type, untie_word_embeddings
 from probe.families import lm_disk_key as layout_key
@@ -412,6 +413,7 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
         inputs = ([base] if base else []) + models
         names = ([cfg.base] if base else []) + list(cfg.models)
         check_inputs_and_out(cfg.out, models, ([base] if base else []) + carriers)  # base may be in --models
+        check_replaceable(cfg.out, cfg.overwrite, "analyses.merge")
         al = align(inputs, names)  # shapes, vocab rule: all checked before anything is written
         for car in carriers:
             align([inputs[0], car], [names[0], car.name])
@@ -420,7 +422,7 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
         merger = Merger(cfg, inputs, names, al, base is not None, shift_table, salience)
         ref = inputs[0]
         entries = [Entry(lm_disk_key(p.canon), p.ref.dtype, p.ref.shape) for p in al.tensors]
-        with atomic_dir(cfg.out, cfg.overwrite) as tmp:
+        with atomic_dir(cfg.out, cfg.overwrite, "analyses.merge") as tmp:
             with ShardedWriter(tmp, entries, cfg.shard_size, {"merge_method": cfg.method}, background=True) as writer:
                 for plan, e in zip(tqdm(al.tensors, desc=f"merge ({cfg.method})", unit="tensor"), entries):
                     with writer.tensor(e.key) as sink:

@@ -26,7 +26,7 @@ from analyses.align import Alignment, align, check_finite
 from analyses.checkpoints import (Checkpoint, add_output_args, check_inputs_and_out, chunks, layer_module,
                                   open_checkpoint)
 from analyses.formulas import ShiftStats
-from analyses.writer import atomic_dir, check_output
+from analyses.writer import atomic_dir, check_output, check_replaceable
 from probe.errors import ArgParser, BadInput, cli_main
 
 CHUNK = 1 << 22  # elements per streamed chunk: 16 MB of fp32 temporaries
@@ -144,6 +144,7 @@ def run_shift(cfg: ShiftConfig) -> dict[str, Any]:
         base = stack.enter_context(open_checkpoint(cfg.base, cfg.allow_bin))
         models = [stack.enter_context(open_checkpoint(m, cfg.allow_bin)) for m in cfg.models]
         check_inputs_and_out(cfg.out, models, [base])
+        check_replaceable(cfg.out, cfg.overwrite, "analyses.shift")
         rows, al = compute_shift(base, models, cfg.models)
         summary = {
             "base": {"name": cfg.base, "path": str(base.path), "layout": base.layout.name},
@@ -154,7 +155,7 @@ def run_shift(cfg: ShiftConfig) -> dict[str, Any]:
             "formula": "delta_avg = mean |theta_base - theta_model| per tensor (Eq. 3), fp32",
             "dtype": str(al.tensors[0].ref.dtype),
         }
-    with atomic_dir(cfg.out, cfg.overwrite) as tmp:
+    with atomic_dir(cfg.out, cfg.overwrite, "analyses.shift") as tmp:
         write_csv(tmp / "shift.csv", rows)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
         if cfg.figures:

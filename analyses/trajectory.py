@@ -30,7 +30,7 @@ from tqdm import tqdm
 from analyses.align import align, check_finite
 from analyses.checkpoints import Checkpoint, add_output_args, check_inputs_and_out, open_checkpoint
 from analyses.sketch import SKETCH_CHUNK, CountSketch
-from analyses.writer import atomic_dir, check_output
+from analyses.writer import atomic_dir, check_output, check_replaceable
 from probe.errors import ArgParser, BadInput, cli_main
 from probe.results import distinct_names
 
@@ -148,6 +148,7 @@ def run_trajectory(cfg: TrajectoryConfig) -> dict[str, Any]:
         ckpts = [stack.enter_context(open_checkpoint(p.path, cfg.allow_bin)) for p in points]
         ref = stack.enter_context(open_checkpoint(cfg.ref, cfg.allow_bin)) if cfg.ref else ckpts[0]
         check_inputs_and_out(cfg.out, ckpts, [ref])  # a point twice would sit on itself and skew t-SNE
+        check_replaceable(cfg.out, cfg.overwrite, "analyses.trajectory")
         tensors, norms, sketch = stream_features(ref, ckpts, [p.name for p in points], CountSketch(cfg.sketch_dim, cfg.seed))
     coords: list[list[Any]] = []
     perplexity_used = None
@@ -165,7 +166,7 @@ def run_trajectory(cfg: TrajectoryConfig) -> dict[str, Any]:
         "perplexity_used": perplexity_used,
         "tsne": "skipped: fewer than 3 points" if perplexity_used is None else "sklearn TSNE (exact up to 500 points)",
     }
-    with atomic_dir(cfg.out, cfg.overwrite) as tmp:
+    with atomic_dir(cfg.out, cfg.overwrite, "analyses.trajectory") as tmp:
         with open(tmp / "points.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["name", "kind", "run", "step", "path"])

@@ -24,7 +24,7 @@ import torch
 
 from analyses.checkpoints import DTYPE_NAMES
 from probe.errors import BadInput, check_out_path
-from probe.results import copy_file, pid_alive
+from probe.results import MANIFEST, atomic_write_json, copy_file, pid_alive
 
 INDEX_NAME = "model.safetensors.index.json"
 Chunk = torch.Tensor | memoryview | bytes
@@ -244,11 +244,37 @@ class _WriteThread:
         self._thread.join()
 
 
+# outputs from before the manifest (probe.results.MANIFEST) are recognised by the file each command always writes
+LEGACY_MARKER = {"analyses.shift": "shift.csv", "analyses.merge": "merge.json", "analyses.trajectory": "points.csv"}
+
+
 def check_output(out: Path, overwrite: bool) -> None:
     """Refuse an existing output unless asked; validated before anything is read (STYLE 5)."""
     if out.exists() and not overwrite:
         raise BadInput(f"{out} exists; pass --overwrite to replace it")
     check_out_path(out)  # no existing parent of it is a file
+
+
+def check_replaceable(out: Path, overwrite: bool, command: str) -> None:
+    """--overwrite deletes ``out`` whole (the new output replaces it in one rename): refused unless ``out`` is empty
+    or an earlier output of ``command`` holding only what it wrote, so ``--out runs --overwrite`` cannot wipe runs.
+    Called once the inputs are known not to be in ``out`` (that refusal names the input), before any work."""
+    if not (overwrite and out.is_dir()):
+        return
+    names = sorted(p.name for p in out.iterdir())
+    if not names:
+        return
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+        mine = set(manifest["entries"]) if manifest["command"] == command else None
+    except (OSError, ValueError, KeyError, TypeError):
+        mine = set(names) if LEGACY_MARKER.get(command) in names else None  # written before the manifest
+    if mine is None:
+        raise BadInput(f"--out {out} is not an earlier {command} output (it holds {', '.join(names[:3])}"
+                       f"{', …' if len(names) > 3 else ''}); --overwrite would delete it all: pick another --out")
+    if foreign := [n for n in names if n not in mine and n != MANIFEST]:
+        raise BadInput(f"--out {out} holds {', '.join(foreign[:3])}{', …' if len(foreign) > 3 else ''}, which "
+                       f"{command} did not write; --overwrite would delete it: move it out or pick another --out")
 
 
 def remove_stale_partials(out: Path) -> list[Path]:
@@ -270,11 +296,13 @@ def remove_stale_partials(out: Path) -> list[Path]:
 
 
 @contextmanager
-def atomic_dir(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a hidden temp dir beside ``out``; rename it to ``out`` on success, delete it on any error. Temp dirs
-    of killed earlier runs (``kill -9`` leaves them) are removed first."""
+def atomic_dir(out: Path, overwrite: bool, command: str) -> Iterator[Path]:
+    """Yield a hidden temp dir beside ``out``; rename it to ``out`` on success (with a manifest of what ``command``
+    wrote there), delete it on any error. Temp dirs of killed earlier runs (``kill -9`` leaves them) are removed
+    first."""
     out = Path(out)
     check_output(out, overwrite)
+    check_replaceable(out, overwrite, command)
     if out.parent.is_dir():
         remove_stale_partials(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -286,6 +314,7 @@ def atomic_dir(out: Path, overwrite: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    atomic_write_json(tmp / MANIFEST, {"command": command, "entries": sorted(p.name for p in tmp.iterdir())})
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         out.rename(old)

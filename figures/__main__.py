@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Sequence
 
 from probe.errors import ArgParser, BadInput, cli_main
+from probe.results import note_outputs
 
 # kind → (module, function taking the result dir and returning the written paths)
 KINDS: dict[str, tuple[str, str]] = {
@@ -34,6 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise BadInput(f"{args.kind} draws one result directory")
     module, func = KINDS[args.kind]
     written = getattr(importlib.import_module(module), func)(args.dir if args.kind == "steps" else args.dir[0])
+    note_outputs(args.dir[0], written)  # an analyses output's --overwrite may replace what was drawn into it
     for path in written:
         print(path)
     return 0

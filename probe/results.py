@@ -108,6 +108,26 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
 
 
+# Top-level entries an analyses command (shift, merge, trajectory) wrote into its --out: its --overwrite replaces
+# only such an output (analyses.writer.check_replaceable), and `python -m figures` adds what it draws there.
+MANIFEST = ".omniprobe-output.json"
+
+
+def note_outputs(out: Path, paths: Iterable[Path]) -> None:
+    """Add the top-level names of ``paths`` (files drawn into ``out``) to ``out``'s manifest, if it has one."""
+    manifest = Path(out) / MANIFEST
+    try:
+        saved = json.loads(manifest.read_text())
+        entries = set(saved["entries"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    root = Path(out).resolve()
+    for path in map(lambda q: Path(q).resolve(), paths):
+        if path != root and path.is_relative_to(root):
+            entries.add(path.relative_to(root).parts[0])
+    atomic_write_json(manifest, saved | {"entries": sorted(entries)})
+
+
 def atomic_write_parquet(path: Path, df: pd.DataFrame) -> None:
     atomic_write_with(path, lambda tmp: df.to_parquet(tmp, index=False))
 
@@ -304,7 +324,9 @@ def content_fingerprint(path: str | Path, hash_limit: int = 64 << 20, recursive:
     p = Path(path)
     h = hashlib.sha256()
     listing = p.rglob("*") if recursive else p.iterdir()
-    files = sorted(f for f in listing if f.is_file()) if p.is_dir() else ([p] if p.is_file() else [])
+    # not the manifest of what a command wrote there: figures drawn into a merged model's dir later rewrite it
+    files = (sorted(f for f in listing if f.is_file() and f.name != MANIFEST) if p.is_dir()
+             else [p] if p.is_file() else [])
     for f in files:
         st = f.stat()
         h.update(f"{f.relative_to(p) if p.is_dir() else f.name}|{st.st_size}|".encode())

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from analyses import merge, shift, tiny
+from analyses import merge, shift, tiny, trajectory
 from analyses.checkpoints import open_checkpoint
 from probe.errors import BadInput, cli_main
 
@@ -172,12 +172,56 @@ def test_existing_output_and_unknown_model(zoo, tmp_path, capsys):
     assert code == 2 and "--overwrite" in err and (out / "keep.txt").exists()
     code, _ = run_cli(merge.main, ["--models", zoo["base"], zoo["q1"], "--method", "average", "--out", out,
                                    "--overwrite"], capsys)
-    assert code == 0 and not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert code == 2 and (out / "keep.txt").exists()  # not a merge output: see test_overwrite_replaces_only_…
+    (out / "keep.txt").unlink()
+    code, _ = run_cli(merge.main, ["--models", zoo["base"], zoo["q1"], "--method", "average", "--out", out,
+                                   "--overwrite"], capsys)
+    assert code == 0 and (out / "model.safetensors").is_file()
     o2 = tmp_path / "o2"
     code, err = run_cli(merge.main, ["--models", "no-such-model", "--method", "average", "--out", o2], capsys)
     assert_bad(code, err, o2, "no-such-model")
     code, err = run_cli(merge.main, ["--models", "qwen2-vl", "--method", "average", "--out", o2], capsys)
     assert_bad(code, err, o2, "local Hugging Face cache")
+
+
+def test_overwrite_replaces_only_an_earlier_output_of_the_same_command(zoo, tmp_path, capsys):
+    """--overwrite swaps the whole --out for the new output: it used to delete whatever the folder held (``--out
+    runs --overwrite`` wiped every run). Now it replaces only an earlier output of the same command holding nothing
+    it did not write (its manifest, or for older outputs the file the command always writes); anything else is
+    refused with one line and left as it was. Figures drawn into an output later belong to it."""
+    from figures.__main__ import main as figures_main
+    from probe.results import MANIFEST
+
+    commands = {
+        "shift": (shift.main, ["--base", zoo["base"], "--models", zoo["vl"], "--no-figures"]),
+        "merge": (merge.main, ["--models", zoo["base"], zoo["q1"], "--method", "average"]),
+        "trajectory": (trajectory.main, ["--base", zoo["base"], "--experts", zoo["vl"], zoo["q1"], "--no-figures"]),
+    }
+    for kind, (main, argv) in commands.items():
+        out = tmp_path / kind
+        assert run_cli(main, [*argv, "--out", out], capsys)[0] == 0
+        assert json.loads((out / MANIFEST).read_text())["command"] == f"analyses.{kind}"
+        if kind != "merge":  # figures drawn later into a --no-figures output are part of it
+            assert run_cli(figures_main, [kind, str(out)], capsys)[0] == 0
+        assert run_cli(main, [*argv, "--out", out, "--overwrite"], capsys)[0] == 0  # its own: replaced
+        (out / "notes.txt").write_text("mine")
+        (out / "my_runs").mkdir()
+        before = sorted((p.relative_to(out), p.is_file() and p.read_bytes()) for p in out.rglob("*"))
+        code, err = run_cli(main, [*argv, "--out", out, "--overwrite"], capsys)
+        assert code == 2 and err.count("\n") == 1 and "my_runs, notes.txt, which" in err and "did not write" in err
+        assert sorted((p.relative_to(out), p.is_file() and p.read_bytes()) for p in out.rglob("*")) == before
+    runs = tmp_path / "runs"  # a folder of other things, or another command's output
+    (runs / "a").mkdir(parents=True)
+    for kind, (main, argv) in commands.items():
+        for target in (runs, tmp_path / ("merge" if kind == "shift" else "shift")):
+            code, err = run_cli(main, [*argv, "--out", target, "--overwrite"], capsys)
+            assert code == 2 and f"is not an earlier analyses.{kind} output" in err and err.count("\n") == 1, err
+    assert (runs / "a").is_dir()
+    legacy = tmp_path / "shift"  # an output from before the manifest: recognised by its shift.csv
+    for extra in ("notes.txt", "my_runs", MANIFEST):
+        p = legacy / extra
+        p.rmdir() if p.is_dir() else p.unlink()
+    assert run_cli(shift.main, [*commands["shift"][1], "--out", legacy, "--overwrite"], capsys)[0] == 0
 
 
 @pytest.mark.parametrize("args,needle", [

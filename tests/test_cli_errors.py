@@ -203,7 +203,7 @@ def test_stale_partial_dirs_of_killed_runs_are_removed(tmp_path):
         for d in (stale, busy, other, old):
             d.mkdir()
             (d / "model.safetensors").write_bytes(b"half")
-        with atomic_dir(tmp_path / "out", overwrite=False) as tmp:
+        with atomic_dir(tmp_path / "out", overwrite=False, command="test") as tmp:
             (tmp / "done").write_text("1")
         assert not stale.exists() and not old.exists()
         assert busy.is_dir() and other.is_dir()  # only this output's, only the dead's
