@@ -380,16 +380,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MMMU-layout training sets by modality, e.g. text=DIR image=DIR video=DIR")
     p.add_argument("--mix", default=None, help="sampling weights per --data, in order, e.g. 3:2:1 (default: equal)")
     p.add_argument("--split", default="train", help="split of the data sets to train on")
-    p.add_argument("--limit", type=int, default=None, help="first N items of each data set")
+    p.add_argument("--limit", type=int, default=None, help="first N items of each data set (default: all)")
     p.add_argument("--steps", type=int, required=True, help="optimiser steps")
-    p.add_argument("--save-steps", type=int, nargs="+", default=[0], help="steps to checkpoint (the last always)")
+    p.add_argument("--save-steps", type=int, nargs="+", default=[0], help="steps to checkpoint, besides the last (default: 0, the start)")
     p.add_argument("--lr", type=float, default=1e-4, help="learning rate outside the LM (vision tower, projector)")
     p.add_argument("--lm-lr", type=float, default=1e-4, help="learning rate of the LM")
     p.add_argument("--batch-size", type=int, default=16, help="rows per step")
     p.add_argument("--warmup", type=int, default=None,
                    help="linear warm-up steps to the peak rate, then a cosine down to 5 %% of it at the last step; "
                    "must be below --steps (default: 10, or --steps - 1 for shorter runs)")
-    p.add_argument("--seed", type=int, default=0, help="seed of sampling, adapters and the optimiser's run")
+    p.add_argument("--seed", type=int, default=0, help="seed of sampling, adapters and the optimiser's run (default: 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--lora", type=int, default=None, metavar="R",
                    help="train LoRA adapters of rank R (peft) on the LM's projections instead of all weights; "

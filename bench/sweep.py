@@ -143,12 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time the naive loop on this many heads only and extrapolate (default: all; "
                         "--random-config: one per layer)")
     p.add_argument("--generate", action="store_true", help="also greedy-decode (accuracy) in naive and exact")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=32, help="masked rows per forward of the exact engine (default: 32)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     p.add_argument("--json", type=Path, default=None, help="write the numbers here too")
     p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda, cuda:1")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU, else float32), float32, bfloat16")
-    p.add_argument("--attn-implementation", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"))
+    p.add_argument("--attn-implementation", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"),
+                   help="attention kernel (default: sdpa)")
     return p
 
 

@@ -11,6 +11,7 @@ largest difference between the two variants' gradients, which the tests bound (t
 """
 from __future__ import annotations
 
+import argparse
 import random
 import statistics
 import sys
@@ -59,12 +60,12 @@ def grads(loaded, step, rows) -> dict[str, torch.Tensor]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = ArgParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--organisms", nargs="+", default=list(CASES), choices=list(CASES))
-    ap.add_argument("--batch", type=int, default=24)
-    ap.add_argument("--repeats", type=int, default=6)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=0)
+    ap = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--organisms", nargs="+", default=list(CASES), choices=list(CASES), help="cases to time (default: all)")
+    ap.add_argument("--batch", type=int, default=24, help="rows per batch (default: 24)")
+    ap.add_argument("--repeats", type=int, default=6, help="timed repeats, median reported (default: 6)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the batch drawn (default: 0)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"{args.threads} thread(s), batch {args.batch}, median of {args.repeats}")

@@ -9,11 +9,30 @@ import pandas as pd
 from figures import read_json, read_table, save_figure
 from probe.errors import BadInput
 
-PANELS = {
-    "accuracy": ("Accuracy with head masked", "viridis"),
-    "prob_accuracy": ("Probability accuracy with head masked", "viridis"),
+PANELS = {  # accuracies on a two-sided map centred on the unmasked baseline: red below it (a drop), blue above
+    "accuracy": ("Accuracy with head masked", "RdBu"),
+    "prob_accuracy": ("Probability accuracy with head masked", "RdBu"),
     "kl": ("KL(orig ‖ masked) over option letters [nats]", "magma_r"),
 }
+
+
+def kl_limit(values: np.ndarray) -> tuple[float, bool]:
+    """Top of a KL colour scale, and whether it clips: on a large grid (> 100 heads) one outlier head would wash the
+    rest out, so the scale stops at the 99th percentile when the maximum is over twice that (the colour bar's arrow
+    says so); small grids show their maximum."""
+    v = values[np.isfinite(values)]
+    top = max(float(v.max()) if v.size else 0.0, 1e-9)
+    if v.size > 100 and top > 2 * (p99 := float(np.percentile(v, 99))) and p99 > 0:
+        return p99, True
+    return top, False
+
+
+def centred_limits(values: np.ndarray, centre: float) -> tuple[float, float]:
+    """Colour limits symmetric about ``centre`` (the baseline) covering every value, so a drop of a few points
+    shows on a 7B model's grid instead of vanishing in a fixed 0-1 scale."""
+    v = values[np.isfinite(values)]
+    half = max(float(np.abs(v - centre).max()) if v.size else 0.0, 1e-3)
+    return centre - half, centre + half
 
 
 def _grid(heads: pd.DataFrame, metric: str) -> tuple[np.ndarray, list[int], list[int]]:
@@ -38,16 +57,23 @@ def draw_metric(heads: pd.DataFrame, baseline: dict, metric: str, out_stem: Path
     n_l, n_h = grid.shape
     cell = 0.32 if max(n_l, n_h) > 12 else 0.7
     fig, ax = plt.subplots(figsize=(max(4.5, 1.8 + cell * n_h), max(3.5, 1.2 + cell * n_l)), dpi=150)
-    valid = grid[~np.isnan(grid)]
+    base = baseline.get(metric)
+    centred = metric != "kl" and isinstance(base, (int, float)) and np.isfinite(base)
+    clipped = False
     if metric == "kl":
-        vmin, vmax = 0.0, max(float(valid.max()) if valid.size else 0.0, 1e-9)
+        (vmax, clipped), vmin = kl_limit(grid), 0.0
+    elif centred:
+        vmin, vmax = centred_limits(grid, float(base))
     else:
         vmin, vmax = 0.0, 1.0
     im = ax.imshow(grid, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
-    cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    cbar.set_label(metric.replace("_", " "))
-    if metric != "kl" and baseline.get(metric) is not None and np.isfinite(baseline[metric]):
-        cbar.ax.axhline(baseline[metric], color="red", linewidth=2)  # where the unmasked model sits
+    cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, extend="max" if clipped else "neither")
+    cbar.set_label("KL [nats]" + (" (scale clipped at the 99th percentile)" if clipped else "") if metric == "kl"
+                   else metric.replace("_", " ") + " (colour centred on the baseline)")
+    if centred:
+        v = grid[np.isfinite(grid)]  # the bar spans the values there are (the symmetric scale may pass 0 or 1)
+        cbar.ax.set_ylim(min(float(v.min()) if v.size else base, base), max(float(v.max()) if v.size else base, base))
+        cbar.ax.axhline(base, color="black", linewidth=2)  # where the unmasked model sits
     step = 1 if len(layers) <= 16 else 2
     ax.set_yticks(range(0, n_l, step), [str(l) for l in layers[::step]])
     ax.set_xticks(range(0, n_h, step), [str(h) for h in cols[::step]])

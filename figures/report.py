@@ -164,7 +164,9 @@ def draw_figure2(r: Replication, dest: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from figures.heads import _grid
+    import numpy as np
+
+    from figures.heads import _grid, kl_limit
 
     models = [m for m in [*r.experts, r.base] if (r.out / "heads" / short(m) / "heads.csv").is_file()]
     if not models:
@@ -173,15 +175,21 @@ def draw_figure2(r: Replication, dest: Path) -> bool:
     for k, m in enumerate(models):
         heads, base = r.heads(m, need=("kl", "prob_accuracy_drop"))
         for row, (metric, cmap, label) in enumerate((("kl", "magma_r", "KL(orig‖masked) [nats]"),
-                                                     ("prob_accuracy_drop", "viridis_r", "prob. accuracy drop"))):
+                                                     ("prob_accuracy_drop", "RdBu_r", "prob. accuracy drop [points]"))):
             grid, layers, hs = _grid(heads, metric)
             ax = axes[row][k]
-            im = ax.imshow(grid, cmap=cmap, aspect="auto", vmin=0 if metric == "kl" else None)
+            if metric == "kl":
+                (vmax, clipped), vmin = kl_limit(grid), 0.0
+            else:  # a signed drop: red where removing the head hurts, blue where it helps, white at no change
+                grid, clipped = 100 * grid, False
+                vmax = max(float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 0.0, 0.1)
+                vmin = -vmax
+            im = ax.imshow(grid, cmap=cmap, aspect="auto", vmin=vmin, vmax=vmax)
             ax.set_xticks(range(len(hs)), hs, fontsize=7)
             ax.set_yticks(range(len(layers)), layers, fontsize=7)
             ax.set_xlabel("head", fontsize=8)
             ax.set_ylabel("layer", fontsize=8)
-            cb = fig.colorbar(im, ax=ax, fraction=0.046)
+            cb = fig.colorbar(im, ax=ax, fraction=0.046, extend="max" if clipped else "neither")
             cb.ax.tick_params(labelsize=7)
             cb.set_label(label, fontsize=7)
             if row == 0:

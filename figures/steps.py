@@ -32,24 +32,35 @@ def draw_steps(result_dirs: list[Path] | Path, out: Path | None = None) -> list[
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     dirs = [result_dirs] if isinstance(result_dirs, Path) else list(result_dirs)
     tables = [step_scores(d) for d in dirs]
     fig, axes = plt.subplots(1, len(dirs), figsize=(0.6 + 3.4 * len(dirs), 3.3), dpi=150, sharey=True,
                              squeeze=False)
-    colours = plt.get_cmap("tab10")
+    names = list(dict.fromkeys(n for t in tables for n in t["data"]))  # one colour per data set in every panel
+    colour = {n: plt.get_cmap("tab10")(k % 10) for k, n in enumerate(names)}
     for ax, d, t in zip(axes[0], dirs, tables):
         metric = "accuracy" if t["accuracy"].notna().any() else "prob_accuracy"
-        for k, (data, g) in enumerate(t.groupby("data", sort=False)):
-            c = colours(k % 10)
+        for data, g in t.groupby("data", sort=False):
+            c = colour[data]
             ax.plot(g["step"], 100 * g[metric], marker="o", ms=3, color=c, label=data)
             ax.fill_between(g["step"], 100 * g[f"{metric}_lo"], 100 * g[f"{metric}_hi"], color=c, alpha=0.2, lw=0)
         ax.set_xscale("symlog", linthresh=10)
+        steps = sorted(set(t["step"]))
+        shown = steps if len(steps) <= 8 else steps[::-(-len(steps) // 8)]  # the saved steps, never log-scale ticks
+        ax.set_xticks(shown, [str(s) for s in shown])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_title(d.name, fontsize=9)
         ax.set_xlabel("fine-tuning step", fontsize=8)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)
     axes[0][0].set_ylabel("accuracy [%] (95 % interval)", fontsize=8)
-    axes[0][-1].legend(fontsize=7, loc="best")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    seen = dict(zip(labels, handles))
+    for ax in axes[0][1:]:
+        seen |= dict(zip(*ax.get_legend_handles_labels()[::-1]))
+    # below the panels, never over a band
+    fig.legend(list(seen.values()), list(seen), fontsize=7, loc="lower center", ncol=min(len(seen), 6), frameon=False)
+    fig.tight_layout(rect=(0, 0.08 + 0.04 * ((len(seen) - 1) // 6), 1, 1))
     return save_png_pdf(fig, out or dirs[0], "steps")

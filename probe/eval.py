@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "probe/zoo/data/{text,image,image_single,video}")
     p.add_argument("--split", default="validation", help="dataset split")
     p.add_argument("--subjects", nargs="+", default=None, help="subject folders to use (default: all)")
-    p.add_argument("--limit", type=int, default=None, help="first N multiple-choice items of each data set")
+    p.add_argument("--limit", type=int, default=None, help="first N multiple-choice items of each data set (default: all)")
     p.add_argument("--reference", default=None,
                    help="model to compare every other one against (paired difference on the same items); "
                    "added to --models if missing")
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-generate", action="store_true",
                    help="skip greedy generation: probability accuracy and p(answer) only (accuracy NaN)")
     add_prompt_args(p)
-    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap intervals")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap intervals (default: 0)")
     add_run_args(p, DEFAULT_OUT, "eval.png/pdf")
     return p
 

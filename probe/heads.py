@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "default: the model's own bundled validation set (organisms) or the synthetic MMMU-format set")
     p.add_argument("--split", default="validation", help="dataset split")
     p.add_argument("--subjects", nargs="+", default=None, help="subject folders to use (default: all)")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N multiple-choice items")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N multiple-choice items (default: all)")
     p.add_argument("--layers", default="all", help="layers to sweep: 'all', '3', '0-3,7'")
     p.add_argument("--heads", default="all", help="query heads to sweep in each layer: 'all', '0-3,7'")
     p.add_argument("--method", choices=METHODS, default="exact",
@@ -154,7 +154,7 @@ def add_prompt_args(p: argparse.ArgumentParser) -> None:
     """How items become prompts and answers, shared by probe.heads and probe.eval (one prompt builder)."""
     p.add_argument("--max-new-tokens", type=int, default=5, help="tokens generated for the accuracy parser")
     p.add_argument("--image-max-side", type=int, default=None,
-                   help="downscale images so the longer side is at most this many pixels")
+                   help="downscale images so the longer side is at most this many pixels (default: as they are)")
     p.add_argument("--system-prompt", default=None, help="override the system prompt of the template")
     p.add_argument("--template", type=Path, default=None,
                    help="JSON file with PromptTemplate fields (system, user, choice, assistant_prefix)")
@@ -297,7 +297,9 @@ def _progress(total: int, quiet: bool, desc: str, unit: str = "run"):
 
 def _print_summary(out: Path, heads) -> None:
     base = json.loads((out / "baseline.json").read_text())
-    print(f"baseline: accuracy {base['accuracy']:.3f}  prob_accuracy {base['prob_accuracy']:.3f}  "
+    acc = base["accuracy"]
+    acc = "n/a (--no-generate)" if acc is None or acc != acc else f"{acc:.3f}"  # NaN when nothing was generated
+    print(f"baseline: accuracy {acc}  prob_accuracy {base['prob_accuracy']:.3f}  "
           f"n_items {base['n_items']}  (skipped open-ended: {base['n_skipped_open']})")
     if len(heads):
         worst = heads.sort_values("prob_accuracy_drop", ascending=False).head(3)
