@@ -115,22 +115,24 @@ def stream_features(ref: Checkpoint, ckpts: Sequence[Checkpoint], names: Sequenc
     return [p.canon for p in al.tensors], norms, sk.numpy()
 
 
-def embed_2d(x: np.ndarray, perplexity: float, seed: int) -> tuple[dict[str, np.ndarray], float | None]:
-    """PCA and t-SNE coordinates; t-SNE perplexity clamped to n − 1 (sklearn needs it below n)."""
+def embed_2d(x: np.ndarray, perplexity: float, seed: int) -> tuple[dict[str, np.ndarray], float | None, list[float]]:
+    """PCA and t-SNE coordinates, the t-SNE perplexity used (clamped to n − 1: sklearn needs it below n) and the
+    share of variance each principal component explains."""
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
 
     n = x.shape[0]
     out: dict[str, np.ndarray] = {}
     k = min(2, n, x.shape[1])
-    pca = PCA(n_components=k, random_state=seed).fit_transform(x)
-    out["pca"] = np.pad(pca, ((0, 0), (0, 2 - k)))
+    pca = PCA(n_components=k, random_state=seed)
+    out["pca"] = np.pad(pca.fit_transform(x), ((0, 0), (0, 2 - k)))
+    explained = [float(v) for v in np.nan_to_num(pca.explained_variance_ratio_)]
     used = None
     if n >= 3:
         used = float(min(perplexity, n - 1))
         out["tsne"] = TSNE(n_components=2, perplexity=used, init="pca" if k == 2 else "random", random_state=seed,
-                           method="exact" if n <= 500 else "barnes_hut").fit_transform(x)  # exact: fast for few points.fit_transform(x)
-    return out, used
+                           method="exact" if n <= 500 else "barnes_hut").fit_transform(x)  # exact: fast for few points
+    return out, used, explained
 
 
 def run_trajectory(cfg: TrajectoryConfig) -> dict[str, Any]:
@@ -151,9 +153,9 @@ def run_trajectory(cfg: TrajectoryConfig) -> dict[str, Any]:
         check_replaceable(cfg.out, cfg.overwrite, "analyses.trajectory")
         tensors, norms, sketch = stream_features(ref, ckpts, [p.name for p in points], CountSketch(cfg.sketch_dim, cfg.seed))
     coords: list[list[Any]] = []
-    perplexity_used = None
+    perplexity_used, explained = None, {}
     for feature, x in (("norms", norms), ("sketch", sketch)):
-        emb, perplexity_used = embed_2d(x, cfg.perplexity, cfg.seed)
+        emb, perplexity_used, explained[feature] = embed_2d(x, cfg.perplexity, cfg.seed)
         for method, xy in emb.items():
             for p, (a, b) in zip(points, xy):
                 coords.append([p.name, p.kind, p.run, "" if p.step is None else p.step, feature, method, float(a), float(b)])
@@ -165,6 +167,7 @@ def run_trajectory(cfg: TrajectoryConfig) -> dict[str, Any]:
         "perplexity_requested": cfg.perplexity,
         "perplexity_used": perplexity_used,
         "tsne": "skipped: fewer than 3 points" if perplexity_used is None else "sklearn TSNE (exact up to 500 points)",
+        "pca_explained_variance": explained,  # per feature, the share of PC1 and PC2
     }
     with atomic_dir(cfg.out, cfg.overwrite, "analyses.trajectory") as tmp:
         with open(tmp / "points.csv", "w", newline="") as f:

@@ -4,6 +4,7 @@ side; fine-tuning runs as arrows in step order; base, experts and merged models 
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import matplotlib
@@ -33,6 +34,12 @@ def draw_trajectory(result_dir: Path) -> list[Path]:
     if (no_step := (df["run"] != "") & df["step"].isna()).any():
         raise BadInput(f"{path}: line {int(no_step.to_numpy().argmax()) + 2}: a fine-tuning run's point without a step")
     labels = short_names(list(dict.fromkeys(df["name"])))
+    try:  # written beside coords.csv; outputs from before it recorded PCA's variance lack those labels
+        info = json.loads((result_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        info = {}
+    info = info if isinstance(info, dict) else {}
+    ref = Path(str(info.get("ref", ""))).name
     written: list[Path] = []
     for feature in dict.fromkeys(df["feature"]):
         sub = df[df["feature"] == feature]
@@ -64,9 +71,22 @@ def draw_trajectory(result_dir: Path) -> list[Path]:
                 for _, row in k.iterrows():
                     ax.annotate(labels[row["name"]], (row["x"], row["y"]), fontsize=8, xytext=(5, 4),
                                 textcoords="offset points")
-            ax.set_title(f"{method.upper() if method == 'pca' else 't-SNE'}: {TITLES.get(feature, feature)}", fontsize=9)
-            ax.set_xlabel("component 1")
-            ax.set_ylabel("component 2")
+            title = f"{method.upper() if method == 'pca' else 't-SNE'}: {TITLES.get(feature, feature)}"
+            if ref:
+                title += f"\nθ_ref = {ref}"
+            shares = info.get("pca_explained_variance")
+            share = shares.get(feature, []) if isinstance(shares, dict) else []
+            if method == "pca":
+                ax.set_aspect("equal", adjustable="datalim")  # distances and directions as they are
+                names = [f"PC{i + 1}" + (f" ({100 * share[i]:.0f} % of variance)" if i < len(share) else "")
+                         for i in range(2)]
+            else:
+                names = ["t-SNE 1", "t-SNE 2"]
+                if info.get("perplexity_used") is not None:
+                    title += f", perplexity {info['perplexity_used']:g}"
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel(names[0])
+            ax.set_ylabel(names[1])
             ax.legend(fontsize=7, loc="best")
             ax.margins(0.15)
         fig.tight_layout()

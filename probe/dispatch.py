@@ -118,6 +118,8 @@ def plan_device_map(model: nn.Module, layers_path: str, norm_path: str, lm_head_
     units = model_units(model, layers_path, (norm_path, lm_head_path))
     head = model.get_submodule(lm_head_path)
     tied = any(p is q for p in head.parameters() for q in model.get_input_embeddings().parameters())
+    if tied:  # the head is the embedding matrix, already counted with the embeddings: no bytes of its own
+        units = [Unit(u.name, 0, u.kind) if u.name == lm_head_path else u for u in units]
     pre = [u for u in units if u.kind == "pre"] + ([u for u in units if u.name == lm_head_path] if tied else [])
     post = [u for u in units if u.kind == "post" and not (tied and u.name == lm_head_path)]
     layers = [u for u in units if u.kind == "layer"]
@@ -131,7 +133,9 @@ def plan_device_map(model: nn.Module, layers_path: str, norm_path: str, lm_head_
         device_map.update({layers[i].name: dev for i in range(start, end)})
         start = end
     device_map.update({u.name: used[-1] for u in post})
-    load = tuple(sum(u.nbytes for u in units if device_map[u.name] == dev) for dev in used)
+    # per block, not per device name: the CPU test setups name several devices "cpu"
+    load = tuple(sum(layers[i].nbytes for i in range(a, b)) + (sum(u.nbytes for u in pre) if j == 0 else 0)
+                 + (sum(u.nbytes for u in post) if j == len(blocks) - 1 else 0) for j, (a, b) in enumerate(blocks))
     plan = DeviceMap(device_map, used, tuple(blocks), load)
     for dev, need, have in zip(used, load, memory):
         usable = have * HEADROOM_FRACTION - HEADROOM_BYTES

@@ -148,6 +148,12 @@ def test_tied_lm_head_stays_with_the_embeddings(tiny_dirs):
     plan = plan_device_map(model, fam.layers_path, fam.norm_path, fam.lm_head_path, ["cuda:0", "cuda:1"])
     assert plan.device_map["lm_head"] == plan.device_map["model.embed_tokens"] == "cuda:0"
     assert plan.device_map["model.norm"] == "cuda:1"
+    # the shared matrix is counted once (it used to weigh on the first device twice, skewing the split and the
+    # fit check): the loads add up to the model's own bytes, and so on devices that share a name
+    total = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])  # shared once
+    for devices in (["cuda:0", "cuda:1"], ["cpu", "cpu", "cpu"]):
+        plan = plan_device_map(model, fam.layers_path, fam.norm_path, fam.lm_head_path, devices)
+        assert sum(plan.nbytes) == total
 
 
 # ------------------------------------------------------------------------------------------------ engines
