@@ -70,13 +70,18 @@ def draw_shift(result_dir: Path) -> list[Path]:
         written += save(fig, result_dir / f"shift_heatmap_{slug(labels[m])}")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     means = df.groupby("model", sort=False)["delta_avg"].mean().reindex(models)
-    ax1.bar([labels[m] for m in models], means.to_numpy(), color="C0")
+    # dots, not bars: a bar's height on a log axis depends on where the axis starts
+    ax1.plot(range(len(models)), means.to_numpy(), "o", color="C0", ms=7)
+    ax1.set_xticks(range(len(models)), [labels[m] for m in models])
+    ax1.set_xlim(-0.6, len(models) - 0.4)
+    ax1.grid(axis="y", which="both", alpha=0.3)
     ax1.set_yscale("log")
-    ax1.set_ylabel("mean Δavg over tensors")
-    ax1.set_title("parameter shift from the base (Eq. 3)", fontsize=9)
+    ax1.set_ylabel("mean Δavg over tensors (log)")
+    ax1.set_title("parameter shift from the base (Eq. 3); (k×): k times the least shifted", fontsize=9)
     low = means.min()
     for i, v in enumerate(means.to_numpy()):
-        ax1.annotate(f"{v:.2g}\n({v / low:.1f}×)" if low > 0 else f"{v:.2g}", (i, v), ha="center", va="bottom", fontsize=8)
+        ax1.annotate(f"{v:.2g}" + (f" ({v / low:.1f}×)" if low > 0 else ""), (i, v), xytext=(0, 7),
+                     textcoords="offset points", ha="center", va="bottom", fontsize=8)
     ax1.tick_params(axis="x", rotation=20)
     if low > 0:
         ax1.set_ylim(low / 3, means.max() * 4)  # room for the labels
