@@ -73,11 +73,13 @@ def draw_merge(result_dir: Path) -> list[Path]:
         ax.set_title(Path(name).name, fontsize=8)
         ax.set_xlabel("head", fontsize=8)
         ax.set_ylabel("layer", fontsize=8)
-        fig.colorbar(im, ax=ax, fraction=0.046).ax.tick_params(labelsize=7)
+        cb = fig.colorbar(im, ax=ax, fraction=0.046)
+        cb.ax.tick_params(labelsize=7)
+        cb.set_label("merge weight w_i", fontsize=7)
         s = sals[k]
         ax2 = axes[1][k]
         if s is None:
-            ax2.text(0.5, 0.5, "base keeps alpha0\n(no salience run)" if k == 0 else "salience run not found",
+            ax2.text(0.5, 0.5, "base keeps α0\n(no salience run)" if k == 0 else "salience run not found",
                      ha="center", va="center", fontsize=8, transform=ax2.transAxes)
             ax2.set_axis_off()
         else:
@@ -85,7 +87,9 @@ def draw_merge(result_dir: Path) -> list[Path]:
             ax2.set_title(f"its salience ({metric})", fontsize=8)
             ax2.set_xlabel("head", fontsize=8)
             ax2.set_ylabel("layer", fontsize=8)
-            fig.colorbar(im2, ax=ax2, fraction=0.046).ax.tick_params(labelsize=7)
+            cb2 = fig.colorbar(im2, ax=ax2, fraction=0.046)
+            cb2.ax.tick_params(labelsize=7)
+            cb2.set_label("KL [nats]" if metric == "kl" else metric.replace("_", " "), fontsize=7)
         for a in (ax, ax2):
             a.tick_params(labelsize=7)
             a.set_yticks(range(grids[name].shape[0]))
