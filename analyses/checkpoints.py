@@ -13,6 +13,8 @@ import os
 import re
 import struct
 import warnings
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -329,9 +331,31 @@ def check_inputs_and_out(out: Path, inputs: Sequence[Checkpoint], others: Sequen
 
 
 def add_output_args(p, out_help: str, figures: bool = True) -> None:
-    """The options every analyses command shares: where to write, replacing it, reading .bin, figures."""
+    """The options every analyses command shares: where to write, replacing it, reading .bin, figures, quiet."""
     p.add_argument("--out", type=Path, required=True, help=out_help)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier output of this command there (nothing else is ever deleted)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--allow-bin", action="store_true", help="also read .bin checkpoints (weights_only)")
     if figures:
         p.add_argument("--no-figures", action="store_true", help="skip the figures")
+
+
+_QUIET: ContextVar[bool] = ContextVar("quiet", default=False)
+
+
+@contextmanager
+def quiet_progress(quiet: bool) -> Iterator[None]:
+    """``--quiet``: no progress bar from ``progress`` inside (shift, merge, trajectory; replicate's stages)."""
+    token = _QUIET.set(quiet or _QUIET.get())
+    try:
+        yield
+    finally:
+        _QUIET.reset(token)
+
+
+def progress(iterable: Iterable, **kwargs: Any) -> Iterable:
+    """A tqdm bar over ``iterable`` on stderr, unless inside ``quiet_progress(True)``."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, disable=_QUIET.get(), **kwargs)

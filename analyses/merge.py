@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
-from tqdm import tqdm
 
 from analyses.align import Alignment, TensorPlan, align, check_finite
-from analyses.checkpoints import Checkpoint, add_output_args, check_inputs_and_out, chunks, open_checkpoint
+from analyses.checkpoints import (Checkpoint, add_output_args, check_inputs_and_out, chunks, open_checkpoint,
+                                  progress, quiet_progress)
 from analyses.formulas import (FORMULAS, ShiftStats, average_coefficients, shift_coefficients,
                                 task_arithmetic_coefficients, TiesTrim, ties_combine, weighted_coefficients)
 from analyses.salience import METRICS as SALIENCE_METRICS
@@ -368,7 +368,7 @@ def write_carrier(carrier: Checkpoint, merged: Checkpoint, dest: Path, shard_siz
     entries = [Entry(k, src[k].dtype, src[k].shape) for k in keys]
     writer = ShardedWriter(dest, entries, shard_size, {"merged_from": merged_name})
     n_lm = 0
-    for key in tqdm(keys, desc=f"carrier {dest.name}", unit="tensor", leave=False):
+    for key in progress(keys, desc=f"carrier {dest.name}", unit="tensor", leave=False):
         info = src[key]
         with writer.tensor(key) as sink:
             canon = lm_by_key.get(key)
@@ -424,7 +424,7 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
         entries = [Entry(lm_disk_key(p.canon), p.ref.dtype, p.ref.shape) for p in al.tensors]
         with atomic_dir(cfg.out, cfg.overwrite, "analyses.merge") as tmp:
             with ShardedWriter(tmp, entries, cfg.shard_size, {"merge_method": cfg.method}, background=True) as writer:
-                for plan, e in zip(tqdm(al.tensors, desc=f"merge ({cfg.method})", unit="tensor"), entries):
+                for plan, e in zip(progress(al.tensors, desc=f"merge ({cfg.method})", unit="tensor"), entries):
                     with writer.tensor(e.key) as sink:
                         merger.merge_tensor(plan, sink)
                 writer.close()
@@ -577,13 +577,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    run_merge(MergeConfig(
+    cfg = MergeConfig(
         models=a.models, method=a.method, out=a.out, base=a.base, weights=a.weights, normalize=not a.no_normalize,
         alpha0=a.alpha0, temperature=a.temperature, carriers=a.carriers, shift_dir=a.shift_dir,
         shard_size=parse_size(a.shard_size), overwrite=a.overwrite, allow_bin=a.allow_bin, lam=a.lam,
         density=a.density, salience=a.salience, base_salience=a.base_salience, salience_metric=a.salience_metric,
         salience_temperature=a.salience_temperature, rest=a.rest,
-    ))
+    )
+    with quiet_progress(a.quiet):
+        run_merge(cfg)
     return 0
 
 

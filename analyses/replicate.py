@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from analyses.checkpoints import quiet_progress
 from analyses.replicate_config import (DEFAULT_CONFIG, GENERATED, QUICK_CONFIG, ReplicateConfig, check_machine,
                                        parse_config)
 from probe.errors import ArgParser, BadInput, cli_main
@@ -375,7 +376,9 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    run(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    with quiet_progress(args.quiet):  # the analyses stages run in this process
+        run(args)
     return 0
 
 

@@ -20,11 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from tqdm import tqdm
 
 from analyses.align import Alignment, align, check_finite
 from analyses.checkpoints import (Checkpoint, add_output_args, check_inputs_and_out, chunks, layer_module,
-                                  open_checkpoint)
+                                  open_checkpoint, progress, quiet_progress)
 from analyses.formulas import ShiftStats
 from analyses.writer import atomic_dir, check_output, check_replaceable
 from probe.errors import ArgParser, BadInput, cli_main
@@ -55,10 +54,10 @@ class ShiftRow:
     rel_l2: float
 
 
-def stream_stats(ckpts: Sequence[Checkpoint], plan_al: Alignment, names: Sequence[str], progress: str = "shift") -> list[list[ShiftStats]]:
+def stream_stats(ckpts: Sequence[Checkpoint], plan_al: Alignment, names: Sequence[str], desc: str = "shift") -> list[list[ShiftStats]]:
     """Per tensor, stats of every checkpoint after the first against the first, over the common elements."""
     out = []
-    for plan in tqdm(plan_al.tensors, desc=progress, unit="tensor", leave=False):
+    for plan in progress(plan_al.tensors, desc=desc, unit="tensor", leave=False):
         stats = [ShiftStats() for _ in ckpts[1:]]
         views = [ck.view(info).reshape(-1) for ck, info in zip(ckpts, plan.infos)]
         for lo, hi in chunks(plan.common, CHUNK):
@@ -187,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    run_shift(ShiftConfig(a.base, a.models, a.out, a.overwrite, a.allow_bin, not a.no_figures))
+    with quiet_progress(a.quiet):
+        run_shift(ShiftConfig(a.base, a.models, a.out, a.overwrite, a.allow_bin, not a.no_figures))
     return 0
 
 

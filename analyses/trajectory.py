@@ -25,10 +25,10 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from analyses.align import align, check_finite
-from analyses.checkpoints import Checkpoint, add_output_args, check_inputs_and_out, open_checkpoint
+from analyses.checkpoints import (Checkpoint, add_output_args, check_inputs_and_out, open_checkpoint,
+                                  progress, quiet_progress)
 from analyses.sketch import SKETCH_CHUNK, CountSketch
 from analyses.writer import atomic_dir, check_output, check_replaceable
 from probe.errors import ArgParser, BadInput, cli_main
@@ -93,7 +93,7 @@ def stream_features(ref: Checkpoint, ckpts: Sequence[Checkpoint], names: Sequenc
     al = align([ref, *ckpts], ["ref", *names])
     norms = np.zeros((len(ckpts), len(al.tensors)))
     sk = torch.zeros((len(ckpts), sketch.dim), dtype=torch.float64)
-    for t, plan in enumerate(tqdm(al.tensors, desc="features", unit="tensor", leave=False)):
+    for t, plan in enumerate(progress(al.tensors, desc="features", unit="tensor", leave=False)):
         views = [ck.view(info).reshape(-1) for ck, info in zip([ref, *ckpts], plan.infos)]
         sq = [0.0] * len(ckpts)
         for c, lo in enumerate(range(0, plan.common, SKETCH_CHUNK)):
@@ -210,8 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    run_trajectory(TrajectoryConfig(a.out, a.base, a.experts, a.merged, a.runs, a.ref, a.sketch_dim, a.seed,
-                                    a.perplexity, a.overwrite, a.allow_bin, not a.no_figures))
+    with quiet_progress(a.quiet):
+        run_trajectory(TrajectoryConfig(a.out, a.base, a.experts, a.merged, a.runs, a.ref, a.sketch_dim, a.seed,
+                                        a.perplexity, a.overwrite, a.allow_bin, not a.no_figures))
     return 0
 
 

@@ -224,6 +224,16 @@ def test_overwrite_replaces_only_an_earlier_output_of_the_same_command(zoo, tmp_
     assert run_cli(shift.main, [*commands["shift"][1], "--out", legacy, "--overwrite"], capsys)[0] == 0
 
 
+def test_quiet_silences_the_progress_bars_and_only_inside(zoo, tmp_path, capfd):
+    argv = ["--base", zoo["base"], "--models", zoo["vl"], "--no-figures"]
+    for k, quiet in enumerate((False, True, False)):  # the last: a quiet run leaves later ones their bars
+        capfd.readouterr()
+        out = tmp_path / f"q{k}"
+        assert cli_main(shift.main, [str(a) for a in [*argv, "--out", out, *(["--quiet"] if quiet else [])]]) == 0
+        err = capfd.readouterr().err
+        assert ("tensor/s" in err) != quiet, err
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--method", "weighted", "--weights", "nan", "1"], "--weights[0] must be a finite number"),
     (["--method", "weighted", "--weights", "-1", "2"], "--weights must be >= 0"),
