@@ -537,6 +537,9 @@ def load_salience(cfg: MergeConfig, base: Checkpoint, models: Sequence[Checkpoin
 def build_parser() -> argparse.ArgumentParser:
     p = ArgParser(
         prog="python -m analyses.merge",
+        examples=["python -m analyses.merge --base organism-base --models organism-vl organism-video --method average --out runs/avg",
+                  "python -m analyses.merge --base organism-base --models organism-vl organism-video --method shift --shift runs/shift --carrier organism-vl --out runs/eq4",
+                  "python -m analyses.merge --base organism-base --models organism-vl organism-video --method salience --salience runs/heads-vl runs/heads-video --out runs/sal"],
         description="Merge the LLM backbones of modality-extended models (paper Eq. 1, 2, 4) and optionally "
         "transplant the merged LM into each multimodal carrier.",
     )

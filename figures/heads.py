@@ -72,7 +72,9 @@ def draw_metric(heads: pd.DataFrame, baseline: dict, metric: str, out_stem: Path
                    else metric.replace("_", " ") + " (colour centred on the baseline)")
     if centred:
         v = grid[np.isfinite(grid)]  # the bar spans the values there are (the symmetric scale may pass 0 or 1)
-        cbar.ax.set_ylim(min(float(v.min()) if v.size else base, base), max(float(v.max()) if v.size else base, base))
+        lo, hi = min(float(v.min()) if v.size else base, base), max(float(v.max()) if v.size else base, base)
+        if lo < hi:  # else no head moved it: the whole symmetric bar stays
+            cbar.ax.set_ylim(lo, hi)
         cbar.ax.axhline(base, color="black", linewidth=2)  # where the unmasked model sits
     step = 1 if len(layers) <= 16 else 2
     ax.set_yticks(range(0, n_l, step), [str(l) for l in layers[::step]])

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Callable, NoReturn
+from typing import Callable, NoReturn, Sequence
 
 
 class BadInput(Exception):
@@ -13,7 +13,15 @@ class BadInput(Exception):
 
 class ArgParser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` whose usage errors are one line (``error: … (see --help)``, exit 2), like
-    BadInput; ``--help`` still prints the full help."""
+    BadInput; ``--help`` still prints the full help, ending with ``examples`` (command lines, shown as written)."""
+
+    def __init__(self, *args, examples: Sequence[str] = (), **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.examples = list(examples)
+
+    def format_help(self) -> str:
+        text = super().format_help()
+        return text + ("\nexamples:\n" + "".join(f"  {e}\n" for e in self.examples) if self.examples else "")
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {' '.join(message.split())} (see --help)\n")
