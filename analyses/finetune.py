@@ -1,7 +1,8 @@
 """``python -m analyses.finetune``: small-step fine-tuning of a (merged) model on a modality mix (paper §6.2).
 
+    python -m probe.zoo data --out runs/data          # the organisms' training items (24 per subject, seed 1)
     python -m analyses.finetune --model runs/merged/carriers/organism-vl \\
-        --data text=probe/zoo/data/text image=probe/zoo/data/image video=probe/zoo/data/video --mix 3:2:1 \\
+        --data text=runs/data/text image=runs/data/image video=runs/data/video --mix 3:2:1 \\
         --split train --steps 1000 --save-steps 0 10 30 100 300 1000 --out runs/ft-mixed
 
 Full fine-tuning of any model the probe loads, with the project's one training loop (``probe.train``): the
@@ -372,7 +373,13 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     from probe.heads import _Help
 
-    p = ArgParser(prog="python -m analyses.finetune", formatter_class=_Help,
+    p = ArgParser(prog="python -m analyses.finetune", formatter_class=_Help, examples=[
+        "python -m probe.zoo data --out runs/data    # training items of the organisms' tasks",
+        "python -m analyses.finetune --model runs/eq4/carriers/organism-vl --data text=runs/data/text "
+        "image=runs/data/image video=runs/data/video --mix 3:2:1 --steps 200 --save-steps 0 10 50 100 "
+        "--out runs/ft/mixed",
+        "python -m analyses.finetune --model organism-vl --data image=runs/data/image --steps 50 --lora 8 "
+        "--out runs/ft-lora"],
                                 description="Small-step fine-tuning of a (merged) model on a modality mix (paper "
                                 "§6.2): checkpoint-<step>/ dirs, train_log.csv, resumable after a kill.")
     p.add_argument("--model", required=True, help="alias or HF dir (a merged carrier, an organism, a real VLM)")

@@ -206,6 +206,31 @@ def test_validation_sets_shipped():
         assert len(items) >= 64 and report.n_skipped_open == 0
 
 
+def test_zoo_data_writes_fresh_training_items_never_the_validation_ones(tmp_path, capsys):
+    """``python -m probe.zoo data``: the organisms' training items (what replicate's data stage makes), which the
+    shipped validation-only sets lack, for analyses.finetune; none is a validation item (the generators draw
+    each split independently from small task spaces, so a plain draw repeats some)."""
+    from probe.errors import cli_main
+    from probe.zoo.__main__ import main
+
+    out = tmp_path / "data"
+    assert cli_main(main, ["data", "--out", str(out), "--n", "6"]) == 0
+    assert capsys.readouterr().out.split() == [str(out / m) for m in ("text", "image", "image_single", "video")]
+    for modality in ("text", "image", "image_single", "video"):
+        train, _ = load_mmmu(out / modality, "train")
+        valid, _ = load_mmmu(validation_dir(modality), "validation")
+        assert len(train) == 6 * len({it.subject for it in valid}), modality  # 6 per subject, every subject
+        def key(it):  # question, options, and the decoded pixels of every image and frame
+            return it.question, it.options, tuple(im.tobytes() for im in it.pil_images() + it.pil_frames())
+
+        seen = {key(it) for it in valid}
+        assert not [it.id for it in train if key(it) in seen], modality  # a plain draw repeats 12-16 per set
+        assert [it.id for it in train][:2] == [f"train_{train[0].subject}_1", f"train_{train[0].subject}_2"]
+    before = sorted(p.name for p in out.rglob("*"))
+    assert cli_main(main, ["data", "--out", str(out)]) == 2  # an existing dir is never written into
+    assert "exists" in capsys.readouterr().err and sorted(p.name for p in out.rglob("*")) == before
+
+
 def test_recipes_mirror_the_real_family_and_built_what_ships():
     """Issue 19's regimes, as data: vl like Qwen2-VL (ViT with the LLM frozen → every parameter → LLM with the ViT
     frozen; its LM trained hardest by far), ov-si and video like LLaVA (projector alone first, then the LM below

@@ -1,4 +1,5 @@
-"""python -m probe.zoo build --out DIR [--quick] [--steps N] [--seed S] [--ship]"""
+"""python -m probe.zoo build --out DIR [--quick] [--steps N] [--seed S] [--ship]
+python -m probe.zoo data --out DIR [--n 24] [--seed 1] [--split train]"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,9 +24,20 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--only", nargs="+", choices=("base", "vl", "ov-si", "video"), default=None,
                    help="build only these organisms (the others must already be in --out; with --reuse)")
     b.add_argument("--ship", action="store_true", help="copy the result into the package (maintainers)")
+    d = sub.add_parser("data", help="fresh MMMU-format items of the organisms' tasks, none of them a validation "
+                       "item (e.g. a train split to fine-tune on; the shipped sets are validation only)")
+    d.add_argument("--out", type=Path, required=True, metavar="DIR",
+                   help="where text/, image/, image_single/ and video/ are written (must not exist yet)")
+    d.add_argument("--n", type=int, default=24, help="items per subject (default: 24)")
+    d.add_argument("--seed", type=int, default=1,
+                   help="seed of the generators (default: 1; the shipped validation sets are seed 0)")
+    d.add_argument("--split", default="train", help="split name of the files (default: train)")
     args = ap.parse_args(argv)
     from probe.errors import BadInput
     from probe.zoo.build import build, ship
+
+    if args.cmd == "data":
+        return make_data(args.out, args.n, args.seed, args.split)
 
     if args.steps is not None and args.steps < 1:
         raise BadInput("--steps must be >= 1")
@@ -33,6 +45,32 @@ def main(argv: list[str] | None = None) -> int:
           only=args.only)
     if args.ship:
         ship(args.out)
+    return 0
+
+
+def make_data(out: Path, n: int, seed: int, split: str) -> int:
+    """``probe.zoo data``: the organisms' generators into a new dir, written whole or not at all."""
+    import re
+    import shutil
+
+    from probe.errors import BadInput, check_out_path
+    from probe.zoo.build import build_fresh_data
+
+    if n < 1 or seed < 0 or not re.fullmatch(r"[A-Za-z0-9_]+", split):
+        raise BadInput(f"--n must be ≥ 1, --seed ≥ 0 and --split a plain name, got {n}, {seed}, {split!r}")
+    check_out_path(out)
+    if out.exists():
+        raise BadInput(f"--out {out} exists; pick a new directory")
+    tmp = out.parent / f".{out.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        dirs = build_fresh_data(tmp, n, seed, split)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    tmp.rename(out)
+    for name in dirs:
+        print(out / name)
     return 0
 
 

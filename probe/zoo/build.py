@@ -135,6 +135,71 @@ def build_data(root: Path, sizes: dict[str, int], seed: int = 0) -> dict[str, Pa
     return out
 
 
+def _png_pixels(png: bytes) -> bytes:
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as im:
+        return im.convert("RGB").tobytes()
+
+
+def item_key(row: dict[str, Any]) -> tuple:
+    """What makes two rows the same item: question, options and the pixels of every image and video frame (not
+    their PNG bytes, which another Pillow may encode differently)."""
+    pictures = [row[f"image_{k}"]["bytes"] for k in range(1, 8) if row.get(f"image_{k}")]
+    frames = [f["bytes"] for f in row.get("video") or []]
+    return row["question"], row["options"], tuple(map(_png_pixels, pictures)), tuple(map(_png_pixels, frames))
+
+
+def held_out_keys(modality: str) -> set[tuple]:
+    """The items of the shipped validation set of ``modality`` (what every report is measured on)."""
+    import pyarrow.parquet as pq
+
+    from probe.zoo import validation_dir
+
+    return {item_key(r) for f in sorted(validation_dir(modality).glob("*/validation-*.parquet"))
+            for r in pq.read_table(f).to_pylist()}
+
+
+def build_fresh_data(root: Path, n: int, seed: int, split: str = "train") -> dict[str, Path]:
+    """``n`` items per subject of every modality, none of them an item of the shipped validation sets.
+
+    The generators draw each split independently from small task spaces, so a plain ``build_data`` train split
+    repeats validation items (24 per subject at seed 1: 12 of 128 text, 13 of 128 image, 16 of 96 single-image
+    validation items; the organisms' own 1,500 per subject hold 61 / 76 / 78 / 32 of them). Here each subject draws
+    twice as many (more if needed), drops those, keeps the first ``n`` and renumbers them.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from probe.errors import BadInput
+
+    for factor in (2, 4, 8, 16):
+        tmp = root.parent / f".{root.name}.draw"
+        shutil.rmtree(tmp, ignore_errors=True)
+        dirs = build_data(tmp, {split: factor * n}, seed)
+        short = []
+        for modality, d in dirs.items():
+            held = held_out_keys(modality)
+            for f in sorted(d.glob(f"*/{split}-*.parquet")):
+                table = pq.read_table(f)
+                kept = [r for r in table.to_pylist() if item_key(r) not in held][:n]
+                short += [f"{modality}/{f.parent.name}"] if len(kept) < n else []
+                for i, r in enumerate(kept):  # ids (and frame names, which carry them) numbered 1 … n again
+                    old, new = r["id"], f"{split}_{f.parent.name}_{i + 1}"
+                    r["id"] = new
+                    for frame in r.get("video") or []:
+                        frame["path"] = frame["path"].replace(f"{old}_", f"{new}_", 1)
+                pq.write_table(pa.Table.from_pylist(kept, schema=table.schema), f, compression="zstd")
+        if not short:
+            shutil.rmtree(root, ignore_errors=True)
+            tmp.rename(root)
+            return {m: root / m for m in dirs}
+        shutil.rmtree(tmp, ignore_errors=True)
+    raise BadInput(f"fewer than {n} items outside the validation sets in {', '.join(short[:3])}: ask for fewer")
+
+
 def tokenizer_corpus(seed: int = 0) -> list[str]:
     from probe.synthetic import ALL_KINDS, QUESTION_BUILDERS
 
