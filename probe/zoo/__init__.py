@@ -2,9 +2,11 @@
 the package so that every command means something offline (issue 4).
 
 ``organism_dir(name)`` is what ``probe.models`` calls for a ``organism:<name>`` source. The organisms are
-ordinary Hugging Face model directories under ``probe/zoo/organisms/organism-<name>/``; their held-out
-validation sets (MMMU-format parquet) are under ``probe/zoo/data/<modality>/``. ``python -m probe.zoo build``
-regenerates all of it deterministically.
+ordinary Hugging Face model directories under ``probe/zoo/organisms/organism-<name>/``; their validation sets
+(MMMU-format parquet) are under ``probe/zoo/data/<modality>/``. The organisms' training split was drawn
+independently and holds exact copies of part of them (README, "How held out is 'held out'?"); training items
+made since (``probe.zoo.build.build_fresh_data``) exclude them. ``python -m probe.zoo build`` regenerates all of
+it deterministically.
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ def organism_dir(name: str) -> Path:
 
 
 def validation_dir(modality: str) -> Path:
-    """The bundled held-out validation set of one modality (text, image, image_single, video)."""
+    """The bundled validation set of one modality (text, image, image_single, video)."""
     path = package_root() / "data" / modality
     if not path.is_dir():
         raise BadInput(f"no bundled validation set for modality {modality!r} ({path} missing)")
