@@ -141,6 +141,8 @@ def _paper_table(d: Doc, rows: dict[str, list[float]], columns: list[str], capti
 
 
 def _copy_png(src: Path, dest: Path) -> bool:
+    """The figure for the report: its PNG downscaled (report.md and the committed example stay small), and its
+    PDF, when it has one, copied whole beside it for a paper."""
     if not src.is_file():
         return False
     from PIL import Image
@@ -149,6 +151,8 @@ def _copy_png(src: Path, dest: Path) -> bool:
         if im.width > MAX_WIDTH:
             im = im.resize((MAX_WIDTH, round(im.height * MAX_WIDTH / im.width)), Image.LANCZOS)
         im.save(dest, optimize=True)
+    if src.with_suffix(".pdf").is_file():
+        shutil.copyfile(src.with_suffix(".pdf"), dest.with_suffix(".pdf"))
     return True
 
 
@@ -199,6 +203,7 @@ def draw_figure2(r: Replication, dest: Path) -> bool:
     fig.suptitle("Figure 2: removing one head at a time", fontsize=10)
     fig.tight_layout()
     save_figure(fig, dest)
+    save_figure(fig, dest.with_suffix(".pdf"))  # vector, for a paper; the PNG is what report.md shows
     plt.close(fig)
     return True
 
