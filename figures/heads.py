@@ -1,6 +1,7 @@
 """Layer × head heatmaps of a head sweep, drawn only from DIR/heads.csv and DIR/baseline.json."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pandas as pd
 from figures import read_json, read_table, save_figure
 from probe.errors import BadInput
 
+PAGE_WIDTH, PAGE_HEIGHT = 7.0, 9.0  # inches: the largest figure a paper page takes whole
 PANELS = {  # accuracies on a two-sided map centred on the unmasked baseline: red below it (a drop), blue above
     "accuracy": ("Accuracy with head masked", "RdBu"),
     "prob_accuracy": ("Probability accuracy with head masked", "RdBu"),
@@ -55,7 +57,9 @@ def draw_metric(heads: pd.DataFrame, baseline: dict, metric: str, out_stem: Path
     grid, layers, cols = _grid(heads, metric)
     title, cmap = PANELS[metric]
     n_l, n_h = grid.shape
-    cell = 0.32 if max(n_l, n_h) > 12 else 0.7
+    # a page-wide figure at most (7 in × 9 in), so its 7-9 pt text stays that size in a paper: a 7B grid
+    # (28 × 28) gets 0.19 in cells, a 72B one (80 × 64) 0.08 in cells with every other label
+    cell = 0.7 if max(n_l, n_h) <= 12 else min(0.32, (PAGE_WIDTH - 1.8) / n_h, (PAGE_HEIGHT - 1.2) / n_l)
     fig, ax = plt.subplots(figsize=(max(4.5, 1.8 + cell * n_h), max(3.5, 1.2 + cell * n_l)), dpi=150)
     base = baseline.get(metric)
     centred = metric != "kl" and isinstance(base, (int, float)) and np.isfinite(base)
@@ -69,18 +73,19 @@ def draw_metric(heads: pd.DataFrame, baseline: dict, metric: str, out_stem: Path
     im = ax.imshow(grid, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
     cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, extend="max" if clipped else "neither")
     cbar.set_label("KL [nats]" + (" (scale clipped at the 99th percentile)" if clipped else "") if metric == "kl"
-                   else metric.replace("_", " ") + " (colour centred on the baseline)")
+                   else metric.replace("_", " ") + " (colour centred on the baseline)", fontsize=8)
     if centred:
         v = grid[np.isfinite(grid)]  # the bar spans the values there are (the symmetric scale may pass 0 or 1)
         lo, hi = min(float(v.min()) if v.size else base, base), max(float(v.max()) if v.size else base, base)
         if lo < hi:  # else no head moved it: the whole symmetric bar stays
             cbar.ax.set_ylim(lo, hi)
         cbar.ax.axhline(base, color="black", linewidth=2)  # where the unmasked model sits
-    step = 1 if len(layers) <= 16 else 2
-    ax.set_yticks(range(0, n_l, step), [str(l) for l in layers[::step]])
-    ax.set_xticks(range(0, n_h, step), [str(h) for h in cols[::step]])
-    ax.set_xlabel("query head")
-    ax.set_ylabel("layer")
+    step = max(1, math.ceil(0.15 / cell))  # tick labels at least 0.15 in apart
+    ax.set_yticks(range(0, n_l, step), [str(l) for l in layers[::step]], fontsize=7)
+    ax.set_xticks(range(0, n_h, step), [str(h) for h in cols[::step]], fontsize=7)
+    ax.set_xlabel("query head", fontsize=8)
+    ax.set_ylabel("layer", fontsize=8)
+    cbar.ax.tick_params(labelsize=7)
     if n_l * n_h <= 100:  # small grids: print the values in the cells
         fmt = "{:.3f}" if metric == "kl" else "{:.2f}"
         for i in range(n_l):
