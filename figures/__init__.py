@@ -87,3 +87,23 @@ def read_json(path: Path, source: str = "") -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise BadInput(f"{path}: not a JSON object")
     return obj
+
+
+def name_colours(names: list[str]) -> dict[str, Any]:
+    """A colour per name that follows the name, not its place in a list: tab10's colour at crc32(name), the next
+    free one when two names of a figure meet there (tab20 beyond 10 names). The same model (or data set) keeps its
+    colour from figure to figure whatever else is drawn beside it."""
+    import zlib
+
+    import matplotlib.pyplot as plt
+
+    palette = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    taken: dict[int, str] = {}
+    out = {}
+    for name in names:
+        k = zlib.crc32(str(name).encode()) % palette.N
+        while k in taken and len(taken) < palette.N:
+            k = (k + 1) % palette.N
+        taken.setdefault(k, name)
+        out[name] = palette(k)
+    return out

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from figures import read_table, save_png_pdf
+from figures import name_colours, read_table, save_png_pdf
 from probe.errors import BadInput
 
 SCORES = {"model": str, "data": str, "subject": str, "n_items": int,
@@ -55,8 +55,8 @@ def draw_eval(result_dir: Path) -> list[Path]:
     left = 0.6 + 0.055 * max(map(len, labels))  # inches for the longest model label at 8 pt
     fig, axes = plt.subplots(1, len(datasets), figsize=(left + 2.6 * len(datasets), 1.3 + 0.38 * len(models)),
                              dpi=150, sharey=True, squeeze=False)
-    palette = plt.get_cmap("tab10" if len(models) <= 10 else "tab20")  # a model's colour is its own up to 20
-    colours = [palette(k % palette.N) for k in range(len(models))]
+    colour = name_colours(models)  # a model keeps its colour in every figure (up to 20 per figure)
+    colours = [colour[m] for m in models]
     y = np.arange(len(models))[::-1]
     for ax, ds in zip(axes[0], datasets):
         rows = top[top["data"] == ds].set_index("model").reindex(models)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from figures import save_png_pdf
+from figures import name_colours, save_png_pdf
 from figures.eval import read_scores
 from probe.errors import BadInput
 
@@ -39,7 +39,7 @@ def draw_steps(result_dirs: list[Path] | Path, out: Path | None = None) -> list[
     fig, axes = plt.subplots(1, len(dirs), figsize=(0.6 + 3.4 * len(dirs), 3.3), dpi=150, sharey=True,
                              squeeze=False)
     names = list(dict.fromkeys(n for t in tables for n in t["data"]))  # one colour per data set in every panel
-    colour = {n: plt.get_cmap("tab10")(k % 10) for k, n in enumerate(names)}
+    colour = name_colours(names)
     for ax, d, t in zip(axes[0], dirs, tables):
         metric = "accuracy" if t["accuracy"].notna().any() else "prob_accuracy"
         for data, g in t.groupby("data", sort=False):
