@@ -31,9 +31,9 @@ def kl_limit(values: np.ndarray) -> tuple[float, bool]:
 
 def centred_limits(values: np.ndarray, centre: float) -> tuple[float, float]:
     """Colour limits symmetric about ``centre`` (the baseline) covering every value, so a drop of a few points
-    shows on a 7B model's grid instead of vanishing in a fixed 0-1 scale."""
+    shows on a 7B model's grid instead of vanishing in a fixed 0-100 % scale."""
     v = values[np.isfinite(values)]
-    half = max(float(np.abs(v - centre).max()) if v.size else 0.0, 1e-3)
+    half = max(float(np.abs(v - centre).max()) if v.size else 0.0, 0.1)
     return centre - half, centre + half
 
 
@@ -56,6 +56,8 @@ def draw_metric(heads: pd.DataFrame, baseline: dict, metric: str, out_stem: Path
 
     grid, layers, cols = _grid(heads, metric)
     title, cmap = PANELS[metric]
+    scale = 1.0 if metric == "kl" else 100.0  # accuracies drawn in %, as eval and the README give them
+    grid = grid * scale
     n_l, n_h = grid.shape
     # a page-wide figure at most (7 in × 9 in), so its 7-9 pt text stays that size in a paper: a 7B grid
     # (28 × 28) gets 0.19 in cells, a 72B one (80 × 64) 0.08 in cells with every other label
@@ -63,17 +65,18 @@ def draw_metric(heads: pd.DataFrame, baseline: dict, metric: str, out_stem: Path
     fig, ax = plt.subplots(figsize=(max(4.5, 1.8 + cell * n_h), max(3.5, 1.2 + cell * n_l)), dpi=150)
     base = baseline.get(metric)
     centred = metric != "kl" and isinstance(base, (int, float)) and np.isfinite(base)
+    base = base * scale if centred else base
     clipped = False
     if metric == "kl":
         (vmax, clipped), vmin = kl_limit(grid), 0.0
     elif centred:
         vmin, vmax = centred_limits(grid, float(base))
     else:
-        vmin, vmax = 0.0, 1.0
+        vmin, vmax = 0.0, 100.0
     im = ax.imshow(grid, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
     cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, extend="max" if clipped else "neither")
     cbar.set_label("KL [nats]" + (" (scale clipped at the 99th percentile)" if clipped else "") if metric == "kl"
-                   else metric.replace("_", " ") + " (colour centred on the baseline)", fontsize=8)
+                   else metric.replace("_", " ") + " [%] (colour centred on the baseline)", fontsize=8)
     if centred:
         v = grid[np.isfinite(grid)]  # the bar spans the values there are (the symmetric scale may pass 0 or 1)
         lo, hi = min(float(v.min()) if v.size else base, base), max(float(v.max()) if v.size else base, base)
@@ -87,7 +90,7 @@ def draw_metric(heads: pd.DataFrame, baseline: dict, metric: str, out_stem: Path
     ax.set_ylabel("layer", fontsize=8)
     cbar.ax.tick_params(labelsize=7)
     if n_l * n_h <= 100:  # small grids: print the values in the cells
-        fmt = "{:.3f}" if metric == "kl" else "{:.2f}"
+        fmt = "{:.3f}" if metric == "kl" else "{:.0f}"
         for i in range(n_l):
             for j in range(n_h):
                 if np.isfinite(grid[i, j]):
@@ -95,7 +98,7 @@ def draw_metric(heads: pd.DataFrame, baseline: dict, metric: str, out_stem: Path
                     dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5  # text colour by cell luminance
                     ax.text(j, i, fmt.format(grid[i, j]), ha="center", va="center", fontsize=7,
                             color="white" if dark else "black")
-    base_txt = "" if metric == "kl" else f" — baseline {baseline.get(metric, float('nan')):.3f}"
+    base_txt = "" if metric == "kl" else f" — baseline {100 * baseline.get(metric, float('nan')):.1f} %"
     n = baseline.get("n_items", "?")
     ax.set_title(f"{title}{base_txt}\n{label} (n={n} items)".strip(), fontsize=9)
     fig.tight_layout()
