@@ -226,6 +226,14 @@ def test_zoo_data_writes_fresh_training_items_never_the_validation_ones(tmp_path
         seen = {key(it) for it in valid}
         assert not [it.id for it in train if key(it) in seen], modality  # a plain draw repeats 12-16 per set
         assert [it.id for it in train][:2] == [f"train_{train[0].subject}_1", f"train_{train[0].subject}_2"]
+    import pyarrow.parquet as pq  # file names inside a row carry its id: renumbered with it
+
+    for f in (out / "image").glob("*/train-*.parquet"):
+        for r in pq.read_table(f).to_pylist():
+            assert r["image_1"]["path"].startswith(r["id"] + "_"), (r["id"], r["image_1"]["path"])
+    for f in (out / "video").glob("*/train-*.parquet"):
+        for r in pq.read_table(f).to_pylist():
+            assert all(fr["path"].startswith(r["id"] + "_") for fr in r["video"]), r["id"]
     before = sorted(p.name for p in out.rglob("*"))
     assert cli_main(main, ["data", "--out", str(out)]) == 2  # an existing dir is never written into
     assert "exists" in capsys.readouterr().err and sorted(p.name for p in out.rglob("*")) == before

@@ -175,10 +175,14 @@ def build_fresh_data(root: Path, n: int, seed: int, split: str = "train") -> dic
 
     from probe.errors import BadInput
 
+    tmp = root.parent / f".{root.name}.draw"
     for factor in (2, 4, 8, 16):
-        tmp = root.parent / f".{root.name}.draw"
         shutil.rmtree(tmp, ignore_errors=True)
-        dirs = build_data(tmp, {split: factor * n}, seed)
+        try:
+            dirs = build_data(tmp, {split: factor * n}, seed)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         short = []
         for modality, d in dirs.items():
             held = held_out_keys(modality)
@@ -186,11 +190,12 @@ def build_fresh_data(root: Path, n: int, seed: int, split: str = "train") -> dic
                 table = pq.read_table(f)
                 kept = [r for r in table.to_pylist() if item_key(r) not in held][:n]
                 short += [f"{modality}/{f.parent.name}"] if len(kept) < n else []
-                for i, r in enumerate(kept):  # ids (and frame names, which carry them) numbered 1 … n again
+                for i, r in enumerate(kept):  # ids (and image and frame names, which carry them) numbered 1 … n
                     old, new = r["id"], f"{split}_{f.parent.name}_{i + 1}"
                     r["id"] = new
-                    for frame in r.get("video") or []:
-                        frame["path"] = frame["path"].replace(f"{old}_", f"{new}_", 1)
+                    for picture in [r.get(f"image_{k}") for k in range(1, 8)] + list(r.get("video") or []):
+                        if picture and picture.get("path"):
+                            picture["path"] = picture["path"].replace(f"{old}_", f"{new}_", 1)
                 pq.write_table(pa.Table.from_pylist(kept, schema=table.schema), f, compression="zstd")
         if not short:
             shutil.rmtree(root, ignore_errors=True)
