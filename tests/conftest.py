@@ -147,6 +147,22 @@ def inputs_for(loaded, item, template=None):
     return build_inputs(loaded, item, template or PromptTemplate())
 
 
+def gate_slope(loaded, inputs, ids, layer: int, head: int, eps: float = 1e-2):
+    """d(option logits)/d(head gate) at gate 1 by a central finite difference of plain gated forwards (float64):
+    the independent oracle of the attribution engine's Jacobian."""
+    import torch
+
+    from probe.masking import HeadMask
+
+    outs = []
+    for sign in (1, -1):
+        gate = torch.ones(loaded.geometry.n_heads)
+        gate[head] += sign * eps
+        with torch.no_grad(), HeadMask(loaded, {layer: gate}):
+            outs.append(loaded.model(**inputs).logits[0, -1, ids].double())
+    return (outs[0] - outs[1]) / (2 * eps)
+
+
 def text_inputs(loaded, text: str = "Question: What colour is the circle?\nChoices:\nA. red\nB. blue\n"):
     enc = loaded.tokenizer(text, return_tensors="pt", add_special_tokens=False)
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}

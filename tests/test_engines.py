@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import FAMILIES, inputs_for, make_item
+from conftest import FAMILIES, gate_slope, inputs_for, make_item
 
 NUMERIC = ("kl", "p_answer", "prob_correct", "correct")
 EXACT_TEXT = ("item_id", "layer", "head", "pred", "prob_pred", "response")
@@ -75,7 +75,6 @@ def test_exact_without_generation_and_partial_selection(family, load_tiny, data_
 def test_attribution_jacobian_matches_finite_differences(load_tiny):
     """dz/dgate from the batched backward equals a central finite difference of the gate (fp64 oracle)."""
     from probe.attribution import option_logit_jacobian
-    from probe.masking import HeadMask
     from probe.prompting import letter_token_ids
 
     loaded = load_tiny("qwen2_vl", "eager")
@@ -86,13 +85,7 @@ def test_attribution_jacobian_matches_finite_differences(load_tiny):
     assert jac.shape == (len(ids), loaded.geometry.n_layers, loaded.geometry.n_heads)
     eps = 1e-2
     for layer, head in [(0, 0), (2, 3), (3, 1)]:
-        outs = []
-        for sign in (1, -1):
-            gate = torch.ones(loaded.geometry.n_heads)
-            gate[head] += sign * eps
-            with torch.no_grad(), HeadMask(loaded, {layer: gate}):
-                outs.append(loaded.model(**inputs).logits[0, -1, ids].double())
-        fd = (outs[0] - outs[1]) / (2 * eps)
+        fd = gate_slope(loaded, inputs, ids, layer, head, eps)
         np.testing.assert_allclose(jac[:, layer, head].double(), fd, atol=2e-4, rtol=1e-2)
     with torch.no_grad():
         clean = loaded.model(**inputs).logits[0, -1, ids]

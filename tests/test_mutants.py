@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import inputs_for, make_item
+from conftest import gate_slope, inputs_for, make_item
 
 # --------------------------------------------------------------------------------------------------------
 # probe.attribution: the masked-row estimate is z − ∂z/∂g (first order), computed here by finite differences
@@ -23,7 +23,6 @@ from conftest import inputs_for, make_item
 def _first_order_rows(loaded, item, heads, eps=1e-2):
     """Per head: (KL(p_orig ‖ p_est), p_answer) with est = z − dz/dg, dz/dg by a central finite difference of
     the head's gate (plain gated forwards), everything in float64."""
-    from probe.masking import HeadMask
     from probe.prompting import letter_token_ids
 
     inputs = inputs_for(loaded, item)
@@ -34,13 +33,7 @@ def _first_order_rows(loaded, item, heads, eps=1e-2):
     idx = item.letters.index(item.answer)
     out = []
     for layer, head in heads:
-        outs = []
-        for sign in (1, -1):
-            gate = torch.ones(loaded.geometry.n_heads)
-            gate[head] += sign * eps
-            with torch.no_grad(), HeadMask(loaded, {layer: gate}):
-                outs.append(loaded.model(**inputs).logits[0, -1, ids].double())
-        slope = (outs[0] - outs[1]) / (2 * eps)
+        slope = gate_slope(loaded, inputs, ids, layer, head, eps)
         lp = torch.log_softmax(z0 - slope, -1)  # gate 1 → 0 to first order
         out.append((float((lp0.exp() * (lp0 - lp)).sum()), float(lp[idx].exp())))
     return out
