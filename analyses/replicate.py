@@ -150,8 +150,9 @@ def stage_merge(ctx: Context) -> None:
         run_merge(cfg)
         if method == "salience":
             from figures.merge import draw_merge
+            from probe.results import note_outputs
 
-            draw_merge(out)
+            note_outputs(out, draw_merge(out))  # part of the output: a resumed stage's --overwrite replaces it
 
 
 def stage_table4(ctx: Context) -> None:

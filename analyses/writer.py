@@ -8,6 +8,7 @@ complete-looking output).
 """
 from __future__ import annotations
 
+import fnmatch
 import glob
 import json
 import os
@@ -244,8 +245,19 @@ class _WriteThread:
         self._thread.join()
 
 
-# outputs from before the manifest (probe.results.MANIFEST) are recognised by the file each command always writes
+# Outputs from before the manifest (probe.results.MANIFEST): recognised by the file each command always writes, and
+# replaced only when every name in them is one that command writes (a merge copies the base's tokenizer and
+# processor files too); anything else there is the user's and is never deleted.
 LEGACY_MARKER = {"analyses.shift": "shift.csv", "analyses.merge": "merge.json", "analyses.trajectory": "points.csv"}
+LEGACY_NAMES = {
+    "analyses.shift": ("shift.csv", "summary.json", "shift_*.png", "shift_*.pdf"),
+    "analyses.trajectory": ("points.csv", "coords.csv", "features.npz", "run.json", "trajectory_*.png",
+                            "trajectory_*.pdf"),
+    "analyses.merge": ("merge.json", "merge_weights.csv", "merge_heads.png", "merge_heads.pdf", "carriers",
+                       "config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+                       "tokenizer*", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
+                       "chat_template.*", "*processor_config.json", "preprocessor_config.json"),
+}
 
 
 def check_output(out: Path, overwrite: bool) -> None:
@@ -267,8 +279,10 @@ def check_replaceable(out: Path, overwrite: bool, command: str) -> None:
     try:
         manifest = json.loads((out / MANIFEST).read_text())
         mine = set(manifest["entries"]) if manifest["command"] == command else None
-    except (OSError, ValueError, KeyError, TypeError):
-        mine = set(names) if LEGACY_MARKER.get(command) in names else None  # written before the manifest
+    except (OSError, ValueError, KeyError, TypeError):  # written before the manifest
+        legacy = LEGACY_NAMES.get(command, ())
+        mine = ({n for n in names if any(fnmatch.fnmatchcase(n, pat) for pat in legacy)}
+                if LEGACY_MARKER.get(command) in names else None)
     if mine is None:
         raise BadInput(f"--out {out} is not an earlier {command} output (it holds {', '.join(names[:3])}"
                        f"{', …' if len(names) > 3 else ''}); --overwrite would delete it all: pick another --out")

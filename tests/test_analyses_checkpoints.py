@@ -217,10 +217,12 @@ def test_overwrite_replaces_only_an_earlier_output_of_the_same_command(zoo, tmp_
             code, err = run_cli(main, [*argv, "--out", target, "--overwrite"], capsys)
             assert code == 2 and f"is not an earlier analyses.{kind} output" in err and err.count("\n") == 1, err
     assert (runs / "a").is_dir()
-    legacy = tmp_path / "shift"  # an output from before the manifest: recognised by its shift.csv
-    for extra in ("notes.txt", "my_runs", MANIFEST):
-        p = legacy / extra
-        p.rmdir() if p.is_dir() else p.unlink()
+    legacy = tmp_path / "shift"  # an output from before the manifest: recognised by its shift.csv, and replaced
+    (legacy / "my_runs").rmdir()   # only when it holds nothing but what shift writes
+    (legacy / MANIFEST).unlink()
+    code, err = run_cli(shift.main, [*commands["shift"][1], "--out", legacy, "--overwrite"], capsys)
+    assert code == 2 and "notes.txt, which analyses.shift did not write" in err and (legacy / "notes.txt").exists()
+    (legacy / "notes.txt").unlink()
     assert run_cli(shift.main, [*commands["shift"][1], "--out", legacy, "--overwrite"], capsys)[0] == 0
 
 

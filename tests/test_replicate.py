@@ -242,6 +242,25 @@ def test_rerun_skips_unchanged_stages_and_continues_a_killed_one(quick: Path, ca
         assert f"== {name}: unchanged, skipped" in err
 
 
+def test_a_killed_merge_stage_continues(quick: Path, capsys) -> None:
+    """The salience merge's figure is drawn into its output after the merge: it must be part of that output, or a
+    resumed stage's --overwrite refuses the dir as holding files analyses.merge did not write, on every retry."""
+    out = quick
+    merged = (out / "merge" / "salience" / "model.safetensors").read_bytes()
+    state = json.loads((out / "stages" / "merge.json").read_text())
+    (out / "stages" / "merge.json").write_text(json.dumps(state | {"status": "running"}))
+    cwd = Path.cwd()
+    os.chdir(ROOT)
+    try:
+        assert cli_main(main, ["--quick", "--quiet", "--only", "merge", "--out", str(out)]) == 0, capsys.readouterr().err
+    finally:
+        os.chdir(cwd)
+    assert "merge: continuing" in capsys.readouterr().err
+    assert json.loads((out / "stages" / "merge.json").read_text())["status"] == "complete"
+    assert (out / "merge" / "salience" / "model.safetensors").read_bytes() == merged  # the same merge again
+    assert (out / "merge" / "salience" / "merge_heads.png").is_file()
+
+
 def _ctx(cfg, fps: dict[str, str] | None = None) -> Context:
     specs = [cfg.models.base, *cfg.models.experts, *cfg.data.values()]
     return Context(cfg, Path("/nowhere"), True, fps or {s: "fp0" for s in specs})
