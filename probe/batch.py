@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from probe.errors import RunStopped
 from probe.metrics import option_log_probs
 from probe.models import LoadedModel
 from probe.prompting import ItemLike
@@ -84,7 +85,7 @@ def plan_batches(inputs: Sequence[dict[str, torch.Tensor]], batch_size: int) -> 
     return batches
 
 
-class BatchDisagrees(RuntimeError):
+class BatchDisagrees(RunStopped):
     """A batched measurement differs from the same item measured alone: never report it."""
 
 

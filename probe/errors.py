@@ -11,6 +11,11 @@ class BadInput(Exception):
     """Raised for anything the user can fix: a missing file, an unknown alias, an out-of-range head."""
 
 
+class RunStopped(RuntimeError):
+    """A run-time check stopped the run before it could report a wrong number (a fast path disagreeing with its
+    oracle, a transformers internal that changed): exit 1 with one line saying what and why, no traceback."""
+
+
 class ArgParser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` whose usage errors are one line (``error: … (see --help)``, exit 2), like
     BadInput; ``--help`` still prints the full help, ending with ``examples`` (command lines, shown as written)."""
@@ -50,6 +55,9 @@ def cli_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
         where = exc.filename if exc.filename is not None else exc
         print(f"error: {where}: part of this path is a file, not a directory", file=sys.stderr)
         return 2
+    except RunStopped as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

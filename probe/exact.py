@@ -20,6 +20,7 @@ from itertools import groupby
 from typing import Any, Callable, Sequence
 
 import torch
+from probe.errors import RunStopped
 from probe.masking import HeadMask, mask_heads
 from probe.metrics import option_log_probs
 from probe.models import LoadedModel
@@ -154,7 +155,7 @@ def greedy_continue(
     return loaded.tokenizer.batch_decode(seqs, skip_special_tokens=True)
 
 
-class EngineDisagrees(RuntimeError):
+class EngineDisagrees(RunStopped):
     """The exact engine's numbers differ from the naive oracle's on the same row: never report them."""
 
 

@@ -21,6 +21,8 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from probe.errors import RunStopped
+
 TESTED_TRANSFORMERS = ("5.23.0", "5.24.0")
 
 # The names a decoder layer / model has used for its KV cache argument, newest first.
@@ -29,7 +31,7 @@ CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
 _PASS_ONLY = frozenset(CACHE_KWARGS) | {"use_cache", "hidden_states"}
 
 
-class UpstreamChanged(RuntimeError):
+class UpstreamChanged(RunStopped):
     """An internal API of transformers that the engines call no longer behaves as probe/upstream.py expects."""
 
     def __init__(self, what: str):

@@ -546,6 +546,23 @@ def test_eval_figure_fits_long_model_paths(eval_run, tmp_path):
     assert short_label("tiny-qwen2") == "tiny-qwen2"
 
 
+def test_a_stopped_run_says_why_in_one_line_and_keeps_nothing_of_that_pair(text_dir, tmp_path, capfd, monkeypatch):
+    """BatchDisagrees (like EngineDisagrees and UpstreamChanged, probe.errors.RunStopped) ends the command with exit
+    1 and one line saying what disagreed, not a traceback; the pair being measured leaves no part behind."""
+    import probe.batch as batch
+
+    collate = batch.collate
+    monkeypatch.setattr(batch, "collate", lambda *a: collate(*a) | {"attention_mask": torch.ones_like(
+        collate(*a)["attention_mask"])})
+    out = tmp_path / "run"
+    capfd.readouterr()
+    assert _eval("--models", "tiny-qwen2", "--data", text_dir, "--batch-size", "4", "--max-new-tokens", "2",
+                 "--quiet", "--out", out) == 1
+    err = [line for line in capfd.readouterr().err.splitlines() if line.startswith(("error", "Traceback"))]
+    assert len(err) == 1 and err[0].startswith("error: batched evaluation disagrees"), err
+    assert not list((out / "parts").glob("*.parquet"))
+
+
 def test_an_out_dir_in_use_by_another_command_is_refused(text_dir, tiny_dirs, tmp_path, capfd):
     """Two different runs started into one --out at once both passed the saved-run check before either wrote run.json,
     then mixed their parts. The first to write holds DIR/.lock until it exits; here another process holds it."""
