@@ -539,6 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m analyses.merge",
         examples=["python -m analyses.merge --base organism-base --models organism-vl organism-video --method average --out runs/avg",
                   "python -m analyses.merge --base organism-base --models organism-vl organism-video --method shift --shift runs/shift --carrier organism-vl --out runs/eq4",
+                  "python -m probe.heads --model organism-vl --out runs/heads-vl       # each expert's salience, on its "
+                  "own data",
+                  "python -m probe.heads --model organism-video --out runs/heads-video",
                   "python -m analyses.merge --base organism-base --models organism-vl organism-video --method salience --salience runs/heads-vl runs/heads-video --out runs/sal"],
         description="Merge the LLM backbones of modality-extended models (paper Eq. 1, 2, 4) and optionally "
         "transplant the merged LM into each multimodal carrier.",

@@ -90,20 +90,21 @@ def read_json(path: Path, source: str = "") -> dict[str, Any]:
 
 
 def name_colours(names: list[str]) -> dict[str, Any]:
-    """A colour per name that follows the name, not its place in a list: tab10's colour at crc32(name), the next
-    free one when two names of a figure meet there (tab20 beyond 10 names). The same model (or data set) keeps its
-    colour from figure to figure whatever else is drawn beside it."""
+    """A colour per name that follows the name, not its place in a list: tab10's colour at crc32(name). Two names of
+    a figure that meet there are settled in sorted order (the later one takes the next free colour), so the same
+    names get the same colours whatever their order, and a name keeps its colour in every figure where it meets no
+    such clash. Beyond 10 names tab20 serves (then every colour differs from the ≤ 10 case)."""
     import zlib
 
     import matplotlib.pyplot as plt
 
-    palette = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
-    taken: dict[int, str] = {}
+    palette = plt.get_cmap("tab10" if len(set(names)) <= 10 else "tab20")
+    taken: set[int] = set()
     out = {}
-    for name in names:
-        k = zlib.crc32(str(name).encode()) % palette.N
+    for name in sorted(set(map(str, names))):
+        k = zlib.crc32(name.encode()) % palette.N
         while k in taken and len(taken) < palette.N:
             k = (k + 1) % palette.N
-        taken.setdefault(k, name)
+        taken.add(k)
         out[name] = palette(k)
-    return out
+    return {n: out[str(n)] for n in names}

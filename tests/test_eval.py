@@ -510,6 +510,15 @@ def test_a_model_dir_missing_its_tokenizer_or_processor_is_bad_input(family, rem
     assert not out.exists()
 
 
+def test_a_name_keeps_its_colour_whatever_the_order_and_company():
+    from figures import name_colours
+
+    a = name_colours(["image", "image_single", "text", "video"])  # image and image_single meet at one colour
+    assert name_colours(["video", "text", "image_single", "image"]) == a  # order does not matter
+    assert len(set(a.values())) == 4
+    assert name_colours(["text", "organism-vl"])["text"] == a["text"]  # nor other names that do not clash
+
+
 def test_figures_eval_redraws(eval_run, tmp_path):
     import shutil
 

@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def make_data(out: Path, n: int, seed: int, split: str) -> int:
     """``probe.zoo data``: the organisms' generators into a new dir, written whole or not at all."""
+    import os
     import re
     import shutil
 
@@ -61,7 +62,7 @@ def make_data(out: Path, n: int, seed: int, split: str) -> int:
     check_out_path(out)
     if out.exists():
         raise BadInput(f"--out {out} exists; pick a new directory")
-    tmp = out.parent / f".{out.name}.partial"
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"  # two runs at once never share it
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         dirs = build_fresh_data(tmp, n, seed, split)

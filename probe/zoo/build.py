@@ -166,8 +166,8 @@ def build_fresh_data(root: Path, n: int, seed: int, split: str = "train") -> dic
     """``n`` items per subject of every modality, none of them an item of the shipped validation sets.
 
     The generators draw each split independently from small task spaces, so a plain ``build_data`` train split
-    repeats validation items (24 per subject at seed 1: 12 of 128 text, 13 of 128 image, 16 of 96 single-image
-    validation items; the organisms' own 1,500 per subject hold 61 / 76 / 78 / 32 of them). Here each subject draws
+    repeats validation items (24 per subject at seed 1: 12 of 128 text, 13 of 128 image, 16 of 96 single-image, 1 of
+    96 video validation items; the organisms' own 1,500 per subject hold 61 / 76 / 78 / 32 of them). Here each subject draws
     twice as many (more if needed), drops those, keeps the first ``n`` and renumbers them.
     """
     import pyarrow as pa
