@@ -273,6 +273,9 @@ def check_replaceable(out: Path, overwrite: bool, command: str) -> None:
     Called once the inputs are known not to be in ``out`` (that refusal names the input), before any work."""
     if not (overwrite and out.is_dir()):
         return
+    if Path.cwd().resolve().is_relative_to(out.resolve()):  # the swap renames the dir a shell is working in
+        raise BadInput(f"--out {out} holds the current directory; --overwrite cannot replace it from inside: "
+                       "run the command from elsewhere")
     names = sorted(p.name for p in out.iterdir())
     if not names:
         return

@@ -217,6 +217,19 @@ def test_overwrite_replaces_only_an_earlier_output_of_the_same_command(zoo, tmp_
             code, err = run_cli(main, [*argv, "--out", target, "--overwrite"], capsys)
             assert code == 2 and f"is not an earlier analyses.{kind} output" in err and err.count("\n") == 1, err
     assert (runs / "a").is_dir()
+    import os
+
+    clean = tmp_path / "clean"
+    assert run_cli(shift.main, [*commands["shift"][1], "--out", clean], capsys)[0] == 0
+    cwd = Path.cwd()
+    os.chdir(clean)  # --out . from inside an earlier output: the swap would rename the shell's dir (a traceback)
+    try:
+        before = sorted(p.name for p in Path(".").iterdir())
+        code, err = run_cli(shift.main, [*commands["shift"][1], "--out", ".", "--overwrite"], capsys)
+        assert code == 2 and "holds the current directory" in err and err.count("\n") == 1, err
+        assert sorted(p.name for p in Path(".").iterdir()) == before
+    finally:
+        os.chdir(cwd)
     legacy = tmp_path / "shift"  # an output from before the manifest: recognised by its shift.csv, and replaced
     (legacy / "my_runs").rmdir()   # only when it holds nothing but what shift writes
     (legacy / MANIFEST).unlink()
