@@ -25,7 +25,7 @@ import torch
 
 from analyses.checkpoints import DTYPE_NAMES
 from probe.errors import BadInput, check_out_path
-from probe.results import MANIFEST, atomic_write_json, copy_file, pid_alive
+from probe.results import MANIFEST, atomic_write_json, copy_file, output_listing, pid_alive
 
 INDEX_NAME = "model.safetensors.index.json"
 Chunk = torch.Tensor | memoryview | bytes
@@ -282,14 +282,20 @@ def check_replaceable(out: Path, overwrite: bool, command: str) -> None:
     try:
         manifest = json.loads((out / MANIFEST).read_text())
         mine = set(manifest["entries"]) if manifest["command"] == command else None
-    except (OSError, ValueError, KeyError, TypeError):  # written before the manifest
+        present = output_listing(out)  # every file and folder, so one added inside carriers/ counts too
+    except (OSError, ValueError, KeyError, TypeError):  # written before the manifest: its top level, by name
         legacy = LEGACY_NAMES.get(command, ())
         mine = ({n for n in names if any(fnmatch.fnmatchcase(n, pat) for pat in legacy)}
                 if LEGACY_MARKER.get(command) in names else None)
+        present = names
     if mine is None:
         raise BadInput(f"--out {out} is not an earlier {command} output (it holds {', '.join(names[:3])}"
                        f"{', …' if len(names) > 3 else ''}); --overwrite would delete it all: pick another --out")
-    if foreign := [n for n in names if n not in mine and n != MANIFEST]:
+    foreign: list[str] = []
+    for x in present:  # the outermost foreign paths only: a foreign folder stands for what is inside it
+        if x not in mine and x != MANIFEST and not any(x.startswith(f + "/") for f in foreign):
+            foreign.append(x)
+    if foreign:
         raise BadInput(f"--out {out} holds {', '.join(foreign[:3])}{', …' if len(foreign) > 3 else ''}, which "
                        f"{command} did not write; --overwrite would delete it: move it out or pick another --out")
 
@@ -331,7 +337,7 @@ def atomic_dir(out: Path, overwrite: bool, command: str) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic_write_json(tmp / MANIFEST, {"command": command, "entries": sorted(p.name for p in tmp.iterdir())})
+    atomic_write_json(tmp / MANIFEST, {"command": command, "entries": output_listing(tmp)})
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         out.rename(old)

@@ -108,13 +108,20 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
 
 
-# Top-level entries an analyses command (shift, merge, trajectory) wrote into its --out: its --overwrite replaces
-# only such an output (analyses.writer.check_replaceable), and `python -m figures` adds what it draws there.
+# Every file and folder an analyses command (shift, merge, trajectory) wrote into its --out, as paths relative to it:
+# its --overwrite replaces only such an output with nothing added anywhere inside (analyses.writer.check_replaceable),
+# and `python -m figures` adds what it draws there.
 MANIFEST = ".omniprobe-output.json"
 
 
+def output_listing(out: Path) -> list[str]:
+    """Every file and folder below ``out`` but the manifest, as sorted POSIX paths relative to ``out``."""
+    root = Path(out)
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.name != MANIFEST or p.parent != root)
+
+
 def note_outputs(out: Path, paths: Iterable[Path]) -> None:
-    """Add the top-level names of ``paths`` (files drawn into ``out``) to ``out``'s manifest, if it has one."""
+    """Add ``paths`` (files drawn into ``out``) and the folders holding them to ``out``'s manifest, if it has one."""
     manifest = Path(out) / MANIFEST
     try:
         saved = json.loads(manifest.read_text())
@@ -124,7 +131,8 @@ def note_outputs(out: Path, paths: Iterable[Path]) -> None:
     root = Path(out).resolve()
     for path in map(lambda q: Path(q).resolve(), paths):
         if path != root and path.is_relative_to(root):
-            entries.add(path.relative_to(root).parts[0])
+            parts = path.relative_to(root).parts
+            entries.update("/".join(parts[:k]) for k in range(1, len(parts) + 1))
     atomic_write_json(manifest, saved | {"entries": sorted(entries)})
 
 

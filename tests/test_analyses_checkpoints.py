@@ -194,7 +194,7 @@ def test_overwrite_replaces_only_an_earlier_output_of_the_same_command(zoo, tmp_
 
     commands = {
         "shift": (shift.main, ["--base", zoo["base"], "--models", zoo["vl"], "--no-figures"]),
-        "merge": (merge.main, ["--models", zoo["base"], zoo["q1"], "--method", "average"]),
+        "merge": (merge.main, ["--models", zoo["base"], zoo["q1"], "--method", "average", "--carrier", zoo["vl"]]),
         "trajectory": (trajectory.main, ["--base", zoo["base"], "--experts", zoo["vl"], zoo["q1"], "--no-figures"]),
     }
     for kind, (main, argv) in commands.items():
@@ -204,11 +204,20 @@ def test_overwrite_replaces_only_an_earlier_output_of_the_same_command(zoo, tmp_
         if kind != "merge":  # figures drawn later into a --no-figures output are part of it
             assert run_cli(figures_main, [kind, str(out)], capsys)[0] == 0
         assert run_cli(main, [*argv, "--out", out, "--overwrite"], capsys)[0] == 0  # its own: replaced
+        if kind == "merge":  # a file added deep inside the output (a carrier) is the user's too
+            inner = out / "carriers" / next(p.name for p in (out / "carriers").iterdir()) / "my_eval.csv"
+            inner.write_text("mine")
+            code, err = run_cli(main, [*argv, "--out", out, "--overwrite"], capsys)
+            assert code == 2 and f"{inner.relative_to(out).as_posix()}, which" in err, err
+            assert inner.read_text() == "mine"
+            inner.unlink()
         (out / "notes.txt").write_text("mine")
         (out / "my_runs").mkdir()
+        (out / "my_runs" / "a.csv").write_text("mine")
         before = sorted((p.relative_to(out), p.is_file() and p.read_bytes()) for p in out.rglob("*"))
         code, err = run_cli(main, [*argv, "--out", out, "--overwrite"], capsys)
-        assert code == 2 and err.count("\n") == 1 and "my_runs, notes.txt, which" in err and "did not write" in err
+        assert code == 2 and err.count("\n") == 1 and "did not write" in err, err
+        assert "my_runs, " in err and "notes.txt, which" in err and "my_runs/a.csv" not in err, err
         assert sorted((p.relative_to(out), p.is_file() and p.read_bytes()) for p in out.rglob("*")) == before
     runs = tmp_path / "runs"  # a folder of other things, or another command's output
     (runs / "a").mkdir(parents=True)
@@ -230,8 +239,10 @@ def test_overwrite_replaces_only_an_earlier_output_of_the_same_command(zoo, tmp_
         assert sorted(p.name for p in Path(".").iterdir()) == before
     finally:
         os.chdir(cwd)
+    import shutil
+
     legacy = tmp_path / "shift"  # an output from before the manifest: recognised by its shift.csv, and replaced
-    (legacy / "my_runs").rmdir()   # only when it holds nothing but what shift writes
+    shutil.rmtree(legacy / "my_runs")   # only when it holds nothing but what shift writes
     (legacy / MANIFEST).unlink()
     code, err = run_cli(shift.main, [*commands["shift"][1], "--out", legacy, "--overwrite"], capsys)
     assert code == 2 and "notes.txt, which analyses.shift did not write" in err and (legacy / "notes.txt").exists()
