@@ -47,7 +47,8 @@ class Eval:
 @dataclass(frozen=True)
 class Train:
     """Training items: ``generate`` > 0 writes that many per subject with the organisms' generators
-    (``probe.zoo.build.build_data``, split ``train``, seed ``seed``); else ``data`` names MMMU-layout dirs."""
+    (``probe.zoo.build.build_fresh_data``, split ``train``, seed ``seed``: none a validation item); else ``data``
+    names MMMU-layout dirs."""
 
     generate: int = 0
     seed: int = 1

@@ -3,10 +3,12 @@ the package so that every command means something offline (issue 4).
 
 ``organism_dir(name)`` is what ``probe.models`` calls for a ``organism:<name>`` source. The organisms are
 ordinary Hugging Face model directories under ``probe/zoo/organisms/organism-<name>/``; their validation sets
-(MMMU-format parquet) are under ``probe/zoo/data/<modality>/``. The organisms' training split was drawn
-independently and holds exact copies of part of them (README, "How held out is 'held out'?"); training items
-made since (``probe.zoo.build.build_fresh_data``) exclude them. ``python -m probe.zoo build`` regenerates all of
-it deterministically.
+(MMMU-format parquet) are under ``probe/zoo/data/<modality>/``. Three subjects (Knowledge, Colour_Shape,
+Spatial) are closed sets the training split enumerates whole, so half the validation items are training items:
+the sets measure in-distribution skill (README, "How held out is 'held out'?"; ``build --exclude-validation``
+trains without them). No item of ``probe.zoo.build.build_fresh_data`` is a validation item of any set.
+``python -m probe.zoo build`` regenerates all of it, deterministically on one machine (another CPU's rounding
+trains other weights; README, "Build time").
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""python -m probe.zoo build --out DIR [--quick] [--steps N] [--seed S] [--ship]
+"""python -m probe.zoo build --out DIR [--quick] [--steps N] [--seed S] [--exclude-validation] [--ship]
 python -m probe.zoo data --out DIR [--n 24] [--seed 1] [--split train]"""
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from probe.errors import ArgParser
 def main(argv: list[str] | None = None) -> int:
     ap = ArgParser(prog="python -m probe.zoo", description="Build the trained tiny organisms.")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="regenerate data and organisms deterministically")
+    b = sub.add_parser("build", help="regenerate data and organisms (deterministic on one machine; another CPU "
+                       "rounds differently and trains other weights)")
     b.add_argument("--out", type=Path, required=True, metavar="DIR",
                    help="where data/, organism-*/ and quality.json are written")
     b.add_argument("--quick", action="store_true", help="tiny data and few steps (CI smoke test)")
@@ -23,6 +24,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="keep organisms already built in --out with the same recipe (resume an interrupted build)")
     b.add_argument("--only", nargs="+", choices=("base", "vl", "ov-si", "video"), default=None,
                    help="build only these organisms (the others must already be in --out; with --reuse)")
+    b.add_argument("--exclude-validation", action="store_true",
+                   help="train on the train splits less every validation item of any set, to measure how the "
+                   "organisms generalise to what they never saw (the shipped organisms are built without it: three "
+                   "subjects are closed sets the train split enumerates whole; README, \"How held out\")")
     b.add_argument("--ship", action="store_true", help="copy the result into the package (maintainers)")
     d = sub.add_parser("data", help="fresh MMMU-format items of the organisms' tasks, none of them a validation "
                        "item (e.g. a train split to fine-tune on; the shipped sets are validation only)")
@@ -42,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps is not None and args.steps < 1:
         raise BadInput("--steps must be >= 1")
     build(args.out, quick=args.quick, steps=args.steps, seed=args.seed, threads=args.threads, reuse=args.reuse,
-          only=args.only)
+          only=args.only, exclude_validation=args.exclude_validation)
     if args.ship:
         ship(args.out)
     return 0

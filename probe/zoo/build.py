@@ -115,8 +115,16 @@ def log(msg: str) -> None:
 # ------------------------------------------------------------------------------------------- data
 
 
-def build_data(root: Path, sizes: dict[str, int], seed: int = 0) -> dict[str, Path]:
-    """MMMU-format parquet per modality: text, image (4 subjects), image_single (3), video (3)."""
+def build_data(root: Path, sizes: dict[str, int], seed: int = 0, held_out: str | None = None) -> dict[str, Path]:
+    """MMMU-format parquet per modality: text, image (4 subjects), image_single (3), video (3).
+
+    The generators draw each split independently, and three subjects are small closed sets that 1,500 draws
+    enumerate whole (Knowledge's 36 facts, Colour_Shape's 160 and Spatial's 80 items; README, "How held out is
+    'held out'?"), so a train split drawn as is holds every validation item of those (at 1,500 per subject: 61 of
+    128 text, 76 of 128 image, 78 of 96 single-image and 32 of 96 video items in all). With ``held_out`` (e.g.
+    "validation") every other split drops the items of that split of every modality (the image and single-image
+    sets share those scenes), which measures generalisation to the combinations left out.
+    """
     from probe.synthetic import write_mmmu_parquet
 
     out = {}
@@ -132,7 +140,41 @@ def build_data(root: Path, sizes: dict[str, int], seed: int = 0) -> dict[str, Pa
         out[modality] = root / modality
     tasks_video.build_video_dataset(root / "video", sizes, seed, IMAGE_SIZE)
     out["video"] = root / "video"
+    if held_out in sizes:
+        held = {item_key(r) for d in out.values() for r in _rows(d, held_out)}
+        for d in out.values():
+            for split in sizes:
+                if split != held_out:
+                    drop_items(d, split, held)
     return out
+
+
+def _rows(d: Path, split: str) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return [r for f in sorted(d.glob(f"*/{split}-*.parquet")) for r in pq.read_table(f).to_pylist()]
+
+
+def drop_items(d: Path, split: str, held: set[tuple], n: int | None = None) -> list[str]:
+    """Rewrite each subject's ``split`` file of MMMU-layout ``d`` without the items whose ``item_key`` is in
+    ``held``, keeping the first ``n`` (all when None) and renumbering ids 1 … k; returns the subjects left with
+    fewer than ``n``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    short = []
+    for f in sorted(d.glob(f"*/{split}-*.parquet")):
+        table = pq.read_table(f)
+        kept = [r for r in table.to_pylist() if item_key(r) not in held][:n]
+        short += [f.parent.name] if n is not None and len(kept) < n else []
+        for i, r in enumerate(kept):  # ids (and image and frame names, which carry them) numbered 1 … k
+            old, new = r["id"], f"{split}_{f.parent.name}_{i + 1}"
+            r["id"] = new
+            for picture in [r.get(f"image_{k}") for k in range(1, 8)] + list(r.get("video") or []):
+                if picture and picture.get("path"):
+                    picture["path"] = picture["path"].replace(f"{old}_", f"{new}_", 1)
+        pq.write_table(pa.Table.from_pylist(kept, schema=table.schema), f, compression="zstd")
+    return short
 
 
 def _png_pixels(png: bytes) -> bytes:
@@ -152,27 +194,20 @@ def item_key(row: dict[str, Any]) -> tuple:
     return row["question"], row["options"], tuple(map(_png_pixels, pictures)), tuple(map(_png_pixels, frames))
 
 
-def held_out_keys(modality: str) -> set[tuple]:
-    """The items of the shipped validation set of ``modality`` (what every report is measured on)."""
-    import pyarrow.parquet as pq
-
+def held_out_keys() -> set[tuple]:
+    """The items of the shipped validation sets, every modality (what every report is measured on)."""
     from probe.zoo import validation_dir
 
-    return {item_key(r) for f in sorted(validation_dir(modality).glob("*/validation-*.parquet"))
-            for r in pq.read_table(f).to_pylist()}
+    return {item_key(r) for m in MODALITY_SUBJECTS for r in _rows(validation_dir(m), "validation")}
 
 
 def build_fresh_data(root: Path, n: int, seed: int, split: str = "train") -> dict[str, Path]:
     """``n`` items per subject of every modality, none of them an item of the shipped validation sets.
 
-    The generators draw each split independently from small task spaces, so a plain ``build_data`` train split
-    repeats validation items (24 per subject at seed 1: 12 of 128 text, 13 of 128 image, 16 of 96 single-image, 1 of
-    96 video validation items; the organisms' own 1,500 per subject hold 61 / 76 / 78 / 32 of them). Here each subject draws
-    twice as many (more if needed), drops those, keeps the first ``n`` and renumbers them.
+    Each subject draws twice as many (more if needed), drops the validation items, keeps the first ``n`` and
+    renumbers them (24 per subject at seed 1 would otherwise repeat, within each modality alone, 12 of 128 text,
+    13 of 128 image, 16 of 96 single-image and 1 of 96 video validation items).
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     from probe.errors import BadInput
 
     tmp = root.parent / f".{root.name}.draw"
@@ -180,23 +215,11 @@ def build_fresh_data(root: Path, n: int, seed: int, split: str = "train") -> dic
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             dirs = build_data(tmp, {split: factor * n}, seed)
+            held = held_out_keys()
+            short = [f"{m}/{s}" for m, d in dirs.items() for s in drop_items(d, split, held, n)]
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        short = []
-        for modality, d in dirs.items():
-            held = held_out_keys(modality)
-            for f in sorted(d.glob(f"*/{split}-*.parquet")):
-                table = pq.read_table(f)
-                kept = [r for r in table.to_pylist() if item_key(r) not in held][:n]
-                short += [f"{modality}/{f.parent.name}"] if len(kept) < n else []
-                for i, r in enumerate(kept):  # ids (and image and frame names, which carry them) numbered 1 … n
-                    old, new = r["id"], f"{split}_{f.parent.name}_{i + 1}"
-                    r["id"] = new
-                    for picture in [r.get(f"image_{k}") for k in range(1, 8)] + list(r.get("video") or []):
-                        if picture and picture.get("path"):
-                            picture["path"] = picture["path"].replace(f"{old}_", f"{new}_", 1)
-                pq.write_table(pa.Table.from_pylist(kept, schema=table.schema), f, compression="zstd")
         if not short:
             shutil.rmtree(root, ignore_errors=True)
             tmp.rename(root)
@@ -570,8 +593,11 @@ def _lane(names: Sequence[str], out: Path, tok, data: dict[str, Path], splits, r
 
 
 def build(out: Path, quick: bool = False, steps: int | None = None, seed: int = 0, threads: int = 2,
-          reuse: bool = False, only: Sequence[str] | None = None) -> dict[str, Any]:
-    """Regenerate data and all four organisms under ``out``; returns the quality table (also quality.json)."""
+          reuse: bool = False, only: Sequence[str] | None = None, exclude_validation: bool = False) -> dict[str, Any]:
+    """Regenerate data and all four organisms under ``out``; returns the quality table (also quality.json).
+
+    ``exclude_validation``: train on the train splits less every validation item (``build_data``'s ``held_out``);
+    the shipped organisms were built without it."""
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
@@ -583,15 +609,21 @@ def build(out: Path, quick: bool = False, steps: int | None = None, seed: int = 
     out.mkdir(parents=True, exist_ok=True)
     sizes = QUICK_DATA if quick else FULL_DATA
     log(f"data → {out / 'data'}")
-    if reuse and all((out / "data" / m).is_dir() for m in MODALITY_SUBJECTS):
+    held_out = "validation" if exclude_validation else None
+    stamp = {"seed": seed, "sizes": sizes, "train_excludes": held_out}
+    reuse = reuse and _read_json(out / "data" / "build.json") == stamp  # organisms of other data are rebuilt
+    if reuse:
         data = {m: out / "data" / m for m in MODALITY_SUBJECTS}  # resuming: same seed, same data
     else:
-        data = build_data(out / "data", sizes, seed)
+        data = build_data(out / "data", sizes, seed, held_out)
+        (out / "data" / "build.json").write_text(json.dumps(stamp))
     items = _load_items(data, sizes)
     log(f"tokenizer ({time.time() - t_start:.0f}s)")
     tok = build_tokenizer(tokenizer_corpus(seed), 1024)
     recipes = {k: _shortened(r, quick, steps) for k, r in FULL.items()}
-    quality: dict[str, Any] = {"seed": seed, "quick": quick, "organisms": {}}
+    quality: dict[str, Any] = {"seed": seed, "quick": quick, "organisms": {},
+                               "train_items": {m: len(v["train"]) for m, v in items.items()},
+                               "train_excludes": held_out}
     todo, built = [], {}
     for name in OWN:
         d = out / f"organism-{name}"
@@ -627,6 +659,10 @@ def build(out: Path, quick: bool = False, steps: int | None = None, seed: int = 
         (out / "quality.json").write_text(json.dumps(quality, indent=1))
     log(f"done in {quality['build_seconds']}s")
     return quality
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def ship(out: Path) -> None:
