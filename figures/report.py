@@ -21,6 +21,7 @@ from figures import paper, read_json, save_figure
 from figures.findings import Finding, findings
 from figures.results import METHOD_LABELS, EvalRun, Replication, short
 from probe.errors import BadInput
+from probe.zoo import ORGANISMS, VALIDATION_NOTE
 
 FIG_DIR = "report_figures"
 MAX_WIDTH = 1100  # px: figures are downscaled to this so the committed example stays small
@@ -224,6 +225,8 @@ def build(r: Replication, figdir: Path) -> Doc:
     if any(r.paper_name(e) for e in r.experts):
         d.p("Stand-ins: " + "; ".join(f"`{e}` for {r.paper_name(e)}" for e in r.experts) + f"; `{r.base}` for the "
             "base LLM (Qwen2-7B-Instruct).")
+    if {r.base, *r.experts} <= {f"organism-{n}" for n in ORGANISMS}:
+        d.p(VALIDATION_NOTE)
     d.h(2, "Findings at a glance")
     d.p("Each line: the verdict, where the paper says it, and the paper's claim; the numbers and the criterion "
         "that decided it follow in the section.")
