@@ -21,7 +21,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="CPU threads (default 2): organism-base trains on all; the three extensions on threads // 2 "
                    "each, in two processes at once when there are two or more")
     b.add_argument("--reuse", action="store_true",
-                   help="keep organisms already built in --out with the same recipe (resume an interrupted build)")
+                   help="keep the data and the organisms already built in --out from the same seed, sizes, "
+                   "--exclude-validation and recipe (resume an interrupted build); anything else is rebuilt")
     b.add_argument("--only", nargs="+", choices=("base", "vl", "ov-si", "video"), default=None,
                    help="build only these organisms (the others must already be in --out; with --reuse)")
     b.add_argument("--exclude-validation", action="store_true",
