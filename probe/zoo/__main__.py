@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="train on the train splits less every validation item of any set, to measure how the "
                    "organisms generalise to what they never saw (the shipped organisms are built without it: three "
                    "subjects are closed sets the train split enumerates whole; README, \"How held out\")")
-    b.add_argument("--ship", action="store_true", help="copy the result into the package (maintainers)")
+    b.add_argument("--ship", action="store_true", help="copy the result into the package (maintainers); refused "
+                   "when an organism misses the 90 %% bar on its own modality")
     d = sub.add_parser("data", help="fresh MMMU-format items of the organisms' tasks, none of them a validation "
                        "item (e.g. a train split to fine-tune on; the shipped sets are validation only)")
     d.add_argument("--out", type=Path, required=True, metavar="DIR",

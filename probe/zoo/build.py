@@ -100,6 +100,8 @@ FULL = {
                     batch=16, vision_steps=300, vision_head="flat", image_mix=0.2,
                     stands_for="LLaVA-Video: LLaVA-OneVision's stages on video, OneVision image data mixed in"),
 }
+# Own-modality accuracy every shipped organism reaches (tests/test_zoo.py; a build that misses it is not shipped).
+BAR = 0.9
 # Items per subject per split.
 FULL_DATA = {"train": 1500, "validation": 32}
 QUICK_DATA = {"train": 24, "validation": 8}
@@ -658,7 +660,15 @@ def build(out: Path, quick: bool = False, steps: int | None = None, seed: int = 
     if not only:
         (out / "quality.json").write_text(json.dumps(quality, indent=1))
     log(f"done in {quality['build_seconds']}s")
+    for name, entry in quality["organisms"].items():  # another machine's build can land on either side of it
+        mark = "" if entry["own"]["accuracy"] >= BAR else f"  BELOW the {BAR:.0%} bar"
+        log(f"{name}: own {entry['own']['accuracy']:.1%} ({entry['own']['modality']}){mark}")
     return quality
+
+
+def below_bar(quality: dict[str, Any]) -> list[str]:
+    """The organisms of a quality table whose own-modality accuracy misses ``BAR``."""
+    return [name for name, entry in quality["organisms"].items() if entry["own"]["accuracy"] < BAR]
 
 
 def _read_json(path: Path) -> Any:
@@ -666,10 +676,18 @@ def _read_json(path: Path) -> Any:
 
 
 def ship(out: Path) -> None:
-    """Copy built organisms and the validation sets into the package (probe/zoo/organisms, probe/zoo/data)."""
+    """Copy built organisms and the validation sets into the package (probe/zoo/organisms, probe/zoo/data); a
+    build whose organisms miss the bar on their own modality is refused (the tests hold the shipped ones to it)."""
+    from probe.errors import BadInput
     from probe.zoo import organisms_root, package_root
 
     out = Path(out)
+    quality = _read_json(out / "quality.json")
+    if quality is None or quality.get("quick") or set(quality["organisms"]) != {f"organism-{n}" for n in OWN}:
+        raise BadInput(f"{out} holds no complete full build (quality.json of all four organisms): nothing shipped")
+    if below_bar(quality):
+        raise BadInput(f"not shipped: {', '.join(below_bar(quality))} below the {BAR:.0%} bar on its own modality "
+                       f"({out / 'quality.json'})")
     for name in ("base", "vl", "ov-si", "video"):
         src, dst = out / f"organism-{name}", organisms_root() / f"organism-{name}"
         if dst.exists():
