@@ -2,12 +2,73 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Mapping
 
 from probe.errors import BadInput
 
 NA_TEXT = ("", "nan")  # how a saved table spells a missing number (pandas writes NaN as an empty cell)
+# inches: the largest figure a paper page takes whole. Every figure is drawn at most this size with its text at
+# 7-10 pt, so the text stays that size when the figure goes into a paper (a wider one would be scaled down)
+PAGE_WIDTH, PAGE_HEIGHT = 7.0, 9.0
+
+
+def page_grid(n: int, min_width: float, margin: float = 0.0) -> tuple[int, int]:
+    """(rows, columns) for ``n`` panels on a page: as many columns as fit PAGE_WIDTH at ``min_width`` inches each
+    beside ``margin`` (at least one), then as few rows as that allows, and for those rows as few columns (4 panels
+    with room for 3 go 2 × 2, not 3 + 1)."""
+    cols = max(1, min(n, int((PAGE_WIDTH - margin + 1e-9) // min_width)))
+    rows = math.ceil(n / cols)
+    return rows, math.ceil(n / rows)
+
+
+def page_panels(n: int, width: float, height: float, min_width: float, margin: tuple[float, float] = (0.0, 0.0),
+                stack: int = 1, **subplots: Any) -> tuple[Any, list[Any]]:
+    """A figure of ``n`` panels wrapped into rows (``page_grid``) to fit a page: each panel ``width`` × ``height``
+    inches, squeezed when the page is smaller (to ``min_width`` at the least, where one fits), plus ``margin`` (width, height)
+    for what the whole figure has once (labels of the first column, a suptitle, a legend). A panel is ``stack``
+    axes above one another (e.g. two heatmaps of one model); the grid's unused axes in the last row are hidden.
+    Returns the figure and, per panel in row-major order, its column of ``stack`` axes."""
+    import matplotlib.pyplot as plt
+
+    rows, cols = page_grid(n, min_width, margin[0])
+    size = (min(margin[0] + width * cols, PAGE_WIDTH), min(margin[1] + height * rows, PAGE_HEIGHT))
+    fig, axes = plt.subplots(rows * stack, cols, figsize=size, squeeze=False, **subplots)
+    panels = [axes[stack * (k // cols):stack * (k // cols + 1), k % cols] for k in range(rows * cols)]
+    for unused in panels[n:]:
+        for ax in unused:
+            ax.set_visible(False)
+    return fig, panels[:n]
+
+
+def fit_page(fig: Any, pad: float = 0.1) -> None:
+    """A figure saved with ``bbox_inches="tight"`` is as big as what is drawn (plus ``pad`` each side), not its
+    size: text past an axes' edge (a point's label, a long title) widens it. Shrink the figure until that fits the
+    page, the layout's proportions kept."""
+    for _ in range(5):
+        box = fig.get_tightbbox(fig.canvas.get_renderer())
+        over = box.width + 2 * pad - PAGE_WIDTH, box.height + 2 * pad - PAGE_HEIGHT
+        if max(over) <= 0:
+            return
+        w, h = fig.get_size_inches()
+        fig.set_size_inches(w - max(over[0], 0) - 0.01, h - max(over[1], 0) - 0.01)
+
+
+def label_step(cell: float, gap: float = 0.15) -> int:
+    """Label every k-th row or column of a heatmap whose cells are ``cell`` inches, so 7 pt labels stay ``gap``
+    inches apart."""
+    return max(1, math.ceil(gap / cell))
+
+
+def heatmap_ticks(ax: Any, rows: list[Any], cols: list[Any], fontsize: float = 7) -> None:
+    """Tick labels of a heatmap drawn on ``ax`` (``rows`` down, ``cols`` across): every one while they stay 0.15 in
+    apart at the axes' present size (before ``tight_layout``, which mostly widens it), else every k-th."""
+    box = ax.get_position()
+    w, h = ax.figure.get_size_inches()
+    across, down = label_step(box.width * w / max(len(cols), 1)), label_step(box.height * h / max(len(rows), 1))
+    ax.set_xticks(range(0, len(cols), across), [str(c) for c in cols[::across]], fontsize=fontsize)
+    ax.set_yticks(range(0, len(rows), down), [str(r) for r in rows[::down]], fontsize=fontsize)
 
 
 def save_figure(fig: Any, path: Path, **savefig: Any) -> Path:

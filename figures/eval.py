@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from figures import name_colours, read_table, save_png_pdf
+from figures import name_colours, page_panels, read_table, save_png_pdf
 from probe.errors import BadInput
 
 SCORES = {"model": str, "data": str, "subject": str, "n_items": int,
@@ -44,7 +44,6 @@ def draw_eval(result_dir: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     scores = read_scores(result_dir)
     top = scores[scores["subject"] == "all"]
@@ -53,12 +52,13 @@ def draw_eval(result_dir: Path) -> list[Path]:
     datasets = list(dict.fromkeys(top["data"]))
     labels = [short_label(m) for m in models]
     left = 0.6 + 0.055 * max(map(len, labels))  # inches for the longest model label at 8 pt
-    fig, axes = plt.subplots(1, len(datasets), figsize=(left + 2.6 * len(datasets), 1.3 + 0.38 * len(models)),
-                             dpi=150, sharey=True, squeeze=False)
+    # one panel per data set, wrapped into rows on a page (12 models × 4 sets: 2 × 2); each row has the labels
+    fig, panels = page_panels(len(datasets), 2.6, 0.8 + 0.38 * len(models), min_width=1.9, margin=(left, 0.5),
+                              dpi=150, sharey=True)
     colour = name_colours(models)  # a model keeps its colour in every figure (up to 20 per figure)
     colours = [colour[m] for m in models]
     y = np.arange(len(models))[::-1]
-    for ax, ds in zip(axes[0], datasets):
+    for (ax,), ds in zip(panels, datasets):
         rows = top[top["data"] == ds].set_index("model").reindex(models)
         totals = [set_size(r) for _, r in rows.iterrows()]
         n = max(totals)
@@ -79,8 +79,8 @@ def draw_eval(result_dir: Path) -> list[Path]:
         ax.grid(axis="x", alpha=0.3)
         ax.set_xlabel(f"{metric.replace('_', ' ')} [%]", fontsize=8)
         ax.tick_params(labelsize=8)
-    axes[0][0].set_yticks(y)
-    axes[0][0].set_yticklabels(labels, fontsize=8)
+    panels[0][0].set_yticks(y)  # shared: every row's first panel shows them
+    panels[0][0].set_yticklabels(labels, fontsize=8)
     fig.suptitle("Evaluation, 95 % bootstrap intervals", fontsize=10)
     fig.tight_layout()
     return save_png_pdf(fig, result_dir, "eval")

@@ -1,16 +1,14 @@
 """Layer × head heatmaps of a head sweep, drawn only from DIR/heads.csv and DIR/baseline.json."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from figures import read_json, read_table, save_figure
+from figures import PAGE_HEIGHT, PAGE_WIDTH, label_step, read_json, read_table, save_figure
 from probe.errors import BadInput
 
-PAGE_WIDTH, PAGE_HEIGHT = 7.0, 9.0  # inches: the largest figure a paper page takes whole
 PANELS = {  # accuracies on a two-sided map centred on the unmasked baseline: red below it (a drop), blue above
     "accuracy": ("Accuracy with head masked", "RdBu"),
     "prob_accuracy": ("Probability accuracy with head masked", "RdBu"),
@@ -59,9 +57,9 @@ def draw_metric(heads: pd.DataFrame, baseline: dict, metric: str, out_stem: Path
     scale = 1.0 if metric == "kl" else 100.0  # accuracies drawn in %, as eval and the README give them
     grid = grid * scale
     n_l, n_h = grid.shape
-    # a page-wide figure at most (7 in × 9 in), so its 7-9 pt text stays that size in a paper: a 7B grid
-    # (28 × 28) gets 0.19 in cells, a 72B one (80 × 64) 0.08 in cells with every other label
-    cell = 0.7 if max(n_l, n_h) <= 12 else min(0.32, (PAGE_WIDTH - 1.8) / n_h, (PAGE_HEIGHT - 1.2) / n_l)
+    # a page-wide figure at most (7 in × 9 in), so its 7-9 pt text stays that size in a paper: 8 heads get 0.65 in
+    # cells, a 7B grid (28 × 28) 0.19 in cells, a 72B one (80 × 64) 0.08 in cells with every other label
+    cell = min(0.7 if max(n_l, n_h) <= 12 else 0.32, (PAGE_WIDTH - 1.8) / n_h, (PAGE_HEIGHT - 1.2) / n_l)
     fig, ax = plt.subplots(figsize=(max(4.5, 1.8 + cell * n_h), max(3.5, 1.2 + cell * n_l)), dpi=150)
     base = baseline.get(metric)
     centred = metric != "kl" and isinstance(base, (int, float)) and np.isfinite(base)
@@ -83,7 +81,7 @@ def draw_metric(heads: pd.DataFrame, baseline: dict, metric: str, out_stem: Path
         if lo < hi:  # else no head moved it: the whole symmetric bar stays
             cbar.ax.set_ylim(lo, hi)
         cbar.ax.axhline(base, color="black", linewidth=2)  # where the unmasked model sits
-    step = max(1, math.ceil(0.15 / cell))  # tick labels at least 0.15 in apart
+    step = label_step(cell)  # tick labels at least 0.15 in apart
     ax.set_yticks(range(0, n_l, step), [str(l) for l in layers[::step]], fontsize=7)
     ax.set_xticks(range(0, n_h, step), [str(h) for h in cols[::step]], fontsize=7)
     ax.set_xlabel("query head", fontsize=8)

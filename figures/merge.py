@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from figures import read_json, read_table, save_png_pdf
+from figures import heatmap_ticks, page_panels, read_json, read_table, save_png_pdf
 from probe.errors import BadInput
 
 Q_SLICE = re.compile(r"layers\.(\d+)\.self_attn\.q_proj\.weight$")
@@ -49,7 +49,6 @@ def draw_merge(result_dir: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     source = "python -m analyses.merge"
     weights_csv = result_dir / "merge_weights.csv"
@@ -66,9 +65,10 @@ def draw_merge(result_dir: Path) -> list[Path]:
         raise BadInput(f"{result_dir / 'merge.json'}: 'salience' is not a salience merge's record")
     names = list(grids)
     sals = [_salience_grid(Path(runs[k]), metric) if k < len(runs) and runs[k] else None for k in range(len(names))]
-    fig, axes = plt.subplots(2, len(names), figsize=(2.4 + 2.6 * len(names), 5.6), dpi=150, squeeze=False)
+    # one column of two heatmaps per participant, wrapped into rows on a page (4 participants: 2 × 2)
+    fig, panels = page_panels(len(names), 2.6, 5.2, min_width=2.1, margin=(2.4, 0.4), stack=2, dpi=150)
     for k, name in enumerate(names):
-        ax = axes[0][k]
+        ax, ax2 = panels[k]
         im = ax.imshow(grids[name], vmin=0, vmax=1, cmap="viridis", aspect="auto")
         ax.set_title(Path(name).name, fontsize=8)
         ax.set_xlabel("head", fontsize=8)
@@ -77,7 +77,6 @@ def draw_merge(result_dir: Path) -> list[Path]:
         cb.ax.tick_params(labelsize=7)
         cb.set_label("merge weight w_i", fontsize=7)
         s = sals[k]
-        ax2 = axes[1][k]
         if s is None:
             ax2.text(0.5, 0.5, "base keeps α0\n(no salience run)" if k == 0 else "salience run not found",
                      ha="center", va="center", fontsize=8, transform=ax2.transAxes)
@@ -92,8 +91,7 @@ def draw_merge(result_dir: Path) -> list[Path]:
             cb2.set_label("KL [nats]" if metric == "kl" else metric.replace("_", " "), fontsize=7)
         for a in (ax, ax2):
             a.tick_params(labelsize=7)
-            a.set_yticks(range(grids[name].shape[0]))
-            a.set_xticks(range(grids[name].shape[1]))
+            heatmap_ticks(a, list(range(grids[name].shape[0])), list(range(grids[name].shape[1])))
     fig.suptitle(f"Weight of each participant's query-head slices ({info.get('method')} merge)", fontsize=10)
     fig.tight_layout()
     return save_png_pdf(fig, result_dir, "merge_heads")

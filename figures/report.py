@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 
-from figures import paper, read_json, save_figure
+from figures import heatmap_ticks, page_panels, paper, read_json, save_figure
 from figures.findings import Finding, findings
 from figures.results import METHOD_LABELS, EvalRun, Replication, short
 from probe.errors import BadInput
@@ -176,13 +176,14 @@ def draw_figure2(r: Replication, dest: Path) -> bool:
     models = [m for m in [*r.experts, r.base] if (r.out / "heads" / short(m) / "heads.csv").is_file()]
     if not models:
         return False
-    fig, axes = plt.subplots(2, len(models), figsize=(1.2 + 3.0 * len(models), 5.2), dpi=110, squeeze=False)
+    # one column of two heatmaps per model, wrapped into rows on a page (4 models: 2 × 2)
+    fig, panels = page_panels(len(models), 3.0, 4.8, min_width=2.6, margin=(1.2, 0.4), stack=2, dpi=110)
     for k, m in enumerate(models):
         heads, base = r.heads(m, need=("kl", "prob_accuracy_drop"))
-        for row, (metric, cmap, label) in enumerate((("kl", "magma_r", "KL(orig‖masked) [nats]"),
-                                                     ("prob_accuracy_drop", "RdBu_r", "prob. accuracy drop [points]"))):
+        for row, (metric, cmap, label) in enumerate((("kl", "magma_r", "KL(orig‖masked)\n[nats]"),
+                                                     ("prob_accuracy_drop", "RdBu_r", "prob. accuracy drop\n[points]"))):
             grid, layers, hs = _grid(heads, metric)
-            ax = axes[row][k]
+            ax = panels[k][row]
             if metric == "kl":
                 (vmax, clipped), vmin = kl_limit(grid), 0.0
             else:  # a signed drop: red where removing the head hurts, blue where it helps, white at no change
@@ -190,8 +191,7 @@ def draw_figure2(r: Replication, dest: Path) -> bool:
                 vmax = max(float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 0.0, 0.1)
                 vmin = -vmax
             im = ax.imshow(grid, cmap=cmap, aspect="auto", vmin=vmin, vmax=vmax)
-            ax.set_xticks(range(len(hs)), hs, fontsize=7)
-            ax.set_yticks(range(len(layers)), layers, fontsize=7)
+            heatmap_ticks(ax, layers, hs)
             ax.set_xlabel("head", fontsize=8)
             ax.set_ylabel("layer", fontsize=8)
             cb = fig.colorbar(im, ax=ax, fraction=0.046, extend="max" if clipped else "neither")

@@ -15,7 +15,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
-from figures import read_table, save_figure  # noqa: E402
+from figures import (PAGE_HEIGHT, PAGE_WIDTH, fit_page, label_step, page_panels, read_table,  # noqa: E402
+                     save_figure)
 
 
 def short_names(models: list[str]) -> dict[str, str]:
@@ -35,6 +36,7 @@ def slug(text: str) -> str:
 
 def save(fig: plt.Figure, path: Path) -> list[Path]:
     paths = [path.with_suffix(".png"), path.with_suffix(".pdf")]
+    fit_page(fig)  # cropped to what is drawn, which may stick out of the figure
     for p in paths:
         save_figure(fig, p, dpi=150, bbox_inches="tight")
     plt.close(fig)
@@ -57,18 +59,27 @@ def draw_shift(result_dir: Path) -> list[Path]:
         if sub.empty:
             continue
         grid = sub.pivot_table(index="layer", columns="module", values="delta_avg", aggfunc="first")
-        fig, ax = plt.subplots(figsize=(max(6, 0.45 * grid.shape[1] + 2), max(3, 0.22 * grid.shape[0] + 1.5)))
+        n_l, n_m = grid.shape
+        names = [c.replace(".weight", ".w").replace(".bias", ".b") for c in grid.columns]
+        below = min(3.0, 0.05 * max(map(len, names)))  # inches the module names (7 pt, rotated 60°) hang down
+        # a page at most, module names and title included: a 28-layer model with 12 tensors a layer gets
+        # 0.42 × 0.22 in cells, an 80-layer one 0.09 in rows with every other layer labelled
+        cell_w, cell_h = min(0.45, (PAGE_WIDTH - 2) / n_m), min(0.22, (PAGE_HEIGHT - 1.5 - below) / n_l)
+        fig, ax = plt.subplots(figsize=(max(6, cell_w * n_m + 2), max(3, cell_h * n_l + 1.5) + below))
         data = np.ma.masked_less_equal(grid.to_numpy(dtype=float), 0)
         im = ax.imshow(data, aspect="auto", cmap="viridis", norm=LogNorm(vmin=vmin, vmax=max(vmax, vmin * 1.01)))
-        ax.set_xticks(range(grid.shape[1]), [c.replace(".weight", ".w").replace(".bias", ".b") for c in grid.columns],
-                      rotation=60, ha="right", fontsize=7)
-        ax.set_yticks(range(grid.shape[0]), grid.index, fontsize=7)
+        across, down = label_step(cell_w), label_step(cell_h)
+        ax.set_xticks(range(0, n_m, across), names[::across], rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(0, n_l, down), grid.index[::down], fontsize=7)
         ax.set_xlabel("module")
         ax.set_ylabel("layer")
         ax.set_title(f"Δavg = mean |θ_base − θ| per tensor (Eq. 3): {labels[m]}", fontsize=9)
         fig.colorbar(im, ax=ax, label="Δavg (log)")
+        fig.tight_layout()  # the rotated module names inside the figure, not past its edge
         written += save(fig, result_dir / f"shift_heatmap_{slug(labels[m])}")
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    # side by side while each model's label and number keep about an inch, else one above the other
+    fig, panels = page_panels(2, 5.5, 3.8, min_width=max(3.3, 0.6 + 0.9 * len(models)))
+    (ax1,), (ax2,) = panels
     means = df.groupby("model", sort=False)["delta_avg"].mean().reindex(models)
     # dots, not bars: a bar's height on a log axis depends on where the axis starts
     ax1.plot(range(len(models)), means.to_numpy(), "o", color="C0", ms=7)
@@ -77,7 +88,7 @@ def draw_shift(result_dir: Path) -> list[Path]:
     ax1.grid(axis="y", which="both", alpha=0.3)
     ax1.set_yscale("log")
     ax1.set_ylabel("mean Δavg over tensors (log)")
-    ax1.set_title("parameter shift from the base (Eq. 3); (k×): k times the least shifted", fontsize=9)
+    ax1.set_title("parameter shift from the base (Eq. 3);\n(k×): k times the least shifted", fontsize=9)
     low = means.min()
     for i, v in enumerate(means.to_numpy()):
         ax1.annotate(f"{v:.2g}" + (f" ({v / low:.1f}×)" if low > 0 else ""), (i, v), xytext=(0, 7),

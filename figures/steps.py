@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from figures import name_colours, save_png_pdf
+from figures import name_colours, page_panels, save_png_pdf
 from figures.eval import read_scores
 from probe.errors import BadInput
 
@@ -31,16 +31,17 @@ def draw_steps(result_dirs: list[Path] | Path, out: Path | None = None) -> list[
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import matplotlib.ticker
 
     dirs = [result_dirs] if isinstance(result_dirs, Path) else list(result_dirs)
     tables = [step_scores(d) for d in dirs]
-    fig, axes = plt.subplots(1, len(dirs), figsize=(0.6 + 3.4 * len(dirs), 3.3), dpi=150, sharey=True,
-                             squeeze=False)
     names = list(dict.fromkeys(n for t in tables for n in t["data"]))  # one colour per data set in every panel
     colour = name_colours(names)
-    for ax, d, t in zip(axes[0], dirs, tables):
+    legend = 0.26 + 0.13 * ((len(names) - 1) // 6)  # inches below the panels: 6 entries a line
+    # one panel per run, wrapped into rows on a page (4 runs: 2 × 2)
+    fig, panels = page_panels(len(dirs), 3.4, 3.04, min_width=2.3, margin=(0.6, legend), dpi=150, sharey=True)
+    axes = [ax for (ax,) in panels]
+    for ax, d, t in zip(axes, dirs, tables):
         metric = "accuracy" if t["accuracy"].notna().any() else "prob_accuracy"
         for data, g in t.groupby("data", sort=False):
             c = colour[data]
@@ -55,12 +56,12 @@ def draw_steps(result_dirs: list[Path] | Path, out: Path | None = None) -> list[
         ax.set_xlabel("fine-tuning step", fontsize=8)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)
-    axes[0][0].set_ylabel("accuracy [%] (95 % interval)", fontsize=8)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    seen = dict(zip(labels, handles))
-    for ax in axes[0][1:]:
+    seen: dict = {}
+    for ax in axes:
+        if ax.get_subplotspec().is_first_col():
+            ax.set_ylabel("accuracy [%] (95 % interval)", fontsize=8)
         seen |= dict(zip(*ax.get_legend_handles_labels()[::-1]))
     # below the panels, never over a band
     fig.legend(list(seen.values()), list(seen), fontsize=7, loc="lower center", ncol=min(len(seen), 6), frameon=False)
-    fig.tight_layout(rect=(0, 0.08 + 0.04 * ((len(seen) - 1) // 6), 1, 1))
+    fig.tight_layout(rect=(0, legend / fig.get_size_inches()[1], 1, 1))
     return save_png_pdf(fig, out or dirs[0], "steps")

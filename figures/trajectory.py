@@ -5,15 +5,16 @@ side; fine-tuning runs as arrows in step order; base, experts and merged models 
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from figures import read_table  # noqa: E402
+from figures import page_panels, read_table  # noqa: E402
 from figures.shift import save, short_names  # noqa: E402
 from probe.errors import BadInput  # noqa: E402
 
@@ -24,6 +25,14 @@ STYLE = {  # kind -> marker, size, colour (None: one colour per run)
     "run": ("o", 30, None),
 }
 TITLES = {"norms": "per-tensor ‖θ − θ_ref‖ (paper's feature)", "sketch": "random-projection sketch of θ − θ_ref"}
+
+
+def _label(ax: Any, mid: float, text: str, x: float, y: float, offset: tuple[float, float], **kw: Any) -> None:
+    """Text beside a point: on its right, or on its left when the point is right of ``mid`` (the middle of the
+    panel's points), so it stays inside a narrow panel."""
+    left = x > mid
+    ax.annotate(text, (x, y), xytext=(-offset[0] if left else offset[0], offset[1]), textcoords="offset points",
+                ha="right" if left else "left", **kw)
 
 
 def draw_trajectory(result_dir: Path) -> list[Path]:
@@ -44,9 +53,12 @@ def draw_trajectory(result_dir: Path) -> list[Path]:
     for feature in dict.fromkeys(df["feature"]):
         sub = df[df["feature"] == feature]
         methods = list(dict.fromkeys(sub["method"]))
-        fig, axes = plt.subplots(1, len(methods), figsize=(6 * len(methods), 5), squeeze=False)
-        for ax, method in zip(axes[0], methods):
+        # PCA beside t-SNE on a page: 3.5 in each, titles wrapped to that (about 14 characters an inch at 9 pt)
+        fig, panels = page_panels(len(methods), 6, 4.2, min_width=3.4)
+        chars = int(14 * fig.get_size_inches()[0] / panels[0][0].get_subplotspec().get_gridspec().ncols)
+        for (ax,), method in zip(panels, methods):
             d = sub[sub["method"] == method]
+            mid = (d["x"].min() + d["x"].max()) / 2
             runs = [r for r in dict.fromkeys(d["run"]) if r]
             for i, run in enumerate(runs):
                 r = d[d["run"] == run].copy()
@@ -59,8 +71,8 @@ def draw_trajectory(result_dir: Path) -> list[Path]:
                     ax.annotate("", (xs[j + 1], ys[j + 1]), (xs[j], ys[j]),
                                 arrowprops=dict(arrowstyle="->", color=colour, lw=1.2))
                 ax.scatter(xs, ys, s=STYLE["run"][1], color=colour, zorder=3)
-                ax.annotate(f"step {int(r['step'].iloc[-1])}", (xs[-1], ys[-1]), fontsize=7, color=colour,
-                            xytext=(4, -8), textcoords="offset points")
+                _label(ax, mid, f"step {int(r['step'].iloc[-1])}", xs[-1], ys[-1], (4, -8), fontsize=7,
+                       color=colour)
             for kind in ("base", "expert", "merged"):
                 k = d[d["kind"] == kind]
                 if k.empty:
@@ -69,8 +81,7 @@ def draw_trajectory(result_dir: Path) -> list[Path]:
                 ax.scatter(k["x"], k["y"], marker=marker, s=size, color=colour, label=kind, zorder=4,
                            edgecolors="white", linewidths=0.6)
                 for _, row in k.iterrows():
-                    ax.annotate(labels[row["name"]], (row["x"], row["y"]), fontsize=8, xytext=(5, 4),
-                                textcoords="offset points")
+                    _label(ax, mid, labels[row["name"]], row["x"], row["y"], (5, 4), fontsize=8)
             title = f"{method.upper() if method == 'pca' else 't-SNE'}: {TITLES.get(feature, feature)}"
             if ref:
                 title += f"\nθ_ref = {ref}"
@@ -84,7 +95,7 @@ def draw_trajectory(result_dir: Path) -> list[Path]:
                 names = ["t-SNE 1", "t-SNE 2"]
                 if info.get("perplexity_used") is not None:
                     title += f", perplexity {info['perplexity_used']:g}"
-            ax.set_title(title, fontsize=9)
+            ax.set_title("\n".join(textwrap.fill(line, chars) for line in title.split("\n")), fontsize=9)
             ax.set_xlabel(names[0])
             ax.set_ylabel(names[1])
             ax.legend(fontsize=7, loc="best")

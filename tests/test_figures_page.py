@@ -1,0 +1,181 @@
+"""Every figure fits a paper page (figures.PAGE_WIDTH × PAGE_HEIGHT inches, as saved), however many panels it has:
+drawn here from small synthetic saved results (the files each command writes, nothing run)."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from figures import PAGE_HEIGHT, PAGE_WIDTH, page_grid
+
+SCORE_COLUMNS = ["model", "data", "subject", "n_items", "accuracy", "accuracy_lo", "accuracy_hi", "prob_accuracy",
+                 "prob_accuracy_lo", "prob_accuracy_hi", "note"]
+
+
+def write_scores(d: Path, models: list[str], sets: list[str], seed: int = 0) -> Path:
+    """A probe.eval scores.csv: every model on every set ('all' rows), one model unable to read the last set and
+    one scored on part of a set (the figure's "n/a" and "3 of 5" marks)."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i, m in enumerate(models):
+        for j, s in enumerate(sets):
+            v = float(rng.uniform(0.2, 0.95))
+            n, note = 64, ""
+            if i == 0 and j == len(sets) - 1:
+                n, note = 0, "not applicable: cannot read these items"
+            elif i == 1 and j == 0:
+                n, note = 40, "24 of 64 items not applicable: …"
+            rows.append([m, s, "all", n, v, v - 0.08, min(v + 0.08, 1.0), v, v - 0.07, min(v + 0.07, 1.0), note])
+    d.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows, columns=SCORE_COLUMNS).to_csv(d / "scores.csv", index=False)
+    return d
+
+
+def write_heads(d: Path, layers: int, heads: int, seed: int = 0) -> Path:
+    """A probe.heads output: heads.csv and baseline.json."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    rows = [[l, h, 0.9, 0.8 - 0.1 * rng.random(), 2.0 * rng.random() / (1 + l), 64, 0.05, 0.1 * rng.random(), 0.5]
+            for l in range(layers) for h in range(heads)]
+    d.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows, columns=["layer", "head", "accuracy", "prob_accuracy", "kl", "n_items", "accuracy_drop",
+                                "prob_accuracy_drop", "p_answer"]).to_csv(d / "heads.csv", index=False)
+    (d / "baseline.json").write_text(json.dumps({"accuracy": 0.95, "prob_accuracy": 0.9, "kl": 0.0, "n_items": 64,
+                                                 "model": d.name}))
+    return d
+
+
+def write_merge(d: Path, participants: int, layers: int = 4, heads: int = 8) -> Path:
+    """A salience merge's merge_weights.csv and merge.json, with a salience run per expert (the base has none)."""
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    names = [str(d.parent / "zoo" / f"expert-{k}") for k in range(participants)]
+    alpha = rng.dirichlet(np.ones(participants), size=(layers, heads))
+    rows = [[f"layers.{l}.self_attn.q_proj.weight", f"rows {16 * h}:{16 * (h + 1)}", m, 0.001, alpha[l, h, k]]
+            for k, m in enumerate(names) for l in range(layers) for h in range(heads)]
+    d.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows, columns=["tensor", "slice", "model", "delta_avg", "alpha"]).to_csv(d / "merge_weights.csv",
+                                                                                        index=False)
+    runs = [str(write_heads(d.parent / "sal" / f"e{k}", layers, heads, seed=k)) for k in range(1, participants)]
+    (d / "merge.json").write_text(json.dumps({"method": "salience", "salience": {"runs": runs, "metric": "kl"}}))
+    return d
+
+
+def write_shift(d: Path, models: list[str], layers: int, modules: list[str]) -> Path:
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    rows = [[m, f"layers.{l}.{mod}", l, mod, 10 ** rng.uniform(-5, -2)]
+            for m in models for l in range(layers) for mod in modules]
+    rows += [[m, "embed_tokens.weight", "", "embed_tokens.weight", 1e-4] for m in models]
+    d.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows, columns=["model", "tensor", "layer", "module", "delta_avg"]).to_csv(d / "shift.csv", index=False)
+    return d
+
+
+def write_trajectory(d: Path, runs: list[str], methods: tuple[str, ...] = ("pca", "tsne")) -> Path:
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for feature in ("norms", "sketch"):
+        for method in methods:
+            # the rightmost point's label sticks out of the figure: saved cropped to what is drawn, it is still a page
+            rows.append(["zoo/organism-base-of-the-organism-family", "base", "", "", feature, method, 10.0, 0.0])
+            rows += [[f"organism-{e}", "expert", "", "", feature, method, *rng.normal(0, 3, 2)]
+                     for e in ("vl", "ov-si", "video")]
+            rows.append(["shift", "merged", "", "", feature, method, 0.0, 0.0])
+            for r in runs:
+                xy = np.zeros(2)
+                for step in (0, 10, 30, 100, 200):
+                    rows.append([f"{r}@{step}", "run", r, step, feature, method, *xy])
+                    xy = xy + rng.normal(0, 0.5, 2)
+    d.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows, columns=["name", "kind", "run", "step", "feature", "method", "x", "y"]).to_csv(
+        d / "coords.csv", index=False)
+    (d / "run.json").write_text(json.dumps({"ref": "runs/shift", "perplexity_used": 5,
+                                            "pca_explained_variance": {"norms": [0.8, 0.1], "sketch": [0.6, 0.3]}}))
+    return d
+
+
+def write_replication(out: Path, experts: int, layers: int = 4, heads: int = 8) -> "object":
+    """What the report's Figure 2 reads: a replicate config and one head sweep per expert and the base."""
+    from figures.results import Replication
+
+    names = [f"organism-e{k}" for k in range(experts)]
+    for k, m in enumerate([*names, "organism-base"]):
+        write_heads(out / "heads" / m, layers, heads, seed=k)
+    cfg = {"models": {"base": "organism-base", "experts": names, "own": [f"set{k}" for k in range(experts)]},
+           "heads": {"split": "train"}}
+    return Replication(out, {"config": cfg, "fingerprints": {}})
+
+
+def saved_inches(path: Path) -> tuple[float, float]:
+    """A saved figure's size in inches: a PNG's pixels over its dpi, a PDF's page box over 72 points."""
+    if path.suffix == ".png":
+        with Image.open(path) as im:
+            dpi = im.info["dpi"]
+            return im.width / dpi[0], im.height / dpi[1]
+    box = re.search(rb"/MediaBox\s*\[\s*0\s+0\s+([\d.]+)\s+([\d.]+)\s*\]", path.read_bytes())
+    return float(box.group(1)) / 72, float(box.group(2)) / 72
+
+
+def draw_all(root: Path, n: int) -> list[Path]:
+    """Every figure kind, each with ``n`` panels (data sets, runs, models), from synthetic saved results."""
+    from figures.eval import draw_eval
+    from figures.heads import draw_heads
+    from figures.merge import draw_merge
+    from figures.report import draw_figure2
+    from figures.shift import draw_shift
+    from figures.steps import draw_steps
+    from figures.trajectory import draw_trajectory
+
+    models = ["organism-base", "organism-vl", "organism-ov-si", "organism-video", "runs/avg",
+              "runs/avg/carriers/organism-ov-si", *(f"runs/merged/carriers/organism-{k}" for k in range(6))]
+    sets = ["text", "image", "image_single", "video", "audio", "text_hard"][:n]
+    written = draw_eval(write_scores(root / "eval", models, sets))
+    runs = [write_scores(root / "steps" / f"run{k}", [f"runs/ft/checkpoint-{s}" for s in (0, 10, 30, 100, 200)],
+                         ["text", "image", "video"], seed=k) for k in range(n)]
+    written += draw_steps(runs, out=root / "steps")
+    written += draw_merge(write_merge(root / "merge", n))
+    written += draw_heads(write_heads(root / "heads", 28, 28))
+    written += draw_heads(write_heads(root / "heads12", 12, 12))
+    modules = [f"self_attn.{p}_proj.{w}" for p in "qkv" for w in ("weight", "bias")] + [
+        "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+        "input_layernorm.weight", "post_attention_layernorm.weight"]
+    written += draw_shift(write_shift(root / "shift", [f"organism-{k}" for k in range(n)], 48, modules))
+    written += draw_trajectory(write_trajectory(root / "traj", ["text", "image", "video", "mixed"]))
+    fig2 = root / "report" / "figure2.png"
+    fig2.parent.mkdir()
+    assert draw_figure2(write_replication(root / "rep", n - 1), fig2)  # n models: the base and n - 1 experts
+    return written + [fig2, fig2.with_suffix(".pdf")]
+
+
+@pytest.mark.parametrize("n", [1, 6])
+def test_every_figure_fits_a_page(tmp_path, n):
+    """Panels wrap into rows (6 data sets: 2 columns × 3 rows) instead of one row growing past the page: every
+    PNG and PDF is at most 7 × 9 in as saved, so its 7-10 pt text keeps its size in a paper."""
+    import matplotlib.pyplot as plt
+
+    written = draw_all(tmp_path, n)
+    assert len(written) >= 20 and not plt.get_fignums()  # every figure closed
+    for path in written:
+        w, h = saved_inches(path)
+        assert w <= PAGE_WIDTH + 0.01 and h <= PAGE_HEIGHT + 0.01, (path.relative_to(tmp_path), round(w, 2), round(h, 2))
+
+
+def test_page_grid_wraps_panels_into_even_rows():
+    assert page_grid(1, 2.0) == (1, 1)
+    assert page_grid(4, 2.3, 0.6) == (2, 2)  # room for 2 a row
+    assert page_grid(4, 2.0) == (2, 2)  # room for 3: 2 + 2, not 3 + 1
+    assert page_grid(6, 2.0) == (2, 3)
+    assert page_grid(5, 3.0) == (3, 2)
+    assert page_grid(3, 9.0) == (3, 1)  # wider than the page: one a row
