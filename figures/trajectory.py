@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from figures import page_panels, read_table  # noqa: E402
 from figures.shift import save, short_names  # noqa: E402
@@ -98,6 +99,7 @@ def draw_trajectory(result_dir: Path) -> list[Path]:
             ax.set_title("\n".join(textwrap.fill(line, chars) for line in title.split("\n")), fontsize=9)
             ax.set_xlabel(names[0])
             ax.set_ylabel(names[1])
+            ax.xaxis.set_major_locator(MaxNLocator(5))  # t-SNE's long tick labels would run together at 3.5 in
             ax.legend(fontsize=7, loc="best")
             ax.margins(0.15)
         fig.tight_layout()
