@@ -327,14 +327,22 @@ def test_ship_refuses_a_build_below_the_bar(tmp_path):
     from probe.zoo.build import BAR, ship
 
     before = {f: f.stat().st_mtime_ns for f in organisms_root().rglob("*")}
-    own = {"base": 1.0, "vl": 0.812, "ov-si": 0.95, "video": 0.93}
-    quality = {"quick": False, "organisms": {f"organism-{n}": {"own": {"accuracy": a, "modality": MODALITY[n]}}
-                                             for n, a in own.items()}}
-    (tmp_path / "quality.json").write_text(json.dumps(quality))
+
+    def built(own: dict[str, float], quick: bool = False) -> None:
+        for n, a in own.items():  # what a build leaves: each organism's organism.json, and quality.json
+            (tmp_path / f"organism-{n}").mkdir(exist_ok=True)
+            (tmp_path / f"organism-{n}" / "organism.json").write_text(
+                json.dumps({"name": f"organism-{n}", "own": {"accuracy": a, "modality": MODALITY[n]}}))
+        (tmp_path / "quality.json").write_text(json.dumps({"quick": quick, "organisms": {}}))
+
+    built({"base": 1.0, "vl": 0.812, "ov-si": 0.95, "video": 0.93})
     with pytest.raises(BadInput, match="organism-vl below the 90% bar"):
         ship(tmp_path)
-    quality["quick"], quality["organisms"]["organism-vl"]["own"]["accuracy"] = True, BAR
-    (tmp_path / "quality.json").write_text(json.dumps(quality))
+    built({"vl": BAR}, quick=True)
+    with pytest.raises(BadInput, match="no complete full build"):
+        ship(tmp_path)
+    built({"vl": BAR})
+    (tmp_path / "organism-video" / "organism.json").unlink()  # an organism missing
     with pytest.raises(BadInput, match="no complete full build"):
         ship(tmp_path)
     with pytest.raises(BadInput, match="no complete full build"):
