@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--ship", action="store_true", help="copy the result into the package (maintainers); refused "
                    "when an organism misses the 90 %% bar on its own modality")
     d = sub.add_parser("data", help="fresh MMMU-format items of the organisms' tasks, none of them a validation "
-                       "item (e.g. a train split to fine-tune on; the shipped sets are validation only)")
+                       "item of any set (e.g. a train split to fine-tune on; the shipped sets are validation only)")
     d.add_argument("--out", type=Path, required=True, metavar="DIR",
                    help="where text/, image/, image_single/ and video/ are written (must not exist yet)")
     d.add_argument("--n", type=int, default=24, help="items per subject (default: 24)")
