@@ -26,8 +26,9 @@ def page_grid(n: int, min_width: float, margin: float = 0.0) -> tuple[int, int]:
 def page_panels(n: int, width: float, height: float, min_width: float, margin: tuple[float, float] = (0.0, 0.0),
                 stack: int = 1, **subplots: Any) -> tuple[Any, list[Any]]:
     """A figure of ``n`` panels wrapped into rows (``page_grid``) to fit a page: each panel ``width`` × ``height``
-    inches, squeezed when the page is smaller (to ``min_width`` at the least, where one fits), plus ``margin`` (width, height)
-    for what the whole figure has once (labels of the first column, a suptitle, a legend). A panel is ``stack``
+    inches, squeezed when the page is smaller (to ``min_width`` at the least, where one fits), plus ``margin``
+    (width, height) for what the whole figure has once (labels of the first column, a suptitle, a legend). A panel
+    is ``stack``
     axes above one another (e.g. two heatmaps of one model); the grid's unused axes in the last row are hidden.
     Returns the figure and, per panel in row-major order, its column of ``stack`` axes."""
     import matplotlib.pyplot as plt

@@ -21,9 +21,9 @@ ORGANISMS: tuple[str, ...] = ("base", "vl", "ov-si", "video")
 VALIDATION_NOTE = (
     "The organisms' validation sets (`probe/zoo/data`) measure in-distribution skill: Knowledge, Colour_Shape and "
     "Spatial are closed sets that the organisms' training split enumerates whole, so about half the validation "
-    "items are training items, and organisms trained without them lose most of Knowledge and Spatial (README, "
-    "\"How held out is 'held out'?\"). Read accuracies on those sets as skill on the task space, partly recall, "
-    "not generalisation to unseen items.")
+    "items are training items, and organisms trained without them lose Knowledge and, in most builds, Spatial "
+    "(README, \"How held out is 'held out'?\"). Read accuracies on those sets as skill on the task space, partly "
+    "recall, not generalisation to unseen items.")
 # Which bundled validation set is each organism's own modality.
 MODALITY: dict[str, str] = {"base": "text", "vl": "image", "ov-si": "image_single", "video": "video"}
 
