@@ -15,7 +15,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Iterable, Sequence, TypeVar
 
 import torch
 
@@ -143,7 +143,7 @@ def build_data(root: Path, sizes: dict[str, int], seed: int = 0, held_out: str |
     tasks_video.build_video_dataset(root / "video", sizes, seed, IMAGE_SIZE)
     out["video"] = root / "video"
     if held_out in sizes:
-        held = {item_key(r) for d in out.values() for r in _rows(d, held_out)}
+        held = split_keys(out.values(), held_out)
         for d in out.values():
             for split in sizes:
                 if split != held_out:
@@ -151,10 +151,12 @@ def build_data(root: Path, sizes: dict[str, int], seed: int = 0, held_out: str |
     return out
 
 
-def _rows(d: Path, split: str) -> list[dict]:
+def split_keys(dirs: Iterable[Path], split: str) -> set[tuple]:
+    """The ``item_key`` of every item of ``split`` in the MMMU-layout ``dirs``."""
     import pyarrow.parquet as pq
 
-    return [r for f in sorted(d.glob(f"*/{split}-*.parquet")) for r in pq.read_table(f).to_pylist()]
+    return {item_key(r) for d in dirs for f in sorted(d.glob(f"*/{split}-*.parquet"))
+            for r in pq.read_table(f).to_pylist()}
 
 
 def drop_items(d: Path, split: str, held: set[tuple], n: int | None = None) -> list[str]:
@@ -200,7 +202,7 @@ def held_out_keys() -> set[tuple]:
     """The items of the shipped validation sets, every modality (what every report is measured on)."""
     from probe.zoo import validation_dir
 
-    return {item_key(r) for m in MODALITY_SUBJECTS for r in _rows(validation_dir(m), "validation")}
+    return split_keys(map(validation_dir, MODALITY_SUBJECTS), "validation")
 
 
 def build_fresh_data(root: Path, n: int, seed: int, split: str = "train") -> dict[str, Path]:
@@ -213,11 +215,11 @@ def build_fresh_data(root: Path, n: int, seed: int, split: str = "train") -> dic
     from probe.errors import BadInput
 
     tmp = root.parent / f".{root.name}.draw"
+    held = held_out_keys()  # once: it decodes every validation picture and frame
     for factor in (2, 4, 8, 16):
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             dirs = build_data(tmp, {split: factor * n}, seed)
-            held = held_out_keys()
             short = [f"{m}/{s}" for m, d in dirs.items() for s in drop_items(d, split, held, n)]
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
