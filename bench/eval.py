@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.sweep import text_items  # noqa: E402
-from probe.batch import evaluate_items  # noqa: E402
+from probe.batch import MAX_PADDING, evaluate_items  # noqa: E402
 from probe.devices import resolve_placement  # noqa: E402
 from probe.errors import ArgParser  # noqa: E402
 from probe.heads import default_data_for  # noqa: E402
@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.smollm != "skip":
         name, loaded = smollm2(args.smollm, placement)
         rows.append(compare(name, loaded, long_text_items(args.smollm_items, loaded), args.batch_size))
-    print(f"torch threads {torch.get_num_threads()}, batch size {args.batch_size}, greedy 5 tokens")
+    print(f"torch threads {torch.get_num_threads()}, batch size {args.batch_size} (cut where padding would pass "
+          f"{MAX_PADDING:.0%} of a batch's tokens), greedy 5 tokens")
     print("| case | items | prompt tokens | one at a time | batched | speed-up | same text | same prob pred "
           "| max abs Δp |")
     print("|---|---|---|---|---|---|---|---|---|")

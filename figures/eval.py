@@ -2,13 +2,14 @@
 (``python -m figures eval DIR``)."""
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from figures import name_colours, page_panels, read_table, save_png_pdf
+from figures import PAGE_HEIGHT, name_colours, page_grid, page_panels, read_table, save_png_pdf
 from probe.errors import BadInput
 
 SCORES = {"model": str, "data": str, "subject": str, "n_items": int,
@@ -40,7 +41,26 @@ def short_label(model: str, width: int = 40) -> str:
     return model if len(model) <= width else "…" + model[-(width - 1):]
 
 
+ROW = 0.38  # inches per model row when the page has room
+MIN_ROW = 0.2  # the least: 8 pt labels of neighbouring models stay apart
+
+
+def eval_pages(n_models: int, n_sets: int, left: float) -> tuple[float, int]:
+    """(panel min width, models per page) for ``n_models`` rows in each of ``n_sets`` panels: panels wrapped as
+    usual (1.9 in at least) while every model gets MIN_ROW; else in as few rows as 1 in wide panels allow; and
+    where even that leaves less than MIN_ROW, the models are split over pages (eval.png, eval-2.png, ...)."""
+    per_page = 0
+    for min_width in (1.9, 1.0):
+        rows, _ = page_grid(n_sets, min_width, left)
+        per_page = max(1, int(((PAGE_HEIGHT - 0.5) / rows - 0.8) / MIN_ROW))
+        if n_models <= per_page:
+            return min_width, n_models
+    pages = math.ceil(n_models / per_page)
+    return 1.0, math.ceil(n_models / pages)  # pages as even as they can be
+
+
 def draw_eval(result_dir: Path) -> list[Path]:
+    """eval.png/pdf (and eval-2, eval-3, ... when the models do not fit one page at 8 pt)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -50,12 +70,29 @@ def draw_eval(result_dir: Path) -> list[Path]:
     metric = "accuracy" if top["accuracy"].notna().any() else "prob_accuracy"
     models = list(dict.fromkeys(top["model"]))
     datasets = list(dict.fromkeys(top["data"]))
+    colour = name_colours(models)  # a model keeps its colour in every figure (up to 20 per figure) and page
+    left = 0.6 + 0.055 * max(len(short_label(m)) for m in models)  # inches for the longest label at 8 pt
+    min_width, per_page = eval_pages(len(models), len(datasets), left)
+    pages = [models[s:s + per_page] for s in range(0, len(models), per_page)]
+    written: list[Path] = []
+    for k, page in enumerate(pages, 1):
+        title = "Evaluation, 95 % bootstrap intervals" + (f" (models {models.index(page[0]) + 1}–"
+                                                          f"{models.index(page[-1]) + 1} of {len(models)})"
+                                                          if len(pages) > 1 else "")
+        fig = _draw_page(top, metric, page, datasets, colour, left, min_width, title)
+        written += save_png_pdf(fig, result_dir, "eval" if k == 1 else f"eval-{k}")
+    for old in Path(result_dir).glob("eval-*.*"):  # pages of an earlier drawing with more models
+        if re.fullmatch(r"eval-\d+\.(png|pdf)", old.name) and old not in written:
+            old.unlink()
+    return written
+
+
+def _draw_page(top: pd.DataFrame, metric: str, models: list[str], datasets: list[str], colour: dict, left: float,
+               min_width: float, title: str):
     labels = [short_label(m) for m in models]
-    left = 0.6 + 0.055 * max(map(len, labels))  # inches for the longest model label at 8 pt
     # one panel per data set, wrapped into rows on a page (12 models × 4 sets: 2 × 2); each row has the labels
-    fig, panels = page_panels(len(datasets), 2.6, 0.8 + 0.38 * len(models), min_width=1.9, margin=(left, 0.5),
-                              dpi=150, sharey=True)
-    colour = name_colours(models)  # a model keeps its colour in every figure (up to 20 per figure)
+    fig, panels = page_panels(len(datasets), 2.6, 0.8 + ROW * len(models), min_width=min_width,
+                              margin=(left, 0.5), dpi=150, sharey=True)
     colours = [colour[m] for m in models]
     y = np.arange(len(models))[::-1]
     for (ax,), ds in zip(panels, datasets):
@@ -75,12 +112,13 @@ def draw_eval(result_dir: Path) -> list[Path]:
                             textcoords="offset points", ha="center", fontsize=6, color="0.35")
         ax.set_title(f"{ds} (n={n})", fontsize=9)
         ax.set_xlim(-2, 102)
+        ax.set_xticks([0, 25, 50, 75, 100] if ax.get_position().width * fig.get_figwidth() >= 1.6 else [0, 50, 100])
         ax.set_ylim(-0.6, len(models) - 0.4)
         ax.grid(axis="x", alpha=0.3)
         ax.set_xlabel(f"{metric.replace('_', ' ')} [%]", fontsize=8)
         ax.tick_params(labelsize=8)
     panels[0][0].set_yticks(y)  # shared: every row's first panel shows them
     panels[0][0].set_yticklabels(labels, fontsize=8)
-    fig.suptitle("Evaluation, 95 % bootstrap intervals", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return save_png_pdf(fig, result_dir, "eval")
+    return fig

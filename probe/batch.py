@@ -73,15 +73,34 @@ def measure_batch(
     return [Measurement(option_log_probs(first[r], ids), texts[r]) for r, ids in enumerate(letter_ids)]
 
 
-def plan_batches(inputs: Sequence[dict[str, torch.Tensor]], batch_size: int) -> list[list[int]]:
-    """Item indices grouped by signature, sorted by prompt length (less padding), cut to ``batch_size`` rows."""
+# padded tokens a batch may spend beyond its real ones (a fraction of them). Padding is computed like any token, so
+# on a CPU, where one long prompt already keeps the cores busy, a batch of 32 prompts of 100-300 tokens padded to
+# the longest was slower than one item at a time (bench/eval.py: 0.7x); cut where the padding would pass this
+MAX_PADDING = 0.1
+
+
+def plan_batches(inputs: Sequence[dict[str, torch.Tensor]], batch_size: int,
+                 max_padding: float | None = MAX_PADDING) -> list[list[int]]:
+    """Item indices grouped by signature, sorted by prompt length, cut to at most ``batch_size`` rows and, unless
+    ``max_padding`` is None, wherever one more (longer) row would pad the batch by more than ``max_padding`` of its
+    real tokens."""
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, x in enumerate(inputs):
         groups[signature(x)].append(i)
     batches: list[list[int]] = []
     for idx in groups.values():
         idx.sort(key=lambda i: inputs[i]["input_ids"].shape[1])
-        batches += [idx[s:s + batch_size] for s in range(0, len(idx), batch_size)]
+        batch: list[int] = []
+        real = 0
+        for i in idx:
+            n = inputs[i]["input_ids"].shape[1]  # the longest so far: the batch's width if i joins
+            too_padded = max_padding is not None and n * (len(batch) + 1) > (1 + max_padding) * (real + n)
+            if batch and (len(batch) == batch_size or too_padded):
+                batches.append(batch)
+                batch, real = [], 0
+            batch.append(i)
+            real += n
+        batches.append(batch)
     return batches
 
 
@@ -116,7 +135,7 @@ def check_against_one_item(loaded: LoadedModel, item: ItemLike, inputs: dict[str
 
 def evaluate_items(
     loaded: LoadedModel, items: Sequence[ItemLike], cfg: SweepConfig, batch_size: int,
-    progress: Callable[[int], None] = lambda n: None, window: int = 8,
+    progress: Callable[[int], None] = lambda n: None, window: int = 8, max_padding: float | None = MAX_PADDING,
 ) -> list[Measurement]:
     """Measurements of every item (no head masked), in item order, ``batch_size`` items per forward.
 
@@ -131,7 +150,7 @@ def evaluate_items(
         prepared = [prepare_item(loaded, item, cfg) for item in chunk]
         inputs = [p[0] for p in prepared]
         got: list[Measurement | None] = [None] * len(chunk)
-        batches = plan_batches(inputs, batch_size)
+        batches = plan_batches(inputs, batch_size, max_padding)
         for idx in batches:
             for i, m in zip(idx, measure_batch(loaded, [inputs[i] for i in idx], [prepared[i][1] for i in idx], cfg)):
                 got[i] = m

@@ -25,7 +25,7 @@ from probe.families import ALIASES
 from probe.heads import _Help, _progress, add_placement_args, add_prompt_args, add_run_args, load_template, versions
 
 DEFAULT_OUT = "runs/eval"
-OWNED = ("scores.csv", "items.parquet", "table.md", "run.json", "eval.png", "eval.pdf")
+OWNED = ("scores.csv", "items.parquet", "table.md", "run.json", "eval.png", "eval.pdf", "eval-*.png", "eval-*.pdf")
 ITEM_COLUMNS = ["model", "data", "item_id", "subject", "answer", "pred", "correct", "prob_pred", "prob_correct",
                 "p_answer", "response"]
 SCORE_COLUMNS = ["model", "data", "subject", "n_items", "accuracy", "accuracy_lo", "accuracy_hi", "prob_accuracy",
@@ -53,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", default=None,
                    help="model to compare every other one against (paired difference on the same items); "
                    "added to --models if missing")
-    p.add_argument("--batch-size", type=int, default=32, help="items per forward")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="items per forward at most (default: 32); a batch is cut where padding would pass 10 %% of "
+                        "its real tokens")
     add_placement_args(p, "recorded with the results")
     p.add_argument("--no-generate", action="store_true",
                    help="skip greedy generation: probability accuracy and p(answer) only (accuracy NaN)")

@@ -56,10 +56,10 @@ def test_batched_equals_one_item_path(family, generate, load_tiny, data_dir, vid
     loaded = load_tiny(family, "sdpa")
     items = _items(family, data_dir, video_root if family in VL_FAMILIES else None)
     cfg = SweepConfig(generate=generate, max_new_tokens=4)
-    batched = evaluate_items(loaded, items, cfg, batch_size=4)
+    batched = evaluate_items(loaded, items, cfg, batch_size=4, max_padding=None)  # pad as much as it comes
     prepared = [prepare_item(loaded, it, cfg) for it in items]
     # anti-tautology: several rows per forward, and rows of different lengths (so padding took place)
-    plan = plan_batches([p[0] for p in prepared], 4)
+    plan = plan_batches([p[0] for p in prepared], 4, max_padding=None)
     assert max(len(b) for b in plan) > 1
     assert any(len({prepared[i][0]["input_ids"].shape[1] for i in b}) > 1 for b in plan)
     for item, (inputs, ids), got in zip(items, prepared, batched):
@@ -70,7 +70,7 @@ def test_batched_equals_one_item_path(family, generate, load_tiny, data_dir, vid
         assert a["p_answer"] == pytest.approx(b["p_answer"], abs=1e-4), item.id
         torch.testing.assert_close(got.logp.exp(), want.logp.exp(), atol=1e-4, rtol=0)
     if not generate:  # preparing inputs window by window changes only which items share a batch
-        small = evaluate_items(loaded, items, cfg, batch_size=3, window=1)
+        small = evaluate_items(loaded, items, cfg, batch_size=3, window=1, max_padding=None)
         for a, b in zip(small, batched):
             torch.testing.assert_close(a.logp, b.logp, atol=1e-4, rtol=0)
 
@@ -89,6 +89,21 @@ def test_collate_left_pads_and_concatenates():
     assert out["image_grid_thw"].tolist() == [[1, 2, 2], [1, 2, 4]]
     with pytest.raises(ValueError, match="signatures"):
         collate([a, {"input_ids": torch.tensor([[1]]), "attention_mask": torch.ones(1, 1)}], pad_id=0)
+
+
+def test_plan_batches_cuts_where_padding_would_pass_the_cap():
+    from probe.batch import plan_batches
+
+    x = [{"input_ids": torch.zeros(1, n)} for n in (10, 30, 11, 10, 12, 29, 31)]
+    assert plan_batches(x, 8, max_padding=None) == [[0, 3, 2, 4, 5, 1, 6]]  # sorted by length, stable
+    assert plan_batches(x, 3, max_padding=None) == [[0, 3, 2], [4, 5, 1], [6]]
+    # 10, 10, 11 take 33 slots for 31 tokens (6 % padding); 12 joining would take 48 for 43 (12 %), past 0.1
+    assert plan_batches(x, 8, max_padding=0.1) == [[0, 3, 2], [4], [5, 1, 6]]
+    assert plan_batches(x, 8, max_padding=0.0) == [[0, 3], [2], [4], [5], [1], [6]]
+    # every item once, whatever the cap
+    for cap in (None, 0.0, 0.05, 0.5):
+        for size in (1, 2, 5):
+            assert sorted(i for b in plan_batches(x, size, cap) for i in b) == list(range(7))
 
 
 def test_most_padded_picks_the_row_padded_most_in_a_shared_batch():

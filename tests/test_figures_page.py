@@ -179,3 +179,43 @@ def test_page_grid_wraps_panels_into_even_rows():
     assert page_grid(6, 2.0) == (2, 3)
     assert page_grid(5, 3.0) == (3, 2)
     assert page_grid(3, 9.0) == (3, 1)  # wider than the page: one a row
+
+
+def test_eval_with_many_models_keeps_its_labels_apart(tmp_path):
+    """25 models used to squeeze into 0.15 in rows (labels overlapping): every model keeps at least MIN_ROW, first by
+    putting the panels side by side, then by splitting the models over pages; redrawn with fewer models, the
+    pages no longer needed are removed."""
+    import matplotlib.pyplot as plt
+
+    from figures.eval import MIN_ROW, draw_eval, eval_pages
+
+    sets = ["text", "image", "image_single", "video"]
+    assert eval_pages(12, 4, 2.0) == (1.9, 12)  # the usual 2 × 2 panels
+    width, per_page = eval_pages(30, 4, 2.0)
+    assert width == 1.0 and per_page == 30  # one row of four panels: 8.5 in for 30 rows
+    assert eval_pages(100, 4, 2.0) == (1.0, 34)  # three pages of 34, 33 and 33 (even) rather than 40, 40, 20
+    for n_models, pages in ((30, 1), (100, 3)):
+        d = write_scores(tmp_path / str(n_models), [f"runs/ft/checkpoint-{10 * k}" for k in range(n_models)], sets)
+        written = draw_eval(d)
+        assert sorted(p.name for p in written) == sorted(
+            f"eval{'' if k == 1 else f'-{k}'}.{ext}" for k in range(1, pages + 1) for ext in ("png", "pdf"))
+        for path in written:
+            w, h = saved_inches(path)
+            assert w <= PAGE_WIDTH + 0.01 and h <= PAGE_HEIGHT + 0.01, (path.name, round(w, 2), round(h, 2))
+        assert not plt.get_fignums()
+    # the models' rows: at least MIN_ROW apart on the page as laid out
+    from figures.eval import _draw_page, read_scores
+    from figures import name_colours
+
+    scores = read_scores(tmp_path / "30")
+    top = scores[scores["subject"] == "all"]
+    models = list(dict.fromkeys(top["model"]))
+    fig = _draw_page(top, "accuracy", models, sets, name_colours(models), 2.0, 1.0, "t")
+    ax = fig.axes[0]
+    assert ax.get_position().height * fig.get_figheight() / len(models) >= MIN_ROW * 0.95
+    plt.close(fig)
+    # fewer models drawn again into the same directory: pages 2 and 3 of the 100-model drawing go
+    d = tmp_path / "100"
+    write_scores(d, [f"m{k}" for k in range(5)], sets)
+    assert [p.name for p in draw_eval(d)] == ["eval.png", "eval.pdf"]
+    assert sorted(p.name for p in d.glob("eval*")) == ["eval.pdf", "eval.png"]
