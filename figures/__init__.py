@@ -43,6 +43,34 @@ def page_panels(n: int, width: float, height: float, min_width: float, margin: t
     return fig, panels[:n]
 
 
+def page_split(n: int, min_width: float, min_height: float, margin: tuple[float, float] = (0.0, 0.0)) -> list[range]:
+    """``n`` panels over as few pages as keep each at least ``min_width`` × ``min_height`` inches beside ``margin``
+    (``page_panels``' squeezing stops there), the pages as even as they can be (12 panels, 8 a page: 6 + 6)."""
+    cols = max(1, int((PAGE_WIDTH - margin[0] + 1e-9) // min_width))
+    rows = max(1, int((PAGE_HEIGHT - margin[1] + 1e-9) // min_height))
+    size = math.ceil(n / math.ceil(n / (cols * rows)))
+    return [range(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def page_stem(stem: str, k: int) -> str:
+    """The file stem of page ``k`` (from 0) of a figure: ``stem``, then ``stem-2``, ``stem-3``, ..."""
+    return stem if k == 0 else f"{stem}-{k + 1}"
+
+
+def page_caption(pages: list[range], k: int, what: str) -> str:
+    """" (what 1–6 of 12)" on a page of several, else nothing."""
+    return f" ({what} {pages[k][0] + 1}–{pages[k][-1] + 1} of {pages[-1][-1] + 1})" if len(pages) > 1 else ""
+
+
+def drop_stale_pages(result_dir: Path, stem: str, written: list[Path]) -> None:
+    """Remove ``stem-K.png/pdf`` pages an earlier drawing of more panels left that this one did not write."""
+    import re
+
+    for old in Path(result_dir).glob(f"{stem}-*.*"):
+        if re.fullmatch(rf"{re.escape(stem)}-\d+\.(png|pdf)", old.name) and old not in written:
+            old.unlink()
+
+
 def fit_page(fig: Any, pad: float = 0.1) -> None:
     """A figure saved with ``bbox_inches="tight"`` is as big as what is drawn (plus ``pad`` each side), not its
     size: text past an axes' edge (a point's label, a long title) widens it. Shrink the figure until that fits the

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from figures import PAGE_HEIGHT, name_colours, page_grid, page_panels, read_table, save_png_pdf
+from figures import (PAGE_HEIGHT, drop_stale_pages, name_colours, page_caption, page_grid, page_panels, page_stem,
+                     read_table, save_png_pdf)
 from probe.errors import BadInput
 
 SCORES = {"model": str, "data": str, "subject": str, "n_items": int,
@@ -73,17 +74,13 @@ def draw_eval(result_dir: Path) -> list[Path]:
     colour = name_colours(models)  # a model keeps its colour in every figure (up to 20 per figure) and page
     left = 0.6 + 0.055 * max(len(short_label(m)) for m in models)  # inches for the longest label at 8 pt
     min_width, per_page = eval_pages(len(models), len(datasets), left)
-    pages = [models[s:s + per_page] for s in range(0, len(models), per_page)]
+    pages = [range(s, min(s + per_page, len(models))) for s in range(0, len(models), per_page)]
     written: list[Path] = []
-    for k, page in enumerate(pages, 1):
-        title = "Evaluation, 95 % bootstrap intervals" + (f" (models {models.index(page[0]) + 1}–"
-                                                          f"{models.index(page[-1]) + 1} of {len(models)})"
-                                                          if len(pages) > 1 else "")
-        fig = _draw_page(top, metric, page, datasets, colour, left, min_width, title)
-        written += save_png_pdf(fig, result_dir, "eval" if k == 1 else f"eval-{k}")
-    for old in Path(result_dir).glob("eval-*.*"):  # pages of an earlier drawing with more models
-        if re.fullmatch(r"eval-\d+\.(png|pdf)", old.name) and old not in written:
-            old.unlink()
+    for k, page in enumerate(pages):
+        title = "Evaluation, 95 % bootstrap intervals" + page_caption(pages, k, "models")
+        fig = _draw_page(top, metric, [models[i] for i in page], datasets, colour, left, min_width, title)
+        written += save_png_pdf(fig, result_dir, page_stem("eval", k))
+    drop_stale_pages(result_dir, "eval", written)
     return written
 
 

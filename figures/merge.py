@@ -9,9 +9,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from figures import heatmap_ticks, page_panels, read_json, read_table, save_png_pdf
+from figures import (drop_stale_pages, heatmap_ticks, page_caption, page_panels, page_split, page_stem, read_json,
+                     read_table, save_png_pdf)
 from probe.errors import BadInput
 
+# inches: a participant's column of two heatmaps at its narrowest and lowest (with titles), and the figure's
+# margin (colour bar labels, suptitle)
+MIN_WIDTH, MIN_PANEL, MARGIN = 2.1, 2.8, (2.4, 0.4)
 Q_SLICE = re.compile(r"layers\.(\d+)\.self_attn\.q_proj\.weight$")
 
 
@@ -65,8 +69,23 @@ def draw_merge(result_dir: Path) -> list[Path]:
         raise BadInput(f"{result_dir / 'merge.json'}: 'salience' is not a salience merge's record")
     names = list(grids)
     sals = [_salience_grid(Path(runs[k]), metric) if k < len(runs) and runs[k] else None for k in range(len(names))]
-    # one column of two heatmaps per participant, wrapped into rows on a page (4 participants: 2 × 2)
-    fig, panels = page_panels(len(names), 2.6, 5.2, min_width=2.1, margin=(2.4, 0.4), stack=2, dpi=150)
+    # one column of two heatmaps per participant, wrapped into rows on a page (4 participants: 2 × 2); past 6,
+    # further pages (merge_heads-2, ...) rather than heatmaps too small to read
+    pages = page_split(len(names), MIN_WIDTH, MIN_PANEL, MARGIN)
+    written: list[Path] = []
+    for p, page in enumerate(pages):
+        fig = _draw_page([names[k] for k in page], [sals[k] for k in page], [k == 0 for k in page], grids, metric)
+        fig.suptitle(f"Weight of each participant's query-head slices ({info.get('method')} merge)"
+                     + page_caption(pages, p, "participants"), fontsize=10)
+        fig.tight_layout()
+        written += save_png_pdf(fig, result_dir, page_stem("merge_heads", p))
+    drop_stale_pages(result_dir, "merge_heads", written)
+    return written
+
+
+def _draw_page(names: list[str], sals: list[np.ndarray | None], is_base: list[bool], grids: dict[str, np.ndarray],
+               metric: str):
+    fig, panels = page_panels(len(names), 2.6, 5.2, min_width=MIN_WIDTH, margin=MARGIN, stack=2, dpi=150)
     for k, name in enumerate(names):
         ax, ax2 = panels[k]
         im = ax.imshow(grids[name], vmin=0, vmax=1, cmap="viridis", aspect="auto")
@@ -78,7 +97,7 @@ def draw_merge(result_dir: Path) -> list[Path]:
         cb.set_label("merge weight w_i", fontsize=7)
         s = sals[k]
         if s is None:
-            ax2.text(0.5, 0.5, "base keeps α0\n(no salience run)" if k == 0 else "salience run not found",
+            ax2.text(0.5, 0.5, "base keeps α0\n(no salience run)" if is_base[k] else "salience run not found",
                      ha="center", va="center", fontsize=8, transform=ax2.transAxes)
             ax2.set_axis_off()
         else:
@@ -92,6 +111,4 @@ def draw_merge(result_dir: Path) -> list[Path]:
         for a in (ax, ax2):
             a.tick_params(labelsize=7)
             heatmap_ticks(a, list(range(grids[name].shape[0])), list(range(grids[name].shape[1])))
-    fig.suptitle(f"Weight of each participant's query-head slices ({info.get('method')} merge)", fontsize=10)
-    fig.tight_layout()
-    return save_png_pdf(fig, result_dir, "merge_heads")
+    return fig

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 
-from figures import heatmap_ticks, page_panels, paper, read_json, save_figure
+from figures import (drop_stale_pages, heatmap_ticks, page_caption, page_panels, page_split, page_stem, paper, read_json,
+                     save_figure)
 from figures.findings import Finding, findings
 from figures.results import METHOD_LABELS, EvalRun, Replication, short
 from probe.errors import BadInput
@@ -157,27 +158,57 @@ def _copy_png(src: Path, dest: Path) -> bool:
     return True
 
 
+def _copy_pages(src: Path, dest: Path) -> list[Path]:
+    """``_copy_png`` of a figure and of its further pages (``src-2.png``, ... as ``dest-2.png``, ...): the PNGs
+    copied, none when ``src`` is missing."""
+    out: list[Path] = []
+    while _copy_png(src.with_name(page_stem(src.stem, len(out)) + ".png"),
+                    page := dest.with_name(page_stem(dest.stem, len(out)) + ".png")):
+        out.append(page)
+    drop_stale_pages(dest.parent, dest.stem, [*out, *(p.with_suffix(".pdf") for p in out)])
+    return out
+
+
 def _finding_list(d: Doc, fs: list[Finding]) -> None:
     d.ul([f.line() for f in fs])
 
 
-def draw_figure2(r: Replication, dest: Path) -> bool:
+# inches: a model's column of two heatmaps at its narrowest and lowest (titles in), and the figure's margin
+FIG2_WIDTH, FIG2_PANEL, FIG2_MARGIN = 2.6, 2.8, (1.2, 0.4)
+
+
+def draw_figure2(r: Replication, dest: Path) -> list[Path]:
     """One panel per swept model (experts on their own data, the base on text): KL and probability-accuracy
-    drop per (layer, head), from each sweep's heads.csv."""
+    drop per (layer, head), from each sweep's heads.csv. ``dest`` is the first page's PNG; past 6 models further
+    pages follow it (figure2-2.png, ...), each with its PDF. Returns the PNGs (none when no sweep is on disk)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    models = [m for m in [*r.experts, r.base] if (r.out / "heads" / short(m) / "heads.csv").is_file()]
+    pages = page_split(len(models), FIG2_WIDTH, FIG2_PANEL, FIG2_MARGIN) if models else []
+    written = []
+    for k, page in enumerate(pages):
+        fig = _figure2_page(r, [models[i] for i in page])
+        fig.suptitle("Figure 2: removing one head at a time" + page_caption(pages, k, "models"), fontsize=10)
+        fig.tight_layout()
+        png = dest.with_name(page_stem(dest.stem, k) + ".png")
+        save_figure(fig, png)
+        save_figure(fig, png.with_suffix(".pdf"))  # vector, for a paper; the PNG is what report.md shows
+        plt.close(fig)
+        written.append(png)
+    drop_stale_pages(dest.parent, dest.stem, [*written, *(p.with_suffix(".pdf") for p in written)])
+    return written
+
+
+def _figure2_page(r: Replication, models: list[str]):
     import numpy as np
 
     from figures.heads import _grid, kl_limit
 
-    models = [m for m in [*r.experts, r.base] if (r.out / "heads" / short(m) / "heads.csv").is_file()]
-    if not models:
-        return False
     # one column of two heatmaps per model, wrapped into rows on a page (4 models: 2 × 2)
-    fig, panels = page_panels(len(models), 3.0, 4.8, min_width=2.6, margin=(1.2, 0.4), stack=2, dpi=110)
+    fig, panels = page_panels(len(models), 3.0, 4.8, min_width=FIG2_WIDTH, margin=FIG2_MARGIN, stack=2, dpi=110)
     for k, m in enumerate(models):
         heads, base = r.heads(m, need=("kl", "prob_accuracy_drop"))
         for row, (metric, cmap, label) in enumerate((("kl", "magma_r", "KL(orig‖masked)\n[nats]"),
@@ -201,12 +232,7 @@ def draw_figure2(r: Replication, dest: Path) -> bool:
                 what = "text" if m == r.base else r.own[r.experts.index(m)]
                 ax.set_title(f"{m} on {what} ({r.cfg['heads']['split']})\nbaseline prob. acc. {100 * base['prob_accuracy']:.1f} %"
                              f" (n={base['n_items']})", fontsize=8)
-    fig.suptitle("Figure 2: removing one head at a time", fontsize=10)
-    fig.tight_layout()
-    save_figure(fig, dest)
-    save_figure(fig, dest.with_suffix(".pdf"))  # vector, for a paper; the PNG is what report.md shows
-    plt.close(fig)
-    return True
+    return fig
 
 
 def build(r: Replication, figdir: Path) -> Doc:
@@ -241,8 +267,8 @@ def build(r: Replication, figdir: Path) -> Doc:
                  "reference" if m == r.base else cell(run, m, text, diff=True)] for m in [r.base, *r.experts]]
         d.table(["model", *labels, f"{cfg['eval']['text']}: Δ vs base"], rows,
                 f"This run ({run.metric.replace('_', ' ')}, %); n/a: the model cannot read that modality")
-        if _copy_png(run.dir / "eval.png", figdir / "table3.png"):
-            d.img(f"{FIG_DIR}/table3.png", "Table 3 as a figure: accuracy per data set with 95 % intervals")
+        for png in _copy_pages(run.dir / "eval.png", figdir / "table3.png"):
+            d.img(f"{FIG_DIR}/{png.name}", "Table 3 as a figure: accuracy per data set with 95 % intervals")
     _paper_table(d, paper.TABLE3, paper.TABLE3_COLUMNS, "Paper, Table 3 (Qwen2-7B family, text benchmarks)")
     _finding_list(d, fs["table3"])
 
@@ -266,8 +292,8 @@ def build(r: Replication, figdir: Path) -> Doc:
             rows.append([m, str(b["n_items"]), acc, f"{100 * b['prob_accuracy']:.1f}", top])
         d.table(["model", "items", "accuracy", "prob. accuracy", "most salient heads (KL, nats)"], rows,
                 "This run: unmasked baselines of the sweeps and their three most salient heads")
-        if draw_figure2(r, figdir / "figure2.png"):
-            d.img(f"{FIG_DIR}/figure2.png", "Figure 2 analogue: KL and probability-accuracy drop per removed head")
+        for png in draw_figure2(r, figdir / "figure2.png"):
+            d.img(f"{FIG_DIR}/{png.name}", "Figure 2 analogue: KL and probability-accuracy drop per removed head")
     d.p(f"Paper (§5.2): {paper.HEADS_BASELINE[0]} scores {paper.HEADS_BASELINE[2]} % on "
         f"{paper.HEADS_BASELINE[1]} unmasked; masking any head costs substantially; shallow layers matter most.")
     _finding_list(d, fs["heads"])
@@ -301,8 +327,10 @@ def build(r: Replication, figdir: Path) -> Doc:
         "the salience-guided merge (ours) weights each head's slices by the experts' Figure 2 salience "
         f"and the rest by Eq. 4; TIES trims each task vector to {cfg['merge']['density']:g} of its entries. Each "
         "merged LM is also transplanted into every expert's carrier.")
-    if r.complete("merge") and _copy_png(r.out / "merge" / "salience" / "merge_heads.png", figdir / "salience.png"):
-        d.img(f"{FIG_DIR}/salience.png", "Salience-guided merge: weight of each expert's head slices beside its "
+    pngs = _copy_pages(r.out / "merge" / "salience" / "merge_heads.png", figdir / "salience.png") \
+        if r.complete("merge") else []
+    for png in pngs:
+        d.img(f"{FIG_DIR}/{png.name}", "Salience-guided merge: weight of each expert's head slices beside its "
               "salience")
 
     # Table 4
@@ -357,9 +385,10 @@ def build(r: Replication, figdir: Path) -> Doc:
         tmp = figdir / "_steps"
         tmp.mkdir(exist_ok=True)
         draw_steps([r.out / "steps" / n for n in r.runs], out=tmp)
-        _copy_png(tmp / "steps.png", figdir / "figure3.png")
+        pngs = _copy_pages(tmp / "steps.png", figdir / "figure3.png")
         shutil.rmtree(tmp)
-        d.img(f"{FIG_DIR}/figure3.png", "Figure 3 analogue: accuracy against fine-tuning steps, one panel per run")
+        for png in pngs:
+            d.img(f"{FIG_DIR}/{png.name}", "Figure 3 analogue: accuracy against fine-tuning steps, one panel per run")
     d.p("Paper (Figure 3, §6.2): MMLU and MMLU-Pro peak within the first ~100 steps and fall after ~1,000, "
         "while MMMU keeps improving with more steps.")
     _finding_list(d, fs["steps"])

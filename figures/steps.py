@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from figures import name_colours, page_panels, save_png_pdf
+from figures import drop_stale_pages, name_colours, page_caption, page_panels, page_split, page_stem, save_png_pdf
 from figures.eval import read_scores
 from probe.errors import BadInput
 
+MIN_WIDTH, MIN_PANEL = 2.3, 2.1  # inches: a run's panel at its narrowest and lowest (title and step labels in)
 STEP = re.compile(r"checkpoint-(\d+)/?$")
 
 
@@ -31,15 +32,29 @@ def draw_steps(result_dirs: list[Path] | Path, out: Path | None = None) -> list[
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.ticker
 
     dirs = [result_dirs] if isinstance(result_dirs, Path) else list(result_dirs)
     tables = [step_scores(d) for d in dirs]
     names = list(dict.fromkeys(n for t in tables for n in t["data"]))  # one colour per data set in every panel
     colour = name_colours(names)
     legend = 0.26 + 0.13 * ((len(names) - 1) // 6)  # inches below the panels: 6 entries a line
-    # one panel per run, wrapped into rows on a page (4 runs: 2 × 2)
-    fig, panels = page_panels(len(dirs), 3.4, 3.04, min_width=2.3, margin=(0.6, legend), dpi=150, sharey=True)
+    # one panel per run, wrapped into rows on a page (4 runs: 2 × 2); past 8, further pages (steps-2, ...)
+    pages = page_split(len(dirs), MIN_WIDTH, MIN_PANEL, (0.6, legend))
+    written: list[Path] = []
+    for p, page in enumerate(pages):
+        fig = _draw_page([dirs[k] for k in page], [tables[k] for k in page], colour, legend)
+        if len(pages) > 1:
+            fig.suptitle("Accuracy against fine-tuning steps" + page_caption(pages, p, "runs"), fontsize=10)
+        fig.tight_layout(rect=(0, legend / fig.get_size_inches()[1], 1, 1))
+        written += save_png_pdf(fig, out or dirs[0], page_stem("steps", p))
+    drop_stale_pages(out or dirs[0], "steps", written)
+    return written
+
+
+def _draw_page(dirs: list[Path], tables: list[pd.DataFrame], colour: dict, legend: float):
+    import matplotlib.ticker
+
+    fig, panels = page_panels(len(dirs), 3.4, 3.04, min_width=MIN_WIDTH, margin=(0.6, legend), dpi=150, sharey=True)
     axes = [ax for (ax,) in panels]
     for ax, d, t in zip(axes, dirs, tables):
         metric = "accuracy" if t["accuracy"].notna().any() else "prob_accuracy"
@@ -59,9 +74,8 @@ def draw_steps(result_dirs: list[Path] | Path, out: Path | None = None) -> list[
     seen: dict = {}
     for ax in axes:
         if ax.get_subplotspec().is_first_col():
-            ax.set_ylabel("accuracy [%] (95 % interval)", fontsize=8)
+            ax.set_ylabel("accuracy [%]\n(band: 95 % interval)", fontsize=8)
         seen |= dict(zip(*ax.get_legend_handles_labels()[::-1]))
     # below the panels, never over a band
     fig.legend(list(seen.values()), list(seen), fontsize=7, loc="lower center", ncol=min(len(seen), 6), frameon=False)
-    fig.tight_layout(rect=(0, legend / fig.get_size_inches()[1], 1, 1))
-    return save_png_pdf(fig, out or dirs[0], "steps")
+    return fig

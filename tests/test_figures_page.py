@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from figures import PAGE_HEIGHT, PAGE_WIDTH, page_grid
+from figures import PAGE_HEIGHT, PAGE_WIDTH, page_grid, page_split
 
 SCORE_COLUMNS = ["model", "data", "subject", "n_items", "accuracy", "accuracy_lo", "accuracy_hi", "prob_accuracy",
                  "prob_accuracy_lo", "prob_accuracy_hi", "note"]
@@ -155,7 +155,7 @@ def draw_all(root: Path, n: int) -> list[Path]:
     written += draw_trajectory(write_trajectory(root / "traj", ["text", "image", "video", "mixed"]))
     fig2 = root / "report" / "figure2.png"
     fig2.parent.mkdir()
-    assert draw_figure2(write_replication(root / "rep", n - 1), fig2)  # n models: the base and n - 1 experts
+    assert draw_figure2(write_replication(root / "rep", n - 1), fig2) == [fig2]  # the base and n - 1 experts
     return written + [fig2, fig2.with_suffix(".pdf")]
 
 
@@ -219,3 +219,46 @@ def test_eval_with_many_models_keeps_its_labels_apart(tmp_path):
     write_scores(d, [f"m{k}" for k in range(5)], sets)
     assert [p.name for p in draw_eval(d)] == ["eval.png", "eval.pdf"]
     assert sorted(p.name for p in d.glob("eval*")) == ["eval.pdf", "eval.png"]
+
+
+def test_page_split_keeps_panels_readable_over_even_pages():
+    assert page_split(4, 2.1, 2.8, (2.4, 0.4)) == [range(0, 4)]
+    assert page_split(6, 2.1, 2.8, (2.4, 0.4)) == [range(0, 6)]  # 2 columns × 3 rows of 2.8 in fit 9 in
+    assert page_split(7, 2.1, 2.8, (2.4, 0.4)) == [range(0, 4), range(4, 7)]  # 4 + 3, not 6 + 1
+    assert page_split(12, 2.3, 2.1, (0.6, 0.3)) == [range(0, 6), range(6, 12)]  # 8 a page
+    assert page_split(3, 9.0, 12.0) == [range(0, 1), range(1, 2), range(2, 3)]  # bigger than a page: one each
+
+
+def test_figures_of_many_panels_go_over_pages(tmp_path):
+    """12 participants, runs or models: instead of squeezing 12 pairs of heatmaps onto one page (unreadable, and
+    matplotlib could not lay them out), the merge, steps and Figure 2 figures go over two pages (stem, stem-2),
+    each a page at most, each panel at least its minimum height; drawn again with fewer, page 2 is removed."""
+    import matplotlib.pyplot as plt
+
+    from figures.merge import draw_merge
+    from figures.report import draw_figure2
+    from figures.steps import draw_steps
+
+    def pngs(paths):
+        return sorted(p.name for p in paths if p.suffix == ".png")
+
+    runs = [write_scores(tmp_path / "steps" / f"run{k}", [f"ft/checkpoint-{s}" for s in (0, 10, 100)],
+                         ["text", "image"], seed=k) for k in range(12)]
+    fig2 = tmp_path / "report" / "figure2.png"
+    fig2.parent.mkdir()
+    drawn = {"merge": draw_merge(write_merge(tmp_path / "merge", 12)),
+             "steps": draw_steps(runs, out=tmp_path / "steps"),
+             "figure2": draw_figure2(write_replication(tmp_path / "rep", 11), fig2)}
+    assert pngs(drawn["merge"]) == ["merge_heads-2.png", "merge_heads.png"]
+    assert pngs(drawn["steps"]) == ["steps-2.png", "steps.png"]
+    assert pngs(drawn["figure2"]) == ["figure2-2.png", "figure2.png"]
+    assert not plt.get_fignums()
+    for paths in drawn.values():
+        for png in [p for p in paths if p.suffix == ".png"]:
+            for path in (png, png.with_suffix(".pdf")):
+                w, h = saved_inches(path)
+                assert w <= PAGE_WIDTH + 0.01 and h <= PAGE_HEIGHT + 0.01, (path.name, round(w, 2), round(h, 2))
+    assert pngs(draw_steps(runs[:3], out=tmp_path / "steps")) == ["steps.png"]
+    assert sorted(p.name for p in (tmp_path / "steps").glob("steps*")) == ["steps.pdf", "steps.png"]
+    assert draw_figure2(write_replication(tmp_path / "rep", 3), fig2) == [fig2]
+    assert sorted(p.name for p in fig2.parent.iterdir()) == ["figure2.pdf", "figure2.png"]
