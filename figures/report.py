@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 
-from figures import (drop_stale_pages, heatmap_ticks, page_caption, page_panels, page_split, page_stem, paper, read_json,
-                     save_figure)
+from figures import (drop_stale_pages, heatmap_ticks, page_caption, page_panels, page_split, page_stem, paper,
+                     read_json, save_figure)
 from figures.findings import Finding, findings
 from figures.results import METHOD_LABELS, EvalRun, Replication, short
 from probe.errors import BadInput
