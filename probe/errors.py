@@ -45,7 +45,8 @@ def check_out_path(out: Path) -> None:
 
 
 def cli_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
-    """Run a CLI entry point: exit 2 with one line for BadInput, 1 for anything unexpected."""
+    """Run a CLI entry point: exit 2 with one line for BadInput, 1 for a stopped run (or anything unexpected); the
+    --out dirs it claimed are freed when it returns."""
     try:
         return main(argv)
     except BadInput as exc:
@@ -61,3 +62,6 @@ def cli_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:  # the command's --out claims end with it (only a command that loaded probe.results can hold any)
+        if (results := sys.modules.get("probe.results")) is not None:
+            results.release_claims()

@@ -225,6 +225,8 @@ def run(args: argparse.Namespace) -> Path:
 
         cfg = SweepConfig(template=template, generate=not args.no_generate, max_new_tokens=args.max_new_tokens,
                           image_max_side=args.image_max_side)
+        if (out / "run.json").is_file():  # a resume claims the dir at once: the same command started twice would
+            claim_out_dir(out, plan.fingerprint())  # otherwise compute the same parts side by side
         print(placement.description, file=sys.stderr)
         bar = _progress(sum(len(scored[pair]) for pair in todo), args.quiet, "eval", unit="item")
         for m in sorted({m for m, _ in todo}):

@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="masked rows per forward (exact engine)")
     add_placement_args(p, "masking does not depend on it; recorded with the results")
     p.add_argument("--no-generate", action="store_true",
-                   help="skip greedy generation: no accuracy column, much faster (prob_accuracy and KL only)")
+                   help="skip greedy generation: accuracy left empty (NaN), much faster (prob_accuracy and KL only)")
     add_prompt_args(p)
     p.add_argument("--chunk-size", type=int, default=8, help="items per resumable unit of work")
     add_run_args(p, DEFAULT_OUT, "heatmaps")
@@ -249,10 +249,12 @@ def run(args: argparse.Namespace) -> Path:
         from probe.results import atomic_write_parquet
         import pandas as pd
 
+        if resuming := (out / "run.json").is_file():  # claimed at once: the same command started twice would
+            claim_out_dir(out, plan.fingerprint())  # otherwise compute the same parts side by side
         print(placement.description, file=sys.stderr)
         loaded = load_model(ref, dtype=placement.dtype, device=device, attn_implementation=args.attn_implementation,
                             devices=placement.all_devices, device_memory=placement.device_memory)
-        if not (out / "run.json").is_file():  # only once the model loaded: failures leave no directory
+        if not resuming:  # only once the model loaded: failures leave no directory
             claim_out_dir(out, plan.fingerprint())
             atomic_write_json(out / "run.json", run_info)
         cfg = SweepConfig(template=template, generate=not args.no_generate, max_new_tokens=args.max_new_tokens,

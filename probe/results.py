@@ -187,6 +187,15 @@ LOCK = ".lock"
 _CLAIMED: dict[str, int] = {}  # out dirs this process holds (a resume in the same process keeps its claim)
 
 
+def release_claims() -> None:
+    """Free every --out this process claimed (``claim_out_dir``): a command's claims end with it (probe.errors.cli_main),
+    so a later command in the same process, or another process, may continue the run."""
+    while _CLAIMED:
+        fd = _CLAIMED.popitem()[1]
+        if fd >= 0:
+            os.close(fd)  # closing the descriptor frees its flock
+
+
 def has_contents(out: Path) -> bool:
     """Whether ``out`` holds anything but the lock file of a run that ended or was killed before writing."""
     return out.is_dir() and any(p.name != LOCK for p in out.iterdir())

@@ -6,8 +6,11 @@ guarded by file locks. Nothing is written to ``~``.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -166,3 +169,23 @@ def gate_slope(loaded, inputs, ids, layer: int, head: int, eps: float = 1e-2):
 def text_inputs(loaded, text: str = "Question: What colour is the circle?\nChoices:\nA. red\nB. blue\n"):
     enc = loaded.tokenizer(text, return_tensors="pt", add_special_tokens=False)
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(out: Path):
+    """Another process holding ``out``'s run lock (DIR/.lock, probe.results.claim_out_dir) while the block runs."""
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               f"fd = os.open({str(Path(out) / '.lock')!r}, os.O_CREAT | os.O_RDWR)\n"
+                               "for _ in range(300):\n"
+                               "    try:\n"
+                               "        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); break\n"
+                               "    except BlockingIOError: time.sleep(0.1)\n"
+                               "else: print('busy', flush=True); sys.exit()\n"
+                               "print('held', flush=True); time.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:  # 'busy': something (this process?) still held the lock after 30 s
+        assert holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()

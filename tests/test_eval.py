@@ -589,20 +589,24 @@ def test_a_stopped_run_says_why_in_one_line_and_keeps_nothing_of_that_pair(text_
 
 def test_an_out_dir_in_use_by_another_command_is_refused(text_dir, tiny_dirs, tmp_path, capfd):
     """Two different runs started into one --out at once both passed the saved-run check before either wrote run.json,
-    then mixed their parts. The first to write holds DIR/.lock until it exits; here another process holds it."""
+    then mixed their parts. The first to write holds DIR/.lock until it exits; here another process holds it. A
+    resume takes the lock too: the same command started twice used to compute the same parts side by side."""
+    from conftest import lock_held_elsewhere
+
     out = tmp_path / "out"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
-                               f"fd = os.open({str(out / '.lock')!r}, os.O_CREAT | os.O_RDWR)\n"
-                               "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)"],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        assert _eval("--models", "tiny-qwen2", "--data", text_dir, "--no-generate", "--quiet", "--out", out) == 2
-        err = capfd.readouterr().err.strip().splitlines()[-1]
-        assert err == f"error: --out {out} is in use by another running command; wait for it to end or use another --out"
+    args = ("--models", "tiny-qwen2", "--data", text_dir, "--no-generate", "--quiet", "--out", out)
+    refused = f"error: --out {out} is in use by another running command; wait for it to end or use another --out"
+    with lock_held_elsewhere(out):
+        assert _eval(*args) == 2
+        assert capfd.readouterr().err.strip().splitlines()[-1] == refused
         assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing of the refused run
-    finally:
-        holder.kill()
-        holder.wait()
-    assert _eval("--models", "tiny-qwen2", "--data", text_dir, "--no-generate", "--quiet", "--out", out) == 0
+    assert _eval(*args) == 0
+    part = next((out / "parts").glob("*.parquet"))
+    part.unlink()  # an unfinished run, to be resumed
+    before = sorted(p.name for p in out.rglob("*"))
+    with lock_held_elsewhere(out):
+        assert _eval(*args) == 2
+        assert capfd.readouterr().err.strip().splitlines()[-1] == refused
+    assert sorted(p.name for p in out.rglob("*")) == before
+    assert _eval(*args) == 0 and part.is_file()

@@ -239,6 +239,31 @@ def run_in_process(args, capfd) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["probe.heads", *map(str, args)], rc, captured.out, captured.err)
 
 
+def test_a_resume_is_refused_while_another_command_holds_the_out_dir(base_run, data_dir, tmp_path, capfd):
+    """The run lock used to be taken only by a run that wrote run.json, so the same command started twice (the second
+    after the first had written it) computed the same parts side by side. A resume now claims the dir too, and a
+    command's claim ends with it: the resume goes through once the other command is gone."""
+    from conftest import lock_held_elsewhere
+
+    out = tmp_path / "run"
+    shutil.copytree(base_run, out)
+    gone = sorted((out / "parts").glob("chunk_*.parquet"))[-1]
+    gone.unlink()  # a killed run with one chunk left to do
+    (out / "heads.csv").unlink()
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    args = [*BASE_ARGS, "--data", data_dir, "--out", out, "--no-figures"]
+    with lock_held_elsewhere(out):
+        r = run_in_process(args, capfd)
+        assert_one_line_error(r)
+        assert r.stderr.strip() == (f"error: --out {out} is in use by another running command; wait for it to end or "
+                                    "use another --out")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
+    ok(run_in_process(args, capfd))
+    assert gone.is_file() and (out / "heads.csv").read_bytes() == (base_run / "heads.csv").read_bytes()
+    with lock_held_elsewhere(out):  # this process's claim ended with its command: another can take the dir
+        pass
+
+
 def test_rerun_with_other_settings_then_overwrite(base_run, data_dir, tmp_path, capfd):
     out = tmp_path / "run"
     shutil.copytree(base_run, out)
