@@ -247,11 +247,31 @@ def load_model(
         dispatch(model, plan).eval()
     else:
         model.to(device).eval()
+    if bad := nonfinite_parameters(model):  # a damaged checkpoint would otherwise score as a model answering "A"
+        more = " and more" if len(bad) == NONFINITE_SHOWN else ""
+        cast = "" if dtype == "float32" else f", or values beyond {dtype}'s range (try --dtype float32)"
+        raise BadInput(f"{ref.spec}: non-finite weights (NaN or Inf) in {', '.join(bad)}{more}: a damaged "
+                       f"checkpoint{cast}")
     tokenizer, processor = load_processors(ref)
     loaded = LoadedModel(ref, model, tokenizer, processor, torch_dtype, torch.device(device), attn_implementation,
                          plan)
     _check_geometry(loaded)
     return loaded
+
+
+NONFINITE_SHOWN = 3
+
+
+def nonfinite_parameters(model: nn.Module) -> list[str]:
+    """The first NONFINITE_SHOWN parameters holding NaN or ±Inf: one sum per tensor on its own device, accumulated in
+    float64 so that no finite weights can overflow it (NaN and Inf survive a sum; no copy of the weights)."""
+    bad = []
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and p.device.type != "meta" and not bool(torch.isfinite(p.sum(dtype=torch.float64))):
+            bad.append(name)
+            if len(bad) == NONFINITE_SHOWN:
+                break
+    return bad
 
 
 # transformers 5.25 turns hub kernels on by default: from_pretrained swaps module forwards (norms, MLPs, attention)

@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from probe.errors import RunStopped
 from probe.masking import mask_heads
 from probe.metrics import kl_orig_masked, option_log_probs, prob_choice
 from probe.models import LoadedModel
@@ -89,6 +90,13 @@ def first_token_measure(
 def measurement_row(
     item: ItemLike, layer: int, head: int, m: Measurement, base_logp: torch.Tensor
 ) -> dict:
+    logp, base_logp = m.logp.detach().float().cpu(), base_logp.detach().float().cpu()  # one copy each, no more syncs
+    if not bool(torch.isfinite(logp).all()):  # finite weights (checked at load) and still NaN/Inf: an overflow
+        removed = "" if layer == BASELINE else f" with head {layer}.{head} removed"
+        raise RunStopped(f"item {item.id}{removed}: the option letters' log-probabilities are not finite (NaN or Inf) "
+                         "although every weight is: the forward overflowed in this dtype. Nothing was written for "
+                         "this part; rerun with --dtype float32")
+    m = Measurement(logp, m.response)
     letters = item.letters
     idx = letters.index(item.answer)
     prob_pred = letters[int(prob_choice(m.logp))]

@@ -264,3 +264,80 @@ def test_config_that_fails_its_own_validation_is_bad_input(tmp_path):
     (d / "config.json").write_text(json.dumps(cfg | {"num_hidden_layers": 6}))
     with pytest.raises(BadInput, match=r"cannot load checkpoint .*`num_hidden_layers` \(6\) must be equal"):
         load_model(resolve_model(str(d)))
+
+
+def _with_weight(src: Path, dest: Path, name_part: str, value: float) -> Path:
+    """A copy of checkpoint ``src`` whose first tensor named like ``name_part`` has ``value`` at [0, 0]."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dest)
+    f = dest / "model.safetensors"
+    sd = load_file(f)
+    key = next(k for k in sd if name_part in k)
+    sd[key][0, 0] = value
+    save_file(sd, f, metadata={"format": "pt"})
+    return dest
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("command", ["probe.eval", "probe.heads"])
+def test_non_finite_weights_are_bad_input_before_anything_is_written(tmp_path, tiny_dirs, value, command):
+    """A checkpoint with one NaN weight used to be evaluated at 0.0 % [0.0, 0.0] with exit 0 (NaN logits, every
+    argmax 'A'). It is now refused when it loads: exit 2, the last stderr line names the tensor, nothing written,
+    the checkpoint untouched."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    bad = _with_weight(tiny_dirs["qwen2"], tmp_path / "bad", "layers.1.mlp.down_proj", value)
+    before = (bad / "model.safetensors").read_bytes()
+    data = str(REPO / "probe" / "zoo" / "data" / "text")
+    out = tmp_path / "out"
+    args = (["--models", str(bad), "--data", data] if command == "probe.eval" else ["--model", str(bad), "--data", data]
+            ) + ["--limit", "2", "--quiet", "--out", str(out)]
+    r = subprocess.run([sys.executable, "-m", command, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: {bad}: non-finite weights (NaN or Inf) in model.layers.1.mlp.down_proj.weight: a damaged checkpoint")
+    assert "Traceback" not in r.stderr and not out.exists()
+    assert (bad / "model.safetensors").read_bytes() == before
+
+
+def test_non_finite_parameters_names_them_and_never_overflows(tmp_path, tiny_dirs):
+    from probe.models import NONFINITE_SHOWN, load_model, nonfinite_parameters
+
+    loaded = load_model(resolve_model(str(tiny_dirs["qwen2"])))
+    assert nonfinite_parameters(loaded.model) == []
+    with torch.no_grad():
+        p = loaded.model.model.norm.weight
+        p.fill_(3e38)  # finite, but their fp32 sum is not: a float32 accumulator would call them broken
+        assert nonfinite_parameters(loaded.model) == []
+        p[1] = float("-inf")
+        assert nonfinite_parameters(loaded.model) == ["model.norm.weight"]
+        for q in list(loaded.model.parameters())[:5]:
+            q.view(-1)[0] = float("nan")
+        assert len(nonfinite_parameters(loaded.model)) == NONFINITE_SHOWN
+    # a weight beyond float16's range becomes Inf when loaded in float16: refused, naming the dtype
+    big = _with_weight(tiny_dirs["qwen2"], tmp_path / "big", "layers.0.mlp.up_proj", 1e6)
+    assert load_model(resolve_model(str(big))).model is not None  # fine in float32
+    with pytest.raises(BadInput, match=r"up_proj.weight: a damaged checkpoint, or values beyond float16's range"):
+        load_model(resolve_model(str(big)), dtype="float16")
+
+
+def test_an_overflow_in_the_forward_stops_the_run_naming_the_item():
+    """Finite weights, non-finite log-probabilities (an activation overflowed in bf16/fp16): a RunStopped naming
+    the item and the removed head, never a row computed from NaN."""
+    from probe.errors import RunStopped
+    from probe.mmmu import Item
+    from probe.sweep import BASELINE, Measurement, measurement_row
+
+    item = Item(id="v_1", subject="S", question="q", options=("a", "b"), answer="B", images=())
+    good = torch.log_softmax(torch.tensor([0.0, 1.0]), -1)
+    assert measurement_row(item, BASELINE, BASELINE, Measurement(good, "B"), good)["p_answer"] == pytest.approx(
+        float(good[1].exp()))
+    for bad in (torch.tensor([float("nan"), 0.0]), torch.tensor([float("-inf"), float("-inf")])):
+        with pytest.raises(RunStopped, match=r"item v_1 with head 2\.3 removed: .* not finite .* --dtype float32"):
+            measurement_row(item, 2, 3, Measurement(bad, None), good)
+        with pytest.raises(RunStopped, match=r"^item v_1: "):
+            measurement_row(item, BASELINE, BASELINE, Measurement(bad, None), bad)
