@@ -67,14 +67,16 @@ def run_points(run_dir: str, label: str | None = None) -> list[Point]:
     label = label or d.name
     if not d.is_dir():
         raise BadInput(f"--runs {run_dir}: not a directory")
-    steps = []
-    for sub in d.iterdir():
+    steps: dict[int, Path] = {}
+    for sub in sorted(d.iterdir()):
         m = re.fullmatch(r"checkpoint-(\d+)", sub.name)
         if m and sub.is_dir():
-            steps.append((int(m.group(1)), sub))
+            if (s := int(m.group(1))) in steps:  # checkpoint-10 and checkpoint-010: two points of one name and step
+                raise BadInput(f"--runs {run_dir}: {steps[s].name} and {sub.name} are both step {s}")
+            steps[s] = sub
     if not steps:
         raise BadInput(f"--runs {run_dir}: no checkpoint-<step> subdirectories")
-    return [Point(f"{label}@{s}", "run", str(p), label, s) for s, p in sorted(steps)]
+    return [Point(f"{label}@{s}", "run", str(p), label, s) for s, p in sorted(steps.items())]
 
 
 def collect_points(cfg: TrajectoryConfig) -> list[Point]:

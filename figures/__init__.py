@@ -9,6 +9,8 @@ from typing import Any, Mapping
 from probe.errors import BadInput
 
 NA_TEXT = ("", "nan")  # how a saved table spells a missing number (pandas writes NaN as an empty cell)
+UNIT = (0.0, 1.0)  # bounds of an accuracy or a probability
+KL_BOUNDS = (-1e-6, math.inf)  # a KL is ≥ 0, up to rounding
 # inches: the largest figure a paper page takes whole. Every figure is drawn at most this size with its text at
 # 7-10 pt, so the text stays that size when the figure goes into a paper (a wider one would be scaled down)
 PAGE_WIDTH, PAGE_HEIGHT = 7.0, 9.0
@@ -123,9 +125,10 @@ def _missing(path: Path, source: str) -> BadInput:
 
 
 def read_table(path: Path, columns: Mapping[str, type], optional: Mapping[str, type] | None = None,
-               source: str = "", **read_csv: Any) -> Any:
+               source: str = "", bounds: Mapping[str, tuple[float, float]] | None = None, **read_csv: Any) -> Any:
     """A saved CSV table, checked before anything is drawn from it: the file parses, every column of ``columns``
-    is there (``optional`` ones may be absent), at least one row. Column kinds: ``str`` (kept as text), ``float``
+    is there (``optional`` ones may be absent), at least one row, and every number of a ``bounds`` column within its
+    [low, high] (missing ones aside). Column kinds: ``str`` (kept as text), ``float``
     (numbers, empty = missing) and ``int`` (a count or index: whole, ≥ 0, never missing). Any problem is one
     BadInput naming the file; ``source`` is the command that writes it."""
     import pandas as pd
@@ -162,6 +165,10 @@ def read_table(path: Path, columns: Mapping[str, type], optional: Mapping[str, t
             shown = "an empty cell" if text.iloc[i] in NA_TEXT else repr(raw.iloc[i])
             raise BadInput(f"{path}: column {col} must hold {what}; line {i + 2} has {shown}")
         df[col] = num.astype(int) if kind is int else num.astype(float)
+    for col, (lo, hi) in (bounds or {}).items():  # a probability above 1 or a negative KL: never drawn as if real
+        if col in df.columns and (out := (df[col] < lo) | (df[col] > hi)).any():
+            i = int(out.to_numpy().argmax())
+            raise BadInput(f"{path}: column {col} must lie in [{lo:g}, {hi:g}]; line {i + 2} has {float(df[col].iloc[i]):g}")
     return df
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from figures import (PAGE_HEIGHT, drop_stale_pages, name_colours, page_caption, page_grid, page_panels, page_stem,
+from figures import (PAGE_HEIGHT, UNIT, drop_stale_pages, name_colours, page_caption, page_grid, page_panels, page_stem,
                      read_table, save_png_pdf)
 from probe.errors import BadInput
 
@@ -22,7 +22,8 @@ DIFFS = dict.fromkeys(["diff_accuracy", "diff_lo", "diff_hi", "diff_prob_accurac
 def read_scores(result_dir: Path) -> pd.DataFrame:
     """DIR/scores.csv of a probe.eval run, checked: its columns, numbers, one 'all' row per model and data set."""
     csv = Path(result_dir) / "scores.csv"
-    scores = read_table(csv, SCORES, DIFFS, "python -m probe.eval", keep_default_na=False, na_values=[""])
+    scores = read_table(csv, SCORES, DIFFS, "python -m probe.eval", keep_default_na=False, na_values=[""],
+                        bounds=dict.fromkeys([c for c in SCORES if c.startswith(("accuracy", "prob_accuracy"))], UNIT))
     if not (scores["subject"] == "all").any():
         raise BadInput(f"{csv}: no row with subject 'all' (the per model and data set totals)")
     if (twice := scores.duplicated(["model", "data", "subject"])).any():

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from figures import PAGE_HEIGHT, PAGE_WIDTH, label_step, read_json, read_table, save_figure
+from figures import KL_BOUNDS, PAGE_HEIGHT, PAGE_WIDTH, UNIT, label_step, read_json, read_table, save_figure
 from probe.errors import BadInput
 
 PANELS = {  # accuracies on a two-sided map centred on the unmasked baseline: red below it (a drop), blue above
@@ -111,7 +111,9 @@ def read_sweep(run_dir: Path, need: tuple[str, ...] = ()) -> tuple[pd.DataFrame,
     source = "python -m probe.heads"
     metrics = dict.fromkeys([*PANELS, "accuracy_drop", "prob_accuracy_drop"], float)
     columns = {"layer": int, "head": int, **dict.fromkeys(need, float)}
-    heads = read_table(run_dir / "heads.csv", columns, metrics, source)
+    heads = read_table(run_dir / "heads.csv", columns, metrics, source,
+                       bounds={"accuracy": UNIT, "prob_accuracy": UNIT, "kl": KL_BOUNDS,
+                               "accuracy_drop": (-1.0, 1.0), "prob_accuracy_drop": (-1.0, 1.0)})
     baseline = read_json(run_dir / "baseline.json", source)
     for key in ("accuracy", "prob_accuracy", "n_items"):
         v = baseline.get(key)

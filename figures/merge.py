@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from figures import (drop_stale_pages, heatmap_ticks, page_caption, page_panels, page_split, page_stem, read_json,
-                     read_table, save_png_pdf)
+from figures import (KL_BOUNDS, drop_stale_pages, heatmap_ticks, page_caption, page_panels, page_split, page_stem,
+                     read_json, read_table, save_png_pdf)
 from probe.errors import BadInput
 
 # inches: a participant's column of two heatmaps at its narrowest and lowest (with titles), and the figure's
@@ -43,7 +43,8 @@ def _salience_grid(run_dir: Path, metric: str) -> np.ndarray | None:
     csv = run_dir / "heads.csv"
     if not csv.is_file():
         return None
-    df = read_table(csv, {"layer": int, "head": int, metric: float}, source="python -m probe.heads")
+    df = read_table(csv, {"layer": int, "head": int, metric: float}, source="python -m probe.heads",
+                    bounds={"kl": KL_BOUNDS})
     grid = np.full((df["layer"].max() + 1, df["head"].max() + 1), np.nan)
     grid[df["layer"], df["head"]] = df[metric]
     return grid

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def save(fig: plt.Figure, path: Path) -> list[Path]:
 def draw_shift(result_dir: Path) -> list[Path]:
     result_dir = Path(result_dir)
     df = read_table(result_dir / "shift.csv", {"model": str, "layer": float, "module": str, "delta_avg": float},
-                    source="python -m analyses.shift")
+                    source="python -m analyses.shift", bounds={"delta_avg": (0.0, math.inf)})  # a mean |Δ|
     models = list(dict.fromkeys(df["model"]))
     labels = short_names(models)
     written: list[Path] = []

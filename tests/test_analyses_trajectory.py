@@ -102,6 +102,21 @@ def test_trajectory_bad_input(models, tmp_path, capsys):
     assert code == 2 and "at least two" in capsys.readouterr().err
 
 
+def test_two_checkpoint_dirs_of_one_step_are_bad_input(models, tmp_path, capsys):
+    """checkpoint-10 and checkpoint-010 both became the point 'run@10': two points of one name and step in
+    coords.csv, the arrows through both."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(models["run"], run)
+    shutil.copytree(run / "checkpoint-10", run / "checkpoint-010")
+    out = tmp_path / "t"
+    code = cli_main(trajectory.main, [str(a) for a in ["--base", models["base"], "--runs", run, "--out", out]])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == f"error: --runs {run}: checkpoint-010 and checkpoint-10 are both step 10", err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("extra, needle", [
     (["--seed", "-1"], "--seed"),  # sklearn's traceback, after every checkpoint was read
     (["--seed", str(2**32)], "--seed"),
