@@ -5,7 +5,10 @@ the reference (base or carrier), and reported. Any other shape difference is bad
 """
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -94,12 +97,63 @@ def align(ckpts: Sequence[Checkpoint], names: Sequence[str] | None = None) -> Al
                 "common_rows": min(p.vocab_rows),
                 "rule": f"first {min(p.vocab_rows)} rows compared/merged; rows beyond kept from {names[0]}",
             }
+    embed = next((p for p in plans if p.canon == "embed_tokens.weight"), None)
+    if embed is not None:
+        check_token_ids(ckpts, names, min(embed.vocab_rows))
     head = {}
     if own_head and any(ck.tied for ck in ckpts):
         tied = list(dict.fromkeys(nm for ck, nm in zip(ckpts, names) if ck.tied))  # the base may be in --models too
         head = {"own_lm_head": list(dict.fromkeys(nm for ck, nm in zip(ckpts, names) if not ck.tied)), "tied": tied,
                 "rule": f"lm_head compared/merged; tied {', '.join(tied)} contribute embed_tokens as lm_head"}
     return Alignment(plans, vocab, head)
+
+
+def check_token_ids(ckpts: Sequence[Checkpoint], names: Sequence[str], rows: int) -> None:
+    """Row i of every vocabulary tensor must be the same token in every checkpoint: each token the reference's
+    tokenizer maps below ``rows`` (the common rows that are compared/merged) must have the same id in the
+    others'. Tokens only a carrier has (extra special tokens) are fine; a checkpoint without a tokenizer file
+    (tiny random models) is not compared."""
+    ref = token_ids(ckpts[0].path)
+    if ref is None:
+        return
+    for ck, nm in zip(ckpts[1:], names[1:]):
+        ids = token_ids(ck.path)
+        if ids is None or ids is ref:
+            continue
+        for tok, i in ref.items():
+            if i < rows and ids.get(tok) != i:
+                other = "absent" if tok not in ids else f"id {ids[tok]}"
+                raise BadInput(f"tokenizers differ: token {tok!r} is id {i} in {names[0]} but {other} in {nm} "
+                               f"(rows of different tokens would be compared/merged)")
+
+
+def token_ids(model_dir: Path) -> dict[str, int] | None:
+    """token -> id of a checkpoint dir's tokenizer (tokenizer.json, else vocab.json + added_tokens.json), read
+    as JSON (no transformers import); None where it has none."""
+    files = [model_dir / n for n in ("tokenizer.json", "vocab.json", "added_tokens.json")]
+    key = tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) if f.is_file() else None for f in files)
+    return _token_ids(key)
+
+
+@functools.lru_cache(maxsize=16)
+def _token_ids(key: tuple) -> dict[str, int] | None:
+    tok_json, vocab_json, added_json = (Path(k[0]) if k else None for k in key)
+    try:
+        if tok_json is not None:
+            t = json.loads(tok_json.read_text(encoding="utf-8"))
+            vocab = (t.get("model") or {}).get("vocab")
+            ids = ({p[0]: i for i, p in enumerate(vocab)} if isinstance(vocab, list)  # Unigram: [piece, score]
+                   else dict(vocab) if isinstance(vocab, dict) else {})
+            ids.update({a["content"]: a["id"] for a in t.get("added_tokens") or []})
+            return ids
+        if vocab_json is not None:
+            ids = dict(json.loads(vocab_json.read_text(encoding="utf-8")))
+            if added_json is not None:
+                ids.update(json.loads(added_json.read_text(encoding="utf-8")))
+            return ids
+    except (OSError, ValueError, TypeError, KeyError, IndexError) as exc:
+        raise BadInput(f"{(tok_json or vocab_json).parent}: unreadable tokenizer ({exc})") from None
+    return None
 
 
 def check_finite(t: torch.Tensor, who: str, key: str) -> None:

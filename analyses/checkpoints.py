@@ -261,6 +261,14 @@ class Checkpoint:
         self.close()
 
 
+def checkpoint_fingerprint(ck: Checkpoint) -> str:
+    """What the checkpoint's directory holds, as ``probe.eval`` fingerprints a local model
+    (``probe.models.model_fingerprint``: its top-level files, not carriers or runs kept inside it)."""
+    from probe.results import content_fingerprint
+
+    return content_fingerprint(ck.path, recursive=False)
+
+
 def open_checkpoint(spec: str, allow_bin: bool = False) -> Checkpoint:
     """Resolve, read config and headers, detect the layout; no tensor data is touched."""
     path = resolve_model_dir(spec)

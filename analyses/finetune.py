@@ -107,8 +107,11 @@ def mixed_sampler(offsets: dict[str, range], mix: dict[str, float]):
     """Each row: a modality with probability ∝ mix, then one of its rows uniformly (seeded generator)."""
     import torch
 
+    from analyses.formulas import normalised
+
     labels = [m for m in offsets if mix[m] > 0]
-    weights = torch.tensor([mix[m] for m in labels], dtype=torch.float64)
+    # normalised first: multinomial sums the weights, and 1e308:1e308 would sum to inf
+    weights = torch.tensor(normalised([mix[m] for m in labels]), dtype=torch.float64)
 
     def sample(gen, batch: int) -> list[int]:
         which = torch.multinomial(weights, batch, replacement=True, generator=gen).tolist()

@@ -47,12 +47,18 @@ def average_coefficients(n: int) -> list[float]:
 @formula("weighted", "Eq. 2")
 def weighted_coefficients(weights: Sequence[float], normalize: bool = True) -> list[float]:
     """Eq. 2: θ = Σ α_i θ_i with given α, normalised to sum 1 unless told otherwise."""
-    total = float(sum(weights))
-    if normalize:
-        if total <= 0:
-            raise ValueError("weights must have a positive sum")
-        return [float(w) / total for w in weights]
-    return [float(w) for w in weights]
+    return normalised(weights) if normalize else [float(w) for w in weights]
+
+
+def normalised(weights: Sequence[float]) -> list[float]:
+    """w_i / Σ w for non-negative weights, divided by the largest first: Σ w can overflow a float (1e308:1e308
+    is a plain 1:1, not a sum of inf that makes every share 0); the ratios are unchanged."""
+    top = max((float(w) for w in weights), default=0.0)
+    if not top > 0 or not math.isfinite(top):
+        raise ValueError("weights must be finite with a positive sum")
+    scaled = [float(w) / top for w in weights]
+    total = sum(scaled)
+    return [w / total for w in scaled]
 
 
 @formula("shift_softmax", "Eq. 4 (α_i)")

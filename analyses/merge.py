@@ -28,8 +28,8 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from analyses.align import Alignment, TensorPlan, align, check_finite
-from analyses.checkpoints import (Checkpoint, add_output_args, check_inputs_and_out, chunks, open_checkpoint,
-                                  progress, quiet_progress)
+from analyses.checkpoints import (Checkpoint, add_output_args, check_inputs_and_out, checkpoint_fingerprint, chunks,
+                                  open_checkpoint, progress, quiet_progress)
 from analyses.formulas import (FORMULAS, ShiftStats, average_coefficients, shift_coefficients,
                                 task_arithmetic_coefficients, TiesTrim, ties_combine, weighted_coefficients)
 from analyses.salience import METRICS as SALIENCE_METRICS
@@ -48,6 +48,7 @@ NEEDS_BASE = ("shift", "salience", "task_arithmetic", "ties")
 TOKENIZER_FILES = ("tokenizer", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
                    "chat_template", "generation_config.json")
 RAW_CHUNK = 64 << 20  # bytes per bit-exact copy step
+FLOAT32_MAX = torch.finfo(torch.float32).max
 MERGE_CHUNK = 1 << 18  # elements per combine step: the 1 MB fp32 accumulator and cast buffer stay in L2 cache
 
 
@@ -112,6 +113,7 @@ class MergeConfig:
                 raise BadInput("--weights must have a positive sum")
         elif self.weights:
             raise BadInput("--weights only applies to --method weighted")
+        self.check_float32_range()
         if not 0.0 <= self.alpha0 <= 1.0:
             raise BadInput("--alpha0 must be in [0, 1]")
         if not self.temperature > 0:
@@ -123,31 +125,63 @@ class MergeConfig:
         check_output(self.out, self.overwrite)
 
 
+    def check_float32_range(self) -> None:
+        """The merge multiplies fp32 tensors by its coefficients: one past the float32 range is bad input."""
+        if self.method == "weighted":
+            flag, coeffs = "--weights", weighted_coefficients(self.weights or [], self.normalize)
+        elif self.method in ("task_arithmetic", "ties"):
+            flag, coeffs = "--lambda", [self.lam, *task_arithmetic_coefficients(len(self.models), self.lam)]
+        else:
+            return
+        value = self.lam if flag == "--lambda" else max(self.weights or [0.0])
+        if any(abs(c) > FLOAT32_MAX for c in coeffs):
+            raise BadInput(f"{flag} {value:g}: beyond the float32 range (±{FLOAT32_MAX:.3g}) the merge computes in")
+
+
 def lm_disk_key(canon: str) -> str:
     """Canonical LM name -> causal-LM checkpoint key (every class in families.CAUSAL_LM names them alike)."""
     return layout_key(LAYOUTS["qwen2"], canon)
 
 
 class ShiftTable:
-    """Δavg per (model, tensor) from a saved ``analyses.shift`` run, matched by name or resolved path."""
+    """Δavg per (model, tensor) from a saved ``analyses.shift`` run. Each participant is matched by its resolved
+    path and the fingerprint of its files (summary.json), never by the name given on the command line: ``m1`` run
+    from another directory, or a model retrained in place, is a different model whose Δavg would swap the α."""
 
     def __init__(self, shift_dir: Path, base: Checkpoint, models: Sequence[Checkpoint]):
         table = read_shift_csv(shift_dir / "shift.csv")
-        summary = json.loads((shift_dir / "summary.json").read_text()) if (shift_dir / "summary.json").is_file() else {}
-        by_path = {str(Path(m["path"]).resolve()): m["name"] for m in summary.get("models", [])}
-        sbase = summary.get("base", {}).get("path")
-        if sbase and Path(sbase).resolve() != base.path.resolve():
-            raise BadInput(f"--shift {shift_dir}: computed against base {sbase}, not {base.path}")
+        try:
+            summary = json.loads((shift_dir / "summary.json").read_text())
+            sbase, entries = summary["base"], summary["models"]
+            for e in [sbase, *entries]:
+                e["name"], e["resolved_path"], e["fingerprint"]  # noqa: B018
+        except (OSError, ValueError, KeyError, TypeError):
+            raise BadInput(f"--shift {shift_dir}: summary.json is missing or lacks the models' paths and "
+                           "fingerprints (an older analyses.shift); rerun python -m analyses.shift") from None
+        self.check(shift_dir, sbase, base, "base")
         self.table = table
         # a pair of tied heads has no lm_head row (analyses.shift): its Δ is the embedding's
         self.tied_pair = [base.tied and m.tied for m in models]
         self.names = []
         have = {m for m, _ in table}
         for m in models:
-            nm = m.name if m.name in have else by_path.get(str(m.path.resolve()))
-            if nm is None or nm not in have:
-                raise BadInput(f"--shift {shift_dir}: no rows for model {m.name}")
-            self.names.append(nm)
+            e = next((e for e in entries if Path(e["resolved_path"]) == m.path.resolve()), None)
+            if e is None:
+                raise BadInput(f"--shift {shift_dir}: no shift of model {m.name} ({m.path.resolve()}); it holds "
+                               f"{', '.join(e['resolved_path'] for e in entries)}")
+            self.check(shift_dir, e, m, "model")
+            if e["name"] not in have:
+                raise BadInput(f"--shift {shift_dir}: no rows for model {m.name} in shift.csv")
+            self.names.append(e["name"])
+
+    @staticmethod
+    def check(shift_dir: Path, entry: dict[str, Any], ck: Checkpoint, role: str) -> None:
+        if Path(entry["resolved_path"]) != ck.path.resolve():
+            raise BadInput(f"--shift {shift_dir}: computed against {role} {entry['resolved_path']}, "
+                           f"not {ck.path.resolve()}")
+        if entry["fingerprint"] != checkpoint_fingerprint(ck):
+            raise BadInput(f"--shift {shift_dir}: {role} {ck.name} ({ck.path.resolve()}) changed since "
+                           "analyses.shift ran (its files differ); rerun python -m analyses.shift")
 
     def deltas(self, canon: str) -> list[float]:
         try:

@@ -22,8 +22,8 @@ from typing import Any, Sequence
 
 
 from analyses.align import Alignment, align, check_finite
-from analyses.checkpoints import (Checkpoint, add_output_args, check_inputs_and_out, chunks, layer_module,
-                                  open_checkpoint, progress, quiet_progress)
+from analyses.checkpoints import (Checkpoint, add_output_args, check_inputs_and_out, checkpoint_fingerprint, chunks,
+                                  layer_module, open_checkpoint, progress, quiet_progress)
 from analyses.formulas import ShiftStats
 from analyses.writer import atomic_dir, check_output, check_replaceable
 from probe.errors import ArgParser, BadInput, cli_main
@@ -135,6 +135,13 @@ def read_shift_csv(path: Path) -> dict[tuple[str, str], float]:
         raise BadInput(f"{path}: unreadable shift.csv ({exc})") from None
 
 
+def checkpoint_entry(ck: Checkpoint, name: str) -> dict[str, Any]:
+    """How summary.json names a participant; ``analyses.merge --shift`` matches models by the resolved path and
+    the fingerprint of their files, never by the name given on the command line."""
+    return {"name": name, "path": str(ck.path), "layout": ck.layout.name, "resolved_path": str(ck.path.resolve()),
+            "fingerprint": checkpoint_fingerprint(ck)}
+
+
 def run_shift(cfg: ShiftConfig) -> dict[str, Any]:
     check_output(cfg.out, cfg.overwrite)
     if not cfg.models:
@@ -146,8 +153,8 @@ def run_shift(cfg: ShiftConfig) -> dict[str, Any]:
         check_replaceable(cfg.out, cfg.overwrite, "analyses.shift")
         rows, al = compute_shift(base, models, cfg.models)
         summary = {
-            "base": {"name": cfg.base, "path": str(base.path), "layout": base.layout.name},
-            "models": [{"name": m.name, "path": str(m.path), "layout": m.layout.name} for m in models],
+            "base": checkpoint_entry(base, cfg.base),
+            "models": [checkpoint_entry(m, m.name) for m in models],
             "per_model": summarize(rows, cfg.models),
             "vocab": al.vocab,
             "lm_head": al.head,

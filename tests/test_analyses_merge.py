@@ -374,3 +374,91 @@ def test_a_carrier_from_the_hub_cache_is_named_after_its_model(tmp_path):
     plain = tmp_path / "my-carrier"
     plain.mkdir()
     assert carrier_name(str(plain)) == "my-carrier" and carrier_name("organism-vl") == "organism-vl"
+
+
+def test_shift_dir_matches_models_by_path_and_fingerprint_not_by_name(zoo, tmp_path, monkeypatch, capfd):
+    """--shift matched experts by their command-line name: relative dirs m1, m2 run from another directory (the
+    experts swapped) reused the other pair's Δavg and swapped the α; so did a model retrained in place."""
+    for d, (a, b) in (("cA", ("vl", "q1")), ("cB", ("q1", "vl"))):
+        (tmp_path / d).mkdir()
+        shutil.copytree(zoo[a], tmp_path / d / "m1")
+        shutil.copytree(zoo[b], tmp_path / d / "m2")
+    monkeypatch.chdir(tmp_path / "cA")
+    assert run(shift.main, "--base", zoo["base"], "--models", "m1", "m2", "--out", "sA", "--no-figures") == 0
+    assert run(merge.main, "--base", zoo["base"], "--models", "m1", "m2", "--shift", "sA", "--out", "ok") == 0
+    capfd.readouterr()
+    monkeypatch.chdir(tmp_path / "cB")
+    assert run(merge.main, "--base", zoo["base"], "--models", "m1", "m2", "--shift", "../cA/sA", "--out", "mB") == 2
+    err = capfd.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "m1" in err and "no shift of model" in err and not (tmp_path / "cB" / "mB").exists()
+
+    monkeypatch.chdir(tmp_path / "cA")  # retrained in place: same path, other weights
+    tiny.write_model("qwen2_vl", Path("m1"), tiny.perturb(tiny.base_lm(0), 0.02, 9))
+    capfd.readouterr()
+    assert run(merge.main, "--base", zoo["base"], "--models", "m1", "m2", "--shift", "sA", "--out", "m2nd") == 2
+    err = capfd.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model m1" in err and "rerun python -m analyses.shift" in err
+    assert not Path("m2nd").exists()
+
+    # an older shift output without paths and fingerprints is refused with the way out, not matched by name
+    summary = json.loads(Path("sA/summary.json").read_text())
+    for e in [summary["base"], *summary["models"]]:
+        del e["fingerprint"], e["resolved_path"]
+    Path("sA/summary.json").write_text(json.dumps(summary))
+    assert run(merge.main, "--base", zoo["base"], "--models", "m2", "--shift", "sA", "--out", "m3rd") == 2
+    assert "rerun python -m analyses.shift" in capfd.readouterr().err and not Path("m3rd").exists()
+
+
+def test_weights_whose_sum_overflows_normalise_exactly(zoo, tmp_path):
+    """--weights 1e308 1e308 summed to inf: every normalised weight was 0 and the merge an all-zero model."""
+    models = [zoo["vl"], zoo["q1"]]
+    assert run(merge.main, "--models", *models, "--method", "weighted", "--weights", "1e308", "1e308",
+               "--out", tmp_path / "big") == 0
+    assert run(merge.main, "--models", *models, "--method", "average", "--out", tmp_path / "avg") == 0
+    big, avg = merged_lm(tmp_path / "big"), merged_lm(tmp_path / "avg")
+    assert all(torch.equal(big[k], avg[k]) for k in avg) and any(bool(v.abs().sum() > 0) for v in big.values())
+    assert json.loads((tmp_path / "big" / "merge.json").read_text())["mean_alpha"] == {str(m): 0.5 for m in models}
+
+
+@pytest.mark.parametrize("argv", [["--method", "task_arithmetic", "--lambda", "1e300"],
+                                  ["--method", "task_arithmetic", "--lambda", "3e38"],  # 1 - 2λ is past it
+                                  ["--method", "ties", "--lambda=-1e300"],
+                                  ["--method", "weighted", "--no-normalize", "--weights", "1e300", "1"]])
+def test_coefficients_beyond_float32_exit_2_one_line(zoo, tmp_path, capfd, argv):
+    """--lambda 1e300 was a traceback (RuntimeError: value cannot be converted to type float without overflow)."""
+    code = run(merge.main, "--base", zoo["base"], "--models", zoo["vl"], zoo["q1"], "--out", tmp_path / "o", *argv)
+    err = capfd.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "float32 range" in err and not (tmp_path / "o").exists()
+
+
+def write_tokenizer(model_dir: Path, tokens: list[str], added: dict[str, int] | None = None) -> None:
+    (model_dir / "tokenizer.json").write_text(json.dumps({
+        "model": {"type": "BPE", "vocab": {t: i for i, t in enumerate(tokens)}, "merges": []},
+        "added_tokens": [{"id": i, "content": t, "special": True} for t, i in (added or {}).items()]}))
+
+
+def test_tokenizers_that_map_a_token_to_another_row_are_refused(zoo, tmp_path, capfd):
+    """Swapping two ids in one model's tokenizer.json (vocab size unchanged) merged rows of different tokens."""
+    rows = canonical(zoo["base"])["embed_tokens.weight"].shape[0]
+    tokens = [f"t{i}" for i in range(rows)]
+    dirs = {}
+    for name in ("base", "vl", "q1"):
+        dirs[name] = shutil.copytree(zoo[name], tmp_path / name)
+        write_tokenizer(dirs[name], tokens, {"<|endoftext|>": rows - 1})
+    # a carrier's extra special tokens past the base's vocabulary are fine
+    write_tokenizer(dirs["vl"], tokens, {"<|endoftext|>": rows - 1, "<image>": rows, "<video>": rows + 1})
+    assert run(merge.main, "--base", dirs["base"], "--models", dirs["vl"], dirs["q1"], "--out", tmp_path / "ok") == 0
+    assert run(shift.main, "--base", dirs["base"], "--models", dirs["vl"], "--out", tmp_path / "s", "--no-figures") == 0
+    capfd.readouterr()
+    swapped = list(tokens)
+    swapped[3], swapped[4] = swapped[4], swapped[3]
+    write_tokenizer(dirs["q1"], swapped, {"<|endoftext|>": rows - 1})
+    for main, out in ((merge.main, "m"), (shift.main, "s2")):
+        assert run(main, "--base", dirs["base"], "--models", dirs["vl"], dirs["q1"], "--out", tmp_path / out) == 2
+        err = capfd.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "tokenizers differ" in err and "'t3'" in err and str(dirs["q1"]) in err
+        assert not (tmp_path / out).exists()
+    # as a carrier too: its LM rows would be replaced by rows of other tokens
+    assert run(merge.main, "--base", dirs["base"], "--models", dirs["vl"], "--carrier", dirs["q1"],
+               "--out", tmp_path / "c") == 2
+    assert "tokenizers differ" in capfd.readouterr().err and not (tmp_path / "c").exists()

@@ -510,3 +510,14 @@ def test_checkpoint_files_get_a_new_files_mode_and_no_second_weight_set(tiny_dir
     assert modes == dict.fromkeys(modes, 0o666 & ~umask)
     assert weights_entry(dest) == dest / "model.safetensors" and not (dest / "model.safetensors.index.json").exists()
     assert resolve_model(str(dest)).geometry == loaded.geometry
+
+
+def test_a_mix_whose_sum_overflows_samples_in_its_ratio() -> None:
+    """--mix 1e308:1e308 summed to inf in torch.multinomial, which then always drew the last modality."""
+    from analyses.finetune import mixed_sampler, parse_mix
+
+    offsets = {"text": range(0, 10), "image": range(10, 20)}
+    sample = mixed_sampler(offsets, parse_mix("1e308:1e308", list(offsets)))
+    rows = sample(torch.Generator().manual_seed(0), 400)
+    share = sum(r < 10 for r in rows) / len(rows)
+    assert 0.4 < share < 0.6
