@@ -22,6 +22,7 @@ from probe.errors import BadInput
 
 MAX_IMAGES = 7
 REQUIRED_COLUMNS = ("id", "question", "options", "answer", "question_type")
+QUESTION_TYPES = ("multiple-choice", "open")  # MMMU's two values; anything else is refused, not guessed
 _IMAGE_REF = re.compile(r"<image (\d+)>")
 VIDEO_REF = "<video>"
 _HUB_REPO = "MMMU/MMMU"
@@ -90,8 +91,34 @@ class LoadReport:
 # discovery
 
 
+_SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.parquet$")
+
+
 def _split_files(folder: Path, split: str) -> list[Path]:
-    return sorted(p for p in folder.glob(f"{split}-*.parquet") if p.is_file())
+    files = sorted(p for p in folder.glob(f"{split}-*.parquet") if p.is_file())
+    _check_shards(files)
+    return files
+
+
+def _check_shards(files: Sequence[Path]) -> None:
+    """Files named ``<prefix>-NNNNN-of-MMMMM.parquet`` must come as all MMMMM parts (a missing part would score
+    a fraction of the subject without a word). A file without that pattern stands alone, as it is."""
+    groups: dict[tuple[str, int], set[int]] = {}
+    for p in files:
+        m = _SHARD.search(p.name)
+        if m:
+            groups.setdefault((p.name[: m.start()], int(m.group(2))), set()).add(int(m.group(1)))
+    for (prefix, total), parts in sorted(groups.items()):
+        folder = files[0].parent
+        if total < 1 or any(k >= total for k in parts):
+            bad = max(parts)
+            raise BadInput(f"{folder / f'{prefix}-{bad:05d}-of-{total:05d}.parquet'}: part {bad} of {total} "
+                           f"is out of range (parts are numbered 00000-{total - 1:05d})")
+        missing = [k for k in range(total) if k not in parts]
+        if missing:
+            name = f"{prefix}-{missing[0]:05d}-of-{total:05d}.parquet"
+            raise BadInput(f"{folder}: shard {name} is missing ({len(missing)} of {total} parts absent); "
+                           f"a partial download would score only part of the subject")
 
 
 def discover(root: str | Path, split: str) -> dict[str, list[Path]]:
@@ -164,6 +191,13 @@ def _filled_images(row: dict[str, Any]) -> list[int]:
     return [k for k, b in cells.items() if isinstance(b, (bytes, bytearray)) and len(b) > 0]
 
 
+def _filled_frames(video: Any) -> int:
+    """How many cells of a 'video' column hold bytes (0 for a null or empty column)."""
+    if not isinstance(video, (list, tuple)):
+        return 0
+    return sum(1 for f in video if isinstance(_cell_bytes(f), (bytes, bytearray)) and len(_cell_bytes(f)) > 0)
+
+
 def _make_item(row: dict[str, Any], subject: str, where: str) -> Item:
     question = row["question"]
     if not isinstance(question, str):
@@ -185,11 +219,15 @@ def _make_item(row: dict[str, Any], subject: str, where: str) -> Item:
             raise BadInput(f"{where}: references <image {k}>, but only image_1..image_{MAX_IMAGES} exist")
         images.append(_image_bytes(row.get(f"image_{k}"), where, f"image_{k}"))
     frames: tuple[bytes, ...] = ()
+    video = row.get("video")
     if VIDEO_REF in question:
-        video = row.get("video")
         if not isinstance(video, (list, tuple)) or not video:
             raise BadInput(f"{where}: references <video>, but the 'video' column is missing or empty")
         frames = tuple(_image_bytes(f, where, f"video frame {i}") for i, f in enumerate(video))
+    elif _filled_frames(video):  # the image rule for frames: data the text never references would run blind
+        raise BadInput(f"{where}: the 'video' column holds {_filled_frames(video)} frame(s) but the question "
+                       f"references no {VIDEO_REF}; only referenced frames are shown, so put '{VIDEO_REF}' in the "
+                       "question (or empty the column)")
     filled = _filled_images(row)
     if filled and frames and not referenced:
         raise BadInput(f"{where}: a video item also fills image_{filled[0]}, which would not be shown (one modality "
@@ -266,7 +304,11 @@ def load_mmmu(
             files.append(str(path))
             for i, row in enumerate(_read_rows(path)):
                 where = f"{path.name} ({subject}) row {i} id={row.get('id')!r}"
-                if row.get("question_type") != "multiple-choice":
+                kind = row.get("question_type")
+                if kind not in QUESTION_TYPES:  # "Multiple-Choice", "mcq", null: never silently taken as open
+                    raise BadInput(f"{where}: question_type {kind!r} is not one of "
+                                   f"{', '.join(repr(t) for t in QUESTION_TYPES)}")
+                if kind == "open":
                     open_keys.append((subject, _id_key(str(row.get("id")))))
                     continue
                 sub_items.append(_make_item(row, subject, where))

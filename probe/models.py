@@ -6,6 +6,7 @@ family table, so a real checkpoint, a tiny random model and a trained organism s
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -150,9 +151,10 @@ def weights_entry(path: Path) -> Path | None:
 
 
 def check_weights(path: Path, gguf_file: str | None = None) -> None:
-    if gguf_file is None:
-        weights_entry(path)  # refuses a dir with two weight sets before anything is loaded or written
-    check_weight_files(path)
+    entry = weights_entry(path) if gguf_file is None else None  # refuses a dir with two weight sets
+    keys = check_weight_files(path)
+    if gguf_file is None and (entry is None or entry.name == "model.safetensors.index.json"):
+        check_shard_keys(path, entry, keys)
     if gguf_file is None and not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise BadInput(f"{path}: no weight files (*.safetensors)")
 
@@ -280,6 +282,24 @@ def nonfinite_parameters(model: nn.Module) -> list[str]:
 NO_HUB_KERNELS = {"use_kernels": False}
 
 
+def _reason(exc: BaseException) -> str:
+    """An upstream error's reason in one line: its first line, or a heading ending in ':' with the line below."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+    return " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
+
+
+@contextmanager
+def config_errors(ref: ModelRef):
+    """huggingface_hub's strict validation of a config (e.g. num_hidden_layers ≠ len(layer_types)) as bad input.
+
+    It fires wherever transformers builds the config: the tokenizer, the processor, the device plan and the load
+    itself, so every place that builds one from ``ref`` runs inside this."""
+    try:
+        yield
+    except StrictDataclassError as exc:
+        raise BadInput(f"{ref.path}/config.json is invalid: {_reason(exc)}") from None
+
+
 def _from_pretrained(ref: ModelRef, **kwargs: Any) -> Any:
     """The family's class from the checkpoint, refused as bad input (one line) when it cannot load or its tensors
     do not match its config (``check_loading_info``)."""
@@ -302,9 +322,7 @@ def _from_pretrained(ref: ModelRef, **kwargs: Any) -> Any:
         )
     except (OSError, ValueError, RuntimeError, SafetensorError, StrictDataclassError) as exc:
         # (huggingface_hub's config validation, e.g. num_hidden_layers ≠ len(layer_types), is StrictDataclassError)
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
-        first = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]  # a heading's reason is below it
-        raise BadInput(f"cannot load checkpoint {ref.path}: {first}") from None
+        raise BadInput(f"cannot load checkpoint {ref.path}: {_reason(exc)}") from None
     finally:
         transformers.utils.logging.set_verbosity(verbosity)
     if getattr(model, "use_kernels", False):  # a later release might ignore the keyword: refuse, never measure it
@@ -363,7 +381,8 @@ def load_tokenizer(ref: ModelRef) -> Any:
     import transformers
 
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(ref.path, **ref.load_kwargs)
+        with config_errors(ref):  # AutoTokenizer builds the config to find the tokenizer class
+            tokenizer = transformers.AutoTokenizer.from_pretrained(ref.path, **ref.load_kwargs)
     except (OSError, ValueError) as exc:
         raise BadInput(f"{ref.path}: cannot load its tokenizer ({str(exc).splitlines()[0][:160]})") from None
     if len(tokenizer) < 2:  # no tokenizer files: transformers builds an empty tokenizer and carries on
@@ -389,7 +408,8 @@ def part_config(ref: ModelRef) -> Any:
     sub = config_value(ref.config, fam.config_path)
     if not isinstance(sub, dict):
         raise BadInput(f"{ref.path}/config.json lacks {fam.config_path!r} ({fam.name})")
-    return getattr(transformers, fam.model_class).config_class(**sub)
+    with config_errors(ref):
+        return getattr(transformers, fam.model_class).config_class(**sub)
 
 
 def plan_for(ref: ModelRef, dtype: torch.dtype, devices: Sequence[str], memory: Sequence[int] = ()):
@@ -398,8 +418,9 @@ def plan_for(ref: ModelRef, dtype: torch.dtype, devices: Sequence[str], memory: 
 
     from probe.dispatch import meta_model, plan_device_map
 
-    config = (part_config(ref) if ref.family.config_path is not None
-              else transformers.AutoConfig.from_pretrained(ref.path, **ref.load_kwargs))
+    with config_errors(ref):
+        config = (part_config(ref) if ref.family.config_path is not None
+                  else transformers.AutoConfig.from_pretrained(ref.path, **ref.load_kwargs))
     skeleton = meta_model(getattr(transformers, ref.family.model_class), config, dtype)
     fam = ref.family
     return plan_device_map(skeleton, fam.layers_path, fam.norm_path, fam.lm_head_path, devices, memory)
@@ -414,7 +435,8 @@ def build_processor(ref: ModelRef, tokenizer: Any) -> Any:
     import transformers
 
     try:
-        image_processor = transformers.AutoImageProcessor.from_pretrained(ref.path)
+        with config_errors(ref):
+            image_processor = transformers.AutoImageProcessor.from_pretrained(ref.path)
     except (OSError, ValueError):
         raise BadInput(f"{ref.path}: cannot load its image processor config (preprocessor_config.json missing or "
                        f"unreadable), which a {ref.family.name} model needs") from None
@@ -445,15 +467,52 @@ def _check_geometry(m: LoadedModel) -> None:
         )
 
 
-def check_weight_files(path: Path) -> None:
+def check_weight_files(path: Path) -> dict[Path, list[str]]:
     """Read every safetensors header (no tensor data) so a corrupt or truncated checkpoint is bad input found
-    before any output is written (STYLE 5), not a traceback after loading starts."""
+    before any output is written (STYLE 5), not a traceback after loading starts. Returns each file's keys."""
     from safetensors import safe_open
 
+    keys: dict[Path, list[str]] = {}
     for file in sorted(path.glob("*.safetensors")):
         try:
             with safe_open(str(file), framework="pt") as fh:
-                fh.keys()
+                keys[file] = list(fh.keys())
         except (OSError, SafetensorError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise BadInput(f"unreadable checkpoint file {file}: {first}") from None
+    return keys
+
+
+def check_shard_keys(path: Path, index: Path | None, keys: dict[Path, list[str]]) -> None:
+    """Each tensor in exactly one shard, the one the index maps it to (headers only, from check_weight_files).
+
+    A key held by two shards is loaded by transformers from whichever shard comes last, while a reader following
+    the index (analyses.shift, analyses.merge) takes the one the index names: two models measured as one, with
+    no error. ``index`` None (no standard name): every *.safetensors file counts, as the analyses read them all."""
+    import json
+
+    if index is not None:
+        try:
+            wmap = json.loads(index.read_text())["weight_map"]
+            if not isinstance(wmap, dict):
+                raise TypeError
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            raise BadInput(f"{index}: corrupt index (no weight_map)") from None
+        listed = sorted(set(wmap.values()))
+        for name in listed:
+            if path / name not in keys:
+                raise BadInput(f"{path}: missing shard {name} (listed in {index.name})")
+        keys = {path / name: keys[path / name] for name in listed}  # files the index does not list are not loaded
+    where: dict[str, list[Path]] = {}
+    for file, names in keys.items():
+        for key in names:
+            where.setdefault(key, []).append(file)
+    for key, files in sorted(where.items()):
+        if len(files) > 1:
+            mapped = f"; {index.name} maps it to {wmap.get(key)}" if index is not None else ""
+            raise BadInput(f"checkpoint {path}: tensor {key} is in more than one shard "
+                           f"({', '.join(f.name for f in files)}{mapped}): transformers would load one copy and "
+                           "a reader of the index the other; keep it in one shard")
+        if index is not None and wmap.get(key) != files[0].name:
+            raise BadInput(f"checkpoint {path}: tensor {key} is in {files[0].name}, but {index.name} maps it to "
+                           f"{wmap.get(key) or 'no shard'}; fix the index or the shards")

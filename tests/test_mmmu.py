@@ -1,4 +1,5 @@
 import io
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -303,3 +304,71 @@ def test_mmmu_alias_download_failure_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(BadInput, match=r"could not download MMMU/MMMU from the Hugging Face hub .*ConnectionError: "
                                        r"Max retries exceeded[^\n]*\)$"):
         load_items("mmmu")
+
+
+# ---- red-team findings: frames never referenced, a missing shard, an unknown question_type ----------------------
+
+
+def test_video_frames_the_question_never_references_are_refused(tmp_path):
+    """The image rule applied to frames: a row whose 'video' column holds frames but whose question has no <video>
+    used to load as a text item, so a text model was scored on video items and a video model answered blind."""
+    video = [{"bytes": RED, "path": None}] * 2
+    ok = row(1, question="<video> What happens?", image_1=None, video=video)
+    blind = row(2, question="What happens?", image_1=None, video=video)
+    write_video_rows(tmp_path, [ok, blind])
+    with pytest.raises(BadInput, match=r"validation-00000-of-00001.parquet \(Vid\) row 1 id='validation_Art_2': "
+                                       r"the 'video' column holds 2 frame\(s\) but the question references no "
+                                       r"<video>") as exc:
+        load_mmmu(tmp_path)
+    assert "\n" not in str(exc.value)
+
+
+def test_an_empty_or_null_video_column_on_a_text_item_is_fine(tmp_path):
+    write_video_rows(tmp_path, [row(1, question="What?", image_1=None, video=[]),
+                                row(2, question="What?", image_1=None, video=None)])
+    items, _ = load_mmmu(tmp_path)
+    assert [it.frames for it in items] == [(), ()]
+
+
+def _copy_as(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_bytes(src.read_bytes())
+
+
+def test_a_missing_shard_is_refused_naming_the_part(tmp_path):
+    """Part 1 of 2 alone used to score half the subject with exit 0."""
+    write(tmp_path / "src", {"Art": [row(1), row(2)], "Bio": [row(1, "Bio")]})
+    one = tmp_path / "src" / "Art" / "validation-00000-of-00001.parquet"
+    _copy_as(one, tmp_path / "d" / "Art" / "validation-00000-of-00002.parquet")
+    _copy_as(tmp_path / "src" / "Bio" / "validation-00000-of-00001.parquet",
+             tmp_path / "d" / "Bio" / "validation-00000-of-00001.parquet")
+    with pytest.raises(BadInput, match=r"shard validation-00001-of-00002.parquet is missing") as exc:
+        load_mmmu(tmp_path / "d")
+    assert "Art" in str(exc.value) and "\n" not in str(exc.value)
+    with pytest.raises(BadInput, match=r"validation-00001-of-00002.parquet is missing"):
+        load_mmmu(tmp_path / "d" / "Art")  # a single-subject dir likewise
+    # both parts present: loads (ids made distinct per part); a name without the pattern stands alone
+    write(tmp_path / "p2", {"Art": [row(3), row(4)]})
+    _copy_as(tmp_path / "p2" / "Art" / "validation-00000-of-00001.parquet",
+             tmp_path / "d" / "Art" / "validation-00001-of-00002.parquet")
+    assert len(load_mmmu(tmp_path / "d", subjects=["Art"])[0]) == 4
+    _copy_as(one, tmp_path / "plain" / "Art" / "validation-mine.parquet")
+    assert len(load_mmmu(tmp_path / "plain")[0]) == 2
+
+
+def test_a_shard_numbered_past_its_total_is_refused(tmp_path):
+    write(tmp_path / "src", {"Art": [row(1)]})
+    _copy_as(tmp_path / "src" / "Art" / "validation-00000-of-00001.parquet",
+             tmp_path / "d" / "Art" / "validation-00002-of-00002.parquet")
+    with pytest.raises(BadInput, match=r"part 2 of 2 is out of range"):
+        load_mmmu(tmp_path / "d")
+
+
+@pytest.mark.parametrize("value", ["Multiple-Choice", "multiple_choice", "mcq", "", None])
+def test_an_unknown_question_type_is_refused_not_taken_as_open(tmp_path, value):
+    """'Multiple-Choice' used to be read as open-ended and dropped: n_items shrank with no note."""
+    write(tmp_path, {"Art": [row(1), row(2, question_type=value)]})
+    with pytest.raises(BadInput, match=r"row 1 id='validation_Art_2': question_type " + re.escape(repr(value))
+                                       + r" is not one of 'multiple-choice', 'open'") as exc:
+        load_mmmu(tmp_path)
+    assert "validation-00000-of-00001.parquet" in str(exc.value)

@@ -341,3 +341,68 @@ def test_an_overflow_in_the_forward_stops_the_run_naming_the_item():
             measurement_row(item, 2, 3, Measurement(bad, None), good)
         with pytest.raises(RunStopped, match=r"^item v_1: "):
             measurement_row(item, BASELINE, BASELINE, Measurement(bad, None), bad)
+
+
+@pytest.mark.parametrize("command", ["probe.eval", "probe.heads"])
+def test_config_rejected_by_strict_validation_is_one_line_in_both_commands(tmp_path, command):
+    """num_hidden_layers 3 with 4 layer_types: huggingface_hub's StrictDataclassClassValidationError used to escape
+    from the tokenizer load (AutoTokenizer builds the config) as a 50-line traceback with exit 1."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    d = shutil.copytree(resolve_model("organism-base").path, tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    assert len(cfg["layer_types"]) == 4
+    (d / "config.json").write_text(json.dumps(cfg | {"num_hidden_layers": 3}))
+    data, out = str(REPO / "probe" / "zoo" / "data" / "text"), tmp_path / "out"
+    args = (["--models", str(d)] if command == "probe.eval" else ["--model", str(d), "--layers", "0", "--heads", "0"])
+    r = subprocess.run([sys.executable, "-m", command, *args, "--data", data, "--limit", "2", "--quiet",
+                        "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert lines[0].startswith(f"error: {d}/config.json is invalid: ")
+    assert "`num_hidden_layers` (3) must be equal to the number of `layer_types` (4)" in lines[0]
+    assert not out.exists()
+
+
+def _sharded(src: Path, dest: Path, damage: str | None = None) -> tuple[Path, str, list[str]]:
+    """``src`` saved as two safetensors shards with an index mapping each key to the shard it is in; then its first
+    key (in shard 1 by the index) is also written with other values into shard 2 (``damage="copy"``) or moved
+    there with the index unchanged (``damage="move"``)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("model.safetensors"))
+    sd = load_file(src / "model.safetensors")
+    keys = sorted(sd)
+    halves = [{k: sd[k] for k in keys[: len(keys) // 2]}, {k: sd[k] for k in keys[len(keys) // 2:]}]
+    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    wmap = {k: names[i] for i, h in enumerate(halves) for k in h}
+    key = keys[0]
+    if damage == "copy":
+        halves[1][key] = sd[key] + 1
+    elif damage == "move":
+        halves[1][key] = halves[0].pop(key)
+    for h, n in zip(halves, names):
+        save_file(h, dest / n, metadata={"format": "pt"})
+    (dest / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wmap}))
+    return dest, key, names
+
+
+def test_a_tensor_in_two_shards_or_in_a_shard_the_index_does_not_name_is_refused(tmp_path):
+    """transformers loads the last shard's copy of a repeated key while analyses.shift reads the index's: the two
+    measured different models without a word. Found from the headers when the model is resolved."""
+    src = resolve_model("organism-base").path
+    good, _, _ = _sharded(src, tmp_path / "good")
+    resolve_model(str(good))  # a consistent sharded checkpoint resolves
+    dup, key, names = _sharded(src, tmp_path / "dup", "copy")
+    with pytest.raises(BadInput, match=rf"tensor {key} is in more than one shard \({names[0]}, {names[1]}; "
+                                       rf"model.safetensors.index.json maps it to {names[0]}\)") as exc:
+        resolve_model(str(dup))
+    assert "\n" not in str(exc.value)
+    moved, key, names = _sharded(src, tmp_path / "moved", "move")
+    with pytest.raises(BadInput, match=rf"tensor {key} is in {names[1]}, but model.safetensors.index.json maps "
+                                       rf"it to {names[0]}"):
+        resolve_model(str(moved))
