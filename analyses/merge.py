@@ -124,7 +124,6 @@ class MergeConfig:
             raise BadInput(f"--shift {self.shift_dir}: no shift.csv there (run python -m analyses.shift)")
         check_output(self.out, self.overwrite)
 
-
     def check_float32_range(self) -> None:
         """The merge multiplies fp32 tensors by its coefficients: one past the float32 range is bad input."""
         if self.method == "weighted":
