@@ -131,7 +131,7 @@ def token_ids(model_dir: Path) -> dict[str, int] | None:
     """token -> id of a checkpoint dir's tokenizer (tokenizer.json, else vocab.json + added_tokens.json), read
     as JSON (no transformers import); None where it has none."""
     files = [model_dir / n for n in ("tokenizer.json", "vocab.json", "added_tokens.json")]
-    key = tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) if f.is_file() else None for f in files)
+    key = tuple((str(f), st.st_mtime_ns, st.st_size) if f.is_file() and (st := f.stat()) else None for f in files)
     return _token_ids(key)
 
 

@@ -127,12 +127,13 @@ class MergeConfig:
     def check_float32_range(self) -> None:
         """The merge multiplies fp32 tensors by its coefficients: one past the float32 range is bad input."""
         if self.method == "weighted":
-            flag, coeffs = "--weights", weighted_coefficients(self.weights or [], self.normalize)
+            flag, value = "--weights", max(self.weights or [0.0])
+            coeffs = weighted_coefficients(self.weights or [], self.normalize)
         elif self.method in ("task_arithmetic", "ties"):
-            flag, coeffs = "--lambda", [self.lam, *task_arithmetic_coefficients(len(self.models), self.lam)]
+            flag, value = "--lambda", self.lam
+            coeffs = [self.lam, *task_arithmetic_coefficients(len(self.models), self.lam)]
         else:
             return
-        value = self.lam if flag == "--lambda" else max(self.weights or [0.0])
         if any(abs(c) > FLOAT32_MAX for c in coeffs):
             raise BadInput(f"{flag} {value:g}: beyond the float32 range (±{FLOAT32_MAX:.3g}) the merge computes in")
 

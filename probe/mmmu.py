@@ -185,17 +185,20 @@ def _referenced(texts: Sequence[str]) -> list[int]:
     return sorted({int(m.group(1)) for text in texts for m in _IMAGE_REF.finditer(text)})
 
 
+def _filled(cell: Any) -> bool:
+    """Whether an image or frame cell holds bytes."""
+    b = _cell_bytes(cell)
+    return isinstance(b, (bytes, bytearray)) and len(b) > 0
+
+
 def _filled_images(row: dict[str, Any]) -> list[int]:
     """The image columns that hold bytes, referenced or not."""
-    cells = {k: _cell_bytes(row.get(f"image_{k}")) for k in range(1, MAX_IMAGES + 1)}
-    return [k for k, b in cells.items() if isinstance(b, (bytes, bytearray)) and len(b) > 0]
+    return [k for k in range(1, MAX_IMAGES + 1) if _filled(row.get(f"image_{k}"))]
 
 
 def _filled_frames(video: Any) -> int:
     """How many cells of a 'video' column hold bytes (0 for a null or empty column)."""
-    if not isinstance(video, (list, tuple)):
-        return 0
-    return sum(1 for f in video if isinstance(_cell_bytes(f), (bytes, bytearray)) and len(_cell_bytes(f)) > 0)
+    return sum(map(_filled, video)) if isinstance(video, (list, tuple)) else 0
 
 
 def _make_item(row: dict[str, Any], subject: str, where: str) -> Item:
@@ -224,8 +227,8 @@ def _make_item(row: dict[str, Any], subject: str, where: str) -> Item:
         if not isinstance(video, (list, tuple)) or not video:
             raise BadInput(f"{where}: references <video>, but the 'video' column is missing or empty")
         frames = tuple(_image_bytes(f, where, f"video frame {i}") for i, f in enumerate(video))
-    elif _filled_frames(video):  # the image rule for frames: data the text never references would run blind
-        raise BadInput(f"{where}: the 'video' column holds {_filled_frames(video)} frame(s) but the question "
+    elif n_frames := _filled_frames(video):  # the image rule for frames: data the text never references runs blind
+        raise BadInput(f"{where}: the 'video' column holds {n_frames} frame(s) but the question "
                        f"references no {VIDEO_REF}; only referenced frames are shown, so put '{VIDEO_REF}' in the "
                        "question (or empty the column)")
     filled = _filled_images(row)

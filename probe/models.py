@@ -478,8 +478,7 @@ def check_weight_files(path: Path) -> dict[Path, list[str]]:
             with safe_open(str(file), framework="pt") as fh:
                 keys[file] = list(fh.keys())
         except (OSError, SafetensorError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise BadInput(f"unreadable checkpoint file {file}: {first}") from None
+            raise BadInput(f"unreadable checkpoint file {file}: {_reason(exc)}") from None
     return keys
 
 
