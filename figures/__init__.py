@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
-from probe.errors import BadInput
+from probe.errors import BadInput, error_reason
 
 NA_TEXT = ("", "nan")  # how a saved table spells a missing number (pandas writes NaN as an empty cell)
 UNIT = (0.0, 1.0)  # bounds of an accuracy or a probability
@@ -139,8 +139,7 @@ def read_table(path: Path, columns: Mapping[str, type], optional: Mapping[str, t
     try:
         df = pd.read_csv(path, **read_csv)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise BadInput(f"{path}: not a readable table ({reason})") from None
+        raise BadInput(f"{path}: not a readable table ({error_reason(exc)})") from None
     lacking = [c for c in columns if c not in df.columns]
     if lacking:
         raise BadInput(f"{path}: missing column{'s' if len(lacking) > 1 else ''} {', '.join(lacking)}"

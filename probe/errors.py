@@ -16,6 +16,18 @@ class RunStopped(RuntimeError):
     oracle, a transformers internal that changed): exit 1 with one line saying what and why, no traceback."""
 
 
+# Upstream errors can carry a whole file or config in their message; one line of a report keeps this much.
+REASON_CHARS = 300
+
+
+def error_reason(exc: BaseException) -> str:
+    """An upstream error's reason in one line: its first line, or a heading ending in ':' with the line below
+    (cut at REASON_CHARS); the exception's type name when it has no message."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+    reason = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
+    return reason if len(reason) <= REASON_CHARS else reason[:REASON_CHARS - 1] + "…"
+
+
 class ArgParser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` whose usage errors are one line (``error: … (see --help)``, exit 2), like
     BadInput; ``--help`` still prints the full help, ending with ``examples`` (command lines, shown as written)."""

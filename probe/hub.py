@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from probe.errors import BadInput
+from probe.errors import BadInput, error_reason
 
 # What a model needs before any weight is read: config, tokenizer, processor and generation settings.
 META_PATTERNS = ("*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken")
@@ -46,6 +46,5 @@ def hub_snapshot(repo_id: str, repo_type: str = "model", patterns: Sequence[str]
     try:  # reaches the hub; falls back to the cache by itself when the network is down
         return Path(huggingface_hub.snapshot_download(repo_id, **kwargs))
     except Exception as exc:  # noqa: BLE001 - network, auth (gated repos) and not-found errors
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise BadInput(f"could not download {repo_id} from the Hugging Face hub and it is not in the local "
-                       f"cache ({type(exc).__name__}: {first})") from None
+                       f"cache ({type(exc).__name__}: {error_reason(exc)})") from None

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from PIL import Image
 
-from probe.errors import BadInput
+from probe.errors import BadInput, error_reason
 
 MAX_IMAGES = 7
 REQUIRED_COLUMNS = ("id", "question", "options", "answer", "question_type")
@@ -250,7 +250,7 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     try:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ... for corrupt files
-        raise BadInput(f"cannot read parquet file {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise BadInput(f"cannot read parquet file {path}: {error_reason(exc)}") from None
     missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
     if missing:
         raise BadInput(f"{path}: missing required column(s) {', '.join(missing)}")

@@ -17,7 +17,7 @@ from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from torch import nn
 
-from probe.errors import BadInput
+from probe.errors import BadInput, error_reason
 from probe.families import (
     ALIASES,
     Family,
@@ -282,12 +282,6 @@ def nonfinite_parameters(model: nn.Module) -> list[str]:
 NO_HUB_KERNELS = {"use_kernels": False}
 
 
-def _reason(exc: BaseException) -> str:
-    """An upstream error's reason in one line: its first line, or a heading ending in ':' with the line below."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
-    return " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
-
-
 @contextmanager
 def config_errors(ref: ModelRef):
     """huggingface_hub's strict validation of a config (e.g. num_hidden_layers ≠ len(layer_types)) as bad input.
@@ -297,7 +291,7 @@ def config_errors(ref: ModelRef):
     try:
         yield
     except StrictDataclassError as exc:
-        raise BadInput(f"{ref.path}/config.json is invalid: {_reason(exc)}") from None
+        raise BadInput(f"{ref.path}/config.json is invalid: {error_reason(exc)}") from None
 
 
 def _from_pretrained(ref: ModelRef, **kwargs: Any) -> Any:
@@ -322,7 +316,7 @@ def _from_pretrained(ref: ModelRef, **kwargs: Any) -> Any:
         )
     except (OSError, ValueError, RuntimeError, SafetensorError, StrictDataclassError) as exc:
         # (huggingface_hub's config validation, e.g. num_hidden_layers ≠ len(layer_types), is StrictDataclassError)
-        raise BadInput(f"cannot load checkpoint {ref.path}: {_reason(exc)}") from None
+        raise BadInput(f"cannot load checkpoint {ref.path}: {error_reason(exc)}") from None
     finally:
         transformers.utils.logging.set_verbosity(verbosity)
     if getattr(model, "use_kernels", False):  # a later release might ignore the keyword: refuse, never measure it
@@ -384,7 +378,7 @@ def load_tokenizer(ref: ModelRef) -> Any:
         with config_errors(ref):  # AutoTokenizer builds the config to find the tokenizer class
             tokenizer = transformers.AutoTokenizer.from_pretrained(ref.path, **ref.load_kwargs)
     except (OSError, ValueError) as exc:
-        raise BadInput(f"{ref.path}: cannot load its tokenizer ({str(exc).splitlines()[0][:160]})") from None
+        raise BadInput(f"{ref.path}: cannot load its tokenizer ({error_reason(exc)})") from None
     if len(tokenizer) < 2:  # no tokenizer files: transformers builds an empty tokenizer and carries on
         raise BadInput(f"{ref.path}: no tokenizer files (tokenizer.json, tokenizer_config.json, …); the tokenizer "
                        "transformers built from it is empty")
@@ -478,7 +472,7 @@ def check_weight_files(path: Path) -> dict[Path, list[str]]:
             with safe_open(str(file), framework="pt") as fh:
                 keys[file] = list(fh.keys())
         except (OSError, SafetensorError) as exc:
-            raise BadInput(f"unreadable checkpoint file {file}: {_reason(exc)}") from None
+            raise BadInput(f"unreadable checkpoint file {file}: {error_reason(exc)}") from None
     return keys
 
 

@@ -17,7 +17,7 @@ import pytest
 from conftest import REPO
 from test_heads_cli import BASE_ARGS, base_run, cli  # noqa: F401 (base_run: the shared reference sweep)
 
-from probe.errors import cli_main
+from probe.errors import REASON_CHARS, cli_main, error_reason
 
 
 def one_error_line(rc: int, err: str) -> str:
@@ -269,3 +269,13 @@ def test_a_figure_is_written_whole_or_not_at_all(tmp_path):
     fig.savefig = real
     assert save_figure(fig, tmp_path / "a.png").read_bytes().startswith(b"\x89PNG")
     plt.close(fig)
+
+
+def test_error_reason_is_one_bounded_line():
+    # The first line; a heading ending in ':' keeps the line below; no message gives the type; long lines are cut.
+    assert error_reason(ValueError("bad shape\n  at line 3")) == "bad shape"
+    assert error_reason(ValueError("Validation failed:\n  field x must be int\n more")) == \
+        "Validation failed: field x must be int"
+    assert error_reason(KeyError()) == "KeyError"
+    long = error_reason(OSError("x" * 10_000))
+    assert len(long) == REASON_CHARS and long.endswith("…") and "\n" not in long
