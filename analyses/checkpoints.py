@@ -271,6 +271,8 @@ def checkpoint_fingerprint(ck: Checkpoint) -> str:
 
 def open_checkpoint(spec: str, allow_bin: bool = False) -> Checkpoint:
     """Resolve, read config and headers, detect the layout; no tensor data is touched."""
+    from probe.models import check_shard_keys, weights_entry
+
     path = resolve_model_dir(spec)
     config = read_config_json(path)
     check_layout_model_type(config.get("model_type"))
@@ -279,6 +281,9 @@ def open_checkpoint(spec: str, allow_bin: bool = False) -> Checkpoint:
     wmap = _weight_files(path, allow_bin)
     for f in sorted(set(wmap.values())):
         files[f] = BinFile(f) if f.suffix == ".bin" else SafetensorsFile(f)
+    # each tensor in one file, the one the index names: else transformers runs one copy and we read the other
+    index = weights_entry(path) if "" not in wmap else None
+    check_shard_keys(path, index, {f: list(fobj.tensors) for f, fobj in files.items()})
     if "" in wmap:
         for fobj in files.values():
             infos.update(fobj.tensors)

@@ -155,6 +155,8 @@ def check_weights(path: Path, gguf_file: str | None = None) -> None:
     keys = check_weight_files(path)
     if gguf_file is None and (entry is None or entry.name == "model.safetensors.index.json"):
         check_shard_keys(path, entry, keys)
+    elif entry is not None and entry.name == "pytorch_model.bin.index.json":
+        check_shard_keys(path, entry, {f: bin_keys(f) for f in sorted(path.glob("pytorch_model*.bin"))})
     if gguf_file is None and not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise BadInput(f"{path}: no weight files (*.safetensors)")
 
@@ -474,6 +476,18 @@ def check_weight_files(path: Path) -> dict[Path, list[str]]:
         except (OSError, SafetensorError) as exc:
             raise BadInput(f"unreadable checkpoint file {file}: {error_reason(exc)}") from None
     return keys
+
+
+def bin_keys(file: Path) -> list[str]:
+    """The tensor names of a PyTorch ``.bin`` shard: its pickle is read (``weights_only``, memory-mapped, so no
+    tensor data), which is as close to a header as the format has."""
+    try:
+        sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad pickle
+        raise BadInput(f"unreadable checkpoint file {file}: {type(exc).__name__}: {error_reason(exc)}") from None
+    if not isinstance(sd, dict):
+        raise BadInput(f"unreadable checkpoint file {file}: not a state dict")
+    return [k for k, v in sd.items() if isinstance(v, torch.Tensor)]
 
 
 def check_shard_keys(path: Path, index: Path | None, keys: dict[Path, list[str]]) -> None:

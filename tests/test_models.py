@@ -406,3 +406,37 @@ def test_a_tensor_in_two_shards_or_in_a_shard_the_index_does_not_name_is_refused
     with pytest.raises(BadInput, match=rf"tensor {key} is in {names[1]}, but model.safetensors.index.json maps "
                                        rf"it to {names[0]}"):
         resolve_model(str(moved))
+
+
+def test_bin_shards_are_checked_like_safetensors_by_the_probe_and_the_analyses(tmp_path):
+    """The same damage in ``.bin`` shards: the probe reads each shard's pickle (no tensor data) and refuses it, and
+    the analyses (--allow-bin) refuse it too instead of reading the index's copy while transformers runs the other."""
+    from safetensors.torch import load_file
+
+    from analyses.checkpoints import open_checkpoint
+
+    src = resolve_model("organism-base").path
+    for damage in (None, "copy", "move"):
+        d, key, names = _sharded(src, tmp_path / f"st-{damage}", damage)
+        b = tmp_path / f"bin-{damage}"
+        shutil.copytree(d, b, ignore=shutil.ignore_patterns("*.safetensors*"))
+        bins = [n.replace("model-", "pytorch_model-").replace(".safetensors", ".bin") for n in names]
+        for n, bn in zip(names, bins):
+            torch.save(load_file(d / n), b / bn)
+        wmap = json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
+        wmap = {k: bins[names.index(v)] for k, v in wmap.items()}
+        (b / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wmap}))
+        for target in (d, b):
+            if damage is None:
+                resolve_model(str(target))
+                with open_checkpoint(str(target), allow_bin=True) as ck:
+                    assert key in ck.infos
+                continue
+            shards = names if target == d else bins
+            index = "model.safetensors.index.json" if target == d else "pytorch_model.bin.index.json"
+            want = (rf"tensor {key} is in more than one shard \({shards[0]}, {shards[1]}; {index} maps it to "
+                    rf"{shards[0]}\)" if damage == "copy" else rf"tensor {key} is in {shards[1]}, but {index} maps it")
+            with pytest.raises(BadInput, match=want):
+                resolve_model(str(target))
+            with pytest.raises(BadInput, match=want):
+                open_checkpoint(str(target), allow_bin=True).close()
