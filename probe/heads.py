@@ -31,20 +31,18 @@ def parse_index_spec(spec: str, n: int, what: str) -> list[int]:
     out: set[int] = set()
     for part in spec.split(","):
         part = part.strip()
+        lo, dash, hi = part.partition("-") if not part.startswith("-") else (part, "", "")
         try:
-            if "-" in part[1:]:
-                lo, hi = part.split("-", 1) if not part.startswith("-") else (part, "")
-                rng = range(int(lo), int(hi) + 1)
-            else:
-                rng = range(int(part), int(part) + 1)
+            first = int(lo)
+            last = int(hi) if dash else first
         except ValueError:
             raise BadInput(f"bad --{what}s spec {spec!r}: use 'all', '3', or '0-3,7'") from None
-        for i in rng:
+        if last < first:  # '3-1' used to select nothing and pass silently beside other parts ('0,3-1' → [0])
+            raise BadInput(f"bad --{what}s spec {spec!r}: range {part!r} ends below its start")
+        for i in range(first, last + 1):
             if not 0 <= i < n:
                 raise BadInput(f"{what} {i} out of range 0..{n - 1}")
             out.add(i)
-    if not out:
-        raise BadInput(f"--{what}s {spec!r} selects nothing")
     return sorted(out)
 
 
@@ -132,15 +130,16 @@ class Plan:
 def load_template(args: argparse.Namespace):
     from probe.prompting import PromptTemplate
 
-    fields: dict[str, str] = {}
+    template = PromptTemplate()
     if args.template is not None:
         try:
             fields = json.loads(args.template.read_text())
+            if not isinstance(fields, dict):
+                raise TypeError(f"want a JSON object of PromptTemplate fields, got {type(fields).__name__}")
             template = PromptTemplate(**fields)
-        except (OSError, json.JSONDecodeError, TypeError) as exc:
+            template.check()
+        except (OSError, json.JSONDecodeError, TypeError, ValueError) as exc:
             raise BadInput(f"--template {args.template}: {exc}") from None
-    else:
-        template = PromptTemplate()
     if args.system_prompt is not None:
         template = PromptTemplate(**(template.to_dict() | {"system": args.system_prompt}))
     return template

@@ -375,6 +375,11 @@ def _corrupt_model(root: Path, tiny: Path) -> Path:
     return root
 
 
+def _template(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
 BAD_CASES = {
     "unknown alias": lambda t, d, m: ["--model", "qwen2-vl-typo", "--data", d],
     "missing data dir": lambda t, d, m: ["--data", t / "nope"],
@@ -383,10 +388,20 @@ BAD_CASES = {
     "layer out of range": lambda t, d, m: ["--data", d, "--layers", "99"],
     "head out of range": lambda t, d, m: ["--data", d, "--heads", "99"],
     "bad layer spec": lambda t, d, m: ["--data", d, "--layers", "two"],
+    "negative layer": lambda t, d, m: ["--data", d, "--layers", "-1"],
+    "backwards layer range beside a good one": lambda t, d, m: ["--data", d, "--layers", "0,3-1"],  # was [0], exit 0
+    "backwards head range": lambda t, d, m: ["--data", d, "--heads", "1--2"],
     "unknown subject": lambda t, d, m: ["--data", d, "--subjects", "Astrology"],
     "unreadable checkpoint": lambda t, d, m: ["--model", _corrupt_model(t / "corrupt", m["qwen2"]), "--data", d],
     "text-only model, image items": lambda t, d, m: ["--model", "tiny-qwen2", "--data", d],
     "unknown dtype": lambda t, d, m: ["--data", d, "--dtype", "float8"],
+    # a template that cannot render was a traceback at the first item, after run.json was written
+    "template placeholder typo": lambda t, d, m: ["--data", d, "--template",
+                                                  _template(t / "t.json", '{"user": "{question} {choice}"}')],
+    "template field not text": lambda t, d, m: ["--data", d, "--template", _template(t / "t.json", '{"user": 3}')],
+    "template not an object": lambda t, d, m: ["--data", d, "--template", _template(t / "t.json", '["x"]')],
+    "template lone brace": lambda t, d, m: ["--data", d, "--template",
+                                            _template(t / "t.json", '{"choice": "{letter}) {option} {"}')],
 }
 # Each case runs in this process (fd-level stderr captured); SUBPROCESS_CASES also as a real `python -m`.
 SUBPROCESS_CASES = ("unknown alias", "unreadable checkpoint")
@@ -396,6 +411,19 @@ def _bad_args(case, tmp_path, data_dir, tiny_dirs):
     out = tmp_path / "out"
     return [*BAD_CASES[case](tmp_path, data_dir, tiny_dirs), "--limit", "2", "--method", "naive", "--quiet",
             "--out", out], out
+
+
+def test_index_specs_are_sorted_unique_and_checked():
+    from probe.errors import BadInput
+    from probe.heads import parse_index_spec
+
+    assert parse_index_spec("3,0-1,1, 0", 4, "layer") == [0, 1, 3]
+    assert parse_index_spec(" ALL ", 3, "head") == [0, 1, 2]
+    assert parse_index_spec("2-2", 4, "layer") == [2]
+    for spec, needle in (("0,3-1", "ends below its start"), ("-1", "out of range"), ("0-4", "layer 4 out of range"),
+                         ("", "bad --layers spec"), ("1,", "bad --layers spec"), ("0-", "bad --layers spec")):
+        with pytest.raises(BadInput, match=needle):
+            parse_index_spec(spec, 4, "layer")
 
 
 @pytest.mark.parametrize("case", list(BAD_CASES))
