@@ -20,9 +20,9 @@ L, H, KV, D = 2, 4, 2, 8  # analyses.tiny.TEXT: 2 layers × 4 query heads, 2 KV 
 
 
 def write_run(path: Path, kl: torch.Tensor, status: str = "complete", layers: int = L, heads: int = H,
-              model: Path | None = None) -> Path:
+              model: Path | None = None, fingerprint: str | None = None) -> Path:
     """A probe.heads output dir holding only what the merge reads: heads.csv and run.json (with the measured
-    model's path when ``model`` is given)."""
+    model's path when ``model`` is given, and its fingerprint then when ``fingerprint`` is)."""
     path.mkdir(parents=True)
     rows = ["layer,head,accuracy,prob_accuracy,kl,n_items,accuracy_drop,prob_accuracy_drop,p_answer"]
     for layer in range(layers):
@@ -31,6 +31,8 @@ def write_run(path: Path, kl: torch.Tensor, status: str = "complete", layers: in
             rows.append(f"{layer},{h},0.5,0.5,{v!r},8,{v / 2!r},{v / 3!r},0.5")
     (path / "heads.csv").write_text("\n".join(rows) + "\n")
     plan = {"plan": {"model_path": str(model)}} if model is not None else {}
+    if fingerprint is not None:
+        plan["plan"]["model_fingerprint"] = fingerprint
     (path / "run.json").write_text(json.dumps({"status": status} | plan))
     return path
 
@@ -235,6 +237,32 @@ def test_bad_salience_runs_exit_2(case, zoo, tmp_path, capfd):
             "swapped": f"measured {zoo['vl']}, but it is given for {zoo['ov']}",
             "base_run": f"measured {zoo['base']}, but it is given for {zoo['ov']}"}[case] in err
     assert not out.exists() and not list(tmp_path.glob(".never.partial-*"))
+
+
+def test_a_run_of_weights_changed_since_is_refused(zoo, tmp_path, capfd):
+    """An expert retrained or re-merged in place after its salience run was merged by its old weights' saliences
+    (exit 0): the run's recorded model fingerprint is now compared with the participant's files."""
+    import shutil
+
+    from probe.models import local_fingerprint
+
+    vl = shutil.copytree(zoo["vl"], tmp_path / "vl")
+    dirs = [write_run(tmp_path / "a", torch.rand(L, H) + 0.1, model=vl, fingerprint=local_fingerprint(vl)),
+            write_run(tmp_path / "b", torch.rand(L, H) + 0.1, model=zoo["ov"])]  # an older run.json: unchecked
+    args = ["--base", zoo["base"], "--models", vl, zoo["ov"], "--method", "salience", "--salience", *dirs]
+    assert run(merge.main, *args, "--out", tmp_path / "before") == 0
+    weights = vl / "model.safetensors"
+    tensors = load_file(weights)
+    name = next(k for k in tensors if k.endswith("layers.0.self_attn.q_proj.weight"))
+    tensors[name] = tensors[name] * 2
+    from safetensors.torch import save_file
+
+    save_file(tensors, weights, metadata={"format": "pt"})
+    capfd.readouterr()
+    assert run(merge.main, *args, "--out", tmp_path / "after") == 2
+    err = capfd.readouterr().err.strip()
+    assert err.startswith(f"error: salience run {dirs[0]} measured {vl} before its files changed") and "\n" not in err
+    assert not (tmp_path / "after").exists()
 
 
 # --------------------------------------------------------------------------------------------------------
