@@ -219,6 +219,31 @@ def versions() -> dict[str, str]:
             "transformers": transformers.__version__, "numpy": numpy.__version__, "omniprobe": "0.1.0"}
 
 
+SOFTWARE = ("torch", "transformers")  # the versions a run's numbers depend on (kernels, processors, rope)
+
+
+def saved_run_info(out: Path) -> dict[str, Any]:
+    """The run.json a resumed run left (empty when unreadable: prepare_out_dir has already vouched for it)."""
+    try:
+        saved = json.loads((out / "run.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def check_same_software(out: Path, saved: Any, now: dict[str, str]) -> None:
+    """A resume that computes parts must run the torch and transformers its finished parts ran: an upgrade between
+    the kill and the resume would mix two versions' numbers in one table, and run.json would name only the last."""
+    if not isinstance(saved, dict):  # a run.json that recorded none
+        return
+    differ = [k for k in SOFTWARE if saved.get(k) != now.get(k)]
+    if differ:
+        then = ", ".join(f"{k} {saved.get(k)}" for k in differ)
+        raise BadInput(f"--out {out} holds parts computed under {then}, but this process runs "
+                       f"{', '.join(f'{k} {now.get(k)}' for k in differ)}: the table would mix both versions' "
+                       f"numbers; resume under {then}, or pass --overwrite")
+
+
 def run(args: argparse.Namespace) -> Path:
     from probe.results import (atomic_write_json, claim_out_dir, part_path, prepare_out_dir, read_part, read_parts,
                                write_outputs)
@@ -226,6 +251,7 @@ def run(args: argparse.Namespace) -> Path:
     plan, ref, items, template, placement = make_plan(args)
     out: Path = args.out
     resumed = prepare_out_dir(out, plan.fingerprint(), args.overwrite, plan=asdict(plan))
+    saved = saved_run_info(out) if resumed else {}
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = placement.device
 
@@ -241,6 +267,10 @@ def run(args: argparse.Namespace) -> Path:
                       "attn_implementation": placement.attn_implementation, "description": placement.description},
         "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if todo and any(part_path(out, c).is_file() for c in range(len(chunks))):
+        check_same_software(out, saved.get("versions"), run_info["versions"])
+    elif not todo and saved.get("versions"):  # nothing computed here: the parts' versions stay on record
+        run_info["versions"] = saved["versions"]
     t0 = time.perf_counter()
     if todo:
         from probe.models import load_model
@@ -285,10 +315,7 @@ def run(args: argparse.Namespace) -> Path:
     run_info |= {"status": "complete", "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                  "elapsed_s_this_process": round(time.perf_counter() - t0, 3)}
     if resumed:
-        try:
-            run_info["started"] = json.loads((out / "run.json").read_text()).get("started")
-        except (OSError, json.JSONDecodeError):
-            pass
+        run_info["started"] = saved.get("started")
     atomic_write_json(out / "run.json", run_info)
     _print_summary(out, heads)
     return out
