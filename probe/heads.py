@@ -250,6 +250,9 @@ def run(args: argparse.Namespace) -> Path:
 
     plan, ref, items, template, placement = make_plan(args)
     out: Path = args.out
+    if out.resolve() == ref.path.resolve():  # a folder inside it is fine: the fingerprint reads its own files only
+        raise BadInput(f"--out {out} is the model's own directory: the run's files would join the model's and change "
+                       "its fingerprint; use a folder inside it or elsewhere")
     resumed = prepare_out_dir(out, plan.fingerprint(), args.overwrite, plan=asdict(plan))
     saved = saved_run_info(out) if resumed else {}
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

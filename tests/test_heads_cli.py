@@ -453,6 +453,18 @@ def test_bad_input_exit_2_one_line_no_output(case, tmp_path, data_dir, tiny_dirs
     assert not out.exists(), f"{case}: output dir was created"
 
 
+def test_out_is_the_model_dir_is_refused(tiny_dirs, data_dir, tmp_path, capfd):
+    """--out MODEL_DIR --overwrite wrote run.json, heads.csv, … among the model's files: the model's fingerprint
+    changed, so the same command was then refused as another run. A folder inside the model dir stays allowed."""
+    model = shutil.copytree(tiny_dirs["qwen2_vl"], tmp_path / "model")
+    before = {p: p.read_bytes() for p in model.rglob("*") if p.is_file()}
+    r = run_in_process(["--model", model, "--data", data_dir, "--limit", "1", "--layers", "0", "--heads", "0",
+                        "--no-generate", "--quiet", "--out", model / ".", "--overwrite"], capfd)
+    assert_one_line_error(r)
+    assert "is the model's own directory" in r.stderr
+    assert {p: p.read_bytes() for p in model.rglob("*") if p.is_file()} == before
+
+
 @pytest.mark.parametrize("case", SUBPROCESS_CASES)
 def test_bad_input_subprocess(case, tmp_path, data_dir, tiny_dirs):
     args, out = _bad_args(case, tmp_path, data_dir, tiny_dirs)
