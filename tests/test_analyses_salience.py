@@ -175,6 +175,32 @@ def test_dominant_expert_copies_its_slice(zoo, tmp_path):
     torch.testing.assert_close(got["layers.1.self_attn.o_proj.weight"][:, sl], vl["layers.1.self_attn.o_proj.weight"][:, sl])
 
 
+def test_temperatures_so_small_that_the_logits_overflow_give_the_limit(zoo, tmp_path):
+    """--salience-temperature / --temperature 1e-320: ŝ/τ and Δ/τ were inf, softmax NaN, and the merge stopped with
+    'merged tensor … overflows' (exit 2, naming no input at fault). The limit τ → 0 is argmax, ties shared."""
+    from analyses.formulas import salience_weights, shift_softmax
+
+    assert shift_softmax([0.004, 0.001, 0.004], 5e-324) == [0.5, 0.0, 0.5]
+    assert shift_softmax([0.004, 0.001], 1e-3) == pytest.approx([1 / (1 + 2.718281828459045 ** -3), 0.0474258731])
+    shat = torch.tensor([[2.0, 0.5], [1.0, 0.5]], dtype=torch.float64)
+    assert torch.equal(salience_weights(shat, 1e-320, None), torch.tensor([[1.0, 0.5], [0.0, 0.5]], dtype=torch.float64))
+    experts = [zoo["vl"], zoo["ov"]]
+    s0 = torch.full((L, H), 0.1)
+    s0[1, 2] = 50.0
+    dirs = [write_run(tmp_path / "a", s0), write_run(tmp_path / "b", torch.full((L, H), 0.1))]
+    out = tmp_path / "m"
+    assert run(merge.main, "--base", zoo["base"], "--models", *experts, "--method", "salience", "--salience", *dirs,
+               "--alpha0", 0.0, "--salience-temperature", 1e-320, "--temperature", 1e-320, "--out", out) == 0
+    got, base, th = canonical(out), canonical(zoo["base"]), [canonical(e) for e in experts]
+    sl = slice(2 * D, 3 * D)
+    assert torch.equal(got["layers.1.self_attn.q_proj.weight"][sl], th[0]["layers.1.self_attn.q_proj.weight"][sl])
+    # head 0: ŝ = 1 for the flat expert, 0.1 / mean(s0) < 1 for the other: the flat one's slice, whole
+    assert torch.equal(got["layers.1.self_attn.q_proj.weight"][:D], th[1]["layers.1.self_attn.q_proj.weight"][:D])
+    name = "layers.0.mlp.up_proj.weight"  # Eq. 4 with α0 = 0: the expert of larger Δavg, whole
+    top = max(range(2), key=lambda i: delta_avg(base[name], th[i][name]))
+    assert torch.equal(got[name], th[top][name].float())
+
+
 def test_rest_shift_leaves_non_head_tensors_as_eq4(zoo, runs, tmp_path):
     experts = [zoo["vl"], zoo["ov"], zoo["au"]]
     a, b = tmp_path / "sal", tmp_path / "shift"
