@@ -245,17 +245,22 @@ def check_same_software(out: Path, saved: Any, now: dict[str, str]) -> None:
 
 
 def run(args: argparse.Namespace) -> Path:
-    from probe.results import (atomic_write_json, claim_out_dir, part_path, prepare_out_dir, read_part, read_parts,
-                               write_outputs)
+    from probe.results import (atomic_write_json, claim_out_dir, has_contents, part_path, prepare_out_dir, read_part,
+                               read_parts, write_outputs)
 
     plan, ref, items, template, placement = make_plan(args)
     out: Path = args.out
     if out.resolve() == ref.path.resolve():  # a folder inside it is fine: the fingerprint reads its own files only
         raise BadInput(f"--out {out} is the model's own directory: the run's files would join the model's and change "
                        "its fingerprint; use a folder inside it or elsewhere")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    # each rank of a torchrun job cleared the dir in turn, deleting the parts the others had written: all exited 0
+    # "waiting for N chunks from other ranks" and nothing was assembled
+    if args.overwrite and world > 1 and has_contents(out):
+        raise BadInput(f"--overwrite under torchrun: every rank would clear --out {out}, deleting the parts the "
+                       "others wrote; remove it first (or use another --out) and start without --overwrite")
     resumed = prepare_out_dir(out, plan.fingerprint(), args.overwrite, plan=asdict(plan))
     saved = saved_run_info(out) if resumed else {}
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = placement.device
 
     chunks = [items[i:i + args.chunk_size] for i in range(0, len(items), args.chunk_size)]

@@ -306,6 +306,19 @@ def test_rerun_with_other_settings_then_overwrite(base_run, data_dir, tmp_path, 
     assert json.loads((out / "run.json").read_text())["fingerprint"] != old_fp
 
 
+def test_overwrite_under_torchrun_is_refused(base_run, data_dir, tmp_path, capfd, monkeypatch):
+    """Under torchrun every rank ran --overwrite's clear, the later ones deleting the parts the earlier had written;
+    each rank then exited 0 waiting for the others and no output was assembled."""
+    out = shutil.copytree(base_run, tmp_path / "run")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    r = run_in_process([*BASE_ARGS, "--data", data_dir, "--out", out, "--overwrite", "--no-figures"], capfd)
+    assert_one_line_error(r)
+    assert "--overwrite under torchrun" in r.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
+
+
 def test_same_command_on_finished_run_is_a_noop_resume(base_run, data_dir, tmp_path, capfd):
     out = tmp_path / "run"
     shutil.copytree(base_run, out)
