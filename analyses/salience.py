@@ -92,6 +92,9 @@ def read_salience(run_dir: Path, metric: str, geometry: HeadGeometry, who: str) 
         raise BadInput(f"{heads_csv}: {metric} is NaN for some heads (accuracy needs a run with generation)")
     if metric == "kl" and float(grid.min()) < -1e-6:  # KL(orig‖masked) ≥ 0: a negative one is not a KL
         raise BadInput(f"{heads_csv}: kl is negative ({float(grid.min()):.3g}) for some heads; not a probe.heads KL")
+    if not float(grid.max()) > 0:  # normalise_salience divides by the mean of the clamped table: name the run here
+        raise BadInput(f"{heads_csv}: {metric} is ≤ 0 for every head (no removal hurt {who} on these items); "
+                       "nothing to weight its heads by: use more items or another --salience-metric")
     return grid
 
 

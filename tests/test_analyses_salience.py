@@ -241,7 +241,8 @@ def _bad(tmp_path, zoo, dirs, *extra):
     return code, out
 
 
-@pytest.mark.parametrize("case", ["shape", "missing", "partial", "nan", "count", "negative", "swapped", "base_run"])
+@pytest.mark.parametrize("case", ["shape", "missing", "partial", "nan", "count", "negative", "swapped", "base_run",
+                                  "nothing_hurt"])
 def test_bad_salience_runs_exit_2(case, zoo, tmp_path, capfd):
     good = write_run(tmp_path / "good", torch.ones(L, H), model=zoo["vl"])
     bad = {
@@ -253,6 +254,7 @@ def test_bad_salience_runs_exit_2(case, zoo, tmp_path, capfd):
         "negative": lambda: write_run(tmp_path / "x", torch.full((L, H), -0.5)),
         "swapped": lambda: write_run(tmp_path / "x", torch.ones(L, H), model=zoo["vl"]),  # vl's run again, for ov
         "base_run": lambda: write_run(tmp_path / "x", torch.ones(L, H), model=zoo["base"]),
+        "nothing_hurt": lambda: write_run(tmp_path / "x", torch.zeros(L, H)),  # was 'salience: …', naming no run
     }[case]()
     dirs = [good] if bad is None else [good, bad]
     code, out = _bad(tmp_path, zoo, dirs)
@@ -261,7 +263,9 @@ def test_bad_salience_runs_exit_2(case, zoo, tmp_path, capfd):
     assert {"shape": "layers x", "missing": "not a probe.heads run", "partial": "not complete",
             "nan": "NaN", "count": "one probe.heads run per", "negative": "kl is negative",
             "swapped": f"measured {zoo['vl']}, but it is given for {zoo['ov']}",
-            "base_run": f"measured {zoo['base']}, but it is given for {zoo['ov']}"}[case] in err
+            "base_run": f"measured {zoo['base']}, but it is given for {zoo['ov']}",
+            "nothing_hurt": f"{tmp_path / 'x' / 'heads.csv'}: kl is ≤ 0 for every head (no removal hurt {zoo['ov']}"
+            }[case] in err
     assert not out.exists() and not list(tmp_path.glob(".never.partial-*"))
 
 
