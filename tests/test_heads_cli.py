@@ -428,6 +428,8 @@ BAD_CASES = {
     "unreadable checkpoint": lambda t, d, m: ["--model", _corrupt_model(t / "corrupt", m["qwen2"]), "--data", d],
     "text-only model, image items": lambda t, d, m: ["--model", "tiny-qwen2", "--data", d],
     "unknown dtype": lambda t, d, m: ["--data", d, "--dtype", "float8"],
+    "flash attention on the cpu": lambda t, d, m: ["--data", d, "--device", "cpu", "--attn-implementation",
+                                                   "flash_attention_2"],  # was transformers' ImportError, exit 1
     # a template that cannot render was a traceback at the first item, after run.json was written
     "template placeholder typo": lambda t, d, m: ["--data", d, "--template",
                                                   _template(t / "t.json", '{"user": "{question} {choice}"}')],
