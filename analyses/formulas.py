@@ -65,6 +65,9 @@ def normalised(weights: Sequence[float]) -> list[float]:
 def shift_softmax(deltas: Sequence[float], temperature: float) -> list[float]:
     """α_i = softmax_i(Δavg_i / τ) for one tensor (the released code: softmax(1000·Δ), τ = 1e-3)."""
     z = [d / temperature for d in deltas]
+    if not all(map(math.isfinite, z)):  # τ so small that Δ/τ overflows: the same softmax from Δ − max Δ (its limit)
+        top = max(deltas)
+        z = [(d - top) / temperature for d in deltas]
     m = max(z)
     e = [math.exp(v - m) for v in z]
     s = sum(e)
@@ -147,7 +150,10 @@ def salience_weights(shat: torch.Tensor, temperature: float, alpha0: float | Non
     Without it (``shat`` holds the experts only): the base keeps α0 and the experts share 1 − α0 by
     softmax(ŝ / τ_s). Returns [n_participants incl. base, ...] in float64, summing to 1 over dim 0.
     """
-    w = torch.softmax(shat.double() / temperature, dim=0)
+    z = shat.double() / temperature
+    if not bool(torch.isfinite(z).all()):  # τ_s so small that ŝ/τ_s overflows: shift by the max first (same softmax)
+        z = (shat.double() - shat.double().amax(0, keepdim=True)) / temperature
+    w = torch.softmax(z, dim=0)
     if alpha0 is None:
         return w
     return torch.cat([torch.full_like(w[:1], alpha0), (1.0 - alpha0) * w])

@@ -31,13 +31,15 @@ def check_run_model(run_dir: Path, who: str, participants: dict[str, Path]) -> N
     """A salience run must be of the participant it is given for: refuse a run measured on another participant
     (runs swapped, or the base's run given for an expert); warn when it was measured on a model elsewhere (a copy?)."""
     try:
-        measured = json.loads((run_dir / "run.json").read_text())["plan"]["model_path"]
+        plan = json.loads((run_dir / "run.json").read_text())["plan"]
+        measured = plan["model_path"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
         print(f"warning: {run_dir / 'run.json'} does not name the model it measured (not a probe.heads run.json?); "
               f"it is used as {who}'s run unchecked", file=sys.stderr)
         return
     measured_path = Path(measured).resolve()
     if measured_path == participants[who].resolve():
+        check_same_weights(run_dir, who, measured_path, plan.get("model_fingerprint"))
         return
     other = next((nm for nm, p in participants.items() if p.resolve() == measured_path), None)
     if other is not None:
@@ -45,6 +47,18 @@ def check_run_model(run_dir: Path, who: str, participants: dict[str, Path]) -> N
                        "own run, in the order of --models")
     print(f"warning: salience run {run_dir} measured {measured}, not {who} ({participants[who]}); it is used as "
           "that model's run", file=sys.stderr)
+
+
+def check_same_weights(run_dir: Path, who: str, path: Path, measured: object) -> None:
+    """A run of the participant's own dir must have measured its current weights: a model retrained or re-merged
+    in place since its salience run would otherwise be merged by the saliences of its old weights (exit 0)."""
+    if not isinstance(measured, str) or measured.startswith("hub:"):  # an older run.json; a hub commit's own path
+        return
+    from probe.models import local_fingerprint
+
+    if (now := local_fingerprint(path)) != measured:
+        raise BadInput(f"salience run {run_dir} measured {who} before its files changed (model fingerprint "
+                       f"{measured} then, {now} now); rerun python -m probe.heads on the current model")
 
 
 def read_salience(run_dir: Path, metric: str, geometry: HeadGeometry, who: str) -> torch.Tensor:
@@ -78,6 +92,9 @@ def read_salience(run_dir: Path, metric: str, geometry: HeadGeometry, who: str) 
         raise BadInput(f"{heads_csv}: {metric} is NaN for some heads (accuracy needs a run with generation)")
     if metric == "kl" and float(grid.min()) < -1e-6:  # KL(orig‖masked) ≥ 0: a negative one is not a KL
         raise BadInput(f"{heads_csv}: kl is negative ({float(grid.min()):.3g}) for some heads; not a probe.heads KL")
+    if not float(grid.max()) > 0:  # normalise_salience divides by the mean of the clamped table: name the run here
+        raise BadInput(f"{heads_csv}: {metric} is ≤ 0 for every head (no removal hurt {who} on these items); "
+                       "nothing to weight its heads by: use more items or another --salience-metric")
     return grid
 
 

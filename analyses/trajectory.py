@@ -89,10 +89,11 @@ def collect_points(cfg: TrajectoryConfig) -> list[Point]:
     return pts
 
 
-def stream_features(ref: Checkpoint, ckpts: Sequence[Checkpoint], names: Sequence[str], sketch: CountSketch
-                    ) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Per checkpoint: per-tensor ‖θ − θ_ref‖ and the count sketch of θ − θ_ref, reading each tensor once."""
-    al = align([ref, *ckpts], ["ref", *names])
+def stream_features(ref: Checkpoint, ckpts: Sequence[Checkpoint], names: Sequence[str], sketch: CountSketch,
+                    ref_name: str = "ref") -> tuple[list[str], np.ndarray, np.ndarray, dict[str, Any]]:
+    """Per checkpoint: per-tensor ‖θ − θ_ref‖ and the count sketch of θ − θ_ref, reading each tensor once; and what
+    the vocabulary rule did (rows beyond the common ones are not in the features)."""
+    al = align([ref, *ckpts], [ref_name, *names])
     norms = np.zeros((len(ckpts), len(al.tensors)))
     sk = torch.zeros((len(ckpts), sketch.dim), dtype=torch.float64)
     for t, plan in enumerate(progress(al.tensors, desc="features", unit="tensor", leave=False)):
@@ -108,17 +109,18 @@ def stream_features(ref: Checkpoint, ckpts: Sequence[Checkpoint], names: Sequenc
                 sketch.update(sk[i], d, buckets, signs)
         for i, (v, info) in enumerate(zip(views[1:], plan.infos[1:])):
             if not np.isfinite(sq[i]):
-                check_finite(views[0], "ref", plan.infos[0].key)
+                check_finite(views[0], ref_name, plan.infos[0].key)
                 check_finite(v, names[i], info.key)
             norms[i, t] = np.sqrt(sq[i])
         del views
         for ck, info in zip([ref, *ckpts], plan.infos):
             ck.release(info)
-    return [p.canon for p in al.tensors], norms, sk.numpy()
+    return [p.canon for p in al.tensors], norms, sk.numpy(), al.vocab
 
 
 def embed_2d(x: np.ndarray, perplexity: float, seed: int) -> tuple[dict[str, np.ndarray], float | None, list[float]]:
-    """PCA and t-SNE coordinates, the t-SNE perplexity used (clamped to n − 1: sklearn needs it below n) and the
+    """PCA and t-SNE coordinates, the t-SNE perplexity used (clamped to n − 1: sklearn needs it below n; None when
+    t-SNE is skipped: fewer than 3 points, or all of them one point, where its scaling divides by zero) and the
     share of variance each principal component explains."""
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
@@ -127,10 +129,11 @@ def embed_2d(x: np.ndarray, perplexity: float, seed: int) -> tuple[dict[str, np.
     out: dict[str, np.ndarray] = {}
     k = min(2, n, x.shape[1])
     pca = PCA(n_components=k, random_state=seed)
-    out["pca"] = np.pad(pca.fit_transform(x), ((0, 0), (0, 2 - k)))
+    with np.errstate(invalid="ignore", divide="ignore"):  # points that all coincide: 0/0 variance shares (→ 0)
+        out["pca"] = np.pad(pca.fit_transform(x), ((0, 0), (0, 2 - k)))
     explained = [float(v) for v in np.nan_to_num(pca.explained_variance_ratio_)]
     used = None
-    if n >= 3:
+    if n >= 3 and float(np.ptp(x, axis=0).max(initial=0.0)) > 0:
         used = float(min(perplexity, n - 1))
         out["tsne"] = TSNE(n_components=2, perplexity=used, init="pca" if k == 2 else "random", random_state=seed,
                            method="exact" if n <= 500 else "barnes_hut").fit_transform(x)  # exact: fast for few points
@@ -153,11 +156,15 @@ def run_trajectory(cfg: TrajectoryConfig) -> dict[str, Any]:
         ref = stack.enter_context(open_checkpoint(cfg.ref, cfg.allow_bin)) if cfg.ref else ckpts[0]
         check_inputs_and_out(cfg.out, ckpts, [ref])  # a point twice would sit on itself and skew t-SNE
         check_replaceable(cfg.out, cfg.overwrite, "analyses.trajectory")
-        tensors, norms, sketch = stream_features(ref, ckpts, [p.name for p in points], CountSketch(cfg.sketch_dim, cfg.seed))
+        tensors, norms, sketch, vocab = stream_features(ref, ckpts, [p.name for p in points],
+                                                        CountSketch(cfg.sketch_dim, cfg.seed), cfg.ref or cfg.base)
     coords: list[list[Any]] = []
-    perplexity_used, explained = None, {}
+    perplexity_used, explained, coincide = None, {}, []
     for feature, x in (("norms", norms), ("sketch", sketch)):
-        emb, perplexity_used, explained[feature] = embed_2d(x, cfg.perplexity, cfg.seed)
+        emb, used, explained[feature] = embed_2d(x, cfg.perplexity, cfg.seed)
+        perplexity_used = used if used is not None else perplexity_used
+        if used is None and len(points) >= 3:
+            coincide.append(feature)
         for method, xy in emb.items():
             for p, (a, b) in zip(points, xy):
                 coords.append([p.name, p.kind, p.run, "" if p.step is None else p.step, feature, method, float(a), float(b)])
@@ -165,10 +172,13 @@ def run_trajectory(cfg: TrajectoryConfig) -> dict[str, Any]:
         "ref": cfg.ref or cfg.base,
         "n_points": len(points),
         "n_tensors": len(tensors),
+        "vocab": vocab,  # vocabulary sizes that differ: only the common rows are in the features
         "sketch": {"kind": "count sketch (sparse JL)", "dim": cfg.sketch_dim, "seed": cfg.seed, "chunk": SKETCH_CHUNK},
         "perplexity_requested": cfg.perplexity,
         "perplexity_used": perplexity_used,
-        "tsne": "skipped: fewer than 3 points" if perplexity_used is None else "sklearn TSNE (exact up to 500 points)",
+        "tsne": ("skipped: fewer than 3 points" if len(points) < 3 else
+                 f"skipped for {', '.join(coincide)}: every point is the same point" if coincide else
+                 "sklearn TSNE (exact up to 500 points)"),
         "pca_explained_variance": explained,  # per feature, the share of PC1 and PC2
     }
     with atomic_dir(cfg.out, cfg.overwrite, "analyses.trajectory") as tmp:

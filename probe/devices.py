@@ -31,6 +31,7 @@ class DeviceQuery:
     cpu_bf16: bool = True
     cpu_threads: int = 1
     cuda_memory: tuple[int, ...] = ()  # bytes per GPU; () = unknown (then a device map is not checked for fit)
+    flash_attn: bool = False  # the flash-attn package is installed (attn_implementation flash_attention_2)
 
     @staticmethod
     def probe() -> "DeviceQuery":
@@ -47,7 +48,10 @@ class DeviceQuery:
             cpu_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
         except (AttributeError, RuntimeError):
             cpu_bf16 = True  # no way to ask: torch's CPU kernels emulate bf16
-        return DeviceQuery(names, bf16, cpu_bf16, torch.get_num_threads(), memory)
+        import importlib.util
+
+        return DeviceQuery(names, bf16, cpu_bf16, torch.get_num_threads(), memory,
+                           importlib.util.find_spec("flash_attn") is not None)
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,7 @@ def resolve_placement(device: str = "auto", dtype: str = "auto", attn_implementa
     if dtype == "bfloat16" and not (q.cuda_bf16 if on_gpu else q.cpu_bf16):
         raise BadInput(f"--dtype bfloat16: {'this GPU' if on_gpu else 'this CPU'} does not support bfloat16; "
                        "use --dtype auto or float32")
+    check_attention(attn_implementation, on_gpu, dtype, q)
     memory: tuple[int, ...] = ()
     if on_gpu:
         index = [int(d.split(":")[1]) for d in devices]
@@ -133,6 +138,18 @@ def resolve_placement(device: str = "auto", dtype: str = "auto", attn_implementa
         where = f"device cpu ({q.cpu_threads} threads)"
     return Placement(device, dtype, attn_implementation, f"{where}, dtype {dtype}, attention {attn_implementation}",
                      tuple(devices), memory)
+
+
+def check_attention(attn_implementation: str, on_gpu: bool, dtype: str, q: DeviceQuery) -> None:
+    """flash_attention_2 needs a CUDA GPU, the flash-attn package and half precision: found before a weight loads
+    (transformers' ImportError came as a traceback after the run had been planned)."""
+    if attn_implementation != "flash_attention_2":
+        return
+    why = ("needs a CUDA GPU (this run is on the cpu)" if not on_gpu else
+           "needs the flash-attn package, which is not installed" if not q.flash_attn else
+           "runs in bfloat16 or float16, not float32" if dtype == "float32" else None)
+    if why:
+        raise BadInput(f"--attn-implementation flash_attention_2 {why}; use sdpa")
 
 
 def _check_device(device: str, q: DeviceQuery) -> str:

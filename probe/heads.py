@@ -31,20 +31,18 @@ def parse_index_spec(spec: str, n: int, what: str) -> list[int]:
     out: set[int] = set()
     for part in spec.split(","):
         part = part.strip()
+        lo, dash, hi = part.partition("-") if not part.startswith("-") else (part, "", "")
         try:
-            if "-" in part[1:]:
-                lo, hi = part.split("-", 1) if not part.startswith("-") else (part, "")
-                rng = range(int(lo), int(hi) + 1)
-            else:
-                rng = range(int(part), int(part) + 1)
+            first = int(lo)
+            last = int(hi) if dash else first
         except ValueError:
             raise BadInput(f"bad --{what}s spec {spec!r}: use 'all', '3', or '0-3,7'") from None
-        for i in rng:
+        if last < first:  # '3-1' used to select nothing and pass silently beside other parts ('0,3-1' → [0])
+            raise BadInput(f"bad --{what}s spec {spec!r}: range {part!r} ends below its start")
+        for i in range(first, last + 1):
             if not 0 <= i < n:
                 raise BadInput(f"{what} {i} out of range 0..{n - 1}")
             out.add(i)
-    if not out:
-        raise BadInput(f"--{what}s {spec!r} selects nothing")
     return sorted(out)
 
 
@@ -132,15 +130,16 @@ class Plan:
 def load_template(args: argparse.Namespace):
     from probe.prompting import PromptTemplate
 
-    fields: dict[str, str] = {}
+    template = PromptTemplate()
     if args.template is not None:
         try:
             fields = json.loads(args.template.read_text())
+            if not isinstance(fields, dict):
+                raise TypeError(f"want a JSON object of PromptTemplate fields, got {type(fields).__name__}")
             template = PromptTemplate(**fields)
-        except (OSError, json.JSONDecodeError, TypeError) as exc:
+            template.check()
+        except (OSError, json.JSONDecodeError, TypeError, ValueError) as exc:
             raise BadInput(f"--template {args.template}: {exc}") from None
-    else:
-        template = PromptTemplate()
     if args.system_prompt is not None:
         template = PromptTemplate(**(template.to_dict() | {"system": args.system_prompt}))
     return template
@@ -220,14 +219,48 @@ def versions() -> dict[str, str]:
             "transformers": transformers.__version__, "numpy": numpy.__version__, "omniprobe": "0.1.0"}
 
 
+SOFTWARE = ("torch", "transformers")  # the versions a run's numbers depend on (kernels, processors, rope)
+
+
+def saved_run_info(out: Path) -> dict[str, Any]:
+    """The run.json a resumed run left (empty when unreadable: prepare_out_dir has already vouched for it)."""
+    try:
+        saved = json.loads((out / "run.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def check_same_software(out: Path, saved: Any, now: dict[str, str]) -> None:
+    """A resume that computes parts must run the torch and transformers its finished parts ran: an upgrade between
+    the kill and the resume would mix two versions' numbers in one table, and run.json would name only the last."""
+    if not isinstance(saved, dict):  # a run.json that recorded none
+        return
+    differ = [k for k in SOFTWARE if saved.get(k) != now.get(k)]
+    if differ:
+        then = ", ".join(f"{k} {saved.get(k)}" for k in differ)
+        raise BadInput(f"--out {out} holds parts computed under {then}, but this process runs "
+                       f"{', '.join(f'{k} {now.get(k)}' for k in differ)}: the table would mix both versions' "
+                       f"numbers; resume under {then}, or pass --overwrite")
+
+
 def run(args: argparse.Namespace) -> Path:
-    from probe.results import (atomic_write_json, claim_out_dir, part_path, prepare_out_dir, read_part, read_parts,
-                               write_outputs)
+    from probe.results import (atomic_write_json, claim_out_dir, has_contents, part_path, prepare_out_dir, read_part,
+                               read_parts, write_outputs)
 
     plan, ref, items, template, placement = make_plan(args)
     out: Path = args.out
-    resumed = prepare_out_dir(out, plan.fingerprint(), args.overwrite, plan=asdict(plan))
+    if out.resolve() == ref.path.resolve():  # a folder inside it is fine: the fingerprint reads its own files only
+        raise BadInput(f"--out {out} is the model's own directory: the run's files would join the model's and change "
+                       "its fingerprint; use a folder inside it or elsewhere")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    # each rank of a torchrun job cleared the dir in turn, deleting the parts the others had written: all exited 0
+    # "waiting for N chunks from other ranks" and nothing was assembled
+    if args.overwrite and world > 1 and has_contents(out):
+        raise BadInput(f"--overwrite under torchrun: every rank would clear --out {out}, deleting the parts the "
+                       "others wrote; remove it first (or use another --out) and start without --overwrite")
+    resumed = prepare_out_dir(out, plan.fingerprint(), args.overwrite, plan=asdict(plan))
+    saved = saved_run_info(out) if resumed else {}
     device = placement.device
 
     chunks = [items[i:i + args.chunk_size] for i in range(0, len(items), args.chunk_size)]
@@ -242,6 +275,10 @@ def run(args: argparse.Namespace) -> Path:
                       "attn_implementation": placement.attn_implementation, "description": placement.description},
         "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if todo and any(part_path(out, c).is_file() for c in range(len(chunks))):
+        check_same_software(out, saved.get("versions"), run_info["versions"])
+    elif not todo and saved.get("versions"):  # nothing computed here: the parts' versions stay on record
+        run_info["versions"] = saved["versions"]
     t0 = time.perf_counter()
     if todo:
         from probe.models import load_model
@@ -286,10 +323,7 @@ def run(args: argparse.Namespace) -> Path:
     run_info |= {"status": "complete", "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                  "elapsed_s_this_process": round(time.perf_counter() - t0, 3)}
     if resumed:
-        try:
-            run_info["started"] = json.loads((out / "run.json").read_text()).get("started")
-        except (OSError, json.JSONDecodeError):
-            pass
+        run_info["started"] = saved.get("started")
     atomic_write_json(out / "run.json", run_info)
     _print_summary(out, heads)
     return out

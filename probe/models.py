@@ -334,11 +334,16 @@ def model_fingerprint(ref: ModelRef) -> str:
     path says it, and its weights may not be downloaded yet); a local dir or GGUF file by its contents
     (probe.results.content_fingerprint), so a model re-merged or retrained at the same path is a different run,
     never one whose saved parts a resume would reuse."""
-    from probe.results import content_fingerprint
-
     if ref.hub_repo is not None:
         return f"hub:{ref.path}"
-    return content_fingerprint(ref.path / ref.gguf_file if ref.gguf_file else ref.path, recursive=False)
+    return local_fingerprint(ref.path / ref.gguf_file if ref.gguf_file else ref.path)
+
+
+def local_fingerprint(path: Path) -> str:
+    """``model_fingerprint`` of a local model dir (its own files, not folders inside it) or GGUF file."""
+    from probe.results import content_fingerprint
+
+    return content_fingerprint(path, recursive=False)
 
 
 def preflight(ref: ModelRef) -> None:

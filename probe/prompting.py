@@ -47,6 +47,20 @@ class PromptTemplate:
     def to_dict(self) -> dict[str, str]:
         return asdict(self)
 
+    def check(self) -> None:
+        """Raise ValueError naming the field that cannot render: every field a string, and ``user`` / ``choice``
+        formatting with only their own placeholders. Checked when the template is read, so a typo fails before
+        a weight loads instead of as a traceback at the first item."""
+        for name, value in self.to_dict().items():
+            if not isinstance(value, str):
+                raise ValueError(f"field {name!r} must be a string, got {type(value).__name__}")
+        for name, fields in (("user", {"question": "q", "choices": "c"}), ("choice", {"letter": "A", "option": "o"})):
+            try:
+                getattr(self, name).format(**fields)
+            except (KeyError, IndexError, ValueError, AttributeError) as exc:
+                raise ValueError(f"field {name!r} does not format with {{{'}, {'.join(fields)}}} only "
+                                 f"({type(exc).__name__}: {exc})") from None
+
 
 @dataclass(frozen=True)
 class ChatFormat:

@@ -20,9 +20,9 @@ L, H, KV, D = 2, 4, 2, 8  # analyses.tiny.TEXT: 2 layers × 4 query heads, 2 KV 
 
 
 def write_run(path: Path, kl: torch.Tensor, status: str = "complete", layers: int = L, heads: int = H,
-              model: Path | None = None) -> Path:
+              model: Path | None = None, fingerprint: str | None = None) -> Path:
     """A probe.heads output dir holding only what the merge reads: heads.csv and run.json (with the measured
-    model's path when ``model`` is given)."""
+    model's path when ``model`` is given, and its fingerprint then when ``fingerprint`` is)."""
     path.mkdir(parents=True)
     rows = ["layer,head,accuracy,prob_accuracy,kl,n_items,accuracy_drop,prob_accuracy_drop,p_answer"]
     for layer in range(layers):
@@ -31,6 +31,8 @@ def write_run(path: Path, kl: torch.Tensor, status: str = "complete", layers: in
             rows.append(f"{layer},{h},0.5,0.5,{v!r},8,{v / 2!r},{v / 3!r},0.5")
     (path / "heads.csv").write_text("\n".join(rows) + "\n")
     plan = {"plan": {"model_path": str(model)}} if model is not None else {}
+    if fingerprint is not None:
+        plan["plan"]["model_fingerprint"] = fingerprint
     (path / "run.json").write_text(json.dumps({"status": status} | plan))
     return path
 
@@ -173,6 +175,32 @@ def test_dominant_expert_copies_its_slice(zoo, tmp_path):
     torch.testing.assert_close(got["layers.1.self_attn.o_proj.weight"][:, sl], vl["layers.1.self_attn.o_proj.weight"][:, sl])
 
 
+def test_temperatures_so_small_that_the_logits_overflow_give_the_limit(zoo, tmp_path):
+    """--salience-temperature / --temperature 1e-320: ŝ/τ and Δ/τ were inf, softmax NaN, and the merge stopped with
+    'merged tensor … overflows' (exit 2, naming no input at fault). The limit τ → 0 is argmax, ties shared."""
+    from analyses.formulas import salience_weights, shift_softmax
+
+    assert shift_softmax([0.004, 0.001, 0.004], 5e-324) == [0.5, 0.0, 0.5]
+    assert shift_softmax([0.004, 0.001], 1e-3) == pytest.approx([1 / (1 + 2.718281828459045 ** -3), 0.0474258731])
+    shat = torch.tensor([[2.0, 0.5], [1.0, 0.5]], dtype=torch.float64)
+    assert torch.equal(salience_weights(shat, 1e-320, None), torch.tensor([[1.0, 0.5], [0.0, 0.5]], dtype=torch.float64))
+    experts = [zoo["vl"], zoo["ov"]]
+    s0 = torch.full((L, H), 0.1)
+    s0[1, 2] = 50.0
+    dirs = [write_run(tmp_path / "a", s0), write_run(tmp_path / "b", torch.full((L, H), 0.1))]
+    out = tmp_path / "m"
+    assert run(merge.main, "--base", zoo["base"], "--models", *experts, "--method", "salience", "--salience", *dirs,
+               "--alpha0", 0.0, "--salience-temperature", 1e-320, "--temperature", 1e-320, "--out", out) == 0
+    got, base, th = canonical(out), canonical(zoo["base"]), [canonical(e) for e in experts]
+    sl = slice(2 * D, 3 * D)
+    assert torch.equal(got["layers.1.self_attn.q_proj.weight"][sl], th[0]["layers.1.self_attn.q_proj.weight"][sl])
+    # head 0: ŝ = 1 for the flat expert, 0.1 / mean(s0) < 1 for the other: the flat one's slice, whole
+    assert torch.equal(got["layers.1.self_attn.q_proj.weight"][:D], th[1]["layers.1.self_attn.q_proj.weight"][:D])
+    name = "layers.0.mlp.up_proj.weight"  # Eq. 4 with α0 = 0: the expert of larger Δavg, whole
+    top = max(range(2), key=lambda i: delta_avg(base[name], th[i][name]))
+    assert torch.equal(got[name], th[top][name].float())
+
+
 def test_rest_shift_leaves_non_head_tensors_as_eq4(zoo, runs, tmp_path):
     experts = [zoo["vl"], zoo["ov"], zoo["au"]]
     a, b = tmp_path / "sal", tmp_path / "shift"
@@ -213,7 +241,8 @@ def _bad(tmp_path, zoo, dirs, *extra):
     return code, out
 
 
-@pytest.mark.parametrize("case", ["shape", "missing", "partial", "nan", "count", "negative", "swapped", "base_run"])
+@pytest.mark.parametrize("case", ["shape", "missing", "partial", "nan", "count", "negative", "swapped", "base_run",
+                                  "nothing_hurt"])
 def test_bad_salience_runs_exit_2(case, zoo, tmp_path, capfd):
     good = write_run(tmp_path / "good", torch.ones(L, H), model=zoo["vl"])
     bad = {
@@ -225,6 +254,7 @@ def test_bad_salience_runs_exit_2(case, zoo, tmp_path, capfd):
         "negative": lambda: write_run(tmp_path / "x", torch.full((L, H), -0.5)),
         "swapped": lambda: write_run(tmp_path / "x", torch.ones(L, H), model=zoo["vl"]),  # vl's run again, for ov
         "base_run": lambda: write_run(tmp_path / "x", torch.ones(L, H), model=zoo["base"]),
+        "nothing_hurt": lambda: write_run(tmp_path / "x", torch.zeros(L, H)),  # was 'salience: …', naming no run
     }[case]()
     dirs = [good] if bad is None else [good, bad]
     code, out = _bad(tmp_path, zoo, dirs)
@@ -233,8 +263,36 @@ def test_bad_salience_runs_exit_2(case, zoo, tmp_path, capfd):
     assert {"shape": "layers x", "missing": "not a probe.heads run", "partial": "not complete",
             "nan": "NaN", "count": "one probe.heads run per", "negative": "kl is negative",
             "swapped": f"measured {zoo['vl']}, but it is given for {zoo['ov']}",
-            "base_run": f"measured {zoo['base']}, but it is given for {zoo['ov']}"}[case] in err
+            "base_run": f"measured {zoo['base']}, but it is given for {zoo['ov']}",
+            "nothing_hurt": f"{tmp_path / 'x' / 'heads.csv'}: kl is ≤ 0 for every head (no removal hurt {zoo['ov']}"
+            }[case] in err
     assert not out.exists() and not list(tmp_path.glob(".never.partial-*"))
+
+
+def test_a_run_of_weights_changed_since_is_refused(zoo, tmp_path, capfd):
+    """An expert retrained or re-merged in place after its salience run was merged by its old weights' saliences
+    (exit 0): the run's recorded model fingerprint is now compared with the participant's files."""
+    import shutil
+
+    from probe.models import local_fingerprint
+
+    vl = shutil.copytree(zoo["vl"], tmp_path / "vl")
+    dirs = [write_run(tmp_path / "a", torch.rand(L, H) + 0.1, model=vl, fingerprint=local_fingerprint(vl)),
+            write_run(tmp_path / "b", torch.rand(L, H) + 0.1, model=zoo["ov"])]  # an older run.json: unchecked
+    args = ["--base", zoo["base"], "--models", vl, zoo["ov"], "--method", "salience", "--salience", *dirs]
+    assert run(merge.main, *args, "--out", tmp_path / "before") == 0
+    weights = vl / "model.safetensors"
+    tensors = load_file(weights)
+    name = next(k for k in tensors if k.endswith("layers.0.self_attn.q_proj.weight"))
+    tensors[name] = tensors[name] * 2
+    from safetensors.torch import save_file
+
+    save_file(tensors, weights, metadata={"format": "pt"})
+    capfd.readouterr()
+    assert run(merge.main, *args, "--out", tmp_path / "after") == 2
+    err = capfd.readouterr().err.strip()
+    assert err.startswith(f"error: salience run {dirs[0]} measured {vl} before its files changed") and "\n" not in err
+    assert not (tmp_path / "after").exists()
 
 
 # --------------------------------------------------------------------------------------------------------

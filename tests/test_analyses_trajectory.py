@@ -130,3 +130,41 @@ def test_bad_numbers_exit_2_one_line_nothing_written(models, tmp_path, capsys, e
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error: ") and "\n" not in err and needle in err, err
     assert not out.exists()
+
+
+def test_points_that_all_coincide_get_pca_and_no_tsne(models, tmp_path, capsys):
+    """Checkpoints identical to the base (a run's checkpoint-0, copies) put every feature row at 0: t-SNE's
+    scaling divided by zero and the command ended in sklearn's traceback after reading every checkpoint."""
+    base = tiny.base_lm(0)
+    copies = [tiny.write_model("qwen2", tmp_path / f"copy{i}", base) for i in range(2)]
+    out = tmp_path / "t"
+    capsys.readouterr()
+    assert cli_main(trajectory.main, [str(a) for a in ["--base", models["base"], "--merged", *copies,
+                                                       "--sketch-dim", 16, "--quiet", "--out", out]]) == 0
+    assert capsys.readouterr().err == ""  # not even sklearn's 0/0 warnings
+    run = json.loads((out / "run.json").read_text())
+    assert run["perplexity_used"] is None and run["tsne"] == "skipped for norms, sketch: every point is the same point"
+    rows = list(csv.DictReader(open(out / "coords.csv")))
+    assert {r["method"] for r in rows} == {"pca"} and len(rows) == 2 * 3
+    assert all(float(r["x"]) == 0 == float(r["y"]) for r in rows)
+
+
+def test_vocabulary_rule_is_recorded_and_errors_name_the_base(models, tmp_path, capsys):
+    """An expert with more vocabulary rows is compared on the common rows (as the merge does), which run.json now
+    says; a tensor-set mismatch names the base, not 'ref'."""
+    big = tiny.write_model("qwen2", tmp_path / "big", tiny.resize_vocab(tiny.perturb(tiny.base_lm(0), 0.01, 7), 160))
+    out = tmp_path / "t"
+    assert cli_main(trajectory.main, [str(a) for a in ["--base", models["base"], "--experts", big,
+                                                       "--sketch-dim", 16, "--out", out]]) == 0
+    vocab = json.loads((out / "run.json").read_text())["vocab"]
+    assert vocab["embed_tokens.weight"]["rows"] == {str(models["base"]): 128, str(big): 160}
+    feats = np.load(out / "features.npz")
+    t = list(feats["tensors"]).index("embed_tokens.weight")
+    b, e = (load_file(d / "model.safetensors")["model.embed_tokens.weight"].double() for d in (models["base"], big))
+    assert feats["norms"][1, t] == pytest.approx(float((e[:128] - b).norm()), rel=1e-6)
+    deep = tiny.write_model("qwen2", tmp_path / "deep", tiny.base_lm(0, num_hidden_layers=3), num_hidden_layers=3)
+    capsys.readouterr()
+    assert cli_main(trajectory.main, [str(a) for a in ["--base", deep, "--experts", models["base"],
+                                                       "--out", tmp_path / "t2"]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: LM tensor sets differ: layers.2.") and f"is in {deep} but not in" in err, err

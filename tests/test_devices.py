@@ -53,6 +53,19 @@ def test_explicit_choices_the_machine_cannot_honour(device, dtype, query, match)
         resolve_placement(device, dtype, query=query)
 
 
+@pytest.mark.parametrize("device,dtype,query,match", [
+    ("cpu", "float32", CPU, "needs a CUDA GPU"),
+    ("cuda", "bfloat16", ONE_GPU, "needs the flash-attn package"),
+    ("cuda", "float32", DeviceQuery(("NVIDIA H200",), True, True, 16, flash_attn=True), "not float32"),
+])
+def test_flash_attention_the_machine_cannot_run(device, dtype, query, match):
+    """Was transformers' ImportError as a traceback (exit 1) once the model started loading."""
+    with pytest.raises(BadInput, match=match):
+        resolve_placement(device, dtype, "flash_attention_2", query=query)
+    ok = DeviceQuery(("NVIDIA H200",), True, True, 16, flash_attn=True)
+    assert resolve_placement("cuda", "bfloat16", "flash_attention_2", query=ok).attn_implementation == "flash_attention_2"
+
+
 def test_explicit_choices_pass_through():
     p = resolve_placement("cpu", "bf16", query=CPU)
     assert (p.device, p.dtype) == ("cpu", "bfloat16")

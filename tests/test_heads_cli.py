@@ -264,6 +264,26 @@ def test_a_resume_is_refused_while_another_command_holds_the_out_dir(base_run, d
         pass
 
 
+def test_a_resume_under_other_library_versions_is_refused(base_run, data_dir, tmp_path, capfd):
+    """A torch or transformers upgrade between a kill and the resume mixed two versions' numbers in one table (exit 0),
+    and run.json named only the last. A resume that has parts to compute now needs the versions its kept parts ran;
+    one with nothing left to compute goes through and keeps the versions the parts were computed under."""
+    out = shutil.copytree(base_run, tmp_path / "run")
+    info = json.loads((out / "run.json").read_text())
+    info["versions"] = info["versions"] | {"transformers": "0.0.1-old"}
+    (out / "run.json").write_text(json.dumps(info))
+    args = [*BASE_ARGS, "--data", data_dir, "--out", out, "--no-figures"]
+    ok(run_in_process(args, capfd))  # nothing to compute: only the outputs are assembled again
+    assert json.loads((out / "run.json").read_text())["versions"]["transformers"] == "0.0.1-old"
+    sorted((out / "parts").glob("chunk_*.parquet"))[-1].unlink()
+    (out / "heads.csv").unlink()
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    r = run_in_process(args, capfd)
+    assert_one_line_error(r)
+    assert "computed under transformers 0.0.1-old, but this process runs transformers" in r.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
+
+
 def test_rerun_with_other_settings_then_overwrite(base_run, data_dir, tmp_path, capfd):
     out = tmp_path / "run"
     shutil.copytree(base_run, out)
@@ -284,6 +304,19 @@ def test_rerun_with_other_settings_then_overwrite(base_run, data_dir, tmp_path, 
     assert not list(out.glob("heatmap_*")), "stale heatmaps of the overwritten run survived"
     old_fp = json.loads(before["run.json"])["fingerprint"]
     assert json.loads((out / "run.json").read_text())["fingerprint"] != old_fp
+
+
+def test_overwrite_under_torchrun_is_refused(base_run, data_dir, tmp_path, capfd, monkeypatch):
+    """Under torchrun every rank ran --overwrite's clear, the later ones deleting the parts the earlier had written;
+    each rank then exited 0 waiting for the others and no output was assembled."""
+    out = shutil.copytree(base_run, tmp_path / "run")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    r = run_in_process([*BASE_ARGS, "--data", data_dir, "--out", out, "--overwrite", "--no-figures"], capfd)
+    assert_one_line_error(r)
+    assert "--overwrite under torchrun" in r.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
 
 
 def test_same_command_on_finished_run_is_a_noop_resume(base_run, data_dir, tmp_path, capfd):
@@ -375,6 +408,11 @@ def _corrupt_model(root: Path, tiny: Path) -> Path:
     return root
 
 
+def _template(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
 BAD_CASES = {
     "unknown alias": lambda t, d, m: ["--model", "qwen2-vl-typo", "--data", d],
     "missing data dir": lambda t, d, m: ["--data", t / "nope"],
@@ -383,10 +421,22 @@ BAD_CASES = {
     "layer out of range": lambda t, d, m: ["--data", d, "--layers", "99"],
     "head out of range": lambda t, d, m: ["--data", d, "--heads", "99"],
     "bad layer spec": lambda t, d, m: ["--data", d, "--layers", "two"],
+    "negative layer": lambda t, d, m: ["--data", d, "--layers", "-1"],
+    "backwards layer range beside a good one": lambda t, d, m: ["--data", d, "--layers", "0,3-1"],  # was [0], exit 0
+    "backwards head range": lambda t, d, m: ["--data", d, "--heads", "1--2"],
     "unknown subject": lambda t, d, m: ["--data", d, "--subjects", "Astrology"],
     "unreadable checkpoint": lambda t, d, m: ["--model", _corrupt_model(t / "corrupt", m["qwen2"]), "--data", d],
     "text-only model, image items": lambda t, d, m: ["--model", "tiny-qwen2", "--data", d],
     "unknown dtype": lambda t, d, m: ["--data", d, "--dtype", "float8"],
+    "flash attention on the cpu": lambda t, d, m: ["--data", d, "--device", "cpu", "--attn-implementation",
+                                                   "flash_attention_2"],  # was transformers' ImportError, exit 1
+    # a template that cannot render was a traceback at the first item, after run.json was written
+    "template placeholder typo": lambda t, d, m: ["--data", d, "--template",
+                                                  _template(t / "t.json", '{"user": "{question} {choice}"}')],
+    "template field not text": lambda t, d, m: ["--data", d, "--template", _template(t / "t.json", '{"user": 3}')],
+    "template not an object": lambda t, d, m: ["--data", d, "--template", _template(t / "t.json", '["x"]')],
+    "template lone brace": lambda t, d, m: ["--data", d, "--template",
+                                            _template(t / "t.json", '{"choice": "{letter}) {option} {"}')],
 }
 # Each case runs in this process (fd-level stderr captured); SUBPROCESS_CASES also as a real `python -m`.
 SUBPROCESS_CASES = ("unknown alias", "unreadable checkpoint")
@@ -398,11 +448,36 @@ def _bad_args(case, tmp_path, data_dir, tiny_dirs):
             "--out", out], out
 
 
+def test_index_specs_are_sorted_unique_and_checked():
+    from probe.errors import BadInput
+    from probe.heads import parse_index_spec
+
+    assert parse_index_spec("3,0-1,1, 0", 4, "layer") == [0, 1, 3]
+    assert parse_index_spec(" ALL ", 3, "head") == [0, 1, 2]
+    assert parse_index_spec("2-2", 4, "layer") == [2]
+    for spec, needle in (("0,3-1", "ends below its start"), ("-1", "out of range"), ("0-4", "layer 4 out of range"),
+                         ("", "bad --layers spec"), ("1,", "bad --layers spec"), ("0-", "bad --layers spec")):
+        with pytest.raises(BadInput, match=needle):
+            parse_index_spec(spec, 4, "layer")
+
+
 @pytest.mark.parametrize("case", list(BAD_CASES))
 def test_bad_input_exit_2_one_line_no_output(case, tmp_path, data_dir, tiny_dirs, capfd):
     args, out = _bad_args(case, tmp_path, data_dir, tiny_dirs)
     assert_one_line_error(run_in_process(args, capfd))
     assert not out.exists(), f"{case}: output dir was created"
+
+
+def test_out_is_the_model_dir_is_refused(tiny_dirs, data_dir, tmp_path, capfd):
+    """--out MODEL_DIR --overwrite wrote run.json, heads.csv, … among the model's files: the model's fingerprint
+    changed, so the same command was then refused as another run. A folder inside the model dir stays allowed."""
+    model = shutil.copytree(tiny_dirs["qwen2_vl"], tmp_path / "model")
+    before = {p: p.read_bytes() for p in model.rglob("*") if p.is_file()}
+    r = run_in_process(["--model", model, "--data", data_dir, "--limit", "1", "--layers", "0", "--heads", "0",
+                        "--no-generate", "--quiet", "--out", model / ".", "--overwrite"], capfd)
+    assert_one_line_error(r)
+    assert "is the model's own directory" in r.stderr
+    assert {p: p.read_bytes() for p in model.rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.parametrize("case", SUBPROCESS_CASES)
