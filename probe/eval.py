@@ -30,7 +30,7 @@ ITEM_COLUMNS = ["model", "data", "item_id", "subject", "answer", "pred", "correc
                 "p_answer", "response"]
 SCORE_COLUMNS = ["model", "data", "subject", "n_items", "accuracy", "accuracy_lo", "accuracy_hi", "prob_accuracy",
                  "prob_accuracy_lo", "prob_accuracy_hi", "p_answer", "p_answer_lo", "p_answer_hi", "diff_accuracy",
-                 "diff_lo", "diff_hi", "diff_prob_accuracy", "diff_prob_lo", "diff_prob_hi", "note"]
+                 "diff_lo", "diff_hi", "diff_prob_accuracy", "diff_prob_lo", "diff_prob_hi", "diff_n", "note"]
 ALL = "all"
 
 
@@ -289,17 +289,23 @@ def score_table(items: Any, plan: EvalPlan, reference: str | None, seed: int):
                     iv = bootstrap_mean(sub[col].to_numpy(), seed, f"{key}|{metric}") if len(sub) else NAN
                     row |= {metric: iv.value, f"{metric}_lo": iv.lo, f"{metric}_hi": iv.hi}
                 diffs = {"accuracy": NAN, "prob_accuracy": NAN}
+                n_paired = None
                 if ref is not None and len(sub) and entry.name != reference and len(ref):
                     # the items both answered; ids need only be unique within a subject (the loader checks)
                     paired = sub.merge(ref, on=["subject", "item_id"], suffixes=("", "_ref"))
+                    n_paired = len(paired)
                     for metric, col in (("accuracy", "correct"), ("prob_accuracy", "prob_correct")):
                         diffs[metric] = paired_difference(paired[col].to_numpy(), paired[f"{col}_ref"].to_numpy(),
                                                           seed, f"{key}|diff|{metric}")
+                    if n_paired < len(sub):  # the reference read fewer: diff ≠ this row's accuracy − the reference's
+                        row["note"] = "; ".join(filter(None, [note, f"diff over the {n_paired} of {len(sub)} items "
+                                                                      f"{reference} also answered"]))
                 row |= {"diff_accuracy": diffs["accuracy"].value, "diff_lo": diffs["accuracy"].lo,
                         "diff_hi": diffs["accuracy"].hi, "diff_prob_accuracy": diffs["prob_accuracy"].value,
-                        "diff_prob_lo": diffs["prob_accuracy"].lo, "diff_prob_hi": diffs["prob_accuracy"].hi}
+                        "diff_prob_lo": diffs["prob_accuracy"].lo, "diff_prob_hi": diffs["prob_accuracy"].hi,
+                        "diff_n": n_paired}
                 rows.append(row)
-    return pd.DataFrame.from_records(rows, columns=SCORE_COLUMNS)
+    return pd.DataFrame.from_records(rows, columns=SCORE_COLUMNS).astype({"diff_n": "Int64"})  # a count, or empty
 
 
 def _cell(r: Any, metric: str, n_lost: int = 0) -> str:

@@ -460,6 +460,30 @@ def test_a_text_model_is_scored_on_the_text_items_of_a_mixed_set(odd_sets, tmp_p
     assert set_size(top.loc["tiny-qwen2"]) == 5 and top.loc["tiny-qwen2", "n_items"] == 3
 
 
+def test_a_reference_that_reads_fewer_items_says_what_its_difference_covers(odd_sets, tmp_path):
+    """A text reference on a mixed set: the VLM's 'all' row held its accuracy over 5 items beside a paired difference
+    over the 3 the reference read, with nothing saying so (its accuracy minus the reference's is not that diff)."""
+    out = tmp_path / "run"
+    assert _eval("--models", "tiny-qwen2-vl", "--data", odd_sets["mixed"], "--reference", "tiny-qwen2",
+                 "--batch-size", "4", "--max-new-tokens", "3", "--quiet", "--no-figures", "--out", out) == 0
+    scores = pd.read_csv(out / "scores.csv", keep_default_na=False, na_values=[""]).set_index(["model", "subject"])
+    items = pd.read_parquet(out / "items.parquet")
+    ref = items[items["model"] == "tiny-qwen2"].set_index(["subject", "item_id"])
+    mine = items[items["model"] == "tiny-qwen2-vl"].set_index(["subject", "item_id"])
+    both = mine.index.intersection(ref.index)
+    assert len(mine) == 5 and len(both) == 3
+    whole = scores.loc[("tiny-qwen2-vl", "all")]
+    assert whole["n_items"] == 5 and whole["diff_n"] == 3
+    assert whole["diff_accuracy"] == pytest.approx((mine.loc[both, "correct"] - ref.loc[both, "correct"]).mean())
+    assert whole["note"] == "diff over the 3 of 5 items tiny-qwen2 also answered"
+    assert scores.loc[("tiny-qwen2-vl", "TextPart"), "diff_n"] == 3 and pd.isna(
+        scores.loc[("tiny-qwen2-vl", "TextPart"), "note"])  # every item of it paired: nothing to say
+    image = scores.loc[("tiny-qwen2-vl", "ImagePart")]
+    assert image["diff_n"] == 0 and np.isnan(image["diff_accuracy"]) and image["note"].startswith("diff over the 0")
+    assert pd.isna(scores.loc[("tiny-qwen2", "all"), "diff_n"])  # the reference itself has no difference
+    assert "- tiny-qwen2-vl on mixed: scored on 5 items; diff over the 3 of 5" in (out / "table.md").read_text()
+
+
 def test_subjects_over_several_sets_take_each_sets_own(odd_sets, text_dir, tmp_path, capfd):
     """--subjects used to be checked against every set alone: a subject of the second set was 'unknown'."""
     first = sorted(p.name for p in text_dir.iterdir() if p.is_dir())[0]
