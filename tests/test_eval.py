@@ -378,6 +378,7 @@ BAD = {
     "missing data": lambda d: ["--models", "tiny-qwen2", "--data", "/nonexistent/dir"],
     "model twice": lambda d: ["--models", "tiny-qwen2", "tiny-qwen2", "--data", d],
     "bad batch size": lambda d: ["--models", "tiny-qwen2", "--data", d, "--batch-size", "0"],
+    "split pattern": lambda d: ["--models", "tiny-qwen2", "--data", d, "--split", "val*"],  # read every match
     "no GPU": lambda d: ["--models", "tiny-qwen2", "--data", d, "--device", "cuda"],
     # numpy refused it in the bootstrap, after run.json and the parts were written
     "negative seed": lambda d: ["--models", "tiny-qwen2", "--data", d, "--seed", "-1"],
