@@ -48,11 +48,26 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.steps is not None and args.steps < 1:
         raise BadInput("--steps must be >= 1")
+    if args.threads < 1 or args.seed < 0:
+        raise BadInput(f"--threads must be ≥ 1 and --seed ≥ 0, got {args.threads}, {args.seed}")
+    check_build_out(args.out)
     build(args.out, quick=args.quick, steps=args.steps, seed=args.seed, threads=args.threads, reuse=args.reuse,
           only=args.only, exclude_validation=args.exclude_validation)
     if args.ship:
         ship(args.out)
     return 0
+
+
+def check_build_out(out: Path) -> None:
+    """A build writes data/ and organism-*/ into ``out``: a directory, and not the package's own zoo (the shipped
+    organisms and validation sets change only through --ship, which holds a build to the bar first)."""
+    from probe.errors import BadInput, check_out_path
+    from probe.zoo import package_root
+
+    check_out_path(out)
+    zoo = package_root().resolve()
+    if out.resolve() == zoo or zoo in out.resolve().parents:
+        raise BadInput(f"--out {out} is inside the package's zoo ({zoo}); build elsewhere, then --ship copies it in")
 
 
 def make_data(out: Path, n: int, seed: int, split: str) -> int:
