@@ -119,14 +119,23 @@ def make_plan(args: argparse.Namespace):
         raise BadInput(f"--seed must be ≥ 0, got {args.seed}")
     placement = resolve_placement(args.device, args.dtype, args.attn_implementation)
     specs = list(args.models)
-    if args.reference is not None and args.reference not in specs:
-        specs.insert(0, args.reference)
     same = [s if s.lower() == "mmmu" else str(Path(s).expanduser().resolve()) for s in args.data]  # text, ./text
     for group, what in ((specs, "model"), (same, "data set")):
         dup = sorted({s for s in group if group.count(s) > 1})
         if dup:
             raise BadInput(f"{what} {dup[0]!r} given twice")
     refs = [resolve_model(s) for s in specs]
+    seen: dict[tuple[str, str | None], str] = {}
+    for ref in refs:  # organism-base and its directory, or DIR and DIR/: one model, evaluated twice under two names
+        if (twin := seen.setdefault(checkpoint_key(ref), ref.spec)) != ref.spec:
+            raise BadInput(f"models {twin!r} and {ref.spec!r} are the same checkpoint ({ref.path}); give it once")
+    if args.reference is not None and args.reference not in specs:
+        ref = resolve_model(args.reference)
+        if checkpoint_key(ref) in seen:  # --reference names a listed model another way: compare with that one
+            args.reference = seen[checkpoint_key(ref)]
+        else:
+            specs.insert(0, args.reference)
+            refs.insert(0, ref)
     datasets, items = [], {}
     for (name, spec), subjects in zip(zip(distinct_names(args.data), args.data), subjects_per_set(args)):
         its, report = load_items(spec, split=args.split, subjects=subjects, limit=args.limit)
@@ -157,6 +166,11 @@ def make_plan(args: argparse.Namespace):
     entries = [ModelEntry(r.spec, str(r.path), r.family.name, model_fingerprint(r)) for r in refs]
     plan = EvalPlan(entries, datasets, na, unreadable, template.to_dict(), settings)
     return plan, refs, scored, template, placement
+
+
+def checkpoint_key(ref: Any) -> tuple[str, str | None]:
+    """What tells two model specs apart: the resolved directory (and GGUF file in it)."""
+    return str(Path(ref.path).resolve()), ref.gguf_file
 
 
 def subjects_per_set(args: argparse.Namespace) -> list[list[str] | None]:

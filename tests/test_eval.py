@@ -397,6 +397,27 @@ def test_bad_input_exit_2_one_line_nothing_written(case, text_dir, tiny_dirs, tm
     assert not out.exists()
 
 
+def test_one_checkpoint_under_two_names_is_given_once(text_dir, tiny_dirs, tmp_path, capfd):
+    """'tiny-qwen2' and its directory (or DIR and DIR/) passed the 'given twice' check, which compared the strings,
+    and were evaluated as two models. A --reference naming a listed model another way is that model."""
+    path = str(tiny_dirs["qwen2"])
+    for twins in (["tiny-qwen2", path], [path, path + "/"]):
+        out = tmp_path / "refused"
+        assert _eval("--models", *twins, "--data", text_dir, "--quiet", "--out", out) == 2
+        err = capfd.readouterr().err.strip()
+        assert "are the same checkpoint" in err and "\n" not in err and not out.exists(), err
+    out = tmp_path / "run"
+    assert _eval("--models", path, "tiny-qwen2-vl", "--reference", "tiny-qwen2", "--data", text_dir, "--limit", "3",
+                 "--no-generate", "--quiet", "--no-figures", "--out", out) == 0
+    capfd.readouterr()
+    scores = pd.read_csv(out / "scores.csv").query("subject == 'all'").set_index("model")
+    assert list(scores.index) == [path, "tiny-qwen2-vl"]  # not a third row for the reference
+    items = pd.read_parquet(out / "items.parquet")
+    mine, ref = (items[items["model"] == m].set_index("item_id")["prob_correct"] for m in ("tiny-qwen2-vl", path))
+    assert scores.loc["tiny-qwen2-vl", "diff_prob_accuracy"] == pytest.approx((mine - ref.loc[mine.index]).mean())
+    assert json.loads((out / "run.json").read_text())["reference"] == path
+
+
 def test_a_damaged_later_model_stops_the_run_before_anything_is_written(text_dir, tiny_dirs, tmp_path, capfd):
     """Every checkpoint is checked against its config (on the meta device, no weight read) before the first
     model runs: a missing tensor in the second model used to surface only after the first model's parts."""
