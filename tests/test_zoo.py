@@ -247,6 +247,29 @@ def test_zoo_data_writes_fresh_training_items_never_the_validation_ones(tmp_path
     assert "exists" in capsys.readouterr().err and sorted(p.name for p in out.rglob("*")) == before
 
 
+def test_zoo_data_clears_what_killed_runs_left(tmp_path, capsys):
+    """A `data` run killed mid-draw left `.NAME.partial-PID` (and `..NAME.partial-PID.draw`) beside --out for good;
+    the next run for that --out removes those of dead processes, not a live run's nor another --out's."""
+    import os
+    import subprocess
+    import sys
+
+    from probe.errors import cli_main
+    from probe.zoo.__main__ import main
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    names = {"stale": f".d.partial-{dead.pid}", "stale_draw": f"..d.partial-{dead.pid}.draw",
+             "live": f".d.partial-{os.getppid()}", "other_out": f".e.partial-{dead.pid}"}
+    for name in names.values():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "x").write_text("x")
+    assert cli_main(main, ["data", "--out", str(tmp_path / "d"), "--n", "1"]) == 0
+    capsys.readouterr()
+    left = {p.name for p in tmp_path.iterdir()}
+    assert left == {"d", names["live"], names["other_out"]}, left
+
+
 def _tree(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 

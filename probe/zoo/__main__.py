@@ -84,17 +84,33 @@ def make_data(out: Path, n: int, seed: int, split: str) -> int:
     check_out_path(out)
     if out.exists():
         raise BadInput(f"--out {out} exists; pick a new directory")
+    remove_stale_partials(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"  # two runs at once never share it
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         dirs = build_fresh_data(tmp, n, seed, split)
-    except BaseException:
+        try:
+            tmp.rename(out)
+        except OSError as exc:  # another command made --out meanwhile
+            raise BadInput(f"--out {out}: {exc.strerror}; pick a new directory") from None
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    tmp.rename(out)
     for name in dirs:
         print(out / name)
     return 0
+
+
+def remove_stale_partials(out: Path) -> None:
+    """The half-drawn dirs beside ``out`` that killed ``data`` runs left (``.NAME.partial-PID`` and its ``.draw``)."""
+    import re
+    import shutil
+
+    from probe.results import pid_alive
+
+    pattern = re.compile(rf"\.\.?{re.escape(out.name)}\.partial-(\d+)(\.draw)?")
+    for d in out.parent.glob(".*.partial-*") if out.parent.is_dir() else []:
+        if (m := pattern.fullmatch(d.name)) and d.is_dir() and not pid_alive(int(m.group(1))):
+            shutil.rmtree(d, ignore_errors=True)
 
 
 if __name__ == "__main__":
