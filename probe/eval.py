@@ -258,6 +258,10 @@ def run(args: argparse.Namespace) -> Path:
                 frames[m, d] = read_part(part_file(out, m, d), ITEM_COLUMNS)  # as a resume would read it
             del loaded
         bar.close()
+    if not todo:  # nothing to compute (a resume, or every pair n/a): results are still this run's writes
+        claim_out_dir(out, plan.fingerprint())
+        if not (out / "run.json").is_file():
+            atomic_write_json(out / "run.json", run_info)
     items_df = (pd.concat([frames[p] for p in pairs], ignore_index=True) if pairs
                 else pd.DataFrame(columns=ITEM_COLUMNS))
     scores = score_table(items_df, plan, args.reference, args.seed)

@@ -397,6 +397,27 @@ def test_bad_input_exit_2_one_line_nothing_written(case, text_dir, tiny_dirs, tm
     assert not out.exists()
 
 
+def test_a_run_with_nothing_to_compute_is_resumable_after_a_kill(data_dir, tiny_dirs, tmp_path, monkeypatch, capfd):
+    """Every pair n/a (a text LM on an image set): no model loads, and run.json used to come only at the very end,
+    so a kill while the results were written left a dir the same command then refused ('holds no run.json')."""
+    import figures.eval
+
+    out = tmp_path / "run"
+    args = ("--models", "tiny-qwen2", "--data", data_dir, "--quiet", "--out", out)
+
+    def killed(_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(figures.eval, "draw_eval", killed)
+    assert _eval(*args) == 130
+    assert (out / "scores.csv").is_file() and json.loads((out / "run.json").read_text())["status"] == "running"
+    monkeypatch.undo()
+    assert _eval(*args) == 0
+    capfd.readouterr()
+    assert json.loads((out / "run.json").read_text())["status"] == "complete" and (out / "eval.png").is_file()
+    assert (pd.read_csv(out / "scores.csv")["n_items"] == 0).all()
+
+
 def test_one_checkpoint_under_two_names_is_given_once(text_dir, tiny_dirs, tmp_path, capfd):
     """'tiny-qwen2' and its directory (or DIR and DIR/) passed the 'given twice' check, which compared the strings,
     and were evaluated as two models. A --reference naming a listed model another way is that model."""
