@@ -139,6 +139,9 @@ def make_plan(args: argparse.Namespace):
     datasets, items = [], {}
     for (name, spec), subjects in zip(zip(distinct_names(args.data), args.data), subjects_per_set(args)):
         its, report = load_items(spec, split=args.split, subjects=subjects, limit=args.limit)
+        if ALL in report.subjects:  # its rows would be the set's totals, and the tables could not tell them apart
+            raise BadInput(f"data set {spec}: a subject named {ALL!r} clashes with the per-set total rows of "
+                           "scores.csv; rename that folder")
         items[name] = its
         datasets.append(DataSet(name, spec, spec if spec.lower() == "mmmu" else str(Path(spec).resolve()),
                                 report.fingerprint, len(its), report.n_skipped_open, list(report.subjects)))

@@ -397,6 +397,21 @@ def test_bad_input_exit_2_one_line_nothing_written(case, text_dir, tiny_dirs, tm
     assert not out.exists()
 
 
+def test_a_subject_named_all_is_refused(text_dir, tiny_dirs, tmp_path, capfd):
+    """A subject folder named 'all' got the set's totals in its scores.csv row (64 items, not its 32), then
+    table.md crashed on the two 'all' rows, after items.parquet and scores.csv were written."""
+    import pyarrow.parquet as pq
+
+    from probe.synthetic import write_mmmu_parquet
+
+    rows = [r for f in sorted(text_dir.glob("*/validation-*.parquet")) for r in pq.read_table(f).to_pylist()]
+    write_mmmu_parquet({"all": rows[:2], "Other": rows[2:4]}, tmp_path / "set", "validation")
+    out = tmp_path / "out"
+    assert _eval("--models", "tiny-qwen2", "--data", tmp_path / "set", "--quiet", "--out", out) == 2
+    err = capfd.readouterr().err.strip()
+    assert "a subject named 'all'" in err and "\n" not in err and not out.exists()
+
+
 def test_a_run_with_nothing_to_compute_is_resumable_after_a_kill(data_dir, tiny_dirs, tmp_path, monkeypatch, capfd):
     """Every pair n/a (a text LM on an image set): no model loads, and run.json used to come only at the very end,
     so a kill while the results were written left a dir the same command then refused ('holds no run.json')."""
