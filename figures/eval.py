@@ -28,6 +28,13 @@ def read_scores(result_dir: Path) -> pd.DataFrame:
         raise BadInput(f"{csv}: no row with subject 'all' (the per model and data set totals)")
     if (twice := scores.duplicated(["model", "data", "subject"])).any():
         raise BadInput(f"{csv}: line {int(twice.to_numpy().argmax()) + 2} repeats a model, data set and subject")
+    top = scores[scores["subject"] == "all"]
+    have = set(zip(top["model"], top["data"]))
+    for model in dict.fromkeys(top["model"]):  # probe.eval writes every model × data set, n/a ones included
+        for data in dict.fromkeys(top["data"]):
+            if (model, data) not in have:
+                raise BadInput(f"{csv}: no 'all' row for model {model} on data set {data} (probe.eval writes one "
+                               "for every model and data set: rows of another run or a cut file?)")
     return scores
 
 

@@ -110,6 +110,7 @@ def read_sweep(run_dir: Path, need: tuple[str, ...] = ()) -> tuple[pd.DataFrame,
     the file otherwise."""
     source = "python -m probe.heads"
     metrics = dict.fromkeys([*PANELS, "accuracy_drop", "prob_accuracy_drop"], float)
+    metrics["n_items"] = int
     columns = {"layer": int, "head": int, **dict.fromkeys(need, float)}
     heads = read_table(run_dir / "heads.csv", columns, metrics, source,
                        bounds={"accuracy": UNIT, "prob_accuracy": UNIT, "kl": KL_BOUNDS,
@@ -119,7 +120,29 @@ def read_sweep(run_dir: Path, need: tuple[str, ...] = ()) -> tuple[pd.DataFrame,
         v = baseline.get(key)
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise BadInput(f"{run_dir / 'baseline.json'}: {key} is {v!r}, not a number")
+    check_one_run(run_dir, heads, baseline)
     return heads, baseline
+
+
+def check_one_run(run_dir: Path, heads: pd.DataFrame, baseline: dict) -> None:
+    """heads.csv and baseline.json of one sweep: one row per head, each over the baseline's items, its drops from
+    the baseline's values (probe.results.summarize). Files of two runs, or two runs' rows in one file, would draw a
+    grid whose cells overwrite each other, or colours centred on another run's baseline."""
+    if (twice := heads.duplicated(["layer", "head"])).any():
+        i = int(twice.to_numpy().argmax())
+        raise BadInput(f"{run_dir / 'heads.csv'}: line {i + 2} repeats layer {heads['layer'].iloc[i]} head "
+                       f"{heads['head'].iloc[i]} (rows of two runs?)")
+    expected = {"n_items": pd.Series(float(baseline["n_items"]), index=heads.index)} | {
+        f"{m}_drop": baseline[m] - heads[m] for m in ("accuracy", "prob_accuracy") if m in heads}
+    for col, want in expected.items():
+        if col not in heads:
+            continue
+        saved = heads[col]
+        off = saved.notna() & want.notna() & ~np.isclose(saved, want, rtol=0, atol=1e-9)
+        if off.any():
+            i = int(off.to_numpy().argmax())
+            raise BadInput(f"{run_dir}: heads.csv line {i + 2} and baseline.json disagree on {col} ({saved.iloc[i]:g} "
+                           f"against {want.iloc[i]:g}): files of different runs")
 
 
 def draw_heads(run_dir: Path) -> list[Path]:

@@ -25,6 +25,11 @@ def step_scores(result_dir: Path) -> pd.DataFrame:
     if s.empty:
         raise BadInput(f"{result_dir}: no model named .../checkpoint-<step> in scores.csv")
     s["step"] = s["step"].astype(int)
+    if (twice := s.duplicated(["data", "step"], keep=False)).any():  # one line per data set would zigzag between runs
+        first = s[twice].iloc[0]
+        models = s[twice & (s["data"] == first["data"]) & (s["step"] == first["step"])]["model"]
+        raise BadInput(f"{result_dir}: {', '.join(models)} are all step {first['step']} on {first['data']}: "
+                       "checkpoints of several fine-tuning runs; evaluate each run into its own --out, one panel each")
     return s.sort_values("step")
 
 

@@ -30,7 +30,7 @@ ITEM_COLUMNS = ["model", "data", "item_id", "subject", "answer", "pred", "correc
                 "p_answer", "response"]
 SCORE_COLUMNS = ["model", "data", "subject", "n_items", "accuracy", "accuracy_lo", "accuracy_hi", "prob_accuracy",
                  "prob_accuracy_lo", "prob_accuracy_hi", "p_answer", "p_answer_lo", "p_answer_hi", "diff_accuracy",
-                 "diff_lo", "diff_hi", "diff_prob_accuracy", "diff_prob_lo", "diff_prob_hi", "note"]
+                 "diff_lo", "diff_hi", "diff_prob_accuracy", "diff_prob_lo", "diff_prob_hi", "diff_n", "note"]
 ALL = "all"
 
 
@@ -119,17 +119,29 @@ def make_plan(args: argparse.Namespace):
         raise BadInput(f"--seed must be ≥ 0, got {args.seed}")
     placement = resolve_placement(args.device, args.dtype, args.attn_implementation)
     specs = list(args.models)
-    if args.reference is not None and args.reference not in specs:
-        specs.insert(0, args.reference)
     same = [s if s.lower() == "mmmu" else str(Path(s).expanduser().resolve()) for s in args.data]  # text, ./text
     for group, what in ((specs, "model"), (same, "data set")):
         dup = sorted({s for s in group if group.count(s) > 1})
         if dup:
             raise BadInput(f"{what} {dup[0]!r} given twice")
     refs = [resolve_model(s) for s in specs]
+    seen: dict[tuple[str, str | None], str] = {}
+    for ref in refs:  # organism-base and its directory, or DIR and DIR/: one model, evaluated twice under two names
+        if (twin := seen.setdefault(checkpoint_key(ref), ref.spec)) != ref.spec:
+            raise BadInput(f"models {twin!r} and {ref.spec!r} are the same checkpoint ({ref.path}); give it once")
+    if args.reference is not None and args.reference not in specs:
+        ref = resolve_model(args.reference)
+        if checkpoint_key(ref) in seen:  # --reference names a listed model another way: compare with that one
+            args.reference = seen[checkpoint_key(ref)]
+        else:
+            specs.insert(0, args.reference)
+            refs.insert(0, ref)
     datasets, items = [], {}
     for (name, spec), subjects in zip(zip(distinct_names(args.data), args.data), subjects_per_set(args)):
         its, report = load_items(spec, split=args.split, subjects=subjects, limit=args.limit)
+        if ALL in report.subjects:  # its rows would be the set's totals, and the tables could not tell them apart
+            raise BadInput(f"data set {spec}: a subject named {ALL!r} clashes with the per-set total rows of "
+                           "scores.csv; rename that folder")
         items[name] = its
         datasets.append(DataSet(name, spec, spec if spec.lower() == "mmmu" else str(Path(spec).resolve()),
                                 report.fingerprint, len(its), report.n_skipped_open, list(report.subjects)))
@@ -157,6 +169,11 @@ def make_plan(args: argparse.Namespace):
     entries = [ModelEntry(r.spec, str(r.path), r.family.name, model_fingerprint(r)) for r in refs]
     plan = EvalPlan(entries, datasets, na, unreadable, template.to_dict(), settings)
     return plan, refs, scored, template, placement
+
+
+def checkpoint_key(ref: Any) -> tuple[str, str | None]:
+    """What tells two model specs apart: the resolved directory (and GGUF file in it)."""
+    return str(Path(ref.path).resolve()), ref.gguf_file
 
 
 def subjects_per_set(args: argparse.Namespace) -> list[list[str] | None]:
@@ -244,6 +261,10 @@ def run(args: argparse.Namespace) -> Path:
                 frames[m, d] = read_part(part_file(out, m, d), ITEM_COLUMNS)  # as a resume would read it
             del loaded
         bar.close()
+    if not todo:  # nothing to compute (a resume, or every pair n/a): results are still this run's writes
+        claim_out_dir(out, plan.fingerprint())
+        if not (out / "run.json").is_file():
+            atomic_write_json(out / "run.json", run_info)
     items_df = (pd.concat([frames[p] for p in pairs], ignore_index=True) if pairs
                 else pd.DataFrame(columns=ITEM_COLUMNS))
     scores = score_table(items_df, plan, args.reference, args.seed)
@@ -289,17 +310,23 @@ def score_table(items: Any, plan: EvalPlan, reference: str | None, seed: int):
                     iv = bootstrap_mean(sub[col].to_numpy(), seed, f"{key}|{metric}") if len(sub) else NAN
                     row |= {metric: iv.value, f"{metric}_lo": iv.lo, f"{metric}_hi": iv.hi}
                 diffs = {"accuracy": NAN, "prob_accuracy": NAN}
+                n_paired = None
                 if ref is not None and len(sub) and entry.name != reference and len(ref):
                     # the items both answered; ids need only be unique within a subject (the loader checks)
                     paired = sub.merge(ref, on=["subject", "item_id"], suffixes=("", "_ref"))
+                    n_paired = len(paired)
                     for metric, col in (("accuracy", "correct"), ("prob_accuracy", "prob_correct")):
                         diffs[metric] = paired_difference(paired[col].to_numpy(), paired[f"{col}_ref"].to_numpy(),
                                                           seed, f"{key}|diff|{metric}")
+                    if n_paired < len(sub):  # the reference read fewer: diff ≠ this row's accuracy − the reference's
+                        row["note"] = "; ".join(filter(None, [note, f"diff over the {n_paired} of {len(sub)} items "
+                                                                      f"{reference} also answered"]))
                 row |= {"diff_accuracy": diffs["accuracy"].value, "diff_lo": diffs["accuracy"].lo,
                         "diff_hi": diffs["accuracy"].hi, "diff_prob_accuracy": diffs["prob_accuracy"].value,
-                        "diff_prob_lo": diffs["prob_accuracy"].lo, "diff_prob_hi": diffs["prob_accuracy"].hi}
+                        "diff_prob_lo": diffs["prob_accuracy"].lo, "diff_prob_hi": diffs["prob_accuracy"].hi,
+                        "diff_n": n_paired}
                 rows.append(row)
-    return pd.DataFrame.from_records(rows, columns=SCORE_COLUMNS)
+    return pd.DataFrame.from_records(rows, columns=SCORE_COLUMNS).astype({"diff_n": "Int64"})  # a count, or empty
 
 
 def _cell(r: Any, metric: str, n_lost: int = 0) -> str:

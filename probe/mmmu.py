@@ -92,6 +92,7 @@ class LoadReport:
 
 
 _SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.parquet$")
+_SPLIT = re.compile(r"\w+(\.\w+)*")  # a Hugging Face split name
 
 
 def _split_files(folder: Path, split: str) -> list[Path]:
@@ -121,8 +122,15 @@ def _check_shards(files: Sequence[Path]) -> None:
                            f"a partial download would score only part of the subject")
 
 
+def check_split(split: str) -> None:
+    """A split is a name, never a pattern: ``*`` or ``val*`` would read the files of several splits as one set."""
+    if not _SPLIT.fullmatch(split):
+        raise BadInput(f"--split {split!r} is not a split name (letters, digits, '_' and '.' only)")
+
+
 def discover(root: str | Path, split: str) -> dict[str, list[Path]]:
     """Map subject -> its parquet files for ``split``, sorted by subject."""
+    check_split(split)
     root = Path(root).expanduser()
     if not root.exists():
         raise BadInput(f"MMMU data directory not found: {root}")
@@ -342,6 +350,7 @@ def load_mmmu(
 def resolve_data(data: str | Path, split: str = "validation", subjects: Sequence[str] | None = None) -> Path:
     """A directory as given, or the alias ``"mmmu"``: the hub dataset's snapshot, only the split (and subjects)
     asked for, downloaded when missing unless HF_HUB_OFFLINE is set (probe.hub)."""
+    check_split(split)  # before a download
     if str(data).lower() != "mmmu":
         return Path(data).expanduser()
     from probe.hub import hub_snapshot

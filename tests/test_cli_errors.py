@@ -157,6 +157,18 @@ CASES = {  # id: (kind, {file: content}, words the error names)
     "trajectory-garbage": ("trajectory", {"coords.csv": "x\n\x01garbage\n"}, "missing columns name"),
     "eval-garbage": ("eval", {"scores.csv": "foo,bar\n1,2\n"}, "missing columns model"),
     "eval-no-all-rows": ("eval", {"scores.csv": SCORES + "m,d,s1,3,1,1,1,1,1,1\n"}, "subject 'all'"),
+    # rows or files of different runs: a cell drawn twice (the last one shown), colours centred on another run's
+    # baseline, a model left out of a panel (a traceback), two fine-tuning runs zigzagging on one line
+    "heads-head-twice": ("heads", {"heads.csv": HEADS_CSV + "0,0,1,1,0.1,4,-0.1,-0.1,0.5\n0,0,0.5,1,0.1,4,0.4,-0.1,0.5\n",
+                                   "baseline.json": BASELINE}, "line 3 repeats layer 0 head 0"),
+    "heads-other-baseline": ("heads", {"heads.csv": HEADS_CSV + "0,0,1,1,0.1,4,-0.2,-0.1,0.5\n", "baseline.json": BASELINE},
+                             "heads.csv line 2 and baseline.json disagree on accuracy_drop"),
+    "heads-other-n": ("heads", {"heads.csv": HEADS_CSV + "0,0,1,1,0.1,8,-0.1,-0.1,0.5\n", "baseline.json": BASELINE},
+                      "disagree on n_items"),
+    "eval-pair-missing": ("eval", {"scores.csv": SCORES + "m1,d1,all,3,1,1,1,1,1,1\nm1,d2,all,3,1,1,1,1,1,1\n"
+                                   "m2,d1,all,3,1,1,1,1,1,1\n"}, "no 'all' row for model m2 on data set d2"),
+    "steps-two-runs": ("steps", {"scores.csv": SCORES + "a/checkpoint-0,d,all,3,1,1,1,1,1,1\n"
+                                 "b/checkpoint-0,d,all,3,0.5,0,1,1,1,1\n"}, "a/checkpoint-0, b/checkpoint-0 are all step 0"),
     "steps-text-n": ("steps", {"scores.csv": SCORES + "m/checkpoint-1,d,all,many,1,1,1,1,1,1\n"}, "column n_items"),
     "merge-garbage": ("merge", {"merge_weights.csv": "nope\n1\n", "merge.json": "{}"}, "missing columns tensor"),
     "merge-bad-json": ("merge", {"merge_weights.csv": "tensor,slice,model,delta_avg,alpha\nt,all,m,,0.5\n",

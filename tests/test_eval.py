@@ -378,6 +378,7 @@ BAD = {
     "missing data": lambda d: ["--models", "tiny-qwen2", "--data", "/nonexistent/dir"],
     "model twice": lambda d: ["--models", "tiny-qwen2", "tiny-qwen2", "--data", d],
     "bad batch size": lambda d: ["--models", "tiny-qwen2", "--data", d, "--batch-size", "0"],
+    "split pattern": lambda d: ["--models", "tiny-qwen2", "--data", d, "--split", "val*"],  # read every match
     "no GPU": lambda d: ["--models", "tiny-qwen2", "--data", d, "--device", "cuda"],
     # numpy refused it in the bootstrap, after run.json and the parts were written
     "negative seed": lambda d: ["--models", "tiny-qwen2", "--data", d, "--seed", "-1"],
@@ -394,6 +395,63 @@ def test_bad_input_exit_2_one_line_nothing_written(case, text_dir, tiny_dirs, tm
     err = capfd.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err
     assert not out.exists()
+
+
+def test_a_subject_named_all_is_refused(text_dir, tiny_dirs, tmp_path, capfd):
+    """A subject folder named 'all' got the set's totals in its scores.csv row (64 items, not its 32), then
+    table.md crashed on the two 'all' rows, after items.parquet and scores.csv were written."""
+    import pyarrow.parquet as pq
+
+    from probe.synthetic import write_mmmu_parquet
+
+    rows = [r for f in sorted(text_dir.glob("*/validation-*.parquet")) for r in pq.read_table(f).to_pylist()]
+    write_mmmu_parquet({"all": rows[:2], "Other": rows[2:4]}, tmp_path / "set", "validation")
+    out = tmp_path / "out"
+    assert _eval("--models", "tiny-qwen2", "--data", tmp_path / "set", "--quiet", "--out", out) == 2
+    err = capfd.readouterr().err.strip()
+    assert "a subject named 'all'" in err and "\n" not in err and not out.exists()
+
+
+def test_a_run_with_nothing_to_compute_is_resumable_after_a_kill(data_dir, tiny_dirs, tmp_path, monkeypatch, capfd):
+    """Every pair n/a (a text LM on an image set): no model loads, and run.json used to come only at the very end,
+    so a kill while the results were written left a dir the same command then refused ('holds no run.json')."""
+    import figures.eval
+
+    out = tmp_path / "run"
+    args = ("--models", "tiny-qwen2", "--data", data_dir, "--quiet", "--out", out)
+
+    def killed(_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(figures.eval, "draw_eval", killed)
+    assert _eval(*args) == 130
+    assert (out / "scores.csv").is_file() and json.loads((out / "run.json").read_text())["status"] == "running"
+    monkeypatch.undo()
+    assert _eval(*args) == 0
+    capfd.readouterr()
+    assert json.loads((out / "run.json").read_text())["status"] == "complete" and (out / "eval.png").is_file()
+    assert (pd.read_csv(out / "scores.csv")["n_items"] == 0).all()
+
+
+def test_one_checkpoint_under_two_names_is_given_once(text_dir, tiny_dirs, tmp_path, capfd):
+    """'tiny-qwen2' and its directory (or DIR and DIR/) passed the 'given twice' check, which compared the strings,
+    and were evaluated as two models. A --reference naming a listed model another way is that model."""
+    path = str(tiny_dirs["qwen2"])
+    for twins in (["tiny-qwen2", path], [path, path + "/"]):
+        out = tmp_path / "refused"
+        assert _eval("--models", *twins, "--data", text_dir, "--quiet", "--out", out) == 2
+        err = capfd.readouterr().err.strip()
+        assert "are the same checkpoint" in err and "\n" not in err and not out.exists(), err
+    out = tmp_path / "run"
+    assert _eval("--models", path, "tiny-qwen2-vl", "--reference", "tiny-qwen2", "--data", text_dir, "--limit", "3",
+                 "--no-generate", "--quiet", "--no-figures", "--out", out) == 0
+    capfd.readouterr()
+    scores = pd.read_csv(out / "scores.csv").query("subject == 'all'").set_index("model")
+    assert list(scores.index) == [path, "tiny-qwen2-vl"]  # not a third row for the reference
+    items = pd.read_parquet(out / "items.parquet")
+    mine, ref = (items[items["model"] == m].set_index("item_id")["prob_correct"] for m in ("tiny-qwen2-vl", path))
+    assert scores.loc["tiny-qwen2-vl", "diff_prob_accuracy"] == pytest.approx((mine - ref.loc[mine.index]).mean())
+    assert json.loads((out / "run.json").read_text())["reference"] == path
 
 
 def test_a_damaged_later_model_stops_the_run_before_anything_is_written(text_dir, tiny_dirs, tmp_path, capfd):
@@ -458,6 +516,30 @@ def test_a_text_model_is_scored_on_the_text_items_of_a_mixed_set(odd_sets, tmp_p
 
     top = read_scores(out).query("subject == 'all'").set_index("model")
     assert set_size(top.loc["tiny-qwen2"]) == 5 and top.loc["tiny-qwen2", "n_items"] == 3
+
+
+def test_a_reference_that_reads_fewer_items_says_what_its_difference_covers(odd_sets, tmp_path):
+    """A text reference on a mixed set: the VLM's 'all' row held its accuracy over 5 items beside a paired difference
+    over the 3 the reference read, with nothing saying so (its accuracy minus the reference's is not that diff)."""
+    out = tmp_path / "run"
+    assert _eval("--models", "tiny-qwen2-vl", "--data", odd_sets["mixed"], "--reference", "tiny-qwen2",
+                 "--batch-size", "4", "--max-new-tokens", "3", "--quiet", "--no-figures", "--out", out) == 0
+    scores = pd.read_csv(out / "scores.csv", keep_default_na=False, na_values=[""]).set_index(["model", "subject"])
+    items = pd.read_parquet(out / "items.parquet")
+    ref = items[items["model"] == "tiny-qwen2"].set_index(["subject", "item_id"])
+    mine = items[items["model"] == "tiny-qwen2-vl"].set_index(["subject", "item_id"])
+    both = mine.index.intersection(ref.index)
+    assert len(mine) == 5 and len(both) == 3
+    whole = scores.loc[("tiny-qwen2-vl", "all")]
+    assert whole["n_items"] == 5 and whole["diff_n"] == 3
+    assert whole["diff_accuracy"] == pytest.approx((mine.loc[both, "correct"] - ref.loc[both, "correct"]).mean())
+    assert whole["note"] == "diff over the 3 of 5 items tiny-qwen2 also answered"
+    assert scores.loc[("tiny-qwen2-vl", "TextPart"), "diff_n"] == 3 and pd.isna(
+        scores.loc[("tiny-qwen2-vl", "TextPart"), "note"])  # every item of it paired: nothing to say
+    image = scores.loc[("tiny-qwen2-vl", "ImagePart")]
+    assert image["diff_n"] == 0 and np.isnan(image["diff_accuracy"]) and image["note"].startswith("diff over the 0")
+    assert pd.isna(scores.loc[("tiny-qwen2", "all"), "diff_n"])  # the reference itself has no difference
+    assert "- tiny-qwen2-vl on mixed: scored on 5 items; diff over the 3 of 5" in (out / "table.md").read_text()
 
 
 def test_subjects_over_several_sets_take_each_sets_own(odd_sets, text_dir, tmp_path, capfd):

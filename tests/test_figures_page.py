@@ -42,8 +42,8 @@ def write_heads(d: Path, layers: int, heads: int, seed: int = 0) -> Path:
     import pandas as pd
 
     rng = np.random.default_rng(seed)
-    rows = [[l, h, 0.9, 0.8 - 0.1 * rng.random(), 2.0 * rng.random() / (1 + l), 64, 0.05, 0.1 * rng.random(), 0.5]
-            for l in range(layers) for h in range(heads)]
+    rows = [[l, h, 0.9, p, 2.0 * rng.random() / (1 + l), 64, 0.95 - 0.9, 0.9 - p, 0.5]  # drops from the baseline's
+            for l in range(layers) for h in range(heads) for p in [0.8 - 0.1 * rng.random()]]
     d.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows, columns=["layer", "head", "accuracy", "prob_accuracy", "kl", "n_items", "accuracy_drop",
                                 "prob_accuracy_drop", "p_answer"]).to_csv(d / "heads.csv", index=False)

@@ -165,6 +165,16 @@ def test_split_selection_and_single_subject_dir(tmp_path):
         load_mmmu(tmp_path, split="test")
 
 
+@pytest.mark.parametrize("split", ["*", "val*", "[dv]*", "../Art/dev", "dev-0"])
+def test_a_split_is_a_name_not_a_pattern(tmp_path, split):
+    """'--split *' used to glob the validation and dev files of a subject into one set (1 + 2 items here), exit 0."""
+    write(tmp_path, {"Art": [row(1)]}, split="validation")
+    write(tmp_path, {"Art": [row(1, split="dev"), row(2, split="dev")]}, split="dev")
+    with pytest.raises(BadInput, match="is not a split name"):
+        load_mmmu(tmp_path, split=split)
+    assert [len(load_mmmu(tmp_path, split=s)[0]) for s in ("validation", "dev")] == [1, 2]
+
+
 def test_video_frames(tmp_path):
     r = row(1, question="<video> What happens?", options="['x', 'y']")
     r["image_1"] = None

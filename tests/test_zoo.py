@@ -247,6 +247,90 @@ def test_zoo_data_writes_fresh_training_items_never_the_validation_ones(tmp_path
     assert "exists" in capsys.readouterr().err and sorted(p.name for p in out.rglob("*")) == before
 
 
+def test_zoo_data_clears_what_killed_runs_left(tmp_path, capsys):
+    """A `data` run killed mid-draw left `.NAME.partial-PID` (and `..NAME.partial-PID.draw`) beside --out for good;
+    the next run for that --out removes those of dead processes, not a live run's nor another --out's."""
+    import os
+    import subprocess
+    import sys
+
+    from probe.errors import cli_main
+    from probe.zoo.__main__ import main
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    names = {"stale": f".d.partial-{dead.pid}", "stale_draw": f"..d.partial-{dead.pid}.draw",
+             "live": f".d.partial-{os.getppid()}", "other_out": f".e.partial-{dead.pid}"}
+    for name in names.values():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "x").write_text("x")
+    assert cli_main(main, ["data", "--out", str(tmp_path / "d"), "--n", "1"]) == 0
+    capsys.readouterr()
+    left = {p.name for p in tmp_path.iterdir()}
+    assert left == {"d", names["live"], names["other_out"]}, left
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--out", "{file}"], "exists and is not a directory"),  # was a FileExistsError traceback
+    (["--out", "{tmp}/b", "--threads", "0"], "--threads must be ≥ 1"),  # was torch's RuntimeError traceback
+    (["--out", "{tmp}/b", "--seed", "-1"], "--seed ≥ 0"),  # `data` refused it; `build` trained on it
+    (["--out", "{zoo}/organisms"], "inside the package's zoo"),  # wrote over the shipped organisms, bar unchecked
+    (["--out", "{zoo}"], "inside the package's zoo"),  # wrote train+validation files over the shipped sets
+    (["--out", "{tmp}/b", "--only", "vl"], "organism-base is not built"),  # asked the hub for b/organism-base
+])
+def test_build_bad_input_exits_2_and_writes_nothing(args, words, tmp_path, capsys):
+    from probe.errors import cli_main
+    from probe.zoo import package_root
+    from probe.zoo.__main__ import main
+
+    (tmp_path / "file").write_text("x")
+    zoo = package_root()
+    before = _tree(zoo), _tree(tmp_path)
+    argv = [a.format(file=tmp_path / "file", tmp=tmp_path, zoo=zoo) for a in args]
+    assert cli_main(main, ["build", "--quick", "--steps", "1", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and words in err, err
+    assert (_tree(zoo), _tree(tmp_path)) == before
+
+
+def test_only_refuses_a_base_of_another_build_and_a_killed_data_rewrite_vouches_for_nothing(tmp_path, capsys,
+                                                                                             monkeypatch):
+    """`--only vl` took whatever organism-base sat in --out: one of another seed (another tokenizer) crashed
+    after deleting the organism-vl there, and one of the same vocabulary size would have been trained on silently.
+    And a rebuild killed while rewriting data/ left the old build.json vouching for the half-written files, which
+    a later --reuse then trained on."""
+    from probe.errors import cli_main
+    from probe.zoo import build as zb
+    from probe.zoo.__main__ import main
+
+    out = tmp_path / "b"
+    assert cli_main(main, ["build", "--out", str(out), "--quick", "--steps", "1", "--threads", "1",
+                           "--only", "base"]) == 0
+    (out / "organism-vl").mkdir()
+    (out / "organism-vl" / "keep").write_text("an earlier organism-vl")
+    capsys.readouterr()
+    before = _tree(out)
+    for other, why in ((["--seed", "1"], "built from other data"), (["--steps", "2"], "with another recipe")):
+        assert cli_main(main, ["build", "--out", str(out), "--quick", "--steps", "1", "--only", "vl", *other]) == 2
+        err = capsys.readouterr().err.strip()
+        assert why in err and "add base to --only" in err and "\n" not in err, err
+        assert _tree(out) == before
+    assert (out / "data" / "build.json").is_file()
+
+    def killed(*a, **k):
+        (out / "data" / "text" / "Knowledge" / "train-00000-of-00001.parquet").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(zb, "build_data", killed)
+    with pytest.raises(KeyboardInterrupt):
+        zb.build(out, quick=True, steps=1, threads=1, only=["base"])
+    assert not (out / "data" / "build.json").exists()  # so a --reuse rebuilds the data rather than train on it
+
+
 def test_recipes_mirror_the_real_family_and_built_what_ships():
     """Issue 19's regimes, as data: vl like Qwen2-VL (ViT with the LLM frozen → every parameter → LLM with the ViT
     frozen; its LM trained hardest by far), ov-si and video like LLaVA (projector alone first, then the LM below

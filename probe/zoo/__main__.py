@@ -48,11 +48,26 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.steps is not None and args.steps < 1:
         raise BadInput("--steps must be >= 1")
+    if args.threads < 1 or args.seed < 0:
+        raise BadInput(f"--threads must be ≥ 1 and --seed ≥ 0, got {args.threads}, {args.seed}")
+    check_build_out(args.out)
     build(args.out, quick=args.quick, steps=args.steps, seed=args.seed, threads=args.threads, reuse=args.reuse,
           only=args.only, exclude_validation=args.exclude_validation)
     if args.ship:
         ship(args.out)
     return 0
+
+
+def check_build_out(out: Path) -> None:
+    """A build writes data/ and organism-*/ into ``out``: a directory, and not the package's own zoo (the shipped
+    organisms and validation sets change only through --ship, which holds a build to the bar first)."""
+    from probe.errors import BadInput, check_out_path
+    from probe.zoo import package_root
+
+    check_out_path(out)
+    zoo = package_root().resolve()
+    if out.resolve() == zoo or zoo in out.resolve().parents:
+        raise BadInput(f"--out {out} is inside the package's zoo ({zoo}); build elsewhere, then --ship copies it in")
 
 
 def make_data(out: Path, n: int, seed: int, split: str) -> int:
@@ -69,17 +84,33 @@ def make_data(out: Path, n: int, seed: int, split: str) -> int:
     check_out_path(out)
     if out.exists():
         raise BadInput(f"--out {out} exists; pick a new directory")
+    remove_stale_partials(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"  # two runs at once never share it
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         dirs = build_fresh_data(tmp, n, seed, split)
-    except BaseException:
+        try:
+            tmp.rename(out)
+        except OSError as exc:  # another command made --out meanwhile
+            raise BadInput(f"--out {out}: {exc.strerror}; pick a new directory") from None
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    tmp.rename(out)
     for name in dirs:
         print(out / name)
     return 0
+
+
+def remove_stale_partials(out: Path) -> None:
+    """The half-drawn dirs beside ``out`` that killed ``data`` runs left (``.NAME.partial-PID`` and its ``.draw``)."""
+    import re
+    import shutil
+
+    from probe.results import pid_alive
+
+    pattern = re.compile(rf"\.\.?{re.escape(out.name)}\.partial-(\d+)(\.draw)?")
+    for d in out.parent.glob(".*.partial-*") if out.parent.is_dir() else []:
+        if (m := pattern.fullmatch(d.name)) and d.is_dir() and not pid_alive(int(m.group(1))):
+            shutil.rmtree(d, ignore_errors=True)
 
 
 if __name__ == "__main__":

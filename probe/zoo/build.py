@@ -610,21 +610,25 @@ def build(out: Path, quick: bool = False, steps: int | None = None, seed: int = 
     torch.set_num_threads(threads)
     t_start = time.time()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     sizes = QUICK_DATA if quick else FULL_DATA
-    log(f"data → {out / 'data'}")
     held_out = "validation" if exclude_validation else None
     stamp = {"seed": seed, "sizes": sizes, "train_excludes": held_out}
-    reuse = reuse and _read_json(out / "data" / "build.json") == stamp  # organisms of other data are rebuilt
+    recipes = {k: _shortened(r, quick, steps) for k, r in FULL.items()}
+    same_data = _read_json(out / "data" / "build.json") == stamp
+    if only and "base" not in only:  # every extension starts from organism-base: it must be this build's
+        check_base(out, same_data, recipes["base"])
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"data → {out / 'data'}")
+    reuse = reuse and same_data  # organisms of other data are rebuilt
     if reuse:
         data = {m: out / "data" / m for m in MODALITY_SUBJECTS}  # resuming: same seed, same data
     else:
+        (out / "data" / "build.json").unlink(missing_ok=True)  # a kill while rewriting must not leave it vouching
         data = build_data(out / "data", sizes, seed, held_out)
         (out / "data" / "build.json").write_text(json.dumps(stamp))
     items = _load_items(data, sizes)
     log(f"tokenizer ({time.time() - t_start:.0f}s)")
     tok = build_tokenizer(tokenizer_corpus(seed), 1024)
-    recipes = {k: _shortened(r, quick, steps) for k, r in FULL.items()}
     quality: dict[str, Any] = {"seed": seed, "quick": quick, "organisms": {},
                                "train_items": {m: len(v["train"]) for m, v in items.items()},
                                "train_excludes": held_out}
@@ -635,7 +639,7 @@ def build(out: Path, quick: bool = False, steps: int | None = None, seed: int = 
             continue
         if reuse and (d / "organism.json").is_file():
             done = json.loads((d / "organism.json").read_text())
-            if done.get("recipe") == json.loads(json.dumps(asdict(recipes[name]))):  # as organism.json holds it
+            if done.get("recipe") == _recipe_json(recipes[name]):
                 log(f"organism-{name}: reusing {d}")
                 built[name] = {k: v for k, v in done.items() if k != "name"}
                 continue
@@ -666,6 +670,27 @@ def build(out: Path, quick: bool = False, steps: int | None = None, seed: int = 
         mark = f"  BELOW the {BAR:.0%} bar" if below_bar({name: entry}) else ""
         log(f"{name}: own {entry['own']['accuracy']:.1%} ({entry['own']['modality']}){mark}")
     return quality
+
+
+def _recipe_json(recipe: Recipe) -> Any:
+    return json.loads(json.dumps(asdict(recipe)))  # as organism.json holds it
+
+
+def check_base(out: Path, same_data: bool, recipe: Recipe) -> None:
+    """``--only`` without base: the organism-base in ``out`` must be built from this build's data (seed, sizes,
+    --exclude-validation) and recipe, else the extensions would start from another LM (another tokenizer's rows)."""
+    from probe.errors import BadInput
+
+    done = _read_json(out / "organism-base" / "organism.json")
+    if done is None:
+        why = "is not built"
+    elif not same_data:
+        why = "was built from other data (another --seed, size or --exclude-validation)"
+    elif done.get("recipe") != _recipe_json(recipe):
+        why = "was built with another recipe (--quick or --steps)"
+    else:
+        return
+    raise BadInput(f"{out / 'organism-base'} {why}, and the extensions start from it: add base to --only")
 
 
 def below_bar(entries: dict[str, dict[str, Any]]) -> list[str]:
