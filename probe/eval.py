@@ -75,6 +75,14 @@ class DataSet:
     n_skipped_open: int
     subjects: list[str]
 
+    @property
+    def stream(self) -> str:
+        """The key of this set's bootstrap streams: its folder's own name, which (unlike the label, longer when
+        another --data shares that name) does not depend on the other sets of the run."""
+        from probe.results import distinct_names
+
+        return distinct_names([self.spec])[0]
+
 
 @dataclass(frozen=True)
 class ModelEntry:
@@ -298,7 +306,7 @@ def score_table(items: Any, plan: EvalPlan, reference: str | None, seed: int):
                 sub = mine if subject == ALL else mine[mine["subject"] == subject]
                 # one resampling stream per data set, the same for every model (common random numbers): a model's
                 # interval depends on its answers only, not on its name or path; 'all' of one subject = it
-                key = ds.name
+                key = ds.stream
                 n_lost = plan.n_unread(entry.name, ds.name, subject)
                 note = ""
                 if n_lost:  # the whole row, or the part of it the scores leave out

@@ -1,7 +1,7 @@
 """Error bars for evaluation (DESIGN §8): seeded percentile bootstrap over items, plain and paired.
 
-Each interval draws from a generator seeded by the run's seed and a key naming the data set and metric, never the
-model: every model on a data set is resampled alike, so an interval does not change when other models or data
+Each interval draws from a generator seeded by the run's seed and a key naming the data set (its folder's name)
+and metric, never the model: every model on a data set is resampled alike, so an interval does not change when other models or data
 sets are added to a run, nor when the same model is evaluated under another name or path (a merge written to two
 output directories gets the same interval).
 """

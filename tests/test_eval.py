@@ -332,6 +332,28 @@ def test_a_model_under_another_name_gets_the_same_intervals(eval_run, tmp_path, 
     pd.testing.assert_frame_equal(got.reset_index(drop=True), want.reset_index(drop=True))
 
 
+def test_a_set_labelled_longer_beside_a_namesake_gets_the_same_intervals(eval_run, tmp_path, text_dir):
+    """A set is labelled by a longer tail when another --data has the same folder name, but its intervals are
+    seeded by its folder name: the same numbers as in a run without the namesake (they used to move)."""
+    import shutil
+
+    out, _ = eval_run
+    text = Path(text_dir).name
+    namesake = shutil.copytree(text_dir, tmp_path / "other" / text)
+    assert _eval("--models", "tiny-qwen2", "--data", text_dir, namesake, "--batch-size", "4", "--max-new-tokens",
+                 "3", "--quiet", "--out", tmp_path / "run") == 0
+    got = pd.read_csv(tmp_path / "run" / "scores.csv")
+    label = got["data"][~got["data"].str.startswith("other/")].iloc[0]
+    assert label != text and label.endswith(f"/{text}")  # the label did change ...
+    cols = ["subject", "n_items", "accuracy_lo", "accuracy_hi", "prob_accuracy_lo", "prob_accuracy_hi",
+            "p_answer_lo", "p_answer_hi"]
+    want = pd.read_csv(out / "scores.csv")
+    want = want[(want["model"] == "tiny-qwen2") & (want["data"] == text)][cols].reset_index(drop=True)
+    got = got[got["data"] == label][cols].reset_index(drop=True)
+    assert len(want) > 1 and (want["p_answer_hi"] > want["p_answer_lo"]).all()  # ... the intervals did not
+    pd.testing.assert_frame_equal(got, want)
+
+
 def test_a_model_changed_in_place_or_other_scoring_is_another_run(tiny_dirs, text_dir, tmp_path, capfd):
     """The weights of every model are part of the run's identity (a model re-merged at the same path used to
     resume with the old model's parts, exit 0), and so are --seed and --reference, which decide scores.csv (they
