@@ -22,7 +22,8 @@ from typing import Any, Sequence
 
 from probe.errors import ArgParser, BadInput, cli_main
 from probe.families import ALIASES
-from probe.heads import _Help, _progress, add_placement_args, add_prompt_args, add_run_args, load_template, versions
+from probe.heads import (_Help, _progress, add_placement_args, add_prompt_args, add_run_args, check_out_not_model,
+                         load_template, run_versions, saved_run_info)
 
 DEFAULT_OUT = "runs/eval"
 OWNED = ("scores.csv", "items.parquet", "table.md", "run.json", "eval.png", "eval.pdf", "eval-*.png", "eval-*.pdf")
@@ -230,19 +231,22 @@ def run(args: argparse.Namespace) -> Path:
     for ref in refs:  # a damaged later model is found before the first one's results are written
         preflight(ref)
     out: Path = args.out
+    check_out_not_model(out, [ref.path for ref in refs])
     resumed = prepare_out_dir(out, plan.fingerprint(), args.overwrite, owned=OWNED, plan=asdict(plan))
+    saved = saved_run_info(out) if resumed else {}
     pairs = [pair for pair, its in scored.items() if its]
     todo = [(m, d) for m, d in pairs if not part_file(out, m, d).is_file()]
     # the parts a resume keeps are read now: a damaged one is named before anything runs or is printed
     frames = {(m, d): read_part(part_file(out, m, d), ITEM_COLUMNS) for m, d in pairs if (m, d) not in todo}
-    run_info = {"fingerprint": plan.fingerprint(), "plan": asdict(plan), "versions": versions(),
+    run_info = {"fingerprint": plan.fingerprint(), "plan": asdict(plan),
+                "versions": run_versions(out, saved, bool(todo), bool(frames)),
                 "placement": {"device": placement.device, "devices": list(placement.all_devices),
                               "dtype": placement.dtype,
                               "attn_implementation": placement.attn_implementation,
                               "description": placement.description},
                 "argv": sys.argv[1:], "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if resumed:
-        run_info["started"] = json.loads((out / "run.json").read_text()).get("started", run_info["started"])
+        run_info["started"] = saved.get("started", run_info["started"])
     t0 = time.perf_counter()
     if todo:
         from probe.models import load_model

@@ -244,15 +244,33 @@ def check_same_software(out: Path, saved: Any, now: dict[str, str]) -> None:
                        f"numbers; resume under {then}, or pass --overwrite")
 
 
+def run_versions(out: Path, saved: dict[str, Any], computes: bool, kept: bool) -> dict[str, str]:
+    """The versions run.json records: this process's, checked against those of the parts a resume keeps when it
+    computes beside them; a resume that computes nothing keeps its parts' versions on record."""
+    now = versions()
+    if computes and kept:
+        check_same_software(out, saved.get("versions"), now)
+    elif not computes and isinstance(saved.get("versions"), dict):
+        return saved["versions"]
+    return now
+
+
+def check_out_not_model(out: Path, model_dirs: Sequence[Path]) -> None:
+    """--out must not be a model's own directory: the run's files would join the model's and change its
+    fingerprint (a folder inside it is fine: the fingerprint reads the model's own files only)."""
+    for path in model_dirs:
+        if out.resolve() == Path(path).resolve():
+            raise BadInput(f"--out {out} is the directory of model {path}: the run's files would join the model's "
+                           "and change its fingerprint; use a folder inside it or elsewhere")
+
+
 def run(args: argparse.Namespace) -> Path:
     from probe.results import (atomic_write_json, claim_out_dir, has_contents, part_path, prepare_out_dir, read_part,
                                read_parts, write_outputs)
 
     plan, ref, items, template, placement = make_plan(args)
     out: Path = args.out
-    if out.resolve() == ref.path.resolve():  # a folder inside it is fine: the fingerprint reads its own files only
-        raise BadInput(f"--out {out} is the model's own directory: the run's files would join the model's and change "
-                       "its fingerprint; use a folder inside it or elsewhere")
+    check_out_not_model(out, [ref.path])
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     # each rank of a torchrun job cleared the dir in turn, deleting the parts the others had written: all exited 0
     # "waiting for N chunks from other ranks" and nothing was assembled
@@ -269,16 +287,13 @@ def run(args: argparse.Namespace) -> Path:
         if part_path(out, c).is_file():
             read_part(part_path(out, c))
     run_info = {
-        "fingerprint": plan.fingerprint(), "plan": asdict(plan), "versions": versions(),
+        "fingerprint": plan.fingerprint(), "plan": asdict(plan),
+        "versions": run_versions(out, saved, bool(todo), any(part_path(out, c).is_file() for c in range(len(chunks)))),
         "argv": sys.argv[1:], "approximate": plan.method == "attribution",
         "placement": {"device": placement.device, "devices": list(placement.all_devices), "dtype": placement.dtype,
                       "attn_implementation": placement.attn_implementation, "description": placement.description},
         "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    if todo and any(part_path(out, c).is_file() for c in range(len(chunks))):
-        check_same_software(out, saved.get("versions"), run_info["versions"])
-    elif not todo and saved.get("versions"):  # nothing computed here: the parts' versions stay on record
-        run_info["versions"] = saved["versions"]
     t0 = time.perf_counter()
     if todo:
         from probe.models import load_model

@@ -294,6 +294,41 @@ def test_resume_after_a_lost_part_gives_the_same_files(eval_run, tmp_path):
     pd.testing.assert_frame_equal(pd.read_parquet(copy / "items.parquet"), pd.read_parquet(out / "items.parquet"))
 
 
+def test_a_resume_under_other_library_versions_is_refused(eval_run, tmp_path, capfd):
+    """As in probe.heads: parts computed under another transformers are not mixed with this process's (exit 0 with
+    two versions' numbers in one table); a resume with nothing to compute keeps the parts' versions on record."""
+    import shutil
+
+    out, args = eval_run
+    copy = shutil.copytree(out, tmp_path / "run")
+    info = json.loads((copy / "run.json").read_text())
+    (copy / "run.json").write_text(json.dumps(info | {"versions": info["versions"] | {"transformers": "0.0.1-old"}}))
+    new_args = [*args[:-1], copy, "--no-figures"]
+    assert _eval(*new_args) == 0
+    assert json.loads((copy / "run.json").read_text())["versions"]["transformers"] == "0.0.1-old"
+    sorted((copy / "parts").glob("*.parquet"))[-1].unlink()
+    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file() and p.name != ".lock"}
+    capfd.readouterr()
+    assert _eval(*new_args) == 2
+    err = capfd.readouterr().err.strip()
+    assert "\n" not in err and "computed under transformers 0.0.1-old, but this process runs transformers" in err
+    assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file() and p.name != ".lock"} == before
+
+
+def test_out_is_a_model_dir_is_refused(tiny_dirs, text_dir, tmp_path, capfd):
+    """--out naming one of the models' own dirs wrote the results among its files, changing its fingerprint."""
+    import shutil
+
+    model = shutil.copytree(tiny_dirs["qwen2"], tmp_path / "model")
+    before = {p: p.read_bytes() for p in model.rglob("*") if p.is_file()}
+    capfd.readouterr()
+    assert _eval("--models", "tiny-qwen2", model, "--data", text_dir, "--limit", "1", "--quiet", "--out", model,
+                 "--overwrite") == 2
+    err = capfd.readouterr().err.strip()
+    assert "\n" not in err and f"is the directory of model {model}" in err, err
+    assert {p: p.read_bytes() for p in model.rglob("*") if p.is_file()} == before
+
+
 def test_a_damaged_part_is_named_before_a_resume_runs_anything(eval_run, tmp_path, capfd):
     """A kept part that cannot be read used to be found only after the missing parts were recomputed (and after
     the placement line): now the resume reads what it keeps first, and one line names it."""
