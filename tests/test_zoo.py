@@ -379,8 +379,15 @@ def test_quick_build_one_or_two_processes(tmp_path):
     # rebuilding one organism alone (one lane, in this process) gives the bits of the full build
     vl = tmp_path / "2" / "organism-vl" / "model.safetensors"
     before = vl.read_bytes()
+    q["organisms"]["organism-vl"] = {"stale": True}  # what --only rebuilds replaces its quality.json entry
+    (tmp_path / "2" / "quality.json").write_text(json.dumps(q))
     assert main(["build", "--out", str(tmp_path / "2"), "--quick", "--steps", "2", "--only", "vl"]) == 0
     assert vl.read_bytes() == before
+    after = json.loads((tmp_path / "2" / "quality.json").read_text())
+    rebuilt = json.loads((tmp_path / "2" / "organism-vl" / "organism.json").read_text())
+    assert after["organisms"]["organism-vl"] == {k: v for k, v in rebuilt.items() if k != "name"}
+    assert {k: v for k, v in after["organisms"].items() if k != "organism-vl"} == \
+        {k: v for k, v in q["organisms"].items() if k != "organism-vl"}
 
 
 def test_exclude_validation_trains_on_no_validation_item(tmp_path):

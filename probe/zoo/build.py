@@ -665,6 +665,9 @@ def build(out: Path, quick: bool = False, steps: int | None = None, seed: int = 
     quality["build_seconds"] = round(time.time() - t_start, 1)
     if not only:
         (out / "quality.json").write_text(json.dumps(quality, indent=1))
+    elif (full := _read_json(out / "quality.json")) is not None:  # the full build's table, with what --only rebuilt
+        full["organisms"] = full.get("organisms", {}) | {f"organism-{n}": built[n] for n in todo}
+        (out / "quality.json").write_text(json.dumps(full, indent=1))
     log(f"done in {quality['build_seconds']}s")
     for name, entry in quality["organisms"].items():  # another machine's build can land on either side of it
         mark = f"  BELOW the {BAR:.0%} bar" if below_bar({name: entry}) else ""
