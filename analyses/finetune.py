@@ -9,7 +9,8 @@ Full fine-tuning of any model the probe loads, with the project's one training l
 probe's prompt, loss on the answer letter and ``<|im_end|>``; each batch row draws its modality with
 probability ∝ ``--mix`` and then an item of it. Writes ``DIR/checkpoint-<step>/`` (loadable HF dirs; step 0 is
 the start) with the optimiser and sampler state beside the weights, ``train_log.csv`` (step, modality, loss,
-lr and lm_lr as they were at that step, tokens) and ``run.json``. ``--dtype bfloat16`` (the default on a GPU) is
+lr and lm_lr as they were at that step, tokens) and ``run.json`` (the run's identity: settings, the model's weights
+and the items of each set). ``--dtype bfloat16`` (the default on a GPU) is
 mixed precision: float32 weights, optimiser and checkpoints, the forward in bfloat16 (with ``--lora`` the frozen
 weights are held in bfloat16, the adapters in float32). The same command after a
 kill continues from the last checkpoint and ends with the same numbers. Items of a modality the model cannot
@@ -101,6 +102,17 @@ def checkpoint_dirs(out: Path) -> dict[int, Path]:
         except ValueError:
             continue
     return dict(sorted(found.items()))
+
+
+def resume_point(out: Path, cfg: FinetuneConfig) -> tuple[int | None, dict[int, Path]]:
+    """The checkpoint a rerun continues from: the latest with a trainer state (or the last step's), provided every
+    checkpoint the run writes before it is there too (checkpoint-0 and the --save-steps below it); a resume from a
+    later one would end "complete" without them (a killed --overwrite deletes checkpoints in any order)."""
+    done = checkpoint_dirs(out) if out.is_dir() else {}
+    resumable = {s: d for s, d in done.items() if (d / STATE).is_file() or s == cfg.steps}
+    wanted = {0, *cfg.save_steps}
+    ok = [s for s in resumable if all(w in done for w in wanted if w < s)]
+    return (max(ok) if ok else None), resumable
 
 
 def mixed_sampler(offsets: dict[str, range], mix: dict[str, float]):
@@ -206,6 +218,8 @@ def check_numbers(cfg: FinetuneConfig) -> None:
     """The numeric settings only this command has, before anything is read or written (rates, warm-up and seed are
     the training loop's: ``TrainConfig`` refuses a NaN or negative one, which would train to NaN weights or climb
     the loss and still exit 0)."""
+    if cfg.steps < 1:  # first: the checks below compare with it
+        raise BadInput(f"--steps must be ≥ 1, got {cfg.steps}")
     if cfg.lora is not None and cfg.lora < 1:
         raise BadInput(f"--lora must be ≥ 1, got {cfg.lora}")
     if cfg.limit is not None and cfg.limit < 1:
@@ -257,19 +271,23 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
                        f"over {len(placement.all_devices)} GPUs, which data parallelism cannot wrap; launch one process "
                        "per GPU, or FSDP through accelerate launch")
     ref = resolve_model(cfg.model)
-    items = {}
+    items, contents = {}, []
     for label, path in cfg.data.items():
-        its, _ = load_items(path, split=cfg.split, limit=cfg.limit)
+        its, report = load_items(path, split=cfg.split, limit=cfg.limit)
+        contents.append([label, report.fingerprint])
         try:
             check_modalities(ref, its)
         except BadInput:
             raise BadInput(f"--data {label}={path}: {ref.spec} ({ref.family.name}) cannot read its items") from None
         items[label] = its
     check_prompts(ref, [it for its in items.values() for it in its])
-    # what decides the numbers: resolved precision and device type, not the "auto" typed, and the model's weights
-    # (a model re-merged at the same path is another run, never one whose checkpoints a resume continues)
+    # what decides the numbers: resolved precision and device type, not the "auto" typed, the model's weights
+    # (a model re-merged at the same path is another run, never one whose checkpoints a resume continues) and the
+    # items of each set in --data order (the order the sampler draws modalities in): a set regenerated at its path,
+    # or given from another working dir, would otherwise be trained on from the resumed step on
     fingerprint = cfg.fingerprint() | {"dtype": placement.dtype, "device": placement.device_type,
-                                       "model_fingerprint": model_fingerprint(ref), **LOOP_IDENTITY}
+                                       "model_fingerprint": model_fingerprint(ref), "items": contents,
+                                       **LOOP_IDENTITY}
     if frozen != "float32":  # LoRA runs from before frozen weights were held in bfloat16 are other runs
         fingerprint["frozen_weights"] = frozen
     fingerprint = json.loads(json.dumps(fingerprint))  # as run.json holds it
@@ -283,9 +301,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
             clear_run(out, [ref.path, *map(Path, cfg.data.values())])
         elif previous != fingerprint:
             raise different_run(out, previous, fingerprint)
-    done = checkpoint_dirs(out) if out.is_dir() else {}
-    resumable = {s: d for s, d in done.items() if (d / STATE).is_file() or s == cfg.steps}
-    start = max(resumable) if resumable else None
+    start, resumable = resume_point(out, cfg)
     if start == cfg.steps and (out / "train_log.csv").is_file():
         saved = json.loads((out / "run.json").read_text())
         if saved.get("status") != "complete" and is_main_process():  # killed after its last checkpoint

@@ -37,7 +37,7 @@ from typing import Any, Callable, Sequence
 from analyses.checkpoints import quiet_progress
 from analyses.replicate_config import (DEFAULT_CONFIG, GENERATED, QUICK_CONFIG, ReplicateConfig, check_machine,
                                        parse_config)
-from probe.errors import ArgParser, BadInput, cli_main
+from probe.errors import ArgParser, BadInput, check_out_path, cli_main
 from probe.results import content_fingerprint
 
 MARKER = "replicate.json"  # marks DIR as ours: only then are stage dirs inside it ever deleted
@@ -229,9 +229,13 @@ class Stage:
     inputs: Callable[[Context], Any]  # what besides upstream stages decides its outputs
 
 
-def _models(ctx: Context) -> dict[str, str]:
+def _models(ctx: Context) -> dict[str, Any]:
+    """The models' contents and their roles: which is the base, the experts in order (the merge's reference and
+    carriers follow it) and each expert's own data label (what heads and table5 run it on). Contents alone left a
+    swapped ``models.own`` skipping every stage with the old pairing's results."""
     m = ctx.cfg.models
-    return {s: ctx.fingerprints[s] for s in [m.base, *m.experts]}
+    return {"content": {s: ctx.fingerprints[s] for s in [m.base, *m.experts]}, "base": m.base,
+            "experts": list(m.experts), "own": list(m.own)}
 
 
 def _data(ctx: Context, labels: Sequence[str]) -> dict[str, str]:
@@ -344,6 +348,7 @@ def prepare(args: argparse.Namespace) -> tuple[Context, dict[str, str]]:
     cfg = parse_config(path)
     resolved = check_machine(cfg)
     out: Path = args.out
+    check_out_path(out)  # not under a file, and writable
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).is_file())):
         raise BadInput(f"--out {out}: exists and is not a python -m analyses.replicate output")
     fps = {spec: content_fingerprint(p) for spec, p in resolved.items()}

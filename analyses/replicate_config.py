@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import tomllib
 import types
 import typing
@@ -25,6 +26,7 @@ DEFAULT_CONFIG = CONFIG_DIR / "organisms.toml"
 QUICK_CONFIG = CONFIG_DIR / "quick.toml"
 MERGE_METHODS = ("average", "shift", "salience", "ties")
 GENERATED = "generated"  # heads.data / finetune data: the items made by the [train] generate step
+RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 
 
 @dataclass(frozen=True)
@@ -131,7 +133,7 @@ def _typed(value: Any, hint: Any, key: str) -> Any:
         return _build(hint, value, key)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
-        if value is None or (isinstance(value, int) and value == 0 and type(None) in args and int in args):
+        if value is None or (type(value) is int and value == 0 and type(None) in args and int in args):
             return None  # TOML has no null: 0 means "none" for an optional limit
         return _typed(value, next(a for a in args if a is not type(None)), key)
     if origin is list:
@@ -239,11 +241,17 @@ def check_values(cfg: ReplicateConfig) -> None:
         raise BadInput("config key 'train.generate': must be ≥ 0")
     if not cfg.train.generate and not cfg.train.data:
         raise BadInput("config key 'train.data': give training sets (label = dir), or train.generate > 0")
+    if cfg.train.generate and cfg.train.data:  # the generated items would be trained on, these sets never read
+        raise BadInput("config key 'train.data': set train.generate = 0 to train on these sets (with "
+                       f"train.generate = {cfg.train.generate} the generated items are used instead)")
     if cfg.heads.data not in ("eval", GENERATED):
         raise BadInput(f"config key 'heads.data': 'eval' or '{GENERATED}', got {cfg.heads.data!r}")
     if cfg.heads.data == GENERATED and not cfg.train.generate:
         raise BadInput(f"config key 'heads.data': '{GENERATED}' needs train.generate > 0")
     if cfg.heads.data == GENERATED:
+        if cfg.heads.split != "train":  # the data stage writes that split only
+            raise BadInput(f"config key 'heads.split': heads.data = '{GENERATED}' has the split 'train' only, got "
+                           f"{cfg.heads.split!r}")
         made = set(cfg.train_dirs(Path(".")))
         for key, label in [(f"models.own[{i}]", x) for i, x in enumerate(m.own)] + [("eval.text", cfg.eval.text)]:
             if label not in made:
@@ -285,6 +293,9 @@ def check_values(cfg: ReplicateConfig) -> None:
         raise BadInput("config key 'finetune.runs': give at least one run")
     labels = set(cfg.train_dirs(Path("."))) if cfg.train.generate else set(cfg.train.data)
     for name, mix in ft.runs.items():
+        if not RUN_NAME.fullmatch(name):  # DIR/finetune/<name> and DIR/steps/<name>: never a path out of them
+            raise BadInput(f"config key 'finetune.runs.{name}': a run name is a plain directory name (letters, "
+                           "digits, '.', '_', '-'; not starting with '.')")
         if not mix or any(w <= 0 for w in mix.values()):
             raise BadInput(f"config key 'finetune.runs.{name}': give positive weights per training label")
         for label in mix:
@@ -294,9 +305,17 @@ def check_values(cfg: ReplicateConfig) -> None:
     bad_steps = [s for s in ft.save_steps if not 0 <= s <= ft.steps]
     if bad_steps:
         raise BadInput(f"config key 'finetune.save_steps': {bad_steps} outside 0..{ft.steps}")
+    if not ft.eval_data:
+        raise BadInput("config key 'finetune.eval_data': give at least one [data] label to evaluate checkpoints on")
     for i, label in enumerate(ft.eval_data):
         if label not in cfg.data:
             raise BadInput(f"config key 'finetune.eval_data[{i}]': {label!r} is not a label in [data]")
+    from probe.train import TrainConfig
+
+    try:  # the training loop's own refusals (a rate past float32's range), now and not at the finetune stage
+        TrainConfig(steps=ft.steps, lr=ft.lr, lm_lr=ft.lm_lr, batch=ft.batch_size, warmup=ft.warmup, seed=cfg.seed)
+    except BadInput as exc:
+        raise BadInput(f"config key 'finetune': {exc}") from None
 
 
 def check_machine(cfg: ReplicateConfig) -> dict[str, str]:
@@ -325,9 +344,26 @@ def check_machine(cfg: ReplicateConfig) -> dict[str, str]:
             refs[key] = resolve_model(spec)
         except BadInput as exc:
             raise BadInput(f"config key {key!r}: {exc}") from None
+    check_names(cfg)
     check_lm_geometry(refs)
     check_modalities_read(cfg, refs)
     return {r.spec: str(r.path) for r in refs.values()}
+
+
+def check_names(cfg: ReplicateConfig) -> None:
+    """Base and experts have distinct directory names (``analyses.merge.carrier_name``): the stages write each
+    model's heads sweep, carriers and table5 run under its name, so two checkpoints both called ``final`` would
+    share one sweep and one carrier dir (the merge names the second ``final-2``, which table5 would never read)."""
+    from analyses.merge import carrier_name
+
+    seen: dict[str, str] = {}
+    for key, spec in [("models.base", cfg.models.base)] + [(f"models.experts[{i}]", e)
+                                                          for i, e in enumerate(cfg.models.experts)]:
+        name = carrier_name(spec)
+        if name in seen:
+            raise BadInput(f"config key {key!r}: {spec} has the directory name {name!r} of {seen[name]}, and the "
+                           "stages' per-model dirs are named so; give the checkpoints distinct directory names")
+        seen[name] = key
 
 
 def check_lm_geometry(refs: dict[str, Any]) -> None:

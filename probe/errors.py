@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Callable, NoReturn, Sequence
@@ -45,14 +46,18 @@ class ArgParser(argparse.ArgumentParser):
 
 
 def check_out_path(out: Path) -> None:
-    """``out`` is, or can be created as, a directory: neither it nor any existing parent is a file."""
+    """``out`` is, or can be created as, a directory: neither it nor any existing parent is a file, and the
+    nearest existing one is writable (a read-only mount or directory was a traceback at the first write, after
+    the models had loaded)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out {out} exists and is not a directory")
-    for parent in out.absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise BadInput(f"--out {out}: {parent} is a file, not a directory")
+    for d in (out.absolute(), *out.absolute().parents):
+        if d.exists():
+            if not d.is_dir():
+                raise BadInput(f"--out {out}: {d} is a file, not a directory")
+            if not os.access(d, os.W_OK | os.X_OK):
+                raise BadInput(f"--out {out}: {d} is not writable (read-only file system or permissions)")
             break
 
 

@@ -101,6 +101,34 @@ def test_out_below_a_file(tmp_path, data_dir, tiny_dirs, capsys):
     assert afile.read_text() == "keep" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
+def test_out_in_a_read_only_dir(tmp_path, data_dir, capsys, monkeypatch):
+    """A read-only --out (a read-only mount, a dir without write permission) was a traceback at the first write,
+    after the model had loaded; now one line names the dir, before anything runs."""
+    from analyses import finetune, replicate
+    from probe import eval as probe_eval
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    if os.access(ro, os.W_OK):  # root writes anyway: answer as a read-only mount does
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: (
+            False if Path(p) == ro and mode & os.W_OK else real(p, mode, *a, **k)))
+    try:
+        for out in (ro, ro / "sub" / "dir"):
+            for main, argv in ((probe_eval.main, ["--models", "tiny-qwen2-vl", "--data", str(data_dir), "--limit",
+                                                  "2", "--quiet", "--out", str(out)]),
+                               (finetune.main, ["--model", "tiny-qwen2-vl", "--data", f"text={data_dir}", "--split",
+                                                "validation", "--steps", "1", "--batch-size", "1", "--quiet",
+                                                "--device", "cpu", "--out", str(out)]),
+                               (replicate.main, ["--quick", "--quiet", "--out", str(out)])):
+                line = one_error_line(cli_main(main, argv), capsys.readouterr().err)
+                assert f"{ro} is not writable" in line, line
+        assert list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o755)
+
+
 # --------------------------------------------------------------------------------------------------------
 # a damaged part of a resumable head sweep
 

@@ -521,3 +521,74 @@ def test_a_mix_whose_sum_overflows_samples_in_its_ratio() -> None:
     rows = sample(torch.Generator().manual_seed(0), 400)
     share = sum(r < 10 for r in rows) / len(rows)
     assert 0.4 < share < 0.6
+
+
+def _text_copy(tmp_path: Path, name: str) -> Path:
+    import shutil
+
+    return shutil.copytree(ZOO_TEXT, tmp_path / name)
+
+
+def test_a_resume_on_changed_or_reordered_data_is_refused(tmp_path: Path, monkeypatch, capfd) -> None:
+    """The run's identity held the data paths, not their items: a set regenerated at its path between a kill and
+    the rerun was trained on from the resumed step on (steps 1-3 on the old items, 4-8 on the new), exit 0. Its
+    items now belong to the identity, in --data order (the order the sampler draws modalities in)."""
+    import probe.train as train_mod
+    from analyses.finetune import main
+
+    a, b = _text_copy(tmp_path, "a"), _text_copy(tmp_path, "b")
+    out = tmp_path / "run"
+    args = ["--model", "organism-base", "--data", f"a={a}", f"b={b}", "--mix", "1:3", "--split", "validation",
+            "--steps", "3", "--save-steps", "0", "1", "--batch-size", "2", "--device", "cpu", "--quiet"]
+    real = train_mod.train
+    monkeypatch.setattr(train_mod, "train", killed_after(real, 2))
+    assert cli_main(main, [*args, "--out", str(out)]) == 130
+    monkeypatch.setattr(train_mod, "train", real)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    import shutil
+
+    shutil.rmtree(next(p for p in sorted(b.iterdir()) if p.is_dir()))  # one subject fewer in b
+    capfd.readouterr()
+    assert cli_main(main, [*args, "--out", str(out)]) == 2
+    assert "holds a different run (items differ)" in capfd.readouterr().err
+    shutil.rmtree(b)
+    shutil.copytree(a, b)  # b as it was (a copy of the same set)
+    flipped = list(args)  # the same labels, paths and mix as a dict, drawn in the other order
+    flipped[3:7] = [f"b={b}", f"a={a}", "--mix", "3:1"]
+    assert cli_main(main, [*flipped, "--out", str(out)]) == 2
+    assert "holds a different run (items differ)" in capfd.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert cli_main(main, [*args, "--out", str(out)]) == 0  # the run itself still resumes
+
+
+@pytest.mark.parametrize("missing", ["checkpoint-2", "checkpoint-0"])
+def test_a_missing_earlier_checkpoint_is_rebuilt_not_skipped(tiny_dirs, data_dir, text_dir, tmp_path, missing):
+    """A rerun resumed from the latest checkpoint with a trainer state even when an earlier one was gone (a killed
+    --overwrite deletes them in any order), and ended "complete" without it; it now continues from the latest
+    checkpoint before which every save is there, and ends with the uninterrupted run's checkpoints and log."""
+    import shutil
+
+    from analyses.finetune import main
+
+    ref = tmp_path / "ref"  # made here, not the module's ft_run: the bytes depend on the thread count tests set
+    assert cli_main(main, _args(tiny_dirs, data_dir, text_dir, ref)) == 0
+    out = shutil.copytree(ref, tmp_path / "run")
+    shutil.rmtree(out / missing)
+    assert cli_main(main, _args(tiny_dirs, data_dir, text_dir, out)) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{s}" for s in (0, 2, 4, 6)]
+    for s in (0, 2, 4, 6):
+        assert (out / f"checkpoint-{s}" / "model.safetensors").read_bytes() == \
+            (ref / f"checkpoint-{s}" / "model.safetensors").read_bytes(), s
+    assert _log(out) == _log(ref)
+
+
+@pytest.mark.parametrize("steps", ["0", "-3"])
+def test_steps_below_1_is_named_as_such(steps: str, tmp_path: Path, capfd) -> None:
+    """--steps 0 was refused as "--warmup 0 must be below --steps 0", --steps -3 as "--save-steps [0]: outside
+    0..-3": flags the user never gave."""
+    from analyses.finetune import main
+
+    out = tmp_path / "never"
+    assert cli_main(main, _organism_args(out, "--steps", steps)) == 2
+    err = capfd.readouterr().err.strip()
+    assert err == f"error: --steps must be ≥ 1, got {steps}" and not out.exists()

@@ -285,6 +285,18 @@ def test_a_changed_input_reruns_its_stage_and_everything_downstream() -> None:
     fps = {s: "fp0" for s in [cfg.models.base, *cfg.models.experts, *cfg.data.values()]} | {"organism-vl": "fp1"}
     fp = fingerprints(_ctx(cfg, fps))
     assert {s for s in ref if ref[s] == fp[s]} == {"data"}
+    # the same models in other roles: every stage that runs them reran nothing (the report kept the old pairing's
+    # heads sweeps and table5), as the fingerprint held their contents only
+    m = cfg.models
+    swapped = dataclasses.replace(cfg, models=dataclasses.replace(m, own=[m.own[1], m.own[0], *m.own[2:]]))
+    reordered = dataclasses.replace(cfg, models=dataclasses.replace(
+        m, experts=[m.experts[1], m.experts[0], *m.experts[2:]], own=[m.own[1], m.own[0], *m.own[2:]]))
+    for other in (swapped, reordered):
+        fp = fingerprints(_ctx(other))
+        assert {s for s in ref if ref[s] == fp[s]} == {"data"}
+    # the paper labels only name rows in the report (rebuilt every run)
+    relabelled = dataclasses.replace(cfg, models=dataclasses.replace(m, paper=list(reversed(m.paper))))
+    assert fingerprints(_ctx(relabelled)) == ref
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -315,6 +327,17 @@ def _write(tmp_path: Path, text: str) -> Path:
     (lambda t: t.replace("seed = 0 ", "seed = -1 "), "'seed'"),
     (lambda t: t.replace("mixed = { text = 3", "mixed = { text = nan"), "'finetune.runs.mixed.text'"),
     (lambda t: t.replace("sketch_dim = 256", "sketch_dim = 1"), "'trajectory.sketch_dim'"),
+    # a run name is a directory under finetune/ and steps/: "../../x" trained outside --out
+    (lambda t: t.replace("text = { text = 1 }", '"../../escaped" = { text = 1 }'), "'finetune.runs.../../escaped'"),
+    (lambda t: t.replace("text = { text = 1 }", '"" = { text = 1 }'), "'finetune.runs.'"),
+    # accepted and never read: the generated items were trained on instead
+    (lambda t: t.replace("seed = 1\n", 'seed = 1\ndata = { text = "../../probe/zoo/data/text" }\n'), "'train.data'"),
+    # each accepted, then stopped the pipeline after earlier stages had run (the steps stage, the heads stage,
+    # the finetune stage)
+    (lambda t: t.replace('eval_data = ["text", "image", "video"]', "eval_data = []"), "'finetune.eval_data'"),
+    (lambda t: t.replace('split = "train"', 'split = "validation"'), "'heads.split'"),
+    (lambda t: t.replace("lm_lr = 1e-4", "lm_lr = 1e39"), "'finetune': training setting lm_lr"),
+    (lambda t: t.replace("limit = 0              # 0 = every item", "limit = false"), "'eval.limit': expected int"),
 ])
 def test_bad_config_exits_2_naming_the_key_and_writes_nothing(tmp_path: Path, capsys, edit, key) -> None:
     _assert_refused(tmp_path, capsys, edit(DEFAULT_CONFIG.read_text()), key)
@@ -350,7 +373,8 @@ def odd_models(tmp_path_factory) -> dict[str, Path]:
     sd = load_file(novision / "model.safetensors")
     del sd[next(k for k in sorted(sd) if "visual" in k)]
     save_file(sd, novision / "model.safetensors", metadata={"format": "pt"})
-    return {"plain": plain, "novision": novision,
+    samename = shutil.copytree(model_path("organism-ov-si"), root / "other" / "organism-vl")
+    return {"plain": plain, "novision": novision, "samename": samename,
             "shallow": tiny.write_model("qwen2", root / "shallow", tiny.base_lm(0)),  # 2 layers, hidden 32
             # the organisms' head layout, a narrower MLP: config.json agrees, the tensor shapes do not
             "narrow": tiny.write_model("qwen2", root / "narrow", tiny.base_lm(0, **geo, intermediate_size=64),
@@ -365,6 +389,9 @@ def odd_models(tmp_path_factory) -> dict[str, Path]:
     ("narrow", lambda t, m: t.replace('base = "organism-base"', f'base = "{m}"'), "'models.experts': LM shapes"),
     # a damaged vision tower was found only when the heads stage loaded the expert
     ("novision", lambda t, m: t.replace('"organism-video"]', f'"{m}"]'), "'models.experts[2]': checkpoint"),
+    # organism-ov-si in a dir named organism-vl: both experts' heads sweeps went to heads/organism-vl (exit 2 after
+    # table3), and table5 read the first's carrier for both (the merge names the second organism-vl-2)
+    ("samename", lambda t, m: t.replace('"organism-ov-si"', f'"{m}"'), "'models.experts[1]': "),
 ])
 def test_models_that_cannot_run_the_stages_are_refused_before_writing(tmp_path: Path, capsys, odd_models, model,
                                                                       edit, key) -> None:
