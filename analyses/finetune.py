@@ -409,8 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="first N items of each data set (default: all)")
     p.add_argument("--steps", type=int, required=True, help="optimiser steps")
     p.add_argument("--save-steps", type=int, nargs="+", default=[0], help="steps to checkpoint, besides the last (default: 0, the start)")
-    p.add_argument("--lr", type=float, default=1e-4, help="learning rate outside the LM (vision tower, projector)")
-    p.add_argument("--lm-lr", type=float, default=1e-4, help="learning rate of the LM")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate outside the LM (vision tower, projector; default: 1e-4); no effect with --lora")
+    p.add_argument("--lm-lr", type=float, default=1e-4, help="learning rate of the LM (with --lora: of the adapters)")
     p.add_argument("--batch-size", type=int, default=16, help="rows per step")
     p.add_argument("--warmup", type=int, default=None,
                    help="linear warm-up steps to the peak rate, then a cosine down to 5 %% of it at the last step; "
@@ -418,7 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of sampling, adapters and the optimiser's run (default: 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--lora", type=int, default=None, metavar="R",
-                   help="train LoRA adapters of rank R (peft) on the LM's projections instead of all weights; "
+                   help="train LoRA adapters of rank R (peft) on the LM's projections instead of all weights (the "
+                   "vision tower and projector stay frozen); "
                    "checkpoints hold the merged weights (float32) and the adapter; under bfloat16 the frozen "
                    "weights are held in bfloat16, half the memory, and the adapters in float32")
     p.add_argument("--device", default="auto",
@@ -436,8 +438,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     data = parse_data(a.data)
     warmup = a.warmup if a.warmup is not None else min(10, max(0, a.steps - 1))  # below --steps, as it must be
+    if a.lora is not None and a.lr is not None:  # peft freezes all but the adapters: --lr would be ignored
+        print(f"warning: --lr {a.lr} has no effect with --lora (only the LM's adapters train, at --lm-lr)",
+              file=sys.stderr)
     run_finetune(FinetuneConfig(model=a.model, data=data, out=a.out, steps=a.steps, mix=parse_mix(a.mix, list(data)),
-                                save_steps=a.save_steps, split=a.split, limit=a.limit, lr=a.lr, lm_lr=a.lm_lr,
+                                save_steps=a.save_steps, split=a.split, limit=a.limit,
+                                lr=1e-4 if a.lr is None else a.lr, lm_lr=a.lm_lr,
                                 batch=a.batch_size, warmup=warmup, seed=a.seed, device=a.device, dtype=a.dtype,
                                 lora=a.lora, quiet=a.quiet, overwrite=a.overwrite))
     return 0

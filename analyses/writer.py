@@ -350,12 +350,17 @@ def atomic_dir(out: Path, overwrite: bool, command: str) -> Iterator[Path]:
 WEIGHT_FILE = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.ckpt|\.msgpack|\.h5|\.gguf)$|\.index\.json$")
 
 
+# A probe.zoo build's record of one trained organism (its name, recipe, scores): a merge or fine-tune of it is
+# another model, which must not carry that record as its own.
+BUILD_RECORDS = frozenset({"organism.json"})
+
+
 def copy_side_files(src: Path, dst: Path, only: Sequence[str] | None = None, keep_existing: bool = False) -> list[str]:
     """Copy non-weight files (configs, tokenizer, processor) from ``src``, each with a new file's mode (never a
     read-only source's); ``keep_existing`` leaves files ``dst`` already has. Returns the names copied."""
     copied = []
     for f in sorted(Path(src).iterdir()):
-        if not f.is_file() or WEIGHT_FILE.search(f.name) or f.name.startswith("."):
+        if not f.is_file() or WEIGHT_FILE.search(f.name) or f.name.startswith(".") or f.name in BUILD_RECORDS:
             continue
         if only is not None and f.name not in only and not any(f.name.startswith(p) for p in only):
             continue

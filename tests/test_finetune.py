@@ -359,6 +359,8 @@ def test_warmup_0_trains_at_the_peak_rate_from_step_1(tmp_path: Path) -> None:
     out = tmp_path / "w0"
     assert cli_main(main, _organism_args(out, "--warmup", "0", "--lm-lr", "1e-3")) == 0
     assert float(_log(out)[0]["lm_lr"]) == pytest.approx(1e-3)
+    # a fine-tuned organism is another model: it does not carry the organism's build record as its own
+    assert (out / "checkpoint-0" / "config.json").is_file() and not list(out.rglob("organism.json"))
 
 
 def test_float16_is_refused_before_anything_is_written(tmp_path: Path, capfd) -> None:
@@ -592,3 +594,13 @@ def test_steps_below_1_is_named_as_such(steps: str, tmp_path: Path, capfd) -> No
     assert cli_main(main, _organism_args(out, "--steps", steps)) == 2
     err = capfd.readouterr().err.strip()
     assert err == f"error: --steps must be ≥ 1, got {steps}" and not out.exists()
+
+
+def test_lr_with_lora_is_said_to_have_no_effect(tmp_path: Path, capfd) -> None:
+    """peft trains the adapters only: a --lr given with --lora changed nothing, without a word."""
+    from analyses.finetune import main
+
+    assert cli_main(main, _organism_args(tmp_path / "lora", "--lora", "2", "--lr", "1e-3")) == 0
+    assert "warning: --lr 0.001 has no effect with --lora" in capfd.readouterr().err
+    assert cli_main(main, _organism_args(tmp_path / "plain", "--lora", "2")) == 0
+    assert "--lr" not in capfd.readouterr().err

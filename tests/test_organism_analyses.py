@@ -30,3 +30,6 @@ def test_shift_and_merge_on_organism_aliases(tmp_path):
     merged = load_file(out / "model.safetensors")
     expect = ((base[key].float() + vl[key].float()) / 2).to(base[key].dtype)
     assert torch.equal(merged[key], expect)
+    # the organisms' build records stay theirs: a merge (and its carriers) is another model
+    assert (model_path("organism-vl") / "organism.json").is_file() and (out / "config.json").is_file()
+    assert not list(out.rglob("organism.json"))
