@@ -1,7 +1,8 @@
 """Match the LM tensors of several checkpoints by canonical name, with shape checks and the vocabulary rule.
 
-DESIGN §5: vocabulary sizes can differ; the common leading rows are compared/merged and the rest is kept from
-the reference (base or carrier), and reported. Any other shape difference is bad input (exit 2).
+DESIGN §5: vocabulary sizes can differ; the common leading rows are merged (each model is compared with the
+reference on the rows both have) and the rest is kept from the reference (base or carrier), and reported. Any
+other shape difference is bad input (exit 2).
 """
 from __future__ import annotations
 
@@ -32,6 +33,19 @@ class TensorPlan:
     @property
     def vocab_rows(self) -> tuple[int, ...]:
         return tuple(i.shape[0] for i in self.infos)
+
+    def common_with(self, j: int) -> int:
+        """Leading flat elements the reference and input ``j`` both have: Eq. 3 compares model j with the base on
+        these, so its Δ does not depend on which other models (of fewer rows) share the run."""
+        return leading_common((self.infos[0], self.infos[j]))
+
+
+def leading_common(infos: Sequence[TensorInfo]) -> int:
+    """Leading flat elements present in every one of ``infos`` (row-major: their common vocabulary rows)."""
+    r = infos[0]
+    if not r.shape or not r.shape[0]:
+        return r.numel
+    return min(i.shape[0] for i in infos) * (r.numel // r.shape[0])
 
 
 @dataclass
@@ -81,9 +95,7 @@ def align(ckpts: Sequence[Checkpoint], names: Sequence[str] | None = None) -> Al
                 raise BadInput(
                     f"LM shapes differ: {canon} is {list(r.shape)} in {names[0]} but {list(info.shape)} in {nm}"
                 )
-        rows = min(i.shape[0] for i in infos) if r.shape else 0
-        common = rows * (r.numel // r.shape[0]) if r.shape and r.shape[0] else r.numel
-        plans.append(TensorPlan(canon, tuple(infos), common))
+        plans.append(TensorPlan(canon, tuple(infos), leading_common(infos)))
     for ck, nm in zip(ckpts[1:], names[1:]):  # both ways: a deeper expert's extra layers must not vanish
         extra = sorted(set(ck.lm) - set(ref.lm) - ({"lm_head.weight"} if ref.tied else set()), key=canon_order)
         if extra:
@@ -95,7 +107,8 @@ def align(ckpts: Sequence[Checkpoint], names: Sequence[str] | None = None) -> Al
             vocab[p.canon] = {
                 "rows": dict(zip(names, p.vocab_rows)),
                 "common_rows": min(p.vocab_rows),
-                "rule": f"first {min(p.vocab_rows)} rows compared/merged; rows beyond kept from {names[0]}",
+                "rule": f"each model compared with {names[0]} on the rows both have; the first "
+                        f"{min(p.vocab_rows)} rows, which all have, merged; rows beyond kept from {names[0]}",
             }
     embed = next((p for p in plans if p.canon == "embed_tokens.weight"), None)
     if embed is not None:

@@ -221,17 +221,19 @@ class Merger:
                 return layer, None
         if self.shift_table is not None:
             deltas = self.shift_table.deltas(plan.canon)
-        else:  # Eq. 3 on the fly: one extra pass over the (already mapped) tensors, Σ|Δ| only
+        else:  # Eq. 3 on the fly, as analyses.shift computes it: one extra pass, Σ|Δ| over the rows both have
             sums = [0.0] * n_models
-            for lo, hi in chunks(plan.common, CHUNK):
+            ends = [plan.common_with(j) for j in range(1, n_models + 1)]
+            for lo, hi in chunks(max(ends), CHUNK):
                 b = views[0][lo:hi].float()
-                for j, v in enumerate(views[1:]):
-                    sums[j] += ShiftStats.abs_sum(b, v[lo:hi])
+                for j, (v, end) in enumerate(zip(views[1:], ends)):
+                    if lo < end:
+                        sums[j] += ShiftStats.abs_sum(b[:min(hi, end) - lo], v[lo:min(hi, end)])
             for total, v, nm, info in zip(sums, views[1:], self.names[1:], plan.infos[1:]):
                 if not math.isfinite(total):
                     check_finite(views[0], self.names[0], plan.infos[0].key)
                     check_finite(v, nm, info.key)
-            deltas = [total / max(plan.common, 1) for total in sums]
+            deltas = [total / max(end, 1) for total, end in zip(sums, ends)]
         return shift_coefficients(deltas, self.cfg.alpha0, self.cfg.temperature), deltas
 
     def merge_tensor(self, plan: TensorPlan, sink: Any) -> None:

@@ -55,15 +55,17 @@ class ShiftRow:
 
 
 def stream_stats(ckpts: Sequence[Checkpoint], plan_al: Alignment, names: Sequence[str], desc: str = "shift") -> list[list[ShiftStats]]:
-    """Per tensor, stats of every checkpoint after the first against the first, over the common elements."""
+    """Per tensor, stats of every checkpoint after the first against the first, over the elements both have."""
     out = []
     for plan in progress(plan_al.tensors, desc=desc, unit="tensor", leave=False):
         stats = [ShiftStats() for _ in ckpts[1:]]
         views = [ck.view(info).reshape(-1) for ck, info in zip(ckpts, plan.infos)]
-        for lo, hi in chunks(plan.common, CHUNK):
+        ends = [plan.common_with(j) for j in range(1, len(ckpts))]
+        for lo, hi in chunks(max(ends, default=0), CHUNK):
             b = views[0][lo:hi].float()
-            for st, v in zip(stats, views[1:]):
-                st.add(b, v[lo:hi])
+            for st, v, end in zip(stats, views[1:], ends):
+                if lo < end:
+                    st.add(b[:min(hi, end) - lo], v[lo:min(hi, end)])
         for st, ck, nm, info, v in zip(stats, ckpts[1:], names[1:], plan.infos[1:], views[1:]):
             if not st.finite:
                 check_finite(views[0], names[0], plan.infos[0].key)

@@ -462,3 +462,38 @@ def test_tokenizers_that_map_a_token_to_another_row_are_refused(zoo, tmp_path, c
     assert run(merge.main, "--base", dirs["base"], "--models", dirs["vl"], "--carrier", dirs["q1"],
                "--out", tmp_path / "c") == 2
     assert "tokenizers differ" in capfd.readouterr().err and not (tmp_path / "c").exists()
+
+
+def test_a_models_delta_does_not_depend_on_the_other_models_vocab(zoo, tmp_path):
+    """Δavg was taken over the rows *every* model of the run has: adding a model with a smaller vocabulary to the
+    shift run changed vl's embed_tokens Δ, and so the α a merge --shift from that run gave vl (exit 0, not what
+    Eq. 4 computed on the fly gives). Eq. 3 compares each model with the base on the rows both have."""
+    small = tiny.write_model("qwen2", tmp_path / "small",
+                             tiny.resize_vocab(tiny.perturb(tiny.base_lm(0), 0.002, 9), 64))
+    assert run(shift.main, "--base", zoo["base"], "--models", zoo["vl"], zoo["q1"], small, "--out", tmp_path / "s",
+               "--no-figures") == 0
+    rows = {(r["model"], r["tensor"]): r for r in csv.DictReader(open(tmp_path / "s" / "shift.csv"))}
+    base, vl, sm = canonical(zoo["base"]), canonical(zoo["vl"]), canonical(small)
+    for t in ("embed_tokens.weight", "lm_head.weight"):
+        for m, sd, n in ((zoo["vl"], vl, 128), (small, sm, 64)):
+            r = rows[(str(m), t)]
+            assert int(r["numel"]) == n * 32
+            want = float((sd[t][:n].double() - base[t][:n].double()).abs().mean())
+            assert float(r["delta_avg"]) == pytest.approx(want, rel=1e-9)
+    # the α from that run and the one computed on the fly are the same: the same merged bits
+    for sub, extra in (("a", []), ("b", ["--shift", tmp_path / "s"])):
+        assert run(merge.main, "--base", zoo["base"], "--models", zoo["vl"], zoo["q1"], "--method", "shift", *extra,
+                   "--out", tmp_path / sub) == 0
+    a, b = merged_lm(tmp_path / "a"), merged_lm(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # on the fly, with the small model in the merge itself: Eq. 3 over each pair's rows, Eq. 4 over the 64 all have
+    assert run(merge.main, "--base", zoo["base"], "--models", zoo["vl"], small, "--method", "shift",
+               "--out", tmp_path / "c") == 0
+    got = merged_lm(tmp_path / "c")["embed_tokens.weight"]
+    t = "embed_tokens.weight"
+    d = torch.tensor([float((vl[t].double() - base[t].double()).abs().mean()),
+                      float((sm[t].double() - base[t][:64].double()).abs().mean())], dtype=torch.float64)
+    a = torch.softmax(d / 1e-3, 0)
+    want = 0.5 * base[t][:64].double() + 0.5 * (a[0] * vl[t][:64].double() + a[1] * sm[t].double())
+    torch.testing.assert_close(got[:64].double(), want, rtol=1e-5, atol=1e-7)
+    assert torch.equal(got[64:], base[t][64:])
