@@ -32,6 +32,7 @@ DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)  # only quantized checkpoints store weights in 8 bits
 VOCAB_TENSORS = ("embed_tokens.weight", "lm_head.weight")  # dim 0 is the vocabulary (DESIGN §5)
 _MAX_HEADER = 100 * 1024 * 1024
 _PAGE = mmap.PAGESIZE
@@ -276,6 +277,7 @@ def open_checkpoint(spec: str, allow_bin: bool = False) -> Checkpoint:
     path = resolve_model_dir(spec)
     config = read_config_json(path)
     check_layout_model_type(config.get("model_type"))
+    check_not_quantized(path, config)
     files: dict[Path, SafetensorsFile | BinFile] = {}
     infos: dict[str, TensorInfo] = {}
     wmap = _weight_files(path, allow_bin)
@@ -306,7 +308,21 @@ def open_checkpoint(spec: str, allow_bin: bool = False) -> Checkpoint:
             lm[canon] = key
     if "embed_tokens.weight" not in lm or not any(c.startswith("layers.") for c in lm):
         raise BadInput(f"{path}: no LM tensors found under layout {layout.name}")
+    if f8 := next((k for k in lm.values() if infos[k].dtype in FLOAT8), None):
+        raise BadInput(f"{path}: LM tensor {f8} is {DTYPE_NAMES[infos[f8].dtype]}, a quantized checkpoint's codes "
+                       "(their scales are separate tensors); dequantize it to bf16/fp16/fp32 first")
     return Checkpoint(spec, path, config, layout, FAMILIES[layout.family], infos, lm, other, files)
+
+
+def check_not_quantized(path: Path, config: dict[str, Any]) -> None:
+    """A quantized checkpoint stores each weight as codes plus scale tensors (FP8 ``weight_scale_inv``, GPTQ/AWQ
+    ``qweight``/``scales``): Δ, sums and sketches of those are not of the weights, and a merge of them is no model."""
+    for cfg in (config, config.get("text_config")):
+        q = cfg.get("quantization_config") if isinstance(cfg, dict) else None
+        if q:
+            method = q.get("quant_method", "unknown method") if isinstance(q, dict) else "unknown method"
+            raise BadInput(f"{path}: a quantized checkpoint ({method}, config.json quantization_config): its "
+                           "weights are codes and scales, not values to compare or merge; dequantize it first")
 
 
 def layer_module(canon: str) -> tuple[int | None, str]:

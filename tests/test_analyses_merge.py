@@ -497,3 +497,30 @@ def test_a_models_delta_does_not_depend_on_the_other_models_vocab(zoo, tmp_path)
     want = 0.5 * base[t][:64].double() + 0.5 * (a[0] * vl[t][:64].double() + a[1] * sm[t].double())
     torch.testing.assert_close(got[:64].double(), want, rtol=1e-5, atol=1e-7)
     assert torch.equal(got[64:], base[t][64:])
+
+
+@pytest.mark.parametrize("with_config", [True, False])
+def test_a_quantized_checkpoint_is_refused(zoo, tmp_path, capfd, with_config):
+    """An FP8 checkpoint (weights as float8 codes, each with a weight_scale_inv tensor) was merged code by code and
+    scale by scale, exit 0: Σ c_i s_i · Σ c_i q_i is not Σ c_i s_i q_i. Shift and trajectory measured the codes."""
+    from safetensors.torch import save_file
+
+    from analyses import trajectory
+
+    q = shutil.copytree(zoo["q1"], tmp_path / "fp8")
+    sd = load_file(q / "model.safetensors")
+    for k in [k for k in sd if k.endswith("proj.weight")]:
+        scale = sd[k].abs().max() / 448
+        sd[k], sd[k + "_scale_inv"] = (sd[k] / scale).to(torch.float8_e4m3fn), scale.reshape(1, 1)
+    save_file(sd, q / "model.safetensors", metadata={"format": "pt"})
+    if with_config:
+        cfg = json.loads((q / "config.json").read_text())
+        cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+        (q / "config.json").write_text(json.dumps(cfg))
+    for main, argv in ((merge.main, ["--models", zoo["base"], q, "--method", "average"]),
+                       (shift.main, ["--base", zoo["base"], "--models", q, "--no-figures"]),
+                       (trajectory.main, ["--base", zoo["base"], "--experts", q, "--no-figures"])):
+        assert run(main, *argv, "--out", tmp_path / "o") == 2
+        err = capfd.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(q) in err and "dequantize" in err
+        assert not (tmp_path / "o").exists()
