@@ -261,8 +261,8 @@ class Merger:
             for lo, hi in chunks(plan.common, MERGE_CHUNK):
                 out = sink.buffer(hi - lo)
                 acc = self.combine(terms, lo, hi, out)
-                if not torch.isfinite(acc.sum()):  # NaN/Inf in an input or an overflow: one pass, in cache
-                    self.raise_nonfinite(plan, views, lo, hi)
+                if not finite_output(acc, out):  # NaN/Inf in an input or an overflow: one pass, in cache
+                    self.raise_nonfinite(plan, views, lo, hi, out.dtype)
                 sink.write(out)
         for lo, hi in chunks(plan.ref.numel - plan.common, MERGE_CHUNK):  # vocab rows only the reference has
             tail = views[0][plan.common + lo:plan.common + hi]
@@ -295,10 +295,10 @@ class Merger:
                     else:
                         acc.addcmul_(tmp, wi)
                 flat = acc.reshape(-1)
-                if not torch.isfinite(flat.sum()):
-                    self.raise_nonfinite(plan, views, r0 * cols, r1 * cols)
                 out = sink.buffer(n)
                 out.copy_(flat)
+                if not finite_output(flat, out):
+                    self.raise_nonfinite(plan, views, r0 * cols, r1 * cols, out.dtype)
                 sink.write(out)
 
     def merge_ties(self, plan: TensorPlan, views: list[torch.Tensor], sink: Any) -> None:
@@ -314,10 +314,10 @@ class Merger:
             for lo, hi in chunks(plan.common, MERGE_CHUNK):
                 b = base[lo:hi].float()
                 merged = ties_combine(b, [v[lo:hi].float() - b for v in experts], trims, self.cfg.lam)
-                if not torch.isfinite(merged).all():
-                    self.raise_nonfinite(plan, views, lo, hi)
                 out = sink.buffer(hi - lo)
                 out.copy_(merged)
+                if not finite_output(merged, out):
+                    self.raise_nonfinite(plan, views, lo, hi, out.dtype)
                 sink.write(out)
         for lo, hi in chunks(plan.ref.numel - plan.common, MERGE_CHUNK):  # vocab rows only the base has
             out = sink.buffer(hi - lo)
@@ -342,11 +342,26 @@ class Merger:
         out.copy_(acc)
         return acc
 
-    def raise_nonfinite(self, plan: TensorPlan, views: Sequence[torch.Tensor], lo: int, hi: int) -> None:
+    def raise_nonfinite(self, plan: TensorPlan, views: Sequence[torch.Tensor], lo: int, hi: int,
+                        dtype: torch.dtype) -> None:
         """Name the input tensor with NaN/Inf, else report the merged tensor as overflowing."""
         for v, nm, info in zip(views, self.names, plan.infos):
             check_finite(v[lo:hi], nm, info.key)
-        raise BadInput(f"merged tensor {plan.canon} overflows")
+        raise BadInput(f"merged tensor {plan.canon} overflows {str(dtype).removeprefix('torch.')} (the output keeps "
+                       f"{self.names[0]}'s dtype)")
+
+
+def narrow(dtype: torch.dtype) -> bool:
+    """An output dtype whose range ends well inside float32's (float16: 65504), so a finite fp32 result can cast
+    to inf (bf16 shares float32's exponent: not narrow)."""
+    return dtype.is_floating_point and torch.finfo(dtype).max < 1e38
+
+
+def finite_output(acc: torch.Tensor, out: torch.Tensor) -> bool:
+    """No NaN/Inf in the fp32 result ``acc``, nor in ``out``, its cast to the output dtype (checked only where
+    that can overflow: the extra pass would slow every bf16 merge)."""
+    return bool(torch.isfinite(acc.sum())) and (not narrow(out.dtype)
+                                                 or bool(torch.isfinite(out.sum(dtype=torch.float32))))
 
 
 @contextmanager
@@ -422,7 +437,11 @@ def write_carrier(carrier: Checkpoint, merged: Checkpoint, dest: Path, shard_siz
                 rows = min(minfo.shape[0], info.shape[0]) if info.shape else 0
                 common = rows * (info.numel // info.shape[0]) if info.shape and info.shape[0] else info.numel
                 for lo, hi in chunks(common, CHUNK):
-                    sink.write(m[lo:hi].to(info.dtype))
+                    part = m[lo:hi].to(info.dtype)
+                    if narrow(info.dtype) and not narrow(minfo.dtype) and not finite_output(part, part):
+                        raise BadInput(f"carrier {dest.name}: the merged {canon} overflows its "
+                                       f"{str(info.dtype).removeprefix('torch.')} (the carrier keeps its dtype)")
+                    sink.write(part)
                 for lo, hi in chunks(info.numel - common, CHUNK):
                     sink.write(c[common + lo:common + hi].clone())
                 del m, c

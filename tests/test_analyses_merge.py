@@ -524,3 +524,23 @@ def test_a_quantized_checkpoint_is_refused(zoo, tmp_path, capfd, with_config):
         err = capfd.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and str(q) in err and "dequantize" in err
         assert not (tmp_path / "o").exists()
+
+
+def test_float16_output_that_overflows_exits_2(tmp_path, capfd):
+    """Two fp16 models whose weighted (unnormalised) sum passes 65504: the fp32 sum was finite, its fp16 cast inf,
+    and the merge wrote a model of infs with exit 0."""
+    big = tiny.base_lm(0)
+    big["layers.0.mlp.down_proj.weight"] = torch.full_like(big["layers.0.mlp.down_proj.weight"], 40000.0)
+    a = tiny.write_model("qwen2", tmp_path / "a", big, dtype=torch.float16)
+    b = tiny.write_model("qwen2", tmp_path / "b", tiny.perturb(big, 0.01, 3), dtype=torch.float16)
+    capfd.readouterr()  # the builder's progress bars
+    code = run(merge.main, "--models", a, b, "--method", "weighted", "--no-normalize", "--weights", "1", "1",
+               "--out", tmp_path / "o")
+    errors = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("error:")]  # after the bars
+    assert code == 2 and len(errors) == 1 and "overflows float16" in errors[0] and "down_proj" in errors[0]
+    assert not (tmp_path / "o").exists()
+    # the same weights normalised stay in range: the merge is the fp16 cast of the fp32 mean
+    assert run(merge.main, "--models", a, b, "--method", "average", "--out", tmp_path / "avg") == 0
+    ref = ((canonical(a)["layers.0.mlp.down_proj.weight"].float()
+            + canonical(b)["layers.0.mlp.down_proj.weight"].float()) / 2).half()
+    assert torch.equal(merged_lm(tmp_path / "avg")["layers.0.mlp.down_proj.weight"], ref)
