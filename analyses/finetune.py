@@ -163,18 +163,22 @@ def save_checkpoint(loaded, source: Path, dest: Path, state: dict | None) -> Non
     tmp = dest.parent / f".{dest.name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    if hasattr(loaded.model, "merge_and_unload"):  # a peft model
-        loaded.model.save_pretrained(tmp / "adapter")
-        # merged in float32 (the frozen weights may be bfloat16): a small adapter update is not rounded away
-        copy.deepcopy(loaded.model).float().merge_and_unload().save_pretrained(tmp)
-    else:
-        loaded.model.save_pretrained(tmp)
-    # tokenizer and processor files; the model's own config is written above. No weight file of the source: its
-    # model.safetensors.index.json beside the model.safetensors just saved would be a second weight set.
-    copy_side_files(source, tmp, keep_existing=True)
-    if state is not None:
-        torch.save(state, tmp / STATE)
-    set_file_modes(tmp)  # save_pretrained writes the weights 0o600
+    try:
+        if hasattr(loaded.model, "merge_and_unload"):  # a peft model
+            loaded.model.save_pretrained(tmp / "adapter")
+            # merged in float32 (the frozen weights may be bfloat16): a small adapter update is not rounded away
+            copy.deepcopy(loaded.model).float().merge_and_unload().save_pretrained(tmp)
+        else:
+            loaded.model.save_pretrained(tmp)
+        # tokenizer and processor files; the model's own config is written above. No weight file of the source:
+        # its model.safetensors.index.json beside the model.safetensors just saved would be a second weight set.
+        copy_side_files(source, tmp, keep_existing=True)
+        if state is not None:
+            torch.save(state, tmp / STATE)
+        set_file_modes(tmp)  # save_pretrained writes the weights 0o600
+    except OSError:  # a full disk: the half-written copy goes at once, not at the rerun, so space is freed
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
 

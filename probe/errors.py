@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -16,6 +17,9 @@ class RunStopped(RuntimeError):
     """A run-time check stopped the run before it could report a wrong number (a fast path disagreeing with its
     oracle, a transformers internal that changed): exit 1 with one line saying what and why, no traceback."""
 
+
+# A full disk or quota: not the user's input, and nothing the traceback would help with.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 # Upstream errors can carry a whole file or config in their message; one line of a report keeps this much.
 REASON_CHARS = 300
@@ -61,20 +65,36 @@ def check_out_path(out: Path) -> None:
             break
 
 
+def print_error(message: str) -> None:
+    """``error: message`` on a line of its own: progress bars still open (the run stopped inside one) are closed
+    first, else the line is glued to the bar's last update."""
+    if (tq := sys.modules.get("tqdm")) is not None:
+        for bar in list(getattr(tq.tqdm, "_instances", ())):
+            bar.close()
+    print(f"error: {message}", file=sys.stderr)
+
+
 def cli_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
-    """Run a CLI entry point: exit 2 with one line for BadInput, 1 for a stopped run (or anything unexpected); the
-    --out dirs it claimed are freed when it returns."""
+    """Run a CLI entry point: exit 2 with one line for BadInput, 1 with one line for a stopped run or a full disk,
+    1 with a traceback for anything unexpected; the --out dirs it claimed are freed when it returns."""
     try:
         return main(argv)
     except BadInput as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(str(exc))
         return 2
     except NotADirectoryError as exc:  # a path the user gave runs through a regular file (--out FILE/sub)
         where = exc.filename if exc.filename is not None else exc
-        print(f"error: {where}: part of this path is a file, not a directory", file=sys.stderr)
+        print_error(f"{where}: part of this path is a file, not a directory")
         return 2
     except RunStopped as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print_error(' '.join(str(exc).split()))
+        return 1
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        where = f" writing {exc.filename}" if exc.filename is not None else ""
+        print_error(f"{os.strerror(exc.errno).lower()}{where}; free space and rerun the same command (a resumable "
+                    "run goes on from what it had saved)")
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -544,3 +544,21 @@ def test_float16_output_that_overflows_exits_2(tmp_path, capfd):
     ref = ((canonical(a)["layers.0.mlp.down_proj.weight"].float()
             + canonical(b)["layers.0.mlp.down_proj.weight"].float()) / 2).half()
     assert torch.equal(merged_lm(tmp_path / "avg")["layers.0.mlp.down_proj.weight"], ref)
+
+
+def test_a_full_disk_mid_merge_is_one_line_and_leaves_nothing(zoo, tmp_path, capfd, monkeypatch):
+    """ENOSPC from a shard write was a traceback; now one line (exit 1) and no output or temp dir left behind."""
+    import errno
+    import os
+
+    from analyses import writer
+
+    def full(self, data, done):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(writer.ShardedWriter, "_emit", full)
+    out = tmp_path / "o"
+    assert run(merge.main, "--models", zoo["vl"], zoo["q1"], "--method", "average", "--out", out) == 1
+    errors = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "no space left on device; free space and rerun" in errors[0], errors
+    assert list(tmp_path.iterdir()) == []

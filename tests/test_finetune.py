@@ -107,6 +107,35 @@ def test_deterministic_and_resumable_after_a_kill(ft_run, tiny_dirs, data_dir, t
         (ft_run / "checkpoint-6" / "model.safetensors").read_bytes()
 
 
+def test_a_full_disk_is_one_line_and_the_rerun_resumes(ft_run, tiny_dirs, data_dir, text_dir, tmp_path, capfd,
+                                                       monkeypatch):
+    """A disk that filled while checkpoint-4 was written was a traceback, its half-written copy left behind; now
+    one line says so (exit 1), the partial copy is gone, and the rerun goes on to ft_run's bytes."""
+    import errno
+
+    from analyses.finetune import main
+
+    out = tmp_path / "full"
+    real_save = torch.save
+
+    def save(obj, path, *args, **kwargs):
+        if ".checkpoint-4.partial" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    assert cli_main(main, _args(tiny_dirs, data_dir, text_dir, out)) == 1
+    raw = capfd.readouterr().err
+    err = [ln for ln in raw.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "no space left on device" in err[0] and "checkpoint-4" in err[0], raw
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-0", "checkpoint-2"]
+    monkeypatch.setattr(torch, "save", real_save)
+    assert cli_main(main, _args(tiny_dirs, data_dir, text_dir, out)) == 0
+    assert _log(out) == _log(ft_run)
+    assert (out / "checkpoint-6" / "model.safetensors").read_bytes() == \
+        (ft_run / "checkpoint-6" / "model.safetensors").read_bytes()
+
+
 def test_killed_after_its_last_checkpoint_is_marked_complete_on_rerun(ft_run, tiny_dirs, data_dir, text_dir,
                                                                       tmp_path):
     """A kill between the last checkpoint and the final run.json left "running" for good (each rerun said
