@@ -249,6 +249,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     import torch
 
     from probe.devices import resolve_placement
+    from probe.heads import check_same_software, saved_run_info, versions
     from probe.mmmu import load_items
     from probe.models import load_model, model_fingerprint, resolve_model
     from probe.prompting import check_modalities, check_prompts
@@ -312,6 +313,8 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
             finish(out, saved, "complete")
         print(f"already complete: {out}")
         return out
+    if start is not None:  # steps trained under other torch/transformers/omniprobe code: not the run it claims
+        check_same_software(out, saved_run_info(out).get("versions"), versions())
     source = ref.path
     if start is not None and cfg.lora is None:
         ref = resolve_model(str(resumable[start]))  # full fine-tuning resumes from the checkpoint's weights
@@ -336,7 +339,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     wait_for_everyone()
     out.mkdir(parents=True, exist_ok=True)
     run_info = {"config": fingerprint, "placement": asdict(placement), "n_rows": {k: len(v) for k, v in offsets.items()},
-                "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                "versions": versions(), "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     log_path = out / "train_log.csv"
     keep = []
     if start is not None and log_path.is_file():  # drop log lines past the checkpoint we resume from

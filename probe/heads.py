@@ -216,10 +216,22 @@ def versions() -> dict[str, str]:
     import transformers
 
     return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "numpy": numpy.__version__, "omniprobe": "0.1.0"}
+            "transformers": transformers.__version__, "numpy": numpy.__version__, "omniprobe": "0.1.0",
+            "omniprobe_code": code_digest()}
 
 
-SOFTWARE = ("torch", "transformers")  # the versions a run's numbers depend on (kernels, processors, rope)
+def code_digest() -> str:
+    """A digest of the toolkit's own source (probe/ and analyses/ .py files): its version number stays 0.1.0
+    across edits and upgrades, so this is what tells a resume that the code computing its parts changed."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for f in sorted(p for pkg in ("probe", "analyses") for p in (root / pkg).rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+# what a run's numbers depend on: kernels, processors, rope (torch, transformers) and the toolkit's own code
+SOFTWARE = ("torch", "transformers", "omniprobe_code")
 
 
 def saved_run_info(out: Path) -> dict[str, Any]:
@@ -232,11 +244,12 @@ def saved_run_info(out: Path) -> dict[str, Any]:
 
 
 def check_same_software(out: Path, saved: Any, now: dict[str, str]) -> None:
-    """A resume that computes parts must run the torch and transformers its finished parts ran: an upgrade between
-    the kill and the resume would mix two versions' numbers in one table, and run.json would name only the last."""
+    """A resume that computes parts must run the torch, transformers and omniprobe code its finished parts ran: an
+    upgrade between the kill and the resume would mix two versions' numbers in one table, and run.json would name
+    only the last. (A run.json from before the code digest was recorded is checked on the other two.)"""
     if not isinstance(saved, dict):  # a run.json that recorded none
         return
-    differ = [k for k in SOFTWARE if saved.get(k) != now.get(k)]
+    differ = [k for k in SOFTWARE if (k in saved or k != "omniprobe_code") and saved.get(k) != now.get(k)]
     if differ:
         then = ", ".join(f"{k} {saved.get(k)}" for k in differ)
         raise BadInput(f"--out {out} holds parts computed under {then}, but this process runs "

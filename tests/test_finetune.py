@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -134,6 +135,25 @@ def test_a_full_disk_is_one_line_and_the_rerun_resumes(ft_run, tiny_dirs, data_d
     assert _log(out) == _log(ft_run)
     assert (out / "checkpoint-6" / "model.safetensors").read_bytes() == \
         (ft_run / "checkpoint-6" / "model.safetensors").read_bytes()
+
+
+def test_a_resume_under_other_software_is_refused(ft_run, tiny_dirs, data_dir, text_dir, tmp_path, capfd):
+    """Steps 1–4 trained under one transformers (or omniprobe code) and 5–6 under another made a run whose
+    checkpoints no single setup reproduces, recorded as one; the resume is refused now, touching nothing."""
+    from analyses.finetune import main
+
+    out = shutil.copytree(ft_run, tmp_path / "run")
+    shutil.rmtree(out / "checkpoint-6")
+    info = json.loads((out / "run.json").read_text())
+    assert {"torch", "transformers", "omniprobe_code"} <= set(info["versions"])
+    info["versions"]["transformers"] = "0.0.1-old"
+    (out / "run.json").write_text(json.dumps(info))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    capfd.readouterr()
+    assert cli_main(main, _args(tiny_dirs, data_dir, text_dir, out)) == 2
+    err = capfd.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "computed under transformers 0.0.1-old" in err, err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
 
 
 def test_killed_after_its_last_checkpoint_is_marked_complete_on_rerun(ft_run, tiny_dirs, data_dir, text_dir,

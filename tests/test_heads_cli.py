@@ -264,23 +264,25 @@ def test_a_resume_is_refused_while_another_command_holds_the_out_dir(base_run, d
         pass
 
 
-def test_a_resume_under_other_library_versions_is_refused(base_run, data_dir, tmp_path, capfd):
-    """A torch or transformers upgrade between a kill and the resume mixed two versions' numbers in one table (exit 0),
-    and run.json named only the last. A resume that has parts to compute now needs the versions its kept parts ran;
-    one with nothing left to compute goes through and keeps the versions the parts were computed under."""
+@pytest.mark.parametrize("software", ["transformers", "omniprobe_code"])
+def test_a_resume_under_other_library_versions_is_refused(base_run, data_dir, tmp_path, capfd, software):
+    """A torch or transformers upgrade (or an edit of omniprobe's own code, whose version number stays 0.1.0)
+    between a kill and the resume mixed two versions' numbers in one table (exit 0), and run.json named only the
+    last. A resume that has parts to compute now needs the versions its kept parts ran; one with nothing left to
+    compute goes through and keeps the versions the parts were computed under."""
     out = shutil.copytree(base_run, tmp_path / "run")
     info = json.loads((out / "run.json").read_text())
-    info["versions"] = info["versions"] | {"transformers": "0.0.1-old"}
+    info["versions"] = info["versions"] | {software: "0.0.1-old"}
     (out / "run.json").write_text(json.dumps(info))
     args = [*BASE_ARGS, "--data", data_dir, "--out", out, "--no-figures"]
     ok(run_in_process(args, capfd))  # nothing to compute: only the outputs are assembled again
-    assert json.loads((out / "run.json").read_text())["versions"]["transformers"] == "0.0.1-old"
+    assert json.loads((out / "run.json").read_text())["versions"][software] == "0.0.1-old"
     sorted((out / "parts").glob("chunk_*.parquet"))[-1].unlink()
     (out / "heads.csv").unlink()
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
     r = run_in_process(args, capfd)
     assert_one_line_error(r)
-    assert "computed under transformers 0.0.1-old, but this process runs transformers" in r.stderr
+    assert f"computed under {software} 0.0.1-old, but this process runs {software}" in r.stderr
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
 
 
