@@ -38,6 +38,7 @@ from analyses.checkpoints import quiet_progress
 from analyses.replicate_config import (DEFAULT_CONFIG, GENERATED, QUICK_CONFIG, ReplicateConfig, check_machine,
                                        parse_config)
 from probe.errors import ArgParser, BadInput, check_out_path, cli_main
+from probe.heads import SOFTWARE, versions
 from probe.results import content_fingerprint
 
 MARKER = "replicate.json"  # marks DIR as ours: only then are stage dirs inside it ever deleted
@@ -295,6 +296,14 @@ def write_state(out: Path, name: str, state: dict[str, Any]) -> None:
     atomic_write_json(out / STATE_DIR / f"{name}.json", state)
 
 
+def software_moved(saved: Any, now: dict[str, str]) -> str:
+    """What differs between the software a stage's kept parts ran and this process's ('' when nothing, or when
+    the state recorded none)."""
+    if not isinstance(saved, dict):
+        return ""
+    return ", ".join(f"{k} {saved.get(k)} (now {v})" for k, v in now.items() if k in saved and saved[k] != v)
+
+
 def run_stage(ctx: Context, stage: Stage, fp: str) -> str:
     state = read_state(ctx.out, stage.name)
     if stage.name != "report" and state.get("fingerprint") == fp and state.get("status") == "complete":
@@ -302,20 +311,26 @@ def run_stage(ctx: Context, stage: Stage, fp: str) -> str:
         return "skipped"
     sdir = ctx.out / stage.name
     resumed = state.get("fingerprint") == fp
+    now = {k: versions()[k] for k in SOFTWARE}
+    if resumed and (moved := software_moved(state.get("versions"), now)):
+        # its commands would refuse to mix two setups' parts (and ask for an --overwrite this driver has not got)
+        print(f"== {stage.name}: its parts were computed under {moved}: starting it again", file=sys.stderr)
+        resumed = False
     if sdir.exists() and not resumed and stage.name != "report":
-        shutil.rmtree(sdir)  # inputs changed (or no record): its outputs no longer belong to this config
+        shutil.rmtree(sdir)  # inputs or software changed (or no record): its outputs no longer belong to this run
     print(f"== {stage.name}: {'continuing' if resumed else 'running'}", file=sys.stderr)
     t0, c0 = time.perf_counter(), time.process_time()
     started = state.get("started") if resumed else time.strftime("%Y-%m-%dT%H:%M:%S%z")
     write_state(ctx.out, stage.name, {"stage": stage.name, "fingerprint": fp, "status": "running",
-                                      "started": started})
+                                      "started": started, "versions": now})
     stage.run(ctx)
     seconds = time.perf_counter() - t0
     # CPU seconds of all this process's threads: what the stage costs, whatever else shares the machine
     write_state(ctx.out, stage.name, {"stage": stage.name, "fingerprint": fp, "status": "complete",
                                       "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                       "seconds": round(seconds, 1),
-                                      "cpu_seconds": round(time.process_time() - c0, 1), "resumed": resumed})
+                                      "cpu_seconds": round(time.process_time() - c0, 1), "resumed": resumed,
+                                      "versions": now})
     print(f"== {stage.name}: done in {seconds:.1f} s", file=sys.stderr)
     return "ran"
 

@@ -245,6 +245,33 @@ def test_rerun_skips_unchanged_stages_and_continues_a_killed_one(quick: Path, ca
         assert f"== {name}: unchanged, skipped" in err
 
 
+def test_a_killed_stage_whose_parts_ran_under_other_software_starts_again(quick: Path, capsys) -> None:
+    """A stage killed, then resumed after a transformers upgrade (or an omniprobe edit): probe.eval refuses to mix
+    the two setups' parts and asks for --overwrite, which this driver has not got, so every rerun failed; the
+    stage now starts again from nothing, and ends with the same numbers."""
+    out = quick
+    scores = (out / "table4" / "scores.csv").read_bytes()
+    state = json.loads((out / "stages" / "table4.json").read_text())
+    assert set(state["versions"]) == {"torch", "transformers", "omniprobe_code"}
+    old = state["versions"] | {"transformers": "0.0.1-old"}
+    (out / "stages" / "table4.json").write_text(json.dumps(state | {"status": "running", "versions": old}))
+    (out / "table4" / "scores.csv").unlink()
+    sorted((out / "table4" / "parts").iterdir())[-1].unlink()  # a part left to compute: a resume would mix
+    run_info = json.loads((out / "table4" / "run.json").read_text())
+    (out / "table4" / "run.json").write_text(json.dumps(run_info | {"versions": run_info["versions"] | old}))
+    cwd = Path.cwd()
+    os.chdir(ROOT)
+    try:
+        assert cli_main(main, ["--quick", "--quiet", "--only", "table4", "--out", str(out)]) == 0, \
+            capsys.readouterr().err
+    finally:
+        os.chdir(cwd)
+    err = capsys.readouterr().err
+    assert "table4: its parts were computed under transformers 0.0.1-old" in err and "table4: running" in err
+    assert (out / "table4" / "scores.csv").read_bytes() == scores
+    assert json.loads((out / "table4" / "run.json").read_text())["versions"]["transformers"] != "0.0.1-old"
+
+
 def test_a_killed_merge_stage_continues(quick: Path, capsys) -> None:
     """The salience merge's figure is drawn into its output after the merge: it must be part of that output, or a
     resumed stage's --overwrite refuses the dir as holding files analyses.merge did not write, on every retry."""
