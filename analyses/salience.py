@@ -31,34 +31,62 @@ def check_run_model(run_dir: Path, who: str, participants: dict[str, Path]) -> N
     """A salience run must be of the participant it is given for: refuse a run measured on another participant
     (runs swapped, or the base's run given for an expert); warn when it was measured on a model elsewhere (a copy?)."""
     try:
-        plan = json.loads((run_dir / "run.json").read_text())["plan"]
-        measured = plan["model_path"]
+        info = json.loads((run_dir / "run.json").read_text())
+        plan = info["plan"]
+        # the absolute path (probe.heads records it beside the plan); plan.model_path is the spec as given, relative
+        # to the cwd probe.heads ran in, which resolved here pointed elsewhere: swapped runs passed with a warning
+        measured = info.get("model_resolved_path") or plan["model_path"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
         print(f"warning: {run_dir / 'run.json'} does not name the model it measured (not a probe.heads run.json?); "
               f"it is used as {who}'s run unchecked", file=sys.stderr)
         return
-    measured_path = Path(measured).resolve()
-    if measured_path == participants[who].resolve():
-        check_same_weights(run_dir, who, measured_path, plan.get("model_fingerprint"))
-        return
-    other = next((nm for nm, p in participants.items() if p.resolve() == measured_path), None)
+    fingerprint = plan.get("model_fingerprint")
+    if not Path(measured).is_absolute():  # an older run.json: where its relative path pointed is unknown here,
+        if same_weights(fingerprint, participants[who]):  # so the participants are told apart by their files
+            return
+        other = next((nm for nm, p in participants.items() if nm != who and same_weights(fingerprint, p)), None)
+        if other is None:
+            print(f"warning: salience run {run_dir} names its model by the relative path {measured} (an older "
+                  f"probe.heads) and did not measure {who}'s current files; it is used as that model's run",
+                  file=sys.stderr)
+            return
+    else:
+        measured_path = Path(measured).resolve()
+        if measured_path == participants[who].resolve():
+            check_same_weights(run_dir, who, measured_path, fingerprint)
+            return
+        other = next((nm for nm, p in participants.items() if p.resolve() == measured_path), None)
     if other is not None:
         raise BadInput(f"salience run {run_dir} measured {other}, but it is given for {who}; give each model its "
                        "own run, in the order of --models")
-    print(f"warning: salience run {run_dir} measured {measured}, not {who} ({participants[who]}); it is used as "
-          "that model's run", file=sys.stderr)
+    if not same_weights(fingerprint, participants[who]):  # a byte-identical copy is the model itself
+        print(f"warning: salience run {run_dir} measured {measured}, not {who} ({participants[who]}); it is used "
+              "as that model's run", file=sys.stderr)
+
+
+def same_weights(measured: object, path: Path) -> bool:
+    """The run's recorded model fingerprint is that of the files at ``path`` now."""
+    from probe.models import local_fingerprint
+
+    return local_model(measured) and local_fingerprint(path) == measured
+
+
+def local_model(fingerprint: object) -> bool:
+    """A run.json's model fingerprint that names local files (not an older run.json's missing one, nor a hub
+    commit's, which its path already names)."""
+    return isinstance(fingerprint, str) and not fingerprint.startswith("hub:")
 
 
 def check_same_weights(run_dir: Path, who: str, path: Path, measured: object) -> None:
     """A run of the participant's own dir must have measured its current weights: a model retrained or re-merged
     in place since its salience run would otherwise be merged by the saliences of its old weights (exit 0)."""
-    if not isinstance(measured, str) or measured.startswith("hub:"):  # an older run.json; a hub commit's own path
+    if not local_model(measured) or same_weights(measured, path):
         return
     from probe.models import local_fingerprint
 
-    if (now := local_fingerprint(path)) != measured:
-        raise BadInput(f"salience run {run_dir} measured {who} before its files changed (model fingerprint "
-                       f"{measured} then, {now} now); rerun python -m probe.heads on the current model")
+    raise BadInput(f"salience run {run_dir} measured {who} before its files changed (model fingerprint "
+                   f"{measured} then, {local_fingerprint(path)} now); rerun python -m probe.heads on the current "
+                   "model")
 
 
 def read_salience(run_dir: Path, metric: str, geometry: HeadGeometry, who: str) -> torch.Tensor:

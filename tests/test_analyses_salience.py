@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -293,6 +294,45 @@ def test_a_run_of_weights_changed_since_is_refused(zoo, tmp_path, capfd):
     err = capfd.readouterr().err.strip()
     assert err.startswith(f"error: salience run {dirs[0]} measured {vl} before its files changed") and "\n" not in err
     assert not (tmp_path / "after").exists()
+
+
+def test_runs_made_from_another_cwd_are_matched_to_their_models(tiny_dirs, data_dir, tmp_path, monkeypatch, capfd):
+    """probe.heads records the --model path as given; a relative one, resolved by a merge run in another directory,
+    pointed nowhere: swapped runs passed with two warnings (exit 0, each expert merged by the other's saliences).
+    The run now records the absolute path too; an older run.json's relative one is told apart by its fingerprint."""
+    from safetensors.torch import save_file
+
+    from probe.errors import cli_main
+    from probe.heads import main as heads_main
+
+    models, runs = tmp_path / "models", tmp_path / "runs"
+    for i, name in enumerate(("base", "vl", "vl2")):
+        d = shutil.copytree(tiny_dirs["qwen2_vl"], models / name)
+        tensors = load_file(d / "model.safetensors")  # three different models of one geometry
+        key = next(k for k in tensors if k.endswith("layers.0.mlp.up_proj.weight"))
+        tensors[key] = tensors[key] + i
+        save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    monkeypatch.chdir(models)
+    for name in ("vl", "vl2"):  # the full sweep the merge needs, on one item
+        assert cli_main(heads_main, ["--model", name, "--data", str(data_dir), "--limit", "1", "--no-generate",
+                                     "--no-figures", "--quiet", "--out", str(runs / name)]) == 0
+    monkeypatch.chdir(runs)
+    args = ["--base", "../models/base", "--models", "../models/vl", "../models/vl2", "--method", "salience"]
+    assert run(merge.main, *args, "--salience", "vl", "vl2", "--out", tmp_path / "ok") == 0
+    capfd.readouterr()
+    assert run(merge.main, *args, "--salience", "vl2", "vl", "--out", tmp_path / "swapped") == 2
+    err = capfd.readouterr().err.strip()
+    assert err == ("error: salience run vl2 measured ../models/vl2, but it is given for ../models/vl; give each model "
+                   "its own run, in the order of --models"), err
+    for name in ("vl", "vl2"):  # a run.json from before: the relative path alone
+        info = json.loads((runs / name / "run.json").read_text())
+        del info["model_resolved_path"]
+        (runs / name / "run.json").write_text(json.dumps(info))
+    assert run(merge.main, *args, "--salience", "vl", "vl2", "--out", tmp_path / "ok_old") == 0
+    assert "warning" not in capfd.readouterr().err
+    assert run(merge.main, *args, "--salience", "vl2", "vl", "--out", tmp_path / "swapped_old") == 2
+    assert "measured ../models/vl2, but it is given for ../models/vl" in capfd.readouterr().err
+    assert not (tmp_path / "swapped").exists() and not (tmp_path / "swapped_old").exists()
 
 
 # --------------------------------------------------------------------------------------------------------
