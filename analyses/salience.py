@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass
@@ -102,11 +103,15 @@ def read_salience(run_dir: Path, metric: str, geometry: HeadGeometry, who: str) 
         raise BadInput(f"--salience {run_dir}: the run is not complete (status {status!r}); finish it first")
     try:  # csv, not pandas: importing pandas would cost the merge more than reading the table
         with open(heads_csv, newline="") as f:
-            rows = list(csv.DictReader(f))
-        cells = {(int(r["layer"]), int(r["head"])): float(r[metric]) for r in rows}
-    except KeyError:
-        raise BadInput(f"{heads_csv}: no {metric!r} column") from None
-    except (OSError, ValueError) as exc:
+            reader = csv.DictReader(f)
+            rows, columns = list(reader), reader.fieldnames or []
+        if missing := [c for c in ("layer", "head", metric) if c not in columns]:
+            raise BadInput(f"{heads_csv}: no {', '.join(map(repr, missing))} column")
+        if any(None in r.values() for r in rows):  # csv gives a short row's last fields as None (was exit 1)
+            raise BadInput(f"{heads_csv}: a row has fewer fields than the header (cut short?)")
+        # pandas writes NaN as an empty cell (a --no-generate run's accuracy): NaN, for the check below to name
+        cells = {(int(r["layer"]), int(r["head"])): float(r[metric]) if r[metric].strip() else math.nan for r in rows}
+    except (OSError, ValueError, csv.Error) as exc:
         raise BadInput(f"{heads_csv}: unreadable ({exc})") from None
     want = {(layer, h) for layer in range(geometry.n_layers) for h in range(geometry.n_heads)}
     if set(cells) != want or len(rows) != len(want):
@@ -117,7 +122,9 @@ def read_salience(run_dir: Path, metric: str, geometry: HeadGeometry, who: str) 
     for (layer, h), v in cells.items():
         grid[layer, h] = v
     if not torch.isfinite(grid).all():
-        raise BadInput(f"{heads_csv}: {metric} is NaN for some heads (accuracy needs a run with generation)")
+        why = ("; a --no-generate run measured no accuracy: use --salience-metric kl or prob_accuracy_drop"
+               if metric == "accuracy_drop" else "")
+        raise BadInput(f"{heads_csv}: {metric} is NaN (empty or infinite) for some heads{why}")
     if metric == "kl" and float(grid.min()) < -1e-6:  # KL(orig‖masked) ≥ 0: a negative one is not a KL
         raise BadInput(f"{heads_csv}: kl is negative ({float(grid.min()):.3g}) for some heads; not a probe.heads KL")
     if not float(grid.max()) > 0:  # normalise_salience divides by the mean of the clamped table: name the run here

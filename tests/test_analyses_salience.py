@@ -270,6 +270,29 @@ def test_bad_salience_runs_exit_2(case, zoo, tmp_path, capfd):
     assert not out.exists() and not list(tmp_path.glob(".never.partial-*"))
 
 
+@pytest.mark.parametrize("case", ["short_row", "no_generate"])
+def test_heads_csv_as_pandas_writes_it(case, zoo, tmp_path, capfd):
+    """A row cut short (its last fields None in csv.DictReader) stopped the merge with a TypeError traceback (exit
+    1); a --no-generate run's accuracy, an empty cell as pandas writes NaN, was 'unreadable (could not convert
+    string to float)' instead of the NaN refusal that says why. Both exit 2 naming the cause."""
+    good = write_run(tmp_path / "good", torch.ones(L, H), model=zoo["vl"])
+    bad = write_run(tmp_path / "x", torch.ones(L, H))
+    lines = (bad / "heads.csv").read_text().splitlines()
+    if case == "short_row":
+        lines[3] = ",".join(lines[3].split(",")[:5])  # layer, head, accuracy, prob_accuracy, kl
+        metric = "prob_accuracy_drop"
+    else:  # accuracy and accuracy_drop empty, as probe.heads --no-generate writes them
+        lines[1:] = [",".join(f if i not in (2, 6) else "" for i, f in enumerate(ln.split(","))) for ln in lines[1:]]
+        metric = "accuracy_drop"
+    (bad / "heads.csv").write_text("\n".join(lines) + "\n")
+    code, out = _bad(tmp_path, zoo, [good, bad], "--salience-metric", metric)
+    err = capfd.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and "\n" not in err, err
+    assert {"short_row": "a row has fewer fields than the header",
+            "no_generate": "accuracy_drop is NaN (empty or infinite) for some heads; a --no-generate run"}[case] in err
+    assert not out.exists()
+
+
 def test_a_run_of_weights_changed_since_is_refused(zoo, tmp_path, capfd):
     """An expert retrained or re-merged in place after its salience run was merged by its old weights' saliences
     (exit 0): the run's recorded model fingerprint is now compared with the participant's files."""
