@@ -508,8 +508,9 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
                 "normalize": cfg.normalize if cfg.method == "weighted" else None,
                 "alpha0": cfg.alpha0 if cfg.method in ("shift", "salience") else None,
                 "temperature": cfg.temperature if cfg.method in ("shift", "salience") else None,
+                # salience --rest layer too: embeddings, the final norm and lm_head stay on Eq. 4
                 "shift_source": str(cfg.shift_dir) if shift_table else (
-                    "computed" if cfg.method == "shift" or (cfg.method == "salience" and cfg.rest == "shift") else None),
+                    "computed" if cfg.method in ("shift", "salience") else None),
                 "lambda": cfg.lam if cfg.method in ("task_arithmetic", "ties") else None,
                 "density": cfg.density if cfg.method == "ties" else None,
                 "salience": {"runs": [str(p) for p in cfg.salience],

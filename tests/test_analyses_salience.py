@@ -220,6 +220,12 @@ def test_rest_shift_leaves_non_head_tensors_as_eq4(zoo, runs, tmp_path):
     sc = load_file(c / "model.safetensors")
     assert not torch.equal(sc["model.layers.0.mlp.up_proj.weight"], sa["model.layers.0.mlp.up_proj.weight"])
     assert torch.equal(sc["model.norm.weight"], sa["model.norm.weight"])  # outside the layers: Eq. 4 either way
+    # ... with its Δavg computed on the fly, as merge.json says (it said shift_source null under --rest layer)
+    assert json.loads((c / "merge.json").read_text())["shift_source"] == "computed"
+    base, vl = canonical(zoo["base"]), canonical(zoo["vl"])
+    rows = [r for r in csv.DictReader(open(c / "merge_weights.csv"))
+            if r["tensor"] == "norm.weight" and r["model"] == str(zoo["vl"])]
+    assert len(rows) == 1 and float(rows[0]["delta_avg"]) == pytest.approx(delta_avg(base["norm.weight"], vl["norm.weight"]))
 
 
 def test_salience_merge_is_bit_stable_with_carriers(zoo, runs, tmp_path):
