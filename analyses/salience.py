@@ -13,9 +13,9 @@ import json
 import math
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -28,9 +28,11 @@ METRICS = ("kl", "accuracy_drop", "prob_accuracy_drop")
 HEAD_TENSOR = re.compile(r"layers\.(\d+)\.self_attn\.(?:([qkv])_proj\.(?:weight|bias)|(o)_proj\.weight)$")
 
 
-def check_run_model(run_dir: Path, who: str, participants: dict[str, Path]) -> None:
+def check_run_model(run_dir: Path, who: str, participants: dict[str, Path]) -> dict[str, Any]:
     """A salience run must be of the participant it is given for: refuse a run measured on another participant
-    (runs swapped, or the base's run given for an expert); warn when it was measured on a model elsewhere (a copy?)."""
+    (runs swapped, or the base's run given for an expert). Returns what merge.json records of the run (the model
+    and data it measured, and how) with its ``warnings``: a run of a model elsewhere (a copy?), an attribution
+    estimate. The caller prints them once every run has passed, so a refusal stays the only line on stderr."""
     try:
         info = json.loads((run_dir / "run.json").read_text())
         plan = info["plan"]
@@ -38,31 +40,41 @@ def check_run_model(run_dir: Path, who: str, participants: dict[str, Path]) -> N
         # to the cwd probe.heads ran in, which resolved here pointed elsewhere: swapped runs passed with a warning
         measured = info.get("model_resolved_path") or plan["model_path"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
-        print(f"warning: {run_dir / 'run.json'} does not name the model it measured (not a probe.heads run.json?); "
-              f"it is used as {who}'s run unchecked", file=sys.stderr)
-        return
-    fingerprint = plan.get("model_fingerprint")
+        return {"run": str(run_dir), "for": who, "warnings": [
+            f"{run_dir / 'run.json'} does not name the model it measured (not a probe.heads run.json?); it is used "
+            f"as {who}'s run unchecked"]}
+    record = {"run": str(run_dir), "for": who, "model": measured,
+              **{k: plan.get(k) for k in ("model_fingerprint", "data_dir", "data_fingerprint", "n_items", "method")}}
+    warnings = [w] if (w := check_measured_model(run_dir, who, participants, measured,
+                                                  plan.get("model_fingerprint"))) else []
+    if plan.get("method") == "attribution":  # DESIGN §4: a first-order estimate, not the sweep
+        warnings.append(f"salience run {run_dir} is an attribution-patching estimate (probe.heads --method "
+                        f"attribution), not the exact sweep; {who}'s head weights follow it")
+    return record | {"warnings": warnings}
+
+
+def check_measured_model(run_dir: Path, who: str, participants: dict[str, Path], measured: str,
+                         fingerprint: object) -> str | None:
+    """Refuse a run of another participant; a warning when the run measured weights elsewhere."""
     if not Path(measured).is_absolute():  # an older run.json: where its relative path pointed is unknown here,
         if same_weights(fingerprint, participants[who]):  # so the participants are told apart by their files
-            return
+            return None
         other = next((nm for nm, p in participants.items() if nm != who and same_weights(fingerprint, p)), None)
         if other is None:
-            print(f"warning: salience run {run_dir} names its model by the relative path {measured} (an older "
-                  f"probe.heads) and did not measure {who}'s current files; it is used as that model's run",
-                  file=sys.stderr)
-            return
+            return (f"salience run {run_dir} names its model by the relative path {measured} (an older "
+                    f"probe.heads) and did not measure {who}'s current files; it is used as that model's run")
     else:
         measured_path = Path(measured).resolve()
         if measured_path == participants[who].resolve():
             check_same_weights(run_dir, who, measured_path, fingerprint)
-            return
+            return None
         other = next((nm for nm, p in participants.items() if p.resolve() == measured_path), None)
     if other is not None:
         raise BadInput(f"salience run {run_dir} measured {other}, but it is given for {who}; give each model its "
                        "own run, in the order of --models")
-    if not same_weights(fingerprint, participants[who]):  # a byte-identical copy is the model itself
-        print(f"warning: salience run {run_dir} measured {measured}, not {who} ({participants[who]}); it is used "
-              "as that model's run", file=sys.stderr)
+    if same_weights(fingerprint, participants[who]):  # a byte-identical copy is the model itself
+        return None
+    return f"salience run {run_dir} measured {measured}, not {who} ({participants[who]}); it is used as that model's run"
 
 
 def same_weights(measured: object, path: Path) -> bool:
@@ -142,6 +154,7 @@ class SalienceWeights:
     group: torch.Tensor
     layer: torch.Tensor
     geometry: HeadGeometry
+    runs: list[dict[str, Any]] = field(default_factory=list)  # check_run_model's records, for merge.json
 
     @staticmethod
     def build(saliences: Sequence[torch.Tensor], geometry: HeadGeometry, temperature: float,

@@ -21,7 +21,7 @@ L, H, KV, D = 2, 4, 2, 8  # analyses.tiny.TEXT: 2 layers × 4 query heads, 2 KV 
 
 
 def write_run(path: Path, kl: torch.Tensor, status: str = "complete", layers: int = L, heads: int = H,
-              model: Path | None = None, fingerprint: str | None = None) -> Path:
+              model: Path | None = None, fingerprint: str | None = None, **plan_extra) -> Path:
     """A probe.heads output dir holding only what the merge reads: heads.csv and run.json (with the measured
     model's path when ``model`` is given, and its fingerprint then when ``fingerprint`` is)."""
     path.mkdir(parents=True)
@@ -34,6 +34,8 @@ def write_run(path: Path, kl: torch.Tensor, status: str = "complete", layers: in
     plan = {"plan": {"model_path": str(model)}} if model is not None else {}
     if fingerprint is not None:
         plan["plan"]["model_fingerprint"] = fingerprint
+    if plan:
+        plan["plan"] |= plan_extra
     (path / "run.json").write_text(json.dumps({"status": status} | plan))
     return path
 
@@ -297,6 +299,32 @@ def test_heads_csv_as_pandas_writes_it(case, zoo, tmp_path, capfd):
     assert {"short_row": "a row has fewer fields than the header",
             "no_generate": "accuracy_drop is NaN (empty or infinite) for some heads; a --no-generate run"}[case] in err
     assert not out.exists()
+
+
+def test_merge_json_says_what_each_run_measured_and_warnings_never_precede_a_refusal(zoo, tmp_path, capfd):
+    """merge.json named the salience runs by path only, not the model, data and engine they measured, and an
+    attribution-patching estimate (probe.heads --method attribution) was used as silently as the exact sweep. A
+    warning for one run printed before another run's refusal put two lines on stderr."""
+    plans = [dict(data_dir="/data/image", data_fingerprint="d1", n_items=96, method="attribution"),
+             dict(data_dir="/data/video", data_fingerprint="d2", n_items=72, method="exact")]
+    dirs = [write_run(tmp_path / f"r{i}", torch.rand(L, H) + 0.1, model=m, **plans[i])
+            for i, m in enumerate((zoo["vl"], zoo["ov"]))]
+    out = tmp_path / "m"
+    capfd.readouterr()
+    assert run(merge.main, "--base", zoo["base"], "--models", zoo["vl"], zoo["ov"], "--method", "salience",
+               "--salience", *dirs, "--quiet", "--out", out) == 0
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"warning: salience run {dirs[0]} is an attribution-patching"), err
+    measured = json.loads((out / "merge.json").read_text())["salience"]["measured"]
+    assert [{k: r[k] for k in plans[0]} for r in measured] == plans
+    assert [(r["run"], r["for"], r["model"]) for r in measured] == [(str(d), str(m), str(m)) for d, m in
+                                                                    zip(dirs, (zoo["vl"], zoo["ov"]))]
+    # run 1 warns (attribution), run 2 is refused (it measured vl): the refusal is the only line
+    swapped = write_run(tmp_path / "sw", torch.rand(L, H) + 0.1, model=zoo["vl"])
+    code, never = _bad(tmp_path, zoo, [dirs[0], swapped])
+    err = capfd.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: salience run") and "\n" not in err, err
+    assert not never.exists()
 
 
 def test_a_run_of_weights_changed_since_is_refused(zoo, tmp_path, capfd):
