@@ -508,14 +508,17 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
                 "normalize": cfg.normalize if cfg.method == "weighted" else None,
                 "alpha0": cfg.alpha0 if cfg.method in ("shift", "salience") else None,
                 "temperature": cfg.temperature if cfg.method in ("shift", "salience") else None,
+                # salience --rest layer too: embeddings, the final norm and lm_head stay on Eq. 4
                 "shift_source": str(cfg.shift_dir) if shift_table else (
-                    "computed" if cfg.method == "shift" or (cfg.method == "salience" and cfg.rest == "shift") else None),
+                    "computed" if cfg.method in ("shift", "salience") else None),
                 "lambda": cfg.lam if cfg.method in ("task_arithmetic", "ties") else None,
                 "density": cfg.density if cfg.method == "ties" else None,
                 "salience": {"runs": [str(p) for p in cfg.salience],
                              "base_run": str(cfg.base_salience) if cfg.base_salience else None,
                              "metric": cfg.salience_metric, "temperature": cfg.salience_temperature,
-                             "rest": cfg.rest} if cfg.method == "salience" else None,
+                             "rest": cfg.rest,
+                             # each run's model, data, items, engine (and its warnings): what the weights came from
+                             "measured": salience.runs} if salience else None,
                 "mean_alpha": mean_alphas(merger.alpha_rows),
                 "n_tensors": len(al.tensors),
                 "dtype": str(embed.ref.dtype),
@@ -584,9 +587,13 @@ def load_salience(cfg: MergeConfig, base: Checkpoint, models: Sequence[Checkpoin
     runs = ([(cfg.base_salience, names[0])] if cfg.base_salience else []) + list(zip(cfg.salience, names[1:]))
     tables = [read_salience(Path(d), cfg.salience_metric, geometry, nm) for d, nm in runs]
     participants = dict(zip(names, [base.path, *(m.path for m in models)]))
-    for d, nm in runs:
-        check_run_model(Path(d), nm, participants)
-    return SalienceWeights.build(tables, geometry, cfg.salience_temperature, cfg.alpha0, cfg.base_salience is not None)
+    records = [check_run_model(Path(d), nm, participants) for d, nm in runs]
+    weights = SalienceWeights.build(tables, geometry, cfg.salience_temperature, cfg.alpha0,
+                                    cfg.base_salience is not None)
+    for w in (w for r in records for w in r["warnings"]):  # after every refusal: an error stays the only line
+        print(f"warning: {w}", file=sys.stderr)
+    weights.runs = records
+    return weights
 
 
 def build_parser() -> argparse.ArgumentParser:

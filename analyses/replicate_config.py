@@ -267,6 +267,11 @@ def check_values(cfg: ReplicateConfig) -> None:
         raise BadInput("config key 'merge.salience_metric': kl, accuracy_drop or prob_accuracy_drop")
     if cfg.merge.salience_metric == "accuracy_drop" and not cfg.heads.generate:
         raise BadInput("config key 'merge.salience_metric': accuracy_drop needs heads.generate = true")
+    if cfg.merge.salience_base and "salience" in cfg.merge.methods and not cfg.heads.base_on_text:
+        # the merge stage reads the base's text sweep, which only heads.base_on_text makes: it stopped there, after
+        # table3, heads and shift had run
+        raise BadInput("config key 'merge.salience_base': the salience merge would read the base's sweep on text, "
+                       "which heads.base_on_text = false does not make; set one of them")
     if not 0 <= cfg.merge.alpha0 <= 1:
         raise BadInput("config key 'merge.alpha0': must be in [0, 1]")
     for key, v in (("merge.temperature", cfg.merge.temperature),

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -27,38 +28,78 @@ METRICS = ("kl", "accuracy_drop", "prob_accuracy_drop")
 HEAD_TENSOR = re.compile(r"layers\.(\d+)\.self_attn\.(?:([qkv])_proj\.(?:weight|bias)|(o)_proj\.weight)$")
 
 
-def check_run_model(run_dir: Path, who: str, participants: dict[str, Path]) -> None:
+def check_run_model(run_dir: Path, who: str, participants: dict[str, Path]) -> dict[str, Any]:
     """A salience run must be of the participant it is given for: refuse a run measured on another participant
-    (runs swapped, or the base's run given for an expert); warn when it was measured on a model elsewhere (a copy?)."""
+    (runs swapped, or the base's run given for an expert). Returns what merge.json records of the run (the model
+    and data it measured, and how) with its ``warnings``: a run of a model elsewhere (a copy?), an attribution
+    estimate. The caller prints them once every run has passed, so a refusal stays the only line on stderr."""
     try:
-        plan = json.loads((run_dir / "run.json").read_text())["plan"]
-        measured = plan["model_path"]
+        info = json.loads((run_dir / "run.json").read_text())
+        plan = info["plan"]
+        # the absolute path (probe.heads records it beside the plan); plan.model_path is the spec as given, relative
+        # to the cwd probe.heads ran in, which resolved here pointed elsewhere: swapped runs passed with a warning
+        measured = info.get("model_resolved_path") or plan["model_path"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
-        print(f"warning: {run_dir / 'run.json'} does not name the model it measured (not a probe.heads run.json?); "
-              f"it is used as {who}'s run unchecked", file=sys.stderr)
-        return
-    measured_path = Path(measured).resolve()
-    if measured_path == participants[who].resolve():
-        check_same_weights(run_dir, who, measured_path, plan.get("model_fingerprint"))
-        return
-    other = next((nm for nm, p in participants.items() if p.resolve() == measured_path), None)
+        return {"run": str(run_dir), "for": who, "warnings": [
+            f"{run_dir / 'run.json'} does not name the model it measured (not a probe.heads run.json?); it is used "
+            f"as {who}'s run unchecked"]}
+    record = {"run": str(run_dir), "for": who, "model": measured,
+              **{k: plan.get(k) for k in ("model_fingerprint", "data_dir", "data_fingerprint", "n_items", "method")}}
+    warnings = [w] if (w := check_measured_model(run_dir, who, participants, measured,
+                                                  plan.get("model_fingerprint"))) else []
+    if plan.get("method") == "attribution":  # DESIGN §4: a first-order estimate, not the sweep
+        warnings.append(f"salience run {run_dir} is an attribution-patching estimate (probe.heads --method "
+                        f"attribution), not the exact sweep; {who}'s head weights follow it")
+    return record | {"warnings": warnings}
+
+
+def check_measured_model(run_dir: Path, who: str, participants: dict[str, Path], measured: str,
+                         fingerprint: object) -> str | None:
+    """Refuse a run of another participant; a warning when the run measured weights elsewhere."""
+    if not Path(measured).is_absolute():  # an older run.json: where its relative path pointed is unknown here,
+        if same_weights(fingerprint, participants[who]):  # so the participants are told apart by their files
+            return None
+        other = next((nm for nm, p in participants.items() if nm != who and same_weights(fingerprint, p)), None)
+        if other is None:
+            return (f"salience run {run_dir} names its model by the relative path {measured} (an older "
+                    f"probe.heads) and did not measure {who}'s current files; it is used as that model's run")
+    else:
+        measured_path = Path(measured).resolve()
+        if measured_path == participants[who].resolve():
+            check_same_weights(run_dir, who, measured_path, fingerprint)
+            return None
+        other = next((nm for nm, p in participants.items() if p.resolve() == measured_path), None)
     if other is not None:
         raise BadInput(f"salience run {run_dir} measured {other}, but it is given for {who}; give each model its "
                        "own run, in the order of --models")
-    print(f"warning: salience run {run_dir} measured {measured}, not {who} ({participants[who]}); it is used as "
-          "that model's run", file=sys.stderr)
+    if same_weights(fingerprint, participants[who]):  # a byte-identical copy is the model itself
+        return None
+    return f"salience run {run_dir} measured {measured}, not {who} ({participants[who]}); it is used as that model's run"
+
+
+def same_weights(measured: object, path: Path) -> bool:
+    """The run's recorded model fingerprint is that of the files at ``path`` now."""
+    from probe.models import local_fingerprint
+
+    return local_model(measured) and local_fingerprint(path) == measured
+
+
+def local_model(fingerprint: object) -> bool:
+    """A run.json's model fingerprint that names local files (not an older run.json's missing one, nor a hub
+    commit's, which its path already names)."""
+    return isinstance(fingerprint, str) and not fingerprint.startswith("hub:")
 
 
 def check_same_weights(run_dir: Path, who: str, path: Path, measured: object) -> None:
     """A run of the participant's own dir must have measured its current weights: a model retrained or re-merged
     in place since its salience run would otherwise be merged by the saliences of its old weights (exit 0)."""
-    if not isinstance(measured, str) or measured.startswith("hub:"):  # an older run.json; a hub commit's own path
+    if not local_model(measured) or same_weights(measured, path):
         return
     from probe.models import local_fingerprint
 
-    if (now := local_fingerprint(path)) != measured:
-        raise BadInput(f"salience run {run_dir} measured {who} before its files changed (model fingerprint "
-                       f"{measured} then, {now} now); rerun python -m probe.heads on the current model")
+    raise BadInput(f"salience run {run_dir} measured {who} before its files changed (model fingerprint "
+                   f"{measured} then, {local_fingerprint(path)} now); rerun python -m probe.heads on the current "
+                   "model")
 
 
 def read_salience(run_dir: Path, metric: str, geometry: HeadGeometry, who: str) -> torch.Tensor:
@@ -74,11 +115,15 @@ def read_salience(run_dir: Path, metric: str, geometry: HeadGeometry, who: str) 
         raise BadInput(f"--salience {run_dir}: the run is not complete (status {status!r}); finish it first")
     try:  # csv, not pandas: importing pandas would cost the merge more than reading the table
         with open(heads_csv, newline="") as f:
-            rows = list(csv.DictReader(f))
-        cells = {(int(r["layer"]), int(r["head"])): float(r[metric]) for r in rows}
-    except KeyError:
-        raise BadInput(f"{heads_csv}: no {metric!r} column") from None
-    except (OSError, ValueError) as exc:
+            reader = csv.DictReader(f)
+            rows, columns = list(reader), reader.fieldnames or []
+        if missing := [c for c in ("layer", "head", metric) if c not in columns]:
+            raise BadInput(f"{heads_csv}: no {', '.join(map(repr, missing))} column")
+        if any(None in r.values() for r in rows):  # csv gives a short row's last fields as None (was exit 1)
+            raise BadInput(f"{heads_csv}: a row has fewer fields than the header (cut short?)")
+        # pandas writes NaN as an empty cell (a --no-generate run's accuracy): NaN, for the check below to name
+        cells = {(int(r["layer"]), int(r["head"])): float(r[metric]) if r[metric].strip() else math.nan for r in rows}
+    except (OSError, ValueError, csv.Error) as exc:
         raise BadInput(f"{heads_csv}: unreadable ({exc})") from None
     want = {(layer, h) for layer in range(geometry.n_layers) for h in range(geometry.n_heads)}
     if set(cells) != want or len(rows) != len(want):
@@ -89,7 +134,9 @@ def read_salience(run_dir: Path, metric: str, geometry: HeadGeometry, who: str) 
     for (layer, h), v in cells.items():
         grid[layer, h] = v
     if not torch.isfinite(grid).all():
-        raise BadInput(f"{heads_csv}: {metric} is NaN for some heads (accuracy needs a run with generation)")
+        why = ("; a --no-generate run measured no accuracy: use --salience-metric kl or prob_accuracy_drop"
+               if metric == "accuracy_drop" else "")
+        raise BadInput(f"{heads_csv}: {metric} is NaN (empty or infinite) for some heads{why}")
     if metric == "kl" and float(grid.min()) < -1e-6:  # KL(orig‖masked) ≥ 0: a negative one is not a KL
         raise BadInput(f"{heads_csv}: kl is negative ({float(grid.min()):.3g}) for some heads; not a probe.heads KL")
     if not float(grid.max()) > 0:  # normalise_salience divides by the mean of the clamped table: name the run here
@@ -107,6 +154,7 @@ class SalienceWeights:
     group: torch.Tensor
     layer: torch.Tensor
     geometry: HeadGeometry
+    runs: list[dict[str, Any]] = field(default_factory=list)  # check_run_model's records, for merge.json
 
     @staticmethod
     def build(saliences: Sequence[torch.Tensor], geometry: HeadGeometry, temperature: float,

@@ -302,6 +302,9 @@ def run(args: argparse.Namespace) -> Path:
     run_info = {
         "fingerprint": plan.fingerprint(), "plan": asdict(plan),
         "versions": run_versions(out, saved, bool(todo), any(part_path(out, c).is_file() for c in range(len(chunks)))),
+        # plan.model_path is the spec's path as given, relative to this process's cwd: analyses.merge, run elsewhere,
+        # matches a salience run to its model by this one (outside the plan: old runs resume as before)
+        "model_resolved_path": str(ref.path.resolve()),
         "argv": sys.argv[1:], "approximate": plan.method == "attribution",
         "placement": {"device": placement.device, "devices": list(placement.all_devices), "dtype": placement.dtype,
                       "attn_implementation": placement.attn_implementation, "description": placement.description},

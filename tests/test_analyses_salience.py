@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ L, H, KV, D = 2, 4, 2, 8  # analyses.tiny.TEXT: 2 layers × 4 query heads, 2 KV 
 
 
 def write_run(path: Path, kl: torch.Tensor, status: str = "complete", layers: int = L, heads: int = H,
-              model: Path | None = None, fingerprint: str | None = None) -> Path:
+              model: Path | None = None, fingerprint: str | None = None, **plan_extra) -> Path:
     """A probe.heads output dir holding only what the merge reads: heads.csv and run.json (with the measured
     model's path when ``model`` is given, and its fingerprint then when ``fingerprint`` is)."""
     path.mkdir(parents=True)
@@ -33,6 +34,8 @@ def write_run(path: Path, kl: torch.Tensor, status: str = "complete", layers: in
     plan = {"plan": {"model_path": str(model)}} if model is not None else {}
     if fingerprint is not None:
         plan["plan"]["model_fingerprint"] = fingerprint
+    if plan:
+        plan["plan"] |= plan_extra
     (path / "run.json").write_text(json.dumps({"status": status} | plan))
     return path
 
@@ -219,6 +222,12 @@ def test_rest_shift_leaves_non_head_tensors_as_eq4(zoo, runs, tmp_path):
     sc = load_file(c / "model.safetensors")
     assert not torch.equal(sc["model.layers.0.mlp.up_proj.weight"], sa["model.layers.0.mlp.up_proj.weight"])
     assert torch.equal(sc["model.norm.weight"], sa["model.norm.weight"])  # outside the layers: Eq. 4 either way
+    # ... with its Δavg computed on the fly, as merge.json says (it said shift_source null under --rest layer)
+    assert json.loads((c / "merge.json").read_text())["shift_source"] == "computed"
+    base, vl = canonical(zoo["base"]), canonical(zoo["vl"])
+    rows = [r for r in csv.DictReader(open(c / "merge_weights.csv"))
+            if r["tensor"] == "norm.weight" and r["model"] == str(zoo["vl"])]
+    assert len(rows) == 1 and float(rows[0]["delta_avg"]) == pytest.approx(delta_avg(base["norm.weight"], vl["norm.weight"]))
 
 
 def test_salience_merge_is_bit_stable_with_carriers(zoo, runs, tmp_path):
@@ -269,6 +278,55 @@ def test_bad_salience_runs_exit_2(case, zoo, tmp_path, capfd):
     assert not out.exists() and not list(tmp_path.glob(".never.partial-*"))
 
 
+@pytest.mark.parametrize("case", ["short_row", "no_generate"])
+def test_heads_csv_as_pandas_writes_it(case, zoo, tmp_path, capfd):
+    """A row cut short (its last fields None in csv.DictReader) stopped the merge with a TypeError traceback (exit
+    1); a --no-generate run's accuracy, an empty cell as pandas writes NaN, was 'unreadable (could not convert
+    string to float)' instead of the NaN refusal that says why. Both exit 2 naming the cause."""
+    good = write_run(tmp_path / "good", torch.ones(L, H), model=zoo["vl"])
+    bad = write_run(tmp_path / "x", torch.ones(L, H))
+    lines = (bad / "heads.csv").read_text().splitlines()
+    if case == "short_row":
+        lines[3] = ",".join(lines[3].split(",")[:5])  # layer, head, accuracy, prob_accuracy, kl
+        metric = "prob_accuracy_drop"
+    else:  # accuracy and accuracy_drop empty, as probe.heads --no-generate writes them
+        lines[1:] = [",".join(f if i not in (2, 6) else "" for i, f in enumerate(ln.split(","))) for ln in lines[1:]]
+        metric = "accuracy_drop"
+    (bad / "heads.csv").write_text("\n".join(lines) + "\n")
+    code, out = _bad(tmp_path, zoo, [good, bad], "--salience-metric", metric)
+    err = capfd.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and "\n" not in err, err
+    assert {"short_row": "a row has fewer fields than the header",
+            "no_generate": "accuracy_drop is NaN (empty or infinite) for some heads; a --no-generate run"}[case] in err
+    assert not out.exists()
+
+
+def test_merge_json_says_what_each_run_measured_and_warnings_never_precede_a_refusal(zoo, tmp_path, capfd):
+    """merge.json named the salience runs by path only, not the model, data and engine they measured, and an
+    attribution-patching estimate (probe.heads --method attribution) was used as silently as the exact sweep. A
+    warning for one run printed before another run's refusal put two lines on stderr."""
+    plans = [dict(data_dir="/data/image", data_fingerprint="d1", n_items=96, method="attribution"),
+             dict(data_dir="/data/video", data_fingerprint="d2", n_items=72, method="exact")]
+    dirs = [write_run(tmp_path / f"r{i}", torch.rand(L, H) + 0.1, model=m, **plans[i])
+            for i, m in enumerate((zoo["vl"], zoo["ov"]))]
+    out = tmp_path / "m"
+    capfd.readouterr()
+    assert run(merge.main, "--base", zoo["base"], "--models", zoo["vl"], zoo["ov"], "--method", "salience",
+               "--salience", *dirs, "--quiet", "--out", out) == 0
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"warning: salience run {dirs[0]} is an attribution-patching"), err
+    measured = json.loads((out / "merge.json").read_text())["salience"]["measured"]
+    assert [{k: r[k] for k in plans[0]} for r in measured] == plans
+    assert [(r["run"], r["for"], r["model"]) for r in measured] == [(str(d), str(m), str(m)) for d, m in
+                                                                    zip(dirs, (zoo["vl"], zoo["ov"]))]
+    # run 1 warns (attribution), run 2 is refused (it measured vl): the refusal is the only line
+    swapped = write_run(tmp_path / "sw", torch.rand(L, H) + 0.1, model=zoo["vl"])
+    code, never = _bad(tmp_path, zoo, [dirs[0], swapped])
+    err = capfd.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: salience run") and "\n" not in err, err
+    assert not never.exists()
+
+
 def test_a_run_of_weights_changed_since_is_refused(zoo, tmp_path, capfd):
     """An expert retrained or re-merged in place after its salience run was merged by its old weights' saliences
     (exit 0): the run's recorded model fingerprint is now compared with the participant's files."""
@@ -293,6 +351,45 @@ def test_a_run_of_weights_changed_since_is_refused(zoo, tmp_path, capfd):
     err = capfd.readouterr().err.strip()
     assert err.startswith(f"error: salience run {dirs[0]} measured {vl} before its files changed") and "\n" not in err
     assert not (tmp_path / "after").exists()
+
+
+def test_runs_made_from_another_cwd_are_matched_to_their_models(tiny_dirs, data_dir, tmp_path, monkeypatch, capfd):
+    """probe.heads records the --model path as given; a relative one, resolved by a merge run in another directory,
+    pointed nowhere: swapped runs passed with two warnings (exit 0, each expert merged by the other's saliences).
+    The run now records the absolute path too; an older run.json's relative one is told apart by its fingerprint."""
+    from safetensors.torch import save_file
+
+    from probe.errors import cli_main
+    from probe.heads import main as heads_main
+
+    models, runs = tmp_path / "models", tmp_path / "runs"
+    for i, name in enumerate(("base", "vl", "vl2")):
+        d = shutil.copytree(tiny_dirs["qwen2_vl"], models / name)
+        tensors = load_file(d / "model.safetensors")  # three different models of one geometry
+        key = next(k for k in tensors if k.endswith("layers.0.mlp.up_proj.weight"))
+        tensors[key] = tensors[key] + i
+        save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    monkeypatch.chdir(models)
+    for name in ("vl", "vl2"):  # the full sweep the merge needs, on one item
+        assert cli_main(heads_main, ["--model", name, "--data", str(data_dir), "--limit", "1", "--no-generate",
+                                     "--no-figures", "--quiet", "--out", str(runs / name)]) == 0
+    monkeypatch.chdir(runs)
+    args = ["--base", "../models/base", "--models", "../models/vl", "../models/vl2", "--method", "salience"]
+    assert run(merge.main, *args, "--salience", "vl", "vl2", "--out", tmp_path / "ok") == 0
+    capfd.readouterr()
+    assert run(merge.main, *args, "--salience", "vl2", "vl", "--out", tmp_path / "swapped") == 2
+    err = capfd.readouterr().err.strip()
+    assert err == ("error: salience run vl2 measured ../models/vl2, but it is given for ../models/vl; give each model "
+                   "its own run, in the order of --models"), err
+    for name in ("vl", "vl2"):  # a run.json from before: the relative path alone
+        info = json.loads((runs / name / "run.json").read_text())
+        del info["model_resolved_path"]
+        (runs / name / "run.json").write_text(json.dumps(info))
+    assert run(merge.main, *args, "--salience", "vl", "vl2", "--out", tmp_path / "ok_old") == 0
+    assert "warning" not in capfd.readouterr().err
+    assert run(merge.main, *args, "--salience", "vl2", "vl", "--out", tmp_path / "swapped_old") == 2
+    assert "measured ../models/vl2, but it is given for ../models/vl" in capfd.readouterr().err
+    assert not (tmp_path / "swapped").exists() and not (tmp_path / "swapped_old").exists()
 
 
 # --------------------------------------------------------------------------------------------------------

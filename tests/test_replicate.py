@@ -363,6 +363,8 @@ def _write(tmp_path: Path, text: str) -> Path:
     # the finetune stage)
     (lambda t: t.replace('eval_data = ["text", "image", "video"]', "eval_data = []"), "'finetune.eval_data'"),
     (lambda t: t.replace('split = "train"', 'split = "validation"'), "'heads.split'"),
+    (lambda t: t.replace("salience_base = false", "salience_base = true").replace(
+        "base_on_text = true", "base_on_text = false"), "'merge.salience_base'"),  # stopped at the merge stage
     (lambda t: t.replace("lm_lr = 1e-4", "lm_lr = 1e39"), "'finetune': training setting lm_lr"),
     (lambda t: t.replace("limit = 0              # 0 = every item", "limit = false"), "'eval.limit': expected int"),
 ])
