@@ -389,6 +389,24 @@ def test_a_set_labelled_longer_beside_a_namesake_gets_the_same_intervals(eval_ru
     pd.testing.assert_frame_equal(got, want)
 
 
+def test_a_set_given_as_dot_is_named_and_resampled_as_its_folder(eval_run, tmp_path, text_dir, monkeypatch):
+    """`--data .` from inside the set's folder is that folder: labelled by its name and given its intervals (it
+    used to be labelled '.', and its bootstrap stream keyed by '.' gave other intervals than `--data text`)."""
+    out, _ = eval_run
+    text = Path(text_dir).name
+    monkeypatch.chdir(text_dir)
+    assert _eval("--models", "tiny-qwen2", "--data", ".", "--batch-size", "4", "--max-new-tokens", "3", "--quiet",
+                 "--out", tmp_path / "run") == 0
+    got = pd.read_csv(tmp_path / "run" / "scores.csv")
+    assert set(got["data"]) == {text}
+    cols = ["subject", "n_items", "accuracy_lo", "accuracy_hi", "prob_accuracy_lo", "prob_accuracy_hi",
+            "p_answer_lo", "p_answer_hi"]
+    want = pd.read_csv(out / "scores.csv")
+    want = want[(want["model"] == "tiny-qwen2") & (want["data"] == text)][cols].reset_index(drop=True)
+    assert len(want) > 1 and (want["p_answer_hi"] > want["p_answer_lo"]).all()
+    pd.testing.assert_frame_equal(got[cols].reset_index(drop=True), want)
+
+
 def test_a_model_changed_in_place_or_other_scoring_is_another_run(tiny_dirs, text_dir, tmp_path, capfd):
     """The weights of every model are part of the run's identity (a model re-merged at the same path used to
     resume with the old model's parts, exit 0), and so are --seed and --reference, which decide scores.csv (they
