@@ -260,6 +260,19 @@ def test_outputs_and_scores_against_items(eval_run, data_dir):
     assert run["status"] == "complete" and run["reference"] == "tiny-qwen2-vl"
 
 
+def test_table_says_how_many_open_ended_items_a_set_skipped(eval_run, data_dir, text_dir):
+    """Only multiple-choice items are scored; table.md says how many open-ended ones each set left out (it said
+    nothing, so 'N items' read as the set's size, and MMMU's own scores count open items too)."""
+    out, _ = eval_run
+    rows = pd.concat([pd.read_parquet(f) for f in sorted(Path(data_dir).glob("*/validation-*.parquet"))])
+    n_open = int((rows["question_type"] == "open").sum())
+    assert n_open > 0  # the fixture's set has some
+    table = (out / "table.md").read_text()
+    assert (f"- {Path(data_dir).name}: {n_open} open-ended items skipped; scores are over its {len(rows) - n_open} "
+            "multiple-choice items\n") in table
+    assert f"- {Path(text_dir).name}: " not in table  # a set without open items gets no such line
+
+
 def test_eval_items_equal_the_one_item_path(eval_run, load_tiny, text_dir):
     """The CLI's per-item table is the one-item path's, item by item (batched inside)."""
     from probe.mmmu import load_items
