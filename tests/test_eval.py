@@ -780,3 +780,29 @@ def test_an_out_dir_in_use_by_another_command_is_refused(text_dir, tiny_dirs, tm
         assert capfd.readouterr().err.strip().splitlines()[-1] == refused
     assert sorted(p.name for p in out.rglob("*")) == before
     assert _eval(*args) == 0 and part.is_file()
+
+
+def test_eval_figure_titles_a_set_no_model_could_read_without_a_count(eval_run, tmp_path, monkeypatch):
+    """A panel's n is its set's size; where every model is n/a on a set, scores.csv holds no count of it, and the
+    title said n=0 for a set of several items. Now it says n/a; a scored set keeps its n from scores.csv."""
+    import figures.eval as fe
+
+    out, _ = eval_run
+    scores = pd.read_csv(out / "scores.csv", keep_default_na=False, na_values=[""])
+    alone = scores[scores["model"] == "tiny-qwen2"]  # the text LM: n/a on the image set, scored on the text set
+    (tmp_path / "scores.csv").write_text(alone.to_csv(index=False))
+    import matplotlib.pyplot as plt
+
+    titles = {}
+
+    def keep_titles(fig, *args) -> list:
+        titles.update((ax.get_title().split(" (")[0], ax.get_title()) for ax in fig.axes if ax.get_title())
+        plt.close(fig)  # as save_png_pdf does: later tests check that no figure is left open
+        return []
+
+    monkeypatch.setattr(fe, "save_png_pdf", keep_titles)
+    fe.draw_eval(tmp_path)
+    top = alone[alone["subject"] == "all"].set_index("data")["n_items"]
+    assert min(top) == 0 < max(top)
+    for data, n in top.items():
+        assert titles[data] == (f"{data} (n={n})" if n else f"{data} (n/a)"), titles
