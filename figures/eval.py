@@ -115,7 +115,8 @@ def _draw_page(top: pd.DataFrame, metric: str, models: list[str], datasets: list
             if part:
                 ax.annotate(f"{int(r['n_items'])} of {totals[k]}", (100 * v, y[k]), xytext=(0, 5),
                             textcoords="offset points", ha="center", fontsize=6, color="0.35")
-        ax.set_title(f"{ds} (n={n})", fontsize=9)
+        # n: the set's items, known from the rows that scored some (an n/a row's note gives no count)
+        ax.set_title(f"{ds} (n={n})" if n else f"{ds} (n/a)", fontsize=9)
         ax.set_xlim(-2, 102)
         ax.set_xticks([0, 25, 50, 75, 100] if ax.get_position().width * fig.get_figwidth() >= 1.6 else [0, 50, 100])
         ax.set_ylim(-0.6, len(models) - 0.4)

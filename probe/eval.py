@@ -381,8 +381,12 @@ def write_results(out: Path, items: Any, scores: Any, plan: EvalPlan) -> None:
     whole = sorted({r.note for r in top.itertuples() if r.n_items == 0 and r.note})
     part = [f"- {r.model} on {r.data}: scored on {r.n_items} items; {r.note}\n"
             for r in top.itertuples() if r.n_items > 0 and r.note]
+    # MMMU's own scores count open-ended items too: a set's "(N items)" is not its size when some were left out
+    skipped = [f"- {ds.name}: {ds.n_skipped_open} open-ended items skipped; scores are over its {ds.n_items} "
+               "multiple-choice items\n" for ds in plan.data if ds.n_skipped_open]
     text = (f"# Evaluation: {title} in %, 95 % bootstrap interval\n\n{markdown_table(scores, plan, metric)}\n\n"
-            + "".join(f"- n/a: {n.removeprefix('not applicable: ')}\n" for n in whole) + "".join(part))
+            + "".join(f"- n/a: {n.removeprefix('not applicable: ')}\n" for n in whole) + "".join(part)
+            + "".join(skipped))
     atomic_write_bytes(out / "table.md", text.encode())
 
 

@@ -174,7 +174,10 @@ def prepare_out_dir(out: Path, fingerprint: str, overwrite: bool, owned: Iterabl
 
 def distinct_names(paths: Sequence[str]) -> list[str]:
     """Each path's shortest tail (its last folder names) that no other path shares: ``run`` for one run, and
-    ``seed0/run``, ``seed1/run`` for two runs whose folders have the same name, so labels never merge."""
+    ``seed0/run``, ``seed1/run`` for two runs whose folders have the same name, so labels never merge. A path that
+    ends in no folder name (``.``, ``..``, ``data/..``) is named by the folder it points at, as when given by name:
+    the label is a name, and probe.eval's bootstrap streams, keyed by it, do not depend on how the path was typed."""
+    paths = [os.path.abspath(p) if Path(p).name in ("", "..") else p for p in paths]
     parts = [Path(p).parts[1 if Path(p).is_absolute() else 0:] or (str(p),) for p in paths]
     for k in range(1, max(map(len, parts), default=1) + 1):
         names = ["/".join(q[-k:]) for q in parts]

@@ -260,6 +260,19 @@ def test_outputs_and_scores_against_items(eval_run, data_dir):
     assert run["status"] == "complete" and run["reference"] == "tiny-qwen2-vl"
 
 
+def test_table_says_how_many_open_ended_items_a_set_skipped(eval_run, data_dir, text_dir):
+    """Only multiple-choice items are scored; table.md says how many open-ended ones each set left out (it said
+    nothing, so 'N items' read as the set's size, and MMMU's own scores count open items too)."""
+    out, _ = eval_run
+    rows = pd.concat([pd.read_parquet(f) for f in sorted(Path(data_dir).glob("*/validation-*.parquet"))])
+    n_open = int((rows["question_type"] == "open").sum())
+    assert n_open > 0  # the fixture's set has some
+    table = (out / "table.md").read_text()
+    assert (f"- {Path(data_dir).name}: {n_open} open-ended items skipped; scores are over its {len(rows) - n_open} "
+            "multiple-choice items\n") in table
+    assert f"- {Path(text_dir).name}: " not in table  # a set without open items gets no such line
+
+
 def test_eval_items_equal_the_one_item_path(eval_run, load_tiny, text_dir):
     """The CLI's per-item table is the one-item path's, item by item (batched inside)."""
     from probe.mmmu import load_items
@@ -387,6 +400,24 @@ def test_a_set_labelled_longer_beside_a_namesake_gets_the_same_intervals(eval_ru
     got = got[got["data"] == label][cols].reset_index(drop=True)
     assert len(want) > 1 and (want["p_answer_hi"] > want["p_answer_lo"]).all()  # ... the intervals did not
     pd.testing.assert_frame_equal(got, want)
+
+
+def test_a_set_given_as_dot_is_named_and_resampled_as_its_folder(eval_run, tmp_path, text_dir, monkeypatch):
+    """`--data .` from inside the set's folder is that folder: labelled by its name and given its intervals (it
+    used to be labelled '.', and its bootstrap stream keyed by '.' gave other intervals than `--data text`)."""
+    out, _ = eval_run
+    text = Path(text_dir).name
+    monkeypatch.chdir(text_dir)
+    assert _eval("--models", "tiny-qwen2", "--data", ".", "--batch-size", "4", "--max-new-tokens", "3", "--quiet",
+                 "--out", tmp_path / "run") == 0
+    got = pd.read_csv(tmp_path / "run" / "scores.csv")
+    assert set(got["data"]) == {text}
+    cols = ["subject", "n_items", "accuracy_lo", "accuracy_hi", "prob_accuracy_lo", "prob_accuracy_hi",
+            "p_answer_lo", "p_answer_hi"]
+    want = pd.read_csv(out / "scores.csv")
+    want = want[(want["model"] == "tiny-qwen2") & (want["data"] == text)][cols].reset_index(drop=True)
+    assert len(want) > 1 and (want["p_answer_hi"] > want["p_answer_lo"]).all()
+    pd.testing.assert_frame_equal(got[cols].reset_index(drop=True), want)
 
 
 def test_a_model_changed_in_place_or_other_scoring_is_another_run(tiny_dirs, text_dir, tmp_path, capfd):
@@ -749,3 +780,29 @@ def test_an_out_dir_in_use_by_another_command_is_refused(text_dir, tiny_dirs, tm
         assert capfd.readouterr().err.strip().splitlines()[-1] == refused
     assert sorted(p.name for p in out.rglob("*")) == before
     assert _eval(*args) == 0 and part.is_file()
+
+
+def test_eval_figure_titles_a_set_no_model_could_read_without_a_count(eval_run, tmp_path, monkeypatch):
+    """A panel's n is its set's size; where every model is n/a on a set, scores.csv holds no count of it, and the
+    title said n=0 for a set of several items. Now it says n/a; a scored set keeps its n from scores.csv."""
+    import figures.eval as fe
+
+    out, _ = eval_run
+    scores = pd.read_csv(out / "scores.csv", keep_default_na=False, na_values=[""])
+    alone = scores[scores["model"] == "tiny-qwen2"]  # the text LM: n/a on the image set, scored on the text set
+    (tmp_path / "scores.csv").write_text(alone.to_csv(index=False))
+    import matplotlib.pyplot as plt
+
+    titles = {}
+
+    def keep_titles(fig, *args) -> list:
+        titles.update((ax.get_title().split(" (")[0], ax.get_title()) for ax in fig.axes if ax.get_title())
+        plt.close(fig)  # as save_png_pdf does: later tests check that no figure is left open
+        return []
+
+    monkeypatch.setattr(fe, "save_png_pdf", keep_titles)
+    fe.draw_eval(tmp_path)
+    top = alone[alone["subject"] == "all"].set_index("data")["n_items"]
+    assert min(top) == 0 < max(top)
+    for data, n in top.items():
+        assert titles[data] == (f"{data} (n={n})" if n else f"{data} (n/a)"), titles
