@@ -544,3 +544,25 @@ def test_float16_output_that_overflows_exits_2(tmp_path, capfd):
     ref = ((canonical(a)["layers.0.mlp.down_proj.weight"].float()
             + canonical(b)["layers.0.mlp.down_proj.weight"].float()) / 2).half()
     assert torch.equal(merged_lm(tmp_path / "avg")["layers.0.mlp.down_proj.weight"], ref)
+
+
+def test_nan_in_vocabulary_rows_only_the_base_has_exits_2_for_every_method(zoo, tmp_path, capfd):
+    """The rows past the experts' vocabulary are copied from the base: TIES wrote a NaN there with exit 0, while
+    the linear methods refused it. Every method now refuses it; finite, they are the base's rows bit for bit."""
+    lm = tiny.resize_vocab(tiny.base_lm(0), 136)
+    ok = tiny.write_model("qwen2", tmp_path / "big", lm)
+    lm["embed_tokens.weight"][130, 3] = float("nan")
+    bad = tiny.write_model("qwen2", tmp_path / "big_nan", lm)
+    capfd.readouterr()
+    for method in ("ties", "task_arithmetic", "shift", "average"):
+        code = run(merge.main, "--base", bad, "--models", zoo["vl"], zoo["q1"], "--method", method, "--quiet",
+                   "--out", tmp_path / "o")
+        errors = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("error:")]
+        assert code == 2 and len(errors) == 1, (method, errors)
+        assert "big_nan" in errors[0] and "embed_tokens" in errors[0] and "NaN" in errors[0], method
+        assert not (tmp_path / "o").exists()
+    assert run(merge.main, "--base", ok, "--models", zoo["vl"], zoo["q1"], "--method", "ties", "--quiet",
+               "--out", tmp_path / "t") == 0
+    got, base = merged_lm(tmp_path / "t"), canonical(ok)
+    for t in ("embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(got[t][128:], base[t][128:])
