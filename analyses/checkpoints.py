@@ -98,6 +98,16 @@ class SafetensorsFile:
             if hi < lo or base + hi > size or info.nbytes != hi - lo:
                 raise BadInput(f"{self.path}: corrupt or truncated safetensors file (tensor {key!r})")
             self.tensors[key] = info
+        # the tensors tile the data section, as the safetensors library requires before transformers loads a file:
+        # overlapping ranges would read one tensor's bytes as another's, a gap or tail bytes belong to none
+        end = base
+        for info in sorted(self.tensors.values(), key=lambda i: (i.start, i.end)):
+            if info.start != end:
+                raise BadInput(f"{self.path}: corrupt safetensors file (tensor byte ranges overlap or leave a gap, "
+                               f"at {info.key!r})")
+            end = info.end
+        if end != size:
+            raise BadInput(f"{self.path}: corrupt safetensors file ({size - end} bytes after the last tensor)")
 
     def _map(self) -> mmap.mmap:
         if self._mm is None:

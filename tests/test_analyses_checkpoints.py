@@ -101,6 +101,33 @@ def test_corrupt_file(zoo, tmp_path, capsys):
     assert_bad(code, err, out, "corrupt")
 
 
+def test_safetensors_ranges_that_overlap_or_leave_bytes_over_are_corrupt(zoo, tmp_path, capsys):
+    """Two tensors over the same bytes (one read as the other: exit 0 with wrong numbers) or bytes after the last
+    tensor: the safetensors library, and so transformers, refuses both files; the analyses do too."""
+    from safetensors import SafetensorError, safe_open
+
+    d = corrupt_copy(zoo["q1"], tmp_path / "q_overlap")
+    f = d / "model.safetensors"
+    raw = f.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    a, b = "model.layers.0.input_layernorm.weight", "model.layers.1.input_layernorm.weight"
+    header[a]["data_offsets"] = header[b]["data_offsets"]  # same shape and dtype: only the ranges tell
+    text = json.dumps(header, separators=(",", ":")).encode()
+    f.write_bytes(raw[:8] + text + b" " * (n - len(text)) + raw[8 + n:])
+    variants = {"overlap": f.read_bytes(), "bytes after": raw + b"\0" * 8}
+    out = tmp_path / "o"
+    for needle, data in variants.items():
+        f.write_bytes(data)
+        with pytest.raises(SafetensorError):  # the oracle: the reader transformers uses
+            safe_open(str(f), "pt")
+        for main, argv in ((shift.main, ["--base", zoo["base"], "--models", d, "--no-figures"]),
+                           (merge.main, ["--models", zoo["base"], d, "--method", "average"]),
+                           (trajectory.main, ["--base", zoo["base"], "--experts", d, "--no-figures"])):
+            code, err = run_cli(main, [*argv, "--out", out], capsys)
+            assert_bad(code, err, out, "corrupt", "q_overlap", needle)
+
+
 def test_nan_tensor_named(zoo, tmp_path, capsys):
     d = corrupt_copy(zoo["q1"], tmp_path / "q_nan")
     sd = load_file(d / "model.safetensors")
