@@ -644,9 +644,12 @@ def read_config_json(model_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise BadInput(f"{model_dir}: no config.json (not a Hugging Face model directory)")
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8 text (UnicodeDecodeError)
         raise BadInput(f"{path}: unreadable config.json ({exc})") from None
+    if not isinstance(config, dict):  # every reader does config.get(...)
+        raise BadInput(f"{path}: unreadable config.json (not a JSON object)")
+    return config
 
 
 @dataclass(frozen=True)

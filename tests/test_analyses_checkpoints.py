@@ -128,6 +128,19 @@ def test_safetensors_ranges_that_overlap_or_leave_bytes_over_are_corrupt(zoo, tm
             assert_bad(code, err, out, "corrupt", "q_overlap", needle)
 
 
+@pytest.mark.parametrize("raw", [b"[1, 2]", b"\xff\xfe{\x00"])
+def test_a_config_json_that_is_not_a_json_object_is_bad_input(zoo, tmp_path, capsys, raw):
+    """A JSON array, or bytes that are not UTF-8, in config.json was a traceback (exit 1) in every command."""
+    d = corrupt_copy(zoo["q1"], tmp_path / "q_cfg")
+    (d / "config.json").write_bytes(raw)
+    out = tmp_path / "o"
+    for main, argv in ((shift.main, ["--base", zoo["base"], "--models", d, "--no-figures"]),
+                       (merge.main, ["--models", zoo["base"], d, "--method", "average"]),
+                       (trajectory.main, ["--base", d, "--experts", zoo["vl"], "--no-figures"])):
+        code, err = run_cli(main, [*argv, "--out", out], capsys)
+        assert_bad(code, err, out, "unreadable config.json", "q_cfg")
+
+
 def test_nan_tensor_named(zoo, tmp_path, capsys):
     d = corrupt_copy(zoo["q1"], tmp_path / "q_nan")
     sd = load_file(d / "model.safetensors")
