@@ -306,6 +306,9 @@ def test_quiet_silences_the_progress_bars_and_only_inside(zoo, tmp_path, capfd):
     (["--method", "task_arithmetic", "--lambda", "nan"], "--lambda must be a finite number"),
     (["--method", "shift", "--temperature", "inf"], "--temperature must be a finite number"),
     (["--method", "average", "--shard-size", "0"], "--shard-size must be at least 1 byte"),
+    (["--method", "average", "--shard-size", "."], "bad size '.'"),  # tracebacks before: no digits, and inf
+    (["--method", "average", "--shard-size", "1.2.3MB"], "bad size '1.2.3MB'"),
+    (["--method", "average", "--shard-size", "9" * 400], "bad size '999"),
 ])
 def test_merge_numbers_must_be_finite_and_in_range(zoo, tmp_path, capsys, args, needle):
     """NaN passes every range comparison and inf turns a softmax into NaN: both are refused by name up front."""
