@@ -23,7 +23,7 @@ import torch
 
 from probe.errors import BadInput
 from probe.families import (FAMILIES, Family, Layout, canonical_lm_name, check_layout_model_type, detect_layout,
-                            read_config_json)
+                            read_config_json, says_untied)
 from probe.families import text_config_dict
 
 DTYPES: dict[str, torch.dtype] = {
@@ -318,6 +318,9 @@ def open_checkpoint(spec: str, allow_bin: bool = False) -> Checkpoint:
             lm[canon] = key
     if "embed_tokens.weight" not in lm or not any(c.startswith("layers.") for c in lm):
         raise BadInput(f"{path}: no LM tensors found under layout {layout.name}")
+    if "lm_head.weight" not in lm and says_untied(config, FAMILIES[layout.family]):
+        raise BadInput(f"{path}: no lm_head tensor, yet config.json unties it from embed_tokens "
+                       "(tie_word_embeddings false): transformers would initialise it at random; a damaged checkpoint")
     if f8 := next((k for k in lm.values() if infos[k].dtype in FLOAT8), None):
         raise BadInput(f"{path}: LM tensor {f8} is {DTYPE_NAMES[infos[f8].dtype]}, a quantized checkpoint's codes "
                        "(their scales are separate tensors); dequantize it to bf16/fp16/fp32 first")
