@@ -23,7 +23,7 @@ import torch
 
 from probe.errors import BadInput
 from probe.families import (FAMILIES, Family, Layout, canonical_lm_name, check_layout_model_type, detect_layout,
-                            read_config_json)
+                            read_config_json, says_untied)
 from probe.families import text_config_dict
 
 DTYPES: dict[str, torch.dtype] = {
@@ -98,6 +98,16 @@ class SafetensorsFile:
             if hi < lo or base + hi > size or info.nbytes != hi - lo:
                 raise BadInput(f"{self.path}: corrupt or truncated safetensors file (tensor {key!r})")
             self.tensors[key] = info
+        # the tensors tile the data section, as the safetensors library requires before transformers loads a file:
+        # overlapping ranges would read one tensor's bytes as another's, a gap or tail bytes belong to none
+        end = base
+        for info in sorted(self.tensors.values(), key=lambda i: (i.start, i.end)):
+            if info.start != end:
+                raise BadInput(f"{self.path}: corrupt safetensors file (tensor byte ranges overlap or leave a gap, "
+                               f"at {info.key!r})")
+            end = info.end
+        if end != size:
+            raise BadInput(f"{self.path}: corrupt safetensors file ({size - end} bytes after the last tensor)")
 
     def _map(self) -> mmap.mmap:
         if self._mm is None:
@@ -308,6 +318,9 @@ def open_checkpoint(spec: str, allow_bin: bool = False) -> Checkpoint:
             lm[canon] = key
     if "embed_tokens.weight" not in lm or not any(c.startswith("layers.") for c in lm):
         raise BadInput(f"{path}: no LM tensors found under layout {layout.name}")
+    if "lm_head.weight" not in lm and says_untied(config, FAMILIES[layout.family]):
+        raise BadInput(f"{path}: no lm_head tensor, yet config.json unties it from embed_tokens "
+                       "(tie_word_embeddings false): transformers would initialise it at random; a damaged checkpoint")
     if f8 := next((k for k in lm.values() if infos[k].dtype in FLOAT8), None):
         raise BadInput(f"{path}: LM tensor {f8} is {DTYPE_NAMES[infos[f8].dtype]}, a quantized checkpoint's codes "
                        "(their scales are separate tensors); dequantize it to bf16/fp16/fp32 first")

@@ -264,12 +264,7 @@ class Merger:
                 if not finite_output(acc, out):  # NaN/Inf in an input or an overflow: one pass, in cache
                     self.raise_nonfinite(plan, views, lo, hi, out.dtype)
                 sink.write(out)
-        for lo, hi in chunks(plan.ref.numel - plan.common, MERGE_CHUNK):  # vocab rows only the reference has
-            tail = views[0][plan.common + lo:plan.common + hi]
-            check_finite(tail, self.names[0], plan.ref.key)
-            out = sink.buffer(hi - lo)
-            out.copy_(tail)
-            sink.write(out)
+        self.copy_tail(plan, views[0], sink)
         del terms
 
     def merge_slices(self, plan: TensorPlan, views: list[torch.Tensor], axis: int, weights: torch.Tensor,
@@ -319,9 +314,16 @@ class Merger:
                 if not finite_output(merged, out):
                     self.raise_nonfinite(plan, views, lo, hi, out.dtype)
                 sink.write(out)
-        for lo, hi in chunks(plan.ref.numel - plan.common, MERGE_CHUNK):  # vocab rows only the base has
+        self.copy_tail(plan, base, sink)
+
+    def copy_tail(self, plan: TensorPlan, ref: torch.Tensor, sink: Any) -> None:
+        """The vocabulary rows only the reference has, copied as they are (DESIGN §5), refused with NaN/Inf like
+        the merged rows (every method: TIES wrote a base's NaN there with exit 0)."""
+        for lo, hi in chunks(plan.ref.numel - plan.common, MERGE_CHUNK):
+            tail = ref[plan.common + lo:plan.common + hi]
+            check_finite(tail, self.names[0], plan.ref.key)
             out = sink.buffer(hi - lo)
-            out.copy_(base[plan.common + lo:plan.common + hi])
+            out.copy_(tail)
             sink.write(out)
 
     def combine(self, terms: Sequence[tuple[torch.Tensor, float]], lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import glob
 import json
+import math
 import os
 import queue
 import re
@@ -33,12 +34,13 @@ Chunk = torch.Tensor | memoryview | bytes
 
 def parse_size(text: str) -> int:
     """``5GB``, ``500MB``, ``2GiB`` or a plain byte count."""
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?i?B?)?\s*", text, re.I)
-    if not m:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?i?B?)?\s*", text, re.I)  # not "." nor "1.2.3"
+    value = float(m.group(1)) if m else math.nan
+    if not math.isfinite(value):  # 400 digits: inf, which int() cannot take
         raise BadInput(f"bad size {text!r} (use e.g. 5GB, 500MB)")
     unit = (m.group(2) or "").upper().rstrip("B")
     mult = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
-    return int(float(m.group(1)) * mult[unit])
+    return int(value * mult[unit])
 
 
 @dataclass(frozen=True)

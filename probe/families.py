@@ -644,9 +644,12 @@ def read_config_json(model_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise BadInput(f"{model_dir}: no config.json (not a Hugging Face model directory)")
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8 text (UnicodeDecodeError)
         raise BadInput(f"{path}: unreadable config.json ({exc})") from None
+    if not isinstance(config, dict):  # every reader does config.get(...)
+        raise BadInput(f"{path}: unreadable config.json (not a JSON object)")
+    return config
 
 
 @dataclass(frozen=True)
@@ -757,14 +760,30 @@ def untie_word_embeddings(config: Mapping[str, Any], family: Family) -> dict[str
     sub-config the class is built from (Omni's thinker) and the text config. transformers 5 re-ties a composite
     model whose text_config alone still says true (Qwen2VLConfig, LlavaOnevisionConfig), ignoring the lm_head."""
     out = json.loads(json.dumps(config))
-    out["tie_word_embeddings"] = False
-    for path in filter(None, (family.config_path, family.text_config_attr)):
-        node: Any = out
-        for part in path.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-            if isinstance(node, dict):
-                node["tie_word_embeddings"] = False
+    for node in _tie_nodes(out, family):
+        node["tie_word_embeddings"] = False
     return out
+
+
+def says_untied(config: Mapping[str, Any], family: Family) -> bool:
+    """config.json sets ``tie_word_embeddings`` false and nowhere true (where transformers reads it): the model
+    has an lm_head of its own, which a checkpoint without one lacks (transformers initialises it at random).
+    Unset everywhere is not untied: the class default decides, often tied."""
+    said = [node["tie_word_embeddings"] for node in _tie_nodes(config, family) if "tie_word_embeddings" in node]
+    return bool(said) and not any(said)
+
+
+def _tie_nodes(config: Mapping[str, Any], family: Family) -> list[Any]:
+    """The top level of config.json and every dict on the paths to the sub-config the class is built from and to
+    the text config: where transformers reads ``tie_word_embeddings``."""
+    nodes = [config]
+    for path in filter(None, (family.config_path, family.text_config_attr)):
+        node: Any = config
+        for part in path.split("."):
+            node = node.get(part) if isinstance(node, Mapping) else None
+            if isinstance(node, Mapping):
+                nodes.append(node)
+    return nodes
 
 
 _CANONICAL_LM = re.compile(r"^(embed_tokens\.weight|norm\.weight|lm_head\.weight|layers\.\d+\..+)$")

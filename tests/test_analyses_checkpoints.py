@@ -101,6 +101,46 @@ def test_corrupt_file(zoo, tmp_path, capsys):
     assert_bad(code, err, out, "corrupt")
 
 
+def test_safetensors_ranges_that_overlap_or_leave_bytes_over_are_corrupt(zoo, tmp_path, capsys):
+    """Two tensors over the same bytes (one read as the other: exit 0 with wrong numbers) or bytes after the last
+    tensor: the safetensors library, and so transformers, refuses both files; the analyses do too."""
+    from safetensors import SafetensorError, safe_open
+
+    d = corrupt_copy(zoo["q1"], tmp_path / "q_overlap")
+    f = d / "model.safetensors"
+    raw = f.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    a, b = "model.layers.0.input_layernorm.weight", "model.layers.1.input_layernorm.weight"
+    header[a]["data_offsets"] = header[b]["data_offsets"]  # same shape and dtype: only the ranges tell
+    text = json.dumps(header, separators=(",", ":")).encode()
+    f.write_bytes(raw[:8] + text + b" " * (n - len(text)) + raw[8 + n:])
+    variants = {"overlap": f.read_bytes(), "bytes after": raw + b"\0" * 8}
+    out = tmp_path / "o"
+    for needle, data in variants.items():
+        f.write_bytes(data)
+        with pytest.raises(SafetensorError):  # the oracle: the reader transformers uses
+            safe_open(str(f), "pt")
+        for main, argv in ((shift.main, ["--base", zoo["base"], "--models", d, "--no-figures"]),
+                           (merge.main, ["--models", zoo["base"], d, "--method", "average"]),
+                           (trajectory.main, ["--base", zoo["base"], "--experts", d, "--no-figures"])):
+            code, err = run_cli(main, [*argv, "--out", out], capsys)
+            assert_bad(code, err, out, "corrupt", "q_overlap", needle)
+
+
+@pytest.mark.parametrize("raw", [b"[1, 2]", b"\xff\xfe{\x00"])
+def test_a_config_json_that_is_not_a_json_object_is_bad_input(zoo, tmp_path, capsys, raw):
+    """A JSON array, or bytes that are not UTF-8, in config.json was a traceback (exit 1) in every command."""
+    d = corrupt_copy(zoo["q1"], tmp_path / "q_cfg")
+    (d / "config.json").write_bytes(raw)
+    out = tmp_path / "o"
+    for main, argv in ((shift.main, ["--base", zoo["base"], "--models", d, "--no-figures"]),
+                       (merge.main, ["--models", zoo["base"], d, "--method", "average"]),
+                       (trajectory.main, ["--base", d, "--experts", zoo["vl"], "--no-figures"])):
+        code, err = run_cli(main, [*argv, "--out", out], capsys)
+        assert_bad(code, err, out, "unreadable config.json", "q_cfg")
+
+
 def test_nan_tensor_named(zoo, tmp_path, capsys):
     d = corrupt_copy(zoo["q1"], tmp_path / "q_nan")
     sd = load_file(d / "model.safetensors")
@@ -266,6 +306,9 @@ def test_quiet_silences_the_progress_bars_and_only_inside(zoo, tmp_path, capfd):
     (["--method", "task_arithmetic", "--lambda", "nan"], "--lambda must be a finite number"),
     (["--method", "shift", "--temperature", "inf"], "--temperature must be a finite number"),
     (["--method", "average", "--shard-size", "0"], "--shard-size must be at least 1 byte"),
+    (["--method", "average", "--shard-size", "."], "bad size '.'"),  # tracebacks before: no digits, and inf
+    (["--method", "average", "--shard-size", "1.2.3MB"], "bad size '1.2.3MB'"),
+    (["--method", "average", "--shard-size", "9" * 400], "bad size '999"),
 ])
 def test_merge_numbers_must_be_finite_and_in_range(zoo, tmp_path, capsys, args, needle):
     """NaN passes every range comparison and inf turns a softmax into NaN: both are refused by name up front."""

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from analyses import merge, shift, tiny
+from analyses import merge, shift, tiny, trajectory
 from analyses.checkpoints import open_checkpoint
 from probe.errors import cli_main
 from probe.models import NO_HUB_KERNELS
@@ -562,3 +562,53 @@ def test_a_full_disk_mid_merge_is_one_line_and_leaves_nothing(zoo, tmp_path, cap
     errors = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "no space left on device; free space and rerun" in errors[0], errors
     assert list(tmp_path.iterdir()) == []
+
+
+def test_nan_in_vocabulary_rows_only_the_base_has_exits_2_for_every_method(zoo, tmp_path, capfd):
+    """The rows past the experts' vocabulary are copied from the base: TIES wrote a NaN there with exit 0, while
+    the linear methods refused it. Every method now refuses it; finite, they are the base's rows bit for bit."""
+    lm = tiny.resize_vocab(tiny.base_lm(0), 136)
+    ok = tiny.write_model("qwen2", tmp_path / "big", lm)
+    lm["embed_tokens.weight"][130, 3] = float("nan")
+    bad = tiny.write_model("qwen2", tmp_path / "big_nan", lm)
+    capfd.readouterr()
+    for method in ("ties", "task_arithmetic", "shift", "average"):
+        code = run(merge.main, "--base", bad, "--models", zoo["vl"], zoo["q1"], "--method", method, "--quiet",
+                   "--out", tmp_path / "o")
+        errors = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("error:")]
+        assert code == 2 and len(errors) == 1, (method, errors)
+        assert "big_nan" in errors[0] and "embed_tokens" in errors[0] and "NaN" in errors[0], method
+        assert not (tmp_path / "o").exists()
+    assert run(merge.main, "--base", ok, "--models", zoo["vl"], zoo["q1"], "--method", "ties", "--quiet",
+               "--out", tmp_path / "t") == 0
+    got, base = merged_lm(tmp_path / "t"), canonical(ok)
+    for t in ("embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(got[t][128:], base[t][128:])
+
+
+def test_a_checkpoint_without_the_lm_head_its_config_unties_is_refused(zoo, tmp_path, capfd):
+    """No lm_head on disk reads as tied, but a config.json with tie_word_embeddings false says the model has one:
+    transformers initialises it at random (the oracle: its load report), and probe.eval refuses such a dir. shift,
+    merge and trajectory compared and merged its embedding as the head, exit 0. With the config tying them it is
+    a tied model and is read as one."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    d = shutil.copytree(zoo["q1"], tmp_path / "headless")
+    sd = load_file(d / "model.safetensors")
+    del sd["lm_head.weight"]
+    save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+    _, info = AutoModelForCausalLM.from_pretrained(d, output_loading_info=True)
+    assert "lm_head.weight" in info["missing_keys"]
+    capfd.readouterr()
+    for main, argv in ((shift.main, ["--base", zoo["base"], "--models", d, "--no-figures"]),
+                       (merge.main, ["--base", zoo["base"], "--models", zoo["vl"], d]),
+                       (merge.main, ["--base", zoo["base"], "--models", zoo["vl"], "--carrier", d]),
+                       (trajectory.main, ["--base", zoo["base"], "--experts", d, "--no-figures"])):
+        code = run(main, *argv, "--quiet", "--out", tmp_path / "o")
+        errors = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("error:")]
+        assert code == 2 and len(errors) == 1 and "headless" in errors[0] and "no lm_head" in errors[0], errors
+        assert not (tmp_path / "o").exists()
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    assert run(shift.main, "--base", zoo["base"], "--models", d, "--no-figures", "--quiet", "--out", tmp_path / "s") == 0

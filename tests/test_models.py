@@ -64,10 +64,11 @@ def test_config_without_model_type_or_unknown_type(tmp_path):
         resolve_model(str(tmp_path / "b"))
 
 
-def test_unreadable_config_json(tmp_path):
+@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"\xff\xfe{\x00"])  # a list, UTF-16: tracebacks before
+def test_unreadable_config_json(tmp_path, raw):
     write_model_dir(tmp_path, qwen2_config())
-    (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(BadInput):
+    (tmp_path / "config.json").write_bytes(raw)
+    with pytest.raises(BadInput, match="unreadable config.json"):
         resolve_model(str(tmp_path))
 
 
