@@ -10,11 +10,11 @@ import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
-from analyses.checkpoints import VOCAB_TENSORS, Checkpoint, TensorInfo, layer_module
+from analyses.checkpoints import VOCAB_TENSORS, Checkpoint, TensorInfo, chunks, layer_module
 from probe.errors import BadInput
 
 
@@ -38,6 +38,18 @@ class TensorPlan:
         """Leading flat elements the reference and input ``j`` both have: Eq. 3 compares model j with the base on
         these, so its Δ does not depend on which other models (of fewer rows) share the run."""
         return leading_common((self.infos[0], self.infos[j]))
+
+
+def paired_chunks(plan: TensorPlan, views: Sequence[torch.Tensor], size: int
+                  ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """``(j, reference chunk as float32, input j's chunk)`` over the flat elements input ``j`` (1-based, as in
+    ``plan.infos``) shares with the reference, chunk by chunk: each reference chunk is read and converted once."""
+    ends = [plan.common_with(j) for j in range(1, len(views))]
+    for lo, hi in chunks(max(ends, default=0), size):
+        b = views[0][lo:hi].float()
+        for j, (v, end) in enumerate(zip(views[1:], ends), start=1):
+            if lo < end:
+                yield j, b[:min(hi, end) - lo], v[lo:min(hi, end)]
 
 
 def leading_common(infos: Sequence[TensorInfo]) -> int:

@@ -27,7 +27,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from analyses.align import Alignment, TensorPlan, align, check_finite
+from analyses.align import Alignment, TensorPlan, align, check_finite, paired_chunks
 from analyses.checkpoints import (Checkpoint, add_output_args, check_inputs_and_out, checkpoint_fingerprint, chunks,
                                   open_checkpoint, progress, quiet_progress)
 from analyses.formulas import (FORMULAS, ShiftStats, average_coefficients, shift_coefficients,
@@ -223,17 +223,13 @@ class Merger:
             deltas = self.shift_table.deltas(plan.canon)
         else:  # Eq. 3 on the fly, as analyses.shift computes it: one extra pass, Σ|Δ| over the rows both have
             sums = [0.0] * n_models
-            ends = [plan.common_with(j) for j in range(1, n_models + 1)]
-            for lo, hi in chunks(max(ends), CHUNK):
-                b = views[0][lo:hi].float()
-                for j, (v, end) in enumerate(zip(views[1:], ends)):
-                    if lo < end:
-                        sums[j] += ShiftStats.abs_sum(b[:min(hi, end) - lo], v[lo:min(hi, end)])
+            for j, b, v in paired_chunks(plan, views, CHUNK):
+                sums[j - 1] += ShiftStats.abs_sum(b, v)
             for total, v, nm, info in zip(sums, views[1:], self.names[1:], plan.infos[1:]):
                 if not math.isfinite(total):
                     check_finite(views[0], self.names[0], plan.infos[0].key)
                     check_finite(v, nm, info.key)
-            deltas = [total / max(end, 1) for total, end in zip(sums, ends)]
+            deltas = [total / max(plan.common_with(j), 1) for j, total in enumerate(sums, start=1)]
         return shift_coefficients(deltas, self.cfg.alpha0, self.cfg.temperature), deltas
 
     def merge_tensor(self, plan: TensorPlan, sink: Any) -> None:

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
-from analyses.align import Alignment, align, check_finite
-from analyses.checkpoints import (Checkpoint, add_output_args, check_inputs_and_out, checkpoint_fingerprint, chunks,
+from analyses.align import Alignment, align, check_finite, paired_chunks
+from analyses.checkpoints import (Checkpoint, add_output_args, check_inputs_and_out, checkpoint_fingerprint,
                                   layer_module, open_checkpoint, progress, quiet_progress)
 from analyses.formulas import ShiftStats
 from analyses.writer import atomic_dir, check_output, check_replaceable
@@ -60,12 +60,8 @@ def stream_stats(ckpts: Sequence[Checkpoint], plan_al: Alignment, names: Sequenc
     for plan in progress(plan_al.tensors, desc=desc, unit="tensor", leave=False):
         stats = [ShiftStats() for _ in ckpts[1:]]
         views = [ck.view(info).reshape(-1) for ck, info in zip(ckpts, plan.infos)]
-        ends = [plan.common_with(j) for j in range(1, len(ckpts))]
-        for lo, hi in chunks(max(ends, default=0), CHUNK):
-            b = views[0][lo:hi].float()
-            for st, v, end in zip(stats, views[1:], ends):
-                if lo < end:
-                    st.add(b[:min(hi, end) - lo], v[lo:min(hi, end)])
+        for j, b, v in paired_chunks(plan, views, CHUNK):
+            stats[j - 1].add(b, v)
         for st, ck, nm, info, v in zip(stats, ckpts[1:], names[1:], plan.infos[1:], views[1:]):
             if not st.finite:
                 check_finite(views[0], names[0], plan.infos[0].key)
