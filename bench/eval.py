@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.sweep import text_items  # noqa: E402
 from probe.batch import MAX_PADDING, evaluate_items  # noqa: E402
 from probe.devices import resolve_placement  # noqa: E402
-from probe.errors import ArgParser  # noqa: E402
+from probe.errors import ArgParser, check_counts, cli_main  # noqa: E402
 from probe.heads import default_data_for  # noqa: E402
 from probe.mmmu import load_items  # noqa: E402
 from probe.models import load_model, resolve_model  # noqa: E402
@@ -92,7 +92,7 @@ def compare(name: str, loaded, items, batch_size: int) -> dict:
             "same_prob_pred": f"{same_pred}/{len(items)}", "max_dp": dp}
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     p = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--items", type=int, default=128, help="organism-vl image items")
     p.add_argument("--smollm-items", type=int, default=32, help="SmolLM2 text items")
@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU, else float32), float32, bfloat16")
     args = p.parse_args(argv)
+    check_counts(args, ("items", "smollm_items", "batch_size", "threads"))
     placement = resolve_placement(args.device, args.dtype)
     print(placement.description)
     if args.threads:
@@ -122,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         print(f"| {r['case']} | {r['items']} | {r['tokens']} | {r['one_s']:.2f} s | {r['batched_s']:.2f} s | "
               f"**{r['speedup']:.1f}×** | {r['same_text']} | {r['same_prob_pred']} | {r['max_dp']:.1e} |")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli_main(main))

@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from probe.errors import ArgParser  # noqa: E402
+from probe.errors import ArgParser, check_counts, cli_main  # noqa: E402
 
 
 def make_models(workdir: Path, k: int, params_m: int, dtype: str) -> list[Path]:
@@ -196,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="our merge method measured (default average; mergekit's counterpart: linear, ties, "
                     "task_arithmetic; salience has none)")
     a = ap.parse_args(argv)
+    check_counts(a, ("k", "params_m", "rounds"))
     work = a.workdir or Path(tempfile.mkdtemp(prefix="bench-merge-"))
     try:
         dirs = make_models(work, a.k, a.params_m, a.dtype)
@@ -261,4 +262,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_main(main))

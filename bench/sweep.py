@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from probe.archs import ARCHS  # noqa: E402
 from probe.devices import resolve_placement  # noqa: E402
-from probe.errors import ArgParser, BadInput, cli_main  # noqa: E402
+from probe.errors import ArgParser, BadInput, check_counts, cli_main  # noqa: E402
 from probe.heads import DEFAULT_MODEL, default_data_for, parse_index_spec  # noqa: E402
 from probe.mmmu import load_items  # noqa: E402
 from probe.models import LoadedModel, load_model, resolve_model  # noqa: E402
@@ -157,11 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.model and args.random_config:
         raise BadInput("give --model or --random-config, not both")
-    for name in ("layers", "vision_layers", "vocab_size", "image_size", "text_tokens", "items", "naive_heads",
-                 "batch_size", "threads"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise BadInput(f"--{name.replace('_', '-')} must be ≥ 1, got {value}")
+    check_counts(args, ("layers", "vision_layers", "vocab_size", "image_size", "text_tokens", "items", "naive_heads",
+                        "batch_size", "threads"))
     if not args.random_config and any(v is not None for v in (args.layers, args.vision_layers, args.vocab_size)):
         raise BadInput("--layers, --vision-layers and --vocab-size cut a --random-config model")
     if args.threads:

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from probe.errors import ArgParser  # noqa: E402
+from probe.errors import ArgParser, check_counts, cli_main  # noqa: E402
 from probe.mmmu import load_mmmu  # noqa: E402
 from probe.train import collate, encode, label_count, label_loss, model_inputs, modality_parts  # noqa: E402
 from probe.zoo import organism_dir, validation_dir  # noqa: E402
@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the batch drawn (default: 0)")
     args = ap.parse_args(argv)
+    check_counts(args, ("batch", "repeats", "threads"))
     torch.set_num_threads(args.threads)
     print(f"{args.threads} thread(s), batch {args.batch}, median of {args.repeats}")
     print("| organism | rows (tokens) | whole batch, padded | parts + logits_to_keep | speed-up | max |Δ grad| |")
@@ -92,4 +93,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli_main(main))

@@ -109,6 +109,9 @@ def resolve_placement(device: str = "auto", dtype: str = "auto", attn_implementa
         devices = [f"cuda:{i}" for i in gpu_share(len(q.cuda_names), local_rank, local_world)] or ["cpu"]
     else:
         devices = [_check_device(d.strip(), q) for d in device.split(",")]
+        if "cuda" in devices and (local_rank or 0) >= len(q.cuda_names):  # "cuda" is the rank's GPU: it must exist
+            raise BadInput(f"--device {device}: rank {local_rank} has no GPU of its own ({len(q.cuda_names)} "
+                           "visible); run at most one process per GPU")
         devices = [f"cuda:{local_rank or 0}" if d == "cuda" else d for d in devices]
         if len(devices) > 1 and (len(set(devices)) < len(devices) or not all(d.startswith("cuda:") for d in devices)):
             raise BadInput(f"--device {device}: a list names distinct GPUs (cuda:0,cuda:1,…)")

@@ -49,6 +49,15 @@ class ArgParser(argparse.ArgumentParser):
         self.exit(2, f"error: {' '.join(message.split())} (see --help)\n")
 
 
+def check_counts(args: argparse.Namespace, names: Sequence[str]) -> None:
+    """Options that count something (``--batch-size``, ``--items`` …) are ≥ 1 when given: BadInput naming the
+    first that is not (0 or a negative count fails later as a traceback, or loops over nothing)."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise BadInput(f"--{name.replace('_', '-')} must be ≥ 1, got {value}")
+
+
 def check_out_path(out: Path) -> None:
     """``out`` is, or can be created as, a directory: neither it nor any existing parent is a file, and the
     nearest existing one is writable (a read-only mount or directory was a traceback at the first write, after

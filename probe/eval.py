@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from probe.errors import ArgParser, BadInput, cli_main
+from probe.errors import ArgParser, BadInput, check_counts, cli_main
 from probe.families import ALIASES
 from probe.heads import (_Help, _progress, add_placement_args, add_prompt_args, add_run_args, check_out_not_model,
                          load_template, run_versions, saved_run_info)
@@ -120,10 +120,7 @@ def make_plan(args: argparse.Namespace):
     from probe.prompting import can_read, check_prompts
     from probe.results import distinct_names
 
-    for name in ("limit", "batch_size", "max_new_tokens", "image_max_side"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise BadInput(f"--{name.replace('_', '-')} must be ≥ 1, got {value}")
+    check_counts(args, ("limit", "batch_size", "max_new_tokens", "image_max_side"))
     if args.seed < 0:  # numpy's bootstrap generator refuses it, but only after run.json and the parts are written
         raise BadInput(f"--seed must be ≥ 0, got {args.seed}")
     placement = resolve_placement(args.device, args.dtype, args.attn_implementation)

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from probe.errors import ArgParser, BadInput, cli_main
+from probe.errors import ArgParser, BadInput, check_counts, cli_main
 from probe.families import ALIASES
 
 DEFAULT_MODEL = "organism-vl"
@@ -180,10 +180,7 @@ def make_plan(args: argparse.Namespace):
     from probe.models import model_fingerprint, resolve_model
     from probe.prompting import check_modalities, check_prompts
 
-    for name in ("limit", "batch_size", "chunk_size", "max_new_tokens", "image_max_side"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise BadInput(f"--{name.replace('_', '-')} must be ≥ 1, got {value}")
+    check_counts(args, ("limit", "batch_size", "chunk_size", "max_new_tokens", "image_max_side"))
     placement = resolve_placement(args.device, args.dtype, args.attn_implementation)
     ref = resolve_model(args.model)
     g = ref.geometry

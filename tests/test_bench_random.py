@@ -81,6 +81,34 @@ def test_bad_input_exits_2_with_one_line(args, match, tmp_path):
     assert len(lines) == 1 and match in lines[0]
 
 
+@pytest.mark.parametrize("script,args,match", [
+    ("eval.py", ["--device", "cuda"], "no CUDA GPU is visible"),
+    ("eval.py", ["--dtype", "float8"], "unknown --dtype 'float8'"),
+    ("eval.py", ["--batch-size", "0"], "--batch-size must be ≥ 1, got 0"),
+    ("eval.py", ["--items", "-1"], "--items must be ≥ 1, got -1"),
+    ("train_step.py", ["--repeats", "0"], "--repeats must be ≥ 1, got 0"),
+    ("train_step.py", ["--batch", "0"], "--batch must be ≥ 1, got 0"),
+    ("merge.py", ["--rounds", "0"], "--rounds must be ≥ 1, got 0"),
+])
+def test_the_other_bench_scripts_refuse_bad_input_with_one_line(script, args, match, monkeypatch, capsys):
+    """Run as scripts (``python bench/X.py``): these were tracebacks with exit 1 (BadInput raised past a bare
+    main(), or a ValueError / StatisticsError from a zero count), like bench/sweep.py's checks now exit 2."""
+    import runpy
+
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    monkeypatch.setattr("sys.argv", [str(REPO / "bench" / script), *args])
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit) as done:
+            runpy.run_path(str(REPO / "bench" / script), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
+    assert done.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0]
+
+
 def test_the_configs_are_the_published_7b_and_72b_shapes():
     """Parameter counts of the published checkpoints (model cards: 7.62B, 8.29B, 8.03B, 72.7B, 73.4B)."""
     import transformers

@@ -35,6 +35,18 @@ def test_gpus_without_bf16_and_torchrun_ranks():
         resolve_placement("cuda", "bfloat16", query=TWO_OLD_GPUS)
 
 
+def test_device_cuda_on_a_rank_without_its_own_gpu_is_bad_input():
+    """--device cuda is the rank's GPU; a rank past the visible GPUs was an IndexError traceback (exit 1) while
+    --device auto named the problem. Oracle: auto's own refusal of the same rank."""
+    for rank, world in ((2, None), (3, 4)):
+        with pytest.raises(BadInput, match=f"rank {rank} has no GPU of its own") as auto:
+            resolve_placement("auto", query=TWO_OLD_GPUS, local_rank=rank, local_world=world)
+        with pytest.raises(BadInput, match=f"rank {rank} has no GPU of its own \\(2 visible\\)") as explicit:
+            resolve_placement("cuda", query=TWO_OLD_GPUS, local_rank=rank, local_world=world)
+        assert str(explicit.value).split(": ", 1)[1] == str(auto.value).split(": ", 1)[1]
+    assert resolve_placement("cuda", query=TWO_OLD_GPUS, local_rank=1, local_world=4).device == "cuda:1"
+
+
 def test_local_rank_from_the_environment(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert resolve_placement(query=TWO_OLD_GPUS).device == "cuda:1"
