@@ -6,6 +6,7 @@ Resumable: the same command after a kill continues from the finished chunks.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -217,6 +218,7 @@ def versions() -> dict[str, str]:
             "omniprobe_code": code_digest()}
 
 
+@functools.cache  # once per process: the source it runs, not edits made on disk while it runs
 def code_digest() -> str:
     """A digest of the toolkit's own source (probe/ and analyses/ .py files): its version number stays 0.1.0
     across edits and upgrades, so this is what tells a resume that the code computing its parts changed."""
