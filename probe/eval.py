@@ -360,7 +360,8 @@ def markdown_table(scores: Any, plan: EvalPlan, metric: str) -> str:
     for ds in plan.data:
         subs = ds.subjects
         sub = scores[scores["data"] == ds.name].set_index(["model", "subject"])
-        head = [f"| {ds.name} ({ds.n_items} item{'s' if ds.n_items != 1 else ''}) | {' | '.join(subs)} |", "|---" * (len(subs) + 1) + "|"]
+        n = f"{ds.n_items} item{'s' if ds.n_items != 1 else ''}"
+        head = [f"| {ds.name} ({n}) | {' | '.join(subs)} |", "|---" * (len(subs) + 1) + "|"]
         body = [f"| {e.name} | " + " | ".join(_cell(sub.loc[(e.name, s)], metric, plan.n_unread(e.name, ds.name, s))
                                               for s in subs) + " |" for e in plan.models]
         blocks.append("\n".join(head + body))
