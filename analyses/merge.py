@@ -436,7 +436,8 @@ def write_carrier(carrier: Checkpoint, merged: Checkpoint, dest: Path, shard_siz
                 common = rows * (info.numel // info.shape[0]) if info.shape and info.shape[0] else info.numel
                 for lo, hi in chunks(common, CHUNK):
                     part = m[lo:hi].to(info.dtype)
-                    if narrow(info.dtype) and not narrow(minfo.dtype) and not finite_output(part, part):
+                    # m[lo:hi], not part, is the result: a float16 sum of finite float16 values can itself overflow
+                    if narrow(info.dtype) and not narrow(minfo.dtype) and not finite_output(m[lo:hi], part):
                         raise BadInput(f"carrier {dest.name}: the merged {canon} overflows its "
                                        f"{str(info.dtype).removeprefix('torch.')} (the carrier keeps its dtype)")
                     sink.write(part)

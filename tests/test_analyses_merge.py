@@ -612,3 +612,18 @@ def test_a_checkpoint_without_the_lm_head_its_config_unties_is_refused(zoo, tmp_
     config = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
     assert run(shift.main, "--base", zoo["base"], "--models", d, "--no-figures", "--quiet", "--out", tmp_path / "s") == 0
+
+
+def test_a_float16_carrier_of_large_finite_weights_is_not_taken_for_an_overflow(tmp_path):
+    """The carrier check summed the float16 cast itself: weights of 100 over 4,096 embedding elements sum past
+    65504 in float16 though every one is finite, and the carrier was refused as overflowing; now only a value that
+    overflows is, and the carrier's rows are the merge cast to float16."""
+    big = tiny.base_lm(0)
+    big["embed_tokens.weight"] = torch.full_like(big["embed_tokens.weight"], 100.0)
+    a = tiny.write_model("qwen2", tmp_path / "a", big)
+    b = tiny.write_model("qwen2", tmp_path / "b", tiny.perturb(big, 0.01, 3))
+    car = tiny.write_model("qwen2_vl", tmp_path / "car", big, dtype=torch.float16)
+    assert canonical(car)["embed_tokens.weight"].numel() * 100.0 > torch.finfo(torch.float16).max
+    assert run(merge.main, "--models", a, b, "--method", "average", "--carrier", car, "--out", tmp_path / "o") == 0
+    ref = merged_lm(tmp_path / "o")["embed_tokens.weight"].half()
+    assert torch.equal(canonical(tmp_path / "o" / "carriers" / "car")["embed_tokens.weight"], ref)
