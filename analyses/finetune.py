@@ -313,8 +313,9 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
             finish(out, saved, "complete")
         print(f"already complete: {out}")
         return out
+    software = versions()
     if start is not None:  # steps trained under other torch/transformers/omniprobe code: not the run it claims
-        check_same_software(out, saved_run_info(out).get("versions"), versions())
+        check_same_software(out, saved_run_info(out).get("versions"), software)
     source = ref.path
     if start is not None and cfg.lora is None:
         ref = resolve_model(str(resumable[start]))  # full fine-tuning resumes from the checkpoint's weights
@@ -339,7 +340,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     wait_for_everyone()
     out.mkdir(parents=True, exist_ok=True)
     run_info = {"config": fingerprint, "placement": asdict(placement), "n_rows": {k: len(v) for k, v in offsets.items()},
-                "versions": versions(), "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                "versions": software, "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     log_path = out / "train_log.csv"
     keep = []
     if start is not None and log_path.is_file():  # drop log lines past the checkpoint we resume from

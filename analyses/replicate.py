@@ -38,7 +38,7 @@ from analyses.checkpoints import quiet_progress
 from analyses.replicate_config import (DEFAULT_CONFIG, GENERATED, QUICK_CONFIG, ReplicateConfig, check_machine,
                                        parse_config)
 from probe.errors import ArgParser, BadInput, check_out_path, cli_main
-from probe.heads import SOFTWARE, versions
+from probe.heads import SOFTWARE, software_differences, versions
 from probe.results import content_fingerprint
 
 MARKER = "replicate.json"  # marks DIR as ours: only then are stage dirs inside it ever deleted
@@ -296,14 +296,6 @@ def write_state(out: Path, name: str, state: dict[str, Any]) -> None:
     atomic_write_json(out / STATE_DIR / f"{name}.json", state)
 
 
-def software_moved(saved: Any, now: dict[str, str]) -> str:
-    """What differs between the software a stage's kept parts ran and this process's ('' when nothing, or when
-    the state recorded none)."""
-    if not isinstance(saved, dict):
-        return ""
-    return ", ".join(f"{k} {saved.get(k)} (now {v})" for k, v in now.items() if k in saved and saved[k] != v)
-
-
 def run_stage(ctx: Context, stage: Stage, fp: str) -> str:
     state = read_state(ctx.out, stage.name)
     if stage.name != "report" and state.get("fingerprint") == fp and state.get("status") == "complete":
@@ -311,10 +303,11 @@ def run_stage(ctx: Context, stage: Stage, fp: str) -> str:
         return "skipped"
     sdir = ctx.out / stage.name
     resumed = state.get("fingerprint") == fp
-    now = {k: versions()[k] for k in SOFTWARE}
-    if resumed and (moved := software_moved(state.get("versions"), now)):
+    now = {k: v for k, v in versions().items() if k in SOFTWARE}
+    if resumed and (moved := software_differences(state.get("versions"), now)):
         # its commands would refuse to mix two setups' parts (and ask for an --overwrite this driver has not got)
-        print(f"== {stage.name}: its parts were computed under {moved}: starting it again", file=sys.stderr)
+        then = ", ".join(f"{k} {state['versions'].get(k)} (now {now[k]})" for k in moved)
+        print(f"== {stage.name}: its parts were computed under {then}: starting it again", file=sys.stderr)
         resumed = False
     if sdir.exists() and not resumed and stage.name != "report":
         shutil.rmtree(sdir)  # inputs or software changed (or no record): its outputs no longer belong to this run

@@ -242,14 +242,19 @@ def saved_run_info(out: Path) -> dict[str, Any]:
     return saved if isinstance(saved, dict) else {}
 
 
+def software_differences(saved: Any, now: dict[str, str]) -> list[str]:
+    """The SOFTWARE keys whose recorded version is not this process's; none for a record that holds no versions,
+    and no code digest compared for one made before it was recorded."""
+    if not isinstance(saved, dict):
+        return []
+    return [k for k in SOFTWARE if (k in saved or k != "omniprobe_code") and saved.get(k) != now.get(k)]
+
+
 def check_same_software(out: Path, saved: Any, now: dict[str, str]) -> None:
     """A resume that computes parts must run the torch, transformers and omniprobe code its finished parts ran: an
     upgrade between the kill and the resume would mix two versions' numbers in one table, and run.json would name
     only the last. (A run.json from before the code digest was recorded is checked on the other two.)"""
-    if not isinstance(saved, dict):  # a run.json that recorded none
-        return
-    differ = [k for k in SOFTWARE if (k in saved or k != "omniprobe_code") and saved.get(k) != now.get(k)]
-    if differ:
+    if differ := software_differences(saved, now):
         then = ", ".join(f"{k} {saved.get(k)}" for k in differ)
         raise BadInput(f"--out {out} holds parts computed under {then}, but this process runs "
                        f"{', '.join(f'{k} {now.get(k)}' for k in differ)}: the table would mix both versions' "
