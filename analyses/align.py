@@ -137,18 +137,19 @@ def check_token_ids(ckpts: Sequence[Checkpoint], names: Sequence[str], rows: int
     """Row i of every vocabulary tensor must be the same token in every checkpoint: each token the reference's
     tokenizer maps below ``rows`` (the common rows that are compared/merged) must have the same id in the
     others'. Tokens only a carrier has (extra special tokens) are fine; a checkpoint without a tokenizer file
-    (tiny random models) is not compared."""
-    ref = token_ids(ckpts[0].path)
-    if ref is None:
+    (tiny random models) is not compared. The reference is the first checkpoint that has a tokenizer, so a base
+    without one does not leave the others unchecked."""
+    found = [(ids, nm) for ck, nm in zip(ckpts, names) if (ids := token_ids(ck.path)) is not None]
+    if not found:
         return
-    for ck, nm in zip(ckpts[1:], names[1:]):
-        ids = token_ids(ck.path)
-        if ids is None or ids is ref:
+    (ref, ref_name), others = found[0], found[1:]
+    for ids, nm in others:
+        if ids is ref:
             continue
         for tok, i in ref.items():
             if i < rows and ids.get(tok) != i:
                 other = "absent" if tok not in ids else f"id {ids[tok]}"
-                raise BadInput(f"tokenizers differ: token {tok!r} is id {i} in {names[0]} but {other} in {nm} "
+                raise BadInput(f"tokenizers differ: token {tok!r} is id {i} in {ref_name} but {other} in {nm} "
                                f"(rows of different tokens would be compared/merged)")
 
 

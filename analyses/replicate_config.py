@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from analyses.sketch import SKETCH_DIMS
 from probe.errors import BadInput
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -231,8 +232,8 @@ def check_values(cfg: ReplicateConfig) -> None:
                    ("finetune.batch_size", cfg.finetune.batch_size), ("finetune.steps", cfg.finetune.steps)):
         if v < 1:
             raise BadInput(f"config key {key!r}: must be ≥ 1")
-    if cfg.trajectory.sketch_dim < 2:  # analyses.trajectory's own floor, met only at the end of the pipeline
-        raise BadInput("config key 'trajectory.sketch_dim': must be ≥ 2")
+    if cfg.trajectory.sketch_dim not in SKETCH_DIMS:  # analyses.trajectory's own range, met only at the end
+        raise BadInput(f"config key 'trajectory.sketch_dim': must be in {SKETCH_DIMS.start} .. {SKETCH_DIMS.stop - 1}")
     if not 0 <= cfg.seed < 2**32:  # the t-SNE of the trajectory stage (sklearn) takes no other seed
         raise BadInput(f"config key 'seed': must be in 0 .. 2^32 - 1, got {cfg.seed}")
     if cfg.train.seed < 0:

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 import torch
 
 SKETCH_CHUNK = 1 << 20  # fixed: the hashes depend on it, so changing it changes every sketch
+# Sketch dimensions accepted: below 2 nothing can be embedded; past 2^20 float64 buckets per checkpoint (8 MiB each,
+# then PCA over them) memory runs out long before the projection gains anything (t-SNE sees tens of points).
+SKETCH_DIMS = range(2, (1 << 20) + 1)
 
 
 def chunk_seed(seed: int, name: str, chunk: int) -> int:

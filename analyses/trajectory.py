@@ -29,7 +29,7 @@ import torch
 from analyses.align import align, check_finite
 from analyses.checkpoints import (Checkpoint, add_output_args, check_inputs_and_out, open_checkpoint,
                                   progress, quiet_progress)
-from analyses.sketch import SKETCH_CHUNK, CountSketch
+from analyses.sketch import SKETCH_CHUNK, SKETCH_DIMS, CountSketch
 from analyses.writer import atomic_dir, check_output, check_replaceable
 from probe.errors import ArgParser, BadInput, cli_main
 from probe.results import distinct_names
@@ -142,8 +142,8 @@ def embed_2d(x: np.ndarray, perplexity: float, seed: int) -> tuple[dict[str, np.
 
 def run_trajectory(cfg: TrajectoryConfig) -> dict[str, Any]:
     check_output(cfg.out, cfg.overwrite)
-    if cfg.sketch_dim < 2:
-        raise BadInput("--sketch-dim must be >= 2")
+    if cfg.sketch_dim not in SKETCH_DIMS:
+        raise BadInput(f"--sketch-dim must be in {SKETCH_DIMS.start} .. {SKETCH_DIMS.stop - 1}, got {cfg.sketch_dim}")
     if not (math.isfinite(cfg.perplexity) and cfg.perplexity > 0):  # NaN passes a plain "<= 0" test
         raise BadInput(f"--perplexity must be a finite number > 0, got {cfg.perplexity}")
     if not 0 <= cfg.seed < 2**32:  # sklearn's PCA and t-SNE take random_state in 0 .. 2^32 - 1

@@ -464,6 +464,28 @@ def test_tokenizers_that_map_a_token_to_another_row_are_refused(zoo, tmp_path, c
     assert "tokenizers differ" in capfd.readouterr().err and not (tmp_path / "c").exists()
 
 
+def test_tokenizers_of_the_models_are_compared_when_the_base_has_none(zoo, tmp_path, capfd):
+    """The base was the only reference: a base without a tokenizer file left two models whose tokenizers map
+    tokens to different rows unchecked, and their rows of different tokens were merged with exit 0."""
+    rows = canonical(zoo["base"])["embed_tokens.weight"].shape[0]
+    tokens = [f"t{i}" for i in range(rows)]
+    dirs = {name: shutil.copytree(zoo[name], tmp_path / name) for name in ("base", "vl", "q1")}
+    for f in dirs["base"].glob("*"):
+        assert not f.name.startswith("tokenizer") and f.name not in ("vocab.json", "added_tokens.json")
+    write_tokenizer(dirs["vl"], tokens)
+    write_tokenizer(dirs["q1"], tokens)
+    assert run(merge.main, "--base", dirs["base"], "--models", dirs["vl"], dirs["q1"], "--out", tmp_path / "ok") == 0
+    swapped = list(tokens)
+    swapped[3], swapped[4] = swapped[4], swapped[3]
+    write_tokenizer(dirs["q1"], swapped)
+    capfd.readouterr()
+    for main, out in ((merge.main, "m"), (shift.main, "s")):
+        assert run(main, "--base", dirs["base"], "--models", dirs["vl"], dirs["q1"], "--out", tmp_path / out) == 2
+        err = capfd.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "tokenizers differ" in err and str(dirs["vl"]) in err
+        assert str(dirs["q1"]) in err and not (tmp_path / out).exists()
+
+
 def test_a_models_delta_does_not_depend_on_the_other_models_vocab(zoo, tmp_path):
     """Δavg was taken over the rows *every* model of the run has: adding a model with a smaller vocabulary to the
     shift run changed vl's embed_tokens Δ, and so the α a merge --shift from that run gave vl (exit 0, not what

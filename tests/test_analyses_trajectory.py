@@ -122,6 +122,8 @@ def test_two_checkpoint_dirs_of_one_step_are_bad_input(models, tmp_path, capsys)
     (["--seed", str(2**32)], "--seed"),
     (["--perplexity", "nan"], "--perplexity"),  # NaN passed the "<= 0" test
     (["--perplexity", "inf"], "--perplexity"),
+    (["--sketch-dim", "1"], "--sketch-dim"),
+    (["--sketch-dim", str(2**40)], "--sketch-dim"),  # an out-of-memory traceback after the checkpoints were opened
 ])
 def test_bad_numbers_exit_2_one_line_nothing_written(models, tmp_path, capsys, extra: list[str], needle: str) -> None:
     out = tmp_path / "t"

@@ -354,6 +354,7 @@ def _write(tmp_path: Path, text: str) -> Path:
     (lambda t: t.replace("seed = 0 ", "seed = -1 "), "'seed'"),
     (lambda t: t.replace("mixed = { text = 3", "mixed = { text = nan"), "'finetune.runs.mixed.text'"),
     (lambda t: t.replace("sketch_dim = 256", "sketch_dim = 1"), "'trajectory.sketch_dim'"),
+    (lambda t: t.replace("sketch_dim = 256", "sketch_dim = 1099511627776"), "'trajectory.sketch_dim'"),
     # a run name is a directory under finetune/ and steps/: "../../x" trained outside --out
     (lambda t: t.replace("text = { text = 1 }", '"../../escaped" = { text = 1 }'), "'finetune.runs.../../escaped'"),
     (lambda t: t.replace("text = { text = 1 }", '"" = { text = 1 }'), "'finetune.runs.'"),
