@@ -7,7 +7,7 @@ into the masked rows — a shape error with several rows, a silently wrong answe
 sensitive lives here, is checked loudly (``UpstreamChanged`` names the API and this file), and is tested in
 ``tests/test_upstream.py`` against every release the project declares.
 
-Checked against transformers 5.23.0 and 5.24.0 (``TESTED_TRANSFORMERS``); the device a dispatched module runs on
+Checked against transformers 5.23.0, 5.24.0 and 5.25.0 (``TESTED_TRANSFORMERS``); the device a dispatched module runs on
 is read from accelerate's hook (checked with accelerate 1.15 and 1.16). 5.25 kernelizes models by default;
 probe/models.py loads with hub kernels off (NO_HUB_KERNELS).
 """
@@ -23,7 +23,7 @@ from torch import nn
 
 from probe.errors import RunStopped
 
-TESTED_TRANSFORMERS = ("5.23.0", "5.24.0")
+TESTED_TRANSFORMERS = ("5.23.0", "5.24.0", "5.25.0")
 
 # The names a decoder layer / model has used for its KV cache argument, newest first.
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
