@@ -125,12 +125,23 @@ def write_csv(path: Path, rows: Sequence[ShiftRow]) -> None:
 
 
 def read_shift_csv(path: Path) -> dict[tuple[str, str], float]:
-    """(model, tensor) -> Δavg from a saved ``shift.csv`` (for ``analyses.merge --shift``)."""
+    """(model, tensor) -> Δavg from a saved ``shift.csv`` (for ``analyses.merge --shift``). A hand-edited value
+    that Eq. 3 cannot give (NaN, inf, negative) or a row given twice is refused by its line: either would become
+    the merge's α without a word."""
+    table: dict[tuple[str, str], float] = {}
     try:
-        with open(path, newline="") as f:
-            return {(r["model"], r["tensor"]): float(r["delta_avg"]) for r in csv.DictReader(f)}
-    except (OSError, KeyError, ValueError) as exc:
+        with open(path, newline="", encoding="utf-8") as f:
+            for line, r in enumerate(csv.DictReader(f), start=2):  # line 1: the header
+                key, v = (r["model"], r["tensor"]), float(r["delta_avg"])
+                if not (math.isfinite(v) and v >= 0):
+                    raise ValueError(f"line {line}: delta_avg {r['delta_avg']} for {key[0]} {key[1]} "
+                                     "is not a mean absolute difference (finite, ≥ 0)")
+                if key in table:
+                    raise ValueError(f"line {line}: {key[0]} {key[1]} appears twice")
+                table[key] = v
+    except (OSError, KeyError, ValueError, TypeError, UnicodeDecodeError) as exc:
         raise BadInput(f"{path}: unreadable shift.csv ({exc})") from None
+    return table
 
 
 def checkpoint_entry(ck: Checkpoint, name: str) -> dict[str, Any]:

@@ -128,6 +128,35 @@ def test_eq4_equals_in_memory(zoo, tmp_path):
             assert [row[str(m)] for m in models] == pytest.approx((0.6 * a).tolist(), rel=1e-6)
 
 
+@pytest.mark.parametrize("edit, needle", [
+    (lambda v: "nan", "delta_avg nan"),
+    (lambda v: "inf", "delta_avg inf"),
+    (lambda v: repr(-float(v)), "not a mean absolute difference"),
+    (None, "appears twice"),
+])
+def test_a_hand_edited_shift_csv_is_refused_by_its_line(zoo, tmp_path, capfd, edit, needle):
+    """A NaN Δavg in shift.csv went into Eq. 4's softmax and out as a message about NaN weights; a negative one or a
+    row given twice became an α without a word. Each is one line naming shift.csv and the line."""
+    models = [zoo["vl"], zoo["q1"]]
+    assert run(shift.main, "--base", zoo["base"], "--models", *models, "--out", tmp_path / "s", "--no-figures") == 0
+    path = tmp_path / "s" / "shift.csv"
+    lines = path.read_text().splitlines()
+    cols = lines[0].split(",")
+    row = lines[3].split(",")
+    if edit is None:
+        lines.insert(4, lines[3])
+    else:
+        row[cols.index("delta_avg")] = edit(row[cols.index("delta_avg")])
+        lines[3] = ",".join(row)
+    path.write_text("\n".join(lines) + "\n")
+    before = path.read_bytes()
+    capfd.readouterr()
+    assert run(merge.main, "--base", zoo["base"], "--models", *models, "--shift", tmp_path / "s",
+               "--out", tmp_path / "m") == 2
+    err = capfd.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(path) in err and needle in err, err
+    assert f"line {4 if edit else 5}" in err and not (tmp_path / "m").exists() and path.read_bytes() == before
+
 def test_shift_dir_equals_recomputed(zoo, tmp_path):
     models = [zoo["vl"], zoo["q1"]]
     assert run(shift.main, "--base", zoo["base"], "--models", *models, "--out", tmp_path / "s", "--no-figures") == 0
