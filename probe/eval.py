@@ -318,6 +318,7 @@ def score_table(items: Any, plan: EvalPlan, reference: str | None, seed: int):
                                     ("p_answer", "p_answer")):
                     iv = bootstrap_mean(sub[col].to_numpy(), seed, f"{key}|{metric}") if len(sub) else NAN
                     row |= {metric: iv.value, f"{metric}_lo": iv.lo, f"{metric}_hi": iv.hi}
+                row["note"] = "; ".join(filter(None, [row["note"], all_alike_note(row)]))
                 diffs = {"accuracy": NAN, "prob_accuracy": NAN}
                 n_paired = None
                 if ref is not None and len(sub) and entry.name != reference and len(ref):
@@ -338,6 +339,21 @@ def score_table(items: Any, plan: EvalPlan, reference: str | None, seed: int):
     return pd.DataFrame.from_records(rows, columns=SCORE_COLUMNS).astype({"diff_n": "Int64"})  # a count, or empty
 
 
+def all_alike_note(row: dict[str, Any]) -> str:
+    """For a row whose accuracy or probability accuracy is 0 % or 100 % (its bootstrap interval has zero width
+    however few the items): the exact 95 % interval such a score allows."""
+    from probe.stats import all_alike_interval
+
+    parts = []
+    for value in (1.0, 0.0):
+        metrics = [m for m in ("accuracy", "prob_accuracy") if row[m] == value]
+        if metrics and row["n_items"]:
+            lo, hi = all_alike_interval(row["n_items"], value == 1.0)
+            parts.append(f"{' and '.join(metrics)} {'all right' if value else 'all wrong'} (zero-width bootstrap "
+                         f"interval, exact 95 % Clopper-Pearson [{100 * lo:.1f}, {100 * hi:.1f}])")
+    return "; ".join(parts)
+
+
 def _cell(r: Any, metric: str, n_lost: int = 0) -> str:
     if r.n_items == 0:
         return "n/a"
@@ -345,7 +361,8 @@ def _cell(r: Any, metric: str, n_lost: int = 0) -> str:
     if v != v:  # NaN: not measured (--no-generate)
         return "—"
     part = f" ({r.n_items} of {r.n_items + n_lost} items)" if n_lost else ""  # not comparable with a whole row
-    return f"{100 * v:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]{part}"
+    alike = "†" if v in (0.0, 1.0) else ""  # a zero-width bootstrap interval: see the note
+    return f"{100 * v:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]{alike}{part}"
 
 
 def markdown_table(scores: Any, plan: EvalPlan, metric: str) -> str:
@@ -382,9 +399,12 @@ def write_results(out: Path, items: Any, scores: Any, plan: EvalPlan) -> None:
     # MMMU's own scores count open-ended items too: a set's "(N items)" is not its size when some were left out
     skipped = [f"- {ds.name}: {ds.n_skipped_open} open-ended items skipped; scores are over its {ds.n_items} "
                "multiple-choice items\n" for ds in plan.data if ds.n_skipped_open]
+    alike = [("- † every item right (or every item wrong): the bootstrap interval has zero width however few the "
+              "items; scores.csv's note gives the exact 95 % (Clopper-Pearson) interval\n")
+             ] if scores[metric].isin([0.0, 1.0]).any() else []
     text = (f"# Evaluation: {title} in %, 95 % bootstrap interval\n\n{markdown_table(scores, plan, metric)}\n\n"
             + "".join(f"- n/a: {n.removeprefix('not applicable: ')}\n" for n in whole) + "".join(part)
-            + "".join(skipped))
+            + "".join(skipped) + "".join(alike))
     atomic_write_bytes(out / "table.md", text.encode())
 
 

@@ -52,3 +52,14 @@ def paired_difference(a: np.ndarray, b: np.ndarray, seed: int, key: str, n_boot:
     if a.shape != b.shape:
         raise ValueError(f"paired samples differ in length: {a.shape} vs {b.shape}")
     return bootstrap_mean(a - b, seed, key, n_boot, level)
+
+
+def all_alike_interval(n: int, all_right: bool, level: float = LEVEL) -> tuple[float, float]:
+    """The exact (Clopper–Pearson) interval of a rate whose ``n`` binary items all came out alike, where the
+    percentile bootstrap has zero width (every resample is the same): all right → [((1 − level)/2)^(1/n), 1],
+    all wrong → [0, 1 − ((1 − level)/2)^(1/n)]. E.g. 16 of 16 right: [0.794, 1]."""
+    if n < 1:
+        raise ValueError(f"need at least one item, got {n}")
+    edge = ((1 - level) / 2) ** (1 / n)
+    return (edge, 1.0) if all_right else (0.0, 1 - edge)
+

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -164,6 +166,43 @@ def test_bootstrap_against_direct_computation():
     assert np.isnan(bootstrap_mean(np.array([1.0, np.nan]), 0, "k").value)  # accuracy not measured
 
 
+
+@pytest.mark.parametrize("n", [1, 5, 16, 200])
+def test_all_alike_interval_is_the_exact_binomial_interval(n):
+    """The interval table.md and scores.csv's note give a 0 % or 100 % score, against scipy's Clopper–Pearson."""
+    from scipy.stats import binomtest
+
+    from probe.stats import all_alike_interval
+
+    for k, right in ((n, True), (0, False)):
+        want = binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact")
+        assert all_alike_interval(n, right) == pytest.approx((want.low, want.high), abs=1e-12)
+
+
+def test_a_score_of_0_or_100_percent_says_its_bootstrap_interval_has_no_width(tmp_path):
+    """Every resample of an all-right (or all-wrong) set is the same, so table.md printed 100.0 [100.0, 100.0] for
+    16 items as if the score were certain. The cell is now marked and the row's note gives the exact interval."""
+    from probe.eval import DataSet, EvalPlan, ModelEntry, score_table, write_results
+    from probe.stats import all_alike_interval
+
+    outcomes = {"right": [1] * 16, "wrong": [0] * 16, "mixed": [1, 0] * 8}
+    rows = [{"model": m, "data": "d", "item_id": str(i), "subject": "S", "correct": float(c),
+             "prob_correct": float(c), "p_answer": 0.5} for m, cs in outcomes.items() for i, c in enumerate(cs)]
+    plan = EvalPlan([ModelEntry(m, m, "qwen2", "fp") for m in outcomes],
+                    [DataSet("d", "d", "d", "fp", 16, 0, ["S"])], {}, {}, {}, {"generate": True})
+    scores = score_table(pd.DataFrame(rows), plan, None, 0)
+    top = scores[scores["subject"] == "all"].set_index("model")
+    for m, right in (("right", True), ("wrong", False)):
+        assert top.loc[m, "accuracy_lo"] == top.loc[m, "accuracy_hi"]  # what the bootstrap gives
+        lo, hi = all_alike_interval(16, right)
+        assert f"[{100 * lo:.1f}, {100 * hi:.1f}]" in top.loc[m, "note"]
+        assert ("all right" if right else "all wrong") in top.loc[m, "note"]
+    assert top.loc["mixed", "note"] == "" and top.loc["mixed", "accuracy_lo"] < top.loc["mixed", "accuracy_hi"]
+    write_results(tmp_path, pd.DataFrame(rows), scores, plan)
+    table = (tmp_path / "table.md").read_text()
+    assert "| right | 100.0 [100.0, 100.0]† |" in table and "| wrong | 0.0 [0.0, 0.0]† |" in table
+    assert "| mixed | 50.0 [" in table and "]† |" not in table.split("| mixed |")[1].splitlines()[0]
+    assert "Clopper-Pearson" in table
 
 def test_paired_difference_pairs_items_within_their_subject():
     """Item ids need only be unique within a subject (a user's set may number each subject 1, 2, …): the
@@ -579,6 +618,12 @@ def odd_sets(tmp_path_factory, text_dir, data_dir):
     return {name: root / name for name in ("mixed", "extra", "special")}
 
 
+def other_notes(note: Any) -> str:
+    """A row's note without the part every 0 % / 100 % row gets (the tiny random models often score 0)."""
+    parts = [] if pd.isna(note) else [p for p in note.split("; ") if not re.search(r"all (right|wrong) \(", p)]
+    return "; ".join(parts)
+
+
 def test_a_text_model_is_scored_on_the_text_items_of_a_mixed_set(odd_sets, tmp_path):
     """A set mixing text and image subjects used to make a text model n/a everywhere, its text subject included,
     with a note that was false for that subject. Now it is scored on what it can read, and the rows say what not."""
@@ -588,7 +633,7 @@ def test_a_text_model_is_scored_on_the_text_items_of_a_mixed_set(odd_sets, tmp_p
     scores = pd.read_csv(out / "scores.csv", keep_default_na=False, na_values=[""]).set_index(["model", "subject"])
     items = pd.read_parquet(out / "items.parquet")
     text = scores.loc[("tiny-qwen2", "TextPart")]
-    assert text["n_items"] == 3 and pd.isna(text["note"]) and text["accuracy"] == pytest.approx(
+    assert text["n_items"] == 3 and not other_notes(text["note"]) and text["accuracy"] == pytest.approx(
         items[(items["model"] == "tiny-qwen2") & (items["subject"] == "TextPart")]["correct"].mean())
     image = scores.loc[("tiny-qwen2", "ImagePart")]
     assert image["n_items"] == 0 and image["note"].startswith("not applicable: tiny-qwen2 (qwen2) cannot read image")
@@ -598,7 +643,7 @@ def test_a_text_model_is_scored_on_the_text_items_of_a_mixed_set(odd_sets, tmp_p
     mine = items[items["model"] == "tiny-qwen2"].set_index("item_id")["correct"]
     ref = items[items["model"] == "tiny-qwen2-vl"].set_index("item_id")["correct"]
     assert whole["diff_accuracy"] == pytest.approx((mine - ref.loc[mine.index]).mean())  # paired on its 3 items
-    assert scores.loc[("tiny-qwen2-vl", "all")]["n_items"] == 5 and pd.isna(scores.loc[("tiny-qwen2-vl", "all")]["note"])
+    assert scores.loc[("tiny-qwen2-vl", "all")]["n_items"] == 5 and not other_notes(scores.loc[("tiny-qwen2-vl", "all")]["note"])
     assert "- tiny-qwen2 on mixed: scored on 3 items; 2 of 5 items not applicable" in (out / "table.md").read_text()
     from figures.eval import read_scores, set_size  # the figure draws it hollow, "3 of 5", from scores.csv alone
 
@@ -621,8 +666,8 @@ def test_a_reference_that_reads_fewer_items_says_what_its_difference_covers(odd_
     whole = scores.loc[("tiny-qwen2-vl", "all")]
     assert whole["n_items"] == 5 and whole["diff_n"] == 3
     assert whole["diff_accuracy"] == pytest.approx((mine.loc[both, "correct"] - ref.loc[both, "correct"]).mean())
-    assert whole["note"] == "diff over the 3 of 5 items tiny-qwen2 also answered"
-    assert scores.loc[("tiny-qwen2-vl", "TextPart"), "diff_n"] == 3 and pd.isna(
+    assert other_notes(whole["note"]) == "diff over the 3 of 5 items tiny-qwen2 also answered"
+    assert scores.loc[("tiny-qwen2-vl", "TextPart"), "diff_n"] == 3 and not other_notes(
         scores.loc[("tiny-qwen2-vl", "TextPart"), "note"])  # every item of it paired: nothing to say
     image = scores.loc[("tiny-qwen2-vl", "ImagePart")]
     assert image["diff_n"] == 0 and np.isnan(image["diff_accuracy"]) and image["note"].startswith("diff over the 0")
