@@ -66,3 +66,46 @@ def test_exact_engine_refuses_a_model_whose_logits_its_tail_does_not_reproduce(l
     finally:
         del m.model.config.final_logit_softcapping
 
+
+ROPES = {"dynamic": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
+         "longrope": {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8,
+                      "long_factor": [4.0] * 8, "original_max_position_embeddings": 80}}
+
+
+@pytest.mark.parametrize("kind", ROPES)
+def test_length_dependent_rope_past_its_limit_is_refused(kind, tmp_path):
+    """dynamic / longrope RoPE: past its original context transformers rescales by the longest row of the call
+    (dynamic also keeps it for later calls), so one prompt's logits depend on its batch and on what ran before.
+    Such an item is bad input in every engine and in batched evaluation; shorter ones are measured as usual."""
+    from probe.batch import evaluate_items
+    from probe.errors import BadInput
+    from probe.prompting import PromptTemplate, build_inputs
+    from probe.sweep import SweepConfig
+
+    m = build_and_load(tmp_path, "llama", {"rope_parameters": ROPES[kind], "max_position_embeddings": 80})
+    short = make_item(with_image=False, item_id="validation_Test_1")
+    long = make_item(with_image=False, item_id="validation_Test_2", question="Which shape is purple? " * 12)
+    n_short, n_long = (build_inputs(m, i, PromptTemplate())["input_ids"].shape[1] for i in (short, long))
+    assert n_short + 2 <= 80 < n_long  # 3 new tokens: the short item's run stays within the limit
+    # what is refused: a prompt within the limit batched with one past it gets other logits than alone
+    with torch.no_grad():
+        a, b = (build_inputs(m, i, PromptTemplate())["input_ids"] for i in (short, long))
+        alone = m.model(a).logits[0, -1]
+        pad = torch.full((1, n_long - n_short), m.tokenizer.pad_token_id)
+        mask = torch.ones(2, n_long, dtype=torch.long)
+        mask[0, :n_long - n_short] = 0
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        batched = m.model(torch.cat([torch.cat([pad, a], 1), b]), attention_mask=mask,
+                          position_ids=positions).logits[0, -1]
+        assert (batched - alone).abs().max() > 1e-5
+        m.model(a)  # a short call: dynamic RoPE drops its grown frequencies again
+    cfg = SweepConfig(generate=True, max_new_tokens=3)
+    for engine in ("naive", "exact", "attribution"):
+        with pytest.raises(BadInput, match=rf"validation_Test_2: its run spans {n_long + 2} positions.*{kind}"):
+            sweep(engine, m, [short, long], True)
+    with pytest.raises(BadInput, match="validation_Test_2"):
+        evaluate_items(m, [short, long], cfg, batch_size=2)
+    naive, exact = sweep("naive", m, [short], True), sweep("exact", m, [short], True)
+    np.testing.assert_allclose(exact["p_answer"], naive["p_answer"], atol=1e-5, rtol=0)
+    assert (naive["response"] == exact["response"]).all()
+    assert m.rope_limit == (kind, 80)
