@@ -29,7 +29,7 @@ from probe.sweep import (BASELINE, Measurement, SweepConfig, first_token_measure
                          prepare_item)
 from probe.upstream import (LayerCall, cache_kwarg, cache_layer_kv, call_layer, check_cache, full_length_cache,
                             model_call_with_cache, module_device, output_cache, prefix_cache, record_layer_call,
-                            reset_position_state)
+                            reset_position_state, UpstreamChanged)
 
 
 @dataclass
@@ -40,6 +40,7 @@ class CleanPass:
     injected: list[torch.Tensor | None]
     cache: Any | None  # clean KV cache of the prompt (only kept when decoding)
     last_logits: torch.Tensor  # [V] at the last prompt position
+    last_output: torch.Tensor  # [1, 1, d]: the last decoder layer's output at the last position
 
     @property
     def length(self) -> int:
@@ -67,9 +68,9 @@ def clean_pass(loaded: LoadedModel, inputs: dict[str, torch.Tensor], keep_cache:
 
     def output_recorder(i: int):
         def hook(module, args, kw, out):
-            if i < n - 1:
-                # a copy: a model that edits the residual in place between layers must still show the edit
-                previous[i] = (out[0] if isinstance(out, tuple) else out).clone()
+            # a copy: a model that edits the residual in place between layers must still show the edit
+            h = out[0] if isinstance(out, tuple) else out
+            previous[i] = h.clone() if i < n - 1 else h[:, -1:].clone()
 
         return hook
 
@@ -85,9 +86,38 @@ def clean_pass(loaded: LoadedModel, inputs: dict[str, torch.Tensor], keep_cache:
     finally:
         for h in handles:
             h.remove()
-    if any(c is None for c in calls):
+    if any(c is None for c in calls) or n - 1 not in previous:
         raise RuntimeError("clean pass did not run every decoder layer")
-    return CleanPass(calls, injected, output_cache(out) if keep_cache else None, out.logits[0, -1])
+    clean = CleanPass(calls, injected, output_cache(out) if keep_cache else None, out.logits[0, -1], previous[n - 1])
+    check_lm_tail(loaded, clean)
+    return clean
+
+
+def lm_tail(loaded: LoadedModel, h: torch.Tensor) -> torch.Tensor:
+    """Logits [rows, V] at the last position of the residual ``h`` [rows, T, d] leaving the last decoder layer: the
+    final norm, the LM head and, where the model class applies it to its logits, Gemma's final soft-capping (a
+    Gemma3ForCausalLM reads ``final_logit_softcapping`` from its own config; the multimodal Gemma 3 does not)."""
+    norm = loaded.model.get_submodule(loaded.family.norm_path)
+    head = loaded.model.get_submodule(loaded.family.lm_head_path)
+    last = norm(h[:, -1:].to(module_device(norm)))
+    logits = head(last.to(module_device(head)))[:, -1].to(loaded.device)
+    if cap := getattr(loaded.model.config, "final_logit_softcapping", None):
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def check_lm_tail(loaded: LoadedModel, clean: CleanPass) -> None:
+    """Masked rows end in ``lm_tail``, not in the model's forward: on the clean row it must give the model's own
+    logits, else a model whose forward post-processes them (soft-capping, a logit scale) would be measured without."""
+    with torch.no_grad():
+        mine = lm_tail(loaded, clean.last_output)[0].float()
+    want = clean.last_logits.float()
+    tol = 1e-4 if loaded.dtype == torch.float32 else 2e-2
+    if not torch.allclose(mine, want, atol=tol * max(1.0, float(want.abs().max())), rtol=0):
+        raise UpstreamChanged(f"{type(loaded.model).__name__}'s logits are not its final norm and LM head "
+                              f"({loaded.family.norm_path}, {loaded.family.lm_head_path}) applied to the last "
+                              f"decoder layer's output (max difference {float((mine - want).abs().max()):.3g}), "
+                              "which the exact engine's masked rows rely on")
 
 
 def head_gates(n_rows: int, n_heads: int, heads: Sequence[int], first_row: int = 0) -> torch.Tensor:
@@ -125,10 +155,7 @@ def run_rows(
                 h = h + clean.injected[i].to(h.device)
         if cache is not None:  # the rows' own cache, clean below `first` and masked from it: nothing else
             check_cache(cache, range(len(layers)), len(rows), clean.length)
-        norm = loaded.model.get_submodule(loaded.family.norm_path)
-        head = loaded.model.get_submodule(loaded.family.lm_head_path)
-        last = norm(h[:, -1:].to(module_device(norm)))
-        return head(last.to(module_device(head)))[:, -1].to(loaded.device)
+        return lm_tail(loaded, h)
 
 
 def greedy_continue(

@@ -209,6 +209,13 @@ class LoadedModel:
         return [module_device(layer) for layer in self.layers]
 
     @cached_property
+    def rope_limit(self) -> tuple[str, int] | None:
+        """(RoPE type, positions) beyond which this model's RoPE depends on run history and batch (upstream)."""
+        from probe.upstream import rope_position_limit
+
+        return rope_position_limit(self.model)
+
+    @cached_property
     def eos_token_ids(self) -> set[int]:
         """Every id that ends generation: the generation config's (int or list) and the tokenizer's."""
         ids = self.model.generation_config.eos_token_id

@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from probe.errors import RunStopped
+from probe.errors import BadInput, RunStopped
 from probe.masking import mask_heads
 from probe.metrics import kl_orig_masked, option_log_probs, prob_choice
 from probe.models import LoadedModel
@@ -119,8 +119,26 @@ def measurement_row(
 
 def prepare_item(loaded: LoadedModel, item: ItemLike, cfg: SweepConfig) -> tuple[dict[str, torch.Tensor], list[int]]:
     """Model inputs of an item (images encoded once) and the token ids of its option letters."""
-    return (build_inputs(loaded, item, cfg.template, cfg.image_max_side),
-            letter_token_ids(loaded.tokenizer, item.letters))
+    inputs = build_inputs(loaded, item, cfg.template, cfg.image_max_side)
+    check_rope_length(loaded, item, inputs["input_ids"].shape[1], cfg)
+    return inputs, letter_token_ids(loaded.tokenizer, item.letters)
+
+
+def check_rope_length(loaded: LoadedModel, item: ItemLike, n_prompt: int, cfg: SweepConfig) -> None:
+    """Refuse an item whose run would pass the positions where the model's RoPE starts to depend on the length of
+    the call (``probe.upstream.rope_position_limit``): transformers would then rescale it by the longest sequence
+    run so far and by the batch's longest row, so its baseline, masked and batched numbers would not be comparable."""
+    if loaded.rope_limit is None:
+        return
+    kind, limit = loaded.rope_limit
+    n = n_prompt + (cfg.max_new_tokens - 1 if cfg.generate else 0)  # the last generated token is never fed back
+    if n > limit:
+        generated = f" + {cfg.max_new_tokens - 1} generated" if cfg.generate else ""
+        kept = ", and keeps it for later calls" if "dynamic" in kind else ""
+        raise BadInput(f"item {item.id}: its run spans {n} positions ({n_prompt} prompt{generated}), past the {limit} "
+                       f"beyond which transformers rescales {loaded.ref.spec}'s RoPE ({kind}) by the longest row of "
+                       f"the call{kept}: its masked, batched and one-item numbers would not be comparable; shorten "
+                       "the prompt (--image-max-side) or --max-new-tokens, or leave the item out")
 
 
 def naive_sweep(

@@ -288,8 +288,9 @@ SPECS: dict[str, TinySpec] = {f: TinySpec(num_hidden_layers=2) for f in BUILDERS
 VARIANTS: dict[str, tuple[str, TinySpec]] = {"qwen2_5": ("qwen2", TinySpec(num_hidden_layers=2))}
 
 
-def build_tiny(family: str, out_dir: Path, spec: TinySpec | None = None) -> Path:
-    """Write a tiny random model of ``family`` (any key of BUILDERS, or of VARIANTS) to ``out_dir``."""
+def build_tiny(family: str, out_dir: Path, spec: TinySpec | None = None, text: dict | None = None) -> Path:
+    """Write a tiny random model of ``family`` (any key of BUILDERS, or of VARIANTS) to ``out_dir``; ``text`` adds
+    keys to its text config (tests of unusual configs: rope scaling, soft-capping, sliding windows, ...)."""
     if family in VARIANTS:
         family, default = VARIANTS[family]
         spec = spec or default
@@ -304,7 +305,7 @@ def build_tiny(family: str, out_dir: Path, spec: TinySpec | None = None) -> Path
     special = {"bos_token_id": ids("<|endoftext|>"), "eos_token_id": ids("<|im_end|>"),
                "pad_token_id": ids("<|endoftext|>")}
     torch.manual_seed(spec.seed)
-    model, image_processor = BUILDERS[family](spec, _text_config(spec, vocab, special), ids)
+    model, image_processor = BUILDERS[family](spec, _text_config(spec, vocab, special) | (text or {}), ids)
     return save_model_dir(model, tok, image_processor, Path(out_dir))
 
 

@@ -165,6 +165,29 @@ def reset_position_state(model: nn.Module) -> None:
             module.rope_deltas = None
 
 
+def rope_position_limit(model: nn.Module) -> tuple[str, int] | None:
+    """(RoPE type, positions) when the model's rotary embedding changes its frequencies with the length of what it
+    is run on: ``dynamic`` rescales once a call spans more positions than ``max_position_embeddings`` and keeps the
+    grown frequencies for every later call (until one is short again); ``longrope`` switches to its long factors for
+    the whole call once it passes ``original_max_position_embeddings``. Beyond that many positions a measurement
+    depends on what ran before and on the longest row of its batch (checked on 5.25, modeling_rope_utils
+    ``dynamic_rope_update``). None when no rotary embedding does so (default, linear, yarn, llama3, M-RoPE)."""
+    limits = []
+    for module in model.modules():
+        kinds = getattr(module, "rope_type", None)
+        if kinds is None or not hasattr(module, "original_max_seq_len"):
+            continue
+        by_layer = kinds if isinstance(kinds, dict) else {None: kinds}
+        for layer_type, kind in by_layer.items():
+            params = getattr(module.config, "rope_parameters", None) or {}
+            params = params.get(layer_type, params) if layer_type is not None else params
+            if "dynamic" in kind:  # modeling_rope_utils' own test
+                limits.append((kind, int(module.original_max_seq_len)))
+            elif kind == "longrope":
+                limits.append((kind, int(params.get("original_max_position_embeddings", module.original_max_seq_len))))
+    return min(limits, key=lambda x: x[1]) if limits else None
+
+
 def full_length_cache() -> Any:
     """An empty DynamicCache built without the model's config, so every layer keeps every position — sliding-window
     layers (Gemma 3) included, whose own cache would keep only the last window. The exact engine copies prompt

@@ -1,0 +1,111 @@
+"""The engines on unusual but legal model configs, each a tiny random model built with extra text-config keys.
+
+Oracles: the naive loop (the model's own forward with the head's o_proj input slice zeroed) for the exact engine,
+and the model's own forward for the exact engine's LM tail.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import make_item
+
+
+def build_and_load(tmp_path, family: str, text: dict, attn: str = "sdpa"):
+    from probe.models import load_model, resolve_model
+    from probe.tiny import SPECS, TinySpec, build_tiny
+
+    torch.set_num_threads(1)
+    path = build_tiny(family, tmp_path / family, SPECS.get(family, TinySpec(num_hidden_layers=2)), text)
+    return load_model(resolve_model(str(path)), dtype="float32", attn_implementation=attn)
+
+
+def sweep(engine: str, m, items, generate: bool) -> pd.DataFrame:
+    from probe.sweep import SweepConfig, get_engine
+
+    g = m.geometry
+    heads = [(layer, h) for layer in range(g.n_layers) for h in range(g.n_heads)]
+    return pd.DataFrame(get_engine(engine)(m, items, heads, SweepConfig(generate=generate, max_new_tokens=3)))
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "gemma3"])
+def test_exact_engine_soft_caps_logits_as_the_model_does(family, tmp_path):
+    """final_logit_softcapping: Gemma3ForCausalLM caps its logits (the multimodal class does not); the exact
+    engine's masked rows, which end in norm + LM head, must give the naive loop's numbers either way."""
+    m = build_and_load(tmp_path, family, {"final_logit_softcapping": 0.5})
+    items = [make_item(with_image=False, item_id="validation_Test_1")]
+    naive, exact = sweep("naive", m, items, False), sweep("exact", m, items, False)
+    for col in ("kl", "p_answer"):
+        np.testing.assert_allclose(exact[col], naive[col], atol=1e-5, rtol=0, err_msg=col)
+    assert naive.loc[naive["layer"] >= 0, "kl"].max() > 1e-6  # masking changed something
+    if family == "gemma3_text":  # the cap acts: uncapped logits would give other option probabilities
+        from probe.prompting import PromptTemplate, build_inputs
+
+        with torch.no_grad():
+            out = m.model.model(**build_inputs(m, items[0], PromptTemplate())).last_hidden_state[0, -1]
+            capped = m.model(**build_inputs(m, items[0], PromptTemplate())).logits[0, -1]
+        assert (m.model.lm_head(out) - capped).abs().max() > 1e-3
+
+
+def test_exact_engine_refuses_a_model_whose_logits_its_tail_does_not_reproduce(load_tiny):
+    """A model class that post-processes its logits in a way the engine's tail does not know is refused at the
+    clean pass (UpstreamChanged), never measured without it."""
+    from probe.exact import clean_pass
+    from probe.prompting import PromptTemplate, build_inputs
+    from probe.upstream import UpstreamChanged
+
+    m = load_tiny("qwen2", "sdpa")
+    inputs = build_inputs(m, make_item(with_image=False), PromptTemplate())
+    clean_pass(m, inputs, keep_cache=False)  # the plain model passes
+    m.model.config.final_logit_softcapping = 0.5  # the tail now caps; Qwen2's forward never does
+    try:
+        with pytest.raises(UpstreamChanged, match="final norm and LM head"):
+            clean_pass(m, inputs, keep_cache=False)
+    finally:
+        del m.model.config.final_logit_softcapping
+
+
+ROPES = {"dynamic": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
+         "longrope": {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8,
+                      "long_factor": [4.0] * 8, "original_max_position_embeddings": 80}}
+
+
+@pytest.mark.parametrize("kind", ROPES)
+def test_length_dependent_rope_past_its_limit_is_refused(kind, tmp_path):
+    """dynamic / longrope RoPE: past its original context transformers rescales by the longest row of the call
+    (dynamic also keeps it for later calls), so one prompt's logits depend on its batch and on what ran before.
+    Such an item is bad input in every engine and in batched evaluation; shorter ones are measured as usual."""
+    from probe.batch import evaluate_items
+    from probe.errors import BadInput
+    from probe.prompting import PromptTemplate, build_inputs
+    from probe.sweep import SweepConfig
+
+    m = build_and_load(tmp_path, "llama", {"rope_parameters": ROPES[kind], "max_position_embeddings": 80})
+    short = make_item(with_image=False, item_id="validation_Test_1")
+    long = make_item(with_image=False, item_id="validation_Test_2", question="Which shape is purple? " * 12)
+    n_short, n_long = (build_inputs(m, i, PromptTemplate())["input_ids"].shape[1] for i in (short, long))
+    assert n_short + 2 <= 80 < n_long  # 3 new tokens: the short item's run stays within the limit
+    # what is refused: a prompt within the limit batched with one past it gets other logits than alone
+    with torch.no_grad():
+        a, b = (build_inputs(m, i, PromptTemplate())["input_ids"] for i in (short, long))
+        alone = m.model(a).logits[0, -1]
+        pad = torch.full((1, n_long - n_short), m.tokenizer.pad_token_id)
+        mask = torch.ones(2, n_long, dtype=torch.long)
+        mask[0, :n_long - n_short] = 0
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        batched = m.model(torch.cat([torch.cat([pad, a], 1), b]), attention_mask=mask,
+                          position_ids=positions).logits[0, -1]
+        assert (batched - alone).abs().max() > 1e-5
+        m.model(a)  # a short call: dynamic RoPE drops its grown frequencies again
+    cfg = SweepConfig(generate=True, max_new_tokens=3)
+    for engine in ("naive", "exact", "attribution"):
+        with pytest.raises(BadInput, match=rf"validation_Test_2: its run spans {n_long + 2} positions.*{kind}"):
+            sweep(engine, m, [short, long], True)
+    with pytest.raises(BadInput, match="validation_Test_2"):
+        evaluate_items(m, [short, long], cfg, batch_size=2)
+    naive, exact = sweep("naive", m, [short], True), sweep("exact", m, [short], True)
+    np.testing.assert_allclose(exact["p_answer"], naive["p_answer"], atol=1e-5, rtol=0)
+    assert (naive["response"] == exact["response"]).all()
+    assert m.rope_limit == (kind, 80)
