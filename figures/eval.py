@@ -50,6 +50,21 @@ def short_label(model: str, width: int = 40) -> str:
     return model if len(model) <= width else "…" + model[-(width - 1):]
 
 
+def short_labels(models: list[str], width: int = 40) -> list[str]:
+    """``short_label`` of each model, told apart: long paths that end alike (s0/ft/mixed/checkpoint-100,
+    s1/ft/mixed/checkpoint-100) would share one label, so those are named by their shortest distinct tail
+    (probe.results.distinct_names), its start and end around an ellipsis when that is still too long."""
+    from probe.results import distinct_names
+
+    labels = [short_label(m, width) for m in models]
+    shared = {x for x in labels if labels.count(x) > 1}
+    head = width // 2 - 1
+    for i, t in enumerate(distinct_names(models)):
+        if labels[i] in shared:
+            labels[i] = t if len(t) <= width else t[:head] + "…" + t[-(width - head - 1):]
+    return labels if len(set(labels)) == len(labels) else list(models)
+
+
 ROW = 0.38  # inches per model row when the page has room
 MIN_ROW = 0.2  # the least: 8 pt labels of neighbouring models stay apart
 
@@ -80,21 +95,22 @@ def draw_eval(result_dir: Path) -> list[Path]:
     models = list(dict.fromkeys(top["model"]))
     datasets = list(dict.fromkeys(top["data"]))
     colour = name_colours(models)  # a model keeps its colour in every figure (up to 20 per figure) and page
-    left = 0.6 + 0.055 * max(len(short_label(m)) for m in models)  # inches for the longest label at 8 pt
+    labels = dict(zip(models, short_labels(models)))
+    left = 0.6 + 0.055 * max(map(len, labels.values()))  # inches for the longest label at 8 pt
     min_width, per_page = eval_pages(len(models), len(datasets), left)
     pages = [range(s, min(s + per_page, len(models))) for s in range(0, len(models), per_page)]
     written: list[Path] = []
     for k, page in enumerate(pages):
         title = "Evaluation, 95 % bootstrap intervals" + page_caption(pages, k, "models")
-        fig = _draw_page(top, metric, [models[i] for i in page], datasets, colour, left, min_width, title)
+        fig = _draw_page(top, metric, [models[i] for i in page], [labels[models[i]] for i in page], datasets, colour,
+                         left, min_width, title)
         written += save_png_pdf(fig, result_dir, page_stem("eval", k))
     drop_stale_pages(result_dir, "eval", written)
     return written
 
 
-def _draw_page(top: pd.DataFrame, metric: str, models: list[str], datasets: list[str], colour: dict, left: float,
-               min_width: float, title: str):
-    labels = [short_label(m) for m in models]
+def _draw_page(top: pd.DataFrame, metric: str, models: list[str], labels: list[str], datasets: list[str],
+               colour: dict, left: float, min_width: float, title: str):
     # one panel per data set, wrapped into rows on a page (12 models × 4 sets: 2 × 2); each row has the labels
     fig, panels = page_panels(len(datasets), 2.6, 0.8 + ROW * len(models), min_width=min_width,
                               margin=(left, 0.5), dpi=150, sharey=True)

@@ -12,6 +12,7 @@ import pandas as pd
 from figures import (KL_BOUNDS, drop_stale_pages, heatmap_ticks, page_caption, page_panels, page_split, page_stem,
                      read_json, read_table, save_png_pdf)
 from probe.errors import BadInput
+from probe.results import distinct_names
 
 # inches: a participant's column of two heatmaps at its narrowest and lowest (with titles), and the figure's
 # margin (colour bar labels, suptitle)
@@ -72,10 +73,12 @@ def draw_merge(result_dir: Path) -> list[Path]:
     sals = [_salience_grid(Path(runs[k]), metric) if k < len(runs) and runs[k] else None for k in range(len(names))]
     # one column of two heatmaps per participant, wrapped into rows on a page (4 participants: 2 × 2); past 6,
     # further pages (merge_heads-2, ...) rather than heatmaps too small to read
+    titles = distinct_names(names)  # two participants in folders of one name (a/checkpoint-100, b/checkpoint-100)
     pages = page_split(len(names), MIN_WIDTH, MIN_PANEL, MARGIN)
     written: list[Path] = []
     for p, page in enumerate(pages):
-        fig = _draw_page([names[k] for k in page], [sals[k] for k in page], [k == 0 for k in page], grids, metric)
+        fig = _draw_page([names[k] for k in page], [titles[k] for k in page], [sals[k] for k in page],
+                         [k == 0 for k in page], grids, metric)
         fig.suptitle(f"Weight of each participant's query-head slices ({info.get('method')} merge)"
                      + page_caption(pages, p, "participants"), fontsize=10)
         fig.tight_layout()
@@ -84,13 +87,13 @@ def draw_merge(result_dir: Path) -> list[Path]:
     return written
 
 
-def _draw_page(names: list[str], sals: list[np.ndarray | None], is_base: list[bool], grids: dict[str, np.ndarray],
-               metric: str):
+def _draw_page(names: list[str], titles: list[str], sals: list[np.ndarray | None], is_base: list[bool],
+               grids: dict[str, np.ndarray], metric: str):
     fig, panels = page_panels(len(names), 2.6, 5.2, min_width=MIN_WIDTH, margin=MARGIN, stack=2, dpi=150)
     for k, name in enumerate(names):
         ax, ax2 = panels[k]
         im = ax.imshow(grids[name], vmin=0, vmax=1, cmap="viridis", aspect="auto")
-        ax.set_title(Path(name).name, fontsize=8)
+        ax.set_title(titles[k], fontsize=8)
         ax.set_xlabel("head", fontsize=8)
         ax.set_ylabel("layer", fontsize=8)
         cb = fig.colorbar(im, ax=ax, fraction=0.046)

@@ -21,14 +21,11 @@ from figures import (PAGE_HEIGHT, PAGE_WIDTH, fit_page, label_step, page_panels,
 
 
 def short_names(models: list[str]) -> dict[str, str]:
-    """Readable, unique labels: the last path component of each model argument."""
-    out: dict[str, str] = {}
-    for m in models:
-        label = Path(m.rstrip("/")).name or m
-        while label in out.values():
-            label += "'"
-        out[m] = label
-    return out
+    """Readable, unique labels: each model's last folder name, or its shortest tail that tells it apart
+    (probe.results.distinct_names: seed0/mixed, seed1/mixed), so the per-model files differ too."""
+    from probe.results import distinct_names
+
+    return dict(zip(models, distinct_names(models)))
 
 
 def slug(text: str) -> str:

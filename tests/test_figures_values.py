@@ -1,0 +1,96 @@
+"""What each figure draws, read back from its matplotlib artists, against the saved file it is drawn from (the
+independent oracle: the CSV itself, pivoted by pandas); and redraws of damaged or ambiguous saved results."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.container import ErrorbarContainer
+from matplotlib.figure import Figure
+from test_cli_errors import one_error_line, snapshot
+from test_figures_page import write_merge, write_scores, write_shift
+
+from probe.errors import cli_main
+
+
+@pytest.fixture
+def drawn(monkeypatch) -> dict[str, Figure]:
+    """Every figure saved while the test runs, by the name of the file it went to (the temp file's name minus its
+    '.NAME.png.PID.xxx.tmp' decoration)."""
+    figs: dict[str, Figure] = {}
+    save = Figure.savefig
+
+    def savefig(self, fname, *a, **k):
+        figs[Path(str(fname)).name.lstrip(".").split(".")[0]] = self
+        return save(self, fname, *a, **k)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return figs
+
+
+def figures_cli(kind: str, *dirs: Path) -> int:
+    from figures.__main__ import main
+
+    return cli_main(main, [kind, *map(str, dirs)])
+
+
+def shows(label: str, model: str) -> bool:
+    """Whether a tick label names ``model``: the name, a tail of its folders, or its start and end around '…'."""
+    start, cut, end = label.partition("…")
+    if not cut:
+        return model == label or model.endswith("/" + label)
+    return model.endswith(end) and start in model
+
+
+def test_eval_models_whose_long_names_end_alike_keep_apart(tmp_path, drawn):
+    """Paths over 40 characters kept only their last 39: s0/…/mixed/checkpoint-100 and s1/…/mixed/checkpoint-100
+    became one tick label, two rows of the figure that no reader could tell apart."""
+    tail = "/finetune-runs-of-the-organisms/mixed/checkpoint-100"
+    models = [f"runs/seed{k}{tail}" for k in range(3)] + ["organism-base"]
+    write_scores(tmp_path, models, ["text", "image"])
+    assert figures_cli("eval", tmp_path) == 0
+    fig = drawn["eval"]
+    ticks = fig.axes[0].get_yticklabels()
+    labels = {round(t.get_position()[1]): t.get_text() for t in ticks}
+    assert len(set(labels.values())) == len(models)
+    top = pd.read_csv(tmp_path / "scores.csv", keep_default_na=False, na_values=[""])
+    for ax in fig.axes:
+        ds = ax.get_title().split(" (")[0]
+        for c in (c for c in ax.containers if isinstance(c, ErrorbarContainer)):
+            x, y = c.lines[0].get_xdata()[0], c.lines[0].get_ydata()[0]
+            [model] = [m for m in models if shows(labels[round(y)], m)]  # the one model its label names
+            row = top[(top["model"] == model) & (top["data"] == ds)].iloc[0]
+            assert x == pytest.approx(100 * row["accuracy"])
+
+
+def test_shift_models_in_folders_of_one_name_get_a_heatmap_each(tmp_path, drawn):
+    """seed0/merged and seed1/merged were labelled 'merged' and "merged'", whose file names are both
+    shift_heatmap_merged: the second heatmap overwrote the first."""
+    write_shift(tmp_path, ["runs/seed0/merged", "runs/seed1/merged"], 3, ["self_attn.q_proj.weight", "mlp.up_proj.weight"])
+    assert figures_cli("shift", tmp_path) == 0
+    df = pd.read_csv(tmp_path / "shift.csv")
+    for k in (0, 1):
+        im = drawn[f"shift_heatmap_seed{k}_merged"].axes[0].get_images()[0]
+        want = df[(df["model"] == f"runs/seed{k}/merged") & df["layer"].notna()].pivot(
+            index="layer", columns="module", values="delta_avg")
+        np.testing.assert_allclose(np.ma.filled(im.get_array(), np.nan), want.to_numpy())
+
+
+def test_steps_and_merge_panels_of_one_folder_name_are_told_apart(tmp_path, drawn):
+    """Eval runs seed0/mixed and seed1/mixed were both titled 'mixed'; merge participants a/checkpoint-100 and
+    b/checkpoint-100 both 'checkpoint-100'."""
+    for seed in (0, 1):
+        write_scores(tmp_path / f"seed{seed}" / "mixed", [f"ft/checkpoint-{s}" for s in (0, 10)], ["text"], seed)
+    assert figures_cli("steps", tmp_path / "seed0" / "mixed", tmp_path / "seed1" / "mixed") == 0
+    assert [ax.get_title() for ax in drawn["steps"].axes if ax.get_visible()][:2] == ["seed0/mixed", "seed1/mixed"]
+    d = write_merge(tmp_path / "m", 3)
+    w = pd.read_csv(d / "merge_weights.csv")
+    w["model"] = w["model"].str.replace(r"zoo/expert-(\d)", r"run\1/checkpoint-100", regex=True)
+    w.to_csv(d / "merge_weights.csv", index=False)
+    assert figures_cli("merge", d) == 0
+    titles = [ax.get_title() for ax in drawn["merge_heads"].axes if ax.get_images() and "salience" not in ax.get_title()]
+    assert titles == [f"run{k}/checkpoint-100" for k in range(3)]
