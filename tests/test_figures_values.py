@@ -94,3 +94,63 @@ def test_steps_and_merge_panels_of_one_folder_name_are_told_apart(tmp_path, draw
     assert figures_cli("merge", d) == 0
     titles = [ax.get_title() for ax in drawn["merge_heads"].axes if ax.get_images() and "salience" not in ax.get_title()]
     assert titles == [f"run{k}/checkpoint-100" for k in range(3)]
+
+
+def head_rows(d: Path, edit) -> None:
+    """merge_weights.csv of ``d`` with ``edit`` applied to its query-head rows (a DataFrame → DataFrame)."""
+    edit(pd.read_csv(d / "merge_weights.csv")).to_csv(d / "merge_weights.csv", index=False)
+
+
+VL = "rows 16:32"  # head 1's slice in write_merge's 16-row heads
+MERGE_DAMAGE = {  # what was drawn silently: a slice as a head it is not, a cell twice, a blank cell, a clipped one
+    "uneven-slice": (lambda w: w.assign(slice=w["slice"].replace(VL, "rows 16:40")), "is not one head's rows"),
+    "repeated-slice": (lambda w: pd.concat([w, w.iloc[[3]].assign(alpha=0.99)]), "repeats rows 48:64"),
+    "missing-head": (lambda w: w.drop(index=5), "no weight of layer 0 head 5"),
+    "alpha-above-1": (lambda w: w.assign(alpha=w["alpha"].where(w.index != 2, 2.0)), "alpha 2 of a head slice"),
+    "alpha-empty": (lambda w: w.assign(alpha=w["alpha"].where(w.index != 2, np.nan)), "alpha nan of a head slice"),
+}
+
+
+@pytest.mark.parametrize("case", list(MERGE_DAMAGE) + ["salience-run-of-other-heads"])
+def test_merge_redraw_refuses_damaged_weights(case, tmp_path, capsys):
+    d = write_merge(tmp_path / "m", 3)
+    if case in MERGE_DAMAGE:
+        edit, words = MERGE_DAMAGE[case]
+        head_rows(d, edit)
+    else:  # a salience run swept on another grid than the merge weighted: not the run it used
+        run = Path(json.loads((d / "merge.json").read_text())["salience"]["runs"][0])
+        h = pd.read_csv(run / "heads.csv")
+        h[h["head"] < 4].to_csv(run / "heads.csv", index=False)
+        words = "not the salience run this merge used"
+    before = snapshot(tmp_path)
+    line = one_error_line(figures_cli("merge", d), capsys.readouterr().err)
+    assert words in line, line
+    assert snapshot(tmp_path) == before
+
+
+def test_merge_redraw_finds_relative_salience_runs_from_another_cwd(tmp_path, monkeypatch, drawn):
+    """merge.json recorded the --salience runs as given: relative ones, redrawn from another cwd, were not found
+    (or were other runs of that name). The resolved paths are recorded too; each panel is its run's heads.csv."""
+    import torch
+    from test_analyses_salience import write_run
+
+    from analyses import merge, tiny
+
+    zoo = tiny.build_zoo(tmp_path / "zoo")
+    g = torch.Generator().manual_seed(0)
+    monkeypatch.chdir(tmp_path)
+    for k in range(3):
+        write_run(Path(f"sal/e{k}"), torch.rand(2, 4, generator=g) * 3)
+    assert cli_main(merge.main, ["--base", str(zoo["base"]), "--models", *(str(zoo[k]) for k in ("vl", "ov", "au")),
+                                 "--method", "salience", "--salience", "sal/e0", "sal/e1", "sal/e2", "--quiet",
+                                 "--out", "m"]) == 0
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "sal" / "e0").mkdir(parents=True)  # a run of the same relative name there: not the one used
+    monkeypatch.chdir(elsewhere)
+    assert figures_cli("merge", tmp_path / "m") == 0
+    panels = [im.get_array() for ax in drawn["merge_heads"].axes for im in ax.get_images()
+              if ax.get_title().startswith("its salience")]
+    assert len(panels) == 3
+    for k, grid in enumerate(panels):
+        h = pd.read_csv(tmp_path / "sal" / f"e{k}" / "heads.csv").pivot(index="layer", columns="head", values="kl")
+        np.testing.assert_allclose(grid, h.to_numpy())
