@@ -154,3 +154,70 @@ def test_merge_redraw_finds_relative_salience_runs_from_another_cwd(tmp_path, mo
     for k, grid in enumerate(panels):
         h = pd.read_csv(tmp_path / "sal" / f"e{k}" / "heads.csv").pivot(index="layer", columns="head", values="kl")
         np.testing.assert_allclose(grid, h.to_numpy())
+
+
+def edit_coords(row: int, **cells):
+    def edit(c: pd.DataFrame) -> pd.DataFrame:
+        c = c.astype(object)
+        for col, v in cells.items():
+            c.loc[row, col] = v
+        return c
+    return edit
+
+
+TRAJECTORY_DAMAGE = {  # each was drawn silently: a point left out, a t-SNE title over another map, a zigzag
+    "nan-x": (edit_coords(1, x=np.nan), "x and y must be finite"),
+    "inf-y": (edit_coords(1, y=np.inf), "x and y must be finite"),
+    "unknown-kind": (edit_coords(1, kind="expert2"), "kind must be one of"),
+    "unknown-method": (lambda c: c.assign(method=c["method"].replace("tsne", "umap")), "method must be pca or tsne"),
+    "run-without-kind": (edit_coords(1, run="r0"), "a point of kind run names its run"),
+    "fractional-step": (edit_coords(6, step=10.5), "whole number"),
+    "point-twice": (lambda c: pd.concat([c, c.iloc[[2]]]), "repeats a point of the same map"),
+    "step-twice": (lambda c: pd.concat([c, c.iloc[[6]].assign(name="r0@10-again")]), "repeats a step of its run"),
+}
+
+
+@pytest.mark.parametrize("case", list(TRAJECTORY_DAMAGE) + ["run.json-types"])
+def test_trajectory_redraw_refuses_damaged_coords(case, tmp_path, capsys):
+    from test_figures_page import write_trajectory
+
+    d = write_trajectory(tmp_path, ["r0", "r1"])
+    if case in TRAJECTORY_DAMAGE:
+        edit, words = TRAJECTORY_DAMAGE[case]
+        edit(pd.read_csv(d / "coords.csv", keep_default_na=False)).to_csv(d / "coords.csv", index=False)
+    else:  # a traceback formatting the perplexity
+        (d / "run.json").write_text(json.dumps({"perplexity_used": "5"}))
+        words = "run.json: perplexity_used"
+    before = snapshot(tmp_path)
+    line = one_error_line(figures_cli("trajectory", d), capsys.readouterr().err)
+    assert words in line, line
+    assert snapshot(tmp_path) == before
+
+
+def test_trajectory_draws_coords_and_runs_in_step_order_apart_from_merged(tmp_path, drawn):
+    """Points and arrows read back from the figure equal coords.csv, each run's line in step order; the second run
+    was drawn in C3, the merged models' red (and a ninth run in the experts' blue)."""
+    from matplotlib.colors import to_rgba
+    from test_figures_page import write_trajectory
+
+    from figures.trajectory import STYLE
+
+    runs = [f"r{k}" for k in range(9)]
+    d = write_trajectory(tmp_path, runs)
+    c = pd.read_csv(d / "coords.csv", keep_default_na=False).sample(frac=1, random_state=0)  # rows in any order
+    c.to_csv(d / "coords.csv", index=False)
+    assert figures_cli("trajectory", d) == 0
+    for feature in ("norms", "sketch"):
+        for ax in drawn[f"trajectory_{feature}"].axes:
+            method = "pca" if ax.get_title().startswith("PCA") else "tsne"
+            sub = c[(c["feature"] == feature) & (c["method"] == method)]
+            for coll in ax.collections:
+                if coll.get_label() in ("base", "expert", "merged"):
+                    want = sub[sub["kind"] == coll.get_label()][["x", "y"]].to_numpy(float)
+                    np.testing.assert_allclose(coll.get_offsets(), want)
+            lines = {ln.get_label().removeprefix("run "): ln for ln in ax.lines}
+            assert sorted(lines) == runs
+            for run, ln in lines.items():
+                r = sub[sub["run"] == run].assign(step=lambda t: t["step"].astype(float)).sort_values("step")
+                np.testing.assert_allclose(np.c_[ln.get_xdata(), ln.get_ydata()], r[["x", "y"]].to_numpy(float))
+                assert to_rgba(ln.get_color()) not in {to_rgba(STYLE[k][2]) for k in ("expert", "merged")}
