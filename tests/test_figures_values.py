@@ -156,7 +156,7 @@ def test_merge_redraw_finds_relative_salience_runs_from_another_cwd(tmp_path, mo
         np.testing.assert_allclose(grid, h.to_numpy())
 
 
-def edit_coords(row: int, **cells):
+def edit_cell(row: int, **cells):
     def edit(c: pd.DataFrame) -> pd.DataFrame:
         c = c.astype(object)
         for col, v in cells.items():
@@ -166,12 +166,12 @@ def edit_coords(row: int, **cells):
 
 
 TRAJECTORY_DAMAGE = {  # each was drawn silently: a point left out, a t-SNE title over another map, a zigzag
-    "nan-x": (edit_coords(1, x=np.nan), "x and y must be finite"),
-    "inf-y": (edit_coords(1, y=np.inf), "x and y must be finite"),
-    "unknown-kind": (edit_coords(1, kind="expert2"), "kind must be one of"),
+    "nan-x": (edit_cell(1, x=np.nan), "x and y must be finite"),
+    "inf-y": (edit_cell(1, y=np.inf), "x and y must be finite"),
+    "unknown-kind": (edit_cell(1, kind="expert2"), "kind must be one of"),
     "unknown-method": (lambda c: c.assign(method=c["method"].replace("tsne", "umap")), "method must be pca or tsne"),
-    "run-without-kind": (edit_coords(1, run="r0"), "a point of kind run names its run"),
-    "fractional-step": (edit_coords(6, step=10.5), "whole number"),
+    "run-without-kind": (edit_cell(1, run="r0"), "a point of kind run names its run"),
+    "fractional-step": (edit_cell(6, step=10.5), "whole number"),
     "point-twice": (lambda c: pd.concat([c, c.iloc[[2]]]), "repeats a point of the same map"),
     "step-twice": (lambda c: pd.concat([c, c.iloc[[6]].assign(name="r0@10-again")]), "repeats a step of its run"),
 }
@@ -221,3 +221,23 @@ def test_trajectory_draws_coords_and_runs_in_step_order_apart_from_merged(tmp_pa
                 r = sub[sub["run"] == run].assign(step=lambda t: t["step"].astype(float)).sort_values("step")
                 np.testing.assert_allclose(np.c_[ln.get_xdata(), ln.get_ydata()], r[["x", "y"]].to_numpy(float))
                 assert to_rgba(ln.get_color()) not in {to_rgba(STYLE[k][2]) for k in ("expert", "merged")}
+
+
+SHIFT_DAMAGE = {  # a cell drawn as another layer's, a crash on an infinite one, a tensor averaged in twice
+    "fractional-layer": (edit_cell(2, layer=1.5), "layer must be a whole number"),
+    "negative-layer": (edit_cell(2, layer=-1), "layer must be a whole number"),
+    "empty-delta": (edit_cell(2, delta_avg=np.nan), "delta_avg must be a finite number"),
+    "infinite-delta": (edit_cell(2, delta_avg=np.inf), "delta_avg must be a finite number"),
+    "tensor-twice": (lambda c: pd.concat([c, c.iloc[[2]].assign(delta_avg=0.5)]), "repeats a tensor of its model"),
+}
+
+
+@pytest.mark.parametrize("case", list(SHIFT_DAMAGE))
+def test_shift_redraw_refuses_damaged_rows(case, tmp_path, capsys):
+    d = write_shift(tmp_path, ["vl", "video"], 3, ["self_attn.q_proj.weight", "mlp.up_proj.weight"])
+    edit, words = SHIFT_DAMAGE[case]
+    edit(pd.read_csv(d / "shift.csv")).to_csv(d / "shift.csv", index=False)
+    before = snapshot(tmp_path)
+    line = one_error_line(figures_cli("shift", d), capsys.readouterr().err)
+    assert words in line, line
+    assert snapshot(tmp_path) == before
