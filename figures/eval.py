@@ -28,6 +28,16 @@ def read_scores(result_dir: Path) -> pd.DataFrame:
         raise BadInput(f"{csv}: no row with subject 'all' (the per model and data set totals)")
     if (twice := scores.duplicated(["model", "data", "subject"])).any():
         raise BadInput(f"{csv}: line {int(twice.to_numpy().argmax()) + 2} repeats a model, data set and subject")
+    scored = scores["n_items"] > 0
+    for m in ("accuracy", "prob_accuracy"):  # a scored row's point and its interval: never a missing or crashing bar
+        v, lo, hi = scores[m], scores[f"{m}_lo"], scores[f"{m}_hi"]
+        measured = scored & v.notna()
+        # a --no-generate run has no accuracy at all; otherwise every scored row has it
+        bad = (scored & v.isna() & measured.any()) | (measured & ~((lo <= v + 1e-9) & (v <= hi + 1e-9)))
+        if bad.any():
+            i = int(bad.to_numpy().argmax())
+            raise BadInput(f"{csv}: line {i + 2}: {m} {v.iloc[i]:g} with interval [{lo.iloc[i]:g}, {hi.iloc[i]:g}] "
+                           f"on {scores['n_items'].iloc[i]} items (a value inside its interval, on every scored row)")
     top = scores[scores["subject"] == "all"]
     have = set(zip(top["model"], top["data"]))
     for model in dict.fromkeys(top["model"]):  # probe.eval writes every model × data set, n/a ones included

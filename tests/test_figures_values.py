@@ -241,3 +241,18 @@ def test_shift_redraw_refuses_damaged_rows(case, tmp_path, capsys):
     line = one_error_line(figures_cli("shift", d), capsys.readouterr().err)
     assert words in line, line
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("case, cells, words", [
+    ("outside-interval", {"accuracy": 0.99}, "accuracy 0.99 with interval"),  # 'xerr' must not be negative: traceback
+    ("no-value", {"accuracy": np.nan}, "accuracy nan with interval"),  # the model's point silently left out
+])
+def test_eval_redraw_refuses_a_point_outside_its_interval(case, cells, words, tmp_path, capsys):
+    d = write_scores(tmp_path, ["ft/checkpoint-0", "ft/checkpoint-10"], ["text", "image"])
+    s = pd.read_csv(d / "scores.csv", keep_default_na=False, na_values=[""])
+    edit_cell(3, **cells)(s).to_csv(d / "scores.csv", index=False)  # checkpoint-10 on image, 64 items
+    for kind in ("eval", "steps"):
+        before = snapshot(tmp_path)
+        line = one_error_line(figures_cli(kind, d), capsys.readouterr().err)
+        assert words in line, line
+        assert snapshot(tmp_path) == before
