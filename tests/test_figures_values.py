@@ -256,3 +256,23 @@ def test_eval_redraw_refuses_a_point_outside_its_interval(case, cells, words, tm
         line = one_error_line(figures_cli(kind, d), capsys.readouterr().err)
         assert words in line, line
         assert snapshot(tmp_path) == before
+
+
+def test_heads_redraw_refuses_a_sweep_with_a_head_lost(tmp_path, capsys, drawn):
+    """A heads.csv with one row cut out was drawn with that cell blank, as if the head had no value. Before the cut,
+    every heatmap equals heads.csv pivoted (layers down, heads across, accuracies in %)."""
+    from test_figures_page import write_heads
+
+    d = write_heads(tmp_path / "h", 3, 4)
+    assert figures_cli("heads", d) == 0
+    h = pd.read_csv(d / "heads.csv")
+    for metric, scale in (("accuracy", 100), ("prob_accuracy", 100), ("kl", 1)):
+        ax = drawn[f"heatmap_{metric}"].axes[0]
+        np.testing.assert_allclose(ax.get_images()[0].get_array(),
+                                   scale * h.pivot(index="layer", columns="head", values=metric).to_numpy())
+        assert [t.get_text() for t in ax.get_yticklabels()] == ["0", "1", "2"]
+    h.drop(index=5).to_csv(d / "heads.csv", index=False)
+    before = snapshot(tmp_path)
+    line = one_error_line(figures_cli("heads", d), capsys.readouterr().err)
+    assert "no row for layer 1 head 1" in line, line
+    assert snapshot(tmp_path) == before
