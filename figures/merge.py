@@ -95,7 +95,8 @@ def draw_merge(result_dir: Path) -> list[Path]:
     metric = sal.get("metric", "kl") if isinstance(sal, dict) else None
     if isinstance(runs, list):
         runs = [sal.get(f"{prefix}base_run"), *runs]  # the base first, as in merge_weights.csv
-    if not isinstance(runs, list) or not isinstance(metric, str) or not all(r is None or isinstance(r, str) for r in runs):
+    if not isinstance(runs, list) or not isinstance(metric, str) \
+            or not all(r is None or isinstance(r, str) for r in runs):
         raise BadInput(f"{result_dir / 'merge.json'}: 'salience' is not a salience merge's record")
     names = list(grids)
     sals = [_salience_grid(Path(runs[k]), metric, grids[n].shape) if k < len(runs) and runs[k] else None

@@ -3,7 +3,6 @@ independent oracle: the CSV itself, pivoted by pandas); and redraws of damaged o
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
