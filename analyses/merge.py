@@ -514,6 +514,9 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
                 "density": cfg.density if cfg.method == "ties" else None,
                 "salience": {"runs": [str(p) for p in cfg.salience],
                              "base_run": str(cfg.base_salience) if cfg.base_salience else None,
+                             # as given, and resolved: figures merge reads the runs from any cwd
+                             "resolved_runs": [str(p.resolve()) for p in cfg.salience],
+                             "resolved_base_run": str(cfg.base_salience.resolve()) if cfg.base_salience else None,
                              "metric": cfg.salience_metric, "temperature": cfg.salience_temperature,
                              "rest": cfg.rest,
                              # each run's model, data, items, engine (and its warnings): what the weights came from

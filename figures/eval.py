@@ -28,6 +28,16 @@ def read_scores(result_dir: Path) -> pd.DataFrame:
         raise BadInput(f"{csv}: no row with subject 'all' (the per model and data set totals)")
     if (twice := scores.duplicated(["model", "data", "subject"])).any():
         raise BadInput(f"{csv}: line {int(twice.to_numpy().argmax()) + 2} repeats a model, data set and subject")
+    scored = scores["n_items"] > 0
+    for m in ("accuracy", "prob_accuracy"):  # a scored row's point and its interval: never a missing or crashing bar
+        v, lo, hi = scores[m], scores[f"{m}_lo"], scores[f"{m}_hi"]
+        measured = scored & v.notna()
+        # a --no-generate run has no accuracy at all; otherwise every scored row has it
+        bad = (scored & v.isna() & measured.any()) | (measured & ~((lo <= v + 1e-9) & (v <= hi + 1e-9)))
+        if bad.any():
+            i = int(bad.to_numpy().argmax())
+            raise BadInput(f"{csv}: line {i + 2}: {m} {v.iloc[i]:g} with interval [{lo.iloc[i]:g}, {hi.iloc[i]:g}] "
+                           f"on {scores['n_items'].iloc[i]} items (a value inside its interval, on every scored row)")
     top = scores[scores["subject"] == "all"]
     have = set(zip(top["model"], top["data"]))
     for model in dict.fromkeys(top["model"]):  # probe.eval writes every model × data set, n/a ones included
@@ -48,6 +58,21 @@ def set_size(row: pd.Series) -> int:
 def short_label(model: str, width: int = 40) -> str:
     """A model's name as a tick label: a long path keeps its tail (the part that tells runs apart)."""
     return model if len(model) <= width else "…" + model[-(width - 1):]
+
+
+def short_labels(models: list[str], width: int = 40) -> list[str]:
+    """``short_label`` of each model, told apart: long paths that end alike (s0/ft/mixed/checkpoint-100,
+    s1/ft/mixed/checkpoint-100) would share one label, so those are named by their shortest distinct tail
+    (probe.results.distinct_names), its start and end around an ellipsis when that is still too long."""
+    from probe.results import distinct_names
+
+    labels = [short_label(m, width) for m in models]
+    shared = {x for x in labels if labels.count(x) > 1}
+    head = width // 2 - 1
+    for i, t in enumerate(distinct_names(models)):
+        if labels[i] in shared:
+            labels[i] = t if len(t) <= width else t[:head] + "…" + t[-(width - head - 1):]
+    return labels if len(set(labels)) == len(labels) else list(models)
 
 
 ROW = 0.38  # inches per model row when the page has room
@@ -80,21 +105,22 @@ def draw_eval(result_dir: Path) -> list[Path]:
     models = list(dict.fromkeys(top["model"]))
     datasets = list(dict.fromkeys(top["data"]))
     colour = name_colours(models)  # a model keeps its colour in every figure (up to 20 per figure) and page
-    left = 0.6 + 0.055 * max(len(short_label(m)) for m in models)  # inches for the longest label at 8 pt
+    labels = dict(zip(models, short_labels(models)))
+    left = 0.6 + 0.055 * max(map(len, labels.values()))  # inches for the longest label at 8 pt
     min_width, per_page = eval_pages(len(models), len(datasets), left)
     pages = [range(s, min(s + per_page, len(models))) for s in range(0, len(models), per_page)]
     written: list[Path] = []
     for k, page in enumerate(pages):
         title = "Evaluation, 95 % bootstrap intervals" + page_caption(pages, k, "models")
-        fig = _draw_page(top, metric, [models[i] for i in page], datasets, colour, left, min_width, title)
+        fig = _draw_page(top, metric, [models[i] for i in page], [labels[models[i]] for i in page], datasets, colour,
+                         left, min_width, title)
         written += save_png_pdf(fig, result_dir, page_stem("eval", k))
     drop_stale_pages(result_dir, "eval", written)
     return written
 
 
-def _draw_page(top: pd.DataFrame, metric: str, models: list[str], datasets: list[str], colour: dict, left: float,
-               min_width: float, title: str):
-    labels = [short_label(m) for m in models]
+def _draw_page(top: pd.DataFrame, metric: str, models: list[str], labels: list[str], datasets: list[str],
+               colour: dict, left: float, min_width: float, title: str):
     # one panel per data set, wrapped into rows on a page (12 models × 4 sets: 2 × 2); each row has the labels
     fig, panels = page_panels(len(datasets), 2.6, 0.8 + ROW * len(models), min_width=min_width,
                               margin=(left, 0.5), dpi=150, sharey=True)

@@ -132,6 +132,12 @@ def check_one_run(run_dir: Path, heads: pd.DataFrame, baseline: dict) -> None:
         i = int(twice.to_numpy().argmax())
         raise BadInput(f"{run_dir / 'heads.csv'}: line {i + 2} repeats layer {heads['layer'].iloc[i]} head "
                        f"{heads['head'].iloc[i]} (rows of two runs?)")
+    # a sweep covers every swept layer × every swept head (--layers, --heads): a row lost from a cut or edited file
+    # would be a blank cell, as if the head had no value
+    swept = pd.MultiIndex.from_product([sorted(heads["layer"].unique()), sorted(heads["head"].unique())])
+    if len(lost := swept.difference(pd.MultiIndex.from_frame(heads[["layer", "head"]]))):
+        raise BadInput(f"{run_dir / 'heads.csv'}: no row for layer {lost[0][0]} head {lost[0][1]} "
+                       f"({len(lost)} of the swept {len(swept)} heads missing: a cut file?)")
     expected = {"n_items": pd.Series(float(baseline["n_items"]), index=heads.index)} | {
         f"{m}_drop": baseline[m] - heads[m] for m in ("accuracy", "prob_accuracy") if m in heads}
     for col, want in expected.items():

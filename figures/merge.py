@@ -12,6 +12,7 @@ import pandas as pd
 from figures import (KL_BOUNDS, drop_stale_pages, heatmap_ticks, page_caption, page_panels, page_split, page_stem,
                      read_json, read_table, save_png_pdf)
 from probe.errors import BadInput
+from probe.results import distinct_names
 
 # inches: a participant's column of two heatmaps at its narrowest and lowest (with titles), and the figure's
 # margin (colour bar labels, suptitle)
@@ -20,7 +21,8 @@ Q_SLICE = re.compile(r"layers\.(\d+)\.self_attn\.q_proj\.weight$")
 
 
 def head_weights(rows: pd.DataFrame, source: object = "merge_weights.csv") -> dict[str, np.ndarray]:
-    """participant → [n_layers, n_heads] weight of its query-head slices."""
+    """participant → [n_layers, n_heads] weight of its query-head slices, checked: head-aligned slices of one
+    width, each once, every head of every layer, a weight in [0, 1] (a cut, edited or mixed file otherwise)."""
     q = rows[rows["tensor"].str.match(Q_SLICE.pattern) & rows["slice"].str.startswith("rows ")].copy()
     if q.empty:
         raise BadInput(f"{source} has no per-head slices (only --method salience writes them)")
@@ -30,22 +32,47 @@ def head_weights(rows: pd.DataFrame, source: object = "merge_weights.csv") -> di
         raise BadInput(f"{source}: slice {q['slice'][bad].iloc[0]!r} of {q['tensor'][bad].iloc[0]} is not "
                        "'rows START:END'")
     bounds = bounds.astype(int)
-    q["head"] = bounds[0] // (bounds[1] - bounds[0])
-    out = {}
+    width = bounds[1] - bounds[0]
+    # a head's slice is rows h·d : (h+1)·d; any other (rows 16:40) would be drawn as some head it is not
+    if (off := (width != width.iloc[0]) | (bounds[0] % width != 0)).any():
+        i = off.to_numpy().argmax()
+        raise BadInput(f"{source}: line {q.index[i] + 2}: slice {q['slice'].iloc[i]!r} of {q['tensor'].iloc[i]} is not "
+                       f"one head's rows (head slices are {int(width.iloc[0])} rows from a multiple of that)")
+    q["head"] = bounds[0] // width
+    if (twice := q.duplicated(["model", "layer", "head"])).any():
+        i = twice.to_numpy().argmax()
+        raise BadInput(f"{source}: line {q.index[i] + 2} repeats {q['slice'].iloc[i]} of {q['tensor'].iloc[i]} for "
+                       f"{q['model'].iloc[i]}")
+    if (out := ~q["alpha"].between(0.0, 1.0)).any():  # NaN too: a convex weight, never drawn clipped or blank
+        i = out.to_numpy().argmax()
+        raise BadInput(f"{source}: line {q.index[i] + 2}: alpha {q['alpha'].iloc[i]:g} of a head slice is not a "
+                       "weight in [0, 1]")
+    n_layers, n_heads = q["layer"].max() + 1, q["head"].max() + 1
+    out_grids = {}
     for model, g in q.groupby("model", sort=False):
-        grid = np.full((g["layer"].max() + 1, g["head"].max() + 1), np.nan)
+        grid = np.full((n_layers, n_heads), np.nan)
         grid[g["layer"], g["head"]] = g["alpha"]
-        out[model] = grid
-    return out
+        if np.isnan(grid).any():
+            layer, head = np.argwhere(np.isnan(grid))[0]
+            raise BadInput(f"{source}: no weight of layer {layer} head {head} for {model} (a cut file?)")
+        out_grids[model] = grid
+    return out_grids
 
 
-def _salience_grid(run_dir: Path, metric: str) -> np.ndarray | None:
+def _salience_grid(run_dir: Path, metric: str, shape: tuple[int, int]) -> np.ndarray | None:
+    """The ``metric`` grid of a salience run (None when it is gone), which must be what the merge weighted by: one
+    value for each head of the merged grid's ``shape`` (analyses.salience.read_salience refused anything else)."""
     csv = run_dir / "heads.csv"
     if not csv.is_file():
         return None
     df = read_table(csv, {"layer": int, "head": int, metric: float}, source="python -m probe.heads",
                     bounds={"kl": KL_BOUNDS})
-    grid = np.full((df["layer"].max() + 1, df["head"].max() + 1), np.nan)
+    cells = set(zip(df["layer"], df["head"]))
+    if len(df) != shape[0] * shape[1] or cells != {(l, h) for l in range(shape[0]) for h in range(shape[1])} \
+            or df[metric].isna().any():
+        raise BadInput(f"{csv}: not the salience run this merge used ({len(cells)} heads with a {metric}, the merge "
+                       f"weighted {shape[0]} layers x {shape[1]} heads)")
+    grid = np.empty(shape)
     grid[df["layer"], df["head"]] = df[metric]
     return grid
 
@@ -62,20 +89,26 @@ def draw_merge(result_dir: Path) -> list[Path]:
     info = read_json(result_dir / "merge.json", source)
     grids = head_weights(weights, weights_csv)
     sal = info.get("salience") or {}
-    if not isinstance(sal, dict) or not isinstance(sal.get("runs", []), list):
-        raise BadInput(f"{result_dir / 'merge.json'}: 'salience' is not a salience merge's record")
-    runs = ([sal.get("base_run")] if sal.get("base_run") else [None]) + list(sal.get("runs", []))
-    metric = sal.get("metric", "kl")
-    if not isinstance(metric, str) or not all(r is None or isinstance(r, str) for r in runs):
+    # the runs as resolved when merged (an older merge.json: as given, relative to the cwd the merge ran in)
+    prefix = "resolved_" if isinstance(sal, dict) and "resolved_runs" in sal else ""
+    runs = sal.get(f"{prefix}runs", []) if isinstance(sal, dict) else None
+    metric = sal.get("metric", "kl") if isinstance(sal, dict) else None
+    if isinstance(runs, list):
+        runs = [sal.get(f"{prefix}base_run"), *runs]  # the base first, as in merge_weights.csv
+    if not isinstance(runs, list) or not isinstance(metric, str) \
+            or not all(r is None or isinstance(r, str) for r in runs):
         raise BadInput(f"{result_dir / 'merge.json'}: 'salience' is not a salience merge's record")
     names = list(grids)
-    sals = [_salience_grid(Path(runs[k]), metric) if k < len(runs) and runs[k] else None for k in range(len(names))]
+    sals = [_salience_grid(Path(runs[k]), metric, grids[n].shape) if k < len(runs) and runs[k] else None
+            for k, n in enumerate(names)]
     # one column of two heatmaps per participant, wrapped into rows on a page (4 participants: 2 × 2); past 6,
     # further pages (merge_heads-2, ...) rather than heatmaps too small to read
+    titles = distinct_names(names)  # two participants in folders of one name (a/checkpoint-100, b/checkpoint-100)
     pages = page_split(len(names), MIN_WIDTH, MIN_PANEL, MARGIN)
     written: list[Path] = []
     for p, page in enumerate(pages):
-        fig = _draw_page([names[k] for k in page], [sals[k] for k in page], [k == 0 for k in page], grids, metric)
+        fig = _draw_page([names[k] for k in page], [titles[k] for k in page], [sals[k] for k in page],
+                         [k == 0 for k in page], grids, metric)
         fig.suptitle(f"Weight of each participant's query-head slices ({info.get('method')} merge)"
                      + page_caption(pages, p, "participants"), fontsize=10)
         fig.tight_layout()
@@ -84,13 +117,13 @@ def draw_merge(result_dir: Path) -> list[Path]:
     return written
 
 
-def _draw_page(names: list[str], sals: list[np.ndarray | None], is_base: list[bool], grids: dict[str, np.ndarray],
-               metric: str):
+def _draw_page(names: list[str], titles: list[str], sals: list[np.ndarray | None], is_base: list[bool],
+               grids: dict[str, np.ndarray], metric: str):
     fig, panels = page_panels(len(names), 2.6, 5.2, min_width=MIN_WIDTH, margin=MARGIN, stack=2, dpi=150)
     for k, name in enumerate(names):
         ax, ax2 = panels[k]
         im = ax.imshow(grids[name], vmin=0, vmax=1, cmap="viridis", aspect="auto")
-        ax.set_title(Path(name).name, fontsize=8)
+        ax.set_title(titles[k], fontsize=8)
         ax.set_xlabel("head", fontsize=8)
         ax.set_ylabel("layer", fontsize=8)
         cb = fig.colorbar(im, ax=ax, fraction=0.046)

@@ -18,17 +18,15 @@ from matplotlib.colors import LogNorm  # noqa: E402
 
 from figures import (PAGE_HEIGHT, PAGE_WIDTH, fit_page, label_step, page_panels, read_table,  # noqa: E402
                      save_figure)
+from probe.errors import BadInput  # noqa: E402
 
 
 def short_names(models: list[str]) -> dict[str, str]:
-    """Readable, unique labels: the last path component of each model argument."""
-    out: dict[str, str] = {}
-    for m in models:
-        label = Path(m.rstrip("/")).name or m
-        while label in out.values():
-            label += "'"
-        out[m] = label
-    return out
+    """Readable, unique labels: each model's last folder name, or its shortest tail that tells it apart
+    (probe.results.distinct_names: seed0/mixed, seed1/mixed), so the per-model files differ too."""
+    from probe.results import distinct_names
+
+    return dict(zip(models, distinct_names(models)))
 
 
 def slug(text: str) -> str:
@@ -48,6 +46,14 @@ def draw_shift(result_dir: Path) -> list[Path]:
     result_dir = Path(result_dir)
     df = read_table(result_dir / "shift.csv", {"model": str, "layer": float, "module": str, "delta_avg": float},
                     source="python -m analyses.shift", bounds={"delta_avg": (0.0, math.inf)})  # a mean |Δ|
+    # a layer index or none (embeddings, the final norm), a finite Δavg on every row, each tensor once: else a cell
+    # drawn as another layer's, a blank or crashing one, or a tensor averaged in twice
+    for bad, why in ((df["layer"].notna() & ((df["layer"] % 1 != 0) | (df["layer"] < 0)),
+                      "layer must be a whole number ≥ 0 or empty"),
+                     (~np.isfinite(df["delta_avg"]), "delta_avg must be a finite number"),
+                     (df.duplicated(["model", "layer", "module"]), "repeats a tensor of its model")):
+        if bad.any():
+            raise BadInput(f"{result_dir / 'shift.csv'}: line {int(bad.to_numpy().argmax()) + 2}: {why}")
     models = list(dict.fromkeys(df["model"]))
     labels = short_names(models)
     written: list[Path] = []

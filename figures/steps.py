@@ -11,6 +11,7 @@ import pandas as pd
 from figures import drop_stale_pages, name_colours, page_caption, page_panels, page_split, page_stem, save_png_pdf
 from figures.eval import read_scores
 from probe.errors import BadInput
+from probe.results import distinct_names
 
 MIN_WIDTH, MIN_PANEL = 2.3, 2.1  # inches: a run's panel at its narrowest and lowest (title and step labels in)
 STEP = re.compile(r"checkpoint-(\d+)/?$")
@@ -42,12 +43,13 @@ def draw_steps(result_dirs: list[Path] | Path, out: Path | None = None) -> list[
     tables = [step_scores(d) for d in dirs]
     names = list(dict.fromkeys(n for t in tables for n in t["data"]))  # one colour per data set in every panel
     colour = name_colours(names)
+    titles = distinct_names([str(d) for d in dirs])  # seed0/mixed and seed1/mixed, not two panels called mixed
     legend = 0.26 + 0.13 * ((len(names) - 1) // 6)  # inches below the panels: 6 entries a line
     # one panel per run, wrapped into rows on a page (4 runs: 2 × 2); past 8, further pages (steps-2, ...)
     pages = page_split(len(dirs), MIN_WIDTH, MIN_PANEL, (0.6, legend))
     written: list[Path] = []
     for p, page in enumerate(pages):
-        fig = _draw_page([dirs[k] for k in page], [tables[k] for k in page], colour, legend)
+        fig = _draw_page([titles[k] for k in page], [tables[k] for k in page], colour, legend)
         if len(pages) > 1:
             fig.suptitle("Accuracy against fine-tuning steps" + page_caption(pages, p, "runs"), fontsize=10)
         fig.tight_layout(rect=(0, legend / fig.get_size_inches()[1], 1, 1))
@@ -56,12 +58,12 @@ def draw_steps(result_dirs: list[Path] | Path, out: Path | None = None) -> list[
     return written
 
 
-def _draw_page(dirs: list[Path], tables: list[pd.DataFrame], colour: dict, legend: float):
+def _draw_page(titles: list[str], tables: list[pd.DataFrame], colour: dict, legend: float):
     import matplotlib.ticker
 
-    fig, panels = page_panels(len(dirs), 3.4, 3.04, min_width=MIN_WIDTH, margin=(0.6, legend), dpi=150, sharey=True)
+    fig, panels = page_panels(len(titles), 3.4, 3.04, min_width=MIN_WIDTH, margin=(0.6, legend), dpi=150, sharey=True)
     axes = [ax for (ax,) in panels]
-    for ax, d, t in zip(axes, dirs, tables):
+    for ax, title, t in zip(axes, titles, tables):
         metric = "accuracy" if t["accuracy"].notna().any() else "prob_accuracy"
         for data, g in t.groupby("data", sort=False):
             c = colour[data]
@@ -72,7 +74,7 @@ def _draw_page(dirs: list[Path], tables: list[pd.DataFrame], colour: dict, legen
         shown = steps if len(steps) <= 8 else steps[::-(-len(steps) // 8)]  # the saved steps, never log-scale ticks
         ax.set_xticks(shown, [str(s) for s in shown])
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-        ax.set_title(d.name, fontsize=9)
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel("fine-tuning step", fontsize=8)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)

@@ -4,7 +4,6 @@ side; fine-tuning runs as arrows in step order; base, experts and merged models 
 """
 from __future__ import annotations
 
-import json
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ matplotlib.use("Agg")
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from figures import page_panels, read_table  # noqa: E402
+from figures import page_panels, read_json, read_table  # noqa: E402
 from figures.shift import save, short_names  # noqa: E402
 from probe.errors import BadInput  # noqa: E402
 
@@ -25,6 +24,8 @@ STYLE = {  # kind -> marker, size, colour (None: one colour per run)
     "merged": ("D", 80, "tab:red"),
     "run": ("o", 30, None),
 }
+# a colour per fine-tuning run: tab10 without the experts' blue (C0) and the merged models' red (C3)
+RUN_COLOURS = [f"C{k}" for k in (2, 1, 4, 5, 6, 8, 9, 7)]
 TITLES = {"norms": "per-tensor ‖θ − θ_ref‖ (paper's feature)", "sketch": "random-projection sketch of θ − θ_ref"}
 
 
@@ -36,19 +37,52 @@ def _label(ax: Any, mid: float, text: str, x: float, y: float, offset: tuple[flo
                 ha="right" if left else "left", **kw)
 
 
+def read_coords(path: Path) -> pd.DataFrame:
+    """coords.csv, checked: finite coordinates, known kinds and methods, each point once per map, a fine-tuning
+    run's points at distinct whole steps (anything else would be drawn silently wrong, or not at all)."""
+    import numpy as np
+
+    df = read_table(path, {"name": str, "kind": str, "run": str, "step": float, "feature": str, "method": str,
+                           "x": float, "y": float}, source="python -m analyses.trajectory", keep_default_na=False)
+
+    def refuse(bad: pd.Series, why: str) -> None:
+        if bad.any():
+            raise BadInput(f"{path}: line {int(bad.to_numpy().argmax()) + 2}: {why}")
+
+    refuse(~np.isfinite(df[["x", "y"]]).all(axis=1), "x and y must be finite numbers")
+    refuse(~df["kind"].isin(list(STYLE)), f"kind must be one of {', '.join(STYLE)}")
+    refuse(~df["method"].isin(["pca", "tsne"]), "method must be pca or tsne")
+    refuse((df["run"] != "") != (df["kind"] == "run"), "a point of kind run names its run, and only it")
+    refuse((df["run"] != "") & df["step"].isna(), "a fine-tuning run's point without a step")
+    refuse((df["run"] != "") & ((df["step"] % 1 != 0) | (df["step"] < 0)), "a step must be a whole number ≥ 0")
+    refuse(df.duplicated(["name", "feature", "method"]), "repeats a point of the same map")
+    refuse((df["run"] != "") & df.duplicated(["run", "step", "feature", "method"]),
+           "repeats a step of its run on the same map (the arrows would zigzag)")
+    return df
+
+
+def read_run_info(path: Path) -> dict[str, Any]:
+    """run.json beside coords.csv (θ_ref, the t-SNE perplexity, PCA's variance shares); an output from before it
+    has none, and then the figure goes without those labels. A damaged one is BadInput."""
+    if not path.is_file():
+        return {}
+    info = read_json(path, "python -m analyses.trajectory")
+    perplexity, shares = info.get("perplexity_used"), info.get("pca_explained_variance", {})
+    number = (int, float)
+    if not (perplexity is None or isinstance(perplexity, number) and not isinstance(perplexity, bool)) \
+            or not isinstance(shares, dict) \
+            or not all(isinstance(v, list) and all(isinstance(x, number) for x in v) for v in shares.values()):
+        raise BadInput(f"{path}: perplexity_used or pca_explained_variance is not as python -m analyses.trajectory "
+                       "writes it")
+    return info
+
+
 def draw_trajectory(result_dir: Path) -> list[Path]:
     result_dir = Path(result_dir)
     path = result_dir / "coords.csv"
-    df = read_table(path, {"name": str, "kind": str, "run": str, "step": float, "feature": str, "method": str,
-                           "x": float, "y": float}, source="python -m analyses.trajectory", keep_default_na=False)
-    if (no_step := (df["run"] != "") & df["step"].isna()).any():
-        raise BadInput(f"{path}: line {int(no_step.to_numpy().argmax()) + 2}: a fine-tuning run's point without a step")
+    df = read_coords(path)
     labels = short_names(list(dict.fromkeys(df["name"])))
-    try:  # written beside coords.csv; outputs from before it recorded PCA's variance lack those labels
-        info = json.loads((result_dir / "run.json").read_text())
-    except (OSError, ValueError):
-        info = {}
-    info = info if isinstance(info, dict) else {}
+    info = read_run_info(result_dir / "run.json")
     ref = Path(str(info.get("ref", ""))).name
     written: list[Path] = []
     for feature in dict.fromkeys(df["feature"]):
@@ -65,7 +99,7 @@ def draw_trajectory(result_dir: Path) -> list[Path]:
                 r = d[d["run"] == run].copy()
                 r["step"] = pd.to_numeric(r["step"])
                 r = r.sort_values("step")
-                colour = f"C{(i + 2) % 10}"
+                colour = RUN_COLOURS[i % len(RUN_COLOURS)]
                 xs, ys = r["x"].to_numpy(), r["y"].to_numpy()
                 ax.plot(xs, ys, "-", color=colour, alpha=0.6, lw=1.2, label=f"run {run}")
                 for j in range(len(xs) - 1):

@@ -210,7 +210,7 @@ def test_eval_with_many_models_keeps_its_labels_apart(tmp_path):
     scores = read_scores(tmp_path / "30")
     top = scores[scores["subject"] == "all"]
     models = list(dict.fromkeys(top["model"]))
-    fig = _draw_page(top, "accuracy", models, sets, name_colours(models), 2.0, 1.0, "t")
+    fig = _draw_page(top, "accuracy", models, models, sets, name_colours(models), 2.0, 1.0, "t")
     ax = fig.axes[0]
     assert ax.get_position().height * fig.get_figheight() / len(models) >= MIN_ROW * 0.95
     plt.close(fig)

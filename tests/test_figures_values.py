@@ -1,0 +1,277 @@
+"""What each figure draws, read back from its matplotlib artists, against the saved file it is drawn from (the
+independent oracle: the CSV itself, pivoted by pandas); and redraws of damaged or ambiguous saved results."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.container import ErrorbarContainer
+from matplotlib.figure import Figure
+from test_cli_errors import one_error_line, snapshot
+from test_figures_page import write_merge, write_scores, write_shift
+
+from probe.errors import cli_main
+
+
+@pytest.fixture
+def drawn(monkeypatch) -> dict[str, Figure]:
+    """Every figure saved while the test runs, by the name of the file it went to (the temp file's name minus its
+    '.NAME.png.PID.xxx.tmp' decoration)."""
+    figs: dict[str, Figure] = {}
+    save = Figure.savefig
+
+    def savefig(self, fname, *a, **k):
+        figs[Path(str(fname)).name.lstrip(".").split(".")[0]] = self
+        return save(self, fname, *a, **k)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return figs
+
+
+def figures_cli(kind: str, *dirs: Path) -> int:
+    from figures.__main__ import main
+
+    return cli_main(main, [kind, *map(str, dirs)])
+
+
+def shows(label: str, model: str) -> bool:
+    """Whether a tick label names ``model``: the name, a tail of its folders, or its start and end around '…'."""
+    start, cut, end = label.partition("…")
+    if not cut:
+        return model == label or model.endswith("/" + label)
+    return model.endswith(end) and start in model
+
+
+def test_eval_models_whose_long_names_end_alike_keep_apart(tmp_path, drawn):
+    """Paths over 40 characters kept only their last 39: s0/…/mixed/checkpoint-100 and s1/…/mixed/checkpoint-100
+    became one tick label, two rows of the figure that no reader could tell apart."""
+    tail = "/finetune-runs-of-the-organisms/mixed/checkpoint-100"
+    models = [f"runs/seed{k}{tail}" for k in range(3)] + ["organism-base"]
+    write_scores(tmp_path, models, ["text", "image"])
+    assert figures_cli("eval", tmp_path) == 0
+    fig = drawn["eval"]
+    ticks = fig.axes[0].get_yticklabels()
+    labels = {round(t.get_position()[1]): t.get_text() for t in ticks}
+    assert len(set(labels.values())) == len(models)
+    top = pd.read_csv(tmp_path / "scores.csv", keep_default_na=False, na_values=[""])
+    for ax in fig.axes:
+        ds = ax.get_title().split(" (")[0]
+        for c in (c for c in ax.containers if isinstance(c, ErrorbarContainer)):
+            x, y = c.lines[0].get_xdata()[0], c.lines[0].get_ydata()[0]
+            [model] = [m for m in models if shows(labels[round(y)], m)]  # the one model its label names
+            row = top[(top["model"] == model) & (top["data"] == ds)].iloc[0]
+            assert x == pytest.approx(100 * row["accuracy"])
+
+
+def test_shift_models_in_folders_of_one_name_get_a_heatmap_each(tmp_path, drawn):
+    """seed0/merged and seed1/merged were labelled 'merged' and "merged'", whose file names are both
+    shift_heatmap_merged: the second heatmap overwrote the first."""
+    write_shift(tmp_path, ["runs/seed0/merged", "runs/seed1/merged"], 3, ["self_attn.q_proj.weight", "mlp.up_proj.weight"])
+    assert figures_cli("shift", tmp_path) == 0
+    df = pd.read_csv(tmp_path / "shift.csv")
+    for k in (0, 1):
+        im = drawn[f"shift_heatmap_seed{k}_merged"].axes[0].get_images()[0]
+        want = df[(df["model"] == f"runs/seed{k}/merged") & df["layer"].notna()].pivot(
+            index="layer", columns="module", values="delta_avg")
+        np.testing.assert_allclose(np.ma.filled(im.get_array(), np.nan), want.to_numpy())
+
+
+def test_steps_and_merge_panels_of_one_folder_name_are_told_apart(tmp_path, drawn):
+    """Eval runs seed0/mixed and seed1/mixed were both titled 'mixed'; merge participants a/checkpoint-100 and
+    b/checkpoint-100 both 'checkpoint-100'."""
+    for seed in (0, 1):
+        write_scores(tmp_path / f"seed{seed}" / "mixed", [f"ft/checkpoint-{s}" for s in (0, 10)], ["text"], seed)
+    assert figures_cli("steps", tmp_path / "seed0" / "mixed", tmp_path / "seed1" / "mixed") == 0
+    assert [ax.get_title() for ax in drawn["steps"].axes if ax.get_visible()][:2] == ["seed0/mixed", "seed1/mixed"]
+    d = write_merge(tmp_path / "m", 3)
+    w = pd.read_csv(d / "merge_weights.csv")
+    w["model"] = w["model"].str.replace(r"zoo/expert-(\d)", r"run\1/checkpoint-100", regex=True)
+    w.to_csv(d / "merge_weights.csv", index=False)
+    assert figures_cli("merge", d) == 0
+    titles = [ax.get_title() for ax in drawn["merge_heads"].axes if ax.get_images() and "salience" not in ax.get_title()]
+    assert titles == [f"run{k}/checkpoint-100" for k in range(3)]
+
+
+def head_rows(d: Path, edit) -> None:
+    """merge_weights.csv of ``d`` with ``edit`` applied to its query-head rows (a DataFrame → DataFrame)."""
+    edit(pd.read_csv(d / "merge_weights.csv")).to_csv(d / "merge_weights.csv", index=False)
+
+
+VL = "rows 16:32"  # head 1's slice in write_merge's 16-row heads
+MERGE_DAMAGE = {  # what was drawn silently: a slice as a head it is not, a cell twice, a blank cell, a clipped one
+    "uneven-slice": (lambda w: w.assign(slice=w["slice"].replace(VL, "rows 16:40")), "is not one head's rows"),
+    "repeated-slice": (lambda w: pd.concat([w, w.iloc[[3]].assign(alpha=0.99)]), "repeats rows 48:64"),
+    "missing-head": (lambda w: w.drop(index=5), "no weight of layer 0 head 5"),
+    "alpha-above-1": (lambda w: w.assign(alpha=w["alpha"].where(w.index != 2, 2.0)), "alpha 2 of a head slice"),
+    "alpha-empty": (lambda w: w.assign(alpha=w["alpha"].where(w.index != 2, np.nan)), "alpha nan of a head slice"),
+}
+
+
+@pytest.mark.parametrize("case", list(MERGE_DAMAGE) + ["salience-run-of-other-heads"])
+def test_merge_redraw_refuses_damaged_weights(case, tmp_path, capsys):
+    d = write_merge(tmp_path / "m", 3)
+    if case in MERGE_DAMAGE:
+        edit, words = MERGE_DAMAGE[case]
+        head_rows(d, edit)
+    else:  # a salience run swept on another grid than the merge weighted: not the run it used
+        run = Path(json.loads((d / "merge.json").read_text())["salience"]["runs"][0])
+        h = pd.read_csv(run / "heads.csv")
+        h[h["head"] < 4].to_csv(run / "heads.csv", index=False)
+        words = "not the salience run this merge used"
+    before = snapshot(tmp_path)
+    line = one_error_line(figures_cli("merge", d), capsys.readouterr().err)
+    assert words in line, line
+    assert snapshot(tmp_path) == before
+
+
+def test_merge_redraw_finds_relative_salience_runs_from_another_cwd(tmp_path, monkeypatch, drawn):
+    """merge.json recorded the --salience runs as given: relative ones, redrawn from another cwd, were not found
+    (or were other runs of that name). The resolved paths are recorded too; each panel is its run's heads.csv."""
+    import torch
+    from test_analyses_salience import write_run
+
+    from analyses import merge, tiny
+
+    zoo = tiny.build_zoo(tmp_path / "zoo")
+    g = torch.Generator().manual_seed(0)
+    monkeypatch.chdir(tmp_path)
+    for k in range(3):
+        write_run(Path(f"sal/e{k}"), torch.rand(2, 4, generator=g) * 3)
+    assert cli_main(merge.main, ["--base", str(zoo["base"]), "--models", *(str(zoo[k]) for k in ("vl", "ov", "au")),
+                                 "--method", "salience", "--salience", "sal/e0", "sal/e1", "sal/e2", "--quiet",
+                                 "--out", "m"]) == 0
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "sal" / "e0").mkdir(parents=True)  # a run of the same relative name there: not the one used
+    monkeypatch.chdir(elsewhere)
+    assert figures_cli("merge", tmp_path / "m") == 0
+    panels = [im.get_array() for ax in drawn["merge_heads"].axes for im in ax.get_images()
+              if ax.get_title().startswith("its salience")]
+    assert len(panels) == 3
+    for k, grid in enumerate(panels):
+        h = pd.read_csv(tmp_path / "sal" / f"e{k}" / "heads.csv").pivot(index="layer", columns="head", values="kl")
+        np.testing.assert_allclose(grid, h.to_numpy())
+
+
+def edit_cell(row: int, **cells):
+    def edit(c: pd.DataFrame) -> pd.DataFrame:
+        c = c.astype(object)
+        for col, v in cells.items():
+            c.loc[row, col] = v
+        return c
+    return edit
+
+
+TRAJECTORY_DAMAGE = {  # each was drawn silently: a point left out, a t-SNE title over another map, a zigzag
+    "nan-x": (edit_cell(1, x=np.nan), "x and y must be finite"),
+    "inf-y": (edit_cell(1, y=np.inf), "x and y must be finite"),
+    "unknown-kind": (edit_cell(1, kind="expert2"), "kind must be one of"),
+    "unknown-method": (lambda c: c.assign(method=c["method"].replace("tsne", "umap")), "method must be pca or tsne"),
+    "run-without-kind": (edit_cell(1, run="r0"), "a point of kind run names its run"),
+    "fractional-step": (edit_cell(6, step=10.5), "whole number"),
+    "point-twice": (lambda c: pd.concat([c, c.iloc[[2]]]), "repeats a point of the same map"),
+    "step-twice": (lambda c: pd.concat([c, c.iloc[[6]].assign(name="r0@10-again")]), "repeats a step of its run"),
+}
+
+
+@pytest.mark.parametrize("case", list(TRAJECTORY_DAMAGE) + ["run.json-types"])
+def test_trajectory_redraw_refuses_damaged_coords(case, tmp_path, capsys):
+    from test_figures_page import write_trajectory
+
+    d = write_trajectory(tmp_path, ["r0", "r1"])
+    if case in TRAJECTORY_DAMAGE:
+        edit, words = TRAJECTORY_DAMAGE[case]
+        edit(pd.read_csv(d / "coords.csv", keep_default_na=False)).to_csv(d / "coords.csv", index=False)
+    else:  # a traceback formatting the perplexity
+        (d / "run.json").write_text(json.dumps({"perplexity_used": "5"}))
+        words = "run.json: perplexity_used"
+    before = snapshot(tmp_path)
+    line = one_error_line(figures_cli("trajectory", d), capsys.readouterr().err)
+    assert words in line, line
+    assert snapshot(tmp_path) == before
+
+
+def test_trajectory_draws_coords_and_runs_in_step_order_apart_from_merged(tmp_path, drawn):
+    """Points and arrows read back from the figure equal coords.csv, each run's line in step order; the second run
+    was drawn in C3, the merged models' red (and a ninth run in the experts' blue)."""
+    from matplotlib.colors import to_rgba
+    from test_figures_page import write_trajectory
+
+    from figures.trajectory import STYLE
+
+    runs = [f"r{k}" for k in range(9)]
+    d = write_trajectory(tmp_path, runs)
+    c = pd.read_csv(d / "coords.csv", keep_default_na=False).sample(frac=1, random_state=0)  # rows in any order
+    c.to_csv(d / "coords.csv", index=False)
+    assert figures_cli("trajectory", d) == 0
+    for feature in ("norms", "sketch"):
+        for ax in drawn[f"trajectory_{feature}"].axes:
+            method = "pca" if ax.get_title().startswith("PCA") else "tsne"
+            sub = c[(c["feature"] == feature) & (c["method"] == method)]
+            for coll in ax.collections:
+                if coll.get_label() in ("base", "expert", "merged"):
+                    want = sub[sub["kind"] == coll.get_label()][["x", "y"]].to_numpy(float)
+                    np.testing.assert_allclose(coll.get_offsets(), want)
+            lines = {ln.get_label().removeprefix("run "): ln for ln in ax.lines}
+            assert sorted(lines) == runs
+            for run, ln in lines.items():
+                r = sub[sub["run"] == run].assign(step=lambda t: t["step"].astype(float)).sort_values("step")
+                np.testing.assert_allclose(np.c_[ln.get_xdata(), ln.get_ydata()], r[["x", "y"]].to_numpy(float))
+                assert to_rgba(ln.get_color()) not in {to_rgba(STYLE[k][2]) for k in ("expert", "merged")}
+
+
+SHIFT_DAMAGE = {  # a cell drawn as another layer's, a crash on an infinite one, a tensor averaged in twice
+    "fractional-layer": (edit_cell(2, layer=1.5), "layer must be a whole number"),
+    "negative-layer": (edit_cell(2, layer=-1), "layer must be a whole number"),
+    "empty-delta": (edit_cell(2, delta_avg=np.nan), "delta_avg must be a finite number"),
+    "infinite-delta": (edit_cell(2, delta_avg=np.inf), "delta_avg must be a finite number"),
+    "tensor-twice": (lambda c: pd.concat([c, c.iloc[[2]].assign(delta_avg=0.5)]), "repeats a tensor of its model"),
+}
+
+
+@pytest.mark.parametrize("case", list(SHIFT_DAMAGE))
+def test_shift_redraw_refuses_damaged_rows(case, tmp_path, capsys):
+    d = write_shift(tmp_path, ["vl", "video"], 3, ["self_attn.q_proj.weight", "mlp.up_proj.weight"])
+    edit, words = SHIFT_DAMAGE[case]
+    edit(pd.read_csv(d / "shift.csv")).to_csv(d / "shift.csv", index=False)
+    before = snapshot(tmp_path)
+    line = one_error_line(figures_cli("shift", d), capsys.readouterr().err)
+    assert words in line, line
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("case, cells, words", [
+    ("outside-interval", {"accuracy": 0.99}, "accuracy 0.99 with interval"),  # 'xerr' must not be negative: traceback
+    ("no-value", {"accuracy": np.nan}, "accuracy nan with interval"),  # the model's point silently left out
+])
+def test_eval_redraw_refuses_a_point_outside_its_interval(case, cells, words, tmp_path, capsys):
+    d = write_scores(tmp_path, ["ft/checkpoint-0", "ft/checkpoint-10"], ["text", "image"])
+    s = pd.read_csv(d / "scores.csv", keep_default_na=False, na_values=[""])
+    edit_cell(3, **cells)(s).to_csv(d / "scores.csv", index=False)  # checkpoint-10 on image, 64 items
+    for kind in ("eval", "steps"):
+        before = snapshot(tmp_path)
+        line = one_error_line(figures_cli(kind, d), capsys.readouterr().err)
+        assert words in line, line
+        assert snapshot(tmp_path) == before
+
+
+def test_heads_redraw_refuses_a_sweep_with_a_head_lost(tmp_path, capsys, drawn):
+    """A heads.csv with one row cut out was drawn with that cell blank, as if the head had no value. Before the cut,
+    every heatmap equals heads.csv pivoted (layers down, heads across, accuracies in %)."""
+    from test_figures_page import write_heads
+
+    d = write_heads(tmp_path / "h", 3, 4)
+    assert figures_cli("heads", d) == 0
+    h = pd.read_csv(d / "heads.csv")
+    for metric, scale in (("accuracy", 100), ("prob_accuracy", 100), ("kl", 1)):
+        ax = drawn[f"heatmap_{metric}"].axes[0]
+        np.testing.assert_allclose(ax.get_images()[0].get_array(),
+                                   scale * h.pivot(index="layer", columns="head", values=metric).to_numpy())
+        assert [t.get_text() for t in ax.get_yticklabels()] == ["0", "1", "2"]
+    h.drop(index=5).to_csv(d / "heads.csv", index=False)
+    before = snapshot(tmp_path)
+    line = one_error_line(figures_cli("heads", d), capsys.readouterr().err)
+    assert "no row for layer 1 head 1" in line, line
+    assert snapshot(tmp_path) == before
