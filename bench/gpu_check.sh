@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU parts of issues 18 and 14 in one go, on a machine with a CUDA GPU: bf16/CUDA correctness tests,
 # the 7B-shaped sweep benchmark (random weights, no download) and the evaluation-batching benchmark, in about
-# 9.5 minutes at most on one H200.
+# 10 minutes at most on one H200 (the steps' limits add up to 610 s).
 #
 #   bench/gpu_check.sh [OUT_DIR]        # default runs/gpu-check; run from the repository root
 #

@@ -1,6 +1,6 @@
 """Merge benchmark: ``python -m analyses.merge`` against the I/O floor and against mergekit.
 
-    python bench/merge.py [--k 3] [--params-m 160] [--dtype bfloat16] [--rounds 3] [--workdir DIR] [--keep]
+    python bench/merge.py [--k 3] [--params-m 145] [--dtype bfloat16] [--rounds 3] [--workdir DIR] [--keep]
                           [--method average|salience|ties|task_arithmetic]
 
 Writes k synthetic Qwen2 checkpoints of about ``params_m`` million parameters each, then measures, each in a
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -36,28 +37,43 @@ sys.path.insert(0, str(ROOT))
 from probe.errors import ArgParser, check_counts, cli_main  # noqa: E402
 
 
+HIDDEN, MLP, VOCAB, KV = 1024, 2816, 32000, 4 * (1024 // 16)
+
+
+def layer_shapes(i: int) -> dict[str, tuple[int, ...]]:
+    p = f"model.layers.{i}."
+    return {p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN), p + "self_attn.q_proj.bias": (HIDDEN,),
+            p + "self_attn.k_proj.weight": (KV, HIDDEN), p + "self_attn.k_proj.bias": (KV,),
+            p + "self_attn.v_proj.weight": (KV, HIDDEN), p + "self_attn.v_proj.bias": (KV,),
+            p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN), p + "mlp.gate_proj.weight": (MLP, HIDDEN),
+            p + "mlp.up_proj.weight": (MLP, HIDDEN), p + "mlp.down_proj.weight": (HIDDEN, MLP),
+            p + "input_layernorm.weight": (HIDDEN,), p + "post_attention_layernorm.weight": (HIDDEN,)}
+
+
+def model_shapes(params_m: int) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of a synthetic Qwen2 of about ``params_m`` million parameters: the layer count comes from the
+    layer's own size (an estimate of 12.9M a layer, against its real 11.3M, gave 144M for the default 160)."""
+    shapes = {"model.embed_tokens.weight": (VOCAB, HIDDEN), "model.norm.weight": (HIDDEN,),
+              "lm_head.weight": (VOCAB, HIDDEN)}
+    fixed = sum(math.prod(s) for s in shapes.values())
+    per_layer = sum(math.prod(s) for s in layer_shapes(0).values())
+    for i in range(max(1, round((params_m * 1e6 - fixed) / per_layer))):
+        shapes.update(layer_shapes(i))
+    return shapes
+
+
 def make_models(workdir: Path, k: int, params_m: int, dtype: str) -> list[Path]:
     import torch
     from safetensors.torch import save_file
     from transformers import Qwen2Config
 
-    hidden = 1024
-    layers = max(1, round((params_m * 1e6 - 2 * 32000 * hidden) / 12.9e6))
-    cfg = Qwen2Config(hidden_size=hidden, intermediate_size=2816, num_hidden_layers=layers, num_attention_heads=16,
-                      num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False)
+    shapes = model_shapes(params_m)
+    layers = sum(n.endswith("input_layernorm.weight") for n in shapes)
+    cfg = Qwen2Config(hidden_size=HIDDEN, intermediate_size=MLP, num_hidden_layers=layers, num_attention_heads=16,
+                      num_key_value_heads=KV // (HIDDEN // 16), vocab_size=VOCAB, tie_word_embeddings=False)
     cfg.architectures = ["Qwen2ForCausalLM"]
     cfg.dtype = dtype
     td = getattr(torch, dtype)
-    shapes = {"model.embed_tokens.weight": (32000, hidden), "model.norm.weight": (hidden,), "lm_head.weight": (32000, hidden)}
-    kv = 4 * (hidden // 16)
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shapes.update({p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.q_proj.bias": (hidden,),
-                       p + "self_attn.k_proj.weight": (kv, hidden), p + "self_attn.k_proj.bias": (kv,),
-                       p + "self_attn.v_proj.weight": (kv, hidden), p + "self_attn.v_proj.bias": (kv,),
-                       p + "self_attn.o_proj.weight": (hidden, hidden), p + "mlp.gate_proj.weight": (2816, hidden),
-                       p + "mlp.up_proj.weight": (2816, hidden), p + "mlp.down_proj.weight": (hidden, 2816),
-                       p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,)})
     g = torch.Generator().manual_seed(0)
     dirs = []
     for m in range(k):
@@ -186,7 +202,7 @@ def merge_args(method: str, inputs: list[str], work: Path, n_layers: int, n_head
 def main(argv: list[str] | None = None) -> int:
     ap = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--k", type=int, default=3, help="number of checkpoints merged (default 3)")
-    ap.add_argument("--params-m", type=int, default=160, help="million parameters per checkpoint (default 160)")
+    ap.add_argument("--params-m", type=int, default=145, help="million parameters per checkpoint (default 145)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds, median reported (default 3)")
     ap.add_argument("--workdir", type=Path, help="where the synthetic checkpoints go (default: a temp dir)")

@@ -199,3 +199,28 @@ def test_eval_bench_measures_smollm2s_shape_without_its_package(capsys):
     lo, hi = map(int, tokens.split("–"))
     assert items == "2" and 100 <= lo <= hi <= 300 + 10  # grown past a seeded target in [100, 300] by one word
     assert same_text == same_pred == "2/2" and float(dp) < 1e-4
+
+
+@pytest.mark.parametrize("params_m", [100, 145, 300])
+def test_merge_bench_checkpoints_have_the_size_asked_for(params_m):
+    """bench/merge.py --params-m N writes Qwen2 checkpoints of about N million parameters: its tensors are those of
+    a Qwen2ForCausalLM of that config (built on the meta device), within half a layer of N·1e6 (a per-layer
+    estimate of 12.9M against the real 11.3M wrote 144M for the former default of 160)."""
+    import importlib.util
+    import math
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    spec = importlib.util.spec_from_file_location("bench_merge", REPO / "bench" / "merge.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    shapes = module.model_shapes(params_m)
+    layers = sum(n.endswith("input_layernorm.weight") for n in shapes)
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(Qwen2Config(hidden_size=1024, intermediate_size=2816, num_hidden_layers=layers,
+                                             num_attention_heads=16, num_key_value_heads=4, vocab_size=32000,
+                                             tie_word_embeddings=False))
+    real = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+    assert real == shapes
+    per_layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    assert abs(sum(math.prod(s) for s in real.values()) - params_m * 1e6) <= per_layer / 2
