@@ -40,6 +40,11 @@ def draw_steps(result_dirs: list[Path] | Path, out: Path | None = None) -> list[
     matplotlib.use("Agg")
 
     dirs = [result_dirs] if isinstance(result_dirs, Path) else list(result_dirs)
+    seen: dict[Path, Path] = {}
+    for d in dirs:  # DIR and DIR/ or ./DIR too: one run drawn as two identical panels reads as two agreeing runs
+        if (key := Path(d).resolve()) in seen:
+            raise BadInput(f"{seen[key]} and {d} are the same eval run ({key}); give each run once")
+        seen[key] = d
     tables = [step_scores(d) for d in dirs]
     names = list(dict.fromkeys(n for t in tables for n in t["data"]))  # one colour per data set in every panel
     colour = name_colours(names)

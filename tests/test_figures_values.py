@@ -95,6 +95,19 @@ def test_steps_and_merge_panels_of_one_folder_name_are_told_apart(tmp_path, draw
     assert titles == [f"run{k}/checkpoint-100" for k in range(3)]
 
 
+def test_steps_given_one_run_twice_exits_2_and_draws_nothing(tmp_path, capsys, monkeypatch, drawn):
+    """The same eval dir given twice (also as DIR/ or ./DIR) drew two identical panels, which read as two runs
+    that agree; probe.eval and analyses.trajectory refuse a model or run given twice, and so does steps now."""
+    d = write_scores(tmp_path / "mixed", [f"ft/checkpoint-{s}" for s in (0, 10)], ["text"])
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path)
+    for second in (d, Path(f"{d}/"), Path("mixed"), Path("./mixed/../mixed")):
+        line = one_error_line(figures_cli("steps", d, second), capsys.readouterr().err)
+        assert "same eval run" in line and str(d.resolve()) in line
+    assert snapshot(tmp_path) == before and not drawn
+    assert figures_cli("steps", d) == 0  # once is fine
+
+
 def head_rows(d: Path, edit) -> None:
     """merge_weights.csv of ``d`` with ``edit`` applied to its query-head rows (a DataFrame → DataFrame)."""
     edit(pd.read_csv(d / "merge_weights.csv")).to_csv(d / "merge_weights.csv", index=False)

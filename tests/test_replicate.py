@@ -465,3 +465,61 @@ def test_the_real_model_example_config_is_valid_and_names_the_paper_models(capsy
     assert cli_main(main, ["--config", str(CONFIG_DIR / "paper-7b.toml"), "--out", "/nonexistent/x"]) == 2
     err = capsys.readouterr().err
     assert "config key 'data.text'" in err or "config key 'device'" in err
+
+
+def _edit_all_rows(path: Path, edit) -> None:
+    """scores.csv of a probe.eval run with ``edit(model, data, accuracy) -> accuracy`` applied to its 'all' rows."""
+    s = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    rows = s["subject"] == "all"
+    s.loc[rows, "accuracy"] = [edit(m, d, a) for m, d, a in zip(s.loc[rows, "model"], s.loc[rows, "data"],
+                                                                 s.loc[rows, "accuracy"])]
+    s["accuracy_lo"] = s[["accuracy_lo", "accuracy"]].min(axis=1)  # the value stays inside its interval
+    s["accuracy_hi"] = s[["accuracy_hi", "accuracy"]].max(axis=1)
+    s.to_csv(path, index=False)
+
+
+@pytest.mark.parametrize("case", ["carrier above its expert", "Eq. 4 ties Eq. 1"])
+def test_merge_findings_follow_their_stated_rule_on_gains_and_ties(quick: Path, tmp_path: Path, case: str) -> None:
+    """A carrier scoring above its expert (others within 6 points) made 'keeps most of the expert's skill'
+    disagree; Eq. 4 equal to Eq. 1 everywhere made 'Eq. 4 preserves more than Eq. 1' agree. Each verdict is
+    recomputed here from the edited scores.csv files by the rule its line states."""
+    from figures.findings import carriers_fall_short, weighted_beats_average
+    from figures.results import Replication
+
+    cfg = parse_config(QUICK_CONFIG)
+    out = tmp_path / "run"
+    for part in ("stages", "table4", "table5"):  # all the two findings read
+        shutil.copytree(quick / part, out / part)
+    shutil.copyfile(quick / "replicate.json", out / "replicate.json")
+    experts, own = cfg.models.experts, cfg.models.own
+    carrier = lambda m, e: str(quick / "merge" / m / "carriers" / e)  # noqa: E731 - named as the run named them
+    for k, (e, label) in enumerate(zip(experts, own)):
+        ref = _row(_scores(quick / "table5" / e), e, label)["accuracy"]
+        if case == "carrier above its expert":  # the first carrier 1 point above its expert, the rest 3 below
+            new = {carrier("average", e): ref + (0.01 if k == 0 else -0.03), carrier("shift", e): ref - 0.03}
+        else:
+            new = {carrier("average", e): 0.5, carrier("shift", e): 0.5}
+        _edit_all_rows(out / "table5" / e / "scores.csv", lambda m, d, a: new.get(m, a) if d == label else a)
+    if case == "Eq. 4 ties Eq. 1":
+        _edit_all_rows(out / "table4" / "scores.csv",
+                       lambda m, d, a: 0.9 if m in (str(quick / "merge" / "average"), str(quick / "merge" / "shift"))
+                       and d == "text" else a)
+
+    r = Replication.read(out)
+    # the oracle: accuracies straight from the edited files, verdicts by the rules the lines state
+    s4 = _scores(out / "table4")
+    t_shift, t_avg = (_row(s4, str(quick / "merge" / m), "text")["accuracy"] for m in ("shift", "average"))
+    losses, wins = [], 0
+    for e, label in zip(experts, own):
+        s5 = _scores(out / "table5" / e)
+        ref = _row(s5, e, label)["accuracy"]
+        acc = {m: _row(s5, carrier(m, e), label)["accuracy"] for m in ("average", "shift")}
+        losses += [100 * (ref - a) for a in acc.values()]
+        wins += acc["shift"] > acc["average"]
+    keeps = ("agrees" if all(x <= 6 for x in losses) else "partly" if all(x > 0 for x in losses) else "disagrees")
+    beats = ("agrees" if t_shift >= t_avg and 2 * wins > len(experts) else
+             "partly" if t_shift > t_avg or wins else "disagrees")
+    assert carriers_fall_short(r).verdict == keeps
+    assert weighted_beats_average(r).verdict == beats
+    # the edits reach the cases meant: a gain with small losses keeps the skill; ties are no advantage
+    assert keeps == "agrees" if case == "carrier above its expert" else beats == "disagrees"
