@@ -163,10 +163,7 @@ def steps_tradeoff(r: Replication) -> Finding:
     ev, verdicts = [], []
     multi = [n for n, mix in r.runs.items() if len(mix) > 1] or list(r.runs)
     for name in r.runs:
-        run = r.eval("steps", name)
-        t = run.scores[run.scores["subject"] == "all"].copy()
-        t["step"] = t["model"].str.extract(r"checkpoint-(\d+)/?$")[0].astype(int)
-        t = t.sort_values("step")
+        run, t = r.steps(name)
         parts = []
         up_all, peak_ok = True, False
         for label in r.cfg["finetune"]["eval_data"]:

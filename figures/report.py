@@ -370,9 +370,7 @@ def build(r: Replication, figdir: Path) -> Doc:
     if r.complete("steps"):
         rows = []
         for name in r.runs:
-            run = r.eval("steps", name)
-            t = run.scores[run.scores["subject"] == "all"].copy()
-            t["step"] = t["model"].str.extract(r"checkpoint-(\d+)/?$")[0].astype(int)
+            run, t = r.steps(name)
             for lab in ft["eval_data"]:
                 g = t[t["data"] == run.data_names[r.data(lab)]].sort_values("step")
                 rows.append([name, lab, " → ".join("n/a" if n == 0 else f"{100 * v:.1f}"

@@ -146,6 +146,25 @@ class Replication:
     def eval(self, *parts: str) -> EvalRun:
         return EvalRun.read(self.out.joinpath(*parts))
 
+    def steps(self, name: str) -> tuple[EvalRun, pd.DataFrame]:
+        """A fine-tuning run's evaluated checkpoints: the 'all' rows with their step, sorted by it, checked to be
+        every step the config saves (``save_steps`` and the last), once per data set. A checkpoint missing from
+        scores.csv would otherwise shift the values left under the steps the Figure 3 table names."""
+        from figures.steps import STEP
+
+        run = self.eval("steps", name)
+        t = run.scores[run.scores["subject"] == "all"].copy()
+        t["step"] = pd.to_numeric(t["model"].astype(str).str.extract(STEP.pattern)[0])
+        ft = self.cfg["finetune"]
+        want = sorted(set(ft["save_steps"]) | {ft["steps"]})
+        for data in run.data_names.values():
+            got = sorted(t.loc[t["data"] == data, "step"].dropna().astype(int))
+            if got != want:
+                raise BadInput(f"{run.dir / 'scores.csv'}: checkpoints of steps {got} on {data}, not the steps "
+                               f"{want} the config saves (an edited or partial file?)")
+        t = t.dropna(subset=["step"]).astype({"step": int})
+        return run, t.sort_values("step", kind="stable")
+
 
 def short(spec: str) -> str:
     from analyses.replicate import short as _short  # one rule for carrier and sweep directory names

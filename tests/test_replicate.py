@@ -21,7 +21,7 @@ import pytest
 
 from analyses.replicate import STAGES, Context, fingerprints, main
 from analyses.replicate_config import CONFIG_DIR, DEFAULT_CONFIG, QUICK_CONFIG, parse_config
-from probe.errors import cli_main
+from probe.errors import BadInput, cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_NAMES = [s.name for s in STAGES]
@@ -523,3 +523,29 @@ def test_merge_findings_follow_their_stated_rule_on_gains_and_ties(quick: Path, 
     assert weighted_beats_average(r).verdict == beats
     # the edits reach the cases meant: a gain with small losses keeps the skill; ties are no advantage
     assert keeps == "agrees" if case == "carrier above its expert" else beats == "disagrees"
+
+
+def test_a_checkpoint_missing_from_a_steps_run_is_refused_not_shifted(quick: Path, tmp_path: Path) -> None:
+    """A checkpoint row cut from steps/<run>/scores.csv left the Figure 3 table's header naming every saved step
+    while the row showed one value fewer, each under the wrong step, and the finding read the later step's value as
+    step 0's. The saved steps must be the config's, on every data set."""
+    from figures.findings import steps_tradeoff
+    from figures.results import Replication
+
+    cfg = parse_config(QUICK_CONFIG)
+    out = tmp_path / "run"
+    for part in ("stages", "steps"):
+        shutil.copytree(quick / part, out / part)
+    shutil.copyfile(quick / "replicate.json", out / "replicate.json")
+    r = Replication.read(out)
+    want = sorted(set(cfg.finetune.save_steps) | {cfg.finetune.steps})
+    name = next(iter(cfg.finetune.runs))
+    run, t = r.steps(name)
+    for data in run.data_names.values():  # the oracle: the steps straight from the model names in scores.csv
+        assert t.loc[t["data"] == data, "step"].tolist() == want
+    steps_tradeoff(r)  # reads every run
+    path = out / "steps" / name / "scores.csv"
+    s = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    s[~s["model"].str.endswith(f"checkpoint-{want[0]}")].to_csv(path, index=False)  # every row of one checkpoint
+    with pytest.raises(BadInput, match=rf"checkpoints of steps {re.escape(str(want[1:]))} on .*not the steps {re.escape(str(want))}"):
+        steps_tradeoff(Replication.read(out))
