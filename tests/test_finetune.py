@@ -255,7 +255,8 @@ def test_eval_over_checkpoints_draws_figure_3(ft_run, text_dir, tmp_path):
                                 "--device", "cpu", "--quiet", "--no-figures", "--out", str(out)]) == 0
     table = step_scores(out)
     assert sorted(set(table["step"])) == [0, 2, 4, 6]
-    assert [p.name for p in draw_steps([out, out], tmp_path)] == ["steps.png", "steps.pdf"]
+    other = shutil.copytree(out, tmp_path / "eval-again")  # a second run's panel (one run twice is refused)
+    assert [p.name for p in draw_steps([out, other], tmp_path)] == ["steps.png", "steps.pdf"]
 
 
 def test_lora_trains_adapters_and_resumes(tiny_dirs, data_dir, text_dir, tmp_path, monkeypatch):
