@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from probe.errors import ArgParser, BadInput, check_out_path, cli_main
+from probe.errors import ArgParser, BadInput, check_counts, check_out_path, cli_main
 
 LOG_COLUMNS = ["step", "modality", "loss", "lr", "lm_lr", "tokens"]  # lr: --lr's rate now (tower, projector)
 STATE = "trainer_state.pt"
@@ -222,12 +222,7 @@ def check_numbers(cfg: FinetuneConfig) -> None:
     """The numeric settings only this command has, before anything is read or written (rates, warm-up and seed are
     the training loop's: ``TrainConfig`` refuses a NaN or negative one, which would train to NaN weights or climb
     the loss and still exit 0)."""
-    if cfg.steps < 1:  # first: the checks below compare with it
-        raise BadInput(f"--steps must be ≥ 1, got {cfg.steps}")
-    if cfg.lora is not None and cfg.lora < 1:
-        raise BadInput(f"--lora must be ≥ 1, got {cfg.lora}")
-    if cfg.limit is not None and cfg.limit < 1:
-        raise BadInput(f"--limit must be ≥ 1, got {cfg.limit}")
+    check_counts(cfg, ("steps", "lora", "limit"))  # steps first: the checks below compare with it
     if cfg.seed >= 2**64:  # torch's generators take 64-bit seeds (TrainConfig refuses negative ones)
         raise BadInput(f"--seed must be in 0 .. 2^64 - 1, got {cfg.seed}")
     bad = [s for s in cfg.save_steps if not 0 <= s <= cfg.steps]

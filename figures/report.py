@@ -372,7 +372,7 @@ def build(r: Replication, figdir: Path) -> Doc:
         for name in r.runs:
             run, t = r.steps(name)
             for lab in ft["eval_data"]:
-                g = t[t["data"] == run.data_names[r.data(lab)]].sort_values("step")
+                g = t[t["data"] == run.data_names[r.data(lab)]]  # in step order (Replication.steps)
                 rows.append([name, lab, " → ".join("n/a" if n == 0 else f"{100 * v:.1f}"
                                                    for v, n in zip(g[run.metric], g["n_items"]))])
         d.table(["run", "data", "accuracy at steps " + ", ".join(map(str, sorted(set(ft["save_steps"]) |

@@ -150,19 +150,16 @@ class Replication:
         """A fine-tuning run's evaluated checkpoints: the 'all' rows with their step, sorted by it, checked to be
         every step the config saves (``save_steps`` and the last), once per data set. A checkpoint missing from
         scores.csv would otherwise shift the values left under the steps the Figure 3 table names."""
-        from figures.steps import STEP
+        from figures.steps import checkpoint_rows
 
         run = self.eval("steps", name)
-        t = run.scores[run.scores["subject"] == "all"].copy()
-        t["step"] = pd.to_numeric(t["model"].astype(str).str.extract(STEP.pattern)[0])
+        t = checkpoint_rows(run.scores)  # n/a rows too: the table prints them
         ft = self.cfg["finetune"]
         want = sorted(set(ft["save_steps"]) | {ft["steps"]})
         for data in run.data_names.values():
-            got = sorted(t.loc[t["data"] == data, "step"].dropna().astype(int))
-            if got != want:
+            if (got := sorted(t.loc[t["data"] == data, "step"].tolist())) != want:
                 raise BadInput(f"{run.dir / 'scores.csv'}: checkpoints of steps {got} on {data}, not the steps "
                                f"{want} the config saves (an edited or partial file?)")
-        t = t.dropna(subset=["step"]).astype({"step": int})
         return run, t.sort_values("step", kind="stable")
 
 

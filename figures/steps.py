@@ -17,15 +17,19 @@ MIN_WIDTH, MIN_PANEL = 2.3, 2.1  # inches: a run's panel at its narrowest and lo
 STEP = re.compile(r"checkpoint-(\d+)/?$")
 
 
-def step_scores(result_dir: Path) -> pd.DataFrame:
-    """The 'all' rows of an eval run whose models are checkpoints, with their step."""
-    s = read_scores(result_dir)
-    s = s[(s["subject"] == "all") & (s["n_items"] > 0)].copy()
+def checkpoint_rows(scores: pd.DataFrame) -> pd.DataFrame:
+    """The 'all' rows of an eval run's scores whose model is a ``checkpoint-<step>`` dir, with that step."""
+    s = scores[scores["subject"] == "all"].copy()
     s["step"] = s["model"].astype(str).str.extract(STEP.pattern)[0]
-    s = s.dropna(subset=["step"])
+    return s.dropna(subset=["step"]).astype({"step": int})
+
+
+def step_scores(result_dir: Path) -> pd.DataFrame:
+    """The 'all' rows of an eval run whose models are checkpoints, with their step (where the model read the set)."""
+    s = checkpoint_rows(read_scores(result_dir))
+    s = s[s["n_items"] > 0]
     if s.empty:
         raise BadInput(f"{result_dir}: no model named .../checkpoint-<step> in scores.csv")
-    s["step"] = s["step"].astype(int)
     if (twice := s.duplicated(["data", "step"], keep=False)).any():  # one line per data set would zigzag between runs
         first = s[twice].iloc[0]
         models = s[twice & (s["data"] == first["data"]) & (s["step"] == first["step"])]["model"]
