@@ -228,6 +228,8 @@ class Stage:
     needs: tuple[str, ...]
     run: Callable[[Context], None]
     inputs: Callable[[Context], Any]  # what besides upstream stages decides its outputs
+    # what a complete stage has left in DIR (files or output dirs whose manifests list the rest): gone, it reruns
+    outputs: Callable[[ReplicateConfig, Path], list[Path]] = lambda c, o: []
 
 
 def _models(ctx: Context) -> dict[str, Any]:
@@ -253,20 +255,45 @@ def _finetune_inputs(ctx: Context) -> dict[str, Any]:
     return keep | {"train": train, **LOOP_IDENTITY}  # runs from before the schedule fix rerun
 
 
+EVAL_FILES = ("scores.csv", "run.json", "eval.png")  # of a probe.eval run: what the report reads
+
+
+def _eval_out(d: Path) -> list[Path]:
+    return [d / f for f in EVAL_FILES]
+
+
+def _sweeps(c: ReplicateConfig) -> list[str]:
+    """The models stage heads sweeps: each expert, and the base when it is swept on text."""
+    return [*c.models.experts, *([c.models.base] if c.heads.base_on_text else [])]
+
+
+def _checkpoints(c: ReplicateConfig, o: Path) -> list[Path]:
+    steps = sorted(set(c.finetune.save_steps) | {c.finetune.steps, 0})
+    return [o / "finetune" / n / f for n in c.finetune.runs for f in ["run.json", *(f"checkpoint-{s}" for s in steps)]]
+
+
 STAGES: list[Stage] = [
     # items that repeat a validation item are left out of the training data (before: 12-16 of 96-128 per set)
-    Stage("data", (), stage_data, lambda c: [c.cfg.section("train"), "validation items excluded"]),
-    Stage("table3", (), stage_table3, lambda c: [c.cfg.section("eval"), _models(c), _data(c, list(c.cfg.data))]),
+    Stage("data", (), stage_data, lambda c: [c.cfg.section("train"), "validation items excluded"],
+          lambda c, o: [Path(d) for d in c.train_dirs(o).values()] if c.train.generate else []),
+    Stage("table3", (), stage_table3, lambda c: [c.cfg.section("eval"), _models(c), _data(c, list(c.cfg.data))],
+          lambda c, o: _eval_out(o / "table3")),
     Stage("heads", ("data",), stage_heads,
-          lambda c: [c.cfg.section("heads"), _models(c), _data(c, [*c.cfg.models.own, c.cfg.eval.text])]),
-    Stage("shift", (), stage_shift, _models),
-    Stage("merge", ("shift", "heads"), stage_merge, lambda c: [c.cfg.section("merge"), _models(c)]),
-    Stage("table4", ("merge",), stage_table4, lambda c: [c.cfg.section("eval"), _data(c, [c.cfg.eval.text])]),
-    Stage("table5", ("merge",), stage_table5, lambda c: [c.cfg.section("eval"), _data(c, c.cfg.models.own)]),
-    Stage("finetune", ("merge", "data"), stage_finetune, lambda c: _finetune_inputs(c)),
+          lambda c: [c.cfg.section("heads"), _models(c), _data(c, [*c.cfg.models.own, c.cfg.eval.text])],
+          lambda c, o: [o / "heads" / short(m) / f for m in _sweeps(c) for f in ("heads.csv", "baseline.json")]),
+    Stage("shift", (), stage_shift, _models, lambda c, o: [o / "shift"]),
+    Stage("merge", ("shift", "heads"), stage_merge, lambda c: [c.cfg.section("merge"), _models(c)],
+          lambda c, o: [o / "merge" / m for m in c.merge.methods]),
+    Stage("table4", ("merge",), stage_table4, lambda c: [c.cfg.section("eval"), _data(c, [c.cfg.eval.text])],
+          lambda c, o: _eval_out(o / "table4")),
+    Stage("table5", ("merge",), stage_table5, lambda c: [c.cfg.section("eval"), _data(c, c.cfg.models.own)],
+          lambda c, o: [p for e in c.models.experts for p in _eval_out(o / "table5" / short(e))]),
+    Stage("finetune", ("merge", "data"), stage_finetune, lambda c: _finetune_inputs(c), _checkpoints),
     Stage("steps", ("finetune",), stage_steps,
-          lambda c: [c.cfg.section("eval"), c.cfg.section("finetune"), _data(c, c.cfg.finetune.eval_data)]),
-    Stage("trajectory", ("merge", "finetune"), stage_trajectory, lambda c: c.cfg.section("trajectory")),
+          lambda c: [c.cfg.section("eval"), c.cfg.section("finetune"), _data(c, c.cfg.finetune.eval_data)],
+          lambda c, o: [p for n in c.finetune.runs for p in _eval_out(o / "steps" / n)]),
+    Stage("trajectory", ("merge", "finetune"), stage_trajectory, lambda c: c.cfg.section("trajectory"),
+          lambda c, o: [o / "trajectory" / f for f in ("fig4a", "fig4b")]),
     Stage("report", tuple(s for s in ("table3", "heads", "shift", "merge", "table4", "table5", "steps",
                                       "trajectory")), stage_report, lambda c: "always"),
 ]
@@ -280,6 +307,25 @@ def fingerprints(ctx: Context) -> dict[str, str]:
         blob = json.dumps([s.name, s.inputs(ctx), [fps[d] for d in s.needs]], sort_keys=True, default=str)
         fps[s.name] = hashlib.sha256(blob.encode()).hexdigest()[:16]
     return fps
+
+
+def missing_outputs(stage: str, cfg: ReplicateConfig, out: Path) -> list[Path]:
+    """What a complete stage wrote that is gone now (deleted by hand): its named outputs, and every entry of the
+    output manifests (probe.results.MANIFEST) of its output dirs. The driver reruns such a stage, the report
+    refuses it: either way no table cell turns into "—" and no figure drops out without a word."""
+    from probe.results import MANIFEST
+
+    gone = []
+    for p in BY_NAME[stage].outputs(cfg, out):
+        if not p.exists():
+            gone.append(p)
+        elif (p / MANIFEST).is_file():
+            try:
+                entries = json.loads((p / MANIFEST).read_text())["entries"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # an unreadable manifest: the readers of the files name what is wrong
+            gone += [p / e for e in entries if isinstance(e, str) and not (p / e).exists()]
+    return gone
 
 
 def read_state(out: Path, name: str) -> dict[str, Any]:
@@ -299,8 +345,12 @@ def write_state(out: Path, name: str, state: dict[str, Any]) -> None:
 def run_stage(ctx: Context, stage: Stage, fp: str) -> str:
     state = read_state(ctx.out, stage.name)
     if stage.name != "report" and state.get("fingerprint") == fp and state.get("status") == "complete":
-        print(f"== {stage.name}: unchanged, skipped ({state.get('seconds', 0):.0f} s when run)", file=sys.stderr)
-        return "skipped"
+        if not (gone := missing_outputs(stage.name, ctx.cfg, ctx.out)):
+            print(f"== {stage.name}: unchanged, skipped ({state.get('seconds', 0):.0f} s when run)", file=sys.stderr)
+            return "skipped"
+        more = f" (and {len(gone) - 1} more)" if len(gone) > 1 else ""
+        print(f"== {stage.name}: its output {gone[0]}{more} is gone: running it again", file=sys.stderr)
+        state = {}  # from nothing: what is left of it is not known to be whole
     sdir = ctx.out / stage.name
     resumed = state.get("fingerprint") == fp
     now = {k: v for k, v in versions().items() if k in SOFTWARE}
@@ -368,9 +418,14 @@ def prepare(args: argparse.Namespace) -> tuple[Context, dict[str, str]]:
         for name in args.only:
             for dep in BY_NAME[name].needs:
                 st = read_state(out, dep)
-                if dep not in wanted and not (st.get("status") == "complete" and st.get("fingerprint") == stage_fps[dep]):
+                if dep in wanted:
+                    continue
+                if not (st.get("status") == "complete" and st.get("fingerprint") == stage_fps[dep]):
                     raise BadInput(f"--only {name}: it needs stage {dep!r}, which is not complete with these "
                                    "settings; add it to --only or run without --only")
+                if gone := missing_outputs(dep, cfg, out):
+                    raise BadInput(f"--only {name}: it needs stage {dep!r}, whose output {gone[0]} is gone; add "
+                                   "it to --only or run without --only")
     return ctx, stage_fps
 
 

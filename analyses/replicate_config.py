@@ -191,6 +191,17 @@ def parse_config(path: Path) -> ReplicateConfig:
     return dataclasses.replace(cfg, data=data, train=train, source=str(path))
 
 
+def saved_config(table: Any, path: Path) -> ReplicateConfig:
+    """The config a run saved in its replicate.json (``dataclasses.asdict`` of the parsed one), typed again."""
+    if not isinstance(table, dict):
+        raise BadInput(f"{path}: no config table")
+    try:
+        cfg = _build(ReplicateConfig, {k: v for k, v in table.items() if k != "source"})
+    except BadInput as exc:
+        raise BadInput(f"{path}: its config is not one python -m analyses.replicate wrote ({exc})") from None
+    return dataclasses.replace(cfg, source=str(table.get("source", "")))
+
+
 def _check_finite(value: Any, key: str) -> None:
     """Every float of the config, however deep (TOML reads ``nan`` and ``inf``): a NaN slips past range tests
     (``nan <= 0`` is false) into a NaN merge or a NaN fine-tuning run that still exits 0."""

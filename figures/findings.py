@@ -32,7 +32,34 @@ class Finding:
         return f"**{self.verdict}** — {self.cite}: {self.claim}."
 
     def line(self) -> str:
-        return f"**{self.verdict}** — {self.cite}: {self.claim}. {self.evidence} (Criterion: {self.criterion}.)"
+        crit = f" (Criterion: {self.criterion}.)" if self.criterion else ""
+        return f"**{self.verdict}** — {self.cite}: {self.claim}. {self.evidence}{crit}"
+
+
+# check → where the paper says it, and its claim: one place, so a finding not measured still names the claim
+CLAIMS: dict[str, tuple[str, str]] = {
+    "text_costs": ("Table 3, §4.2", "modality fine-tuning costs the base LLM text ability (IFEval, GPQA, MATH, "
+                   "HumanEval+ fall for every extension)"),
+    "heads_all_matter": ("Figure 2, §5.2", "masking any single attention head costs substantial performance"),
+    "shallow_layers": ("Figure 2, §5.2", "heads in shallow layers matter more than heads in deep layers"),
+    "shift_ratio": ("§5.3, Eq. 3", f"Qwen2-VL, the most extensively fine-tuned, shifts most: {SHIFT_RATIO:.0f}× the "
+                    "others"),
+    "merge_keeps_text": ("Table 4, §5.5", "merging preserves the base's text abilities (on par except reasoning)"),
+    "weighted_beats_average": ("Tables 4 and 5, §5.5", "weighted (Eq. 4) merging preserves more than plain "
+                               "averaging (Eq. 1)"),
+    "carriers_fall_short": ("Table 5, §5.4", "a merged LM in a multimodal carrier keeps most of the expert's "
+                            "modality skill (MMMU −0.7/−1.3, Video-MME −6.0/−1.8 points)"),
+    "steps_tradeoff": ("Figure 3, §6.2", "fine-tuning the merge improves the modalities with more steps while text "
+                       "peaks early (within ~100 steps) and then declines"),
+    "distinct_directions": ("Figure 4a, §6.2", "fine-tuning on different modalities moves the weights in distinct "
+                            "directions"),
+    "merge_aggregates": ("Figure 4b, §6.2", "merging places the model in a region that aggregates the models it "
+                         "merges"),
+}
+
+
+def _found(check: Callable[[Replication], Finding], verdict: str, evidence: str, criterion: str) -> Finding:
+    return Finding(*CLAIMS[check.__name__], verdict, evidence, criterion)
 
 
 def pct(x: float) -> str:
@@ -52,8 +79,7 @@ def text_costs(r: Replication) -> Finding:
     lo, hi = ("diff_lo", "diff_hi") if run.metric == "accuracy" else ("diff_prob_lo", "diff_prob_hi")
     ev = "; ".join(f"{e} {interval(x[col], x[lo], x[hi])} points" for e, x in diffs.items())
     verdict = "agrees" if len(below) == len(diffs) else ("partly" if below else "disagrees")
-    return Finding("Table 3, §4.2", "modality fine-tuning costs the base LLM text ability (IFEval, GPQA, MATH, "
-                   "HumanEval+ fall for every extension)", verdict, f"Text vs the base: {ev}.", crit)
+    return _found(text_costs, verdict, f"Text vs the base: {ev}.", crit)
 
 
 def heads_all_matter(r: Replication) -> Finding:
@@ -66,8 +92,8 @@ def heads_all_matter(r: Replication) -> Finding:
     ok = [e for e, s in shares.items() if s >= SHARE_MATTERS]
     ev = "; ".join(f"{e}: {s:.0%} of heads" for e, s in shares.items())
     verdict = "agrees" if len(ok) == len(shares) else ("partly" if ok else "disagrees")
-    return Finding("Figure 2, §5.2", "masking any single attention head costs substantial performance", verdict,
-                   f"Heads whose removal costs ≥ {100 * SMALL_DROP:.0f} points: {ev}.", crit)
+    return _found(heads_all_matter, verdict, f"Heads whose removal costs ≥ {100 * SMALL_DROP:.0f} points: {ev}.",
+                  crit)
 
 
 def shallow_layers(r: Replication) -> Finding:
@@ -80,8 +106,7 @@ def shallow_layers(r: Replication) -> Finding:
         ok += bool(shallow > deep)
         ev.append(f"{e}: {shallow:.3g} vs {deep:.3g} nats")
     verdict = "agrees" if ok == len(r.experts) else ("partly" if ok else "disagrees")
-    return Finding("Figure 2, §5.2", "heads in shallow layers matter more than heads in deep layers", verdict,
-                   f"Mean KL, shallow vs deep half: {'; '.join(ev)}.", crit)
+    return _found(shallow_layers, verdict, f"Mean KL, shallow vs deep half: {'; '.join(ev)}.", crit)
 
 
 def shift_ratio(r: Replication) -> Finding:
@@ -96,8 +121,7 @@ def shift_ratio(r: Replication) -> Finding:
             "every other expert's; largest but less than that is 'partly'")
     verdict = "agrees" if who == top and ratio >= SHIFT_RATIO else ("partly" if who == top else "disagrees")
     ev = ", ".join(f"{e} {v:.3g}" for e, v in means.items())
-    return Finding("§5.3, Eq. 3", f"Qwen2-VL, the most extensively fine-tuned, shifts most: {SHIFT_RATIO:.0f}× the "
-                   "others", verdict, f"Mean Δavg: {ev}; {who} is {ratio:.2f}× the next largest.", crit)
+    return _found(shift_ratio, verdict, f"Mean Δavg: {ev}; {who} is {ratio:.2f}× the next largest.", crit)
 
 
 def merge_keeps_text(r: Replication) -> Finding:
@@ -114,8 +138,7 @@ def merge_keeps_text(r: Replication) -> Finding:
         ok += bool(hi >= 0)
         ev.append(f"{METHOD_LABELS[m]} {interval(d, lo, hi)} points")
     verdict = "agrees" if ok == 2 else ("partly" if ok else "disagrees")
-    return Finding("Table 4, §5.5", "merging preserves the base's text abilities (on par except reasoning)",
-                   verdict, f"Merged LM vs base on text: {'; '.join(ev)}.", crit)
+    return _found(merge_keeps_text, verdict, f"Merged LM vs base on text: {'; '.join(ev)}.", crit)
 
 
 def weighted_beats_average(r: Replication) -> Finding:
@@ -133,8 +156,7 @@ def weighted_beats_average(r: Replication) -> Finding:
     verdict = ("agrees" if text_ok and 2 * len(wins) > len(comps) - 1 else
                "partly" if comps[0][1] > comps[0][2] or wins else "disagrees")
     ev = "; ".join(f"{k} {pct(a)} vs {pct(b)}" for k, a, b in comps)
-    return Finding("Tables 4 and 5, §5.5", "weighted (Eq. 4) merging preserves more than plain averaging (Eq. 1)",
-                   verdict, f"Eq. 4 vs Eq. 1 accuracy in %: {ev}.", crit)
+    return _found(weighted_beats_average, verdict, f"Eq. 4 vs Eq. 1 accuracy in %: {ev}.", crit)
 
 
 def carriers_fall_short(r: Replication) -> Finding:
@@ -151,9 +173,7 @@ def carriers_fall_short(r: Replication) -> Finding:
     verdict = "agrees" if small else ("partly" if below else "disagrees")
     ev = "; ".join(f"{e} {METHOD_LABELS[m]} −{x:.1f}" if x >= 0 else f"{e} {METHOD_LABELS[m]} +{-x:.1f}"
                    for e, m, x in losses)
-    return Finding("Table 5, §5.4", "a merged LM in a multimodal carrier keeps most of the expert's modality "
-                   "skill (MMMU −0.7/−1.3, Video-MME −6.0/−1.8 points)", verdict,
-                   f"Carrier minus expert, points: {ev}.", crit)
+    return _found(carriers_fall_short, verdict, f"Carrier minus expert, points: {ev}.", crit)
 
 
 def steps_tradeoff(r: Replication) -> Finding:
@@ -185,9 +205,7 @@ def steps_tradeoff(r: Replication) -> Finding:
     n_ok = sum(a and b for a, b in verdicts)
     verdict = ("agrees" if n_ok == len(verdicts) else
                "partly" if any(a or b for a, b in verdicts) else "disagrees")
-    return Finding("Figure 3, §6.2", "fine-tuning the merge improves the modalities with more steps while text "
-                   "peaks early (within ~100 steps) and then declines", verdict, f"Accuracy in %: {'; '.join(ev)}.",
-                   crit)
+    return _found(steps_tradeoff, verdict, f"Accuracy in %: {'; '.join(ev)}.", crit)
 
 
 def _sketch(r: Replication, fig: str) -> tuple[list[str], np.ndarray]:
@@ -218,15 +236,13 @@ def distinct_directions(r: Replication) -> Finding:
     single = [n for n, mix in r.runs.items() if len(mix) == 1 and n in moves]
     pairs = [(a, b) for i, a in enumerate(single) for b in single[i + 1:]]
     if not pairs:
-        return Finding("Figure 4a, §6.2", "fine-tuning on different modalities moves the weights in distinct "
-                       "directions", "not measured", "Fewer than two single-modality runs.", crit)
+        return _found(distinct_directions, "not measured", "Fewer than two single-modality runs.", crit)
     cos = {(a, b): float(moves[a] @ moves[b] / (np.linalg.norm(moves[a]) * np.linalg.norm(moves[b]) + 1e-30))
            for a, b in pairs}
     ok = [p for p, c in cos.items() if c < DISTINCT_COSINE]
     verdict = "agrees" if len(ok) == len(cos) else ("partly" if ok else "disagrees")
     ev = "; ".join(f"{a}/{b} {c:.2f}" for (a, b), c in cos.items())
-    return Finding("Figure 4a, §6.2", "fine-tuning on different modalities moves the weights in distinct "
-                   "directions", verdict, f"Cosines of the runs' moves: {ev}.", crit)
+    return _found(distinct_directions, verdict, f"Cosines of the runs' moves: {ev}.", crit)
 
 
 def merge_aggregates(r: Replication) -> Finding:
@@ -242,8 +258,8 @@ def merge_aggregates(r: Replication) -> Finding:
     ok = [m for m, d in dist.items() if d <= spread]
     verdict = "agrees" if len(ok) == len(dist) else ("partly" if ok else "disagrees")
     ev = "; ".join(f"{METHOD_LABELS[m]} {d:.3g}" for m, d in dist.items())
-    return Finding("Figure 4b, §6.2", "merging places the model in a region that aggregates the models it merges",
-                   verdict, f"Distance to the inputs' centroid: {ev} (farthest input {spread:.3g}).", crit)
+    return _found(merge_aggregates, verdict, f"Distance to the inputs' centroid: {ev} (farthest input {spread:.3g}).",
+                  crit)
 
 
 CHECKS: list[tuple[str, Callable[[Replication], Finding], tuple[str, ...]]] = [
@@ -267,7 +283,7 @@ def findings(r: Replication) -> dict[str, list[Finding]]:
         if all(r.complete(s) for s in stages):
             f = check(r)
         else:
-            f = Finding(section, check.__name__.replace("_", " "), "not measured",
-                        f"stage {', '.join(s for s in stages if not r.complete(s))} has not completed.", "—")
+            f = _found(check, "not measured",
+                       f"Stage {', '.join(s for s in stages if not r.complete(s))} has not completed.", "")
         out.setdefault(section, []).append(f)
     return out

@@ -85,11 +85,22 @@ class Replication:
         return per
 
     def complete(self, stage: str) -> bool:
+        """Whether the stage completed with this run's settings; refused when it did but its outputs are gone."""
+        from analyses.replicate import missing_outputs
+        from analyses.replicate_config import saved_config
+
         try:
             st = json.loads((self.out / "stages" / f"{stage}.json").read_text())
         except (OSError, ValueError, AttributeError):  # missing, unparsable or not an object
             return False
-        return st.get("status") == "complete" and st.get("fingerprint") == self.info["fingerprints"].get(stage)
+        if not (st.get("status") == "complete" and st.get("fingerprint") == self.info["fingerprints"].get(stage)):
+            return False
+        cfg = saved_config(self.cfg, self.out / "replicate.json")
+        if gone := missing_outputs(stage, cfg, self.out):
+            more = f" (and {len(gone) - 1} more)" if len(gone) > 1 else ""
+            raise BadInput(f"{gone[0]}{more}: gone, though stage {stage} completed; run python -m "
+                           f"analyses.replicate --out {self.out} again to redo it")
+        return True
 
     def seconds(self, stage: str, key: str = "seconds") -> float | None:
         """Wall (``seconds``) or CPU (``cpu_seconds``) time of the process that completed the stage."""

@@ -549,3 +549,71 @@ def test_a_checkpoint_missing_from_a_steps_run_is_refused_not_shifted(quick: Pat
     s[~s["model"].str.endswith(f"checkpoint-{want[0]}")].to_csv(path, index=False)  # every row of one checkpoint
     with pytest.raises(BadInput, match=rf"checkpoints of steps {re.escape(str(want[1:]))} on .*not the steps {re.escape(str(want))}"):
         steps_tradeoff(Replication.read(out))
+
+
+@pytest.mark.parametrize("gone", ["merge/shift/merge.json", "heads/organism-base", "table3/eval.png",
+                                  "trajectory/fig4a/trajectory_sketch.png", "merge/salience/merge_heads.png"])
+def test_a_report_whose_completed_stage_lost_an_output_is_refused(quick: Path, tmp_path: Path, capsys,
+                                                                   gone: str) -> None:
+    """A completed stage's output deleted by hand gave a report with exit 0 and a "—" cell (Eq. 4 α), a model
+    left out of the Figure 2 table, or a figure dropped: the report now refuses it, naming the file, and keeps
+    the previous report whole."""
+    from figures.__main__ import main as figures_main
+
+    copy = tmp_path / "copy"
+    shutil.copytree(quick, copy)
+    before = {p: (copy / p).read_bytes() for p in ("report.md", "report.html")}
+    target = copy / gone
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    assert cli_main(figures_main, ["report", str(copy)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(target) in err and "gone, though stage" in err, err
+    assert {p: (copy / p).read_bytes() for p in before} == before
+
+
+def test_a_completed_stage_whose_output_is_gone_runs_again(quick: Path, capsys) -> None:
+    """The driver skipped a completed stage by its fingerprint alone: with a merged model deleted, the rerun
+    printed "unchanged, skipped" and the stages after it failed or reported on nothing. Now the stage runs again
+    (the same merge), and --only refuses a stage whose input stage lost its output."""
+    out = quick
+    model = out / "merge" / "shift" / "model.safetensors"
+    merged = model.read_bytes()
+    model.unlink()
+    cwd = Path.cwd()
+    os.chdir(ROOT)
+    try:
+        assert cli_main(main, ["--quick", "--quiet", "--only", "table4", "--out", str(out)]) == 2
+        assert f"needs stage 'merge', whose output {model} is gone" in capsys.readouterr().err
+        assert cli_main(main, ["--quick", "--quiet", "--only", "merge", "--out", str(out)]) == 0
+    finally:
+        os.chdir(cwd)
+    assert f"merge: its output {model} is gone: running it again" in capsys.readouterr().err
+    assert model.read_bytes() == merged
+    assert json.loads((out / "stages" / "merge.json").read_text())["status"] == "complete"
+
+
+def test_a_finding_not_measured_names_the_papers_claim(quick: Path, tmp_path: Path) -> None:
+    """A finding whose stage had not completed printed the report's section key and the check's function name
+    ("table5: weighted beats average") in place of where the paper says it and what it claims."""
+    from figures.findings import CHECKS, CLAIMS
+    from figures.report import build_report
+
+    copy = tmp_path / "copy"
+    shutil.copytree(quick, copy)
+    for stage in ("table5", "steps"):
+        state = json.loads((copy / "stages" / f"{stage}.json").read_text())
+        (copy / "stages" / f"{stage}.json").write_text(json.dumps(state | {"status": "running"}))
+    build_report(copy)
+    glance = [x for x in _section((copy / "report.md").read_text(), "Findings at a glance").splitlines()
+              if x.startswith("- ")]
+    assert len(glance) == len(CHECKS) == len(CLAIMS)
+    lost = {"carriers_fall_short", "weighted_beats_average", "steps_tradeoff"}  # what reads table5 or steps
+    for (_, check, _), line in zip(CHECKS, glance):
+        cite, claim = CLAIMS[check.__name__]
+        verdict = "not measured" if check.__name__ in lost else r"(agrees|partly|disagrees)"
+        assert re.fullmatch(rf"- \*\*{verdict}\*\* — {re.escape(cite)}: {re.escape(claim)}\.", line), line
+    md = (copy / "report.md").read_text()
+    for name in lost:
+        stage = "steps" if name == "steps_tradeoff" else "table5"
+        cite, claim = CLAIMS[name]
+        assert f"- **not measured** — {cite}: {claim}. Stage {stage} has not completed.\n" in md + "\n"
