@@ -179,11 +179,11 @@ def rope_position_limit(model: nn.Module) -> tuple[str, int] | None:
             continue
         by_layer = kinds if isinstance(kinds, dict) else {None: kinds}
         for layer_type, kind in by_layer.items():
-            params = getattr(module.config, "rope_parameters", None) or {}
-            params = params.get(layer_type, params) if layer_type is not None else params
             if "dynamic" in kind:  # modeling_rope_utils' own test
                 limits.append((kind, int(module.original_max_seq_len)))
             elif kind == "longrope":
+                params = getattr(module.config, "rope_parameters", None) or {}
+                params = params.get(layer_type, params) if layer_type is not None else params
                 limits.append((kind, int(params.get("original_max_position_embeddings", module.original_max_seq_len))))
     return min(limits, key=lambda x: x[1]) if limits else None
 
