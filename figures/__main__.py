@@ -1,6 +1,7 @@
 """``python -m figures KIND DIR``: redraw figures from saved result files only."""
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 from pathlib import Path
@@ -9,6 +10,16 @@ from typing import Sequence
 from probe.errors import ArgParser, BadInput, cli_main
 from probe.results import note_outputs
 
+# kind → what it reads and writes (for --help)
+READS: dict[str, str] = {
+    "eval": "a probe.eval --out: eval.png/pdf",
+    "heads": "a probe.heads --out: heatmap_{accuracy,prob_accuracy,kl}.png/pdf",
+    "merge": "an analyses.merge --out of a salience merge: merge_heads.png/pdf",
+    "report": "an analyses.replicate --out: report.md, report.html, report_figures/",
+    "shift": "an analyses.shift --out: shift_models and one shift_heatmap per model, png/pdf",
+    "steps": "probe.eval runs over fine-tuning checkpoints, one panel each: steps.png/pdf in the first",
+    "trajectory": "an analyses.trajectory --out: trajectory_sketch and trajectory_norms, png/pdf",
+}
 # kind → (module, function taking the result dir and returning the written paths)
 KINDS: dict[str, tuple[str, str]] = {
     "eval": ("figures.eval", "draw_eval"),
@@ -22,8 +33,13 @@ KINDS: dict[str, tuple[str, str]] = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = ArgParser(prog="python -m figures", description=__doc__)
-    p.add_argument("kind", choices=sorted(KINDS), help="which result directory type to draw")
+    p = ArgParser(prog="python -m figures", formatter_class=argparse.RawDescriptionHelpFormatter,
+                  description="Redraw figures from saved result files only (no model is loaded); each is written "
+                  "into the result directory.\n\nkinds:\n" + "".join(f"  {k:<11}{v}\n" for k, v in READS.items()),
+                  examples=["python -m figures heads runs/heads", "python -m figures eval runs/eval",
+                            "python -m figures steps runs/steps/text runs/steps/image",
+                            "python -m figures report runs/replicate"])
+    p.add_argument("kind", choices=sorted(KINDS), help="which result directory type to draw (see kinds)")
     p.add_argument("dir", type=Path, nargs="+",
                    help="result directory written by the matching command (steps: several probe.eval runs, one "
                    "panel each; the figure goes into the first; report: a python -m analyses.replicate output)")

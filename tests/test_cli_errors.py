@@ -319,3 +319,17 @@ def test_error_reason_is_one_bounded_line():
     assert error_reason(KeyError()) == "KeyError"
     long = error_reason(OSError("x" * 10_000))
     assert len(long) == REASON_CHARS and long.endswith("…") and "\n" not in long
+
+
+def test_figures_help_says_what_each_kind_reads(capsys):
+    """``python -m figures --help`` showed the module docstring's markup and no word on what each kind reads."""
+    from figures.__main__ import KINDS, READS, main
+
+    assert set(READS) == set(KINDS)
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "``" not in out
+    for kind, what in READS.items():
+        assert f"  {kind:<11}{what}\n" in out
