@@ -182,7 +182,9 @@ def _image_bytes(cell: Any, where: str, what: str) -> bytes:
         raise BadInput(f"{where}: {what} is referenced but empty or null")
     try:
         with Image.open(io.BytesIO(cell)) as img:
-            img.verify()  # header/CRC check only; cheap
+            img.verify()  # chunk CRCs (PNG), which load() does not check
+        with Image.open(io.BytesIO(cell)) as img:
+            img.load()  # verify() reads no pixels: a JPEG cut short passes it and fails mid-run
     except Exception as exc:  # PIL raises many types for bad bytes
         raise BadInput(f"{where}: {what} is not a decodable image ({type(exc).__name__})") from None
     return bytes(cell)

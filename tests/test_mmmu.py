@@ -382,3 +382,17 @@ def test_an_unknown_question_type_is_refused_not_taken_as_open(tmp_path, value):
                                        + r" is not one of 'multiple-choice', 'open'") as exc:
         load_mmmu(tmp_path)
     assert "validation-00000-of-00001.parquet" in str(exc.value)
+
+
+def test_a_truncated_image_is_refused_while_loading(tmp_path):
+    """A JPEG cut short passes PIL's verify() (a header check) and used to fail only when the run decoded it: a
+    traceback (exit 1) after the model had loaded and other items had run."""
+    buf = io.BytesIO()
+    Image.effect_noise((300, 200), 60).convert("RGB").save(buf, format="JPEG")
+    cut = buf.getvalue()[: len(buf.getvalue()) // 2]
+    Image.open(io.BytesIO(cut)).verify()  # the old check passes ...
+    with pytest.raises(OSError):
+        Image.open(io.BytesIO(cut)).load()  # ... but the pixels cannot be decoded
+    write(tmp_path, {"Art": [row(1), row(2, image_1={"bytes": cut, "path": "cut.jpg"})]})
+    with pytest.raises(BadInput, match=r"row 1 id='validation_Art_2': image_1 is not a decodable image"):
+        load_mmmu(tmp_path)
