@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 from PIL import Image
 
 from probe.errors import BadInput, error_reason
@@ -38,6 +39,9 @@ def option_letters(n: int) -> tuple[str, ...]:
 def _decode(data: bytes, max_side: int | None) -> Image.Image:
     img = Image.open(io.BytesIO(data))
     img.load()
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit greyscale: convert("RGB") clips >255 to white
+        tones = np.asarray(img.convert("I"), dtype=np.float64) / 257  # 0..65535 -> 0..255
+        img = Image.fromarray(np.clip(np.rint(tones), 0, 255).astype(np.uint8))
     # Composite transparency onto white: a bare convert("RGB") turns transparent pixels black.
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")

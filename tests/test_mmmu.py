@@ -124,6 +124,22 @@ def test_transparent_image_composited_on_white(tmp_path):
     assert it.pil_images()[0].getpixel((0, 0)) == (255, 255, 255)
 
 
+def test_a_16_bit_greyscale_image_keeps_its_tones(tmp_path):
+    """A 16-bit greyscale PNG (scans, plots) opens in mode I;16, and convert("RGB") clips every value above 255:
+    the model was shown a white square. Its tones are now scaled to 8 bits (v / 257), as a viewer shows them."""
+    import numpy as np
+
+    tones = np.array([[0, 257 * 64, 257 * 128, 65535]], dtype=np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(tones).save(buf, format="PNG")
+    assert Image.open(io.BytesIO(buf.getvalue())).mode.startswith("I")
+    write(tmp_path, {"Art": [row(1, image_1={"bytes": buf.getvalue(), "path": None})]})
+    (it,), _ = load_mmmu(tmp_path)
+    shown = np.asarray(it.pil_images()[0])
+    expected = np.rint(tones / 257).astype(np.uint8)
+    assert shown.shape == (1, 4, 3) and (shown == expected[..., None]).all()
+
+
 def test_open_items_skipped_and_counted(tmp_path):
     rows = [row(1), row(2, question_type="open", options="[]", answer="42"), row(3, question_type="open", answer="x")]
     write(tmp_path, {"Art": rows})
