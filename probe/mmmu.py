@@ -43,7 +43,7 @@ def _decode(data: bytes, max_side: int | None) -> Image.Image:
         tones = np.asarray(img.convert("I"), dtype=np.float64) / 257  # 0..65535 -> 0..255
         img = Image.fromarray(np.clip(np.rint(tones), 0, 255).astype(np.uint8))
     # Composite transparency onto white: a bare convert("RGB") turns transparent pixels black.
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:  # alpha, or a tRNS colour key (P, L, RGB)
         rgba = img.convert("RGBA")
         img = Image.new("RGB", rgba.size, (255, 255, 255))
         img.paste(rgba, mask=rgba.getchannel("A"))

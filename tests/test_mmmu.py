@@ -124,6 +124,17 @@ def test_transparent_image_composited_on_white(tmp_path):
     assert it.pil_images()[0].getpixel((0, 0)) == (255, 255, 255)
 
 
+@pytest.mark.parametrize("mode, colour", [("L", 0), ("RGB", (0, 0, 0))])
+def test_a_transparent_colour_key_is_composited_on_white_too(tmp_path, mode, colour):
+    """Greyscale and RGB PNGs mark a transparent colour with a tRNS chunk (info['transparency']) instead of an alpha
+    channel; only alpha modes and palettes were composited, so these showed their key colour (black) to the model."""
+    buf = io.BytesIO()
+    Image.new(mode, (4, 4), colour).save(buf, format="PNG", transparency=colour)
+    write(tmp_path, {"Art": [row(1, image_1={"bytes": buf.getvalue(), "path": None})]})
+    (it,), _ = load_mmmu(tmp_path)
+    assert it.pil_images()[0].getpixel((0, 0)) == (255, 255, 255)
+
+
 def test_a_16_bit_greyscale_image_keeps_its_tones(tmp_path):
     """A 16-bit greyscale PNG (scans, plots) opens in mode I;16, and convert("RGB") clips every value above 255:
     the model was shown a white square. Its tones are now scaled to 8 bits (v / 257), as a viewer shows them."""
