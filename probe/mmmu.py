@@ -143,8 +143,11 @@ def discover(root: str | Path, split: str) -> dict[str, list[Path]]:
     found = {d.name: _split_files(d, split) for d in sorted(root.iterdir()) if d.is_dir()}
     found = {k: v for k, v in found.items() if v}
     direct = _split_files(root, split)
-    if direct:  # a single-subject directory; its own files win over nothing
-        found.setdefault(root.resolve().name, direct)
+    if direct and found:  # read together, a combined file beside its per-subject parts would count every item twice
+        raise BadInput(f"{root} holds '{split}-*.parquet' files ({direct[0].name}) and subject folders with them "
+                       f"({', '.join(found)}); point --data at the subject folders' parent or at one subject folder")
+    if direct:  # a single-subject directory
+        found = {root.resolve().name: direct}
     if not found:
         raise BadInput(f"no '{split}-*.parquet' files in {root} or its subject folders")
     return dict(sorted(found.items()))

@@ -192,6 +192,19 @@ def test_split_selection_and_single_subject_dir(tmp_path):
         load_mmmu(tmp_path, split="test")
 
 
+def test_a_root_with_split_files_and_subject_folders_is_refused(tmp_path):
+    """The root's own files were read as one more subject named after the directory, beside the subject folders:
+    a combined file next to its per-subject parts scored every item twice."""
+    rows = [row(1), row(2)]
+    write(tmp_path, {"Art": rows})
+    write_mmmu_parquet({".": rows}, tmp_path, "validation")  # the same rows, also at the root
+    assert (tmp_path / "validation-00000-of-00001.parquet").is_file()
+    with pytest.raises(BadInput, match=r"holds 'validation-\*\.parquet' files \(validation-00000-of-00001\.parquet\) "
+                                       r"and subject folders with them \(Art\)"):
+        load_mmmu(tmp_path)
+    assert len(load_mmmu(tmp_path / "Art")[0]) == 2  # either alone is fine
+
+
 @pytest.mark.parametrize("split", ["*", "val*", "[dv]*", "../Art/dev", "dev-0"])
 def test_a_split_is_a_name_not_a_pattern(tmp_path, split):
     """'--split *' used to glob the validation and dev files of a subject into one set (1 + 2 items here), exit 0."""
