@@ -271,6 +271,8 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
     if missing:
         raise BadInput(f"{path}: missing required column(s) {', '.join(missing)}")
+    if table.num_rows == 0:  # its subject would drop out of the run without a word
+        raise BadInput(f"{path}: holds no rows (a failed download or conversion?); complete it or remove its subject")
     return table.to_pylist()
 
 

@@ -242,6 +242,16 @@ def test_empty_dir(tmp_path):
         load_mmmu(tmp_path)
 
 
+def test_a_split_file_without_rows_is_refused(tmp_path):
+    """A subject whose split file holds no rows (a failed conversion or download) used to vanish from the run, even
+    when named in subjects=; the scores then covered fewer subjects than asked for."""
+    write(tmp_path, {"Art": [row(1)], "Bio": []})
+    assert pq.read_metadata(tmp_path / "Bio" / "validation-00000-of-00001.parquet").num_rows == 0
+    for subjects in (None, ["Art", "Bio"]):
+        with pytest.raises(BadInput, match=r"Bio/validation-00000-of-00001\.parquet: holds no rows"):
+            load_mmmu(tmp_path, subjects=subjects)
+
+
 def test_corrupt_parquet(tmp_path):
     (tmp_path / "Art").mkdir()
     (tmp_path / "Art" / "validation-00000-of-00001.parquet").write_bytes(b"PAR1 this is not parquet")
