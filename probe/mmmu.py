@@ -140,8 +140,15 @@ def discover(root: str | Path, split: str) -> dict[str, list[Path]]:
         raise BadInput(f"MMMU data directory not found: {root}")
     if not root.is_dir():
         raise BadInput(f"MMMU data path is not a directory: {root}")
-    found = {d.name: _split_files(d, split) for d in sorted(root.iterdir()) if d.is_dir()}
+    folders = [d for d in sorted(root.iterdir()) if d.is_dir()]
+    found = {d.name: _split_files(d, split) for d in folders}
     found = {k: v for k, v in found.items() if v}
+    # An empty subject folder beside complete ones is an interrupted download; one with only other splits' files is
+    # a subject this split lacks, and hidden folders (hf download's .cache) are no subjects.
+    empty = [d for d in folders if not d.name.startswith(".") and not any(d.glob("*.parquet"))]
+    if found and empty:
+        raise BadInput(f"{empty[0]}: a subject folder with no .parquet files, beside {len(found)} with "
+                       f"'{split}-*.parquet' files (an interrupted download?); complete it or remove it")
     direct = _split_files(root, split)
     if direct and found:  # read together, a combined file beside its per-subject parts would count every item twice
         raise BadInput(f"{root} holds '{split}-*.parquet' files ({direct[0].name}) and subject folders with them "

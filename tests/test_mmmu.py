@@ -252,6 +252,18 @@ def test_a_split_file_without_rows_is_refused(tmp_path):
             load_mmmu(tmp_path, subjects=subjects)
 
 
+def test_an_empty_subject_folder_beside_others_is_refused(tmp_path):
+    """An empty subject folder (an interrupted download) beside complete ones was skipped without a word; a folder
+    holding only other splits' files is still skipped, and hidden folders (hf download's .cache) are ignored."""
+    write(tmp_path, {"Art": [row(1)]})
+    write(tmp_path, {"Music": [row(1, "Music", split="dev")]}, split="dev")
+    (tmp_path / ".cache" / "huggingface").mkdir(parents=True)
+    assert [it.subject for it in load_mmmu(tmp_path)[0]] == ["Art"]
+    (tmp_path / "Bio").mkdir()
+    with pytest.raises(BadInput, match=r"Bio: a subject folder with no \.parquet files"):
+        load_mmmu(tmp_path)
+
+
 def test_corrupt_parquet(tmp_path):
     (tmp_path / "Art").mkdir()
     (tmp_path / "Art" / "validation-00000-of-00001.parquet").write_bytes(b"PAR1 this is not parquet")
