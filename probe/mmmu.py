@@ -237,6 +237,9 @@ def _make_item(row: dict[str, Any], subject: str, where: str) -> Item:
     letters = option_letters(len(options))
     answer = row["answer"]
     answer = answer.strip() if isinstance(answer, str) else answer
+    if answer == "?":
+        raise BadInput(f"{where}: answer '?' is hidden (MMMU's test split keeps its answers private); this split "
+                       "cannot be scored, use --split validation or dev")
     if answer not in letters:
         raise BadInput(f"{where}: answer {answer!r} is not one of the option letters {letters[0]}-{letters[-1]}")
     images = []

@@ -264,6 +264,17 @@ def test_an_empty_subject_folder_beside_others_is_refused(tmp_path):
         load_mmmu(tmp_path)
 
 
+def test_the_test_split_with_hidden_answers_is_refused_saying_so(tmp_path):
+    """MMMU's test split keeps its answers private ('?'): it cannot be scored, and the error says that rather than
+    calling '?' a bad option letter."""
+    rows = [row(1, split="test", question_type="open", options="[]", answer="?"), row(2, split="test", answer="?")]
+    write(tmp_path, {"Art": rows}, split="test")
+    with pytest.raises(BadInput, match=r"test-00000-of-00001\.parquet \(Art\) row 1 id='test_Art_2': answer '\?' is "
+                                       r"hidden \(MMMU's test split keeps its answers private\); this split cannot be "
+                                       r"scored, use --split validation or dev"):
+        load_mmmu(tmp_path, split="test")
+
+
 def test_corrupt_parquet(tmp_path):
     (tmp_path / "Art").mkdir()
     (tmp_path / "Art" / "validation-00000-of-00001.parquet").write_bytes(b"PAR1 this is not parquet")
