@@ -170,6 +170,18 @@ def _id_key(item_id: str) -> tuple[int, int, str]:
     return (0, int(tail), item_id) if tail.isdigit() else (1, 0, item_id)
 
 
+_MMMU_SPLITS = ("dev", "validation", "test", "train")
+
+
+def _check_split_of_id(item_id: str, subject: str, split: str, where: str) -> None:
+    """MMMU ids read ``<split>_<Subject>_<n>``: one naming this subject and another split is a row of that split
+    (dev rows appended to a validation file would be scored as validation items). Other id styles pass."""
+    for other in _MMMU_SPLITS:
+        if other != split and re.fullmatch(rf"{other}_{re.escape(subject)}_\d+", item_id):
+            raise BadInput(f"{where}: the id names split '{other}', but the file holds split '{split}'; "
+                           f"keep each split's rows in its own <split>-*.parquet files")
+
+
 def _parse_options(raw: Any, where: str) -> tuple[str, ...]:
     if isinstance(raw, (list, tuple)):
         value: Any = list(raw)
@@ -336,6 +348,7 @@ def load_mmmu(
             files.append(str(path))
             for i, row in enumerate(_read_rows(path)):
                 where = f"{path.name} ({subject}) row {i} id={row.get('id')!r}"
+                _check_split_of_id(str(row.get("id")), subject, split, where)
                 kind = row.get("question_type")
                 if kind not in QUESTION_TYPES:  # "Multiple-Choice", "mcq", null: never silently taken as open
                     raise BadInput(f"{where}: question_type {kind!r} is not one of "

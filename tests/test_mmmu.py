@@ -275,6 +275,18 @@ def test_the_test_split_with_hidden_answers_is_refused_saying_so(tmp_path):
         load_mmmu(tmp_path, split="test")
 
 
+@pytest.mark.parametrize("other", ["dev", "test", "train"])
+def test_rows_of_another_split_in_a_split_file_are_refused(tmp_path, other):
+    """MMMU ids are <split>_<Subject>_<n>: dev rows appended to a validation file (a 'dev+val' set) used to be scored
+    as validation items, interleaved by number, with nothing in the output to tell."""
+    write(tmp_path, {"Art": [row(1), row(2), row(1, split=other, answer="B")]})
+    with pytest.raises(BadInput, match=rf"row 2 id='{other}_Art_1': the id names split '{other}', but the file holds "
+                                       r"split 'validation'"):
+        load_mmmu(tmp_path)
+    write(tmp_path / "own", {"Art": [row(1, id="dev_set_item_1"), row(2, id="Art_dev_2")]})  # not <split>_Art_<n>
+    assert len(load_mmmu(tmp_path / "own")[0]) == 2
+
+
 def test_corrupt_parquet(tmp_path):
     (tmp_path / "Art").mkdir()
     (tmp_path / "Art" / "validation-00000-of-00001.parquet").write_bytes(b"PAR1 this is not parquet")
