@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 from PIL import Image
 
 from probe.errors import BadInput, error_reason
@@ -38,8 +39,11 @@ def option_letters(n: int) -> tuple[str, ...]:
 def _decode(data: bytes, max_side: int | None) -> Image.Image:
     img = Image.open(io.BytesIO(data))
     img.load()
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit greyscale: convert("RGB") clips >255 to white
+        tones = np.asarray(img.convert("I"), dtype=np.float64) / 257  # 0..65535 -> 0..255
+        img = Image.fromarray(np.clip(np.rint(tones), 0, 255).astype(np.uint8))
     # Composite transparency onto white: a bare convert("RGB") turns transparent pixels black.
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:  # alpha, or a tRNS colour key (P, L, RGB)
         rgba = img.convert("RGBA")
         img = Image.new("RGB", rgba.size, (255, 255, 255))
         img.paste(rgba, mask=rgba.getchannel("A"))
@@ -136,11 +140,21 @@ def discover(root: str | Path, split: str) -> dict[str, list[Path]]:
         raise BadInput(f"MMMU data directory not found: {root}")
     if not root.is_dir():
         raise BadInput(f"MMMU data path is not a directory: {root}")
-    found = {d.name: _split_files(d, split) for d in sorted(root.iterdir()) if d.is_dir()}
+    folders = [d for d in sorted(root.iterdir()) if d.is_dir()]
+    found = {d.name: _split_files(d, split) for d in folders}
     found = {k: v for k, v in found.items() if v}
+    # An empty subject folder beside complete ones is an interrupted download; one with only other splits' files is
+    # a subject this split lacks, and hidden folders (hf download's .cache) are no subjects.
+    empty = [d for d in folders if not d.name.startswith(".") and not any(d.glob("*.parquet"))]
+    if found and empty:
+        raise BadInput(f"{empty[0]}: a subject folder with no .parquet files, beside {len(found)} with "
+                       f"'{split}-*.parquet' files (an interrupted download?); complete it or remove it")
     direct = _split_files(root, split)
-    if direct:  # a single-subject directory; its own files win over nothing
-        found.setdefault(root.resolve().name, direct)
+    if direct and found:  # read together, a combined file beside its per-subject parts would count every item twice
+        raise BadInput(f"{root} holds '{split}-*.parquet' files ({direct[0].name}) and subject folders with them "
+                       f"({', '.join(found)}); point --data at the subject folders' parent or at one subject folder")
+    if direct:  # a single-subject directory
+        found = {root.resolve().name: direct}
     if not found:
         raise BadInput(f"no '{split}-*.parquet' files in {root} or its subject folders")
     return dict(sorted(found.items()))
@@ -154,6 +168,18 @@ def _id_key(item_id: str) -> tuple[int, int, str]:
     """Sort by the numeric suffix of the id ("validation_Art_10" after "..._9"); fall back to text."""
     tail = item_id.rsplit("_", 1)[-1]
     return (0, int(tail), item_id) if tail.isdigit() else (1, 0, item_id)
+
+
+_MMMU_SPLITS = ("dev", "validation", "test", "train")
+
+
+def _check_split_of_id(item_id: str, subject: str, split: str, where: str) -> None:
+    """MMMU ids read ``<split>_<Subject>_<n>``: one naming this subject and another split is a row of that split
+    (dev rows appended to a validation file would be scored as validation items). Other id styles pass."""
+    for other in _MMMU_SPLITS:
+        if other != split and re.fullmatch(rf"{other}_{re.escape(subject)}_\d+", item_id):
+            raise BadInput(f"{where}: the id names split '{other}', but the file holds split '{split}'; "
+                           f"keep each split's rows in its own <split>-*.parquet files")
 
 
 def _parse_options(raw: Any, where: str) -> tuple[str, ...]:
@@ -182,7 +208,9 @@ def _image_bytes(cell: Any, where: str, what: str) -> bytes:
         raise BadInput(f"{where}: {what} is referenced but empty or null")
     try:
         with Image.open(io.BytesIO(cell)) as img:
-            img.verify()  # header/CRC check only; cheap
+            img.verify()  # chunk CRCs (PNG), which load() does not check
+        with Image.open(io.BytesIO(cell)) as img:
+            img.load()  # verify() reads no pixels: a JPEG cut short passes it and fails mid-run
     except Exception as exc:  # PIL raises many types for bad bytes
         raise BadInput(f"{where}: {what} is not a decodable image ({type(exc).__name__})") from None
     return bytes(cell)
@@ -221,6 +249,9 @@ def _make_item(row: dict[str, Any], subject: str, where: str) -> Item:
     letters = option_letters(len(options))
     answer = row["answer"]
     answer = answer.strip() if isinstance(answer, str) else answer
+    if answer == "?":
+        raise BadInput(f"{where}: answer '?' is hidden (MMMU's test split keeps its answers private); this split "
+                       "cannot be scored, use --split validation or dev")
     if answer not in letters:
         raise BadInput(f"{where}: answer {answer!r} is not one of the option letters {letters[0]}-{letters[-1]}")
     images = []
@@ -262,6 +293,8 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
     if missing:
         raise BadInput(f"{path}: missing required column(s) {', '.join(missing)}")
+    if table.num_rows == 0:  # its subject would drop out of the run without a word
+        raise BadInput(f"{path}: holds no rows (a failed download or conversion?); complete it or remove its subject")
     return table.to_pylist()
 
 
@@ -315,6 +348,7 @@ def load_mmmu(
             files.append(str(path))
             for i, row in enumerate(_read_rows(path)):
                 where = f"{path.name} ({subject}) row {i} id={row.get('id')!r}"
+                _check_split_of_id(str(row.get("id")), subject, split, where)
                 kind = row.get("question_type")
                 if kind not in QUESTION_TYPES:  # "Multiple-Choice", "mcq", null: never silently taken as open
                     raise BadInput(f"{where}: question_type {kind!r} is not one of "

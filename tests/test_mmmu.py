@@ -124,6 +124,33 @@ def test_transparent_image_composited_on_white(tmp_path):
     assert it.pil_images()[0].getpixel((0, 0)) == (255, 255, 255)
 
 
+@pytest.mark.parametrize("mode, colour", [("L", 0), ("RGB", (0, 0, 0))])
+def test_a_transparent_colour_key_is_composited_on_white_too(tmp_path, mode, colour):
+    """Greyscale and RGB PNGs mark a transparent colour with a tRNS chunk (info['transparency']) instead of an alpha
+    channel; only alpha modes and palettes were composited, so these showed their key colour (black) to the model."""
+    buf = io.BytesIO()
+    Image.new(mode, (4, 4), colour).save(buf, format="PNG", transparency=colour)
+    write(tmp_path, {"Art": [row(1, image_1={"bytes": buf.getvalue(), "path": None})]})
+    (it,), _ = load_mmmu(tmp_path)
+    assert it.pil_images()[0].getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_a_16_bit_greyscale_image_keeps_its_tones(tmp_path):
+    """A 16-bit greyscale PNG (scans, plots) opens in mode I;16, and convert("RGB") clips every value above 255:
+    the model was shown a white square. Its tones are now scaled to 8 bits (v / 257), as a viewer shows them."""
+    import numpy as np
+
+    tones = np.array([[0, 257 * 64, 257 * 128, 65535]], dtype=np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(tones).save(buf, format="PNG")
+    assert Image.open(io.BytesIO(buf.getvalue())).mode.startswith("I")
+    write(tmp_path, {"Art": [row(1, image_1={"bytes": buf.getvalue(), "path": None})]})
+    (it,), _ = load_mmmu(tmp_path)
+    shown = np.asarray(it.pil_images()[0])
+    expected = np.rint(tones / 257).astype(np.uint8)
+    assert shown.shape == (1, 4, 3) and (shown == expected[..., None]).all()
+
+
 def test_open_items_skipped_and_counted(tmp_path):
     rows = [row(1), row(2, question_type="open", options="[]", answer="42"), row(3, question_type="open", answer="x")]
     write(tmp_path, {"Art": rows})
@@ -165,6 +192,19 @@ def test_split_selection_and_single_subject_dir(tmp_path):
         load_mmmu(tmp_path, split="test")
 
 
+def test_a_root_with_split_files_and_subject_folders_is_refused(tmp_path):
+    """The root's own files were read as one more subject named after the directory, beside the subject folders:
+    a combined file next to its per-subject parts scored every item twice."""
+    rows = [row(1), row(2)]
+    write(tmp_path, {"Art": rows})
+    write_mmmu_parquet({".": rows}, tmp_path, "validation")  # the same rows, also at the root
+    assert (tmp_path / "validation-00000-of-00001.parquet").is_file()
+    with pytest.raises(BadInput, match=r"holds 'validation-\*\.parquet' files \(validation-00000-of-00001\.parquet\) "
+                                       r"and subject folders with them \(Art\)"):
+        load_mmmu(tmp_path)
+    assert len(load_mmmu(tmp_path / "Art")[0]) == 2  # either alone is fine
+
+
 @pytest.mark.parametrize("split", ["*", "val*", "[dv]*", "../Art/dev", "dev-0"])
 def test_a_split_is_a_name_not_a_pattern(tmp_path, split):
     """'--split *' used to glob the validation and dev files of a subject into one set (1 + 2 items here), exit 0."""
@@ -200,6 +240,51 @@ def test_empty_dir(tmp_path):
     (tmp_path / "Art").mkdir()
     with pytest.raises(BadInput, match="no 'validation-\\*.parquet' files"):
         load_mmmu(tmp_path)
+
+
+def test_a_split_file_without_rows_is_refused(tmp_path):
+    """A subject whose split file holds no rows (a failed conversion or download) used to vanish from the run, even
+    when named in subjects=; the scores then covered fewer subjects than asked for."""
+    write(tmp_path, {"Art": [row(1)], "Bio": []})
+    assert pq.read_metadata(tmp_path / "Bio" / "validation-00000-of-00001.parquet").num_rows == 0
+    for subjects in (None, ["Art", "Bio"]):
+        with pytest.raises(BadInput, match=r"Bio/validation-00000-of-00001\.parquet: holds no rows"):
+            load_mmmu(tmp_path, subjects=subjects)
+
+
+def test_an_empty_subject_folder_beside_others_is_refused(tmp_path):
+    """An empty subject folder (an interrupted download) beside complete ones was skipped without a word; a folder
+    holding only other splits' files is still skipped, and hidden folders (hf download's .cache) are ignored."""
+    write(tmp_path, {"Art": [row(1)]})
+    write(tmp_path, {"Music": [row(1, "Music", split="dev")]}, split="dev")
+    (tmp_path / ".cache" / "huggingface").mkdir(parents=True)
+    assert [it.subject for it in load_mmmu(tmp_path)[0]] == ["Art"]
+    (tmp_path / "Bio").mkdir()
+    with pytest.raises(BadInput, match=r"Bio: a subject folder with no \.parquet files"):
+        load_mmmu(tmp_path)
+
+
+def test_the_test_split_with_hidden_answers_is_refused_saying_so(tmp_path):
+    """MMMU's test split keeps its answers private ('?'): it cannot be scored, and the error says that rather than
+    calling '?' a bad option letter."""
+    rows = [row(1, split="test", question_type="open", options="[]", answer="?"), row(2, split="test", answer="?")]
+    write(tmp_path, {"Art": rows}, split="test")
+    with pytest.raises(BadInput, match=r"test-00000-of-00001\.parquet \(Art\) row 1 id='test_Art_2': answer '\?' is "
+                                       r"hidden \(MMMU's test split keeps its answers private\); this split cannot be "
+                                       r"scored, use --split validation or dev"):
+        load_mmmu(tmp_path, split="test")
+
+
+@pytest.mark.parametrize("other", ["dev", "test", "train"])
+def test_rows_of_another_split_in_a_split_file_are_refused(tmp_path, other):
+    """MMMU ids are <split>_<Subject>_<n>: dev rows appended to a validation file (a 'dev+val' set) used to be scored
+    as validation items, interleaved by number, with nothing in the output to tell."""
+    write(tmp_path, {"Art": [row(1), row(2), row(1, split=other, answer="B")]})
+    with pytest.raises(BadInput, match=rf"row 2 id='{other}_Art_1': the id names split '{other}', but the file holds "
+                                       r"split 'validation'"):
+        load_mmmu(tmp_path)
+    write(tmp_path / "own", {"Art": [row(1, id="dev_set_item_1"), row(2, id="Art_dev_2")]})  # not <split>_Art_<n>
+    assert len(load_mmmu(tmp_path / "own")[0]) == 2
 
 
 def test_corrupt_parquet(tmp_path):
@@ -382,3 +467,17 @@ def test_an_unknown_question_type_is_refused_not_taken_as_open(tmp_path, value):
                                        + r" is not one of 'multiple-choice', 'open'") as exc:
         load_mmmu(tmp_path)
     assert "validation-00000-of-00001.parquet" in str(exc.value)
+
+
+def test_a_truncated_image_is_refused_while_loading(tmp_path):
+    """A JPEG cut short passes PIL's verify() (a header check) and used to fail only when the run decoded it: a
+    traceback (exit 1) after the model had loaded and other items had run."""
+    buf = io.BytesIO()
+    Image.effect_noise((300, 200), 60).convert("RGB").save(buf, format="JPEG")
+    cut = buf.getvalue()[: len(buf.getvalue()) // 2]
+    Image.open(io.BytesIO(cut)).verify()  # the old check passes ...
+    with pytest.raises(OSError):
+        Image.open(io.BytesIO(cut)).load()  # ... but the pixels cannot be decoded
+    write(tmp_path, {"Art": [row(1), row(2, image_1={"bytes": cut, "path": "cut.jpg"})]})
+    with pytest.raises(BadInput, match=r"row 1 id='validation_Art_2': image_1 is not a decodable image"):
+        load_mmmu(tmp_path)
