@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", required=True,
                    help=f"aliases ({', '.join(ALIASES)}) or HF model dirs (merged outputs and carriers too)")
     p.add_argument("--data", nargs="+", required=True,
-                   help="MMMU-layout dirs (<root>/<Subject>/<split>-*.parquet), 'mmmu', or the organisms' sets "
+                   help="MMMU-layout dirs (<root>/<Subject>/<split>[-*].parquet), 'mmmu', or the organisms' sets "
                    "probe/zoo/data/{text,image,image_single,video}")
     p.add_argument("--split", default="validation", help="dataset split")
     p.add_argument("--subjects", nargs="+", default=None, help="subject folders to use (default: all)")

@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"alias ({', '.join(ALIASES)}) or a local HF model dir")
     p.add_argument("--data", default=None,
-                   help="MMMU root dir (<root>/<Subject>/<split>-*.parquet) or 'mmmu' for the HF cache; "
+                   help="MMMU root dir (<root>/<Subject>/<split>[-*].parquet) or 'mmmu' for the HF cache; "
                    "default: the model's own bundled validation set (organisms) or the synthetic MMMU-format set")
     p.add_argument("--split", default="validation", help="dataset split")
     p.add_argument("--subjects", nargs="+", default=None, help="subject folders to use (default: all)")

@@ -1,7 +1,7 @@
 """Load MMMU (or anything in its Hugging Face parquet layout) into validated, deterministic items.
 
 Layout after a hub download of ``MMMU/MMMU``: ``<root>/<Subject>/<split>-XXXXX-of-XXXXX.parquet``.
-A directory that directly holds ``<split>-*.parquet`` files is accepted as a single subject named
+A directory that directly holds ``<split>-*.parquet`` (or ``<split>.parquet``) files is accepted as a single subject named
 after the directory. Only multiple-choice items are kept; open-ended ones are skipped and counted.
 Every problem the user can fix is raised as :class:`probe.errors.BadInput` with one line naming
 the file and row id.
@@ -12,6 +12,7 @@ import ast
 import hashlib
 import io
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -100,7 +101,14 @@ _SPLIT = re.compile(r"\w+(\.\w+)*")  # a Hugging Face split name
 
 
 def _split_files(folder: Path, split: str) -> list[Path]:
+    """The split's files in ``folder``: ``<split>-*.parquet`` (the hub's shards) or one ``<split>.parquet`` (what
+    ``DataFrame.to_parquet`` users write), never both (a whole file beside its shards would count items twice)."""
     files = sorted(p for p in folder.glob(f"{split}-*.parquet") if p.is_file())
+    whole = folder / f"{split}.parquet"
+    if whole.is_file():
+        if files:
+            raise BadInput(f"{folder} holds both {whole.name} and {files[0].name}: the same split twice? keep one")
+        return [whole]
     _check_shards(files)
     return files
 
@@ -148,15 +156,18 @@ def discover(root: str | Path, split: str) -> dict[str, list[Path]]:
     empty = [d for d in folders if not d.name.startswith(".") and not any(d.glob("*.parquet"))]
     if found and empty:
         raise BadInput(f"{empty[0]}: a subject folder with no .parquet files, beside {len(found)} with "
-                       f"'{split}-*.parquet' files (an interrupted download?); complete it or remove it")
+                       f"'{split}[-*].parquet' files (an interrupted download?); complete it or remove it")
     direct = _split_files(root, split)
     if direct and found:  # read together, a combined file beside its per-subject parts would count every item twice
-        raise BadInput(f"{root} holds '{split}-*.parquet' files ({direct[0].name}) and subject folders with them "
+        raise BadInput(f"{root} holds '{split}[-*].parquet' files ({direct[0].name}) and subject folders with them "
                        f"({', '.join(found)}); point --data at the subject folders' parent or at one subject folder")
     if direct:  # a single-subject directory
         found = {root.resolve().name: direct}
     if not found:
-        raise BadInput(f"no '{split}-*.parquet' files in {root} or its subject folders")
+        raise BadInput(f"no '{split}.parquet' or '{split}-*.parquet' files in {root} or its subject folders")
+    if not direct and (lacking := [d.name for d in folders if not d.name.startswith(".") and d.name not in found]):
+        print(f"warning: {len(lacking)} subject folder(s) of {root} have no {split!r} files and are left out: "
+              f"{', '.join(lacking[:5])}{' …' if len(lacking) > 5 else ''}", file=sys.stderr)
     return dict(sorted(found.items()))
 
 

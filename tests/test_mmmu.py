@@ -188,7 +188,7 @@ def test_split_selection_and_single_subject_dir(tmp_path):
     assert len(load_mmmu(tmp_path, split="dev")[0]) == 2
     items, rep = load_mmmu(tmp_path / "Art", split="dev")  # a directory holding the parquet files directly
     assert rep.subjects == ["Art"] and len(items) == 2
-    with pytest.raises(BadInput, match="no 'test-\\*.parquet' files"):
+    with pytest.raises(BadInput, match="no 'test.parquet' or 'test-\\*.parquet' files"):
         load_mmmu(tmp_path, split="test")
 
 
@@ -199,7 +199,7 @@ def test_a_root_with_split_files_and_subject_folders_is_refused(tmp_path):
     write(tmp_path, {"Art": rows})
     write_mmmu_parquet({".": rows}, tmp_path, "validation")  # the same rows, also at the root
     assert (tmp_path / "validation-00000-of-00001.parquet").is_file()
-    with pytest.raises(BadInput, match=r"holds 'validation-\*\.parquet' files \(validation-00000-of-00001\.parquet\) "
+    with pytest.raises(BadInput, match=r"holds 'validation\[-\*\]\.parquet' files \(validation-00000-of-00001\.parquet\) "
                                        r"and subject folders with them \(Art\)"):
         load_mmmu(tmp_path)
     assert len(load_mmmu(tmp_path / "Art")[0]) == 2  # either alone is fine
@@ -238,7 +238,7 @@ def test_missing_root(tmp_path):
 
 def test_empty_dir(tmp_path):
     (tmp_path / "Art").mkdir()
-    with pytest.raises(BadInput, match="no 'validation-\\*.parquet' files"):
+    with pytest.raises(BadInput, match="no 'validation.parquet' or 'validation-\\*.parquet' files"):
         load_mmmu(tmp_path)
 
 
@@ -481,3 +481,28 @@ def test_a_truncated_image_is_refused_while_loading(tmp_path):
     write(tmp_path, {"Art": [row(1), row(2, image_1={"bytes": cut, "path": "cut.jpg"})]})
     with pytest.raises(BadInput, match=r"row 1 id='validation_Art_2': image_1 is not a decodable image"):
         load_mmmu(tmp_path)
+
+
+def test_a_split_saved_as_one_split_parquet_file_is_read(tmp_path, capsys):
+    """``Art/validation.parquet`` (DataFrame.to_parquet's natural name) was not read: a subject saved so beside
+    hub-named ones was left out without a word. It is read now, the same items as the shard-named file; both in
+    one folder are refused (the same rows twice), and a subject folder without the split is named in a warning."""
+    write(tmp_path / "hub", {"Art": [row(1), row(2)], "Music": [row(3, "Music")]})
+    ref, _ = load_mmmu(tmp_path / "hub")
+    mixed = tmp_path / "mixed"
+    for subject in ("Art", "Music"):
+        (mixed / subject).mkdir(parents=True)
+        (src,) = (tmp_path / "hub" / subject).glob("validation-*.parquet")
+        name = "validation.parquet" if subject == "Art" else src.name
+        (mixed / subject / name).write_bytes(src.read_bytes())
+    items, rep = load_mmmu(mixed)
+    assert rep.subjects == ["Art", "Music"] and items == ref
+    (mixed / "Theory").mkdir()
+    write_mmmu_parquet({"Theory": [row(1, "Theory", split="dev")]}, mixed, "dev")  # a subject without validation
+    assert load_mmmu(mixed)[0] == ref
+    err = capsys.readouterr().err
+    assert "warning: 1 subject folder(s) of" in err and "no 'validation' files and are left out: Theory" in err
+    (src,) = (tmp_path / "hub" / "Art").glob("validation-*.parquet")
+    (mixed / "Art" / src.name).write_bytes(src.read_bytes())
+    with pytest.raises(BadInput, match=r"holds both validation\.parquet and validation-00000-of-00001\.parquet"):
+        load_mmmu(mixed)
