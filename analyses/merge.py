@@ -591,10 +591,9 @@ def load_salience(cfg: MergeConfig, base: Checkpoint, models: Sequence[Checkpoin
     participants = dict(zip(names, [base.path, *(m.path for m in models)]))
     records = [check_run_model(Path(d), nm, participants) for d, nm in runs]
     weights = SalienceWeights.build(tables, geometry, cfg.salience_temperature, cfg.alpha0,
-                                    cfg.base_salience is not None)
+                                    cfg.base_salience is not None, records)
     for w in (w for r in records for w in r["warnings"]):  # after every refusal: an error stays the only line
         print(f"warning: {w}", file=sys.stderr)
-    weights.runs = records
     return weights
 
 

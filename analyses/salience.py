@@ -158,8 +158,8 @@ class SalienceWeights:
 
     @staticmethod
     def build(saliences: Sequence[torch.Tensor], geometry: HeadGeometry, temperature: float,
-              alpha0: float, with_base: bool) -> "SalienceWeights":
-        """``saliences``: raw [L, H] tables, the base's first when ``with_base``."""
+              alpha0: float, with_base: bool, runs: Sequence[dict[str, Any]] = ()) -> "SalienceWeights":
+        """``saliences``: raw [L, H] tables, the base's first when ``with_base``; ``runs``: their records."""
         try:
             shat = torch.stack([normalise_salience(s) for s in saliences])  # [P', L, H]
         except ValueError as exc:
@@ -169,7 +169,7 @@ class SalienceWeights:
         layer_shat = shat.mean(-1)
         a0 = None if with_base else alpha0
         return SalienceWeights(salience_weights(shat, temperature, a0), salience_weights(group_shat, temperature, a0),
-                               salience_weights(layer_shat, temperature, a0), geometry)
+                               salience_weights(layer_shat, temperature, a0), geometry, list(runs))
 
     def _owner_weights(self, canon: str) -> tuple[str, torch.Tensor] | None:
         """(projection letter, [P, H] per query head for q/o or [P, G] per KV group for k/v); None for tensors
