@@ -125,8 +125,7 @@ def cell(run: EvalRun, model: str, data_spec: str, diff: bool = False) -> str:
         return _cell(r, run.metric)
     if r["n_items"] == 0:
         return "n/a"
-    d, lo, hi = (("diff_accuracy", "diff_lo", "diff_hi") if run.metric == "accuracy"
-                 else ("diff_prob_accuracy", "diff_prob_lo", "diff_prob_hi"))
+    d, lo, hi = run.diff_columns
     if r[d] != r[d]:
         return "—"
     return f"{100 * r[d]:+.1f} [{100 * r[lo]:+.1f}, {100 * r[hi]:+.1f}]"

@@ -40,6 +40,12 @@ class EvalRun:
             raise BadInput(f"{d / 'run.json'}: not a probe.eval run.json (no plan with settings and data)") from None
         return EvalRun(d, s, metric, names)
 
+    @property
+    def diff_columns(self) -> tuple[str, str, str]:
+        """The paired difference to the reference in this run's metric: value, interval low, interval high."""
+        return (("diff_accuracy", "diff_lo", "diff_hi") if self.metric == "accuracy"
+                else ("diff_prob_accuracy", "diff_prob_lo", "diff_prob_hi"))
+
     def row(self, model: str, data_spec: str) -> Any:
         """The 'all' row of a model on a data set (by the spec the replicate config gave)."""
         s = self.scores

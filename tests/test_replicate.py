@@ -623,3 +623,33 @@ def test_a_finding_not_measured_names_the_papers_claim(quick: Path, tmp_path: Pa
         stage = "steps" if name == "steps_tradeoff" else "table5"
         cite, claim = CLAIMS[name]
         assert f"- **not measured** — {cite}: {claim}. Stage {stage} has not completed.\n" in md + "\n"
+
+
+@pytest.mark.parametrize("case", ["all measurable", "one within noise", "none measurable"])
+def test_the_text_cost_finding_counts_only_measurable_costs(quick: Path, tmp_path: Path, case: str) -> None:
+    """'Modality fine-tuning costs text' agreed on point estimates alone: an expert 1 point below the base with an
+    interval reaching +5 counted as a cost. Now a cost is a paired interval entirely below 0; the verdict is
+    recomputed from the edited table3/scores.csv by that rule."""
+    from figures.findings import text_costs
+    from figures.results import Replication
+
+    cfg = parse_config(QUICK_CONFIG)
+    out = tmp_path / "run"
+    for part in ("stages", "table3"):
+        shutil.copytree(quick / part, out / part)
+    shutil.copyfile(quick / "replicate.json", out / "replicate.json")
+    path = out / "table3" / "scores.csv"
+    s = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    text = Path(cfg.data[cfg.eval.text]).name
+    for k, e in enumerate(cfg.models.experts):
+        noisy = case == "none measurable" or (case == "one within noise" and k == 0)
+        rows = (s["model"] == e) & (s["data"] == text) & (s["subject"] == "all")
+        s.loc[rows, ["diff_accuracy", "diff_lo", "diff_hi"]] = (-0.01, -0.07, 0.05) if noisy else (-0.1, -0.16, -0.04)
+    s.to_csv(path, index=False)
+    got = text_costs(Replication.read(out))
+    # the oracle: the intervals straight from the edited file
+    s = _scores(out / "table3")
+    his = [_row(s, e, text)["diff_hi"] for e in cfg.models.experts]
+    want = "agrees" if all(h < 0 for h in his) else "partly" if any(h < 0 for h in his) else "disagrees"
+    assert got.verdict == want
+    assert want == {"all measurable": "agrees", "one within noise": "partly", "none measurable": "disagrees"}[case]
