@@ -131,7 +131,11 @@ def stage_merge(ctx: Context) -> None:
     from analyses.merge import MergeConfig, run_merge
 
     m, g = ctx.cfg.models, ctx.cfg.merge
-    common = dict(carriers=list(m.experts), overwrite=True)
+    # every method is merged again (analyses.merge keeps no parts), so what a killed stage left goes first: a merge
+    # killed while its figure was drawn into it holds files analyses.merge did not write, which --overwrite refuses
+    if (ctx.out / "merge").exists():
+        shutil.rmtree(ctx.out / "merge")
+    common = dict(carriers=list(m.experts))
     for method in g.methods:
         out = ctx.merge_dir(method)
         if method == "average":  # Eq. 1 over all the LMs, the paper's "Qwen2-Text/VL/Video/SI" row
@@ -153,7 +157,7 @@ def stage_merge(ctx: Context) -> None:
             from figures.merge import draw_merge
             from probe.results import note_outputs
 
-            note_outputs(out, draw_merge(out))  # part of the output: a resumed stage's --overwrite replaces it
+            note_outputs(out, draw_merge(out))  # part of the output: `python -m analyses.merge --overwrite` replaces it
 
 
 def stage_table4(ctx: Context) -> None:

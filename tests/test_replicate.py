@@ -291,6 +291,38 @@ def test_a_killed_merge_stage_continues(quick: Path, capsys) -> None:
     assert (out / "merge" / "salience" / "merge_heads.png").is_file()
 
 
+def test_a_merge_stage_killed_while_drawing_its_figure_continues(quick: Path, capsys) -> None:
+    """Killed while the salience merge's figure was drawn into the finished merge (after its rename, before its
+    manifest listed the figure): the figure, and the temp file of a half-written one, are files analyses.merge did not
+    write, so the resumed stage's --overwrite refused the dir (exit 2) on every rerun."""
+    from probe.results import MANIFEST, output_listing
+
+    out = quick
+    sal = out / "merge" / "salience"
+    merged = (sal / "model.safetensors").read_bytes()
+    manifest = json.loads((sal / MANIFEST).read_text())
+    (sal / MANIFEST).write_text(json.dumps(manifest | {"entries": [e for e in manifest["entries"]
+                                                                   if not e.startswith("merge_heads")]}))
+    (sal / "merge_heads.pdf").unlink()  # drawn: the png; being written: the pdf, by a process now gone
+    (sal / ".merge_heads.pdf.999999999.x1y2z3.tmp").write_bytes(b"%PDF half")
+    state = json.loads((out / "stages" / "merge.json").read_text())
+    (out / "stages" / "merge.json").write_text(json.dumps(state | {"status": "running"}))
+    cwd = Path.cwd()
+    os.chdir(ROOT)
+    try:
+        assert cli_main(main, ["--quick", "--quiet", "--only", "merge", "--out", str(out)]) == 0, \
+            capsys.readouterr().err
+    finally:
+        os.chdir(cwd)
+    assert "merge: continuing" in capsys.readouterr().err
+    assert json.loads((out / "stages" / "merge.json").read_text())["status"] == "complete"
+    assert (sal / "model.safetensors").read_bytes() == merged
+    # the manifest lists exactly what is there: the figure again, no temp file
+    assert json.loads((sal / MANIFEST).read_text())["entries"] == output_listing(sal)
+    assert {"merge_heads.png", "merge_heads.pdf"} <= {p.name for p in sal.iterdir()}
+    assert not list(sal.glob(".*.tmp"))
+
+
 def _ctx(cfg, fps: dict[str, str] | None = None) -> Context:
     specs = [cfg.models.base, *cfg.models.experts, *cfg.data.values()]
     return Context(cfg, Path("/nowhere"), True, fps or {s: "fp0" for s in specs})
