@@ -20,7 +20,7 @@ Stages, in order, each writing its raw outputs to ``DIR/<stage>/`` through the e
 Resumable: a stage whose fingerprint (its config section, the content of its input models and data, and its
 upstream stages' fingerprints) matches a completed ``DIR/stages/<stage>.json`` is skipped; a stage killed half-way
 continues through its command's own resume (evaluation parts, sweep chunks, fine-tuning checkpoints); a stage
-whose inputs changed is deleted and rerun, and so is everything downstream of it.
+whose inputs changed is deleted and rerun, and so is everything downstream of it. One run at a time holds DIR.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ from analyses.replicate_config import (DEFAULT_CONFIG, GENERATED, QUICK_CONFIG, 
                                        parse_config)
 from probe.errors import ArgParser, BadInput, check_out_path, cli_main
 from probe.heads import SOFTWARE, software_differences, versions
-from probe.results import content_fingerprint
+from probe.results import content_fingerprint, has_contents, lock_out_dir
 
 MARKER = "replicate.json"  # marks DIR as ours: only then are stage dirs inside it ever deleted
 STATE_DIR = "stages"  # DIR/stages/<stage>.json: fingerprint, status, seconds (beside, not inside, the outputs)
@@ -411,7 +411,7 @@ def prepare(args: argparse.Namespace) -> tuple[Context, dict[str, str]]:
     resolved = check_machine(cfg)
     out: Path = args.out
     check_out_path(out)  # not under a file, and writable
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).is_file())):
+    if out.exists() and (not out.is_dir() or (has_contents(out) and not (out / MARKER).is_file())):
         raise BadInput(f"--out {out}: exists and is not a python -m analyses.replicate output")
     fps = {spec: content_fingerprint(p) for spec, p in resolved.items()}
     fps |= {d: content_fingerprint(d) for d in cfg.data.values()}
@@ -436,7 +436,8 @@ def prepare(args: argparse.Namespace) -> tuple[Context, dict[str, str]]:
 def run(args: argparse.Namespace) -> Path:
     ctx, stage_fps = prepare(args)
     out = ctx.out
-    out.mkdir(parents=True, exist_ok=True)
+    # held to the end: a second run into this --out is refused rather than continue (or delete) our stages
+    lock_out_dir(out)
     from probe.results import atomic_write_json
 
     atomic_write_json(out / MARKER, {"out": str(out), "config_file": ctx.cfg.source, "config": asdict(ctx.cfg),

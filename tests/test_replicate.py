@@ -323,6 +323,35 @@ def test_a_merge_stage_killed_while_drawing_its_figure_continues(quick: Path, ca
     assert not list(sal.glob(".*.tmp"))
 
 
+def test_a_second_run_into_a_busy_out_is_refused(quick: Path, tmp_path: Path, capsys) -> None:
+    """Two replicate commands on one --out ran side by side: the second continued the stage the first was running
+    (both writing its parts and renaming its outputs), or, with other settings, deleted that stage's dir under it.
+    The out dir is held (flock on DIR/.lock) for the whole run; the second exits 2 naming it and changes nothing."""
+    from conftest import lock_held_elsewhere
+
+    out = quick
+    states = {p.name: p.read_bytes() for p in (out / "stages").iterdir()}
+    report = (out / "report.md").read_bytes()
+    cwd = Path.cwd()
+    os.chdir(ROOT)
+    try:
+        with lock_held_elsewhere(out):  # the running one's hold
+            assert cli_main(main, ["--quick", "--quiet", "--only", "table3", "--out", str(out)]) == 2
+    finally:
+        os.chdir(cwd)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and f"--out {out} is in use" in err[0], err
+    assert {p.name: p.read_bytes() for p in (out / "stages").iterdir()} == states
+    assert (out / "report.md").read_bytes() == report
+    # a run killed after taking the lock, before marking the dir as its own, left the lock file alone: still ours
+    from analyses.replicate import build_parser, prepare
+
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / ".lock").touch()
+    prepare(build_parser().parse_args(["--quick", "--out", str(fresh)]))
+
+
 def _ctx(cfg, fps: dict[str, str] | None = None) -> Context:
     specs = [cfg.models.base, *cfg.models.experts, *cfg.data.values()]
     return Context(cfg, Path("/nowhere"), True, fps or {s: "fp0" for s in specs})
