@@ -58,6 +58,7 @@ class Context:
     out: Path
     quiet: bool
     fingerprints: dict[str, str]  # model spec or data dir → content fingerprint
+    paths: dict[str, str]  # model spec → the directory it resolved to (this checkout's organisms, a hub snapshot)
 
     def data_dir(self, label: str) -> str:
         return self.cfg.data[label]
@@ -239,21 +240,25 @@ class Stage:
 def _models(ctx: Context) -> dict[str, Any]:
     """The models' contents and their roles: which is the base, the experts in order (the merge's reference and
     carriers follow it) and each expert's own data label (what heads and table5 run it on). Contents alone left a
-    swapped ``models.own`` skipping every stage with the old pairing's results."""
+    swapped ``models.own`` skipping every stage with the old pairing's results. And where each resolved (see
+    ``_data``: an alias resolves to this checkout's organisms)."""
     m = ctx.cfg.models
     return {"content": {s: ctx.fingerprints[s] for s in [m.base, *m.experts]}, "base": m.base,
-            "experts": list(m.experts), "own": list(m.own)}
+            "experts": list(m.experts), "own": list(m.own), "paths": {s: ctx.paths[s] for s in [m.base, *m.experts]}}
 
 
-def _data(ctx: Context, labels: Sequence[str]) -> dict[str, str]:
-    return {label: ctx.fingerprints[ctx.data_dir(label)] for label in labels}
+def _data(ctx: Context, labels: Sequence[str]) -> dict[str, list[str]]:
+    """Each set's directory and content. The directories too: the commands record them (probe.eval's run
+    fingerprint, shift's base path that the merge checks), so a stage killed and then resumed from another checkout
+    (the same organisms and sets at other paths) was refused by its command on every rerun."""
+    return {label: [ctx.data_dir(label), ctx.fingerprints[ctx.data_dir(label)]] for label in labels}
 
 
 def _finetune_inputs(ctx: Context) -> dict[str, Any]:
     """Training settings and sets; not what the checkpoints are evaluated on (that is the steps stage's)."""
     keep = {k: v for k, v in ctx.cfg.section("finetune").items() if k not in ("eval_data", "eval_limit")}
     train = (ctx.cfg.train_dirs(Path("DIR")) if ctx.cfg.train.generate  # their content: the data stage's fingerprint
-             else {k: content_fingerprint(v) for k, v in ctx.cfg.train.data.items()})
+             else {k: [v, content_fingerprint(v)] for k, v in ctx.cfg.train.data.items()})
     from analyses.finetune import LOOP_IDENTITY
 
     return keep | {"train": train, **LOOP_IDENTITY}  # runs from before the schedule fix rerun
@@ -415,7 +420,7 @@ def prepare(args: argparse.Namespace) -> tuple[Context, dict[str, str]]:
         raise BadInput(f"--out {out}: exists and is not a python -m analyses.replicate output")
     fps = {spec: content_fingerprint(p) for spec, p in resolved.items()}
     fps |= {d: content_fingerprint(d) for d in cfg.data.values()}
-    ctx = Context(cfg, out, args.quiet, fps)
+    ctx = Context(cfg, out, args.quiet, fps, resolved)
     stage_fps = fingerprints(ctx)
     if args.only:
         wanted = set(args.only)

@@ -354,7 +354,8 @@ def test_a_second_run_into_a_busy_out_is_refused(quick: Path, tmp_path: Path, ca
 
 def _ctx(cfg, fps: dict[str, str] | None = None) -> Context:
     specs = [cfg.models.base, *cfg.models.experts, *cfg.data.values()]
-    return Context(cfg, Path("/nowhere"), True, fps or {s: "fp0" for s in specs})
+    models = [cfg.models.base, *cfg.models.experts]
+    return Context(cfg, Path("/nowhere"), True, fps or {s: "fp0" for s in specs}, {m: f"/models/{m}" for m in models})
 
 
 def test_a_changed_input_reruns_its_stage_and_everything_downstream() -> None:
@@ -385,6 +386,24 @@ def test_a_changed_input_reruns_its_stage_and_everything_downstream() -> None:
     # the paper labels only name rows in the report (rebuilt every run)
     relabelled = dataclasses.replace(cfg, models=dataclasses.replace(m, paper=list(reversed(m.paper))))
     assert fingerprints(_ctx(relabelled)) == ref
+
+
+def test_the_same_models_and_sets_at_other_paths_rerun_what_reads_them() -> None:
+    """A run killed mid-stage, then resumed from another checkout (the same organisms and sets, byte for byte, at
+    other paths): the fingerprints held contents only, so the stage continued, and its command, which records the
+    paths (probe.eval's run fingerprint, the shift base the merge checks), refused it on every rerun (exit 2). The
+    resolved paths are inputs: what reads a moved model or set runs again."""
+    import dataclasses
+
+    cfg = parse_config(DEFAULT_CONFIG)
+    ref = fingerprints(_ctx(cfg))
+    moved = _ctx(cfg)
+    moved.paths = {m: f"/elsewhere{p}" for m, p in moved.paths.items()}
+    assert {s for s in ref if ref[s] == fingerprints(moved)[s]} == {"data"}  # every stage but data reads a model
+    text = dataclasses.replace(cfg, data=cfg.data | {cfg.eval.text: "/elsewhere/text"})  # same content ("fp0")
+    fp = fingerprints(_ctx(text))
+    # table3, heads (the base on text), table4 and steps read the text set, and the rest follows heads
+    assert {s for s in ref if ref[s] == fp[s]} == {"data", "shift"}
 
 
 def _write(tmp_path: Path, text: str) -> Path:
