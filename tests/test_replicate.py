@@ -218,6 +218,31 @@ def test_figures_report_rebuilds_it_from_saved_results(quick: Path, tmp_path: Pa
     assert (copy / "report.html").is_file()
 
 
+def test_figures_report_into_a_read_only_dir_is_one_line(quick: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """Rebuilding the report of a run on a read-only mount was a traceback (OSError at .report_figures.partial); now
+    exit 2 with one line naming the dir, and the saved report is left as it was."""
+    from figures.__main__ import main as figures_main
+
+    copy = tmp_path / "copy"
+    shutil.copytree(quick, copy)
+    before = {p.relative_to(copy): p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    copy.chmod(0o555)
+    if os.access(copy, os.W_OK):  # root writes anyway: answer as a read-only mount does
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: (
+            False if Path(p) == copy and mode & os.W_OK else real(p, mode, *a, **k)))
+        monkeypatch.setattr(Path, "mkdir", lambda self, *a, **k: (_ for _ in ()).throw(
+            OSError(30, "Read-only file system", str(self))))
+    try:
+        assert cli_main(figures_main, ["report", str(copy)]) == 2
+    finally:
+        copy.chmod(0o755)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0] == f"error: DIR {copy}: {copy} is not writable (read-only file system or " \
+        "permissions)", err
+    assert {p.relative_to(copy): p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
+
+
 def test_rerun_skips_unchanged_stages_and_continues_a_killed_one(quick: Path, capsys) -> None:
     out = quick  # in place: a run resumes where it was made (its merged models are named by their paths)
     scores = (out / "table4" / "scores.csv").read_bytes()
