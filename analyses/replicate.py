@@ -20,7 +20,7 @@ Stages, in order, each writing its raw outputs to ``DIR/<stage>/`` through the e
 Resumable: a stage whose fingerprint (its config section, the content of its input models and data, and its
 upstream stages' fingerprints) matches a completed ``DIR/stages/<stage>.json`` is skipped; a stage killed half-way
 continues through its command's own resume (evaluation parts, sweep chunks, fine-tuning checkpoints); a stage
-whose inputs changed is deleted and rerun, and so is everything downstream of it.
+whose inputs changed is deleted and rerun, and so is everything downstream of it. One run at a time holds DIR.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ from analyses.replicate_config import (DEFAULT_CONFIG, GENERATED, QUICK_CONFIG, 
                                        parse_config)
 from probe.errors import ArgParser, BadInput, check_out_path, cli_main
 from probe.heads import SOFTWARE, software_differences, versions
-from probe.results import content_fingerprint
+from probe.results import content_fingerprint, has_contents, lock_out_dir
 
 MARKER = "replicate.json"  # marks DIR as ours: only then are stage dirs inside it ever deleted
 STATE_DIR = "stages"  # DIR/stages/<stage>.json: fingerprint, status, seconds (beside, not inside, the outputs)
@@ -58,6 +58,7 @@ class Context:
     out: Path
     quiet: bool
     fingerprints: dict[str, str]  # model spec or data dir → content fingerprint
+    paths: dict[str, str]  # model spec → the directory it resolved to (this checkout's organisms, a hub snapshot)
 
     def data_dir(self, label: str) -> str:
         return self.cfg.data[label]
@@ -131,7 +132,11 @@ def stage_merge(ctx: Context) -> None:
     from analyses.merge import MergeConfig, run_merge
 
     m, g = ctx.cfg.models, ctx.cfg.merge
-    common = dict(carriers=list(m.experts), overwrite=True)
+    # every method is merged again (analyses.merge keeps no parts), so what a killed stage left goes first: a merge
+    # killed while its figure was drawn into it holds files analyses.merge did not write, which --overwrite refuses
+    if (ctx.out / "merge").exists():
+        shutil.rmtree(ctx.out / "merge")
+    common = dict(carriers=list(m.experts))
     for method in g.methods:
         out = ctx.merge_dir(method)
         if method == "average":  # Eq. 1 over all the LMs, the paper's "Qwen2-Text/VL/Video/SI" row
@@ -153,7 +158,7 @@ def stage_merge(ctx: Context) -> None:
             from figures.merge import draw_merge
             from probe.results import note_outputs
 
-            note_outputs(out, draw_merge(out))  # part of the output: a resumed stage's --overwrite replaces it
+            note_outputs(out, draw_merge(out))  # part of the output: `python -m analyses.merge --overwrite` replaces it
 
 
 def stage_table4(ctx: Context) -> None:
@@ -235,21 +240,25 @@ class Stage:
 def _models(ctx: Context) -> dict[str, Any]:
     """The models' contents and their roles: which is the base, the experts in order (the merge's reference and
     carriers follow it) and each expert's own data label (what heads and table5 run it on). Contents alone left a
-    swapped ``models.own`` skipping every stage with the old pairing's results."""
+    swapped ``models.own`` skipping every stage with the old pairing's results. And where each resolved (see
+    ``_data``: an alias resolves to this checkout's organisms)."""
     m = ctx.cfg.models
     return {"content": {s: ctx.fingerprints[s] for s in [m.base, *m.experts]}, "base": m.base,
-            "experts": list(m.experts), "own": list(m.own)}
+            "experts": list(m.experts), "own": list(m.own), "paths": {s: ctx.paths[s] for s in [m.base, *m.experts]}}
 
 
-def _data(ctx: Context, labels: Sequence[str]) -> dict[str, str]:
-    return {label: ctx.fingerprints[ctx.data_dir(label)] for label in labels}
+def _data(ctx: Context, labels: Sequence[str]) -> dict[str, list[str]]:
+    """Each set's directory and content. The directories too: the commands record them (probe.eval's run
+    fingerprint, shift's base path that the merge checks), so a stage killed and then resumed from another checkout
+    (the same organisms and sets at other paths) was refused by its command on every rerun."""
+    return {label: [ctx.data_dir(label), ctx.fingerprints[ctx.data_dir(label)]] for label in labels}
 
 
 def _finetune_inputs(ctx: Context) -> dict[str, Any]:
     """Training settings and sets; not what the checkpoints are evaluated on (that is the steps stage's)."""
     keep = {k: v for k, v in ctx.cfg.section("finetune").items() if k not in ("eval_data", "eval_limit")}
     train = (ctx.cfg.train_dirs(Path("DIR")) if ctx.cfg.train.generate  # their content: the data stage's fingerprint
-             else {k: content_fingerprint(v) for k, v in ctx.cfg.train.data.items()})
+             else {k: [v, content_fingerprint(v)] for k, v in ctx.cfg.train.data.items()})
     from analyses.finetune import LOOP_IDENTITY
 
     return keep | {"train": train, **LOOP_IDENTITY}  # runs from before the schedule fix rerun
@@ -407,11 +416,11 @@ def prepare(args: argparse.Namespace) -> tuple[Context, dict[str, str]]:
     resolved = check_machine(cfg)
     out: Path = args.out
     check_out_path(out)  # not under a file, and writable
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).is_file())):
+    if out.exists() and (not out.is_dir() or (has_contents(out) and not (out / MARKER).is_file())):
         raise BadInput(f"--out {out}: exists and is not a python -m analyses.replicate output")
     fps = {spec: content_fingerprint(p) for spec, p in resolved.items()}
     fps |= {d: content_fingerprint(d) for d in cfg.data.values()}
-    ctx = Context(cfg, out, args.quiet, fps)
+    ctx = Context(cfg, out, args.quiet, fps, resolved)
     stage_fps = fingerprints(ctx)
     if args.only:
         wanted = set(args.only)
@@ -432,7 +441,8 @@ def prepare(args: argparse.Namespace) -> tuple[Context, dict[str, str]]:
 def run(args: argparse.Namespace) -> Path:
     ctx, stage_fps = prepare(args)
     out = ctx.out
-    out.mkdir(parents=True, exist_ok=True)
+    # held to the end: a second run into this --out is refused rather than continue (or delete) our stages
+    lock_out_dir(out)
     from probe.results import atomic_write_json
 
     atomic_write_json(out / MARKER, {"out": str(out), "config_file": ctx.cfg.source, "config": asdict(ctx.cfg),

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from probe.errors import ArgParser, BadInput, cli_main
+from probe.errors import ArgParser, BadInput, check_out_path, cli_main
 from probe.results import note_outputs
 
 # kind → what it reads and writes (for --help)
@@ -49,6 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise BadInput(f"{d} is not a directory")
     if len(args.dir) > 1 and args.kind != "steps":
         raise BadInput(f"{args.kind} draws one result directory")
+    check_out_path(args.dir[0], "DIR")  # drawn into (a read-only one was a traceback at the first figure)
     module, func = KINDS[args.kind]
     written = getattr(importlib.import_module(module), func)(args.dir if args.kind == "steps" else args.dir[0])
     note_outputs(args.dir[0], written)  # an analyses output's --overwrite may replace what was drawn into it

@@ -58,19 +58,19 @@ def check_counts(args: argparse.Namespace, names: Sequence[str]) -> None:
             raise BadInput(f"--{name.replace('_', '-')} must be ≥ 1, got {value}")
 
 
-def check_out_path(out: Path) -> None:
+def check_out_path(out: Path, flag: str = "--out") -> None:
     """``out`` is, or can be created as, a directory: neither it nor any existing parent is a file, and the
     nearest existing one is writable (a read-only mount or directory was a traceback at the first write, after
-    the models had loaded)."""
+    the models had loaded). ``flag``: what the messages call ``out``."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise BadInput(f"--out {out} exists and is not a directory")
+        raise BadInput(f"{flag} {out} exists and is not a directory")
     for d in (out.absolute(), *out.absolute().parents):
         if d.exists():
             if not d.is_dir():
-                raise BadInput(f"--out {out}: {d} is a file, not a directory")
+                raise BadInput(f"{flag} {out}: {d} is a file, not a directory")
             if not os.access(d, os.W_OK | os.X_OK):
-                raise BadInput(f"--out {out}: {d} is not writable (read-only file system or permissions)")
+                raise BadInput(f"{flag} {out}: {d} is not writable (read-only file system or permissions)")
             break
 
 

@@ -204,28 +204,37 @@ def has_contents(out: Path) -> bool:
     return out.is_dir() and any(p.name != LOCK for p in out.iterdir())
 
 
+def lock_out_dir(out: Path) -> None:
+    """Create ``out`` and hold an flock on ``DIR/.lock`` until this command ends (``release_claims``; the kernel frees
+    it however the process ends): a second command into the same --out meanwhile is refused, never interleaved."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    key = str(out.resolve())
+    if key in _CLAIMED:
+        return
+    fd = os.open(out / LOCK, os.O_CREAT | os.O_RDWR, file_mode())
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise BadInput(f"--out {out} is in use by another running command; wait for it to end or use another "
+                       "--out") from None
+    except OSError:  # a file system without locks (some NFS mounts): run unlocked, as before
+        os.close(fd)
+        fd = -1
+    _CLAIMED[key] = fd
+
+
 def claim_out_dir(out: Path, fingerprint: Any, saved_fingerprint: Callable[[dict], Any] = lambda d: d.get("fingerprint")
                   ) -> None:
     """Hold ``out`` from this run's first write to its exit: an flock on ``DIR/.lock``, which the kernel frees however
     the process ends. Two different runs started into one --out at once both passed the check of the saved run.json
     before either wrote one, and then mixed their parts. Ranks of one torchrun job share the dir and take no lock.
     Called before run.json is written; refuses a run.json another run wrote since this one's check."""
-    import fcntl
-
     out.mkdir(parents=True, exist_ok=True)
-    key = str(out.resolve())
-    if key not in _CLAIMED and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        fd = os.open(out / LOCK, os.O_CREAT | os.O_RDWR, file_mode())
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise BadInput(f"--out {out} is in use by another running command; wait for it to end or use another "
-                           "--out") from None
-        except OSError:  # a file system without locks (some NFS mounts): run unlocked, as before
-            os.close(fd)
-            fd = -1
-        _CLAIMED[key] = fd
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        lock_out_dir(out)
     try:
         saved = json.loads((out / "run.json").read_text())
     except (OSError, json.JSONDecodeError):

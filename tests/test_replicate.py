@@ -218,6 +218,31 @@ def test_figures_report_rebuilds_it_from_saved_results(quick: Path, tmp_path: Pa
     assert (copy / "report.html").is_file()
 
 
+def test_figures_report_into_a_read_only_dir_is_one_line(quick: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """Rebuilding the report of a run on a read-only mount was a traceback (OSError at .report_figures.partial); now
+    exit 2 with one line naming the dir, and the saved report is left as it was."""
+    from figures.__main__ import main as figures_main
+
+    copy = tmp_path / "copy"
+    shutil.copytree(quick, copy)
+    before = {p.relative_to(copy): p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    copy.chmod(0o555)
+    if os.access(copy, os.W_OK):  # root writes anyway: answer as a read-only mount does
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: (
+            False if Path(p) == copy and mode & os.W_OK else real(p, mode, *a, **k)))
+        monkeypatch.setattr(Path, "mkdir", lambda self, *a, **k: (_ for _ in ()).throw(
+            OSError(30, "Read-only file system", str(self))))
+    try:
+        assert cli_main(figures_main, ["report", str(copy)]) == 2
+    finally:
+        copy.chmod(0o755)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0] == f"error: DIR {copy}: {copy} is not writable (read-only file system or " \
+        "permissions)", err
+    assert {p.relative_to(copy): p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
+
+
 def test_rerun_skips_unchanged_stages_and_continues_a_killed_one(quick: Path, capsys) -> None:
     out = quick  # in place: a run resumes where it was made (its merged models are named by their paths)
     scores = (out / "table4" / "scores.csv").read_bytes()
@@ -291,9 +316,71 @@ def test_a_killed_merge_stage_continues(quick: Path, capsys) -> None:
     assert (out / "merge" / "salience" / "merge_heads.png").is_file()
 
 
+def test_a_merge_stage_killed_while_drawing_its_figure_continues(quick: Path, capsys) -> None:
+    """Killed while the salience merge's figure was drawn into the finished merge (after its rename, before its
+    manifest listed the figure): the figure, and the temp file of a half-written one, are files analyses.merge did not
+    write, so the resumed stage's --overwrite refused the dir (exit 2) on every rerun."""
+    from probe.results import MANIFEST, output_listing
+
+    out = quick
+    sal = out / "merge" / "salience"
+    merged = (sal / "model.safetensors").read_bytes()
+    manifest = json.loads((sal / MANIFEST).read_text())
+    (sal / MANIFEST).write_text(json.dumps(manifest | {"entries": [e for e in manifest["entries"]
+                                                                   if not e.startswith("merge_heads")]}))
+    (sal / "merge_heads.pdf").unlink()  # drawn: the png; being written: the pdf, by a process now gone
+    (sal / ".merge_heads.pdf.999999999.x1y2z3.tmp").write_bytes(b"%PDF half")
+    state = json.loads((out / "stages" / "merge.json").read_text())
+    (out / "stages" / "merge.json").write_text(json.dumps(state | {"status": "running"}))
+    cwd = Path.cwd()
+    os.chdir(ROOT)
+    try:
+        assert cli_main(main, ["--quick", "--quiet", "--only", "merge", "--out", str(out)]) == 0, \
+            capsys.readouterr().err
+    finally:
+        os.chdir(cwd)
+    assert "merge: continuing" in capsys.readouterr().err
+    assert json.loads((out / "stages" / "merge.json").read_text())["status"] == "complete"
+    assert (sal / "model.safetensors").read_bytes() == merged
+    # the manifest lists exactly what is there: the figure again, no temp file
+    assert json.loads((sal / MANIFEST).read_text())["entries"] == output_listing(sal)
+    assert {"merge_heads.png", "merge_heads.pdf"} <= {p.name for p in sal.iterdir()}
+    assert not list(sal.glob(".*.tmp"))
+
+
+def test_a_second_run_into_a_busy_out_is_refused(quick: Path, tmp_path: Path, capsys) -> None:
+    """Two replicate commands on one --out ran side by side: the second continued the stage the first was running
+    (both writing its parts and renaming its outputs), or, with other settings, deleted that stage's dir under it.
+    The out dir is held (flock on DIR/.lock) for the whole run; the second exits 2 naming it and changes nothing."""
+    from conftest import lock_held_elsewhere
+
+    out = quick
+    states = {p.name: p.read_bytes() for p in (out / "stages").iterdir()}
+    report = (out / "report.md").read_bytes()
+    cwd = Path.cwd()
+    os.chdir(ROOT)
+    try:
+        with lock_held_elsewhere(out):  # the running one's hold
+            assert cli_main(main, ["--quick", "--quiet", "--only", "table3", "--out", str(out)]) == 2
+    finally:
+        os.chdir(cwd)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and f"--out {out} is in use" in err[0], err
+    assert {p.name: p.read_bytes() for p in (out / "stages").iterdir()} == states
+    assert (out / "report.md").read_bytes() == report
+    # a run killed after taking the lock, before marking the dir as its own, left the lock file alone: still ours
+    from analyses.replicate import build_parser, prepare
+
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / ".lock").touch()
+    prepare(build_parser().parse_args(["--quick", "--out", str(fresh)]))
+
+
 def _ctx(cfg, fps: dict[str, str] | None = None) -> Context:
     specs = [cfg.models.base, *cfg.models.experts, *cfg.data.values()]
-    return Context(cfg, Path("/nowhere"), True, fps or {s: "fp0" for s in specs})
+    models = [cfg.models.base, *cfg.models.experts]
+    return Context(cfg, Path("/nowhere"), True, fps or {s: "fp0" for s in specs}, {m: f"/models/{m}" for m in models})
 
 
 def test_a_changed_input_reruns_its_stage_and_everything_downstream() -> None:
@@ -324,6 +411,24 @@ def test_a_changed_input_reruns_its_stage_and_everything_downstream() -> None:
     # the paper labels only name rows in the report (rebuilt every run)
     relabelled = dataclasses.replace(cfg, models=dataclasses.replace(m, paper=list(reversed(m.paper))))
     assert fingerprints(_ctx(relabelled)) == ref
+
+
+def test_the_same_models_and_sets_at_other_paths_rerun_what_reads_them() -> None:
+    """A run killed mid-stage, then resumed from another checkout (the same organisms and sets, byte for byte, at
+    other paths): the fingerprints held contents only, so the stage continued, and its command, which records the
+    paths (probe.eval's run fingerprint, the shift base the merge checks), refused it on every rerun (exit 2). The
+    resolved paths are inputs: what reads a moved model or set runs again."""
+    import dataclasses
+
+    cfg = parse_config(DEFAULT_CONFIG)
+    ref = fingerprints(_ctx(cfg))
+    moved = _ctx(cfg)
+    moved.paths = {m: f"/elsewhere{p}" for m, p in moved.paths.items()}
+    assert {s for s in ref if ref[s] == fingerprints(moved)[s]} == {"data"}  # every stage but data reads a model
+    text = dataclasses.replace(cfg, data=cfg.data | {cfg.eval.text: "/elsewhere/text"})  # same content ("fp0")
+    fp = fingerprints(_ctx(text))
+    # table3, heads (the base on text), table4 and steps read the text set, and the rest follows heads
+    assert {s for s in ref if ref[s] == fp[s]} == {"data", "shift"}
 
 
 def _write(tmp_path: Path, text: str) -> Path:
