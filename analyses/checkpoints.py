@@ -274,10 +274,10 @@ class Checkpoint:
 
 def checkpoint_fingerprint(ck: Checkpoint) -> str:
     """What the checkpoint's directory holds, as ``probe.eval`` fingerprints a local model
-    (``probe.models.model_fingerprint``: its top-level files, not carriers or runs kept inside it)."""
-    from probe.results import content_fingerprint
+    (``probe.models.local_fingerprint``: its top-level files, not carriers or runs kept inside it)."""
+    from probe.models import local_fingerprint
 
-    return content_fingerprint(ck.path, recursive=False)
+    return local_fingerprint(ck.path)
 
 
 def open_checkpoint(spec: str, allow_bin: bool = False) -> Checkpoint:

@@ -107,7 +107,10 @@ def save_figure(fig: Any, path: Path, **savefig: Any) -> Path:
     figure that a finished-looking run would show."""
     from probe.results import atomic_write_with
 
-    atomic_write_with(Path(path), lambda tmp: fig.savefig(tmp, format=Path(path).suffix[1:], **savefig))
+    fmt = Path(path).suffix[1:]
+    if fmt == "pdf":  # no creation date: the same figure is the same bytes (a rerun of a stage compares equal)
+        savefig = {"metadata": {"CreationDate": None}} | savefig
+    atomic_write_with(Path(path), lambda tmp: fig.savefig(tmp, format=fmt, **savefig))
     return Path(path)
 
 

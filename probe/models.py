@@ -346,11 +346,23 @@ def model_fingerprint(ref: ModelRef) -> str:
     return local_fingerprint(ref.path / ref.gguf_file if ref.gguf_file else ref.path)
 
 
+# What commands write beside a model's files and no load reads: figures and the merge's records (merge.json holds
+# its run time). A model's fingerprint leaves them out, so redrawing a figure or re-merging the same weights does
+# not make every evaluation, sweep or shift of it "a different run".
+RECORD_FILES = ("merge.json", "merge_weights.csv")
+FIGURE_SUFFIXES = (".png", ".pdf")
+
+
+def is_record(f: Path) -> bool:
+    return f.name in RECORD_FILES or f.suffix.lower() in FIGURE_SUFFIXES
+
+
 def local_fingerprint(path: Path) -> str:
-    """``model_fingerprint`` of a local model dir (its own files, not folders inside it) or GGUF file."""
+    """``model_fingerprint`` of a local model dir (its own files but records and figures, not folders inside it)
+    or GGUF file."""
     from probe.results import content_fingerprint
 
-    return content_fingerprint(path, recursive=False)
+    return content_fingerprint(path, recursive=False, skip=is_record)
 
 
 def preflight(ref: ModelRef) -> None:

@@ -345,7 +345,8 @@ def write_outputs(out: Path, items: pd.DataFrame, baseline_extra: dict[str, Any]
     return heads
 
 
-def content_fingerprint(path: str | Path, hash_limit: int = 64 << 20, recursive: bool = True) -> str:
+def content_fingerprint(path: str | Path, hash_limit: int = 64 << 20, recursive: bool = True,
+                        skip: Callable[[Path], bool] = lambda f: False) -> str:
     """What a model or data directory holds: file names and bytes (sizes and mtimes for files over
     ``hash_limit``, so a 15 GB checkpoint is not read twice), so a retrained organism in the same directory
     counts as a changed input. ``recursive=False`` reads the top level only (a model's own files, not what
@@ -354,7 +355,7 @@ def content_fingerprint(path: str | Path, hash_limit: int = 64 << 20, recursive:
     h = hashlib.sha256()
     listing = p.rglob("*") if recursive else p.iterdir()
     # not the manifest of what a command wrote there: figures drawn into a merged model's dir later rewrite it
-    files = (sorted(f for f in listing if f.is_file() and f.name != MANIFEST) if p.is_dir()
+    files = (sorted(f for f in listing if f.is_file() and f.name != MANIFEST and not skip(f)) if p.is_dir()
              else [p] if p.is_file() else [])
     for f in files:
         st = f.stat()

@@ -262,3 +262,24 @@ def test_figures_of_many_panels_go_over_pages(tmp_path):
     assert sorted(p.name for p in (tmp_path / "steps").glob("steps*")) == ["steps.pdf", "steps.png"]
     assert draw_figure2(write_replication(tmp_path / "rep", 3), fig2) == [fig2]
     assert sorted(p.name for p in fig2.parent.iterdir()) == ["figure2.pdf", "figure2.png"]
+
+
+def test_a_figure_saved_twice_as_pdf_is_the_same_bytes(tmp_path):
+    """PDFs carried their creation time, so a stage redone with the same numbers wrote different files (and a
+    merged model's dir, whose figures were part of what identified it, looked changed)."""
+    import time
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from figures import save_figure
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    a = save_figure(fig, tmp_path / "a.pdf")
+    time.sleep(1.1)  # past the one-second resolution of a PDF date
+    b = save_figure(fig, tmp_path / "b.pdf")
+    plt.close(fig)
+    assert a.read_bytes() == b.read_bytes() and a.stat().st_size > 0

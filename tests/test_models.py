@@ -441,3 +441,33 @@ def test_bin_shards_are_checked_like_safetensors_by_the_probe_and_the_analyses(t
                 resolve_model(str(target))
             with pytest.raises(BadInput, match=want):
                 open_checkpoint(str(target), allow_bin=True).close()
+
+
+def test_a_models_fingerprint_ignores_its_figures_and_merge_records(tmp_path):
+    """A merged model's fingerprint hashed merge.json (its run time) and the figures drawn into its dir, so a
+    redrawn figure or the same merge redone made every evaluation of it a different run, refused on resume.
+    Loaded files still count: a changed config or weight file changes it."""
+    import shutil
+
+    from probe.models import local_fingerprint
+    from probe.zoo import organism_dir
+
+    d = tmp_path / "merged"
+    shutil.copytree(organism_dir("base"), d)
+    before = local_fingerprint(d)
+    (d / "merge.json").write_text('{"seconds_total": 1.0}')
+    (d / "merge_weights.csv").write_text("tensor,model,weight\n")
+    for name in ("merge_heads.png", "merge_heads.pdf"):
+        (d / name).write_bytes(b"figure")
+    assert local_fingerprint(d) == before
+    (d / "merge.json").write_text('{"seconds_total": 2.0}')
+    assert local_fingerprint(d) == before
+    cfg = (d / "config.json").read_text()
+    (d / "config.json").write_text(cfg + " ")
+    assert local_fingerprint(d) != before
+    (d / "config.json").write_text(cfg)
+    weights = d / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert local_fingerprint(d) != before
