@@ -346,7 +346,7 @@ def check_machine(cfg: ReplicateConfig) -> dict[str, str]:
     except BadInput as exc:
         raise BadInput(f"config key 'device': {exc}") from None
     try:
-        resolve_placement(cfg.device, cfg.dtype)
+        placement = resolve_placement(cfg.device, cfg.dtype)
     except BadInput as exc:
         raise BadInput(f"config key 'dtype': {exc}") from None
     dirs = [(f"data.{k}", v) for k, v in cfg.data.items()]
@@ -364,6 +364,13 @@ def check_machine(cfg: ReplicateConfig) -> dict[str, str]:
     check_names(cfg)
     check_lm_geometry(refs)
     check_modalities_read(cfg, refs)
+    from probe.models import check_fits
+
+    for key, ref in refs.items():  # a 7B model in float32 on a small machine: now, not at the first stage's load
+        try:
+            check_fits(ref, placement.dtype, placement.all_devices, placement.device_memory)
+        except BadInput as exc:
+            raise BadInput(f"config key {key!r}: {exc}") from None
     return {r.spec: str(r.path) for r in refs.values()}
 
 

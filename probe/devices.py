@@ -32,6 +32,7 @@ class DeviceQuery:
     cpu_threads: int = 1
     cuda_memory: tuple[int, ...] = ()  # bytes per GPU; () = unknown (then a device map is not checked for fit)
     flash_attn: bool = False  # the flash-attn package is installed (attn_implementation flash_attention_2)
+    cpu_memory: int | None = None  # bytes of RAM available now (Linux MemAvailable); None = unknown (not checked)
 
     @staticmethod
     def probe() -> "DeviceQuery":
@@ -51,7 +52,19 @@ class DeviceQuery:
         import importlib.util
 
         return DeviceQuery(names, bf16, cpu_bf16, torch.get_num_threads(), memory,
-                           importlib.util.find_spec("flash_attn") is not None)
+                           importlib.util.find_spec("flash_attn") is not None, available_ram())
+
+
+def available_ram() -> int | None:
+    """RAM a new allocation can get without swapping (``MemAvailable`` of /proc/meminfo), None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 @dataclass(frozen=True)
@@ -139,6 +152,7 @@ def resolve_placement(device: str = "auto", dtype: str = "auto", attn_implementa
                      "one model split by layers)")
     else:
         where = f"device cpu ({q.cpu_threads} threads)"
+        memory = (q.cpu_memory,) if q.cpu_memory else ()
     return Placement(device, dtype, attn_implementation, f"{where}, dtype {dtype}, attention {attn_implementation}",
                      tuple(devices), memory)
 

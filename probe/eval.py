@@ -222,11 +222,12 @@ def run(args: argparse.Namespace) -> Path:
 
     from probe.results import atomic_write_json, atomic_write_parquet, claim_out_dir, prepare_out_dir, read_part
 
-    from probe.models import preflight
+    from probe.models import check_fits, preflight
 
     plan, refs, scored, template, placement = make_plan(args)
-    for ref in refs:  # a damaged later model is found before the first one's results are written
+    for ref in refs:  # a damaged or too large later model is found before the first one's results are written
         preflight(ref)
+        check_fits(ref, placement.dtype, placement.all_devices, placement.device_memory)
     out: Path = args.out
     check_out_not_model(out, [ref.path for ref in refs])
     resumed = prepare_out_dir(out, plan.fingerprint(), args.overwrite, owned=OWNED, plan=asdict(plan))

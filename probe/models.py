@@ -247,6 +247,8 @@ def load_model(
         plan = plan_for(ref, torch_dtype, devices, device_memory)
         print(plan.summary(), file=sys.stderr)
         device = plan.devices[0]  # inputs and embeddings
+    else:
+        check_fits(ref, dtype, [device], device_memory)
     if ref.hub_repo is not None:  # resolution fetched configs only; the weights come now
         model_path(ref.spec, weights=True)
         check_weights(ref.path, ref.gguf_file)
@@ -430,6 +432,27 @@ def part_config(ref: ModelRef) -> Any:
         raise BadInput(f"{ref.path}/config.json lacks {fam.config_path!r} ({fam.name})")
     with config_errors(ref):
         return getattr(transformers, fam.model_class).config_class(**sub)
+
+
+def check_fits(ref: ModelRef, dtype: str, devices: Sequence[str], memory: Sequence[int]) -> None:
+    """The weights fit the device(s) they will load on, where their memory is known (free RAM on the CPU, each
+    GPU's total): bad input before a weight is read, not an out-of-memory kill — exit 137 and no word — after
+    minutes of loading (a 7B model in float32 is 30 GB). Weights only: activations come on top."""
+    if not memory:
+        return
+    if len(devices) > 1:
+        plan_for(ref, DTYPES[dtype], devices, memory)  # refuses a map that does not fit
+        return
+    from probe.dispatch import HEADROOM_BYTES, HEADROOM_FRACTION
+
+    need = plan_for(ref, DTYPES[dtype], devices).nbytes[0]
+    usable = memory[0] * HEADROOM_FRACTION - HEADROOM_BYTES
+    if need > usable:
+        cpu = devices[0] == "cpu"
+        size = lambda n: f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"  # noqa: E731
+        raise BadInput(f"{ref.spec}: its weights take {size(need)} in {dtype}, more than {devices[0]} can hold "
+                       f"({size(memory[0])} {'free' if cpu else 'in all'}, {size(max(usable, 0))} usable); use "
+                       f"--dtype bfloat16{', a GPU' if cpu else ''} or several GPUs (--device auto)")
 
 
 def plan_for(ref: ModelRef, dtype: torch.dtype, devices: Sequence[str], memory: Sequence[int] = ()):

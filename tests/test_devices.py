@@ -109,3 +109,55 @@ def test_cli_prints_and_records_placement_and_refuses_another_on_resume(tmp_path
     assert run["plan"]["settings"]["device_type"] == "cpu"
     assert cli_main(main, args + ["--dtype", "float16"]) == 2
     assert "holds a different run" in capfd.readouterr().err
+
+
+def _meminfo_available() -> int:
+    """The oracle: MemAvailable read here on its own."""
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+
+
+def test_the_cpu_placement_knows_the_free_ram():
+    """A model too large for the machine's RAM loaded for minutes and was killed (exit 137, no word): the CPU
+    placement now carries the free RAM, so the load can be checked against it."""
+    from probe.devices import available_ram
+
+    got, want = available_ram(), _meminfo_available()
+    assert abs(got - want) < 512 << 20  # other processes allocate between the two reads
+    assert resolve_placement(query=DeviceQuery(cpu_memory=3 << 30)).device_memory == (3 << 30,)
+    assert resolve_placement(query=CPU).device_memory == ()  # unknown: not checked
+
+
+@pytest.mark.parametrize("fits", [True, False])
+def test_a_model_larger_than_the_device_is_refused_before_loading(fits: bool):
+    """The bound is the loaded model's own parameter and buffer bytes (counted here on the loaded model) within
+    the headroom dispatch uses for GPUs: 1 KB more memory loads, 1 KB less is bad input naming the sizes."""
+    from probe.dispatch import HEADROOM_BYTES, HEADROOM_FRACTION
+    from probe.models import load_model, resolve_model
+
+    ref = resolve_model("organism-vl")
+    loaded = load_model(ref)
+    need = sum(t.numel() * t.element_size() for t in [*loaded.model.parameters(), *loaded.model.buffers()])
+    memory = int((need + HEADROOM_BYTES) / HEADROOM_FRACTION) + (1024 if fits else -1024)
+    if fits:
+        load_model(ref, device_memory=[memory])
+    else:
+        usable = (memory * HEADROOM_FRACTION - HEADROOM_BYTES) / 2**20
+        with pytest.raises(BadInput, match=rf"organism-vl: its weights take {need / 2**20:.1f} MiB in float32, more "
+                                           rf"than cpu can hold \({memory / 2**30:.1f} GiB free, {usable:.1f} MiB "
+                                           r"usable\); use --dtype bfloat16, a GPU"):
+            load_model(ref, device_memory=[memory])
+
+
+def test_eval_refuses_a_model_too_large_for_the_ram_before_writing(tmp_path, monkeypatch, capsys):
+    from probe import devices
+    from probe.errors import cli_main
+    from probe.eval import main
+
+    monkeypatch.setattr(devices, "available_ram", lambda: 1 << 30)  # 1 GiB: nothing is usable past the headroom
+    out = tmp_path / "eval"
+    assert cli_main(main, ["--models", "organism-base", "organism-vl", "--data", "probe/zoo/data/text",
+                           "--limit", "2", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: organism-base: its weights take") and "\n" not in err
+    assert not out.exists()
