@@ -102,6 +102,28 @@ def heatmap_ticks(ax: Any, rows: list[Any], cols: list[Any], fontsize: float = 7
     ax.set_yticks(range(0, len(rows), down), [str(r) for r in rows[::down]], fontsize=fontsize)
 
 
+def spaced_ticklabels(ax: Any, axis: str = "x", gap: float = 2.0) -> None:
+    """Blank the tick labels of ``ax``'s ``axis`` that would touch a neighbour (``gap`` points apart at least) at
+    the figure's present layout, so call it after ``tight_layout``: from the first on, each kept when clear of the
+    last kept one, and the last label kept whatever (a run's final step), its crowded neighbours blanked instead.
+    The tick marks stay. Steps 3000 and 5000 on a log axis ran together as "30005000"."""
+    ax.figure.draw_without_rendering()  # tick labels where the layout puts them
+    renderer = ax.figure.canvas.get_renderer()
+    which = ax.xaxis if axis == "x" else ax.yaxis
+    locs, labels = which.get_ticklocs(), which.get_ticklabels()
+    shown = [i for i, t in enumerate(labels) if t.get_visible() and t.get_text()]
+    if len(shown) < 2:
+        return
+    pad = gap * ax.figure.dpi / 72
+    boxes = {i: labels[i].get_window_extent(renderer).padded(pad / 2) for i in shown}
+    last = shown[-1]
+    kept = [last]  # the final label first; then from the left, each clear of it and of the last kept
+    for i in shown[:-1]:
+        if not boxes[i].overlaps(boxes[last]) and (len(kept) == 1 or not boxes[i].overlaps(boxes[kept[-1]])):
+            kept.append(i)
+    which.set_ticks(locs, [t.get_text() if i in kept else "" for i, t in enumerate(labels)])
+
+
 def save_figure(fig: Any, path: Path, **savefig: Any) -> Path:
     """``fig`` saved to ``path`` (format from its suffix) whole or not at all: a kill never leaves a 0-byte
     figure that a finished-looking run would show."""

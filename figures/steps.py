@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from figures import drop_stale_pages, name_colours, page_caption, page_panels, page_split, page_stem, save_png_pdf
+from figures import (drop_stale_pages, name_colours, page_caption, page_panels, page_split, page_stem, save_png_pdf,
+                     spaced_ticklabels)
 from figures.eval import read_scores
 from probe.errors import BadInput
 from probe.results import distinct_names
@@ -62,6 +63,9 @@ def draw_steps(result_dirs: list[Path] | Path, out: Path | None = None) -> list[
         if len(pages) > 1:
             fig.suptitle("Accuracy against fine-tuning steps" + page_caption(pages, p, "runs"), fontsize=10)
         fig.tight_layout(rect=(0, legend / fig.get_size_inches()[1], 1, 1))
+        for ax in fig.axes:  # a symmetric-log axis crowds the late steps (3000 beside 5000)
+            if ax.get_visible():
+                spaced_ticklabels(ax)
         written += save_png_pdf(fig, out or dirs[0], page_stem("steps", p))
     drop_stale_pages(out or dirs[0], "steps", written)
     return written

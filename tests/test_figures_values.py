@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.container import ErrorbarContainer
 from matplotlib.figure import Figure
 from test_cli_errors import one_error_line, snapshot
@@ -288,3 +289,32 @@ def test_heads_redraw_refuses_a_sweep_with_a_head_lost(tmp_path, capsys, drawn):
     line = one_error_line(figures_cli("heads", d), capsys.readouterr().err)
     assert "no row for layer 1 head 1" in line, line
     assert snapshot(tmp_path) == before
+
+
+def overlapping(texts: list) -> list[tuple[str, str]]:
+    """Pairs of visible, non-empty texts whose boxes overlap on the figure as laid out."""
+    shown = [t for t in texts if t.get_visible() and t.get_text()]
+    if not shown:
+        return []
+    fig = shown[0].figure
+    if not hasattr(fig.canvas, "get_renderer"):  # a closed figure: measured on an Agg canvas of its own
+        FigureCanvasAgg(fig)
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in shown]
+    return [(shown[i].get_text(), shown[j].get_text()) for i in range(len(shown)) for j in range(i)
+            if boxes[i].overlaps(boxes[j])]
+
+
+def test_steps_of_a_long_run_keep_their_labels_apart(tmp_path, drawn):
+    """A real schedule (…, 1000, 3000, 5000) put 3000 and 5000 on a symmetric-log axis a few points apart: their
+    labels ran together as "30005000". Crowded labels are now left out, the last step always shown."""
+    steps = [0, 10, 30, 100, 300, 1000, 3000, 5000]
+    write_scores(tmp_path / "run", [f"ft/checkpoint-{s}" for s in steps], ["mmlu", "mmmu"])
+    assert figures_cli("steps", tmp_path / "run") == 0
+    ax = drawn["steps"].axes[0]
+    drawn["steps"].draw_without_rendering()
+    labels = [t for t in ax.get_xticklabels() if t.get_text()]
+    assert overlapping(labels) == []
+    assert labels[0].get_text() == "0" and labels[-1].get_text() == "5000"
+    assert len(labels) >= 6  # only the crowded ones go
+    assert all(t.get_fontsize() == 7 for t in labels)
