@@ -124,6 +124,38 @@ def spaced_ticklabels(ax: Any, axis: str = "x", gap: float = 2.0) -> None:
     which.set_ticks(locs, [t.get_text() if i in kept else "" for i, t in enumerate(labels)])
 
 
+def separate_labels(texts: list[Any], gap: float = 1.0, leader: bool = False, tries: int = 40) -> None:
+    """Move labels placed beside a point (``ax.annotate`` with ``textcoords="offset points"``) up or down, in
+    order, until each overlaps none placed before it (``gap`` points apart) at the figure's present layout, so
+    call it after ``tight_layout``: labels of points that sit close together (experts a real run barely moved
+    from the base, models of nearly one value) were drawn over one another. Each goes to the nearest free place:
+    its own, a line below, a line above, two below, ...; with ``leader``, a moved label gets a thin line to its
+    point."""
+    if not texts:
+        return
+    fig = texts[0].figure
+    renderer = fig.canvas.get_renderer()
+    pad = gap * fig.dpi / 72
+
+    def box() -> Any:
+        return t.get_window_extent(renderer).padded(pad / 2)
+
+    placed: list[Any] = []
+    for t in texts:
+        x0, y0 = t.xyann
+        line = box().height * 72 / fig.dpi  # points
+        for k in range(tries):
+            t.xyann = (x0, y0 + (k + 1) // 2 * line * (-1 if k % 2 else 1))
+            if not any(box().overlaps(p) for p in placed):
+                break
+        else:  # nowhere free near: where it was
+            t.xyann = (x0, y0)
+        if leader and t.xyann != (x0, y0):
+            t.axes.annotate("", t.xy, xycoords=t.xycoords, xytext=t.xyann, textcoords="offset points",
+                            arrowprops=dict(arrowstyle="-", color="0.5", lw=0.5, shrinkA=0, shrinkB=3))
+        placed.append(box())
+
+
 def save_figure(fig: Any, path: Path, **savefig: Any) -> Path:
     """``fig`` saved to ``path`` (format from its suffix) whole or not at all: a kill never leaves a 0-byte
     figure that a finished-looking run would show."""

@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from figures import page_panels, read_json, read_table  # noqa: E402
+from figures import fit_page, page_panels, read_json, read_table, separate_labels  # noqa: E402
 from figures.shift import save, short_names  # noqa: E402
 from probe.errors import BadInput  # noqa: E402
 
@@ -29,12 +29,12 @@ RUN_COLOURS = [f"C{k}" for k in (2, 1, 4, 5, 6, 8, 9, 7)]
 TITLES = {"norms": "per-tensor ‖θ − θ_ref‖ (paper's feature)", "sketch": "random-projection sketch of θ − θ_ref"}
 
 
-def _label(ax: Any, mid: float, text: str, x: float, y: float, offset: tuple[float, float], **kw: Any) -> None:
+def _label(ax: Any, mid: float, text: str, x: float, y: float, offset: tuple[float, float], **kw: Any) -> Any:
     """Text beside a point: on its right, or on its left when the point is right of ``mid`` (the middle of the
     panel's points), so it stays inside a narrow panel."""
     left = x > mid
-    ax.annotate(text, (x, y), xytext=(-offset[0] if left else offset[0], offset[1]), textcoords="offset points",
-                ha="right" if left else "left", **kw)
+    return ax.annotate(text, (x, y), xytext=(-offset[0] if left else offset[0], offset[1]), textcoords="offset points",
+                       ha="right" if left else "left", zorder=5, **kw)  # over the runs' dots
 
 
 def read_coords(path: Path) -> pd.DataFrame:
@@ -91,10 +91,12 @@ def draw_trajectory(result_dir: Path) -> list[Path]:
         # PCA beside t-SNE on a page: 3.5 in each, titles wrapped to that (about 14 characters an inch at 9 pt)
         fig, panels = page_panels(len(methods), 6, 4.2, min_width=3.4)
         chars = int(14 * fig.get_size_inches()[0] / panels[0][0].get_subplotspec().get_gridspec().ncols)
+        names_of: list[list[Any]] = []  # per panel, the labels beside points
         for (ax,), method in zip(panels, methods):
             d = sub[sub["method"] == method]
             mid = (d["x"].min() + d["x"].max()) / 2
             runs = [r for r in dict.fromkeys(d["run"]) if r]
+            names_of.append([])
             for i, run in enumerate(runs):
                 r = d[d["run"] == run].copy()
                 r["step"] = pd.to_numeric(r["step"])
@@ -106,8 +108,8 @@ def draw_trajectory(result_dir: Path) -> list[Path]:
                     ax.annotate("", (xs[j + 1], ys[j + 1]), (xs[j], ys[j]),
                                 arrowprops=dict(arrowstyle="->", color=colour, lw=1.2))
                 ax.scatter(xs, ys, s=STYLE["run"][1], color=colour, zorder=3)
-                _label(ax, mid, f"step {int(r['step'].iloc[-1])}", xs[-1], ys[-1], (4, -8), fontsize=7,
-                       color=colour)
+                names_of[-1].append(_label(ax, mid, f"step {int(r['step'].iloc[-1])}", xs[-1], ys[-1], (4, -8),
+                                           fontsize=7, color=colour))
             for kind in ("base", "expert", "merged"):
                 k = d[d["kind"] == kind]
                 if k.empty:
@@ -116,7 +118,7 @@ def draw_trajectory(result_dir: Path) -> list[Path]:
                 ax.scatter(k["x"], k["y"], marker=marker, s=size, color=colour, label=kind, zorder=4,
                            edgecolors="white", linewidths=0.6)
                 for _, row in k.iterrows():
-                    _label(ax, mid, labels[row["name"]], row["x"], row["y"], (5, 4), fontsize=8)
+                    names_of[-1].append(_label(ax, mid, labels[row["name"]], row["x"], row["y"], (5, 4), fontsize=8))
             title = f"{method.upper() if method == 'pca' else 't-SNE'}: {TITLES.get(feature, feature)}"
             if ref:
                 title += f"\nθ_ref = {ref}"
@@ -137,5 +139,8 @@ def draw_trajectory(result_dir: Path) -> list[Path]:
             ax.legend(fontsize=7, loc="best")
             ax.margins(0.15)
         fig.tight_layout()
+        fit_page(fig)  # the size it is saved at, where the labels are placed
+        for texts in names_of:  # the base, experts a real run barely moved and the merges sit close together
+            separate_labels(texts[::-1], leader=True)  # the models' names first, then the runs' last steps
         written += save(fig, result_dir / f"trajectory_{feature}")
     return written

@@ -318,3 +318,23 @@ def test_steps_of_a_long_run_keep_their_labels_apart(tmp_path, drawn):
     assert labels[0].get_text() == "0" and labels[-1].get_text() == "5000"
     assert len(labels) >= 6  # only the crowded ones go
     assert all(t.get_fontsize() == 7 for t in labels)
+
+
+def test_trajectory_labels_of_points_close_together_stay_apart(tmp_path, drawn):
+    """A real 7B map puts the base, the experts it barely moved and the merges within a few points of each other,
+    and the runs' last checkpoints side by side: their names were printed over one another. Each label now keeps
+    clear of the others, a moved one joined to its point by a thin line."""
+    from test_figures_page import write_trajectory
+
+    d = write_trajectory(tmp_path, ["text", "image", "video", "mixed"])
+    c = pd.read_csv(d / "coords.csv", keep_default_na=False)
+    marked = c["kind"] != "run"
+    c.loc[marked, "x"] = 5 + 0.01 * np.arange(marked.sum())  # five models at one spot
+    c.loc[marked, "y"] = 5.0
+    c.to_csv(d / "coords.csv", index=False)
+    assert figures_cli("trajectory", d) == 0
+    for feature in ("norms", "sketch"):
+        for ax in drawn[f"trajectory_{feature}"].axes:
+            names = [t for t in ax.texts if t.get_text()]
+            assert len(names) == 5 + 4  # each model and each run's last step is named
+            assert overlapping(names) == []
