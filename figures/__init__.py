@@ -124,13 +124,14 @@ def spaced_ticklabels(ax: Any, axis: str = "x", gap: float = 2.0) -> None:
     which.set_ticks(locs, [t.get_text() if i in kept else "" for i, t in enumerate(labels)])
 
 
-def separate_labels(texts: list[Any], gap: float = 1.0, leader: bool = False, tries: int = 40) -> None:
+def separate_labels(texts: list[Any], gap: float = 1.0, leader: bool = False, sides: tuple[int, ...] = (-1, 1),
+                    tries: int = 20) -> None:
     """Move labels placed beside a point (``ax.annotate`` with ``textcoords="offset points"``) up or down, in
     order, until each overlaps none placed before it (``gap`` points apart) at the figure's present layout, so
     call it after ``tight_layout``: labels of points that sit close together (experts a real run barely moved
     from the base, models of nearly one value) were drawn over one another. Each goes to the nearest free place:
-    its own, a line below, a line above, two below, ...; with ``leader``, a moved label gets a thin line to its
-    point."""
+    its own, a line below, a line above, two below, ... (``sides``: (1,) only above, where below is its point);
+    with ``leader``, a moved label gets a thin line to its point."""
     if not texts:
         return
     fig = texts[0].figure
@@ -144,8 +145,8 @@ def separate_labels(texts: list[Any], gap: float = 1.0, leader: bool = False, tr
     for t in texts:
         x0, y0 = t.xyann
         line = box().height * 72 / fig.dpi  # points
-        for k in range(tries):
-            t.xyann = (x0, y0 + (k + 1) // 2 * line * (-1 if k % 2 else 1))
+        for dy in [0.0] + [k * side * line for k in range(1, tries + 1) for side in sides]:
+            t.xyann = (x0, y0 + dy)
             if not any(box().overlaps(p) for p in placed):
                 break
         else:  # nowhere free near: where it was

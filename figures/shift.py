@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
 from figures import (PAGE_HEIGHT, PAGE_WIDTH, fit_page, label_step, page_panels, read_table,  # noqa: E402
-                     save_figure)
+                     save_figure, separate_labels)
 from probe.errors import BadInput  # noqa: E402
 
 
@@ -97,9 +97,10 @@ def draw_shift(result_dir: Path) -> list[Path]:
     ax1.set_ylabel("mean Δavg over tensors (log)")
     ax1.set_title("parameter shift from the base (Eq. 3);\n(k×): k times the least shifted", fontsize=9)
     low = means.min()
+    values = []
     for i, v in enumerate(means.to_numpy()):
-        ax1.annotate(f"{v:.2g}" + (f" ({v / low:.1f}×)" if low > 0 else ""), (i, v), xytext=(0, 7),
-                     textcoords="offset points", ha="center", va="bottom", fontsize=8)
+        values.append(ax1.annotate(f"{v:.2g}" + (f" ({v / low:.1f}×)" if low > 0 else ""), (i, v), xytext=(0, 7),
+                     textcoords="offset points", ha="center", va="bottom", fontsize=8))
     ax1.tick_params(axis="x", rotation=20)
     if low > 0:
         ax1.set_ylim(low / 3, means.max() * 4)  # room for the labels
@@ -113,6 +114,8 @@ def draw_shift(result_dir: Path) -> list[Path]:
     ax2.legend(fontsize=8)
     ax2.xaxis.get_major_locator().set_params(integer=True)
     fig.tight_layout(w_pad=3)
+    fit_page(fig)  # the size it is saved at, where the numbers are placed
+    separate_labels(values, sides=(1,))  # models that shifted alike (0.00076 and 0.0007): one number above the other
     written += save(fig, result_dir / "shift_models")
     return written
 

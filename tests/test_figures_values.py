@@ -338,3 +338,17 @@ def test_trajectory_labels_of_points_close_together_stay_apart(tmp_path, drawn):
             names = [t for t in ax.texts if t.get_text()]
             assert len(names) == 5 + 4  # each model and each run's last step is named
             assert overlapping(names) == []
+
+
+def test_shift_values_of_models_that_shifted_alike_stay_apart(tmp_path, drawn):
+    """LLaVA-Video and LLaVA-OneVision shift about alike (0.00076 and 0.0007 on a real 7B): their numbers, printed
+    above the dots, ran into one another ("0.00076 (1.1×)0.0007 (1.0×)")."""
+    models = ["Qwen/Qwen2-VL-7B-Instruct", "lmms-lab/LLaVA-Video-7B-Qwen2", "lmms-lab/llava-onevision-qwen2-7b-si"]
+    d = write_shift(tmp_path, models, 28, ["self_attn.q_proj.weight", "mlp.up_proj.weight"])
+    df = pd.read_csv(d / "shift.csv")
+    df["delta_avg"] = df["model"].map(dict(zip(models, [0.0043, 0.00076, 0.0007])))
+    df.to_csv(d / "shift.csv", index=False)
+    assert figures_cli("shift", d) == 0
+    ax = drawn["shift_models"].axes[0]
+    values = [t for t in ax.texts if t.get_text()]
+    assert len(values) == 3 and overlapping(values) == []
