@@ -11,6 +11,7 @@ import pandas as pd
 
 from figures import (KL_BOUNDS, drop_stale_pages, heatmap_ticks, page_caption, page_panels, page_split, page_stem,
                      read_json, read_table, save_png_pdf)
+from figures.heads import kl_limit
 from probe.errors import BadInput
 from probe.results import distinct_names
 
@@ -135,11 +136,13 @@ def _draw_page(names: list[str], titles: list[str], sals: list[np.ndarray | None
                      ha="center", va="center", fontsize=8, transform=ax2.transAxes)
             ax2.set_axis_off()
         else:
-            im2 = ax2.imshow(s, cmap="magma_r", aspect="auto")
+            # a KL: the head sweep's scale (one sink head at nats would paint the other heads one colour)
+            top, clipped = kl_limit(s) if metric == "kl" else (None, False)
+            im2 = ax2.imshow(s, cmap="magma_r", aspect="auto", vmin=None if top is None else 0.0, vmax=top)
             ax2.set_title(f"its salience ({metric})", fontsize=8)
             ax2.set_xlabel("head", fontsize=8)
             ax2.set_ylabel("layer", fontsize=8)
-            cb2 = fig.colorbar(im2, ax=ax2, fraction=0.046)
+            cb2 = fig.colorbar(im2, ax=ax2, fraction=0.046, extend="max" if clipped else "neither")
             cb2.ax.tick_params(labelsize=7)
             cb2.set_label("KL [nats]" if metric == "kl" else metric.replace("_", " "), fontsize=7)
         for a in (ax, ax2):

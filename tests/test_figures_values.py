@@ -352,3 +352,24 @@ def test_shift_values_of_models_that_shifted_alike_stay_apart(tmp_path, drawn):
     ax = drawn["shift_models"].axes[0]
     values = [t for t in ax.texts if t.get_text()]
     assert len(values) == 3 and overlapping(values) == []
+
+
+def test_merge_salience_scale_is_not_one_outlier_heads(tmp_path, drawn):
+    """A real 7B salience run has one or two sink heads at nats and 780 heads at thousandths: the merge figure's
+    salience panel spanned 0 to the outlier and painted every other head one colour. It now clips at the 99th
+    percentile, as the head sweep's own heatmap does (figures.heads.kl_limit), the arrow on its colour bar saying
+    so."""
+    from figures.heads import kl_limit
+
+    d = write_merge(tmp_path / "m", 2, layers=28, heads=28)
+    run = Path(json.loads((d / "merge.json").read_text())["salience"]["runs"][0])
+    h = pd.read_csv(run / "heads.csv")
+    h.loc[3, "kl"] = 50.0  # one outlier
+    h.to_csv(run / "heads.csv", index=False)
+    assert figures_cli("merge", d) == 0
+    [ax] = [a for a in drawn["merge_heads"].axes if a.get_title().startswith("its salience")]
+    im = ax.get_images()[0]
+    grid = np.asarray(im.get_array())
+    assert grid.max() == 50.0
+    assert im.norm.vmax == pytest.approx(kl_limit(grid)[0]) and im.norm.vmax < grid.max() / 10
+    assert im.colorbar.extend == "max"
