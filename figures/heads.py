@@ -17,9 +17,9 @@ PANELS = {  # accuracies on a two-sided map centred on the unmasked baseline: re
 
 
 def kl_limit(values: np.ndarray) -> tuple[float, bool]:
-    """Top of a KL colour scale, and whether it clips: on a large grid (> 100 heads) one outlier head would wash the
-    rest out, so the scale stops at the 99th percentile when the maximum is over twice that (the colour bar's arrow
-    says so); small grids show their maximum."""
+    """Top of a colour scale of non-negative values (KL, or distances from a baseline), and whether it clips: on a
+    large grid (> 100 heads) one outlier head would wash the rest out, so the scale stops at the 99th percentile
+    when the maximum is over twice that (the colour bar's arrow says so); small grids show their maximum."""
     v = values[np.isfinite(values)]
     top = max(float(v.max()) if v.size else 0.0, 1e-9)
     if v.size > 100 and top > 2 * (p99 := float(np.percentile(v, 99))) and p99 > 0:
@@ -27,12 +27,21 @@ def kl_limit(values: np.ndarray) -> tuple[float, bool]:
     return top, False
 
 
-def centred_limits(values: np.ndarray, centre: float) -> tuple[float, float]:
-    """Colour limits symmetric about ``centre`` (the baseline) covering every value, so a drop of a few points
-    shows on a 7B model's grid instead of vanishing in a fixed 0-100 % scale."""
+def centred_limits(values: np.ndarray, centre: float) -> tuple[float, float, bool]:
+    """Colour limits symmetric about ``centre`` (the baseline), so a drop of a few points shows on a 7B model's grid
+    instead of vanishing in a fixed 0-100 % scale; they cover every value but one or two outlier heads of a large
+    grid (``kl_limit`` of the distances: a head that collapses accuracy would otherwise bleach the rest).
+    Returns (low, high, clipped)."""
+    half, clipped = kl_limit(np.abs(values - centre))
+    half = max(half, 0.1)
+    return centre - half, centre + half, clipped
+
+
+def extend_for(values: np.ndarray, vmin: float, vmax: float) -> str:
+    """The colour bar's arrows: on the side(s) where some value lies past the scale."""
     v = values[np.isfinite(values)]
-    half = max(float(np.abs(v - centre).max()) if v.size else 0.0, 0.1)
-    return centre - half, centre + half
+    low, high = bool(v.size and v.min() < vmin), bool(v.size and v.max() > vmax)
+    return "both" if low and high else "min" if low else "max" if high else "neither"
 
 
 def _grid(heads: pd.DataFrame, metric: str) -> tuple[np.ndarray, list[int], list[int]]:
@@ -68,16 +77,18 @@ def draw_metric(heads: pd.DataFrame, baseline: dict, metric: str, out_stem: Path
     if metric == "kl":
         (vmax, clipped), vmin = kl_limit(grid), 0.0
     elif centred:
-        vmin, vmax = centred_limits(grid, float(base))
+        vmin, vmax, clipped = centred_limits(grid, float(base))
     else:
         vmin, vmax = 0.0, 100.0
     im = ax.imshow(grid, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
-    cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, extend="max" if clipped else "neither")
-    cbar.set_label("KL [nats]" + (" (scale clipped at the 99th percentile)" if clipped else "") if metric == "kl"
-                   else metric.replace("_", " ") + " [%] (colour centred on the baseline)", fontsize=8)
+    cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, extend=extend_for(grid, vmin, vmax))
+    clip_note = " (scale clipped at the 99th percentile)" if clipped else ""
+    cbar.set_label("KL [nats]" + clip_note if metric == "kl"
+                   else metric.replace("_", " ") + f" [%] (colour centred on the baseline){clip_note}", fontsize=8)
     if centred:
         v = grid[np.isfinite(grid)]  # the bar spans the values there are (the symmetric scale may pass 0 or 1)
-        lo, hi = min(float(v.min()) if v.size else base, base), max(float(v.max()) if v.size else base, base)
+        lo = max(min(float(v.min()) if v.size else base, base), vmin)
+        hi = min(max(float(v.max()) if v.size else base, base), vmax)
         if lo < hi:  # else no head moved it: the whole symmetric bar stays
             cbar.ax.set_ylim(lo, hi)
         cbar.ax.axhline(base, color="black", linewidth=2)  # where the unmasked model sits

@@ -204,7 +204,7 @@ def draw_figure2(r: Replication, dest: Path) -> list[Path]:
 def _figure2_page(r: Replication, models: list[str]):
     import numpy as np
 
-    from figures.heads import _grid, kl_limit
+    from figures.heads import _grid, centred_limits, extend_for, kl_limit
 
     # one column of two heatmaps per model, wrapped into rows on a page (4 models: 2 × 2)
     fig, panels = page_panels(len(models), 3.0, 4.8, min_width=FIG2_WIDTH, margin=FIG2_MARGIN, stack=2, dpi=110)
@@ -215,16 +215,15 @@ def _figure2_page(r: Replication, models: list[str]):
             grid, layers, hs = _grid(heads, metric)
             ax = panels[k][row]
             if metric == "kl":
-                (vmax, clipped), vmin = kl_limit(grid), 0.0
+                (vmax, _), vmin = kl_limit(grid), 0.0
             else:  # a signed drop: red where removing the head hurts, blue where it helps, white at no change
-                grid, clipped = 100 * grid, False
-                vmax = max(float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 0.0, 0.1)
-                vmin = -vmax
+                grid = 100 * grid
+                vmin, vmax, _ = centred_limits(grid, 0.0)
             im = ax.imshow(grid, cmap=cmap, aspect="auto", vmin=vmin, vmax=vmax)
             heatmap_ticks(ax, layers, hs)
             ax.set_xlabel("head", fontsize=8)
             ax.set_ylabel("layer", fontsize=8)
-            cb = fig.colorbar(im, ax=ax, fraction=0.046, extend="max" if clipped else "neither")
+            cb = fig.colorbar(im, ax=ax, fraction=0.046, extend=extend_for(grid, vmin, vmax))
             cb.ax.tick_params(labelsize=7)
             cb.set_label(label, fontsize=7)
             if row == 0:

@@ -373,3 +373,31 @@ def test_merge_salience_scale_is_not_one_outlier_heads(tmp_path, drawn):
     assert grid.max() == 50.0
     assert im.norm.vmax == pytest.approx(kl_limit(grid)[0]) and im.norm.vmax < grid.max() / 10
     assert im.colorbar.extend == "max"
+
+
+def test_accuracy_heatmap_scale_is_not_one_collapsing_head(tmp_path, drawn):
+    """On a 7B grid (28 × 28) two heads whose removal collapses accuracy by 40 points set the centred scale to
+    ±40, so the other heads' 0-4 point drops were all near white. The scale now stops at the 99th percentile of
+    the distances from the baseline (computed here with numpy on the CSV), with arrows on the colour bar; small
+    grids still show every value."""
+    from test_figures_page import write_heads
+
+    d = write_heads(tmp_path / "h", 28, 28)
+    h = pd.read_csv(d / "heads.csv")
+    base = json.loads((d / "baseline.json").read_text())["accuracy"]
+    rng = np.random.default_rng(0)
+    h["accuracy"] = base - rng.uniform(0, 0.04, len(h))
+    h.loc[[5, 400], "accuracy"] = base - 0.4
+    h["accuracy_drop"] = base - h["accuracy"]
+    h.to_csv(d / "heads.csv", index=False)
+    assert figures_cli("heads", d) == 0
+    im = drawn["heatmap_accuracy"].axes[0].get_images()[0]
+    dist = np.abs(100 * h["accuracy"].to_numpy() - 100 * base)
+    half = np.percentile(dist, 99)
+    assert im.norm.vmin == pytest.approx(100 * base - half) and im.norm.vmax == pytest.approx(100 * base + half)
+    assert half < 5 and im.colorbar.extend == "min"
+    assert "clipped at the 99th percentile" in im.colorbar.ax.get_ylabel()
+    small = write_heads(tmp_path / "s", 3, 4)  # 12 heads: every value inside the scale, no arrow
+    assert figures_cli("heads", small) == 0
+    im = drawn["heatmap_accuracy"].axes[0].get_images()[0]
+    assert im.colorbar.extend == "neither"
