@@ -56,8 +56,13 @@ def set_size(row: pd.Series) -> int:
 
 
 def short_label(model: str, width: int = 40) -> str:
-    """A model's name as a tick label: a long path keeps its tail (the part that tells runs apart)."""
-    return model if len(model) <= width else "…" + model[-(width - 1):]
+    """A model's name as a tick label: a long path keeps its tail (the part that tells runs apart), from a '/'
+    when that still keeps half the width ("…/merge/shift/carriers/qwen2-vl-7b", not "…rge/shift/…")."""
+    if len(model) <= width:
+        return model
+    tail = model[-(width - 1):]
+    cut = tail.find("/", 1)
+    return "…" + (tail[cut:] if 0 < cut <= width // 2 else tail)
 
 
 def short_labels(models: list[str], width: int = 40) -> list[str]:

@@ -781,7 +781,13 @@ def test_eval_figure_fits_long_model_paths(eval_run, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # "Tight layout not applied" is a UserWarning
         draw_eval(copy)
-    assert short_label(long) == "…" + long[-39:] and len(short_label(long)) == 40
+    # the longest tail of whole path components within 39 characters, from its '/'
+    parts = long.split("/")
+    tail = max(("/" + "/".join(parts[k:]) for k in range(1, len(parts))
+                if len("/" + "/".join(parts[k:])) <= 39), key=len)
+    assert short_label(long) == "…" + tail == "…/this/lab/merged/shift-softmax-tau-0.5"
+    one_long_name = "/x/" + "y" * 60  # no '/' in reach: the last 39 characters
+    assert short_label(one_long_name) == "…" + one_long_name[-39:]
     assert short_label("tiny-qwen2") == "tiny-qwen2"
 
 
