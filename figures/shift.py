@@ -111,7 +111,10 @@ def draw_shift(result_dir: Path) -> list[Path]:
     ax2.set_xlabel("layer")
     ax2.set_ylabel("mean Δavg over the layer's tensors")
     ax2.set_title("shift by depth", fontsize=9)
-    ax2.legend(fontsize=8)
+    # below the panel: inside it ("best") the legend covered lines whenever the layers' curves filled the panel
+    wide = max(len(labels[m]) for m in models) > 20  # long names one per line
+    ax2.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1 if wide else min(3, len(models)),
+               frameon=False)
     ax2.xaxis.get_major_locator().set_params(integer=True)
     fig.tight_layout(w_pad=3)
     fit_page(fig)  # the size it is saved at, where the numbers are placed

@@ -401,3 +401,19 @@ def test_accuracy_heatmap_scale_is_not_one_collapsing_head(tmp_path, drawn):
     assert figures_cli("heads", small) == 0
     im = drawn["heatmap_accuracy"].axes[0].get_images()[0]
     assert im.colorbar.extend == "neither"
+
+
+@pytest.mark.parametrize("models", [["a", "b", "c"], ["Qwen/Qwen2-VL-7B-Instruct", "lmms-lab/LLaVA-Video-7B-Qwen2",
+                                                    "lmms-lab/llava-onevision-qwen2-7b-si"]])
+def test_shift_by_depth_legend_covers_no_line(tmp_path, drawn, models):
+    """The per-layer panel's legend sat inside it ('best'), and with 28 layers of noisy curves there was no empty
+    corner: it covered lines. It now sits below the panel, inside the figure."""
+    d = write_shift(tmp_path, models, 28, ["self_attn.q_proj.weight", "mlp.up_proj.weight"])
+    assert figures_cli("shift", d) == 0
+    fig = drawn["shift_models"]
+    ax = fig.axes[1]
+    renderer = fig.canvas.get_renderer() if hasattr(fig.canvas, "get_renderer") else FigureCanvasAgg(fig).get_renderer()
+    box, panel, page = ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer), fig.bbox
+    assert box.y1 <= panel.y0 and not box.overlaps(panel)  # below the panel's plotting area
+    assert box.x0 >= page.x0 and box.x1 <= page.x1 and box.y0 >= page.y0  # and inside the saved page
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [m.rsplit("/", 1)[-1] for m in models]
