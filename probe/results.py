@@ -158,7 +158,8 @@ def prepare_out_dir(out: Path, fingerprint: str, overwrite: bool, owned: Iterabl
         remove_stale_temps(d)
     if not has_contents(out):
         return False
-    if overwrite:
+    if overwrite:  # locked first: a command still writing here is refused before its parts are deleted, not after
+        lock_out_dir(out)
         clear_run_dir(out, owned)
         return False
     if not run_json.is_file():

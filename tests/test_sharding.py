@@ -7,7 +7,7 @@ import sys
 
 import pandas as pd
 
-from conftest import REPO
+from conftest import REPO, lock_held_elsewhere
 
 
 def _run(args: list[str], env_extra: dict[str, str]) -> subprocess.CompletedProcess:
@@ -34,3 +34,18 @@ def test_two_ranks_equal_one_process(tmp_path, tiny_dirs, data_dir):
     pd.testing.assert_frame_equal(pd.read_csv(single / "heads.csv"), pd.read_csv(sharded / "heads.csv"))
     pd.testing.assert_frame_equal(pd.read_parquet(single / "items.parquet"),
                                   pd.read_parquet(sharded / "items.parquet"))
+
+
+def test_overwrite_leaves_a_running_commands_dir_alone(tmp_path, tiny_dirs, data_dir):
+    """--overwrite into an --out another command is writing used to delete its run.json and parts first and be
+    refused ('in use') only after: the running command then ended 'waiting for N chunks' with nothing assembled."""
+    out = tmp_path / "busy"
+    (out / "parts").mkdir(parents=True)
+    (out / "run.json").write_text('{"fingerprint": "another run"}')
+    (out / "parts" / "chunk_00000.parquet").write_bytes(b"its part")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    with lock_held_elsewhere(out):
+        r = _run(["--model", str(tiny_dirs["qwen2_vl"]), "--data", str(data_dir), "--limit", "2", "--layers", "0",
+                  "--heads", "0", "--no-figures", "--quiet", "--no-generate", "--overwrite", "--out", str(out)], {})
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "in use" in r.stderr, r.stderr
