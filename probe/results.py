@@ -205,9 +205,11 @@ def has_contents(out: Path) -> bool:
     return out.is_dir() and any(p.name != LOCK for p in out.iterdir())
 
 
-def lock_out_dir(out: Path) -> None:
+def lock_out_dir(out: Path, shared: bool = False) -> None:
     """Create ``out`` and hold an flock on ``DIR/.lock`` until this command ends (``release_claims``; the kernel frees
-    it however the process ends): a second command into the same --out meanwhile is refused, never interleaved."""
+    it however the process ends): a second command into the same --out meanwhile is refused, never interleaved.
+    ``shared``: the ranks of a torchrun job hold it together, and so shut out a single process (which holds it
+    alone), not each other."""
     import fcntl
 
     out.mkdir(parents=True, exist_ok=True)
@@ -216,7 +218,7 @@ def lock_out_dir(out: Path) -> None:
         return
     fd = os.open(out / LOCK, os.O_CREAT | os.O_RDWR, file_mode())
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         raise BadInput(f"--out {out} is in use by another running command; wait for it to end or use another "
@@ -231,11 +233,10 @@ def claim_out_dir(out: Path, fingerprint: Any, saved_fingerprint: Callable[[dict
                   ) -> None:
     """Hold ``out`` from this run's first write to its exit: an flock on ``DIR/.lock``, which the kernel frees however
     the process ends. Two different runs started into one --out at once both passed the check of the saved run.json
-    before either wrote one, and then mixed their parts. Ranks of one torchrun job share the dir and take no lock.
+    before either wrote one, and then mixed their parts. Ranks of one torchrun job share the lock (they took none, so
+    a single process started meanwhile computed their chunks beside them, or cleared them with --overwrite).
     Called before run.json is written; refuses a run.json another run wrote since this one's check."""
-    out.mkdir(parents=True, exist_ok=True)
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        lock_out_dir(out)
+    lock_out_dir(out, shared=int(os.environ.get("WORLD_SIZE", "1")) > 1)
     try:
         saved = json.loads((out / "run.json").read_text())
     except (OSError, json.JSONDecodeError):
