@@ -220,7 +220,8 @@ def evaluate_pair(loaded, model_name: str, ds: DataSet, items, cfg, batch_size: 
 def run(args: argparse.Namespace) -> Path:
     import pandas as pd
 
-    from probe.results import atomic_write_json, atomic_write_parquet, claim_out_dir, prepare_out_dir, read_part
+    from probe.results import (atomic_write_json, atomic_write_parquet, claim_out_dir, prepare_out_dir, rank_world,
+                               read_part)
 
     from probe.models import check_fits, preflight
 
@@ -230,12 +231,15 @@ def run(args: argparse.Namespace) -> Path:
         check_fits(ref, placement.dtype, placement.all_devices, placement.device_memory)
     out: Path = args.out
     check_out_not_model(out, [ref.path for ref in refs])
+    rank, world = rank_world()
     resumed = prepare_out_dir(out, plan.fingerprint(), args.overwrite, owned=OWNED, plan=asdict(plan))
     saved = saved_run_info(out) if resumed else {}
     pairs = [pair for pair, its in scored.items() if its]
-    todo = [(m, d) for m, d in pairs if not part_file(out, m, d).is_file()]
+    # under torchrun each rank takes every WORLD_SIZE-th (model, data set) pair (it read no RANK: K ranks did all)
+    todo = [(m, d) for i, (m, d) in enumerate(pairs) if i % world == rank and not part_file(out, m, d).is_file()]
     # the parts a resume keeps are read now: a damaged one is named before anything runs or is printed
-    frames = {(m, d): read_part(part_file(out, m, d), ITEM_COLUMNS) for m, d in pairs if (m, d) not in todo}
+    frames = {(m, d): read_part(part_file(out, m, d), ITEM_COLUMNS) for m, d in pairs
+              if part_file(out, m, d).is_file()}
     run_info = {"fingerprint": plan.fingerprint(), "plan": asdict(plan),
                 "versions": run_versions(out, saved, bool(todo), bool(frames)),
                 "placement": {"device": placement.device, "devices": list(placement.all_devices),
@@ -271,6 +275,12 @@ def run(args: argparse.Namespace) -> Path:
                 frames[m, d] = read_part(part_file(out, m, d), ITEM_COLUMNS)  # as a resume would read it
             del loaded
         bar.close()
+    missing = [(m, d) for m, d in pairs if not part_file(out, m, d).is_file()]
+    if missing:  # other ranks still working; the last one to finish assembles
+        print(f"rank {rank}: done; waiting for {len(missing)} (model, data set) pairs from other ranks",
+              file=sys.stderr)
+        return out
+    frames |= {p: read_part(part_file(out, *p), ITEM_COLUMNS) for p in pairs if p not in frames}  # other ranks'
     if not todo:  # nothing to compute (a resume, or every pair n/a): results are still this run's writes
         claim_out_dir(out, plan.fingerprint())
         if not (out / "run.json").is_file():

@@ -9,7 +9,6 @@ import argparse
 import functools
 import hashlib
 import json
-import os
 import platform
 import sys
 import time
@@ -282,18 +281,13 @@ def check_out_not_model(out: Path, model_dirs: Sequence[Path]) -> None:
 
 
 def run(args: argparse.Namespace) -> Path:
-    from probe.results import (atomic_write_json, claim_out_dir, has_contents, part_path, prepare_out_dir, read_part,
+    from probe.results import (atomic_write_json, claim_out_dir, part_path, prepare_out_dir, rank_world, read_part,
                                read_parts, write_outputs)
 
     plan, ref, items, template, placement = make_plan(args)
     out: Path = args.out
     check_out_not_model(out, [ref.path])
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    # each rank of a torchrun job cleared the dir in turn, deleting the parts the others had written: all exited 0
-    # "waiting for N chunks from other ranks" and nothing was assembled
-    if args.overwrite and world > 1 and has_contents(out):
-        raise BadInput(f"--overwrite under torchrun: every rank would clear --out {out}, deleting the parts the "
-                       "others wrote; remove it first (or use another --out) and start without --overwrite")
+    rank, world = rank_world()
     resumed = prepare_out_dir(out, plan.fingerprint(), args.overwrite, plan=asdict(plan))
     saved = saved_run_info(out) if resumed else {}
     device = placement.device

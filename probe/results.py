@@ -144,6 +144,18 @@ def part_path(out: Path, chunk: int) -> Path:
     return out / "parts" / f"chunk_{chunk:05d}.parquet"
 
 
+def rank_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (RANK / WORLD_SIZE as torchrun sets them; 0 and 1 alone)."""
+    try:
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    except ValueError:
+        raise BadInput(f"RANK {os.environ.get('RANK')!r} / WORLD_SIZE {os.environ.get('WORLD_SIZE')!r}: want "
+                       "integers") from None
+    if not 0 <= rank < world:
+        raise BadInput(f"RANK {rank} with WORLD_SIZE {world}: a rank is 0 .. WORLD_SIZE - 1")
+    return rank, world
+
+
 def prepare_out_dir(out: Path, fingerprint: str, overwrite: bool, owned: Iterable[str] = OUTPUT_FILES,
                     plan: dict[str, Any] | None = None) -> bool:
     """Check an existing run dir against this run's fingerprint. Returns True if it can be resumed.
@@ -158,6 +170,10 @@ def prepare_out_dir(out: Path, fingerprint: str, overwrite: bool, owned: Iterabl
         remove_stale_temps(d)
     if not has_contents(out):
         return False
+    if overwrite and rank_world()[1] > 1:  # each rank cleared the dir in turn, deleting the parts the others had
+        # written: all exited 0 "waiting for N chunks from other ranks" and nothing was assembled
+        raise BadInput(f"--overwrite under torchrun: every rank would clear --out {out}, deleting the parts the "
+                       "others wrote; remove it first (or use another --out) and start without --overwrite")
     if overwrite:  # locked first: a command still writing here is refused before its parts are deleted, not after
         lock_out_dir(out)
         clear_run_dir(out, owned)
@@ -236,7 +252,7 @@ def claim_out_dir(out: Path, fingerprint: Any, saved_fingerprint: Callable[[dict
     before either wrote one, and then mixed their parts. Ranks of one torchrun job share the lock (they took none, so
     a single process started meanwhile computed their chunks beside them, or cleared them with --overwrite).
     Called before run.json is written; refuses a run.json another run wrote since this one's check."""
-    lock_out_dir(out, shared=int(os.environ.get("WORLD_SIZE", "1")) > 1)
+    lock_out_dir(out, shared=rank_world()[1] > 1)
     try:
         saved = json.loads((out / "run.json").read_text())
     except (OSError, json.JSONDecodeError):

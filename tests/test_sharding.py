@@ -72,3 +72,25 @@ def test_ranks_hold_the_dir_against_a_single_process(tmp_path, tiny_dirs, data_d
     finally:
         release_claims()
     assert pd.read_parquet(tmp_path / "items.parquet")["item_id"].nunique() == 3
+
+
+def test_eval_ranks_split_the_pairs(tmp_path, tiny_dirs, data_dir, monkeypatch):
+    """probe.eval read no RANK: under torchrun each of K ranks evaluated every model on every data set, K times the
+    work, and all K wrote the results. Ranks now take every K-th (model, data set) pair; the last one assembles."""
+    from probe.errors import cli_main
+    from probe.eval import main, part_file
+
+    args = ["--models", "tiny-qwen2-vl", "--data", str(data_dir), str(REPO / "probe/zoo/data/text"), "--limit", "2",
+            "--no-generate", "--no-figures", "--quiet", "--out"]
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    assert cli_main(main, args + [str(single)]) == 0
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        assert cli_main(main, args + [str(sharded)]) == 0
+        if rank == 0:
+            assert [p.name for p in (sharded / "parts").iterdir()] == [part_file(sharded, 0, 0).name]
+            assert not (sharded / "scores.csv").exists()
+    for name in ("scores.csv", "table.md"):
+        assert (single / name).read_text() == (sharded / name).read_text(), name
+    pd.testing.assert_frame_equal(pd.read_parquet(single / "items.parquet"), pd.read_parquet(sharded / "items.parquet"))
