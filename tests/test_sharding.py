@@ -94,3 +94,18 @@ def test_eval_ranks_split_the_pairs(tmp_path, tiny_dirs, data_dir, monkeypatch):
     for name in ("scores.csv", "table.md"):
         assert (single / name).read_text() == (sharded / name).read_text(), name
     pd.testing.assert_frame_equal(pd.read_parquet(single / "items.parquet"), pd.read_parquet(sharded / "items.parquet"))
+
+
+def test_a_rank_outside_the_world_is_bad_input(tmp_path, tiny_dirs, data_dir, monkeypatch, capfd):
+    """RANK >= WORLD_SIZE took no chunk (c % K never equals it) and exited 0 'waiting' with nothing done."""
+    from probe.errors import cli_main
+    from probe.heads import main
+
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "out"
+    assert cli_main(main, ["--model", str(tiny_dirs["qwen2_vl"]), "--data", str(data_dir), "--limit", "2",
+                           "--layers", "0", "--heads", "0", "--no-figures", "--quiet", "--out", str(out)]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: RANK 2 with WORLD_SIZE 2"), err
+    assert not out.exists()
