@@ -337,6 +337,11 @@ def missing_outputs(stage: str, cfg: ReplicateConfig, out: Path) -> list[Path]:
     return gone
 
 
+def gone_text(gone: Sequence[Path]) -> str:
+    """The first missing output, and how many more, for a message."""
+    return f"{gone[0]}" + (f" (and {len(gone) - 1} more)" if len(gone) > 1 else "")
+
+
 def read_state(out: Path, name: str) -> dict[str, Any]:
     try:
         return json.loads((out / STATE_DIR / f"{name}.json").read_text())
@@ -357,8 +362,7 @@ def run_stage(ctx: Context, stage: Stage, fp: str) -> str:
         if not (gone := missing_outputs(stage.name, ctx.cfg, ctx.out)):
             print(f"== {stage.name}: unchanged, skipped ({state.get('seconds', 0):.0f} s when run)", file=sys.stderr)
             return "skipped"
-        more = f" (and {len(gone) - 1} more)" if len(gone) > 1 else ""
-        print(f"== {stage.name}: its output {gone[0]}{more} is gone: running it again", file=sys.stderr)
+        print(f"== {stage.name}: its output {gone_text(gone)} is gone: running it again", file=sys.stderr)
         state = {}  # from nothing: what is left of it is not known to be whole
     sdir = ctx.out / stage.name
     resumed = state.get("fingerprint") == fp

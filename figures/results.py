@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,13 @@ class Replication:
     def cfg(self) -> dict[str, Any]:
         return self.info["config"]
 
+    @cached_property
+    def config(self) -> Any:
+        """``cfg`` typed again (a ReplicateConfig), read once: what the stage outputs are named by."""
+        from analyses.replicate_config import saved_config
+
+        return saved_config(self.cfg, self.out / "replicate.json")
+
     @staticmethod
     def read(out: Path) -> "Replication":
         path = Path(out) / "replicate.json"
@@ -92,8 +100,7 @@ class Replication:
 
     def complete(self, stage: str) -> bool:
         """Whether the stage completed with this run's settings; refused when it did but its outputs are gone."""
-        from analyses.replicate import missing_outputs
-        from analyses.replicate_config import saved_config
+        from analyses.replicate import gone_text, missing_outputs
 
         try:
             st = json.loads((self.out / "stages" / f"{stage}.json").read_text())
@@ -101,10 +108,8 @@ class Replication:
             return False
         if not (st.get("status") == "complete" and st.get("fingerprint") == self.info["fingerprints"].get(stage)):
             return False
-        cfg = saved_config(self.cfg, self.out / "replicate.json")
-        if gone := missing_outputs(stage, cfg, self.out):
-            more = f" (and {len(gone) - 1} more)" if len(gone) > 1 else ""
-            raise BadInput(f"{gone[0]}{more}: gone, though stage {stage} completed; run python -m "
+        if gone := missing_outputs(stage, self.config, self.out):
+            raise BadInput(f"{gone_text(gone)}: gone, though stage {stage} completed; run python -m "
                            f"analyses.replicate --out {self.out} again to redo it")
         return True
 
