@@ -41,6 +41,11 @@ STATE = "trainer_state.pt"
 LOOP_IDENTITY = {"schedule": "cosine", "weights": "float32"}
 
 
+def checkpoint_steps(save_steps: Sequence[int], steps: int) -> list[int]:
+    """The steps a run writes ``checkpoint-<step>/`` at: 0 (the start, always), every --save-steps, and the last."""
+    return sorted({0, *save_steps, steps})
+
+
 @dataclass
 class FinetuneConfig:
     model: str
@@ -110,7 +115,7 @@ def resume_point(out: Path, cfg: FinetuneConfig) -> tuple[int | None, dict[int, 
     later one would end "complete" without them (a killed --overwrite deletes checkpoints in any order)."""
     done = checkpoint_dirs(out) if out.is_dir() else {}
     resumable = {s: d for s, d in done.items() if (d / STATE).is_file() or s == cfg.steps}
-    wanted = {0, *cfg.save_steps}
+    wanted = checkpoint_steps(cfg.save_steps, cfg.steps)
     ok = [s for s in resumable if all(w in done for w in wanted if w < s)]
     return (max(ok) if ok else None), resumable
 
@@ -341,7 +346,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     if start is not None and log_path.is_file():  # drop log lines past the checkpoint we resume from
         with open(log_path, newline="") as f:
             keep = [r for r in csv.DictReader(f) if int(r["step"]) <= start]
-    saves = set(cfg.save_steps) | {cfg.steps}
+    saves = set(checkpoint_steps(cfg.save_steps, cfg.steps))  # 0 is written before the loop
     if writer:
         claim_out_dir(out, fingerprint, lambda saved: saved.get("config"))
         atomic_write_json(out / "run.json", run_info)

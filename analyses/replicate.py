@@ -277,7 +277,9 @@ def _sweeps(c: ReplicateConfig) -> list[str]:
 
 
 def _checkpoints(c: ReplicateConfig, o: Path) -> list[Path]:
-    steps = sorted(set(c.finetune.save_steps) | {c.finetune.steps, 0})
+    from analyses.finetune import checkpoint_steps
+
+    steps = checkpoint_steps(c.finetune.save_steps, c.finetune.steps)
     return [o / "finetune" / n / f for n in c.finetune.runs for f in ["run.json", *(f"checkpoint-{s}" for s in steps)]]
 
 

@@ -364,7 +364,7 @@ def build(r: Replication, figdir: Path) -> Doc:
     d.p(f"The Eq. 4 merge inside `{ft['carrier']}`'s carrier, fine-tuned {ft['steps']} steps (batch "
         f"{ft['batch_size']}, LM lr {ft['lm_lr']:g}) once per data choice: "
         + "; ".join(f"{n} ({mix_text(mix)})" for n, mix in r.runs.items())
-        + f". Checkpoints {ft['save_steps']} evaluated on " + ", ".join(ft["eval_data"]) + ".")
+        + f". Checkpoints {r.saved_steps} evaluated on " + ", ".join(ft["eval_data"]) + ".")
     if r.complete("steps"):
         rows = []
         for name in r.runs:
@@ -373,9 +373,7 @@ def build(r: Replication, figdir: Path) -> Doc:
                 g = t[t["data"] == run.data_names[r.data(lab)]]  # in step order (Replication.steps)
                 rows.append([name, lab, " → ".join("n/a" if n == 0 else f"{100 * v:.1f}"
                                                    for v, n in zip(g[run.metric], g["n_items"]))])
-        d.table(["run", "data", "accuracy at steps " + ", ".join(map(str, sorted(set(ft["save_steps"]) |
-                                                                                {ft["steps"]})))], rows,
-                "This run")
+        d.table(["run", "data", "accuracy at steps " + ", ".join(map(str, r.saved_steps))], rows, "This run")
         from figures.steps import draw_steps
 
         tmp = figdir / "_steps"

@@ -168,16 +168,22 @@ class Replication:
     def eval(self, *parts: str) -> EvalRun:
         return EvalRun.read(self.out.joinpath(*parts))
 
+    @property
+    def saved_steps(self) -> list[int]:
+        """The steps each fine-tuning run wrote a checkpoint at (checkpoint-0 whatever save_steps says)."""
+        from analyses.finetune import checkpoint_steps
+
+        return checkpoint_steps(self.cfg["finetune"]["save_steps"], self.cfg["finetune"]["steps"])
+
     def steps(self, name: str) -> tuple[EvalRun, pd.DataFrame]:
         """A fine-tuning run's evaluated checkpoints: the 'all' rows with their step, sorted by it, checked to be
-        every step the config saves (``save_steps`` and the last), once per data set. A checkpoint missing from
-        scores.csv would otherwise shift the values left under the steps the Figure 3 table names."""
+        every step the run saved (``saved_steps``: 0, ``save_steps`` and the last), once per data set. A checkpoint
+        missing from scores.csv would otherwise shift the values left under the steps the Figure 3 table names."""
         from figures.steps import checkpoint_rows
 
         run = self.eval("steps", name)
         t = checkpoint_rows(run.scores)  # n/a rows too: the table prints them
-        ft = self.cfg["finetune"]
-        want = sorted(set(ft["save_steps"]) | {ft["steps"]})
+        want = self.saved_steps
         for data in run.data_names.values():
             if (got := sorted(t.loc[t["data"] == data, "step"].tolist())) != want:
                 raise BadInput(f"{run.dir / 'scores.csv'}: checkpoints of steps {got} on {data}, not the steps "

@@ -758,3 +758,26 @@ def test_the_text_cost_finding_counts_only_measurable_costs(quick: Path, tmp_pat
     want = "agrees" if all(h < 0 for h in his) else "partly" if any(h < 0 for h in his) else "disagrees"
     assert got.verdict == want
     assert want == {"all measurable": "agrees", "one within noise": "partly", "none measurable": "disagrees"}[case]
+
+
+def test_the_steps_a_run_saves_include_step_0_whatever_save_steps_says(quick: Path, tmp_path: Path) -> None:
+    """analyses.finetune always writes checkpoint-0, and the steps stage evaluates every checkpoint; the report
+    expected only save_steps and the last, so a config whose save_steps left out 0 (valid) made the report exit 2
+    over a complete run. One rule (analyses.finetune.checkpoint_steps) now names the saved steps everywhere."""
+    from analyses.finetune import checkpoint_steps
+    from figures.results import Replication
+
+    cfg = parse_config(QUICK_CONFIG)
+    assert 0 in cfg.finetune.save_steps  # the run was made with it; the saved config below says otherwise
+    out = tmp_path / "run"
+    shutil.copytree(quick / "steps", out / "steps")
+    info = json.loads((quick / "replicate.json").read_text())
+    info["config"]["finetune"]["save_steps"] = [s for s in cfg.finetune.save_steps if s != 0]
+    (out / "replicate.json").write_text(json.dumps(info))
+    r = Replication.read(out)
+    assert r.saved_steps == checkpoint_steps(cfg.finetune.save_steps, cfg.finetune.steps) == \
+        sorted({0, *cfg.finetune.save_steps, cfg.finetune.steps})
+    for name in cfg.finetune.runs:
+        run, t = r.steps(name)
+        for data in run.data_names.values():
+            assert t.loc[t["data"] == data, "step"].tolist() == r.saved_steps
