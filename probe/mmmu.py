@@ -153,7 +153,8 @@ def discover(root: str | Path, split: str) -> dict[str, list[Path]]:
     found = {k: v for k, v in found.items() if v}
     # An empty subject folder beside complete ones is an interrupted download; one with only other splits' files is
     # a subject this split lacks, and hidden folders (hf download's .cache) are no subjects.
-    empty = [d for d in folders if not d.name.startswith(".") and not any(d.glob("*.parquet"))]
+    subjects = [d for d in folders if not d.name.startswith(".")]
+    empty = [d for d in subjects if not any(d.glob("*.parquet"))]
     if found and empty:
         raise BadInput(f"{empty[0]}: a subject folder with no .parquet files, beside {len(found)} with "
                        f"'{split}[-*].parquet' files (an interrupted download?); complete it or remove it")
@@ -165,7 +166,7 @@ def discover(root: str | Path, split: str) -> dict[str, list[Path]]:
         found = {root.resolve().name: direct}
     if not found:
         raise BadInput(f"no '{split}.parquet' or '{split}-*.parquet' files in {root} or its subject folders")
-    if not direct and (lacking := [d.name for d in folders if not d.name.startswith(".") and d.name not in found]):
+    if not direct and (lacking := [d.name for d in subjects if d.name not in found]):
         print(f"warning: {len(lacking)} subject folder(s) of {root} have no {split!r} files and are left out: "
               f"{', '.join(lacking[:5])}{' …' if len(lacking) > 5 else ''}", file=sys.stderr)
     return dict(sorted(found.items()))
