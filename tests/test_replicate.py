@@ -39,6 +39,17 @@ def quick(tmp_path_factory) -> Path:
     return out
 
 
+def replicate_in_root(*argv: str) -> int:
+    """analyses.replicate's main, exit code as the CLI gives it, run from the repository root (where --quick's
+    config and the organisms resolve), the caller's cwd restored."""
+    cwd = Path.cwd()
+    os.chdir(ROOT)
+    try:
+        return cli_main(main, list(argv))
+    finally:
+        os.chdir(cwd)
+
+
 def _section(md: str, title: str) -> str:
     start = md.index(f"## {title}")
     end = md.find("\n## ", start + 1)
@@ -252,19 +263,14 @@ def test_rerun_skips_unchanged_stages_and_continues_a_killed_one(quick: Path, ca
     for f in ("scores.csv", "items.parquet", "table.md"):
         (out / "table4" / f).unlink()
     parts = {p.name: p.read_bytes() for p in (out / "table4" / "parts").iterdir()}
-    cwd = Path.cwd()
-    os.chdir(ROOT)
-    try:
-        assert cli_main(main, ["--quick", "--quiet", "--only", "table4", "--out", str(out)]) == 0
-        err = capsys.readouterr().err
-        assert "table4: continuing" in err
-        assert {p.name: p.read_bytes() for p in (out / "table4" / "parts").iterdir()} == parts  # nothing redone
-        assert (out / "table4" / "scores.csv").read_bytes() == scores
-        assert json.loads((out / "stages" / "table4.json").read_text())["status"] == "complete"
-        # everything complete with unchanged inputs: nothing runs again
-        assert cli_main(main, ["--quick", "--quiet", "--only", *STAGE_NAMES[:-1], "--out", str(out)]) == 0
-    finally:
-        os.chdir(cwd)
+    assert replicate_in_root("--quick", "--quiet", "--only", "table4", "--out", str(out)) == 0
+    err = capsys.readouterr().err
+    assert "table4: continuing" in err
+    assert {p.name: p.read_bytes() for p in (out / "table4" / "parts").iterdir()} == parts  # nothing redone
+    assert (out / "table4" / "scores.csv").read_bytes() == scores
+    assert json.loads((out / "stages" / "table4.json").read_text())["status"] == "complete"
+    # everything complete with unchanged inputs: nothing runs again
+    assert replicate_in_root("--quick", "--quiet", "--only", *STAGE_NAMES[:-1], "--out", str(out)) == 0
     err = capsys.readouterr().err
     for name in STAGE_NAMES[:-1]:
         assert f"== {name}: unchanged, skipped" in err
@@ -284,13 +290,7 @@ def test_a_killed_stage_whose_parts_ran_under_other_software_starts_again(quick:
     sorted((out / "table4" / "parts").iterdir())[-1].unlink()  # a part left to compute: a resume would mix
     run_info = json.loads((out / "table4" / "run.json").read_text())
     (out / "table4" / "run.json").write_text(json.dumps(run_info | {"versions": run_info["versions"] | old}))
-    cwd = Path.cwd()
-    os.chdir(ROOT)
-    try:
-        assert cli_main(main, ["--quick", "--quiet", "--only", "table4", "--out", str(out)]) == 0, \
-            capsys.readouterr().err
-    finally:
-        os.chdir(cwd)
+    assert replicate_in_root("--quick", "--quiet", "--only", "table4", "--out", str(out)) == 0, capsys.readouterr().err
     err = capsys.readouterr().err
     assert "table4: its parts were computed under transformers 0.0.1-old" in err and "table4: running" in err
     assert (out / "table4" / "scores.csv").read_bytes() == scores
@@ -304,12 +304,7 @@ def test_a_killed_merge_stage_continues(quick: Path, capsys) -> None:
     merged = (out / "merge" / "salience" / "model.safetensors").read_bytes()
     state = json.loads((out / "stages" / "merge.json").read_text())
     (out / "stages" / "merge.json").write_text(json.dumps(state | {"status": "running"}))
-    cwd = Path.cwd()
-    os.chdir(ROOT)
-    try:
-        assert cli_main(main, ["--quick", "--quiet", "--only", "merge", "--out", str(out)]) == 0, capsys.readouterr().err
-    finally:
-        os.chdir(cwd)
+    assert replicate_in_root("--quick", "--quiet", "--only", "merge", "--out", str(out)) == 0, capsys.readouterr().err
     assert "merge: continuing" in capsys.readouterr().err
     assert json.loads((out / "stages" / "merge.json").read_text())["status"] == "complete"
     assert (out / "merge" / "salience" / "model.safetensors").read_bytes() == merged  # the same merge again
@@ -332,13 +327,7 @@ def test_a_merge_stage_killed_while_drawing_its_figure_continues(quick: Path, ca
     (sal / ".merge_heads.pdf.999999999.x1y2z3.tmp").write_bytes(b"%PDF half")
     state = json.loads((out / "stages" / "merge.json").read_text())
     (out / "stages" / "merge.json").write_text(json.dumps(state | {"status": "running"}))
-    cwd = Path.cwd()
-    os.chdir(ROOT)
-    try:
-        assert cli_main(main, ["--quick", "--quiet", "--only", "merge", "--out", str(out)]) == 0, \
-            capsys.readouterr().err
-    finally:
-        os.chdir(cwd)
+    assert replicate_in_root("--quick", "--quiet", "--only", "merge", "--out", str(out)) == 0, capsys.readouterr().err
     assert "merge: continuing" in capsys.readouterr().err
     assert json.loads((out / "stages" / "merge.json").read_text())["status"] == "complete"
     assert (sal / "model.safetensors").read_bytes() == merged
@@ -357,13 +346,8 @@ def test_a_second_run_into_a_busy_out_is_refused(quick: Path, tmp_path: Path, ca
     out = quick
     states = {p.name: p.read_bytes() for p in (out / "stages").iterdir()}
     report = (out / "report.md").read_bytes()
-    cwd = Path.cwd()
-    os.chdir(ROOT)
-    try:
-        with lock_held_elsewhere(out):  # the running one's hold
-            assert cli_main(main, ["--quick", "--quiet", "--only", "table3", "--out", str(out)]) == 2
-    finally:
-        os.chdir(cwd)
+    with lock_held_elsewhere(out):  # the running one's hold
+        assert replicate_in_root("--quick", "--quiet", "--only", "table3", "--out", str(out)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and f"--out {out} is in use" in err[0], err
     assert {p.name: p.read_bytes() for p in (out / "stages").iterdir()} == states
@@ -482,12 +466,7 @@ def _assert_refused(tmp_path: Path, capsys, text: str, key: str) -> None:
     """Exit 2, one line naming ``key``, no output dir (the config's data paths made absolute)."""
     cfg = _write(tmp_path, text.replace('"../../probe/', f'"{ROOT}/probe/'))
     out = tmp_path / "out"
-    cwd = Path.cwd()
-    os.chdir(ROOT)
-    try:
-        assert cli_main(main, ["--config", str(cfg), "--out", str(out)]) == 2
-    finally:
-        os.chdir(cwd)
+    assert replicate_in_root("--config", str(cfg), "--out", str(out)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and key in err[0], err
     assert not out.exists()
@@ -535,12 +514,7 @@ def test_models_that_cannot_run_the_stages_are_refused_before_writing(tmp_path: 
 
 def test_only_refuses_a_stage_whose_inputs_are_not_there(tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
-    cwd = Path.cwd()
-    os.chdir(ROOT)
-    try:
-        assert cli_main(main, ["--quick", "--only", "table4", "--out", str(out)]) == 2
-    finally:
-        os.chdir(cwd)
+    assert replicate_in_root("--quick", "--only", "table4", "--out", str(out)) == 2
     assert "needs stage 'merge'" in capsys.readouterr().err
     assert not out.exists()
 
@@ -549,12 +523,7 @@ def test_out_must_be_a_replicate_output(tmp_path: Path, capsys) -> None:
     out = tmp_path / "mine"
     out.mkdir()
     (out / "precious.txt").write_text("x")
-    cwd = Path.cwd()
-    os.chdir(ROOT)
-    try:
-        assert cli_main(main, ["--quick", "--out", str(out)]) == 2
-    finally:
-        os.chdir(cwd)
+    assert replicate_in_root("--quick", "--out", str(out)) == 2
     assert "not a python -m analyses.replicate output" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
 
@@ -690,14 +659,9 @@ def test_a_completed_stage_whose_output_is_gone_runs_again(quick: Path, capsys) 
     model = out / "merge" / "shift" / "model.safetensors"
     merged = model.read_bytes()
     model.unlink()
-    cwd = Path.cwd()
-    os.chdir(ROOT)
-    try:
-        assert cli_main(main, ["--quick", "--quiet", "--only", "table4", "--out", str(out)]) == 2
-        assert f"needs stage 'merge', whose output {model} is gone" in capsys.readouterr().err
-        assert cli_main(main, ["--quick", "--quiet", "--only", "merge", "--out", str(out)]) == 0
-    finally:
-        os.chdir(cwd)
+    assert replicate_in_root("--quick", "--quiet", "--only", "table4", "--out", str(out)) == 2
+    assert f"needs stage 'merge', whose output {model} is gone" in capsys.readouterr().err
+    assert replicate_in_root("--quick", "--quiet", "--only", "merge", "--out", str(out)) == 0
     assert f"merge: its output {model} is gone: running it again" in capsys.readouterr().err
     assert model.read_bytes() == merged
     assert json.loads((out / "stages" / "merge.json").read_text())["status"] == "complete"
