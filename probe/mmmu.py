@@ -191,7 +191,7 @@ def _check_split_of_id(item_id: str, subject: str, split: str, where: str) -> No
     for other in _MMMU_SPLITS:
         if other != split and re.fullmatch(rf"{other}_{re.escape(subject)}_\d+", item_id):
             raise BadInput(f"{where}: the id names split '{other}', but the file holds split '{split}'; "
-                           f"keep each split's rows in its own <split>-*.parquet files")
+                           f"keep each split's rows in its own files (<split>-*.parquet or <split>.parquet)")
 
 
 def _parse_options(raw: Any, where: str) -> tuple[str, ...]:

@@ -749,6 +749,30 @@ def test_a_name_keeps_its_colour_whatever_the_order_and_company():
     assert name_colours(["text", "organism-vl"])["text"] == a["text"]  # nor other names that do not clash
 
 
+def test_more_than_ten_names_get_distinct_colours_none_paler_than_tab10s_palest():
+    import matplotlib.pyplot as plt
+
+    from figures import name_colours
+
+    def luminance(c) -> float:  # WCAG relative luminance: how pale a line or bar reads on white
+        lin = [x / 12.92 if x <= 0.04045 else ((x + 0.055) / 1.055) ** 2.4 for x in c[:3]]
+        return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
+    tab10 = plt.get_cmap("tab10")
+    assert name_colours(["a", "b"])["a"] == tab10(zlib_index("a"))  # ≤ 10 names: tab10 as before
+    names = [f"checkpoint-{s}" for s in range(0, 1500, 100)]  # 15 steps of one run
+    colours = name_colours(names)
+    assert len(set(colours.values())) == 15
+    palest = max(luminance(tab10(k)) for k in range(10))
+    assert max(luminance(c) for c in colours.values()) <= palest + 1e-9
+
+
+def zlib_index(name: str) -> int:
+    import zlib
+
+    return zlib.crc32(name.encode()) % 10
+
+
 def test_figures_eval_redraws(eval_run, tmp_path):
     import shutil
 
