@@ -44,6 +44,17 @@ def extend_for(values: np.ndarray, vmin: float, vmax: float) -> str:
     return "both" if low and high else "min" if low else "max" if high else "neither"
 
 
+def clip_note(values: np.ndarray, vmin: float, vmax: float, fmt: str) -> str:
+    """What a clipped colour scale hides, for its label: how many heads lie past it and the farthest value (an
+    outlier head's magnitude is itself a finding: a sink head at 3 nats against the rest's 0.05)."""
+    v = values[np.isfinite(values)]
+    past = v[(v < vmin) | (v > vmax)]
+    if not past.size:
+        return ""
+    far = past[np.argmax(np.abs(past - (vmin + vmax) / 2))]
+    return f"\n(scale clipped at the 99th percentile; {past.size} past it, up to {fmt.format(far)})"
+
+
 def _grid(heads: pd.DataFrame, metric: str) -> tuple[np.ndarray, list[int], list[int]]:
     layers = sorted(heads["layer"].unique())
     cols = sorted(heads["head"].unique())
@@ -82,9 +93,9 @@ def draw_metric(heads: pd.DataFrame, baseline: dict, metric: str, out_stem: Path
         vmin, vmax = 0.0, 100.0
     im = ax.imshow(grid, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
     cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, extend=extend_for(grid, vmin, vmax))
-    clip_note = " (scale clipped at the 99th percentile)" if clipped else ""
-    cbar.set_label("KL [nats]" + clip_note if metric == "kl"
-                   else metric.replace("_", " ") + f" [%] (colour centred on the baseline){clip_note}", fontsize=8)
+    note = clip_note(grid, vmin, vmax, "{:.3g}" if metric == "kl" else "{:.1f} %") if clipped else ""
+    cbar.set_label("KL [nats]" + note if metric == "kl"
+                   else metric.replace("_", " ") + f" [%] (colour centred on the baseline){note}", fontsize=8)
     if centred:
         v = grid[np.isfinite(grid)]  # the bar spans the values there are (the symmetric scale may pass 0 or 1)
         lo = max(min(float(v.min()) if v.size else base, base), vmin)

@@ -11,7 +11,7 @@ import pandas as pd
 
 from figures import (KL_BOUNDS, drop_stale_pages, heatmap_ticks, page_caption, page_panels, page_split, page_stem,
                      read_json, read_table, save_png_pdf)
-from figures.heads import kl_limit
+from figures.heads import clip_note, kl_limit
 from probe.errors import BadInput
 from probe.results import distinct_names
 
@@ -144,7 +144,8 @@ def _draw_page(names: list[str], titles: list[str], sals: list[np.ndarray | None
             ax2.set_ylabel("layer", fontsize=8)
             cb2 = fig.colorbar(im2, ax=ax2, fraction=0.046, extend="max" if clipped else "neither")
             cb2.ax.tick_params(labelsize=7)
-            cb2.set_label("KL [nats]" if metric == "kl" else metric.replace("_", " "), fontsize=7)
+            cb2.set_label(("KL [nats]" + (clip_note(s, 0.0, top, "{:.3g}") if clipped else "")) if metric == "kl"
+                          else metric.replace("_", " "), fontsize=7)
         for a in (ax, ax2):
             a.tick_params(labelsize=7)
             heatmap_ticks(a, list(range(grids[name].shape[0])), list(range(grids[name].shape[1])))

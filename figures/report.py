@@ -204,7 +204,7 @@ def draw_figure2(r: Replication, dest: Path) -> list[Path]:
 def _figure2_page(r: Replication, models: list[str]):
     import numpy as np
 
-    from figures.heads import _grid, centred_limits, extend_for, kl_limit
+    from figures.heads import _grid, centred_limits, clip_note, extend_for, kl_limit
 
     # one column of two heatmaps per model, wrapped into rows on a page (4 models: 2 × 2)
     fig, panels = page_panels(len(models), 3.0, 4.8, min_width=FIG2_WIDTH, margin=FIG2_MARGIN, stack=2, dpi=110)
@@ -215,17 +215,18 @@ def _figure2_page(r: Replication, models: list[str]):
             grid, layers, hs = _grid(heads, metric)
             ax = panels[k][row]
             if metric == "kl":
-                (vmax, _), vmin = kl_limit(grid), 0.0
+                (vmax, clipped), vmin = kl_limit(grid), 0.0
             else:  # a signed drop: red where removing the head hurts, blue where it helps, white at no change
                 grid = 100 * grid
-                vmin, vmax, _ = centred_limits(grid, 0.0)
+                vmin, vmax, clipped = centred_limits(grid, 0.0)
             im = ax.imshow(grid, cmap=cmap, aspect="auto", vmin=vmin, vmax=vmax)
             heatmap_ticks(ax, layers, hs)
             ax.set_xlabel("head", fontsize=8)
             ax.set_ylabel("layer", fontsize=8)
             cb = fig.colorbar(im, ax=ax, fraction=0.046, extend=extend_for(grid, vmin, vmax))
             cb.ax.tick_params(labelsize=7)
-            cb.set_label(label, fontsize=7)
+            cb.set_label(label + (clip_note(grid, vmin, vmax, "{:.3g}" if metric == "kl" else "{:+.1f}")
+                                  if clipped else ""), fontsize=7)
             if row == 0:
                 what = "text" if m == r.base else r.own[r.experts.index(m)]
                 ax.set_title(f"{m} on {what} ({r.cfg['heads']['split']})\nbaseline prob. acc. {100 * base['prob_accuracy']:.1f} %"

@@ -373,6 +373,8 @@ def test_merge_salience_scale_is_not_one_outlier_heads(tmp_path, drawn):
     assert grid.max() == 50.0
     assert im.norm.vmax == pytest.approx(kl_limit(grid)[0]) and im.norm.vmax < grid.max() / 10
     assert im.colorbar.extend == "max"
+    past = int((grid > im.norm.vmax).sum())
+    assert f"{past} past it, up to {grid.max():.3g}" in im.colorbar.ax.get_ylabel()
 
 
 def test_accuracy_heatmap_scale_is_not_one_collapsing_head(tmp_path, drawn):
@@ -396,7 +398,8 @@ def test_accuracy_heatmap_scale_is_not_one_collapsing_head(tmp_path, drawn):
     half = np.percentile(dist, 99)
     assert im.norm.vmin == pytest.approx(100 * base - half) and im.norm.vmax == pytest.approx(100 * base + half)
     assert half < 5 and im.colorbar.extend == "min"
-    assert "clipped at the 99th percentile" in im.colorbar.ax.get_ylabel()
+    label = im.colorbar.ax.get_ylabel()  # what the clip hides is named: how many heads, and how far the worst goes
+    assert "clipped at the 99th percentile" in label and f"{(dist > half).sum()} past it, up to {100 * base - 40:.1f} %" in label
     small = write_heads(tmp_path / "s", 3, 4)  # 12 heads: every value inside the scale, no arrow
     assert figures_cli("heads", small) == 0
     im = drawn["heatmap_accuracy"].axes[0].get_images()[0]
