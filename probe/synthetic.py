@@ -288,7 +288,9 @@ def generate_items(
     return rows
 
 
-def mmmu_schema():  # -> pyarrow.Schema
+def mmmu_schema(video: bool = False):  # -> pyarrow.Schema
+    """MMMU's columns and types; ``video``: with a ``video`` column of frames (image structs), the organisms' and
+    converted video sets' layout."""
     import pyarrow as pa
 
     image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
@@ -297,19 +299,21 @@ def mmmu_schema():  # -> pyarrow.Schema
     features = {c: ({"_type": "Image"} if c.startswith("image_") else {"dtype": "string", "_type": "Value"})
                 for c in MMMU_COLUMNS}
     meta = {b"huggingface": json.dumps({"info": {"features": features}}).encode()}
-    return pa.schema(fields, metadata=meta)
+    schema = pa.schema(fields, metadata=meta)
+    return schema.append(pa.field("video", pa.list_(image))) if video else schema
 
 
-def write_mmmu_parquet(rows_by_subject: Mapping[str, list[dict[str, Any]]], root: Path, split: str) -> None:
-    """Write ``<root>/<Subject>/<split>-00000-of-00001.parquet`` with MMMU's columns and types."""
+def write_mmmu_parquet(rows_by_subject: Mapping[str, list[dict[str, Any]]], root: Path, split: str,
+                       video: bool = False) -> None:
+    """Write ``<root>/<Subject>/<split>-00000-of-00001.parquet`` with MMMU's columns and types (and ``video``)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = mmmu_schema()
+    schema = mmmu_schema(video)
     for subject, rows in rows_by_subject.items():
         folder = Path(root) / subject
         folder.mkdir(parents=True, exist_ok=True)
-        table = pa.Table.from_pylist([{c: r.get(c) for c in MMMU_COLUMNS} for r in rows], schema=schema)
+        table = pa.Table.from_pylist([{c: r.get(c) for c in schema.names} for r in rows], schema=schema)
         pq.write_table(table, folder / f"{split}-00000-of-00001.parquet", compression="zstd")
 
 

@@ -74,7 +74,7 @@ def test_images_the_text_never_references_are_refused(tmp_path, question):
 
 
 def write_video_rows(root: Path, rows: list[dict]) -> None:
-    schema = mmmu_schema().append(pa.field("video", pa.list_(pa.struct([("bytes", pa.binary()), ("path", pa.string())]))))
+    schema = mmmu_schema(video=True)
     (root / "Vid").mkdir()
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), root / "Vid" / "validation-00000-of-00001.parquet")
 

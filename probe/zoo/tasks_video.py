@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 from PIL import Image, ImageDraw
 
-from probe.synthetic import BACKGROUND, COLOURS, MMMU_COLUMNS, RADIUS, SLOTS, _polygon, png_bytes
+from probe.synthetic import BACKGROUND, COLOURS, MMMU_COLUMNS, RADIUS, SLOTS, _polygon, png_bytes, write_mmmu_parquet
 from probe.zoo.tasks_image import COLOUR_OPTIONS, FRAME
 
 SUBJECTS: tuple[str, ...] = ("Motion", "Order", "Change")
@@ -132,28 +132,7 @@ def generate_rows(n: int, seed: int | str, subject: str, split: str, size: int =
     return rows
 
 
-def video_schema():
-    import pyarrow as pa
-
-    from probe.synthetic import mmmu_schema
-
-    frame = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    return mmmu_schema().append(pa.field("video", pa.list_(frame)))
-
-
-def write_video_parquet(rows_by_subject: Mapping[str, list[dict[str, Any]]], root: Path, split: str) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    schema = video_schema()
-    for subject, rows in rows_by_subject.items():
-        folder = Path(root) / subject
-        folder.mkdir(parents=True, exist_ok=True)
-        table = pa.Table.from_pylist([{c: r.get(c) for c in schema.names} for r in rows], schema=schema)
-        pq.write_table(table, folder / f"{split}-00000-of-00001.parquet", compression="zstd")
-
-
 def build_video_dataset(root, n_per_subject: dict[str, int], seed: int = 0, size: int = 64,
                         subjects: tuple[str, ...] = SUBJECTS) -> None:
     for split, n in n_per_subject.items():
-        write_video_parquet({s: generate_rows(n, seed, s, split, size) for s in subjects}, root, split)
+        write_mmmu_parquet({s: generate_rows(n, seed, s, split, size) for s in subjects}, root, split, video=True)
