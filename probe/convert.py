@@ -1,0 +1,429 @@
+"""``python -m probe.convert``: the paper's text and video benchmarks, as published on the hub, in MMMU's layout.
+
+Every command that reads items (probe.heads, probe.eval, analyses.finetune, analyses.replicate) reads MMMU's
+parquet layout, ``<root>/<Subject>/<split>-*.parquet``. The paper's text and video numbers come from MMLU(-Pro)
+and Video-MME; this turns a local snapshot of each (``hf download --repo-type dataset REPO --local-dir SRC``)
+into that layout once, checking every row, so an answer key is never shifted or guessed:
+
+- ``mmlu`` (cais/mmlu): ``SRC/<subject>/<split>-*.parquet`` (or ``SRC/all/``), columns question, subject, choices,
+  answer (the index 0-3); one subject per MMLU subject.
+- ``mmlu-pro`` (TIGER-Lab/MMLU-Pro): ``SRC/data/<split>-*.parquet``, columns question_id, question, options (up to
+  10), answer (a letter), answer_index, category; one subject per category.
+- ``video-mme`` (lmms-lab/Video-MME): ``SRC/videomme/<split>-*.parquet`` (video_id, duration, domain,
+  sub_category, videoID, question_id, task_type, question, options ``"A. …"``, answer) and the videos,
+  ``<videoID>.mp4`` from the unzipped ``videos_chunked_*.zip`` (``SRC/data/``, or ``--videos``); each question
+  becomes a ``<video>`` item of ``--frames`` frames sampled uniformly in time (PyAV: ``pip install av``). Frames
+  are cached per video under ``DIR/.convert-<split>/``, so a killed conversion resumes.
+
+The result is read back with the probe's own loader before the command ends; ``DIR/convert-<split>.json`` records
+the source, the counts and the rows left out (a question whose text holds ``<image k>`` or ``<video>``, which the
+prompt would read as a missing picture).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import re
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from probe.errors import ArgParser, BadInput, check_counts, check_out_path, cli_main
+from probe.mmmu import VIDEO_REF, _IMAGE_REF, check_split, option_letters
+from probe.mmmu import _split_files as split_files  # the reader's rule: shards complete, never two forms
+
+KINDS = ("mmlu", "mmlu-pro", "video-mme")
+REPOS = {"mmlu": "cais/mmlu", "mmlu-pro": "TIGER-Lab/MMLU-Pro", "video-mme": "lmms-lab/Video-MME"}
+VIDEO_SUBJECTS = ("duration", "domain", "task_type")  # Video-MME's breakdowns; short/medium/long is its headline
+_LETTER_PREFIX = re.compile(r"^\s*([A-Z])\s*[.)]\s*")
+_VIDEO_ID = re.compile(r"[A-Za-z0-9_-]+")
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    kind: str
+    src: Path
+    out: Path
+    split: str
+    out_split: str
+    frames: int = 16
+    max_side: int = 448
+    subject_by: str = "duration"
+    videos: Path | None = None
+    overwrite: bool = False
+    quiet: bool = False
+
+
+@dataclass
+class ConvertReport:
+    kind: str
+    repo: str
+    src: str
+    split: str
+    out_split: str
+    n_items: dict[str, int] = field(default_factory=dict)  # per subject
+    skipped: list[dict[str, str]] = field(default_factory=list)  # rows left out, with why
+    frames: int | None = None
+    max_side: int | None = None
+
+
+def subject_name(text: str) -> str:
+    """A folder name for a subject or category ("computer science" -> "computer_science")."""
+    name = re.sub(r"[^A-Za-z0-9]+", "_", str(text)).strip("_")
+    if not name:
+        raise BadInput(f"subject {text!r} has no letters or digits to name its folder by")
+    return name
+
+
+def read_rows(files: Sequence[Path], need: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
+    """Every row of ``files`` with where it came from; BadInput naming a file that lacks a column of ``need``."""
+    import pyarrow.parquet as pq
+
+    rows = []
+    for f in files:
+        try:
+            table = pq.read_table(f)
+        except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+            raise BadInput(f"{f}: not a readable parquet file ({' '.join(str(exc).split())[:200]})") from None
+        if missing := [c for c in need if c not in table.column_names]:
+            raise BadInput(f"{f}: no column {missing[0]!r} (has {', '.join(table.column_names)}); not a "
+                           "snapshot of the benchmark this converter reads?")
+        rows += [(f"{f.name} row {i}", r) for i, r in enumerate(table.to_pylist())]
+    return rows
+
+
+def find_files(src: Path, split: str, subdirs: Sequence[str]) -> list[Path]:
+    """The split's files in the first of ``subdirs`` of ``src`` (``""`` = src itself) that has any."""
+    for sub in subdirs:
+        if files := split_files(src / sub, split):
+            return files
+    where = " or ".join(str(src / sub) if sub else str(src) for sub in subdirs)
+    raise BadInput(f"no {split}-*.parquet files in {where}")
+
+
+def options_list(raw: Any, where: str) -> list[str]:
+    if not isinstance(raw, (list, tuple)) or not raw or not all(isinstance(o, str) for o in raw):
+        raise BadInput(f"{where}: options/choices must be a non-empty list of strings, got {str(raw)[:80]!r}")
+    if len(raw) > 26:
+        raise BadInput(f"{where}: {len(raw)} options, but letters run only A-Z")
+    return list(raw)
+
+
+def answer_letter(options: Sequence[str], where: str, index: Any = None, letter: Any = None) -> str:
+    """The answer's letter from an index, a letter, or both (which must agree: a key off by one is a silently
+    wrong score on every item)."""
+    letters = option_letters(len(options))
+    by_index = by_letter = None
+    if index is not None:
+        if not isinstance(index, int) or not 0 <= index < len(options):
+            raise BadInput(f"{where}: answer index {index!r} is not 0-{len(options) - 1}")
+        by_index = letters[index]
+    if letter is not None:
+        if not isinstance(letter, str) or letter.strip() not in letters:
+            raise BadInput(f"{where}: answer {letter!r} is not one of {letters[0]}-{letters[-1]}")
+        by_letter = letter.strip()
+    if by_index and by_letter and by_index != by_letter:
+        raise BadInput(f"{where}: answer {by_letter!r} and answer_index {index} ({by_index!r}) disagree")
+    if not (by_index or by_letter):
+        raise BadInput(f"{where}: no answer")
+    return by_letter or by_index  # type: ignore[return-value]
+
+
+def strip_letters(options: Sequence[str], where: str) -> list[str]:
+    """Video-MME writes options as "A. text"; the prompt adds the letters itself. Either every option carries its
+    own letter in order, or none does."""
+    marks = [_LETTER_PREFIX.match(o) for o in options]
+    if not any(marks):
+        return list(options)
+    letters = option_letters(len(options))
+    if not all(m and m.group(1) == letters[i] for i, m in enumerate(marks)):
+        raise BadInput(f"{where}: options {list(options)!r} are not lettered A, B, … in order")
+    return [o[m.end():].strip() for o, m in zip(options, marks)]
+
+
+def reads_as_media(texts: Sequence[str]) -> str | None:
+    """Text the prompt would read as a picture or video that is not there."""
+    for t in texts:
+        if _IMAGE_REF.search(t):
+            return "its text holds '<image k>', which the prompt reads as a missing picture"
+        if VIDEO_REF in t:
+            return "its text holds '<video>', which the prompt reads as a missing video"
+    return None
+
+
+def mmmu_row(item_id: str, question: str, options: Sequence[str], answer: str, source: dict[str, Any],
+             subfield: str = "") -> dict[str, Any]:
+    return {"id": item_id, "question": question, "options": str(list(options)), "answer": answer,
+            "question_type": "multiple-choice", "explanation": json.dumps(source, sort_keys=True, default=str),
+            "subfield": subfield, "img_type": "[]"}
+
+
+@dataclass
+class Planned:
+    """The rows to write, checked, per subject; a video set's rows name their video (frames come later)."""
+    rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    videos: dict[str, Path] = field(default_factory=dict)  # videoID -> file
+
+
+def convert_mmlu(cfg: ConvertConfig, report: ConvertReport, plan: Planned) -> None:
+    folders = [d for d in sorted(cfg.src.iterdir()) if d.is_dir() and d.name not in ("all", "auxiliary_train")
+               and not d.name.startswith(".") and split_files(d, cfg.split)]
+    files = [f for d in folders for f in split_files(d, cfg.split)] or find_files(cfg.src, cfg.split, ("all", ""))
+    for f in files:
+        folder = f.parent.name if f.parent in folders else None  # 'all' or SRC itself: the subject column says
+        for where, r in read_rows([f], ("question", "choices", "answer")):
+            if not (subject := r.get("subject") or folder):
+                raise BadInput(f"{where}: no subject (an empty 'subject' outside a subject folder)")
+            options = options_list(r["choices"], where)
+            answer = answer_letter(options, where, index=r["answer"])
+            add_row(cfg, report, plan, subject_name(subject), where, r["question"], options, answer,
+                    {"source": "cais/mmlu"})
+
+
+def convert_mmlu_pro(cfg: ConvertConfig, report: ConvertReport, plan: Planned) -> None:
+    need = ("question_id", "question", "options", "answer", "category")
+    for where, r in read_rows(find_files(cfg.src, cfg.split, ("data", "")), need):
+        options = options_list(r["options"], where)
+        answer = answer_letter(options, where, index=r.get("answer_index"), letter=r["answer"])
+        add_row(cfg, report, plan, subject_name(r["category"]), where, r["question"], options, answer,
+                {"source": "TIGER-Lab/MMLU-Pro", "question_id": r["question_id"], "src": r.get("src")})
+
+
+def convert_video_mme(cfg: ConvertConfig, report: ConvertReport, plan: Planned) -> None:
+    need = ("videoID", "question_id", "question", "options", "answer", cfg.subject_by)
+    rows = read_rows(find_files(cfg.src, cfg.split, ("videomme", "")), need)
+    videos = cfg.videos or next((cfg.src / d for d in ("data", "video", "videos") if (cfg.src / d).is_dir()), None)
+    if videos is None or not videos.is_dir():
+        raise BadInput(f"no video folder: give --videos DIR (the unzipped videos_chunked_*.zip; looked in "
+                       f"{cfg.src}/data, video, videos)")
+    for where, r in rows:
+        vid = r["videoID"]
+        if not isinstance(vid, str) or not _VIDEO_ID.fullmatch(vid):  # it names a file: never a path
+            raise BadInput(f"{where}: videoID {vid!r} is not a video id (letters, digits, '-', '_')")
+        options = strip_letters(options_list(r["options"], where), where)
+        answer = answer_letter(options, where, letter=r["answer"])
+        source = {"source": "lmms-lab/Video-MME", **{k: r.get(k) for k in
+                  ("question_id", "videoID", "duration", "domain", "sub_category", "task_type")}}
+        if add_row(cfg, report, plan, subject_name(r[cfg.subject_by]), where, r["question"], options, answer,
+                   source, video=vid, subfield=str(r.get("sub_category") or "")):
+            plan.videos[vid] = videos / f"{vid}.mp4"
+    if absent := sorted(v for v, p in plan.videos.items() if not p.is_file()):
+        raise BadInput(f"{len(absent)} of {len(plan.videos)} videos are not in {videos} (first: {absent[0]}.mp4); "
+                       "unzip every videos_chunked_*.zip there")
+
+
+def add_row(cfg: ConvertConfig, report: ConvertReport, plan: Planned, subject: str, where: str, question: Any,
+            options: list[str], answer: str, source: dict[str, Any], video: str | None = None,
+            subfield: str = "") -> bool:
+    """Plan one item (False: left out, and said why in the report)."""
+    if not isinstance(question, str) or not question.strip():
+        raise BadInput(f"{where}: the question is not a non-empty string")
+    if why := reads_as_media([question, *options]):
+        report.skipped.append({"row": where, "why": why})
+        return False
+    rows = plan.rows.setdefault(subject, [])
+    item_id = f"{cfg.out_split}_{subject}_{len(rows) + 1}"  # MMMU's id form: the loader checks it names the split
+    row = mmmu_row(item_id, question if video is None else f"{VIDEO_REF} {question}", options, answer, source,
+                   subfield)
+    if video is not None:
+        row["video"] = video  # replaced by its frames once they are sampled
+    rows.append(row)
+    return True
+
+
+def sample_frames(path: Path, n: int, max_side: int) -> list[bytes]:
+    """``n`` frames, one at the middle of each of ``n`` equal spans of the video's duration (the decoded frame
+    nearest that time), as JPEG with the longest side ≤ ``max_side``. Seeks to each time: an hour-long video is
+    not decoded whole."""
+    try:
+        import av
+    except ImportError:
+        raise BadInput("video-mme needs PyAV to read the videos: pip install av") from None
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            tb = stream.time_base
+            start = float(stream.start_time * tb) if stream.start_time is not None else 0.0
+            if stream.duration:
+                duration = float(stream.duration * tb)
+            elif container.duration:
+                duration = container.duration / av.time_base
+            else:
+                raise BadInput(f"{path}: the video does not state its duration")
+            picked = []
+            for k in range(n):
+                target = start + (k + 0.5) * duration / n
+                container.seek(int(target / tb), stream=stream, backward=True, any_frame=False)
+                before = None
+                for frame in container.decode(stream):
+                    if frame.time is None:
+                        continue
+                    if frame.time >= target:
+                        near = frame if before is None or frame.time - target <= target - before.time else before
+                        break
+                    before = frame
+                else:
+                    near = before  # past the last frame: the last one
+                if near is None:
+                    raise BadInput(f"{path}: no frame decoded near {target:.2f} s")
+                picked.append(jpeg(near.to_image(), max_side))
+    except (av.FFmpegError, IndexError, OSError) as exc:
+        raise BadInput(f"{path}: cannot decode its video ({' '.join(str(exc).split())[:200]})") from None
+    return picked
+
+
+def jpeg(img: Any, max_side: int) -> bytes:
+    from PIL import Image
+
+    img = img.convert("RGB")
+    if max(img.size) > max_side:
+        scale = max_side / max(img.size)
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
+                         Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def cached_frames(videos: dict[str, Path], cache: Path, sample: Callable[[Path], list[bytes]],
+                  quiet: bool) -> dict[str, list[bytes]]:
+    """Each video's frames, sampled once and kept under ``cache/<videoID>/`` (a folder renamed into place whole):
+    a killed conversion resumes from the videos it had done."""
+    from probe.heads import _progress
+
+    frames: dict[str, list[bytes]] = {}
+    bar = _progress(len(videos), quiet, "frames", unit="video")
+    for vid, path in sorted(videos.items()):
+        kept = cache / vid
+        if not kept.is_dir():
+            tmp = cache / f".{vid}.partial"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            for k, b in enumerate(sample(path)):
+                (tmp / f"{k:05d}.jpg").write_bytes(b)
+            tmp.rename(kept)
+        frames[vid] = [f.read_bytes() for f in sorted(kept.glob("*.jpg"))]
+        bar.update()
+    bar.close()
+    return frames
+
+
+CONVERTERS: dict[str, Callable[[ConvertConfig, ConvertReport, Planned], None]] = {
+    "mmlu": convert_mmlu, "mmlu-pro": convert_mmlu_pro, "video-mme": convert_video_mme}
+
+
+def existing_split(out: Path, split: str) -> list[Path]:
+    """Files of ``split`` already in ``out`` (this converter's, or another set's)."""
+    if not out.is_dir():
+        return []
+    return [*split_files(out, split), *(f for d in sorted(out.iterdir()) if d.is_dir() and not d.name.startswith(".")
+                                        for f in split_files(d, split))]
+
+
+def run(cfg: ConvertConfig) -> ConvertReport:
+    from probe.mmmu import load_mmmu
+    from probe.results import atomic_write_json, lock_out_dir
+    from probe.synthetic import write_mmmu_parquet
+
+    check_split(cfg.split)
+    check_split(cfg.out_split)
+    if not cfg.src.is_dir():
+        raise BadInput(f"SRC {cfg.src}: not a directory (a local snapshot of {REPOS[cfg.kind]})")
+    check_out_path(cfg.out)
+    if cfg.out.resolve() == cfg.src.resolve() or cfg.src.resolve() in cfg.out.resolve().parents:
+        raise BadInput(f"--out {cfg.out} is inside SRC {cfg.src}; the source is never written to")
+    there = existing_split(cfg.out, cfg.out_split)
+    if there and not cfg.overwrite:
+        raise BadInput(f"--out {cfg.out} already holds split '{cfg.out_split}' ({there[0]}); give --overwrite to "
+                       "replace it, or another --out-split")
+    report = ConvertReport(cfg.kind, REPOS[cfg.kind], str(cfg.src.resolve()), cfg.split, cfg.out_split,
+                           frames=cfg.frames if cfg.kind == "video-mme" else None,
+                           max_side=cfg.max_side if cfg.kind == "video-mme" else None)
+    plan = Planned()
+    CONVERTERS[cfg.kind](cfg, report, plan)  # every row checked before anything is written
+    if not plan.rows:
+        raise BadInput(f"no items in split '{cfg.split}' of {cfg.src} ({len(report.skipped)} left out)")
+    lock_out_dir(cfg.out)
+    work = cfg.out / f".convert-{cfg.out_split}"  # hidden: no command reads it as a subject
+    if plan.videos:
+        frames = cached_frames(plan.videos, work / f"frames-{cfg.frames}-{cfg.max_side}",
+                               lambda p: sample_frames(p, cfg.frames, cfg.max_side), cfg.quiet)
+        for row in (r for rows in plan.rows.values() for r in rows):
+            vid = row["video"]
+            row["video"] = [{"bytes": b, "path": f"{vid}_frame_{k}.jpg"} for k, b in enumerate(frames[vid])]
+    staged = work / "staged"
+    shutil.rmtree(staged, ignore_errors=True)
+    write_mmmu_parquet(plan.rows, staged, cfg.out_split, video=bool(plan.videos))
+    for f in there:  # --overwrite: this split's files only; other splits and anything else in --out stay
+        f.unlink()
+        if f.parent != cfg.out and not any(f.parent.iterdir()):
+            f.parent.rmdir()  # an emptied subject folder would read as an interrupted download
+    for subject in plan.rows:
+        (cfg.out / subject).mkdir(parents=True, exist_ok=True)
+        for f in split_files(staged / subject, cfg.out_split):
+            f.replace(cfg.out / subject / f.name)
+    shutil.rmtree(work)
+    rows = plan.rows
+    report.n_items = {s: len(r) for s, r in sorted(rows.items())}
+    items, _ = load_mmmu(cfg.out, cfg.out_split)  # read back as every command will read it
+    if len(items) != sum(report.n_items.values()):
+        raise BadInput(f"{cfg.out}: read back {len(items)} items of split '{cfg.out_split}', wrote "
+                       f"{sum(report.n_items.values())} (other files of that split in --out?)")
+    atomic_write_json(cfg.out / f"convert-{cfg.out_split}.json",
+                      asdict(report) | {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    return report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgParser(
+        prog="python -m probe.convert", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.split("\n\n", 1)[1],
+        examples=["hf download --repo-type dataset TIGER-Lab/MMLU-Pro --local-dir /data/hub/mmlu-pro",
+                  "python -m probe.convert mmlu-pro /data/hub/mmlu-pro --split test --out-split validation "
+                  "--out /data/mmlu-pro-mmmu-layout",
+                  "python -m probe.convert mmlu /data/hub/mmlu --split validation --out /data/mmlu-mmmu-layout",
+                  "python -m probe.convert video-mme /data/hub/video-mme --split test --out-split validation "
+                  "--frames 16 --out /data/video-mme-mmmu-layout",
+                  "python -m probe.eval --models qwen2 --data /data/mmlu-pro-mmmu-layout --out runs/eval-text"])
+    p.add_argument("kind", choices=KINDS, help="which benchmark SRC holds: " + ", ".join(
+        f"{k} ({r})" for k, r in REPOS.items()))
+    p.add_argument("src", type=Path, help="the local snapshot (hf download --repo-type dataset REPO --local-dir SRC)")
+    p.add_argument("--out", type=Path, required=True, help="the MMMU-layout directory to write (DIR/<Subject>/"
+                   "<split>-00000-of-00001.parquet); other splits already there stay")
+    p.add_argument("--split", default="validation", help="the source split to read (MMLU: validation has 1,531 "
+                   "items, test 14,042; MMLU-Pro: test 12,032, validation 70; Video-MME: test only) [validation]")
+    p.add_argument("--out-split", default=None, help="the split name to write it as (default: --split); "
+                   "analyses.replicate reads one eval split for every set, so e.g. --split test --out-split "
+                   "validation")
+    p.add_argument("--frames", type=int, default=16, help="video-mme: frames per video, uniform in time [16]")
+    p.add_argument("--max-side", type=int, default=448, help="video-mme: longest side of a frame, pixels [448]")
+    p.add_argument("--subject-by", choices=VIDEO_SUBJECTS, default="duration",
+                   help="video-mme: the column its items are grouped into subjects by [duration: short, medium, "
+                        "long]")
+    p.add_argument("--videos", type=Path, default=None, help="video-mme: the folder of <videoID>.mp4 files "
+                   "[SRC/data, SRC/video or SRC/videos]")
+    p.add_argument("--overwrite", action="store_true", help="replace this split's files in --out (only those)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    check_counts(args, ("frames", "max_side"))
+    cfg = ConvertConfig(kind=args.kind, src=args.src.expanduser(), out=args.out.expanduser(), split=args.split,
+                        out_split=args.out_split or args.split, frames=args.frames, max_side=args.max_side,
+                        subject_by=args.subject_by, videos=args.videos, overwrite=args.overwrite, quiet=args.quiet)
+    report = run(cfg)
+    n = sum(report.n_items.values())
+    print(f"{n} items in {len(report.n_items)} subjects ({report.repo}, split {cfg.split}) written to {cfg.out} "
+          f"as split '{cfg.out_split}'" + (f"; {len(report.skipped)} rows left out (see "
+                                           f"convert-{cfg.out_split}.json)" if report.skipped else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main(main))

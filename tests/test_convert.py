@@ -1,0 +1,263 @@
+"""python -m probe.convert: MMLU, MMLU-Pro and Video-MME snapshots (their published columns, built here) into MMMU's
+layout. Oracles: the source rows themselves (each item's options and answer letter from its own row), and for
+video the frame that a direct formula says is nearest each sampled time (frames carry their index in colour)."""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from probe.mmmu import load_mmmu
+
+REPO = Path(__file__).resolve().parents[1]
+N_FRAMES, FPS = 30, 10
+
+
+def convert(*args: object) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "probe.convert", *map(str, args), "--quiet"], cwd=REPO,
+                          capture_output=True, text=True)
+
+
+def one_error_line(res: subprocess.CompletedProcess, want: str) -> None:
+    assert res.returncode == 2, res.stderr
+    err = res.stderr.strip()
+    assert err.startswith("error: ") and "\n" not in err and want in err, err
+
+
+def write(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def mmlu_rows(subject: str, n: int) -> list[dict]:
+    return [{"question": f"{subject} question {i}?", "subject": subject,
+             "choices": [f"{subject} {i} option {k}" for k in range(4)], "answer": (i * 3 + len(subject)) % 4}
+            for i in range(n)]
+
+
+@pytest.fixture()
+def mmlu_src(tmp_path) -> Path:
+    """cais/mmlu as hf download leaves it: subject configs, 'all' (every subject again) and auxiliary_train."""
+    src = tmp_path / "mmlu"
+    rows = {s: mmlu_rows(s, n) for s, n in (("abstract_algebra", 5), ("anatomy", 4))}
+    for s, r in rows.items():
+        write(src / s / "validation-00000-of-00001.parquet", r)
+        write(src / s / "test-00000-of-00001.parquet", r[:2])
+    write(src / "all" / "validation-00000-of-00001.parquet", [x for r in rows.values() for x in r])
+    write(src / "auxiliary_train" / "train-00000-of-00001.parquet", mmlu_rows("aux", 3))
+    return src
+
+
+def test_mmlu_items_keep_their_options_and_answer_and_all_is_not_counted_twice(mmlu_src, tmp_path):
+    out = tmp_path / "out"
+    res = convert("mmlu", mmlu_src, "--out", out)
+    assert res.returncode == 0, res.stderr
+    items, report = load_mmmu(out, "validation")
+    assert report.subjects == ["abstract_algebra", "anatomy"] and len(items) == 9  # not 18: 'all' left out
+    for subject in report.subjects:
+        source = pq.read_table(mmlu_src / subject / "validation-00000-of-00001.parquet").to_pylist()
+        mine = [it for it in items if it.subject == subject]
+        assert [it.question for it in mine] == [r["question"] for r in source]
+        assert [list(it.options) for it in mine] == [r["choices"] for r in source]
+        assert [it.answer for it in mine] == ["ABCD"[r["answer"]] for r in source]
+    record = json.loads((out / "convert-validation.json").read_text())
+    assert record["repo"] == "cais/mmlu" and record["n_items"] == {"abstract_algebra": 5, "anatomy": 4}
+    assert not list(out.glob(".convert-*"))  # its work folder is gone
+
+
+def test_mmlu_all_alone_is_grouped_by_its_subject_column(tmp_path):
+    src = tmp_path / "mmlu"
+    write(src / "all" / "validation-00000-of-00001.parquet", mmlu_rows("virology", 2) + mmlu_rows("marketing", 3))
+    assert convert("mmlu", src, "--out", tmp_path / "out").returncode == 0
+    _, report = load_mmmu(tmp_path / "out", "validation")
+    assert report.subjects == ["marketing", "virology"] and report.n_multiple_choice == 5
+
+
+def mmlu_pro_rows() -> list[dict]:
+    rows = []
+    for i, cat in enumerate(["computer science", "law", "computer science"]):
+        options = [f"choice {k} of {i}" for k in range(10 - i)]  # up to 10 options (letters A-J)
+        idx = (7 * i + 3) % len(options)
+        rows.append({"question_id": 100 + i, "question": f"pro question {i}", "options": options,
+                     "answer": "ABCDEFGHIJ"[idx], "answer_index": idx, "cot_content": "", "category": cat,
+                     "src": "ori_mmlu"})
+    return rows
+
+
+def test_mmlu_pro_becomes_one_subject_per_category_with_up_to_ten_options(tmp_path):
+    src, out = tmp_path / "pro", tmp_path / "out"
+    write(src / "data" / "test-00000-of-00001.parquet", mmlu_pro_rows())
+    res = convert("mmlu-pro", src, "--split", "test", "--out-split", "validation", "--out", out)
+    assert res.returncode == 0, res.stderr
+    items, report = load_mmmu(out, "validation")
+    assert report.subjects == ["computer_science", "law"]
+    by_question = {it.question: it for it in items}
+    written = {r["question"]: json.loads(r["explanation"]) for f in out.rglob("*.parquet")
+               for r in pq.read_table(f).to_pylist()}
+    for r in mmlu_pro_rows():
+        it = by_question[r["question"]]
+        assert list(it.options) == r["options"] and it.answer == r["answer"]
+        assert written[r["question"]]["question_id"] == r["question_id"]  # traceable to the source row
+    assert "as split 'validation'" in res.stdout
+
+
+def test_a_row_whose_answer_and_index_disagree_stops_before_anything_is_written(tmp_path):
+    rows = mmlu_pro_rows()
+    rows[1]["answer_index"] = (rows[1]["answer_index"] + 1) % len(rows[1]["options"])
+    src, out = tmp_path / "pro", tmp_path / "out"
+    write(src / "data" / "test-00000-of-00001.parquet", rows)
+    one_error_line(convert("mmlu-pro", src, "--split", "test", "--out", out), "row 1: answer")
+    assert not out.exists()
+
+
+def test_text_the_prompt_would_read_as_a_picture_is_left_out_and_said(tmp_path):
+    rows = mmlu_pro_rows()
+    rows[0]["question"] = "Which label fits <image 1>?"
+    src, out = tmp_path / "pro", tmp_path / "out"
+    write(src / "data" / "test-00000-of-00001.parquet", rows)
+    res = convert("mmlu-pro", src, "--split", "test", "--out", out)
+    assert res.returncode == 0, res.stderr
+    assert load_mmmu(out, "test")[1].n_multiple_choice == 2 and "1 rows left out" in res.stdout
+    [skipped] = json.loads((out / "convert-test.json").read_text())["skipped"]
+    assert skipped["row"] == "test-00000-of-00001.parquet row 0" and "<image k>" in skipped["why"]
+
+
+def test_other_splits_in_out_stay_and_the_same_split_needs_overwrite(mmlu_src, tmp_path):
+    out = tmp_path / "out"
+    assert convert("mmlu", mmlu_src, "--out", out).returncode == 0
+    assert convert("mmlu", mmlu_src, "--split", "test", "--out", out).returncode == 0
+    before = {p: p.read_bytes() for p in out.rglob("validation-*.parquet")}
+    one_error_line(convert("mmlu", mmlu_src, "--split", "test", "--out", out), "already holds split 'test'")
+    (mmlu_src / "anatomy" / "test-00000-of-00001.parquet").unlink()  # the new test split lacks anatomy
+    assert convert("mmlu", mmlu_src, "--split", "test", "--out", out, "--overwrite").returncode == 0
+    assert load_mmmu(out, "test")[1].subjects == ["abstract_algebra"]  # its old anatomy test file is gone
+    assert {p: p.read_bytes() for p in out.rglob("validation-*.parquet")} == before
+
+
+@pytest.mark.parametrize("case, want", [
+    ("missing", "not a directory"), ("inside", "inside SRC"), ("no-split", "no dev-*.parquet files"),
+    ("damaged", "not a readable parquet file"), ("columns", "no column 'choices'"), ("frames", "--frames must be")])
+def test_bad_input_is_one_line_and_nothing_is_written(mmlu_src, tmp_path, case, want):
+    out, args = tmp_path / "out", []
+    if case == "missing":
+        src = tmp_path / "nowhere"
+    elif case == "inside":
+        src, out = mmlu_src, mmlu_src / "converted"
+    elif case == "no-split":
+        src, args = mmlu_src, ["--split", "dev"]
+    elif case == "damaged":
+        src = tmp_path / "damaged"
+        (src / "law").mkdir(parents=True)
+        (src / "law" / "validation-00000-of-00001.parquet").write_bytes(b"PAR1 not really")
+    elif case == "columns":
+        src = tmp_path / "other"
+        write(src / "law" / "validation-00000-of-00001.parquet", [{"question": "q", "answer": 1}])
+    else:
+        src, args = mmlu_src, ["--frames", "0"]
+    listing = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    one_error_line(convert("mmlu", src, "--out", out, *args), want)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == listing  # inputs and out untouched
+
+
+# --- Video-MME ------------------------------------------------------------------------------------------------
+
+def write_video(path: Path, shift: int) -> None:
+    """N_FRAMES frames at FPS, frame i coloured (8·(i + shift), 255 − 8·(i + shift), 128): its index, decodable."""
+    av = pytest.importorskip("av")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("mpeg4", rate=FPS)
+        s.width, s.height, s.pix_fmt, s.bit_rate = 64, 48, "yuv420p", 2_000_000
+        for i in range(N_FRAMES):
+            a = np.zeros((48, 64, 3), np.uint8)
+            a[..., 0], a[..., 1], a[..., 2] = 8 * (i + shift), 255 - 8 * (i + shift), 128
+            for p in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+def frame_index(jpeg: bytes, shift: int) -> int:
+    from PIL import Image
+
+    r, g, _ = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB")).reshape(-1, 3).mean(0)
+    return round((r + 255 - g) / 16) - shift
+
+
+def nearest_frames(n: int) -> list[int]:
+    """The frame nearest the middle of each of n equal spans of the N_FRAMES / FPS seconds (ties: the later)."""
+    out = []
+    for k in range(n):
+        t = (k + 0.5) * N_FRAMES / FPS / n
+        out.append(min(range(N_FRAMES), key=lambda i: (abs(i / FPS - t), -i)))
+    return out
+
+
+def video_mme_rows() -> list[dict]:
+    rows = []
+    for q, (vid, duration) in enumerate([("aB3-x_9", "short"), ("aB3-x_9", "short"), ("Zz0", "medium")]):
+        answer = "ABCD"[(q + 1) % 4]
+        rows.append({"video_id": f"{q:03d}", "duration": duration, "domain": "Knowledge", "sub_category": "Humanity",
+                     "url": "https://www.youtube.com/watch?v=" + vid, "videoID": vid, "question_id": f"{q:03d}-1",
+                     "task_type": "Counting Problem", "question": f"What happens in clip {q}?",
+                     "options": [f"{L}. event {L.lower()} of {q}" for L in "ABCD"], "answer": answer})
+    return rows
+
+
+@pytest.fixture()
+def video_src(tmp_path) -> Path:
+    src = tmp_path / "video-mme"
+    write(src / "videomme" / "test-00000-of-00001.parquet", video_mme_rows())
+    write_video(src / "data" / "aB3-x_9.mp4", 0)
+    write_video(src / "data" / "Zz0.mp4", 1)
+    return src
+
+
+def test_video_mme_items_get_the_frames_nearest_uniform_times_and_unlettered_options(video_src, tmp_path):
+    out = tmp_path / "out"
+    res = convert("video-mme", video_src, "--split", "test", "--frames", 4, "--out", out)
+    assert res.returncode == 0, res.stderr
+    items, report = load_mmmu(out, "test")
+    assert report.subjects == ["medium", "short"]  # grouped by duration, Video-MME's headline breakdown
+    by_question = {it.question: it for it in items}
+    for q, r in enumerate(video_mme_rows()):
+        it = by_question[f"<video> {r['question']}"]
+        assert list(it.options) == [f"event {L.lower()} of {q}" for L in "ABCD"] and it.answer == r["answer"]
+        shift = 0 if r["videoID"] == "aB3-x_9" else 1
+        assert [frame_index(b, shift) for b in it.frames] == nearest_frames(4)
+
+
+def test_video_frames_are_kept_per_video_so_a_killed_conversion_resumes(tmp_path):
+    from probe.convert import cached_frames
+
+    cache, calls = tmp_path / "cache", []
+
+    def sample(path: Path) -> list[bytes]:
+        calls.append(path.name)
+        return [path.name.encode()] * 2
+
+    (cache / ".b.partial").mkdir(parents=True)  # a kill while b's frames were written
+    (cache / ".b.partial" / "00000.jpg").write_bytes(b"half")
+    videos = {"a": Path("a.mp4"), "b": Path("b.mp4")}
+    assert cached_frames({"a": videos["a"]}, cache, sample, True) == {"a": [b"a.mp4"] * 2}
+    assert cached_frames(videos, cache, sample, True) == {"a": [b"a.mp4"] * 2, "b": [b"b.mp4"] * 2}
+    assert calls == ["a.mp4", "b.mp4"]  # a sampled once; b's partial folder redone
+
+
+def test_video_mme_refuses_missing_videos_and_misnumbered_options(video_src, tmp_path):
+    (video_src / "data" / "Zz0.mp4").unlink()
+    one_error_line(convert("video-mme", video_src, "--split", "test", "--out", tmp_path / "o1"),
+                   "1 of 2 videos are not in")
+    rows = video_mme_rows()
+    rows[0]["options"][1] = "C. swapped"
+    write(video_src / "videomme" / "test-00000-of-00001.parquet", rows)
+    one_error_line(convert("video-mme", video_src, "--split", "test", "--out", tmp_path / "o2"),
+                   "are not lettered A, B, … in order")
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
