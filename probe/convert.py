@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from probe.errors import ArgParser, BadInput, check_counts, check_out_path, cli_main
+from probe.errors import ArgParser, BadInput, RunStopped, check_counts, check_out_path, cli_main
 from probe.mmmu import VIDEO_REF, _IMAGE_REF, check_split, option_letters
 from probe.mmmu import _split_files as split_files  # the reader's rule: shards complete, never two forms
 
@@ -367,11 +367,10 @@ def run(cfg: ConvertConfig) -> ConvertReport:
         for f in split_files(staged / subject, cfg.out_split):
             f.replace(cfg.out / subject / f.name)
     shutil.rmtree(work)
-    rows = plan.rows
-    report.n_items = {s: len(r) for s, r in sorted(rows.items())}
+    report.n_items = {s: len(r) for s, r in sorted(plan.rows.items())}
     items, _ = load_mmmu(cfg.out, cfg.out_split)  # read back as every command will read it
     if len(items) != sum(report.n_items.values()):
-        raise BadInput(f"{cfg.out}: read back {len(items)} items of split '{cfg.out_split}', wrote "
+        raise RunStopped(f"{cfg.out}: read back {len(items)} items of split '{cfg.out_split}', wrote "
                        f"{sum(report.n_items.values())} (other files of that split in --out?)")
     atomic_write_json(cfg.out / f"convert-{cfg.out_split}.json",
                       asdict(report) | {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
