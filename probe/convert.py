@@ -1,14 +1,20 @@
 """``python -m probe.convert``: the paper's text and video benchmarks, as published on the hub, in MMMU's layout.
 
 Every command that reads items (probe.heads, probe.eval, analyses.finetune, analyses.replicate) reads MMMU's
-parquet layout, ``<root>/<Subject>/<split>-*.parquet``. The paper's text and video numbers come from MMLU(-Pro)
-and Video-MME; this turns a local snapshot of each (``hf download --repo-type dataset REPO --local-dir SRC``)
-into that layout once, checking every row, so an answer key is never shifted or guessed:
+parquet layout, ``<root>/<Subject>/<split>-*.parquet``. The paper's multiple-choice text and video benchmarks
+are MMLU, MMLU-Pro, MMMLU, GPQA and Video-MME; this turns a local snapshot of each (``hf download --repo-type
+dataset REPO --local-dir SRC``) into that layout once, checking every row, so an answer key is never shifted or
+guessed:
 
 - ``mmlu`` (cais/mmlu): ``SRC/<subject>/<split>-*.parquet`` (or ``SRC/all/``), columns question, subject, choices,
   answer (the index 0-3); one subject per MMLU subject.
 - ``mmlu-pro`` (TIGER-Lab/MMLU-Pro): ``SRC/data/<split>-*.parquet``, columns question_id, question, options (up to
   10), answer (a letter), answer_index, category; one subject per category.
+- ``mmmlu`` (openai/MMMLU): ``SRC/<split>/mmlu_<LOCALE>.csv``, columns Question, A-D, Answer, Subject; one subject
+  per locale (14 languages).
+- ``gpqa`` (Idavidrein/gpqa, gated): ``SRC/gpqa_<set>.csv`` (``--gpqa-set main|diamond|extended``), columns
+  Question, Correct Answer, Incorrect Answer 1-3, Record ID, High-level domain; the four answers in an order seeded
+  by the Record ID (the same everywhere), one subject per domain.
 - ``video-mme`` (lmms-lab/Video-MME): ``SRC/videomme/<split>-*.parquet`` (video_id, duration, domain,
   sub_category, videoID, question_id, task_type, question, options ``"A. …"``, answer) and the videos,
   ``<videoID>.mp4`` from the unzipped ``videos_chunked_*.zip`` (``SRC/data/``, or ``--videos``); each question
@@ -22,6 +28,7 @@ prompt would read as a missing picture).
 from __future__ import annotations
 
 import argparse
+import csv
 import io
 import json
 import re
@@ -36,8 +43,11 @@ from probe.errors import ArgParser, BadInput, RunStopped, check_counts, check_ou
 from probe.mmmu import VIDEO_REF, _IMAGE_REF, check_split, option_letters
 from probe.mmmu import _split_files as split_files  # the reader's rule: shards complete, never two forms
 
-KINDS = ("mmlu", "mmlu-pro", "video-mme")
-REPOS = {"mmlu": "cais/mmlu", "mmlu-pro": "TIGER-Lab/MMLU-Pro", "video-mme": "lmms-lab/Video-MME"}
+REPOS = {"mmlu": "cais/mmlu", "mmlu-pro": "TIGER-Lab/MMLU-Pro", "mmmlu": "openai/MMMLU", "gpqa": "Idavidrein/gpqa",
+         "video-mme": "lmms-lab/Video-MME"}
+KINDS = tuple(REPOS)
+SPLITS = {"mmlu": "validation", "mmlu-pro": "test", "mmmlu": "test", "gpqa": "train", "video-mme": "test"}  # defaults
+GPQA_SETS = ("main", "diamond", "extended")
 VIDEO_SUBJECTS = ("duration", "domain", "task_type")  # Video-MME's breakdowns; short/medium/long is its headline
 _LETTER_PREFIX = re.compile(r"^\s*([A-Z])\s*[.)]\s*")
 _VIDEO_ID = re.compile(r"[A-Za-z0-9_-]+")
@@ -53,6 +63,7 @@ class ConvertConfig:
     frames: int = 16
     max_side: int = 448
     subject_by: str = "duration"
+    gpqa_set: str = "main"
     videos: Path | None = None
     overwrite: bool = False
     quiet: bool = False
@@ -80,19 +91,26 @@ def subject_name(text: str) -> str:
 
 
 def read_rows(files: Sequence[Path], need: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
-    """Every row of ``files`` with where it came from; BadInput naming a file that lacks a column of ``need``."""
+    """Every row of ``files`` (parquet or CSV) with where it came from; BadInput naming a file that lacks a column
+    of ``need``."""
     import pyarrow.parquet as pq
 
     rows = []
     for f in files:
         try:
-            table = pq.read_table(f)
-        except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
-            raise BadInput(f"{f}: not a readable parquet file ({' '.join(str(exc).split())[:200]})") from None
-        if missing := [c for c in need if c not in table.column_names]:
-            raise BadInput(f"{f}: no column {missing[0]!r} (has {', '.join(table.column_names)}); not a "
-                           "snapshot of the benchmark this converter reads?")
-        rows += [(f"{f.name} row {i}", r) for i, r in enumerate(table.to_pylist())]
+            if f.suffix == ".csv":  # cells stay strings ("0042" is an answer's text, not the number 42)
+                with open(f, newline="", encoding="utf-8") as fh:
+                    reader = csv.DictReader(fh)
+                    records, columns = list(reader), list(reader.fieldnames or ())
+            else:
+                table = pq.read_table(f)
+                records, columns = table.to_pylist(), table.column_names
+        except (OSError, ValueError, csv.Error) as exc:  # pyarrow's ArrowInvalid and UnicodeDecodeError: ValueError
+            raise BadInput(f"{f}: not a readable {f.suffix[1:]} file ({' '.join(str(exc).split())[:200]})") from None
+        if missing := [c for c in need if c not in columns]:
+            raise BadInput(f"{f}: no column {missing[0]!r} (has {', '.join(columns)}); not a snapshot of the "
+                           "benchmark this converter reads?")
+        rows += [(f"{f.name} row {i}", r) for i, r in enumerate(records)]
     return rows
 
 
@@ -191,6 +209,53 @@ def convert_mmlu_pro(cfg: ConvertConfig, report: ConvertReport, plan: Planned) -
         answer = answer_letter(options, where, index=r.get("answer_index"), letter=r["answer"])
         add_row(cfg, report, plan, subject_name(r["category"]), where, r["question"], options, answer,
                 {"source": "TIGER-Lab/MMLU-Pro", "question_id": r["question_id"], "src": r.get("src")})
+
+
+def convert_mmmlu(cfg: ConvertConfig, report: ConvertReport, plan: Planned) -> None:
+    """openai/MMMLU: ``SRC/<split>/mmlu_<LOCALE>.csv`` (Question, A-D, Answer, Subject), one subject per locale
+    (the paper reports the mean over languages; --subjects picks some)."""
+    files = sorted((cfg.src / cfg.split).glob("mmlu_*.csv"))
+    if not files:
+        raise BadInput(f"no mmlu_*.csv files in {cfg.src / cfg.split}")
+    for f in files:
+        locale = f.stem.removeprefix("mmlu_")
+        for where, r in read_rows([f], ("Question", "A", "B", "C", "D", "Answer")):
+            options = [r[k] for k in "ABCD"]
+            add_row(cfg, report, plan, subject_name(locale), where, r["Question"], options,
+                    answer_letter(options, where, letter=r["Answer"]),
+                    {"source": "openai/MMMLU", "locale": locale, "subject": r.get("Subject")},
+                    subfield=str(r.get("Subject") or ""))
+
+
+def gpqa_options(correct: str, wrong: Sequence[str], record: str) -> tuple[list[str], str]:
+    """GPQA lists the correct answer apart from three wrong ones; the options are their order under a permutation
+    seeded by the question's Record ID (the same on every machine and run), and the answer is where the correct
+    one landed."""
+    import random
+
+    options = [correct, *wrong]
+    order = list(range(len(options)))
+    random.Random(f"omniprobe-gpqa:{record}").shuffle(order)
+    return [options[i] for i in order], option_letters(len(options))[order.index(0)]
+
+
+def convert_gpqa(cfg: ConvertConfig, report: ConvertReport, plan: Planned) -> None:
+    """Idavidrein/gpqa (gated): ``SRC/gpqa_<set>.csv``; one subject per high-level domain."""
+    f = cfg.src / f"gpqa_{cfg.gpqa_set}.csv"
+    if not f.is_file():
+        raise BadInput(f"{f}: not found (the gated Idavidrein/gpqa snapshot holds gpqa_main.csv, gpqa_diamond.csv, "
+                       "gpqa_extended.csv)")
+    wrong_cols = [f"Incorrect Answer {k}" for k in (1, 2, 3)]
+    for where, r in read_rows([f], ("Question", "Correct Answer", *wrong_cols, "Record ID", "High-level domain")):
+        texts = [r["Correct Answer"], *(r[c] for c in wrong_cols)]
+        if any(not (t or "").strip() for t in texts):
+            raise BadInput(f"{where}: an empty answer option")
+        if len({t.strip() for t in texts}) < len(texts):  # two equal options: the key could not tell them apart
+            raise BadInput(f"{where}: two answer options are the same text")
+        options, answer = gpqa_options(texts[0].strip(), [t.strip() for t in texts[1:]], r["Record ID"])
+        add_row(cfg, report, plan, subject_name(r["High-level domain"]), where, r["Question"].strip(), options,
+                answer, {"source": f"Idavidrein/gpqa gpqa_{cfg.gpqa_set}", "record_id": r["Record ID"]},
+                subfield=str(r.get("Subdomain") or ""))
 
 
 def convert_video_mme(cfg: ConvertConfig, report: ConvertReport, plan: Planned) -> None:
@@ -313,7 +378,8 @@ def cached_frames(videos: dict[str, Path], cache: Path, sample: Callable[[Path],
 
 
 CONVERTERS: dict[str, Callable[[ConvertConfig, ConvertReport, Planned], None]] = {
-    "mmlu": convert_mmlu, "mmlu-pro": convert_mmlu_pro, "video-mme": convert_video_mme}
+    "mmlu": convert_mmlu, "mmlu-pro": convert_mmlu_pro, "mmmlu": convert_mmmlu, "gpqa": convert_gpqa,
+    "video-mme": convert_video_mme}
 
 
 def existing_split(out: Path, split: str) -> list[Path]:
@@ -385,6 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
                   "python -m probe.convert mmlu-pro /data/hub/mmlu-pro --split test --out-split validation "
                   "--out /data/mmlu-pro-mmmu-layout",
                   "python -m probe.convert mmlu /data/hub/mmlu --split validation --out /data/mmlu-mmmu-layout",
+                  "python -m probe.convert gpqa /data/hub/gpqa --gpqa-set main --out-split validation "
+                  "--out /data/gpqa-mmmu-layout",
                   "python -m probe.convert video-mme /data/hub/video-mme --split test --out-split validation "
                   "--frames 16 --out /data/video-mme-mmmu-layout",
                   "python -m probe.eval --models qwen2 --data /data/mmlu-pro-mmmu-layout --out runs/eval-text"])
@@ -393,8 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", type=Path, help="the local snapshot (hf download --repo-type dataset REPO --local-dir SRC)")
     p.add_argument("--out", type=Path, required=True, help="the MMMU-layout directory to write (DIR/<Subject>/"
                    "<split>-00000-of-00001.parquet); other splits already there stay")
-    p.add_argument("--split", default="validation", help="the source split to read (MMLU: validation has 1,531 "
-                   "items, test 14,042; MMLU-Pro: test 12,032, validation 70; Video-MME: test only) [validation]")
+    p.add_argument("--split", default=None, help="the source split to read (MMLU: validation has 1,531 items, "
+                   "test 14,042; MMLU-Pro: test 12,032, validation 70; MMMLU: test; GPQA: train, its only one; "
+                   "Video-MME: test only) [" + ", ".join(f"{k}: {v}" for k, v in SPLITS.items()) + "]")
     p.add_argument("--out-split", default=None, help="the split name to write it as (default: --split); "
                    "analyses.replicate reads one eval split for every set, so e.g. --split test --out-split "
                    "validation")
@@ -403,6 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subject-by", choices=VIDEO_SUBJECTS, default="duration",
                    help="video-mme: the column its items are grouped into subjects by [duration: short, medium, "
                         "long]")
+    p.add_argument("--gpqa-set", choices=GPQA_SETS, default="main", help="gpqa: which file, gpqa_<set>.csv "
+                   "(main 448 questions, diamond 198, extended 546) [main]")
     p.add_argument("--videos", type=Path, default=None, help="video-mme: the folder of <videoID>.mp4 files "
                    "[SRC/data, SRC/video or SRC/videos]")
     p.add_argument("--overwrite", action="store_true", help="replace this split's files in --out (only those)")
@@ -413,9 +484,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_counts(args, ("frames", "max_side"))
-    cfg = ConvertConfig(kind=args.kind, src=args.src.expanduser(), out=args.out.expanduser(), split=args.split,
-                        out_split=args.out_split or args.split, frames=args.frames, max_side=args.max_side,
-                        subject_by=args.subject_by, videos=args.videos, overwrite=args.overwrite, quiet=args.quiet)
+    split = args.split or SPLITS[args.kind]
+    cfg = ConvertConfig(kind=args.kind, src=args.src.expanduser(), out=args.out.expanduser(), split=split,
+                        out_split=args.out_split or split, frames=args.frames, max_side=args.max_side,
+                        subject_by=args.subject_by, gpqa_set=args.gpqa_set, videos=args.videos,
+                        overwrite=args.overwrite, quiet=args.quiet)
     report = run(cfg)
     n = sum(report.n_items.values())
     print(f"{n} items in {len(report.n_items)} subjects ({report.repo}, split {cfg.split}) written to {cfg.out} "

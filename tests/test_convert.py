@@ -166,6 +166,66 @@ def test_bad_input_is_one_line_and_nothing_is_written(mmlu_src, tmp_path, case, 
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == listing  # inputs and out untouched
 
 
+def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def test_mmmlu_one_subject_per_locale_cells_kept_as_text(tmp_path):
+    src, out = tmp_path / "mmmlu", tmp_path / "out"
+    for locale, answers in (("AR_XY", "BDA"), ("DE_DE", "CA")):
+        write_csv(src / "test" / f"mmlu_{locale}.csv", ["", "Question", "A", "B", "C", "D", "Answer", "Subject"],
+                  [[str(i), f"{locale} Frage {i}", "0042", "1e3", f"c{i}", f"d{i}", a, "anatomy"]
+                   for i, a in enumerate(answers)])
+    res = convert("mmmlu", src, "--out", out)
+    assert res.returncode == 0, res.stderr
+    items, report = load_mmmu(out, "test")  # MMMLU's own split name, the default
+    assert report.subjects == ["AR_XY", "DE_DE"] and len(items) == 5
+    for locale, answers in (("AR_XY", "BDA"), ("DE_DE", "CA")):
+        mine = [it for it in items if it.subject == locale]
+        assert [it.answer for it in mine] == list(answers)
+        assert [list(it.options) for it in mine] == [["0042", "1e3", f"c{i}", f"d{i}"] for i in range(len(answers))]
+
+
+GPQA_HEADER = ["Pre-Revision Question", "Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2",
+               "Incorrect Answer 3", "Explanation", "Subdomain", "Record ID", "High-level domain"]
+
+
+def gpqa_rows(n: int) -> list[list[str]]:
+    return [["", f" Q{i}: which? ", f"right {i}", f"wrong {i}a", f"wrong {i}b", f"wrong {i}c", "", "Optics",
+             f"rec{i:04d}", ("Physics", "Chemistry", "Biology")[i % 3]] for i in range(n)]
+
+
+def test_gpqa_answers_land_where_the_seeded_order_puts_the_correct_one(tmp_path):
+    src = tmp_path / "gpqa"
+    write_csv(src / "gpqa_main.csv", GPQA_HEADER, gpqa_rows(12))
+    for out in ("out1", "out2"):
+        res = convert("gpqa", src, "--out-split", "validation", "--out", tmp_path / out)
+        assert res.returncode == 0, res.stderr
+    items, report = load_mmmu(tmp_path / "out1", "validation")
+    assert report.subjects == ["Biology", "Chemistry", "Physics"] and len(items) == 12
+    for it in items:
+        i = int(it.question.split(":")[0][1:])
+        assert sorted(it.options) == sorted([f"right {i}", f"wrong {i}a", f"wrong {i}b", f"wrong {i}c"])
+        assert it.options["ABCD".index(it.answer)] == f"right {i}"  # the key follows the shuffle
+    assert len({it.answer for it in items}) > 1  # not every correct answer at one letter
+    assert items == load_mmmu(tmp_path / "out2", "validation")[0]  # the same order on every run
+
+
+def test_gpqa_refuses_two_equal_options(tmp_path):
+    rows = gpqa_rows(3)
+    rows[2][5] = rows[2][2]
+    write_csv(tmp_path / "gpqa" / "gpqa_main.csv", GPQA_HEADER, rows)
+    one_error_line(convert("gpqa", tmp_path / "gpqa", "--out", tmp_path / "out"),
+                   "gpqa_main.csv row 2: two answer options are the same text")
+    assert not (tmp_path / "out").exists()
+
+
 # --- Video-MME ------------------------------------------------------------------------------------------------
 
 def write_video(path: Path, shift: int) -> None:
