@@ -23,7 +23,6 @@ import argparse
 import csv
 import json
 import math
-import os
 import re
 import shutil
 import sys
@@ -253,13 +252,15 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     from probe.mmmu import load_items
     from probe.models import load_model, model_fingerprint, resolve_model
     from probe.prompting import check_modalities, check_prompts
-    from probe.results import atomic_write_json, atomic_write_with, claim_out_dir, different_run, has_contents
+    from probe.results import (atomic_write_json, atomic_write_with, claim_out_dir, different_run, has_contents,
+                               rank_world)
     from probe.train import TrainConfig, anything_trains, check_finite_weights, encode, is_main_process
     from probe.train import train as train_loop
     from probe.train import wait_for_everyone
 
     check_numbers(cfg)
     check_out_path(cfg.out)  # before the model loads: an --out below a file is a one-line error
+    world = rank_world()[1]  # RANK 1 of WORLD_SIZE 1 trained, wrote nothing (not rank 0) and exited 0
     placement = resolve_placement(cfg.device, cfg.dtype)
     if placement.dtype == "float16":
         raise BadInput("--dtype float16: fine-tuning in float16 needs loss scaling, which the training loop does not "
@@ -271,8 +272,8 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
                        seed=cfg.seed, log_every=max(1, cfg.steps // 10),  # checks its numbers now, not mid-run
                        autocast="bfloat16" if placement.dtype == "bfloat16" else None,
                        schedule=LOOP_IDENTITY["schedule"])
-    if placement.spread and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise BadInput(f"--device {cfg.device}: each of the {os.environ['WORLD_SIZE']} processes would spread the model "
+    if placement.spread and world > 1:
+        raise BadInput(f"--device {cfg.device}: each of the {world} processes would spread the model "
                        f"over {len(placement.all_devices)} GPUs, which data parallelism cannot wrap; launch one process "
                        "per GPU, or FSDP through accelerate launch")
     ref = resolve_model(cfg.model)
