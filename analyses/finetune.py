@@ -244,6 +244,17 @@ def finish(out: Path, run_info: dict[str, Any], status: str, **extra: str) -> No
     atomic_write_json(out / "run.json", run_info)
 
 
+def weights_dtype(placement: Any, lora: int | None) -> str:
+    """The dtype a fine-tuning run on ``placement`` (probe.devices.Placement) holds its weights in, or BadInput for
+    a precision the loop cannot train with. analyses.replicate asks it before its first stage."""
+    if placement.dtype == "float16":
+        raise BadInput("--dtype float16: fine-tuning in float16 needs loss scaling, which the training loop does not "
+                       "do; use bfloat16 (mixed precision, float32 weights) or float32")
+    # half precision is mixed precision: float32 weights and updates, the forward under autocast (probe.train);
+    # with LoRA the frozen weights get no updates to lose, so they are held in bfloat16 (half the memory)
+    return "bfloat16" if lora is not None and placement.dtype == "bfloat16" else "float32"
+
+
 def run_finetune(cfg: FinetuneConfig) -> Path:
     import torch
 
@@ -262,12 +273,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     check_out_path(cfg.out)  # before the model loads: an --out below a file is a one-line error
     world = rank_world()[1]  # RANK 1 of WORLD_SIZE 1 trained, wrote nothing (not rank 0) and exited 0
     placement = resolve_placement(cfg.device, cfg.dtype)
-    if placement.dtype == "float16":
-        raise BadInput("--dtype float16: fine-tuning in float16 needs loss scaling, which the training loop does not "
-                       "do; use bfloat16 (mixed precision, float32 weights) or float32")
-    # half precision is mixed precision: float32 weights and updates, the forward under autocast (probe.train);
-    # with LoRA the frozen weights get no updates to lose, so they are held in bfloat16 (half the memory)
-    frozen = "bfloat16" if cfg.lora is not None and placement.dtype == "bfloat16" else "float32"
+    frozen = weights_dtype(placement, cfg.lora)
     tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, lm_lr=cfg.lm_lr, batch=cfg.batch, warmup=cfg.warmup,
                        seed=cfg.seed, log_every=max(1, cfg.steps // 10),  # checks its numbers now, not mid-run
                        autocast="bfloat16" if placement.dtype == "bfloat16" else None,
