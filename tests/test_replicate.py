@@ -367,6 +367,29 @@ def _ctx(cfg, fps: dict[str, str] | None = None) -> Context:
     return Context(cfg, Path("/nowhere"), True, fps or {s: "fp0" for s in specs}, {m: f"/models/{m}" for m in models})
 
 
+def test_a_stage_completed_in_another_precision_is_not_kept(tmp_path, monkeypatch) -> None:
+    """Stage fingerprints held device = "auto" and dtype = "auto" as typed: stages completed on a CPU (float32) were
+    skipped as unchanged when the same --out was continued on a GPU (auto: bfloat16), and the report put float32
+    tables beside bfloat16 ones. The precision auto resolves to is now part of them (the commands' own run
+    fingerprints hold it too: probe.heads' and probe.eval's settings). Oracle: the resolution on substituted
+    machines (probe.devices), and stages that run no model (shift) keeping their fingerprint."""
+    import argparse
+
+    from analyses.replicate import prepare
+    from probe.devices import DeviceQuery
+
+    ctx, fps = {}, {}
+    for name, machine in (("cpu", DeviceQuery(cpu_threads=2)), ("gpu", DeviceQuery(("NVIDIA H200",), True))):
+        monkeypatch.setattr(DeviceQuery, "probe", staticmethod(lambda: machine))
+        ctx[name], fps[name] = prepare(argparse.Namespace(quick=False, config=None, only=None, out=tmp_path / "out",
+                                                          quiet=True))
+    assert not (tmp_path / "out").exists()  # prepare writes nothing
+    same = {s for s in STAGE_NAMES if fps["cpu"][s] == fps["gpu"][s]}
+    assert same == {"shift"}, same
+    assert ctx["cpu"].section("eval")["resolved"] == {"dtype": "float32", "device_type": "cpu"}
+    assert ctx["gpu"].section("eval")["resolved"] == {"dtype": "bfloat16", "device_type": "cuda"}
+
+
 def test_a_changed_input_reruns_its_stage_and_everything_downstream() -> None:
     import dataclasses
 
