@@ -23,7 +23,6 @@ import argparse
 import csv
 import json
 import math
-import os
 import re
 import shutil
 import sys
@@ -245,6 +244,17 @@ def finish(out: Path, run_info: dict[str, Any], status: str, **extra: str) -> No
     atomic_write_json(out / "run.json", run_info)
 
 
+def weights_dtype(placement: Any, lora: int | None) -> str:
+    """The dtype a fine-tuning run on ``placement`` (probe.devices.Placement) holds its weights in, or BadInput for
+    a precision the loop cannot train with. analyses.replicate asks it before its first stage."""
+    if placement.dtype == "float16":
+        raise BadInput("--dtype float16: fine-tuning in float16 needs loss scaling, which the training loop does not "
+                       "do; use bfloat16 (mixed precision, float32 weights) or float32")
+    # half precision is mixed precision: float32 weights and updates, the forward under autocast (probe.train);
+    # with LoRA the frozen weights get no updates to lose, so they are held in bfloat16 (half the memory)
+    return "bfloat16" if lora is not None and placement.dtype == "bfloat16" else "float32"
+
+
 def run_finetune(cfg: FinetuneConfig) -> Path:
     import torch
 
@@ -253,26 +263,23 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     from probe.mmmu import load_items
     from probe.models import load_model, model_fingerprint, resolve_model
     from probe.prompting import check_modalities, check_prompts
-    from probe.results import atomic_write_json, atomic_write_with, claim_out_dir, different_run, has_contents
+    from probe.results import (atomic_write_json, atomic_write_with, claim_out_dir, different_run, has_contents,
+                               rank_world)
     from probe.train import TrainConfig, anything_trains, check_finite_weights, encode, is_main_process
     from probe.train import train as train_loop
     from probe.train import wait_for_everyone
 
     check_numbers(cfg)
     check_out_path(cfg.out)  # before the model loads: an --out below a file is a one-line error
+    world = rank_world()[1]  # RANK 1 of WORLD_SIZE 1 trained, wrote nothing (not rank 0) and exited 0
     placement = resolve_placement(cfg.device, cfg.dtype)
-    if placement.dtype == "float16":
-        raise BadInput("--dtype float16: fine-tuning in float16 needs loss scaling, which the training loop does not "
-                       "do; use bfloat16 (mixed precision, float32 weights) or float32")
-    # half precision is mixed precision: float32 weights and updates, the forward under autocast (probe.train);
-    # with LoRA the frozen weights get no updates to lose, so they are held in bfloat16 (half the memory)
-    frozen = "bfloat16" if cfg.lora is not None and placement.dtype == "bfloat16" else "float32"
+    frozen = weights_dtype(placement, cfg.lora)
     tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, lm_lr=cfg.lm_lr, batch=cfg.batch, warmup=cfg.warmup,
                        seed=cfg.seed, log_every=max(1, cfg.steps // 10),  # checks its numbers now, not mid-run
                        autocast="bfloat16" if placement.dtype == "bfloat16" else None,
                        schedule=LOOP_IDENTITY["schedule"])
-    if placement.spread and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise BadInput(f"--device {cfg.device}: each of the {os.environ['WORLD_SIZE']} processes would spread the model "
+    if placement.spread and world > 1:
+        raise BadInput(f"--device {cfg.device}: each of the {world} processes would spread the model "
                        f"over {len(placement.all_devices)} GPUs, which data parallelism cannot wrap; launch one process "
                        "per GPU, or FSDP through accelerate launch")
     ref = resolve_model(cfg.model)

@@ -59,6 +59,13 @@ class Context:
     quiet: bool
     fingerprints: dict[str, str]  # model spec or data dir → content fingerprint
     paths: dict[str, str]  # model spec → the directory it resolved to (this checkout's organisms, a hub snapshot)
+    # what device = "auto" and dtype = "auto" resolved to here ({"dtype": "bfloat16", "device_type": "cuda"}): a part of
+    # every section, so stages completed on a CPU (float32) are not kept beside stages run on a GPU (bfloat16)
+    precision: dict[str, str] | None = None
+
+    def section(self, name: str) -> dict[str, Any]:
+        """The config section a stage's fingerprint holds, with the precision it runs in."""
+        return self.cfg.section(name) | ({"resolved": self.precision} if self.precision else {})
 
     def data_dir(self, label: str) -> str:
         return self.cfg.data[label]
@@ -256,7 +263,7 @@ def _data(ctx: Context, labels: Sequence[str]) -> dict[str, list[str]]:
 
 def _finetune_inputs(ctx: Context) -> dict[str, Any]:
     """Training settings and sets; not what the checkpoints are evaluated on (that is the steps stage's)."""
-    keep = {k: v for k, v in ctx.cfg.section("finetune").items() if k not in ("eval_data", "eval_limit")}
+    keep = {k: v for k, v in ctx.section("finetune").items() if k not in ("eval_data", "eval_limit")}
     train = (ctx.cfg.train_dirs(Path("DIR")) if ctx.cfg.train.generate  # their content: the data stage's fingerprint
              else {k: [v, content_fingerprint(v)] for k, v in ctx.cfg.train.data.items()})
     from analyses.finetune import LOOP_IDENTITY
@@ -285,25 +292,25 @@ def _checkpoints(c: ReplicateConfig, o: Path) -> list[Path]:
 
 STAGES: list[Stage] = [
     # items that repeat a validation item are left out of the training data (before: 12-16 of 96-128 per set)
-    Stage("data", (), stage_data, lambda c: [c.cfg.section("train"), "validation items excluded"],
+    Stage("data", (), stage_data, lambda c: [c.section("train"), "validation items excluded"],
           lambda c, o: [Path(d) for d in c.train_dirs(o).values()] if c.train.generate else []),
-    Stage("table3", (), stage_table3, lambda c: [c.cfg.section("eval"), _models(c), _data(c, list(c.cfg.data))],
+    Stage("table3", (), stage_table3, lambda c: [c.section("eval"), _models(c), _data(c, list(c.cfg.data))],
           lambda c, o: _eval_out(o / "table3")),
     Stage("heads", ("data",), stage_heads,
-          lambda c: [c.cfg.section("heads"), _models(c), _data(c, [*c.cfg.models.own, c.cfg.eval.text])],
+          lambda c: [c.section("heads"), _models(c), _data(c, [*c.cfg.models.own, c.cfg.eval.text])],
           lambda c, o: [o / "heads" / short(m) / f for m in _sweeps(c) for f in ("heads.csv", "baseline.json")]),
     Stage("shift", (), stage_shift, _models, lambda c, o: [o / "shift"]),
-    Stage("merge", ("shift", "heads"), stage_merge, lambda c: [c.cfg.section("merge"), _models(c)],
+    Stage("merge", ("shift", "heads"), stage_merge, lambda c: [c.section("merge"), _models(c)],
           lambda c, o: [o / "merge" / m for m in c.merge.methods]),
-    Stage("table4", ("merge",), stage_table4, lambda c: [c.cfg.section("eval"), _data(c, [c.cfg.eval.text])],
+    Stage("table4", ("merge",), stage_table4, lambda c: [c.section("eval"), _data(c, [c.cfg.eval.text])],
           lambda c, o: _eval_out(o / "table4")),
-    Stage("table5", ("merge",), stage_table5, lambda c: [c.cfg.section("eval"), _data(c, c.cfg.models.own)],
+    Stage("table5", ("merge",), stage_table5, lambda c: [c.section("eval"), _data(c, c.cfg.models.own)],
           lambda c, o: [p for e in c.models.experts for p in _eval_out(o / "table5" / short(e))]),
     Stage("finetune", ("merge", "data"), stage_finetune, lambda c: _finetune_inputs(c), _checkpoints),
     Stage("steps", ("finetune",), stage_steps,
-          lambda c: [c.cfg.section("eval"), c.cfg.section("finetune"), _data(c, c.cfg.finetune.eval_data)],
+          lambda c: [c.section("eval"), c.section("finetune"), _data(c, c.cfg.finetune.eval_data)],
           lambda c, o: [p for n in c.finetune.runs for p in _eval_out(o / "steps" / n)]),
-    Stage("trajectory", ("merge", "finetune"), stage_trajectory, lambda c: c.cfg.section("trajectory"),
+    Stage("trajectory", ("merge", "finetune"), stage_trajectory, lambda c: c.section("trajectory"),
           lambda c, o: [o / "trajectory" / f for f in ("fig4a", "fig4b")]),
     Stage("report", tuple(s for s in ("table3", "heads", "shift", "merge", "table4", "table5", "steps",
                                       "trajectory")), stage_report, lambda c: "always"),
@@ -417,6 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def prepare(args: argparse.Namespace) -> tuple[Context, dict[str, str]]:
     """Everything checked before a byte is written: config, machine, paths, the out dir, --only."""
+    from probe.devices import resolve_placement
+
     path = QUICK_CONFIG if args.quick else (args.config or DEFAULT_CONFIG)
     cfg = parse_config(path)
     resolved = check_machine(cfg)
@@ -426,7 +435,8 @@ def prepare(args: argparse.Namespace) -> tuple[Context, dict[str, str]]:
         raise BadInput(f"--out {out}: exists and is not a python -m analyses.replicate output")
     fps = {spec: content_fingerprint(p) for spec, p in resolved.items()}
     fps |= {d: content_fingerprint(d) for d in cfg.data.values()}
-    ctx = Context(cfg, out, args.quiet, fps, resolved)
+    placement = resolve_placement(cfg.device, cfg.dtype)  # checked by check_machine
+    ctx = Context(cfg, out, args.quiet, fps, resolved, {"dtype": placement.dtype, "device_type": placement.device_type})
     stage_fps = fingerprints(ctx)
     if args.only:
         wanted = set(args.only)

@@ -338,6 +338,7 @@ def check_values(cfg: ReplicateConfig) -> None:
 def check_machine(cfg: ReplicateConfig) -> dict[str, str]:
     """Paths, aliases and devices: resolved (hub aliases from the cache) before any weight loads. Returns each
     model's resolved path."""
+    from analyses.finetune import weights_dtype
     from probe.devices import resolve_placement
     from probe.models import resolve_model
 
@@ -347,6 +348,8 @@ def check_machine(cfg: ReplicateConfig) -> dict[str, str]:
         raise BadInput(f"config key 'device': {exc}") from None
     try:
         placement = resolve_placement(cfg.device, cfg.dtype)
+        # the finetune stage's own refusals (float16), found before the stages that run ahead of it
+        trained = weights_dtype(placement, None)
     except BadInput as exc:
         raise BadInput(f"config key 'dtype': {exc}") from None
     dirs = [(f"data.{k}", v) for k, v in cfg.data.items()]
@@ -371,6 +374,11 @@ def check_machine(cfg: ReplicateConfig) -> dict[str, str]:
             check_fits(ref, placement.dtype, placement.all_devices, placement.device_memory)
         except BadInput as exc:
             raise BadInput(f"config key {key!r}: {exc}") from None
+    carrier = refs[f"models.experts[{cfg.models.experts.index(cfg.finetune.carrier)}]"]  # its carrier's shape
+    try:  # fine-tuning holds the weights in float32 whatever dtype evaluates: twice bfloat16's bytes
+        check_fits(carrier, trained, placement.all_devices, placement.device_memory)
+    except BadInput as exc:
+        raise BadInput(f"config key 'finetune.carrier': {exc}") from None
     return {r.spec: str(r.path) for r in refs.values()}
 
 

@@ -110,14 +110,29 @@ def gpu_share(n_gpus: int, local_rank: int | None, local_world: int | None) -> l
     return list(range(local_rank * per, (local_rank + 1) * per))
 
 
+def env_index(name: str) -> int | None:
+    """A torchrun variable (LOCAL_RANK, LOCAL_WORLD_SIZE) as an integer ≥ 0, None when unset. Anything else is bad
+    input: int() raised a traceback, and LOCAL_RANK=-1 picked the last GPU (cuda:-1 indexes from the end)."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise BadInput(f"{name}={raw!r} in the environment: want an integer ≥ 0 (torchrun sets it)")
+    return value
+
+
 def resolve_placement(device: str = "auto", dtype: str = "auto", attn_implementation: str = "sdpa",
                       query: DeviceQuery | None = None, local_rank: int | None = None,
                       local_world: int | None = None) -> Placement:
     q = query or DeviceQuery.probe()
-    if local_rank is None and "LOCAL_RANK" in os.environ:
-        local_rank = int(os.environ["LOCAL_RANK"])
-    if local_world is None and "LOCAL_WORLD_SIZE" in os.environ:
-        local_world = int(os.environ["LOCAL_WORLD_SIZE"])
+    if local_rank is None:
+        local_rank = env_index("LOCAL_RANK")
+    if local_world is None:
+        local_world = env_index("LOCAL_WORLD_SIZE")
     if device == "auto":
         devices = [f"cuda:{i}" for i in gpu_share(len(q.cuda_names), local_rank, local_world)] or ["cpu"]
     else:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -25,6 +24,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from probe.errors import BadInput
+from probe.results import rank_world
 from probe.prompting import PromptTemplate, build_inputs, letter_token_ids
 
 SEQ_KEYS = ("input_ids", "attention_mask", "labels", "mm_token_type_ids")
@@ -253,7 +253,7 @@ def uniform_sampler(n_rows: int) -> Sampler:
 
 def data_parallel(loaded, batch: int):
     """accelerate's Accelerator when launched on several processes (torchrun / accelerate launch), else None."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if rank_world()[1] <= 1:
         return None
     from accelerate import Accelerator
 
@@ -264,12 +264,12 @@ def data_parallel(loaded, batch: int):
 
 
 def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    return rank_world()[0] == 0
 
 
 def wait_for_everyone() -> None:
     """A barrier across the launched processes (accelerate's); nothing on a single process."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if rank_world()[1] > 1:
         from accelerate import PartialState
 
         PartialState().wait_for_everyone()

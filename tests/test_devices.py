@@ -161,3 +161,19 @@ def test_eval_refuses_a_model_too_large_for_the_ram_before_writing(tmp_path, mon
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: organism-base: its weights take") and "\n" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("var,value", [("LOCAL_RANK", "x"), ("LOCAL_RANK", "-1"), ("LOCAL_RANK", ""),
+                                       ("LOCAL_WORLD_SIZE", "two")])
+def test_malformed_torchrun_variables_are_bad_input(var, value, monkeypatch):
+    """int(os.environ[...]) was a ValueError traceback, and LOCAL_RANK=-1 gave cuda:-1, which indexes the GPUs
+    from the end (the last GPU, silently). Oracle: the same machine with the variable well formed."""
+    for v in ("LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv(var, "1")
+    assert resolve_placement(query=TWO_OLD_GPUS).all_devices == (("cuda:1",) if var == "LOCAL_RANK" else
+                                                                 ("cuda:0", "cuda:1"))
+    monkeypatch.setenv(var, value)
+    for query in (TWO_OLD_GPUS, CPU):
+        with pytest.raises(BadInput, match=f"^{var}='{value}' in the environment: want an integer ≥ 0"):
+            resolve_placement(query=query)

@@ -654,3 +654,23 @@ def test_lr_with_lora_is_said_to_have_no_effect(tmp_path: Path, capfd) -> None:
     assert "warning: --lr 0.001 has no effect with --lora" in capfd.readouterr().err
     assert cli_main(main, _organism_args(tmp_path / "plain", "--lora", "2")) == 0
     assert "--lr" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("env, match", [
+    ({"RANK": "1", "WORLD_SIZE": "1"}, "error: RANK 1 with WORLD_SIZE 1"),  # trained, wrote nothing, exit 0
+    ({"WORLD_SIZE": "abc"}, "error: RANK None / WORLD_SIZE 'abc': want integers"),  # a traceback from the loop
+    ({"LOCAL_RANK": "x"}, "error: LOCAL_RANK='x' in the environment"),  # a traceback from --device auto
+])
+def test_malformed_launcher_variables_exit_2_before_anything_is_written(env, match, tmp_path, capfd, monkeypatch):
+    """The torchrun variables are read as probe.heads and probe.eval read them (probe.results.rank_world)."""
+    from analyses.finetune import main
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    out = tmp_path / "never"
+    args = _organism_args(out)
+    args[args.index("--device") + 1] = "auto"
+    assert cli_main(main, args) == 2
+    err = capfd.readouterr().err.strip()
+    assert err.startswith(match) and "\n" not in err, err
+    assert not out.exists()

@@ -367,6 +367,29 @@ def _ctx(cfg, fps: dict[str, str] | None = None) -> Context:
     return Context(cfg, Path("/nowhere"), True, fps or {s: "fp0" for s in specs}, {m: f"/models/{m}" for m in models})
 
 
+def test_a_stage_completed_in_another_precision_is_not_kept(tmp_path, monkeypatch) -> None:
+    """Stage fingerprints held device = "auto" and dtype = "auto" as typed: stages completed on a CPU (float32) were
+    skipped as unchanged when the same --out was continued on a GPU (auto: bfloat16), and the report put float32
+    tables beside bfloat16 ones. The precision auto resolves to is now part of them (the commands' own run
+    fingerprints hold it too: probe.heads' and probe.eval's settings). Oracle: the resolution on substituted
+    machines (probe.devices), and stages that run no model (shift) keeping their fingerprint."""
+    import argparse
+
+    from analyses.replicate import prepare
+    from probe.devices import DeviceQuery
+
+    ctx, fps = {}, {}
+    for name, machine in (("cpu", DeviceQuery(cpu_threads=2)), ("gpu", DeviceQuery(("NVIDIA H200",), True))):
+        monkeypatch.setattr(DeviceQuery, "probe", staticmethod(lambda: machine))
+        ctx[name], fps[name] = prepare(argparse.Namespace(quick=False, config=None, only=None, out=tmp_path / "out",
+                                                          quiet=True))
+    assert not (tmp_path / "out").exists()  # prepare writes nothing
+    same = {s for s in STAGE_NAMES if fps["cpu"][s] == fps["gpu"][s]}
+    assert same == {"shift"}, same
+    assert ctx["cpu"].section("eval")["resolved"] == {"dtype": "float32", "device_type": "cpu"}
+    assert ctx["gpu"].section("eval")["resolved"] == {"dtype": "bfloat16", "device_type": "cuda"}
+
+
 def test_a_changed_input_reruns_its_stage_and_everything_downstream() -> None:
     import dataclasses
 
@@ -456,10 +479,39 @@ def _write(tmp_path: Path, text: str) -> Path:
     (lambda t: t.replace("salience_base = false", "salience_base = true").replace(
         "base_on_text = true", "base_on_text = false"), "'merge.salience_base'"),  # stopped at the merge stage
     (lambda t: t.replace("lm_lr = 1e-4", "lm_lr = 1e39"), "'finetune': training setting lm_lr"),
+    (lambda t: t.replace('dtype = "auto"', 'dtype = "float16"'), "'dtype': --dtype float16: fine-tuning in float16"),
     (lambda t: t.replace("limit = 0              # 0 = every item", "limit = false"), "'eval.limit': expected int"),
 ])
 def test_bad_config_exits_2_naming_the_key_and_writes_nothing(tmp_path: Path, capsys, edit, key) -> None:
     _assert_refused(tmp_path, capsys, edit(DEFAULT_CONFIG.read_text()), key)
+
+
+def test_the_finetune_carrier_must_fit_in_float32_whatever_dtype_evaluates(monkeypatch):
+    """Fine-tuning holds the carrier's weights in float32 under --dtype bfloat16 (mixed precision), but the up-front
+    check counted every model at bfloat16's bytes: a machine holding the models in bfloat16 and not the carrier in
+    float32 ran every stage up to finetune, whose load then exited 2. Oracle: the carrier's expert loaded in float32,
+    its own parameter bytes; the machine given 1 KB less than that (after the headroom) holds every model in
+    bfloat16 (each is about half of it)."""
+    import dataclasses
+
+    from analyses.replicate_config import check_machine
+    from probe.devices import DeviceQuery
+    from probe.dispatch import HEADROOM_BYTES, HEADROOM_FRACTION
+    from probe.models import load_model, resolve_model
+
+    cfg = dataclasses.replace(parse_config(DEFAULT_CONFIG), dtype="bfloat16")
+    model = load_model(resolve_model(cfg.finetune.carrier), dtype="float32").model
+    need = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    for memory, refused in ((need + 1024, False), (need - 1024, True)):
+        ram = int((memory + HEADROOM_BYTES) / HEADROOM_FRACTION)
+        machine = DeviceQuery(cpu_bf16=True, cpu_threads=2, cpu_memory=ram)
+        monkeypatch.setattr(DeviceQuery, "probe", staticmethod(lambda: machine))
+        if not refused:
+            check_machine(cfg)
+            continue
+        with pytest.raises(BadInput, match=rf"^config key 'finetune.carrier': {cfg.finetune.carrier}: its weights "
+                                           r"take [0-9.]+ MiB in float32"):
+            check_machine(cfg)
 
 
 def _assert_refused(tmp_path: Path, capsys, text: str, key: str) -> None:
