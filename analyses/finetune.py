@@ -326,6 +326,10 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     source = ref.path
     if start is not None and cfg.lora is None:
         ref = resolve_model(str(resumable[start]))  # full fine-tuning resumes from the checkpoint's weights
+    if cfg.lora is None and world == 1 and not placement.spread:  # (torchrun / FSDP ranks hold shares of it)
+        from probe.models import check_trains_fits
+
+        check_trains_fits(ref, frozen, placement.device, next(iter(placement.device_memory), None), tcfg)
     loaded = load_model(ref, dtype=frozen, device=placement.device, devices=placement.all_devices,
                         device_memory=placement.device_memory)
     if cfg.lora is not None:  # LoRA resumes from the original weights plus the checkpoint's adapter

@@ -92,6 +92,7 @@ class Finetune:
     lm_lr: float = 1e-4
     warmup: int = 10
     eval_limit: int | None = None
+    lora: int | None = None  # LoRA rank (analyses.finetune --lora); None = full fine-tuning, as the paper
 
 
 @dataclass(frozen=True)
@@ -236,7 +237,7 @@ def check_values(cfg: ReplicateConfig) -> None:
     if cfg.eval.text not in cfg.data:
         raise BadInput(f"config key 'eval.text': {cfg.eval.text!r} is not a label in [data]")
     for key, v in (("eval.limit", cfg.eval.limit), ("heads.limit", cfg.heads.limit),
-                   ("finetune.eval_limit", cfg.finetune.eval_limit)):
+                   ("finetune.eval_limit", cfg.finetune.eval_limit), ("finetune.lora", cfg.finetune.lora)):
         if v is not None and v < 1:
             raise BadInput(f"config key {key!r}: must be ≥ 1 (0 = all items)")
     for key, v in (("eval.batch_size", cfg.eval.batch_size), ("heads.batch_size", cfg.heads.batch_size),
@@ -327,12 +328,18 @@ def check_values(cfg: ReplicateConfig) -> None:
     for i, label in enumerate(ft.eval_data):
         if label not in cfg.data:
             raise BadInput(f"config key 'finetune.eval_data[{i}]': {label!r} is not a label in [data]")
-    from probe.train import TrainConfig
-
     try:  # the training loop's own refusals (a rate past float32's range), now and not at the finetune stage
-        TrainConfig(steps=ft.steps, lr=ft.lr, lm_lr=ft.lm_lr, batch=ft.batch_size, warmup=ft.warmup, seed=cfg.seed)
+        train_config(cfg)
     except BadInput as exc:
         raise BadInput(f"config key 'finetune': {exc}") from None
+
+
+def train_config(cfg: ReplicateConfig):  # -> probe.train.TrainConfig
+    """The finetune stage's training-loop settings (its rates decide what trains)."""
+    from probe.train import TrainConfig
+
+    ft = cfg.finetune
+    return TrainConfig(steps=ft.steps, lr=ft.lr, lm_lr=ft.lm_lr, batch=ft.batch_size, warmup=ft.warmup, seed=cfg.seed)
 
 
 def check_machine(cfg: ReplicateConfig) -> dict[str, str]:
@@ -349,7 +356,7 @@ def check_machine(cfg: ReplicateConfig) -> dict[str, str]:
     try:
         placement = resolve_placement(cfg.device, cfg.dtype)
         # the finetune stage's own refusals (float16), found before the stages that run ahead of it
-        trained = weights_dtype(placement, None)
+        trained = weights_dtype(placement, cfg.finetune.lora)
     except BadInput as exc:
         raise BadInput(f"config key 'dtype': {exc}") from None
     dirs = [(f"data.{k}", v) for k, v in cfg.data.items()]
@@ -367,7 +374,7 @@ def check_machine(cfg: ReplicateConfig) -> dict[str, str]:
     check_names(cfg)
     check_lm_geometry(refs)
     check_modalities_read(cfg, refs)
-    from probe.models import check_fits
+    from probe.models import check_fits, check_trains_fits
 
     for key, ref in refs.items():  # a 7B model in float32 on a small machine: now, not at the first stage's load
         try:
@@ -377,6 +384,9 @@ def check_machine(cfg: ReplicateConfig) -> dict[str, str]:
     carrier = refs[f"models.experts[{cfg.models.experts.index(cfg.finetune.carrier)}]"]  # its carrier's shape
     try:  # fine-tuning holds the weights in float32 whatever dtype evaluates: twice bfloat16's bytes
         check_fits(carrier, trained, placement.all_devices, placement.device_memory)
+        if cfg.finetune.lora is None and not placement.spread:  # and gradients and AdamW moments: 7B needs ~120 GB
+            check_trains_fits(carrier, trained, placement.device, next(iter(placement.device_memory), None),
+                              train_config(cfg))
     except BadInput as exc:
         raise BadInput(f"config key 'finetune.carrier': {exc}") from None
     return {r.spec: str(r.path) for r in refs.values()}

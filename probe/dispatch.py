@@ -53,7 +53,7 @@ class DeviceMap:
         return "device map: " + ", ".join(parts)
 
 
-def _nbytes(module: nn.Module) -> int:
+def module_nbytes(module: nn.Module) -> int:
     own = {id(t): t for t in [*module.parameters(), *module.buffers()]}  # tied tensors once
     return sum(t.numel() * t.element_size() for t in own.values())
 
@@ -72,13 +72,13 @@ def model_units(model: nn.Module, layers_path: str, post_paths: Sequence[str]) -
                 continue
             if layers_path.startswith(full + "."):
                 walk(full + ".", child)  # an ancestor of the decoder layers: open it up
-            elif _nbytes(child) or any(True for _ in child.parameters()):
+            elif module_nbytes(child) or any(True for _ in child.parameters()):
                 target = post if full in post_paths else pre
-                target.append(Unit(full, _nbytes(child), "post" if full in post_paths else "pre"))
+                target.append(Unit(full, module_nbytes(child), "post" if full in post_paths else "pre"))
 
     walk("", model)
     layers = model.get_submodule(layers_path)
-    units = [Unit(f"{layers_path}.{i}", _nbytes(layer), "layer") for i, layer in enumerate(layers)]
+    units = [Unit(f"{layers_path}.{i}", module_nbytes(layer), "layer") for i, layer in enumerate(layers)]
     return pre + units + post
 
 

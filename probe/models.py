@@ -455,18 +455,48 @@ def check_fits(ref: ModelRef, dtype: str, devices: Sequence[str], memory: Sequen
                        f"--dtype bfloat16{', a GPU' if cpu else ''} or several GPUs (--device auto)")
 
 
-def plan_for(ref: ModelRef, dtype: torch.dtype, devices: Sequence[str], memory: Sequence[int] = ()):
-    """The balanced device map of a checkpoint over ``devices``, from its config alone (meta device)."""
+def skeleton_of(ref: ModelRef, dtype: torch.dtype):
+    """The checkpoint's model built from its config alone on the meta device: names, shapes, dtypes, no weights."""
     import transformers
 
-    from probe.dispatch import meta_model, plan_device_map
+    from probe.dispatch import meta_model
 
     with config_errors(ref):
         config = (part_config(ref) if ref.family.config_path is not None
                   else transformers.AutoConfig.from_pretrained(ref.path, **ref.load_kwargs))
-    skeleton = meta_model(getattr(transformers, ref.family.model_class), config, dtype)
+    return meta_model(getattr(transformers, ref.family.model_class), config, dtype)
+
+
+def plan_for(ref: ModelRef, dtype: torch.dtype, devices: Sequence[str], memory: Sequence[int] = ()):
+    """The balanced device map of a checkpoint over ``devices``, from its config alone (meta device)."""
+    from probe.dispatch import plan_device_map
+
     fam = ref.family
-    return plan_device_map(skeleton, fam.layers_path, fam.norm_path, fam.lm_head_path, devices, memory)
+    return plan_device_map(skeleton_of(ref, dtype), fam.layers_path, fam.norm_path, fam.lm_head_path, devices,
+                           memory)
+
+
+def check_trains_fits(ref: ModelRef, dtype: str, device: str, memory: int | None, train_cfg: Any) -> None:
+    """Full fine-tuning on one device holds, beside the ``dtype`` weights, a gradient and AdamW's two moments of every
+    parameter that trains (probe.train.optimizer_bytes): a 7B model trained in float32 needs about 16 bytes a
+    parameter, 120 GB, where its weights alone are 30 GB. Bad input before a weight is read, not an out-of-memory
+    traceback at the first step after the other stages ran. Activations come on top. ``memory``: the device's
+    bytes (free RAM on the CPU, the GPU's total); None = unknown, not checked."""
+    if not memory:
+        return
+    from probe.dispatch import HEADROOM_BYTES, HEADROOM_FRACTION, module_nbytes
+    from probe.train import optimizer_bytes
+
+    skeleton = skeleton_of(ref, DTYPES[dtype])
+    weights = module_nbytes(skeleton)
+    n_train, state = optimizer_bytes(skeleton, ref, train_cfg)
+    usable = memory * HEADROOM_FRACTION - HEADROOM_BYTES
+    if weights + state > usable:
+        size = lambda n: f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"  # noqa: E731
+        raise BadInput(f"{ref.spec}: fine-tuning it takes {size(weights)} of {dtype} weights plus {size(state)} of "
+                       f"gradients and AdamW moments ({n_train:,} parameters train), more than {device} can hold "
+                       f"({size(max(usable, 0))} usable); use LoRA (--lora R; replicate: finetune.lora), FSDP over "
+                       "several GPUs (accelerate launch), or a rate of 0 for a part (--lm-lr 0 / --lr 0)")
 
 
 def build_processor(ref: ModelRef, tokenizer: Any) -> Any:

@@ -209,6 +209,16 @@ def _role(name: str, loaded, cfg: TrainConfig) -> str:
             "projector" if cfg.projector_lr is not None and is_projector_param(name, loaded) else "other")
 
 
+def optimizer_bytes(model, loaded, cfg: TrainConfig) -> tuple[int, int]:
+    """(parameters that train, bytes their training state takes beyond the weights): a gradient and AdamW's two
+    moments per parameter ``param_groups`` would train, each in its parameter's dtype (12 bytes a float32
+    parameter). Reads names, shapes and dtypes only, so a meta-device model answers before any weight loads.
+    ``loaded``: anything with the model's ``family``."""
+    rates = _rates(cfg)
+    train = [p for n, p in model.named_parameters() if p.requires_grad and rates[_role(n, loaded, cfg)] > 0]
+    return sum(p.numel() for p in train), sum(3 * p.numel() * p.element_size() for p in train)
+
+
 def anything_trains(model, loaded, cfg: TrainConfig) -> bool:
     """Whether ``param_groups`` would leave a parameter to train (without freezing anything): callers check it
     before writing, as rates of 0 on every group a model has (``--lm-lr 0`` on a text-only LM) train nothing."""

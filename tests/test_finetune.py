@@ -424,6 +424,56 @@ def test_float16_is_refused_before_anything_is_written(tmp_path: Path, capfd) ->
     assert not out.exists()
 
 
+def _trainable_bytes(model, frozen_prefix: str = "") -> int:
+    """Gradients and AdamW's two moments of every float32 parameter outside ``frozen_prefix``: 12 bytes each."""
+    return sum(12 * p.numel() for n, p in model.named_parameters() if not (frozen_prefix and n.startswith(frozen_prefix)))
+
+
+def test_training_state_that_does_not_fit_is_refused_before_a_weight_loads(tmp_path: Path, capfd, monkeypatch):
+    """Full fine-tuning holds float32 weights plus a gradient and two AdamW moments per trained parameter (16
+    bytes a parameter); the fit check counted the weights only, so a 7B model on an 80 GB GPU passed it and died of
+    out-of-memory at the first step. Oracle: organism-base loaded, its parameter and buffer bytes plus 12 bytes per
+    parameter, counted here; the machine is given 1 KB more or less than that (after the headroom)."""
+    from analyses.finetune import main
+    from probe.devices import DeviceQuery
+    from probe.dispatch import HEADROOM_BYTES, HEADROOM_FRACTION
+    from probe.models import load_model, resolve_model
+
+    model = load_model(resolve_model("organism-base"), dtype="float32").model
+    weights = sum(t.numel() * t.element_size() for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values())
+    need = weights + _trainable_bytes(model)
+    for memory, refused in ((need - 1024, True), (need + 1024, False)):
+        machine = DeviceQuery(cpu_bf16=True, cpu_threads=1, cpu_memory=int((memory + HEADROOM_BYTES) / HEADROOM_FRACTION))
+        monkeypatch.setattr(DeviceQuery, "probe", staticmethod(lambda: machine))
+        out = tmp_path / f"run-{refused}"
+        assert cli_main(main, _organism_args(out)) == (2 if refused else 0)
+        err = capfd.readouterr().err.strip()
+        if refused:
+            assert err.startswith("error: organism-base: fine-tuning it takes") and "gradients and AdamW moments" in err
+            assert f"({sum(p.numel() for p in model.parameters()):,} parameters train)" in err and "\n" not in err
+            assert not out.exists()
+        else:
+            assert (out / "checkpoint-2").is_dir()
+
+
+def test_a_frozen_part_is_not_counted_as_training_state(tiny_dirs) -> None:
+    """--lm-lr 0 freezes the LM: only the vision tower and projector get gradients and moments (the direct count:
+    the parameters outside the module holding the decoder layers and lm_head)."""
+    from probe.models import load_model, resolve_model, skeleton_of
+    from probe.train import TrainConfig, optimizer_bytes
+
+    ref = resolve_model(str(tiny_dirs["qwen2_vl"]))
+    model = load_model(ref, dtype="float32").model
+    lm = ref.family.layers_path.rsplit(".", 1)[0] + "."
+    frozen_lm = [(n, p) for n, p in model.named_parameters() if not n.startswith((lm, ref.family.lm_head_path + "."))]
+    skeleton = skeleton_of(ref, torch.float32)
+    cfg = TrainConfig(steps=1, lr=1e-4, lm_lr=0.0, batch=1, warmup=0, seed=0)
+    assert optimizer_bytes(skeleton, ref, cfg) == (sum(p.numel() for _, p in frozen_lm),
+                                                   sum(12 * p.numel() for _, p in frozen_lm))
+    everything = TrainConfig(steps=1, lr=1e-4, lm_lr=1e-4, batch=1, warmup=0, seed=0)
+    assert optimizer_bytes(skeleton, ref, everything)[1] == _trainable_bytes(model)
+
+
 def test_the_schedule_warms_up_to_the_peak_then_decays_on_a_cosine(tmp_path: Path) -> None:
     """The rate used to be the warm-up times a cosine running from step 0: with a warm-up of half the run it peaked
     at 0.6 of --lr, and fell before the warm-up ended. train_log.csv against the stated schedule, computed here."""
