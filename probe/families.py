@@ -674,6 +674,10 @@ class HeadGeometry:
         n_kv = cfg.get("num_key_value_heads") or n_heads
         return HeadGeometry(n_layers, n_heads, int(n_kv), int(head_dim), hidden)
 
+    def describe(self) -> str:
+        return (f"{self.n_layers} layers, {self.n_heads} heads ({self.n_kv_heads} key/value) of {self.head_dim}, "
+                f"hidden {self.hidden_size}")
+
 
 def with_class_defaults(cfg: Mapping[str, Any]) -> Mapping[str, Any]:
     """Nested text configs may store only what differs from their class's defaults (llava-1.5-7b-hf's text_config

@@ -171,6 +171,26 @@ def test_lm_shapes_differ(zoo, tmp_path, capsys):
         assert_bad(code, err, out, "LM tensor sets differ", "layers.2.", "is in " + str(deep))
 
 
+def test_same_shapes_split_into_other_heads_are_refused(zoo, tmp_path, capsys):
+    """8 heads of 4 (4 KV) give every LM tensor the shape 4 heads of 8 (2 KV) give: shapes alone let a merge mix
+    unrelated head rows with exit 0, and put an LM into a carrier whose config splits it into other heads."""
+    kw = dict(num_attention_heads=8, num_key_value_heads=4)
+    other = tiny.write_model("qwen2", tmp_path / "h8", tiny.base_lm(5, **kw), **kw)
+    carrier = tiny.write_model("qwen2_vl", tmp_path / "vl8", tiny.base_lm(6, **kw), **kw)
+    with open_checkpoint(str(zoo["base"])) as a, open_checkpoint(str(other)) as b:
+        assert {k: a.infos[v].shape for k, v in a.lm.items()} == {k: b.infos[v].shape for k, v in b.lm.items()}
+    out = tmp_path / "o"
+    for main, argv, who in ((merge.main, ["--base", zoo["base"], "--models", other, "--method", "shift"], other),
+                            (merge.main, ["--models", other, zoo["base"], "--method", "average"], zoo["base"]),
+                            (merge.main, ["--base", zoo["base"], "--models", zoo["q1"], "--carrier", carrier], carrier),
+                            (shift.main, ["--base", zoo["base"], "--models", other, "--no-figures"], other),
+                            (trajectory.main, ["--base", zoo["base"], "--experts", zoo["q1"], other, "--no-figures"],
+                             other)):
+        code, err = run_cli(main, [*argv, "--out", out], capsys)
+        assert_bad(code, err, out, "LM architectures differ", f"{who} has 2 layers, {8 if who != zoo['base'] else 4} "
+                   "heads")
+
+
 def test_a_model_twice_or_out_over_an_input(zoo, tmp_path, capsys):
     """A model listed twice would count twice in every mean; --out on (or above) an input would replace it under
     --overwrite. Both are refused and the input is left as it was."""
