@@ -137,11 +137,14 @@ def align(ckpts: Sequence[Checkpoint], names: Sequence[str] | None = None) -> Al
 
 def lm_geometry(ck: Checkpoint) -> HeadGeometry | None:
     """The head layout config.json gives the checkpoint's LM (None where it does not say: shapes are then all
-    there is to check)."""
-    try:
-        return HeadGeometry.from_text_config(ck.text_config)
-    except (BadInput, TypeError, ValueError):
+    there is to check); one it gives wrong (0 heads) is bad input, as for probe.heads."""
+    cfg = ck.text_config
+    if any(k not in cfg for k in ("num_attention_heads", "hidden_size", "num_hidden_layers")):
         return None
+    try:
+        return HeadGeometry.from_text_config(cfg)
+    except BadInput as exc:
+        raise BadInput(f"{ck.name}: {exc}") from None
 
 
 def check_head_geometry(ckpts: Sequence[Checkpoint], names: Sequence[str]) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -189,6 +190,19 @@ def test_same_shapes_split_into_other_heads_are_refused(zoo, tmp_path, capsys):
         code, err = run_cli(main, [*argv, "--out", out], capsys)
         assert_bad(code, err, out, "LM architectures differ", f"{who} has 2 layers, {8 if who != zoo['base'] else 4} "
                    "heads")
+
+
+def test_impossible_head_counts_in_config_json(zoo, tmp_path, capsys):
+    """0 or "four" heads: the merge copied the reference's config into an LM no class loads; now exit 2 naming it."""
+    out = tmp_path / "o"
+    for value, needle in ((0, "got 0"), ("four", "got 'four'"), (3, "3 attention heads of 8 in 2 key/value groups")):
+        bad = tmp_path / f"bad-{value}"
+        shutil.copytree(zoo["q1"], bad)
+        cfg = json.loads((bad / "config.json").read_text())
+        (bad / "config.json").write_text(json.dumps(cfg | {"num_attention_heads": value, "head_dim": 8}))
+        for argv in (["--models", bad, zoo["base"]], ["--models", zoo["base"], bad]):
+            code, err = run_cli(merge.main, [*argv, "--method", "average", "--out", out], capsys)
+            assert_bad(code, err, out, f"{bad}: config", needle)
 
 
 def test_a_model_twice_or_out_over_an_input(zoo, tmp_path, capsys):
