@@ -16,6 +16,7 @@ import torch
 
 from analyses.checkpoints import VOCAB_TENSORS, Checkpoint, TensorInfo, chunks, layer_module
 from probe.errors import BadInput
+from probe.families import HeadGeometry
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,7 @@ def align(ckpts: Sequence[Checkpoint], names: Sequence[str] | None = None) -> Al
         if extra:
             more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
             raise BadInput(f"LM tensor sets differ: {extra[0]}{more} is in {nm} but not in {names[0]}")
+    check_head_geometry(ckpts, names)  # after the shapes, which name a wider or deeper LM more precisely
     vocab = {}
     for p in plans:
         if p.canon in VOCAB_TENSORS and len(set(p.vocab_rows)) > 1:
@@ -131,6 +133,30 @@ def align(ckpts: Sequence[Checkpoint], names: Sequence[str] | None = None) -> Al
         head = {"own_lm_head": list(dict.fromkeys(nm for ck, nm in zip(ckpts, names) if not ck.tied)), "tied": tied,
                 "rule": f"lm_head compared/merged; tied {', '.join(tied)} contribute embed_tokens as lm_head"}
     return Alignment(plans, vocab, head)
+
+
+def lm_geometry(ck: Checkpoint) -> HeadGeometry | None:
+    """The head layout config.json gives the checkpoint's LM (None where it does not say: shapes are then all
+    there is to check); one it gives wrong (0 heads) is bad input, as for probe.heads."""
+    cfg = ck.text_config
+    if any(k not in cfg for k in ("num_attention_heads", "hidden_size", "num_hidden_layers")):
+        return None
+    try:
+        return HeadGeometry.from_text_config(cfg)
+    except BadInput as exc:
+        raise BadInput(f"{ck.name}: {exc}") from None
+
+
+def check_head_geometry(ckpts: Sequence[Checkpoint], names: Sequence[str]) -> None:
+    """Every LM splits its attention into the reference's heads. Equal tensor shapes do not say so: 4 heads of 8
+    and 8 heads of 4 both make a 32x32 q_proj, so a merge of the two mixed unrelated rows with exit 0, and a carrier
+    of the other layout got an LM its config splits wrongly."""
+    ref = lm_geometry(ckpts[0])
+    for ck, nm in zip(ckpts[1:], names[1:]):
+        g = lm_geometry(ck)
+        if ref is not None and g is not None and g != ref:
+            raise BadInput(f"LM architectures differ: {nm} has {g.describe()} (config.json), {names[0]} "
+                           f"{ref.describe()}; their weights cannot be compared or merged")
 
 
 def check_token_ids(ckpts: Sequence[Checkpoint], names: Sequence[str], rows: int) -> None:

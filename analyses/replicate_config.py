@@ -418,15 +418,10 @@ def check_lm_geometry(refs: dict[str, Any]) -> None:
     from analyses.checkpoints import open_checkpoint
 
     base = refs["models.base"]
-
-    def shape(g: Any) -> str:
-        return (f"{g.n_layers} layers, {g.n_heads} heads ({g.n_kv_heads} key/value) of {g.head_dim}, hidden "
-                f"{g.hidden_size}")
-
     for key, ref in refs.items():
         if ref.geometry != base.geometry:
-            raise BadInput(f"config key {key!r}: the LM of {ref.spec} has {shape(ref.geometry)}, the base "
-                           f"{base.spec} {shape(base.geometry)}; experts must be fine-tunes of models.base")
+            raise BadInput(f"config key {key!r}: the LM of {ref.spec} has {ref.geometry.describe()}, the base "
+                           f"{base.spec} {base.geometry.describe()}; experts must be fine-tunes of models.base")
     if any(r.hub_repo or r.gguf_file for r in refs.values()):
         return  # hub weights are fetched when a stage first needs them; their configs agreed above
     with ExitStack() as stack:

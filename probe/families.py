@@ -664,15 +664,30 @@ class HeadGeometry:
 
     @staticmethod
     def from_text_config(cfg: Mapping[str, Any]) -> "HeadGeometry":
-        try:
-            n_heads = int(cfg["num_attention_heads"])
-            hidden = int(cfg["hidden_size"])
-            n_layers = int(cfg["num_hidden_layers"])
-        except KeyError as exc:
-            raise BadInput(f"config lacks {exc.args[0]!r}: cannot tell the head layout") from None
-        head_dim = cfg.get("head_dim") or hidden // n_heads
-        n_kv = cfg.get("num_key_value_heads") or n_heads
-        return HeadGeometry(n_layers, n_heads, int(n_kv), int(head_dim), hidden)
+        missing = next((k for k in ("num_attention_heads", "hidden_size", "num_hidden_layers") if k not in cfg), None)
+        if missing:
+            raise BadInput(f"config lacks {missing!r}: cannot tell the head layout")
+        n_heads, hidden, n_layers = (_count(cfg, k) for k in ("num_attention_heads", "hidden_size",
+                                                               "num_hidden_layers"))
+        # null or absent: the usual fallbacks
+        head_dim = _count(cfg, "head_dim") if cfg.get("head_dim") is not None else hidden // n_heads
+        n_kv = _count(cfg, "num_key_value_heads") if cfg.get("num_key_value_heads") is not None else n_heads
+        if head_dim < 1 or n_heads % n_kv:
+            raise BadInput(f"config: {n_heads} attention heads of {head_dim} in {n_kv} key/value groups is no head "
+                           "layout (heads must split evenly into the groups, each head at least 1 wide)")
+        return HeadGeometry(n_layers, n_heads, n_kv, head_dim, hidden)
+
+    def describe(self) -> str:
+        return (f"{self.n_layers} layers, {self.n_heads} heads ({self.n_kv_heads} key/value) of {self.head_dim}, "
+                f"hidden {self.hidden_size}")
+
+
+def _count(cfg: Mapping[str, Any], key: str) -> int:
+    """A positive integer of the config (0, -4, "four" or 4.5 heads made a traceback, or a division by zero)."""
+    value = cfg[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BadInput(f"config {key} must be a positive integer, got {value!r}")
+    return value
 
 
 def with_class_defaults(cfg: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -99,16 +99,21 @@ def letter_token_ids(tokenizer: Any, letters: Sequence[str]) -> list[int]:
     return ids
 
 
+def item_modalities(item: ItemLike) -> tuple[str, ...]:
+    return ("text",) + (("image",) if item.images else ()) + (("video",) if item.frames else ())
+
+
 def can_read(ref: Any, item: ItemLike) -> bool:
-    """A text-only model (no placeholder in its family row) cannot take image or video items."""
-    return not ((item.images and ref.family.image_placeholder is None)
-                or (item.frames and ref.family.video_placeholder is None))
+    """The model's family row probes every modality the item has (probe.families.Family.modalities)."""
+    return set(item_modalities(item)) <= set(ref.family.modalities)
 
 
 def check_modalities(ref: Any, items: Sequence[ItemLike]) -> None:
     for item in items:
         if not can_read(ref, item):
-            raise BadInput(f"item {item.id} has images or video but {ref.spec} ({ref.family.name}) is text-only")
+            lacks = [m for m in item_modalities(item) if m not in ref.family.modalities]
+            raise BadInput(f"item {item.id} has {' and '.join(lacks)} but {ref.spec} ({ref.family.name}) reads "
+                           f"{' and '.join(ref.family.modalities)} only")
 
 
 def check_item_text(items: Sequence[ItemLike], specials: Sequence[str], model: str) -> None:

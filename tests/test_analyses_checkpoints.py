@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -169,6 +170,39 @@ def test_lm_shapes_differ(zoo, tmp_path, capsys):
                        (shift.main, ["--base", zoo["base"], "--models", deep, "--no-figures"])):
         code, err = run_cli(main, [*argv, "--out", out], capsys)
         assert_bad(code, err, out, "LM tensor sets differ", "layers.2.", "is in " + str(deep))
+
+
+def test_same_shapes_split_into_other_heads_are_refused(zoo, tmp_path, capsys):
+    """8 heads of 4 (4 KV) give every LM tensor the shape 4 heads of 8 (2 KV) give: shapes alone let a merge mix
+    unrelated head rows with exit 0, and put an LM into a carrier whose config splits it into other heads."""
+    kw = dict(num_attention_heads=8, num_key_value_heads=4)
+    other = tiny.write_model("qwen2", tmp_path / "h8", tiny.base_lm(5, **kw), **kw)
+    carrier = tiny.write_model("qwen2_vl", tmp_path / "vl8", tiny.base_lm(6, **kw), **kw)
+    with open_checkpoint(str(zoo["base"])) as a, open_checkpoint(str(other)) as b:
+        assert {k: a.infos[v].shape for k, v in a.lm.items()} == {k: b.infos[v].shape for k, v in b.lm.items()}
+    out = tmp_path / "o"
+    for main, argv, who in ((merge.main, ["--base", zoo["base"], "--models", other, "--method", "shift"], other),
+                            (merge.main, ["--models", other, zoo["base"], "--method", "average"], zoo["base"]),
+                            (merge.main, ["--base", zoo["base"], "--models", zoo["q1"], "--carrier", carrier], carrier),
+                            (shift.main, ["--base", zoo["base"], "--models", other, "--no-figures"], other),
+                            (trajectory.main, ["--base", zoo["base"], "--experts", zoo["q1"], other, "--no-figures"],
+                             other)):
+        code, err = run_cli(main, [*argv, "--out", out], capsys)
+        assert_bad(code, err, out, "LM architectures differ", f"{who} has 2 layers, {8 if who != zoo['base'] else 4} "
+                   "heads")
+
+
+def test_impossible_head_counts_in_config_json(zoo, tmp_path, capsys):
+    """0 or "four" heads: the merge copied the reference's config into an LM no class loads; now exit 2 naming it."""
+    out = tmp_path / "o"
+    for value, needle in ((0, "got 0"), ("four", "got 'four'"), (3, "3 attention heads of 8 in 2 key/value groups")):
+        bad = tmp_path / f"bad-{value}"
+        shutil.copytree(zoo["q1"], bad)
+        cfg = json.loads((bad / "config.json").read_text())
+        (bad / "config.json").write_text(json.dumps(cfg | {"num_attention_heads": value, "head_dim": 8}))
+        for argv in (["--models", bad, zoo["base"]], ["--models", zoo["base"], bad]):
+            code, err = run_cli(merge.main, [*argv, "--method", "average", "--out", out], capsys)
+            assert_bad(code, err, out, f"{bad}: config", needle)
 
 
 def test_a_model_twice_or_out_over_an_input(zoo, tmp_path, capsys):

@@ -515,3 +515,27 @@ def test_projector_parameters_are_exactly_the_families_projector(family, loaded)
     want = {n for n in names if n.startswith(PROJECTORS[family])}
     assert want and {n for n in names if is_projector_param(n, m)} == want
     assert not any(is_lm_param(n, m) for n in want)
+
+
+def test_modality_refusal_names_what_the_row_lacks():
+    """An item is read by a model when its family row probes every modality the item has (Family.modalities,
+    the README table's column); a refusal names the missing one and what the model does read. A video item given
+    to LLaVA was refused as if LLaVA were 'text-only'."""
+    from types import SimpleNamespace
+
+    from probe.errors import BadInput
+    from probe.prompting import can_read, check_modalities
+
+    image = make_item()
+    video = dataclasses.replace(make_item(with_image=False, item_id="validation_Test_9"), frames=(b"x",))
+    for fam in FAMILIES.values():
+        ref = SimpleNamespace(spec=f"m-{fam.name}", family=fam)
+        for item, needs in ((image, "image"), (video, "video")):
+            assert can_read(ref, item) == (needs in fam.modalities), (fam.name, needs)
+            if needs in fam.modalities:
+                check_modalities(ref, [item])
+                continue
+            with pytest.raises(BadInput) as exc:
+                check_modalities(ref, [item])
+            assert str(exc.value) == (f"item {item.id} has {needs} but m-{fam.name} ({fam.name}) reads "
+                                      f"{' and '.join(fam.modalities)} only")

@@ -410,6 +410,15 @@ def _corrupt_model(root: Path, tiny: Path) -> Path:
     return root
 
 
+def _text_config_with(root: Path, tiny: Path, **values) -> Path:
+    """A copy of a tiny Qwen2-VL whose config.json text_config has ``values`` (impossible head counts)."""
+    shutil.copytree(tiny, root)
+    cfg = json.loads((root / "config.json").read_text())
+    cfg["text_config"].update(values)
+    (root / "config.json").write_text(json.dumps(cfg))
+    return root
+
+
 def _template(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
@@ -429,6 +438,13 @@ BAD_CASES = {
     "unknown subject": lambda t, d, m: ["--data", d, "--subjects", "Astrology"],
     "unreadable checkpoint": lambda t, d, m: ["--model", _corrupt_model(t / "corrupt", m["qwen2"]), "--data", d],
     "text-only model, image items": lambda t, d, m: ["--model", "tiny-qwen2", "--data", d],
+    # a traceback (transformers' division by zero, int("four")) before these were checked
+    "zero heads in config.json": lambda t, d, m: ["--model", _text_config_with(t / "h0", m["qwen2_vl"],
+                                                                             num_attention_heads=0), "--data", d],
+    "heads not a number": lambda t, d, m: ["--model", _text_config_with(t / "hx", m["qwen2_vl"],
+                                                                      num_attention_heads="four"), "--data", d],
+    "heads not in whole key/value groups": lambda t, d, m: [
+        "--model", _text_config_with(t / "h3", m["qwen2_vl"], num_attention_heads=3, head_dim=16), "--data", d],
     "unknown dtype": lambda t, d, m: ["--data", d, "--dtype", "float8"],
     "flash attention on the cpu": lambda t, d, m: ["--data", d, "--device", "cpu", "--attn-implementation",
                                                    "flash_attention_2"],  # was transformers' ImportError, exit 1

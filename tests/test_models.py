@@ -161,8 +161,16 @@ def test_load_model_bad_dtype(tiny_dirs):
 
 
 def test_head_geometry_from_text_config_is_int():
-    g = HeadGeometry.from_text_config({"num_attention_heads": "4", "hidden_size": 64, "num_hidden_layers": 2})
-    assert g == HeadGeometry(2, 4, 4, 16, 64)
+    """Counts are positive ints; anything else is bad input, as transformers' config classes refuse it (strict
+    dataclasses: "4" is no int; 0 heads divides by zero), said before any weight loads."""
+    g = HeadGeometry.from_text_config({"num_attention_heads": 4, "hidden_size": 64, "num_hidden_layers": 2,
+                                       "head_dim": None, "num_key_value_heads": None})
+    assert g == HeadGeometry(2, 4, 4, 16, 64) and all(type(v) is int for v in dataclasses.astuple(g))
+    good = {"num_attention_heads": 4, "hidden_size": 64, "num_hidden_layers": 2}
+    for key, value in (("num_attention_heads", "4"), ("num_attention_heads", 0), ("hidden_size", 4.0),
+                       ("num_hidden_layers", -1), ("num_key_value_heads", 3), ("head_dim", True)):
+        with pytest.raises(BadInput, match=key if key != "num_key_value_heads" else "key/value groups"):
+            HeadGeometry.from_text_config(good | {key: value})
 
 
 def _fake_hub(monkeypatch, source: Path, snapshot: Path, calls: list):
