@@ -38,7 +38,7 @@ from analyses.shift import CHUNK, read_shift_csv
 from analyses.writer import (Entry, ShardedWriter, atomic_dir, check_output, check_replaceable, copy_side_files,
                              parse_size)
 from probe.errors import ArgParser, BadInput, cli_main
-from probe.families import CAUSAL_LM, LAYOUTS, causal_lm_type, untie_word_embeddings
+from probe.families import CAUSAL_LM, LAYOUTS, causal_lm_type, check_lm_fits_class, untie_word_embeddings
 from probe.families import lm_disk_key as layout_key
 
 # CLI name -> formula registry name
@@ -475,6 +475,8 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
         salience = load_salience(cfg, base, models, names) if cfg.method == "salience" else None
         merger = Merger(cfg, inputs, names, al, base is not None, shift_table, salience)
         ref = inputs[0]
+        check_lm_fits_class(causal_lm_type(ref.family, ref.text_config), ref.text_config,
+                            [p.canon for p in al.tensors], f"{names[0]} ({ref.path})")
         entries = [Entry(lm_disk_key(p.canon), p.ref.dtype, p.ref.shape) for p in al.tensors]
         with atomic_dir(cfg.out, cfg.overwrite, "analyses.merge") as tmp:
             with ShardedWriter(tmp, entries, cfg.shard_size, {"merge_method": cfg.method}, background=True) as writer:

@@ -581,6 +581,22 @@ CAUSAL_LM: dict[str, str] = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCaus
                              "mistral": "MistralForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 
 
+def check_lm_fits_class(model_type: str, text_config: Mapping[str, Any], lm_names: Iterable[str], where: str) -> None:
+    """The LM tensors must be the ones the class a merged LM is written as has: a Qwen2 layer has q/k/v biases, a
+    Qwen3 or Gemma 3 layer q/k norms, a Llama or Mistral layer neither (biases only where ``attention_bias`` is set).
+    Written as the wrong class, the merged LM loads with those tensors freshly initialised or dropped, and only
+    transformers' load report says so: an original-layout LLaVA with a Llama LM (model_type "llava") would be
+    written as Qwen2, its layout's family."""
+    names = set(lm_names)
+    expected = {"self_attn.q_proj.bias": model_type == "qwen2" or bool(text_config.get("attention_bias", False)),
+                "self_attn.q_norm.weight": model_type in ("qwen3", "gemma3_text")}
+    for suffix, want in expected.items():
+        if (f"layers.0.{suffix}" in names) != want:
+            raise BadInput(f"{where}: its LM {'lacks' if want else 'has'} {suffix} tensors, which "
+                           f"{CAUSAL_LM[model_type]} (the class its merged LM would be written as, LM type "
+                           f"{model_type!r}) {'has' if want else 'lacks'}: not the LM its layout's family holds")
+
+
 def causal_lm_type(family: Family, text_config: Mapping[str, Any]) -> str:
     """The model_type a family's LM is written as on its own (a merged LM)."""
     model_type = family.lm_model_type or text_config.get("model_type") or family.model_types[0]

@@ -180,6 +180,33 @@ def test_merging_a_with_a_gives_a(zoo, tmp_path):
             torch.testing.assert_close(got[k], q[k], rtol=0, atol=1e-7)
 
 
+@pytest.mark.parametrize("case, want", [("qwen2 without biases", "its LM lacks self_attn.q_proj.bias tensors"),
+                                        ("llama with biases", "its LM has self_attn.q_proj.bias tensors")])
+def test_an_lm_that_is_not_the_class_it_would_be_written_as_is_refused(zoo, tmp_path, capfd, case, want):
+    """An original-layout LLaVA with a Llama LM reads as the llava_onevision family (model_type "llava"), whose merged
+    LM is written as Qwen2: loaded, its q/k/v biases were freshly initialised, with exit 0 here. Oracle: a qwen2
+    checkpoint whose biases are removed, and one relabelled llama (attention_bias unset) that keeps them."""
+    from safetensors.torch import save_file
+
+    dirs = []
+    for k in (1, 2):
+        d = shutil.copytree(zoo["base"], tmp_path / f"m{k}")
+        cfg = json.loads((d / "config.json").read_text())
+        if case.startswith("qwen2"):
+            for f in d.glob("*.safetensors"):
+                save_file({n: t for n, t in load_file(f).items() if not n.endswith("_proj.bias")}, f,
+                          metadata={"format": "pt"})
+        else:
+            cfg |= {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+            (d / "config.json").write_text(json.dumps(cfg))
+        dirs.append(d)
+    out = tmp_path / "out"
+    assert run(merge.main, "--models", *dirs, "--method", "average", "--out", out) == 2
+    err = capfd.readouterr().err.strip()
+    assert err.startswith("error: ") and want in err and "\n" not in err, err
+    assert not out.exists()
+
+
 def test_weighted_eq2(zoo, tmp_path):
     assert run(merge.main, "--models", zoo["base"], zoo["vl"], "--method", "weighted", "--weights", 3, 1,
                "--out", tmp_path / "w") == 0
