@@ -376,8 +376,13 @@ def _cell(r: Any, metric: str, n_lost: int = 0) -> str:
     return f"{100 * v:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]{alike}{part}"
 
 
+WIDE_SUBJECTS = 12  # past this many subjects a set's table turns to one row per subject
+
+
 def markdown_table(scores: Any, plan: EvalPlan, metric: str) -> str:
-    """Models × data sets (the paper's layout), then one models × subjects table per data set."""
+    """Models × data sets (the paper's layout), then one models × subjects table per data set; a set of more than
+    WIDE_SUBJECTS subjects (MMMU's 30, MMLU's 57) gets subjects × models instead, one row per subject, so the table
+    stays as wide as the model list rather than a line of 57 cells."""
     names = [ds.name for ds in plan.data]
     lines = [f"| model | {' | '.join(names)} |", "|---" * (len(names) + 1) + "|"]
     top = scores[scores["subject"] == ALL].set_index(["model", "data"])
@@ -389,9 +394,14 @@ def markdown_table(scores: Any, plan: EvalPlan, metric: str) -> str:
         subs = ds.subjects
         sub = scores[scores["data"] == ds.name].set_index(["model", "subject"])
         n = f"{ds.n_items} item{'s' if ds.n_items != 1 else ''}"
-        head = [f"| {ds.name} ({n}) | {' | '.join(subs)} |", "|---" * (len(subs) + 1) + "|"]
-        body = [f"| {e.name} | " + " | ".join(_cell(sub.loc[(e.name, s)], metric, plan.n_unread(e.name, ds.name, s))
-                                              for s in subs) + " |" for e in plan.models]
+        cell = lambda e, s: _cell(sub.loc[(e.name, s)], metric, plan.n_unread(e.name, ds.name, s))  # noqa: E731
+        if len(subs) > WIDE_SUBJECTS:
+            head = [f"| {ds.name} ({n}): subject | {' | '.join(e.name for e in plan.models)} |",
+                    "|---" * (len(plan.models) + 1) + "|"]
+            body = [f"| {s} | " + " | ".join(cell(e, s) for e in plan.models) + " |" for s in subs]
+        else:
+            head = [f"| {ds.name} ({n}) | {' | '.join(subs)} |", "|---" * (len(subs) + 1) + "|"]
+            body = [f"| {e.name} | " + " | ".join(cell(e, s) for s in subs) + " |" for e in plan.models]
         blocks.append("\n".join(head + body))
     return "\n\n".join(blocks)
 

@@ -204,6 +204,32 @@ def test_a_score_of_0_or_100_percent_says_its_bootstrap_interval_has_no_width(tm
     assert "| mixed | 50.0 [" in table and "]† |" not in table.split("| mixed |")[1].splitlines()[0]
     assert "Clopper-Pearson" in table
 
+def test_a_set_of_many_subjects_gets_one_row_per_subject(tmp_path):
+    """MMLU's 57 subjects made its table.md block one line of 58 cells per model; past WIDE_SUBJECTS a set's block is
+    one row per subject, each cell the subject's score of that model (oracle: the items' mean, computed here)."""
+    from probe.eval import WIDE_SUBJECTS, DataSet, EvalPlan, ModelEntry, score_table, write_results
+
+    subjects = [f"S{k:02d}" for k in range(WIDE_SUBJECTS + 1)]
+    few = ["T0", "T1"]
+    rows = [{"model": m, "data": d, "item_id": f"{s}_{i}", "subject": s, "correct": float((i + j + k) % 3 == 0),
+             "prob_correct": 0.0, "p_answer": 0.5}
+            for j, m in enumerate(("a", "b")) for d, subs in (("wide", subjects), ("narrow", few))
+            for k, s in enumerate(subs) for i in range(4)]
+    plan = EvalPlan([ModelEntry(m, m, "qwen2", "fp") for m in ("a", "b")],
+                    [DataSet("wide", "wide", "wide", "fp", 4 * len(subjects), 0, subjects),
+                     DataSet("narrow", "narrow", "narrow", "fp", 8, 0, few)], {}, {}, {}, {"generate": True})
+    df = pd.DataFrame(rows)
+    write_results(tmp_path, df, score_table(df, plan, None, 0), plan)
+    blocks = (tmp_path / "table.md").read_text().split("\n\n")
+    wide = next(b for b in blocks if b.startswith("| wide ("))
+    assert wide.splitlines()[0] == f"| wide ({4 * len(subjects)} items): subject | a | b |"
+    for s, line in zip(subjects, wide.splitlines()[2:]):
+        means = [100 * df[(df.model == m) & (df.subject == s) & (df.data == "wide")].correct.mean() for m in "ab"]
+        assert line.startswith(f"| {s} | {means[0]:.1f} [") and f"| {means[1]:.1f} [" in line
+    narrow = next(b for b in blocks if b.startswith("| narrow ("))
+    assert narrow.splitlines()[0] == "| narrow (8 items) | T0 | T1 |"  # a few subjects keep the paper's layout
+
+
 def test_paired_difference_pairs_items_within_their_subject():
     """Item ids need only be unique within a subject (a user's set may number each subject 1, 2, …): the
     difference to the reference pairs each item with the same subject's item, never across subjects."""
