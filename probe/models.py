@@ -434,6 +434,11 @@ def part_config(ref: ModelRef) -> Any:
         return getattr(transformers, fam.model_class).config_class(**sub)
 
 
+def byte_size(n: float) -> str:
+    """Bytes as a person reads them in an error line."""
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def check_fits(ref: ModelRef, dtype: str, devices: Sequence[str], memory: Sequence[int]) -> None:
     """The weights fit the device(s) they will load on, where their memory is known (free RAM on the CPU, each
     GPU's total): bad input before a weight is read, not an out-of-memory kill — exit 137 and no word — after
@@ -449,9 +454,8 @@ def check_fits(ref: ModelRef, dtype: str, devices: Sequence[str], memory: Sequen
     usable = memory[0] * HEADROOM_FRACTION - HEADROOM_BYTES
     if need > usable:
         cpu = devices[0] == "cpu"
-        size = lambda n: f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"  # noqa: E731
-        raise BadInput(f"{ref.spec}: its weights take {size(need)} in {dtype}, more than {devices[0]} can hold "
-                       f"({size(memory[0])} {'free' if cpu else 'in all'}, {size(max(usable, 0))} usable); use "
+        raise BadInput(f"{ref.spec}: its weights take {byte_size(need)} in {dtype}, more than {devices[0]} can hold "
+                       f"({byte_size(memory[0])} {'free' if cpu else 'in all'}, {byte_size(max(usable, 0))} usable); use "
                        f"--dtype bfloat16{', a GPU' if cpu else ''} or several GPUs (--device auto)")
 
 
@@ -492,10 +496,9 @@ def check_trains_fits(ref: ModelRef, dtype: str, device: str, memory: int | None
     n_train, state = optimizer_bytes(skeleton, ref, train_cfg)
     usable = memory * HEADROOM_FRACTION - HEADROOM_BYTES
     if weights + state > usable:
-        size = lambda n: f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"  # noqa: E731
-        raise BadInput(f"{ref.spec}: fine-tuning it takes {size(weights)} of {dtype} weights plus {size(state)} of "
+        raise BadInput(f"{ref.spec}: fine-tuning it takes {byte_size(weights)} of {dtype} weights plus {byte_size(state)} of "
                        f"gradients and AdamW moments ({n_train:,} parameters train), more than {device} can hold "
-                       f"({size(max(usable, 0))} usable); use LoRA (--lora R; replicate: finetune.lora), FSDP over "
+                       f"({byte_size(max(usable, 0))} usable); use LoRA (--lora R; replicate: finetune.lora), FSDP over "
                        "several GPUs (accelerate launch), or a rate of 0 for a part (--lm-lr 0 / --lr 0)")
 
 
