@@ -246,15 +246,22 @@ def convert_gpqa(cfg: ConvertConfig, report: ConvertReport, plan: Planned) -> No
         raise BadInput(f"{f}: not found (the gated Idavidrein/gpqa snapshot holds gpqa_main.csv, gpqa_diamond.csv, "
                        "gpqa_extended.csv)")
     wrong_cols = [f"Incorrect Answer {k}" for k in (1, 2, 3)]
+    records: dict[str, str] = {}
     for where, r in read_rows([f], ("Question", "Correct Answer", *wrong_cols, "Record ID", "High-level domain")):
+        record = (r["Record ID"] or "").strip()
+        if not record:  # the order's seed: rows without one would all put the correct answer at the same letter
+            raise BadInput(f"{where}: no Record ID (it seeds the order of the options)")
+        if record in records:
+            raise BadInput(f"{where}: Record ID {record!r} again (first at {records[record]}): a question twice?")
+        records[record] = where
         texts = [r["Correct Answer"], *(r[c] for c in wrong_cols)]
         if any(not (t or "").strip() for t in texts):
             raise BadInput(f"{where}: an empty answer option")
         if len({t.strip() for t in texts}) < len(texts):  # two equal options: the key could not tell them apart
             raise BadInput(f"{where}: two answer options are the same text")
-        options, answer = gpqa_options(texts[0].strip(), [t.strip() for t in texts[1:]], r["Record ID"])
+        options, answer = gpqa_options(texts[0].strip(), [t.strip() for t in texts[1:]], record)
         add_row(cfg, report, plan, subject_name(r["High-level domain"]), where, r["Question"].strip(), options,
-                answer, {"source": f"Idavidrein/gpqa gpqa_{cfg.gpqa_set}", "record_id": r["Record ID"]},
+                answer, {"source": f"Idavidrein/gpqa gpqa_{cfg.gpqa_set}", "record_id": record},
                 subfield=str(r.get("Subdomain") or ""))
 
 

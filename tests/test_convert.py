@@ -226,6 +226,16 @@ def test_gpqa_refuses_two_equal_options(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+
+@pytest.mark.parametrize("record, want", [("", "row 2: no Record ID"), ("rec0000", "row 2: Record ID 'rec0000' again")])
+def test_gpqa_refuses_a_row_without_its_own_record_id(tmp_path, record, want):
+    """The Record ID seeds the order: rows without one would all put the correct answer at one letter."""
+    rows = gpqa_rows(3)
+    rows[2][8] = record
+    write_csv(tmp_path / "gpqa" / "gpqa_main.csv", GPQA_HEADER, rows)
+    one_error_line(convert("gpqa", tmp_path / "gpqa", "--out", tmp_path / "out"), want)
+    assert not (tmp_path / "out").exists()
+
 # --- Video-MME ------------------------------------------------------------------------------------------------
 
 def write_video(path: Path, shift: int) -> None:
