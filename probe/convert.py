@@ -185,6 +185,18 @@ class Planned:
     """The rows to write, checked, per subject; a video set's rows name their video (frames come later)."""
     rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     videos: dict[str, Path] = field(default_factory=dict)  # videoID -> file
+    named: dict[str, tuple[str, str]] = field(default_factory=dict)  # folder, casefolded -> (source name, its row)
+
+    def subject(self, name: Any, where: str) -> str:
+        """The folder of a source subject; two source names that would share one folder ("computer science" and
+        "computer_science"; "Physics" and "physics" on a case-insensitive file system) are refused, never merged."""
+        folder = subject_name(name)
+        same = " ".join(str(name).split())  # whitespace alone does not make another subject
+        first, at = self.named.setdefault(folder.casefold(), (same, where))
+        if first != same:
+            raise BadInput(f"{where}: subject {same!r} and {first!r} ({at}) would share the folder {folder!r}; "
+                           "the two would be scored as one subject")
+        return folder
 
 
 def convert_mmlu(cfg: ConvertConfig, report: ConvertReport, plan: Planned) -> None:
@@ -198,7 +210,7 @@ def convert_mmlu(cfg: ConvertConfig, report: ConvertReport, plan: Planned) -> No
                 raise BadInput(f"{where}: no subject (an empty 'subject' outside a subject folder)")
             options = options_list(r["choices"], where)
             answer = answer_letter(options, where, index=r["answer"])
-            add_row(cfg, report, plan, subject_name(subject), where, r["question"], options, answer,
+            add_row(cfg, report, plan, subject, where, r["question"], options, answer,
                     {"source": "cais/mmlu"})
 
 
@@ -207,7 +219,7 @@ def convert_mmlu_pro(cfg: ConvertConfig, report: ConvertReport, plan: Planned) -
     for where, r in read_rows(find_files(cfg.src, cfg.split, ("data", "")), need):
         options = options_list(r["options"], where)
         answer = answer_letter(options, where, index=r.get("answer_index"), letter=r["answer"])
-        add_row(cfg, report, plan, subject_name(r["category"]), where, r["question"], options, answer,
+        add_row(cfg, report, plan, r["category"], where, r["question"], options, answer,
                 {"source": "TIGER-Lab/MMLU-Pro", "question_id": r["question_id"], "src": r.get("src")})
 
 
@@ -221,7 +233,7 @@ def convert_mmmlu(cfg: ConvertConfig, report: ConvertReport, plan: Planned) -> N
         locale = f.stem.removeprefix("mmlu_")
         for where, r in read_rows([f], ("Question", "A", "B", "C", "D", "Answer")):
             options = [r[k] for k in "ABCD"]
-            add_row(cfg, report, plan, subject_name(locale), where, r["Question"], options,
+            add_row(cfg, report, plan, locale, where, r["Question"], options,
                     answer_letter(options, where, letter=r["Answer"]),
                     {"source": "openai/MMMLU", "locale": locale, "subject": r.get("Subject")},
                     subfield=str(r.get("Subject") or ""))
@@ -260,7 +272,7 @@ def convert_gpqa(cfg: ConvertConfig, report: ConvertReport, plan: Planned) -> No
         if len({t.strip() for t in texts}) < len(texts):  # two equal options: the key could not tell them apart
             raise BadInput(f"{where}: two answer options are the same text")
         options, answer = gpqa_options(texts[0].strip(), [t.strip() for t in texts[1:]], record)
-        add_row(cfg, report, plan, subject_name(r["High-level domain"]), where, r["Question"].strip(), options,
+        add_row(cfg, report, plan, r["High-level domain"], where, r["Question"].strip(), options,
                 answer, {"source": f"Idavidrein/gpqa gpqa_{cfg.gpqa_set}", "record_id": record},
                 subfield=str(r.get("Subdomain") or ""))
 
@@ -280,7 +292,7 @@ def convert_video_mme(cfg: ConvertConfig, report: ConvertReport, plan: Planned) 
         answer = answer_letter(options, where, letter=r["answer"])
         source = {"source": "lmms-lab/Video-MME", **{k: r.get(k) for k in
                   ("question_id", "videoID", "duration", "domain", "sub_category", "task_type")}}
-        if add_row(cfg, report, plan, subject_name(r[cfg.subject_by]), where, r["question"], options, answer,
+        if add_row(cfg, report, plan, r[cfg.subject_by], where, r["question"], options, answer,
                    source, video=vid, subfield=str(r.get("sub_category") or "")):
             plan.videos[vid] = videos / f"{vid}.mp4"
     if absent := sorted(v for v, p in plan.videos.items() if not p.is_file()):
@@ -288,15 +300,16 @@ def convert_video_mme(cfg: ConvertConfig, report: ConvertReport, plan: Planned) 
                        "unzip every videos_chunked_*.zip there")
 
 
-def add_row(cfg: ConvertConfig, report: ConvertReport, plan: Planned, subject: str, where: str, question: Any,
+def add_row(cfg: ConvertConfig, report: ConvertReport, plan: Planned, subject: Any, where: str, question: Any,
             options: list[str], answer: str, source: dict[str, Any], video: str | None = None,
             subfield: str = "") -> bool:
-    """Plan one item (False: left out, and said why in the report)."""
+    """Plan one item of the source subject ``subject`` (False: left out, and said why in the report)."""
     if not isinstance(question, str) or not question.strip():
         raise BadInput(f"{where}: the question is not a non-empty string")
     if why := reads_as_media([question, *options]):
         report.skipped.append({"row": where, "why": why})
         return False
+    subject = plan.subject(subject, where)
     rows = plan.rows.setdefault(subject, [])
     item_id = f"{cfg.out_split}_{subject}_{len(rows) + 1}"  # MMMU's id form: the loader checks it names the split
     row = mmmu_row(item_id, question if video is None else f"{VIDEO_REF} {question}", options, answer, source,

@@ -80,6 +80,16 @@ def test_mmlu_all_alone_is_grouped_by_its_subject_column(tmp_path):
     assert report.subjects == ["marketing", "virology"] and report.n_multiple_choice == 5
 
 
+
+@pytest.mark.parametrize("other", ["computer_science", "Computer Science", "computer-science"])
+def test_two_subjects_that_would_share_a_folder_are_refused_not_merged(tmp_path, other):
+    src, out = tmp_path / "mmlu", tmp_path / "out"
+    write(src / "all" / "validation-00000-of-00001.parquet",
+          mmlu_rows("computer science", 2) + mmlu_rows("computer  science ", 1) + mmlu_rows(other, 1))
+    one_error_line(convert("mmlu", src, "--out", out),  # whitespace alone is the same subject: row 2 passes
+                   f"row 3: subject {other!r} and 'computer science' (validation-00000-of-00001.parquet row 0)")
+    assert not out.exists()
+
 def mmlu_pro_rows() -> list[dict]:
     rows = []
     for i, cat in enumerate(["computer science", "law", "computer science"]):
