@@ -137,7 +137,7 @@ def answer_letter(options: Sequence[str], where: str, index: Any = None, letter:
     letters = option_letters(len(options))
     by_index = by_letter = None
     if index is not None:
-        if not isinstance(index, int) or not 0 <= index < len(options):
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(options):  # True is 1
             raise BadInput(f"{where}: answer index {index!r} is not 0-{len(options) - 1}")
         by_index = letters[index]
     if letter is not None:
@@ -190,6 +190,8 @@ class Planned:
     def subject(self, name: Any, where: str) -> str:
         """The folder of a source subject; two source names that would share one folder ("computer science" and
         "computer_science"; "Physics" and "physics" on a case-insensitive file system) are refused, never merged."""
+        if not isinstance(name, str):  # a null category would become the subject "None"
+            raise BadInput(f"{where}: the subject/category is {name!r}, not text")
         folder = subject_name(name)
         same = " ".join(str(name).split())  # whitespace alone does not make another subject
         first, at = self.named.setdefault(folder.casefold(), (same, where))

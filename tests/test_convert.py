@@ -90,6 +90,20 @@ def test_two_subjects_that_would_share_a_folder_are_refused_not_merged(tmp_path,
                    f"row 3: subject {other!r} and 'computer science' (validation-00000-of-00001.parquet row 0)")
     assert not out.exists()
 
+
+def test_a_null_category_or_a_boolean_answer_is_refused(tmp_path):
+    """A null category would become the subject "None"; a boolean column's True would be read as index 1."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    rows = mmlu_pro_rows()
+    rows[1]["category"] = None
+    write(src / "data" / "test-00000-of-00001.parquet", rows)
+    one_error_line(convert("mmlu-pro", src, "--out", out), "row 1: the subject/category is None, not text")
+    write(src / "all" / "validation-00000-of-00001.parquet",
+          [r | {"answer": bool(r["answer"] % 2)} for r in mmlu_rows("virology", 2)])
+    one_error_line(convert("mmlu", src, "--out", out), "row 0: answer index False is not 0-3")
+    assert not out.exists()
+
+
 def mmlu_pro_rows() -> list[dict]:
     rows = []
     for i, cat in enumerate(["computer science", "law", "computer science"]):
