@@ -221,8 +221,19 @@ def convert_mmlu_pro(cfg: ConvertConfig, report: ConvertReport, plan: Planned) -
     for where, r in read_rows(find_files(cfg.src, cfg.split, ("data", "")), need):
         options = options_list(r["options"], where)
         answer = answer_letter(options, where, index=r.get("answer_index"), letter=r["answer"])
+        options, answer = drop_na(options, answer, where)
         add_row(cfg, report, plan, r["category"], where, r["question"], options, answer,
                 {"source": "TIGER-Lab/MMLU-Pro", "question_id": r["question_id"], "src": r.get("src")})
+
+
+def drop_na(options: Sequence[str], answer: str, where: str) -> tuple[list[str], str]:
+    """MMLU-Pro pads some rows to ten options with "N/A", which its own evaluation drops before asking; dropped here
+    too (a model could pick one), the key following its option to the new letter."""
+    keep = [k for k, o in enumerate(options) if o.strip() != "N/A"]
+    at = option_letters(len(options)).index(answer)
+    if at not in keep:
+        raise BadInput(f"{where}: the answer {answer!r} is an 'N/A' option")
+    return [options[k] for k in keep], option_letters(len(keep))[keep.index(at)]
 
 
 def convert_mmmlu(cfg: ConvertConfig, report: ConvertReport, plan: Planned) -> None:

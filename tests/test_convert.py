@@ -132,6 +132,26 @@ def test_mmlu_pro_becomes_one_subject_per_category_with_up_to_ten_options(tmp_pa
     assert "as split 'validation'" in res.stdout
 
 
+def test_mmlu_pro_n_a_padding_is_dropped_and_the_key_follows_its_option(tmp_path):
+    """MMLU-Pro's own evaluation drops "N/A" options; the answer must still name the source's correct text."""
+    rows = mmlu_pro_rows()
+    rows[0]["options"][8:] = ["N/A", "N/A"]  # trailing padding (answer index 3, before it)
+    rows[1]["options"][2] = " N/A"  # one in the middle, before the answer
+    rows[1]["answer_index"], rows[1]["answer"] = 6, "G"
+    bad = [r | {"question": "key on N/A", "answer_index": 2, "answer": "C"} for r in rows[1:2]]
+    src, out = tmp_path / "pro", tmp_path / "out"
+    write(src / "data" / "test-00000-of-00001.parquet", rows)
+    assert convert("mmlu-pro", src, "--out", out).returncode == 0
+    items = {it.question: it for it in load_mmmu(out, "test")[0]}
+    for r in rows:
+        it = items[r["question"]]
+        assert list(it.options) == [o for o in r["options"] if o.strip() != "N/A"]
+        assert it.options["ABCDEFGHIJ".index(it.answer)] == r["options"][r["answer_index"]]
+    assert items["pro question 1"].answer == "F"  # one option before it dropped
+    write(src / "data" / "test-00000-of-00001.parquet", bad)
+    one_error_line(convert("mmlu-pro", src, "--out", tmp_path / "o2"), "row 0: the answer 'C' is an 'N/A' option")
+
+
 def test_a_row_whose_answer_and_index_disagree_stops_before_anything_is_written(tmp_path):
     rows = mmlu_pro_rows()
     rows[1]["answer_index"] = (rows[1]["answer_index"] + 1) % len(rows[1]["options"])
