@@ -99,7 +99,7 @@ def read_rows(files: Sequence[Path], need: Sequence[str]) -> list[tuple[str, dic
     for f in files:
         try:
             if f.suffix == ".csv":  # cells stay strings ("0042" is an answer's text, not the number 42)
-                with open(f, newline="", encoding="utf-8") as fh:
+                with open(f, newline="", encoding="utf-8-sig") as fh:  # a BOM would prefix the first column
                     reader = csv.DictReader(fh)
                     records, columns = list(reader), list(reader.fieldnames or ())
             else:

@@ -210,11 +210,11 @@ def test_bad_input_is_one_line_and_nothing_is_written(mmlu_src, tmp_path, case, 
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == listing  # inputs and out untouched
 
 
-def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
+def write_csv(path: Path, header: list[str], rows: list[list[str]], encoding: str = "utf-8") -> None:
     import csv
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    with open(path, "w", newline="", encoding=encoding) as f:
         w = csv.writer(f)
         w.writerow(header)
         w.writerows(rows)
@@ -234,6 +234,18 @@ def test_mmmlu_one_subject_per_locale_cells_kept_as_text(tmp_path):
         mine = [it for it in items if it.subject == locale]
         assert [it.answer for it in mine] == list(answers)
         assert [list(it.options) for it in mine] == [["0042", "1e3", f"c{i}", f"d{i}"] for i in range(len(answers))]
+
+
+def test_a_csv_saved_with_a_byte_order_mark_is_read(tmp_path):
+    """Excel and pandas' utf-8-sig write a BOM, which would read as part of the first column's name."""
+    src, out = tmp_path / "mmmlu", tmp_path / "out"
+    rows = [[f"Frage {i}", "a", "b", "c", "d", "ABCD"[i], "anatomy"] for i in range(3)]
+    write_csv(src / "test" / "mmlu_DE-DE.csv", ["Question", "A", "B", "C", "D", "Answer", "Subject"], rows,
+              encoding="utf-8-sig")
+    res = convert("mmmlu", src, "--out", out)
+    assert res.returncode == 0, res.stderr
+    items, report = load_mmmu(out, "test")
+    assert report.subjects == ["DE_DE"] and [(it.question, it.answer) for it in items] == [(r[0], r[5]) for r in rows]
 
 
 GPQA_HEADER = ["Pre-Revision Question", "Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2",
