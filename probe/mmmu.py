@@ -121,6 +121,11 @@ def _check_shards(files: Sequence[Path]) -> None:
         m = _SHARD.search(p.name)
         if m:
             groups.setdefault((p.name[: m.start()], int(m.group(2))), set()).add(int(m.group(1)))
+    totals: dict[str, int] = {}
+    for prefix, total in sorted(groups):  # two complete shardings (an old download beside a re-sharded one)
+        if (other := totals.setdefault(prefix, total)) != total:
+            raise BadInput(f"{files[0].parent}: holds {prefix}-*-of-{other:05d} and {prefix}-*-of-{total:05d}.parquet "
+                           "files, two shardings of one split that would count its items twice; keep one")
     for (prefix, total), parts in sorted(groups.items()):
         folder = files[0].parent
         if total < 1 or any(k >= total for k in parts):

@@ -152,6 +152,17 @@ def test_mmlu_pro_n_a_padding_is_dropped_and_the_key_follows_its_option(tmp_path
     one_error_line(convert("mmlu-pro", src, "--out", tmp_path / "o2"), "row 0: the answer 'C' is an 'N/A' option")
 
 
+def test_two_shardings_of_one_split_are_refused_not_counted_twice(tmp_path):
+    """An old single-file download beside a re-sharded one: each set is complete, so both used to be read."""
+    rows, src = mmlu_pro_rows(), tmp_path / "pro"
+    write(src / "data" / "test-00000-of-00001.parquet", rows)
+    write(src / "data" / "test-00000-of-00002.parquet", rows[:2])
+    write(src / "data" / "test-00001-of-00002.parquet", rows[2:])
+    one_error_line(convert("mmlu-pro", src, "--out", tmp_path / "out"),
+                   "holds test-*-of-00001 and test-*-of-00002.parquet files, two shardings of one split")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_row_whose_answer_and_index_disagree_stops_before_anything_is_written(tmp_path):
     rows = mmlu_pro_rows()
     rows[1]["answer_index"] = (rows[1]["answer_index"] + 1) % len(rows[1]["options"])
