@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from probe.errors import ArgParser, BadInput, RunStopped, check_counts, check_out_path, cli_main
-from probe.mmmu import VIDEO_REF, _IMAGE_REF, check_split, option_letters
+from probe.mmmu import VIDEO_REF, _IMAGE_REF, check_split, option_letters, unfinished_conversion
 from probe.mmmu import _split_files as split_files  # the reader's rule: shards complete, never two forms
 
 REPOS = {"mmlu": "cais/mmlu", "mmlu-pro": "TIGER-Lab/MMLU-Pro", "mmmlu": "openai/MMMLU", "gpqa": "Idavidrein/gpqa",
@@ -436,7 +436,8 @@ def run(cfg: ConvertConfig) -> ConvertReport:
     if cfg.out.resolve() == cfg.src.resolve() or cfg.src.resolve() in cfg.out.resolve().parents:
         raise BadInput(f"--out {cfg.out} is inside SRC {cfg.src}; the source is never written to")
     there = existing_split(cfg.out, cfg.out_split)
-    if there and not cfg.overwrite:
+    marker = unfinished_conversion(cfg.out, cfg.out_split)
+    if there and not cfg.overwrite and not marker.is_file():  # the marker: a killed conversion's part, replaced
         raise BadInput(f"--out {cfg.out} already holds split '{cfg.out_split}' ({there[0]}); give --overwrite to "
                        "replace it, or another --out-split")
     report = ConvertReport(cfg.kind, REPOS[cfg.kind], str(cfg.src.resolve()), cfg.split, cfg.out_split,
@@ -457,6 +458,8 @@ def run(cfg: ConvertConfig) -> ConvertReport:
     staged = work / "staged"
     shutil.rmtree(staged, ignore_errors=True)
     write_mmmu_parquet(plan.rows, staged, cfg.out_split, video=bool(plan.videos))
+    marker.touch()  # from here to the end the split is part written: the reader refuses it, a rerun finishes it
+    (cfg.out / f"convert-{cfg.out_split}.json").unlink(missing_ok=True)  # it would describe the old split
     for f in there:  # --overwrite: this split's files only; other splits and anything else in --out stay
         f.unlink()
         if f.parent != cfg.out and not any(f.parent.iterdir()):
@@ -465,7 +468,7 @@ def run(cfg: ConvertConfig) -> ConvertReport:
         (cfg.out / subject).mkdir(parents=True, exist_ok=True)
         for f in split_files(staged / subject, cfg.out_split):
             f.replace(cfg.out / subject / f.name)
-    shutil.rmtree(work)
+    shutil.rmtree(work)  # the marker with it: the split is whole
     report.n_items = {s: len(r) for s, r in sorted(plan.rows.items())}
     items, _ = load_mmmu(cfg.out, cfg.out_split)  # read back as every command will read it
     if len(items) != sum(report.n_items.values()):

@@ -145,6 +145,12 @@ def check_split(split: str) -> None:
         raise BadInput(f"--split {split!r} is not a split name (letters, digits, '_' and '.' only)")
 
 
+def unfinished_conversion(root: Path, split: str) -> Path:
+    """The file ``python -m probe.convert`` holds in its work folder while it replaces ``split``'s files in
+    ``root`` subject by subject: while it is there, that split is part written (a killed conversion)."""
+    return root / f".convert-{split}" / "replacing"
+
+
 def discover(root: str | Path, split: str) -> dict[str, list[Path]]:
     """Map subject -> its parquet files for ``split``, sorted by subject."""
     check_split(split)
@@ -153,6 +159,9 @@ def discover(root: str | Path, split: str) -> dict[str, list[Path]]:
         raise BadInput(f"MMMU data directory not found: {root}")
     if not root.is_dir():
         raise BadInput(f"MMMU data path is not a directory: {root}")
+    if (marker := unfinished_conversion(root, split)).is_file():  # some subjects written, others not (yet)
+        raise BadInput(f"{root}: a python -m probe.convert stopped while it wrote split '{split}' there ({marker}), "
+                       "so that split is incomplete; rerun the same command to finish it")
     folders = [d for d in sorted(root.iterdir()) if d.is_dir()]
     found = {d.name: _split_files(d, split) for d in folders}
     found = {k: v for k, v in found.items() if v}

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from probe.errors import BadInput
 from probe.mmmu import load_mmmu
 
 REPO = Path(__file__).resolve().parents[1]
@@ -194,6 +195,40 @@ def test_other_splits_in_out_stay_and_the_same_split_needs_overwrite(mmlu_src, t
     assert convert("mmlu", mmlu_src, "--split", "test", "--out", out, "--overwrite").returncode == 0
     assert load_mmmu(out, "test")[1].subjects == ["abstract_algebra"]  # its old anatomy test file is gone
     assert {p: p.read_bytes() for p in out.rglob("validation-*.parquet")} == before
+
+
+KILLED_AFTER_ONE_MOVE = """
+import os, signal, sys
+from pathlib import Path
+from probe.convert import main
+replace = Path.replace
+def replace_then_die(self, target):
+    replace(self, target)
+    os.kill(os.getpid(), signal.SIGKILL)  # a kill while files move into --out, one subject in
+Path.replace = replace_then_die
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_conversion_killed_while_moving_into_out_is_refused_by_the_reader_and_finished_by_a_rerun(
+        mmlu_src, tmp_path, overwrite):
+    clean, out = tmp_path / "clean", tmp_path / "out"
+    assert convert("mmlu", mmlu_src, "--out", clean).returncode == 0
+    if overwrite:  # an older split of another subject set, being replaced
+        write(tmp_path / "old" / "virology" / "validation-00000-of-00001.parquet", mmlu_rows("virology", 2))
+        assert convert("mmlu", tmp_path / "old", "--out", out).returncode == 0
+    args = ["mmlu", mmlu_src, "--out", out, "--quiet", *(["--overwrite"] if overwrite else [])]
+    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_ONE_MOVE, *map(str, args)], cwd=REPO)
+    assert killed.returncode == -9 and len(list(out.glob("*/validation-*.parquet"))) == 1  # one of two subjects
+    with pytest.raises(BadInput, match="stopped while it wrote split 'validation'"):
+        load_mmmu(out, "validation")  # never read as a smaller set
+    res = convert(*args)  # the same command again: no --overwrite needed to replace its own half
+    assert res.returncode == 0, res.stderr
+    assert load_mmmu(out, "validation")[0] == load_mmmu(clean, "validation")[0]  # as an uninterrupted conversion
+    assert json.loads((out / "convert-validation.json").read_text())["n_items"] == {"abstract_algebra": 5,
+                                                                                 "anatomy": 4}
+    assert not list(out.glob(".convert-*"))
 
 
 @pytest.mark.parametrize("case, want", [
