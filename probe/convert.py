@@ -389,14 +389,16 @@ def jpeg(img: Any, max_side: int) -> bytes:
 
 def cached_frames(videos: dict[str, Path], cache: Path, sample: Callable[[Path], list[bytes]],
                   quiet: bool) -> dict[str, list[bytes]]:
-    """Each video's frames, sampled once and kept under ``cache/<videoID>/`` (a folder renamed into place whole):
-    a killed conversion resumes from the videos it had done."""
+    """Each video's frames, sampled once and kept under ``cache/<videoID>-<size>-<mtime>/`` (a folder renamed into
+    place whole): a killed conversion resumes from the videos it had done, and a video file replaced since (another
+    --videos, a re-download) is sampled again rather than given the old file's frames."""
     from probe.heads import _progress
 
     frames: dict[str, list[bytes]] = {}
     bar = _progress(len(videos), quiet, "frames", unit="video")
     for vid, path in sorted(videos.items()):
-        kept = cache / vid
+        st = path.stat()
+        kept = cache / f"{vid}-{st.st_size}-{st.st_mtime_ns}"
         if not kept.is_dir():
             tmp = cache / f".{vid}.partial"
             shutil.rmtree(tmp, ignore_errors=True)

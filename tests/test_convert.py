@@ -407,20 +407,29 @@ def test_video_mme_items_get_the_frames_nearest_uniform_times_and_unlettered_opt
 
 
 def test_video_frames_are_kept_per_video_so_a_killed_conversion_resumes(tmp_path):
+    import os
+
     from probe.convert import cached_frames
 
     cache, calls = tmp_path / "cache", []
 
     def sample(path: Path) -> list[bytes]:
         calls.append(path.name)
-        return [path.name.encode()] * 2
+        return [path.read_bytes()] * 2
 
+    videos = {v: tmp_path / f"{v}.mp4" for v in "ab"}
+    for v, path in videos.items():
+        path.write_bytes(v.encode())
     (cache / ".b.partial").mkdir(parents=True)  # a kill while b's frames were written
     (cache / ".b.partial" / "00000.jpg").write_bytes(b"half")
-    videos = {"a": Path("a.mp4"), "b": Path("b.mp4")}
-    assert cached_frames({"a": videos["a"]}, cache, sample, True) == {"a": [b"a.mp4"] * 2}
-    assert cached_frames(videos, cache, sample, True) == {"a": [b"a.mp4"] * 2, "b": [b"b.mp4"] * 2}
+    assert cached_frames({"a": videos["a"]}, cache, sample, True) == {"a": [b"a"] * 2}
+    assert cached_frames(videos, cache, sample, True) == {"a": [b"a"] * 2, "b": [b"b"] * 2}
     assert calls == ["a.mp4", "b.mp4"]  # a sampled once; b's partial folder redone
+    st = videos["a"].stat()
+    videos["a"].write_bytes(b"A, downloaded again")  # the file changed since its frames were kept
+    os.utime(videos["a"], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert cached_frames(videos, cache, sample, True)["a"] == [b"A, downloaded again"] * 2  # never the old frames
+    assert calls == ["a.mp4", "b.mp4", "a.mp4"]
 
 
 def test_video_mme_refuses_missing_videos_and_misnumbered_options(video_src, tmp_path):
