@@ -205,6 +205,14 @@ def convert_mmlu(cfg: ConvertConfig, report: ConvertReport, plan: Planned) -> No
     folders = [d for d in sorted(cfg.src.iterdir()) if d.is_dir() and d.name not in ("all", "auxiliary_train")
                and not d.name.startswith(".") and split_files(d, cfg.split)]
     files = [f for d in folders for f in split_files(d, cfg.split)] or find_files(cfg.src, cfg.split, ("all", ""))
+    if folders and (whole := split_files(cfg.src / "all", cfg.split)):  # every subject again: a check of the folders
+        import pyarrow.parquet as pq
+
+        n, n_all = (sum(pq.read_metadata(f).num_rows for f in fs) for fs in (files, whole))
+        if n != n_all:
+            raise BadInput(f"{cfg.src}: its subject folders hold {n} '{cfg.split}' rows but all/ holds {n_all} "
+                           "(subjects missing: a partial download?); complete it, or convert a folder of only the "
+                           "subjects wanted")
     for f in files:
         folder = f.parent.name if f.parent in folders else None  # 'all' or SRC itself: the subject column says
         for where, r in read_rows([f], ("question", "choices", "answer")):

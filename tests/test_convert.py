@@ -73,6 +73,17 @@ def test_mmlu_items_keep_their_options_and_answer_and_all_is_not_counted_twice(m
     assert not list(out.glob(".convert-*"))  # its work folder is gone
 
 
+def test_mmlu_subject_folders_short_of_all_are_refused(mmlu_src, tmp_path):
+    """A partial download (a subject folder missing beside 'all') used to convert the subjects present, exit 0."""
+    import shutil
+
+    shutil.rmtree(mmlu_src / "anatomy")
+    one_error_line(convert("mmlu", mmlu_src, "--out", tmp_path / "out"),
+                   "its subject folders hold 5 'validation' rows but all/ holds 9")
+    assert not (tmp_path / "out").exists()
+    assert convert("mmlu", mmlu_src, "--split", "test", "--out", tmp_path / "out").returncode == 0  # no 'all' test
+
+
 def test_mmlu_all_alone_is_grouped_by_its_subject_column(tmp_path):
     src = tmp_path / "mmlu"
     write(src / "all" / "validation-00000-of-00001.parquet", mmlu_rows("virology", 2) + mmlu_rows("marketing", 3))
