@@ -351,6 +351,8 @@ def sample_frames(path: Path, n: int, max_side: int) -> list[bytes]:
         raise BadInput("video-mme needs PyAV to read the videos: pip install av") from None
     try:
         with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise BadInput(f"{path}: holds no video stream (an audio-only download?)")
             stream = container.streams.video[0]
             tb = stream.time_base
             start = float(stream.start_time * tb) if stream.start_time is not None else 0.0
@@ -377,7 +379,7 @@ def sample_frames(path: Path, n: int, max_side: int) -> list[bytes]:
                 if near is None:
                     raise BadInput(f"{path}: no frame decoded near {target:.2f} s")
                 picked.append(jpeg(near.to_image(), max_side))
-    except (av.FFmpegError, IndexError, OSError) as exc:
+    except (av.FFmpegError, OSError) as exc:
         raise BadInput(f"{path}: cannot decode its video ({' '.join(str(exc).split())[:200]})") from None
     return picked
 

@@ -417,6 +417,19 @@ def test_video_mme_items_get_the_frames_nearest_uniform_times_and_unlettered_opt
         assert [frame_index(b, shift) for b in it.frames] == nearest_frames(4)
 
 
+def test_a_video_file_without_a_video_stream_is_named(video_src, tmp_path):
+    av = pytest.importorskip("av")
+    path = video_src / "data" / "Zz0.mp4"
+    with av.open(str(path), "w") as c:  # an audio-only download under the video's name
+        s = c.add_stream("aac", rate=16000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate, frame.pts = 16000, 0
+        for p in [*s.encode(frame), *s.encode()]:
+            c.mux(p)
+    one_error_line(convert("video-mme", video_src, "--out", tmp_path / "out"),
+                   f"{path}: holds no video stream (an audio-only download?)")
+
+
 def test_video_frames_are_kept_per_video_so_a_killed_conversion_resumes(tmp_path):
     import os
 
