@@ -17,9 +17,10 @@ guessed:
   by the Record ID (the same everywhere), one subject per domain.
 - ``video-mme`` (lmms-lab/Video-MME): ``SRC/videomme/<split>-*.parquet`` (video_id, duration, domain,
   sub_category, videoID, question_id, task_type, question, options ``"A. …"``, answer) and the videos,
-  ``<videoID>.mp4`` from the unzipped ``videos_chunked_*.zip`` (``SRC/data/``, or ``--videos``); each question
-  becomes a ``<video>`` item of ``--frames`` frames sampled uniformly in time (PyAV: ``pip install av``). Frames
-  are cached per video under ``DIR/.convert-<split>/``, so a killed conversion resumes.
+  ``<videoID>.mp4`` (or .MP4, .mkv, .webm) from the unzipped ``videos_chunked_*.zip`` (``SRC/data/``, or
+  ``--videos``); each question becomes a ``<video>`` item of ``--frames`` frames sampled uniformly in time (PyAV:
+  ``pip install av``). Frames are cached per video under ``DIR/.convert-<split>/``, so a killed conversion
+  resumes.
 
 The result is read back with the probe's own loader before the command ends; ``DIR/convert-<split>.json`` records
 the source, the counts and the rows left out (a question whose text holds ``<image k>`` or ``<video>``, which the
@@ -51,6 +52,7 @@ GPQA_SETS = ("main", "diamond", "extended")
 VIDEO_SUBJECTS = ("duration", "domain", "task_type")  # Video-MME's breakdowns; short/medium/long is its headline
 _LETTER_PREFIX = re.compile(r"^\s*([A-Z])\s*[.)]\s*")
 _VIDEO_ID = re.compile(r"[A-Za-z0-9_-]+")
+VIDEO_EXTS = (".mp4", ".MP4", ".mkv", ".webm")  # Video-MME ships .mp4; the others as lmms-eval also looks for them
 
 
 @dataclass(frozen=True)
@@ -315,10 +317,11 @@ def convert_video_mme(cfg: ConvertConfig, report: ConvertReport, plan: Planned) 
                   ("question_id", "videoID", "duration", "domain", "sub_category", "task_type")}}
         if add_row(cfg, report, plan, r[cfg.subject_by], where, r["question"], options, answer,
                    source, video=vid, subfield=str(r.get("sub_category") or "")):
-            plan.videos[vid] = videos / f"{vid}.mp4"
+            plan.videos[vid] = next((f for ext in VIDEO_EXTS if (f := videos / f"{vid}{ext}").is_file()),
+                                    videos / f"{vid}.mp4")
     if absent := sorted(v for v, p in plan.videos.items() if not p.is_file()):
-        raise BadInput(f"{len(absent)} of {len(plan.videos)} videos are not in {videos} (first: {absent[0]}.mp4); "
-                       "unzip every videos_chunked_*.zip there")
+        raise BadInput(f"{len(absent)} of {len(plan.videos)} videos are not in {videos} (first: {absent[0]}.mp4; "
+                       f"{', '.join(VIDEO_EXTS[1:])} are taken too); unzip every videos_chunked_*.zip there")
 
 
 def add_row(cfg: ConvertConfig, report: ConvertReport, plan: Planned, subject: Any, where: str, question: Any,
@@ -358,10 +361,10 @@ def sample_frames(path: Path, n: int, max_side: int) -> list[bytes]:
             start = float(stream.start_time * tb) if stream.start_time is not None else 0.0
             if stream.duration:
                 duration = float(stream.duration * tb)
-            elif container.duration:
-                duration = container.duration / av.time_base
-            else:
-                raise BadInput(f"{path}: the video does not state its duration")
+            else:  # Matroska/WebM state none per stream, and their file duration counts from 0, not from start
+                duration = stream_end(container, stream) - start
+            if not duration > 0:
+                raise BadInput(f"{path}: the video does not state a duration")
             picked = []
             for k in range(n):
                 target = start + (k + 0.5) * duration / n
@@ -382,6 +385,19 @@ def sample_frames(path: Path, n: int, max_side: int) -> list[bytes]:
     except (av.FFmpegError, OSError) as exc:
         raise BadInput(f"{path}: cannot decode its video ({' '.join(str(exc).split())[:200]})") from None
     return picked
+
+
+def stream_end(container: Any, stream: Any) -> float:
+    """When the last frame of ``stream`` ends, in seconds: decoded from the last keyframe on."""
+    container.seek(2**62, stream=stream, backward=True, any_frame=False)  # past the end: the last keyframe
+    last = None
+    for frame in container.decode(stream):
+        if frame.time is not None:
+            last = frame if last is None or frame.time > last.time else last
+    if last is None:
+        return 0.0
+    rate = stream.average_rate or stream.guessed_rate
+    return last.time + (float(1 / rate) if rate else 0.0)  # the last frame shows for one frame's time
 
 
 def jpeg(img: Any, max_side: int) -> bytes:
@@ -522,8 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "long]")
     p.add_argument("--gpqa-set", choices=GPQA_SETS, default="main", help="gpqa: which file, gpqa_<set>.csv "
                    "(main 448 questions, diamond 198, extended 546) [main]")
-    p.add_argument("--videos", type=Path, default=None, help="video-mme: the folder of <videoID>.mp4 files "
-                   "[SRC/data, SRC/video or SRC/videos]")
+    p.add_argument("--videos", type=Path, default=None, help="video-mme: the folder of <videoID>.mp4 (.mkv, .webm) "
+                   "files [SRC/data, SRC/video or SRC/videos]")
     p.add_argument("--overwrite", action="store_true", help="replace this split's files in --out (only those)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p

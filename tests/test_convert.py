@@ -351,8 +351,11 @@ def test_gpqa_refuses_a_row_without_its_own_record_id(tmp_path, record, want):
 
 # --- Video-MME ------------------------------------------------------------------------------------------------
 
-def write_video(path: Path, shift: int) -> None:
-    """N_FRAMES frames at FPS, frame i coloured (8·(i + shift), 255 − 8·(i + shift), 128): its index, decodable."""
+def write_video(path: Path, shift: int, start: int = 0) -> None:
+    """N_FRAMES frames at FPS from ``start`` seconds, frame i coloured (8·(i + shift), 255 − 8·(i + shift), 128):
+    its index, decodable. The container follows the suffix (.mkv: Matroska, which states no stream duration)."""
+    from fractions import Fraction
+
     av = pytest.importorskip("av")
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as c:
@@ -361,7 +364,9 @@ def write_video(path: Path, shift: int) -> None:
         for i in range(N_FRAMES):
             a = np.zeros((48, 64, 3), np.uint8)
             a[..., 0], a[..., 1], a[..., 2] = 8 * (i + shift), 255 - 8 * (i + shift), 128
-            for p in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+            frame = av.VideoFrame.from_ndarray(a, format="rgb24")
+            frame.pts, frame.time_base = start * FPS + i, Fraction(1, FPS)
+            for p in s.encode(frame):
                 c.mux(p)
         for p in s.encode():
             c.mux(p)
@@ -415,6 +420,18 @@ def test_video_mme_items_get_the_frames_nearest_uniform_times_and_unlettered_opt
         assert list(it.options) == [f"event {L.lower()} of {q}" for L in "ABCD"] and it.answer == r["answer"]
         shift = 0 if r["videoID"] == "aB3-x_9" else 1
         assert [frame_index(b, shift) for b in it.frames] == nearest_frames(4)
+
+
+def test_a_matroska_video_starting_late_gets_the_frames_of_its_own_span(video_src, tmp_path):
+    """Matroska states no stream duration and counts its file duration from 0: a video starting at 5 s used to
+    be sampled over 8 s from 5 s, three of four frames the last one. Its .mkv name is found too."""
+    (video_src / "data" / "Zz0.mp4").unlink()
+    write_video(video_src / "data" / "Zz0.mkv", 1, start=5)
+    out = tmp_path / "out"
+    res = convert("video-mme", video_src, "--frames", 4, "--out", out)
+    assert res.returncode == 0, res.stderr
+    [it] = [it for it in load_mmmu(out, "test")[0] if it.subject == "medium"]  # Zz0's question
+    assert [frame_index(b, 1) for b in it.frames] == nearest_frames(4)
 
 
 def test_a_video_file_without_a_video_stream_is_named(video_src, tmp_path):
