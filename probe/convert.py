@@ -461,8 +461,12 @@ def run(cfg: ConvertConfig) -> ConvertReport:
     if not cfg.src.is_dir():
         raise BadInput(f"SRC {cfg.src}: not a directory (a local snapshot of {REPOS[cfg.kind]})")
     check_out_path(cfg.out)
-    if cfg.out.resolve() == cfg.src.resolve() or cfg.src.resolve() in cfg.out.resolve().parents:
+    out, src = cfg.out.resolve(), cfg.src.resolve()
+    if out == src or src in out.parents:
         raise BadInput(f"--out {cfg.out} is inside SRC {cfg.src}; the source is never written to")
+    if out in src.parents:  # --overwrite would take SRC's own <split>-*.parquet files for the old split's
+        raise BadInput(f"SRC {cfg.src} is inside --out {cfg.out}; the source is never written to, so give an --out "
+                       "outside it")
     there = existing_split(cfg.out, cfg.out_split)
     marker = unfinished_conversion(cfg.out, cfg.out_split)
     if there and not cfg.overwrite and not marker.is_file():  # the marker: a killed conversion's part, replaced

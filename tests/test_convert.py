@@ -243,7 +243,8 @@ def test_a_conversion_killed_while_moving_into_out_is_refused_by_the_reader_and_
 
 
 @pytest.mark.parametrize("case, want", [
-    ("missing", "not a directory"), ("inside", "inside SRC"), ("no-split", "no dev-*.parquet files"),
+    ("missing", "not a directory"), ("inside", "inside SRC"), ("outside", "is inside --out"),
+    ("no-split", "no dev-*.parquet files"),
     ("damaged", "not a readable parquet file"), ("columns", "no column 'choices'"), ("frames", "--frames must be")])
 def test_bad_input_is_one_line_and_nothing_is_written(mmlu_src, tmp_path, case, want):
     out, args = tmp_path / "out", []
@@ -251,6 +252,9 @@ def test_bad_input_is_one_line_and_nothing_is_written(mmlu_src, tmp_path, case, 
         src = tmp_path / "nowhere"
     elif case == "inside":
         src, out = mmlu_src, mmlu_src / "converted"
+    elif case == "outside":  # SRC/<split>-*.parquet would be taken, under --overwrite, for the old split's files
+        src, out, args = tmp_path / "nest" / "law", tmp_path / "nest", ["--overwrite"]
+        write(src / "validation-00000-of-00001.parquet", mmlu_rows("law", 2))
     elif case == "no-split":
         src, args = mmlu_src, ["--split", "dev"]
     elif case == "damaged":
