@@ -195,7 +195,7 @@ class Planned:
         if not isinstance(name, str):  # a null category would become the subject "None"
             raise BadInput(f"{where}: the subject/category is {name!r}, not text")
         folder = subject_name(name)
-        same = " ".join(str(name).split())  # whitespace alone does not make another subject
+        same = " ".join(name.split())  # whitespace alone does not make another subject
         first, at = self.named.setdefault(folder.casefold(), (same, where))
         if first != same:
             raise BadInput(f"{where}: subject {same!r} and {first!r} ({at}) would share the folder {folder!r}; "
