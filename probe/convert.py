@@ -17,9 +17,10 @@ guessed:
   by the Record ID (the same everywhere), one subject per domain.
 - ``video-mme`` (lmms-lab/Video-MME): ``SRC/videomme/<split>-*.parquet`` (video_id, duration, domain,
   sub_category, videoID, question_id, task_type, question, options ``"A. …"``, answer) and the videos,
-  ``<videoID>.mp4`` from the unzipped ``videos_chunked_*.zip`` (``SRC/data/``, or ``--videos``); each question
-  becomes a ``<video>`` item of ``--frames`` frames sampled uniformly in time (PyAV: ``pip install av``). Frames
-  are cached per video under ``DIR/.convert-<split>/``, so a killed conversion resumes.
+  ``<videoID>.mp4`` (or .MP4, .mkv, .webm) from the unzipped ``videos_chunked_*.zip`` (``SRC/data/``, or
+  ``--videos``); each question becomes a ``<video>`` item of ``--frames`` frames sampled uniformly in time (PyAV:
+  ``pip install av``). Frames are cached per video under ``DIR/.convert-<split>/``, so a killed conversion
+  resumes.
 
 The result is read back with the probe's own loader before the command ends; ``DIR/convert-<split>.json`` records
 the source, the counts and the rows left out (a question whose text holds ``<image k>`` or ``<video>``, which the
@@ -40,7 +41,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from probe.errors import ArgParser, BadInput, RunStopped, check_counts, check_out_path, cli_main
-from probe.mmmu import VIDEO_REF, _IMAGE_REF, check_split, option_letters
+from probe.mmmu import VIDEO_REF, _IMAGE_REF, check_split, option_letters, unfinished_conversion
 from probe.mmmu import _split_files as split_files  # the reader's rule: shards complete, never two forms
 
 REPOS = {"mmlu": "cais/mmlu", "mmlu-pro": "TIGER-Lab/MMLU-Pro", "mmmlu": "openai/MMMLU", "gpqa": "Idavidrein/gpqa",
@@ -51,6 +52,7 @@ GPQA_SETS = ("main", "diamond", "extended")
 VIDEO_SUBJECTS = ("duration", "domain", "task_type")  # Video-MME's breakdowns; short/medium/long is its headline
 _LETTER_PREFIX = re.compile(r"^\s*([A-Z])\s*[.)]\s*")
 _VIDEO_ID = re.compile(r"[A-Za-z0-9_-]+")
+VIDEO_EXTS = (".mp4", ".MP4", ".mkv", ".webm")  # Video-MME ships .mp4; the others as lmms-eval also looks for them
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,7 @@ def read_rows(files: Sequence[Path], need: Sequence[str]) -> list[tuple[str, dic
     for f in files:
         try:
             if f.suffix == ".csv":  # cells stay strings ("0042" is an answer's text, not the number 42)
-                with open(f, newline="", encoding="utf-8") as fh:
+                with open(f, newline="", encoding="utf-8-sig") as fh:  # a BOM would prefix the first column
                     reader = csv.DictReader(fh)
                     records, columns = list(reader), list(reader.fieldnames or ())
             else:
@@ -137,7 +139,7 @@ def answer_letter(options: Sequence[str], where: str, index: Any = None, letter:
     letters = option_letters(len(options))
     by_index = by_letter = None
     if index is not None:
-        if not isinstance(index, int) or not 0 <= index < len(options):
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(options):  # True is 1
             raise BadInput(f"{where}: answer index {index!r} is not 0-{len(options) - 1}")
         by_index = letters[index]
     if letter is not None:
@@ -185,12 +187,34 @@ class Planned:
     """The rows to write, checked, per subject; a video set's rows name their video (frames come later)."""
     rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     videos: dict[str, Path] = field(default_factory=dict)  # videoID -> file
+    named: dict[str, tuple[str, str]] = field(default_factory=dict)  # folder, casefolded -> (source name, its row)
+
+    def subject(self, name: Any, where: str) -> str:
+        """The folder of a source subject; two source names that would share one folder ("computer science" and
+        "computer_science"; "Physics" and "physics" on a case-insensitive file system) are refused, never merged."""
+        if not isinstance(name, str):  # a null category would become the subject "None"
+            raise BadInput(f"{where}: the subject/category is {name!r}, not text")
+        folder = subject_name(name)
+        same = " ".join(name.split())  # whitespace alone does not make another subject
+        first, at = self.named.setdefault(folder.casefold(), (same, where))
+        if first != same:
+            raise BadInput(f"{where}: subject {same!r} and {first!r} ({at}) would share the folder {folder!r}; "
+                           "the two would be scored as one subject")
+        return folder
 
 
 def convert_mmlu(cfg: ConvertConfig, report: ConvertReport, plan: Planned) -> None:
     folders = [d for d in sorted(cfg.src.iterdir()) if d.is_dir() and d.name not in ("all", "auxiliary_train")
                and not d.name.startswith(".") and split_files(d, cfg.split)]
     files = [f for d in folders for f in split_files(d, cfg.split)] or find_files(cfg.src, cfg.split, ("all", ""))
+    if folders and (whole := split_files(cfg.src / "all", cfg.split)):  # every subject again: a check of the folders
+        import pyarrow.parquet as pq
+
+        n, n_all = (sum(pq.read_metadata(f).num_rows for f in fs) for fs in (files, whole))
+        if n != n_all:
+            raise BadInput(f"{cfg.src}: its subject folders hold {n} '{cfg.split}' rows but all/ holds {n_all} "
+                           "(subjects missing: a partial download?); complete it, or convert a folder of only the "
+                           "subjects wanted")
     for f in files:
         folder = f.parent.name if f.parent in folders else None  # 'all' or SRC itself: the subject column says
         for where, r in read_rows([f], ("question", "choices", "answer")):
@@ -198,7 +222,7 @@ def convert_mmlu(cfg: ConvertConfig, report: ConvertReport, plan: Planned) -> No
                 raise BadInput(f"{where}: no subject (an empty 'subject' outside a subject folder)")
             options = options_list(r["choices"], where)
             answer = answer_letter(options, where, index=r["answer"])
-            add_row(cfg, report, plan, subject_name(subject), where, r["question"], options, answer,
+            add_row(cfg, report, plan, subject, where, r["question"], options, answer,
                     {"source": "cais/mmlu"})
 
 
@@ -207,8 +231,19 @@ def convert_mmlu_pro(cfg: ConvertConfig, report: ConvertReport, plan: Planned) -
     for where, r in read_rows(find_files(cfg.src, cfg.split, ("data", "")), need):
         options = options_list(r["options"], where)
         answer = answer_letter(options, where, index=r.get("answer_index"), letter=r["answer"])
-        add_row(cfg, report, plan, subject_name(r["category"]), where, r["question"], options, answer,
+        options, answer = drop_na(options, answer, where)
+        add_row(cfg, report, plan, r["category"], where, r["question"], options, answer,
                 {"source": "TIGER-Lab/MMLU-Pro", "question_id": r["question_id"], "src": r.get("src")})
+
+
+def drop_na(options: Sequence[str], answer: str, where: str) -> tuple[list[str], str]:
+    """MMLU-Pro pads some rows to ten options with "N/A", which its own evaluation drops before asking; dropped here
+    too (a model could pick one), the key following its option to the new letter."""
+    keep = [k for k, o in enumerate(options) if o.strip() != "N/A"]
+    at = option_letters(len(options)).index(answer)
+    if at not in keep:
+        raise BadInput(f"{where}: the answer {answer!r} is an 'N/A' option")
+    return [options[k] for k in keep], option_letters(len(keep))[keep.index(at)]
 
 
 def convert_mmmlu(cfg: ConvertConfig, report: ConvertReport, plan: Planned) -> None:
@@ -221,7 +256,7 @@ def convert_mmmlu(cfg: ConvertConfig, report: ConvertReport, plan: Planned) -> N
         locale = f.stem.removeprefix("mmlu_")
         for where, r in read_rows([f], ("Question", "A", "B", "C", "D", "Answer")):
             options = [r[k] for k in "ABCD"]
-            add_row(cfg, report, plan, subject_name(locale), where, r["Question"], options,
+            add_row(cfg, report, plan, locale, where, r["Question"], options,
                     answer_letter(options, where, letter=r["Answer"]),
                     {"source": "openai/MMMLU", "locale": locale, "subject": r.get("Subject")},
                     subfield=str(r.get("Subject") or ""))
@@ -246,15 +281,22 @@ def convert_gpqa(cfg: ConvertConfig, report: ConvertReport, plan: Planned) -> No
         raise BadInput(f"{f}: not found (the gated Idavidrein/gpqa snapshot holds gpqa_main.csv, gpqa_diamond.csv, "
                        "gpqa_extended.csv)")
     wrong_cols = [f"Incorrect Answer {k}" for k in (1, 2, 3)]
+    records: dict[str, str] = {}
     for where, r in read_rows([f], ("Question", "Correct Answer", *wrong_cols, "Record ID", "High-level domain")):
+        record = (r["Record ID"] or "").strip()
+        if not record:  # the order's seed: rows without one would all put the correct answer at the same letter
+            raise BadInput(f"{where}: no Record ID (it seeds the order of the options)")
+        if record in records:
+            raise BadInput(f"{where}: Record ID {record!r} again (first at {records[record]}): a question twice?")
+        records[record] = where
         texts = [r["Correct Answer"], *(r[c] for c in wrong_cols)]
         if any(not (t or "").strip() for t in texts):
             raise BadInput(f"{where}: an empty answer option")
         if len({t.strip() for t in texts}) < len(texts):  # two equal options: the key could not tell them apart
             raise BadInput(f"{where}: two answer options are the same text")
-        options, answer = gpqa_options(texts[0].strip(), [t.strip() for t in texts[1:]], r["Record ID"])
-        add_row(cfg, report, plan, subject_name(r["High-level domain"]), where, r["Question"].strip(), options,
-                answer, {"source": f"Idavidrein/gpqa gpqa_{cfg.gpqa_set}", "record_id": r["Record ID"]},
+        options, answer = gpqa_options(texts[0].strip(), [t.strip() for t in texts[1:]], record)
+        add_row(cfg, report, plan, r["High-level domain"], where, r["Question"].strip(), options,
+                answer, {"source": f"Idavidrein/gpqa gpqa_{cfg.gpqa_set}", "record_id": record},
                 subfield=str(r.get("Subdomain") or ""))
 
 
@@ -273,23 +315,25 @@ def convert_video_mme(cfg: ConvertConfig, report: ConvertReport, plan: Planned) 
         answer = answer_letter(options, where, letter=r["answer"])
         source = {"source": "lmms-lab/Video-MME", **{k: r.get(k) for k in
                   ("question_id", "videoID", "duration", "domain", "sub_category", "task_type")}}
-        if add_row(cfg, report, plan, subject_name(r[cfg.subject_by]), where, r["question"], options, answer,
+        if add_row(cfg, report, plan, r[cfg.subject_by], where, r["question"], options, answer,
                    source, video=vid, subfield=str(r.get("sub_category") or "")):
-            plan.videos[vid] = videos / f"{vid}.mp4"
+            plan.videos[vid] = next((f for ext in VIDEO_EXTS if (f := videos / f"{vid}{ext}").is_file()),
+                                    videos / f"{vid}.mp4")
     if absent := sorted(v for v, p in plan.videos.items() if not p.is_file()):
-        raise BadInput(f"{len(absent)} of {len(plan.videos)} videos are not in {videos} (first: {absent[0]}.mp4); "
-                       "unzip every videos_chunked_*.zip there")
+        raise BadInput(f"{len(absent)} of {len(plan.videos)} videos are not in {videos} (first: {absent[0]}.mp4; "
+                       f"{', '.join(VIDEO_EXTS[1:])} are taken too); unzip every videos_chunked_*.zip there")
 
 
-def add_row(cfg: ConvertConfig, report: ConvertReport, plan: Planned, subject: str, where: str, question: Any,
+def add_row(cfg: ConvertConfig, report: ConvertReport, plan: Planned, subject: Any, where: str, question: Any,
             options: list[str], answer: str, source: dict[str, Any], video: str | None = None,
             subfield: str = "") -> bool:
-    """Plan one item (False: left out, and said why in the report)."""
+    """Plan one item of the source subject ``subject`` (False: left out, and said why in the report)."""
     if not isinstance(question, str) or not question.strip():
         raise BadInput(f"{where}: the question is not a non-empty string")
     if why := reads_as_media([question, *options]):
         report.skipped.append({"row": where, "why": why})
         return False
+    subject = plan.subject(subject, where)
     rows = plan.rows.setdefault(subject, [])
     item_id = f"{cfg.out_split}_{subject}_{len(rows) + 1}"  # MMMU's id form: the loader checks it names the split
     row = mmmu_row(item_id, question if video is None else f"{VIDEO_REF} {question}", options, answer, source,
@@ -310,15 +354,17 @@ def sample_frames(path: Path, n: int, max_side: int) -> list[bytes]:
         raise BadInput("video-mme needs PyAV to read the videos: pip install av") from None
     try:
         with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise BadInput(f"{path}: holds no video stream (an audio-only download?)")
             stream = container.streams.video[0]
             tb = stream.time_base
             start = float(stream.start_time * tb) if stream.start_time is not None else 0.0
             if stream.duration:
                 duration = float(stream.duration * tb)
-            elif container.duration:
-                duration = container.duration / av.time_base
-            else:
-                raise BadInput(f"{path}: the video does not state its duration")
+            else:  # Matroska/WebM state none per stream, and their file duration counts from 0, not from start
+                duration = stream_end(container, stream) - start
+            if not duration > 0:
+                raise BadInput(f"{path}: the video does not state a duration")
             picked = []
             for k in range(n):
                 target = start + (k + 0.5) * duration / n
@@ -336,9 +382,22 @@ def sample_frames(path: Path, n: int, max_side: int) -> list[bytes]:
                 if near is None:
                     raise BadInput(f"{path}: no frame decoded near {target:.2f} s")
                 picked.append(jpeg(near.to_image(), max_side))
-    except (av.FFmpegError, IndexError, OSError) as exc:
+    except (av.FFmpegError, OSError) as exc:
         raise BadInput(f"{path}: cannot decode its video ({' '.join(str(exc).split())[:200]})") from None
     return picked
+
+
+def stream_end(container: Any, stream: Any) -> float:
+    """When the last frame of ``stream`` ends, in seconds: decoded from the last keyframe on."""
+    container.seek(2**62, stream=stream, backward=True, any_frame=False)  # past the end: the last keyframe
+    last = None
+    for frame in container.decode(stream):
+        if frame.time is not None:
+            last = frame if last is None or frame.time > last.time else last
+    if last is None:
+        return 0.0
+    rate = stream.average_rate or stream.guessed_rate
+    return last.time + (float(1 / rate) if rate else 0.0)  # the last frame shows for one frame's time
 
 
 def jpeg(img: Any, max_side: int) -> bytes:
@@ -356,14 +415,16 @@ def jpeg(img: Any, max_side: int) -> bytes:
 
 def cached_frames(videos: dict[str, Path], cache: Path, sample: Callable[[Path], list[bytes]],
                   quiet: bool) -> dict[str, list[bytes]]:
-    """Each video's frames, sampled once and kept under ``cache/<videoID>/`` (a folder renamed into place whole):
-    a killed conversion resumes from the videos it had done."""
+    """Each video's frames, sampled once and kept under ``cache/<videoID>-<size>-<mtime>/`` (a folder renamed into
+    place whole): a killed conversion resumes from the videos it had done, and a video file replaced since (another
+    --videos, a re-download) is sampled again rather than given the old file's frames."""
     from probe.heads import _progress
 
     frames: dict[str, list[bytes]] = {}
     bar = _progress(len(videos), quiet, "frames", unit="video")
     for vid, path in sorted(videos.items()):
-        kept = cache / vid
+        st = path.stat()
+        kept = cache / f"{vid}-{st.st_size}-{st.st_mtime_ns}"
         if not kept.is_dir():
             tmp = cache / f".{vid}.partial"
             shutil.rmtree(tmp, ignore_errors=True)
@@ -400,10 +461,15 @@ def run(cfg: ConvertConfig) -> ConvertReport:
     if not cfg.src.is_dir():
         raise BadInput(f"SRC {cfg.src}: not a directory (a local snapshot of {REPOS[cfg.kind]})")
     check_out_path(cfg.out)
-    if cfg.out.resolve() == cfg.src.resolve() or cfg.src.resolve() in cfg.out.resolve().parents:
+    out, src = cfg.out.resolve(), cfg.src.resolve()
+    if out == src or src in out.parents:
         raise BadInput(f"--out {cfg.out} is inside SRC {cfg.src}; the source is never written to")
+    if out in src.parents:  # --overwrite would take SRC's own <split>-*.parquet files for the old split's
+        raise BadInput(f"SRC {cfg.src} is inside --out {cfg.out}; the source is never written to, so give an --out "
+                       "outside it")
     there = existing_split(cfg.out, cfg.out_split)
-    if there and not cfg.overwrite:
+    marker = unfinished_conversion(cfg.out, cfg.out_split)
+    if there and not cfg.overwrite and not marker.is_file():  # the marker: a killed conversion's part, replaced
         raise BadInput(f"--out {cfg.out} already holds split '{cfg.out_split}' ({there[0]}); give --overwrite to "
                        "replace it, or another --out-split")
     report = ConvertReport(cfg.kind, REPOS[cfg.kind], str(cfg.src.resolve()), cfg.split, cfg.out_split,
@@ -424,6 +490,8 @@ def run(cfg: ConvertConfig) -> ConvertReport:
     staged = work / "staged"
     shutil.rmtree(staged, ignore_errors=True)
     write_mmmu_parquet(plan.rows, staged, cfg.out_split, video=bool(plan.videos))
+    marker.touch()  # from here to the end the split is part written: the reader refuses it, a rerun finishes it
+    (cfg.out / f"convert-{cfg.out_split}.json").unlink(missing_ok=True)  # it would describe the old split
     for f in there:  # --overwrite: this split's files only; other splits and anything else in --out stay
         f.unlink()
         if f.parent != cfg.out and not any(f.parent.iterdir()):
@@ -432,7 +500,7 @@ def run(cfg: ConvertConfig) -> ConvertReport:
         (cfg.out / subject).mkdir(parents=True, exist_ok=True)
         for f in split_files(staged / subject, cfg.out_split):
             f.replace(cfg.out / subject / f.name)
-    shutil.rmtree(work)
+    shutil.rmtree(work)  # the marker with it: the split is whole
     report.n_items = {s: len(r) for s, r in sorted(plan.rows.items())}
     items, _ = load_mmmu(cfg.out, cfg.out_split)  # read back as every command will read it
     if len(items) != sum(report.n_items.values()):
@@ -474,8 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "long]")
     p.add_argument("--gpqa-set", choices=GPQA_SETS, default="main", help="gpqa: which file, gpqa_<set>.csv "
                    "(main 448 questions, diamond 198, extended 546) [main]")
-    p.add_argument("--videos", type=Path, default=None, help="video-mme: the folder of <videoID>.mp4 files "
-                   "[SRC/data, SRC/video or SRC/videos]")
+    p.add_argument("--videos", type=Path, default=None, help="video-mme: the folder of <videoID>.mp4 (.mkv, .webm) "
+                   "files [SRC/data, SRC/video or SRC/videos]")
     p.add_argument("--overwrite", action="store_true", help="replace this split's files in --out (only those)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p

@@ -121,6 +121,11 @@ def _check_shards(files: Sequence[Path]) -> None:
         m = _SHARD.search(p.name)
         if m:
             groups.setdefault((p.name[: m.start()], int(m.group(2))), set()).add(int(m.group(1)))
+    totals: dict[str, int] = {}
+    for prefix, total in sorted(groups):  # two complete shardings (an old download beside a re-sharded one)
+        if (other := totals.setdefault(prefix, total)) != total:
+            raise BadInput(f"{files[0].parent}: holds {prefix}-*-of-{other:05d} and {prefix}-*-of-{total:05d}.parquet "
+                           "files, two shardings of one split that would count its items twice; keep one")
     for (prefix, total), parts in sorted(groups.items()):
         folder = files[0].parent
         if total < 1 or any(k >= total for k in parts):
@@ -140,6 +145,12 @@ def check_split(split: str) -> None:
         raise BadInput(f"--split {split!r} is not a split name (letters, digits, '_' and '.' only)")
 
 
+def unfinished_conversion(root: Path, split: str) -> Path:
+    """The file ``python -m probe.convert`` holds in its work folder while it replaces ``split``'s files in
+    ``root`` subject by subject: while it is there, that split is part written (a killed conversion)."""
+    return root / f".convert-{split}" / "replacing"
+
+
 def discover(root: str | Path, split: str) -> dict[str, list[Path]]:
     """Map subject -> its parquet files for ``split``, sorted by subject."""
     check_split(split)
@@ -148,6 +159,9 @@ def discover(root: str | Path, split: str) -> dict[str, list[Path]]:
         raise BadInput(f"MMMU data directory not found: {root}")
     if not root.is_dir():
         raise BadInput(f"MMMU data path is not a directory: {root}")
+    if (marker := unfinished_conversion(root, split)).is_file():  # some subjects written, others not (yet)
+        raise BadInput(f"{root}: a python -m probe.convert stopped while it wrote split '{split}' there ({marker}), "
+                       "so that split is incomplete; rerun the same command to finish it")
     folders = [d for d in sorted(root.iterdir()) if d.is_dir()]
     found = {d.name: _split_files(d, split) for d in folders}
     found = {k: v for k, v in found.items() if v}

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from probe.errors import BadInput
 from probe.mmmu import load_mmmu
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,12 +73,47 @@ def test_mmlu_items_keep_their_options_and_answer_and_all_is_not_counted_twice(m
     assert not list(out.glob(".convert-*"))  # its work folder is gone
 
 
+def test_mmlu_subject_folders_short_of_all_are_refused(mmlu_src, tmp_path):
+    """A partial download (a subject folder missing beside 'all') used to convert the subjects present, exit 0."""
+    import shutil
+
+    shutil.rmtree(mmlu_src / "anatomy")
+    one_error_line(convert("mmlu", mmlu_src, "--out", tmp_path / "out"),
+                   "its subject folders hold 5 'validation' rows but all/ holds 9")
+    assert not (tmp_path / "out").exists()
+    assert convert("mmlu", mmlu_src, "--split", "test", "--out", tmp_path / "out").returncode == 0  # no 'all' test
+
+
 def test_mmlu_all_alone_is_grouped_by_its_subject_column(tmp_path):
     src = tmp_path / "mmlu"
     write(src / "all" / "validation-00000-of-00001.parquet", mmlu_rows("virology", 2) + mmlu_rows("marketing", 3))
     assert convert("mmlu", src, "--out", tmp_path / "out").returncode == 0
     _, report = load_mmmu(tmp_path / "out", "validation")
     assert report.subjects == ["marketing", "virology"] and report.n_multiple_choice == 5
+
+
+
+@pytest.mark.parametrize("other", ["computer_science", "Computer Science", "computer-science"])
+def test_two_subjects_that_would_share_a_folder_are_refused_not_merged(tmp_path, other):
+    src, out = tmp_path / "mmlu", tmp_path / "out"
+    write(src / "all" / "validation-00000-of-00001.parquet",
+          mmlu_rows("computer science", 2) + mmlu_rows("computer  science ", 1) + mmlu_rows(other, 1))
+    one_error_line(convert("mmlu", src, "--out", out),  # whitespace alone is the same subject: row 2 passes
+                   f"row 3: subject {other!r} and 'computer science' (validation-00000-of-00001.parquet row 0)")
+    assert not out.exists()
+
+
+def test_a_null_category_or_a_boolean_answer_is_refused(tmp_path):
+    """A null category would become the subject "None"; a boolean column's True would be read as index 1."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    rows = mmlu_pro_rows()
+    rows[1]["category"] = None
+    write(src / "data" / "test-00000-of-00001.parquet", rows)
+    one_error_line(convert("mmlu-pro", src, "--out", out), "row 1: the subject/category is None, not text")
+    write(src / "all" / "validation-00000-of-00001.parquet",
+          [r | {"answer": bool(r["answer"] % 2)} for r in mmlu_rows("virology", 2)])
+    one_error_line(convert("mmlu", src, "--out", out), "row 0: answer index False is not 0-3")
+    assert not out.exists()
 
 
 def mmlu_pro_rows() -> list[dict]:
@@ -106,6 +142,37 @@ def test_mmlu_pro_becomes_one_subject_per_category_with_up_to_ten_options(tmp_pa
         assert list(it.options) == r["options"] and it.answer == r["answer"]
         assert written[r["question"]]["question_id"] == r["question_id"]  # traceable to the source row
     assert "as split 'validation'" in res.stdout
+
+
+def test_mmlu_pro_n_a_padding_is_dropped_and_the_key_follows_its_option(tmp_path):
+    """MMLU-Pro's own evaluation drops "N/A" options; the answer must still name the source's correct text."""
+    rows = mmlu_pro_rows()
+    rows[0]["options"][8:] = ["N/A", "N/A"]  # trailing padding (answer index 3, before it)
+    rows[1]["options"][2] = " N/A"  # one in the middle, before the answer
+    rows[1]["answer_index"], rows[1]["answer"] = 6, "G"
+    bad = [r | {"question": "key on N/A", "answer_index": 2, "answer": "C"} for r in rows[1:2]]
+    src, out = tmp_path / "pro", tmp_path / "out"
+    write(src / "data" / "test-00000-of-00001.parquet", rows)
+    assert convert("mmlu-pro", src, "--out", out).returncode == 0
+    items = {it.question: it for it in load_mmmu(out, "test")[0]}
+    for r in rows:
+        it = items[r["question"]]
+        assert list(it.options) == [o for o in r["options"] if o.strip() != "N/A"]
+        assert it.options["ABCDEFGHIJ".index(it.answer)] == r["options"][r["answer_index"]]
+    assert items["pro question 1"].answer == "F"  # one option before it dropped
+    write(src / "data" / "test-00000-of-00001.parquet", bad)
+    one_error_line(convert("mmlu-pro", src, "--out", tmp_path / "o2"), "row 0: the answer 'C' is an 'N/A' option")
+
+
+def test_two_shardings_of_one_split_are_refused_not_counted_twice(tmp_path):
+    """An old single-file download beside a re-sharded one: each set is complete, so both used to be read."""
+    rows, src = mmlu_pro_rows(), tmp_path / "pro"
+    write(src / "data" / "test-00000-of-00001.parquet", rows)
+    write(src / "data" / "test-00000-of-00002.parquet", rows[:2])
+    write(src / "data" / "test-00001-of-00002.parquet", rows[2:])
+    one_error_line(convert("mmlu-pro", src, "--out", tmp_path / "out"),
+                   "holds test-*-of-00001 and test-*-of-00002.parquet files, two shardings of one split")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_row_whose_answer_and_index_disagree_stops_before_anything_is_written(tmp_path):
@@ -141,8 +208,43 @@ def test_other_splits_in_out_stay_and_the_same_split_needs_overwrite(mmlu_src, t
     assert {p: p.read_bytes() for p in out.rglob("validation-*.parquet")} == before
 
 
+KILLED_AFTER_ONE_MOVE = """
+import os, signal, sys
+from pathlib import Path
+from probe.convert import main
+replace = Path.replace
+def replace_then_die(self, target):
+    replace(self, target)
+    os.kill(os.getpid(), signal.SIGKILL)  # a kill while files move into --out, one subject in
+Path.replace = replace_then_die
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_conversion_killed_while_moving_into_out_is_refused_by_the_reader_and_finished_by_a_rerun(
+        mmlu_src, tmp_path, overwrite):
+    clean, out = tmp_path / "clean", tmp_path / "out"
+    assert convert("mmlu", mmlu_src, "--out", clean).returncode == 0
+    if overwrite:  # an older split of another subject set, being replaced
+        write(tmp_path / "old" / "virology" / "validation-00000-of-00001.parquet", mmlu_rows("virology", 2))
+        assert convert("mmlu", tmp_path / "old", "--out", out).returncode == 0
+    args = ["mmlu", mmlu_src, "--out", out, "--quiet", *(["--overwrite"] if overwrite else [])]
+    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_ONE_MOVE, *map(str, args)], cwd=REPO)
+    assert killed.returncode == -9 and len(list(out.glob("*/validation-*.parquet"))) == 1  # one of two subjects
+    with pytest.raises(BadInput, match="stopped while it wrote split 'validation'"):
+        load_mmmu(out, "validation")  # never read as a smaller set
+    res = convert(*args)  # the same command again: no --overwrite needed to replace its own half
+    assert res.returncode == 0, res.stderr
+    assert load_mmmu(out, "validation")[0] == load_mmmu(clean, "validation")[0]  # as an uninterrupted conversion
+    assert json.loads((out / "convert-validation.json").read_text())["n_items"] == {"abstract_algebra": 5,
+                                                                                 "anatomy": 4}
+    assert not list(out.glob(".convert-*"))
+
+
 @pytest.mark.parametrize("case, want", [
-    ("missing", "not a directory"), ("inside", "inside SRC"), ("no-split", "no dev-*.parquet files"),
+    ("missing", "not a directory"), ("inside", "inside SRC"), ("outside", "is inside --out"),
+    ("no-split", "no dev-*.parquet files"),
     ("damaged", "not a readable parquet file"), ("columns", "no column 'choices'"), ("frames", "--frames must be")])
 def test_bad_input_is_one_line_and_nothing_is_written(mmlu_src, tmp_path, case, want):
     out, args = tmp_path / "out", []
@@ -150,6 +252,9 @@ def test_bad_input_is_one_line_and_nothing_is_written(mmlu_src, tmp_path, case, 
         src = tmp_path / "nowhere"
     elif case == "inside":
         src, out = mmlu_src, mmlu_src / "converted"
+    elif case == "outside":  # SRC/<split>-*.parquet would be taken, under --overwrite, for the old split's files
+        src, out, args = tmp_path / "nest" / "law", tmp_path / "nest", ["--overwrite"]
+        write(src / "validation-00000-of-00001.parquet", mmlu_rows("law", 2))
     elif case == "no-split":
         src, args = mmlu_src, ["--split", "dev"]
     elif case == "damaged":
@@ -166,11 +271,11 @@ def test_bad_input_is_one_line_and_nothing_is_written(mmlu_src, tmp_path, case, 
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == listing  # inputs and out untouched
 
 
-def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
+def write_csv(path: Path, header: list[str], rows: list[list[str]], encoding: str = "utf-8") -> None:
     import csv
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    with open(path, "w", newline="", encoding=encoding) as f:
         w = csv.writer(f)
         w.writerow(header)
         w.writerows(rows)
@@ -190,6 +295,18 @@ def test_mmmlu_one_subject_per_locale_cells_kept_as_text(tmp_path):
         mine = [it for it in items if it.subject == locale]
         assert [it.answer for it in mine] == list(answers)
         assert [list(it.options) for it in mine] == [["0042", "1e3", f"c{i}", f"d{i}"] for i in range(len(answers))]
+
+
+def test_a_csv_saved_with_a_byte_order_mark_is_read(tmp_path):
+    """Excel and pandas' utf-8-sig write a BOM, which would read as part of the first column's name."""
+    src, out = tmp_path / "mmmlu", tmp_path / "out"
+    rows = [[f"Frage {i}", "a", "b", "c", "d", "ABCD"[i], "anatomy"] for i in range(3)]
+    write_csv(src / "test" / "mmlu_DE-DE.csv", ["Question", "A", "B", "C", "D", "Answer", "Subject"], rows,
+              encoding="utf-8-sig")
+    res = convert("mmmlu", src, "--out", out)
+    assert res.returncode == 0, res.stderr
+    items, report = load_mmmu(out, "test")
+    assert report.subjects == ["DE_DE"] and [(it.question, it.answer) for it in items] == [(r[0], r[5]) for r in rows]
 
 
 GPQA_HEADER = ["Pre-Revision Question", "Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2",
@@ -226,10 +343,23 @@ def test_gpqa_refuses_two_equal_options(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+
+@pytest.mark.parametrize("record, want", [("", "row 2: no Record ID"), ("rec0000", "row 2: Record ID 'rec0000' again")])
+def test_gpqa_refuses_a_row_without_its_own_record_id(tmp_path, record, want):
+    """The Record ID seeds the order: rows without one would all put the correct answer at one letter."""
+    rows = gpqa_rows(3)
+    rows[2][8] = record
+    write_csv(tmp_path / "gpqa" / "gpqa_main.csv", GPQA_HEADER, rows)
+    one_error_line(convert("gpqa", tmp_path / "gpqa", "--out", tmp_path / "out"), want)
+    assert not (tmp_path / "out").exists()
+
 # --- Video-MME ------------------------------------------------------------------------------------------------
 
-def write_video(path: Path, shift: int) -> None:
-    """N_FRAMES frames at FPS, frame i coloured (8·(i + shift), 255 − 8·(i + shift), 128): its index, decodable."""
+def write_video(path: Path, shift: int, start: int = 0) -> None:
+    """N_FRAMES frames at FPS from ``start`` seconds, frame i coloured (8·(i + shift), 255 − 8·(i + shift), 128):
+    its index, decodable. The container follows the suffix (.mkv: Matroska, which states no stream duration)."""
+    from fractions import Fraction
+
     av = pytest.importorskip("av")
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as c:
@@ -238,7 +368,9 @@ def write_video(path: Path, shift: int) -> None:
         for i in range(N_FRAMES):
             a = np.zeros((48, 64, 3), np.uint8)
             a[..., 0], a[..., 1], a[..., 2] = 8 * (i + shift), 255 - 8 * (i + shift), 128
-            for p in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+            frame = av.VideoFrame.from_ndarray(a, format="rgb24")
+            frame.pts, frame.time_base = start * FPS + i, Fraction(1, FPS)
+            for p in s.encode(frame):
                 c.mux(p)
         for p in s.encode():
             c.mux(p)
@@ -294,21 +426,55 @@ def test_video_mme_items_get_the_frames_nearest_uniform_times_and_unlettered_opt
         assert [frame_index(b, shift) for b in it.frames] == nearest_frames(4)
 
 
+def test_a_matroska_video_starting_late_gets_the_frames_of_its_own_span(video_src, tmp_path):
+    """Matroska states no stream duration and counts its file duration from 0: a video starting at 5 s used to
+    be sampled over 8 s from 5 s, three of four frames the last one. Its .mkv name is found too."""
+    (video_src / "data" / "Zz0.mp4").unlink()
+    write_video(video_src / "data" / "Zz0.mkv", 1, start=5)
+    out = tmp_path / "out"
+    res = convert("video-mme", video_src, "--frames", 4, "--out", out)
+    assert res.returncode == 0, res.stderr
+    [it] = [it for it in load_mmmu(out, "test")[0] if it.subject == "medium"]  # Zz0's question
+    assert [frame_index(b, 1) for b in it.frames] == nearest_frames(4)
+
+
+def test_a_video_file_without_a_video_stream_is_named(video_src, tmp_path):
+    av = pytest.importorskip("av")
+    path = video_src / "data" / "Zz0.mp4"
+    with av.open(str(path), "w") as c:  # an audio-only download under the video's name
+        s = c.add_stream("aac", rate=16000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate, frame.pts = 16000, 0
+        for p in [*s.encode(frame), *s.encode()]:
+            c.mux(p)
+    one_error_line(convert("video-mme", video_src, "--out", tmp_path / "out"),
+                   f"{path}: holds no video stream (an audio-only download?)")
+
+
 def test_video_frames_are_kept_per_video_so_a_killed_conversion_resumes(tmp_path):
+    import os
+
     from probe.convert import cached_frames
 
     cache, calls = tmp_path / "cache", []
 
     def sample(path: Path) -> list[bytes]:
         calls.append(path.name)
-        return [path.name.encode()] * 2
+        return [path.read_bytes()] * 2
 
+    videos = {v: tmp_path / f"{v}.mp4" for v in "ab"}
+    for v, path in videos.items():
+        path.write_bytes(v.encode())
     (cache / ".b.partial").mkdir(parents=True)  # a kill while b's frames were written
     (cache / ".b.partial" / "00000.jpg").write_bytes(b"half")
-    videos = {"a": Path("a.mp4"), "b": Path("b.mp4")}
-    assert cached_frames({"a": videos["a"]}, cache, sample, True) == {"a": [b"a.mp4"] * 2}
-    assert cached_frames(videos, cache, sample, True) == {"a": [b"a.mp4"] * 2, "b": [b"b.mp4"] * 2}
+    assert cached_frames({"a": videos["a"]}, cache, sample, True) == {"a": [b"a"] * 2}
+    assert cached_frames(videos, cache, sample, True) == {"a": [b"a"] * 2, "b": [b"b"] * 2}
     assert calls == ["a.mp4", "b.mp4"]  # a sampled once; b's partial folder redone
+    st = videos["a"].stat()
+    videos["a"].write_bytes(b"A, downloaded again")  # the file changed since its frames were kept
+    os.utime(videos["a"], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert cached_frames(videos, cache, sample, True)["a"] == [b"A, downloaded again"] * 2  # never the old frames
+    assert calls == ["a.mp4", "b.mp4", "a.mp4"]
 
 
 def test_video_mme_refuses_missing_videos_and_misnumbered_options(video_src, tmp_path):
