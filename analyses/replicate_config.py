@@ -482,3 +482,10 @@ def check_modalities_read(cfg: ReplicateConfig, refs: dict[str, Any]) -> None:
             check_modalities(ref, loaded[src])
         except BadInput as exc:
             raise BadInput(f"config key {key!r}: {what} would give {ref.spec} the {label!r} items: {exc}") from None
+    for label, path in cfg.data.items():  # every set the eval stages read (table3/4, the steps), in eval.split:
+        src = source(label, False, path, e.split, e.limit)  # a set converted under another split name stopped the
+        if src is not None and src not in loaded:  # table3 stage, not this check
+            try:
+                load_items(*src)
+            except BadInput as exc:
+                raise BadInput(f"config key 'data.{label}': {exc}") from None

@@ -486,6 +486,17 @@ def test_bad_config_exits_2_naming_the_key_and_writes_nothing(tmp_path: Path, ca
     _assert_refused(tmp_path, capsys, edit(DEFAULT_CONFIG.read_text()), key)
 
 
+def test_a_data_set_without_the_eval_split_is_refused_up_front(tmp_path: Path, capsys) -> None:
+    """A set converted under another split name (probe.convert mmlu-pro without --out-split validation) passed the
+    config check when no heads or table5 job read it, and stopped the table3 stage; now its key is named first."""
+    text = tmp_path / "text"
+    shutil.copytree(ROOT / "probe" / "zoo" / "data" / "text", text)
+    for f in text.rglob("validation-*.parquet"):
+        f.rename(f.with_name(f.name.replace("validation-", "test-")))
+    config = DEFAULT_CONFIG.read_text().replace('text = "../../probe/zoo/data/text"', f'text = "{text}"')
+    _assert_refused(tmp_path, capsys, config.replace("base_on_text = true", "base_on_text = false"), "'data.text'")
+
+
 def test_the_finetune_carrier_must_fit_in_float32_whatever_dtype_evaluates(monkeypatch):
     """Fine-tuning holds the carrier's weights in float32 under --dtype bfloat16 (mixed precision), but the up-front
     check counted every model at bfloat16's bytes: a machine holding the models in bfloat16 and not the carrier in
