@@ -139,10 +139,11 @@ def _check_shards(files: Sequence[Path]) -> None:
                            f"a partial download would score only part of the subject")
 
 
-def check_split(split: str) -> None:
-    """A split is a name, never a pattern: ``*`` or ``val*`` would read the files of several splits as one set."""
+def check_split(split: str, flag: str = "--split") -> None:
+    """A split is a name, never a pattern: ``*`` or ``val*`` would read the files of several splits as one set.
+    ``flag`` is the option the name came from, which the refusal names."""
     if not _SPLIT.fullmatch(split):
-        raise BadInput(f"--split {split!r} is not a split name (letters, digits, '_' and '.' only)")
+        raise BadInput(f"{flag} {split!r} is not a split name (letters, digits, '_' and '.' only)")
 
 
 def unfinished_conversion(root: Path, split: str) -> Path:
