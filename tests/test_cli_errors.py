@@ -35,7 +35,7 @@ def snapshot(d: Path) -> dict[str, bytes]:
 # --------------------------------------------------------------------------------------------------------
 # argparse: one line, every CLI
 
-MODULES = ["probe.heads", "probe.eval", "probe.convert", "probe.synthetic", "probe.zoo.__main__", "analyses.shift", "analyses.merge",
+MODULES = ["probe.heads", "probe.eval", "probe.convert", "probe.families", "probe.synthetic", "probe.zoo.__main__", "analyses.shift", "analyses.merge",
            "analyses.trajectory", "analyses.replicate", "analyses.finetune", "figures.__main__"]
 BENCH = ["sweep", "eval", "merge", "train_step"]
 
