@@ -72,6 +72,23 @@ def test_every_cli_uses_the_shared_parser():
     assert not found, found
 
 
+def test_readme_names_every_module_and_every_command_it_shows_has_a_help():
+    """README's Layout names every module of probe/, analyses/, figures/ and bench/ (errors.py, align.py,
+    checkpoints.py, sketch.py, tiny.py, writer.py, figures' steps.py and four benchmarks were missing), and every
+    ``python -m X`` the README shows is a CLI of MODULES, whose --help the test above runs."""
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    layout = readme.split("\n## Layout\n", 1)[1]
+    modules = [p.relative_to(REPO) for d in ("probe", "analyses", "figures", "bench") for p in sorted((REPO / d).glob("*"))
+               if (p.suffix in (".py", ".sh") and p.name != "__init__.py") or (p.is_dir() and not p.name.startswith("_"))]
+    missing = [str(m) for m in modules if f"`{m.name}" not in layout]
+    assert not missing, f"README's Layout does not name {missing}"
+    shown = set(re.findall(r"python -m ([\w.]+)", readme)) - {"pytest"}
+    clis = {m.removesuffix(".__main__") for m in MODULES}
+    assert shown <= clis, f"README shows python -m {sorted(shown - clis)}, which MODULES does not test"
+
+
 def test_bad_int_option_in_a_subprocess():
     r = subprocess.run([sys.executable, "-m", "probe.heads", "--limit", "abc"], cwd=REPO, capture_output=True,
                        text=True)
