@@ -486,6 +486,6 @@ def check_modalities_read(cfg: ReplicateConfig, refs: dict[str, Any]) -> None:
         src = source(label, False, path, e.split, e.limit)  # a set converted under another split name stopped the
         if src is not None and src not in loaded:  # table3 stage, not this check
             try:
-                load_items(src[0], split=src[1], limit=src[2])
+                load_items(src[0], split=src[1], limit=src[2])  # (path, split, limit): not load_items' order
             except BadInput as exc:
                 raise BadInput(f"config key 'data.{label}': {exc}") from None

@@ -457,7 +457,7 @@ def run(cfg: ConvertConfig) -> ConvertReport:
     from probe.synthetic import write_mmmu_parquet
 
     check_split(cfg.split)
-    check_split(cfg.out_split)
+    check_split(cfg.out_split, "--out-split")
     if not cfg.src.is_dir():
         raise BadInput(f"SRC {cfg.src}: not a directory (a local snapshot of {REPOS[cfg.kind]})")
     check_out_path(cfg.out)

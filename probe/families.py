@@ -820,5 +820,23 @@ def _tie_nodes(config: Mapping[str, Any], family: Family) -> list[Any]:
 _CANONICAL_LM = re.compile(r"^(embed_tokens\.weight|norm\.weight|lm_head\.weight|layers\.\d+\..+)$")
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
+    """``python -m probe.families``: print the README's "Supported model families" table (it took no options, so
+    ``--help`` printed the table too)."""
+    from probe.errors import ArgParser
+
+    ArgParser(prog="python -m probe.families", examples=["python -m probe.families > families.md"],
+              description="Print the supported model families as the Markdown table README.md carries between "
+                          "<!-- families:begin --> and <!-- families:end --> (one row per family of "
+                          "probe/families.py: class, modalities, chat format, commands, the class a merged LM is "
+                          "written as, key layouts, aliases).").parse_args(argv)
     print(supported_families_markdown(), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from probe.errors import cli_main
+
+    sys.exit(cli_main(main))

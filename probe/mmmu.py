@@ -139,10 +139,11 @@ def _check_shards(files: Sequence[Path]) -> None:
                            f"a partial download would score only part of the subject")
 
 
-def check_split(split: str) -> None:
-    """A split is a name, never a pattern: ``*`` or ``val*`` would read the files of several splits as one set."""
+def check_split(split: str, flag: str = "--split") -> None:
+    """A split is a name, never a pattern: ``*`` or ``val*`` would read the files of several splits as one set.
+    ``flag`` is the option the name came from, which the refusal names."""
     if not _SPLIT.fullmatch(split):
-        raise BadInput(f"--split {split!r} is not a split name (letters, digits, '_' and '.' only)")
+        raise BadInput(f"{flag} {split!r} is not a split name (letters, digits, '_' and '.' only)")
 
 
 def unfinished_conversion(root: Path, split: str) -> Path:
@@ -178,8 +179,12 @@ def discover(root: str | Path, split: str) -> dict[str, list[Path]]:
                        f"({', '.join(found)}); point --data at the subject folders' parent or at one subject folder")
     if direct:  # a single-subject directory
         found = {root.resolve().name: direct}
-    if not found:
-        raise BadInput(f"no '{split}.parquet' or '{split}-*.parquet' files in {root} or its subject folders")
+    if not found:  # say which splits are there: a set converted under another name (probe.convert gpqa: train)
+        there = sorted({name for d in [root, *subjects] for f in d.glob("*.parquet")
+                        if _SPLIT.fullmatch(name := f.name.removesuffix(".parquet").split("-")[0])})
+        raise BadInput(f"no '{split}.parquet' or '{split}-*.parquet' files in {root} or its subject folders"
+                       + (f" (the split{'s' if len(there) > 1 else ''} there: {', '.join(map(repr, there))})"
+                          if there else ""))
     if not direct and (lacking := [d.name for d in subjects if d.name not in found]):
         print(f"warning: {len(lacking)} subject folder(s) of {root} have no {split!r} files and are left out: "
               f"{', '.join(lacking[:5])}{' …' if len(lacking) > 5 else ''}", file=sys.stderr)

@@ -119,7 +119,10 @@ def resolve_model(spec: str) -> ModelRef:
     if not model_type:
         raise BadInput(f"{path}/config.json has no model_type")
     family = family_of_model_type(model_type)
-    geometry = HeadGeometry.from_text_config(text_config_dict(config, family))
+    try:
+        geometry = HeadGeometry.from_text_config(text_config_dict(config, family))
+    except BadInput as exc:  # probe.eval takes several models: say which one (the analyses name it too)
+        raise BadInput(f"{path}: {exc}") from None
     if repo is None:
         check_weights(path, gguf_file)
     return ModelRef(spec, path, family, geometry, config, gguf_file, repo)

@@ -35,7 +35,7 @@ def snapshot(d: Path) -> dict[str, bytes]:
 # --------------------------------------------------------------------------------------------------------
 # argparse: one line, every CLI
 
-MODULES = ["probe.heads", "probe.eval", "probe.convert", "probe.synthetic", "probe.zoo.__main__", "analyses.shift", "analyses.merge",
+MODULES = ["probe.heads", "probe.eval", "probe.convert", "probe.families", "probe.synthetic", "probe.zoo.__main__", "analyses.shift", "analyses.merge",
            "analyses.trajectory", "analyses.replicate", "analyses.finetune", "figures.__main__"]
 BENCH = ["sweep", "eval", "merge", "train_step"]
 
@@ -70,6 +70,23 @@ def test_every_cli_uses_the_shared_parser():
     found = [f"{p}:{i}" for d in ("probe", "analyses", "figures", "bench") for p in sorted((REPO / d).rglob("*.py"))
              for i, line in enumerate(p.read_text().splitlines(), 1) if "argparse.ArgumentParser(" in line]
     assert not found, found
+
+
+def test_readme_names_every_module_and_every_command_it_shows_has_a_help():
+    """README's Layout names every module of probe/, analyses/, figures/ and bench/ (errors.py, align.py,
+    checkpoints.py, sketch.py, tiny.py, writer.py, figures' steps.py and four benchmarks were missing), and every
+    ``python -m X`` the README shows is a CLI of MODULES, whose --help the test above runs."""
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    layout = readme.split("\n## Layout\n", 1)[1]
+    modules = [p.relative_to(REPO) for d in ("probe", "analyses", "figures", "bench") for p in sorted((REPO / d).glob("*"))
+               if (p.suffix in (".py", ".sh") and p.name != "__init__.py") or (p.is_dir() and not p.name.startswith("_"))]
+    missing = [str(m) for m in modules if f"`{m.name}" not in layout]
+    assert not missing, f"README's Layout does not name {missing}"
+    shown = set(re.findall(r"python -m ([\w.]+)", readme)) - {"pytest"}
+    clis = {m.removesuffix(".__main__") for m in MODULES}
+    assert shown <= clis, f"README shows python -m {sorted(shown - clis)}, which MODULES does not test"
 
 
 def test_bad_int_option_in_a_subprocess():

@@ -244,7 +244,7 @@ def test_a_conversion_killed_while_moving_into_out_is_refused_by_the_reader_and_
 
 @pytest.mark.parametrize("case, want", [
     ("missing", "not a directory"), ("inside", "inside SRC"), ("outside", "is inside --out"),
-    ("no-split", "no dev-*.parquet files"),
+    ("no-split", "no dev-*.parquet files"), ("out-split", "--out-split 'val*' is not a split name"),
     ("damaged", "not a readable parquet file"), ("columns", "no column 'choices'"), ("frames", "--frames must be")])
 def test_bad_input_is_one_line_and_nothing_is_written(mmlu_src, tmp_path, case, want):
     out, args = tmp_path / "out", []
@@ -257,6 +257,8 @@ def test_bad_input_is_one_line_and_nothing_is_written(mmlu_src, tmp_path, case, 
         write(src / "validation-00000-of-00001.parquet", mmlu_rows("law", 2))
     elif case == "no-split":
         src, args = mmlu_src, ["--split", "dev"]
+    elif case == "out-split":  # the refusal names the option that holds the pattern
+        src, args = mmlu_src, ["--out-split", "val*"]
     elif case == "damaged":
         src = tmp_path / "damaged"
         (src / "law").mkdir(parents=True)

@@ -550,6 +550,23 @@ def test_bad_input_exit_2_one_line_nothing_written(case, text_dir, tiny_dirs, tm
     assert not out.exists()
 
 
+@pytest.mark.parametrize("value", [0, "four", 3])
+def test_an_impossible_head_layout_names_its_model(value, text_dir, tiny_dirs, tmp_path, capfd):
+    """Of several models, the one whose config.json holds no head layout (0 or "four" heads, 3 heads in 2
+    key/value groups) was refused as "config num_attention_heads must be …", naming no model; the line now starts
+    with that model's directory, as the analyses' does."""
+    import shutil
+
+    bad = shutil.copytree(tiny_dirs["qwen2"], tmp_path / "bad")
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps(cfg | {"num_attention_heads": value, "num_key_value_heads": 2}))
+    out = tmp_path / "out"
+    assert _eval("--models", "tiny-qwen2", bad, "--data", text_dir, "--quiet", "--out", out) == 2
+    err = capfd.readouterr().err.strip()
+    assert err.startswith(f"error: {bad}: config") and "\n" not in err, err
+    assert not out.exists()
+
+
 def test_a_subject_named_all_is_refused(text_dir, tiny_dirs, tmp_path, capfd):
     """A subject folder named 'all' got the set's totals in its scores.csv row (64 items, not its 32), then
     table.md crashed on the two 'all' rows, after items.parquet and scores.csv were written."""

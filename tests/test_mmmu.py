@@ -242,6 +242,18 @@ def test_empty_dir(tmp_path):
         load_mmmu(tmp_path)
 
 
+def test_a_set_without_the_split_names_the_splits_it_has(tmp_path):
+    """probe.convert gpqa writes GPQA's only split, 'train', unless --out-split: read as validation (probe.eval's and
+    replicate's default) the refusal said no validation files, not what the folder holds. Oracle: the splits written."""
+    write(tmp_path / "one", {"Art": [row(1, split="train")]}, "train")
+    with pytest.raises(BadInput, match=r"subject folders \(the split there: 'train'\)$"):
+        load_mmmu(tmp_path / "one")
+    write(tmp_path / "two", {"Art": [row(1, split="test")]}, "test")
+    write(tmp_path / "two", {"Music": [row(1, "Music", split="dev")]}, "dev")
+    with pytest.raises(BadInput, match=r"\(the splits there: 'dev', 'test'\)$"):
+        load_mmmu(tmp_path / "two")
+
+
 def test_a_split_file_without_rows_is_refused(tmp_path):
     """A subject whose split file holds no rows (a failed conversion or download) used to vanish from the run, even
     when named in subjects=; the scores then covered fewer subjects than asked for."""

@@ -497,6 +497,15 @@ def test_a_data_set_without_the_eval_split_is_refused_up_front(tmp_path: Path, c
     _assert_refused(tmp_path, capsys, config.replace("base_on_text = true", "base_on_text = false"), "'data.text'")
 
 
+def test_the_quick_config_passes_the_config_check() -> None:
+    """python -m analyses.replicate --quick (the CI run) stopped at its config check with a TypeError traceback
+    once every [data] set was read there: its eval.limit went in as load_items' subjects."""
+    from analyses.replicate_config import check_machine
+
+    cfg = parse_config(QUICK_CONFIG)
+    assert cfg.eval.limit and set(check_machine(cfg)) >= {cfg.models.base, *cfg.models.experts}
+
+
 def test_the_finetune_carrier_must_fit_in_float32_whatever_dtype_evaluates(monkeypatch):
     """Fine-tuning holds the carrier's weights in float32 under --dtype bfloat16 (mixed precision), but the up-front
     check counted every model at bfloat16's bytes: a machine holding the models in bfloat16 and not the carrier in
