@@ -8,8 +8,9 @@
 3. a parenthesised letter "(B)" anywhere;
 4. a letter followed by "." / ")" / ":" at a token start: "B. blue", "B) blue";
 5. a bare standalone uppercase letter token ("B is correct");
-6. the option text itself ("blue"), case-insensitive on word boundaries; the longest matching
-   option wins, ties go to the earliest position.
+6. the option text itself ("blue"), case-insensitive on word boundaries (a combining mark, such as a
+   Devanagari vowel sign, is part of its word); the longest matching option wins, ties go to the earliest
+   position.
 
 Within a tier the FIRST occurrence wins. MMMU's reference parser takes the last candidate, which
 suits long chain-of-thought answers; our generations are a few greedy tokens, where the first
@@ -23,6 +24,7 @@ Text after a special token such as ``<|im_end|>`` or ``</s>`` is ignored.
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Sequence
 
 # Cut at the first special token: chat-template markers like <|im_end|>, <|eot_id|>, and </s>, <eos>, <end_of_turn>.
@@ -69,15 +71,31 @@ def _bare_letter(text: str, letters: str) -> str | None:
     return None
 
 
+def _in_word(ch: str) -> bool:
+    """Part of a word: a letter, digit or "_" (regex ``\\w``), or a combining mark, which ``\\w`` leaves out
+    although Devanagari/Bengali vowel signs and Arabic or Yoruba diacritics sit inside words ("रोम|ानिया")."""
+    return ch.isalnum() or ch == "_" or unicodedata.category(ch).startswith("M")
+
+
+def _find_word(opt: str, text: str) -> int | None:
+    """Position of the first occurrence of ``opt`` in ``text`` (case-insensitive) that is a whole word or phrase:
+    no word character, combining marks included, right before or after it."""
+    for m in re.finditer("(?=" + re.escape(opt) + ")", text, re.IGNORECASE):
+        a, b = m.start(), m.start() + len(opt)
+        if (a == 0 or not _in_word(text[a - 1])) and (b == len(text) or not _in_word(text[b])):
+            return a
+    return None
+
+
 def _option_text(text: str, options: Sequence[str]) -> str | None:
     best: tuple[int, int, int] | None = None  # (-len, position, index)
     for i, opt in enumerate(options):
         opt = opt.strip()
         if not opt:
             continue
-        m = re.search(r"(?<!\w)" + re.escape(opt) + r"(?!\w)", text, re.IGNORECASE)
-        if m:
-            key = (-len(opt), m.start(), i)
+        pos = _find_word(opt, text)
+        if pos is not None:
+            key = (-len(opt), pos, i)
             best = key if best is None or key < best else best
     return chr(ord("A") + best[2]) if best else None
 

@@ -82,6 +82,16 @@ def test_option_text_with_symbols():
     assert parse_choice("The cost is $8 total", opts) == "C"
 
 
+def test_option_text_is_a_whole_word_in_scripts_with_combining_marks():
+    """Regex ``\\w`` leaves out combining marks, so "रोम" (Rome) was found inside "रोमानिया" (Romania), whose
+    next character is the vowel sign "ा", and a Hindi answer naming no option was read as option A."""
+    opts = ["रोम", "पेरिस", "बर्लिन", "मैड्रिड"]  # MMMLU HI_IN: Rome, Paris, Berlin, Madrid
+    assert parse_choice("रोमानिया", opts) is None
+    assert parse_choice("उत्तर रोम है", opts) == "A"  # "the answer is Rome": a word of its own still counts
+    assert parse_choice("यह पेरिस है।", opts) == "B"
+    assert parse_choice("मैड्रिड", opts) == "D"
+
+
 def test_numeric_options_match_text():
     assert parse_choice("3", OPTS6) == "C"
     assert parse_choice("There are 5 shapes", OPTS6) == "E"
