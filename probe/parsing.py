@@ -3,7 +3,8 @@
 ``parse_choice`` tries, in order, and returns the first hit:
 
 1. the whole response is one letter, optionally wrapped/punctuated: "B", "(B)", "B.", "B)", "B:",
-   "[B]", "**B**" (a lone lowercase letter counts too, since it cannot be an article there);
+   "[B]", "**B**" (a lone lowercase letter counts too, since it cannot be an article there); or it
+   opens with a letter and that option's own text, as the prompt's choice lines read: "B. blue ...";
 2. an explicit answer phrase: "Answer: B", "the answer is (B)", "Option B", "choice: B";
 3. a parenthesised letter "(B)" anywhere;
 4. a letter followed by "." / ")" / ":" at a token start: "B. blue", "B) blue";
@@ -14,7 +15,9 @@
 
 Within a tier the FIRST occurrence wins. MMMU's reference parser takes the last candidate, which
 suits long chain-of-thought answers; our generations are a few greedy tokens, where the first
-letter is the answer and later text is the model rambling on ("B. Blue is not C").
+letter is the answer and later text is the model rambling on ("B. Blue is not C"). Longer ones
+(``--max-new-tokens``) ramble further: SmolLM2 writes "A. Liver\n\nThe answer is D. Stomach.", whose
+opening line, the letter with its own option, is the answer its first token chose.
 
 Only uppercase letters within the options' range count, because lowercase "a" and "i" are words.
 For the same reason a bare "A" or "I" followed by a lowercase word ("A red circle", "I think")
@@ -47,6 +50,15 @@ def _lone_letter(text: str, letters: str) -> str | None:
     if len(core) == 1 and core.upper() in letters:
         return core.upper()
     return None
+
+
+def _opening_choice(text: str, options: Sequence[str], letters: str) -> str | None:
+    """The letter a response opens with when its own option's text follows it: "A. Liver", "(C) 56"."""
+    m = re.match(r"[(\[*]{0,2}(?P<L>[A-Z])[.):\]*]{1,3}\s*", text)
+    if not m or m.group("L") not in letters:
+        return None
+    opt = options[letters.index(m.group("L"))].strip()
+    return m.group("L") if opt and _find_word(opt, text[m.end():]) == 0 else None
 
 
 def _first(pattern: str, text: str, letters: str, flags: int = 0) -> str | None:
@@ -110,6 +122,7 @@ def parse_choice(response: str, options: Sequence[str]) -> str | None:
         return None
     return (
         _lone_letter(text, letters)
+        or _opening_choice(text, options, letters)
         or _first(r"(?:answer|option|choice)(?:\s+is)?\s*[:\-]?\s*[(\[*]*(?P<L>[A-Z])(?![A-Za-z0-9])",
                   text, letters, re.IGNORECASE)
         or _first(r"\((?P<L>[A-Z])\)", text, letters)

@@ -58,6 +58,32 @@ def test_parse_choice_four_options(response, expected):
     assert parse_choice(response, OPTS4) == expected
 
 
+# SmolLM2-135M-Instruct's greedy answers (24 new tokens) to MMLU-Pro / MMMLU items: the opening "X. <option X>" is
+# what its first token chose; the "The answer is Y" after it is rambling (its Y even names another option's text).
+SMOLLM2_RAMBLES = [
+    ("A. Liver\n\nThe answer is D. Stomach.",
+     ["Liver", "Lung", "Kidney", "Stomach", "Brain", "Skin", "Heart", "Spleen", "Bone", "Eye"]),
+    ("F. Aristotle\n\nThe answer is D. Hegel.",
+     ["Kant", "Descartes", "Hume", "Locke", "Plato", "Aristotle", "Nietzsche", "Spinoza", "Hegel", "Marx"]),
+    ("A. A gift\n\nThe answer is D. A seal.",
+     ["A gift", "Something of value exchanged", "A written form", "A signature", "A witness", "A notary", "A seal",
+      "A deadline", "An offer"]),
+    ("C. मैड्रिड\n\nThe answer is D. मै", ["बर्लिन", "पेरिस", "मैड्रिड", "रोम"]),
+    ("B. 巴黎\n\nThe answer is D. 罗马.", ["柏林", "巴黎", "马德里", "罗马"]),
+]
+
+
+@pytest.mark.parametrize("response, options", SMOLLM2_RAMBLES)
+def test_an_opening_letter_with_its_own_option_beats_a_later_answer_phrase(response, options):
+    first_line = response.split("\n")[0]
+    assert parse_choice(response, options) == "ABCDEFGHIJ"[options.index(first_line[3:])]
+
+
+def test_an_opening_letter_without_its_option_text_is_no_stronger_than_before():
+    assert parse_choice("C. ثمانية\n\nThe answer is D. ثمانية.", ["خمسة", "ستة", "سبعة", "ثمانية"]) == "D"
+    assert parse_choice("C. no, (B)", OPTS4) == "B"
+
+
 def test_letters_out_of_range_ignored():
     assert parse_choice("E", OPTS4) is None
     assert parse_choice("E. or B", OPTS4) == "B"

