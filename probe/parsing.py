@@ -20,8 +20,10 @@ letter is the answer and later text is the model rambling on ("B. Blue is not C"
 opening line, the letter with its own option, is the answer its first token chose.
 
 Only uppercase letters within the options' range count, because lowercase "a" and "i" are words.
-For the same reason a bare "A" or "I" followed by a lowercase word ("A red circle", "I think")
-is read as an article/pronoun, not as a choice, except before "is" ("A is correct").
+For the same reason an "A" or "I" followed by a lowercase word ("A red circle", "I think") or an
+apostrophe ("I'm") is read as an article/pronoun, not as a choice, except before "is", "because", "since",
+"as", "and", "or" ("A is correct", "the answer is A because ..."); this holds after an answer phrase
+too ("Answer: I think it is C" is C).
 Text after a special token such as ``<|im_end|>`` or ``</s>`` is ignored.
 """
 from __future__ import annotations
@@ -61,19 +63,25 @@ def _opening_choice(text: str, options: Sequence[str], letters: str) -> str | No
     return m.group("L") if opt and _find_word(opt, text[m.end():]) == 0 else None
 
 
-def _first(pattern: str, text: str, letters: str, flags: int = 0) -> str | None:
+def _first(pattern: str, text: str, letters: str, flags: int = 0, words: bool = False) -> str | None:
+    """The first match's letter in range; with ``words``, not one that is an English "A"/"I" (``_is_word``)."""
     for m in re.finditer(pattern, text, flags):
-        if m.group("L") in letters:
+        if m.group("L") in letters and not (words and _is_word(text, m)):
             return m.group("L")
     return None
 
 
+_CHOICE_FOLLOWERS = {"is", "because", "since", "as", "and", "or"}  # "A is correct", "A because ..."
+
+
 def _is_word(text: str, m: re.Match[str]) -> bool:
-    """A bare "A"/"I" starting an English phrase ("A red circle", "I think"), not a choice."""
+    """An "A"/"I" starting an English phrase ("A red circle", "I think", "I'm"), not a choice."""
     if m.group("L") not in "AI":
         return False
+    if text[m.end():m.end() + 1] in ("'", "’"):
+        return True
     nxt = re.match(r"\s+([a-z]\w*)", text[m.end():])
-    return bool(nxt) and nxt.group(1) != "is"
+    return bool(nxt) and nxt.group(1) not in _CHOICE_FOLLOWERS
 
 
 def _bare_letter(text: str, letters: str) -> str | None:
@@ -124,7 +132,7 @@ def parse_choice(response: str, options: Sequence[str]) -> str | None:
         _lone_letter(text, letters)
         or _opening_choice(text, options, letters)
         or _first(r"(?:answer|option|choice)(?:\s+is)?\s*[:\-]?\s*[(\[*]*(?P<L>[A-Z])(?![A-Za-z0-9])",
-                  text, letters, re.IGNORECASE)
+                  text, letters, re.IGNORECASE, words=True)
         or _first(r"\((?P<L>[A-Z])\)", text, letters)
         or _first(r"(?<![A-Za-z0-9])(?P<L>[A-Z])[.):](?![A-Za-z0-9])", text, letters)
         or _bare_letter(text, letters)

@@ -143,3 +143,18 @@ def test_no_options():
 def test_strip_special():
     assert strip_special("  B <|im_end|> trailing") == "B"
     assert strip_special("no tokens ") == "no tokens"
+
+
+@pytest.mark.parametrize("response, expected", [
+    ("Answer: I think it is C", "C"),  # the pronoun after an answer phrase was read as choice I
+    ("The answer is I think C", "C"),
+    ("The answer: A lot of people say C", "C"),  # the article likewise as choice A
+    ("Answer: I'm sure it is C", "C"),
+    ("I\u2019m sure: C", "C"),  # a typographic apostrophe is an apostrophe too
+    ("The answer is A because it is red", "A"),  # a letter followed by a connective is still the choice
+    ("The answer is I since 8 is even", "I"),
+    ("Answer: I", "I"),
+    ("The answer is I.", "I"),
+])
+def test_an_english_a_or_i_after_an_answer_phrase_is_no_choice(response, expected):
+    assert parse_choice(response, [str(i) for i in range(10)]) == expected  # letters A..J: "A" and "I" in range
