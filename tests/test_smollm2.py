@@ -79,3 +79,28 @@ def test_parsed_letter_is_the_first_token_choice_when_the_answer_rambles(smol):
     assert m.response.startswith(f"{chosen}. {options[item.letters.index(chosen)]}")
     assert "answer is" in m.response and f"answer is {chosen}" not in m.response  # it does ramble elsewhere
     assert parse_choice(m.response, options) == chosen
+
+
+def test_ten_option_letters_and_probabilities_on_a_non_latin_item(smol):
+    """MMLU-Pro's A-J on an MMMLU-like Hindi item: each letter is the one token the tokenizer gives it right after
+    the assistant turn (prompt + letter tokenised whole), and the probe's option probabilities are a direct
+    softmax over those logits."""
+    from probe.mmmu import Item
+    from probe.sweep import SweepConfig, first_token_measure, prepare_item
+
+    item = Item(id="validation_HI_IN_1", subject="HI_IN", question="फ्रांस की राजधानी क्या है?",
+                options=("बर्लिन", "पेरिस", "मैड्रिड", "रोम", "लंदन", "टोक्यो", "दिल्ली", "काहिरा", "लीमा", "ओस्लो"),
+                answer="B", images=())
+    cfg = SweepConfig(generate=False)
+    inputs, letter_ids = prepare_item(smol, item, cfg)
+    ids = inputs["input_ids"][0].tolist()
+    prompt = smol.tokenizer.decode(ids)
+    assert smol.tokenizer(prompt, add_special_tokens=False)["input_ids"] == ids  # the text round-trips
+    for letter, lid in zip(item.letters, letter_ids):
+        assert smol.tokenizer(prompt + letter, add_special_tokens=False)["input_ids"] == ids + [lid]
+    assert len(set(letter_ids)) == 10
+    with torch.no_grad():
+        logits = smol.model(**inputs).logits[0, -1].double()
+    want = torch.softmax(logits[letter_ids], dim=-1)
+    got = first_token_measure(smol, inputs, letter_ids, cfg).logp.double().exp()
+    assert (got - want).abs().max().item() < 1e-5
