@@ -3,26 +3,33 @@
 ``parse_choice`` tries, in order, and returns the first hit:
 
 1. the whole response is one letter, optionally wrapped/punctuated: "B", "(B)", "B.", "B)", "B:",
-   "[B]", "**B**" (a lone lowercase letter counts too, since it cannot be an article there);
+   "[B]", "**B**" (a lone lowercase letter counts too, since it cannot be an article there); or it
+   opens with a letter and that option's own text, as the prompt's choice lines read: "B. blue ...";
 2. an explicit answer phrase: "Answer: B", "the answer is (B)", "Option B", "choice: B";
 3. a parenthesised letter "(B)" anywhere;
 4. a letter followed by "." / ")" / ":" at a token start: "B. blue", "B) blue";
 5. a bare standalone uppercase letter token ("B is correct");
-6. the option text itself ("blue"), case-insensitive on word boundaries; the longest matching
-   option wins, ties go to the earliest position.
+6. the option text itself ("blue"), case-insensitive on word boundaries (a combining mark, such as a
+   Devanagari vowel sign, is part of its word); the longest matching option wins, ties go to the earliest
+   position.
 
 Within a tier the FIRST occurrence wins. MMMU's reference parser takes the last candidate, which
 suits long chain-of-thought answers; our generations are a few greedy tokens, where the first
-letter is the answer and later text is the model rambling on ("B. Blue is not C").
+letter is the answer and later text is the model rambling on ("B. Blue is not C"). Longer ones
+(``--max-new-tokens``) ramble further: SmolLM2 writes "A. Liver\n\nThe answer is D. Stomach.", whose
+opening line, the letter with its own option, is the answer its first token chose.
 
 Only uppercase letters within the options' range count, because lowercase "a" and "i" are words.
-For the same reason a bare "A" or "I" followed by a lowercase word ("A red circle", "I think")
-is read as an article/pronoun, not as a choice, except before "is" ("A is correct").
+For the same reason an "A" or "I" followed by a lowercase word ("A red circle", "I think") or an
+apostrophe ("I'm") is read as an article/pronoun, not as a choice, except before "is", "because", "since",
+"as", "and", "or" ("A is correct", "the answer is A because ..."); this holds after an answer phrase
+too ("Answer: I think it is C" is C).
 Text after a special token such as ``<|im_end|>`` or ``</s>`` is ignored.
 """
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Sequence
 
 # Cut at the first special token: chat-template markers like <|im_end|>, <|eot_id|>, and </s>, <eos>, <end_of_turn>.
@@ -47,19 +54,34 @@ def _lone_letter(text: str, letters: str) -> str | None:
     return None
 
 
-def _first(pattern: str, text: str, letters: str, flags: int = 0) -> str | None:
+def _opening_choice(text: str, options: Sequence[str], letters: str) -> str | None:
+    """The letter a response opens with when its own option's text follows it: "A. Liver", "(C) 56"."""
+    m = re.match(r"[(\[*]{0,2}(?P<L>[A-Z])[.):\]*]{1,3}\s*", text)
+    if not m or m.group("L") not in letters:
+        return None
+    opt = options[letters.index(m.group("L"))].strip()
+    return m.group("L") if opt and _find_word(opt, text[m.end():]) == 0 else None
+
+
+def _first(pattern: str, text: str, letters: str, flags: int = 0, words: bool = False) -> str | None:
+    """The first match's letter in range; with ``words``, not one that is an English "A"/"I" (``_is_word``)."""
     for m in re.finditer(pattern, text, flags):
-        if m.group("L") in letters:
+        if m.group("L") in letters and not (words and _is_word(text, m)):
             return m.group("L")
     return None
 
 
+_CHOICE_FOLLOWERS = {"is", "because", "since", "as", "and", "or"}  # "A is correct", "A because ..."
+
+
 def _is_word(text: str, m: re.Match[str]) -> bool:
-    """A bare "A"/"I" starting an English phrase ("A red circle", "I think"), not a choice."""
+    """An "A"/"I" starting an English phrase ("A red circle", "I think", "I'm"), not a choice."""
     if m.group("L") not in "AI":
         return False
+    if text[m.end():m.end() + 1] in ("'", "’"):
+        return True
     nxt = re.match(r"\s+([a-z]\w*)", text[m.end():])
-    return bool(nxt) and nxt.group(1) != "is"
+    return bool(nxt) and nxt.group(1) not in _CHOICE_FOLLOWERS
 
 
 def _bare_letter(text: str, letters: str) -> str | None:
@@ -69,15 +91,31 @@ def _bare_letter(text: str, letters: str) -> str | None:
     return None
 
 
+def _in_word(ch: str) -> bool:
+    """Part of a word: a letter, digit or "_" (regex ``\\w``), or a combining mark, which ``\\w`` leaves out
+    although Devanagari/Bengali vowel signs and Arabic or Yoruba diacritics sit inside words ("रोम|ानिया")."""
+    return ch.isalnum() or ch == "_" or unicodedata.category(ch).startswith("M")
+
+
+def _find_word(opt: str, text: str) -> int | None:
+    """Position of the first occurrence of ``opt`` in ``text`` (case-insensitive) that is a whole word or phrase:
+    no word character, combining marks included, right before or after it."""
+    for m in re.finditer("(?=" + re.escape(opt) + ")", text, re.IGNORECASE):
+        a, b = m.start(), m.start() + len(opt)
+        if (a == 0 or not _in_word(text[a - 1])) and (b == len(text) or not _in_word(text[b])):
+            return a
+    return None
+
+
 def _option_text(text: str, options: Sequence[str]) -> str | None:
     best: tuple[int, int, int] | None = None  # (-len, position, index)
     for i, opt in enumerate(options):
         opt = opt.strip()
         if not opt:
             continue
-        m = re.search(r"(?<!\w)" + re.escape(opt) + r"(?!\w)", text, re.IGNORECASE)
-        if m:
-            key = (-len(opt), m.start(), i)
+        pos = _find_word(opt, text)
+        if pos is not None:
+            key = (-len(opt), pos, i)
             best = key if best is None or key < best else best
     return chr(ord("A") + best[2]) if best else None
 
@@ -92,8 +130,9 @@ def parse_choice(response: str, options: Sequence[str]) -> str | None:
         return None
     return (
         _lone_letter(text, letters)
+        or _opening_choice(text, options, letters)
         or _first(r"(?:answer|option|choice)(?:\s+is)?\s*[:\-]?\s*[(\[*]*(?P<L>[A-Z])(?![A-Za-z0-9])",
-                  text, letters, re.IGNORECASE)
+                  text, letters, re.IGNORECASE, words=True)
         or _first(r"\((?P<L>[A-Z])\)", text, letters)
         or _first(r"(?<![A-Za-z0-9])(?P<L>[A-Z])[.):](?![A-Za-z0-9])", text, letters)
         or _bare_letter(text, letters)

