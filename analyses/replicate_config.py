@@ -237,9 +237,12 @@ def check_values(cfg: ReplicateConfig) -> None:
     if cfg.eval.text not in cfg.data:
         raise BadInput(f"config key 'eval.text': {cfg.eval.text!r} is not a label in [data]")
     for key, v in (("eval.limit", cfg.eval.limit), ("heads.limit", cfg.heads.limit),
-                   ("finetune.eval_limit", cfg.finetune.eval_limit), ("finetune.lora", cfg.finetune.lora)):
+                   ("finetune.eval_limit", cfg.finetune.eval_limit)):
         if v is not None and v < 1:
             raise BadInput(f"config key {key!r}: must be ≥ 1 (0 = all items)")
+    if cfg.finetune.lora is not None and cfg.finetune.lora < 1:
+        raise BadInput(f"config key 'finetune.lora': a LoRA rank is ≥ 1, got {cfg.finetune.lora} (0 or left out = "
+                       "full fine-tuning)")
     for key, v in (("eval.batch_size", cfg.eval.batch_size), ("heads.batch_size", cfg.heads.batch_size),
                    ("finetune.batch_size", cfg.finetune.batch_size), ("finetune.steps", cfg.finetune.steps)):
         if v < 1:
@@ -334,12 +337,14 @@ def check_values(cfg: ReplicateConfig) -> None:
         raise BadInput(f"config key 'finetune': {exc}") from None
 
 
-def train_config(cfg: ReplicateConfig):  # -> probe.train.TrainConfig
-    """The finetune stage's training-loop settings (its rates decide what trains)."""
+def train_config(cfg: ReplicateConfig, autocast: str | None = None):  # -> probe.train.TrainConfig
+    """The finetune stage's training-loop settings (its rates decide what trains; ``autocast`` its forward's
+    precision, as analyses.finetune sets it from the placement)."""
     from probe.train import TrainConfig
 
     ft = cfg.finetune
-    return TrainConfig(steps=ft.steps, lr=ft.lr, lm_lr=ft.lm_lr, batch=ft.batch_size, warmup=ft.warmup, seed=cfg.seed)
+    return TrainConfig(steps=ft.steps, lr=ft.lr, lm_lr=ft.lm_lr, batch=ft.batch_size, warmup=ft.warmup, seed=cfg.seed,
+                       autocast=autocast)
 
 
 def check_machine(cfg: ReplicateConfig) -> dict[str, str]:
@@ -386,7 +391,7 @@ def check_machine(cfg: ReplicateConfig) -> dict[str, str]:
         check_fits(carrier, trained, placement.all_devices, placement.device_memory)
         if cfg.finetune.lora is None and not placement.spread:  # and gradients and AdamW moments: 7B needs ~120 GB
             check_trains_fits(carrier, trained, placement.device, next(iter(placement.device_memory), None),
-                              train_config(cfg))
+                              train_config(cfg, "bfloat16" if placement.dtype == "bfloat16" else None))
     except BadInput as exc:
         raise BadInput(f"config key 'finetune.carrier': {exc}") from None
     return {r.spec: str(r.path) for r in refs.values()}

@@ -460,6 +460,7 @@ def _write(tmp_path: Path, text: str) -> Path:
     (lambda t: t.replace("lm_lr = 1e-4", "lm_lr = -1.0"), "'finetune.lm_lr'"),
     (lambda t: t.replace("lm_lr = 1e-4", "lm_lr = nan"), "'finetune.lm_lr'"),
     (lambda t: t.replace("warmup = 10", "warmup = -5"), "'finetune.warmup'"),
+    (lambda t: t.replace("warmup = 10", "warmup = 10\nlora = -1"), "'finetune.lora': a LoRA rank is ≥ 1, got -1"),
     (lambda t: t.replace("lam = 1.0", "lam = nan"), "'merge.lam'"),
     (lambda t: t.replace("salience_temperature = 1.0", "salience_temperature = inf"), "'merge.salience_temperature'"),
     (lambda t: t.replace("seed = 1", "seed = -1"), "'train.seed'"),
@@ -524,6 +525,7 @@ def test_the_finetune_carrier_must_fit_in_float32_whatever_dtype_evaluates(monke
     need = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     # and, since 2026-12-03, fine-tuning's gradients and AdamW moments: 12 bytes per float32 parameter (both rates > 0)
     state = sum(12 * p.numel() for p in model.parameters())
+    state += need // 2  # dtype bfloat16: the training step's bfloat16 autocast copies of the float32 weights
     for memory, refused in ((need + state + 1024, None), (need - 1024, "its weights take [0-9.]+ MiB in float32"),
                             (need + state - 1024, "fine-tuning it takes [0-9.]+ MiB of float32 weights plus")):
         ram = int((memory + HEADROOM_BYTES) / HEADROOM_FRACTION)
