@@ -40,8 +40,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from probe.errors import ArgParser, BadInput, RunStopped, check_counts, check_out_path, cli_main
-from probe.mmmu import VIDEO_REF, _IMAGE_REF, check_split, option_letters, unfinished_conversion
+from probe.errors import ArgParser, BadInput, RunStopped, check_counts, check_out_path, cli_main, error_reason
+from probe.mmmu import VIDEO_REF, _IMAGE_REF, check_split, fit_within, option_letters, unfinished_conversion
 from probe.mmmu import _split_files as split_files  # the reader's rule: shards complete, never two forms
 
 REPOS = {"mmlu": "cais/mmlu", "mmlu-pro": "TIGER-Lab/MMLU-Pro", "mmmlu": "openai/MMMLU", "gpqa": "Idavidrein/gpqa",
@@ -108,7 +108,7 @@ def read_rows(files: Sequence[Path], need: Sequence[str]) -> list[tuple[str, dic
                 table = pq.read_table(f)
                 records, columns = table.to_pylist(), table.column_names
         except (OSError, ValueError, csv.Error) as exc:  # pyarrow's ArrowInvalid and UnicodeDecodeError: ValueError
-            raise BadInput(f"{f}: not a readable {f.suffix[1:]} file ({' '.join(str(exc).split())[:200]})") from None
+            raise BadInput(f"{f}: not a readable {f.suffix[1:]} file ({error_reason(exc)})") from None
         if missing := [c for c in need if c not in columns]:
             raise BadInput(f"{f}: no column {missing[0]!r} (has {', '.join(columns)}); not a snapshot of the "
                            "benchmark this converter reads?")
@@ -383,7 +383,7 @@ def sample_frames(path: Path, n: int, max_side: int) -> list[bytes]:
                     raise BadInput(f"{path}: no frame decoded near {target:.2f} s")
                 picked.append(jpeg(near.to_image(), max_side))
     except (av.FFmpegError, OSError) as exc:
-        raise BadInput(f"{path}: cannot decode its video ({' '.join(str(exc).split())[:200]})") from None
+        raise BadInput(f"{path}: cannot decode its video ({error_reason(exc)})") from None
     return picked
 
 
@@ -401,15 +401,8 @@ def stream_end(container: Any, stream: Any) -> float:
 
 
 def jpeg(img: Any, max_side: int) -> bytes:
-    from PIL import Image
-
-    img = img.convert("RGB")
-    if max(img.size) > max_side:
-        scale = max_side / max(img.size)
-        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
-                         Image.Resampling.BICUBIC)
     buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=90)
+    fit_within(img.convert("RGB"), max_side).save(buf, format="JPEG", quality=90)
     return buf.getvalue()
 
 
@@ -472,7 +465,7 @@ def run(cfg: ConvertConfig) -> ConvertReport:
     if there and not cfg.overwrite and not marker.is_file():  # the marker: a killed conversion's part, replaced
         raise BadInput(f"--out {cfg.out} already holds split '{cfg.out_split}' ({there[0]}); give --overwrite to "
                        "replace it, or another --out-split")
-    report = ConvertReport(cfg.kind, REPOS[cfg.kind], str(cfg.src.resolve()), cfg.split, cfg.out_split,
+    report = ConvertReport(cfg.kind, REPOS[cfg.kind], str(src), cfg.split, cfg.out_split,
                            frames=cfg.frames if cfg.kind == "video-mme" else None,
                            max_side=cfg.max_side if cfg.kind == "video-mme" else None)
     plan = Planned()
@@ -480,7 +473,7 @@ def run(cfg: ConvertConfig) -> ConvertReport:
     if not plan.rows:
         raise BadInput(f"no items in split '{cfg.split}' of {cfg.src} ({len(report.skipped)} left out)")
     lock_out_dir(cfg.out)
-    work = cfg.out / f".convert-{cfg.out_split}"  # hidden: no command reads it as a subject
+    work = marker.parent  # DIR/.convert-<split>, hidden: no command reads it as a subject
     if plan.videos:
         frames = cached_frames(plan.videos, work / f"frames-{cfg.frames}-{cfg.max_side}",
                                lambda p: sample_frames(p, cfg.frames, cfg.max_side), cfg.quiet)
@@ -505,7 +498,7 @@ def run(cfg: ConvertConfig) -> ConvertReport:
     items, _ = load_mmmu(cfg.out, cfg.out_split)  # read back as every command will read it
     if len(items) != sum(report.n_items.values()):
         raise RunStopped(f"{cfg.out}: read back {len(items)} items of split '{cfg.out_split}', wrote "
-                       f"{sum(report.n_items.values())} (other files of that split in --out?)")
+                         f"{sum(report.n_items.values())} (other files of that split in --out?)")
     atomic_write_json(cfg.out / f"convert-{cfg.out_split}.json",
                       asdict(report) | {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     return report

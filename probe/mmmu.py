@@ -1,8 +1,8 @@
 """Load MMMU (or anything in its Hugging Face parquet layout) into validated, deterministic items.
 
 Layout after a hub download of ``MMMU/MMMU``: ``<root>/<Subject>/<split>-XXXXX-of-XXXXX.parquet``.
-A directory that directly holds ``<split>-*.parquet`` (or ``<split>.parquet``) files is accepted as a single subject named
-after the directory. Only multiple-choice items are kept; open-ended ones are skipped and counted.
+A directory that directly holds ``<split>-*.parquet`` (or ``<split>.parquet``) files is accepted as a single
+subject named after the directory. Only multiple-choice items are kept; open-ended ones are skipped and counted.
 Every problem the user can fix is raised as :class:`probe.errors.BadInput` with one line naming
 the file and row id.
 """
@@ -50,11 +50,16 @@ def _decode(data: bytes, max_side: int | None) -> Image.Image:
         img.paste(rgba, mask=rgba.getchannel("A"))
     else:
         img = img.convert("RGB")
-    if max_side is not None and max(img.size) > max_side:
-        w, h = img.size
-        scale = max_side / max(w, h)
-        img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC)
-    return img
+    return fit_within(img, max_side)
+
+
+def fit_within(img: Image.Image, max_side: int | None) -> Image.Image:
+    """``img`` shrunk (bicubic, aspect kept) so its longest side is at most ``max_side``; never enlarged."""
+    if max_side is None or max(img.size) <= max_side:
+        return img
+    w, h = img.size
+    scale = max_side / max(w, h)
+    return img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC)
 
 
 @dataclass(frozen=True)

@@ -486,8 +486,8 @@ def plan_for(ref: ModelRef, dtype: torch.dtype, devices: Sequence[str], memory: 
 def check_trains_fits(ref: ModelRef, dtype: str, device: str, memory: int | None, train_cfg: Any) -> None:
     """Full fine-tuning on one device holds, beside the ``dtype`` weights, a gradient and AdamW's two moments of every
     parameter that trains (probe.train.optimizer_bytes), and under bfloat16 autocast the step's bfloat16 copies of
-    the weights: a 7B model trained in float32 needs about 16 bytes a
-    parameter, 120 GB, where its weights alone are 30 GB. Bad input before a weight is read, not an out-of-memory
+    the weights: a 7B model trained in float32 needs about 16 bytes a parameter, 120 GB, where its weights alone
+    are 30 GB. Bad input before a weight is read, not an out-of-memory
     traceback at the first step after the other stages ran. Activations come on top. ``memory``: the device's
     bytes (free RAM on the CPU, the GPU's total); None = unknown, not checked."""
     if not memory:
@@ -498,11 +498,12 @@ def check_trains_fits(ref: ModelRef, dtype: str, device: str, memory: int | None
     skeleton = skeleton_of(ref, DTYPES[dtype])
     weights = module_nbytes(skeleton)
     n_train, state = optimizer_bytes(skeleton, ref, train_cfg)
-    if getattr(train_cfg, "autocast", None) == "bfloat16":  # the step's bfloat16 copies of the float32 weights
+    autocast = getattr(train_cfg, "autocast", None) == "bfloat16"
+    if autocast:  # the step's bfloat16 copies of the float32 weights
         state += weights // 2
     usable = memory * HEADROOM_FRACTION - HEADROOM_BYTES
     if weights + state > usable:
-        copies = " (and the bfloat16 autocast copies)" if getattr(train_cfg, "autocast", None) == "bfloat16" else ""
+        copies = " (and the bfloat16 autocast copies)" if autocast else ""
         raise BadInput(f"{ref.spec}: fine-tuning it takes {byte_size(weights)} of {dtype} weights plus "
                        f"{byte_size(state)} of gradients and AdamW moments{copies} ({n_train:,} parameters train), "
                        f"more than {device} can hold ({byte_size(max(usable, 0))} usable); use LoRA (--lora R; "

@@ -214,16 +214,21 @@ def optimizer_bytes(model, loaded, cfg: TrainConfig) -> tuple[int, int]:
     moments per parameter ``param_groups`` would train, each in its parameter's dtype (12 bytes a float32
     parameter). Reads names, shapes and dtypes only, so a meta-device model answers before any weight loads.
     ``loaded``: anything with the model's ``family``."""
-    rates = _rates(cfg)
-    train = [p for n, p in model.named_parameters() if p.requires_grad and rates[_role(n, loaded, cfg)] > 0]
+    train = trained_params(model, loaded, cfg)
     return sum(p.numel() for p in train), sum(3 * p.numel() * p.element_size() for p in train)
+
+
+def trained_params(model, loaded, cfg: TrainConfig) -> list:
+    """The parameters ``param_groups`` would train, without freezing anything: those not frozen already whose
+    group's rate is above 0."""
+    rates = _rates(cfg)
+    return [p for n, p in model.named_parameters() if p.requires_grad and rates[_role(n, loaded, cfg)] > 0]
 
 
 def anything_trains(model, loaded, cfg: TrainConfig) -> bool:
     """Whether ``param_groups`` would leave a parameter to train (without freezing anything): callers check it
     before writing, as rates of 0 on every group a model has (``--lm-lr 0`` on a text-only LM) train nothing."""
-    rates = _rates(cfg)
-    return any(p.requires_grad and rates[_role(n, loaded, cfg)] > 0 for n, p in model.named_parameters())
+    return bool(trained_params(model, loaded, cfg))
 
 
 def diverged(step: int, what: str, model) -> BadInput:
