@@ -258,13 +258,12 @@ def weights_dtype(placement: Any, lora: int | None) -> str:
 def run_finetune(cfg: FinetuneConfig) -> Path:
     import torch
 
-    from probe.devices import resolve_placement
+    from probe.devices import rank_world, resolve_placement
     from probe.heads import check_same_software, saved_run_info, versions
     from probe.mmmu import load_items
     from probe.models import load_model, model_fingerprint, resolve_model
     from probe.prompting import check_modalities, check_prompts
-    from probe.results import (atomic_write_json, atomic_write_with, claim_out_dir, different_run, has_contents,
-                               rank_world)
+    from probe.results import atomic_write_json, atomic_write_with, claim_out_dir, different_run, has_contents
     from probe.train import TrainConfig, anything_trains, check_finite_weights, encode, is_main_process
     from probe.train import train as train_loop
     from probe.train import wait_for_everyone

@@ -111,7 +111,7 @@ def gpu_share(n_gpus: int, local_rank: int | None, local_world: int | None) -> l
 
 
 def env_index(name: str) -> int | None:
-    """A torchrun variable (LOCAL_RANK, LOCAL_WORLD_SIZE) as an integer ≥ 0, None when unset. Anything else is bad
+    """A torchrun variable (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE) as an integer ≥ 0, None when unset. Anything else is bad
     input: int() raised a traceback, and LOCAL_RANK=-1 picked the last GPU (cuda:-1 indexes from the end)."""
     raw = os.environ.get(name)
     if raw is None:
@@ -123,6 +123,15 @@ def env_index(name: str) -> int | None:
     if value < 0:
         raise BadInput(f"{name}={raw!r} in the environment: want an integer ≥ 0 (torchrun sets it)")
     return value
+
+
+def rank_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (RANK / WORLD_SIZE as torchrun sets them; 0 and 1 alone)."""
+    rank, world = env_index("RANK"), env_index("WORLD_SIZE")
+    rank, world = 0 if rank is None else rank, 1 if world is None else world
+    if not rank < world:  # RANK >= WORLD_SIZE took no chunk and exited 0 'waiting', with nothing done
+        raise BadInput(f"RANK {rank} with WORLD_SIZE {world}: a rank is 0 .. WORLD_SIZE - 1")
+    return rank, world
 
 
 def resolve_placement(device: str = "auto", dtype: str = "auto", attn_implementation: str = "sdpa",

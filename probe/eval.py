@@ -220,8 +220,8 @@ def evaluate_pair(loaded, model_name: str, ds: DataSet, items, cfg, batch_size: 
 def run(args: argparse.Namespace) -> Path:
     import pandas as pd
 
-    from probe.results import (atomic_write_json, atomic_write_parquet, claim_out_dir, prepare_out_dir, rank_world,
-                               read_part)
+    from probe.devices import rank_world
+    from probe.results import atomic_write_json, atomic_write_parquet, claim_out_dir, prepare_out_dir, read_part
 
     from probe.models import check_fits, preflight
 

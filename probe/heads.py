@@ -281,8 +281,9 @@ def check_out_not_model(out: Path, model_dirs: Sequence[Path]) -> None:
 
 
 def run(args: argparse.Namespace) -> Path:
-    from probe.results import (atomic_write_json, claim_out_dir, part_path, prepare_out_dir, rank_world, read_part,
-                               read_parts, write_outputs)
+    from probe.devices import rank_world
+    from probe.results import (atomic_write_json, claim_out_dir, part_path, prepare_out_dir, read_part, read_parts,
+                               write_outputs)
 
     plan, ref, items, template, placement = make_plan(args)
     out: Path = args.out

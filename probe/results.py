@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import pandas as pd
 
+from probe.devices import rank_world
 from probe.errors import BadInput, check_out_path
 from probe.sweep import BASELINE, COLUMNS
 
@@ -142,18 +143,6 @@ def atomic_write_parquet(path: Path, df: pd.DataFrame) -> None:
 
 def part_path(out: Path, chunk: int) -> Path:
     return out / "parts" / f"chunk_{chunk:05d}.parquet"
-
-
-def rank_world() -> tuple[int, int]:
-    """This process's rank and the number of processes (RANK / WORLD_SIZE as torchrun sets them; 0 and 1 alone)."""
-    try:
-        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    except ValueError:
-        raise BadInput(f"RANK {os.environ.get('RANK')!r} / WORLD_SIZE {os.environ.get('WORLD_SIZE')!r}: want "
-                       "integers") from None
-    if not 0 <= rank < world:
-        raise BadInput(f"RANK {rank} with WORLD_SIZE {world}: a rank is 0 .. WORLD_SIZE - 1")
-    return rank, world
 
 
 def prepare_out_dir(out: Path, fingerprint: str, overwrite: bool, owned: Iterable[str] = OUTPUT_FILES,

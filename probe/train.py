@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from probe.errors import BadInput
-from probe.results import rank_world
+from probe.devices import rank_world
 from probe.prompting import PromptTemplate, build_inputs, letter_token_ids
 
 SEQ_KEYS = ("input_ids", "attention_mask", "labels", "mm_token_type_ids")

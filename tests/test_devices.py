@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -177,3 +178,28 @@ def test_malformed_torchrun_variables_are_bad_input(var, value, monkeypatch):
     for query in (TWO_OLD_GPUS, CPU):
         with pytest.raises(BadInput, match=f"^{var}='{value}' in the environment: want an integer ≥ 0"):
             resolve_placement(query=query)
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"RANK": "-1", "WORLD_SIZE": "2"}, "RANK='-1' in the environment: want an integer ≥ 0"),
+    ({"RANK": "", "WORLD_SIZE": "2"}, "RANK='' in the environment: want an integer ≥ 0"),
+    ({"RANK": "0", "WORLD_SIZE": "two"}, "WORLD_SIZE='two' in the environment: want an integer ≥ 0"),
+    ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK 2 with WORLD_SIZE 2: a rank is 0 .. WORLD_SIZE - 1"),
+    ({"WORLD_SIZE": "0"}, "RANK 0 with WORLD_SIZE 0"),
+])
+def test_rank_and_world_are_read_as_the_local_variables_are(env, message, monkeypatch):
+    """RANK / WORLD_SIZE had their own parser beside env_index; one rule now reads all four torchrun variables.
+    Oracle: the well-formed values read back as given, unset ones as a single process."""
+    from probe.devices import rank_world
+
+    for v in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(v, raising=False)
+    assert rank_world() == (0, 1)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert rank_world() == (1, 3)
+    monkeypatch.delenv("RANK")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(BadInput, match="^" + re.escape(message)):
+        rank_world()

@@ -708,11 +708,11 @@ def test_lr_with_lora_is_said_to_have_no_effect(tmp_path: Path, capfd) -> None:
 
 @pytest.mark.parametrize("env, match", [
     ({"RANK": "1", "WORLD_SIZE": "1"}, "error: RANK 1 with WORLD_SIZE 1"),  # trained, wrote nothing, exit 0
-    ({"WORLD_SIZE": "abc"}, "error: RANK None / WORLD_SIZE 'abc': want integers"),  # a traceback from the loop
+    ({"WORLD_SIZE": "abc"}, "error: WORLD_SIZE='abc' in the environment: want an integer"),  # a traceback from the loop
     ({"LOCAL_RANK": "x"}, "error: LOCAL_RANK='x' in the environment"),  # a traceback from --device auto
 ])
 def test_malformed_launcher_variables_exit_2_before_anything_is_written(env, match, tmp_path, capfd, monkeypatch):
-    """The torchrun variables are read as probe.heads and probe.eval read them (probe.results.rank_world)."""
+    """The torchrun variables are read as probe.heads and probe.eval read them (probe.devices.rank_world)."""
     from analyses.finetune import main
 
     for k, v in env.items():
