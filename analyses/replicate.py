@@ -424,18 +424,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def prepare(args: argparse.Namespace) -> tuple[Context, dict[str, str]]:
     """Everything checked before a byte is written: config, machine, paths, the out dir, --only."""
-    from probe.devices import resolve_placement
-
     path = QUICK_CONFIG if args.quick else (args.config or DEFAULT_CONFIG)
     cfg = parse_config(path)
-    resolved = check_machine(cfg)
+    resolved, placement = check_machine(cfg)
     out: Path = args.out
     check_out_path(out)  # not under a file, and writable
     if out.exists() and (not out.is_dir() or (has_contents(out) and not (out / MARKER).is_file())):
         raise BadInput(f"--out {out}: exists and is not a python -m analyses.replicate output")
     fps = {spec: content_fingerprint(p) for spec, p in resolved.items()}
     fps |= {d: content_fingerprint(d) for d in cfg.data.values()}
-    placement = resolve_placement(cfg.device, cfg.dtype)  # checked by check_machine
     ctx = Context(cfg, out, args.quiet, fps, resolved, {"dtype": placement.dtype, "device_type": placement.device_type})
     stage_fps = fingerprints(ctx)
     if args.only:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from analyses.sketch import SKETCH_DIMS
+from probe.devices import Placement
 from probe.errors import BadInput
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -347,9 +348,9 @@ def train_config(cfg: ReplicateConfig, autocast: str | None = None):  # -> probe
                        autocast=autocast)
 
 
-def check_machine(cfg: ReplicateConfig) -> dict[str, str]:
+def check_machine(cfg: ReplicateConfig) -> tuple[dict[str, str], Placement]:
     """Paths, aliases and devices: resolved (hub aliases from the cache) before any weight loads. Returns each
-    model's resolved path."""
+    model's resolved path, and where and in what precision the stages run."""
     from analyses.finetune import weights_dtype
     from probe.devices import resolve_placement
     from probe.models import resolve_model
@@ -394,7 +395,7 @@ def check_machine(cfg: ReplicateConfig) -> dict[str, str]:
                               train_config(cfg, "bfloat16" if placement.dtype == "bfloat16" else None))
     except BadInput as exc:
         raise BadInput(f"config key 'finetune.carrier': {exc}") from None
-    return {r.spec: str(r.path) for r in refs.values()}
+    return {r.spec: str(r.path) for r in refs.values()}, placement
 
 
 def check_names(cfg: ReplicateConfig) -> None:
