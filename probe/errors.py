@@ -25,6 +25,22 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 REASON_CHARS = 300
 
 
+def out_of_memory(exc: BaseException) -> str | None:
+    """Where an exception says memory ran out ("the GPU (tried to allocate 20.00 GiB)", "RAM (…)"), None when it is
+    something else. torch raises OutOfMemoryError on a GPU, a RuntimeError from its CPU allocator in RAM."""
+    import re
+
+    text = str(exc)
+    if type(exc).__name__ == "OutOfMemoryError":
+        size = re.search(r"[Tt]ried to allocate ([\d.]+ [KMGT]?i?B)", text)
+        gpu = re.search(r"GPU (\d+)", text)
+        return (f"GPU {gpu.group(1)}" if gpu else "the GPU") + (f" (tried to allocate {size.group(1)})" if size else "")
+    if isinstance(exc, MemoryError) or "DefaultCPUAllocator: can't allocate memory" in text:
+        size = re.search(r"allocate (\d+) bytes", text)
+        return "RAM" + (f" (tried to allocate {int(size.group(1)) / 2**30:.2f} GiB)" if size else "")
+    return None
+
+
 def error_reason(exc: BaseException) -> str:
     """An upstream error's reason in one line: its first line, or a heading ending in ':' with the line below
     (cut at REASON_CHARS); the exception's type name when it has no message."""
@@ -84,8 +100,8 @@ def print_error(message: str) -> None:
 
 
 def cli_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
-    """Run a CLI entry point: exit 2 with one line for BadInput, 1 with one line for a stopped run or a full disk,
-    1 with a traceback for anything unexpected; the --out dirs it claimed are freed when it returns."""
+    """Run a CLI entry point: exit 2 with one line for BadInput, 1 with one line for a stopped run, a full disk or
+    memory running out, 1 with a traceback for anything unexpected; the --out dirs it claimed are freed when it returns."""
     try:
         return main(argv)
     except BadInput as exc:
@@ -97,6 +113,13 @@ def cli_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
         return 2
     except RunStopped as exc:
         print_error(' '.join(str(exc).split()))
+        return 1
+    except (MemoryError, RuntimeError) as exc:  # a batch too large for the device: one line saying what to lower
+        if (where := out_of_memory(exc)) is None:
+            raise
+        print_error(f"out of memory in {where}; lower the batch size (--batch-size; replicate: the stage's "
+                    "batch_size), use bfloat16 (--dtype) or LoRA for fine-tuning, or spread the model over more GPUs "
+                    "(--device auto), then rerun the same command (a resumable run goes on from what it had saved)")
         return 1
     except OSError as exc:
         if exc.errno not in DISK_FULL:

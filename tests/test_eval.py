@@ -372,6 +372,50 @@ def test_resume_after_a_lost_part_gives_the_same_files(eval_run, tmp_path):
     pd.testing.assert_frame_equal(pd.read_parquet(copy / "items.parquet"), pd.read_parquet(out / "items.parquet"))
 
 
+@pytest.mark.parametrize("error, where", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 139.81 "
+                            "GiB of which 1.2 GiB is free."), "GPU 0 (tried to allocate 20.00 GiB)"),
+    (None, "RAM (tried to allocate 37252.90 GiB)"),  # the CPU allocator's own error, raised for real
+])
+def test_running_out_of_memory_is_one_line_and_the_rerun_resumes(error, where, eval_run, tmp_path, capfd,
+                                                                  monkeypatch):
+    """A batch too large for the GPU was a 40-line CUDA traceback; now one line naming where and what to lower
+    (exit 1), the pairs finished before it kept, and the same command then gives the uninterrupted run's files."""
+    import probe.eval
+
+    out, args = eval_run
+    copy = tmp_path / "run"
+    real, calls = probe.eval.evaluate_pair, []
+
+    def oom_on_the_second_pair(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise error if error is not None else torch.empty(10**13)
+        return real(*a, **k)
+
+    monkeypatch.setattr(probe.eval, "evaluate_pair", oom_on_the_second_pair)
+    new_args = args[:-1] + [copy]
+    assert _eval(*new_args) == 1
+    err = capfd.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: out of memory in {where}; lower the batch size"), err
+    assert len(list((copy / "parts").glob("*.parquet"))) == 1 and not (copy / "scores.csv").exists()
+    monkeypatch.undo()
+    assert _eval(*new_args) == 0
+    for name in ("scores.csv", "table.md"):
+        assert (copy / name).read_bytes() == (out / name).read_bytes(), name
+
+
+def test_other_runtime_errors_keep_their_traceback():
+    """Only memory running out is shortened: any other RuntimeError is a bug to report, with its traceback."""
+    from probe.errors import cli_main
+
+    def broken(_):
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        cli_main(broken, [])
+
+
 def test_a_resume_under_other_library_versions_is_refused(eval_run, tmp_path, capfd):
     """As in probe.heads: parts computed under another transformers are not mixed with this process's (exit 0 with
     two versions' numbers in one table); a resume with nothing to compute keeps the parts' versions on record."""
