@@ -65,10 +65,14 @@ class FinetuneConfig:
     lora: int | None = None  # LoRA rank (peft) on the LM's attention and MLP projections; None = full fine-tuning
     quiet: bool = False  # no progress bar (not part of the run's identity)
     overwrite: bool = False  # replace the fine-tuning run in --out (not part of the run's identity)
+    # how a step runs, not what it computes (not part of the run's identity: a resume after an out-of-memory
+    # error may lower it): rows per forward and backward, and gradient checkpointing (probe.train.TrainConfig)
+    micro_batch: int | None = None
+    gradient_checkpointing: bool = False
 
     def fingerprint(self) -> dict[str, Any]:
         keep = asdict(self)
-        for key in ("out", "quiet", "overwrite"):
+        for key in ("out", "quiet", "overwrite", "micro_batch", "gradient_checkpointing"):
             keep.pop(key)
         keep["save_steps"] = sorted(set(keep["save_steps"]))
         return keep
@@ -226,7 +230,7 @@ def check_numbers(cfg: FinetuneConfig) -> None:
     """The numeric settings only this command has, before anything is read or written (rates, warm-up and seed are
     the training loop's: ``TrainConfig`` refuses a NaN or negative one, which would train to NaN weights or climb
     the loss and still exit 0)."""
-    check_counts(cfg, ("steps", "lora", "limit"))  # steps first: the checks below compare with it
+    check_counts(cfg, ("steps", "lora", "limit", "micro_batch"))  # steps first: the checks below compare with it
     if cfg.seed >= 2**64:  # torch's generators take 64-bit seeds (TrainConfig refuses negative ones)
         raise BadInput(f"--seed must be in 0 .. 2^64 - 1, got {cfg.seed}")
     bad = [s for s in cfg.save_steps if not 0 <= s <= cfg.steps]
@@ -276,7 +280,8 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, lm_lr=cfg.lm_lr, batch=cfg.batch, warmup=cfg.warmup,
                        seed=cfg.seed, log_every=max(1, cfg.steps // 10),  # checks its numbers now, not mid-run
                        autocast="bfloat16" if placement.dtype == "bfloat16" else None,
-                       schedule=LOOP_IDENTITY["schedule"])
+                       schedule=LOOP_IDENTITY["schedule"], micro_batch=cfg.micro_batch,
+                       checkpointing=cfg.gradient_checkpointing)
     if placement.spread and world > 1:
         raise BadInput(f"--device {cfg.device}: each of the {world} processes would spread the model "
                        f"over {len(placement.all_devices)} GPUs, which data parallelism cannot wrap; launch one process "
@@ -431,6 +436,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning rate outside the LM (vision tower, projector; default: 1e-4); no effect with --lora")
     p.add_argument("--lm-lr", type=float, default=1e-4, help="learning rate of the LM (with --lora: of the adapters)")
     p.add_argument("--batch-size", type=int, default=16, help="rows per step")
+    p.add_argument("--micro-batch", type=int, default=None, metavar="N",
+                   help="rows per forward and backward; the step's gradient is accumulated over them, so the run "
+                   "is the same as without (to float tolerance) in less memory, and a resume may change it "
+                   "(default: each modality of the step's rows at once)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in the backward instead of keeping them: less memory, ~1/3 more "
+                   "time, the same run (a resume may change it)")
     p.add_argument("--warmup", type=int, default=None,
                    help="linear warm-up steps to the peak rate, then a cosine down to 5 %% of it at the last step; "
                    "must be below --steps (default: 10, or --steps - 1 for shorter runs)")
@@ -463,7 +475,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 save_steps=a.save_steps, split=a.split, limit=a.limit,
                                 lr=1e-4 if a.lr is None else a.lr, lm_lr=a.lm_lr,
                                 batch=a.batch_size, warmup=warmup, seed=a.seed, device=a.device, dtype=a.dtype,
-                                lora=a.lora, quiet=a.quiet, overwrite=a.overwrite))
+                                lora=a.lora, quiet=a.quiet, overwrite=a.overwrite, micro_batch=a.micro_batch,
+                                gradient_checkpointing=a.gradient_checkpointing))
     return 0
 
 

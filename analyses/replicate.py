@@ -193,7 +193,8 @@ def stage_finetune(ctx: Context) -> None:
             model=str(ctx.carrier("shift", ft.carrier)), data={k: dirs[k] for k in mix}, mix=dict(mix),
             out=ctx.out / "finetune" / name, steps=ft.steps, save_steps=list(ft.save_steps), split="train",
             lr=ft.lr, lm_lr=ft.lm_lr, batch=ft.batch_size, warmup=ft.warmup, seed=ctx.cfg.seed,
-            device=ctx.cfg.device, dtype=ctx.cfg.dtype, lora=ft.lora, quiet=ctx.quiet))
+            device=ctx.cfg.device, dtype=ctx.cfg.dtype, lora=ft.lora, quiet=ctx.quiet, micro_batch=ft.micro_batch,
+            gradient_checkpointing=ft.gradient_checkpointing))
 
 
 def checkpoints(run_dir: Path) -> list[Path]:

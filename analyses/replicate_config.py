@@ -94,6 +94,14 @@ class Finetune:
     warmup: int = 10
     eval_limit: int | None = None
     lora: int | None = None  # LoRA rank (analyses.finetune --lora); None = full fine-tuning, as the paper
+    # how a step runs (analyses.finetune --micro-batch, --gradient-checkpointing), not what it computes: outside
+    # the stages' fingerprints (RUN_ONLY), so a run that ran out of memory resumes with them
+    micro_batch: int | None = None
+    gradient_checkpointing: bool = False
+
+
+# settings of how a stage runs, not of what it computes: left out of its fingerprint
+RUN_ONLY = {"finetune": ("micro_batch", "gradient_checkpointing")}
 
 
 @dataclass(frozen=True)
@@ -120,7 +128,8 @@ class ReplicateConfig:
     def section(self, name: str) -> dict[str, Any]:
         """One section plus what every stage shares, as plain data: the input of a stage's fingerprint."""
         common = {"device": self.device, "dtype": self.dtype, "seed": self.seed}
-        return json.loads(json.dumps(dataclasses.asdict(getattr(self, name)) | common, sort_keys=True))
+        keep = {k: v for k, v in dataclasses.asdict(getattr(self, name)).items() if k not in RUN_ONLY.get(name, ())}
+        return json.loads(json.dumps(keep | common, sort_keys=True))
 
     def train_dirs(self, out: Path) -> dict[str, str]:
         return ({k: str(out / "data" / k) for k in ("text", "image", "image_single", "video")}
@@ -345,7 +354,7 @@ def train_config(cfg: ReplicateConfig, autocast: str | None = None):  # -> probe
 
     ft = cfg.finetune
     return TrainConfig(steps=ft.steps, lr=ft.lr, lm_lr=ft.lm_lr, batch=ft.batch_size, warmup=ft.warmup, seed=cfg.seed,
-                       autocast=autocast)
+                       autocast=autocast, micro_batch=ft.micro_batch, checkpointing=ft.gradient_checkpointing)
 
 
 def check_machine(cfg: ReplicateConfig) -> tuple[dict[str, str], Placement]:

@@ -117,9 +117,10 @@ def cli_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
     except (MemoryError, RuntimeError) as exc:  # a batch too large for the device: one line saying what to lower
         if (where := out_of_memory(exc)) is None:
             raise
-        print_error(f"out of memory in {where}; lower the batch size (--batch-size; replicate: the stage's "
-                    "batch_size), use bfloat16 (--dtype) or LoRA for fine-tuning, or spread the model over more GPUs "
-                    "(--device auto), then rerun the same command (a resumable run goes on from what it had saved)")
+        print_error(f"out of memory in {where}; lower the batch size (--batch-size; fine-tuning: --micro-batch or "
+                    "--gradient-checkpointing; replicate: the stage's batch_size, finetune.micro_batch), use bfloat16 "
+                    "(--dtype), or spread the model over more GPUs (--device auto), then rerun (a resumable run goes "
+                    "on from what it had saved)")
         return 1
     except OSError as exc:
         if exc.errno not in DISK_FULL:

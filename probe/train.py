@@ -48,6 +48,11 @@ class TrainConfig:
     # organisms' recipes were trained so and keep it, so they rebuild byte for byte); see lr_factor
     schedule: str = "cosine"
     autocast: str | None = None  # "bfloat16": the forward in it, the float32 weights updated in float32
+    # how a step is run, not what it computes (the same gradient to float tolerance): rows per forward and backward,
+    # the step's gradient accumulated over them (None: each modality part at once), and activations recomputed in
+    # the backward instead of kept (transformers' gradient checkpointing) — both trade time for memory
+    micro_batch: int | None = None
+    checkpointing: bool = False
 
     def __post_init__(self) -> None:
         # every caller (finetune, replicate, the organisms' recipes) gets the same refusal: a NaN or negative rate
@@ -61,8 +66,9 @@ class TrainConfig:
         if not 0 <= self.min_lr_fraction <= 1 or not all(0 <= b < 1 for b in self.betas):
             raise BadInput(f"training settings min_lr_fraction = {self.min_lr_fraction}, betas = {self.betas}: "
                            "must lie in [0, 1] and [0, 1)")
-        for name, low in (("steps", 1), ("batch", 1), ("log_every", 1), ("warmup", 0), ("seed", 0)):
-            if getattr(self, name) < low:
+        for name, low in (("steps", 1), ("batch", 1), ("log_every", 1), ("warmup", 0), ("seed", 0),
+                          ("micro_batch", 1)):
+            if getattr(self, name) is not None and getattr(self, name) < low:
                 raise BadInput(f"training setting {name} = {getattr(self, name)}: must be ≥ {low}")
         if self.schedule not in ("cosine", "overlapped") or self.autocast not in (None, "bfloat16"):
             raise BadInput(f"training settings schedule = {self.schedule!r}, autocast = {self.autocast!r}: schedule "
@@ -153,6 +159,13 @@ def modality_parts(rows: list[dict]) -> dict[tuple[str, ...], list[dict]]:
     for r in rows:
         parts.setdefault(vision_keys(r), []).append(r)
     return parts
+
+
+def micro_batches(rows: list[dict], size: int | None) -> list[list[dict]]:
+    """``rows`` in consecutive slices of at most ``size`` (all at once for None). Under data parallel every rank
+    holds batch / WORLD_SIZE rows, so every rank runs as many backward passes."""
+    size = size or len(rows)
+    return [rows[i:i + size] for i in range(0, len(rows), size)]
 
 
 def label_loss(model, batch: dict[str, torch.Tensor], n_labels: int | None = None) -> torch.Tensor:
@@ -305,6 +318,10 @@ def train(loaded, rows: list[dict], cfg: TrainConfig, log: Callable[[str], None]
     model = loaded.model
     model.train()
     torch.manual_seed(cfg.seed)
+    if cfg.checkpointing:  # before data parallel wraps it; non-reentrant: frozen inputs (LoRA) still get gradients
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise BadInput(f"{type(model).__name__} does not support gradient checkpointing; train without it")
+        model.activation_checkpointing_enable({"use_reentrant": False})
     acc = data_parallel(loaded, cfg.batch)
     if acc is not None:  # the model first: FSDP replaces its parameters, which the optimiser must then hold
         model = acc.prepare(model)
@@ -354,7 +371,7 @@ def train(loaded, rows: list[dict], cfg: TrainConfig, log: Callable[[str], None]
             parts.pop((), None)
         opt.zero_grad(set_to_none=True)
         loss_sum, ran, stepped = torch.zeros(()), 0, False
-        for part in parts.values():
+        for part in (chunk for rows_of in parts.values() for chunk in micro_batches(rows_of, cfg.micro_batch)):
             with autocast():  # the forward only; backward follows the dtypes it recorded
                 part_loss = label_loss(model, collate(part, pad), n_labels)
             if part_loss.requires_grad:
@@ -384,5 +401,7 @@ def train(loaded, rows: list[dict], cfg: TrainConfig, log: Callable[[str], None]
             log(f"  step {step:5d}  loss {sum(losses[-50:]) / len(losses[-50:]):.4f}  ({time.time() - t0:.0f}s)")
         if on_step is not None:
             on_step(StepInfo(step + 1, losses[-1], factor, idx, n_labels * world), state)
+    if cfg.checkpointing:
+        loaded.model.activation_checkpointing_disable()
     model.eval()
     return losses

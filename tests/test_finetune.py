@@ -108,6 +108,58 @@ def test_deterministic_and_resumable_after_a_kill(ft_run, tiny_dirs, data_dir, t
         (ft_run / "checkpoint-6" / "model.safetensors").read_bytes()
 
 
+@pytest.mark.parametrize("how", [["--micro-batch", "1"], ["--gradient-checkpointing"],
+                                 ["--micro-batch", "3", "--gradient-checkpointing"]])
+def test_micro_batches_and_checkpointing_train_the_same_run(how, ft_run, tiny_dirs, data_dir, text_dir, tmp_path,
+                                                            monkeypatch):
+    """A step's rows one (or three) per forward with their gradients accumulated, and activations recomputed in the
+    backward, are how a step runs, not what it computes: killed after step 3 without them and resumed with them
+    (the same run: not refused as another), the log and checkpoints are the uninterrupted run's (the oracle), to
+    float tolerance; the model is left without checkpointing, in eval mode."""
+    import probe.train as train_mod
+    from analyses.finetune import main
+
+    out = tmp_path / "run"
+    real = train_mod.train
+    monkeypatch.setattr(train_mod, "train", killed_after(real, 3))
+    assert cli_main(main, _args(tiny_dirs, data_dir, text_dir, out)) == 130
+    monkeypatch.setattr(train_mod, "train", real)
+    assert cli_main(main, _args(tiny_dirs, data_dir, text_dir, out, *how)) == 0
+    for got, want in zip(_log(out), _log(ft_run), strict=True):
+        assert {k: v for k, v in got.items() if k != "loss"} == {k: v for k, v in want.items() if k != "loss"}
+        assert float(got["loss"]) == pytest.approx(float(want["loss"]), rel=1e-5)
+    for step in (4, 6):
+        got, want = (load_file(d / f"checkpoint-{step}" / "model.safetensors") for d in (out, ft_run))
+        assert got.keys() == want.keys()
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-4, msg=k)
+    assert json.loads((out / "run.json").read_text())["config"] == json.loads((ft_run / "run.json").read_text())[
+        "config"]
+
+
+def test_gradient_checkpointing_is_switched_off_after_training(tiny_dirs) -> None:
+    """The loop turns checkpointing on for its steps only: a model evaluated after training (analyses.replicate
+    runs stages in one process) runs without it. Oracle: transformers' own flag on every decoder layer."""
+    from probe.mmmu import load_items
+    from probe.models import load_model, resolve_model
+    from probe.train import TrainConfig, encode, train
+
+    loaded = load_model(resolve_model("organism-base"))
+    rows = encode(loaded, load_items(str(ZOO_TEXT), limit=4)[0], True)
+    flags = []
+    real = loaded.model.forward
+
+    def forward(*a, **k):
+        flags.append(loaded.model.is_activation_checkpointing)
+        return real(*a, **k)
+
+    loaded.model.forward = forward
+    train(loaded, rows, TrainConfig(steps=1, lr=1e-3, lm_lr=1e-3, batch=4, warmup=0, micro_batch=2,
+                                    checkpointing=True), log=lambda m: None)
+    assert flags == [True, True]  # two micro-batches of 2, each with checkpointing on
+    assert not loaded.model.is_activation_checkpointing and not loaded.model.training
+
+
 def test_a_full_disk_is_one_line_and_the_rerun_resumes(ft_run, tiny_dirs, data_dir, text_dir, tmp_path, capfd,
                                                        monkeypatch):
     """A disk that filled while checkpoint-4 was written was a traceback, its half-written copy left behind; now
@@ -362,6 +414,7 @@ BAD_NUMBERS = {  # each once exited 0 with NaN or gradient-ascent checkpoints, o
     "both rates 0": ["--lr", "0", "--lm-lr", "0"],
     "LM frozen on a text-only model": ["--lm-lr", "0"],  # all of it is LM: nothing would train
     "warmup negative": ["--warmup", "-3"],
+    "micro-batch 0": ["--micro-batch", "0"],
     "warmup as long as the run": ["--warmup", "2"],  # the rate would never reach its peak, nor decay
     "seed negative": ["--seed", "-1"],
     "limit 0": ["--limit", "0"],

@@ -418,6 +418,11 @@ def test_a_changed_input_reruns_its_stage_and_everything_downstream() -> None:
     # the paper labels only name rows in the report (rebuilt every run)
     relabelled = dataclasses.replace(cfg, models=dataclasses.replace(m, paper=list(reversed(m.paper))))
     assert fingerprints(_ctx(relabelled)) == ref
+    # how fine-tuning steps run (micro-batches, activation checkpointing), not what they compute: a run that ran
+    # out of memory continues with them instead of training again from step 0
+    lighter = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, micro_batch=2,
+                                                                    gradient_checkpointing=True))
+    assert fingerprints(_ctx(lighter)) == ref
 
 
 def test_the_same_models_and_sets_at_other_paths_rerun_what_reads_them() -> None:
@@ -461,6 +466,7 @@ def _write(tmp_path: Path, text: str) -> Path:
     (lambda t: t.replace("lm_lr = 1e-4", "lm_lr = nan"), "'finetune.lm_lr'"),
     (lambda t: t.replace("warmup = 10", "warmup = -5"), "'finetune.warmup'"),
     (lambda t: t.replace("warmup = 10", "warmup = 10\nlora = -1"), "'finetune.lora': a LoRA rank is ≥ 1, got -1"),
+    (lambda t: t.replace("warmup = 10", "warmup = 10\nmicro_batch = -2"), "'finetune': training setting micro_batch"),
     (lambda t: t.replace("lam = 1.0", "lam = nan"), "'merge.lam'"),
     (lambda t: t.replace("salience_temperature = 1.0", "salience_temperature = inf"), "'merge.salience_temperature'"),
     (lambda t: t.replace("seed = 1", "seed = -1"), "'train.seed'"),
