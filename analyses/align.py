@@ -83,8 +83,21 @@ def canon_order(canon: str) -> tuple:
     return (group, layer if layer is not None else -1, module)
 
 
-def align(ckpts: Sequence[Checkpoint], names: Sequence[str] | None = None) -> Alignment:
-    """Plan the LM tensors of ``ckpts[0]`` (reference) against every other checkpoint; checks headers only."""
+# What each command does with vocabulary rows that differ (``{ref}``: the reference, ``{rows}``: the rows all have),
+# as its record says it: shift compares each model on the rows it shares with the reference, trajectory needs one
+# set of coordinates for every point, the merge also keeps the rest.
+VOCAB_RULES = {
+    "merge": "each model compared with {ref} on the rows both have; the first {rows} rows, which all have, merged; "
+             "rows beyond kept from {ref}",
+    "shift": "each model compared with {ref} on the rows both have; rows beyond are in no Δ",
+    "features": "every checkpoint compared with {ref} on the first {rows} rows, which all have; rows beyond are in "
+                "no feature",
+}
+
+
+def align(ckpts: Sequence[Checkpoint], names: Sequence[str] | None = None, use: str = "merge") -> Alignment:
+    """Plan the LM tensors of ``ckpts[0]`` (reference) against every other checkpoint; checks headers only.
+    ``use`` (a ``VOCAB_RULES`` key) is what the caller does with differing vocabulary rows, for its record."""
     ref = ckpts[0]
     names = names or [c.name for c in ckpts]
     # lm_head is planned when any participant has its own: a tied one's head is its embedding (Checkpoint.lm_key),
@@ -121,8 +134,7 @@ def align(ckpts: Sequence[Checkpoint], names: Sequence[str] | None = None) -> Al
             vocab[p.canon] = {
                 "rows": dict(zip(names, p.vocab_rows)),
                 "common_rows": min(p.vocab_rows),
-                "rule": f"each model compared with {names[0]} on the rows both have; the first "
-                        f"{min(p.vocab_rows)} rows, which all have, merged; rows beyond kept from {names[0]}",
+                "rule": VOCAB_RULES[use].format(ref=names[0], rows=min(p.vocab_rows)),
             }
     embed = next((p for p in plans if p.canon == "embed_tokens.weight"), None)
     if embed is not None:

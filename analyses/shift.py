@@ -74,7 +74,7 @@ def stream_stats(ckpts: Sequence[Checkpoint], plan_al: Alignment, names: Sequenc
 
 
 def compute_shift(base: Checkpoint, models: Sequence[Checkpoint], names: Sequence[str]) -> tuple[list[ShiftRow], Alignment]:
-    al = align([base, *models], [base.name, *names])
+    al = align([base, *models], [base.name, *names], use="shift")
     stats = stream_stats([base, *models], al, [base.name, *names])
     rows = []
     for i, nm in enumerate(names):

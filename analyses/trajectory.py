@@ -93,7 +93,7 @@ def stream_features(ref: Checkpoint, ckpts: Sequence[Checkpoint], names: Sequenc
                     ref_name: str = "ref") -> tuple[list[str], np.ndarray, np.ndarray, dict[str, Any]]:
     """Per checkpoint: per-tensor ‖θ − θ_ref‖ and the count sketch of θ − θ_ref, reading each tensor once; and what
     the vocabulary rule did (rows beyond the common ones are not in the features)."""
-    al = align([ref, *ckpts], [ref_name, *names])
+    al = align([ref, *ckpts], [ref_name, *names], use="features")
     norms = np.zeros((len(ckpts), len(al.tensors)))
     sk = torch.zeros((len(ckpts), sketch.dim), dtype=torch.float64)
     for t, plan in enumerate(progress(al.tensors, desc="features", unit="tensor", leave=False)):

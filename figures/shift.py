@@ -33,6 +33,13 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "model"
 
 
+def log_foot(values: np.ndarray) -> float:
+    """Where a Δavg of 0 (a tensor, layer or model that did not move: a frozen LM) is drawn on a log axis, which
+    has no 0: a third below the smallest positive value, so it sits apart at the foot of the axis."""
+    positive = values[values > 0]
+    return float(positive.min()) / 3 if len(positive) else 1e-8
+
+
 def save(fig: plt.Figure, path: Path) -> list[Path]:
     paths = [path.with_suffix(".png"), path.with_suffix(".pdf")]
     fit_page(fig)  # cropped to what is drawn, which may stick out of the figure
@@ -73,12 +80,15 @@ def draw_shift(result_dir: Path) -> list[Path]:
         # 0.42 × 0.22 in cells, an 80-layer one 0.09 in rows with every other layer labelled
         cell_w, cell_h = min(0.45, (PAGE_WIDTH - 2) / n_m), min(0.22, (PAGE_HEIGHT - 1.5 - below) / n_l)
         fig, ax = plt.subplots(figsize=(max(6, cell_w * n_m + 2), max(3, cell_h * n_l + 1.5) + below))
-        data = np.ma.masked_less_equal(grid.to_numpy(dtype=float), 0)
-        im = ax.imshow(data, aspect="auto", cmap="viridis", norm=LogNorm(vmin=vmin, vmax=max(vmax, vmin * 1.01)))
+        values = grid.to_numpy(dtype=float)
+        zero = values == 0  # unchanged tensors: the map's "under" grey; a missing tensor (NaN) stays blank
+        data = np.where(zero, vmin / 10, values)
+        cmap = plt.get_cmap("viridis").with_extremes(under="0.75")
+        im = ax.imshow(data, aspect="auto", cmap=cmap, norm=LogNorm(vmin=vmin, vmax=max(vmax, vmin * 1.01)))
         across, down = label_step(cell_w), label_step(cell_h)
         ax.set_xticks(range(0, n_m, across), names[::across], rotation=60, ha="right", fontsize=7)
         ax.set_yticks(range(0, n_l, down), grid.index[::down], fontsize=7)
-        ax.set_xlabel("module")
+        ax.set_xlabel("module" + ("  (grey: Δavg = 0, unchanged)" if zero.any() else ""))
         ax.set_ylabel("layer")
         ax.set_title(f"Δavg = mean |θ_base − θ| per tensor (Eq. 3): {labels[m]}", fontsize=9)
         fig.colorbar(im, ax=ax, label="Δavg (log)")
@@ -88,29 +98,44 @@ def draw_shift(result_dir: Path) -> list[Path]:
     fig, panels = page_panels(2, 5.5, 3.8, min_width=max(3.3, 0.6 + 0.9 * len(models)))
     (ax1,), (ax2,) = panels
     means = df.groupby("model", sort=False)["delta_avg"].mean().reindex(models)
-    # dots, not bars: a bar's height on a log axis depends on where the axis starts
-    ax1.plot(range(len(models)), means.to_numpy(), "o", color="C0", ms=7)
+    # dots, not bars: a bar's height on a log axis depends on where the axis starts; a model that did not move
+    # (mean 0, which a log axis has not) is an open triangle at the axis' foot
+    m_values, x = means.to_numpy(), np.arange(len(models))
+    foot, moved = log_foot(m_values), m_values > 0
+    ax1.plot(x[moved], m_values[moved], "o", color="C0", ms=7)
+    if not moved.all():
+        ax1.plot(x[~moved], np.full((~moved).sum(), foot), "v", color="C0", mfc="none", ms=7)
     ax1.set_xticks(range(len(models)), [labels[m] for m in models])
     ax1.set_xlim(-0.6, len(models) - 0.4)
     ax1.grid(axis="y", which="both", alpha=0.3)
     ax1.set_yscale("log")
     ax1.set_ylabel("mean Δavg over tensors (log)")
-    ax1.set_title("parameter shift from the base (Eq. 3);\n(k×): k times the least shifted", fontsize=9)
     low = means.min()
+    ax1.set_title("parameter shift from the base (Eq. 3);\n" + ("(k×): k times the least shifted" if low > 0 else
+                  "▽ at the foot: 0, did not move (no k× ratio)"), fontsize=9)
     values = []
-    for i, v in enumerate(means.to_numpy()):
-        values.append(ax1.annotate(f"{v:.2g}" + (f" ({v / low:.1f}×)" if low > 0 else ""), (i, v), xytext=(0, 7),
+    for i, v in enumerate(m_values):
+        text = f"{v:.2g}" + (f" ({v / low:.1f}×)" if low > 0 else "") if v > 0 else "0 (did not move)"
+        values.append(ax1.annotate(text, (i, v if v > 0 else foot), xytext=(0, 7),
                      textcoords="offset points", ha="center", va="bottom", fontsize=8))
     ax1.tick_params(axis="x", rotation=20)
     if low > 0:
         ax1.set_ylim(low / 3, means.max() * 4)  # room for the labels
-    for m in models:
-        per_layer = layer_df[layer_df["model"] == m].groupby("layer")["delta_avg"].mean()
-        ax2.plot(per_layer.index, per_layer.to_numpy(), marker="o", ms=3, label=labels[m])
+    else:
+        ax1.set_ylim(foot / 1.5, max(m_values.max(), foot) * 4)
+    per_layer = {m: layer_df[layer_df["model"] == m].groupby("layer")["delta_avg"].mean() for m in models}
+    layer_foot = log_foot(np.concatenate([s.to_numpy() for s in per_layer.values()] or [np.zeros(0)]))
+    frozen = False
+    for m, s in per_layer.items():  # a layer that did not move: at the foot, an open triangle, not a gap
+        y, z = s.to_numpy(), s.to_numpy() == 0
+        line, = ax2.plot(s.index, np.where(z, layer_foot, y), marker="o", ms=3, label=labels[m])
+        if z.any():
+            frozen = True
+            ax2.plot(s.index[z], np.full(z.sum(), layer_foot), "v", ms=5, mfc="white", color=line.get_color())
     ax2.set_yscale("log")
     ax2.set_xlabel("layer")
     ax2.set_ylabel("mean Δavg over the layer's tensors")
-    ax2.set_title("shift by depth", fontsize=9)
+    ax2.set_title("shift by depth" + ("\n▽ at the foot: 0, did not move" if frozen else ""), fontsize=9)
     # below the panel: inside it ("best") the legend covered lines whenever the layers' curves filled the panel
     wide = max(len(labels[m]) for m in models) > 20  # long names one per line
     ax2.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1 if wide else min(3, len(models)),

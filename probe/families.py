@@ -817,7 +817,9 @@ def _tie_nodes(config: Mapping[str, Any], family: Family) -> list[Any]:
     return nodes
 
 
-_CANONICAL_LM = re.compile(r"^(embed_tokens\.weight|norm\.weight|lm_head\.weight|layers\.\d+\..+)$")
+# A per-layer rotary buffer old (Llama-2-era) checkpoints saved and transformers ignores on load: not a weight.
+_CANONICAL_LM = re.compile(r"^(embed_tokens\.weight|norm\.weight|lm_head\.weight"
+                           r"|layers\.\d+\.(?!.*rotary_emb\.inv_freq$).+)$")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -424,3 +424,34 @@ def test_weights_entry_is_what_transformers_loads(tiny_dirs, tmp_path):
     assert weights_entry(binary).name == "pytorch_model.bin"
     (tmp_path / "empty").mkdir()
     assert weights_entry(tmp_path / "empty") is None
+
+
+def test_stale_rotary_buffers_of_old_checkpoints_are_not_lm_weights(zoo, tmp_path, capsys):
+    """Llama-2-era checkpoints (lmsys/vicuna-7b-v1.5, the llama family's example) store a buffer
+    ``model.layers.{i}.self_attn.rotary_emb.inv_freq`` per layer, which transformers ignores on load (it recomputes
+    it). The analyses read it as an LM weight: shift of such a base against an expert without it (any checkpoint
+    saved since) exited 2 ('LM tensor sets differ'), and with it on both sides it was a row of Δ 0 in every layer,
+    diluting the mean Δavg. Now it is a non-LM tensor: the results equal those of the same base without it."""
+    from transformers import AutoModelForCausalLM
+
+    old = shutil.copytree(zoo["base"], tmp_path / "old")
+    sd = load_file(old / "model.safetensors")
+    inv = 1.0 / (10000 ** (torch.arange(0, 8, 2, dtype=torch.float32) / 8))
+    sd.update({f"model.layers.{i}.self_attn.rotary_emb.inv_freq": inv.clone() for i in range(2)})
+    save_file(sd, old / "model.safetensors", metadata={"format": "pt"})
+    loaded = AutoModelForCausalLM.from_pretrained(old).state_dict()  # the oracle: transformers' own reading
+    assert not any(k.endswith("rotary_emb.inv_freq") and ".layers." in k for k in loaded)
+    twin = shutil.copytree(old, tmp_path / "twin")
+    rows = {}
+    for name, base, models in (("clean", zoo["base"], [zoo["vl"], zoo["q1"]]), ("old", old, [zoo["vl"], twin])):
+        code, err = run_cli(shift.main, ["--base", base, "--models", *models, "--out", tmp_path / f"s-{name}",
+                                         "--no-figures"], capsys)
+        assert code == 0, err
+        rows[name] = (tmp_path / f"s-{name}" / "shift.csv").read_text().splitlines()
+    vl = [r for r in rows["old"] if r.startswith(str(zoo["vl"]))]
+    assert vl == [r for r in rows["clean"] if r.startswith(str(zoo["vl"]))]  # as if the buffers were not there
+    assert not any("inv_freq" in r for r in rows["old"])  # nor a row of Δ 0 for the twin
+    assert cli_main(trajectory.main, [str(a) for a in ["--base", old, "--experts", zoo["vl"], "--no-figures",
+                                                       "--out", tmp_path / "t"]]) == 0
+    assert cli_main(merge.main, [str(a) for a in ["--base", old, "--models", zoo["vl"], zoo["q1"],
+                                                  "--out", tmp_path / "m"]]) == 0

@@ -170,3 +170,22 @@ def test_vocabulary_rule_is_recorded_and_errors_name_the_base(models, tmp_path, 
                                                        "--out", tmp_path / "t2"]]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: LM tensor sets differ: layers.2.") and f"is in {deep} but not in" in err, err
+
+
+def test_vocabulary_rule_recorded_is_the_one_the_features_use(models, tmp_path):
+    """With a smaller-vocabulary checkpoint among the points, every point's features cover only the rows all have
+    (the features must be the same coordinates for PCA / t-SNE); run.json said "each model compared with the base
+    on the rows both have ... merged; rows beyond kept from the base" (the merge's rule), which is not what was
+    computed: nothing is merged, and the larger model's extra rows over the small one's are in no feature."""
+    base = tiny.perturb(tiny.base_lm(0), 0.01, 7)
+    big = tiny.write_model("qwen2", tmp_path / "big", tiny.resize_vocab(base, 160))
+    small = tiny.write_model("qwen2", tmp_path / "small", tiny.resize_vocab(tiny.perturb(base, 0.01, 8), 120))
+    out = tmp_path / "t"
+    assert cli_main(trajectory.main, [str(a) for a in ["--base", models["base"], "--experts", big, small,
+                                                       "--sketch-dim", 16, "--quiet", "--no-figures", "--out", out]]) == 0
+    feats = np.load(out / "features.npz")
+    t = list(feats["tensors"]).index("embed_tokens.weight")
+    b, e = (load_file(d / "model.safetensors")["model.embed_tokens.weight"].double() for d in (models["base"], big))
+    assert feats["norms"][1, t] == pytest.approx(float((e[:120] - b[:120]).norm()), rel=1e-6)  # rows all have
+    rule = json.loads((out / "run.json").read_text())["vocab"]["embed_tokens.weight"]["rule"]
+    assert "first 120 rows" in rule and "merged" not in rule and "both have" not in rule, rule

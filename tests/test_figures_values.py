@@ -420,3 +420,46 @@ def test_shift_by_depth_legend_covers_no_line(tmp_path, drawn, models):
     assert box.y1 <= panel.y0 and not box.overlaps(panel)  # below the panel's plotting area
     assert box.x0 >= page.x0 and box.x1 <= page.x1 and box.y0 >= page.y0  # and inside the saved page
     assert [t.get_text() for t in ax.get_legend().get_texts()] == [m.rsplit("/", 1)[-1] for m in models]
+
+
+def test_shift_of_a_model_that_did_not_move_is_drawn(tmp_path, drawn):
+    """A model whose LM was frozen (Δavg 0 on every tensor) vanished from the log-scale model panel (no dot, no
+    number) and from the per-layer panel, and its heatmap was blank, as for a missing tensor; a frozen layer of a
+    moved model left a gap. Zeros are now drawn at the foot of each log axis, marked, and grey on the heatmaps."""
+    models = ["vl", "frozen", "ov"]
+    d = write_shift(tmp_path, models, 4, ["self_attn.q_proj.weight", "mlp.up_proj.weight"])
+    df = pd.read_csv(d / "shift.csv")
+    df.loc[df["model"] == "frozen", "delta_avg"] = 0.0
+    df.loc[(df["model"] == "vl") & (df["layer"] == 1), "delta_avg"] = 0.0  # one frozen layer of a moved model
+    df.to_csv(d / "shift.csv", index=False)
+    assert figures_cli("shift", d) == 0
+    ax1, ax2 = drawn["shift_models"].axes[:2]
+    means = df.groupby("model")["delta_avg"].mean()
+    lo, hi = ax1.get_ylim()
+    for i, m in enumerate(models):  # every model has a dot inside the panel; a moved one at its mean
+        ys = [y for line in ax1.get_lines() for x, y in zip(line.get_xdata(), line.get_ydata()) if x == i]
+        assert len(ys) == 1 and lo < ys[0] < hi
+        if means[m] > 0:
+            assert ys[0] == pytest.approx(means[m])
+    assert any(t.get_text().startswith("0") for t in ax1.texts)  # the frozen model's number says 0
+    lo, hi = ax2.get_ylim()
+    layer_means = df.dropna(subset=["layer"]).groupby(["model", "layer"])["delta_avg"].mean()
+    for line in ax2.get_lines():
+        if line.get_label() not in models:
+            continue
+        m = line.get_label()
+        xs, ys = line.get_xdata(), line.get_ydata()
+        assert list(xs) == list(layer_means[m].index) and all(lo < y < hi for y in ys)  # no layer dropped
+        for x, y in zip(xs, ys):
+            if layer_means[m, x] > 0:
+                assert y == pytest.approx(layer_means[m, x])
+    for m in ("frozen", "vl"):  # zero cells grey (the colour map's under colour), not blank like a missing one
+        im = drawn[f"shift_heatmap_{m}"].axes[0].get_images()[0]
+        grid = df[(df["model"] == m) & df["layer"].notna()].pivot_table(index="layer", columns="module",
+                                                                          values="delta_avg")
+        rgba = im.to_rgba(im.get_array())
+        under, bad = im.cmap.get_under(), im.cmap.get_bad()
+        assert tuple(under) != tuple(bad) and under[3] > 0
+        zero = grid.to_numpy() == 0
+        assert zero.any() and np.allclose(rgba[zero], under)
+        assert not np.allclose(rgba[~zero], under, atol=1e-3) if (~zero).any() else True
