@@ -13,6 +13,9 @@
    Devanagari vowel sign, is part of its word); the longest matching option wins, ties go to the earliest
    position.
 
+In tiers 2–5 a letter inside a repetition of some option's own text does not count: "Vitamin C" answering
+option B "Vitamin C" (of "Vitamin D", "Vitamin C", …) is B by tier 6, not C; likewise "Both A and B", "Graph A".
+
 Within a tier the FIRST occurrence wins. MMMU's reference parser takes the last candidate, which
 suits long chain-of-thought answers; our generations are a few greedy tokens, where the first
 letter is the answer and later text is the model rambling on ("B. Blue is not C"). Longer ones
@@ -63,10 +66,18 @@ def _opening_choice(text: str, options: Sequence[str], letters: str) -> str | No
     return m.group("L") if opt and _find_word(opt, text[m.end():]) == 0 else None
 
 
-def _first(pattern: str, text: str, letters: str, flags: int = 0, words: bool = False) -> str | None:
-    """The first match's letter in range; with ``words``, not one that is an English "A"/"I" (``_is_word``)."""
+Spans = list[tuple[int, int]]
+
+
+def _inside(spans: Spans, m: re.Match[str]) -> bool:
+    return any(a <= m.start("L") < b for a, b in spans)
+
+
+def _first(pattern: str, text: str, letters: str, echoes: Spans, flags: int = 0, words: bool = False) -> str | None:
+    """The first match's letter in range that is not part of an echoed option text (``_echo_spans``); with
+    ``words``, not one that is an English "A"/"I" (``_is_word``)."""
     for m in re.finditer(pattern, text, flags):
-        if m.group("L") in letters and not (words and _is_word(text, m)):
+        if m.group("L") in letters and not _inside(echoes, m) and not (words and _is_word(text, m)):
             return m.group("L")
     return None
 
@@ -84,11 +95,8 @@ def _is_word(text: str, m: re.Match[str]) -> bool:
     return bool(nxt) and nxt.group(1) not in _CHOICE_FOLLOWERS
 
 
-def _bare_letter(text: str, letters: str) -> str | None:
-    for m in re.finditer(r"(?<![A-Za-z0-9])(?P<L>[A-Z])(?![A-Za-z0-9'])", text):
-        if m.group("L") in letters and not _is_word(text, m):
-            return m.group("L")
-    return None
+def _bare_letter(text: str, letters: str, echoes: Spans) -> str | None:
+    return _first(r"(?<![A-Za-z0-9])(?P<L>[A-Z])(?![A-Za-z0-9'])", text, letters, echoes, words=True)
 
 
 def _in_word(ch: str) -> bool:
@@ -97,14 +105,28 @@ def _in_word(ch: str) -> bool:
     return ch.isalnum() or ch == "_" or unicodedata.category(ch).startswith("M")
 
 
-def _find_word(opt: str, text: str) -> int | None:
-    """Position of the first occurrence of ``opt`` in ``text`` (case-insensitive) that is a whole word or phrase:
-    no word character, combining marks included, right before or after it."""
+def _word_spans(opt: str, text: str) -> Spans:
+    """Every occurrence of ``opt`` in ``text`` (case-insensitive) that is a whole word or phrase: no word
+    character, combining marks included, right before or after it."""
+    spans = []
     for m in re.finditer("(?=" + re.escape(opt) + ")", text, re.IGNORECASE):
         a, b = m.start(), m.start() + len(opt)
         if (a == 0 or not _in_word(text[a - 1])) and (b == len(text) or not _in_word(text[b])):
-            return a
-    return None
+            spans.append((a, b))
+    return spans
+
+
+def _find_word(opt: str, text: str) -> int | None:
+    """Position of the first whole-word occurrence of ``opt`` in ``text`` (``_word_spans``), or None."""
+    spans = _word_spans(opt, text)
+    return spans[0][0] if spans else None
+
+
+def _echo_spans(text: str, options: Sequence[str], letters: str) -> Spans:
+    """Where ``text`` repeats an option's own text ("Vitamin C", "Both A and B"): a letter there belongs to that
+    text, not to a choice. Options that are themselves a lone letter ("B") mark nothing, or no letter could count."""
+    return [span for opt in options if opt.strip() and not _lone_letter(opt, letters)
+            for span in _word_spans(opt.strip(), text)]
 
 
 def _option_text(text: str, options: Sequence[str]) -> str | None:
@@ -128,13 +150,14 @@ def parse_choice(response: str, options: Sequence[str]) -> str | None:
     text = strip_special(response)
     if not text:
         return None
+    if lone := _lone_letter(text, letters) or _opening_choice(text, options, letters):
+        return lone
+    echoes = _echo_spans(text, options, letters)
     return (
-        _lone_letter(text, letters)
-        or _opening_choice(text, options, letters)
-        or _first(r"(?:answer|option|choice)(?:\s+is)?\s*[:\-]?\s*[(\[*]*(?P<L>[A-Z])(?![A-Za-z0-9])",
-                  text, letters, re.IGNORECASE, words=True)
-        or _first(r"\((?P<L>[A-Z])\)", text, letters)
-        or _first(r"(?<![A-Za-z0-9])(?P<L>[A-Z])[.):](?![A-Za-z0-9])", text, letters)
-        or _bare_letter(text, letters)
+        _first(r"(?:answer|option|choice)(?:\s+is)?\s*[:\-]?\s*[(\[*]*(?P<L>[A-Z])(?![A-Za-z0-9])",
+               text, letters, echoes, re.IGNORECASE, words=True)
+        or _first(r"\((?P<L>[A-Z])\)", text, letters, echoes)
+        or _first(r"(?<![A-Za-z0-9])(?P<L>[A-Z])[.):](?![A-Za-z0-9])", text, letters, echoes)
+        or _bare_letter(text, letters, echoes)
         or _option_text(text, options)
     )

@@ -158,3 +158,29 @@ def test_strip_special():
 ])
 def test_an_english_a_or_i_after_an_answer_phrase_is_no_choice(response, expected):
     assert parse_choice(response, [str(i) for i in range(10)]) == expected  # letters A..J: "A" and "I" in range
+
+
+@pytest.mark.parametrize("response, options", [
+    ("Graph A", ["Graph B", "Graph A", "Graph D", "Graph C"]),  # figure labels as option texts, in another order
+    ("Vitamin C", ["Vitamin D", "Vitamin C", "Vitamin B12", "Vitamin A"]),
+    ("It is Vitamin A.", ["Vitamin D", "Vitamin C", "Vitamin B12", "Vitamin A"]),
+    ("Both A and B", ["A only", "B only", "Both A and B", "Neither A nor B"]),
+    ("Neither A nor B", ["A only", "B only", "Both A and B", "Neither A nor B"]),
+    ("$A+B$", ["$A$", "$B$", "$A+B$", "$AB$"]),
+    ("Answer: B only", ["A only", "B only", "Both A and B", "Neither A nor B"][::-1]),
+])
+def test_a_letter_inside_an_echoed_options_text_is_not_a_choice(response, options):
+    """A response that repeats an option's text ("Vitamin C", option B) was read by the letter inside it (C): a
+    letter within an occurrence of some option's own text is that text, not a choice. Oracle: the option whose
+    text the response holds."""
+    echoed = max((o for o in options if o.lower() in response.lower()), key=len)
+    assert parse_choice(response, options) == "ABCD"[options.index(echoed)]
+
+
+def test_an_explicit_letter_still_beats_an_echoed_option_text():
+    graphs = ["Graph B", "Graph A", "Graph D", "Graph C"]
+    assert parse_choice("B. Graph A", graphs) == "B"  # opening letter with its own text
+    assert parse_choice("C: Graph A", graphs) == "C"  # a letter outside the echo keeps its tier
+    assert parse_choice("The answer is D, Graph C", graphs) == "D"
+    assert parse_choice("A", ["A only", "B only", "Both A and B", "Neither A nor B"]) == "A"
+    assert parse_choice("B", ["C", "B", "A", "D"]) == "B"  # options that are bare letters mask nothing
