@@ -4,9 +4,10 @@
 
 1. the whole response is one letter, optionally wrapped/punctuated: "B", "(B)", "B.", "B)", "B:",
    "[B]", "**B**" (a lone lowercase letter counts too, since it cannot be an article there); or it
-   opens with a letter and that option's own text, as the prompt's choice lines read: "B. blue ...";
-2. an explicit answer phrase: "Answer: B", "the answer is (B)", "Option B", "choice: B";
-3. a parenthesised letter "(B)" anywhere;
+   opens with a letter and that option's own text, as the prompt's choice lines read: "B. blue ...", "b) blue";
+2. an explicit answer phrase: "Answer: B", "the answer is (B)", "Option B", "choice: B" (lowercase too:
+   "answer: b");
+3. a parenthesised letter "(B)" anywhere, or "(b)";
 4. a letter followed by "." / ")" / ":" at a token start: "B. blue", "B) blue";
 5. a bare standalone uppercase letter token ("B is correct");
 6. the option text itself ("blue"), case-insensitive on word boundaries (a combining mark, such as a
@@ -22,7 +23,7 @@ letter is the answer and later text is the model rambling on ("B. Blue is not C"
 (``--max-new-tokens``) ramble further: SmolLM2 writes "A. Liver\n\nThe answer is D. Stomach.", whose
 opening line, the letter with its own option, is the answer its first token chose.
 
-Only uppercase letters within the options' range count, because lowercase "a" and "i" are words.
+Elsewhere only uppercase letters within the options' range count, because lowercase "a" and "i" are words.
 For the same reason an "A" or "I" followed by a lowercase word ("A red circle", "I think") or an
 apostrophe ("I'm") is read as an article/pronoun, not as a choice, except before "is", "because", "since",
 "as", "and", "or" ("A is correct", "the answer is A because ..."); this holds after an answer phrase
@@ -59,11 +60,12 @@ def _lone_letter(text: str, letters: str) -> str | None:
 
 def _opening_choice(text: str, options: Sequence[str], letters: str) -> str | None:
     """The letter a response opens with when its own option's text follows it: "A. Liver", "(C) 56"."""
-    m = re.match(r"[(\[*]{0,2}(?P<L>[A-Z])[.):\]*]{1,3}\s*", text)
-    if not m or m.group("L") not in letters:
+    m = re.match(r"[(\[*]{0,2}(?P<L>[A-Za-z])[.):\]*]{1,3}\s*", text)  # "b) blue" as well
+    letter = m.group("L").upper() if m else ""
+    if not letter or letter not in letters:
         return None
-    opt = options[letters.index(m.group("L"))].strip()
-    return m.group("L") if opt and _find_word(opt, text[m.end():]) == 0 else None
+    opt = options[letters.index(letter)].strip()
+    return letter if opt and _find_word(opt, text[m.end():]) == 0 else None
 
 
 Spans = list[tuple[int, int]]
@@ -74,11 +76,16 @@ def _inside(spans: Spans, m: re.Match[str]) -> bool:
 
 
 def _first(pattern: str, text: str, letters: str, echoes: Spans, flags: int = 0, words: bool = False) -> str | None:
-    """The first match's letter in range that is not part of an echoed option text (``_echo_spans``); with
-    ``words``, not one that is an English "A"/"I" (``_is_word``)."""
+    """The first match's letter (uppercased) in range that is not part of an echoed option text (``_echo_spans``);
+    with ``words``, not one that is an English "A"/"I" (``_is_word``). A lowercase letter glued to the word before
+    it is that word's end ("options", "answers"), not a choice, nor is an "a"/"i" ending the text (a generation cut
+    off after "The correct answer is a")."""
     for m in re.finditer(pattern, text, flags):
-        if m.group("L") in letters and not _inside(echoes, m) and not (words and _is_word(text, m)):
-            return m.group("L")
+        letter, at = m.group("L"), m.start("L")
+        if letter.islower() and (at and text[at - 1].isalpha() or letter in "ai" and not text[at + 1:].strip()):
+            continue
+        if letter.upper() in letters and not _inside(echoes, m) and not (words and _is_word(text, m)):
+            return letter.upper()
     return None
 
 
@@ -87,7 +94,7 @@ _CHOICE_FOLLOWERS = {"is", "because", "since", "as", "and", "or"}  # "A is corre
 
 def _is_word(text: str, m: re.Match[str]) -> bool:
     """An "A"/"I" starting an English phrase ("A red circle", "I think", "I'm"), not a choice."""
-    if m.group("L") not in "AI":
+    if m.group("L").upper() not in "AI":
         return False
     if text[m.end():m.end() + 1] in ("'", "’"):
         return True
@@ -156,7 +163,7 @@ def parse_choice(response: str, options: Sequence[str]) -> str | None:
     return (
         _first(r"(?:answer|option|choice)(?:\s+is)?\s*[:\-]?\s*[(\[*]*(?P<L>[A-Z])(?![A-Za-z0-9])",
                text, letters, echoes, re.IGNORECASE, words=True)
-        or _first(r"\((?P<L>[A-Z])\)", text, letters, echoes)
+        or _first(r"\((?P<L>[A-Za-z])\)", text, letters, echoes)
         or _first(r"(?<![A-Za-z0-9])(?P<L>[A-Z])[.):](?![A-Za-z0-9])", text, letters, echoes)
         or _bare_letter(text, letters, echoes)
         or _option_text(text, options)

@@ -184,3 +184,37 @@ def test_an_explicit_letter_still_beats_an_echoed_option_text():
     assert parse_choice("The answer is D, Graph C", graphs) == "D"
     assert parse_choice("A", ["A only", "B only", "Both A and B", "Neither A nor B"]) == "A"
     assert parse_choice("B", ["C", "B", "A", "D"]) == "B"  # options that are bare letters mask nothing
+
+
+@pytest.mark.parametrize("response, expected", [
+    ("The answer is (b), not A", "B"),  # was A: the lowercase choice was passed over for a later bare letter
+    ("answer: b, since A is wrong", "B"),
+    ("Answer: c", "C"),
+    ("the answer is d.", "D"),
+    ("(c) and not A", "C"),
+    ("The answer is a.", "A"),
+    ("The correct answer is a", None),  # cut off before the noun the article opens
+    ("The answer is c", "C"),
+    ("The answer is a red one", "A"),  # the article: no choice after the phrase, option text "red" reads A
+    ("The answer is a green one", "C"),
+    ("The options are unclear", None),  # "options": the s of the phrase's plural is no choice
+    ("Answers vary", None),
+])
+def test_a_lowercase_letter_after_an_answer_phrase_or_in_parentheses_is_the_choice(response, expected):
+    """Only uppercase letters counted outside a lone-letter response, so 'The answer is (b), not A' read A, the
+    letter it rejects; a lowercase letter in parentheses or right after an answer phrase is unambiguous."""
+    assert parse_choice(response, OPTS4) == expected
+
+
+def test_lowercase_answer_phrase_letters_keep_the_article_and_pronoun_rule():
+    many = [str(i) for i in range(20)]  # letters A..T: "s" of "options" and "i" of "i think" in range
+    assert parse_choice("the options are 3", many) == "D"
+    assert parse_choice("answer: i think 4", many) == "E"
+    assert parse_choice("answer: i.", many) == "I"
+    assert parse_choice("answer: i", many) is None  # "i" ending a cut-off generation could be anything
+
+
+def test_a_lowercase_opening_letter_with_its_own_option_text_is_the_choice():
+    assert parse_choice("b) blue A", OPTS4) == "B"  # was A, the bare letter after it
+    assert parse_choice("c. green, not A", OPTS4) == "C"
+    assert parse_choice("a. blue", OPTS4) == "B"  # a lowercase letter without its own text proves nothing
