@@ -28,7 +28,8 @@ For the same reason an "A" or "I" followed by a lowercase word ("A red circle", 
 apostrophe ("I'm") is read as an article/pronoun, not as a choice, except before "is", "because", "since",
 "as", "and", "or" ("A is correct", "the answer is A because ..."); this holds after an answer phrase
 too ("Answer: I think it is C" is C).
-Text after a special token such as ``<|im_end|>`` or ``</s>`` is ignored.
+Text after a special token such as ``<|im_end|>`` or ``</s>`` is ignored; full-width letters and punctuation
+("（Ｂ）", "答案：Ｃ") read as their ASCII forms.
 """
 from __future__ import annotations
 
@@ -39,6 +40,11 @@ from typing import Sequence
 # Cut at the first special token: chat-template markers like <|im_end|>, <|eot_id|>, and </s>, <eos>, <end_of_turn>.
 _SPECIAL = re.compile(r"<\|[^|>]{0,40}\|>|</s>|<eos>|<end_of_turn>|<\|endoftext\|>")
 _WRAP = "()[]{}*`'\"_ \t\n"  # wrapping characters stripped around a lone letter
+
+
+# Full-width ASCII (U+FF01-FF5E: "Ｃ", "（Ｂ）", "：") and the ideographic space, as Chinese/Japanese text writes them,
+# mapped to ASCII in responses and options alike, so their letters and brackets read as such.
+_HALFWIDTH = {0xFF01 + i: 0x21 + i for i in range(0x5E)} | {0x3000: 0x20}
 
 
 def _letters(n: int) -> str:
@@ -154,7 +160,8 @@ def parse_choice(response: str, options: Sequence[str]) -> str | None:
     letters = _letters(len(options))
     if not letters:
         return None
-    text = strip_special(response)
+    text = strip_special(response).translate(_HALFWIDTH)
+    options = [o.translate(_HALFWIDTH) for o in options]
     if not text:
         return None
     if lone := _lone_letter(text, letters) or _opening_choice(text, options, letters):

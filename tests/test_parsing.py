@@ -218,3 +218,20 @@ def test_a_lowercase_opening_letter_with_its_own_option_text_is_the_choice():
     assert parse_choice("b) blue A", OPTS4) == "B"  # was A, the bare letter after it
     assert parse_choice("c. green, not A", OPTS4) == "C"
     assert parse_choice("a. blue", OPTS4) == "B"  # a lowercase letter without its own text proves nothing
+
+
+@pytest.mark.parametrize("response, expected", [
+    ("Ｃ", "C"), ("（Ｂ）", "B"), ("Ｂ．", "B"), ("答案：Ｃ", "C"),
+    ("答案是Ｃ，不是A", "C"),  # was A: the full-width choice was invisible, the rejected ASCII letter counted
+])
+def test_full_width_letters_are_letters(response, expected):
+    """Chinese and Japanese text writes Latin letters and brackets full-width (U+FF01-FF5E); the parser saw no
+    letter in them. Oracle: the same response with those characters mapped to ASCII by NFKC."""
+    import unicodedata
+
+    assert parse_choice(response, OPTS4) == expected == parse_choice(unicodedata.normalize("NFKC", response), OPTS4)
+
+
+def test_full_width_option_text_matches_either_width():
+    assert parse_choice("3", ["１", "２", "３", "４"]) == "C"
+    assert parse_choice("３", ["1", "2", "3", "4"]) == "C"
