@@ -340,8 +340,8 @@ def score_table(items: Any, plan: EvalPlan, reference: str | None, seed: int):
                         diffs[metric] = paired_difference(paired[col].to_numpy(), paired[f"{col}_ref"].to_numpy(),
                                                           seed, f"{key}|diff|{metric}")
                     if n_paired < len(sub):  # the reference read fewer: diff ≠ this row's accuracy − the reference's
-                        row["note"] = "; ".join(filter(None, [note, f"diff over the {n_paired} of {len(sub)} items "
-                                                                      f"{reference} also answered"]))
+                        row["note"] = "; ".join(filter(None, [row["note"], f"diff over the {n_paired} of {len(sub)} "
+                                                                             f"items {reference} also answered"]))
                 row |= {"diff_accuracy": diffs["accuracy"].value, "diff_lo": diffs["accuracy"].lo,
                         "diff_hi": diffs["accuracy"].hi, "diff_prob_accuracy": diffs["prob_accuracy"].value,
                         "diff_prob_lo": diffs["prob_accuracy"].lo, "diff_prob_hi": diffs["prob_accuracy"].hi,

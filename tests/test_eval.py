@@ -251,6 +251,24 @@ def test_paired_difference_pairs_items_within_their_subject():
             == [want.value, want.lo, want.hi])  # 4 pairs, not the 8 of a join on the id alone
 
 
+def test_a_row_paired_on_fewer_items_keeps_its_all_right_note():
+    """A model right on every item beside a reference that answered only some of them: the note naming the
+    diff's items replaced the one giving the exact interval of its 100 % (the † of table.md then pointed at
+    nothing). Oracle: all_alike_interval of the row's own n, and the count of items both answered."""
+    from probe.eval import DataSet, EvalPlan, ModelEntry, score_table
+    from probe.stats import all_alike_interval
+
+    rows = [{"model": m, "data": "d", "item_id": str(i), "subject": "S", "correct": c, "prob_correct": c,
+             "p_answer": 0.5} for m, ids, c in (("a", range(8), 1.0), ("ref", range(3), 0.0)) for i in ids]
+    plan = EvalPlan([ModelEntry(m, m, "qwen2", "fp") for m in ("ref", "a")],
+                    [DataSet("d", "d", "d", "fp", 8, 0, ["S"])], {}, {}, {}, {"generate": True})
+    note = score_table(pd.DataFrame(rows), plan, "ref", 0).set_index(["model", "subject"]).loc[("a", "all"), "note"]
+    lo, hi = all_alike_interval(8, True)
+    assert f"all right (zero-width bootstrap interval, exact 95 % Clopper-Pearson [{100 * lo:.1f}, {100 * hi:.1f}])" \
+        in note
+    assert "diff over the 3 of 8 items ref also answered" in note
+
+
 # --------------------------------------------------------------------------------------------------------
 # the CLI
 
