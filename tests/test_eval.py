@@ -269,6 +269,27 @@ def test_a_row_paired_on_fewer_items_keeps_its_all_right_note():
     assert "diff over the 3 of 8 items ref also answered" in note
 
 
+def test_a_paired_difference_with_every_pair_alike_says_its_interval_has_no_width():
+    """Two models answering 12 items alike got diff 0 [0, 0], read as a certain tie however few the items; such a
+    row's note now says the interval has zero width. Oracle: the per-item differences all equal (np.ptp == 0)."""
+    from probe.eval import DataSet, EvalPlan, ModelEntry, score_table
+
+    ref = np.r_[np.ones(6), np.zeros(6)]
+    models = {"ref": ref, "same": ref, "flip": 1 - ref, "better": np.ones(12)}
+    rows = [{"model": m, "data": "d", "item_id": str(i), "subject": "S", "correct": c, "prob_correct": ref[i],
+             "p_answer": 0.5} for m, cs in models.items() for i, c in enumerate(cs)]
+    plan = EvalPlan([ModelEntry(m, m, "qwen2", "fp") for m in models],
+                    [DataSet("d", "d", "d", "fp", 12, 0, ["S"])], {}, {}, {}, {"generate": True})
+    top = score_table(pd.DataFrame(rows), plan, "ref", 0).query("subject == 'all'").set_index("model")
+    for m in ("same", "flip", "better"):
+        d = models[m] - ref
+        alike = np.ptp(d) == 0
+        assert (top.loc[m, "diff_lo"] == top.loc[m, "diff_hi"]) == alike
+        assert (f"diff_accuracy {d[0]:+g} on every one of the 12 paired items" in top.loc[m, "note"]) == alike, m
+        assert "diff_prob_accuracy +0 on every one of the 12 paired items" in top.loc[m, "note"]  # same prob_correct
+    assert top.loc["ref", "note"] == ""  # the reference has no difference
+
+
 # --------------------------------------------------------------------------------------------------------
 # the CLI
 
@@ -681,7 +702,7 @@ def odd_sets(tmp_path_factory, text_dir, data_dir):
 
 def other_notes(note: Any) -> str:
     """A row's note without the part every 0 % / 100 % row gets (the tiny random models often score 0)."""
-    parts = [] if pd.isna(note) else [p for p in note.split("; ") if not re.search(r"all (right|wrong) \(", p)]
+    parts = [] if pd.isna(note) else [p for p in note.split("; ") if not re.search(r"all (right|wrong) \(|paired items \(zero-width", p)]
     return "; ".join(parts)
 
 
