@@ -340,8 +340,9 @@ def score_table(items: Any, plan: EvalPlan, reference: str | None, seed: int):
                         diffs[metric] = paired_difference(paired[col].to_numpy(), paired[f"{col}_ref"].to_numpy(),
                                                           seed, f"{key}|diff|{metric}")
                     if n_paired < len(sub):  # the reference read fewer: diff ≠ this row's accuracy − the reference's
-                        row["note"] = "; ".join(filter(None, [note, f"diff over the {n_paired} of {len(sub)} items "
-                                                                      f"{reference} also answered"]))
+                        row["note"] = "; ".join(filter(None, [row["note"], f"diff over the {n_paired} of {len(sub)} "
+                                                                             f"items {reference} also answered"]))
+                row["note"] = "; ".join(filter(None, [row["note"], alike_diff_note(diffs, n_paired)]))
                 row |= {"diff_accuracy": diffs["accuracy"].value, "diff_lo": diffs["accuracy"].lo,
                         "diff_hi": diffs["accuracy"].hi, "diff_prob_accuracy": diffs["prob_accuracy"].value,
                         "diff_prob_lo": diffs["prob_accuracy"].lo, "diff_prob_hi": diffs["prob_accuracy"].hi,
@@ -363,6 +364,14 @@ def all_alike_note(row: dict[str, Any]) -> str:
             parts.append(f"{' and '.join(metrics)} {'all right' if value else 'all wrong'} (zero-width bootstrap "
                          f"interval, exact 95 % Clopper-Pearson [{100 * lo:.1f}, {100 * hi:.1f}])")
     return "; ".join(parts)
+
+
+def alike_diff_note(diffs: dict[str, Any], n_paired: int | None) -> str:
+    """For a paired difference whose items all differ alike (every pair agrees: 0; or every pair flips the same
+    way: ±1), where the bootstrap interval has zero width however few the pairs: say so, so [0, 0] is not read as
+    a certain tie."""
+    return "; ".join(f"diff_{m} {iv.value:+g} on every one of the {n_paired} paired items (zero-width bootstrap "
+                     "interval: nothing to resample)" for m, iv in diffs.items() if n_paired and iv.lo == iv.hi)
 
 
 def _cell(r: Any, metric: str, n_lost: int = 0) -> str:

@@ -4,14 +4,18 @@
 
 1. the whole response is one letter, optionally wrapped/punctuated: "B", "(B)", "B.", "B)", "B:",
    "[B]", "**B**" (a lone lowercase letter counts too, since it cannot be an article there); or it
-   opens with a letter and that option's own text, as the prompt's choice lines read: "B. blue ...";
-2. an explicit answer phrase: "Answer: B", "the answer is (B)", "Option B", "choice: B";
-3. a parenthesised letter "(B)" anywhere;
+   opens with a letter and that option's own text, as the prompt's choice lines read: "B. blue ...", "b) blue";
+2. an explicit answer phrase: "Answer: B", "the answer is (B)", "Option B", "choice: B" (lowercase too:
+   "answer: b");
+3. a parenthesised letter "(B)" anywhere, or "(b)";
 4. a letter followed by "." / ")" / ":" at a token start: "B. blue", "B) blue";
 5. a bare standalone uppercase letter token ("B is correct");
 6. the option text itself ("blue"), case-insensitive on word boundaries (a combining mark, such as a
    Devanagari vowel sign, is part of its word); the longest matching option wins, ties go to the earliest
    position.
+
+In tiers 2–5 a letter inside a repetition of some option's own text does not count: "Vitamin C" answering
+option B "Vitamin C" (of "Vitamin D", "Vitamin C", …) is B by tier 6, not C; likewise "Both A and B", "Graph A".
 
 Within a tier the FIRST occurrence wins. MMMU's reference parser takes the last candidate, which
 suits long chain-of-thought answers; our generations are a few greedy tokens, where the first
@@ -19,12 +23,13 @@ letter is the answer and later text is the model rambling on ("B. Blue is not C"
 (``--max-new-tokens``) ramble further: SmolLM2 writes "A. Liver\n\nThe answer is D. Stomach.", whose
 opening line, the letter with its own option, is the answer its first token chose.
 
-Only uppercase letters within the options' range count, because lowercase "a" and "i" are words.
+Elsewhere only uppercase letters within the options' range count, because lowercase "a" and "i" are words.
 For the same reason an "A" or "I" followed by a lowercase word ("A red circle", "I think") or an
 apostrophe ("I'm") is read as an article/pronoun, not as a choice, except before "is", "because", "since",
 "as", "and", "or" ("A is correct", "the answer is A because ..."); this holds after an answer phrase
 too ("Answer: I think it is C" is C).
-Text after a special token such as ``<|im_end|>`` or ``</s>`` is ignored.
+Text after a special token such as ``<|im_end|>`` or ``</s>`` is ignored; full-width letters and punctuation
+("（Ｂ）", "答案：Ｃ") read as their ASCII forms.
 """
 from __future__ import annotations
 
@@ -35,6 +40,11 @@ from typing import Sequence
 # Cut at the first special token: chat-template markers like <|im_end|>, <|eot_id|>, and </s>, <eos>, <end_of_turn>.
 _SPECIAL = re.compile(r"<\|[^|>]{0,40}\|>|</s>|<eos>|<end_of_turn>|<\|endoftext\|>")
 _WRAP = "()[]{}*`'\"_ \t\n"  # wrapping characters stripped around a lone letter
+
+
+# Full-width ASCII (U+FF01-FF5E: "Ｃ", "（Ｂ）", "：") and the ideographic space, as Chinese/Japanese text writes them,
+# mapped to ASCII in responses and options alike, so their letters and brackets read as such.
+_HALFWIDTH = {0xFF01 + i: 0x21 + i for i in range(0x5E)} | {0x3000: 0x20}
 
 
 def _letters(n: int) -> str:
@@ -56,18 +66,32 @@ def _lone_letter(text: str, letters: str) -> str | None:
 
 def _opening_choice(text: str, options: Sequence[str], letters: str) -> str | None:
     """The letter a response opens with when its own option's text follows it: "A. Liver", "(C) 56"."""
-    m = re.match(r"[(\[*]{0,2}(?P<L>[A-Z])[.):\]*]{1,3}\s*", text)
-    if not m or m.group("L") not in letters:
+    m = re.match(r"[(\[*]{0,2}(?P<L>[A-Za-z])[.):\]*]{1,3}\s*", text)  # "b) blue" as well
+    letter = m.group("L").upper() if m else ""
+    if not letter or letter not in letters:
         return None
-    opt = options[letters.index(m.group("L"))].strip()
-    return m.group("L") if opt and _find_word(opt, text[m.end():]) == 0 else None
+    opt = options[letters.index(letter)].strip()
+    return letter if opt and _find_word(opt, text[m.end():]) == 0 else None
 
 
-def _first(pattern: str, text: str, letters: str, flags: int = 0, words: bool = False) -> str | None:
-    """The first match's letter in range; with ``words``, not one that is an English "A"/"I" (``_is_word``)."""
+Spans = list[tuple[int, int]]
+
+
+def _inside(spans: Spans, m: re.Match[str]) -> bool:
+    return any(a <= m.start("L") < b for a, b in spans)
+
+
+def _first(pattern: str, text: str, letters: str, echoes: Spans, flags: int = 0, words: bool = False) -> str | None:
+    """The first match's letter (uppercased) in range that is not part of an echoed option text (``_echo_spans``);
+    with ``words``, not one that is an English "A"/"I" (``_is_word``). A lowercase letter glued to the word before
+    it is that word's end ("options", "answers"), not a choice, nor is an "a"/"i" ending the text (a generation cut
+    off after "The correct answer is a")."""
     for m in re.finditer(pattern, text, flags):
-        if m.group("L") in letters and not (words and _is_word(text, m)):
-            return m.group("L")
+        letter, at = m.group("L"), m.start("L")
+        if letter.islower() and (at and text[at - 1].isalpha() or letter in "ai" and not text[at + 1:].strip()):
+            continue
+        if letter.upper() in letters and not _inside(echoes, m) and not (words and _is_word(text, m)):
+            return letter.upper()
     return None
 
 
@@ -76,7 +100,7 @@ _CHOICE_FOLLOWERS = {"is", "because", "since", "as", "and", "or"}  # "A is corre
 
 def _is_word(text: str, m: re.Match[str]) -> bool:
     """An "A"/"I" starting an English phrase ("A red circle", "I think", "I'm"), not a choice."""
-    if m.group("L") not in "AI":
+    if m.group("L").upper() not in "AI":
         return False
     if text[m.end():m.end() + 1] in ("'", "’"):
         return True
@@ -84,11 +108,8 @@ def _is_word(text: str, m: re.Match[str]) -> bool:
     return bool(nxt) and nxt.group(1) not in _CHOICE_FOLLOWERS
 
 
-def _bare_letter(text: str, letters: str) -> str | None:
-    for m in re.finditer(r"(?<![A-Za-z0-9])(?P<L>[A-Z])(?![A-Za-z0-9'])", text):
-        if m.group("L") in letters and not _is_word(text, m):
-            return m.group("L")
-    return None
+def _bare_letter(text: str, letters: str, echoes: Spans) -> str | None:
+    return _first(r"(?<![A-Za-z0-9])(?P<L>[A-Z])(?![A-Za-z0-9'])", text, letters, echoes, words=True)
 
 
 def _in_word(ch: str) -> bool:
@@ -97,14 +118,28 @@ def _in_word(ch: str) -> bool:
     return ch.isalnum() or ch == "_" or unicodedata.category(ch).startswith("M")
 
 
-def _find_word(opt: str, text: str) -> int | None:
-    """Position of the first occurrence of ``opt`` in ``text`` (case-insensitive) that is a whole word or phrase:
-    no word character, combining marks included, right before or after it."""
+def _word_spans(opt: str, text: str) -> Spans:
+    """Every occurrence of ``opt`` in ``text`` (case-insensitive) that is a whole word or phrase: no word
+    character, combining marks included, right before or after it."""
+    spans = []
     for m in re.finditer("(?=" + re.escape(opt) + ")", text, re.IGNORECASE):
         a, b = m.start(), m.start() + len(opt)
         if (a == 0 or not _in_word(text[a - 1])) and (b == len(text) or not _in_word(text[b])):
-            return a
-    return None
+            spans.append((a, b))
+    return spans
+
+
+def _find_word(opt: str, text: str) -> int | None:
+    """Position of the first whole-word occurrence of ``opt`` in ``text`` (``_word_spans``), or None."""
+    spans = _word_spans(opt, text)
+    return spans[0][0] if spans else None
+
+
+def _echo_spans(text: str, options: Sequence[str], letters: str) -> Spans:
+    """Where ``text`` repeats an option's own text ("Vitamin C", "Both A and B"): a letter there belongs to that
+    text, not to a choice. Options that are themselves a lone letter ("B") mark nothing, or no letter could count."""
+    return [span for opt in options if opt.strip() and not _lone_letter(opt, letters)
+            for span in _word_spans(opt.strip(), text)]
 
 
 def _option_text(text: str, options: Sequence[str]) -> str | None:
@@ -125,16 +160,18 @@ def parse_choice(response: str, options: Sequence[str]) -> str | None:
     letters = _letters(len(options))
     if not letters:
         return None
-    text = strip_special(response)
+    text = strip_special(response).translate(_HALFWIDTH)
+    options = [o.translate(_HALFWIDTH) for o in options]
     if not text:
         return None
+    if lone := _lone_letter(text, letters) or _opening_choice(text, options, letters):
+        return lone
+    echoes = _echo_spans(text, options, letters)
     return (
-        _lone_letter(text, letters)
-        or _opening_choice(text, options, letters)
-        or _first(r"(?:answer|option|choice)(?:\s+is)?\s*[:\-]?\s*[(\[*]*(?P<L>[A-Z])(?![A-Za-z0-9])",
-                  text, letters, re.IGNORECASE, words=True)
-        or _first(r"\((?P<L>[A-Z])\)", text, letters)
-        or _first(r"(?<![A-Za-z0-9])(?P<L>[A-Z])[.):](?![A-Za-z0-9])", text, letters)
-        or _bare_letter(text, letters)
+        _first(r"(?:answer|option|choice)(?:\s+is)?\s*[:\-]?\s*[(\[*]*(?P<L>[A-Z])(?![A-Za-z0-9])",
+               text, letters, echoes, re.IGNORECASE, words=True)
+        or _first(r"\((?P<L>[A-Za-z])\)", text, letters, echoes)
+        or _first(r"(?<![A-Za-z0-9])(?P<L>[A-Z])[.):](?![A-Za-z0-9])", text, letters, echoes)
+        or _bare_letter(text, letters, echoes)
         or _option_text(text, options)
     )

@@ -251,6 +251,45 @@ def test_paired_difference_pairs_items_within_their_subject():
             == [want.value, want.lo, want.hi])  # 4 pairs, not the 8 of a join on the id alone
 
 
+def test_a_row_paired_on_fewer_items_keeps_its_all_right_note():
+    """A model right on every item beside a reference that answered only some of them: the note naming the
+    diff's items replaced the one giving the exact interval of its 100 % (the † of table.md then pointed at
+    nothing). Oracle: all_alike_interval of the row's own n, and the count of items both answered."""
+    from probe.eval import DataSet, EvalPlan, ModelEntry, score_table
+    from probe.stats import all_alike_interval
+
+    rows = [{"model": m, "data": "d", "item_id": str(i), "subject": "S", "correct": c, "prob_correct": c,
+             "p_answer": 0.5} for m, ids, c in (("a", range(8), 1.0), ("ref", range(3), 0.0)) for i in ids]
+    plan = EvalPlan([ModelEntry(m, m, "qwen2", "fp") for m in ("ref", "a")],
+                    [DataSet("d", "d", "d", "fp", 8, 0, ["S"])], {}, {}, {}, {"generate": True})
+    note = score_table(pd.DataFrame(rows), plan, "ref", 0).set_index(["model", "subject"]).loc[("a", "all"), "note"]
+    lo, hi = all_alike_interval(8, True)
+    assert f"all right (zero-width bootstrap interval, exact 95 % Clopper-Pearson [{100 * lo:.1f}, {100 * hi:.1f}])" \
+        in note
+    assert "diff over the 3 of 8 items ref also answered" in note
+
+
+def test_a_paired_difference_with_every_pair_alike_says_its_interval_has_no_width():
+    """Two models answering 12 items alike got diff 0 [0, 0], read as a certain tie however few the items; such a
+    row's note now says the interval has zero width. Oracle: the per-item differences all equal (np.ptp == 0)."""
+    from probe.eval import DataSet, EvalPlan, ModelEntry, score_table
+
+    ref = np.r_[np.ones(6), np.zeros(6)]
+    models = {"ref": ref, "same": ref, "flip": 1 - ref, "better": np.ones(12)}
+    rows = [{"model": m, "data": "d", "item_id": str(i), "subject": "S", "correct": c, "prob_correct": ref[i],
+             "p_answer": 0.5} for m, cs in models.items() for i, c in enumerate(cs)]
+    plan = EvalPlan([ModelEntry(m, m, "qwen2", "fp") for m in models],
+                    [DataSet("d", "d", "d", "fp", 12, 0, ["S"])], {}, {}, {}, {"generate": True})
+    top = score_table(pd.DataFrame(rows), plan, "ref", 0).query("subject == 'all'").set_index("model")
+    for m in ("same", "flip", "better"):
+        d = models[m] - ref
+        alike = np.ptp(d) == 0
+        assert (top.loc[m, "diff_lo"] == top.loc[m, "diff_hi"]) == alike
+        assert (f"diff_accuracy {d[0]:+g} on every one of the 12 paired items" in top.loc[m, "note"]) == alike, m
+        assert "diff_prob_accuracy +0 on every one of the 12 paired items" in top.loc[m, "note"]  # same prob_correct
+    assert top.loc["ref", "note"] == ""  # the reference has no difference
+
+
 # --------------------------------------------------------------------------------------------------------
 # the CLI
 
@@ -707,7 +746,7 @@ def odd_sets(tmp_path_factory, text_dir, data_dir):
 
 def other_notes(note: Any) -> str:
     """A row's note without the part every 0 % / 100 % row gets (the tiny random models often score 0)."""
-    parts = [] if pd.isna(note) else [p for p in note.split("; ") if not re.search(r"all (right|wrong) \(", p)]
+    parts = [] if pd.isna(note) else [p for p in note.split("; ") if not re.search(r"all (right|wrong) \(|paired items \(zero-width", p)]
     return "; ".join(parts)
 
 
@@ -757,9 +796,11 @@ def test_a_reference_that_reads_fewer_items_says_what_its_difference_covers(odd_
     assert scores.loc[("tiny-qwen2-vl", "TextPart"), "diff_n"] == 3 and not other_notes(
         scores.loc[("tiny-qwen2-vl", "TextPart"), "note"])  # every item of it paired: nothing to say
     image = scores.loc[("tiny-qwen2-vl", "ImagePart")]
-    assert image["diff_n"] == 0 and np.isnan(image["diff_accuracy"]) and image["note"].startswith("diff over the 0")
+    assert image["diff_n"] == 0 and np.isnan(image["diff_accuracy"]) and other_notes(image["note"]).startswith(
+        "diff over the 0")
     assert pd.isna(scores.loc[("tiny-qwen2", "all"), "diff_n"])  # the reference itself has no difference
-    assert "- tiny-qwen2-vl on mixed: scored on 5 items; diff over the 3 of 5" in (out / "table.md").read_text()
+    line = next(x for x in (out / "table.md").read_text().splitlines() if x.startswith("- tiny-qwen2-vl on mixed:"))
+    assert line.startswith("- tiny-qwen2-vl on mixed: scored on 5 items; ") and "diff over the 3 of 5 items" in line
 
 
 def test_subjects_over_several_sets_take_each_sets_own(odd_sets, text_dir, tmp_path, capfd):

@@ -158,3 +158,80 @@ def test_strip_special():
 ])
 def test_an_english_a_or_i_after_an_answer_phrase_is_no_choice(response, expected):
     assert parse_choice(response, [str(i) for i in range(10)]) == expected  # letters A..J: "A" and "I" in range
+
+
+@pytest.mark.parametrize("response, options", [
+    ("Graph A", ["Graph B", "Graph A", "Graph D", "Graph C"]),  # figure labels as option texts, in another order
+    ("Vitamin C", ["Vitamin D", "Vitamin C", "Vitamin B12", "Vitamin A"]),
+    ("It is Vitamin A.", ["Vitamin D", "Vitamin C", "Vitamin B12", "Vitamin A"]),
+    ("Both A and B", ["A only", "B only", "Both A and B", "Neither A nor B"]),
+    ("Neither A nor B", ["A only", "B only", "Both A and B", "Neither A nor B"]),
+    ("$A+B$", ["$A$", "$B$", "$A+B$", "$AB$"]),
+    ("Answer: B only", ["A only", "B only", "Both A and B", "Neither A nor B"][::-1]),
+])
+def test_a_letter_inside_an_echoed_options_text_is_not_a_choice(response, options):
+    """A response that repeats an option's text ("Vitamin C", option B) was read by the letter inside it (C): a
+    letter within an occurrence of some option's own text is that text, not a choice. Oracle: the option whose
+    text the response holds."""
+    echoed = max((o for o in options if o.lower() in response.lower()), key=len)
+    assert parse_choice(response, options) == "ABCD"[options.index(echoed)]
+
+
+def test_an_explicit_letter_still_beats_an_echoed_option_text():
+    graphs = ["Graph B", "Graph A", "Graph D", "Graph C"]
+    assert parse_choice("B. Graph A", graphs) == "B"  # opening letter with its own text
+    assert parse_choice("C: Graph A", graphs) == "C"  # a letter outside the echo keeps its tier
+    assert parse_choice("The answer is D, Graph C", graphs) == "D"
+    assert parse_choice("A", ["A only", "B only", "Both A and B", "Neither A nor B"]) == "A"
+    assert parse_choice("B", ["C", "B", "A", "D"]) == "B"  # options that are bare letters mask nothing
+
+
+@pytest.mark.parametrize("response, expected", [
+    ("The answer is (b), not A", "B"),  # was A: the lowercase choice was passed over for a later bare letter
+    ("answer: b, since A is wrong", "B"),
+    ("Answer: c", "C"),
+    ("the answer is d.", "D"),
+    ("(c) and not A", "C"),
+    ("The answer is a.", "A"),
+    ("The correct answer is a", None),  # cut off before the noun the article opens
+    ("The answer is c", "C"),
+    ("The answer is a red one", "A"),  # the article: no choice after the phrase, option text "red" reads A
+    ("The answer is a green one", "C"),
+    ("The options are unclear", None),  # "options": the s of the phrase's plural is no choice
+    ("Answers vary", None),
+])
+def test_a_lowercase_letter_after_an_answer_phrase_or_in_parentheses_is_the_choice(response, expected):
+    """Only uppercase letters counted outside a lone-letter response, so 'The answer is (b), not A' read A, the
+    letter it rejects; a lowercase letter in parentheses or right after an answer phrase is unambiguous."""
+    assert parse_choice(response, OPTS4) == expected
+
+
+def test_lowercase_answer_phrase_letters_keep_the_article_and_pronoun_rule():
+    many = [str(i) for i in range(20)]  # letters A..T: "s" of "options" and "i" of "i think" in range
+    assert parse_choice("the options are 3", many) == "D"
+    assert parse_choice("answer: i think 4", many) == "E"
+    assert parse_choice("answer: i.", many) == "I"
+    assert parse_choice("answer: i", many) is None  # "i" ending a cut-off generation could be anything
+
+
+def test_a_lowercase_opening_letter_with_its_own_option_text_is_the_choice():
+    assert parse_choice("b) blue A", OPTS4) == "B"  # was A, the bare letter after it
+    assert parse_choice("c. green, not A", OPTS4) == "C"
+    assert parse_choice("a. blue", OPTS4) == "B"  # a lowercase letter without its own text proves nothing
+
+
+@pytest.mark.parametrize("response, expected", [
+    ("Ｃ", "C"), ("（Ｂ）", "B"), ("Ｂ．", "B"), ("答案：Ｃ", "C"),
+    ("答案是Ｃ，不是A", "C"),  # was A: the full-width choice was invisible, the rejected ASCII letter counted
+])
+def test_full_width_letters_are_letters(response, expected):
+    """Chinese and Japanese text writes Latin letters and brackets full-width (U+FF01-FF5E); the parser saw no
+    letter in them. Oracle: the same response with those characters mapped to ASCII by NFKC."""
+    import unicodedata
+
+    assert parse_choice(response, OPTS4) == expected == parse_choice(unicodedata.normalize("NFKC", response), OPTS4)
+
+
+def test_full_width_option_text_matches_either_width():
+    assert parse_choice("3", ["１", "２", "３", "４"]) == "C"
+    assert parse_choice("３", ["1", "2", "3", "4"]) == "C"
