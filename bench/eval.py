@@ -30,6 +30,7 @@ from probe.batch import MAX_PADDING, evaluate_items  # noqa: E402
 from probe.devices import resolve_placement  # noqa: E402
 from probe.errors import ArgParser, check_counts, cli_main  # noqa: E402
 from probe.heads import default_data_for  # noqa: E402
+from probe.metrics import prob_choice  # noqa: E402
 from probe.mmmu import load_items  # noqa: E402
 from probe.models import load_model, resolve_model  # noqa: E402
 from probe.prompting import build_inputs  # noqa: E402
@@ -85,7 +86,7 @@ def compare(name: str, loaded, items, batch_size: int) -> dict:
     batched = evaluate_items(loaded, items, cfg, batch_size)
     t_batch = time.perf_counter() - t
     same_text = sum(a.response == b.response for a, b in zip(one, batched))
-    same_pred = sum(int(a.logp.argmax()) == int(b.logp.argmax()) for a, b in zip(one, batched))
+    same_pred = sum(int(prob_choice(a.logp)) == int(prob_choice(b.logp)) for a, b in zip(one, batched))
     dp = max(float((a.logp.exp() - b.logp.exp()).abs().max()) for a, b in zip(one, batched))
     return {"case": name, "items": len(items), "tokens": f"{min(lengths)}–{max(lengths)}", "one_s": t_one,
             "batched_s": t_batch, "speedup": t_one / t_batch, "same_text": f"{same_text}/{len(items)}",

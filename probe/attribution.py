@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 import torch
 
 from probe.masking import HeadMask
+from probe.metrics import letter_log_probs
 from probe.models import LoadedModel
 from probe.prompting import ItemLike
 from probe.sweep import BASELINE, Measurement, SweepConfig, measurement_row, prepare_item
@@ -53,10 +54,10 @@ def attribution_sweep(
     for item in items:
         inputs, letter_ids = prepare_item(loaded, item, cfg)
         z, jac = option_logit_jacobian(loaded, inputs, letter_ids)
-        base_logp = torch.log_softmax(z, -1)
+        base_logp = letter_log_probs(z)
         rows.append(measurement_row(item, BASELINE, BASELINE, Measurement(base_logp, None), base_logp))
         for layer, head in heads:
-            est = torch.log_softmax(z - jac[:, layer, head], -1)  # gate 1 → 0, first order
+            est = letter_log_probs(z - jac[:, layer, head])  # gate 1 → 0, first order
             rows.append(measurement_row(item, layer, head, Measurement(est, None), base_logp))
         progress(1 + len(heads))
     return rows

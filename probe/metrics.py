@@ -10,7 +10,13 @@ def option_log_probs(logits: torch.Tensor, letter_ids: list[int]) -> torch.Tenso
     Every option letter takes part (A.. up to the option count): the authors' A–D restriction meant E+ could
     never be chosen.
     """
-    return torch.log_softmax(logits[..., letter_ids].float(), dim=-1)
+    return letter_log_probs(logits[..., letter_ids])
+
+
+def letter_log_probs(letter_logits: torch.Tensor) -> torch.Tensor:
+    """Log-softmax over logits already restricted to the option letters (last dim), in fp32: the one softmax
+    every engine uses, also on attribution's first-order estimates of the masked logits."""
+    return torch.log_softmax(letter_logits.float(), dim=-1)
 
 
 def prob_choice(logp: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 
 from conftest import inputs_for, make_item
 from probe.errors import BadInput
-from probe.metrics import kl_orig_masked, option_log_probs, prob_choice
+from probe.metrics import kl_orig_masked, letter_log_probs, option_log_probs, prob_choice
 from probe.prompting import letter_token_ids
 
 
@@ -78,6 +78,23 @@ def test_option_log_probs_restricted_to_given_letters():
     assert lp.dtype == torch.float32
     # bf16 logits are promoted to fp32 before the softmax
     assert option_log_probs(logits.bfloat16(), [4, 6, 2]).dtype == torch.float32
+
+
+def test_option_metric_formulas_live_only_in_probe_metrics():
+    """One metric module: no engine, analysis or bench script writes its own softmax over the option letters or
+    its own KL (attribution once called torch.log_softmax itself); they call probe.metrics."""
+    from conftest import REPO
+
+    copies = [f"{path.relative_to(REPO)}:{n}" for folder in ("probe", "analyses", "bench")
+              for path in sorted((REPO / folder).rglob("*.py")) if path != REPO / "probe" / "metrics.py"
+              for n, line in enumerate(path.read_text().splitlines(), 1)
+              if any(f in line for f in ("log_softmax(", "kl_div(", "[ids].argmax(", "logp.argmax("))]
+    assert copies == []
+    # the restricted softmax (attribution's) is option_log_probs' own: same numbers, bf16 promoted alike
+    z = torch.randn(3, 7, generator=torch.Generator().manual_seed(1)).bfloat16()
+    got = letter_log_probs(z)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, option_log_probs(torch.cat([torch.zeros(3, 2, dtype=z.dtype), z], -1), list(range(2, 9))))
 
 
 def test_prob_choice_can_pick_beyond_d():

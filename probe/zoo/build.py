@@ -20,6 +20,7 @@ from typing import Any, Iterable, Sequence, TypeVar
 import torch
 
 from probe.families import FAMILIES
+from probe.metrics import option_log_probs, prob_choice
 from probe.models import NO_HUB_KERNELS
 from probe.tiny import save_model_dir
 from probe.prompting import PromptTemplate
@@ -502,7 +503,7 @@ def evaluate(loaded, rows: list[dict], batch_size: int = 32) -> dict[str, float]
             ids = letters[j][letters[j] >= 0]
             right = int(ids[batch["_answer"][j]])
             acc += int(last[j].argmax()) == right
-            pacc += int(last[j][ids].argmax()) == int(batch["_answer"][j])
+            pacc += int(prob_choice(option_log_probs(last[j], ids))) == int(batch["_answer"][j])
             n += 1
     return {"accuracy": acc / n, "prob_accuracy": pacc / n, "n_items": n}
 
