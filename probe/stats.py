@@ -14,6 +14,7 @@ import numpy as np
 
 N_BOOT = 2000
 LEVEL = 0.95
+CHUNK = 1 << 21  # resampled values held at once (16 MB of indices): a 12k-item set would need 24M for all 2000
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,13 @@ def bootstrap_mean(values: np.ndarray, seed: int, key: str, n_boot: int = N_BOOT
     v = np.asarray(values, dtype=np.float64)
     if v.size == 0 or np.isnan(v).any():
         return NAN
-    idx = _rng(seed, key).integers(0, v.size, size=(n_boot, v.size))
-    return Interval(float(v.mean()), *_percentiles(v[idx].mean(axis=1), level))
+    rng = _rng(seed, key)
+    means = np.empty(n_boot)
+    rows = max(1, CHUNK // v.size)
+    for start in range(0, n_boot, rows):  # row-wise draws continue one stream: the same resamples as one table
+        stop = min(start + rows, n_boot)
+        means[start:stop] = v[rng.integers(0, v.size, size=(stop - start, v.size))].mean(axis=1)
+    return Interval(float(v.mean()), *_percentiles(means, level))
 
 
 def paired_difference(a: np.ndarray, b: np.ndarray, seed: int, key: str, n_boot: int = N_BOOT,
