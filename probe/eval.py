@@ -342,6 +342,11 @@ def score_table(items: Any, plan: EvalPlan, reference: str | None, seed: int):
                     if n_paired < len(sub):  # the reference read fewer: diff ≠ this row's accuracy − the reference's
                         row["note"] = "; ".join(filter(None, [row["note"], f"diff over the {n_paired} of {len(sub)} "
                                                                              f"items {reference} also answered"]))
+                elif ref is not None and len(sub) and entry.name != reference:  # the reference read none of the set:
+                    # say why the diff columns are empty (e.g. a text LM as reference on an image set)
+                    ref_why = plan.not_applicable.get(f"{reference}|{ds.name}", f"{reference} answered none of it")
+                    row["note"] = "; ".join(filter(None, [row["note"], "no diff: the reference "
+                                                          + ref_why.removeprefix("not applicable: ")]))
                 row["note"] = "; ".join(filter(None, [row["note"], alike_diff_note(diffs, n_paired)]))
                 row |= {"diff_accuracy": diffs["accuracy"].value, "diff_lo": diffs["accuracy"].lo,
                         "diff_hi": diffs["accuracy"].hi, "diff_prob_accuracy": diffs["prob_accuracy"].value,

@@ -803,6 +803,28 @@ def test_a_reference_that_reads_fewer_items_says_what_its_difference_covers(odd_
     assert line.startswith("- tiny-qwen2-vl on mixed: scored on 5 items; ") and "diff over the 3 of 5 items" in line
 
 
+def test_a_reference_that_reads_none_of_a_set_says_why_its_differences_are_empty(data_dir, text_dir, tmp_path):
+    """A text LM as --reference on an image set: every other model's diff columns there were NaN with nothing
+    saying why. Each of its rows now notes it, with the reason the plan gives for the reference's own n/a rows;
+    on the text set the reference reads, the differences are there and the note is not."""
+    out = tmp_path / "run"
+    assert _eval("--models", "tiny-qwen2-vl", "--data", data_dir, text_dir, "--reference", "tiny-qwen2", "--limit",
+                 "3", "--no-generate", "--quiet", "--no-figures", "--out", out) == 0
+    scores = pd.read_csv(out / "scores.csv", keep_default_na=False, na_values=[""])
+    image, text = (scores[scores["data"] == Path(d).name] for d in (data_dir, text_dir))
+    ref_na = image[image["model"] == "tiny-qwen2"]["note"]
+    assert (image[image["model"] == "tiny-qwen2"]["n_items"] == 0).all() and ref_na.str.startswith(
+        "not applicable: ").all()
+    want = "no diff: the reference " + ref_na.iloc[0].removeprefix("not applicable: ")
+    vlm = image[image["model"] == "tiny-qwen2-vl"]
+    assert (vlm["n_items"] > 0).all() and vlm["diff_prob_accuracy"].isna().all()
+    assert all(want in other_notes(n).split("; ") for n in vlm["note"]), vlm["note"].tolist()
+    vlm_text = text[text["model"] == "tiny-qwen2-vl"]
+    assert vlm_text["diff_prob_accuracy"].notna().all() and not vlm_text["note"].fillna("").str.contains(
+        "no diff").any()
+    assert f"- tiny-qwen2-vl on {Path(data_dir).name}: scored on " in (out / "table.md").read_text()
+
+
 def test_subjects_over_several_sets_take_each_sets_own(odd_sets, text_dir, tmp_path, capfd):
     """--subjects used to be checked against every set alone: a subject of the second set was 'unknown'."""
     first = sorted(p.name for p in text_dir.iterdir() if p.is_dir())[0]
