@@ -17,6 +17,12 @@
 In tiers 2–5 a letter inside a repetition of some option's own text does not count: "Vitamin C" answering
 option B "Vitamin C" (of "Vitamin D", "Vitamin C", …) is B by tier 6, not C; likewise "Both A and B", "Graph A".
 
+In tiers 2–5 a letter the response rejects is passed over: one right after "not", "n't", "never" or "cannot (be)"
+("Not A, it's C", "it isn't (A); C", "not A or B but C", with a list of letters after the negation), or one
+followed by "is/are wrong", "incorrect", "false" or "not correct/right/the answer" ("Options A and B are wrong;
+C"). Only while something else is given: with no other letter and no option text the rejected letter is read as
+before ("Not A" is A), so a response naming one letter never turns into no answer.
+
 Within a tier the FIRST occurrence wins. MMMU's reference parser takes the last candidate, which
 suits long chain-of-thought answers; our generations are a few greedy tokens, where the first
 letter is the answer and later text is the model rambling on ("B. Blue is not C"). Longer ones
@@ -81,16 +87,33 @@ def _inside(spans: Spans, m: re.Match[str]) -> bool:
     return any(a <= m.start("L") < b for a, b in spans)
 
 
-def _first(pattern: str, text: str, letters: str, echoes: Spans, flags: int = 0, words: bool = False) -> str | None:
+_LISTED = r"[(\[*]*[A-Z][)\].*]*"  # one letter as a list of them writes it: "A", "(A)", "**A**"
+# a negation right before the letter, maybe through a list of letters it also rejects: "not A or (B), C"
+_NEGATED_BEFORE = re.compile(r"(?i:\bnot|n't|\bnever|\bcannot)(?i:\s+be)?\s+(?i:(?:option|choice|answer)s?\s+)?"
+                             rf"(?:{_LISTED}\s*(?:,|(?i:or|and|nor))\s*)*[(\[*]*$")
+# a rejection after it, maybe through such a list: "A and B are wrong", "(A) is not correct"
+_NEGATED_AFTER = re.compile(rf"[)\].*]*(?:\s*(?:,|(?i:or|and|&))\s*{_LISTED})*\s+(?i:is|are)\s+"
+                            r"(?i:wrong|incorrect|false|not\s+(?:correct|right|the\s+answer))\b")
+
+
+def _rejected(text: str, m: re.Match[str]) -> bool:
+    """The response rejects this letter: "not A", "isn't (A)", "A and B are wrong", "A is incorrect"."""
+    return bool(_NEGATED_BEFORE.search(text[:m.start("L")]) or _NEGATED_AFTER.match(text, m.end("L")))
+
+
+def _first(pattern: str, text: str, letters: str, echoes: Spans, flags: int = 0, words: bool = False,
+           rejects: bool = False) -> str | None:
     """The first match's letter (uppercased) in range that is not part of an echoed option text (``_echo_spans``);
-    with ``words``, not one that is an English "A"/"I" (``_is_word``). A lowercase letter glued to the word before
-    it is that word's end ("options", "answers"), not a choice, nor is an "a"/"i" ending the text (a generation cut
-    off after "The correct answer is a")."""
+    with ``words``, not one that is an English "A"/"I" (``_is_word``); with ``rejects``, not one the response
+    rejects (``_rejected``). A lowercase letter glued to the word before it is that word's end ("options",
+    "answers"), not a choice, nor is an "a"/"i" ending the text (a generation cut off after "The correct answer
+    is a")."""
     for m in re.finditer(pattern, text, flags):
         letter, at = m.group("L"), m.start("L")
         if letter.islower() and (at and text[at - 1].isalpha() or letter in "ai" and not text[at + 1:].strip()):
             continue
-        if letter.upper() in letters and not _inside(echoes, m) and not (words and _is_word(text, m)):
+        if (letter.upper() in letters and not _inside(echoes, m) and not (words and _is_word(text, m))
+                and not (rejects and _rejected(text, m))):
             return letter.upper()
     return None
 
@@ -108,8 +131,20 @@ def _is_word(text: str, m: re.Match[str]) -> bool:
     return bool(nxt) and nxt.group(1) not in _CHOICE_FOLLOWERS
 
 
-def _bare_letter(text: str, letters: str, echoes: Spans) -> str | None:
-    return _first(r"(?<![A-Za-z0-9])(?P<L>[A-Z])(?![A-Za-z0-9'])", text, letters, echoes, words=True)
+def _bare_letter(text: str, letters: str, echoes: Spans, rejects: bool) -> str | None:
+    return _first(r"(?<![A-Za-z0-9])(?P<L>[A-Z])(?![A-Za-z0-9'])", text, letters, echoes, words=True,
+                  rejects=rejects)
+
+
+def _letter_tiers(text: str, letters: str, echoes: Spans, rejects: bool) -> str | None:
+    """Tiers 2–5: an answer phrase, "(B)", "B." / "B)", a bare "B"."""
+    return (
+        _first(r"(?:answer|option|choice)(?:\s+is)?\s*[:\-]?\s*[(\[*]*(?P<L>[A-Z])(?![A-Za-z0-9])",
+               text, letters, echoes, re.IGNORECASE, words=True, rejects=rejects)
+        or _first(r"\((?P<L>[A-Za-z])\)", text, letters, echoes, rejects=rejects)
+        or _first(r"(?<![A-Za-z0-9])(?P<L>[A-Z])[.):](?![A-Za-z0-9])", text, letters, echoes, rejects=rejects)
+        or _bare_letter(text, letters, echoes, rejects)
+    )
 
 
 def _in_word(ch: str) -> bool:
@@ -168,10 +203,7 @@ def parse_choice(response: str, options: Sequence[str]) -> str | None:
         return lone
     echoes = _echo_spans(text, options, letters)
     return (
-        _first(r"(?:answer|option|choice)(?:\s+is)?\s*[:\-]?\s*[(\[*]*(?P<L>[A-Z])(?![A-Za-z0-9])",
-               text, letters, echoes, re.IGNORECASE, words=True)
-        or _first(r"\((?P<L>[A-Za-z])\)", text, letters, echoes)
-        or _first(r"(?<![A-Za-z0-9])(?P<L>[A-Z])[.):](?![A-Za-z0-9])", text, letters, echoes)
-        or _bare_letter(text, letters, echoes)
+        _letter_tiers(text, letters, echoes, rejects=True)
         or _option_text(text, options)
+        or _letter_tiers(text, letters, echoes, rejects=False)  # only rejected letters: read as before ("Not A")
     )

@@ -235,3 +235,36 @@ def test_full_width_letters_are_letters(response, expected):
 def test_full_width_option_text_matches_either_width():
     assert parse_choice("3", ["１", "２", "３", "４"]) == "C"
     assert parse_choice("３", ["1", "2", "3", "4"]) == "C"
+
+
+@pytest.mark.parametrize("response, kept", [
+    ("Not A, it's C", "it's C"),  # was A: the first letter, the one it rejects
+    ("Options A and B are wrong; C", "C"),  # was A
+    ("not A or B, but C", "but C"),  # the negation covers the list of letters after it
+    ("It isn't (A); C", "C"),
+    ("cannot be A, so B", "so B"),
+    ("The answer is not (A) but D", "D"),
+    ("Option A is wrong, option C is right", "option C is right"),
+    ("A is not the answer; B is", "B is"),
+    ("A is incorrect. B", "B"),
+    ("Not A, it's blue", "blue"),  # no other letter: the option text the response does give
+])
+def test_a_letter_the_response_rejects_is_not_its_choice(response, kept):
+    """'Not A, it's C' read A (first letter wins). Oracle: the response with the rejecting clause cut out, which
+    the parser reads without any negation rule."""
+    assert parse_choice(response, OPTS4) == parse_choice(kept, OPTS4) is not None
+
+
+@pytest.mark.parametrize("response, expected", [
+    ("Not A", "A"),  # nothing else given: read as before, never None
+    ("I'm not sure but A", "A"),  # "not" negates "sure", not the letter
+    ("I don't know, A", "A"),
+    ("not sure, B", "B"),
+    ("Which is wrong? A", "A"),  # "wrong" before the letter is no rejection ("the incorrect one is A")
+    ("C is not a color", "C"),  # "is not" + anything else: the letter may be the answer to a NOT question
+    ("B is correct, C is not", "B"),
+    ("The answer is B, not A", "B"),
+    ("A. red, B is wrong", "A"),
+])
+def test_a_negation_that_rejects_no_letter_changes_nothing(response, expected):
+    assert parse_choice(response, OPTS4) == expected
