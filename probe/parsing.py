@@ -19,8 +19,8 @@ option B "Vitamin C" (of "Vitamin D", "Vitamin C", …) is B by tier 6, not C; l
 
 In tiers 2–5 a letter the response rejects is passed over: one right after "not", "n't", "never" or "cannot (be)"
 ("Not A, it's C", "it isn't (A); C", "not A or B but C", with a list of letters after the negation), or one
-followed by "is/are wrong", "incorrect", "false" or "not correct/right/the answer" ("Options A and B are wrong;
-C"). Only while something else is given: with no other letter and no option text the rejected letter is read as
+followed by "is/are not correct/right/the answer" ("Options A and B are not correct; C"), but not by "is wrong",
+"incorrect" or "false", which to a question such as "Which statement is false?" names the answer. Only while something else is given: with no other letter and no option text the rejected letter is read as
 before ("Not A" is A), so a response naming one letter never turns into no answer.
 
 Within a tier the FIRST occurrence wins. MMMU's reference parser takes the last candidate, which
@@ -91,13 +91,14 @@ _LISTED = r"[(\[*]*[A-Z][)\].*]*"  # one letter as a list of them writes it: "A"
 # a negation right before the letter, maybe through a list of letters it also rejects: "not A or (B), C"
 _NEGATED_BEFORE = re.compile(r"(?i:\bnot|n't|\bnever|\bcannot)(?i:\s+be)?\s+(?i:(?:option|choice|answer)s?\s+)?"
                              rf"(?:{_LISTED}\s*(?:,|(?i:or|and|nor))\s*)*[(\[*]*$")
-# a rejection after it, maybe through such a list: "A and B are wrong", "(A) is not correct"
+# a rejection after it, maybe through such a list: "A and B are not correct", "(A) is not the answer". Not "A is
+# wrong / incorrect / false": to "Which statement is false?" that names the answer
 _NEGATED_AFTER = re.compile(rf"[)\].*]*(?:\s*(?:,|(?i:or|and|&))\s*{_LISTED})*\s+(?i:is|are)\s+"
-                            r"(?i:wrong|incorrect|false|not\s+(?:correct|right|the\s+answer))\b")
+                            r"(?i:not\s+(?:correct|right|the\s+answer))\b")
 
 
 def _rejected(text: str, m: re.Match[str]) -> bool:
-    """The response rejects this letter: "not A", "isn't (A)", "A and B are wrong", "A is incorrect"."""
+    """The response rejects this letter: "not A", "isn't (A)", "A and B are not correct", "A is not the answer"."""
     return bool(_NEGATED_BEFORE.search(text[:m.start("L")]) or _NEGATED_AFTER.match(text, m.end("L")))
 
 

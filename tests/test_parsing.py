@@ -239,14 +239,14 @@ def test_full_width_option_text_matches_either_width():
 
 @pytest.mark.parametrize("response, kept", [
     ("Not A, it's C", "it's C"),  # was A: the first letter, the one it rejects
-    ("Options A and B are wrong; C", "C"),  # was A
+    ("Options A and B are not correct; C", "C"),  # was A
     ("not A or B, but C", "but C"),  # the negation covers the list of letters after it
     ("It isn't (A); C", "C"),
     ("cannot be A, so B", "so B"),
     ("The answer is not (A) but D", "D"),
-    ("Option A is wrong, option C is right", "option C is right"),
+    ("Option A is not right, option C is", "option C is"),
     ("A is not the answer; B is", "B is"),
-    ("A is incorrect. B", "B"),
+    ("A is not correct. B", "B"),
     ("Not A, it's blue", "blue"),  # no other letter: the option text the response does give
 ])
 def test_a_letter_the_response_rejects_is_not_its_choice(response, kept):
@@ -265,6 +265,10 @@ def test_a_letter_the_response_rejects_is_not_its_choice(response, kept):
     ("B is correct, C is not", "B"),
     ("The answer is B, not A", "B"),
     ("A. red, B is wrong", "A"),
+    # "wrong/incorrect/false" after a letter: to "Which statement is false?" it names the answer, so it is read
+    ("A is false, B is true", "A"),
+    ("Options A and B are wrong; C", "A"),
+    ("A is incorrect. B", "A"),
 ])
 def test_a_negation_that_rejects_no_letter_changes_nothing(response, expected):
     assert parse_choice(response, OPTS4) == expected
