@@ -191,9 +191,10 @@ def save_checkpoint(loaded, source: Path, dest: Path, state: dict | None) -> Non
     tmp.rename(dest)
 
 
-def clear_run(out: Path, inputs: Sequence[Path]) -> None:
+def clear_run(out: Path, inputs: Sequence[Path], cpu: bool) -> None:
     """``--overwrite``: delete the fine-tuning run in ``out`` (its checkpoints, partial ones, log and run.json) and
-    nothing else there; refused when ``out`` holds an input (the model being tuned, a data set)."""
+    nothing else there; refused when ``out`` holds an input (the model being tuned, a data set). ``cpu``: whether
+    the run trains on the CPU (``probe.train.wait_for_everyone``)."""
     from probe.train import is_main_process, wait_for_everyone
 
     from analyses.checkpoints import input_in_out
@@ -206,7 +207,7 @@ def clear_run(out: Path, inputs: Sequence[Path]) -> None:
                 shutil.rmtree(d)
         for name in ("train_log.csv", "run.json"):
             (out / name).unlink(missing_ok=True)
-    wait_for_everyone()  # no rank reads the out dir before it is cleared
+    wait_for_everyone(cpu)  # no rank reads the out dir before it is cleared
 
 
 def read_state(path: Path) -> dict:
@@ -314,7 +315,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         except (OSError, json.JSONDecodeError, KeyError):
             raise BadInput(f"--out {out} is not empty and holds no fine-tuning run.json") from None
         if cfg.overwrite:
-            clear_run(out, [ref.path, *map(Path, cfg.data.values())])
+            clear_run(out, [ref.path, *map(Path, cfg.data.values())], placement.device_type == "cpu")
         elif previous != fingerprint:
             raise different_run(out, previous, fingerprint)
     start, resumable = resume_point(out, cfg)
@@ -352,7 +353,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         rows += enc
     modality_of = {i: label for label, r in offsets.items() for i in r}
     writer = is_main_process()  # under torchrun only rank 0 writes, once every rank has read the out dir
-    wait_for_everyone()
+    wait_for_everyone(placement.device_type == "cpu")
     out.mkdir(parents=True, exist_ok=True)
     run_info = {"config": fingerprint, "placement": asdict(placement), "n_rows": {k: len(v) for k, v in offsets.items()},
                 "versions": software, "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -272,9 +272,31 @@ def test_bad_input_exit_2_nothing_written(tiny_dirs, data_dir, tmp_path, capfd):
         assert not out.exists()
 
 
-def test_two_processes_on_gloo_equal_one(ft_run, tiny_dirs, data_dir, text_dir, tmp_path):
+# torchrun runs this instead of analyses.finetune to see what each rank's forwards hold: rows per forward,
+# appended to OUT.rank<RANK> (the test's independent record of how the batch was split)
+RANK_SPY = """
+import os, sys
+import probe.train as train_mod
+from analyses.finetune import main
+from probe.errors import cli_main
+
+real = train_mod.label_loss
+def label_loss(model, batch, n_labels=None):
+    with open(sys.argv[1] + ".rank" + os.environ["RANK"], "a") as f:
+        f.write(f"{batch['input_ids'].shape[0]}\\n")
+    return real(model, batch, n_labels)
+train_mod.label_loss = label_loss
+sys.exit(cli_main(main, sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("how", [[], ["--micro-batch", "1", "--gradient-checkpointing"]])
+def test_two_processes_on_gloo_equal_one(how, ft_run, tiny_dirs, data_dir, text_dir, tmp_path):
     """torchrun with 2 CPU processes (accelerate's data parallel engine on gloo), same global batch: the same
-    losses as one process, to float tolerance."""
+    losses and weights as one process, to float tolerance, with each rank's forwards holding its half of every
+    batch (a barrier that set up accelerate's state for GPUs left both ranks training every row on their own), also
+    one row per forward with activation checkpointing; a rank whose rows are all text leaves the vision tower
+    without a gradient, which DDP waited for (the next forward raised)."""
     import os
     import subprocess
     import sys
@@ -282,11 +304,15 @@ def test_two_processes_on_gloo_equal_one(ft_run, tiny_dirs, data_dir, text_dir, 
     from conftest import REPO
 
     out = tmp_path / "ddp"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
-                          "analyses.finetune", *_args(tiny_dirs, data_dir, text_dir, out)],
+    spy = tmp_path / "spy.py"
+    spy.write_text(RANK_SPY)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(spy), str(out),
+                          *_args(tiny_dirs, data_dir, text_dir, out, *how)],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
+    for rank in (0, 1):  # each step's 4 / 2 rows in one forward, or one by one (every rank as many backwards)
+        assert Path(f"{out}.rank{rank}").read_text().split() == (["1"] * 12 if how else ["2"] * 6)
     one, two = _log(ft_run), _log(out)
     assert [(r["step"], r["modality"], r["tokens"]) for r in one] == [(r["step"], r["modality"], r["tokens"]) for r in two]
     for a, b in zip(one, two):
