@@ -355,8 +355,16 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     writer = is_main_process()  # under torchrun only rank 0 writes, once every rank has read the out dir
     wait_for_everyone(placement.device_type == "cpu")
     out.mkdir(parents=True, exist_ok=True)
+    # how each invocation ran its steps (not the run's identity, so a resume may change it): a researcher reads
+    # which steps ran in micro-batches or with recomputed activations; sessions past the resumed checkpoint are
+    # dropped, as their steps run again
+    saved_sessions = saved_run_info(out).get("sessions") if start is not None else None
+    sessions = [s for s in (saved_sessions if isinstance(saved_sessions, list) else [])
+                if isinstance(s, dict) and isinstance(s.get("from_step"), int) and s["from_step"] < start]
+    sessions.append({"from_step": start or 0, "micro_batch": cfg.micro_batch,
+                     "gradient_checkpointing": cfg.gradient_checkpointing, "processes": world})
     run_info = {"config": fingerprint, "placement": asdict(placement), "n_rows": {k: len(v) for k, v in offsets.items()},
-                "versions": software, "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                "sessions": sessions, "versions": software, "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     log_path = out / "train_log.csv"
     keep = []
     if start is not None and log_path.is_file():  # drop log lines past the checkpoint we resume from

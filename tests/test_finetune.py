@@ -115,7 +115,7 @@ def test_micro_batches_and_checkpointing_train_the_same_run(how, ft_run, tiny_di
     """A step's rows one (or three) per forward with their gradients accumulated, and activations recomputed in the
     backward, are how a step runs, not what it computes: killed after step 3 without them and resumed with them
     (the same run: not refused as another), the log and checkpoints are the uninterrupted run's (the oracle), to
-    float tolerance; the model is left without checkpointing, in eval mode."""
+    float tolerance; run.json says which settings each invocation ran with (it said nothing)."""
     import probe.train as train_mod
     from analyses.finetune import main
 
@@ -133,8 +133,15 @@ def test_micro_batches_and_checkpointing_train_the_same_run(how, ft_run, tiny_di
         assert got.keys() == want.keys()
         for k in want:
             torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-4, msg=k)
-    assert json.loads((out / "run.json").read_text())["config"] == json.loads((ft_run / "run.json").read_text())[
-        "config"]
+    saved = json.loads((out / "run.json").read_text())
+    assert saved["config"] == json.loads((ft_run / "run.json").read_text())["config"]
+    # what each invocation ran its steps with is recorded beside the identity: the kill's run from step 0, the
+    # resume from the last checkpoint before the kill (step 2) with the settings given to it
+    micro = int(how[how.index("--micro-batch") + 1]) if "--micro-batch" in how else None
+    assert saved["sessions"] == [
+        {"from_step": 0, "micro_batch": None, "gradient_checkpointing": False, "processes": 1},
+        {"from_step": 2, "micro_batch": micro, "gradient_checkpointing": "--gradient-checkpointing" in how,
+         "processes": 1}]
 
 
 def test_gradient_checkpointing_is_switched_off_after_training(tiny_dirs) -> None:
