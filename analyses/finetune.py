@@ -489,5 +489,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+# probe.errors.cli_main's out-of-memory advice: --batch-size and --dtype are the run's identity (the rerun would be
+# refused as another run), these two are not
+main.memory_hint = (  # type: ignore[attr-defined]
+    "run each step in micro-batches (--micro-batch N, e.g. half the rows so far) or with --gradient-checkpointing, "
+    "then rerun the command with them: it goes on from its last checkpoint (a smaller --batch-size or another "
+    "--dtype is another run)")
+
+
 if __name__ == "__main__":
     sys.exit(cli_main(main))

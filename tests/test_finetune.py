@@ -810,3 +810,29 @@ def test_malformed_launcher_variables_exit_2_before_anything_is_written(env, mat
     err = capfd.readouterr().err.strip()
     assert err.startswith(match) and "\n" not in err, err
     assert not out.exists()
+
+
+def test_out_of_memory_names_what_continues_the_same_run(tmp_path: Path, capfd, monkeypatch) -> None:
+    """A fine-tuning step that ran out of memory said 'lower the batch size (--batch-size …), use bfloat16
+    (--dtype) … then rerun': both are another run, refused by the rerun. Now the line names --micro-batch and
+    --gradient-checkpointing, and following it (the oracle) continues the run: exit 0, the uninterrupted log."""
+    import probe.train as train_mod
+    from analyses.finetune import main
+
+    whole = tmp_path / "whole"
+    assert cli_main(main, _organism_args(whole)) == 0
+    real, out = train_mod.train, tmp_path / "run"
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity")
+
+    monkeypatch.setattr(train_mod, "train", oom)
+    capfd.readouterr()
+    assert cli_main(main, _organism_args(out)) == 1
+    err = capfd.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: out of memory in GPU 0 (tried to allocate 2.00 GiB); ") and "\n" not in err
+    assert "--micro-batch" in err and "--gradient-checkpointing" in err and "lower the batch size" not in err
+    monkeypatch.setattr(train_mod, "train", real)
+    assert cli_main(main, _organism_args(out, "--micro-batch", "1", "--gradient-checkpointing")) == 0
+    for got, want in zip(_log(out), _log(whole), strict=True):
+        assert float(got["loss"]) == pytest.approx(float(want["loss"]), rel=1e-5)
