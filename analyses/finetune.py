@@ -191,9 +191,10 @@ def save_checkpoint(loaded, source: Path, dest: Path, state: dict | None) -> Non
     tmp.rename(dest)
 
 
-def clear_run(out: Path, inputs: Sequence[Path]) -> None:
+def clear_run(out: Path, inputs: Sequence[Path], cpu: bool) -> None:
     """``--overwrite``: delete the fine-tuning run in ``out`` (its checkpoints, partial ones, log and run.json) and
-    nothing else there; refused when ``out`` holds an input (the model being tuned, a data set)."""
+    nothing else there; refused when ``out`` holds an input (the model being tuned, a data set). ``cpu``: whether
+    the run trains on the CPU (``probe.train.wait_for_everyone``)."""
     from probe.train import is_main_process, wait_for_everyone
 
     from analyses.checkpoints import input_in_out
@@ -206,7 +207,7 @@ def clear_run(out: Path, inputs: Sequence[Path]) -> None:
                 shutil.rmtree(d)
         for name in ("train_log.csv", "run.json"):
             (out / name).unlink(missing_ok=True)
-    wait_for_everyone()  # no rank reads the out dir before it is cleared
+    wait_for_everyone(cpu)  # no rank reads the out dir before it is cleared
 
 
 def read_state(path: Path) -> dict:
@@ -314,7 +315,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         except (OSError, json.JSONDecodeError, KeyError):
             raise BadInput(f"--out {out} is not empty and holds no fine-tuning run.json") from None
         if cfg.overwrite:
-            clear_run(out, [ref.path, *map(Path, cfg.data.values())])
+            clear_run(out, [ref.path, *map(Path, cfg.data.values())], placement.device_type == "cpu")
         elif previous != fingerprint:
             raise different_run(out, previous, fingerprint)
     start, resumable = resume_point(out, cfg)
@@ -352,10 +353,18 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         rows += enc
     modality_of = {i: label for label, r in offsets.items() for i in r}
     writer = is_main_process()  # under torchrun only rank 0 writes, once every rank has read the out dir
-    wait_for_everyone()
+    wait_for_everyone(placement.device_type == "cpu")
     out.mkdir(parents=True, exist_ok=True)
+    # how each invocation ran its steps (not the run's identity, so a resume may change it): a researcher reads
+    # which steps ran in micro-batches or with recomputed activations; sessions past the resumed checkpoint are
+    # dropped, as their steps run again
+    saved_sessions = saved_run_info(out).get("sessions") if start is not None else None
+    sessions = [s for s in (saved_sessions if isinstance(saved_sessions, list) else [])
+                if isinstance(s, dict) and isinstance(s.get("from_step"), int) and s["from_step"] < start]
+    sessions.append({"from_step": start or 0, "micro_batch": cfg.micro_batch,
+                     "gradient_checkpointing": cfg.gradient_checkpointing, "processes": world})
     run_info = {"config": fingerprint, "placement": asdict(placement), "n_rows": {k: len(v) for k, v in offsets.items()},
-                "versions": software, "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                "sessions": sessions, "versions": software, "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     log_path = out / "train_log.csv"
     keep = []
     if start is not None and log_path.is_file():  # drop log lines past the checkpoint we resume from
@@ -478,6 +487,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 lora=a.lora, quiet=a.quiet, overwrite=a.overwrite, micro_batch=a.micro_batch,
                                 gradient_checkpointing=a.gradient_checkpointing))
     return 0
+
+
+# probe.errors.cli_main's out-of-memory advice: --batch-size and --dtype are the run's identity (the rerun would be
+# refused as another run), these two are not
+main.memory_hint = (  # type: ignore[attr-defined]
+    "run each step in micro-batches (--micro-batch N, e.g. half the rows so far) or with --gradient-checkpointing, "
+    "then rerun the command with them: it goes on from its last checkpoint (a smaller --batch-size or another "
+    "--dtype is another run)")
 
 
 if __name__ == "__main__":

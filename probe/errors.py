@@ -117,10 +117,12 @@ def cli_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
     except (MemoryError, RuntimeError) as exc:  # a batch too large for the device: one line saying what to lower
         if (where := out_of_memory(exc)) is None:
             raise
-        print_error(f"out of memory in {where}; lower the batch size (--batch-size; fine-tuning: --micro-batch or "
-                    "--gradient-checkpointing; replicate: the stage's batch_size, finetune.micro_batch), use bfloat16 "
-                    "(--dtype), or spread the model over more GPUs (--device auto), then rerun (a resumable run goes "
-                    "on from what it had saved)")
+        # a command whose own advice differs sets main.memory_hint (fine-tuning: a smaller batch is another run)
+        hint = getattr(main, "memory_hint", None) or (
+            "lower the batch size (--batch-size; replicate: the stage's batch_size, finetune.micro_batch or "
+            "finetune.gradient_checkpointing), use bfloat16 (--dtype), or spread the model over more GPUs (--device "
+            "auto), then rerun (a resumable run goes on from what it had saved)")
+        print_error(f"out of memory in {where}; {hint}")
         return 1
     except OSError as exc:
         if exc.errno not in DISK_FULL:

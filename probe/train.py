@@ -283,9 +283,15 @@ def data_parallel(loaded, batch: int):
     """accelerate's Accelerator when launched on several processes (torchrun / accelerate launch), else None."""
     if rank_world()[1] <= 1:
         return None
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
 
-    acc = Accelerator(cpu=loaded.device.type == "cpu")
+    # find_unused_parameters: a rank's share (or micro-batch) of text rows leaves the vision tower without a
+    # gradient, which DDP otherwise waits for: the next step's forward raised (or the ranks hung)
+    acc = Accelerator(cpu=loaded.device.type == "cpu",
+                      kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    if acc.num_processes != rank_world()[1]:  # each rank would train every row alone, the launch's work W times
+        raise RuntimeError(f"accelerate runs {acc.num_processes} process(es), the launch {rank_world()[1]}: its "
+                           "process state was set up for another device kind before the Accelerator")
     if batch % acc.num_processes:
         raise BadInput(f"batch size {batch} does not split over {acc.num_processes} processes")
     return acc
@@ -295,12 +301,15 @@ def is_main_process() -> bool:
     return rank_world()[0] == 0
 
 
-def wait_for_everyone() -> None:
-    """A barrier across the launched processes (accelerate's); nothing on a single process."""
+def wait_for_everyone(cpu: bool) -> None:
+    """A barrier across the launched processes (accelerate's); nothing on a single process. ``cpu``: whether the
+    model trains on the CPU, as ``data_parallel`` will say: the first call sets up accelerate's process state for
+    the whole process, and one set up for GPUs on a machine without any is a single process (no barrier, and no
+    data parallel: every rank would train every row)."""
     if rank_world()[1] > 1:
         from accelerate import PartialState
 
-        PartialState().wait_for_everyone()
+        PartialState(cpu=cpu).wait_for_everyone()
 
 
 def train(loaded, rows: list[dict], cfg: TrainConfig, log: Callable[[str], None] = print,

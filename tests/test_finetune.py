@@ -115,7 +115,7 @@ def test_micro_batches_and_checkpointing_train_the_same_run(how, ft_run, tiny_di
     """A step's rows one (or three) per forward with their gradients accumulated, and activations recomputed in the
     backward, are how a step runs, not what it computes: killed after step 3 without them and resumed with them
     (the same run: not refused as another), the log and checkpoints are the uninterrupted run's (the oracle), to
-    float tolerance; the model is left without checkpointing, in eval mode."""
+    float tolerance; run.json says which settings each invocation ran with (it said nothing)."""
     import probe.train as train_mod
     from analyses.finetune import main
 
@@ -133,8 +133,15 @@ def test_micro_batches_and_checkpointing_train_the_same_run(how, ft_run, tiny_di
         assert got.keys() == want.keys()
         for k in want:
             torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-4, msg=k)
-    assert json.loads((out / "run.json").read_text())["config"] == json.loads((ft_run / "run.json").read_text())[
-        "config"]
+    saved = json.loads((out / "run.json").read_text())
+    assert saved["config"] == json.loads((ft_run / "run.json").read_text())["config"]
+    # what each invocation ran its steps with is recorded beside the identity: the kill's run from step 0, the
+    # resume from the last checkpoint before the kill (step 2) with the settings given to it
+    micro = int(how[how.index("--micro-batch") + 1]) if "--micro-batch" in how else None
+    assert saved["sessions"] == [
+        {"from_step": 0, "micro_batch": None, "gradient_checkpointing": False, "processes": 1},
+        {"from_step": 2, "micro_batch": micro, "gradient_checkpointing": "--gradient-checkpointing" in how,
+         "processes": 1}]
 
 
 def test_gradient_checkpointing_is_switched_off_after_training(tiny_dirs) -> None:
@@ -272,9 +279,31 @@ def test_bad_input_exit_2_nothing_written(tiny_dirs, data_dir, tmp_path, capfd):
         assert not out.exists()
 
 
-def test_two_processes_on_gloo_equal_one(ft_run, tiny_dirs, data_dir, text_dir, tmp_path):
+# torchrun runs this instead of analyses.finetune to see what each rank's forwards hold: rows per forward,
+# appended to OUT.rank<RANK> (the test's independent record of how the batch was split)
+RANK_SPY = """
+import os, sys
+import probe.train as train_mod
+from analyses.finetune import main
+from probe.errors import cli_main
+
+real = train_mod.label_loss
+def label_loss(model, batch, n_labels=None):
+    with open(sys.argv[1] + ".rank" + os.environ["RANK"], "a") as f:
+        f.write(f"{batch['input_ids'].shape[0]}\\n")
+    return real(model, batch, n_labels)
+train_mod.label_loss = label_loss
+sys.exit(cli_main(main, sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("how", [[], ["--micro-batch", "1", "--gradient-checkpointing"]])
+def test_two_processes_on_gloo_equal_one(how, ft_run, tiny_dirs, data_dir, text_dir, tmp_path):
     """torchrun with 2 CPU processes (accelerate's data parallel engine on gloo), same global batch: the same
-    losses as one process, to float tolerance."""
+    losses and weights as one process, to float tolerance, with each rank's forwards holding its half of every
+    batch (a barrier that set up accelerate's state for GPUs left both ranks training every row on their own), also
+    one row per forward with activation checkpointing; a rank whose rows are all text leaves the vision tower
+    without a gradient, which DDP waited for (the next forward raised)."""
     import os
     import subprocess
     import sys
@@ -282,11 +311,15 @@ def test_two_processes_on_gloo_equal_one(ft_run, tiny_dirs, data_dir, text_dir, 
     from conftest import REPO
 
     out = tmp_path / "ddp"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
-                          "analyses.finetune", *_args(tiny_dirs, data_dir, text_dir, out)],
+    spy = tmp_path / "spy.py"
+    spy.write_text(RANK_SPY)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(spy), str(out),
+                          *_args(tiny_dirs, data_dir, text_dir, out, *how)],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
+    for rank in (0, 1):  # each step's 4 / 2 rows in one forward, or one by one (every rank as many backwards)
+        assert Path(f"{out}.rank{rank}").read_text().split() == (["1"] * 12 if how else ["2"] * 6)
     one, two = _log(ft_run), _log(out)
     assert [(r["step"], r["modality"], r["tokens"]) for r in one] == [(r["step"], r["modality"], r["tokens"]) for r in two]
     for a, b in zip(one, two):
@@ -777,3 +810,29 @@ def test_malformed_launcher_variables_exit_2_before_anything_is_written(env, mat
     err = capfd.readouterr().err.strip()
     assert err.startswith(match) and "\n" not in err, err
     assert not out.exists()
+
+
+def test_out_of_memory_names_what_continues_the_same_run(tmp_path: Path, capfd, monkeypatch) -> None:
+    """A fine-tuning step that ran out of memory said 'lower the batch size (--batch-size …), use bfloat16
+    (--dtype) … then rerun': both are another run, refused by the rerun. Now the line names --micro-batch and
+    --gradient-checkpointing, and following it (the oracle) continues the run: exit 0, the uninterrupted log."""
+    import probe.train as train_mod
+    from analyses.finetune import main
+
+    whole = tmp_path / "whole"
+    assert cli_main(main, _organism_args(whole)) == 0
+    real, out = train_mod.train, tmp_path / "run"
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity")
+
+    monkeypatch.setattr(train_mod, "train", oom)
+    capfd.readouterr()
+    assert cli_main(main, _organism_args(out)) == 1
+    err = capfd.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: out of memory in GPU 0 (tried to allocate 2.00 GiB); ") and "\n" not in err
+    assert "--micro-batch" in err and "--gradient-checkpointing" in err and "lower the batch size" not in err
+    monkeypatch.setattr(train_mod, "train", real)
+    assert cli_main(main, _organism_args(out, "--micro-batch", "1", "--gradient-checkpointing")) == 0
+    for got, want in zip(_log(out), _log(whole), strict=True):
+        assert float(got["loss"]) == pytest.approx(float(want["loss"]), rel=1e-5)
