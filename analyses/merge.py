@@ -37,7 +37,7 @@ from analyses.salience import SalienceWeights, check_run_model, read_salience
 from analyses.shift import CHUNK, read_shift_csv
 from analyses.writer import (Entry, ShardedWriter, atomic_dir, check_output, check_replaceable, copy_side_files,
                              parse_size)
-from probe.errors import ArgParser, BadInput, cli_main
+from probe.errors import TENSOR_MEMORY_HINT, ArgParser, BadInput, cli_main
 from probe.families import CAUSAL_LM, LAYOUTS, causal_lm_type, check_lm_fits_class, untie_word_embeddings
 from probe.families import lm_disk_key as layout_key
 
@@ -658,6 +658,9 @@ def main(argv: list[str] | None = None) -> int:
     with quiet_progress(a.quiet):
         run_merge(cfg)
     return 0
+
+
+main.memory_hint = TENSOR_MEMORY_HINT  # type: ignore[attr-defined]  # read by cli_main
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from analyses.checkpoints import (Checkpoint, add_output_args, check_inputs_and_
                                   layer_module, open_checkpoint, progress, quiet_progress)
 from analyses.formulas import ShiftStats
 from analyses.writer import atomic_dir, check_output, check_replaceable
-from probe.errors import ArgParser, BadInput, cli_main
+from probe.errors import TENSOR_MEMORY_HINT, ArgParser, BadInput, cli_main
 
 CHUNK = 1 << 22  # elements per streamed chunk: 16 MB of fp32 temporaries
 COLUMNS = ["model", "tensor", "layer", "module", "numel", "delta_avg", "delta_max", "rel_l2"]
@@ -206,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     with quiet_progress(a.quiet):
         run_shift(ShiftConfig(a.base, a.models, a.out, a.overwrite, a.allow_bin, not a.no_figures))
     return 0
+
+
+main.memory_hint = TENSOR_MEMORY_HINT  # type: ignore[attr-defined]  # read by cli_main
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from analyses.checkpoints import (Checkpoint, add_output_args, check_inputs_and_
                                   progress, quiet_progress)
 from analyses.sketch import SKETCH_CHUNK, SKETCH_DIMS, CountSketch
 from analyses.writer import atomic_dir, check_output, check_replaceable
-from probe.errors import ArgParser, BadInput, cli_main
+from probe.errors import TENSOR_MEMORY_HINT, ArgParser, BadInput, cli_main
 from probe.results import distinct_names
 
 
@@ -227,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
         run_trajectory(TrajectoryConfig(a.out, a.base, a.experts, a.merged, a.runs, a.ref, a.sketch_dim, a.seed,
                                         a.perplexity, a.overwrite, a.allow_bin, not a.no_figures))
     return 0
+
+
+main.memory_hint = TENSOR_MEMORY_HINT  # type: ignore[attr-defined]  # read by cli_main
 
 
 if __name__ == "__main__":

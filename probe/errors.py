@@ -25,6 +25,11 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 REASON_CHARS = 300
 
 
+# the out-of-memory advice of the commands that read checkpoints without running a model (no batch to lower)
+TENSOR_MEMORY_HINT = ("free memory (other processes) or run it on a machine with more RAM, then rerun; nothing it "
+                      "writes is left half-written")
+
+
 def out_of_memory(exc: BaseException) -> str | None:
     """Where an exception says memory ran out ("the GPU (tried to allocate 20.00 GiB)", "RAM (…)"), None when it is
     something else. torch raises OutOfMemoryError on a GPU, a RuntimeError from its CPU allocator in RAM."""
@@ -118,10 +123,10 @@ def cli_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
         if (where := out_of_memory(exc)) is None:
             raise
         # a command whose own advice differs sets main.memory_hint (fine-tuning: a smaller batch is another run)
-        hint = getattr(main, "memory_hint", None) or (
+        hint = getattr(main, "memory_hint", None) or (  # --batch-size is outside the runs' identity, --dtype not
             "lower the batch size (--batch-size; replicate: the stage's batch_size, finetune.micro_batch or "
-            "finetune.gradient_checkpointing), use bfloat16 (--dtype), or spread the model over more GPUs (--device "
-            "auto), then rerun (a resumable run goes on from what it had saved)")
+            "finetune.gradient_checkpointing) or spread the model over more GPUs (--device auto), then rerun (a "
+            "resumable run goes on from what it had saved)")
         print_error(f"out of memory in {where}; {hint}")
         return 1
     except OSError as exc:

@@ -642,6 +642,23 @@ def test_a_full_disk_mid_merge_is_one_line_and_leaves_nothing(zoo, tmp_path, cap
     assert list(tmp_path.iterdir()) == []
 
 
+def test_running_out_of_ram_mid_merge_is_one_line_without_batch_advice(zoo, tmp_path, capfd, monkeypatch):
+    """The out-of-memory line of the model-running commands told a merge to lower --batch-size, which it has not
+    got; merge, shift and trajectory give their own (more RAM), and the output is left out as on a full disk."""
+    from analyses import writer
+
+    def no_ram(self, data, done):
+        raise MemoryError
+
+    monkeypatch.setattr(writer.ShardedWriter, "_emit", no_ram)
+    out = tmp_path / "o"
+    assert run(merge.main, "--models", zoo["vl"], zoo["q1"], "--method", "average", "--out", out) == 1
+    errors = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert errors == ["error: out of memory in RAM; free memory (other processes) or run it on a machine with more "
+                      "RAM, then rerun; nothing it writes is left half-written"], errors
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_nan_in_vocabulary_rows_only_the_base_has_exits_2_for_every_method(zoo, tmp_path, capfd):
     """The rows past the experts' vocabulary are copied from the base: TIES wrote a NaN there with exit 0, while
     the linear methods refused it. Every method now refuses it; finite, they are the base's rows bit for bit."""
