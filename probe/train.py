@@ -323,14 +323,29 @@ def train(loaded, rows: list[dict], cfg: TrainConfig, log: Callable[[str], None]
     Under ``torchrun`` / ``accelerate launch`` (WORLD_SIZE > 1) accelerate's data parallel engine takes over:
     every rank draws the same global batch and trains on its share (rows rank, rank + W, …); gradients are
     averaged, so with equal label tokens per row (the letter and ``<|im_end|>``) the updates and the logged
-    (rank-averaged) losses are those of one process with the same global batch, to float tolerance."""
+    (rank-averaged) losses are those of one process with the same global batch, to float tolerance.
+
+    ``cfg.checkpointing`` is on for these steps only, however they end (a caller that catches an out-of-memory
+    error and evaluates the model gets it as it was)."""
     model = loaded.model
-    model.train()
-    torch.manual_seed(cfg.seed)
     if cfg.checkpointing:  # before data parallel wraps it; non-reentrant: frozen inputs (LoRA) still get gradients
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise BadInput(f"{type(model).__name__} does not support gradient checkpointing; train without it")
         model.activation_checkpointing_enable({"use_reentrant": False})
+    try:
+        return _steps(loaded, rows, cfg, log, sampler, on_step, resume)
+    finally:
+        if cfg.checkpointing:
+            model.activation_checkpointing_disable()
+        model.eval()
+
+
+def _steps(loaded, rows: list[dict], cfg: TrainConfig, log: Callable[[str], None], sampler: Sampler | None,
+           on_step: Callable[[StepInfo, Any], None] | None, resume: dict | None) -> list[float]:
+    """The steps of ``train``."""
+    model = loaded.model
+    model.train()
+    torch.manual_seed(cfg.seed)
     acc = data_parallel(loaded, cfg.batch)
     if acc is not None:  # the model first: FSDP replaces its parameters, which the optimiser must then hold
         model = acc.prepare(model)
@@ -410,7 +425,4 @@ def train(loaded, rows: list[dict], cfg: TrainConfig, log: Callable[[str], None]
             log(f"  step {step:5d}  loss {sum(losses[-50:]) / len(losses[-50:]):.4f}  ({time.time() - t0:.0f}s)")
         if on_step is not None:
             on_step(StepInfo(step + 1, losses[-1], factor, idx, n_labels * world), state)
-    if cfg.checkpointing:
-        loaded.model.activation_checkpointing_disable()
-    model.eval()
     return losses

@@ -166,6 +166,14 @@ def test_gradient_checkpointing_is_switched_off_after_training(tiny_dirs) -> Non
     assert flags == [True, True]  # two micro-batches of 2, each with checkpointing on
     assert not loaded.model.is_activation_checkpointing and not loaded.model.training
 
+    def out_of_memory(info, state):
+        raise torch.OutOfMemoryError("CUDA out of memory.")
+
+    with pytest.raises(torch.OutOfMemoryError):  # a step that fails: off all the same
+        train(loaded, rows, TrainConfig(steps=2, lr=1e-3, lm_lr=1e-3, batch=4, warmup=0, checkpointing=True),
+              log=lambda m: None, on_step=out_of_memory)
+    assert flags[2:] == [True] and not loaded.model.is_activation_checkpointing and not loaded.model.training
+
 
 def test_a_full_disk_is_one_line_and_the_rerun_resumes(ft_run, tiny_dirs, data_dir, text_dir, tmp_path, capfd,
                                                        monkeypatch):
