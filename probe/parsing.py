@@ -20,8 +20,9 @@ option B "Vitamin C" (of "Vitamin D", "Vitamin C", …) is B by tier 6, not C; l
 In tiers 2–5 a letter the response rejects is passed over: one right after "not", "n't", "never" or "cannot (be)"
 ("Not A, it's C", "it isn't (A); C", "not A or B but C", with a list of letters after the negation), or one
 followed by "is/are not correct/right/the answer" ("Options A and B are not correct; C"), but not by "is wrong",
-"incorrect" or "false", which to a question such as "Which statement is false?" names the answer. Only while something else is given: with no other letter and no option text the rejected letter is read as
-before ("Not A" is A), so a response naming one letter never turns into no answer.
+"incorrect" or "false", which to a question such as "Which statement is false?" names the answer. Only while
+something else is given: with no other letter and no option text the rejected letter is read as before ("Not A"
+is A), so a response naming one letter never turns into no answer.
 
 Within a tier the FIRST occurrence wins. MMMU's reference parser takes the last candidate, which
 suits long chain-of-thought answers; our generations are a few greedy tokens, where the first
