@@ -100,8 +100,9 @@ class Finetune:
     gradient_checkpointing: bool = False
 
 
-# settings of how a stage runs, not of what it computes: left out of its fingerprint
-RUN_ONLY = {"finetune": ("micro_batch", "gradient_checkpointing")}
+# settings of how a stage runs, not of what it computes: left out of its fingerprint, so a stage that ran out of
+# memory resumes with them (probe.eval and probe.heads keep --batch-size outside their runs' identity too)
+RUN_ONLY = {"finetune": ("micro_batch", "gradient_checkpointing"), "eval": ("batch_size",), "heads": ("batch_size",)}
 
 
 @dataclass(frozen=True)

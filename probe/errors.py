@@ -124,8 +124,8 @@ def cli_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
             raise
         # a command whose own advice differs sets main.memory_hint (fine-tuning: a smaller batch is another run)
         hint = getattr(main, "memory_hint", None) or (  # --batch-size is outside the runs' identity, --dtype not
-            "lower the batch size (--batch-size; replicate: the stage's batch_size, finetune.micro_batch or "
-            "finetune.gradient_checkpointing) or spread the model over more GPUs (--device auto), then rerun (a "
+            "lower the batch size (--batch-size; replicate: eval.batch_size or heads.batch_size, for fine-tuning "
+            "finetune.micro_batch or finetune.gradient_checkpointing) or spread the model over more GPUs (--device auto), then rerun (a "
             "resumable run goes on from what it had saved)")
         print_error(f"out of memory in {where}; {hint}")
         return 1

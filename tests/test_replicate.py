@@ -425,6 +425,32 @@ def test_a_changed_input_reruns_its_stage_and_everything_downstream() -> None:
     assert fingerprints(_ctx(lighter)) == ref
 
 
+def test_a_smaller_batch_after_running_out_of_memory_resumes_the_stage(capfd) -> None:
+    """The out-of-memory line told a replicate run to lower 'the stage's batch_size', but eval.batch_size and
+    heads.batch_size were in the stages' fingerprints: following it deleted the stage's finished parts and reran it
+    and everything downstream (every table, the salience merge, fine-tuning). probe.eval and probe.heads resume with
+    another --batch-size (outside their runs' identity), so the stages now do too: no fingerprint moves, and the
+    line names the keys."""
+    import dataclasses
+
+    import torch
+
+    from probe.errors import cli_main
+
+    cfg = parse_config(DEFAULT_CONFIG)
+    ref = fingerprints(_ctx(cfg))
+    smaller = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, batch_size=1),
+                                  heads=dataclasses.replace(cfg.heads, batch_size=1))
+    assert fingerprints(_ctx(smaller)) == ref
+
+    def oom(_):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity")
+
+    assert cli_main(oom, []) == 1
+    err = capfd.readouterr().err.strip()
+    assert "eval.batch_size" in err and "heads.batch_size" in err and "finetune.micro_batch" in err, err
+
+
 def test_the_same_models_and_sets_at_other_paths_rerun_what_reads_them() -> None:
     """A run killed mid-stage, then resumed from another checkout (the same organisms and sets, byte for byte, at
     other paths): the fingerprints held contents only, so the stage continued, and its command, which records the
