@@ -206,8 +206,10 @@ def release_claims() -> None:
 
 
 def has_contents(out: Path) -> bool:
-    """Whether ``out`` holds anything but the lock file of a run that ended or was killed before writing."""
-    return out.is_dir() and any(p.name != LOCK for p in out.iterdir())
+    """Whether ``out`` holds anything but the lock file of a run that ended or was killed before writing, and temp
+    files (``atomic_write_with``'s) being written: a torchrun rank that looked while another wrote the first
+    run.json saw its temp file, took the dir for a foreign one and exited 2, and torchrun then stopped the job."""
+    return out.is_dir() and any(p.name != LOCK and not _TEMP.fullmatch(p.name) for p in out.iterdir())
 
 
 def lock_out_dir(out: Path, shared: bool = False) -> None:
