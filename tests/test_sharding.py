@@ -136,3 +136,21 @@ def test_a_rank_that_finds_another_writing_the_first_run_json_joins_it(tmp_path,
     finally:
         writer.kill()
         writer.wait()
+
+
+def test_overwrite_under_torchrun_is_refused_into_an_empty_out_too(tmp_path, tiny_dirs, data_dir, monkeypatch, capfd):
+    """--overwrite under torchrun was refused only where --out held something: into a new --out the ranks that looked
+    before any run.json existed ran, and one that looked after (a slower start) was refused, so the job failed or
+    not by timing. It is now refused by every rank alike, before anything is written."""
+    from probe.errors import cli_main
+    from probe.heads import main
+
+    out = tmp_path / "new"
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    rc = cli_main(main, ["--model", str(tiny_dirs["qwen2_vl"]), "--data", str(data_dir), "--limit", "2", "--layers",
+                         "0", "--heads", "0", "--no-figures", "--quiet", "--no-generate", "--overwrite",
+                         "--out", str(out)])
+    err = capfd.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: --overwrite under torchrun"), err
+    assert not out.exists()
