@@ -343,6 +343,8 @@ def run(args: argparse.Namespace) -> Path:
     if missing:  # other ranks still working; the last one to finish assembles
         print(f"rank {rank}: done; waiting for {len(missing)} chunks from other ranks", file=sys.stderr)
         return out
+    if not todo:  # a resume with nothing to compute still rewrites the outputs and run.json: it holds the dir too
+        claim_out_dir(out, plan.fingerprint())
     items_df = read_parts(out, range(len(chunks)))
     heads = write_outputs(out, items_df, {"n_skipped_open": plan.n_skipped_open, "method": plan.method,
                                           "model": plan.model_spec, "approximate": plan.method == "attribution"})

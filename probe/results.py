@@ -157,12 +157,14 @@ def prepare_out_dir(out: Path, fingerprint: str, overwrite: bool, owned: Iterabl
     check_out_path(out)
     for d in (out, out / "parts"):  # what killed writers left (live ranks of a torchrun keep theirs)
         remove_stale_temps(d)
+    # refused whatever --out holds: each rank cleared the dir in turn, deleting the parts the others had written (all
+    # exited 0 "waiting for N chunks from other ranks", nothing assembled); and into an empty dir a rank that looked
+    # after another had written run.json was refused while those before it ran, so the job failed by timing
+    if overwrite and rank_world()[1] > 1:
+        raise BadInput(f"--overwrite under torchrun: every rank would clear --out {out}, deleting the parts the "
+                       "others wrote; start without --overwrite (remove a previous run's --out first, or use another)")
     if not has_contents(out):
         return False
-    if overwrite and rank_world()[1] > 1:  # each rank cleared the dir in turn, deleting the parts the others had
-        # written: all exited 0 "waiting for N chunks from other ranks" and nothing was assembled
-        raise BadInput(f"--overwrite under torchrun: every rank would clear --out {out}, deleting the parts the "
-                       "others wrote; remove it first (or use another --out) and start without --overwrite")
     if overwrite:  # locked first: a command still writing here is refused before its parts are deleted, not after
         lock_out_dir(out)
         clear_run_dir(out, owned)
@@ -206,8 +208,10 @@ def release_claims() -> None:
 
 
 def has_contents(out: Path) -> bool:
-    """Whether ``out`` holds anything but the lock file of a run that ended or was killed before writing."""
-    return out.is_dir() and any(p.name != LOCK for p in out.iterdir())
+    """Whether ``out`` holds anything but the lock file of a run that ended or was killed before writing, and temp
+    files (``atomic_write_with``'s) being written: a torchrun rank that looked while another wrote the first
+    run.json saw its temp file, took the dir for a foreign one and exited 2, and torchrun then stopped the job."""
+    return out.is_dir() and any(p.name != LOCK and not _TEMP.fullmatch(p.name) for p in out.iterdir())
 
 
 def lock_out_dir(out: Path, shared: bool = False) -> None:

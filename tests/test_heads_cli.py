@@ -264,6 +264,26 @@ def test_a_resume_is_refused_while_another_command_holds_the_out_dir(base_run, d
         pass
 
 
+def test_a_resume_with_nothing_to_compute_is_refused_while_another_command_holds_the_out_dir(base_run, data_dir,
+                                                                                             tmp_path, capfd):
+    """A resume whose parts all exist took no lock (probe.eval's does) and rewrote items.parquet, heads.csv and a
+    'complete' run.json of its run into an --out another command held: an --overwrite there of another run then had
+    this run's run.json over its own parts. It is now refused like any command into a held --out."""
+    from conftest import lock_held_elsewhere
+
+    out = shutil.copytree(base_run, tmp_path / "run")
+    (out / "heads.csv").unlink()  # killed while assembling
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    args = [*BASE_ARGS, "--data", data_dir, "--out", out, "--no-figures"]
+    with lock_held_elsewhere(out):
+        r = run_in_process(args, capfd)
+        assert_one_line_error(r)
+        assert "is in use by another running command" in r.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
+    ok(run_in_process(args, capfd))
+    assert (out / "heads.csv").read_bytes() == (base_run / "heads.csv").read_bytes()
+
+
 @pytest.mark.parametrize("software", ["transformers", "omniprobe_code"])
 def test_a_resume_under_other_library_versions_is_refused(base_run, data_dir, tmp_path, capfd, software):
     """A torch or transformers upgrade (or an edit of omniprobe's own code, whose version number stays 0.1.0)

@@ -109,3 +109,48 @@ def test_a_rank_outside_the_world_is_bad_input(tmp_path, tiny_dirs, data_dir, mo
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: RANK 2 with WORLD_SIZE 2"), err
     assert not out.exists()
+
+
+def test_a_rank_that_finds_another_writing_the_first_run_json_joins_it(tmp_path, tiny_dirs, data_dir, monkeypatch,
+                                                                       capfd):
+    """A rank that checked --out while another rank was writing the first run.json (its temp file beside it, no
+    run.json yet: a rank started a model load later, a node later) took the dir for a foreign one and exited 2, and
+    torchrun stopped the whole job. It now computes its chunks and leaves the writer's temp file alone."""
+    from probe.errors import cli_main
+    from probe.heads import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    writer = subprocess.Popen(["sleep", "60"])  # the other rank, alive while its temp file is being written
+    try:
+        temp = out / f".run.json.{writer.pid}.k2x9_q.tmp"
+        temp.write_text('{"fingerpr')
+        monkeypatch.setenv("RANK", "1")
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        rc = cli_main(main, ["--model", str(tiny_dirs["qwen2_vl"]), "--data", str(data_dir), "--limit", "3",
+                             "--chunk-size", "1", "--layers", "0", "--heads", "0", "--no-figures", "--quiet",
+                             "--no-generate", "--out", str(out)])
+        assert rc == 0, capfd.readouterr().err
+        assert sorted(p.name for p in (out / "parts").iterdir()) == ["chunk_00001.parquet"]  # rank 1's chunk only
+        assert temp.read_text() == '{"fingerpr'
+    finally:
+        writer.kill()
+        writer.wait()
+
+
+def test_overwrite_under_torchrun_is_refused_into_an_empty_out_too(tmp_path, tiny_dirs, data_dir, monkeypatch, capfd):
+    """--overwrite under torchrun was refused only where --out held something: into a new --out the ranks that looked
+    before any run.json existed ran, and one that looked after (a slower start) was refused, so the job failed or
+    not by timing. It is now refused by every rank alike, before anything is written."""
+    from probe.errors import cli_main
+    from probe.heads import main
+
+    out = tmp_path / "new"
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    rc = cli_main(main, ["--model", str(tiny_dirs["qwen2_vl"]), "--data", str(data_dir), "--limit", "2", "--layers",
+                         "0", "--heads", "0", "--no-figures", "--quiet", "--no-generate", "--overwrite",
+                         "--out", str(out)])
+    err = capfd.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: --overwrite under torchrun"), err
+    assert not out.exists()
