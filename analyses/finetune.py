@@ -201,6 +201,10 @@ def clear_run(out: Path, inputs: Sequence[Path], cpu: bool) -> None:
 
     if hit := input_in_out(out, [(str(p), p) for p in inputs]):
         raise BadInput(f"--out {out} holds the input {hit[1]}; --overwrite would delete it, pick another --out")
+    # under torchrun every rank has looked at the out dir (has_contents, run.json) before rank 0 clears it: a rank
+    # that looked after found it empty, skipped this function and its barrier, and the ranks' barriers went out of
+    # step (a hang), or it read a run.json being deleted
+    wait_for_everyone(cpu)
     if is_main_process():
         for d in out.iterdir():
             if d.is_dir() and re.fullmatch(r"\.?checkpoint-\d+(\.partial)?", d.name):

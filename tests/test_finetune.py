@@ -338,6 +338,22 @@ def test_two_processes_on_gloo_equal_one(how, ft_run, tiny_dirs, data_dir, text_
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
 
 
+def test_overwrite_waits_for_every_rank_to_look_before_rank_0_clears(ft_run, tmp_path, monkeypatch):
+    """Under torchrun rank 0 cleared --out while another rank had not yet looked: that rank found it empty, skipped
+    the clear and its barrier, and the ranks' barriers went out of step (a hang), or it read a run.json being
+    deleted. Oracle: at the first barrier the run is still whole; after the last one it is gone."""
+    import probe.train
+    from analyses.finetune import clear_run
+
+    out = shutil.copytree(ft_run, tmp_path / "run")
+    seen = []
+    monkeypatch.setattr(probe.train, "wait_for_everyone",
+                        lambda cpu: seen.append(((out / "run.json").is_file(), (out / "checkpoint-6").is_dir())))
+    monkeypatch.setattr(probe.train, "is_main_process", lambda: True)
+    clear_run(out, [], cpu=True)
+    assert seen == [(True, True), (False, False)]
+
+
 def test_eval_over_checkpoints_draws_figure_3(ft_run, text_dir, tmp_path):
     from figures.steps import draw_steps, step_scores
     from probe.eval import main as eval_main
