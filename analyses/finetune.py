@@ -38,6 +38,9 @@ STATE = "trainer_state.pt"
 # what the loop does with the settings, part of a run's identity here and in analyses.replicate's fine-tuning stage:
 # runs made before the schedule fix (warm-up × cosine) or on bfloat16 weights are other runs
 LOOP_IDENTITY = {"schedule": "cosine", "weights": "float32"}
+# how a step runs, not what it computes: outside a run's identity here and in analyses.replicate's fine-tuning
+# stage, so a run that ran out of memory resumes with them
+RUN_ONLY_SETTINGS = ("micro_batch", "gradient_checkpointing")
 
 
 def checkpoint_steps(save_steps: Sequence[int], steps: int) -> list[int]:
@@ -65,14 +68,13 @@ class FinetuneConfig:
     lora: int | None = None  # LoRA rank (peft) on the LM's attention and MLP projections; None = full fine-tuning
     quiet: bool = False  # no progress bar (not part of the run's identity)
     overwrite: bool = False  # replace the fine-tuning run in --out (not part of the run's identity)
-    # how a step runs, not what it computes (not part of the run's identity: a resume after an out-of-memory
-    # error may lower it): rows per forward and backward, and gradient checkpointing (probe.train.TrainConfig)
+    # RUN_ONLY_SETTINGS: rows per forward and backward, and gradient checkpointing (probe.train.TrainConfig)
     micro_batch: int | None = None
     gradient_checkpointing: bool = False
 
     def fingerprint(self) -> dict[str, Any]:
         keep = asdict(self)
-        for key in ("out", "quiet", "overwrite", "micro_batch", "gradient_checkpointing"):
+        for key in ("out", "quiet", "overwrite", *RUN_ONLY_SETTINGS):
             keep.pop(key)
         keep["save_steps"] = sorted(set(keep["save_steps"]))
         return keep
@@ -281,6 +283,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     check_out_path(cfg.out)  # before the model loads: an --out below a file is a one-line error
     world = rank_world()[1]  # RANK 1 of WORLD_SIZE 1 trained, wrote nothing (not rank 0) and exited 0
     placement = resolve_placement(cfg.device, cfg.dtype)
+    on_cpu = placement.device_type == "cpu"  # how the ranks' barriers set accelerate up (wait_for_everyone)
     frozen = weights_dtype(placement, cfg.lora)
     tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, lm_lr=cfg.lm_lr, batch=cfg.batch, warmup=cfg.warmup,
                        seed=cfg.seed, log_every=max(1, cfg.steps // 10),  # checks its numbers now, not mid-run
@@ -319,7 +322,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         except (OSError, json.JSONDecodeError, KeyError):
             raise BadInput(f"--out {out} is not empty and holds no fine-tuning run.json") from None
         if cfg.overwrite:
-            clear_run(out, [ref.path, *map(Path, cfg.data.values())], placement.device_type == "cpu")
+            clear_run(out, [ref.path, *map(Path, cfg.data.values())], on_cpu)
         elif previous != fingerprint:
             raise different_run(out, previous, fingerprint)
     start, resumable = resume_point(out, cfg)
@@ -357,7 +360,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         rows += enc
     modality_of = {i: label for label, r in offsets.items() for i in r}
     writer = is_main_process()  # under torchrun only rank 0 writes, once every rank has read the out dir
-    wait_for_everyone(placement.device_type == "cpu")
+    wait_for_everyone(on_cpu)
     out.mkdir(parents=True, exist_ok=True)
     # how each invocation ran its steps (not the run's identity, so a resume may change it): a researcher reads
     # which steps ran in micro-batches or with recomputed activations; sessions past the resumed checkpoint are
@@ -368,7 +371,8 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     sessions.append({"from_step": start or 0, "micro_batch": cfg.micro_batch,
                      "gradient_checkpointing": cfg.gradient_checkpointing, "processes": world})
     run_info = {"config": fingerprint, "placement": asdict(placement), "n_rows": {k: len(v) for k, v in offsets.items()},
-                "sessions": sessions, "versions": software, "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                "sessions": sessions, "versions": software, "status": "running",
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     log_path = out / "train_log.csv"
     keep = []
     if start is not None and log_path.is_file():  # drop log lines past the checkpoint we resume from

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from analyses.finetune import RUN_ONLY_SETTINGS
 from analyses.sketch import SKETCH_DIMS
 from probe.devices import Placement
 from probe.errors import BadInput
@@ -102,7 +103,7 @@ class Finetune:
 
 # settings of how a stage runs, not of what it computes: left out of its fingerprint, so a stage that ran out of
 # memory resumes with them (probe.eval and probe.heads keep --batch-size outside their runs' identity too)
-RUN_ONLY = {"finetune": ("micro_batch", "gradient_checkpointing"), "eval": ("batch_size",), "heads": ("batch_size",)}
+RUN_ONLY = {"finetune": RUN_ONLY_SETTINGS, "eval": ("batch_size",), "heads": ("batch_size",)}
 
 
 @dataclass(frozen=True)

@@ -111,8 +111,9 @@ def gpu_share(n_gpus: int, local_rank: int | None, local_world: int | None) -> l
 
 
 def env_index(name: str) -> int | None:
-    """A torchrun variable (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE) as an integer ≥ 0, None when unset. Anything else is bad
-    input: int() raised a traceback, and LOCAL_RANK=-1 picked the last GPU (cuda:-1 indexes from the end)."""
+    """A torchrun variable (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE) as an integer ≥ 0, None when unset.
+    Anything else is bad input: int() raised a traceback, and LOCAL_RANK=-1 picked the last GPU (cuda:-1 indexes
+    from the end)."""
     raw = os.environ.get(name)
     if raw is None:
         return None

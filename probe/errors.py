@@ -106,7 +106,8 @@ def print_error(message: str) -> None:
 
 def cli_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
     """Run a CLI entry point: exit 2 with one line for BadInput, 1 with one line for a stopped run, a full disk or
-    memory running out, 1 with a traceback for anything unexpected; the --out dirs it claimed are freed when it returns."""
+    memory running out, 1 with a traceback for anything unexpected; the --out dirs it claimed are freed when it
+    returns."""
     try:
         return main(argv)
     except BadInput as exc:
@@ -125,8 +126,8 @@ def cli_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
         # a command whose own advice differs sets main.memory_hint (fine-tuning: a smaller batch is another run)
         hint = getattr(main, "memory_hint", None) or (  # --batch-size is outside the runs' identity, --dtype not
             "lower the batch size (--batch-size; replicate: eval.batch_size or heads.batch_size, for fine-tuning "
-            "finetune.micro_batch or finetune.gradient_checkpointing) or spread the model over more GPUs (--device auto), then rerun (a "
-            "resumable run goes on from what it had saved)")
+            "finetune.micro_batch or finetune.gradient_checkpointing) or spread the model over more GPUs "
+            "(--device auto), then rerun (a resumable run goes on from what it had saved)")
         print_error(f"out of memory in {where}; {hint}")
         return 1
     except OSError as exc:

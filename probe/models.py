@@ -458,8 +458,8 @@ def check_fits(ref: ModelRef, dtype: str, devices: Sequence[str], memory: Sequen
     if need > usable:
         cpu = devices[0] == "cpu"
         raise BadInput(f"{ref.spec}: its weights take {byte_size(need)} in {dtype}, more than {devices[0]} can hold "
-                       f"({byte_size(memory[0])} {'free' if cpu else 'in all'}, {byte_size(max(usable, 0))} usable); use "
-                       f"--dtype bfloat16{', a GPU' if cpu else ''} or several GPUs (--device auto)")
+                       f"({byte_size(memory[0])} {'free' if cpu else 'in all'}, {byte_size(max(usable, 0))} usable); "
+                       f"use --dtype bfloat16{', a GPU' if cpu else ''} or several GPUs (--device auto)")
 
 
 def skeleton_of(ref: ModelRef, dtype: torch.dtype):

@@ -281,7 +281,8 @@ def uniform_sampler(n_rows: int) -> Sampler:
 
 def data_parallel(loaded, batch: int):
     """accelerate's Accelerator when launched on several processes (torchrun / accelerate launch), else None."""
-    if rank_world()[1] <= 1:
+    world = rank_world()[1]
+    if world <= 1:
         return None
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
@@ -289,8 +290,8 @@ def data_parallel(loaded, batch: int):
     # gradient, which DDP otherwise waits for: the next step's forward raised (or the ranks hung)
     acc = Accelerator(cpu=loaded.device.type == "cpu",
                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
-    if acc.num_processes != rank_world()[1]:  # each rank would train every row alone, the launch's work W times
-        raise RuntimeError(f"accelerate runs {acc.num_processes} process(es), the launch {rank_world()[1]}: its "
+    if acc.num_processes != world:  # each rank would train every row alone, the launch's work W times
+        raise RuntimeError(f"accelerate runs {acc.num_processes} process(es), the launch {world}: its "
                            "process state was set up for another device kind before the Accelerator")
     if batch % acc.num_processes:
         raise BadInput(f"batch size {batch} does not split over {acc.num_processes} processes")
