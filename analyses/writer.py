@@ -12,7 +12,6 @@ import fnmatch
 import glob
 import json
 import math
-import os
 import queue
 import re
 import shutil
@@ -26,7 +25,7 @@ import torch
 
 from analyses.checkpoints import DTYPE_NAMES
 from probe.errors import BadInput, check_out_path
-from probe.results import MANIFEST, atomic_write_json, copy_file, output_listing, pid_alive
+from probe.results import MANIFEST, atomic_write_json, copy_file, output_listing, writer_gone, writer_tag
 
 INDEX_NAME = "model.safetensors.index.json"
 Chunk = torch.Tensor | memoryview | bytes
@@ -303,18 +302,16 @@ def check_replaceable(out: Path, overwrite: bool, command: str) -> None:
 
 
 def remove_stale_partials(out: Path) -> list[Path]:
-    """Delete ``.NAME.partial-PID`` dirs (a run killed while writing) and ``.NAME.old-PID`` dirs (one killed while
-    swapping in an ``--overwrite``: the whole previous output) beside ``out`` whose PID is no longer alive;
-    returns them.
-
-    A live process's dir is never touched. PIDs are this machine's: runs on other hosts sharing the directory
-    write the same names, so do not point two hosts at one ``--out`` at once (that is a conflict anyway).
+    """Delete ``.NAME.partial-TAG`` dirs (a run killed while writing) and ``.NAME.old-TAG`` dirs (one killed while
+    swapping in an ``--overwrite``: the whole previous output) beside ``out`` whose writer is gone
+    (``probe.results.writer_gone``: TAG names the PID and its host); returns them. A live process's dir, and
+    another host's, is never touched.
     """
-    pattern = re.compile(rf"\.{re.escape(out.name)}\.(?:partial|old)-(\d+)")
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(?:partial|old)-(\d+(?:-[0-9a-f]{{8}})?)")
     removed = []
     for d in out.parent.glob(f".{glob.escape(out.name)}.*-*"):
         m = pattern.fullmatch(d.name)
-        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))) and not d.is_symlink():
+        if m and writer_gone(m.group(1)) and not d.is_symlink():
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d)
     return removed
@@ -330,7 +327,7 @@ def atomic_dir(out: Path, overwrite: bool, command: str) -> Iterator[Path]:
     check_replaceable(out, overwrite, command)
     if out.parent.is_dir():
         remove_stale_partials(out)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    tmp = out.parent / f".{out.name}.partial-{writer_tag()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)  # missing parents are created, like any output dir
@@ -341,7 +338,7 @@ def atomic_dir(out: Path, overwrite: bool, command: str) -> Iterator[Path]:
         raise
     atomic_write_json(tmp / MANIFEST, {"command": command, "entries": output_listing(tmp)})
     if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        old = out.parent / f".{out.name}.old-{writer_tag()}"
         out.rename(old)
         tmp.rename(out)
         shutil.rmtree(old, ignore_errors=True)

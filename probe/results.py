@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -57,8 +58,27 @@ def set_file_modes(root: Path) -> None:
             os.chmod(f, mode)
 
 
-# Temp files beside a result: ".NAME.PID.RANDOM.tmp", so one left by a killed process can be told from a live one's.
-_TEMP = re.compile(r"\..+\.(\d+)\.[a-z0-9_]+\.tmp")
+# Temp files beside a result: ".NAME.TAG.RANDOM.tmp", TAG = ``writer_tag()``, so one left by a killed process can be
+# told from a live one's. (Names of earlier versions had the PID alone, without the host.)
+_TEMP = re.compile(r"\..+\.(\d+(?:-[0-9a-f]{8})?)\.[a-z0-9_]+\.tmp")
+_HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def writer_tag() -> str:
+    """How this process names the temp files and dirs it writes: ``PID-HOST`` (HOST, 8 hex digits of the host
+    name's hash). The host matters for runs on several machines sharing one file system (multi-node torchrun):
+    a PID only says whether a process is alive on the machine that started it."""
+    return f"{os.getpid()}-{_HOST}"
+
+
+def writer_gone(tag: str) -> bool:
+    """Whether the process that wrote under ``tag`` (a ``writer_tag``, or a bare PID of an earlier version) is known
+    to be gone. Another host's writer can not be checked from here, so it never counts as gone: its leftovers wait
+    for a run on its own host."""
+    pid, _, host = tag.partition("-")
+    if host and host != _HOST:
+        return False
+    return int(pid) != os.getpid() and not pid_alive(int(pid))
 
 
 def pid_alive(pid: int) -> bool:
@@ -79,7 +99,7 @@ def atomic_write_with(path: Path, write: Callable[[str], None]) -> None:
     leaves the old file or the new one, never half of one (and the temp file, which ``remove_stale_temps``
     clears on the next run)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{writer_tag()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -91,11 +111,11 @@ def atomic_write_with(path: Path, write: Callable[[str], None]) -> None:
 
 
 def remove_stale_temps(directory: Path) -> list[Path]:
-    """Delete the temp files of killed writers in ``directory`` (their PID is no longer alive); returns them."""
+    """Delete the temp files of killed writers in ``directory`` (``writer_gone``); returns them."""
     removed = []
     for f in directory.glob(".*.tmp") if directory.is_dir() else []:
         m = _TEMP.fullmatch(f.name)
-        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))) and f.is_file():
+        if m and writer_gone(m.group(1)) and f.is_file():
             f.unlink(missing_ok=True)
             removed.append(f)
     return removed

@@ -350,3 +350,37 @@ def test_figures_help_says_what_each_kind_reads(capsys):
     assert "``" not in out
     for kind, what in READS.items():
         assert f"  {kind:<11}{what}\n" in out
+
+
+def test_leftovers_of_another_host_are_never_taken_for_a_dead_writers(tmp_path, monkeypatch):
+    """Ranks of a multi-node torchrun share --out over a network file system; a PID says whether a writer is alive
+    only on its own machine. Temp files and dirs were named by the bare PID, so a run on one node deleted another
+    node's live temp when the same PID was free locally. Names carry the host now: another host's are left alone,
+    this host's dead writers' are removed, and bare-PID names of earlier versions are judged as before."""
+    import probe.results as results
+    from analyses.writer import atomic_dir
+    from probe.results import prepare_out_dir, writer_tag
+
+    monkeypatch.setattr(results, "_HOST", "a" * 8)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    mine, theirs = f"{dead.pid}-{'a' * 8}", f"{dead.pid}-{'b' * 8}"
+    assert writer_tag() == f"{os.getpid()}-{'a' * 8}"
+    out = tmp_path / "run"
+    out.mkdir()
+    results.atomic_write_json(out / "run.json", {"fingerprint": "fp"})
+    temps = {tag: out / f".items.parquet.{tag}.k2j_x9.tmp" for tag in (mine, theirs, str(dead.pid))}
+    dirs = {tag: tmp_path / f".merged.partial-{tag}" for tag in (mine, theirs, str(dead.pid))}
+    for f in temps.values():
+        f.write_bytes(b"")
+    for d in dirs.values():
+        d.mkdir()
+    assert prepare_out_dir(out, "fp", overwrite=False)
+    with atomic_dir(tmp_path / "merged", overwrite=False, command="test") as tmp:
+        assert tmp.name == f".merged.partial-{writer_tag()}"
+    assert {t for t, f in temps.items() if f.exists()} == {theirs}
+    assert {t for t, d in dirs.items() if d.exists()} == {theirs}
+    # a temp written now carries this process's tag, which the stale check reads back as alive
+    seen = []
+    results.atomic_write_with(out / "x.json", lambda tmp: seen.append(Path(tmp).name))
+    assert results._TEMP.fullmatch(seen[0]).group(1) == writer_tag() and not results.writer_gone(writer_tag())

@@ -72,11 +72,11 @@ def check_build_out(out: Path) -> None:
 
 def make_data(out: Path, n: int, seed: int, split: str) -> int:
     """``probe.zoo data``: the organisms' generators into a new dir, written whole or not at all."""
-    import os
     import re
     import shutil
 
     from probe.errors import BadInput, check_out_path
+    from probe.results import writer_tag
     from probe.zoo.build import build_fresh_data
 
     if n < 1 or seed < 0 or not re.fullmatch(r"[A-Za-z0-9_]+", split):
@@ -85,7 +85,7 @@ def make_data(out: Path, n: int, seed: int, split: str) -> int:
     if out.exists():
         raise BadInput(f"--out {out} exists; pick a new directory")
     remove_stale_partials(out)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"  # two runs at once never share it
+    tmp = out.parent / f".{out.name}.partial-{writer_tag()}"  # two runs at once never share it
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         dirs = build_fresh_data(tmp, n, seed, split)
@@ -101,15 +101,16 @@ def make_data(out: Path, n: int, seed: int, split: str) -> int:
 
 
 def remove_stale_partials(out: Path) -> None:
-    """The half-drawn dirs beside ``out`` that killed ``data`` runs left (``.NAME.partial-PID`` and its ``.draw``)."""
+    """The half-drawn dirs beside ``out`` that killed ``data`` runs left (``.NAME.partial-TAG`` and its ``.draw``;
+    TAG = ``probe.results.writer_tag``)."""
     import re
     import shutil
 
-    from probe.results import pid_alive
+    from probe.results import writer_gone
 
-    pattern = re.compile(rf"\.\.?{re.escape(out.name)}\.partial-(\d+)(\.draw)?")
+    pattern = re.compile(rf"\.\.?{re.escape(out.name)}\.partial-(\d+(?:-[0-9a-f]{{8}})?)(\.draw)?")
     for d in out.parent.glob(".*.partial-*") if out.parent.is_dir() else []:
-        if (m := pattern.fullmatch(d.name)) and d.is_dir() and not pid_alive(int(m.group(1))):
+        if (m := pattern.fullmatch(d.name)) and d.is_dir() and writer_gone(m.group(1)):
             shutil.rmtree(d, ignore_errors=True)
 
 
