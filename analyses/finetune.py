@@ -295,6 +295,9 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
                        f"over {len(placement.all_devices)} GPUs, which data parallelism cannot wrap; launch one process "
                        "per GPU, or FSDP through accelerate launch")
     ref = resolve_model(cfg.model)
+    if ref.gguf_file is not None:  # save_pretrained refuses a model loaded from GGUF: checkpoint-0 would be a traceback
+        raise BadInput(f"{cfg.model}: a GGUF model cannot be fine-tuned here (transformers cannot save its "
+                       "checkpoints); fine-tune a Hugging Face model directory (safetensors) of it instead")
     items, contents = {}, []
     for label, path in cfg.data.items():
         its, report = load_items(path, split=cfg.split, limit=cfg.limit)

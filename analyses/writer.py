@@ -347,6 +347,9 @@ def atomic_dir(out: Path, overwrite: bool, command: str) -> Iterator[Path]:
 
 
 WEIGHT_FILE = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.ckpt|\.msgpack|\.h5|\.gguf)$|\.index\.json$")
+# Files a model class loads beside its weights that WEIGHT_FILE would skip: Qwen2.5-Omni's speaker dictionary, read by
+# Qwen2_5OmniForConditionalGeneration.from_pretrained (a carrier without it loads nowhere but in the probe).
+MODEL_DATA_FILES = frozenset({"spk_dict.pt"})
 
 
 # A probe.zoo build's record of one trained organism (its name, recipe, scores): a merge or fine-tune of it is
@@ -359,7 +362,8 @@ def copy_side_files(src: Path, dst: Path, only: Sequence[str] | None = None, kee
     read-only source's); ``keep_existing`` leaves files ``dst`` already has. Returns the names copied."""
     copied = []
     for f in sorted(Path(src).iterdir()):
-        if not f.is_file() or WEIGHT_FILE.search(f.name) or f.name.startswith(".") or f.name in BUILD_RECORDS:
+        weights = WEIGHT_FILE.search(f.name) and f.name not in MODEL_DATA_FILES
+        if not f.is_file() or weights or f.name.startswith(".") or f.name in BUILD_RECORDS:
             continue
         if only is not None and f.name not in only and not any(f.name.startswith(p) for p in only):
             continue

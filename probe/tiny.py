@@ -5,6 +5,7 @@ through exactly the loading path of a real checkpoint.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -14,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from probe.families import FAMILIES
+from probe.families import FAMILIES, family_of_model_type, processor_kwargs, read_config_json
 from probe.tokenizer import build_tokenizer
 
 # Enough text for BPE merges on the prompt vocabulary; the tokenizer is byte-level so nothing is unknown.
@@ -321,8 +322,20 @@ def save_model_dir(model, tok, image_processor, out_dir: Path) -> Path:
     tok.save_pretrained(out_dir)
     if image_processor is not None:
         image_processor.save_pretrained(out_dir)
+        write_processor_config(out_dir)
     set_file_modes(out_dir)  # save_pretrained writes the weights 0o600
     return out_dir
+
+
+def write_processor_config(model_dir: Path) -> None:
+    """processor_config.json with the keywords the probe builds the family's processor with (``processor_kwargs``),
+    as a hub checkpoint has it: without it a plain ``AutoProcessor`` built LLaVA-OV's with num_image_tokens None,
+    which failed on the first image. (The processor itself cannot save_pretrained: its video processor is None.)"""
+    config = read_config_json(model_dir)
+    fam = family_of_model_type(config["model_type"])
+    if fam.processor_class is not None:
+        saved = {"processor_class": fam.processor_class, **processor_kwargs(fam, config)}
+        (Path(model_dir) / "processor_config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
 
 
 def cache_root() -> Path:

@@ -722,3 +722,23 @@ def test_a_float16_carrier_of_large_finite_weights_is_not_taken_for_an_overflow(
     assert run(merge.main, "--models", a, b, "--method", "average", "--carrier", car, "--out", tmp_path / "o") == 0
     ref = merged_lm(tmp_path / "o")["embed_tokens.weight"].half()
     assert torch.equal(canonical(tmp_path / "o" / "carriers" / "car")["embed_tokens.weight"], ref)
+
+
+def test_an_omni_carrier_keeps_the_speaker_file_its_class_loads(tmp_path):
+    """Qwen2.5-Omni's config names Qwen2_5OmniForConditionalGeneration, whose from_pretrained also reads
+    spk_dict.pt beside the weights: the carrier skipped it as a weight file (*.pt), so plain transformers loaded the
+    source but refused the carrier (OSError: no file named spk_dict.pt)."""
+    import transformers as tf
+
+    from probe.tiny import tiny_dir
+
+    src = tmp_path / "omni"
+    shutil.copytree(tiny_dir("qwen2_5_omni_thinker"), src)
+    torch.save({"Chelsie": {"cond": torch.zeros(3), "bos_token": 1}}, src / "spk_dict.pt")
+    shutil.copytree(src, tmp_path / "omni2")
+    assert run(merge.main, "--models", src, tmp_path / "omni2", "--method", "average", "--carrier", src,
+               "--out", tmp_path / "m", "--quiet") == 0
+    carrier = tmp_path / "m" / "carriers" / "omni"
+    assert (carrier / "spk_dict.pt").read_bytes() == (src / "spk_dict.pt").read_bytes()
+    model = tf.Qwen2_5OmniForConditionalGeneration.from_pretrained(carrier, **NO_HUB_KERNELS)
+    assert set(model.speaker_map) == {"Chelsie"}

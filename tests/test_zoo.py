@@ -538,3 +538,33 @@ def test_a_frozen_lm_skips_text_rows_but_never_the_vision_rows():
     assert calls == [True] * 6  # these seeded batches all hold image rows: their text parts never ran
     changed = {n for n, p in loaded.model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("visual" in n for n in changed)  # the ViT and its merger, never the frozen LM
+
+
+@pytest.mark.parametrize("name", ["organism-vl", "organism-ov-si", "organism-video", "tiny-llava_onevision"])
+def test_plain_transformers_builds_the_processor_the_probe_uses(name, tiny_dirs):
+    """The shipped organisms and tiny models are plain HF dirs: transformers' own ``Processor.from_pretrained``
+    (reading processor_config.json) gives the image tokens the probe's processor gives. Without the file it built
+    LLaVA-OV's processor with num_image_tokens None, which failed on the first image (a TypeError)."""
+    import io
+
+    import transformers
+    from PIL import Image
+
+    from probe.models import load_processors, resolve_model
+    from tests.conftest import png_bytes
+
+    path = tiny_dirs["llava_onevision"] if name.startswith("tiny-") else organism_dir(name)
+    tokenizer, ours = load_processors(resolve_model(str(path)))
+    base = getattr(transformers, type(ours).__name__)
+
+    class NoVideo(base):  # the video processor needs torchvision, absent here: a stand-in takes its place
+        def check_argument_for_proper_class(self, argument_name, argument):
+            return None if argument_name == "video_processor" else super().check_argument_for_proper_class(
+                argument_name, argument)
+
+    plain = NoVideo.from_pretrained(path, video_processor=ours.image_processor)  # (no video is processed)
+    image = Image.open(io.BytesIO(png_bytes()))
+    text = [f"{ours.image_token}\nWhat is it?"]
+    want = ours(text=text, images=[image], return_tensors="pt")["input_ids"]
+    got = plain(text=text, images=[image], return_tensors="pt")["input_ids"]
+    assert got.tolist() == want.tolist()
