@@ -9,7 +9,6 @@ complete-looking output).
 from __future__ import annotations
 
 import fnmatch
-import glob
 import json
 import math
 import queue
@@ -25,7 +24,8 @@ import torch
 
 from analyses.checkpoints import DTYPE_NAMES
 from probe.errors import BadInput, check_out_path
-from probe.results import MANIFEST, atomic_write_json, copy_file, output_listing, writer_gone, writer_tag
+from probe.results import (MANIFEST, WRITER_TAG, atomic_write_json, copy_file, output_listing, remove_stale_dirs,
+                           writer_tag)
 
 INDEX_NAME = "model.safetensors.index.json"
 Chunk = torch.Tensor | memoryview | bytes
@@ -307,14 +307,7 @@ def remove_stale_partials(out: Path) -> list[Path]:
     (``probe.results.writer_gone``: TAG names the PID and its host); returns them. A live process's dir, and
     another host's, is never touched.
     """
-    pattern = re.compile(rf"\.{re.escape(out.name)}\.(?:partial|old)-(\d+(?:-[0-9a-f]{{8}})?)")
-    removed = []
-    for d in out.parent.glob(f".{glob.escape(out.name)}.*-*"):
-        m = pattern.fullmatch(d.name)
-        if m and writer_gone(m.group(1)) and not d.is_symlink():
-            shutil.rmtree(d, ignore_errors=True)
-            removed.append(d)
-    return removed
+    return remove_stale_dirs(out.parent, rf"\.{re.escape(out.name)}\.(?:partial|old)-(?P<tag>{WRITER_TAG})")
 
 
 @contextmanager

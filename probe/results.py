@@ -60,7 +60,8 @@ def set_file_modes(root: Path) -> None:
 
 # Temp files beside a result: ".NAME.TAG.RANDOM.tmp", TAG = ``writer_tag()``, so one left by a killed process can be
 # told from a live one's. (Names of earlier versions had the PID alone, without the host.)
-_TEMP = re.compile(r"\..+\.(\d+(?:-[0-9a-f]{8})?)\.[a-z0-9_]+\.tmp")
+WRITER_TAG = r"\d+(?:-[0-9a-f]{8})?"  # what ``writer_tag`` writes (or a bare PID of an earlier version)
+_TEMP = re.compile(rf"\..+\.({WRITER_TAG})\.[a-z0-9_]+\.tmp")
 _HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
 
 
@@ -118,6 +119,17 @@ def remove_stale_temps(directory: Path) -> list[Path]:
         if m and writer_gone(m.group(1)) and f.is_file():
             f.unlink(missing_ok=True)
             removed.append(f)
+    return removed
+
+
+def remove_stale_dirs(parent: Path, name: str) -> list[Path]:
+    """Delete the dirs in ``parent`` that killed writers left: those whose name fullmatches the regex ``name``, whose
+    group ``tag`` is a gone writer's (``writer_gone``); returns them. Symlinks are never followed."""
+    pattern, removed = re.compile(name), []
+    for d in sorted(parent.iterdir()) if parent.is_dir() else []:
+        if (m := pattern.fullmatch(d.name)) and d.is_dir() and not d.is_symlink() and writer_gone(m.group("tag")):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
     return removed
 
 

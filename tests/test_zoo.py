@@ -3,6 +3,7 @@ and the build script runs end to end in its quick mode."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -568,3 +569,36 @@ def test_plain_transformers_builds_the_processor_the_probe_uses(name, tiny_dirs)
     want = ours(text=text, images=[image], return_tensors="pt")["input_ids"]
     got = plain(text=text, images=[image], return_tensors="pt")["input_ids"]
     assert got.tolist() == want.tolist()
+
+
+def test_a_build_killed_mid_organism_leaves_the_previous_organism_or_none(tmp_path, monkeypatch):
+    """``build`` deleted ``organism-<name>`` and wrote the new one in place: killed mid-training, the dir held
+    untrained weights without organism.json under the organism's name, which every command would load. It builds in
+    a hidden ``.organism-<name>.partial-TAG`` now and renames it once measured; the next build removes the hidden
+    dirs of dead writers."""
+    import subprocess
+    import sys
+
+    import probe.zoo.build as zb
+    from probe.results import writer_tag
+
+    out = tmp_path / "b"
+    zb.build(out, quick=True, steps=1, threads=1, only=["base"])
+    before = _tree(out / "organism-base")
+    assert "organism.json" in before and not [p for p in out.iterdir() if p.name.startswith(".")]
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # as a kill mid-training
+
+    monkeypatch.setattr(zb, "train", killed)
+    with pytest.raises(KeyboardInterrupt):
+        zb.build(out, quick=True, steps=1, threads=1, only=["base"], reuse=False)
+    assert _tree(out / "organism-base") == before  # the previous organism, whole
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [f".organism-base.partial-{writer_tag()}"]
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    tag = writer_tag().replace(str(os.getpid()), str(dead.pid), 1)
+    (out / f".organism-base.partial-{writer_tag()}").rename(out / f".organism-base.partial-{tag}")
+    monkeypatch.undo()
+    zb.build(out, quick=True, steps=1, threads=1, only=["base"], reuse=True)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]

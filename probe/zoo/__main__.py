@@ -104,15 +104,10 @@ def remove_stale_partials(out: Path) -> None:
     """The half-drawn dirs beside ``out`` that killed ``data`` runs left (``.NAME.partial-TAG`` and its ``.draw``;
     TAG = ``probe.results.writer_tag``)."""
     import re
-    import shutil
 
-    from probe.results import writer_gone
+    from probe.results import WRITER_TAG, remove_stale_dirs
 
-    pattern = re.compile(rf"\.\.?{re.escape(out.name)}\.partial-(\d+(?:-[0-9a-f]{{8}})?)(\.draw)?")
-    for d in out.parent.glob(".*.partial-*") if out.parent.is_dir() else []:
-        if (m := pattern.fullmatch(d.name)) and d.is_dir() and writer_gone(m.group(1)):
-            shutil.rmtree(d, ignore_errors=True)
-
+    remove_stale_dirs(out.parent, rf"\.\.?{re.escape(out.name)}\.partial-(?P<tag>{WRITER_TAG})(\.draw)?")
 
 if __name__ == "__main__":
     from probe.errors import cli_main

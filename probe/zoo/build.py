@@ -22,6 +22,7 @@ import torch
 from probe.families import FAMILIES
 from probe.metrics import option_log_probs, prob_choice
 from probe.models import NO_HUB_KERNELS
+from probe.results import WRITER_TAG, remove_stale_dirs, writer_tag
 from probe.tiny import save_model_dir
 from probe.prompting import PromptTemplate
 from probe.train import TrainConfig, collate, encode, is_lm_param, model_inputs
@@ -550,9 +551,10 @@ def build_organism(name: str, out: Path, tok, items: dict, recipe: Recipe, seed:
 
 def _build_organism(name: str, out: Path, tok, items: dict, recipe: Recipe, seed: int) -> dict[str, Any]:
     t0, k = time.time(), tuple(OWN).index(name)
-    d = out / f"organism-{name}"
-    if d.exists():
-        shutil.rmtree(d)
+    # built in a hidden dir and renamed once measured: a kill leaves the previous organism or none, never untrained
+    # weights under the organism's name (which any command would load)
+    final, d = out / f"organism-{name}", out / f".organism-{name}.partial-{writer_tag()}"
+    shutil.rmtree(d, ignore_errors=True)
     init_organism(name, tok, d, None if name == "base" else out / "organism-base", seed + k)
     loaded = _load(d)
     train_items = list(items[OWN[name]]["train"])
@@ -579,6 +581,9 @@ def _build_organism(name: str, out: Path, tok, items: dict, recipe: Recipe, seed
         val = encode(shipped, items[modality]["validation"], False)
         res[label] = evaluate(shipped, val) | {"modality": modality}
     (d / "organism.json").write_text(json.dumps({"name": f"organism-{name}"} | res, indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    d.rename(final)
     log(f"organism-{name}: {json.dumps({k2: v for k2, v in res.items() if k2 != 'recipe'})}")
     return res
 
@@ -619,6 +624,7 @@ def build(out: Path, quick: bool = False, steps: int | None = None, seed: int = 
     if only and "base" not in only:  # every extension starts from organism-base: it must be this build's
         check_base(out, same_data, recipes["base"])
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_dirs(out, rf"\.organism-[a-z-]+\.partial-(?P<tag>{WRITER_TAG})")  # organisms a kill left half-built
     log(f"data → {out / 'data'}")
     reuse = reuse and same_data  # organisms of other data are rebuilt
     if reuse:
