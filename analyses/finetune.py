@@ -168,6 +168,7 @@ def save_checkpoint(loaded, source: Path, dest: Path, state: dict | None) -> Non
     import torch
 
     from analyses.writer import copy_side_files
+    from probe.models import set_config_dtype
     from probe.results import set_file_modes
 
     tmp = dest.parent / f".{dest.name}.partial"
@@ -177,7 +178,9 @@ def save_checkpoint(loaded, source: Path, dest: Path, state: dict | None) -> Non
         if hasattr(loaded.model, "merge_and_unload"):  # a peft model
             loaded.model.save_pretrained(tmp / "adapter")
             # merged in float32 (the frozen weights may be bfloat16): a small adapter update is not rounded away
-            copy.deepcopy(loaded.model).float().merge_and_unload().save_pretrained(tmp)
+            merged = copy.deepcopy(loaded.model).float().merge_and_unload()
+            set_config_dtype(merged.config, torch.float32)
+            merged.save_pretrained(tmp)
         else:
             loaded.model.save_pretrained(tmp)
         # tokenizer and processor files; the model's own config is written above. No weight file of the source:

@@ -341,6 +341,16 @@ def _from_pretrained(ref: ModelRef, **kwargs: Any) -> Any:
     return model
 
 
+def set_config_dtype(config: Any, dtype: torch.dtype) -> None:
+    """Name ``dtype`` in ``config`` and in every sub-config (text, vision, audio) before a save: save_pretrained
+    writes the top level's from the weights but leaves the sub-configs' as they were loaded, so a bfloat16 model
+    saved in float32 said bfloat16 in its text_config (and a float32 one saved in bfloat16, float32)."""
+    config.dtype = dtype
+    for sub in (getattr(config, name, None) for name in getattr(config, "sub_configs", {})):
+        if sub is not None:
+            sub.dtype = dtype
+
+
 def model_fingerprint(ref: ModelRef) -> str:
     """What a run's results depend on besides settings: the weights. A hub snapshot is named by its commit (its
     path says it, and its weights may not be downloaded yet); a local dir or GGUF file by its contents

@@ -422,6 +422,10 @@ def test_lora_under_bfloat16_holds_frozen_weights_in_bf16_and_merges_in_float32(
     source = load_file(tiny_dirs["qwen2_vl"] / "model.safetensors")
     assert all(v.dtype == torch.float32 for v in (*w0.values(), *w6.values()))
     assert all(torch.equal(w0[k], source[k].to(torch.bfloat16).float()) for k in w0)  # the start, as held
+    for step in (0, 6):  # every dtype its config names is its tensors' (text_config and vision_config said bfloat16)
+        config = json.loads((run / f"checkpoint-{step}" / "config.json").read_text())
+        named = [config.get("dtype")] + [sub.get("dtype") for sub in config.values() if isinstance(sub, dict)]
+        assert set(named) - {None} == {"float32"}, named
     adapter = load_file(run / "checkpoint-6" / "adapter" / "adapter_model.safetensors")
     cfg = json.loads((run / "checkpoint-6" / "adapter" / "adapter_config.json").read_text())
     scale = cfg["lora_alpha"] / cfg["r"]

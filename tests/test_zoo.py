@@ -358,6 +358,26 @@ def test_recipes_mirror_the_real_family_and_built_what_ships():
         assert shipped[f"organism-{name}"]["recipe"] == json.loads(json.dumps(asdict(recipe))), name
 
 
+def config_dtypes(model_dir: Path) -> set[str]:
+    """Every dtype a model dir's config.json names (top level and sub-configs) and its weights hold."""
+    from safetensors import safe_open
+
+    config = json.loads((model_dir / "config.json").read_text())
+    named = {config.get("dtype"), *(sub.get("dtype") for sub in config.values() if isinstance(sub, dict))} - {None}
+    with safe_open(model_dir / "model.safetensors", "pt") as f:
+        held = {str(f.get_slice(k).get_dtype()).lower().replace("bf16", "bfloat16") for k in f.keys()}
+    return named | held
+
+
+@pytest.mark.parametrize("name", ORGANISMS)
+def test_shipped_configs_name_the_dtype_their_weights_hold(name):
+    """The organisms' weights are bfloat16 and config.json said so at the top, but float32 in text_config and
+    vision_config (save_pretrained leaves sub-configs as loaded), so a plain load of a sub-model went float32."""
+    from probe.zoo import organisms_root
+
+    assert config_dtypes(organisms_root() / f"organism-{name}") == {"bfloat16"}
+
+
 def test_quick_build_one_or_two_processes(tmp_path):
     """The short build runs end to end; --threads 2 trains the extensions in two processes of one thread,
     --threads 1 one after another on one thread: the same files, byte for byte (same seeds, same tokenizer)."""
@@ -372,6 +392,7 @@ def test_quick_build_one_or_two_processes(tmp_path):
             assert a.read_bytes() == b.read_bytes(), (name, f)
         loaded = load_model(resolve_model(str(tmp_path / "2" / f"organism-{name}")))
         assert loaded.tokenizer.convert_tokens_to_ids("<|im_start|>") is not None
+        assert config_dtypes(tmp_path / "2" / f"organism-{name}") == {"bfloat16"}
     assert (tmp_path / "2" / "data" / "video" / "Motion" / "train-00000-of-00001.parquet").is_file()
     q = json.loads((tmp_path / "2" / "quality.json").read_text())
     assert list(q["organisms"]) == [f"organism-{n}" for n in ORGANISMS]  # the family's order, not finishing order

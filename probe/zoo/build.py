@@ -519,8 +519,12 @@ def _load(path: Path):
 
 
 def _save_bf16(loaded, out_dir: Path) -> None:
+    from probe.models import set_config_dtype
+
+    set_config_dtype(loaded.model.config, torch.bfloat16)
     loaded.model.to(torch.bfloat16).save_pretrained(out_dir)
     loaded.model.to(torch.float32)
+    set_config_dtype(loaded.model.config, torch.float32)
 
 
 def _shortened(r: Recipe, quick: bool, steps: int | None) -> Recipe:
