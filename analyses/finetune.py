@@ -178,11 +178,13 @@ def save_checkpoint(loaded, source: Path, dest: Path, state: dict | None) -> Non
         if hasattr(loaded.model, "merge_and_unload"):  # a peft model
             loaded.model.save_pretrained(tmp / "adapter")
             # merged in float32 (the frozen weights may be bfloat16): a small adapter update is not rounded away
-            merged = copy.deepcopy(loaded.model).float().merge_and_unload()
-            set_config_dtype(merged.config, torch.float32)
-            merged.save_pretrained(tmp)
+            saved = copy.deepcopy(loaded.model).float().merge_and_unload()
+            set_config_dtype(saved.config, torch.float32)
         else:
-            loaded.model.save_pretrained(tmp)
+            saved = loaded.model
+        saved.save_pretrained(tmp)
+        if loaded.family.config_path is not None:
+            restore_whole_model(source, tmp, saved.config)
         # tokenizer and processor files; the model's own config is written above. No weight file of the source:
         # its model.safetensors.index.json beside the model.safetensors just saved would be a second weight set.
         copy_side_files(source, tmp, keep_existing=True)
@@ -194,6 +196,51 @@ def save_checkpoint(loaded, source: Path, dest: Path, state: dict | None) -> Non
         raise
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
+
+
+def restore_whole_model(source: Path, saved: Path, part_config: Any) -> None:
+    """A class built from a part of its checkpoint's config (the family table's ``config_path``: Qwen2.5-Omni's
+    thinker) saves that part alone: config.json became the part's and the source's tensors outside it (talker,
+    token2wav) were left out, so a checkpoint was no longer the source's kind of model (probe.eval refused its
+    model_type, qwen2_5_omni_thinker). Puts the source's config.json back, naming the saved dtype, and copies the
+    source tensors the part does not hold into one more shard of ``saved``."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from analyses.checkpoints import open_checkpoint
+    from analyses.writer import INDEX_NAME
+    from probe.families import read_config_json
+
+    config = read_config_json(source)  # training changes no field of it but the dtype the weights are saved in
+    dtype = str(part_config.dtype).removeprefix("torch.")
+
+    def set_dtype(node: dict) -> None:  # the top level and every sub-config (dicts with a model_type)
+        node["dtype"] = dtype
+        for value in node.values():
+            if isinstance(value, dict) and "model_type" in value:
+                set_dtype(value)
+
+    set_dtype(config)
+    (saved / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    index = saved / INDEX_NAME
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+    else:  # one file: it becomes the first of two shards
+        (saved / "model.safetensors").rename(saved / "model-00001-of-00002.safetensors")
+        with safe_open(saved / "model-00001-of-00002.safetensors", "pt") as f:
+            weight_map = dict.fromkeys(f.keys(), "model-00001-of-00002.safetensors")
+    with open_checkpoint(str(source)) as ck:
+        rest = {k: ck.view(info).clone() for k, info in ck.infos.items() if k not in weight_map}
+    if not rest:
+        if not index.is_file():
+            (saved / "model-00001-of-00002.safetensors").rename(saved / "model.safetensors")
+        return
+    name = "model-00002-of-00002.safetensors" if not index.is_file() else "model-rest.safetensors"
+    save_file(rest, saved / name, metadata={"format": "pt"})
+    weight_map |= dict.fromkeys(rest, name)
+    total = sum(f.stat().st_size for f in {saved / n for n in weight_map.values()})
+    index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+                                indent=2) + "\n")
 
 
 def clear_run(out: Path, inputs: Sequence[Path], cpu: bool) -> None:

@@ -178,7 +178,9 @@ def label_loss(model, batch: dict[str, torch.Tensor], n_labels: int | None = Non
     keep = (target != -100).any(0).nonzero()[:, 0]
     inputs = {k: v for k, v in model_inputs(batch).items() if k != "labels"}
     logits = model(**inputs, logits_to_keep=keep).logits
-    if logits.shape[1] != keep.numel():  # a model that ignored logits_to_keep would pair logits and labels wrongly
+    if logits.shape[1] == target.shape[1] != keep.numel():  # a class that ignores logits_to_keep (Qwen2.5-Omni's
+        logits = logits[:, keep.to(logits.device)]  # thinker) returns every position: the same values, kept here
+    if logits.shape[1] != keep.numel():  # anything else would pair logits and labels wrongly
         raise RuntimeError(f"{type(model).__name__} returned logits for {logits.shape[1]} positions, not the "
                            f"{keep.numel()} asked for with logits_to_keep")
     want = target[:, keep].flatten().to(logits.device)

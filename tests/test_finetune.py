@@ -7,6 +7,8 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -878,3 +880,44 @@ def test_a_gguf_model_is_refused_before_anything_is_written(tmp_path: Path, capf
     assert cli_main(main, args) == 2
     assert capfd.readouterr().err.strip().startswith("error: smollm2-135m: a GGUF model")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_qwen2_5_omni_checkpoint_is_the_whole_omni_model(data_dir, tmp_path):
+    """Only Qwen2.5-Omni's thinker loads (the family table's config_path): the thinker ignores logits_to_keep, so
+    training stopped at the first step (RuntimeError), and its save_pretrained wrote the thinker alone (config.json
+    of model_type qwen2_5_omni_thinker, which probe.eval refused; no talker). A checkpoint is the source's kind of
+    model now: its config.json (the dtype named), every tensor the source has, and step 0 scores as the source."""
+    from safetensors.torch import save_file
+
+    from analyses.finetune import main
+    from probe.eval import main as eval_main
+    from probe.tiny import tiny_dir
+
+    src = tmp_path / "omni"
+    shutil.copytree(tiny_dir("qwen2_5_omni_thinker"), src)
+    weights = load_file(src / "model.safetensors")  # a talker tensor, as the published model has
+    weights["talker.codec_head.weight"] = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
+    run = tmp_path / "run"
+    assert cli_main(main, ["--model", str(src), "--data", f"image={data_dir}", "--split", "validation", "--steps",
+                           "2", "--batch-size", "2", "--lr", "1e-3", "--lm-lr", "1e-3", "--device", "cpu",
+                           "--dtype", "float32", "--out", str(run), "--quiet"]) == 0
+    source_config = json.loads((src / "config.json").read_text())
+    for step in (0, 2):
+        ck = run / f"checkpoint-{step}"
+        config = json.loads((ck / "config.json").read_text())
+        assert config["model_type"] == "qwen2_5_omni" and config["thinker_config"]["dtype"] == "float32"
+        without = lambda c: {k: without(v) if isinstance(v, dict) else v for k, v in c.items() if k != "dtype"}  # noqa: E731
+        assert without(config) == without(source_config)
+        index = json.loads((ck / "model.safetensors.index.json").read_text())["weight_map"]
+        held = {k: v for f in set(index.values()) for k, v in load_file(ck / f).items()}
+        assert set(held) == set(weights) and torch.equal(held["talker.codec_head.weight"],
+                                                           weights["talker.codec_head.weight"])
+        moved = [k for k in weights if not torch.equal(held[k], weights[k])]
+        assert (moved == []) == (step == 0), moved  # step 0 is the source; training moved the thinker
+    out = tmp_path / "eval"
+    assert cli_main(eval_main, ["--models", str(src), str(run / "checkpoint-0"), "--data", str(data_dir),
+                                "--limit", "4", "--out", str(out), "--quiet"]) == 0
+    items = pd.read_parquet(out / "items.parquet")
+    a, b = (items[items.model == m].sort_values("item_id") for m in (str(src), str(run / "checkpoint-0")))
+    assert len(a) == 4 and np.allclose(a.p_answer.to_numpy(), b.p_answer.to_numpy(), atol=1e-6)
