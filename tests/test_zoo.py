@@ -523,12 +523,21 @@ def test_modality_parts_give_the_whole_batchs_loss_and_gradient(name):
     for n in want_g:
         torch.testing.assert_close(got_g[n], want_g[n], atol=1e-6, rtol=1e-4, msg=n)
 
-    class IgnoresKeep(torch.nn.Module):  # a model that ignores logits_to_keep is refused, not silently mis-paired
+    class IgnoresKeep(torch.nn.Module):  # every position back (Qwen2.5-Omni's thinker): the kept ones are used
         def forward(self, logits_to_keep=None, **kw):
             return loaded.model(**kw)
 
-    with pytest.raises(RuntimeError, match="logits_to_keep"), torch.no_grad():
-        label_loss(IgnoresKeep(), collate(parts[0], pad))
+    class KeepsOthers(torch.nn.Module):  # any other count is refused, never silently mis-paired with the labels
+        def forward(self, logits_to_keep=None, **kw):
+            out = loaded.model(**kw)
+            out.logits = out.logits[:, 1:]
+            return out
+
+    batch = collate(parts[0], pad)
+    with torch.no_grad():
+        torch.testing.assert_close(label_loss(IgnoresKeep(), batch), label_loss(loaded.model, batch))
+        with pytest.raises(RuntimeError, match="logits_to_keep"):
+            label_loss(KeepsOthers(), batch)
 
 
 def test_a_frozen_lm_skips_text_rows_but_never_the_vision_rows():
