@@ -539,3 +539,30 @@ def test_modality_refusal_names_what_the_row_lacks():
                 check_modalities(ref, [item])
             assert str(exc.value) == (f"item {item.id} has {needs} but m-{fam.name} ({fam.name}) reads "
                                       f"{' and '.join(fam.modalities)} only")
+
+
+@pytest.mark.parametrize("family", NEW)
+def test_every_row_fine_tunes_and_its_checkpoints_load_as_the_source(family, dirs, loaded, tmp_path):
+    """analyses.finetune on every row (Qwen2.5-Omni's thinker stopped at its first step, and its checkpoints were
+    the thinker alone, of a model_type no command read): a step trains, and checkpoint-0 loads through the probe's
+    loader to the source's parameters, bit for bit, under the source's model_type."""
+    from analyses.finetune import main
+    from probe.errors import cli_main
+    from probe.models import load_model, resolve_model
+    from probe.zoo import validation_dir
+
+    data = "image" if "image" in FAMILIES[family].modalities else "text"
+    out = tmp_path / "run"
+    assert cli_main(main, ["--model", str(dirs[family]), "--data", f"{data}={validation_dir(data)}", "--split",
+                           "validation", "--steps", "1", "--batch-size", "2", "--limit", "2", "--lr", "1e-2",
+                           "--lm-lr", "1e-2", "--device", "cpu", "--dtype", "float32", "--out", str(out),
+                           "--quiet"]) == 0
+    source = dict(loaded(family).model.named_parameters())
+    for step in (0, 1):
+        ck = out / f"checkpoint-{step}"
+        assert json.loads((ck / "config.json").read_text())["model_type"] == \
+            json.loads((dirs[family] / "config.json").read_text())["model_type"]
+        params = dict(load_model(resolve_model(str(ck))).model.named_parameters())
+        assert params.keys() == source.keys()
+        moved = [n for n in params if not torch.equal(params[n], source[n])]
+        assert (moved == []) == (step == 0), (step, moved[:3])
