@@ -853,3 +853,25 @@ def test_the_steps_a_run_saves_include_step_0_whatever_save_steps_says(quick: Pa
         run, t = r.steps(name)
         for data in run.data_names.values():
             assert t.loc[t["data"] == data, "step"].tolist() == r.saved_steps
+
+
+@pytest.mark.parametrize("methods, base, metric", [(["average", "shift"], False, "kl"),
+                                                   (["average", "shift", "salience"], True, "prob_accuracy_drop"),
+                                                   (["average", "shift", "salience", "ties"], False, "accuracy_drop")])
+def test_the_merges_paragraph_describes_the_merges_the_config_ran(methods, base, metric) -> None:
+    """The report's "The merges" paragraph was one fixed sentence: a config without salience or TIES was told
+    about a salience-guided and a TIES merge it never made, and one with merge.salience_base = true or another
+    salience_metric read that the experts' (KL) salience weighted the heads while the base kept α0."""
+    import dataclasses
+
+    from figures.report import merges_paragraph
+
+    g = dataclasses.replace(parse_config(QUICK_CONFIG).merge, methods=methods, salience_base=base,
+                            salience_metric=metric)
+    text = merges_paragraph(dataclasses.asdict(g))  # what replicate.json saves and the report reads back
+    assert ("salience-guided" in text) == ("salience" in methods)
+    assert ("TIES" in text) == ("ties" in methods)
+    if "salience" in methods:
+        label = {"kl": "mean KL", "accuracy_drop": "accuracy drop", "prob_accuracy_drop": "probability-accuracy drop"}
+        assert f"sweeps' {label[metric]} " in text
+        assert ("the base keeps α0 = 0.5" in text) != base and ("compete" in text) == base
