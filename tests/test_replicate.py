@@ -276,6 +276,18 @@ def test_rerun_skips_unchanged_stages_and_continues_a_killed_one(quick: Path, ca
         assert f"== {name}: unchanged, skipped" in err
 
 
+def test_only_rebuilds_the_report_from_what_the_stages_now_hold(quick: Path, capsys) -> None:
+    """--only table4 table5 reran those stages and ended with "report: DIR/report.md", but the report stage was
+    skipped: report.md kept the Table 4/5 numbers of the earlier run (and described the earlier config)."""
+    out = quick
+    built = (out / "report.md").read_text()  # the full run's report, from these same stage outputs
+    (out / "report.md").write_text("stale\n")
+    (out / "report.html").unlink()
+    assert replicate_in_root("--quick", "--quiet", "--only", "table4", "--out", str(out)) == 0
+    assert "== report: done" in capsys.readouterr().err
+    assert (out / "report.md").read_text() == built and (out / "report.html").is_file()
+
+
 def test_a_killed_stage_whose_parts_ran_under_other_software_starts_again(quick: Path, capsys) -> None:
     """A stage killed, then resumed after a transformers upgrade (or an omniprobe edit): probe.eval refuses to mix
     the two setups' parts and asks for --overwrite, which this driver has not got, so every rerun failed; the
