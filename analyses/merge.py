@@ -619,8 +619,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "decide each head's weights), task_arithmetic, ties")
     p.add_argument("--weights", nargs="+", type=float, help="Eq. 2 weights, one per --models entry")
     p.add_argument("--no-normalize", action="store_true", help="use --weights as given (default: sum to 1)")
-    p.add_argument("--alpha0", type=float, default=0.5, help="Eq. 4 weight of the base (default 0.5, as released)")
-    p.add_argument("--temperature", type=float, default=1e-3,
+    p.add_argument("--alpha0", type=float, help="Eq. 4 weight of the base (default 0.5, as released)")
+    p.add_argument("--temperature", type=float,
                    help="Eq. 4 softmax temperature tau: alpha_i = softmax(delta_avg_i / tau) (default 1e-3)")
     p.add_argument("--shift", type=Path, dest="shift_dir", metavar="DIR",
                    help="reuse Δavg from a python -m analyses.shift output dir instead of recomputing")
@@ -631,29 +631,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-salience", type=Path, metavar="DIR",
                    help="salience: a probe.heads run of the base on text; then the base competes by salience "
                    "too instead of keeping --alpha0")
-    p.add_argument("--salience-metric", choices=SALIENCE_METRICS, default="kl",
+    p.add_argument("--salience-metric", choices=SALIENCE_METRICS,
                    help="salience: heads.csv column used as s_i(L, h) (default kl)")
-    p.add_argument("--salience-temperature", type=float, default=1.0,
+    p.add_argument("--salience-temperature", type=float,
                    help="salience: softmax temperature over normalised saliences (default 1.0)")
     p.add_argument("--rest", choices=("shift", "layer"), default="shift",
                    help="salience: non-head tensors by Eq. 4 (shift; default) or by the layer's mean salience")
-    p.add_argument("--lambda", type=float, default=1.0, dest="lam",
+    p.add_argument("--lambda", type=float, dest="lam",
                    help="task_arithmetic / ties: scale of the merged task vector (default 1.0)")
-    p.add_argument("--density", type=float, default=0.2,
+    p.add_argument("--density", type=float,
                    help="ties: share of each task vector kept, by magnitude (default 0.2)")
     p.add_argument("--shard-size", default="5GB", help="max bytes per safetensors shard (default 5GB)")
     add_output_args(p, "output HF model dir", figures=False)
     return p
 
 
+# options a method reads (dest, flag, methods): given to another method they would be ignored, so they are refused
+METHOD_OPTIONS = (("alpha0", "--alpha0", ("shift", "salience")), ("temperature", "--temperature", ("shift", "salience")),
+                  ("salience_metric", "--salience-metric", ("salience",)),
+                  ("salience_temperature", "--salience-temperature", ("salience",)),
+                  ("lam", "--lambda", ("task_arithmetic", "ties")), ("density", "--density", ("ties",)),
+                  ("no_normalize", "--no-normalize", ("weighted",)))
+
+
+def method_options(a: argparse.Namespace) -> dict[str, Any]:
+    """The method's settings as given, else MergeConfig's defaults; one given to a method that ignores it (e.g.
+    --density with task_arithmetic, which would have merged untrimmed, exit 0) is bad input."""
+    for dest, flag, methods in METHOD_OPTIONS:
+        if getattr(a, dest) not in (None, False) and a.method not in methods:
+            raise BadInput(f"{flag} only applies to --method {' or '.join(methods)}, not {a.method}")
+    return {dest: getattr(a, dest) for dest, _, _ in METHOD_OPTIONS if dest != "no_normalize"
+            and getattr(a, dest) is not None}
+
+
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     cfg = MergeConfig(
         models=a.models, method=a.method, out=a.out, base=a.base, weights=a.weights, normalize=not a.no_normalize,
-        alpha0=a.alpha0, temperature=a.temperature, carriers=a.carriers, shift_dir=a.shift_dir,
-        shard_size=parse_size(a.shard_size), overwrite=a.overwrite, allow_bin=a.allow_bin, lam=a.lam,
-        density=a.density, salience=a.salience, base_salience=a.base_salience, salience_metric=a.salience_metric,
-        salience_temperature=a.salience_temperature, rest=a.rest,
+        carriers=a.carriers, shift_dir=a.shift_dir, shard_size=parse_size(a.shard_size), overwrite=a.overwrite,
+        allow_bin=a.allow_bin, salience=a.salience, base_salience=a.base_salience, rest=a.rest, **method_options(a),
     )
     with quiet_progress(a.quiet):
         run_merge(cfg)

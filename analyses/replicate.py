@@ -467,6 +467,8 @@ def run(args: argparse.Namespace) -> Path:
         if args.only and stage.name not in args.only:
             continue
         run_stage(ctx, stage, stage_fps[stage.name])
+    if args.only and "report" not in args.only:  # else report.md kept the numbers of the stages before this run
+        run_stage(ctx, BY_NAME["report"], stage_fps["report"])
     print(f"all done in {time.perf_counter() - t0:.1f} s; report: {out / 'report.md'}, {out / 'report.html'}",
           file=sys.stderr)
     return out

@@ -321,11 +321,7 @@ def build(r: Replication, figdir: Path) -> Doc:
 
     # merges
     d.h(2, "The merges")
-    d.p("Eq. 1 averages the base and every expert; Eq. 4 (α0 = "
-        f"{cfg['merge']['alpha0']:g}, τ = {cfg['merge']['temperature']:g}) weights the experts by softmax(Δavg/τ); "
-        "the salience-guided merge (ours) weights each head's slices by the experts' Figure 2 salience "
-        f"and the rest by Eq. 4; TIES trims each task vector to {cfg['merge']['density']:g} of its entries. Each "
-        "merged LM is also transplanted into every expert's carrier.")
+    d.p(merges_paragraph(cfg["merge"]))
     pngs = _copy_pages(r.out / "merge" / "salience" / "merge_heads.png", figdir / "salience.png") \
         if r.complete("merge") else []
     for png in pngs:
@@ -438,3 +434,23 @@ def build_report(out: Path) -> list[Path]:
 def _times(ratio: float | None) -> str:
     """× least shifted; shift writes null when some model did not move (no ratio to it is defined)."""
     return "—" if ratio is None else f"{ratio:.2f}×"
+
+
+SALIENCE_METRIC_LABELS = {"kl": "mean KL", "accuracy_drop": "accuracy drop",
+                          "prob_accuracy_drop": "probability-accuracy drop"}
+
+
+def merges_paragraph(m: dict) -> str:
+    """What the merge stage ran, from its config: only the configured methods, and the salience merge with the
+    metric and base rule it used (a fixed sentence described salience and TIES merges a run had not made)."""
+    said = ["Eq. 1 averages the base and every expert",
+            f"Eq. 4 (α0 = {m['alpha0']:g}, τ = {m['temperature']:g}) weights the experts by softmax(Δavg/τ)"]
+    if "salience" in m["methods"]:
+        rule = ("the base (its sweep on text) and the experts compete by softmax(ŝ/τ_s)" if m["salience_base"]
+                else f"the base keeps α0 = {m['alpha0']:g} and the experts share the rest by softmax(ŝ/τ_s)")
+        said.append("the salience-guided merge (ours) weights each head's slices by the Figure 2 sweeps' "
+                    f"{SALIENCE_METRIC_LABELS[m['salience_metric']]} (ŝ: normalised per model; τ_s = "
+                    f"{m['salience_temperature']:g}; {rule}) and the rest by Eq. 4")
+    if "ties" in m["methods"]:
+        said.append(f"TIES trims each task vector to {m['density']:g} of its entries (λ = {m['lam']:g})")
+    return "; ".join(said) + ". Each merged LM is also transplanted into every expert's carrier."

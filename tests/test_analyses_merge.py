@@ -487,6 +487,23 @@ def test_coefficients_beyond_float32_exit_2_one_line(zoo, tmp_path, capfd, argv)
     assert code == 2 and len(err.splitlines()) == 1 and "float32 range" in err and not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("argv, flag", [(["--method", "task_arithmetic", "--density", "0.5"], "--density"),
+                                        (["--method", "shift", "--salience-metric", "accuracy_drop"],
+                                         "--salience-metric"),
+                                        (["--method", "shift", "--salience-temperature", "5"], "--salience-temperature"),
+                                        (["--method", "average", "--alpha0", "0.2"], "--alpha0"),
+                                        (["--method", "ties", "--temperature", "0.01"], "--temperature"),
+                                        (["--method", "shift", "--lambda", "2"], "--lambda"),
+                                        (["--method", "shift", "--no-normalize"], "--no-normalize")])
+def test_an_option_the_method_ignores_exits_2_one_line(zoo, tmp_path, capfd, argv, flag):
+    """--method task_arithmetic --density 0.5 merged untrimmed and --method shift --salience-metric accuracy_drop
+    merged by Eq. 4 alone, both exit 0, as if the option had been applied (--weights and --rest were refused)."""
+    code = run(merge.main, "--base", zoo["base"], "--models", zoo["vl"], zoo["q1"], "--out", tmp_path / "o", *argv)
+    err = capfd.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and f"{flag} only applies to --method" in err
+    assert not (tmp_path / "o").exists()
+
+
 def write_tokenizer(model_dir: Path, tokens: list[str], added: dict[str, int] | None = None) -> None:
     (model_dir / "tokenizer.json").write_text(json.dumps({
         "model": {"type": "BPE", "vocab": {t: i for i, t in enumerate(tokens)}, "merges": []},

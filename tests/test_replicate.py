@@ -276,6 +276,18 @@ def test_rerun_skips_unchanged_stages_and_continues_a_killed_one(quick: Path, ca
         assert f"== {name}: unchanged, skipped" in err
 
 
+def test_only_rebuilds_the_report_from_what_the_stages_now_hold(quick: Path, capsys) -> None:
+    """--only table4 table5 reran those stages and ended with "report: DIR/report.md", but the report stage was
+    skipped: report.md kept the Table 4/5 numbers of the earlier run (and described the earlier config)."""
+    out = quick
+    built = (out / "report.md").read_text()  # the full run's report, from these same stage outputs
+    (out / "report.md").write_text("stale\n")
+    (out / "report.html").unlink()
+    assert replicate_in_root("--quick", "--quiet", "--only", "table4", "--out", str(out)) == 0
+    assert "== report: done" in capsys.readouterr().err
+    assert (out / "report.md").read_text() == built and (out / "report.html").is_file()
+
+
 def test_a_killed_stage_whose_parts_ran_under_other_software_starts_again(quick: Path, capsys) -> None:
     """A stage killed, then resumed after a transformers upgrade (or an omniprobe edit): probe.eval refuses to mix
     the two setups' parts and asks for --overwrite, which this driver has not got, so every rerun failed; the
@@ -853,3 +865,25 @@ def test_the_steps_a_run_saves_include_step_0_whatever_save_steps_says(quick: Pa
         run, t = r.steps(name)
         for data in run.data_names.values():
             assert t.loc[t["data"] == data, "step"].tolist() == r.saved_steps
+
+
+@pytest.mark.parametrize("methods, base, metric", [(["average", "shift"], False, "kl"),
+                                                   (["average", "shift", "salience"], True, "prob_accuracy_drop"),
+                                                   (["average", "shift", "salience", "ties"], False, "accuracy_drop")])
+def test_the_merges_paragraph_describes_the_merges_the_config_ran(methods, base, metric) -> None:
+    """The report's "The merges" paragraph was one fixed sentence: a config without salience or TIES was told
+    about a salience-guided and a TIES merge it never made, and one with merge.salience_base = true or another
+    salience_metric read that the experts' (KL) salience weighted the heads while the base kept α0."""
+    import dataclasses
+
+    from figures.report import merges_paragraph
+
+    g = dataclasses.replace(parse_config(QUICK_CONFIG).merge, methods=methods, salience_base=base,
+                            salience_metric=metric)
+    text = merges_paragraph(dataclasses.asdict(g))  # what replicate.json saves and the report reads back
+    assert ("salience-guided" in text) == ("salience" in methods)
+    assert ("TIES" in text) == ("ties" in methods)
+    if "salience" in methods:
+        label = {"kl": "mean KL", "accuracy_drop": "accuracy drop", "prob_accuracy_drop": "probability-accuracy drop"}
+        assert f"sweeps' {label[metric]} " in text
+        assert ("the base keeps α0 = 0.5" in text) != base and ("compete" in text) == base
