@@ -92,6 +92,20 @@ def parse_data(specs: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def check_label(label: str, path: str, items: Sequence[Any]) -> None:
+    """A set labelled by a modality holds that modality: train_log.csv and Figure 3 report each step's rows by
+    label, so ``text=`` over an image set trained on images logged as text. Other labels are the user's own names
+    (``mixed=DIR``)."""
+    from probe.prompting import item_modalities
+
+    held = {m for it in items for m in item_modalities(it)}
+    wrong = {"text": held - {"text"}, "image": {"image"} - held, "video": {"video"} - held}.get(label)
+    if wrong:
+        has = " and ".join(sorted(held - {"text"})) or "text only"
+        raise BadInput(f"--data {label}={path}: its items hold {has}, not {label}; label a set by what it holds, "
+                       "or give it a name of your own (e.g. mixed=DIR)")
+
+
 def parse_mix(spec: str | None, labels: Sequence[str]) -> dict[str, float]:
     if spec is None:
         return {m: 1.0 for m in labels}
@@ -356,6 +370,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
             check_modalities(ref, its)
         except BadInput:
             raise BadInput(f"--data {label}={path}: {ref.spec} ({ref.family.name}) cannot read its items") from None
+        check_label(label, path, its)
         items[label] = its
     check_prompts(ref, [it for its in items.values() for it in its])
     # what decides the numbers: resolved precision and device type, not the "auto" typed, the model's weights

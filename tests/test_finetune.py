@@ -269,7 +269,7 @@ def test_a_damaged_trainer_state_is_one_line_before_anything_runs(ft_run, tiny_d
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
-def test_bad_input_exit_2_nothing_written(tiny_dirs, data_dir, tmp_path, capfd):
+def test_bad_input_exit_2_nothing_written(tiny_dirs, data_dir, text_dir, tmp_path, capfd):
     from analyses.finetune import main
 
     out = tmp_path / "never"
@@ -281,6 +281,11 @@ def test_bad_input_exit_2_nothing_written(tiny_dirs, data_dir, tmp_path, capfd):
           "validation"], "--mix"),
         (["--model", str(tiny_dirs["qwen2_vl"]), "--data", f"image={data_dir}", "--save-steps", "9", "--split",
           "validation"], "--save-steps"),
+        # a set labelled by a modality it does not hold trained on one modality logged as another
+        (["--model", str(tiny_dirs["qwen2_vl"]), "--data", f"text={data_dir}", "--split", "validation"],
+         "its items hold image, not text"),
+        (["--model", str(tiny_dirs["qwen2_vl"]), "--data", f"image={text_dir}", "--split", "validation"],
+         "its items hold text only, not image"),
     ]
     for argv, needle in cases:
         assert cli_main(main, argv + base) == 2
