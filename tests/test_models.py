@@ -479,3 +479,30 @@ def test_a_models_fingerprint_ignores_its_figures_and_merge_records(tmp_path):
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
     assert local_fingerprint(d) != before
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_half_precision_logits_are_the_fp32_product_of_the_heads_input_and_weights(tiny_dirs, family, dtype):
+    """In bfloat16 the LM head rounded its logits to bfloat16 (up to 0.06 on logits of 10–30): on SmolLM2 that noise
+    was most of a single head's KL (per-head KL vs fp32's, Spearman 0.22) and broke the exact/naive and batch guards.
+    The logits are now the fp32 product of the head's half-precision input and weights (the direct formula here);
+    fine-tuning (logits_fp32=False) keeps transformers' own head."""
+    from probe.models import load_model
+
+    ref = resolve_model(str(tiny_dirs[family]))
+    loaded = load_model(ref, dtype=dtype)
+    head = loaded.model.get_submodule(ref.family.lm_head_path)
+    seen: list[torch.Tensor] = []
+    handle = head.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    try:
+        ids = torch.randint(0, head.weight.shape[0], (2, 7), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            logits = loaded.model(input_ids=ids).logits
+    finally:
+        handle.remove()
+    want = seen[0].float() @ head.weight.float().T
+    assert seen[0].dtype == getattr(torch, dtype) and logits.dtype == torch.float32
+    torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-5)
+    trained = load_model(ref, dtype=dtype, logits_fp32=False)
+    assert trained.model(input_ids=ids).logits.dtype == getattr(torch, dtype)
