@@ -112,6 +112,8 @@ def check_lm_tail(loaded: LoadedModel, clean: CleanPass) -> None:
     with torch.no_grad():
         mine = lm_tail(loaded, clean.last_output)[0].float()
     want = clean.last_logits.float()
+    if not bool(torch.isfinite(want).all()):  # the forward overflowed (bf16/fp16), not an upstream change: the
+        return  # baseline row's measurement_row stops the run naming the item and the cure (--dtype float32)
     tol = 1e-4 if loaded.dtype == torch.float32 else 2e-2
     if not torch.allclose(mine, want, atol=tol * max(1.0, float(want.abs().max())), rtol=0):
         raise UpstreamChanged(f"{type(loaded.model).__name__}'s logits are not its final norm and LM head "

@@ -506,3 +506,32 @@ def test_half_precision_logits_are_the_fp32_product_of_the_heads_input_and_weigh
     torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-5)
     trained = load_model(ref, dtype=dtype, logits_fp32=False)
     assert trained.model(input_ids=ids).logits.dtype == getattr(torch, dtype)
+
+
+@pytest.mark.parametrize("method", ["exact", "naive"])
+def test_a_float16_overflow_in_the_head_sweep_is_named_as_one_not_as_an_upstream_change(tmp_path, tiny_dirs, capfd,
+                                                                                         method):
+    """Finite weights whose float16 forward overflows: the exact engine's check of its LM tail compared NaN logits
+    and stopped with 'transformers …: logits are not its final norm and LM head … (max difference nan)', sending
+    the user after an upstream change; both engines now stop naming the item and --dtype float32 (exit 1)."""
+    from safetensors.torch import load_file, save_file
+
+    from conftest import REPO
+    from probe.errors import cli_main
+    from probe.heads import main
+
+    big = tmp_path / "big"
+    shutil.copytree(tiny_dirs["qwen2"], big)
+    sd = load_file(big / "model.safetensors")
+    for part in ("layers.0.mlp.up_proj", "layers.0.mlp.down_proj"):  # finite in float16, their product is not
+        key = next(k for k in sd if part in k)
+        sd[key] = sd[key] / sd[key].abs().max() * 60000
+    save_file(sd, big / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    args = ["--model", str(big), "--data", str(REPO / "probe" / "zoo" / "data" / "text"), "--limit", "1",
+            "--layers", "1", "--heads", "0", "--no-generate", "--no-figures", "--quiet", "--method", method,
+            "--out", str(out)]
+    assert cli_main(main, args + ["--dtype", "float32"]) == 0  # the same model is fine in float32
+    assert cli_main(main, args + ["--dtype", "float16", "--overwrite"]) == 1
+    last = capfd.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: item ") and "overflowed" in last and "--dtype float32" in last, last
