@@ -535,3 +535,38 @@ def test_a_float16_overflow_in_the_head_sweep_is_named_as_one_not_as_an_upstream
     assert cli_main(main, args + ["--dtype", "float16", "--overwrite"]) == 1
     last = capfd.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: item ") and "overflowed" in last and "--dtype float32" in last, last
+
+
+@pytest.mark.parametrize("path", ["naive", "exact", "batch"])
+def test_non_finite_logits_while_generating_stop_the_run_instead_of_scoring_the_text(load_tiny, item_factory, path):
+    """Only the first position's option letters were checked for NaN: an overflow at a later generated token (bf16/
+    fp16) left greedy decoding taking the argmax of NaN logits, and the text it spelled was scored as a wrong
+    answer (accuracy 0, exit 0). Here the LM head gives NaN at every decoding step after the prompt."""
+    from types import SimpleNamespace
+
+    from probe.errors import RunStopped
+    from probe.eval import DataSet, evaluate_pair
+    from probe.sweep import SweepConfig, get_engine
+
+    loaded = load_tiny("qwen2")
+    items = [item_factory(with_image=False), item_factory(with_image=False, item_id="validation_Test_2",
+                                                          question="Which one?")]
+    cfg = SweepConfig(max_new_tokens=3)
+    ds = DataSet("d", "d", "d", "", 2, 0, ["Test"])
+    run = {"naive": lambda: get_engine("naive")(loaded, items[:1], [(1, 0)], cfg),
+           "exact": lambda: get_engine("exact")(loaded, items[:1], [(1, 0)], cfg),
+           "batch": lambda: evaluate_pair(loaded, "m", ds, items, cfg, 2, SimpleNamespace(update=lambda n: None))}[path]
+    rows = run()  # finite: the same run is measured, and generates past its first token
+    assert all(len(loaded.tokenizer(r["response"])["input_ids"]) > 1 for r in rows), rows
+    decoding = {"on": False}
+    embed = loaded.model.get_input_embeddings()
+    head = loaded.model.get_submodule(loaded.family.lm_head_path)
+    hooks = [embed.register_forward_pre_hook(lambda m, args: decoding.update(on=args[0].shape[1] == 1)),
+             head.register_forward_hook(lambda m, args, out: torch.full_like(out, float("nan")) if decoding["on"]
+                                        else out)]
+    try:
+        with pytest.raises(RunStopped, match=r"item validation_Test_\d.*generated token 2 are not finite.*float32"):
+            run()
+    finally:
+        for h in hooks:
+            h.remove()
