@@ -411,7 +411,8 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
 
         check_trains_fits(ref, frozen, placement.device, next(iter(placement.device_memory), None), tcfg)
     loaded = load_model(ref, dtype=frozen, device=placement.device, devices=placement.all_devices,
-                        device_memory=placement.device_memory)
+                        device_memory=placement.device_memory,
+                        logits_fp32=False)  # trains the head as transformers does (no hook under FSDP/LoRA)
     if cfg.lora is not None:  # LoRA resumes from the original weights plus the checkpoint's adapter
         torch.manual_seed(cfg.seed)  # the adapters' random initialisation
         add_lora(loaded, cfg.lora, resumable[start] / "adapter" if start is not None else None)

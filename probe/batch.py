@@ -25,7 +25,8 @@ from probe.errors import RunStopped
 from probe.metrics import option_log_probs
 from probe.models import LoadedModel
 from probe.prompting import ItemLike
-from probe.sweep import Measurement, SweepConfig, first_token_measure, greedy_config, oracle_mismatch, prepare_item
+from probe.sweep import (Measurement, SweepConfig, first_token_measure, greedy_config, oracle_mismatch, overflow_steps,
+                         prepare_item)
 
 TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 
@@ -67,10 +68,11 @@ def measure_batch(
             first = out.logits[0]  # [B, V] raw logits of the first generated position
             new = out.sequences[:, batch["input_ids"].shape[1]:]
             texts: list[str | None] = list(loaded.tokenizer.batch_decode(new, skip_special_tokens=True))
+            bad = overflow_steps(out.logits, new, loaded.eos_token_ids)
         else:
             first = loaded.model(**batch, logits_to_keep=1).logits[:, -1]
-            texts = [None] * len(inputs)
-    return [Measurement(option_log_probs(first[r], ids), texts[r]) for r, ids in enumerate(letter_ids)]
+            texts, bad = [None] * len(inputs), [None] * len(inputs)
+    return [Measurement(option_log_probs(first[r], ids), texts[r], bad[r]) for r, ids in enumerate(letter_ids)]
 
 
 # padded tokens a batch may spend beyond its real ones (a fraction of them). Padding is computed like any token, so

@@ -26,7 +26,7 @@ from probe.metrics import option_log_probs
 from probe.models import LoadedModel
 from probe.prompting import ItemLike
 from probe.sweep import (BASELINE, Measurement, SweepConfig, first_token_measure, measurement_row, oracle_mismatch,
-                         prepare_item)
+                         overflow_steps, prepare_item)
 from probe.upstream import (LayerCall, cache_kwarg, cache_layer_kv, call_layer, check_cache, full_length_cache,
                             model_call_with_cache, module_device, output_cache, prefix_cache, record_layer_call,
                             reset_position_state, UpstreamChanged)
@@ -112,6 +112,8 @@ def check_lm_tail(loaded: LoadedModel, clean: CleanPass) -> None:
     with torch.no_grad():
         mine = lm_tail(loaded, clean.last_output)[0].float()
     want = clean.last_logits.float()
+    if not bool(torch.isfinite(want).all()):  # the forward overflowed (bf16/fp16), not an upstream change: the
+        return  # baseline row's measurement_row stops the run naming the item and the cure (--dtype float32)
     tol = 1e-4 if loaded.dtype == torch.float32 else 2e-2
     if not torch.allclose(mine, want, atol=tol * max(1.0, float(want.abs().max())), rtol=0):
         raise UpstreamChanged(f"{type(loaded.model).__name__}'s logits are not its final norm and LM head "
@@ -161,12 +163,13 @@ def run_rows(
 def greedy_continue(
     loaded: LoadedModel, first_logits: torch.Tensor, cache: Any, gates: dict[int, torch.Tensor],
     max_new_tokens: int,
-) -> list[str]:
-    """Greedy decoding after the first position, like ``generate(do_sample=False)``: finished rows get pad."""
+) -> tuple[list[str], list[int | None]]:
+    """Greedy decoding after the first position, like ``generate(do_sample=False)``: finished rows get pad.
+    Per row its text and ``overflow_steps``' first position of non-finite logits."""
     eos = torch.tensor(sorted(loaded.eos_token_ids), device=first_logits.device)
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else int(eos[0])
     token = first_logits.argmax(-1)
-    tokens = [token]
+    tokens, step_logits = [token], [first_logits]
     done = torch.isin(token, eos)
     prompt_length = cache_layer_kv(cache, 0)[0].shape[-2]
     for _ in range(max_new_tokens - 1):
@@ -176,10 +179,12 @@ def greedy_continue(
             out = model_call_with_cache(loaded.model, cache, input_ids=token[:, None], logits_to_keep=1)
         token = torch.where(done, torch.full_like(token, pad), out.logits[:, -1].argmax(-1))
         tokens.append(token)
+        step_logits.append(out.logits[:, -1])
         done |= torch.isin(token, eos)
     check_cache(cache, range(loaded.geometry.n_layers), len(token), prompt_length + len(tokens) - 1)
     seqs = torch.stack(tokens, dim=1)
-    return loaded.tokenizer.batch_decode(seqs, skip_special_tokens=True)
+    return (loaded.tokenizer.batch_decode(seqs, skip_special_tokens=True),
+            overflow_steps(step_logits, seqs, loaded.eos_token_ids))
 
 
 class EngineDisagrees(RunStopped):
@@ -224,11 +229,11 @@ def exact_sweep(
         inputs, letter_ids = prepare_item(loaded, item, cfg)
         clean = clean_pass(loaded, inputs, keep_cache=cfg.generate)
         base_logp = option_log_probs(clean.last_logits, letter_ids)
-        text = None
+        text, base_overflow = None, None
         if cfg.generate:
             cache = prefix_cache(clean.cache, loaded.geometry.n_layers, 1)
-            text = greedy_continue(loaded, clean.last_logits[None], cache, {}, cfg.max_new_tokens)[0]
-        rows.append(measurement_row(item, BASELINE, BASELINE, Measurement(base_logp, text), base_logp))
+            (text,), (base_overflow,) = greedy_continue(loaded, clean.last_logits[None], cache, {}, cfg.max_new_tokens)
+        rows.append(measurement_row(item, BASELINE, BASELINE, Measurement(base_logp, text, base_overflow), base_logp))
         progress(1)
         item_rows: dict[tuple[int, int], dict] = {}
         for batch in batches:
@@ -236,12 +241,13 @@ def exact_sweep(
             cache = prefix_cache(clean.cache, layer, len(batch)) if cfg.generate else None
             logits = run_rows(loaded, clean, batch, cache)
             texts: list[str | None] = [None] * len(batch)
+            bad: list[int | None] = [None] * len(batch)
             if cfg.generate:
                 gates = {layer: head_gates(len(batch), n_heads, [h for _, h in batch])}
-                texts = greedy_continue(loaded, logits, cache, gates, cfg.max_new_tokens)
+                texts, bad = greedy_continue(loaded, logits, cache, gates, cfg.max_new_tokens)
             logp = option_log_probs(logits, letter_ids)
             for r, (layer, head) in enumerate(batch):
-                m = Measurement(logp[r], texts[r])
+                m = Measurement(logp[r], texts[r], bad[r])
                 if n_item == 0 and (layer, head) == guarded:
                     check_against_naive(loaded, item, inputs, letter_ids, guarded, m, cfg)
                 item_rows[(layer, head)] = measurement_row(item, layer, head, m, base_logp)

@@ -6,7 +6,7 @@ the code as the oracle the faster engines are tested against (DESIGN §4).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -40,6 +40,19 @@ class Measurement:
 
     logp: torch.Tensor  # [n_options], fp32
     response: str | None
+    overflow_step: int | None = None  # the first generated position whose logits were not finite (overflow_steps)
+
+
+def overflow_steps(step_logits: Sequence[torch.Tensor], tokens: torch.Tensor, eos: Iterable[int]) -> list[int | None]:
+    """Per row of ``tokens`` [B, S] (greedy tokens from ``step_logits``, S tensors [B, V]), the first position whose
+    logits were not finite while the row was still generating, or None. The argmax of NaN logits is a token all the
+    same: the text it spells would be scored as a wrong answer (the option letters are checked at position 0 only)."""
+    finite = torch.stack([torch.isfinite(x).all(-1).cpu() for x in step_logits], 1)  # [B, S] (a spread model's
+    # first position comes from another device than the later ones)
+    ended = torch.isin(tokens[:, :finite.shape[1]].cpu(), torch.tensor(sorted(eos), dtype=tokens.dtype))
+    finished = (ended.int().cumsum(1) - ended.int()) > 0  # an end token earlier in the row: the rest is padding
+    bad = ~finite & ~finished
+    return [int(r.nonzero()[0]) if bool(r.any()) else None for r in bad]
 
 
 # Max |Δp| over the option letters between a fast path (exact engine, batched evaluation) and its one-item oracle
@@ -82,8 +95,9 @@ def first_token_measure(
             first = out.logits[0][0]
             new = out.sequences[0, inputs["input_ids"].shape[1]:]
             text = loaded.tokenizer.decode(new, skip_special_tokens=True)
-            return Measurement(option_log_probs(first, letter_ids), text)
-        logits = model(**inputs).logits[0, -1]
+            bad = overflow_steps(out.logits, new[None], loaded.eos_token_ids)[0]
+            return Measurement(option_log_probs(first, letter_ids), text, bad)
+        logits = model(**inputs, logits_to_keep=1).logits[0, -1]  # the head (fp32 in half precision) at one row
         return Measurement(option_log_probs(logits, letter_ids), None)
 
 
@@ -91,11 +105,16 @@ def measurement_row(
     item: ItemLike, layer: int, head: int, m: Measurement, base_logp: torch.Tensor
 ) -> dict:
     logp, base_logp = m.logp.detach().float().cpu(), base_logp.detach().float().cpu()  # one copy each, no more syncs
+    removed = "" if layer == BASELINE else f" with head {layer}.{head} removed"
     if not bool(torch.isfinite(logp).all()):  # finite weights (checked at load) and still NaN/Inf: an overflow
-        removed = "" if layer == BASELINE else f" with head {layer}.{head} removed"
         raise RunStopped(f"item {item.id}{removed}: the option letters' log-probabilities are not finite (NaN or Inf) "
                          "although every weight is: the forward overflowed in this dtype. Nothing was written for "
                          "this part; rerun with --dtype float32")
+    if m.overflow_step is not None:
+        raise RunStopped(f"item {item.id}{removed}: the logits of generated token {m.overflow_step + 1} are not finite "
+                         "(NaN or Inf) although every weight is: the forward overflowed in this dtype, and its text "
+                         "would be scored as a wrong answer. Nothing was written for this part; rerun with --dtype "
+                         "float32")
     m = Measurement(logp, m.response)
     letters = item.letters
     idx = letters.index(item.answer)

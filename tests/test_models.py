@@ -479,3 +479,94 @@ def test_a_models_fingerprint_ignores_its_figures_and_merge_records(tmp_path):
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
     assert local_fingerprint(d) != before
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_half_precision_logits_are_the_fp32_product_of_the_heads_input_and_weights(tiny_dirs, family, dtype):
+    """In bfloat16 the LM head rounded its logits to bfloat16 (up to 0.06 on logits of 10–30): on SmolLM2 that noise
+    was most of a single head's KL (per-head KL vs fp32's, Spearman 0.22) and broke the exact/naive and batch guards.
+    The logits are now the fp32 product of the head's half-precision input and weights (the direct formula here);
+    fine-tuning (logits_fp32=False) keeps transformers' own head."""
+    from probe.models import load_model
+
+    ref = resolve_model(str(tiny_dirs[family]))
+    loaded = load_model(ref, dtype=dtype)
+    head = loaded.model.get_submodule(ref.family.lm_head_path)
+    seen: list[torch.Tensor] = []
+    handle = head.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    try:
+        ids = torch.randint(0, head.weight.shape[0], (2, 7), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            logits = loaded.model(input_ids=ids).logits
+    finally:
+        handle.remove()
+    want = seen[0].float() @ head.weight.float().T
+    assert seen[0].dtype == getattr(torch, dtype) and logits.dtype == torch.float32
+    torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-5)
+    trained = load_model(ref, dtype=dtype, logits_fp32=False)
+    assert trained.model(input_ids=ids).logits.dtype == getattr(torch, dtype)
+
+
+@pytest.mark.parametrize("method", ["exact", "naive"])
+def test_a_float16_overflow_in_the_head_sweep_is_named_as_one_not_as_an_upstream_change(tmp_path, tiny_dirs, capfd,
+                                                                                         method):
+    """Finite weights whose float16 forward overflows: the exact engine's check of its LM tail compared NaN logits
+    and stopped with 'transformers …: logits are not its final norm and LM head … (max difference nan)', sending
+    the user after an upstream change; both engines now stop naming the item and --dtype float32 (exit 1)."""
+    from safetensors.torch import load_file, save_file
+
+    from conftest import REPO
+    from probe.errors import cli_main
+    from probe.heads import main
+
+    big = tmp_path / "big"
+    shutil.copytree(tiny_dirs["qwen2"], big)
+    sd = load_file(big / "model.safetensors")
+    for part in ("layers.0.mlp.up_proj", "layers.0.mlp.down_proj"):  # finite in float16, their product is not
+        key = next(k for k in sd if part in k)
+        sd[key] = sd[key] / sd[key].abs().max() * 60000
+    save_file(sd, big / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    args = ["--model", str(big), "--data", str(REPO / "probe" / "zoo" / "data" / "text"), "--limit", "1",
+            "--layers", "1", "--heads", "0", "--no-generate", "--no-figures", "--quiet", "--method", method,
+            "--out", str(out)]
+    assert cli_main(main, args + ["--dtype", "float32"]) == 0  # the same model is fine in float32
+    assert cli_main(main, args + ["--dtype", "float16", "--overwrite"]) == 1
+    last = capfd.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: item ") and "overflowed" in last and "--dtype float32" in last, last
+
+
+@pytest.mark.parametrize("path", ["naive", "exact", "batch"])
+def test_non_finite_logits_while_generating_stop_the_run_instead_of_scoring_the_text(load_tiny, item_factory, path):
+    """Only the first position's option letters were checked for NaN: an overflow at a later generated token (bf16/
+    fp16) left greedy decoding taking the argmax of NaN logits, and the text it spelled was scored as a wrong
+    answer (accuracy 0, exit 0). Here the LM head gives NaN at every decoding step after the prompt."""
+    from types import SimpleNamespace
+
+    from probe.errors import RunStopped
+    from probe.eval import DataSet, evaluate_pair
+    from probe.sweep import SweepConfig, get_engine
+
+    loaded = load_tiny("qwen2")
+    items = [item_factory(with_image=False), item_factory(with_image=False, item_id="validation_Test_2",
+                                                          question="Which one?")]
+    cfg = SweepConfig(max_new_tokens=3)
+    ds = DataSet("d", "d", "d", "", 2, 0, ["Test"])
+    run = {"naive": lambda: get_engine("naive")(loaded, items[:1], [(1, 0)], cfg),
+           "exact": lambda: get_engine("exact")(loaded, items[:1], [(1, 0)], cfg),
+           "batch": lambda: evaluate_pair(loaded, "m", ds, items, cfg, 2, SimpleNamespace(update=lambda n: None))}[path]
+    rows = run()  # finite: the same run is measured, and generates past its first token
+    assert all(len(loaded.tokenizer(r["response"])["input_ids"]) > 1 for r in rows), rows
+    decoding = {"on": False}
+    embed = loaded.model.get_input_embeddings()
+    head = loaded.model.get_submodule(loaded.family.lm_head_path)
+    hooks = [embed.register_forward_pre_hook(lambda m, args: decoding.update(on=args[0].shape[1] == 1)),
+             head.register_forward_hook(lambda m, args, out: torch.full_like(out, float("nan")) if decoding["on"]
+                                        else out)]
+    try:
+        with pytest.raises(RunStopped, match=r"item validation_Test_\d.*generated token 2 are not finite.*float32"):
+            run()
+    finally:
+        for h in hooks:
+            h.remove()
