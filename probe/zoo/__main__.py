@@ -109,6 +109,7 @@ def remove_stale_partials(out: Path) -> None:
 
     remove_stale_dirs(out.parent, rf"\.\.?{re.escape(out.name)}\.partial-(?P<tag>{WRITER_TAG})(\.draw)?")
 
+
 if __name__ == "__main__":
     from probe.errors import cli_main
 
