@@ -37,6 +37,7 @@ from typing import Any, Callable, Sequence
 from analyses.checkpoints import quiet_progress
 from analyses.replicate_config import (DEFAULT_CONFIG, GENERATED, QUICK_CONFIG, ReplicateConfig, check_machine,
                                        parse_config)
+from probe.devices import Placement
 from probe.errors import ArgParser, BadInput, check_out_path, cli_main
 from probe.heads import SOFTWARE, software_differences, versions
 from probe.results import content_fingerprint, has_contents, lock_out_dir
@@ -62,6 +63,7 @@ class Context:
     # what device = "auto" and dtype = "auto" resolved to here ({"dtype": "bfloat16", "device_type": "cuda"}): a part of
     # every section, so stages completed on a CPU (float32) are not kept beside stages run on a GPU (bfloat16)
     precision: dict[str, str] | None = None
+    placement: Placement | None = None  # where the stages run: the first line printed, recorded in replicate.json
 
     def section(self, name: str) -> dict[str, Any]:
         """The config section a stage's fingerprint holds, with the precision it runs in."""
@@ -434,7 +436,8 @@ def prepare(args: argparse.Namespace) -> tuple[Context, dict[str, str]]:
         raise BadInput(f"--out {out}: exists and is not a python -m analyses.replicate output")
     fps = {spec: content_fingerprint(p) for spec, p in resolved.items()}
     fps |= {d: content_fingerprint(d) for d in cfg.data.values()}
-    ctx = Context(cfg, out, args.quiet, fps, resolved, {"dtype": placement.dtype, "device_type": placement.device_type})
+    ctx = Context(cfg, out, args.quiet, fps, resolved, {"dtype": placement.dtype, "device_type": placement.device_type},
+                  placement)
     stage_fps = fingerprints(ctx)
     if args.only:
         wanted = set(args.only)
@@ -459,7 +462,12 @@ def run(args: argparse.Namespace) -> Path:
     lock_out_dir(out)
     from probe.results import atomic_write_json
 
+    p = ctx.placement
+    print(p.description, file=sys.stderr)  # after the last refusal, so that one stays one line (as probe.heads)
     atomic_write_json(out / MARKER, {"out": str(out), "config_file": ctx.cfg.source, "config": asdict(ctx.cfg),
+                                     "placement": {"device": p.device, "devices": list(p.all_devices),
+                                                   "dtype": p.dtype, "attn_implementation": p.attn_implementation,
+                                                   "description": p.description},
                                      "stages": [s.name for s in STAGES], "fingerprints": stage_fps,
                                      "model_content": ctx.fingerprints})
     t0 = time.perf_counter()

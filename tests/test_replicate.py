@@ -379,6 +379,21 @@ def _ctx(cfg, fps: dict[str, str] | None = None) -> Context:
     return Context(cfg, Path("/nowhere"), True, fps or {s: "fp0" for s in specs}, {m: f"/models/{m}" for m in models})
 
 
+def test_the_first_line_and_replicate_json_say_where_and_in_what_precision_it_runs(quick: Path, capsys) -> None:
+    """Issue 20 asks every command that runs a model to say first where and how it runs and to record the resolved
+    device and dtype. analyses.replicate began with "== data: running" and its replicate.json (and report) held only
+    device = "auto", dtype = "auto" as typed. Oracle: probe.devices' resolution on this machine, as probe.heads
+    prints and records it."""
+    from probe.devices import resolve_placement
+
+    want = resolve_placement("auto", "auto")
+    assert replicate_in_root("--quick", "--quiet", "--only", "report", "--out", str(quick)) == 0
+    assert capsys.readouterr().err.splitlines()[0] == want.description
+    info = json.loads((quick / "replicate.json").read_text())
+    assert info["placement"] == {"device": want.device, "devices": list(want.all_devices), "dtype": want.dtype,
+                                 "attn_implementation": want.attn_implementation, "description": want.description}
+
+
 def test_a_stage_completed_in_another_precision_is_not_kept(tmp_path, monkeypatch) -> None:
     """Stage fingerprints held device = "auto" and dtype = "auto" as typed: stages completed on a CPU (float32) were
     skipped as unchanged when the same --out was continued on a GPU (auto: bfloat16), and the report put float32
