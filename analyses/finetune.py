@@ -5,12 +5,12 @@
         --data text=runs/data/text image=runs/data/image video=runs/data/video --mix 3:2:1 \\
         --split train --steps 1000 --save-steps 0 10 30 100 300 1000 --out runs/ft-mixed
 
-Full fine-tuning of any model the probe loads, with the project's one training loop (``probe.train``): the
-probe's prompt, loss on the answer letter and ``<|im_end|>``; each batch row draws its modality with
-probability ∝ ``--mix`` and then an item of it. Writes ``DIR/checkpoint-<step>/`` (loadable HF dirs; step 0 is
-the start) with the optimiser and sampler state beside the weights, ``train_log.csv`` (step, modality, loss,
-lr and lm_lr as they were at that step, tokens) and ``run.json`` (the run's identity: settings, the model's weights
-and the items of each set). ``--dtype bfloat16`` (the default on a GPU) is
+Full fine-tuning of any model the probe loads, with the project's one training loop (``probe.train``): the probe's
+prompt, loss on the answer letter and the end of the turn (``<|im_end|>`` in ChatML); each batch row draws its
+modality with probability ∝ ``--mix`` and then an item of it. Writes ``DIR/checkpoint-<step>/`` (loadable HF dirs;
+step 0 is the start) with the optimiser and sampler state beside the weights, ``train_log.csv`` (step, modality,
+loss, lr and lm_lr as they were at that step, tokens) and ``run.json`` (the run's identity: settings, the model's
+weights and the items of each set). ``--dtype bfloat16`` (the default on a GPU) is
 mixed precision: float32 weights, optimiser and checkpoints, the forward in bfloat16 (with ``--lora`` the frozen
 weights are held in bfloat16, the adapters in float32). The same command after a
 kill continues from the last checkpoint and ends with the same numbers. Items of a modality the model cannot

@@ -68,15 +68,18 @@ class ChatFormat:
     nothing; prompts are tokenised without added special tokens so every path puts it in the same place)."""
 
     prompt: str  # with {bos}, {system}, {user}; ends where the assistant's answer starts
+    end: str | None = None  # the token that ends the assistant's turn after its answer (None: the tokenizer's EOS)
 
 
 CHAT_FORMATS: dict[str, ChatFormat] = {
     "chatml": ChatFormat("{bos}<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
-                         "<|im_start|>assistant\n"),
+                         "<|im_start|>assistant\n", end="<|im_end|>"),
     "vicuna": ChatFormat("{bos}{system}\nUSER: {user} ASSISTANT:"),  # LLaVA-1.5, LLaVA-NeXT-Vicuna
     "mistral": ChatFormat("{bos}[INST] {system}\n\n{user} [/INST]"),  # no system role: it opens the user turn
-    "gemma": ChatFormat("{bos}<start_of_turn>user\n{system}\n\n{user}<end_of_turn>\n<start_of_turn>model\n"),
-    "idefics3": ChatFormat("{bos}System: {system}<end_of_utterance>\nUser:{user}<end_of_utterance>\nAssistant:"),
+    "gemma": ChatFormat("{bos}<start_of_turn>user\n{system}\n\n{user}<end_of_turn>\n<start_of_turn>model\n",
+                        end="<end_of_turn>"),
+    "idefics3": ChatFormat("{bos}System: {system}<end_of_utterance>\nUser:{user}<end_of_utterance>\nAssistant:",
+                           end="<end_of_utterance>"),
 }
 
 
@@ -86,6 +89,22 @@ def render_chat(template: PromptTemplate, item: ItemLike, placeholders: str, cha
     user = template.user.format(question=item.question, choices=choices)
     return CHAT_FORMATS[chat].prompt.format(bos=bos, system=template.system, user=placeholders + user) + \
         template.assistant_prefix
+
+
+def turn_end_id(loaded: LoadedModel) -> int:
+    """The token a trained answer ends with: the model's chat format's end of the assistant turn (ChatML's
+    ``<|im_end|>``, Gemma's ``<end_of_turn>``, Idefics3's ``<end_of_utterance>``; Vicuna and Mistral end with EOS),
+    else the tokenizer's EOS where its vocabulary lacks that token. (Fine-tuning took ``<|im_end|>`` for every
+    family, which a Gemma or Llama tokenizer reads as its unknown token: it trained the model to end on that.)"""
+    tok = loaded.tokenizer
+    fmt = chat_format(loaded.family, loaded.ref.config)
+    for text in filter(None, (CHAT_FORMATS[fmt].end, tok.eos_token)):
+        i = tok.convert_tokens_to_ids(text)
+        if isinstance(i, int) and (i != tok.unk_token_id or text == tok.unk_token):
+            return i
+    raise BadInput(f"{loaded.ref.spec}: its tokenizer has neither {CHAT_FORMATS[fmt].end or 'an EOS token'!r} "
+                   f"(the end of the assistant turn in its {fmt} chat format) nor an EOS token to end a trained "
+                   "answer with")
 
 
 def letter_token_ids(tokenizer: Any, letters: Sequence[str]) -> list[int]:

@@ -1,15 +1,16 @@
 """The project's one training loop (DESIGN §10): items → rows with the probe's prompt → AdamW steps.
 
-``encode`` builds every row through the probe's own prompt builder (``probe.prompting.build_inputs``), with the
-loss on the answer letter and ``<|im_end|>`` only, so a trained model's first generated token is the letter the
-probe reads. ``train`` samples batches with a seeded generator, warms the learning rate up linearly to its peak,
-then decays it on a cosine to 5 % of the peak at the last step (``lr_factor``), clips gradients at 1.0, and keeps
-the LM and the rest (vision tower, projector) in parameter groups with their own learning rates (LM, projector, vision tower; a rate of 0 freezes its group, as
-staged VLM recipes do). A step runs its batch in modality parts, each padded to its own length, with logits only
-where a label is predicted, and accumulates their gradients: transformers' loss and gradient of the whole batch
-(tested against it), at a third less work when clips share a batch with longer two-view images. A step whose loss
-or gradient norm is not finite stops the run (``BadInput`` naming the step) before its update. The organisms'
-builder (``probe.zoo``) turns its recipes into a ``TrainConfig`` and calls it; nothing here imports ``probe.zoo``.
+``encode`` builds every row through the probe's own prompt builder (``probe.prompting.build_inputs``), with the loss
+on the answer letter and the end of the turn (``<|im_end|>`` in ChatML) only, so a trained model's first generated
+token is the letter the probe reads. ``train`` samples batches with a seeded generator, warms the learning rate up
+linearly to its peak, then decays it on a cosine to 5 % of the peak at the last step (``lr_factor``), clips
+gradients at 1.0, and keeps the LM and the rest (vision tower, projector) in parameter groups with their own
+learning rates (LM, projector, vision tower; a rate of 0 freezes its group, as staged VLM recipes do). A step runs
+its batch in modality parts, each padded to its own length, with logits only where a label is predicted, and
+accumulates their gradients: transformers' loss and gradient of the whole batch (tested against it), at a third less
+work when clips share a batch with longer two-view images. A step whose loss or gradient norm is not finite stops
+the run (``BadInput`` naming the step) before its update. The organisms' builder (``probe.zoo``) turns its recipes
+into a ``TrainConfig`` and calls it; nothing here imports ``probe.zoo``.
 Half precision is mixed precision: the weights (and AdamW's update of them) stay float32 and the forward runs under
 autocast (``TrainConfig.autocast``), since bfloat16 weights round away any update under half their last bit.
 """
@@ -25,7 +26,7 @@ import torch
 
 from probe.errors import BadInput
 from probe.devices import rank_world
-from probe.prompting import PromptTemplate, build_inputs, letter_token_ids
+from probe.prompting import PromptTemplate, build_inputs, letter_token_ids, turn_end_id
 
 SEQ_KEYS = ("input_ids", "attention_mask", "labels", "mm_token_type_ids")
 
@@ -95,7 +96,7 @@ def encode(loaded, items: Sequence, with_answer: bool,
            template: PromptTemplate = PromptTemplate()) -> list[dict[str, torch.Tensor]]:
     """One row per item: the prompt's tensors (batch dim dropped), with the answer and labels when training;
     ``_last``, ``_letters`` and ``_answer`` say where and what to read when measuring."""
-    end = loaded.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    end = turn_end_id(loaded)
     out = []
     for it in items:
         b = build_inputs(loaded, it, template)
@@ -147,7 +148,7 @@ def vision_keys(row: dict[str, torch.Tensor]) -> tuple[str, ...]:
 
 
 def label_count(rows: Sequence[dict[str, torch.Tensor]]) -> int:
-    """Label tokens of training rows (the answer letter and ``<|im_end|>``: two per row)."""
+    """Label tokens of training rows (the answer letter and the turn's end, ``turn_end_id``: two per row)."""
     return sum(int((r["labels"] != -100).sum()) for r in rows)
 
 
@@ -325,7 +326,7 @@ def train(loaded, rows: list[dict], cfg: TrainConfig, log: Callable[[str], None]
 
     Under ``torchrun`` / ``accelerate launch`` (WORLD_SIZE > 1) accelerate's data parallel engine takes over:
     every rank draws the same global batch and trains on its share (rows rank, rank + W, …); gradients are
-    averaged, so with equal label tokens per row (the letter and ``<|im_end|>``) the updates and the logged
+    averaged, so with equal label tokens per row (the letter and the turn's end) the updates and the logged
     (rank-averaged) losses are those of one process with the same global batch, to float tolerance.
 
     ``cfg.checkpointing`` is on for these steps only, however they end (a caller that catches an out-of-memory

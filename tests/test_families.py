@@ -566,3 +566,51 @@ def test_every_row_fine_tunes_and_its_checkpoints_load_as_the_source(family, dir
         assert params.keys() == source.keys()
         moved = [n for n in params if not torch.equal(params[n], source[n])]
         assert (moved == []) == (step == 0), (step, moved[:3])
+
+
+def test_a_trained_answer_ends_with_the_chat_formats_turn_end():
+    """Fine-tuning labelled every answer letter followed by ``<|im_end|>``, whatever the family: a Gemma, Mistral,
+    Vicuna or Llama tokenizer reads that string as its unknown token (or nothing), so the model learned to end its
+    answer on <unk>. The label is now the chat format's turn end (ChatML <|im_end|>, Gemma <end_of_turn>, Idefics3
+    <end_of_utterance>; Vicuna and Mistral end with EOS), else EOS, else bad input."""
+    from types import SimpleNamespace
+
+    from probe.errors import BadInput
+    from probe.prompting import turn_end_id
+
+    class Tok:  # a tokenizer's token → id lookup: unknown strings map to the unk id, as sentencepiece ones do
+        def __init__(self, vocab: dict[str, int], eos: str | None, unk: str | None = "<unk>"):
+            self.vocab, self.eos_token, self.unk_token = vocab, eos, unk
+            self.unk_token_id = vocab.get(unk) if unk else None
+
+        def convert_tokens_to_ids(self, text: str) -> int | None:
+            return self.vocab.get(text, self.unk_token_id)
+
+    def end(family: str, vocab: dict[str, int], eos: str | None, config: dict | None = None) -> int:
+        ref = SimpleNamespace(family=FAMILIES[family], config=config or {}, spec=family)
+        return turn_end_id(SimpleNamespace(tokenizer=Tok({"<unk>": 0} | vocab, eos), family=FAMILIES[family], ref=ref))
+
+    gemma = {"<eos>": 1, "<end_of_turn>": 106}
+    assert end("gemma3", gemma, "<eos>") == 106  # was <|im_end|> → <unk> (0)
+    assert end("mistral", {"</s>": 2}, "</s>") == 2
+    assert end("llava", {"</s>": 2}, "</s>") == 2  # Vicuna's turn ends with EOS
+    assert end("idefics3", {"<end_of_utterance>": 49279, "<|endoftext|>": 0}, "<|endoftext|>") == 49279
+    assert end("qwen2", {"<|im_end|>": 151645, "<|endoftext|>": 151643}, "<|endoftext|>") == 151645
+    assert end("gemma3", {"<eos>": 1}, "<eos>") == 1  # a vocabulary without the turn token: its EOS
+    with pytest.raises(BadInput, match="neither"):
+        end("gemma3", {}, None)
+
+
+def test_training_rows_of_idefics3_end_on_end_of_utterance(loaded):
+    """The tiny Idefics3's vocabulary has <end_of_utterance>, the turn end of its chat format: a training row's two
+    label tokens are the answer letter and that token (they were the letter and <|im_end|>)."""
+    from probe.prompting import letter_token_ids
+    from probe.train import encode
+
+    m = loaded("idefics3")
+    item = make_item(with_image=False)
+    [row] = encode(m, [item], with_answer=True)
+    labels = row["labels"][row["labels"] != -100].tolist()
+    assert labels == [letter_token_ids(m.tokenizer, [item.answer])[0],
+                      m.tokenizer.convert_tokens_to_ids("<end_of_utterance>")]
+    assert labels[1] != m.tokenizer.convert_tokens_to_ids("<|im_end|>")
