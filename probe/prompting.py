@@ -7,6 +7,8 @@ video processor / torchvision, is needed).
 """
 from __future__ import annotations
 
+import re
+import string
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, Sequence
 
@@ -57,9 +59,15 @@ class PromptTemplate:
         for name, fields in (("user", {"question": "q", "choices": "c"}), ("choice", {"letter": "A", "option": "o"})):
             try:
                 getattr(self, name).format(**fields)
+                used = {re.split(r"[.\[]", f)[0] for _, f, _, _ in string.Formatter().parse(getattr(self, name)) if f}
             except (KeyError, IndexError, ValueError, AttributeError) as exc:
                 raise ValueError(f"field {name!r} does not format with {{{'}, {'.join(fields)}}} only "
                                  f"({type(exc).__name__}: {exc})") from None
+            # a placeholder left out (or escaped as {{question}}) renders a prompt without the question, the
+            # choices or the letters the metrics read, and the run would score it without a word
+            if missing := [f for f in fields if f not in used]:
+                raise ValueError(f"field {name!r} lacks {', '.join('{' + f + '}' for f in missing)}: the model "
+                                 f"would not see the item's {' and '.join(missing)}")
 
 
 @dataclass(frozen=True)

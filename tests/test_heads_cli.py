@@ -475,6 +475,13 @@ BAD_CASES = {
     "template not an object": lambda t, d, m: ["--data", d, "--template", _template(t / "t.json", '["x"]')],
     "template lone brace": lambda t, d, m: ["--data", d, "--template",
                                             _template(t / "t.json", '{"choice": "{letter}) {option} {"}')],
+    # a template that renders without the question, the choices or the letters ran and was scored (exit 0)
+    "template without the question": lambda t, d, m: ["--data", d, "--template",
+                                                      _template(t / "t.json", '{"user": "Choices:\\n{choices}"}')],
+    "template placeholder escaped": lambda t, d, m: ["--data", d, "--template",
+                                                     _template(t / "t.json", '{"user": "{{question}} {choices}"}')],
+    "template choice without its letter": lambda t, d, m: ["--data", d, "--template",
+                                                           _template(t / "t.json", '{"choice": "- {option}\\n"}')],
 }
 # Each case runs in this process (fd-level stderr captured); SUBPROCESS_CASES also as a real `python -m`.
 SUBPROCESS_CASES = ("unknown alias", "unreadable checkpoint")
