@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from probe.errors import ArgParser, BadInput, check_counts, check_out_path, cli_main
+from probe.errors import ArgParser, BadInput, check_counts, check_out_path, cli_main, make_out_dir
 
 LOG_COLUMNS = ["step", "modality", "loss", "lr", "lm_lr", "tokens"]  # lr: --lr's rate now (tower, projector)
 STATE = "trainer_state.pt"
@@ -430,7 +430,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     modality_of = {i: label for label, r in offsets.items() for i in r}
     writer = is_main_process()  # under torchrun only rank 0 writes, once every rank has read the out dir
     wait_for_everyone(on_cpu)
-    out.mkdir(parents=True, exist_ok=True)
+    make_out_dir(out)
     # how each invocation ran its steps (not the run's identity, so a resume may change it): a researcher reads
     # which steps ran in micro-batches or with recomputed activations; sessions past the resumed checkpoint are
     # dropped, as their steps run again

@@ -23,7 +23,7 @@ from typing import BinaryIO, Callable, Iterator, Sequence
 import torch
 
 from analyses.checkpoints import DTYPE_NAMES
-from probe.errors import BadInput, check_out_path
+from probe.errors import BadInput, check_out_path, make_out_dir
 from probe.results import (MANIFEST, WRITER_TAG, atomic_write_json, copy_file, output_listing, remove_stale_dirs,
                            writer_tag)
 
@@ -323,7 +323,8 @@ def atomic_dir(out: Path, overwrite: bool, command: str) -> Iterator[Path]:
     tmp = out.parent / f".{out.name}.partial-{writer_tag()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)  # missing parents are created, like any output dir
+    make_out_dir(out.parent, f"--out {out}: its folder")  # missing parents are created, like any output dir
+    tmp.mkdir()
     try:
         yield tmp
     except BaseException:

@@ -95,6 +95,15 @@ def check_out_path(out: Path, flag: str = "--out") -> None:
             break
 
 
+def make_out_dir(out: Path, flag: str = "--out") -> None:
+    """Create ``out`` (and its parents) or say in one line why not: ``check_out_path``'s permission check can pass
+    where the create still fails (root on an NFS export that squashes root, a pseudo file system)."""
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInput(f"{flag} {out}: cannot create it ({exc.strerror or exc})") from None
+
+
 def print_error(message: str) -> None:
     """``error: message`` on a line of its own: progress bars still open (the run stopped inside one) are closed
     first, else the line is glued to the bar's last update."""

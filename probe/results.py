@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Sequence
 import pandas as pd
 
 from probe.devices import rank_world
-from probe.errors import BadInput, check_out_path
+from probe.errors import BadInput, check_out_path, make_out_dir
 from probe.sweep import BASELINE, COLUMNS
 
 OUTPUT_FILES = ("heads.csv", "baseline.json", "items.parquet", "run.json", "heatmap_*")
@@ -253,7 +253,7 @@ def lock_out_dir(out: Path, shared: bool = False) -> None:
     alone), not each other."""
     import fcntl
 
-    out.mkdir(parents=True, exist_ok=True)
+    make_out_dir(out)
     key = str(out.resolve())
     if key in _CLAIMED:
         return

@@ -312,8 +312,11 @@ def build_tiny(family: str, out_dir: Path, spec: TinySpec | None = None, text: d
 
 def save_model_dir(model, tok, image_processor, out_dir: Path) -> Path:
     """Write an ordinary HF model dir: greedy generation config, weights, tokenizer, image-processor config."""
+    import transformers
+
     from probe.results import set_file_modes
 
+    transformers.utils.logging.disable_progress_bar()  # a tiny model's one shard: a bar would only clutter stderr
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.do_sample = False

@@ -384,3 +384,31 @@ def test_leftovers_of_another_host_are_never_taken_for_a_dead_writers(tmp_path, 
     seen = []
     results.atomic_write_with(out / "x.json", lambda tmp: seen.append(Path(tmp).name))
     assert results._TEMP.fullmatch(seen[0]).group(1) == writer_tag() and not results.writer_gone(writer_tag())
+
+
+def test_an_out_that_cannot_be_created_is_one_line(tmp_path, data_dir, capsys, monkeypatch):
+    """The permission check can pass where creating --out still fails (root on an NFS export that squashes root, a
+    pseudo file system): that was a FileNotFoundError/PermissionError traceback from mkdir; now one line, exit 2."""
+    from analyses import finetune, shift
+    from probe import eval as probe_eval
+    from probe import heads
+
+    denied = tmp_path / "squashed"
+    real = Path.mkdir
+
+    def mkdir(self, *a, **k):
+        if self == denied or denied in self.parents:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    out = denied / "run"
+    for main, argv in ((probe_eval.main, ["--models", "tiny-qwen2-vl", "--data", str(data_dir), "--limit", "2"]),
+                       (heads.main, ["--model", "tiny-qwen2-vl", "--data", str(data_dir), "--limit", "2"]),
+                       (finetune.main, ["--model", "tiny-qwen2-vl", "--data", f"image={data_dir}", "--split",
+                                        "validation", "--steps", "1", "--batch-size", "1", "--device", "cpu"]),
+                       (shift.main, ["--base", "tiny-qwen2", "--models", "tiny-qwen2-vl", "--no-figures"])):
+        assert cli_main(main, [*argv, "--quiet", "--out", str(out)]) == 2
+        err = [l for l in capsys.readouterr().err.strip().splitlines() if not l.startswith("device ")]
+        assert len(err) == 1 and "cannot create it (Permission denied)" in err[0], err
+    assert not denied.exists()
