@@ -74,6 +74,7 @@ class MergeConfig:
     salience_metric: str = "kl"
     salience_temperature: float = 1.0
     rest: str = "shift"  # salience: non-head tensors by Eq. 4 ("shift") or by layer salience ("layer")
+    threads: int = 1  # torch threads of the elementwise combine (the same bits with any count)
 
     def validate(self) -> None:
         numbers = {"--alpha0": self.alpha0, "--temperature": self.temperature, "--lambda": self.lam,
@@ -87,6 +88,8 @@ class MergeConfig:
                            "with a negative --lambda)")
         if self.shard_size < 1:
             raise BadInput(f"--shard-size must be at least 1 byte, got {self.shard_size}")
+        if self.threads < 1:
+            raise BadInput(f"--threads must be ≥ 1, got {self.threads}")
         if self.method not in METHODS:
             raise BadInput(f"--method must be one of {', '.join(METHODS)}")
         if not self.models:
@@ -253,7 +256,7 @@ class Merger:
             d = deltas[j - 1] if deltas is not None and j > 0 else None
             self.alpha_rows.append((plan.canon, "all", nm, d, c))
         terms = [(v, c) for v, c in zip(views, coeffs) if c != 0.0]
-        with torch_threads(1):
+        with torch_threads(self.cfg.threads):
             for lo, hi in chunks(plan.common, MERGE_CHUNK):
                 out = sink.buffer(hi - lo)
                 acc = self.combine(terms, lo, hi, out)
@@ -273,7 +276,7 @@ class Merger:
         cols = shape[1] if len(shape) == 2 else 1
         rows_per = max(1, MERGE_CHUNK // cols)
         w = weights.float()
-        with torch_threads(1):
+        with torch_threads(self.cfg.threads):
             for r0 in range(0, shape[0], rows_per):
                 r1 = min(shape[0], r0 + rows_per)
                 n = (r1 - r0) * cols
@@ -301,7 +304,7 @@ class Merger:
                  for v in experts]
         for nm, tr in zip(self.names[1:], trims):
             self.alpha_rows.append((plan.canon, "all", nm, None, tr.threshold))
-        with torch_threads(1):
+        with torch_threads(self.cfg.threads):
             for lo, hi in chunks(plan.common, MERGE_CHUNK):
                 b = base[lo:hi].float()
                 merged = ties_combine(b, [v[lo:hi].float() - b for v in experts], trims, self.cfg.lam)
@@ -364,9 +367,10 @@ def finite_output(acc: torch.Tensor, out: torch.Tensor) -> bool:
 
 @contextmanager
 def torch_threads(n: int) -> Iterator[None]:
-    """Run torch kernels on ``n`` threads. The combine is one pass per input over cache-sized chunks, where
-    OpenMP's per-kernel barrier costs more than a second thread gains, the more so on a shared machine; the
-    background shard writer runs on the other core."""
+    """Run torch kernels on ``n`` threads (``--threads``, default 1). The combine is one pass per input over
+    cache-sized chunks: on a machine shared with other jobs OpenMP's per-kernel barrier waits for a descheduled
+    thread and costs more than a second thread gains (the background shard writer runs on the other core); on an
+    idle one more threads are faster (README, Merge benchmark)."""
     old = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -642,6 +646,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--density", type=float,
                    help="ties: share of each task vector kept, by magnitude (default 0.2)")
     p.add_argument("--shard-size", default="5GB", help="max bytes per safetensors shard (default 5GB)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of the combine (default 1, fastest on a machine shared with other jobs; more "
+                   "are faster on an idle one); the merged bits do not depend on it")
     add_output_args(p, "output HF model dir", figures=False)
     return p
 
@@ -669,7 +676,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = MergeConfig(
         models=a.models, method=a.method, out=a.out, base=a.base, weights=a.weights, normalize=not a.no_normalize,
         carriers=a.carriers, shift_dir=a.shift_dir, shard_size=parse_size(a.shard_size), overwrite=a.overwrite,
-        allow_bin=a.allow_bin, salience=a.salience, base_salience=a.base_salience, rest=a.rest, **method_options(a),
+        allow_bin=a.allow_bin, salience=a.salience, base_salience=a.base_salience, rest=a.rest, threads=a.threads,
+        **method_options(a),
     )
     with quiet_progress(a.quiet):
         run_merge(cfg)

@@ -211,8 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--method", default="average", choices=["average", "salience", "ties", "task_arithmetic"],
                     help="our merge method measured (default average; mergekit's counterpart: linear, ties, "
                     "task_arithmetic; salience has none)")
+    ap.add_argument("--threads", type=int, default=1, help="our merge's --threads (default 1, its default)")
     a = ap.parse_args(argv)
-    check_counts(a, ("k", "params_m", "rounds"))
+    check_counts(a, ("k", "params_m", "rounds", "threads"))
     work = a.workdir or Path(tempfile.mkdtemp(prefix="bench-merge-"))
     try:
         dirs = make_models(work, a.k, a.params_m, a.dtype)
@@ -237,8 +238,8 @@ def main(argv: list[str] | None = None) -> int:
                 runs[key].append(float(stdout.strip().splitlines()[-1]))
             out = work / "ours"
             shutil.rmtree(out, ignore_errors=True)
-            wall, peak, stdout = run_measured([sys.executable, "-c", OURS, *merge_args(a.method, inputs, work, n_layers,
-                                                                                     n_heads), "--out", str(out)], env)
+            ours = [*merge_args(a.method, inputs, work, n_layers, n_heads), "--threads", str(a.threads), "--out", str(out)]
+            wall, peak, stdout = run_measured([sys.executable, "-c", OURS, *ours], env)
             runs["merge"].append(json.loads(stdout.strip().splitlines()[-1])["merge_s"])
             runs["merge_wall"].append(wall)
             rss = max(rss, peak)
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         floor, merge_s = min(med["floor_1thread"], med["floor_2threads"]), med["merge"]
         bound = 1e9 + (a.k + 2) * largest
         res = {
-            "method": a.method, "k": a.k, "dtype": a.dtype, "checkpoint_mb": round(size / 1e6), "largest_tensor_mb": round(largest / 1e6, 1),
+            "method": a.method, "threads": a.threads, "k": a.k, "dtype": a.dtype, "checkpoint_mb": round(size / 1e6), "largest_tensor_mb": round(largest / 1e6, 1),
             "rounds": a.rounds, **{f"{k}_s": round(v, 2) for k, v in med.items()},
             "all_runs_s": {k: [round(x, 2) for x in v] for k, v in runs.items()}, "io_floor_s": round(floor, 2),
             "ratio_to_io_floor": round(merge_s / floor, 2), "ratio_to_raw_floor": round(merge_s / med["raw_floor"], 2),

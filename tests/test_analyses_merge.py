@@ -231,7 +231,7 @@ def test_the_same_merge_twice_gives_the_same_bytes(zoo, tmp_path):
 
     assert run(merge.main, *argv) == 0
     first = digests()
-    assert run(merge.main, *argv, "--overwrite") == 0
+    assert run(merge.main, *argv, "--overwrite", "--threads", "2") == 0  # the combine's threads change no bit
     assert digests() == first
     carrier = next((out / "carriers").rglob("*.safetensors"))
     with safe_open(str(carrier), "pt") as f:
@@ -759,3 +759,9 @@ def test_an_omni_carrier_keeps_the_speaker_file_its_class_loads(tmp_path):
     assert (carrier / "spk_dict.pt").read_bytes() == (src / "spk_dict.pt").read_bytes()
     model = tf.Qwen2_5OmniForConditionalGeneration.from_pretrained(carrier, **NO_HUB_KERNELS)
     assert set(model.speaker_map) == {"Chelsie"}
+
+
+def test_threads_below_one_exit_2_one_line(zoo, tmp_path, capfd):
+    code = run(merge.main, "--base", zoo["base"], "--models", zoo["vl"], "--threads", "0", "--out", tmp_path / "o")
+    err = capfd.readouterr().err.strip()
+    assert code == 2 and err == "error: --threads must be ≥ 1, got 0" and not (tmp_path / "o").exists()
