@@ -465,9 +465,7 @@ def run(args: argparse.Namespace) -> Path:
     p = ctx.placement
     print(p.description, file=sys.stderr)  # after the last refusal, so that one stays one line (as probe.heads)
     atomic_write_json(out / MARKER, {"out": str(out), "config_file": ctx.cfg.source, "config": asdict(ctx.cfg),
-                                     "placement": {"device": p.device, "devices": list(p.all_devices),
-                                                   "dtype": p.dtype, "attn_implementation": p.attn_implementation,
-                                                   "description": p.description},
+                                     "placement": p.record(),
                                      "stages": [s.name for s in STAGES], "fingerprints": stage_fps,
                                      "model_content": ctx.fingerprints})
     t0 = time.perf_counter()

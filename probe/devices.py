@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from probe.errors import BadInput
 
@@ -79,6 +80,11 @@ class Placement:
     @property
     def all_devices(self) -> tuple[str, ...]:
         return self.devices or (self.device,)
+
+    def record(self) -> dict[str, Any]:
+        """What a run's record (run.json, replicate.json) says of where it ran."""
+        return {"device": self.device, "devices": list(self.all_devices), "dtype": self.dtype,
+                "attn_implementation": self.attn_implementation, "description": self.description}
 
     @property
     def spread(self) -> bool:

@@ -242,10 +242,7 @@ def run(args: argparse.Namespace) -> Path:
               if part_file(out, m, d).is_file()}
     run_info = {"fingerprint": plan.fingerprint(), "plan": asdict(plan),
                 "versions": run_versions(out, saved, bool(todo), bool(frames)),
-                "placement": {"device": placement.device, "devices": list(placement.all_devices),
-                              "dtype": placement.dtype,
-                              "attn_implementation": placement.attn_implementation,
-                              "description": placement.description},
+                "placement": placement.record(),
                 "argv": sys.argv[1:], "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if resumed:
         run_info["started"] = saved.get("started", run_info["started"])

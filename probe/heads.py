@@ -305,8 +305,7 @@ def run(args: argparse.Namespace) -> Path:
         # matches a salience run to its model by this one (outside the plan: old runs resume as before)
         "model_resolved_path": str(ref.path.resolve()),
         "argv": sys.argv[1:], "approximate": plan.method == "attribution",
-        "placement": {"device": placement.device, "devices": list(placement.all_devices), "dtype": placement.dtype,
-                      "attn_implementation": placement.attn_implementation, "description": placement.description},
+        "placement": placement.record(),
         "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     t0 = time.perf_counter()
