@@ -102,8 +102,9 @@ def encode(loaded, items: Sequence, with_answer: bool,
         b = build_inputs(loaded, it, template)
         b = {k: v[0] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v for k, v in b.items()}
         n_prompt = b["input_ids"].shape[0]
+        letter_ids = answer_token_ids(loaded, it.letters)
         if with_answer:
-            ans = torch.tensor([answer_token_ids(loaded, [it.answer])[0], end])
+            ans = torch.tensor([letter_ids[it.letters.index(it.answer)], end])
             b["input_ids"] = torch.cat([b["input_ids"], ans])
             b["attention_mask"] = torch.cat([b["attention_mask"], torch.ones(2, dtype=b["attention_mask"].dtype)])
             if "mm_token_type_ids" in b:
@@ -112,7 +113,7 @@ def encode(loaded, items: Sequence, with_answer: bool,
             labels[n_prompt:] = ans
             b["labels"] = labels
         b["_last"] = torch.tensor(n_prompt - 1)
-        b["_letters"] = torch.tensor(answer_token_ids(loaded, it.letters) + [-1] * (26 - len(it.letters)))
+        b["_letters"] = torch.tensor(letter_ids + [-1] * (26 - len(it.letters)))
         b["_answer"] = torch.tensor(ord(it.answer) - ord("A"))
         out.append(b)
     return out
