@@ -138,6 +138,8 @@ def read_sweep(run_dir: Path, need: tuple[str, ...] = ()) -> tuple[pd.DataFrame,
                        bounds={"accuracy": UNIT, "prob_accuracy": UNIT, "kl": KL_BOUNDS,
                                "accuracy_drop": (-1.0, 1.0), "prob_accuracy_drop": (-1.0, 1.0)})
     baseline = read_json(run_dir / "baseline.json", source)
+    if "accuracy" in baseline and baseline["accuracy"] is None:  # nothing generated (--no-generate, attribution)
+        baseline["accuracy"] = float("nan")
     for key in ("accuracy", "prob_accuracy", "n_items"):
         v = baseline.get(key)
         if isinstance(v, bool) or not isinstance(v, (int, float)):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -137,8 +138,23 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     atomic_write_with(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
+def finite_or_null(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float as None. JSON has no NaN: Python writes ``NaN`` and reads it back, but
+    strict parsers (jq, JavaScript, Go, serde) reject the whole file, so a baseline without generation (accuracy NaN)
+    would be unreadable outside Python."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_null(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+    """``obj`` as strict JSON (non-finite floats as null, ``finite_or_null``), written atomically."""
+    text = json.dumps(finite_or_null(obj), indent=2, sort_keys=False, default=str, allow_nan=False)
+    atomic_write_bytes(path, (text + "\n").encode())
 
 
 # Every file and folder an analyses command (shift, merge, trajectory) wrote into its --out, as paths relative to it:

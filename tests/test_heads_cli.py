@@ -396,6 +396,30 @@ def test_a_model_changed_in_place_is_another_run(tiny_dirs, data_dir, tmp_path, 
     ok(run_in_process(inside, capfd))
 
 
+def test_a_sweep_without_generation_writes_strict_json_that_redraws(tiny_dirs, data_dir, tmp_path, capfd):
+    """Without generation the accuracy is undefined. baseline.json used to hold Python's ``NaN``, which jq,
+    JavaScript and Go reject as invalid JSON; it is null now, and the heatmaps still draw from it."""
+    from figures.heads import read_sweep
+
+    out = tmp_path / "run"
+    ok(run_in_process(["--model", tiny_dirs["qwen2_vl"], "--data", data_dir, "--limit", "2", "--layers", "0",
+                       "--heads", "0,1", "--no-generate", "--no-figures", "--quiet", "--out", out], capfd))
+
+    def refuse(name):
+        raise ValueError(f"not strict JSON: {name}")
+
+    for f in ("baseline.json", "run.json"):
+        json.loads((out / f).read_text(), parse_constant=refuse)
+    base = json.loads((out / "baseline.json").read_text())
+    assert base["accuracy"] is None and base["n_items"] == 2 and 0 < base["prob_accuracy"] <= 1
+    assert all(s["accuracy"] is None for s in base["per_subject"].values())
+    heads, read = read_sweep(out)
+    assert read["accuracy"] != read["accuracy"] and len(heads) == 2  # NaN again once read
+    ok(cli(["heads", out], module="figures"))  # no accuracy map: nothing was generated
+    assert sorted(f.name for f in out.glob("heatmap_*")) == sorted(h for h in HEATMAPS if "_accuracy." not in h
+                                                                   or "prob_" in h)
+
+
 def test_a_run_from_an_older_omniprobe_is_named_as_such(tiny_dirs, data_dir, tmp_path, capfd):
     """A run.json written before its plan recorded the model's fingerprint cannot be matched to the weights: it is
     refused (never resumed on trust), and the line says why instead of calling an unrecorded key different."""
@@ -482,6 +506,9 @@ BAD_CASES = {
                                                      _template(t / "t.json", '{"user": "{{question}} {choices}"}')],
     "template choice without its letter": lambda t, d, m: ["--data", d, "--template",
                                                            _template(t / "t.json", '{"choice": "- {option}\\n"}')],
+    # the model never saw a prompt ending in a lone space: SmolLM2 then puts 0.1 % on the letters
+    "template prefix ending in a space": lambda t, d, m: ["--data", d, "--template",
+                                                          _template(t / "t.json", '{"assistant_prefix": "Answer: "}')],
 }
 # Each case runs in this process (fd-level stderr captured); SUBPROCESS_CASES also as a real `python -m`.
 SUBPROCESS_CASES = ("unknown alias", "unreadable checkpoint")
