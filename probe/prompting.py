@@ -68,6 +68,11 @@ class PromptTemplate:
             if missing := [f for f in fields if f not in used]:
                 raise ValueError(f"field {name!r} lacks {', '.join('{' + f + '}' for f in missing)}: the model "
                                  f"would not see the item's {' and '.join(missing)}")
+        # byte-level BPE and sentencepiece write a space with the word after it (" A" is one token): a prompt ending
+        # in a lone space is one the model never saw (SmolLM2 then puts 0.1 % on the letters and 18 % on " A")
+        if self.assistant_prefix[-1:] in (" ", "\t"):
+            raise ValueError("field 'assistant_prefix' ends in a space: end it without one (the letter is then "
+                             "read as ' A', the token the model writes after it)")
 
 
 @dataclass(frozen=True)
@@ -157,10 +162,27 @@ def letter_token_ids(tokenizer: Any, letters: Sequence[str], lead: str = "", aft
     return ids
 
 
-def answer_token_ids(loaded: LoadedModel, letters: Sequence[str]) -> list[int]:
-    """``letter_token_ids`` as the model's chat format ends its prompt and starts its answer."""
+OPENERS = "([{<'\"`"  # after these the letter is written bare: "(A", "'A"
+
+
+def answer_lead(fmt: ChatFormat, assistant_prefix: str) -> str:
+    """What is written between the prompt's end and the letter. Right after the chat format's prompt it is the
+    format's ``lead``; after a template's ``assistant_prefix`` it is a space when the prefix ends in a word or
+    punctuation ("The answer is" → " A", ``ĠA`` in byte-level BPE) and nothing when it ends in whitespace or an
+    opening bracket or quote ("Answer: (" → "A"). (The letters used to be read as right after the chat format, so
+    such a prefix scored p(answer) on tokens the model does not write there.)"""
+    if not assistant_prefix:
+        return fmt.lead
+    return "" if assistant_prefix[-1].isspace() or assistant_prefix[-1] in OPENERS else " "
+
+
+def answer_token_ids(loaded: LoadedModel, letters: Sequence[str],
+                     template: PromptTemplate = PromptTemplate()) -> list[int]:
+    """``letter_token_ids`` as the model's chat format, then the template's ``assistant_prefix``, end its prompt
+    (``render_chat``) and the answer starts (``answer_lead``)."""
     fmt = CHAT_FORMATS[chat_format(loaded.family, loaded.ref.config)]
-    return letter_token_ids(loaded.tokenizer, letters, fmt.lead, fmt.prompt.rsplit("{user}", 1)[1])
+    after = fmt.prompt.rsplit("{user}", 1)[1] + template.assistant_prefix
+    return letter_token_ids(loaded.tokenizer, letters, answer_lead(fmt, template.assistant_prefix), after)
 
 
 def item_modalities(item: ItemLike) -> tuple[str, ...]:

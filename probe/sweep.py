@@ -140,7 +140,7 @@ def prepare_item(loaded: LoadedModel, item: ItemLike, cfg: SweepConfig) -> tuple
     """Model inputs of an item (images encoded once) and the token ids of its option letters."""
     inputs = build_inputs(loaded, item, cfg.template, cfg.image_max_side)
     check_rope_length(loaded, item, inputs["input_ids"].shape[1], cfg)
-    return inputs, answer_token_ids(loaded, item.letters)
+    return inputs, answer_token_ids(loaded, item.letters, cfg.template)
 
 
 def check_rope_length(loaded: LoadedModel, item: ItemLike, n_prompt: int, cfg: SweepConfig) -> None:

@@ -102,7 +102,7 @@ def encode(loaded, items: Sequence, with_answer: bool,
         b = build_inputs(loaded, it, template)
         b = {k: v[0] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v for k, v in b.items()}
         n_prompt = b["input_ids"].shape[0]
-        letter_ids = answer_token_ids(loaded, it.letters)
+        letter_ids = answer_token_ids(loaded, it.letters, template)
         if with_answer:
             ans = torch.tensor([letter_ids[it.letters.index(it.answer)], end])
             b["input_ids"] = torch.cat([b["input_ids"], ans])

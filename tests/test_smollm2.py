@@ -104,3 +104,26 @@ def test_ten_option_letters_and_probabilities_on_a_non_latin_item(smol):
     want = torch.softmax(logits[letter_ids], dim=-1)
     got = first_token_measure(smol, inputs, letter_ids, cfg).logp.double().exp()
     assert (got - want).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("prefix, read", [("", "A"), ("The answer is", " A"), ("Answer: Option", " A"),
+                                          ("The answer is (", "A"), ("Answer:\n", "A")])
+def test_letters_after_an_assistant_prefix_are_those_the_model_writes(smol, prefix, read):
+    """A template's ``assistant_prefix`` used to be ignored when choosing the letters' token ids: after "The answer
+    is" they were read bare (``A``), where SmolLM2 puts under 0.1 % (its answer is `` A``, ``ĠA``), so p(answer),
+    prob. accuracy and KL were measured on tokens the model does not write. Oracle: the model's own next-token
+    distribution after the prompt: the letters read must hold most of it, the other spelling next to none."""
+    from probe.families import chat_format
+    from probe.prompting import PromptTemplate, answer_token_ids, render_chat
+
+    tok, t = smol.tokenizer, PromptTemplate(assistant_prefix=prefix)
+    item = make_item(with_image=False, answer="B")
+    bos = tok.bos_token if smol.family.chat_bos and tok.bos_token else ""
+    ids = tok(render_chat(t, item, "", chat_format(smol.family, smol.ref.config), bos), return_tensors="pt",
+              add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        p = smol.model(input_ids=ids).logits[0, -1].float().softmax(-1)
+    ours = answer_token_ids(smol, item.letters, t)
+    other = [tok.convert_tokens_to_ids(("" if read.startswith(" ") else "Ġ") + c) for c in item.letters]
+    assert tok.convert_ids_to_tokens(ours) == [read.replace(" ", "Ġ").replace("A", c) for c in item.letters]
+    assert float(p[ours].sum()) > 0.5 and float(p[other].sum()) < 0.01, (float(p[ours].sum()), float(p[other].sum()))
