@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from probe.errors import BadInput, error_reason
 
@@ -37,9 +37,21 @@ def option_letters(n: int) -> tuple[str, ...]:
     return tuple(chr(ord("A") + i) for i in range(n))
 
 
+ORIENTATION = 0x0112  # the EXIF tag
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """``img`` turned as its EXIF orientation tag says (a phone photo stored sideways), as the datasets library's
+    Image feature and transformers' ``load_image`` show it to a model; an image without the tag is returned as is."""
+    if img.getexif().get(ORIENTATION, 1) == 1:
+        return img
+    return ImageOps.exif_transpose(img)
+
+
 def _decode(data: bytes, max_side: int | None) -> Image.Image:
     img = Image.open(io.BytesIO(data))
     img.load()
+    img = upright(img)
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit greyscale: convert("RGB") clips >255 to white
         tones = np.asarray(img.convert("I"), dtype=np.float64) / 257  # 0..65535 -> 0..255
         img = Image.fromarray(np.clip(np.rint(tones), 0, 255).astype(np.uint8))
@@ -247,6 +259,7 @@ def _image_bytes(cell: Any, where: str, what: str) -> bytes:
             img.verify()  # chunk CRCs (PNG), which load() does not check
         with Image.open(io.BytesIO(cell)) as img:
             img.load()  # verify() reads no pixels: a JPEG cut short passes it and fails mid-run
+            upright(img)  # a damaged EXIF block fails here, not mid-run
     except Exception as exc:  # PIL raises many types for bad bytes
         raise BadInput(f"{where}: {what} is not a decodable image ({type(exc).__name__})") from None
     return bytes(cell)

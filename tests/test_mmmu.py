@@ -151,6 +151,28 @@ def test_a_16_bit_greyscale_image_keeps_its_tones(tmp_path):
     assert shown.shape == (1, 4, 3) and (shown == expected[..., None]).all()
 
 
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_an_exif_rotated_photo_is_shown_upright(tmp_path, orientation):
+    """A phone photo is stored sideways with an EXIF orientation tag; the datasets library's Image feature and
+    transformers' load_image turn it upright, the probe showed it to the model as stored. Oracle: load_image."""
+    import numpy as np
+    from transformers.image_utils import load_image
+
+    stored = np.zeros((20, 40, 3), dtype=np.uint8)
+    stored[:, :20] = (250, 0, 0)  # red left half, blue right: a turn moves it
+    stored[:, 20:] = (0, 0, 250)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(stored).save(buf, format="JPEG", quality=95, exif=exif.tobytes())
+    (tmp_path / "photo.jpg").write_bytes(buf.getvalue())
+    write(tmp_path / "data", {"Art": [row(1, image_1={"bytes": buf.getvalue(), "path": None})]})
+    (it,), _ = load_mmmu(tmp_path / "data")
+    shown = np.asarray(it.pil_images()[0])
+    assert shown.shape == ((20, 40, 3) if orientation in (1, 3) else (40, 20, 3))
+    assert (shown == np.asarray(load_image(str(tmp_path / "photo.jpg")))).all()
+
+
 def test_open_items_skipped_and_counted(tmp_path):
     rows = [row(1), row(2, question_type="open", options="[]", answer="42"), row(3, question_type="open", answer="x")]
     write(tmp_path, {"Art": rows})
