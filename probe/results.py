@@ -320,10 +320,11 @@ def different_run(out: Path, saved: Any, plan: dict[str, Any] | None) -> BadInpu
 
 
 def plan_differences(saved: Any, plan: dict[str, Any] | None) -> list[str]:
-    """The keys (settings by name) whose values differ between a saved plan and this run's, as JSON sees them."""
+    """The keys (settings by name) whose values differ between a saved plan and this run's, as JSON sees them
+    (as ``atomic_write_json`` wrote them: a NaN setting is null on both sides, never unequal to itself)."""
     if not isinstance(saved, dict) or plan is None:
         return []
-    now = json.loads(json.dumps(plan, default=str))
+    now = json.loads(json.dumps(finite_or_null(plan), default=str))
     keys = sorted(set(saved) | set(now))
     out = [k for k in keys if k != "settings" and saved.get(k) != now.get(k)]
     a, b = saved.get("settings") or {}, now.get("settings") or {}

@@ -420,6 +420,19 @@ def test_a_sweep_without_generation_writes_strict_json_that_redraws(tiny_dirs, d
                                                                    or "prob_" in h)
 
 
+def test_a_plan_with_a_nan_setting_matches_itself_once_saved(tmp_path):
+    """atomic_write_json writes NaN as null: the resume check must compare the run's plan as it was saved, or a NaN
+    setting would make every resume "a different run"."""
+    from probe.results import atomic_write_json, plan_differences
+
+    plan = {"model": "m", "settings": {"lr": float("nan"), "steps": 3}}
+    atomic_write_json(tmp_path / "run.json", plan)
+    saved = json.loads((tmp_path / "run.json").read_text())
+    assert saved["settings"]["lr"] is None
+    assert plan_differences(saved, plan) == []
+    assert plan_differences(saved, {"model": "m", "settings": {"lr": 0.1, "steps": 3}}) == ["lr"]
+
+
 def test_a_run_from_an_older_omniprobe_is_named_as_such(tiny_dirs, data_dir, tmp_path, capfd):
     """A run.json written before its plan recorded the model's fingerprint cannot be matched to the weights: it is
     refused (never resumed on trust), and the line says why instead of calling an unrecorded key different."""
