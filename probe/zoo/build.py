@@ -400,7 +400,12 @@ def pretrain_vision(loaded, sample, grid: tuple[str, int], steps: int, seed: int
     what it says: ``cell`` — the token's own cell (where a shape is), ``frame`` — the picture's frame number (when,
     read from the video's progress bar), ``word`` — a token showing a shape must score the LM's own input embeddings
     of its colour and shape words highest (LLaVA's alignment idea without captions: the LM already reads "red
-    circle" in organism-base's Scenes texts). Returns the last batch's accuracies."""
+    circle" in organism-base's Scenes texts). Returns the last batch's accuracies.
+
+    This stands in for the vision tower's own pretraining (the paper's towers come pretrained, e.g. SigLIP), before
+    any prompt exists: its targets are per-token classes read by a throwaway head, not answer tokens of the LM. So it
+    is not a second copy of the one training loop (probe.train, prompt → label tokens → the LM's loss), which every
+    stage after it uses."""
     kinds = tasks_image.SHAPE_OPTIONS + tuple(k for k in tasks_video.KINDS if k not in tasks_image.SHAPE_OPTIONS)
     colours = tasks_image.COLOUR_OPTIONS
     path, side = grid
