@@ -107,17 +107,17 @@ def _text_families() -> tuple[Family, ...]:
     """Plain causal LMs: same module paths, no processor (Qwen3 and Gemma 3 differ only inside their layers)."""
     rows = (
         ("qwen3", "Qwen3ForCausalLM", ("Qwen/Qwen3-8B", "Qwen/Qwen3-8B-Base"), "q/k norms, explicit head_dim",
-         "chatml"),
+         "qwen3_nothink", False),
         ("mistral", "MistralForCausalLM", ("mistralai/Mistral-7B-Instruct-v0.2",), "LLaVA-NeXT-Mistral's base",
-         "mistral"),
+         "mistral", True),
         ("gemma3_text", "Gemma3ForCausalLM", ("google/gemma-3-1b-it",),
-         "sliding-window layers, q/k norms, tied embeddings", "gemma"),
+         "sliding-window layers, q/k norms, tied embeddings", "gemma", True),
     )
     return tuple(Family(name=n, model_types=(n,), model_class=cls, layers_path="model.layers",
                         o_proj_path="self_attn.o_proj", norm_path="model.norm", lm_head_path="lm_head",
                         text_config_attr=None, processor_class=None, image_placeholder=None, video_placeholder=None,
-                        chat=chat, chat_bos=chat != "chatml", hub_examples=hub, note=note)
-                 for n, cls, hub, note, chat in rows)
+                        chat=chat, chat_bos=bos, hub_examples=hub, note=note)
+                 for n, cls, hub, note, chat, bos in rows)
 
 
 FAMILIES: dict[str, Family] = {
@@ -290,7 +290,7 @@ FAMILIES: dict[str, Family] = {
             image_placeholder="<image>\n",
             video_placeholder=None,
             processor_kwargs=_LLAVA_PROCESSOR,
-            chat="vicuna", chat_by_lm=(("mistral", "mistral"),), chat_bos=True,
+            chat="vicuna", chat_by_lm=(("mistral", "llava_mistral"),), chat_bos=True,
             hub_examples=("llava-hf/llava-v1.6-mistral-7b-hf", "llava-hf/llava-v1.6-vicuna-7b-hf"),
         ),
         Family(

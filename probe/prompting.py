@@ -80,14 +80,15 @@ class ChatFormat:
     """A family's turn markup around the template's system and user text (``{bos}`` = the tokenizer's BOS, or
     nothing; prompts are tokenised without added special tokens so every path puts it in the same place).
 
-    Checked against the checkpoints' own Jinja templates and tokenizers (Llama 2 / Mistral sentencepiece, Llama 3
-    and SmolLM2 byte-level BPE): ``lead`` is what the trained answer starts with after the prompt (Vicuna's
-    ``ASSISTANT: A``, Mistral's ``[/INST] A``, Idefics3's ``Assistant: A``), so the first generated token is " A"
-    (``ĠA`` in byte-level BPE, not ``A``); ``trim`` strips the user's text (Gemma's template does); ``text_sep``
-    goes before user text that no image placeholder precedes (Idefics3: ``User: text`` but ``User:<image>text``).
-    Vicuna and Mistral put a space after ``{bos}``: with BOS as text, transformers' sentencepiece tokenizers
-    (Metaspace, prepend "first") would read ``<s>Answer`` as ``An``+``swer``, not the ``▁Answer`` the model saw
-    after its BOS id (the space is what Mistral's own template writes, `` [INST]``)."""
+    Checked against the checkpoints' own Jinja templates (tests/test_checkpoint_templates.py renders each as the
+    oracle) and tokenizers (Llama 2 / Mistral sentencepiece, Llama 3 and SmolLM2 byte-level BPE): ``lead`` is what
+    the trained answer starts with after the prompt (Vicuna's ``ASSISTANT: A``, Mistral's ``[/INST] A``, Idefics3's
+    ``Assistant: A``), so the first generated token is " A" (``ĠA`` in byte-level BPE, not ``A``); ``trim`` strips
+    the user's text (Gemma's template does); ``text_sep`` goes before user text that no image placeholder precedes
+    (Idefics3: ``User: text`` but ``User:<image>text``). Vicuna and the Mistral formats put a space after ``{bos}``:
+    with BOS as text, transformers' sentencepiece tokenizers (Metaspace, prepend "first") would read ``<s>Answer``
+    as ``An``+``swer``, not the ``▁Answer`` the model saw after its BOS id (the space is what Mistral's own template
+    writes, `` [INST]``)."""
 
     prompt: str  # with {bos}, {system}, {user}; ends where the assistant's answer starts
     end: str | None = None  # the token that ends the assistant's turn after its answer (None: the tokenizer's EOS)
@@ -102,6 +103,12 @@ CHAT_FORMATS: dict[str, ChatFormat] = {
     # LLaVA-1.5, LLaVA-NeXT-Vicuna: the system text, a space, then the turns (LLaVA's conv_vicuna_v1, -hf template)
     "vicuna": ChatFormat("{bos} {system} USER: {user} ASSISTANT:", lead=" "),
     "mistral": ChatFormat("{bos} [INST] {system}\n\n{user} [/INST]", lead=" "),  # no system role: it opens the turn
+    # llava-hf's LLaVA-NeXT-Mistral template: a Llama-2 <<SYS>> block before [INST], not Mistral's system-in-[INST]
+    "llava_mistral": ChatFormat("{bos} <<SYS>>\n{system}\n<</SYS>>\n\n[INST] {user} [/INST]", lead=" "),
+    # Qwen3's hybrid models think first unless the template's enable_thinking=False writes an empty think block: the
+    # letter is then the first token of the answer (after "<|im_start|>assistant\n" alone it is "<think>")
+    "qwen3_nothink": ChatFormat("{bos}<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
+                                "<|im_start|>assistant\n<think>\n\n</think>\n\n", end="<|im_end|>"),
     "gemma": ChatFormat("{bos}<start_of_turn>user\n{system}\n\n{user}<end_of_turn>\n<start_of_turn>model\n",
                         end="<end_of_turn>", trim=True),
     "idefics3": ChatFormat("{bos}System: {system}<end_of_utterance>\nUser:{user}<end_of_utterance>\nAssistant:",

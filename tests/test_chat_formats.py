@@ -1,5 +1,5 @@
 """The chat formats against what real checkpoints do (their Jinja templates and tokenizers), with tokenizers built
-here that behave like the real ones: byte-level BPE (Llama 3, SmolLM2, Qwen) keeps " A" as one token ``ĠA``;
+here that behave like the real ones: byte-level BPE (Qwen and Llama 3 split; SmolLM2) keeps " A" as one token ``ĠA``;
 transformers' sentencepiece Llama/Mistral tokenizers (Metaspace, prepend "first") give ``▁A`` for " A" and for a
 first word, but no ``▁`` to the first word after a special token written as text."""
 from __future__ import annotations
@@ -9,21 +9,24 @@ import string
 from types import SimpleNamespace
 
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_SPLIT
 
 from conftest import make_item
 from probe.prompting import CHAT_FORMATS, PromptTemplate, letter_token_ids, render_chat
 
 SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>", "<start_of_turn>", "<end_of_turn>", "<end_of_utterance>",
             "<image>"]
-WORDS = ["Answer", "with", "the", "USER:", "ASSISTANT:", "[INST]", "[/INST]", "Assistant", ":", "model", "\n"]
+WORDS = ["Answer", "with", "the", "USER:", "ASSISTANT:", "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>", "Assistant", ":",
+         "model", "\n"]
 
 
 def _tokenizer(kind: str, letters: str = string.ascii_uppercase) -> PreTrainedTokenizerFast:
     """A word-level vocabulary (other words read as <unk>) split the way the real tokenizer family splits."""
-    if kind == "bytelevel":
-        pre = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if kind == "bytelevel":  # Qwen2's split, which (like Llama 3's) keeps "\n\n" apart from the letter after it
+        pre = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), "isolated"),
+                                       pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         space = "Ġ"
     else:
         pre = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"),  # sentencepiece has "\n" pieces
@@ -39,10 +42,10 @@ def _tokenizer(kind: str, letters: str = string.ascii_uppercase) -> PreTrainedTo
 
 
 # How each checkpoint's own template writes the trained answer "B" after the generation prompt (tokenizer_config /
-# chat_template.json of Qwen2-VL, llava-1.5-hf, Mistral-7B-Instruct-v0.2 and llava-v1.6-mistral-hf, Gemma 3,
+# chat_template.json of Qwen2-VL, Qwen3, llava-1.5-hf, Mistral-7B-Instruct-v0.2 and llava-v1.6-mistral-hf, Gemma 3,
 # Idefics3-8B-Llama3 and SmolVLM): the letter the model generates first is the one in this text.
 TRAINED_ANSWER = {"chatml": "B<|im_end|>", "vicuna": " B</s>", "mistral": " B</s>", "gemma": "B<end_of_turn>",
-                  "idefics3": " B<end_of_utterance>"}
+                  "idefics3": " B<end_of_utterance>", "llava_mistral": " B</s>", "qwen3_nothink": "B<|im_end|>"}
 
 
 @pytest.mark.parametrize("kind", ["bytelevel", "metaspace"])
@@ -77,9 +80,11 @@ def test_a_vocabulary_lacking_one_spaced_letter_reads_all_letters_bare():
     # llava-1.5-hf / llava-v1.6-vicuna-hf: the system text, a space, "USER: ", image lines, the text + " ",
     # "ASSISTANT:"; the processor adds BOS as an id
     ("vicuna", "{system} USER: <image>\n{user} ASSISTANT:"),
-    # llava-v1.6-mistral-hf's processor (BOS id, then "[INST] "), and Mistral-7B-Instruct-v0.2's template
-    # ("<s> [INST] " + system + "\n\n" + user + " [/INST]") tokenise alike
+    # Mistral-7B-Instruct-v0.2's template ("<s> [INST] " + system + "\n\n" + user + " [/INST]") and the same text after
+    # a BOS id tokenise alike
     ("mistral", "[INST] {system}\n\n<image>\n{user} [/INST]"),
+    # llava-v1.6-mistral-hf's own template: a <<SYS>> block first (BOS id, then "<<SYS>>": ``▁<<SYS>>``)
+    ("llava_mistral", "<<SYS>>\n{system}\n<</SYS>>\n\n[INST] <image>\n{user} [/INST]"),
 ])
 def test_sentencepiece_prompts_tokenise_as_with_the_bos_id(fmt, reference):
     """The probe writes BOS as text and tokenises without special tokens; a transformers 5 Llama/Mistral tokenizer

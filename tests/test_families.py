@@ -356,7 +356,8 @@ def test_nested_text_config_with_class_defaults_only():
 
 
 def test_chat_formats_follow_the_row_and_the_lm():
-    """Each family's turn markup (and BOS where its tokenizer has one); LLaVA-NeXT on Mistral uses [INST]."""
+    """Each family's turn markup (and BOS where its tokenizer has one); LLaVA-NeXT on Mistral uses its llava-hf
+    template's [INST] with a <<SYS>> block."""
     from probe.families import chat_format
     from probe.prompting import PromptTemplate, render_chat
 
@@ -364,10 +365,11 @@ def test_chat_formats_follow_the_row_and_the_lm():
     t = PromptTemplate()
     mistral_next = {"model_type": "llava_next", "text_config": {"model_type": "mistral", "num_attention_heads": 32,
                                                                 "hidden_size": 4096, "num_hidden_layers": 32}}
-    assert chat_format(FAMILIES["llava_next"], mistral_next) == "mistral"
+    assert chat_format(FAMILIES["llava_next"], mistral_next) == "llava_mistral"
     assert chat_format(FAMILIES["llava_next"], mistral_next | {"text_config": {"model_type": "llama"}}) == "vicuna"
     ends = {"chatml": "<|im_start|>assistant\n", "vicuna": " ASSISTANT:", "mistral": " [/INST]",
-            "gemma": "<start_of_turn>model\n", "idefics3": "<end_of_utterance>\nAssistant:"}
+            "gemma": "<start_of_turn>model\n", "idefics3": "<end_of_utterance>\nAssistant:",
+            "llava_mistral": " [/INST]", "qwen3_nothink": "<|im_start|>assistant\n<think>\n\n</think>\n\n"}
     for fam in FAMILIES.values():
         fmt = chat_format(fam, {})
         text = render_chat(t, item, "", fmt, "<s>" if fam.chat_bos else "")
