@@ -827,9 +827,11 @@ def test_a_reference_that_reads_fewer_items_says_what_its_difference_covers(odd_
     assert other_notes(whole["note"]) == "diff over the 3 of 5 items tiny-qwen2 also answered"
     assert scores.loc[("tiny-qwen2-vl", "TextPart"), "diff_n"] == 3 and not other_notes(
         scores.loc[("tiny-qwen2-vl", "TextPart"), "note"])  # every item of it paired: nothing to say
+    # its image subject, of which the reference read nothing: empty diff columns and why, as on an image set (it
+    # said "diff over the 0 of 2 items" with diff_n 0, the set's reference items having been counted for it)
     image = scores.loc[("tiny-qwen2-vl", "ImagePart")]
-    assert image["diff_n"] == 0 and np.isnan(image["diff_accuracy"]) and other_notes(image["note"]).startswith(
-        "diff over the 0")
+    assert pd.isna(image["diff_n"]) and np.isnan(image["diff_accuracy"]) and np.isnan(image["diff_lo"])
+    assert other_notes(image["note"]) == "no diff: the reference tiny-qwen2 (qwen2) cannot read image items"
     assert pd.isna(scores.loc[("tiny-qwen2", "all"), "diff_n"])  # the reference itself has no difference
     line = next(x for x in (out / "table.md").read_text().splitlines() if x.startswith("- tiny-qwen2-vl on mixed:"))
     assert line.startswith("- tiny-qwen2-vl on mixed: scored on 5 items; ") and "diff over the 3 of 5 items" in line
