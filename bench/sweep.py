@@ -133,8 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=None, help="--random-config: build only N decoder layers (default: all)")
     p.add_argument("--vision-layers", type=int, default=None, help="--random-config: build only N vision layers (default: all)")
     p.add_argument("--vocab-size", type=int, default=None, help="--random-config: cut the vocabulary to N rows (default: all)")
-    p.add_argument("--image-size", type=int, default=448, help="--random-config: side of the square images (default: 448)")
-    p.add_argument("--text-tokens", type=int, default=200,
+    p.add_argument("--image-size", type=int, default=None, help="--random-config: side of the square images (default: 448)")
+    p.add_argument("--text-tokens", type=int, default=None,
                    help="--random-config: question + options lengthened to this many tokens (default: 200)")
     p.add_argument("--items", type=int, default=4, help="items measured by every engine (default: 4)")
     p.add_argument("--heads", default="all", help="heads of every layer the engines sweep: all, 0-3, ... (default: all)")
@@ -160,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
                         "batch_size", "threads"))
     if not args.random_config and any(v is not None for v in (args.layers, args.vision_layers, args.vocab_size)):
         raise BadInput("--layers, --vision-layers and --vocab-size cut a --random-config model")
+    if not args.random_config and (args.image_size or args.text_tokens):  # a --model's items are its own data's
+        raise BadInput("--image-size and --text-tokens shape the synthetic items of a --random-config model; "
+                       "a --model is measured on its own data")
+    args.image_size, args.text_tokens = args.image_size or 448, args.text_tokens or 200
     if args.threads:
         torch.set_num_threads(args.threads)
     placement = resolve_placement(args.device, args.dtype, args.attn_implementation)

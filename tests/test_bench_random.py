@@ -70,6 +70,7 @@ def test_random_config_qwen2_vl_7b_cut_to_one_layer_runs_and_reports(tmp_path):
     (["--random-config", "qwen2-vl-7b", "--layers", "0"], "--layers must be ≥ 1"),
     (["--random-config", "qwen2-7b", "--model", "tiny-qwen2"], "not both"),
     (["--layers", "2"], "cut a --random-config model"),
+    (["--model", "tiny-qwen2", "--text-tokens", "300"], "a --model is measured on its own data"),  # was ignored
     (["--random-config", "qwen2-7b", "--device", "cuda"], "no CUDA GPU is visible"),
 ])
 def test_bad_input_exits_2_with_one_line(args, match, tmp_path):
