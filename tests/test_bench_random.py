@@ -242,3 +242,32 @@ def test_merge_bench_checkpoints_have_the_size_asked_for(params_m):
     assert real == shapes
     per_layer = sum(p.numel() for p in model.model.layers[0].parameters())
     assert abs(sum(math.prod(s) for s in real.values()) - params_m * 1e6) <= per_layer / 2
+
+
+def test_the_exact_engines_flop_count_is_what_torch_counts(load_tiny, monkeypatch):
+    """The achieved TFLOP/s the GPU check reports against its ≥ 50 %-of-matmul target divides bench/sweep.py's
+    ``exact_flops`` by the exact engine's time: that count must be the engine's real work. Oracle: torch's
+    FlopCounterMode over the engine (eager attention, whose matmuls it counts; its run-time naive recheck, which
+    the count leaves out, switched off)."""
+    import importlib.util
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import probe.exact as exact
+    from probe.prompting import build_inputs
+    from probe.sweep import SweepConfig, get_engine
+
+    spec = importlib.util.spec_from_file_location("bench_sweep", REPO / "bench" / "sweep.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    loaded = load_tiny("qwen2", "eager")
+    items = bench.text_items(2)
+    g = loaded.geometry
+    cfg = SweepConfig(generate=False)
+    heads = [(layer, h) for layer in range(g.n_layers) for h in range(g.n_heads)]
+    seq = [build_inputs(loaded, it, cfg.template)["input_ids"].shape[1] for it in items]
+    want = bench.exact_flops(loaded, seq, [(layer, g.n_heads) for layer in range(g.n_layers)])
+    monkeypatch.setattr(exact, "check_against_naive", lambda *a, **k: None)
+    with FlopCounterMode(display=False) as counted:
+        get_engine("exact")(loaded, items, heads, cfg)
+    assert counted.get_total_flops() == pytest.approx(want, rel=0.01)
