@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                         "with random weights (auto: otherwise), or none (default: auto)")
     p.add_argument("--skip-smollm", dest="smollm", action="store_const", const="skip", help="same as --smollm skip")
     p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda (default: auto)")
-    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU, else float32), float32, bfloat16 (default: auto)")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (bfloat16 on a GPU, else float32), float32, bfloat16 (default: auto)")
     args = p.parse_args(argv)
     check_counts(args, ("items", "smollm_items", "batch_size", "threads"))
     placement = resolve_placement(args.device, args.dtype)

@@ -130,23 +130,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help=f"alias or HF dir (default {DEFAULT_MODEL})")
     p.add_argument("--random-config", choices=sorted(a for a in ARCHS if a.endswith("7b")), default=None,
                    help="build this architecture from its real config with random weights (no download)")
-    p.add_argument("--layers", type=int, default=None, help="--random-config: build only N decoder layers (default: all)")
-    p.add_argument("--vision-layers", type=int, default=None, help="--random-config: build only N vision layers (default: all)")
-    p.add_argument("--vocab-size", type=int, default=None, help="--random-config: cut the vocabulary to N rows (default: all)")
-    p.add_argument("--image-size", type=int, default=None, help="--random-config: side of the square images (default: 448)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="--random-config: build only N decoder layers (default: all)")
+    p.add_argument("--vision-layers", type=int, default=None,
+                   help="--random-config: build only N vision layers (default: all)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="--random-config: cut the vocabulary to N rows (default: all)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="--random-config: side of the square images (default: 448)")
     p.add_argument("--text-tokens", type=int, default=None,
                    help="--random-config: question + options lengthened to this many tokens (default: 200)")
     p.add_argument("--items", type=int, default=4, help="items measured by every engine (default: 4)")
-    p.add_argument("--heads", default="all", help="heads of every layer the engines sweep: all, 0-3, ... (default: all)")
+    p.add_argument("--heads", default="all",
+                   help="heads of every layer the engines sweep: all, 0-3, ... (default: all)")
     p.add_argument("--naive-heads", type=int, default=None,
                    help="time the naive loop on this many heads only and extrapolate (default: all; "
                         "--random-config: one per layer)")
     p.add_argument("--generate", action="store_true", help="also greedy-decode (accuracy) in naive and exact")
-    p.add_argument("--batch-size", type=int, default=32, help="masked rows per forward of the exact engine (default: 32)")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="masked rows per forward of the exact engine (default: 32)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
-    p.add_argument("--json", type=Path, default=None, help="write the numbers here too (strict JSON: a number not measured is null)")
-    p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda, cuda:1 (default: auto)")
-    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU, else float32), float32, bfloat16 (default: auto)")
+    p.add_argument("--json", type=Path, default=None,
+                   help="write the numbers here too (strict JSON: a number not measured is null)")
+    p.add_argument("--device", default="auto",
+                   help="auto (the GPU when there is one), cpu, cuda, cuda:1 (default: auto)")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (bfloat16 on a GPU, else float32), float32, bfloat16 (default: auto)")
     p.add_argument("--attn-implementation", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"),
                    help="attention kernel (default: sdpa)")
     return p
