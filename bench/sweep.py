@@ -23,7 +23,6 @@ times K heads and extrapolates to all of them.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import tempfile
@@ -131,23 +130,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help=f"alias or HF dir (default {DEFAULT_MODEL})")
     p.add_argument("--random-config", choices=sorted(a for a in ARCHS if a.endswith("7b")), default=None,
                    help="build this architecture from its real config with random weights (no download)")
-    p.add_argument("--layers", type=int, default=None, help="--random-config: build only N decoder layers")
-    p.add_argument("--vision-layers", type=int, default=None, help="--random-config: build only N vision layers")
-    p.add_argument("--vocab-size", type=int, default=None, help="--random-config: cut the vocabulary to N rows")
-    p.add_argument("--image-size", type=int, default=448, help="--random-config: side of the square images")
-    p.add_argument("--text-tokens", type=int, default=200,
-                   help="--random-config: question + options lengthened to this many tokens")
-    p.add_argument("--items", type=int, default=4, help="items measured by every engine")
-    p.add_argument("--heads", default="all", help="heads of every layer the engines sweep: all, 0-3, ...")
+    p.add_argument("--layers", type=int, default=None,
+                   help="--random-config: build only N decoder layers (default: all)")
+    p.add_argument("--vision-layers", type=int, default=None,
+                   help="--random-config: build only N vision layers (default: all)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="--random-config: cut the vocabulary to N rows (default: all)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="--random-config: side of the square images (default: 448)")
+    p.add_argument("--text-tokens", type=int, default=None,
+                   help="--random-config: question + options lengthened to this many tokens (default: 200)")
+    p.add_argument("--items", type=int, default=4, help="items measured by every engine (default: 4)")
+    p.add_argument("--heads", default="all",
+                   help="heads of every layer the engines sweep: all, 0-3, ... (default: all)")
     p.add_argument("--naive-heads", type=int, default=None,
                    help="time the naive loop on this many heads only and extrapolate (default: all; "
                         "--random-config: one per layer)")
     p.add_argument("--generate", action="store_true", help="also greedy-decode (accuracy) in naive and exact")
-    p.add_argument("--batch-size", type=int, default=32, help="masked rows per forward of the exact engine (default: 32)")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="masked rows per forward of the exact engine (default: 32)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
-    p.add_argument("--json", type=Path, default=None, help="write the numbers here too")
-    p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda, cuda:1")
-    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU, else float32), float32, bfloat16")
+    p.add_argument("--json", type=Path, default=None,
+                   help="write the numbers here too (strict JSON: a number not measured is null)")
+    p.add_argument("--device", default="auto",
+                   help="auto (the GPU when there is one), cpu, cuda, cuda:1 (default: auto)")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (bfloat16 on a GPU, else float32), float32, bfloat16 (default: auto)")
     p.add_argument("--attn-implementation", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"),
                    help="attention kernel (default: sdpa)")
     return p
@@ -161,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
                         "batch_size", "threads"))
     if not args.random_config and any(v is not None for v in (args.layers, args.vision_layers, args.vocab_size)):
         raise BadInput("--layers, --vision-layers and --vocab-size cut a --random-config model")
+    if not args.random_config and (args.image_size or args.text_tokens):  # a --model's items are its own data's
+        raise BadInput("--image-size and --text-tokens shape the synthetic items of a --random-config model; "
+                       "a --model is measured on its own data")
+    args.image_size, args.text_tokens = args.image_size or 448, args.text_tokens or 200
     if args.threads:
         torch.set_num_threads(args.threads)
     placement = resolve_placement(args.device, args.dtype, args.attn_implementation)
@@ -268,9 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"projected device-hours of the full sweep ({res['full_sweep']}) for {what}: "
           + ", ".join(f"{k} {v:.2f} h" if not math.isnan(v) else f"{k} n/a (heads cut down)"
                       for k, v in hours.items()))
-    if args.json:
+    if args.json:  # strict JSON (a NaN, e.g. exact's projection with heads cut, as null), written whole or not at all
+        from probe.results import atomic_write_json
+
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=2))
+        atomic_write_json(args.json, res)
     return 0
 
 

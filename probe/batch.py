@@ -63,15 +63,18 @@ def measure_batch(
     pad = pad if pad is not None else min(loaded.eos_token_ids)
     batch = collate(inputs, pad)
     with torch.no_grad():
+        # generate also without generation (one step): it numbers each row's positions from the attention mask (each
+        # family its own way, M-RoPE's too); a plain forward numbers the padding, so a left-padded row's RoPE
+        # positions were shifted by its padding (organism-video: p off by 7e-5 in fp32 against the item alone)
+        out = loaded.model.generate(**batch, generation_config=greedy_config(loaded, cfg.max_new_tokens
+                                                                             if cfg.generate else 1))
+        first = out.logits[0]  # [B, V] raw logits of the first generated position
+        texts: list[str | None] = [None] * len(inputs)
+        bad: list[int | None] = [None] * len(inputs)
         if cfg.generate:
-            out = loaded.model.generate(**batch, generation_config=greedy_config(loaded, cfg.max_new_tokens))
-            first = out.logits[0]  # [B, V] raw logits of the first generated position
             new = out.sequences[:, batch["input_ids"].shape[1]:]
-            texts: list[str | None] = list(loaded.tokenizer.batch_decode(new, skip_special_tokens=True))
+            texts = list(loaded.tokenizer.batch_decode(new, skip_special_tokens=True))
             bad = overflow_steps(out.logits, new, loaded.eos_token_ids)
-        else:
-            first = loaded.model(**batch, logits_to_keep=1).logits[:, -1]
-            texts, bad = [None] * len(inputs), [None] * len(inputs)
     return [Measurement(option_log_probs(first[r], ids), texts[r], bad[r]) for r, ids in enumerate(letter_ids)]
 
 

@@ -54,13 +54,33 @@ def error_reason(exc: BaseException) -> str:
     return reason if len(reason) <= REASON_CHARS else reason[:REASON_CHARS - 1] + "…"
 
 
+class _ListOnce(argparse._StoreAction):
+    """A list option (``nargs`` "+" or "*") given once: argparse keeps only the last of ``--data a --data b``, so
+    the run silently went without ``a``. A second occurrence is a usage error naming the option."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if self.nargs in ("+", "*") and option_string:
+            given = parser.__dict__.setdefault("_lists_given", set())
+            if self.dest in given:
+                parser.error(f"{option_string} given twice: list all its values after one {option_string}")
+            given.add(self.dest)
+        super().__call__(parser, namespace, values, option_string)
+
+
 class ArgParser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` whose usage errors are one line (``error: … (see --help)``, exit 2), like
-    BadInput; ``--help`` still prints the full help, ending with ``examples`` (command lines, shown as written)."""
+    BadInput; ``--help`` still prints the full help, ending with ``examples`` (command lines, shown as written).
+    A list option given twice is a usage error (``_ListOnce``)."""
 
     def __init__(self, *args, examples: Sequence[str] = (), **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.examples = list(examples)
+        self.register("action", None, _ListOnce)  # argument groups share this registry
+        self.register("action", "store", _ListOnce)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._lists_given: set[str] = set()  # per parse: a parser may parse several command lines
+        return super().parse_known_args(args, namespace)
 
     def format_help(self) -> str:
         text = super().format_help()

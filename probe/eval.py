@@ -313,6 +313,8 @@ def score_table(items: Any, plan: EvalPlan, reference: str | None, seed: int):
             ref = items[(items["model"] == reference) & (items["data"] == ds.name)] if reference else None
             for subject in [ALL, *ds.subjects]:
                 sub = mine if subject == ALL else mine[mine["subject"] == subject]
+                # the reference's items of this row: of a mixed set, a text LM reads none of an image subject
+                ref_sub = ref if ref is None or subject == ALL else ref[ref["subject"] == subject]
                 # one resampling stream per data set, the same for every model (common random numbers): a model's
                 # interval depends on its answers only, not on its name or path; 'all' of one subject = it
                 key = ds.stream
@@ -329,9 +331,9 @@ def score_table(items: Any, plan: EvalPlan, reference: str | None, seed: int):
                 row["note"] = "; ".join(filter(None, [row["note"], all_alike_note(row)]))
                 diffs = {"accuracy": NAN, "prob_accuracy": NAN}
                 n_paired = None
-                if ref is not None and len(sub) and entry.name != reference and len(ref):
+                if ref_sub is not None and len(sub) and entry.name != reference and len(ref_sub):
                     # the items both answered; ids need only be unique within a subject (the loader checks)
-                    paired = sub.merge(ref, on=["subject", "item_id"], suffixes=("", "_ref"))
+                    paired = sub.merge(ref_sub, on=["subject", "item_id"], suffixes=("", "_ref"))
                     n_paired = len(paired)
                     for metric, col in (("accuracy", "correct"), ("prob_accuracy", "prob_correct")):
                         diffs[metric] = paired_difference(paired[col].to_numpy(), paired[f"{col}_ref"].to_numpy(),
@@ -339,8 +341,9 @@ def score_table(items: Any, plan: EvalPlan, reference: str | None, seed: int):
                     if n_paired < len(sub):  # the reference read fewer: diff ≠ this row's accuracy − the reference's
                         row["note"] = "; ".join(filter(None, [row["note"], f"diff over the {n_paired} of {len(sub)} "
                                                                              f"items {reference} also answered"]))
-                elif ref is not None and len(sub) and entry.name != reference:  # the reference read none of the set:
-                    # say why the diff columns are empty (e.g. a text LM as reference on an image set)
+                elif ref_sub is not None and len(sub) and entry.name != reference:  # the reference read none of the
+                    # row's items: say why the diff columns are empty (a text LM as reference on an image set or
+                    # on an image subject of a mixed set)
                     ref_why = plan.not_applicable.get(f"{reference}|{ds.name}", f"{reference} answered none of it")
                     row["note"] = "; ".join(filter(None, [row["note"], "no diff: the reference "
                                                           + ref_why.removeprefix("not applicable: ")]))

@@ -66,6 +66,31 @@ def test_usage_error_is_one_line_and_help_stays_full(name, capsys):
     assert out.startswith("usage:") and len(out.splitlines()) > 5
 
 
+def test_a_list_option_given_twice_is_a_usage_error(capsys):
+    """argparse kept only the last of ``--data a --data b``: probe.eval ran on b alone (a text model: every row
+    n/a) and exited 0. Every list option of every CLI is refused the second time; a scalar repeated stays as
+    argparse has it (the last wins)."""
+    from probe.errors import ArgParser
+
+    p = ArgParser(prog="x")
+    p.add_argument("--data", nargs="+")
+    p.add_argument_group("g").add_argument("--models", nargs="*", default=[])
+    p.add_argument("--seed", type=int)
+    args = p.parse_args(["--data", "a", "b", "--models", "m", "--seed", "1", "--seed", "2"])
+    assert (args.data, args.models, args.seed) == (["a", "b"], ["m"], 2)
+    assert p.parse_args(["--data", "c"]).data == ["c"]  # the same parser, another command line
+    for argv, name in ((["--data", "a", "--data", "b"], "--data"), (["--data", "a", "--models", "m", "--models"],
+                                                                      "--models")):
+        with pytest.raises(SystemExit) as e:
+            p.parse_args(argv)
+        line = one_error_line(e.value.code, capsys.readouterr().err)
+        assert line == f"error: {name} given twice: list all its values after one {name} (see --help)"
+    with pytest.raises(SystemExit) as e:  # the command a user ran
+        _main("probe.eval")(["--models", "organism-base", "--data", "probe/zoo/data/text", "--data",
+                             "probe/zoo/data/image"])
+    assert "--data given twice" in one_error_line(e.value.code, capsys.readouterr().err)
+
+
 def test_every_cli_uses_the_shared_parser():
     found = [f"{p}:{i}" for d in ("probe", "analyses", "figures", "bench") for p in sorted((REPO / d).rglob("*.py"))
              for i, line in enumerate(p.read_text().splitlines(), 1) if "argparse.ArgumentParser(" in line]

@@ -77,6 +77,38 @@ def test_batched_equals_one_item_path(family, generate, load_tiny, data_dir, vid
             torch.testing.assert_close(a.logp, b.logp, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("generate", [True, False])
+def test_a_left_padded_row_gets_the_positions_of_its_item_alone(family, generate, load_tiny, data_dir, video_root):
+    """RoPE positions, the one thing p within 1e-4 cannot see on tiny random models (a shift moves p by ~1e-6 there,
+    by 7e-5 on organism-video): the LM's rotary embedding must see, at a left-padded row's real tokens, the
+    positions it sees when the item runs alone. Without generation a plain forward numbered the padding too."""
+    from probe.batch import measure_batch, plan_batches
+    from probe.sweep import SweepConfig, first_token_measure, prepare_item
+
+    loaded = load_tiny(family, "sdpa")
+    items = _items(family, data_dir, video_root if family in VL_FAMILIES else None)
+    cfg = SweepConfig(generate=generate, max_new_tokens=2)
+    prepared = [prepare_item(loaded, it, cfg) for it in items]
+    width = lambda i: prepared[i][0]["input_ids"].shape[1]  # noqa: E731
+    batch = max(plan_batches([p[0] for p in prepared], 8, max_padding=None), key=lambda b: width(b[-1]) - width(b[0]))
+    short = batch[0]  # sorted by length: the row padded most
+    assert width(batch[-1]) > width(short)  # anti-tautology: it is padded
+    rotary = loaded.model.get_submodule(loaded.family.layers_path.rsplit(".", 1)[0] + ".rotary_emb")
+    seen: list[torch.Tensor] = []
+    hook = rotary.register_forward_pre_hook(
+        lambda m, args, kw: seen.append(kw["position_ids"] if "position_ids" in kw else args[1]), with_kwargs=True)
+    try:
+        measure_batch(loaded, [prepared[i][0] for i in batch], [prepared[i][1] for i in batch], cfg)
+        padded = seen[0][..., 0, -width(short):]  # [L] or M-RoPE's [3, L]: the prompt's pass, the short row
+        seen.clear()
+        first_token_measure(loaded, *prepared[short], cfg)
+        alone = seen[0][..., 0, :]
+    finally:
+        hook.remove()
+    assert torch.equal(padded, alone), (padded, alone)
+
+
 def test_collate_left_pads_and_concatenates():
     from probe.batch import collate
 
@@ -795,9 +827,11 @@ def test_a_reference_that_reads_fewer_items_says_what_its_difference_covers(odd_
     assert other_notes(whole["note"]) == "diff over the 3 of 5 items tiny-qwen2 also answered"
     assert scores.loc[("tiny-qwen2-vl", "TextPart"), "diff_n"] == 3 and not other_notes(
         scores.loc[("tiny-qwen2-vl", "TextPart"), "note"])  # every item of it paired: nothing to say
+    # its image subject, of which the reference read nothing: empty diff columns and why, as on an image set (it
+    # said "diff over the 0 of 2 items" with diff_n 0, the set's reference items having been counted for it)
     image = scores.loc[("tiny-qwen2-vl", "ImagePart")]
-    assert image["diff_n"] == 0 and np.isnan(image["diff_accuracy"]) and other_notes(image["note"]).startswith(
-        "diff over the 0")
+    assert pd.isna(image["diff_n"]) and np.isnan(image["diff_accuracy"]) and np.isnan(image["diff_lo"])
+    assert other_notes(image["note"]) == "no diff: the reference tiny-qwen2 (qwen2) cannot read image items"
     assert pd.isna(scores.loc[("tiny-qwen2", "all"), "diff_n"])  # the reference itself has no difference
     line = next(x for x in (out / "table.md").read_text().splitlines() if x.startswith("- tiny-qwen2-vl on mixed:"))
     assert line.startswith("- tiny-qwen2-vl on mixed: scored on 5 items; ") and "diff over the 3 of 5 items" in line
