@@ -40,6 +40,7 @@ from analyses.writer import (Entry, ShardedWriter, atomic_dir, check_output, che
 from probe.errors import TENSOR_MEMORY_HINT, ArgParser, BadInput, cli_main
 from probe.families import CAUSAL_LM, LAYOUTS, causal_lm_type, check_lm_fits_class, untie_word_embeddings
 from probe.families import lm_disk_key as layout_key
+from probe.results import json_text
 
 # CLI name -> formula registry name
 METHODS = {"average": "average", "weighted": "weighted", "shift": "shift", "salience": "salience",
@@ -540,7 +541,7 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
                 "seconds_lm": round(t_lm, 3),
                 "seconds_total": round(time.perf_counter() - t0, 3),
             }
-            (tmp / "merge.json").write_text(json.dumps(report, indent=2) + "\n")
+            (tmp / "merge.json").write_text(json_text(report))
             for c in carriers:
                 c.close()  # release mappings before the rename
     if al.vocab:

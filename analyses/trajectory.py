@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import re
 import sys
@@ -32,7 +31,7 @@ from analyses.checkpoints import (Checkpoint, add_output_args, check_inputs_and_
 from analyses.sketch import SKETCH_CHUNK, SKETCH_DIMS, CountSketch
 from analyses.writer import atomic_dir, check_output, check_replaceable
 from probe.errors import TENSOR_MEMORY_HINT, ArgParser, BadInput, cli_main
-from probe.results import distinct_names
+from probe.results import distinct_names, json_text
 
 
 @dataclass
@@ -193,7 +192,7 @@ def run_trajectory(cfg: TrajectoryConfig) -> dict[str, Any]:
             w.writerows(coords)
         np.savez(tmp / "features.npz", names=np.array([p.name for p in points]), tensors=np.array(tensors),
                  norms=norms, sketch=sketch)
-        (tmp / "run.json").write_text(json.dumps(run, indent=2) + "\n")
+        (tmp / "run.json").write_text(json_text(run))
         if cfg.figures:
             from figures.trajectory import draw_trajectory
 

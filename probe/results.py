@@ -151,10 +151,15 @@ def finite_or_null(obj: Any) -> Any:
     return obj
 
 
+def json_text(obj: Any) -> str:
+    """``obj`` as strict JSON (non-finite floats as null, ``finite_or_null``), indented, with a final newline: what
+    every result JSON file of the project holds."""
+    return json.dumps(finite_or_null(obj), indent=2, sort_keys=False, default=str, allow_nan=False) + "\n"
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
-    """``obj`` as strict JSON (non-finite floats as null, ``finite_or_null``), written atomically."""
-    text = json.dumps(finite_or_null(obj), indent=2, sort_keys=False, default=str, allow_nan=False)
-    atomic_write_bytes(path, (text + "\n").encode())
+    """``json_text(obj)``, written atomically."""
+    atomic_write_bytes(path, json_text(obj).encode())
 
 
 # Every file and folder an analyses command (shift, merge, trajectory) wrote into its --out, as paths relative to it:
