@@ -67,7 +67,6 @@ class SafetensorsFile:
     def __init__(self, path: Path):
         self.path = Path(path)
         self._mm: mmap.mmap | None = None
-        self._fd: int | None = None
         try:
             size = self.path.stat().st_size
             with open(self.path, "rb") as f:
@@ -110,9 +109,9 @@ class SafetensorsFile:
             raise BadInput(f"{self.path}: corrupt safetensors file ({size - end} bytes after the last tensor)")
 
     def _map(self) -> mmap.mmap:
-        if self._mm is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
-            self._mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
+        if self._mm is None:  # the mapping keeps a descriptor of its own (a dup): one per mapped file, not two
+            with open(self.path, "rb") as f:
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         return self._mm
 
     def view(self, info: TensorInfo) -> torch.Tensor:
@@ -143,9 +142,8 @@ class SafetensorsFile:
             try:
                 self._mm.close()
             except BufferError:
-                pass  # a view is still alive; the mapping goes with it
-            os.close(self._fd)  # type: ignore[arg-type]
-            self._mm = self._fd = None
+                pass  # a view is still alive; the mapping (and its descriptor) goes with it
+            self._mm = None
 
 
 class BinFile:
@@ -325,6 +323,40 @@ def open_checkpoint(spec: str, allow_bin: bool = False) -> Checkpoint:
         raise BadInput(f"{path}: LM tensor {f8} is {DTYPE_NAMES[infos[f8].dtype]}, a quantized checkpoint's codes "
                        "(their scales are separate tensors); dequantize it to bf16/fp16/fp32 first")
     return Checkpoint(spec, path, config, layout, FAMILIES[layout.family], infos, lm, other, files)
+
+
+# descriptors a command holds besides its mapped checkpoint files: the interpreter's, torch's, what it writes
+FD_MARGIN = 64
+
+
+def open_descriptors() -> int:
+    """This process's open file descriptors (0 where the system does not list them)."""
+    for fds in ("/proc/self/fd", "/dev/fd"):
+        if os.path.isdir(fds):
+            return len(os.listdir(fds))
+    return 0
+
+
+def reserve_descriptors(ckpts: Iterable[Checkpoint]) -> None:
+    """Room to map every weight file of ``ckpts`` at once: trajectory, shift and merge read their checkpoints side
+    by side, and each mapped file holds an open descriptor until the command ends, so a trajectory over many
+    checkpoints of a many-shard model passes the usual limit of 1,024 open files (``ulimit -n``) when the stream
+    reaches the later shards, hours in. The soft limit is raised toward the hard one now; a hard limit that is too
+    low is bad input before anything is read."""
+    try:
+        import resource
+    except ImportError:  # no such limits here
+        return
+    files = {f for ck in ckpts for f in ck._files}
+    need = len(files) + FD_MARGIN + open_descriptors()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or need <= soft:
+        return
+    if hard != resource.RLIM_INFINITY and need > hard:
+        raise BadInput(f"the checkpoints' {len(files)} weight files are read side by side, one open file each "
+                       f"(about {need} in all), but this process may open at most {hard} (ulimit -Hn); raise that "
+                       "limit, or give fewer checkpoints")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
 
 
 def check_not_quantized(path: Path, config: dict[str, Any]) -> None:

@@ -29,7 +29,7 @@ import torch
 
 from analyses.align import Alignment, TensorPlan, align, check_finite, paired_chunks
 from analyses.checkpoints import (Checkpoint, add_output_args, check_inputs_and_out, checkpoint_fingerprint, chunks,
-                                  open_checkpoint, progress, quiet_progress)
+                                  open_checkpoint, progress, quiet_progress, reserve_descriptors)
 from analyses.formulas import (FORMULAS, ShiftStats, average_coefficients, shift_coefficients,
                                 task_arithmetic_coefficients, TiesTrim, ties_combine, weighted_coefficients)
 from analyses.salience import METRICS as SALIENCE_METRICS
@@ -473,6 +473,7 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
         names = ([cfg.base] if base else []) + list(cfg.models)
         check_inputs_and_out(cfg.out, models, ([base] if base else []) + carriers)  # base may be in --models
         check_replaceable(cfg.out, cfg.overwrite, "analyses.merge")
+        reserve_descriptors([*inputs, *carriers])
         al = align(inputs, names)  # shapes, vocab rule: all checked before anything is written
         for car in carriers:
             align([inputs[0], car], [names[0], car.name])

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 from analyses.align import Alignment, align, check_finite, paired_chunks
 from analyses.checkpoints import (Checkpoint, add_output_args, check_inputs_and_out, checkpoint_fingerprint,
-                                  layer_module, open_checkpoint, progress, quiet_progress)
+                                  layer_module, open_checkpoint, progress, quiet_progress, reserve_descriptors)
 from analyses.formulas import ShiftStats
 from analyses.writer import atomic_dir, check_output, check_replaceable
 from probe.errors import TENSOR_MEMORY_HINT, ArgParser, BadInput, cli_main
@@ -160,6 +160,7 @@ def run_shift(cfg: ShiftConfig) -> dict[str, Any]:
         models = [stack.enter_context(open_checkpoint(m, cfg.allow_bin)) for m in cfg.models]
         check_inputs_and_out(cfg.out, models, [base])
         check_replaceable(cfg.out, cfg.overwrite, "analyses.shift")
+        reserve_descriptors([base, *models])
         rows, al = compute_shift(base, models, cfg.models)
         summary = {
             "base": checkpoint_entry(base, cfg.base),

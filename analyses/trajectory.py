@@ -27,7 +27,7 @@ import torch
 
 from analyses.align import align, check_finite
 from analyses.checkpoints import (Checkpoint, add_output_args, check_inputs_and_out, open_checkpoint,
-                                  progress, quiet_progress)
+                                  progress, quiet_progress, reserve_descriptors)
 from analyses.sketch import SKETCH_CHUNK, SKETCH_DIMS, CountSketch
 from analyses.writer import atomic_dir, check_output, check_replaceable
 from probe.errors import TENSOR_MEMORY_HINT, ArgParser, BadInput, cli_main
@@ -155,6 +155,7 @@ def run_trajectory(cfg: TrajectoryConfig) -> dict[str, Any]:
         ref = stack.enter_context(open_checkpoint(cfg.ref, cfg.allow_bin)) if cfg.ref else ckpts[0]
         check_inputs_and_out(cfg.out, ckpts, [ref])  # a point twice would sit on itself and skew t-SNE
         check_replaceable(cfg.out, cfg.overwrite, "analyses.trajectory")
+        reserve_descriptors([*ckpts, ref])  # every checkpoint is streamed side by side
         tensors, norms, sketch, vocab = stream_features(ref, ckpts, [p.name for p in points],
                                                         CountSketch(cfg.sketch_dim, cfg.seed), cfg.ref or cfg.base)
     coords: list[list[Any]] = []
