@@ -31,7 +31,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from probe.errors import ArgParser, BadInput, check_counts, check_out_path, cli_main, make_out_dir
+from probe.errors import (ArgParser, BadInput, check_counts, check_out_path, cli_main, make_out_dir,
+                          releases_claims)
 
 LOG_COLUMNS = ["step", "modality", "loss", "lr", "lm_lr", "tokens"]  # lr: --lr's rate now (tower, projector)
 STATE = "trainer_state.pt"
@@ -330,6 +331,7 @@ def weights_dtype(placement: Any, lora: int | None) -> str:
     return "bfloat16" if lora is not None and placement.dtype == "bfloat16" else "float32"
 
 
+@releases_claims
 def run_finetune(cfg: FinetuneConfig) -> Path:
     import torch
 

@@ -38,7 +38,7 @@ from analyses.checkpoints import quiet_progress
 from analyses.replicate_config import (DEFAULT_CONFIG, GENERATED, QUICK_CONFIG, ReplicateConfig, check_machine,
                                        parse_config)
 from probe.devices import Placement
-from probe.errors import ArgParser, BadInput, check_out_path, cli_main
+from probe.errors import ArgParser, BadInput, check_out_path, cli_main, releases_claims
 from probe.heads import SOFTWARE, software_differences, versions
 from probe.results import content_fingerprint, has_contents, lock_out_dir
 
@@ -455,6 +455,7 @@ def prepare(args: argparse.Namespace) -> tuple[Context, dict[str, str]]:
     return ctx, stage_fps
 
 
+@releases_claims
 def run(args: argparse.Namespace) -> Path:
     ctx, stage_fps = prepare(args)
     out = ctx.out

@@ -40,7 +40,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from probe.errors import ArgParser, BadInput, RunStopped, check_counts, check_out_path, cli_main, error_reason
+from probe.errors import (ArgParser, BadInput, RunStopped, check_counts, check_out_path, cli_main, error_reason,
+                          releases_claims)
 from probe.mmmu import VIDEO_REF, _IMAGE_REF, check_split, fit_within, option_letters, unfinished_conversion
 from probe.mmmu import _split_files as split_files  # the reader's rule: shards complete, never two forms
 
@@ -444,6 +445,7 @@ def existing_split(out: Path, split: str) -> list[Path]:
                                         for f in split_files(d, split))]
 
 
+@releases_claims
 def run(cfg: ConvertConfig) -> ConvertReport:
     from probe.mmmu import load_mmmu
     from probe.results import atomic_write_json, lock_out_dir

@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import os
 import sys
 from pathlib import Path
-from typing import Callable, NoReturn, Sequence
+from typing import Callable, NoReturn, ParamSpec, Sequence, TypeVar
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class BadInput(Exception):
@@ -131,6 +135,23 @@ def print_error(message: str) -> None:
         for bar in list(getattr(tq.tqdm, "_instances", ())):
             bar.close()
     print(f"error: {message}", file=sys.stderr)
+
+
+def releases_claims(run: Callable[P, R]) -> Callable[P, R]:
+    """A run function (``probe.heads.run``, ``probe.eval.run``, ``analyses.finetune.run_finetune`` …) whose --out
+    claims (``probe.results.claim_out_dir``: an flock held through an open descriptor) end when it returns or raises,
+    not when the process does: each call in one process (analyses.replicate's stages, a script looping over
+    checkpoints) left one descriptor open and its finished --out locked against every other command."""
+    @functools.wraps(run)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        held = set(getattr(sys.modules.get("probe.results"), "_CLAIMED", ()))  # a caller's claims stay
+        try:
+            return run(*args, **kwargs)
+        finally:
+            if (results := sys.modules.get("probe.results")) is not None:
+                results.release_claims(keep=held)
+
+    return wrapper
 
 
 def cli_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from probe.errors import ArgParser, BadInput, check_counts, cli_main
+from probe.errors import ArgParser, BadInput, check_counts, cli_main, releases_claims
 from probe.families import ALIASES
 from probe.heads import (_Help, _progress, add_placement_args, add_prompt_args, add_run_args, check_out_not_model,
                          load_template, run_versions, saved_run_info)
@@ -217,6 +217,7 @@ def evaluate_pair(loaded, model_name: str, ds: DataSet, items, cfg, batch_size: 
     return rows
 
 
+@releases_claims
 def run(args: argparse.Namespace) -> Path:
     import pandas as pd
 

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from probe.errors import ArgParser, BadInput, check_counts, cli_main
+from probe.errors import ArgParser, BadInput, check_counts, cli_main, releases_claims
 from probe.families import ALIASES
 
 DEFAULT_MODEL = "organism-vl"
@@ -280,6 +280,7 @@ def check_out_not_model(out: Path, model_dirs: Sequence[Path]) -> None:
                            "and change its fingerprint; use a folder inside it or elsewhere")
 
 
+@releases_claims
 def run(args: argparse.Namespace) -> Path:
     from probe.devices import rank_world
     from probe.results import (atomic_write_json, claim_out_dir, part_path, prepare_out_dir, read_part, read_parts,

@@ -65,15 +65,22 @@ class HeadMask:
         return pre_hook
 
     def __enter__(self) -> "HeadMask":
-        for layer in self.gates:
-            mod = self.loaded.o_proj(layer)
-            self._handles.append(mod.register_forward_pre_hook(self._hook(layer), with_kwargs=True))
+        try:
+            for layer in self.gates:
+                mod = self.loaded.o_proj(layer)
+                self._handles.append(mod.register_forward_pre_hook(self._hook(layer), with_kwargs=True))
+        except BaseException:  # __exit__ never runs for a failed __enter__: the hooks made so far would stay
+            self._remove()
+            raise
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def _remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._remove()
         if exc_type is None and self.require_fired:
             silent = sorted(set(self.gates) - set(self.fired))
             if silent:

@@ -251,11 +251,13 @@ LOCK = ".lock"
 _CLAIMED: dict[str, int] = {}  # out dirs this process holds (a resume in the same process keeps its claim)
 
 
-def release_claims() -> None:
-    """Free every --out this process claimed (``claim_out_dir``): a command's claims end with it (probe.errors.cli_main),
-    so a later command in the same process, or another process, may continue the run."""
-    while _CLAIMED:
-        fd = _CLAIMED.popitem()[1]
+def release_claims(keep: Iterable[str] = ()) -> None:
+    """Free every --out this process claimed (``claim_out_dir``) but those in ``keep`` (keys of ``_CLAIMED``): a
+    command's claims end with it (probe.errors.cli_main, probe.errors.releases_claims), so a later command in the
+    same process, or another process, may continue the run."""
+    kept = set(keep)
+    for key in [k for k in _CLAIMED if k not in kept]:
+        fd = _CLAIMED.pop(key)
         if fd >= 0:
             os.close(fd)  # closing the descriptor frees its flock
 

@@ -97,3 +97,33 @@ def test_a_hard_limit_too_low_is_bad_input_before_anything_is_read(tmp_path):
     assert r.returncode == 2, r.stderr
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error:") and "ulimit -Hn" in r.stderr, r.stderr
     assert not out.exists()
+
+
+def test_runs_in_one_process_free_their_out_dirs_when_they_return(tmp_path):
+    """A run holds an flock on DIR/.lock through an open descriptor; the claim ended only with the process
+    (cli_main), so each probe.heads / probe.eval / analyses.finetune run called in one process (analyses.replicate's
+    stages, a script evaluating every checkpoint) left one more descriptor open, and its finished --out locked:
+    another command into it was refused as "in use" until that process exited."""
+    import subprocess
+
+    from analyses.finetune import FinetuneConfig, run_finetune
+    from probe import eval as probe_eval
+    from probe import heads
+
+    text = str(Path(__file__).resolve().parents[1] / "probe/zoo/data/text")
+    common = ["--limit", "2", "--no-generate", "--no-figures", "--quiet"]
+    outs = [tmp_path / "heads", tmp_path / "eval", tmp_path / "ft"]
+    heads.run(heads.build_parser().parse_args(["--model", "organism-base", "--data", text, "--layers", "0", "--heads",
+                                               "0", "--out", str(outs[0]), *common]))
+    probe_eval.run(probe_eval.build_parser().parse_args(["--models", "organism-base", "--data", text,
+                                                         "--out", str(outs[1]), *common]))
+    run_finetune(FinetuneConfig(model="organism-base", data={"text": text}, mix={"text": 1.0}, out=outs[2], steps=1,
+                                split="validation", limit=2, batch=2, warmup=0, quiet=True))
+    locks = [str(out / ".lock") for out in outs]
+    assert all(Path(lock).is_file() for lock in locks)
+    assert descriptors_on({Path(lock) for lock in locks}) == 0
+    take = ("import fcntl, os, sys\n"
+            "for p in sys.argv[1:]:\n"
+            "    fcntl.flock(os.open(p, os.O_RDWR), fcntl.LOCK_EX | fcntl.LOCK_NB)\n")  # BlockingIOError if held
+    r = subprocess.run([sys.executable, "-c", take, *locks], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr

@@ -53,24 +53,31 @@ def test_overwrite_leaves_a_running_commands_dir_alone(tmp_path, tiny_dirs, data
 
 def test_ranks_hold_the_dir_against_a_single_process(tmp_path, tiny_dirs, data_dir, monkeypatch):
     """Ranks of a torchrun job took no lock: a single process started into their --out meanwhile computed their
-    chunks beside them (or, with --overwrite, deleted them). Ranks now share the lock, which shuts out one process."""
-    from probe import heads
-    from probe.results import release_claims
+    chunks beside them (or, with --overwrite, deleted them). Ranks now share the lock, which shuts out one process.
+    Rank 0 runs here in this process; the others start while it computes its chunk (a run's claim ends when it
+    returns, probe.errors.releases_claims)."""
+    from probe import exact, heads
 
     common = ["--model", str(tiny_dirs["qwen2_vl"]), "--data", str(data_dir), "--limit", "3", "--chunk-size", "2",
               "--layers", "1", "--heads", "0-1", "--no-figures", "--quiet", "--no-generate", "--out", str(tmp_path)]
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    try:
-        heads.main(common)  # rank 0, still running as far as the others can tell: its claim is held until release
+    checked = []
+    sweep = exact.exact_sweep
+
+    def rank0_computing(*args, **kwargs):  # rank 0, mid-run: its claim is held
         for extra in ([], ["--overwrite"]):
             r = _run(common + extra, {"RANK": "0", "WORLD_SIZE": "1"})
             assert r.returncode == 2 and "in use" in r.stderr, r.stderr
-        assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == ["chunk_00000.parquet"]
+        assert not list((tmp_path / "parts").glob("*.parquet"))  # the refused runs computed nothing
         r1 = _run(common, {"RANK": "1", "WORLD_SIZE": "2"})  # a rank of the same job shares the lock
         assert r1.returncode == 0, r1.stderr
-    finally:
-        release_claims()
+        checked.append(True)
+        return sweep(*args, **kwargs)
+
+    monkeypatch.setattr(exact, "exact_sweep", rank0_computing)
+    heads.main(common)  # rank 0 finishes last: it assembles
+    assert checked == [True]
     assert pd.read_parquet(tmp_path / "items.parquet")["item_id"].nunique() == 3
 
 
