@@ -127,3 +127,31 @@ def test_runs_in_one_process_free_their_out_dirs_when_they_return(tmp_path):
             "    fcntl.flock(os.open(p, os.O_RDWR), fcntl.LOCK_EX | fcntl.LOCK_NB)\n")  # BlockingIOError if held
     r = subprocess.run([sys.executable, "-c", take, *locks], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+def forward_hooks(model) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+def test_a_head_mask_that_fails_to_enter_leaves_no_hook(load_tiny, monkeypatch):
+    """``with HeadMask(...)`` whose entry failed part-way (a layer's o_proj not found, an interrupt) left the hooks
+    of the layers before it on the user's model: every later forward ran with those heads gated, silently."""
+    import torch
+
+    from probe.masking import HeadMask
+
+    loaded = load_tiny("qwen2")
+    assert forward_hooks(loaded.model) == 0
+    o_proj = loaded.o_proj
+
+    def lost_at_layer_2(layer: int):
+        if layer == 2:
+            raise KeyboardInterrupt
+        return o_proj(layer)
+
+    monkeypatch.setattr(loaded, "o_proj", lost_at_layer_2)
+    gates = {layer: torch.zeros(loaded.geometry.n_heads) for layer in range(loaded.geometry.n_layers)}
+    with pytest.raises(KeyboardInterrupt):
+        with HeadMask(loaded, gates):
+            pass
+    assert forward_hooks(loaded.model) == 0
