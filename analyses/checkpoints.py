@@ -21,7 +21,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
-from probe.errors import BadInput
+from probe.errors import BadInput, input_in_out
 from probe.families import (FAMILIES, Family, Layout, canonical_lm_name, check_layout_model_type, detect_layout,
                             read_config_json, says_untied)
 from probe.families import text_config_dict
@@ -379,16 +379,6 @@ def layer_module(canon: str) -> tuple[int | None, str]:
 def chunks(numel: int, size: int) -> Iterator[tuple[int, int]]:
     for lo in range(0, numel, size):
         yield lo, min(numel, lo + size)
-
-
-def input_in_out(out: Path, inputs: Iterable[tuple[str, Path]]) -> tuple[str, Path] | None:
-    """The first (name, resolved path) of ``inputs`` that ``out`` is or holds: replacing ``out`` would delete it."""
-    out_r = Path(out).expanduser().resolve()
-    for name, path in inputs:
-        p = Path(path).resolve()
-        if out_r == p or out_r in p.parents:
-            return name, p
-    return None
 
 
 def check_inputs_and_out(out: Path, inputs: Sequence[Checkpoint], others: Sequence[Checkpoint] = ()) -> None:

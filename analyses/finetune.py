@@ -31,8 +31,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from probe.errors import (ArgParser, BadInput, check_counts, check_out_path, cli_main, make_out_dir,
-                          releases_claims)
+from probe.errors import (ArgParser, BadInput, check_counts, check_out_apart, check_out_path, cli_main, input_in_out,
+                          make_out_dir, releases_claims)
 
 LOG_COLUMNS = ["step", "modality", "loss", "lr", "lm_lr", "tokens"]  # lr: --lr's rate now (tower, projector)
 STATE = "trainer_state.pt"
@@ -264,8 +264,6 @@ def clear_run(out: Path, inputs: Sequence[Path], cpu: bool) -> None:
     the run trains on the CPU (``probe.train.wait_for_everyone``)."""
     from probe.train import is_main_process, wait_for_everyone
 
-    from analyses.checkpoints import input_in_out
-
     if hit := input_in_out(out, [(str(p), p) for p in inputs]):
         raise BadInput(f"--out {out} holds the input {hit[1]}; --overwrite would delete it, pick another --out")
     # under torchrun every rank has looked at the out dir (has_contents, run.json) before rank 0 clears it: a rank
@@ -347,6 +345,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
 
     check_numbers(cfg)
     check_out_path(cfg.out)  # before the model loads: an --out below a file is a one-line error
+    check_out_apart(cfg.out, data=[d for d in cfg.data.values() if d.lower() != "mmmu"])
     world = rank_world()[1]  # RANK 1 of WORLD_SIZE 1 trained, wrote nothing (not rank 0) and exited 0
     placement = resolve_placement(cfg.device, cfg.dtype)
     on_cpu = placement.device_type == "cpu"  # how the ranks' barriers set accelerate up (wait_for_everyone)

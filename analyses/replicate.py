@@ -38,7 +38,8 @@ from analyses.checkpoints import quiet_progress
 from analyses.replicate_config import (DEFAULT_CONFIG, GENERATED, QUICK_CONFIG, ReplicateConfig, check_machine,
                                        parse_config)
 from probe.devices import Placement
-from probe.errors import ArgParser, BadInput, check_out_path, cli_main, releases_claims
+from probe.errors import (ArgParser, BadInput, check_out_apart, check_out_path, cli_main, out_inside,
+                          releases_claims)
 from probe.heads import SOFTWARE, software_differences, versions
 from probe.results import content_fingerprint, has_contents, lock_out_dir
 
@@ -425,6 +426,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_out_inputs(out: Path, cfg: ReplicateConfig, models: dict[str, str]) -> None:
+    """--out neither is nor holds an input (a model, a data set, the config: a stage whose inputs changed is deleted
+    whole, with whatever lay in its dir), nor lies inside a data set or a model: a model's and a set's fingerprints
+    count every file below them, so the run's own files made each rerun start every stage over (and the data
+    set, once it held the run's folder, stopped at table3, and so did every other command reading it)."""
+    sets = [d for d in [*cfg.data.values(), *([] if cfg.train.generate else cfg.train.data.values())]
+            if d.lower() != "mmmu"]
+    check_out_apart(out, [*(("model", p) for p in models.values()), *(("data set", d) for d in sets),
+                          ("config", cfg.source)], data=sets)
+    if hit := out_inside(out, [("model", p) for p in models.values()]):
+        raise BadInput(f"--out {out} is inside the model {hit[1]}, whose fingerprint counts every file below it: "
+                       "each rerun would find it changed and start every stage over; pick an --out outside it")
+
+
 def prepare(args: argparse.Namespace) -> tuple[Context, dict[str, str]]:
     """Everything checked before a byte is written: config, machine, paths, the out dir, --only."""
     path = QUICK_CONFIG if args.quick else (args.config or DEFAULT_CONFIG)
@@ -432,6 +447,7 @@ def prepare(args: argparse.Namespace) -> tuple[Context, dict[str, str]]:
     resolved, placement = check_machine(cfg)
     out: Path = args.out
     check_out_path(out)  # not under a file, and writable
+    check_out_inputs(out, cfg, resolved)
     if out.exists() and (not out.is_dir() or (has_contents(out) and not (out / MARKER).is_file())):
         raise BadInput(f"--out {out}: exists and is not a python -m analyses.replicate output")
     fps = {spec: content_fingerprint(p) for spec, p in resolved.items()}

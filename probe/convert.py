@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from probe.errors import (ArgParser, BadInput, RunStopped, check_counts, check_out_path, cli_main, error_reason,
-                          releases_claims)
+                          input_in_out, out_inside, releases_claims)
 from probe.mmmu import VIDEO_REF, _IMAGE_REF, check_split, fit_within, option_letters, unfinished_conversion
 from probe.mmmu import _split_files as split_files  # the reader's rule: shards complete, never two forms
 
@@ -462,6 +462,10 @@ def run(cfg: ConvertConfig) -> ConvertReport:
     if out in src.parents:  # --overwrite would take SRC's own <split>-*.parquet files for the old split's
         raise BadInput(f"SRC {cfg.src} is inside --out {cfg.out}; the source is never written to, so give an --out "
                        "outside it")
+    videos = [("--videos", cfg.videos)] if cfg.videos is not None else []  # the source's too, wherever unzipped
+    if out_inside(cfg.out, videos) or input_in_out(cfg.out, videos):
+        raise BadInput(f"--out {cfg.out} is, holds or lies inside --videos {cfg.videos}; the source is never written "
+                       "to, so give an --out outside it")
     there = existing_split(cfg.out, cfg.out_split)
     marker = unfinished_conversion(cfg.out, cfg.out_split)
     if there and not cfg.overwrite and not marker.is_file():  # the marker: a killed conversion's part, replaced

@@ -7,7 +7,7 @@ import functools
 import os
 import sys
 from pathlib import Path
-from typing import Callable, NoReturn, ParamSpec, Sequence, TypeVar
+from typing import Callable, Iterable, NoReturn, ParamSpec, Sequence, TypeVar
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -117,6 +117,44 @@ def check_out_path(out: Path, flag: str = "--out") -> None:
             if not os.access(d, os.W_OK | os.X_OK):
                 raise BadInput(f"{flag} {out}: {d} is not writable (read-only file system or permissions)")
             break
+
+
+def input_in_out(out: Path, inputs: Iterable[tuple[str, str | Path]]) -> tuple[str, Path] | None:
+    """The first (name, resolved path) of ``inputs`` that ``out`` is or holds: replacing ``out`` would delete it."""
+    out_r = Path(out).expanduser().resolve()
+    for name, path in inputs:
+        p = Path(path).expanduser().resolve()
+        if out_r == p or out_r in p.parents:
+            return name, p
+    return None
+
+
+def out_inside(out: Path, dirs: Iterable[tuple[str, str | Path]]) -> tuple[str, Path] | None:
+    """The first (name, resolved path) of ``dirs`` that ``out`` lies inside (strictly below it)."""
+    out_r = Path(out).expanduser().resolve()
+    for name, path in dirs:
+        p = Path(path).expanduser().resolve()
+        if p in out_r.parents:
+            return name, p
+    return None
+
+
+def check_out_apart(out: Path, inputs: Iterable[tuple[str, str | Path]] = (), data: Iterable[str | Path] = ()) -> None:
+    """A command never writes where it reads. ``out`` is refused when it is or holds one of ``inputs`` ((what, path):
+    its --overwrite deleted the files it owns there whatever wrote them, e.g. a fine-tuning run's run.json when its
+    checkpoints were evaluated into it), or lies inside one of the ``data`` sets: the run's folder then read as one of
+    the set's subjects, and one holding no parquet file yet (a run just started, or killed) stopped every command
+    reading the set, the resume included."""
+    inputs = list(inputs)
+    if hit := input_in_out(out, inputs):
+        what = next(w for w, p in inputs if Path(p).expanduser().resolve() == hit[1])
+        verb = "is" if Path(out).expanduser().resolve() == hit[1] else "holds"
+        raise BadInput(f"--out {out} {verb} the {what} {hit[1]}: a command never writes where it reads; pick an "
+                       "--out outside it")
+    if hit := out_inside(out, [("data set", d) for d in data]):
+        raise BadInput(f"--out {out} is inside the data set {hit[1]}: the run's folder would read as one of its "
+                       "subjects (one without data files stops every command reading the set); pick an --out "
+                       "outside it")
 
 
 def make_out_dir(out: Path, flag: str = "--out") -> None:

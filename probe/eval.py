@@ -22,8 +22,8 @@ from typing import Any, Sequence
 
 from probe.errors import ArgParser, BadInput, check_counts, cli_main, releases_claims
 from probe.families import ALIASES
-from probe.heads import (_Help, _progress, add_placement_args, add_prompt_args, add_run_args, check_out_not_model,
-                         load_template, run_versions, saved_run_info)
+from probe.heads import (_Help, _progress, add_placement_args, add_prompt_args, add_run_args,
+                         check_out_apart_from_inputs, load_template, run_versions, saved_run_info)
 
 DEFAULT_OUT = "runs/eval"
 OWNED = ("scores.csv", "items.parquet", "table.md", "run.json", "eval.png", "eval.pdf", "eval-*.png", "eval-*.pdf")
@@ -231,7 +231,7 @@ def run(args: argparse.Namespace) -> Path:
         preflight(ref)
         check_fits(ref, placement.dtype, placement.all_devices, placement.device_memory)
     out: Path = args.out
-    check_out_not_model(out, [ref.path for ref in refs])
+    check_out_apart_from_inputs(out, [ref.path for ref in refs], [d.spec for d in plan.data], args.template)
     rank, world = rank_world()
     resumed = prepare_out_dir(out, plan.fingerprint(), args.overwrite, owned=OWNED, plan=asdict(plan))
     saved = saved_run_info(out) if resumed else {}

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from probe.errors import ArgParser, BadInput, check_counts, check_out_apart, cli_main
+
 from probe.errors import ArgParser, BadInput, check_counts, cli_main, releases_claims
 from probe.families import ALIASES
 
@@ -280,6 +282,17 @@ def check_out_not_model(out: Path, model_dirs: Sequence[Path]) -> None:
                            "and change its fingerprint; use a folder inside it or elsewhere")
 
 
+def check_out_apart_from_inputs(out: Path, model_dirs: Sequence[Path], data: Sequence[str],
+                                template: Path | None) -> None:
+    """--out is neither a model's directory (``check_out_not_model``) nor one that holds a model, a data set or
+    the template, nor inside a data set (``probe.errors.check_out_apart``). ``data``: the sets as given (``mmmu``,
+    the hub's cache, is left to the hub)."""
+    check_out_not_model(out, model_dirs)
+    local = [d for d in data if d.lower() != "mmmu"]
+    check_out_apart(out, [*(("model", m) for m in model_dirs), *(("data set", d) for d in local),
+                          *([("template", template)] if template is not None else [])], data=local)
+
+
 @releases_claims
 def run(args: argparse.Namespace) -> Path:
     from probe.devices import rank_world
@@ -288,7 +301,7 @@ def run(args: argparse.Namespace) -> Path:
 
     plan, ref, items, template, placement = make_plan(args)
     out: Path = args.out
-    check_out_not_model(out, [ref.path])
+    check_out_apart_from_inputs(out, [ref.path], [plan.data_dir], args.template)
     rank, world = rank_world()
     resumed = prepare_out_dir(out, plan.fingerprint(), args.overwrite, plan=asdict(plan))
     saved = saved_run_info(out) if resumed else {}

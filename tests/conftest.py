@@ -102,6 +102,23 @@ def data_dir(shared_root) -> Path:
     return root
 
 
+def tree_manifest(*roots: Path) -> dict[str, tuple]:
+    """Every file, folder and link at or below ``roots``: kind, size and sha256 (files), mode and mtime. Two equal
+    manifests mean nothing under them was written, touched, chmod-ed, added or removed (a lock file, a cache, a
+    run's folder): what a command must leave of its inputs."""
+    import hashlib
+    import stat
+
+    out: dict[str, tuple] = {}
+    for root in map(Path, roots):
+        for p in [root, *sorted(root.rglob("*"))] if root.exists() else []:
+            st = os.lstat(p)
+            kind = "link" if stat.S_ISLNK(st.st_mode) else "dir" if stat.S_ISDIR(st.st_mode) else "file"
+            digest = hashlib.sha256(p.read_bytes()).hexdigest() if kind == "file" else None
+            out[str(p)] = (kind, st.st_size if kind == "file" else None, digest, st.st_mode, st.st_mtime_ns)
+    return out
+
+
 def png_bytes(colour=(200, 30, 30), size=(48, 40), seed: int = 0) -> bytes:
     """A small RGB PNG with some structure (a gradient plus a coloured block), deterministic per seed."""
     import numpy as np

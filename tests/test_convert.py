@@ -440,6 +440,24 @@ def test_a_matroska_video_starting_late_gets_the_frames_of_its_own_span(video_sr
     assert [frame_index(b, 1) for b in it.frames] == nearest_frames(4)
 
 
+@pytest.mark.parametrize("where", ["out", "out/converted"])
+def test_an_out_in_the_videos_folder_is_refused(video_src, tmp_path, where, capfd):
+    """--videos outside SRC was not guarded as SRC is: an --out there (or inside it) got the subjects' folders and
+    the frame cache among the source's videos."""
+    from conftest import tree_manifest
+    from probe.convert import main
+    from probe.errors import cli_main
+
+    videos = (video_src / "data").rename(tmp_path / "out")
+    before = tree_manifest(tmp_path)
+    capfd.readouterr()
+    assert cli_main(main, ["video-mme", str(video_src), "--frames", "2", "--videos", str(videos), "--out",
+                           str(tmp_path / where), "--quiet"]) == 2
+    err = capfd.readouterr().err.strip()
+    assert "\n" not in err and f"lies inside --videos {videos}" in err, err
+    assert tree_manifest(tmp_path) == before
+
+
 def test_a_video_file_without_a_video_stream_is_named(video_src, tmp_path):
     av = pytest.importorskip("av")
     path = video_src / "data" / "Zz0.mp4"

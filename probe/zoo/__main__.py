@@ -58,16 +58,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def check_build_out(out: Path) -> None:
+def check_build_out(out: Path, hint: str = "build elsewhere, then --ship copies it in") -> None:
     """A build writes data/ and organism-*/ into ``out``: a directory, and not the package's own zoo (the shipped
-    organisms and validation sets change only through --ship, which holds a build to the bar first)."""
+    organisms and validation sets change only through --ship, which holds a build to the bar first). ``data``
+    writes there neither: it reads the shipped validation sets (to leave their items out), and its folders inside
+    one of them read as a subject without data files, which stopped every command reading that set."""
     from probe.errors import BadInput, check_out_path
     from probe.zoo import package_root
 
     check_out_path(out)
     zoo = package_root().resolve()
     if out.resolve() == zoo or zoo in out.resolve().parents:
-        raise BadInput(f"--out {out} is inside the package's zoo ({zoo}); build elsewhere, then --ship copies it in")
+        raise BadInput(f"--out {out} is inside the package's zoo ({zoo}); {hint}")
 
 
 def make_data(out: Path, n: int, seed: int, split: str) -> int:
@@ -75,13 +77,14 @@ def make_data(out: Path, n: int, seed: int, split: str) -> int:
     import re
     import shutil
 
-    from probe.errors import BadInput, check_out_path
+    from probe.errors import BadInput
     from probe.results import writer_tag
     from probe.zoo.build import build_fresh_data
 
     if n < 1 or seed < 0 or not re.fullmatch(r"[A-Za-z0-9_]+", split):
         raise BadInput(f"--n must be ≥ 1, --seed ≥ 0 and --split a plain name, got {n}, {seed}, {split!r}")
-    check_out_path(out)
+    check_build_out(out, "its shipped organisms and validation sets are never written to: pick a directory "
+                    "elsewhere")
     if out.exists():
         raise BadInput(f"--out {out} exists; pick a new directory")
     remove_stale_partials(out)
