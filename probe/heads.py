@@ -16,9 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from probe.errors import ArgParser, BadInput, check_counts, check_out_apart, cli_main
-
-from probe.errors import ArgParser, BadInput, check_counts, cli_main, releases_claims
+from probe.errors import ArgParser, BadInput, check_counts, check_out_apart, cli_main, releases_claims
 from probe.families import ALIASES
 
 DEFAULT_MODEL = "organism-vl"
