@@ -145,11 +145,9 @@ def check_out_apart(out: Path, inputs: Iterable[tuple[str, str | Path]] = (), da
     checkpoints were evaluated into it), or lies inside one of the ``data`` sets: the run's folder then read as one of
     the set's subjects, and one holding no parquet file yet (a run just started, or killed) stopped every command
     reading the set, the resume included."""
-    inputs = list(inputs)
     if hit := input_in_out(out, inputs):
-        what = next(w for w, p in inputs if Path(p).expanduser().resolve() == hit[1])
         verb = "is" if Path(out).expanduser().resolve() == hit[1] else "holds"
-        raise BadInput(f"--out {out} {verb} the {what} {hit[1]}: a command never writes where it reads; pick an "
+        raise BadInput(f"--out {out} {verb} the {hit[0]} {hit[1]}: a command never writes where it reads; pick an "
                        "--out outside it")
     if hit := out_inside(out, [("data set", d) for d in data]):
         raise BadInput(f"--out {out} is inside the data set {hit[1]}: the run's folder would read as one of its "
