@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.sweep import text_items  # noqa: E402
-from probe.batch import MAX_PADDING, evaluate_items  # noqa: E402
+from probe.batch import evaluate_items, padding_cap  # noqa: E402
 from probe.devices import resolve_placement  # noqa: E402
 from probe.errors import ArgParser, check_counts, cli_main  # noqa: E402
 from probe.heads import default_data_for  # noqa: E402
@@ -112,13 +112,16 @@ def main(argv: list[str] | None = None) -> int:
     print(placement.description)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = [compare("organism-vl, image set", load("organism-vl", placement),
-                    load_items(str(default_data_for("organism-vl")), limit=args.items)[0], args.batch_size)]
+    vl = load("organism-vl", placement)
+    rows = [compare("organism-vl, image set", vl, load_items(str(default_data_for("organism-vl")), limit=args.items)[0],
+                    args.batch_size)]
     if args.smollm != "skip":
         name, loaded = smollm2(args.smollm, placement)
         rows.append(compare(name, loaded, long_text_items(args.smollm_items, loaded), args.batch_size))
-    print(f"torch threads {torch.get_num_threads()}, batch size {args.batch_size} (cut where padding would pass "
-          f"{MAX_PADDING:.0%} of a batch's tokens), greedy 5 tokens")
+    cap = padding_cap(vl)  # the same for both: one placement
+    print(f"torch threads {torch.get_num_threads()}, batch size {args.batch_size} ("
+          + (f"cut where padding would pass {cap:.0%} of a batch's tokens" if cap is not None else "padding not capped")
+          + "), greedy 5 tokens")
     print("| case | items | prompt tokens | one at a time | batched | speed-up | same text | same prob pred "
           "| max abs Δp |")
     print("|---|---|---|---|---|---|---|---|---|")

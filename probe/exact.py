@@ -228,7 +228,7 @@ def exact_sweep(
     for n_item, item in enumerate(items):
         inputs, letter_ids = prepare_item(loaded, item, cfg)
         clean = clean_pass(loaded, inputs, keep_cache=cfg.generate)
-        base_logp = option_log_probs(clean.last_logits, letter_ids)
+        base_logp = option_log_probs(clean.last_logits, letter_ids).cpu()  # the CPU once, not one sync per row
         text, base_overflow = None, None
         if cfg.generate:
             cache = prefix_cache(clean.cache, loaded.geometry.n_layers, 1)
@@ -245,7 +245,7 @@ def exact_sweep(
             if cfg.generate:
                 gates = {layer: head_gates(len(batch), n_heads, [h for _, h in batch])}
                 texts, bad = greedy_continue(loaded, logits, cache, gates, cfg.max_new_tokens)
-            logp = option_log_probs(logits, letter_ids)
+            logp = option_log_probs(logits, letter_ids).cpu()
             for r, (layer, head) in enumerate(batch):
                 m = Measurement(logp[r], texts[r], bad[r])
                 if n_item == 0 and (layer, head) == guarded:

@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exact: cached-residual batched sweep; naive: one full run per head (oracle); "
                    "attribution: first-order gradient estimate (approximate)")
     p.add_argument("--batch-size", type=int, default=8, help="masked rows per forward (exact engine)")
+    p.add_argument("--attribution-items", type=int, default=1,
+                   help="items per forward + backward of --method attribution (default 1; several are right-padded "
+                        "into one pass, same numbers, more memory; README, On GPUs)")
     add_placement_args(p, "masking does not depend on it; recorded with the results")
     p.add_argument("--no-generate", action="store_true",
                    help="skip greedy generation: accuracy left empty (NaN), much faster (prob_accuracy and KL only)")
@@ -180,7 +183,7 @@ def make_plan(args: argparse.Namespace):
     from probe.models import model_fingerprint, resolve_model
     from probe.prompting import check_modalities, check_prompts
 
-    check_counts(args, ("limit", "batch_size", "chunk_size", "max_new_tokens", "image_max_side"))
+    check_counts(args, ("limit", "batch_size", "attribution_items", "chunk_size", "max_new_tokens", "image_max_side"))
     placement = resolve_placement(args.device, args.dtype, args.attn_implementation)
     ref = resolve_model(args.model)
     g = ref.geometry
@@ -336,7 +339,8 @@ def run(args: argparse.Namespace) -> Path:
             claim_out_dir(out, plan.fingerprint())
             atomic_write_json(out / "run.json", run_info)
         cfg = SweepConfig(template=template, generate=not args.no_generate, max_new_tokens=args.max_new_tokens,
-                          image_max_side=args.image_max_side, batch_size=args.batch_size)
+                          image_max_side=args.image_max_side, batch_size=args.batch_size,
+                          attribution_items=args.attribution_items)
         pairs = [(l, h) for l in plan.layers for h in plan.heads]
         engine = get_engine(plan.method)
         if plan.method == "exact":

@@ -32,6 +32,7 @@ class SweepConfig:
     max_new_tokens: int = 5
     image_max_side: int | None = None
     batch_size: int = 8  # rows stacked per forward by the exact engine
+    attribution_items: int = 1  # items per forward + backward of the attribution engine (probe.attribution)
 
 
 @dataclass
@@ -64,7 +65,7 @@ GUARD_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.05, torch.float16: 0.0
 def oracle_mismatch(loaded: LoadedModel, got: Measurement, want: Measurement) -> str | None:
     """Why ``got`` (a fast path's measurement) is not ``want`` (the oracle's on the same item), or None when they
     agree: option probabilities within GUARD_TOLERANCE, and in fp32 the same generated text."""
-    dp = float((got.logp.exp() - want.logp.exp()).abs().max())
+    dp = float((got.logp.float().cpu().exp() - want.logp.float().cpu().exp()).abs().max())
     tol = GUARD_TOLERANCE.get(loaded.dtype, 0.05)
     if loaded.dtype == torch.float32 and got.response != want.response:
         return f"generated {got.response!r} vs {want.response!r}"

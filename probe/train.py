@@ -104,11 +104,14 @@ def encode(loaded, items: Sequence, with_answer: bool,
         n_prompt = b["input_ids"].shape[0]
         letter_ids = answer_token_ids(loaded, it.letters, template)
         if with_answer:
-            ans = torch.tensor([letter_ids[it.letters.index(it.answer)], end])
+            at = b["input_ids"].device  # the model's device (build_inputs puts them there): a GPU's, not the CPU
+            ans = torch.tensor([letter_ids[it.letters.index(it.answer)], end], device=at)
             b["input_ids"] = torch.cat([b["input_ids"], ans])
-            b["attention_mask"] = torch.cat([b["attention_mask"], torch.ones(2, dtype=b["attention_mask"].dtype)])
+            b["attention_mask"] = torch.cat([b["attention_mask"],
+                                             torch.ones(2, dtype=b["attention_mask"].dtype, device=at)])
             if "mm_token_type_ids" in b:
-                b["mm_token_type_ids"] = torch.cat([b["mm_token_type_ids"], torch.zeros(2, dtype=torch.long)])
+                b["mm_token_type_ids"] = torch.cat([b["mm_token_type_ids"],
+                                                    torch.zeros(2, dtype=torch.long, device=at)])
             labels = torch.full_like(b["input_ids"], -100)
             labels[n_prompt:] = ans
             b["labels"] = labels

@@ -7,6 +7,7 @@ guarded by file locks. Nothing is written to ``~``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import subprocess
@@ -34,6 +35,24 @@ def _shared_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def shared_root(tmp_path_factory) -> Path:
     return _shared_root(tmp_path_factory)
+
+
+@pytest.fixture(autouse=True)
+def no_gpu_outside_gpu_tests(request, monkeypatch) -> None:
+    """The suite's oracles are CI's: fp32 on the CPU. On a GPU box the commands' defaults (--device auto, --dtype
+    auto) are the GPU's, in bf16, so every test but the gpu-marked ones (tests/test_gpu.py) sees no GPU: in this
+    process through DeviceQuery.probe, in the commands it starts through CUDA_VISIBLE_DEVICES. torch is asked
+    first, so this process's CUDA still sees the GPU when a gpu test runs after."""
+    import torch
+
+    if request.node.get_closest_marker("gpu") is not None or not torch.cuda.is_available():
+        return
+    from probe.devices import DeviceQuery
+
+    real = DeviceQuery.probe
+    monkeypatch.setattr(DeviceQuery, "probe", staticmethod(
+        lambda: dataclasses.replace(real(), cuda_names=(), cuda_memory=(), cuda_bf16=False)))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
 
 
 @pytest.fixture(scope="session", autouse=True)

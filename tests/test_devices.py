@@ -158,7 +158,7 @@ def test_eval_refuses_a_model_too_large_for_the_ram_before_writing(tmp_path, mon
     monkeypatch.setattr(devices, "available_ram", lambda: 1 << 30)  # 1 GiB: nothing is usable past the headroom
     out = tmp_path / "eval"
     assert cli_main(main, ["--models", "organism-base", "organism-vl", "--data", "probe/zoo/data/text",
-                           "--limit", "2", "--out", str(out), "--quiet"]) == 2
+                           "--limit", "2", "--device", "cpu", "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: organism-base: its weights take") and "\n" not in err
     assert not out.exists()

@@ -92,6 +92,33 @@ def test_attribution_jacobian_matches_finite_differences(load_tiny):
     np.testing.assert_allclose(z, clean, atol=1e-5)
 
 
+def assert_batched_attribution_equals_one_item(loaded, items, heads) -> None:
+    """Several right-padded items per forward + backward (a GPU's choice) give the one-item numbers (fp32, 1e-5), and
+    the batch did pad: items of different lengths shared a pass."""
+    from probe.batch import plan_batches
+    from probe.sweep import SweepConfig, get_engine, prepare_item
+
+    one, many = (pd.DataFrame(get_engine("attribution")(loaded, items, heads, SweepConfig(
+        generate=False, attribution_items=n))) for n in (1, len(items)))
+    assert list(zip(one["item_id"], one["layer"], one["head"])) == list(zip(many["item_id"], many["layer"],
+                                                                            many["head"]))
+    for col in ("kl", "p_answer", "prob_correct"):
+        np.testing.assert_allclose(many[col], one[col], atol=1e-5, rtol=0, err_msg=col)
+    assert (one["pred"] == many["pred"]).all()
+    cfg = SweepConfig(generate=False)
+    inputs = [prepare_item(loaded, it, cfg)[0] for it in items]
+    assert any(len({inputs[i]["input_ids"].shape[1] for i in b}) > 1 for b in plan_batches(inputs, len(items), None))
+    assert one.loc[one["layer"] >= 0, "kl"].max() > 1e-6  # the gates did move the estimates
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attribution_batched_over_items_equals_one_at_a_time(family, load_tiny, data_dir):
+    loaded = load_tiny(family, "sdpa")
+    g = loaded.geometry
+    heads = [(layer, h) for layer in range(g.n_layers) for h in range(g.n_heads)]
+    assert_batched_attribution_equals_one_item(loaded, _items(family, data_dir), heads)
+
+
 def test_attribution_rows_and_baseline(load_tiny, data_dir):
     """Same table layout as the exact engine; baseline identical; masked rows are estimates (KL ≥ 0)."""
     loaded = load_tiny("llava_onevision", "sdpa")

@@ -308,6 +308,17 @@ def test_batched_evaluation_equals_one_item_path(family, loaded, video_item):
         torch.testing.assert_close(g.logp.exp(), want.logp.exp(), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("family", [f for f in NEW if FAMILIES[f].processor_class])
+def test_batched_attribution_equals_one_item_path(family, loaded, video_item):
+    """The attribution engine's right-padded batches of items (its choice on a GPU) give the one-item numbers."""
+    from test_engines import assert_batched_attribution_equals_one_item
+
+    m = loaded(family)
+    items = items_for(m, video_item) + [make_item(item_id="validation_Test_2", seed=1, question="Which shape?"),
+                                        make_item(n_options=3, with_image=False, item_id="validation_Test_3")]
+    assert_batched_attribution_equals_one_item(m, items, [(0, 0), (0, 1), (m.geometry.n_layers - 1, 0)])
+
+
 def test_table7_cpu_recipe_runs_as_written(tmp_path, dirs, monkeypatch):
     """The README's CPU recipe, line by line (runs/ → a tmp dir): Δavg of the VL and Omni models, the Eq. 4 merge
     transplanted into the Qwen2.5-VL and Omni carriers, and probe.eval of base, Omni, merge and the Omni carrier."""

@@ -420,6 +420,25 @@ def test_a_sweep_without_generation_writes_strict_json_that_redraws(tiny_dirs, d
                                                                    or "prob_" in h)
 
 
+def test_attribution_from_the_cli_with_several_items_a_pass(tiny_dirs, data_dir, tmp_path, capfd):
+    """--method attribution through the CLI: marked approximate, and --attribution-items 3 (items right-padded into
+    one forward + backward) writes the heads.csv of one item a pass; it is outside the run's identity."""
+    outs = {}
+    for n in (1, 3):
+        outs[n] = tmp_path / f"attr{n}"
+        ok(run_in_process(["--model", tiny_dirs["qwen2_vl"], "--data", data_dir, "--limit", "4", "--method",
+                           "attribution", "--attribution-items", str(n), "--no-generate", "--no-figures", "--quiet",
+                           "--out", outs[n]], capfd))
+    one, three = (pd.read_csv(outs[n] / "heads.csv") for n in (1, 3))
+    pd.testing.assert_frame_equal(one, three, check_exact=False, atol=1e-5, rtol=0)
+    assert (one["kl"] > 0).any()
+    run = json.loads((outs[3] / "run.json").read_text())
+    assert run["approximate"] is True and run["plan"]["method"] == "attribution"
+    assert json.loads((outs[1] / "run.json").read_text())["fingerprint"] == run["fingerprint"]
+    assert run_in_process(["--model", tiny_dirs["qwen2_vl"], "--data", data_dir, "--method", "attribution",
+                           "--attribution-items", "0", "--out", tmp_path / "bad"], capfd).returncode == 2
+
+
 def test_a_plan_with_a_nan_setting_matches_itself_once_saved(tmp_path):
     """atomic_write_json writes NaN as null: the resume check must compare the run's plan as it was saved, or a NaN
     setting would make every resume "a different run"."""
