@@ -73,6 +73,14 @@ class FinetuneConfig:
     micro_batch: int | None = None
     gradient_checkpointing: bool = False
 
+    def __post_init__(self) -> None:
+        # the CLI always names every set (parse_mix); from Python an empty mix is the documented "equal", and a mix
+        # naming other sets than data would be a KeyError deep in the sampler
+        if not self.mix:
+            self.mix = {label: 1.0 for label in self.data}
+        elif set(self.mix) != set(self.data):
+            raise BadInput(f"mix {sorted(self.mix)} must name the data sets {sorted(self.data)}, each once")
+
     def fingerprint(self) -> dict[str, Any]:
         keep = asdict(self)
         for key in ("out", "quiet", "overwrite", *RUN_ONLY_SETTINGS):

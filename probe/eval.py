@@ -26,7 +26,6 @@ from probe.heads import (_Help, _progress, add_placement_args, add_prompt_args, 
                          check_out_apart_from_inputs, load_template, run_versions, saved_run_info)
 
 DEFAULT_OUT = "runs/eval"
-OWNED = ("scores.csv", "items.parquet", "table.md", "run.json", "eval.png", "eval.pdf", "eval-*.png", "eval-*.pdf")
 ITEM_COLUMNS = ["model", "data", "item_id", "subject", "answer", "pred", "correct", "prob_pred", "prob_correct",
                 "p_answer", "response"]
 SCORE_COLUMNS = ["model", "data", "subject", "n_items", "accuracy", "accuracy_lo", "accuracy_hi", "prob_accuracy",
@@ -233,7 +232,7 @@ def run(args: argparse.Namespace) -> Path:
     out: Path = args.out
     check_out_apart_from_inputs(out, [ref.path for ref in refs], [d.spec for d in plan.data], args.template)
     rank, world = rank_world()
-    resumed = prepare_out_dir(out, plan.fingerprint(), args.overwrite, owned=OWNED, plan=asdict(plan))
+    resumed = prepare_out_dir(out, plan.fingerprint(), args.overwrite, command="probe.eval", plan=asdict(plan))
     saved = saved_run_info(out) if resumed else {}
     pairs = [pair for pair, its in scored.items() if its]
     # under torchrun each rank takes every WORLD_SIZE-th (model, data set) pair (it read no RANK: K ranks did all)
@@ -241,7 +240,7 @@ def run(args: argparse.Namespace) -> Path:
     # the parts a resume keeps are read now: a damaged one is named before anything runs or is printed
     frames = {(m, d): read_part(part_file(out, m, d), ITEM_COLUMNS) for m, d in pairs
               if part_file(out, m, d).is_file()}
-    run_info = {"fingerprint": plan.fingerprint(), "plan": asdict(plan),
+    run_info = {"command": "probe.eval", "fingerprint": plan.fingerprint(), "plan": asdict(plan),
                 "versions": run_versions(out, saved, bool(todo), bool(frames)),
                 "placement": placement.record(),
                 "argv": sys.argv[1:], "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

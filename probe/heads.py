@@ -304,7 +304,7 @@ def run(args: argparse.Namespace) -> Path:
     out: Path = args.out
     check_out_apart_from_inputs(out, [ref.path], [plan.data_dir], args.template)
     rank, world = rank_world()
-    resumed = prepare_out_dir(out, plan.fingerprint(), args.overwrite, plan=asdict(plan))
+    resumed = prepare_out_dir(out, plan.fingerprint(), args.overwrite, command="probe.heads", plan=asdict(plan))
     saved = saved_run_info(out) if resumed else {}
     device = placement.device
 
@@ -314,7 +314,7 @@ def run(args: argparse.Namespace) -> Path:
         if part_path(out, c).is_file():
             read_part(part_path(out, c))
     run_info = {
-        "fingerprint": plan.fingerprint(), "plan": asdict(plan),
+        "command": "probe.heads", "fingerprint": plan.fingerprint(), "plan": asdict(plan),
         "versions": run_versions(out, saved, bool(todo), any(part_path(out, c).is_file() for c in range(len(chunks)))),
         # plan.model_path is the spec's path as given, relative to this process's cwd: analyses.merge, run elsewhere,
         # matches a salience run to its model by this one (outside the plan: old runs resume as before)

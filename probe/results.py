@@ -25,6 +25,11 @@ from probe.errors import BadInput, check_out_path, make_out_dir
 from probe.sweep import BASELINE, COLUMNS
 
 OUTPUT_FILES = ("heads.csv", "baseline.json", "items.parquet", "run.json", "heatmap_*")
+EVAL_OUTPUT_FILES = ("scores.csv", "items.parquet", "table.md", "run.json", "eval.png", "eval.pdf", "eval-*.png",
+                     "eval-*.pdf")
+# what each command that writes a run.json owns in its --out (besides parts/): its --overwrite of another command's
+# run clears that run's files too, so probe.heads over a probe.eval run leaves no stale scores.csv beside heads.csv
+RUN_OUTPUTS = {"probe.heads": OUTPUT_FILES, "probe.eval": EVAL_OUTPUT_FILES}
 METRICS = ("accuracy", "prob_accuracy", "kl")
 
 
@@ -198,13 +203,32 @@ def part_path(out: Path, chunk: int) -> Path:
     return out / "parts" / f"chunk_{chunk:05d}.parquet"
 
 
-def prepare_out_dir(out: Path, fingerprint: str, overwrite: bool, owned: Iterable[str] = OUTPUT_FILES,
+def saved_command(saved: Any) -> str | None:
+    """The command (a RUN_OUTPUTS key) that wrote a run.json: its ``command``, or, for a run saved before that was
+    recorded, the one whose plan it holds (probe.eval's names ``models``, probe.heads' a ``model_spec``)."""
+    if not isinstance(saved, dict):
+        return None
+    if saved.get("command") in RUN_OUTPUTS:
+        return saved["command"]
+    plan = saved.get("plan") if isinstance(saved.get("plan"), dict) else {}
+    return "probe.eval" if "models" in plan else "probe.heads" if "model_spec" in plan else None
+
+
+def read_run_json(out: Path) -> Any:
+    try:
+        return json.loads((out / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def prepare_out_dir(out: Path, fingerprint: str, overwrite: bool, command: str = "probe.heads",
                     plan: dict[str, Any] | None = None) -> bool:
     """Check an existing run dir against this run's fingerprint. Returns True if it can be resumed.
 
-    A different run is never mixed in: it needs ``--overwrite``, which removes only the files this tool owns
-    (``parts/`` and the ``owned`` names or glob patterns). Given this run's ``plan`` (what the fingerprint
-    hashes), the refusal names what differs from the saved run's.
+    A different run is never mixed in: it needs ``--overwrite``, which removes only the files the tools own
+    (``parts/``, and ``RUN_OUTPUTS``' names or glob patterns of ``command`` and of the command of the run saved
+    there). Given this run's ``plan`` (what the fingerprint hashes), the refusal names what differs from the saved
+    run's, or which other command's run it is.
     """
     run_json = out / "run.json"
     check_out_path(out)
@@ -220,7 +244,8 @@ def prepare_out_dir(out: Path, fingerprint: str, overwrite: bool, owned: Iterabl
         return False
     if overwrite:  # locked first: a command still writing here is refused before its parts are deleted, not after
         lock_out_dir(out)
-        clear_run_dir(out, owned)
+        other = saved_command(read_run_json(out))
+        clear_run_dir(out, RUN_OUTPUTS[command] + (RUN_OUTPUTS[other] if other and other != command else ()))
         return False
     if not run_json.is_file():
         raise BadInput(f"--out {out} is not empty and holds no run.json; pick another dir or pass --overwrite")
@@ -228,6 +253,8 @@ def prepare_out_dir(out: Path, fingerprint: str, overwrite: bool, owned: Iterabl
         saved = json.loads(run_json.read_text())
     except (OSError, json.JSONDecodeError):
         raise BadInput(f"{run_json} is unreadable; pass --overwrite to start fresh") from None
+    if (other := saved_command(saved)) not in (None, command):
+        raise BadInput(f"--out {out} holds a {other} run, not a {command} one; use another --out or --overwrite")
     if saved.get("fingerprint") != fingerprint:
         raise different_run(out, saved.get("plan"), plan)
     return True

@@ -1065,3 +1065,41 @@ def test_eval_figure_titles_a_set_no_model_could_read_without_a_count(eval_run, 
     assert min(top) == 0 < max(top)
     for data, n in top.items():
         assert titles[data] == (f"{data} (n={n})" if n else f"{data} (n/a)"), titles
+
+
+def test_heads_and_eval_runs_in_one_out_refuse_and_overwrite_each_other_whole(tmp_path, capfd):
+    """probe.heads --overwrite over a probe.eval run left eval's scores.csv, table.md and eval.png beside heads.csv,
+    and without --overwrite the refusal listed two dozen "differing" plan fields; each command now names the other's
+    run and its --overwrite clears it whole (run.json files saved before the command was recorded included)."""
+    import shutil
+
+    from probe import eval as probe_eval
+    from probe import heads
+    from probe.errors import cli_main
+
+    out = tmp_path / "run"
+    ev = ["--models", "organism-base", "--data", "probe/zoo/data/text", "--limit", "2", "--quiet", "--out", str(out)]
+    hd = ["--model", "organism-base", "--data", "probe/zoo/data/text", "--limit", "2", "--layers", "0", "--heads", "0",
+          "--no-generate", "--no-figures", "--quiet", "--out", str(out)]
+    eval_files = {"scores.csv", "table.md", "eval.png", "eval.pdf"}
+    for first, second, name, mine, theirs in ((probe_eval, heads, "probe.eval", {"heads.csv", "baseline.json"},
+                                               eval_files),
+                                              (heads, probe_eval, "probe.heads", eval_files, {"heads.csv",
+                                                                                              "baseline.json"})):
+        assert cli_main(first.main, ev if first is probe_eval else hd) == 0
+        run = json.loads((out / "run.json").read_text())
+        assert run["command"] == name
+        if first is probe_eval:  # as saved before the command was recorded: told apart by its plan
+            del run["command"]
+            (out / "run.json").write_text(json.dumps(run))
+        capfd.readouterr()
+        second_args = hd if second is heads else ev
+        assert cli_main(second.main, second_args) == 2
+        other = "probe.heads" if name == "probe.eval" else "probe.eval"
+        assert capfd.readouterr().err.strip() == f"error: --out {out} holds a {name} run, not a {other} one; use " \
+                                                 "another --out or --overwrite"
+        assert cli_main(second.main, second_args + ["--overwrite"]) == 0
+        left = {p.name for p in out.iterdir()}
+        assert mine <= left and not (theirs & left), left
+        assert json.loads((out / "run.json").read_text())["command"] == other
+        shutil.rmtree(out)

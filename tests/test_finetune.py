@@ -926,3 +926,20 @@ def test_a_qwen2_5_omni_checkpoint_is_the_whole_omni_model(data_dir, tmp_path):
     items = pd.read_parquet(out / "items.parquet")
     a, b = (items[items.model == m].sort_values("item_id") for m in (str(src), str(run / "checkpoint-0")))
     assert len(a) == 4 and np.allclose(a.p_answer.to_numpy(), b.p_answer.to_numpy(), atol=1e-6)
+
+
+def test_a_config_from_python_without_a_mix_samples_equally_like_the_cli(tmp_path: Path) -> None:
+    """FinetuneConfig's documented default mix ("equal") was an empty dict the sampler looked labels up in
+    (KeyError); it is the CLI's equal mix now, with the same identity, and a mix naming other sets is bad input."""
+    from analyses.finetune import FinetuneConfig, mixed_sampler, parse_mix
+    from probe.errors import BadInput
+
+    data = {"text": "a", "image": "b"}
+    cfg = FinetuneConfig(model="organism-base", data=data, out=tmp_path, steps=1)
+    assert cfg.mix == parse_mix(None, list(data))
+    assert cfg.fingerprint() == FinetuneConfig(model="organism-base", data=data, out=tmp_path, steps=1,
+                                               mix=parse_mix("1:1", list(data))).fingerprint()
+    rows = mixed_sampler({"text": range(0, 3), "image": range(3, 5)}, cfg.mix)(torch.Generator().manual_seed(0), 400)
+    assert set(rows) == set(range(5)) and 150 < sum(r < 3 for r in rows) < 250  # both sets, about half each
+    with pytest.raises(BadInput, match=r"mix \['video'\] must name the data sets \['image', 'text'\]"):
+        FinetuneConfig(model="organism-base", data=data, out=tmp_path, steps=1, mix={"video": 1.0})
