@@ -119,9 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         name, loaded = smollm2(args.smollm, placement)
         rows.append(compare(name, loaded, long_text_items(args.smollm_items, loaded), args.batch_size))
     cap = padding_cap(vl)  # the same for both: one placement
-    print(f"torch threads {torch.get_num_threads()}, batch size {args.batch_size} ("
-          + (f"cut where padding would pass {cap:.0%} of a batch's tokens" if cap is not None else "padding not capped")
-          + "), greedy 5 tokens")
+    print(f"torch threads {torch.get_num_threads()}, batch size {args.batch_size} (cut where padding would pass "
+          f"{cap:.0%} of a batch's tokens), greedy 5 tokens")
     print("| case | items | prompt tokens | one at a time | batched | speed-up | same text | same prob pred "
           "| max abs Δp |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -134,6 +134,15 @@ def test_plan_batches_cuts_where_padding_would_pass_the_cap():
     # 10, 10, 11 take 33 slots for 31 tokens (6 % padding); 12 joining would take 48 for 43 (12 %), past 0.1
     assert plan_batches(x, 8, max_padding=0.1) == [[0, 3, 2], [4], [5, 1, 6]]
     assert plan_batches(x, 8, max_padding=0.0) == [[0, 3], [2], [4], [5], [1], [6]]
+    # the device's cap (padding_cap): 10 % on a CPU, 50 % on a GPU, where 10, 10, 11, 12 share a batch (43 tokens in
+    # 48 slots) and 29, 30, 31 join none of it (31 x 7 = 217 slots for 133 tokens would pad 63 %)
+    from types import SimpleNamespace
+
+    from probe.batch import padding_cap
+
+    assert padding_cap(SimpleNamespace(device=torch.device("cpu"))) == 0.1
+    gpu_cap = padding_cap(SimpleNamespace(device=torch.device("cuda", 0)))
+    assert gpu_cap == 0.5 and plan_batches(x, 8, gpu_cap) == [[0, 3, 2, 4], [5, 1, 6]]
     # every item once, whatever the cap
     for cap in (None, 0.0, 0.05, 0.5):
         for size in (1, 2, 5):
