@@ -166,12 +166,12 @@ def items(data_dir):
     return load_items(str(data_dir), limit=2)[0]
 
 
-def _sweep(engine, loaded, items, generate):
+def _sweep(engine, loaded, items, generate, attribution_items: int = 1):
     from probe.sweep import SweepConfig, get_engine
 
     g = loaded.geometry
     heads = [(layer, h) for layer in range(g.n_layers) for h in range(g.n_heads)]
-    cfg = SweepConfig(generate=generate, batch_size=5, max_new_tokens=3)
+    cfg = SweepConfig(generate=generate, batch_size=5, max_new_tokens=3, attribution_items=attribution_items)
     return pd.DataFrame(get_engine(engine)(loaded, items, heads, cfg))
 
 
@@ -193,6 +193,10 @@ def test_engines_on_a_model_dispatched_over_three_cpu_devices_equal_the_plain_mo
         np.testing.assert_array_equal(a["kl"], b["kl"])
         np.testing.assert_array_equal(a["p_answer"], b["p_answer"])
         assert (a["response"] == b["response"]).all()
+    # attribution with the items right-padded into one pass, across the devices: the plain model's one-item numbers
+    a, b = _sweep("attribution", plain, items, False), _sweep("attribution", spread, items, False, len(items))
+    np.testing.assert_allclose(b["kl"], a["kl"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(b["p_answer"], a["p_answer"], atol=1e-5, rtol=0)
 
 
 def test_the_exact_engine_moves_the_residual_to_each_layers_device(load_tiny, items):
