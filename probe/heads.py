@@ -305,6 +305,9 @@ def run(args: argparse.Namespace) -> Path:
     check_out_apart_from_inputs(out, [ref.path], [plan.data_dir], args.template)
     rank, world = rank_world()
     resumed = prepare_out_dir(out, plan.fingerprint(), args.overwrite, command="probe.heads", plan=asdict(plan))
+    if args.attribution_items != 1 and plan.method != "attribution":  # after the checks: bad input stays one line
+        print(f"warning: --attribution-items {args.attribution_items} has no effect with --method {plan.method}",
+              file=sys.stderr)
     saved = saved_run_info(out) if resumed else {}
     device = placement.device
 

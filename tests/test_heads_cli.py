@@ -437,6 +437,11 @@ def test_attribution_from_the_cli_with_several_items_a_pass(tiny_dirs, data_dir,
     assert json.loads((outs[1] / "run.json").read_text())["fingerprint"] == run["fingerprint"]
     assert run_in_process(["--model", tiny_dirs["qwen2_vl"], "--data", data_dir, "--method", "attribution",
                            "--attribution-items", "0", "--out", tmp_path / "bad"], capfd).returncode == 2
+    r = run_in_process(["--model", tiny_dirs["qwen2_vl"], "--data", data_dir, "--limit", "1", "--layers", "0", "--heads",
+                        "0", "--attribution-items", "3", "--no-generate", "--no-figures", "--quiet", "--out",
+                        tmp_path / "exact"], capfd)
+    ok(r)
+    assert "warning: --attribution-items 3 has no effect with --method exact" in r.stderr
 
 
 def test_a_plan_with_a_nan_setting_matches_itself_once_saved(tmp_path):
