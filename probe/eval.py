@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "added to --models if missing")
     p.add_argument("--batch-size", type=int, default=32,
                    help="items per forward at most (default: 32); a batch is cut where padding would pass 10 %% of "
-                        "its real tokens")
+                        "its real tokens on a CPU, 50 %% on a GPU")
     add_placement_args(p, "recorded with the results")
     p.add_argument("--no-generate", action="store_true",
                    help="skip greedy generation: probability accuracy and p(answer) only (accuracy NaN)")
