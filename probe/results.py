@@ -203,15 +203,23 @@ def part_path(out: Path, chunk: int) -> Path:
     return out / "parts" / f"chunk_{chunk:05d}.parquet"
 
 
-def saved_command(saved: Any) -> str | None:
-    """The command (a RUN_OUTPUTS key) that wrote a run.json: its ``command``, or, for a run saved before that was
-    recorded, the one whose plan it holds (probe.eval's names ``models``, probe.heads' a ``model_spec``)."""
-    if not isinstance(saved, dict):
-        return None
-    if saved.get("command") in RUN_OUTPUTS:
+def saved_command(saved: Any, out: Path | None = None) -> str | None:
+    """The command that wrote a run.json: its ``command``; for a run saved before that was recorded, the one whose
+    plan it holds (probe.eval's names ``models``, probe.heads' a ``model_spec``), analyses.finetune's ``config``, or
+    the command of ``out``'s manifest (an analyses output: analyses.trajectory writes a run.json). None when unknown
+    (unreadable, or an older probe.heads run.json without a plan)."""
+    if isinstance(saved, dict) and isinstance(saved.get("command"), str):
         return saved["command"]
-    plan = saved.get("plan") if isinstance(saved.get("plan"), dict) else {}
-    return "probe.eval" if "models" in plan else "probe.heads" if "model_spec" in plan else None
+    plan = saved.get("plan") if isinstance(saved, dict) and isinstance(saved.get("plan"), dict) else {}
+    if "models" in plan or "model_spec" in plan:
+        return "probe.eval" if "models" in plan else "probe.heads"
+    if isinstance(saved, dict) and "config" in saved:
+        return "analyses.finetune"
+    try:
+        manifest = json.loads((out / MANIFEST).read_text()) if out is not None else None
+    except (OSError, ValueError):
+        return None
+    return manifest.get("command") if isinstance(manifest, dict) and isinstance(manifest.get("command"), str) else None
 
 
 def read_run_json(out: Path) -> Any:
@@ -228,7 +236,8 @@ def prepare_out_dir(out: Path, fingerprint: str, overwrite: bool, command: str =
     A different run is never mixed in: it needs ``--overwrite``, which removes only the files the tools own
     (``parts/``, and ``RUN_OUTPUTS``' names or glob patterns of ``command`` and of the command of the run saved
     there). Given this run's ``plan`` (what the fingerprint hashes), the refusal names what differs from the saved
-    run's, or which other command's run it is.
+    run's, or which other command's run it is. Another tool's run (``saved_command`` outside RUN_OUTPUTS) is refused
+    with --overwrite too.
     """
     run_json = out / "run.json"
     check_out_path(out)
@@ -242,9 +251,12 @@ def prepare_out_dir(out: Path, fingerprint: str, overwrite: bool, command: str =
                        "others wrote; start without --overwrite (remove a previous run's --out first, or use another)")
     if not has_contents(out):
         return False
+    # another tool's run (a fine-tuning run, an analyses output) is never cleared: its run.json has our file's name
+    if (other := saved_command(read_run_json(out), out)) is not None and other not in RUN_OUTPUTS:
+        raise BadInput(f"--out {out} holds an {other} run, not a {command} one; --overwrite would delete its files: "
+                       "use another --out")
     if overwrite:  # locked first: a command still writing here is refused before its parts are deleted, not after
         lock_out_dir(out)
-        other = saved_command(read_run_json(out))
         clear_run_dir(out, RUN_OUTPUTS[command] + (RUN_OUTPUTS[other] if other and other != command else ()))
         return False
     if not run_json.is_file():
@@ -253,7 +265,7 @@ def prepare_out_dir(out: Path, fingerprint: str, overwrite: bool, command: str =
         saved = json.loads(run_json.read_text())
     except (OSError, json.JSONDecodeError):
         raise BadInput(f"{run_json} is unreadable; pass --overwrite to start fresh") from None
-    if (other := saved_command(saved)) not in (None, command):
+    if other not in (None, command):
         raise BadInput(f"--out {out} holds a {other} run, not a {command} one; use another --out or --overwrite")
     if saved.get("fingerprint") != fingerprint:
         raise different_run(out, saved.get("plan"), plan)

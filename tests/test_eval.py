@@ -1112,3 +1112,39 @@ def test_heads_and_eval_runs_in_one_out_refuse_and_overwrite_each_other_whole(tm
         assert mine <= left and not (theirs & left), left
         assert json.loads((out / "run.json").read_text())["command"] == other
         shutil.rmtree(out)
+
+
+@pytest.mark.parametrize("command", ["probe.heads", "probe.eval"])
+def test_heads_and_eval_leave_another_tools_run_in_their_out_alone_even_with_overwrite(command, tmp_path, capfd):
+    """--overwrite into a fine-tuning run's folder deleted its run.json (probe.heads and probe.eval own a file of that
+    name), leaving its checkpoints behind a run.json analyses.finetune refuses to resume from; without --overwrite the
+    refusal called it a run "written by an older omniprobe". Both now refuse it by name and touch nothing."""
+    from probe import eval as probe_eval
+    from probe import heads
+    from probe.errors import cli_main
+    from probe.results import MANIFEST
+
+    main, args = ((heads.main, ["--model", "organism-base", "--layers", "0", "--heads", "0", "--no-generate",
+                                "--no-figures"]) if command == "probe.heads" else (probe_eval.main, ["--models",
+                                                                                                    "organism-base"]))
+    finetune = tmp_path / "finetune"
+    (finetune / "checkpoint-0").mkdir(parents=True)
+    (finetune / "run.json").write_text(json.dumps({"config": {"model": "organism-base", "steps": 1},
+                                                   "status": "complete"}))
+    (finetune / "train_log.csv").write_text("step,loss\n")
+    trajectory = tmp_path / "trajectory"
+    trajectory.mkdir()
+    (trajectory / "run.json").write_text(json.dumps({"ref": "organism-base", "n_points": 2}))
+    (trajectory / "points.csv").write_text("name\n")
+    (trajectory / MANIFEST).write_text(json.dumps({"command": "analyses.trajectory",
+                                                   "entries": ["points.csv", "run.json"]}))
+    for out, owner in ((finetune, "analyses.finetune"), (trajectory, "analyses.trajectory")):
+        before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        for extra in ([], ["--overwrite"]):
+            capfd.readouterr()
+            rc = cli_main(main, args + ["--data", "probe/zoo/data/text", "--limit", "2", "--quiet", "--out", str(out),
+                                        *extra])
+            err = capfd.readouterr().err.strip()
+            assert rc == 2 and err == f"error: --out {out} holds an {owner} run, not a {command} one; --overwrite " \
+                                      "would delete its files: use another --out", err
+            assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
