@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--random-config: question + options lengthened to this many tokens (default: 200)")
     p.add_argument("--items", type=int, default=4, help="items measured by every engine (default: 4)")
     p.add_argument("--attribution-items", type=int, default=None,
-                   help="items the attribution engine is timed on (default: --items); its Spearman is on --items")
+                   help="items the attribution engine is timed on, at least --items (default: --items); its Spearman is on "
+                        "--items")
     p.add_argument("--attribution-batch", type=int, default=1,
                    help="items per forward + backward of the attribution engine; above 1 it is also timed one item "
                         "a pass on the first --items, side by side (default: 1)")
@@ -173,7 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         raise BadInput("give --model or --random-config, not both")
     check_counts(args, ("layers", "vision_layers", "vocab_size", "image_size", "text_tokens", "items", "naive_heads",
                         "batch_size", "threads", "attribution_items", "attribution_batch"))
-    n_all = max(args.items, args.attribution_items or args.items)
+    if args.attribution_items is not None and args.attribution_items < args.items:  # its Spearman is on --items
+        raise BadInput(f"--attribution-items {args.attribution_items} is fewer than --items {args.items}: the "
+                       "attribution engine is timed on at least the items the others measure")
+    n_all = args.attribution_items or args.items
     if not args.random_config and any(v is not None for v in (args.layers, args.vision_layers, args.vocab_size)):
         raise BadInput("--layers, --vision-layers and --vocab-size cut a --random-config model")
     if not args.random_config and (args.image_size or args.text_tokens):  # a --model's items are its own data's

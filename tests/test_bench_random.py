@@ -72,6 +72,9 @@ def test_random_config_qwen2_vl_7b_cut_to_one_layer_runs_and_reports(tmp_path):
     (["--layers", "2"], "cut a --random-config model"),
     (["--model", "tiny-qwen2", "--text-tokens", "300"], "a --model is measured on its own data"),  # was ignored
     (["--random-config", "qwen2-7b", "--device", "cuda"], "no CUDA GPU is visible"),
+    # was a Spearman of 1 item's attribution against 3 items' exact numbers, printed as the --items one
+    (["--model", "organism-base", "--items", "3", "--attribution-items", "1"],
+     "--attribution-items 1 is fewer than --items 3"),
 ])
 def test_bad_input_exits_2_with_one_line(args, match, tmp_path):
     if "cuda" in args and torch.cuda.is_available():
