@@ -37,22 +37,27 @@ def shared_root(tmp_path_factory) -> Path:
     return _shared_root(tmp_path_factory)
 
 
-@pytest.fixture(autouse=True)
-def no_gpu_outside_gpu_tests(request, monkeypatch) -> None:
+@pytest.fixture(scope="module", autouse=True)
+def no_gpu_outside_gpu_tests(request):
     """The suite's oracles are CI's: fp32 on the CPU. On a GPU box the commands' defaults (--device auto, --dtype
-    auto) are the GPU's, in bf16, so every test but the gpu-marked ones (tests/test_gpu.py) sees no GPU: in this
-    process through DeviceQuery.probe, in the commands it starts through CUDA_VISIBLE_DEVICES. torch is asked
-    first, so this process's CUDA still sees the GPU when a gpu test runs after."""
+    auto) are the GPU's, in bf16, so every module but the gpu-marked ones (tests/test_gpu.py) sees no GPU: in this
+    process through DeviceQuery.probe, in the commands it starts through CUDA_VISIBLE_DEVICES. Module-scoped and
+    autouse, so it comes before the module's own fixtures (test_eval.py's eval_run runs probe.eval with its
+    defaults; hidden per test function, the GPU was still visible to them). torch is asked first, so this
+    process's CUDA still sees the GPU when a gpu module runs after."""
     import torch
 
     if request.node.get_closest_marker("gpu") is not None or not torch.cuda.is_available():
+        yield
         return
     from probe.devices import DeviceQuery
 
     real = DeviceQuery.probe
-    monkeypatch.setattr(DeviceQuery, "probe", staticmethod(
-        lambda: dataclasses.replace(real(), cuda_names=(), cuda_memory=(), cuda_bf16=False)))
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(DeviceQuery, "probe", staticmethod(
+            lambda: dataclasses.replace(real(), cuda_names=(), cuda_memory=(), cuda_bf16=False)))
+        mp.setenv("CUDA_VISIBLE_DEVICES", "")
+        yield
 
 
 @pytest.fixture(scope="session", autouse=True)

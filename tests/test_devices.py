@@ -203,3 +203,51 @@ def test_rank_and_world_are_read_as_the_local_variables_are(env, message, monkey
         monkeypatch.setenv(k, v)
     with pytest.raises(BadInput, match="^" + re.escape(message)):
         rank_world()
+
+
+def test_the_suite_hides_a_gpu_from_module_fixtures_too(tmp_path):
+    """On a GPU box, tests/conftest.py hid the GPU per test function, after the module-scoped fixtures had run: those
+    that run a command with its defaults (test_eval.py's eval_run, --device auto) ran it on the GPU in bf16, against
+    fp32 oracles. Here a pytest session on a simulated GPU: every fixture of a module not marked gpu resolves the
+    CPU's fp32, as resolve_placement does for a CPU-only DeviceQuery, and a gpu module's sees the GPU."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    gpu: needs a GPU\n")
+    (tmp_path / "conftest.py").write_text(f"""
+import importlib.util
+import torch
+from probe.devices import DeviceQuery
+torch.cuda.is_available = lambda: True  # a GPU box, simulated: the hiding must not depend on a real one
+DeviceQuery.probe = staticmethod(lambda: DeviceQuery(("NVIDIA H200",), True, True, 16))
+spec = importlib.util.spec_from_file_location("omniprobe_conftest", {str(REPO / "tests" / "conftest.py")!r})
+suite = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(suite)
+no_gpu_outside_gpu_tests = suite.no_gpu_outside_gpu_tests
+""")
+    body = """
+import os
+import pytest
+from probe.devices import resolve_placement
+
+@pytest.fixture(scope="module")
+def placed():
+    p = resolve_placement()
+    return p.device, p.dtype, os.environ.get("CUDA_VISIBLE_DEVICES")
+
+def test_placed(placed):
+    p = resolve_placement()
+    assert placed == (p.device, p.dtype, os.environ.get("CUDA_VISIBLE_DEVICES")) == WANT, placed
+"""
+    cpu = resolve_placement(query=CPU)
+    gpu = resolve_placement(query=ONE_GPU)
+    (tmp_path / "test_a_cpu.py").write_text(body + f"WANT = {(cpu.device, cpu.dtype, '')!r}\n")
+    (tmp_path / "test_b_gpu.py").write_text(body + f"WANT = {(gpu.device, gpu.dtype, None)!r}\n"
+                                            "pytestmark = pytest.mark.gpu\n")
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"} | {"PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-p",
+                        "no:randomly", str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and "2 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
