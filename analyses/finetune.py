@@ -396,7 +396,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     if has_contents(out):
         try:
             previous = json.loads((out / "run.json").read_text())["config"]
-        except (OSError, json.JSONDecodeError, KeyError):
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):  # TypeError: JSON but no object ([1])
             raise BadInput(f"--out {out} is not empty and holds no fine-tuning run.json") from None
         if cfg.overwrite:
             clear_run(out, [ref.path, *map(Path, cfg.data.values())], on_cpu)

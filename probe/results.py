@@ -264,7 +264,9 @@ def prepare_out_dir(out: Path, fingerprint: str, overwrite: bool, command: str =
     try:
         saved = json.loads(run_json.read_text())
     except (OSError, json.JSONDecodeError):
-        raise BadInput(f"{run_json} is unreadable; pass --overwrite to start fresh") from None
+        saved = None
+    if not isinstance(saved, dict):  # JSON but no object ([1], null) is as unreadable as damaged JSON
+        raise BadInput(f"{run_json} is unreadable; pass --overwrite to start fresh")
     if other not in (None, command):
         raise BadInput(f"--out {out} holds a {other} run, not a {command} one; use another --out or --overwrite")
     if saved.get("fingerprint") != fingerprint:

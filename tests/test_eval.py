@@ -1148,3 +1148,25 @@ def test_heads_and_eval_leave_another_tools_run_in_their_out_alone_even_with_ove
             assert rc == 2 and err == f"error: --out {out} holds an {owner} run, not a {command} one; --overwrite " \
                                       "would delete its files: use another --out", err
             assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("command", ["probe.heads", "probe.eval"])
+def test_a_run_json_that_is_not_an_object_is_named_unreadable(command, tmp_path, capfd):
+    """A run.json holding JSON but no object (``[1]``, a string) was an AttributeError traceback (exit 1) from both
+    commands; it is unreadable, as damaged JSON is: exit 2, one line, the file untouched."""
+    from probe import eval as probe_eval
+    from probe import heads
+    from probe.errors import cli_main
+
+    main, args = ((heads.main, ["--model", "organism-base", "--layers", "0", "--heads", "0", "--no-generate",
+                                "--no-figures"]) if command == "probe.heads" else (probe_eval.main, ["--models",
+                                                                                                    "organism-base"]))
+    out = tmp_path / "run"
+    out.mkdir()
+    for text in ("[1]", '"run"', "null"):
+        (out / "run.json").write_text(text)
+        capfd.readouterr()
+        rc = cli_main(main, args + ["--data", "probe/zoo/data/text", "--limit", "2", "--quiet", "--out", str(out)])
+        err = capfd.readouterr().err.strip()
+        assert rc == 2 and err == f"error: {out / 'run.json'} is unreadable; pass --overwrite to start fresh", err
+        assert (out / "run.json").read_text() == text

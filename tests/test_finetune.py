@@ -943,3 +943,20 @@ def test_a_config_from_python_without_a_mix_samples_equally_like_the_cli(tmp_pat
     assert set(rows) == set(range(5)) and 150 < sum(r < 3 for r in rows) < 250  # both sets, about half each
     with pytest.raises(BadInput, match=r"mix \['video'\] must name the data sets \['image', 'text'\]"):
         FinetuneConfig(model="organism-base", data=data, out=tmp_path, steps=1, mix={"video": 1.0})
+
+
+def test_an_out_whose_run_json_is_not_an_object_is_one_line(tmp_path, capfd) -> None:
+    """A run.json holding JSON but no object ([1], a string) in --out was a TypeError traceback (exit 1): it holds no
+    fine-tuning run, as a run.json without one does; exit 2, one line, the file untouched."""
+    from analyses.finetune import main
+    from probe.errors import cli_main
+
+    out = tmp_path / "run"
+    out.mkdir()
+    for text in ("[1]", '"run"'):
+        (out / "run.json").write_text(text)
+        capfd.readouterr()
+        assert cli_main(main, _organism_args(out)) == 2
+        err = capfd.readouterr().err.strip()
+        assert err == f"error: --out {out} is not empty and holds no fine-tuning run.json", err
+        assert (out / "run.json").read_text() == text and [p.name for p in out.iterdir()] == ["run.json"]
