@@ -50,7 +50,9 @@ def option_logit_jacobians(
             if n == 1:
                 rows = model(**batch, logits_to_keep=1).logits[:, -1]
             else:
-                logits = model(**batch, logits_to_keep=torch.tensor(keep, device=loaded.device)).logits
+                # a list, not a tensor: accelerate's hooks would move a tensor to the first device of a split model,
+                # while the positions index the hidden states on its last
+                logits = model(**batch, logits_to_keep=keep).logits
                 # the kept positions, or every position from a model that ignores logits_to_keep
                 at = [keep.index(t) for t in last] if logits.shape[1] == len(keep) else last
                 rows = logits[torch.arange(n, device=logits.device), torch.tensor(at, device=logits.device)]

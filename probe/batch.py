@@ -4,7 +4,8 @@ Each item's inputs come from the probe's one prompt builder (``probe.sweep.prepa
 sweep builds them; ``collate`` then joins items:
 - token-aligned tensors (input_ids, attention_mask, mm_token_type_ids) are padded on the **left**, so every row's
   next token is the last column; the attention mask marks the padding, and the model derives positions from it
-  (cumulative positions for Qwen2, M-RoPE's ``get_rope_index`` for Qwen2-VL);
+  (cumulative positions for Qwen2, M-RoPE's ``get_rope_index`` for Qwen2-VL). The attribution engine's plain
+  forward pads on the right instead (``left=False``), where no real token's position depends on the padding;
 - every other tensor (pixel values, grid sizes, image sizes) is concatenated along its first dimension, in item
   order, which is how the models match them to their placeholder tokens. Items are only batched with items whose
   such tensors agree in every other dimension (``signature``), so pixel tensors are never padded.

@@ -20,6 +20,8 @@ from itertools import groupby
 from typing import Any, Callable, Sequence
 
 import torch
+
+from probe.batch import pad_token
 from probe.errors import RunStopped
 from probe.masking import HeadMask, mask_heads
 from probe.metrics import option_log_probs
@@ -167,7 +169,7 @@ def greedy_continue(
     """Greedy decoding after the first position, like ``generate(do_sample=False)``: finished rows get pad.
     Per row its text and ``overflow_steps``' first position of non-finite logits."""
     eos = torch.tensor(sorted(loaded.eos_token_ids), device=first_logits.device)
-    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else int(eos[0])
+    pad = pad_token(loaded)
     token = first_logits.argmax(-1)
     tokens, step_logits = [token], [first_logits]
     done = torch.isin(token, eos)

@@ -182,7 +182,8 @@ def label_loss(model, batch: dict[str, torch.Tensor], n_labels: int | None = Non
     target = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100)
     keep = (target != -100).any(0).nonzero()[:, 0]
     inputs = {k: v for k, v in model_inputs(batch).items() if k != "labels"}
-    logits = model(**inputs, logits_to_keep=keep).logits
+    logits = model(**inputs, logits_to_keep=keep.tolist()).logits  # a list: a split model's hooks move no tensor of
+    # positions to its first device while its hidden states sit on the last
     if logits.shape[1] == target.shape[1] != keep.numel():  # a class that ignores logits_to_keep (Qwen2.5-Omni's
         logits = logits[:, keep.to(logits.device)]  # thinker) returns every position: the same values, kept here
     if logits.shape[1] != keep.numel():  # anything else would pair logits and labels wrongly
