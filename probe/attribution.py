@@ -29,6 +29,7 @@ from probe.metrics import letter_log_probs
 from probe.models import LoadedModel
 from probe.prompting import ItemLike
 from probe.sweep import BASELINE, Measurement, SweepConfig, measurement_row, prepare_item
+from probe.upstream import logits_at
 
 
 def option_logit_jacobians(
@@ -50,12 +51,9 @@ def option_logit_jacobians(
             if n == 1:
                 rows = model(**batch, logits_to_keep=1).logits[:, -1]
             else:
-                # a list, not a tensor: accelerate's hooks would move a tensor to the first device of a split model,
-                # while the positions index the hidden states on its last
-                logits = model(**batch, logits_to_keep=keep).logits
-                # the kept positions, or every position from a model that ignores logits_to_keep
-                at = [keep.index(t) for t in last] if logits.shape[1] == len(keep) else last
-                rows = logits[torch.arange(n, device=logits.device), torch.tensor(at, device=logits.device)]
+                logits = logits_at(model, batch, keep)
+                at = torch.tensor([keep.index(t) for t in last], device=logits.device)
+                rows = logits[torch.arange(n, device=logits.device), at]
             k = max(len(ids) for ids in letter_ids)
             index = torch.tensor([ids + ids[:1] * (k - len(ids)) for ids in letter_ids], device=rows.device)
             z = rows.gather(1, index).float()  # [n, k]; a row's extra columns repeat its first letter, unread

@@ -237,10 +237,9 @@ SOFTWARE = ("torch", "transformers", "omniprobe_code")
 
 def saved_run_info(out: Path) -> dict[str, Any]:
     """The run.json a resumed run left (empty when unreadable: prepare_out_dir has already vouched for it)."""
-    try:
-        saved = json.loads((out / "run.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
+    from probe.results import read_run_json
+
+    saved = read_run_json(out)
     return saved if isinstance(saved, dict) else {}
 
 

@@ -223,6 +223,7 @@ def saved_command(saved: Any, out: Path | None = None) -> str | None:
 
 
 def read_run_json(out: Path) -> Any:
+    """``out``'s run.json as parsed (any JSON value), or None when missing or unreadable."""
     try:
         return json.loads((out / "run.json").read_text())
     except (OSError, ValueError):
@@ -252,7 +253,8 @@ def prepare_out_dir(out: Path, fingerprint: str, overwrite: bool, command: str =
     if not has_contents(out):
         return False
     # another tool's run (a fine-tuning run, an analyses output) is never cleared: its run.json has our file's name
-    if (other := saved_command(read_run_json(out), out)) is not None and other not in RUN_OUTPUTS:
+    saved = read_run_json(out)
+    if (other := saved_command(saved, out)) is not None and other not in RUN_OUTPUTS:
         raise BadInput(f"--out {out} holds an {other} run, not a {command} one; --overwrite would delete its files: "
                        "use another --out")
     if overwrite:  # locked first: a command still writing here is refused before its parts are deleted, not after
@@ -261,10 +263,6 @@ def prepare_out_dir(out: Path, fingerprint: str, overwrite: bool, command: str =
         return False
     if not run_json.is_file():
         raise BadInput(f"--out {out} is not empty and holds no run.json; pick another dir or pass --overwrite")
-    try:
-        saved = json.loads(run_json.read_text())
-    except (OSError, json.JSONDecodeError):
-        saved = None
     if not isinstance(saved, dict):  # JSON but no object ([1], null) is as unreadable as damaged JSON
         raise BadInput(f"{run_json} is unreadable; pass --overwrite to start fresh")
     if other not in (None, command):

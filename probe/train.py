@@ -27,6 +27,7 @@ import torch
 from probe.errors import BadInput
 from probe.devices import rank_world
 from probe.prompting import PromptTemplate, answer_token_ids, build_inputs, turn_end_id
+from probe.upstream import logits_at
 
 SEQ_KEYS = ("input_ids", "attention_mask", "labels", "mm_token_type_ids")
 
@@ -182,13 +183,7 @@ def label_loss(model, batch: dict[str, torch.Tensor], n_labels: int | None = Non
     target = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100)
     keep = (target != -100).any(0).nonzero()[:, 0]
     inputs = {k: v for k, v in model_inputs(batch).items() if k != "labels"}
-    logits = model(**inputs, logits_to_keep=keep.tolist()).logits  # a list: a split model's hooks move no tensor of
-    # positions to its first device while its hidden states sit on the last
-    if logits.shape[1] == target.shape[1] != keep.numel():  # a class that ignores logits_to_keep (Qwen2.5-Omni's
-        logits = logits[:, keep.to(logits.device)]  # thinker) returns every position: the same values, kept here
-    if logits.shape[1] != keep.numel():  # anything else would pair logits and labels wrongly
-        raise RuntimeError(f"{type(model).__name__} returned logits for {logits.shape[1]} positions, not the "
-                           f"{keep.numel()} asked for with logits_to_keep")
+    logits = logits_at(model, inputs, keep.tolist())
     want = target[:, keep].flatten().to(logits.device)
     total = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), want, ignore_index=-100, reduction="sum")
     return total / (int((target != -100).sum()) if n_labels is None else n_labels)

@@ -224,3 +224,18 @@ def check_cache(cache: Any, layers: Iterable[int], batch: int, length: int) -> N
 def model_call_with_cache(model: nn.Module, cache: Any, **inputs: Any) -> Any:
     """One forward of the whole model that extends ``cache`` (greedy decoding after the first position)."""
     return model(**inputs, **{cache_kwarg(type(model).forward): cache}, use_cache=True)
+
+
+def logits_at(model: nn.Module, inputs: dict[str, torch.Tensor], positions: list[int]) -> torch.Tensor:
+    """The logits at ``positions`` (sorted, the same for every row) [B, len(positions), V], asked for with
+    ``logits_to_keep``. A list, not a tensor: accelerate's hooks would move a tensor of positions to a split model's
+    first device while the hidden states it indexes sit on the last. A class that ignores ``logits_to_keep``
+    (Qwen2.5-Omni's thinker) returns every position: the same values, kept here. Any other shape would pair logits
+    and positions wrongly."""
+    logits = model(**inputs, logits_to_keep=positions).logits
+    if logits.shape[1] == inputs["input_ids"].shape[1] != len(positions):
+        logits = logits[:, positions]
+    if logits.shape[1] != len(positions):
+        raise RuntimeError(f"{type(model).__name__} returned logits for {logits.shape[1]} positions, not the "
+                           f"{len(positions)} asked for with logits_to_keep")
+    return logits
