@@ -172,7 +172,9 @@ def add_lora(loaded, rank: int, adapter: Path | None = None):
     """Wrap the model's LM projections with LoRA adapters (peft); from ``adapter`` when resuming."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    targets = rf".*language_model.*\.({'|'.join(LORA_TARGETS)})$|^model\.layers\..*\.({'|'.join(LORA_TARGETS)})$"
+    # the decoder layers' projections, wherever the family table puts the layers (Idefics3's model.text_model.layers
+    # matched no fixed pattern: --lora on it was a traceback)
+    targets = rf"^{re.escape(loaded.family.layers_path)}\.\d+\..*\.({'|'.join(LORA_TARGETS)})$"
     if adapter is not None:
         loaded.model = PeftModel.from_pretrained(loaded.model, adapter, is_trainable=True)
     else:
@@ -182,16 +184,13 @@ def add_lora(loaded, rank: int, adapter: Path | None = None):
 
 
 def save_checkpoint(loaded, source: Path, dest: Path, state: dict | None) -> None:
-    """An HF model dir (weights in the model's dtype, configs and tokenizer files of the source) plus the
-    trainer state, written to a hidden dir and renamed: a kill never leaves half a checkpoint. With LoRA the
-    weights are the merged model (a float32 copy, so training goes on unmerged) and ``adapter/`` holds the
-    adapter."""
-    import copy
-
+    """An HF model dir (configs and tokenizer files of the source) plus the trainer state, written to a hidden dir
+    and renamed: a kill never leaves half a checkpoint. Full fine-tuning saves the model's weights in its dtype;
+    with LoRA the weights are the adapter merged into the source in float32 (``write_lora_merge``) and
+    ``adapter/`` holds the adapter."""
     import torch
 
     from analyses.writer import copy_side_files
-    from probe.models import set_config_dtype
     from probe.results import set_file_modes
 
     tmp = dest.parent / f".{dest.name}.partial"
@@ -200,14 +199,11 @@ def save_checkpoint(loaded, source: Path, dest: Path, state: dict | None) -> Non
     try:
         if hasattr(loaded.model, "merge_and_unload"):  # a peft model
             loaded.model.save_pretrained(tmp / "adapter")
-            # merged in float32 (the frozen weights may be bfloat16): a small adapter update is not rounded away
-            saved = copy.deepcopy(loaded.model).float().merge_and_unload()
-            set_config_dtype(saved.config, torch.float32)
+            write_lora_merge(loaded, source, tmp)
         else:
-            saved = loaded.model
-        saved.save_pretrained(tmp)
-        if loaded.family.config_path is not None:
-            restore_whole_model(source, tmp, saved.config)
+            loaded.model.save_pretrained(tmp)
+            if loaded.family.config_path is not None:
+                restore_whole_model(source, tmp, loaded.model.config)
         # tokenizer and processor files; the model's own config is written above. No weight file of the source:
         # its model.safetensors.index.json beside the model.safetensors just saved would be a second weight set.
         copy_side_files(source, tmp, keep_existing=True)
@@ -221,6 +217,86 @@ def save_checkpoint(loaded, source: Path, dest: Path, state: dict | None) -> Non
     tmp.rename(dest)
 
 
+def lora_updates(loaded) -> dict[str, Any]:
+    """The LoRA-wrapped projections of a peft model under the canonical LM names of their weights
+    (``layers.<i>.self_attn.q_proj.weight``, as ``analyses.checkpoints`` names a checkpoint's LM tensors)."""
+    from peft.tuners.lora import LoraLayer
+
+    prefix = loaded.family.layers_path + "."
+    found = {}
+    for name, module in loaded.model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        name = name.removeprefix("base_model.model.")
+        if not name.startswith(prefix):  # LORA_TARGETS' pattern caught a module outside the decoder layers
+            raise RuntimeError(f"LoRA adapter on {name}, outside {loaded.family.layers_path}: its merge has no "
+                               "checkpoint tensor to go to")
+        found["layers." + name.removeprefix(prefix) + ".weight"] = module
+    return found
+
+
+def write_lora_merge(loaded, source: Path, dest: Path, shard_size: int = 5 * 10**9) -> None:
+    """The weights of a LoRA checkpoint: every tensor of the source checkpoint (under its names and layout) in
+    float32, each adapted projection plus its adapter's update (peft's ``get_delta_weight``: B·A·α/R), written
+    one tensor at a time. A merged float32 copy of the whole model (peft's ``merge_and_unload``) needed 2× the
+    weights' memory on the model's devices (a 72B model's 288 GB); this holds a few copies of the largest tensor
+    in CPU memory (bench/lora_save.py: 0.92 GB against 3.39 GB for a 1.4 GB bf16 model). A float32 source
+    trained with bfloat16 frozen weights is merged at its own precision (checkpoint-0 is the source, not the
+    bfloat16 rounding the run held). Raises when a frozen weight is not the source's tensor as loaded (a
+    conversion on load, or a name mapped to the wrong tensor): the update would go to the wrong place."""
+    import torch
+
+    from analyses.checkpoints import open_checkpoint
+    from analyses.writer import Entry, ShardedWriter
+
+    updates = lora_updates(loaded)
+    with open_checkpoint(str(source), allow_bin=True) as ck:
+        by_key = {}
+        for canon, module in updates.items():
+            key = ck.lm_key(canon)
+            if key is None or key in by_key or tuple(ck.infos[key].shape) != tuple(module.base_layer.weight.shape):
+                raise RuntimeError(f"{source}: no tensor of shape {tuple(module.base_layer.weight.shape)} for the "
+                                   f"adapted {canon} (found {key!r}); its LoRA merge cannot be written")
+            by_key[key] = module
+        keys = sorted(ck.infos, key=lambda k: (str(ck.infos[k].file), ck.infos[k].start))
+        entries = [Entry(k, torch.float32, tuple(ck.infos[k].shape)) for k in keys]
+        write_source_config(source, dest, "float32")
+        with ShardedWriter(dest, entries, shard_size) as writer, torch.no_grad():
+            for key in keys:
+                info = ck.infos[key]
+                tensor = ck.view(info).to(torch.float32, copy=True)  # never the source's mapped bytes
+                if (module := by_key.get(key)) is not None:
+                    held = module.base_layer.weight
+                    if not torch.equal(held.detach().cpu(), ck.view(info).to(held.dtype)):
+                        raise RuntimeError(f"{source}: the frozen {key} in memory is not the checkpoint's tensor "
+                                           "as loaded: the adapter's update would be merged into another tensor")
+                    adapter = module.active_adapters[0]
+                    if getattr(module, "lora_variant", {}).get(adapter) is not None:  # DoRA merges otherwise
+                        raise RuntimeError(f"{key}: a LoRA variant's adapter; only plain LoRA is merged here")
+                    tensor += module.get_delta_weight(adapter).detach().float().cpu()
+                ck.release(info)
+                with writer.tensor(key) as sink:
+                    sink.write(tensor)
+            writer.close()
+
+
+def write_source_config(source: Path, dest: Path, dtype: str) -> None:
+    """The source's config.json naming ``dtype`` at the top level and in every sub-config (dicts with a
+    model_type): training changes no other field of it."""
+    from probe.families import read_config_json
+
+    config = read_config_json(source)
+
+    def set_dtype(node: dict) -> None:
+        node["dtype"] = dtype
+        for value in node.values():
+            if isinstance(value, dict) and "model_type" in value:
+                set_dtype(value)
+
+    set_dtype(config)
+    (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
 def restore_whole_model(source: Path, saved: Path, part_config: Any) -> None:
     """A class built from a part of its checkpoint's config (the family table's ``config_path``: Qwen2.5-Omni's
     thinker) saves that part alone: config.json became the part's and the source's tensors outside it (talker,
@@ -232,19 +308,8 @@ def restore_whole_model(source: Path, saved: Path, part_config: Any) -> None:
 
     from analyses.checkpoints import open_checkpoint
     from analyses.writer import INDEX_NAME
-    from probe.families import read_config_json
 
-    config = read_config_json(source)  # training changes no field of it but the dtype the weights are saved in
-    dtype = str(part_config.dtype).removeprefix("torch.")
-
-    def set_dtype(node: dict) -> None:  # the top level and every sub-config (dicts with a model_type)
-        node["dtype"] = dtype
-        for value in node.values():
-            if isinstance(value, dict) and "model_type" in value:
-                set_dtype(value)
-
-    set_dtype(config)
-    (saved / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_source_config(source, saved, str(part_config.dtype).removeprefix("torch."))
     index = saved / INDEX_NAME
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]

@@ -581,6 +581,43 @@ def test_every_row_fine_tunes_and_its_checkpoints_load_as_the_source(family, dir
         assert (moved == []) == (step == 0), (step, moved[:3])
 
 
+@pytest.mark.parametrize("held", ["float32", "bfloat16"])
+@pytest.mark.parametrize("family", ("qwen2", "qwen2_vl", "llava_onevision") + NEW)
+def test_lora_checkpoint_is_pefts_own_merge_into_the_source(family, held, tmp_path):
+    """A LoRA checkpoint is written tensor by tensor from the source's files (no merged float32 copy of the model
+    in memory): loaded through the probe's loader it is, bit for bit, peft's own merge_and_unload of its adapter/
+    into the source loaded in float32 — with the frozen weights held in float32 or in bfloat16, on every row
+    (Qwen2.5-Omni's thinker: its talker and token2wav tensors kept beside it)."""
+    from peft import PeftModel
+
+    from analyses.finetune import add_lora, save_checkpoint
+    from probe.models import load_model, resolve_model
+    from probe.tiny import tiny_dir
+
+    source = tiny_dir(family)
+    ref = resolve_model(str(source))
+    torch.manual_seed(0)
+    trained = add_lora(load_model(ref, dtype=held, logits_fp32=False), 4)
+    with torch.no_grad():  # B starts at 0: give every adapter an update to merge
+        for name, p in trained.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.05)
+    save_checkpoint(trained, source, tmp_path / "checkpoint-1", None)
+    ck = tmp_path / "checkpoint-1"
+    oracle = PeftModel.from_pretrained(load_model(ref).model, ck / "adapter").merge_and_unload()
+    want = dict(oracle.named_parameters())
+    got = dict(load_model(resolve_model(str(ck))).model.named_parameters())
+    assert got.keys() == want.keys()
+    assert all(p.dtype == torch.float32 for p in got.values())
+    differ = [n for n in want if not torch.equal(got[n], want[n])]
+    assert differ == [], differ[:3]
+    base = dict(load_model(ref).model.named_parameters())
+    moved = [n for n in want if not torch.equal(want[n], base[n])]
+    assert len(moved) >= 7 and all(n.endswith("proj.weight") for n in moved), moved[:5]  # the merge did something
+    assert json.loads((ck / "config.json").read_text())["model_type"] == \
+        json.loads((source / "config.json").read_text())["model_type"]
+
+
 def test_a_trained_answer_ends_with_the_chat_formats_turn_end():
     """Fine-tuning labelled every answer letter followed by ``<|im_end|>``, whatever the family: a Gemma, Mistral,
     Vicuna or Llama tokenizer reads that string as its unknown token (or nothing), so the model learned to end its

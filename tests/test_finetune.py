@@ -405,8 +405,9 @@ def test_lora_trains_adapters_and_resumes(tiny_dirs, data_dir, text_dir, tmp_pat
 def test_lora_under_bfloat16_holds_frozen_weights_in_bf16_and_merges_in_float32(tiny_dirs, data_dir, text_dir,
                                                                                tmp_path, monkeypatch):
     """--lora with --dtype bfloat16: the frozen weights are bfloat16 (half the memory; they get no update to lose),
-    the adapters and their optimiser float32, and each checkpoint is the float32 merge: checkpoint − checkpoint-0
-    is the adapter's own B·A·scale (a direct computation from adapter/), not rounded away in bfloat16."""
+    the adapters and their optimiser float32, and each checkpoint is the adapter merged into the float32 source:
+    checkpoint-0 is the source, and checkpoint − checkpoint-0 is the adapter's own B·A·scale (a direct computation
+    from adapter/), not rounded away in bfloat16."""
     import probe.train as train_mod
     from analyses.finetune import main
 
@@ -428,7 +429,7 @@ def test_lora_under_bfloat16_holds_frozen_weights_in_bf16_and_merges_in_float32(
     w6 = load_file(run / "checkpoint-6" / "model.safetensors")
     source = load_file(tiny_dirs["qwen2_vl"] / "model.safetensors")
     assert all(v.dtype == torch.float32 for v in (*w0.values(), *w6.values()))
-    assert all(torch.equal(w0[k], source[k].to(torch.bfloat16).float()) for k in w0)  # the start, as held
+    assert all(torch.equal(w0[k], source[k]) for k in w0)  # the float32 source itself, not the bf16 it was held in
     for step in (0, 6):  # every dtype its config names is its tensors' (text_config and vision_config said bfloat16)
         config = json.loads((run / f"checkpoint-{step}" / "config.json").read_text())
         named = [config.get("dtype")] + [sub.get("dtype") for sub in config.values() if isinstance(sub, dict)]
@@ -678,6 +679,31 @@ def test_lora_adapters_train_at_the_lm_rate(tiny_dirs) -> None:
     groups = param_groups(loaded.model, loaded, TrainConfig(steps=1, lr=0.0, lm_lr=1e-3))
     trainable = [p for p in loaded.model.parameters() if p.requires_grad]
     assert [g["lr"] for g in groups] == [1e-3] and len(groups[0]["params"]) == len(trainable) > 0
+
+
+def test_lora_merge_refuses_a_frozen_weight_that_is_not_the_sources(tiny_dirs, tmp_path) -> None:
+    """The LoRA merge reads the source's tensors from disk and adds each adapter's update to the tensor its name
+    maps to: a frozen weight in memory that is not that tensor as loaded (a conversion on load, a name mapped to
+    another tensor) must stop the save, never merge the update into the wrong weights; the source is untouched."""
+    from analyses.finetune import add_lora, save_checkpoint
+    from probe.models import load_model, resolve_model
+
+    source = tiny_dirs["qwen2_vl"]
+    before = (source / "model.safetensors").read_bytes()
+    loaded = add_lora(load_model(resolve_model(str(source))), 4)
+    [(name, weight)] = [(n, p) for n, p in loaded.model.named_parameters()
+                        if n.endswith("layers.1.self_attn.k_proj.base_layer.weight")]
+    with torch.no_grad():
+        weight.mul_(-1)
+    try:
+        with pytest.raises(RuntimeError, match=r"the frozen model\.layers\.1\.self_attn\.k_proj\.weight in memory "
+                                               "is not the checkpoint's tensor as loaded"):
+            save_checkpoint(loaded, source, tmp_path / "checkpoint-0", None)
+    finally:
+        with torch.no_grad():
+            weight.mul_(-1)
+    assert not (tmp_path / "checkpoint-0").exists()
+    assert (source / "model.safetensors").read_bytes() == before
 
 
 def test_overwrite_replaces_only_the_run_and_never_an_input(ft_run, tiny_dirs, data_dir, text_dir, tmp_path, capfd):
