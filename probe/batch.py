@@ -158,28 +158,58 @@ def check_against_one_item(loaded: LoadedModel, item: ItemLike, inputs: dict[str
 def evaluate_items(
     loaded: LoadedModel, items: Sequence[ItemLike], cfg: SweepConfig, batch_size: int,
     progress: Callable[[int], None] = lambda n: None, window: int = 8, max_padding: float | str | None = "device",
+    prefetch: bool | None = None,
 ) -> list[Measurement]:
     """Measurements of every item (no head masked), in item order, ``batch_size`` items per forward.
 
     Inputs are prepared ``window`` batches at a time (sorted by length within the window), so pixel tensors of a
     whole benchmark never sit in memory at once. Each window's most padded item is measured alone too, as a
     guard (``check_against_one_item``). ``max_padding="device"`` is ``padding_cap``'s choice for the model's device.
+    ``prefetch`` (default: when the model runs on an accelerator) prepares the next window in a thread while this
+    one runs, and makes the first window a single batch: on the H200 preparing organism-vl's items (tokeniser,
+    image processor, ~3 ms an item) took a third to half of its batched evaluation; on the CPU the thread would take
+    cores from the model's own threads. An item that cannot be prepared still stops the run after the windows
+    before it, as without the thread.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     if max_padding == "device":
         max_padding = padding_cap(loaded)
-    results: list[Measurement] = []
+    if prefetch is None:
+        prefetch = loaded.device.type != "cpu"
     step = batch_size * window
-    for start in range(0, len(items), step):
-        chunk = items[start:start + step]
-        prepared = [prepare_item(loaded, item, cfg) for item in chunk]
-        inputs = [p[0] for p in prepared]
-        got: list[Measurement | None] = [None] * len(chunk)
-        batches = plan_batches(inputs, batch_size, max_padding)
-        for idx in batches:
-            for i, m in zip(idx, measure_batch(loaded, [inputs[i] for i in idx], [prepared[i][1] for i in idx], cfg)):
-                got[i] = m
-            progress(len(idx))
-        if (g := most_padded(inputs, batches)) is not None:
-            check_against_one_item(loaded, chunk[g], inputs[g], prepared[g][1], got[g], cfg)  # type: ignore[arg-type]
-        results += got  # type: ignore[arg-type]
+    # prefetching, the first window is one batch: only its preparation is not hidden behind the model's work
+    first = batch_size if prefetch else step
+    windows = [w for w in [items[:first]] + [items[i:i + step] for i in range(first, len(items), step)] if w]
+
+    def prepare(chunk: Sequence[ItemLike]) -> list[tuple[dict[str, torch.Tensor], list[int]]]:
+        return [prepare_item(loaded, item, cfg) for item in chunk]
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="prepare") if prefetch and len(windows) > 1 else None
+    results: list[Measurement] = []
+    try:
+        ahead = None
+        for k, chunk in enumerate(windows):
+            prepared = ahead.result() if ahead else prepare(chunk)
+            ahead = pool.submit(prepare, windows[k + 1]) if pool and k + 1 < len(windows) else None
+            results += measure_window(loaded, chunk, prepared, cfg, batch_size, max_padding, progress)
+    finally:
+        if pool:  # a stop (an error, Ctrl-C) does not wait for a window nobody will measure
+            pool.shutdown(wait=False, cancel_futures=True)
     return results
+
+
+def measure_window(loaded: LoadedModel, chunk: Sequence[ItemLike],
+                   prepared: Sequence[tuple[dict[str, torch.Tensor], list[int]]], cfg: SweepConfig, batch_size: int,
+                   max_padding: float | None, progress: Callable[[int], None]) -> list[Measurement]:
+    """One window of ``evaluate_items``: its items batched by ``plan_batches``, then its most padded item alone."""
+    inputs = [p[0] for p in prepared]
+    got: list[Measurement | None] = [None] * len(chunk)
+    batches = plan_batches(inputs, batch_size, max_padding)
+    for idx in batches:
+        for i, m in zip(idx, measure_batch(loaded, [inputs[i] for i in idx], [prepared[i][1] for i in idx], cfg)):
+            got[i] = m
+        progress(len(idx))
+    if (g := most_padded(inputs, batches)) is not None:
+        check_against_one_item(loaded, chunk[g], inputs[g], prepared[g][1], got[g], cfg)  # type: ignore[arg-type]
+    return got  # type: ignore[return-value]

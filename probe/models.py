@@ -201,6 +201,11 @@ class LoadedModel:
         return special_tokens(self.tokenizer)  # once per model, not once per item built
 
     @cached_property
+    def answer_ids(self) -> dict[tuple, list[int]]:
+        """probe.prompting.answer_token_ids' results, per tokenizer, letters and assistant prefix."""
+        return {}
+
+    @cached_property
     def layers(self) -> nn.ModuleList:
         return self.model.get_submodule(self.family.layers_path)
 

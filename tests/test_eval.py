@@ -77,6 +77,54 @@ def test_batched_equals_one_item_path(family, generate, load_tiny, data_dir, vid
             torch.testing.assert_close(a.logp, b.logp, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("family", VL_FAMILIES)
+def test_preparing_the_next_window_in_a_thread_changes_no_number(family, load_tiny, data_dir, video_root, monkeypatch):
+    """evaluate_items' prefetch (the GPU default: the next window's inputs are prepared in a thread while this one
+    runs) gives the numbers of preparing each window in turn, bit for bit; an item that cannot be prepared stops the
+    run after the windows before it were measured, as without the thread, and no thread is left behind."""
+    import threading
+
+    from probe import batch
+    from probe.errors import BadInput
+    from probe.sweep import SweepConfig
+
+    loaded = load_tiny(family, "sdpa")
+    items = _items(family, data_dir, video_root)
+    cfg = SweepConfig(max_new_tokens=3)
+    seen: list[str] = []
+    real = batch.prepare_item
+
+    def spy(loaded_, item, cfg_):
+        seen.append(threading.current_thread().name)
+        return real(loaded_, item, cfg_)
+
+    monkeypatch.setattr(batch, "prepare_item", spy)
+    serial = batch.evaluate_items(loaded, items, cfg, batch_size=2, window=1, prefetch=False)
+    assert seen and all(n == threading.main_thread().name for n in seen)
+    seen.clear()
+    threaded = batch.evaluate_items(loaded, items, cfg, batch_size=2, window=1, prefetch=True)
+    # anti-tautology: the thread prepared every window after the first (one batch, prepared before it starts)
+    assert seen[:2] == [threading.main_thread().name] * 2 and len(seen) == len(items)
+    assert all(n.startswith("prepare") for n in seen[2:])
+    for a, b in zip(serial, threaded, strict=True):
+        assert torch.equal(a.logp, b.logp) and a.response == b.response
+
+    def broken(loaded_, item, cfg_):
+        if item.id == items[5].id:  # the third window of two items
+            raise BadInput(f"item {item.id}: unreadable")
+        return real(loaded_, item, cfg_)
+
+    monkeypatch.setattr(batch, "prepare_item", broken)
+    for prefetch in (False, True):
+        done: list[int] = []
+        with pytest.raises(BadInput, match="unreadable"):
+            batch.evaluate_items(loaded, items, cfg, batch_size=2, window=1, prefetch=prefetch, progress=done.append)
+        assert sum(done) == 4, prefetch
+    for t in [t for t in threading.enumerate() if t.name.startswith("prepare")]:
+        t.join(timeout=30)  # a stop does not wait for the window being prepared; the thread ends after it
+        assert not t.is_alive()
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("generate", [True, False])
 def test_a_left_padded_row_gets_the_positions_of_its_item_alone(family, generate, load_tiny, data_dir, video_root):
