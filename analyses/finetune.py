@@ -250,7 +250,9 @@ def write_lora_merge(loaded, source: Path, dest: Path, shard_size: int = 5 * 10*
     from analyses.writer import Entry, ShardedWriter
 
     updates = lora_updates(loaded)
-    with open_checkpoint(str(source), allow_bin=True) as ck:
+    # the path as a path: a relative one that reads as an alias (``--model ./organism-vl`` is Path("organism-vl"))
+    # would open the alias's model, not the one trained
+    with open_checkpoint(str(Path(source).absolute()), allow_bin=True) as ck:
         by_key = {}
         for canon, module in updates.items():
             key = ck.lm_key(canon)
@@ -317,7 +319,7 @@ def restore_whole_model(source: Path, saved: Path, part_config: Any) -> None:
         (saved / "model.safetensors").rename(saved / "model-00001-of-00002.safetensors")
         with safe_open(saved / "model-00001-of-00002.safetensors", "pt") as f:
             weight_map = dict.fromkeys(f.keys(), "model-00001-of-00002.safetensors")
-    with open_checkpoint(str(source)) as ck:
+    with open_checkpoint(str(Path(source).absolute())) as ck:  # never an alias of the same name
         rest = {k: ck.view(info).clone() for k, info in ck.infos.items() if k not in weight_map}
     if not rest:
         if not index.is_file():

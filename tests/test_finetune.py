@@ -706,6 +706,35 @@ def test_lora_merge_refuses_a_frozen_weight_that_is_not_the_sources(tiny_dirs, t
     assert (source / "model.safetensors").read_bytes() == before
 
 
+@pytest.mark.parametrize("changed", ["visual.", "model.layers."])
+def test_a_lora_checkpoint_of_a_relative_dir_named_like_an_alias_is_that_dirs(changed, tiny_dirs, tmp_path,
+                                                                               monkeypatch) -> None:
+    """``--model ./tiny-qwen2-vl`` (or ``tiny-qwen2-vl/``) is the local dir, not the alias: the probe loads it, but its
+    path is Path("tiny-qwen2-vl"), and the LoRA merge opened str(path), the alias's model. checkpoint-0 (adapters at
+    zero) is the local dir's weights, whatever tensors differ from the alias's (a vision tower: silently the alias's
+    tower; an LM projection: a traceback)."""
+    from safetensors.torch import save_file
+
+    from analyses.finetune import add_lora, save_checkpoint
+    from probe.models import load_model, resolve_model
+
+    local = shutil.copytree(tiny_dirs["qwen2_vl"], tmp_path / "tiny-qwen2-vl")
+    weights = load_file(local / "model.safetensors")
+    for key in weights:
+        if key.startswith(changed):
+            weights[key] = weights[key] * 1.5 + 0.25
+    save_file(weights, local / "model.safetensors", metadata={"format": "pt"})
+    monkeypatch.chdir(tmp_path)
+    ref = resolve_model("./tiny-qwen2-vl")
+    assert ref.path.resolve() == local.resolve()
+    loaded = add_lora(load_model(ref, logits_fp32=False), 4)
+    save_checkpoint(loaded, ref.path, tmp_path / "run" / "checkpoint-0", None)
+    saved = load_file(tmp_path / "run" / "checkpoint-0" / "model.safetensors")
+    assert saved.keys() == weights.keys()
+    differ = [k for k in weights if not torch.equal(saved[k], weights[k])]
+    assert differ == [], differ[:3]
+
+
 def test_overwrite_replaces_only_the_run_and_never_an_input(ft_run, tiny_dirs, data_dir, text_dir, tmp_path, capfd):
     """--overwrite (which analyses.finetune lacked) starts a different run in a used --out: the old run's
     checkpoints, log and run.json go, anything else there stays, and an --out holding the model is refused."""
