@@ -210,8 +210,8 @@ def save_checkpoint(loaded, source: Path, dest: Path, state: dict | None) -> Non
         if state is not None:
             torch.save(state, tmp / STATE)
         set_file_modes(tmp)  # save_pretrained writes the weights 0o600
-    except OSError:  # a full disk: the half-written copy goes at once, not at the rerun, so space is freed
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:  # a full disk, a refused LoRA merge (write_lora_merge, mid-stream): the half-written copy
+        shutil.rmtree(tmp, ignore_errors=True)  # goes at once, not at the rerun, so space is freed
         raise
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)

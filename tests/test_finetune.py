@@ -706,6 +706,29 @@ def test_lora_merge_refuses_a_frozen_weight_that_is_not_the_sources(tiny_dirs, t
     assert (source / "model.safetensors").read_bytes() == before
 
 
+def test_a_lora_merge_refused_mid_stream_leaves_no_half_written_copy(tiny_dirs, tmp_path) -> None:
+    """write_lora_merge refuses a frozen weight that is not the source's once it reaches it, after the tensors
+    before it were written: that half-written copy (half of a 72B model's 288 GB float32 checkpoint) stayed in
+    .checkpoint-N.partial until a rerun; like a full disk's, it goes at once."""
+    from analyses.finetune import add_lora, save_checkpoint
+    from probe.models import load_model, resolve_model
+
+    loaded = add_lora(load_model(resolve_model(str(tiny_dirs["qwen2_vl"]))), 4)
+    [weight] = [p for n, p in loaded.model.named_parameters()
+                if n.endswith("layers.3.mlp.down_proj.base_layer.weight")]  # the last layer: tensors before it written
+    run = tmp_path / "run"
+    run.mkdir()
+    with torch.no_grad():
+        weight.add_(1.0)
+    try:
+        with pytest.raises(RuntimeError, match="is not the checkpoint's tensor as loaded"):
+            save_checkpoint(loaded, tiny_dirs["qwen2_vl"], run / "checkpoint-0", None)
+    finally:
+        with torch.no_grad():
+            weight.sub_(1.0)
+    assert sorted(p.name for p in run.iterdir()) == []
+
+
 @pytest.mark.parametrize("changed", ["visual.", "model.layers."])
 def test_a_lora_checkpoint_of_a_relative_dir_named_like_an_alias_is_that_dirs(changed, tiny_dirs, tmp_path,
                                                                                monkeypatch) -> None:
