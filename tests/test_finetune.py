@@ -758,6 +758,31 @@ def test_a_lora_checkpoint_of_a_relative_dir_named_like_an_alias_is_that_dirs(ch
     assert differ == [], differ[:3]
 
 
+def test_an_omni_checkpoint_of_a_relative_dir_named_like_an_alias_keeps_that_dirs_talker(tmp_path,
+                                                                                          monkeypatch) -> None:
+    """Qwen2.5-Omni's checkpoints get the source tensors outside the thinker (restore_whole_model) from the source:
+    for ``--model ./tiny-qwen2.5-omni`` that read the alias's model (Path("tiny-qwen2.5-omni")), so the local dir's
+    talker was missing from every checkpoint."""
+    from safetensors.torch import save_file
+
+    from analyses.finetune import save_checkpoint
+    from probe.models import load_model, resolve_model
+    from probe.tiny import tiny_dir
+
+    local = shutil.copytree(tiny_dir("qwen2_5_omni_thinker"), tmp_path / "tiny-qwen2.5-omni")
+    weights = load_file(local / "model.safetensors")
+    weights["talker.codec_head.weight"] = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    save_file(weights, local / "model.safetensors", metadata={"format": "pt"})
+    monkeypatch.chdir(tmp_path)
+    ref = resolve_model("./tiny-qwen2.5-omni")
+    save_checkpoint(load_model(ref, logits_fp32=False), ref.path, tmp_path / "run" / "checkpoint-0", None)
+    ck = tmp_path / "run" / "checkpoint-0"
+    index = json.loads((ck / "model.safetensors.index.json").read_text())["weight_map"]
+    held = {k: v for f in set(index.values()) for k, v in load_file(ck / f).items()}
+    assert held.keys() == weights.keys()
+    assert torch.equal(held["talker.codec_head.weight"], weights["talker.codec_head.weight"])
+
+
 def test_overwrite_replaces_only_the_run_and_never_an_input(ft_run, tiny_dirs, data_dir, text_dir, tmp_path, capfd):
     """--overwrite (which analyses.finetune lacked) starts a different run in a used --out: the old run's
     checkpoints, log and run.json go, anything else there stays, and an --out holding the model is refused."""
