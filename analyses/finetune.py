@@ -210,8 +210,8 @@ def save_checkpoint(loaded, source: Path, dest: Path, state: dict | None) -> Non
         if state is not None:
             torch.save(state, tmp / STATE)
         set_file_modes(tmp)  # save_pretrained writes the weights 0o600
-    except OSError:  # a full disk: the half-written copy goes at once, not at the rerun, so space is freed
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:  # a full disk, a refused LoRA merge (write_lora_merge, mid-stream): the half-written copy
+        shutil.rmtree(tmp, ignore_errors=True)  # goes at once, not at the rerun, so space is freed
         raise
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
@@ -250,7 +250,9 @@ def write_lora_merge(loaded, source: Path, dest: Path, shard_size: int = 5 * 10*
     from analyses.writer import Entry, ShardedWriter
 
     updates = lora_updates(loaded)
-    with open_checkpoint(str(source), allow_bin=True) as ck:
+    # the path as a path: a relative one that reads as an alias (``--model ./organism-vl`` is Path("organism-vl"))
+    # would open the alias's model, not the one trained
+    with open_checkpoint(str(Path(source).absolute()), allow_bin=True) as ck:
         by_key = {}
         for canon, module in updates.items():
             key = ck.lm_key(canon)
@@ -317,7 +319,7 @@ def restore_whole_model(source: Path, saved: Path, part_config: Any) -> None:
         (saved / "model.safetensors").rename(saved / "model-00001-of-00002.safetensors")
         with safe_open(saved / "model-00001-of-00002.safetensors", "pt") as f:
             weight_map = dict.fromkeys(f.keys(), "model-00001-of-00002.safetensors")
-    with open_checkpoint(str(source)) as ck:
+    with open_checkpoint(str(Path(source).absolute())) as ck:  # never an alias of the same name
         rest = {k: ck.view(info).clone() for k, info in ck.infos.items() if k not in weight_map}
     if not rest:
         if not index.is_file():

@@ -706,6 +706,83 @@ def test_lora_merge_refuses_a_frozen_weight_that_is_not_the_sources(tiny_dirs, t
     assert (source / "model.safetensors").read_bytes() == before
 
 
+def test_a_lora_merge_refused_mid_stream_leaves_no_half_written_copy(tiny_dirs, tmp_path) -> None:
+    """write_lora_merge refuses a frozen weight that is not the source's once it reaches it, after the tensors
+    before it were written: that half-written copy (half of a 72B model's 288 GB float32 checkpoint) stayed in
+    .checkpoint-N.partial until a rerun; like a full disk's, it goes at once."""
+    from analyses.finetune import add_lora, save_checkpoint
+    from probe.models import load_model, resolve_model
+
+    loaded = add_lora(load_model(resolve_model(str(tiny_dirs["qwen2_vl"]))), 4)
+    [weight] = [p for n, p in loaded.model.named_parameters()
+                if n.endswith("layers.3.mlp.down_proj.base_layer.weight")]  # the last layer: tensors before it written
+    run = tmp_path / "run"
+    run.mkdir()
+    with torch.no_grad():
+        weight.add_(1.0)
+    try:
+        with pytest.raises(RuntimeError, match="is not the checkpoint's tensor as loaded"):
+            save_checkpoint(loaded, tiny_dirs["qwen2_vl"], run / "checkpoint-0", None)
+    finally:
+        with torch.no_grad():
+            weight.sub_(1.0)
+    assert sorted(p.name for p in run.iterdir()) == []
+
+
+@pytest.mark.parametrize("changed", ["visual.", "model.layers."])
+def test_a_lora_checkpoint_of_a_relative_dir_named_like_an_alias_is_that_dirs(changed, tiny_dirs, tmp_path,
+                                                                               monkeypatch) -> None:
+    """``--model ./tiny-qwen2-vl`` (or ``tiny-qwen2-vl/``) is the local dir, not the alias: the probe loads it, but its
+    path is Path("tiny-qwen2-vl"), and the LoRA merge opened str(path), the alias's model. checkpoint-0 (adapters at
+    zero) is the local dir's weights, whatever tensors differ from the alias's (a vision tower: silently the alias's
+    tower; an LM projection: a traceback)."""
+    from safetensors.torch import save_file
+
+    from analyses.finetune import add_lora, save_checkpoint
+    from probe.models import load_model, resolve_model
+
+    local = shutil.copytree(tiny_dirs["qwen2_vl"], tmp_path / "tiny-qwen2-vl")
+    weights = load_file(local / "model.safetensors")
+    for key in weights:
+        if key.startswith(changed):
+            weights[key] = weights[key] * 1.5 + 0.25
+    save_file(weights, local / "model.safetensors", metadata={"format": "pt"})
+    monkeypatch.chdir(tmp_path)
+    ref = resolve_model("./tiny-qwen2-vl")
+    assert ref.path.resolve() == local.resolve()
+    loaded = add_lora(load_model(ref, logits_fp32=False), 4)
+    save_checkpoint(loaded, ref.path, tmp_path / "run" / "checkpoint-0", None)
+    saved = load_file(tmp_path / "run" / "checkpoint-0" / "model.safetensors")
+    assert saved.keys() == weights.keys()
+    differ = [k for k in weights if not torch.equal(saved[k], weights[k])]
+    assert differ == [], differ[:3]
+
+
+def test_an_omni_checkpoint_of_a_relative_dir_named_like_an_alias_keeps_that_dirs_talker(tmp_path,
+                                                                                          monkeypatch) -> None:
+    """Qwen2.5-Omni's checkpoints get the source tensors outside the thinker (restore_whole_model) from the source:
+    for ``--model ./tiny-qwen2.5-omni`` that read the alias's model (Path("tiny-qwen2.5-omni")), so the local dir's
+    talker was missing from every checkpoint."""
+    from safetensors.torch import save_file
+
+    from analyses.finetune import save_checkpoint
+    from probe.models import load_model, resolve_model
+    from probe.tiny import tiny_dir
+
+    local = shutil.copytree(tiny_dir("qwen2_5_omni_thinker"), tmp_path / "tiny-qwen2.5-omni")
+    weights = load_file(local / "model.safetensors")
+    weights["talker.codec_head.weight"] = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    save_file(weights, local / "model.safetensors", metadata={"format": "pt"})
+    monkeypatch.chdir(tmp_path)
+    ref = resolve_model("./tiny-qwen2.5-omni")
+    save_checkpoint(load_model(ref, logits_fp32=False), ref.path, tmp_path / "run" / "checkpoint-0", None)
+    ck = tmp_path / "run" / "checkpoint-0"
+    index = json.loads((ck / "model.safetensors.index.json").read_text())["weight_map"]
+    held = {k: v for f in set(index.values()) for k, v in load_file(ck / f).items()}
+    assert held.keys() == weights.keys()
+    assert torch.equal(held["talker.codec_head.weight"], weights["talker.codec_head.weight"])
+
+
 def test_overwrite_replaces_only_the_run_and_never_an_input(ft_run, tiny_dirs, data_dir, text_dir, tmp_path, capfd):
     """--overwrite (which analyses.finetune lacked) starts a different run in a used --out: the old run's
     checkpoints, log and run.json go, anything else there stays, and an --out holding the model is refused."""
