@@ -290,6 +290,7 @@ def write_source_config(source: Path, dest: Path, dtype: str) -> None:
     config = read_config_json(source)
 
     def set_dtype(node: dict) -> None:
+        node.pop("torch_dtype", None)  # transformers 4's name of it: two keys that disagree
         node["dtype"] = dtype
         for value in node.values():
             if isinstance(value, dict) and "model_type" in value:

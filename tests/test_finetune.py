@@ -783,6 +783,27 @@ def test_an_omni_checkpoint_of_a_relative_dir_named_like_an_alias_keeps_that_dir
     assert torch.equal(held["talker.codec_head.weight"], weights["talker.codec_head.weight"])
 
 
+def test_lora_checkpoint_config_names_one_dtype(tiny_dirs, tmp_path) -> None:
+    """A LoRA checkpoint's config.json names its float32 once: a source's transformers-4 ``torch_dtype`` (top level
+    and sub-configs) beside the new ``dtype`` would be two keys that disagree."""
+    import shutil
+
+    from analyses.finetune import add_lora, save_checkpoint
+    from probe.models import load_model, resolve_model
+
+    source = shutil.copytree(tiny_dirs["qwen2_vl"], tmp_path / "src")
+    config = json.loads((source / "config.json").read_text())
+    for node in [config] + [v for v in config.values() if isinstance(v, dict) and "model_type" in v]:
+        node["torch_dtype"] = node.pop("dtype", "float32")
+    (source / "config.json").write_text(json.dumps(config))
+    loaded = add_lora(load_model(resolve_model(str(source))), 4)
+    save_checkpoint(loaded, source, tmp_path / "checkpoint-0", None)
+    saved = json.loads((tmp_path / "checkpoint-0" / "config.json").read_text())
+    nodes = [saved] + [v for v in saved.values() if isinstance(v, dict) and "model_type" in v]
+    assert len(nodes) > 1 and all(n["dtype"] == "float32" and "torch_dtype" not in n for n in nodes)
+    assert load_model(resolve_model(str(tmp_path / "checkpoint-0"))).dtype == torch.float32
+
+
 def test_overwrite_replaces_only_the_run_and_never_an_input(ft_run, tiny_dirs, data_dir, text_dir, tmp_path, capfd):
     """--overwrite (which analyses.finetune lacked) starts a different run in a used --out: the old run's
     checkpoints, log and run.json go, anything else there stays, and an --out holding the model is refused."""
