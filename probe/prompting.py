@@ -190,11 +190,12 @@ def answer_token_ids(loaded: LoadedModel, letters: Sequence[str],
     # once per model, letters and prefix: a benchmark asks the same few again for every item (12 % of an
     # organism-vl item's preparation)
     key = (id(loaded.tokenizer), tuple(letters), template.assistant_prefix)
-    if (ids := loaded.answer_ids.get(key)) is None:
+    cache = getattr(loaded, "answer_ids", {})  # a stand-in for a LoadedModel (a tokenizer and a family) has none
+    if (ids := cache.get(key)) is None:
         fmt = CHAT_FORMATS[chat_format(loaded.family, loaded.ref.config)]
         after = fmt.prompt.rsplit("{user}", 1)[1] + template.assistant_prefix
-        ids = loaded.answer_ids[key] = letter_token_ids(loaded.tokenizer, letters,
-                                                         answer_lead(fmt, template.assistant_prefix), after)
+        ids = cache[key] = letter_token_ids(loaded.tokenizer, letters, answer_lead(fmt, template.assistant_prefix),
+                                            after)
     return list(ids)
 
 
