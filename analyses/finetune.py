@@ -435,7 +435,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     if placement.spread and world > 1:
         raise BadInput(f"--device {cfg.device}: each of the {world} processes would spread the model "
                        f"over {len(placement.all_devices)} GPUs, which data parallelism cannot wrap; launch one process "
-                       "per GPU, or FSDP through accelerate launch")
+                       "per GPU, or one process alone to train the model split over them")
     ref = resolve_model(cfg.model)
     if ref.gguf_file is not None:  # save_pretrained refuses a model loaded from GGUF: checkpoint-0 would be a traceback
         raise BadInput(f"{cfg.model}: a GGUF model cannot be fine-tuned here (transformers cannot save its "
