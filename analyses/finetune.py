@@ -417,7 +417,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     from probe.results import atomic_write_json, atomic_write_with, claim_out_dir, different_run, has_contents
     from probe.train import TrainConfig, anything_trains, check_finite_weights, encode, is_main_process
     from probe.train import train as train_loop
-    from probe.train import wait_for_everyone
+    from probe.train import refuse_fsdp, wait_for_everyone
 
     check_numbers(cfg)
     check_out_path(cfg.out)  # before the model loads: an --out below a file is a one-line error
@@ -431,10 +431,11 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
                        autocast="bfloat16" if placement.dtype == "bfloat16" else None,
                        schedule=LOOP_IDENTITY["schedule"], micro_batch=cfg.micro_batch,
                        checkpointing=cfg.gradient_checkpointing)
+    refuse_fsdp(placement.device_type)  # before the model loads and checkpoint-0 is written
     if placement.spread and world > 1:
         raise BadInput(f"--device {cfg.device}: each of the {world} processes would spread the model "
                        f"over {len(placement.all_devices)} GPUs, which data parallelism cannot wrap; launch one process "
-                       "per GPU, or FSDP through accelerate launch")
+                       "per GPU, or one process alone to train the model split over them")
     ref = resolve_model(cfg.model)
     if ref.gguf_file is not None:  # save_pretrained refuses a model loaded from GGUF: checkpoint-0 would be a traceback
         raise BadInput(f"{cfg.model}: a GGUF model cannot be fine-tuned here (transformers cannot save its "

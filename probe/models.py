@@ -547,8 +547,8 @@ def check_trains_fits(ref: ModelRef, dtype: str, device: str, memory: int | None
         raise BadInput(f"{ref.spec}: fine-tuning it takes {byte_size(weights)} of {dtype} weights plus "
                        f"{byte_size(state)} of gradients and AdamW moments{copies} ({n_train:,} parameters train), "
                        f"more than {device} can hold ({byte_size(max(usable, 0))} usable); use LoRA (--lora R; "
-                       "replicate: finetune.lora), FSDP over several GPUs (accelerate launch), or a rate of 0 for a "
-                       "part (--lm-lr 0 / --lr 0)")
+                       "replicate: finetune.lora), the model split over several GPUs (--device auto), or a rate of "
+                       "0 for a part (--lm-lr 0 / --lr 0)")
 
 
 def build_processor(ref: ModelRef, tokenizer: Any) -> Any:

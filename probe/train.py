@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -282,11 +283,42 @@ def uniform_sampler(n_rows: int) -> Sampler:
     return lambda gen, batch: torch.randint(n_rows, (batch,), generator=gen).tolist()
 
 
+def fsdp_requested() -> bool:
+    """Whether accelerate will be asked for FSDP: ``accelerate launch`` with ``distributed_type: FSDP`` sets
+    ACCELERATE_USE_FSDP=true, which its Accelerator reads (accelerator.py and state.py compare to "true")."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def refuse_fsdp(device_type: str) -> None:
+    """FSDP launches are refused (exit 2, one line) before anything loads. On the CPU accelerate has no FSDP:
+    its AcceleratorState sets FSDP only for GPU-like process groups (MULTI_GPU, MULTI_XPU, …), never MULTI_CPU, so
+    the README's config stopped at the plugin's check that ``sync_module_states`` is "not supported on cpu" (a
+    traceback after checkpoint-0), and with that check off ran plain data parallel, every process holding the whole
+    model. Anywhere, checkpoints are written by rank 0 from its own parameters, which under FSDP are shards (with
+    torch's FSDP2 forced on the CPU the save crashed in safetensors on DTensor shards): nothing gathers the full
+    state dict, nor the optimiser's sharded state for a resume; and accelerate's FSDP2 takes the model and its
+    optimiser in one ``prepare`` call, where the loop prepares them apart (a ValueError at the optimiser's)."""
+    if not fsdp_requested() or rank_world()[1] <= 1:
+        return
+    import accelerate
+
+    fix = "launch data parallel instead (torchrun, or accelerate launch without the FSDP config)"
+    if device_type == "cpu":
+        raise BadInput(f"FSDP (accelerate launch with distributed_type: FSDP) cannot run on the CPU: accelerate "
+                       f"{accelerate.__version__} shards models only on GPUs (on the CPU it runs plain data "
+                       f"parallel, or stops at sync_module_states), and checkpoints here are not gathered from "
+                       f"shards; {fix}")
+    raise BadInput("FSDP (accelerate launch with distributed_type: FSDP) is not supported here: checkpoints are "
+                   "written by rank 0 from its own parameters, which FSDP shards (the full state dict is not "
+                   f"gathered); {fix} with one GPU per process, or one process with --lora or --device auto")
+
+
 def data_parallel(loaded, batch: int):
     """accelerate's Accelerator when launched on several processes (torchrun / accelerate launch), else None."""
     world = rank_world()[1]
     if world <= 1:
         return None
+    refuse_fsdp(loaded.device.type)  # (run_finetune refuses it before the model loads)
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
     # find_unused_parameters: a rank's share (or micro-batch) of text rows leaves the vision tower without a

@@ -345,6 +345,56 @@ def test_two_processes_on_gloo_equal_one(how, ft_run, tiny_dirs, data_dir, text_
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
 
 
+FSDP_YAML = """compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+num_processes: 2
+num_machines: 1
+machine_rank: 0
+mixed_precision: bf16
+fsdp_config:
+  fsdp_sharding_strategy: FULL_SHARD
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_state_dict_type: FULL_STATE_DICT
+"""
+
+
+def test_fsdp_launch_on_cpu_exits_2_in_one_line(tiny_dirs, data_dir, text_dir, tmp_path, monkeypatch):
+    """The README's FSDP configuration under accelerate launch, 2 CPU processes: accelerate has no FSDP on the CPU
+    (it set FSDP for GPU process groups only: the plugin's sync_module_states check was a traceback after
+    checkpoint-0, and with it off each rank trained a whole model as plain data parallel), and rank 0 saved its own,
+    under FSDP sharded, parameters. Each rank now exits 2 with one line before the model loads, writing nothing;
+    on a GPU the same launch is refused too (checkpoints are not gathered from shards)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from probe.errors import BadInput
+    from probe.train import refuse_fsdp
+
+    out = tmp_path / "fsdp"
+    config = tmp_path / "fsdp.yaml"
+    config.write_text(FSDP_YAML)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+                          "-m", "analyses.finetune", *_args(tiny_dirs, data_dir, text_dir, out)],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) >= 1 and len(set(errors)) == 1, res.stderr[-3000:]  # a rank the launcher stopped first: 1
+    assert "FSDP" in errors[0] and "cannot run on the CPU" in errors[0] and "torchrun" in errors[0]
+    assert "exitcode  : 2" in res.stderr  # the rank's own exit (the launcher's is its own failure report's)
+    assert not [line for line in res.stderr.splitlines() if line.startswith("[rank")], res.stderr[-3000:]
+    assert not out.exists()
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(BadInput, match="not gathered"):
+        refuse_fsdp("cuda")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")  # a data parallel launch goes on
+    refuse_fsdp("cpu")
+
+
 def test_overwrite_waits_for_every_rank_to_look_before_rank_0_clears(ft_run, tmp_path, monkeypatch):
     """Under torchrun rank 0 cleared --out while another rank had not yet looked: that rank found it empty, skipped
     the clear and its barrier, and the ranks' barriers went out of step (a hang), or it read a run.json being
