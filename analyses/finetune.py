@@ -481,7 +481,17 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     software = versions()
     if start is not None:  # steps trained under other torch/transformers/omniprobe code: not the run it claims
         check_same_software(out, saved_run_info(out).get("versions"), software)
-    source = ref.path
+    source, source_ref = ref.path, ref
+
+    def check_source() -> None:
+        """A LoRA checkpoint is the adapter merged into the source's files, read again at every save
+        (write_lora_merge checks the adapted weights only): a source rewritten during the run would give the
+        checkpoint the new files' other tensors (vision tower, embeddings) without a word."""
+        if cfg.lora is not None and model_fingerprint(source_ref) != fingerprint["model_fingerprint"]:
+            raise BadInput(f"{source} changed on disk during the run: its LoRA checkpoints merge the adapter into "
+                           "the source's files, which are no longer the weights it trained on; put them back and "
+                           "rerun to resume, or start another run (--overwrite)")
+
     if start is not None and cfg.lora is None:
         ref = resolve_model(str(resumable[start]))  # full fine-tuning resumes from the checkpoint's weights
     if cfg.lora is None and world == 1 and not placement.spread:  # (torchrun / FSDP ranks hold shares of it)
@@ -537,6 +547,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
 
         atomic_write_with(log_path, write_log)
         if start is None:
+            check_source()
             save_checkpoint(loaded, source, out / "checkpoint-0", None)
     from tqdm.auto import tqdm
 
@@ -546,6 +557,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         bar.update(1)
         if info.step in saves:  # on every rank (their weights are equal), so all stop together
             check_finite_weights(loaded.model, info.step)  # the step's loss was finite, its update may not be
+            check_source()
         if not writer:
             return
         counts: dict[str, int] = {}

@@ -854,6 +854,40 @@ def test_lora_checkpoint_config_names_one_dtype(tiny_dirs, tmp_path) -> None:
     assert load_model(resolve_model(str(tmp_path / "checkpoint-0"))).dtype == torch.float32
 
 
+def test_a_source_rewritten_during_a_lora_run_stops_it(tiny_dirs, data_dir, text_dir, tmp_path, capfd,
+                                                       monkeypatch) -> None:
+    """LoRA checkpoints merge the adapter into the source's files, read again at each save: a source rewritten
+    after checkpoint-0 (here its vision tower, which no adapter touches and the merge's own check cannot see) stops
+    the run in one line before the next checkpoint, which would have mixed the new files into the trained model."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    import probe.train as train_mod
+    from analyses.finetune import main
+
+    source = shutil.copytree(tiny_dirs["qwen2_vl"], tmp_path / "src")
+    args = _args({"qwen2_vl": source}, data_dir, text_dir, tmp_path / "run", "--lora", "4")
+    real = train_mod.train
+
+    def rewrite_then_train(*a, **k):  # after checkpoint-0, before step 1
+        weights = load_file(source / "model.safetensors")
+        key = next(k for k in weights if k.startswith("visual."))
+        weights[key] = weights[key] + 1
+        save_file(weights, source / "model.safetensors", metadata={"format": "pt"})
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_mod, "train", rewrite_then_train)
+    capfd.readouterr()
+    assert cli_main(main, args) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"error: {source} changed on disk during the run: its LoRA checkpoints merge the adapter "
+                       "into the source's files, which are no longer the weights it trained on; put them back and "
+                       "rerun to resume, or start another run (--overwrite)"), err[-1]
+    assert [p.name for p in (tmp_path / "run").glob("checkpoint-*")] == ["checkpoint-0"]
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "failed"
+
+
 def test_overwrite_replaces_only_the_run_and_never_an_input(ft_run, tiny_dirs, data_dir, text_dir, tmp_path, capfd):
     """--overwrite (which analyses.finetune lacked) starts a different run in a used --out: the old run's
     checkpoints, log and run.json go, anything else there stays, and an --out holding the model is refused."""
