@@ -171,6 +171,7 @@ def evaluate_items(
     cores from the model's own threads. An item that cannot be prepared still stops the run after the windows
     before it, as without the thread.
     """
+    import threading
     from concurrent.futures import ThreadPoolExecutor
 
     if max_padding == "device":
@@ -182,8 +183,15 @@ def evaluate_items(
     first = batch_size if prefetch else step
     windows = [w for w in [items[:first]] + [items[i:i + step] for i in range(first, len(items), step)] if w]
 
+    stopped = threading.Event()
+
     def prepare(chunk: Sequence[ItemLike]) -> list[tuple[dict[str, torch.Tensor], list[int]]]:
-        return [prepare_item(loaded, item, cfg) for item in chunk]
+        out = []
+        for item in chunk:
+            if stopped.is_set():  # the run stopped: nobody will measure this window (its tensors hold device memory)
+                break
+            out.append(prepare_item(loaded, item, cfg))
+        return out
 
     pool = ThreadPoolExecutor(1, thread_name_prefix="prepare") if prefetch and len(windows) > 1 else None
     results: list[Measurement] = []
@@ -194,6 +202,7 @@ def evaluate_items(
             ahead = pool.submit(prepare, windows[k + 1]) if pool and k + 1 < len(windows) else None
             results += measure_window(loaded, chunk, prepared, cfg, batch_size, max_padding, progress)
     finally:
+        stopped.set()  # a thread preparing the next window ends it at the item it is on
         if pool:  # a stop (an error, Ctrl-C) does not wait for a window nobody will measure
             pool.shutdown(wait=False, cancel_futures=True)
     return results

@@ -125,6 +125,44 @@ def test_preparing_the_next_window_in_a_thread_changes_no_number(family, load_ti
         assert not t.is_alive()
 
 
+def test_a_stopped_run_stops_preparing_the_next_window(load_tiny, data_dir, monkeypatch):
+    """A stop in the main thread (Ctrl-C, BatchDisagrees, a failing progress callback) ends the prefetch thread's
+    window at the item it is preparing: nobody will measure the rest, whose tensors would sit on the device (and
+    the interpreter's exit would wait for them)."""
+    import threading
+    import time
+
+    from probe import batch
+    from probe.sweep import SweepConfig
+
+    loaded = load_tiny("qwen2", "sdpa")
+    items = _items("qwen2", data_dir) * 3
+    cfg = SweepConfig(max_new_tokens=2)
+    seen: list[str] = []
+    started = threading.Event()
+    real = batch.prepare_item
+
+    def slow(loaded_, item, cfg_):
+        seen.append(threading.current_thread().name)
+        if threading.current_thread() is not threading.main_thread():
+            started.set()
+            time.sleep(0.1)  # the main thread's stop lands while the thread is inside its window
+        return real(loaded_, item, cfg_)
+
+    def stop(n):
+        started.wait(30)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(batch, "prepare_item", slow)
+    with pytest.raises(KeyboardInterrupt):
+        batch.evaluate_items(loaded, items, cfg, batch_size=2, window=4, prefetch=True, progress=stop)
+    for t in [t for t in threading.enumerate() if t.name.startswith("prepare")]:
+        t.join(timeout=30)
+    # the first window (one batch) in the main thread; the thread's window of 8 was cut at the item it was on
+    assert seen[:2] == [threading.main_thread().name] * 2
+    assert 1 <= len(seen) - 2 <= 2, seen
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("generate", [True, False])
 def test_a_left_padded_row_gets_the_positions_of_its_item_alone(family, generate, load_tiny, data_dir, video_root):
