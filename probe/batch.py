@@ -168,8 +168,9 @@ def evaluate_items(
     ``prefetch`` (default: when the model runs on an accelerator) prepares the next window in a thread while this
     one runs, and makes the first window a single batch: on the H200 preparing organism-vl's items (tokeniser,
     image processor, ~3 ms an item) took a third to half of its batched evaluation; on the CPU the thread would take
-    cores from the model's own threads. An item that cannot be prepared still stops the run after the windows
-    before it, as without the thread.
+    cores from the model's own threads. Two windows' inputs are then held at once, and from the second window on
+    the items share other batches than without it (p moves by the batch's rounding, as batching itself does). An
+    item that cannot be prepared still stops the run after the windows before it, as without the thread.
     """
     import threading
     from concurrent.futures import ThreadPoolExecutor
