@@ -41,7 +41,7 @@ STATE = "trainer_state.pt"
 LOOP_IDENTITY = {"schedule": "cosine", "weights": "float32"}
 # how a step runs, not what it computes: outside a run's identity here and in analyses.replicate's fine-tuning
 # stage, so a run that ran out of memory resumes with them
-RUN_ONLY_SETTINGS = ("micro_batch", "gradient_checkpointing")
+RUN_ONLY_SETTINGS = ("micro_batch", "gradient_checkpointing", "fsdp")
 
 
 def checkpoint_steps(save_steps: Sequence[int], steps: int) -> list[int]:
@@ -72,6 +72,7 @@ class FinetuneConfig:
     # RUN_ONLY_SETTINGS: rows per forward and backward, and gradient checkpointing (probe.train.TrainConfig)
     micro_batch: int | None = None
     gradient_checkpointing: bool = False
+    fsdp: bool = False  # RUN_ONLY_SETTINGS too: the model sharded over a torchrun launch's processes (probe.fsdp)
 
     def __post_init__(self) -> None:
         # the CLI always names every set (parse_mix); from Python an empty mix is the documented "equal", and a mix
@@ -183,9 +184,11 @@ def add_lora(loaded, rank: int, adapter: Path | None = None):
     return loaded
 
 
-def save_checkpoint(loaded, source: Path, dest: Path, state: dict | None) -> None:
+def save_checkpoint(loaded, source: Path, dest: Path, state: dict | None,
+                    weights: dict[str, Any] | None = None) -> None:
     """An HF model dir (configs and tokenizer files of the source) plus the trainer state, written to a hidden dir
-    and renamed: a kill never leaves half a checkpoint. Full fine-tuning saves the model's weights in its dtype;
+    and renamed: a kill never leaves half a checkpoint. Full fine-tuning saves the model's weights in its dtype
+    (``weights``: its whole state dict, gathered from FSDP's shards, instead of the model's own parameters);
     with LoRA the weights are the adapter merged into the source in float32 (``write_lora_merge``) and
     ``adapter/`` holds the adapter."""
     import torch
@@ -201,7 +204,7 @@ def save_checkpoint(loaded, source: Path, dest: Path, state: dict | None) -> Non
             loaded.model.save_pretrained(tmp / "adapter")
             write_lora_merge(loaded, source, tmp)
         else:
-            loaded.model.save_pretrained(tmp)
+            loaded.model.save_pretrained(tmp, state_dict=weights)
             if loaded.family.config_path is not None:
                 restore_whole_model(source, tmp, loaded.model.config)
         # tokenizer and processor files; the model's own config is written above. No weight file of the source:
@@ -430,8 +433,14 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
                        seed=cfg.seed, log_every=max(1, cfg.steps // 10),  # checks its numbers now, not mid-run
                        autocast="bfloat16" if placement.dtype == "bfloat16" else None,
                        schedule=LOOP_IDENTITY["schedule"], micro_batch=cfg.micro_batch,
-                       checkpointing=cfg.gradient_checkpointing)
+                       checkpointing=cfg.gradient_checkpointing, fsdp=cfg.fsdp)
     refuse_fsdp(placement.device_type)  # before the model loads and checkpoint-0 is written
+    if cfg.fsdp and cfg.lora is not None:
+        raise BadInput("--fsdp with --lora is not supported: the LoRA checkpoint merges the adapters from their "
+                       "unsharded weights; train LoRA in one process (or data parallel without --fsdp)")
+    if cfg.fsdp and world <= 1:
+        raise BadInput("--fsdp shards the model over the processes of a launch: run it under torchrun "
+                       "--nproc-per-node K (K ≥ 2), or drop --fsdp to train in one process")
     if placement.spread and world > 1:
         raise BadInput(f"--device {cfg.device}: each of the {world} processes would spread the model "
                        f"over {len(placement.all_devices)} GPUs, which data parallelism cannot wrap; launch one process "
@@ -526,7 +535,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     sessions = [s for s in (saved_sessions if isinstance(saved_sessions, list) else [])
                 if isinstance(s, dict) and isinstance(s.get("from_step"), int) and s["from_step"] < start]
     sessions.append({"from_step": start or 0, "micro_batch": cfg.micro_batch,
-                     "gradient_checkpointing": cfg.gradient_checkpointing, "processes": world})
+                     "gradient_checkpointing": cfg.gradient_checkpointing, "processes": world, "fsdp": cfg.fsdp})
     run_info = {"config": fingerprint, "placement": asdict(placement), "n_rows": {k: len(v) for k, v in offsets.items()},
                 "sessions": sessions, "versions": software, "status": "running",
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -558,6 +567,8 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         if info.step in saves:  # on every rank (their weights are equal), so all stop together
             check_finite_weights(loaded.model, info.step)  # the step's loss was finite, its update may not be
             check_source()
+        # under FSDP every rank gathers the whole weights and optimiser state for rank 0 to write
+        gathered = state() if cfg.fsdp and info.step in saves else None
         if not writer:
             return
         counts: dict[str, int] = {}
@@ -569,7 +580,11 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
                                     info.tokens])
         if info.step in saves:
             loaded.model.eval()
-            save_checkpoint(loaded, source, out / f"checkpoint-{info.step}", state())
+            if gathered is None:
+                save_checkpoint(loaded, source, out / f"checkpoint-{info.step}", state())
+            else:
+                weights = gathered.pop("model")
+                save_checkpoint(loaded, source, out / f"checkpoint-{info.step}", gathered, weights=weights)
             loaded.model.train()
 
     try:
@@ -629,6 +644,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "vision tower and projector stay frozen); "
                    "checkpoints hold the merged weights (float32) and the adapter; under bfloat16 the frozen "
                    "weights are held in bfloat16, half the memory, and the adapters in float32")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun --nproc-per-node K: shard every weight, gradient and AdamW moment over the K "
+                   "processes (torch's FSDP2, each decoder layer and the root), instead of each process holding the "
+                   "whole model (data parallel); the same run to float tolerance, checkpoints gathered whole by "
+                   "every rank and written by rank 0; full fine-tuning only (not with --lora); a resume may "
+                   "change it")
     p.add_argument("--device", default="auto",
                    help="auto (this process's GPUs, several → one model split by layers; else cpu), cpu, cuda, "
                         "cuda:0,cuda:1")
@@ -652,7 +673,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 lr=1e-4 if a.lr is None else a.lr, lm_lr=a.lm_lr,
                                 batch=a.batch_size, warmup=warmup, seed=a.seed, device=a.device, dtype=a.dtype,
                                 lora=a.lora, quiet=a.quiet, overwrite=a.overwrite, micro_batch=a.micro_batch,
-                                gradient_checkpointing=a.gradient_checkpointing))
+                                gradient_checkpointing=a.gradient_checkpointing, fsdp=a.fsdp))
     return 0
 
 

@@ -56,6 +56,9 @@ class TrainConfig:
     # the backward instead of kept (transformers' gradient checkpointing) — both trade time for memory
     micro_batch: int | None = None
     checkpointing: bool = False
+    # under torchrun: each decoder layer and the root sharded over the processes with torch's FSDP2 (probe.fsdp)
+    # instead of every process holding the whole model (accelerate's DDP); the same run to float tolerance
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         # every caller (finetune, replicate, the organisms' recipes) gets the same refusal: a NaN or negative rate
@@ -258,7 +261,16 @@ def diverged(step: int, what: str, model) -> BadInput:
 
 def check_finite_weights(model, step: int) -> None:
     """Before a checkpoint is written: every weight finite. An update can make NaN weights from a finite loss and
-    gradient (AdamW's eps underflows in float16), which the next step's loss would only show after the save."""
+    gradient (AdamW's eps underflows in float16), which the next step's loss would only show after the save.
+    Under FSDP a collective: every rank names the same weight, whichever shard holds it."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        from probe import fsdp
+
+        if (name := fsdp.first_non_finite(model)) is not None:
+            raise diverged(step, f"weight {name}", model)
+        return
     for name, p in model.named_parameters():
         if p.is_floating_point() and not bool(torch.isfinite(p).all()):
             raise diverged(step, f"weight {name}", model)
@@ -290,27 +302,36 @@ def fsdp_requested() -> bool:
 
 
 def refuse_fsdp(device_type: str) -> None:
-    """FSDP launches are refused (exit 2, one line) before anything loads. On the CPU accelerate has no FSDP:
-    its AcceleratorState sets FSDP only for GPU-like process groups (MULTI_GPU, MULTI_XPU, …), never MULTI_CPU, so
-    the README's config stopped at the plugin's check that ``sync_module_states`` is "not supported on cpu" (a
-    traceback after checkpoint-0), and with that check off ran plain data parallel, every process holding the whole
-    model. Anywhere, checkpoints are written by rank 0 from its own parameters, which under FSDP are shards (with
-    torch's FSDP2 forced on the CPU the save crashed in safetensors on DTensor shards): nothing gathers the full
-    state dict, nor the optimiser's sharded state for a resume; and accelerate's FSDP2 takes the model and its
-    optimiser in one ``prepare`` call, where the loop prepares them apart (a ValueError at the optimiser's)."""
+    """accelerate's FSDP launches are refused (exit 2, one line) before anything loads; FSDP runs as ``torchrun …
+    --fsdp`` (``TrainConfig.fsdp``, torch's FSDP2 in probe.fsdp). On the CPU accelerate has no FSDP: its
+    AcceleratorState sets FSDP only for GPU-like process groups (MULTI_GPU, MULTI_XPU, …), never MULTI_CPU, so the
+    config stopped at the plugin's check that ``sync_module_states`` is "not supported on cpu" (a traceback after
+    checkpoint-0), and with that check off ran plain data parallel, every process holding the whole model.
+    Anywhere, accelerate's FSDP2 takes the model and its optimiser in one ``prepare`` call, where the loop prepares
+    them apart (a ValueError at the optimiser's), and the loop's checkpoints gather shards only for ``--fsdp``."""
     if not fsdp_requested() or rank_world()[1] <= 1:
         return
     import accelerate
 
-    fix = "launch data parallel instead (torchrun, or accelerate launch without the FSDP config)"
+    fix = ("for FSDP launch torchrun --nproc-per-node K -m analyses.finetune … --fsdp (torch's FSDP2); for data "
+           "parallel, torchrun or accelerate launch without the FSDP config")
     if device_type == "cpu":
-        raise BadInput(f"FSDP (accelerate launch with distributed_type: FSDP) cannot run on the CPU: accelerate "
-                       f"{accelerate.__version__} shards models only on GPUs (on the CPU it runs plain data "
-                       f"parallel, or stops at sync_module_states), and checkpoints here are not gathered from "
-                       f"shards; {fix}")
-    raise BadInput("FSDP (accelerate launch with distributed_type: FSDP) is not supported here: checkpoints are "
-                   "written by rank 0 from its own parameters, which FSDP shards (the full state dict is not "
-                   f"gathered); {fix} with one GPU per process, or one process with --lora or --device auto")
+        raise BadInput(f"FSDP through accelerate launch's config (distributed_type: FSDP) cannot run on the CPU: "
+                       f"accelerate {accelerate.__version__} shards models only on GPUs (on the CPU it runs plain "
+                       f"data parallel, or stops at sync_module_states); {fix}")
+    raise BadInput("FSDP through accelerate launch's config (distributed_type: FSDP) is not supported here: "
+                   "accelerate would shard the model without the loop gathering its checkpoints from the shards; "
+                   f"{fix}")
+
+
+def fsdp_launch(cfg: TrainConfig) -> bool:
+    """Whether these steps run sharded (``cfg.fsdp`` under a launch of several processes; probe.fsdp)."""
+    if not cfg.fsdp:
+        return False
+    if rank_world()[1] <= 1:
+        raise BadInput("FSDP shards the model over the processes of a launch: run it under torchrun "
+                       "--nproc-per-node K (K ≥ 2), or train without it in one process")
+    return True
 
 
 def data_parallel(loaded, batch: int):
@@ -382,8 +403,17 @@ def _steps(loaded, rows: list[dict], cfg: TrainConfig, log: Callable[[str], None
     model = loaded.model
     model.train()
     torch.manual_seed(cfg.seed)
-    acc = data_parallel(loaded, cfg.batch)
-    if acc is not None:  # the model first: FSDP replaces its parameters, which the optimiser must then hold
+    sharded = fsdp_launch(cfg)
+    acc = None if sharded else data_parallel(loaded, cfg.batch)
+    rank, world = (acc.process_index, acc.num_processes) if acc is not None else (0, 1)
+    if sharded:  # the model first: FSDP replaces its parameters, which the optimiser must then hold
+        from probe import fsdp
+
+        rank, world = fsdp.init(loaded.device.type == "cpu")
+        if cfg.batch % world:
+            raise BadInput(f"batch size {cfg.batch} does not split over {world} processes")
+        fsdp.shard(model, loaded.family.layers_path, loaded.device.type, world)
+    elif acc is not None:
         model = acc.prepare(model)
     groups = param_groups(model, loaded, cfg)
     if not groups:
@@ -394,10 +424,13 @@ def _steps(loaded, rows: list[dict], cfg: TrainConfig, log: Callable[[str], None
         opt = acc.prepare(opt)
     base_lrs = [g["lr"] for g in opt.param_groups]
     gen = torch.Generator().manual_seed(cfg.seed)
-    rank, world = (acc.process_index, acc.num_processes) if acc is not None else (0, 1)
+    distributed = acc is not None or sharded
     first = 0
     if resume is not None:
-        opt.load_state_dict(resume["optimizer"])
+        if sharded:
+            fsdp.load_optimizer_state(opt, resume["optimizer"])
+        else:
+            opt.load_state_dict(resume["optimizer"])
         gen.set_state(resume["generator"])
         torch.set_rng_state(resume["torch_rng"])
         first = int(resume["step"])
@@ -412,8 +445,13 @@ def _steps(loaded, rows: list[dict], cfg: TrainConfig, log: Callable[[str], None
         return torch.autocast(loaded.device.type, dtype=getattr(torch, cfg.autocast))
 
     def state() -> dict:
-        return {"optimizer": opt.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                "step": step + 1}
+        """What a resume takes. Under FSDP a collective (every rank calls it; rank 0 gets the whole optimiser
+        state and, under "model", the whole model's weights for the checkpoint)."""
+        if not sharded:
+            return {"optimizer": opt.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                    "step": step + 1}
+        return {"optimizer": fsdp.full_optimizer_state(opt, rank), "generator": gen.get_state(),
+                "torch_rng": torch.get_rng_state(), "step": step + 1, "model": fsdp.full_model_state(model)}
 
     for step in range(first, cfg.steps):
         factor = lr_factor(step, cfg)
@@ -424,7 +462,7 @@ def _steps(loaded, rows: list[dict], cfg: TrainConfig, log: Callable[[str], None
         n_labels = label_count(mine)
         # one process: the batch in modality parts (gradients accumulate); data parallel: one part per rank, as
         # every rank must run backward equally often
-        parts = modality_parts(mine) if acc is None else {None: mine}
+        parts = modality_parts(mine) if not distributed else {None: mine}
         if not lm_trains and len(parts) > 1:
             # the LM frozen (a projector/tower stage): text rows reach no trained parameter, so their forward
             # would only add to the logged loss; skip them, as the batch has vision rows to train on
@@ -435,25 +473,31 @@ def _steps(loaded, rows: list[dict], cfg: TrainConfig, log: Callable[[str], None
             with autocast():  # the forward only; backward follows the dtypes it recorded
                 part_loss = label_loss(model, collate(part, pad), n_labels)
             if part_loss.requires_grad:
-                part_loss.backward() if acc is None else acc.backward(part_loss)
+                part_loss.backward() if acc is None else acc.backward(part_loss)  # FSDP: reduce-scatters
                 stepped = True
             loss_sum += part_loss.detach().cpu() * n_labels
             ran += label_count(part)
         # a non-finite loss or gradient stops the run before its update reaches the weights (one host sync per
         # step, for the gradient norm; the loss is on the CPU already). Data parallel: the norm is global, so every
         # rank stops at the same step; a rank's own loss is judged only after the reduction below.
-        if acc is None and not bool(torch.isfinite(loss_sum)):
+        if not distributed and not bool(torch.isfinite(loss_sum)):
             raise diverged(step + 1, "the loss", model)
+        if sharded:  # every rank: its backward passes ran the same collectives whether or not they reached weights
+            stepped = True
+            fsdp.drop_unused_grads([p for g in opt.param_groups for p in g["params"]])
         if stepped:
             if acc is None:
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
             else:
                 norm = acc.clip_grad_norm_(model.parameters(), cfg.clip)
-            if norm is not None and not math.isfinite(float(norm)):
+            if norm is not None and not math.isfinite(fsdp.global_norm(norm) if sharded else float(norm)):
                 raise diverged(step + 1, "the gradient norm", model)
             opt.step()
         loss = loss_sum / ran  # the mean over the label tokens that ran
-        loss = loss if acc is None else acc.reduce(loss.to(loaded.device), "mean")
+        if acc is not None:
+            loss = acc.reduce(loss.to(loaded.device), "mean")
+        elif sharded:
+            loss = fsdp.mean_over_ranks(loss.to(loaded.device), world)
         losses.append(float(loss))
         if not math.isfinite(losses[-1]):
             raise diverged(step + 1, "the loss", model)

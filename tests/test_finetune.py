@@ -141,9 +141,9 @@ def test_micro_batches_and_checkpointing_train_the_same_run(how, ft_run, tiny_di
     # resume from the last checkpoint before the kill (step 2) with the settings given to it
     micro = int(how[how.index("--micro-batch") + 1]) if "--micro-batch" in how else None
     assert saved["sessions"] == [
-        {"from_step": 0, "micro_batch": None, "gradient_checkpointing": False, "processes": 1},
+        {"from_step": 0, "micro_batch": None, "gradient_checkpointing": False, "processes": 1, "fsdp": False},
         {"from_step": 2, "micro_batch": micro, "gradient_checkpointing": "--gradient-checkpointing" in how,
-         "processes": 1}]
+         "processes": 1, "fsdp": False}]
 
 
 def test_gradient_checkpointing_is_switched_off_after_training(tiny_dirs) -> None:
@@ -345,6 +345,164 @@ def test_two_processes_on_gloo_equal_one(how, ft_run, tiny_dirs, data_dir, text_
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
 
 
+def _torchrun(script: list[str], argv: list[str], timeout: int = 300):
+    """``python -m torch.distributed.run --nproc-per-node 2`` (gloo on the CPU) of ``script`` with ``argv``."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", *script, *argv],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# torchrun runs this for a run killed (KeyboardInterrupt on every rank) right after update int(sys.argv[1])
+KILLED_AFTER = """
+import sys
+import probe.train as train_mod
+from analyses.finetune import main
+from probe.errors import cli_main
+
+step, real = int(sys.argv[1]), train_mod.train
+def train(*args, **kwargs):
+    on_step = kwargs["on_step"]
+    def hook(info, state):
+        on_step(info, state)
+        if info.step == step:
+            raise KeyboardInterrupt
+    return real(*args, **(kwargs | {"on_step": hook}))
+train_mod.train = train
+sys.exit(cli_main(main, sys.argv[2:]))
+"""
+
+
+# torchrun runs this instead of analyses.finetune to record, per rank, the elements of the parameters it holds
+# after probe.fsdp.shard and of the whole model, appended to OUT.shards<RANK> (the test's oracle that it sharded)
+SHARD_SPY = """
+import os, sys
+import probe.fsdp as fsdp
+from analyses.finetune import main
+from probe.errors import cli_main
+
+real = fsdp.shard
+def shard(model, *args):
+    whole = sum(p.numel() for p in model.parameters())
+    real(model, *args)
+    held = sum(p.to_local().numel() for p in model.parameters())
+    with open(sys.argv[1] + ".shards" + os.environ["RANK"], "a") as f:
+        f.write(f"{held} {whole}\\n")
+    return model
+fsdp.shard = shard
+sys.exit(cli_main(main, sys.argv[2:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory, tiny_dirs, data_dir, text_dir):
+    """The fine-tuning run of ``ft_run`` under torchrun with 2 CPU processes and --fsdp (torch's FSDP2 on gloo)."""
+    out = tmp_path_factory.mktemp("fsdp") / "run"
+    spy = out.parent / "spy.py"
+    spy.write_text(SHARD_SPY)
+    res = _torchrun([str(spy), str(out)], _args(tiny_dirs, data_dir, text_dir, out, "--fsdp"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+def test_fsdp_on_two_gloo_processes_equals_one(fsdp_run, ft_run):
+    """--fsdp under torchrun (every decoder layer and the root sharded over 2 CPU processes with FSDP2), same
+    global batch: the losses of one process to 1e-5, every checkpoint's weights (gathered whole from the shards by
+    both ranks, written by rank 0) to 1e-4 under the same names, the trainer state's AdamW moments in one process's
+    layout, and the checkpoints load through the probe's own loader."""
+    from probe.models import load_model, resolve_model
+
+    held = [Path(f"{fsdp_run}.shards{rank}").read_text().split() for rank in (0, 1)]
+    whole = int(held[0][1])
+    assert all(int(h[1]) == whole for h in held) and sum(int(h[0]) for h in held) == whole
+    assert all(int(h[0]) < 0.51 * whole for h in held)  # each rank holds half of every weight, not the model
+    one, two = _log(ft_run), _log(fsdp_run)
+    assert [(r["step"], r["modality"], r["tokens"]) for r in one] == [(r["step"], r["modality"], r["tokens"]) for r in two]
+    for a, b in zip(one, two):
+        assert float(b["loss"]) == pytest.approx(float(a["loss"]), rel=1e-5, abs=1e-6)
+    for step in (0, 2, 4, 6):
+        w1 = load_file(ft_run / f"checkpoint-{step}" / "model.safetensors")
+        w2 = load_file(fsdp_run / f"checkpoint-{step}" / "model.safetensors")
+        assert sorted(w2) == sorted(w1)
+        for k in w1:
+            assert w2[k].dtype == w1[k].dtype
+            torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
+    s1 = torch.load(ft_run / "checkpoint-4" / "trainer_state.pt", weights_only=False)
+    s2 = torch.load(fsdp_run / "checkpoint-4" / "trainer_state.pt", weights_only=False)
+    assert "model" not in s2 and s2["step"] == s1["step"] == 4
+    assert sorted(s2["optimizer"]["state"]) == sorted(s1["optimizer"]["state"])
+    for i, st in s1["optimizer"]["state"].items():
+        for name, value in st.items():
+            torch.testing.assert_close(s2["optimizer"]["state"][i][name], value, rtol=1e-3, atol=1e-6)
+    loaded = load_model(resolve_model(str(fsdp_run / "checkpoint-6")))
+    assert loaded.processor is not None and loaded.geometry.n_layers == len(loaded.layers)
+    run = json.loads((fsdp_run / "run.json").read_text())
+    assert run["status"] == "complete" and run["sessions"][0]["fsdp"] is True and run["sessions"][0]["processes"] == 2
+
+
+def test_fsdp_killed_after_a_checkpoint_resumes_to_the_same_run(fsdp_run, tiny_dirs, data_dir, text_dir, tmp_path):
+    """An --fsdp run killed on both ranks after step 5 (checkpoint-4 written) and rerun resumes from checkpoint-4
+    (its weights, and the optimiser state cut back into shards): the log and final weights of the unkilled --fsdp
+    run."""
+    out = tmp_path / "killed"
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_AFTER)
+    argv = _args(tiny_dirs, data_dir, text_dir, out, "--fsdp")
+    res = _torchrun([str(script), "5"], argv)
+    assert res.returncode != 0 and "exitcode  : 130" in res.stderr, res.stderr[-3000:]
+    assert not (out / "checkpoint-6").exists() and (out / "checkpoint-4").is_dir()
+    res = _torchrun(["-m", "analyses.finetune"], argv)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [s["from_step"] for s in json.loads((out / "run.json").read_text())["sessions"]] == [0, 4]
+    one, two = _log(fsdp_run), _log(out)
+    assert [(r["step"], r["modality"]) for r in one] == [(r["step"], r["modality"]) for r in two]
+    for a, b in zip(one, two):
+        assert float(b["loss"]) == pytest.approx(float(a["loss"]), rel=1e-6, abs=1e-7)
+    w1 = load_file(fsdp_run / "checkpoint-6" / "model.safetensors")
+    w2 = load_file(out / "checkpoint-6" / "model.safetensors")
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp_in_micro_batches_with_checkpointing_equals_one_process(ft_run, tiny_dirs, data_dir, text_dir, tmp_path):
+    """--fsdp with one row per forward (every rank's micro-batches accumulating into its gradient shards) and
+    activations recomputed in the backward: still one process's run, to float tolerance."""
+    out = tmp_path / "fsdp-micro"
+    how = ["--fsdp", "--micro-batch", "1", "--gradient-checkpointing"]
+    res = _torchrun(["-m", "analyses.finetune"], _args(tiny_dirs, data_dir, text_dir, out, *how))
+    assert res.returncode == 0, res.stderr[-3000:]
+    for a, b in zip(_log(ft_run), _log(out), strict=True):
+        assert float(b["loss"]) == pytest.approx(float(a["loss"]), rel=1e-5, abs=1e-6)
+    w1 = load_file(ft_run / "checkpoint-6" / "model.safetensors")
+    w2 = load_file(out / "checkpoint-6" / "model.safetensors")
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
+
+
+def test_fsdp_with_lora_or_one_process_exits_2_in_one_line(tiny_dirs, data_dir, text_dir, tmp_path, capfd):
+    """--fsdp with --lora is refused (the LoRA merge reads unsharded adapters), on every rank of a launch, with one
+    line and nothing written; --fsdp in one process has nothing to shard over and is refused the same way."""
+    from analyses.finetune import main
+
+    out = tmp_path / "lora"
+    res = _torchrun(["-m", "analyses.finetune"], _args(tiny_dirs, data_dir, text_dir, out, "--fsdp", "--lora", "4"))
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert res.returncode != 0 and "exitcode  : 2" in res.stderr, res.stderr[-3000:]
+    assert len(errors) >= 1 and len(set(errors)) == 1 and "--fsdp with --lora" in errors[0], res.stderr[-3000:]
+    assert not [line for line in res.stderr.splitlines() if line.startswith("[rank")], res.stderr[-3000:]
+    assert not out.exists()
+    for extra in (["--fsdp", "--lora", "4"], ["--fsdp"]):
+        assert cli_main(main, _args(tiny_dirs, data_dir, text_dir, out, *extra)) == 2
+        err = [line for line in capfd.readouterr().err.splitlines() if not line.startswith("warning: ")]
+        assert len(err) == 1 and err[0].startswith("error: ") and "--fsdp" in err[0], err
+        assert not out.exists()
+
+
 FSDP_YAML = """compute_environment: LOCAL_MACHINE
 distributed_type: FSDP
 num_processes: 2
@@ -362,8 +520,8 @@ def test_fsdp_launch_on_cpu_exits_2_in_one_line(tiny_dirs, data_dir, text_dir, t
     """The README's FSDP configuration under accelerate launch, 2 CPU processes: accelerate has no FSDP on the CPU
     (it set FSDP for GPU process groups only: the plugin's sync_module_states check was a traceback after
     checkpoint-0, and with it off each rank trained a whole model as plain data parallel), and rank 0 saved its own,
-    under FSDP sharded, parameters. Each rank now exits 2 with one line before the model loads, writing nothing;
-    on a GPU the same launch is refused too (checkpoints are not gathered from shards)."""
+    under FSDP sharded, parameters. Each rank now exits 2 with one line before the model loads, writing nothing,
+    naming the way that shards (torchrun … --fsdp); on a GPU the same launch is refused too."""
     import os
     import subprocess
     import sys
@@ -382,14 +540,14 @@ def test_fsdp_launch_on_cpu_exits_2_in_one_line(tiny_dirs, data_dir, text_dir, t
     assert res.returncode != 0
     errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) >= 1 and len(set(errors)) == 1, res.stderr[-3000:]  # a rank the launcher stopped first: 1
-    assert "FSDP" in errors[0] and "cannot run on the CPU" in errors[0] and "torchrun" in errors[0]
+    assert "FSDP" in errors[0] and "cannot run on the CPU" in errors[0] and "--fsdp" in errors[0]
     assert "exitcode  : 2" in res.stderr  # the rank's own exit (the launcher's is its own failure report's)
     assert not [line for line in res.stderr.splitlines() if line.startswith("[rank")], res.stderr[-3000:]
     assert not out.exists()
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    with pytest.raises(BadInput, match="not gathered"):
+    with pytest.raises(BadInput, match="without the loop gathering.*torchrun --nproc-per-node K .* --fsdp"):
         refuse_fsdp("cuda")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")  # a data parallel launch goes on
     refuse_fsdp("cpu")
