@@ -438,6 +438,9 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     if cfg.fsdp and cfg.lora is not None:
         raise BadInput("--fsdp with --lora is not supported: the LoRA checkpoint merges the adapters from their "
                        "unsharded weights; train LoRA in one process (or data parallel without --fsdp)")
+    if cfg.fsdp and cfg.lm_lr == 0:  # not tried: a rank whose rows reach no trained weight would skip its backward
+        raise BadInput("--fsdp with --lm-lr 0 is not supported: a rank whose rows are all text would run no backward "
+                       "pass while the others reduce-scatter; train a frozen-LM stage without --fsdp")
     if cfg.fsdp and world <= 1:
         raise BadInput("--fsdp shards the model over the processes of a launch: run it under torchrun "
                        "--nproc-per-node K (K ≥ 2), or drop --fsdp to train in one process")

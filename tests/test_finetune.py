@@ -486,7 +486,8 @@ def test_fsdp_in_micro_batches_with_checkpointing_equals_one_process(ft_run, tin
 
 def test_fsdp_with_lora_or_one_process_exits_2_in_one_line(tiny_dirs, data_dir, text_dir, tmp_path, capfd):
     """--fsdp with --lora is refused (the LoRA merge reads unsharded adapters), on every rank of a launch, with one
-    line and nothing written; --fsdp in one process has nothing to shard over and is refused the same way."""
+    line and nothing written; --fsdp in one process has nothing to shard over, and --fsdp with a frozen LM (a rank
+    of text rows would run no backward) are refused the same way."""
     from analyses.finetune import main
 
     out = tmp_path / "lora"
@@ -496,7 +497,7 @@ def test_fsdp_with_lora_or_one_process_exits_2_in_one_line(tiny_dirs, data_dir, 
     assert len(errors) >= 1 and len(set(errors)) == 1 and "--fsdp with --lora" in errors[0], res.stderr[-3000:]
     assert not [line for line in res.stderr.splitlines() if line.startswith("[rank")], res.stderr[-3000:]
     assert not out.exists()
-    for extra in (["--fsdp", "--lora", "4"], ["--fsdp"]):
+    for extra in (["--fsdp", "--lora", "4"], ["--fsdp"], ["--fsdp", "--lm-lr", "0"]):
         assert cli_main(main, _args(tiny_dirs, data_dir, text_dir, out, *extra)) == 2
         err = [line for line in capfd.readouterr().err.splitlines() if not line.startswith("warning: ")]
         assert len(err) == 1 and err[0].startswith("error: ") and "--fsdp" in err[0], err
