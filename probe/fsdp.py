@@ -121,8 +121,9 @@ def full_optimizer_state(opt: torch.optim.Optimizer, rank: int) -> dict[str, Any
         state[key] = {}
         for name, value in sorted(saved["state"][key].items()):
             if isinstance(value, DTensor):
-                value = value.full_tensor()
-            state[key][name] = value.detach().cpu() if isinstance(value, torch.Tensor) else value
+                value = value.full_tensor()  # a collective: every rank, one tensor at a time; rank 0 keeps it
+            if rank == 0:
+                state[key][name] = value.detach().cpu() if isinstance(value, torch.Tensor) else value
     return {"state": state, "param_groups": saved["param_groups"]} if rank == 0 else None
 
 
