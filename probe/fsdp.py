@@ -107,7 +107,15 @@ def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The whole model's state dict on the CPU, on rank 0 (``{}`` elsewhere); every rank takes part."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # names of one parameter (lm_head tied to embed_tokens) are gathered as separate copies; made one tensor again,
+    # so save_pretrained drops the tied name as it does for one process's (else the checkpoint holds the head twice
+    # and reads as untied)
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if name in state:
+            state[name] = state[first.setdefault(id(p), name)]
+    return state
 
 
 def full_optimizer_state(opt: torch.optim.Optimizer, rank: int) -> dict[str, Any] | None:

@@ -484,6 +484,26 @@ def test_fsdp_in_micro_batches_with_checkpointing_equals_one_process(ft_run, tin
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
 
 
+def test_fsdp_checkpoint_of_a_tied_model_keeps_the_tie(text_dir, tmp_path):
+    """A model whose lm_head is its embedding (tiny Gemma3 text): --fsdp gathered the two names as two tensors, and
+    save_pretrained (which drops a tied name only when the tensors share storage) wrote lm_head.weight beside
+    embed_tokens.weight, a checkpoint the size of an untied one that analyses.checkpoints reads as untied. Its
+    checkpoints hold the tensors of checkpoint-0 (written from the unsharded model, as one process writes them)."""
+    from analyses.checkpoints import open_checkpoint
+    from probe.tiny import tiny_dir
+
+    out = tmp_path / "tied"
+    argv = ["--model", str(tiny_dir("gemma3_text")), "--data", f"text={text_dir}", "--split", "validation",
+            "--steps", "2", "--save-steps", "0", "--batch-size", "4", "--lr", "1e-3", "--lm-lr", "1e-3",
+            "--warmup", "1", "--dtype", "float32", "--device", "cpu", "--quiet", "--out", str(out), "--fsdp"]
+    res = _torchrun(["-m", "analyses.finetune"], argv)
+    assert res.returncode == 0, res.stderr[-3000:]
+    start, end = (load_file(out / f"checkpoint-{s}" / "model.safetensors") for s in (0, 2))
+    assert "lm_head.weight" not in start and sorted(end) == sorted(start)
+    assert open_checkpoint(str(out / "checkpoint-2")).tied
+    assert any(not torch.equal(end[k], start[k]) for k in start)
+
+
 def test_fsdp_with_lora_or_one_process_exits_2_in_one_line(tiny_dirs, data_dir, text_dir, tmp_path, capfd):
     """--fsdp with --lora is refused (the LoRA merge reads unsharded adapters), on every rank of a launch, with one
     line and nothing written; --fsdp in one process has nothing to shard over, and --fsdp with a frozen LM (a rank
