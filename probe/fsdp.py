@@ -12,8 +12,9 @@ What the training loop needs besides, each a collective every rank calls at the 
   tower on a text-only batch), and AdamW skips it (no decay, no moment update). FSDP2 must reduce-scatter the same
   parameters on every rank (a rank whose rows are all text would otherwise skip the tower's reduce-scatter the
   other rank runs), so ``shard`` asks it to reduce zeros for unused ones, and this sets back to None the gradients
-  that are zero on every rank: the update is then one process's. (A parameter that was reached and whose
-  gradient is exactly 0.0 in every element is skipped too, where one process would decay it: not seen in tests.)
+  of parameters no rank's autograd graph reached (``reached``): the update is then one process's. A parameter
+  reached with a gradient of exactly 0.0 (the vision tower behind Gemma3's zero-initialised projector weight)
+  keeps it, as in one process: AdamW decays it and counts the step.
 * ``full_model_state`` / ``full_optimizer_state``: the whole model's weights (torch's
   ``get_model_state_dict(full_state_dict=True, cpu_offload=True)``) and AdamW's state in one process's layout
   (``optimizer.state_dict()`` with each sharded tensor gathered), complete on rank 0 only, which writes the
@@ -60,14 +61,49 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def drop_unused_grads(params: list[torch.Tensor]) -> None:
-    """Gradients that are 0 on every rank's shard become None (see the module docstring). One all-reduce."""
+def reached(loss: torch.Tensor) -> set[int]:
+    """The ids of the leaf tensors ``loss``'s autograd graph reaches (under FSDP2 the unsharded parameters of the
+    forward): the parameters this rank's backward gives a gradient, as one process's would, zero or not."""
+    leaves: set[int] = set()
+    seen: set = set()
+    stack = [loss.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        var = getattr(fn, "variable", None)  # an AccumulateGrad node
+        if var is not None:
+            leaves.add(id(var))
+        stack.extend(f for f, _ in fn.next_functions)
+    return leaves
+
+
+def _sharded_of_unsharded(model: torch.nn.Module) -> dict[int, torch.Tensor]:
+    """id of each FSDP parameter's unsharded tensor (the one the forward uses) → its sharded parameter."""
+    from torch.distributed.fsdp import FSDPModule
+
+    out = {}
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            group = m._get_fsdp_state()._fsdp_param_group
+            for fp in group.fsdp_params if group is not None else ():
+                if hasattr(fp, "_unsharded_param"):
+                    out[id(fp._unsharded_param)] = fp.sharded_param
+    return out
+
+
+def drop_unused_grads(params: list[torch.Tensor], model: torch.nn.Module, reached_ids: set[int]) -> None:
+    """Gradients of the parameters no rank's backward reached (``reached`` of each of its losses) become None, as
+    one process leaves them (see the module docstring); a reached parameter keeps its gradient, zero or not. One
+    all-reduce."""
     import torch.distributed as dist
 
     with_grad = [p for p in params if p.grad is not None]
     if not with_grad:
         return
-    used = torch.stack([_local(p.grad).ne(0).any() for p in with_grad]).to(torch.uint8)
+    used_here = {id(s) for u, s in _sharded_of_unsharded(model).items() if u in reached_ids} | reached_ids
+    used = torch.tensor([id(p) in used_here for p in with_grad], dtype=torch.uint8)
     dist.all_reduce(used, op=dist.ReduceOp.MAX)
     for p, u in zip(with_grad, used.tolist()):
         if not u:

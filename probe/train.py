@@ -469,10 +469,13 @@ def _steps(loaded, rows: list[dict], cfg: TrainConfig, log: Callable[[str], None
             parts.pop((), None)
         opt.zero_grad(set_to_none=True)
         loss_sum, ran, stepped = torch.zeros(()), 0, False
+        reached: set[int] = set()  # FSDP: the parameters this rank's backward passes reach
         for part in (chunk for rows_of in parts.values() for chunk in micro_batches(rows_of, cfg.micro_batch)):
             with autocast():  # the forward only; backward follows the dtypes it recorded
                 part_loss = label_loss(model, collate(part, pad), n_labels)
             if part_loss.requires_grad:
+                if sharded:
+                    reached |= fsdp.reached(part_loss)
                 part_loss.backward() if acc is None else acc.backward(part_loss)  # FSDP: reduce-scatters
                 stepped = True
             loss_sum += part_loss.detach().cpu() * n_labels
@@ -484,7 +487,7 @@ def _steps(loaded, rows: list[dict], cfg: TrainConfig, log: Callable[[str], None
             raise diverged(step + 1, "the loss", model)
         if sharded:  # every rank: its backward passes ran the same collectives whether or not they reached weights
             stepped = True
-            fsdp.drop_unused_grads([p for g in opt.param_groups for p in g["params"]])
+            fsdp.drop_unused_grads([p for g in opt.param_groups for p in g["params"]], model, reached)
         if stepped:
             if acc is None:
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)

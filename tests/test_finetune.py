@@ -504,6 +504,34 @@ def test_fsdp_checkpoint_of_a_tied_model_keeps_the_tie(text_dir, tmp_path):
     assert any(not torch.equal(end[k], start[k]) for k in start)
 
 
+def test_fsdp_keeps_a_reached_gradient_of_zeros(data_dir, text_dir, tmp_path):
+    """Tiny Gemma3's projector weight starts at zero, so the vision tower's gradient on a step with images is
+    exactly 0.0: one process keeps it (AdamW decays the tower and counts the step); --fsdp set every gradient that
+    was 0 on all ranks to None, so the tower's AdamW step count fell one behind and its weights ended a quarter of
+    their movement away. Now only parameters no rank's backward reached are skipped: one process's run, its AdamW
+    step counts and weights."""
+    from analyses.finetune import main
+    from probe.tiny import tiny_dir
+
+    def argv(out):
+        return ["--model", str(tiny_dir("gemma3")), "--data", f"text={text_dir}", f"image={data_dir}",
+                "--mix", "1:1", "--split", "validation", "--steps", "2", "--save-steps", "0", "--batch-size", "4",
+                "--micro-batch", "1", "--lr", "1e-3", "--lm-lr", "1e-3", "--warmup", "1", "--dtype", "float32",
+                "--device", "cpu", "--quiet", "--out", str(out)]
+
+    one, two = tmp_path / "one", tmp_path / "fsdp"
+    assert cli_main(main, argv(one)) == 0
+    res = _torchrun(["-m", "analyses.finetune"], [*argv(two), "--fsdp"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    s1, s2 = (torch.load(d / "checkpoint-2" / "trainer_state.pt", weights_only=False)["optimizer"]["state"]
+              for d in (one, two))
+    assert {i: float(st["step"]) for i, st in s2.items()} == {i: float(st["step"]) for i, st in s1.items()}
+    w1, w2 = (load_file(d / "checkpoint-2" / "model.safetensors") for d in (one, two))
+    assert sorted(w2) == sorted(w1)
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
 def test_fsdp_with_lora_or_one_process_exits_2_in_one_line(tiny_dirs, data_dir, text_dir, tmp_path, capfd):
     """--fsdp with --lora is refused (the LoRA merge reads unsharded adapters), on every rank of a launch, with one
     line and nothing written; --fsdp in one process has nothing to shard over, and --fsdp with a frozen LM (a rank
