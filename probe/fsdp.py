@@ -104,6 +104,10 @@ def drop_unused_grads(params: list[torch.Tensor], model: torch.nn.Module, reache
         return
     used_here = {id(s) for u, s in _sharded_of_unsharded(model).items() if u in reached_ids} | reached_ids
     used = torch.tensor([id(p) in used_here for p in with_grad], dtype=torch.uint8)
+    if reached_ids and not bool(used.any()):  # FSDP2's private names moved: every gradient would be dropped
+        raise RuntimeError(f"torch {torch.__version__}: none of the parameters this rank's backward reached maps to a "
+                           "sharded parameter (FSDP2's _fsdp_param_group / _unsharded_param changed?): --fsdp would "
+                           "drop every gradient and train nothing")
     dist.all_reduce(used, op=dist.ReduceOp.MAX)
     for p, u in zip(with_grad, used.tolist()):
         if not u:

@@ -504,6 +504,20 @@ def test_fsdp_checkpoint_of_a_tied_model_keeps_the_tie(text_dir, tmp_path):
     assert any(not torch.equal(end[k], start[k]) for k in start)
 
 
+def test_fsdp_refuses_to_drop_every_gradient_when_it_cannot_map_them() -> None:
+    """--fsdp tells a reached parameter by FSDP2's private mapping from the unsharded tensors the backward reaches
+    to the sharded parameters: if a torch release moves it, nothing maps and every gradient would be dropped (a run
+    that trains nothing, its loss flat, exit 0). That stops with an error instead (before any collective)."""
+    from probe import fsdp
+
+    model = torch.nn.Linear(2, 2)  # not an FSDPModule: the mapping finds nothing, as after such a change
+    model(torch.ones(1, 2)).sum().backward()
+    reached_ids = {id(torch.zeros(1))}  # what the backward reached, under ids the mapping cannot place
+    with pytest.raises(RuntimeError, match="would drop every gradient and train nothing"):
+        fsdp.drop_unused_grads(list(model.parameters()), model, reached_ids)
+    assert all(p.grad is not None for p in model.parameters())
+
+
 def test_fsdp_keeps_a_reached_gradient_of_zeros(data_dir, text_dir, tmp_path):
     """Tiny Gemma3's projector weight starts at zero, so the vision tower's gradient on a step with images is
     exactly 0.0: one process keeps it (AdamW decays the tower and counts the step); --fsdp set every gradient that
