@@ -25,11 +25,10 @@ import torch
 from probe.errors import RunStopped
 from probe.metrics import option_log_probs
 from probe.models import LoadedModel
-from probe.prompting import ItemLike
+from probe.prompting import TOKEN_KEYS, ItemLike
 from probe.sweep import (Measurement, SweepConfig, first_token_measure, greedy_config, oracle_mismatch, overflow_steps,
                          prepare_item)
 
-TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 
 
 def signature(inputs: dict[str, torch.Tensor]) -> tuple:

@@ -241,6 +241,13 @@ def check_prompts(ref: Any, items: Sequence[ItemLike]) -> None:
     check_item_text(items, special_tokens(load_processors(ref)[0]), ref.spec)
 
 
+# build_inputs' token-aligned tensors: one value per prompt token (padded, not concatenated, when items share a
+# batch). The type ids mark vision tokens (0: text): Qwen2-VL-style mm_token_type_ids, Gemma 3's token_type_ids
+# (its image tokens attend bidirectionally in training).
+TYPE_KEYS = ("mm_token_type_ids", "token_type_ids")
+TOKEN_KEYS = ("input_ids", "attention_mask", *TYPE_KEYS)
+
+
 def build_inputs(
     loaded: LoadedModel, item: ItemLike, template: PromptTemplate, image_max_side: int | None = None
 ) -> dict[str, torch.Tensor]:

@@ -27,10 +27,10 @@ import torch
 
 from probe.errors import BadInput
 from probe.devices import rank_world
-from probe.prompting import PromptTemplate, answer_token_ids, build_inputs, turn_end_id
+from probe.prompting import TOKEN_KEYS, TYPE_KEYS, PromptTemplate, answer_token_ids, build_inputs, turn_end_id
 from probe.upstream import logits_at
 
-SEQ_KEYS = ("input_ids", "attention_mask", "labels", "mm_token_type_ids")
+SEQ_KEYS = (*TOKEN_KEYS, "labels")
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ def encode(loaded, items: Sequence, with_answer: bool,
     out = []
     for it in items:
         b = build_inputs(loaded, it, template)
-        b = {k: v[0] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v for k, v in b.items()}
+        b = {k: v[0] if k in TOKEN_KEYS else v for k, v in b.items()}
         n_prompt = b["input_ids"].shape[0]
         letter_ids = answer_token_ids(loaded, it.letters, template)
         if with_answer:
@@ -114,9 +114,9 @@ def encode(loaded, items: Sequence, with_answer: bool,
             b["input_ids"] = torch.cat([b["input_ids"], ans])
             b["attention_mask"] = torch.cat([b["attention_mask"],
                                              torch.ones(2, dtype=b["attention_mask"].dtype, device=at)])
-            if "mm_token_type_ids" in b:
-                b["mm_token_type_ids"] = torch.cat([b["mm_token_type_ids"],
-                                                    torch.zeros(2, dtype=torch.long, device=at)])
+            for k in TYPE_KEYS:  # the answer's tokens are text (until 2026-12-04 Gemma 3's token_type_ids were
+                if k in b:       # left a row short and unsqueezed: batches of two prompt lengths crashed in collate)
+                    b[k] = torch.cat([b[k], torch.zeros(2, dtype=b[k].dtype, device=at)])
             labels = torch.full_like(b["input_ids"], -100)
             labels[n_prompt:] = ans
             b["labels"] = labels
@@ -131,12 +131,12 @@ def collate(rows: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch
     """Right-pad the sequence tensors (labels with -100), concatenate pixel tensors, stack ``_`` metadata."""
     n = max(r["input_ids"].shape[0] for r in rows)
     out: dict[str, Any] = {}
-    pad = {"input_ids": pad_id, "attention_mask": 0, "labels": -100, "mm_token_type_ids": 0}
+    pad = {"input_ids": pad_id, "labels": -100}  # the mask and the type ids pad with 0
     for k in SEQ_KEYS:
         if any(k in r for r in rows):
-            # only mm_token_type_ids may be missing: such a row has no vision tokens, type 0 (text) throughout
-            seqs = [r.get(k, torch.zeros_like(r["input_ids"])) if k == "mm_token_type_ids" else r[k] for r in rows]
-            out[k] = torch.stack([torch.nn.functional.pad(x, (0, n - x.shape[0]), value=pad[k]) for x in seqs])
+            # only type ids may be missing: such a row has no vision tokens, type 0 (text) throughout
+            seqs = [r.get(k, torch.zeros_like(r["input_ids"])) if k in TYPE_KEYS else r[k] for r in rows]
+            out[k] = torch.stack([torch.nn.functional.pad(x, (0, n - x.shape[0]), value=pad.get(k, 0)) for x in seqs])
     keys = {k for r in rows for k in r if k not in SEQ_KEYS}
     for k in sorted(keys):
         present = [r[k] for r in rows if k in r]

@@ -651,6 +651,34 @@ def test_a_trained_answer_ends_with_the_chat_formats_turn_end():
         end("gemma3", {}, None)
 
 
+@pytest.mark.parametrize("family", NEW)
+def test_training_rows_batch_as_they_run_alone(family, loaded):
+    """Every token-aligned tensor of a training row (input ids, mask, Qwen2-VL's mm_token_type_ids, Gemma 3's
+    token_type_ids) covers the prompt and the answer, and rows of different lengths batched together give the loss
+    of each row run alone (the oracle). Gemma 3's token_type_ids were left a row short and unsqueezed: a batch of
+    two prompt lengths crashed in collate, one row ran with type ids shorter than its tokens."""
+    from probe.mmmu import load_items
+    from probe.prompting import TOKEN_KEYS
+    from probe.train import collate, encode, label_count, label_loss
+    from probe.zoo import validation_dir
+
+    m = loaded(family)
+    data = "image" if "image" in FAMILIES[family].modalities else "text"
+    items = load_items(str(validation_dir(data)), split="validation", limit=12)[0]
+    rows = encode(m, items, with_answer=True)
+    by_len = {int(r["input_ids"].shape[0]): r for r in rows}
+    assert len(by_len) >= 2  # anti-tautology: rows of different lengths, so the batch pads
+    rows = list(by_len.values())[:3]
+    for r in rows:
+        assert all(r[k].shape == r["input_ids"].shape for k in TOKEN_KEYS if k in r), {k: r[k].shape for k in r}
+    n = label_count(rows)
+    pad = m.tokenizer.pad_token_id if m.tokenizer.pad_token_id is not None else 0
+    with torch.no_grad():
+        batched = label_loss(m.model, collate(rows, pad), n)
+        alone = sum(label_loss(m.model, collate([r], pad), n) for r in rows)
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
+
+
 def test_training_rows_of_idefics3_end_on_end_of_utterance(loaded):
     """The tiny Idefics3's vocabulary has <end_of_utterance>, the turn end of its chat format: a training row's two
     label tokens are the answer letter and that token (they were the letter and <|im_end|>)."""
