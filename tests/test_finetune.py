@@ -67,6 +67,20 @@ def killed_after(real, step: int):
     return train
 
 
+def assert_same_run(a: Path, b: Path, columns: tuple[str, ...], loss: tuple[float, float],
+                    weights: tuple[float, float]) -> None:
+    """Run ``b`` is run ``a``: the same log ``columns`` per step, losses within (rel, abs) ``loss``, and
+    checkpoint-6's weights within (rtol, atol) ``weights``."""
+    one, two = _log(a), _log(b)
+    assert [tuple(r[c] for c in columns) for r in one] == [tuple(r[c] for c in columns) for r in two]
+    for x, y in zip(one, two):
+        assert float(y["loss"]) == pytest.approx(float(x["loss"]), rel=loss[0], abs=loss[1])
+    w1 = load_file(a / "checkpoint-6" / "model.safetensors")
+    w2 = load_file(b / "checkpoint-6" / "model.safetensors")
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=weights[0], atol=weights[1])
+
+
 def _log(out: Path) -> list[dict]:
     with open(out / "train_log.csv", newline="") as f:
         return list(csv.DictReader(f))
@@ -335,14 +349,7 @@ def test_two_processes_on_gloo_equal_one(how, ft_run, tiny_dirs, data_dir, text_
     assert res.returncode == 0, res.stderr[-2000:]
     for rank in (0, 1):  # each step's 4 / 2 rows in one forward, or one by one (every rank as many backwards)
         assert Path(f"{out}.rank{rank}").read_text().split() == (["1"] * 12 if how else ["2"] * 6)
-    one, two = _log(ft_run), _log(out)
-    assert [(r["step"], r["modality"], r["tokens"]) for r in one] == [(r["step"], r["modality"], r["tokens"]) for r in two]
-    for a, b in zip(one, two):
-        assert float(b["loss"]) == pytest.approx(float(a["loss"]), rel=1e-5, abs=1e-6)
-    w1 = load_file(ft_run / "checkpoint-6" / "model.safetensors")
-    w2 = load_file(out / "checkpoint-6" / "model.safetensors")
-    for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
+    assert_same_run(ft_run, out, ("step", "modality", "tokens"), loss=(1e-5, 1e-6), weights=(1e-4, 1e-5))
 
 
 def _torchrun(script: list[str], argv: list[str], timeout: int = 300):
@@ -359,21 +366,15 @@ def _torchrun(script: list[str], argv: list[str], timeout: int = 300):
 
 
 # torchrun runs this for a run killed (KeyboardInterrupt on every rank) right after update int(sys.argv[1])
-KILLED_AFTER = """
+KILLED_AFTER = f"""
 import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
 import probe.train as train_mod
 from analyses.finetune import main
 from probe.errors import cli_main
+from test_finetune import killed_after
 
-step, real = int(sys.argv[1]), train_mod.train
-def train(*args, **kwargs):
-    on_step = kwargs["on_step"]
-    def hook(info, state):
-        on_step(info, state)
-        if info.step == step:
-            raise KeyboardInterrupt
-    return real(*args, **(kwargs | {"on_step": hook}))
-train_mod.train = train
+train_mod.train = killed_after(train_mod.train, int(sys.argv[1]))
 sys.exit(cli_main(main, sys.argv[2:]))
 """
 
@@ -459,14 +460,7 @@ def test_fsdp_killed_after_a_checkpoint_resumes_to_the_same_run(fsdp_run, tiny_d
     res = _torchrun(["-m", "analyses.finetune"], argv)
     assert res.returncode == 0, res.stderr[-3000:]
     assert [s["from_step"] for s in json.loads((out / "run.json").read_text())["sessions"]] == [0, 4]
-    one, two = _log(fsdp_run), _log(out)
-    assert [(r["step"], r["modality"]) for r in one] == [(r["step"], r["modality"]) for r in two]
-    for a, b in zip(one, two):
-        assert float(b["loss"]) == pytest.approx(float(a["loss"]), rel=1e-6, abs=1e-7)
-    w1 = load_file(fsdp_run / "checkpoint-6" / "model.safetensors")
-    w2 = load_file(out / "checkpoint-6" / "model.safetensors")
-    for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-6)
+    assert_same_run(fsdp_run, out, ("step", "modality"), loss=(1e-6, 1e-7), weights=(1e-5, 1e-6))
 
 
 def test_fsdp_in_micro_batches_with_checkpointing_equals_one_process(ft_run, tiny_dirs, data_dir, text_dir, tmp_path):
