@@ -238,7 +238,7 @@ def lora_updates(loaded) -> dict[str, Any]:
     return found
 
 
-def write_lora_merge(loaded, source: Path, dest: Path, shard_size: int = 5 * 10**9) -> None:
+def write_lora_merge(loaded, source: Path, dest: Path) -> None:
     """The weights of a LoRA checkpoint: every tensor of the source checkpoint (under its names and layout) in
     float32, each adapted projection plus its adapter's update (peft's ``get_delta_weight``: B·A·α/R), written
     one tensor at a time. A merged float32 copy of the whole model (peft's ``merge_and_unload``) needed 2× the
@@ -250,7 +250,7 @@ def write_lora_merge(loaded, source: Path, dest: Path, shard_size: int = 5 * 10*
     import torch
 
     from analyses.checkpoints import open_checkpoint
-    from analyses.writer import Entry, ShardedWriter
+    from analyses.writer import SHARD_BYTES, Entry, ShardedWriter
 
     updates = lora_updates(loaded)
     # the path as a path: a relative one that reads as an alias (``--model ./organism-vl`` is Path("organism-vl"))
@@ -266,13 +266,14 @@ def write_lora_merge(loaded, source: Path, dest: Path, shard_size: int = 5 * 10*
         keys = sorted(ck.infos, key=lambda k: (str(ck.infos[k].file), ck.infos[k].start))
         entries = [Entry(k, torch.float32, tuple(ck.infos[k].shape)) for k in keys]
         write_source_config(source, dest, "float32")
-        with ShardedWriter(dest, entries, shard_size) as writer, torch.no_grad():
+        with ShardedWriter(dest, entries, SHARD_BYTES) as writer, torch.no_grad():
             for key in keys:
                 info = ck.infos[key]
-                tensor = ck.view(info).to(torch.float32, copy=True)  # never the source's mapped bytes
+                stored = ck.view(info)
+                tensor = stored.to(torch.float32, copy=True)  # never the source's mapped bytes
                 if (module := by_key.get(key)) is not None:
                     held = module.base_layer.weight
-                    if not torch.equal(held.detach().cpu(), ck.view(info).to(held.dtype)):
+                    if not torch.equal(held.detach().cpu(), stored.to(held.dtype)):
                         raise RuntimeError(f"{source}: the frozen {key} in memory is not the checkpoint's tensor "
                                            "as loaded: the adapter's update would be merged into another tensor")
                     adapter = module.active_adapters[0]
@@ -420,7 +421,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     from probe.results import atomic_write_json, atomic_write_with, claim_out_dir, different_run, has_contents
     from probe.train import TrainConfig, anything_trains, check_finite_weights, encode, is_main_process
     from probe.train import train as train_loop
-    from probe.train import refuse_fsdp, wait_for_everyone
+    from probe.train import fsdp_launch, refuse_fsdp, wait_for_everyone
 
     check_numbers(cfg)
     check_out_path(cfg.out)  # before the model loads: an --out below a file is a one-line error
@@ -441,9 +442,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     if cfg.fsdp and cfg.lm_lr == 0:  # not tried: a rank whose rows reach no trained weight would skip its backward
         raise BadInput("--fsdp with --lm-lr 0 is not supported: a rank whose rows are all text would run no backward "
                        "pass while the others reduce-scatter; train a frozen-LM stage without --fsdp")
-    if cfg.fsdp and world <= 1:
-        raise BadInput("--fsdp shards the model over the processes of a launch: run it under torchrun "
-                       "--nproc-per-node K (K ≥ 2), or drop --fsdp to train in one process")
+    fsdp_launch(tcfg)  # --fsdp in one process: refused before the model loads
     if placement.spread and world > 1:
         raise BadInput(f"--device {cfg.device}: each of the {world} processes would spread the model "
                        f"over {len(placement.all_devices)} GPUs, which data parallelism cannot wrap; launch one process "

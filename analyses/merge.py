@@ -35,8 +35,8 @@ from analyses.formulas import (FORMULAS, ShiftStats, average_coefficients, shift
 from analyses.salience import METRICS as SALIENCE_METRICS
 from analyses.salience import SalienceWeights, check_run_model, read_salience
 from analyses.shift import CHUNK, read_shift_csv
-from analyses.writer import (Entry, ShardedWriter, atomic_dir, check_output, check_replaceable, copy_side_files,
-                             parse_size)
+from analyses.writer import (SHARD_BYTES, Entry, ShardedWriter, atomic_dir, check_output, check_replaceable,
+                             copy_side_files, parse_size)
 from probe.errors import TENSOR_MEMORY_HINT, ArgParser, BadInput, cli_main
 from probe.families import CAUSAL_LM, LAYOUTS, causal_lm_type, check_lm_fits_class, untie_word_embeddings
 from probe.families import lm_disk_key as layout_key
@@ -65,7 +65,7 @@ class MergeConfig:
     temperature: float = 1e-3
     carriers: list[str] = field(default_factory=list)
     shift_dir: Path | None = None
-    shard_size: int = 5 * 10**9
+    shard_size: int = SHARD_BYTES
     overwrite: bool = False
     allow_bin: bool = False
     lam: float = 1.0  # task_arithmetic / ties scale λ

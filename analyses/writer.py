@@ -28,6 +28,7 @@ from probe.results import (MANIFEST, WRITER_TAG, atomic_write_json, copy_file, o
                            writer_tag)
 
 INDEX_NAME = "model.safetensors.index.json"
+SHARD_BYTES = 5 * 10**9  # default largest shard of a written checkpoint (as transformers' 5GB)
 Chunk = torch.Tensor | memoryview | bytes
 
 

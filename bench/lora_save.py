@@ -33,7 +33,6 @@ from probe.errors import ArgParser, check_counts, cli_main  # noqa: E402
 from probe.models import load_model, resolve_model  # noqa: E402
 
 
-
 def rss() -> int:
     """Resident anonymous memory (RssAnon): what a save must hold; pages of a mapped checkpoint file are
     reclaimable and not counted."""

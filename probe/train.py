@@ -329,12 +329,12 @@ def fsdp_launch(cfg: TrainConfig) -> bool:
     if not cfg.fsdp:
         return False
     if rank_world()[1] <= 1:
-        raise BadInput("FSDP shards the model over the processes of a launch: run it under torchrun "
-                       "--nproc-per-node K (K ≥ 2), or train without it in one process")
+        raise BadInput("--fsdp shards the model over the processes of a launch: run it under torchrun "
+                       "--nproc-per-node K (K ≥ 2), or drop --fsdp to train in one process")
     return True
 
 
-def data_parallel(loaded, batch: int):
+def data_parallel(loaded):
     """accelerate's Accelerator when launched on several processes (torchrun / accelerate launch), else None."""
     world = rank_world()[1]
     if world <= 1:
@@ -349,8 +349,6 @@ def data_parallel(loaded, batch: int):
     if acc.num_processes != world:  # each rank would train every row alone, the launch's work W times
         raise RuntimeError(f"accelerate runs {acc.num_processes} process(es), the launch {world}: its "
                            "process state was set up for another device kind before the Accelerator")
-    if batch % acc.num_processes:
-        raise BadInput(f"batch size {batch} does not split over {acc.num_processes} processes")
     return acc
 
 
@@ -404,14 +402,15 @@ def _steps(loaded, rows: list[dict], cfg: TrainConfig, log: Callable[[str], None
     model.train()
     torch.manual_seed(cfg.seed)
     sharded = fsdp_launch(cfg)
-    acc = None if sharded else data_parallel(loaded, cfg.batch)
+    acc = None if sharded else data_parallel(loaded)
     rank, world = (acc.process_index, acc.num_processes) if acc is not None else (0, 1)
-    if sharded:  # the model first: FSDP replaces its parameters, which the optimiser must then hold
+    if sharded:
         from probe import fsdp
 
         rank, world = fsdp.init(loaded.device.type == "cpu")
-        if cfg.batch % world:
-            raise BadInput(f"batch size {cfg.batch} does not split over {world} processes")
+    if cfg.batch % world:  # every rank takes an equal share of each batch (data parallel and FSDP alike)
+        raise BadInput(f"batch size {cfg.batch} does not split over {world} processes")
+    if sharded:  # the model first: FSDP replaces its parameters, which the optimiser must then hold
         fsdp.shard(model, loaded.family.layers_path, loaded.device.type, world)
     elif acc is not None:
         model = acc.prepare(model)

@@ -80,8 +80,9 @@ def test_batched_equals_one_item_path(family, generate, load_tiny, data_dir, vid
 @pytest.mark.parametrize("family", VL_FAMILIES)
 def test_preparing_the_next_window_in_a_thread_changes_no_number(family, load_tiny, data_dir, video_root, monkeypatch):
     """evaluate_items' prefetch (the GPU default: the next window's inputs are prepared in a thread while this one
-    runs) gives the numbers of preparing each window in turn, bit for bit; an item that cannot be prepared stops the
-    run after the windows before it were measured, as without the thread, and no thread is left behind."""
+    runs) gives the numbers of preparing each window in turn, bit for bit where the windows are the same (one batch
+    each here); an item that cannot be prepared stops the run after the windows before it were measured, as without
+    the thread, and no thread is left behind."""
     import threading
 
     from probe import batch
