@@ -505,13 +505,21 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
 
     if start is not None and cfg.lora is None:
         ref = resolve_model(str(resumable[start]))  # full fine-tuning resumes from the checkpoint's weights
-    if cfg.lora is None and world == 1 and not placement.spread:  # (torchrun / FSDP ranks hold shares of it)
+    # one process's device holds the whole training state, as does each data parallel rank's GPU; an --fsdp rank's
+    # GPU its share. Not checked for several processes on the CPU: they share one RAM
+    if cfg.lora is None and not placement.spread and (world == 1 or not on_cpu):
         from probe.models import check_trains_fits
 
-        check_trains_fits(ref, frozen, placement.device, next(iter(placement.device_memory), None), tcfg)
-    loaded = load_model(ref, dtype=frozen, device=placement.device, devices=placement.all_devices,
-                        device_memory=placement.device_memory,
-                        logits_fp32=False)  # trains the head as transformers does (no hook under FSDP/LoRA)
+        check_trains_fits(ref, frozen, placement.device, next(iter(placement.device_memory), None), tcfg,
+                          shards=world if cfg.fsdp else 1)
+    if cfg.fsdp:  # rank 0 reads the weights (into RAM), the other ranks build the model on the meta device
+        from probe.fsdp import load_for_sharding
+
+        loaded = load_for_sharding(ref, frozen, placement.device, rank_world()[0])
+    else:
+        loaded = load_model(ref, dtype=frozen, device=placement.device, devices=placement.all_devices,
+                            device_memory=placement.device_memory,
+                            logits_fp32=False)  # trains the head as transformers does (no hook under FSDP/LoRA)
     if cfg.lora is not None:  # LoRA resumes from the original weights plus the checkpoint's adapter
         torch.manual_seed(cfg.seed)  # the adapters' random initialisation
         add_lora(loaded, cfg.lora, resumable[start] / "adapter" if start is not None else None)
@@ -649,7 +657,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun --nproc-per-node K: shard every weight, gradient and AdamW moment over the K "
                    "processes (torch's FSDP2, each decoder layer and the root), instead of each process holding the "
-                   "whole model (data parallel); the same run to float tolerance, checkpoints gathered whole by "
+                   "whole model (data parallel); only rank 0 reads the checkpoint (into RAM), the others receive "
+                   "their shards from it; the same run to float tolerance, checkpoints gathered whole by "
                    "every rank and written by rank 0; full fine-tuning only (not with --lora); a resume may "
                    "change it")
     p.add_argument("--device", default="auto",

@@ -146,12 +146,13 @@ def plan_device_map(model: nn.Module, layers_path: str, norm_path: str, lm_head_
     return plan
 
 
-def meta_model(cls: type, config, dtype: torch.dtype) -> nn.Module:
+def meta_model(cls: type, config, dtype: torch.dtype, attn_implementation: str | None = None) -> nn.Module:
     """The model's modules with no storage (the meta device): sizes and names, no weights, no memory."""
     from accelerate import init_empty_weights
 
+    attn = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     with init_empty_weights(include_buffers=True):
-        return cls._from_config(config, dtype=dtype)
+        return cls._from_config(config, dtype=dtype, **attn)
 
 
 def dispatch(model: nn.Module, plan: DeviceMap) -> nn.Module:

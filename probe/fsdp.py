@@ -22,6 +22,14 @@ What the training loop needs besides, each a collective every rank calls at the 
 * ``load_optimizer_state``: a one-process trainer state into the sharded optimiser (each rank keeps its shard).
 * ``first_non_finite``: the first parameter with a non-finite element on any rank (the same answer on all).
 
+Flags and indices exchanged between ranks are built on ``comm_device`` (NCCL takes CUDA tensors only).
+
+Loading (``load_for_sharding``): rank 0 alone reads the checkpoint, into CPU memory; every other rank builds the
+model on the meta device (no weight read, no memory). ``shard`` then allocates each rank's shards on its device and
+fills them from rank 0's tensors, one whole tensor broadcast at a time (torch's ``set_model_state_dict`` with
+``broadcast_from_rank0``), buffers included: a device never holds the whole model, and the machine's RAM holds one
+copy of it, not one per process.
+
 Checked against torch 2.13 (``torch.distributed.fsdp.fully_shard``, ``FSDPModule.set_reduce_scatter_unused_params``,
 ``torch.distributed.checkpoint.state_dict``, ``torch.distributed.tensor``) on the CPU with gloo.
 """
@@ -41,17 +49,98 @@ def init(cpu: bool) -> tuple[int, int]:
     return state.process_index, state.num_processes
 
 
-def shard(model: torch.nn.Module, layers_path: str, device_type: str, world: int) -> torch.nn.Module:
-    """Every decoder layer, then the root, under ``fully_shard`` (in place; the model's class becomes FSDP's
-    subclass of it). Call before the optimiser is built."""
+def comm_device() -> torch.device:
+    """Where a tensor must be for the launch's collectives: NCCL takes CUDA tensors only (the rank's GPU, which
+    accelerate's ``PartialState`` made current), gloo CPU ones. A flag or an index built on the CPU would make every
+    NCCL collective of it fail."""
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def load_for_sharding(ref: Any, dtype: str, device: str, rank: int) -> Any:
+    """The ``LoadedModel`` of an ``--fsdp`` rank, inputs going to ``device``: on rank 0 the checkpoint read into CPU
+    memory (``load_model``: its checks, RAM checked against the weights); on any other rank the same model on the
+    meta device, no weight read. ``shard`` puts each rank's shards on ``device``."""
+    from dataclasses import replace
+
+    from probe.devices import available_ram
+    from probe.models import DTYPES, LoadedModel, _check_geometry, load_model, load_processors, skeleton_of
+
+    if rank == 0:
+        ram = available_ram()
+        loaded = load_model(ref, dtype=dtype, device="cpu", device_memory=(ram,) if ram else (), logits_fp32=False)
+        return replace(loaded, device=torch.device(device))
+    attn = "sdpa"  # load_model's default, which rank 0's model has (compared by check_same_structure)
+    tokenizer, processor = load_processors(ref)
+    loaded = LoadedModel(ref, skeleton_of(ref, DTYPES[dtype], attn), tokenizer, processor, DTYPES[dtype],
+                         torch.device(device), attn)
+    _check_geometry(loaded)
+    return loaded
+
+
+def structure(model: torch.nn.Module) -> list[tuple]:
+    """What every rank's model must share for FSDP's collectives to pair up and rank 0's tensors to fit: the
+    attention implementation, and each parameter's and buffer's name, shape and dtype, with the name of the first
+    parameter it is (a tied head names the embeddings)."""
+    out: list[tuple] = [("attn", getattr(model.config, "_attn_implementation", None))]
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        out.append((name, tuple(p.shape), str(p.dtype), first.setdefault(id(p), name)))
+    out += [(name, tuple(b.shape), str(b.dtype)) for name, b in model.named_buffers(remove_duplicate=False)]
+    return out
+
+
+def check_same_structure(model: torch.nn.Module, when: str) -> None:
+    """Every rank's ``structure`` is rank 0's, or every rank raises the same error, naming the first rank that
+    differs and how (together: one rank stopping alone would leave the others waiting in a collective). Guards the
+    meta-device build of ranks other than 0 against the model rank 0 read (a transformers release building either
+    differently would load tensors into the wrong places)."""
+    import torch.distributed as dist
+
+    mine = structure(model)
+    theirs = [mine]
+    dist.broadcast_object_list(theirs, src=0)
+    differ = next((f"{a} vs rank 0's {b}" for a, b in zip(mine, theirs[0]) if a != b),
+                  None if len(mine) == len(theirs[0]) else f"{len(mine)} entries vs rank 0's {len(theirs[0])}")
+    found: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(found, differ)
+    rank, differ = next(((r, d) for r, d in enumerate(found) if d is not None), (None, None))
+    if differ is not None:
+        import transformers
+
+        from probe.errors import RunStopped
+
+        raise RunStopped(f"--fsdp: rank {rank}'s model differs from rank 0's {when} ({differ}): rank 0's tensors "
+                         f"would not load into its shards (transformers {transformers.__version__}, torch "
+                         f"{torch.__version__}); train without --fsdp")
+
+
+def shard(model: torch.nn.Module, layers_path: str, device: torch.device, world: int) -> torch.nn.Module:
+    """Every decoder layer, then the root, under ``fully_shard`` on ``device``'s type (in place; the model's class
+    becomes FSDP's subclass of it), each rank's shards then filled from rank 0's model (``load_for_sharding``: rank 0
+    holds the weights, in CPU memory; the others a meta-device model). Call before the optimiser is built."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh(device_type, (world,))
+    rank = dist.get_rank()
+    check_same_structure(model, "as loaded")
+    # rank 0's whole tensors, kept by reference: fully_shard copies each rank's share out of them
+    full = model.state_dict() if rank == 0 else {}
+    mesh = init_device_mesh(device.type, (world,))
     for layer in model.get_submodule(layers_path):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     model.set_reduce_scatter_unused_params(True)  # every rank reduces the same parameters (drop_unused_grads)
+    if rank != 0:
+        model.to_empty(device=device)  # this rank's shards and the buffers, allocated, not yet filled
+    check_same_structure(model, "sharded")  # (to_empty keeps a tied head tied)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full
+    for _, b in model.named_buffers():  # non-persistent ones too (RoPE's inv_freq), not in a state dict
+        dist.broadcast(b, src=0)
     return model
 
 
@@ -103,11 +192,12 @@ def drop_unused_grads(params: list[torch.Tensor], model: torch.nn.Module, reache
     if not with_grad:
         return
     used_here = {id(s) for u, s in _sharded_of_unsharded(model).items() if u in reached_ids} | reached_ids
-    used = torch.tensor([id(p) in used_here for p in with_grad], dtype=torch.uint8)
-    if reached_ids and not bool(used.any()):  # FSDP2's private names moved: every gradient would be dropped
+    here = [id(p) in used_here for p in with_grad]
+    if reached_ids and not any(here):  # FSDP2's private names moved: every gradient would be dropped
         raise RuntimeError(f"torch {torch.__version__}: none of the parameters this rank's backward reached maps to a "
                            "sharded parameter (FSDP2's _fsdp_param_group / _unsharded_param changed?): --fsdp would "
                            "drop every gradient and train nothing")
+    used = torch.tensor(here, dtype=torch.uint8, device=comm_device())
     dist.all_reduce(used, op=dist.ReduceOp.MAX)
     for p, u in zip(with_grad, used.tolist()):
         if not u:
@@ -137,7 +227,7 @@ def first_non_finite(model: torch.nn.Module) -> str | None:
     named = [(n, p) for n, p in model.named_parameters() if p.is_floating_point()]
     bad = next((i for i, (_, p) in enumerate(named) if not bool(torch.isfinite(_local(p.detach())).all())),
                len(named))
-    found = torch.tensor([bad], dtype=torch.int64)
+    found = torch.tensor([bad], dtype=torch.int64, device=comm_device())
     dist.all_reduce(found, op=dist.ReduceOp.MIN)
     i = int(found)
     return named[i][0] if i < len(named) else None

@@ -502,7 +502,7 @@ def check_fits(ref: ModelRef, dtype: str, devices: Sequence[str], memory: Sequen
                        f"use --dtype bfloat16{', a GPU' if cpu else ''} or several GPUs (--device auto)")
 
 
-def skeleton_of(ref: ModelRef, dtype: torch.dtype):
+def skeleton_of(ref: ModelRef, dtype: torch.dtype, attn_implementation: str | None = None):
     """The checkpoint's model built from its config alone on the meta device: names, shapes, dtypes, no weights."""
     import transformers
 
@@ -511,7 +511,7 @@ def skeleton_of(ref: ModelRef, dtype: torch.dtype):
     with config_errors(ref):
         config = (part_config(ref) if ref.family.config_path is not None
                   else transformers.AutoConfig.from_pretrained(ref.path, **ref.load_kwargs))
-    return meta_model(getattr(transformers, ref.family.model_class), config, dtype)
+    return meta_model(getattr(transformers, ref.family.model_class), config, dtype, attn_implementation)
 
 
 def plan_for(ref: ModelRef, dtype: torch.dtype, devices: Sequence[str], memory: Sequence[int] = ()):
@@ -523,13 +523,17 @@ def plan_for(ref: ModelRef, dtype: torch.dtype, devices: Sequence[str], memory: 
                            memory)
 
 
-def check_trains_fits(ref: ModelRef, dtype: str, device: str, memory: int | None, train_cfg: Any) -> None:
+def check_trains_fits(ref: ModelRef, dtype: str, device: str, memory: int | None, train_cfg: Any,
+                      shards: int = 1) -> None:
     """Full fine-tuning on one device holds, beside the ``dtype`` weights, a gradient and AdamW's two moments of every
     parameter that trains (probe.train.optimizer_bytes), and under bfloat16 autocast the step's bfloat16 copies of
     the weights: a 7B model trained in float32 needs about 16 bytes a parameter, 120 GB, where its weights alone
     are 30 GB. Bad input before a weight is read, not an out-of-memory
     traceback at the first step after the other stages ran. Activations come on top. ``memory``: the device's
-    bytes (free RAM on the CPU, the GPU's total); None = unknown, not checked."""
+    bytes (free RAM on the CPU, the GPU's total); None = unknown, not checked.
+
+    ``shards`` > 1: each of that many devices under ``--fsdp`` (probe.fsdp) holds 1/shards of all that, plus what a
+    forward gathers whole (``fsdp_gathered_bytes``)."""
     if not memory:
         return
     from probe.dispatch import HEADROOM_BYTES, HEADROOM_FRACTION, module_nbytes
@@ -542,13 +546,33 @@ def check_trains_fits(ref: ModelRef, dtype: str, device: str, memory: int | None
     if autocast:  # the step's bfloat16 copies of the float32 weights
         state += weights // 2
     usable = memory * HEADROOM_FRACTION - HEADROOM_BYTES
+    copies = " (and the bfloat16 autocast copies)" if autocast else ""
+    what = (f"{byte_size(weights)} of {dtype} weights plus {byte_size(state)} of gradients and AdamW "
+            f"moments{copies} ({n_train:,} parameters train)")
+    if shards > 1:
+        gathered = fsdp_gathered_bytes(skeleton, ref.family.layers_path)
+        if (weights + state) / shards + gathered > usable:
+            raise BadInput(f"{ref.spec}: fine-tuning it with --fsdp over {shards} processes takes "
+                           f"{byte_size((weights + state) / shards + gathered)} on each device: 1/{shards} of {what}, "
+                           f"and {byte_size(gathered)} of weights a forward gathers whole; more than {device} can hold "
+                           f"({byte_size(max(usable, 0))} usable); launch more processes (one per GPU, on several "
+                           "machines), or use LoRA in one process (--lora R)")
+        return
     if weights + state > usable:
-        copies = " (and the bfloat16 autocast copies)" if autocast else ""
-        raise BadInput(f"{ref.spec}: fine-tuning it takes {byte_size(weights)} of {dtype} weights plus "
-                       f"{byte_size(state)} of gradients and AdamW moments{copies} ({n_train:,} parameters train), "
+        raise BadInput(f"{ref.spec}: fine-tuning it takes {what}, "
                        f"more than {device} can hold ({byte_size(max(usable, 0))} usable); use LoRA (--lora R; "
                        "replicate: finetune.lora), the model split over several GPUs (--device auto), or a rate of "
                        "0 for a part (--lm-lr 0 / --lr 0)")
+
+
+def fsdp_gathered_bytes(model: nn.Module, layers_path: str) -> int:
+    """The weights an ``--fsdp`` rank holds whole at once besides its shards (probe.fsdp.shard groups each decoder
+    layer, and the root the rest): the root's group (embeddings, head, vision tower), gathered for the whole
+    forward, and two decoder layers (the one running and the next, which FSDP2 prefetches)."""
+    from probe.dispatch import module_nbytes
+
+    layers = [module_nbytes(layer) for layer in model.get_submodule(layers_path)]
+    return module_nbytes(model) - sum(layers) + 2 * max(layers)
 
 
 def build_processor(ref: ModelRef, tokenizer: Any) -> Any:

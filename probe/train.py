@@ -411,7 +411,7 @@ def _steps(loaded, rows: list[dict], cfg: TrainConfig, log: Callable[[str], None
     if cfg.batch % world:  # every rank takes an equal share of each batch (data parallel and FSDP alike)
         raise BadInput(f"batch size {cfg.batch} does not split over {world} processes")
     if sharded:  # the model first: FSDP replaces its parameters, which the optimiser must then hold
-        fsdp.shard(model, loaded.family.layers_path, loaded.device.type, world)
+        fsdp.shard(model, loaded.family.layers_path, loaded.device, world)
     elif acc is not None:
         model = acc.prepare(model)
     groups = param_groups(model, loaded, cfg)

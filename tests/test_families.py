@@ -618,6 +618,25 @@ def test_lora_checkpoint_is_pefts_own_merge_into_the_source(family, held, tmp_pa
         json.loads((source / "config.json").read_text())["model_type"]
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("family", ("qwen2", "qwen2_vl", "llava_onevision") + NEW)
+def test_fsdp_ranks_build_the_model_rank_0_reads(family, dtype):
+    """Under --fsdp only rank 0 reads the checkpoint; every other rank builds the model from its config on the meta
+    device and receives rank 0's tensors into its shards by name. On every row that build has the loaded model's
+    parameters and buffers — names, shapes, dtypes, ties (a tied head) — and attention implementation, and it
+    holds no storage (probe.fsdp.structure, which every rank compares at run time as well)."""
+    from probe.fsdp import structure
+    from probe.models import DTYPES, load_model, resolve_model, skeleton_of
+    from probe.tiny import tiny_dir
+
+    ref = resolve_model(str(tiny_dir(family)))
+    built = skeleton_of(ref, DTYPES[dtype], "sdpa")
+    read = load_model(ref, dtype=dtype, logits_fp32=False).model
+    assert structure(built) == structure(read)
+    assert all(t.is_meta for t in [*built.parameters(), *built.buffers()])
+    assert len(structure(read)) > 10 and structure(read)[0] == ("attn", "sdpa")
+
+
 def test_a_trained_answer_ends_with_the_chat_formats_turn_end():
     """Fine-tuning labelled every answer letter followed by ``<|im_end|>``, whatever the family: a Gemma, Mistral,
     Vicuna or Llama tokenizer reads that string as its unknown token (or nothing), so the model learned to end its

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from probe.errors import cli_main
+from probe.errors import BadInput, cli_main
 
 
 def _args(tiny_dirs, data_dir, text_dir, out: Path, *extra) -> list[str]:
@@ -380,20 +380,31 @@ sys.exit(cli_main(main, sys.argv[2:]))
 
 
 # torchrun runs this instead of analyses.finetune to record, per rank, the elements of the parameters it holds
-# after probe.fsdp.shard and of the whole model, appended to OUT.shards<RANK> (the test's oracle that it sharded)
+# after probe.fsdp.shard, of the whole model, of those on the meta device before it, and how many times it read a
+# checkpoint's weights (probe.models._from_pretrained), appended to OUT.shards<RANK> (the test's oracle that it
+# sharded, and that only rank 0 read the weights)
 SHARD_SPY = """
 import os, sys
 import probe.fsdp as fsdp
+import probe.models as models
 from analyses.finetune import main
 from probe.errors import cli_main
+
+reads = []
+real_read = models._from_pretrained
+def from_pretrained(*args, **kwargs):
+    reads.append(1)
+    return real_read(*args, **kwargs)
+models._from_pretrained = from_pretrained
 
 real = fsdp.shard
 def shard(model, *args):
     whole = sum(p.numel() for p in model.parameters())
+    meta = sum(p.numel() for p in model.parameters() if p.is_meta)
     real(model, *args)
     held = sum(p.to_local().numel() for p in model.parameters())
     with open(sys.argv[1] + ".shards" + os.environ["RANK"], "a") as f:
-        f.write(f"{held} {whole}\\n")
+        f.write(f"{held} {whole} {meta} {len(reads)}\\n")
     return model
 fsdp.shard = shard
 sys.exit(cli_main(main, sys.argv[2:]))
@@ -422,6 +433,8 @@ def test_fsdp_on_two_gloo_processes_equals_one(fsdp_run, ft_run):
     whole = int(held[0][1])
     assert all(int(h[1]) == whole for h in held) and sum(int(h[0]) for h in held) == whole
     assert all(int(h[0]) < 0.51 * whole for h in held)  # each rank holds half of every weight, not the model
+    # rank 0 alone read the checkpoint; rank 1's model was all on the meta device until its shards were filled
+    assert (int(held[0][2]), int(held[0][3])) == (0, 1) and (int(held[1][2]), int(held[1][3])) == (whole, 0)
     one, two = _log(ft_run), _log(fsdp_run)
     assert [(r["step"], r["modality"], r["tokens"]) for r in one] == [(r["step"], r["modality"], r["tokens"]) for r in two]
     for a, b in zip(one, two):
@@ -558,6 +571,39 @@ def test_fsdp_with_lora_or_one_process_exits_2_in_one_line(tiny_dirs, data_dir, 
         err = [line for line in capfd.readouterr().err.splitlines() if not line.startswith("warning: ")]
         assert len(err) == 1 and err[0].startswith("error: ") and "--fsdp" in err[0], err
         assert not out.exists()
+
+
+# torchrun runs this for a launch whose rank 1 builds its meta-device model with eager attention (rank 0 reads
+# the checkpoint with sdpa): a build that differs from the model rank 0 read
+EAGER_RANK_1 = """
+import os, sys
+import probe.models as models
+from analyses.finetune import main
+from probe.errors import cli_main
+
+real = models.skeleton_of
+if os.environ["RANK"] == "1":
+    models.skeleton_of = lambda ref, dtype, attn=None: real(ref, dtype, "eager")
+sys.exit(cli_main(main, sys.argv[1:]))
+"""
+
+
+def test_fsdp_ranks_whose_models_differ_stop_together_in_one_line(tiny_dirs, data_dir, text_dir, tmp_path):
+    """Rank 0's tensors go into the other ranks' shards by name, so every rank's model must be the one rank 0 read:
+    a rank that built it otherwise (here eager attention, as a transformers release changing a default would) makes
+    every rank stop with the same line naming the rank and the difference, before any step; none waits in a
+    collective (torchrun ends the launch at the first rank's exit 1, so one or both print it)."""
+    out = tmp_path / "differ"
+    script = tmp_path / "eager.py"
+    script.write_text(EAGER_RANK_1)
+    res = _torchrun([str(script)], _args(tiny_dirs, data_dir, text_dir, out, "--fsdp"), timeout=120)
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert res.returncode != 0 and "exitcode  : 1" in res.stderr, res.stderr[-3000:]
+    assert len(errors) in (1, 2) and len(set(errors)) == 1, res.stderr[-3000:]
+    assert errors[0].startswith("error: --fsdp: rank 1's model differs from rank 0's as loaded (('attn', 'eager') "
+                                "vs rank 0's ('attn', 'sdpa'))"), errors[0]
+    assert not [line for line in res.stderr.splitlines() if line.startswith("[rank")], res.stderr[-3000:]  # no traceback
+    assert not (out / "train_log.csv").read_text().strip().count("\n")  # the header only: no step ran
 
 
 FSDP_YAML = """compute_environment: LOCAL_MACHINE
@@ -841,6 +887,37 @@ def test_training_state_that_does_not_fit_is_refused_before_a_weight_loads(tmp_p
             assert not out.exists()
         else:
             assert (out / "checkpoint-2").is_dir()
+
+
+def test_an_fsdp_rank_is_checked_for_its_share_and_what_a_forward_gathers(tiny_dirs) -> None:
+    """Under --fsdp each GPU holds 1/W of the weights, gradients and AdamW moments, plus the weights a forward
+    gathers whole: the root's group (all but the decoder layers) and two decoder layers (the running one and the
+    prefetched). Oracle: tiny Qwen2-VL loaded, those bytes counted from its tensors; a device 1 KB short of a rank's
+    need over 2 processes is refused in one line naming --fsdp, 1 KB more passes, and what one process needs
+    (twice the shared part) is refused without --fsdp."""
+    from probe.dispatch import HEADROOM_BYTES, HEADROOM_FRACTION
+    from probe.models import check_trains_fits, load_model, resolve_model
+    from probe.train import TrainConfig
+
+    ref = resolve_model(str(tiny_dirs["qwen2_vl"]))
+    model = load_model(ref, dtype="float32").model
+
+    def nbytes(module) -> int:
+        return sum(t.numel() * t.element_size() for t in {id(t): t for t in [*module.parameters(), *module.buffers()]}.values())
+
+    weights = nbytes(model)
+    layers = [nbytes(layer) for layer in model.get_submodule(ref.family.layers_path)]
+    gathered = weights - sum(layers) + 2 * max(layers)
+    share = (weights + _trainable_bytes(model)) / 2 + gathered
+    cfg = TrainConfig(steps=1, lr=1e-3, lm_lr=1e-3)
+    device = lambda need: int((need + HEADROOM_BYTES) / HEADROOM_FRACTION)  # noqa: E731
+    with pytest.raises(BadInput) as exc:
+        check_trains_fits(ref, "float32", "cuda:0", device(share - 1024), cfg, shards=2)
+    assert "with --fsdp over 2 processes takes" in str(exc.value) and "\n" not in str(exc.value)
+    check_trains_fits(ref, "float32", "cuda:0", device(share + 1024), cfg, shards=2)
+    with pytest.raises(BadInput, match=": fine-tuning it takes [0-9.]+ MiB of float32 weights plus"):
+        check_trains_fits(ref, "float32", "cuda:0", device(share + 1024), cfg)
+    assert weights + _trainable_bytes(model) > share + 1024  # (why one process is refused there)
 
 
 def test_a_frozen_part_is_not_counted_as_training_state(tiny_dirs) -> None:

@@ -1,0 +1,110 @@
+"""FSDP loading benchmark: what each rank of ``torchrun … -m analyses.finetune --fsdp`` holds while the model loads
+and is sharded, when rank 0 alone reads the checkpoint and the other ranks build it on the meta device
+(``probe.fsdp.load_for_sharding``, what --fsdp does) against every rank reading the whole checkpoint first (how
+--fsdp loaded before), same model, one run.
+
+    python bench/fsdp_load.py                       # Qwen2-7B's layer shapes, 2 layers, 32k vocab
+    python bench/fsdp_load.py --layers 4 --processes 4 --source-dtype float32
+
+The checkpoint is saved in bfloat16, as real ones are, and loaded in float32, as full fine-tuning holds it.
+
+Each way runs under ``torch.distributed.run`` on the CPU (gloo): load, then ``probe.fsdp.shard``. Prints per rank the
+seconds, the peak resident anonymous memory beyond what the process held before loading (sampled every 2 ms;
+pages of the mapped checkpoint file are not counted) and what it still holds after sharding, and checks that both
+ways give every rank the same shards, bit for bit. Random weights built from probe.archs (no download).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.lora_save import peak_extra, rss  # noqa: E402
+from probe.errors import ArgParser, check_counts, cli_main  # noqa: E402
+
+WAYS = {"rank0": "rank 0 reads, others meta (--fsdp now)", "every": "every rank reads (before)"}
+
+
+def worker(way: str, source: str, out: str) -> None:
+    """One rank: load ``source`` the ``way`` given, shard it, append its numbers to ``out`` (one JSON line)."""
+    from probe import fsdp
+    from probe.models import load_model, resolve_model
+
+    rank, world = fsdp.init(cpu=True)
+    ref = resolve_model(source)
+    start = rss()
+
+    def load_and_shard():
+        if way == "rank0":
+            loaded = fsdp.load_for_sharding(ref, "float32", "cpu", rank)
+        else:
+            loaded = load_model(ref, dtype="float32", logits_fp32=False)
+        fsdp.shard(loaded.model, ref.family.layers_path, torch.device("cpu"), world)
+        return loaded
+
+    held = []
+    seconds, peak = peak_extra(lambda: held.append(load_and_shard()))
+    after = rss() - start
+    shards = [p.to_local().detach().reshape(-1) for p in held[0].model.parameters()]
+    buffers = [b.detach().reshape(-1).float() for b in held[0].model.buffers()]
+    digest = torch.cat([*shards, *buffers]).double()
+    line = {"way": way, "rank": rank, "seconds": seconds, "peak": peak, "after": after,
+            "check": [float(digest.sum()), float((digest * torch.arange(len(digest), dtype=torch.float64)).sum())]}
+    with open(out, "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def main(argv=None) -> int:
+    ap = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=2, help="decoder layers of Qwen2-7B's shape (default 2)")
+    ap.add_argument("--vocab-size", type=int, default=32000, help="vocabulary (default 32000)")
+    ap.add_argument("--processes", type=int, default=2, help="torchrun processes (default 2)")
+    ap.add_argument("--source-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                    help="the checkpoint's dtype (default bfloat16); it loads in float32")
+    args = ap.parse_args(argv)
+    check_counts(args, ["layers", "vocab_size", "processes"])
+    from probe.archs import build_random
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "source"
+        built = build_random("qwen2-7b", source, dtype=args.source_dtype, layers=args.layers,
+                             vocab_size=args.vocab_size)
+        built.model.save_pretrained(source)
+        n_params = sum(p.numel() for p in built.model.parameters())
+        del built
+        results = Path(tmp) / "results.jsonl"
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+        for way in WAYS:
+            subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.processes),
+                            __file__, "--worker", way, str(source), str(results)], env=env, check=True,
+                           stdout=subprocess.DEVNULL)
+        rows = [json.loads(line) for line in results.read_text().splitlines()]
+    gb = 1e9
+    print(f"Qwen2-7B layer shapes, {args.layers} layers, vocab {args.vocab_size}: {n_params / 1e6:.0f}M parameters, "
+          f"saved in {args.source_dtype}, loaded in float32 ({n_params * 4 / gb:.2f} GB); {args.processes} gloo "
+          "processes, load then probe.fsdp.shard")
+    print(f"{'way':<42}{'rank':>5}{'seconds':>9}{'peak extra GB':>15}{'held after GB':>15}")
+    for r in sorted(rows, key=lambda r: (list(WAYS).index(r["way"]), r["rank"])):
+        print(f"{WAYS[r['way']]:<42}{r['rank']:>5}{r['seconds']:>9.2f}{r['peak'] / gb:>15.2f}{r['after'] / gb:>15.2f}")
+    total = {way: sum(r["peak"] for r in rows if r["way"] == way) for way in WAYS}
+    check = {way: sorted((r["rank"], r["check"]) for r in rows if r["way"] == way) for way in WAYS}
+    same = check["rank0"] == check["every"]
+    print(f"sum of the ranks' peaks: {total['every'] / gb:.2f} GB before, {total['rank0'] / gb:.2f} GB now "
+          f"({total['every'] / max(total['rank0'], 1):.1f}x less); same shards: {same}")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--worker":
+        worker(*sys.argv[2:])
+    else:
+        sys.exit(cli_main(main))
