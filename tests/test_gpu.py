@@ -179,6 +179,60 @@ def test_finetuning_in_bf16_tracks_fp32_on_the_cpu(lora, tmp_path):
     assert float(torch.nn.functional.cosine_similarity(dw_h.double(), dw_f.double(), dim=0)) >= 0.9
 
 
+# torchrun runs this: analyses.finetune with --fsdp allowed in a launch of one process (refused otherwise: nothing
+# to shard over), so FSDP2 and probe.fsdp's collectives run on the GPU's backend on a box with one GPU
+ONE_RANK_FSDP = """
+import sys
+import probe.train as train
+from analyses.finetune import main
+from probe.errors import cli_main
+
+train.fsdp_launch = lambda cfg: cfg.fsdp
+sys.exit(cli_main(main, sys.argv[1:]))
+"""
+
+
+def test_fsdp_on_the_gpus_backend_trains_as_one_process(tmp_path):
+    """--fsdp's collectives (the ranks' model check, the unused-gradient flags, the non-finite index, the loss mean,
+    the broadcast of rank 0's weights, the gathers for checkpoints) on NCCL, which takes CUDA tensors only — never
+    run before: a torchrun launch of one process on the GPU, bf16 autocast, trains as one process without --fsdp on
+    the same GPU: losses within 1e-3, the final update's cosine ≥ 0.999, the same tensors in the checkpoints. (gloo
+    with OMNIPROBE_GPU_TEST_DEVICE=cpu.)"""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from analyses.finetune import main
+    from conftest import REPO
+    from probe.errors import cli_main
+    from probe.heads import default_data_for
+
+    def args(out):
+        return ["--model", "organism-video", "--data", f"image={default_data_for('organism-vl')}", "--split",
+                "validation", "--steps", "4", "--save-steps", "0", "2", "--batch-size", "4", "--warmup", "1", "--lr",
+                "1e-4", "--lm-lr", "1e-4", "--device", DEVICE, "--dtype", "bfloat16", "--quiet", "--out", str(out)]
+
+    one, sharded = tmp_path / "one", tmp_path / "fsdp"
+    assert cli_main(main, args(one)) == 0
+    script = tmp_path / "one_rank_fsdp.py"
+    script.write_text(ONE_RANK_FSDP)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", str(script),
+                          *args(sharded), "--fsdp"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    import json
+
+    assert json.loads((sharded / "run.json").read_text())["sessions"][0]["fsdp"] is True
+    a, b = (pd.read_csv(d / "train_log.csv")["loss"].to_numpy() for d in (one, sharded))
+    assert len(a) == len(b) == 4 and np.allclose(b, a, rtol=1e-3)
+    w0, w1, w2 = (load_file(d / "model.safetensors") for d in (one / "checkpoint-0", one / "checkpoint-4",
+                                                                  sharded / "checkpoint-4"))
+    assert sorted(w2) == sorted(w1)
+    d1, d2 = (torch.cat([(w[k] - w0[k]).flatten() for k in sorted(w0)]).double() for w in (w1, w2))
+    assert float(d1.norm()) > 0 and float(torch.nn.functional.cosine_similarity(d1, d2, dim=0)) >= 0.999
+
+
 def test_defaults_on_a_gpu_are_cuda_and_bf16():
     if not ON_GPU:
         pytest.skip("the defaults on a CPU are tested in test_devices.py")
