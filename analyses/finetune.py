@@ -359,14 +359,35 @@ def clear_run(out: Path, inputs: Sequence[Path], cpu: bool) -> None:
     wait_for_everyone(cpu)  # no rank reads the out dir before it is cleared
 
 
-def read_state(path: Path) -> dict:
+def state_location(world: int, fsdp: bool, device: str) -> Any:
+    """Where a resumed trainer state's tensors go (``torch.load``'s ``map_location``): one process, where they were
+    saved. Under torchrun every rank reads the state rank 0 wrote, whose optimiser tensors name rank 0's GPU, so
+    every rank put a whole copy of them on cuda:0 (and kept it for the run, beside rank 0's own): data parallel
+    ranks take them to their own device, where their optimiser holds them; FSDP ranks to the CPU, as FSDP saves
+    them, since each keeps only its shard (``probe.fsdp.load_optimizer_state``)."""
+    if world <= 1:
+        return None
+    if fsdp:
+        return "cpu"
+    import torch
+
+    index = torch.device(device).index
+
+    def restore(storage, location: str):  # the RNG states are CPU tensors and must stay so (None: as saved)
+        return storage.cuda(index) if location.startswith("cuda") else None
+
+    return restore
+
+
+def read_state(path: Path, map_location: Any = None) -> dict:
     """The trainer state a resume continues from (optimiser, sampler and torch RNG, step), read before anything
-    runs: a damaged one is bad input naming the checkpoint to delete, never a traceback mid-run."""
+    runs: a damaged one is bad input naming the checkpoint to delete, never a traceback mid-run. ``map_location``:
+    ``state_location``'s."""
     import torch
 
     fix = f"delete {path.parent} and rerun the same command to resume from the checkpoint before it"
     try:
-        state = torch.load(path, weights_only=False)
+        state = torch.load(path, weights_only=False, map_location=map_location)
     except Exception as exc:  # torch raises pickle, zip and runtime errors for a damaged file
         reason = str(exc).strip().split("\n")[0] or type(exc).__name__
         raise BadInput(f"{path} is unreadable ({reason}); {fix}") from None
@@ -527,7 +548,8 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         raise BadInput(f"--lr {cfg.lr} and --lm-lr {cfg.lm_lr} freeze every parameter of {ref.spec}: nothing would "
                        "train (a rate of 0 freezes its part; --lm-lr is the LM's, --lr the vision tower's and "
                        "projector's)")
-    resume = read_state(resumable[start] / STATE) if start else None
+    resume = (read_state(resumable[start] / STATE, state_location(world, cfg.fsdp, placement.device)) if start
+              else None)
     print(placement.description, file=sys.stderr)  # after the last check: a refusal stays one line
     rows, offsets = [], {}
     for label, its in items.items():

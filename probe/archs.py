@@ -107,9 +107,10 @@ def image_processor_for(name: str, config):
 
 def build_random(name: str, workdir, dtype: str = "float32", device: str = "cpu", attn_implementation: str = "sdpa",
                  layers: int | None = None, vision_layers: int | None = None, vocab_size: int | None = None,
-                 seed: int = 0):
+                 seed: int = 0, logits_fp32: bool = True):
     """A LoadedModel of architecture ``name`` with random weights, built directly on ``device`` (nothing is
-    downloaded or written but its config, tokenizer and image-processor files in ``workdir``)."""
+    downloaded or written but its config, tokenizer and image-processor files in ``workdir``). In bfloat16 or
+    float16 its LM head gives fp32 logits, as ``load_model``'s does, unless ``logits_fp32`` is False."""
     from pathlib import Path
 
     import torch
@@ -149,6 +150,10 @@ def build_random(name: str, workdir, dtype: str = "float32", device: str = "cpu"
     model.tie_weights()  # no_init_weights skips the tying too (SmolLM2 shares its embedding with lm_head)
     random_init(model, seed)
     model.eval()
+    if logits_fp32 and DTYPES[dtype] != torch.float32:  # the benches measure the head the commands run (bf16 on a GPU)
+        from probe.models import fp32_logits
+
+        fp32_logits(model.get_submodule(fam.lm_head_path))
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.do_sample = False

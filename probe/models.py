@@ -262,6 +262,13 @@ def load_model(
     if ref.hub_repo is not None:  # resolution fetched configs only; the weights come now
         model_path(ref.spec, weights=True)
         check_weights(ref.path, ref.gguf_file)
+    if plan is not None or device != "cpu":
+        # a spread model dropped before this one (probe.eval's previous model, a previous stage of analyses.replicate)
+        # lives on in reference cycles (accelerate's hooks: each module's forward is a partial of the module) until
+        # Python's cyclic collector runs, which a model's load need not trigger: its GPUs' memory would still be taken
+        import gc
+
+        gc.collect()
     model = _from_pretrained(ref, dtype=torch_dtype, attn_implementation=attn_implementation,
                              **({"device_map": plan.device_map} if plan else {}))
     if plan is not None:

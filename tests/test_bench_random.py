@@ -275,3 +275,24 @@ def test_the_exact_engines_flop_count_is_what_torch_counts(load_tiny, monkeypatc
     with FlopCounterMode(display=False) as counted:
         get_engine("exact")(loaded, items, heads, cfg)
     assert counted.get_total_flops() == pytest.approx(want, rel=0.01)
+
+
+def test_random_builds_in_half_precision_give_the_fp32_logits_the_commands_measure(tmp_path):
+    """bench/sweep.py --random-config and bench/eval.py --smollm random build their model with build_random, in
+    bfloat16 by default on a GPU: its LM head rounded the logits to bfloat16 while load_model's (every command's)
+    gives fp32 logits, so the GPU benchmarks timed and compared another head than the commands run."""
+    from probe.archs import build_random
+
+    loaded = build_random("smollm2-135m", tmp_path, dtype="bfloat16", layers=1, vocab_size=512)
+    head = loaded.model.get_submodule(loaded.family.lm_head_path)
+    seen: list[torch.Tensor] = []
+    handle = head.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            logits = loaded.model(input_ids=torch.tensor([[1, 2, 3]])).logits
+    finally:
+        handle.remove()
+    assert seen[0].dtype == torch.bfloat16 and logits.dtype == torch.float32
+    torch.testing.assert_close(logits, seen[0].float() @ head.weight.float().T, atol=1e-5, rtol=1e-5)
+    raw = build_random("smollm2-135m", tmp_path / "raw", dtype="bfloat16", layers=1, vocab_size=512, logits_fp32=False)
+    assert raw.model(input_ids=torch.tensor([[1, 2, 3]])).logits.dtype == torch.bfloat16

@@ -253,3 +253,28 @@ def test_load_model_refuses_a_map_that_cannot_fit_before_reading_weights(tiny_di
     monkeypatch.setattr(transformers.Qwen2VLForConditionalGeneration, "from_pretrained", no_weights)
     with pytest.raises(BadInput, match="does not fit on 2 device"):
         load_model(resolve_model(str(tiny_dirs["qwen2_vl"])), devices=("cpu", "cpu"), device_memory=(GIB, GIB // 2))
+
+
+def test_a_spread_model_dropped_is_freed_before_the_next_model_loads(tiny_dirs):
+    """accelerate's hooks hold a dispatched model in reference cycles (module.forward is a partial of the module), so
+    `del loaded` (probe.eval between its models, analyses.replicate between stages) freed nothing until Python's
+    cyclic collector happened to run: on GPUs the next model (a second 72B) loaded beside the first one's weights.
+    load_model collects it first (the collector is off here, so only that can free it)."""
+    import gc
+    import weakref
+
+    from probe.models import load_model, resolve_model
+
+    ref = resolve_model(str(tiny_dirs["qwen2"]))
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        first = load_model(ref, devices=("cpu", "cpu"))
+        gone = weakref.ref(first.model)
+        del first
+        assert gone() is not None  # the cycles keep it
+        load_model(ref, devices=("cpu", "cpu"))
+        assert gone() is None
+    finally:
+        if was:
+            gc.enable()

@@ -1460,3 +1460,29 @@ def test_an_out_whose_run_json_is_not_an_object_is_one_line(tmp_path, capfd) -> 
         err = capfd.readouterr().err.strip()
         assert err == f"error: --out {out} is not empty and holds no fine-tuning run.json", err
         assert (out / "run.json").read_text() == text and [p.name for p in out.iterdir()] == ["run.json"]
+
+
+def test_a_resumed_trainer_state_goes_to_each_ranks_own_device_under_torchrun(tmp_path):
+    """Every rank reads the trainer state rank 0 wrote, whose AdamW moments name rank 0's GPU: torch.load put each
+    rank's whole copy on cuda:0 (kept for the run: two ranks of a 7B fp32 run, 56 GB each, beside GPU 0's own
+    training state). Data parallel ranks now map CUDA tensors to their own GPU and leave the CPU RNG states as
+    they are; FSDP ranks read to the CPU (they keep a shard); one process reads as saved. (A fake storage stands in
+    for a CUDA one, which a CPU machine cannot make.)"""
+    from analyses.finetune import read_state, state_location
+
+    class Storage:
+        def cuda(self, index):
+            return ("cuda", index)
+
+    assert state_location(1, False, "cuda:0") is None and state_location(1, True, "cuda:0") is None
+    assert state_location(4, True, "cuda:3") == "cpu"
+    restore = state_location(4, False, "cuda:3")
+    assert restore(Storage(), "cuda:0") == ("cuda", 3) and restore(Storage(), "cpu") is None
+    path = tmp_path / "trainer_state.pt"
+    gen = torch.Generator().manual_seed(0)
+    torch.save({"optimizer": {"state": {0: {"exp_avg": torch.ones(3)}}, "param_groups": []}, "step": 1,
+                "generator": gen.get_state(), "torch_rng": torch.get_rng_state()}, path)
+    state = read_state(path, restore)  # CPU tags: kept on the CPU, so the generators still take them
+    torch.Generator().set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    assert state["optimizer"]["state"][0]["exp_avg"].device.type == "cpu"
