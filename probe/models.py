@@ -592,7 +592,10 @@ def build_processor(ref: ModelRef, tokenizer: Any) -> Any:
 
     try:
         with config_errors(ref):
-            image_processor = transformers.AutoImageProcessor.from_pretrained(ref.path)
+            # the PIL backend everywhere: transformers picks torchvision's whenever it is installed (GPU boxes
+            # usually have it), whose resizing gives other pixel values, so a GPU box's numbers would differ from
+            # the CPU's and the published ones for a reason no one chose
+            image_processor = transformers.AutoImageProcessor.from_pretrained(ref.path, backend="pil")
     except (OSError, ValueError):
         raise BadInput(f"{ref.path}: cannot load its image processor config (preprocessor_config.json missing or "
                        f"unreadable), which a {ref.family.name} model needs") from None

@@ -637,6 +637,27 @@ def test_fsdp_ranks_build_the_model_rank_0_reads(family, dtype):
     assert len(structure(read)) > 10 and structure(read)[0] == ("attn", "sdpa")
 
 
+@pytest.mark.parametrize("family", [f for f in ("qwen2_vl", "llava_onevision") + NEW
+                                    if f not in ("qwen3", "mistral", "gemma3_text")])
+def test_images_are_processed_by_the_pil_backend_where_torchvision_is_installed(family, monkeypatch):
+    """transformers picks an image processor's torchvision backend whenever torchvision is importable (GPU boxes
+    usually have it), and its resizing gives other pixel values than the PIL backend CI and the published numbers
+    use. The probe asks for PIL: on a box where torchvision counts as installed, the backend transformers resolves
+    for every multimodal row's processor is "pil" (it resolved "torchvision" for most rows before)."""
+    import transformers.models.auto.image_processing_auto as auto
+
+    from probe.models import load_processors, resolve_model
+    from probe.tiny import tiny_dir
+
+    resolved = []
+    real = auto._resolve_backend
+    monkeypatch.setattr(auto, "is_torchvision_available", lambda: True)
+    monkeypatch.setattr(auto, "_resolve_backend", lambda *a: resolved.append(real(*a)) or resolved[-1])
+    _, processor = load_processors(resolve_model(str(tiny_dir(family))))
+    assert processor is not None and resolved == ["pil"]
+    assert real(None, None, "Qwen2VLImageProcessor") == "torchvision"  # what the patch makes of the default
+
+
 def test_a_trained_answer_ends_with_the_chat_formats_turn_end():
     """Fine-tuning labelled every answer letter followed by ``<|im_end|>``, whatever the family: a Gemma, Mistral,
     Vicuna or Llama tokenizer reads that string as its unknown token (or nothing), so the model learned to end its
