@@ -32,6 +32,12 @@ from probe.sweep import BASELINE, Measurement, SweepConfig, measurement_row, pre
 from probe.upstream import logits_at
 
 
+# attention implementations whose backward the batched backward (torch's vmap over it) cannot run: flash-attn's
+# writes its gradients into preallocated dq/dk/dv (a custom op that mutates its arguments), which vmap's fallback
+# refuses ("the fallback path doesn't work on out= or view ops"; reasoned from the sources, not run on a GPU)
+UNBATCHED_BACKWARD = frozenset({"flash_attention_2"})
+
+
 def option_logit_jacobians(
     loaded: LoadedModel, inputs: Sequence[dict[str, torch.Tensor]], letter_ids: Sequence[list[int]]
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -58,7 +64,11 @@ def option_logit_jacobians(
             index = torch.tensor([ids + ids[:1] * (k - len(ids)) for ids in letter_ids], device=rows.device)
             z = rows.gather(1, index).float()  # [n, k]; a row's extra columns repeat its first letter, unread
             eye = torch.eye(k, device=z.device)[:, None, :].expand(k, n, k).contiguous()
-            (jac,) = torch.autograd.grad(z, gates, grad_outputs=eye, is_grads_batched=True)  # [k, n, L, H]
+            if loaded.attn_implementation in UNBATCHED_BACKWARD:  # one backward per option letter: same gradients
+                jac = torch.stack([torch.autograd.grad(z, gates, grad_outputs=eye[j], retain_graph=j < k - 1)[0]
+                                   for j in range(k)])
+            else:
+                (jac,) = torch.autograd.grad(z, gates, grad_outputs=eye, is_grads_batched=True)  # [k, n, L, H]
     finally:
         for p, w in zip(model.parameters(), was):
             p.requires_grad_(w)

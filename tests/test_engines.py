@@ -92,6 +92,31 @@ def test_attribution_jacobian_matches_finite_differences(load_tiny):
     np.testing.assert_allclose(z, clean, atol=1e-5)
 
 
+def test_attribution_under_flash_attention_runs_one_backward_per_letter(load_tiny, monkeypatch):
+    """flash-attn's backward cannot run under the batched backward (vmap): for flash_attention_2 the Jacobian comes
+    from one backward per option letter, the batched backward's numbers (here sdpa runs under that name: the loop
+    is what is tested; flash-attn itself needs a GPU)."""
+    import dataclasses
+
+    from probe.attribution import option_logit_jacobian
+    from probe.prompting import letter_token_ids
+
+    loaded = load_tiny("qwen2_vl", "sdpa")
+    item = make_item(n_options=4)
+    inputs = inputs_for(loaded, item)
+    ids = letter_token_ids(loaded.tokenizer, item.letters)
+    batched = []
+    real = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **kw: batched.append(kw.get("is_grads_batched", False))
+                        or real(*a, **kw))
+    z, jac = option_logit_jacobian(loaded, inputs, ids)
+    z2, jac2 = option_logit_jacobian(dataclasses.replace(loaded, attn_implementation="flash_attention_2"), inputs, ids)
+    assert batched == [True] + [False] * len(ids)
+    torch.testing.assert_close(z2, z, rtol=0, atol=0)
+    torch.testing.assert_close(jac2, jac, rtol=1e-6, atol=1e-7)
+    assert float(jac.abs().max()) > 1e-4
+
+
 def assert_batched_attribution_equals_one_item(loaded, items, heads) -> None:
     """Several right-padded items per forward + backward (a GPU's choice) give the one-item numbers (fp32, 1e-5), and
     the batch did pad: items of different lengths shared a pass."""
