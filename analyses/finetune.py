@@ -382,12 +382,14 @@ def state_location(world: int, fsdp: bool, device: str) -> Any:
 def read_state(path: Path, map_location: Any = None) -> dict:
     """The trainer state a resume continues from (optimiser, sampler and torch RNG, step), read before anything
     runs: a damaged one is bad input naming the checkpoint to delete, never a traceback mid-run. ``map_location``:
-    ``state_location``'s."""
+    ``state_location``'s; given (several processes), the file is mapped, not read into each process's memory: every
+    rank holds the whole AdamW state for the run (61 GB for a 7B), where an FSDP rank keeps only its shard of it,
+    and a data parallel rank a copy on its GPU, so the mapped pages are shared and reclaimable."""
     import torch
 
     fix = f"delete {path.parent} and rerun the same command to resume from the checkpoint before it"
     try:
-        state = torch.load(path, weights_only=False, map_location=map_location)
+        state = torch.load(path, weights_only=False, map_location=map_location, mmap=map_location is not None)
     except Exception as exc:  # torch raises pickle, zip and runtime errors for a damaged file
         reason = str(exc).strip().split("\n")[0] or type(exc).__name__
         raise BadInput(f"{path} is unreadable ({reason}); {fix}") from None
