@@ -269,6 +269,8 @@ def load_model(
         import gc
 
         gc.collect()
+    if torch_dtype == torch.float32 and (plan is not None or device != "cpu"):
+        exact_fp32_convolutions()
     model = _from_pretrained(ref, dtype=torch_dtype, attn_implementation=attn_implementation,
                              **({"device_map": plan.device_map} if plan else {}))
     if plan is not None:
@@ -289,6 +291,13 @@ def load_model(
                          plan)
     _check_geometry(loaded)
     return loaded
+
+
+def exact_fp32_convolutions() -> None:
+    """float32 on a GPU means float32 in the vision towers' patch convolutions too: cuDNN runs float32 convolutions
+    in TF32 (10-bit mantissa) by default, unlike matmuls (torch's default there is full float32), so a float32 run's
+    image embeddings would differ from the CPU's by TF32's rounding. Process-wide, as cuDNN's flag is."""
+    torch.backends.cudnn.allow_tf32 = False
 
 
 NONFINITE_SHOWN = 3

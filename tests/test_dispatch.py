@@ -278,3 +278,21 @@ def test_a_spread_model_dropped_is_freed_before_the_next_model_loads(tiny_dirs):
     finally:
         if was:
             gc.enable()
+
+
+def test_a_float32_model_on_devices_turns_tf32_convolutions_off(tiny_dirs):
+    """float32 away from one CPU (a GPU, or a map over several devices, as here with CPU stand-ins) turns cuDNN's
+    TF32 convolutions off (on by default, unlike matmuls): the vision towers' patch convolutions then run in
+    float32 as the CPU's do. A bfloat16 load, or float32 on the CPU alone, leaves the flag as it was."""
+    from probe.models import load_model, resolve_model
+
+    ref = resolve_model(str(tiny_dirs["qwen2_vl"]))
+    was = torch.backends.cudnn.allow_tf32
+    try:
+        for kwargs, tf32 in (({"devices": ("cpu", "cpu"), "dtype": "bfloat16"}, True), ({}, True),
+                             ({"devices": ("cpu", "cpu")}, False)):
+            torch.backends.cudnn.allow_tf32 = True
+            load_model(ref, **kwargs)
+            assert torch.backends.cudnn.allow_tf32 is tf32, kwargs
+    finally:
+        torch.backends.cudnn.allow_tf32 = was
