@@ -27,6 +27,7 @@ import re
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -176,11 +177,13 @@ def add_lora(loaded, rank: int, adapter: Path | None = None):
     # the decoder layers' projections, wherever the family table puts the layers (Idefics3's model.text_model.layers
     # matched no fixed pattern: --lora on it was a traceback)
     targets = rf"^{re.escape(loaded.family.layers_path)}\.\d+\..*\.({'|'.join(LORA_TARGETS)})$"
-    if adapter is not None:
-        loaded.model = PeftModel.from_pretrained(loaded.model, adapter, is_trainable=True)
-    else:
-        loaded.model = get_peft_model(loaded.model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
-                                                                target_modules=targets))
+    with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing: not ours to act on
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        if adapter is not None:
+            loaded.model = PeftModel.from_pretrained(loaded.model, adapter, is_trainable=True)
+        else:
+            loaded.model = get_peft_model(loaded.model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                                                    target_modules=targets))
     return loaded
 
 

@@ -134,7 +134,8 @@ def read_salience(run_dir: Path, metric: str, geometry: HeadGeometry, who: str) 
     for (layer, h), v in cells.items():
         grid[layer, h] = v
     if not torch.isfinite(grid).all():
-        why = ("; a --no-generate run measured no accuracy: use --salience-metric kl or prob_accuracy_drop"
+        why = ("; a --no-generate or attribution run measured no accuracy: use --salience-metric kl or "
+               "prob_accuracy_drop"
                if metric == "accuracy_drop" else "")
         raise BadInput(f"{heads_csv}: {metric} is NaN (empty or infinite) for some heads{why}")
     if metric == "kl" and float(grid.min()) < -1e-6:  # KL(orig‖masked) ≥ 0: a negative one is not a KL

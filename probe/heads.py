@@ -387,7 +387,8 @@ def _progress(total: int, quiet: bool, desc: str, unit: str = "run"):
 def _print_summary(out: Path, heads) -> None:
     base = json.loads((out / "baseline.json").read_text())
     acc = base["accuracy"]
-    acc = "n/a (--no-generate)" if acc is None or acc != acc else f"{acc:.3f}"  # NaN when nothing was generated
+    why = "attribution estimates no generated text" if base.get("method") == "attribution" else "--no-generate"
+    acc = f"n/a ({why})" if acc is None or acc != acc else f"{acc:.3f}"  # null when nothing was generated
     print(f"baseline: accuracy {acc}  prob_accuracy {base['prob_accuracy']:.3f}  "
           f"n_items {base['n_items']}  (skipped open-ended: {base['n_skipped_open']})")
     if len(heads):

@@ -613,3 +613,19 @@ def test_default_no_argument_run(tmp_path):
     assert run["plan"]["method"] == "exact" and run["plan"]["model_spec"] == DEFAULT_MODEL
     assert len(heads) == run["plan"]["n_layers"] * run["plan"]["n_heads"]
     assert (heads["kl"] >= 0).all()
+
+
+def test_the_summary_says_why_a_run_has_no_accuracy(tmp_path, capsys):
+    """The baseline line names the reason accuracy is n/a: the attribution engine estimates no generated text;
+    otherwise the run was --no-generate (attribution runs said --no-generate, which they were not given)."""
+    import json
+
+    import pandas as pd
+
+    from probe.heads import _print_summary
+
+    for method, why in (("attribution", "attribution estimates no generated text"), ("exact", "--no-generate")):
+        (tmp_path / "baseline.json").write_text(json.dumps({"accuracy": None, "prob_accuracy": 0.5, "n_items": 4,
+                                                            "n_skipped_open": 0, "method": method}))
+        _print_summary(tmp_path, pd.DataFrame())
+        assert capsys.readouterr().out.startswith(f"baseline: accuracy n/a ({why})  prob_accuracy 0.500")
