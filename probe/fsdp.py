@@ -82,11 +82,12 @@ def load_for_sharding(ref: Any, dtype: str, device: str, rank: int) -> Any:
 def structure(model: torch.nn.Module) -> list[tuple]:
     """What every rank's model must share for FSDP's collectives to pair up and rank 0's tensors to fit: the
     attention implementation, and each parameter's and buffer's name, shape and dtype, with the name of the first
-    parameter it is (a tied head names the embeddings)."""
+    parameter it is (a tied head names the embeddings) and whether it trains (the ranks' optimisers and
+    reduce-scatters must hold the same parameters)."""
     out: list[tuple] = [("attn", getattr(model.config, "_attn_implementation", None))]
     first: dict[int, str] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
-        out.append((name, tuple(p.shape), str(p.dtype), first.setdefault(id(p), name)))
+        out.append((name, tuple(p.shape), str(p.dtype), first.setdefault(id(p), name), p.requires_grad))
     out += [(name, tuple(b.shape), str(b.dtype)) for name, b in model.named_buffers(remove_duplicate=False)]
     return out
 
@@ -126,6 +127,13 @@ def shard(model: torch.nn.Module, layers_path: str, device: torch.device, world:
     from torch.distributed.fsdp import fully_shard
 
     rank = dist.get_rank()
+    # which parameters train is rank 0's, as in one process: from_pretrained's loaded parameters all require grad,
+    # where the config's build leaves some frozen (Qwen2-Audio's sinusoidal embed_positions), so the ranks' root
+    # groups reduce-scattered gradients of different sizes (gloo aborted in the first backward)
+    trains = [{n: p.requires_grad for n, p in model.named_parameters()}]
+    dist.broadcast_object_list(trains, src=0)
+    for n, p in model.named_parameters():
+        p.requires_grad_(trains[0].get(n, p.requires_grad))
     check_same_structure(model, "as loaded")
     # rank 0's whole tensors, kept by reference: fully_shard copies each rank's share out of them
     full = model.state_dict() if rank == 0 else {}

@@ -511,6 +511,31 @@ def test_fsdp_checkpoint_of_a_tied_model_keeps_the_tie(text_dir, tmp_path):
     assert any(not torch.equal(end[k], start[k]) for k in start)
 
 
+def test_fsdp_trains_the_parameters_one_process_trains(text_dir, tmp_path):
+    """Which parameters train is rank 0's: from_pretrained leaves every loaded parameter requiring grad, where the
+    meta-device build of the other ranks keeps Qwen2-Audio's sinusoidal embed_positions frozen, so rank 0's root
+    group reduce-scattered a gradient rank 1 did not have (gloo aborted in the first backward). Now the run is one
+    process's, that parameter trained on both."""
+    from analyses.finetune import main
+    from probe.tiny import tiny_dir
+
+    def argv(out):
+        return ["--model", str(tiny_dir("qwen2_audio")), "--data", f"text={text_dir}", "--split", "validation",
+                "--steps", "2", "--save-steps", "0", "--batch-size", "4", "--lr", "1e-3", "--lm-lr", "1e-3",
+                "--warmup", "1", "--dtype", "float32", "--device", "cpu", "--quiet", "--out", str(out)]
+
+    one, two = tmp_path / "one", tmp_path / "fsdp"
+    assert cli_main(main, argv(one)) == 0
+    res = _torchrun(["-m", "analyses.finetune"], [*argv(two), "--fsdp"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    for a, b in zip(_log(one), _log(two), strict=True):
+        assert float(b["loss"]) == pytest.approx(float(a["loss"]), rel=1e-5, abs=1e-6)
+    w1, w2 = (load_file(d / "checkpoint-2" / "model.safetensors") for d in (one, two))
+    assert sorted(w2) == sorted(w1)
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
 def test_fsdp_refuses_to_drop_every_gradient_when_it_cannot_map_them() -> None:
     """--fsdp tells a reached parameter by FSDP2's private mapping from the unsharded tensors the backward reaches
     to the sharded parameters: if a torch release moves it, nothing maps and every gradient would be dropped (a run
