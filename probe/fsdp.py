@@ -275,13 +275,19 @@ def full_optimizer_state(opt: torch.optim.Optimizer, rank: int) -> dict[str, Any
 
 def load_optimizer_state(opt: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
     """A one-process optimiser state (``full_optimizer_state``'s, or one process's own) into the sharded optimiser:
-    each whole tensor is cut into this rank's shard of its parameter's layout."""
+    each whole tensor is cut into this rank's shard of its parameter's layout before the optimiser takes it, one at a
+    time (torch's ``load_state_dict`` moves every state tensor to its parameter's device first: given whole ones, it
+    put the whole AdamW state on each rank's GPU at once, two float32 copies of the model)."""
+    from itertools import chain
+
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    opt.load_state_dict(saved)
-    for p, st in opt.state.items():
-        if not isinstance(p, DTensor):
-            continue
-        for name, value in st.items():
-            if isinstance(value, torch.Tensor) and not isinstance(value, DTensor) and value.shape == p.shape:
-                st[name] = distribute_tensor(value.to(p.device_mesh.device_type), p.device_mesh, p.placements)
+    params = dict(zip(chain.from_iterable(g["params"] for g in saved["param_groups"]),
+                      chain.from_iterable(g["params"] for g in opt.param_groups)))
+    state = {}
+    for key, st in saved["state"].items():  # the same order on every rank (one file): distribute_tensor scatters
+        p = params.get(key)
+        state[key] = {name: distribute_tensor(value.to(p.device_mesh.device_type), p.device_mesh, p.placements)
+                      if isinstance(p, DTensor) and isinstance(value, torch.Tensor) and value.shape == p.shape
+                      else value for name, value in st.items()}
+    opt.load_state_dict({**saved, "state": state})

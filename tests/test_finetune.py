@@ -536,6 +536,47 @@ def test_fsdp_trains_the_parameters_one_process_trains(text_dir, tmp_path):
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+def test_fsdp_resume_gives_the_optimiser_shards_not_whole_tensors(tmp_path, monkeypatch) -> None:
+    """A resumed trainer state holds whole AdamW moments; torch's Optimizer.load_state_dict moves each state tensor
+    to its parameter's device before anything else, so given whole ones every rank's GPU held the whole AdamW state
+    at once (two float32 copies of the model) before they were cut into shards. They reach the optimiser as this
+    rank's shards now, with the same values (one gloo process: a mesh of one)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from probe import fsdp
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        model = torch.nn.Linear(4, 3)
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        opt = torch.optim.AdamW(model.parameters())
+        saved = {"state": {i: {"step": torch.tensor(2.0), "exp_avg": torch.full(tuple(p.shape), i + 1.0),
+                               "exp_avg_sq": torch.full(tuple(p.shape), i + 3.0)}
+                           for i, p in enumerate(model.parameters())},
+                 "param_groups": opt.state_dict()["param_groups"]}
+        seen = []
+        real = torch.optim.Optimizer._process_value_according_to_param_policy
+
+        def policy(param, value, *args):
+            seen.append((isinstance(param, DTensor), isinstance(value, DTensor)))
+            return real(param, value, *args)
+
+        monkeypatch.setattr(torch.optim.Optimizer, "_process_value_according_to_param_policy", staticmethod(policy))
+        fsdp.load_optimizer_state(opt, saved)
+        assert len(seen) == 6 and all(whole for whole, _ in seen)
+        assert sum(shard for _, shard in seen) == 4  # the moments (step is a scalar, as FSDP leaves it)
+        for i, p in enumerate(model.parameters()):
+            st = opt.state[p]
+            assert isinstance(st["exp_avg"], DTensor) and float(st["step"]) == 2.0
+            torch.testing.assert_close(st["exp_avg"].full_tensor(), saved["state"][i]["exp_avg"])
+            torch.testing.assert_close(st["exp_avg_sq"].full_tensor(), saved["state"][i]["exp_avg_sq"])
+    finally:
+        dist.destroy_process_group()
+
+
 def test_fsdp_refuses_to_drop_every_gradient_when_it_cannot_map_them() -> None:
     """--fsdp tells a reached parameter by FSDP2's private mapping from the unsharded tensors the backward reaches
     to the sharded parameters: if a torch release moves it, nothing maps and every gradient would be dropped (a run
