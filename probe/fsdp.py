@@ -65,8 +65,11 @@ def load_for_sharding(ref: Any, dtype: str, device: str, rank: int) -> Any:
     from dataclasses import replace
 
     from probe.devices import available_ram
-    from probe.models import DTYPES, LoadedModel, _check_geometry, load_model, load_processors, skeleton_of
+    from probe.models import (DTYPES, LoadedModel, _check_geometry, exact_fp32_convolutions, load_model,
+                              load_processors, skeleton_of)
 
+    if dtype == "float32" and torch.device(device).type != "cpu":  # load_model's, which reads on the CPU here
+        exact_fp32_convolutions()
     if rank == 0:
         ram = available_ram()
         loaded = load_model(ref, dtype=dtype, device="cpu", device_memory=(ram,) if ram else (), logits_fp32=False)

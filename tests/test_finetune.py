@@ -577,6 +577,26 @@ def test_fsdp_resume_gives_the_optimiser_shards_not_whole_tensors(tmp_path, monk
         dist.destroy_process_group()
 
 
+def test_fsdp_ranks_on_gpus_turn_tf32_convolutions_off_in_float32(tiny_dirs) -> None:
+    """float32 on a GPU turns cuDNN's TF32 convolutions off in load_model, which an --fsdp rank 0 calls on the CPU
+    (and the other ranks not at all): the vision towers' patch convolutions ran in TF32 under --fsdp --dtype
+    float32. Every rank turns them off now; bfloat16, or the CPU, leaves the flag as it was."""
+    from probe.fsdp import load_for_sharding
+    from probe.models import resolve_model
+
+    ref = resolve_model(str(tiny_dirs["qwen2_vl"]))
+    was = torch.backends.cudnn.allow_tf32
+    try:
+        for rank in (0, 1):
+            for dtype, device, tf32 in (("bfloat16", "cuda:1", True), ("float32", "cpu", True),
+                                        ("float32", "cuda:1", False)):
+                torch.backends.cudnn.allow_tf32 = True
+                loaded = load_for_sharding(ref, dtype, device, rank)
+                assert torch.backends.cudnn.allow_tf32 is tf32 and loaded.device == torch.device(device), (rank, dtype)
+    finally:
+        torch.backends.cudnn.allow_tf32 = was
+
+
 def test_fsdp_refuses_to_drop_every_gradient_when_it_cannot_map_them() -> None:
     """--fsdp tells a reached parameter by FSDP2's private mapping from the unsharded tensors the backward reaches
     to the sharded parameters: if a torch release moves it, nothing maps and every gradient would be dropped (a run
