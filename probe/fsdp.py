@@ -27,8 +27,8 @@ Flags and indices exchanged between ranks are built on ``comm_device`` (NCCL tak
 Loading (``load_for_sharding``): rank 0 alone reads the checkpoint, into CPU memory; every other rank builds the
 model on the meta device (no weight read, no memory). ``shard`` then allocates each rank's shards on its device and
 fills them from rank 0's tensors, one whole tensor broadcast at a time (torch's ``set_model_state_dict`` with
-``broadcast_from_rank0``), buffers included: a device never holds the whole model, and the machine's RAM holds one
-copy of it, not one per process.
+``broadcast_from_rank0``), buffers included, and which parameters train (rank 0's, from the checkpoint's load): a
+device never holds the whole model, and the machine's RAM holds one copy of it, not one per process.
 
 Checked against torch 2.13 (``torch.distributed.fsdp.fully_shard``, ``FSDPModule.set_reduce_scatter_unused_params``,
 ``torch.distributed.checkpoint.state_dict``, ``torch.distributed.tensor``) on the CPU with gloo.
