@@ -27,8 +27,8 @@ Flags and indices exchanged between ranks are built on ``comm_device`` (NCCL tak
 Loading (``load_for_sharding``): rank 0 alone reads the checkpoint, into CPU memory; every other rank builds the
 model on the meta device (no weight read, no memory). ``shard`` then allocates each rank's shards on its device and
 fills them from rank 0's tensors, one whole tensor broadcast at a time (torch's ``set_model_state_dict`` with
-``broadcast_from_rank0``), buffers included: a device never holds the whole model, and the machine's RAM holds one
-copy of it, not one per process.
+``broadcast_from_rank0``), buffers included, and which parameters train (rank 0's, from the checkpoint's load): a
+device never holds the whole model, and the machine's RAM holds one copy of it, not one per process.
 
 Checked against torch 2.13 (``torch.distributed.fsdp.fully_shard``, ``FSDPModule.set_reduce_scatter_unused_params``,
 ``torch.distributed.checkpoint.state_dict``, ``torch.distributed.tensor``) on the CPU with gloo.
@@ -65,8 +65,11 @@ def load_for_sharding(ref: Any, dtype: str, device: str, rank: int) -> Any:
     from dataclasses import replace
 
     from probe.devices import available_ram
-    from probe.models import DTYPES, LoadedModel, _check_geometry, load_model, load_processors, skeleton_of
+    from probe.models import (DTYPES, LoadedModel, _check_geometry, exact_fp32_convolutions, load_model,
+                              load_processors, skeleton_of)
 
+    if dtype == "float32" and torch.device(device).type != "cpu":  # load_model's, which reads on the CPU here
+        exact_fp32_convolutions()
     if rank == 0:
         ram = available_ram()
         loaded = load_model(ref, dtype=dtype, device="cpu", device_memory=(ram,) if ram else (), logits_fp32=False)
@@ -82,11 +85,12 @@ def load_for_sharding(ref: Any, dtype: str, device: str, rank: int) -> Any:
 def structure(model: torch.nn.Module) -> list[tuple]:
     """What every rank's model must share for FSDP's collectives to pair up and rank 0's tensors to fit: the
     attention implementation, and each parameter's and buffer's name, shape and dtype, with the name of the first
-    parameter it is (a tied head names the embeddings)."""
+    parameter it is (a tied head names the embeddings) and whether it trains (the ranks' optimisers and
+    reduce-scatters must hold the same parameters)."""
     out: list[tuple] = [("attn", getattr(model.config, "_attn_implementation", None))]
     first: dict[int, str] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
-        out.append((name, tuple(p.shape), str(p.dtype), first.setdefault(id(p), name)))
+        out.append((name, tuple(p.shape), str(p.dtype), first.setdefault(id(p), name), p.requires_grad))
     out += [(name, tuple(b.shape), str(b.dtype)) for name, b in model.named_buffers(remove_duplicate=False)]
     return out
 
@@ -126,6 +130,13 @@ def shard(model: torch.nn.Module, layers_path: str, device: torch.device, world:
     from torch.distributed.fsdp import fully_shard
 
     rank = dist.get_rank()
+    # which parameters train is rank 0's, as in one process: from_pretrained's loaded parameters all require grad,
+    # where the config's build leaves some frozen (Qwen2-Audio's sinusoidal embed_positions), so the ranks' root
+    # groups reduce-scattered gradients of different sizes (gloo aborted in the first backward)
+    trains = [{n: p.requires_grad for n, p in model.named_parameters()}]
+    dist.broadcast_object_list(trains, src=0)
+    for n, p in model.named_parameters():
+        p.requires_grad_(trains[0].get(n, p.requires_grad))
     check_same_structure(model, "as loaded")
     # rank 0's whole tensors, kept by reference: fully_shard copies each rank's share out of them
     full = model.state_dict() if rank == 0 else {}
@@ -267,13 +278,19 @@ def full_optimizer_state(opt: torch.optim.Optimizer, rank: int) -> dict[str, Any
 
 def load_optimizer_state(opt: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
     """A one-process optimiser state (``full_optimizer_state``'s, or one process's own) into the sharded optimiser:
-    each whole tensor is cut into this rank's shard of its parameter's layout."""
+    each whole tensor is cut into this rank's shard of its parameter's layout before the optimiser takes it, one at a
+    time (torch's ``load_state_dict`` moves every state tensor to its parameter's device first: given whole ones, it
+    put the whole AdamW state on each rank's GPU at once, two float32 copies of the model)."""
+    from itertools import chain
+
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    opt.load_state_dict(saved)
-    for p, st in opt.state.items():
-        if not isinstance(p, DTensor):
-            continue
-        for name, value in st.items():
-            if isinstance(value, torch.Tensor) and not isinstance(value, DTensor) and value.shape == p.shape:
-                st[name] = distribute_tensor(value.to(p.device_mesh.device_type), p.device_mesh, p.placements)
+    params = dict(zip(chain.from_iterable(g["params"] for g in saved["param_groups"]),
+                      chain.from_iterable(g["params"] for g in opt.param_groups)))
+    state = {}
+    for key, st in saved["state"].items():  # the same order on every rank (one file): distribute_tensor scatters
+        p = params.get(key)
+        state[key] = {name: distribute_tensor(value.to(p.device_mesh.device_type), p.device_mesh, p.placements)
+                      if isinstance(p, DTensor) and isinstance(value, torch.Tensor) and value.shape == p.shape
+                      else value for name, value in st.items()}
+    opt.load_state_dict({**saved, "state": state})

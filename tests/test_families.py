@@ -619,12 +619,14 @@ def test_lora_checkpoint_is_pefts_own_merge_into_the_source(family, held, tmp_pa
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("family", ("qwen2", "qwen2_vl", "llava_onevision") + NEW)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_fsdp_ranks_build_the_model_rank_0_reads(family, dtype):
     """Under --fsdp only rank 0 reads the checkpoint; every other rank builds the model from its config on the meta
     device and receives rank 0's tensors into its shards by name. On every row that build has the loaded model's
     parameters and buffers — names, shapes, dtypes, ties (a tied head) — and attention implementation, and it
-    holds no storage (probe.fsdp.structure, which every rank compares at run time as well)."""
+    holds no storage (probe.fsdp.structure, which every rank compares at run time as well). Which parameters train
+    may differ (Qwen2-Audio's embed_positions: frozen in the build, not once loaded): probe.fsdp.shard takes rank
+    0's (test_fsdp_trains_the_parameters_one_process_trains)."""
     from probe.fsdp import structure
     from probe.models import DTYPES, load_model, resolve_model, skeleton_of
     from probe.tiny import tiny_dir
@@ -632,7 +634,10 @@ def test_fsdp_ranks_build_the_model_rank_0_reads(family, dtype):
     ref = resolve_model(str(tiny_dir(family)))
     built = skeleton_of(ref, DTYPES[dtype], "sdpa")
     read = load_model(ref, dtype=dtype, logits_fp32=False).model
-    assert structure(built) == structure(read)
+    def named(s):  # without whether each parameter trains
+        return [e[:4] if len(e) == 5 else e for e in s]
+
+    assert named(structure(built)) == named(structure(read))
     assert all(t.is_meta for t in [*built.parameters(), *built.buffers()])
     assert len(structure(read)) > 10 and structure(read)[0] == ("attn", "sdpa")
 

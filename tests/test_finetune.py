@@ -511,6 +511,92 @@ def test_fsdp_checkpoint_of_a_tied_model_keeps_the_tie(text_dir, tmp_path):
     assert any(not torch.equal(end[k], start[k]) for k in start)
 
 
+def test_fsdp_trains_the_parameters_one_process_trains(text_dir, tmp_path):
+    """Which parameters train is rank 0's: from_pretrained leaves every loaded parameter requiring grad, where the
+    meta-device build of the other ranks keeps Qwen2-Audio's sinusoidal embed_positions frozen, so rank 0's root
+    group reduce-scattered a gradient rank 1 did not have (gloo aborted in the first backward). Now the run is one
+    process's, that parameter trained on both."""
+    from analyses.finetune import main
+    from probe.tiny import tiny_dir
+
+    def argv(out):
+        return ["--model", str(tiny_dir("qwen2_audio")), "--data", f"text={text_dir}", "--split", "validation",
+                "--steps", "2", "--save-steps", "0", "--batch-size", "4", "--lr", "1e-3", "--lm-lr", "1e-3",
+                "--warmup", "1", "--dtype", "float32", "--device", "cpu", "--quiet", "--out", str(out)]
+
+    one, two = tmp_path / "one", tmp_path / "fsdp"
+    assert cli_main(main, argv(one)) == 0
+    res = _torchrun(["-m", "analyses.finetune"], [*argv(two), "--fsdp"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    for a, b in zip(_log(one), _log(two), strict=True):
+        assert float(b["loss"]) == pytest.approx(float(a["loss"]), rel=1e-5, abs=1e-6)
+    w1, w2 = (load_file(d / "checkpoint-2" / "model.safetensors") for d in (one, two))
+    assert sorted(w2) == sorted(w1)
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_fsdp_resume_gives_the_optimiser_shards_not_whole_tensors(tmp_path, monkeypatch) -> None:
+    """A resumed trainer state holds whole AdamW moments; torch's Optimizer.load_state_dict moves each state tensor
+    to its parameter's device before anything else, so given whole ones every rank's GPU held the whole AdamW state
+    at once (two float32 copies of the model) before they were cut into shards. They reach the optimiser as this
+    rank's shards now, with the same values (one gloo process: a mesh of one)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from probe import fsdp
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        model = torch.nn.Linear(4, 3)
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        opt = torch.optim.AdamW(model.parameters())
+        saved = {"state": {i: {"step": torch.tensor(2.0), "exp_avg": torch.full(tuple(p.shape), i + 1.0),
+                               "exp_avg_sq": torch.full(tuple(p.shape), i + 3.0)}
+                           for i, p in enumerate(model.parameters())},
+                 "param_groups": opt.state_dict()["param_groups"]}
+        seen = []
+        real = torch.optim.Optimizer._process_value_according_to_param_policy
+
+        def policy(param, value, *args):
+            seen.append((isinstance(param, DTensor), isinstance(value, DTensor)))
+            return real(param, value, *args)
+
+        monkeypatch.setattr(torch.optim.Optimizer, "_process_value_according_to_param_policy", staticmethod(policy))
+        fsdp.load_optimizer_state(opt, saved)
+        assert len(seen) == 6 and all(whole for whole, _ in seen)
+        assert sum(shard for _, shard in seen) == 4  # the moments (step is a scalar, as FSDP leaves it)
+        for i, p in enumerate(model.parameters()):
+            st = opt.state[p]
+            assert isinstance(st["exp_avg"], DTensor) and float(st["step"]) == 2.0
+            torch.testing.assert_close(st["exp_avg"].full_tensor(), saved["state"][i]["exp_avg"])
+            torch.testing.assert_close(st["exp_avg_sq"].full_tensor(), saved["state"][i]["exp_avg_sq"])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_ranks_on_gpus_turn_tf32_convolutions_off_in_float32(tiny_dirs) -> None:
+    """float32 on a GPU turns cuDNN's TF32 convolutions off in load_model, which an --fsdp rank 0 calls on the CPU
+    (and the other ranks not at all): the vision towers' patch convolutions ran in TF32 under --fsdp --dtype
+    float32. Every rank turns them off now; bfloat16, or the CPU, leaves the flag as it was."""
+    from probe.fsdp import load_for_sharding
+    from probe.models import resolve_model
+
+    ref = resolve_model(str(tiny_dirs["qwen2_vl"]))
+    was = torch.backends.cudnn.allow_tf32
+    try:
+        for rank in (0, 1):
+            for dtype, device, tf32 in (("bfloat16", "cuda:1", True), ("float32", "cpu", True),
+                                        ("float32", "cuda:1", False)):
+                torch.backends.cudnn.allow_tf32 = True
+                loaded = load_for_sharding(ref, dtype, device, rank)
+                assert torch.backends.cudnn.allow_tf32 is tf32 and loaded.device == torch.device(device), (rank, dtype)
+    finally:
+        torch.backends.cudnn.allow_tf32 = was
+
+
 def test_fsdp_refuses_to_drop_every_gradient_when_it_cannot_map_them() -> None:
     """--fsdp tells a reached parameter by FSDP2's private mapping from the unsharded tensors the backward reaches
     to the sharded parameters: if a torch release moves it, nothing maps and every gradient would be dropped (a run
