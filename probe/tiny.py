@@ -346,15 +346,26 @@ def cache_root() -> Path:
 
 
 def tiny_dir(family: str) -> Path:
-    """The cached directory of a tiny model, built atomically on first use."""
+    """The cached directory of a tiny model, built atomically on first use. A build missing its config or weights
+    is never cached (transformers' save_pretrained writes nothing on a process other than rank 0 once a launch's
+    process group is up: such a build left a dir of tokenizer files that every later call returned), and a cached
+    dir without its config is built again."""
     target = cache_root() / "tiny" / family
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{family}-", dir=target.parent))
     build_tiny(family, tmp)
+    if not (tmp / "config.json").is_file() or not any(tmp.glob("*.safetensors")):
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError(f"building the tiny {family} model wrote no config or weights (save_pretrained writes "
+                           "nothing on a process other than rank 0 of a launch): build it in one process first")
     try:
         tmp.rename(target)
-    except OSError:  # built concurrently by another process: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
+    except OSError:
+        if (target / "config.json").is_file():  # built concurrently by another process: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:  # an incomplete dir left by an older build: replace it
+            shutil.rmtree(target, ignore_errors=True)
+            tmp.rename(target)
     return target

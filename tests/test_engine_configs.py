@@ -109,3 +109,26 @@ def test_length_dependent_rope_past_its_limit_is_refused(kind, tmp_path):
     np.testing.assert_allclose(exact["p_answer"], naive["p_answer"], atol=1e-5, rtol=0)
     assert (naive["response"] == exact["response"]).all()
     assert m.rope_limit == (kind, 80)
+
+
+def test_tiny_dir_never_caches_a_build_without_weights_and_rebuilds_an_incomplete_one(tmp_path, monkeypatch):
+    """transformers' save_pretrained writes nothing on a process that is not rank 0 of a launch (its process group
+    up): a tiny build there left a cache dir of tokenizer files only, which tiny_dir returned ever after (found under
+    torchrun). Such a build now raises and caches nothing, and a cached dir without config.json is built again."""
+    import probe.tiny as tiny
+
+    monkeypatch.setenv("OMNIPROBE_CACHE", str(tmp_path))
+    real = tiny.build_tiny
+
+    def tokenizer_only(family, out_dir):  # what a rank other than 0 wrote
+        (out_dir / "tokenizer.json").write_text("{}")
+
+    monkeypatch.setattr(tiny, "build_tiny", tokenizer_only)
+    with pytest.raises(RuntimeError, match="wrote no config or weights"):
+        tiny.tiny_dir("qwen2")
+    assert not (tmp_path / "tiny" / "qwen2").exists() and list((tmp_path / "tiny").iterdir()) == []
+    (tmp_path / "tiny" / "qwen2").mkdir()  # an incomplete dir, as the old code left
+    (tmp_path / "tiny" / "qwen2" / "tokenizer.json").write_text("{}")
+    monkeypatch.setattr(tiny, "build_tiny", real)
+    built = tiny.tiny_dir("qwen2")
+    assert (built / "config.json").is_file() and any(built.glob("*.safetensors"))
