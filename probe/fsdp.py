@@ -43,9 +43,9 @@ import torch
 def init(cpu: bool) -> tuple[int, int]:
     """The launch's process group (accelerate's ``PartialState``, which ``wait_for_everyone`` also uses); (rank,
     world)."""
-    from accelerate import PartialState
+    from probe.train import process_state
 
-    state = PartialState(cpu=cpu)
+    state = process_state(cpu)
     return state.process_index, state.num_processes
 
 

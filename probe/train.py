@@ -344,6 +344,7 @@ def data_parallel(loaded):
 
     # find_unused_parameters: a rank's share (or micro-batch) of text rows leaves the vision tower without a
     # gradient, which DDP otherwise waits for: the next step's forward raised (or the ranks hung)
+    process_state(loaded.device.type == "cpu")  # the process group, with our timeout, if no barrier set it up yet
     acc = Accelerator(cpu=loaded.device.type == "cpu",
                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     if acc.num_processes != world:  # each rank would train every row alone, the launch's work W times
@@ -362,9 +363,22 @@ def wait_for_everyone(cpu: bool) -> None:
     the whole process, and one set up for GPUs on a machine without any is a single process (no barrier, and no
     data parallel: every rank would train every row)."""
     if rank_world()[1] > 1:
-        from accelerate import PartialState
+        process_state(cpu).wait_for_everyone()
 
-        PartialState(cpu=cpu).wait_for_everyone()
+
+# how long a rank waits at a barrier or collective for the others: under --fsdp the other ranks wait while rank 0
+# alone reads the checkpoint (minutes for a 72B), where NCCL's default gives up after 10
+PROCESS_GROUP_TIMEOUT_MIN = 60
+
+
+def process_state(cpu: bool):
+    """accelerate's process state, the launch's process group set up by its first call (``cpu``: gloo, else the
+    GPUs' backend), with PROCESS_GROUP_TIMEOUT_MIN."""
+    from datetime import timedelta
+
+    from accelerate import PartialState
+
+    return PartialState(cpu=cpu, timeout=timedelta(minutes=PROCESS_GROUP_TIMEOUT_MIN))
 
 
 def train(loaded, rows: list[dict], cfg: TrainConfig, log: Callable[[str], None] = print,

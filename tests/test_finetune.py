@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from probe.errors import BadInput, cli_main
+from probe.train import PROCESS_GROUP_TIMEOUT_MIN
 
 
 def _args(tiny_dirs, data_dir, text_dir, out: Path, *extra) -> list[str]:
@@ -390,6 +391,14 @@ import probe.models as models
 from analyses.finetune import main
 from probe.errors import cli_main
 
+import torch.distributed as dist
+timeouts = []
+real_init = dist.init_process_group
+def init_process_group(*args, **kwargs):
+    timeouts.append(kwargs.get("timeout"))
+    return real_init(*args, **kwargs)
+dist.init_process_group = init_process_group
+
 reads = []
 real_read = models._from_pretrained
 def from_pretrained(*args, **kwargs):
@@ -404,7 +413,7 @@ def shard(model, *args):
     real(model, *args)
     held = sum(p.to_local().numel() for p in model.parameters())
     with open(sys.argv[1] + ".shards" + os.environ["RANK"], "a") as f:
-        f.write(f"{held} {whole} {meta} {len(reads)}\\n")
+        f.write(f"{held} {whole} {meta} {len(reads)} {timeouts[0].total_seconds()}\\n")
     return model
 fsdp.shard = shard
 sys.exit(cli_main(main, sys.argv[2:]))
@@ -435,6 +444,8 @@ def test_fsdp_on_two_gloo_processes_equals_one(fsdp_run, ft_run):
     assert all(int(h[0]) < 0.51 * whole for h in held)  # each rank holds half of every weight, not the model
     # rank 0 alone read the checkpoint; rank 1's model was all on the meta device until its shards were filled
     assert (int(held[0][2]), int(held[0][3])) == (0, 1) and (int(held[1][2]), int(held[1][3])) == (whole, 0)
+    # the process group waits an hour for a rank (rank 0 alone reads the checkpoint), not NCCL's default 10 minutes
+    assert all(float(h[4]) == 60 * PROCESS_GROUP_TIMEOUT_MIN for h in held) and PROCESS_GROUP_TIMEOUT_MIN >= 30
     one, two = _log(ft_run), _log(fsdp_run)
     assert [(r["step"], r["modality"], r["tokens"]) for r in one] == [(r["step"], r["modality"], r["tokens"]) for r in two]
     for a, b in zip(one, two):
