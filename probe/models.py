@@ -548,8 +548,10 @@ def check_trains_fits(ref: ModelRef, dtype: str, device: str, memory: int | None
     traceback at the first step after the other stages ran. Activations come on top. ``memory``: the device's
     bytes (free RAM on the CPU, the GPU's total); None = unknown, not checked.
 
-    ``shards`` > 1: each of that many devices under ``--fsdp`` (probe.fsdp) holds 1/shards of all that, plus what a
-    forward gathers whole (``fsdp_gathered_bytes``)."""
+    ``shards`` > 1: each of that many devices under ``--fsdp`` (probe.fsdp) holds 1/shards of the weights, gradients
+    and moments, plus what a forward gathers whole (``fsdp_gathered_bytes``), plus under autocast the bfloat16 copy
+    of every weight, whole: autograd keeps the cast each matmul used for its backward, a tensor FSDP does not manage
+    (reasoned, not measured on GPUs)."""
     if not memory:
         return
     from probe.dispatch import HEADROOM_BYTES, HEADROOM_FRACTION, module_nbytes
@@ -567,11 +569,16 @@ def check_trains_fits(ref: ModelRef, dtype: str, device: str, memory: int | None
             f"moments{copies} ({n_train:,} parameters train)")
     if shards > 1:
         gathered = fsdp_gathered_bytes(skeleton, ref.family.layers_path)
-        if (weights + state) / shards + gathered > usable:
-            raise BadInput(f"{ref.spec}: fine-tuning it with --fsdp over {shards} processes takes "
-                           f"{byte_size((weights + state) / shards + gathered)} on each device: 1/{shards} of {what}, "
-                           f"and {byte_size(gathered)} of weights a forward gathers whole; more than {device} can hold "
-                           f"({byte_size(max(usable, 0))} usable); launch more processes (one per GPU, on several "
+        cast = weights // 2 if autocast else 0  # not sharded: every rank's forward casts every weight
+        need = (weights + state - cast) / shards + gathered + cast
+        if need > usable:
+            casts = (f", and {byte_size(cast)} of bfloat16 copies of all the weights that autocast makes and autograd "
+                     "keeps for the backward" if autocast else "")
+            raise BadInput(f"{ref.spec}: fine-tuning it with --fsdp over {shards} processes takes {byte_size(need)} "
+                           f"on each device: 1/{shards} of {byte_size(weights)} of {dtype} weights plus "
+                           f"{byte_size(state - cast)} of gradients and AdamW moments ({n_train:,} parameters train), "
+                           f"{byte_size(gathered)} of weights a forward gathers whole{casts}; more than {device} can "
+                           f"hold ({byte_size(max(usable, 0))} usable); launch more processes (one per GPU, on several "
                            "machines), or use LoRA in one process (--lora R)")
         return
     if weights + state > usable:

@@ -989,7 +989,7 @@ def test_training_state_that_does_not_fit_is_refused_before_a_weight_loads(tmp_p
 def test_an_fsdp_rank_is_checked_for_its_share_and_what_a_forward_gathers(tiny_dirs) -> None:
     """Under --fsdp each GPU holds 1/W of the weights, gradients and AdamW moments, plus the weights a forward
     gathers whole: the root's group (all but the decoder layers) and two decoder layers (the running one and the
-    prefetched). Oracle: tiny Qwen2-VL loaded, those bytes counted from its tensors; a device 1 KB short of a rank's
+    prefetched); under bfloat16 autocast, the bfloat16 copy of every weight too (whole). Oracle: tiny Qwen2-VL loaded, those bytes counted from its tensors; a device 1 KB short of a rank's
     need over 2 processes is refused in one line naming --fsdp, 1 KB more passes, and what one process needs
     (twice the shared part) is refused without --fsdp."""
     from probe.dispatch import HEADROOM_BYTES, HEADROOM_FRACTION
@@ -1015,6 +1015,12 @@ def test_an_fsdp_rank_is_checked_for_its_share_and_what_a_forward_gathers(tiny_d
     with pytest.raises(BadInput, match=": fine-tuning it takes [0-9.]+ MiB of float32 weights plus"):
         check_trains_fits(ref, "float32", "cuda:0", device(share + 1024), cfg)
     assert weights + _trainable_bytes(model) > share + 1024  # (why one process is refused there)
+    # under bfloat16 autocast every rank also keeps the bfloat16 copy of every weight for the backward: not sharded
+    share_bf16 = share + weights // 2
+    bf16 = TrainConfig(steps=1, lr=1e-3, lm_lr=1e-3, autocast="bfloat16")
+    with pytest.raises(BadInput, match="bfloat16 copies of all the weights"):
+        check_trains_fits(ref, "float32", "cuda:0", device(share_bf16 - 1024), bf16, shards=2)
+    check_trains_fits(ref, "float32", "cuda:0", device(share_bf16 + 1024), bf16, shards=2)
 
 
 def test_a_frozen_part_is_not_counted_as_training_state(tiny_dirs) -> None:
