@@ -564,9 +564,6 @@ def check_trains_fits(ref: ModelRef, dtype: str, device: str, memory: int | None
     if autocast:  # the step's bfloat16 copies of the float32 weights
         state += weights // 2
     usable = memory * HEADROOM_FRACTION - HEADROOM_BYTES
-    copies = " (and the bfloat16 autocast copies)" if autocast else ""
-    what = (f"{byte_size(weights)} of {dtype} weights plus {byte_size(state)} of gradients and AdamW "
-            f"moments{copies} ({n_train:,} parameters train)")
     if shards > 1:
         gathered = fsdp_gathered_bytes(skeleton, ref.family.layers_path)
         cast = weights // 2 if autocast else 0  # not sharded: every rank's forward casts every weight
@@ -582,7 +579,9 @@ def check_trains_fits(ref: ModelRef, dtype: str, device: str, memory: int | None
                            "machines), or use LoRA in one process (--lora R)")
         return
     if weights + state > usable:
-        raise BadInput(f"{ref.spec}: fine-tuning it takes {what}, "
+        copies = " (and the bfloat16 autocast copies)" if autocast else ""
+        raise BadInput(f"{ref.spec}: fine-tuning it takes {byte_size(weights)} of {dtype} weights plus "
+                       f"{byte_size(state)} of gradients and AdamW moments{copies} ({n_train:,} parameters train), "
                        f"more than {device} can hold ({byte_size(max(usable, 0))} usable); use LoRA (--lora R; "
                        "replicate: finetune.lora), the model split over several GPUs (--device auto), or a rate of "
                        "0 for a part (--lm-lr 0 / --lr 0)")
