@@ -45,7 +45,9 @@ class DeviceQuery:
         if torch.cuda.is_available():
             names = tuple(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
             memory = tuple(torch.cuda.get_device_properties(i).total_memory for i in range(len(names)))
-            bf16 = bool(torch.cuda.is_bf16_supported())
+            # native bf16 only: torch counts a V100's or T4's emulated bf16 as support, which runs slower than
+            # float32 there (auto) and is not the precision asked for (explicit bfloat16)
+            bf16 = bool(torch.cuda.is_bf16_supported(including_emulation=False))
         try:
             cpu_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
         except (AttributeError, RuntimeError):

@@ -251,3 +251,20 @@ def test_placed(placed):
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-p",
                         "no:randomly", str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode == 0 and "2 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
+
+
+def test_a_gpu_that_only_emulates_bf16_is_probed_as_without_it(monkeypatch):
+    """torch.cuda.is_bf16_supported() is True on a V100 or T4, which emulate bf16 (slower than float32): the probe asks
+    for native support, so --dtype auto is float32 there and --dtype bfloat16 exits 2 (the TWO_OLD_GPUS rows above)."""
+    import types
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "Tesla V100-SXM2-32GB")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=32 << 30))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    q = DeviceQuery.probe()
+    assert q.cuda_names == ("Tesla V100-SXM2-32GB",) and q.cuda_bf16 is False
+    assert resolve_placement(query=q).dtype == "float32"
