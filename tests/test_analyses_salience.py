@@ -297,7 +297,8 @@ def test_heads_csv_as_pandas_writes_it(case, zoo, tmp_path, capfd):
     err = capfd.readouterr().err.strip()
     assert code == 2 and err.startswith("error: ") and "\n" not in err, err
     assert {"short_row": "a row has fewer fields than the header",
-            "no_generate": "accuracy_drop is NaN (empty or infinite) for some heads; a --no-generate or attribution run"}[case] in err
+            "no_generate": "accuracy_drop is NaN (empty or infinite) for some heads; a --no-generate or "
+                           "attribution run"}[case] in err
     assert not out.exists()
 
 

@@ -699,7 +699,8 @@ def test_fsdp_ranks_whose_models_differ_stop_together_in_one_line(tiny_dirs, dat
     assert len(errors) in (1, 2) and len(set(errors)) == 1, res.stderr[-3000:]
     assert errors[0].startswith("error: --fsdp: rank 1's model differs from rank 0's as loaded (('attn', 'eager') "
                                 "vs rank 0's ('attn', 'sdpa'))"), errors[0]
-    assert not [line for line in res.stderr.splitlines() if line.startswith("[rank")], res.stderr[-3000:]  # no traceback
+    # no traceback from a rank
+    assert not [line for line in res.stderr.splitlines() if line.startswith("[rank")], res.stderr[-3000:]
     assert not (out / "train_log.csv").read_text().strip().count("\n")  # the header only: no step ran
 
 
@@ -989,9 +990,10 @@ def test_training_state_that_does_not_fit_is_refused_before_a_weight_loads(tmp_p
 def test_an_fsdp_rank_is_checked_for_its_share_and_what_a_forward_gathers(tiny_dirs) -> None:
     """Under --fsdp each GPU holds 1/W of the weights, gradients and AdamW moments, plus the weights a forward
     gathers whole: the root's group (all but the decoder layers) and two decoder layers (the running one and the
-    prefetched); under bfloat16 autocast, the bfloat16 copy of every weight too (whole). Oracle: tiny Qwen2-VL loaded, those bytes counted from its tensors; a device 1 KB short of a rank's
-    need over 2 processes is refused in one line naming --fsdp, 1 KB more passes, and what one process needs
-    (twice the shared part) is refused without --fsdp."""
+    prefetched); under bfloat16 autocast, the bfloat16 copy of every weight too (whole). Oracle: tiny Qwen2-VL
+    loaded, those bytes counted from its tensors; a device 1 KB short of a rank's need over 2 processes is refused
+    in one line naming --fsdp, 1 KB more passes, and what one process needs (twice the shared part) is refused
+    without --fsdp."""
     from probe.dispatch import HEADROOM_BYTES, HEADROOM_FRACTION
     from probe.models import check_trains_fits, load_model, resolve_model
     from probe.train import TrainConfig
@@ -1000,7 +1002,8 @@ def test_an_fsdp_rank_is_checked_for_its_share_and_what_a_forward_gathers(tiny_d
     model = load_model(ref, dtype="float32").model
 
     def nbytes(module) -> int:
-        return sum(t.numel() * t.element_size() for t in {id(t): t for t in [*module.parameters(), *module.buffers()]}.values())
+        own = {id(t): t for t in [*module.parameters(), *module.buffers()]}  # tied tensors once
+        return sum(t.numel() * t.element_size() for t in own.values())
 
     weights = nbytes(model)
     layers = [nbytes(layer) for layer in model.get_submodule(ref.family.layers_path)]

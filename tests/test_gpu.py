@@ -239,4 +239,5 @@ def test_defaults_on_a_gpu_are_cuda_and_bf16():
     from probe.devices import resolve_placement
 
     p = resolve_placement()
-    assert p.device_type == "cuda" and p.dtype == ("bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float32")
+    native = torch.cuda.is_bf16_supported(including_emulation=False)
+    assert p.device_type == "cuda" and p.dtype == ("bfloat16" if native else "float32")
