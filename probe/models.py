@@ -262,14 +262,15 @@ def load_model(
     if ref.hub_repo is not None:  # resolution fetched configs only; the weights come now
         model_path(ref.spec, weights=True)
         check_weights(ref.path, ref.gguf_file)
-    if plan is not None or device != "cpu":
+    on_devices = plan is not None or device != "cpu"  # a GPU, or a map over several devices
+    if on_devices:
         # a spread model dropped before this one (probe.eval's previous model, a previous stage of analyses.replicate)
         # lives on in reference cycles (accelerate's hooks: each module's forward is a partial of the module) until
         # Python's cyclic collector runs, which a model's load need not trigger: its GPUs' memory would still be taken
         import gc
 
         gc.collect()
-    if torch_dtype == torch.float32 and (plan is not None or device != "cpu"):
+    if torch_dtype == torch.float32 and on_devices:
         exact_fp32_convolutions()
     model = _from_pretrained(ref, dtype=torch_dtype, attn_implementation=attn_implementation,
                              **({"device_map": plan.device_map} if plan else {}))
@@ -559,30 +560,28 @@ def check_trains_fits(ref: ModelRef, dtype: str, device: str, memory: int | None
 
     skeleton = skeleton_of(ref, DTYPES[dtype])
     weights = module_nbytes(skeleton)
-    n_train, state = optimizer_bytes(skeleton, ref, train_cfg)
+    n_train, state = optimizer_bytes(skeleton, ref, train_cfg)  # gradients and AdamW moments
     autocast = getattr(train_cfg, "autocast", None) == "bfloat16"
-    if autocast:  # the step's bfloat16 copies of the float32 weights
-        state += weights // 2
+    cast = weights // 2 if autocast else 0  # the step's bfloat16 copies of the float32 weights
     usable = memory * HEADROOM_FRACTION - HEADROOM_BYTES
     if shards > 1:
         gathered = fsdp_gathered_bytes(skeleton, ref.family.layers_path)
-        cast = weights // 2 if autocast else 0  # not sharded: every rank's forward casts every weight
-        need = (weights + state - cast) / shards + gathered + cast
+        need = (weights + state) / shards + gathered + cast  # the casts are not sharded: every rank casts every weight
         if need > usable:
             casts = (f", and {byte_size(cast)} of bfloat16 copies of all the weights that autocast makes and autograd "
                      "keeps for the backward" if autocast else "")
             raise BadInput(f"{ref.spec}: fine-tuning it with --fsdp over {shards} processes takes {byte_size(need)} "
                            f"on each device: 1/{shards} of {byte_size(weights)} of {dtype} weights plus "
-                           f"{byte_size(state - cast)} of gradients and AdamW moments ({n_train:,} parameters train), "
+                           f"{byte_size(state)} of gradients and AdamW moments ({n_train:,} parameters train), "
                            f"{byte_size(gathered)} of weights a forward gathers whole{casts}; more than {device} can "
                            f"hold ({byte_size(max(usable, 0))} usable); launch more processes (one per GPU, on several "
                            "machines), or use LoRA in one process (--lora R)")
         return
-    if weights + state > usable:
+    if weights + state + cast > usable:
         copies = " (and the bfloat16 autocast copies)" if autocast else ""
         raise BadInput(f"{ref.spec}: fine-tuning it takes {byte_size(weights)} of {dtype} weights plus "
-                       f"{byte_size(state)} of gradients and AdamW moments{copies} ({n_train:,} parameters train), "
-                       f"more than {device} can hold ({byte_size(max(usable, 0))} usable); use LoRA (--lora R; "
+                       f"{byte_size(state + cast)} of gradients and AdamW moments{copies} ({n_train:,} parameters "
+                       f"train), more than {device} can hold ({byte_size(max(usable, 0))} usable); use LoRA (--lora R; "
                        "replicate: finetune.lora), the model split over several GPUs (--device auto), or a rate of "
                        "0 for a part (--lm-lr 0 / --lr 0)")
 
