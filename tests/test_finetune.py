@@ -334,27 +334,18 @@ def test_two_processes_on_gloo_equal_one(how, ft_run, tiny_dirs, data_dir, text_
     batch (a barrier that set up accelerate's state for GPUs left both ranks training every row on their own), also
     one row per forward with activation checkpointing; a rank whose rows are all text leaves the vision tower
     without a gradient, which DDP waited for (the next forward raised)."""
-    import os
-    import subprocess
-    import sys
-
-    from conftest import REPO
-
     out = tmp_path / "ddp"
     spy = tmp_path / "spy.py"
     spy.write_text(RANK_SPY)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(spy), str(out),
-                          *_args(tiny_dirs, data_dir, text_dir, out, *how)],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    res = _torchrun([str(spy), str(out)], _args(tiny_dirs, data_dir, text_dir, out, *how), timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     for rank in (0, 1):  # each step's 4 / 2 rows in one forward, or one by one (every rank as many backwards)
         assert Path(f"{out}.rank{rank}").read_text().split() == (["1"] * 12 if how else ["2"] * 6)
     assert_same_run(ft_run, out, ("step", "modality", "tokens"), loss=(1e-5, 1e-6), weights=(1e-4, 1e-5))
 
 
-def _torchrun(script: list[str], argv: list[str], timeout: int = 300):
-    """``python -m torch.distributed.run --nproc-per-node 2`` (gloo on the CPU) of ``script`` with ``argv``."""
+def _torchrun(script: list[str], argv: list[str], timeout: int = 300, processes: int = 2):
+    """``python -m torch.distributed.run --nproc-per-node PROCESSES`` of ``script`` with ``argv`` (gloo on the CPU)."""
     import os
     import subprocess
     import sys
@@ -362,8 +353,8 @@ def _torchrun(script: list[str], argv: list[str], timeout: int = 300):
     from conftest import REPO
 
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", *script, *argv],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes), *script,
+                           *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 # torchrun runs this for a run killed (KeyboardInterrupt on every rank) right after update int(sys.argv[1])

@@ -198,13 +198,10 @@ def test_fsdp_on_the_gpus_backend_trains_as_one_process(tmp_path):
     run before: a torchrun launch of one process on the GPU, bf16 autocast, trains as one process without --fsdp on
     the same GPU: losses within 1e-3, the final update's cosine ≥ 0.999, the same tensors in the checkpoints. (gloo
     with OMNIPROBE_GPU_TEST_DEVICE=cpu.)"""
-    import subprocess
-    import sys
-
     from safetensors.torch import load_file
+    from test_finetune import _torchrun
 
     from analyses.finetune import main
-    from conftest import REPO
     from probe.errors import cli_main
     from probe.heads import default_data_for
 
@@ -217,9 +214,7 @@ def test_fsdp_on_the_gpus_backend_trains_as_one_process(tmp_path):
     assert cli_main(main, args(one)) == 0
     script = tmp_path / "one_rank_fsdp.py"
     script.write_text(ONE_RANK_FSDP)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", str(script),
-                          *args(sharded), "--fsdp"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    res = _torchrun([str(script)], [*args(sharded), "--fsdp"], processes=1)
     assert res.returncode == 0, res.stderr[-3000:]
     import json
 
