@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.sweep import text_items  # noqa: E402
-from probe.batch import evaluate_items, padding_cap  # noqa: E402
+from probe.batch import evaluate_items, padding_cap, prefetches  # noqa: E402
 from probe.devices import resolve_placement  # noqa: E402
 from probe.errors import ArgParser, check_counts, cli_main  # noqa: E402
 from probe.heads import default_data_for  # noqa: E402
@@ -88,7 +88,7 @@ def compare(name: str, loaded, items, batch_size: int) -> dict:
     t = time.perf_counter()
     ahead = evaluate_items(loaded, items, cfg, batch_size, prefetch=True)
     t_ahead = time.perf_counter() - t
-    t_batch = t_ahead if loaded.device.type != "cpu" else t_turn  # evaluate_items' default for the device
+    t_batch = t_ahead if prefetches(loaded) else t_turn  # evaluate_items' default for the device
     # agreement with the one-item path: the worse of the two batched ways (their first windows, so batches, differ)
     same_text = min(sum(a.response == b.response for a, b in zip(one, way)) for way in (turn, ahead))
     same_pred = min(sum(int(prob_choice(a.logp)) == int(prob_choice(b.logp)) for a, b in zip(one, way))
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     cap = padding_cap(vl)  # the same for both: one placement
     print(f"torch threads {torch.get_num_threads()}, batch size {args.batch_size} (cut where padding would pass "
           f"{cap:.0%} of a batch's tokens), greedy 5 tokens")
-    default = "prefetched" if vl.device.type != "cpu" else "prepared in turn"
+    default = "prefetched" if prefetches(vl) else "prepared in turn"
     print(f"batched: windows prepared in turn, or the next one prefetched in a thread (the default here: {default}); "
           "speed-up is the default's, agreement the worse of the two")
     print("| case | items | prompt tokens | one at a time | batched, in turn | batched, prefetched | speed-up | "

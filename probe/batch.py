@@ -30,7 +30,6 @@ from probe.sweep import (Measurement, SweepConfig, first_token_measure, greedy_c
                          prepare_item)
 
 
-
 def signature(inputs: dict[str, torch.Tensor]) -> tuple:
     """Items with equal signatures can share a batch: same keys, same non-leading shapes of the other tensors."""
     return tuple(sorted((k, tuple(v.shape[1:])) for k, v in inputs.items() if k not in TOKEN_KEYS))
@@ -177,7 +176,7 @@ def evaluate_items(
     if max_padding == "device":
         max_padding = padding_cap(loaded)
     if prefetch is None:
-        prefetch = loaded.device.type != "cpu"
+        prefetch = prefetches(loaded)
     step = batch_size * window
     # prefetching, the first window is one batch: only its preparation is not hidden behind the model's work
     first = batch_size if prefetch else step
@@ -206,6 +205,12 @@ def evaluate_items(
         if pool:  # a stop (an error, Ctrl-C) does not wait for a window nobody will measure
             pool.shutdown(wait=False, cancel_futures=True)
     return results
+
+
+def prefetches(loaded: LoadedModel) -> bool:
+    """``evaluate_items``' default: prepare the next window in a thread on an accelerator, not on the CPU (where the
+    thread would take cores from the model's own threads)."""
+    return loaded.device.type != "cpu"
 
 
 def measure_window(loaded: LoadedModel, chunk: Sequence[ItemLike],
