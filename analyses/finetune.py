@@ -179,6 +179,10 @@ def add_lora(loaded, rank: int, adapter: Path | None = None):
     targets = rf"^{re.escape(loaded.family.layers_path)}\.\d+\..*\.({'|'.join(LORA_TARGETS)})$"
     with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing: not ours to act on
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        # an --fsdp rank other than 0 holds a meta-device model: the adapter's tensors go nowhere (torch says so per
+        # tensor), and the rank gets rank 0's when its shards are filled (probe.fsdp.shard)
+        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter in the checkpoint to a meta",
+                                category=UserWarning)
         if adapter is not None:
             loaded.model = PeftModel.from_pretrained(loaded.model, adapter, is_trainable=True)
         else:
@@ -193,7 +197,7 @@ def save_checkpoint(loaded, source: Path, dest: Path, state: dict | None,
     and renamed: a kill never leaves half a checkpoint. Full fine-tuning saves the model's weights in its dtype
     (``weights``: its whole state dict, gathered from FSDP's shards, instead of the model's own parameters);
     with LoRA the weights are the adapter merged into the source in float32 (``write_lora_merge``) and
-    ``adapter/`` holds the adapter."""
+    ``adapter/`` holds the adapter (``weights``: the adapters gathered from FSDP's shards)."""
     import torch
 
     from analyses.writer import copy_side_files
@@ -204,8 +208,8 @@ def save_checkpoint(loaded, source: Path, dest: Path, state: dict | None,
     tmp.mkdir(parents=True)
     try:
         if hasattr(loaded.model, "merge_and_unload"):  # a peft model
-            loaded.model.save_pretrained(tmp / "adapter")
-            write_lora_merge(loaded, source, tmp)
+            loaded.model.save_pretrained(tmp / "adapter", **({} if weights is None else {"state_dict": weights}))
+            write_lora_merge(loaded, source, tmp, weights)
         else:
             loaded.model.save_pretrained(tmp, state_dict=weights)
             if loaded.family.config_path is not None:
@@ -223,25 +227,40 @@ def save_checkpoint(loaded, source: Path, dest: Path, state: dict | None,
     tmp.rename(dest)
 
 
-def lora_updates(loaded) -> dict[str, Any]:
-    """The LoRA-wrapped projections of a peft model under the canonical LM names of their weights
-    (``layers.<i>.self_attn.q_proj.weight``, as ``analyses.checkpoints`` names a checkpoint's LM tensors)."""
+def lora_updates(loaded) -> dict[str, tuple[str, Any]]:
+    """The LoRA-wrapped projections of a peft model (their names in the model, the modules) under the canonical LM
+    names of their weights (``layers.<i>.self_attn.q_proj.weight``, as ``analyses.checkpoints`` names a
+    checkpoint's LM tensors)."""
     from peft.tuners.lora import LoraLayer
 
     prefix = loaded.family.layers_path + "."
     found = {}
-    for name, module in loaded.model.named_modules():
+    for full, module in loaded.model.named_modules():
         if not isinstance(module, LoraLayer):
             continue
-        name = name.removeprefix("base_model.model.")
+        name = full.removeprefix("base_model.model.")
         if not name.startswith(prefix):  # LORA_TARGETS' pattern caught a module outside the decoder layers
             raise RuntimeError(f"LoRA adapter on {name}, outside {loaded.family.layers_path}: its merge has no "
                                "checkpoint tensor to go to")
-        found["layers." + name.removeprefix(prefix) + ".weight"] = module
+        found["layers." + name.removeprefix(prefix) + ".weight"] = (full, module)
     return found
 
 
-def write_lora_merge(loaded, source: Path, dest: Path) -> None:
+def lora_delta(module: Any, adapter: str, weights: dict[str, Any] | None, name: str) -> Any:
+    """An adapted projection's update B·A·α/R by peft's own ``get_delta_weight``, from the module's adapters or,
+    under FSDP (where they are shards), from ``weights``: the whole ``<name>.lora_A.<adapter>.weight`` and
+    ``lora_B`` gathered from them, given to peft's function in a stand-in for the module."""
+    from types import SimpleNamespace
+
+    if weights is None:
+        return module.get_delta_weight(adapter)
+    whole = {part: {adapter: SimpleNamespace(weight=weights[f"{name}.{part}.{adapter}.weight"])}
+             for part in ("lora_A", "lora_B")}
+    return type(module).get_delta_weight(SimpleNamespace(**whole, fan_in_fan_out=module.fan_in_fan_out,
+                                                         scaling=module.scaling), adapter)
+
+
+def write_lora_merge(loaded, source: Path, dest: Path, weights: dict[str, Any] | None = None) -> None:
     """The weights of a LoRA checkpoint: every tensor of the source checkpoint (under its names and layout) in
     float32, each adapted projection plus its adapter's update (peft's ``get_delta_weight``: B·A·α/R), written
     one tensor at a time. A merged float32 copy of the whole model (peft's ``merge_and_unload``) needed 2× the
@@ -249,7 +268,11 @@ def write_lora_merge(loaded, source: Path, dest: Path) -> None:
     in CPU memory (bench/lora_save.py: 0.92 GB against 3.39 GB for a 1.4 GB bf16 model). A float32 source
     trained with bfloat16 frozen weights is merged at its own precision (checkpoint-0 is the source, not the
     bfloat16 rounding the run held). Raises when a frozen weight is not the source's tensor as loaded (a
-    conversion on load, or a name mapped to the wrong tensor): the update would go to the wrong place."""
+    conversion on load, or a name mapped to the wrong tensor): the update would go to the wrong place.
+
+    Under FSDP (``weights``: the adapters gathered whole, on rank 0) the frozen weights are shards and are not
+    compared: the run's checkpoint-0 compared them, written from rank 0's unsharded model, and a resume loads the
+    same source (its fingerprint, checked at every save) with the same software (refused otherwise)."""
     import torch
 
     from analyses.checkpoints import open_checkpoint
@@ -260,12 +283,12 @@ def write_lora_merge(loaded, source: Path, dest: Path) -> None:
     # would open the alias's model, not the one trained
     with open_checkpoint(str(Path(source).absolute()), allow_bin=True) as ck:
         by_key = {}
-        for canon, module in updates.items():
+        for canon, (name, module) in updates.items():
             key = ck.lm_key(canon)
             if key is None or key in by_key or tuple(ck.infos[key].shape) != tuple(module.base_layer.weight.shape):
                 raise RuntimeError(f"{source}: no tensor of shape {tuple(module.base_layer.weight.shape)} for the "
                                    f"adapted {canon} (found {key!r}); its LoRA merge cannot be written")
-            by_key[key] = module
+            by_key[key] = name, module
         keys = sorted(ck.infos, key=lambda k: (str(ck.infos[k].file), ck.infos[k].start))
         entries = [Entry(k, torch.float32, tuple(ck.infos[k].shape)) for k in keys]
         write_source_config(source, dest, "float32")
@@ -274,15 +297,16 @@ def write_lora_merge(loaded, source: Path, dest: Path) -> None:
                 info = ck.infos[key]
                 stored = ck.view(info)
                 tensor = stored.to(torch.float32, copy=True)  # never the source's mapped bytes
-                if (module := by_key.get(key)) is not None:
+                if key in by_key:
+                    name, module = by_key[key]
                     held = module.base_layer.weight
-                    if not torch.equal(held.detach().cpu(), stored.to(held.dtype)):
+                    if weights is None and not torch.equal(held.detach().cpu(), stored.to(held.dtype)):
                         raise RuntimeError(f"{source}: the frozen {key} in memory is not the checkpoint's tensor "
                                            "as loaded: the adapter's update would be merged into another tensor")
                     adapter = module.active_adapters[0]
                     if getattr(module, "lora_variant", {}).get(adapter) is not None:  # DoRA merges otherwise
                         raise RuntimeError(f"{key}: a LoRA variant's adapter; only plain LoRA is merged here")
-                    tensor += module.get_delta_weight(adapter).detach().float().cpu()
+                    tensor += lora_delta(module, adapter, weights, name).detach().float().cpu()
                 ck.release(info)
                 with writer.tensor(key) as sink:
                     sink.write(tensor)
@@ -462,9 +486,6 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
                        schedule=LOOP_IDENTITY["schedule"], micro_batch=cfg.micro_batch,
                        checkpointing=cfg.gradient_checkpointing, fsdp=cfg.fsdp)
     refuse_fsdp(placement.device_type)  # before the model loads and checkpoint-0 is written
-    if cfg.fsdp and cfg.lora is not None:
-        raise BadInput("--fsdp with --lora is not supported: the LoRA checkpoint merges the adapters from their "
-                       "unsharded weights; train LoRA in one process (or data parallel without --fsdp)")
     if cfg.fsdp and cfg.lm_lr == 0:  # not tried: a rank whose rows reach no trained weight would skip its backward
         raise BadInput("--fsdp with --lm-lr 0 is not supported: a rank whose rows are all text would run no backward "
                        "pass while the others reduce-scatter; train a frozen-LM stage without --fsdp")
@@ -604,8 +625,8 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         if info.step in saves:  # on every rank (their weights are equal), so all stop together
             check_finite_weights(loaded.model, info.step)  # the step's loss was finite, its update may not be
             check_source()
-        # under FSDP every rank gathers the whole weights and optimiser state for rank 0 to write
-        gathered = state() if cfg.fsdp and info.step in saves else None
+        # under FSDP every rank gathers the whole weights (with LoRA: the adapters) and optimiser state for rank 0
+        gathered = state(frozen=cfg.lora is None) if cfg.fsdp and info.step in saves else None
         if not writer:
             return
         counts: dict[str, int] = {}
@@ -686,8 +707,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "processes (torch's FSDP2, each decoder layer and the root), instead of each process holding the "
                    "whole model (data parallel); only rank 0 reads the checkpoint (into RAM), the others receive "
                    "their shards from it; the same run to float tolerance, checkpoints gathered whole by "
-                   "every rank and written by rank 0; full fine-tuning only (not with --lora); a resume may "
-                   "change it")
+                   "every rank and written by rank 0 (with --lora: the adapters, merged into the source's files); a "
+                   "resume may change it")
     p.add_argument("--device", default="auto",
                    help="auto (this process's GPUs, several → one model split by layers; else cpu), cpu, cuda, "
                         "cuda:0,cuda:1")
@@ -703,7 +724,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     data = parse_data(a.data)
     warmup = a.warmup if a.warmup is not None else min(10, max(0, a.steps - 1))  # below --steps, as it must be
-    if a.lora is not None and a.lr is not None:  # peft freezes all but the adapters: --lr would be ignored
+    from probe.devices import rank_world
+
+    # peft freezes all but the adapters: --lr would be ignored (said once, not by every rank of a launch)
+    if a.lora is not None and a.lr is not None and rank_world()[0] == 0:
         print(f"warning: --lr {a.lr} has no effect with --lora (only the LM's adapters train, at --lm-lr)",
               file=sys.stderr)
     run_finetune(FinetuneConfig(model=a.model, data=data, out=a.out, steps=a.steps, mix=parse_mix(a.mix, list(data)),

@@ -1,4 +1,6 @@
-"""Full fine-tuning sharded over a ``torchrun`` launch with torch's FSDP2 (``fully_shard``): the engine, not ours.
+"""Fine-tuning sharded over a ``torchrun`` launch with torch's FSDP2 (``fully_shard``): the engine, not ours. Full
+fine-tuning, or LoRA (peft's adapters train, the frozen weights are sharded beside them; a checkpoint gathers the
+adapters only).
 
 ``shard`` puts every decoder layer (the family table's ``layers_path``) and then the root under ``fully_shard`` on a
 one-dimensional mesh of the launch's processes (gloo on the CPU, NCCL on GPUs, as accelerate's ``PartialState``
@@ -141,7 +143,8 @@ def shard(model: torch.nn.Module, layers_path: str, device: torch.device, world:
     # rank 0's whole tensors, kept by reference: fully_shard copies each rank's share out of them
     full = model.state_dict() if rank == 0 else {}
     mesh = init_device_mesh(device.type, (world,))
-    for layer in model.get_submodule(layers_path):
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft's LoRA wrapper
+    for layer in inner.get_submodule(layers_path):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     model.set_reduce_scatter_unused_params(True)  # every rank reduces the same parameters (drop_unused_grads)
@@ -244,11 +247,14 @@ def first_non_finite(model: torch.nn.Module) -> str | None:
     return named[i][0] if i < len(named) else None
 
 
-def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The whole model's state dict on the CPU, on rank 0 (``{}`` elsewhere); every rank takes part."""
+def full_model_state(model: torch.nn.Module, frozen: bool = True) -> dict[str, torch.Tensor]:
+    """The whole model's state dict on the CPU, on rank 0 (``{}`` elsewhere); every rank takes part. Without the
+    ``frozen`` parameters (LoRA's checkpoint needs its adapters only: a 72B model's frozen weights would be gathered
+    into rank 0's RAM at every save)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                 ignore_frozen_params=not frozen))
     # names of one parameter (lm_head tied to embed_tokens) are gathered as separate copies; made one tensor again,
     # so save_pretrained drops the tied name as it does for one process's (else the checkpoint holds the head twice
     # and reads as untied)

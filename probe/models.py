@@ -575,7 +575,7 @@ def check_trains_fits(ref: ModelRef, dtype: str, device: str, memory: int | None
                            f"{byte_size(state)} of gradients and AdamW moments ({n_train:,} parameters train), "
                            f"{byte_size(gathered)} of weights a forward gathers whole{casts}; more than {device} can "
                            f"hold ({byte_size(max(usable, 0))} usable); launch more processes (one per GPU, on several "
-                           "machines), or use LoRA in one process (--lora R)")
+                           "machines), or train LoRA adapters (--lora R, which --fsdp shards the frozen weights under)")
         return
     if weights + state + cast > usable:
         copies = " (and the bfloat16 autocast copies)" if autocast else ""

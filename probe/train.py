@@ -457,14 +457,15 @@ def _steps(loaded, rows: list[dict], cfg: TrainConfig, log: Callable[[str], None
             return contextlib.nullcontext()
         return torch.autocast(loaded.device.type, dtype=getattr(torch, cfg.autocast))
 
-    def state() -> dict:
+    def state(frozen: bool = True) -> dict:
         """What a resume takes. Under FSDP a collective (every rank calls it; rank 0 gets the whole optimiser
-        state and, under "model", the whole model's weights for the checkpoint)."""
+        state and, under "model", the whole model's weights for the checkpoint: without its frozen parameters
+        unless ``frozen``)."""
         if not sharded:
             return {"optimizer": opt.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
                     "step": step + 1}
         return {"optimizer": fsdp.full_optimizer_state(opt, rank), "generator": gen.get_state(),
-                "torch_rng": torch.get_rng_state(), "step": step + 1, "model": fsdp.full_model_state(model)}
+                "torch_rng": torch.get_rng_state(), "step": step + 1, "model": fsdp.full_model_state(model, frozen)}
 
     for step in range(first, cfg.steps):
         factor = lr_factor(step, cfg)

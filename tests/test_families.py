@@ -626,7 +626,11 @@ def test_fsdp_ranks_build_the_model_rank_0_reads(family, dtype):
     parameters and buffers — names, shapes, dtypes, ties (a tied head) — and attention implementation, and it
     holds no storage (probe.fsdp.structure, which every rank compares at run time as well). Which parameters train
     may differ (Qwen2-Audio's embed_positions: frozen in the build, not once loaded): probe.fsdp.shard takes rank
-    0's (test_fsdp_trains_the_parameters_one_process_trains)."""
+    0's (test_fsdp_trains_the_parameters_one_process_trains). With LoRA adapters added (--fsdp --lora) the two
+    models still agree, trainable flags included: the adapters, on the meta device in the build."""
+    from types import SimpleNamespace
+
+    from analyses.finetune import add_lora
     from probe.fsdp import structure
     from probe.models import DTYPES, load_model, resolve_model, skeleton_of
     from probe.tiny import tiny_dir
@@ -640,6 +644,11 @@ def test_fsdp_ranks_build_the_model_rank_0_reads(family, dtype):
     assert named(structure(built)) == named(structure(read))
     assert all(t.is_meta for t in [*built.parameters(), *built.buffers()])
     assert len(structure(read)) > 10 and structure(read)[0] == ("attn", "sdpa")
+    torch.manual_seed(0)
+    built, read = (add_lora(SimpleNamespace(model=m, family=ref.family), 4).model for m in (built, read))
+    assert structure(built) == structure(read)
+    adapters = [p for n, p in built.named_parameters() if p.requires_grad]
+    assert len(adapters) >= 14 and all(p.is_meta and p.dtype == torch.float32 for p in adapters)
 
 
 @pytest.mark.parametrize("family", [f for f in ("qwen2_vl", "llava_onevision") + NEW

@@ -641,24 +641,80 @@ def test_fsdp_keeps_a_reached_gradient_of_zeros(data_dir, text_dir, tmp_path):
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
-def test_fsdp_with_lora_or_one_process_exits_2_in_one_line(tiny_dirs, data_dir, text_dir, tmp_path, capfd):
-    """--fsdp with --lora is refused (the LoRA merge reads unsharded adapters), on every rank of a launch, with one
-    line and nothing written; --fsdp in one process has nothing to shard over, and --fsdp with a frozen LM (a rank
-    of text rows would run no backward) are refused the same way."""
+def test_fsdp_in_one_process_or_with_a_frozen_lm_exits_2_in_one_line(tiny_dirs, data_dir, text_dir, tmp_path, capfd):
+    """--fsdp in one process has nothing to shard over (with --lora too), and --fsdp with a frozen LM (a rank of
+    text rows would run no backward) is refused: one line, nothing written."""
     from analyses.finetune import main
 
-    out = tmp_path / "lora"
-    res = _torchrun(["-m", "analyses.finetune"], _args(tiny_dirs, data_dir, text_dir, out, "--fsdp", "--lora", "4"))
-    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
-    assert res.returncode != 0 and "exitcode  : 2" in res.stderr, res.stderr[-3000:]
-    assert len(errors) >= 1 and len(set(errors)) == 1 and "--fsdp with --lora" in errors[0], res.stderr[-3000:]
-    assert not [line for line in res.stderr.splitlines() if line.startswith("[rank")], res.stderr[-3000:]
-    assert not out.exists()
+    out = tmp_path / "refused"
     for extra in (["--fsdp", "--lora", "4"], ["--fsdp"], ["--fsdp", "--lm-lr", "0"]):
         assert cli_main(main, _args(tiny_dirs, data_dir, text_dir, out, *extra)) == 2
         err = [line for line in capfd.readouterr().err.splitlines() if not line.startswith("warning: ")]
         assert len(err) == 1 and err[0].startswith("error: ") and "--fsdp" in err[0], err
         assert not out.exists()
+
+
+# torchrun runs this for an --fsdp --lora launch: it appends the names of the parameters each checkpoint gathers
+# from the shards (probe.fsdp.full_model_state) to OUT.gathered<RANK>, and is killed (KeyboardInterrupt on every
+# rank) right after update int(sys.argv[2]) unless that is 0
+LORA_FSDP = f"""
+import os, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import probe.fsdp as fsdp
+import probe.train as train_mod
+from analyses.finetune import main
+from probe.errors import cli_main
+from test_finetune import killed_after
+
+real = fsdp.full_model_state
+def full_model_state(model, *args):
+    state = real(model, *args)
+    with open(sys.argv[1] + ".gathered" + os.environ["RANK"], "a") as f:
+        f.write(" ".join(sorted(state)) + "\\n")
+    return state
+fsdp.full_model_state = full_model_state
+if int(sys.argv[2]):
+    train_mod.train = killed_after(train_mod.train, int(sys.argv[2]))
+sys.exit(cli_main(main, sys.argv[3:]))
+"""
+
+
+def test_fsdp_with_lora_equals_one_process_and_resumes_either_way(lora_run, tiny_dirs, data_dir, text_dir, tmp_path):
+    """--fsdp --lora under torchrun (2 gloo processes; the frozen weights sharded beside the adapters): one process's
+    LoRA run — losses to 1e-5, every checkpoint's merged weights and adapter to 1e-5 — gathering only the adapters
+    at a save (not the frozen model into rank 0's RAM). Killed on both ranks after step 5 and rerun under --fsdp it
+    ends as the unkilled run; the same checkpoint resumed by one process does too."""
+    from analyses.finetune import main
+
+    out = tmp_path / "fsdp-lora"
+    script = tmp_path / "lora_fsdp.py"
+    script.write_text(LORA_FSDP)
+    argv = _args(tiny_dirs, data_dir, text_dir, out, "--lora", "4", "--fsdp")
+    res = _torchrun([str(script), str(out), "5"], argv)
+    assert res.returncode != 0 and "exitcode  : 130" in res.stderr, res.stderr[-3000:]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-0", "checkpoint-2", "checkpoint-4"]
+    gathered = [Path(f"{out}.gathered{rank}").read_text().splitlines() for rank in (0, 1)]
+    assert len(gathered[0]) == 2 and gathered[1] == ["", ""]  # two saves; rank 1 keeps nothing
+    names = gathered[0][0].split()
+    assert len(names) == 56 and all(".lora_A." in n or ".lora_B." in n for n in names), names[:4]  # 28 adapted
+    one_process = tmp_path / "resumed-in-one-process"
+    shutil.copytree(out, one_process)
+    res = _torchrun([str(script), str(out), "0"], argv)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [s["from_step"] for s in json.loads((out / "run.json").read_text())["sessions"]] == [0, 4]
+    assert not [line for line in res.stderr.splitlines() if "Warning" in line], res.stderr[-3000:]
+    assert_same_run(lora_run, out, ("step", "modality", "tokens"), loss=(1e-5, 1e-6), weights=(1e-5, 1e-6))
+    for step in (2, 4, 6):
+        for name in ("model.safetensors", "adapter/adapter_model.safetensors"):
+            want, got = load_file(lora_run / f"checkpoint-{step}" / name), load_file(out / f"checkpoint-{step}" / name)
+            assert sorted(got) == sorted(want)
+            for k in want:
+                assert got[k].dtype == want[k].dtype
+                torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+    argv = _args(tiny_dirs, data_dir, text_dir, one_process, "--lora", "4")
+    assert cli_main(main, argv) == 0
+    assert [s["fsdp"] for s in json.loads((one_process / "run.json").read_text())["sessions"]] == [True, False]
+    assert_same_run(lora_run, one_process, ("step", "modality", "tokens"), loss=(1e-5, 1e-6), weights=(1e-5, 1e-6))
 
 
 # torchrun runs this for a launch whose rank 1 builds its meta-device model with eager attention (rank 0 reads
@@ -775,15 +831,24 @@ def test_eval_over_checkpoints_draws_figure_3(ft_run, text_dir, tmp_path):
     assert [p.name for p in draw_steps([out, other], tmp_path)] == ["steps.png", "steps.pdf"]
 
 
-def test_lora_trains_adapters_and_resumes(tiny_dirs, data_dir, text_dir, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_dirs, data_dir, text_dir):
+    """``ft_run`` with --lora 4, in one process."""
+    from analyses.finetune import main
+
+    out = tmp_path_factory.mktemp("lora") / "run"
+    assert cli_main(main, _args(tiny_dirs, data_dir, text_dir, out, "--lora", "4")) == 0
+    return out
+
+
+def test_lora_trains_adapters_and_resumes(lora_run, tiny_dirs, data_dir, text_dir, tmp_path, monkeypatch):
     """--lora R: only adapters train (vision tower untouched), checkpoints hold the merged weights and the
     adapter, and a killed run resumes to the same bytes."""
     import probe.train as train_mod
     from analyses.finetune import main
 
     args = lambda out: _args(tiny_dirs, data_dir, text_dir, out, "--lora", "4")  # noqa: E731
-    full = tmp_path / "full"
-    assert cli_main(main, args(full)) == 0
+    full = lora_run
     w0 = load_file(full / "checkpoint-0" / "model.safetensors")
     w6 = load_file(full / "checkpoint-6" / "model.safetensors")
     assert set(w0) == set(w6) and not any("lora" in k for k in w6)  # plain HF weights

@@ -192,12 +192,14 @@ sys.exit(cli_main(main, sys.argv[1:]))
 """
 
 
-def test_fsdp_on_the_gpus_backend_trains_as_one_process(tmp_path):
+@pytest.mark.parametrize("lora", [False, True])
+def test_fsdp_on_the_gpus_backend_trains_as_one_process(lora, tmp_path):
     """--fsdp's collectives (the ranks' model check, the unused-gradient flags, the non-finite index, the loss mean,
     the broadcast of rank 0's weights, the gathers for checkpoints) on NCCL, which takes CUDA tensors only — never
     run before: a torchrun launch of one process on the GPU, bf16 autocast, trains as one process without --fsdp on
-    the same GPU: losses within 1e-3, the final update's cosine ≥ 0.999, the same tensors in the checkpoints. (gloo
-    with OMNIPROBE_GPU_TEST_DEVICE=cpu.)"""
+    the same GPU: losses within 1e-3, the final update's cosine ≥ 0.999, the same tensors in the checkpoints; with
+    --lora too (frozen bfloat16 weights sharded beside float32 adapters). (gloo with
+    OMNIPROBE_GPU_TEST_DEVICE=cpu.)"""
     from safetensors.torch import load_file
     from test_finetune import _torchrun
 
@@ -208,7 +210,8 @@ def test_fsdp_on_the_gpus_backend_trains_as_one_process(tmp_path):
     def args(out):
         return ["--model", "organism-video", "--data", f"image={default_data_for('organism-vl')}", "--split",
                 "validation", "--steps", "4", "--save-steps", "0", "2", "--batch-size", "4", "--warmup", "1", "--lr",
-                "1e-4", "--lm-lr", "1e-4", "--device", DEVICE, "--dtype", "bfloat16", "--quiet", "--out", str(out)]
+                "1e-4", "--lm-lr", "1e-4", "--device", DEVICE, "--dtype", "bfloat16", "--quiet", "--out", str(out),
+                *(["--lora", "4"] if lora else [])]
 
     one, sharded = tmp_path / "one", tmp_path / "fsdp"
     assert cli_main(main, args(one)) == 0
