@@ -8,6 +8,12 @@ and is sharded, when rank 0 alone reads the checkpoint and the other ranks build
 
 The checkpoint is saved in bfloat16, as real ones are, and loaded in float32, as full fine-tuning holds it.
 
+``--step`` measures instead what a rank holds beyond its shards in one training step (forward under the loop's
+autocast or in float32, backward, gradients reduce-scattered; 2 rows of 64 tokens a rank): with float32 weights
+and bfloat16 autocast, are the step's bfloat16 casts of every weight held whole until the backward, as
+``probe.models.check_trains_fits`` assumes for ``--fsdp``? Prints each precision's peak beyond the shards and
+the difference, against the bfloat16 copy of all the weights.
+
 Each way runs under ``torch.distributed.run`` on the CPU (gloo): load, then ``probe.fsdp.shard``. Prints per rank the
 seconds, the peak resident anonymous memory beyond what the process held before loading (sampled every 2 ms;
 pages of the mapped checkpoint file are not counted) and what it still holds after sharding, and checks that both
@@ -32,6 +38,44 @@ from bench.lora_save import peak_extra, rss  # noqa: E402
 from probe.errors import ArgParser, check_counts, cli_main  # noqa: E402
 
 WAYS = {"rank0": "rank 0 reads, others meta (--fsdp now)", "every": "every rank reads (before)"}
+STEPS = {"float32": "one step in float32", "bfloat16": "one step under bf16 autocast"}
+
+
+def step_worker(precision: str, source: str, out: str) -> None:
+    """One rank: load and shard ``source`` as --fsdp does, then one forward and backward of 2 rows of 64 random
+    tokens (``precision``: the loop's bfloat16 autocast, or float32); appends the step's peak resident memory beyond
+    what the rank held with its shards to ``out`` (one JSON line)."""
+    import contextlib
+
+    from probe import fsdp
+    from probe.models import load_model, resolve_model  # noqa: F401 (load_for_sharding's)
+
+    rank, world = fsdp.init(cpu=True)
+    ref = resolve_model(source)
+    loaded = fsdp.load_for_sharding(ref, "float32", "cpu", rank)
+    fsdp.shard(loaded.model, ref.family.layers_path, torch.device("cpu"), world)
+    model = loaded.model.train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(rank))
+    cast = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bfloat16" else contextlib.nullcontext())
+
+    saved: dict[int, int] = {}  # storage → bytes of the weight-sized bfloat16 tensors autograd keeps
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.dtype == torch.bfloat16 and t.dim() == 2 and t.numel() >= 2**20:  # a weight's cast, not activations
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    def step() -> None:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with cast:
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+
+    seconds, peak = peak_extra(step)
+    casts = sum(p.numel() * 2 for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n)
+    with open(out, "a") as f:
+        f.write(json.dumps({"way": precision, "rank": rank, "seconds": seconds, "peak": peak,
+                            "saved_casts": sum(saved.values()), "matmul_weights_bf16": casts}) + "\n")
 
 
 def worker(way: str, source: str, out: str) -> None:
@@ -70,6 +114,8 @@ def main(argv=None) -> int:
     ap.add_argument("--processes", type=int, default=2, help="torchrun processes (default 2)")
     ap.add_argument("--source-dtype", default="bfloat16", choices=["bfloat16", "float32"],
                     help="the checkpoint's dtype (default bfloat16); it loads in float32")
+    ap.add_argument("--step", action="store_true", help="measure one training step's memory beyond the shards "
+                    "in float32 and under bf16 autocast instead of the loading")
     args = ap.parse_args(argv)
     check_counts(args, ["layers", "vocab_size", "processes"])
     from probe.archs import build_random
@@ -83,12 +129,28 @@ def main(argv=None) -> int:
         del built
         results = Path(tmp) / "results.jsonl"
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-        for way in WAYS:
+        for way in STEPS if args.step else WAYS:
             subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.processes),
                             __file__, "--worker", way, str(source), str(results)], env=env, check=True,
                            stdout=subprocess.DEVNULL)
         rows = [json.loads(line) for line in results.read_text().splitlines()]
     gb = 1e9
+    if args.step:
+        print(f"Qwen2-7B layer shapes, {args.layers} layers, vocab {args.vocab_size}: {n_params / 1e6:.0f}M "
+              f"parameters in float32 ({n_params * 4 / gb:.2f} GB; their bfloat16 copy {n_params * 2 / gb:.2f} GB), "
+              f"{args.processes} gloo processes under --fsdp, one step of 2 rows x 64 tokens a rank")
+        print(f"{'step':<32}{'rank':>5}{'seconds':>9}{'peak beyond the shards GB':>27}{'bf16 casts saved GB':>21}")
+        for r in sorted(rows, key=lambda r: (list(STEPS).index(r["way"]), r["rank"])):
+            print(f"{STEPS[r['way']]:<32}{r['rank']:>5}{r['seconds']:>9.2f}{r['peak'] / gb:>27.2f}"
+                  f"{r['saved_casts'] / gb:>21.2f}")
+        print(f"the bfloat16 copy of every matmul weight: {rows[0]['matmul_weights_bf16'] / gb:.2f} GB")
+        extra = [next(r["peak"] for r in rows if r["way"] == "bfloat16" and r["rank"] == k)
+                 - next(r["peak"] for r in rows if r["way"] == "float32" and r["rank"] == k)
+                 for k in range(args.processes)]
+        print("autocast's extra a rank: " + ", ".join(f"{e / gb:.2f}" for e in extra)
+              + f" GB, against {n_params * 2 / gb:.2f} GB for a bfloat16 copy of every weight (what "
+              "check_trains_fits counts)")
+        return 0
     print(f"Qwen2-7B layer shapes, {args.layers} layers, vocab {args.vocab_size}: {n_params / 1e6:.0f}M parameters, "
           f"saved in {args.source_dtype}, loaded in float32 ({n_params * 4 / gb:.2f} GB); {args.processes} gloo "
           "processes, load then probe.fsdp.shard")
@@ -105,6 +167,6 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) == 5 and sys.argv[1] == "--worker":
-        worker(*sys.argv[2:])
+        (step_worker if sys.argv[2] in STEPS else worker)(*sys.argv[2:])
     else:
         sys.exit(cli_main(main))

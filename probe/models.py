@@ -552,7 +552,8 @@ def check_trains_fits(ref: ModelRef, dtype: str, device: str, memory: int | None
     ``shards`` > 1: each of that many devices under ``--fsdp`` (probe.fsdp) holds 1/shards of the weights, gradients
     and moments, plus what a forward gathers whole (``fsdp_gathered_bytes``), plus under autocast the bfloat16 copy
     of every weight, whole: autograd keeps the cast each matmul used for its backward, a tensor FSDP does not manage
-    (reasoned, not measured on GPUs)."""
+    (measured on the CPU: ``bench/fsdp_load.py --step``). Those casts are freed layer by layer in the backward as
+    the gradient shards come, so counting both errs on the safe side by at most the gradients' share."""
     if not memory:
         return
     from probe.dispatch import HEADROOM_BYTES, HEADROOM_FRACTION, module_nbytes
