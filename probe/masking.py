@@ -28,7 +28,9 @@ def apply_head_gate(x: torch.Tensor, gate: torch.Tensor, n_heads: int) -> torch.
     """
     head_dim = x.shape[-1] // n_heads
     xs = x.unflatten(-1, (n_heads, head_dim))
-    g = gate.to(dtype=x.dtype, device=x.device)
+    # non-blocking: a host→GPU copy of the (CPU-built) gate otherwise waits for every kernel queued before it, once
+    # per masked layer; stream order still puts the copy before the multiply
+    g = gate.to(dtype=x.dtype, device=x.device, non_blocking=True)
     if g.dim() == 2:  # per row: broadcast over positions
         g = g.view(g.shape[0], *([1] * (x.dim() - 2)), n_heads)
     return (xs * g.unsqueeze(-1)).flatten(-2)
