@@ -184,7 +184,12 @@ def add_lora(loaded, rank: int, adapter: Path | None = None):
         warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter in the checkpoint to a meta",
                                 category=UserWarning)
         if adapter is not None:
-            loaded.model = PeftModel.from_pretrained(loaded.model, adapter, is_trainable=True)
+            try:
+                loaded.model = PeftModel.from_pretrained(loaded.model, adapter, is_trainable=True)
+            except Exception as exc:  # a missing or damaged adapter of the checkpoint resumed: peft's ValueError,
+                reason = str(exc).strip().split("\n")[0] or type(exc).__name__  # safetensors' header errors, ...
+                raise BadInput(f"{adapter} is unreadable ({reason}); delete {adapter.parent} and rerun the same "
+                               "command to resume from the checkpoint before it") from None
         else:
             loaded.model = get_peft_model(loaded.model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
                                                                     target_modules=targets))

@@ -867,6 +867,32 @@ def test_lora_trains_adapters_and_resumes(lora_run, tiny_dirs, data_dir, text_di
         (full / "checkpoint-6" / "model.safetensors").read_bytes()
 
 
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_a_damaged_adapter_is_one_line_before_anything_runs(lora_run, tiny_dirs, data_dir, text_dir, tmp_path, capfd,
+                                                            damage):
+    """Resuming a LoRA run from a checkpoint whose adapter/ is gone or cut short (peft's ValueError, safetensors'
+    header error) was a traceback on every rank; now one line names it and what to do, and nothing is written."""
+    from analyses.finetune import main
+
+    out = shutil.copytree(lora_run, tmp_path / "run")
+    shutil.rmtree(out / "checkpoint-6")  # resume from checkpoint-4
+    adapter = out / "checkpoint-4" / "adapter"
+    if damage == "missing":
+        shutil.rmtree(adapter)
+    else:
+        weights = adapter / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:4])
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capfd.readouterr()
+    assert cli_main(main, _args(tiny_dirs, data_dir, text_dir, out, "--lora", "4")) == 2
+    err = capfd.readouterr().err.strip().removeprefix(  # _args' --lr, which --lora warns has no effect
+        "warning: --lr 0.001 has no effect with --lora (only the LM's adapters train, at --lm-lr)\n")
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert str(adapter) in err and "delete" in err and "checkpoint-4" in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
 def test_lora_under_bfloat16_holds_frozen_weights_in_bf16_and_merges_in_float32(tiny_dirs, data_dir, text_dir,
                                                                                tmp_path, monkeypatch):
     """--lora with --dtype bfloat16: the frozen weights are bfloat16 (half the memory; they get no update to lose),
