@@ -173,6 +173,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 def add_lora(loaded, rank: int, adapter: Path | None = None):
     """Wrap the model's LM projections with LoRA adapters (peft); from ``adapter`` when resuming."""
     from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors import SafetensorError
 
     # the decoder layers' projections, wherever the family table puts the layers (Idefics3's model.text_model.layers
     # matched no fixed pattern: --lora on it was a traceback)
@@ -186,8 +187,8 @@ def add_lora(loaded, rank: int, adapter: Path | None = None):
         if adapter is not None:
             try:
                 loaded.model = PeftModel.from_pretrained(loaded.model, adapter, is_trainable=True)
-            except Exception as exc:  # a missing or damaged adapter of the checkpoint resumed: peft's ValueError,
-                reason = str(exc).strip().split("\n")[0] or type(exc).__name__  # safetensors' header errors, ...
+            except (OSError, ValueError, SafetensorError) as exc:  # a missing or damaged adapter of the checkpoint
+                reason = str(exc).strip().split("\n")[0] or type(exc).__name__  # resumed (peft's, safetensors')
                 raise BadInput(f"{adapter} is unreadable ({reason}); delete {adapter.parent} and rerun the same "
                                "command to resume from the checkpoint before it") from None
         else:
@@ -474,7 +475,8 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     from probe.models import load_model, model_fingerprint, resolve_model
     from probe.prompting import check_modalities, check_prompts
     from probe.results import atomic_write_json, atomic_write_with, claim_out_dir, different_run, has_contents
-    from probe.train import TrainConfig, anything_trains, check_finite_weights, encode, is_main_process
+    from probe.train import (TrainConfig, anything_trains, check_batch_splits, check_finite_weights, encode,
+                             is_main_process)
     from probe.train import train as train_loop
     from probe.train import fsdp_launch, refuse_fsdp, wait_for_everyone
 
@@ -491,10 +493,12 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
                        schedule=LOOP_IDENTITY["schedule"], micro_batch=cfg.micro_batch,
                        checkpointing=cfg.gradient_checkpointing, fsdp=cfg.fsdp)
     refuse_fsdp(placement.device_type)  # before the model loads and checkpoint-0 is written
-    if cfg.fsdp and cfg.lm_lr == 0:  # not tried: a rank whose rows reach no trained weight would skip its backward
-        raise BadInput("--fsdp with --lm-lr 0 is not supported: a rank whose rows are all text would run no backward "
-                       "pass while the others reduce-scatter; train a frozen-LM stage without --fsdp")
+    if world > 1 and cfg.lm_lr == 0:  # a rank whose rows reach no trained weight would skip its backward
+        raise BadInput(f"--lm-lr 0 under {world} processes is not supported: a rank whose rows are all text would run "
+                       "no backward pass while the others reduce their gradients (and wait for it); train a "
+                       "frozen-LM stage in one process")
     fsdp_launch(tcfg)  # --fsdp in one process: refused before the model loads
+    check_batch_splits(cfg.batch, world)  # before the model loads and checkpoint-0 is written
     if placement.spread and world > 1:
         raise BadInput(f"--device {cfg.device}: each of the {world} processes would spread the model "
                        f"over {len(placement.all_devices)} GPUs, which data parallelism cannot wrap; launch one process "

@@ -225,6 +225,15 @@ def global_norm(norm: torch.Tensor) -> float:
     return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
 
 
+def most_over_ranks(count: int) -> int:
+    """The largest of the ranks' ``count`` (every rank takes part)."""
+    import torch.distributed as dist
+
+    found = torch.tensor([count], dtype=torch.int64, device=comm_device())
+    dist.all_reduce(found, op=dist.ReduceOp.MAX)
+    return int(found)
+
+
 def mean_over_ranks(value: torch.Tensor, world: int) -> torch.Tensor:
     """The ranks' mean of a scalar (a sum then a division: gloo has no average)."""
     import torch.distributed as dist

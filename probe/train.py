@@ -161,14 +161,38 @@ def label_count(rows: Sequence[dict[str, torch.Tensor]]) -> int:
     return sum(int((r["labels"] != -100).sum()) for r in rows)
 
 
-def modality_parts(rows: list[dict]) -> dict[tuple[str, ...], list[dict]]:
-    """A batch's rows by modality (``vision_keys``; ``()`` for text), in order of first appearance. Each part pads
-    to its own longest row: a batch of clips (131 tokens) with a few two-view images (205) no longer pads every
+def modality_parts(rows: list[dict]) -> dict[tuple, list[dict]]:
+    """A batch's rows by modality and input shapes (probe.batch's ``signature`` of the ``vision_keys`` tensors;
+    ``()`` for text), in order of first appearance: rows whose pixel tensors cannot be concatenated go through
+    apart (Idefics3's [1, images, 3, H, W] of a one-image and a two-image item: a traceback before), and each part
+    pads to its own longest row: a batch of clips (131 tokens) with a few two-view images (205) no longer pads every
     clip to 205 (LLaVA's modality grouping, but inside the batch: the same rows, the same gradient)."""
-    parts: dict[tuple[str, ...], list[dict]] = {}
+    from probe.batch import signature
+
+    parts: dict[tuple, list[dict]] = {}
     for r in rows:
-        parts.setdefault(vision_keys(r), []).append(r)
+        parts.setdefault(signature({k: r[k] for k in vision_keys(r)}), []).append(r)
     return parts
+
+
+def check_batch_splits(batch: int, world: int) -> None:
+    """Every rank takes an equal share of each batch (data parallel and FSDP alike)."""
+    if batch % world:
+        raise BadInput(f"batch size {batch} does not split over {world} processes")
+
+
+def even_out(chunks: list[list[dict]], n: int) -> list[list[dict]]:
+    """``chunks`` cut further, the largest in halves, until there are ``n`` (at most their rows): under data
+    parallel and FSDP every rank must run as many backward passes, each reducing gradients across the ranks,
+    whatever its rows' modalities."""
+    chunks = list(chunks)
+    while len(chunks) < n:
+        i = max(range(len(chunks)), key=lambda j: len(chunks[j]))
+        if len(chunks[i]) < 2:
+            raise ValueError(f"{sum(map(len, chunks))} rows cannot make {n} forward passes")
+        half = (len(chunks[i]) + 1) // 2
+        chunks[i:i + 1] = [chunks[i][:half], chunks[i][half:]]
+    return chunks
 
 
 def micro_batches(rows: list[dict], size: int | None) -> list[list[dict]]:
@@ -418,12 +442,11 @@ def _steps(loaded, rows: list[dict], cfg: TrainConfig, log: Callable[[str], None
     sharded = fsdp_launch(cfg)
     acc = None if sharded else data_parallel(loaded)
     rank, world = (acc.process_index, acc.num_processes) if acc is not None else (0, 1)
-    if sharded:
-        from probe import fsdp
+    from probe import fsdp  # its collectives serve data parallel's ranks too (most_over_ranks)
 
+    if sharded:
         rank, world = fsdp.init(loaded.device.type == "cpu")
-    if cfg.batch % world:  # every rank takes an equal share of each batch (data parallel and FSDP alike)
-        raise BadInput(f"batch size {cfg.batch} does not split over {world} processes")
+    check_batch_splits(cfg.batch, world)
     if sharded:  # the model first: FSDP replaces its parameters, which the optimiser must then hold
         fsdp.shard(model, loaded.family.layers_path, loaded.device, world)
     elif acc is not None:
@@ -474,17 +497,20 @@ def _steps(loaded, rows: list[dict], cfg: TrainConfig, log: Callable[[str], None
         idx = sample(gen, cfg.batch)
         mine = [rows[i] for i in idx[rank::world]]
         n_labels = label_count(mine)
-        # one process: the batch in modality parts (gradients accumulate); data parallel: one part per rank, as
-        # every rank must run backward equally often
-        parts = modality_parts(mine) if not distributed else {None: mine}
-        if not lm_trains and len(parts) > 1:
+        # the batch in modality parts (gradients accumulate), each in micro-batches; under data parallel and FSDP
+        # every rank runs as many forwards and backwards (the most any rank needs), each reducing gradients
+        parts = modality_parts(mine)
+        if not lm_trains and len(parts) > 1 and not distributed:
             # the LM frozen (a projector/tower stage): text rows reach no trained parameter, so their forward
             # would only add to the logged loss; skip them, as the batch has vision rows to train on
             parts.pop((), None)
+        chunks = [chunk for rows_of in parts.values() for chunk in micro_batches(rows_of, cfg.micro_batch)]
+        if distributed:
+            chunks = even_out(chunks, fsdp.most_over_ranks(len(chunks)))
         opt.zero_grad(set_to_none=True)
         loss_sum, ran, stepped = torch.zeros(()), 0, False
         reached: set[int] = set()  # FSDP: the parameters this rank's backward passes reach
-        for part in (chunk for rows_of in parts.values() for chunk in micro_batches(rows_of, cfg.micro_batch)):
+        for part in chunks:
             with autocast():  # the forward only; backward follows the dtypes it recorded
                 part_loss = label_loss(model, collate(part, pad), n_labels)
             if part_loss.requires_grad:

@@ -331,7 +331,8 @@ sys.exit(cli_main(main, sys.argv[2:]))
 def test_two_processes_on_gloo_equal_one(how, ft_run, tiny_dirs, data_dir, text_dir, tmp_path):
     """torchrun with 2 CPU processes (accelerate's data parallel engine on gloo), same global batch: the same
     losses and weights as one process, to float tolerance, with each rank's forwards holding its half of every
-    batch (a barrier that set up accelerate's state for GPUs left both ranks training every row on their own), also
+    batch, in modality parts as one process (a barrier that set up accelerate's state for GPUs left both ranks
+    training every row on their own), every rank running as many forwards and backwards, also
     one row per forward with activation checkpointing; a rank whose rows are all text leaves the vision tower
     without a gradient, which DDP waited for (the next forward raised)."""
     out = tmp_path / "ddp"
@@ -339,8 +340,10 @@ def test_two_processes_on_gloo_equal_one(how, ft_run, tiny_dirs, data_dir, text_
     spy.write_text(RANK_SPY)
     res = _torchrun([str(spy), str(out)], _args(tiny_dirs, data_dir, text_dir, out, *how), timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
-    for rank in (0, 1):  # each step's 4 / 2 rows in one forward, or one by one (every rank as many backwards)
-        assert Path(f"{out}.rank{rank}").read_text().split() == (["1"] * 12 if how else ["2"] * 6)
+    # each rank's 2 rows of a step: in modality parts (one forward or two), or one by one; as many on both ranks
+    sizes = [[int(n) for n in Path(f"{out}.rank{rank}").read_text().split()] for rank in (0, 1)]
+    assert all(sum(s) == 12 and set(s) <= {1, 2} for s in sizes) and len(sizes[0]) == len(sizes[1])
+    assert sizes[0] == [1] * 12 if how else 6 < len(sizes[0]) < 12  # some steps had text and images on a rank
     assert_same_run(ft_run, out, ("step", "modality", "tokens"), loss=(1e-5, 1e-6), weights=(1e-4, 1e-5))
 
 
@@ -639,6 +642,92 @@ def test_fsdp_keeps_a_reached_gradient_of_zeros(data_dir, text_dir, tmp_path):
     assert sorted(w2) == sorted(w1)
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_even_out_cuts_the_largest_chunks_until_every_rank_has_as_many():
+    """Under data parallel and FSDP a rank whose rows make fewer forwards (one modality) than another's (two) cuts
+    its largest chunk in halves until it has as many: the same rows in the same order, none empty."""
+    from probe.train import even_out
+
+    rows = [{"i": i} for i in range(5)]
+    got = even_out([rows[:4], rows[4:]], 4)
+    assert [[r["i"] for r in c] for c in got] == [[0], [1], [2, 3], [4]]
+    assert even_out([rows], 1) == [rows]
+    with pytest.raises(ValueError):
+        even_out([rows[:1]], 2)
+
+
+# torchrun runs this for a launch that appends, per step and rank, its forwards before and after even_out to
+# OUT.forwards<RANK>
+EVEN_OUT_SPY = """
+import os, sys
+import probe.train as train
+from analyses.finetune import main
+from probe.errors import cli_main
+
+real = train.even_out
+def even_out(chunks, n):
+    with open(sys.argv[1] + ".forwards" + os.environ["RANK"], "a") as f:
+        f.write(f"{len(chunks)} {n}\\n")
+    return real(chunks, n)
+train.even_out = even_out
+sys.exit(cli_main(main, sys.argv[2:]))
+"""
+
+
+def test_rows_whose_pixel_tensors_differ_in_shape_train_in_separate_forwards(omniprobe_cache, data_dir, tmp_path):
+    """Idefics3's pixel_values are [1, images, 3, H, W]: a one-image and a two-image item cannot be concatenated
+    (batch 4 was a traceback). Rows go through in forwards of one input signature each, so the run is the one of
+    one row a forward (--micro-batch 1, no concatenation at all) to float tolerance; under --fsdp (2 gloo
+    processes) a rank whose rows make fewer forwards than the other's cuts its rows further, so both run as many
+    backward passes, and the run is one process's."""
+    from analyses.finetune import main
+    from probe.models import load_model, resolve_model
+    from probe.tiny import tiny_dir
+    from probe.mmmu import load_items
+    from probe.train import encode, modality_parts, vision_keys
+
+    source = tiny_dir("idefics3")
+    rows = encode(load_model(resolve_model(str(source))), load_items(str(data_dir), split="validation")[0], True)
+    shapes = {tuple(r["pixel_values"].shape[1:]) for r in rows if "pixel_values" in r}
+    assert len(shapes) >= 2 and len({vision_keys(r) for r in rows}) == 1  # one modality, pixel tensors unjoinable
+    assert len(modality_parts(rows)) == len(shapes)
+
+    def args(out, *extra):
+        return ["--model", str(source), "--data", f"image={data_dir}", "--split", "validation", "--steps", "6",
+                "--save-steps", "0", "--batch-size", "4", "--lr", "1e-3", "--lm-lr", "1e-3", "--warmup", "1",
+                "--dtype", "float32", "--device", "cpu", "--quiet", "--out", str(out), *extra]
+
+    whole, alone, sharded = tmp_path / "batch", tmp_path / "alone", tmp_path / "fsdp"
+    assert cli_main(main, args(whole)) == 0
+    assert cli_main(main, args(alone, "--micro-batch", "1")) == 0
+    script = tmp_path / "spy.py"
+    script.write_text(EVEN_OUT_SPY)
+    res = _torchrun([str(script), str(sharded)], args(sharded, "--fsdp"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    forwards = [[tuple(map(int, line.split())) for line in Path(f"{sharded}.forwards{r}").read_text().splitlines()]
+                for r in (0, 1)]
+    assert all(len(f) == 6 for f in forwards)
+    assert any(a != b for (a, _), (b, _) in zip(*forwards))  # the ranks' rows made unequal forwards at some step
+    assert all(n == max(a, b) for (a, n), (b, _) in zip(*forwards))
+    for run in (alone, sharded):
+        assert_same_run(whole, run, ("step", "modality", "tokens"), loss=(1e-5, 1e-6), weights=(1e-4, 1e-5))
+
+
+def test_a_launch_whose_batch_does_not_split_or_lm_is_frozen_exits_2_before_loading(tiny_dirs, data_dir, text_dir,
+                                                                                      tmp_path):
+    """Under torchrun a batch size the processes cannot share, or --lm-lr 0 (a rank of text rows would run no
+    backward while the others reduce gradients and wait), is one line on every rank before the model loads:
+    nothing written (the batch check used to come after checkpoint-0 and a "running" run.json)."""
+    out = tmp_path / "refused"
+    for extra, says in ((["--batch-size", "5"], "does not split over 2"), (["--lm-lr", "0"], "--lm-lr 0 under 2")):
+        argv = _args(tiny_dirs, data_dir, text_dir, out)
+        for flag, value in zip(extra[::2], extra[1::2]):
+            argv[argv.index(flag) + 1] = value
+        res = _torchrun(["-m", "analyses.finetune"], argv)
+        errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+        assert "exitcode  : 2" in res.stderr and len(set(errors)) == 1 and says in errors[0], res.stderr[-3000:]
+        assert not out.exists()
 
 
 def test_fsdp_in_one_process_or_with_a_frozen_lm_exits_2_in_one_line(tiny_dirs, data_dir, text_dir, tmp_path, capfd):
