@@ -261,13 +261,15 @@ def run(args: argparse.Namespace) -> Path:
             loaded = load_model(refs[m], dtype=placement.dtype, device=placement.device,
                                 attn_implementation=args.attn_implementation, devices=placement.all_devices,
                                 device_memory=placement.device_memory)
-            if not (out / "run.json").is_file():  # only once a model loaded: failures leave no directory
-                claim_out_dir(out, plan.fingerprint())
-                atomic_write_json(out / "run.json", run_info)
             for d in [d for mm, d in todo if mm == m]:
                 ds = plan.data[d]
                 bar.set_description(f"eval {plan.models[m].name} on {ds.name}")
                 rows = evaluate_pair(loaded, plan.models[m].name, ds, scored[m, d], cfg, args.batch_size, bar)
+                # only once a model loaded and its first part was computed: a failure before (a model that does not
+                # load, an item its processor refuses) leaves no directory
+                if not (out / "run.json").is_file():
+                    claim_out_dir(out, plan.fingerprint())
+                    atomic_write_json(out / "run.json", run_info)
                 atomic_write_parquet(part_file(out, m, d), pd.DataFrame.from_records(rows, columns=ITEM_COLUMNS))
                 frames[m, d] = read_part(part_file(out, m, d), ITEM_COLUMNS)  # as a resume would read it
             del loaded

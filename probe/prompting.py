@@ -275,7 +275,12 @@ def build_inputs(
         kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt", "add_special_tokens": False}
         if images:
             kwargs["images"] = images
-        batch = dict(loaded.processor(**kwargs))
+        try:
+            batch = dict(loaded.processor(**kwargs))
+        except ValueError as exc:  # an image the processor refuses (Qwen's: one side 200 times the other, or more)
+            reason = str(exc).strip().split("\n")[0]
+            raise BadInput(f"item {item.id}: {loaded.ref.spec}'s processor refuses it ({reason}); drop or fix the "
+                           "item") from None
     out = {}
     for k, v in batch.items():
         if not isinstance(v, torch.Tensor):

@@ -995,6 +995,49 @@ def test_text_holding_a_special_token_is_refused_before_anything_is_written(odd_
     assert not out.exists()
 
 
+def test_an_image_the_processor_refuses_is_one_line_naming_the_item(data_dir, tiny_dirs, tmp_path, capfd):
+    """Qwen2-VL's image processor refuses an image whose one side is 200 times the other or more (a 3×700 strip):
+    a traceback that named no item, in probe.eval, the head sweep and fine-tuning. Now exit 2 with one line naming
+    the item and nothing written (probe.eval and probe.heads write run.json once their first part is computed;
+    fine-tuning builds its rows first)."""
+    import io
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from analyses.finetune import main as finetune_main
+    from probe.errors import cli_main
+    from probe.synthetic import write_mmmu_parquet
+
+    row = next(r for r in pq.read_table(next(data_dir.glob("*/validation-*.parquet"))).to_pylist()
+               if r["question_type"] == "multiple-choice" and r["image_2"] is None)
+    strip = io.BytesIO()
+    Image.new("RGB", (3, 700), "white").save(strip, format="PNG")
+    write_mmmu_parquet({"Strip": [dict(row, image_1={"bytes": strip.getvalue(), "path": None})]}, tmp_path / "strip",
+                       "validation")
+    out = tmp_path / "out"
+    assert _eval("--models", "tiny-qwen2-vl", "--data", tmp_path / "strip", "--quiet", "--out", out) == 2
+    err = capfd.readouterr().err.strip().splitlines()  # after the placement line
+    assert [line for line in err if line.startswith("error: ")] == err[-1:], err
+    assert err[-1].startswith(f"error: item {row['id']}: tiny-qwen2-vl's processor refuses it (") and \
+        "aspect ratio" in err[-1]
+    assert not out.exists()
+    from probe.heads import main as heads_main
+
+    assert cli_main(heads_main, ["--model", "tiny-qwen2-vl", "--data", str(tmp_path / "strip"), "--layers", "0",
+                                 "--heads", "0", "--quiet", "--out", str(out)]) == 2
+    err = [line for line in capfd.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(err) == 1 and err[0].startswith(f"error: item {row['id']}: "), err
+    assert not out.exists()
+    ft = tmp_path / "ft"
+    assert cli_main(finetune_main, ["--model", str(tiny_dirs["qwen2_vl"]), "--data", f"image={tmp_path / 'strip'}",
+                                    "--split", "validation", "--steps", "2", "--batch-size", "1", "--device", "cpu",
+                                    "--quiet", "--out", str(ft)]) == 2
+    err = [line for line in capfd.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(err) == 1 and err[0].startswith(f"error: item {row['id']}: "), err
+    assert not ft.exists()
+
+
 @pytest.mark.parametrize("family, remove, data, want", [
     ("qwen2", ("tokenizer.json", "tokenizer_config.json"), "text", "no tokenizer files"),
     ("qwen2_vl", ("tokenizer.json", "tokenizer_config.json"), "image", "no tokenizer files"),
