@@ -190,6 +190,41 @@ def releases_claims(run: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
+def undone_on_bad_input(run: Callable[P, R]) -> Callable[P, R]:
+    """A run function taking ``args`` with an ``out`` (probe.heads.run, probe.eval.run) that, stopped by bad input
+    it finds only as it computes (an item its processor refuses: items are built as they run, after run.json is
+    written), takes back what it wrote to an --out that was new or empty — run.json, the lock, the dir — when it
+    still holds that --out alone and no part was written: such bad input leaves nothing, as the bad input found
+    before the run starts does."""
+    from pathlib import Path
+
+    @functools.wraps(run)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        from probe.devices import rank_world
+        from probe.results import _CLAIMED, LOCK, has_contents
+
+        out = Path(args[0].out)  # type: ignore[attr-defined]
+        new = not out.exists()
+        fresh = new or not has_contents(out)
+        try:
+            return run(*args, **kwargs)
+        except BadInput:
+            mine = out.is_dir() and str(out.resolve()) in _CLAIMED
+            parts = out / "parts"
+            if fresh and mine and rank_world()[1] == 1 and not (parts.is_dir() and any(parts.iterdir())):
+                for name in ("run.json", "parts", LOCK):
+                    path = out / name
+                    if path.is_dir():
+                        path.rmdir()
+                    elif path.exists():
+                        path.unlink()
+                if new and not any(out.iterdir()):
+                    out.rmdir()
+            raise
+
+    return wrapper
+
+
 def cli_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
     """Run a CLI entry point: exit 2 with one line for BadInput, 1 with one line for a stopped run, a full disk or
     memory running out, 1 with a traceback for anything unexpected; the --out dirs it claimed are freed when it

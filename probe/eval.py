@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from probe.errors import ArgParser, BadInput, check_counts, cli_main, releases_claims
+from probe.errors import (ArgParser, BadInput, check_counts, cli_main, releases_claims,
+                          undone_on_bad_input)
 from probe.families import ALIASES
 from probe.heads import (_Help, _progress, add_placement_args, add_prompt_args, add_run_args,
                          check_out_apart_from_inputs, load_template, run_versions, saved_run_info)
@@ -217,6 +218,7 @@ def evaluate_pair(loaded, model_name: str, ds: DataSet, items, cfg, batch_size: 
 
 
 @releases_claims
+@undone_on_bad_input
 def run(args: argparse.Namespace) -> Path:
     import pandas as pd
 
@@ -261,15 +263,13 @@ def run(args: argparse.Namespace) -> Path:
             loaded = load_model(refs[m], dtype=placement.dtype, device=placement.device,
                                 attn_implementation=args.attn_implementation, devices=placement.all_devices,
                                 device_memory=placement.device_memory)
+            if not (out / "run.json").is_file():  # only once a model loaded: failures leave no directory
+                claim_out_dir(out, plan.fingerprint())
+                atomic_write_json(out / "run.json", run_info)
             for d in [d for mm, d in todo if mm == m]:
                 ds = plan.data[d]
                 bar.set_description(f"eval {plan.models[m].name} on {ds.name}")
                 rows = evaluate_pair(loaded, plan.models[m].name, ds, scored[m, d], cfg, args.batch_size, bar)
-                # only once a model loaded and its first part was computed: a failure before (a model that does not
-                # load, an item its processor refuses) leaves no directory
-                if not (out / "run.json").is_file():
-                    claim_out_dir(out, plan.fingerprint())
-                    atomic_write_json(out / "run.json", run_info)
                 atomic_write_parquet(part_file(out, m, d), pd.DataFrame.from_records(rows, columns=ITEM_COLUMNS))
                 frames[m, d] = read_part(part_file(out, m, d), ITEM_COLUMNS)  # as a resume would read it
             del loaded

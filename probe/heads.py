@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from probe.errors import ArgParser, BadInput, check_counts, check_out_apart, cli_main, releases_claims
+from probe.errors import (ArgParser, BadInput, check_counts, check_out_apart, cli_main, releases_claims,
+                          undone_on_bad_input)
 from probe.families import ALIASES
 
 DEFAULT_MODEL = "organism-vl"
@@ -294,6 +295,7 @@ def check_out_apart_from_inputs(out: Path, model_dirs: Sequence[Path], data: Seq
 
 
 @releases_claims
+@undone_on_bad_input
 def run(args: argparse.Namespace) -> Path:
     from probe.devices import rank_world
     from probe.results import (atomic_write_json, claim_out_dir, part_path, prepare_out_dir, read_part, read_parts,
@@ -337,6 +339,9 @@ def run(args: argparse.Namespace) -> Path:
         print(placement.description, file=sys.stderr)
         loaded = load_model(ref, dtype=placement.dtype, device=device, attn_implementation=args.attn_implementation,
                             devices=placement.all_devices, device_memory=placement.device_memory)
+        if not resuming:  # only once the model loaded: failures leave no directory
+            claim_out_dir(out, plan.fingerprint())
+            atomic_write_json(out / "run.json", run_info)
         cfg = SweepConfig(template=template, generate=not args.no_generate, max_new_tokens=args.max_new_tokens,
                           image_max_side=args.image_max_side, batch_size=args.batch_size,
                           attribution_items=args.attribution_items)
@@ -351,11 +356,6 @@ def run(args: argparse.Namespace) -> Path:
                         f"{ref.family.name} {plan.method}")
         for c in todo:
             rows = engine(loaded, chunks[c], pairs, cfg, progress=bar.update)
-            # only once the model loaded and a first chunk was measured: a failure before (a model that does not
-            # load, an item its processor refuses) leaves no directory
-            if not (out / "run.json").is_file():
-                claim_out_dir(out, plan.fingerprint())
-                atomic_write_json(out / "run.json", run_info)
             atomic_write_parquet(part_path(out, c), pd.DataFrame.from_records(rows))
         bar.close()
     missing = [c for c in range(len(chunks)) if not part_path(out, c).is_file()]

@@ -998,8 +998,8 @@ def test_text_holding_a_special_token_is_refused_before_anything_is_written(odd_
 def test_an_image_the_processor_refuses_is_one_line_naming_the_item(data_dir, tiny_dirs, tmp_path, capfd):
     """Qwen2-VL's image processor refuses an image whose one side is 200 times the other or more (a 3×700 strip):
     a traceback that named no item, in probe.eval, the head sweep and fine-tuning. Now exit 2 with one line naming
-    the item and nothing written (probe.eval and probe.heads write run.json once their first part is computed;
-    fine-tuning builds its rows first)."""
+    the item and nothing left (probe.eval and probe.heads, which meet the item after run.json is written, take back
+    what they wrote to a new --out: probe.errors.undone_on_bad_input; fine-tuning builds its rows first)."""
     import io
 
     import pyarrow.parquet as pq
