@@ -48,7 +48,7 @@ def step_worker(precision: str, source: str, out: str) -> None:
     import contextlib
 
     from probe import fsdp
-    from probe.models import load_model, resolve_model  # noqa: F401 (load_for_sharding's)
+    from probe.models import resolve_model
 
     rank, world = fsdp.init(cpu=True)
     ref = resolve_model(source)

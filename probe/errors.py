@@ -201,7 +201,7 @@ def undone_on_bad_input(run: Callable[P, R]) -> Callable[P, R]:
     @functools.wraps(run)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         from probe.devices import rank_world
-        from probe.results import _CLAIMED, LOCK, has_contents
+        from probe.results import _CLAIMED, LOCK, clear_run_dir, has_contents
 
         out = Path(args[0].out)  # type: ignore[attr-defined]
         new = not out.exists()
@@ -212,12 +212,7 @@ def undone_on_bad_input(run: Callable[P, R]) -> Callable[P, R]:
             mine = out.is_dir() and str(out.resolve()) in _CLAIMED
             parts = out / "parts"
             if fresh and mine and rank_world()[1] == 1 and not (parts.is_dir() and any(parts.iterdir())):
-                for name in ("run.json", "parts", LOCK):
-                    path = out / name
-                    if path.is_dir():
-                        path.rmdir()
-                    elif path.exists():
-                        path.unlink()
+                clear_run_dir(out, ("run.json", LOCK))
                 if new and not any(out.iterdir()):
                     out.rmdir()
             raise
