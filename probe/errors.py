@@ -180,7 +180,8 @@ def releases_claims(run: Callable[P, R]) -> Callable[P, R]:
     checkpoints) left one descriptor open and its finished --out locked against every other command."""
     @functools.wraps(run)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        held = set(getattr(sys.modules.get("probe.results"), "_CLAIMED", ()))  # a caller's claims stay
+        results = sys.modules.get("probe.results")
+        held = results.claimed() if results is not None else frozenset()  # a caller's claims stay
         try:
             return run(*args, **kwargs)
         finally:
@@ -201,7 +202,7 @@ def undone_on_bad_input(run: Callable[P, R]) -> Callable[P, R]:
     @functools.wraps(run)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         from probe.devices import rank_world
-        from probe.results import _CLAIMED, LOCK, clear_run_dir, has_contents
+        from probe.results import LOCK, claimed, clear_run_dir, has_contents
 
         out = Path(args[0].out)  # type: ignore[attr-defined]
         new = not out.exists()
@@ -209,7 +210,7 @@ def undone_on_bad_input(run: Callable[P, R]) -> Callable[P, R]:
         try:
             return run(*args, **kwargs)
         except BadInput:
-            mine = out.is_dir() and str(out.resolve()) in _CLAIMED
+            mine = out.is_dir() and str(out.resolve()) in claimed()
             parts = out / "parts"
             if fresh and mine and rank_world()[1] == 1 and not (parts.is_dir() and any(parts.iterdir())):
                 clear_run_dir(out, ("run.json", LOCK))

@@ -290,8 +290,14 @@ LOCK = ".lock"
 _CLAIMED: dict[str, int] = {}  # out dirs this process holds (a resume in the same process keeps its claim)
 
 
+def claimed() -> frozenset[str]:
+    """The --out dirs (resolved paths) this process holds now: a wrapper keeps its caller's, and takes back only an
+    --out it holds itself (probe.errors.releases_claims, probe.errors.undone_on_bad_input)."""
+    return frozenset(_CLAIMED)
+
+
 def release_claims(keep: Iterable[str] = ()) -> None:
-    """Free every --out this process claimed (``claim_out_dir``) but those in ``keep`` (keys of ``_CLAIMED``): a
+    """Free every --out this process claimed (``claim_out_dir``) but those in ``keep`` (``claimed()``'s): a
     command's claims end with it (probe.errors.cli_main, probe.errors.releases_claims), so a later command in the
     same process, or another process, may continue the run."""
     kept = set(keep)
