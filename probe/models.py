@@ -202,7 +202,7 @@ class LoadedModel:
 
     @cached_property
     def answer_ids(self) -> dict[tuple, list[int]]:
-        """probe.prompting.answer_token_ids' results, per tokenizer, letters and assistant prefix."""
+        """probe.prompting.answer_token_ids' results for this model's tokenizer, per letters and assistant prefix."""
         return {}
 
     @cached_property

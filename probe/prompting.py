@@ -189,7 +189,7 @@ def answer_token_ids(loaded: LoadedModel, letters: Sequence[str],
     (``render_chat``) and the answer starts (``answer_lead``)."""
     # once per model, letters and prefix: a benchmark asks the same few again for every item (12 % of an
     # organism-vl item's preparation)
-    key = (id(loaded.tokenizer), tuple(letters), template.assistant_prefix)
+    key = (tuple(letters), template.assistant_prefix)
     cache = getattr(loaded, "answer_ids", {})  # a stand-in for a LoadedModel (a tokenizer and a family) has none
     if (ids := cache.get(key)) is None:
         fmt = CHAT_FORMATS[chat_format(loaded.family, loaded.ref.config)]
