@@ -17,7 +17,6 @@ import dataclasses
 import importlib.util
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.sweep import text_items  # noqa: E402
+from bench.sweep import scratch_dir, text_items  # noqa: E402
 from probe.batch import evaluate_items, padding_cap, prefetches  # noqa: E402
 from probe.devices import resolve_placement  # noqa: E402
 from probe.errors import ArgParser, check_counts, cli_main  # noqa: E402
@@ -70,7 +69,7 @@ def smollm2(choice: str, placement) -> tuple[str, object]:
         return "SmolLM2-135M, long text", load("smollm2-135m", placement)
     from probe.archs import build_random
 
-    workdir = tempfile.mkdtemp(prefix="bench-smollm2-")
+    workdir = scratch_dir("bench-smollm2-")
     return ("SmolLM2-135M shape, random weights, long text",
             build_random("smollm2-135m", workdir, placement.dtype, placement.device))
 

@@ -23,8 +23,10 @@ times K heads and extrapolates to all of them.
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import math
+import shutil
 import sys
 import tempfile
 import time
@@ -49,10 +51,18 @@ from probe.sweep import SweepConfig, get_engine  # noqa: E402
 FULL_SWEEP_ITEMS = 900  # the MMMU validation split of the paper's Figure 2
 
 
+def scratch_dir(prefix: str) -> Path:
+    """A temporary directory for the run's built data or model, deleted when the process exits (each run left
+    its sets and random-weight models in /tmp, one set per test run of the smoke tests)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 def text_items(n: int):
     from probe.zoo.tasks_text import build_text_dataset
 
-    root = Path(tempfile.mkdtemp(prefix="bench-text-"))
+    root = scratch_dir("bench-text-")
     build_text_dataset(root, {"validation": n}, seed=0)
     return load_items(str(root), limit=n)[0]
 
@@ -62,7 +72,7 @@ def mmmu_like_items(loaded: LoadedModel, n: int, image_size: int, text_tokens: i
     through the MMMU loader like real data."""
     from probe.synthetic import mmmu_length_rows, write_mmmu_parquet
 
-    root = Path(tempfile.mkdtemp(prefix="bench-mmmu-"))
+    root = scratch_dir("bench-mmmu-")
     count = lambda s: len(loaded.tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
     rows = mmmu_length_rows(n, 0, image_size, text_tokens, count, loaded.family.image_placeholder is not None)
     write_mmmu_parquet({"Bench": rows}, root, "validation")
@@ -199,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         arch = ARCHS[args.random_config]
         full = build_config(args.random_config)
         full_text = getattr(full, "text_config", full)
-        workdir = Path(tempfile.mkdtemp(prefix="bench-random-"))
+        workdir = scratch_dir("bench-random-")
         loaded, t_load = timed(lambda: build_random(
             args.random_config, workdir, placement.dtype, placement.device, args.attn_implementation,
             args.layers, args.vision_layers, args.vocab_size), device)

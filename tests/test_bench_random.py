@@ -296,3 +296,22 @@ def test_random_builds_in_half_precision_give_the_fp32_logits_the_commands_measu
     torch.testing.assert_close(logits, seen[0].float() @ head.weight.float().T, atol=1e-5, rtol=1e-5)
     raw = build_random("smollm2-135m", tmp_path / "raw", dtype="bfloat16", layers=1, vocab_size=512, logits_fp32=False)
     assert raw.model(input_ids=torch.tensor([[1, 2, 3]])).logits.dtype == torch.bfloat16
+
+
+def test_the_benchmarks_scratch_dirs_are_gone_when_the_process_exits(tmp_path):
+    """bench/sweep.py and bench/eval.py build their item sets and random-weight models in temporary dirs: each run
+    (and each run of the smoke tests above) left them in /tmp until scratch_dir deleted them at exit."""
+    import os
+    import subprocess
+    import sys
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from bench.sweep import scratch_dir; "
+            "d = scratch_dir('bench-x-'); (d / 'f').write_text('x'); print(d)")
+    res = subprocess.run([sys.executable, "-c", code, str(REPO)], env=dict(os.environ, TMPDIR=str(tmp)),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    made = Path(res.stdout.strip().splitlines()[-1])
+    assert made.parent == tmp and made.name.startswith("bench-x-")
+    assert not made.exists() and not any(tmp.iterdir())
