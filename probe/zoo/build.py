@@ -544,7 +544,7 @@ OWN = {"base": "text", "vl": "image", "ov-si": "image_single", "video": "video"}
 # organism-base trains on all threads; the extensions on max(1, threads // 2) each, whatever runs, so a rebuild
 # of one gives the same bits. With --threads >= 2 the two lanes run in two processes at once: two small models on
 # one thread each use two cores better than one model on two (torch's CPU scaling at these sizes is ~1.5×).
-# Lanes balanced by measured cost: video 914 s against vl 688 s + ov-si 322 s (README "Build time").
+# Lanes balanced by measured cost: video 914 s against vl then ov-si 1,018 s (README "Build time", run 1).
 LANES = (("video",), ("vl", "ov-si"))
 
 
