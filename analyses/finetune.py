@@ -412,6 +412,20 @@ def state_location(world: int, fsdp: bool, device: str) -> Any:
     return restore
 
 
+def kept_log_rows(path: Path, start: int) -> list[dict[str, str]]:
+    """train_log.csv's rows a resume from checkpoint-``start`` keeps: those of steps up to it (its later steps run
+    again). Lines are appended one a step, so a kill or a full disk can tear only the last one: a row with a field
+    missing ends the log there (a step number cut short, 12 of 123, was kept as step 12 with empty fields, and a cut
+    to nothing was a traceback)."""
+    keep = []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            if any(not row.get(c) for c in LOG_COLUMNS) or not row["step"].isdigit() or int(row["step"]) > start:
+                break
+            keep.append(row)
+    return keep
+
+
 def read_state(path: Path, map_location: Any = None) -> dict:
     """The trainer state a resume continues from (optimiser, sampler and torch RNG, step), read before anything
     runs: a damaged one is bad input naming the checkpoint to delete, never a traceback mid-run. ``map_location``:
@@ -607,10 +621,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
                 "sessions": sessions, "versions": software, "status": "running",
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     log_path = out / "train_log.csv"
-    keep = []
-    if start is not None and log_path.is_file():  # drop log lines past the checkpoint we resume from
-        with open(log_path, newline="") as f:
-            keep = [r for r in csv.DictReader(f) if int(r["step"]) <= start]
+    keep = kept_log_rows(log_path, start) if start is not None and log_path.is_file() else []
     saves = set(checkpoint_steps(cfg.save_steps, cfg.steps))  # 0 is written before the loop
     if writer:
         claim_out_dir(out, fingerprint, lambda saved: saved.get("config"))

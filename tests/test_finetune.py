@@ -221,6 +221,32 @@ def test_a_full_disk_is_one_line_and_the_rerun_resumes(ft_run, tiny_dirs, data_d
         (ft_run / "checkpoint-6" / "model.safetensors").read_bytes()
 
 
+@pytest.mark.parametrize("torn", ["1", ",image=2,2.5"])
+def test_a_log_line_torn_by_the_stop_is_dropped_on_resume(torn, ft_run, tiny_dirs, data_dir, text_dir, tmp_path,
+                                                         capfd, monkeypatch):
+    """A run stopped while appending its last train_log.csv line (a full disk, a kill mid-write) leaves it torn: a
+    step number cut short (1 of 1x) was kept as a row of step 1 with empty fields, one cut to nothing was a
+    traceback at the resume. The resume keeps the whole lines up to its checkpoint and ends with ft_run's log."""
+    from analyses.finetune import main
+
+    out = tmp_path / "torn"
+    real_save = torch.save
+
+    def save(obj, path, *args, **kwargs):  # stop at checkpoint-4, as the full disk above does
+        if ".checkpoint-4.partial" in str(path):
+            raise OSError(28, "No space left on device", str(path))
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    assert cli_main(main, _args(tiny_dirs, data_dir, text_dir, out)) == 1
+    monkeypatch.setattr(torch, "save", real_save)
+    with open(out / "train_log.csv", "a") as f:
+        f.write(torn)  # no newline: the line the stop cut
+    capfd.readouterr()
+    assert cli_main(main, _args(tiny_dirs, data_dir, text_dir, out)) == 0, capfd.readouterr().err
+    assert _log(out) == _log(ft_run)
+
+
 def test_a_resume_under_other_software_is_refused(ft_run, tiny_dirs, data_dir, text_dir, tmp_path, capfd):
     """Steps 1–4 trained under one transformers (or omniprobe code) and 5–6 under another made a run whose
     checkpoints no single setup reproduces, recorded as one; the resume is refused now, touching nothing."""
