@@ -126,7 +126,7 @@ class MergeConfig:
             raise BadInput("--shift only applies to --method shift or salience")
         if self.shift_dir is not None and not (self.shift_dir / "shift.csv").is_file():
             raise BadInput(f"--shift {self.shift_dir}: no shift.csv there (run python -m analyses.shift)")
-        check_output(self.out, self.overwrite)
+        check_output(self.out, self.overwrite, "analyses.merge")
 
     def check_float32_range(self) -> None:
         """The merge multiplies fp32 tensors by its coefficients: one past the float32 range is bad input."""

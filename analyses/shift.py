@@ -152,7 +152,7 @@ def checkpoint_entry(ck: Checkpoint, name: str) -> dict[str, Any]:
 
 
 def run_shift(cfg: ShiftConfig) -> dict[str, Any]:
-    check_output(cfg.out, cfg.overwrite)
+    check_output(cfg.out, cfg.overwrite, "analyses.shift")
     if not cfg.models:
         raise BadInput("--models: give at least one model")
     with ExitStack() as stack:

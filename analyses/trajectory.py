@@ -140,7 +140,7 @@ def embed_2d(x: np.ndarray, perplexity: float, seed: int) -> tuple[dict[str, np.
 
 
 def run_trajectory(cfg: TrajectoryConfig) -> dict[str, Any]:
-    check_output(cfg.out, cfg.overwrite)
+    check_output(cfg.out, cfg.overwrite, "analyses.trajectory")
     if cfg.sketch_dim not in SKETCH_DIMS:
         raise BadInput(f"--sketch-dim must be in {SKETCH_DIMS.start} .. {SKETCH_DIMS.stop - 1}, got {cfg.sketch_dim}")
     if not (math.isfinite(cfg.perplexity) and cfg.perplexity > 0):  # NaN passes a plain "<= 0" test

@@ -262,9 +262,24 @@ LEGACY_NAMES = {
 }
 
 
-def check_output(out: Path, overwrite: bool) -> None:
-    """Refuse an existing output unless asked; validated before anything is read (STYLE 5)."""
+def finished_by(out: Path) -> str | None:
+    """The command whose finished output ``out`` is (its manifest, written last, inside the swap): None when it has
+    none, or an unreadable one."""
+    try:
+        command = json.loads((out / MANIFEST).read_text())["command"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return command if isinstance(command, str) else None
+
+
+def check_output(out: Path, overwrite: bool, command: str | None = None) -> None:
+    """Refuse an existing output unless asked; validated before anything is read (STYLE 5). One ``command`` already
+    finished there is said so: a run killed after its output was swapped in has nothing left to do (unlike a
+    fine-tuning or sweep run, such an output records no inputs to resume against, so it is not rerun in place)."""
     if out.exists() and not overwrite:
+        if command is not None and finished_by(out) == command:
+            raise BadInput(f"{out} already holds a finished {command} output (nothing to resume); pass --overwrite "
+                           "to compute it again, or use another --out")
         raise BadInput(f"{out} exists; pass --overwrite to replace it")
     check_out_path(out)  # no existing parent of it is a file
 
@@ -317,7 +332,7 @@ def atomic_dir(out: Path, overwrite: bool, command: str) -> Iterator[Path]:
     wrote there), delete it on any error. Temp dirs of killed earlier runs (``kill -9`` leaves them) are removed
     first."""
     out = Path(out)
-    check_output(out, overwrite)
+    check_output(out, overwrite, command)
     check_replaceable(out, overwrite, command)
     if out.parent.is_dir():
         remove_stale_partials(out)

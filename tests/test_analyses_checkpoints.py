@@ -251,6 +251,13 @@ def test_existing_output_and_unknown_model(zoo, tmp_path, capsys):
     code, _ = run_cli(merge.main, ["--models", zoo["base"], zoo["q1"], "--method", "average", "--out", out,
                                    "--overwrite"], capsys)
     assert code == 0 and (out / "model.safetensors").is_file()
+    # the same command again (a kill landed after the output was swapped in): said to be finished, not just "exists"
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*"))
+    code, err = run_cli(merge.main, ["--models", zoo["base"], zoo["q1"], "--method", "average", "--out", out], capsys)
+    assert code == 2 and f"error: {out} already holds a finished analyses.merge output (nothing to resume)" in err
+    code, err = run_cli(shift.main, ["--base", zoo["base"], "--models", zoo["q1"], "--out", out], capsys)
+    assert code == 2 and f"error: {out} exists; pass --overwrite" in err  # another command's output
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*")) == before
     o2 = tmp_path / "o2"
     code, err = run_cli(merge.main, ["--models", "no-such-model", "--method", "average", "--out", o2], capsys)
     assert_bad(code, err, o2, "no-such-model")
