@@ -335,18 +335,14 @@ def missing_outputs(stage: str, cfg: ReplicateConfig, out: Path) -> list[Path]:
     """What a complete stage wrote that is gone now (deleted by hand): its named outputs, and every entry of the
     output manifests (probe.results.MANIFEST) of its output dirs. The driver reruns such a stage, the report
     refuses it: either way no table cell turns into "—" and no figure drops out without a word."""
-    from probe.results import MANIFEST
+    from analyses.writer import read_manifest
 
     gone = []
     for p in BY_NAME[stage].outputs(cfg, out):
         if not p.exists():
             gone.append(p)
-        elif (p / MANIFEST).is_file():
-            try:
-                entries = json.loads((p / MANIFEST).read_text())["entries"]
-            except (OSError, ValueError, KeyError, TypeError):
-                continue  # an unreadable manifest: the readers of the files name what is wrong
-            gone += [p / e for e in entries if isinstance(e, str) and not (p / e).exists()]
+        elif (manifest := read_manifest(p)) is not None:  # an unreadable one: the files' readers name what is wrong
+            gone += [p / e for e in manifest.get("entries", ()) if isinstance(e, str) and not (p / e).exists()]
     return gone
 
 

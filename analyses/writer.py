@@ -262,14 +262,14 @@ LEGACY_NAMES = {
 }
 
 
-def finished_by(out: Path) -> str | None:
-    """The command whose finished output ``out`` is (its manifest, written last, inside the swap): None when it has
-    none, or an unreadable one."""
+def read_manifest(out: Path) -> dict | None:
+    """The manifest ``atomic_dir`` writes last into a finished output (MANIFEST: the command and every entry it
+    wrote), None when ``out`` has none or an unreadable one; its keys are the reader's to check."""
     try:
-        command = json.loads((out / MANIFEST).read_text())["command"]
-    except (OSError, ValueError, KeyError, TypeError):
+        manifest = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
         return None
-    return command if isinstance(command, str) else None
+    return manifest if isinstance(manifest, dict) else None
 
 
 def check_output(out: Path, overwrite: bool, command: str | None = None) -> None:
@@ -277,7 +277,7 @@ def check_output(out: Path, overwrite: bool, command: str | None = None) -> None
     finished there is said so: a run killed after its output was swapped in has nothing left to do (unlike a
     fine-tuning or sweep run, such an output records no inputs to resume against, so it is not rerun in place)."""
     if out.exists() and not overwrite:
-        if command is not None and finished_by(out) == command:
+        if command is not None and (read_manifest(out) or {}).get("command") == command:
             raise BadInput(f"{out} already holds a finished {command} output (nothing to resume); pass --overwrite "
                            "to compute it again, or use another --out")
         raise BadInput(f"{out} exists; pass --overwrite to replace it")
@@ -297,7 +297,7 @@ def check_replaceable(out: Path, overwrite: bool, command: str) -> None:
     if not names:
         return
     try:
-        manifest = json.loads((out / MANIFEST).read_text())
+        manifest = read_manifest(out) or {}  # none, or unreadable: the KeyError below takes the legacy reading
         mine = set(manifest["entries"]) if manifest["command"] == command else None
         present = output_listing(out)  # every file and folder, so one added inside carriers/ counts too
     except (OSError, ValueError, KeyError, TypeError):  # written before the manifest: its top level, by name
