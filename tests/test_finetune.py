@@ -192,15 +192,11 @@ def test_gradient_checkpointing_is_switched_off_after_training(tiny_dirs) -> Non
     assert flags[2:] == [True] and not loaded.model.is_activation_checkpointing and not loaded.model.training
 
 
-def test_a_full_disk_is_one_line_and_the_rerun_resumes(ft_run, tiny_dirs, data_dir, text_dir, tmp_path, capfd,
-                                                       monkeypatch):
-    """A disk that filled while checkpoint-4 was written was a traceback, its half-written copy left behind; now
-    one line says so (exit 1), the partial copy is gone, and the rerun goes on to ft_run's bytes."""
+def disk_full_at_checkpoint_4(monkeypatch):
+    """torch.save fails with ENOSPC while checkpoint-4 is written (the run stops there, exit 1); returns torch's own
+    save, for the test to put back before the rerun."""
     import errno
 
-    from analyses.finetune import main
-
-    out = tmp_path / "full"
     real_save = torch.save
 
     def save(obj, path, *args, **kwargs):
@@ -209,6 +205,17 @@ def test_a_full_disk_is_one_line_and_the_rerun_resumes(ft_run, tiny_dirs, data_d
         return real_save(obj, path, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", save)
+    return real_save
+
+
+def test_a_full_disk_is_one_line_and_the_rerun_resumes(ft_run, tiny_dirs, data_dir, text_dir, tmp_path, capfd,
+                                                       monkeypatch):
+    """A disk that filled while checkpoint-4 was written was a traceback, its half-written copy left behind; now
+    one line says so (exit 1), the partial copy is gone, and the rerun goes on to ft_run's bytes."""
+    from analyses.finetune import main
+
+    out = tmp_path / "full"
+    real_save = disk_full_at_checkpoint_4(monkeypatch)
     assert cli_main(main, _args(tiny_dirs, data_dir, text_dir, out)) == 1
     raw = capfd.readouterr().err
     err = [ln for ln in raw.splitlines() if ln.startswith("error:")]
@@ -230,14 +237,7 @@ def test_a_log_line_torn_by_the_stop_is_dropped_on_resume(torn, ft_run, tiny_dir
     from analyses.finetune import main
 
     out = tmp_path / "torn"
-    real_save = torch.save
-
-    def save(obj, path, *args, **kwargs):  # stop at checkpoint-4, as the full disk above does
-        if ".checkpoint-4.partial" in str(path):
-            raise OSError(28, "No space left on device", str(path))
-        return real_save(obj, path, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "save", save)
+    real_save = disk_full_at_checkpoint_4(monkeypatch)
     assert cli_main(main, _args(tiny_dirs, data_dir, text_dir, out)) == 1
     monkeypatch.setattr(torch, "save", real_save)
     with open(out / "train_log.csv", "a") as f:
