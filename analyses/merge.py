@@ -36,7 +36,7 @@ from analyses.salience import METRICS as SALIENCE_METRICS
 from analyses.salience import SalienceWeights, check_run_model, read_salience
 from analyses.shift import CHUNK, read_shift_csv
 from analyses.writer import (SHARD_BYTES, Entry, ShardedWriter, atomic_dir, check_output, check_replaceable,
-                             copy_side_files, parse_size)
+                             copy_side_files, parse_size, returns_finished, run_request)
 from probe.errors import TENSOR_MEMORY_HINT, ArgParser, BadInput, cli_main
 from probe.families import CAUSAL_LM, LAYOUTS, causal_lm_type, check_lm_fits_class, untie_word_embeddings
 from probe.families import lm_disk_key as layout_key
@@ -48,6 +48,8 @@ METHODS = {"average": "average", "weighted": "weighted", "shift": "shift", "sali
 NEEDS_BASE = ("shift", "salience", "task_arithmetic", "ties")
 TOKENIZER_FILES = ("tokenizer", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
                    "chat_template", "generation_config.json")
+
+COMMAND = "analyses.merge"  # what its output manifests name
 RAW_CHUNK = 64 << 20  # bytes per bit-exact copy step
 FLOAT32_MAX = torch.finfo(torch.float32).max
 MERGE_CHUNK = 1 << 18  # elements per combine step: the 1 MB fp32 accumulator and cast buffer stay in L2 cache
@@ -126,7 +128,7 @@ class MergeConfig:
             raise BadInput("--shift only applies to --method shift or salience")
         if self.shift_dir is not None and not (self.shift_dir / "shift.csv").is_file():
             raise BadInput(f"--shift {self.shift_dir}: no shift.csv there (run python -m analyses.shift)")
-        check_output(self.out, self.overwrite, "analyses.merge")
+        check_output(self.out, self.overwrite, COMMAND, lambda: merge_request(self))
 
     def check_float32_range(self) -> None:
         """The merge multiplies fp32 tensors by its coefficients: one past the float32 range is bad input."""
@@ -461,6 +463,15 @@ def write_carrier(carrier: Checkpoint, merged: Checkpoint, dest: Path, shard_siz
             "lm_head_added": untie}
 
 
+def merge_request(cfg: MergeConfig) -> dict:
+    """What a merge output is computed from (``run_request``): its options, and the models, carriers, shift table
+    and salience runs it reads."""
+    return run_request(cfg, [*([cfg.base] if cfg.base else []), *cfg.models, *cfg.carriers],
+                       [*([cfg.shift_dir] if cfg.shift_dir else []), *cfg.salience,
+                        *([cfg.base_salience] if cfg.base_salience else [])])
+
+
+@returns_finished("merge.json")
 def run_merge(cfg: MergeConfig) -> dict[str, Any]:
     cfg.validate()
     t0 = time.perf_counter()
@@ -472,7 +483,7 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
         inputs = ([base] if base else []) + models
         names = ([cfg.base] if base else []) + list(cfg.models)
         check_inputs_and_out(cfg.out, models, ([base] if base else []) + carriers)  # base may be in --models
-        check_replaceable(cfg.out, cfg.overwrite, "analyses.merge")
+        check_replaceable(cfg.out, cfg.overwrite, COMMAND)
         reserve_descriptors([*inputs, *carriers])
         al = align(inputs, names)  # shapes, vocab rule: all checked before anything is written
         for car in carriers:
@@ -484,7 +495,7 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
         check_lm_fits_class(causal_lm_type(ref.family, ref.text_config), ref.text_config,
                             [p.canon for p in al.tensors], f"{names[0]} ({ref.path})")
         entries = [Entry(lm_disk_key(p.canon), p.ref.dtype, p.ref.shape) for p in al.tensors]
-        with atomic_dir(cfg.out, cfg.overwrite, "analyses.merge") as tmp:
+        with atomic_dir(cfg.out, cfg.overwrite, COMMAND, merge_request(cfg)) as tmp:
             with ShardedWriter(tmp, entries, cfg.shard_size, {"merge_method": cfg.method}, background=True) as writer:
                 for plan, e in zip(progress(al.tensors, desc=f"merge ({cfg.method})", unit="tensor"), entries):
                     with writer.tensor(e.key) as sink:

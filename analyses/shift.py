@@ -25,8 +25,10 @@ from analyses.align import Alignment, align, check_finite, paired_chunks
 from analyses.checkpoints import (Checkpoint, add_output_args, check_inputs_and_out, checkpoint_fingerprint,
                                   layer_module, open_checkpoint, progress, quiet_progress, reserve_descriptors)
 from analyses.formulas import ShiftStats
-from analyses.writer import atomic_dir, check_output, check_replaceable
+from analyses.writer import atomic_dir, check_output, check_replaceable, returns_finished, run_request
 from probe.errors import TENSOR_MEMORY_HINT, ArgParser, BadInput, cli_main
+
+COMMAND = "analyses.shift"  # what its output manifests name
 
 CHUNK = 1 << 22  # elements per streamed chunk: 16 MB of fp32 temporaries
 COLUMNS = ["model", "tensor", "layer", "module", "numel", "delta_avg", "delta_max", "rel_l2"]
@@ -151,15 +153,21 @@ def checkpoint_entry(ck: Checkpoint, name: str) -> dict[str, Any]:
             "fingerprint": checkpoint_fingerprint(ck)}
 
 
+def shift_request(cfg: ShiftConfig) -> dict:
+    """What a shift output is computed from (``run_request``): its options and the models it compares."""
+    return run_request(cfg, [cfg.base, *cfg.models])
+
+
+@returns_finished("summary.json")
 def run_shift(cfg: ShiftConfig) -> dict[str, Any]:
-    check_output(cfg.out, cfg.overwrite, "analyses.shift")
+    check_output(cfg.out, cfg.overwrite, COMMAND, lambda: shift_request(cfg))
     if not cfg.models:
         raise BadInput("--models: give at least one model")
     with ExitStack() as stack:
         base = stack.enter_context(open_checkpoint(cfg.base, cfg.allow_bin))
         models = [stack.enter_context(open_checkpoint(m, cfg.allow_bin)) for m in cfg.models]
         check_inputs_and_out(cfg.out, models, [base])
-        check_replaceable(cfg.out, cfg.overwrite, "analyses.shift")
+        check_replaceable(cfg.out, cfg.overwrite, COMMAND)
         reserve_descriptors([base, *models])
         rows, al = compute_shift(base, models, cfg.models)
         summary = {
@@ -171,7 +179,7 @@ def run_shift(cfg: ShiftConfig) -> dict[str, Any]:
             "formula": "delta_avg = mean |theta_base - theta_model| per tensor (Eq. 3), fp32",
             "dtype": str(al.tensors[0].ref.dtype),
         }
-    with atomic_dir(cfg.out, cfg.overwrite, "analyses.shift") as tmp:
+    with atomic_dir(cfg.out, cfg.overwrite, COMMAND, shift_request(cfg)) as tmp:
         write_csv(tmp / "shift.csv", rows)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
         if cfg.figures:

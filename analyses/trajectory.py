@@ -29,9 +29,11 @@ from analyses.align import align, check_finite
 from analyses.checkpoints import (Checkpoint, add_output_args, check_inputs_and_out, open_checkpoint,
                                   progress, quiet_progress, reserve_descriptors)
 from analyses.sketch import SKETCH_CHUNK, SKETCH_DIMS, CountSketch
-from analyses.writer import atomic_dir, check_output, check_replaceable
+from analyses.writer import atomic_dir, check_output, check_replaceable, returns_finished, run_request
 from probe.errors import TENSOR_MEMORY_HINT, ArgParser, BadInput, cli_main
 from probe.results import distinct_names, json_text
+
+COMMAND = "analyses.trajectory"  # what its output manifests name
 
 
 @dataclass
@@ -139,8 +141,15 @@ def embed_2d(x: np.ndarray, perplexity: float, seed: int) -> tuple[dict[str, np.
     return out, used, explained
 
 
+def trajectory_request(cfg: TrajectoryConfig) -> dict:
+    """What a trajectory output is computed from (``run_request``): its options and every checkpoint it maps (a
+    run's checkpoint saved since is another input)."""
+    return run_request(cfg, [p.path for p in collect_points(cfg)] + ([cfg.ref] if cfg.ref else []))
+
+
+@returns_finished("run.json")
 def run_trajectory(cfg: TrajectoryConfig) -> dict[str, Any]:
-    check_output(cfg.out, cfg.overwrite, "analyses.trajectory")
+    check_output(cfg.out, cfg.overwrite, COMMAND, lambda: trajectory_request(cfg))
     if cfg.sketch_dim not in SKETCH_DIMS:
         raise BadInput(f"--sketch-dim must be in {SKETCH_DIMS.start} .. {SKETCH_DIMS.stop - 1}, got {cfg.sketch_dim}")
     if not (math.isfinite(cfg.perplexity) and cfg.perplexity > 0):  # NaN passes a plain "<= 0" test
@@ -154,7 +163,7 @@ def run_trajectory(cfg: TrajectoryConfig) -> dict[str, Any]:
         ckpts = [stack.enter_context(open_checkpoint(p.path, cfg.allow_bin)) for p in points]
         ref = stack.enter_context(open_checkpoint(cfg.ref, cfg.allow_bin)) if cfg.ref else ckpts[0]
         check_inputs_and_out(cfg.out, ckpts, [ref])  # a point twice would sit on itself and skew t-SNE
-        check_replaceable(cfg.out, cfg.overwrite, "analyses.trajectory")
+        check_replaceable(cfg.out, cfg.overwrite, COMMAND)
         reserve_descriptors([*ckpts, ref])  # every checkpoint is streamed side by side
         tensors, norms, sketch, vocab = stream_features(ref, ckpts, [p.name for p in points],
                                                         CountSketch(cfg.sketch_dim, cfg.seed), cfg.ref or cfg.base)
@@ -181,7 +190,7 @@ def run_trajectory(cfg: TrajectoryConfig) -> dict[str, Any]:
                  "sklearn TSNE (exact up to 500 points)"),
         "pca_explained_variance": explained,  # per feature, the share of PC1 and PC2
     }
-    with atomic_dir(cfg.out, cfg.overwrite, "analyses.trajectory") as tmp:
+    with atomic_dir(cfg.out, cfg.overwrite, COMMAND, trajectory_request(cfg)) as tmp:
         with open(tmp / "points.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["name", "kind", "run", "step", "path"])

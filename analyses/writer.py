@@ -9,6 +9,7 @@ complete-looking output).
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import math
 import queue
@@ -16,9 +17,9 @@ import re
 import shutil
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, Sequence
+from typing import BinaryIO, Callable, Iterable, Iterator, ParamSpec, Sequence
 
 import torch
 
@@ -26,6 +27,8 @@ from analyses.checkpoints import DTYPE_NAMES
 from probe.errors import BadInput, check_out_path, make_out_dir
 from probe.results import (MANIFEST, WRITER_TAG, atomic_write_json, copy_file, output_listing, remove_stale_dirs,
                            writer_tag)
+
+P = ParamSpec("P")
 
 INDEX_NAME = "model.safetensors.index.json"
 SHARD_BYTES = 5 * 10**9  # default largest shard of a written checkpoint (as transformers' 5GB)
@@ -272,16 +275,71 @@ def read_manifest(out: Path) -> dict | None:
     return manifest if isinstance(manifest, dict) else None
 
 
-def check_output(out: Path, overwrite: bool, command: str | None = None) -> None:
-    """Refuse an existing output unless asked; validated before anything is read (STYLE 5). One ``command`` already
-    finished there is said so: a run killed after its output was swapped in has nothing left to do (unlike a
-    fine-tuning or sweep run, such an output records no inputs to resume against, so it is not rerun in place)."""
+class Finished(Exception):
+    """``check_output`` found ``out`` holding this very run, finished: the same command, options and inputs (a run
+    killed after its output was swapped in, then rerun). Not an error: ``returns_finished`` turns it into the saved
+    report."""
+
+    def __init__(self, out: Path, command: str):
+        super().__init__(f"{out} already holds this finished {command} output (same options and inputs): nothing to "
+                         "do; pass --overwrite to compute it again")
+        self.out, self.command = Path(out), command
+
+
+def run_request(cfg: object, models: Iterable[str | Path] = (), dirs: Iterable[str | Path] = ()) -> dict:
+    """What an output is computed from, as its manifest keeps it: the fields of the config dataclass ``cfg`` but
+    where it writes, whether it may replace, and ``threads`` (the same bits with any count), with the content
+    fingerprint of every input: ``models`` (specs: a model dir's own files, as probe.eval fingerprints them) and
+    ``dirs`` (runs, shift tables: every file below them). JSON-normal, so it compares equal to its saved copy."""
+    from analyses.checkpoints import resolve_model_dir
+    from probe.models import local_fingerprint
+    from probe.results import content_fingerprint
+
+    options = {k: v for k, v in asdict(cfg).items() if k not in ("out", "overwrite", "threads")}
+    inputs = ([[str(m), local_fingerprint(resolve_model_dir(str(m)))] for m in models]
+              + [[str(d), content_fingerprint(d)] for d in dirs])
+    return json.loads(json.dumps({"options": options, "inputs": inputs}, default=str))
+
+
+def check_output(out: Path, overwrite: bool, command: str | None = None,
+                 request: Callable[[], dict] | None = None) -> None:
+    """Refuse an existing output unless asked; validated before anything is read (STYLE 5). An output ``command``
+    finished there is told apart: from the same ``request`` (``run_request``, called only then) and whole, it is
+    this run already done (``Finished``); from another request, or from before outputs kept theirs, it is refused
+    saying so."""
     if out.exists() and not overwrite:
-        if command is not None and (read_manifest(out) or {}).get("command") == command:
+        manifest = read_manifest(out) or {}
+        if command is not None and manifest.get("command") == command:
+            if request is not None and "request" in manifest:
+                if manifest["request"] != request():
+                    raise BadInput(f"{out} holds a finished {command} output of other options or inputs; pass "
+                                   "--overwrite to replace it, or use another --out")
+                entries = manifest.get("entries")
+                gone = [e for e in entries if not (out / e).exists()] if isinstance(entries, list) else ["its listing"]
+                if gone:
+                    raise BadInput(f"{out} holds this finished {command} output, but {gone[0]} is gone from it; pass "
+                                   "--overwrite to compute it again")
+                raise Finished(out, command)
             raise BadInput(f"{out} already holds a finished {command} output (nothing to resume); pass --overwrite "
                            "to compute it again, or use another --out")
         raise BadInput(f"{out} exists; pass --overwrite to replace it")
     check_out_path(out)  # no existing parent of it is a file
+
+
+def returns_finished(report: str) -> Callable[[Callable[P, dict]], Callable[P, dict]]:
+    """A run function (``run_merge`` …) that, finding its output already finished (``Finished``), says so and
+    returns the saved ``report`` (a JSON file of the output) instead of computing it again: a rerun after a kill
+    that came after the output was in place exits 0, like a resumed sweep or fine-tuning run."""
+    def wrap(run: Callable[P, dict]) -> Callable[P, dict]:
+        @functools.wraps(run)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> dict:
+            try:
+                return run(*args, **kwargs)
+            except Finished as done:
+                print(done)
+                return json.loads((done.out / report).read_text())
+        return wrapper
+    return wrap
 
 
 def check_replaceable(out: Path, overwrite: bool, command: str) -> None:
@@ -327,12 +385,12 @@ def remove_stale_partials(out: Path) -> list[Path]:
 
 
 @contextmanager
-def atomic_dir(out: Path, overwrite: bool, command: str) -> Iterator[Path]:
+def atomic_dir(out: Path, overwrite: bool, command: str, request: dict | None = None) -> Iterator[Path]:
     """Yield a hidden temp dir beside ``out``; rename it to ``out`` on success (with a manifest of what ``command``
-    wrote there), delete it on any error. Temp dirs of killed earlier runs (``kill -9`` leaves them) are removed
-    first."""
+    wrote there and the ``request`` it was computed from), delete it on any error. Temp dirs of killed earlier runs
+    (``kill -9`` leaves them) are removed first."""
     out = Path(out)
-    check_output(out, overwrite, command)
+    check_output(out, overwrite, command, None if request is None else lambda: request)
     check_replaceable(out, overwrite, command)
     if out.parent.is_dir():
         remove_stale_partials(out)
@@ -346,7 +404,8 @@ def atomic_dir(out: Path, overwrite: bool, command: str) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic_write_json(tmp / MANIFEST, {"command": command, "entries": output_listing(tmp)})
+    atomic_write_json(tmp / MANIFEST, {"command": command, **({"request": request} if request is not None else {}),
+                                       "entries": output_listing(tmp)})
     if out.exists():
         old = out.parent / f".{out.name}.old-{writer_tag()}"
         out.rename(old)

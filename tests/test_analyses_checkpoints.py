@@ -251,10 +251,10 @@ def test_existing_output_and_unknown_model(zoo, tmp_path, capsys):
     code, _ = run_cli(merge.main, ["--models", zoo["base"], zoo["q1"], "--method", "average", "--out", out,
                                    "--overwrite"], capsys)
     assert code == 0 and (out / "model.safetensors").is_file()
-    # the same command again (a kill landed after the output was swapped in): said to be finished, not just "exists"
+    # the same merge of other models: a finished output of another request, said so (test_a_finished_output_…)
     before = sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*"))
-    code, err = run_cli(merge.main, ["--models", zoo["base"], zoo["q1"], "--method", "average", "--out", out], capsys)
-    assert code == 2 and f"error: {out} already holds a finished analyses.merge output (nothing to resume)" in err
+    code, err = run_cli(merge.main, ["--models", zoo["base"], zoo["vl"], "--method", "average", "--out", out], capsys)
+    assert code == 2 and f"error: {out} holds a finished analyses.merge output of other options or inputs" in err
     code, err = run_cli(shift.main, ["--base", zoo["base"], "--models", zoo["q1"], "--out", out], capsys)
     assert code == 2 and f"error: {out} exists; pass --overwrite" in err  # another command's output
     assert sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*")) == before
@@ -263,6 +263,65 @@ def test_existing_output_and_unknown_model(zoo, tmp_path, capsys):
     assert_bad(code, err, o2, "no-such-model")
     code, err = run_cli(merge.main, ["--models", "qwen2-vl", "--method", "average", "--out", o2], capsys)
     assert_bad(code, err, o2, "local Hugging Face cache")
+
+
+FINISHED_RUNS = {  # command, its first arguments, an option that changes the output, the report it returns
+    "shift": (shift, lambda z: ["--base", z["base"], "--models", z["q1"]], ["--no-figures"], "summary.json"),
+    "merge": (merge, lambda z: ["--models", z["base"], z["q1"], "--method", "average"], ["--shard-size", "1MB"],
+              "merge.json"),
+    "trajectory": (trajectory, lambda z: ["--base", z["base"], "--experts", z["q1"], z["vl"]], ["--seed", "1"],
+                   "run.json"),
+}
+
+
+@pytest.mark.parametrize("command", FINISHED_RUNS)
+def test_a_finished_output_rerun_is_a_no_op(zoo, tmp_path, capsys, command):
+    """A kill that lands after the output was swapped in leaves a finished output; rerunning the same command (same
+    options, inputs of the same content) exits 0 saying so and touches nothing, as a resumed sweep does. Another
+    option, an input whose files changed, a file gone from the output, or an output from before manifests kept
+    their request: refused in one line, the output untouched."""
+    from probe.results import MANIFEST
+
+    module, first, other, report = FINISHED_RUNS[command]
+    q1 = tmp_path / "q1"
+    shutil.copytree(zoo["q1"], q1)
+    zoo = {**zoo, "q1": q1}
+    out = tmp_path / "out"
+    argv = [*first(zoo), "--out", out]
+    assert run_cli(module.main, argv, capsys)[0] == 0
+    state = lambda: sorted((str(p), p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else b"")  # noqa: E731
+                           for p in out.rglob("*"))
+    before = state()
+    code = cli_main(module.main, [str(a) for a in argv])
+    printed = capsys.readouterr()
+    assert code == 0 and f"{out} already holds this finished analyses.{command} output" in printed.out, printed
+    assert state() == before
+    config = {"shift": shift.ShiftConfig(str(zoo["base"]), [str(q1)], out),
+              "merge": merge.MergeConfig([str(zoo["base"]), str(q1)], "average", out),
+              "trajectory": trajectory.TrajectoryConfig(out, str(zoo["base"]), experts=[str(q1), str(zoo["vl"])])}
+    run = {"shift": shift.run_shift, "merge": merge.run_merge, "trajectory": trajectory.run_trajectory}[command]
+    assert run(config[command]) == json.loads((out / report).read_text())  # the API returns the saved report
+    code, err = run_cli(module.main, [*argv, *other], capsys)
+    assert code == 2 and f"error: {out} holds a finished analyses.{command} output of other options or inputs" in err
+    saved = (q1 / "config.json").read_bytes()
+    (q1 / "config.json").write_text(json.dumps({**json.loads(saved), "note": "edited"}))  # other content, same path
+    code, err = run_cli(module.main, argv, capsys)
+    assert code == 2 and "of other options or inputs" in err
+    (q1 / "config.json").write_bytes(saved)
+    assert run_cli(module.main, argv, capsys)[0] == 0  # the content is what counts, not the file's mtime
+    assert state() == before
+    gone = sorted(p for p in out.rglob("*") if p.is_file() and p.name != MANIFEST)[-1]
+    data = gone.read_bytes()
+    gone.unlink()
+    code, err = run_cli(module.main, argv, capsys)
+    assert code == 2 and f"holds this finished analyses.{command} output, but {gone.relative_to(out)} is gone" in err
+    gone.write_bytes(data)
+    manifest = json.loads((out / MANIFEST).read_text())
+    (out / MANIFEST).write_text(json.dumps({k: v for k, v in manifest.items() if k != "request"}))
+    code, err = run_cli(module.main, argv, capsys)  # an output written before manifests kept their request
+    assert code == 2 and f"already holds a finished analyses.{command} output (nothing to resume)" in err
+    assert run_cli(module.main, [*argv, "--overwrite"], capsys)[0] == 0
+    assert json.loads((out / MANIFEST).read_text())["request"] == manifest["request"]
 
 
 def test_overwrite_replaces_only_an_earlier_output_of_the_same_command(zoo, tmp_path, capsys):
