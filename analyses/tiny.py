@@ -48,38 +48,47 @@ def resize_vocab(lm: dict[str, torch.Tensor], rows: int, seed: int = 99) -> dict
     return out
 
 
+def _qwen2(tf, txt: dict, vocab: int):
+    return tf.Qwen2ForCausalLM(tf.Qwen2Config(**txt))
+
+
+def _qwen2_vl(tf, txt: dict, vocab: int):
+    return tf.Qwen2VLForConditionalGeneration(tf.Qwen2VLConfig(
+        text_config=dict(txt, rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]}),
+        vision_config=dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2),
+        image_token_id=vocab - 3, video_token_id=vocab - 2, vision_start_token_id=vocab - 4,
+    ))
+
+
+def _llava_onevision(tf, txt: dict, vocab: int):
+    return tf.LlavaOnevisionForConditionalGeneration(tf.LlavaOnevisionConfig(
+        text_config=dict(txt, model_type="qwen2"),
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=28, patch_size=14),
+        image_token_index=vocab - 2, video_token_index=vocab - 1,
+    ))
+
+
+def _qwen2_audio(tf, txt: dict, vocab: int):
+    return tf.Qwen2AudioForConditionalGeneration(tf.Qwen2AudioConfig(
+        text_config=dict(txt, model_type="qwen2"),
+        audio_config=dict(d_model=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32, num_mel_bins=8,
+                          max_source_positions=20),
+        audio_token_index=vocab - 1,
+    ))
+
+
+# One builder per kind (the published layout of each kind has the kind's name): (transformers, text config, vocab)
+MODELS: dict[str, Callable] = {"qwen2": _qwen2, "qwen2_vl": _qwen2_vl, "llava_onevision": _llava_onevision,
+                               "qwen2_audio": _qwen2_audio}
+
+
 def _model(kind: str, vocab: int, seed: int, **text_over):
     import transformers as tf
 
     torch.manual_seed(seed)
-    txt = text_kwargs(**{**text_over, "vocab_size": vocab})
-    if kind == "qwen2":
-        return tf.Qwen2ForCausalLM(tf.Qwen2Config(**txt))
-    if kind == "qwen2_vl":
-        cfg = tf.Qwen2VLConfig(
-            text_config=dict(txt, rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]}),
-            vision_config=dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, patch_size=14,
-                               spatial_merge_size=2, temporal_patch_size=2),
-            image_token_id=vocab - 3, video_token_id=vocab - 2, vision_start_token_id=vocab - 4,
-        )
-        return tf.Qwen2VLForConditionalGeneration(cfg)
-    if kind == "llava_onevision":
-        cfg = tf.LlavaOnevisionConfig(
-            text_config=dict(txt, model_type="qwen2"),
-            vision_config=dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32,
-                               num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14),
-            image_token_index=vocab - 2, video_token_index=vocab - 1,
-        )
-        return tf.LlavaOnevisionForConditionalGeneration(cfg)
-    if kind == "qwen2_audio":
-        cfg = tf.Qwen2AudioConfig(
-            text_config=dict(txt, model_type="qwen2"),
-            audio_config=dict(d_model=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32,
-                              num_mel_bins=8, max_source_positions=20),
-            audio_token_index=vocab - 1,
-        )
-        return tf.Qwen2AudioForConditionalGeneration(cfg)
-    raise ValueError(kind)
+    return MODELS[kind](tf, text_kwargs(**{**text_over, "vocab_size": vocab}), vocab)
 
 
 def write_model(kind: str, out: Path, lm: dict[str, torch.Tensor], seed: int = 0,

