@@ -336,8 +336,13 @@ def returns_finished(report: str) -> Callable[[Callable[P, dict]], Callable[P, d
             try:
                 return run(*args, **kwargs)
             except Finished as done:
+                try:
+                    saved = json.loads((done.out / report).read_text())
+                except (OSError, ValueError):
+                    raise BadInput(f"{done.out / report}: unreadable, in a finished {done.command} output; pass "
+                                   "--overwrite to compute it again") from None
                 print(done)
-                return json.loads((done.out / report).read_text())
+                return saved
         return wrapper
     return wrap
 

@@ -316,6 +316,9 @@ def test_a_finished_output_rerun_is_a_no_op(zoo, tmp_path, capsys, command):
     code, err = run_cli(module.main, argv, capsys)
     assert code == 2 and f"holds this finished analyses.{command} output, but {gone.relative_to(out)} is gone" in err
     gone.write_bytes(data)
+    (out / report).write_text("{")  # torn by hand: said, not a traceback
+    code, err = run_cli(module.main, argv, capsys)
+    assert code == 2 and f"error: {out / report}: unreadable, in a finished analyses.{command} output" in err
     manifest = json.loads((out / MANIFEST).read_text())
     (out / MANIFEST).write_text(json.dumps({k: v for k, v in manifest.items() if k != "request"}))
     code, err = run_cli(module.main, argv, capsys)  # an output written before manifests kept their request
