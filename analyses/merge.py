@@ -8,7 +8,7 @@ per tensor, θ = α0 θ_0 + (1 − α0) Σ α_i θ_i; defaults as released α0 =
 head-owned slices of q/k/v/o weighted by the participants' head salience from ``probe.heads`` runs, the rest by
 Eq. 4 or by layer salience), and the baselines ``task_arithmetic`` (θ_0 + λ Σ (θ_i − θ_0)) and ``ties`` (trim,
 elect sign, disjoint mean), as mergekit defines them but on LMs taken out of any carrier. Only LM tensors are
-merged, streamed chunk by chunk in fp32 and written in the input dtype. ``DIR`` is a causal-LM dir that
+merged, streamed chunk by chunk in fp32 and written in the input dtype (or ``--dtype``). ``DIR`` is a causal-LM dir that
 ``AutoModelForCausalLM`` loads, with ``merge_weights.csv`` (every tensor's α per model) and ``merge.json``;
 ``DIR/carriers/<name>/`` is each carrier with its LM replaced and every other tensor copied bit-exact.
 """
@@ -55,6 +55,10 @@ FLOAT32_MAX = torch.finfo(torch.float32).max
 MERGE_CHUNK = 1 << 18  # elements per combine step: the 1 MB fp32 accumulator and cast buffer stay in L2 cache
 
 
+# what --dtype may ask the merged LM to be written in (the math is fp32 whatever it is)
+OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 @dataclass
 class MergeConfig:
     models: list[str]
@@ -78,6 +82,7 @@ class MergeConfig:
     salience_temperature: float = 1.0
     rest: str = "shift"  # salience: non-head tensors by Eq. 4 ("shift") or by layer salience ("layer")
     threads: int = 1  # torch threads of the elementwise combine (the same bits with any count)
+    dtype: str | None = None  # the merged LM's dtype when asked (DESIGN §5); None: each tensor's input dtype
 
     def validate(self) -> None:
         numbers = {"--alpha0": self.alpha0, "--temperature": self.temperature, "--lambda": self.lam,
@@ -93,6 +98,8 @@ class MergeConfig:
             raise BadInput(f"--shard-size must be at least 1 byte, got {self.shard_size}")
         if self.threads < 1:
             raise BadInput(f"--threads must be ≥ 1, got {self.threads}")
+        if self.dtype is not None and self.dtype not in OUT_DTYPES:
+            raise BadInput(f"--dtype must be one of {', '.join(OUT_DTYPES)}, got {self.dtype!r}")
         if self.method not in METHODS:
             raise BadInput(f"--method must be one of {', '.join(METHODS)}")
         if not self.models:
@@ -466,9 +473,12 @@ def write_carrier(carrier: Checkpoint, merged: Checkpoint, dest: Path, shard_siz
 def merge_request(cfg: MergeConfig) -> dict:
     """What a merge output is computed from (``run_request``): its options, and the models, carriers, shift table
     and salience runs it reads."""
-    return run_request(cfg, [*([cfg.base] if cfg.base else []), *cfg.models, *cfg.carriers],
-                       [*([cfg.shift_dir] if cfg.shift_dir else []), *cfg.salience,
-                        *([cfg.base_salience] if cfg.base_salience else [])])
+    req = run_request(cfg, [*([cfg.base] if cfg.base else []), *cfg.models, *cfg.carriers],
+                      [*([cfg.shift_dir] if cfg.shift_dir else []), *cfg.salience,
+                       *([cfg.base_salience] if cfg.base_salience else [])])
+    if cfg.dtype is None:  # not asked: the request of outputs written before --dtype existed
+        req["options"].pop("dtype", None)
+    return req
 
 
 @returns_finished("merge.json")
@@ -494,7 +504,8 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
         ref = inputs[0]
         check_lm_fits_class(causal_lm_type(ref.family, ref.text_config), ref.text_config,
                             [p.canon for p in al.tensors], f"{names[0]} ({ref.path})")
-        entries = [Entry(lm_disk_key(p.canon), p.ref.dtype, p.ref.shape) for p in al.tensors]
+        asked = OUT_DTYPES[cfg.dtype] if cfg.dtype else None  # DESIGN §5: the input dtype unless asked
+        entries = [Entry(lm_disk_key(p.canon), asked or p.ref.dtype, p.ref.shape) for p in al.tensors]
         with atomic_dir(cfg.out, cfg.overwrite, COMMAND, merge_request(cfg)) as tmp:
             with ShardedWriter(tmp, entries, cfg.shard_size, {"merge_method": cfg.method}, background=True) as writer:
                 for plan, e in zip(progress(al.tensors, desc=f"merge ({cfg.method})", unit="tensor"), entries):
@@ -502,7 +513,7 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
                         merger.merge_tensor(plan, sink)
                 writer.close()
             embed = next(p for p in al.tensors if p.canon == "embed_tokens.weight")
-            config = merged_config(ref, embed.ref.dtype, embed.ref.shape[0], al.tied)
+            config = merged_config(ref, asked or embed.ref.dtype, embed.ref.shape[0], al.tied)
             (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
             tok_src = ref.path
             copied = copy_side_files(tok_src, tmp, TOKENIZER_FILES)
@@ -542,7 +553,7 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
                              "measured": salience.runs} if salience else None,
                 "mean_alpha": mean_alphas(merger.alpha_rows),
                 "n_tensors": len(al.tensors),
-                "dtype": str(embed.ref.dtype),
+                "dtype": str(asked or embed.ref.dtype),
                 "math_dtype": "float32",
                 "shards": writer.names,
                 "vocab": al.vocab,
@@ -659,6 +670,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--density", type=float,
                    help="ties: share of each task vector kept, by magnitude (default 0.2)")
     p.add_argument("--shard-size", default="5GB", help="max bytes per safetensors shard (default 5GB)")
+    p.add_argument("--dtype", choices=list(OUT_DTYPES),
+                   help="write the merged LM in this dtype (default: the inputs' dtype; the math is fp32 either "
+                   "way); carriers keep their own")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads of the combine (default 1, fastest on a machine shared with other jobs; more "
                    "are faster on an idle one); the merged bits do not depend on it")
@@ -690,6 +704,7 @@ def main(argv: list[str] | None = None) -> int:
         models=a.models, method=a.method, out=a.out, base=a.base, weights=a.weights, normalize=not a.no_normalize,
         carriers=a.carriers, shift_dir=a.shift_dir, shard_size=parse_size(a.shard_size), overwrite=a.overwrite,
         allow_bin=a.allow_bin, salience=a.salience, base_salience=a.base_salience, rest=a.rest, threads=a.threads,
+        dtype=a.dtype,
         **method_options(a),
     )
     with quiet_progress(a.quiet):

@@ -765,3 +765,37 @@ def test_threads_below_one_exit_2_one_line(zoo, tmp_path, capfd):
     code = run(merge.main, "--base", zoo["base"], "--models", zoo["vl"], "--threads", "0", "--out", tmp_path / "o")
     err = capfd.readouterr().err.strip()
     assert code == 2 and err == "error: --threads must be ≥ 1, got 0" and not (tmp_path / "o").exists()
+
+
+def test_output_dtype_is_the_inputs_unless_asked(zoo, tmp_path, capfd):
+    """DESIGN §5: output dtype = input dtype unless asked. ``--dtype`` asks: the merged LM (and its config) is
+    written in it, from the same fp32 math; carriers keep their own dtype; without it nothing changes."""
+    from safetensors import safe_open
+
+    bf, twin = zoo["bf16"], shutil.copytree(zoo["bf16"], tmp_path / "bf16-twin")
+    base = tiny.write_model("qwen2", tmp_path / "base-bf16", tiny.base_lm(0), dtype=torch.bfloat16)
+    argv = ["--base", base, "--models", bf, twin, "--method", "shift", "--carrier", bf]
+    assert run(merge.main, *argv, "--out", tmp_path / "same") == 0
+    assert run(merge.main, *argv, "--dtype", "float32", "--out", tmp_path / "f32") == 0
+    same, f32 = merged_lm(tmp_path / "same"), merged_lm(tmp_path / "f32")
+    assert {t.dtype for t in same.values()} == {torch.bfloat16}
+    assert {t.dtype for t in f32.values()} == {torch.float32}
+    b, x = canonical(base), canonical(bf)
+    for k, t in f32.items():  # Eq. 4 of two identical experts: 0.5 θ_0 + 0.5 θ_1, in fp32, not rounded to bf16
+        assert torch.equal(t, 0.5 * b[k].float() + 0.5 * x[k].float()), k
+        assert torch.equal(t.to(torch.bfloat16), same[k]), k
+    assert json.loads((tmp_path / "f32" / "config.json").read_text())["dtype"] == "float32"
+    assert json.loads((tmp_path / "f32" / "merge.json").read_text())["dtype"] == "torch.float32"
+    carrier = next((tmp_path / "f32" / "carriers").rglob("*.safetensors"))
+    with safe_open(str(carrier), "pt") as f:  # the carrier keeps its dtype (its towers are copied unchanged)
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    # the same command again: its finished output, untouched (the request records --dtype)
+    assert run(merge.main, *argv, "--dtype", "float32", "--out", tmp_path / "f32") == 0
+    assert run(merge.main, *argv, "--out", tmp_path / "f32") == 2  # another request: refused
+    assert "other options" in capfd.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # argparse's choices: one line, exit 2
+        run(merge.main, *argv, "--dtype", "float64", "--out", tmp_path / "f64")
+    assert exc.value.code == 2 and not (tmp_path / "f64").exists()
+    from probe.errors import BadInput
+    with pytest.raises(BadInput):
+        merge.MergeConfig(models=[str(bf)], method="average", out=tmp_path / "f64", dtype="float64").validate()
