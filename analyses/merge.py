@@ -473,12 +473,9 @@ def write_carrier(carrier: Checkpoint, merged: Checkpoint, dest: Path, shard_siz
 def merge_request(cfg: MergeConfig) -> dict:
     """What a merge output is computed from (``run_request``): its options, and the models, carriers, shift table
     and salience runs it reads."""
-    req = run_request(cfg, [*([cfg.base] if cfg.base else []), *cfg.models, *cfg.carriers],
-                      [*([cfg.shift_dir] if cfg.shift_dir else []), *cfg.salience,
-                       *([cfg.base_salience] if cfg.base_salience else [])])
-    if cfg.dtype is None:  # not asked: the request of outputs written before --dtype existed
-        req["options"].pop("dtype", None)
-    return req
+    return run_request(cfg, [*([cfg.base] if cfg.base else []), *cfg.models, *cfg.carriers],
+                       [*([cfg.shift_dir] if cfg.shift_dir else []), *cfg.salience,
+                        *([cfg.base_salience] if cfg.base_salience else [])])
 
 
 @returns_finished("merge.json")
