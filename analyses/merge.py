@@ -489,6 +489,8 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
         carriers = [opened(c) for c in cfg.carriers]
         inputs = ([base] if base else []) + models
         names = ([cfg.base] if base else []) + list(cfg.models)
+        if base and cfg.base in cfg.models:  # the base listed as an expert too: its α0 rows (shift, salience,
+            names[0] = f"{cfg.base} (base)"  # task arithmetic) and its expert rows must not share one name
         check_inputs_and_out(cfg.out, models, ([base] if base else []) + carriers)  # base may be in --models
         check_replaceable(cfg.out, cfg.overwrite, COMMAND)
         reserve_descriptors([*inputs, *carriers])

@@ -799,3 +799,23 @@ def test_output_dtype_is_the_inputs_unless_asked(zoo, tmp_path, capfd):
     from probe.errors import BadInput
     with pytest.raises(BadInput):
         merge.MergeConfig(models=[str(bf)], method="average", out=tmp_path / "f64", dtype="float64").validate()
+
+
+def test_the_base_also_listed_in_models_keeps_its_own_records(zoo, tmp_path):
+    """--base B --models B X under a method where the base takes part itself (Eq. 4's α0): merge_weights.csv wrote
+    the base's α0 rows and B's expert rows under one name, so `python -m figures merge` refused a salience merge
+    as a damaged file ('repeats rows 0:16 of ...') and merge.json's mean_alpha averaged α0 with B's expert α.
+    The base's records are now named '<base> (base)'."""
+    import json
+
+    import pandas as pd
+
+    out = tmp_path / "o"
+    assert run(merge.main, "--base", zoo["q1"], "--models", zoo["q1"], zoo["vl"], "--method", "shift", "--quiet",
+               "--out", out) == 0
+    w = pd.read_csv(out / "merge_weights.csv")
+    assert not w.duplicated(["tensor", "slice", "model"]).any()
+    alpha = json.loads((out / "merge.json").read_text())["mean_alpha"]
+    assert set(alpha) == {f"{zoo['q1']} (base)", str(zoo["q1"]), str(zoo["vl"])}
+    assert alpha[f"{zoo['q1']} (base)"] == pytest.approx(0.5)
+    assert sum(alpha.values()) == pytest.approx(1.0)
