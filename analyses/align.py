@@ -87,12 +87,21 @@ def canon_order(canon: str) -> tuple:
 # as its record says it: shift compares each model on the rows it shares with the reference, trajectory needs one
 # set of coordinates for every point, the merge also keeps the rest.
 VOCAB_RULES = {
-    "merge": "each model compared with {ref} on the rows both have; the first {rows} rows, which all have, merged; "
-             "rows beyond kept from {ref}",
+    "merge": "each model compared with {ref} on the rows both have; the merged LM has {ref}'s {ref_rows} rows: the "
+             "first {rows}, which all have, merged, {beyond}",
     "shift": "each model compared with {ref} on the rows both have; rows beyond are in no Δ",
     "features": "every checkpoint compared with {ref} on the first {rows} rows, which all have; rows beyond are in "
                 "no feature",
 }
+
+
+def beyond_rows(ref: str, rows: Sequence[int]) -> str:
+    """What a merge does with the rows past the common ones (``rows``: each participant's, the reference first): the
+    reference's are kept, anyone else's past the reference's count are in no merged LM (a carrier keeps its own)."""
+    kept = f"the rest kept from {ref}" if rows[0] > min(rows) else "none beyond"
+    dropped = ("; rows others have beyond it are not in the merged LM (a carrier keeps its own)"
+               if max(rows) > rows[0] else "")
+    return kept + dropped
 
 
 def align(ckpts: Sequence[Checkpoint], names: Sequence[str] | None = None, use: str = "merge") -> Alignment:
@@ -134,7 +143,8 @@ def align(ckpts: Sequence[Checkpoint], names: Sequence[str] | None = None, use: 
             vocab[p.canon] = {
                 "rows": dict(zip(names, p.vocab_rows)),
                 "common_rows": min(p.vocab_rows),
-                "rule": VOCAB_RULES[use].format(ref=names[0], rows=min(p.vocab_rows)),
+                "rule": VOCAB_RULES[use].format(ref=names[0], rows=min(p.vocab_rows), ref_rows=p.vocab_rows[0],
+                                                beyond=beyond_rows(names[0], p.vocab_rows)),
             }
     embed = next((p for p in plans if p.canon == "embed_tokens.weight"), None)
     if embed is not None:

@@ -274,6 +274,15 @@ def test_vocab_rule_and_dtype(zoo, tmp_path):
                "--carrier", zoo["big_vocab"], "--out", out) == 0
     rep = json.loads((out / "merge.json").read_text())
     assert rep["vocab"]["embed_tokens.weight"]["common_rows"] == 128
+    base = str(zoo["base"])  # the reference has no row past the common ones: said so, not "rows beyond kept from" it
+    assert rep["vocab"]["embed_tokens.weight"]["rule"] == (
+        f"each model compared with {base} on the rows both have; the merged LM has {base}'s 128 rows: the first 128, "
+        "which all have, merged, none beyond; rows others have beyond it are not in the merged LM (a carrier keeps "
+        "its own)")
+    assert run(merge.main, "--models", zoo["big_vocab"], zoo["base"], "--method", "average", "--out", tmp_path / "x") == 0
+    big_ref = json.loads((tmp_path / "x" / "merge.json").read_text())["vocab"]["embed_tokens.weight"]["rule"]
+    assert big_ref.endswith(f"the merged LM has {zoo['big_vocab']}'s 136 rows: the first 128, which all have, "
+                            f"merged, the rest kept from {zoo['big_vocab']}")
     got, big, bf = merged_lm(out), canonical(zoo["big_vocab"]), canonical(zoo["bf16"])
     assert got["embed_tokens.weight"].shape == (128, 32) and got["embed_tokens.weight"].dtype == torch.float32
     want = 0.5 * big["embed_tokens.weight"][:128] + 0.5 * bf["embed_tokens.weight"].float()
