@@ -8,8 +8,8 @@ per tensor, θ = α0 θ_0 + (1 − α0) Σ α_i θ_i; defaults as released α0 =
 head-owned slices of q/k/v/o weighted by the participants' head salience from ``probe.heads`` runs, the rest by
 Eq. 4 or by layer salience), and the baselines ``task_arithmetic`` (θ_0 + λ Σ (θ_i − θ_0)) and ``ties`` (trim,
 elect sign, disjoint mean), as mergekit defines them but on LMs taken out of any carrier. Only LM tensors are
-merged, streamed chunk by chunk in fp32 and written in the input dtype (or ``--dtype``). ``DIR`` is a causal-LM dir that
-``AutoModelForCausalLM`` loads, with ``merge_weights.csv`` (every tensor's α per model) and ``merge.json``;
+merged, streamed chunk by chunk in fp32 and written in the input dtype (or ``--dtype``). ``DIR`` is a causal-LM
+dir that ``AutoModelForCausalLM`` loads, with ``merge_weights.csv`` (every tensor's α per model) and ``merge.json``;
 ``DIR/carriers/<name>/`` is each carrier with its LM replaced and every other tensor copied bit-exact.
 """
 from __future__ import annotations
@@ -42,14 +42,14 @@ from probe.families import CAUSAL_LM, LAYOUTS, causal_lm_type, check_lm_fits_cla
 from probe.families import lm_disk_key as layout_key
 from probe.results import json_text
 
+COMMAND = "analyses.merge"  # what its output manifests name
+
 # CLI name -> formula registry name
 METHODS = {"average": "average", "weighted": "weighted", "shift": "shift", "salience": "salience",
            "task_arithmetic": "task_arithmetic", "ties": "ties"}
 NEEDS_BASE = ("shift", "salience", "task_arithmetic", "ties")
 TOKENIZER_FILES = ("tokenizer", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
                    "chat_template", "generation_config.json")
-
-COMMAND = "analyses.merge"  # what its output manifests name
 RAW_CHUNK = 64 << 20  # bytes per bit-exact copy step
 FLOAT32_MAX = torch.finfo(torch.float32).max
 MERGE_CHUNK = 1 << 18  # elements per combine step: the 1 MB fp32 accumulator and cast buffer stay in L2 cache
