@@ -335,14 +335,14 @@ def missing_outputs(stage: str, cfg: ReplicateConfig, out: Path) -> list[Path]:
     """What a complete stage wrote that is gone now (deleted by hand): its named outputs, and every entry of the
     output manifests (probe.results.MANIFEST) of its output dirs. The driver reruns such a stage, the report
     refuses it: either way no table cell turns into "—" and no figure drops out without a word."""
-    from analyses.writer import read_manifest
+    from analyses.writer import gone_entries, read_manifest
 
     gone = []
     for p in BY_NAME[stage].outputs(cfg, out):
         if not p.exists():
             gone.append(p)
         elif (manifest := read_manifest(p)) is not None:  # an unreadable one: the files' readers name what is wrong
-            gone += [p / e for e in manifest.get("entries", ()) if isinstance(e, str) and not (p / e).exists()]
+            gone += [p / e for e in gone_entries(p, manifest) or ()]
     return gone
 
 

@@ -141,15 +141,15 @@ def embed_2d(x: np.ndarray, perplexity: float, seed: int) -> tuple[dict[str, np.
     return out, used, explained
 
 
-def trajectory_request(cfg: TrajectoryConfig) -> dict:
-    """What a trajectory output is computed from (``run_request``): its options and every checkpoint it maps (a
-    run's checkpoint saved since is another input)."""
-    return run_request(cfg, [p.path for p in collect_points(cfg)] + ([cfg.ref] if cfg.ref else []))
+def trajectory_request(cfg: TrajectoryConfig, points: Sequence[Point]) -> dict:
+    """What a trajectory output is computed from (``run_request``): its options and every checkpoint it maps
+    (``collect_points``'s: a run's checkpoint saved since is another input)."""
+    return run_request(cfg, [p.path for p in points] + ([cfg.ref] if cfg.ref else []))
 
 
 @returns_finished("run.json")
 def run_trajectory(cfg: TrajectoryConfig) -> dict[str, Any]:
-    check_output(cfg.out, cfg.overwrite, COMMAND, lambda: trajectory_request(cfg))
+    check_output(cfg.out, cfg.overwrite, COMMAND, lambda: trajectory_request(cfg, collect_points(cfg)))
     if cfg.sketch_dim not in SKETCH_DIMS:
         raise BadInput(f"--sketch-dim must be in {SKETCH_DIMS.start} .. {SKETCH_DIMS.stop - 1}, got {cfg.sketch_dim}")
     if not (math.isfinite(cfg.perplexity) and cfg.perplexity > 0):  # NaN passes a plain "<= 0" test
@@ -190,7 +190,7 @@ def run_trajectory(cfg: TrajectoryConfig) -> dict[str, Any]:
                  "sklearn TSNE (exact up to 500 points)"),
         "pca_explained_variance": explained,  # per feature, the share of PC1 and PC2
     }
-    with atomic_dir(cfg.out, cfg.overwrite, COMMAND, trajectory_request(cfg)) as tmp:
+    with atomic_dir(cfg.out, cfg.overwrite, COMMAND, trajectory_request(cfg, points)) as tmp:
         with open(tmp / "points.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["name", "kind", "run", "step", "path"])

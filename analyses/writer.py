@@ -275,6 +275,13 @@ def read_manifest(out: Path) -> dict | None:
     return manifest if isinstance(manifest, dict) else None
 
 
+def gone_entries(out: Path, manifest: dict) -> list[str] | None:
+    """The entries ``out``'s manifest lists that are gone from it now (deleted by hand); None when it lists none
+    readably."""
+    entries = manifest.get("entries")
+    return [e for e in entries if isinstance(e, str) and not (out / e).exists()] if isinstance(entries, list) else None
+
+
 class Finished(Exception):
     """``check_output`` found ``out`` holding this very run, finished: the same command, options and inputs (a run
     killed after its output was swapped in, then rerun). Not an error: ``returns_finished`` turns it into the saved
@@ -314,10 +321,9 @@ def check_output(out: Path, overwrite: bool, command: str | None = None,
                 if manifest["request"] != request():
                     raise BadInput(f"{out} holds a finished {command} output of other options or inputs; pass "
                                    "--overwrite to replace it, or use another --out")
-                entries = manifest.get("entries")
-                gone = [e for e in entries if not (out / e).exists()] if isinstance(entries, list) else ["its listing"]
-                if gone:
-                    raise BadInput(f"{out} holds this finished {command} output, but {gone[0]} is gone from it; pass "
+                if (gone := gone_entries(out, manifest)) != []:
+                    what = gone[0] if gone else "its listing"
+                    raise BadInput(f"{out} holds this finished {command} output, but {what} is gone from it; pass "
                                    "--overwrite to compute it again")
                 raise Finished(out, command)
             raise BadInput(f"{out} already holds a finished {command} output (nothing to resume); pass --overwrite "

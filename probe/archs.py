@@ -132,8 +132,7 @@ def build_config(name: str, special: dict[str, int] | None = None, layers: int |
     """A transformers config of ``name``; ``special`` maps bos/eos/pad and the image/video token names to ids."""
     arch = ARCHS[name]
     special = dict(special or {})
-    media = {k: special.pop(k) for k in list(special) if k.endswith("_token_id") and k.split("_")[0] in
-             ("image", "video", "vision")}
+    media = {k: special.pop(k) for k, _ in BUILDS[arch.family].media_tokens if k in special}
     text = arch.text | special | ({"num_hidden_layers": layers} if layers else {}) | (
         {"vocab_size": vocab_size} if vocab_size else {})
     vision = dict(arch.vision or {}) | ({arch.vision_layers_key: vision_layers} if vision_layers else {})
