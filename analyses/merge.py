@@ -31,7 +31,7 @@ from analyses.align import Alignment, TensorPlan, align, check_finite, paired_ch
 from analyses.checkpoints import (Checkpoint, add_output_args, check_inputs_and_out, checkpoint_fingerprint, chunks,
                                   open_checkpoint, progress, quiet_progress, reserve_descriptors)
 from analyses.formulas import (FORMULAS, ShiftStats, average_coefficients, shift_coefficients,
-                                task_arithmetic_coefficients, TiesTrim, ties_combine, weighted_coefficients)
+                                task_arithmetic_coefficients, ties_combine, TrimSearch, weighted_coefficients)
 from analyses.salience import METRICS as SALIENCE_METRICS
 from analyses.salience import SalienceWeights, check_run_model, read_salience
 from analyses.shift import CHUNK, read_shift_csv
@@ -306,12 +306,24 @@ class Merger:
                 sink.write(out)
 
     def merge_ties(self, plan: TensorPlan, views: list[torch.Tensor], sink: Any) -> None:
-        """TIES, streamed: one pass per expert for its trim (k-th largest |δ| over the common rows, and how many
-        entries tied with it to keep), then chunk by chunk trim, elect sign, disjoint mean
-        (``analyses.formulas.ties_combine``)."""
+        """TIES, streamed: two passes over the common rows find every expert's trim (k-th largest |δ|, and how
+        many entries tied with it to keep; ``analyses.formulas.TrimSearch``), then chunk by chunk trim, elect sign,
+        disjoint mean (``analyses.formulas.ties_combine``). Memory stays a few chunks whatever the tensor's size."""
         base, experts = views[0], views[1:]
-        trims = [TiesTrim.of(v[:plan.common].float() - base[:plan.common].float(), self.cfg.density)
-                 for v in experts]
+        searches = [TrimSearch(plan.common, self.cfg.density) for _ in experts]
+
+        def count_pass() -> None:
+            for lo, hi in chunks(plan.common, MERGE_CHUNK):
+                b = base[lo:hi].float()
+                for s, v in zip(searches, experts):
+                    s.count(v[lo:hi].float() - b)
+
+        with torch_threads(self.cfg.threads):
+            count_pass()
+            for s in searches:
+                s.end_pass()
+            count_pass()
+            trims = [s.trim() for s in searches]
         for nm, tr in zip(self.names[1:], trims):
             self.alpha_rows.append((plan.canon, "all", nm, None, tr.threshold))
         with torch_threads(self.cfg.threads):

@@ -2,8 +2,10 @@
 
     python bench/merge.py [--k 3] [--params-m 145] [--dtype bfloat16] [--rounds 3] [--workdir DIR] [--keep]
                           [--method average|salience|ties|task_arithmetic]
+    python bench/merge.py --arch qwen2-7b --layers 8 --rounds 1 --no-mergekit   # a 7B LM's real tensor sizes
 
-Writes k synthetic Qwen2 checkpoints of about ``params_m`` million parameters each, then measures, each in a
+Writes k synthetic Qwen2 checkpoints of about ``params_m`` million parameters each (or, with ``--arch``, of a
+published LM's tensors at their real sizes, random weights), then measures, each in a
 fresh process, in alternating order for ``--rounds`` rounds (median reported), with the page cache warm and
 dirty pages synced before every measurement:
 - the I/O floor: read (copy into memory) every tensor of every input with plain safetensors + write one model
@@ -30,14 +32,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from probe.errors import ArgParser, check_counts, cli_main  # noqa: E402
+from probe.errors import ArgParser, BadInput, check_counts, cli_main  # noqa: E402
 
 
 HIDDEN, MLP, VOCAB, KV = 1024, 2816, 32000, 4 * (1024 // 16)
+TEXT_ARCHS = ("qwen2-7b", "qwen2-72b", "smollm2-135m")  # probe.archs' text LMs (the merge reads the LM)
 
 
 def layer_shapes(i: int) -> dict[str, tuple[int, ...]]:
@@ -62,16 +66,38 @@ def model_shapes(params_m: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def make_models(workdir: Path, k: int, params_m: int, dtype: str) -> list[Path]:
-    import torch
-    from safetensors.torch import save_file
+def synthetic_config(params_m: int) -> tuple[Any, dict[str, tuple[int, ...]]]:
+    """The config and tensor shapes of the synthetic Qwen2 of about ``params_m`` million parameters."""
     from transformers import Qwen2Config
 
     shapes = model_shapes(params_m)
     layers = sum(n.endswith("input_layernorm.weight") for n in shapes)
     cfg = Qwen2Config(hidden_size=HIDDEN, intermediate_size=MLP, num_hidden_layers=layers, num_attention_heads=16,
                       num_key_value_heads=KV // (HIDDEN // 16), vocab_size=VOCAB, tie_word_embeddings=False)
-    cfg.architectures = ["Qwen2ForCausalLM"]
+    return cfg, shapes
+
+
+def arch_config(name: str, layers: int | None) -> tuple[Any, dict[str, tuple[int, ...]]]:
+    """The config and LM tensor shapes of a published architecture (``probe.archs``, nothing downloaded), its
+    depth cut to ``layers`` if given: every tensor the real model has at its real size (Qwen2-7B's 152,064-row
+    embedding and head are its largest, 545M entries each)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from probe.archs import build_config
+
+    cfg = build_config(name, layers=layers)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    tied = getattr(cfg, "tie_word_embeddings", False)
+    return cfg, {n: tuple(t.shape) for n, t in model.state_dict().items() if not (tied and n == "lm_head.weight")}
+
+
+def make_models(workdir: Path, k: int, cfg: Any, shapes: dict[str, tuple[int, ...]], dtype: str) -> list[Path]:
+    import torch
+    from safetensors.torch import save_file
+
+    cfg.architectures = [type(cfg).__name__.removesuffix("Config") + "ForCausalLM"]
     cfg.dtype = dtype
     td = getattr(torch, dtype)
     g = torch.Generator().manual_seed(0)
@@ -202,7 +228,11 @@ def merge_args(method: str, inputs: list[str], work: Path, n_layers: int, n_head
 def main(argv: list[str] | None = None) -> int:
     ap = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--k", type=int, default=3, help="number of checkpoints merged (default 3)")
-    ap.add_argument("--params-m", type=int, default=145, help="million parameters per checkpoint (default 145)")
+    ap.add_argument("--params-m", type=int, help="million parameters per synthetic checkpoint (default 145)")
+    ap.add_argument("--arch", choices=TEXT_ARCHS, help="instead of --params-m: the LM of a published architecture "
+                    "at its real tensor sizes (probe/archs.py; random weights, nothing downloaded)")
+    ap.add_argument("--layers", type=int, help="with --arch: cut its depth to this many layers (disk: Qwen2-7B's 28 "
+                    "take 15.2 GB a checkpoint in bf16, 8 take 5.9 GB)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds, median reported (default 3)")
     ap.add_argument("--workdir", type=Path, help="where the synthetic checkpoints go (default: a temp dir)")
@@ -213,10 +243,15 @@ def main(argv: list[str] | None = None) -> int:
                     "task_arithmetic; salience has none)")
     ap.add_argument("--threads", type=int, default=1, help="our merge's --threads (default 1, its default)")
     a = ap.parse_args(argv)
-    check_counts(a, ("k", "params_m", "rounds", "threads"))
+    check_counts(a, ("k", "params_m", "rounds", "threads", "layers"))
+    if a.arch and a.params_m:
+        raise BadInput("give --arch or --params-m, not both")
+    if a.layers and not a.arch:
+        raise BadInput("--layers cuts an --arch")
     work = a.workdir or Path(tempfile.mkdtemp(prefix="bench-merge-"))
     try:
-        dirs = make_models(work, a.k, a.params_m, a.dtype)
+        cfg, shapes = arch_config(a.arch, a.layers) if a.arch else synthetic_config(a.params_m or 145)
+        dirs = make_models(work, a.k, cfg, shapes, a.dtype)
         size = sum(f.stat().st_size for f in dirs[0].glob("*.safetensors"))
         from analyses.checkpoints import open_checkpoint
 
@@ -247,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         floor, merge_s = min(med["floor_1thread"], med["floor_2threads"]), med["merge"]
         bound = 1e9 + (a.k + 2) * largest
         res = {
-            "method": a.method, "threads": a.threads, "k": a.k, "dtype": a.dtype, "checkpoint_mb": round(size / 1e6), "largest_tensor_mb": round(largest / 1e6, 1),
+            "method": a.method, "arch": a.arch or f"synthetic {a.params_m or 145}M", "layers": a.layers,
+            "threads": a.threads, "k": a.k, "dtype": a.dtype, "checkpoint_mb": round(size / 1e6), "largest_tensor_mb": round(largest / 1e6, 1),
             "rounds": a.rounds, **{f"{k}_s": round(v, 2) for k, v in med.items()},
             "all_runs_s": {k: [round(x, 2) for x in v] for k, v in runs.items()}, "io_floor_s": round(floor, 2),
             "ratio_to_io_floor": round(merge_s / floor, 2), "ratio_to_raw_floor": round(merge_s / med["raw_floor"], 2),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from analyses import merge, tiny
-from analyses.formulas import TiesTrim, delta_avg, shift_coefficients, ties_merge
+from analyses.formulas import TiesTrim, TrimSearch, delta_avg, shift_coefficients, ties_merge
 from test_analyses_merge import canonical, run, tiny_qwen2_view
 
 L, H, KV, D = 2, 4, 2, 8  # analyses.tiny.TEXT: 2 layers × 4 query heads, 2 KV heads, head_dim 32 / 4
@@ -429,6 +430,56 @@ def test_equals_mergekit(method, args, params, zoo, tmp_path):
         for name in base:
             want = ties_merge(base[name], [t[name] for t in th], 0.3, 0.9)
             torch.testing.assert_close(ours[merge.lm_disk_key(name)], want, rtol=1e-6, atol=1e-7)
+
+
+def task_vectors() -> dict[str, torch.Tensor]:
+    """Task vectors of every kind the trim meets: fp32 noise, bf16 deltas (few distinct values, many ties), one
+    entry, all zero, signed zeros with ±inf, subnormals beside normals, a long constant run."""
+    g = torch.Generator().manual_seed(3)
+    b = torch.randn(4000, generator=g).bfloat16()
+    return {
+        "fp32": torch.randn(5000, generator=g) * 0.01,
+        "bf16": (b.float() + 0.01 * torch.randn(4000, generator=g)).bfloat16().float() - b.float(),
+        "one": torch.tensor([-2.5]),
+        "zeros": torch.zeros(100),
+        "signed_zeros_inf": torch.tensor([-0.0, 0.0, 1.0, -1.0, float("inf"), -float("inf"), 3.0, -0.0]),
+        "subnormal": torch.cat([torch.full((40,), 1e-40), torch.full((3,), -3e-39), torch.randn(20, generator=g)]),
+        "constant_run": torch.cat([torch.full((300,), 0.125), torch.randn(50, generator=g)]),
+    }
+
+
+@pytest.mark.parametrize("kind", list(task_vectors()))
+@pytest.mark.parametrize("density", [1e-9, 0.05, 0.2, 0.5, 0.99, 1.0])
+def test_streamed_trim_search_finds_kthvalues_threshold(kind, density, monkeypatch):
+    """``TrimSearch`` (the streamed merge's trim: radix select on |δ|'s bits, two passes over chunks in any order,
+    memory independent of the tensor) gives ``TiesTrim.of``'s k-th largest |δ| (torch.kthvalue over the whole δ)
+    bit for bit, and the same count of tied entries to keep; the streamed TIES merge itself never calls kthvalue
+    (it held the whole δ, its |δ| and kthvalue's copy in fp32: gigabytes for a 7B model's embedding)."""
+    delta = task_vectors()[kind]
+    want = TiesTrim.of(delta, density)
+    search = TrimSearch(delta.numel(), density)
+    order = torch.randperm((delta.numel() + 36) // 37, generator=torch.Generator().manual_seed(1)).tolist()
+    for second in (False, True):
+        for c in order[::-1] if second else order:  # chunks out of order: the counts do not care
+            search.count(delta[c * 37:(c + 1) * 37])
+        if not second:
+            search.end_pass()
+    got = search.trim()
+    assert struct.pack("<f", got.threshold) == struct.pack("<f", want.threshold), (got, want)
+    assert got.ties_left == want.ties_left
+    keep = got.mask(delta)
+    assert int(keep.sum()) == max(1, int(density * delta.numel()))  # exactly k, ties included
+
+
+def test_the_streamed_ties_merge_holds_no_whole_task_vector(zoo, tmp_path, monkeypatch):
+    """The streamed TIES merge finds its thresholds by ``TrimSearch``; kthvalue (over a whole δ) is not called,
+    and its output is the in-memory definition's and mergekit's (test_equals_mergekit[ties])."""
+    def refuse(*a, **k):
+        raise AssertionError("kthvalue: the whole task vector in memory")
+
+    monkeypatch.setattr(torch, "kthvalue", refuse)
+    assert run(merge.main, "--base", zoo["base"], "--models", zoo["vl"], zoo["q1"], "--method", "ties", "--quiet",
+               "--out", tmp_path / "t") == 0
 
 
 @pytest.mark.parametrize("density", [0.05, 0.2, 0.5])

@@ -110,6 +110,9 @@ def test_bench_help_gives_every_default(script, monkeypatch, capsys):
     ("train_step.py", ["--repeats", "0"], "--repeats must be ≥ 1, got 0"),
     ("train_step.py", ["--batch", "0"], "--batch must be ≥ 1, got 0"),
     ("merge.py", ["--rounds", "0"], "--rounds must be ≥ 1, got 0"),
+    ("merge.py", ["--arch", "qwen2-7b", "--params-m", "10"], "give --arch or --params-m, not both"),
+    ("merge.py", ["--layers", "2"], "--layers cuts an --arch"),
+    ("merge.py", ["--arch", "qwen2-7b", "--layers", "0"], "--layers must be ≥ 1, got 0"),
     ("fsdp_load.py", ["--processes", "0"], "--processes must be ≥ 1, got 0"),
 ])
 def test_the_other_bench_scripts_refuse_bad_input_with_one_line(script, args, match, monkeypatch, capsys):
@@ -268,6 +271,26 @@ def test_merge_bench_checkpoints_have_the_size_asked_for(params_m):
     assert real == shapes
     per_layer = sum(p.numel() for p in model.model.layers[0].parameters())
     assert abs(sum(math.prod(s) for s in real.values()) - params_m * 1e6) <= per_layer / 2
+
+
+@pytest.mark.parametrize("arch,layers,params", [("qwen2-7b", 2, 1_556_113_920), ("qwen2-7b", None, 7_615_616_512),
+                                                 ("smollm2-135m", None, 134_515_008)])
+def test_merge_bench_arch_checkpoints_are_the_published_lms(arch, layers, params):
+    """bench/merge.py --arch writes the published LM's tensors at their real sizes: Qwen2-7B's 7.62B parameters
+    (the model card's 7.6B; 1.56B cut to 2 layers, its 545M-entry embedding and head untouched), SmolLM2-135M's
+    134,515,008 with the head tied to the embedding (no lm_head tensor, as its checkpoint has none)."""
+    import importlib.util
+    import math
+
+    spec = importlib.util.spec_from_file_location("bench_merge", REPO / "bench" / "merge.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg, shapes = module.arch_config(arch, layers)
+    assert sum(math.prod(s) for s in shapes.values()) == params
+    assert ("lm_head.weight" in shapes) != cfg.tie_word_embeddings
+    assert shapes["model.embed_tokens.weight"] == (cfg.vocab_size, cfg.hidden_size)
+    assert sum(n.endswith("input_layernorm.weight") for n in shapes) == cfg.num_hidden_layers == (layers or
+                                                                                                  cfg.num_hidden_layers)
 
 
 def test_the_exact_engines_flop_count_is_what_torch_counts(load_tiny, monkeypatch):
