@@ -22,6 +22,7 @@ import torch
 from analyses.formulas import normalise_salience, salience_weights
 from probe.errors import BadInput
 from probe.families import HeadGeometry
+from probe.metrics import HEAD_METRIC_BOUNDS
 
 METRICS = ("kl", "accuracy_drop", "prob_accuracy_drop")
 # o_proj's bias (Llama-style attention_bias) is added once after the heads are summed: no head owns it
@@ -138,8 +139,11 @@ def read_salience(run_dir: Path, metric: str, geometry: HeadGeometry, who: str) 
                "prob_accuracy_drop"
                if metric == "accuracy_drop" else "")
         raise BadInput(f"{heads_csv}: {metric} is NaN (empty or infinite) for some heads{why}")
-    if metric == "kl" and float(grid.min()) < -1e-6:  # KL(orig‖masked) ≥ 0: a negative one is not a KL
-        raise BadInput(f"{heads_csv}: kl is negative ({float(grid.min()):.3g}) for some heads; not a probe.heads KL")
+    lo, hi = HEAD_METRIC_BOUNDS[metric]
+    if float(grid.min()) < lo or float(grid.max()) > hi:  # e.g. a negative KL, a drop of 7: not what probe.heads writes
+        bad = float(grid.min()) if float(grid.min()) < lo else float(grid.max())
+        raise BadInput(f"{heads_csv}: {metric} must lie in [{lo:g}, {hi:g}] for every head, one has {bad:.3g}; not "
+                       "a probe.heads salience")
     if not float(grid.max()) > 0:  # normalise_salience divides by the mean of the clamped table: name the run here
         raise BadInput(f"{heads_csv}: {metric} is ≤ 0 for every head (no removal hurt {who} on these items); "
                        "nothing to weight its heads by: use more items or another --salience-metric")

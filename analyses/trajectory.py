@@ -71,6 +71,8 @@ def run_points(run_dir: str, label: str | None = None) -> list[Point]:
     steps: dict[int, Path] = {}
     for sub in sorted(d.iterdir()):
         m = re.fullmatch(r"checkpoint-(\d+)", sub.name)
+        if not m and sub.name.startswith("checkpoint-") and sub.is_dir():  # was skipped: a run short of a point
+            raise BadInput(f"--runs {run_dir}: {sub.name} is not checkpoint-<step> with a whole-number step")
         if m and sub.is_dir():
             if (s := int(m.group(1))) in steps:  # checkpoint-10 and checkpoint-010: two points of one name and step
                 raise BadInput(f"--runs {run_dir}: {steps[s].name} and {sub.name} are both step {s}")

@@ -293,6 +293,8 @@ def _make_item(row: dict[str, Any], subject: str, where: str) -> Item:
     options = _parse_options(row["options"], where)
     if not options:
         raise BadInput(f"{where}: multiple-choice item has no options")
+    if len(options) == 1:  # p(answer) over the options would be 1 and every head's KL 0, whatever the model does
+        raise BadInput(f"{where}: multiple-choice item has one option: nothing to choose between")
     if len(options) > 26:
         raise BadInput(f"{where}: {len(options)} options, but letters run only A-Z (at most 26)")
     letters = option_letters(len(options))
@@ -397,6 +399,9 @@ def load_mmmu(
             files.append(str(path))
             for i, row in enumerate(_read_rows(path)):
                 where = f"{path.name} ({subject}) row {i} id={row.get('id')!r}"
+                if not isinstance(row.get("id"), (str, int)) or isinstance(row.get("id"), bool) or not str(
+                        row.get("id")).strip():  # a null id was kept as the string 'None'
+                    raise BadInput(f"{where}: 'id' must be a non-empty string (or an integer)")
                 _check_split_of_id(str(row.get("id")), subject, split, where)
                 kind = row.get("question_type")
                 if kind not in QUESTION_TYPES:  # "Multiple-Choice", "mcq", null: never silently taken as open

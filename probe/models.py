@@ -224,6 +224,12 @@ class LoadedModel:
         return rope_position_limit(self.model)
 
     @cached_property
+    def context_length(self) -> int | None:
+        """The positions the model was built for (its text config's max_position_embeddings), if it says."""
+        n = text_config_dict(self.ref.config, self.family).get("max_position_embeddings")
+        return int(n) if isinstance(n, int) and n > 0 else None
+
+    @cached_property
     def eos_token_ids(self) -> set[int]:
         """Every id that ends generation: the generation config's (int or list) and the tokenizer's."""
         ids = self.model.generation_config.eos_token_id
@@ -647,13 +653,28 @@ def check_weight_files(path: Path) -> dict[Path, list[str]]:
     from safetensors import safe_open
 
     keys: dict[Path, list[str]] = {}
+    quantized = "quantization_config" in read_config_json(path) if (path / "config.json").is_file() else False
     for file in sorted(path.glob("*.safetensors")):
         try:
             with safe_open(str(file), framework="pt") as fh:
                 keys[file] = list(fh.keys())
+                if not quantized:
+                    check_float_parameters(file, fh)
         except (OSError, SafetensorError) as exc:
             raise BadInput(f"unreadable checkpoint file {file}: {error_reason(exc)}") from None
     return keys
+
+
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors' names of the dtypes weights are held in
+
+
+def check_float_parameters(file: Path, fh: Any) -> None:
+    """A weight or bias stored as an integer (or bool/fp8) is a damaged checkpoint: transformers would cast it into
+    the model's float parameter, 0.918 → 0, and the run would score a model nobody trained (analyses.align refuses
+    the same for the LM). Integer buffers (position ids) and quantized checkpoints (their config says so) pass."""
+    for key in fh.keys():
+        if key.endswith((".weight", ".bias")) and (dtype := fh.get_slice(key).get_dtype()) not in FLOAT_DTYPES:
+            raise BadInput(f"{file}: tensor {key} is stored as {dtype}, not a float dtype: a damaged checkpoint")
 
 
 def bin_keys(file: Path) -> list[str]:

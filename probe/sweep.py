@@ -140,25 +140,29 @@ def measurement_row(
 def prepare_item(loaded: LoadedModel, item: ItemLike, cfg: SweepConfig) -> tuple[dict[str, torch.Tensor], list[int]]:
     """Model inputs of an item (images encoded once) and the token ids of its option letters."""
     inputs = build_inputs(loaded, item, cfg.template, cfg.image_max_side)
-    check_rope_length(loaded, item, inputs["input_ids"].shape[1], cfg)
+    check_run_length(loaded, item, inputs["input_ids"].shape[1], cfg)
     return inputs, answer_token_ids(loaded, item.letters, cfg.template)
 
 
-def check_rope_length(loaded: LoadedModel, item: ItemLike, n_prompt: int, cfg: SweepConfig) -> None:
+def check_run_length(loaded: LoadedModel, item: ItemLike, n_prompt: int, cfg: SweepConfig) -> None:
     """Refuse an item whose run would pass the positions where the model's RoPE starts to depend on the length of
     the call (``probe.upstream.rope_position_limit``): transformers would then rescale it by the longest sequence
-    run so far and by the batch's longest row, so its baseline, masked and batched numbers would not be comparable."""
-    if loaded.rope_limit is None:
-        return
-    kind, limit = loaded.rope_limit
+    run so far and by the batch's longest row, so its baseline, masked and batched numbers would not be comparable.
+    Refuse one past the model's context (max_position_embeddings) too: transformers runs it without a word (a
+    6,000-token question on a 1,024-position organism gave numbers, exit 0)."""
     n = n_prompt + (cfg.max_new_tokens - 1 if cfg.generate else 0)  # the last generated token is never fed back
-    if n > limit:
-        generated = f" + {cfg.max_new_tokens - 1} generated" if cfg.generate else ""
+    generated = f" + {cfg.max_new_tokens - 1} generated" if cfg.generate else ""
+    spans = f"item {item.id}: its run spans {n} positions ({n_prompt} prompt{generated}), past the"
+    advice = "shorten the prompt (--image-max-side) or --max-new-tokens, or leave the item out"
+    if loaded.rope_limit is not None and n > (limit := loaded.rope_limit[1]):
+        kind = loaded.rope_limit[0]
         kept = ", and keeps it for later calls" if "dynamic" in kind else ""
-        raise BadInput(f"item {item.id}: its run spans {n} positions ({n_prompt} prompt{generated}), past the {limit} "
-                       f"beyond which transformers rescales {loaded.ref.spec}'s RoPE ({kind}) by the longest row of "
-                       f"the call{kept}: its masked, batched and one-item numbers would not be comparable; shorten "
-                       "the prompt (--image-max-side) or --max-new-tokens, or leave the item out")
+        raise BadInput(f"{spans} {limit} beyond which transformers rescales {loaded.ref.spec}'s RoPE ({kind}) by the "
+                       f"longest row of the call{kept}: its masked, batched and one-item numbers would not be "
+                       f"comparable; {advice}")
+    if loaded.context_length is not None and n > loaded.context_length:
+        raise BadInput(f"{spans} {loaded.context_length} positions {loaded.ref.spec} was built for "
+                       f"(max_position_embeddings): it would be measured where it never learnt anything; {advice}")
 
 
 def naive_sweep(

@@ -155,6 +155,22 @@ def test_nan_tensor_named(zoo, tmp_path, capsys):
         assert_bad(code, err, out, "NaN", "model.layers.1.mlp.up_proj.weight", "q_nan")
 
 
+@pytest.mark.parametrize("key", ["hidden_size", "num_attention_heads", "num_hidden_layers"])
+def test_a_config_without_its_head_layout_is_refused(zoo, tmp_path, capsys, key):
+    """shift and merge read only tensors and took a config.json without hidden_size (exit 0; the merge copied it
+    into its output), while probe.heads and probe.eval refuse it: every command refuses it now."""
+    d = corrupt_copy(zoo["q1"], tmp_path / "q_cfg")
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg[key]
+    (d / "config.json").write_text(json.dumps(cfg))
+    for main, argv in ((merge.main, ["--models", zoo["base"], d, "--method", "average"]),
+                       (shift.main, ["--base", zoo["base"], "--models", d, "--no-figures"]),
+                       (trajectory.main, ["--base", zoo["base"], "--experts", d, "--no-figures"])):
+        out = tmp_path / "o"
+        code, err = run_cli(main, [*argv, "--out", out], capsys)
+        assert_bad(code, err, out, f"{d}: config lacks {key!r}: cannot tell the head layout")
+
+
 def test_lm_shapes_differ(zoo, tmp_path, capsys):
     big = tiny.write_model("qwen2", tmp_path / "wide", tiny.base_lm(5, hidden_size=48), hidden_size=48)
     out = tmp_path / "o"

@@ -271,12 +271,29 @@ def test_bad_salience_runs_exit_2(case, zoo, tmp_path, capfd):
     err = capfd.readouterr().err.strip()
     assert code == 2 and err.startswith("error: ") and "\n" not in err, err
     assert {"shape": "layers x", "missing": "not a probe.heads run", "partial": "not complete",
-            "nan": "NaN", "count": "one probe.heads run per", "negative": "kl is negative",
+            "nan": "NaN", "count": "one probe.heads run per",
+            "negative": "kl must lie in [-1e-06, inf] for every head, one has -0.5; not a probe.heads salience",
             "swapped": f"measured {zoo['vl']}, but it is given for {zoo['ov']}",
             "base_run": f"measured {zoo['base']}, but it is given for {zoo['ov']}",
             "nothing_hurt": f"{tmp_path / 'x' / 'heads.csv'}: kl is ≤ 0 for every head (no removal hurt {zoo['ov']}"
             }[case] in err
     assert not out.exists() and not list(tmp_path.glob(".never.partial-*"))
+
+
+@pytest.mark.parametrize("metric,value,shown", [("prob_accuracy_drop", 21.0, "7"), ("accuracy_drop", -12.0, "-6")])
+def test_a_drop_beyond_one_is_no_salience(metric, value, shown, zoo, tmp_path, capfd):
+    """A drop in (prob-)accuracy lies in [-1, 1]: heads.csv with a prob_accuracy_drop of 7 was merged with exit 0
+    (only kl was range-checked), while python -m figures heads refused the same file. Exit 2 naming the run."""
+    good = write_run(tmp_path / "good", torch.ones(L, H), model=zoo["vl"])
+    table = torch.full((L, H), 0.3)
+    table[1, 2] = value  # write_run: accuracy_drop = value / 2, prob_accuracy_drop = value / 3
+    bad = write_run(tmp_path / "x", table)
+    code, out = _bad(tmp_path, zoo, [good, bad], "--salience-metric", metric)
+    err = capfd.readouterr().err.strip()
+    assert code == 2 and "\n" not in err, err
+    assert err == (f"error: {bad / 'heads.csv'}: {metric} must lie in [-1, 1] for every head, one has {shown}; not a "
+                   "probe.heads salience")
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("case", ["short_row", "no_generate"])

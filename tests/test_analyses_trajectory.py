@@ -117,6 +117,21 @@ def test_two_checkpoint_dirs_of_one_step_are_bad_input(models, tmp_path, capsys)
     assert not out.exists()
 
 
+@pytest.mark.parametrize("name", ["checkpoint-abc", "checkpoint--2", "checkpoint-1e3"])
+def test_a_checkpoint_dir_without_a_whole_step_is_bad_input(name, models, tmp_path, capsys):
+    """A run's checkpoint-10 renamed checkpoint-abc was skipped: the run drew one point fewer, exit 0."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(models["run"], run)
+    (run / "checkpoint-10").rename(run / name)
+    out = tmp_path / "t"
+    code = cli_main(trajectory.main, [str(a) for a in ["--base", models["base"], "--runs", run, "--out", out]])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == f"error: --runs {run}: {name} is not checkpoint-<step> with a whole-number step", err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("extra, needle", [
     (["--seed", "-1"], "--seed"),  # sklearn's traceback, after every checkpoint was read
     (["--seed", str(2**32)], "--seed"),

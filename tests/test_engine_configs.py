@@ -111,6 +111,30 @@ def test_length_dependent_rope_past_its_limit_is_refused(kind, tmp_path):
     assert m.rope_limit == (kind, 80)
 
 
+def test_a_run_past_the_models_context_is_refused(tmp_path):
+    """Default RoPE has no length-dependent rescaling, so nothing stopped a prompt longer than the model's
+    max_position_embeddings: a 6,000-token question on a 1,024-position organism was measured, exit 0. Every
+    engine and batched evaluation refuse it now, naming the item and the lengths; shorter ones run as before."""
+    from probe.batch import evaluate_items
+    from probe.errors import BadInput
+    from probe.prompting import PromptTemplate, build_inputs
+    from probe.sweep import SweepConfig
+
+    m = build_and_load(tmp_path, "llama", {"max_position_embeddings": 80})
+    assert m.rope_limit is None and m.context_length == 80
+    short = make_item(with_image=False, item_id="validation_Test_1")
+    long = make_item(with_image=False, item_id="validation_Test_2", question="Which shape is purple? " * 12)
+    n_short, n_long = (build_inputs(m, i, PromptTemplate())["input_ids"].shape[1] for i in (short, long))
+    assert n_short + 2 <= 80 < n_long
+    for engine in ("naive", "exact", "attribution"):
+        with pytest.raises(BadInput, match=rf"validation_Test_2: its run spans {n_long + 2} positions \({n_long} "
+                                           r"prompt \+ 2 generated\), past the 80 positions .* was built for"):
+            sweep(engine, m, [short, long], True)
+    with pytest.raises(BadInput, match="validation_Test_2: .* past the 80 positions"):
+        evaluate_items(m, [short, long], SweepConfig(generate=True, max_new_tokens=3), batch_size=2)
+    assert len(sweep("exact", m, [short], True)) > 0
+
+
 def test_tiny_dir_never_caches_a_build_without_weights_and_rebuilds_an_incomplete_one(tmp_path, monkeypatch):
     """transformers' save_pretrained writes nothing on a process that is not rank 0 of a launch (its process group
     up): a tiny build there left a cache dir of tokenizer files only, which tiny_dir returned ever after (found under

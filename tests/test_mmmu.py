@@ -350,6 +350,7 @@ def test_all_open_is_error(tmp_path):
         ({"options": "['a', 3]"}, "list of strings"),
         ({"options": "{'a': 1}"}, "list of strings"),
         ({"options": "[]"}, "no options"),
+        ({"options": "['only']", "answer": "A"}, "has one option: nothing to choose between"),  # was scored: p = 1
         ({"options": str([f"o{i}" for i in range(30)])}, "30 options, but letters run only A-Z"),
         ({"answer": "E"}, "answer 'E' is not one of the option letters A-D"),
         ({"answer": "b"}, "answer 'b'"),
@@ -369,6 +370,15 @@ def test_malformed_rows_name_the_row(tmp_path, bad, match):
     msg = str(exc.value)
     assert "validation_Art_7" in msg and "validation-00000-of-00001.parquet" in msg and "\n" not in msg
 
+
+
+@pytest.mark.parametrize("bad_id", [None, "  "])
+def test_an_item_without_an_id_names_its_row(tmp_path, bad_id):
+    """A null id became the item id 'None' in items.parquet (exit 0): refused, naming the file and row."""
+    write(tmp_path, {"Art": [row(1), row(2, id=bad_id)]})
+    with pytest.raises(BadInput, match=r"validation-00000-of-00001.parquet \(Art\) row 1 id=.*: 'id' must be a "
+                                       r"non-empty string \(or an integer\)"):
+        load_mmmu(tmp_path)
 
 
 def test_ids_unique_within_a_subject(tmp_path):

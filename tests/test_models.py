@@ -313,6 +313,32 @@ def test_non_finite_weights_are_bad_input_before_anything_is_written(tmp_path, t
     assert (bad / "model.safetensors").read_bytes() == before
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int32, torch.bool])
+def test_a_weight_stored_as_an_integer_is_a_damaged_checkpoint(tmp_path, tiny_dirs, dtype):
+    """A norm weight re-saved as int8 (0.918 → 0, 1.016 → 1) loaded into the float model and was measured with exit
+    0 by probe.heads, probe.eval and analyses.finetune (shift, merge and trajectory refused it). It is refused with
+    the checkpoint's headers now, before anything loads; an integer buffer (position ids) still passes, and so does
+    a checkpoint whose config says it is quantized."""
+    from safetensors.torch import load_file, save_file
+
+    from probe.models import check_weight_files
+
+    d = shutil.copytree(tiny_dirs["qwen2"], tmp_path / "m")
+    sd = load_file(d / "model.safetensors")
+    assert check_weight_files(d)
+    sd["model.embed_positions.position_ids"] = torch.arange(8)[None]
+    save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+    check_weight_files(d)  # an integer buffer: no weight
+    sd["model.norm.weight"] = sd["model.norm.weight"].round().to(dtype)
+    save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(BadInput, match=r"model.safetensors: tensor model.norm.weight is stored as (I8|I32|BOOL), not "
+                                       r"a float dtype: a damaged checkpoint"):
+        resolve_model(str(d))
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(cfg | {"quantization_config": {"quant_method": "bitsandbytes"}}))
+    check_weight_files(d)
+
+
 def test_non_finite_parameters_names_them_and_never_overflows(tmp_path, tiny_dirs):
     from probe.models import NONFINITE_SHOWN, load_model, nonfinite_parameters
 
