@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from probe.errors import BadInput, error_reason
 
@@ -183,12 +183,15 @@ def _missing(path: Path, source: str) -> BadInput:
 
 
 def read_table(path: Path, columns: Mapping[str, type], optional: Mapping[str, type] | None = None,
-               source: str = "", bounds: Mapping[str, tuple[float, float]] | None = None, **read_csv: Any) -> Any:
+               source: str = "", bounds: Mapping[str, tuple[float, float]] | None = None,
+               finite: Sequence[str] = (), **read_csv: Any) -> Any:
     """A saved CSV table, checked before anything is drawn from it: the file parses, every column of ``columns``
-    is there (``optional`` ones may be absent), at least one row, and every number of a ``bounds`` column within its
-    [low, high] (missing ones aside). Column kinds: ``str`` (kept as text), ``float``
-    (numbers, empty = missing) and ``int`` (a count or index: whole, ≥ 0, never missing). Any problem is one
+    is there (``optional`` ones may be absent), at least one row, every number of a ``bounds`` column within its
+    [low, high] (missing ones aside), and a ``finite`` column finite on every row, or missing on all of them (a value
+    the run did not measure: accuracy without generation), never on some. Column kinds: ``str`` (kept as text),
+    ``float`` (numbers, empty = missing) and ``int`` (a count or index: whole, ≥ 0, never missing). Any problem is one
     BadInput naming the file; ``source`` is the command that writes it."""
+    import numpy as np
     import pandas as pd
 
     path = Path(path)
@@ -219,13 +222,20 @@ def read_table(path: Path, columns: Mapping[str, type], optional: Mapping[str, t
             what = "whole numbers ≥ 0"
         if bad.any():
             i = int(bad.to_numpy().argmax())
-            shown = "an empty cell" if text.iloc[i] in NA_TEXT else repr(raw.iloc[i])
+            cell = raw.iloc[i]
+            shown = "an empty cell" if text.iloc[i] in NA_TEXT else repr(cell.item() if isinstance(cell, np.generic)
+                                                                         else cell)
             raise BadInput(f"{path}: column {col} must hold {what}; line {i + 2} has {shown}")
         df[col] = num.astype(int) if kind is int else num.astype(float)
     for col, (lo, hi) in (bounds or {}).items():  # a probability above 1 or a negative KL: never drawn as if real
         if col in df.columns and (out := (df[col] < lo) | (df[col] > hi)).any():
             i = int(out.to_numpy().argmax())
             raise BadInput(f"{path}: column {col} must lie in [{lo:g}, {hi:g}]; line {i + 2} has {float(df[col].iloc[i]):g}")
+    for col in finite:  # a NaN or inf cell among values: a blank or clipped cell, drawn as if measured
+        if col in df.columns and df[col].notna().any() and (bad := ~np.isfinite(df[col])).any():
+            i = int(bad.to_numpy().argmax())
+            raise BadInput(f"{path}: column {col} must hold a finite number on every row (or be empty on all); line "
+                           f"{i + 2} has {'no number (empty or nan)' if pd.isna(df[col].iloc[i]) else df[col].iloc[i]}")
     return df
 
 

@@ -15,6 +15,7 @@ from probe.errors import BadInput
 
 SCORES = {"model": str, "data": str, "subject": str, "n_items": int,
           **{f"{m}{s}": float for m in ("accuracy", "prob_accuracy") for s in ("", "_lo", "_hi")}}
+P_ANSWER = {f"p_answer{s}": float for s in ("", "_lo", "_hi")}  # the mean p(answer), checked like the accuracies
 DIFFS = dict.fromkeys(["diff_accuracy", "diff_lo", "diff_hi", "diff_prob_accuracy", "diff_prob_lo", "diff_prob_hi"],
                       float)
 
@@ -22,14 +23,16 @@ DIFFS = dict.fromkeys(["diff_accuracy", "diff_lo", "diff_hi", "diff_prob_accurac
 def read_scores(result_dir: Path) -> pd.DataFrame:
     """DIR/scores.csv of a probe.eval run, checked: its columns, numbers, one 'all' row per model and data set."""
     csv = Path(result_dir) / "scores.csv"
-    scores = read_table(csv, SCORES, DIFFS, "python -m probe.eval", keep_default_na=False, na_values=[""],
-                        bounds=dict.fromkeys([c for c in SCORES if c.startswith(("accuracy", "prob_accuracy"))], UNIT))
+    scores = read_table(csv, SCORES, DIFFS | P_ANSWER, "python -m probe.eval", keep_default_na=False, na_values=[""],
+                        bounds=dict.fromkeys([c for c in SCORES | P_ANSWER if c.startswith(("accuracy", "prob_accuracy",
+                                                                                           "p_answer"))], UNIT))
     if not (scores["subject"] == "all").any():
         raise BadInput(f"{csv}: no row with subject 'all' (the per model and data set totals)")
     if (twice := scores.duplicated(["model", "data", "subject"])).any():
         raise BadInput(f"{csv}: line {int(twice.to_numpy().argmax()) + 2} repeats a model, data set and subject")
     scored = scores["n_items"] > 0
-    for m in ("accuracy", "prob_accuracy"):  # a scored row's point and its interval: never a missing or crashing bar
+    # a scored row's point and its interval: never a missing or crashing bar
+    for m in ("accuracy", "prob_accuracy") + (("p_answer",) if "p_answer" in scores else ()):
         v, lo, hi = scores[m], scores[f"{m}_lo"], scores[f"{m}_hi"]
         measured = scored & v.notna()
         # a --no-generate run has no accuracy at all; otherwise every scored row has it
@@ -39,6 +42,12 @@ def read_scores(result_dir: Path) -> pd.DataFrame:
             raise BadInput(f"{csv}: line {i + 2}: {m} {v.iloc[i]:g} with interval [{lo.iloc[i]:g}, {hi.iloc[i]:g}] "
                            f"on {scores['n_items'].iloc[i]} items (a value inside its interval, on every scored row)")
     top = scores[scores["subject"] == "all"]
+    # an 'all' row totals its subjects' rows (probe.eval writes each subject's): another count is an edited file
+    subjects = scores[scores["subject"] != "all"].groupby(["model", "data"])["n_items"].sum()
+    for i, r in top.iterrows():
+        if (key := (r["model"], r["data"])) in subjects and subjects[key] != r["n_items"]:
+            raise BadInput(f"{csv}: line {scores.index.get_loc(i) + 2}: n_items {r['n_items']} of {r['model']} on "
+                           f"{r['data']} (all), but its subjects' rows add up to {subjects[key]}")
     have = set(zip(top["model"], top["data"]))
     for model in dict.fromkeys(top["model"]):  # probe.eval writes every model × data set, n/a ones included
         for data in dict.fromkeys(top["data"]):

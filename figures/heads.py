@@ -131,12 +131,13 @@ def read_sweep(run_dir: Path, need: tuple[str, ...] = ()) -> tuple[pd.DataFrame,
     """heads.csv (with the columns ``need``) and baseline.json of a finished head sweep, checked: BadInput naming
     the file otherwise."""
     source = "python -m probe.heads"
+    # probe.heads writes every column (accuracy empty throughout when nothing was generated): one lost from the
+    # file would leave that heatmap out, its old one beside the new ones
     metrics = dict.fromkeys([*PANELS, "accuracy_drop", "prob_accuracy_drop"], float)
-    metrics["n_items"] = int
-    columns = {"layer": int, "head": int, **dict.fromkeys(need, float)}
-    heads = read_table(run_dir / "heads.csv", columns, metrics, source,
+    columns = {"layer": int, "head": int, **metrics, **dict.fromkeys(need, float)}
+    heads = read_table(run_dir / "heads.csv", columns, {"n_items": int}, source,
                        bounds={"accuracy": UNIT, "prob_accuracy": UNIT, "kl": KL_BOUNDS,
-                               "accuracy_drop": (-1.0, 1.0), "prob_accuracy_drop": (-1.0, 1.0)})
+                               "accuracy_drop": (-1.0, 1.0), "prob_accuracy_drop": (-1.0, 1.0)}, finite=list(metrics))
     baseline = read_json(run_dir / "baseline.json", source)
     if "accuracy" in baseline and baseline["accuracy"] is None:  # nothing generated (--no-generate, attribution)
         baseline["accuracy"] = float("nan")
@@ -168,7 +169,9 @@ def check_one_run(run_dir: Path, heads: pd.DataFrame, baseline: dict) -> None:
         if col not in heads:
             continue
         saved = heads[col]
-        off = saved.notna() & want.notna() & ~np.isclose(saved, want, rtol=0, atol=1e-9)
+        # a drop missing where its value and the baseline's are not (or there where they are): not this run's
+        off = (saved.isna() != want.isna()) | (saved.notna() & want.notna()
+                                               & ~np.isclose(saved, want, rtol=0, atol=1e-9))
         if off.any():
             i = int(off.to_numpy().argmax())
             raise BadInput(f"{run_dir}: heads.csv line {i + 2} and baseline.json disagree on {col} ({saved.iloc[i]:g} "
@@ -182,13 +185,16 @@ def draw_heads(run_dir: Path) -> list[Path]:
     label = str(baseline.get("model", ""))
     if baseline.get("approximate"):
         label += " [attribution estimate]"
+    shown = [m for m in PANELS if heads[m].notna().any()]  # not accuracy when generation was skipped
+    if not shown:
+        raise BadInput(f"{run_dir / 'heads.csv'}: no values in any of the columns {', '.join(PANELS)}")
     written = []
     for metric in PANELS:
-        if metric not in heads or heads[metric].isna().all():
-            continue  # e.g. accuracy when generation was skipped
         stem = run_dir / f"heatmap_{metric}"
+        if metric not in shown:  # nor the map an earlier drawing of it left
+            for ext in (".png", ".pdf"):
+                stem.with_suffix(ext).unlink(missing_ok=True)
+            continue
         draw_metric(heads, baseline, metric, stem, label)
         written += [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
-    if not written:
-        raise BadInput(f"{run_dir / 'heads.csv'}: no values in any of the columns {', '.join(PANELS)}")
     return written

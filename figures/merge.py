@@ -60,6 +60,51 @@ def head_weights(rows: pd.DataFrame, source: object = "merge_weights.csv") -> di
     return out_grids
 
 
+def check_weights(path: Path, rows: pd.DataFrame, info: dict) -> None:
+    """Every row of merge_weights.csv against merge.json (analyses.merge writes both): per tensor (or slice) one
+    alpha for each participant the method weights, finite, and for the convex methods a weight in [0, 1], the
+    participants' summing to 1 (ties' alpha is a trim threshold, task arithmetic's a coefficient); the tensors and
+    each model's mean alpha as merge.json records them. A cut, edited or mixed file is refused by its line."""
+    from analyses.merge import METHODS
+
+    method, normalize = info.get("method"), info.get("normalize")
+    models, ref = info.get("models"), info.get("reference")
+    if not isinstance(method, str) or method not in METHODS:
+        raise BadInput(f"{path.parent / 'merge.json'}: method {method!r} is not one of {', '.join(METHODS)}")
+    if not isinstance(models, list) or not all(isinstance(m, str) for m in [ref, *models]):
+        raise BadInput(f"{path.parent / 'merge.json'}: no models and reference (not as python -m analyses.merge "
+                       "writes it)")
+    # average, weighted and ties leave the base out (it only supplies vocabulary rows, or is the task vectors' origin)
+    want = sorted(models if method in ("average", "weighted", "ties") or ref is None else [ref, *models])
+    convex = method in ("average", "shift", "salience") or (method == "weighted" and normalize is not False)
+
+    def refuse(bad: pd.Series, why: str) -> None:
+        if bad.any():
+            i = int(bad.to_numpy().argmax())
+            raise BadInput(f"{path}: line {i + 2}: {why} ({rows['model'].iloc[i]}, {rows['tensor'].iloc[i]} "
+                           f"{rows['slice'].iloc[i]}, alpha {rows['alpha'].iloc[i]:g})")
+
+    alpha = rows["alpha"]
+    refuse(~np.isfinite(alpha), "alpha must be a finite number")
+    refuse(~alpha.between(0.0, 1.0) & convex, f"alpha of a {method} merge must be a weight in [0, 1]")
+    refuse((alpha < 0) & (method == "ties"), "a ties trim threshold must be ≥ 0")
+    refuse(~rows["model"].isin(want), f"a model that is not one of the merge's ({', '.join(want)})")
+    refuse(rows.duplicated(["tensor", "slice", "model"]), "repeats a model's alpha of this tensor slice")
+    groups = rows.groupby(["tensor", "slice"], sort=False)
+    lost = groups["model"].transform("size") != len(want)
+    refuse(lost, f"its tensor slice lacks a row of one of the {len(want)} participants (a cut file?)")
+    if convex:
+        refuse((groups["alpha"].transform("sum") - 1.0).abs() > 1e-6,
+               "the participants' alphas of this tensor slice do not sum to 1")
+    n, recorded = rows["tensor"].nunique(), info.get("n_tensors")
+    means, mean_alpha = rows.groupby("model")["alpha"].mean(), info.get("mean_alpha")
+    if n != recorded or not isinstance(mean_alpha, dict) or set(mean_alpha) != set(means.index) or not all(
+            isinstance(mean_alpha[m], (int, float)) and np.isclose(v, mean_alpha[m], rtol=1e-9, atol=1e-12)
+            for m, v in means.items()):
+        raise BadInput(f"{path}: {n} tensors and mean alphas {means.round(6).to_dict()}, where merge.json records "
+                       f"{recorded} and {mean_alpha} (a cut or edited file, or files of two merges?)")
+
+
 def _salience_grid(run_dir: Path, metric: str, shape: tuple[int, int]) -> np.ndarray | None:
     """The ``metric`` grid of a salience run (None when it is gone), which must be what the merge weighted by: one
     value for each head of the merged grid's ``shape`` (analyses.salience.read_salience refused anything else)."""
@@ -89,6 +134,7 @@ def draw_merge(result_dir: Path) -> list[Path]:
                          {"delta_avg": float}, source)
     info = read_json(result_dir / "merge.json", source)
     grids = head_weights(weights, weights_csv)
+    check_weights(weights_csv, weights, info)
     sal = info.get("salience") or {}
     # the runs as resolved when merged (an older merge.json: as given, relative to the cwd the merge ran in)
     prefix = "resolved_" if isinstance(sal, dict) and "resolved_runs" in sal else ""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -16,9 +17,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
-from figures import (PAGE_HEIGHT, PAGE_WIDTH, fit_page, label_step, page_panels, read_table,  # noqa: E402
-                     save_figure, separate_labels)
+from figures import (PAGE_HEIGHT, PAGE_WIDTH, fit_page, label_step, page_panels, read_json,  # noqa: E402
+                     read_table, save_figure, separate_labels)
 from probe.errors import BadInput  # noqa: E402
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def short_names(models: list[str]) -> dict[str, str]:
@@ -49,18 +53,40 @@ def save(fig: plt.Figure, path: Path) -> list[Path]:
     return paths
 
 
+def check_summary(result_dir: Path, df: "pd.DataFrame") -> None:
+    """shift.csv against the per-model counts summary.json (written with it) records: a row lost from a cut or
+    edited file would be a blank cell and a mean over fewer tensors, drawn as if the model had no such tensor."""
+    path = result_dir / "summary.json"
+    per = read_json(path, "python -m analyses.shift").get("per_model")
+    if not isinstance(per, dict):
+        raise BadInput(f"{path}: no per_model counts (not as python -m analyses.shift writes it)")
+    rows = df.groupby("model", sort=False)["numel"].agg(["size", "sum"])
+    for m in dict.fromkeys([*per, *rows.index]):
+        want = per.get(m) if isinstance(per.get(m), dict) else {}
+        got = rows.loc[m].tolist() if m in rows.index else [0, 0]
+        if got != [want.get("n_tensors"), want.get("numel")]:
+            raise BadInput(f"{result_dir / 'shift.csv'}: {got[0]} tensors of {got[1]} weights for model {m}, where "
+                           f"summary.json records {want.get('n_tensors')} of {want.get('numel')} (a cut or edited "
+                           "file, or files of two runs?)")
+
+
 def draw_shift(result_dir: Path) -> list[Path]:
     result_dir = Path(result_dir)
-    df = read_table(result_dir / "shift.csv", {"model": str, "layer": float, "module": str, "delta_avg": float},
+    df = read_table(result_dir / "shift.csv", {"model": str, "layer": float, "module": str, "numel": int,
+                                               "delta_avg": float},
                     source="python -m analyses.shift", bounds={"delta_avg": (0.0, math.inf)})  # a mean |Δ|
-    # a layer index or none (embeddings, the final norm), a finite Δavg on every row, each tensor once: else a cell
-    # drawn as another layer's, a blank or crashing one, or a tensor averaged in twice
-    for bad, why in ((df["layer"].notna() & ((df["layer"] % 1 != 0) | (df["layer"] < 0)),
+    # a model, a layer index or none (embeddings, the final norm), a tensor of some size, a finite Δavg on every
+    # row, each tensor once: else a crash, a cell drawn as another layer's, a blank or crashing one, or a tensor
+    # averaged in twice
+    for bad, why in ((df["model"].isna() | (df["model"] == ""), "empty model"),
+                     (df["layer"].notna() & ((df["layer"] % 1 != 0) | (df["layer"] < 0)),
                       "layer must be a whole number ≥ 0 or empty"),
+                     (df["numel"] <= 0, "numel must be a whole number > 0"),
                      (~np.isfinite(df["delta_avg"]), "delta_avg must be a finite number"),
                      (df.duplicated(["model", "layer", "module"]), "repeats a tensor of its model")):
         if bad.any():
             raise BadInput(f"{result_dir / 'shift.csv'}: line {int(bad.to_numpy().argmax()) + 2}: {why}")
+    check_summary(result_dir, df)
     models = list(dict.fromkeys(df["model"]))
     labels = short_names(models)
     written: list[Path] = []

@@ -74,7 +74,27 @@ def read_run_info(path: Path) -> dict[str, Any]:
             or not all(isinstance(v, list) and all(isinstance(x, number) for x in v) for v in shares.values()):
         raise BadInput(f"{path}: perplexity_used or pca_explained_variance is not as python -m analyses.trajectory "
                        "writes it")
+    n = info.get("n_points")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 2):
+        raise BadInput(f"{path}: n_points is {n!r}, not a count of points")
     return info
+
+
+def check_maps(path: Path, df: pd.DataFrame, info: dict[str, Any]) -> None:
+    """coords.csv against the run.json written with it: every map (feature × method) analyses.trajectory drew, each
+    with all ``n_points`` points (a cut or edited file would draw a map without a model, as if never there)."""
+    n = info.get("n_points")
+    if n is None:  # an output from before run.json
+        return
+    tsne = str(info.get("tsne", ""))
+    for feature in ("norms", "sketch"):
+        # t-SNE is skipped for fewer than 3 points, and for a feature whose points all coincide
+        skipped = tsne.startswith("skipped") and ("fewer than" in tsne or feature in tsne)
+        for method in ("pca",) if skipped else ("pca", "tsne"):
+            got = int(((df["feature"] == feature) & (df["method"] == method)).sum())
+            if got != n:
+                raise BadInput(f"{path}: {got} points on the {method} map of {feature}, where run.json records "
+                               f"{n} (a cut or edited file?)")
 
 
 def draw_trajectory(result_dir: Path) -> list[Path]:
@@ -83,6 +103,7 @@ def draw_trajectory(result_dir: Path) -> list[Path]:
     df = read_coords(path)
     labels = short_names(list(dict.fromkeys(df["name"])))
     info = read_run_info(result_dir / "run.json")
+    check_maps(path, df, info)
     ref = Path(str(info.get("ref", ""))).name
     written: list[Path] = []
     for feature in dict.fromkeys(df["feature"]):

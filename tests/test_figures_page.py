@@ -59,13 +59,19 @@ def write_merge(d: Path, participants: int, layers: int = 4, heads: int = 8) -> 
     rng = np.random.default_rng(0)
     names = [str(d.parent / "zoo" / f"expert-{k}") for k in range(participants)]
     alpha = rng.dirichlet(np.ones(participants), size=(layers, heads))
-    rows = [[f"layers.{l}.self_attn.q_proj.weight", f"rows {16 * h}:{16 * (h + 1)}", m, 0.001, alpha[l, h, k]]
+    rows = [[f"layers.{l}.self_attn.q_proj.weight", f"rows {16 * h}:{16 * (h + 1)}", m, None, alpha[l, h, k]]
             for k, m in enumerate(names) for l in range(layers) for h in range(heads)]
+    # the tensors outside the head slices: Eq. 4's alpha0 for the base, the rest by shift
+    rest = [0.5, *(0.5 * rng.dirichlet(np.ones(participants - 1)))] if participants > 1 else [1.0]
+    rows += [["embed_tokens.weight", "all", m, None if k == 0 else 0.001, rest[k]] for k, m in enumerate(names)]
     d.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows, columns=["tensor", "slice", "model", "delta_avg", "alpha"]).to_csv(d / "merge_weights.csv",
-                                                                                        index=False)
+    df = pd.DataFrame(rows, columns=["tensor", "slice", "model", "delta_avg", "alpha"])
+    df.to_csv(d / "merge_weights.csv", index=False)
     runs = [str(write_heads(d.parent / "sal" / f"e{k}", layers, heads, seed=k)) for k in range(1, participants)]
-    (d / "merge.json").write_text(json.dumps({"method": "salience", "salience": {"runs": runs, "metric": "kl"}}))
+    (d / "merge.json").write_text(json.dumps({  # as analyses.merge writes it: participants, tensors, mean alphas
+        "method": "salience", "base": names[0], "models": names[1:], "reference": names[0],
+        "n_tensors": int(df["tensor"].nunique()), "mean_alpha": df.groupby("model")["alpha"].mean().to_dict(),
+        "salience": {"runs": runs, "metric": "kl"}}))
     return d
 
 
@@ -73,11 +79,14 @@ def write_shift(d: Path, models: list[str], layers: int, modules: list[str]) -> 
     import pandas as pd
 
     rng = np.random.default_rng(0)
-    rows = [[m, f"layers.{l}.{mod}", l, mod, 10 ** rng.uniform(-5, -2)]
+    rows = [[m, f"layers.{l}.{mod}", l, mod, 4096, 10 ** rng.uniform(-5, -2)]
             for m in models for l in range(layers) for mod in modules]
-    rows += [[m, "embed_tokens.weight", "", "embed_tokens.weight", 1e-4] for m in models]
+    rows += [[m, "embed_tokens.weight", "", "embed_tokens.weight", 65536, 1e-4] for m in models]
     d.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows, columns=["model", "tensor", "layer", "module", "delta_avg"]).to_csv(d / "shift.csv", index=False)
+    df = pd.DataFrame(rows, columns=["model", "tensor", "layer", "module", "numel", "delta_avg"])
+    df.to_csv(d / "shift.csv", index=False)
+    per = {m: {"n_tensors": len(g), "numel": int(g["numel"].sum())} for m, g in df.groupby("model", sort=False)}
+    (d / "summary.json").write_text(json.dumps({"per_model": per}))  # written with it: the counts of its rows
     return d
 
 
@@ -101,7 +110,7 @@ def write_trajectory(d: Path, runs: list[str], methods: tuple[str, ...] = ("pca"
     d.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows, columns=["name", "kind", "run", "step", "feature", "method", "x", "y"]).to_csv(
         d / "coords.csv", index=False)
-    (d / "run.json").write_text(json.dumps({"ref": "runs/shift", "perplexity_used": 5,
+    (d / "run.json").write_text(json.dumps({"ref": "runs/shift", "perplexity_used": 5, "n_points": 5 + 5 * len(runs),
                                             "pca_explained_variance": {"norms": [0.8, 0.1], "sketch": [0.6, 0.3]}}))
     return d
 

@@ -3,6 +3,7 @@ independent oracle: the CSV itself, pivoted by pandas); and redraws of damaged o
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,8 @@ def test_steps_and_merge_panels_of_one_folder_name_are_told_apart(tmp_path, draw
     w = pd.read_csv(d / "merge_weights.csv")
     w["model"] = w["model"].str.replace(r"zoo/expert-(\d)", r"run\1/checkpoint-100", regex=True)
     w.to_csv(d / "merge_weights.csv", index=False)
+    info = d / "merge.json"  # the participants as merge.json names them too
+    info.write_text(re.sub(r"zoo/expert-(\d)", r"run\1/checkpoint-100", info.read_text()))
     assert figures_cli("merge", d) == 0
     titles = [ax.get_title() for ax in drawn["merge_heads"].axes if ax.get_images() and "salience" not in ax.get_title()]
     assert titles == [f"run{k}/checkpoint-100" for k in range(3)]
@@ -463,3 +466,136 @@ def test_shift_of_a_model_that_did_not_move_is_drawn(tmp_path, drawn):
         zero = grid.to_numpy() == 0
         assert zero.any() and np.allclose(rgba[zero], under)
         assert not np.allclose(rgba[~zero], under, atol=1e-3) if (~zero).any() else True
+
+
+def cut_half(path: Path) -> None:
+    """``path`` cut at half its bytes, back to its last whole line (as a copy cut off leaves it; a line cut in
+    two is a missing cell, refused anyway)."""
+    data = path.read_bytes()
+    path.write_bytes(data[:data.rindex(b"\n", 0, len(data) // 2) + 1])
+
+
+def drop_line(k: int):
+    """``path`` without its line ``k`` (0: the header; -1: the last)."""
+    def edit(path: Path) -> None:
+        lines = path.read_text().splitlines(keepends=True)
+        del lines[k]
+        path.write_text("".join(lines))
+    return edit
+
+
+def set_cell(row: int, col: str, value: str):
+    """``path``'s CSV with the cell of data row ``row``, column ``col`` rewritten as the text ``value``."""
+    def edit(path: Path) -> None:
+        lines = path.read_text().splitlines()
+        i = lines[0].split(",").index(col)
+        cells = lines[row + 1].split(",")
+        cells[i] = value
+        lines[row + 1] = ",".join(cells)
+        path.write_text("\n".join(lines) + "\n")
+    return edit
+
+
+def drop_column(col: str):
+    return lambda path: pd.read_csv(path).drop(columns=[col]).to_csv(path, index=False)
+
+
+def eval_with_subjects(d: Path) -> Path:
+    """write_scores' scores.csv with p_answer and its interval, and a subject row under each 'all' row (probe.eval
+    writes both): 'all' then totals its subjects."""
+    write_scores(d, ["a", "b"], ["text", "image"])
+    s = pd.read_csv(d / "scores.csv", keep_default_na=False, na_values=[""])
+    s = s.assign(p_answer=s["prob_accuracy"], p_answer_lo=s["prob_accuracy_lo"], p_answer_hi=s["prob_accuracy_hi"])
+    s = pd.concat([s, s.assign(subject="s1")], ignore_index=True)
+    s.to_csv(d / "scores.csv", index=False)
+    return d
+
+
+def write_heads_dir(d: Path) -> Path:
+    from test_figures_page import write_heads
+
+    return write_heads(d, 3, 4)
+
+
+def write_trajectory_dir(d: Path) -> Path:
+    from test_figures_page import write_trajectory
+
+    return write_trajectory(d, ["r0", "r1"])
+
+
+def write_shift_dir(d: Path) -> Path:
+    return write_shift(d, ["vl", "video"], 3, ["self_attn.q_proj.weight", "mlp.up_proj.weight"])
+
+
+def merge_json(**changes):
+    def edit(path: Path) -> None:
+        info = json.loads((path.parent / "merge.json").read_text())
+        for k, v in changes.items():
+            info.pop(k) if v is None else info.__setitem__(k, v)
+        (path.parent / "merge.json").write_text(json.dumps(info))
+    return edit
+
+
+# kind → (build, file edited); case → (kind, edit of that file, words of the error). Each was drawn silently
+# (or a traceback): a blank or clipped cell from a NaN, an inf or a cut file, a stale map beside new ones
+DAMAGE_BUILD = {"heads": (write_heads_dir, "heads.csv"), "eval": (eval_with_subjects, "scores.csv"),
+                "shift": (write_shift_dir, "shift.csv"), "trajectory": (write_trajectory_dir, "coords.csv"),
+                "merge": (lambda d: write_merge(d, 3), "merge_weights.csv")}
+EMBED_BASE = -3  # write_merge's last rows: embed_tokens.weight of the base, then of each expert
+DAMAGE = {
+    "heads-kl-nan": ("heads", set_cell(1, "kl", "nan"), "column kl must hold a finite number"),
+    "heads-kl-inf": ("heads", set_cell(1, "kl", "inf"), "column kl must hold a finite number on every row"),
+    "heads-kl-empty": ("heads", set_cell(1, "kl", ""), "line 3 has no number"),
+    "heads-drop-nan": ("heads", set_cell(0, "prob_accuracy_drop", "nan"), "column prob_accuracy_drop"),
+    "heads-kl-column-gone": ("heads", drop_column("kl"), "missing column kl"),
+    "eval-p-answer-nan": ("eval", set_cell(0, "p_answer", "nan"), "line 2: p_answer nan"),
+    "eval-all-not-its-subjects": ("eval", set_cell(0, "n_items", "999"), "subjects' rows add up to 64"),
+    "shift-model-empty": ("shift", set_cell(0, "model", ""), "line 2: empty model"),
+    "shift-numel-negative": ("shift", set_cell(0, "numel", "-5"), "column numel must hold whole numbers"),
+    "shift-numel-zero": ("shift", set_cell(0, "numel", "0"), "line 2: numel must be a whole number > 0"),
+    "shift-row-lost": ("shift", drop_line(3), "summary.json records 7 of"),
+    "shift-cut": ("shift", cut_half, "summary.json records"),
+    "trajectory-point-lost": ("trajectory", drop_line(3), "run.json records 15"),
+    "trajectory-cut": ("trajectory", cut_half, "where run.json records 15"),
+    "merge-alpha-nan": ("merge", set_cell(EMBED_BASE, "alpha", "nan"), "alpha must be a finite number"),
+    "merge-alpha-inf": ("merge", set_cell(EMBED_BASE, "alpha", "inf"), "alpha must be a finite number"),
+    "merge-alpha-empty": ("merge", set_cell(EMBED_BASE, "alpha", ""), "alpha must be a finite number"),
+    "merge-alpha-negative": ("merge", set_cell(EMBED_BASE, "alpha", "-0.3"), "must be a weight in [0, 1]"),
+    "merge-alpha-2.5": ("merge", set_cell(EMBED_BASE, "alpha", "2.5"), "must be a weight in [0, 1]"),
+    "merge-not-summing-to-1": ("merge", set_cell(EMBED_BASE, "alpha", "0.1"), "do not sum to 1"),
+    "merge-ghost-model": ("merge", set_cell(EMBED_BASE, "model", "ghost"), "not one of the merge's"),
+    "merge-row-twice": ("merge", lambda p: p.write_text(p.read_text() + p.read_text().splitlines()[-1] + "\n"),
+                        "repeats a model's alpha"),
+    "merge-row-lost": ("merge", drop_line(-1), "lacks a row of one of the 3 participants"),
+    "merge-slice-lost": ("merge", lambda p: [drop_line(-1)(p) for _ in range(3)], "merge.json records"),
+    "merge-method-gone": ("merge", merge_json(method=None), "merge.json: method None is not one of"),
+    "merge-method-bogus": ("merge", merge_json(method="running"), "method 'running' is not one of"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_redraw_refuses_damaged_or_cut_results(case, tmp_path, capsys):
+    kind, edit, words = DAMAGE[case]
+    build, name = DAMAGE_BUILD[kind]
+    d = build(tmp_path / "r")
+    edit(d / name)
+    before = snapshot(tmp_path)
+    line = one_error_line(figures_cli(kind, d), capsys.readouterr().err)
+    assert words in line and str(d) in line, line
+    assert snapshot(tmp_path) == before
+
+
+def test_heads_without_generation_draws_and_leaves_no_stale_accuracy_map(tmp_path, drawn):
+    """A --no-generate sweep has accuracy and accuracy_drop empty throughout (baseline accuracy null): drawn, with
+    no accuracy map, and none an earlier drawing left."""
+    from test_figures_page import write_heads
+
+    d = write_heads(tmp_path / "h", 3, 4)
+    assert figures_cli("heads", d) == 0 and (d / "heatmap_accuracy.png").is_file()
+    pd.read_csv(d / "heads.csv").assign(accuracy=np.nan, accuracy_drop=np.nan).to_csv(d / "heads.csv", index=False)
+    info = json.loads((d / "baseline.json").read_text())
+    (d / "baseline.json").write_text(json.dumps(info | {"accuracy": None}))
+    drawn.clear()
+    assert figures_cli("heads", d) == 0
+    assert sorted(drawn) == ["heatmap_kl", "heatmap_prob_accuracy"]
+    assert not list(d.glob("heatmap_accuracy.*"))
