@@ -10,7 +10,6 @@ from probe.errors import BadInput, error_reason
 
 NA_TEXT = ("", "nan")  # how a saved table spells a missing number (pandas writes NaN as an empty cell)
 UNIT = (0.0, 1.0)  # bounds of an accuracy or a probability
-KL_BOUNDS = (-1e-6, math.inf)  # a KL is ≥ 0, up to rounding
 # inches: the largest figure a paper page takes whole. Every figure is drawn at most this size with its text at
 # 7-10 pt, so the text stays that size when the figure goes into a paper (a wider one would be scaled down)
 PAGE_WIDTH, PAGE_HEIGHT = 7.0, 9.0

@@ -6,8 +6,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from figures import KL_BOUNDS, PAGE_HEIGHT, PAGE_WIDTH, UNIT, label_step, read_json, read_table, save_figure
+from figures import PAGE_HEIGHT, PAGE_WIDTH, UNIT, label_step, read_json, read_table, save_figure
 from probe.errors import BadInput
+from probe.metrics import HEAD_METRIC_BOUNDS
 
 PANELS = {  # accuracies on a two-sided map centred on the unmasked baseline: red below it (a drop), blue above
     "accuracy": ("Accuracy with head masked", "RdBu"),
@@ -136,8 +137,7 @@ def read_sweep(run_dir: Path, need: tuple[str, ...] = ()) -> tuple[pd.DataFrame,
     metrics = dict.fromkeys([*PANELS, "accuracy_drop", "prob_accuracy_drop"], float)
     columns = {"layer": int, "head": int, **metrics, **dict.fromkeys(need, float)}
     heads = read_table(run_dir / "heads.csv", columns, {"n_items": int}, source,
-                       bounds={"accuracy": UNIT, "prob_accuracy": UNIT, "kl": KL_BOUNDS,
-                               "accuracy_drop": (-1.0, 1.0), "prob_accuracy_drop": (-1.0, 1.0)}, finite=list(metrics))
+                       bounds={"accuracy": UNIT, "prob_accuracy": UNIT, **HEAD_METRIC_BOUNDS}, finite=list(metrics))
     baseline = read_json(run_dir / "baseline.json", source)
     if "accuracy" in baseline and baseline["accuracy"] is None:  # nothing generated (--no-generate, attribution)
         baseline["accuracy"] = float("nan")

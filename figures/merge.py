@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from figures import (KL_BOUNDS, drop_stale_pages, heatmap_ticks, page_caption, page_panels, page_split, page_stem,
+from figures import (drop_stale_pages, heatmap_ticks, page_caption, page_panels, page_split, page_stem,
                      read_json, read_table, save_png_pdf)
 from figures.heads import clip_note, kl_limit
 from probe.errors import BadInput
+from probe.metrics import HEAD_METRIC_BOUNDS
 from probe.results import distinct_names
 
 # inches: a participant's column of two heatmaps at its narrowest and lowest (with titles), and the figure's
@@ -112,7 +113,7 @@ def _salience_grid(run_dir: Path, metric: str, shape: tuple[int, int]) -> np.nda
     if not csv.is_file():
         return None
     df = read_table(csv, {"layer": int, "head": int, metric: float}, source="python -m probe.heads",
-                    bounds={"kl": KL_BOUNDS})
+                    bounds={"kl": HEAD_METRIC_BOUNDS["kl"]})
     cells = set(zip(df["layer"], df["head"]))
     if len(df) != shape[0] * shape[1] or cells != {(l, h) for l in range(shape[0]) for h in range(shape[1])} \
             or df[metric].isna().any():
