@@ -24,7 +24,7 @@ import torch
 from probe.errors import BadInput, input_in_out
 from probe.families import (FAMILIES, Family, Layout, canonical_lm_name, check_layout_model_type, detect_layout,
                             read_config_json, says_untied)
-from probe.families import HeadGeometry, text_config_dict
+from probe.families import config_geometry, text_config_dict
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -304,10 +304,7 @@ def open_checkpoint(spec: str, allow_bin: bool = False) -> Checkpoint:
                 raise BadInput(f"{f}: tensor {key!r} listed in the index is missing from the shard (corrupt)")
             infos[key] = info
     layout = detect_layout(config.get("model_type"), infos)
-    try:  # a config without its head layout is a damaged checkpoint here too, as probe.heads and probe.eval say
-        HeadGeometry.from_text_config(text_config_dict(config, FAMILIES[layout.family]))
-    except BadInput as exc:
-        raise BadInput(f"{path}: {exc}") from None
+    config_geometry(path, config, FAMILIES[layout.family])  # none: a damaged checkpoint, as for probe.heads/eval
     lm: dict[str, str] = {}
     other: list[str] = []
     for key in infos:

@@ -24,7 +24,7 @@ from probe.errors import BadInput
 from probe.families import HeadGeometry
 from probe.metrics import HEAD_METRIC_BOUNDS
 
-METRICS = ("kl", "accuracy_drop", "prob_accuracy_drop")
+METRICS = tuple(HEAD_METRIC_BOUNDS)  # kl, accuracy_drop, prob_accuracy_drop: heads.csv's salience columns
 # o_proj's bias (Llama-style attention_bias) is added once after the heads are summed: no head owns it
 HEAD_TENSOR = re.compile(r"layers\.(\d+)\.self_attn\.(?:([qkv])_proj\.(?:weight|bias)|(o)_proj\.weight)$")
 
@@ -139,12 +139,11 @@ def read_salience(run_dir: Path, metric: str, geometry: HeadGeometry, who: str) 
                "prob_accuracy_drop"
                if metric == "accuracy_drop" else "")
         raise BadInput(f"{heads_csv}: {metric} is NaN (empty or infinite) for some heads{why}")
-    lo, hi = HEAD_METRIC_BOUNDS[metric]
-    if float(grid.min()) < lo or float(grid.max()) > hi:  # e.g. a negative KL, a drop of 7: not what probe.heads writes
-        bad = float(grid.min()) if float(grid.min()) < lo else float(grid.max())
-        raise BadInput(f"{heads_csv}: {metric} must lie in [{lo:g}, {hi:g}] for every head, one has {bad:.3g}; not "
-                       "a probe.heads salience")
-    if not float(grid.max()) > 0:  # normalise_salience divides by the mean of the clamped table: name the run here
+    (lo, hi), least, most = HEAD_METRIC_BOUNDS[metric], float(grid.min()), float(grid.max())
+    if least < lo or most > hi:  # e.g. a negative KL, a drop of 7: not what probe.heads writes
+        raise BadInput(f"{heads_csv}: {metric} must lie in [{lo:g}, {hi:g}] for every head, one has "
+                       f"{least if least < lo else most:.3g}; not a probe.heads salience")
+    if not most > 0:  # normalise_salience divides by the mean of the clamped table: name the run here
         raise BadInput(f"{heads_csv}: {metric} is ≤ 0 for every head (no removal hurt {who} on these items); "
                        "nothing to weight its heads by: use more items or another --salience-metric")
     return grid

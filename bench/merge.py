@@ -248,9 +248,11 @@ def main(argv: list[str] | None = None) -> int:
         raise BadInput("give --arch or --params-m, not both")
     if a.layers and not a.arch:
         raise BadInput("--layers cuts an --arch")
+    if not a.arch:
+        a.params_m = a.params_m or 145
     work = a.workdir or Path(tempfile.mkdtemp(prefix="bench-merge-"))
     try:
-        cfg, shapes = arch_config(a.arch, a.layers) if a.arch else synthetic_config(a.params_m or 145)
+        cfg, shapes = arch_config(a.arch, a.layers) if a.arch else synthetic_config(a.params_m)
         dirs = make_models(work, a.k, cfg, shapes, a.dtype)
         size = sum(f.stat().st_size for f in dirs[0].glob("*.safetensors"))
         from analyses.checkpoints import open_checkpoint
@@ -282,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         floor, merge_s = min(med["floor_1thread"], med["floor_2threads"]), med["merge"]
         bound = 1e9 + (a.k + 2) * largest
         res = {
-            "method": a.method, "arch": a.arch or f"synthetic {a.params_m or 145}M", "layers": a.layers,
+            "method": a.method, "arch": a.arch or f"synthetic {a.params_m}M", "layers": a.layers,
             "threads": a.threads, "k": a.k, "dtype": a.dtype, "checkpoint_mb": round(size / 1e6), "largest_tensor_mb": round(largest / 1e6, 1),
             "rounds": a.rounds, **{f"{k}_s": round(v, 2) for k, v in med.items()},
             "all_runs_s": {k: [round(x, 2) for x in v] for k, v in runs.items()}, "io_floor_s": round(floor, 2),

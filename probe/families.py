@@ -698,6 +698,15 @@ class HeadGeometry:
                 f"hidden {self.hidden_size}")
 
 
+def config_geometry(path: Path, config: Mapping[str, Any], family: Family) -> HeadGeometry:
+    """The head layout the checkpoint at ``path`` declares in its config; BadInput naming ``path`` when it declares
+    none (probe.eval and the analyses take several models: the line says which)."""
+    try:
+        return HeadGeometry.from_text_config(text_config_dict(config, family))
+    except BadInput as exc:
+        raise BadInput(f"{path}: {exc}") from None
+
+
 def _count(cfg: Mapping[str, Any], key: str) -> int:
     """A positive integer of the config (0, -4, "four" or 4.5 heads made a traceback, or a division by zero)."""
     value = cfg[key]

@@ -398,17 +398,17 @@ def load_mmmu(
         for path in paths:
             files.append(str(path))
             for i, row in enumerate(_read_rows(path)):
-                where = f"{path.name} ({subject}) row {i} id={row.get('id')!r}"
-                if not isinstance(row.get("id"), (str, int)) or isinstance(row.get("id"), bool) or not str(
-                        row.get("id")).strip():  # a null id was kept as the string 'None'
-                    raise BadInput(f"{where}: 'id' must be a non-empty string (or an integer)")
-                _check_split_of_id(str(row.get("id")), subject, split, where)
+                rid = row.get("id")
+                where = f"{path.name} ({subject}) row {i} id={rid!r}"
+                if not isinstance(rid, (str, int)) or isinstance(rid, bool) or not str(rid).strip():
+                    raise BadInput(f"{where}: 'id' must be a non-empty string (or an integer)")  # null: was 'None'
+                _check_split_of_id(str(rid), subject, split, where)
                 kind = row.get("question_type")
                 if kind not in QUESTION_TYPES:  # "Multiple-Choice", "mcq", null: never silently taken as open
                     raise BadInput(f"{where}: question_type {kind!r} is not one of "
                                    f"{', '.join(repr(t) for t in QUESTION_TYPES)}")
                 if kind == "open":
-                    open_keys.append((subject, _id_key(str(row.get("id")))))
+                    open_keys.append((subject, _id_key(str(rid))))
                     continue
                 sub_items.append(_make_item(row, subject, where))
         seen: set[str] = set()

@@ -22,6 +22,7 @@ from probe.families import (
     ALIASES,
     Family,
     HeadGeometry,
+    config_geometry,
     config_value,
     family_of_model_type,
     processor_kwargs,
@@ -119,12 +120,9 @@ def resolve_model(spec: str) -> ModelRef:
     if not model_type:
         raise BadInput(f"{path}/config.json has no model_type")
     family = family_of_model_type(model_type)
-    try:
-        geometry = HeadGeometry.from_text_config(text_config_dict(config, family))
-    except BadInput as exc:  # probe.eval takes several models: say which one (the analyses name it too)
-        raise BadInput(f"{path}: {exc}") from None
+    geometry = config_geometry(path, config, family)
     if repo is None:
-        check_weights(path, gguf_file)
+        check_weights(path, config, gguf_file)
     return ModelRef(spec, path, family, geometry, config, gguf_file, repo)
 
 
@@ -153,9 +151,9 @@ def weights_entry(path: Path) -> Path | None:
     return None
 
 
-def check_weights(path: Path, gguf_file: str | None = None) -> None:
+def check_weights(path: Path, config: dict[str, Any], gguf_file: str | None = None) -> None:
     entry = weights_entry(path) if gguf_file is None else None  # refuses a dir with two weight sets
-    keys = check_weight_files(path)
+    keys = check_weight_files(path, config)
     if gguf_file is None and (entry is None or entry.name == "model.safetensors.index.json"):
         check_shard_keys(path, entry, keys)
     elif entry is not None and entry.name == "pytorch_model.bin.index.json":
@@ -267,7 +265,7 @@ def load_model(
         check_fits(ref, dtype, [device], device_memory)
     if ref.hub_repo is not None:  # resolution fetched configs only; the weights come now
         model_path(ref.spec, weights=True)
-        check_weights(ref.path, ref.gguf_file)
+        check_weights(ref.path, ref.config, ref.gguf_file)
     on_devices = plan is not None or device != "cpu"  # a GPU, or a map over several devices
     if on_devices:
         # a spread model dropped before this one (probe.eval's previous model, a previous stage of analyses.replicate)
@@ -647,13 +645,15 @@ def _check_geometry(m: LoadedModel) -> None:
         )
 
 
-def check_weight_files(path: Path) -> dict[Path, list[str]]:
+def check_weight_files(path: Path, config: dict[str, Any]) -> dict[Path, list[str]]:
     """Read every safetensors header (no tensor data) so a corrupt or truncated checkpoint is bad input found
-    before any output is written (STYLE 5), not a traceback after loading starts. Returns each file's keys."""
+    before any output is written (STYLE 5), not a traceback after loading starts. Returns each file's keys.
+    ``config`` is the checkpoint's config (as resolve_model read it): one declaring a quantization may hold integer
+    weights."""
     from safetensors import safe_open
 
     keys: dict[Path, list[str]] = {}
-    quantized = "quantization_config" in read_config_json(path) if (path / "config.json").is_file() else False
+    quantized = "quantization_config" in config
     for file in sorted(path.glob("*.safetensors")):
         try:
             with safe_open(str(file), framework="pt") as fh:

@@ -321,14 +321,15 @@ def test_a_weight_stored_as_an_integer_is_a_damaged_checkpoint(tmp_path, tiny_di
     a checkpoint whose config says it is quantized."""
     from safetensors.torch import load_file, save_file
 
+    from probe.families import read_config_json
     from probe.models import check_weight_files
 
     d = shutil.copytree(tiny_dirs["qwen2"], tmp_path / "m")
     sd = load_file(d / "model.safetensors")
-    assert check_weight_files(d)
+    assert check_weight_files(d, read_config_json(d))
     sd["model.embed_positions.position_ids"] = torch.arange(8)[None]
     save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
-    check_weight_files(d)  # an integer buffer: no weight
+    check_weight_files(d, read_config_json(d))  # an integer buffer: no weight
     sd["model.norm.weight"] = sd["model.norm.weight"].round().to(dtype)
     save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(BadInput, match=r"model.safetensors: tensor model.norm.weight is stored as (I8|I32|BOOL), not "
@@ -336,7 +337,7 @@ def test_a_weight_stored_as_an_integer_is_a_damaged_checkpoint(tmp_path, tiny_di
         resolve_model(str(d))
     cfg = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps(cfg | {"quantization_config": {"quant_method": "bitsandbytes"}}))
-    check_weight_files(d)
+    check_weight_files(d, read_config_json(d))
 
 
 def test_non_finite_parameters_names_them_and_never_overflows(tmp_path, tiny_dirs):
