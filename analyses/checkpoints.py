@@ -24,7 +24,7 @@ import torch
 from probe.errors import BadInput, input_in_out
 from probe.families import (FAMILIES, Family, Layout, canonical_lm_name, check_layout_model_type, detect_layout,
                             read_config_json, says_untied)
-from probe.families import config_geometry, text_config_dict
+from probe.families import config_geometry, declared_quantization, text_config_dict
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -363,12 +363,9 @@ def reserve_descriptors(ckpts: Iterable[Checkpoint]) -> None:
 def check_not_quantized(path: Path, config: dict[str, Any]) -> None:
     """A quantized checkpoint stores each weight as codes plus scale tensors (FP8 ``weight_scale_inv``, GPTQ/AWQ
     ``qweight``/``scales``): Δ, sums and sketches of those are not of the weights, and a merge of them is no model."""
-    for cfg in (config, config.get("text_config")):
-        q = cfg.get("quantization_config") if isinstance(cfg, dict) else None
-        if q:
-            method = q.get("quant_method", "unknown method") if isinstance(q, dict) else "unknown method"
-            raise BadInput(f"{path}: a quantized checkpoint ({method}, config.json quantization_config): its "
-                           "weights are codes and scales, not values to compare or merge; dequantize it first")
+    if method := declared_quantization(config):
+        raise BadInput(f"{path}: a quantized checkpoint ({method}, config.json quantization_config): its "
+                       "weights are codes and scales, not values to compare or merge; dequantize it first")
 
 
 def layer_module(canon: str) -> tuple[int | None, str]:

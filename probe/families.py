@@ -730,6 +730,18 @@ def with_class_defaults(cfg: Mapping[str, Any]) -> Mapping[str, Any]:
     return {**{k: defaults.get(k) for k in (*needed, "num_key_value_heads", "head_dim") if k in defaults}, **cfg}
 
 
+def declared_quantization(config: Mapping[str, Any]) -> str | None:
+    """The quantization method a config.json declares (``quantization_config`` at its top level or in its
+    ``text_config``; "unknown method" when it names none), else None. One rule for both readers: the probe lets such
+    a checkpoint's integer codes through its weight-dtype check, the analyses refuse to compare or merge codes."""
+    for cfg in (config, config.get("text_config")):
+        q = cfg.get("quantization_config") if isinstance(cfg, Mapping) else None
+        if q:
+            method = q.get("quant_method") if isinstance(q, Mapping) else None
+            return str(method) if method else "unknown method"
+    return None
+
+
 def text_config_dict(config: Mapping[str, Any], family: Family) -> dict[str, Any]:
     """The LM part of a config.json dict (nested under text_config for multimodal families)."""
     if family.text_config_attr is None:

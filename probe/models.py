@@ -24,6 +24,7 @@ from probe.families import (
     HeadGeometry,
     config_geometry,
     config_value,
+    declared_quantization,
     family_of_model_type,
     processor_kwargs,
     read_config_json,
@@ -648,12 +649,12 @@ def _check_geometry(m: LoadedModel) -> None:
 def check_weight_files(path: Path, config: dict[str, Any]) -> dict[Path, list[str]]:
     """Read every safetensors header (no tensor data) so a corrupt or truncated checkpoint is bad input found
     before any output is written (STYLE 5), not a traceback after loading starts. Returns each file's keys.
-    ``config`` is the checkpoint's config (as resolve_model read it): one declaring a quantization may hold integer
-    weights."""
+    ``config`` is the checkpoint's config (as resolve_model read it): one declaring a quantization
+    (``declared_quantization``) may hold integer weights."""
     from safetensors import safe_open
 
     keys: dict[Path, list[str]] = {}
-    quantized = "quantization_config" in config
+    quantized = declared_quantization(config) is not None
     for file in sorted(path.glob("*.safetensors")):
         try:
             with safe_open(str(file), framework="pt") as fh:

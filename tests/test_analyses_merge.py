@@ -603,8 +603,8 @@ def test_a_models_delta_does_not_depend_on_the_other_models_vocab(zoo, tmp_path)
     assert torch.equal(got[64:], base[t][64:])
 
 
-@pytest.mark.parametrize("with_config", [True, False])
-def test_a_quantized_checkpoint_is_refused(zoo, tmp_path, capfd, with_config):
+@pytest.mark.parametrize("declared", ["top", "text_config", None])
+def test_a_quantized_checkpoint_is_refused(zoo, tmp_path, capfd, declared):
     """An FP8 checkpoint (weights as float8 codes, each with a weight_scale_inv tensor) was merged code by code and
     scale by scale, exit 0: Σ c_i s_i · Σ c_i q_i is not Σ c_i s_i q_i. Shift and trajectory measured the codes."""
     from safetensors.torch import save_file
@@ -617,9 +617,10 @@ def test_a_quantized_checkpoint_is_refused(zoo, tmp_path, capfd, with_config):
         scale = sd[k].abs().max() / 448
         sd[k], sd[k + "_scale_inv"] = (sd[k] / scale).to(torch.float8_e4m3fn), scale.reshape(1, 1)
     save_file(sd, q / "model.safetensors", metadata={"format": "pt"})
-    if with_config:
+    if declared:  # where probe.families.declared_quantization looks (None: the float8 codes alone tell)
         cfg = json.loads((q / "config.json").read_text())
-        cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+        where = cfg if declared == "top" else cfg.setdefault("text_config", {})
+        where["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
         (q / "config.json").write_text(json.dumps(cfg))
     for main, argv in ((merge.main, ["--models", zoo["base"], q, "--method", "average"]),
                        (shift.main, ["--base", zoo["base"], "--models", q, "--no-figures"]),

@@ -338,6 +338,9 @@ def test_a_weight_stored_as_an_integer_is_a_damaged_checkpoint(tmp_path, tiny_di
     cfg = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps(cfg | {"quantization_config": {"quant_method": "bitsandbytes"}}))
     check_weight_files(d, read_config_json(d))
+    # declared in the LM's text_config, as analyses.checkpoints.check_not_quantized reads it too (one rule)
+    (d / "config.json").write_text(json.dumps(cfg | {"text_config": {"quantization_config": {"quant_method": "gptq"}}}))
+    check_weight_files(d, read_config_json(d))
 
 
 def test_non_finite_parameters_names_them_and_never_overflows(tmp_path, tiny_dirs):
