@@ -433,6 +433,26 @@ def train(loaded, rows: list[dict], cfg: TrainConfig, log: Callable[[str], None]
         model.eval()
 
 
+def model_cuda_devices(model: torch.nn.Module) -> list[torch.device]:
+    """The GPUs the model's parameters live on, in index order (one, or several under a device map)."""
+    return sorted({p.device for p in model.parameters() if p.device.type == "cuda"}, key=lambda d: d.index)
+
+
+def accelerator_rng(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The random state of each GPU the model runs on (dropout's masks there come from it, not from torch_rng):
+    a resume that re-seeded it would train on other masks than the run it continues. Empty on the CPU."""
+    return [torch.cuda.get_rng_state(d) for d in model_cuda_devices(model)]
+
+
+def set_accelerator_rng(model: torch.nn.Module, states: list[torch.Tensor]) -> None:
+    """``accelerator_rng``'s states back, paired with this process's GPUs in the same order. Exact for one process
+    (one GPU or a device map). Under data parallel or FSDP only rank 0's state is saved and every rank gets it: the
+    others' states had moved by their own batches' shapes, so their dropout masks after a resume differ from the
+    uninterrupted run's (the supported families train without dropout: their configs set it to 0)."""
+    for d, s in zip(model_cuda_devices(model), states):
+        torch.cuda.set_rng_state(s, d)
+
+
 def _steps(loaded, rows: list[dict], cfg: TrainConfig, log: Callable[[str], None], sampler: Sampler | None,
            on_step: Callable[[StepInfo, Any], None] | None, resume: dict | None) -> list[float]:
     """The steps of ``train``."""
@@ -469,6 +489,7 @@ def _steps(loaded, rows: list[dict], cfg: TrainConfig, log: Callable[[str], None
             opt.load_state_dict(resume["optimizer"])
         gen.set_state(resume["generator"])
         torch.set_rng_state(resume["torch_rng"])
+        set_accelerator_rng(model, resume.get("accelerator_rng", []))
         first = int(resume["step"])
     sample = sampler or uniform_sampler(len(rows))
     lm_trains = any(p.requires_grad for n, p in model.named_parameters() if is_lm_param(n, loaded))
@@ -486,9 +507,10 @@ def _steps(loaded, rows: list[dict], cfg: TrainConfig, log: Callable[[str], None
         unless ``frozen``)."""
         if not sharded:
             return {"optimizer": opt.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                    "step": step + 1}
+                    "accelerator_rng": accelerator_rng(model), "step": step + 1}
         return {"optimizer": fsdp.full_optimizer_state(opt, rank), "generator": gen.get_state(),
-                "torch_rng": torch.get_rng_state(), "step": step + 1, "model": fsdp.full_model_state(model, frozen)}
+                "torch_rng": torch.get_rng_state(), "accelerator_rng": accelerator_rng(model), "step": step + 1,
+                "model": fsdp.full_model_state(model, frozen)}
 
     for step in range(first, cfg.steps):
         factor = lr_factor(step, cfg)

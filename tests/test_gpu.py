@@ -14,6 +14,7 @@ Stated tolerances:
   probabilities pick is fp32's on ≥ 95 % of items.
 - fine-tuning in bf16 (mixed precision; with --lora the frozen weights in bf16) against fp32 on the CPU: the first
   step's loss within 2 %, the mean loss of 4 steps within 5 %, the weight update's cosine ≥ 0.9.
+- a fine-tune with dropout killed and resumed on the GPU: the uninterrupted run's weights, bit for bit.
 """
 from __future__ import annotations
 
@@ -177,6 +178,44 @@ def test_finetuning_in_bf16_tracks_fp32_on_the_cpu(lora, tmp_path):
     # the first step is the forward's precision alone; later steps also carry the updates' small differences
     assert abs(loss_h[0] - loss_f[0]) <= 0.02 * loss_f[0] and abs(loss_h.mean() - loss_f.mean()) <= 0.05 * loss_f.mean()
     assert float(torch.nn.functional.cosine_similarity(dw_h.double(), dw_f.double(), dim=0)) >= 0.9
+
+
+def test_a_resumed_finetune_draws_the_dropout_masks_of_the_uninterrupted_run(tmp_path, monkeypatch):
+    """With dropout on (attention_dropout 0.3 in a copy of organism-base), a run killed after step 2 and resumed
+    from checkpoint-2 ends with the uninterrupted run's weights, bit for bit. On a GPU the masks come from the GPU's
+    generator, which a resume re-seeded until 2026-12-05 (only the CPU's was saved): the resumed steps drew the
+    masks of steps 1-2 again, and trained other weights with exit 0."""
+    import json
+    import shutil
+
+    import probe.train as train_mod
+    from analyses.finetune import main
+    from probe.errors import cli_main
+    from probe.heads import default_data_for
+    from probe.models import resolve_model
+
+    model = shutil.copytree(resolve_model("organism-base").path, tmp_path / "dropout-base")
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(cfg | {"attention_dropout": 0.3}))
+    args = ["--model", str(model), "--data", f"text={default_data_for('organism-base')}", "--split", "validation",
+            "--steps", "4", "--save-steps", "2", "--batch-size", "4", "--warmup", "1", "--device", DEVICE,
+            "--dtype", "float32", "--quiet", "--out"]
+    real = train_mod.train
+
+    def killed_after_step_2(*a, **kw):
+        def hook(info, state):
+            kw["on_step"](info, state)
+            if info.step == 2:
+                raise KeyboardInterrupt
+        return real(*a, **(kw | {"on_step": hook}))
+
+    assert cli_main(main, args + [str(tmp_path / "whole")]) == 0
+    monkeypatch.setattr(train_mod, "train", killed_after_step_2)
+    assert cli_main(main, args + [str(tmp_path / "resumed")]) == 130
+    monkeypatch.setattr(train_mod, "train", real)
+    assert cli_main(main, args + [str(tmp_path / "resumed")]) == 0
+    got, want = ((tmp_path / d / "checkpoint-4" / "model.safetensors").read_bytes() for d in ("resumed", "whole"))
+    assert got == want
 
 
 # torchrun runs this: analyses.finetune with --fsdp allowed in a launch of one process (refused otherwise: nothing
