@@ -183,6 +183,8 @@ def draw_heads(run_dir: Path) -> list[Path]:
     run_dir = Path(run_dir)
     heads, baseline = read_sweep(run_dir)
     label = str(baseline.get("model", ""))
+    if baseline.get("data"):  # which items the map is of (a sweep before 2026-12-05 did not record it)
+        label += f" on {baseline['data']}" + (f", {baseline['split']} split" if baseline.get("split") else "")
     if baseline.get("approximate"):
         label += " [attribution estimate]"
     shown = [m for m in PANELS if heads[m].notna().any()]  # not accuracy when generation was skipped

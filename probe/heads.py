@@ -366,7 +366,8 @@ def run(args: argparse.Namespace) -> Path:
         claim_out_dir(out, plan.fingerprint())
     items_df = read_parts(out, range(len(chunks)))
     heads = write_outputs(out, items_df, {"n_skipped_open": plan.n_skipped_open, "method": plan.method,
-                                          "model": plan.model_spec, "approximate": plan.method == "attribution"})
+                                          "model": plan.model_spec, "approximate": plan.method == "attribution",
+                                          "data": Path(plan.data_dir).name, "split": plan.settings["split"]})
     if not args.no_figures:  # before "complete": a run that says so has its figures
         from figures.heads import draw_heads
 

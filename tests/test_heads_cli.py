@@ -67,6 +67,23 @@ def base_run(shared_root, data_dir) -> Path:
     return out
 
 
+def test_heatmaps_name_the_model_data_and_split(base_run, data_dir, tmp_path, monkeypatch):
+    """A heatmap said which model it was of, not on which items: baseline.json keeps the data set and split, and
+    every heatmap's title names all three (a redraw of a copy: base_run is read-only)."""
+    from matplotlib.figure import Figure
+
+    from figures.heads import draw_heads
+
+    base = json.loads((base_run / "baseline.json").read_text())
+    assert (base["data"], base["split"]) == (Path(data_dir).name, "validation")
+    titles, save = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (titles.append(self.axes[0].get_title()),
+                                                                  save(self, *a, **k)))
+    draw_heads(shutil.copytree(base_run, tmp_path / "run"))
+    assert len(titles) == 2 * 3  # png and pdf of three maps
+    assert all(f"{base['model']} on {Path(data_dir).name}, validation split (n={N_ITEMS} items)" in t for t in titles)
+
+
 def count_open_rows(data_dir: Path, limit: int) -> int:
     """Open-ended rows met before the limit-th multiple-choice one, walking subjects and numeric ids in order."""
     rows = sorted((f.parent.name, int(r["id"].rsplit("_", 1)[1]), r["question_type"])
