@@ -44,10 +44,24 @@ from probe.results import json_text
 
 COMMAND = "analyses.merge"  # what its output manifests name
 
-# CLI name -> formula registry name
-METHODS = {"average": "average", "weighted": "weighted", "shift": "shift", "salience": "salience",
-           "task_arithmetic": "task_arithmetic", "ties": "ties"}
-NEEDS_BASE = ("shift", "salience", "task_arithmetic", "ties")
+@dataclass(frozen=True)
+class Method:
+    """What a ``--method`` is, as data (``figures.merge`` checks merge_weights.csv against it too)."""
+
+    formula: str  # its name in the analyses.formulas registry
+    needs_base: bool  # the formula reads the base model (Δ to it, or task vectors from it)
+    base_row: bool  # the base is a weighted participant: merge_weights.csv holds its alpha
+    convex: bool  # alphas are weights in [0, 1] summing to 1 (weighted's: unless --no-normalize)
+
+
+# the base of average and weighted merges only supplies vocabulary rows; ties' alphas are trim thresholds of the
+# task vectors, task arithmetic's coefficients (1 − λk for the base)
+METHODS = {"average": Method("average", needs_base=False, base_row=False, convex=True),
+           "weighted": Method("weighted", needs_base=False, base_row=False, convex=True),
+           "shift": Method("shift", needs_base=True, base_row=True, convex=True),
+           "salience": Method("salience", needs_base=True, base_row=True, convex=True),
+           "task_arithmetic": Method("task_arithmetic", needs_base=True, base_row=True, convex=False),
+           "ties": Method("ties", needs_base=True, base_row=False, convex=False)}
 TOKENIZER_FILES = ("tokenizer", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
                    "chat_template", "generation_config.json")
 RAW_CHUNK = 64 << 20  # bytes per bit-exact copy step
@@ -104,7 +118,7 @@ class MergeConfig:
             raise BadInput(f"--method must be one of {', '.join(METHODS)}")
         if not self.models:
             raise BadInput("--models: give at least one model")
-        if self.method in NEEDS_BASE and self.base is None:
+        if METHODS[self.method].needs_base and self.base is None:
             raise BadInput(f"--method {self.method} needs --base")
         if self.method == "salience":
             if len(self.salience) != len(self.models):
@@ -261,7 +275,7 @@ class Merger:
     def merge_linear(self, plan: TensorPlan, views: list[torch.Tensor], sink: Any) -> None:
         coeffs, deltas = self.coefficients(plan, views)
         for j, (nm, c) in enumerate(zip(self.names, coeffs)):
-            if j == 0 and self.has_base and self.cfg.method in ("average", "weighted"):
+            if j == 0 and self.has_base and not METHODS[self.cfg.method].base_row:
                 continue  # the base only supplies vocabulary rows here
             d = deltas[j - 1] if deltas is not None and j > 0 else None
             self.alpha_rows.append((plan.canon, "all", nm, d, c))
@@ -540,7 +554,7 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
                                                            Path(cfg.out).name))
             report = {
                 "method": cfg.method,
-                "equation": FORMULAS[METHODS[cfg.method]].equation,
+                "equation": FORMULAS[METHODS[cfg.method].formula].equation,
                 "base": cfg.base,
                 "models": list(cfg.models),
                 "reference": names[0],

@@ -75,9 +75,9 @@ def check_weights(path: Path, rows: pd.DataFrame, info: dict) -> None:
     if not isinstance(models, list) or not all(isinstance(m, str) for m in [ref, *models]):
         raise BadInput(f"{path.parent / 'merge.json'}: no models and reference (not as python -m analyses.merge "
                        "writes it)")
-    # average, weighted and ties leave the base out (it only supplies vocabulary rows, or is the task vectors' origin)
-    want = sorted(models if method in ("average", "weighted", "ties") or ref is None else [ref, *models])
-    convex = method in ("average", "shift", "salience") or (method == "weighted" and normalize is not False)
+    m = METHODS[method]
+    want = sorted([ref, *models] if m.base_row and ref is not None else models)
+    convex = m.convex and normalize is not False  # merge.json's normalize is false only for --no-normalize
 
     def refuse(bad: pd.Series, why: str) -> None:
         if bad.any():
