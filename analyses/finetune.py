@@ -443,7 +443,18 @@ def read_state(path: Path, map_location: Any = None) -> dict:
     want = ("optimizer", "generator", "torch_rng", "step")
     if not isinstance(state, dict) or any(k not in state for k in want):
         raise BadInput(f"{path} is not a trainer state (it needs {', '.join(want)}); {fix}")
-    return state
+    return interned_keys(state)
+
+
+def interned_keys(obj: Any) -> Any:
+    """``obj`` with every dict's string keys interned, as a fresh run's optimiser has them: pickle memoises by
+    identity, so a resumed run's unpickled "step" keys wrote its later trainer states in other bytes than the
+    uninterrupted run's (the same values; the state's own "step" key pickled apart). Tensors are kept as they are."""
+    if isinstance(obj, dict):
+        return {sys.intern(k) if isinstance(k, str) else k: interned_keys(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [interned_keys(v) for v in obj]
+    return obj
 
 
 def check_numbers(cfg: FinetuneConfig) -> None:

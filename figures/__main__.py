@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 from probe.errors import ArgParser, BadInput, check_out_path, cli_main
-from probe.results import note_outputs
+from probe.results import note_outputs, remove_stale_temps
 
 # kind → what it reads and writes (for --help)
 READS: dict[str, str] = {
@@ -53,6 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     module, func = KINDS[args.kind]
     written = getattr(importlib.import_module(module), func)(args.dir if args.kind == "steps" else args.dir[0])
     note_outputs(args.dir[0], written)  # an analyses output's --overwrite may replace what was drawn into it
+    for d in sorted({args.dir[0], *(p.parent for p in written)}):  # a killed redraw's temp files (figures of a
+        remove_stale_temps(d)  # sweep's own run are cleared by its rerun; a redraw's were left for good)
     for path in written:
         print(path)
     return 0

@@ -599,3 +599,23 @@ def test_heads_without_generation_draws_and_leaves_no_stale_accuracy_map(tmp_pat
     assert figures_cli("heads", d) == 0
     assert sorted(drawn) == ["heatmap_kl", "heatmap_prob_accuracy"]
     assert not list(d.glob("heatmap_accuracy.*"))
+
+
+def test_a_killed_redraws_temp_files_go_with_the_next_redraw(tmp_path):
+    """A redraw killed mid-save left its '.heatmap_kl.png.PID-HOST.xxx.tmp' in the result dir for good (a rerun
+    of the redraw drew every figure and exited 0 beside it); a live writer's is kept."""
+    import subprocess
+
+    from test_figures_page import write_heads
+
+    from probe.results import writer_tag
+
+    d = write_heads(tmp_path / "h", 3, 4)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead = d / f".heatmap_kl.png.{gone.pid}-{writer_tag().split('-')[1]}.k1ll3d.tmp"
+    live = d / f".heatmap_kl.pdf.{writer_tag()}.l1ve.tmp"
+    dead.write_bytes(b"half a png")
+    live.write_bytes(b"")
+    assert figures_cli("heads", d) == 0
+    assert not dead.exists() and live.exists() and (d / "heatmap_kl.png").is_file()

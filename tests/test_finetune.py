@@ -123,6 +123,10 @@ def test_deterministic_and_resumable_after_a_kill(ft_run, tiny_dirs, data_dir, t
     assert _log(out) == _log(ft_run)
     assert (out / "checkpoint-6" / "model.safetensors").read_bytes() == \
         (ft_run / "checkpoint-6" / "model.safetensors").read_bytes()
+    # the trainer state too, byte for byte: the resumed optimiser's keys are unpickled strings, not the interned
+    # ones of a fresh run, and pickle's memo (by identity) wrote the state's own "step" key apart (12 bytes more)
+    assert (out / "checkpoint-6" / "trainer_state.pt").read_bytes() == \
+        (ft_run / "checkpoint-6" / "trainer_state.pt").read_bytes()
 
 
 @pytest.mark.parametrize("how", [["--micro-batch", "1"], ["--gradient-checkpointing"],
