@@ -374,14 +374,15 @@ def run_stage(ctx: Context, stage: Stage, fp: str) -> str:
         print(f"== {stage.name}: its output {gone_text(gone)} is gone: running it again", file=sys.stderr)
         state = {}  # from nothing: what is left of it is not known to be whole
     sdir = ctx.out / stage.name
-    resumed = state.get("fingerprint") == fp
+    # the report is drawn afresh every time from the stages' results: it never continues from a kill
+    resumed = state.get("fingerprint") == fp and stage.name != "report"
     now = {k: v for k, v in versions().items() if k in SOFTWARE}
     if resumed and (moved := software_differences(state.get("versions"), now)):
         # its commands would refuse to mix two setups' parts (and ask for an --overwrite this driver has not got)
         then = ", ".join(f"{k} {state['versions'].get(k)} (now {now[k]})" for k in moved)
         print(f"== {stage.name}: its parts were computed under {then}: starting it again", file=sys.stderr)
         resumed = False
-    if sdir.exists() and not resumed and stage.name != "report":
+    if sdir.exists() and not resumed and stage.name != "report":  # the report dir holds no parts to drop
         shutil.rmtree(sdir)  # inputs or software changed (or no record): its outputs no longer belong to this run
     print(f"== {stage.name}: {'continuing' if resumed else 'running'}", file=sys.stderr)
     t0, c0 = time.perf_counter(), time.process_time()

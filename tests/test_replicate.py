@@ -269,6 +269,8 @@ def test_rerun_skips_unchanged_stages_and_continues_a_killed_one(quick: Path, ca
     assert {p.name: p.read_bytes() for p in (out / "table4" / "parts").iterdir()} == parts  # nothing redone
     assert (out / "table4" / "scores.csv").read_bytes() == scores
     assert json.loads((out / "stages" / "table4.json").read_text())["status"] == "complete"
+    report = json.loads((out / "stages" / "report.json").read_text())  # rebuilt, never continued (it said resumed)
+    assert (report["status"], report["resumed"]) == ("complete", False) and "== report: running" in err
     # everything complete with unchanged inputs: nothing runs again
     assert replicate_in_root("--quick", "--quiet", "--only", *STAGE_NAMES[:-1], "--out", str(out)) == 0
     err = capsys.readouterr().err
