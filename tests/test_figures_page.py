@@ -325,3 +325,27 @@ def test_a_clipped_salience_scale_keeps_its_colour_bar_label_on_the_page(tmp_pat
         assert box.y0 >= page.y0 - 1 and box.y1 <= page.y1 + 1 and box.x1 <= page.x1 + 1, box
         assert box.height <= bar.get_window_extent(renderer).height * 1.05  # along its bar, not past it
     plt.close(fig)
+
+
+def test_a_narrow_heatmap_keeps_its_title_on_the_page(tmp_path, monkeypatch):
+    """A real LM of few heads a layer (SmolLM2-135M: 30 × 9) gets a 4.5 in wide heatmap, and its title's second line
+    (model path, data set, split, engine, item count) ran past both edges: "d0/checkpoint-6 on text, … (n=16 ite"."""
+    import matplotlib.pyplot as plt
+
+    import figures.heads as fh
+
+    d = write_heads(tmp_path / "h", 30, 9)
+    baseline = json.loads((d / "baseline.json").read_text())
+    baseline.update(model="/tmp/sf/ft/seed0/checkpoint-6", data="text", split="validation", method="attribution",
+                    approximate=True)
+    (d / "baseline.json").write_text(json.dumps(baseline))
+    figs = []
+    monkeypatch.setattr(fh, "save_figure", lambda fig, path: figs.append(fig))
+    monkeypatch.setattr(plt, "close", lambda fig=None: None)
+    fh.draw_heads(d)
+    assert figs
+    for fig in figs:
+        fig.canvas.draw()
+        box = fig.axes[0].title.get_window_extent(fig.canvas.get_renderer())
+        assert box.x0 >= fig.bbox.x0 - 1 and box.x1 <= fig.bbox.x1 + 1 and box.y1 <= fig.bbox.y1 + 1, box
+    plt.close("all")
