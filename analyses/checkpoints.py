@@ -181,6 +181,9 @@ def resolve_model_dir(spec: str) -> Path:
     from probe.models import model_path
 
     path = model_path(spec)
+    if path.is_file() and path.suffix == ".gguf":  # e.g. the smollm2-135m alias: once "not a directory", as if unknown
+        raise BadInput(f"{spec}: a GGUF file ({path.name}) holds quantized weights (codes and scales, not values to "
+                       "compare or merge); dequantize it to a Hugging Face model directory (safetensors) first")
     if not path.is_dir():
         raise BadInput(f"{spec}: not a directory")
     return path

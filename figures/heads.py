@@ -1,6 +1,7 @@
 """Layer × head heatmaps of a head sweep, drawn only from DIR/heads.csv and DIR/baseline.json."""
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -121,7 +122,11 @@ def draw_metric(heads: pd.DataFrame, baseline: dict, metric: str, out_stem: Path
                             color="white" if dark else "black")
     base_txt = "" if metric == "kl" else f" — baseline {100 * baseline.get(metric, float('nan')):.1f} %"
     n = baseline.get("n_items", "?")
-    ax.set_title(f"{title}{base_txt}\n{label} (n={n} items)".strip(), fontsize=9)
+    # lines wrapped to the figure (about 14 characters an inch at 9 pt): a narrow grid (SmolLM2's 9 heads, 4.5 in)
+    # cut a long model path and data set off at both edges
+    chars = int(14 * fig.get_figwidth())
+    lines = f"{title}{base_txt}\n{label} (n={n} items)".strip().split("\n")
+    ax.set_title("\n".join(textwrap.fill(line, chars) for line in lines), fontsize=9)
     fig.tight_layout()
     for ext in ("png", "pdf"):
         save_figure(fig, out_stem.with_suffix(f".{ext}"))

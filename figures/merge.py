@@ -4,6 +4,7 @@ slices received, beside the salience heatmap of its probe.heads run (when that r
 from __future__ import annotations
 
 import re
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -191,8 +192,9 @@ def _draw_page(names: list[str], titles: list[str], sals: list[np.ndarray | None
             ax2.set_ylabel("layer", fontsize=8)
             cb2 = fig.colorbar(im2, ax=ax2, fraction=0.046, extend="max" if clipped else "neither")
             cb2.ax.tick_params(labelsize=7)
-            cb2.set_label(("KL [nats]" + (clip_note(s, 0.0, top, "{:.3g}") if clipped else "")) if metric == "kl"
-                          else metric.replace("_", " "), fontsize=7)
+            # the clip note in short lines: in one it ran along the bar past the panel (and off the page's foot)
+            note = "\n" + "\n".join(textwrap.wrap(clip_note(s, 0.0, top, "{:.3g}").strip(), 26)) if clipped else ""
+            cb2.set_label("KL [nats]" + note if metric == "kl" else metric.replace("_", " "), fontsize=7)
         for a in (ax, ax2):
             a.tick_params(labelsize=7)
             heatmap_ticks(a, list(range(grids[name].shape[0])), list(range(grids[name].shape[1])))

@@ -10,7 +10,7 @@ import pandas as pd
 
 from figures import (drop_stale_pages, name_colours, page_caption, page_panels, page_split, page_stem, save_png_pdf,
                      spaced_ticklabels)
-from figures.eval import read_scores
+from figures.eval import drawn_interval, read_scores
 from probe.errors import BadInput
 from probe.results import distinct_names
 
@@ -81,7 +81,9 @@ def _draw_page(titles: list[str], tables: list[pd.DataFrame], colour: dict, lege
         for data, g in t.groupby("data", sort=False):
             c = colour[data]
             ax.plot(g["step"], 100 * g[metric], marker="o", ms=3, color=c, label=data)
-            ax.fill_between(g["step"], 100 * g[f"{metric}_lo"], 100 * g[f"{metric}_hi"], color=c, alpha=0.2, lw=0)
+            band = [drawn_interval(*x) for x in zip(g[metric], g[f"{metric}_lo"], g[f"{metric}_hi"], g["n_items"])]
+            ax.fill_between(g["step"], [100 * lo for lo, _ in band], [100 * hi for _, hi in band], color=c, alpha=0.2,
+                            lw=0)
         ax.set_xscale("symlog", linthresh=10)
         steps = sorted(set(t["step"]))
         shown = steps if len(steps) <= 8 else steps[::-(-len(steps) // 8)]  # the saved steps, never log-scale ticks

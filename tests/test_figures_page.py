@@ -292,3 +292,60 @@ def test_a_figure_saved_twice_as_pdf_is_the_same_bytes(tmp_path):
     b = save_figure(fig, tmp_path / "b.pdf")
     plt.close(fig)
     assert a.read_bytes() == b.read_bytes() and a.stat().st_size > 0
+
+
+def test_a_clipped_salience_scale_keeps_its_colour_bar_label_on_the_page(tmp_path):
+    """SmolLM2-135M's 30 × 9 heads clip the salience scale (a grid over 100 heads); the note on the colour bar ran
+    in one line along it, longer than the panel is high, and past the page's bottom edge in the last row."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from figures.merge import _draw_page, _salience_grid
+
+    d = write_merge(tmp_path / "m", 3, layers=30, heads=9)
+    sals = []
+    for e in sorted((tmp_path / "sal").iterdir()):
+        h = pd.read_csv(e / "heads.csv")
+        h.loc[:2, "kl"] = 50.0  # three sink heads: the scale stops at the 99th percentile, with its note
+        h.to_csv(e / "heads.csv", index=False)
+        sals.append(_salience_grid(e, "kl", (30, 9)))
+    names = json.loads((d / "merge.json").read_text())
+    names = [names["base"], *names["models"]]
+    grids = {n: np.full((30, 9), 1 / 3) for n in names}
+    fig = _draw_page(names, names, [None, *sals], [True, False, False], grids, "kl")
+    fig.suptitle("Weight of each participant's query-head slices (salience merge)", fontsize=10)  # as draw_merge
+    fig.tight_layout()
+    fig.canvas.draw()  # as saved
+    renderer = fig.canvas.get_renderer()
+    page = fig.bbox
+    bars = [a for a in fig.axes if "clipped" in a.yaxis.label.get_text()]
+    assert len(bars) == 2
+    for bar in bars:
+        box = bar.yaxis.label.get_window_extent(renderer)
+        assert box.y0 >= page.y0 - 1 and box.y1 <= page.y1 + 1 and box.x1 <= page.x1 + 1, box
+        assert box.height <= bar.get_window_extent(renderer).height * 1.05  # along its bar, not past it
+    plt.close(fig)
+
+
+def test_a_narrow_heatmap_keeps_its_title_on_the_page(tmp_path, monkeypatch):
+    """A real LM of few heads a layer (SmolLM2-135M: 30 × 9) gets a 4.5 in wide heatmap, and its title's second line
+    (model path, data set, split, engine, item count) ran past both edges: "d0/checkpoint-6 on text, … (n=16 ite"."""
+    import matplotlib.pyplot as plt
+
+    import figures.heads as fh
+
+    d = write_heads(tmp_path / "h", 30, 9)
+    baseline = json.loads((d / "baseline.json").read_text())
+    baseline.update(model="/tmp/sf/ft/seed0/checkpoint-6", data="text", split="validation", method="attribution",
+                    approximate=True)
+    (d / "baseline.json").write_text(json.dumps(baseline))
+    figs = []
+    monkeypatch.setattr(fh, "save_figure", lambda fig, path: figs.append(fig))
+    monkeypatch.setattr(plt, "close", lambda fig=None: None)
+    fh.draw_heads(d)
+    assert figs
+    for fig in figs:
+        fig.canvas.draw()
+        box = fig.axes[0].title.get_window_extent(fig.canvas.get_renderer())
+        assert box.x0 >= fig.bbox.x0 - 1 and box.x1 <= fig.bbox.x1 + 1 and box.y1 <= fig.bbox.y1 + 1, box
+    plt.close("all")

@@ -377,7 +377,7 @@ def test_merge_salience_scale_is_not_one_outlier_heads(tmp_path, drawn):
     assert im.norm.vmax == pytest.approx(kl_limit(grid)[0]) and im.norm.vmax < grid.max() / 10
     assert im.colorbar.extend == "max"
     past = int((grid > im.norm.vmax).sum())
-    assert f"{past} past it, up to {grid.max():.3g}" in im.colorbar.ax.get_ylabel()
+    assert f"{past} past it, up to {grid.max():.3g}" in " ".join(im.colorbar.ax.get_ylabel().split())  # wrapped
 
 
 def test_accuracy_heatmap_scale_is_not_one_collapsing_head(tmp_path, drawn):
@@ -619,3 +619,29 @@ def test_a_killed_redraws_temp_files_go_with_the_next_redraw(tmp_path):
     live.write_bytes(b"")
     assert figures_cli("heads", d) == 0
     assert not dead.exists() and live.exists() and (d / "heatmap_kl.png").is_file()
+
+
+def test_a_score_of_0_or_100_is_drawn_with_its_exact_interval(tmp_path, drawn):
+    """A fine-tuned SmolLM2-135M checkpoint that answered B everywhere scored 0 of 16: its bootstrap interval has zero
+    width, and eval.png and steps.png drew a certain 0 % where table.md marks † and scores.csv's note gives the exact
+    Clopper-Pearson [0.0, 20.6]. The figures now draw that interval."""
+    from test_figures_page import SCORE_COLUMNS
+
+    from probe.stats import all_alike_interval
+
+    rows = [["ft/checkpoint-0", "text", "all", 16, 0.4375, 0.1875, 0.6875, 0.4375, 0.1875, 0.6875, ""],
+            ["ft/checkpoint-4", "text", "all", 16, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, "all wrong"],
+            ["ft/checkpoint-8", "text", "all", 16, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, "all right"]]
+    d = tmp_path / "ft-eval"
+    d.mkdir()
+    pd.DataFrame(rows, columns=SCORE_COLUMNS).to_csv(d / "scores.csv", index=False)
+    zero, full = all_alike_interval(16, False), all_alike_interval(16, True)
+    assert figures_cli("eval", d) == 0
+    ax = drawn["eval"].axes[0]
+    spans = sorted(x for c in ax.collections for seg in c.get_segments() for x in sorted(seg[:, 0]))
+    assert spans == pytest.approx(sorted([0.0, 100 * zero[1], 18.75, 68.75, 100 * full[0], 100.0]))
+    assert figures_cli("steps", d) == 0
+    [band] = [c for c in drawn["steps"].axes[0].collections if len(c.get_paths())]
+    v = band.get_paths()[0].vertices
+    assert v[v[:, 0] == 4, 1].max() == pytest.approx(100 * zero[1])
+    assert v[v[:, 0] == 8, 1].min() == pytest.approx(100 * full[0])

@@ -646,3 +646,24 @@ def test_the_summary_says_why_a_run_has_no_accuracy(tmp_path, capsys):
                                                             "n_skipped_open": 0, "method": method}))
         _print_summary(tmp_path, pd.DataFrame())
         assert capsys.readouterr().out.startswith(f"baseline: accuracy n/a ({why})  prob_accuracy 0.500")
+
+
+def test_the_summary_breaks_ties_in_the_drop_by_kl(tmp_path, capsys):
+    """On a real LM with 16 items most heads share a drop (0 or ±1/16), and the three heads printed were whichever the
+    unstable sort put first (SmolLM2: L0.H0, L0.H1, L0.H2 at KL 0.003 while others moved KL ten times as much)."""
+    import json
+
+    import pandas as pd
+
+    from probe.heads import _print_summary
+
+    (tmp_path / "baseline.json").write_text(json.dumps({"accuracy": 0.5, "prob_accuracy": 0.5, "n_items": 16,
+                                                        "n_skipped_open": 0, "method": "exact"}))
+    kl = [0.001, 0.002, 0.003, 0.05, 0.004, 0.08, 0.005, 0.03, 0.006, 0.007, 0.002, 0.001]
+    drop = [0.0] * 12
+    drop[9] = 0.0625  # the one head whose drop is largest comes first, whatever its KL
+    heads = pd.DataFrame({"layer": [i // 6 for i in range(12)], "head": [i % 6 for i in range(12)], "kl": kl,
+                          "prob_accuracy": [0.5 - d for d in drop], "prob_accuracy_drop": drop})
+    _print_summary(tmp_path, heads)
+    lines = capsys.readouterr().out.splitlines()[1:4]
+    assert [ln.split(":")[0].strip() for ln in lines] == ["L1.H3", "L0.H5", "L0.H3"]
