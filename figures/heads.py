@@ -112,7 +112,8 @@ def draw_metric(heads: pd.DataFrame, baseline: dict, metric: str, out_stem: Path
     ax.set_ylabel("layer", fontsize=8)
     cbar.ax.tick_params(labelsize=7)
     if n_l * n_h <= 100:  # small grids: print the values in the cells
-        fmt = "{:.3f}" if metric == "kl" else "{:.0f}"
+        # one decimal where it fits: whole percents showed 44.5 as "44" and 12.5 (of 16 items) as "12"
+        fmt = "{:.3f}" if metric == "kl" else "{:.1f}" if cell >= 0.45 else "{:.0f}"
         for i in range(n_l):
             for j in range(n_h):
                 if np.isfinite(grid[i, j]):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -76,12 +77,16 @@ def test_heatmaps_name_the_model_data_and_split(base_run, data_dir, tmp_path, mo
 
     base = json.loads((base_run / "baseline.json").read_text())
     assert (base["data"], base["split"]) == (Path(data_dir).name, "validation")
-    titles, save = [], Figure.savefig
-    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (titles.append(self.axes[0].get_title()),
-                                                                  save(self, *a, **k)))
+    figs, save = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (figs.append(self), save(self, *a, **k)))
     draw_heads(shutil.copytree(base_run, tmp_path / "run"))
+    titles = [f.axes[0].get_title() for f in figs]
     assert len(titles) == 2 * 3  # png and pdf of three maps
     assert all(f"{base['model']} on {Path(data_dir).name}, validation split (n={N_ITEMS} items)" in t for t in titles)
+    # the cells' percentages to a tenth (whole ones showed 12.5 % as "12"), KL to a thousandth
+    cells = {t.split("\n")[0]: [x.get_text() for x in f.axes[0].texts] for f, t in zip(figs, titles)}
+    assert all(re.fullmatch(r"\d+\.\d" if "KL" not in t else r"\d\.\d{3}", x) for t, xs in cells.items() for x in xs)
+    assert sum(map(len, cells.values())) == 3 * len(LAYERS) * len(HEADS)
 
 
 def count_open_rows(data_dir: Path, limit: int) -> int:
