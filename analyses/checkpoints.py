@@ -389,7 +389,10 @@ def check_inputs_and_out(out: Path, inputs: Sequence[Checkpoint], others: Sequen
     for ck in inputs:
         p = Path(ck.path).resolve()
         if p in seen:
-            raise BadInput(f"{ck.name} and {seen[p]} are the same checkpoint ({p}); list each model once")
+            # one name twice was said as "X and X are the same checkpoint"
+            what = f"{ck.name} is listed twice" if ck.name == seen[p] else \
+                f"{ck.name} and {seen[p]} are the same checkpoint"
+            raise BadInput(f"{what} ({p}); list each model once")
         seen[p] = ck.name
     if hit := input_in_out(out, [(ck.name, ck.path) for ck in [*inputs, *others]]):
         raise BadInput(f"--out {out} would replace the input {hit[0]} ({hit[1]}); pick another --out")

@@ -228,7 +228,10 @@ def test_a_model_twice_or_out_over_an_input(zoo, tmp_path, capsys):
     for main, argv in ((merge.main, ["--models", zoo["vl"], zoo["vl"], "--method", "average"]),
                        (shift.main, ["--base", zoo["base"], "--models", zoo["vl"], zoo["vl"], "--no-figures"])):
         code, err = run_cli(main, [*argv, "--out", out], capsys)
-        assert_bad(code, err, out, "are the same checkpoint", "list each model once")
+        assert_bad(code, err, out, f"{zoo['vl']} is listed twice", "list each model once")
+    code, err = run_cli(merge.main, ["--models", zoo["vl"], f"{zoo['vl']}/", "--method", "average", "--out", out],
+                        capsys)  # one checkpoint under two names: both named
+    assert_bad(code, err, out, f"{zoo['vl']}/ and {zoo['vl']} are the same checkpoint", "list each model once")
     victim = corrupt_copy(zoo["vl"], tmp_path / "victim")
     before = sorted((f.name, f.read_bytes()) for f in victim.iterdir())
     for main, argv in ((merge.main, ["--base", zoo["base"], "--models", victim, zoo["q1"], "--method", "average"]),
