@@ -76,9 +76,9 @@ def check_weights(path: Path, rows: pd.DataFrame, info: dict) -> None:
     if not isinstance(models, list) or not all(isinstance(m, str) for m in [ref, *models]):
         raise BadInput(f"{path.parent / 'merge.json'}: no models and reference (not as python -m analyses.merge "
                        "writes it)")
-    m = METHODS[method]
-    want = sorted([ref, *models] if m.base_row and ref is not None else models)
-    convex = m.convex and normalize is not False  # merge.json's normalize is false only for --no-normalize
+    kind = METHODS[method]
+    want = sorted([ref, *models] if kind.base_row and ref is not None else models)
+    convex = kind.convex and normalize is not False  # merge.json's normalize is false only for --no-normalize
 
     def refuse(bad: pd.Series, why: str) -> None:
         if bad.any():
