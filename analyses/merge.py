@@ -338,9 +338,8 @@ class Merger:
                 s.end_pass()
             count_pass()
             trims = [s.trim() for s in searches]
-        for nm, tr in zip(self.names[1:], trims):
-            self.alpha_rows.append((plan.canon, "all", nm, None, tr.threshold))
-        with torch_threads(self.cfg.threads):
+            for nm, tr in zip(self.names[1:], trims):
+                self.alpha_rows.append((plan.canon, "all", nm, None, tr.threshold))
             for lo, hi in chunks(plan.common, MERGE_CHUNK):
                 b = base[lo:hi].float()
                 merged = ties_combine(b, [v[lo:hi].float() - b for v in experts], trims, self.cfg.lam)
