@@ -505,12 +505,10 @@ def _steps(loaded, rows: list[dict], cfg: TrainConfig, log: Callable[[str], None
         """What a resume takes. Under FSDP a collective (every rank calls it; rank 0 gets the whole optimiser
         state and, under "model", the whole model's weights for the checkpoint: without its frozen parameters
         unless ``frozen``)."""
-        if not sharded:
-            return {"optimizer": opt.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                    "accelerator_rng": accelerator_rng(model), "step": step + 1}
-        return {"optimizer": fsdp.full_optimizer_state(opt, rank), "generator": gen.get_state(),
-                "torch_rng": torch.get_rng_state(), "accelerator_rng": accelerator_rng(model), "step": step + 1,
-                "model": fsdp.full_model_state(model, frozen)}
+        optimizer = fsdp.full_optimizer_state(opt, rank) if sharded else opt.state_dict()
+        state = {"optimizer": optimizer, "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                 "accelerator_rng": accelerator_rng(model), "step": step + 1}
+        return (state | {"model": fsdp.full_model_state(model, frozen)}) if sharded else state
 
     for step in range(first, cfg.steps):
         factor = lr_factor(step, cfg)
