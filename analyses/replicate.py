@@ -246,6 +246,8 @@ class Stage:
     inputs: Callable[[Context], Any]  # what besides upstream stages decides its outputs
     # what a complete stage has left in DIR (files or output dirs whose manifests list the rest): gone, it reruns
     outputs: Callable[[ReplicateConfig, Path], list[Path]] = lambda c, o: []
+    # drawn afresh every run from the other stages' results (the report): never skipped, continued or cleared
+    fresh: bool = False
 
 
 def _models(ctx: Context) -> dict[str, Any]:
@@ -317,7 +319,7 @@ STAGES: list[Stage] = [
     Stage("trajectory", ("merge", "finetune"), stage_trajectory, lambda c: c.section("trajectory"),
           lambda c, o: [o / "trajectory" / f for f in ("fig4a", "fig4b")]),
     Stage("report", tuple(s for s in ("table3", "heads", "shift", "merge", "table4", "table5", "steps",
-                                      "trajectory")), stage_report, lambda c: "always"),
+                                      "trajectory")), stage_report, lambda c: "always", fresh=True),
 ]
 BY_NAME = {s.name: s for s in STAGES}
 
@@ -367,22 +369,21 @@ def write_state(out: Path, name: str, state: dict[str, Any]) -> None:
 
 def run_stage(ctx: Context, stage: Stage, fp: str) -> str:
     state = read_state(ctx.out, stage.name)
-    if stage.name != "report" and state.get("fingerprint") == fp and state.get("status") == "complete":
+    if not stage.fresh and state.get("fingerprint") == fp and state.get("status") == "complete":
         if not (gone := missing_outputs(stage.name, ctx.cfg, ctx.out)):
             print(f"== {stage.name}: unchanged, skipped ({state.get('seconds', 0):.0f} s when run)", file=sys.stderr)
             return "skipped"
         print(f"== {stage.name}: its output {gone_text(gone)} is gone: running it again", file=sys.stderr)
         state = {}  # from nothing: what is left of it is not known to be whole
     sdir = ctx.out / stage.name
-    # the report is drawn afresh every time from the stages' results: it never continues from a kill
-    resumed = state.get("fingerprint") == fp and stage.name != "report"
+    resumed = state.get("fingerprint") == fp and not stage.fresh
     now = {k: v for k, v in versions().items() if k in SOFTWARE}
     if resumed and (moved := software_differences(state.get("versions"), now)):
         # its commands would refuse to mix two setups' parts (and ask for an --overwrite this driver has not got)
         then = ", ".join(f"{k} {state['versions'].get(k)} (now {now[k]})" for k in moved)
         print(f"== {stage.name}: its parts were computed under {then}: starting it again", file=sys.stderr)
         resumed = False
-    if sdir.exists() and not resumed and stage.name != "report":  # the report dir holds no parts to drop
+    if sdir.exists() and not resumed and not stage.fresh:  # a fresh stage's dir holds no parts to drop
         shutil.rmtree(sdir)  # inputs or software changed (or no record): its outputs no longer belong to this run
     print(f"== {stage.name}: {'continuing' if resumed else 'running'}", file=sys.stderr)
     t0, c0 = time.perf_counter(), time.process_time()
