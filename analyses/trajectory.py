@@ -170,12 +170,13 @@ def run_trajectory(cfg: TrajectoryConfig) -> dict[str, Any]:
         tensors, norms, sketch, vocab = stream_features(ref, ckpts, [p.name for p in points],
                                                         CountSketch(cfg.sketch_dim, cfg.seed), cfg.ref or cfg.base)
     coords: list[list[Any]] = []
-    perplexity_used, explained, coincide = None, {}, []
+    perplexity_used, explained, coincide, maps = None, {}, [], {}
     for feature, x in (("norms", norms), ("sketch", sketch)):
         emb, used, explained[feature] = embed_2d(x, cfg.perplexity, cfg.seed)
         perplexity_used = used if used is not None else perplexity_used
         if used is None and len(points) >= 3:
             coincide.append(feature)
+        maps[feature] = list(emb)
         for method, xy in emb.items():
             for p, (a, b) in zip(points, xy):
                 coords.append([p.name, p.kind, p.run, "" if p.step is None else p.step, feature, method, float(a), float(b)])
@@ -190,6 +191,7 @@ def run_trajectory(cfg: TrajectoryConfig) -> dict[str, Any]:
         "tsne": ("skipped: fewer than 3 points" if len(points) < 3 else
                  f"skipped for {', '.join(coincide)}: every point is the same point" if coincide else
                  "sklearn TSNE (exact up to 500 points)"),
+        "maps": maps,  # per feature, the methods mapped (coords.csv holds n_points rows of each)
         "pca_explained_variance": explained,  # per feature, the share of PC1 and PC2
     }
     with atomic_dir(cfg.out, cfg.overwrite, COMMAND, trajectory_request(cfg, points)) as tmp:

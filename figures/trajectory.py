@@ -86,15 +86,22 @@ def check_maps(path: Path, df: pd.DataFrame, info: dict[str, Any]) -> None:
     n = info.get("n_points")
     if n is None:  # an output from before run.json
         return
-    tsne = str(info.get("tsne", ""))
-    for feature in ("norms", "sketch"):
-        # t-SNE is skipped for fewer than 3 points, and for a feature whose points all coincide
-        skipped = tsne.startswith("skipped") and ("fewer than" in tsne or feature in tsne)
-        for method in ("pca",) if skipped else ("pca", "tsne"):
-            got = int(((df["feature"] == feature) & (df["method"] == method)).sum())
-            if got != n:
-                raise BadInput(f"{path}: {got} points on the {method} map of {feature}, where run.json records "
-                               f"{n} (a cut or edited file?)")
+    maps = info.get("maps")
+    if maps is None:  # run.json from before it listed its maps: PCA always, t-SNE whole or not at all
+        maps = {f: ["pca"] + (["tsne"] if ((df["feature"] == f) & (df["method"] == "tsne")).any() else [])
+                for f in ("norms", "sketch")}
+    if not (isinstance(maps, dict) and all(isinstance(m, list) and set(m) <= {"pca", "tsne"} for m in maps.values())):
+        raise BadInput(f"{path.parent / 'run.json'}: maps is not as python -m analyses.trajectory writes it")
+    drawn = set(zip(df["feature"], df["method"]))
+    listed = {(f, m) for f, ms in maps.items() for m in ms}
+    if drawn - listed:
+        feature, method = min(drawn - listed)
+        raise BadInput(f"{path}: a {method} map of {feature}, which run.json does not record (an edited file?)")
+    for feature, method in sorted(listed):
+        got = int(((df["feature"] == feature) & (df["method"] == method)).sum())
+        if got != n:
+            raise BadInput(f"{path}: {got} points on the {method} map of {feature}, where run.json records "
+                           f"{n} (a cut or edited file?)")
 
 
 def draw_trajectory(result_dir: Path) -> list[Path]:

@@ -49,6 +49,7 @@ def test_trajectory_outputs_and_features(models, tmp_path):
     assert run["n_points"] == 6 and run["perplexity_requested"] == 30 and run["perplexity_used"] == 5  # clamped
     rows = list(csv.DictReader(open(out / "coords.csv")))
     assert {(r["feature"], r["method"]) for r in rows} == {(f, m) for f in ("norms", "sketch") for m in ("pca", "tsne")}
+    assert run["maps"] == {"norms": ["pca", "tsne"], "sketch": ["pca", "tsne"]}
     steps = [int(r["step"]) for r in csv.DictReader(open(out / "points.csv")) if r["kind"] == "run"]
     assert steps == [10, 20, 30]
     for f in ("trajectory_norms", "trajectory_sketch"):
@@ -167,6 +168,7 @@ def test_points_that_all_coincide_get_pca_and_no_tsne(models, tmp_path, capsys):
     rows = list(csv.DictReader(open(out / "coords.csv")))
     assert {r["method"] for r in rows} == {"pca"} and len(rows) == 2 * 3
     assert all(float(r["x"]) == 0 == float(r["y"]) for r in rows)
+    assert run["maps"] == {"norms": ["pca"], "sketch": ["pca"]}  # what a redraw checks coords.csv against
 
 
 def test_vocabulary_rule_is_recorded_and_errors_name_the_base(models, tmp_path, capsys):

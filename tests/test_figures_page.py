@@ -111,7 +111,8 @@ def write_trajectory(d: Path, runs: list[str], methods: tuple[str, ...] = ("pca"
     pd.DataFrame(rows, columns=["name", "kind", "run", "step", "feature", "method", "x", "y"]).to_csv(
         d / "coords.csv", index=False)
     (d / "run.json").write_text(json.dumps({"ref": "runs/shift", "perplexity_used": 5, "n_points": 5 + 5 * len(runs),
-                                            "pca_explained_variance": {"norms": [0.8, 0.1], "sketch": [0.6, 0.3]}}))
+                                            "pca_explained_variance": {"norms": [0.8, 0.1], "sketch": [0.6, 0.3]},
+                                            "maps": {"norms": ["pca", "tsne"], "sketch": ["pca", "tsne"]}}))
     return d
 
 

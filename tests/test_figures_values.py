@@ -210,6 +210,22 @@ def test_trajectory_redraw_refuses_damaged_coords(case, tmp_path, capsys):
     assert snapshot(tmp_path) == before
 
 
+def test_trajectory_redraws_an_output_from_before_run_json_listed_its_maps(tmp_path, capsys):
+    """run.json without ``maps`` (written before it had them): PCA must be whole, t-SNE whole or absent (skipped
+    then), read from coords.csv alone, never from the words of the t-SNE note."""
+    from test_figures_page import write_trajectory
+
+    d = write_trajectory(tmp_path, ["r0"])
+    info = json.loads((d / "run.json").read_text())
+    del info["maps"]
+    (d / "run.json").write_text(json.dumps({**info, "tsne": "some other wording"}))
+    c = pd.read_csv(d / "coords.csv", keep_default_na=False)
+    c[c["method"] == "pca"].to_csv(d / "coords.csv", index=False)
+    assert figures_cli("trajectory", d) == 0
+    c[(c["method"] == "pca") & (c.index % 7 != 3)].to_csv(d / "coords.csv", index=False)  # a point lost
+    assert "where run.json records 10" in one_error_line(figures_cli("trajectory", d), capsys.readouterr().err)
+
+
 def test_trajectory_draws_coords_and_runs_in_step_order_apart_from_merged(tmp_path, drawn):
     """Points and arrows read back from the figure equal coords.csv, each run's line in step order; the second run
     was drawn in C3, the merged models' red (and a ninth run in the experts' blue)."""
@@ -557,6 +573,13 @@ DAMAGE = {
     "shift-cut": ("shift", cut_half, "summary.json records"),
     "trajectory-point-lost": ("trajectory", drop_line(3), "run.json records 15"),
     "trajectory-cut": ("trajectory", cut_half, "where run.json records 15"),
+    # a whole map gone (t-SNE of sketch) or one run.json never recorded: the check read the words of its t-SNE note
+    "trajectory-map-gone": ("trajectory", lambda p: p.write_text("".join(
+        line for line in p.read_text().splitlines(keepends=True) if ",sketch,tsne," not in line)),
+        "0 points on the tsne map of sketch"),
+    "trajectory-map-unrecorded": ("trajectory", lambda p: (p.parent / "run.json").write_text(json.dumps(
+        {**json.loads((p.parent / "run.json").read_text()), "maps": {"norms": ["pca"], "sketch": ["pca", "tsne"]}})),
+        "a tsne map of norms, which run.json does not record"),
     "merge-alpha-nan": ("merge", set_cell(EMBED_BASE, "alpha", "nan"), "alpha must be a finite number"),
     "merge-alpha-inf": ("merge", set_cell(EMBED_BASE, "alpha", "inf"), "alpha must be a finite number"),
     "merge-alpha-empty": ("merge", set_cell(EMBED_BASE, "alpha", ""), "alpha must be a finite number"),
