@@ -33,7 +33,7 @@ from analyses.checkpoints import (Checkpoint, add_output_args, check_inputs_and_
 from analyses.formulas import (FORMULAS, ShiftStats, average_coefficients, shift_coefficients,
                                 task_arithmetic_coefficients, ties_combine, TrimSearch, weighted_coefficients)
 from analyses.salience import METRICS as SALIENCE_METRICS
-from analyses.salience import SalienceWeights, check_run_model, read_salience
+from analyses.salience import SalienceWeights, check_run_model, read_salience, run_fingerprint
 from analyses.shift import CHUNK, read_shift_csv
 from analyses.writer import (SHARD_BYTES, Entry, ShardedWriter, atomic_dir, check_output, check_replaceable,
                              copy_side_files, parse_size, returns_finished, run_request)
@@ -498,9 +498,9 @@ def write_carrier(carrier: Checkpoint, merged: Checkpoint, dest: Path, shard_siz
 def merge_request(cfg: MergeConfig) -> dict:
     """What a merge output is computed from (``run_request``): its options, and the models, carriers, shift table
     and salience runs it reads."""
+    runs = [*cfg.salience, *([cfg.base_salience] if cfg.base_salience else [])]
     return run_request(cfg, [*([cfg.base] if cfg.base else []), *cfg.models, *cfg.carriers],
-                       [*([cfg.shift_dir] if cfg.shift_dir else []), *cfg.salience,
-                        *([cfg.base_salience] if cfg.base_salience else [])])
+                       [cfg.shift_dir] if cfg.shift_dir else [], [(r, run_fingerprint(Path(r))) for r in runs])
 
 
 @returns_finished("merge.json")

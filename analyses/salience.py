@@ -29,6 +29,23 @@ METRICS = tuple(HEAD_METRIC_BOUNDS)  # kl, accuracy_drop, prob_accuracy_drop: he
 HEAD_TENSOR = re.compile(r"layers\.(\d+)\.self_attn\.(?:([qkv])_proj\.(?:weight|bias)|(o)_proj\.weight)$")
 
 
+def run_fingerprint(run_dir: Path) -> str:
+    """What a merge reads of a ``probe.heads`` run: heads.csv's bytes and run.json's plan, measured model and status
+    (``read_salience``, ``check_run_model``); not its timestamps, versions or figures, so the same sweep computed
+    again is the same input to a merge's manifest. A run without them is fingerprinted whole (it is refused later)."""
+    import hashlib
+
+    from probe.results import content_fingerprint
+
+    try:
+        info = json.loads((run_dir / "run.json").read_text())
+        read = {k: info.get(k) for k in ("plan", "model_resolved_path", "status")}
+        table = (run_dir / "heads.csv").read_bytes()
+    except (OSError, ValueError, AttributeError):
+        return content_fingerprint(run_dir)
+    return hashlib.sha256(json.dumps(read, sort_keys=True, default=str).encode() + b"\0" + table).hexdigest()[:16]
+
+
 def check_run_model(run_dir: Path, who: str, participants: dict[str, Path]) -> dict[str, Any]:
     """A salience run must be of the participant it is given for: refuse a run measured on another participant
     (runs swapped, or the base's run given for an expert). Returns what merge.json records of the run (the model

@@ -293,18 +293,20 @@ class Finished(Exception):
         self.out, self.command = Path(out), command
 
 
-def run_request(cfg: object, models: Iterable[str | Path] = (), dirs: Iterable[str | Path] = ()) -> dict:
+def run_request(cfg: object, models: Iterable[str | Path] = (), dirs: Iterable[str | Path] = (),
+                fingerprinted: Iterable[tuple[str | Path, str]] = ()) -> dict:
     """What an output is computed from, as its manifest keeps it: the fields of the config dataclass ``cfg`` but
     where it writes, whether it may replace, and ``threads`` (the same bits with any count), with the content
-    fingerprint of every input: ``models`` (specs: a model dir's own files, as probe.eval fingerprints them) and
-    ``dirs`` (runs, shift tables: every file below them). JSON-normal, so it compares equal to its saved copy."""
+    fingerprint of every input: ``models`` (specs: a model dir's own files, as probe.eval fingerprints them),
+    ``dirs`` (shift tables: every file below them) and ``fingerprinted`` (inputs the caller fingerprints by what it
+    reads of them, as (path, fingerprint)). JSON-normal, so it compares equal to its saved copy."""
     from analyses.checkpoints import resolve_model_dir
     from probe.models import local_fingerprint
     from probe.results import content_fingerprint
 
     options = {k: v for k, v in asdict(cfg).items() if k not in ("out", "overwrite", "threads")}
     inputs = ([[str(m), local_fingerprint(resolve_model_dir(str(m)))] for m in models]
-              + [[str(d), content_fingerprint(d)] for d in dirs])
+              + [[str(d), content_fingerprint(d)] for d in dirs] + [[str(d), fp] for d, fp in fingerprinted])
     return json.loads(json.dumps({"options": options, "inputs": inputs}, default=str))
 
 

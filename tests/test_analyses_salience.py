@@ -242,6 +242,32 @@ def test_salience_merge_is_bit_stable_with_carriers(zoo, runs, tmp_path):
         assert (outs[0] / rel).read_bytes() == (outs[1] / rel).read_bytes(), rel
 
 
+def test_a_salience_sweep_computed_again_is_the_same_input_to_the_merge(zoo, runs, tmp_path, capfd):
+    """The merge's manifest fingerprinted every file of a salience run, its run.json timestamps included: the same
+    sweep computed again (same heads.csv, plan and model) made a finished merge 'of other options or inputs'. Now
+    what the merge reads counts; a changed salience still does."""
+    dirs = [Path(shutil.copytree(d, tmp_path / "runs" / d.name)) for d in runs["dirs"]]
+    out = tmp_path / "merged"
+    argv = ["--base", zoo["base"], "--models", zoo["vl"], zoo["ov"], zoo["au"], "--method", "salience", "--salience",
+            *dirs, "--out", out]
+    assert run(merge.main, *argv) == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for d in dirs:  # the sweep again: new times, versions and figures beside the same table and plan
+        info = json.loads((d / "run.json").read_text())
+        (d / "run.json").write_text(json.dumps({**info, "started": "2026-12-06T10:00:00+0000", "elapsed_s": 9.5,
+                                                "versions": {"torch": "2.99"}}))
+        (d / "heatmap_kl.png").write_bytes(b"another drawing")
+    capfd.readouterr()
+    assert run(merge.main, *argv) == 0 and "already holds this finished analyses.merge output" in capfd.readouterr().out
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    table = dirs[1] / "heads.csv"
+    lines = table.read_text().splitlines()
+    assert lines[-1].startswith("1,3,")
+    table.write_text("\n".join(lines[:-1] + ["1,3,0.5,0.5,9.0,8,4.5,3.0,0.5"]) + "\n")  # head (1, 3) far more salient
+    assert run(merge.main, *argv) == 2
+    assert "holds a finished analyses.merge output of other options or inputs" in capfd.readouterr().err
+
+
 def _bad(tmp_path, zoo, dirs, *extra):
     from probe.errors import cli_main
 
