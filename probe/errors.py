@@ -5,6 +5,7 @@ import argparse
 import errno
 import functools
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Callable, Iterable, NoReturn, ParamSpec, Sequence, TypeVar
@@ -221,10 +222,27 @@ def undone_on_bad_input(run: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
+def quiet_interrupt(signum: int, frame: object) -> NoReturn:
+    """SIGINT while ``python -m <command>`` still imports its modules, before ``cli_main`` runs: the one line and exit
+    code of an interrupted run, not the import machinery's KeyboardInterrupt traceback. Nothing is written yet."""
+    print("interrupted", file=sys.stderr, flush=True)
+    os._exit(130)  # not SystemExit: code importing at that moment may catch BaseException
+
+
+def interrupt_quietly_while_importing() -> None:
+    """Called by the packages' ``__init__`` when Python runs one of their modules as a command (``sys.argv[0]`` is
+    ``-m`` while the module is located); ``cli_main`` restores Python's handler, whose KeyboardInterrupt a command
+    cleans up after."""
+    if sys.argv[:1] == ["-m"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, quiet_interrupt)
+
+
 def cli_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
     """Run a CLI entry point: exit 2 with one line for BadInput, 1 with one line for a stopped run, a full disk or
     memory running out, 1 with a traceback for anything unexpected; the --out dirs it claimed are freed when it
     returns."""
+    if signal.getsignal(signal.SIGINT) is quiet_interrupt:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return main(argv)
     except BadInput as exc:

@@ -437,3 +437,45 @@ def test_an_out_that_cannot_be_created_is_one_line(tmp_path, data_dir, capsys, m
         err = [l for l in capsys.readouterr().err.strip().splitlines() if not l.startswith("device ")]
         assert len(err) == 1 and "cannot create it (Permission denied)" in err[0], err
     assert not denied.exists()
+
+
+def test_ctrl_c_while_a_command_imports_its_modules_is_one_line(tmp_path):
+    """SIGINT while ``python -m analyses.merge`` still imported torch (a second or more) printed the import
+    machinery's KeyboardInterrupt traceback; it is now the one line and exit code of an interrupted run. The
+    signal is sent once the package ``probe`` has imported (python -X importtime reports each finished import),
+    while torch still imports; landing later, the run's own handling gives the same line."""
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "analyses.merge", "--help"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if line.split("|")[-1].strip() == "probe":
+            proc.send_signal(signal.SIGINT)
+            break
+    err = "".join(lines) + proc.stderr.read()
+    assert proc.wait(timeout=60) == 130, err
+    own = [line for line in err.splitlines() if not line.startswith("import time:")]
+    assert own == ["interrupted"], err
+    assert proc.stdout.read() == ""  # --help never printed: the signal came during the imports
+
+
+def test_cli_main_gives_a_command_pythons_own_ctrl_c_handling(monkeypatch):
+    """The quiet handler covers imports only: under cli_main Ctrl-C is KeyboardInterrupt again, so a run's cleanup
+    (temp files, claims) runs before its exit 130."""
+    import signal
+
+    from probe.errors import interrupt_quietly_while_importing, quiet_interrupt
+
+    monkeypatch.setattr(sys, "argv", ["-m"])
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        interrupt_quietly_while_importing()
+        assert signal.getsignal(signal.SIGINT) is quiet_interrupt
+        seen = []
+        assert cli_main(lambda argv: seen.append(signal.getsignal(signal.SIGINT)) or 0, []) == 0
+        assert seen == [signal.default_int_handler]
+    finally:
+        signal.signal(signal.SIGINT, previous)
