@@ -12,21 +12,13 @@ import pandas as pd
 from figures import (PAGE_HEIGHT, UNIT, drop_stale_pages, name_colours, page_caption, page_grid, page_panels, page_stem,
                      read_table, save_png_pdf)
 from probe.errors import BadInput
-from probe.stats import all_alike_interval
+from probe.stats import reported_interval
 
 SCORES = {"model": str, "data": str, "subject": str, "n_items": int,
           **{f"{m}{s}": float for m in ("accuracy", "prob_accuracy") for s in ("", "_lo", "_hi")}}
 P_ANSWER = {f"p_answer{s}": float for s in ("", "_lo", "_hi")}  # the mean p(answer), checked like the accuracies
 DIFFS = dict.fromkeys(["diff_accuracy", "diff_lo", "diff_hi", "diff_prob_accuracy", "diff_prob_lo", "diff_prob_hi"],
                       float)
-
-
-def drawn_interval(v: float, lo: float, hi: float, n: int) -> tuple[float, float]:
-    """The interval a figure draws: the bootstrap's, but at 0 % or 100 %, where it has zero width however few the
-    items, the exact (Clopper-Pearson) one that scores.csv's note and table.md's † give: 0 of 16 is not a certain 0."""
-    if n >= 1 and v in (0.0, 1.0) and lo == hi == v:
-        return all_alike_interval(int(n), v == 1.0)
-    return lo, hi
 
 
 def read_scores(result_dir: Path) -> pd.DataFrame:
@@ -158,7 +150,7 @@ def _draw_page(top: pd.DataFrame, metric: str, models: list[str], labels: list[s
                 ax.text(50, y[k], "n/a (modality)", ha="center", va="center", fontsize=8, color="0.5")
                 continue
             v = r[metric]
-            lo, hi = drawn_interval(v, r[f"{metric}_lo"], r[f"{metric}_hi"], r["n_items"])
+            lo, hi = reported_interval(v, r[f"{metric}_lo"], r[f"{metric}_hi"], r["n_items"])
             part = r["n_items"] < totals[k]  # scored on the items it can read: hollow, with its count
             ax.errorbar(100 * v, y[k], xerr=[[100 * (v - lo)], [100 * (hi - v)]], fmt="o", ms=4, capsize=3,
                         color=colours[k], mfc="white" if part else colours[k])

@@ -10,9 +10,10 @@ import pandas as pd
 
 from figures import (drop_stale_pages, name_colours, page_caption, page_panels, page_split, page_stem, save_png_pdf,
                      spaced_ticklabels)
-from figures.eval import drawn_interval, read_scores
+from figures.eval import read_scores
 from probe.errors import BadInput
 from probe.results import distinct_names
+from probe.stats import reported_interval
 
 MIN_WIDTH, MIN_PANEL = 2.3, 2.1  # inches: a run's panel at its narrowest and lowest (title and step labels in)
 STEP = re.compile(r"checkpoint-(\d+)/?$")
@@ -81,7 +82,7 @@ def _draw_page(titles: list[str], tables: list[pd.DataFrame], colour: dict, lege
         for data, g in t.groupby("data", sort=False):
             c = colour[data]
             ax.plot(g["step"], 100 * g[metric], marker="o", ms=3, color=c, label=data)
-            band = [drawn_interval(*x) for x in zip(g[metric], g[f"{metric}_lo"], g[f"{metric}_hi"], g["n_items"])]
+            band = [reported_interval(*x) for x in zip(g[metric], g[f"{metric}_lo"], g[f"{metric}_hi"], g["n_items"])]
             ax.fill_between(g["step"], [100 * lo for lo, _ in band], [100 * hi for _, hi in band], color=c, alpha=0.2,
                             lw=0)
         ax.set_xscale("symlog", linthresh=10)

@@ -361,13 +361,13 @@ def score_table(items: Any, plan: EvalPlan, reference: str | None, seed: int):
 def all_alike_note(row: dict[str, Any]) -> str:
     """For a row whose accuracy or probability accuracy is 0 % or 100 % (its bootstrap interval has zero width
     however few the items): the exact 95 % interval such a score allows."""
-    from probe.stats import all_alike_interval
+    from probe.stats import reported_interval
 
     parts = []
     for value in (1.0, 0.0):
         metrics = [m for m in ("accuracy", "prob_accuracy") if row[m] == value]
-        if metrics and row["n_items"]:
-            lo, hi = all_alike_interval(row["n_items"], value == 1.0)
+        lo, hi = reported_interval(value, value, value, row["n_items"])  # (value, value) for no items
+        if metrics and (lo, hi) != (value, value):
             parts.append(f"{' and '.join(metrics)} {'all right' if value else 'all wrong'} (zero-width bootstrap "
                          f"interval, exact 95 % Clopper-Pearson [{100 * lo:.1f}, {100 * hi:.1f}])")
     return "; ".join(parts)

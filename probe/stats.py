@@ -69,3 +69,12 @@ def all_alike_interval(n: int, all_right: bool, level: float = LEVEL) -> tuple[f
     edge = ((1 - level) / 2) ** (1 / n)
     return (edge, 1.0) if all_right else (0.0, 1 - edge)
 
+
+def reported_interval(v: float, lo: float, hi: float, n: int) -> tuple[float, float]:
+    """The 95 % interval a rate ``v`` of ``n`` items is reported with (scores.csv's note, table.md's †, the figures):
+    its bootstrap interval [lo, hi], but at 0 % or 100 %, where that has zero width however few the items, the
+    exact one (``all_alike_interval``): 0 of 16 is not a certain 0."""
+    if n >= 1 and v in (0.0, 1.0) and lo == hi == v:
+        return all_alike_interval(int(n), v == 1.0)
+    return lo, hi
+
