@@ -151,6 +151,7 @@ def make_plan(args: argparse.Namespace):
         items[name] = its
         datasets.append(DataSet(name, spec, spec if spec.lower() == "mmmu" else str(Path(spec).resolve()),
                                 report.fingerprint, len(its), report.n_skipped_open, list(report.subjects)))
+    template = load_template(args)
     na: dict[str, str] = {}
     unreadable: dict[str, dict[str, int]] = {}
     scored = {}  # (model, data set) → the items the model is scored on: all it can read
@@ -165,8 +166,7 @@ def make_plan(args: argparse.Namespace):
                                                f"{'/'.join(kinds)} items")
                 unreadable[f"{ref.spec}|{ds.name}"] = {s: sum(i.subject == s for i in lost)
                                                        for s in sorted({i.subject for i in lost})}
-        check_prompts(ref, [i for d in range(len(datasets)) for i in scored[m, d]])
-    template = load_template(args)
+        check_prompts(ref, [i for d in range(len(datasets)) for i in scored[m, d]], template)
     settings = {"dtype": placement.dtype, "device_type": placement.device_type,
                 "attn_implementation": args.attn_implementation,
                 "generate": not args.no_generate, "max_new_tokens": args.max_new_tokens,

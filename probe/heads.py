@@ -193,8 +193,8 @@ def make_plan(args: argparse.Namespace):
     data = args.data if args.data is not None else str(default_data_for(args.model))
     items, report = load_items(data, split=args.split, subjects=args.subjects, limit=args.limit)
     check_modalities(ref, items)
-    check_prompts(ref, items)
     template = load_template(args)
+    check_prompts(ref, items, template)
     settings = {
         "dtype": placement.dtype, "device_type": placement.device_type,
         "attn_implementation": args.attn_implementation, "generate": not args.no_generate,

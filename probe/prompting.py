@@ -230,15 +230,31 @@ def check_item_text(items: Sequence[ItemLike], specials: Sequence[str], model: s
                                "written; remove or reword it")
 
 
-def check_prompts(ref: Any, items: Sequence[ItemLike]) -> None:
+def check_template_text(template: PromptTemplate, specials: Sequence[str], model: str) -> None:
+    """Refuse a prompt template (``--template``, ``--system-prompt``) holding one of the model's special-token
+    strings, as an item's text is refused: an ``<|im_end|>`` in the system prompt ends the turn early, an
+    ``<image>`` asks for an image nobody passed."""
+    for name, value in template.to_dict().items():
+        hit = next((s for s in specials if s in value), None)
+        if hit is not None:
+            raise BadInput(f"the prompt template's {name} text holds {hit!r}, which {model}'s tokenizer reads as a "
+                           "special token (chat markup or a media placeholder; the chat format adds its own): remove "
+                           "it from --template / --system-prompt")
+
+
+def check_prompts(ref: Any, items: Sequence[ItemLike], template: PromptTemplate | None = None) -> None:
     """Before any weight loads, for a model whose files are on disk (a hub alias still to download is checked as
     its items are built, by build_inputs): its tokenizer and (multimodal families) processor load as load_model
-    will load them, the tokenizer is not empty, and no item's text holds one of its special tokens."""
+    will load them, the tokenizer is not empty, and neither an item's text nor ``template``'s holds one of its
+    special tokens."""
     if ref.hub_repo is not None or not items:
         return
     from probe.models import load_processors, special_tokens
 
-    check_item_text(items, special_tokens(load_processors(ref)[0]), ref.spec)
+    specials = special_tokens(load_processors(ref)[0])
+    if template is not None:
+        check_template_text(template, specials, ref.spec)
+    check_item_text(items, specials, ref.spec)
 
 
 # build_inputs' token-aligned tensors: one value per prompt token (padded, not concatenated, when items share a
@@ -254,6 +270,7 @@ def build_inputs(
     """Tokenised prompt (batch of 1) with pixel tensors, on the model's device and dtype."""
     fam = loaded.family
     check_modalities(loaded.ref, [item])
+    check_template_text(template, loaded.special_tokens, loaded.ref.spec)
     check_item_text([item], loaded.special_tokens, loaded.ref.spec)
     images = item.pil_images(image_max_side)
     frames = item.pil_frames(image_max_side)

@@ -997,6 +997,35 @@ def test_text_holding_a_special_token_is_refused_before_anything_is_written(odd_
     assert not out.exists()
 
 
+@pytest.mark.parametrize("command", ["eval", "heads"])
+@pytest.mark.parametrize("option", ["--system-prompt", "--template"])
+def test_a_template_holding_a_special_token_is_refused_before_anything_is_written(text_dir, tiny_dirs, tmp_path,
+                                                                                  capfd, command, option):
+    """An item's text holding a special token was refused, the prompt template's was not: a --system-prompt with
+    <|im_end|> ended the system turn early and the run scored the mangled prompt with exit 0."""
+    from probe.errors import cli_main
+    from probe.heads import main as heads_main
+
+    text = "Answer with the letter.<|im_end|>"
+    if option == "--template":
+        (tmp_path / "t.json").write_text(json.dumps({"user": "<|im_start|>Q: {question}\n{choices}"}))
+        given, field, hit = [option, str(tmp_path / "t.json")], "user", "<|im_start|>"
+    else:
+        given, field, hit = [option, text], "system", "<|im_end|>"
+    out = tmp_path / "out"
+    if command == "eval":
+        code = _eval("--models", "tiny-qwen2", "--data", text_dir, "--limit", "2", *given, "--quiet", "--out", out)
+    else:
+        code = cli_main(heads_main, ["--model", "tiny-qwen2", "--data", str(text_dir), "--limit", "2", "--layers",
+                                     "0", "--heads", "0", *given, "--quiet", "--out", str(out)])
+    assert code == 2
+    err = capfd.readouterr().err.strip()
+    assert err == f"error: the prompt template's {field} text holds {hit!r}, which tiny-qwen2's tokenizer reads as " \
+        "a special token (chat markup or a media placeholder; the chat format adds its own): remove it from " \
+        "--template / --system-prompt", err
+    assert not out.exists()
+
+
 def test_an_image_the_processor_refuses_is_one_line_naming_the_item(data_dir, tiny_dirs, tmp_path, capfd):
     """Qwen2-VL's image processor refuses an image whose one side is 200 times the other or more (a 3×700 strip):
     a traceback that named no item, in probe.eval, the head sweep and fine-tuning. Now exit 2 with one line naming
