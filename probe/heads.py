@@ -94,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "attribution: first-order gradient estimate (approximate)")
     p.add_argument("--batch-size", type=int, default=8, help="masked rows per forward (exact engine)")
     p.add_argument("--attribution-items", type=int, default=1,
-                   help="items per forward + backward of --method attribution (default 1; several are right-padded "
-                        "into one pass, same numbers, more memory; README, On GPUs)")
+                   help="items per forward + backward of --method attribution; several are right-padded into one "
+                        "pass, same numbers, more memory (README, On GPUs)")
     add_placement_args(p, "masking does not depend on it; recorded with the results")
     p.add_argument("--no-generate", action="store_true",
                    help="skip greedy generation: accuracy left empty (NaN), much faster (prob_accuracy and KL only)")

@@ -66,6 +66,21 @@ def test_usage_error_is_one_line_and_help_stays_full(name, capsys):
     assert out.startswith("usage:") and len(out.splitlines()) > 5
 
 
+@pytest.mark.parametrize("name", MODULES + BENCH)
+def test_help_states_each_default_once(name, capsys):
+    """``probe.heads --help`` read ``--attribution-items … (default 1; several are right-padded …) (default: 1)``:
+    the option's own text named its default and the help formatter appended it again. Each option's help names
+    its default at most once."""
+    import re
+
+    with pytest.raises(SystemExit):
+        _main(name)(["--help"])
+    out = capsys.readouterr().out
+    for block in re.split(r"\n  (?=-)", out):
+        flat = " ".join(block.split())
+        assert len(re.findall(r"\(default\b", flat)) <= 1, flat
+
+
 def test_a_list_option_given_twice_is_a_usage_error(capsys):
     """argparse kept only the last of ``--data a --data b``: probe.eval ran on b alone (a text model: every row
     n/a) and exited 0. Every list option of every CLI is refused the second time; a scalar repeated stays as
