@@ -192,7 +192,15 @@ def make_plan(args: argparse.Namespace):
     heads = parse_index_spec(args.heads, g.n_heads, "head")
     data = args.data if args.data is not None else str(default_data_for(args.model))
     items, report = load_items(data, split=args.split, subjects=args.subjects, limit=args.limit)
-    check_modalities(ref, items)
+    try:
+        check_modalities(ref, items)
+    except BadInput as e:
+        if args.data is not None:
+            raise
+        # the default set, not an item the user chose: a text LM (smollm2-135m, tiny-qwen2, …) cannot read it
+        raise BadInput(f"--model {args.model} reads {' and '.join(ref.family.modalities)} only, and the default "
+                       f"data (the bundled synthetic MMMU-format set) holds image items: give --data, e.g. "
+                       f"--data probe/zoo/data/text") from e
     check_prompts(ref, items)
     template = load_template(args)
     settings = {

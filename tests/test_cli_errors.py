@@ -452,3 +452,17 @@ def test_an_out_that_cannot_be_created_is_one_line(tmp_path, data_dir, capsys, m
         err = [l for l in capsys.readouterr().err.strip().splitlines() if not l.startswith("device ")]
         assert len(err) == 1 and "cannot create it (Permission denied)" in err[0], err
     assert not denied.exists()
+
+
+def test_a_text_model_on_the_default_data_is_told_to_give_data(tmp_path):
+    """``python -m probe.heads --model smollm2-135m`` (or ``tiny-qwen2``, any text LM but an organism) reads the
+    default data, the bundled synthetic MMMU-format set, whose items all hold images, and stopped on ``item
+    validation_Colour_Shape_1 has image but tiny-qwen2 (qwen2) reads text only``: an item the user never chose,
+    and no word of --data. The line now names the default set as the cause and the text set to pass."""
+    r = cli(["--model", "tiny-qwen2", "--out", tmp_path / "out", "--quiet"])
+    line = one_error_line(r.returncode, r.stderr)
+    assert "default" in line and "--data" in line and "probe/zoo/data/text" in line, line
+    assert not (tmp_path / "out").exists()
+    # a --data the user gave keeps the item-level line
+    r = cli(["--model", "tiny-qwen2", "--data", REPO / "probe/zoo/data/image", "--out", tmp_path / "out2", "--quiet"])
+    assert "has image but tiny-qwen2 (qwen2) reads text only" in one_error_line(r.returncode, r.stderr)
