@@ -235,8 +235,9 @@ def main(argv: list[str] | None = None) -> int:
                     "take 15.2 GB a checkpoint in bf16, 8 take 5.9 GB)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds, median reported (default 3)")
-    ap.add_argument("--workdir", type=Path, help="where the synthetic checkpoints go (default: a temp dir)")
-    ap.add_argument("--keep", action="store_true", help="keep the workdir")
+    ap.add_argument("--workdir", type=Path, help="where the synthetic checkpoints go, left there afterwards (default: a "
+                    "temp dir, removed at the end unless --keep)")
+    ap.add_argument("--keep", action="store_true", help="keep the temp workdir (a --workdir is always kept)")
     ap.add_argument("--no-mergekit", action="store_true", help="skip the mergekit comparison")
     ap.add_argument("--method", default="average", choices=["average", "salience", "ties", "task_arithmetic"],
                     help="our merge method measured (default average; mergekit's counterpart: linear, ties, "

@@ -94,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "attribution: first-order gradient estimate (approximate)")
     p.add_argument("--batch-size", type=int, default=8, help="masked rows per forward (exact engine)")
     p.add_argument("--attribution-items", type=int, default=1,
-                   help="items per forward + backward of --method attribution (default 1; several are right-padded "
-                        "into one pass, same numbers, more memory; README, On GPUs)")
+                   help="items per forward + backward of --method attribution; several are right-padded into one "
+                        "pass, same numbers, more memory (README, On GPUs)")
     add_placement_args(p, "masking does not depend on it; recorded with the results")
     p.add_argument("--no-generate", action="store_true",
                    help="skip greedy generation: accuracy left empty (NaN), much faster (prob_accuracy and KL only)")
@@ -192,7 +192,15 @@ def make_plan(args: argparse.Namespace):
     heads = parse_index_spec(args.heads, g.n_heads, "head")
     data = args.data if args.data is not None else str(default_data_for(args.model))
     items, report = load_items(data, split=args.split, subjects=args.subjects, limit=args.limit)
-    check_modalities(ref, items)
+    try:
+        check_modalities(ref, items)
+    except BadInput as e:
+        if args.data is not None:
+            raise
+        # the default set, not an item the user chose: a text LM (smollm2-135m, tiny-qwen2, …) cannot read it
+        raise BadInput(f"--model {args.model} reads {' and '.join(ref.family.modalities)} only, and the default "
+                       f"data (the bundled synthetic MMMU-format set) holds image items: give --data, e.g. "
+                       f"--data probe/zoo/data/text") from e
     template = load_template(args)
     check_prompts(ref, items, template)
     settings = {

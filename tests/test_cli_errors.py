@@ -66,6 +66,21 @@ def test_usage_error_is_one_line_and_help_stays_full(name, capsys):
     assert out.startswith("usage:") and len(out.splitlines()) > 5
 
 
+@pytest.mark.parametrize("name", MODULES + BENCH)
+def test_help_states_each_default_once(name, capsys):
+    """``probe.heads --help`` read ``--attribution-items … (default 1; several are right-padded …) (default: 1)``:
+    the option's own text named its default and the help formatter appended it again. Each option's help names
+    its default at most once."""
+    import re
+
+    with pytest.raises(SystemExit):
+        _main(name)(["--help"])
+    out = capsys.readouterr().out
+    for block in re.split(r"\n  (?=-)", out):
+        flat = " ".join(block.split())
+        assert len(re.findall(r"\(default\b", flat)) <= 1, flat
+
+
 def test_a_list_option_given_twice_is_a_usage_error(capsys):
     """argparse kept only the last of ``--data a --data b``: probe.eval ran on b alone (a text model: every row
     n/a) and exited 0. Every list option of every CLI is refused the second time; a scalar repeated stays as
@@ -479,3 +494,17 @@ def test_cli_main_gives_a_command_pythons_own_ctrl_c_handling(monkeypatch):
         assert seen == [signal.default_int_handler]
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_a_text_model_on_the_default_data_is_told_to_give_data(tmp_path):
+    """``python -m probe.heads --model smollm2-135m`` (or ``tiny-qwen2``, any text LM but an organism) reads the
+    default data, the bundled synthetic MMMU-format set, whose items all hold images, and stopped on ``item
+    validation_Colour_Shape_1 has image but tiny-qwen2 (qwen2) reads text only``: an item the user never chose,
+    and no word of --data. The line now names the default set as the cause and the text set to pass."""
+    r = cli(["--model", "tiny-qwen2", "--out", tmp_path / "out", "--quiet"])
+    line = one_error_line(r.returncode, r.stderr)
+    assert "default" in line and "--data" in line and "probe/zoo/data/text" in line, line
+    assert not (tmp_path / "out").exists()
+    # a --data the user gave keeps the item-level line
+    r = cli(["--model", "tiny-qwen2", "--data", REPO / "probe/zoo/data/image", "--out", tmp_path / "out2", "--quiet"])
+    assert "has image but tiny-qwen2 (qwen2) reads text only" in one_error_line(r.returncode, r.stderr)
