@@ -131,9 +131,14 @@ def test_outputs_exist_and_agree_with_items(base_run, data_dir):
     # heads.csv and baseline.json are the means of the per-item table (recomputed here with pandas)
     masked = items[~is_base].groupby(["layer", "head"])
     agg = pd.DataFrame({"accuracy": masked["correct"].mean(), "prob_accuracy": masked["prob_correct"].mean(),
-                        "kl": masked["kl"].mean()}).reset_index()
+                        "kl": masked["kl"].mean(), "p_answer": masked["p_answer"].mean()}).reset_index()
+    # the drops from the baseline rows and p(answer) (the comparison with summarize() below is its own code, not an
+    # oracle; on this tiny run every drop is 0, so test_metrics' hand-built tables test the drops' values)
+    agg["accuracy_drop"] = items.loc[is_base, "correct"].mean() - agg["accuracy"]
+    agg["prob_accuracy_drop"] = items.loc[is_base, "prob_correct"].mean() - agg["prob_accuracy"]
     merged = heads.merge(agg, on=["layer", "head"], suffixes=("", "_want"))
-    for m in ("accuracy", "prob_accuracy", "kl"):
+    assert len(merged) == len(heads) == len(agg)
+    for m in ("accuracy", "prob_accuracy", "kl", "p_answer", "accuracy_drop", "prob_accuracy_drop"):
         assert (merged[m] - merged[f"{m}_want"]).abs().max() <= 1e-5 * max(1.0, merged[f"{m}_want"].abs().max())
     # full precision: the reloaded heads.csv is bit-equal to the table summarize() computes from items.parquet
     from probe.results import summarize
