@@ -425,6 +425,13 @@ def test_quiet_silences_the_progress_bars_and_only_inside(zoo, tmp_path, capfd):
 @pytest.mark.parametrize("args,needle", [
     (["--method", "weighted", "--weights", "nan", "1"], "--weights[0] must be a finite number"),
     (["--method", "weighted", "--weights", "-1", "2"], "--weights must be >= 0"),
+    # the range checks below had no test: each mutated away, every test still passed
+    (["--method", "weighted", "--weights", "0", "0"], "--weights must have a positive sum"),
+    (["--method", "weighted", "--weights", "1"], "--weights: give one weight per model (2)"),
+    (["--method", "ties", "--density", "0"], "--density must be in (0, 1]"),
+    (["--method", "ties", "--density", "1.5"], "--density must be in (0, 1]"),
+    (["--method", "shift", "--alpha0", "1.5"], "--alpha0 must be in [0, 1]"),
+    (["--method", "shift", "--alpha0", "-0.1"], "--alpha0 must be in [0, 1]"),
     (["--method", "task_arithmetic", "--lambda", "nan"], "--lambda must be a finite number"),
     (["--method", "shift", "--temperature", "inf"], "--temperature must be a finite number"),
     (["--method", "average", "--shard-size", "0"], "--shard-size must be at least 1 byte"),

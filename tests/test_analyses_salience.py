@@ -548,3 +548,19 @@ def test_ties_trim_keeps_exactly_k_when_bf16_deltas_tie(density):
     chunked = TiesTrim.of(delta, density)
     assert torch.equal(torch.cat([chunked.mask(delta[r:r + 5]) for r in range(0, 64, 5)]), ours)
     assert chunked.ties_left == 0
+
+
+def test_normalise_salience_by_hand():
+    """ŝ = max(s, 0) / mean max(s, 0), worked out by hand; a table with no positive salience is refused (it was
+    reachable only through read_salience's own check, so dividing by a zero mean passed every test)."""
+    from analyses.formulas import normalise_salience
+
+    s = torch.tensor([[3.0, -1.0, 0.0], [1.0, 2.0, -5.0]])  # clamped: [[3, 0, 0], [1, 2, 0]], mean 1
+    got = normalise_salience(s)
+    assert got.dtype == torch.float64
+    assert got.tolist() == [[3.0, 0.0, 0.0], [1.0, 2.0, 0.0]]
+    assert normalise_salience(torch.tensor([[0.5, 1.5]])).tolist() == [[0.5, 1.5]]  # already mean 1: unchanged
+    assert normalise_salience(torch.tensor([[4.0, 0.0], [0.0, 0.0]])).tolist() == [[4.0, 0.0], [0.0, 0.0]]
+    for bad in (torch.zeros(2, 3), torch.tensor([[-1.0, 0.0], [-2.0, -0.5]])):
+        with pytest.raises(ValueError, match="zero for every head"):
+            normalise_salience(bad)

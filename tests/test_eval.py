@@ -64,7 +64,7 @@ def test_batched_equals_one_item_path(family, generate, load_tiny, data_dir, vid
     plan = plan_batches([p[0] for p in prepared], 4, max_padding=None)
     assert max(len(b) for b in plan) > 1
     assert any(len({prepared[i][0]["input_ids"].shape[1] for i in b}) > 1 for b in plan)
-    for item, (inputs, ids), got in zip(items, prepared, batched):
+    for item, (inputs, ids), got in zip(items, prepared, batched, strict=True):  # every item measured
         want = first_token_measure(loaded, inputs, ids, cfg)
         a = measurement_row(item, -1, -1, got, got.logp)
         b = measurement_row(item, -1, -1, want, want.logp)
@@ -73,7 +73,7 @@ def test_batched_equals_one_item_path(family, generate, load_tiny, data_dir, vid
         torch.testing.assert_close(got.logp.exp(), want.logp.exp(), atol=1e-4, rtol=0)
     if not generate:  # preparing inputs window by window changes only which items share a batch
         small = evaluate_items(loaded, items, cfg, batch_size=3, window=1, max_padding=None)
-        for a, b in zip(small, batched):
+        for a, b in zip(small, batched, strict=True):
             torch.testing.assert_close(a.logp, b.logp, atol=1e-4, rtol=0)
 
 
@@ -353,7 +353,7 @@ def test_a_set_of_many_subjects_gets_one_row_per_subject(tmp_path):
     blocks = (tmp_path / "table.md").read_text().split("\n\n")
     wide = next(b for b in blocks if b.startswith("| wide ("))
     assert wide.splitlines()[0] == f"| wide ({4 * len(subjects)} items): subject | a | b |"
-    for s, line in zip(subjects, wide.splitlines()[2:]):
+    for s, line in zip(subjects, wide.splitlines()[2:], strict=True):  # one row per subject, none lost
         means = [100 * df[(df.model == m) & (df.subject == s) & (df.data == "wide")].correct.mean() for m in "ab"]
         assert line.startswith(f"| {s} | {means[0]:.1f} [") and f"| {means[1]:.1f} [" in line
     narrow = next(b for b in blocks if b.startswith("| narrow ("))

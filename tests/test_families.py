@@ -301,7 +301,7 @@ def test_batched_evaluation_equals_one_item_path(family, loaded, video_item):
                                         make_item(n_options=3, with_image=False, item_id="validation_Test_3")]
     cfg = SweepConfig(generate=True, max_new_tokens=3)
     got = evaluate_items(m, items, cfg, batch_size=4)
-    for item, g in zip(items, got):
+    for item, g in zip(items, got, strict=True):  # every item measured
         inputs, letters = prepare_item(m, item, cfg)
         want = first_token_measure(m, inputs, letters, cfg)
         assert g.response == want.response, item.id

@@ -131,9 +131,14 @@ def test_outputs_exist_and_agree_with_items(base_run, data_dir):
     # heads.csv and baseline.json are the means of the per-item table (recomputed here with pandas)
     masked = items[~is_base].groupby(["layer", "head"])
     agg = pd.DataFrame({"accuracy": masked["correct"].mean(), "prob_accuracy": masked["prob_correct"].mean(),
-                        "kl": masked["kl"].mean()}).reset_index()
+                        "kl": masked["kl"].mean(), "p_answer": masked["p_answer"].mean()}).reset_index()
+    # the drops from the baseline rows and p(answer) (the comparison with summarize() below is its own code, not an
+    # oracle; on this tiny run every drop is 0, so test_metrics' hand-built tables test the drops' values)
+    agg["accuracy_drop"] = items.loc[is_base, "correct"].mean() - agg["accuracy"]
+    agg["prob_accuracy_drop"] = items.loc[is_base, "prob_correct"].mean() - agg["prob_accuracy"]
     merged = heads.merge(agg, on=["layer", "head"], suffixes=("", "_want"))
-    for m in ("accuracy", "prob_accuracy", "kl"):
+    assert len(merged) == len(heads) == len(agg)
+    for m in ("accuracy", "prob_accuracy", "kl", "p_answer", "accuracy_drop", "prob_accuracy_drop"):
         assert (merged[m] - merged[f"{m}_want"]).abs().max() <= 1e-5 * max(1.0, merged[f"{m}_want"].abs().max())
     # full precision: the reloaded heads.csv is bit-equal to the table summarize() computes from items.parquet
     from probe.results import summarize
@@ -569,6 +574,36 @@ BAD_CASES = {
     "template prefix ending in a space": lambda t, d, m: ["--data", d, "--template",
                                                           _template(t / "t.json", '{"assistant_prefix": "Answer: "}')],
 }
+# What each case's one line must say: exit 2 with some "error:" line is not enough (a case refused for another
+# reason, e.g. every case failing on one broken shared argument, passed before)
+BAD_CASE_ERRORS = {
+    "unknown alias": "unknown model 'qwen2-vl-typo'",
+    "missing data dir": "MMMU data directory not found",
+    "empty data dir": "files in",
+    "no multiple-choice items": "no multiple-choice items in split 'validation'",
+    "layer out of range": "layer 99 out of range 0..3",
+    "head out of range": "head 99 out of range",
+    "bad layer spec": "bad --layers spec 'two'",
+    "negative layer": "layer -1 out of range",
+    "backwards layer range beside a good one": "range '3-1' ends below its start",
+    "backwards head range": "range '1--2' ends below its start",
+    "unknown subject": "unknown subject(s) Astrology",
+    "unreadable checkpoint": "unreadable checkpoint file",
+    "text-only model, image items": "reads text only",
+    "zero heads in config.json": "num_attention_heads must be a positive integer, got 0",
+    "heads not a number": "num_attention_heads must be a positive integer, got 'four'",
+    "heads not in whole key/value groups": "is no head layout",
+    "unknown dtype": "unknown --dtype 'float8'",
+    "flash attention on the cpu": "flash_attention_2 needs a CUDA GPU",
+    "template placeholder typo": "field 'user' does not format",
+    "template field not text": "field 'user' must be a string",
+    "template not an object": "want a JSON object of PromptTemplate fields",
+    "template lone brace": "field 'choice' does not format",
+    "template without the question": "field 'user' lacks {question}",
+    "template placeholder escaped": "field 'user' lacks {question}",
+    "template choice without its letter": "field 'choice' lacks {letter}",
+    "template prefix ending in a space": "field 'assistant_prefix' ends in a space",
+}
 # Each case runs in this process (fd-level stderr captured); SUBPROCESS_CASES also as a real `python -m`.
 SUBPROCESS_CASES = ("unknown alias", "unreadable checkpoint")
 
@@ -592,10 +627,16 @@ def test_index_specs_are_sorted_unique_and_checked():
             parse_index_spec(spec, 4, "layer")
 
 
+def test_every_bad_case_names_its_error():
+    assert set(BAD_CASE_ERRORS) == set(BAD_CASES)
+
+
 @pytest.mark.parametrize("case", list(BAD_CASES))
 def test_bad_input_exit_2_one_line_no_output(case, tmp_path, data_dir, tiny_dirs, capfd):
     args, out = _bad_args(case, tmp_path, data_dir, tiny_dirs)
-    assert_one_line_error(run_in_process(args, capfd))
+    r = run_in_process(args, capfd)
+    assert_one_line_error(r)
+    assert BAD_CASE_ERRORS[case] in r.stderr, (case, r.stderr)
     assert not out.exists(), f"{case}: output dir was created"
 
 
@@ -614,7 +655,9 @@ def test_out_is_the_model_dir_is_refused(tiny_dirs, data_dir, tmp_path, capfd):
 @pytest.mark.parametrize("case", SUBPROCESS_CASES)
 def test_bad_input_subprocess(case, tmp_path, data_dir, tiny_dirs):
     args, out = _bad_args(case, tmp_path, data_dir, tiny_dirs)
-    assert_one_line_error(cli(args))
+    r = cli(args)
+    assert_one_line_error(r)
+    assert BAD_CASE_ERRORS[case] in r.stderr, (case, r.stderr)
     assert not out.exists(), f"{case}: output dir was created"
 
 

@@ -185,6 +185,40 @@ def test_summarize_drops_and_means():
         assert col in heads.columns
 
 
+def test_summarize_keeps_accuracy_and_probability_accuracy_apart():
+    """In ``_rows`` every row has correct == prob_correct, so a summary that took the probability-accuracy drop (or
+    mean) from the generated answers passed it. Here the two disagree on every head, and p(answer) differs per row:
+    each column against its value worked out by hand (3 items; baseline: accuracy 2/3, prob accuracy 1/3)."""
+    from probe.results import summarize
+    from probe.sweep import BASELINE
+
+    rows = []
+    table = {  # (layer, head): per item (correct, prob_correct, p_answer, kl)
+        (BASELINE, BASELINE): [(1, 0, 0.5, 0.0), (1, 1, 0.9, 0.0), (0, 0, 0.1, 0.0)],
+        (0, 1): [(0, 1, 0.7, 0.2), (0, 1, 0.8, 0.4), (0, 1, 0.6, 0.9)],
+        (2, 0): [(1, 0, 0.2, 0.3), (1, 0, 0.3, 0.3), (1, 0, 0.1, 0.6)],
+    }
+    for (layer, head), per_item in table.items():
+        for i, (ok, pok, p, kl) in enumerate(per_item):
+            rows.append(dict(item_id=f"i{i}", subject="S" if i < 2 else "T", layer=layer, head=head, answer="A",
+                             pred="A" if ok else "B", correct=float(ok), prob_pred="A" if pok else "B",
+                             prob_correct=float(pok), p_answer=p, kl=kl, response=""))
+    heads, base = summarize(pd.DataFrame(rows))
+    assert (base["accuracy"], base["prob_accuracy"], base["n_items"]) == (pytest.approx(2 / 3), pytest.approx(1 / 3), 3)
+    assert base["p_answer"] == pytest.approx(0.5)
+    assert base["per_subject"]["S"]["accuracy"] == 1.0 and base["per_subject"]["S"]["prob_accuracy"] == 0.5
+    assert base["per_subject"]["T"] == {"accuracy": 0.0, "prob_accuracy": 0.0, "kl": 0.0,
+                                        "p_answer": pytest.approx(0.1), "n_items": 1}
+    h = heads.set_index(["layer", "head"])
+    want = {(0, 1): dict(accuracy=0.0, prob_accuracy=1.0, accuracy_drop=2 / 3, prob_accuracy_drop=-2 / 3,
+                         p_answer=0.7, kl=0.5),
+            (2, 0): dict(accuracy=1.0, prob_accuracy=0.0, accuracy_drop=-1 / 3, prob_accuracy_drop=1 / 3,
+                         p_answer=0.2, kl=0.4)}
+    for pair, cols in want.items():
+        for col, v in cols.items():
+            assert h.loc[pair, col] == pytest.approx(v, abs=1e-12), (pair, col)
+
+
 def test_bootstrap_intervals_cover_the_true_rate_about_95_percent_of_the_time():
     """The oracle is the truth itself: 400 data sets of 120 items drawn at a known accuracy (and, paired, two models
     at a known difference on the same items); the 95 % intervals must hold the true value in about 95 % of them
