@@ -438,6 +438,15 @@ def test_quiet_silences_the_progress_bars_and_only_inside(zoo, tmp_path, capfd):
     (["--method", "average", "--shard-size", "."], "bad size '.'"),  # tracebacks before: no digits, and inf
     (["--method", "average", "--shard-size", "1.2.3MB"], "bad size '1.2.3MB'"),
     (["--method", "average", "--shard-size", "9" * 400], "bad size '999"),
+    (["--method", "shift", "--temperature", "0"], "--temperature must be > 0"),
+    (["--method", "salience", "--salience", "a", "b", "--salience-temperature", "0"],
+     "--salience-temperature must be > 0"),
+    # an option of another method is refused, never silently ignored
+    (["--method", "average", "--rest", "layer"], "--salience / --base-salience / --rest only apply to --method salience"),
+    (["--method", "average", "--weights", "1", "1"], "--weights only applies to --method weighted"),
+    (["--method", "average", "--shift", "."], "--shift only applies to --method shift or salience"),
+    (["--method", "weighted", "--weights", "1", "1", "--alpha0", "0.5"],
+     "--alpha0 only applies to --method shift or salience, not weighted"),
 ])
 def test_merge_numbers_must_be_finite_and_in_range(zoo, tmp_path, capsys, args, needle):
     """NaN passes every range comparison and inf turns a softmax into NaN: both are refused by name up front."""
@@ -445,6 +454,15 @@ def test_merge_numbers_must_be_finite_and_in_range(zoo, tmp_path, capsys, args, 
     code, err = run_cli(merge.main, ["--base", zoo["base"], "--models", zoo["vl"], zoo["q1"], *args, "--out", out],
                         capsys)
     assert_bad(code, err, out, needle)
+
+
+@pytest.mark.parametrize("method", [m for m, spec in merge.METHODS.items() if spec.needs_base])
+def test_a_base_relative_merge_without_its_base_is_refused(method, zoo, tmp_path, capsys):
+    out = tmp_path / "o"
+    extra = ["--salience", "a", "b"] if method == "salience" else []
+    code, err = run_cli(merge.main, ["--models", zoo["vl"], zoo["q1"], "--method", method, *extra, "--out", out],
+                        capsys)
+    assert_bad(code, err, out, f"--method {method} needs --base")
 
 
 def resaved(tmp: Path, name: str, first: dict, second: dict) -> tuple[Path, dict, dict]:
