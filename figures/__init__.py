@@ -196,6 +196,8 @@ def read_table(path: Path, columns: Mapping[str, type], optional: Mapping[str, t
     path = Path(path)
     if not path.is_file():
         raise _missing(path, source)
+    if int(pd.__version__.split(".")[0]) < 3:  # pandas 2 parses floats up to an ulp off what to_csv wrote; 3 is exact
+        read_csv.setdefault("float_precision", "round_trip")
     try:
         df = pd.read_csv(path, **read_csv)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as exc:

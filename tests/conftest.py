@@ -22,6 +22,20 @@ VL_FAMILIES = ("qwen2_vl", "llava_onevision")
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _exact_read_csv() -> None:
+    """pandas < 3 parses a CSV's floats with its 'high' parser, up to an ulp off what ``to_csv`` wrote (pandas 3
+    round-trips by default and deprecates ``float_precision``); the tests compare values read back exactly."""
+    import functools
+
+    import pandas as pd
+
+    if int(pd.__version__.split(".")[0]) < 3 and not isinstance(pd.read_csv, functools.partial):
+        pd.read_csv = functools.partial(pd.read_csv, float_precision="round_trip")
+
+
+_exact_read_csv()
+
+
 def _shared_root(tmp_path_factory) -> Path:
     """A tmp dir common to every xdist worker of this pytest run (the per-run basetemp otherwise)."""
     base = tmp_path_factory.getbasetemp()
