@@ -46,9 +46,9 @@ COMMAND = "analyses.merge"  # what its output manifests name
 
 @dataclass(frozen=True)
 class Method:
-    """What a ``--method`` is, as data (``figures.merge`` checks merge_weights.csv against it too)."""
+    """What a ``--method`` is, as data (``figures.merge`` checks merge_weights.csv against it too); its name is its
+    formula's in the analyses.formulas registry."""
 
-    formula: str  # its name in the analyses.formulas registry
     needs_base: bool  # the formula reads the base model (Δ to it, or task vectors from it)
     base_row: bool  # the base is a weighted participant: merge_weights.csv holds its alpha
     convex: bool  # alphas are weights in [0, 1] summing to 1 (weighted's: unless --no-normalize)
@@ -56,12 +56,12 @@ class Method:
 
 # the base of average and weighted merges only supplies vocabulary rows; ties' alphas are trim thresholds of the
 # task vectors, task arithmetic's coefficients (1 − λk for the base)
-METHODS = {"average": Method("average", needs_base=False, base_row=False, convex=True),
-           "weighted": Method("weighted", needs_base=False, base_row=False, convex=True),
-           "shift": Method("shift", needs_base=True, base_row=True, convex=True),
-           "salience": Method("salience", needs_base=True, base_row=True, convex=True),
-           "task_arithmetic": Method("task_arithmetic", needs_base=True, base_row=True, convex=False),
-           "ties": Method("ties", needs_base=True, base_row=False, convex=False)}
+METHODS = {"average": Method(needs_base=False, base_row=False, convex=True),
+           "weighted": Method(needs_base=False, base_row=False, convex=True),
+           "shift": Method(needs_base=True, base_row=True, convex=True),
+           "salience": Method(needs_base=True, base_row=True, convex=True),
+           "task_arithmetic": Method(needs_base=True, base_row=True, convex=False),
+           "ties": Method(needs_base=True, base_row=False, convex=False)}
 TOKENIZER_FILES = ("tokenizer", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
                    "chat_template", "generation_config.json")
 RAW_CHUNK = 64 << 20  # bytes per bit-exact copy step
@@ -553,7 +553,7 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
                                                            Path(cfg.out).name))
             report = {
                 "method": cfg.method,
-                "equation": FORMULAS[METHODS[cfg.method].formula].equation,
+                "equation": FORMULAS[cfg.method].equation,
                 "base": cfg.base,
                 "models": list(cfg.models),
                 "reference": names[0],
