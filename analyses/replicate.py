@@ -25,7 +25,6 @@ whose inputs changed is deleted and rerun, and so is everything downstream of it
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
@@ -41,7 +40,7 @@ from probe.devices import Placement
 from probe.errors import (ArgParser, BadInput, check_out_apart, check_out_path, cli_main, out_inside,
                           releases_claims)
 from probe.heads import SOFTWARE, software_differences, versions
-from probe.results import content_fingerprint, has_contents, lock_out_dir
+from probe.results import content_fingerprint, has_contents, json_digest, lock_out_dir
 
 MARKER = "replicate.json"  # marks DIR as ours: only then are stage dirs inside it ever deleted
 STATE_DIR = "stages"  # DIR/stages/<stage>.json: fingerprint, status, seconds (beside, not inside, the outputs)
@@ -328,8 +327,7 @@ def fingerprints(ctx: Context) -> dict[str, str]:
     """Each stage's fingerprint: its inputs and its upstream stages' fingerprints, in stage order."""
     fps: dict[str, str] = {}
     for s in STAGES:
-        blob = json.dumps([s.name, s.inputs(ctx), [fps[d] for d in s.needs]], sort_keys=True, default=str)
-        fps[s.name] = hashlib.sha256(blob.encode()).hexdigest()[:16]
+        fps[s.name] = json_digest([s.name, s.inputs(ctx), [fps[d] for d in s.needs]])
     return fps
 
 

@@ -33,9 +33,7 @@ def run_fingerprint(run_dir: Path) -> str:
     """What a merge reads of a ``probe.heads`` run: heads.csv's bytes and run.json's plan, measured model and status
     (``read_salience``, ``check_run_model``); not its timestamps, versions or figures, so the same sweep computed
     again is the same input to a merge's manifest. A run without them is fingerprinted whole (it is refused later)."""
-    import hashlib
-
-    from probe.results import content_fingerprint
+    from probe.results import content_fingerprint, json_digest
 
     try:
         info = json.loads((run_dir / "run.json").read_text())
@@ -43,7 +41,7 @@ def run_fingerprint(run_dir: Path) -> str:
         table = (run_dir / "heads.csv").read_bytes()
     except (OSError, ValueError, AttributeError):
         return content_fingerprint(run_dir)
-    return hashlib.sha256(json.dumps(read, sort_keys=True, default=str).encode() + b"\0" + table).hexdigest()[:16]
+    return json_digest(read, table)
 
 
 def check_run_model(run_dir: Path, who: str, participants: dict[str, Path]) -> dict[str, Any]:

@@ -12,7 +12,6 @@ DIR/parts/, so a killed run continues where it stopped.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -105,7 +104,9 @@ class EvalPlan:
     settings: dict[str, Any]
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True, default=str).encode()).hexdigest()[:16]
+        from probe.results import json_digest
+
+        return json_digest(asdict(self))
 
     def n_unread(self, model: str, data: str, subject: str = ALL) -> int:
         """Items of a data set (one subject, or all) the model cannot read, so is not scored on."""

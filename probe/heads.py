@@ -127,8 +127,9 @@ class Plan:
     settings: dict[str, Any]
 
     def fingerprint(self) -> str:
-        keep = asdict(self)
-        return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        from probe.results import json_digest
+
+        return json_digest(asdict(self))
 
 
 def load_template(args: argparse.Namespace):

@@ -457,6 +457,15 @@ def write_outputs(out: Path, items: pd.DataFrame, baseline_extra: dict[str, Any]
     return heads
 
 
+def json_digest(obj: Any, *blobs: bytes) -> str:
+    """The 16-hex fingerprint of a JSON-able value (keys sorted, so dict order cannot change it), then of each
+    blob after a NUL: the one rule for the plans, options and inputs that resumes and manifests compare."""
+    h = hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode())
+    for b in blobs:
+        h.update(b"\0" + b)
+    return h.hexdigest()[:16]
+
+
 def content_fingerprint(path: str | Path, hash_limit: int = 64 << 20, recursive: bool = True,
                         skip: Callable[[Path], bool] = lambda f: False) -> str:
     """What a model or data directory holds: file names and bytes (sizes and mtimes for files over

@@ -6,6 +6,7 @@ an in-process oracle (o_proj weight columns zeroed).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -156,6 +157,9 @@ def test_outputs_exist_and_agree_with_items(base_run, data_dir):
 
     run = json.loads((base_run / "run.json").read_text())
     assert run["status"] == "complete" and len(run["fingerprint"]) >= 8
+    # the fingerprint rule every run.json was written with, restated: a resume of an older run must still match it
+    digest = hashlib.sha256(json.dumps(run["plan"], sort_keys=True).encode()).hexdigest()[:16]
+    assert run["fingerprint"] == digest
     assert {"torch", "transformers", "python"} <= set(run["versions"])
     assert run["plan"]["template"]["system"] and "{question}" in run["plan"]["template"]["user"]
     assert run["plan"]["method"] == "naive" and run["plan"]["settings"]["attn_implementation"]
