@@ -178,10 +178,10 @@ class BinFile:
 
 def resolve_model_dir(spec: str) -> Path:
     """A local checkpoint dir, or an alias resolved by the probe's one resolver (hub cache, organisms, tiny)."""
-    from probe.models import model_path
+    from probe.models import is_gguf, model_path
 
     path = model_path(spec)
-    if path.is_file() and path.suffix == ".gguf":  # e.g. the smollm2-135m alias: once "not a directory", as if unknown
+    if is_gguf(path):  # e.g. the smollm2-135m alias: once "not a directory", as if unknown
         raise BadInput(f"{spec}: a GGUF file ({path.name}) holds quantized weights (codes and scales, not values to "
                        "compare or merge); dequantize it to a Hugging Face model directory (safetensors) first")
     if not path.is_dir():

@@ -107,11 +107,16 @@ def model_path(spec: str, weights: bool = True) -> Path:
     return path
 
 
+def is_gguf(path: Path) -> bool:
+    """A GGUF weights file (the smollm2-135m alias is one), which probe.models dequantises on load."""
+    return path.is_file() and path.suffix == ".gguf"
+
+
 def resolve_model(spec: str) -> ModelRef:
     """Alias or directory → a ModelRef. Reads config only (STYLE 5: validate before loading weights)."""
     repo = hub_repo(spec)
     path = model_path(spec, weights=False)
-    if path.is_file() and path.suffix == ".gguf":
+    if is_gguf(path):
         config, gguf_file, path = _gguf_config(path), path.name, path.parent
     elif not path.is_dir():
         raise BadInput(f"model {spec!r} is not a directory (nor a .gguf file)")
@@ -198,6 +203,11 @@ class LoadedModel:
     @cached_property
     def special_tokens(self) -> tuple[str, ...]:
         return special_tokens(self.tokenizer)  # once per model, not once per item built
+
+    @cached_property
+    def checked_templates(self) -> set[Any]:
+        """The prompt templates probe.prompting.build_inputs has checked against special_tokens."""
+        return set()
 
     @cached_property
     def answer_ids(self) -> dict[tuple, list[int]]:

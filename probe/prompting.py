@@ -216,6 +216,11 @@ def check_modalities(ref: Any, items: Sequence[ItemLike]) -> None:
                            f"{' and '.join(ref.family.modalities)} only")
 
 
+def special_in(text: str, specials: Sequence[str]) -> str | None:
+    """The first of the model's special-token strings that ``text`` holds, or None."""
+    return next((s for s in specials if s in text), None)
+
+
 def check_item_text(items: Sequence[ItemLike], specials: Sequence[str], model: str) -> None:
     """Refuse items whose question or options hold one of the model's special-token strings: a literal
     ``<image>`` would ask a LLaVA processor for an image nobody passed, an ``<|im_end|>`` would end the turn.
@@ -223,8 +228,7 @@ def check_item_text(items: Sequence[ItemLike], specials: Sequence[str], model: s
     for item in items:
         question = item.question.replace(VIDEO_REF, "") if item.frames else item.question  # the set's own marker
         for text in (question, *item.options):
-            hit = next((s for s in specials if s in text), None)
-            if hit is not None:
+            if (hit := special_in(text, specials)) is not None:
                 raise BadInput(f"item {item.id}: its text holds {hit!r}, which {model}'s tokenizer reads as a special "
                                "token (chat markup or a media placeholder), so the model would not see the item as "
                                "written; remove or reword it")
@@ -235,8 +239,7 @@ def check_template_text(template: PromptTemplate, specials: Sequence[str], model
     strings, as an item's text is refused: an ``<|im_end|>`` in the system prompt ends the turn early, an
     ``<image>`` asks for an image nobody passed."""
     for name, value in template.to_dict().items():
-        hit = next((s for s in specials if s in value), None)
-        if hit is not None:
+        if (hit := special_in(value, specials)) is not None:
             raise BadInput(f"the prompt template's {name} text holds {hit!r}, which {model}'s tokenizer reads as a "
                            "special token (chat markup or a media placeholder; the chat format adds its own): remove "
                            "it from --template / --system-prompt")
@@ -270,7 +273,9 @@ def build_inputs(
     """Tokenised prompt (batch of 1) with pixel tensors, on the model's device and dtype."""
     fam = loaded.family
     check_modalities(loaded.ref, [item])
-    check_template_text(template, loaded.special_tokens, loaded.ref.spec)
+    if template not in loaded.checked_templates:  # the same template for a whole run: checked once a model
+        check_template_text(template, loaded.special_tokens, loaded.ref.spec)
+        loaded.checked_templates.add(template)
     check_item_text([item], loaded.special_tokens, loaded.ref.spec)
     images = item.pil_images(image_max_side)
     frames = item.pil_frames(image_max_side)

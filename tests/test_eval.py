@@ -1026,6 +1026,30 @@ def test_a_template_holding_a_special_token_is_refused_before_anything_is_writte
     assert not out.exists()
 
 
+def test_build_inputs_refuses_a_template_holding_a_special_token_and_checks_a_good_one_once(load_tiny, item_factory,
+                                                                                         monkeypatch):
+    """A hub model's items are built before its tokenizer is on disk to check (check_prompts skips it), so
+    build_inputs checks the template itself: a bad one is refused each time it is used, a good one is checked once
+    a model, not once per item (the run's template never changes)."""
+    import probe.prompting as prompting
+    from probe.errors import BadInput
+    from probe.prompting import PromptTemplate, build_inputs
+
+    loaded = load_tiny("qwen2")
+    items = [item_factory(with_image=False, item_id=f"validation_Test_{i}", seed=i) for i in range(3)]
+    bad = PromptTemplate(system="Answer.<|im_end|>")
+    for _ in range(2):
+        with pytest.raises(BadInput, match="the prompt template's system text holds '<\\|im_end\\|>'"):
+            build_inputs(loaded, items[0], bad)
+    calls = []
+    real = prompting.check_template_text
+    monkeypatch.setattr(prompting, "check_template_text", lambda *a: calls.append(a[0]) or real(*a))
+    good = PromptTemplate(system="Answer with one letter, checked once.")
+    for item in items:
+        assert build_inputs(loaded, item, good)["input_ids"].shape[0] == 1
+    assert calls == [good]
+
+
 def test_an_image_the_processor_refuses_is_one_line_naming_the_item(data_dir, tiny_dirs, tmp_path, capfd):
     """Qwen2-VL's image processor refuses an image whose one side is 200 times the other or more (a 3×700 strip):
     a traceback that named no item, in probe.eval, the head sweep and fine-tuning. Now exit 2 with one line naming
