@@ -668,3 +668,28 @@ def test_a_score_of_0_or_100_is_drawn_with_its_exact_interval(tmp_path, drawn):
     v = band.get_paths()[0].vertices
     assert v[v[:, 0] == 4, 1].max() == pytest.approx(100 * zero[1])
     assert v[v[:, 0] == 8, 1].min() == pytest.approx(100 * full[0])
+
+
+def test_a_head_sweep_where_no_head_moved_anything_has_a_readable_kl_scale(tmp_path, drawn):
+    """Every KL 0 (a head slice that does not reach the answer, or a one-head sweep of a head that does nothing)
+    gave a colour scale of 0 ... 1e-9 nats, its bar labelled '0.0 ... 1.0' under a '1e-9' multiplier. The scale now
+    runs to 1 nat, in the heatmap, in Figure 2 and under a salience merge's KL maps alike (figures.heads.kl_limit)."""
+    from test_figures_page import write_heads, write_replication
+
+    from figures.heads import kl_limit
+    from figures.report import draw_figure2
+
+    assert kl_limit(np.zeros((2, 3))) == (1.0, False) and kl_limit(np.array([0.0, 0.25]))[0] == 0.25
+    d = write_heads(tmp_path / "h", 1, 4)
+    pd.read_csv(d / "heads.csv").assign(kl=0.0).to_csv(d / "heads.csv", index=False)
+    assert figures_cli("heads", d) == 0
+    im = drawn["heatmap_kl"].axes[0].get_images()[0]
+    assert (im.norm.vmin, im.norm.vmax) == (0.0, 1.0) and im.colorbar.extend == "neither"
+    assert not im.colorbar.ax.yaxis.get_offset_text().get_text()  # no ×1e-9 multiplier over the bar
+    rep = write_replication(tmp_path / "rep", 0, layers=1, heads=1)
+    pd.read_csv(tmp_path / "rep/heads/organism-base/heads.csv").assign(kl=0.0).to_csv(
+        tmp_path / "rep/heads/organism-base/heads.csv", index=False)
+    (tmp_path / "fig").mkdir()
+    draw_figure2(rep, tmp_path / "fig" / "figure2.png")
+    im = drawn["figure2"].axes[0].get_images()[0]
+    assert (im.norm.vmin, im.norm.vmax) == (0.0, 1.0)
