@@ -670,6 +670,78 @@ def test_a_score_of_0_or_100_is_drawn_with_its_exact_interval(tmp_path, drawn):
     assert v[v[:, 0] == 8, 1].min() == pytest.approx(100 * full[0])
 
 
+def visible_texts(fig: Figure) -> list:
+    """Every piece of text a figure shows (titles, labels, tick labels, legend entries, numbers beside points)."""
+    from matplotlib.text import Text
+
+    fig.draw_without_rendering()  # tick labels as the layout places them
+    return [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+
+
+def test_shift_and_trajectory_text_is_7_to_9_pt_like_every_other_figure(tmp_path, drawn):
+    """The shift and trajectory figures drew their axis labels, tick labels and colour bar at matplotlib's 10 pt
+    default beside 7-9 pt titles, while the heatmaps, evaluation, steps and merge figures (and the README's "7-9 pt
+    text") use 7-8 pt: in a paper the two kinds of figure looked set in different sizes."""
+    from test_figures_page import write_trajectory
+
+    write_shift(tmp_path / "s", ["organism-vl", "organism-ov-si"], 4, ["self_attn.q_proj.weight", "mlp.up_proj.weight"])
+    assert figures_cli("shift", tmp_path / "s") == 0
+    assert figures_cli("trajectory", write_trajectory(tmp_path / "t", ["text", "image"])) == 0
+    names = ["shift_models", "shift_heatmap_organism-vl", "trajectory_norms", "trajectory_sketch"]
+    for name in names:
+        sizes = {t.get_text(): t.get_fontsize() for t in visible_texts(drawn[name])}
+        assert sizes and all(7 <= s <= 9 for s in sizes.values()), (name, {t: s for t, s in sizes.items() if s > 9})
+
+
+def test_shift_models_keep_their_colour_in_both_panels_and_in_the_evaluation(tmp_path, drawn):
+    """The model panel drew every model's dot in one blue and the per-layer panel gave models matplotlib's colour
+    cycle by position, so organism-ov-si was orange here and green in the evaluation figure of the same report,
+    and organism-video green here. Both panels now use figures.name_colours, as eval.png does."""
+    from matplotlib.colors import to_rgba
+
+    from figures import name_colours
+
+    models = ["organism-vl", "organism-ov-si", "organism-video"]
+    write_shift(tmp_path, models, 4, ["self_attn.q_proj.weight", "mlp.up_proj.weight"])
+    assert figures_cli("shift", tmp_path) == 0
+    want = {m: to_rgba(c) for m, c in name_colours(models).items()}
+    ax1, ax2 = drawn["shift_models"].axes[:2]
+    dots = {round(ln.get_xdata()[0]): to_rgba(ln.get_color()) for ln in ax1.get_lines()}
+    assert dots == {i: want[m] for i, m in enumerate(models)}
+    assert {ln.get_label(): to_rgba(ln.get_color()) for ln in ax2.get_lines()} == want
+
+
+def test_shift_by_depth_of_a_single_layer_has_whole_layer_ticks(tmp_path, drawn):
+    """A shift over one layer (a model of one layer, or a one-layer slice) put the layer axis at -0.05 ... 0.05
+    with ticks -0.050, -0.025, ... that ran into each other: no such layer exists."""
+    write_shift(tmp_path, ["organism-vl"], 1, ["self_attn.q_proj.weight"])
+    assert figures_cli("shift", tmp_path) == 0
+    ax2 = drawn["shift_models"].axes[1]
+    lo, hi = ax2.get_xlim()
+    ticks = [t for t in ax2.get_xticks() if lo <= t <= hi]
+    assert 0 in ticks and len(ticks) >= 2 and all(float(t).is_integer() for t in ticks)
+
+
+def test_trajectory_legend_sits_below_the_maps(tmp_path, drawn):
+    """Each map had its own legend placed 'best', which avoids points but not the names printed beside them: on a
+    t-SNE map it covered an expert's name. One legend for the figure now sits below both maps, inside the page,
+    with every run and kind of model once."""
+    from test_figures_page import write_trajectory
+
+    assert figures_cli("trajectory", write_trajectory(tmp_path, ["text", "image", "video", "mixed"])) == 0
+    for feature in ("norms", "sketch"):
+        fig = drawn[f"trajectory_{feature}"]
+        fig.draw_without_rendering()
+        renderer = fig.canvas.get_renderer() if hasattr(fig.canvas, "get_renderer") else FigureCanvasAgg(fig).get_renderer()
+        assert all(ax.get_legend() is None for ax in fig.axes)
+        [legend] = fig.legends
+        box = legend.get_window_extent(renderer)
+        assert all(box.y1 <= ax.get_tightbbox(renderer).y0 for ax in fig.axes)  # below the maps and their labels
+        assert box.y0 >= fig.bbox.y0 and box.x0 >= fig.bbox.x0 and box.x1 <= fig.bbox.x1
+        assert [t.get_text() for t in legend.get_texts()] == [
+            "run text", "run image", "run video", "run mixed", "base", "expert", "merged"]
+
+
 def test_a_head_sweep_where_no_head_moved_anything_has_a_readable_kl_scale(tmp_path, drawn):
     """Every KL 0 (a head slice that does not reach the answer, or a one-head sweep of a head that does nothing)
     gave a colour scale of 0 ... 1e-9 nats, its bar labelled '0.0 ... 1.0' under a '1e-9' multiplier. The scale now
