@@ -85,6 +85,10 @@ def _draw_page(titles: list[str], tables: list[pd.DataFrame], colour: dict, lege
             band = [reported_interval(*x) for x in zip(g[metric], g[f"{metric}_lo"], g[f"{metric}_hi"], g["n_items"])]
             ax.fill_between(g["step"], [100 * lo for lo, _ in band], [100 * hi for _, hi in band], color=c, alpha=0.2,
                             lw=0)
+            if len(g) == 1:  # a band of one step has no width: its interval as an error bar
+                (lo, hi), v = band[0], g[metric].iloc[0]
+                ax.errorbar(g["step"], 100 * g[metric], yerr=[[100 * (v - lo)], [100 * (hi - v)]], fmt="none",
+                            color=c, alpha=0.5, capsize=3)
         ax.set_xscale("symlog", linthresh=10)
         steps = sorted(set(t["step"]))
         shown = steps if len(steps) <= 8 else steps[::-(-len(steps) // 8)]  # the saved steps, never log-scale ticks

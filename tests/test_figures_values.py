@@ -765,3 +765,33 @@ def test_a_head_sweep_where_no_head_moved_anything_has_a_readable_kl_scale(tmp_p
     draw_figure2(rep, tmp_path / "fig" / "figure2.png")
     im = drawn["figure2"].axes[0].get_images()[0]
     assert (im.norm.vmin, im.norm.vmax) == (0.0, 1.0)
+
+
+def test_steps_of_a_single_checkpoint_draw_its_interval(tmp_path, drawn):
+    """A data set scored at one checkpoint only (one step evaluated, or the others not applicable) drew its point
+    without an interval: the band of one step has no width. It is drawn as an error bar now; longer lines keep
+    their band alone."""
+    from test_figures_page import SCORE_COLUMNS
+
+    rows = [["ft/checkpoint-10", "text", "all", 16, 0.5, 0.25, 0.75, 0.5, 0.25, 0.75, ""],
+            ["ft/checkpoint-10", "image", "all", 16, 0.5, 0.25, 0.75, 0.5, 0.25, 0.75, ""],
+            ["ft/checkpoint-20", "image", "all", 16, 0.625, 0.375, 0.875, 0.625, 0.375, 0.875, ""],
+            ["ft/checkpoint-20", "text", "all", 0, np.nan, np.nan, np.nan, np.nan, np.nan, np.nan, "not applicable"]]
+    d = tmp_path / "ft-eval"
+    d.mkdir()
+    pd.DataFrame(rows, columns=SCORE_COLUMNS).to_csv(d / "scores.csv", index=False)
+    assert figures_cli("steps", d) == 0
+    ax = drawn["steps"].axes[0]
+    [bar] = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]  # text's one step; image has a band
+    [segment] = bar.lines[2][0].get_segments()
+    assert segment[:, 0].tolist() == [10, 10] and sorted(segment[:, 1]) == pytest.approx([25.0, 75.0])
+
+
+def test_merge_weight_symbols_are_typeset(tmp_path, drawn):
+    """The colour bars said 'merge weight w_i' and the base's panel 'α0', the symbols as typed in source code;
+    they are typeset as w with subscript i and α with subscript 0 (mathtext), as a paper writes them."""
+    assert figures_cli("merge", write_merge(tmp_path / "m", 3)) == 0
+    fig = drawn["merge_heads"]
+    labels = [ax.get_ylabel() for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert "merge weight $w_i$" in labels and not any("w_i" in l and "$" not in l for l in labels)
+    assert any("$\\alpha_0$" in t.get_text() for ax in fig.axes for t in ax.texts)
