@@ -55,7 +55,7 @@ def draw_steps(result_dirs: list[Path] | Path, out: Path | None = None) -> list[
     names = list(dict.fromkeys(n for t in tables for n in t["data"]))  # one colour per data set in every panel
     colour = name_colours(names)
     titles = distinct_names([str(d) for d in dirs])  # seed0/mixed and seed1/mixed, not two panels called mixed
-    legend = 0.26 + 0.13 * ((len(names) - 1) // 6)  # inches below the panels: 6 entries a line
+    legend = 0.39 + 0.13 * ((len(names) - 1) // 6)  # inches below the panels: its title, then 6 entries a line
     # one panel per run, wrapped into rows on a page (4 runs: 2 × 2); past 8, further pages (steps-2, ...)
     pages = page_split(len(dirs), MIN_WIDTH, MIN_PANEL, (0.6, legend))
     written: list[Path] = []
@@ -94,7 +94,7 @@ def _draw_page(titles: list[str], tables: list[pd.DataFrame], colour: dict, lege
         shown = steps if len(steps) <= 8 else steps[::-(-len(steps) // 8)]  # the saved steps, never log-scale ticks
         ax.set_xticks(shown, [str(s) for s in shown])
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-        ax.set_title(title, fontsize=9)
+        ax.set_title(f"run {title}", fontsize=9)  # the run fine-tuned (its eval dir), not a data set it is scored on
         ax.set_xlabel("fine-tuning step", fontsize=8)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)
@@ -104,5 +104,6 @@ def _draw_page(titles: list[str], tables: list[pd.DataFrame], colour: dict, lege
             ax.set_ylabel("accuracy [%]\n(band: 95 % interval)", fontsize=8)
         seen |= dict(zip(*ax.get_legend_handles_labels()[::-1]))
     # below the panels, never over a band
-    fig.legend(list(seen.values()), list(seen), fontsize=7, loc="lower center", ncol=min(len(seen), 6), frameon=False)
+    fig.legend(list(seen.values()), list(seen), fontsize=7, loc="lower center", ncol=min(len(seen), 6), frameon=False,
+               title="evaluated on", title_fontsize=7)
     return fig

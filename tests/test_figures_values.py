@@ -87,7 +87,7 @@ def test_steps_and_merge_panels_of_one_folder_name_are_told_apart(tmp_path, draw
     for seed in (0, 1):
         write_scores(tmp_path / f"seed{seed}" / "mixed", [f"ft/checkpoint-{s}" for s in (0, 10)], ["text"], seed)
     assert figures_cli("steps", tmp_path / "seed0" / "mixed", tmp_path / "seed1" / "mixed") == 0
-    assert [ax.get_title() for ax in drawn["steps"].axes if ax.get_visible()][:2] == ["seed0/mixed", "seed1/mixed"]
+    assert [ax.get_title() for ax in drawn["steps"].axes if ax.get_visible()][:2] == ["run seed0/mixed", "run seed1/mixed"]
     d = write_merge(tmp_path / "m", 3)
     w = pd.read_csv(d / "merge_weights.csv")
     w["model"] = w["model"].str.replace(r"zoo/expert-(\d)", r"run\1/checkpoint-100", regex=True)
@@ -795,3 +795,17 @@ def test_merge_weight_symbols_are_typeset(tmp_path, drawn):
     labels = [ax.get_ylabel() for ax in fig.axes if ax.get_label() == "<colorbar>"]
     assert "merge weight $w_i$" in labels and not any("w_i" in l and "$" not in l for l in labels)
     assert any("$\\alpha_0$" in t.get_text() for ax in fig.axes for t in ax.texts)
+
+
+def test_steps_tell_the_run_from_the_data_set_it_is_scored_on(tmp_path, drawn):
+    """The report's Figure 3 titled its panels 'text', 'image', ... (the runs, fine-tuned on those data) and named
+    its lines 'text', 'image', ... (the data sets scored): a panel 'text' with a line 'text' read as one thing. The
+    panels now say 'run …' (as Figure 4a's legend does) and the legend's title says the lines are what is scored."""
+    runs = [write_scores(tmp_path / name, [f"ft/checkpoint-{s}" for s in (0, 10)], ["text", "image"], seed=k)
+            for k, name in enumerate(["text", "image"])]
+    assert figures_cli("steps", *runs) == 0
+    fig = drawn["steps"]
+    assert [ax.get_title() for ax in fig.axes if ax.get_visible()] == ["run text", "run image"]
+    [legend] = fig.legends
+    assert legend.get_title().get_text() == "evaluated on"
+    assert [t.get_text() for t in legend.get_texts()] == ["text", "image"]
