@@ -663,6 +663,12 @@ def test_a_score_of_0_or_100_is_drawn_with_its_exact_interval(tmp_path, drawn):
     ax = drawn["eval"].axes[0]
     spans = sorted(x for c in ax.collections for seg in c.get_segments() for x in sorted(seg[:, 0]))
     assert spans == pytest.approx(sorted([0.0, 100 * zero[1], 18.75, 68.75, 100 * full[0], 100.0]))
+    # the title, which says the intervals are bootstrap ones, names the exact ones drawn beside them
+    assert "exact Clopper-Pearson at 0 % and 100 %" in drawn["eval"].get_suptitle()
+    pd.DataFrame(rows[:1], columns=SCORE_COLUMNS).to_csv(d / "scores.csv", index=False)
+    assert figures_cli("eval", d) == 0
+    assert drawn["eval"].get_suptitle() == "Evaluation, 95 % bootstrap intervals"
+    pd.DataFrame(rows, columns=SCORE_COLUMNS).to_csv(d / "scores.csv", index=False)
     assert figures_cli("steps", d) == 0
     [band] = [c for c in drawn["steps"].axes[0].collections if len(c.get_paths())]
     v = band.get_paths()[0].vertices
