@@ -815,3 +815,20 @@ def test_steps_tell_the_run_from_the_data_set_it_is_scored_on(tmp_path, drawn):
     [legend] = fig.legends
     assert legend.get_title().get_text() == "evaluated on"
     assert [t.get_text() for t in legend.get_texts()] == ["text", "image"]
+
+
+def test_heatmap_cells_in_a_pdf_are_a_print_resolution_raster(tmp_path, drawn):
+    """A PDF's text and lines are vector, but imshow's cells are a raster, which the PDF carried at the figure's
+    110-150 dpi (Figure 2's 8 heads: 37 px a head), soft-edged when printed or zoomed. It is 300 dpi now."""
+    from test_figures_page import write_heads
+
+    from figures import PDF_DPI
+
+    d = write_heads(tmp_path, 4, 8)
+    assert figures_cli("heads", d) == 0
+    fig = drawn["heatmap_kl"]
+    ax = fig.axes[0]
+    inches = ax.get_position().width * fig.get_figwidth()  # the heatmap's width on the page
+    widths = [int(w) for w in re.findall(rb"/Subtype\s*/Image.{0,300}?/Width (\d+)", (d / "heatmap_kl.pdf").read_bytes(),
+                                         re.S)]
+    assert PDF_DPI == 300 and max(widths) >= 0.95 * PDF_DPI * inches
