@@ -87,7 +87,8 @@ def test_steps_and_merge_panels_of_one_folder_name_are_told_apart(tmp_path, draw
     for seed in (0, 1):
         write_scores(tmp_path / f"seed{seed}" / "mixed", [f"ft/checkpoint-{s}" for s in (0, 10)], ["text"], seed)
     assert figures_cli("steps", tmp_path / "seed0" / "mixed", tmp_path / "seed1" / "mixed") == 0
-    assert [ax.get_title() for ax in drawn["steps"].axes if ax.get_visible()][:2] == ["run seed0/mixed", "run seed1/mixed"]
+    titles = [ax.get_title() for ax in drawn["steps"].axes if ax.get_visible()]
+    assert titles[:2] == ["run seed0/mixed", "run seed1/mixed"]
     d = write_merge(tmp_path / "m", 3)
     w = pd.read_csv(d / "merge_weights.csv")
     w["model"] = w["model"].str.replace(r"zoo/expert-(\d)", r"run\1/checkpoint-100", regex=True)
@@ -737,8 +738,8 @@ def test_trajectory_legend_sits_below_the_maps(tmp_path, drawn):
     assert figures_cli("trajectory", write_trajectory(tmp_path, ["text", "image", "video", "mixed"])) == 0
     for feature in ("norms", "sketch"):
         fig = drawn[f"trajectory_{feature}"]
+        renderer = FigureCanvasAgg(fig).get_renderer()  # the figure was closed after saving: a canvas to measure on
         fig.draw_without_rendering()
-        renderer = fig.canvas.get_renderer() if hasattr(fig.canvas, "get_renderer") else FigureCanvasAgg(fig).get_renderer()
         assert all(ax.get_legend() is None for ax in fig.axes)
         [legend] = fig.legends
         box = legend.get_window_extent(renderer)
@@ -829,6 +830,6 @@ def test_heatmap_cells_in_a_pdf_are_a_print_resolution_raster(tmp_path, drawn):
     fig = drawn["heatmap_kl"]
     ax = fig.axes[0]
     inches = ax.get_position().width * fig.get_figwidth()  # the heatmap's width on the page
-    widths = [int(w) for w in re.findall(rb"/Subtype\s*/Image.{0,300}?/Width (\d+)", (d / "heatmap_kl.pdf").read_bytes(),
-                                         re.S)]
+    pdf = (d / "heatmap_kl.pdf").read_bytes()
+    widths = [int(w) for w in re.findall(rb"/Subtype\s*/Image.{0,300}?/Width (\d+)", pdf, re.S)]
     assert PDF_DPI == 300 and max(widths) >= 0.95 * PDF_DPI * inches
