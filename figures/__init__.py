@@ -13,6 +13,8 @@ UNIT = (0.0, 1.0)  # bounds of an accuracy or a probability
 # inches: the largest figure a paper page takes whole. Every figure is drawn at most this size with its text at
 # 7-10 pt, so the text stays that size when the figure goes into a paper (a wider one would be scaled down)
 PAGE_WIDTH, PAGE_HEIGHT = 7.0, 9.0
+PDF_FONTS = {"pdf.fonttype": 42, "ps.fonttype": 42}  # rcParams every figure is saved under (save_figure)
+PDF_DPI = 300  # the resolution of the rasters (heatmap cells) inside a PDF
 
 
 def page_grid(n: int, min_width: float, margin: float = 0.0) -> tuple[int, int]:
@@ -161,10 +163,16 @@ def save_figure(fig: Any, path: Path, **savefig: Any) -> Path:
     figure that a finished-looking run would show."""
     from probe.results import atomic_write_with
 
+    import matplotlib
+
     fmt = Path(path).suffix[1:]
     if fmt == "pdf":  # no creation date: the same figure is the same bytes (a rerun of a stage compares equal)
-        savefig = {"metadata": {"CreationDate": None}} | savefig
-    atomic_write_with(Path(path), lambda tmp: fig.savefig(tmp, format=fmt, **savefig))
+        # everything but a heatmap's cells is vector; the cells (imshow) are a raster at print resolution, not at
+        # the figure's 110-150 dpi
+        savefig = {"metadata": {"CreationDate": None}} | savefig | {"dpi": PDF_DPI}
+    # fonts embedded as TrueType (Type 42), as journals and arXiv ask, instead of matplotlib's default Type 3
+    with matplotlib.rc_context(PDF_FONTS):
+        atomic_write_with(Path(path), lambda tmp: fig.savefig(tmp, format=fmt, **savefig))
     return Path(path)
 
 

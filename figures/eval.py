@@ -124,9 +124,13 @@ def draw_eval(result_dir: Path) -> list[Path]:
     left = 0.6 + 0.055 * max(map(len, labels.values()))  # inches for the longest label at 8 pt
     min_width, per_page = eval_pages(len(models), len(datasets), left)
     pages = [range(s, min(s + per_page, len(models))) for s in range(0, len(models), per_page)]
+    # a rate of 0 or 100 % is drawn with its exact interval (reported_interval): the title says so where one is
+    v, lo, hi = (top[f"{metric}{s}"] for s in ("", "_lo", "_hi"))
+    exact = bool(((top["n_items"] > 0) & v.isin([0.0, 1.0]) & (lo == v) & (hi == v)).any())
     written: list[Path] = []
     for k, page in enumerate(pages):
-        title = "Evaluation, 95 % bootstrap intervals" + page_caption(pages, k, "models")
+        title = ("Evaluation, 95 % bootstrap intervals" + page_caption(pages, k, "models")
+                 + ("\n(exact Clopper-Pearson at 0 % and 100 %)" if exact else ""))
         fig = _draw_page(top, metric, [models[i] for i in page], [labels[models[i]] for i in page], datasets, colour,
                          left, min_width, title)
         written += save_png_pdf(fig, result_dir, page_stem("eval", k))

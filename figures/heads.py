@@ -21,9 +21,12 @@ PANELS = {  # accuracies on a two-sided map centred on the unmasked baseline: re
 def kl_limit(values: np.ndarray) -> tuple[float, bool]:
     """Top of a colour scale of non-negative values (KL, or distances from a baseline), and whether it clips: on a
     large grid (> 100 heads) one outlier head would wash the rest out, so the scale stops at the 99th percentile
-    when the maximum is over twice that (the colour bar's arrow says so); small grids show their maximum."""
+    when the maximum is over twice that (the colour bar's arrow says so); small grids show their maximum. A grid
+    of zeros (no head moved anything) gets a scale up to 1, not one of 1e-9 units whose bar read "0.0 ... 1.0 1e-9"."""
     v = values[np.isfinite(values)]
-    top = max(float(v.max()) if v.size else 0.0, 1e-9)
+    top = float(v.max()) if v.size else 0.0
+    if top <= 0:
+        return 1.0, False
     if v.size > 100 and top > 2 * (p99 := float(np.percentile(v, 99))) and p99 > 0:
         return p99, True
     return top, False

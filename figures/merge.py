@@ -177,10 +177,10 @@ def _draw_page(names: list[str], titles: list[str], sals: list[np.ndarray | None
         ax.set_ylabel("layer", fontsize=8)
         cb = fig.colorbar(im, ax=ax, fraction=0.046)
         cb.ax.tick_params(labelsize=7)
-        cb.set_label("merge weight w_i", fontsize=7)
+        cb.set_label("merge weight $w_i$", fontsize=7)
         s = sals[k]
         if s is None:
-            ax2.text(0.5, 0.5, "base keeps α0\n(no salience run)" if is_base[k] else "salience run not found",
+            ax2.text(0.5, 0.5, "base keeps $\\alpha_0$\n(no salience run)" if is_base[k] else "salience run not found",
                      ha="center", va="center", fontsize=8, transform=ax2.transAxes)
             ax2.set_axis_off()
         else:

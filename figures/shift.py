@@ -17,8 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
-from figures import (PAGE_HEIGHT, PAGE_WIDTH, fit_page, label_step, page_panels, read_json,  # noqa: E402
-                     read_table, save_figure, separate_labels)
+from figures import (PAGE_HEIGHT, PAGE_WIDTH, fit_page, label_step, name_colours, page_panels,  # noqa: E402
+                     read_json, read_table, save_figure, separate_labels)
 from probe.errors import BadInput  # noqa: E402
 
 if TYPE_CHECKING:
@@ -114,10 +114,12 @@ def draw_shift(result_dir: Path) -> list[Path]:
         across, down = label_step(cell_w), label_step(cell_h)
         ax.set_xticks(range(0, n_m, across), names[::across], rotation=60, ha="right", fontsize=7)
         ax.set_yticks(range(0, n_l, down), grid.index[::down], fontsize=7)
-        ax.set_xlabel("module" + ("  (grey: Δavg = 0, unchanged)" if zero.any() else ""))
-        ax.set_ylabel("layer")
+        ax.set_xlabel("module" + ("  (grey: Δavg = 0, unchanged)" if zero.any() else ""), fontsize=8)
+        ax.set_ylabel("layer", fontsize=8)
         ax.set_title(f"Δavg = mean |θ_base − θ| per tensor (Eq. 3): {labels[m]}", fontsize=9)
-        fig.colorbar(im, ax=ax, label="Δavg (log)")
+        cbar = fig.colorbar(im, ax=ax)
+        cbar.set_label("Δavg (log)", fontsize=8)
+        cbar.ax.tick_params(labelsize=7)
         fig.tight_layout()  # the rotated module names inside the figure, not past its edge
         written += save(fig, result_dir / f"shift_heatmap_{slug(labels[m])}")
     # side by side while each model's label and number keep about an inch, else one above the other
@@ -126,16 +128,19 @@ def draw_shift(result_dir: Path) -> list[Path]:
     means = df.groupby("model", sort=False)["delta_avg"].mean().reindex(models)
     # dots, not bars: a bar's height on a log axis depends on where the axis starts; a model that did not move
     # (mean 0, which a log axis has not) is an open triangle at the axis' foot
-    m_values, x = means.to_numpy(), np.arange(len(models))
-    foot, moved = log_foot(m_values), m_values > 0
-    ax1.plot(x[moved], m_values[moved], "o", color="C0", ms=7)
-    if not moved.all():
-        ax1.plot(x[~moved], np.full((~moved).sum(), foot), "v", color="C0", mfc="none", ms=7)
+    m_values = means.to_numpy()
+    foot = log_foot(m_values)
+    colour = name_colours(models)  # a model's colour in both panels, as in the evaluation figure
+    for i, (m, v) in enumerate(zip(models, m_values)):
+        if v > 0:
+            ax1.plot([i], [v], "o", color=colour[m], ms=7)
+        else:
+            ax1.plot([i], [foot], "v", color=colour[m], mfc="none", ms=7)
     ax1.set_xticks(range(len(models)), [labels[m] for m in models])
     ax1.set_xlim(-0.6, len(models) - 0.4)
     ax1.grid(axis="y", which="both", alpha=0.3)
     ax1.set_yscale("log")
-    ax1.set_ylabel("mean Δavg over tensors (log)")
+    ax1.set_ylabel("mean Δavg over tensors (log)", fontsize=8)
     low = means.min()
     ax1.set_title("parameter shift from the base (Eq. 3);\n" + ("(k×): k times the least shifted" if low > 0 else
                   "▽ at the foot: 0, did not move (no k× ratio)"), fontsize=9)
@@ -155,19 +160,25 @@ def draw_shift(result_dir: Path) -> list[Path]:
     frozen = False
     for m, s in per_layer.items():  # a layer that did not move: at the foot, an open triangle, not a gap
         y, z = s.to_numpy(), s.to_numpy() == 0
-        line, = ax2.plot(s.index, np.where(z, layer_foot, y), marker="o", ms=3, label=labels[m])
+        line, = ax2.plot(s.index, np.where(z, layer_foot, y), marker="o", ms=3, color=colour[m], label=labels[m])
         if z.any():
             frozen = True
             ax2.plot(s.index[z], np.full(z.sum(), layer_foot), "v", ms=5, mfc="white", color=line.get_color())
     ax2.set_yscale("log")
-    ax2.set_xlabel("layer")
-    ax2.set_ylabel("mean Δavg over the layer's tensors")
+    ax2.set_xlabel("layer", fontsize=8)
+    ax2.set_ylabel("mean Δavg over the layer's tensors", fontsize=8)
     ax2.set_title("shift by depth" + ("\n▽ at the foot: 0, did not move" if frozen else ""), fontsize=9)
     # below the panel: inside it ("best") the legend covered lines whenever the layers' curves filled the panel
     wide = max(len(labels[m]) for m in models) > 20  # long names one per line
     ax2.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1 if wide else min(3, len(models)),
                frameon=False)
     ax2.xaxis.get_major_locator().set_params(integer=True)
+    layers = sorted(layer_df["layer"].unique())
+    if len(layers) == 1:  # one layer: whole-numbered ticks around it, not -0.050 ... 0.050
+        ax2.set_xlim(layers[0] - 1, layers[0] + 1)
+    for ax in (ax1, ax2):
+        ax.tick_params(which="both", labelsize=7)
+    ax1.tick_params(axis="x", labelsize=8)  # the models' names, as in the evaluation figure
     fig.tight_layout(w_pad=3)
     fit_page(fig)  # the size it is saved at, where the numbers are placed
     separate_labels(values, sides=(1,))  # models that shifted alike (0.00076 and 0.0007): one number above the other

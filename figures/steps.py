@@ -55,7 +55,7 @@ def draw_steps(result_dirs: list[Path] | Path, out: Path | None = None) -> list[
     names = list(dict.fromkeys(n for t in tables for n in t["data"]))  # one colour per data set in every panel
     colour = name_colours(names)
     titles = distinct_names([str(d) for d in dirs])  # seed0/mixed and seed1/mixed, not two panels called mixed
-    legend = 0.26 + 0.13 * ((len(names) - 1) // 6)  # inches below the panels: 6 entries a line
+    legend = 0.39 + 0.13 * ((len(names) - 1) // 6)  # inches below the panels: its title, then 6 entries a line
     # one panel per run, wrapped into rows on a page (4 runs: 2 × 2); past 8, further pages (steps-2, ...)
     pages = page_split(len(dirs), MIN_WIDTH, MIN_PANEL, (0.6, legend))
     written: list[Path] = []
@@ -85,12 +85,16 @@ def _draw_page(titles: list[str], tables: list[pd.DataFrame], colour: dict, lege
             band = [reported_interval(*x) for x in zip(g[metric], g[f"{metric}_lo"], g[f"{metric}_hi"], g["n_items"])]
             ax.fill_between(g["step"], [100 * lo for lo, _ in band], [100 * hi for _, hi in band], color=c, alpha=0.2,
                             lw=0)
+            if len(g) == 1:  # a band of one step has no width: its interval as an error bar
+                (lo, hi), v = band[0], g[metric].iloc[0]
+                ax.errorbar(g["step"], 100 * g[metric], yerr=[[100 * (v - lo)], [100 * (hi - v)]], fmt="none",
+                            color=c, alpha=0.5, capsize=3)
         ax.set_xscale("symlog", linthresh=10)
         steps = sorted(set(t["step"]))
         shown = steps if len(steps) <= 8 else steps[::-(-len(steps) // 8)]  # the saved steps, never log-scale ticks
         ax.set_xticks(shown, [str(s) for s in shown])
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-        ax.set_title(title, fontsize=9)
+        ax.set_title(f"run {title}", fontsize=9)  # the run fine-tuned (its eval dir), not a data set it is scored on
         ax.set_xlabel("fine-tuning step", fontsize=8)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)
@@ -100,5 +104,6 @@ def _draw_page(titles: list[str], tables: list[pd.DataFrame], colour: dict, lege
             ax.set_ylabel("accuracy [%]\n(band: 95 % interval)", fontsize=8)
         seen |= dict(zip(*ax.get_legend_handles_labels()[::-1]))
     # below the panels, never over a band
-    fig.legend(list(seen.values()), list(seen), fontsize=7, loc="lower center", ncol=min(len(seen), 6), frameon=False)
+    fig.legend(list(seen.values()), list(seen), fontsize=7, loc="lower center", ncol=min(len(seen), 6), frameon=False,
+               title="evaluated on", title_fontsize=7)
     return fig

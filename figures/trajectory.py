@@ -26,6 +26,7 @@ STYLE = {  # kind -> marker, size, colour (None: one colour per run)
 }
 # a colour per fine-tuning run: tab10 without the experts' blue (C0) and the merged models' red (C3)
 RUN_COLOURS = [f"C{k}" for k in (2, 1, 4, 5, 6, 8, 9, 7)]
+LEGEND_COLUMNS = 4
 TITLES = {"norms": "per-tensor ‖θ − θ_ref‖ (paper's feature)", "sketch": "random-projection sketch of θ − θ_ref"}
 
 
@@ -116,8 +117,11 @@ def draw_trajectory(result_dir: Path) -> list[Path]:
     for feature in dict.fromkeys(df["feature"]):
         sub = df[df["feature"] == feature]
         methods = list(dict.fromkeys(sub["method"]))
+        # one legend below the panels (inside one, "best" placed it over the points' names): its lines of 4 entries
+        entries = sub["run"].replace("", None).nunique() + sub.loc[sub["kind"] != "run", "kind"].nunique()
+        legend = 0.12 + 0.2 * -(-entries // LEGEND_COLUMNS)  # inches
         # PCA beside t-SNE on a page: 3.5 in each, titles wrapped to that (about 14 characters an inch at 9 pt)
-        fig, panels = page_panels(len(methods), 6, 4.2, min_width=3.4)
+        fig, panels = page_panels(len(methods), 6, 4.2, min_width=3.4, margin=(0.0, legend))
         chars = int(14 * fig.get_size_inches()[0] / panels[0][0].get_subplotspec().get_gridspec().ncols)
         names_of: list[list[Any]] = []  # per panel, the labels beside points
         for (ax,), method in zip(panels, methods):
@@ -161,12 +165,17 @@ def draw_trajectory(result_dir: Path) -> list[Path]:
                 if info.get("perplexity_used") is not None:
                     title += f", perplexity {info['perplexity_used']:g}"
             ax.set_title("\n".join(textwrap.fill(line, chars) for line in title.split("\n")), fontsize=9)
-            ax.set_xlabel(names[0])
-            ax.set_ylabel(names[1])
+            ax.set_xlabel(names[0], fontsize=8)
+            ax.set_ylabel(names[1], fontsize=8)
+            ax.tick_params(labelsize=7)
             ax.xaxis.set_major_locator(MaxNLocator(5))  # t-SNE's long tick labels would run together at 3.5 in
-            ax.legend(fontsize=7, loc="best")
             ax.margins(0.15)
-        fig.tight_layout()
+        shown: dict[str, Any] = {}  # every map shows the same runs and models: one entry each
+        for (ax,) in panels:
+            shown |= dict(zip(*ax.get_legend_handles_labels()[::-1]))
+        fig.legend(list(shown.values()), list(shown), fontsize=7, loc="lower center", frameon=False,
+                   ncol=min(len(shown), LEGEND_COLUMNS))
+        fig.tight_layout(rect=(0, legend / fig.get_size_inches()[1], 1, 1))
         fit_page(fig)  # the size it is saved at, where the labels are placed
         for texts in names_of:  # the base, experts a real run barely moved and the merges sit close together
             separate_labels(texts[::-1], leader=True)  # the models' names first, then the runs' last steps

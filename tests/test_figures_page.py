@@ -172,7 +172,8 @@ def draw_all(root: Path, n: int) -> list[Path]:
 @pytest.mark.parametrize("n", [1, 6])
 def test_every_figure_fits_a_page(tmp_path, n):
     """Panels wrap into rows (6 data sets: 2 columns × 3 rows) instead of one row growing past the page: every
-    PNG and PDF is at most 7 × 9 in as saved, so its 7-10 pt text keeps its size in a paper."""
+    PNG and PDF is at most 7 × 9 in as saved, so its 7-10 pt text keeps its size in a paper. Every PDF embeds its
+    fonts as TrueType (pdf.fonttype 42): matplotlib's default Type 3 fonts are refused by journals' PDF checks."""
     import matplotlib.pyplot as plt
 
     written = draw_all(tmp_path, n)
@@ -180,6 +181,9 @@ def test_every_figure_fits_a_page(tmp_path, n):
     for path in written:
         w, h = saved_inches(path)
         assert w <= PAGE_WIDTH + 0.01 and h <= PAGE_HEIGHT + 0.01, (path.relative_to(tmp_path), round(w, 2), round(h, 2))
+        if path.suffix == ".pdf":
+            fonts = set(re.findall(rb"/Subtype\s*/(Type3|TrueType|CIDFontType2|Type1)\b", path.read_bytes()))
+            assert fonts and fonts <= {b"TrueType", b"CIDFontType2"}, (path.relative_to(tmp_path), fonts)
 
 
 def test_page_grid_wraps_panels_into_even_rows():

@@ -87,7 +87,8 @@ def test_steps_and_merge_panels_of_one_folder_name_are_told_apart(tmp_path, draw
     for seed in (0, 1):
         write_scores(tmp_path / f"seed{seed}" / "mixed", [f"ft/checkpoint-{s}" for s in (0, 10)], ["text"], seed)
     assert figures_cli("steps", tmp_path / "seed0" / "mixed", tmp_path / "seed1" / "mixed") == 0
-    assert [ax.get_title() for ax in drawn["steps"].axes if ax.get_visible()][:2] == ["seed0/mixed", "seed1/mixed"]
+    titles = [ax.get_title() for ax in drawn["steps"].axes if ax.get_visible()]
+    assert titles[:2] == ["run seed0/mixed", "run seed1/mixed"]
     d = write_merge(tmp_path / "m", 3)
     w = pd.read_csv(d / "merge_weights.csv")
     w["model"] = w["model"].str.replace(r"zoo/expert-(\d)", r"run\1/checkpoint-100", regex=True)
@@ -663,8 +664,172 @@ def test_a_score_of_0_or_100_is_drawn_with_its_exact_interval(tmp_path, drawn):
     ax = drawn["eval"].axes[0]
     spans = sorted(x for c in ax.collections for seg in c.get_segments() for x in sorted(seg[:, 0]))
     assert spans == pytest.approx(sorted([0.0, 100 * zero[1], 18.75, 68.75, 100 * full[0], 100.0]))
+    # the title, which says the intervals are bootstrap ones, names the exact ones drawn beside them
+    assert "exact Clopper-Pearson at 0 % and 100 %" in drawn["eval"].get_suptitle()
+    pd.DataFrame(rows[:1], columns=SCORE_COLUMNS).to_csv(d / "scores.csv", index=False)
+    assert figures_cli("eval", d) == 0
+    assert drawn["eval"].get_suptitle() == "Evaluation, 95 % bootstrap intervals"
+    pd.DataFrame(rows, columns=SCORE_COLUMNS).to_csv(d / "scores.csv", index=False)
     assert figures_cli("steps", d) == 0
     [band] = [c for c in drawn["steps"].axes[0].collections if len(c.get_paths())]
     v = band.get_paths()[0].vertices
     assert v[v[:, 0] == 4, 1].max() == pytest.approx(100 * zero[1])
     assert v[v[:, 0] == 8, 1].min() == pytest.approx(100 * full[0])
+
+
+def visible_texts(fig: Figure) -> list:
+    """Every piece of text a figure shows (titles, labels, tick labels, legend entries, numbers beside points)."""
+    from matplotlib.text import Text
+
+    fig.draw_without_rendering()  # tick labels as the layout places them
+    return [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+
+
+def test_shift_and_trajectory_text_is_7_to_9_pt_like_every_other_figure(tmp_path, drawn):
+    """The shift and trajectory figures drew their axis labels, tick labels and colour bar at matplotlib's 10 pt
+    default beside 7-9 pt titles, while the heatmaps, evaluation, steps and merge figures (and the README's "7-9 pt
+    text") use 7-8 pt: in a paper the two kinds of figure looked set in different sizes."""
+    from test_figures_page import write_trajectory
+
+    write_shift(tmp_path / "s", ["organism-vl", "organism-ov-si"], 4, ["self_attn.q_proj.weight", "mlp.up_proj.weight"])
+    assert figures_cli("shift", tmp_path / "s") == 0
+    assert figures_cli("trajectory", write_trajectory(tmp_path / "t", ["text", "image"])) == 0
+    names = ["shift_models", "shift_heatmap_organism-vl", "trajectory_norms", "trajectory_sketch"]
+    for name in names:
+        sizes = {t.get_text(): t.get_fontsize() for t in visible_texts(drawn[name])}
+        assert sizes and all(7 <= s <= 9 for s in sizes.values()), (name, {t: s for t, s in sizes.items() if s > 9})
+
+
+def test_shift_models_keep_their_colour_in_both_panels_and_in_the_evaluation(tmp_path, drawn):
+    """The model panel drew every model's dot in one blue and the per-layer panel gave models matplotlib's colour
+    cycle by position, so organism-ov-si was orange here and green in the evaluation figure of the same report,
+    and organism-video green here. Both panels now use figures.name_colours, as eval.png does."""
+    from matplotlib.colors import to_rgba
+
+    from figures import name_colours
+
+    models = ["organism-vl", "organism-ov-si", "organism-video"]
+    write_shift(tmp_path, models, 4, ["self_attn.q_proj.weight", "mlp.up_proj.weight"])
+    assert figures_cli("shift", tmp_path) == 0
+    want = {m: to_rgba(c) for m, c in name_colours(models).items()}
+    ax1, ax2 = drawn["shift_models"].axes[:2]
+    dots = {round(ln.get_xdata()[0]): to_rgba(ln.get_color()) for ln in ax1.get_lines()}
+    assert dots == {i: want[m] for i, m in enumerate(models)}
+    assert {ln.get_label(): to_rgba(ln.get_color()) for ln in ax2.get_lines()} == want
+
+
+def test_shift_by_depth_of_a_single_layer_has_whole_layer_ticks(tmp_path, drawn):
+    """A shift over one layer (a model of one layer, or a one-layer slice) put the layer axis at -0.05 ... 0.05
+    with ticks -0.050, -0.025, ... that ran into each other: no such layer exists."""
+    write_shift(tmp_path, ["organism-vl"], 1, ["self_attn.q_proj.weight"])
+    assert figures_cli("shift", tmp_path) == 0
+    ax2 = drawn["shift_models"].axes[1]
+    lo, hi = ax2.get_xlim()
+    ticks = [t for t in ax2.get_xticks() if lo <= t <= hi]
+    assert 0 in ticks and len(ticks) >= 2 and all(float(t).is_integer() for t in ticks)
+
+
+def test_trajectory_legend_sits_below_the_maps(tmp_path, drawn):
+    """Each map had its own legend placed 'best', which avoids points but not the names printed beside them: on a
+    t-SNE map it covered an expert's name. One legend for the figure now sits below both maps, inside the page,
+    with every run and kind of model once."""
+    from test_figures_page import write_trajectory
+
+    assert figures_cli("trajectory", write_trajectory(tmp_path, ["text", "image", "video", "mixed"])) == 0
+    for feature in ("norms", "sketch"):
+        fig = drawn[f"trajectory_{feature}"]
+        renderer = FigureCanvasAgg(fig).get_renderer()  # the figure was closed after saving: a canvas to measure on
+        fig.draw_without_rendering()
+        assert all(ax.get_legend() is None for ax in fig.axes)
+        [legend] = fig.legends
+        box = legend.get_window_extent(renderer)
+        assert all(box.y1 <= ax.get_tightbbox(renderer).y0 for ax in fig.axes)  # below the maps and their labels
+        assert box.y0 >= fig.bbox.y0 and box.x0 >= fig.bbox.x0 and box.x1 <= fig.bbox.x1
+        assert [t.get_text() for t in legend.get_texts()] == [
+            "run text", "run image", "run video", "run mixed", "base", "expert", "merged"]
+
+
+def test_a_head_sweep_where_no_head_moved_anything_has_a_readable_kl_scale(tmp_path, drawn):
+    """Every KL 0 (a head slice that does not reach the answer, or a one-head sweep of a head that does nothing)
+    gave a colour scale of 0 ... 1e-9 nats, its bar labelled '0.0 ... 1.0' under a '1e-9' multiplier. The scale now
+    runs to 1 nat, in the heatmap, in Figure 2 and under a salience merge's KL maps alike (figures.heads.kl_limit)."""
+    from test_figures_page import write_heads, write_replication
+
+    from figures.heads import kl_limit
+    from figures.report import draw_figure2
+
+    assert kl_limit(np.zeros((2, 3))) == (1.0, False) and kl_limit(np.array([0.0, 0.25]))[0] == 0.25
+    d = write_heads(tmp_path / "h", 1, 4)
+    pd.read_csv(d / "heads.csv").assign(kl=0.0).to_csv(d / "heads.csv", index=False)
+    assert figures_cli("heads", d) == 0
+    im = drawn["heatmap_kl"].axes[0].get_images()[0]
+    assert (im.norm.vmin, im.norm.vmax) == (0.0, 1.0) and im.colorbar.extend == "neither"
+    assert not im.colorbar.ax.yaxis.get_offset_text().get_text()  # no ×1e-9 multiplier over the bar
+    rep = write_replication(tmp_path / "rep", 0, layers=1, heads=1)
+    pd.read_csv(tmp_path / "rep/heads/organism-base/heads.csv").assign(kl=0.0).to_csv(
+        tmp_path / "rep/heads/organism-base/heads.csv", index=False)
+    (tmp_path / "fig").mkdir()
+    draw_figure2(rep, tmp_path / "fig" / "figure2.png")
+    im = drawn["figure2"].axes[0].get_images()[0]
+    assert (im.norm.vmin, im.norm.vmax) == (0.0, 1.0)
+
+
+def test_steps_of_a_single_checkpoint_draw_its_interval(tmp_path, drawn):
+    """A data set scored at one checkpoint only (one step evaluated, or the others not applicable) drew its point
+    without an interval: the band of one step has no width. It is drawn as an error bar now; longer lines keep
+    their band alone."""
+    from test_figures_page import SCORE_COLUMNS
+
+    rows = [["ft/checkpoint-10", "text", "all", 16, 0.5, 0.25, 0.75, 0.5, 0.25, 0.75, ""],
+            ["ft/checkpoint-10", "image", "all", 16, 0.5, 0.25, 0.75, 0.5, 0.25, 0.75, ""],
+            ["ft/checkpoint-20", "image", "all", 16, 0.625, 0.375, 0.875, 0.625, 0.375, 0.875, ""],
+            ["ft/checkpoint-20", "text", "all", 0, np.nan, np.nan, np.nan, np.nan, np.nan, np.nan, "not applicable"]]
+    d = tmp_path / "ft-eval"
+    d.mkdir()
+    pd.DataFrame(rows, columns=SCORE_COLUMNS).to_csv(d / "scores.csv", index=False)
+    assert figures_cli("steps", d) == 0
+    ax = drawn["steps"].axes[0]
+    [bar] = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]  # text's one step; image has a band
+    [segment] = bar.lines[2][0].get_segments()
+    assert segment[:, 0].tolist() == [10, 10] and sorted(segment[:, 1]) == pytest.approx([25.0, 75.0])
+
+
+def test_merge_weight_symbols_are_typeset(tmp_path, drawn):
+    """The colour bars said 'merge weight w_i' and the base's panel 'α0', the symbols as typed in source code;
+    they are typeset as w with subscript i and α with subscript 0 (mathtext), as a paper writes them."""
+    assert figures_cli("merge", write_merge(tmp_path / "m", 3)) == 0
+    fig = drawn["merge_heads"]
+    labels = [ax.get_ylabel() for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert "merge weight $w_i$" in labels and not any("w_i" in l and "$" not in l for l in labels)
+    assert any("$\\alpha_0$" in t.get_text() for ax in fig.axes for t in ax.texts)
+
+
+def test_steps_tell_the_run_from_the_data_set_it_is_scored_on(tmp_path, drawn):
+    """The report's Figure 3 titled its panels 'text', 'image', ... (the runs, fine-tuned on those data) and named
+    its lines 'text', 'image', ... (the data sets scored): a panel 'text' with a line 'text' read as one thing. The
+    panels now say 'run …' (as Figure 4a's legend does) and the legend's title says the lines are what is scored."""
+    runs = [write_scores(tmp_path / name, [f"ft/checkpoint-{s}" for s in (0, 10)], ["text", "image"], seed=k)
+            for k, name in enumerate(["text", "image"])]
+    assert figures_cli("steps", *runs) == 0
+    fig = drawn["steps"]
+    assert [ax.get_title() for ax in fig.axes if ax.get_visible()] == ["run text", "run image"]
+    [legend] = fig.legends
+    assert legend.get_title().get_text() == "evaluated on"
+    assert [t.get_text() for t in legend.get_texts()] == ["text", "image"]
+
+
+def test_heatmap_cells_in_a_pdf_are_a_print_resolution_raster(tmp_path, drawn):
+    """A PDF's text and lines are vector, but imshow's cells are a raster, which the PDF carried at the figure's
+    110-150 dpi (Figure 2's 8 heads: 37 px a head), soft-edged when printed or zoomed. It is 300 dpi now."""
+    from test_figures_page import write_heads
+
+    from figures import PDF_DPI
+
+    d = write_heads(tmp_path, 4, 8)
+    assert figures_cli("heads", d) == 0
+    fig = drawn["heatmap_kl"]
+    ax = fig.axes[0]
+    inches = ax.get_position().width * fig.get_figwidth()  # the heatmap's width on the page
+    pdf = (d / "heatmap_kl.pdf").read_bytes()
+    widths = [int(w) for w in re.findall(rb"/Subtype\s*/Image.{0,300}?/Width (\d+)", pdf, re.S)]
+    assert PDF_DPI == 300 and max(widths) >= 0.95 * PDF_DPI * inches
