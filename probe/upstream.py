@@ -34,13 +34,15 @@ _PASS_ONLY = frozenset(CACHE_KWARGS) | {"use_cache", "hidden_states"}
 class UpstreamChanged(RunStopped):
     """An internal API of transformers that the engines call no longer behaves as probe/upstream.py expects."""
 
-    def __init__(self, what: str):
+    def __init__(self, what: str, naive_helps: bool = True):
+        """``naive_helps``: the naive engine does not rely on the changed API (False for what every engine reads:
+        the prompt's tokens, the model's inputs)."""
         import transformers
 
         super().__init__(
             f"transformers {transformers.__version__}: {what}. probe/upstream.py was checked against "
-            f"{', '.join(TESTED_TRANSFORMERS)}; install one of those (pip install 'transformers=={TESTED_TRANSFORMERS[-1]}') "
-            "or use --method naive until it is updated"
+            f"{', '.join(TESTED_TRANSFORMERS)}; install one of those (pip install 'transformers=={TESTED_TRANSFORMERS[-1]}')"
+            + (" or use --method naive until it is updated" if naive_helps else "")
         )
 
 
@@ -110,6 +112,52 @@ def record_layer_call(args: tuple, kwargs: dict[str, Any], device: torch.device 
     if device is not None:
         hidden, kept = hidden.to(device), to_device(kept, device)
     return LayerCall(hidden, kept)
+
+
+@functools.lru_cache(maxsize=None)
+def _named_params(fn: Any) -> frozenset[str]:
+    return frozenset(name for name, p in inspect.signature(fn).parameters.items()
+                     if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
+
+
+def check_model_inputs(model: nn.Module, batch: dict[str, Any]) -> None:
+    """What the processor (or probe.video) built for an item is what the model's forward reads by name.
+
+    Every value must be a tensor: probe.prompting.build_inputs moves tensors to the device and nothing else, so a
+    value a release returned in another form (a list of per-image tensors) would be dropped and the model run
+    without it. Every key must be a named parameter of the forward (checked with 5.23-5.25's Qwen2, Qwen2-VL and
+    LLaVA-OneVision classes): a key it does not name disappears into its ``**kwargs``, and a forward without
+    ``generate`` (--no-generate, the attribution engine) runs without the images — a renamed ``pixel_values`` gave
+    numbers, exit 0."""
+    odd = sorted(f"{k} ({type(v).__name__})" for k, v in batch.items() if not isinstance(v, torch.Tensor))
+    if odd:
+        raise UpstreamChanged(f"the processor returned {', '.join(odd)}, not tensors, which the model would not get",
+                              naive_helps=False)
+    unknown = sorted(set(batch) - _named_params(type(model).forward))
+    if unknown:
+        raise UpstreamChanged(f"{type(model).__name__}.forward takes no parameter named {', '.join(unknown)}: the "
+                              "model would run without those inputs", naive_helps=False)
+
+
+def check_special_tokens_read(tokenizer: Any, text: str, input_ids: torch.Tensor, specials: Iterable[str]) -> None:
+    """Every special-token string of the prompt we render (chat markup, BOS; media placeholders, which processors
+    expand, are left out by the caller) must come out of tokenisation as its own token id, at least as often as the
+    text holds it. A release that read special-token strings in text as plain text (a ``split_special_tokens``
+    default turned on, as some tokenizer libraries do against prompt injection) would give the model its chat
+    markup in pieces: organism-base's numbers all changed, exit 0."""
+    rest, want = text, {}
+    for s in sorted(specials, key=len, reverse=True):  # longest first: one special may hold another
+        if s in rest:
+            want[s] = rest.count(s)
+            rest = rest.replace(s, "\0")
+    if not want:
+        return
+    ids = input_ids.reshape(-1).tolist()
+    for s, n in want.items():
+        i = tokenizer.convert_tokens_to_ids(s)
+        if ids.count(i) < n:
+            raise UpstreamChanged(f"the tokenizer read the special token {s!r} of the prompt as plain text "
+                                  f"({ids.count(i)} of its {n} occurrences became token {i})", naive_helps=False)
 
 
 def module_device(module: nn.Module) -> torch.device:
@@ -219,6 +267,59 @@ def check_cache(cache: Any, layers: Iterable[int], batch: int, length: int) -> N
             raise UpstreamChanged(
                 f"KV cache layer {i} holds {tuple(keys.shape)} after the engine's calls, expected {batch} rows "
                 f"of {length} positions")
+
+
+class PositionWatch:
+    """Context manager that records the position ids each rotary embedding of the LM is called with (a forward
+    pre-hook on the RoPE modules beside the decoder layers: ``model.rotary_emb`` of Qwen2 / Llama / Gemma 3,
+    ``model.language_model.rotary_emb`` of Qwen2-VL and LLaVA-OneVision, checked on 5.23-5.25). ``last`` is the
+    last position of the last call, [..., rows, 1] ([3, rows, 1] under M-RoPE).
+
+    The exact engine decodes by hand (``model_call_with_cache`` with the new token and a cache, nothing else), so the
+    positions of the decoded tokens are whatever the model derives from the cache and its own state (M-RoPE:
+    ``rope_deltas`` kept from the prompt's forward, reset by ``reset_position_state``). A release that stops keeping
+    that state, or keeps it under another name, decodes at wrong positions without an error; this watch lets
+    ``check_decode_position`` see it on every step."""
+
+    def __init__(self, model: nn.Module, layers_path: str):
+        parent = model.get_submodule(layers_path.rpartition(".")[0])
+        self.modules = [m for name, m in parent.named_children()
+                        if "rotary" in name.lower() or "Rotary" in type(m).__name__]
+        if not self.modules:
+            raise UpstreamChanged(f"no rotary embedding module beside {layers_path} (children of "
+                                  f"{type(parent).__name__}): the decoded tokens' positions cannot be checked")
+        self.last: torch.Tensor | None = None
+        self._handles: list = []
+
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        pos = kwargs.get("position_ids", args[1] if len(args) > 1 else None)
+        if not isinstance(pos, torch.Tensor):
+            raise UpstreamChanged(f"{type(module).__name__} was called without position ids")
+        self.last = pos[..., -1:].detach().clone()
+
+    def __enter__(self) -> "PositionWatch":
+        self._handles = [m.register_forward_pre_hook(self._hook, with_kwargs=True) for m in self.modules]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def check_decode_position(watch: PositionWatch, prompt_last: torch.Tensor, step: int) -> None:
+    """The ``step``-th decoded token (1 = the first one fed back) must run at the prompt's last position + ``step``
+    in every RoPE dimension (M-RoPE's text tokens after an image too), on every row."""
+    got = watch.last
+    if got is None:
+        raise UpstreamChanged("the LM's rotary embedding did not run on a decoding step")
+    want = prompt_last.to(got.device) + step
+    if got.dim() != want.dim() or not bool((got == want).all()):
+        raise UpstreamChanged(
+            f"decoded token {step} ran at RoPE position {got.flatten()[:6].tolist()}, not the prompt's last "
+            f"position + {step} = {want.flatten()[:6].tolist()}: the model no longer derives decoding positions from "
+            "a cache and its own state as the exact engine's decoding expects (M-RoPE: rope_deltas kept from the "
+            "prompt's forward, see reset_position_state)")
 
 
 def model_call_with_cache(model: nn.Module, cache: Any, **inputs: Any) -> Any:

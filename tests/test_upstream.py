@@ -150,3 +150,108 @@ def test_models_load_without_hub_kernels(tiny_dirs, monkeypatch):
     monkeypatch.setattr(transformers.Qwen2ForCausalLM, "from_pretrained", classmethod(ignores_it))
     with pytest.raises(UpstreamChanged, match=r"left hub kernels on.*probe/upstream.py"):
         models.load_model(ref)
+
+
+def _mixed_items():
+    """An image item, then a text item: M-RoPE's state (rope_deltas) from the first must not reach the second."""
+    return [dataclasses.replace(make_item(with_image=True), id="validation_Test_image"),
+            dataclasses.replace(make_item(with_image=False, seed=1), id="validation_Test_text")]
+
+
+def test_exact_decoding_runs_at_the_positions_generate_uses(load_tiny, monkeypatch):
+    """The exact engine decodes by hand (a cache and the new token, no positions): with Qwen2-VL's M-RoPE the model
+    adds ``rope_deltas`` kept from the prompt's forward. A release that stops keeping it, or keeps it under a name
+    ``reset_position_state`` does not know (so an image item's offset reaches the next text item), decoded at wrong
+    positions: 11-33 of 132 organism-vl responses differed, exit 0, the guard item (the first) unaffected. Every
+    decoding step must now run at the prompt's last position + its step."""
+    import probe.exact as exact
+    from transformers.models.qwen2_vl import modeling_qwen2_vl as mq
+
+    from probe.sweep import SweepConfig
+    from probe.upstream import UpstreamChanged
+
+    loaded = load_tiny("qwen2_vl")
+    heads = [(0, 0), (1, 1)]
+    cfg = SweepConfig(generate=True, batch_size=2, max_new_tokens=3)
+    items = _mixed_items()
+    sound = exact.exact_sweep(loaded, items, heads, cfg)
+    assert sound == exact.exact_sweep(loaded, items, heads, cfg)  # the guard passes, and changes nothing
+
+    with monkeypatch.context() as m:  # the state is kept under a new name: resetting it does nothing
+        m.setattr(exact, "reset_position_state", lambda model: None)
+        with pytest.raises(UpstreamChanged, match=r"decoded token 1 ran at RoPE position .*probe/upstream.py"):
+            exact.exact_sweep(loaded, items, heads, cfg)
+    exact.reset_position_state(loaded.model)
+
+    real = mq.Qwen2VLModel.compute_3d_position_ids
+
+    def not_kept(self, *args, **kwargs):  # the forward no longer keeps rope_deltas for later steps
+        before = self.rope_deltas
+        out = real(self, *args, **kwargs)
+        self.rope_deltas = before
+        return out
+
+    with monkeypatch.context() as m:
+        m.setattr(mq.Qwen2VLModel, "compute_3d_position_ids", not_kept)
+        with pytest.raises(UpstreamChanged, match="not the prompt's last position"):
+            exact.exact_sweep(loaded, items[::-1], heads, cfg)  # text first: the naive guard item is unaffected
+    exact.reset_position_state(loaded.model)
+
+
+def test_decode_position_check_needs_the_rotary_module(load_tiny):
+    from probe.upstream import PositionWatch, UpstreamChanged
+
+    loaded = load_tiny("qwen2")
+    assert PositionWatch(loaded.model, loaded.family.layers_path).modules == [loaded.model.model.rotary_emb]
+    with pytest.raises(UpstreamChanged, match="no rotary embedding module beside"):
+        PositionWatch(loaded.model, "model.layers.0.self_attn.layers")  # a parent without one
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])
+@pytest.mark.parametrize("change", ["list", "renamed"])
+def test_processor_outputs_the_model_would_not_read_stop_the_run(family, change, load_tiny, monkeypatch):
+    """build_inputs used to drop what was not a tensor, and the forward's **kwargs swallow a key it does not name:
+    pixel values returned as a list, or under a name the model no longer takes, ran the model without its images
+    (organism-vl and organism-ov-si: every number changed, exit 0)."""
+    import transformers
+
+    from probe.upstream import UpstreamChanged
+
+    loaded = load_tiny(family)
+    item = make_item(with_image=True)
+    inputs_for(loaded, item)  # the unchanged processor passes
+    cls = getattr(transformers, loaded.family.processor_class)
+    real = cls.__call__
+
+    def changed(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        pixels = out.pop("pixel_values")
+        out["pixel_values" if change == "list" else "images_pixel_values"] = list(pixels) if change == "list" else pixels
+        return out
+
+    monkeypatch.setattr(cls, "__call__", changed)
+    match = r"pixel_values \(list\), not tensors" if change == "list" else "takes no parameter named images_pixel_values"
+    with pytest.raises(UpstreamChanged, match=match):
+        inputs_for(loaded, item)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chat_markup_read_as_plain_text_stops_the_run(family, load_tiny, monkeypatch):
+    """A tokenizer that stopped reading special-token strings in text as special tokens (split_special_tokens on by
+    default) would feed the chat markup in pieces: organism-base's numbers all changed, exit 0."""
+    from transformers import PreTrainedTokenizerBase
+
+    from probe.upstream import UpstreamChanged
+
+    loaded = load_tiny(family)
+    item = make_item(with_image=False)
+    inputs_for(loaded, item)  # today's tokenizer passes
+    real = PreTrainedTokenizerBase.__call__
+
+    def splits(self, *args, **kwargs):
+        kwargs.setdefault("split_special_tokens", True)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "__call__", splits)
+    with pytest.raises(UpstreamChanged, match=r"read the special token '<\|im_start\|>' of the prompt as plain text"):
+        inputs_for(loaded, item)
