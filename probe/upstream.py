@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import inspect
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -325,6 +325,42 @@ def check_decode_position(watch: PositionWatch, prompt_last: torch.Tensor, step:
 def model_call_with_cache(model: nn.Module, cache: Any, **inputs: Any) -> Any:
     """One forward of the whole model that extends ``cache`` (greedy decoding after the first position)."""
     return model(**inputs, **{cache_kwarg(type(model).forward): cache}, use_cache=True)
+
+
+def greedy_generate(model: nn.Module, inputs: dict[str, torch.Tensor], config: Any, eos: Iterable[int]) -> Any:
+    """``model.generate(**inputs, generation_config=config)`` as plain greedy decoding, checked.
+
+    transformers 5 fills every field that a passed GenerationConfig leaves unset (None) from the checkpoint's own
+    ``model.generation_config`` (checked on 5.25, ``GenerationMixin._prepare_generation_config``), so a checkpoint's
+    repetition_penalty (Qwen2-7B-Instruct and Qwen2-VL-7B-Instruct ship 1.05), min_new_tokens, suppress_tokens or
+    no_repeat_ngram_size would silently shape the "greedy" text (each changed organism-vl's answers, exit 0). The
+    model's generation config is blank while generate runs, and every generated token must be the argmax of that
+    step's raw logits (``check_greedy``): whatever a later release applies on top, a run never scores it."""
+    from transformers import GenerationConfig
+
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        out = model.generate(**inputs, generation_config=config)
+    finally:
+        model.generation_config = saved
+    check_greedy(out.logits, out.sequences[:, inputs["input_ids"].shape[1]:], eos)
+    return out
+
+
+def check_greedy(step_logits: Sequence[torch.Tensor], tokens: torch.Tensor, eos: Iterable[int]) -> None:
+    """Each token of ``tokens`` [B, S] is the argmax of its step's raw logits (S tensors [B, V]) on every row still
+    generating (no end token before it) whose logits are finite (an overflow is refused where it is measured)."""
+    ended = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+    ends = torch.tensor(sorted(eos), dtype=tokens.dtype, device=tokens.device)
+    for s, logits in enumerate(step_logits[:tokens.shape[1]]):
+        logits = logits.to(tokens.device)
+        live = ~ended & torch.isfinite(logits).all(-1)
+        if bool((live & (logits.argmax(-1) != tokens[:, s])).any()):
+            raise UpstreamChanged(f"generate(do_sample=False, num_beams=1) chose generated token {s + 1} other than the "
+                                  "argmax of its raw logits: a logits processor or sampling was applied that the "
+                                  "passed GenerationConfig did not ask for", naive_helps=False)
+        ended |= torch.isin(tokens[:, s], ends)
 
 
 def logits_at(model: nn.Module, inputs: dict[str, torch.Tensor], positions: list[int]) -> torch.Tensor:

@@ -255,3 +255,45 @@ def test_chat_markup_read_as_plain_text_stops_the_run(family, load_tiny, monkeyp
     monkeypatch.setattr(PreTrainedTokenizerBase, "__call__", splits)
     with pytest.raises(UpstreamChanged, match=r"read the special token '<\|im_start\|>' of the prompt as plain text"):
         inputs_for(loaded, item)
+
+
+@pytest.mark.parametrize("engine", ["naive", "batched"])
+def test_generate_stays_plain_greedy(engine, load_tiny, monkeypatch):
+    """transformers 5 fills what a passed GenerationConfig leaves unset from the checkpoint's generation_config:
+    a repetition_penalty, min_new_tokens or suppress_tokens there changed the "greedy" answers of the naive engine
+    and of probe.eval (organism-vl, exit 0). The checkpoint's config is kept out, and a token that is not the argmax
+    of its raw logits (a processor a later release applies anyway) stops the run."""
+    from transformers import LogitsProcessorList, SuppressTokensLogitsProcessor
+    from transformers.generation.utils import GenerationMixin
+
+    from probe.batch import measure_batch
+    from probe.sweep import SweepConfig, first_token_measure, prepare_item
+    from probe.upstream import UpstreamChanged
+
+    loaded = load_tiny("qwen2")
+    cfg = SweepConfig(generate=True, max_new_tokens=4)
+    items = [make_item(with_image=False, seed=s, item_id=f"validation_Test_{s}") for s in (0, 1)]
+    prepared = [prepare_item(loaded, it, cfg) for it in items]
+
+    def run():
+        if engine == "naive":
+            return [first_token_measure(loaded, x, ids, cfg).response for x, ids in prepared]
+        return [m.response for m in measure_batch(loaded, [p[0] for p in prepared], [p[1] for p in prepared], cfg)]
+
+    plain = run()
+    gen = loaded.model.generation_config
+    with monkeypatch.context() as m:  # the checkpoint asks for what plain greedy decoding must not do
+        m.setattr(gen, "min_new_tokens", 4)
+        m.setattr(gen, "repetition_penalty", 5.0)
+        m.setattr(gen, "no_repeat_ngram_size", 1)
+        assert run() == plain
+
+    real = GenerationMixin._get_logits_processor
+
+    def forced(self, *args, **kwargs):  # a release that applies a processor nobody asked for
+        procs = real(self, *args, **kwargs)
+        return LogitsProcessorList([*procs, SuppressTokensLogitsProcessor(list(range(loaded.model.config.vocab_size // 2)))])
+
+    monkeypatch.setattr(GenerationMixin, "_get_logits_processor", forced)
+    with pytest.raises(UpstreamChanged, match=r"chose generated token \d other than the argmax of its raw logits"):
+        run()
