@@ -32,7 +32,7 @@ from probe.sweep import (BASELINE, Measurement, SweepConfig, first_token_measure
                          overflow_steps, prepare_item)
 from probe.upstream import (LayerCall, cache_kwarg, cache_layer_kv, call_layer, check_cache, full_length_cache,
                             model_call_with_cache, module_device, output_cache, prefix_cache, record_layer_call,
-                            reset_position_state, check_decode_position, PositionWatch, UpstreamChanged)
+                            reset_position_state, check_decode_position, head_must_run, PositionWatch, UpstreamChanged)
 
 
 @dataclass
@@ -86,7 +86,7 @@ def clean_pass(loaded: LoadedModel, inputs: dict[str, torch.Tensor], keep_cache:
     reset_position_state(loaded.model)
     watch = PositionWatch(loaded.model, loaded.family.layers_path) if keep_cache else contextlib.nullcontext()
     try:
-        with torch.no_grad(), watch:
+        with torch.no_grad(), watch, head_must_run(loaded.model, loaded.family.lm_head_path):
             out = loaded.model(**inputs, **cache, use_cache=keep_cache, logits_to_keep=1)
     finally:
         for h in handles:

@@ -16,7 +16,7 @@ from probe.metrics import kl_orig_masked, option_log_probs, prob_choice
 from probe.models import LoadedModel
 from probe.parsing import parse_choice
 from probe.prompting import ItemLike, PromptTemplate, answer_token_ids, build_inputs
-from probe.upstream import greedy_generate
+from probe.upstream import greedy_generate, head_must_run
 
 BASELINE = -1  # layer and head value of the unmasked rows
 
@@ -92,7 +92,7 @@ def first_token_measure(
 ) -> Measurement:
     """Greedy generation (if asked) whose first-step raw logits give the option probabilities."""
     model = loaded.model
-    with torch.no_grad():
+    with torch.no_grad(), head_must_run(model, loaded.family.lm_head_path):
         if cfg.generate:
             out = greedy_generate(model, inputs, greedy_config(loaded, cfg.max_new_tokens), loaded.eos_token_ids)
             first = out.logits[0][0]

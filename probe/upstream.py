@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -325,6 +326,28 @@ def check_decode_position(watch: PositionWatch, prompt_last: torch.Tensor, step:
 def model_call_with_cache(model: nn.Module, cache: Any, **inputs: Any) -> Any:
     """One forward of the whole model that extends ``cache`` (greedy decoding after the first position)."""
     return model(**inputs, **{cache_kwarg(type(model).forward): cache}, use_cache=True)
+
+
+@contextmanager
+def head_must_run(model: nn.Module, head_path: str):
+    """Around a forward (or ``generate``) of a model whose LM head gives fp32 logits through a forward hook
+    (probe.models.fp32_logits, in bfloat16 / float16): the head module must have run. A release that computed the
+    logits from the head's weight directly (a fused or kernelized LM head) would skip the hook and give logits
+    rounded to bfloat16 — in generate's output upcast back to fp32, so their dtype cannot tell (organism-vl in
+    bf16: p moved by 0.017, exit 0). Without that hook (fp32 runs) nothing is checked."""
+    head = model.get_submodule(head_path)
+    if not getattr(head, "fp32_logits", False):
+        yield
+        return
+    calls: list[int] = []
+    handle = head.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        yield
+    finally:
+        handle.remove()
+    if not calls:
+        raise UpstreamChanged(f"{type(model).__name__} computed its logits without calling its LM head module "
+                              f"({head_path}), so its fp32 logits hook never ran", naive_helps=False)
 
 
 def greedy_generate(model: nn.Module, inputs: dict[str, torch.Tensor], config: Any, eos: Iterable[int]) -> Any:

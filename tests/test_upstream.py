@@ -297,3 +297,36 @@ def test_generate_stays_plain_greedy(engine, load_tiny, monkeypatch):
     monkeypatch.setattr(GenerationMixin, "_get_logits_processor", forced)
     with pytest.raises(UpstreamChanged, match=r"chose generated token \d other than the argmax of its raw logits"):
         run()
+
+
+def test_logits_that_bypass_the_fp32_head_stop_the_run(tiny_dirs):
+    """In bfloat16 the LM head's forward hook (probe.models.fp32_logits) gives fp32 logits. Logits computed from the
+    head's weight without calling the module (a fused or kernelized head) skip it: bf16-rounded logits, which
+    generate's output upcasts so their dtype cannot tell (organism-vl: p moved by 0.017, exit 0)."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from probe.batch import measure_batch
+    from probe.exact import exact_sweep
+    from probe.models import load_model, resolve_model
+    from probe.sweep import SweepConfig, first_token_measure, prepare_item
+    from probe.upstream import UpstreamChanged
+
+    loaded = load_model(resolve_model(str(tiny_dirs["qwen2"])), dtype="bfloat16")
+    item = make_item(with_image=False)
+    cfg = SweepConfig(generate=True, max_new_tokens=2, batch_size=2)
+    inputs, ids = prepare_item(loaded, item, cfg)
+    runs = {"naive": lambda: first_token_measure(loaded, inputs, ids, cfg),
+            "batched": lambda: measure_batch(loaded, [inputs, inputs], [ids, ids], cfg),
+            "exact": lambda: exact_sweep(loaded, [item], [(0, 0)], cfg)}
+    for run in runs.values():
+        run()  # the head runs: they pass
+    head = loaded.model.lm_head
+    plain = type(head)
+    head.__class__ = type("FusedHead", (nn.Linear,), {"__call__": lambda self, x: F.linear(x, self.weight, self.bias)})
+    try:
+        for name, run in runs.items():
+            with pytest.raises(UpstreamChanged, match=r"without calling its LM head module \(lm_head\)"):
+                run()
+    finally:
+        head.__class__ = plain
