@@ -372,8 +372,12 @@ def greedy_generate(model: nn.Module, inputs: dict[str, torch.Tensor], config: A
 
 
 def check_greedy(step_logits: Sequence[torch.Tensor], tokens: torch.Tensor, eos: Iterable[int]) -> None:
-    """Each token of ``tokens`` [B, S] is the argmax of its step's raw logits (S tensors [B, V]) on every row still
+    """``tokens`` [B, S] (what follows the prompt in generate's sequences) are S tokens, one per step of logits, and
+    each is the argmax of its step's raw logits (S tensors [B, V]) on every row still
     generating (no end token before it) whose logits are finite (an overflow is refused where it is measured)."""
+    if tokens.shape[1] != len(step_logits):  # sequences no longer prompt + generated tokens, or logits missing
+        raise UpstreamChanged(f"generate returned {tokens.shape[1]} tokens after the prompt but logits for "
+                              f"{len(step_logits)} steps", naive_helps=False)
     ended = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
     ends = torch.tensor(sorted(eos), dtype=tokens.dtype, device=tokens.device)
     for s, logits in enumerate(step_logits[:tokens.shape[1]]):

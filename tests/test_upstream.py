@@ -330,3 +330,18 @@ def test_logits_that_bypass_the_fp32_head_stop_the_run(tiny_dirs):
                 run()
     finally:
         head.__class__ = plain
+
+
+def test_generated_tokens_are_one_per_step_of_logits():
+    """generate's sequences are the prompt and then one token per step of logits: sequences without the prompt
+    would leave nothing after it (an empty answer, scored wrong, exit 0) and are refused."""
+    from probe.upstream import UpstreamChanged, check_greedy
+
+    logits = [torch.tensor([[0.0, 2.0, 1.0]]), torch.tensor([[3.0, 0.0, 1.0]])]
+    check_greedy(logits, torch.tensor([[1, 0]]), eos=[2])
+    with pytest.raises(UpstreamChanged, match="0 tokens after the prompt but logits for 2 steps"):
+        check_greedy(logits, torch.zeros(1, 0, dtype=torch.long), eos=[2])
+    with pytest.raises(UpstreamChanged, match="chose generated token 2 other than the argmax"):
+        check_greedy(logits, torch.tensor([[1, 2]]), eos=[2])
+    check_greedy([torch.tensor([[0.0, 1.0, 5.0]]), torch.tensor([[0.0, 0.0, 9.0]])], torch.tensor([[2, 0]]),
+                 eos=[2])  # after an end token the row is padding, not checked
