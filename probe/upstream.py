@@ -134,6 +134,8 @@ def check_model_inputs(model: nn.Module, batch: dict[str, Any]) -> None:
     if odd:
         raise UpstreamChanged(f"the processor returned {', '.join(odd)}, not tensors, which the model would not get",
                               naive_helps=False)
+    while callable(getattr(model, "get_base_model", None)):  # a peft wrapper (--lora) passes **kwargs on to it
+        model = model.get_base_model()
     unknown = sorted(set(batch) - _named_params(type(model).forward))
     if unknown:
         raise UpstreamChanged(f"{type(model).__name__}.forward takes no parameter named {', '.join(unknown)}: the "
