@@ -10,6 +10,12 @@ sensitive lives here, is checked loudly (``UpstreamChanged`` names the API and t
 Checked against transformers 5.23.0, 5.24.0 and 5.25.0 (``TESTED_TRANSFORMERS``); the device a dispatched module runs on
 is read from accelerate's hook (checked with accelerate 1.15 and 1.16). 5.25 kernelizes models by default;
 probe/models.py loads with hub kernels off (NO_HUB_KERNELS).
+
+Beyond the exact engine, what every engine reads from transformers is checked here too, wherever an upstream change
+had given numbers with exit 0 when simulated: the prompt's special tokens (``check_special_tokens_read``), the
+processor's outputs against the forward's parameters (``check_model_inputs``), plain greedy ``generate``
+(``greedy_generate``), the fp32 LM head (``head_must_run``) and the positions of hand-decoded tokens
+(``PositionWatch``).
 """
 from __future__ import annotations
 
@@ -357,7 +363,7 @@ def greedy_generate(model: nn.Module, inputs: dict[str, torch.Tensor], config: A
 
     transformers 5 fills every field that a passed GenerationConfig leaves unset (None) from the checkpoint's own
     ``model.generation_config`` (checked on 5.25, ``GenerationMixin._prepare_generation_config``), so a checkpoint's
-    repetition_penalty (Qwen2-7B-Instruct and Qwen2-VL-7B-Instruct ship 1.05), min_new_tokens, suppress_tokens or
+    repetition_penalty (Qwen2-7B-Instruct publishes 1.05 with its sampling defaults), min_new_tokens, suppress_tokens or
     no_repeat_ngram_size would silently shape the "greedy" text (each changed organism-vl's answers, exit 0). The
     model's generation config is blank while generate runs, and every generated token must be the argmax of that
     step's raw logits (``check_greedy``): whatever a later release applies on top, a run never scores it."""
@@ -386,8 +392,8 @@ def check_greedy(step_logits: Sequence[torch.Tensor], tokens: torch.Tensor, eos:
         logits = logits.to(tokens.device)
         live = ~ended & torch.isfinite(logits).all(-1)
         if bool((live & (logits.argmax(-1) != tokens[:, s])).any()):
-            raise UpstreamChanged(f"generate(do_sample=False, num_beams=1) chose generated token {s + 1} other than the "
-                                  "argmax of its raw logits: a logits processor or sampling was applied that the "
+            raise UpstreamChanged(f"generate(do_sample=False, num_beams=1) chose generated token {s + 1} other than "
+                                  "the argmax of its raw logits: a logits processor or sampling was applied that the "
                                   "passed GenerationConfig did not ask for", naive_helps=False)
         ended |= torch.isin(tokens[:, s], ends)
 

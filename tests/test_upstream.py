@@ -226,11 +226,15 @@ def test_processor_outputs_the_model_would_not_read_stop_the_run(family, change,
     def changed(self, *args, **kwargs):
         out = real(self, *args, **kwargs)
         pixels = out.pop("pixel_values")
-        out["pixel_values" if change == "list" else "images_pixel_values"] = list(pixels) if change == "list" else pixels
+        if change == "list":
+            out["pixel_values"] = list(pixels)
+        else:
+            out["images_pixel_values"] = pixels
         return out
 
     monkeypatch.setattr(cls, "__call__", changed)
-    match = r"pixel_values \(list\), not tensors" if change == "list" else "takes no parameter named images_pixel_values"
+    match = (r"pixel_values \(list\), not tensors" if change == "list"
+             else "takes no parameter named images_pixel_values")
     with pytest.raises(UpstreamChanged, match=match):
         inputs_for(loaded, item)
 
@@ -292,7 +296,8 @@ def test_generate_stays_plain_greedy(engine, load_tiny, monkeypatch):
 
     def forced(self, *args, **kwargs):  # a release that applies a processor nobody asked for
         procs = real(self, *args, **kwargs)
-        return LogitsProcessorList([*procs, SuppressTokensLogitsProcessor(list(range(loaded.model.config.vocab_size // 2)))])
+        suppress = SuppressTokensLogitsProcessor(list(range(loaded.model.config.vocab_size // 2)))
+        return LogitsProcessorList([*procs, suppress])
 
     monkeypatch.setattr(GenerationMixin, "_get_logits_processor", forced)
     with pytest.raises(UpstreamChanged, match=r"chose generated token \d other than the argmax of its raw logits"):
