@@ -29,7 +29,7 @@ from probe.metrics import letter_log_probs
 from probe.models import LoadedModel
 from probe.prompting import ItemLike
 from probe.sweep import BASELINE, Measurement, SweepConfig, measurement_row, prepare_item
-from probe.upstream import logits_at
+from probe.upstream import head_must_run, logits_at
 
 
 # attention implementations whose backward the batched backward (torch's vmap over it) cannot run: flash-attn's
@@ -53,7 +53,8 @@ def option_logit_jacobians(
     was = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)  # gradients w.r.t. the gates only
     try:
-        with torch.enable_grad(), HeadMask(loaded, {layer: gates[:, layer] for layer in range(g.n_layers)}):
+        with torch.enable_grad(), HeadMask(loaded, {layer: gates[:, layer] for layer in range(g.n_layers)}), \
+                head_must_run(model, loaded.family.lm_head_path):
             if n == 1:
                 rows = model(**batch, logits_to_keep=1).logits[:, -1]
             else:

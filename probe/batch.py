@@ -28,6 +28,7 @@ from probe.models import LoadedModel
 from probe.prompting import TOKEN_KEYS, ItemLike
 from probe.sweep import (Measurement, SweepConfig, first_token_measure, greedy_config, oracle_mismatch, overflow_steps,
                          prepare_item)
+from probe.upstream import greedy_generate, head_must_run
 
 
 def signature(inputs: dict[str, torch.Tensor]) -> tuple:
@@ -65,12 +66,12 @@ def measure_batch(
 ) -> list[Measurement]:
     """One forward (or one greedy ``generate``) over the items; per item its option log-probs and text."""
     batch = collate(inputs, pad_token(loaded))
-    with torch.no_grad():
+    with torch.no_grad(), head_must_run(loaded.model, loaded.family.lm_head_path):
         # generate also without generation (one step): it numbers each row's positions from the attention mask (each
         # family its own way, M-RoPE's too); a plain forward numbers the padding, so a left-padded row's RoPE
         # positions were shifted by its padding (organism-video: p off by 7e-5 in fp32 against the item alone)
-        out = loaded.model.generate(**batch, generation_config=greedy_config(loaded, cfg.max_new_tokens
-                                                                             if cfg.generate else 1))
+        out = greedy_generate(loaded.model, batch, greedy_config(loaded, cfg.max_new_tokens if cfg.generate else 1),
+                              loaded.eos_token_ids)
         first = out.logits[0]  # [B, V] raw logits of the first generated position
         texts: list[str | None] = [None] * len(inputs)
         bad: list[int | None] = [None] * len(inputs)

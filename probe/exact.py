@@ -15,6 +15,7 @@ make a sweep silently wrong.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from itertools import groupby
 from typing import Any, Callable, Sequence
@@ -31,7 +32,7 @@ from probe.sweep import (BASELINE, Measurement, SweepConfig, first_token_measure
                          overflow_steps, prepare_item)
 from probe.upstream import (LayerCall, cache_kwarg, cache_layer_kv, call_layer, check_cache, full_length_cache,
                             model_call_with_cache, module_device, output_cache, prefix_cache, record_layer_call,
-                            reset_position_state, UpstreamChanged)
+                            reset_position_state, check_decode_position, head_must_run, PositionWatch, UpstreamChanged)
 
 
 @dataclass
@@ -43,6 +44,7 @@ class CleanPass:
     cache: Any | None  # clean KV cache of the prompt (only kept when decoding)
     last_logits: torch.Tensor  # [V] at the last prompt position
     last_output: torch.Tensor  # [1, 1, d]: the last decoder layer's output at the last position
+    last_position: torch.Tensor | None = None  # RoPE position of the last prompt token (kept when decoding)
 
     @property
     def length(self) -> int:
@@ -82,15 +84,17 @@ def clean_pass(loaded: LoadedModel, inputs: dict[str, torch.Tensor], keep_cache:
                 for i, layer in enumerate(loaded.layers)]
     cache = {cache_kwarg(type(loaded.model).forward): full_length_cache()} if keep_cache else {}
     reset_position_state(loaded.model)
+    watch = PositionWatch(loaded.model, loaded.family.layers_path) if keep_cache else contextlib.nullcontext()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), watch, head_must_run(loaded.model, loaded.family.lm_head_path):
             out = loaded.model(**inputs, **cache, use_cache=keep_cache, logits_to_keep=1)
     finally:
         for h in handles:
             h.remove()
     if any(c is None for c in calls) or n - 1 not in previous:
         raise RuntimeError("clean pass did not run every decoder layer")
-    clean = CleanPass(calls, injected, output_cache(out) if keep_cache else None, out.logits[0, -1], previous[n - 1])
+    clean = CleanPass(calls, injected, output_cache(out) if keep_cache else None, out.logits[0, -1], previous[n - 1],
+                      watch.last if keep_cache else None)
     check_lm_tail(loaded, clean)
     return clean
 
@@ -164,21 +168,24 @@ def run_rows(
 
 def greedy_continue(
     loaded: LoadedModel, first_logits: torch.Tensor, cache: Any, gates: dict[int, torch.Tensor],
-    max_new_tokens: int,
+    max_new_tokens: int, prompt_position: torch.Tensor,
 ) -> tuple[list[str], list[int | None]]:
     """Greedy decoding after the first position, like ``generate(do_sample=False)``: finished rows get pad.
-    Per row its text and ``overflow_steps``' first position of non-finite logits."""
+    Per row its text and ``overflow_steps``' first position of non-finite logits. Every step must run at the
+    prompt's last RoPE position (``prompt_position``, CleanPass.last_position) plus its step (run-time guard,
+    probe/upstream.py ``check_decode_position``)."""
     eos = torch.tensor(sorted(loaded.eos_token_ids), device=first_logits.device)
     pad = pad_token(loaded)
     token = first_logits.argmax(-1)
     tokens, step_logits = [token], [first_logits]
     done = torch.isin(token, eos)
     prompt_length = cache_layer_kv(cache, 0)[0].shape[-2]
-    for _ in range(max_new_tokens - 1):
+    for step in range(1, max_new_tokens):
         if bool(done.all()):
             break
-        with torch.no_grad(), HeadMask(loaded, gates):
+        with torch.no_grad(), HeadMask(loaded, gates), PositionWatch(loaded.model, loaded.family.layers_path) as watch:
             out = model_call_with_cache(loaded.model, cache, input_ids=token[:, None], logits_to_keep=1)
+        check_decode_position(watch, prompt_position, step)
         token = torch.where(done, torch.full_like(token, pad), out.logits[:, -1].argmax(-1))
         tokens.append(token)
         step_logits.append(out.logits[:, -1])
@@ -234,7 +241,8 @@ def exact_sweep(
         text, base_overflow = None, None
         if cfg.generate:
             cache = prefix_cache(clean.cache, loaded.geometry.n_layers, 1)
-            (text,), (base_overflow,) = greedy_continue(loaded, clean.last_logits[None], cache, {}, cfg.max_new_tokens)
+            (text,), (base_overflow,) = greedy_continue(loaded, clean.last_logits[None], cache, {}, cfg.max_new_tokens,
+                                                        clean.last_position)
         rows.append(measurement_row(item, BASELINE, BASELINE, Measurement(base_logp, text, base_overflow), base_logp))
         progress(1)
         item_rows: dict[tuple[int, int], dict] = {}
@@ -246,7 +254,7 @@ def exact_sweep(
             bad: list[int | None] = [None] * len(batch)
             if cfg.generate:
                 gates = {layer: head_gates(len(batch), n_heads, [h for _, h in batch])}
-                texts, bad = greedy_continue(loaded, logits, cache, gates, cfg.max_new_tokens)
+                texts, bad = greedy_continue(loaded, logits, cache, gates, cfg.max_new_tokens, clean.last_position)
             logp = option_log_probs(logits, letter_ids).cpu()
             for r, (layer, head) in enumerate(batch):
                 m = Measurement(logp[r], texts[r], bad[r])

@@ -338,6 +338,7 @@ def fp32_logits(head: nn.Module) -> None:
         return out.to(output.device)
 
     head.register_forward_hook(hook)
+    head.fp32_logits = True  # probe.upstream.head_must_run: a forward that bypasses the module would lose the hook
 
 
 def nonfinite_parameters(model: nn.Module) -> list[str]:

@@ -303,10 +303,15 @@ def build_inputs(
             reason = str(exc).strip().split("\n")[0]
             raise BadInput(f"item {item.id}: {loaded.ref.spec}'s processor refuses it ({reason}); drop or fix the "
                            "item") from None
+    from probe.upstream import check_model_inputs, check_special_tokens_read
+
+    check_model_inputs(loaded.model, batch)
+    markup = text
+    for placeholder in filter(None, (fam.image_placeholder, fam.video_placeholder)):  # expanded by the processor
+        markup = markup.replace(placeholder, "")
+    check_special_tokens_read(loaded.tokenizer, markup, batch["input_ids"], loaded.special_tokens)
     out = {}
     for k, v in batch.items():
-        if not isinstance(v, torch.Tensor):
-            continue
         v = v.to(loaded.device)
         out[k] = v.to(loaded.dtype) if v.is_floating_point() else v
     return out

@@ -16,6 +16,7 @@ from probe.metrics import kl_orig_masked, option_log_probs, prob_choice
 from probe.models import LoadedModel
 from probe.parsing import parse_choice
 from probe.prompting import ItemLike, PromptTemplate, answer_token_ids, build_inputs
+from probe.upstream import greedy_generate, head_must_run
 
 BASELINE = -1  # layer and head value of the unmasked rows
 
@@ -75,7 +76,8 @@ def oracle_mismatch(loaded: LoadedModel, got: Measurement, want: Measurement) ->
 
 
 def greedy_config(loaded: LoadedModel, max_new_tokens: int):
-    """Plain greedy decoding: checkpoints' own generation configs may carry sampling or repetition penalties."""
+    """Plain greedy decoding: checkpoints' own generation configs may carry sampling or repetition penalties (run it
+    with probe.upstream.greedy_generate, which keeps them out)."""
     from transformers import GenerationConfig
 
     return GenerationConfig(
@@ -90,9 +92,9 @@ def first_token_measure(
 ) -> Measurement:
     """Greedy generation (if asked) whose first-step raw logits give the option probabilities."""
     model = loaded.model
-    with torch.no_grad():
+    with torch.no_grad(), head_must_run(model, loaded.family.lm_head_path):
         if cfg.generate:
-            out = model.generate(**inputs, generation_config=greedy_config(loaded, cfg.max_new_tokens))
+            out = greedy_generate(model, inputs, greedy_config(loaded, cfg.max_new_tokens), loaded.eos_token_ids)
             first = out.logits[0][0]
             new = out.sequences[0, inputs["input_ids"].shape[1]:]
             text = loaded.tokenizer.decode(new, skip_special_tokens=True)

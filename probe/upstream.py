@@ -10,13 +10,20 @@ sensitive lives here, is checked loudly (``UpstreamChanged`` names the API and t
 Checked against transformers 5.23.0, 5.24.0 and 5.25.0 (``TESTED_TRANSFORMERS``); the device a dispatched module runs on
 is read from accelerate's hook (checked with accelerate 1.15 and 1.16). 5.25 kernelizes models by default;
 probe/models.py loads with hub kernels off (NO_HUB_KERNELS).
+
+Beyond the exact engine, what every engine reads from transformers is checked here too, wherever an upstream change
+had given numbers with exit 0 when simulated: the prompt's special tokens (``check_special_tokens_read``), the
+processor's outputs against the forward's parameters (``check_model_inputs``), plain greedy ``generate``
+(``greedy_generate``), the fp32 LM head (``head_must_run``) and the positions of hand-decoded tokens
+(``PositionWatch``).
 """
 from __future__ import annotations
 
 import functools
 import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -34,13 +41,15 @@ _PASS_ONLY = frozenset(CACHE_KWARGS) | {"use_cache", "hidden_states"}
 class UpstreamChanged(RunStopped):
     """An internal API of transformers that the engines call no longer behaves as probe/upstream.py expects."""
 
-    def __init__(self, what: str):
+    def __init__(self, what: str, naive_helps: bool = True):
+        """``naive_helps``: the naive engine does not rely on the changed API (False for what every engine reads:
+        the prompt's tokens, the model's inputs)."""
         import transformers
 
         super().__init__(
             f"transformers {transformers.__version__}: {what}. probe/upstream.py was checked against "
-            f"{', '.join(TESTED_TRANSFORMERS)}; install one of those (pip install 'transformers=={TESTED_TRANSFORMERS[-1]}') "
-            "or use --method naive until it is updated"
+            f"{', '.join(TESTED_TRANSFORMERS)}; install one of those (pip install 'transformers=={TESTED_TRANSFORMERS[-1]}')"
+            + (" or use --method naive until it is updated" if naive_helps else "")
         )
 
 
@@ -110,6 +119,54 @@ def record_layer_call(args: tuple, kwargs: dict[str, Any], device: torch.device 
     if device is not None:
         hidden, kept = hidden.to(device), to_device(kept, device)
     return LayerCall(hidden, kept)
+
+
+@functools.lru_cache(maxsize=None)
+def _named_params(fn: Any) -> frozenset[str]:
+    return frozenset(name for name, p in inspect.signature(fn).parameters.items()
+                     if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
+
+
+def check_model_inputs(model: nn.Module, batch: dict[str, Any]) -> None:
+    """What the processor (or probe.video) built for an item is what the model's forward reads by name.
+
+    Every value must be a tensor: probe.prompting.build_inputs moves tensors to the device and nothing else, so a
+    value a release returned in another form (a list of per-image tensors) would be dropped and the model run
+    without it. Every key must be a named parameter of the forward (checked with 5.23-5.25's Qwen2, Qwen2-VL and
+    LLaVA-OneVision classes): a key it does not name disappears into its ``**kwargs``, and a forward without
+    ``generate`` (--no-generate, the attribution engine) runs without the images — a renamed ``pixel_values`` gave
+    numbers, exit 0."""
+    odd = sorted(f"{k} ({type(v).__name__})" for k, v in batch.items() if not isinstance(v, torch.Tensor))
+    if odd:
+        raise UpstreamChanged(f"the processor returned {', '.join(odd)}, not tensors, which the model would not get",
+                              naive_helps=False)
+    while callable(getattr(model, "get_base_model", None)):  # a peft wrapper (--lora) passes **kwargs on to it
+        model = model.get_base_model()
+    unknown = sorted(set(batch) - _named_params(type(model).forward))
+    if unknown:
+        raise UpstreamChanged(f"{type(model).__name__}.forward takes no parameter named {', '.join(unknown)}: the "
+                              "model would run without those inputs", naive_helps=False)
+
+
+def check_special_tokens_read(tokenizer: Any, text: str, input_ids: torch.Tensor, specials: Iterable[str]) -> None:
+    """Every special-token string of the prompt we render (chat markup, BOS; media placeholders, which processors
+    expand, are left out by the caller) must come out of tokenisation as its own token id, at least as often as the
+    text holds it. A release that read special-token strings in text as plain text (a ``split_special_tokens``
+    default turned on, as some tokenizer libraries do against prompt injection) would give the model its chat
+    markup in pieces: organism-base's numbers all changed, exit 0."""
+    rest, want = text, {}
+    for s in sorted(specials, key=len, reverse=True):  # longest first: one special may hold another
+        if s in rest:
+            want[s] = rest.count(s)
+            rest = rest.replace(s, "\0")
+    if not want:
+        return
+    ids = input_ids.reshape(-1).tolist()
+    for s, n in want.items():
+        i = tokenizer.convert_tokens_to_ids(s)
+        if ids.count(i) < n:
+            raise UpstreamChanged(f"the tokenizer read the special token {s!r} of the prompt as plain text "
+                                  f"({ids.count(i)} of its {n} occurrences became token {i})", naive_helps=False)
 
 
 def module_device(module: nn.Module) -> torch.device:
@@ -221,9 +278,124 @@ def check_cache(cache: Any, layers: Iterable[int], batch: int, length: int) -> N
                 f"of {length} positions")
 
 
+class PositionWatch:
+    """Context manager that records the position ids each rotary embedding of the LM is called with (a forward
+    pre-hook on the RoPE modules beside the decoder layers: ``model.rotary_emb`` of Qwen2 / Llama / Gemma 3,
+    ``model.language_model.rotary_emb`` of Qwen2-VL and LLaVA-OneVision, checked on 5.23-5.25). ``last`` is the
+    last position of the last call, [..., rows, 1] ([3, rows, 1] under M-RoPE).
+
+    The exact engine decodes by hand (``model_call_with_cache`` with the new token and a cache, nothing else), so the
+    positions of the decoded tokens are whatever the model derives from the cache and its own state (M-RoPE:
+    ``rope_deltas`` kept from the prompt's forward, reset by ``reset_position_state``). A release that stops keeping
+    that state, or keeps it under another name, decodes at wrong positions without an error; this watch lets
+    ``check_decode_position`` see it on every step."""
+
+    def __init__(self, model: nn.Module, layers_path: str):
+        parent = model.get_submodule(layers_path.rpartition(".")[0])
+        self.modules = [m for name, m in parent.named_children()
+                        if "rotary" in name.lower() or "Rotary" in type(m).__name__]
+        if not self.modules:
+            raise UpstreamChanged(f"no rotary embedding module beside {layers_path} (children of "
+                                  f"{type(parent).__name__}): the decoded tokens' positions cannot be checked")
+        self.last: torch.Tensor | None = None
+        self._handles: list = []
+
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        pos = kwargs.get("position_ids", args[1] if len(args) > 1 else None)
+        if not isinstance(pos, torch.Tensor):
+            raise UpstreamChanged(f"{type(module).__name__} was called without position ids")
+        self.last = pos[..., -1:].detach().clone()
+
+    def __enter__(self) -> "PositionWatch":
+        self._handles = [m.register_forward_pre_hook(self._hook, with_kwargs=True) for m in self.modules]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def check_decode_position(watch: PositionWatch, prompt_last: torch.Tensor, step: int) -> None:
+    """The ``step``-th decoded token (1 = the first one fed back) must run at the prompt's last position + ``step``
+    in every RoPE dimension (M-RoPE's text tokens after an image too), on every row."""
+    got = watch.last
+    if got is None:
+        raise UpstreamChanged("the LM's rotary embedding did not run on a decoding step")
+    want = prompt_last.to(got.device) + step
+    if got.dim() != want.dim() or not bool((got == want).all()):
+        raise UpstreamChanged(
+            f"decoded token {step} ran at RoPE position {got.flatten()[:6].tolist()}, not the prompt's last "
+            f"position + {step} = {want.flatten()[:6].tolist()}: the model no longer derives decoding positions from "
+            "a cache and its own state as the exact engine's decoding expects (M-RoPE: rope_deltas kept from the "
+            "prompt's forward, see reset_position_state)")
+
+
 def model_call_with_cache(model: nn.Module, cache: Any, **inputs: Any) -> Any:
     """One forward of the whole model that extends ``cache`` (greedy decoding after the first position)."""
     return model(**inputs, **{cache_kwarg(type(model).forward): cache}, use_cache=True)
+
+
+@contextmanager
+def head_must_run(model: nn.Module, head_path: str):
+    """Around a forward (or ``generate``) of a model whose LM head gives fp32 logits through a forward hook
+    (probe.models.fp32_logits, in bfloat16 / float16): the head module must have run. A release that computed the
+    logits from the head's weight directly (a fused or kernelized LM head) would skip the hook and give logits
+    rounded to bfloat16 — in generate's output upcast back to fp32, so their dtype cannot tell (organism-vl in
+    bf16: p moved by 0.017, exit 0). Without that hook (fp32 runs) nothing is checked."""
+    head = model.get_submodule(head_path)
+    if not getattr(head, "fp32_logits", False):
+        yield
+        return
+    calls: list[int] = []
+    handle = head.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        yield
+    finally:
+        handle.remove()
+    if not calls:
+        raise UpstreamChanged(f"{type(model).__name__} computed its logits without calling its LM head module "
+                              f"({head_path}), so its fp32 logits hook never ran", naive_helps=False)
+
+
+def greedy_generate(model: nn.Module, inputs: dict[str, torch.Tensor], config: Any, eos: Iterable[int]) -> Any:
+    """``model.generate(**inputs, generation_config=config)`` as plain greedy decoding, checked.
+
+    transformers 5 fills every field that a passed GenerationConfig leaves unset (None) from the checkpoint's own
+    ``model.generation_config`` (checked on 5.25, ``GenerationMixin._prepare_generation_config``), so a checkpoint's
+    repetition_penalty (Qwen2-7B-Instruct publishes 1.05 with its sampling defaults), min_new_tokens, suppress_tokens or
+    no_repeat_ngram_size would silently shape the "greedy" text (each changed organism-vl's answers, exit 0). The
+    model's generation config is blank while generate runs, and every generated token must be the argmax of that
+    step's raw logits (``check_greedy``): whatever a later release applies on top, a run never scores it."""
+    from transformers import GenerationConfig
+
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        out = model.generate(**inputs, generation_config=config)
+    finally:
+        model.generation_config = saved
+    check_greedy(out.logits, out.sequences[:, inputs["input_ids"].shape[1]:], eos)
+    return out
+
+
+def check_greedy(step_logits: Sequence[torch.Tensor], tokens: torch.Tensor, eos: Iterable[int]) -> None:
+    """``tokens`` [B, S] (what follows the prompt in generate's sequences) are S tokens, one per step of logits, and
+    each is the argmax of its step's raw logits (S tensors [B, V]) on every row still
+    generating (no end token before it) whose logits are finite (an overflow is refused where it is measured)."""
+    if tokens.shape[1] != len(step_logits):  # sequences no longer prompt + generated tokens, or logits missing
+        raise UpstreamChanged(f"generate returned {tokens.shape[1]} tokens after the prompt but logits for "
+                              f"{len(step_logits)} steps", naive_helps=False)
+    ended = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+    ends = torch.tensor(sorted(eos), dtype=tokens.dtype, device=tokens.device)
+    for s, logits in enumerate(step_logits[:tokens.shape[1]]):
+        logits = logits.to(tokens.device)
+        live = ~ended & torch.isfinite(logits).all(-1)
+        if bool((live & (logits.argmax(-1) != tokens[:, s])).any()):
+            raise UpstreamChanged(f"generate(do_sample=False, num_beams=1) chose generated token {s + 1} other than "
+                                  "the argmax of its raw logits: a logits processor or sampling was applied that the "
+                                  "passed GenerationConfig did not ask for", naive_helps=False)
+        ended |= torch.isin(tokens[:, s], ends)
 
 
 def logits_at(model: nn.Module, inputs: dict[str, torch.Tensor], positions: list[int]) -> torch.Tensor:

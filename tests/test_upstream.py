@@ -150,3 +150,203 @@ def test_models_load_without_hub_kernels(tiny_dirs, monkeypatch):
     monkeypatch.setattr(transformers.Qwen2ForCausalLM, "from_pretrained", classmethod(ignores_it))
     with pytest.raises(UpstreamChanged, match=r"left hub kernels on.*probe/upstream.py"):
         models.load_model(ref)
+
+
+def _mixed_items():
+    """An image item, then a text item: M-RoPE's state (rope_deltas) from the first must not reach the second."""
+    return [dataclasses.replace(make_item(with_image=True), id="validation_Test_image"),
+            dataclasses.replace(make_item(with_image=False, seed=1), id="validation_Test_text")]
+
+
+def test_exact_decoding_runs_at_the_positions_generate_uses(load_tiny, monkeypatch):
+    """The exact engine decodes by hand (a cache and the new token, no positions): with Qwen2-VL's M-RoPE the model
+    adds ``rope_deltas`` kept from the prompt's forward. A release that stops keeping it, or keeps it under a name
+    ``reset_position_state`` does not know (so an image item's offset reaches the next text item), decoded at wrong
+    positions: 11-33 of 132 organism-vl responses differed, exit 0, the guard item (the first) unaffected. Every
+    decoding step must now run at the prompt's last position + its step."""
+    import probe.exact as exact
+    from transformers.models.qwen2_vl import modeling_qwen2_vl as mq
+
+    from probe.sweep import SweepConfig
+    from probe.upstream import UpstreamChanged
+
+    loaded = load_tiny("qwen2_vl")
+    heads = [(0, 0), (1, 1)]
+    cfg = SweepConfig(generate=True, batch_size=2, max_new_tokens=3)
+    items = _mixed_items()
+    sound = exact.exact_sweep(loaded, items, heads, cfg)
+    assert sound == exact.exact_sweep(loaded, items, heads, cfg)  # the guard passes, and changes nothing
+
+    with monkeypatch.context() as m:  # the state is kept under a new name: resetting it does nothing
+        m.setattr(exact, "reset_position_state", lambda model: None)
+        with pytest.raises(UpstreamChanged, match=r"decoded token 1 ran at RoPE position .*probe/upstream.py"):
+            exact.exact_sweep(loaded, items, heads, cfg)
+    exact.reset_position_state(loaded.model)
+
+    real = mq.Qwen2VLModel.compute_3d_position_ids
+
+    def not_kept(self, *args, **kwargs):  # the forward no longer keeps rope_deltas for later steps
+        before = self.rope_deltas
+        out = real(self, *args, **kwargs)
+        self.rope_deltas = before
+        return out
+
+    with monkeypatch.context() as m:
+        m.setattr(mq.Qwen2VLModel, "compute_3d_position_ids", not_kept)
+        with pytest.raises(UpstreamChanged, match="not the prompt's last position"):
+            exact.exact_sweep(loaded, items[::-1], heads, cfg)  # text first: the naive guard item is unaffected
+    exact.reset_position_state(loaded.model)
+
+
+def test_decode_position_check_needs_the_rotary_module(load_tiny):
+    from probe.upstream import PositionWatch, UpstreamChanged
+
+    loaded = load_tiny("qwen2")
+    assert PositionWatch(loaded.model, loaded.family.layers_path).modules == [loaded.model.model.rotary_emb]
+    with pytest.raises(UpstreamChanged, match="no rotary embedding module beside"):
+        PositionWatch(loaded.model, "model.layers.0.self_attn.layers")  # a parent without one
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])
+@pytest.mark.parametrize("change", ["list", "renamed"])
+def test_processor_outputs_the_model_would_not_read_stop_the_run(family, change, load_tiny, monkeypatch):
+    """build_inputs used to drop what was not a tensor, and the forward's **kwargs swallow a key it does not name:
+    pixel values returned as a list, or under a name the model no longer takes, ran the model without its images
+    (organism-vl and organism-ov-si: every number changed, exit 0)."""
+    import transformers
+
+    from probe.upstream import UpstreamChanged
+
+    loaded = load_tiny(family)
+    item = make_item(with_image=True)
+    inputs_for(loaded, item)  # the unchanged processor passes
+    cls = getattr(transformers, loaded.family.processor_class)
+    real = cls.__call__
+
+    def changed(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        pixels = out.pop("pixel_values")
+        if change == "list":
+            out["pixel_values"] = list(pixels)
+        else:
+            out["images_pixel_values"] = pixels
+        return out
+
+    monkeypatch.setattr(cls, "__call__", changed)
+    match = (r"pixel_values \(list\), not tensors" if change == "list"
+             else "takes no parameter named images_pixel_values")
+    with pytest.raises(UpstreamChanged, match=match):
+        inputs_for(loaded, item)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chat_markup_read_as_plain_text_stops_the_run(family, load_tiny, monkeypatch):
+    """A tokenizer that stopped reading special-token strings in text as special tokens (split_special_tokens on by
+    default) would feed the chat markup in pieces: organism-base's numbers all changed, exit 0."""
+    from transformers import PreTrainedTokenizerBase
+
+    from probe.upstream import UpstreamChanged
+
+    loaded = load_tiny(family)
+    item = make_item(with_image=False)
+    inputs_for(loaded, item)  # today's tokenizer passes
+    real = PreTrainedTokenizerBase.__call__
+
+    def splits(self, *args, **kwargs):
+        kwargs.setdefault("split_special_tokens", True)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "__call__", splits)
+    with pytest.raises(UpstreamChanged, match=r"read the special token '<\|im_start\|>' of the prompt as plain text"):
+        inputs_for(loaded, item)
+
+
+@pytest.mark.parametrize("engine", ["naive", "batched"])
+def test_generate_stays_plain_greedy(engine, load_tiny, monkeypatch):
+    """transformers 5 fills what a passed GenerationConfig leaves unset from the checkpoint's generation_config:
+    a repetition_penalty, min_new_tokens or suppress_tokens there changed the "greedy" answers of the naive engine
+    and of probe.eval (organism-vl, exit 0). The checkpoint's config is kept out, and a token that is not the argmax
+    of its raw logits (a processor a later release applies anyway) stops the run."""
+    from transformers import LogitsProcessorList, SuppressTokensLogitsProcessor
+    from transformers.generation.utils import GenerationMixin
+
+    from probe.batch import measure_batch
+    from probe.sweep import SweepConfig, first_token_measure, prepare_item
+    from probe.upstream import UpstreamChanged
+
+    loaded = load_tiny("qwen2")
+    cfg = SweepConfig(generate=True, max_new_tokens=4)
+    items = [make_item(with_image=False, seed=s, item_id=f"validation_Test_{s}") for s in (0, 1)]
+    prepared = [prepare_item(loaded, it, cfg) for it in items]
+
+    def run():
+        if engine == "naive":
+            return [first_token_measure(loaded, x, ids, cfg).response for x, ids in prepared]
+        return [m.response for m in measure_batch(loaded, [p[0] for p in prepared], [p[1] for p in prepared], cfg)]
+
+    plain = run()
+    gen = loaded.model.generation_config
+    with monkeypatch.context() as m:  # the checkpoint asks for what plain greedy decoding must not do
+        m.setattr(gen, "min_new_tokens", 4)
+        m.setattr(gen, "repetition_penalty", 5.0)
+        m.setattr(gen, "no_repeat_ngram_size", 1)
+        assert run() == plain
+
+    real = GenerationMixin._get_logits_processor
+
+    def forced(self, *args, **kwargs):  # a release that applies a processor nobody asked for
+        procs = real(self, *args, **kwargs)
+        suppress = SuppressTokensLogitsProcessor(list(range(loaded.model.config.vocab_size // 2)))
+        return LogitsProcessorList([*procs, suppress])
+
+    monkeypatch.setattr(GenerationMixin, "_get_logits_processor", forced)
+    with pytest.raises(UpstreamChanged, match=r"chose generated token \d other than the argmax of its raw logits"):
+        run()
+
+
+def test_logits_that_bypass_the_fp32_head_stop_the_run(tiny_dirs):
+    """In bfloat16 the LM head's forward hook (probe.models.fp32_logits) gives fp32 logits. Logits computed from the
+    head's weight without calling the module (a fused or kernelized head) skip it: bf16-rounded logits, which
+    generate's output upcasts so their dtype cannot tell (organism-vl: p moved by 0.017, exit 0)."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from probe.batch import measure_batch
+    from probe.exact import exact_sweep
+    from probe.models import load_model, resolve_model
+    from probe.sweep import SweepConfig, first_token_measure, prepare_item
+    from probe.upstream import UpstreamChanged
+
+    loaded = load_model(resolve_model(str(tiny_dirs["qwen2"])), dtype="bfloat16")
+    item = make_item(with_image=False)
+    cfg = SweepConfig(generate=True, max_new_tokens=2, batch_size=2)
+    inputs, ids = prepare_item(loaded, item, cfg)
+    runs = {"naive": lambda: first_token_measure(loaded, inputs, ids, cfg),
+            "batched": lambda: measure_batch(loaded, [inputs, inputs], [ids, ids], cfg),
+            "exact": lambda: exact_sweep(loaded, [item], [(0, 0)], cfg)}
+    for run in runs.values():
+        run()  # the head runs: they pass
+    head = loaded.model.lm_head
+    plain = type(head)
+    head.__class__ = type("FusedHead", (nn.Linear,), {"__call__": lambda self, x: F.linear(x, self.weight, self.bias)})
+    try:
+        for name, run in runs.items():
+            with pytest.raises(UpstreamChanged, match=r"without calling its LM head module \(lm_head\)"):
+                run()
+    finally:
+        head.__class__ = plain
+
+
+def test_generated_tokens_are_one_per_step_of_logits():
+    """generate's sequences are the prompt and then one token per step of logits: sequences without the prompt
+    would leave nothing after it (an empty answer, scored wrong, exit 0) and are refused."""
+    from probe.upstream import UpstreamChanged, check_greedy
+
+    logits = [torch.tensor([[0.0, 2.0, 1.0]]), torch.tensor([[3.0, 0.0, 1.0]])]
+    check_greedy(logits, torch.tensor([[1, 0]]), eos=[2])
+    with pytest.raises(UpstreamChanged, match="0 tokens after the prompt but logits for 2 steps"):
+        check_greedy(logits, torch.zeros(1, 0, dtype=torch.long), eos=[2])
+    with pytest.raises(UpstreamChanged, match="chose generated token 2 other than the argmax"):
+        check_greedy(logits, torch.tensor([[1, 2]]), eos=[2])
+    check_greedy([torch.tensor([[0.0, 1.0, 5.0]]), torch.tensor([[0.0, 0.0, 9.0]])], torch.tensor([[2, 0]]),
+                 eos=[2])  # after an end token the row is padding, not checked
