@@ -19,6 +19,7 @@ from probe.errors import BadInput
 from probe.families import chat_format
 from probe.mmmu import VIDEO_REF
 from probe.models import LoadedModel
+from probe.upstream import check_model_inputs, check_special_tokens_read
 
 
 class ItemLike(Protocol):
@@ -303,8 +304,6 @@ def build_inputs(
             reason = str(exc).strip().split("\n")[0]
             raise BadInput(f"item {item.id}: {loaded.ref.spec}'s processor refuses it ({reason}); drop or fix the "
                            "item") from None
-    from probe.upstream import check_model_inputs, check_special_tokens_read
-
     check_model_inputs(loaded.model, batch)
     markup = text
     for placeholder in filter(None, (fam.image_placeholder, fam.video_placeholder)):  # expanded by the processor
