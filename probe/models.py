@@ -400,6 +400,10 @@ def _from_pretrained(ref: ModelRef, **kwargs: Any) -> Any:
         from probe.upstream import UpstreamChanged
 
         raise UpstreamChanged("from_pretrained(use_kernels=False) left hub kernels on")
+    if "attn_implementation" in kwargs:
+        from probe.upstream import check_attn_implementation
+
+        check_attn_implementation(model, fam.layers_path, fam.o_proj_path, kwargs["attn_implementation"])
     check_loading_info(ref, info)
     return model
 

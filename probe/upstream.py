@@ -169,6 +169,20 @@ def check_special_tokens_read(tokenizer: Any, text: str, input_ids: torch.Tensor
                                   f"({ids.count(i)} of its {n} occurrences became token {i})", naive_helps=False)
 
 
+def check_attn_implementation(model: nn.Module, layers_path: str, o_proj_path: str, asked: str) -> None:
+    """Every decoder layer's attention runs the kernel it was loaded with: transformers picks the kernel at each call
+    from the attention module's ``config._attn_implementation`` (5.23-5.25), and run.json records the one asked for
+    beside the numbers (STYLE 10). A release that fell back to another kernel without a word (eager for sdpa, sdpa
+    for flash-attention-2) would record one kernel and measure with another."""
+    attn_path = o_proj_path.rpartition(".")[0]
+    for i, layer in enumerate(model.get_submodule(layers_path)):
+        attn = layer.get_submodule(attn_path) if attn_path else layer
+        got = getattr(getattr(attn, "config", None), "_attn_implementation", None)
+        if got != asked:
+            raise UpstreamChanged(f"decoder layer {i}'s attention ({type(attn).__name__}) runs {got!r}, not the "
+                                  f"{asked!r} the model was loaded with (config._attn_implementation)")
+
+
 def module_device(module: nn.Module) -> torch.device:
     """Where ``module`` computes: the execution device of its accelerate hook when the model is dispatched
     (accelerate 1.x ``AlignDevicesHook``, checked with 1.15), else the device of its first weight."""

@@ -350,3 +350,30 @@ def test_generated_tokens_are_one_per_step_of_logits():
         check_greedy(logits, torch.tensor([[1, 2]]), eos=[2])
     check_greedy([torch.tensor([[0.0, 1.0, 5.0]]), torch.tensor([[0.0, 0.0, 9.0]])], torch.tensor([[2, 0]]),
                  eos=[2])  # after an end token the row is padding, not checked
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen2_vl"])
+def test_a_model_whose_attention_runs_another_kernel_than_asked_is_refused(family, tiny_dirs, monkeypatch):
+    """run.json records the attention kernel asked for beside the numbers: a release that loaded the model with
+    another one (a silent eager fallback for sdpa) would measure with one kernel and record another. The kernel each
+    layer runs is read where transformers reads it, the attention module's config."""
+    import transformers
+
+    from probe import models
+    from probe.upstream import UpstreamChanged
+
+    ref = models.resolve_model(str(tiny_dirs[family]))
+    for attn in ("sdpa", "eager"):
+        layers = models.load_model(ref, attn_implementation=attn).model.get_submodule(ref.family.layers_path)
+        assert {layer.self_attn.config._attn_implementation for layer in layers} == {attn}
+    cls = getattr(transformers, ref.family.model_class)
+    real = cls.from_pretrained.__func__
+
+    def falls_back(klass, *args, **kwargs):
+        model, info = real(klass, *args, **kwargs)
+        model.get_submodule(ref.family.layers_path)[0].self_attn.config._attn_implementation = "eager"
+        return model, info
+
+    monkeypatch.setattr(cls, "from_pretrained", classmethod(falls_back))
+    with pytest.raises(UpstreamChanged, match=r"decoder layer 0's attention \(\w+\) runs 'eager', not the 'sdpa'"):
+        models.load_model(ref, attn_implementation="sdpa")
