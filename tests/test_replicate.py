@@ -851,6 +851,36 @@ def test_a_completed_stage_whose_output_is_gone_runs_again(quick: Path, capsys) 
     assert json.loads((out / "stages" / "merge.json").read_text())["status"] == "complete"
 
 
+def test_a_report_killed_while_written_leaves_no_report_of_an_earlier_build(quick: Path, tmp_path: Path,
+                                                                         monkeypatch) -> None:
+    """Killed between report.md and report.html (or while the figures were swapped), a rebuild left the earlier
+    build's report.html beside the new report.md, each whole and contradicting the other; now the old pair goes
+    before the new one is written, so a kill leaves the new files or none."""
+    import probe.results
+    from figures.report import build_report
+
+    copy = tmp_path / "copy"
+    shutil.copytree(quick, copy)
+    before = (copy / "report.html").read_text()
+    state = json.loads((copy / "stages" / "finetune.json").read_text())  # a stage ran again: its time is new
+    (copy / "stages" / "finetune.json").write_text(json.dumps(state | {"seconds": 4321.0}))
+    write = probe.results.atomic_write_bytes
+
+    def killed_at_html(path: Path, data: bytes) -> None:
+        if path.name == "report.html":
+            raise KeyboardInterrupt  # stands for the kill: nothing after it runs
+        write(path, data)
+
+    monkeypatch.setattr(probe.results, "atomic_write_bytes", killed_at_html)
+    with pytest.raises(KeyboardInterrupt):
+        build_report(copy)
+    assert "4321" in (copy / "report.md").read_text() and "4321" not in before
+    assert not (copy / "report.html").exists()  # not the earlier build's
+    monkeypatch.setattr(probe.results, "atomic_write_bytes", write)
+    build_report(copy)  # the rerun writes both
+    assert "4321" in (copy / "report.html").read_text()
+
+
 def test_a_finding_not_measured_names_the_papers_claim(quick: Path, tmp_path: Path) -> None:
     """A finding whose stage had not completed printed the report's section key and the check's function name
     ("table5: weighted beats average") in place of where the paper says it and what it claims."""
