@@ -19,7 +19,8 @@ Stages, in order, each writing its raw outputs to ``DIR/<stage>/`` through the e
 
 Resumable: a stage whose fingerprint (its config section, the content of its input models and data, and its
 upstream stages' fingerprints) matches a completed ``DIR/stages/<stage>.json`` is skipped; a stage killed half-way
-continues through its command's own resume (evaluation parts, sweep chunks, fine-tuning checkpoints); a stage
+continues through its command's own resume (evaluation parts, sweep chunks, fine-tuning checkpoints, the merges
+and maps finished before the kill); a stage
 whose inputs changed is deleted and rerun, and so is everything downstream of it. One run at a time holds DIR.
 """
 from __future__ import annotations
@@ -130,24 +131,34 @@ def stage_heads(ctx: Context) -> None:
         probe_heads.run(probe_heads.build_parser().parse_args(argv))
 
 
+def drop_damaged(out: Path) -> Path:
+    """``out``, an analyses output of a resumed stage, deleted if it cannot be kept: a file it lists is gone (deleted
+    by hand while the stage was down), or it has no readable listing; its command then computes it again. A whole
+    one is kept: its command finds it finished (the stage's fingerprint covers what it was computed from)."""
+    from analyses.writer import gone_entries, read_manifest
+
+    if out.exists() and gone_entries(out, read_manifest(out) or {}) != []:
+        shutil.rmtree(out)
+    return out
+
+
 def stage_shift(ctx: Context) -> None:
     from analyses.shift import ShiftConfig, run_shift
 
     m = ctx.cfg.models
-    run_shift(ShiftConfig(m.base, list(m.experts), ctx.out / "shift", overwrite=True))
+    run_shift(ShiftConfig(m.base, list(m.experts), drop_damaged(ctx.out / "shift")))  # finished before a kill: kept
 
 
 def stage_merge(ctx: Context) -> None:
     from analyses.merge import MergeConfig, run_merge
 
     m, g = ctx.cfg.models, ctx.cfg.merge
-    # every method is merged again (analyses.merge keeps no parts), so what a killed stage left goes first: a merge
-    # killed while its figure was drawn into it holds files analyses.merge did not write, which --overwrite refuses
-    if (ctx.out / "merge").exists():
-        shutil.rmtree(ctx.out / "merge")
+    # a resumed stage keeps the methods merged before the kill (run_merge finds them finished: a 7B merge reads
+    # every model again); run_stage clears the dir of a stage that is not resumed, and a method killed mid-merge
+    # left only a hidden partial dir, which its rerun removes
     common = dict(carriers=list(m.experts))
     for method in g.methods:
-        out = ctx.merge_dir(method)
+        out = drop_damaged(ctx.merge_dir(method))
         if method == "average":  # Eq. 1 over all the LMs, the paper's "Qwen2-Text/VL/Video/SI" row
             cfg = MergeConfig(models=[m.base, *m.experts], method="average", out=out, **common)
         elif method == "ties":
@@ -165,9 +176,10 @@ def stage_merge(ctx: Context) -> None:
         run_merge(cfg)
         if method == "salience":
             from figures.merge import draw_merge
-            from probe.results import note_outputs
+            from probe.results import note_outputs, remove_stale_temps
 
             note_outputs(out, draw_merge(out))  # part of the output: `python -m analyses.merge --overwrite` replaces it
+            remove_stale_temps(out)  # a figure's temp file left by a kill while it was drawn (the merge itself kept)
 
 
 def stage_table4(ctx: Context) -> None:
@@ -220,14 +232,13 @@ def stage_trajectory(ctx: Context) -> None:
     m, t = ctx.cfg.models, ctx.cfg.trajectory
     eq4 = str(ctx.merge_dir("shift"))
     runs = [str(ctx.out / "finetune" / n) for n in ctx.cfg.finetune.runs]
-    # 4a: where fine-tuning takes the merge, deltas from the merge; 4b: the merges among the models they merge
-    run_trajectory(TrajectoryConfig(ctx.out / "trajectory" / "fig4a", m.base, merged=[eq4], runs=runs, ref=eq4,
-                                    sketch_dim=t.sketch_dim, seed=ctx.cfg.seed, perplexity=t.perplexity,
-                                    overwrite=True))
-    run_trajectory(TrajectoryConfig(ctx.out / "trajectory" / "fig4b", m.base, experts=list(m.experts),
+    # 4a: where fine-tuning takes the merge, deltas from the merge; 4b: the merges among the models they merge.
+    # A resumed stage keeps a map finished before the kill (run_trajectory finds it finished)
+    run_trajectory(TrajectoryConfig(drop_damaged(ctx.out / "trajectory" / "fig4a"), m.base, merged=[eq4], runs=runs,
+                                    ref=eq4, sketch_dim=t.sketch_dim, seed=ctx.cfg.seed, perplexity=t.perplexity))
+    run_trajectory(TrajectoryConfig(drop_damaged(ctx.out / "trajectory" / "fig4b"), m.base, experts=list(m.experts),
                                     merged=[str(ctx.merge_dir(x)) for x in ctx.cfg.merge.methods],
-                                    sketch_dim=t.sketch_dim, seed=ctx.cfg.seed, perplexity=t.perplexity,
-                                    overwrite=True))
+                                    sketch_dim=t.sketch_dim, seed=ctx.cfg.seed, perplexity=t.perplexity))
 
 
 def stage_report(ctx: Context) -> None:

@@ -421,6 +421,8 @@ def build_report(out: Path) -> list[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    for name in ("report.md", "report.html"):  # a kill from here on leaves no report rather than the earlier
+        (out / name).unlink(missing_ok=True)  # build's beside this one's, or pointing at figures no longer there
     if figdir.exists():
         shutil.rmtree(figdir)
     tmp.rename(figdir)

@@ -351,6 +351,53 @@ def test_a_merge_stage_killed_while_drawing_its_figure_continues(quick: Path, ca
     assert not list(sal.glob(".*.tmp"))
 
 
+def _identities(d: Path) -> dict[str, tuple[int, int]]:
+    """Each file below ``d`` as (inode, mtime): a file written again, even with the same bytes, gets new ones."""
+    return {p.relative_to(d).as_posix(): (p.stat().st_ino, p.stat().st_mtime_ns) for p in d.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("stage, done, left", [("merge", ["average", "shift"], ["salience", "ties"]),
+                                               ("trajectory", ["fig4a"], ["fig4b"])])
+def test_a_killed_stage_keeps_the_outputs_it_finished(quick: Path, capsys, stage: str, done: list[str],
+                                                      left: list[str]) -> None:
+    """Killed after some of its merges (maps) were in place: the resumed stage deleted the merge dir, or replaced
+    each map with --overwrite, and computed them all again (for 7B models, every merge reads all four models);
+    now the finished ones are kept as they are and only the rest are computed, to the same bytes."""
+    out = quick
+    kept = {name: _identities(out / stage / name) for name in done}
+    redone = {name: {k: (out / stage / name / k).read_bytes() for k in _identities(out / stage / name)}
+              for name in left}
+    for name in left:  # not reached before the kill
+        shutil.rmtree(out / stage / name)
+    state = json.loads((out / "stages" / f"{stage}.json").read_text())
+    (out / "stages" / f"{stage}.json").write_text(json.dumps(state | {"status": "running"}))
+    assert replicate_in_root("--quick", "--quiet", "--only", stage, "--out", str(out)) == 0, capsys.readouterr().err
+    assert f"{stage}: continuing" in capsys.readouterr().err
+    for name in done:
+        assert _identities(out / stage / name) == kept[name], name  # not written again
+    for name in left:
+        files = redone[name]
+        files.pop("merge.json", None)  # it times the merge
+        assert {k: (out / stage / name / k).read_bytes() for k in files} == files, name
+    assert json.loads((out / "stages" / f"{stage}.json").read_text())["status"] == "complete"
+
+
+def test_a_killed_stage_computes_again_a_finished_output_that_lost_a_file(quick: Path, capsys) -> None:
+    """A merge finished before the kill, one of its files deleted by hand while the stage was down: the resumed
+    stage cannot keep it (analyses.merge refuses it as damaged, asking for an --overwrite the driver has not got),
+    so it merges that one again, to the same bytes, and keeps the others."""
+    out = quick
+    lost = out / "merge" / "average" / "merge_weights.csv"
+    weights = lost.read_bytes()
+    kept = _identities(out / "merge" / "shift")
+    lost.unlink()
+    state = json.loads((out / "stages" / "merge.json").read_text())
+    (out / "stages" / "merge.json").write_text(json.dumps(state | {"status": "running"}))
+    assert replicate_in_root("--quick", "--quiet", "--only", "merge", "--out", str(out)) == 0, capsys.readouterr().err
+    assert lost.read_bytes() == weights
+    assert _identities(out / "merge" / "shift") == kept
+
+
 def test_a_second_run_into_a_busy_out_is_refused(quick: Path, tmp_path: Path, capsys) -> None:
     """Two replicate commands on one --out ran side by side: the second continued the stage the first was running
     (both writing its parts and renaming its outputs), or, with other settings, deleted that stage's dir under it.
@@ -802,6 +849,36 @@ def test_a_completed_stage_whose_output_is_gone_runs_again(quick: Path, capsys) 
     assert f"merge: its output {model} is gone: running it again" in capsys.readouterr().err
     assert model.read_bytes() == merged
     assert json.loads((out / "stages" / "merge.json").read_text())["status"] == "complete"
+
+
+def test_a_report_killed_while_written_leaves_no_report_of_an_earlier_build(quick: Path, tmp_path: Path,
+                                                                         monkeypatch) -> None:
+    """Killed between report.md and report.html (or while the figures were swapped), a rebuild left the earlier
+    build's report.html beside the new report.md, each whole and contradicting the other; now the old pair goes
+    before the new one is written, so a kill leaves the new files or none."""
+    import probe.results
+    from figures.report import build_report
+
+    copy = tmp_path / "copy"
+    shutil.copytree(quick, copy)
+    before = (copy / "report.html").read_text()
+    state = json.loads((copy / "stages" / "finetune.json").read_text())  # a stage ran again: its time is new
+    (copy / "stages" / "finetune.json").write_text(json.dumps(state | {"seconds": 4321.0}))
+    write = probe.results.atomic_write_bytes
+
+    def killed_at_html(path: Path, data: bytes) -> None:
+        if path.name == "report.html":
+            raise KeyboardInterrupt  # stands for the kill: nothing after it runs
+        write(path, data)
+
+    monkeypatch.setattr(probe.results, "atomic_write_bytes", killed_at_html)
+    with pytest.raises(KeyboardInterrupt):
+        build_report(copy)
+    assert "4321" in (copy / "report.md").read_text() and "4321" not in before
+    assert not (copy / "report.html").exists()  # not the earlier build's
+    monkeypatch.setattr(probe.results, "atomic_write_bytes", write)
+    build_report(copy)  # the rerun writes both
+    assert "4321" in (copy / "report.html").read_text()
 
 
 def test_a_finding_not_measured_names_the_papers_claim(quick: Path, tmp_path: Path) -> None:
