@@ -503,7 +503,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     from probe.train import (TrainConfig, anything_trains, check_batch_splits, check_finite_weights, encode,
                              is_main_process)
     from probe.train import train as train_loop
-    from probe.train import fsdp_launch, refuse_fsdp, wait_for_everyone
+    from probe.train import fsdp_launch, refuse_accelerate_settings, refuse_fsdp, wait_for_everyone
 
     check_numbers(cfg)
     check_out_path(cfg.out)  # before the model loads: an --out below a file is a one-line error
@@ -518,6 +518,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
                        schedule=LOOP_IDENTITY["schedule"], micro_batch=cfg.micro_batch,
                        checkpointing=cfg.gradient_checkpointing, fsdp=cfg.fsdp)
     refuse_fsdp(placement.device_type)  # before the model loads and checkpoint-0 is written
+    refuse_accelerate_settings()
     if world > 1 and cfg.lm_lr == 0:  # a rank whose rows reach no trained weight would skip its backward
         raise BadInput(f"--lm-lr 0 under {world} processes is not supported: a rank whose rows are all text would run "
                        "no backward pass while the others reduce their gradients (and wait for it); train a "

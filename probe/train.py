@@ -348,6 +348,25 @@ def refuse_fsdp(device_type: str) -> None:
                    f"{fix}")
 
 
+def refuse_accelerate_settings() -> None:
+    """Under several processes, an ``accelerate launch`` (or accelerate config) asking for mixed precision or
+    gradient accumulation is refused (exit 2, one line, before anything loads): accelerate's Accelerator reads them
+    from ACCELERATE_MIXED_PRECISION and ACCELERATE_GRADIENT_ACCUMULATION_STEPS (1.16), the latter even over an
+    explicit ``gradient_accumulation_steps=1``, and ``acc.backward`` then divided every gradient by it (the clip and
+    AdamW's eps saw 1/k of the step's gradient, exit 0); mixed precision ran the forward under an autocast run.json
+    does not record. The tool's own settings do both: ``--dtype bfloat16`` and ``--micro-batch N``."""
+    if rank_world()[1] <= 1:
+        return
+    asked = []
+    if (mixed := os.environ.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower()) != "no":
+        asked.append(f"mixed_precision {mixed} (use --dtype bfloat16, mixed precision that the run records)")
+    if (steps := os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1").strip()) != "1":
+        asked.append(f"gradient_accumulation_steps {steps} (use --micro-batch N: each step's gradient accumulated "
+                     "over its micro-batches, the same run)")
+    if asked:
+        raise BadInput(f"accelerate launch's {' and '.join(asked)} is not how this loop trains; launch without it")
+
+
 def fsdp_launch(cfg: TrainConfig) -> bool:
     """Whether these steps run sharded (``cfg.fsdp`` under a launch of several processes; probe.fsdp)."""
     if not cfg.fsdp:
@@ -363,14 +382,18 @@ def data_parallel(loaded):
     world = rank_world()[1]
     if world <= 1:
         return None
-    refuse_fsdp(loaded.device.type)  # (run_finetune refuses it before the model loads)
+    refuse_fsdp(loaded.device.type)  # (run_finetune refuses both before the model loads)
+    refuse_accelerate_settings()
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
     # find_unused_parameters: a rank's share (or micro-batch) of text rows leaves the vision tower without a
     # gradient, which DDP otherwise waits for: the next step's forward raised (or the ranks hung)
     process_state(loaded.device.type == "cpu")  # the process group, with our timeout, if no barrier set it up yet
-    acc = Accelerator(cpu=loaded.device.type == "cpu",
+    acc = Accelerator(cpu=loaded.device.type == "cpu", mixed_precision="no",
                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    if acc.gradient_accumulation_steps != 1 or acc.mixed_precision != "no":  # set some other way than the launch's
+        raise BadInput(f"accelerate set up gradient accumulation {acc.gradient_accumulation_steps} and mixed "
+                       f"precision {acc.mixed_precision!r}: acc.backward would scale the gradients; launch without them")
     if acc.num_processes != world:  # each rank would train every row alone, the launch's work W times
         raise RuntimeError(f"accelerate runs {acc.num_processes} process(es), the launch {world}: its "
                            "process state was set up for another device kind before the Accelerator")

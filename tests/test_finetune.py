@@ -1796,3 +1796,25 @@ def test_a_resumed_trainer_state_goes_to_each_ranks_own_device_under_torchrun(tm
     torch.Generator().set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
     assert state["optimizer"]["state"][0]["exp_avg"].device.type == "cpu"
+
+
+@pytest.mark.parametrize("variable, value", [("ACCELERATE_MIXED_PRECISION", "bf16"),
+                                             ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")])
+def test_accelerate_launch_mixed_precision_or_accumulation_exits_2_before_loading(variable, value, tmp_path, capfd,
+                                                                                   monkeypatch) -> None:
+    """accelerate launch --gradient_accumulation_steps K (or an accelerate config with it) reaches the Accelerator
+    through the environment, over an explicit 1 (accelerate 1.16), and acc.backward divided every gradient by K:
+    the clip and AdamW saw a gradient of 1/K, exit 0; --mixed_precision ran the forward under an autocast the run
+    does not record. Every rank now exits 2 with one line before the model loads; --micro-batch and --dtype do
+    both."""
+    from analyses.finetune import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv(variable, value)
+    out = tmp_path / "refused"
+    assert cli_main(main, _organism_args(out)) == 2
+    err = capfd.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and value in errors[0] and "accelerate launch" in errors[0], err
+    assert not out.exists()
