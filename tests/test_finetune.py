@@ -1818,3 +1818,90 @@ def test_accelerate_launch_mixed_precision_or_accumulation_exits_2_before_loadin
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and value in errors[0] and "accelerate launch" in errors[0], err
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------------------------
+# one training step against a hand oracle, and upstream changes that would make it silently wrong
+
+
+def _flipped_rows(loaded, n: int = 6):
+    """organism-base's text rows with the answer moved to the next letter: a loss of ~5, gradients past the clip."""
+    import dataclasses
+
+    from probe.mmmu import load_items
+    from probe.train import encode
+
+    items = [dataclasses.replace(it, answer=it.letters[(it.letters.index(it.answer) + 1) % len(it.letters)])
+             for it in load_items(str(ZOO_TEXT), split="validation")[0][:n]]
+    return encode(loaded, items, True)
+
+
+def _hand_steps(model, rows, batches, cfg) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """The oracle: each row run alone and unpadded, cross-entropy of the logit at t - 1 against token t summed over
+    the labelled tokens and divided by the batch's count, autograd's gradient of it clipped at cfg.clip, then
+    AdamW (decoupled weight decay, bias-corrected moments) by hand."""
+    from probe.train import lr_factor
+
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    m = {n: torch.zeros_like(p) for n, p in params}
+    v = {n: torch.zeros_like(p) for n, p in params}
+    (b1, b2), losses = cfg.betas, []
+    model.train()
+    for s, idx in enumerate(batches):
+        total, count = 0.0, 0
+        for r in (rows[i] for i in idx):
+            logits = model(input_ids=r["input_ids"][None], attention_mask=r["attention_mask"][None]).logits[0]
+            for t in (r["labels"] != -100).nonzero()[:, 0].tolist():
+                total = total - torch.log_softmax(logits[t - 1].float(), -1)[r["labels"][t]]
+                count += 1
+        loss = total / count
+        grads = torch.autograd.grad(loss, [p for _, p in params])
+        norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
+        grads = [g * min(1.0, cfg.clip / (norm + 1e-6)) for g in grads]
+        lr = cfg.lm_lr * lr_factor(s, cfg)
+        with torch.no_grad():
+            for g, (n, p) in zip(grads, params):
+                p.mul_(1 - lr * cfg.weight_decay)
+                m[n] = b1 * m[n] + (1 - b1) * g
+                v[n] = b2 * v[n] + (1 - b2) * g * g
+                p.sub_(lr * (m[n] / (1 - b1 ** (s + 1))) / ((v[n] / (1 - b2 ** (s + 1))).sqrt() + 1e-8))
+        losses.append(float(loss.detach()))
+    return losses, {n: p.detach().clone() for n, p in params}
+
+
+@pytest.mark.parametrize("how", ["full", "lora", "micro-batch 1 + checkpointing"])
+def test_a_step_is_the_hand_computed_loss_gradient_and_adamw_update(how: str) -> None:
+    """Two steps of probe.train on organism-base (rows of several prompt lengths, padded together) against the hand
+    oracle: the logged losses (the mean cross-entropy over the answer letter and the turn's end) to 1e-6, the
+    weights after the second update to 5e-5 (they move by 1e-3). The labels are the letter and the turn's end only."""
+    from analyses.finetune import add_lora
+    from probe.models import load_model, resolve_model
+    from probe.prompting import turn_end_id
+    from probe.train import TrainConfig, train
+
+    torch.set_num_threads(1)
+    batches = [[0, 3, 5, 1], [2, 2, 4, 0]]
+    extra = {"micro_batch": 1, "checkpointing": True} if how.startswith("micro") else {}
+    cfg = TrainConfig(steps=2, lr=1e-3, lm_lr=1e-3, batch=4, warmup=0, **extra)
+    runs = []
+    for _ in ("oracle", "loop"):
+        loaded = load_model(resolve_model("organism-base"))
+        if how == "lora":
+            torch.manual_seed(0)
+            add_lora(loaded, 4)
+        runs.append((loaded, _flipped_rows(loaded)))
+    (oracle, rows), (loop, loop_rows) = runs
+    for r in rows:
+        n = r["input_ids"].shape[0]
+        assert (r["labels"] != -100).nonzero()[:, 0].tolist() == [n - 2, n - 1]
+        assert int(r["labels"][-1]) == turn_end_id(oracle)
+    start = {n: p.detach().clone() for n, p in loop.model.named_parameters() if p.requires_grad}
+    want_losses, want = _hand_steps(oracle.model, rows, batches, cfg)
+    it = iter(batches)
+    got_losses = train(loop, loop_rows, cfg, log=lambda m: None, sampler=lambda gen, batch: next(it))
+    assert got_losses == pytest.approx(want_losses, rel=1e-6) and want_losses[0] > 1
+    got = {n: p.detach() for n, p in loop.model.named_parameters() if n in want}
+    assert got.keys() == want.keys() and len(got) > 40
+    assert max(float((got[n] - start[n]).abs().max()) for n in got) > 5e-4
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], atol=5e-5, rtol=0, msg=n)
