@@ -28,7 +28,7 @@ import torch
 from probe.errors import BadInput
 from probe.devices import rank_world
 from probe.prompting import TOKEN_KEYS, TYPE_KEYS, PromptTemplate, answer_token_ids, build_inputs, turn_end_id
-from probe.upstream import logits_at
+from probe.upstream import UpstreamChanged, check_adapters_in_lm, logits_at
 
 SEQ_KEYS = (*TOKEN_KEYS, "labels")
 
@@ -480,6 +480,7 @@ def _steps(loaded, rows: list[dict], cfg: TrainConfig, log: Callable[[str], None
            on_step: Callable[[StepInfo, Any], None] | None, resume: dict | None) -> list[float]:
     """The steps of ``train``."""
     model = loaded.model
+    check_adapters_in_lm(model, lambda n: is_lm_param(n, loaded))  # before a wrapper (DDP) hides peft's
     model.train()
     torch.manual_seed(cfg.seed)
     sharded = fsdp_launch(cfg)
@@ -556,6 +557,13 @@ def _steps(loaded, rows: list[dict], cfg: TrainConfig, log: Callable[[str], None
         for part in chunks:
             with autocast():  # the forward only; backward follows the dtypes it recorded
                 part_loss = label_loss(model, collate(part, pad), n_labels)
+            if lm_trains and not part_loss.requires_grad:
+                # every row runs the LM: a loss outside autograd's graph (a forward run without gradients, or
+                # checkpointing that cut the graph: reentrant with frozen inputs under LoRA) would skip the
+                # backward and the update, and the run would go on (simulated, exit 0)
+                raise UpstreamChanged(f"{type(model).__name__}'s loss at step {step + 1} does not depend on the LM's "
+                                      "trained weights (no autograd graph reached them): the step would update "
+                                      "nothing", naive_helps=False)
             if part_loss.requires_grad:
                 if sharded:
                     reached |= fsdp.reached(part_loss)

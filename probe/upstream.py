@@ -23,7 +23,7 @@ import functools
 import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -412,16 +412,68 @@ def check_greedy(step_logits: Sequence[torch.Tensor], tokens: torch.Tensor, eos:
         ended |= torch.isin(tokens[:, s], ends)
 
 
+def check_adapters_in_lm(model: nn.Module, is_lm: Callable[[str], bool]) -> None:
+    """With a peft wrapper (``--lora``) every parameter that trains is an adapter on an LM projection, so each must
+    pass ``is_lm`` (probe.train's rule, which strips peft's ``base_model.model.`` prefix: peft 0.21). A release naming
+    its parameters otherwise put the adapters outside the LM: they trained at ``--lr`` instead of ``--lm-lr``, and
+    a mixed batch's text rows were skipped as reaching nothing that trains (simulated: organism-vl, exit 0)."""
+    if not callable(getattr(model, "get_base_model", None)):
+        return
+    outside = [n for n, p in model.named_parameters() if p.requires_grad and not is_lm(n)]
+    if outside:
+        import peft
+
+        raise UpstreamChanged(f"peft {peft.__version__} names a trainable parameter {outside[0]} (and "
+                              f"{len(outside) - 1} more) outside the LM's path: its adapters would train at the "
+                              "other parts' rate and text rows would be skipped", naive_helps=False)
+
+
 def logits_at(model: nn.Module, inputs: dict[str, torch.Tensor], positions: list[int]) -> torch.Tensor:
     """The logits at ``positions`` (sorted, the same for every row) [B, len(positions), V], asked for with
     ``logits_to_keep``. A list, not a tensor: accelerate's hooks would move a tensor of positions to a split model's
     first device while the hidden states it indexes sit on the last. A class that ignores ``logits_to_keep``
     (Qwen2.5-Omni's thinker) returns every position: the same values, kept here. Any other shape would pair logits
     and positions wrongly."""
-    logits = model(**inputs, logits_to_keep=positions).logits
+    inner = getattr(model, "module", model)  # DDP's wrapper; peft's forwards these HF accessors to the model
+    try:
+        decoder, head = inner.get_decoder(), inner.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        decoder = head = None
+    if not isinstance(decoder, nn.Module) or not isinstance(head, nn.Module):
+        raise UpstreamChanged(f"{type(inner).__name__} has no get_decoder() / get_output_embeddings() module: the "
+                              "positions its logits come from cannot be checked", naive_helps=False)
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [decoder.register_forward_hook(lambda m, a, out: seen.__setitem__("hidden", out[0])),
+             head.register_forward_pre_hook(lambda m, args: seen.__setitem__("head_in", args[0]))]
+    try:
+        logits = model(**inputs, logits_to_keep=positions).logits
+    finally:
+        for h in hooks:
+            h.remove()
     if logits.shape[1] == inputs["input_ids"].shape[1] != len(positions):
         logits = logits[:, positions]
     if logits.shape[1] != len(positions):
         raise RuntimeError(f"{type(model).__name__} returned logits for {logits.shape[1]} positions, not the "
                            f"{len(positions)} asked for with logits_to_keep")
+    check_head_positions(seen, positions)
     return logits
+
+
+def check_head_positions(seen: dict[str, torch.Tensor], positions: list[int]) -> None:
+    """The LM head ran on the decoder's last hidden states at ``positions`` (or at every position, which
+    ``logits_at`` then picks from). 5.23-5.25 index the hidden states with the list (``slice_logits_to_keep``); a
+    release reading a sequence otherwise (as "the last len(...) positions", as per-row positions) gives logits of
+    the asked-for count from other positions: the loss of other tokens, exit 0 (simulated: organism-base's loss
+    doubled)."""
+    hidden, head_in = seen.get("hidden"), seen.get("head_in")
+    if hidden is None or head_in is None:
+        raise UpstreamChanged("the LM head or the decoder did not run as modules in the forward: the positions its "
+                              "logits come from cannot be checked", naive_helps=False)
+    with torch.no_grad():
+        want = hidden if head_in.shape[1] == hidden.shape[1] != len(positions) else hidden[:, positions]
+        # equal_nan: non-finite weights are the divergence check's to name (probe.train.diverged)
+        if want.shape != head_in.shape or not torch.allclose(want.to(head_in.device, head_in.dtype), head_in,
+                                                             rtol=0, atol=0, equal_nan=True):
+            raise UpstreamChanged(f"the LM head ran on hidden states {tuple(head_in.shape)} that are not the "
+                                  f"decoder's at the {len(positions)} positions asked for with logits_to_keep",
+                                  naive_helps=False)

@@ -1905,3 +1905,76 @@ def test_a_step_is_the_hand_computed_loss_gradient_and_adamw_update(how: str) ->
     assert max(float((got[n] - start[n]).abs().max()) for n in got) > 5e-4
     for n in want:
         torch.testing.assert_close(got[n], want[n], atol=5e-5, rtol=0, msg=n)
+
+
+class _Forward:
+    """Replaces type(model).forward with ``fn(real_forward, self, *args, **kwargs)`` while in the block."""
+
+    def __init__(self, model, fn):
+        self.cls, self.fn = type(model), fn
+
+    def __enter__(self):
+        self.real = self.cls.forward
+        real, fn = self.real, self.fn
+        self.cls.forward = lambda s, *a, **k: fn(real, s, *a, **k)
+
+    def __exit__(self, *exc):
+        self.cls.forward = self.real
+
+
+def _detached(real, s, *a, **k):
+    out = real(s, *a, **k)
+    out.logits = out.logits.detach()
+    return out
+
+
+def _last_k(real, s, *a, logits_to_keep=0, **k):  # a release reading a list as "the last len(list) positions"
+    return real(s, *a, logits_to_keep=len(logits_to_keep) if isinstance(logits_to_keep, list) else logits_to_keep,
+                **k)
+
+
+@pytest.mark.parametrize("change, lora, says", [
+    ("logits without a graph", False, "does not depend on the LM's trained weights"),
+    ("forward under no_grad", True, "does not depend on the LM's trained weights"),
+    ("logits_to_keep read as the last k", False, "not the decoder's at the 6 positions"),
+])
+def test_an_upstream_forward_that_would_train_silently_wrong_stops_the_run(change, lora, says) -> None:
+    """Simulated releases: logits cut from the graph (or a forward under no_grad, as reentrant checkpointing with
+    LoRA's frozen inputs gives) skipped the backward and the update of every step, and a list of logits_to_keep
+    read as "the last k positions" trained on the loss of other tokens (twice the oracle's): both exit 0 before.
+    Now the step stops (UpstreamChanged, exit 1) before any update; unpatched it trains (the oracle test above)."""
+    from analyses.finetune import add_lora
+    from probe.models import load_model, resolve_model
+    from probe.train import TrainConfig, train
+    from probe.upstream import UpstreamChanged
+
+    torch.set_num_threads(1)
+    loaded = load_model(resolve_model("organism-base"))
+    if lora:
+        add_lora(loaded, 4)
+    rows = _flipped_rows(loaded)
+    before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+    fn = {"logits without a graph": _detached, "logits_to_keep read as the last k": _last_k,
+          "forward under no_grad": lambda real, s, *a, **k: torch.no_grad()(real)(s, *a, **k)}[change]
+    with _Forward(loaded.model, fn), pytest.raises(UpstreamChanged, match=says):
+        train(loaded, rows, TrainConfig(steps=2, lr=1e-3, lm_lr=1e-3, batch=4, warmup=0), log=lambda m: None,
+              sampler=lambda gen, batch: [0, 3, 5, 1])
+    assert all(torch.equal(before[n], p) for n, p in loaded.model.named_parameters())
+
+
+def test_peft_naming_its_adapters_outside_the_lm_stops_the_run(tiny_dirs, monkeypatch) -> None:
+    """A peft release whose parameter names lose the ``base_model.model.`` prefix put the adapters in the "other"
+    group: trained at --lr instead of --lm-lr, and a mixed batch's text rows skipped as reaching nothing that trains
+    (simulated on organism-vl: losses 23 % off the oracle's, exit 0). Now one UpstreamChanged before any step."""
+    from analyses.finetune import add_lora
+    from peft import PeftModel
+    from probe.models import load_model, resolve_model
+    from probe.train import TrainConfig, train
+    from probe.upstream import UpstreamChanged
+
+    loaded = add_lora(load_model(resolve_model(str(tiny_dirs["qwen2_vl"]))), 4)
+    real = PeftModel.named_parameters
+    monkeypatch.setattr(PeftModel, "named_parameters", lambda self, *a, **k: (
+        (n.replace("base_model.model.", "base_model.inner.", 1), p) for n, p in real(self, *a, **k)))
+    with pytest.raises(UpstreamChanged, match="outside the LM's path"):
+        train(loaded, [], TrainConfig(steps=1, lr=1e-4, lm_lr=1e-3, batch=1, warmup=0), log=lambda m: None)

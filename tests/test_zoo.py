@@ -523,11 +523,18 @@ def test_modality_parts_give_the_whole_batchs_loss_and_gradient(name):
     for n in want_g:
         torch.testing.assert_close(got_g[n], want_g[n], atol=1e-6, rtol=1e-4, msg=n)
 
-    class IgnoresKeep(torch.nn.Module):  # every position back (Qwen2.5-Omni's thinker): the kept ones are used
+    class Wrapper(torch.nn.Module):  # the model's decoder and head, which logits_at watches
+        def get_decoder(self):
+            return loaded.model.get_decoder()
+
+        def get_output_embeddings(self):
+            return loaded.model.get_output_embeddings()
+
+    class IgnoresKeep(Wrapper):  # every position back (Qwen2.5-Omni's thinker): the kept ones are used
         def forward(self, logits_to_keep=None, **kw):
             return loaded.model(**kw)
 
-    class KeepsOthers(torch.nn.Module):  # any other count is refused, never silently mis-paired with the labels
+    class KeepsOthers(Wrapper):  # any other count is refused, never silently mis-paired with the labels
         def forward(self, logits_to_keep=None, **kw):
             out = loaded.model(**kw)
             out.logits = out.logits[:, 1:]
