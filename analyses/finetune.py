@@ -175,6 +175,8 @@ def add_lora(loaded, rank: int, adapter: Path | None = None):
     from peft import LoraConfig, PeftModel, get_peft_model
     from safetensors import SafetensorError
 
+    from probe.upstream import check_lora_targets
+
     # the decoder layers' projections, wherever the family table puts the layers (Idefics3's model.text_model.layers
     # matched no fixed pattern: --lora on it was a traceback)
     targets = rf"^{re.escape(loaded.family.layers_path)}\.\d+\..*\.({'|'.join(LORA_TARGETS)})$"
@@ -194,6 +196,7 @@ def add_lora(loaded, rank: int, adapter: Path | None = None):
         else:
             loaded.model = get_peft_model(loaded.model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
                                                                     target_modules=targets))
+    check_lora_targets(loaded.model, targets)  # the projections README names, no more, no fewer
     return loaded
 
 

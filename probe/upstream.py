@@ -428,6 +428,27 @@ def check_adapters_in_lm(model: nn.Module, is_lm: Callable[[str], bool]) -> None
                               "other parts' rate and text rows would be skipped", naive_helps=False)
 
 
+def check_lora_targets(model: nn.Module, pattern: str) -> None:
+    """The modules peft wrapped with LoRA adapters (``peft.tuners.lora.LoraLayer``, peft 0.21) are exactly those
+    whose names in the base model fully match ``pattern`` (the ``target_modules`` regex ``analyses.finetune.add_lora``
+    passes). A release that read a regex otherwise, or fell back to its per-model default (``q_proj`` and ``v_proj``
+    for Qwen2: simulated, exit 0), would train other modules than the README's attention and MLP projections."""
+    import re
+
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    adapted = {n for n, m in base.named_modules() if isinstance(m, LoraLayer)}
+    wanted = {n for n, _ in base.named_modules() if re.fullmatch(pattern, n)}
+    if adapted != wanted:
+        import peft
+
+        odd = sorted(adapted ^ wanted)
+        raise UpstreamChanged(f"peft {peft.__version__} put LoRA adapters on {len(adapted)} modules, not the "
+                              f"{len(wanted)} named by target_modules (first difference: {odd[0]})",
+                              naive_helps=False)
+
+
 def logits_at(model: nn.Module, inputs: dict[str, torch.Tensor], positions: list[int]) -> torch.Tensor:
     """The logits at ``positions`` (sorted, the same for every row) [B, len(positions), V], asked for with
     ``logits_to_keep``. A list, not a tensor: accelerate's hooks would move a tensor of positions to a split model's

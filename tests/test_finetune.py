@@ -1978,3 +1978,24 @@ def test_peft_naming_its_adapters_outside_the_lm_stops_the_run(tiny_dirs, monkey
         (n.replace("base_model.model.", "base_model.inner.", 1), p) for n, p in real(self, *a, **k)))
     with pytest.raises(UpstreamChanged, match="outside the LM's path"):
         train(loaded, [], TrainConfig(steps=1, lr=1e-4, lm_lr=1e-3, batch=1, warmup=0), log=lambda m: None)
+
+
+def test_peft_adapting_other_modules_than_the_targets_stops(monkeypatch) -> None:
+    """A peft release that ignored the target_modules regex for its per-model default adapted q_proj and v_proj
+    alone (simulated on organism-base: 8 modules of the 28 named), and --lora trained them without a word. Now
+    add_lora stops with UpstreamChanged; unpatched it adapts the 28 (the oracle test's LoRA case trains them)."""
+    import peft
+
+    from analyses.finetune import add_lora
+    from probe.models import load_model, resolve_model
+    from probe.upstream import UpstreamChanged
+
+    real = peft.LoraConfig
+
+    class DefaultTargets(real):
+        def __init__(self, *args, target_modules=None, **kwargs):
+            super().__init__(*args, target_modules=None, **kwargs)
+
+    monkeypatch.setattr(peft, "LoraConfig", DefaultTargets)
+    with pytest.raises(UpstreamChanged, match="on 8 modules, not the 28 named by target_modules"):
+        add_lora(load_model(resolve_model("organism-base")), 4)
