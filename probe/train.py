@@ -393,7 +393,8 @@ def data_parallel(loaded):
                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     if acc.gradient_accumulation_steps != 1 or acc.mixed_precision != "no":  # set some other way than the launch's
         raise BadInput(f"accelerate set up gradient accumulation {acc.gradient_accumulation_steps} and mixed "
-                       f"precision {acc.mixed_precision!r}: acc.backward would scale the gradients; launch without them")
+                       f"precision {acc.mixed_precision!r}: acc.backward would scale the gradients; launch without "
+                       "them")
     if acc.num_processes != world:  # each rank would train every row alone, the launch's work W times
         raise RuntimeError(f"accelerate runs {acc.num_processes} process(es), the launch {world}: its "
                            "process state was set up for another device kind before the Accelerator")
