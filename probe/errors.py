@@ -25,6 +25,9 @@ class RunStopped(RuntimeError):
 
 # A full disk or quota: not the user's input, and nothing the traceback would help with.
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+# Writes that stop for the same kind of reason: the file system went read-only mid-run (a remount, ext4's
+# errors=remount-ro). Also one line, not a traceback; the rerun resumes once it is writable again.
+WRITE_STOPPED = (*DISK_FULL, errno.EROFS)
 
 # Upstream errors can carry a whole file or config in their message; one line of a report keeps this much.
 REASON_CHARS = 300
@@ -165,6 +168,16 @@ def make_out_dir(out: Path, flag: str = "--out") -> None:
         raise BadInput(f"{flag} {out}: cannot create it ({exc.strerror or exc})") from None
 
 
+def naming(exc: OSError, path: str | Path) -> OSError:
+    """``exc`` with ``path`` as its filename when it has none: pyarrow's and a raw ``file.write``'s ENOSPC carry no
+    path, so the one line of ``cli_main`` could not say which output the disk filled on."""
+    if exc.filename is not None:
+        return exc
+    named = OSError(exc.errno, exc.strerror or os.strerror(exc.errno or 0), str(path))
+    named.__cause__ = exc
+    return named
+
+
 def print_error(message: str) -> None:
     """``error: message`` on a line of its own: progress bars still open (the run stopped inside one) are closed
     first, else the line is glued to the bar's last update."""
@@ -266,10 +279,11 @@ def cli_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
         print_error(f"out of memory in {where}; {hint}")
         return 1
     except OSError as exc:
-        if exc.errno not in DISK_FULL:
+        if exc.errno not in WRITE_STOPPED:
             raise
         where = f" writing {exc.filename}" if exc.filename is not None else ""
-        print_error(f"{os.strerror(exc.errno).lower()}{where}; free space and rerun the same command (a resumable "
+        fix = "free space" if exc.errno in DISK_FULL else "make it writable"
+        print_error(f"{os.strerror(exc.errno).lower()}{where}; {fix} and rerun the same command (a resumable "
                     "run goes on from what it had saved)")
         return 1
     except KeyboardInterrupt:

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Sequence
 import pandas as pd
 
 from probe.devices import rank_world
-from probe.errors import BadInput, check_out_path, make_out_dir
+from probe.errors import WRITE_STOPPED, BadInput, check_out_path, make_out_dir, naming
 from probe.sweep import BASELINE, COLUMNS
 
 OUTPUT_FILES = ("heads.csv", "baseline.json", "items.parquet", "run.json", "heatmap_*")
@@ -112,8 +112,10 @@ def atomic_write_with(path: Path, write: Callable[[str], None]) -> None:
         write(tmp)
         os.chmod(tmp, file_mode())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in WRITE_STOPPED:
+            raise naming(exc, path)  # pyarrow's ENOSPC names no file
         raise
 
 
