@@ -178,6 +178,23 @@ def naming(exc: OSError, path: str | Path) -> OSError:
     return named
 
 
+def write_stopped(exc: BaseException, path: str | Path) -> OSError | None:
+    """``exc`` as an OSError naming ``path`` when it says a write stopped (``WRITE_STOPPED``), else None. Not only
+    OSError: safetensors' Rust writer raises SafetensorError("No space left on device (os error 28)"), which
+    ``cli_main`` printed as a traceback."""
+    import re
+
+    if isinstance(exc, OSError):
+        code = exc.errno
+    else:
+        code = int(m.group(1)) if (m := re.search(r"\(os error (\d+)\)", str(exc))) else None
+    if code not in WRITE_STOPPED:
+        return None
+    named = OSError(code, os.strerror(code), str(path))
+    named.__cause__ = exc
+    return named
+
+
 def print_error(message: str) -> None:
     """``error: message`` on a line of its own: progress bars still open (the run stopped inside one) are closed
     first, else the line is glued to the bar's last update."""
