@@ -508,3 +508,33 @@ def test_a_text_model_on_the_default_data_is_told_to_give_data(tmp_path):
     # a --data the user gave keeps the item-level line
     r = cli(["--model", "tiny-qwen2", "--data", REPO / "probe/zoo/data/image", "--out", tmp_path / "out2", "--quiet"])
     assert "has image but tiny-qwen2 (qwen2) reads text only" in one_error_line(r.returncode, r.stderr)
+
+
+def test_a_full_disk_while_a_tiny_model_is_cached_is_one_line_and_leaves_no_half_build(tmp_path, capfd, monkeypatch):
+    """Building a tiny model into the cache (OMNIPROBE_CACHE) on a full disk was a traceback (safetensors' writer
+    raises SafetensorError, no OSError) and left its hidden half-built dir there for good; now it is the one line
+    naming the cache entry (exit 1), nothing is left, and the rerun builds and caches it."""
+    from safetensors import SafetensorError
+
+    import probe.tiny as tiny
+    from probe.heads import main
+
+    monkeypatch.setenv("OMNIPROBE_CACHE", str(tmp_path / "cache"))
+    real = tiny.build_tiny
+
+    def full(family, out):
+        (Path(out) / "config.json").write_text("{}")  # what save_pretrained writes before the weights
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(tiny, "build_tiny", full)
+    args = ["--model", "tiny-qwen2-vl", "--limit", "1", "--layers", "0", "--heads", "0", "--no-figures", "--quiet",
+            "--out", str(tmp_path / "run")]
+    assert cli_main(main, args) == 1
+    err = capfd.readouterr().err
+    target = tmp_path / "cache" / "tiny" / "qwen2_vl"
+    assert [ln for ln in err.splitlines() if ln.startswith("error:")] == [
+        f"error: no space left on device writing {target}; free space and rerun the same command (a resumable run "
+        "goes on from what it had saved)"] and "Traceback" not in err, err
+    assert list((tmp_path / "cache" / "tiny").iterdir()) == [] and not (tmp_path / "run").exists()
+    monkeypatch.setattr(tiny, "build_tiny", real)
+    assert tiny.tiny_dir("qwen2_vl") == target and (target / "config.json").is_file()
