@@ -178,10 +178,10 @@ def naming(exc: OSError, path: str | Path) -> OSError:
     return named
 
 
-def write_stopped(exc: BaseException, path: str | Path) -> OSError | None:
-    """``exc`` as an OSError naming ``path`` when it says a write stopped (``WRITE_STOPPED``), else None. Not only
-    OSError: safetensors' Rust writer raises SafetensorError("No space left on device (os error 28)"), which
-    ``cli_main`` printed as a traceback."""
+def write_stopped(exc: BaseException, path: str | Path | None) -> OSError | None:
+    """``exc`` as an OSError naming ``path`` (None: the file ``exc`` names, if any) when it says a write stopped
+    (``WRITE_STOPPED``), else None. Not only OSError: safetensors' Rust writer raises SafetensorError("No space left
+    on device (os error 28)"), which ``cli_main`` printed as a traceback."""
     import re
 
     if isinstance(exc, OSError):
@@ -190,7 +190,8 @@ def write_stopped(exc: BaseException, path: str | Path) -> OSError | None:
         code = int(m.group(1)) if (m := re.search(r"\(os error (\d+)\)", str(exc))) else None
     if code not in WRITE_STOPPED:
         return None
-    named = OSError(code, os.strerror(code), str(path))
+    where = str(path) if path is not None else getattr(exc, "filename", None)
+    named = OSError(code, os.strerror(code)) if where is None else OSError(code, os.strerror(code), where)
     named.__cause__ = exc
     return named
 
@@ -295,9 +296,10 @@ def cli_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
             "(--device auto), then rerun (a resumable run goes on from what it had saved)")
         print_error(f"out of memory in {where}; {hint}")
         return 1
-    except OSError as exc:
-        if exc.errno not in WRITE_STOPPED:
+    except Exception as exc:  # OSError, or a write error of another type (safetensors') no caller named a file for
+        if (stopped := write_stopped(exc, None)) is None:
             raise
+        exc = stopped
         where = f" writing {exc.filename}" if exc.filename is not None else ""
         fix = "free space" if exc.errno in DISK_FULL else "make it writable"
         print_error(f"{os.strerror(exc.errno).lower()}{where}; {fix} and rerun the same command (a resumable "

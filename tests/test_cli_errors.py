@@ -538,3 +538,26 @@ def test_a_full_disk_while_a_tiny_model_is_cached_is_one_line_and_leaves_no_half
     assert list((tmp_path / "cache" / "tiny").iterdir()) == [] and not (tmp_path / "run").exists()
     monkeypatch.setattr(tiny, "build_tiny", real)
     assert tiny.tiny_dir("qwen2_vl") == target and (target / "config.json").is_file()
+
+
+@pytest.mark.parametrize("exc, line", [
+    (OSError(30, "Read-only file system", "/r/o/x.csv"),
+     "error: read-only file system writing /r/o/x.csv; make it writable and rerun the same command (a resumable run "
+     "goes on from what it had saved)"),
+    ("safetensors", "error: no space left on device; free space and rerun the same command (a resumable run goes on "
+                    "from what it had saved)"),
+])
+def test_cli_main_says_a_stopped_write_in_one_line_whatever_raised_it(exc, line, capfd):
+    """A file system gone read-only mid-run (EROFS) and a full disk that safetensors' writer reports
+    (SafetensorError, no OSError) were tracebacks from every command; cli_main says them in its one line (exit 1)."""
+    from safetensors import SafetensorError
+
+    if exc == "safetensors":
+        exc = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    def main(argv):
+        raise exc
+
+    assert cli_main(main, []) == 1
+    err = capfd.readouterr().err
+    assert err.splitlines() == [line], err
