@@ -168,16 +168,6 @@ def make_out_dir(out: Path, flag: str = "--out") -> None:
         raise BadInput(f"{flag} {out}: cannot create it ({exc.strerror or exc})") from None
 
 
-def naming(exc: OSError, path: str | Path) -> OSError:
-    """``exc`` with ``path`` as its filename when it has none: pyarrow's and a raw ``file.write``'s ENOSPC carry no
-    path, so the one line of ``cli_main`` could not say which output the disk filled on."""
-    if exc.filename is not None:
-        return exc
-    named = OSError(exc.errno, exc.strerror or os.strerror(exc.errno or 0), str(path))
-    named.__cause__ = exc
-    return named
-
-
 def write_stopped(exc: BaseException, path: str | Path | None) -> OSError | None:
     """``exc`` as an OSError naming ``path`` (None: the file ``exc`` names, if any) when it says a write stopped
     (``WRITE_STOPPED``), else None. Not only OSError: safetensors' Rust writer raises SafetensorError("No space left

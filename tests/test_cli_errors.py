@@ -561,3 +561,23 @@ def test_cli_main_says_a_stopped_write_in_one_line_whatever_raised_it(exc, line,
     assert cli_main(main, []) == 1
     err = capfd.readouterr().err
     assert err.splitlines() == [line], err
+
+
+def test_a_result_file_the_file_system_refused_is_named_not_its_temp_file(tmp_path, capfd, monkeypatch):
+    """A file system gone read-only refuses the temp file of an atomic write at its creation: the one line named that
+    temp file (``.items.parquet.PID-HOST.RANDOM.tmp``, never to exist) instead of the result it was for."""
+    import errno
+    import tempfile
+
+    from probe.results import atomic_write_json
+
+    def refused(prefix="", suffix="", dir=None):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.path.join(dir, f"{prefix}x1y2{suffix}"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    target = tmp_path / "items.json"
+    assert cli_main(lambda argv: atomic_write_json(target, {}), []) == 1
+    assert capfd.readouterr().err.splitlines() == [
+        f"error: read-only file system writing {target}; make it writable and rerun the same command (a resumable "
+        "run goes on from what it had saved)"]
+    assert list(tmp_path.iterdir()) == []
