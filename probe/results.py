@@ -115,7 +115,10 @@ def atomic_write_with(path: Path, write: Callable[[str], None]) -> None:
         os.replace(tmp, path)
     except BaseException as exc:
         if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+            try:
+                Path(tmp).unlink(missing_ok=True)
+            except OSError:  # a read-only file system keeps it (remove_stale_temps clears it on the rerun); its
+                pass  # EROFS here had replaced the error that stopped the write, naming the temp file
         if (stopped := write_stopped(exc, path)) is not None:  # the file meant, not the temp one (gone now), nor
             raise stopped  # none at all (pyarrow's ENOSPC names no file)
         raise

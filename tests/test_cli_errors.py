@@ -581,3 +581,30 @@ def test_a_result_file_the_file_system_refused_is_named_not_its_temp_file(tmp_pa
         f"error: read-only file system writing {target}; make it writable and rerun the same command (a resumable "
         "run goes on from what it had saved)"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_temp_file_the_read_only_file_system_keeps_does_not_hide_why_the_write_stopped(tmp_path, capfd,
+                                                                                         monkeypatch):
+    """On a file system gone read-only mid-write, deleting the temp file fails too: that EROFS replaced the error
+    that stopped the write, so the one line named the temp file. It names the result file now."""
+    import errno
+
+    from probe import results
+
+    real_unlink = Path.unlink
+
+    def read_only(self, missing_ok=False):
+        if self.name.endswith(".tmp"):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        return real_unlink(self, missing_ok=missing_ok)
+
+    def stopped(tmp):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    target = tmp_path / "heads.csv"
+    assert cli_main(lambda argv: results.atomic_write_with(target, stopped), []) == 1
+    assert capfd.readouterr().err.splitlines() == [
+        f"error: read-only file system writing {target}; make it writable and rerun the same command (a resumable "
+        "run goes on from what it had saved)"]
+    assert not target.exists()
