@@ -174,13 +174,22 @@ def write_stopped(exc: BaseException, path: str | Path | None) -> OSError | None
     on device (os error 28)"), which ``cli_main`` printed as a traceback."""
     import re
 
-    if isinstance(exc, OSError):
-        code = exc.errno
+    code, seen = None, exc
+    # down the chain too (a few links): matplotlib's PDF writer, stopped by a full or read-only disk, fails again
+    # while it closes (zlib.error "inconsistent stream state"), and that error hid the OSError behind it
+    for _ in range(8):
+        if not isinstance(seen, Exception):
+            return None
+        if isinstance(seen, OSError):
+            code = seen.errno
+        else:
+            code = int(m.group(1)) if (m := re.search(r"\(os error (\d+)\)", str(seen))) else None
+        if code in WRITE_STOPPED:
+            break
+        seen = seen.__cause__ or seen.__context__
     else:
-        code = int(m.group(1)) if (m := re.search(r"\(os error (\d+)\)", str(exc))) else None
-    if code not in WRITE_STOPPED:
         return None
-    where = str(path) if path is not None else getattr(exc, "filename", None)
+    where = str(path) if path is not None else getattr(seen, "filename", None)
     named = OSError(code, os.strerror(code)) if where is None else OSError(code, os.strerror(code), where)
     named.__cause__ = exc
     return named

@@ -608,3 +608,50 @@ def test_a_temp_file_the_read_only_file_system_keeps_does_not_hide_why_the_write
         f"error: read-only file system writing {target}; make it writable and rerun the same command (a resumable "
         "run goes on from what it had saved)"]
     assert not target.exists()
+
+
+@pytest.mark.parametrize("code", [28, 30])
+def test_a_pdf_the_disk_stopped_is_one_line_though_matplotlib_fails_again_closing_it(code, tmp_path, capfd,
+                                                                                    monkeypatch):
+    """matplotlib's PDF writer, its write stopped by a full or read-only disk, fails again while it closes the file
+    (zlib.error: inconsistent stream state), which hid the OSError: a traceback from shift, trajectory and the
+    replication. The one line names the figure now, and no PDF is left."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from figures import save_figure
+
+    real_open = open
+
+    class Stopped:  # the disk stops in the body of the first compressed stream (after zlib's header), as it did
+        def __init__(self, f):  # in the shift stage: the stream's flush fails, and its close flushes again
+            self.f, self.in_stream = f, False
+
+        def write(self, data):
+            if self.in_stream and len(data):
+                raise OSError(code, os.strerror(code))
+            self.in_stream = self.in_stream or bytes(data[:2]) == b"x\x9c"
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    def open_(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        return Stopped(f) if str(file).endswith(".tmp") and "w" in mode else f
+
+    import builtins
+
+    monkeypatch.setattr(builtins, "open", open_)
+    fig = plt.figure()
+    fig.add_subplot().plot([0, 1], [0, 1])
+    target = tmp_path / "shift_models.pdf"
+    assert cli_main(lambda argv: save_figure(fig, target), []) == 1
+    plt.close(fig)
+    err = capfd.readouterr().err
+    fix = "free space" if code == 28 else "make it writable"
+    assert err.splitlines() == [f"error: {os.strerror(code).lower()} writing {target}; {fix} and rerun the same "
+                                "command (a resumable run goes on from what it had saved)"], err
+    assert list(tmp_path.iterdir()) == []
