@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from probe.errors import (ArgParser, BadInput, check_counts, check_out_apart, check_out_path, cli_main, input_in_out,
-                          make_out_dir, releases_claims)
+                          make_out_dir, releases_claims, write_stopped)
 
 LOG_COLUMNS = ["step", "modality", "loss", "lr", "lm_lr", "tokens"]  # lr: --lr's rate now (tower, projector)
 STATE = "trainer_state.pt"
@@ -200,6 +200,38 @@ def add_lora(loaded, rank: int, adapter: Path | None = None):
     return loaded
 
 
+class _KeepsWriteError:
+    """A binary file for ``torch.save`` that keeps the OSError its write raised: torch turns it into a RuntimeError
+    ("unexpected pos …"), as it does a failed write of its own to a path, losing the errno a full disk has."""
+
+    def __init__(self, f: Any):
+        self.f, self.error = f, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def save_state(state: dict, path: Path) -> None:
+    """``torch.save(state, path)``; a write the disk stopped raises its own OSError (ENOSPC, EROFS)."""
+    import torch
+
+    with open(path, "wb") as f:
+        sink = _KeepsWriteError(f)
+        try:
+            torch.save(state, sink)
+        except RuntimeError:
+            if sink.error is not None:
+                raise sink.error from None
+            raise
+
+
 def save_checkpoint(loaded, source: Path, dest: Path, state: dict | None,
                     weights: dict[str, Any] | None = None) -> None:
     """An HF model dir (configs and tokenizer files of the source) plus the trainer state, written to a hidden dir
@@ -227,10 +259,12 @@ def save_checkpoint(loaded, source: Path, dest: Path, state: dict | None,
         # its model.safetensors.index.json beside the model.safetensors just saved would be a second weight set.
         copy_side_files(source, tmp, keep_existing=True)
         if state is not None:
-            torch.save(state, tmp / STATE)
+            save_state(state, tmp / STATE)
         set_file_modes(tmp)  # save_pretrained writes the weights 0o600
-    except BaseException:  # a full disk, a refused LoRA merge (write_lora_merge, mid-stream): the half-written copy
-        shutil.rmtree(tmp, ignore_errors=True)  # goes at once, not at the rerun, so space is freed
+    except BaseException as exc:  # a full disk, a refused LoRA merge (write_lora_merge, mid-stream): the half-written
+        shutil.rmtree(tmp, ignore_errors=True)  # copy goes at once, not at the rerun, so space is freed
+        if (stopped := write_stopped(exc, dest)) is not None:  # safetensors' error is no OSError: one line, not a
+            raise stopped  # traceback, naming the checkpoint
         raise
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)

@@ -12,6 +12,7 @@ import fnmatch
 import functools
 import json
 import math
+import os
 import queue
 import re
 import shutil
@@ -24,7 +25,7 @@ from typing import BinaryIO, Callable, Iterable, Iterator, ParamSpec, Sequence
 import torch
 
 from analyses.checkpoints import DTYPE_NAMES
-from probe.errors import BadInput, check_out_path, make_out_dir
+from probe.errors import WRITE_STOPPED, BadInput, check_out_path, make_out_dir
 from probe.results import (MANIFEST, WRITER_TAG, atomic_write_json, copy_file, output_listing, remove_stale_dirs,
                            writer_tag)
 
@@ -397,6 +398,19 @@ def remove_stale_partials(out: Path) -> list[Path]:
     return remove_stale_dirs(out.parent, rf"\.{re.escape(out.name)}\.(?:partial|old)-(?P<tag>{WRITER_TAG})")
 
 
+def named_in_out(exc: OSError, tmp: Path, out: Path) -> OSError:
+    """A write into ``atomic_dir``'s temp dir that stopped (disk full, read-only), naming the output it was for: the
+    temp dir is gone by the time ``cli_main`` prints the one line, and a csv or safetensors write's error names no
+    file at all."""
+    name = Path(exc.filename) if isinstance(exc.filename, (str, Path)) else None
+    if name is not None and not name.is_relative_to(tmp):
+        return exc
+    named = OSError(exc.errno, exc.strerror or os.strerror(exc.errno or 0),
+                    str(out / name.relative_to(tmp) if name is not None else out))
+    named.__cause__ = exc
+    return named
+
+
 @contextmanager
 def atomic_dir(out: Path, overwrite: bool, command: str, request: dict | None = None) -> Iterator[Path]:
     """Yield a hidden temp dir beside ``out``; rename it to ``out`` on success (with a manifest of what ``command``
@@ -414,11 +428,14 @@ def atomic_dir(out: Path, overwrite: bool, command: str, request: dict | None = 
     tmp.mkdir()
     try:
         yield tmp
-    except BaseException:
+        # inside the try: a disk that fills on the manifest, the last write, left the whole temp dir behind
+        atomic_write_json(tmp / MANIFEST, {"command": command, **({"request": request} if request is not None else {}),
+                                           "entries": output_listing(tmp)})
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno in WRITE_STOPPED:
+            raise named_in_out(exc, tmp, out)
         raise
-    atomic_write_json(tmp / MANIFEST, {"command": command, **({"request": request} if request is not None else {}),
-                                       "entries": output_listing(tmp)})
     if out.exists():
         old = out.parent / f".{out.name}.old-{writer_tag()}"
         out.rename(old)

@@ -21,7 +21,7 @@ from figures import (drop_stale_pages, heatmap_ticks, page_caption, page_panels,
                      read_json, save_figure)
 from figures.findings import Finding, findings
 from figures.results import METHOD_LABELS, EvalRun, Replication, short
-from probe.errors import BadInput
+from probe.errors import BadInput, write_stopped
 from probe.zoo import ORGANISMS, VALIDATION_NOTE
 
 FIG_DIR = "report_figures"
@@ -418,8 +418,10 @@ def build_report(out: Path) -> list[Path]:
     tmp.mkdir()
     try:
         doc = build(r, tmp)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if (stopped := write_stopped(exc, figdir)) is not None:  # PIL's full disk names no file, the partial dir
+            raise stopped  # is gone: name the figures' folder
         raise
     for name in ("report.md", "report.html"):  # a kill from here on leaves no report rather than the earlier
         (out / name).unlink(missing_ok=True)  # build's beside this one's, or pointing at figures no longer there

@@ -25,6 +25,9 @@ class RunStopped(RuntimeError):
 
 # A full disk or quota: not the user's input, and nothing the traceback would help with.
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+# Writes that stop for the same kind of reason: the file system went read-only mid-run (a remount, ext4's
+# errors=remount-ro). Also one line, not a traceback; the rerun resumes once it is writable again.
+WRITE_STOPPED = (*DISK_FULL, errno.EROFS)
 
 # Upstream errors can carry a whole file or config in their message; one line of a report keeps this much.
 REASON_CHARS = 300
@@ -165,6 +168,33 @@ def make_out_dir(out: Path, flag: str = "--out") -> None:
         raise BadInput(f"{flag} {out}: cannot create it ({exc.strerror or exc})") from None
 
 
+def write_stopped(exc: BaseException, path: str | Path | None) -> OSError | None:
+    """``exc`` as an OSError naming ``path`` (None: the file ``exc`` names, if any) when it says a write stopped
+    (``WRITE_STOPPED``), else None. Not only OSError: safetensors' Rust writer raises SafetensorError("No space left
+    on device (os error 28)"), which ``cli_main`` printed as a traceback."""
+    import re
+
+    code, seen = None, exc
+    # down the chain too (a few links): matplotlib's PDF writer, stopped by a full or read-only disk, fails again
+    # while it closes (zlib.error "inconsistent stream state"), and that error hid the OSError behind it
+    for _ in range(8):
+        if not isinstance(seen, Exception):
+            return None
+        if isinstance(seen, OSError):
+            code = seen.errno
+        else:
+            code = int(m.group(1)) if (m := re.search(r"\(os error (\d+)\)", str(seen))) else None
+        if code in WRITE_STOPPED:
+            break
+        seen = seen.__cause__ or seen.__context__
+    else:
+        return None
+    where = str(path) if path is not None else getattr(seen, "filename", None)
+    named = OSError(code, os.strerror(code)) if where is None else OSError(code, os.strerror(code), where)
+    named.__cause__ = exc
+    return named
+
+
 def print_error(message: str) -> None:
     """``error: message`` on a line of its own: progress bars still open (the run stopped inside one) are closed
     first, else the line is glued to the bar's last update."""
@@ -265,11 +295,13 @@ def cli_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
             "(--device auto), then rerun (a resumable run goes on from what it had saved)")
         print_error(f"out of memory in {where}; {hint}")
         return 1
-    except OSError as exc:
-        if exc.errno not in DISK_FULL:
+    except Exception as exc:  # OSError, or a write error of another type (safetensors') no caller named a file for
+        if (stopped := write_stopped(exc, None)) is None:
             raise
+        exc = stopped
         where = f" writing {exc.filename}" if exc.filename is not None else ""
-        print_error(f"{os.strerror(exc.errno).lower()}{where}; free space and rerun the same command (a resumable "
+        fix = "free space" if exc.errno in DISK_FULL else "make it writable"
+        print_error(f"{os.strerror(exc.errno).lower()}{where}; {fix} and rerun the same command (a resumable "
                     "run goes on from what it had saved)")
         return 1
     except KeyboardInterrupt:

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Sequence
 import pandas as pd
 
 from probe.devices import rank_world
-from probe.errors import BadInput, check_out_path, make_out_dir
+from probe.errors import BadInput, check_out_path, make_out_dir, write_stopped
 from probe.sweep import BASELINE, COLUMNS
 
 OUTPUT_FILES = ("heads.csv", "baseline.json", "items.parquet", "run.json", "heatmap_*")
@@ -106,14 +106,21 @@ def atomic_write_with(path: Path, write: Callable[[str], None]) -> None:
     leaves the old file or the new one, never half of one (and the temp file, which ``remove_stale_temps``
     clears on the next run)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{writer_tag()}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{writer_tag()}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         write(tmp)
         os.chmod(tmp, file_mode())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            try:
+                Path(tmp).unlink(missing_ok=True)
+            except OSError:  # a read-only file system keeps it (remove_stale_temps clears it on the rerun); its
+                pass  # EROFS here had replaced the error that stopped the write, naming the temp file
+        if (stopped := write_stopped(exc, path)) is not None:  # the file meant, not the temp one (gone now), nor
+            raise stopped  # none at all (pyarrow's ENOSPC names no file)
         raise
 
 

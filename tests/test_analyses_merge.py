@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -679,7 +681,8 @@ def test_float16_output_that_overflows_exits_2(tmp_path, capfd):
 
 
 def test_a_full_disk_mid_merge_is_one_line_and_leaves_nothing(zoo, tmp_path, capfd, monkeypatch):
-    """ENOSPC from a shard write was a traceback; now one line (exit 1) and no output or temp dir left behind."""
+    """ENOSPC from a shard write was a traceback; now one line (exit 1) naming the output (the shard write's error
+    names no file, and the temp dir it went to is gone), and no output or temp dir left behind."""
     import errno
     import os
 
@@ -692,8 +695,39 @@ def test_a_full_disk_mid_merge_is_one_line_and_leaves_nothing(zoo, tmp_path, cap
     out = tmp_path / "o"
     assert run(merge.main, "--models", zoo["vl"], zoo["q1"], "--method", "average", "--out", out) == 1
     errors = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1 and "no space left on device; free space and rerun" in errors[0], errors
+    assert errors == [f"error: no space left on device writing {out}; free space and rerun the same command (a "
+                      "resumable run goes on from what it had saved)"], errors
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
+def test_a_disk_that_stops_the_manifest_write_leaves_nothing_and_the_rerun_merges(code, zoo, tmp_path, capfd,
+                                                                                  monkeypatch):
+    """The manifest, the last file of an output, was written outside atomic_dir's cleanup: a disk full (or gone
+    read-only) there left the whole hidden temp dir, model included, taking the space the rerun needed. Now one line
+    names the output's manifest, nothing is left, and the rerun writes the uninterrupted merge."""
+    from analyses import writer
+    from probe.results import MANIFEST
+
+    real = writer.atomic_write_json
+
+    def stopped(path, obj):
+        if path.name == MANIFEST:
+            raise OSError(code, os.strerror(code), str(path))
+        return real(path, obj)
+
+    monkeypatch.setattr(writer, "atomic_write_json", stopped)
+    out, ref = tmp_path / "o", tmp_path / "ref"
+    assert run(merge.main, "--models", zoo["vl"], zoo["q1"], "--method", "average", "--out", out) == 1
+    errors = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {os.strerror(code).lower()} writing {out / MANIFEST};"), \
+        errors
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    assert run(merge.main, "--models", zoo["vl"], zoo["q1"], "--method", "average", "--out", out) == 0
+    assert run(merge.main, "--models", zoo["vl"], zoo["q1"], "--method", "average", "--out", ref) == 0
+    assert torch.equal(merged_lm(out)["layers.0.mlp.down_proj.weight"], merged_lm(ref)["layers.0.mlp.down_proj.weight"])
+    assert (out / "merge_weights.csv").read_bytes() == (ref / "merge_weights.csv").read_bytes()
 
 
 def test_running_out_of_ram_mid_merge_is_one_line_without_batch_advice(zoo, tmp_path, capfd, monkeypatch):

@@ -508,3 +508,150 @@ def test_a_text_model_on_the_default_data_is_told_to_give_data(tmp_path):
     # a --data the user gave keeps the item-level line
     r = cli(["--model", "tiny-qwen2", "--data", REPO / "probe/zoo/data/image", "--out", tmp_path / "out2", "--quiet"])
     assert "has image but tiny-qwen2 (qwen2) reads text only" in one_error_line(r.returncode, r.stderr)
+
+
+def test_a_full_disk_while_a_tiny_model_is_cached_is_one_line_and_leaves_no_half_build(tmp_path, capfd, monkeypatch):
+    """Building a tiny model into the cache (OMNIPROBE_CACHE) on a full disk was a traceback (safetensors' writer
+    raises SafetensorError, no OSError) and left its hidden half-built dir there for good; now it is the one line
+    naming the cache entry (exit 1), nothing is left, and the rerun builds and caches it."""
+    from safetensors import SafetensorError
+
+    import probe.tiny as tiny
+    from probe.heads import main
+
+    monkeypatch.setenv("OMNIPROBE_CACHE", str(tmp_path / "cache"))
+    real = tiny.build_tiny
+
+    def full(family, out):
+        (Path(out) / "config.json").write_text("{}")  # what save_pretrained writes before the weights
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(tiny, "build_tiny", full)
+    args = ["--model", "tiny-qwen2-vl", "--limit", "1", "--layers", "0", "--heads", "0", "--no-figures", "--quiet",
+            "--out", str(tmp_path / "run")]
+    assert cli_main(main, args) == 1
+    err = capfd.readouterr().err
+    target = tmp_path / "cache" / "tiny" / "qwen2_vl"
+    assert [ln for ln in err.splitlines() if ln.startswith("error:")] == [
+        f"error: no space left on device writing {target}; free space and rerun the same command (a resumable run "
+        "goes on from what it had saved)"] and "Traceback" not in err, err
+    assert list((tmp_path / "cache" / "tiny").iterdir()) == [] and not (tmp_path / "run").exists()
+    monkeypatch.setattr(tiny, "build_tiny", real)
+    assert tiny.tiny_dir("qwen2_vl") == target and (target / "config.json").is_file()
+
+
+@pytest.mark.parametrize("exc, line", [
+    (OSError(30, "Read-only file system", "/r/o/x.csv"),
+     "error: read-only file system writing /r/o/x.csv; make it writable and rerun the same command (a resumable run "
+     "goes on from what it had saved)"),
+    ("safetensors", "error: no space left on device; free space and rerun the same command (a resumable run goes on "
+                    "from what it had saved)"),
+])
+def test_cli_main_says_a_stopped_write_in_one_line_whatever_raised_it(exc, line, capfd):
+    """A file system gone read-only mid-run (EROFS) and a full disk that safetensors' writer reports
+    (SafetensorError, no OSError) were tracebacks from every command; cli_main says them in its one line (exit 1)."""
+    from safetensors import SafetensorError
+
+    if exc == "safetensors":
+        exc = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    def main(argv):
+        raise exc
+
+    assert cli_main(main, []) == 1
+    err = capfd.readouterr().err
+    assert err.splitlines() == [line], err
+
+
+def test_a_result_file_the_file_system_refused_is_named_not_its_temp_file(tmp_path, capfd, monkeypatch):
+    """A file system gone read-only refuses the temp file of an atomic write at its creation: the one line named that
+    temp file (``.items.parquet.PID-HOST.RANDOM.tmp``, never to exist) instead of the result it was for."""
+    import errno
+    import tempfile
+
+    from probe.results import atomic_write_json
+
+    def refused(prefix="", suffix="", dir=None):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.path.join(dir, f"{prefix}x1y2{suffix}"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    target = tmp_path / "items.json"
+    assert cli_main(lambda argv: atomic_write_json(target, {}), []) == 1
+    assert capfd.readouterr().err.splitlines() == [
+        f"error: read-only file system writing {target}; make it writable and rerun the same command (a resumable "
+        "run goes on from what it had saved)"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_temp_file_the_read_only_file_system_keeps_does_not_hide_why_the_write_stopped(tmp_path, capfd,
+                                                                                         monkeypatch):
+    """On a file system gone read-only mid-write, deleting the temp file fails too: that EROFS replaced the error
+    that stopped the write, so the one line named the temp file. It names the result file now."""
+    import errno
+
+    from probe import results
+
+    real_unlink = Path.unlink
+
+    def read_only(self, missing_ok=False):
+        if self.name.endswith(".tmp"):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        return real_unlink(self, missing_ok=missing_ok)
+
+    def stopped(tmp):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    target = tmp_path / "heads.csv"
+    assert cli_main(lambda argv: results.atomic_write_with(target, stopped), []) == 1
+    assert capfd.readouterr().err.splitlines() == [
+        f"error: read-only file system writing {target}; make it writable and rerun the same command (a resumable "
+        "run goes on from what it had saved)"]
+    assert not target.exists()
+
+
+@pytest.mark.parametrize("code", [28, 30])
+def test_a_pdf_the_disk_stopped_is_one_line_though_matplotlib_fails_again_closing_it(code, tmp_path, capfd,
+                                                                                    monkeypatch):
+    """matplotlib's PDF writer, its write stopped by a full or read-only disk, fails again while it closes the file
+    (zlib.error: inconsistent stream state), which hid the OSError: a traceback from shift, trajectory and the
+    replication. The one line names the figure now, and no PDF is left."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from figures import save_figure
+
+    real_open = open
+
+    class Stopped:  # the disk stops in the body of the first compressed stream (after zlib's header), as it did
+        def __init__(self, f):  # in the shift stage: the stream's flush fails, and its close flushes again
+            self.f, self.in_stream = f, False
+
+        def write(self, data):
+            if self.in_stream and len(data):
+                raise OSError(code, os.strerror(code))
+            self.in_stream = self.in_stream or bytes(data[:2]) == b"x\x9c"
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    def open_(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        return Stopped(f) if str(file).endswith(".tmp") and "w" in mode else f
+
+    import builtins
+
+    monkeypatch.setattr(builtins, "open", open_)
+    fig = plt.figure()
+    fig.add_subplot().plot([0, 1], [0, 1])
+    target = tmp_path / "shift_models.pdf"
+    assert cli_main(lambda argv: save_figure(fig, target), []) == 1
+    plt.close(fig)
+    err = capfd.readouterr().err
+    fix = "free space" if code == 28 else "make it writable"
+    assert err.splitlines() == [f"error: {os.strerror(code).lower()} writing {target}; {fix} and rerun the same "
+                                "command (a resumable run goes on from what it had saved)"], err
+    assert list(tmp_path.iterdir()) == []

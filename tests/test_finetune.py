@@ -197,19 +197,38 @@ def test_gradient_checkpointing_is_switched_off_after_training(tiny_dirs) -> Non
 
 
 def disk_full_at_checkpoint_4(monkeypatch):
-    """torch.save fails with ENOSPC while checkpoint-4 is written (the run stops there, exit 1); returns torch's own
-    save, for the test to put back before the rerun."""
+    """The disk fills while checkpoint-4's trainer state is written (the run stops there, exit 1): every write to
+    that file fails with ENOSPC, and torch.save turns it into its RuntimeError ("unexpected pos …"), as on a real
+    full disk (until 2026-12-05 this helper raised an OSError from torch.save itself, which torch never does).
+    Returns what puts the disk back, for the test to call before the rerun."""
+    import builtins
     import errno
+    import os
 
-    real_save = torch.save
+    real_open = builtins.open
 
-    def save(obj, path, *args, **kwargs):
-        if ".checkpoint-4.partial" in str(path):
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return real_save(obj, path, *args, **kwargs)
+    class Full:
+        def __init__(self, f):
+            self.f = f
 
-    monkeypatch.setattr(torch, "save", save)
-    return real_save
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as FileIO.write raises it: no file name
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def open_(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        return Full(f) if ".checkpoint-4.partial" in str(file) and str(file).endswith(".pt") and "w" in mode else f
+
+    monkeypatch.setattr(builtins, "open", open_)
+    return lambda: monkeypatch.setattr(builtins, "open", real_open)
 
 
 def test_a_full_disk_is_one_line_and_the_rerun_resumes(ft_run, tiny_dirs, data_dir, text_dir, tmp_path, capfd,
@@ -219,17 +238,51 @@ def test_a_full_disk_is_one_line_and_the_rerun_resumes(ft_run, tiny_dirs, data_d
     from analyses.finetune import main
 
     out = tmp_path / "full"
-    real_save = disk_full_at_checkpoint_4(monkeypatch)
+    restore = disk_full_at_checkpoint_4(monkeypatch)
     assert cli_main(main, _args(tiny_dirs, data_dir, text_dir, out)) == 1
     raw = capfd.readouterr().err
     err = [ln for ln in raw.splitlines() if ln.startswith("error:")]
-    assert len(err) == 1 and "no space left on device" in err[0] and "checkpoint-4" in err[0], raw
+    assert err == [f"error: no space left on device writing {out / 'checkpoint-4'}; free space and rerun the same "
+                   "command (a resumable run goes on from what it had saved)"] and "Traceback" not in raw, raw
     assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-0", "checkpoint-2"]
-    monkeypatch.setattr(torch, "save", real_save)
+    restore()
     assert cli_main(main, _args(tiny_dirs, data_dir, text_dir, out)) == 0
     assert _log(out) == _log(ft_run)
     assert (out / "checkpoint-6" / "model.safetensors").read_bytes() == \
         (ft_run / "checkpoint-6" / "model.safetensors").read_bytes()
+
+
+def test_a_disk_full_in_the_safetensors_write_is_one_line_and_the_rerun_resumes(ft_run, tiny_dirs, data_dir, text_dir,
+                                                                                  tmp_path, capfd, monkeypatch):
+    """save_pretrained's weights go through safetensors' Rust writer, whose full disk is a SafetensorError ("No space
+    left on device (os error 28)"), no OSError: it was a traceback. Now it is the one line naming the checkpoint,
+    the half-written copy is gone, and the rerun goes on to ft_run's bytes."""
+    import transformers.modeling_utils as mu
+    from safetensors import SafetensorError
+
+    from analyses.finetune import main
+
+    real = mu.safe_save_file
+
+    def full(tensors, filename, *args, **kwargs):
+        if ".checkpoint-4.partial" in str(filename):
+            raise SafetensorError("No space left on device (os error 28)")
+        return real(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(mu, "safe_save_file", full)
+    out = tmp_path / "full"
+    assert cli_main(main, _args(tiny_dirs, data_dir, text_dir, out)) == 1
+    raw = capfd.readouterr().err
+    err = [ln for ln in raw.splitlines() if ln.startswith("error:")]
+    assert err == [f"error: no space left on device writing {out / 'checkpoint-4'}; free space and rerun the same "
+                   "command (a resumable run goes on from what it had saved)"] and "Traceback" not in raw, raw
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-0", "checkpoint-2"]
+    assert json.loads((out / "run.json").read_text())["status"] != "complete"
+    monkeypatch.undo()
+    assert cli_main(main, _args(tiny_dirs, data_dir, text_dir, out)) == 0
+    assert _log(out) == _log(ft_run)
+    for name in ("model.safetensors", "trainer_state.pt"):
+        assert (out / "checkpoint-6" / name).read_bytes() == (ft_run / "checkpoint-6" / name).read_bytes()
 
 
 @pytest.mark.parametrize("torn", ["1", ",image=2,2.5"])
@@ -241,9 +294,9 @@ def test_a_log_line_torn_by_the_stop_is_dropped_on_resume(torn, ft_run, tiny_dir
     from analyses.finetune import main
 
     out = tmp_path / "torn"
-    real_save = disk_full_at_checkpoint_4(monkeypatch)
+    restore = disk_full_at_checkpoint_4(monkeypatch)
     assert cli_main(main, _args(tiny_dirs, data_dir, text_dir, out)) == 1
-    monkeypatch.setattr(torch, "save", real_save)
+    restore()
     with open(out / "train_log.csv", "a") as f:
         f.write(torn)  # no newline: the line the stop cut
     capfd.readouterr()

@@ -6,6 +6,7 @@ an in-process oracle (o_proj weight columns zeroed).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -719,3 +720,36 @@ def test_the_summary_breaks_ties_in_the_drop_by_kl(tmp_path, capsys):
     _print_summary(tmp_path, heads)
     lines = capsys.readouterr().out.splitlines()[1:4]
     assert [ln.split(":")[0].strip() for ln in lines] == ["L1.H3", "L0.H5", "L0.H3"]
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
+def test_a_disk_full_or_read_only_mid_sweep_is_one_line_naming_the_part_and_the_rerun_resumes(
+        code, base_run, data_dir, tmp_path, capfd, monkeypatch):
+    """pyarrow's ENOSPC names no file, so the one line said "no space left on device" without saying where; a file
+    system gone read-only mid-run (EROFS) was a traceback. Both are one line naming the part now (exit 1), no temp
+    file is left, the run is not complete, and the rerun resumes to the uninterrupted run's outputs."""
+    real = pd.DataFrame.to_parquet
+    calls = []
+
+    def stopped(self, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 3:  # as pyarrow raises it: errno set, no filename
+            raise OSError(code, f"Error writing bytes to file. Detail: [errno {code}] {os.strerror(code)}")
+        return real(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", stopped)
+    out = tmp_path / "run"
+    r = run_in_process([*BASE_ARGS, "--data", data_dir, "--out", out], capfd)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    part = out / "parts" / "chunk_00002.parquet"
+    assert errors == [f"error: {os.strerror(code).lower()} writing {part}; "
+                      f"{'free space' if code == errno.ENOSPC else 'make it writable'} and rerun the same command "
+                      "(a resumable run goes on from what it had saved)"], r.stderr[-3000:]
+    assert sorted(p.name for p in (out / "parts").iterdir()) == ["chunk_00000.parquet", "chunk_00001.parquet"]
+    assert not (out / "heads.csv").exists() and json.loads((out / "run.json").read_text())["status"] == "running"
+    monkeypatch.undo()
+    ok(run_in_process([*BASE_ARGS, "--data", data_dir, "--out", out], capfd))
+    assert (out / "heads.csv").read_bytes() == (base_run / "heads.csv").read_bytes()
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "items.parquet"), pd.read_parquet(base_run / "items.parquet"),
+                                  check_exact=True)

@@ -851,6 +851,40 @@ def test_a_completed_stage_whose_output_is_gone_runs_again(quick: Path, capsys) 
     assert json.loads((out / "stages" / "merge.json").read_text())["status"] == "complete"
 
 
+def test_a_disk_full_while_the_report_figures_are_drawn_is_one_line_naming_them(quick: Path, tmp_path: Path, capfd,
+                                                                                 monkeypatch) -> None:
+    """PIL's full disk (a report figure's PNG) names no file, and the partial figures' dir it was in is removed: the
+    one line of `python -m figures report` said "no space left on device" with no path. It names the report's
+    figures folder now; the earlier report stays whole, nothing partial is left, and the rerun rebuilds it."""
+    import errno
+
+    from PIL import Image
+
+    from figures.__main__ import main
+    from probe.errors import cli_main
+
+    copy = tmp_path / "copy"
+    shutil.copytree(quick, copy)
+    before = {n: (copy / n).read_bytes() for n in ("report.md", "report.html")}
+    real = Image.Image.save
+
+    def full(self, fp, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as an encoder's write raises it: no file name
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    assert cli_main(main, ["report", str(copy)]) == 1
+    err = capfd.readouterr().err
+    assert [ln for ln in err.splitlines() if ln.startswith("error:")] == [
+        f"error: no space left on device writing {copy / 'report_figures'}; free space and rerun the same command (a "
+        "resumable run goes on from what it had saved)"] and "Traceback" not in err, err
+    assert {n: (copy / n).read_bytes() for n in before} == before
+    assert not list(copy.glob(".report_figures*"))
+    monkeypatch.setattr(Image.Image, "save", real)
+    assert cli_main(main, ["report", str(copy)]) == 0
+    assert (copy / "report.md").read_text().replace(str(copy), "R") == \
+        (quick / "report.md").read_text().replace(str(quick), "R")
+
+
 def test_a_report_killed_while_written_leaves_no_report_of_an_earlier_build(quick: Path, tmp_path: Path,
                                                                          monkeypatch) -> None:
     """Killed between report.md and report.html (or while the figures were swapped), a rebuild left the earlier
