@@ -267,6 +267,18 @@ def interrupt_quietly_while_importing() -> None:
         signal.signal(signal.SIGINT, quiet_interrupt)
 
 
+def say_write_stopped(exc: Exception) -> int:
+    """In ``cli_main``'s handler: a write the file system stopped (``write_stopped``) is one line and exit 1; anything
+    else is re-raised as it was, with its traceback."""
+    if (stopped := write_stopped(exc, None)) is None:
+        raise  # the exception being handled, unchanged
+    where = f" writing {stopped.filename}" if stopped.filename is not None else ""
+    fix = "free space" if stopped.errno in DISK_FULL else "make it writable"
+    print_error(f"{os.strerror(stopped.errno).lower()}{where}; {fix} and rerun the same command (a resumable run "
+                "goes on from what it had saved)")
+    return 1
+
+
 def cli_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
     """Run a CLI entry point: exit 2 with one line for BadInput, 1 with one line for a stopped run, a full disk or
     memory running out, 1 with a traceback for anything unexpected; the --out dirs it claimed are freed when it
@@ -287,7 +299,7 @@ def cli_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
         return 1
     except (MemoryError, RuntimeError) as exc:  # a batch too large for the device: one line saying what to lower
         if (where := out_of_memory(exc)) is None:
-            raise
+            return say_write_stopped(exc)  # torch's own write errors are RuntimeErrors
         # a command whose own advice differs sets main.memory_hint (fine-tuning: a smaller batch is another run)
         hint = getattr(main, "memory_hint", None) or (  # --batch-size is outside the runs' identity, --dtype not
             "lower the batch size (--batch-size; replicate: eval.batch_size or heads.batch_size, for fine-tuning "
@@ -296,14 +308,7 @@ def cli_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
         print_error(f"out of memory in {where}; {hint}")
         return 1
     except Exception as exc:  # OSError, or a write error of another type (safetensors') no caller named a file for
-        if (stopped := write_stopped(exc, None)) is None:
-            raise
-        exc = stopped
-        where = f" writing {exc.filename}" if exc.filename is not None else ""
-        fix = "free space" if exc.errno in DISK_FULL else "make it writable"
-        print_error(f"{os.strerror(exc.errno).lower()}{where}; {fix} and rerun the same command (a resumable "
-                    "run goes on from what it had saved)")
-        return 1
+        return say_write_stopped(exc)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -546,6 +546,10 @@ def test_a_full_disk_while_a_tiny_model_is_cached_is_one_line_and_leaves_no_half
      "goes on from what it had saved)"),
     ("safetensors", "error: no space left on device; free space and rerun the same command (a resumable run goes on "
                     "from what it had saved)"),
+    # a RuntimeError (torch's own write errors are) reached the out-of-memory handler first, which re-raised it
+    (RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0 (os error 28)"),
+     "error: no space left on device; free space and rerun the same command (a resumable run goes on from what it "
+     "had saved)"),
 ])
 def test_cli_main_says_a_stopped_write_in_one_line_whatever_raised_it(exc, line, capfd):
     """A file system gone read-only mid-run (EROFS) and a full disk that safetensors' writer reports
@@ -561,6 +565,17 @@ def test_cli_main_says_a_stopped_write_in_one_line_whatever_raised_it(exc, line,
     assert cli_main(main, []) == 1
     err = capfd.readouterr().err
     assert err.splitlines() == [line], err
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("shapes do not match"), ValueError("os error 28 in a message")])
+def test_cli_main_keeps_the_traceback_of_an_error_that_is_no_stopped_write(exc):
+    """Only a write the file system stopped is said in one line; any other error keeps its own traceback."""
+    def main(argv):
+        raise exc
+
+    with pytest.raises(type(exc)) as raised:
+        cli_main(main, [])
+    assert raised.value is exc
 
 
 def test_a_result_file_the_file_system_refused_is_named_not_its_temp_file(tmp_path, capfd, monkeypatch):
