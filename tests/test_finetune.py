@@ -235,21 +235,27 @@ def test_a_full_disk_is_one_line_and_the_rerun_resumes(ft_run, tiny_dirs, data_d
                                                        monkeypatch):
     """A disk that filled while checkpoint-4 was written was a traceback, its half-written copy left behind; now
     one line says so (exit 1), the partial copy is gone, and the rerun goes on to ft_run's bytes."""
+    restore = disk_full_at_checkpoint_4(monkeypatch)
+    _stopped_at_checkpoint_4_then_resumed(tmp_path / "full", ft_run, tiny_dirs, data_dir, text_dir, capfd, restore)
+
+
+def _stopped_at_checkpoint_4_then_resumed(out, ft_run, tiny_dirs, data_dir, text_dir, capfd, restore) -> None:
+    """A run whose disk fills while checkpoint-4 is written: one line naming it (exit 1, no traceback), checkpoints 0
+    and 2 kept, run.json not complete; after ``restore`` the rerun goes on to ft_run's log and final bytes."""
     from analyses.finetune import main
 
-    out = tmp_path / "full"
-    restore = disk_full_at_checkpoint_4(monkeypatch)
     assert cli_main(main, _args(tiny_dirs, data_dir, text_dir, out)) == 1
     raw = capfd.readouterr().err
     err = [ln for ln in raw.splitlines() if ln.startswith("error:")]
     assert err == [f"error: no space left on device writing {out / 'checkpoint-4'}; free space and rerun the same "
                    "command (a resumable run goes on from what it had saved)"] and "Traceback" not in raw, raw
     assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-0", "checkpoint-2"]
+    assert json.loads((out / "run.json").read_text())["status"] != "complete"
     restore()
     assert cli_main(main, _args(tiny_dirs, data_dir, text_dir, out)) == 0
     assert _log(out) == _log(ft_run)
-    assert (out / "checkpoint-6" / "model.safetensors").read_bytes() == \
-        (ft_run / "checkpoint-6" / "model.safetensors").read_bytes()
+    for name in ("model.safetensors", "trainer_state.pt"):
+        assert (out / "checkpoint-6" / name).read_bytes() == (ft_run / "checkpoint-6" / name).read_bytes()
 
 
 def test_a_disk_full_in_the_safetensors_write_is_one_line_and_the_rerun_resumes(ft_run, tiny_dirs, data_dir, text_dir,
@@ -260,8 +266,6 @@ def test_a_disk_full_in_the_safetensors_write_is_one_line_and_the_rerun_resumes(
     import transformers.modeling_utils as mu
     from safetensors import SafetensorError
 
-    from analyses.finetune import main
-
     real = mu.safe_save_file
 
     def full(tensors, filename, *args, **kwargs):
@@ -270,19 +274,8 @@ def test_a_disk_full_in_the_safetensors_write_is_one_line_and_the_rerun_resumes(
         return real(tensors, filename, *args, **kwargs)
 
     monkeypatch.setattr(mu, "safe_save_file", full)
-    out = tmp_path / "full"
-    assert cli_main(main, _args(tiny_dirs, data_dir, text_dir, out)) == 1
-    raw = capfd.readouterr().err
-    err = [ln for ln in raw.splitlines() if ln.startswith("error:")]
-    assert err == [f"error: no space left on device writing {out / 'checkpoint-4'}; free space and rerun the same "
-                   "command (a resumable run goes on from what it had saved)"] and "Traceback" not in raw, raw
-    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-0", "checkpoint-2"]
-    assert json.loads((out / "run.json").read_text())["status"] != "complete"
-    monkeypatch.undo()
-    assert cli_main(main, _args(tiny_dirs, data_dir, text_dir, out)) == 0
-    assert _log(out) == _log(ft_run)
-    for name in ("model.safetensors", "trainer_state.pt"):
-        assert (out / "checkpoint-6" / name).read_bytes() == (ft_run / "checkpoint-6" / name).read_bytes()
+    _stopped_at_checkpoint_4_then_resumed(tmp_path / "full", ft_run, tiny_dirs, data_dir, text_dir, capfd,
+                                          monkeypatch.undo)
 
 
 @pytest.mark.parametrize("torn", ["1", ",image=2,2.5"])
