@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from probe.errors import (ArgParser, BadInput, check_counts, check_out_apart, check_out_path, cli_main, input_in_out,
-                          make_out_dir, releases_claims, write_stopped)
+                          make_out_dir, releases_claims, drop_partial)
 
 LOG_COLUMNS = ["step", "modality", "loss", "lr", "lm_lr", "tokens"]  # lr: --lr's rate now (tower, projector)
 STATE = "trainer_state.pt"
@@ -239,8 +239,6 @@ def save_checkpoint(loaded, source: Path, dest: Path, state: dict | None,
     (``weights``: its whole state dict, gathered from FSDP's shards, instead of the model's own parameters);
     with LoRA the weights are the adapter merged into the source in float32 (``write_lora_merge``) and
     ``adapter/`` holds the adapter (``weights``: the adapters gathered from FSDP's shards)."""
-    import torch
-
     from analyses.writer import copy_side_files
     from probe.results import set_file_modes
 
@@ -261,11 +259,8 @@ def save_checkpoint(loaded, source: Path, dest: Path, state: dict | None,
         if state is not None:
             save_state(state, tmp / STATE)
         set_file_modes(tmp)  # save_pretrained writes the weights 0o600
-    except BaseException as exc:  # a full disk, a refused LoRA merge (write_lora_merge, mid-stream): the half-written
-        shutil.rmtree(tmp, ignore_errors=True)  # copy goes at once, not at the rerun, so space is freed
-        if (stopped := write_stopped(exc, dest)) is not None:  # safetensors' error is no OSError: one line, not a
-            raise stopped  # traceback, naming the checkpoint
-        raise
+    except BaseException as exc:  # a full disk, a refused LoRA merge (write_lora_merge, mid-stream)
+        drop_partial(tmp, dest, exc)
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
 

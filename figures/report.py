@@ -21,7 +21,7 @@ from figures import (drop_stale_pages, heatmap_ticks, page_caption, page_panels,
                      read_json, save_figure)
 from figures.findings import Finding, findings
 from figures.results import METHOD_LABELS, EvalRun, Replication, short
-from probe.errors import BadInput, write_stopped
+from probe.errors import BadInput, drop_partial
 from probe.zoo import ORGANISMS, VALIDATION_NOTE
 
 FIG_DIR = "report_figures"
@@ -419,10 +419,7 @@ def build_report(out: Path) -> list[Path]:
     try:
         doc = build(r, tmp)
     except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if (stopped := write_stopped(exc, figdir)) is not None:  # PIL's full disk names no file, the partial dir
-            raise stopped  # is gone: name the figures' folder
-        raise
+        drop_partial(tmp, figdir, exc)  # a full disk names the figures' folder (PIL's error names no file)
     for name in ("report.md", "report.html"):  # a kill from here on leaves no report rather than the earlier
         (out / name).unlink(missing_ok=True)  # build's beside this one's, or pointing at figures no longer there
     if figdir.exists():

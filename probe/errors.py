@@ -195,6 +195,19 @@ def write_stopped(exc: BaseException, path: str | Path | None) -> OSError | None
     return named
 
 
+def drop_partial(tmp: Path, dest: str | Path, exc: BaseException) -> NoReturn:
+    """In the ``except`` block around filling ``tmp``, a hidden temp dir meant to become ``dest``: remove it at once
+    (its space is freed now, not at the rerun) and re-raise ``exc``, the exception being handled; a write the file
+    system stopped as ``write_stopped``'s OSError naming ``dest`` (the temp dir is gone, and safetensors' or PIL's
+    errors name no file or are no OSError)."""
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    if (stopped := write_stopped(exc, dest)) is not None:
+        raise stopped
+    raise exc
+
+
 def print_error(message: str) -> None:
     """``error: message`` on a line of its own: progress bars still open (the run stopped inside one) are closed
     first, else the line is glued to the bar's last update."""

@@ -12,7 +12,6 @@ DIR/parts/, so a killed run continues where it stopped.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass

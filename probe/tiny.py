@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from probe.errors import write_stopped
+from probe.errors import drop_partial
 from probe.families import FAMILIES, family_of_model_type, processor_kwargs, read_config_json
 from probe.tokenizer import build_tokenizer
 
@@ -359,10 +359,7 @@ def tiny_dir(family: str) -> Path:
     try:
         build_tiny(family, tmp)
     except BaseException as exc:  # a full cache disk: the half-built dir went unremoved, a traceback said so
-        shutil.rmtree(tmp, ignore_errors=True)
-        if (stopped := write_stopped(exc, target)) is not None:  # safetensors' SafetensorError is no OSError
-            raise stopped
-        raise
+        drop_partial(tmp, target, exc)
     if not (tmp / "config.json").is_file() or not any(tmp.glob("*.safetensors")):
         shutil.rmtree(tmp, ignore_errors=True)
         raise RuntimeError(f"building the tiny {family} model wrote no config or weights (save_pretrained writes "
