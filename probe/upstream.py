@@ -150,15 +150,19 @@ def check_model_inputs(model: nn.Module, batch: dict[str, Any]) -> None:
 
 def check_special_tokens_read(tokenizer: Any, text: str, input_ids: torch.Tensor, specials: Iterable[str]) -> None:
     """Every special-token string of the prompt we render (chat markup, BOS; media placeholders, which processors
-    expand, are left out by the caller) must come out of tokenisation as its own token id, at least as often as the
-    text holds it. A release that read special-token strings in text as plain text (a ``split_special_tokens``
-    default turned on, as some tokenizer libraries do against prompt injection) would give the model its chat
-    markup in pieces: organism-base's numbers all changed, exit 0."""
+    expand, are left out by the caller) must come out of tokenisation as its own token id, exactly as often as the
+    text holds it, and a BOS the text does not hold must not appear. A release that read special-token strings in
+    text as plain text (a ``split_special_tokens`` default turned on, as some tokenizer libraries do against prompt
+    injection) would give the model its chat markup in pieces: organism-base's numbers all changed, exit 0. One
+    that added a BOS despite ``add_special_tokens=False`` would shift every position of the prompt."""
     rest, want = text, {}
     for s in sorted(specials, key=len, reverse=True):  # longest first: one special may hold another
         if s in rest:
             want[s] = rest.count(s)
             rest = rest.replace(s, "\0")
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and bos in set(specials) and bos not in want:
+        want[bos] = 0
     if not want:
         return
     ids = input_ids.reshape(-1).tolist()
@@ -167,6 +171,10 @@ def check_special_tokens_read(tokenizer: Any, text: str, input_ids: torch.Tensor
         if ids.count(i) < n:
             raise UpstreamChanged(f"the tokenizer read the special token {s!r} of the prompt as plain text "
                                   f"({ids.count(i)} of its {n} occurrences became token {i})", naive_helps=False)
+        if ids.count(i) > n:
+            raise UpstreamChanged(f"tokenisation added the special token {s!r} to the prompt ({ids.count(i)} as "
+                                  f"token {i}, the text holds {n}; add_special_tokens=False ignored?)",
+                                  naive_helps=False)
 
 
 def check_attn_implementation(model: nn.Module, layers_path: str, o_proj_path: str, asked: str) -> None:

@@ -747,3 +747,36 @@ def test_training_rows_of_idefics3_end_on_end_of_utterance(loaded):
     assert labels == [letter_token_ids(m.tokenizer, [item.answer])[0],
                       m.tokenizer.convert_tokens_to_ids("<end_of_utterance>")]
     assert labels[1] != m.tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen3"])  # a chat format that starts with the BOS, one without
+def test_a_bos_added_despite_add_special_tokens_false_stops_the_run(family, loaded, monkeypatch):
+    """The prompt builder writes the BOS its chat format starts with (none for Qwen) and tokenises with
+    add_special_tokens=False; a release that added the tokenizer's BOS anyway would put one more at the front
+    (every position one further on, numbers changed, exit 0). The special-token check counts exactly."""
+    import copy
+
+    from transformers import PreTrainedTokenizerBase
+
+    from probe.prompting import PromptTemplate, build_inputs
+    from probe.upstream import UpstreamChanged
+
+    tok = copy.deepcopy(loaded(family).tokenizer)
+    tok.bos_token = "<|endoftext|>"  # the tiny vocabularies have no BOS: lend them one of their special tokens
+    m = dataclasses.replace(loaded(family), tokenizer=tok)
+    bos, holds = tok.bos_token_id, int(m.family.chat_bos)
+    item = make_item(with_image=False)
+    assert build_inputs(m, item, PromptTemplate())["input_ids"][0].tolist().count(bos) == holds  # today
+    real = PreTrainedTokenizerBase.__call__
+
+    def adds_bos(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        for key in ("input_ids", "attention_mask"):
+            out[key] = torch.cat([torch.full_like(out[key][:, :1], bos if key == "input_ids" else 1), out[key]], 1)
+        return out
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "__call__", adds_bos)
+    with pytest.raises(UpstreamChanged, match=rf"added the special token '<\|endoftext\|>' to the prompt "
+                                              rf"\({holds + 1} as token {bos}, the text holds {holds};"):
+        build_inputs(m, item, PromptTemplate())
