@@ -32,8 +32,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from probe.errors import (ArgParser, BadInput, check_counts, check_out_apart, check_out_path, cli_main, input_in_out,
-                          make_out_dir, releases_claims, drop_partial)
+from probe.errors import (ArgParser, BadInput, RunStopped, check_counts, check_out_apart, check_out_path, cli_main,
+                          input_in_out, make_out_dir, releases_claims, drop_partial)
 
 LOG_COLUMNS = ["step", "modality", "loss", "lr", "lm_lr", "tokens"]  # lr: --lr's rate now (tower, projector)
 STATE = "trainer_state.pt"
@@ -712,10 +712,12 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     try:
         train_loop(loaded, rows, tcfg, log=lambda m: None, sampler=mixed_sampler(offsets, cfg.mix), on_step=on_step,
                    resume=resume)
-    except BadInput as exc:  # diverged: run.json says so (not "running", which reads as a kill to resume)
-        bar.close()
+    except (BadInput, RunStopped) as exc:  # diverged, or a check stopped it: run.json says so ("running" reads
+        bar.close()  # as a kill, to resume)
         if writer:
-            finish(out, run_info, "failed", error=str(exc))
+            diverged = isinstance(exc, BadInput)
+            finish(out, run_info, "failed" if diverged else "stopped",
+                   error=str(exc) if diverged else f"{type(exc).__name__}: {exc}")
         raise
     bar.close()
     if not writer:

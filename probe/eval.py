@@ -223,7 +223,8 @@ def run(args: argparse.Namespace) -> Path:
     import pandas as pd
 
     from probe.devices import rank_world
-    from probe.results import atomic_write_json, atomic_write_parquet, claim_out_dir, prepare_out_dir, read_part
+    from probe.results import (atomic_write_json, atomic_write_parquet, claim_out_dir, prepare_out_dir, read_part,
+                               stop_recorded)
 
     from probe.models import check_fits, preflight
 
@@ -259,20 +260,21 @@ def run(args: argparse.Namespace) -> Path:
             claim_out_dir(out, plan.fingerprint())  # otherwise compute the same parts side by side
         print(placement.description, file=sys.stderr)
         bar = _progress(sum(len(scored[pair]) for pair in todo), args.quiet, "eval", unit="item")
-        for m in sorted({m for m, _ in todo}):
-            loaded = load_model(refs[m], dtype=placement.dtype, device=placement.device,
-                                attn_implementation=args.attn_implementation, devices=placement.all_devices,
-                                device_memory=placement.device_memory)
-            if not (out / "run.json").is_file():  # only once a model loaded: failures leave no directory
-                claim_out_dir(out, plan.fingerprint())
-                atomic_write_json(out / "run.json", run_info)
-            for d in [d for mm, d in todo if mm == m]:
-                ds = plan.data[d]
-                bar.set_description(f"eval {plan.models[m].name} on {ds.name}")
-                rows = evaluate_pair(loaded, plan.models[m].name, ds, scored[m, d], cfg, args.batch_size, bar)
-                atomic_write_parquet(part_file(out, m, d), pd.DataFrame.from_records(rows, columns=ITEM_COLUMNS))
-                frames[m, d] = read_part(part_file(out, m, d), ITEM_COLUMNS)  # as a resume would read it
-            del loaded
+        with stop_recorded(out, run_info):  # a check that stops the run says so in run.json
+            for m in sorted({m for m, _ in todo}):
+                loaded = load_model(refs[m], dtype=placement.dtype, device=placement.device,
+                                    attn_implementation=args.attn_implementation, devices=placement.all_devices,
+                                    device_memory=placement.device_memory)
+                if not (out / "run.json").is_file():  # only once a model loaded: failures leave no directory
+                    claim_out_dir(out, plan.fingerprint())
+                    atomic_write_json(out / "run.json", run_info)
+                for d in [d for mm, d in todo if mm == m]:
+                    ds = plan.data[d]
+                    bar.set_description(f"eval {plan.models[m].name} on {ds.name}")
+                    rows = evaluate_pair(loaded, plan.models[m].name, ds, scored[m, d], cfg, args.batch_size, bar)
+                    atomic_write_parquet(part_file(out, m, d), pd.DataFrame.from_records(rows, columns=ITEM_COLUMNS))
+                    frames[m, d] = read_part(part_file(out, m, d), ITEM_COLUMNS)  # as a resume would read it
+                del loaded
         bar.close()
     missing = [(m, d) for m, d in pairs if not part_file(out, m, d).is_file()]
     if missing:  # other ranks still working; the last one to finish assembles

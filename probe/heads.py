@@ -308,7 +308,7 @@ def check_out_apart_from_inputs(out: Path, model_dirs: Sequence[Path], data: Seq
 def run(args: argparse.Namespace) -> Path:
     from probe.devices import rank_world
     from probe.results import (atomic_write_json, claim_out_dir, part_path, prepare_out_dir, read_part, read_parts,
-                               write_outputs)
+                               stop_recorded, write_outputs)
 
     plan, ref, items, template, placement = make_plan(args)
     out: Path = args.out
@@ -345,27 +345,28 @@ def run(args: argparse.Namespace) -> Path:
 
         if resuming := (out / "run.json").is_file():  # claimed at once: the same command started twice would
             claim_out_dir(out, plan.fingerprint())  # otherwise compute the same parts side by side
-        print(placement.description, file=sys.stderr)
-        loaded = load_model(ref, dtype=placement.dtype, device=device, attn_implementation=args.attn_implementation,
-                            devices=placement.all_devices, device_memory=placement.device_memory)
-        if not resuming:  # only once the model loaded: failures leave no directory
-            claim_out_dir(out, plan.fingerprint())
-            atomic_write_json(out / "run.json", run_info)
-        cfg = SweepConfig(template=template, generate=not args.no_generate, max_new_tokens=args.max_new_tokens,
-                          image_max_side=args.image_max_side, batch_size=args.batch_size,
-                          attribution_items=args.attribution_items)
-        pairs = [(l, h) for l in plan.layers for h in plan.heads]
-        engine = get_engine(plan.method)
-        if plan.method == "exact":
-            from probe.upstream import untested_warning
+        with stop_recorded(out, run_info):  # a check that stops the run says so in run.json
+            print(placement.description, file=sys.stderr)
+            loaded = load_model(ref, dtype=placement.dtype, device=device, attn_implementation=args.attn_implementation,
+                                devices=placement.all_devices, device_memory=placement.device_memory)
+            if not resuming:  # only once the model loaded: failures leave no directory
+                claim_out_dir(out, plan.fingerprint())
+                atomic_write_json(out / "run.json", run_info)
+            cfg = SweepConfig(template=template, generate=not args.no_generate, max_new_tokens=args.max_new_tokens,
+                              image_max_side=args.image_max_side, batch_size=args.batch_size,
+                              attribution_items=args.attribution_items)
+            pairs = [(l, h) for l in plan.layers for h in plan.heads]
+            engine = get_engine(plan.method)
+            if plan.method == "exact":
+                from probe.upstream import untested_warning
 
-            if warning := untested_warning():
-                print(warning, file=sys.stderr)
-        bar = _progress(sum(len(chunks[c]) for c in todo) * (len(pairs) + 1), args.quiet,
-                        f"{ref.family.name} {plan.method}")
-        for c in todo:
-            rows = engine(loaded, chunks[c], pairs, cfg, progress=bar.update)
-            atomic_write_parquet(part_path(out, c), pd.DataFrame.from_records(rows))
+                if warning := untested_warning():
+                    print(warning, file=sys.stderr)
+            bar = _progress(sum(len(chunks[c]) for c in todo) * (len(pairs) + 1), args.quiet,
+                            f"{ref.family.name} {plan.method}")
+            for c in todo:
+                rows = engine(loaded, chunks[c], pairs, cfg, progress=bar.update)
+                atomic_write_parquet(part_path(out, c), pd.DataFrame.from_records(rows))
         bar.close()
     missing = [c for c in range(len(chunks)) if not part_path(out, c).is_file()]
     if missing:  # other ranks still working; the last one to finish assembles

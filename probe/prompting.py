@@ -305,10 +305,14 @@ def build_inputs(
             raise BadInput(f"item {item.id}: {loaded.ref.spec}'s processor refuses it ({reason}); drop or fix the "
                            "item") from None
     check_model_inputs(loaded.model, batch)
+    # media tokens are expanded by the processor (or probe.video), also where a question names its video inline
+    # (LLaVA's "<video>"): the check counts the chat markup and BOS only
+    media = tuple(filter(None, (fam.image_placeholder, fam.video_placeholder)))
     markup = text
-    for placeholder in filter(None, (fam.image_placeholder, fam.video_placeholder)):  # expanded by the processor
+    for placeholder in media:
         markup = markup.replace(placeholder, "")
-    check_special_tokens_read(loaded.tokenizer, markup, batch["input_ids"], loaded.special_tokens)
+    check_special_tokens_read(loaded.tokenizer, markup, batch["input_ids"],
+                              [s for s in loaded.special_tokens if not any(s in m for m in media)])
     out = {}
     for k, v in batch.items():
         v = v.to(loaded.device)

@@ -15,13 +15,15 @@ import re
 import shutil
 import socket
 import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import pandas as pd
 
 from probe.devices import rank_world
-from probe.errors import BadInput, check_out_path, make_out_dir, write_stopped
+from probe.errors import BadInput, RunStopped, check_out_path, make_out_dir, write_stopped
 from probe.sweep import BASELINE, COLUMNS
 
 OUTPUT_FILES = ("heads.csv", "baseline.json", "items.parquet", "run.json", "heatmap_*")
@@ -178,6 +180,20 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 # its --overwrite replaces only such an output with nothing added anywhere inside (analyses.writer.check_replaceable),
 # and `python -m figures` adds what it draws there.
 MANIFEST = ".omniprobe-output.json"
+
+
+@contextmanager
+def stop_recorded(out: Path, run_info: dict[str, Any]) -> Iterator[None]:
+    """A run a run-time check stops (``RunStopped``: an upstream change, an engine or batch disagreeing with its
+    oracle) says so in its run.json, with the reason: left "running", it read as a run killed mid-way."""
+    try:
+        yield
+    except RunStopped as exc:
+        if (out / "run.json").is_file():
+            atomic_write_json(out / "run.json", run_info | {
+                "status": "stopped", "error": f"{type(exc).__name__}: {exc}",
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        raise
 
 
 def output_listing(out: Path) -> list[str]:

@@ -31,6 +31,7 @@ from torch import nn
 from probe.errors import RunStopped
 
 TESTED_TRANSFORMERS = ("5.23.0", "5.24.0", "5.25.0")
+TESTED = {"transformers": TESTED_TRANSFORMERS, "peft": ("0.21.2",)}  # what the guards of each were checked on
 
 # The names a decoder layer / model has used for its KV cache argument, newest first.
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
@@ -39,16 +40,19 @@ _PASS_ONLY = frozenset(CACHE_KWARGS) | {"use_cache", "hidden_states"}
 
 
 class UpstreamChanged(RunStopped):
-    """An internal API of transformers that the engines call no longer behaves as probe/upstream.py expects."""
+    """An internal API of transformers (or peft, for ``--lora``) that the code calls no longer behaves as
+    probe/upstream.py expects."""
 
-    def __init__(self, what: str, naive_helps: bool = True):
+    def __init__(self, what: str, naive_helps: bool = True, library: str = "transformers"):
         """``naive_helps``: the naive engine does not rely on the changed API (False for what every engine reads:
-        the prompt's tokens, the model's inputs)."""
-        import transformers
+        the prompt's tokens, the model's inputs). ``library``: the one whose change it is, named with the releases
+        this file was checked against (a peft change named transformers and advised another transformers)."""
+        from importlib.metadata import version
 
+        tested = TESTED[library]
         super().__init__(
-            f"transformers {transformers.__version__}: {what}. probe/upstream.py was checked against "
-            f"{', '.join(TESTED_TRANSFORMERS)}; install one of those (pip install 'transformers=={TESTED_TRANSFORMERS[-1]}')"
+            f"{library} {version(library)}: {what}. probe/upstream.py was checked against {', '.join(tested)}; "
+            f"install one of those (pip install '{library}=={tested[-1]}')"
             + (" or use --method naive until it is updated" if naive_helps else "")
         )
 
@@ -429,11 +433,9 @@ def check_adapters_in_lm(model: nn.Module, is_lm: Callable[[str], bool]) -> None
         return
     outside = [n for n, p in model.named_parameters() if p.requires_grad and not is_lm(n)]
     if outside:
-        import peft
-
-        raise UpstreamChanged(f"peft {peft.__version__} names a trainable parameter {outside[0]} (and "
-                              f"{len(outside) - 1} more) outside the LM's path: its adapters would train at the "
-                              "other parts' rate and text rows would be skipped", naive_helps=False)
+        raise UpstreamChanged(f"it names a trainable parameter {outside[0]} (and {len(outside) - 1} more) outside "
+                              "the LM's path: its adapters would train at the other parts' rate and text rows would "
+                              "be skipped", naive_helps=False, library="peft")
 
 
 def check_lora_targets(model: nn.Module, pattern: str) -> None:
@@ -449,12 +451,9 @@ def check_lora_targets(model: nn.Module, pattern: str) -> None:
     adapted = {n for n, m in base.named_modules() if isinstance(m, LoraLayer)}
     wanted = {n for n, _ in base.named_modules() if re.fullmatch(pattern, n)}
     if adapted != wanted:
-        import peft
-
         odd = sorted(adapted ^ wanted)
-        raise UpstreamChanged(f"peft {peft.__version__} put LoRA adapters on {len(adapted)} modules, not the "
-                              f"{len(wanted)} named by target_modules (first difference: {odd[0]})",
-                              naive_helps=False)
+        raise UpstreamChanged(f"it put LoRA adapters on {len(adapted)} modules, not the {len(wanted)} named by "
+                              f"target_modules (first difference: {odd[0]})", naive_helps=False, library="peft")
 
 
 def logits_at(model: nn.Module, inputs: dict[str, torch.Tensor], positions: list[int]) -> torch.Tensor:

@@ -1195,7 +1195,8 @@ def test_eval_figure_fits_long_model_paths(eval_run, tmp_path):
 
 def test_a_stopped_run_says_why_in_one_line_and_keeps_nothing_of_that_pair(text_dir, tmp_path, capfd, monkeypatch):
     """BatchDisagrees (like EngineDisagrees and UpstreamChanged, probe.errors.RunStopped) ends the command with exit
-    1 and one line saying what disagreed, not a traceback; the pair being measured leaves no part behind."""
+    1 and one line saying what disagreed, not a traceback; the pair being measured leaves no part behind, and run.json
+    says the run stopped, and why."""
     import probe.batch as batch
 
     collate = batch.collate
@@ -1208,6 +1209,8 @@ def test_a_stopped_run_says_why_in_one_line_and_keeps_nothing_of_that_pair(text_
     err = [line for line in capfd.readouterr().err.splitlines() if line.startswith(("error", "Traceback"))]
     assert len(err) == 1 and err[0].startswith("error: batched evaluation disagrees"), err
     assert not list((out / "parts").glob("*.parquet"))
+    saved = json.loads((out / "run.json").read_text())  # "running" read as a killed run to resume
+    assert saved["status"] == "stopped" and saved["error"].startswith("BatchDisagrees: batched evaluation disagrees")
 
 
 def test_an_out_dir_in_use_by_another_command_is_refused(text_dir, tiny_dirs, tmp_path, capfd):

@@ -1183,6 +1183,25 @@ def test_divergence_stops_before_a_nan_checkpoint(extra: list[str], step: int, w
     assert json.loads((out / "run.json").read_text())["status"] == "failed"  # not "running": no kill to resume
 
 
+def test_a_check_that_stops_training_says_so_in_run_json(tmp_path: Path, capfd, monkeypatch) -> None:
+    """An UpstreamChanged raised mid-training (a guard of probe.train or probe.upstream) left run.json "running",
+    which reads as a kill to resume. It now says "stopped" and why; the command exits 1 with one line."""
+    import probe.train
+    from analyses.finetune import main
+    from probe.upstream import UpstreamChanged
+
+    def changed(step, cfg):
+        raise UpstreamChanged("a simulated change", naive_helps=False)
+
+    monkeypatch.setattr(probe.train, "lr_factor", changed)
+    out = tmp_path / "stopped"
+    assert cli_main(main, _organism_args(out)) == 1
+    err = capfd.readouterr().err.strip().splitlines()
+    assert sum(line.startswith("error") for line in err) == 1 and "a simulated change" in err[-1], err
+    saved = json.loads((out / "run.json").read_text())
+    assert saved["status"] == "stopped" and saved["error"].startswith("UpstreamChanged: transformers ")
+
+
 def test_warmup_0_trains_at_the_peak_rate_from_step_1(tmp_path: Path) -> None:
     """--warmup 0 (no warm-up) divided by zero after writing run.json and checkpoint-0."""
     from analyses.finetune import main
@@ -2022,8 +2041,19 @@ def test_peft_naming_its_adapters_outside_the_lm_stops_the_run(tiny_dirs, monkey
     real = PeftModel.named_parameters
     monkeypatch.setattr(PeftModel, "named_parameters", lambda self, *a, **k: (
         (n.replace("base_model.model.", "base_model.inner.", 1), p) for n, p in real(self, *a, **k)))
-    with pytest.raises(UpstreamChanged, match="outside the LM's path"):
+    with pytest.raises(UpstreamChanged, match="outside the LM's path") as stop:
         train(loaded, [], TrainConfig(steps=1, lr=1e-4, lm_lr=1e-3, batch=1, warmup=0), log=lambda m: None)
+    assert_names_peft(str(stop.value))
+
+
+def assert_names_peft(message: str) -> None:
+    """A peft change is named as one, with a peft release to install (it named transformers and advised one)."""
+    from importlib.metadata import version
+
+    from probe.upstream import TESTED
+
+    assert message.startswith(f"peft {version('peft')}: it ")
+    assert f"pip install 'peft=={TESTED['peft'][-1]}'" in message and "transformers" not in message
 
 
 def test_peft_adapting_other_modules_than_the_targets_stops(monkeypatch) -> None:
@@ -2043,5 +2073,6 @@ def test_peft_adapting_other_modules_than_the_targets_stops(monkeypatch) -> None
             super().__init__(*args, target_modules=None, **kwargs)
 
     monkeypatch.setattr(peft, "LoraConfig", DefaultTargets)
-    with pytest.raises(UpstreamChanged, match="on 8 modules, not the 28 named by target_modules"):
+    with pytest.raises(UpstreamChanged, match="on 8 modules, not the 28 named by target_modules") as stop:
         add_lora(load_model(resolve_model("organism-base")), 4)
+    assert_names_peft(str(stop.value))

@@ -405,6 +405,32 @@ def test_run_is_complete_only_once_its_figures_are_written(base_run, data_dir, t
     assert sorted(f.name for f in out.glob("heatmap_*")) == sorted(HEATMAPS)
 
 
+def test_a_run_a_check_stops_says_so_in_run_json_and_resumes(base_run, data_dir, tmp_path, capfd, monkeypatch):
+    """A run an UpstreamChanged (or an engine disagreeing with its oracle) stopped left run.json "running", which reads
+    as a killed run. It now says "stopped" and why; the rerun, once the cause is gone, resumes to the same outputs."""
+    import probe.sweep
+    from probe.upstream import UpstreamChanged
+
+    out = shutil.copytree(base_run, tmp_path / "run")
+    sorted((out / "parts").glob("chunk_*.parquet"))[-1].unlink()  # a chunk left to compute
+
+    def changed(method):
+        def engine(*args, **kwargs):
+            raise UpstreamChanged("a simulated change")
+        return engine
+
+    monkeypatch.setattr(probe.sweep, "get_engine", changed)
+    r = run_in_process([*BASE_ARGS, "--data", data_dir, "--out", out, "--no-figures"], capfd)
+    assert r.returncode == 1 and "a simulated change" in r.stderr
+    saved = json.loads((out / "run.json").read_text())
+    assert saved["status"] == "stopped" and saved["error"].startswith("UpstreamChanged: ")
+    assert "a simulated change" in saved["error"]
+    monkeypatch.undo()
+    ok(run_in_process([*BASE_ARGS, "--data", data_dir, "--out", out, "--no-figures"], capfd))
+    assert json.loads((out / "run.json").read_text())["status"] == "complete"
+    assert (out / "heads.csv").read_bytes() == (base_run / "heads.csv").read_bytes()
+
+
 def test_a_model_changed_in_place_is_another_run(tiny_dirs, data_dir, tmp_path, capfd):
     """A model re-merged or retrained at the same path used to resume into its old --out: every kept part then
     belonged to the old weights (exit 0, silently wrong). The weights are part of the run's identity now."""
