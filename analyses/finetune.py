@@ -523,19 +523,126 @@ def weights_dtype(placement: Any, lora: int | None) -> str:
 
 
 @releases_claims
-def run_finetune(cfg: FinetuneConfig) -> Path:
+def check_launch(cfg: FinetuneConfig, placement: Any, world: int, tcfg: Any) -> None:
+    """How the run is launched (processes, FSDP, accelerate's settings, the device spread), checked before the
+    model loads and checkpoint-0 is written."""
+    from probe.train import check_batch_splits, fsdp_launch, refuse_accelerate_settings, refuse_fsdp
+
+    refuse_fsdp(placement.device_type)
+    refuse_accelerate_settings()
+    if world > 1 and cfg.lm_lr == 0:  # a rank whose rows reach no trained weight would skip its backward
+        raise BadInput(f"--lm-lr 0 under {world} processes is not supported: a rank whose rows are all text would run "
+                       "no backward pass while the others reduce their gradients (and wait for it); train a "
+                       "frozen-LM stage in one process")
+    fsdp_launch(tcfg)  # --fsdp in one process
+    check_batch_splits(cfg.batch, world)
+    if placement.spread and world > 1:
+        raise BadInput(f"--device {cfg.device}: each of the {world} processes would spread the model "
+                       f"over {len(placement.all_devices)} GPUs, which data parallelism cannot wrap; launch one process "
+                       "per GPU, or one process alone to train the model split over them")
+
+
+def read_data(cfg: FinetuneConfig, ref: Any) -> tuple[dict[str, list], list[list[str]]]:
+    """Each --data set's items (by label, in --data order) and its [label, content fingerprint], the model's
+    modalities and prompts checked against them."""
+    from probe.mmmu import load_items
+    from probe.prompting import check_modalities, check_prompts
+
+    items, contents = {}, []
+    for label, path in cfg.data.items():
+        its, report = load_items(path, split=cfg.split, limit=cfg.limit)
+        contents.append([label, report.fingerprint])
+        try:
+            check_modalities(ref, its)
+        except BadInput:
+            raise BadInput(f"--data {label}={path}: {ref.spec} ({ref.family.name}) cannot read its items") from None
+        check_label(label, path, its)
+        items[label] = its
+    check_prompts(ref, [it for its in items.values() for it in its])
+    return items, contents
+
+
+def load_trainee(cfg: FinetuneConfig, ref: Any, frozen: str, placement: Any, tcfg: Any, world: int,
+                 adapter: Path | None) -> Any:
+    """The model to train, checked to fit and to have something that trains: ``ref``'s weights in ``frozen``
+    dtype, with ``--lora``'s adapters (``adapter``: the resumed checkpoint's, else freshly initialised)."""
     import torch
 
+    from probe.devices import rank_world
+    from probe.models import load_model
+    from probe.train import anything_trains
+
+    # one process's device holds the whole training state, as does each data parallel rank's GPU; an --fsdp rank's
+    # GPU its share. Not checked for several processes on the CPU: they share one RAM
+    if cfg.lora is None and not placement.spread and (world == 1 or placement.device_type != "cpu"):
+        from probe.models import check_trains_fits
+
+        check_trains_fits(ref, frozen, placement.device, next(iter(placement.device_memory), None), tcfg,
+                          shards=world if cfg.fsdp else 1)
+    if cfg.fsdp:  # rank 0 reads the weights (into RAM), the other ranks build the model on the meta device
+        from probe.fsdp import load_for_sharding
+
+        loaded = load_for_sharding(ref, frozen, placement.device, rank_world()[0])
+    else:
+        loaded = load_model(ref, dtype=frozen, device=placement.device, devices=placement.all_devices,
+                            device_memory=placement.device_memory,
+                            logits_fp32=False)  # trains the head as transformers does (no hook under FSDP/LoRA)
+    if cfg.lora is not None:  # LoRA resumes from the original weights plus the checkpoint's adapter
+        torch.manual_seed(cfg.seed)  # the adapters' random initialisation
+        add_lora(loaded, cfg.lora, adapter)
+    if not anything_trains(loaded.model, loaded, tcfg):  # e.g. --lm-lr 0 on a text-only model: it is all LM
+        raise BadInput(f"--lr {cfg.lr} and --lm-lr {cfg.lm_lr} freeze every parameter of {ref.spec}: nothing would "
+                       "train (a rate of 0 freezes its part; --lm-lr is the LM's, --lr the vision tower's and "
+                       "projector's)")
+    return loaded
+
+
+def run_sessions(cfg: FinetuneConfig, saved: Any, start: int | None, world: int) -> list[dict[str, Any]]:
+    """run.json's "sessions": the saved ones that ran steps before ``start`` (later ones' steps run again), then
+    this invocation's way of running its steps."""
+    kept = [s for s in (saved if isinstance(saved, list) and start is not None else [])
+            if isinstance(s, dict) and isinstance(s.get("from_step"), int) and s["from_step"] < start]
+    return [*kept, {"from_step": start or 0, "micro_batch": cfg.micro_batch,
+                    "gradient_checkpointing": cfg.gradient_checkpointing, "processes": world, "fsdp": cfg.fsdp}]
+
+
+def check_previous_run(cfg: FinetuneConfig, fingerprint: dict[str, Any], model_path: Path, on_cpu: bool) -> None:
+    """A non-empty --out must hold this very run (resumed) or be cleared by --overwrite (never the model's or a
+    data set's files); anything else is refused."""
+    from probe.results import different_run, has_contents
+
+    out = cfg.out
+    if not has_contents(out):
+        return
+    try:
+        previous = json.loads((out / "run.json").read_text())["config"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):  # TypeError: JSON but no object ([1])
+        raise BadInput(f"--out {out} is not empty and holds no fine-tuning run.json") from None
+    if cfg.overwrite:
+        clear_run(out, [model_path, *map(Path, cfg.data.values())], on_cpu)
+    elif previous != fingerprint:
+        raise different_run(out, previous, fingerprint)
+
+
+def append_log(log_path: Path, info: Any, modality_of: dict[int, str], cfg: FinetuneConfig) -> None:
+    """One train_log.csv row for a step: its rows per modality, loss, both rates and tokens."""
+    counts: dict[str, int] = {}
+    for i in info.rows:
+        counts[modality_of[i]] = counts.get(modality_of[i], 0) + 1
+    with open(log_path, "a", newline="") as f:
+        csv.writer(f).writerow([info.step, ";".join(f"{k}={v}" for k, v in sorted(counts.items())),
+                                repr(info.loss), repr(cfg.lr * info.lr_factor), repr(cfg.lm_lr * info.lr_factor),
+                                info.tokens])
+
+
+def run_finetune(cfg: FinetuneConfig) -> Path:
     from probe.devices import rank_world, resolve_placement
     from probe.heads import check_same_software, saved_run_info, versions
-    from probe.mmmu import load_items
-    from probe.models import load_model, model_fingerprint, resolve_model
-    from probe.prompting import check_modalities, check_prompts
-    from probe.results import atomic_write_json, atomic_write_with, claim_out_dir, different_run, has_contents
-    from probe.train import (TrainConfig, anything_trains, check_batch_splits, check_finite_weights, encode,
-                             is_main_process)
+    from probe.models import model_fingerprint, resolve_model
+    from probe.results import atomic_write_json, atomic_write_with, claim_out_dir
+    from probe.train import TrainConfig, check_finite_weights, encode, is_main_process
     from probe.train import train as train_loop
-    from probe.train import fsdp_launch, refuse_accelerate_settings, refuse_fsdp, wait_for_everyone
+    from probe.train import wait_for_everyone
 
     check_numbers(cfg)
     check_out_path(cfg.out)  # before the model loads: an --out below a file is a one-line error
@@ -549,33 +656,12 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
                        autocast="bfloat16" if placement.dtype == "bfloat16" else None,
                        schedule=LOOP_IDENTITY["schedule"], micro_batch=cfg.micro_batch,
                        checkpointing=cfg.gradient_checkpointing, fsdp=cfg.fsdp)
-    refuse_fsdp(placement.device_type)  # before the model loads and checkpoint-0 is written
-    refuse_accelerate_settings()
-    if world > 1 and cfg.lm_lr == 0:  # a rank whose rows reach no trained weight would skip its backward
-        raise BadInput(f"--lm-lr 0 under {world} processes is not supported: a rank whose rows are all text would run "
-                       "no backward pass while the others reduce their gradients (and wait for it); train a "
-                       "frozen-LM stage in one process")
-    fsdp_launch(tcfg)  # --fsdp in one process: refused before the model loads
-    check_batch_splits(cfg.batch, world)  # before the model loads and checkpoint-0 is written
-    if placement.spread and world > 1:
-        raise BadInput(f"--device {cfg.device}: each of the {world} processes would spread the model "
-                       f"over {len(placement.all_devices)} GPUs, which data parallelism cannot wrap; launch one process "
-                       "per GPU, or one process alone to train the model split over them")
+    check_launch(cfg, placement, world, tcfg)
     ref = resolve_model(cfg.model)
     if ref.gguf_file is not None:  # save_pretrained refuses a model loaded from GGUF: checkpoint-0 would be a traceback
         raise BadInput(f"{cfg.model}: a GGUF model cannot be fine-tuned here (transformers cannot save its "
                        "checkpoints); fine-tune a Hugging Face model directory (safetensors) of it instead")
-    items, contents = {}, []
-    for label, path in cfg.data.items():
-        its, report = load_items(path, split=cfg.split, limit=cfg.limit)
-        contents.append([label, report.fingerprint])
-        try:
-            check_modalities(ref, its)
-        except BadInput:
-            raise BadInput(f"--data {label}={path}: {ref.spec} ({ref.family.name}) cannot read its items") from None
-        check_label(label, path, its)
-        items[label] = its
-    check_prompts(ref, [it for its in items.values() for it in its])
+    items, contents = read_data(cfg, ref)
     # what decides the numbers: resolved precision and device type, not the "auto" typed, the model's weights
     # (a model re-merged at the same path is another run, never one whose checkpoints a resume continues) and the
     # items of each set in --data order (the order the sampler draws modalities in): a set regenerated at its path,
@@ -587,15 +673,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         fingerprint["frozen_weights"] = frozen
     fingerprint = json.loads(json.dumps(fingerprint))  # as run.json holds it
     out = cfg.out
-    if has_contents(out):
-        try:
-            previous = json.loads((out / "run.json").read_text())["config"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError):  # TypeError: JSON but no object ([1])
-            raise BadInput(f"--out {out} is not empty and holds no fine-tuning run.json") from None
-        if cfg.overwrite:
-            clear_run(out, [ref.path, *map(Path, cfg.data.values())], on_cpu)
-        elif previous != fingerprint:
-            raise different_run(out, previous, fingerprint)
+    check_previous_run(cfg, fingerprint, ref.path, on_cpu)
     start, resumable = resume_point(out, cfg)
     if start == cfg.steps and (out / "train_log.csv").is_file():
         saved = json.loads((out / "run.json").read_text())
@@ -619,28 +697,8 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
 
     if start is not None and cfg.lora is None:
         ref = resolve_model(str(resumable[start]))  # full fine-tuning resumes from the checkpoint's weights
-    # one process's device holds the whole training state, as does each data parallel rank's GPU; an --fsdp rank's
-    # GPU its share. Not checked for several processes on the CPU: they share one RAM
-    if cfg.lora is None and not placement.spread and (world == 1 or not on_cpu):
-        from probe.models import check_trains_fits
-
-        check_trains_fits(ref, frozen, placement.device, next(iter(placement.device_memory), None), tcfg,
-                          shards=world if cfg.fsdp else 1)
-    if cfg.fsdp:  # rank 0 reads the weights (into RAM), the other ranks build the model on the meta device
-        from probe.fsdp import load_for_sharding
-
-        loaded = load_for_sharding(ref, frozen, placement.device, rank_world()[0])
-    else:
-        loaded = load_model(ref, dtype=frozen, device=placement.device, devices=placement.all_devices,
-                            device_memory=placement.device_memory,
-                            logits_fp32=False)  # trains the head as transformers does (no hook under FSDP/LoRA)
-    if cfg.lora is not None:  # LoRA resumes from the original weights plus the checkpoint's adapter
-        torch.manual_seed(cfg.seed)  # the adapters' random initialisation
-        add_lora(loaded, cfg.lora, resumable[start] / "adapter" if start is not None else None)
-    if not anything_trains(loaded.model, loaded, tcfg):  # e.g. --lm-lr 0 on a text-only model: it is all LM
-        raise BadInput(f"--lr {cfg.lr} and --lm-lr {cfg.lm_lr} freeze every parameter of {ref.spec}: nothing would "
-                       "train (a rate of 0 freezes its part; --lm-lr is the LM's, --lr the vision tower's and "
-                       "projector's)")
+    loaded = load_trainee(cfg, ref, frozen, placement, tcfg, world,
+                          resumable[start] / "adapter" if start is not None and cfg.lora is not None else None)
     resume = (read_state(resumable[start] / STATE, state_location(world, cfg.fsdp, placement.device)) if start
               else None)
     print(placement.description, file=sys.stderr)  # after the last check: a refusal stays one line
@@ -656,11 +714,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     # how each invocation ran its steps (not the run's identity, so a resume may change it): a researcher reads
     # which steps ran in micro-batches or with recomputed activations; sessions past the resumed checkpoint are
     # dropped, as their steps run again
-    saved_sessions = saved_run_info(out).get("sessions") if start is not None else None
-    sessions = [s for s in (saved_sessions if isinstance(saved_sessions, list) else [])
-                if isinstance(s, dict) and isinstance(s.get("from_step"), int) and s["from_step"] < start]
-    sessions.append({"from_step": start or 0, "micro_batch": cfg.micro_batch,
-                     "gradient_checkpointing": cfg.gradient_checkpointing, "processes": world, "fsdp": cfg.fsdp})
+    sessions = run_sessions(cfg, saved_run_info(out).get("sessions") if start is not None else None, start, world)
     run_info = {"config": fingerprint, "placement": asdict(placement), "n_rows": {k: len(v) for k, v in offsets.items()},
                 "sessions": sessions, "versions": software, "status": "running",
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -693,13 +747,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         gathered = state(frozen=cfg.lora is None) if cfg.fsdp and info.step in saves else None
         if not writer:
             return
-        counts: dict[str, int] = {}
-        for i in info.rows:
-            counts[modality_of[i]] = counts.get(modality_of[i], 0) + 1
-        with open(log_path, "a", newline="") as f:
-            csv.writer(f).writerow([info.step, ";".join(f"{k}={v}" for k, v in sorted(counts.items())),
-                                    repr(info.loss), repr(cfg.lr * info.lr_factor), repr(cfg.lm_lr * info.lr_factor),
-                                    info.tokens])
+        append_log(log_path, info, modality_of, cfg)
         if info.step in saves:
             loaded.model.eval()
             if gathered is None:
