@@ -799,6 +799,45 @@ def test_merge_findings_follow_their_stated_rule_on_gains_and_ties(quick: Path, 
             "all far below": keeps == "disagrees", "one within": keeps == "partly"}[case]
 
 
+def test_a_drop_or_loss_exactly_at_its_threshold_counts_whatever_its_float_rounding() -> None:
+    """A head costing exactly 2 points (1 of 50 items) read 0.58 − 0.56 = 0.01999… and did not count as mattering,
+    while 0.62 − 0.60 = 0.02000… did; a carrier exactly 6 points (3 of 50 items) below its expert likewise read
+    6.000000000000005 and counted as losing more than 6. Found by recomputing the report's findings from the stage
+    files with integer item counts, the oracle here: a head matters iff 100 · (k_base − k_masked) ≥ 2 · n."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from figures.findings import carriers_fall_short, heads_all_matter
+
+    n = 50
+    rate = lambda k: np.r_[np.ones(k), np.zeros(n - k)].mean()  # noqa: E731 - a rate as probe.results takes it
+    experts = ["e1", "e2"]
+    sweeps = {}  # per expert: every baseline count k_b of 1..n, each head right on one item fewer
+    for e, (lo, hi) in zip(experts, ((1, n // 2), (n // 2, n + 1))):
+        kb = np.arange(lo, hi)
+        drops = np.array([rate(k) - rate(k - 1) for k in kb])
+        sweeps[e] = pd.DataFrame({"layer": 0, "head": range(len(kb)), "prob_accuracy_drop": drops})
+        assert (drops < 0.02).any()  # the case met: some exact 2-point drops round below 0.02
+    share = {e: float(np.mean([100 * 1 >= 2 * n] * len(sweeps[e]))) for e in experts}  # integer counts: all matter
+    r = SimpleNamespace(experts=experts, heads=lambda e, need=(): (sweeps[e], {}))
+    f = heads_all_matter(r)
+    assert f.verdict == ("agrees" if all(v >= 0.9 for v in share.values()) else "partly")
+    assert all(f"{e}: {share[e]:.0%} of heads" in f.evidence for e in experts)
+
+    # carriers 3 of 50 items below experts right on k of them: every loss is exactly 6 points, none larger
+    over = [k for k in range(3, n + 1) if 100 * (rate(k) - rate(k - 3)) > 6]  # the rounding the fix forgives
+    ks = {"e1": over[0], "e2": over[-1]}
+    rows = {(e, e): rate(k) for e, k in ks.items()} | {(f"{m}/{e}", e): rate(k - 3)
+                                                        for e, k in ks.items() for m in ("average", "shift")}
+    run = lambda e: SimpleNamespace(metric="accuracy",  # noqa: E731
+                                    row=lambda model, data: {"accuracy": rows[model, data]})
+    r = SimpleNamespace(experts=experts, own=experts, data=lambda label: label, eval=lambda stage, e: run(e),
+                        carrier=lambda m, e: f"{m}/{e}")
+    losses = [100 * 3 for _ in ks for _ in ("average", "shift")]  # points, from the item counts
+    assert carriers_fall_short(r).verdict == ("agrees" if all(x <= 6 * n for x in losses) else "partly")
+
+
 def test_a_checkpoint_missing_from_a_steps_run_is_refused_not_shifted(quick: Path, tmp_path: Path) -> None:
     """A checkpoint row cut from steps/<run>/scores.csv left the Figure 3 table's header naming every saved step
     while the row showed one value fewer, each under the wrong step, and the finding read the later step's value as
