@@ -186,6 +186,42 @@ def test_report_numbers_equal_the_stage_outputs(quick: Path) -> None:
         assert abs(float(row[1]) - seconds) <= 0.5
 
 
+def test_every_daggered_cell_of_the_report_has_its_exact_interval(quick: Path) -> None:
+    """Tables 3–5 of report.md mark a 0 % or 100 % cell † (its bootstrap interval has zero width) but gave no
+    legend: 12 of 12 right read 100.0 [100.0, 100.0]† beside a figure drawing [73.5, 100]. Below each table the
+    report now gives every † cell's exact interval. Oracle: scipy's Clopper-Pearson of the cell's item count."""
+    from scipy.stats import binomtest
+
+    cfg = parse_config(QUICK_CONFIG)
+    md = (quick / "report.md").read_text()
+    base, experts, own = cfg.models.base, cfg.models.experts, cfg.models.own
+    merged = [str(quick / "merge" / m) for m in cfg.merge.methods]
+    # each table's cells in reading order: (scores.csv, model, data set)
+    cells = {"Table 3": [(quick / "table3", m, x) for m in [base, *experts] for x in cfg.data],
+             "Table 4": [(quick / "table4", m, "text") for m in [base, *merged]],
+             "Table 5": [(quick / "table5" / e, m, x) for e, x in zip(experts, own)
+                         for m in [e, *(str(Path(m) / "carriers" / e) for m in merged)]]}
+    checked = 0
+    for title, where in cells.items():
+        section = _section(md, title)
+        want = []
+        for d, model, data in where:
+            r = _row(_scores(d), model, data)
+            if r["n_items"] and r["accuracy"] in (0.0, 1.0):
+                k = int(round(r["accuracy"] * r["n_items"]))
+                ci = binomtest(k, int(r["n_items"])).proportion_ci(confidence_level=0.95, method="exact")
+                want.append(f"[{100 * ci.low:.1f}, {100 * ci.high:.1f}]")
+        assert section.split("\n\n*Paper")[0].count("†") - ("† every item" in section) == len(want)
+        legend = [line for line in section.splitlines() if line.startswith("† every item")]
+        if not want:
+            assert not legend
+            continue
+        (legend,) = legend
+        assert re.findall(r"\[\d+\.\d, \d+\.\d\]", legend) == want
+        checked += len(want)
+    assert checked  # the quick run's 12-item sets have some 100 % cells
+
+
 def test_one_verdict_line_per_finding_with_its_criterion(quick: Path) -> None:
     md = (quick / "report.md").read_text()
     glance = _section(md, "Findings at a glance")
