@@ -131,6 +131,23 @@ def cell(run: EvalRun, model: str, data_spec: str, diff: bool = False) -> str:
     return f"{100 * r[d]:+.1f} [{100 * r[lo]:+.1f}, {100 * r[hi]:+.1f}]"
 
 
+def exact_legend(cells: list[tuple[str, EvalRun, str, str]]) -> str | None:
+    """The legend of a table's † cells (a rate of 0 % or 100 %, whose bootstrap interval has zero width however few
+    the items): each one's exact 95 % interval (probe.stats.reported_interval), as table.md's note and the eval
+    figure beside the table give it. ``cells``: (label, run, model, data spec) of every cell of the table."""
+    from probe.stats import reported_interval
+
+    exact = []
+    for label, run, model, spec in cells:
+        r = run.row(model, spec)
+        v = r[run.metric]
+        if r["n_items"] and v in (0.0, 1.0):  # the cells probe.eval's _cell marks †
+            lo, hi = reported_interval(v, r[f"{run.metric}_lo"], r[f"{run.metric}_hi"], r["n_items"])
+            exact.append(f"{label} [{100 * lo:.1f}, {100 * hi:.1f}]")
+    return ("† every item right (or every item wrong): the bootstrap interval has zero width however few the items; "
+            "exact 95 % Clopper-Pearson intervals: " + "; ".join(exact) + ".") if exact else None
+
+
 def mix_text(mix: dict[str, float]) -> str:
     if len(mix) == 1:
         return f"{next(iter(mix))} only"
@@ -266,6 +283,8 @@ def build(r: Replication, figdir: Path) -> Doc:
                  "reference" if m == r.base else cell(run, m, text, diff=True)] for m in [r.base, *r.experts]]
         d.table(["model", *labels, f"{cfg['eval']['text']}: Δ vs base"], rows,
                 f"This run ({run.metric.replace('_', ' ')}, %); n/a: the model cannot read that modality")
+        if legend := exact_legend([(f"{m} on {x}", run, m, r.data(x)) for m in [r.base, *r.experts] for x in labels]):
+            d.p(legend)
         for png in _copy_pages(run.dir / "eval.png", figdir / "table3.png"):
             d.img(f"{FIG_DIR}/{png.name}", "Table 3 as a figure: accuracy per data set with 95 % intervals")
     _paper_table(d, paper.TABLE3, paper.TABLE3_COLUMNS, "Paper, Table 3 (Qwen2-7B family, text benchmarks)")
@@ -336,6 +355,9 @@ def build(r: Replication, figdir: Path) -> Doc:
         rows += [[METHOD_LABELS[m], cell(run, r.merge_dir(m), text), cell(run, r.merge_dir(m), text, diff=True)]
                  for m in r.methods]
         d.table(["model", cfg["eval"]["text"], "Δ vs base"], rows, f"This run ({run.metric.replace('_', ' ')}, %)")
+        if legend := exact_legend([(name, run, m, text) for name, m in
+                                   [(r.base, r.base), *((METHOD_LABELS[x], r.merge_dir(x)) for x in r.methods)]]):
+            d.p(legend)
     _paper_table(d, paper.TABLE4, paper.TABLE3_COLUMNS, "Paper, Table 4 (merged Qwen2-7B LLMs)")
     _finding_list(d, fs["table4"])
 
@@ -349,6 +371,10 @@ def build(r: Replication, figdir: Path) -> Doc:
             rows.append([METHOD_LABELS[m]] + [cell(runs[e], r.carrier(m, e), r.data(l))
                                               for e, l in zip(r.experts, r.own)])
         d.table(header, rows, f"This run ({runs[r.experts[0]].metric.replace('_', ' ')}, %)")
+        if legend := exact_legend([(f"{name} on {l} ({e})", runs[e], m, r.data(l)) for e, l in zip(r.experts, r.own)
+                                   for name, m in [("expert alone", e),
+                                                   *((METHOD_LABELS[x], r.carrier(x, e)) for x in r.methods)]]):
+            d.p(legend)
         rows = [[METHOD_LABELS[m]] + [cell(runs[e], r.carrier(m, e), r.data(l), diff=True)
                                       for e, l in zip(r.experts, r.own)] for m in r.methods]
         d.table(header, rows, "Carrier minus expert, points (paired)")

@@ -186,6 +186,42 @@ def test_report_numbers_equal_the_stage_outputs(quick: Path) -> None:
         assert abs(float(row[1]) - seconds) <= 0.5
 
 
+def test_every_daggered_cell_of_the_report_has_its_exact_interval(quick: Path) -> None:
+    """Tables 3–5 of report.md mark a 0 % or 100 % cell † (its bootstrap interval has zero width) but gave no
+    legend: 12 of 12 right read 100.0 [100.0, 100.0]† beside a figure drawing [73.5, 100]. Below each table the
+    report now gives every † cell's exact interval. Oracle: scipy's Clopper-Pearson of the cell's item count."""
+    from scipy.stats import binomtest
+
+    cfg = parse_config(QUICK_CONFIG)
+    md = (quick / "report.md").read_text()
+    base, experts, own = cfg.models.base, cfg.models.experts, cfg.models.own
+    merged = [str(quick / "merge" / m) for m in cfg.merge.methods]
+    # each table's cells in reading order: (scores.csv, model, data set)
+    cells = {"Table 3": [(quick / "table3", m, x) for m in [base, *experts] for x in cfg.data],
+             "Table 4": [(quick / "table4", m, "text") for m in [base, *merged]],
+             "Table 5": [(quick / "table5" / e, m, x) for e, x in zip(experts, own)
+                         for m in [e, *(str(Path(m) / "carriers" / e) for m in merged)]]}
+    checked = 0
+    for title, where in cells.items():
+        section = _section(md, title)
+        want = []
+        for d, model, data in where:
+            r = _row(_scores(d), model, data)
+            if r["n_items"] and r["accuracy"] in (0.0, 1.0):
+                k = int(round(r["accuracy"] * r["n_items"]))
+                ci = binomtest(k, int(r["n_items"])).proportion_ci(confidence_level=0.95, method="exact")
+                want.append(f"[{100 * ci.low:.1f}, {100 * ci.high:.1f}]")
+        assert section.split("\n\n*Paper")[0].count("†") - ("† every item" in section) == len(want)
+        legend = [line for line in section.splitlines() if line.startswith("† every item")]
+        if not want:
+            assert not legend
+            continue
+        (legend,) = legend
+        assert re.findall(r"\[\d+\.\d, \d+\.\d\]", legend) == want
+        checked += len(want)
+    assert checked  # the quick run's 12-item sets have some 100 % cells
+
+
 def test_one_verdict_line_per_finding_with_its_criterion(quick: Path) -> None:
     md = (quick / "report.md").read_text()
     glance = _section(md, "Findings at a glance")
@@ -797,6 +833,45 @@ def test_merge_findings_follow_their_stated_rule_on_gains_and_ties(quick: Path, 
     # losses everywhere keep none of it, one small loss among them some
     assert {"carrier above its expert": keeps == "agrees", "Eq. 4 ties Eq. 1": beats == "disagrees",
             "all far below": keeps == "disagrees", "one within": keeps == "partly"}[case]
+
+
+def test_a_drop_or_loss_exactly_at_its_threshold_counts_whatever_its_float_rounding() -> None:
+    """A head costing exactly 2 points (1 of 50 items) read 0.58 − 0.56 = 0.01999… and did not count as mattering,
+    while 0.62 − 0.60 = 0.02000… did; a carrier exactly 6 points (3 of 50 items) below its expert likewise read
+    6.000000000000005 and counted as losing more than 6. Found by recomputing the report's findings from the stage
+    files with integer item counts, the oracle here: a head matters iff 100 · (k_base − k_masked) ≥ 2 · n."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from figures.findings import carriers_fall_short, heads_all_matter
+
+    n = 50
+    rate = lambda k: np.r_[np.ones(k), np.zeros(n - k)].mean()  # noqa: E731 - a rate as probe.results takes it
+    experts = ["e1", "e2"]
+    sweeps = {}  # per expert: every baseline count k_b of 1..n, each head right on one item fewer
+    for e, (lo, hi) in zip(experts, ((1, n // 2), (n // 2, n + 1))):
+        kb = np.arange(lo, hi)
+        drops = np.array([rate(k) - rate(k - 1) for k in kb])
+        sweeps[e] = pd.DataFrame({"layer": 0, "head": range(len(kb)), "prob_accuracy_drop": drops})
+        assert (drops < 0.02).any()  # the case met: some exact 2-point drops round below 0.02
+    share = {e: float(np.mean([100 * 1 >= 2 * n] * len(sweeps[e]))) for e in experts}  # integer counts: all matter
+    r = SimpleNamespace(experts=experts, heads=lambda e, need=(): (sweeps[e], {}))
+    f = heads_all_matter(r)
+    assert f.verdict == ("agrees" if all(v >= 0.9 for v in share.values()) else "partly")
+    assert all(f"{e}: {share[e]:.0%} of heads" in f.evidence for e in experts)
+
+    # carriers 3 of 50 items below experts right on k of them: every loss is exactly 6 points, none larger
+    over = [k for k in range(3, n + 1) if 100 * (rate(k) - rate(k - 3)) > 6]  # the rounding the fix forgives
+    ks = {"e1": over[0], "e2": over[-1]}
+    rows = {(e, e): rate(k) for e, k in ks.items()} | {(f"{m}/{e}", e): rate(k - 3)
+                                                        for e, k in ks.items() for m in ("average", "shift")}
+    run = lambda e: SimpleNamespace(metric="accuracy",  # noqa: E731
+                                    row=lambda model, data: {"accuracy": rows[model, data]})
+    r = SimpleNamespace(experts=experts, own=experts, data=lambda label: label, eval=lambda stage, e: run(e),
+                        carrier=lambda m, e: f"{m}/{e}")
+    losses = [100 * 3 for _ in ks for _ in ("average", "shift")]  # points, from the item counts
+    assert carriers_fall_short(r).verdict == ("agrees" if all(x <= 6 * n for x in losses) else "partly")
 
 
 def test_a_checkpoint_missing_from_a_steps_run_is_refused_not_shifted(quick: Path, tmp_path: Path) -> None:
