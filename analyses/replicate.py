@@ -307,8 +307,11 @@ def _checkpoints(c: ReplicateConfig, o: Path) -> list[Path]:
 
 
 STAGES: list[Stage] = [
-    # items that repeat a validation item are left out of the training data (before: 12-16 of 96-128 per set)
-    Stage("data", (), stage_data, lambda c: [c.section("train"), "validation items excluded"],
+    # items that repeat a validation item are left out of the training data (before: 12-16 of 96-128 per set), and
+    # since 2026-12-05 its near-duplicates too (build.content_key; before: 15 of 336 at the default 24 per subject):
+    # a DIR whose data stage left them in makes it again
+    Stage("data", (), stage_data,
+          lambda c: [c.section("train"), "validation items and their near-duplicates excluded"],
           lambda c, o: [Path(d) for d in c.train_dirs(o).values()] if c.train.generate else []),
     Stage("table3", (), stage_table3, lambda c: [c.section("eval"), _models(c), _data(c, list(c.cfg.data))],
           lambda c, o: _eval_out(o / "table3")),

@@ -412,6 +412,49 @@ def test_quick_build_one_or_two_processes(tmp_path):
         {k: v for k, v in q["organisms"].items() if k != "organism-vl"}
 
 
+def _near_key(row):
+    """An item's content read independently of probe.zoo.build: a scene question's kind and shapes, whether the
+    scene is drawn (image sets) or described in words (text Scenes, in any order of its shapes), and a Motion clip
+    without the continuous coordinate across its path. None where the exact key is the content."""
+    import re
+
+    ex = json.loads(row["explanation"] or "{}")
+    if ex.get("scenes"):
+        return ex["kind"], tuple(frozenset((s["kind"], s["colour"], s["slot"]) for s in sc["shapes"])
+                                 for sc in ex["scenes"])
+    if row["subfield"] in ("colour", "shape", "count", "position", "compare"):  # a described scene
+        words = r"(blue|green|red|yellow) (circle|square|triangle|star) (left|right|top|bottom|center)"
+        parts = [p for p in re.split(r"Image \d:", row["question"]) if re.search(words, p)]
+        return row["subfield"], tuple(frozenset((k, c, s) for c, k, s in re.findall(words, p)) for p in parts)
+    if row["subfield"] == "motion":
+        first = json.loads(row["explanation"])["frames"][0]
+        return row["question"], row["answer"], tuple(first[0]) if len(first) > 1 else None
+    return None
+
+
+def test_fresh_training_items_hold_no_near_duplicate_of_a_validation_item(tmp_path):
+    """The items replicate's data stage and ``probe.zoo data`` make for the salience sweeps and fine-tuning repeat
+    no validation item in another form either: a Scenes item is the image item that shows its scene with its
+    question (and its shapes listed in another order are the same scene), and two Motion clips of one direction,
+    colour, shape and distractor differ only in a few pixels. Until 2026-12-05 only exact repeats were left out: at
+    24 per subject, seed 1 (the default replication), 7 Scenes, 4 image, 3 single-image and 1 Motion training item
+    were such near-duplicates of validation items."""
+    import pyarrow.parquet as pq
+
+    from probe.zoo.build import build_fresh_data
+
+    def rows(root, split):
+        return [r for m in ("text", "image", "image_single", "video")
+                for f in sorted((root / m).glob(f"*/{split}-*.parquet")) for r in pq.read_table(f).to_pylist()]
+
+    held = {k for r in rows(validation_dir("text").parent, "validation") if (k := _near_key(r)) is not None}
+    assert len(held) > 100  # the scene questions of three sets and the Motion clips
+    build_fresh_data(tmp_path / "fresh", 24, 1)
+    fresh = rows(tmp_path / "fresh", "train")
+    assert len(fresh) == 24 * 14
+    assert [r["id"] for r in fresh if _near_key(r) in held] == []
+
+
 def test_exclude_validation_trains_on_no_validation_item(tmp_path):
     """``build --exclude-validation``: the train splits the organisms learn from hold no item of any validation
     set (a plain draw holds some: Knowledge, Colour_Shape and Spatial are closed sets), quality says how many items

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import random
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
@@ -171,7 +172,7 @@ def drop_items(d: Path, split: str, held: set[tuple], n: int | None = None) -> l
     short = []
     for f in sorted(d.glob(f"*/{split}-*.parquet")):
         table = pq.read_table(f)
-        kept = [r for r in table.to_pylist() if item_key(r) not in held][:n]
+        kept = [r for r in table.to_pylist() if item_key(r) not in held and content_key(r) not in held][:n]
         short += [f.parent.name] if n is not None and len(kept) < n else []
         for i, r in enumerate(kept):  # ids (and image and frame names, which carry them) numbered 1 … k
             old, new = r["id"], f"{split}_{f.parent.name}_{i + 1}"
@@ -200,15 +201,54 @@ def item_key(row: dict[str, Any]) -> tuple:
     return row["question"], row["options"], tuple(map(_png_pixels, pictures)), tuple(map(_png_pixels, frames))
 
 
+def content_key(row: dict[str, Any]) -> tuple | None:
+    """What an item asks of what it shows, apart from wording, modality and continuous detail: two items with the
+    same content key are near-duplicates that ``item_key`` tells apart. None for items whose ``item_key`` is their
+    content already.
+
+    - a scene question (image, single-image, and organism-base's Scenes, which describes the same scenes in words):
+      its kind and each scene's set of (shape, colour, slot). A Scenes item lists its shapes in draw order, so
+      "red circle left, blue star top." and "blue star top, red circle left." are one item, and both are the image
+      item that shows that scene with that question.
+    - a Motion clip: its question (colour, shape), answer (direction) and static distractor; where across the
+      frame the path runs is a continuous draw whose clips differ in a few pixels.
+    """
+    explanation = json.loads(row.get("explanation") or "{}")
+    if explanation.get("scenes"):  # an image item (Comparison keeps its two scenes in order: the answer names one)
+        scenes = tuple(tuple(sorted((s["kind"], s["colour"], s["slot"]) for s in sc["shapes"]))
+                       for sc in explanation["scenes"])
+        return "scene", explanation["kind"], scenes
+    if explanation.get("kind") in tasks_image.BUILDERS:  # a Scenes item: its scenes only in the question's words
+        groups = re.split(r"Image \d+:", row["question"])
+        scenes = tuple(tuple(sorted((kind, colour, slot) for colour, kind, slot in _SHAPE_WORDS.findall(g)))
+                       for g in groups if _SHAPE_WORDS.search(g))
+        return "scene", explanation["kind"], scenes
+    frames = explanation.get("frames")
+    if frames and row["question"].startswith("<video> Which way does the"):
+        distractor = tuple(frames[0][0]) if len(frames[0]) > 1 else None
+        return "motion", row["question"], row["answer"], distractor
+    return None
+
+
+_SHAPE_WORDS = re.compile(rf"\b({'|'.join(tasks_image.COLOUR_OPTIONS)}) ({'|'.join(tasks_image.SHAPE_OPTIONS)}) "
+                          rf"({'|'.join(tasks_image.POSITION_OPTIONS)})\b")
+
+
 def held_out_keys() -> set[tuple]:
-    """The items of the shipped validation sets, every modality (what every report is measured on)."""
+    """The items of the shipped validation sets, every modality (what every report is measured on): their
+    ``item_key`` and their ``content_key`` (a near-duplicate of a validation item is held out with it)."""
+    import pyarrow.parquet as pq
+
     from probe.zoo import validation_dir
 
-    return split_keys(map(validation_dir, MODALITY_SUBJECTS), "validation")
+    rows = [r for m in MODALITY_SUBJECTS for f in sorted(validation_dir(m).glob("*/validation-*.parquet"))
+            for r in pq.read_table(f).to_pylist()]
+    return {item_key(r) for r in rows} | {k for k in map(content_key, rows) if k is not None}
 
 
 def build_fresh_data(root: Path, n: int, seed: int, split: str = "train") -> dict[str, Path]:
-    """``n`` items per subject of every modality, none of them an item of the shipped validation sets.
+    """``n`` items per subject of every modality, none of them an item of the shipped validation sets or a
+    near-duplicate of one (``content_key``).
 
     Each subject draws twice as many (more if needed), drops the validation items, keeps the first ``n`` and
     renumbers them (24 per subject at seed 1 would otherwise repeat, within each modality alone, 12 of 128 text,
