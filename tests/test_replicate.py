@@ -1080,6 +1080,30 @@ def test_the_steps_a_run_saves_include_step_0_whatever_save_steps_says(quick: Pa
             assert t.loc[t["data"] == data, "step"].tolist() == r.saved_steps
 
 
+@pytest.mark.parametrize("data, methods, base", [("eval", ["average", "shift", "salience"], False),
+                                                 ("eval", ["average", "shift", "salience"], True),
+                                                 ("eval", ["average", "shift"], False),
+                                                 ("generated", ["average", "shift", "salience"], True)])
+def test_the_report_says_when_the_salience_merge_is_scored_on_its_own_sweep_items(data, methods, base) -> None:
+    """heads.data = "eval" (paper-7b.toml: Figure 2 on MMMU validation, as the paper) feeds the salience merge sweeps
+    of the very items Table 5 (and, with the base's text sweep, Table 4) then scores it on: tuned on its
+    evaluation set. The report said nothing of it; now the merges paragraph says which tables are not held out."""
+    import dataclasses
+
+    from figures.report import merges_paragraph
+
+    cfg = parse_config(QUICK_CONFIG)
+    g = dataclasses.replace(cfg.merge, methods=methods, salience_base=base)
+    heads = dataclasses.asdict(cfg.heads) | {"data": data, "split": "validation" if data == "eval" else "train"}
+    text = merges_paragraph(dataclasses.asdict(g), heads)
+    flagged = data == "eval" and "salience" in methods
+    assert ("Not held out" in text) == flagged
+    if flagged:
+        assert ("rows of Tables 4 and 5" in text) == base and ("rows of Table 5" in text) != base
+        assert "split validation" in text
+    assert "Not held out" not in merges_paragraph(dataclasses.asdict(g))  # no heads section: nothing claimed
+
+
 @pytest.mark.parametrize("methods, base, metric", [(["average", "shift"], False, "kl"),
                                                    (["average", "shift", "salience"], True, "prob_accuracy_drop"),
                                                    (["average", "shift", "salience", "ties"], False, "accuracy_drop")])
