@@ -398,6 +398,28 @@ def test_a_run_of_weights_changed_since_is_refused(zoo, tmp_path, capfd):
     assert not (tmp_path / "after").exists()
 
 
+@pytest.mark.parametrize("split, warned", [("validation", True), ("test", True), ("train", False), (None, False)])
+def test_a_sweep_of_the_validation_split_warns(split, warned, zoo, tmp_path, capfd):
+    """A salience run that swept an evaluation split (probe.heads' default, validation) sets the merge's head
+    weights from the items the merge is then scored on; the merge said nothing of it. Now one warning per such
+    run, and merge.json records each run's split."""
+    extra = {"settings": {"split": split}} if split else {}
+    dirs = [write_run(tmp_path / f"r{i}", torch.rand(L, H) + 0.1, model=m, data_dir=f"/data/{i}", **extra)
+            for i, m in enumerate((zoo["vl"], zoo["ov"]))]
+    out = tmp_path / "m"
+    capfd.readouterr()
+    assert run(merge.main, "--base", zoo["base"], "--models", zoo["vl"], zoo["ov"], "--method", "salience",
+               "--salience", *dirs, "--quiet", "--out", out) == 0
+    err = capfd.readouterr().err.strip().splitlines()
+    if warned:
+        assert len(err) == 2 and all(f"swept the {split!r} split of /data/" in w and "not a held-out" in w
+                                     for w in err), err
+    else:
+        assert err == [], err
+    measured = json.loads((out / "merge.json").read_text())["salience"]["measured"]
+    assert [r["split"] for r in measured] == [split, split]
+
+
 def test_runs_made_from_another_cwd_are_matched_to_their_models(tiny_dirs, data_dir, tmp_path, monkeypatch, capfd):
     """probe.heads records the --model path as given; a relative one, resolved by a merge run in another directory,
     pointed nowhere: swapped runs passed with two warnings (exit 0, each expert merged by the other's saliences).
@@ -431,7 +453,8 @@ def test_runs_made_from_another_cwd_are_matched_to_their_models(tiny_dirs, data_
         del info["model_resolved_path"]
         (runs / name / "run.json").write_text(json.dumps(info))
     assert run(merge.main, *args, "--salience", "vl", "vl2", "--out", tmp_path / "ok_old") == 0
-    assert "warning" not in capfd.readouterr().err
+    # the sweeps read data_dir's validation split: that warning only (test_a_sweep_of_the_validation_split_warns)
+    assert [w for w in capfd.readouterr().err.splitlines() if "warning" in w and "'validation' split" not in w] == []
     assert run(merge.main, *args, "--salience", "vl2", "vl", "--out", tmp_path / "swapped_old") == 2
     assert "measured ../models/vl2, but it is given for ../models/vl" in capfd.readouterr().err
     assert not (tmp_path / "swapped").exists() and not (tmp_path / "swapped_old").exists()
