@@ -2076,3 +2076,32 @@ def test_peft_adapting_other_modules_than_the_targets_stops(monkeypatch) -> None
     with pytest.raises(UpstreamChanged, match="on 8 modules, not the 28 named by target_modules") as stop:
         add_lora(load_model(resolve_model("organism-base")), 4)
     assert_names_peft(str(stop.value))
+
+
+@pytest.mark.parametrize("split, warned", [("validation", True), ("train", False)])
+def test_training_on_an_evaluation_split_warns(split, warned, tmp_path, capfd):
+    """analyses.finetune --split validation trained on the items probe.eval scores by default (its default split)
+    without a word; the checkpoints' scores were then not held out. Now a warning once the inputs pass their
+    checks (a refusal stays the only line), and the run goes on."""
+    from probe.errors import cli_main
+    from probe.zoo import validation_dir
+
+    from analyses.finetune import main
+
+    data = tmp_path / "text"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for f in validation_dir("text").glob("*/validation-*.parquet"):  # the same items under either split name
+        (data / f.parent.name).mkdir(parents=True)
+        table = pq.read_table(f)
+        rows = [r | {"id": r["id"].replace("validation_", f"{split}_", 1)} for r in table.to_pylist()]
+        pq.write_table(pa.Table.from_pylist(rows, schema=table.schema),
+                       data / f.parent.name / f.name.replace("validation", split))
+    capfd.readouterr()
+    assert cli_main(main, ["--model", "organism-base", "--data", f"text={data}", "--split", split, "--limit", "4",
+                           "--batch-size", "2", "--steps", "1", "--save-steps", "1", "--quiet",
+                           "--out", str(tmp_path / "ft")]) == 0
+    err = capfd.readouterr().err
+    assert (f"warning: --split {split} trains on the items probe.eval scores" in err) == warned, err
+    assert (tmp_path / "ft" / "checkpoint-1").is_dir()
