@@ -47,6 +47,26 @@ class EvalRun:
         return (("diff_accuracy", "diff_lo", "diff_hi") if self.metric == "accuracy"
                 else ("diff_prob_accuracy", "diff_prob_lo", "diff_prob_hi"))
 
+    def paired(self, model: str, reference: str, data_spec: str) -> Any:
+        """``model`` minus ``reference`` on a data set, in this run's metric, paired over the items both answered:
+        the ``probe.stats.Interval`` ``probe.eval --reference`` would report (its seed, the set's bootstrap stream), from
+        items.parquet, so any two models of a saved run compare as the reference does."""
+        from probe.eval import ITEM_COLUMNS, DataSet, paired_differences
+        from probe.results import read_part
+
+        info = read_json(self.dir / "run.json")
+        try:
+            ds = next(DataSet(**x) for x in info["plan"]["data"] if x["spec"] == data_spec)
+            seed = int(info["seed"])
+        except (KeyError, TypeError, ValueError, StopIteration):
+            raise BadInput(f"{self.dir / 'run.json'}: no seed, or no data set {data_spec} in its plan") from None
+        items = read_part(self.dir / "items.parquet", ITEM_COLUMNS)
+        mine, ref = ((items[(items["model"] == m) & (items["data"] == ds.name)]) for m in (model, reference))
+        if not len(mine) or not len(ref):
+            raise BadInput(f"{self.dir}/items.parquet: no items of {model if not len(mine) else reference} on "
+                           f"{data_spec}")
+        return paired_differences(mine, ref, seed, ds.stream)[0][self.metric]
+
     def row(self, model: str, data_spec: str) -> Any:
         """The 'all' row of a model on a data set (by the spec the replicate config gave)."""
         s = self.scores

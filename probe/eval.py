@@ -307,7 +307,7 @@ def score_table(items: Any, plan: EvalPlan, reference: str | None, seed: int):
     the reference, paired differences on the items both answered."""
     import pandas as pd
 
-    from probe.stats import NAN, bootstrap_mean, paired_difference
+    from probe.stats import NAN, bootstrap_mean
 
     rows = []
     for entry in plan.models:
@@ -336,12 +336,7 @@ def score_table(items: Any, plan: EvalPlan, reference: str | None, seed: int):
                 diffs = {"accuracy": NAN, "prob_accuracy": NAN}
                 n_paired = None
                 if ref_sub is not None and len(sub) and entry.name != reference and len(ref_sub):
-                    # the items both answered; ids need only be unique within a subject (the loader checks)
-                    paired = sub.merge(ref_sub, on=["subject", "item_id"], suffixes=("", "_ref"))
-                    n_paired = len(paired)
-                    for metric, col in (("accuracy", "correct"), ("prob_accuracy", "prob_correct")):
-                        diffs[metric] = paired_difference(paired[col].to_numpy(), paired[f"{col}_ref"].to_numpy(),
-                                                          seed, f"{key}|diff|{metric}")
+                    diffs, n_paired = paired_differences(sub, ref_sub, seed, key)
                     if n_paired < len(sub):  # the reference read fewer: diff ≠ this row's accuracy − the reference's
                         row["note"] = "; ".join(filter(None, [row["note"], f"diff over the {n_paired} of {len(sub)} "
                                                                              f"items {reference} also answered"]))
@@ -358,6 +353,20 @@ def score_table(items: Any, plan: EvalPlan, reference: str | None, seed: int):
                         "diff_n": n_paired}
                 rows.append(row)
     return pd.DataFrame.from_records(rows, columns=SCORE_COLUMNS).astype({"diff_n": "Int64"})  # a count, or empty
+
+
+def paired_differences(items: Any, ref_items: Any, seed: int, stream: str) -> tuple[dict[str, Any], int]:
+    """Accuracy and probability accuracy of ``items`` minus ``ref_items`` (two models' rows of items.parquet on one
+    data set) over the items both answered, with the paired bootstrap intervals of the set's ``stream``
+    (``DataSet.stream``), and how many items paired. scores.csv's diff columns, and any comparison of two models of
+    a saved run (figures.findings), are these."""
+    from probe.stats import paired_difference
+
+    # the items both answered; ids need only be unique within a subject (the loader checks)
+    paired = items.merge(ref_items, on=["subject", "item_id"], suffixes=("", "_ref"))
+    return {metric: paired_difference(paired[col].to_numpy(), paired[f"{col}_ref"].to_numpy(), seed,
+                                      f"{stream}|diff|{metric}")
+            for metric, col in (("accuracy", "correct"), ("prob_accuracy", "prob_correct"))}, len(paired)
 
 
 def all_alike_note(row: dict[str, Any]) -> str:
