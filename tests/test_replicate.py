@@ -950,6 +950,53 @@ def test_a_checkpoint_missing_from_a_steps_run_is_refused_not_shifted(quick: Pat
         steps_tradeoff(Replication.read(out))
 
 
+@pytest.mark.parametrize("case", ["one item each way", "every item"])
+def test_figure3_is_decided_on_paired_intervals(quick: Path, tmp_path: Path, case: str) -> None:
+    """Figure 3's finding counted one more item right at the last step as a modality improving, and one fewer on
+    text after its peak as text declining. Each is now a paired difference over the same items whose interval must
+    lie above 0; recomputed here from edited steps/<run>/items.parquet with the numpy oracle above."""
+    from figures.findings import steps_tradeoff
+    from figures.results import Replication
+
+    cfg = parse_config(QUICK_CONFIG)
+    out = tmp_path / "run"
+    for part in ("stages", "steps"):
+        shutil.copytree(quick / part, out / part)
+    shutil.copyfile(quick / "replicate.json", out / "replicate.json")
+    multi = [n for n, mix in cfg.finetune.runs.items() if len(mix) > 1]
+    first, last = f"checkpoint-{min(cfg.finetune.save_steps)}", f"checkpoint-{cfg.finetune.steps}"
+    ok = []
+    for name in multi:
+        d = out / "steps" / name
+        items = pd.read_parquet(d / "items.parquet")
+        seed = json.loads((d / "run.json").read_text())["seed"]
+        specs = {x["name"]: x["spec"] for x in json.loads((d / "run.json").read_text())["plan"]["data"]}
+        up, falls = True, False
+        for label in cfg.finetune.eval_data:
+            at = {c: (items["data"] == label) & items["model"].str.endswith(c) for c in (first, last)}
+            n = int(at[first].sum())
+            best, worst = [1.0] * n, [0.0] * n if case == "every item" else [1.0] * (n - 1) + [0.0]
+            if label == cfg.eval.text:  # text right everywhere at step 0, then down by one item, or by all
+                items.loc[at[first], "correct"], items.loc[at[last], "correct"] = best, worst
+            else:  # the reverse: up by one item, or by all
+                items.loc[at[first], "correct"] = [0.0] * n
+                items.loc[at[last], "correct"] = [1.0] * n if case == "every item" else [1.0] + [0.0] * (n - 1)
+            _, lo, _ = _paired_oracle(*((items[at[c]] for c in ((first, last) if label == cfg.eval.text
+                                                                  else (last, first)))), seed,
+                                      Path(specs[label]).name)
+            if label == cfg.eval.text:
+                falls = lo > 0
+            else:
+                up &= lo > 0
+        items.to_parquet(d / "items.parquet")
+        means = items.groupby(["model", "data"])["correct"].mean()  # scores.csv's accuracies follow the items
+        _edit_all_rows(d / "scores.csv", lambda m, data, a: means.get((m, data), a))
+        ok.append((up, falls))
+    want = ("agrees" if all(a and b for a, b in ok) else "partly" if any(a or b for a, b in ok) else "disagrees")
+    assert steps_tradeoff(Replication.read(out)).verdict == want
+    assert want == {"one item each way": "disagrees", "every item": "agrees"}[case]  # the cases meant
+
+
 @pytest.mark.parametrize("gone", ["merge/shift/merge.json", "heads/organism-base", "table3/eval.png",
                                   "trajectory/fig4a/trajectory_sketch.png", "merge/salience/merge_heads.png"])
 def test_a_report_whose_completed_stage_lost_an_output_is_refused(quick: Path, tmp_path: Path, capsys,
