@@ -346,6 +346,14 @@ def test_heads_csv_as_pandas_writes_it(case, zoo, tmp_path, capfd):
     assert not out.exists()
 
 
+def _merged_warnings(zoo, dirs, out, capfd) -> list[str]:
+    """A salience merge of vl and ov by the runs ``dirs`` into ``out`` (it must succeed): its stderr lines."""
+    capfd.readouterr()
+    assert run(merge.main, "--base", zoo["base"], "--models", zoo["vl"], zoo["ov"], "--method", "salience",
+               "--salience", *dirs, "--quiet", "--out", out) == 0
+    return capfd.readouterr().err.strip().splitlines()
+
+
 def test_merge_json_says_what_each_run_measured_and_warnings_never_precede_a_refusal(zoo, tmp_path, capfd):
     """merge.json named the salience runs by path only, not the model, data and engine they measured, and an
     attribution-patching estimate (probe.heads --method attribution) was used as silently as the exact sweep. A
@@ -355,10 +363,7 @@ def test_merge_json_says_what_each_run_measured_and_warnings_never_precede_a_ref
     dirs = [write_run(tmp_path / f"r{i}", torch.rand(L, H) + 0.1, model=m, **plans[i])
             for i, m in enumerate((zoo["vl"], zoo["ov"]))]
     out = tmp_path / "m"
-    capfd.readouterr()
-    assert run(merge.main, "--base", zoo["base"], "--models", zoo["vl"], zoo["ov"], "--method", "salience",
-               "--salience", *dirs, "--quiet", "--out", out) == 0
-    err = capfd.readouterr().err.strip().splitlines()
+    err = _merged_warnings(zoo, dirs, out, capfd)
     assert len(err) == 1 and err[0].startswith(f"warning: salience run {dirs[0]} is an attribution-patching"), err
     measured = json.loads((out / "merge.json").read_text())["salience"]["measured"]
     assert [{k: r[k] for k in plans[0]} for r in measured] == plans
@@ -407,10 +412,7 @@ def test_a_sweep_of_the_validation_split_warns(split, warned, zoo, tmp_path, cap
     dirs = [write_run(tmp_path / f"r{i}", torch.rand(L, H) + 0.1, model=m, data_dir=f"/data/{i}", **extra)
             for i, m in enumerate((zoo["vl"], zoo["ov"]))]
     out = tmp_path / "m"
-    capfd.readouterr()
-    assert run(merge.main, "--base", zoo["base"], "--models", zoo["vl"], zoo["ov"], "--method", "salience",
-               "--salience", *dirs, "--quiet", "--out", out) == 0
-    err = capfd.readouterr().err.strip().splitlines()
+    err = _merged_warnings(zoo, dirs, out, capfd)
     if warned:
         assert len(err) == 2 and all(f"swept the {split!r} split of /data/" in w and "not a held-out" in w
                                      for w in err), err
