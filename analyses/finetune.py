@@ -84,10 +84,17 @@ class FinetuneConfig:
             raise BadInput(f"mix {sorted(self.mix)} must name the data sets {sorted(self.data)}, each once")
 
     def fingerprint(self) -> dict[str, Any]:
+        """The run's identity: its settings, the model and data sets by where they are, not as typed
+        (``data_location``): a rerun that spells a path otherwise (relative, absolute, ``./x/``) was refused."""
+        from probe.mmmu import data_location
+        from probe.models import model_location
+
         keep = asdict(self)
         for key in ("out", "quiet", "overwrite", *RUN_ONLY_SETTINGS):
             keep.pop(key)
         keep["save_steps"] = sorted(set(keep["save_steps"]))
+        keep["model"] = model_location(self.model)
+        keep["data"] = {label: data_location(path) for label, path in self.data.items()}
         return keep
 
 

@@ -127,9 +127,15 @@ class Plan:
     settings: dict[str, Any]
 
     def fingerprint(self) -> str:
+        """The plan's digest, its model and data by where they are, not as typed (``data_location``): a rerun that
+        spells a path otherwise (relative, absolute, ``./x/``, a link) was refused as a different run."""
+        from probe.mmmu import data_location
+        from probe.models import model_location
         from probe.results import json_digest
 
-        return json_digest(asdict(self))
+        return json_digest(asdict(self) | {"model_spec": model_location(self.model_spec),
+                                           "model_path": model_location(self.model_path),
+                                           "data_dir": data_location(self.data_dir)})
 
 
 def load_template(args: argparse.Namespace):

@@ -408,7 +408,11 @@ def claim_out_dir(out: Path, fingerprint: Any, saved_fingerprint: Callable[[dict
 
 def different_run(out: Path, saved: Any, plan: dict[str, Any] | None) -> BadInput:
     """The refusal for an --out holding another run: what differs, or that an older omniprobe wrote it."""
-    what = plan_differences(saved, plan) or ["settings"]
+    what = plan_differences(saved, plan)
+    if not what and isinstance(saved, dict) and plan is not None:  # equal plans, unequal fingerprints: another rule
+        return BadInput(f"--out {out} holds a run written by an older omniprobe, which fingerprinted it otherwise; "
+                        "use another --out or --overwrite")
+    what = what or ["settings"]
 
     def keys(d: Any) -> set[str]:
         inner = d.get("settings") if isinstance(d, dict) else None
