@@ -445,6 +445,16 @@ def existing_split(out: Path, split: str) -> list[Path]:
                                         for f in split_files(d, split))]
 
 
+def split_to_replace(cfg: ConvertConfig) -> list[Path]:
+    """The files of split ``--out-split`` in ``--out`` that this conversion replaces: refused unless ``--overwrite``
+    or a killed conversion's part (its marker: the same command again finishes it)."""
+    there = existing_split(cfg.out, cfg.out_split)
+    if there and not cfg.overwrite and not unfinished_conversion(cfg.out, cfg.out_split).is_file():
+        raise BadInput(f"--out {cfg.out} already holds split '{cfg.out_split}' ({there[0]}); give --overwrite to "
+                       "replace it, or another --out-split")
+    return there
+
+
 @releases_claims
 def run(cfg: ConvertConfig) -> ConvertReport:
     from probe.mmmu import load_mmmu
@@ -466,11 +476,7 @@ def run(cfg: ConvertConfig) -> ConvertReport:
     if out_inside(cfg.out, videos) or input_in_out(cfg.out, videos):
         raise BadInput(f"--out {cfg.out} is, holds or lies inside --videos {cfg.videos}; the source is never written "
                        "to, so give an --out outside it")
-    there = existing_split(cfg.out, cfg.out_split)
-    marker = unfinished_conversion(cfg.out, cfg.out_split)
-    if there and not cfg.overwrite and not marker.is_file():  # the marker: a killed conversion's part, replaced
-        raise BadInput(f"--out {cfg.out} already holds split '{cfg.out_split}' ({there[0]}); give --overwrite to "
-                       "replace it, or another --out-split")
+    split_to_replace(cfg)  # refused before the source is read; checked again under the lock
     report = ConvertReport(cfg.kind, REPOS[cfg.kind], str(src), cfg.split, cfg.out_split,
                            frames=cfg.frames if cfg.kind == "video-mme" else None,
                            max_side=cfg.max_side if cfg.kind == "video-mme" else None)
@@ -479,6 +485,10 @@ def run(cfg: ConvertConfig) -> ConvertReport:
     if not plan.rows:
         raise BadInput(f"no items in split '{cfg.split}' of {cfg.src} ({len(report.skipped)} left out)")
     lock_out_dir(cfg.out)
+    # what --out holds now: a conversion that ran whole while this one read its source wrote the split after the
+    # check above, and this one then replaced it, --overwrite or not (or, with it, left that one's other subjects)
+    there = split_to_replace(cfg)
+    marker = unfinished_conversion(cfg.out, cfg.out_split)
     work = marker.parent  # DIR/.convert-<split>, hidden: no command reads it as a subject
     if plan.videos:
         frames = cached_frames(plan.videos, work / f"frames-{cfg.frames}-{cfg.max_side}",
