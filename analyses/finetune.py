@@ -414,10 +414,15 @@ def clear_run(out: Path, inputs: Sequence[Path], cpu: bool) -> None:
     """``--overwrite``: delete the fine-tuning run in ``out`` (its checkpoints, partial ones, log and run.json) and
     nothing else there; refused when ``out`` holds an input (the model being tuned, a data set). ``cpu``: whether
     the run trains on the CPU (``probe.train.wait_for_everyone``)."""
+    from probe.devices import rank_world
+    from probe.results import lock_out_dir
     from probe.train import is_main_process, wait_for_everyone
 
     if hit := input_in_out(out, [(str(p), p) for p in inputs]):
         raise BadInput(f"--out {out} holds the input {hit[1]}; --overwrite would delete it, pick another --out")
+    # held first (by every rank, together): a run still training here is refused before its checkpoints, log and
+    # run.json are deleted; it was refused only at claim_out_dir, after, and went on writing into the emptied dir
+    lock_out_dir(out, shared=rank_world()[1] > 1)
     # under torchrun every rank has looked at the out dir (has_contents, run.json) before rank 0 clears it: a rank
     # that looked after found it empty, skipped this function and its barrier, and the ranks' barriers went out of
     # step (a hang), or it read a run.json being deleted

@@ -158,6 +158,26 @@ def test_a_resume_naming_the_model_and_data_another_way_continues_and_another_mo
                                               "another --out or --overwrite")
 
 
+def test_an_overwrite_while_another_run_trains_in_out_is_refused_before_deleting_it(ft_run, tiny_dirs, data_dir,
+                                                                                     text_dir, tmp_path, capfd):
+    """--overwrite cleared --out (checkpoints, log, run.json) before taking its lock: started while a run trained
+    there, it deleted that run's checkpoint-0 and run.json, and only then was refused as "in use"; the first run
+    went on into the emptied dir and ended saying it had written checkpoint 0. Here another process holds the lock."""
+    import shutil
+
+    from analyses.finetune import main
+    from conftest import lock_held_elsewhere, tree_manifest
+
+    out = shutil.copytree(ft_run, tmp_path / "run")
+    before = tree_manifest(out)
+    with lock_held_elsewhere(out):
+        capfd.readouterr()
+        assert cli_main(main, _args(tiny_dirs, data_dir, text_dir, out, "--overwrite")) == 2
+        assert capfd.readouterr().err.strip() == (f"error: --out {out} is in use by another running command; wait "
+                                                  "for it to end or use another --out")
+    assert tree_manifest(out) == before
+
+
 @pytest.mark.parametrize("how", [["--micro-batch", "1"], ["--gradient-checkpointing"],
                                  ["--micro-batch", "3", "--gradient-checkpointing"]])
 def test_micro_batches_and_checkpointing_train_the_same_run(how, ft_run, tiny_dirs, data_dir, text_dir, tmp_path,
