@@ -460,6 +460,7 @@ def prepare(args: argparse.Namespace) -> tuple[Context, dict[str, str]]:
     check_out_inputs(out, cfg, resolved)
     if out.exists() and (not out.is_dir() or (has_contents(out) and not (out / MARKER).is_file())):
         raise BadInput(f"--out {out}: exists and is not a python -m analyses.replicate output")
+    out = first_spelling(out)
     fps = {spec: content_fingerprint(p) for spec, p in resolved.items()}
     fps |= {d: content_fingerprint(d) for d in cfg.data.values()}
     ctx = Context(cfg, out, args.quiet, fps, resolved, {"dtype": placement.dtype, "device_type": placement.device_type},
@@ -479,6 +480,18 @@ def prepare(args: argparse.Namespace) -> tuple[Context, dict[str, str]]:
                     raise BadInput(f"--only {name}: it needs stage {dep!r}, whose output {gone[0]} is gone; add "
                                    "it to --only or run without --only")
     return ctx, stage_fps
+
+
+def first_spelling(out: Path) -> Path:
+    """``out`` as its replicate.json spells it, when that names the same folder from here: the stages name the
+    models they evaluate by their paths under ``out`` (probe.eval labels its rows by them), so a rerun typing ``out``
+    otherwise (absolute for relative, through a link) looked for rows no table had (exit 2 at the report) and found
+    a killed eval stage's parts of "other models"."""
+    try:
+        saved = json.loads((out / MARKER).read_text()).get("out")
+    except (OSError, ValueError, AttributeError):
+        return out
+    return Path(saved) if isinstance(saved, str) and Path(saved).resolve() == out.resolve() else out
 
 
 @releases_claims
