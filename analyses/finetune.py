@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from probe.errors import (ArgParser, BadInput, RunStopped, check_counts, check_out_apart, check_out_path, cli_main,
-                          input_in_out, make_out_dir, releases_claims, drop_partial)
+                          input_in_out, make_out_dir, out_dir, releases_claims, drop_partial)
 
 LOG_COLUMNS = ["step", "modality", "loss", "lr", "lm_lr", "tokens"]  # lr: --lr's rate now (tower, projector)
 STATE = "trainer_state.pt"
@@ -845,7 +845,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "cuda:0,cuda:1")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU, else float32), float32, bfloat16; "
                    "bfloat16 is mixed precision: the forward in it, float32 weights, updates and checkpoints")
-    p.add_argument("--out", type=Path, required=True, help="output dir (checkpoint-<step>/, train_log.csv)")
+    p.add_argument("--out", type=out_dir, required=True, help="output dir (checkpoint-<step>/, train_log.csv)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the fine-tuning run in --out (its checkpoints, log and run.json; nothing else)")
     return p

@@ -38,7 +38,7 @@ from analyses.checkpoints import quiet_progress
 from analyses.replicate_config import (DEFAULT_CONFIG, GENERATED, QUICK_CONFIG, ReplicateConfig, check_machine,
                                        parse_config)
 from probe.devices import Placement
-from probe.errors import (ArgParser, BadInput, check_out_apart, check_out_path, cli_main, out_inside,
+from probe.errors import (ArgParser, BadInput, check_out_apart, check_out_path, cli_main, out_dir, out_inside,
                           releases_claims)
 from probe.heads import SOFTWARE, software_differences, versions
 from probe.results import content_fingerprint, has_contents, json_digest, lock_out_dir
@@ -431,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quick", action="store_true", help=f"the CI settings ({QUICK_CONFIG.name}): few items, few steps")
     p.add_argument("--only", nargs="+", choices=[s.name for s in STAGES], metavar="STAGE",
                    help=f"run only these stages (their inputs must be complete): {', '.join(BY_NAME)}")
-    p.add_argument("--out", type=Path, required=True, help="output directory (one subdirectory per stage)")
+    p.add_argument("--out", type=out_dir, required=True, help="output directory (one subdirectory per stage)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 

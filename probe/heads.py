@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from probe.errors import (ArgParser, BadInput, check_counts, check_out_apart, cli_main, releases_claims,
+from probe.errors import (ArgParser, BadInput, check_counts, check_out_apart, cli_main, out_dir, releases_claims,
                           undone_on_bad_input)
 from probe.families import ALIASES
 
@@ -158,7 +158,7 @@ def load_template(args: argparse.Namespace):
 
 def add_run_args(p: argparse.ArgumentParser, default_out: str, figures: str) -> None:
     """Where a resumable run goes and how loud it is (probe.heads, probe.eval)."""
-    p.add_argument("--out", type=Path, default=Path(default_out), help="output directory")
+    p.add_argument("--out", type=out_dir, default=Path(default_out), help="output directory")
     p.add_argument("--overwrite", action="store_true", help="discard an existing run in --out")
     p.add_argument("--no-figures", action="store_true", help=f"do not draw {figures}")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
