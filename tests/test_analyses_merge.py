@@ -912,3 +912,16 @@ def test_an_out_in_use_by_another_run_is_refused_and_a_killed_holder_does_not_bl
         assert [p.name for p in tmp_path.iterdir()] == [".o.lock"]  # nothing of the refused run
     assert run(*argv) == 0
     assert [p.name for p in tmp_path.iterdir()] == ["o"]  # the lock goes with the run that held it
+
+
+def test_overwrite_through_a_link_to_the_output_replaces_its_target_and_keeps_the_link(zoo, tmp_path):
+    """--out a symlink to an earlier output, with --overwrite: the rename moved the link aside and put a dir in its
+    place, so the target kept the old output and a .NAME.old link, which no later run removes, stayed beside it."""
+    real, link = tmp_path / "real", tmp_path / "link"
+    assert run(shift.main, "--base", zoo["base"], "--models", zoo["vl"], "--no-figures", "--quiet", "--out", real) == 0
+    link.symlink_to(real)
+    assert run(shift.main, "--base", zoo["base"], "--models", zoo["ov"], "--no-figures", "--quiet", "--out", link,
+               "--overwrite") == 0
+    assert link.is_symlink() and link.resolve() == real
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+    assert json.loads((real / "summary.json").read_text())["models"][0]["name"] == str(zoo["ov"])
