@@ -21,7 +21,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
-from probe.errors import BadInput, input_in_out
+from probe.errors import BadInput, input_in_out, out_dir
 from probe.families import (FAMILIES, Family, Layout, canonical_lm_name, check_layout_model_type, detect_layout,
                             read_config_json, says_untied)
 from probe.families import config_geometry, declared_quantization, text_config_dict
@@ -400,7 +400,7 @@ def check_inputs_and_out(out: Path, inputs: Sequence[Checkpoint], others: Sequen
 
 def add_output_args(p, out_help: str, figures: bool = True) -> None:
     """The options every analyses command shares: where to write, replacing it, reading .bin, figures, quiet."""
-    p.add_argument("--out", type=Path, required=True, help=out_help)
+    p.add_argument("--out", type=out_dir, required=True, help=out_help)
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier output of this command there (nothing else is ever deleted)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from probe.errors import (ArgParser, BadInput, RunStopped, check_counts, check_out_apart, check_out_path, cli_main,
-                          input_in_out, make_out_dir, releases_claims, drop_partial)
+                          input_in_out, make_out_dir, out_dir, releases_claims, drop_partial)
 
 LOG_COLUMNS = ["step", "modality", "loss", "lr", "lm_lr", "tokens"]  # lr: --lr's rate now (tower, projector)
 STATE = "trainer_state.pt"
@@ -84,10 +84,17 @@ class FinetuneConfig:
             raise BadInput(f"mix {sorted(self.mix)} must name the data sets {sorted(self.data)}, each once")
 
     def fingerprint(self) -> dict[str, Any]:
+        """The run's identity: its settings, the model and data sets by where they are, not as typed
+        (``data_location``): a rerun that spells a path otherwise (relative, absolute, ``./x/``) was refused."""
+        from probe.mmmu import data_location
+        from probe.models import model_location
+
         keep = asdict(self)
         for key in ("out", "quiet", "overwrite", *RUN_ONLY_SETTINGS):
             keep.pop(key)
         keep["save_steps"] = sorted(set(keep["save_steps"]))
+        keep["model"] = model_location(self.model)
+        keep["data"] = {label: data_location(path) for label, path in self.data.items()}
         return keep
 
 
@@ -407,10 +414,15 @@ def clear_run(out: Path, inputs: Sequence[Path], cpu: bool) -> None:
     """``--overwrite``: delete the fine-tuning run in ``out`` (its checkpoints, partial ones, log and run.json) and
     nothing else there; refused when ``out`` holds an input (the model being tuned, a data set). ``cpu``: whether
     the run trains on the CPU (``probe.train.wait_for_everyone``)."""
+    from probe.devices import rank_world
+    from probe.results import lock_out_dir
     from probe.train import is_main_process, wait_for_everyone
 
     if hit := input_in_out(out, [(str(p), p) for p in inputs]):
         raise BadInput(f"--out {out} holds the input {hit[1]}; --overwrite would delete it, pick another --out")
+    # held first (by every rank, together): a run still training here is refused before its checkpoints, log and
+    # run.json are deleted; it was refused only at claim_out_dir, after, and went on writing into the emptied dir
+    lock_out_dir(out, shared=rank_world()[1] > 1)
     # under torchrun every rank has looked at the out dir (has_contents, run.json) before rank 0 clears it: a rank
     # that looked after found it empty, skipped this function and its barrier, and the ranks' barriers went out of
     # step (a hang), or it read a run.json being deleted
@@ -833,7 +845,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "cuda:0,cuda:1")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU, else float32), float32, bfloat16; "
                    "bfloat16 is mixed precision: the forward in it, float32 weights, updates and checkpoints")
-    p.add_argument("--out", type=Path, required=True, help="output dir (checkpoint-<step>/, train_log.csv)")
+    p.add_argument("--out", type=out_dir, required=True, help="output dir (checkpoint-<step>/, train_log.csv)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the fine-tuning run in --out (its checkpoints, log and run.json; nothing else)")
     return p

@@ -38,7 +38,7 @@ from analyses.checkpoints import quiet_progress
 from analyses.replicate_config import (DEFAULT_CONFIG, GENERATED, QUICK_CONFIG, ReplicateConfig, check_machine,
                                        parse_config)
 from probe.devices import Placement
-from probe.errors import (ArgParser, BadInput, check_out_apart, check_out_path, cli_main, out_inside,
+from probe.errors import (ArgParser, BadInput, check_out_apart, check_out_path, cli_main, out_dir, out_inside,
                           releases_claims)
 from probe.heads import SOFTWARE, software_differences, versions
 from probe.results import content_fingerprint, has_contents, json_digest, lock_out_dir
@@ -431,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quick", action="store_true", help=f"the CI settings ({QUICK_CONFIG.name}): few items, few steps")
     p.add_argument("--only", nargs="+", choices=[s.name for s in STAGES], metavar="STAGE",
                    help=f"run only these stages (their inputs must be complete): {', '.join(BY_NAME)}")
-    p.add_argument("--out", type=Path, required=True, help="output directory (one subdirectory per stage)")
+    p.add_argument("--out", type=out_dir, required=True, help="output directory (one subdirectory per stage)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -460,6 +460,7 @@ def prepare(args: argparse.Namespace) -> tuple[Context, dict[str, str]]:
     check_out_inputs(out, cfg, resolved)
     if out.exists() and (not out.is_dir() or (has_contents(out) and not (out / MARKER).is_file())):
         raise BadInput(f"--out {out}: exists and is not a python -m analyses.replicate output")
+    out = first_spelling(out)
     fps = {spec: content_fingerprint(p) for spec, p in resolved.items()}
     fps |= {d: content_fingerprint(d) for d in cfg.data.values()}
     ctx = Context(cfg, out, args.quiet, fps, resolved, {"dtype": placement.dtype, "device_type": placement.device_type},
@@ -479,6 +480,18 @@ def prepare(args: argparse.Namespace) -> tuple[Context, dict[str, str]]:
                     raise BadInput(f"--only {name}: it needs stage {dep!r}, whose output {gone[0]} is gone; add "
                                    "it to --only or run without --only")
     return ctx, stage_fps
+
+
+def first_spelling(out: Path) -> Path:
+    """``out`` as its replicate.json spells it, when that names the same folder from here: the stages name the
+    models they evaluate by their paths under ``out`` (probe.eval labels its rows by them), so a rerun typing ``out``
+    otherwise (absolute for relative, through a link) looked for rows no table had (exit 2 at the report) and found
+    a killed eval stage's parts of "other models"."""
+    try:
+        saved = json.loads((out / MARKER).read_text()).get("out")
+    except (OSError, ValueError, AttributeError):
+        return out
+    return Path(saved) if isinstance(saved, str) and Path(saved).resolve() == out.resolve() else out
 
 
 @releases_claims

@@ -25,9 +25,9 @@ from typing import BinaryIO, Callable, Iterable, Iterator, ParamSpec, Sequence
 import torch
 
 from analyses.checkpoints import DTYPE_NAMES
-from probe.errors import WRITE_STOPPED, BadInput, check_out_path, make_out_dir
-from probe.results import (MANIFEST, WRITER_TAG, atomic_write_json, copy_file, output_listing, remove_stale_dirs,
-                           writer_tag)
+from probe.errors import WRITE_STOPPED, BadInput, check_out_path
+from probe.results import (MANIFEST, WRITER_TAG, atomic_write_json, claimed, copy_file, lock_out_dir, output_listing,
+                           release_claims, remove_stale_dirs, writer_tag)
 
 P = ParamSpec("P")
 
@@ -415,16 +415,29 @@ def named_in_out(exc: OSError, tmp: Path, out: Path) -> OSError:
 def atomic_dir(out: Path, overwrite: bool, command: str, request: dict | None = None) -> Iterator[Path]:
     """Yield a hidden temp dir beside ``out``; rename it to ``out`` on success (with a manifest of what ``command``
     wrote there and the ``request`` it was computed from), delete it on any error. Temp dirs of killed earlier runs
-    (``kill -9`` leaves them) are removed first."""
+    (``kill -9`` leaves them) are removed first. Held (``.NAME.lock`` beside ``out``) from the check to the rename: two
+    runs started into one --out at once both passed their check before either renamed, and the second then swapped
+    its output in over the first's, --overwrite or not."""
     out = Path(out)
+    # an --out that is a link to an output: its target is replaced and the link kept (the rename replaced the link
+    # by a dir, left the old output in the target and a .NAME.old link beside, which nothing removes)
+    place = out.resolve() if out.is_symlink() else out
+    held = claimed()
+    lock_out_dir(place, beside=True)  # missing parents are created, like any output dir
+    try:
+        yield from _fill_and_rename(out, place, overwrite, command, request)
+    finally:
+        release_claims(keep=held)
+
+
+def _fill_and_rename(out: Path, place: Path, overwrite: bool, command: str, request: dict | None) -> Iterator[Path]:
+    """``atomic_dir``'s work, under its lock: ``place`` is where ``out`` is written."""
     check_output(out, overwrite, command, None if request is None else lambda: request)
     check_replaceable(out, overwrite, command)
-    if out.parent.is_dir():
-        remove_stale_partials(out)
-    tmp = out.parent / f".{out.name}.partial-{writer_tag()}"
+    remove_stale_partials(place)
+    tmp = place.parent / f".{place.name}.partial-{writer_tag()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    make_out_dir(out.parent, f"--out {out}: its folder")  # missing parents are created, like any output dir
     tmp.mkdir()
     try:
         yield tmp
@@ -436,13 +449,13 @@ def atomic_dir(out: Path, overwrite: bool, command: str, request: dict | None = 
         if isinstance(exc, OSError) and exc.errno in WRITE_STOPPED:
             raise named_in_out(exc, tmp, out)
         raise
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{writer_tag()}"
-        out.rename(old)
-        tmp.rename(out)
+    if place.exists():
+        old = place.parent / f".{place.name}.old-{writer_tag()}"
+        place.rename(old)
+        tmp.rename(place)
         shutil.rmtree(old, ignore_errors=True)
     else:
-        tmp.rename(out)
+        tmp.rename(place)
 
 
 WEIGHT_FILE = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.ckpt|\.msgpack|\.h5|\.gguf)$|\.index\.json$")

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from probe.errors import (ArgParser, BadInput, RunStopped, check_counts, check_out_path, cli_main, error_reason,
-                          input_in_out, out_inside, releases_claims)
+                          input_in_out, out_dir, out_inside, releases_claims)
 from probe.mmmu import VIDEO_REF, _IMAGE_REF, check_split, fit_within, option_letters, unfinished_conversion
 from probe.mmmu import _split_files as split_files  # the reader's rule: shards complete, never two forms
 
@@ -445,6 +445,16 @@ def existing_split(out: Path, split: str) -> list[Path]:
                                         for f in split_files(d, split))]
 
 
+def split_to_replace(cfg: ConvertConfig) -> list[Path]:
+    """The files of split ``--out-split`` in ``--out`` that this conversion replaces: refused unless ``--overwrite``
+    or a killed conversion's part (its marker: the same command again finishes it)."""
+    there = existing_split(cfg.out, cfg.out_split)
+    if there and not cfg.overwrite and not unfinished_conversion(cfg.out, cfg.out_split).is_file():
+        raise BadInput(f"--out {cfg.out} already holds split '{cfg.out_split}' ({there[0]}); give --overwrite to "
+                       "replace it, or another --out-split")
+    return there
+
+
 @releases_claims
 def run(cfg: ConvertConfig) -> ConvertReport:
     from probe.mmmu import load_mmmu
@@ -466,11 +476,7 @@ def run(cfg: ConvertConfig) -> ConvertReport:
     if out_inside(cfg.out, videos) or input_in_out(cfg.out, videos):
         raise BadInput(f"--out {cfg.out} is, holds or lies inside --videos {cfg.videos}; the source is never written "
                        "to, so give an --out outside it")
-    there = existing_split(cfg.out, cfg.out_split)
-    marker = unfinished_conversion(cfg.out, cfg.out_split)
-    if there and not cfg.overwrite and not marker.is_file():  # the marker: a killed conversion's part, replaced
-        raise BadInput(f"--out {cfg.out} already holds split '{cfg.out_split}' ({there[0]}); give --overwrite to "
-                       "replace it, or another --out-split")
+    split_to_replace(cfg)  # refused before the source is read; checked again under the lock
     report = ConvertReport(cfg.kind, REPOS[cfg.kind], str(src), cfg.split, cfg.out_split,
                            frames=cfg.frames if cfg.kind == "video-mme" else None,
                            max_side=cfg.max_side if cfg.kind == "video-mme" else None)
@@ -479,6 +485,10 @@ def run(cfg: ConvertConfig) -> ConvertReport:
     if not plan.rows:
         raise BadInput(f"no items in split '{cfg.split}' of {cfg.src} ({len(report.skipped)} left out)")
     lock_out_dir(cfg.out)
+    # what --out holds now: a conversion that ran whole while this one read its source wrote the split after the
+    # check above, and this one then replaced it, --overwrite or not (or, with it, left that one's other subjects)
+    there = split_to_replace(cfg)
+    marker = unfinished_conversion(cfg.out, cfg.out_split)
     work = marker.parent  # DIR/.convert-<split>, hidden: no command reads it as a subject
     if plan.videos:
         frames = cached_frames(plan.videos, work / f"frames-{cfg.frames}-{cfg.max_side}",
@@ -526,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind", choices=KINDS, help="which benchmark SRC holds: " + ", ".join(
         f"{k} ({r})" for k, r in REPOS.items()))
     p.add_argument("src", type=Path, help="the local snapshot (hf download --repo-type dataset REPO --local-dir SRC)")
-    p.add_argument("--out", type=Path, required=True, help="the MMMU-layout directory to write (DIR/<Subject>/"
+    p.add_argument("--out", type=out_dir, required=True, help="the MMMU-layout directory to write (DIR/<Subject>/"
                    "<split>-00000-of-00001.parquet); other splits already there stay")
     p.add_argument("--split", default=None, help="the source split to read (MMLU: validation has 1,531 items, "
                    "test 14,042; MMLU-Pro: test 12,032, validation 70; MMMLU: test; GPQA: train, its only one; "
@@ -552,7 +562,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_counts(args, ("frames", "max_side"))
     split = args.split or SPLITS[args.kind]
-    cfg = ConvertConfig(kind=args.kind, src=args.src.expanduser(), out=args.out.expanduser(), split=split,
+    cfg = ConvertConfig(kind=args.kind, src=args.src.expanduser(), out=args.out, split=split,
                         out_split=args.out_split or split, frames=args.frames, max_side=args.max_side,
                         subject_by=args.subject_by, gpqa_set=args.gpqa_set, videos=args.videos,
                         overwrite=args.overwrite, quiet=args.quiet)

@@ -107,6 +107,13 @@ def check_counts(args: argparse.Namespace, names: Sequence[str]) -> None:
             raise BadInput(f"--{name.replace('_', '-')} must be ≥ 1, got {value}")
 
 
+def out_dir(text: str) -> Path:
+    """``--out``'s argparse type: the path with ``~`` expanded, as every input path is (a quoted ``~/runs/x``, or
+    one from a script, wrote the run into a folder named ``~`` under the working dir, while the checks that --out
+    is no input looked at the home dir's)."""
+    return Path(text).expanduser()
+
+
 def check_out_path(out: Path, flag: str = "--out") -> None:
     """``out`` is, or can be created as, a directory: neither it nor any existing parent is a file, and the
     nearest existing one is writable (a read-only mount or directory was a traceback at the first write, after

@@ -103,9 +103,19 @@ class EvalPlan:
     settings: dict[str, Any]
 
     def fingerprint(self) -> str:
+        """The plan's digest, each data set and model directory by where it is, not as typed (``data_location``): a
+        rerun that spells a set's path otherwise (relative, absolute, ``./x/``) was refused as a different run. The
+        names stay: they label the saved parts' rows."""
+        from probe.mmmu import data_location
+        from probe.models import model_location
         from probe.results import json_digest
 
-        return json_digest(asdict(self))
+        plan = asdict(self)
+        for ds in plan["data"]:
+            ds["spec"] = data_location(ds["spec"])
+        for m in plan["models"]:
+            m["path"] = model_location(m["path"])
+        return json_digest(plan)
 
     def n_unread(self, model: str, data: str, subject: str = ALL) -> int:
         """Items of a data set (one subject, or all) the model cannot read, so is not scored on."""
@@ -115,7 +125,7 @@ class EvalPlan:
 
 def make_plan(args: argparse.Namespace):
     from probe.devices import resolve_placement
-    from probe.mmmu import load_items
+    from probe.mmmu import data_location, load_items
     from probe.models import model_fingerprint, resolve_model
     from probe.prompting import can_read, check_prompts
     from probe.results import distinct_names
@@ -125,7 +135,7 @@ def make_plan(args: argparse.Namespace):
         raise BadInput(f"--seed must be ≥ 0, got {args.seed}")
     placement = resolve_placement(args.device, args.dtype, args.attn_implementation)
     specs = list(args.models)
-    same = [s if s.lower() == "mmmu" else str(Path(s).expanduser().resolve()) for s in args.data]  # text, ./text
+    same = [data_location(s) for s in args.data]  # text, ./text
     for group, what in ((specs, "model"), (same, "data set")):
         dup = sorted({s for s in group if group.count(s) > 1})
         if dup:
@@ -149,7 +159,7 @@ def make_plan(args: argparse.Namespace):
             raise BadInput(f"data set {spec}: a subject named {ALL!r} clashes with the per-set total rows of "
                            "scores.csv; rename that folder")
         items[name] = its
-        datasets.append(DataSet(name, spec, spec if spec.lower() == "mmmu" else str(Path(spec).resolve()),
+        datasets.append(DataSet(name, spec, data_location(spec),
                                 report.fingerprint, len(its), report.n_skipped_open, list(report.subjects)))
     template = load_template(args)
     na: dict[str, str] = {}

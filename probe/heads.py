@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from probe.errors import (ArgParser, BadInput, check_counts, check_out_apart, cli_main, releases_claims,
+from probe.errors import (ArgParser, BadInput, check_counts, check_out_apart, cli_main, out_dir, releases_claims,
                           undone_on_bad_input)
 from probe.families import ALIASES
 
@@ -127,9 +127,15 @@ class Plan:
     settings: dict[str, Any]
 
     def fingerprint(self) -> str:
+        """The plan's digest, its model and data by where they are, not as typed (``data_location``): a rerun that
+        spells a path otherwise (relative, absolute, ``./x/``, a link) was refused as a different run."""
+        from probe.mmmu import data_location
+        from probe.models import model_location
         from probe.results import json_digest
 
-        return json_digest(asdict(self))
+        return json_digest(asdict(self) | {"model_spec": model_location(self.model_spec),
+                                           "model_path": model_location(self.model_path),
+                                           "data_dir": data_location(self.data_dir)})
 
 
 def load_template(args: argparse.Namespace):
@@ -152,7 +158,7 @@ def load_template(args: argparse.Namespace):
 
 def add_run_args(p: argparse.ArgumentParser, default_out: str, figures: str) -> None:
     """Where a resumable run goes and how loud it is (probe.heads, probe.eval)."""
-    p.add_argument("--out", type=Path, default=Path(default_out), help="output directory")
+    p.add_argument("--out", type=out_dir, default=Path(default_out), help="output directory")
     p.add_argument("--overwrite", action="store_true", help="discard an existing run in --out")
     p.add_argument("--no-figures", action="store_true", help=f"do not draw {figures}")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -447,6 +447,13 @@ def resolve_data(data: str | Path, split: str = "validation", subjects: Sequence
     return hub_snapshot(_HUB_REPO, repo_type="dataset", patterns=patterns)
 
 
+def data_location(data: str | Path) -> str:
+    """A data set as a run's identity names it: ``mmmu`` as it is, a folder by its absolute path with ``~``, ``..``
+    and links resolved, so ``text``, ``./text/``, its absolute path and a link to it are one set (a rerun typed from
+    another working dir resumes), and another folder is another set."""
+    return str(data) if str(data).lower() == "mmmu" else str(Path(data).expanduser().resolve())
+
+
 def load_items(
     data: str | Path,
     split: str = "validation",

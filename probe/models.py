@@ -107,6 +107,12 @@ def model_path(spec: str, weights: bool = True) -> Path:
     return path
 
 
+def model_location(spec: str) -> str:
+    """A model as a run's identity names it: an alias as it is, a directory (or GGUF file) by its absolute path with
+    ``~``, ``..`` and links resolved (``data_location``'s rule for models)."""
+    return spec if spec in ALIASES else str(Path(spec).expanduser().resolve())
+
+
 def is_gguf(path: Path) -> bool:
     """A GGUF weights file (the smollm2-135m alias is one), which probe.models dequantises on load."""
     return path.is_file() and path.suffix == ".gguf"

@@ -311,6 +311,7 @@ def distinct_names(paths: Sequence[str]) -> list[str]:
 
 LOCK = ".lock"
 _CLAIMED: dict[str, int] = {}  # out dirs this process holds (a resume in the same process keeps its claim)
+_REMOVED_ON_RELEASE: dict[str, Path] = {}  # their lock files that go with the claim (``lock_out_dir(beside=True)``)
 
 
 def claimed() -> frozenset[str]:
@@ -326,6 +327,8 @@ def release_claims(keep: Iterable[str] = ()) -> None:
     kept = set(keep)
     for key in [k for k in _CLAIMED if k not in kept]:
         fd = _CLAIMED.pop(key)
+        if (lock := _REMOVED_ON_RELEASE.pop(key, None)) is not None:  # while still held: see lock_out_dir
+            lock.unlink(missing_ok=True)
         if fd >= 0:
             os.close(fd)  # closing the descriptor frees its flock
 
@@ -337,28 +340,53 @@ def has_contents(out: Path) -> bool:
     return out.is_dir() and any(p.name != LOCK and not _TEMP.fullmatch(p.name) for p in out.iterdir())
 
 
-def lock_out_dir(out: Path, shared: bool = False) -> None:
+def lock_path(out: Path, beside: bool = False) -> Path:
+    """``out``'s lock file: ``DIR/.lock``, or with ``beside`` ``.NAME.lock`` in its folder."""
+    return Path(out).parent / f".{Path(out).name}{LOCK}" if beside else Path(out) / LOCK
+
+
+def lock_out_dir(out: Path, shared: bool = False, beside: bool = False) -> None:
     """Create ``out`` and hold an flock on ``DIR/.lock`` until this command ends (``release_claims``; the kernel frees
     it however the process ends): a second command into the same --out meanwhile is refused, never interleaved.
     ``shared``: the ranks of a torchrun job hold it together, and so shut out a single process (which holds it
-    alone), not each other."""
+    alone), not each other. ``beside``: lock ``.NAME.lock`` beside ``out`` and leave ``out`` uncreated, for an
+    output that appears whole in one rename (analyses.writer.atomic_dir); that file goes when the claim ends, so it
+    is no litter beside the output (one a kill left is taken over by the next run)."""
     import fcntl
 
-    make_out_dir(out)
-    key = str(out.resolve())
+    lock = lock_path(out, beside)
+    make_out_dir(lock.parent, f"--out {out}: its folder" if beside else "--out")
+    key = str(Path(out).resolve())
     if key in _CLAIMED:
         return
-    fd = os.open(out / LOCK, os.O_CREAT | os.O_RDWR, file_mode())
+    fd = os.open(lock, os.O_CREAT | os.O_RDWR, file_mode())
     try:
         fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise BadInput(f"--out {out} is in use by another running command; wait for it to end or use another "
-                       "--out") from None
+        raise in_use(out) from None
     except OSError:  # a file system without locks (some NFS mounts): run unlocked, as before
         os.close(fd)
         fd = -1
+    if beside and fd >= 0:
+        if not same_file(fd, lock):  # its holder removed it as we opened it: ours is a lock nobody else sees
+            os.close(fd)
+            raise in_use(out)
+        _REMOVED_ON_RELEASE[key] = lock
     _CLAIMED[key] = fd
+
+
+def in_use(out: Path) -> BadInput:
+    return BadInput(f"--out {out} is in use by another running command; wait for it to end or use another --out")
+
+
+def same_file(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open as ``fd``."""
+    try:
+        st, now = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino)
 
 
 def claim_out_dir(out: Path, fingerprint: Any, saved_fingerprint: Callable[[dict], Any] = lambda d: d.get("fingerprint")
@@ -380,7 +408,11 @@ def claim_out_dir(out: Path, fingerprint: Any, saved_fingerprint: Callable[[dict
 
 def different_run(out: Path, saved: Any, plan: dict[str, Any] | None) -> BadInput:
     """The refusal for an --out holding another run: what differs, or that an older omniprobe wrote it."""
-    what = plan_differences(saved, plan) or ["settings"]
+    what = plan_differences(saved, plan)
+    if not what and isinstance(saved, dict) and plan is not None:  # equal plans, unequal fingerprints: another rule
+        return BadInput(f"--out {out} holds a run written by an older omniprobe, which fingerprinted it otherwise; "
+                        "use another --out or --overwrite")
+    what = what or ["settings"]
 
     def keys(d: Any) -> set[str]:
         inner = d.get("settings") if isinstance(d, dict) else None

@@ -227,10 +227,13 @@ def text_inputs(loaded, text: str = "Question: What colour is the circle?\nChoic
 
 
 @contextlib.contextmanager
-def lock_held_elsewhere(out: Path):
-    """Another process holding ``out``'s run lock (DIR/.lock, probe.results.claim_out_dir) while the block runs."""
+def lock_held_elsewhere(out: Path, beside: bool = False):
+    """Another process holding ``out``'s run lock (DIR/.lock, probe.results.claim_out_dir; with ``beside`` the
+    .NAME.lock of analyses.writer.atomic_dir) while the block runs; it ends killed, as by ``kill -9``."""
+    from probe.results import lock_path
+
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
-                               f"fd = os.open({str(Path(out) / '.lock')!r}, os.O_CREAT | os.O_RDWR)\n"
+                               f"fd = os.open({str(lock_path(out, beside))!r}, os.O_CREAT | os.O_RDWR)\n"
                                "for _ in range(300):\n"
                                "    try:\n"
                                "        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); break\n"

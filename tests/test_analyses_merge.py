@@ -890,3 +890,38 @@ def test_the_base_also_listed_in_models_keeps_its_own_records(zoo, tmp_path):
     assert set(alpha) == {f"{zoo['q1']} (base)", str(zoo["q1"]), str(zoo["vl"])}
     assert alpha[f"{zoo['q1']} (base)"] == pytest.approx(0.5)
     assert sum(alpha.values()) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("command", ["shift", "merge", "trajectory"])
+def test_an_out_in_use_by_another_run_is_refused_and_a_killed_holder_does_not_block(command, zoo, tmp_path, capfd):
+    """Two runs started into one --out at once (found running two merges of other methods side by side) both passed
+    the check of --out before either renamed its output in, and both exited 0: the second swapped its output in over
+    the first's without --overwrite. The one writing holds .NAME.lock beside --out from its check to its rename;
+    here another process holds it, then is killed (kill -9), and the rerun is not blocked by the lock file left."""
+    from conftest import lock_held_elsewhere
+
+    out = tmp_path / "o"
+    argv = {"shift": (shift.main, "--base", zoo["base"], "--models", zoo["vl"], "--no-figures"),
+            "merge": (merge.main, "--models", zoo["vl"], zoo["q1"], "--method", "average"),
+            "trajectory": (trajectory.main, "--base", zoo["base"], "--experts", zoo["vl"], zoo["ov"], "--no-figures")
+            }[command] + ("--quiet", "--out", out)
+    with lock_held_elsewhere(out, beside=True):
+        assert run(*argv) == 2
+        assert capfd.readouterr().err.strip().splitlines()[-1] == (
+            f"error: --out {out} is in use by another running command; wait for it to end or use another --out")
+        assert [p.name for p in tmp_path.iterdir()] == [".o.lock"]  # nothing of the refused run
+    assert run(*argv) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["o"]  # the lock goes with the run that held it
+
+
+def test_overwrite_through_a_link_to_the_output_replaces_its_target_and_keeps_the_link(zoo, tmp_path):
+    """--out a symlink to an earlier output, with --overwrite: the rename moved the link aside and put a dir in its
+    place, so the target kept the old output and a .NAME.old link, which no later run removes, stayed beside it."""
+    real, link = tmp_path / "real", tmp_path / "link"
+    assert run(shift.main, "--base", zoo["base"], "--models", zoo["vl"], "--no-figures", "--quiet", "--out", real) == 0
+    link.symlink_to(real)
+    assert run(shift.main, "--base", zoo["base"], "--models", zoo["ov"], "--no-figures", "--quiet", "--out", link,
+               "--overwrite") == 0
+    assert link.is_symlink() and link.resolve() == real
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+    assert json.loads((real / "summary.json").read_text())["models"][0]["name"] == str(zoo["ov"])

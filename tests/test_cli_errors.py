@@ -106,6 +106,20 @@ def test_a_list_option_given_twice_is_a_usage_error(capsys):
     assert "--data given twice" in one_error_line(e.value.code, capsys.readouterr().err)
 
 
+@pytest.mark.parametrize("name, argv", [
+    ("probe.heads", []), ("probe.eval", ["--models", "m", "--data", "d"]), ("probe.convert", ["mmlu", "src"]),
+    ("analyses.shift", ["--base", "b", "--models", "m"]), ("analyses.merge", ["--models", "a", "b"]),
+    ("analyses.trajectory", ["--base", "b"]), ("analyses.finetune", ["--model", "m", "--data", "text=d", "--steps", "2"]),
+    ("analyses.replicate", [])])
+def test_a_tilde_in_out_is_the_home_dir_as_in_every_input(name, argv, tmp_path, monkeypatch):
+    """--out '~/runs/x' (quoted, or from a script) wrote into a folder named '~' under the working dir, while --model
+    and --data expand '~' and the check that --out is no input looked at the home dir's path (probe.convert alone
+    expanded it)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = importlib.import_module(name).build_parser().parse_args([*argv, "--out", "~/runs/x"])
+    assert args.out == tmp_path / "runs" / "x"
+
+
 def test_every_cli_uses_the_shared_parser():
     found = [f"{p}:{i}" for d in ("probe", "analyses", "figures", "bench") for p in sorted((REPO / d).rglob("*.py"))
              for i, line in enumerate(p.read_text().splitlines(), 1) if "argparse.ArgumentParser(" in line]

@@ -208,6 +208,36 @@ def test_other_splits_in_out_stay_and_the_same_split_needs_overwrite(mmlu_src, t
     assert {p: p.read_bytes() for p in out.rglob("validation-*.parquet")} == before
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_conversion_that_finished_while_this_one_read_its_source_is_not_replaced(mmlu_src, tmp_path, monkeypatch,
+                                                                                   capfd, overwrite):
+    """--out was checked for the split before the source was read, and locked only after: another conversion that
+    ran whole meanwhile had its split replaced without --overwrite, both exiting 0 (found with a slow source beside
+    a quick one); with --overwrite the old files listed were that check's, so the other's were replaced by name
+    only. The check is made again under the lock: refused without --overwrite, replaced whole with it."""
+    import probe.convert as pc
+    from probe.errors import cli_main
+
+    out, other = tmp_path / "out", tmp_path / "other"
+    write(other / "virology" / "validation-00000-of-00001.parquet", mmlu_rows("virology", 2))
+    real = pc.CONVERTERS["mmlu"]
+
+    def slow(cfg, report, plan):  # the other conversion runs whole while this one reads its source
+        real(cfg, report, plan)
+        assert convert("mmlu", other, "--out", out).returncode == 0
+
+    monkeypatch.setitem(pc.CONVERTERS, "mmlu", slow)
+    capfd.readouterr()
+    code = cli_main(pc.main, [str(a) for a in ("mmlu", mmlu_src, "--out", out, "--quiet",
+                                               *(["--overwrite"] if overwrite else []))])
+    if overwrite:
+        assert code == 0 and load_mmmu(out, "validation")[1].subjects == ["abstract_algebra", "anatomy"]
+    else:
+        assert code == 2 and capfd.readouterr().err.strip().startswith(
+            f"error: --out {out} already holds split 'validation' ({out / 'virology'}")
+        assert load_mmmu(out, "validation")[1].subjects == ["virology"]
+
+
 KILLED_AFTER_ONE_MOVE = """
 import os, signal, sys
 from pathlib import Path

@@ -680,6 +680,29 @@ def test_a_set_labelled_longer_beside_a_namesake_gets_the_same_intervals(eval_ru
     pd.testing.assert_frame_equal(got, want)
 
 
+def test_a_resume_naming_the_data_sets_another_way_continues_and_another_set_is_refused(eval_run, tmp_path, text_dir,
+                                                                                         data_dir, monkeypatch, capfd):
+    """The same --data folders typed relative (./x/ from elsewhere) where the run had their absolute paths were
+    refused as a different run ("data differ"): the fingerprint held each set's path as typed. A copy of a set
+    elsewhere, the same items under the same name, is still another folder, and refused."""
+    import os
+    import shutil
+
+    src, args = eval_run
+    out = shutil.copytree(src, tmp_path / "run")
+    next((out / "parts").glob("*.parquet")).unlink()  # a killed run, to be resumed
+    monkeypatch.chdir(Path(text_dir).parent)
+    spelt = {str(d): f"./{os.path.relpath(d)}/" for d in (text_dir, data_dir)}
+    again = [spelt.get(str(a), a) for a in args[:-1]] + [out]
+    assert _eval(*again) == 0
+    assert (out / "scores.csv").read_bytes() == (src / "scores.csv").read_bytes()
+    copy = shutil.copytree(text_dir, tmp_path / "copy" / Path(text_dir).name)
+    capfd.readouterr()
+    assert _eval(*[copy if str(a) == str(text_dir) else a for a in args[:-1]], out) == 2
+    assert capfd.readouterr().err.strip() == (f"error: --out {out} holds a different run (data differ); use another "
+                                              "--out or --overwrite")
+
+
 def test_a_set_given_as_dot_is_named_and_resampled_as_its_folder(eval_run, tmp_path, text_dir, monkeypatch):
     """`--data .` from inside the set's folder is that folder: labelled by its name and given its intervals (it
     used to be labelled '.', and its bootstrap stream keyed by '.' gave other intervals than `--data text`)."""

@@ -129,6 +129,55 @@ def test_deterministic_and_resumable_after_a_kill(ft_run, tiny_dirs, data_dir, t
         (ft_run / "checkpoint-6" / "trainer_state.pt").read_bytes()
 
 
+def test_a_resume_naming_the_model_and_data_another_way_continues_and_another_model_is_refused(
+        ft_run, tiny_dirs, data_dir, text_dir, tmp_path, monkeypatch, capfd):
+    """The same --model and --data folders typed relative (./x/ from elsewhere) where the killed run had their
+    absolute paths were refused as a different run ("model, data differ"): run.json kept the paths as typed. The
+    resume now ends as the uninterrupted run; a copy of the model elsewhere, the same weights, is another folder."""
+    import os
+    import shutil
+
+    import probe.train as train_mod
+    from analyses.finetune import main
+
+    out = tmp_path / "killed"
+    real = train_mod.train
+    monkeypatch.setattr(train_mod, "train", killed_after(real, 3))
+    assert cli_main(main, _args(tiny_dirs, data_dir, text_dir, out)) == 130
+    monkeypatch.setattr(train_mod, "train", real)
+    monkeypatch.chdir(Path(text_dir).parent)
+    spelt = {k: f"./{os.path.relpath(v)}/" for k, v in (("qwen2_vl", tiny_dirs["qwen2_vl"]),)}
+    assert cli_main(main, _args(spelt, f"./{os.path.relpath(data_dir)}/", os.path.relpath(text_dir), out)) == 0
+    assert _log(out) == _log(ft_run)
+    assert (out / "checkpoint-6" / "model.safetensors").read_bytes() == \
+        (ft_run / "checkpoint-6" / "model.safetensors").read_bytes()
+    copy = {"qwen2_vl": shutil.copytree(tiny_dirs["qwen2_vl"], tmp_path / "copy" / "model")}
+    capfd.readouterr()
+    assert cli_main(main, _args(copy, data_dir, text_dir, out)) == 2
+    assert capfd.readouterr().err.strip() == (f"error: --out {out} holds a different run (model differ); use "
+                                              "another --out or --overwrite")
+
+
+def test_an_overwrite_while_another_run_trains_in_out_is_refused_before_deleting_it(ft_run, tiny_dirs, data_dir,
+                                                                                     text_dir, tmp_path, capfd):
+    """--overwrite cleared --out (checkpoints, log, run.json) before taking its lock: started while a run trained
+    there, it deleted that run's checkpoint-0 and run.json, and only then was refused as "in use"; the first run
+    went on into the emptied dir and ended saying it had written checkpoint 0. Here another process holds the lock."""
+    import shutil
+
+    from analyses.finetune import main
+    from conftest import lock_held_elsewhere, tree_manifest
+
+    out = shutil.copytree(ft_run, tmp_path / "run")
+    before = tree_manifest(out)
+    with lock_held_elsewhere(out):
+        capfd.readouterr()
+        assert cli_main(main, _args(tiny_dirs, data_dir, text_dir, out, "--overwrite")) == 2
+        assert capfd.readouterr().err.strip() == (f"error: --out {out} is in use by another running command; wait "
+                                                  "for it to end or use another --out")
+    assert tree_manifest(out) == before
+
+
 @pytest.mark.parametrize("how", [["--micro-batch", "1"], ["--gradient-checkpointing"],
                                  ["--micro-batch", "3", "--gradient-checkpointing"]])
 def test_micro_batches_and_checkpointing_train_the_same_run(how, ft_run, tiny_dirs, data_dir, text_dir, tmp_path,

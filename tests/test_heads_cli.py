@@ -381,6 +381,22 @@ def test_same_command_on_finished_run_is_a_noop_resume(base_run, data_dir, tmp_p
     assert (out / "items.parquet").read_bytes() == items_before
 
 
+def test_a_resume_naming_the_data_set_another_way_continues_and_another_set_is_refused(base_run, data_dir, tmp_path,
+                                                                                       capfd, monkeypatch):
+    """The same --data folder typed relative (./NAME/, from its parent) where the run had its absolute path was
+    refused as a different run ("data_dir differ"): the fingerprint held the path as typed. A copy of the set
+    elsewhere, the same items, is still another folder, and refused."""
+    out = shutil.copytree(base_run, tmp_path / "run")
+    (out / "parts" / "chunk_00002.parquet").unlink()  # a killed run, to be resumed
+    monkeypatch.chdir(Path(data_dir).parent)
+    ok(run_in_process([*BASE_ARGS, "--data", f"./{Path(data_dir).name}/", "--out", out], capfd))
+    assert (out / "heads.csv").read_bytes() == (base_run / "heads.csv").read_bytes()
+    copy = shutil.copytree(data_dir, tmp_path / "copy" / Path(data_dir).name)
+    r = run_in_process([*BASE_ARGS, "--data", copy, "--out", out], capfd)
+    want = f"error: --out {out} holds a different run (data_dir differ); use another --out or --overwrite"
+    assert r.returncode == 2 and r.stderr.strip() == want, r.stderr
+
+
 def test_run_is_complete_only_once_its_figures_are_written(base_run, data_dir, tmp_path, capfd, monkeypatch):
     """run.json said "complete" before the heatmaps were drawn: a kill then left a finished-looking run with
     missing or 0-byte figures. The status is written last now."""
@@ -513,6 +529,18 @@ def test_a_plan_with_a_nan_setting_matches_itself_once_saved(tmp_path):
     assert saved["settings"]["lr"] is None
     assert plan_differences(saved, plan) == []
     assert plan_differences(saved, {"model": "m", "settings": {"lr": 0.1, "steps": 3}}) == ["lr"]
+
+
+def test_a_run_whose_plan_is_this_ones_under_another_fingerprint_is_named_as_an_older_omniprobes(tmp_path):
+    """A run fingerprinted by an older rule (its paths as typed, before they were resolved) with the same plan was
+    refused as one whose "settings differ", naming nothing that did; it says what it is now."""
+    from probe.results import different_run
+
+    plan = {"data_dir": "data/text", "settings": {"split": "validation"}}
+    assert str(different_run(tmp_path, plan, plan)) == (
+        f"--out {tmp_path} holds a run written by an older omniprobe, which fingerprinted it otherwise; use another "
+        "--out or --overwrite")
+    assert "(data_dir differ)" in str(different_run(tmp_path, plan, plan | {"data_dir": "other"}))
 
 
 def test_a_run_from_an_older_omniprobe_is_named_as_such(tiny_dirs, data_dir, tmp_path, capfd):

@@ -316,6 +316,19 @@ def test_rerun_skips_unchanged_stages_and_continues_a_killed_one(quick: Path, ca
         assert f"== {name}: unchanged, skipped" in err
 
 
+def test_a_rerun_naming_out_another_way_keeps_the_stages_model_names(quick: Path, tmp_path: Path, capsys) -> None:
+    """The stages name the models they evaluate by their paths under --out (merged LMs, carriers, checkpoints), and
+    probe.eval labels its rows by them: a finished run rerun with --out spelt otherwise (absolute for relative, here
+    through a link) stopped at the report (exit 2, "no single row for LINK/merge/average"), and a killed eval stage
+    was refused as a run of other models. The run keeps the spelling its replicate.json records."""
+    link = tmp_path / "link"
+    link.symlink_to(quick)
+    built = (quick / "report.md").read_text()
+    assert replicate_in_root("--quick", "--quiet", "--only", "report", "--out", str(link)) == 0, capsys.readouterr().err
+    assert (quick / "report.md").read_text() == built
+    assert json.loads((quick / "replicate.json").read_text())["out"] == str(quick)
+
+
 def test_only_rebuilds_the_report_from_what_the_stages_now_hold(quick: Path, capsys) -> None:
     """--only table4 table5 reran those stages and ended with "report: DIR/report.md", but the report stage was
     skipped: report.md kept the Table 4/5 numbers of the earlier run (and described the earlier config)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from probe.errors import ArgParser
+from probe.errors import ArgParser, out_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -12,7 +12,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="regenerate data and organisms (deterministic on one machine; another CPU "
                        "rounds differently and trains other weights)")
-    b.add_argument("--out", type=Path, required=True, metavar="DIR",
+    b.add_argument("--out", type=out_dir, required=True, metavar="DIR",
                    help="where data/, organism-*/ and quality.json are written")
     b.add_argument("--quick", action="store_true", help="tiny data and few steps (CI smoke test)")
     b.add_argument("--steps", type=int, default=None, help="override the training steps of every organism")
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
                    "when an organism misses the 90 %% bar on its own modality")
     d = sub.add_parser("data", help="fresh MMMU-format items of the organisms' tasks, none of them a validation "
                        "item of any set (e.g. a train split to fine-tune on; the shipped sets are validation only)")
-    d.add_argument("--out", type=Path, required=True, metavar="DIR",
+    d.add_argument("--out", type=out_dir, required=True, metavar="DIR",
                    help="where text/, image/, image_single/ and video/ are written (must not exist yet)")
     d.add_argument("--n", type=int, default=24, help="items per subject (default: 24)")
     d.add_argument("--seed", type=int, default=1,
