@@ -534,7 +534,6 @@ def weights_dtype(placement: Any, lora: int | None) -> str:
     return "bfloat16" if lora is not None and placement.dtype == "bfloat16" else "float32"
 
 
-@releases_claims
 def check_launch(cfg: FinetuneConfig, placement: Any, world: int, tcfg: Any) -> None:
     """How the run is launched (processes, FSDP, accelerate's settings, the device spread), checked before the
     model loads and checkpoint-0 is written."""
@@ -647,6 +646,7 @@ def append_log(log_path: Path, info: Any, modality_of: dict[int, str], cfg: Fine
                                 info.tokens])
 
 
+@releases_claims
 def run_finetune(cfg: FinetuneConfig) -> Path:
     from probe.devices import rank_world, resolve_placement
     from probe.heads import check_same_software, saved_run_info, versions
