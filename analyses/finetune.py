@@ -714,7 +714,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     resume = (read_state(resumable[start] / STATE, state_location(world, cfg.fsdp, placement.device)) if start
               else None)
     print(placement.description, file=sys.stderr)  # after the last check: a refusal stays one line
-    from analyses.salience import EVALUATION_SPLITS
+    from probe.mmmu import EVALUATION_SPLITS
 
     if cfg.split in EVALUATION_SPLITS and rank_world()[0] == 0:  # probe.eval's default split (until 2026-12-05 silent)
         print(f"warning: --split {cfg.split} trains on the items probe.eval scores by default: checkpoints evaluated "

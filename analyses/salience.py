@@ -12,7 +12,6 @@ import csv
 import json
 import math
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -66,6 +65,8 @@ def check_run_model(run_dir: Path, who: str, participants: dict[str, Path]) -> d
     if plan.get("method") == "attribution":  # DESIGN §4: a first-order estimate, not the sweep
         warnings.append(f"salience run {run_dir} is an attribution-patching estimate (probe.heads --method "
                         f"attribution), not the exact sweep; {who}'s head weights follow it")
+    from probe.mmmu import EVALUATION_SPLITS
+
     split = (plan.get("settings") or {}).get("split") if isinstance(plan.get("settings"), dict) else None
     record["split"] = split
     if split in EVALUATION_SPLITS:  # probe.heads' default: the weights are tuned on the items a user then scores
@@ -73,11 +74,6 @@ def check_run_model(run_dir: Path, who: str, participants: dict[str, Path]) -> d
                         f"weights are set by those items, so this merge scored on them is not a held-out result "
                         f"(sweep a training split: probe.heads --split train)")
     return record | {"warnings": warnings}
-
-
-# splits that evaluation reads (probe.eval's and probe.heads' default is "validation"): a salience run of one of them
-# tunes the merge on the items it would be scored on
-EVALUATION_SPLITS = frozenset({"validation", "test", "val", "eval"})
 
 
 def check_measured_model(run_dir: Path, who: str, participants: dict[str, Path], measured: str,

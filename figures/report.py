@@ -219,8 +219,6 @@ def draw_figure2(r: Replication, dest: Path) -> list[Path]:
 
 
 def _figure2_page(r: Replication, models: list[str]):
-    import numpy as np
-
     from figures.heads import _grid, centred_limits, clip_note, extend_for, kl_limit
 
     # one column of two heatmaps per model, wrapped into rows on a page (4 models: 2 × 2)

@@ -25,6 +25,9 @@ from probe.errors import BadInput, error_reason
 MAX_IMAGES = 7
 REQUIRED_COLUMNS = ("id", "question", "options", "answer", "question_type")
 QUESTION_TYPES = ("multiple-choice", "open")  # MMMU's two values; anything else is refused, not guessed
+# splits that evaluation reads (probe.eval's and probe.heads' default is validation): tuning on one (a salience
+# sweep, fine-tuning) uses the items a merge or checkpoint is then scored on
+EVALUATION_SPLITS = frozenset({"validation", "test", "val", "eval"})
 _IMAGE_REF = re.compile(r"<image (\d+)>")
 VIDEO_REF = "<video>"
 _HUB_REPO = "MMMU/MMMU"
