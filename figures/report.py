@@ -338,7 +338,7 @@ def build(r: Replication, figdir: Path) -> Doc:
 
     # merges
     d.h(2, "The merges")
-    d.p(merges_paragraph(cfg["merge"], cfg.get("heads")))
+    d.p(merges_paragraph(cfg["merge"], cfg.get("heads"), cfg["eval"]["split"]))
     pngs = _copy_pages(r.out / "merge" / "salience" / "merge_heads.png", figdir / "salience.png") \
         if r.complete("merge") else []
     for png in pngs:
@@ -465,12 +465,13 @@ SALIENCE_METRIC_LABELS = {"kl": "mean KL", "accuracy_drop": "accuracy drop",
                           "prob_accuracy_drop": "probability-accuracy drop"}
 
 
-def merges_paragraph(m: dict, heads: dict | None = None) -> str:
+def merges_paragraph(m: dict, heads: dict | None = None, eval_split: str = "validation") -> str:
     """What the merge stage ran, from its config: only the configured methods, and the salience merge with the
     metric and base rule it used (a fixed sentence described salience and TIES merges a run had not made). With
-    ``heads`` (the config's heads section) whose sweeps read the evaluation sets (heads.data = "eval", as
-    paper-7b.toml's Figure 2 on MMMU validation does), it says that the salience rows are scored on the items
-    that set the salience merge's weights (until 2026-12-05 the report did not say so)."""
+    ``heads`` (the config's heads section) whose sweeps read the evaluation sets in the split they are scored on
+    (heads.data = "eval" and heads.split = ``eval_split``, as paper-7b.toml's Figure 2 on MMMU validation does),
+    it says that the salience rows are scored on the items that set the salience merge's weights (until 2026-12-05
+    the report did not say so); a sweep of those sets' other split (MMMU's dev) is held out."""
     said = ["Eq. 1 averages the base and every expert",
             f"Eq. 4 (α0 = {m['alpha0']:g}, τ = {m['temperature']:g}) weights the experts by softmax(Δavg/τ)"]
     if "salience" in m["methods"]:
@@ -482,7 +483,8 @@ def merges_paragraph(m: dict, heads: dict | None = None) -> str:
     if "ties" in m["methods"]:
         said.append(f"TIES trims each task vector to {m['density']:g} of its entries (λ = {m['lam']:g})")
     text = "; ".join(said) + ". Each merged LM is also transplanted into every expert's carrier."
-    if "salience" in m["methods"] and heads is not None and heads.get("data") != "generated":
+    if "salience" in m["methods"] and heads is not None and heads.get("data") == "eval" \
+            and heads.get("split") == eval_split:
         tables = "Tables 4 and 5" if m["salience_base"] else "Table 5"
         text += (f" **Not held out:** the salience sweeps ran on the evaluation sets themselves (heads.data = "
                  f"\"{heads.get('data')}\", split {heads.get('split')}), so the salience merge's rows of {tables} are "
