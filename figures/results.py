@@ -25,6 +25,7 @@ class EvalRun:
     scores: pd.DataFrame
     metric: str  # accuracy, or prob_accuracy for a --no-generate run
     data_names: dict[str, str]  # data spec as given → name in scores.csv
+    info: dict[str, Any]  # its run.json
 
     @staticmethod
     def read(d: Path) -> "EvalRun":
@@ -33,13 +34,14 @@ class EvalRun:
         if not (d / "scores.csv").is_file() or not (d / "run.json").is_file():
             raise BadInput(f"{d}: no scores.csv / run.json (the stage has not completed)")
         s = read_scores(d)
+        info = read_json(d / "run.json")
         try:
-            plan = read_json(d / "run.json")["plan"]
+            plan = info["plan"]
             metric = "accuracy" if plan["settings"]["generate"] else "prob_accuracy"
             names = {x["spec"]: x["name"] for x in plan["data"]}
         except (KeyError, TypeError):
             raise BadInput(f"{d / 'run.json'}: not a probe.eval run.json (no plan with settings and data)") from None
-        return EvalRun(d, s, metric, names)
+        return EvalRun(d, s, metric, names, info)
 
     @property
     def diff_columns(self) -> tuple[str, str, str]:
@@ -51,21 +53,27 @@ class EvalRun:
         """``model`` minus ``reference`` on a data set, in this run's metric, paired over the items both answered:
         the ``probe.stats.Interval`` ``probe.eval --reference`` would report (its seed, the set's bootstrap stream), from
         items.parquet, so any two models of a saved run compare as the reference does."""
-        from probe.eval import ITEM_COLUMNS, DataSet, paired_differences
-        from probe.results import read_part
+        from probe.eval import DataSet, paired_differences
 
-        info = read_json(self.dir / "run.json")
         try:
-            ds = next(DataSet(**x) for x in info["plan"]["data"] if x["spec"] == data_spec)
-            seed = int(info["seed"])
+            ds = next(DataSet(**x) for x in self.info["plan"]["data"] if x["spec"] == data_spec)
+            seed = int(self.info["seed"])
         except (KeyError, TypeError, ValueError, StopIteration):
             raise BadInput(f"{self.dir / 'run.json'}: no seed, or no data set {data_spec} in its plan") from None
-        items = read_part(self.dir / "items.parquet", ITEM_COLUMNS)
+        items = self.items
         mine, ref = ((items[(items["model"] == m) & (items["data"] == ds.name)]) for m in (model, reference))
         if not len(mine) or not len(ref):
             raise BadInput(f"{self.dir}/items.parquet: no items of {model if not len(mine) else reference} on "
                            f"{data_spec}")
         return paired_differences(mine, ref, seed, ds.stream)[0][self.metric]
+
+    @cached_property
+    def items(self) -> pd.DataFrame:
+        """items.parquet, read once (``paired`` asks it per model pair and data set)."""
+        from probe.eval import ITEM_COLUMNS
+        from probe.results import read_part
+
+        return read_part(self.dir / "items.parquet", ITEM_COLUMNS)
 
     def row(self, model: str, data_spec: str) -> Any:
         """The 'all' row of a model on a data set (by the spec the replicate config gave)."""
