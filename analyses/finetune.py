@@ -20,6 +20,7 @@ weights stop being finite stops with exit 2 before it writes a checkpoint of the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -651,7 +652,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     from probe.devices import rank_world, resolve_placement
     from probe.heads import check_same_software, saved_run_info, versions
     from probe.models import model_fingerprint, resolve_model
-    from probe.results import atomic_write_json, atomic_write_with, claim_out_dir
+    from probe.results import atomic_write_json, atomic_write_with, claim_out_dir, stop_recorded
     from probe.train import TrainConfig, check_finite_weights, encode, is_main_process
     from probe.train import train as train_loop
     from probe.train import wait_for_everyone
@@ -774,15 +775,14 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
                 save_checkpoint(loaded, source, out / f"checkpoint-{info.step}", gathered, weights=weights)
             loaded.model.train()
 
-    try:
-        train_loop(loaded, rows, tcfg, log=lambda m: None, sampler=mixed_sampler(offsets, cfg.mix), on_step=on_step,
-                   resume=resume)
-    except (BadInput, RunStopped) as exc:  # diverged, or a check stopped it: run.json says so ("running" reads
-        bar.close()  # as a kill, to resume)
-        if writer:
-            diverged = isinstance(exc, BadInput)
-            finish(out, run_info, "failed" if diverged else "stopped",
-                   error=str(exc) if diverged else f"{type(exc).__name__}: {exc}")
+    try:  # a check that stops the run (RunStopped) says so in run.json, as in probe.heads and probe.eval
+        with stop_recorded(out, run_info) if writer else contextlib.nullcontext():
+            train_loop(loaded, rows, tcfg, log=lambda m: None, sampler=mixed_sampler(offsets, cfg.mix),
+                       on_step=on_step, resume=resume)
+    except (BadInput, RunStopped) as exc:
+        bar.close()
+        if writer and isinstance(exc, BadInput):  # diverged: run.json says so ("running" reads as a kill, to resume)
+            finish(out, run_info, "failed", error=str(exc))
         raise
     bar.close()
     if not writer:
