@@ -16,7 +16,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import torch
 
@@ -154,12 +154,14 @@ def build_data(root: Path, sizes: dict[str, int], seed: int = 0, held_out: str |
     return out
 
 
-def split_keys(dirs: Iterable[Path], split: str) -> set[tuple]:
-    """The ``item_key`` of every item of ``split`` in the MMMU-layout ``dirs``."""
+def split_keys(dirs: Iterable[Path], split: str,
+               keys: Sequence[Callable[[dict[str, Any]], tuple | None]] | None = None) -> set[tuple]:
+    """The ``item_key`` (or each of ``keys``; a None key is no key) of every item of ``split`` in the MMMU-layout
+    ``dirs``."""
     import pyarrow.parquet as pq
 
-    return {item_key(r) for d in dirs for f in sorted(d.glob(f"*/{split}-*.parquet"))
-            for r in pq.read_table(f).to_pylist()}
+    rows = [r for d in dirs for f in sorted(d.glob(f"*/{split}-*.parquet")) for r in pq.read_table(f).to_pylist()]
+    return {k for key in keys or (item_key,) for k in map(key, rows) if k is not None}
 
 
 def drop_items(d: Path, split: str, held: set[tuple], n: int | None = None) -> list[str]:
@@ -237,13 +239,9 @@ _SHAPE_WORDS = re.compile(rf"\b({'|'.join(tasks_image.COLOUR_OPTIONS)}) ({'|'.jo
 def held_out_keys() -> set[tuple]:
     """The items of the shipped validation sets, every modality (what every report is measured on): their
     ``item_key`` and their ``content_key`` (a near-duplicate of a validation item is held out with it)."""
-    import pyarrow.parquet as pq
-
     from probe.zoo import validation_dir
 
-    rows = [r for m in MODALITY_SUBJECTS for f in sorted(validation_dir(m).glob("*/validation-*.parquet"))
-            for r in pq.read_table(f).to_pylist()]
-    return {item_key(r) for r in rows} | {k for k in map(content_key, rows) if k is not None}
+    return split_keys(map(validation_dir, MODALITY_SUBJECTS), "validation", (item_key, content_key))
 
 
 def build_fresh_data(root: Path, n: int, seed: int, split: str = "train") -> dict[str, Path]:
