@@ -135,6 +135,7 @@ def exact_legend(cells: list[tuple[str, EvalRun, str, str]]) -> str | None:
     """The legend of a table's † cells (a rate of 0 % or 100 %, whose bootstrap interval has zero width however few
     the items): each one's exact 95 % interval (probe.stats.reported_interval), as table.md's note and the eval
     figure beside the table give it. ``cells``: (label, run, model, data spec) of every cell of the table."""
+    from probe.eval import ALIKE_MARK
     from probe.stats import reported_interval
 
     exact = []
@@ -144,8 +145,7 @@ def exact_legend(cells: list[tuple[str, EvalRun, str, str]]) -> str | None:
         if r["n_items"] and v in (0.0, 1.0):  # the cells probe.eval's _cell marks †
             lo, hi = reported_interval(v, r[f"{run.metric}_lo"], r[f"{run.metric}_hi"], r["n_items"])
             exact.append(f"{label} [{100 * lo:.1f}, {100 * hi:.1f}]")
-    return ("† every item right (or every item wrong): the bootstrap interval has zero width however few the items; "
-            "exact 95 % Clopper-Pearson intervals: " + "; ".join(exact) + ".") if exact else None
+    return f"{ALIKE_MARK}; exact 95 % Clopper-Pearson intervals: {'; '.join(exact)}." if exact else None
 
 
 def mix_text(mix: dict[str, float]) -> str:

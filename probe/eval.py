@@ -402,6 +402,10 @@ def alike_diff_note(diffs: dict[str, Any], n_paired: int | None) -> str:
                      "interval: nothing to resample)" for m, iv in diffs.items() if n_paired and iv.lo == iv.hi)
 
 
+# what a † beside a cell means (table.md's legend, and the replication report's)
+ALIKE_MARK = "† every item right (or every item wrong): the bootstrap interval has zero width however few the items"
+
+
 def _cell(r: Any, metric: str, n_lost: int = 0) -> str:
     if r.n_items == 0:
         return "n/a"
@@ -457,8 +461,7 @@ def write_results(out: Path, items: Any, scores: Any, plan: EvalPlan) -> None:
     # MMMU's own scores count open-ended items too: a set's "(N items)" is not its size when some were left out
     skipped = [f"- {ds.name}: {ds.n_skipped_open} open-ended items skipped; scores are over its {ds.n_items} "
                "multiple-choice items\n" for ds in plan.data if ds.n_skipped_open]
-    alike = [("- † every item right (or every item wrong): the bootstrap interval has zero width however few the "
-              "items; scores.csv's note gives the exact 95 % (Clopper-Pearson) interval\n")
+    alike = [f"- {ALIKE_MARK}; scores.csv's note gives the exact 95 % (Clopper-Pearson) interval\n"
              ] if scores[metric].isin([0.0, 1.0]).any() else []
     text = (f"# Evaluation: {title} in %, 95 % bootstrap interval\n\n{markdown_table(scores, plan, metric)}\n\n"
             + "".join(f"- n/a: {n.removeprefix('not applicable: ')}\n" for n in whole) + "".join(part)
