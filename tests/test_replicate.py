@@ -654,6 +654,77 @@ def test_bad_config_exits_2_naming_the_key_and_writes_nothing(tmp_path: Path, ca
     _assert_refused(tmp_path, capsys, edit(DEFAULT_CONFIG.read_text()), key)
 
 
+def _with(cfg, section: str | None = None, **changes):
+    """The parsed default config with keys of one section (or the top level) replaced."""
+    import dataclasses
+
+    if section is None:
+        return dataclasses.replace(cfg, **changes)
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **changes)})
+
+
+@pytest.mark.parametrize("section, changes, message", [
+    ("models", {"experts": []}, "'models.experts': give at least one"),
+    ("models", {"experts": ["organism-vl", "organism-vl", "organism-video"]}, "'models.experts': a model is listed"),
+    ("models", {"experts": ["organism-base", "organism-ov-si", "organism-video"]}, "'models.experts': a model is"),
+    ("models", {"own": ["image", "video"]}, "'models.own': give one [data] label per expert (3)"),
+    ("models", {"paper": ["Qwen2-VL-7B-Instruct"]}, "'models.paper': give one paper model per expert (3)"),
+    ("models", {"own": ["image", "audio", "video"]}, "'models.own[1]': 'audio' is not a label in [data]"),
+    ("eval", {"text": "prose"}, "'eval.text': 'prose' is not a label"),
+    ("eval", {"limit": 0}, "'eval.limit': must be ≥ 1"),
+    ("heads", {"limit": -3}, "'heads.limit': must be ≥ 1"),
+    ("finetune", {"eval_limit": 0}, "'finetune.eval_limit': must be ≥ 1"),
+    ("eval", {"batch_size": 0}, "'eval.batch_size': must be ≥ 1"),
+    ("heads", {"batch_size": -1}, "'heads.batch_size': must be ≥ 1"),
+    ("finetune", {"batch_size": 0}, "'finetune.batch_size': must be ≥ 1"),
+    ("finetune", {"steps": 0}, "'finetune.steps': must be ≥ 1"),
+    (None, {"seed": 2**32}, "'seed': must be in 0 .. 2^32 - 1"),
+    ("train", {"generate": -1}, "'train.generate': must be ≥ 0"),
+    ("train", {"generate": 0}, "'train.data': give training sets"),
+    ("heads", {"data": "train"}, "'heads.data': 'eval' or 'generated', got 'train'"),
+    ("merge", {"methods": ["average", "shift", "dare"]}, "'merge.methods': choose from"),
+    ("merge", {"methods": []}, "'merge.methods': choose from"),
+    ("merge", {"methods": ["average", "ties"]}, "'merge.methods': must include 'shift'"),
+    ("merge", {"salience_metric": "entropy"}, "'merge.salience_metric': kl, accuracy_drop"),
+    ("merge", {"alpha0": 1.5}, "'merge.alpha0': must be in [0, 1]"),
+    ("merge", {"temperature": 0.0}, "'merge.temperature': must be > 0"),
+    ("trajectory", {"perplexity": -1.0}, "'trajectory.perplexity': must be > 0"),
+    ("merge", {"density": 0.0}, "'merge.density': must be in (0, 1]"),
+    ("finetune", {"lr": 0.0, "lm_lr": 0.0}, "'finetune.lm_lr': finetune.lr and finetune.lm_lr are both 0"),
+    ("finetune", {"warmup": 200}, "'finetune.warmup': must be ≥ 0 (0: no warm-up) and below finetune.steps (200)"),
+    ("finetune", {"carrier": "organism-base"}, "'finetune.carrier': 'organism-base' is not one of models.experts"),
+    ("finetune", {"runs": {}}, "'finetune.runs': give at least one run"),
+    ("finetune", {"runs": {"mixed": {"text": 0.0}}}, "'finetune.runs.mixed': give positive weights"),
+    ("finetune", {"runs": {"mixed": {}}}, "'finetune.runs.mixed': give positive weights"),
+    ("finetune", {"save_steps": [0, 250]}, "'finetune.save_steps': [250] outside 0..200"),
+    ("finetune", {"eval_data": ["text", "audio"]}, "'finetune.eval_data[1]': 'audio' is not a label"),
+])
+def test_each_config_range_and_cross_reference_is_checked(section, changes, message) -> None:
+    """check_values's refusals, one key at a time on the shipped default (which passes): the message names the key,
+    and nothing else in the config is at fault (the unchanged default is the control)."""
+    from analyses.replicate_config import check_values
+
+    cfg = parse_config(DEFAULT_CONFIG)
+    check_values(cfg)
+    with pytest.raises(BadInput) as err:
+        check_values(_with(cfg, section, **changes))
+    assert str(err.value).startswith(f"config key {message}")
+
+
+def test_heads_on_generated_items_needs_each_label_generated() -> None:
+    """heads.data = 'generated' sweeps each expert on its own training items: a label the generator does not
+    write (a [data] set named otherwise) is refused, naming the key."""
+    from analyses.replicate_config import check_values
+
+    cfg = parse_config(DEFAULT_CONFIG)
+    renamed = _with(_with(cfg, data=cfg.data | {"pictures": cfg.data["image"]}), "models",
+                    own=["pictures", "image_single", "video"])
+    with pytest.raises(BadInput, match=r"^config key 'models.own\[0\]': heads.data = 'generated' has no 'pictures'"):
+        check_values(renamed)
+    with pytest.raises(BadInput, match=r"^config key 'heads.data': 'generated' needs train.generate > 0"):
+        check_values(_with(_with(cfg, "train", generate=0, data={"text": "x"}), "heads", data="generated"))
+
+
 def test_a_data_set_without_the_eval_split_is_refused_up_front(tmp_path: Path, capsys) -> None:
     """A set converted under another split name (probe.convert mmlu-pro without --out-split validation) passed the
     config check when no heads or table5 job read it, and stopped the table3 stage; now its key is named first."""
