@@ -377,3 +377,45 @@ def test_a_model_whose_attention_runs_another_kernel_than_asked_is_refused(famil
     monkeypatch.setattr(cls, "from_pretrained", classmethod(falls_back))
     with pytest.raises(UpstreamChanged, match=r"decoder layer 0's attention \(\w+\) runs 'eager', not the 'sdpa'"):
         models.load_model(ref, attn_implementation="sdpa")
+
+
+class _Shrinks(torch.nn.Module):
+    """A 'decoder layer' from a release whose layers return something else than the residual they were given."""
+
+    def forward(self, hidden_states, position_ids=None, past_key_values=None, use_cache=False):
+        return (hidden_states[:, :-1],)
+
+
+class _NoWeights(torch.nn.Module):
+    def forward(self, x):
+        return x
+
+
+def test_each_calling_convention_guard_names_what_changed():
+    """The guards on how layers, caches, rotary embeddings and LM heads are called, each made to fire by a module
+    or output built as a future release might hand it over (none of these happens on the tested releases, so the
+    families' own tests never reach them): each stops the run with UpstreamChanged naming the change."""
+    from types import SimpleNamespace
+
+    from probe.upstream import (LayerCall, PositionWatch, UpstreamChanged, call_layer, check_decode_position,
+                                check_head_positions, logits_at, module_device, output_cache, record_layer_call)
+
+    hidden = torch.zeros(1, 3, 8)
+    with pytest.raises(UpstreamChanged, match="called without its hidden states"):
+        record_layer_call((), {"position_ids": torch.arange(3)})  # the residual under a new keyword
+    assert record_layer_call((), {"hidden_states": hidden}).hidden is hidden  # the keyword it has today
+    with pytest.raises(UpstreamChanged, match=r"_NoWeights has no weights and no accelerate hook"):
+        module_device(_NoWeights())
+    with pytest.raises(UpstreamChanged, match=r"a decoder layer returned Tensor \(1, 2, 8\) for input \(1, 3, 8\)"):
+        call_layer(_Shrinks(), hidden, LayerCall(hidden, {}), None)
+    with pytest.raises(UpstreamChanged, match="returned no KV cache although use_cache=True"):
+        output_cache(SimpleNamespace(logits=hidden, kv=object()))
+    with pytest.raises(UpstreamChanged, match=r"_NoWeights was called without position ids"):
+        PositionWatch._hook(SimpleNamespace(last=None), _NoWeights(), (hidden,), {})
+    watch = SimpleNamespace(last=None)  # a decoding step on which no rotary embedding ran
+    with pytest.raises(UpstreamChanged, match="rotary embedding did not run on a decoding step"):
+        check_decode_position(watch, torch.tensor([[4]]), step=1)
+    with pytest.raises(UpstreamChanged, match="did not run as modules in the forward"):
+        check_head_positions({"hidden": hidden}, [2])  # the head's input never seen
+    with pytest.raises(UpstreamChanged, match=r"Linear has no get_decoder\(\) / get_output_embeddings\(\)"):
+        logits_at(torch.nn.Linear(8, 8), {"input_ids": torch.zeros(1, 3, dtype=torch.long)}, [2])
