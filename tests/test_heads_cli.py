@@ -316,6 +316,32 @@ def test_a_resume_with_nothing_to_compute_is_refused_while_another_command_holds
     assert (out / "heads.csv").read_bytes() == (base_run / "heads.csv").read_bytes()
 
 
+def test_a_run_json_written_between_the_check_and_the_claim_is_refused(tmp_path):
+    """Two runs into one empty --out: both pass the check of the saved run.json before either writes one; the later
+    to take the lock then finds the other's run.json and must stop rather than mix its parts in. The same run
+    (a resume of it) goes on; its claim is then freed."""
+    import json
+
+    from conftest import lock_held_elsewhere
+    from probe.errors import BadInput
+    from probe.results import claim_out_dir, claimed, release_claims
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"fingerprint": "theirs", "status": "running"}))
+    keep = claimed()
+    try:
+        with pytest.raises(BadInput, match=rf"^--out {out} now holds a different run, started while this one was "
+                                           "preparing; use another --out$"):
+            claim_out_dir(out, "ours")
+        claim_out_dir(out, "theirs")
+    finally:
+        release_claims(keep)
+    assert json.loads((out / "run.json").read_text())["fingerprint"] == "theirs"  # left as the other run wrote it
+    with lock_held_elsewhere(out):  # freed: another process can take the dir
+        pass
+
+
 @pytest.mark.parametrize("software", ["transformers", "omniprobe_code"])
 def test_a_resume_under_other_library_versions_is_refused(base_run, data_dir, tmp_path, capfd, software):
     """A torch or transformers upgrade (or an edit of omniprobe's own code, whose version number stays 0.1.0)
