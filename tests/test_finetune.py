@@ -2154,3 +2154,33 @@ def test_training_on_an_evaluation_split_warns(split, warned, tmp_path, capfd):
     err = capfd.readouterr().err
     assert (f"warning: --split {split} trains on the items probe.eval scores" in err) == warned, err
     assert (tmp_path / "ft" / "checkpoint-1").is_dir()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"lr": -1e-4}, "lr = -0.0001: must be a finite number ≥ 0"),
+    ({"lm_lr": float("nan")}, "lm_lr = nan: must be a finite number ≥ 0"),
+    ({"projector_lr": 1e39}, "projector_lr = 1e+39: must be a finite number ≥ 0 (within float32's range)"),
+    ({"weight_decay": float("inf")}, "weight_decay = inf"),
+    ({"clip": 0.0}, "clip = 0.0: must be a finite number > 0"),
+    ({"clip": float("nan")}, "clip = nan"),
+    ({"min_lr_fraction": 1.5}, "settings min_lr_fraction = 1.5, betas = (0.9, 0.98): must lie in [0, 1] and [0, 1)"),
+    ({"betas": (0.9, 1.0)}, "settings min_lr_fraction = 0.05, betas = (0.9, 1.0): must lie in"),
+    ({"steps": 0}, "steps = 0: must be ≥ 1"),
+    ({"batch": 0}, "batch = 0: must be ≥ 1"),
+    ({"log_every": 0}, "log_every = 0: must be ≥ 1"),
+    ({"warmup": -1}, "warmup = -1: must be ≥ 0"),
+    ({"seed": -1}, "seed = -1: must be ≥ 0"),
+    ({"micro_batch": 0}, "micro_batch = 0: must be ≥ 1"),
+    ({"schedule": "linear"}, "settings schedule = 'linear', autocast = None: schedule is 'cosine' or"),
+    ({"autocast": "float16"}, "settings schedule = 'cosine', autocast = 'float16': schedule is"),
+])
+def test_every_training_setting_out_of_range_is_refused_when_the_config_is_made(change, message):
+    """TrainConfig refuses each setting that would train to NaN weights, climb the loss or never step, for every
+    caller at once (analyses.finetune, analyses.replicate, the organisms' recipes); the defaults pass."""
+    from probe.errors import BadInput
+    from probe.train import TrainConfig
+
+    TrainConfig(steps=1, lr=1e-4, lm_lr=1e-4)
+    with pytest.raises(BadInput) as err:
+        TrainConfig(**({"steps": 1, "lr": 1e-4, "lm_lr": 1e-4} | change))
+    assert str(err.value).startswith(f"training {message if message.startswith('settings') else 'setting ' + message}")
