@@ -63,7 +63,8 @@ def clean_pass(loaded: LoadedModel, inputs: dict[str, torch.Tensor], keep_cache:
             calls[i] = record_layer_call(args, kw, devices[i])
             if i > 0:
                 if i - 1 not in previous:
-                    raise RuntimeError(f"clean pass: layer {i} started before layer {i - 1} returned")
+                    raise UpstreamChanged(f"decoder layer {i} started before layer {i - 1} returned: the model no "
+                                          "longer runs its layers one after another, as the exact engine replays them")
                 out = previous.pop(i - 1).to(calls[i].hidden.device)
                 if not torch.equal(calls[i].hidden, out):
                     injected[i - 1] = calls[i].hidden - out
@@ -92,7 +93,8 @@ def clean_pass(loaded: LoadedModel, inputs: dict[str, torch.Tensor], keep_cache:
         for h in handles:
             h.remove()
     if any(c is None for c in calls) or n - 1 not in previous:
-        raise RuntimeError("clean pass did not run every decoder layer")
+        raise UpstreamChanged(f"the model's forward did not run each of its {n} decoder layers (as modules, "
+                              "through their own forward) as the exact engine replays them")
     clean = CleanPass(calls, injected, output_cache(out) if keep_cache else None, out.logits[0, -1], previous[n - 1],
                       watch.last if keep_cache else None)
     check_lm_tail(loaded, clean)

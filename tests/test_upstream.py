@@ -419,3 +419,26 @@ def test_each_calling_convention_guard_names_what_changed():
         check_head_positions({"hidden": hidden}, [2])  # the head's input never seen
     with pytest.raises(UpstreamChanged, match=r"Linear has no get_decoder\(\) / get_output_embeddings\(\)"):
         logits_at(torch.nn.Linear(8, 8), {"input_ids": torch.zeros(1, 3, dtype=torch.long)}, [2])
+
+
+@pytest.mark.parametrize("order", ["skips_the_last", "swaps_the_first_two"])
+def test_a_model_that_runs_its_layers_otherwise_stops_the_exact_engine(order, load_tiny):
+    """The exact engine replays layer i + 1 on layer i's output: a release whose forward skips a layer (early exit)
+    or runs them in another order would pair each layer with another's residual. The clean pass stops the run with
+    UpstreamChanged (one line, exit 1) instead of a RuntimeError traceback."""
+    from probe.exact import clean_pass
+    from probe.upstream import UpstreamChanged
+
+    loaded = load_tiny("qwen2")
+    parent = loaded.model.get_submodule(loaded.family.layers_path.rpartition(".")[0])
+    name = loaded.family.layers_path.rpartition(".")[2]
+    layers = getattr(parent, name)
+    changed = list(layers)[:-1] if order == "skips_the_last" else [layers[1], layers[0], *list(layers)[2:]]
+    want = ("did not run each of its" if order == "skips_the_last" else "decoder layer 1 started before layer 0")
+    setattr(parent, name, torch.nn.ModuleList(changed))
+    try:
+        with pytest.raises(UpstreamChanged, match=want):
+            clean_pass(loaded, text_inputs(loaded), keep_cache=False)
+    finally:
+        setattr(parent, name, layers)
+    clean_pass(loaded, text_inputs(loaded), keep_cache=False)  # restored: the same model runs as before
