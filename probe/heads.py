@@ -60,10 +60,10 @@ def default_data_for(model_spec: str) -> Path:
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    """Show defaults only where they say something (not None / False)."""
+    """Show defaults only where they say something (not None / False; a default of 0 is shown)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default in (None, False) or "default:" in (action.help or ""):
+        if action.default is None or action.default is False or "default:" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
