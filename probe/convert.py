@@ -540,19 +540,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "<split>-00000-of-00001.parquet); other splits already there stay")
     p.add_argument("--split", default=None, help="the source split to read (MMLU: validation has 1,531 items, "
                    "test 14,042; MMLU-Pro: test 12,032, validation 70; MMMLU: test; GPQA: train, its only one; "
-                   "Video-MME: test only) [" + ", ".join(f"{k}: {v}" for k, v in SPLITS.items()) + "]")
+                   "Video-MME: test only) (default: " + ", ".join(f"{k}: {v}" for k, v in SPLITS.items()) + ")")
     p.add_argument("--out-split", default=None, help="the split name to write it as (default: --split); "
                    "analyses.replicate reads one eval split for every set, so e.g. --split test --out-split "
                    "validation")
-    p.add_argument("--frames", type=int, default=16, help="video-mme: frames per video, uniform in time [16]")
-    p.add_argument("--max-side", type=int, default=448, help="video-mme: longest side of a frame, pixels [448]")
+    p.add_argument("--frames", type=int, default=16, help="video-mme: frames per video, uniform in time (default: 16)")
+    p.add_argument("--max-side", type=int, default=448, help="video-mme: longest side of a frame, pixels (default: 448)")
     p.add_argument("--subject-by", choices=VIDEO_SUBJECTS, default="duration",
-                   help="video-mme: the column its items are grouped into subjects by [duration: short, medium, "
-                        "long]")
+                   help="video-mme: the column its items are grouped into subjects by (default: duration: short, "
+                        "medium, long)")
     p.add_argument("--gpqa-set", choices=GPQA_SETS, default="main", help="gpqa: which file, gpqa_<set>.csv "
-                   "(main 448 questions, diamond 198, extended 546) [main]")
+                   "(main 448 questions, diamond 198, extended 546) (default: main)")
     p.add_argument("--videos", type=Path, default=None, help="video-mme: the folder of <videoID>.mp4 (.mkv, .webm) "
-                   "files [SRC/data, SRC/video or SRC/videos]")
+                   "files (default: SRC/data, SRC/video or SRC/videos)")
     p.add_argument("--overwrite", action="store_true", help="replace this split's files in --out (only those)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p

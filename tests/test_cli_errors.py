@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import shutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +38,7 @@ def snapshot(d: Path) -> dict[str, bytes]:
 
 MODULES = ["probe.heads", "probe.eval", "probe.convert", "probe.families", "probe.synthetic", "probe.zoo.__main__", "analyses.shift", "analyses.merge",
            "analyses.trajectory", "analyses.replicate", "analyses.finetune", "figures.__main__"]
-BENCH = ["sweep", "eval", "merge", "train_step"]
+BENCH = ["sweep", "eval", "merge", "train_step", "fsdp_load", "lora_save"]
 
 
 def _main(name: str):
@@ -79,6 +80,45 @@ def test_help_states_each_default_once(name, capsys):
     for block in re.split(r"\n  (?=-)", out):
         flat = " ".join(block.split())
         assert len(re.findall(r"\(default\b", flat)) <= 1, flat
+
+
+def _parsers(name: str, monkeypatch) -> list:
+    """The parser ``name``'s main builds, and each subcommand's: caught at its parse, before anything runs."""
+    import argparse
+
+    from probe.errors import ArgParser
+
+    built = []
+
+    def caught(self, *args, **kwargs):
+        built.append(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ArgParser, "parse_known_args", caught)
+    with pytest.raises(KeyboardInterrupt):
+        _main(name)([])
+    subs = [sp for p in built for a in p._actions if isinstance(a, argparse._SubParsersAction)
+            for sp in a.choices.values()]
+    return built + subs
+
+
+@pytest.mark.parametrize("name", MODULES + BENCH)
+def test_every_option_says_what_it_does_and_its_default(name, monkeypatch):
+    """``probe.synthetic --help`` listed --seed, --image-size and --open-fraction bare (and bench/merge.py's --dtype,
+    bench/lora_save.py's --vocab-size and --rank): no meaning, no default. Every option and positional of every
+    CLI has help text, and one with a default other than None/False shows it (the shared formatter used to hide
+    a default of 0, which equals False)."""
+    import argparse
+
+    for p in _parsers(name, monkeypatch):
+        for a in p._actions:
+            if isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            where = f"{p.prog} {'/'.join(a.option_strings) or a.dest}"
+            assert a.help and a.help.strip(), f"{where} has no help text"
+            shown = " ".join((p._get_formatter()._expand_help(a) or "").split())
+            if a.default is not None and a.default is not False and a.default != []:
+                assert re.search(r"\bdefault\b", shown), f"{where} does not show its default {a.default!r}: {shown}"
 
 
 def test_a_list_option_given_twice_is_a_usage_error(capsys):
