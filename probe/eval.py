@@ -307,7 +307,7 @@ def run(args: argparse.Namespace) -> Path:
     run_info |= {"status": "complete", "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seed": args.seed,
                  "reference": args.reference, "elapsed_s_this_process": round(time.perf_counter() - t0, 3)}
     atomic_write_json(out / "run.json", run_info)
-    print((out / "table.md").read_text().split("\n\n")[1])
+    print(summary(out / "table.md"))
     print(f"results in {out}/")
     return out
 
@@ -467,6 +467,15 @@ def write_results(out: Path, items: Any, scores: Any, plan: EvalPlan) -> None:
             + "".join(f"- n/a: {n.removeprefix('not applicable: ')}\n" for n in whole) + "".join(part)
             + "".join(skipped) + "".join(alike))
     atomic_write_bytes(out / "table.md", text.encode())
+
+
+def summary(table_md: Path) -> str:
+    """What a finished run prints of its table.md: the heading (which metric: with --no-generate it is the
+    probability accuracy), the models × data sets table and the notes that say what its n/a and † cells mean; the
+    per-subject tables stay in the file."""
+    blocks = table_md.read_text().strip().split("\n\n")
+    notes = [blocks[-1]] if blocks[-1].startswith("- ") else []
+    return "\n".join([blocks[0].removeprefix("# ") + ":", blocks[1], *notes])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
