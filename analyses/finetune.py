@@ -801,7 +801,10 @@ def build_parser() -> argparse.ArgumentParser:
         "image=runs/data/image video=runs/data/video --mix 3:2:1 --steps 200 --save-steps 0 10 50 100 "
         "--out runs/ft/mixed",
         "python -m analyses.finetune --model organism-vl --data image=runs/data/image --steps 50 --lora 8 "
-        "--out runs/ft-lora"],
+        "--out runs/ft-lora",
+        "python -m probe.eval --models runs/ft/mixed/checkpoint-* --data probe/zoo/data/text --out runs/steps/text"
+        "   # Figure 3: each checkpoint scored",
+        "python -m figures steps runs/steps/text     # accuracy against steps, steps.png/pdf"],
                                 description="Small-step fine-tuning of a (merged) model on a modality mix (paper "
                                 "§6.2): checkpoint-<step>/ dirs, train_log.csv, resumable after a kill.")
     p.add_argument("--model", required=True, help="alias or HF dir (a merged carrier, an organism, a real VLM)")

@@ -659,7 +659,9 @@ def build_parser() -> argparse.ArgumentParser:
                   "python -m probe.heads --model organism-vl --out runs/heads-vl       # each expert's salience, on its "
                   "own data",
                   "python -m probe.heads --model organism-video --out runs/heads-video",
-                  "python -m analyses.merge --base organism-base --models organism-vl organism-video --method salience --salience runs/heads-vl runs/heads-video --out runs/sal"],
+                  "python -m analyses.merge --base organism-base --models organism-vl organism-video --method salience --salience runs/heads-vl runs/heads-video --out runs/sal",
+                  "python -m figures merge runs/sal     # a salience merge's head weights beside each expert's "
+                  "salience: merge_heads.png/pdf"],
         description="Merge the LLM backbones of modality-extended models (paper Eq. 1, 2, 4) and optionally "
         "transplant the merged LM into each multimodal carrier.",
     )

@@ -421,7 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m analyses.replicate", formatter_class=_Help,
         examples=["python -m analyses.replicate --out runs/paper            # the organisms, about 4 minutes on 2 CPU cores",
                   "python -m analyses.replicate --quick --out /tmp/quick      # a smoke run",
-                  "python -m analyses.replicate --config analyses/configs/paper-7b.toml --out runs/paper-7b"],
+                  "python -m analyses.replicate --config analyses/configs/paper-7b.toml --out runs/paper-7b",
+                  "python -m figures report runs/paper      # rebuild report.md/html and its figures from the saved "
+                  "stages"],
         description="Run the paper's pipeline end to end (Tables 3-5, Figures 2-4, Eq. 1/3/4, salience and TIES "
         "merges), resumably, and write DIR/report.md and DIR/report.html.")
     g = p.add_mutually_exclusive_group()

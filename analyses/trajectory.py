@@ -218,7 +218,8 @@ def run_trajectory(cfg: TrajectoryConfig) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     p = ArgParser(
         prog="python -m analyses.trajectory",
-        examples=["python -m analyses.trajectory --base organism-base --experts organism-vl organism-video --merged runs/avg --runs runs/ft/mixed runs/ft-lora --out runs/traj  # after analyses.merge's and analyses.finetune's examples"],
+        examples=["python -m analyses.trajectory --base organism-base --experts organism-vl organism-video --merged runs/avg --runs runs/ft/mixed runs/ft-lora --out runs/traj  # after analyses.merge's and analyses.finetune's examples",
+                  "python -m figures trajectory runs/traj     # redraw the figures from the saved files"],
         description="Map checkpoints in weight space: per-tensor ‖θ − θ_ref‖ and a streamed random-projection "
         "sketch of θ − θ_ref, embedded with PCA and t-SNE (paper section 6.2, Figure 4).",
     )

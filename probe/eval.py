@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m probe.eval", formatter_class=_Help,
         examples=["python -m probe.eval --models organism-base organism-vl --data probe/zoo/data/text probe/zoo/data/image",
                   "python -m probe.eval --models qwen2 runs/merged --data mmmu --reference qwen2 --out runs/eval-merge",
-                  "python -m probe.eval --models runs/ft/mixed/checkpoint-* --data probe/zoo/data/text --no-generate"],
+                  "python -m probe.eval --models runs/ft/mixed/checkpoint-* --data probe/zoo/data/text --no-generate",
+                  "python -m figures eval runs/eval      # redraw eval.png/pdf from the saved files"],
         description="Evaluate models on MMMU-format data sets (accuracy, probability accuracy, p(answer)) with "
         "seeded 95% bootstrap intervals and paired differences to a reference model.")
     p.add_argument("--models", nargs="+", required=True,

@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
         examples=["python -m probe.heads                                   # the embedded default: organism-vl on its image set",
                   "python -m probe.heads --model qwen2-vl --data mmmu --split validation --out runs/qwen2-vl",
                   "python -m probe.heads --model organism-base --data probe/zoo/data/text --layers 0-1 --no-generate",
-                  "torchrun --nproc-per-node 8 -m probe.heads --model qwen2-vl --data mmmu --batch-size 28 --out runs/qwen2-vl-mmmu"],
+                  "torchrun --nproc-per-node 8 -m probe.heads --model qwen2-vl --data mmmu --batch-size 28 --out runs/qwen2-vl-mmmu",
+                  "python -m figures heads runs/heads                      # redraw the heatmaps from the saved files"],
         description="Mask each attention head of the LLM decoder in turn and measure accuracy, "
         "probability accuracy and KL(orig||masked) on MMMU multiple-choice items.",
         formatter_class=_Help,

@@ -121,6 +121,19 @@ def test_every_option_says_what_it_does_and_its_default(name, monkeypatch):
                 assert re.search(r"\bdefault\b", shown), f"{where} does not show its default {a.default!r}: {shown}"
 
 
+@pytest.mark.parametrize("name, kind", [("probe.heads", "heads"), ("probe.eval", "eval"), ("analyses.shift", "shift"),
+                                        ("analyses.merge", "merge"), ("analyses.trajectory", "trajectory"),
+                                        ("analyses.replicate", "report"), ("analyses.finetune", "steps")])
+def test_help_says_how_its_figures_are_redrawn(name, kind, capsys):
+    """Each command that leaves figures (or, for analyses.finetune, checkpoints whose evaluations Figure 3 draws)
+    shows among its examples the ``python -m figures`` line that redraws them from its saved files; none did, and
+    a salience merge's merge_heads figure is drawn by nothing else."""
+    with pytest.raises(SystemExit):
+        _main(name)(["--help"])
+    examples = capsys.readouterr().out.split("\nexamples:\n", 1)[1]
+    assert f"  python -m figures {kind} runs/" in examples, examples
+
+
 def test_a_list_option_given_twice_is_a_usage_error(capsys):
     """argparse kept only the last of ``--data a --data b``: probe.eval ran on b alone (a text model: every row
     n/a) and exited 0. Every list option of every CLI is refused the second time; a scalar repeated stays as
