@@ -134,6 +134,49 @@ def test_help_says_how_its_figures_are_redrawn(name, kind, capsys):
     assert f"  python -m figures {kind} runs/" in examples, examples
 
 
+class _Parsed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("name", MODULES + BENCH)
+def test_every_example_in_a_help_parses(name, monkeypatch):
+    """Each ``python -m M …`` line among a command's --help examples (and in a bench script's docstring) is a
+    command line M's own parser accepts: a renamed or misspelt flag in an example fails here, not in a user's
+    shell."""
+    import shlex
+
+    from probe.errors import ArgParser
+
+    parsers = _parsers(name, monkeypatch)
+    monkeypatch.undo()
+    lines = [e for p in parsers for e in p.examples] + [
+        ln.strip() for p in parsers for ln in (p.description or "").splitlines() if ln.strip().startswith("python ")]
+    runs = []
+    for line in lines:
+        words = shlex.split(line.rstrip("\\"), comments=True)
+        words = words[:words.index(">")] if ">" in words else words  # a shell redirection
+        if any(w.startswith("[") for w in words):  # a synopsis ([--k 3] …), not a command line
+            continue
+        if "-m" in words and words[0] in ("python", "torchrun"):
+            runs.append((words[words.index("-m") + 1], words[words.index("-m") + 2:]))
+        elif words[:1] == ["python"] and words[1].startswith("bench/"):
+            runs.append((Path(words[1]).stem, words[2:]))
+    assert runs or not lines, lines
+    original = ArgParser.parse_known_args
+
+    def parsed(self, args=None, namespace=None):
+        _, extra = original(self, args, namespace)
+        assert not extra, f"{self.prog}: unrecognized {extra}"
+        raise _Parsed
+
+    monkeypatch.setattr(ArgParser, "parse_known_args", parsed)
+    for module, argv in runs:
+        main = _main(module if module in BENCH else {"figures": "figures.__main__",
+                                                     "probe.zoo": "probe.zoo.__main__"}.get(module, module))
+        with pytest.raises(_Parsed):
+            main(argv)
+
+
 def test_a_list_option_given_twice_is_a_usage_error(capsys):
     """argparse kept only the last of ``--data a --data b``: probe.eval ran on b alone (a text model: every row
     n/a) and exited 0. Every list option of every CLI is refused the second time; a scalar repeated stays as
