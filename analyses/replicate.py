@@ -477,11 +477,26 @@ def prepare(args: argparse.Namespace) -> tuple[Context, dict[str, str]]:
                     continue
                 if not (st.get("status") == "complete" and st.get("fingerprint") == stage_fps[dep]):
                     raise BadInput(f"--only {name}: it needs stage {dep!r}, which is not complete with these "
-                                   "settings; add it to --only or run without --only")
+                                   f"settings{run_with_other_config(out, cfg)}; add it to --only or run without "
+                                   "--only")
                 if gone := missing_outputs(dep, cfg, out):
                     raise BadInput(f"--only {name}: it needs stage {dep!r}, whose output {gone[0]} is gone; add "
                                    "it to --only or run without --only")
     return ctx, stage_fps
+
+
+def run_with_other_config(out: Path, cfg: ReplicateConfig) -> str:
+    """`` (DIR was run with FILE: give --config FILE, or --quick, again)`` when ``out``'s replicate.json names
+    another config file than this run's, else nothing: ``--only report`` on a ``--quick`` run without ``--quick``
+    said only that a stage was "not complete with these settings"."""
+    try:
+        saved = json.loads((out / MARKER).read_text()).get("config_file")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    if not isinstance(saved, str) or not saved or Path(saved).resolve() == Path(cfg.source).resolve():
+        return ""
+    again = "--quick" if Path(saved).resolve() == QUICK_CONFIG.resolve() else f"--config {saved}"
+    return f" ({out} was run with {saved}: give {again} again)"
 
 
 def first_spelling(out: Path) -> Path:
