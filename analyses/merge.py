@@ -37,7 +37,7 @@ from analyses.salience import SalienceWeights, check_run_model, read_salience, r
 from analyses.shift import CHUNK, read_shift_csv
 from analyses.writer import (SHARD_BYTES, Entry, ShardedWriter, atomic_dir, check_output, check_replaceable,
                              copy_side_files, parse_size, returns_finished, run_request)
-from probe.errors import TENSOR_MEMORY_HINT, ArgParser, BadInput, cli_main
+from probe.errors import TENSOR_MEMORY_HINT, ArgParser, BadInput, cli_main, in_path
 from probe.families import CAUSAL_LM, LAYOUTS, causal_lm_type, check_lm_fits_class, untie_word_embeddings
 from probe.families import lm_disk_key as layout_key
 from probe.results import json_text
@@ -676,13 +676,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha0", type=float, help="Eq. 4 weight of the base (default 0.5, as released)")
     p.add_argument("--temperature", type=float,
                    help="Eq. 4 softmax temperature tau: alpha_i = softmax(delta_avg_i / tau) (default 1e-3)")
-    p.add_argument("--shift", type=Path, dest="shift_dir", metavar="DIR",
+    p.add_argument("--shift", type=in_path, dest="shift_dir", metavar="DIR",
                    help="reuse Δavg from a python -m analyses.shift output dir instead of recomputing")
     p.add_argument("--carrier", nargs="+", default=[], dest="carriers", metavar="M",
                    help="multimodal models to receive the merged LM (written to OUT/carriers/<name>/)")
-    p.add_argument("--salience", nargs="+", type=Path, default=[], metavar="DIR",
+    p.add_argument("--salience", nargs="+", type=in_path, default=[], metavar="DIR",
                    help="salience: one complete python -m probe.heads run per --models entry, same order")
-    p.add_argument("--base-salience", type=Path, metavar="DIR",
+    p.add_argument("--base-salience", type=in_path, metavar="DIR",
                    help="salience: a probe.heads run of the base on text; then the base competes by salience "
                    "too instead of keeping --alpha0")
     p.add_argument("--salience-metric", choices=SALIENCE_METRICS,

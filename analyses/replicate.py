@@ -38,8 +38,8 @@ from analyses.checkpoints import quiet_progress
 from analyses.replicate_config import (DEFAULT_CONFIG, GENERATED, QUICK_CONFIG, ReplicateConfig, check_machine,
                                        parse_config)
 from probe.devices import Placement
-from probe.errors import (ArgParser, BadInput, check_out_apart, check_out_path, cli_main, out_dir, out_inside,
-                          releases_claims)
+from probe.errors import (ArgParser, BadInput, check_out_apart, check_out_path, cli_main, in_path, out_dir,
+                          out_inside, releases_claims)
 from probe.heads import SOFTWARE, software_differences, versions
 from probe.results import content_fingerprint, has_contents, json_digest, lock_out_dir
 
@@ -427,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the paper's pipeline end to end (Tables 3-5, Figures 2-4, Eq. 1/3/4, salience and TIES "
         "merges), resumably, and write DIR/report.md and DIR/report.html.")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--config", type=Path, default=None,
+    g.add_argument("--config", type=in_path, default=None,
                    help=f"TOML settings (default: {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[2])}, the "
                    "organisms; analyses/configs/paper-7b.toml documents the real models)")
     g.add_argument("--quick", action="store_true", help=f"the CI settings ({QUICK_CONFIG.name}): few items, few steps")

@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from probe.errors import (ArgParser, BadInput, check_counts, check_out_apart, cli_main, out_dir, releases_claims,
-                          undone_on_bad_input)
+from probe.errors import (ArgParser, BadInput, check_counts, check_out_apart, cli_main, in_path, out_dir,
+                          releases_claims, undone_on_bad_input)
 from probe.families import ALIASES
 
 DEFAULT_MODEL = "organism-vl"
@@ -171,7 +171,7 @@ def add_prompt_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-max-side", type=int, default=None,
                    help="downscale images so the longer side is at most this many pixels (default: as they are)")
     p.add_argument("--system-prompt", default=None, help="override the system prompt of the template")
-    p.add_argument("--template", type=Path, default=None,
+    p.add_argument("--template", type=in_path, default=None,
                    help="JSON file with PromptTemplate fields (system, user, choice, assistant_prefix)")
 
 

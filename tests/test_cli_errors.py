@@ -217,6 +217,24 @@ def test_a_tilde_in_out_is_the_home_dir_as_in_every_input(name, argv, tmp_path, 
     assert args.out == tmp_path / "runs" / "x"
 
 
+@pytest.mark.parametrize("name, argv, dest", [
+    ("figures.__main__", ["heads", "~/r"], "dir"), ("analyses.merge", ["--models", "a", "--shift", "~/r"], "shift_dir"),
+    ("analyses.merge", ["--models", "a", "--salience", "~/r"], "salience"),
+    ("analyses.merge", ["--models", "a", "--base-salience", "~/r"], "base_salience"),
+    ("analyses.trajectory", ["--base", "b", "--runs", "~/r"], "runs"), ("analyses.replicate", ["--config", "~/r"], "config"),
+    ("probe.heads", ["--template", "~/r"], "template"), ("probe.convert", ["mmlu", "~/r"], "src"),
+    ("probe.convert", ["mmlu", "s", "--videos", "~/r"], "videos")])
+def test_a_tilde_in_an_input_path_is_the_home_dir(name, argv, dest, tmp_path, monkeypatch):
+    """``python -m figures shift '~/runs/shift'`` said the folder was not a directory, and analyses.merge's --shift,
+    --salience and --base-salience, trajectory's --runs, replicate's --config and probe.heads' --template read a
+    folder named '~' under the working dir, while --out, --model and --data expand '~'."""
+    parser = _parsers(name, monkeypatch)[0]
+    monkeypatch.undo()
+    monkeypatch.setenv("HOME", str(tmp_path))
+    value = getattr(parser.parse_args([*argv, *([] if name.startswith("figures") else ["--out", "o"])]), dest)
+    assert value in (tmp_path / "r", [tmp_path / "r"]), value
+
+
 def test_every_cli_uses_the_shared_parser():
     found = [f"{p}:{i}" for d in ("probe", "analyses", "figures", "bench") for p in sorted((REPO / d).rglob("*.py"))
              for i, line in enumerate(p.read_text().splitlines(), 1) if "argparse.ArgumentParser(" in line]
