@@ -596,6 +596,8 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
     if al.head:
         print(f"tied and untied lm_heads: {al.head['rule']}; the merged LM has its own lm_head", file=sys.stderr)
     print(f"merged {len(al.tensors)} LM tensors ({cfg.method}) -> {cfg.out}")
+    for c in report["carriers"]:  # where each evaluable model went (probe.eval --models takes these dirs)
+        print(f"carrier {c['source']} -> {Path(cfg.out) / 'carriers' / c['name']}")
     return report
 
 

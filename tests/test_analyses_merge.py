@@ -240,14 +240,17 @@ def test_the_same_merge_twice_gives_the_same_bytes(zoo, tmp_path):
         assert f.metadata()["merged_from"] == "m"
 
 
-def test_output_loads_and_carriers_bit_exact(zoo, tmp_path):
+def test_output_loads_and_carriers_bit_exact(zoo, tmp_path, capfd):
     import transformers as tf
 
     out = tmp_path / "m"
     carriers = {"vl": tf.Qwen2VLForConditionalGeneration, "ov": tf.LlavaOnevisionForConditionalGeneration,
                 "au": tf.Qwen2AudioForConditionalGeneration, "vl_tf4": None, "ov_lmms": None}
+    capfd.readouterr()
     assert run(merge.main, "--base", zoo["base"], "--models", zoo["vl"], zoo["ov"], "--carrier",
                *[zoo[c] for c in carriers], "--shard-size", "30KB", "--out", out) == 0
+    # the summary says where the merged LM and every carrier went (it named only the LM's dir)
+    assert capfd.readouterr().out.splitlines()[1:] == [f"carrier {zoo[c]} -> {out / 'carriers' / c}" for c in carriers]
     assert (out / "model.safetensors.index.json").is_file()  # sharded by --shard-size
     lm = tf.AutoModelForCausalLM.from_pretrained(out, **NO_HUB_KERNELS)
     merged = merged_lm(out)
