@@ -235,6 +235,20 @@ def test_a_tilde_in_an_input_path_is_the_home_dir(name, argv, dest, tmp_path, mo
     assert value in (tmp_path / "r", [tmp_path / "r"]), value
 
 
+def test_gpu_check_script_answers_help_and_refuses_options(tmp_path):
+    """``bench/gpu_check.sh --help`` took --help for its OUT_DIR: mkdir printed its own usage and the script went on
+    to the GPU steps, every log redirected into a folder that was never made. It prints its header and exits 0;
+    an unknown option or a second argument exits 2 with one line; nothing is created either way."""
+    script = str(REPO / "bench" / "gpu_check.sh")
+    done = subprocess.run(["bash", script, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "bench/gpu_check.sh [OUT_DIR]" in done.stdout and "Writes to OUT_DIR" in done.stdout
+    assert "set -u" not in done.stdout and not done.stdout.startswith("#")
+    for argv in (["--bogus"], ["a", "b"]):
+        done = subprocess.run(["bash", script, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        one_error_line(done.returncode, done.stderr)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_every_cli_uses_the_shared_parser():
     found = [f"{p}:{i}" for d in ("probe", "analyses", "figures", "bench") for p in sorted((REPO / d).rglob("*.py"))
              for i, line in enumerate(p.read_text().splitlines(), 1) if "argparse.ArgumentParser(" in line]
