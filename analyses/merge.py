@@ -665,7 +665,9 @@ def build_parser() -> argparse.ArgumentParser:
                   "python -m figures merge runs/sal     # a salience merge's head weights beside each expert's "
                   "salience: merge_heads.png/pdf"],
         description="Merge the LLM backbones of modality-extended models (paper Eq. 1, 2, 4) and optionally "
-        "transplant the merged LM into each multimodal carrier.",
+        "transplant the merged LM into each multimodal carrier. Writes OUT as a Hugging Face model dir "
+        "(AutoModelForCausalLM loads it) with merge_weights.csv (each tensor's or head slice's weight per model) and "
+        "merge.json, and OUT/carriers/<name>/ per --carrier.",
     )
     p.add_argument("--base", help="base LLM (dir or alias); required for --method shift; for average/weighted "
                    "it only supplies config, tokenizer and extra vocabulary rows (list it in --models to include it)")

@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                   "python -m probe.eval --models runs/ft/mixed/checkpoint-* --data probe/zoo/data/text --no-generate",
                   "python -m figures eval runs/eval      # redraw eval.png/pdf from the saved files"],
         description="Evaluate models on MMMU-format data sets (accuracy, probability accuracy, p(answer)) with "
-        "seeded 95% bootstrap intervals and paired differences to a reference model.")
+        "seeded 95% bootstrap intervals and paired differences to a reference model. Writes OUT/scores.csv, "
+        "items.parquet, table.md (models × data sets), eval.{png,pdf} and run.json; a killed run resumes per "
+        "(model, data set) from OUT/parts/.")
     p.add_argument("--models", nargs="+", required=True,
                    help=f"aliases ({', '.join(ALIASES)}) or HF model dirs (merged outputs and carriers too)")
     p.add_argument("--data", nargs="+", required=True,

@@ -77,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                   "torchrun --nproc-per-node 8 -m probe.heads --model qwen2-vl --data mmmu --batch-size 28 --out runs/qwen2-vl-mmmu",
                   "python -m figures heads runs/heads                      # redraw the heatmaps from the saved files"],
         description="Mask each attention head of the LLM decoder in turn and measure accuracy, "
-        "probability accuracy and KL(orig||masked) on MMMU multiple-choice items.",
+        "probability accuracy and KL(orig||masked) on MMMU multiple-choice items. Writes OUT/heads.csv (one row "
+        "per head), baseline.json, items.parquet (per item × head), heatmap_{accuracy,prob_accuracy,kl}.{png,pdf} "
+        "and run.json; a killed run resumes from OUT/parts/.",
         formatter_class=_Help,
     )
     p.add_argument("--model", default=DEFAULT_MODEL,

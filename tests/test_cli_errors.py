@@ -134,6 +134,23 @@ def test_help_says_how_its_figures_are_redrawn(name, kind, capsys):
     assert f"  python -m figures {kind} runs/" in examples, examples
 
 
+@pytest.mark.parametrize("name, files", [
+    ("probe.heads", ["heads.csv", "baseline.json", "items.parquet", "heatmap_", "run.json"]),
+    ("probe.eval", ["scores.csv", "items.parquet", "table.md", "eval.{png,pdf}", "run.json"]),
+    ("probe.convert", ["<split>-00000-of-00001.parquet", "convert-<split>.json"]),
+    ("probe.synthetic", ["<split>-00000-of-00001.parquet"]), ("analyses.shift", ["shift.csv", "summary.json"]),
+    ("analyses.merge", ["merge_weights.csv", "merge.json", "carriers/<name>/"]),
+    ("analyses.trajectory", ["coords.csv", "points.csv", "features.npz"]),
+    ("analyses.finetune", ["checkpoint-<step>/", "train_log.csv"]), ("analyses.replicate", ["report.md", "report.html"])])
+def test_help_says_what_the_command_writes(name, files, capsys):
+    """probe.heads, probe.eval and analyses.merge --help said what they measure but not what they write (their
+    --out read "output directory"); every command's help names the files it leaves."""
+    with pytest.raises(SystemExit):
+        _main(name)(["--help"])
+    flat = " ".join(capsys.readouterr().out.split())
+    assert not [f for f in files if f not in flat], flat
+
+
 class _Parsed(Exception):
     pass
 
