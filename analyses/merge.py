@@ -669,8 +669,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(AutoModelForCausalLM loads it) with merge_weights.csv (each tensor's or head slice's weight per model) and "
         "merge.json, and OUT/carriers/<name>/ per --carrier.",
     )
-    p.add_argument("--base", help="base LLM (dir or alias); required for --method shift; for average/weighted "
-                   "it only supplies config, tokenizer and extra vocabulary rows (list it in --models to include it)")
+    p.add_argument("--base", help="base LLM (dir or alias); required by --method "
+                   f"{', '.join(m for m, f in METHODS.items() if f.needs_base)}; for "
+                   f"{'/'.join(m for m, f in METHODS.items() if not f.needs_base)} it only supplies config, tokenizer "
+                   "and extra vocabulary rows (list it in --models to include it)")
     p.add_argument("--models", nargs="+", required=True, help="models whose LMs are merged (dirs or aliases)")
     p.add_argument("--method", choices=list(METHODS), default="shift",
                    help="average (Eq. 1), weighted (Eq. 2), shift (Eq. 4; default), salience (head salience runs "
