@@ -817,7 +817,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-steps", type=int, nargs="+", default=[0], help="steps to checkpoint, besides the last (default: 0, the start)")
     p.add_argument("--lr", type=float, default=None,
                    help="learning rate outside the LM (vision tower, projector; default: 1e-4); no effect with --lora")
-    p.add_argument("--lm-lr", type=float, default=1e-4, help="learning rate of the LM (with --lora: of the adapters)")
+    p.add_argument("--lm-lr", type=float, default=1e-4, help="learning rate of the LM (with --lora: of the adapters) (default: 1e-4)")
     p.add_argument("--batch-size", type=int, default=16, help="rows per step")
     p.add_argument("--micro-batch", type=int, default=None, metavar="N",
                    help="rows per forward and backward; the step's gradient is accumulated over them, so the run "

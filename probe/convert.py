@@ -554,7 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--videos", type=in_path, default=None, help="video-mme: the folder of <videoID>.mp4 (.mkv, .webm) "
                    "files (default: SRC/data, SRC/video or SRC/videos)")
     p.add_argument("--overwrite", action="store_true", help="replace this split's files in --out (only those)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar (video-mme's frame extraction; the text sets convert without one)")
     return p
 
 
