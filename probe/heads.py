@@ -409,7 +409,8 @@ def _progress(total: int, quiet: bool, desc: str, unit: str = "run"):
 def _print_summary(out: Path, heads) -> None:
     base = json.loads((out / "baseline.json").read_text())
     acc = base["accuracy"]
-    why = "attribution estimates no generated text" if base.get("method") == "attribution" else "--no-generate"
+    estimated = base.get("method") == "attribution"
+    why = "attribution estimates no generated text" if estimated else "--no-generate"
     acc = f"n/a ({why})" if acc is None or acc != acc else f"{acc:.3f}"  # null when nothing was generated
     print(f"baseline: accuracy {acc}  prob_accuracy {base['prob_accuracy']:.3f}  "
           f"n_items {base['n_items']}  (skipped open-ended: {base['n_skipped_open']})")
@@ -418,7 +419,8 @@ def _print_summary(out: Path, heads) -> None:
         worst = heads.sort_values(["prob_accuracy_drop", "kl"], ascending=False, kind="stable").head(3)
         for r in worst.itertuples():
             print(f"  L{r.layer}.H{r.head}: prob_accuracy {r.prob_accuracy:.3f} "
-                  f"(drop {r.prob_accuracy_drop:+.3f}), KL {r.kl:.4f}")
+                  f"(drop {r.prob_accuracy_drop:+.3f}), KL {r.kl:.4f}"
+                  + (" [attribution estimate]" if estimated else ""))  # as the heatmaps' titles mark it
     print(f"results in {out}/")
 
 
