@@ -812,7 +812,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MMMU-layout training sets by modality, e.g. text=DIR image=DIR video=DIR")
     p.add_argument("--mix", default=None, help="sampling weights per --data, in order, e.g. 3:2:1 (default: equal)")
     p.add_argument("--split", default="train", help="split of the data sets to train on")
-    p.add_argument("--limit", type=int, default=None, help="first N items of each data set (default: all)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="first N multiple-choice items of each data set (default: all)")
     p.add_argument("--steps", type=int, required=True, help="optimiser steps")
     p.add_argument("--save-steps", type=int, nargs="+", default=[0], help="steps to checkpoint, besides the last (default: 0, the start)")
     p.add_argument("--lr", type=float, default=None,
