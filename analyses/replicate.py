@@ -432,7 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "organisms; analyses/configs/paper-7b.toml documents the real models)")
     g.add_argument("--quick", action="store_true", help=f"the CI settings ({QUICK_CONFIG.name}): few items, few steps")
     p.add_argument("--only", nargs="+", choices=[s.name for s in STAGES], metavar="STAGE",
-                   help=f"run only these stages (their inputs must be complete): {', '.join(BY_NAME)}")
+                   help=f"run only these stages (their inputs must be complete), then rebuild the report from every "
+                   f"stage's saved results: {', '.join(BY_NAME)}")
     p.add_argument("--out", type=out_dir, required=True, help="output directory (one subdirectory per stage)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
