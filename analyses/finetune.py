@@ -801,7 +801,10 @@ def build_parser() -> argparse.ArgumentParser:
         "image=runs/data/image video=runs/data/video --mix 3:2:1 --steps 200 --save-steps 0 10 50 100 "
         "--out runs/ft/mixed",
         "python -m analyses.finetune --model organism-vl --data image=runs/data/image --steps 50 --lora 8 "
-        "--out runs/ft-lora"],
+        "--out runs/ft-lora",
+        "python -m probe.eval --models runs/ft/mixed/checkpoint-* --data probe/zoo/data/text --out runs/steps/text"
+        "   # Figure 3: each checkpoint scored",
+        "python -m figures steps runs/steps/text     # accuracy against steps, steps.png/pdf"],
                                 description="Small-step fine-tuning of a (merged) model on a modality mix (paper "
                                 "§6.2): checkpoint-<step>/ dirs, train_log.csv, resumable after a kill.")
     p.add_argument("--model", required=True, help="alias or HF dir (a merged carrier, an organism, a real VLM)")
@@ -809,12 +812,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MMMU-layout training sets by modality, e.g. text=DIR image=DIR video=DIR")
     p.add_argument("--mix", default=None, help="sampling weights per --data, in order, e.g. 3:2:1 (default: equal)")
     p.add_argument("--split", default="train", help="split of the data sets to train on")
-    p.add_argument("--limit", type=int, default=None, help="first N items of each data set (default: all)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="first N multiple-choice items of each data set (default: all)")
     p.add_argument("--steps", type=int, required=True, help="optimiser steps")
     p.add_argument("--save-steps", type=int, nargs="+", default=[0], help="steps to checkpoint, besides the last (default: 0, the start)")
     p.add_argument("--lr", type=float, default=None,
                    help="learning rate outside the LM (vision tower, projector; default: 1e-4); no effect with --lora")
-    p.add_argument("--lm-lr", type=float, default=1e-4, help="learning rate of the LM (with --lora: of the adapters)")
+    p.add_argument("--lm-lr", type=float, default=1e-4, help="learning rate of the LM (with --lora: of the adapters) (default: 1e-4)")
     p.add_argument("--batch-size", type=int, default=16, help="rows per step")
     p.add_argument("--micro-batch", type=int, default=None, metavar="N",
                    help="rows per forward and backward; the step's gradient is accumulated over them, so the run "

@@ -37,7 +37,7 @@ from analyses.salience import SalienceWeights, check_run_model, read_salience, r
 from analyses.shift import CHUNK, read_shift_csv
 from analyses.writer import (SHARD_BYTES, Entry, ShardedWriter, atomic_dir, check_output, check_replaceable,
                              copy_side_files, parse_size, returns_finished, run_request)
-from probe.errors import TENSOR_MEMORY_HINT, ArgParser, BadInput, cli_main
+from probe.errors import TENSOR_MEMORY_HINT, ArgParser, BadInput, cli_main, in_path
 from probe.families import CAUSAL_LM, LAYOUTS, causal_lm_type, check_lm_fits_class, untie_word_embeddings
 from probe.families import lm_disk_key as layout_key
 from probe.results import json_text
@@ -596,6 +596,8 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
     if al.head:
         print(f"tied and untied lm_heads: {al.head['rule']}; the merged LM has its own lm_head", file=sys.stderr)
     print(f"merged {len(al.tensors)} LM tensors ({cfg.method}) -> {cfg.out}")
+    for c in report["carriers"]:  # where each evaluable model went (probe.eval --models takes these dirs)
+        print(f"carrier {c['source']} -> {Path(cfg.out) / 'carriers' / c['name']}")
     return report
 
 
@@ -659,12 +661,18 @@ def build_parser() -> argparse.ArgumentParser:
                   "python -m probe.heads --model organism-vl --out runs/heads-vl       # each expert's salience, on its "
                   "own data",
                   "python -m probe.heads --model organism-video --out runs/heads-video",
-                  "python -m analyses.merge --base organism-base --models organism-vl organism-video --method salience --salience runs/heads-vl runs/heads-video --out runs/sal"],
+                  "python -m analyses.merge --base organism-base --models organism-vl organism-video --method salience --salience runs/heads-vl runs/heads-video --out runs/sal",
+                  "python -m figures merge runs/sal     # a salience merge's head weights beside each expert's "
+                  "salience: merge_heads.png/pdf"],
         description="Merge the LLM backbones of modality-extended models (paper Eq. 1, 2, 4) and optionally "
-        "transplant the merged LM into each multimodal carrier.",
+        "transplant the merged LM into each multimodal carrier. Writes OUT as a Hugging Face model dir "
+        "(AutoModelForCausalLM loads it) with merge_weights.csv (each tensor's or head slice's weight per model) and "
+        "merge.json, and OUT/carriers/<name>/ per --carrier.",
     )
-    p.add_argument("--base", help="base LLM (dir or alias); required for --method shift; for average/weighted "
-                   "it only supplies config, tokenizer and extra vocabulary rows (list it in --models to include it)")
+    p.add_argument("--base", help="base LLM (dir or alias); required by --method "
+                   f"{', '.join(m for m, f in METHODS.items() if f.needs_base)}; for "
+                   f"{'/'.join(m for m, f in METHODS.items() if not f.needs_base)} it only supplies config, tokenizer "
+                   "and extra vocabulary rows (list it in --models to include it)")
     p.add_argument("--models", nargs="+", required=True, help="models whose LMs are merged (dirs or aliases)")
     p.add_argument("--method", choices=list(METHODS), default="shift",
                    help="average (Eq. 1), weighted (Eq. 2), shift (Eq. 4; default), salience (head salience runs "
@@ -674,13 +682,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha0", type=float, help="Eq. 4 weight of the base (default 0.5, as released)")
     p.add_argument("--temperature", type=float,
                    help="Eq. 4 softmax temperature tau: alpha_i = softmax(delta_avg_i / tau) (default 1e-3)")
-    p.add_argument("--shift", type=Path, dest="shift_dir", metavar="DIR",
+    p.add_argument("--shift", type=in_path, dest="shift_dir", metavar="DIR",
                    help="reuse Δavg from a python -m analyses.shift output dir instead of recomputing")
     p.add_argument("--carrier", nargs="+", default=[], dest="carriers", metavar="M",
                    help="multimodal models to receive the merged LM (written to OUT/carriers/<name>/)")
-    p.add_argument("--salience", nargs="+", type=Path, default=[], metavar="DIR",
+    p.add_argument("--salience", nargs="+", type=in_path, default=[], metavar="DIR",
                    help="salience: one complete python -m probe.heads run per --models entry, same order")
-    p.add_argument("--base-salience", type=Path, metavar="DIR",
+    p.add_argument("--base-salience", type=in_path, metavar="DIR",
                    help="salience: a probe.heads run of the base on text; then the base competes by salience "
                    "too instead of keeping --alpha0")
     p.add_argument("--salience-metric", choices=SALIENCE_METRICS,

@@ -38,8 +38,8 @@ from analyses.checkpoints import quiet_progress
 from analyses.replicate_config import (DEFAULT_CONFIG, GENERATED, QUICK_CONFIG, ReplicateConfig, check_machine,
                                        parse_config)
 from probe.devices import Placement
-from probe.errors import (ArgParser, BadInput, check_out_apart, check_out_path, cli_main, out_dir, out_inside,
-                          releases_claims)
+from probe.errors import (ArgParser, BadInput, check_out_apart, check_out_path, cli_main, in_path, out_dir,
+                          out_inside, releases_claims)
 from probe.heads import SOFTWARE, software_differences, versions
 from probe.results import content_fingerprint, has_contents, json_digest, lock_out_dir
 
@@ -421,16 +421,19 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m analyses.replicate", formatter_class=_Help,
         examples=["python -m analyses.replicate --out runs/paper            # the organisms, about 4 minutes on 2 CPU cores",
                   "python -m analyses.replicate --quick --out /tmp/quick      # a smoke run",
-                  "python -m analyses.replicate --config analyses/configs/paper-7b.toml --out runs/paper-7b"],
+                  "python -m analyses.replicate --config analyses/configs/paper-7b.toml --out runs/paper-7b",
+                  "python -m figures report runs/paper      # rebuild report.md/html and its figures from the saved "
+                  "stages"],
         description="Run the paper's pipeline end to end (Tables 3-5, Figures 2-4, Eq. 1/3/4, salience and TIES "
         "merges), resumably, and write DIR/report.md and DIR/report.html.")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--config", type=Path, default=None,
+    g.add_argument("--config", type=in_path, default=None,
                    help=f"TOML settings (default: {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[2])}, the "
                    "organisms; analyses/configs/paper-7b.toml documents the real models)")
     g.add_argument("--quick", action="store_true", help=f"the CI settings ({QUICK_CONFIG.name}): few items, few steps")
     p.add_argument("--only", nargs="+", choices=[s.name for s in STAGES], metavar="STAGE",
-                   help=f"run only these stages (their inputs must be complete): {', '.join(BY_NAME)}")
+                   help=f"run only these stages (their inputs must be complete), then rebuild the report from every "
+                   f"stage's saved results: {', '.join(BY_NAME)}")
     p.add_argument("--out", type=out_dir, required=True, help="output directory (one subdirectory per stage)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -475,11 +478,26 @@ def prepare(args: argparse.Namespace) -> tuple[Context, dict[str, str]]:
                     continue
                 if not (st.get("status") == "complete" and st.get("fingerprint") == stage_fps[dep]):
                     raise BadInput(f"--only {name}: it needs stage {dep!r}, which is not complete with these "
-                                   "settings; add it to --only or run without --only")
+                                   f"settings{run_with_other_config(out, cfg)}; add it to --only or run without "
+                                   "--only")
                 if gone := missing_outputs(dep, cfg, out):
                     raise BadInput(f"--only {name}: it needs stage {dep!r}, whose output {gone[0]} is gone; add "
                                    "it to --only or run without --only")
     return ctx, stage_fps
+
+
+def run_with_other_config(out: Path, cfg: ReplicateConfig) -> str:
+    """`` (DIR was run with FILE: give --config FILE, or --quick, again)`` when ``out``'s replicate.json names
+    another config file than this run's, else nothing: ``--only report`` on a ``--quick`` run without ``--quick``
+    said only that a stage was "not complete with these settings"."""
+    try:
+        saved = json.loads((out / MARKER).read_text()).get("config_file")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    if not isinstance(saved, str) or not saved or Path(saved).resolve() == Path(cfg.source).resolve():
+        return ""
+    again = "--quick" if Path(saved).resolve() == QUICK_CONFIG.resolve() else f"--config {saved}"
+    return f" ({out} was run with {saved}: give {again} again)"
 
 
 def first_spelling(out: Path) -> Path:

@@ -72,7 +72,8 @@ def check_run_model(run_dir: Path, who: str, participants: dict[str, Path]) -> d
     if split in EVALUATION_SPLITS:  # probe.heads' default: the weights are tuned on the items a user then scores
         warnings.append(f"salience run {run_dir} swept the {split!r} split of {plan.get('data_dir')}: {who}'s head "
                         f"weights are set by those items, so this merge scored on them is not a held-out result "
-                        f"(sweep a training split: probe.heads --split train)")
+                        f"(sweep items it is not scored on: MMMU's dev split, or a train split such as python -m probe.zoo "
+                        f"data writes for the organisms: probe.heads --data DIR --split train)")
     return record | {"warnings": warnings}
 
 

@@ -201,7 +201,8 @@ def run_shift(cfg: ShiftConfig) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     p = ArgParser(
         prog="python -m analyses.shift",
-        examples=["python -m analyses.shift --base organism-base --models organism-vl organism-ov-si organism-video --out runs/shift"],
+        examples=["python -m analyses.shift --base organism-base --models organism-vl organism-ov-si organism-video --out runs/shift",
+                  "python -m figures shift runs/shift     # redraw the figures from the saved files"],
         description="Per-tensor parameter shift of modality-extended LLMs from their base (paper Eq. 3).",
     )
     p.add_argument("--base", required=True, help="base LLM: local HF dir or alias (e.g. qwen2)")

@@ -30,7 +30,7 @@ from analyses.checkpoints import (Checkpoint, add_output_args, check_inputs_and_
                                   progress, quiet_progress, reserve_descriptors)
 from analyses.sketch import SKETCH_CHUNK, SKETCH_DIMS, CountSketch
 from analyses.writer import atomic_dir, check_output, check_replaceable, returns_finished, run_request
-from probe.errors import TENSOR_MEMORY_HINT, ArgParser, BadInput, cli_main
+from probe.errors import TENSOR_MEMORY_HINT, ArgParser, BadInput, cli_main, in_path
 from probe.results import distinct_names, json_text
 
 COMMAND = "analyses.trajectory"  # what its output manifests name
@@ -218,14 +218,15 @@ def run_trajectory(cfg: TrajectoryConfig) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     p = ArgParser(
         prog="python -m analyses.trajectory",
-        examples=["python -m analyses.trajectory --base organism-base --experts organism-vl organism-video --merged runs/avg --runs runs/ft/mixed runs/ft-lora --out runs/traj  # after analyses.merge's and analyses.finetune's examples"],
+        examples=["python -m analyses.trajectory --base organism-base --experts organism-vl organism-video --merged runs/avg --runs runs/ft/mixed runs/ft-lora --out runs/traj  # after analyses.merge's and analyses.finetune's examples",
+                  "python -m figures trajectory runs/traj     # redraw the figures from the saved files"],
         description="Map checkpoints in weight space: per-tensor ‖θ − θ_ref‖ and a streamed random-projection "
         "sketch of θ − θ_ref, embedded with PCA and t-SNE (paper section 6.2, Figure 4).",
     )
     p.add_argument("--base", required=True, help="base LLM (dir or alias); also the reference unless --ref")
     p.add_argument("--experts", nargs="+", default=[], help="modality-extended models")
     p.add_argument("--merged", nargs="+", default=[], help="merged models (e.g. python -m analyses.merge outputs)")
-    p.add_argument("--runs", nargs="+", default=[], help="fine-tuning run dirs holding checkpoint-<step> subdirs")
+    p.add_argument("--runs", nargs="+", type=in_path, default=[], help="fine-tuning run dirs holding checkpoint-<step> subdirs")
     p.add_argument("--ref", help="reference θ_ref for the deltas (default: --base)")
     p.add_argument("--sketch-dim", type=int, default=256, help="sketch dimension (default 256)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sketch, PCA and t-SNE (default 0)")
@@ -237,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     with quiet_progress(a.quiet):
-        run_trajectory(TrajectoryConfig(a.out, a.base, a.experts, a.merged, a.runs, a.ref, a.sketch_dim, a.seed,
+        run_trajectory(TrajectoryConfig(a.out, a.base, a.experts, a.merged, [str(r) for r in a.runs], a.ref, a.sketch_dim, a.seed,
                                         a.perplexity, a.overwrite, a.allow_bin, not a.no_figures))
     return 0
 

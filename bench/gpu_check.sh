@@ -13,6 +13,14 @@
 # probe.heads CLI run of the default organism on the GPU. Each step has its own time limit, so a slow step
 # cannot eat the others' time; a step that ran past its limit shows rc=124 in summary.txt.
 set -u
+case ${1:-} in  # `--help` was taken for OUT_DIR: mkdir printed its own help and the GPU steps started
+  -h|--help) sed -n '2,/^set -u$/{/^set -u$/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
+  -*) echo "error: unknown option $1 (usage: bench/gpu_check.sh [OUT_DIR]; see --help)" >&2; exit 2 ;;
+esac
+if [ $# -gt 1 ]; then
+  echo "error: one OUT_DIR at most, got $# arguments (usage: bench/gpu_check.sh [OUT_DIR]; see --help)" >&2
+  exit 2
+fi
 OUT=${1:-runs/gpu-check}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false

@@ -233,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
                     "at its real tensor sizes (probe/archs.py; random weights, nothing downloaded)")
     ap.add_argument("--layers", type=int, help="with --arch: cut its depth to this many layers (disk: Qwen2-7B's 28 "
                     "take 15.2 GB a checkpoint in bf16, 8 take 5.9 GB)")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                    help="dtype of the synthetic checkpoints, which the merges keep (default bfloat16)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds, median reported (default 3)")
     ap.add_argument("--workdir", type=Path, help="where the synthetic checkpoints go, left there afterwards (default: a "
                     "temp dir, removed at the end unless --keep)")

@@ -4,10 +4,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from pathlib import Path
 from typing import Sequence
 
-from probe.errors import ArgParser, BadInput, check_out_path, cli_main
+from probe.errors import ArgParser, BadInput, check_out_path, cli_main, in_path
 from probe.results import note_outputs, remove_stale_temps
 
 # kind → what it reads and writes (for --help)
@@ -40,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "python -m figures steps runs/steps/text runs/steps/image",
                             "python -m figures report runs/replicate"])
     p.add_argument("kind", choices=sorted(KINDS), help="which result directory type to draw (see kinds)")
-    p.add_argument("dir", type=Path, nargs="+",
+    p.add_argument("dir", type=in_path, nargs="+",
                    help="result directory written by the matching command (steps: several probe.eval runs, one "
                    "panel each; the figure goes into the first; report: a python -m analyses.replicate output)")
     args = p.parse_args(argv)

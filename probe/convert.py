@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from probe.errors import (ArgParser, BadInput, RunStopped, check_counts, check_out_path, cli_main, error_reason,
-                          input_in_out, out_dir, out_inside, releases_claims)
+                          in_path, input_in_out, out_dir, out_inside, releases_claims)
 from probe.mmmu import VIDEO_REF, _IMAGE_REF, check_split, fit_within, option_letters, unfinished_conversion
 from probe.mmmu import _split_files as split_files  # the reader's rule: shards complete, never two forms
 
@@ -535,26 +535,27 @@ def build_parser() -> argparse.ArgumentParser:
                   "python -m probe.eval --models qwen2 --data /data/mmlu-pro-mmmu-layout --out runs/eval-text"])
     p.add_argument("kind", choices=KINDS, help="which benchmark SRC holds: " + ", ".join(
         f"{k} ({r})" for k, r in REPOS.items()))
-    p.add_argument("src", type=Path, help="the local snapshot (hf download --repo-type dataset REPO --local-dir SRC)")
+    p.add_argument("src", type=in_path, help="the local snapshot (hf download --repo-type dataset REPO --local-dir SRC)")
     p.add_argument("--out", type=out_dir, required=True, help="the MMMU-layout directory to write (DIR/<Subject>/"
                    "<split>-00000-of-00001.parquet); other splits already there stay")
     p.add_argument("--split", default=None, help="the source split to read (MMLU: validation has 1,531 items, "
                    "test 14,042; MMLU-Pro: test 12,032, validation 70; MMMLU: test; GPQA: train, its only one; "
-                   "Video-MME: test only) [" + ", ".join(f"{k}: {v}" for k, v in SPLITS.items()) + "]")
+                   "Video-MME: test only) (default: " + ", ".join(f"{k}: {v}" for k, v in SPLITS.items()) + ")")
     p.add_argument("--out-split", default=None, help="the split name to write it as (default: --split); "
                    "analyses.replicate reads one eval split for every set, so e.g. --split test --out-split "
                    "validation")
-    p.add_argument("--frames", type=int, default=16, help="video-mme: frames per video, uniform in time [16]")
-    p.add_argument("--max-side", type=int, default=448, help="video-mme: longest side of a frame, pixels [448]")
+    p.add_argument("--frames", type=int, default=16, help="video-mme: frames per video, uniform in time (default: 16)")
+    p.add_argument("--max-side", type=int, default=448, help="video-mme: longest side of a frame, pixels (default: 448)")
     p.add_argument("--subject-by", choices=VIDEO_SUBJECTS, default="duration",
-                   help="video-mme: the column its items are grouped into subjects by [duration: short, medium, "
-                        "long]")
+                   help="video-mme: the column its items are grouped into subjects by (default: duration: short, "
+                        "medium, long)")
     p.add_argument("--gpqa-set", choices=GPQA_SETS, default="main", help="gpqa: which file, gpqa_<set>.csv "
-                   "(main 448 questions, diamond 198, extended 546) [main]")
-    p.add_argument("--videos", type=Path, default=None, help="video-mme: the folder of <videoID>.mp4 (.mkv, .webm) "
-                   "files [SRC/data, SRC/video or SRC/videos]")
+                   "(main 448 questions, diamond 198, extended 546) (default: main)")
+    p.add_argument("--videos", type=in_path, default=None, help="video-mme: the folder of <videoID>.mp4 (.mkv, .webm) "
+                   "files (default: SRC/data, SRC/video or SRC/videos)")
     p.add_argument("--overwrite", action="store_true", help="replace this split's files in --out (only those)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar (video-mme's frame extraction; the text sets convert without one)")
     return p
 
 
@@ -562,7 +563,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_counts(args, ("frames", "max_side"))
     split = args.split or SPLITS[args.kind]
-    cfg = ConvertConfig(kind=args.kind, src=args.src.expanduser(), out=args.out, split=split,
+    cfg = ConvertConfig(kind=args.kind, src=args.src, out=args.out, split=split,
                         out_split=args.out_split or split, frames=args.frames, max_side=args.max_side,
                         subject_by=args.subject_by, gpqa_set=args.gpqa_set, videos=args.videos,
                         overwrite=args.overwrite, quiet=args.quiet)

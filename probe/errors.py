@@ -114,6 +114,13 @@ def out_dir(text: str) -> Path:
     return Path(text).expanduser()
 
 
+def in_path(text: str) -> Path:
+    """The argparse type of a path read, not written (a results dir to draw or merge from, a config or template
+    file): ``~`` expanded as in --out and in a model's or data set's path (``figures heads '~/runs/x'`` said the
+    folder was not a directory)."""
+    return Path(text).expanduser()
+
+
 def check_out_path(out: Path, flag: str = "--out") -> None:
     """``out`` is, or can be created as, a directory: neither it nor any existing parent is a file, and the
     nearest existing one is writable (a read-only mount or directory was a traceback at the first write, after

@@ -38,9 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m probe.eval", formatter_class=_Help,
         examples=["python -m probe.eval --models organism-base organism-vl --data probe/zoo/data/text probe/zoo/data/image",
                   "python -m probe.eval --models qwen2 runs/merged --data mmmu --reference qwen2 --out runs/eval-merge",
-                  "python -m probe.eval --models runs/ft/mixed/checkpoint-* --data probe/zoo/data/text --no-generate"],
+                  "python -m probe.eval --models runs/ft/mixed/checkpoint-* --data probe/zoo/data/text --no-generate",
+                  "python -m figures eval runs/eval      # redraw eval.png/pdf from the saved files"],
         description="Evaluate models on MMMU-format data sets (accuracy, probability accuracy, p(answer)) with "
-        "seeded 95% bootstrap intervals and paired differences to a reference model.")
+        "seeded 95% bootstrap intervals and paired differences to a reference model. Writes OUT/scores.csv, "
+        "items.parquet, table.md (models × data sets), eval.{png,pdf} and run.json; a killed run resumes per "
+        "(model, data set) from OUT/parts/.")
     p.add_argument("--models", nargs="+", required=True,
                    help=f"aliases ({', '.join(ALIASES)}) or HF model dirs (merged outputs and carriers too)")
     p.add_argument("--data", nargs="+", required=True,
@@ -307,7 +310,7 @@ def run(args: argparse.Namespace) -> Path:
     run_info |= {"status": "complete", "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seed": args.seed,
                  "reference": args.reference, "elapsed_s_this_process": round(time.perf_counter() - t0, 3)}
     atomic_write_json(out / "run.json", run_info)
-    print((out / "table.md").read_text().split("\n\n")[1])
+    print(summary(out / "table.md"))
     print(f"results in {out}/")
     return out
 
@@ -467,6 +470,15 @@ def write_results(out: Path, items: Any, scores: Any, plan: EvalPlan) -> None:
             + "".join(f"- n/a: {n.removeprefix('not applicable: ')}\n" for n in whole) + "".join(part)
             + "".join(skipped) + "".join(alike))
     atomic_write_bytes(out / "table.md", text.encode())
+
+
+def summary(table_md: Path) -> str:
+    """What a finished run prints of its table.md: the heading (which metric: with --no-generate it is the
+    probability accuracy), the models × data sets table and the notes that say what its n/a and † cells mean; the
+    per-subject tables stay in the file."""
+    blocks = table_md.read_text().strip().split("\n\n")
+    notes = [blocks[-1]] if blocks[-1].startswith("- ") else []
+    return "\n".join([blocks[0].removeprefix("# ") + ":", blocks[1], *notes])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from probe.errors import (ArgParser, BadInput, check_counts, check_out_apart, cli_main, out_dir, releases_claims,
-                          undone_on_bad_input)
+from probe.errors import (ArgParser, BadInput, check_counts, check_out_apart, cli_main, in_path, out_dir,
+                          releases_claims, undone_on_bad_input)
 from probe.families import ALIASES
 
 DEFAULT_MODEL = "organism-vl"
@@ -60,10 +60,10 @@ def default_data_for(model_spec: str) -> Path:
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    """Show defaults only where they say something (not None / False)."""
+    """Show defaults only where they say something (not None / False; a default of 0 is shown)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default in (None, False) or "default:" in (action.help or ""):
+        if action.default is None or action.default is False or "default:" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
@@ -74,9 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
         examples=["python -m probe.heads                                   # the embedded default: organism-vl on its image set",
                   "python -m probe.heads --model qwen2-vl --data mmmu --split validation --out runs/qwen2-vl",
                   "python -m probe.heads --model organism-base --data probe/zoo/data/text --layers 0-1 --no-generate",
-                  "torchrun --nproc-per-node 8 -m probe.heads --model qwen2-vl --data mmmu --batch-size 28 --out runs/qwen2-vl-mmmu"],
+                  "torchrun --nproc-per-node 8 -m probe.heads --model qwen2-vl --data mmmu --batch-size 28 --out runs/qwen2-vl-mmmu",
+                  "python -m figures heads runs/heads                      # redraw the heatmaps from the saved files"],
         description="Mask each attention head of the LLM decoder in turn and measure accuracy, "
-        "probability accuracy and KL(orig||masked) on MMMU multiple-choice items.",
+        "probability accuracy and KL(orig||masked) on MMMU multiple-choice items. Writes OUT/heads.csv (one row "
+        "per head), baseline.json, items.parquet (per item × head), heatmap_{accuracy,prob_accuracy,kl}.{png,pdf} "
+        "and run.json; a killed run resumes from OUT/parts/.",
         formatter_class=_Help,
     )
     p.add_argument("--model", default=DEFAULT_MODEL,
@@ -170,7 +173,7 @@ def add_prompt_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-max-side", type=int, default=None,
                    help="downscale images so the longer side is at most this many pixels (default: as they are)")
     p.add_argument("--system-prompt", default=None, help="override the system prompt of the template")
-    p.add_argument("--template", type=Path, default=None,
+    p.add_argument("--template", type=in_path, default=None,
                    help="JSON file with PromptTemplate fields (system, user, choice, assistant_prefix)")
 
 
@@ -406,7 +409,8 @@ def _progress(total: int, quiet: bool, desc: str, unit: str = "run"):
 def _print_summary(out: Path, heads) -> None:
     base = json.loads((out / "baseline.json").read_text())
     acc = base["accuracy"]
-    why = "attribution estimates no generated text" if base.get("method") == "attribution" else "--no-generate"
+    estimated = base.get("method") == "attribution"
+    why = "attribution estimates no generated text" if estimated else "--no-generate"
     acc = f"n/a ({why})" if acc is None or acc != acc else f"{acc:.3f}"  # null when nothing was generated
     print(f"baseline: accuracy {acc}  prob_accuracy {base['prob_accuracy']:.3f}  "
           f"n_items {base['n_items']}  (skipped open-ended: {base['n_skipped_open']})")
@@ -415,7 +419,8 @@ def _print_summary(out: Path, heads) -> None:
         worst = heads.sort_values(["prob_accuracy_drop", "kl"], ascending=False, kind="stable").head(3)
         for r in worst.itertuples():
             print(f"  L{r.layer}.H{r.head}: prob_accuracy {r.prob_accuracy:.3f} "
-                  f"(drop {r.prob_accuracy_drop:+.3f}), KL {r.kl:.4f}")
+                  f"(drop {r.prob_accuracy_drop:+.3f}), KL {r.kl:.4f}"
+                  + (" [attribution estimate]" if estimated else ""))  # as the heatmaps' titles mark it
     print(f"results in {out}/")
 
 

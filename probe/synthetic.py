@@ -376,19 +376,39 @@ def default_data_dir() -> Path:
     return Path(__file__).parent / "data" / "synthetic_mmmu"
 
 
+def build_parser() -> ArgParser:
+    from probe.errors import out_dir
+    from probe.heads import _Help
+
+    ap = ArgParser(prog="python -m probe.synthetic", formatter_class=_Help,
+                   description=f"{__doc__.splitlines()[0]} Writes OUT/<Subject>/<split>-00000-of-00001.parquet "
+                   f"(MMMU's columns, images as PNG bytes) for the subjects {', '.join(SUBJECT_KINDS)}, the same "
+                   "bytes for the same seed, and prints OUT; a split already there is replaced, other files stay.",
+                   examples=["python -m probe.synthetic --out runs/synthetic      # what probe/data/synthetic_mmmu "
+                             "holds (the default set)",
+                             "python -m probe.synthetic --out runs/synthetic-big --n 40 --image-size 224 --split "
+                             "validation --split dev",
+                             "python -m probe.heads --model tiny-qwen2-vl --data runs/synthetic-big --split dev"])
+    ap.add_argument("--out", required=True, type=out_dir, help="output root (subject folders are created inside)")
+    ap.add_argument("--n", type=int, default=13, help="items per subject and split, open-ended ones included")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of the scenes and questions (each split and subject draws its own stream from it)")
+    ap.add_argument("--split", action="append",
+                    help="split name; repeat it for several splits (default: validation)")
+    ap.add_argument("--image-size", type=int, default=64, help="side of the square images, pixels (at least 16)")
+    ap.add_argument("--open-fraction", type=float, default=0.1,
+                    help="share of each subject's items that are open-ended, which the commands skip and count "
+                    "(0 to under 1)")
+    return ap
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = ArgParser(prog="python -m probe.synthetic", description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, type=Path, help="output root (subject folders are created inside)")
-    ap.add_argument("--n", type=int, default=13, help="items per subject (default 13)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--split", action="append", help="split name; repeatable (default validation)")
-    ap.add_argument("--image-size", type=int, default=64)
-    ap.add_argument("--open-fraction", type=float, default=0.1)
-    args = ap.parse_args(argv)
-    from probe.errors import BadInput
+    args = build_parser().parse_args(argv)
+    from probe.errors import BadInput, check_out_path
 
     if args.n < 1 or args.image_size < 16 or not 0 <= args.open_fraction < 1:
         raise BadInput("need --n >= 1, --image-size >= 16 and 0 <= --open-fraction < 1")
+    check_out_path(args.out)
     root = build_dataset(args.out, args.n, args.seed, tuple(args.split or ["validation"]),
                          image_size=args.image_size, open_fraction=args.open_fraction)
     print(root)

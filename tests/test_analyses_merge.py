@@ -240,14 +240,17 @@ def test_the_same_merge_twice_gives_the_same_bytes(zoo, tmp_path):
         assert f.metadata()["merged_from"] == "m"
 
 
-def test_output_loads_and_carriers_bit_exact(zoo, tmp_path):
+def test_output_loads_and_carriers_bit_exact(zoo, tmp_path, capfd):
     import transformers as tf
 
     out = tmp_path / "m"
     carriers = {"vl": tf.Qwen2VLForConditionalGeneration, "ov": tf.LlavaOnevisionForConditionalGeneration,
                 "au": tf.Qwen2AudioForConditionalGeneration, "vl_tf4": None, "ov_lmms": None}
+    capfd.readouterr()
     assert run(merge.main, "--base", zoo["base"], "--models", zoo["vl"], zoo["ov"], "--carrier",
                *[zoo[c] for c in carriers], "--shard-size", "30KB", "--out", out) == 0
+    # the summary says where the merged LM and every carrier went (it named only the LM's dir)
+    assert capfd.readouterr().out.splitlines()[1:] == [f"carrier {zoo[c]} -> {out / 'carriers' / c}" for c in carriers]
     assert (out / "model.safetensors.index.json").is_file()  # sharded by --shard-size
     lm = tf.AutoModelForCausalLM.from_pretrained(out, **NO_HUB_KERNELS)
     merged = merged_lm(out)
@@ -925,3 +928,20 @@ def test_overwrite_through_a_link_to_the_output_replaces_its_target_and_keeps_th
     assert link.is_symlink() and link.resolve() == real
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
     assert json.loads((real / "summary.json").read_text())["models"][0]["name"] == str(zoo["ov"])
+
+
+def test_help_of_base_names_every_method_that_needs_it(zoo, tmp_path, capfd):
+    """--base's help said it was required for --method shift, but salience, task_arithmetic and ties refuse to run
+    without it too. The help lists exactly the methods that refuse."""
+    import re
+
+    text = " ".join(merge.build_parser().format_help().split())
+    listed = set(re.search(r"--base BASE base LLM \(dir or alias\); required by --method ([\w, ]+);", text)
+                 .group(1).split(", "))
+    refused = set()
+    for method in merge.METHODS:
+        capfd.readouterr()
+        if run(merge.main, "--models", zoo["vl"], zoo["ov"], "--method", method, "--weights", "1", "1",
+               "--out", tmp_path / method) == 2 and "needs --base" in capfd.readouterr().err:
+            refused.add(method)
+    assert listed == refused == {"shift", "salience", "task_arithmetic", "ties"}

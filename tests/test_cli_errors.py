@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import shutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +38,7 @@ def snapshot(d: Path) -> dict[str, bytes]:
 
 MODULES = ["probe.heads", "probe.eval", "probe.convert", "probe.families", "probe.synthetic", "probe.zoo.__main__", "analyses.shift", "analyses.merge",
            "analyses.trajectory", "analyses.replicate", "analyses.finetune", "figures.__main__"]
-BENCH = ["sweep", "eval", "merge", "train_step"]
+BENCH = ["sweep", "eval", "merge", "train_step", "fsdp_load", "lora_save"]
 
 
 def _main(name: str):
@@ -81,6 +82,118 @@ def test_help_states_each_default_once(name, capsys):
         assert len(re.findall(r"\(default\b", flat)) <= 1, flat
 
 
+def _parsers(name: str, monkeypatch) -> list:
+    """The parser ``name``'s main builds, and each subcommand's: caught at its parse, before anything runs."""
+    import argparse
+
+    from probe.errors import ArgParser
+
+    built = []
+
+    def caught(self, *args, **kwargs):
+        built.append(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ArgParser, "parse_known_args", caught)
+    with pytest.raises(KeyboardInterrupt):
+        _main(name)([])
+    subs = [sp for p in built for a in p._actions if isinstance(a, argparse._SubParsersAction)
+            for sp in a.choices.values()]
+    return built + subs
+
+
+@pytest.mark.parametrize("name", MODULES + BENCH)
+def test_every_option_says_what_it_does_and_its_default(name, monkeypatch):
+    """``probe.synthetic --help`` listed --seed, --image-size and --open-fraction bare (and bench/merge.py's --dtype,
+    bench/lora_save.py's --vocab-size and --rank): no meaning, no default. Every option and positional of every
+    CLI has help text, and one with a default other than None/False shows it (the shared formatter used to hide
+    a default of 0, which equals False)."""
+    import argparse
+
+    for p in _parsers(name, monkeypatch):
+        for a in p._actions:
+            if isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            where = f"{p.prog} {'/'.join(a.option_strings) or a.dest}"
+            assert a.help and a.help.strip(), f"{where} has no help text"
+            shown = " ".join((p._get_formatter()._expand_help(a) or "").split())
+            if a.default is not None and a.default is not False and a.default != []:
+                assert re.search(r"\bdefault\b", shown), f"{where} does not show its default {a.default!r}: {shown}"
+
+
+@pytest.mark.parametrize("name, kind", [("probe.heads", "heads"), ("probe.eval", "eval"), ("analyses.shift", "shift"),
+                                        ("analyses.merge", "merge"), ("analyses.trajectory", "trajectory"),
+                                        ("analyses.replicate", "report"), ("analyses.finetune", "steps")])
+def test_help_says_how_its_figures_are_redrawn(name, kind, capsys):
+    """Each command that leaves figures (or, for analyses.finetune, checkpoints whose evaluations Figure 3 draws)
+    shows among its examples the ``python -m figures`` line that redraws them from its saved files; none did, and
+    a salience merge's merge_heads figure is drawn by nothing else."""
+    with pytest.raises(SystemExit):
+        _main(name)(["--help"])
+    examples = capsys.readouterr().out.split("\nexamples:\n", 1)[1]
+    assert f"  python -m figures {kind} runs/" in examples, examples
+
+
+@pytest.mark.parametrize("name, files", [
+    ("probe.heads", ["heads.csv", "baseline.json", "items.parquet", "heatmap_", "run.json"]),
+    ("probe.eval", ["scores.csv", "items.parquet", "table.md", "eval.{png,pdf}", "run.json"]),
+    ("probe.convert", ["<split>-00000-of-00001.parquet", "convert-<split>.json"]),
+    ("probe.synthetic", ["<split>-00000-of-00001.parquet"]), ("analyses.shift", ["shift.csv", "summary.json"]),
+    ("analyses.merge", ["merge_weights.csv", "merge.json", "carriers/<name>/"]),
+    ("analyses.trajectory", ["coords.csv", "points.csv", "features.npz"]),
+    ("analyses.finetune", ["checkpoint-<step>/", "train_log.csv"]), ("analyses.replicate", ["report.md", "report.html"])])
+def test_help_says_what_the_command_writes(name, files, capsys):
+    """probe.heads, probe.eval and analyses.merge --help said what they measure but not what they write (their
+    --out read "output directory"); every command's help names the files it leaves."""
+    with pytest.raises(SystemExit):
+        _main(name)(["--help"])
+    flat = " ".join(capsys.readouterr().out.split())
+    assert not [f for f in files if f not in flat], flat
+
+
+class _Parsed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("name", MODULES + BENCH)
+def test_every_example_in_a_help_parses(name, monkeypatch):
+    """Each ``python -m M …`` line among a command's --help examples (and in a bench script's docstring) is a
+    command line M's own parser accepts: a renamed or misspelt flag in an example fails here, not in a user's
+    shell."""
+    import shlex
+
+    from probe.errors import ArgParser
+
+    parsers = _parsers(name, monkeypatch)
+    monkeypatch.undo()
+    lines = [e for p in parsers for e in p.examples] + [
+        ln.strip() for p in parsers for ln in (p.description or "").splitlines() if ln.strip().startswith("python ")]
+    runs = []
+    for line in lines:
+        words = shlex.split(line.rstrip("\\"), comments=True)
+        words = words[:words.index(">")] if ">" in words else words  # a shell redirection
+        if any(w.startswith("[") for w in words):  # a synopsis ([--k 3] …), not a command line
+            continue
+        if "-m" in words and words[0] in ("python", "torchrun"):
+            runs.append((words[words.index("-m") + 1], words[words.index("-m") + 2:]))
+        elif words[:1] == ["python"] and words[1].startswith("bench/"):
+            runs.append((Path(words[1]).stem, words[2:]))
+    assert runs or not lines, lines
+    original = ArgParser.parse_known_args
+
+    def parsed(self, args=None, namespace=None):
+        _, extra = original(self, args, namespace)
+        assert not extra, f"{self.prog}: unrecognized {extra}"
+        raise _Parsed
+
+    monkeypatch.setattr(ArgParser, "parse_known_args", parsed)
+    for module, argv in runs:
+        main = _main(module if module in BENCH else {"figures": "figures.__main__",
+                                                     "probe.zoo": "probe.zoo.__main__"}.get(module, module))
+        with pytest.raises(_Parsed):
+            main(argv)
+
+
 def test_a_list_option_given_twice_is_a_usage_error(capsys):
     """argparse kept only the last of ``--data a --data b``: probe.eval ran on b alone (a text model: every row
     n/a) and exited 0. Every list option of every CLI is refused the second time; a scalar repeated stays as
@@ -110,14 +223,47 @@ def test_a_list_option_given_twice_is_a_usage_error(capsys):
     ("probe.heads", []), ("probe.eval", ["--models", "m", "--data", "d"]), ("probe.convert", ["mmlu", "src"]),
     ("analyses.shift", ["--base", "b", "--models", "m"]), ("analyses.merge", ["--models", "a", "b"]),
     ("analyses.trajectory", ["--base", "b"]), ("analyses.finetune", ["--model", "m", "--data", "text=d", "--steps", "2"]),
-    ("analyses.replicate", [])])
+    ("analyses.replicate", []), ("probe.synthetic", [])])
 def test_a_tilde_in_out_is_the_home_dir_as_in_every_input(name, argv, tmp_path, monkeypatch):
     """--out '~/runs/x' (quoted, or from a script) wrote into a folder named '~' under the working dir, while --model
     and --data expand '~' and the check that --out is no input looked at the home dir's path (probe.convert alone
-    expanded it)."""
+    expanded it). probe.synthetic's did not until 2026-12-05: it made the folder '~' and then stopped with a
+    traceback when pyarrow, which expands it, wrote into a home-dir folder that did not exist."""
     monkeypatch.setenv("HOME", str(tmp_path))
     args = importlib.import_module(name).build_parser().parse_args([*argv, "--out", "~/runs/x"])
     assert args.out == tmp_path / "runs" / "x"
+
+
+@pytest.mark.parametrize("name, argv, dest", [
+    ("figures.__main__", ["heads", "~/r"], "dir"), ("analyses.merge", ["--models", "a", "--shift", "~/r"], "shift_dir"),
+    ("analyses.merge", ["--models", "a", "--salience", "~/r"], "salience"),
+    ("analyses.merge", ["--models", "a", "--base-salience", "~/r"], "base_salience"),
+    ("analyses.trajectory", ["--base", "b", "--runs", "~/r"], "runs"), ("analyses.replicate", ["--config", "~/r"], "config"),
+    ("probe.heads", ["--template", "~/r"], "template"), ("probe.convert", ["mmlu", "~/r"], "src"),
+    ("probe.convert", ["mmlu", "s", "--videos", "~/r"], "videos")])
+def test_a_tilde_in_an_input_path_is_the_home_dir(name, argv, dest, tmp_path, monkeypatch):
+    """``python -m figures shift '~/runs/shift'`` said the folder was not a directory, and analyses.merge's --shift,
+    --salience and --base-salience, trajectory's --runs, replicate's --config and probe.heads' --template read a
+    folder named '~' under the working dir, while --out, --model and --data expand '~'."""
+    parser = _parsers(name, monkeypatch)[0]
+    monkeypatch.undo()
+    monkeypatch.setenv("HOME", str(tmp_path))
+    value = getattr(parser.parse_args([*argv, *([] if name.startswith("figures") else ["--out", "o"])]), dest)
+    assert value in (tmp_path / "r", [tmp_path / "r"]), value
+
+
+def test_gpu_check_script_answers_help_and_refuses_options(tmp_path):
+    """``bench/gpu_check.sh --help`` took --help for its OUT_DIR: mkdir printed its own usage and the script went on
+    to the GPU steps, every log redirected into a folder that was never made. It prints its header and exits 0;
+    an unknown option or a second argument exits 2 with one line; nothing is created either way."""
+    script = str(REPO / "bench" / "gpu_check.sh")
+    done = subprocess.run(["bash", script, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "bench/gpu_check.sh [OUT_DIR]" in done.stdout and "Writes to OUT_DIR" in done.stdout
+    assert "set -u" not in done.stdout and not done.stdout.startswith("#")
+    for argv in (["--bogus"], ["a", "b"]):
+        done = subprocess.run(["bash", script, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        one_error_line(done.returncode, done.stderr)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_every_cli_uses_the_shared_parser():

@@ -1381,3 +1381,18 @@ def test_a_run_json_that_is_not_an_object_is_named_unreadable(command, tmp_path,
         err = capfd.readouterr().err.strip()
         assert rc == 2 and err == f"error: {out / 'run.json'} is unreadable; pass --overwrite to start fresh", err
         assert (out / "run.json").read_text() == text
+
+
+def test_the_printed_summary_names_its_metric_and_its_marks(data_dir, text_dir, tmp_path, capfd):
+    """A finished run printed table.md's models × data sets table alone: with --no-generate its numbers are the
+    probability accuracy, which nothing on screen said, and its n/a and † cells went unexplained. It prints the
+    heading (the metric), the table and table.md's notes, then where the results are."""
+    out = tmp_path / "run"
+    assert _eval("--models", "tiny-qwen2", "--data", text_dir, data_dir, "--limit", "3", "--no-generate",
+                 "--quiet", "--no-figures", "--out", out) == 0
+    printed = capfd.readouterr().out.strip().splitlines()
+    table = (out / "table.md").read_text().split("\n\n")
+    assert printed[0] == "Evaluation: probability accuracy in %, 95 % bootstrap interval:"
+    assert printed[1:1 + len(table[1].splitlines())] == table[1].splitlines() and "n/a" in table[1]
+    assert "- n/a: tiny-qwen2 (qwen2) cannot read image items" in printed
+    assert printed[-1] == f"results in {out}/"

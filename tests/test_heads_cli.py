@@ -774,11 +774,16 @@ def test_the_summary_says_why_a_run_has_no_accuracy(tmp_path, capsys):
 
     from probe.heads import _print_summary
 
+    heads = pd.DataFrame({"layer": [0], "head": [1], "kl": [0.25], "prob_accuracy": [0.25],
+                          "prob_accuracy_drop": [0.25]})
     for method, why in (("attribution", "attribution estimates no generated text"), ("exact", "--no-generate")):
         (tmp_path / "baseline.json").write_text(json.dumps({"accuracy": None, "prob_accuracy": 0.5, "n_items": 4,
                                                             "n_skipped_open": 0, "method": method}))
-        _print_summary(tmp_path, pd.DataFrame())
-        assert capsys.readouterr().out.startswith(f"baseline: accuracy n/a ({why})  prob_accuracy 0.500")
+        _print_summary(tmp_path, heads)
+        out = capsys.readouterr().out
+        assert out.startswith(f"baseline: accuracy n/a ({why})  prob_accuracy 0.500")
+        # the heads printed are first-order estimates under attribution, and read as measured until they said so
+        assert out.splitlines()[1].endswith("KL 0.2500" + (" [attribution estimate]" if method == "attribution" else ""))
 
 
 def test_the_summary_breaks_ties_in_the_drop_by_kl(tmp_path, capsys):

@@ -833,6 +833,22 @@ def test_only_refuses_a_stage_whose_inputs_are_not_there(tmp_path: Path, capsys)
     assert not out.exists()
 
 
+def test_only_on_a_run_of_another_config_names_that_config(tmp_path: Path, capsys) -> None:
+    """--only report on a --quick run, without --quick, said only that a stage was "not complete with these
+    settings"; it names the config the run was made with and the flag that gives it again."""
+    from analyses.replicate_config import QUICK_CONFIG
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "replicate.json").write_text(json.dumps({"config_file": str(QUICK_CONFIG)}))
+    assert replicate_in_root("--only", "report", "--out", str(out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --only report: it needs stage ") and "\n" not in err
+    assert f"({out} was run with {QUICK_CONFIG}: give --quick again)" in err
+    assert replicate_in_root("--quick", "--only", "report", "--out", str(out)) == 2  # the same config: no hint
+    assert "was run with" not in capsys.readouterr().err
+
+
 def test_out_must_be_a_replicate_output(tmp_path: Path, capsys) -> None:
     out = tmp_path / "mine"
     out.mkdir()

@@ -10,8 +10,14 @@ from probe.errors import ArgParser, out_dir
 def main(argv: list[str] | None = None) -> int:
     ap = ArgParser(prog="python -m probe.zoo", description="Build the trained tiny organisms.")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="regenerate data and organisms (deterministic on one machine; another CPU "
-                       "rounds differently and trains other weights)")
+    build_help = ("regenerate data and organisms (deterministic on one machine; another CPU rounds differently and "
+                  "trains other weights)")
+    b = sub.add_parser("build", help=build_help, description=f"Build the trained tiny organisms: {build_help}. "
+                       "Writes DIR/data/, DIR/organism-{base,vl,ov-si,video}/ and DIR/quality.json; --ship copies "
+                       "them into the package.",
+                       examples=["python -m probe.zoo build --out runs/zoo --quick     # CI smoke test: tiny data, 20 steps",
+                                 "python -m probe.zoo build --out runs/zoo-held-out --exclude-validation",
+                                 "python -m probe.eval --models runs/zoo/organism-vl --data probe/zoo/data/image"])
     b.add_argument("--out", type=out_dir, required=True, metavar="DIR",
                    help="where data/, organism-*/ and quality.json are written")
     b.add_argument("--quick", action="store_true", help="tiny data and few steps (CI smoke test)")
@@ -31,8 +37,13 @@ def main(argv: list[str] | None = None) -> int:
                    "subjects are closed sets the train split enumerates whole; README, \"How held out\")")
     b.add_argument("--ship", action="store_true", help="copy the result into the package (maintainers); refused "
                    "when an organism misses the 90 %% bar on its own modality")
-    d = sub.add_parser("data", help="fresh MMMU-format items of the organisms' tasks, none of them a validation "
-                       "item of any set (e.g. a train split to fine-tune on; the shipped sets are validation only)")
+    data_help = ("fresh MMMU-format items of the organisms' tasks, none of them a validation item of any set (e.g. a "
+                 "train split to fine-tune on; the shipped sets are validation only)")
+    d = sub.add_parser("data", help=data_help, description=f"Write {data_help}, and print the four set "
+                       "directories.",
+                       examples=["python -m probe.zoo data --out runs/data",
+                                 "python -m analyses.finetune --model organism-vl --data image=runs/data/image "
+                                 "--steps 50 --out runs/ft-image"])
     d.add_argument("--out", type=out_dir, required=True, metavar="DIR",
                    help="where text/, image/, image_single/ and video/ are written (must not exist yet)")
     d.add_argument("--n", type=int, default=24, help="items per subject (default: 24)")
