@@ -56,12 +56,6 @@ def render(frames: list[list[tuple[str, str, float, float]]], size: int) -> list
     return [png_bytes(img) for img in render_images(frames, size)]
 
 
-def _mc(rng: random.Random, correct: str, pool, n: int = 4) -> tuple[list[str], str]:
-    options = [correct, *rng.sample(sorted(set(pool) - {correct}), n - 1)]
-    rng.shuffle(options)
-    return options, chr(ord("A") + options.index(correct))
-
-
 def q_motion(rng: random.Random, n_frames: int):
     direction = rng.choice(sorted(DIRECTIONS))
     dx, dy = DIRECTIONS[direction]
