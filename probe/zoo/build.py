@@ -275,7 +275,8 @@ def build_fresh_data(root: Path, n: int, seed: int, split: str = "train") -> dic
 def tokenizer_corpus(seed: int = 0) -> list[str]:
     from probe.synthetic import ALL_KINDS, QUESTION_BUILDERS
 
-    corpus = [TEMPLATE.system, "Question: \nChoices:\n", "user assistant system"]
+    # the prompt template's fixed words: its user turn with nothing filled in
+    corpus = [TEMPLATE.system, TEMPLATE.user.format(question="", choices=""), "user assistant system"]
     for s in tasks_text.SUBJECTS:
         for r in tasks_text.generate_rows(200, f"tok{seed}", s, "train"):
             corpus.append(r["question"] + " " + " ".join(eval_list(r["options"])))
