@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
@@ -30,6 +30,9 @@ from probe.families import (
     read_config_json,
     text_config_dict,
 )
+
+if TYPE_CHECKING:  # annotations only: probe.train imports this module (through probe.prompting)
+    from probe.train import TrainConfig
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -566,7 +569,7 @@ def plan_for(ref: ModelRef, dtype: torch.dtype, devices: Sequence[str], memory: 
                            memory)
 
 
-def check_trains_fits(ref: ModelRef, dtype: str, device: str, memory: int | None, train_cfg: Any,
+def check_trains_fits(ref: ModelRef, dtype: str, device: str, memory: int | None, train_cfg: TrainConfig,
                       shards: int = 1) -> None:
     """Full fine-tuning on one device holds, beside the ``dtype`` weights, a gradient and AdamW's two moments of every
     parameter that trains (probe.train.optimizer_bytes), and under bfloat16 autocast the step's bfloat16 copies of
@@ -588,7 +591,7 @@ def check_trains_fits(ref: ModelRef, dtype: str, device: str, memory: int | None
     skeleton = skeleton_of(ref, DTYPES[dtype])
     weights = module_nbytes(skeleton)
     n_train, state = optimizer_bytes(skeleton, ref, train_cfg)  # gradients and AdamW moments
-    autocast = getattr(train_cfg, "autocast", None) == "bfloat16"
+    autocast = train_cfg.autocast == "bfloat16"
     cast = weights // 2 if autocast else 0  # the step's bfloat16 copies of the float32 weights
     usable = memory * HEADROOM_FRACTION - HEADROOM_BYTES
     if shards > 1:
