@@ -366,10 +366,12 @@ def gone_text(gone: Sequence[Path]) -> str:
 
 
 def read_state(out: Path, name: str) -> dict[str, Any]:
+    """A stage's record (``write_state``); {} when it is missing, unparsable or not an object: no record."""
     try:
-        return json.loads((out / STATE_DIR / f"{name}.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        state = json.loads((out / STATE_DIR / f"{name}.json").read_text())
+    except (OSError, ValueError):
         return {}
+    return state if isinstance(state, dict) else {}
 
 
 def write_state(out: Path, name: str, state: dict[str, Any]) -> None:
