@@ -13,9 +13,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import pytest
+
+if TYPE_CHECKING:
+    import torch
 
 FAMILIES = ("qwen2", "qwen2_vl", "llava_onevision")
 VL_FAMILIES = ("qwen2_vl", "llava_onevision")
@@ -155,6 +158,19 @@ def tree_manifest(*roots: Path) -> dict[str, tuple]:
             digest = hashlib.sha256(p.read_bytes()).hexdigest() if kind == "file" else None
             out[str(p)] = (kind, st.st_size if kind == "file" else None, digest, st.st_mode, st.st_mtime_ns)
     return out
+
+
+def canonical(path: Path) -> dict[str, torch.Tensor]:
+    """Direct full load of a checkpoint's LM, canonical names (the in-memory side of every merge oracle)."""
+    from safetensors.torch import load_file
+
+    from analyses.checkpoints import open_checkpoint
+
+    with open_checkpoint(str(path)) as ck:
+        sd = {}
+        for f in {i.file for i in ck.infos.values()}:
+            sd.update(load_file(f))
+        return {c: sd[k].clone() for c, k in ck.lm.items()}
 
 
 def png_bytes(colour=(200, 30, 30), size=(48, 40), seed: int = 0) -> bytes:
