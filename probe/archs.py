@@ -163,14 +163,13 @@ def build_random(name: str, workdir: str | Path, dtype: str = "float32", device:
     from probe.families import FAMILIES, HeadGeometry, text_config_dict
     from probe.models import DTYPES, LoadedModel, ModelRef, _check_geometry, load_processors
     from probe.tiny import _CORPUS
-    from probe.tokenizer import build_tokenizer
+    from probe.tokenizer import build_tokenizer, special_ids
 
     arch = ARCHS[name]
     fam = FAMILIES[arch.family]
     tok = build_tokenizer(_CORPUS, 1024, fam.image_placeholder, fam.video_placeholder)
     ids = tok.convert_tokens_to_ids
-    special = {"bos_token_id": ids("<|endoftext|>"), "eos_token_id": ids("<|im_end|>"),
-               "pad_token_id": ids("<|endoftext|>")}
+    special = special_ids(tok)
     special |= {attr: ids(token) for attr, token in BUILDS[arch.family].media_tokens}
     config = build_config(name, special, layers, vision_layers, vocab_size)
     out = Path(workdir)

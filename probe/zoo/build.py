@@ -308,12 +308,6 @@ def eval_list(s: str) -> list[str]:
 # ------------------------------------------------------------------------------------------- models
 
 
-def _special(tok) -> dict[str, int]:
-    ids = tok.convert_tokens_to_ids
-    return {"bos_token_id": ids("<|endoftext|>"), "eos_token_id": ids("<|im_end|>"),
-            "pad_token_id": ids("<|endoftext|>")}
-
-
 def init_organism(name: str, tok: PreTrainedTokenizerBase, out_dir: Path, base_dir: Path | None, seed: int) -> Path:
     """Write an untrained organism (LM copied from organism-base when given) with tokenizer and processor."""
     import transformers as T
@@ -322,10 +316,10 @@ def init_organism(name: str, tok: PreTrainedTokenizerBase, out_dir: Path, base_d
     )
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from probe.tokenizer import chat_template_for
+    from probe.tokenizer import chat_template_for, special_ids
 
     torch.manual_seed(seed)
-    special = _special(tok)
+    special = special_ids(tok)
     text = dict(LM, vocab_size=len(tok), **special)
     ids = tok.convert_tokens_to_ids
     image_processor = None
