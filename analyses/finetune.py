@@ -626,14 +626,14 @@ def run_sessions(cfg: FinetuneConfig, saved: Any, start: int | None, world: int)
 def check_previous_run(cfg: FinetuneConfig, fingerprint: dict[str, Any], model_path: Path, on_cpu: bool) -> None:
     """A non-empty --out must hold this very run (resumed) or be cleared by --overwrite (never the model's or a
     data set's files); anything else is refused."""
-    from probe.results import different_run, has_contents
+    from probe.results import different_run, has_contents, read_run_json
 
     out = cfg.out
     if not has_contents(out):
         return
     try:
-        previous = json.loads((out / "run.json").read_text())["config"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):  # TypeError: JSON but no object ([1])
+        previous = read_run_json(out)["config"]
+    except (KeyError, TypeError):  # TypeError: missing or unreadable (None), or JSON but no object ([1])
         raise BadInput(f"--out {out} is not empty and holds no fine-tuning run.json") from None
     if cfg.overwrite:
         clear_run(out, [model_path, *map(Path, cfg.data.values())], on_cpu)

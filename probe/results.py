@@ -397,10 +397,7 @@ def claim_out_dir(out: Path, fingerprint: Any, saved_fingerprint: Callable[[dict
     a single process started meanwhile computed their chunks beside them, or cleared them with --overwrite).
     Called before run.json is written; refuses a run.json another run wrote since this one's check."""
     lock_out_dir(out, shared=rank_world()[1] > 1)
-    try:
-        saved = json.loads((out / "run.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return
+    saved = read_run_json(out)
     if isinstance(saved, dict) and saved_fingerprint(saved) != fingerprint:
         raise BadInput(f"--out {out} now holds a different run, started while this one was preparing; use another "
                        "--out")
