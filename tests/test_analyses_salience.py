@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from analyses import merge, tiny
 from analyses.formulas import TiesTrim, TrimSearch, delta_avg, shift_coefficients, ties_merge
-from test_analyses_merge import canonical, run, tiny_qwen2_view
+from conftest import canonical
+from test_analyses_merge import run, tiny_qwen2_view
 
 L, H, KV, D = 2, 4, 2, 8  # analyses.tiny.TEXT: 2 layers × 4 query heads, 2 KV heads, head_dim 32 / 4
 
