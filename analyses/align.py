@@ -68,10 +68,6 @@ class Alignment:
     head: dict[str, Any] = field(default_factory=dict)  # what the tied-head rule did (tied and untied mixed)
 
     @property
-    def largest_bytes(self) -> int:
-        return max(i.nbytes for t in self.tensors for i in t.infos)
-
-    @property
     def tied(self) -> bool:
         """No participant has its own lm_head: a merged LM of these ties it to its embedding too."""
         return all(t.canon != "lm_head.weight" for t in self.tensors)

@@ -7,6 +7,7 @@ asked for, with ``torch.load(weights_only=True, mmap=True)``.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import mmap
 import os
@@ -398,7 +399,7 @@ def check_inputs_and_out(out: Path, inputs: Sequence[Checkpoint], others: Sequen
         raise BadInput(f"--out {out} would replace the input {hit[0]} ({hit[1]}); pick another --out")
 
 
-def add_output_args(p, out_help: str, figures: bool = True) -> None:
+def add_output_args(p: argparse.ArgumentParser, out_help: str, figures: bool = True) -> None:
     """The options every analyses command shares: where to write, replacing it, reading .bin, figures, quiet."""
     p.add_argument("--out", type=out_dir, required=True, help=out_help)
     p.add_argument("--overwrite", action="store_true",

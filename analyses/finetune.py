@@ -31,10 +31,15 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from probe.errors import (ArgParser, BadInput, RunStopped, check_counts, check_out_apart, check_out_path, cli_main,
                           input_in_out, make_out_dir, out_dir, releases_claims, drop_partial)
+
+if TYPE_CHECKING:  # annotations only: the command imports torch and the model code when it runs
+    from probe.devices import Placement
+    from probe.models import LoadedModel, ModelRef
+    from probe.train import Sampler, StepInfo, TrainConfig
 
 LOG_COLUMNS = ["step", "modality", "loss", "lr", "lm_lr", "tokens"]  # lr: --lr's rate now (tower, projector)
 STATE = "trainer_state.pt"
@@ -158,7 +163,7 @@ def resume_point(out: Path, cfg: FinetuneConfig) -> tuple[int | None, dict[int, 
     return (max(ok) if ok else None), resumable
 
 
-def mixed_sampler(offsets: dict[str, range], mix: dict[str, float]):
+def mixed_sampler(offsets: dict[str, range], mix: dict[str, float]) -> Sampler:
     """Each row: a modality with probability ∝ mix, then one of its rows uniformly (seeded generator)."""
     import torch
 
@@ -178,7 +183,7 @@ def mixed_sampler(offsets: dict[str, range], mix: dict[str, float]):
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def add_lora(loaded, rank: int, adapter: Path | None = None):
+def add_lora(loaded: LoadedModel, rank: int, adapter: Path | None = None) -> LoadedModel:
     """Wrap the model's LM projections with LoRA adapters (peft); from ``adapter`` when resuming."""
     from peft import LoraConfig, PeftModel, get_peft_model
     from safetensors import SafetensorError
@@ -240,7 +245,7 @@ def save_state(state: dict, path: Path) -> None:
             raise
 
 
-def save_checkpoint(loaded, source: Path, dest: Path, state: dict | None,
+def save_checkpoint(loaded: LoadedModel, source: Path, dest: Path, state: dict | None,
                     weights: dict[str, Any] | None = None) -> None:
     """An HF model dir (configs and tokenizer files of the source) plus the trainer state, written to a hidden dir
     and renamed: a kill never leaves half a checkpoint. Full fine-tuning saves the model's weights in its dtype
@@ -273,7 +278,7 @@ def save_checkpoint(loaded, source: Path, dest: Path, state: dict | None,
     tmp.rename(dest)
 
 
-def lora_updates(loaded) -> dict[str, tuple[str, Any]]:
+def lora_updates(loaded: LoadedModel) -> dict[str, tuple[str, Any]]:
     """The LoRA-wrapped projections of a peft model (their names in the model, the modules) under the canonical LM
     names of their weights (``layers.<i>.self_attn.q_proj.weight``, as ``analyses.checkpoints`` names a
     checkpoint's LM tensors)."""
@@ -306,7 +311,7 @@ def lora_delta(module: Any, adapter: str, weights: dict[str, Any] | None, name: 
                                                          scaling=module.scaling), adapter)
 
 
-def write_lora_merge(loaded, source: Path, dest: Path, weights: dict[str, Any] | None = None) -> None:
+def write_lora_merge(loaded: LoadedModel, source: Path, dest: Path, weights: dict[str, Any] | None = None) -> None:
     """The weights of a LoRA checkpoint: every tensor of the source checkpoint (under its names and layout) in
     float32, each adapted projection plus its adapter's update (peft's ``get_delta_weight``: B·A·α/R), written
     one tensor at a time. A merged float32 copy of the whole model (peft's ``merge_and_unload``) needed 2× the
@@ -524,8 +529,8 @@ def finish(out: Path, run_info: dict[str, Any], status: str, **extra: str) -> No
     atomic_write_json(out / "run.json", run_info)
 
 
-def weights_dtype(placement: Any, lora: int | None) -> str:
-    """The dtype a fine-tuning run on ``placement`` (probe.devices.Placement) holds its weights in, or BadInput for
+def weights_dtype(placement: Placement, lora: int | None) -> str:
+    """The dtype a fine-tuning run on ``placement`` holds its weights in, or BadInput for
     a precision the loop cannot train with. analyses.replicate asks it before its first stage."""
     if placement.dtype == "float16":
         raise BadInput("--dtype float16: fine-tuning in float16 needs loss scaling, which the training loop does not "
@@ -535,7 +540,7 @@ def weights_dtype(placement: Any, lora: int | None) -> str:
     return "bfloat16" if lora is not None and placement.dtype == "bfloat16" else "float32"
 
 
-def check_launch(cfg: FinetuneConfig, placement: Any, world: int, tcfg: Any) -> None:
+def check_launch(cfg: FinetuneConfig, placement: Placement, world: int, tcfg: TrainConfig) -> None:
     """How the run is launched (processes, FSDP, accelerate's settings, the device spread), checked before the
     model loads and checkpoint-0 is written."""
     from probe.train import check_batch_splits, fsdp_launch, refuse_accelerate_settings, refuse_fsdp
@@ -554,7 +559,7 @@ def check_launch(cfg: FinetuneConfig, placement: Any, world: int, tcfg: Any) -> 
                        "per GPU, or one process alone to train the model split over them")
 
 
-def read_data(cfg: FinetuneConfig, ref: Any) -> tuple[dict[str, list], list[list[str]]]:
+def read_data(cfg: FinetuneConfig, ref: ModelRef) -> tuple[dict[str, list], list[list[str]]]:
     """Each --data set's items (by label, in --data order) and its [label, content fingerprint], the model's
     modalities and prompts checked against them."""
     from probe.mmmu import load_items
@@ -574,8 +579,8 @@ def read_data(cfg: FinetuneConfig, ref: Any) -> tuple[dict[str, list], list[list
     return items, contents
 
 
-def load_trainee(cfg: FinetuneConfig, ref: Any, frozen: str, placement: Any, tcfg: Any, world: int,
-                 adapter: Path | None) -> Any:
+def load_trainee(cfg: FinetuneConfig, ref: ModelRef, frozen: str, placement: Placement, tcfg: TrainConfig,
+                 world: int, adapter: Path | None) -> LoadedModel:
     """The model to train, checked to fit and to have something that trains: ``ref``'s weights in ``frozen``
     dtype, with ``--lora``'s adapters (``adapter``: the resumed checkpoint's, else freshly initialised)."""
     import torch
@@ -621,14 +626,14 @@ def run_sessions(cfg: FinetuneConfig, saved: Any, start: int | None, world: int)
 def check_previous_run(cfg: FinetuneConfig, fingerprint: dict[str, Any], model_path: Path, on_cpu: bool) -> None:
     """A non-empty --out must hold this very run (resumed) or be cleared by --overwrite (never the model's or a
     data set's files); anything else is refused."""
-    from probe.results import different_run, has_contents
+    from probe.results import different_run, has_contents, read_run_json
 
     out = cfg.out
     if not has_contents(out):
         return
     try:
-        previous = json.loads((out / "run.json").read_text())["config"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):  # TypeError: JSON but no object ([1])
+        previous = read_run_json(out)["config"]
+    except (KeyError, TypeError):  # TypeError: missing or unreadable (None), or JSON but no object ([1])
         raise BadInput(f"--out {out} is not empty and holds no fine-tuning run.json") from None
     if cfg.overwrite:
         clear_run(out, [model_path, *map(Path, cfg.data.values())], on_cpu)
@@ -636,7 +641,7 @@ def check_previous_run(cfg: FinetuneConfig, fingerprint: dict[str, Any], model_p
         raise different_run(out, previous, fingerprint)
 
 
-def append_log(log_path: Path, info: Any, modality_of: dict[int, str], cfg: FinetuneConfig) -> None:
+def append_log(log_path: Path, info: StepInfo, modality_of: dict[int, str], cfg: FinetuneConfig) -> None:
     """One train_log.csv row for a step: its rows per modality, loss, both rates and tokens."""
     counts: dict[str, int] = {}
     for i in info.rows:

@@ -123,10 +123,6 @@ class ShiftStats:
         return self.sum_abs / max(self.numel, 1)
 
     @property
-    def l2(self) -> float:  # ‖θ − θ_ref‖ (the trajectory feature, DESIGN §6)
-        return math.sqrt(self.sum_sq)
-
-    @property
     def rel_l2(self) -> float:
         return math.sqrt(self.sum_sq) / math.sqrt(self.base_sq) if self.base_sq > 0 else math.inf
 

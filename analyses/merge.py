@@ -558,14 +558,14 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
                 "models": list(cfg.models),
                 "reference": names[0],
                 "weights": cfg.weights if cfg.method == "weighted" else None,
-                "normalize": cfg.normalize if cfg.method == "weighted" else None,
-                "alpha0": cfg.alpha0 if cfg.method in ("shift", "salience") else None,
-                "temperature": cfg.temperature if cfg.method in ("shift", "salience") else None,
+                "normalize": cfg.normalize if reads("no_normalize", cfg.method) else None,
+                "alpha0": cfg.alpha0 if reads("alpha0", cfg.method) else None,
+                "temperature": cfg.temperature if reads("temperature", cfg.method) else None,
                 # salience --rest layer too: embeddings, the final norm and lm_head stay on Eq. 4
                 "shift_source": str(cfg.shift_dir) if shift_table else (
                     "computed" if cfg.method in ("shift", "salience") else None),
-                "lambda": cfg.lam if cfg.method in ("task_arithmetic", "ties") else None,
-                "density": cfg.density if cfg.method == "ties" else None,
+                "lambda": cfg.lam if reads("lam", cfg.method) else None,
+                "density": cfg.density if reads("density", cfg.method) else None,
                 "salience": {"runs": [str(p) for p in cfg.salience],
                              "base_run": str(cfg.base_salience) if cfg.base_salience else None,
                              # as given, and resolved: figures merge reads the runs from any cwd
@@ -718,6 +718,11 @@ METHOD_OPTIONS = (("alpha0", "--alpha0", ("shift", "salience")), ("temperature",
                   ("salience_temperature", "--salience-temperature", ("salience",)),
                   ("lam", "--lambda", ("task_arithmetic", "ties")), ("density", "--density", ("ties",)),
                   ("no_normalize", "--no-normalize", ("weighted",)))
+
+
+def reads(dest: str, method: str) -> bool:
+    """Whether ``method`` reads the MergeConfig setting ``dest`` (METHOD_OPTIONS): merge.json records it only then."""
+    return any(d == dest and method in methods for d, _, methods in METHOD_OPTIONS)
 
 
 def method_options(a: argparse.Namespace) -> dict[str, Any]:

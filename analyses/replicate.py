@@ -135,7 +135,8 @@ def drop_damaged(out: Path) -> Path:
     """``out``, an analyses output of a resumed stage, deleted if it cannot be kept: a file it lists is gone (deleted
     by hand while the stage was down), or it has no readable listing; its command then computes it again. A whole
     one is kept: its command finds it finished (the stage's fingerprint covers what it was computed from)."""
-    from analyses.writer import gone_entries, read_manifest
+    from analyses.writer import gone_entries
+    from probe.results import read_manifest
 
     if out.exists() and gone_entries(out, read_manifest(out) or {}) != []:
         shutil.rmtree(out)
@@ -349,7 +350,8 @@ def missing_outputs(stage: str, cfg: ReplicateConfig, out: Path) -> list[Path]:
     """What a complete stage wrote that is gone now (deleted by hand): its named outputs, and every entry of the
     output manifests (probe.results.MANIFEST) of its output dirs. The driver reruns such a stage, the report
     refuses it: either way no table cell turns into "—" and no figure drops out without a word."""
-    from analyses.writer import gone_entries, read_manifest
+    from analyses.writer import gone_entries
+    from probe.results import read_manifest
 
     gone = []
     for p in BY_NAME[stage].outputs(cfg, out):
@@ -366,10 +368,12 @@ def gone_text(gone: Sequence[Path]) -> str:
 
 
 def read_state(out: Path, name: str) -> dict[str, Any]:
+    """A stage's record (``write_state``); {} when it is missing, unparsable or not an object: no record."""
     try:
-        return json.loads((out / STATE_DIR / f"{name}.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        state = json.loads((out / STATE_DIR / f"{name}.json").read_text())
+    except (OSError, ValueError):
         return {}
+    return state if isinstance(state, dict) else {}
 
 
 def write_state(out: Path, name: str, state: dict[str, Any]) -> None:

@@ -17,12 +17,15 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from analyses.finetune import RUN_ONLY_SETTINGS
 from analyses.sketch import SKETCH_DIMS
 from probe.devices import Placement
 from probe.errors import BadInput
+
+if TYPE_CHECKING:  # annotations only: the loop is imported when a config is checked
+    from probe.train import TrainConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "organisms.toml"
@@ -349,7 +352,7 @@ def check_values(cfg: ReplicateConfig) -> None:
         raise BadInput(f"config key 'finetune': {exc}") from None
 
 
-def train_config(cfg: ReplicateConfig, autocast: str | None = None):  # -> probe.train.TrainConfig
+def train_config(cfg: ReplicateConfig, autocast: str | None = None) -> TrainConfig:
     """The finetune stage's training-loop settings (its rates decide what trains; ``autocast`` its forward's
     precision, as analyses.finetune sets it from the placement)."""
     from probe.train import TrainConfig

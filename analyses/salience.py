@@ -9,7 +9,6 @@ heads. Everything here is small ([n_layers, n_heads] tables); the merge streams 
 from __future__ import annotations
 
 import csv
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -32,10 +31,10 @@ def run_fingerprint(run_dir: Path) -> str:
     """What a merge reads of a ``probe.heads`` run: heads.csv's bytes and run.json's plan, measured model and status
     (``read_salience``, ``check_run_model``); not its timestamps, versions or figures, so the same sweep computed
     again is the same input to a merge's manifest. A run without them is fingerprinted whole (it is refused later)."""
-    from probe.results import content_fingerprint, json_digest
+    from probe.results import content_fingerprint, json_digest, read_run_json
 
     try:
-        info = json.loads((run_dir / "run.json").read_text())
+        info = read_run_json(run_dir)
         read = {k: info.get(k) for k in ("plan", "model_resolved_path", "status")}
         table = (run_dir / "heads.csv").read_bytes()
     except (OSError, ValueError, AttributeError):
@@ -48,13 +47,15 @@ def check_run_model(run_dir: Path, who: str, participants: dict[str, Path]) -> d
     (runs swapped, or the base's run given for an expert). Returns what merge.json records of the run (the model
     and data it measured, and how) with its ``warnings``: a run of a model elsewhere (a copy?), an attribution
     estimate. The caller prints them once every run has passed, so a refusal stays the only line on stderr."""
+    from probe.results import read_run_json
+
     try:
-        info = json.loads((run_dir / "run.json").read_text())
+        info = read_run_json(run_dir)  # None when missing or unreadable
         plan = info["plan"]
         # the absolute path (probe.heads records it beside the plan); plan.model_path is the spec as given, relative
         # to the cwd probe.heads ran in, which resolved here pointed elsewhere: swapped runs passed with a warning
         measured = info.get("model_resolved_path") or plan["model_path"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+    except (KeyError, TypeError):
         return {"run": str(run_dir), "for": who, "warnings": [
             f"{run_dir / 'run.json'} does not name the model it measured (not a probe.heads run.json?); it is used "
             f"as {who}'s run unchecked"]}
@@ -131,10 +132,12 @@ def read_salience(run_dir: Path, metric: str, geometry: HeadGeometry, who: str) 
     heads_csv, run_json = run_dir / "heads.csv", run_dir / "run.json"
     if not heads_csv.is_file() or not run_json.is_file():
         raise BadInput(f"--salience {run_dir}: not a probe.heads run (no heads.csv / run.json)")
-    try:
-        status = json.loads(run_json.read_text()).get("status")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        raise BadInput(f"{run_json}: unreadable") from None
+    from probe.results import read_run_json
+
+    info = read_run_json(run_dir)
+    if not isinstance(info, dict):
+        raise BadInput(f"{run_json}: unreadable")
+    status = info.get("status")
     if status != "complete":
         raise BadInput(f"--salience {run_dir}: the run is not complete (status {status!r}); finish it first")
     try:  # csv, not pandas: importing pandas would cost the merge more than reading the table

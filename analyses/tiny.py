@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -19,11 +19,11 @@ TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_atten
             vocab_size=128, max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1)
 
 
-def text_kwargs(**over) -> dict:
+def text_kwargs(**over: Any) -> dict:
     return {**TEXT, **over}
 
 
-def base_lm(seed: int = 0, **over) -> dict[str, torch.Tensor]:
+def base_lm(seed: int = 0, **over: Any) -> dict[str, torch.Tensor]:
     """Canonical LM state dict of a random Qwen2ForCausalLM."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -92,7 +92,7 @@ def _model(kind: str, vocab: int, seed: int, **text_over):
 
 
 def write_model(kind: str, out: Path, lm: dict[str, torch.Tensor], seed: int = 0,
-                dtype: torch.dtype = torch.float32, max_shard_size: str | None = None, **text_over) -> Path:
+                dtype: torch.dtype = torch.float32, max_shard_size: str | None = None, **text_over: Any) -> Path:
     """Save a tiny ``kind`` model with its LM tensors set to ``lm`` (canonical names), in the published layout."""
     out = Path(out)
     model = _model(kind, lm["embed_tokens.weight"].shape[0], seed, **text_over).to(dtype)

@@ -27,7 +27,7 @@ import torch
 from analyses.checkpoints import DTYPE_NAMES
 from probe.errors import WRITE_STOPPED, BadInput, check_out_path
 from probe.results import (MANIFEST, WRITER_TAG, atomic_write_json, claimed, copy_file, lock_out_dir, output_listing,
-                           release_claims, remove_stale_dirs, writer_tag)
+                           read_manifest, release_claims, remove_stale_dirs, writer_tag)
 
 P = ParamSpec("P")
 
@@ -264,16 +264,6 @@ LEGACY_NAMES = {
                        "tokenizer*", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
                        "chat_template.*", "*processor_config.json", "preprocessor_config.json"),
 }
-
-
-def read_manifest(out: Path) -> dict | None:
-    """The manifest ``atomic_dir`` writes last into a finished output (MANIFEST: the command and every entry it
-    wrote), None when ``out`` has none or an unreadable one; its keys are the reader's to check."""
-    try:
-        manifest = json.loads((out / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    return manifest if isinstance(manifest, dict) else None
 
 
 def gone_entries(out: Path, manifest: dict) -> list[str] | None:

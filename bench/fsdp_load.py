@@ -107,7 +107,7 @@ def worker(way: str, source: str, out: str) -> None:
         f.write(json.dumps(line) + "\n")
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=2, help="decoder layers of Qwen2-7B's shape (default 2)")
     ap.add_argument("--vocab-size", type=int, default=32000, help="vocabulary (default 32000)")

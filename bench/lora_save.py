@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -40,7 +41,7 @@ def rss() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
 
 
-def peak_extra(fn) -> tuple[float, int]:
+def peak_extra(fn: Callable[[], object]) -> tuple[float, int]:
     """Seconds ``fn`` took and the most resident memory it held beyond what was resident when it started."""
     start, peak, done = rss(), [0], threading.Event()
 
@@ -59,7 +60,7 @@ def peak_extra(fn) -> tuple[float, int]:
     return seconds, max(peak[0], rss()) - start
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=2, help="decoder layers of Qwen2-7B's shape (default 2)")
     ap.add_argument("--vocab-size", type=int, default=32000, help="vocabulary (default 32000)")

@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -43,10 +44,12 @@ from probe.archs import ARCHS  # noqa: E402
 from probe.devices import resolve_placement  # noqa: E402
 from probe.errors import ArgParser, BadInput, check_counts, cli_main  # noqa: E402
 from probe.heads import DEFAULT_MODEL, default_data_for, parse_index_spec  # noqa: E402
-from probe.mmmu import load_items  # noqa: E402
+from probe.mmmu import Item, load_items  # noqa: E402
 from probe.models import LoadedModel, load_model, resolve_model  # noqa: E402
 from probe.prompting import build_inputs  # noqa: E402
 from probe.sweep import SweepConfig, get_engine  # noqa: E402
+
+T = TypeVar("T")
 
 FULL_SWEEP_ITEMS = 900  # the MMMU validation split of the paper's Figure 2
 
@@ -59,7 +62,7 @@ def scratch_dir(prefix: str) -> Path:
     return path
 
 
-def text_items(n: int):
+def text_items(n: int) -> list[Item]:
     from probe.zoo.tasks_text import build_text_dataset
 
     root = scratch_dir("bench-text-")
@@ -67,7 +70,7 @@ def text_items(n: int):
     return load_items(str(root), limit=n)[0]
 
 
-def mmmu_like_items(loaded: LoadedModel, n: int, image_size: int, text_tokens: int):
+def mmmu_like_items(loaded: LoadedModel, n: int, image_size: int, text_tokens: int) -> list[Item]:
     """Synthetic MMMU-format items (1 or 2 images of image_size px; text-only for a text model), read back
     through the MMMU loader like real data."""
     from probe.synthetic import mmmu_length_rows, write_mmmu_parquet
@@ -120,7 +123,7 @@ def exact_flops(loaded: LoadedModel, seq_lens: list[int], rows_per_layer: list[t
     return total
 
 
-def timed(fn, device: torch.device):
+def timed(fn: Callable[[], T], device: torch.device) -> tuple[T, float]:
     sync(device)
     t = time.perf_counter()
     out = fn()

@@ -17,6 +17,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from probe.errors import ArgParser, check_counts, cli_main  # noqa: E402
 from probe.mmmu import load_mmmu  # noqa: E402
+from probe.models import LoadedModel  # noqa: E402
 from probe.train import collate, encode, label_count, label_loss, model_inputs, modality_parts  # noqa: E402
 from probe.zoo import organism_dir, validation_dir  # noqa: E402
 from probe.zoo.build import OWN, _load  # noqa: E402
@@ -31,7 +33,7 @@ from probe.zoo.build import OWN, _load  # noqa: E402
 CASES = {"video": ("image_single", 0.2), "vl": ("text", 0.2), "base": (None, 0.0)}
 
 
-def batch_rows(loaded, name: str, batch: int, seed: int) -> list[dict]:
+def batch_rows(loaded: LoadedModel, name: str, batch: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     own = encode(loaded, load_mmmu(validation_dir(OWN[name]), "validation")[0], True)
     mixed, share = CASES[name]
@@ -43,17 +45,18 @@ def batch_rows(loaded, name: str, batch: int, seed: int) -> list[dict]:
     return rows
 
 
-def whole(loaded, rows: list[dict]) -> None:
+def whole(loaded: LoadedModel, rows: list[dict]) -> None:
     loaded.model(**model_inputs(collate(rows, loaded.tokenizer.pad_token_id))).loss.backward()
 
 
-def parts(loaded, rows: list[dict]) -> None:
+def parts(loaded: LoadedModel, rows: list[dict]) -> None:
     n_labels = label_count(rows)
     for part in modality_parts(rows).values():
         label_loss(loaded.model, collate(part, loaded.tokenizer.pad_token_id), n_labels).backward()
 
 
-def grads(loaded, step, rows) -> dict[str, torch.Tensor]:
+def grads(loaded: LoadedModel, step: Callable[[LoadedModel, list[dict]], None],
+          rows: list[dict]) -> dict[str, torch.Tensor]:
     loaded.model.zero_grad(set_to_none=True)
     step(loaded, rows)
     return {n: p.grad.clone() for n, p in loaded.model.named_parameters() if p.grad is not None}

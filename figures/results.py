@@ -2,7 +2,6 @@
 results. The report and its findings use only this (``figures/`` draws from saved results alone)."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -128,12 +127,9 @@ class Replication:
 
     def complete(self, stage: str) -> bool:
         """Whether the stage completed with this run's settings; refused when it did but its outputs are gone."""
-        from analyses.replicate import gone_text, missing_outputs
+        from analyses.replicate import gone_text, missing_outputs, read_state
 
-        try:
-            st = json.loads((self.out / "stages" / f"{stage}.json").read_text())
-        except (OSError, ValueError, AttributeError):  # missing, unparsable or not an object
-            return False
+        st = read_state(self.out, stage)
         if not (st.get("status") == "complete" and st.get("fingerprint") == self.info["fingerprints"].get(stage)):
             return False
         if gone := missing_outputs(stage, self.config, self.out):
@@ -143,16 +139,14 @@ class Replication:
 
     def seconds(self, stage: str, key: str = "seconds") -> float | None:
         """Wall (``seconds``) or CPU (``cpu_seconds``) time of the process that completed the stage."""
-        try:
-            return json.loads((self.out / "stages" / f"{stage}.json").read_text()).get(key)
-        except (OSError, ValueError, AttributeError):  # missing, unparsable or not an object
-            return None
+        from analyses.replicate import read_state
+
+        return read_state(self.out, stage).get(key)
 
     def resumed(self, stage: str) -> bool:
-        try:
-            return bool(json.loads((self.out / "stages" / f"{stage}.json").read_text()).get("resumed"))
-        except (OSError, ValueError, AttributeError):  # missing, unparsable or not an object
-            return False
+        from analyses.replicate import read_state
+
+        return bool(read_state(self.out, stage).get("resumed"))
 
     # names from the saved config
     @property

@@ -10,7 +10,13 @@ follow the offline tokenizer they are paired with (probe/tokenizer.py), which do
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from probe.models import LoadedModel
 
 QWEN2_7B_TEXT: dict[str, Any] = dict(
     vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
@@ -128,7 +134,7 @@ BUILDS: dict[str, RandomBuild] = {
 
 
 def build_config(name: str, special: dict[str, int] | None = None, layers: int | None = None,
-                 vision_layers: int | None = None, vocab_size: int | None = None):
+                 vision_layers: int | None = None, vocab_size: int | None = None) -> Any:
     """A transformers config of ``name``; ``special`` maps bos/eos/pad and the image/video token names to ids."""
     arch = ARCHS[name]
     special = dict(special or {})
@@ -139,34 +145,31 @@ def build_config(name: str, special: dict[str, int] | None = None, layers: int |
     return BUILDS[arch.family].config(text, vision, special, media)
 
 
-def image_processor_for(name: str, config):
+def image_processor_for(name: str, config: Any) -> Any:
     """The published image preprocessing of ``name`` (``BUILDS``); None for text models."""
     build = BUILDS[ARCHS[name].family]
     return build.image_processor(config) if build.image_processor is not None else None
 
 
-def build_random(name: str, workdir, dtype: str = "float32", device: str = "cpu", attn_implementation: str = "sdpa",
-                 layers: int | None = None, vision_layers: int | None = None, vocab_size: int | None = None,
-                 seed: int = 0, logits_fp32: bool = True):
+def build_random(name: str, workdir: str | Path, dtype: str = "float32", device: str = "cpu",
+                 attn_implementation: str = "sdpa", layers: int | None = None, vision_layers: int | None = None,
+                 vocab_size: int | None = None, seed: int = 0, logits_fp32: bool = True) -> LoadedModel:
     """A LoadedModel of architecture ``name`` with random weights, built directly on ``device`` (nothing is
     downloaded or written but its config, tokenizer and image-processor files in ``workdir``). In bfloat16 or
     float16 its LM head gives fp32 logits, as ``load_model``'s does, unless ``logits_fp32`` is False."""
-    from pathlib import Path
-
     import torch
     import transformers
 
     from probe.families import FAMILIES, HeadGeometry, text_config_dict
     from probe.models import DTYPES, LoadedModel, ModelRef, _check_geometry, load_processors
     from probe.tiny import _CORPUS
-    from probe.tokenizer import build_tokenizer
+    from probe.tokenizer import build_tokenizer, special_ids
 
     arch = ARCHS[name]
     fam = FAMILIES[arch.family]
     tok = build_tokenizer(_CORPUS, 1024, fam.image_placeholder, fam.video_placeholder)
     ids = tok.convert_tokens_to_ids
-    special = {"bos_token_id": ids("<|endoftext|>"), "eos_token_id": ids("<|im_end|>"),
-               "pad_token_id": ids("<|endoftext|>")}
+    special = special_ids(tok)
     special |= {attr: ids(token) for attr, token in BUILDS[arch.family].media_tokens}
     config = build_config(name, special, layers, vision_layers, vocab_size)
     out = Path(workdir)
@@ -199,7 +202,7 @@ def build_random(name: str, workdir, dtype: str = "float32", device: str = "cpu"
     return loaded
 
 
-def random_init(model, seed: int = 0, std: float = 0.02) -> None:
+def random_init(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
     """What HF's initialisation gives, in one pass (torch's default init before it doubles the time of a CPU
     smoke run): matrices and embeddings N(0, std), biases 0, norm scales 1. Buffers (rotary frequencies) are
     computed by the modules themselves and left alone."""

@@ -15,7 +15,7 @@ table: ``layers_path``, ``norm_path``, ``lm_head_path``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from torch import nn
@@ -146,7 +146,7 @@ def plan_device_map(model: nn.Module, layers_path: str, norm_path: str, lm_head_
     return plan
 
 
-def meta_model(cls: type, config, dtype: torch.dtype, attn_implementation: str | None = None) -> nn.Module:
+def meta_model(cls: type, config: Any, dtype: torch.dtype, attn_implementation: str | None = None) -> nn.Module:
     """The model's modules with no storage (the meta device): sizes and names, no weights, no memory."""
     from accelerate import init_empty_weights
 

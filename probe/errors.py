@@ -86,7 +86,8 @@ class ArgParser(argparse.ArgumentParser):
         self.register("action", None, _ListOnce)  # argument groups share this registry
         self.register("action", "store", _ListOnce)
 
-    def parse_known_args(self, args=None, namespace=None):
+    def parse_known_args(self, args: Sequence[str] | None = None,
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
         self._lists_given: set[str] = set()  # per parse: a parser may parse several command lines
         return super().parse_known_args(args, namespace)
 

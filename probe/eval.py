@@ -16,13 +16,22 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from probe.errors import (ArgParser, BadInput, check_counts, cli_main, releases_claims,
                           undone_on_bad_input)
 from probe.families import ALIASES
 from probe.heads import (_Help, _progress, add_placement_args, add_prompt_args, add_run_args,
                          check_out_apart_from_inputs, load_template, run_versions, saved_run_info)
+
+if TYPE_CHECKING:  # annotations only: the command imports the model code when it runs, not for --help
+    import pandas as pd
+
+    from probe.devices import Placement
+    from probe.mmmu import Item
+    from probe.models import LoadedModel, ModelRef
+    from probe.prompting import PromptTemplate
+    from probe.sweep import SweepConfig
 
 DEFAULT_OUT = "runs/eval"
 ITEM_COLUMNS = ["model", "data", "item_id", "subject", "answer", "pred", "correct", "prob_pred", "prob_correct",
@@ -126,7 +135,8 @@ class EvalPlan:
         return sum(lost.values()) if subject == ALL else lost.get(subject, 0)
 
 
-def make_plan(args: argparse.Namespace):
+def make_plan(args: argparse.Namespace) -> tuple[EvalPlan, list[ModelRef], dict[tuple[int, int], list[Item]],
+                                                 PromptTemplate, Placement]:
     from probe.devices import resolve_placement
     from probe.mmmu import data_location, load_items
     from probe.models import model_fingerprint, resolve_model
@@ -219,7 +229,8 @@ def part_file(out: Path, m: int, d: int) -> Path:
     return out / "parts" / f"model{m:03d}_data{d:03d}.parquet"
 
 
-def evaluate_pair(loaded, model_name: str, ds: DataSet, items, cfg, batch_size: int, bar) -> list[dict]:
+def evaluate_pair(loaded: LoadedModel, model_name: str, ds: DataSet, items: Sequence[Item], cfg: SweepConfig,
+                  batch_size: int, bar: Any) -> list[dict]:
     from probe.batch import evaluate_items
     from probe.sweep import BASELINE, measurement_row
 
@@ -315,7 +326,7 @@ def run(args: argparse.Namespace) -> Path:
     return out
 
 
-def score_table(items: Any, plan: EvalPlan, reference: str | None, seed: int):
+def score_table(items: pd.DataFrame, plan: EvalPlan, reference: str | None, seed: int) -> pd.DataFrame:
     """scores.csv: per model × data set × subject (and 'all') the means with bootstrap intervals and, against
     the reference, paired differences on the items both answered."""
     import pandas as pd

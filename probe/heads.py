@@ -14,11 +14,17 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from probe.errors import (ArgParser, BadInput, check_counts, check_out_apart, cli_main, in_path, out_dir,
                           releases_claims, undone_on_bad_input)
 from probe.families import ALIASES
+
+if TYPE_CHECKING:  # annotations only: the command imports the model code when it runs, not for --help
+    from probe.devices import Placement
+    from probe.mmmu import Item
+    from probe.models import ModelRef
+    from probe.prompting import PromptTemplate
 
 DEFAULT_MODEL = "organism-vl"
 DEFAULT_OUT = "runs/heads"
@@ -141,7 +147,7 @@ class Plan:
                                            "data_dir": data_location(self.data_dir)})
 
 
-def load_template(args: argparse.Namespace):
+def load_template(args: argparse.Namespace) -> PromptTemplate:
     from probe.prompting import PromptTemplate
 
     template = PromptTemplate()
@@ -188,7 +194,7 @@ def add_placement_args(p: argparse.ArgumentParser, attn_note: str) -> None:
                    help=f"attention kernel ({attn_note})")
 
 
-def make_plan(args: argparse.Namespace):
+def make_plan(args: argparse.Namespace) -> tuple[Plan, ModelRef, list[Item], PromptTemplate, Placement]:
     from probe.devices import resolve_placement
     from probe.mmmu import load_items
     from probe.models import model_fingerprint, resolve_model

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
@@ -30,6 +30,10 @@ from probe.families import (
     read_config_json,
     text_config_dict,
 )
+
+if TYPE_CHECKING:  # annotations only: probe.train imports this module (through probe.prompting)
+    from probe.dispatch import DeviceMap
+    from probe.train import TrainConfig
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -366,7 +370,7 @@ NO_HUB_KERNELS = {"use_kernels": False}
 
 
 @contextmanager
-def config_errors(ref: ModelRef):
+def config_errors(ref: ModelRef) -> Iterator[None]:
     """huggingface_hub's strict validation of a config (e.g. num_hidden_layers ≠ len(layer_types)) as bad input.
 
     It fires wherever transformers builds the config: the tokenizer, the processor, the device plan and the load
@@ -545,7 +549,7 @@ def check_fits(ref: ModelRef, dtype: str, devices: Sequence[str], memory: Sequen
                        f"use --dtype bfloat16{', a GPU' if cpu else ''} or several GPUs (--device auto)")
 
 
-def skeleton_of(ref: ModelRef, dtype: torch.dtype, attn_implementation: str | None = None):
+def skeleton_of(ref: ModelRef, dtype: torch.dtype, attn_implementation: str | None = None) -> nn.Module:
     """The checkpoint's model built from its config alone on the meta device: names, shapes, dtypes, no weights."""
     import transformers
 
@@ -557,7 +561,7 @@ def skeleton_of(ref: ModelRef, dtype: torch.dtype, attn_implementation: str | No
     return meta_model(getattr(transformers, ref.family.model_class), config, dtype, attn_implementation)
 
 
-def plan_for(ref: ModelRef, dtype: torch.dtype, devices: Sequence[str], memory: Sequence[int] = ()):
+def plan_for(ref: ModelRef, dtype: torch.dtype, devices: Sequence[str], memory: Sequence[int] = ()) -> DeviceMap:
     """The balanced device map of a checkpoint over ``devices``, from its config alone (meta device)."""
     from probe.dispatch import plan_device_map
 
@@ -566,7 +570,7 @@ def plan_for(ref: ModelRef, dtype: torch.dtype, devices: Sequence[str], memory: 
                            memory)
 
 
-def check_trains_fits(ref: ModelRef, dtype: str, device: str, memory: int | None, train_cfg: Any,
+def check_trains_fits(ref: ModelRef, dtype: str, device: str, memory: int | None, train_cfg: TrainConfig,
                       shards: int = 1) -> None:
     """Full fine-tuning on one device holds, beside the ``dtype`` weights, a gradient and AdamW's two moments of every
     parameter that trains (probe.train.optimizer_bytes), and under bfloat16 autocast the step's bfloat16 copies of
@@ -588,7 +592,7 @@ def check_trains_fits(ref: ModelRef, dtype: str, device: str, memory: int | None
     skeleton = skeleton_of(ref, DTYPES[dtype])
     weights = module_nbytes(skeleton)
     n_train, state = optimizer_bytes(skeleton, ref, train_cfg)  # gradients and AdamW moments
-    autocast = getattr(train_cfg, "autocast", None) == "bfloat16"
+    autocast = train_cfg.autocast == "bfloat16"
     cast = weights // 2 if autocast else 0  # the step's bfloat16 copies of the float32 weights
     usable = memory * HEADROOM_FRACTION - HEADROOM_BYTES
     if shards > 1:

@@ -182,6 +182,16 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 MANIFEST = ".omniprobe-output.json"
 
 
+def read_manifest(out: Path) -> dict | None:
+    """The manifest ``analyses.writer.atomic_dir`` writes last into a finished output (MANIFEST: the command and every
+    entry it wrote), None when ``out`` has none or an unreadable one; its keys are the reader's to check."""
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
 @contextmanager
 def stop_recorded(out: Path, run_info: dict[str, Any]) -> Iterator[None]:
     """A run a run-time check stops (``RunStopped``: an upstream change, an engine or batch disagreeing with its
@@ -204,18 +214,17 @@ def output_listing(out: Path) -> list[str]:
 
 def note_outputs(out: Path, paths: Iterable[Path]) -> None:
     """Add ``paths`` (files drawn into ``out``) and the folders holding them to ``out``'s manifest, if it has one."""
-    manifest = Path(out) / MANIFEST
+    saved = read_manifest(Path(out))
     try:
-        saved = json.loads(manifest.read_text())
         entries = set(saved["entries"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError):  # TypeError: no manifest, or entries not a list
         return
     root = Path(out).resolve()
     for path in map(lambda q: Path(q).resolve(), paths):
         if path != root and path.is_relative_to(root):
             parts = path.relative_to(root).parts
             entries.update("/".join(parts[:k]) for k in range(1, len(parts) + 1))
-    atomic_write_json(manifest, saved | {"entries": sorted(entries)})
+    atomic_write_json(Path(out) / MANIFEST, saved | {"entries": sorted(entries)})
 
 
 def atomic_write_parquet(path: Path, df: pd.DataFrame) -> None:
@@ -238,11 +247,8 @@ def saved_command(saved: Any, out: Path | None = None) -> str | None:
         return "probe.eval" if "models" in plan else "probe.heads"
     if isinstance(saved, dict) and "config" in saved:
         return "analyses.finetune"
-    try:
-        manifest = json.loads((out / MANIFEST).read_text()) if out is not None else None
-    except (OSError, ValueError):
-        return None
-    return manifest.get("command") if isinstance(manifest, dict) and isinstance(manifest.get("command"), str) else None
+    manifest = read_manifest(out) if out is not None else None
+    return manifest.get("command") if manifest is not None and isinstance(manifest.get("command"), str) else None
 
 
 def read_run_json(out: Path) -> Any:
@@ -397,10 +403,7 @@ def claim_out_dir(out: Path, fingerprint: Any, saved_fingerprint: Callable[[dict
     a single process started meanwhile computed their chunks beside them, or cleared them with --overwrite).
     Called before run.json is written; refuses a run.json another run wrote since this one's check."""
     lock_out_dir(out, shared=rank_world()[1] > 1)
-    try:
-        saved = json.loads((out / "run.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return
+    saved = read_run_json(out)
     if isinstance(saved, dict) and saved_fingerprint(saved) != fingerprint:
         raise BadInput(f"--out {out} now holds a different run, started while this one was preparing; use another "
                        "--out")

@@ -6,7 +6,7 @@ the code as the oracle the faster engines are tested against (DESIGN §4).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import torch
 
@@ -17,6 +17,9 @@ from probe.models import LoadedModel
 from probe.parsing import parse_choice
 from probe.prompting import ItemLike, PromptTemplate, answer_token_ids, build_inputs
 from probe.upstream import greedy_generate, head_must_run
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig
 
 BASELINE = -1  # layer and head value of the unmasked rows
 
@@ -75,7 +78,7 @@ def oracle_mismatch(loaded: LoadedModel, got: Measurement, want: Measurement) ->
     return None
 
 
-def greedy_config(loaded: LoadedModel, max_new_tokens: int):
+def greedy_config(loaded: LoadedModel, max_new_tokens: int) -> GenerationConfig:
     """Plain greedy decoding: checkpoints' own generation configs may carry sampling or repetition penalties (run it
     with probe.upstream.greedy_generate, which keeps them out)."""
     from transformers import GenerationConfig

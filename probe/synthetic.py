@@ -17,11 +17,14 @@ import random
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from PIL import Image, ImageDraw
 
 from probe.errors import ArgParser
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -288,7 +291,7 @@ def generate_items(
     return rows
 
 
-def mmmu_schema(video: bool = False):  # -> pyarrow.Schema
+def mmmu_schema(video: bool = False) -> pa.Schema:
     """MMMU's columns and types; ``video``: with a ``video`` column of frames (image structs), the organisms' and
     converted video sets' layout."""
     import pyarrow as pa

@@ -11,13 +11,16 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from probe.errors import drop_partial
 from probe.families import FAMILIES, family_of_model_type, processor_kwargs, read_config_json
-from probe.tokenizer import build_tokenizer
+from probe.tokenizer import build_tokenizer, special_ids
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 # Enough text for BPE merges on the prompt vocabulary; the tokenizer is byte-level so nothing is unknown.
 _CORPUS = [
@@ -304,14 +307,13 @@ def build_tiny(family: str, out_dir: Path, spec: TinySpec | None = None, text: d
                           extra_special=fam.special_tokens, named_tokens=dict(fam.named_tokens))
     vocab = len(tok)
     ids = tok.convert_tokens_to_ids
-    special = {"bos_token_id": ids("<|endoftext|>"), "eos_token_id": ids("<|im_end|>"),
-               "pad_token_id": ids("<|endoftext|>")}
+    special = special_ids(tok)
     torch.manual_seed(spec.seed)
     model, image_processor = BUILDERS[family](spec, _text_config(spec, vocab, special) | (text or {}), ids)
     return save_model_dir(model, tok, image_processor, Path(out_dir))
 
 
-def save_model_dir(model, tok, image_processor, out_dir: Path) -> Path:
+def save_model_dir(model: torch.nn.Module, tok: PreTrainedTokenizerBase, image_processor: Any, out_dir: Path) -> Path:
     """Write an ordinary HF model dir: greedy generation config, weights, tokenizer, image-processor config."""
     import transformers
 

@@ -10,7 +10,7 @@ import string
 from typing import Iterable
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 # Qwen2's pre-tokenization (digits one by one). transformers 5 rebuilds it whenever a directory loads as
 # Qwen2Tokenizer (AutoTokenizer does for model_type "qwen2" but not for "qwen2_vl"), so a tokenizer.json that
 # carried anything else would read text differently depending on which model it sits next to.
@@ -44,6 +44,14 @@ def chat_template_for(image_placeholder: str | None, video_placeholder: str | No
     return CHAT_TEMPLATE.replace("__IMAGE__", image_placeholder or "").replace(
         "__VIDEO__", video_placeholder or ""
     )
+
+
+def special_ids(tok: PreTrainedTokenizerBase) -> dict[str, int]:
+    """A config's text special ids for a tokenizer of ``build_tokenizer``: BOS and padding ``<|endoftext|>``, EOS the
+    end of a ChatML turn ``<|im_end|>`` (Qwen2's choice), in that order."""
+    ids = tok.convert_tokens_to_ids
+    return {"bos_token_id": ids("<|endoftext|>"), "eos_token_id": ids("<|im_end|>"),
+            "pad_token_id": ids("<|endoftext|>")}
 
 
 def build_tokenizer(

@@ -21,7 +21,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
@@ -29,6 +29,11 @@ from probe.errors import BadInput
 from probe.devices import rank_world
 from probe.prompting import TOKEN_KEYS, TYPE_KEYS, PromptTemplate, answer_token_ids, build_inputs, turn_end_id
 from probe.upstream import UpstreamChanged, check_adapters_in_lm, logits_at
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator, PartialState
+
+    from probe.models import LoadedModel, ModelRef
 
 SEQ_KEYS = (*TOKEN_KEYS, "labels")
 
@@ -97,7 +102,7 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def encode(loaded, items: Sequence, with_answer: bool,
+def encode(loaded: LoadedModel, items: Sequence, with_answer: bool,
            template: PromptTemplate = PromptTemplate()) -> list[dict[str, torch.Tensor]]:
     """One row per item: the prompt's tensors (batch dim dropped), with the answer and labels when training;
     ``_last``, ``_letters`` and ``_answer`` say where and what to read when measuring."""
@@ -202,7 +207,7 @@ def micro_batches(rows: list[dict], size: int | None) -> list[list[dict]]:
     return [rows[i:i + size] for i in range(0, len(rows), size)]
 
 
-def label_loss(model, batch: dict[str, torch.Tensor], n_labels: int | None = None) -> torch.Tensor:
+def label_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], n_labels: int | None = None) -> torch.Tensor:
     """The causal-LM loss as transformers computes it (position t predicts token t + 1; cross-entropy summed over
     the label tokens and divided by ``n_labels``, by default this batch's label tokens, i.e. the mean), with logits
     only at the positions that predict a label (``logits_to_keep``, shared by the batch): rows carry two label
@@ -217,19 +222,19 @@ def label_loss(model, batch: dict[str, torch.Tensor], n_labels: int | None = Non
     return total / (int((target != -100).sum()) if n_labels is None else n_labels)
 
 
-def is_lm_param(name: str, loaded) -> bool:
+def is_lm_param(name: str, loaded: LoadedModel | ModelRef) -> bool:
     # names under DDP / FSDP wrappers and peft's LoRA wrapper (its adapters sit in the LM and train at lm_lr)
     name = name.replace("_fsdp_wrapped_module.", "").removeprefix("module.").removeprefix("base_model.model.")
     fam = loaded.family  # the LM is the module holding the decoder layers (all of a causal LM), and lm_head
     return name.startswith((fam.layers_path.rsplit(".", 1)[0] + ".", fam.lm_head_path + "."))
 
 
-def is_projector_param(name: str, loaded) -> bool:
+def is_projector_param(name: str, loaded: LoadedModel | ModelRef) -> bool:
     """A parameter of the projector between vision tower and LM (the family table's ``projector_markers``)."""
     return any(m in name for m in loaded.family.projector_markers)
 
 
-def param_groups(model, loaded, cfg: TrainConfig) -> list[dict]:
+def param_groups(model: torch.nn.Module, loaded: LoadedModel, cfg: TrainConfig) -> list[dict]:
     """Optimiser groups by role: LM (``lm_lr``), projector (``projector_lr`` when given), the rest (``lr``).
     A group whose rate is 0 is frozen (no gradients, not in the optimiser); parameters already frozen (LoRA's
     base weights) stay frozen."""
@@ -248,12 +253,12 @@ def _rates(cfg: TrainConfig) -> dict[str, float]:
     return {"lm": cfg.lm_lr, "projector": cfg.lr if cfg.projector_lr is None else cfg.projector_lr, "other": cfg.lr}
 
 
-def _role(name: str, loaded, cfg: TrainConfig) -> str:
+def _role(name: str, loaded: LoadedModel | ModelRef, cfg: TrainConfig) -> str:
     return ("lm" if is_lm_param(name, loaded) else
             "projector" if cfg.projector_lr is not None and is_projector_param(name, loaded) else "other")
 
 
-def optimizer_bytes(model, loaded, cfg: TrainConfig) -> tuple[int, int]:
+def optimizer_bytes(model: torch.nn.Module, loaded: LoadedModel | ModelRef, cfg: TrainConfig) -> tuple[int, int]:
     """(parameters that train, bytes their training state takes beyond the weights): a gradient and AdamW's two
     moments per parameter ``param_groups`` would train, each in its parameter's dtype (12 bytes a float32
     parameter). Reads names, shapes and dtypes only, so a meta-device model answers before any weight loads.
@@ -262,20 +267,21 @@ def optimizer_bytes(model, loaded, cfg: TrainConfig) -> tuple[int, int]:
     return sum(p.numel() for p in train), sum(3 * p.numel() * p.element_size() for p in train)
 
 
-def trained_params(model, loaded, cfg: TrainConfig) -> list:
+def trained_params(model: torch.nn.Module, loaded: LoadedModel | ModelRef,
+                   cfg: TrainConfig) -> list[torch.nn.Parameter]:
     """The parameters ``param_groups`` would train, without freezing anything: those not frozen already whose
     group's rate is above 0."""
     rates = _rates(cfg)
     return [p for n, p in model.named_parameters() if p.requires_grad and rates[_role(n, loaded, cfg)] > 0]
 
 
-def anything_trains(model, loaded, cfg: TrainConfig) -> bool:
+def anything_trains(model: torch.nn.Module, loaded: LoadedModel, cfg: TrainConfig) -> bool:
     """Whether ``param_groups`` would leave a parameter to train (without freezing anything): callers check it
     before writing, as rates of 0 on every group a model has (``--lm-lr 0`` on a text-only LM) train nothing."""
     return bool(trained_params(model, loaded, cfg))
 
 
-def diverged(step: int, what: str, model) -> BadInput:
+def diverged(step: int, what: str, model: torch.nn.Module) -> BadInput:
     """The one-line error of a run whose numbers stopped being finite (``step``: 1-based, as train_log.csv)."""
     dtype = str(next(iter(model.parameters())).dtype).removeprefix("torch.")
     return BadInput(f"training diverged at step {step}: {what} is not finite (weights in {dtype}); no checkpoint of "
@@ -283,7 +289,7 @@ def diverged(step: int, what: str, model) -> BadInput:
                     "precision)")
 
 
-def check_finite_weights(model, step: int) -> None:
+def check_finite_weights(model: torch.nn.Module, step: int) -> None:
     """Before a checkpoint is written: every weight finite. An update can make NaN weights from a finite loss and
     gradient (AdamW's eps underflows in float16), which the next step's loss would only show after the save.
     Under FSDP a collective: every rank names the same weight, whichever shard holds it."""
@@ -377,7 +383,7 @@ def fsdp_launch(cfg: TrainConfig) -> bool:
     return True
 
 
-def data_parallel(loaded):
+def data_parallel(loaded: LoadedModel) -> Accelerator | None:
     """accelerate's Accelerator when launched on several processes (torchrun / accelerate launch), else None."""
     world = rank_world()[1]
     if world <= 1:
@@ -419,7 +425,7 @@ def wait_for_everyone(cpu: bool) -> None:
 PROCESS_GROUP_TIMEOUT_MIN = 60
 
 
-def process_state(cpu: bool):
+def process_state(cpu: bool) -> PartialState:
     """accelerate's process state, the launch's process group set up by its first call (``cpu``: gloo, else the
     GPUs' backend), with PROCESS_GROUP_TIMEOUT_MIN."""
     from datetime import timedelta
@@ -429,7 +435,7 @@ def process_state(cpu: bool):
     return PartialState(cpu=cpu, timeout=timedelta(minutes=PROCESS_GROUP_TIMEOUT_MIN))
 
 
-def train(loaded, rows: list[dict], cfg: TrainConfig, log: Callable[[str], None] = print,
+def train(loaded: LoadedModel, rows: list[dict], cfg: TrainConfig, log: Callable[[str], None] = print,
           sampler: Sampler | None = None, on_step: Callable[[StepInfo, Any], None] | None = None,
           resume: dict | None = None) -> list[float]:
     """``cfg.steps`` AdamW steps on batches sampled (seeded) from ``rows``; the losses of the steps run here.
@@ -477,7 +483,7 @@ def set_accelerator_rng(model: torch.nn.Module, states: list[torch.Tensor]) -> N
         torch.cuda.set_rng_state(s, d)
 
 
-def _steps(loaded, rows: list[dict], cfg: TrainConfig, log: Callable[[str], None], sampler: Sampler | None,
+def _steps(loaded: LoadedModel, rows: list[dict], cfg: TrainConfig, log: Callable[[str], None], sampler: Sampler | None,
            on_step: Callable[[StepInfo, Any], None] | None, resume: dict | None) -> list[float]:
     """The steps of ``train``."""
     model = loaded.model

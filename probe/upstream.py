@@ -23,7 +23,7 @@ import functools
 import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -363,7 +363,7 @@ def model_call_with_cache(model: nn.Module, cache: Any, **inputs: Any) -> Any:
 
 
 @contextmanager
-def head_must_run(model: nn.Module, head_path: str):
+def head_must_run(model: nn.Module, head_path: str) -> Iterator[None]:
     """Around a forward (or ``generate``) of a model whose LM head gives fp32 logits through a forward hook
     (probe.models.fp32_logits, in bfloat16 / float16): the head module must have run. A release that computed the
     logits from the head's weight directly (a fused or kernelized LM head) would skip the hook and give logits

@@ -16,13 +16,16 @@ placeholder once and returns it with the pixel tensors the model needs and the v
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
 from probe.errors import BadInput
+
+if TYPE_CHECKING:  # annotations only
+    from probe.models import LoadedModel
 
 
 def _expand(batch: dict[str, Any], token_id: int, count: int, drop_extra: bool) -> dict[str, Any]:
@@ -130,7 +133,7 @@ def _token_id(cfg, kind: str) -> int:
     return value if value is not None else getattr(cfg, f"{kind}_token_index")
 
 
-def add_video_inputs(loaded, batch: dict[str, Any], frames: Sequence[Image.Image]) -> dict[str, Any]:
+def add_video_inputs(loaded: LoadedModel, batch: dict[str, Any], frames: Sequence[Image.Image]) -> dict[str, Any]:
     """Add the video tensors of ``frames`` to a processor output (batch of one) and expand its video token."""
     if not frames:
         return batch

@@ -13,9 +13,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import pytest
+
+if TYPE_CHECKING:
+    import torch
 
 FAMILIES = ("qwen2", "qwen2_vl", "llava_onevision")
 VL_FAMILIES = ("qwen2_vl", "llava_onevision")
@@ -140,6 +143,32 @@ def data_dir(shared_root) -> Path:
     return root
 
 
+def text_only(item):
+    """``item`` without its pictures, its ``<image k>`` references made plain text: a text model can read it."""
+    def plain(s: str) -> str:
+        return s.replace("<image", "(image")
+
+    return dataclasses.replace(item, images=(), question=plain(item.question),
+                               options=tuple(plain(o) for o in item.options))
+
+
+@pytest.fixture(scope="session")
+def text_dir(tmp_path_factory, data_dir) -> Path:
+    """The synthetic set's questions without images (``text_only``), as a text data set (validation split)."""
+    from probe.mmmu import load_items
+    from probe.synthetic import MMMU_COLUMNS, write_mmmu_parquet
+
+    root = tmp_path_factory.mktemp("textset")
+    rows: dict[str, list] = {}
+    for it in map(text_only, load_items(str(data_dir))[0]):
+        rows.setdefault(it.subject, []).append(
+            {c: None for c in MMMU_COLUMNS} | {"id": it.id, "question": it.question, "answer": it.answer,
+                                               "options": str(list(it.options)),
+                                               "question_type": "multiple-choice", "explanation": ""})
+    write_mmmu_parquet(rows, root, "validation")
+    return root
+
+
 def tree_manifest(*roots: Path) -> dict[str, tuple]:
     """Every file, folder and link at or below ``roots``: kind, size and sha256 (files), mode and mtime. Two equal
     manifests mean nothing under them was written, touched, chmod-ed, added or removed (a lock file, a cache, a
@@ -155,6 +184,19 @@ def tree_manifest(*roots: Path) -> dict[str, tuple]:
             digest = hashlib.sha256(p.read_bytes()).hexdigest() if kind == "file" else None
             out[str(p)] = (kind, st.st_size if kind == "file" else None, digest, st.st_mode, st.st_mtime_ns)
     return out
+
+
+def canonical(path: Path) -> dict[str, torch.Tensor]:
+    """Direct full load of a checkpoint's LM, canonical names (the in-memory side of every merge oracle)."""
+    from safetensors.torch import load_file
+
+    from analyses.checkpoints import open_checkpoint
+
+    with open_checkpoint(str(path)) as ck:
+        sd = {}
+        for f in {i.file for i in ck.infos.values()}:
+            sd.update(load_file(f))
+        return {c: sd[k].clone() for c, k in ck.lm.items()}
 
 
 def png_bytes(colour=(200, 30, 30), size=(48, 40), seed: int = 0) -> bytes:

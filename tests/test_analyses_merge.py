@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from analyses import merge, shift, tiny, trajectory
 from analyses.checkpoints import open_checkpoint
+from conftest import canonical
 from probe.errors import cli_main
 from probe.models import NO_HUB_KERNELS
 
@@ -31,15 +32,6 @@ def zoo(tmp_path_factory) -> dict[str, Path]:
                                       tiny.resize_vocab(tiny.perturb(tiny.base_lm(0), 0.004, 7), 136))
     z["bf16"] = tiny.write_model("qwen2", root / "bf16", tiny.perturb(tiny.base_lm(0), 0.003, 8), dtype=torch.bfloat16)
     return z
-
-
-def canonical(path: Path) -> dict[str, torch.Tensor]:
-    """Direct full load of a checkpoint's LM, canonical names (the in-memory side of every oracle)."""
-    with open_checkpoint(str(path)) as ck:
-        sd = {}
-        for f in {i.file for i in ck.infos.values()}:
-            sd.update(load_file(f))
-        return {c: sd[k].clone() for c, k in ck.lm.items()}
 
 
 def merged_lm(out: Path) -> dict[str, torch.Tensor]:

@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from analyses import merge, tiny
 from analyses.formulas import TiesTrim, TrimSearch, delta_avg, shift_coefficients, ties_merge
-from test_analyses_merge import canonical, run, tiny_qwen2_view
+from conftest import canonical
+from test_analyses_merge import run, tiny_qwen2_view
 
 L, H, KV, D = 2, 4, 2, 8  # analyses.tiny.TEXT: 2 layers × 4 query heads, 2 KV heads, head_dim 32 / 4
 
@@ -352,6 +353,24 @@ def _merged_warnings(zoo, dirs, out, capfd) -> list[str]:
     assert run(merge.main, "--base", zoo["base"], "--models", zoo["vl"], zoo["ov"], "--method", "salience",
                "--salience", *dirs, "--quiet", "--out", out) == 0
     return capfd.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "{not json", "\udcff"])
+def test_a_run_json_that_is_not_an_object_is_read_alike_by_every_salience_reader(text, tmp_path):
+    """The salience readers take run.json through probe.results.read_run_json: one that is not JSON, not UTF-8 or not
+    an object is 'unreadable' to read_salience, unchecked (with a warning) to check_run_model and fingerprinted
+    whole by run_fingerprint (invalid UTF-8 was a UnicodeDecodeError traceback in the first two)."""
+    from analyses.salience import check_run_model, read_salience, run_fingerprint
+    from probe.errors import BadInput
+    from probe.families import HeadGeometry
+    from probe.results import content_fingerprint
+
+    run = write_run(tmp_path / "r", torch.ones(L, H))
+    (run / "run.json").write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(BadInput, match=r"run\.json: unreadable$"):
+        read_salience(run, "kl", HeadGeometry(L, H, KV, D, H * D), "e1")
+    assert "does not name the model it measured" in check_run_model(run, "e1", {})["warnings"][0]
+    assert run_fingerprint(run) == content_fingerprint(run)
 
 
 def test_merge_json_says_what_each_run_measured_and_warnings_never_precede_a_refusal(zoo, tmp_path, capfd):

@@ -2,7 +2,6 @@
 direct formulas, and the CLI's outputs, resume and bad input."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import subprocess
@@ -15,15 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import FAMILIES, REPO, VL_FAMILIES, make_item
-
-
-def _text(item):
-    def plain(s: str) -> str:
-        return s.replace("<image", "(image")
-
-    return dataclasses.replace(item, images=(), question=plain(item.question),
-                               options=tuple(plain(o) for o in item.options))
+from conftest import FAMILIES, REPO, VL_FAMILIES, make_item, text_only
 
 
 def _items(family: str, data_dir, video_root=None):
@@ -32,7 +23,7 @@ def _items(family: str, data_dir, video_root=None):
     items = load_items(str(data_dir))[0][:7]  # 1-2 images, 4-6 options, prompts of different lengths
     items.append(make_item(n_options=5, answer="E", item_id="validation_Test_9", seed=3))
     if family == "qwen2":
-        return [_text(i) for i in items]
+        return [text_only(i) for i in items]
     if video_root is not None:
         items += load_mmmu(video_root, "validation")[0][:3]
     return items
@@ -429,23 +420,6 @@ def _eval(*args) -> int:
     from probe.eval import main
 
     return cli_main(main, [str(a) for a in args])
-
-
-@pytest.fixture(scope="module")
-def text_dir(tmp_path_factory, data_dir):
-    """The synthetic set's questions without images, as a second data set."""
-    from probe.mmmu import load_items
-    from probe.synthetic import MMMU_COLUMNS, write_mmmu_parquet
-
-    root = tmp_path_factory.mktemp("textset")
-    rows: dict[str, list] = {}
-    for it in load_items(str(data_dir))[0]:
-        rows.setdefault(it.subject, []).append(
-            {c: None for c in MMMU_COLUMNS} | {"id": it.id, "question": _text(it).question, "answer": it.answer,
-                                               "options": str(list(_text(it).options)),
-                                               "question_type": "multiple-choice", "explanation": ""})
-    write_mmmu_parquet(rows, root, "validation")
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -25,27 +25,6 @@ def _args(tiny_dirs, data_dir, text_dir, out: Path, *extra) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def text_dir(tmp_path_factory, data_dir):
-    """The synthetic questions without their images, as a text set."""
-    import dataclasses
-
-    from probe.mmmu import load_items
-    from probe.synthetic import MMMU_COLUMNS, write_mmmu_parquet
-
-    root = tmp_path_factory.mktemp("ft-text")
-    rows: dict[str, list] = {}
-    for it in load_items(str(data_dir))[0]:
-        plain = dataclasses.replace(it, question=it.question.replace("<image", "(image"),
-                                    options=tuple(o.replace("<image", "(image") for o in it.options))
-        rows.setdefault(it.subject, []).append(
-            {c: None for c in MMMU_COLUMNS} | {"id": it.id, "question": plain.question, "answer": it.answer,
-                                               "options": str(list(plain.options)),
-                                               "question_type": "multiple-choice", "explanation": ""})
-    write_mmmu_parquet(rows, root, "validation")
-    return root
-
-
-@pytest.fixture(scope="module")
 def ft_run(tmp_path_factory, tiny_dirs, data_dir, text_dir):
     from analyses.finetune import main
 

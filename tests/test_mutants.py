@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import gate_slope, inputs_for, make_item
+from conftest import canonical, gate_slope, inputs_for, make_item
 
 # --------------------------------------------------------------------------------------------------------
 # probe.attribution: the masked-row estimate is z − ∂z/∂g (first order), computed here by finite differences
@@ -190,18 +190,6 @@ def _run(main, *argv) -> int:
     return cli_main(main, [str(a) for a in argv])
 
 
-def _canonical(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    from analyses.checkpoints import open_checkpoint
-
-    with open_checkpoint(str(path)) as ck:
-        sd = {}
-        for f in {i.file for i in ck.infos.values()}:
-            sd.update(load_file(f))
-        return {c: sd[k].clone() for c, k in ck.lm.items()}
-
-
 def _csv(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -216,7 +204,7 @@ def test_shift_merge_of_a_base_with_more_vocab_rows_uses_the_common_rows(zoo, tm
     out = tmp_path / "m"
     assert _run(merge.main, "--base", zoo["big_base"], "--models", *experts, "--method", "shift", "--alpha0", 0.3,
                 "--out", out) == 0
-    base, exps, got = _canonical(zoo["big_base"]), [_canonical(e) for e in experts], _canonical(out)
+    base, exps, got = canonical(zoo["big_base"]), [canonical(e) for e in experts], canonical(out)
     rows = _csv(out / "merge_weights.csv")
     want_delta = {}
     for name, t0 in base.items():
@@ -250,7 +238,7 @@ def test_task_arithmetic_with_a_negative_lambda(zoo, tmp_path):
     out = tmp_path / "neg"
     assert _run(merge.main, "--base", zoo["base"], "--models", *experts, "--method", "task_arithmetic",
                 "--lambda", "-0.5", "--out", out) == 0
-    base, exps, got = _canonical(zoo["base"]), [_canonical(e) for e in experts], _canonical(out)
+    base, exps, got = canonical(zoo["base"]), [canonical(e) for e in experts], canonical(out)
     for name, t0 in base.items():
         want = t0.double() - 0.5 * sum(e[name].double() - t0.double() for e in exps)
         torch.testing.assert_close(got[name].double(), want, rtol=1e-5, atol=1e-6, msg=name)
@@ -284,10 +272,10 @@ def test_shift_summary_recomputed_from_the_tensors(zoo, tmp_path):
     assert _run(shift.main, "--base", zoo["base"], "--models", *models, "--no-figures", "--out", out) == 0
     per = json.loads((out / "summary.json").read_text())["per_model"]
     rows = _csv(out / "shift.csv")
-    base = _canonical(zoo["base"])
+    base = canonical(zoo["base"])
     want = {}
     for m in models:
-        lm = _canonical(m)
+        lm = canonical(m)
         d = {n: lm[n].double() - b.double() for n, b in base.items()}
         avgs = [float(x.abs().mean()) for x in d.values()]
         rels = [float(x.norm() / base[n].double().norm()) for n, x in d.items() if float(base[n].norm()) > 0]
@@ -365,8 +353,8 @@ def test_salience_rest_layer_equals_in_memory(zoo, tmp_path, with_base):
     out = tmp_path / "m"
     assert _run(merge.main, "--base", zoo["base"], "--models", *experts, "--method", "salience", "--salience", *dirs,
                 *extra, "--rest", "layer", "--salience-temperature", 0.5, "--alpha0", 0.4, "--out", out) == 0
-    got = _canonical(out)
-    want = _in_memory_salience(_canonical(zoo["base"]), [_canonical(e) for e in experts], tables, 0.5, 0.4,
+    got = canonical(out)
+    want = _in_memory_salience(canonical(zoo["base"]), [canonical(e) for e in experts], tables, 0.5, 0.4,
                                base_table if with_base else None, rest="layer")
     for name, t in want.items():
         torch.testing.assert_close(got[name].float(), t, rtol=1e-6, atol=1e-7, msg=name)
@@ -388,8 +376,8 @@ def test_salience_accuracy_drop_clamps_negative_drops(zoo, tmp_path):
     out = tmp_path / "m"
     assert _run(merge.main, "--base", zoo["base"], "--models", *experts, "--method", "salience", "--salience", *dirs,
                 "--salience-metric", "accuracy_drop", "--alpha0", 0.2, "--out", out) == 0
-    got = _canonical(out)
-    want = _in_memory_salience(_canonical(zoo["base"]), [_canonical(e) for e in experts],
+    got = canonical(out)
+    want = _in_memory_salience(canonical(zoo["base"]), [canonical(e) for e in experts],
                                [t.double() / 2 for t in tables], 1.0, 0.2)
     for name, t in want.items():
         torch.testing.assert_close(got[name].float(), t, rtol=1e-6, atol=1e-7, msg=name)
@@ -421,11 +409,11 @@ def test_streamed_sketch_over_many_chunks_equals_the_in_memory_one(zoo, tmp_path
     assert _run(trajectory.main, "--base", zoo["base"], "--experts", zoo["vl"], "--merged", zoo["q1"],
                 "--sketch-dim", 32, "--seed", 3, "--no-figures", "--out", out) == 0
     feats = np.load(out / "features.npz")
-    base = _canonical(zoo["base"])
+    base = canonical(zoo["base"])
     assert sorted(feats["tensors"]) == sorted(base)  # or the sum below would not be over the same tensors
     cs = sketch.CountSketch(32, seed=3)
     for i, m in enumerate(feats["names"]):
-        lm = _canonical(Path(str(m)))
+        lm = canonical(Path(str(m)))
         want = sum(cs.project(n, lm[n].float() - b.float()) for n, b in base.items())
         np.testing.assert_allclose(feats["sketch"][i], want.numpy(), rtol=1e-6, atol=1e-9)
         total = math.sqrt(sum(float((lm[n].double() - b.double()).pow(2).sum()) for n, b in base.items()))

@@ -826,6 +826,23 @@ def test_models_that_cannot_run_the_stages_are_refused_before_writing(tmp_path: 
     _assert_refused(tmp_path, capsys, edit(DEFAULT_CONFIG.read_text(), odd_models[model]), key)
 
 
+def test_a_stage_record_missing_damaged_or_not_an_object_reads_as_no_record(tmp_path: Path) -> None:
+    """One reader of DIR/stages/<stage>.json for the driver and the report (figures.results): a record that is not a
+    JSON object made the report's completeness check a traceback, while its time and resume checks read it as none."""
+    from analyses.replicate import read_state, write_state
+    from figures.results import Replication
+
+    r = Replication(tmp_path, {"config": {}, "fingerprints": {"heads": "fp"}})
+    assert read_state(tmp_path, "heads") == {} and not r.complete("heads") and r.seconds("heads") is None
+    (tmp_path / "stages").mkdir()
+    for text in ("[1, 2]", "{not json", "\ufffe"):
+        (tmp_path / "stages" / "heads.json").write_text(text)
+        assert read_state(tmp_path, "heads") == {} and not r.complete("heads") and not r.resumed("heads")
+    write_state(tmp_path, "heads", {"status": "running", "fingerprint": "fp", "seconds": 3.0, "resumed": True})
+    assert read_state(tmp_path, "heads")["seconds"] == 3.0 and r.seconds("heads") == 3.0 and r.resumed("heads")
+    assert not r.complete("heads")  # running, not complete
+
+
 def test_only_refuses_a_stage_whose_inputs_are_not_there(tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
     assert replicate_in_root("--quick", "--only", "table4", "--out", str(out)) == 2

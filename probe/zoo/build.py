@@ -16,7 +16,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, TypeVar
 
 import torch
 
@@ -29,6 +29,12 @@ from probe.prompting import PromptTemplate
 from probe.train import TrainConfig, collate, encode, is_lm_param, model_inputs
 from probe.train import train as train_loop
 from probe.zoo import tasks_image, tasks_text, tasks_video
+
+if TYPE_CHECKING:
+    from PIL import Image
+    from transformers import PreTrainedTokenizerBase
+
+    from probe.models import LoadedModel
 
 TEMPLATE = PromptTemplate()
 Item = TypeVar("Item")
@@ -275,7 +281,8 @@ def build_fresh_data(root: Path, n: int, seed: int, split: str = "train") -> dic
 def tokenizer_corpus(seed: int = 0) -> list[str]:
     from probe.synthetic import ALL_KINDS, QUESTION_BUILDERS
 
-    corpus = [TEMPLATE.system, "Question: \nChoices:\n", "user assistant system"]
+    # the prompt template's fixed words: its user turn with nothing filled in
+    corpus = [TEMPLATE.system, TEMPLATE.user.format(question="", choices=""), "user assistant system"]
     for s in tasks_text.SUBJECTS:
         for r in tasks_text.generate_rows(200, f"tok{seed}", s, "train"):
             corpus.append(r["question"] + " " + " ".join(eval_list(r["options"])))
@@ -301,13 +308,7 @@ def eval_list(s: str) -> list[str]:
 # ------------------------------------------------------------------------------------------- models
 
 
-def _special(tok) -> dict[str, int]:
-    ids = tok.convert_tokens_to_ids
-    return {"bos_token_id": ids("<|endoftext|>"), "eos_token_id": ids("<|im_end|>"),
-            "pad_token_id": ids("<|endoftext|>")}
-
-
-def init_organism(name: str, tok, out_dir: Path, base_dir: Path | None, seed: int) -> Path:
+def init_organism(name: str, tok: PreTrainedTokenizerBase, out_dir: Path, base_dir: Path | None, seed: int) -> Path:
     """Write an untrained organism (LM copied from organism-base when given) with tokenizer and processor."""
     import transformers as T
     from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
@@ -315,10 +316,10 @@ def init_organism(name: str, tok, out_dir: Path, base_dir: Path | None, seed: in
     )
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from probe.tokenizer import chat_template_for
+    from probe.tokenizer import chat_template_for, special_ids
 
     torch.manual_seed(seed)
-    special = _special(tok)
+    special = special_ids(tok)
     text = dict(LM, vocab_size=len(tok), **special)
     ids = tok.convert_tokens_to_ids
     image_processor = None
@@ -373,7 +374,7 @@ def _copy_tok(tok):
 # ------------------------------------------------------------------------------------------- training
 
 
-def train(loaded, rows: list[dict], recipe: Recipe, seed: int) -> list[float]:
+def train(loaded: LoadedModel, rows: list[dict], recipe: Recipe, seed: int) -> list[float]:
     """The project's one training loop (probe.train), once per stage of the organism's recipe."""
     losses: list[float] = []
     for i, st in enumerate(recipe.stages):
@@ -393,6 +394,7 @@ def train(loaded, rows: list[dict], recipe: Recipe, seed: int) -> list[float]:
 # The "flat" head reads all tokens at once (content may spread over tokens); the "token" head is shared by the
 # tokens the LM receives, so each must carry its own cell's content.
 Shapes = list[tuple[str, str, float, float]]  # (kind, colour, x, y), x and y fractions of the side
+Sample = tuple["Image.Image", Shapes, int]  # a picture (or one frame), its shapes, its frame number (0: a picture)
 # Tokens per side of the grid each organism's vision side gives the LM per picture, and through which path:
 # vl 48 px / 8-px patches merged 2×2 → 3×3; ov-si 48 px / 16-px patches → 3×3 (LLaVA-OneVision puts this base
 # view first); video 64 px / 8-px patches pooled 2×2 per frame → 4×4. Scene slots sit on token centres.
@@ -414,7 +416,7 @@ def _pixels(loaded, images) -> dict[str, torch.Tensor]:
             if isinstance(v, torch.Tensor)}
 
 
-def token_features(loaded, images, path: str, side: int) -> torch.Tensor:
+def token_features(loaded: LoadedModel, images: Sequence[Image.Image], path: str, side: int) -> torch.Tensor:
     """[n_images, side*side, hidden]: the grid tokens the LM receives for each picture (one frame for video)."""
     enc = _pixels(loaded, images)
     if path == "video":  # each picture as a one-frame video: the pooled per-frame tokens, then the newline
@@ -423,14 +425,15 @@ def token_features(loaded, images, path: str, side: int) -> torch.Tensor:
     return torch.stack([f[: side * side] for f in loaded.model.model.get_image_features(**enc).pooler_output])
 
 
-def flat_features(loaded, images) -> torch.Tensor:
+def flat_features(loaded: LoadedModel, images: Sequence[Image.Image]) -> torch.Tensor:
     """[n_images, tokens*hidden]: every image-path token of each picture, flattened."""
     feats = loaded.model.model.get_image_features(**_pixels(loaded, images)).pooler_output
     return torch.stack([f.reshape(-1) for f in feats])
 
 
-def pretrain_vision(loaded, sample, grid: tuple[str, int], steps: int, seed: int, head_kind: str = "token",
-                    tags: str = "", lr: float = 2e-3, batch: int = 32) -> dict[str, float]:
+def pretrain_vision(loaded: LoadedModel, sample: Callable[[random.Random], Sample], grid: tuple[str, int], steps: int,
+                    seed: int, head_kind: str = "token", tags: str = "", lr: float = 2e-3,
+                    batch: int = 32) -> dict[str, float]:
     """Train the non-LM parameters on cell targets; ``sample(rng) -> (PIL image, shapes, frame number)``,
     ``grid = (path, side)`` as in ``TOKEN_GRID``. ``head_kind="token"``: one linear head shared by the grid tokens, each
     predicting its own cell; ``"flat"``: one head reads all image-path tokens flattened and predicts every cell
@@ -515,14 +518,14 @@ def mix_in(extra: Sequence[Item], n_modality: int, shares: dict[str, float], lab
     return random.Random(f"omniprobe-{label}-replay:{seed}").sample(list(extra), n)
 
 
-def scene_sample(rng: random.Random):
+def scene_sample(rng: random.Random) -> Sample:
     from probe.synthetic import SLOTS, draw_scene
 
     scene = tasks_image.random_scene(rng)
     return draw_scene(scene, IMAGE_SIZE), [(s.kind, s.colour, *SLOTS[s.slot]) for s in scene.shapes], 0
 
 
-def frame_sample(rng: random.Random):
+def frame_sample(rng: random.Random) -> Sample:
     """One frame of a random video question, with its frame number."""
     _, _, _, frames = tasks_video.BUILDERS[rng.choice(tasks_video.SUBJECTS)](rng, tasks_video.N_FRAMES)
     t = rng.randrange(len(frames))
@@ -530,7 +533,7 @@ def frame_sample(rng: random.Random):
 
 
 @torch.no_grad()
-def evaluate(loaded, rows: list[dict], batch_size: int = 32) -> dict[str, float]:
+def evaluate(loaded: LoadedModel, rows: list[dict], batch_size: int = 32) -> dict[str, float]:
     """Forward-only: accuracy = full-vocabulary argmax at the first generated position is the right letter;
     prob_accuracy = argmax over the item's option letters."""
     loaded.model.eval()
@@ -586,7 +589,8 @@ OWN = {"base": "text", "vl": "image", "ov-si": "image_single", "video": "video"}
 LANES = (("video",), ("vl", "ov-si"))
 
 
-def build_organism(name: str, out: Path, tok, items: dict, recipe: Recipe, seed: int) -> dict[str, Any]:
+def build_organism(name: str, out: Path, tok: PreTrainedTokenizerBase, items: dict, recipe: Recipe,
+                   seed: int) -> dict[str, Any]:
     """Initialise, train, save (bf16) and measure ``organism-<name>`` under ``out``; returns its quality entry."""
     global _TAG
     _TAG = f" {name}"

@@ -84,7 +84,7 @@ def generate_rows(n: int, seed: int | str, subject: str, split: str, size: int =
             for i in range(n)]
 
 
-def describe(scene) -> str:
+def describe(scene: SceneSpec) -> str:
     """The scene in words, in slot order: ``red circle left, blue star top.``"""
     return ", ".join(f"{s.colour} {s.kind} {s.slot}" for s in scene.shapes) + "."
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import json
 import random
+from pathlib import Path
 from typing import Any, Callable
 
 from probe.synthetic import MMMU_COLUMNS, write_mmmu_parquet
@@ -120,7 +121,7 @@ def generate_rows(n: int, seed: int | str, subject: str, split: str) -> list[dic
     return rows
 
 
-def build_text_dataset(root, n_per_subject: dict[str, int], seed: int = 0,
+def build_text_dataset(root: Path, n_per_subject: dict[str, int], seed: int = 0,
                        subjects: tuple[str, ...] = SUBJECTS) -> None:
     """``<root>/<Subject>/<split>-00000-of-00001.parquet`` for each split in ``n_per_subject``."""
     for split, n in n_per_subject.items():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 from typing import Any, Callable
 
 from PIL import Image, ImageDraw
@@ -22,6 +23,8 @@ SUBJECTS: tuple[str, ...] = ("Motion", "Order", "Change")
 KINDS = ("circle", "square", "triangle")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 N_FRAMES = 4
+# (question, options, answer letter, frames: per frame its shapes as (kind, colour, x, y))
+VideoQuestion = tuple[str, list[str], str, list[list[tuple[str, str, float, float]]]]
 
 
 def _draw(draw: ImageDraw.ImageDraw, kind: str, colour: str, fx: float, fy: float, size: int) -> None:
@@ -56,13 +59,7 @@ def render(frames: list[list[tuple[str, str, float, float]]], size: int) -> list
     return [png_bytes(img) for img in render_images(frames, size)]
 
 
-def _mc(rng: random.Random, correct: str, pool, n: int = 4) -> tuple[list[str], str]:
-    options = [correct, *rng.sample(sorted(set(pool) - {correct}), n - 1)]
-    rng.shuffle(options)
-    return options, chr(ord("A") + options.index(correct))
-
-
-def q_motion(rng: random.Random, n_frames: int):
+def q_motion(rng: random.Random, n_frames: int) -> VideoQuestion:
     direction = rng.choice(sorted(DIRECTIONS))
     dx, dy = DIRECTIONS[direction]
     kind, other_kind = rng.sample(KINDS, 2)
@@ -83,7 +80,7 @@ def q_motion(rng: random.Random, n_frames: int):
     return f"<video> Which way does the {colour} {kind} move?", options, answer, frames
 
 
-def q_order(rng: random.Random, n_frames: int):
+def q_order(rng: random.Random, n_frames: int) -> VideoQuestion:
     """One shape per frame, each in its own colour (colours repeat only past four frames) and slot."""
     n = len(COLOUR_OPTIONS)
     colours = [c for _ in range(0, n_frames, n) for c in rng.sample(COLOUR_OPTIONS, n)]
@@ -96,7 +93,7 @@ def q_order(rng: random.Random, n_frames: int):
     return f"<video> Which colour appears {which}?", options, answer, frames
 
 
-def q_change(rng: random.Random, n_frames: int):
+def q_change(rng: random.Random, n_frames: int) -> VideoQuestion:
     kind = rng.choice(KINDS)
     start, end = rng.sample(COLOUR_OPTIONS, 2)
     at = rng.randint(1, n_frames - 1)
@@ -109,7 +106,7 @@ def q_change(rng: random.Random, n_frames: int):
             chr(ord("A") + options.index(correct)), frames)
 
 
-BUILDERS: dict[str, Callable[[random.Random, int], tuple]] = {
+BUILDERS: dict[str, Callable[[random.Random, int], VideoQuestion]] = {
     "Motion": q_motion, "Order": q_order, "Change": q_change,
 }
 
@@ -131,7 +128,7 @@ def generate_rows(n: int, seed: int | str, subject: str, split: str, size: int =
     return rows
 
 
-def build_video_dataset(root, n_per_subject: dict[str, int], seed: int = 0, size: int = 64,
+def build_video_dataset(root: Path, n_per_subject: dict[str, int], seed: int = 0, size: int = 64,
                         subjects: tuple[str, ...] = SUBJECTS) -> None:
     for split, n in n_per_subject.items():
         write_mmmu_parquet({s: generate_rows(n, seed, s, split, size) for s in subjects}, root, split, video=True)
