@@ -149,6 +149,23 @@ def test_bad_int_option_in_a_subprocess():
     assert one_error_line(r.returncode, r.stderr) == "error: argument --limit: invalid int value: 'abc' (see --help)"
 
 
+def test_bench_sweep_json_that_cannot_be_a_file_is_refused_before_the_run(tmp_path, capsys, monkeypatch):
+    """``bench/sweep.py --json DIR`` (a folder, or a path below a file) measured every engine first and then stopped
+    with an IsADirectoryError traceback, its temp file written beside the folder; now one line before any model
+    loads."""
+    import probe.models
+
+    monkeypatch.setattr(probe.models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    for target, words in ((tmp_path, f"--json {tmp_path} is a directory"),
+                          (afile / "x.json", f"{afile} exists and is not a directory")):
+        line = one_error_line(cli_main(_main("sweep"), ["--json", str(target), "--items", "1"]),
+                              capsys.readouterr().err)
+        assert words in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"] and afile.read_text() == "keep"
+
+
 # --------------------------------------------------------------------------------------------------------
 # --out below a regular file
 
