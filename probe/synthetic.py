@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from PIL import Image, ImageDraw
 
-from probe.errors import ArgParser
+from probe.errors import ArgParser, out_dir
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -378,17 +378,21 @@ def default_data_dir() -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = ArgParser(prog="python -m probe.synthetic", description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, type=Path, help="output root (subject folders are created inside)")
+    ap.add_argument("--out", required=True, type=out_dir, help="output root (subject folders are created inside)")
     ap.add_argument("--n", type=int, default=13, help="items per subject (default 13)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--split", action="append", help="split name; repeatable (default validation)")
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--open-fraction", type=float, default=0.1)
     args = ap.parse_args(argv)
-    from probe.errors import BadInput
+    from probe.errors import BadInput, check_out_path
+    from probe.mmmu import check_split
 
     if args.n < 1 or args.image_size < 16 or not 0 <= args.open_fraction < 1:
         raise BadInput("need --n >= 1, --image-size >= 16 and 0 <= --open-fraction < 1")
+    for split in args.split or ():  # a name, never a path: '../x' wrote its files beside the subject folders
+        check_split(split)
+    check_out_path(args.out)
     root = build_dataset(args.out, args.n, args.seed, tuple(args.split or ["validation"]),
                          image_size=args.image_size, open_fraction=args.open_fraction)
     print(root)
