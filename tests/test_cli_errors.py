@@ -221,7 +221,7 @@ def test_out_in_a_read_only_dir(tmp_path, data_dir, capsys, monkeypatch):
 # a damaged part of a resumable head sweep
 
 
-@pytest.mark.parametrize("damage", ["truncated", "empty", "foreign"])
+@pytest.mark.parametrize("damage", ["truncated", "empty", "foreign", "a row dropped", "another chunk's rows"])
 def test_damaged_part_is_bad_input(base_run, data_dir, tmp_path, damage):  # noqa: F811
     run = tmp_path / "run"
     shutil.copytree(base_run, run)
@@ -230,8 +230,12 @@ def test_damaged_part_is_bad_input(base_run, data_dir, tmp_path, damage):  # noq
         part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
     elif damage == "empty":
         part.write_bytes(b"")
-    else:
+    elif damage == "foreign":
         pd.DataFrame({"a": [1]}).to_parquet(part)
+    elif damage == "a row dropped":  # readable, its columns right: it was summarised as this run's (exit 0)
+        pd.read_parquet(part).iloc[1:].to_parquet(part)
+    else:
+        shutil.copy(run / "parts" / "chunk_00001.parquet", part)
     others = sorted((run / "parts").glob("chunk_*.parquet"))[1:]
     assert others
     others[-1].unlink()  # a part still to compute: the damaged one is named before that work (and its output)
