@@ -294,6 +294,11 @@ CASES = {  # id: (kind, {file: content}, words the error names)
     "merge-bad-json": ("merge", {"merge_weights.csv": "tensor,slice,model,delta_avg,alpha\nt,all,m,,0.5\n",
                                  "merge.json": "{not json"}, "merge.json"),
     "report-bad-json": ("report", {"replicate.json": "garbage"}, "replicate.json"),
+    # an object with an empty or odd config: a KeyError / TypeError traceback where the report first read a key
+    "report-empty-config": ("report", {"replicate.json": '{"config": {}, "fingerprints": {}}'},
+                            "replicate.json: its config is not one python -m analyses.replicate wrote"),
+    "report-odd-config": ("report", {"replicate.json": '{"config": {"models": 5}, "fingerprints": {}}'},
+                          "config key 'models': expected a table"),
 }
 
 
