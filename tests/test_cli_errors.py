@@ -166,6 +166,21 @@ def test_bench_sweep_json_that_cannot_be_a_file_is_refused_before_the_run(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"] and afile.read_text() == "keep"
 
 
+def test_bench_merge_workdir_holding_other_files_is_refused(tmp_path, capsys):
+    """``bench/merge.py --workdir DIR`` wrote model0/… over what DIR held and deleted DIR/ours and DIR/mk at every
+    round, whatever they were (a project folder, a home dir). A --workdir holding anything a run of it did not write
+    is refused before it writes; its own entries (a rerun) are fine."""
+    work = tmp_path / "work"
+    (work / "mk").mkdir(parents=True)
+    (work / "mk" / "notes.txt").write_text("keep")
+    (work / "results.csv").write_text("keep")
+    before = snapshot(work)
+    line = one_error_line(cli_main(_main("merge"), ["--workdir", str(work), "--k", "2", "--params-m", "1",
+                                                    "--rounds", "1", "--no-mergekit"]), capsys.readouterr().err)
+    assert f"--workdir {work} holds results.csv" in line, line
+    assert snapshot(work) == before and sorted(p.name for p in work.iterdir()) == ["mk", "results.csv"]
+
+
 # --------------------------------------------------------------------------------------------------------
 # --out below a regular file
 
