@@ -314,6 +314,14 @@ def check_values(cfg: ReplicateConfig) -> None:
         raise BadInput("config key 'merge.density': must be in (0, 1]")
     if not cfg.merge.lam > 0:  # TIES adds λ × the merged task vector: ≤ 0 is the base, or away from the experts
         raise BadInput(f"config key 'merge.lam': must be > 0, got {cfg.merge.lam}")
+    if "ties" in cfg.merge.methods:  # the merge's own refusal (λ past float32's range), now and not at the merge stage
+        from analyses.merge import MergeConfig
+
+        try:
+            MergeConfig(models=list(m.experts), method="ties", out=Path("."), base=m.base,
+                        lam=cfg.merge.lam).check_float32_range()
+        except BadInput as exc:
+            raise BadInput(f"config key 'merge.lam': {exc}") from None
     ft = cfg.finetune
     for key, v in (("finetune.lr", ft.lr), ("finetune.lm_lr", ft.lm_lr)):
         if v < 0:  # a negative rate climbs the loss (gradient ascent); 0 freezes that part, as in analyses.finetune
@@ -346,6 +354,8 @@ def check_values(cfg: ReplicateConfig) -> None:
     for i, label in enumerate(ft.eval_data):
         if label not in cfg.data:
             raise BadInput(f"config key 'finetune.eval_data[{i}]': {label!r} is not a label in [data]")
+        if label in ft.eval_data[:i]:  # probe.eval refuses a set given twice: at the steps stage, after fine-tuning
+            raise BadInput(f"config key 'finetune.eval_data[{i}]': {label!r} is listed twice")
     try:  # the training loop's own refusals (a rate past float32's range), now and not at the finetune stage
         train_config(cfg)
     except BadInput as exc:
@@ -384,6 +394,13 @@ def check_machine(cfg: ReplicateConfig) -> tuple[dict[str, str], Placement]:
     for key, d in dirs:
         if d.lower() != "mmmu" and not Path(d).is_dir():
             raise BadInput(f"config key {key!r}: {d} is not a directory")
+    from probe.mmmu import data_location
+
+    named: dict[str, str] = {}
+    for label, d in cfg.data.items():  # table3 evaluates every set in one probe.eval, which refuses one given twice
+        if (first := named.setdefault(data_location(d), label)) != label:
+            raise BadInput(f"config key 'data.{label}': {d} is the set data.{first} names too; give each label a "
+                           "set of its own")
     refs = {}
     for key, spec in [("models.base", cfg.models.base)] + [(f"models.experts[{i}]", e)
                                                           for i, e in enumerate(cfg.models.experts)]:

@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -37,7 +38,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from probe.errors import ArgParser, BadInput, check_counts, cli_main  # noqa: E402
+from probe.errors import ArgParser, BadInput, check_counts, check_out_path, cli_main, out_dir  # noqa: E402
 
 
 HIDDEN, MLP, VOCAB, KV = 1024, 2816, 32000, 4 * (1024 // 16)
@@ -91,6 +92,11 @@ def arch_config(name: str, layers: int | None) -> tuple[Any, dict[str, tuple[int
         model = AutoModelForCausalLM.from_config(cfg)
     tied = getattr(cfg, "tie_word_embeddings", False)
     return cfg, {n: tuple(t.shape) for n, t in model.state_dict().items() if not (tied and n == "lm_head.weight")}
+
+
+# what a run writes into --workdir (and a rerun replaces): the checkpoints, the salience runs and shift dir of
+# --method salience, our merge and mergekit's, its config, the I/O floors' files
+WORKDIR_ENTRY = re.compile(r"(model|salience)\d+|shift|ours|mk|mergekit\.yml|floor\.safetensors|raw\.bin")
 
 
 def make_models(workdir: Path, k: int, cfg: Any, shapes: dict[str, tuple[int, ...]], dtype: str) -> list[Path]:
@@ -236,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                     help="dtype of the synthetic checkpoints, which the merges keep (default bfloat16)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds, median reported (default 3)")
-    ap.add_argument("--workdir", type=Path, help="where the synthetic checkpoints go, left there afterwards (default: a "
+    ap.add_argument("--workdir", type=out_dir, help="where the synthetic checkpoints go, left there afterwards (default: a "
                     "temp dir, removed at the end unless --keep)")
     ap.add_argument("--keep", action="store_true", help="keep the temp workdir (a --workdir is always kept)")
     ap.add_argument("--no-mergekit", action="store_true", help="skip the mergekit comparison")
@@ -252,6 +258,13 @@ def main(argv: list[str] | None = None) -> int:
         raise BadInput("--layers cuts an --arch")
     if not a.arch:
         a.params_m = a.params_m or 145
+    if a.workdir is not None:  # the benchmark replaces its own entries there (ours/ and mk/ deleted at every round)
+        check_out_path(a.workdir, "--workdir")
+        foreign = sorted(f.name for f in a.workdir.iterdir() if not WORKDIR_ENTRY.fullmatch(f.name)) \
+            if a.workdir.is_dir() else []
+        if foreign:
+            raise BadInput(f"--workdir {a.workdir} holds {foreign[0]}, which no run of this benchmark wrote; its own "
+                           "entries there are overwritten and deleted: give a new or empty directory")
     work = a.workdir or Path(tempfile.mkdtemp(prefix="bench-merge-"))
     try:
         cfg, shapes = arch_config(a.arch, a.layers) if a.arch else synthetic_config(a.params_m)

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from probe.archs import ARCHS  # noqa: E402
 from probe.devices import resolve_placement  # noqa: E402
-from probe.errors import ArgParser, BadInput, check_counts, cli_main  # noqa: E402
+from probe.errors import ArgParser, BadInput, check_counts, check_out_path, cli_main, out_dir  # noqa: E402
 from probe.heads import DEFAULT_MODEL, default_data_for, parse_index_spec  # noqa: E402
 from probe.mmmu import Item, load_items  # noqa: E402
 from probe.models import LoadedModel, load_model, resolve_model  # noqa: E402
@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32,
                    help="masked rows per forward of the exact engine (default: 32)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
-    p.add_argument("--json", type=Path, default=None,
+    p.add_argument("--json", type=out_dir, default=None,
                    help="write the numbers here too (strict JSON: a number not measured is null)")
     p.add_argument("--device", default="auto",
                    help="auto (the GPU when there is one), cpu, cuda, cuda:1 (default: auto)")
@@ -191,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         raise BadInput(f"--attribution-items {args.attribution_items} is fewer than --items {args.items}: the "
                        "attribution engine is timed on at least the items the others measure")
     n_all = args.attribution_items or args.items
+    if args.json is not None:  # checked before the run: a --json naming a directory was a traceback at its end
+        if args.json.is_dir():
+            raise BadInput(f"--json {args.json} is a directory; give the path of the file to write")
+        check_out_path(args.json.parent, "--json's folder")
     if not args.random_config and any(v is not None for v in (args.layers, args.vision_layers, args.vocab_size)):
         raise BadInput("--layers, --vision-layers and --vocab-size cut a --random-config model")
     if not args.random_config and (args.image_size or args.text_tokens):  # a --model's items are its own data's

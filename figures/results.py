@@ -105,7 +105,9 @@ class Replication:
         info = read_json(path, "python -m analyses.replicate")
         if not all(isinstance(info.get(k), dict) for k in ("config", "fingerprints")):
             raise BadInput(f"{path}: no config and fingerprints (not written by python -m analyses.replicate)")
-        return Replication(Path(out), info)
+        rep = Replication(Path(out), info)
+        rep.config  # typed now: the report reads cfg's keys (models.experts, …) as it goes, a missing one a KeyError
+        return rep
 
     def heads(self, model: str, need: tuple[str, ...] = ()) -> tuple[pd.DataFrame, dict[str, Any]]:
         """heads.csv and baseline.json of the head sweep of ``model``, checked."""

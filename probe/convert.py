@@ -113,6 +113,13 @@ def read_rows(files: Sequence[Path], need: Sequence[str]) -> list[tuple[str, dic
         if missing := [c for c in need if c not in columns]:
             raise BadInput(f"{f}: no column {missing[0]!r} (has {', '.join(columns)}); not a snapshot of the "
                            "benchmark this converter reads?")
+        # csv keeps a longer row's extra cells under the key None and gives a shorter one's missing cells as None:
+        # either way its cells sit under other columns (an unquoted comma: option D's text read as the answer key)
+        for i, r in enumerate(records if f.suffix == ".csv" else ()):
+            if None in r or None in r.values():
+                n = len(columns) + len(r.get(None, ())) if None in r else sum(v is not None for v in r.values())
+                raise BadInput(f"{f.name} row {i}: {n} cells, but the header names {len(columns)} columns (an "
+                               "unquoted comma, or a line cut short?); its cells would be read under other columns")
         rows += [(f"{f.name} row {i}", r) for i, r in enumerate(records)]
     return rows
 

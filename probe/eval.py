@@ -229,6 +229,24 @@ def part_file(out: Path, m: int, d: int) -> Path:
     return out / "parts" / f"model{m:03d}_data{d:03d}.parquet"
 
 
+def read_pair_part(out: Path, plan: EvalPlan, scored: dict[tuple[int, int], list[Item]], m: int,
+                   d: int) -> pd.DataFrame:
+    """The saved part of model ``m`` on data set ``d``, checked to hold one row per item the plan scores there, of
+    that model and set: a part copied in from another run (a shorter --limit, other items) or edited was scored as
+    this run's, its n and accuracy those of its own rows, exit 0."""
+    from probe.results import read_part
+
+    path = part_file(out, m, d)
+    df = read_part(path, ITEM_COLUMNS)
+    want = sorted((it.subject, it.id) for it in scored[m, d])
+    if sorted(zip(df["subject"], df["item_id"])) != want or \
+            set(zip(df["model"], df["data"])) != {(plan.models[m].name, plan.data[d].name)}:
+        raise BadInput(f"{path} holds {len(df)} rows that are not this run's {len(want)} items of "
+                       f"{plan.models[m].name} on {plan.data[d].name}; delete it and rerun the same command to "
+                       "recompute it")
+    return df
+
+
 def evaluate_pair(loaded: LoadedModel, model_name: str, ds: DataSet, items: Sequence[Item], cfg: SweepConfig,
                   batch_size: int, bar: Any) -> list[dict]:
     from probe.batch import evaluate_items
@@ -247,8 +265,7 @@ def run(args: argparse.Namespace) -> Path:
     import pandas as pd
 
     from probe.devices import rank_world
-    from probe.results import (atomic_write_json, atomic_write_parquet, claim_out_dir, prepare_out_dir, read_part,
-                               stop_recorded)
+    from probe.results import atomic_write_json, atomic_write_parquet, claim_out_dir, prepare_out_dir, stop_recorded
 
     from probe.models import check_fits, preflight
 
@@ -265,8 +282,7 @@ def run(args: argparse.Namespace) -> Path:
     # under torchrun each rank takes every WORLD_SIZE-th (model, data set) pair (it read no RANK: K ranks did all)
     todo = [(m, d) for i, (m, d) in enumerate(pairs) if i % world == rank and not part_file(out, m, d).is_file()]
     # the parts a resume keeps are read now: a damaged one is named before anything runs or is printed
-    frames = {(m, d): read_part(part_file(out, m, d), ITEM_COLUMNS) for m, d in pairs
-              if part_file(out, m, d).is_file()}
+    frames = {(m, d): read_pair_part(out, plan, scored, m, d) for m, d in pairs if part_file(out, m, d).is_file()}
     run_info = {"command": "probe.eval", "fingerprint": plan.fingerprint(), "plan": asdict(plan),
                 "versions": run_versions(out, saved, bool(todo), bool(frames)),
                 "placement": placement.record(),
@@ -297,7 +313,7 @@ def run(args: argparse.Namespace) -> Path:
                     bar.set_description(f"eval {plan.models[m].name} on {ds.name}")
                     rows = evaluate_pair(loaded, plan.models[m].name, ds, scored[m, d], cfg, args.batch_size, bar)
                     atomic_write_parquet(part_file(out, m, d), pd.DataFrame.from_records(rows, columns=ITEM_COLUMNS))
-                    frames[m, d] = read_part(part_file(out, m, d), ITEM_COLUMNS)  # as a resume would read it
+                    frames[m, d] = read_pair_part(out, plan, scored, m, d)  # as a resume would read it
                 del loaded
         bar.close()
     missing = [(m, d) for m, d in pairs if not part_file(out, m, d).is_file()]
@@ -305,7 +321,7 @@ def run(args: argparse.Namespace) -> Path:
         print(f"rank {rank}: done; waiting for {len(missing)} (model, data set) pairs from other ranks",
               file=sys.stderr)
         return out
-    frames |= {p: read_part(part_file(out, *p), ITEM_COLUMNS) for p in pairs if p not in frames}  # other ranks'
+    frames |= {p: read_pair_part(out, plan, scored, *p) for p in pairs if p not in frames}  # other ranks'
     if not todo:  # nothing to compute (a resume, or every pair n/a): results are still this run's writes
         claim_out_dir(out, plan.fingerprint())
         if not (out / "run.json").is_file():

@@ -338,9 +338,21 @@ def run(args: argparse.Namespace) -> Path:
 
     chunks = [items[i:i + args.chunk_size] for i in range(0, len(items), args.chunk_size)]
     todo = [c for c in range(len(chunks)) if c % world == rank and not part_path(out, c).is_file()]
+    pairs = [(l, h) for l in plan.layers for h in plan.heads]
+
+    def check_chunk(c: int, df: Any) -> None:
+        """A part holds the chunk's rows: each item's baseline and one per swept head. A readable part of other rows
+        (another run's, an edited file) was summarised as this run's: a baseline of 1 item beside heads of 2."""
+        from probe.sweep import BASELINE
+
+        want = sorted((it.subject, it.id, l, h) for it in chunks[c] for l, h in [(BASELINE, BASELINE), *pairs])
+        if sorted(zip(df["subject"], df["item_id"], df["layer"].astype(int), df["head"].astype(int))) != want:
+            raise BadInput(f"{part_path(out, c)} holds {len(df)} rows that are not this run's {len(want)} (item, "
+                           "head) rows of that chunk; delete it and rerun the same command to recompute it")
+
     for c in range(len(chunks)):  # the parts a resume keeps, checked now: a damaged one is named before hours run
         if part_path(out, c).is_file():
-            read_part(part_path(out, c))
+            check_chunk(c, read_part(part_path(out, c)))
     run_info = {
         "command": "probe.heads", "fingerprint": plan.fingerprint(), "plan": asdict(plan),
         "versions": run_versions(out, saved, bool(todo), any(part_path(out, c).is_file() for c in range(len(chunks)))),
@@ -370,7 +382,6 @@ def run(args: argparse.Namespace) -> Path:
             cfg = SweepConfig(template=template, generate=not args.no_generate, max_new_tokens=args.max_new_tokens,
                               image_max_side=args.image_max_side, batch_size=args.batch_size,
                               attribution_items=args.attribution_items)
-            pairs = [(l, h) for l in plan.layers for h in plan.heads]
             engine = get_engine(plan.method)
             if plan.method == "exact":
                 from probe.upstream import untested_warning
@@ -389,7 +400,7 @@ def run(args: argparse.Namespace) -> Path:
         return out
     if not todo:  # a resume with nothing to compute still rewrites the outputs and run.json: it holds the dir too
         claim_out_dir(out, plan.fingerprint())
-    items_df = read_parts(out, range(len(chunks)))
+    items_df = read_parts(out, range(len(chunks)), check_chunk)  # other ranks' parts too
     heads = write_outputs(out, items_df, {"n_skipped_open": plan.n_skipped_open, "method": plan.method,
                                           "model": plan.model_spec, "approximate": plan.method == "attribution",
                                           "data": Path(plan.data_dir).name, "split": plan.settings["split"]})

@@ -466,8 +466,14 @@ def read_part(path: Path, columns: Iterable[str] = COLUMNS) -> pd.DataFrame:
     return df
 
 
-def read_parts(out: Path, chunks: Iterable[int]) -> pd.DataFrame:
+def read_parts(out: Path, chunks: Iterable[int],
+               check: Callable[[int, pd.DataFrame], None] | None = None) -> pd.DataFrame:
+    """The parts of ``chunks``, each passed to ``check`` (chunk, its rows) when given."""
+    chunks = list(chunks)
     frames = [read_part(part_path(out, c)) for c in chunks]
+    if check is not None:
+        for c, df in zip(chunks, frames):
+            check(c, df)
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
     return df[COLUMNS]
 

@@ -408,9 +408,12 @@ def build_parser() -> ArgParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from probe.errors import BadInput, check_out_path
+    from probe.mmmu import check_split
 
     if args.n < 1 or args.image_size < 16 or not 0 <= args.open_fraction < 1:
         raise BadInput("need --n >= 1, --image-size >= 16 and 0 <= --open-fraction < 1")
+    for split in args.split or ():  # a name, never a path: '../x' wrote its files beside the subject folders
+        check_split(split)
     check_out_path(args.out)
     root = build_dataset(args.out, args.n, args.seed, tuple(args.split or ["validation"]),
                          image_size=args.image_size, open_fraction=args.open_fraction)

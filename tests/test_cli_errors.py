@@ -295,6 +295,38 @@ def test_bad_int_option_in_a_subprocess():
     assert one_error_line(r.returncode, r.stderr) == "error: argument --limit: invalid int value: 'abc' (see --help)"
 
 
+def test_bench_sweep_json_that_cannot_be_a_file_is_refused_before_the_run(tmp_path, capsys, monkeypatch):
+    """``bench/sweep.py --json DIR`` (a folder, or a path below a file) measured every engine first and then stopped
+    with an IsADirectoryError traceback, its temp file written beside the folder; now one line before any model
+    loads."""
+    import probe.models
+
+    monkeypatch.setattr(probe.models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    for target, words in ((tmp_path, f"--json {tmp_path} is a directory"),
+                          (afile / "x.json", f"{afile} exists and is not a directory")):
+        line = one_error_line(cli_main(_main("sweep"), ["--json", str(target), "--items", "1"]),
+                              capsys.readouterr().err)
+        assert words in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"] and afile.read_text() == "keep"
+
+
+def test_bench_merge_workdir_holding_other_files_is_refused(tmp_path, capsys):
+    """``bench/merge.py --workdir DIR`` wrote model0/… over what DIR held and deleted DIR/ours and DIR/mk at every
+    round, whatever they were (a project folder, a home dir). A --workdir holding anything a run of it did not write
+    is refused before it writes; its own entries (a rerun) are fine."""
+    work = tmp_path / "work"
+    (work / "mk").mkdir(parents=True)
+    (work / "mk" / "notes.txt").write_text("keep")
+    (work / "results.csv").write_text("keep")
+    before = snapshot(work)
+    line = one_error_line(cli_main(_main("merge"), ["--workdir", str(work), "--k", "2", "--params-m", "1",
+                                                    "--rounds", "1", "--no-mergekit"]), capsys.readouterr().err)
+    assert f"--workdir {work} holds results.csv" in line, line
+    assert snapshot(work) == before and sorted(p.name for p in work.iterdir()) == ["mk", "results.csv"]
+
+
 # --------------------------------------------------------------------------------------------------------
 # --out below a regular file
 
@@ -350,7 +382,7 @@ def test_out_in_a_read_only_dir(tmp_path, data_dir, capsys, monkeypatch):
 # a damaged part of a resumable head sweep
 
 
-@pytest.mark.parametrize("damage", ["truncated", "empty", "foreign"])
+@pytest.mark.parametrize("damage", ["truncated", "empty", "foreign", "a row dropped", "another chunk's rows"])
 def test_damaged_part_is_bad_input(base_run, data_dir, tmp_path, damage):  # noqa: F811
     run = tmp_path / "run"
     shutil.copytree(base_run, run)
@@ -359,8 +391,12 @@ def test_damaged_part_is_bad_input(base_run, data_dir, tmp_path, damage):  # noq
         part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
     elif damage == "empty":
         part.write_bytes(b"")
-    else:
+    elif damage == "foreign":
         pd.DataFrame({"a": [1]}).to_parquet(part)
+    elif damage == "a row dropped":  # readable, its columns right: it was summarised as this run's (exit 0)
+        pd.read_parquet(part).iloc[1:].to_parquet(part)
+    else:
+        shutil.copy(run / "parts" / "chunk_00001.parquet", part)
     others = sorted((run / "parts").glob("chunk_*.parquet"))[1:]
     assert others
     others[-1].unlink()  # a part still to compute: the damaged one is named before that work (and its output)
@@ -419,6 +455,11 @@ CASES = {  # id: (kind, {file: content}, words the error names)
     "merge-bad-json": ("merge", {"merge_weights.csv": "tensor,slice,model,delta_avg,alpha\nt,all,m,,0.5\n",
                                  "merge.json": "{not json"}, "merge.json"),
     "report-bad-json": ("report", {"replicate.json": "garbage"}, "replicate.json"),
+    # an object with an empty or odd config: a KeyError / TypeError traceback where the report first read a key
+    "report-empty-config": ("report", {"replicate.json": '{"config": {}, "fingerprints": {}}'},
+                            "replicate.json: its config is not one python -m analyses.replicate wrote"),
+    "report-odd-config": ("report", {"replicate.json": '{"config": {"models": 5}, "fingerprints": {}}'},
+                          "config key 'models': expected a table"),
 }
 
 

@@ -341,6 +341,22 @@ def test_a_csv_saved_with_a_byte_order_mark_is_read(tmp_path):
     assert report.subjects == ["DE_DE"] and [(it.question, it.answer) for it in items] == [(r[0], r[5]) for r in rows]
 
 
+@pytest.mark.parametrize("cells, n", [(["Which", " of these is red", "apple", "sky", "grass", "A", "B", "bio"], 8),
+                                      (["Short row", "x", "y"], 3)])
+def test_a_csv_row_whose_cells_do_not_match_the_header_is_refused(tmp_path, cells, n):
+    """A question with an unquoted comma put every cell of its row under the next column: the row became the
+    question 'Which', options ' of these is red' … 'grass', answer 'A' (really option D's text) and was converted
+    without a word, a wrong key scored as right. A row longer or shorter than the header is refused, naming it."""
+    src, out = tmp_path / "mmmlu", tmp_path / "out"
+    f = src / "test" / "mmlu_FR_FR.csv"
+    write_csv(f, ["Question", "A", "B", "C", "D", "Answer", "Subject"], [["Q?", "1", "2", "3", "4", "B", "math"]])
+    with open(f, "a") as fh:  # written by hand: csv.writer would quote the comma
+        fh.write(",".join(cells) + "\n")
+    one_error_line(convert("mmmlu", src, "--out", out),
+                   f"mmlu_FR_FR.csv row 1: {n} cells, but the header names 7 columns")
+    assert not out.exists()
+
+
 GPQA_HEADER = ["Pre-Revision Question", "Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2",
                "Incorrect Answer 3", "Explanation", "Subdomain", "Record ID", "High-level domain"]
 

@@ -612,6 +612,30 @@ def test_a_damaged_part_is_named_before_a_resume_runs_anything(eval_run, tmp_pat
     assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before  # nothing recomputed or written
 
 
+@pytest.mark.parametrize("edit", ["a row dropped", "another model's rows"])
+def test_a_kept_part_of_other_rows_is_named_not_scored(edit, eval_run, tmp_path, capfd):
+    """A readable part whose rows are not the pair's items (one of another run with a shorter --limit copied in, an
+    edited file) was scored as this run's: n_items 5 of 6 and the accuracy of those rows, exit 0. Its name is the
+    one line now, and nothing is written."""
+    import shutil
+
+    out, args = eval_run
+    copy = shutil.copytree(out, tmp_path / "run")
+    parts = sorted((copy / "parts").glob("*.parquet"))
+    (copy / "scores.csv").unlink()
+    df = pd.read_parquet(parts[0])
+    if edit == "a row dropped":
+        df.iloc[1:].to_parquet(parts[0])
+    else:
+        df.assign(model="someone-else").to_parquet(parts[0])
+    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    capfd.readouterr()
+    assert _eval(*args[:-1], copy) == 2
+    err = capfd.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and str(parts[0]) in err and "delete it" in err, err
+    assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
+
+
 def test_a_model_under_another_name_gets_the_same_intervals(eval_run, tmp_path, tiny_dirs, text_dir):
     """Intervals depend on a model's answers, not on its name: the text LM copied to another directory and
     evaluated alone gives tiny-qwen2's rows of the two-model run, intervals and paired differences included."""

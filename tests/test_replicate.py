@@ -649,6 +649,13 @@ def _write(tmp_path: Path, text: str) -> Path:
     (lambda t: t.replace("lm_lr = 1e-4", "lm_lr = 1e39"), "'finetune': training setting lm_lr"),
     (lambda t: t.replace('dtype = "auto"', 'dtype = "float16"'), "'dtype': --dtype float16: fine-tuning in float16"),
     (lambda t: t.replace("limit = 0              # 0 = every item", "limit = false"), "'eval.limit': expected int"),
+    # the same: a λ the merge refuses (past float32's range), a set evaluated twice at the steps stage, two labels
+    # of one set (refused by probe.eval at table3, once the data stage had written)
+    (lambda t: t.replace("lam = 1.0", "lam = 1e39"), "'merge.lam': --lambda 1e+39: beyond the float32 range"),
+    (lambda t: t.replace('eval_data = ["text", "image", "video"]', 'eval_data = ["text", "image", "text"]'),
+     "'finetune.eval_data[2]': 'text' is listed twice"),
+    (lambda t: t.replace('video = "../../probe/zoo/data/video"', 'video = "../../probe/zoo/data/image/"'),
+     "probe/zoo/data/image is the set data.image names too"),
 ])
 def test_bad_config_exits_2_naming_the_key_and_writes_nothing(tmp_path: Path, capsys, edit, key) -> None:
     _assert_refused(tmp_path, capsys, edit(DEFAULT_CONFIG.read_text()), key)

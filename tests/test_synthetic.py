@@ -158,3 +158,21 @@ def test_cli(tmp_path, capsys):
     assert len(load_mmmu(tmp_path, split="dev")[0]) > 0
     assert len(load_mmmu(tmp_path, split="validation")[0]) > 0
     assert str(tmp_path) in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--split", "../x"], "--split '../x' is not a split name"),
+    (["--split", "val*"], "--split 'val*' is not a split name"),
+    (["--out", "{afile}/sub"], "is a file, not a directory")])
+def test_cli_bad_split_or_out_is_one_line_and_writes_nothing(tmp_path, capsys, argv, words):
+    """``--split ../x`` wrote x-00000-of-00001.parquet into --out itself, beside the subject folders (a set no
+    command reads again); a split is a name, as every reader checks. An --out below a file is named before writing."""
+    from probe.errors import cli_main
+
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    argv = ["--out", str(tmp_path / "out"), "--n", "1", *[a.format(afile=afile) for a in argv]]
+    assert cli_main(main, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and words in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"] and afile.read_text() == "keep"
