@@ -568,3 +568,47 @@ def test_stale_rotary_buffers_of_old_checkpoints_are_not_lm_weights(zoo, tmp_pat
                                                        "--out", tmp_path / "t"]]) == 0
     assert cli_main(merge.main, [str(a) for a in ["--base", old, "--models", zoo["vl"], zoo["q1"],
                                                   "--out", tmp_path / "m"]]) == 0
+
+
+def _header_edit(f: Path, edit) -> None:
+    """Rewrite a safetensors file's JSON header in place (same length, padded), its data untouched."""
+    raw = f.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert len(text) <= n
+    f.write_bytes(raw[:8] + text + b" " * (n - len(text)) + raw[8 + n:])
+
+
+@pytest.mark.parametrize("damage, needle", [
+    ("shorter than 8 bytes", "corrupt safetensors file (shorter than its header)"),
+    ("offsets not numbers", "corrupt safetensors entry 'model.norm.weight'"),
+    ("no weight file", "no weight files (*.safetensors)"),
+    ("index not JSON", "model.safetensors.index.json: corrupt index (no weight_map)"),
+    ("no embedding", "no LM tensors found under layout qwen2"),
+])
+def test_each_damaged_checkpoint_is_one_line_naming_it(zoo, tmp_path, capsys, damage, needle):
+    """Damage the checks of analyses.checkpoints name, each in one checkpoint given to shift, merge and trajectory:
+    exit 2, one line naming the file or the dir, nothing written, the inputs as they were."""
+    src = zoo["ov"] if damage == "index not JSON" else zoo["q1"]
+    d = corrupt_copy(src, tmp_path / "damaged")
+    f = d / "model.safetensors"
+    if damage == "shorter than 8 bytes":
+        f.write_bytes(b"\x01\x02")
+    elif damage == "offsets not numbers":
+        _header_edit(f, lambda h: h["model.norm.weight"].update(data_offsets=["a", "b"]))
+    elif damage == "no weight file":
+        f.unlink()
+    elif damage == "index not JSON":
+        (d / "model.safetensors.index.json").write_text("{")
+    else:  # the decoder layers without the token embedding they read
+        save_file({k: v for k, v in load_file(f).items() if "embed_tokens" not in k}, f)
+    before = {p: p.read_bytes() for p in d.rglob("*") if p.is_file()}
+    out = tmp_path / "o"
+    for main, argv in ((shift.main, ["--base", zoo["base"], "--models", d, "--no-figures"]),
+                       (merge.main, ["--models", zoo["base"], d, "--method", "average"]),
+                       (trajectory.main, ["--base", zoo["base"], "--experts", d, "--no-figures"])):
+        code, err = run_cli(main, [*argv, "--out", out], capsys)
+        assert_bad(code, err, out, needle, "damaged")
+    assert {p: p.read_bytes() for p in d.rglob("*") if p.is_file()} == before
