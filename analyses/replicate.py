@@ -26,7 +26,6 @@ whose inputs changed is deleted and rerun, and so is everything downstream of it
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -41,7 +40,7 @@ from probe.devices import Placement
 from probe.errors import (ArgParser, BadInput, check_out_apart, check_out_path, cli_main, in_path, out_dir,
                           out_inside, releases_claims)
 from probe.heads import SOFTWARE, software_differences, versions
-from probe.results import content_fingerprint, has_contents, json_digest, lock_out_dir
+from probe.results import content_fingerprint, has_contents, json_digest, json_object, lock_out_dir
 
 MARKER = "replicate.json"  # marks DIR as ours: only then are stage dirs inside it ever deleted
 STATE_DIR = "stages"  # DIR/stages/<stage>.json: fingerprint, status, seconds (beside, not inside, the outputs)
@@ -369,11 +368,7 @@ def gone_text(gone: Sequence[Path]) -> str:
 
 def read_state(out: Path, name: str) -> dict[str, Any]:
     """A stage's record (``write_state``); {} when it is missing, unparsable or not an object: no record."""
-    try:
-        state = json.loads((out / STATE_DIR / f"{name}.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return state if isinstance(state, dict) else {}
+    return json_object(out / STATE_DIR / f"{name}.json") or {}
 
 
 def write_state(out: Path, name: str, state: dict[str, Any]) -> None:
@@ -490,14 +485,17 @@ def prepare(args: argparse.Namespace) -> tuple[Context, dict[str, str]]:
     return ctx, stage_fps
 
 
+def marked(out: Path, key: str) -> Any:
+    """``key`` of ``out``'s replicate.json (MARKER, written when a run starts); None when the file is missing,
+    unreadable or not an object."""
+    return (json_object(out / MARKER) or {}).get(key)
+
+
 def run_with_other_config(out: Path, cfg: ReplicateConfig) -> str:
     """`` (DIR was run with FILE: give --config FILE, or --quick, again)`` when ``out``'s replicate.json names
     another config file than this run's, else nothing: ``--only report`` on a ``--quick`` run without ``--quick``
     said only that a stage was "not complete with these settings"."""
-    try:
-        saved = json.loads((out / MARKER).read_text()).get("config_file")
-    except (OSError, ValueError, AttributeError):
-        return ""
+    saved = marked(out, "config_file")
     if not isinstance(saved, str) or not saved or Path(saved).resolve() == Path(cfg.source).resolve():
         return ""
     again = "--quick" if Path(saved).resolve() == QUICK_CONFIG.resolve() else f"--config {saved}"
@@ -509,10 +507,7 @@ def first_spelling(out: Path) -> Path:
     models they evaluate by their paths under ``out`` (probe.eval labels its rows by them), so a rerun typing ``out``
     otherwise (absolute for relative, through a link) looked for rows no table had (exit 2 at the report) and found
     a killed eval stage's parts of "other models"."""
-    try:
-        saved = json.loads((out / MARKER).read_text()).get("out")
-    except (OSError, ValueError, AttributeError):
-        return out
+    saved = marked(out, "out")
     return Path(saved) if isinstance(saved, str) and Path(saved).resolve() == out.resolve() else out
 
 

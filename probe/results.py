@@ -182,14 +182,19 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 MANIFEST = ".omniprobe-output.json"
 
 
+def json_object(path: Path) -> dict | None:
+    """The JSON object in ``path``; None when the file is missing, unreadable, not JSON or not an object."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def read_manifest(out: Path) -> dict | None:
     """The manifest ``analyses.writer.atomic_dir`` writes last into a finished output (MANIFEST: the command and every
     entry it wrote), None when ``out`` has none or an unreadable one; its keys are the reader's to check."""
-    try:
-        manifest = json.loads((out / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    return manifest if isinstance(manifest, dict) else None
+    return json_object(out / MANIFEST)
 
 
 @contextmanager
