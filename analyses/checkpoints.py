@@ -284,7 +284,7 @@ def checkpoint_fingerprint(ck: Checkpoint) -> str:
 
 def open_checkpoint(spec: str, allow_bin: bool = False) -> Checkpoint:
     """Resolve, read config and headers, detect the layout; no tensor data is touched."""
-    from probe.models import check_shard_keys, weights_entry
+    from probe.models import check_shard_keys, check_tied_head, weights_entry
 
     path = resolve_model_dir(spec)
     config = read_config_json(path)
@@ -327,6 +327,14 @@ def open_checkpoint(spec: str, allow_bin: bool = False) -> Checkpoint:
     if f8 := next((k for k in lm.values() if infos[k].dtype in FLOAT8), None):
         raise BadInput(f"{path}: LM tensor {f8} is {DTYPE_NAMES[infos[f8].dtype]}, a quantized checkpoint's codes "
                        "(their scales are separate tensors); dequantize it to bf16/fp16/fp32 first")
+    if "lm_head.weight" in lm:  # config.json tying it: the file's differing lm_head is run by some loaders only
+        head, embed = (infos[lm[c]] for c in ("lm_head.weight", "embed_tokens.weight"))
+        try:
+            check_tied_head(path, config, FAMILIES[layout.family], head.key, embed.key,
+                            lambda key: files[infos[key].file].view(infos[key]))
+        finally:
+            for info in (head, embed):
+                files[info.file].release(info)
     return Checkpoint(spec, path, config, layout, FAMILIES[layout.family], infos, lm, other, files)
 
 

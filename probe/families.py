@@ -825,6 +825,11 @@ def says_untied(config: Mapping[str, Any], family: Family) -> bool:
     return bool(said) and not any(said)
 
 
+def says_tied(config: Mapping[str, Any], family: Family) -> bool:
+    """config.json sets ``tie_word_embeddings`` true somewhere transformers reads it (``_tie_nodes``)."""
+    return any(node.get("tie_word_embeddings") is True for node in _tie_nodes(config, family))
+
+
 def _tie_nodes(config: Mapping[str, Any], family: Family) -> list[Any]:
     """The top level of config.json and every dict on the paths to the sub-config the class is built from and to
     the text config: where transformers reads ``tie_word_embeddings``."""

@@ -5,12 +5,13 @@ family table, so a real checkpoint, a tiny random model and a trained organism s
 """
 from __future__ import annotations
 
+import json
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
@@ -22,12 +23,16 @@ from probe.families import (
     ALIASES,
     Family,
     HeadGeometry,
+    canonical_lm_name,
     config_geometry,
     config_value,
     declared_quantization,
+    detect_layout,
     family_of_model_type,
     processor_kwargs,
     read_config_json,
+    says_tied,
+    says_untied,
     text_config_dict,
 )
 
@@ -176,6 +181,101 @@ def check_weights(path: Path, config: dict[str, Any], gguf_file: str | None = No
         check_shard_keys(path, entry, {f: bin_keys(f) for f in sorted(path.glob("pytorch_model*.bin"))})
     if gguf_file is None and not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise BadInput(f"{path}: no weight files (*.safetensors)")
+    if gguf_file is None:
+        check_loaded_tie(path, config, entry, keys)
+
+
+def check_loaded_tie(path: Path, config: dict[str, Any], entry: Path | None, keys: dict[Path, list[str]]) -> None:
+    """``check_tied_head`` on the weight files transformers loads from ``path`` (``keys``: each safetensors file's
+    tensor names; a .bin checkpoint's are read here)."""
+    from contextlib import ExitStack
+
+    from safetensors import safe_open
+
+    if entry is not None and entry.name.startswith("pytorch_model"):
+        files = {f: bin_keys(f) for f in sorted(path.glob("pytorch_model*.bin"))}
+    elif entry is not None and entry.name.endswith(".index.json"):
+        files = {f: k for f, k in keys.items() if f.name in set(json.loads(entry.read_text())["weight_map"].values())}
+    else:
+        files = keys if entry is None else {entry: keys.get(entry, [])}
+    where = {k: f for f, names in files.items() for k in names}
+    with ExitStack() as stack:
+        def tensor(key: str) -> Any:
+            f = where[key]
+            if f.suffix == ".bin":
+                return torch.load(f, map_location="cpu", weights_only=True, mmap=True)[key]
+            return stack.enter_context(safe_open(str(f), framework="pt")).get_slice(key)
+
+        family = family_of_model_type(config["model_type"])
+        try:
+            layout = detect_layout(config.get("model_type"), where)
+        except BadInput:
+            return  # a layout only the family's class reads (the analyses refuse it on their own)
+        canon = {canonical_lm_name(layout, k): k for k in where}
+        if "lm_head.weight" in canon and "embed_tokens.weight" in canon:
+            check_tied_head(path, config, family, canon["lm_head.weight"], canon["embed_tokens.weight"], tensor)
+
+
+# rows of lm_head and embed_tokens compared at a time (a 7B model's are 152,064 × 3,584)
+TIE_CHECK_ROWS = 1024
+
+
+def ties_word_embeddings(config: Mapping[str, Any], family: Family) -> bool:
+    """Whether a load ties the family's lm_head to embed_tokens under this config.json: transformers' own mapping of
+    the weights it ties (``probe.upstream.ties_lm_head``) on the class built on the meta device from the config it is
+    built from. That is the class and the config together: a composite config ties when its text_config alone says
+    so (Qwen2VLConfig, LlavaOnevisionConfig), one setting it nowhere takes the class default (Gemma 3 ties),
+    Qwen2-Audio ties nothing. A config transformers cannot build is read as written (``says_tied``)."""
+    import transformers
+
+    from probe.dispatch import meta_model
+    from probe.upstream import ties_lm_head
+
+    sub = config_value(config, family.config_path) if family.config_path else config
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        cls = getattr(transformers, family.model_class)
+        skeleton = meta_model(cls, cls.config_class(**dict(sub)), torch.float32)
+    except Exception:  # noqa: BLE001 - a config transformers refuses (its own load says why): as written
+        return says_tied(config, family)
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
+    return ties_lm_head(skeleton)
+
+
+def same_values(a: Any, b: Any) -> bool:
+    """Two stored tensors (or safetensors slices) hold the same shape and values, read ``TIE_CHECK_ROWS`` rows at a
+    time."""
+    def shape(t: Any) -> tuple[int, ...]:
+        return tuple(t.get_shape()) if hasattr(t, "get_shape") else tuple(t.shape)
+
+    if shape(a) != shape(b) or not shape(a):
+        return shape(a) == shape(b) == () and torch.equal(torch.as_tensor(a[...]), torch.as_tensor(b[...]))
+    for lo in range(0, shape(a)[0], TIE_CHECK_ROWS):
+        x, y = a[lo:lo + TIE_CHECK_ROWS], b[lo:lo + TIE_CHECK_ROWS]
+        common = torch.promote_types(x.dtype, y.dtype)
+        if not torch.equal(x.to(common), y.to(common)):
+            return False
+    return True
+
+
+def check_tied_head(path: Path, config: Mapping[str, Any], family: Family, head: str, embed: str,
+                    tensor: Callable[[str], Any]) -> None:
+    """A checkpoint whose config.json ties lm_head to embed_tokens while its weights hold an lm_head (disk key
+    ``head``) of other values than the embedding (``embed``) is bad input: which of the two the model runs depends on
+    the loader (transformers keeps the file's and says so in a log line the commands silence; a loader that follows
+    the config runs the embedding), while the analyses measure and merge the file's. An lm_head equal to the
+    embedding (a .bin checkpoint holds both, one storage) is the same model either way. ``tensor(key)``: the stored
+    tensor, or a safetensors slice (read by rows, ``same_values``). Checks the config first (``says_untied``: most
+    checkpoints with their own lm_head say so), the values only when it ties."""
+    if says_untied(config, family) or not ties_word_embeddings(config, family):
+        return
+    if not same_values(tensor(head), tensor(embed)):
+        raise BadInput(f"{path}: config.json ties lm_head to embed_tokens (tie_word_embeddings true), yet the weights "
+                       f"hold an lm_head ({head}) that differs from the embedding ({embed}): transformers runs the "
+                       "file's lm_head, a loader following the config the embedding; set tie_word_embeddings false "
+                       f"if the lm_head is meant, or delete {head} from the weights")
 
 
 def _processor_without_video(cls):

@@ -362,6 +362,17 @@ def model_call_with_cache(model: nn.Module, cache: Any, **inputs: Any) -> Any:
     return model(**inputs, **{cache_kwarg(type(model).forward): cache}, use_cache=True)
 
 
+def ties_lm_head(model: nn.Module) -> bool:
+    """Whether ``from_pretrained`` ties ``model``'s lm_head to its token embedding (its class and config together):
+    transformers' own mapping of the weights a load ties, over every sub-model (``get_expanded_tied_weights_keys``,
+    a 5.x internal; ``model`` may be a meta-device skeleton)."""
+    expand = getattr(model, "get_expanded_tied_weights_keys", None)
+    if expand is None:
+        raise UpstreamChanged("PreTrainedModel.get_expanded_tied_weights_keys (the weights a load ties) is gone",
+                              naive_helps=False)
+    return any(k.endswith("lm_head.weight") for pair in expand(all_submodels=True).items() for k in pair)
+
+
 @contextmanager
 def head_must_run(model: nn.Module, head_path: str) -> Iterator[None]:
     """Around a forward (or ``generate``) of a model whose LM head gives fp32 logits through a forward hook

@@ -612,3 +612,70 @@ def test_each_damaged_checkpoint_is_one_line_naming_it(zoo, tmp_path, capsys, da
         code, err = run_cli(main, [*argv, "--out", out], capsys)
         assert_bad(code, err, out, needle, "damaged")
     assert {p: p.read_bytes() for p in d.rglob("*") if p.is_file()} == before
+
+
+def tied_config_copy(src: Path, dst: Path, equal: bool = False, text_level: bool = False) -> Path:
+    """A copy of ``src`` (its own lm_head in the weights) whose config.json says tie_word_embeddings true (at the top,
+    or in text_config alone, which ties a composite model too); with ``equal`` its lm_head is made the embedding."""
+    d = shutil.copytree(src, dst)
+    cfg = json.loads((d / "config.json").read_text())
+    (cfg["text_config"] if text_level else cfg)["tie_word_embeddings"] = True
+    (d / "config.json").write_text(json.dumps(cfg))
+    if equal:
+        sd = load_file(d / "model.safetensors")
+        head, embed = (next(k for k in sd if k.endswith(n)) for n in ("lm_head.weight", "embed_tokens.weight"))
+        sd[head] = sd[embed].clone()
+        save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+    return d
+
+
+def test_a_config_tying_an_lm_head_the_weights_hold_apart_is_refused_everywhere(zoo, tiny_dirs, data_dir, tmp_path,
+                                                                                 capsys):
+    """config.json ties lm_head to embed_tokens, the weights hold an lm_head of other values: transformers 5.25 runs
+    the file's (its warning silenced by the commands), a loader following the config the embedding, and shift,
+    merge and trajectory measured and merged the file's with exit 0. Each command refuses it in one line naming the
+    checkpoint, nothing written, inputs unchanged; also when only a composite model's text_config ties."""
+    from probe import eval as probe_eval
+    from probe.models import resolve_model
+
+    plain = tied_config_copy(zoo["q1"], tmp_path / "q1-tied")
+    nested = tied_config_copy(zoo["ov"], tmp_path / "ov-tied", text_level=True)
+    probe_model = tied_config_copy(tiny_dirs["qwen2"], tmp_path / "tiny-tied")
+    before = {p: p.read_bytes() for d in (plain, nested, probe_model) for p in d.rglob("*") if p.is_file()}
+    out = tmp_path / "o"
+    for d in (plain, nested):
+        needles = (str(d), "ties lm_head to embed_tokens", "lm_head.weight) that differs from the embedding")
+        for main, argv in ((shift.main, ["--base", zoo["base"], "--models", d, "--no-figures"]),
+                           (merge.main, ["--models", zoo["base"], d, "--method", "average"]),
+                           (merge.main, ["--models", zoo["base"], zoo["q1"], "--method", "average", "--carrier", d]),
+                           (trajectory.main, ["--base", zoo["base"], "--experts", d, "--no-figures"])):
+            code, err = run_cli(main, [*argv, "--out", out], capsys)
+            assert_bad(code, err, out, *needles)
+    with pytest.raises(BadInput, match="ties lm_head to embed_tokens"):  # what probe.heads / probe.eval resolve with
+        resolve_model(str(nested))
+    code, err = run_cli(probe_eval.main, ["--models", probe_model, "--data", data_dir, "--limit", "2", "--quiet"
+                                          , "--out", out], capsys)
+    assert_bad(code, err, out, str(probe_model), "ties lm_head to embed_tokens")
+    assert {p: p.read_bytes() for d in (plain, nested, probe_model) for p in d.rglob("*") if p.is_file()} == before
+
+
+def test_a_tied_config_whose_lm_head_equals_the_embedding_still_works(zoo, tmp_path, capsys):
+    """The same lm_head stored twice (a .bin checkpoint always holds both) is one model whichever is run: read as
+    before, and a merge into it as a carrier unties its config, since the merged head is no longer its embedding
+    (else the carrier written would be the refused conflict above)."""
+    from probe.models import resolve_model
+
+    d = tied_config_copy(zoo["q1"], tmp_path / "q1-same", equal=True)
+    resolve_model(str(d))
+    code, err = run_cli(shift.main, ["--base", zoo["base"], "--models", d, "--no-figures", "--out", tmp_path / "s"],
+                        capsys)
+    assert code == 0, err
+    out = tmp_path / "m"
+    code, err = run_cli(merge.main, ["--models", zoo["base"], zoo["q1"], "--method", "average", "--carrier", d,
+                                     "--quiet", "--out", out], capsys)
+    assert code == 0, err
+    carrier = out / "carriers" / d.name
+    assert json.loads((carrier / "config.json").read_text())["tie_word_embeddings"] is False
+    with open_checkpoint(str(carrier)) as ck:
+        assert not torch.equal(ck.view(ck.lm_info("lm_head.weight")), ck.view(ck.lm_info("embed_tokens.weight")))
+    resolve_model(str(carrier))
