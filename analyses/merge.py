@@ -138,8 +138,10 @@ class MergeConfig:
         if self.method == "weighted":
             if not self.weights or len(self.weights) != len(self.models):
                 raise BadInput(f"--weights: give one weight per model ({len(self.models)})")
-            if self.normalize and sum(self.weights) <= 0:
-                raise BadInput("--weights must have a positive sum")
+            if sum(self.weights) <= 0:  # all 0 (none is negative): 0/0 shares, or with --no-normalize a model of 0s
+                raise BadInput("--weights must have a positive sum (all 0 takes nothing from any model"
+                               + (": with --no-normalize every merged tensor would be 0)" if not self.normalize
+                                  else ")"))
         elif self.weights:
             raise BadInput("--weights only applies to --method weighted")
         self.check_float32_range()

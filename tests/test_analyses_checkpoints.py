@@ -427,6 +427,10 @@ def test_quiet_silences_the_progress_bars_and_only_inside(zoo, tmp_path, capfd):
     (["--method", "weighted", "--weights", "-1", "2"], "--weights must be >= 0"),
     # the range checks below had no test: each mutated away, every test still passed
     (["--method", "weighted", "--weights", "0", "0"], "--weights must have a positive sum"),
+    # as given (no shares of the sum) all 0 wrote a model of zeros, exit 0
+    (["--method", "weighted", "--no-normalize", "--weights", "0", "0"],
+     "--weights must have a positive sum (all 0 takes nothing from any model: with --no-normalize every merged "
+     "tensor would be 0)"),
     (["--method", "weighted", "--weights", "1"], "--weights: give one weight per model (2)"),
     (["--method", "ties", "--density", "0"], "--density must be in (0, 1]"),
     (["--method", "ties", "--density", "1.5"], "--density must be in (0, 1]"),
