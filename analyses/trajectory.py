@@ -73,7 +73,11 @@ def run_points(run_dir: str, label: str | None = None) -> list[Point]:
         m = re.fullmatch(r"checkpoint-(\d+)", sub.name)
         if not m and sub.name.startswith("checkpoint-") and sub.is_dir():  # was skipped: a run short of a point
             raise BadInput(f"--runs {run_dir}: {sub.name} is not checkpoint-<step> with a whole-number step")
-        if m and sub.is_dir():
+        if m and not sub.is_dir():  # was skipped: a run short of the step the user expects (a checkpoint archived
+            # into one file, a broken link, a copy cut short)
+            raise BadInput(f"--runs {run_dir}: {sub.name} is not a directory (a run's checkpoint-<step> is a saved "
+                           "model's folder); put the checkpoint there or move the file out of the run")
+        if m:
             if (s := int(m.group(1))) in steps:  # checkpoint-10 and checkpoint-010: two points of one name and step
                 raise BadInput(f"--runs {run_dir}: {steps[s].name} and {sub.name} are both step {s}")
             steps[s] = sub

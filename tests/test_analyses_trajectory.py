@@ -234,3 +234,27 @@ def test_vocabulary_rule_recorded_is_the_one_the_features_use(models, tmp_path):
     assert feats["norms"][1, t] == pytest.approx(float((e[:120] - b[:120]).norm()), rel=1e-6)  # rows all have
     rule = json.loads((out / "run.json").read_text())["vocab"]["embed_tokens.weight"]["rule"]
     assert "first 120 rows" in rule and "merged" not in rule and "both have" not in rule, rule
+
+
+@pytest.mark.parametrize("kind", ["file", "broken link"])
+def test_a_checkpoint_step_that_is_no_directory_is_bad_input(kind, models, tmp_path, capsys):
+    """A run's checkpoint-20 that is a plain file (the checkpoint archived into one file, a copy cut short) or a link
+    to nothing was skipped: the run drew one point fewer than the steps the user sees, exit 0. One line names it,
+    nothing written, the run as it was."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(models["run"], run)
+    shutil.rmtree(run / "checkpoint-20")
+    if kind == "file":
+        (run / "checkpoint-20").write_bytes(b"an archive")
+    else:
+        (run / "checkpoint-20").symlink_to(tmp_path / "gone")
+    before = sorted((p.name, p.is_symlink(), p.read_bytes() if p.is_file() else None) for p in run.rglob("*"))
+    out = tmp_path / "t"
+    code = cli_main(trajectory.main, [str(a) for a in ["--base", models["base"], "--runs", run, "--out", out]])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err, err
+    assert err.startswith(f"error: --runs {run}: checkpoint-20 is not a directory"), err
+    assert not out.exists()
+    assert sorted((p.name, p.is_symlink(), p.read_bytes() if p.is_file() else None) for p in run.rglob("*")) == before
