@@ -468,7 +468,45 @@ def read_part(path: Path, columns: Iterable[str] = COLUMNS) -> pd.DataFrame:
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise BadInput(f"{path} lacks columns {', '.join(missing)}; {fix}")
+    check_part_columns(path, df, columns)
     return df
+
+
+# What each column of a part (probe.heads' COLUMNS, probe.eval's ITEM_COLUMNS) holds as the runs write it
+# (probe.sweep.measurement_row): text, whole numbers, or floats, some within bounds (NaN allowed only where a run
+# writes it: ``correct`` without generation)
+PART_TEXT = ("model", "data", "item_id", "subject", "answer", "pred", "prob_pred", "response")
+PART_INT = ("layer", "head")
+PART_FLOAT = {"correct": (0.0, 1.0, True), "prob_correct": (0.0, 1.0, False), "p_answer": (0.0, 1.0, False),
+              "kl": (-1e-6, math.inf, False)}  # (low, high, NaN allowed)
+
+
+def check_part_columns(path: Path, df: pd.DataFrame, columns: Iterable[str]) -> None:
+    """Each of ``columns`` of a saved part holds what a run writes there: a part rewritten by hand (``correct`` as
+    text, ``p_answer`` as whole numbers) was a pandas traceback at the summary, or — numbers cast back to floats —
+    summarised as measured. BadInput naming the part and the column."""
+    from pandas.api.types import is_float_dtype, is_integer_dtype, is_string_dtype
+
+    fix = "an edited or foreign part; delete it and rerun the same command to recompute it"
+    for col in columns:
+        s = df[col]
+        if col in PART_TEXT:
+            ok, what = is_string_dtype(s) and not s.isna().any(), "text"
+        elif col in PART_INT:
+            ok, what = is_integer_dtype(s), "whole numbers"
+        elif col in PART_FLOAT:
+            ok, what = is_float_dtype(s), "floats"
+        else:
+            continue
+        if not ok:
+            raise BadInput(f"{path}: column {col} holds {s.dtype} values, not the {what} a run writes there ({fix})")
+        if col in PART_FLOAT:
+            lo, hi, nan = PART_FLOAT[col]
+            bad = ~s.between(lo, hi) & (s.notna() if nan else True)
+            if bad.any():
+                i = int(bad.to_numpy().argmax())
+                raise BadInput(f"{path}: column {col} must lie in [{lo:g}, {hi:g}]{' or be empty' if nan else ''}; "
+                               f"row {i + 1} has {float(s.iloc[i]):g} ({fix})")
 
 
 def read_parts(out: Path, chunks: Iterable[int],

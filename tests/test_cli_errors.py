@@ -382,7 +382,10 @@ def test_out_in_a_read_only_dir(tmp_path, data_dir, capsys, monkeypatch):
 # a damaged part of a resumable head sweep
 
 
-@pytest.mark.parametrize("damage", ["truncated", "empty", "foreign", "a row dropped", "another chunk's rows"])
+@pytest.mark.parametrize("damage", ["truncated", "empty", "foreign", "a row dropped", "another chunk's rows",
+                                    # columns rewritten as another type: a pandas traceback at the summary, or
+                                    # whole numbers summarised as measured (p_answer 0.73 → 0), exit 0
+                                    "correct as text", "p_answer as whole numbers", "layer as text", "negative kl"])
 def test_damaged_part_is_bad_input(base_run, data_dir, tmp_path, damage):  # noqa: F811
     run = tmp_path / "run"
     shutil.copytree(base_run, run)
@@ -395,6 +398,18 @@ def test_damaged_part_is_bad_input(base_run, data_dir, tmp_path, damage):  # noq
         pd.DataFrame({"a": [1]}).to_parquet(part)
     elif damage == "a row dropped":  # readable, its columns right: it was summarised as this run's (exit 0)
         pd.read_parquet(part).iloc[1:].to_parquet(part)
+    elif damage == "correct as text":
+        df = pd.read_parquet(part)
+        df.assign(correct=df["correct"].astype(str)).to_parquet(part)
+    elif damage == "p_answer as whole numbers":
+        df = pd.read_parquet(part)
+        df.assign(p_answer=df["p_answer"].round().astype("int64")).to_parquet(part)
+    elif damage == "layer as text":
+        df = pd.read_parquet(part)
+        df.assign(layer=df["layer"].astype(str)).to_parquet(part)
+    elif damage == "negative kl":
+        df = pd.read_parquet(part)
+        df.assign(kl=-0.5).to_parquet(part)
     else:
         shutil.copy(run / "parts" / "chunk_00001.parquet", part)
     others = sorted((run / "parts").glob("chunk_*.parquet"))[1:]
@@ -404,6 +419,9 @@ def test_damaged_part_is_bad_input(base_run, data_dir, tmp_path, damage):  # noq
     r = cli([*BASE_ARGS, "--data", data_dir, "--out", run])
     line = one_error_line(r.returncode, r.stderr)
     assert str(part) in line and "delete it" in line
+    column = damage.split()[-1] if damage == "negative kl" else damage.split()[0]
+    assert damage not in ("correct as text", "p_answer as whole numbers", "layer as text", "negative kl") or \
+        f"column {column} " in line, line
     assert snapshot(run) == before
 
 

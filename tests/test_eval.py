@@ -636,6 +636,41 @@ def test_a_kept_part_of_other_rows_is_named_not_scored(edit, eval_run, tmp_path,
     assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.parametrize("edit,needle", [
+    ("correct as text", "not the floats a run writes there"),  # str (pandas 3) or object (pandas 2) values
+    ("p_answer as whole numbers", "column p_answer holds int64 values, not the floats"),
+    ("model as a number", "column model holds int64 values, not the text"),
+    ("p_answer above 1", "column p_answer must lie in [0, 1]; row 1 has 3"),
+])
+def test_a_kept_part_whose_columns_were_retyped_is_named_not_scored(edit, needle, eval_run, tmp_path, capfd):
+    """A part rewritten by hand with a column of another type: ``correct`` as text ended the resume in a pandas
+    traceback at the summary, ``p_answer`` as whole numbers (0.73 → 0) was summarised as measured, exit 0. One line
+    names the part and the column now, and nothing is written."""
+    import shutil
+
+    out, args = eval_run
+    copy = shutil.copytree(out, tmp_path / "run")
+    parts = sorted((copy / "parts").glob("*.parquet"))
+    (copy / "scores.csv").unlink()
+    df = pd.read_parquet(parts[0])
+    if edit == "correct as text":
+        df = df.assign(correct=df["correct"].map(lambda v: "yes" if v == 1 else "no"))
+    elif edit == "p_answer as whole numbers":
+        df = df.assign(p_answer=df["p_answer"].astype("int64"))
+    elif edit == "model as a number":
+        df = df.assign(model=0)
+    else:
+        df.loc[df.index[0], "p_answer"] = 3.0
+    df.to_parquet(parts[0])
+    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    capfd.readouterr()
+    assert _eval(*args[:-1], copy) == 2
+    err = capfd.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and str(parts[0]) in err and needle in err, err
+    assert "delete it" in err and (edit != "correct as text" or "column correct holds" in err)
+    assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
+
+
 def test_a_model_under_another_name_gets_the_same_intervals(eval_run, tmp_path, tiny_dirs, text_dir):
     """Intervals depend on a model's answers, not on its name: the text LM copied to another directory and
     evaluated alone gives tiny-qwen2's rows of the two-model run, intervals and paired differences included."""
