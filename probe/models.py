@@ -226,6 +226,16 @@ def ties_word_embeddings(config: Mapping[str, Any], family: Family) -> bool:
     built from. That is the class and the config together: a composite config ties when its text_config alone says
     so (Qwen2VLConfig, LlavaOnevisionConfig), one setting it nowhere takes the class default (Gemma 3 ties),
     Qwen2-Audio ties nothing. A config transformers cannot build is read as written (``says_tied``)."""
+    key = (family.name, json.dumps(config, sort_keys=True, default=str))
+    if key not in _TIES:  # a run's checkpoints share one config, and a 72B skeleton takes seconds to build
+        _TIES[key] = _ties_word_embeddings(config, family)
+    return _TIES[key]
+
+
+_TIES: dict[tuple[str, str], bool] = {}
+
+
+def _ties_word_embeddings(config: Mapping[str, Any], family: Family) -> bool:
     import transformers
 
     from probe.dispatch import meta_model

@@ -365,7 +365,7 @@ def model_call_with_cache(model: nn.Module, cache: Any, **inputs: Any) -> Any:
 def ties_lm_head(model: nn.Module) -> bool:
     """Whether ``from_pretrained`` ties ``model``'s lm_head to its token embedding (its class and config together):
     transformers' own mapping of the weights a load ties, over every sub-model (``get_expanded_tied_weights_keys``,
-    a 5.x internal; ``model`` may be a meta-device skeleton)."""
+    a 5.x internal, the same in 5.23.0 and 5.25.0; ``model`` may be a meta-device skeleton)."""
     expand = getattr(model, "get_expanded_tied_weights_keys", None)
     if expand is None:
         raise UpstreamChanged("PreTrainedModel.get_expanded_tied_weights_keys (the weights a load ties) is gone",
