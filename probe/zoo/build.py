@@ -316,7 +316,7 @@ def init_organism(name: str, tok: PreTrainedTokenizerBase, out_dir: Path, base_d
     )
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from probe.tokenizer import chat_template_for, special_ids
+    from probe.tokenizer import chat_template_for, media_ids, special_ids
 
     torch.manual_seed(seed)
     special = special_ids(tok)
@@ -334,8 +334,7 @@ def init_organism(name: str, tok: PreTrainedTokenizerBase, out_dir: Path, base_d
             text_config=text,
             vision_config=dict(depth=2, embed_dim=64, hidden_size=LM["hidden_size"], num_heads=2, mlp_ratio=2,
                                patch_size=8, spatial_merge_size=2, temporal_patch_size=2, in_chans=3),
-            **special, image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-            vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+            **special, **media_ids(family, ids),
         )
         model = T.Qwen2VLForConditionalGeneration(cfg)
         # 48 px → a 3×3 grid of merged 16-px tokens whose centres are the scene slots: one shape per token.
@@ -348,7 +347,7 @@ def init_organism(name: str, tok: PreTrainedTokenizerBase, out_dir: Path, base_d
             text_config=dict(model_type="qwen2") | text,
             vision_config=dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=128,
                                num_hidden_layers=2, num_attention_heads=2, image_size=size, patch_size=patch),
-            **special, image_token_id=ids("<image>"), video_token_id=ids("<video>"),
+            **special, **media_ids(family, ids),
             vision_feature_select_strategy="full", vision_feature_layer=-1,
             image_grid_pinpoints=[[size, size]],
         )
