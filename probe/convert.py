@@ -428,6 +428,8 @@ def cached_frames(videos: dict[str, Path], cache: Path, sample: Callable[[Path],
         st = path.stat()
         kept = cache / f"{vid}-{st.st_size}-{st.st_mtime_ns}"
         if not kept.is_dir():
+            # named by video, not by `kept` (probe.results.partial_dir): a killed run's is cleared even after the
+            # video's file changed; a cache miss, not an output, so a failure leaves it for that rerun
             tmp = cache / f".{vid}.partial"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)

@@ -351,6 +351,7 @@ def tiny_dir(family: str) -> Path:
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    # not probe.results.partial_dir: a shared cache that concurrent processes fill, each in a dir of its own
     tmp = Path(tempfile.mkdtemp(prefix=f".{family}-", dir=target.parent))
     try:
         build_tiny(family, tmp)

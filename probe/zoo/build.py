@@ -23,7 +23,7 @@ import torch
 from probe.families import FAMILIES
 from probe.metrics import option_log_probs, prob_choice
 from probe.models import NO_HUB_KERNELS
-from probe.results import WRITER_TAG, remove_stale_dirs, writer_tag
+from probe.results import WRITER_TAG, partial_path, remove_stale_dirs
 from probe.tiny import save_model_dir
 from probe.prompting import PromptTemplate
 from probe.train import TrainConfig, collate, encode, is_lm_param, model_inputs
@@ -260,7 +260,7 @@ def build_fresh_data(root: Path, n: int, seed: int, split: str = "train") -> dic
     """
     from probe.errors import BadInput
 
-    tmp = root.parent / f".{root.name}.draw"
+    tmp = root.parent / f".{root.name}.draw"  # not partial_dir: a draw short of items is discarded and redrawn larger
     held = held_out_keys()  # once: it decodes every validation picture and frame
     for factor in (2, 4, 8, 16):
         shutil.rmtree(tmp, ignore_errors=True)
@@ -603,7 +603,8 @@ def _build_organism(name: str, out: Path, tok, items: dict, recipe: Recipe, seed
     t0, k = time.time(), tuple(OWN).index(name)
     # built in a hidden dir and renamed once measured: a kill leaves the previous organism or none, never untrained
     # weights under the organism's name (which any command would load)
-    final, d = out / f"organism-{name}", out / f".organism-{name}.partial-{writer_tag()}"
+    final = out / f"organism-{name}"
+    d = partial_path(final)  # not partial_dir: a failed build's dir is kept, until build() clears a dead writer's
     shutil.rmtree(d, ignore_errors=True)
     init_organism(name, tok, d, None if name == "base" else out / "organism-base", seed + k)
     loaded = _load(d)
