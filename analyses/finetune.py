@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from probe.errors import (ArgParser, BadInput, RunStopped, check_counts, check_out_apart, check_out_path, cli_main,
-                          input_in_out, make_out_dir, out_dir, releases_claims, drop_partial)
+                          input_in_out, make_out_dir, out_dir, releases_claims)
 
 if TYPE_CHECKING:  # annotations only: the command imports torch and the model code when it runs
     from probe.devices import Placement
@@ -253,12 +253,11 @@ def save_checkpoint(loaded: LoadedModel, source: Path, dest: Path, state: dict |
     with LoRA the weights are the adapter merged into the source in float32 (``write_lora_merge``) and
     ``adapter/`` holds the adapter (``weights``: the adapters gathered from FSDP's shards)."""
     from analyses.writer import copy_side_files
-    from probe.results import set_file_modes
+    from probe.results import partial_dir, set_file_modes
 
-    tmp = dest.parent / f".{dest.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    # a full disk, a refused LoRA merge (write_lora_merge, mid-stream): the partial copy is removed at once. Not
+    # analyses.writer.atomic_dir: a checkpoint is no --out of its own (no lock, no manifest; the run's run.json says)
+    with partial_dir(dest) as tmp:
         if hasattr(loaded.model, "merge_and_unload"):  # a peft model
             loaded.model.save_pretrained(tmp / "adapter", **({} if weights is None else {"state_dict": weights}))
             write_lora_merge(loaded, source, tmp, weights)
@@ -272,8 +271,6 @@ def save_checkpoint(loaded: LoadedModel, source: Path, dest: Path, state: dict |
         if state is not None:
             save_state(state, tmp / STATE)
         set_file_modes(tmp)  # save_pretrained writes the weights 0o600
-    except BaseException as exc:  # a full disk, a refused LoRA merge (write_lora_merge, mid-stream)
-        drop_partial(tmp, dest, exc)
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
 

@@ -23,7 +23,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -46,6 +46,23 @@ from probe.results import json_text
 
 COMMAND = "analyses.merge"  # what its output manifests name
 
+
+def eq1_coefficients(cfg: MergeConfig) -> list[float]:
+    """Eq. 1 (``analyses.formulas.average_coefficients``): 1/n for each --models entry."""
+    return average_coefficients(len(cfg.models))
+
+
+def eq2_coefficients(cfg: MergeConfig) -> list[float]:
+    """Eq. 2 (``analyses.formulas.weighted_coefficients``): the --weights, normalised unless --no-normalize."""
+    return weighted_coefficients(cfg.weights or [], cfg.normalize)
+
+
+def task_arithmetic_of(cfg: MergeConfig) -> list[float]:
+    """Task arithmetic, θ_0 + λ Σ (θ_i − θ_0) (``analyses.formulas.task_arithmetic_coefficients``):
+    [1 − λn, λ, …, λ] of [θ_0, θ_1, …, θ_n]."""
+    return task_arithmetic_coefficients(len(cfg.models), cfg.lam)
+
+
 @dataclass(frozen=True)
 class Method:
     """What a ``--method`` is, as data (``figures.merge`` checks merge_weights.csv against it too); its name is its
@@ -54,15 +71,19 @@ class Method:
     needs_base: bool  # the formula reads the base model (Δ to it, or task vectors from it)
     base_row: bool  # the base is a weighted participant: merge_weights.csv holds its alpha
     convex: bool  # alphas are weights in [0, 1] summing to 1 (weighted's: unless --no-normalize)
+    reads_shift: bool = False  # Eq. 4's Δavg decides coefficients (computed, or from --shift)
+    # the same coefficients for every tensor: cfg → one per --models entry (a base gets 0), or one per
+    # [base, *models]; None: chosen per tensor (Eq. 4 from each tensor's Δavg, salience's slices and layers) or by a kernel of its own (ties)
+    fixed: Callable[[MergeConfig], list[float]] | None = None
 
 
 # the base of average and weighted merges only supplies vocabulary rows; ties' alphas are trim thresholds of the
 # task vectors, task arithmetic's coefficients (1 − λk for the base)
-METHODS = {"average": Method(needs_base=False, base_row=False, convex=True),
-           "weighted": Method(needs_base=False, base_row=False, convex=True),
-           "shift": Method(needs_base=True, base_row=True, convex=True),
-           "salience": Method(needs_base=True, base_row=True, convex=True),
-           "task_arithmetic": Method(needs_base=True, base_row=True, convex=False),
+METHODS = {"average": Method(needs_base=False, base_row=False, convex=True, fixed=eq1_coefficients),
+           "weighted": Method(needs_base=False, base_row=False, convex=True, fixed=eq2_coefficients),
+           "shift": Method(needs_base=True, base_row=True, convex=True, reads_shift=True),
+           "salience": Method(needs_base=True, base_row=True, convex=True, reads_shift=True),
+           "task_arithmetic": Method(needs_base=True, base_row=True, convex=False, fixed=task_arithmetic_of),
            "ties": Method(needs_base=True, base_row=False, convex=False)}
 TOKENIZER_FILES = ("tokenizer", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
                    "chat_template", "generation_config.json")
@@ -133,7 +154,7 @@ class MergeConfig:
                 raise BadInput("--rest must be shift or layer")
         elif self.salience or self.base_salience or self.rest != "shift":
             raise BadInput("--salience / --base-salience / --rest only apply to --method salience")
-        if self.method == "ties" and not 0.0 < self.density <= 1.0:
+        if reads("density", self.method) and not 0.0 < self.density <= 1.0:
             raise BadInput("--density must be in (0, 1]")
         if self.method == "weighted":
             if not self.weights or len(self.weights) != len(self.models):
@@ -149,8 +170,9 @@ class MergeConfig:
             raise BadInput("--alpha0 must be in [0, 1]")
         if not self.temperature > 0:
             raise BadInput("--temperature must be > 0")
-        if self.shift_dir is not None and self.method not in ("shift", "salience"):
-            raise BadInput("--shift only applies to --method shift or salience")
+        if self.shift_dir is not None and not METHODS[self.method].reads_shift:
+            shifted = " or ".join(m for m, f in METHODS.items() if f.reads_shift)
+            raise BadInput(f"--shift only applies to --method {shifted}")
         if self.shift_dir is not None and not (self.shift_dir / "shift.csv").is_file():
             raise BadInput(f"--shift {self.shift_dir}: no shift.csv there (run python -m analyses.shift)")
         check_output(self.out, self.overwrite, COMMAND, lambda: merge_request(self))
@@ -159,10 +181,10 @@ class MergeConfig:
         """The merge multiplies fp32 tensors by its coefficients: one past the float32 range is bad input."""
         if self.method == "weighted":
             flag, value = "--weights", max(self.weights or [0.0])
-            coeffs = weighted_coefficients(self.weights or [], self.normalize)
-        elif self.method in ("task_arithmetic", "ties"):
+            coeffs = eq2_coefficients(self)
+        elif reads("lam", self.method):  # ties scales its merged task vector by λ as task arithmetic does
             flag, value = "--lambda", self.lam
-            coeffs = [self.lam, *task_arithmetic_coefficients(len(self.models), self.lam)]
+            coeffs = [self.lam, *task_arithmetic_of(self)]
         else:
             return
         if any(abs(c) > FLOAT32_MAX for c in coeffs):
@@ -238,30 +260,29 @@ class Merger:
     _tmp: torch.Tensor = field(default_factory=lambda: torch.empty(MERGE_CHUNK, dtype=torch.float32))
 
     def coefficients(self, plan: TensorPlan, views: Sequence[torch.Tensor]) -> tuple[list[float], list[float] | None]:
-        n_models = len(self.cfg.models)
-        off = 1 if self.has_base else 0
-        if self.cfg.method == "average":
-            return [0.0] * off + average_coefficients(n_models), None
-        if self.cfg.method == "weighted":
-            return [0.0] * off + weighted_coefficients(self.cfg.weights or [], self.cfg.normalize), None
-        if self.cfg.method == "task_arithmetic":
-            return task_arithmetic_coefficients(n_models, self.cfg.lam), None
+        """Each input's coefficient for this tensor (METHODS[method].fixed, salience's layer rule, else Eq. 4), and
+        the Δavg they came from (None when none did)."""
+        fixed = METHODS[self.cfg.method].fixed
+        if fixed is not None:
+            coeffs = fixed(self.cfg)  # a base that is no participant (Eq. 1, 2) only supplies vocabulary rows: 0
+            return [0.0] * (len(self.inputs) - len(coeffs)) + coeffs, None
         if self.salience is not None and self.cfg.rest == "layer":
             layer = self.salience.layer_coefficients(plan.canon)
             if layer is not None:
                 return layer, None
-        if self.shift_table is not None:
-            deltas = self.shift_table.deltas(plan.canon)
-        else:  # Eq. 3 on the fly, as analyses.shift computes it: one extra pass, Σ|Δ| over the rows both have
-            sums = [0.0] * n_models
-            for j, b, v in paired_chunks(plan, views, CHUNK):
-                sums[j - 1] += ShiftStats.abs_sum(b, v)
-            for total, v, nm, info in zip(sums, views[1:], self.names[1:], plan.infos[1:]):
-                if not math.isfinite(total):
-                    check_finite(views[0], self.names[0], plan.infos[0].key)
-                    check_finite(v, nm, info.key)
-            deltas = [total / max(plan.common_with(j), 1) for j, total in enumerate(sums, start=1)]
-        return shift_coefficients(deltas, self.cfg.alpha0, self.cfg.temperature), deltas
+        deltas = self.shift_table.deltas(plan.canon) if self.shift_table is not None else self.eq3_deltas(plan, views)
+        return shift_coefficients(deltas, self.cfg.alpha0, self.cfg.temperature), deltas  # Eq. 4
+
+    def eq3_deltas(self, plan: TensorPlan, views: Sequence[torch.Tensor]) -> list[float]:
+        """Eq. 3 on the fly, as analyses.shift computes it: one extra pass, Σ|Δ| over the rows both have."""
+        sums = [0.0] * len(self.cfg.models)
+        for j, b, v in paired_chunks(plan, views, CHUNK):
+            sums[j - 1] += ShiftStats.abs_sum(b, v)
+        for total, v, nm, info in zip(sums, views[1:], self.names[1:], plan.infos[1:]):
+            if not math.isfinite(total):
+                check_finite(views[0], self.names[0], plan.infos[0].key)
+                check_finite(v, nm, info.key)
+        return [total / max(plan.common_with(j), 1) for j, total in enumerate(sums, start=1)]
 
     def merge_tensor(self, plan: TensorPlan, sink: Any) -> None:
         views = [ck.view(info).reshape(-1) for ck, info in zip(self.inputs, plan.infos)]
@@ -571,7 +592,7 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
                 "temperature": cfg.temperature if reads("temperature", cfg.method) else None,
                 # salience --rest layer too: embeddings, the final norm and lm_head stay on Eq. 4
                 "shift_source": str(cfg.shift_dir) if shift_table else (
-                    "computed" if cfg.method in ("shift", "salience") else None),
+                    "computed" if METHODS[cfg.method].reads_shift else None),
                 "lambda": cfg.lam if reads("lam", cfg.method) else None,
                 "density": cfg.density if reads("density", cfg.method) else None,
                 "salience": {"runs": [str(p) for p in cfg.salience],

@@ -29,7 +29,7 @@ import argparse
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -150,28 +150,24 @@ def stage_shift(ctx: Context) -> None:
 
 
 def stage_merge(ctx: Context) -> None:
-    from analyses.merge import MergeConfig, run_merge
+    from analyses.merge import METHODS, MergeConfig, reads, run_merge
 
     m, g = ctx.cfg.models, ctx.cfg.merge
     # a resumed stage keeps the methods merged before the kill (run_merge finds them finished: a 7B merge reads
     # every model again); run_stage clears the dir of a stage that is not resumed, and a method killed mid-merge
     # left only a hidden partial dir, which its rerun removes
-    common = dict(carriers=list(m.experts))
     for method in g.methods:
         out = drop_damaged(ctx.merge_dir(method))
-        if method == "average":  # Eq. 1 over all the LMs, the paper's "Qwen2-Text/VL/Video/SI" row
-            cfg = MergeConfig(models=[m.base, *m.experts], method="average", out=out, **common)
-        elif method == "ties":
-            cfg = MergeConfig(models=list(m.experts), method="ties", out=out, base=m.base, density=g.density,
-                              lam=g.lam, **common)
-        else:
-            extra: dict[str, Any] = {}
-            if method == "salience":
-                extra = dict(salience=[ctx.out / "heads" / short(e) for e in m.experts],
-                             base_salience=ctx.out / "heads" / short(m.base) if g.salience_base else None,
-                             salience_metric=g.salience_metric, salience_temperature=g.salience_temperature)
-            cfg = MergeConfig(models=list(m.experts), method=method, out=out, base=m.base, alpha0=g.alpha0,
-                              temperature=g.temperature, shift_dir=ctx.out / "shift", **extra, **common)
+        # the [merge] settings this method reads, as analyses.merge's METHOD_OPTIONS says (--alpha0 to shift, ...)
+        options: dict[str, Any] = {f.name: getattr(g, f.name) for f in fields(g) if reads(f.name, method)}
+        if METHODS[method].reads_shift:
+            options["shift_dir"] = ctx.out / "shift"
+        if method == "salience":
+            options |= dict(salience=[ctx.out / "heads" / short(e) for e in m.experts],
+                            base_salience=ctx.out / "heads" / short(m.base) if g.salience_base else None)
+        # average: Eq. 1 over all the LMs, the paper's "Qwen2-Text/VL/Video/SI" row; the others merge the experts
+        models, base = ([m.base, *m.experts], None) if method == "average" else (list(m.experts), m.base)
+        cfg = MergeConfig(models=models, method=method, out=out, base=base, carriers=list(m.experts), **options)
         print(f"[merge] {method}", file=sys.stderr)
         run_merge(cfg)
         if method == "salience":

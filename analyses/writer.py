@@ -27,7 +27,7 @@ import torch
 from analyses.checkpoints import DTYPE_NAMES
 from probe.errors import WRITE_STOPPED, BadInput, check_out_path
 from probe.results import (MANIFEST, WRITER_TAG, atomic_write_json, claimed, copy_file, lock_out_dir, output_listing,
-                           read_manifest, release_claims, remove_stale_dirs, writer_tag)
+                           partial_path, read_manifest, release_claims, remove_stale_dirs, writer_tag)
 
 P = ParamSpec("P")
 
@@ -425,7 +425,7 @@ def _fill_and_rename(out: Path, place: Path, overwrite: bool, command: str, requ
     check_output(out, overwrite, command, None if request is None else lambda: request)
     check_replaceable(out, overwrite, command)
     remove_stale_partials(place)
-    tmp = place.parent / f".{place.name}.partial-{writer_tag()}"
+    tmp = partial_path(place)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()

@@ -21,7 +21,7 @@ from figures import (drop_stale_pages, heatmap_ticks, page_caption, page_panels,
                      read_json, save_figure)
 from figures.findings import Finding, findings
 from figures.results import METHOD_LABELS, EvalRun, Replication, short
-from probe.errors import BadInput, drop_partial
+from probe.errors import BadInput
 from probe.zoo import ORGANISMS, VALIDATION_NOTE
 
 FIG_DIR = "report_figures"
@@ -434,23 +434,20 @@ def build(r: Replication, figdir: Path) -> Doc:
 
 
 def build_report(out: Path) -> list[Path]:
+    from probe.results import atomic_write_bytes, partial_dir
+
     out = Path(out)
     r = Replication.read(out)
     figdir = out / FIG_DIR
-    tmp = out / f".{FIG_DIR}.partial"  # figures are drawn aside: bad results leave the previous report whole
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    # figures are drawn aside: bad results leave the previous report whole; a full disk names the figures' folder
+    # (PIL's error names no file)
+    with partial_dir(figdir) as tmp:
         doc = build(r, tmp)
-    except BaseException as exc:
-        drop_partial(tmp, figdir, exc)  # a full disk names the figures' folder (PIL's error names no file)
     for name in ("report.md", "report.html"):  # a kill from here on leaves no report rather than the earlier
         (out / name).unlink(missing_ok=True)  # build's beside this one's, or pointing at figures no longer there
     if figdir.exists():
         shutil.rmtree(figdir)
     tmp.rename(figdir)
-    from probe.results import atomic_write_bytes
-
     atomic_write_bytes(out / "report.md", doc.markdown().encode())
     atomic_write_bytes(out / "report.html", doc.html(out, "omniprobe replication report").encode())
     return [out / "report.md", out / "report.html"]

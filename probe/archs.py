@@ -87,8 +87,9 @@ def _qwen2_vl_config(text: dict, vision: dict, special: dict, media: dict):
 def _llava_onevision_config(text: dict, vision: dict, special: dict, media: dict):
     from transformers import LlavaOnevisionConfig
 
-    ids = {"image_token_index": media.get("image_token_id", 151646),
-           "video_token_index": media.get("video_token_id", 151647)}
+    # the config's own keywords; one not given keeps LlavaOnevisionConfig's default, the published 7B's id
+    ids = {index: media[attr] for attr, index in (("image_token_id", "image_token_index"),
+                                                  ("video_token_id", "video_token_index")) if attr in media}
     return LlavaOnevisionConfig(text_config={"model_type": "qwen2"} | text, vision_config=vision, **special, **ids,
                                 vision_feature_select_strategy="full", vision_feature_layer=-1)
 
@@ -113,32 +114,31 @@ def _llava_onevision_processor(config):
 
 @dataclass(frozen=True)
 class RandomBuild:
-    """What a random-weight build of one family needs beyond its Arch rows: the config it is built from, its
-    published image preprocessing (None: a text model), and the config's token ids named by their tokens."""
+    """What a random-weight build of one family needs beyond its Arch rows: the config it is built from and its
+    published image preprocessing (None: a text model). The config's media token ids are probe.tokenizer's
+    MEDIA_TOKENS."""
 
     config: Callable[[dict, dict, dict, dict], Any]  # (text, vision, special ids, image/video ids) → config
     image_processor: Callable[[Any], Any] | None = None  # config → PIL image processor
-    media_tokens: tuple[tuple[str, str], ...] = ()  # config id attribute → token of the offline tokenizer
 
 
 # One row per family of ARCHS (a new family is a row here, as in probe.families and probe.tiny's BUILDERS)
 BUILDS: dict[str, RandomBuild] = {
     "qwen2": RandomBuild(_qwen2_config),
     "llama": RandomBuild(_llama_config),
-    "qwen2_vl": RandomBuild(_qwen2_vl_config, _qwen2_vl_processor, (
-        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))),
-    "llava_onevision": RandomBuild(_llava_onevision_config, _llava_onevision_processor, (
-        ("image_token_id", "<image>"), ("video_token_id", "<video>"))),
+    "qwen2_vl": RandomBuild(_qwen2_vl_config, _qwen2_vl_processor),
+    "llava_onevision": RandomBuild(_llava_onevision_config, _llava_onevision_processor),
 }
 
 
 def build_config(name: str, special: dict[str, int] | None = None, layers: int | None = None,
                  vision_layers: int | None = None, vocab_size: int | None = None) -> Any:
     """A transformers config of ``name``; ``special`` maps bos/eos/pad and the image/video token names to ids."""
+    from probe.tokenizer import MEDIA_TOKENS
+
     arch = ARCHS[name]
     special = dict(special or {})
-    media = {k: special.pop(k) for k, _ in BUILDS[arch.family].media_tokens if k in special}
+    media = {k: special.pop(k) for k, _ in MEDIA_TOKENS.get(arch.family, ()) if k in special}
     text = arch.text | special | ({"num_hidden_layers": layers} if layers else {}) | (
         {"vocab_size": vocab_size} if vocab_size else {})
     vision = dict(arch.vision or {}) | ({arch.vision_layers_key: vision_layers} if vision_layers else {})
@@ -163,14 +163,14 @@ def build_random(name: str, workdir: str | Path, dtype: str = "float32", device:
     from probe.families import FAMILIES, HeadGeometry, text_config_dict
     from probe.models import DTYPES, LoadedModel, ModelRef, _check_geometry, load_processors
     from probe.tiny import _CORPUS
-    from probe.tokenizer import build_tokenizer, special_ids
+    from probe.tokenizer import build_tokenizer, media_ids, special_ids
 
     arch = ARCHS[name]
     fam = FAMILIES[arch.family]
     tok = build_tokenizer(_CORPUS, 1024, fam.image_placeholder, fam.video_placeholder)
     ids = tok.convert_tokens_to_ids
     special = special_ids(tok)
-    special |= {attr: ids(token) for attr, token in BUILDS[arch.family].media_tokens}
+    special |= media_ids(arch.family, ids)
     config = build_config(name, special, layers, vision_layers, vocab_size)
     out = Path(workdir)
     out.mkdir(parents=True, exist_ok=True)

@@ -42,8 +42,9 @@ from typing import Any, Callable, Sequence
 
 from probe.errors import (ArgParser, BadInput, RunStopped, check_counts, check_out_path, cli_main, error_reason,
                           in_path, input_in_out, out_dir, out_inside, releases_claims)
-from probe.mmmu import VIDEO_REF, _IMAGE_REF, check_split, fit_within, option_letters, unfinished_conversion
+from probe.mmmu import VIDEO_REF, _IMAGE_REF, check_split, fit_within, unfinished_conversion
 from probe.mmmu import _split_files as split_files  # the reader's rule: shards complete, never two forms
+from probe.parsing import option_letters
 
 REPOS = {"mmlu": "cais/mmlu", "mmlu-pro": "TIGER-Lab/MMLU-Pro", "mmmlu": "openai/MMMLU", "gpqa": "Idavidrein/gpqa",
          "video-mme": "lmms-lab/Video-MME"}
@@ -427,6 +428,8 @@ def cached_frames(videos: dict[str, Path], cache: Path, sample: Callable[[Path],
         st = path.stat()
         kept = cache / f"{vid}-{st.st_size}-{st.st_mtime_ns}"
         if not kept.is_dir():
+            # named by video, not by `kept` (probe.results.partial_dir): a killed run's is cleared even after the
+            # video's file changed; a cache miss, not an output, so a failure leaves it for that rerun
             tmp = cache / f".{vid}.partial"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from probe.errors import BadInput, error_reason
+from probe.parsing import option_letters
 
 MAX_IMAGES = 7
 REQUIRED_COLUMNS = ("id", "question", "options", "answer", "question_type")
@@ -31,13 +32,6 @@ EVALUATION_SPLITS = frozenset({"validation", "test", "val", "eval"})
 _IMAGE_REF = re.compile(r"<image (\d+)>")
 VIDEO_REF = "<video>"
 _HUB_REPO = "MMMU/MMMU"
-
-
-def option_letters(n: int) -> tuple[str, ...]:
-    """'A', 'B', ... for n options (MMMU has items with more than four)."""
-    if n > 26:
-        raise ValueError(f"at most 26 options supported, got {n}")
-    return tuple(chr(ord("A") + i) for i in range(n))
 
 
 ORIENTATION = 0x0112  # the EXIF tag

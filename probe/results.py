@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import pandas as pd
 
 from probe.devices import rank_world
-from probe.errors import BadInput, RunStopped, check_out_path, make_out_dir, write_stopped
+from probe.errors import BadInput, RunStopped, check_out_path, drop_partial, make_out_dir, write_stopped
 from probe.sweep import BASELINE, COLUMNS
 
 OUTPUT_FILES = ("heads.csv", "baseline.json", "items.parquet", "run.json", "heatmap_*")
@@ -146,6 +146,27 @@ def remove_stale_dirs(parent: Path, name: str) -> list[Path]:
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d)
     return removed
+
+
+def partial_path(dest: Path) -> Path:
+    """This process's hidden dir beside ``dest``, filled before it is renamed to ``dest`` (``.NAME.partial-TAG``,
+    TAG = ``writer_tag``): two writers never share one, and ``remove_stale_dirs`` can tell a killed writer's."""
+    return dest.parent / f".{dest.name}.partial-{writer_tag()}"
+
+
+@contextmanager
+def partial_dir(dest: Path) -> Iterator[Path]:
+    """A hidden ``.NAME.partial`` dir beside ``dest`` to fill, emptied first (a kill left it) and removed at once
+    when filling it fails (``probe.errors.drop_partial``: a full disk's error names ``dest``); the caller renames
+    it to ``dest`` once it is whole. Untagged: one writer per ``dest`` (its --out is claimed), and the next call
+    clears what a kill left without asking whose it was."""
+    tmp = dest.parent / f".{dest.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException as exc:
+        drop_partial(tmp, dest, exc)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -17,7 +17,7 @@ import torch
 
 from probe.errors import drop_partial
 from probe.families import FAMILIES, family_of_model_type, processor_kwargs, read_config_json
-from probe.tokenizer import build_tokenizer, special_ids
+from probe.tokenizer import build_tokenizer, media_ids, special_ids
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -79,11 +79,6 @@ def _qwen_image_processor(patch: int = 8):
                                     temporal_patch_size=2)
 
 
-def _qwen_vision_ids(ids) -> dict:
-    return dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-                vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
-
-
 # One builder per family: (spec, text config, token→id) → (model, image processor or None). Text families set
 # their own quirks: an explicit head_dim ≠ hidden/heads (Qwen3, Gemma 3), sliding-window layers and tied
 # embeddings (Gemma 3), so the table's fallbacks are exercised.
@@ -141,7 +136,7 @@ def _b_qwen2_vl(spec, text, ids):
         text_config=text | _mrope(head_dim),
         vision_config=dict(depth=2, embed_dim=32, hidden_size=spec.hidden_size, num_heads=2, mlp_ratio=2,
                            patch_size=8, spatial_merge_size=2, temporal_patch_size=2, in_chans=3),
-        **_special(text), **_qwen_vision_ids(ids),
+        **_special(text), **media_ids("qwen2_vl", ids),
     )
     return tf.Qwen2VLForConditionalGeneration(cfg), _qwen_image_processor()
 
@@ -153,7 +148,7 @@ def _b_qwen2_5_vl(spec, text, ids):
     cfg = tf.Qwen2_5_VLConfig(
         text_config=text | _mrope(head_dim),
         vision_config=_qwen_vision(spec, window_size=32, fullatt_block_indexes=[1]),
-        **_special(text), **_qwen_vision_ids(ids),
+        **_special(text), **media_ids("qwen2_5_vl", ids),
     )
     return tf.Qwen2_5_VLForConditionalGeneration(cfg), _qwen_image_processor()
 
@@ -164,7 +159,7 @@ def _b_qwen3_vl(spec, text, ids):
     cfg = tf.Qwen3VLConfig(
         text_config=text | dict(head_dim=24) | _mrope(24, mrope_interleaved=True),
         vision_config=_qwen_vision(spec, num_position_embeddings=16, deepstack_visual_indexes=[0]),
-        **_special(text), **_qwen_vision_ids(ids),
+        **_special(text), **media_ids("qwen3_vl", ids),
     )
     return tf.Qwen3VLForConditionalGeneration(cfg), _qwen_image_processor()
 
@@ -261,8 +256,7 @@ def _b_llava_onevision(spec, text, ids):
         text_config=dict(model_type="qwen2") | text,
         vision_config=dict(model_type="siglip_vision_model") | _vision(),
         **_special(text),
-        image_token_id=ids("<image>"),
-        video_token_id=ids("<video>"),
+        **media_ids("llava_onevision", ids),
         vision_feature_select_strategy="full",
         vision_feature_layer=-1,
         image_grid_pinpoints=pinpoints,
@@ -357,6 +351,7 @@ def tiny_dir(family: str) -> Path:
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    # not probe.results.partial_dir: a shared cache that concurrent processes fill, each in a dir of its own
     tmp = Path(tempfile.mkdtemp(prefix=f".{family}-", dir=target.parent))
     try:
         build_tiny(family, tmp)

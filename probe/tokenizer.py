@@ -7,7 +7,7 @@ of option letters at the first generated position).
 from __future__ import annotations
 
 import string
-from typing import Iterable
+from typing import Callable, Iterable
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -27,6 +27,24 @@ SPECIAL_TOKENS: tuple[str, ...] = (
     "<image>",
     "<video>",
 )
+
+# The config attributes that name this tokenizer's media tokens, per family whose builds set them (probe.tiny,
+# probe.archs, the organisms of probe.zoo): the one place a tiny model's image/video token ids come from.
+_QWEN_VISION_TOKENS = (("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+                       ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))
+MEDIA_TOKENS: dict[str, tuple[tuple[str, str], ...]] = {
+    "qwen2_vl": _QWEN_VISION_TOKENS,
+    "qwen2_5_vl": _QWEN_VISION_TOKENS,
+    "qwen3_vl": _QWEN_VISION_TOKENS,
+    "llava_onevision": (("image_token_id", "<image>"), ("video_token_id", "<video>")),
+}
+
+
+def media_ids(family: str, ids: Callable[[str], int]) -> dict[str, int]:
+    """``family``'s config attributes naming its media tokens (MEDIA_TOKENS; none for a family not there), each
+    the id ``ids`` (a tokenizer's ``convert_tokens_to_ids``) gives its token."""
+    return {attr: ids(token) for attr, token in MEDIA_TOKENS.get(family, ())}
+
 
 # ChatML, rendering HF content lists; `image_token`/`video_token` are substituted per family.
 CHAT_TEMPLATE = (

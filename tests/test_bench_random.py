@@ -156,13 +156,14 @@ def test_each_random_build_is_a_row_whose_media_ids_are_the_tokenizers(tmp_path,
     from the offline tokenizer (what the processor inserts; a wrong id leaves the images unread), and an image
     processor exactly when the family reads images."""
     from probe.archs import ARCHS, BUILDS, build_random
+    from probe.tokenizer import MEDIA_TOKENS
 
     assert {a.family for a in ARCHS.values()} <= set(BUILDS)
     loaded = build_random(name, tmp_path, layers=1, vision_layers=1, vocab_size=1024)
     config = loaded.model.config
     assert type(loaded.model).__name__ == loaded.family.model_class
     ids = loaded.tokenizer.convert_tokens_to_ids
-    media = BUILDS[ARCHS[name].family].media_tokens
+    media = MEDIA_TOKENS.get(ARCHS[name].family, ())
     assert bool(media) == (loaded.family.image_placeholder is not None)
     for attr, token in media:
         index = {"image_token_id": "image_token_index", "video_token_id": "video_token_index"}.get(attr, attr)

@@ -89,7 +89,7 @@ def make_data(out: Path, n: int, seed: int, split: str) -> int:
     import shutil
 
     from probe.errors import BadInput
-    from probe.results import writer_tag
+    from probe.results import partial_path
     from probe.zoo.build import build_fresh_data
 
     if n < 1 or seed < 0 or not re.fullmatch(r"[A-Za-z0-9_]+", split):
@@ -99,7 +99,7 @@ def make_data(out: Path, n: int, seed: int, split: str) -> int:
     if out.exists():
         raise BadInput(f"--out {out} exists; pick a new directory")
     remove_stale_partials(out)
-    tmp = out.parent / f".{out.name}.partial-{writer_tag()}"  # two runs at once never share it
+    tmp = partial_path(out)  # two runs at once never share it; --out is never replaced, so no atomic_dir-like swap
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         dirs = build_fresh_data(tmp, n, seed, split)

@@ -23,7 +23,7 @@ import torch
 from probe.families import FAMILIES
 from probe.metrics import option_log_probs, prob_choice
 from probe.models import NO_HUB_KERNELS
-from probe.results import WRITER_TAG, remove_stale_dirs, writer_tag
+from probe.results import WRITER_TAG, partial_path, remove_stale_dirs
 from probe.tiny import save_model_dir
 from probe.prompting import PromptTemplate
 from probe.train import TrainConfig, collate, encode, is_lm_param, model_inputs
@@ -260,7 +260,7 @@ def build_fresh_data(root: Path, n: int, seed: int, split: str = "train") -> dic
     """
     from probe.errors import BadInput
 
-    tmp = root.parent / f".{root.name}.draw"
+    tmp = root.parent / f".{root.name}.draw"  # not partial_dir: a draw short of items is discarded and redrawn larger
     held = held_out_keys()  # once: it decodes every validation picture and frame
     for factor in (2, 4, 8, 16):
         shutil.rmtree(tmp, ignore_errors=True)
@@ -316,7 +316,7 @@ def init_organism(name: str, tok: PreTrainedTokenizerBase, out_dir: Path, base_d
     )
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from probe.tokenizer import chat_template_for, special_ids
+    from probe.tokenizer import chat_template_for, media_ids, special_ids
 
     torch.manual_seed(seed)
     special = special_ids(tok)
@@ -334,8 +334,7 @@ def init_organism(name: str, tok: PreTrainedTokenizerBase, out_dir: Path, base_d
             text_config=text,
             vision_config=dict(depth=2, embed_dim=64, hidden_size=LM["hidden_size"], num_heads=2, mlp_ratio=2,
                                patch_size=8, spatial_merge_size=2, temporal_patch_size=2, in_chans=3),
-            **special, image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-            vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+            **special, **media_ids(family, ids),
         )
         model = T.Qwen2VLForConditionalGeneration(cfg)
         # 48 px → a 3×3 grid of merged 16-px tokens whose centres are the scene slots: one shape per token.
@@ -348,7 +347,7 @@ def init_organism(name: str, tok: PreTrainedTokenizerBase, out_dir: Path, base_d
             text_config=dict(model_type="qwen2") | text,
             vision_config=dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=128,
                                num_hidden_layers=2, num_attention_heads=2, image_size=size, patch_size=patch),
-            **special, image_token_id=ids("<image>"), video_token_id=ids("<video>"),
+            **special, **media_ids(family, ids),
             vision_feature_select_strategy="full", vision_feature_layer=-1,
             image_grid_pinpoints=[[size, size]],
         )
@@ -604,7 +603,8 @@ def _build_organism(name: str, out: Path, tok, items: dict, recipe: Recipe, seed
     t0, k = time.time(), tuple(OWN).index(name)
     # built in a hidden dir and renamed once measured: a kill leaves the previous organism or none, never untrained
     # weights under the organism's name (which any command would load)
-    final, d = out / f"organism-{name}", out / f".organism-{name}.partial-{writer_tag()}"
+    final = out / f"organism-{name}"
+    d = partial_path(final)  # not partial_dir: a failed build's dir is kept, until build() clears a dead writer's
     shutil.rmtree(d, ignore_errors=True)
     init_organism(name, tok, d, None if name == "base" else out / "organism-base", seed + k)
     loaded = _load(d)
