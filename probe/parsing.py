@@ -68,9 +68,9 @@ def strip_special(response: str) -> str:
 
 
 def _lone_letter(text: str, letters: str) -> str | None:
-    core = text.strip(_WRAP).rstrip(".:)").strip(_WRAP)
-    if len(core) == 1 and core.upper() in letters:
-        return core.upper()
+    core = text.strip(_WRAP).rstrip(".:)").strip(_WRAP).upper()
+    if len(core) == 1 and core in letters:  # upper() first: "ﬅ" is one character but "ST", a run of the letters
+        return core
     return None
 
 

@@ -272,3 +272,11 @@ def test_a_letter_the_response_rejects_is_not_its_choice(response, kept):
 ])
 def test_a_negation_that_rejects_no_letter_changes_nothing(response, expected):
     assert parse_choice(response, OPTS4) == expected
+
+
+@pytest.mark.parametrize("response", ["ﬅ", "(ﬆ)", "ﬅ."])
+def test_a_ligature_whose_capital_is_two_letters_is_no_choice(response):
+    # "ﬅ".upper() is "ST": with 20 options that is a run of the option letters, not one of them
+    options = [f"option {i}" for i in range(20)]
+    assert parse_choice(response, options) is None
+    assert parse_choice("S", options) == "S"
