@@ -143,12 +143,17 @@ def parse_mix(spec: str | None, labels: Sequence[str]) -> dict[str, float]:
 
 
 def checkpoint_dirs(out: Path) -> dict[int, Path]:
+    """A run's ``checkpoint-<step>`` dirs by step. An entry of that name that is no directory (a plain file, a
+    broken link) is bad input: counted, it would be a step done (and the resume point) that holds nothing."""
     found = {}
     for d in out.glob("checkpoint-*"):
         try:
-            found[int(d.name.split("-", 1)[1])] = d
+            step = int(d.name.split("-", 1)[1])
         except ValueError:
             continue
+        if not d.is_dir():
+            raise BadInput(f"{d} is not a directory (a run's checkpoint-<step> is a saved model); move it away")
+        found[step] = d
     return dict(sorted(found.items()))
 
 

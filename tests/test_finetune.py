@@ -344,6 +344,23 @@ def test_a_resume_under_other_software_is_refused(ft_run, tiny_dirs, data_dir, t
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
 
 
+def test_a_checkpoint_step_that_is_no_directory_is_bad_input(ft_run, tiny_dirs, data_dir, text_dir, tmp_path,
+                                                              capfd):
+    """A plain file named checkpoint-6 (the last step) counted as that step saved: the rerun resumed from it and
+    called the run complete; now it is named, exit 2, and nothing is touched."""
+    from analyses.finetune import main
+
+    out = shutil.copytree(ft_run, tmp_path / "run")
+    shutil.rmtree(out / "checkpoint-6")
+    (out / "checkpoint-6").write_text("not a model")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    capfd.readouterr()
+    assert cli_main(main, _args(tiny_dirs, data_dir, text_dir, out)) == 2
+    err = capfd.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "checkpoint-6 is not a directory" in err, err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
+
+
 def test_killed_after_its_last_checkpoint_is_marked_complete_on_rerun(ft_run, tiny_dirs, data_dir, text_dir,
                                                                       tmp_path):
     """A kill between the last checkpoint and the final run.json left "running" for good (each rerun said
