@@ -105,13 +105,21 @@ def check_maps(path: Path, df: pd.DataFrame, info: dict[str, Any]) -> None:
                            f"{n} (a cut or edited file?)")
 
 
-def draw_trajectory(result_dir: Path) -> list[Path]:
+def read_trajectory(result_dir: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """coords.csv and run.json (``{}`` for an output from before it) of a finished trajectory output, checked against
+    each other (``read_coords``, ``read_run_info``, ``check_maps``): BadInput naming the file otherwise."""
     result_dir = Path(result_dir)
     path = result_dir / "coords.csv"
     df = read_coords(path)
-    labels = short_names(list(dict.fromkeys(df["name"])))
     info = read_run_info(result_dir / "run.json")
     check_maps(path, df, info)
+    return df, info
+
+
+def draw_trajectory(result_dir: Path) -> list[Path]:
+    result_dir = Path(result_dir)
+    df, info = read_trajectory(result_dir)
+    labels = short_names(list(dict.fromkeys(df["name"])))
     ref = Path(str(info.get("ref", ""))).name
     written: list[Path] = []
     for feature in dict.fromkeys(df["feature"]):
