@@ -82,6 +82,7 @@ class FinetuneConfig:
     fsdp: bool = False  # RUN_ONLY_SETTINGS too: the model sharded over a torchrun launch's processes (probe.fsdp)
 
     def __post_init__(self) -> None:
+        self.out = out_dir(self.out)  # from Python a str too, ~ expanded as the CLI's --out
         # the CLI always names every set (parse_mix); from Python an empty mix is the documented "equal", and a mix
         # naming other sets than data would be a KeyError deep in the sampler
         if not self.mix:

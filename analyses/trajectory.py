@@ -30,7 +30,7 @@ from analyses.checkpoints import (Checkpoint, add_output_args, check_inputs_and_
                                   progress, quiet_progress, reserve_descriptors)
 from analyses.sketch import SKETCH_CHUNK, SKETCH_DIMS, CountSketch
 from analyses.writer import atomic_dir, check_output, check_replaceable, returns_finished, run_request
-from probe.errors import TENSOR_MEMORY_HINT, ArgParser, BadInput, cli_main, in_path
+from probe.errors import TENSOR_MEMORY_HINT, ArgParser, BadInput, cli_main, in_path, out_dir
 from probe.results import distinct_names, json_text
 
 COMMAND = "analyses.trajectory"  # what its output manifests name
@@ -50,6 +50,9 @@ class TrajectoryConfig:
     overwrite: bool = False
     allow_bin: bool = False
     figures: bool = True
+
+    def __post_init__(self) -> None:
+        self.out = out_dir(self.out)  # from Python a str too, ~ expanded as the CLI's --out
 
 
 @dataclass
