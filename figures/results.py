@@ -84,9 +84,14 @@ class EvalRun:
         return read_part(self.dir / "items.parquet", ITEM_COLUMNS)
 
     def row(self, model: str, data_spec: str) -> Any:
-        """The 'all' row of a model on a data set (by the spec the replicate config gave)."""
+        """The 'all' row of a model on a data set, by the spec the run was given (``probe/zoo/data/text``) or its
+        name in scores.csv (``text``)."""
         s = self.scores
-        r = s[(s["model"] == model) & (s["data"] == self.data_names[data_spec]) & (s["subject"] == "all")]
+        name = self.data_names.get(data_spec, data_spec)
+        if name not in self.data_names.values():
+            raise BadInput(f"{self.dir}: no data set {data_spec} (it has {', '.join(self.data_names)}, named "
+                           f"{', '.join(self.data_names.values())})")
+        r = s[(s["model"] == model) & (s["data"] == name) & (s["subject"] == "all")]
         if len(r) != 1:
             raise BadInput(f"{self.dir}/scores.csv: no single row for {model} on {data_spec}")
         return r.iloc[0]
@@ -174,6 +179,13 @@ class Merge:
             raise BadInput(f"{self.dir / 'merge.json'}: carriers is not as python -m analyses.merge writes it")
         return {c["name"]: self.dir / "carriers" / c["name"] for c in listed}
 
+    def head_weights(self) -> dict[str, Any]:
+        """A salience merge's weight of each participant's query-head slices: name → [layers, heads] array
+        (BadInput for another method, which weights whole tensors)."""
+        from figures.merge import head_weights
+
+        return head_weights(self.weights, self.dir / "merge_weights.csv")
+
 
 @dataclass
 class Trajectory:
@@ -190,6 +202,14 @@ class Trajectory:
         from figures.trajectory import read_trajectory
 
         return Trajectory(Path(d), *read_trajectory(Path(d)))
+
+    @cached_property
+    def sketch(self) -> pd.DataFrame:
+        """features.npz's random-projection sketch of each checkpoint's θ − θ_ref, a row per point (to embed anew)."""
+        from figures.trajectory import read_sketch
+
+        names, sketch = read_sketch(self.dir)
+        return pd.DataFrame(sketch, index=names)
 
 
 @dataclass

@@ -81,6 +81,25 @@ def read_run_info(path: Path) -> dict[str, Any]:
     return info
 
 
+def read_sketch(result_dir: Path) -> tuple[list[str], Any]:
+    """features.npz's point names and their weight sketches (one float64 row per name), checked: BadInput naming the
+    file otherwise."""
+    import numpy as np
+
+    path = Path(result_dir) / "features.npz"
+    try:
+        with np.load(path) as z:
+            if lacking := [k for k in ("names", "sketch") if k not in z.files]:
+                raise BadInput(f"{path}: no {' / '.join(lacking)} array (not as python -m analyses.trajectory "
+                               "writes it)")
+            names, sketch = [str(n) for n in z["names"]], z["sketch"].astype(np.float64)
+    except (OSError, ValueError, EOFError, AttributeError, TypeError):
+        raise BadInput(f"{path}: not a readable .npz archive") from None
+    if sketch.ndim != 2 or len(sketch) != len(names):
+        raise BadInput(f"{path}: sketch is not one row per name")
+    return names, sketch
+
+
 def check_maps(path: Path, df: pd.DataFrame, info: dict[str, Any]) -> None:
     """coords.csv against the run.json written with it: every map (feature × method) analyses.trajectory drew, each
     with all ``n_points`` points (a cut or edited file would draw a map without a model, as if never there)."""

@@ -191,6 +191,30 @@ def test_each_result_reader_takes_its_own_kind_and_refuses_every_other(quick: Pa
             load(d)
 
 
+def test_the_readers_give_a_salience_merges_head_weights_a_maps_sketch_and_rows_by_set_name(quick: Path) -> None:
+    """What a notebook asks next: a salience merge's weight per head and participant (convex: summing to 1 on each
+    head), the sketch a trajectory map was embedded from (a row per point of coords.csv), an eval row by the data
+    set's name as well as its spec; a shift merge has no head weights and an unknown set is BadInput."""
+    import numpy as np
+
+    from figures.results import load
+
+    grids = load(quick / "merge" / "salience").head_weights()
+    n_layers, n_heads = load(quick / "heads" / "organism-vl").grid("kl").shape
+    assert all(g.shape == (n_layers, n_heads) for g in grids.values()) and len(grids) == 4  # base and 3 experts
+    assert np.allclose(sum(grids.values()), 1.0)
+    with pytest.raises(BadInput, match="no per-head slices"):
+        load(quick / "merge" / "shift").head_weights()
+    traj = load(quick / "trajectory" / "fig4a")
+    assert list(traj.sketch.index) == list(dict.fromkeys(traj.coords["name"]))
+    assert len(traj.sketch) == traj.info["n_points"]
+    table3 = load(quick / "table3")
+    spec = table3.info["plan"]["data"][0]["spec"]
+    assert table3.row("organism-vl", "text").equals(table3.row("organism-vl", spec))
+    with pytest.raises(BadInput, match="no data set txt"):
+        table3.row("organism-vl", "txt")
+
+
 @pytest.mark.parametrize("damage, message", [
     ("running", "says 'running', not complete"),
     ("checkpoint", "no checkpoint-2"),
