@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 
 from figures import read_json
-from probe.errors import BadInput
+from probe.errors import BadInput, in_path  # in_path: ~ expanded, as the commands' paths are
 
 METHOD_LABELS = {"average": "Eq. 1 average", "shift": "Eq. 4 shift-weighted", "salience": "salience-guided (ours)",
                  "ties": "TIES"}
@@ -38,7 +38,7 @@ class EvalRun:
     def read(d: Path) -> "EvalRun":
         from figures.eval import read_scores
 
-        d = Path(d)
+        d = in_path(d)
         if not (d / "scores.csv").is_file() or not (d / "run.json").is_file():
             raise BadInput(f"{d}: no scores.csv / run.json (not a finished python -m probe.eval output)")
         s = read_scores(d)
@@ -113,7 +113,7 @@ class HeadSweep:
     def read(d: Path) -> "HeadSweep":
         from figures.heads import read_sweep
 
-        d = Path(d)
+        d = in_path(d)
         heads, baseline = read_sweep(d)
         return HeadSweep(d, heads, baseline, read_json(d / "run.json", "python -m probe.heads"))
 
@@ -144,7 +144,8 @@ class Shift:
     def read(d: Path) -> "Shift":
         from figures.shift import read_shift
 
-        return Shift(Path(d), *read_shift(Path(d)))
+        d = in_path(d)
+        return Shift(d, *read_shift(d))
 
     @property
     def per_model(self) -> pd.DataFrame:
@@ -165,7 +166,8 @@ class Merge:
     def read(d: Path) -> "Merge":
         from figures.merge import read_merge
 
-        return Merge(Path(d), *read_merge(Path(d)))
+        d = in_path(d)
+        return Merge(d, *read_merge(d))
 
     @property
     def model(self) -> Path:
@@ -201,7 +203,8 @@ class Trajectory:
     def read(d: Path) -> "Trajectory":
         from figures.trajectory import read_trajectory
 
-        return Trajectory(Path(d), *read_trajectory(Path(d)))
+        d = in_path(d)
+        return Trajectory(d, *read_trajectory(d))
 
     @cached_property
     def sketch(self) -> pd.DataFrame:
@@ -228,7 +231,7 @@ class FinetuneRun:
         from analyses.finetune import LOG_COLUMNS, checkpoint_dirs, checkpoint_steps, kept_log_rows
         from probe.results import saved_command
 
-        d = Path(d)
+        d = in_path(d)
         info = read_json(d / "run.json", "python -m analyses.finetune")
         if (cmd := saved_command(info, d)) != "analyses.finetune":
             raise BadInput(f"{d / 'run.json'}: a {cmd or 'unknown'} run, not an analyses.finetune one")
@@ -280,11 +283,12 @@ class Replication:
 
     @staticmethod
     def read(out: Path) -> "Replication":
-        path = Path(out) / "replicate.json"
+        out = in_path(out)
+        path = out / "replicate.json"
         info = read_json(path, "python -m analyses.replicate")
         if not all(isinstance(info.get(k), dict) for k in ("config", "fingerprints")):
             raise BadInput(f"{path}: no config and fingerprints (not written by python -m analyses.replicate)")
-        rep = Replication(Path(out), info)
+        rep = Replication(out, info)
         rep.config  # typed now: the report reads cfg's keys (models.experts, …) as it goes, a missing one a KeyError
         return rep
 
@@ -411,7 +415,7 @@ def load(d: Path | str) -> Any:
     is BadInput; so is a damaged or unfinished one of a known kind (the class's own ``read`` refuses it)."""
     from probe.results import read_run_json, saved_command
 
-    d = Path(d)
+    d = in_path(d)
     if not d.is_dir():
         raise BadInput(f"{d}: not a directory")
     if (d / "replicate.json").is_file():
