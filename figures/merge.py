@@ -147,6 +147,7 @@ def draw_merge(result_dir: Path) -> list[Path]:
 
     matplotlib.use("Agg")
 
+    result_dir = Path(result_dir)
     weights_csv, weights, info = merge_files(result_dir)
     grids = head_weights(weights, weights_csv)
     check_weights(weights_csv, weights, info)

@@ -215,6 +215,25 @@ def test_the_readers_give_a_salience_merges_head_weights_a_maps_sketch_and_rows_
         table3.row("organism-vl", "txt")
 
 
+def test_each_figure_function_takes_its_dir_as_a_str(quick: Path, tmp_path: Path) -> None:
+    """``python -m figures KIND DIR`` as the call a notebook makes, ``figures.<kind>.draw_<kind>("DIR")``: each draws
+    the same files from a str as from the Path the CLI passes (draw_steps took a str for a list of runs, one
+    per character, and said "/ and / are the same eval run")."""
+    import importlib
+
+    from figures.__main__ import KINDS
+
+    stages = {"heads": "heads/organism-vl", "eval": "table3", "shift": "shift", "merge": "merge/salience",
+              "trajectory": "trajectory/fig4a", "steps": "steps/text"}
+    assert set(stages) == set(KINDS) - {"report"}  # the report: test_figures_report_rebuilds_it_from_saved_results
+    for kind, stage in stages.items():
+        d = tmp_path / kind
+        shutil.copytree(quick / stage, d, ignore=shutil.ignore_patterns("carriers", "*.safetensors", "*.png", "*.pdf"))
+        module, func = KINDS[kind]
+        written = getattr(importlib.import_module(module), func)(str(d))
+        assert written and all(Path(p).parent == d and Path(p).stat().st_size > 0 for p in written), kind
+
+
 @pytest.mark.parametrize("damage, message", [
     ("running", "says 'running', not complete"),
     ("checkpoint", "no checkpoint-2"),
