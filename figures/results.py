@@ -58,13 +58,13 @@ class EvalRun:
                 else ("diff_prob_accuracy", "diff_prob_lo", "diff_prob_hi"))
 
     def paired(self, model: str, reference: str, data_spec: str) -> Any:
-        """``model`` minus ``reference`` on a data set, in this run's metric, paired over the items both answered:
-        the ``probe.stats.Interval`` ``probe.eval --reference`` would report (its seed, the set's bootstrap stream), from
-        items.parquet, so any two models of a saved run compare as the reference does."""
+        """``model`` minus ``reference`` on a data set (by spec or name), in this run's metric, paired over the items
+        both answered: the ``probe.stats.Interval`` ``probe.eval --reference`` would report (its seed, the set's
+        bootstrap stream), from items.parquet, so any two models of a saved run compare as the reference does."""
         from probe.eval import DataSet, paired_differences
 
         try:
-            ds = next(DataSet(**x) for x in self.info["plan"]["data"] if x["spec"] == data_spec)
+            ds = next(DataSet(**x) for x in self.info["plan"]["data"] if data_spec in (x["spec"], x["name"]))
             seed = int(self.info["seed"])
         except (KeyError, TypeError, ValueError, StopIteration):
             raise BadInput(f"{self.dir / 'run.json'}: no seed, or no data set {data_spec} in its plan") from None
@@ -351,6 +351,10 @@ class Replication:
         return paper[self.experts.index(expert)] if paper else ""
 
     def data(self, label: str) -> str:
+        """The data set of a config label (text, image, …) as the config gave it."""
+        if label not in self.cfg["data"]:
+            raise BadInput(f"{self.out / 'replicate.json'}: no data set labelled {label} (the labels: "
+                           f"{', '.join(self.cfg['data'])})")
         return self.cfg["data"][label]
 
     @property

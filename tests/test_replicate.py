@@ -213,6 +213,9 @@ def test_the_readers_give_a_salience_merges_head_weights_a_maps_sketch_and_rows_
     assert table3.row("organism-vl", "text").equals(table3.row("organism-vl", spec))
     with pytest.raises(BadInput, match="no data set txt"):
         table3.row("organism-vl", "txt")
+    assert table3.paired("organism-vl", "organism-base", "text") == table3.paired("organism-vl", "organism-base", spec)
+    with pytest.raises(BadInput, match="no data set labelled txt .the labels: text, image, image_single, video"):
+        load(quick).data("txt")
 
 
 def test_each_figure_function_takes_its_dir_as_a_str(quick: Path, tmp_path: Path) -> None:
