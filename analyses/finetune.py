@@ -82,6 +82,7 @@ class FinetuneConfig:
     fsdp: bool = False  # RUN_ONLY_SETTINGS too: the model sharded over a torchrun launch's processes (probe.fsdp)
 
     def __post_init__(self) -> None:
+        self.out = out_dir(self.out)  # from Python a str too, ~ expanded as the CLI's --out
         # the CLI always names every set (parse_mix); from Python an empty mix is the documented "equal", and a mix
         # naming other sets than data would be a KeyError deep in the sampler
         if not self.mix:
@@ -656,6 +657,10 @@ def append_log(log_path: Path, info: StepInfo, modality_of: dict[int, str], cfg:
 
 @releases_claims
 def run_finetune(cfg: FinetuneConfig) -> Path:
+    """``python -m analyses.finetune`` from Python: trains, writing ``checkpoint-<step>/``, train_log.csv and
+    run.json into ``cfg.out`` (a killed run continues), and returns ``cfg.out``;
+    ``figures.results.FinetuneRun.read(cfg.out)`` reads the run back (its log as a frame, step → checkpoint dir).
+    Bad input raises ``probe.errors.BadInput``."""
     from probe.devices import rank_world, resolve_placement
     from probe.heads import check_same_software, saved_run_info, versions
     from probe.models import model_fingerprint, resolve_model

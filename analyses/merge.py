@@ -37,7 +37,7 @@ from analyses.salience import SalienceWeights, check_run_model, read_salience, r
 from analyses.shift import CHUNK, read_shift_csv
 from analyses.writer import (SHARD_BYTES, Entry, ShardedWriter, atomic_dir, check_output, check_replaceable,
                              copy_side_files, parse_size, returns_finished, run_request)
-from probe.errors import TENSOR_MEMORY_HINT, ArgParser, BadInput, cli_main, in_path
+from probe.errors import TENSOR_MEMORY_HINT, ArgParser, BadInput, cli_main, in_path, out_dir
 from probe.families import (CAUSAL_LM, LAYOUTS, causal_lm_type, check_lm_fits_class, says_untied,
                             untie_word_embeddings)
 from probe.families import lm_disk_key as layout_key
@@ -120,6 +120,12 @@ class MergeConfig:
     rest: str = "shift"  # salience: non-head tensors by Eq. 4 ("shift") or by layer salience ("layer")
     threads: int = 1  # torch threads of the elementwise combine (the same bits with any count)
     dtype: str | None = None  # the merged LM's dtype when asked (DESIGN §5); None: each tensor's input dtype
+
+    def __post_init__(self) -> None:  # from Python, paths as str too, ~ expanded as the CLI's are
+        self.out = out_dir(self.out)
+        self.shift_dir = None if self.shift_dir is None else in_path(self.shift_dir)
+        self.salience = [in_path(r) for r in self.salience]
+        self.base_salience = None if self.base_salience is None else in_path(self.base_salience)
 
     def validate(self) -> None:
         numbers = {"--alpha0": self.alpha0, "--temperature": self.temperature, "--lambda": self.lam,
@@ -534,6 +540,11 @@ def merge_request(cfg: MergeConfig) -> dict:
 
 @returns_finished("merge.json")
 def run_merge(cfg: MergeConfig) -> dict[str, Any]:
+    """``python -m analyses.merge`` from Python: writes the merged LM (an HF dir), merge_weights.csv, merge.json and
+    ``carriers/<name>/`` into ``cfg.out`` and returns merge.json's content (method, parameters, ``mean_alpha`` per
+    model, ``carriers``); an output already finished with the same inputs is kept and its merge.json returned.
+    ``figures.results.Merge.read(cfg.out)`` reads it back with the weights as a frame. Bad input raises
+    ``probe.errors.BadInput``."""
     cfg.validate()
     t0 = time.perf_counter()
     with ExitStack() as stack:

@@ -38,7 +38,7 @@ from analyses.replicate_config import (DEFAULT_CONFIG, GENERATED, QUICK_CONFIG, 
                                        parse_config)
 from probe.devices import Placement
 from probe.errors import (ArgParser, BadInput, check_out_apart, check_out_path, cli_main, in_path, out_dir,
-                          out_inside, releases_claims)
+                          out_inside, parse_options, releases_claims)
 from probe.heads import SOFTWARE, software_differences, versions
 from probe.results import content_fingerprint, has_contents, json_digest, json_object, lock_out_dir
 
@@ -509,6 +509,8 @@ def first_spelling(out: Path) -> Path:
 
 @releases_claims
 def run(args: argparse.Namespace) -> Path:
+    """The pipeline of parsed arguments (``build_parser``'s); returns its --out once the report is written. From
+    Python, ``replicate(**options)`` takes the options as keywords and returns the output read back."""
     ctx, stage_fps = prepare(args)
     out = ctx.out
     # held to the end: a second run into this --out is refused rather than continue (or delete) our stages
@@ -531,6 +533,18 @@ def run(args: argparse.Namespace) -> Path:
     print(f"all done in {time.perf_counter() - t0:.1f} s; report: {out / 'report.md'}, {out / 'report.html'}",
           file=sys.stderr)
     return out
+
+
+def replicate(**options: Any) -> Any:
+    """The whole pipeline from Python, e.g. ``replicate(quick=True, out="runs/replicate")``: the options of
+    ``python -m analyses.replicate --help`` as keywords. Resumes as the command does (finished stages with the same
+    inputs are kept). Returns the output read back, a ``figures.results.Replication``; bad input raises
+    ``probe.errors.BadInput``."""
+    from figures.results import Replication
+
+    args = parse_options(build_parser(), options)
+    with quiet_progress(args.quiet):
+        return Replication.read(run(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,7 +26,7 @@ from analyses.checkpoints import (Checkpoint, add_output_args, check_inputs_and_
                                   layer_module, open_checkpoint, progress, quiet_progress, reserve_descriptors)
 from analyses.formulas import ShiftStats
 from analyses.writer import atomic_dir, check_output, check_replaceable, returns_finished, run_request
-from probe.errors import TENSOR_MEMORY_HINT, ArgParser, BadInput, cli_main
+from probe.errors import TENSOR_MEMORY_HINT, ArgParser, BadInput, cli_main, out_dir
 
 COMMAND = "analyses.shift"  # what its output manifests name
 
@@ -42,6 +42,9 @@ class ShiftConfig:
     overwrite: bool = False
     allow_bin: bool = False
     figures: bool = True
+
+    def __post_init__(self) -> None:
+        self.out = out_dir(self.out)  # from Python a str too, ~ expanded as the CLI's --out
 
 
 @dataclass
@@ -160,6 +163,11 @@ def shift_request(cfg: ShiftConfig) -> dict:
 
 @returns_finished("summary.json")
 def run_shift(cfg: ShiftConfig) -> dict[str, Any]:
+    """``python -m analyses.shift`` from Python: writes ``cfg.out`` (shift.csv, summary.json, figures unless
+    ``cfg.figures`` is False) and returns summary.json's content (``per_model``: mean Δavg, ratio to the least
+    shifted, …); an output already finished with the same inputs is kept and its summary returned.
+    ``figures.results.Shift.read(cfg.out)`` reads the output back with shift.csv as a frame. Bad input raises
+    ``probe.errors.BadInput``."""
     check_output(cfg.out, cfg.overwrite, COMMAND, lambda: shift_request(cfg))
     if not cfg.models:
         raise BadInput("--models: give at least one model")

@@ -30,7 +30,7 @@ from analyses.checkpoints import (Checkpoint, add_output_args, check_inputs_and_
                                   progress, quiet_progress, reserve_descriptors)
 from analyses.sketch import SKETCH_CHUNK, SKETCH_DIMS, CountSketch
 from analyses.writer import atomic_dir, check_output, check_replaceable, returns_finished, run_request
-from probe.errors import TENSOR_MEMORY_HINT, ArgParser, BadInput, cli_main, in_path
+from probe.errors import TENSOR_MEMORY_HINT, ArgParser, BadInput, cli_main, in_path, out_dir
 from probe.results import distinct_names, json_text
 
 COMMAND = "analyses.trajectory"  # what its output manifests name
@@ -50,6 +50,9 @@ class TrajectoryConfig:
     overwrite: bool = False
     allow_bin: bool = False
     figures: bool = True
+
+    def __post_init__(self) -> None:
+        self.out = out_dir(self.out)  # from Python a str too, ~ expanded as the CLI's --out
 
 
 @dataclass
@@ -155,6 +158,11 @@ def trajectory_request(cfg: TrajectoryConfig, points: Sequence[Point]) -> dict:
 
 @returns_finished("run.json")
 def run_trajectory(cfg: TrajectoryConfig) -> dict[str, Any]:
+    """``python -m analyses.trajectory`` from Python: writes coords.csv, points.csv, features.npz, run.json and the
+    figures into ``cfg.out`` and returns run.json's content (θ_ref, perplexity used, PCA variance shares); an output
+    already finished with the same inputs is kept and its run.json returned.
+    ``figures.results.Trajectory.read(cfg.out)`` reads it back with coords.csv as a frame. Bad input raises
+    ``probe.errors.BadInput``."""
     check_output(cfg.out, cfg.overwrite, COMMAND, lambda: trajectory_request(cfg, collect_points(cfg)))
     if cfg.sketch_dim not in SKETCH_DIMS:
         raise BadInput(f"--sketch-dim must be in {SKETCH_DIMS.start} .. {SKETCH_DIMS.stop - 1}, got {cfg.sketch_dim}")

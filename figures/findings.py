@@ -12,7 +12,6 @@ import numpy as np
 
 from figures.paper import SHIFT_RATIO
 from figures.results import METHOD_LABELS, Replication, short
-from probe.errors import BadInput
 
 SMALL_DROP = 0.02  # a head "matters" when removing it costs ≥ 2 points of probability accuracy
 SHARE_MATTERS = 0.9  # "no single head is dispensable": at least 90 % of the heads matter
@@ -220,18 +219,9 @@ def steps_tradeoff(r: Replication) -> Finding:
 
 
 def _sketch(r: Replication, fig: str) -> tuple[list[str], np.ndarray]:
-    path = r.out / "trajectory" / fig / "features.npz"
-    try:
-        with np.load(path) as z:
-            if lacking := [k for k in ("names", "sketch") if k not in z.files]:
-                raise BadInput(f"{path}: no {' / '.join(lacking)} array (not as python -m analyses.trajectory "
-                               "writes it)")
-            names, sketch = [str(n) for n in z["names"]], z["sketch"].astype(np.float64)
-    except (OSError, ValueError, EOFError, AttributeError, TypeError):
-        raise BadInput(f"{path}: not a readable .npz archive") from None
-    if sketch.ndim != 2 or len(sketch) != len(names):
-        raise BadInput(f"{path}: sketch is not one row per name")
-    return names, sketch
+    from figures.trajectory import read_sketch
+
+    return read_sketch(r.out / "trajectory" / fig)
 
 
 def distinct_directions(r: Replication) -> Finding:

@@ -125,16 +125,30 @@ def _salience_grid(run_dir: Path, metric: str, shape: tuple[int, int]) -> np.nda
     return grid
 
 
+def merge_files(result_dir: Path) -> tuple[Path, pd.DataFrame, dict]:
+    """merge_weights.csv's path, its rows (parsed, not yet checked against merge.json) and merge.json."""
+    source = "python -m analyses.merge"
+    weights_csv = Path(result_dir) / "merge_weights.csv"
+    weights = read_table(weights_csv, {"tensor": str, "slice": str, "model": str, "alpha": float},
+                         {"delta_avg": float}, source)
+    return weights_csv, weights, read_json(Path(result_dir) / "merge.json", source)
+
+
+def read_merge(result_dir: Path) -> tuple[pd.DataFrame, dict]:
+    """merge_weights.csv and merge.json of a finished merge of any method, checked against each other
+    (``check_weights``): BadInput naming the file otherwise."""
+    weights_csv, weights, info = merge_files(result_dir)
+    check_weights(weights_csv, weights, info)
+    return weights, info
+
+
 def draw_merge(result_dir: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
 
-    source = "python -m analyses.merge"
-    weights_csv = result_dir / "merge_weights.csv"
-    weights = read_table(weights_csv, {"tensor": str, "slice": str, "model": str, "alpha": float},
-                         {"delta_avg": float}, source)
-    info = read_json(result_dir / "merge.json", source)
+    result_dir = Path(result_dir)
+    weights_csv, weights, info = merge_files(result_dir)
     grids = head_weights(weights, weights_csv)
     check_weights(weights_csv, weights, info)
     sal = info.get("salience") or {}

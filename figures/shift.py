@@ -53,11 +53,13 @@ def save(fig: plt.Figure, path: Path) -> list[Path]:
     return paths
 
 
-def check_summary(result_dir: Path, df: "pd.DataFrame") -> None:
+def check_summary(result_dir: Path, df: "pd.DataFrame") -> dict:
     """shift.csv against the per-model counts summary.json (written with it) records: a row lost from a cut or
-    edited file would be a blank cell and a mean over fewer tensors, drawn as if the model had no such tensor."""
+    edited file would be a blank cell and a mean over fewer tensors, drawn as if the model had no such tensor.
+    Returns summary.json."""
     path = result_dir / "summary.json"
-    per = read_json(path, "python -m analyses.shift").get("per_model")
+    summary = read_json(path, "python -m analyses.shift")
+    per = summary.get("per_model")
     if not isinstance(per, dict):
         raise BadInput(f"{path}: no per_model counts (not as python -m analyses.shift writes it)")
     rows = df.groupby("model", sort=False)["numel"].agg(["size", "sum"])
@@ -68,9 +70,12 @@ def check_summary(result_dir: Path, df: "pd.DataFrame") -> None:
             raise BadInput(f"{result_dir / 'shift.csv'}: {got[0]} tensors of {got[1]} weights for model {m}, where "
                            f"summary.json records {want.get('n_tensors')} of {want.get('numel')} (a cut or edited "
                            "file, or files of two runs?)")
+    return summary
 
 
-def draw_shift(result_dir: Path) -> list[Path]:
+def read_shift(result_dir: Path) -> tuple["pd.DataFrame", dict]:
+    """shift.csv (every column analyses.shift writes) and summary.json of a finished shift output, checked against
+    each other: BadInput naming the file otherwise."""
     result_dir = Path(result_dir)
     df = read_table(result_dir / "shift.csv", {"model": str, "layer": float, "module": str, "numel": int,
                                                "delta_avg": float},
@@ -86,7 +91,12 @@ def draw_shift(result_dir: Path) -> list[Path]:
                      (df.duplicated(["model", "layer", "module"]), "repeats a tensor of its model")):
         if bad.any():
             raise BadInput(f"{result_dir / 'shift.csv'}: line {int(bad.to_numpy().argmax()) + 2}: {why}")
-    check_summary(result_dir, df)
+    return df, check_summary(result_dir, df)
+
+
+def draw_shift(result_dir: Path) -> list[Path]:
+    result_dir = Path(result_dir)
+    df, _ = read_shift(result_dir)
     models = list(dict.fromkeys(df["model"]))
     labels = short_names(models)
     written: list[Path] = []

@@ -45,7 +45,8 @@ def draw_steps(result_dirs: list[Path] | Path, out: Path | None = None) -> list[
 
     matplotlib.use("Agg")
 
-    dirs = [result_dirs] if isinstance(result_dirs, Path) else list(result_dirs)
+    # one run given as a str too (from Python): list("runs/x") was its characters, "/ and / are the same eval run"
+    dirs = [Path(d) for d in ([result_dirs] if isinstance(result_dirs, (str, Path)) else result_dirs)]
     seen: dict[Path, Path] = {}
     for d in dirs:  # DIR and DIR/ or ./DIR too: one run drawn as two identical panels reads as two agreeing runs
         if (key := Path(d).resolve()) in seen:

@@ -81,6 +81,25 @@ def read_run_info(path: Path) -> dict[str, Any]:
     return info
 
 
+def read_sketch(result_dir: Path) -> tuple[list[str], Any]:
+    """features.npz's point names and their weight sketches (one float64 row per name), checked: BadInput naming the
+    file otherwise."""
+    import numpy as np
+
+    path = Path(result_dir) / "features.npz"
+    try:
+        with np.load(path) as z:
+            if lacking := [k for k in ("names", "sketch") if k not in z.files]:
+                raise BadInput(f"{path}: no {' / '.join(lacking)} array (not as python -m analyses.trajectory "
+                               "writes it)")
+            names, sketch = [str(n) for n in z["names"]], z["sketch"].astype(np.float64)
+    except (OSError, ValueError, EOFError, AttributeError, TypeError):
+        raise BadInput(f"{path}: not a readable .npz archive") from None
+    if sketch.ndim != 2 or len(sketch) != len(names):
+        raise BadInput(f"{path}: sketch is not one row per name")
+    return names, sketch
+
+
 def check_maps(path: Path, df: pd.DataFrame, info: dict[str, Any]) -> None:
     """coords.csv against the run.json written with it: every map (feature × method) analyses.trajectory drew, each
     with all ``n_points`` points (a cut or edited file would draw a map without a model, as if never there)."""
@@ -105,13 +124,21 @@ def check_maps(path: Path, df: pd.DataFrame, info: dict[str, Any]) -> None:
                            f"{n} (a cut or edited file?)")
 
 
-def draw_trajectory(result_dir: Path) -> list[Path]:
+def read_trajectory(result_dir: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """coords.csv and run.json (``{}`` for an output from before it) of a finished trajectory output, checked against
+    each other (``read_coords``, ``read_run_info``, ``check_maps``): BadInput naming the file otherwise."""
     result_dir = Path(result_dir)
     path = result_dir / "coords.csv"
     df = read_coords(path)
-    labels = short_names(list(dict.fromkeys(df["name"])))
     info = read_run_info(result_dir / "run.json")
     check_maps(path, df, info)
+    return df, info
+
+
+def draw_trajectory(result_dir: Path) -> list[Path]:
+    result_dir = Path(result_dir)
+    df, info = read_trajectory(result_dir)
+    labels = short_names(list(dict.fromkeys(df["name"])))
     ref = Path(str(info.get("ref", ""))).name
     written: list[Path] = []
     for feature in dict.fromkeys(df["feature"]):

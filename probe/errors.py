@@ -232,6 +232,35 @@ def print_error(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
 
 
+def parse_options(parser: argparse.ArgumentParser, options: dict[str, object]) -> argparse.Namespace:
+    """A command's arguments from Python keywords, for the functions that run a command from a notebook
+    (``probe.heads.sweep``, ``probe.eval.evaluate``, ``analyses.replicate.replicate``): each keyword is an option by
+    its name in ``--help`` with ``_`` for ``-`` (``batch_size=8`` is ``--batch-size 8``), a list for an option of
+    several values, True for a flag. They go through the command's own parser, so its defaults and checks are the
+    command line's; an unknown keyword is a TypeError, a value the parser refuses BadInput (never SystemExit)."""
+    by_dest = {a.dest: a for a in parser._actions if a.option_strings and a.dest != "help"}
+    argv: list[str] = []
+    for key, value in options.items():
+        action = by_dest.get(key)
+        if action is None:
+            raise TypeError(f"{parser.prog}: no option {key!r} (the options: {', '.join(sorted(by_dest))})")
+        flag = next((o for o in action.option_strings if o.startswith("--")), action.option_strings[0])
+        if action.nargs == 0:  # a flag: True gives it, False leaves it out
+            if not isinstance(value, bool):
+                raise TypeError(f"{parser.prog}: {key} is a flag; give True or False, not {value!r}")
+            argv += [flag] if value else []
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, *map(str, value)]
+        elif value is not None:
+            argv += [flag, str(value)]
+
+    def refuse(message: str) -> NoReturn:
+        raise BadInput(f"{parser.prog}: {' '.join(message.split())}")
+
+    parser.error = refuse  # type: ignore[method-assign]  # this parser only: BadInput, not exit 2
+    return parser.parse_args(argv)
+
+
 def releases_claims(run: Callable[P, R]) -> Callable[P, R]:
     """A run function (``probe.heads.run``, ``probe.eval.run``, ``analyses.finetune.run_finetune`` …) whose --out
     claims (``probe.results.claim_out_dir``: an flock held through an open descriptor) end when it returns or raises,

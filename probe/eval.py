@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from probe.errors import (ArgParser, BadInput, check_counts, cli_main, releases_claims,
+from probe.errors import (ArgParser, BadInput, check_counts, cli_main, parse_options, releases_claims,
                           undone_on_bad_input)
 from probe.families import ALIASES
 from probe.heads import (_Help, _progress, add_placement_args, add_prompt_args, add_run_args,
@@ -262,6 +262,8 @@ def evaluate_pair(loaded: LoadedModel, model_name: str, ds: DataSet, items: Sequ
 @releases_claims
 @undone_on_bad_input
 def run(args: argparse.Namespace) -> Path:
+    """The evaluation of parsed arguments (``build_parser``'s); returns its --out once complete. From Python,
+    ``evaluate(**options)`` takes the options as keywords and returns the result read back."""
     import pandas as pd
 
     from probe.devices import rank_world
@@ -506,6 +508,17 @@ def summary(table_md: Path) -> str:
     blocks = table_md.read_text().strip().split("\n\n")
     notes = [blocks[-1]] if blocks[-1].startswith("- ") else []
     return "\n".join([blocks[0].removeprefix("# ") + ":", blocks[1], *notes])
+
+
+def evaluate(**options: Any) -> Any:
+    """The evaluation from Python, e.g. ``evaluate(models=["organism-base", "organism-vl"], data=["probe/zoo/data/
+    text"], limit=16, reference="organism-base", out="runs/eval")``: the options of ``python -m probe.eval --help``
+    as keywords (a list for several values, True for a flag). Resumes or refuses an existing --out as the command
+    does. Returns the finished run read back, a ``figures.results.EvalRun`` (``.scores``, ``.items``,
+    ``.row(model, data)``, ``.paired(model, reference, data)``); bad input raises ``probe.errors.BadInput``."""
+    from figures.results import EvalRun
+
+    return EvalRun.read(run(parse_options(build_parser(), options)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from probe.errors import (ArgParser, BadInput, check_counts, check_out_apart, cli_main, in_path, out_dir,
-                          releases_claims, undone_on_bad_input)
+                          parse_options, releases_claims, undone_on_bad_input)
 from probe.families import ALIASES
 
 if TYPE_CHECKING:  # annotations only: the command imports the model code when it runs, not for --help
@@ -321,6 +321,8 @@ def check_out_apart_from_inputs(out: Path, model_dirs: Sequence[Path], data: Seq
 @releases_claims
 @undone_on_bad_input
 def run(args: argparse.Namespace) -> Path:
+    """The sweep of parsed arguments (``build_parser``'s); returns its --out once complete. From Python,
+    ``sweep(**options)`` takes the options as keywords and returns the result read back."""
     from probe.devices import rank_world
     from probe.results import (atomic_write_json, claim_out_dir, part_path, prepare_out_dir, read_part, read_parts,
                                stop_recorded, write_outputs)
@@ -439,6 +441,17 @@ def _print_summary(out: Path, heads) -> None:
                   f"(drop {r.prob_accuracy_drop:+.3f}), KL {r.kl:.4f}"
                   + (" [attribution estimate]" if estimated else ""))  # as the heatmaps' titles mark it
     print(f"results in {out}/")
+
+
+def sweep(**options: Any) -> Any:
+    """The head sweep from Python, e.g. ``sweep(model="organism-vl", limit=16, layers="0-1", out="runs/h")``: the
+    options of ``python -m probe.heads --help`` as keywords (``batch_size=8`` for ``--batch-size 8``, True for a
+    flag; none: the embedded default into runs/heads). Resumes or refuses an existing --out as the command does.
+    Returns the finished sweep read back, a ``figures.results.HeadSweep`` (``.heads``, ``.baseline``, ``.items``,
+    ``.grid(metric)``); bad input raises ``probe.errors.BadInput`` where the command exits 2."""
+    from figures.results import HeadSweep
+
+    return HeadSweep.read(run(parse_options(build_parser(), options)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

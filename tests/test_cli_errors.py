@@ -891,3 +891,50 @@ def test_a_pdf_the_disk_stopped_is_one_line_though_matplotlib_fails_again_closin
     assert err.splitlines() == [f"error: {os.strerror(code).lower()} writing {target}; {fix} and rerun the same "
                                 "command (a resumable run goes on from what it had saved)"], err
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------------------
+# the commands from Python (a notebook): keywords through the command's own parser, the result read back
+
+
+def test_keywords_parse_as_the_command_line_and_refuse_as_python_does():
+    """``probe.errors.parse_options``: a keyword per option (``_`` for ``-``), a list for several values, True/False
+    for a flag, None left out; nothing given is the command line's defaults. A value the parser refuses is BadInput
+    with its message (argparse's SystemExit would end a notebook cell with "exit 2"), an unknown keyword or a flag
+    given a non-bool a TypeError."""
+    from probe import eval as probe_eval
+    from probe import heads
+    from probe.errors import BadInput, parse_options
+
+    assert vars(parse_options(heads.build_parser(), {})) == vars(heads.build_parser().parse_args([]))
+    args = parse_options(probe_eval.build_parser(), {"models": ["a", "b"], "data": ["d"], "batch_size": 8,
+                                                      "no_generate": True, "quiet": False, "limit": None, "out": "x"})
+    want = probe_eval.build_parser().parse_args(["--models", "a", "b", "--data", "d", "--batch-size", "8",
+                                                 "--no-generate", "--out", "x"])
+    assert vars(args) == vars(want) and args.models == ["a", "b"] and args.batch_size == 8 and args.no_generate
+    with pytest.raises(BadInput, match=r"^python -m probe.heads: argument --limit: invalid int value: 'abc'$"):
+        parse_options(heads.build_parser(), {"limit": "abc"})
+    with pytest.raises(BadInput, match="^python -m probe.eval: the following arguments are required: --data$"):
+        parse_options(probe_eval.build_parser(), {"models": ["a"]})
+    with pytest.raises(TypeError, match="no option 'batchsize'.*batch_size"):
+        parse_options(heads.build_parser(), {"batchsize": 8})
+    with pytest.raises(TypeError, match="quiet is a flag"):
+        parse_options(heads.build_parser(), {"quiet": "yes"})
+
+
+def test_sweep_from_python_equals_the_command_and_returns_it_read_back(base_run, data_dir, tmp_path):
+    """``probe.heads.sweep(**options)`` is ``python -m probe.heads`` with those options: the same heads.csv and
+    baseline as the CLI's reference run, returned as a HeadSweep (its grid a layer × head table of the file)."""
+    from figures.results import HeadSweep
+    from probe.heads import sweep
+
+    got = sweep(model="tiny-qwen2-vl", data=data_dir, limit=6, layers="0,3", heads="0-1", method="naive",
+                chunk_size=1, max_new_tokens=3, quiet=True, no_figures=True, out=tmp_path / "h")
+    assert isinstance(got, HeadSweep) and got.dir == tmp_path / "h"
+    want = pd.read_csv(base_run / "heads.csv")
+    pd.testing.assert_frame_equal(got.heads[want.columns].reset_index(drop=True), want, check_dtype=False, atol=1e-6)
+    assert got.baseline["n_items"] == 6 == json.loads((base_run / "baseline.json").read_text())["n_items"]
+    grid = got.grid("kl")
+    assert list(grid.index) == [0, 3] and list(grid.columns) == [0, 1]
+    assert grid.loc[3, 1] == want.set_index(["layer", "head"]).loc[(3, 1), "kl"]
+    assert len(got.items) == 6 * (1 + 4)  # each item unmasked and under each of the 4 heads

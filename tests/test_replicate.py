@@ -112,6 +112,171 @@ def test_every_stage_completes_and_writes_its_outputs(quick: Path) -> None:
         assert (quick / "trajectory" / fig / "features.npz").is_file()
 
 
+# the README's "From Python" blocks, on this run's outputs: runs/<name> of the README → the stage output
+README_RUNS = {"heads": "heads/organism-vl", "eval": "table3", "shift": "shift", "merged": "merge/shift",
+               "trajectory": "trajectory/fig4a", "ft-mixed": "finetune/mixed", "replicate": "."}
+
+
+def test_readme_python_blocks_run_and_read_back_what_the_files_hold(quick: Path, tmp_path: Path, monkeypatch,
+                                                                     capsys) -> None:
+    """Every ``<!-- from-python -->`` block of the README, in order in one namespace, from the repository root with
+    runs/ a tmp dir whose README names link to this run's outputs (as test_families runs the Table 7 recipe): the
+    loaders give the numbers the files hold, the refusal prints its one line, and the commands run from Python
+    write their outputs and hand them back read."""
+    from figures.results import EvalRun, FinetuneRun, HeadSweep, Merge, Replication, Shift, Trajectory
+
+    readme = (ROOT / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in readme.split("<!-- from-python -->\n```python\n")[1:]]
+    assert len(blocks) == 2
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for name, stage in README_RUNS.items():
+        (runs / name).symlink_to((quick / stage).resolve(), target_is_directory=True)
+    monkeypatch.chdir(ROOT)  # probe/zoo/data/text as the README's commands give it
+    ns: dict = {}
+    for block in blocks:
+        assert '"runs/' in block
+        exec(compile(block.replace('"runs/', f'"{runs}/'), "README.md", "exec"), ns)
+    out = capsys.readouterr().out
+    assert f"{runs}/eval: no heads.csv (not a finished python -m probe.heads output)" in out
+
+    swept, heads = ns["swept"], pd.read_csv(quick / "heads" / "organism-vl" / "heads.csv")
+    assert isinstance(swept, HeadSweep) and ns["kl"].shape == (heads["layer"].nunique(), heads["head"].nunique())
+    assert sorted(ns["kl"].stack().to_numpy()) == pytest.approx(sorted(heads["kl"]), abs=1e-12)
+    assert isinstance(ns["rep"], Replication) and isinstance(ns["scored"], EvalRun)
+    assert ns["totals"].equals(ns["rep"].eval("table3").scores.query("subject == 'all'"))
+    summary = json.loads((quick / "shift" / "summary.json").read_text())["per_model"]
+    assert ns["shift"].per_model["mean_delta_avg"].to_dict() == {m: v["mean_delta_avg"] for m, v in summary.items()}
+    cfg = parse_config(QUICK_CONFIG)
+    assert isinstance(ns["merged"], Merge) and list(ns["merged"].carriers) == list(cfg.models.experts)
+    assert all((d / "config.json").is_file() for d in ns["merged"].carriers.values())
+    assert isinstance(ns["traj"], Trajectory)
+    assert len(ns["traj"].coords) == len(pd.read_csv(quick / "trajectory" / "fig4a" / "coords.csv"))
+    ft = ns["ft"]
+    assert isinstance(ft, FinetuneRun) and list(ft.checkpoints) == ns["rep"].saved_steps
+    assert ft.log["step"].tolist() == list(range(1, cfg.finetune.steps + 1)) and ft.log["loss"].gt(0).all()
+    # the second block: the commands from Python, their outputs in runs/
+    small = ns["small"]
+    assert isinstance(small, HeadSweep) and small.baseline["n_items"] == 8
+    assert len(small.heads) == 2 * small.heads["head"].nunique() and (runs / "py-heads" / "heads.csv").is_file()
+    ev = ns["ev"]
+    assert isinstance(ev, EvalRun) and ev.row("organism-vl", "probe/zoo/data/text")["n_items"] == 8
+    assert isinstance(Shift.read(runs / "py-shift"), Shift)
+    assert (runs / "py-merged" / "carriers" / "organism-vl" / "config.json").is_file()
+
+
+def _kinds(quick: Path) -> dict:
+    from figures.results import EvalRun, FinetuneRun, HeadSweep, Merge, Replication, Shift, Trajectory
+
+    return {HeadSweep: quick / "heads" / "organism-vl", EvalRun: quick / "table3", Shift: quick / "shift",
+            Merge: quick / "merge" / "salience", Trajectory: quick / "trajectory" / "fig4b",
+            FinetuneRun: quick / "finetune" / "text", Replication: quick}
+
+
+def test_each_result_reader_takes_its_own_kind_and_refuses_every_other(quick: Path) -> None:
+    """``load`` gives each output's class; each class's ``read`` refuses an output of every other kind with one
+    BadInput naming the directory (never a KeyError or TypeError from inside), and ``load`` a folder no command
+    wrote."""
+    from figures.results import Replication, load
+
+    kinds = _kinds(quick)
+    for cls, d in kinds.items():
+        assert type(load(d)) is cls and type(load(str(d))) is cls, d
+        for other, od in kinds.items():
+            if other is not cls and not (cls is Replication and od == quick):
+                with pytest.raises(BadInput, match=re.escape(str(od))):
+                    cls.read(od)
+    for d in (quick / "trajectory", quick / "merge" / "shift" / "carriers" / "organism-vl"):
+        with pytest.raises(BadInput, match="not an omniprobe result directory"):
+            load(d)
+
+
+def test_the_readers_give_a_salience_merges_head_weights_a_maps_sketch_and_rows_by_set_name(quick: Path) -> None:
+    """What a notebook asks next: a salience merge's weight per head and participant (convex: summing to 1 on each
+    head), the sketch a trajectory map was embedded from (a row per point of coords.csv), an eval row by the data
+    set's name as well as its spec; a shift merge has no head weights and an unknown set is BadInput."""
+    import numpy as np
+
+    from figures.results import load
+
+    grids = load(quick / "merge" / "salience").head_weights()
+    n_layers, n_heads = load(quick / "heads" / "organism-vl").grid("kl").shape
+    assert all(g.shape == (n_layers, n_heads) for g in grids.values()) and len(grids) == 4  # base and 3 experts
+    assert np.allclose(sum(grids.values()), 1.0)
+    with pytest.raises(BadInput, match="no per-head slices"):
+        load(quick / "merge" / "shift").head_weights()
+    traj = load(quick / "trajectory" / "fig4a")
+    assert list(traj.sketch.index) == list(dict.fromkeys(traj.coords["name"]))
+    assert len(traj.sketch) == traj.info["n_points"]
+    table3 = load(quick / "table3")
+    spec = table3.info["plan"]["data"][0]["spec"]
+    assert table3.row("organism-vl", "text").equals(table3.row("organism-vl", spec))
+    with pytest.raises(BadInput, match="no data set txt"):
+        table3.row("organism-vl", "txt")
+    assert table3.paired("organism-vl", "organism-base", "text") == table3.paired("organism-vl", "organism-base", spec)
+    with pytest.raises(BadInput, match="no data set labelled txt .the labels: text, image, image_single, video"):
+        load(quick).data("txt")
+
+
+def test_each_figure_function_takes_its_dir_as_a_str(quick: Path, tmp_path: Path) -> None:
+    """``python -m figures KIND DIR`` as the call a notebook makes, ``figures.<kind>.draw_<kind>("DIR")``: each draws
+    the same files from a str as from the Path the CLI passes (draw_steps took a str for a list of runs, one
+    per character, and said "/ and / are the same eval run")."""
+    import importlib
+
+    from figures.__main__ import KINDS
+
+    stages = {"heads": "heads/organism-vl", "eval": "table3", "shift": "shift", "merge": "merge/salience",
+              "trajectory": "trajectory/fig4a", "steps": "steps/text"}
+    assert set(stages) == set(KINDS) - {"report"}  # the report: test_figures_report_rebuilds_it_from_saved_results
+    for kind, stage in stages.items():
+        d = tmp_path / kind
+        shutil.copytree(quick / stage, d, ignore=shutil.ignore_patterns("carriers", "*.safetensors", "*.png", "*.pdf"))
+        module, func = KINDS[kind]
+        written = getattr(importlib.import_module(module), func)(str(d))
+        assert written and all(Path(p).parent == d and Path(p).stat().st_size > 0 for p in written), kind
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("running", "says 'running', not complete"),
+    ("checkpoint", "no checkpoint-2"),
+    ("log", "1 readable rows, not one for each of the run's 2 steps"),
+    ("foreign", "a probe.eval run, not an analyses.finetune one"),
+])
+def test_an_unfinished_or_damaged_finetune_run_is_refused(quick: Path, tmp_path: Path, damage: str,
+                                                          message: str) -> None:
+    """A fine-tuning run killed (run.json "running"), with a checkpoint gone, with its log cut, or another
+    command's run.json: one BadInput saying which, not a log or checkpoint list short of the run's steps."""
+    from figures.results import FinetuneRun
+
+    d = tmp_path / "ft"
+    shutil.copytree(quick / "finetune" / "text", d, ignore=shutil.ignore_patterns("*.safetensors", "*.pt"))
+    info = json.loads((d / "run.json").read_text())
+    FinetuneRun.read(d)  # whole, it reads
+    if damage == "running":
+        (d / "run.json").write_text(json.dumps(info | {"status": "running"}))
+    elif damage == "checkpoint":
+        shutil.rmtree(d / "checkpoint-2")
+    elif damage == "log":
+        log = (d / "train_log.csv").read_text().splitlines()
+        (d / "train_log.csv").write_text("\n".join(log[:-1]) + "\n")
+    else:
+        shutil.copy(quick / "table3" / "run.json", d / "run.json")
+    with pytest.raises(BadInput, match=re.escape(message)):
+        FinetuneRun.read(d)
+
+
+def test_a_killed_sweep_is_refused_by_name_not_read_as_empty(quick: Path, tmp_path: Path) -> None:
+    """A head sweep killed before its end has run.json and parts but no heads.csv: ``load`` says so."""
+    from figures.results import load
+
+    d = tmp_path / "h"
+    shutil.copytree(quick / "heads" / "organism-vl", d)
+    (d / "heads.csv").unlink()
+    with pytest.raises(BadInput, match=re.escape(f"{d}: no heads.csv (not a finished python -m probe.heads output)")):
+        load(d)
+
+
 def test_report_numbers_equal_the_stage_outputs(quick: Path) -> None:
     from probe.zoo import VALIDATION_NOTE
 
