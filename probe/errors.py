@@ -246,6 +246,8 @@ def parse_options(parser: argparse.ArgumentParser, options: dict[str, object]) -
             raise TypeError(f"{parser.prog}: no option {key!r} (the options: {', '.join(sorted(by_dest))})")
         flag = next((o for o in action.option_strings if o.startswith("--")), action.option_strings[0])
         if action.nargs == 0:  # a flag: True gives it, False leaves it out
+            if not isinstance(action, argparse._StoreTrueAction):  # a store_false flag would read inverted
+                raise TypeError(f"{parser.prog}: option {key!r} is not a store_true flag; not supported by keyword")
             if not isinstance(value, bool):
                 raise TypeError(f"{parser.prog}: {key} is a flag; give True or False, not {value!r}")
             argv += [flag] if value else []

@@ -2,6 +2,7 @@
 nothing written, inputs untouched."""
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.util
 import json
@@ -920,6 +921,10 @@ def test_keywords_parse_as_the_command_line_and_refuse_as_python_does():
         parse_options(heads.build_parser(), {"batchsize": 8})
     with pytest.raises(TypeError, match="quiet is a flag"):
         parse_options(heads.build_parser(), {"quiet": "yes"})
+    inverted = argparse.ArgumentParser(prog="x")
+    inverted.add_argument("--no-plot", dest="plot", action="store_false")
+    with pytest.raises(TypeError, match="'plot' is not a store_true flag"):  # plot=False would draw
+        parse_options(inverted, {"plot": False})
 
 
 def test_sweep_from_python_equals_the_command_and_returns_it_read_back(base_run, data_dir, tmp_path):
