@@ -125,6 +125,60 @@ def spaced_ticklabels(ax: Any, axis: str = "x", gap: float = 2.0) -> None:
     which.set_ticks(locs, [t.get_text() if i in kept else "" for i, t in enumerate(labels)])
 
 
+def fit_bar_labels(fig: Any, shorter: Mapping[str, str] | None = None, slack: float = 3.0) -> bool:
+    """Wrap the label of each vertical colour bar of ``fig``'s heatmaps (images) into shorter lines where it is longer
+    than its bar (by more than ``slack`` points) at the figure's present layout, so call it after ``tight_layout``
+    and, when it returns True (a label changed, and so its width beside the bar), lay the figure out again. Each
+    line of the label is wrapped on its own at spaces (a note stays below its name), into as few lines as fit, as
+    even as they get; where a word is longer than the bar, its line is replaced by its ``shorter`` form (line →
+    line), if any. Heatmaps squeezed onto a page (5 models of Figure 2: bars 0.6 in high) had their labels run past
+    both ends of the bar, into the panels above and below."""
+    import textwrap
+
+    bars = [im.colorbar for ax in fig.axes for im in ax.images
+            if im.colorbar is not None and im.colorbar.orientation == "vertical"]
+    if not bars:
+        return False
+    fig.draw_without_rendering()  # the bars' size as drawn (a colour bar's aspect is applied when drawn)
+    renderer = fig.canvas.get_renderer()
+    pad = slack * fig.dpi / 72
+    changed = False
+    for cb in bars:
+        label = cb.ax.yaxis.label
+        text = label.get_text()
+        room = cb.ax.get_window_extent(renderer).height + pad
+
+        def length(candidate: str) -> float:  # along the bar
+            label.set_text(candidate)
+            return label.get_window_extent(renderer).height
+
+        def wrapped(lines: list[str], width: int) -> str:
+            return "\n".join(textwrap.fill(line, width, break_long_words=False) for line in lines)
+
+        def fit(lines: list[str]) -> tuple[bool, str]:
+            """Whether ``lines`` fit, wrapped, and the wrapping that does (or the shortest there is)."""
+            best = (math.inf, "")
+            for width in range(max(map(len, lines)), 0, -1):
+                if (along := length(wrapped(lines, width))) <= room:
+                    n = wrapped(lines, width).count("\n")  # as many lines, as even as they get
+                    while width > 1 and wrapped(lines, width - 1).count("\n") == n:
+                        width -= 1
+                    return True, wrapped(lines, width)
+                if along < best[0]:
+                    best = (along, wrapped(lines, width))
+            return False, best[1]
+
+        if not text or length(text) <= room:
+            continue
+        lines = text.split("\n")
+        fits, best = fit(lines)
+        if not fits and shorter and (short := [shorter.get(line, line) for line in lines]) != lines:
+            best = fit(short)[1]
+        label.set_text(best)
+        changed |= best != text
+    return changed
+
+
 def separate_labels(texts: list[Any], gap: float = 1.0, leader: bool = False, sides: tuple[int, ...] = (-1, 1),
                     tries: int = 20) -> None:
     """Move labels placed beside a point (``ax.annotate`` with ``textcoords="offset points"``) up or down, in

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from figures import (drop_stale_pages, heatmap_ticks, page_caption, page_panels, page_split, page_stem,
-                     read_json, read_table, save_png_pdf)
+from figures import (drop_stale_pages, fit_bar_labels, heatmap_ticks, page_caption, page_panels, page_split,
+                     page_stem, read_json, read_table, save_png_pdf)
 from figures.heads import clip_note, kl_limit
 from probe.errors import BadInput
 from probe.metrics import HEAD_METRIC_BOUNDS
@@ -161,6 +161,8 @@ def draw_merge(result_dir: Path) -> list[Path]:
         fig.suptitle(f"Weight of each participant's query-head slices ({info.get('method')} merge)"
                      + page_caption(pages, p, "participants"), fontsize=10)
         fig.tight_layout()
+        if fit_bar_labels(fig):  # 5 or 6 participants: bars shorter than their labels
+            fig.tight_layout()
         written += save_png_pdf(fig, result_dir, page_stem("merge_heads", p))
     drop_stale_pages(result_dir, "merge_heads", written)
     return written

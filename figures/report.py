@@ -12,13 +12,14 @@ import base64
 import html
 import re
 import shutil
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 
-from figures import (drop_stale_pages, heatmap_ticks, page_caption, page_panels, page_split, page_stem, paper,
-                     read_json, save_figure)
+from figures import (drop_stale_pages, fit_bar_labels, heatmap_ticks, page_caption, page_panels, page_split,
+                     page_stem, paper, read_json, save_figure)
 from figures.findings import Finding, findings
 from figures.results import METHOD_LABELS, EvalRun, Replication, short
 from probe.errors import BadInput, drop_partial
@@ -191,6 +192,9 @@ def _finding_list(d: Doc, fs: list[Finding]) -> None:
 
 # inches: a model's column of two heatmaps at its narrowest and lowest (titles in), and the figure's margin
 FIG2_WIDTH, FIG2_PANEL, FIG2_MARGIN = 2.6, 2.8, (1.2, 0.4)
+# a page of 5 or 6 models goes 2 rows × 3 columns this narrow (3 rows × 2 left each heatmap 0.6 in high, the
+# colour bars shorter than their labels); up to 4 models it stays 2 × 2
+FIG2_NARROW = 1.9
 
 
 def draw_figure2(r: Replication, dest: Path) -> list[Path]:
@@ -206,9 +210,18 @@ def draw_figure2(r: Replication, dest: Path) -> list[Path]:
     pages = page_split(len(models), FIG2_WIDTH, FIG2_PANEL, FIG2_MARGIN) if models else []
     written = []
     for k, page in enumerate(pages):
-        fig = _figure2_page(r, [models[i] for i in page])
+        fig, maps = _figure2_page(r, [models[i] for i in page])
         fig.suptitle("Figure 2: removing one head at a time" + page_caption(pages, k, "models"), fontsize=10)
         fig.tight_layout()
+        if fit_bar_labels(fig, {"KL(orig‖masked)": "KL"}):  # 5 or 6 models: bars shorter than their labels
+            fig.tight_layout()
+        # the tick labels again at the heatmaps' size as laid out: 28 heads in 5 or 6 models' narrower columns ran
+        # together ("121518") labelled at the size before
+        ticks = [(ax.get_xticks().tolist(), ax.get_yticks().tolist()) for ax, *_ in maps]
+        for ax, layers, hs in maps:
+            heatmap_ticks(ax, layers, hs)
+        if ticks != [(ax.get_xticks().tolist(), ax.get_yticks().tolist()) for ax, *_ in maps]:
+            fig.tight_layout()
         png = dest.with_name(page_stem(dest.stem, k) + ".png")
         save_figure(fig, png)
         save_figure(fig, png.with_suffix(".pdf"))  # vector, for a paper; the PNG is what report.md shows
@@ -218,11 +231,16 @@ def draw_figure2(r: Replication, dest: Path) -> list[Path]:
     return written
 
 
-def _figure2_page(r: Replication, models: list[str]):
+def _figure2_page(r: Replication, models: list[str]) -> tuple[Any, list[tuple[Any, list[int], list[int]]]]:
+    """The page's figure, and its heatmaps: (axes, layers, heads) each."""
     from figures.heads import _grid, centred_limits, clip_note, extend_for, kl_limit
 
-    # one column of two heatmaps per model, wrapped into rows on a page (4 models: 2 × 2)
-    fig, panels = page_panels(len(models), 3.0, 4.8, min_width=FIG2_WIDTH, margin=FIG2_MARGIN, stack=2, dpi=110)
+    # one column of two heatmaps per model, wrapped into rows on a page (4 models: 2 × 2; 5 or 6: 2 × 3)
+    fig, panels = page_panels(len(models), 3.0, 4.8, min_width=FIG2_WIDTH if len(models) <= 4 else FIG2_NARROW,
+                              margin=FIG2_MARGIN, stack=2, dpi=110)
+    # titles wrapped to their column (about 16 characters an inch at 8 pt): a long model name ran into the next
+    chars = int(14.5 * fig.get_figwidth() / panels[0][0].get_subplotspec().get_gridspec().ncols)
+    maps = []
     for k, m in enumerate(models):
         heads, base = r.heads(m, need=("kl", "prob_accuracy_drop"))
         for row, (metric, cmap, label) in enumerate((("kl", "magma_r", "KL(orig‖masked)\n[nats]"),
@@ -236,6 +254,7 @@ def _figure2_page(r: Replication, models: list[str]):
                 vmin, vmax, clipped = centred_limits(grid, 0.0)
             im = ax.imshow(grid, cmap=cmap, aspect="auto", vmin=vmin, vmax=vmax)
             heatmap_ticks(ax, layers, hs)
+            maps.append((ax, layers, hs))
             ax.set_xlabel("head", fontsize=8)
             ax.set_ylabel("layer", fontsize=8)
             cb = fig.colorbar(im, ax=ax, fraction=0.046, extend=extend_for(grid, vmin, vmax))
@@ -244,9 +263,10 @@ def _figure2_page(r: Replication, models: list[str]):
                                   if clipped else ""), fontsize=7)
             if row == 0:
                 what = "text" if m == r.base else r.own[r.experts.index(m)]
-                ax.set_title(f"{m} on {what} ({r.cfg['heads']['split']})\nbaseline prob. acc. {100 * base['prob_accuracy']:.1f} %"
-                             f" (n={base['n_items']})", fontsize=8)
-    return fig
+                title = (f"{m} on {what} ({r.cfg['heads']['split']})\nbaseline prob. acc. "
+                         f"{100 * base['prob_accuracy']:.1f} % (n={base['n_items']})")
+                ax.set_title("\n".join(textwrap.fill(line, chars) for line in title.split("\n")), fontsize=8)
+    return fig, maps
 
 
 def build(r: Replication, figdir: Path) -> Doc:

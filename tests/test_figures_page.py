@@ -354,3 +354,65 @@ def test_a_narrow_heatmap_keeps_its_title_on_the_page(tmp_path, monkeypatch):
         box = fig.axes[0].title.get_window_extent(fig.canvas.get_renderer())
         assert box.x0 >= fig.bbox.x0 - 1 and box.x1 <= fig.bbox.x1 + 1 and box.y1 <= fig.bbox.y1 + 1, box
     plt.close("all")
+
+
+def colour_bar_labels(fig) -> list[tuple[object, object, object]]:
+    """(label box, bar box, bar) of every vertical colour bar of ``fig``'s heatmaps, as laid out when saved."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    bars = [im.colorbar for ax in fig.axes for im in ax.images if im.colorbar is not None]
+    return [(cb.ax.yaxis.label.get_window_extent(renderer), cb.ax.get_window_extent(renderer), cb) for cb in bars]
+
+
+@pytest.mark.parametrize("models", [5, 6])
+@pytest.mark.parametrize("grid", [(4, 8), (28, 28)])
+def test_figure2_of_many_models_keeps_its_labels_apart(tmp_path, monkeypatch, models, grid):
+    """5 or 6 models went on a Figure 2 page as 3 rows × 2, each heatmap (and its colour bar) 0.6 in high: the
+    labels "prob. accuracy drop [points]" and the KL's ran past both ends of their bars, into the panels above and
+    below. They go 2 rows × 3 now, each heatmap at least 0.9 in high; each colour-bar label lies along its bar,
+    no label, title or heatmap overlaps another, a heatmap's tick labels keep apart (28 heads in the narrower
+    columns ran together, "121518"), and a long model name is wrapped to its column. Up to 4 models the page is 2 × 2
+    with the labels as before."""
+    import matplotlib.pyplot as plt
+
+    import figures.report as fr
+
+    figs = []
+    monkeypatch.setattr(fr, "save_figure", lambda fig, path: figs.append(fig))
+    monkeypatch.setattr(plt, "close", lambda fig=None: None)
+    for n in (models, 4):
+        fig2 = tmp_path / f"r{n}" / "figure2.png"
+        fig2.parent.mkdir()
+        figs.clear()
+        rep = write_replication(tmp_path / f"rep{n}", n - 1, *grid)
+        rep.cfg["models"]["experts"][0] = "organism-e0-with-a-long-name-of-a-real-checkpoint"  # its sweep's folder
+        (tmp_path / f"rep{n}" / "heads" / "organism-e0").rename(tmp_path / f"rep{n}" / "heads" / rep.experts[0])
+        fr.draw_figure2(rep, fig2)
+        assert len(figs) == 2 and figs[0] is figs[1]  # one page (png and pdf)
+        fig = figs[0]
+        w, h = fig.get_size_inches()
+        assert w <= PAGE_WIDTH and h <= PAGE_HEIGHT
+        labels = colour_bar_labels(fig)  # laid out as saved
+        assert len(labels) == 2 * n
+        renderer = fig.canvas.get_renderer()
+        px = fig.dpi / 72
+        for label, bar, cb in labels:
+            assert label.height <= bar.height + 3 * px, (cb.ax.yaxis.label.get_text(), label.height, bar.height)
+            assert fig.bbox.contains(label.x0, label.y0) and fig.bbox.contains(label.x1, label.y1)
+        maps = [ax for ax in fig.axes if ax.images and ax.images[0].colorbar is not None]
+        assert len({round(ax.get_position().x0, 3) for ax in maps}) == (3 if n > 4 else 2)  # columns
+        assert min(ax.get_window_extent().height for ax in maps) / fig.dpi >= (0.9 if n > 4 else 1.0)
+        titles = [ax.title.get_window_extent(renderer) for ax in maps if ax.get_title()]
+        assert len(titles) == n
+        boxes = [label for label, _, _ in labels] + [ax.get_window_extent() for ax in maps] + titles
+        for i, a in enumerate(boxes):
+            for b in boxes[i + 1:]:
+                assert not a.overlaps(b), (a, b)
+        for ax in maps:
+            for ticks in (ax.get_xticklabels(), ax.get_yticklabels()):
+                shown = [t.get_window_extent(renderer) for t in ticks if t.get_text()]
+                assert len(shown) >= 2 and not any(a.overlaps(b) for a, b in zip(shown, shown[1:]))
+        if n == 4:  # room enough: as before
+            assert sorted({cb.ax.yaxis.label.get_text() for *_, cb in labels}) == [
+                "KL(orig‖masked)\n[nats]", "prob. accuracy drop\n[points]"]
+        plt.close("all")
