@@ -416,3 +416,41 @@ def test_figure2_of_many_models_keeps_its_labels_apart(tmp_path, monkeypatch, mo
             assert sorted({cb.ax.yaxis.label.get_text() for *_, cb in labels}) == [
                 "KL(orig‖masked)\n[nats]", "prob. accuracy drop\n[points]"]
         plt.close("all")
+
+
+@pytest.mark.parametrize("models, sets", [(5, 9), (8, 12), (4, 4)])
+def test_eval_of_many_data_sets_keeps_panel_titles_and_marks_apart(tmp_path, models, sets):
+    """9 or 12 data sets put 4 or 5 panels of 1 in on a row: their titles ("text_hard (n=64)mmmu_val (n=64)") ran
+    into each other and "n/a (modality)" past both edges of its panel. Each title now fits over its panel (its
+    count on a second line) and a narrow panel's mark reads "n/a"; 4 data sets keep their one-line titles."""
+    import matplotlib.pyplot as plt
+
+    from figures import name_colours
+    from figures.eval import _draw_page, read_scores
+
+    names = ["organism-base", "organism-vl", "Qwen/Qwen2-VL-7B-Instruct", "runs/merge/shift/carriers/organism-vl",
+             "organism-ov-si", "organism-video", "llava-hf/llava-onevision-qwen2-7b-si-hf", "runs/ft/checkpoint-200"]
+    data = ["text", "image", "image_single", "video", "audio", "text_hard", "mmmu_val", "gpqa", "mmlu_pro",
+            "videomme", "ifeval", "math"]
+    scores = read_scores(write_scores(tmp_path, names[:models], data[:sets]))  # the first model cannot read the last
+    top = scores[scores["subject"] == "all"]
+    fig = _draw_page(top, "accuracy", names[:models], names[:models], data[:sets], name_colours(names[:models]),
+                     2.6, 1.9 if sets <= 4 else 1.0, "Evaluation")
+    w, h = fig.get_size_inches()
+    assert w <= PAGE_WIDTH + 0.01 and h <= PAGE_HEIGHT + 0.01
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(panels) == sets
+    titles = [ax.title.get_window_extent(renderer) for ax in panels]
+    for ax, t in zip(panels, titles):
+        assert t.width <= ax.get_window_extent(renderer).width, ax.get_title()
+    assert not any(a.overlaps(b) for i, a in enumerate(titles) for b in titles[i + 1:])
+    marks = [t for ax in panels for t in ax.texts if t.get_text().startswith("n/a")]
+    assert len(marks) == 1
+    box, panel = marks[0].get_window_extent(renderer), marks[0].axes.get_window_extent(renderer)
+    assert panel.x0 <= box.x0 and box.x1 <= panel.x1, marks[0].get_text()
+    if sets == 4:  # room enough: as before
+        assert [ax.get_title() for ax in panels] == [f"{d} (n=64)" for d in data[:4]]
+        assert marks[0].get_text() == "n/a (modality)"
+    plt.close(fig)
