@@ -180,13 +180,16 @@ def fit_bar_labels(fig: Any, shorter: Mapping[str, str] | None = None, slack: fl
 
 
 def separate_labels(texts: list[Any], gap: float = 1.0, leader: bool = False, sides: tuple[int, ...] = (-1, 1),
-                    tries: int = 20) -> None:
+                    tries: int = 20, inside: bool = False) -> None:
     """Move labels placed beside a point (``ax.annotate`` with ``textcoords="offset points"``) up or down, in
     order, until each overlaps none placed before it (``gap`` points apart) at the figure's present layout, so
     call it after ``tight_layout``: labels of points that sit close together (experts a real run barely moved
     from the base, models of nearly one value) were drawn over one another. Each goes to the nearest free place:
     its own, a line below, a line above, two below, ... (``sides``: (1,) only above, where below is its point);
-    with ``leader``, a moved label gets a thin line to its point."""
+    with ``leader``, a moved label gets a thin line to its point; ``inside``, a label is first put on the other
+    side of its point where that keeps it inside its axes (not past the map's edge), and one inside them is moved
+    only to places inside them (with 8 runs and 8 experts on a map, names were pushed up over the panel's
+    title)."""
     if not texts:
         return
     fig = texts[0].figure
@@ -196,13 +199,27 @@ def separate_labels(texts: list[Any], gap: float = 1.0, leader: bool = False, si
     def box() -> Any:
         return t.get_window_extent(renderer).padded(pad / 2)
 
+    def within(b: Any, area: Any) -> bool:
+        return area is None or (area.x0 <= b.x0 and b.x1 <= area.x1 and area.y0 <= b.y0 and b.y1 <= area.y1)
+
     placed: list[Any] = []
     for t in texts:
         x0, y0 = t.xyann
         line = box().height * 72 / fig.dpi  # points
+        area = t.axes.get_window_extent(renderer) if inside else None
+        if not within(box(), area):  # past the map's edge on its side of the point: on the other side, if it fits
+            ha = t.get_horizontalalignment()
+            t.set_horizontalalignment({"left": "right", "right": "left"}.get(ha, ha))
+            t.xyann = (-x0, y0)
+            if within(box(), area):
+                x0 = -x0
+            else:
+                t.set_horizontalalignment(ha)
+                t.xyann = (x0, y0)
+                area = None  # one that starts outside either way may go anywhere, as before
         for dy in [0.0] + [k * side * line for k in range(1, tries + 1) for side in sides]:
             t.xyann = (x0, y0 + dy)
-            if not any(box().overlaps(p) for p in placed):
+            if within(box(), area) and not any(box().overlaps(p) for p in placed):
                 break
         else:  # nowhere free near: where it was
             t.xyann = (x0, y0)

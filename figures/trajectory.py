@@ -177,7 +177,8 @@ def draw_trajectory(result_dir: Path) -> list[Path]:
                    ncol=min(len(shown), LEGEND_COLUMNS))
         fig.tight_layout(rect=(0, legend / fig.get_size_inches()[1], 1, 1))
         fit_page(fig)  # the size it is saved at, where the labels are placed
-        for texts in names_of:  # the base, experts a real run barely moved and the merges sit close together
-            separate_labels(texts[::-1], leader=True)  # the models' names first, then the runs' last steps
+        for texts in names_of:  # the base, experts a real run barely moved and the merges sit close together;
+            # the models' names first, then the runs' last steps, each kept inside its map (not over its title)
+            separate_labels(texts[::-1], leader=True, inside=True)
         written += save(fig, result_dir / f"trajectory_{feature}")
     return written

@@ -454,3 +454,42 @@ def test_eval_of_many_data_sets_keeps_panel_titles_and_marks_apart(tmp_path, mod
         assert [ax.get_title() for ax in panels] == [f"{d} (n=64)" for d in data[:4]]
         assert marks[0].get_text() == "n/a (modality)"
     plt.close(fig)
+
+
+def test_trajectory_of_many_runs_and_experts_keeps_names_inside_the_maps(tmp_path, monkeypatch):
+    """8 fine-tuning runs and 8 experts on one map: separating their names pushed some up past the panel's top,
+    over its title ("organism-vl" across "t-SNE: random-projection sketch ..."). Every name starts inside its map
+    and stays there, clear of the titles and of each other."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    import figures.trajectory as ft
+
+    d = write_trajectory(tmp_path / "t", ["text", "image", "video", "mixed", "audio", "image+video", "long-run-name",
+                                           "seed1/mixed"])
+    coords = pd.read_csv(d / "coords.csv", keep_default_na=False).replace(
+        "zoo/organism-base-of-the-organism-family", "organism-base")  # a name that fits its map
+    rng = np.random.default_rng(1)
+    extra = []
+    for (feature, method), _ in coords.groupby(["feature", "method"], sort=False):
+        extra += [[f"organism-x{k}", "expert", "", "", feature, method, *rng.normal(0, 3, 2)]
+                  for k in range(5)]
+    pd.concat([coords, pd.DataFrame(extra, columns=coords.columns)]).to_csv(d / "coords.csv", index=False)
+    info = json.loads((d / "run.json").read_text())
+    (d / "run.json").write_text(json.dumps(info | {"n_points": info["n_points"] + 5}))
+    figs = []
+    monkeypatch.setattr(ft, "save", lambda fig, path: figs.append(fig) or [])
+    ft.draw_trajectory(d)
+    assert len(figs) == 2
+    for fig in figs:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        maps = [ax for ax in fig.axes if ax.get_visible()]
+        titles = [ax.title.get_window_extent(renderer) for ax in maps]
+        names = [t for ax in maps for t in ax.texts if t.get_text()]
+        assert len(names) == 2 * (8 + 8 + 2)  # per map: each run's last step, the experts, base and merged
+        for t in names:
+            box, area = t.get_window_extent(renderer), t.axes.get_window_extent(renderer)
+            assert area.x0 <= box.x0 and box.x1 <= area.x1 and area.y0 <= box.y0 and box.y1 <= area.y1, t.get_text()
+            assert not any(box.overlaps(title) for title in titles), t.get_text()
+        plt.close(fig)
