@@ -221,7 +221,7 @@ def separate_labels(texts: list[Any], gap: float = 1.0, leader: bool = False, si
             t.xyann = (x0, y0 + dy)
             if within(box(), area) and not any(box().overlaps(p) for p in placed):
                 break
-        else:  # nowhere free near: where it was
+        else:  # nowhere free near (inside its map, with ``inside``: over a title is worse): where it was
             t.xyann = (x0, y0)
         if leader and t.xyann != (x0, y0):
             t.axes.annotate("", t.xy, xycoords=t.xycoords, xytext=t.xyann, textcoords="offset points",

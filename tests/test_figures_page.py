@@ -458,8 +458,8 @@ def test_eval_of_many_data_sets_keeps_panel_titles_and_marks_apart(tmp_path, mod
 
 def test_trajectory_of_many_runs_and_experts_keeps_names_inside_the_maps(tmp_path, monkeypatch):
     """8 fine-tuning runs and 8 experts on one map: separating their names pushed some up past the panel's top,
-    over its title ("organism-vl" across "t-SNE: random-projection sketch ..."). Every name starts inside its map
-    and stays there, clear of the titles and of each other."""
+    over its title ("organism-vl" across "t-SNE: random-projection sketch ..."), and a long name ran across its map
+    into the next. Every name lies inside its map, clear of the titles; a long one in two lines."""
     import matplotlib.pyplot as plt
     import pandas as pd
 
@@ -472,8 +472,8 @@ def test_trajectory_of_many_runs_and_experts_keeps_names_inside_the_maps(tmp_pat
     rng = np.random.default_rng(1)
     extra = []
     for (feature, method), _ in coords.groupby(["feature", "method"], sort=False):
-        extra += [[f"organism-x{k}", "expert", "", "", feature, method, *rng.normal(0, 3, 2)]
-                  for k in range(5)]
+        extra += [[f"organism-x{k}" if k else "llava-hf/llava-onevision-qwen2-7b-si-hf", "expert", "", "", feature,
+                   method, *rng.normal(0, 3, 2)] for k in range(5)]
     pd.concat([coords, pd.DataFrame(extra, columns=coords.columns)]).to_csv(d / "coords.csv", index=False)
     info = json.loads((d / "run.json").read_text())
     (d / "run.json").write_text(json.dumps(info | {"n_points": info["n_points"] + 5}))
@@ -488,6 +488,9 @@ def test_trajectory_of_many_runs_and_experts_keeps_names_inside_the_maps(tmp_pat
         titles = [ax.title.get_window_extent(renderer) for ax in maps]
         names = [t for ax in maps for t in ax.texts if t.get_text()]
         assert len(names) == 2 * (8 + 8 + 2)  # per map: each run's last step, the experts, base and merged
+        # a long name in two lines (in one it ran across the map into the next)
+        long = {t.get_text() for t in names if "onevision" in t.get_text()}
+        assert long == {"llava-hf/llava-\nonevision-qwen2-7b-si-hf"}
         for t in names:
             box, area = t.get_window_extent(renderer), t.axes.get_window_extent(renderer)
             assert area.x0 <= box.x0 and box.x1 <= area.x1 and area.y0 <= box.y0 and box.y1 <= area.y1, t.get_text()
