@@ -496,3 +496,33 @@ def test_trajectory_of_many_runs_and_experts_keeps_names_inside_the_maps(tmp_pat
             assert area.x0 <= box.x0 and box.x1 <= area.x1 and area.y0 <= box.y0 and box.y1 <= area.y1, t.get_text()
             assert not any(box.overlaps(title) for title in titles), t.get_text()
         plt.close(fig)
+
+
+@pytest.mark.parametrize("models", [3, 8])
+def test_shift_numbers_of_many_models_keep_apart(tmp_path, monkeypatch, models):
+    """8 models put their dots 0.6 in apart and each number ("0.0018 (1.4×)", 0.9 in wide) ran over its
+    neighbours' (separating them stacked them far above their dots). Where numbers run into each other, every
+    model's has its ratio on a second line, within the room between two dots; no two numbers overlap. 3 models
+    (numbers apart) keep one-line numbers."""
+    import matplotlib.pyplot as plt
+
+    import figures.shift as fs
+
+    figs = {}
+    monkeypatch.setattr(fs, "save", lambda fig, path: figs.setdefault(path.name, fig) and [])
+    names = ["organism-vl", "organism-ov-si", "organism-video", "Qwen/Qwen2-VL-7B-Instruct", "carriers/organism-vl",
+             "llava-hf/llava-onevision-qwen2-7b-si-hf", "mixed/checkpoint-200", "organism-audio"]
+    fs.draw_shift(write_shift(tmp_path / "s", names[:models], 4, ["self_attn.q_proj.weight", "mlp.up_proj.weight"]))
+    fig = figs["shift_models"]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    numbers = [t for t in ax.texts if "×" in t.get_text()]
+    assert len(numbers) == models
+    boxes = [t.get_window_extent(renderer) for t in numbers]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    assert all(("\n" in t.get_text()) == (models > 3) for t in numbers)
+    if models > 3:  # each within the room between two dots
+        room = ax.transData.transform((1, 0))[0] - ax.transData.transform((0, 0))[0]
+        assert max(b.width for b in boxes) <= room
+    plt.close("all")
