@@ -103,6 +103,18 @@ def heatmap_ticks(ax: Any, rows: list[Any], cols: list[Any], fontsize: float = 7
     ax.set_yticks(range(0, len(rows), down), [str(r) for r in rows[::down]], fontsize=fontsize)
 
 
+def heatmap_ticks_again(fig: Any, maps: Sequence[tuple[Any, list[Any], list[Any]]]) -> None:
+    """``heatmap_ticks`` of each (axes, rows, columns) of ``maps`` again at the figure's present layout, so call it
+    after ``tight_layout``; the layout is redone where the labels changed. A heatmap whose layout narrowed it (a
+    colour bar and its label beside it in a page's narrower columns) had its 28 heads' labels run together
+    ("121518"), spaced for the size before."""
+    ticks = [(ax.get_xticks().tolist(), ax.get_yticks().tolist()) for ax, *_ in maps]
+    for ax, rows, cols in maps:
+        heatmap_ticks(ax, rows, cols)
+    if ticks != [(ax.get_xticks().tolist(), ax.get_yticks().tolist()) for ax, *_ in maps]:
+        fig.tight_layout()
+
+
 def spaced_ticklabels(ax: Any, axis: str = "x", gap: float = 2.0) -> None:
     """Blank the tick labels of ``ax``'s ``axis`` that would touch a neighbour (``gap`` points apart at least) at
     the figure's present layout, so call it after ``tight_layout``: from the first on, each kept when clear of the

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 
-from figures import (drop_stale_pages, fit_bar_labels, heatmap_ticks, page_caption, page_panels, page_split,
-                     page_stem, paper, read_json, save_figure)
+from figures import (drop_stale_pages, fit_bar_labels, heatmap_ticks, heatmap_ticks_again, page_caption,
+                     page_panels, page_split, page_stem, paper, read_json, save_figure)
 from figures.findings import Finding, findings
 from figures.results import METHOD_LABELS, EvalRun, Replication, short
 from probe.errors import BadInput, drop_partial
@@ -215,13 +215,7 @@ def draw_figure2(r: Replication, dest: Path) -> list[Path]:
         fig.tight_layout()
         if fit_bar_labels(fig, {"KL(orig‖masked)": "KL"}):  # 5 or 6 models: bars shorter than their labels
             fig.tight_layout()
-        # the tick labels again at the heatmaps' size as laid out: 28 heads in 5 or 6 models' narrower columns ran
-        # together ("121518") labelled at the size before
-        ticks = [(ax.get_xticks().tolist(), ax.get_yticks().tolist()) for ax, *_ in maps]
-        for ax, layers, hs in maps:
-            heatmap_ticks(ax, layers, hs)
-        if ticks != [(ax.get_xticks().tolist(), ax.get_yticks().tolist()) for ax, *_ in maps]:
-            fig.tight_layout()
+        heatmap_ticks_again(fig, maps)  # at the heatmaps' size as laid out (5 or 6 models: narrower columns)
         png = dest.with_name(page_stem(dest.stem, k) + ".png")
         save_figure(fig, png)
         save_figure(fig, png.with_suffix(".pdf"))  # vector, for a paper; the PNG is what report.md shows

@@ -364,6 +364,34 @@ def colour_bar_labels(fig) -> list[tuple[object, object, object]]:
     return [(cb.ax.yaxis.label.get_window_extent(renderer), cb.ax.get_window_extent(renderer), cb) for cb in bars]
 
 
+def heatmap_page_is_readable(fig, columns: int, min_height: float) -> list:
+    """Assert what a page of heatmaps with colour bars needs, as laid out when saved: ``columns`` columns of
+    heatmaps each at least ``min_height`` inches high, each colour-bar label along its bar (3 pt past it at most)
+    and on the page, no label, title or heatmap over another, a heatmap's tick labels apart. Returns the labels'
+    (box, bar box, bar)."""
+    labels = colour_bar_labels(fig)
+    renderer = fig.canvas.get_renderer()
+    px = fig.dpi / 72
+    for label, bar, cb in labels:
+        assert label.height <= bar.height + 3 * px, (cb.ax.yaxis.label.get_text(), label.height, bar.height)
+        assert fig.bbox.contains(label.x0, label.y0) and fig.bbox.contains(label.x1, label.y1)
+    maps = [ax for ax in fig.axes if ax.images and ax.images[0].colorbar is not None]
+    assert len({round(ax.get_position().x0, 3) for ax in maps}) == columns
+    assert min(ax.get_window_extent().height for ax in maps) / fig.dpi >= min_height
+    titles = [ax.title.get_window_extent(renderer) for ax in maps if ax.get_title()]
+    boxes = [label for label, _, _ in labels] + [ax.get_window_extent() for ax in maps] + titles
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b), (a, b)
+    for ax in maps:
+        for ticks in (ax.get_xticklabels(), ax.get_yticklabels()):
+            shown = [t.get_window_extent(renderer) for t in ticks if t.get_text()]
+            assert len(shown) >= 2 and not any(a.overlaps(b) for a, b in zip(shown, shown[1:]))
+    w, h = fig.get_size_inches()
+    assert w <= PAGE_WIDTH and h <= PAGE_HEIGHT
+    return labels
+
+
 @pytest.mark.parametrize("models", [5, 6])
 @pytest.mark.parametrize("grid", [(4, 8), (28, 28)])
 def test_figure2_of_many_models_keeps_its_labels_apart(tmp_path, monkeypatch, models, grid):
@@ -392,26 +420,10 @@ def test_figure2_of_many_models_keeps_its_labels_apart(tmp_path, monkeypatch, mo
         fig = figs[0]
         w, h = fig.get_size_inches()
         assert w <= PAGE_WIDTH and h <= PAGE_HEIGHT
-        labels = colour_bar_labels(fig)  # laid out as saved
+        labels = heatmap_page_is_readable(fig, 3 if n > 4 else 2, 0.9 if n > 4 else 1.0)
         assert len(labels) == 2 * n
-        renderer = fig.canvas.get_renderer()
-        px = fig.dpi / 72
-        for label, bar, cb in labels:
-            assert label.height <= bar.height + 3 * px, (cb.ax.yaxis.label.get_text(), label.height, bar.height)
-            assert fig.bbox.contains(label.x0, label.y0) and fig.bbox.contains(label.x1, label.y1)
-        maps = [ax for ax in fig.axes if ax.images and ax.images[0].colorbar is not None]
-        assert len({round(ax.get_position().x0, 3) for ax in maps}) == (3 if n > 4 else 2)  # columns
-        assert min(ax.get_window_extent().height for ax in maps) / fig.dpi >= (0.9 if n > 4 else 1.0)
-        titles = [ax.title.get_window_extent(renderer) for ax in maps if ax.get_title()]
+        titles = [ax for ax in fig.axes if ax.images and ax.get_title()]
         assert len(titles) == n
-        boxes = [label for label, _, _ in labels] + [ax.get_window_extent() for ax in maps] + titles
-        for i, a in enumerate(boxes):
-            for b in boxes[i + 1:]:
-                assert not a.overlaps(b), (a, b)
-        for ax in maps:
-            for ticks in (ax.get_xticklabels(), ax.get_yticklabels()):
-                shown = [t.get_window_extent(renderer) for t in ticks if t.get_text()]
-                assert len(shown) >= 2 and not any(a.overlaps(b) for a, b in zip(shown, shown[1:]))
         if n == 4:  # room enough: as before
             assert sorted({cb.ax.yaxis.label.get_text() for *_, cb in labels}) == [
                 "KL(orig‖masked)\n[nats]", "prob. accuracy drop\n[points]"]
@@ -526,3 +538,23 @@ def test_shift_numbers_of_many_models_keep_apart(tmp_path, monkeypatch, models):
         room = ax.transData.transform((1, 0))[0] - ax.transData.transform((0, 0))[0]
         assert max(b.width for b in boxes) <= room
     plt.close("all")
+
+
+@pytest.mark.parametrize("participants", [5, 6])
+@pytest.mark.parametrize("grid", [(4, 8), (28, 28)])
+def test_merge_of_many_participants_keeps_its_labels_apart(tmp_path, monkeypatch, participants, grid):
+    """5 or 6 participants of a salience merge went 3 rows × 2, each heatmap 0.75 in high, and "merge weight $w_i$"
+    ran past its bar. They go 2 rows × 3 now (heatmaps at least 0.9 in high), with every label along its bar and
+    apart, as Figure 2; 4 participants stay 2 × 2."""
+    import matplotlib.pyplot as plt
+
+    import figures.merge as fm
+
+    figs = []
+    monkeypatch.setattr(fm, "save_png_pdf", lambda fig, d, stem: figs.append(fig) or [])
+    for n in (participants, 4):
+        figs.clear()
+        fm.draw_merge(write_merge(tmp_path / f"m{n}" / "merge", n, *grid))
+        assert len(figs) == 1
+        heatmap_page_is_readable(figs[0], 3 if n > 4 else 2, 0.9)
+        plt.close("all")
