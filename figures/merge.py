@@ -178,13 +178,14 @@ def _draw_page(names: list[str], titles: list[str], sals: list[np.ndarray | None
                grids: dict[str, np.ndarray], metric: str):
     narrow = (MIN_WIDTH, MARGIN) if len(names) <= 4 else (NARROW, NARROW_MARGIN)
     fig, panels = page_panels(len(names), 2.6, 5.2, *narrow, stack=2, dpi=150)
+    aspect = 20 if len(names) <= 4 else 40  # colour bars as high as their heatmaps in narrow columns (Figure 2)
     for k, name in enumerate(names):
         ax, ax2 = panels[k]
         im = ax.imshow(grids[name], vmin=0, vmax=1, cmap="viridis", aspect="auto")
         ax.set_title(titles[k], fontsize=8)
         ax.set_xlabel("head", fontsize=8)
         ax.set_ylabel("layer", fontsize=8)
-        cb = fig.colorbar(im, ax=ax, fraction=0.046)
+        cb = fig.colorbar(im, ax=ax, fraction=0.046, aspect=aspect)
         cb.ax.tick_params(labelsize=7)
         cb.set_label("merge weight $w_i$", fontsize=7)
         s = sals[k]
@@ -199,7 +200,7 @@ def _draw_page(names: list[str], titles: list[str], sals: list[np.ndarray | None
             ax2.set_title(f"its salience ({metric})", fontsize=8)
             ax2.set_xlabel("head", fontsize=8)
             ax2.set_ylabel("layer", fontsize=8)
-            cb2 = fig.colorbar(im2, ax=ax2, fraction=0.046, extend="max" if clipped else "neither")
+            cb2 = fig.colorbar(im2, ax=ax2, fraction=0.046, aspect=aspect, extend="max" if clipped else "neither")
             cb2.ax.tick_params(labelsize=7)
             # the clip note in short lines: in one it ran along the bar past the panel (and off the page's foot)
             note = "\n" + "\n".join(textwrap.wrap(clip_note(s, 0.0, top, "{:.3g}").strip(), 26)) if clipped else ""

@@ -379,6 +379,7 @@ def heatmap_page_is_readable(fig, columns: int, min_height: float) -> list:
     assert len({round(ax.get_position().x0, 3) for ax in maps}) == columns
     assert min(ax.get_window_extent().height for ax in maps) / fig.dpi >= min_height
     titles = [ax.title.get_window_extent(renderer) for ax in maps if ax.get_title()]
+    assert all(fig.bbox.x0 <= t.x0 and t.x1 <= fig.bbox.x1 for t in titles)
     boxes = [label for label, _, _ in labels] + [ax.get_window_extent() for ax in maps] + titles
     for i, a in enumerate(boxes):
         for b in boxes[i + 1:]:
@@ -558,3 +559,31 @@ def test_merge_of_many_participants_keeps_its_labels_apart(tmp_path, monkeypatch
         assert len(figs) == 1
         heatmap_page_is_readable(figs[0], 3 if n > 4 else 2, 0.9)
         plt.close("all")
+
+
+@pytest.mark.parametrize("models", [4, 6])
+def test_figure2_of_a_clipped_scale_keeps_its_note_along_the_bar(tmp_path, monkeypatch, models):
+    """A 7B-like sweep (28 × 28 heads, a few outlier heads) clips each colour scale, and its label gains a note
+    ("scale clipped at the 99th percentile; 8 past it, up to 9"): in one line it ran far past the bar with 4 models;
+    with 6, wrapping it narrowed the heatmap, which shortened its bar (20 times its width), and the first column's
+    title was cut at the page's edge. The note lies along its bar and everything stays apart and on the page."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    import figures.report as fr
+
+    figs = []
+    monkeypatch.setattr(fr, "save_figure", lambda fig, path: figs.append(fig))
+    monkeypatch.setattr(plt, "close", lambda fig=None: None)
+    rep = write_replication(tmp_path / "rep", models - 1, 28, 28)
+    for d in (tmp_path / "rep" / "heads").iterdir():
+        h = pd.read_csv(d / "heads.csv")
+        h.loc[:7, "kl"] = 9.0  # outlier heads: past twice the 99th percentile
+        h.loc[:7, "prob_accuracy"] = 0.1
+        h["prob_accuracy_drop"] = 0.9 - h["prob_accuracy"]
+        h.to_csv(d / "heads.csv", index=False)
+    (tmp_path / "f").mkdir()
+    fr.draw_figure2(rep, tmp_path / "f" / "figure2.png")
+    labels = heatmap_page_is_readable(figs[0], 3 if models > 4 else 2, 0.9)
+    assert len(labels) == 2 * models and all("clipped" in cb.ax.yaxis.label.get_text() for *_, cb in labels)
+    plt.close("all")
