@@ -103,6 +103,18 @@ def heatmap_ticks(ax: Any, rows: list[Any], cols: list[Any], fontsize: float = 7
     ax.set_yticks(range(0, len(rows), down), [str(r) for r in rows[::down]], fontsize=fontsize)
 
 
+def heatmap_ticks_again(fig: Any, maps: Sequence[tuple[Any, list[Any], list[Any]]]) -> None:
+    """``heatmap_ticks`` of each (axes, rows, columns) of ``maps`` again at the figure's present layout, so call it
+    after ``tight_layout``; the layout is redone where the labels changed. A heatmap whose layout narrowed it (a
+    colour bar and its label beside it in a page's narrower columns) had its 28 heads' labels run together
+    ("121518"), spaced for the size before."""
+    ticks = [(ax.get_xticks().tolist(), ax.get_yticks().tolist()) for ax, *_ in maps]
+    for ax, rows, cols in maps:
+        heatmap_ticks(ax, rows, cols)
+    if ticks != [(ax.get_xticks().tolist(), ax.get_yticks().tolist()) for ax, *_ in maps]:
+        fig.tight_layout()
+
+
 def spaced_ticklabels(ax: Any, axis: str = "x", gap: float = 2.0) -> None:
     """Blank the tick labels of ``ax``'s ``axis`` that would touch a neighbour (``gap`` points apart at least) at
     the figure's present layout, so call it after ``tight_layout``: from the first on, each kept when clear of the
@@ -125,14 +137,71 @@ def spaced_ticklabels(ax: Any, axis: str = "x", gap: float = 2.0) -> None:
     which.set_ticks(locs, [t.get_text() if i in kept else "" for i, t in enumerate(labels)])
 
 
+def fit_bar_labels(fig: Any, shorter: Mapping[str, str] | None = None, slack: float = 3.0) -> bool:
+    """Wrap the label of each vertical colour bar of ``fig``'s heatmaps (images) into shorter lines where it is longer
+    than its bar (by more than ``slack`` points) at the figure's present layout, so call it after ``tight_layout``
+    and, when it returns True (a label changed, and so its width beside the bar), lay the figure out again. Each
+    line of the label is wrapped on its own at spaces (a note stays below its name), into as few lines as fit, as
+    even as they get; where a word is longer than the bar, its line is replaced by its ``shorter`` form (line →
+    line), if any. Heatmaps squeezed onto a page (5 models of Figure 2: bars 0.6 in high) had their labels run past
+    both ends of the bar, into the panels above and below."""
+    import textwrap
+
+    bars = [im.colorbar for ax in fig.axes for im in ax.images
+            if im.colorbar is not None and im.colorbar.orientation == "vertical"]
+    if not bars:
+        return False
+    fig.draw_without_rendering()  # the bars' size as drawn (a colour bar's aspect is applied when drawn)
+    renderer = fig.canvas.get_renderer()
+    pad = slack * fig.dpi / 72
+    changed = False
+    for cb in bars:
+        label = cb.ax.yaxis.label
+        text = label.get_text()
+        room = cb.ax.get_window_extent(renderer).height + pad
+
+        def length(candidate: str) -> float:  # along the bar
+            label.set_text(candidate)
+            return label.get_window_extent(renderer).height
+
+        def wrapped(lines: list[str], width: int) -> str:
+            return "\n".join(textwrap.fill(line, width, break_long_words=False) for line in lines)
+
+        def fit(lines: list[str]) -> tuple[bool, str]:
+            """Whether ``lines`` fit, wrapped, and the wrapping that does (or the shortest there is)."""
+            best = (math.inf, "")
+            for width in range(max(map(len, lines)), 0, -1):
+                if (along := length(wrapped(lines, width))) <= room:
+                    n = wrapped(lines, width).count("\n")  # as many lines, as even as they get
+                    while width > 1 and wrapped(lines, width - 1).count("\n") == n:
+                        width -= 1
+                    return True, wrapped(lines, width)
+                if along < best[0]:
+                    best = (along, wrapped(lines, width))
+            return False, best[1]
+
+        if not text or length(text) <= room:
+            continue
+        lines = text.split("\n")
+        fits, best = fit(lines)
+        if not fits and shorter and (short := [shorter.get(line, line) for line in lines]) != lines:
+            best = fit(short)[1]
+        label.set_text(best)
+        changed |= best != text
+    return changed
+
+
 def separate_labels(texts: list[Any], gap: float = 1.0, leader: bool = False, sides: tuple[int, ...] = (-1, 1),
-                    tries: int = 20) -> None:
+                    tries: int = 20, inside: bool = False) -> None:
     """Move labels placed beside a point (``ax.annotate`` with ``textcoords="offset points"``) up or down, in
     order, until each overlaps none placed before it (``gap`` points apart) at the figure's present layout, so
     call it after ``tight_layout``: labels of points that sit close together (experts a real run barely moved
     from the base, models of nearly one value) were drawn over one another. Each goes to the nearest free place:
     its own, a line below, a line above, two below, ... (``sides``: (1,) only above, where below is its point);
-    with ``leader``, a moved label gets a thin line to its point."""
+    with ``leader``, a moved label gets a thin line to its point; ``inside``, a label is first put on the other
+    side of its point where that keeps it inside its axes (not past the map's edge), and one inside them is moved
+    only to places inside them (with 8 runs and 8 experts on a map, names were pushed up over the panel's
+    title)."""
     if not texts:
         return
     fig = texts[0].figure
@@ -142,15 +211,29 @@ def separate_labels(texts: list[Any], gap: float = 1.0, leader: bool = False, si
     def box() -> Any:
         return t.get_window_extent(renderer).padded(pad / 2)
 
+    def within(b: Any, area: Any) -> bool:
+        return area is None or (area.x0 <= b.x0 and b.x1 <= area.x1 and area.y0 <= b.y0 and b.y1 <= area.y1)
+
     placed: list[Any] = []
     for t in texts:
         x0, y0 = t.xyann
         line = box().height * 72 / fig.dpi  # points
+        area = t.axes.get_window_extent(renderer) if inside else None
+        if not within(box(), area):  # past the map's edge on its side of the point: on the other side, if it fits
+            ha = t.get_horizontalalignment()
+            t.set_horizontalalignment({"left": "right", "right": "left"}.get(ha, ha))
+            t.xyann = (-x0, y0)
+            if within(box(), area):
+                x0 = -x0
+            else:
+                t.set_horizontalalignment(ha)
+                t.xyann = (x0, y0)
+                area = None  # one that starts outside either way may go anywhere, as before
         for dy in [0.0] + [k * side * line for k in range(1, tries + 1) for side in sides]:
             t.xyann = (x0, y0 + dy)
-            if not any(box().overlaps(p) for p in placed):
+            if within(box(), area) and not any(box().overlaps(p) for p in placed):
                 break
-        else:  # nowhere free near: where it was
+        else:  # nowhere free near (inside its map, with ``inside``: over a title is worse): where it was
             t.xyann = (x0, y0)
         if leader and t.xyann != (x0, y0):
             t.axes.annotate("", t.xy, xycoords=t.xycoords, xytext=t.xyann, textcoords="offset points",

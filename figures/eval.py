@@ -148,10 +148,12 @@ def _draw_page(top: pd.DataFrame, metric: str, models: list[str], labels: list[s
     for (ax,), ds in zip(panels, datasets):
         rows = top[top["data"] == ds].set_index("model").reindex(models)
         totals = [set_size(r) for _, r in rows.iterrows()]
+        wide = ax.get_position().width * fig.get_figwidth() >= 1.6
         n = max(totals)
         for k, (name, r) in enumerate(rows.iterrows()):
-            if r["n_items"] == 0:
-                ax.text(50, y[k], "n/a (modality)", ha="center", va="center", fontsize=8, color="0.5")
+            if r["n_items"] == 0:  # a narrow panel says only "n/a" (the reason ran past both its edges)
+                ax.text(50, y[k], "n/a (modality)" if wide else "n/a", ha="center", va="center", fontsize=8,
+                        color="0.5")
                 continue
             v = r[metric]
             lo, hi = reported_interval(v, r[f"{metric}_lo"], r[f"{metric}_hi"], r["n_items"])
@@ -164,7 +166,7 @@ def _draw_page(top: pd.DataFrame, metric: str, models: list[str], labels: list[s
         # n: the set's items, known from the rows that scored some (an n/a row's note gives no count)
         ax.set_title(f"{ds} (n={n})" if n else f"{ds} (n/a)", fontsize=9)
         ax.set_xlim(-2, 102)
-        ax.set_xticks([0, 25, 50, 75, 100] if ax.get_position().width * fig.get_figwidth() >= 1.6 else [0, 50, 100])
+        ax.set_xticks([0, 25, 50, 75, 100] if wide else [0, 50, 100])
         ax.set_ylim(-0.6, len(models) - 0.4)
         ax.grid(axis="x", alpha=0.3)
         ax.set_xlabel(f"{metric.replace('_', ' ')} [%]", fontsize=8)
@@ -173,4 +175,12 @@ def _draw_page(top: pd.DataFrame, metric: str, models: list[str], labels: list[s
     panels[0][0].set_yticklabels(labels, fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    # a title wider than its panel (many data sets, 1 in panels: "text_hard (n=64)mmmu_val (n=64)" ran together):
+    # every panel's count goes on a line of its own
+    fig.draw_without_rendering()
+    renderer = fig.canvas.get_renderer()
+    if any(ax.title.get_window_extent(renderer).width > ax.get_window_extent(renderer).width for (ax,) in panels):
+        for (ax,) in panels:
+            ax.set_title(ax.get_title().replace(" (n", "\n(n"), fontsize=9)
+        fig.tight_layout()
     return fig

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from figures import PAGE_HEIGHT, PAGE_WIDTH, UNIT, label_step, read_json, read_table, save_figure
+from figures import PAGE_HEIGHT, PAGE_WIDTH, UNIT, fit_bar_labels, label_step, read_json, read_table, save_figure
 from probe.errors import BadInput
 from probe.metrics import HEAD_METRIC_BOUNDS
 
@@ -132,6 +132,8 @@ def draw_metric(heads: pd.DataFrame, baseline: dict, metric: str, out_stem: Path
     lines = f"{title}{base_txt}\n{label} (n={n} items)".strip().split("\n")
     ax.set_title("\n".join(textwrap.fill(line, chars) for line in lines), fontsize=9)
     fig.tight_layout()
+    if fit_bar_labels(fig):  # a tall grid's bar (20 times as high as wide) is shorter than its label
+        fig.tight_layout()
     for ext in ("png", "pdf"):
         save_figure(fig, out_stem.with_suffix(f".{ext}"))
     plt.close(fig)

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from figures import (drop_stale_pages, heatmap_ticks, page_caption, page_panels, page_split, page_stem,
-                     read_json, read_table, save_png_pdf)
+from figures import (drop_stale_pages, fit_bar_labels, heatmap_ticks, heatmap_ticks_again, page_caption,
+                     page_panels, page_split, page_stem, read_json, read_table, save_png_pdf)
 from figures.heads import clip_note, kl_limit
 from probe.errors import BadInput
 from probe.metrics import HEAD_METRIC_BOUNDS
@@ -20,6 +20,9 @@ from probe.results import distinct_names
 # inches: a participant's column of two heatmaps at its narrowest and lowest (with titles), and the figure's
 # margin (colour bar labels, suptitle)
 MIN_WIDTH, MIN_PANEL, MARGIN = 2.1, 2.8, (2.4, 0.4)
+# a page of 5 or 6 participants goes 2 rows × 3 columns, each this narrow beside this margin (3 rows × 2 left each
+# heatmap 0.75 in high); up to 4 it stays 2 × 2
+NARROW, NARROW_MARGIN = 1.9, (1.2, 0.4)
 Q_SLICE = re.compile(r"layers\.(\d+)\.self_attn\.q_proj\.weight$")
 
 
@@ -175,6 +178,11 @@ def draw_merge(result_dir: Path) -> list[Path]:
         fig.suptitle(f"Weight of each participant's query-head slices ({info.get('method')} merge)"
                      + page_caption(pages, p, "participants"), fontsize=10)
         fig.tight_layout()
+        if fit_bar_labels(fig):  # 5 or 6 participants: bars shorter than their labels
+            fig.tight_layout()
+        heatmap_ticks_again(fig, [(ax, list(range(ax.images[0].get_array().shape[0])),
+                                   list(range(ax.images[0].get_array().shape[1])))
+                                  for ax in fig.axes if ax.images and ax.images[0].colorbar is not None])
         written += save_png_pdf(fig, result_dir, page_stem("merge_heads", p))
     drop_stale_pages(result_dir, "merge_heads", written)
     return written
@@ -182,14 +190,16 @@ def draw_merge(result_dir: Path) -> list[Path]:
 
 def _draw_page(names: list[str], titles: list[str], sals: list[np.ndarray | None], is_base: list[bool],
                grids: dict[str, np.ndarray], metric: str):
-    fig, panels = page_panels(len(names), 2.6, 5.2, min_width=MIN_WIDTH, margin=MARGIN, stack=2, dpi=150)
+    narrow = (MIN_WIDTH, MARGIN) if len(names) <= 4 else (NARROW, NARROW_MARGIN)
+    fig, panels = page_panels(len(names), 2.6, 5.2, *narrow, stack=2, dpi=150)
+    aspect = 20 if len(names) <= 4 else 40  # colour bars as high as their heatmaps in narrow columns (Figure 2)
     for k, name in enumerate(names):
         ax, ax2 = panels[k]
         im = ax.imshow(grids[name], vmin=0, vmax=1, cmap="viridis", aspect="auto")
         ax.set_title(titles[k], fontsize=8)
         ax.set_xlabel("head", fontsize=8)
         ax.set_ylabel("layer", fontsize=8)
-        cb = fig.colorbar(im, ax=ax, fraction=0.046)
+        cb = fig.colorbar(im, ax=ax, fraction=0.046, aspect=aspect)
         cb.ax.tick_params(labelsize=7)
         cb.set_label("merge weight $w_i$", fontsize=7)
         s = sals[k]
@@ -204,7 +214,7 @@ def _draw_page(names: list[str], titles: list[str], sals: list[np.ndarray | None
             ax2.set_title(f"its salience ({metric})", fontsize=8)
             ax2.set_xlabel("head", fontsize=8)
             ax2.set_ylabel("layer", fontsize=8)
-            cb2 = fig.colorbar(im2, ax=ax2, fraction=0.046, extend="max" if clipped else "neither")
+            cb2 = fig.colorbar(im2, ax=ax2, fraction=0.046, aspect=aspect, extend="max" if clipped else "neither")
             cb2.ax.tick_params(labelsize=7)
             # the clip note in short lines: in one it ran along the bar past the panel (and off the page's foot)
             note = "\n" + "\n".join(textwrap.wrap(clip_note(s, 0.0, top, "{:.3g}").strip(), 26)) if clipped else ""

@@ -12,13 +12,14 @@ import base64
 import html
 import re
 import shutil
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 
-from figures import (drop_stale_pages, heatmap_ticks, page_caption, page_panels, page_split, page_stem, paper,
-                     read_json, save_figure)
+from figures import (drop_stale_pages, fit_bar_labels, heatmap_ticks, heatmap_ticks_again, page_caption,
+                     page_panels, page_split, page_stem, paper, read_json, save_figure)
 from figures.findings import Finding, findings
 from figures.results import METHOD_LABELS, EvalRun, Replication, short
 from probe.errors import BadInput
@@ -191,6 +192,9 @@ def _finding_list(d: Doc, fs: list[Finding]) -> None:
 
 # inches: a model's column of two heatmaps at its narrowest and lowest (titles in), and the figure's margin
 FIG2_WIDTH, FIG2_PANEL, FIG2_MARGIN = 2.6, 2.8, (1.2, 0.4)
+# a page of 5 or 6 models goes 2 rows × 3 columns this narrow (3 rows × 2 left each heatmap 0.6 in high, the
+# colour bars shorter than their labels); up to 4 models it stays 2 × 2
+FIG2_NARROW = 1.9
 
 
 def draw_figure2(r: Replication, dest: Path) -> list[Path]:
@@ -206,9 +210,13 @@ def draw_figure2(r: Replication, dest: Path) -> list[Path]:
     pages = page_split(len(models), FIG2_WIDTH, FIG2_PANEL, FIG2_MARGIN) if models else []
     written = []
     for k, page in enumerate(pages):
-        fig = _figure2_page(r, [models[i] for i in page])
+        fig, maps, titles = _figure2_page(r, [models[i] for i in page])
         fig.suptitle("Figure 2: removing one head at a time" + page_caption(pages, k, "models"), fontsize=10)
         fig.tight_layout()
+        if fit_bar_labels(fig, {"KL(orig‖masked)": "KL"}):  # 5 or 6 models: bars shorter than their labels
+            fig.tight_layout()
+        heatmap_ticks_again(fig, maps)  # at the heatmaps' size as laid out (5 or 6 models: narrower columns)
+        keep_titles_apart(fig, titles)
         png = dest.with_name(page_stem(dest.stem, k) + ".png")
         save_figure(fig, png)
         save_figure(fig, png.with_suffix(".pdf"))  # vector, for a paper; the PNG is what report.md shows
@@ -218,11 +226,39 @@ def draw_figure2(r: Replication, dest: Path) -> list[Path]:
     return written
 
 
-def _figure2_page(r: Replication, models: list[str]):
+def keep_titles_apart(fig: Any, titles: list[tuple[Any, str]], tries: int = 6) -> None:
+    """Wrap each (axes, title) of ``titles`` (each line of it on its own) into shorter lines than it has, and lay the
+    figure out again, while one runs past the
+    page's edge or into another: centred over a heatmap that a long colour-bar label beside it made narrow (a
+    clipped scale's note, 5 or 6 models), the first column's title was cut at the page's left edge."""
+    renderer = fig.canvas.get_renderer()
+    for _ in range(tries):
+        fig.draw_without_rendering()
+        boxes = [ax.title.get_window_extent(renderer) for ax, _ in titles]
+        page = fig.bbox
+        if all(page.x0 <= b.x0 and b.x1 <= page.x1 for b in boxes) and not any(
+                a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:]):
+            return
+        for ax, text in titles:
+            width = max(max(map(len, ax.get_title().split("\n"))) - 4, 12)
+            ax.set_title("\n".join(textwrap.fill(line, width) for line in text.split("\n")), fontsize=8)
+        fig.tight_layout()
+
+
+def _figure2_page(r: Replication, models: list[str]) -> tuple[Any, list[tuple[Any, list[int], list[int]]],
+                                                               list[tuple[Any, str]]]:
+    """The page's figure, its heatmaps ((axes, layers, heads) each) and its titles ((axes, title) each)."""
     from figures.heads import _grid, centred_limits, clip_note, extend_for, kl_limit
 
-    # one column of two heatmaps per model, wrapped into rows on a page (4 models: 2 × 2)
-    fig, panels = page_panels(len(models), 3.0, 4.8, min_width=FIG2_WIDTH, margin=FIG2_MARGIN, stack=2, dpi=110)
+    # one column of two heatmaps per model, wrapped into rows on a page (4 models: 2 × 2; 5 or 6: 2 × 3)
+    fig, panels = page_panels(len(models), 3.0, 4.8, min_width=FIG2_WIDTH if len(models) <= 4 else FIG2_NARROW,
+                              margin=FIG2_MARGIN, stack=2, dpi=110)
+    # titles wrapped to their column (about 16 characters an inch at 8 pt): a long model name ran into the next
+    chars = int(14.5 * fig.get_figwidth() / panels[0][0].get_subplotspec().get_gridspec().ncols)
+    # colour bars as high as their heatmaps in narrow columns: at 20 times their width (matplotlib's default) they
+    # came out shorter, and a clipped scale's note, wrapped along them, widened them, which made them shorter still
+    aspect = 20 if len(models) <= 4 else 40
+    maps, titles = [], []
     for k, m in enumerate(models):
         heads, base = r.heads(m, need=("kl", "prob_accuracy_drop"))
         for row, (metric, cmap, label) in enumerate((("kl", "magma_r", "KL(orig‖masked)\n[nats]"),
@@ -236,17 +272,20 @@ def _figure2_page(r: Replication, models: list[str]):
                 vmin, vmax, clipped = centred_limits(grid, 0.0)
             im = ax.imshow(grid, cmap=cmap, aspect="auto", vmin=vmin, vmax=vmax)
             heatmap_ticks(ax, layers, hs)
+            maps.append((ax, layers, hs))
             ax.set_xlabel("head", fontsize=8)
             ax.set_ylabel("layer", fontsize=8)
-            cb = fig.colorbar(im, ax=ax, fraction=0.046, extend=extend_for(grid, vmin, vmax))
+            cb = fig.colorbar(im, ax=ax, fraction=0.046, aspect=aspect, extend=extend_for(grid, vmin, vmax))
             cb.ax.tick_params(labelsize=7)
             cb.set_label(label + (clip_note(grid, vmin, vmax, "{:.3g}" if metric == "kl" else "{:+.1f}")
                                   if clipped else ""), fontsize=7)
             if row == 0:
                 what = "text" if m == r.base else r.own[r.experts.index(m)]
-                ax.set_title(f"{m} on {what} ({r.cfg['heads']['split']})\nbaseline prob. acc. {100 * base['prob_accuracy']:.1f} %"
-                             f" (n={base['n_items']})", fontsize=8)
-    return fig
+                title = (f"{m} on {what} ({r.cfg['heads']['split']})\nbaseline prob. acc. "
+                         f"{100 * base['prob_accuracy']:.1f} % (n={base['n_items']})")
+                ax.set_title("\n".join(textwrap.fill(line, chars) for line in title.split("\n")), fontsize=8)
+                titles.append((ax, title))
+    return fig, maps, titles
 
 
 def build(r: Replication, figdir: Path) -> Doc:

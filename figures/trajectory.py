@@ -30,6 +30,19 @@ LEGEND_COLUMNS = 4
 TITLES = {"norms": "per-tensor ‖θ − θ_ref‖ (paper's feature)", "sketch": "random-projection sketch of θ − θ_ref"}
 
 
+NAME_CHARS = 28  # a model's name longer than this goes on two lines (a 3.4 in map holds about two of 28)
+
+
+def two_lines(name: str, width: int = NAME_CHARS) -> str:
+    """A long name split in two lines after the '/', '-' or '_' nearest its middle
+    ("llava-hf/llava-onevision-" over "qwen2-7b-si-hf"): in one line it ran across the map into the next one."""
+    cuts = [i + 1 for i, c in enumerate(name[:-1]) if c in "/-_"]
+    if len(name) <= width or not cuts:
+        return name
+    cut = min(cuts, key=lambda i: abs(2 * i - len(name)))
+    return f"{name[:cut]}\n{name[cut:]}"
+
+
 def _label(ax: Any, mid: float, text: str, x: float, y: float, offset: tuple[float, float], **kw: Any) -> Any:
     """Text beside a point: on its right, or on its left when the point is right of ``mid`` (the middle of the
     panel's points), so it stays inside a narrow panel."""
@@ -177,7 +190,8 @@ def draw_trajectory(result_dir: Path) -> list[Path]:
                 ax.scatter(k["x"], k["y"], marker=marker, s=size, color=colour, label=kind, zorder=4,
                            edgecolors="white", linewidths=0.6)
                 for _, row in k.iterrows():
-                    names_of[-1].append(_label(ax, mid, labels[row["name"]], row["x"], row["y"], (5, 4), fontsize=8))
+                    names_of[-1].append(_label(ax, mid, two_lines(labels[row["name"]]), row["x"], row["y"], (5, 4),
+                                               fontsize=8))
             title = f"{method.upper() if method == 'pca' else 't-SNE'}: {TITLES.get(feature, feature)}"
             if ref:
                 title += f"\nθ_ref = {ref}"
@@ -204,7 +218,8 @@ def draw_trajectory(result_dir: Path) -> list[Path]:
                    ncol=min(len(shown), LEGEND_COLUMNS))
         fig.tight_layout(rect=(0, legend / fig.get_size_inches()[1], 1, 1))
         fit_page(fig)  # the size it is saved at, where the labels are placed
-        for texts in names_of:  # the base, experts a real run barely moved and the merges sit close together
-            separate_labels(texts[::-1], leader=True)  # the models' names first, then the runs' last steps
+        for texts in names_of:  # the base, experts a real run barely moved and the merges sit close together;
+            # the models' names first, then the runs' last steps, each kept inside its map (not over its title)
+            separate_labels(texts[::-1], leader=True, inside=True)
         written += save(fig, result_dir / f"trajectory_{feature}")
     return written

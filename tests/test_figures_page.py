@@ -354,3 +354,236 @@ def test_a_narrow_heatmap_keeps_its_title_on_the_page(tmp_path, monkeypatch):
         box = fig.axes[0].title.get_window_extent(fig.canvas.get_renderer())
         assert box.x0 >= fig.bbox.x0 - 1 and box.x1 <= fig.bbox.x1 + 1 and box.y1 <= fig.bbox.y1 + 1, box
     plt.close("all")
+
+
+def colour_bar_labels(fig) -> list[tuple[object, object, object]]:
+    """(label box, bar box, bar) of every vertical colour bar of ``fig``'s heatmaps, as laid out when saved."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    bars = [im.colorbar for ax in fig.axes for im in ax.images if im.colorbar is not None]
+    return [(cb.ax.yaxis.label.get_window_extent(renderer), cb.ax.get_window_extent(renderer), cb) for cb in bars]
+
+
+def heatmap_page_is_readable(fig, columns: int, min_height: float) -> list:
+    """Assert what a page of heatmaps with colour bars needs, as laid out when saved: ``columns`` columns of
+    heatmaps each at least ``min_height`` inches high, each colour-bar label along its bar (3 pt past it at most)
+    and on the page, no label, title or heatmap over another, a heatmap's tick labels apart. Returns the labels'
+    (box, bar box, bar)."""
+    labels = colour_bar_labels(fig)
+    renderer = fig.canvas.get_renderer()
+    px = fig.dpi / 72
+    for label, bar, cb in labels:
+        assert label.height <= bar.height + 3 * px, (cb.ax.yaxis.label.get_text(), label.height, bar.height)
+        assert fig.bbox.contains(label.x0, label.y0) and fig.bbox.contains(label.x1, label.y1)
+    maps = [ax for ax in fig.axes if ax.images and ax.images[0].colorbar is not None]
+    assert len({round(ax.get_position().x0, 3) for ax in maps}) == columns
+    assert min(ax.get_window_extent().height for ax in maps) / fig.dpi >= min_height
+    titles = [ax.title.get_window_extent(renderer) for ax in maps if ax.get_title()]
+    assert all(fig.bbox.x0 <= t.x0 and t.x1 <= fig.bbox.x1 for t in titles)
+    boxes = [label for label, _, _ in labels] + [ax.get_window_extent() for ax in maps] + titles
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b), (a, b)
+    for ax in maps:
+        for ticks in (ax.get_xticklabels(), ax.get_yticklabels()):
+            shown = [t.get_window_extent(renderer) for t in ticks if t.get_text()]
+            assert len(shown) >= 2 and not any(a.overlaps(b) for a, b in zip(shown, shown[1:]))
+    w, h = fig.get_size_inches()
+    assert w <= PAGE_WIDTH and h <= PAGE_HEIGHT
+    return labels
+
+
+@pytest.mark.parametrize("models", [5, 6])
+@pytest.mark.parametrize("grid", [(4, 8), (28, 28)])
+def test_figure2_of_many_models_keeps_its_labels_apart(tmp_path, monkeypatch, models, grid):
+    """5 or 6 models went on a Figure 2 page as 3 rows × 2, each heatmap (and its colour bar) 0.6 in high: the
+    labels "prob. accuracy drop [points]" and the KL's ran past both ends of their bars, into the panels above and
+    below. They go 2 rows × 3 now, each heatmap at least 0.9 in high; each colour-bar label lies along its bar,
+    no label, title or heatmap overlaps another, a heatmap's tick labels keep apart (28 heads in the narrower
+    columns ran together, "121518"), and a long model name is wrapped to its column. Up to 4 models the page is 2 × 2
+    with the labels as before."""
+    import matplotlib.pyplot as plt
+
+    import figures.report as fr
+
+    figs = []
+    monkeypatch.setattr(fr, "save_figure", lambda fig, path: figs.append(fig))
+    monkeypatch.setattr(plt, "close", lambda fig=None: None)
+    for n in (models, 4):
+        fig2 = tmp_path / f"r{n}" / "figure2.png"
+        fig2.parent.mkdir()
+        figs.clear()
+        rep = write_replication(tmp_path / f"rep{n}", n - 1, *grid)
+        rep.cfg["models"]["experts"][0] = "organism-e0-with-a-long-name-of-a-real-checkpoint"  # its sweep's folder
+        (tmp_path / f"rep{n}" / "heads" / "organism-e0").rename(tmp_path / f"rep{n}" / "heads" / rep.experts[0])
+        fr.draw_figure2(rep, fig2)
+        assert len(figs) == 2 and figs[0] is figs[1]  # one page (png and pdf)
+        fig = figs[0]
+        w, h = fig.get_size_inches()
+        assert w <= PAGE_WIDTH and h <= PAGE_HEIGHT
+        labels = heatmap_page_is_readable(fig, 3 if n > 4 else 2, 0.9 if n > 4 else 1.0)
+        assert len(labels) == 2 * n
+        titles = [ax for ax in fig.axes if ax.images and ax.get_title()]
+        assert len(titles) == n
+        if n == 4:  # room enough: as before
+            assert sorted({cb.ax.yaxis.label.get_text() for *_, cb in labels}) == [
+                "KL(orig‖masked)\n[nats]", "prob. accuracy drop\n[points]"]
+        plt.close("all")
+
+
+@pytest.mark.parametrize("models, sets", [(5, 9), (8, 12), (4, 4)])
+def test_eval_of_many_data_sets_keeps_panel_titles_and_marks_apart(tmp_path, models, sets):
+    """9 or 12 data sets put 4 or 5 panels of 1 in on a row: their titles ("text_hard (n=64)mmmu_val (n=64)") ran
+    into each other and "n/a (modality)" past both edges of its panel. Each title now fits over its panel (its
+    count on a second line) and a narrow panel's mark reads "n/a"; 4 data sets keep their one-line titles."""
+    import matplotlib.pyplot as plt
+
+    from figures import name_colours
+    from figures.eval import _draw_page, read_scores
+
+    names = ["organism-base", "organism-vl", "Qwen/Qwen2-VL-7B-Instruct", "runs/merge/shift/carriers/organism-vl",
+             "organism-ov-si", "organism-video", "llava-hf/llava-onevision-qwen2-7b-si-hf", "runs/ft/checkpoint-200"]
+    data = ["text", "image", "image_single", "video", "audio", "text_hard", "mmmu_val", "gpqa", "mmlu_pro",
+            "videomme", "ifeval", "math"]
+    scores = read_scores(write_scores(tmp_path, names[:models], data[:sets]))  # the first model cannot read the last
+    top = scores[scores["subject"] == "all"]
+    fig = _draw_page(top, "accuracy", names[:models], names[:models], data[:sets], name_colours(names[:models]),
+                     2.6, 1.9 if sets <= 4 else 1.0, "Evaluation")
+    w, h = fig.get_size_inches()
+    assert w <= PAGE_WIDTH + 0.01 and h <= PAGE_HEIGHT + 0.01
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(panels) == sets
+    titles = [ax.title.get_window_extent(renderer) for ax in panels]
+    for ax, t in zip(panels, titles):
+        assert t.width <= ax.get_window_extent(renderer).width, ax.get_title()
+    assert not any(a.overlaps(b) for i, a in enumerate(titles) for b in titles[i + 1:])
+    marks = [t for ax in panels for t in ax.texts if t.get_text().startswith("n/a")]
+    assert len(marks) == 1
+    box, panel = marks[0].get_window_extent(renderer), marks[0].axes.get_window_extent(renderer)
+    assert panel.x0 <= box.x0 and box.x1 <= panel.x1, marks[0].get_text()
+    if sets == 4:  # room enough: as before
+        assert [ax.get_title() for ax in panels] == [f"{d} (n=64)" for d in data[:4]]
+        assert marks[0].get_text() == "n/a (modality)"
+    plt.close(fig)
+
+
+def test_trajectory_of_many_runs_and_experts_keeps_names_inside_the_maps(tmp_path, monkeypatch):
+    """8 fine-tuning runs and 8 experts on one map: separating their names pushed some up past the panel's top,
+    over its title ("organism-vl" across "t-SNE: random-projection sketch ..."), and a long name ran across its map
+    into the next. Every name lies inside its map, clear of the titles; a long one in two lines."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    import figures.trajectory as ft
+
+    d = write_trajectory(tmp_path / "t", ["text", "image", "video", "mixed", "audio", "image+video", "long-run-name",
+                                           "seed1/mixed"])
+    coords = pd.read_csv(d / "coords.csv", keep_default_na=False).replace(
+        "zoo/organism-base-of-the-organism-family", "organism-base")  # a name that fits its map
+    rng = np.random.default_rng(1)
+    extra = []
+    for (feature, method), _ in coords.groupby(["feature", "method"], sort=False):
+        extra += [[f"organism-x{k}" if k else "llava-hf/llava-onevision-qwen2-7b-si-hf", "expert", "", "", feature,
+                   method, *rng.normal(0, 3, 2)] for k in range(5)]
+    pd.concat([coords, pd.DataFrame(extra, columns=coords.columns)]).to_csv(d / "coords.csv", index=False)
+    info = json.loads((d / "run.json").read_text())
+    (d / "run.json").write_text(json.dumps(info | {"n_points": info["n_points"] + 5}))
+    figs = []
+    monkeypatch.setattr(ft, "save", lambda fig, path: figs.append(fig) or [])
+    ft.draw_trajectory(d)
+    assert len(figs) == 2
+    for fig in figs:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        maps = [ax for ax in fig.axes if ax.get_visible()]
+        titles = [ax.title.get_window_extent(renderer) for ax in maps]
+        names = [t for ax in maps for t in ax.texts if t.get_text()]
+        assert len(names) == 2 * (8 + 8 + 2)  # per map: each run's last step, the experts, base and merged
+        # a long name in two lines (in one it ran across the map into the next)
+        long = {t.get_text() for t in names if "onevision" in t.get_text()}
+        assert long == {"llava-hf/llava-\nonevision-qwen2-7b-si-hf"}
+        for t in names:
+            box, area = t.get_window_extent(renderer), t.axes.get_window_extent(renderer)
+            assert area.x0 <= box.x0 and box.x1 <= area.x1 and area.y0 <= box.y0 and box.y1 <= area.y1, t.get_text()
+            assert not any(box.overlaps(title) for title in titles), t.get_text()
+        plt.close(fig)
+
+
+@pytest.mark.parametrize("models", [3, 8])
+def test_shift_numbers_of_many_models_keep_apart(tmp_path, monkeypatch, models):
+    """8 models put their dots 0.6 in apart and each number ("0.0018 (1.4×)", 0.9 in wide) ran over its
+    neighbours' (separating them stacked them far above their dots). Where numbers run into each other, every
+    model's has its ratio on a second line, within the room between two dots; no two numbers overlap. 3 models
+    (numbers apart) keep one-line numbers."""
+    import matplotlib.pyplot as plt
+
+    import figures.shift as fs
+
+    figs = {}
+    monkeypatch.setattr(fs, "save", lambda fig, path: figs.setdefault(path.name, fig) and [])
+    names = ["organism-vl", "organism-ov-si", "organism-video", "Qwen/Qwen2-VL-7B-Instruct", "carriers/organism-vl",
+             "llava-hf/llava-onevision-qwen2-7b-si-hf", "mixed/checkpoint-200", "organism-audio"]
+    fs.draw_shift(write_shift(tmp_path / "s", names[:models], 4, ["self_attn.q_proj.weight", "mlp.up_proj.weight"]))
+    fig = figs["shift_models"]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    numbers = [t for t in ax.texts if "×" in t.get_text()]
+    assert len(numbers) == models
+    boxes = [t.get_window_extent(renderer) for t in numbers]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    assert all(("\n" in t.get_text()) == (models > 3) for t in numbers)
+    if models > 3:  # each within the room between two dots
+        room = ax.transData.transform((1, 0))[0] - ax.transData.transform((0, 0))[0]
+        assert max(b.width for b in boxes) <= room
+    plt.close("all")
+
+
+@pytest.mark.parametrize("participants", [5, 6])
+@pytest.mark.parametrize("grid", [(4, 8), (28, 28)])
+def test_merge_of_many_participants_keeps_its_labels_apart(tmp_path, monkeypatch, participants, grid):
+    """5 or 6 participants of a salience merge went 3 rows × 2, each heatmap 0.75 in high, and "merge weight $w_i$"
+    ran past its bar. They go 2 rows × 3 now (heatmaps at least 0.9 in high), with every label along its bar and
+    apart, as Figure 2; 4 participants stay 2 × 2."""
+    import matplotlib.pyplot as plt
+
+    import figures.merge as fm
+
+    figs = []
+    monkeypatch.setattr(fm, "save_png_pdf", lambda fig, d, stem: figs.append(fig) or [])
+    for n in (participants, 4):
+        figs.clear()
+        fm.draw_merge(write_merge(tmp_path / f"m{n}" / "merge", n, *grid))
+        assert len(figs) == 1
+        heatmap_page_is_readable(figs[0], 3 if n > 4 else 2, 0.9)
+        plt.close("all")
+
+
+@pytest.mark.parametrize("models", [4, 6])
+def test_figure2_of_a_clipped_scale_keeps_its_note_along_the_bar(tmp_path, monkeypatch, models):
+    """A 7B-like sweep (28 × 28 heads, a few outlier heads) clips each colour scale, and its label gains a note
+    ("scale clipped at the 99th percentile; 8 past it, up to 9"): in one line it ran far past the bar with 4 models;
+    with 6, wrapping it narrowed the heatmap, which shortened its bar (20 times its width), and the first column's
+    title was cut at the page's edge. The note lies along its bar and everything stays apart and on the page."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    import figures.report as fr
+
+    figs = []
+    monkeypatch.setattr(fr, "save_figure", lambda fig, path: figs.append(fig))
+    monkeypatch.setattr(plt, "close", lambda fig=None: None)
+    rep = write_replication(tmp_path / "rep", models - 1, 28, 28)
+    for d in (tmp_path / "rep" / "heads").iterdir():
+        h = pd.read_csv(d / "heads.csv")
+        h.loc[:7, "kl"] = 9.0  # outlier heads: past twice the 99th percentile
+        h.loc[:7, "prob_accuracy"] = 0.1
+        h["prob_accuracy_drop"] = 0.9 - h["prob_accuracy"]
+        h.to_csv(d / "heads.csv", index=False)
+    (tmp_path / "f").mkdir()
+    fr.draw_figure2(rep, tmp_path / "f" / "figure2.png")
+    labels = heatmap_page_is_readable(figs[0], 3 if models > 4 else 2, 0.9)
+    assert len(labels) == 2 * models and all("clipped" in cb.ax.yaxis.label.get_text() for *_, cb in labels)
+    plt.close("all")
