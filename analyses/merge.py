@@ -73,7 +73,8 @@ class Method:
     convex: bool  # alphas are weights in [0, 1] summing to 1 (weighted's: unless --no-normalize)
     reads_shift: bool = False  # Eq. 4's Δavg decides coefficients (computed, or from --shift)
     # the same coefficients for every tensor: cfg → one per --models entry (a base gets 0), or one per
-    # [base, *models]; None: chosen per tensor (Eq. 4 from each tensor's Δavg, salience's slices and layers) or by a kernel of its own (ties)
+    # [base, *models]; None: chosen per tensor (Eq. 4 from each tensor's Δavg, salience's slices and layers) or
+    # by a kernel of its own (ties)
     fixed: Callable[[MergeConfig], list[float]] | None = None
 
 
