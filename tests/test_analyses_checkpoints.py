@@ -663,6 +663,36 @@ def test_a_config_tying_an_lm_head_the_weights_hold_apart_is_refused_everywhere(
     assert {p: p.read_bytes() for d in (plain, nested, probe_model) for p in d.rglob("*") if p.is_file()} == before
 
 
+def test_a_tied_config_over_a_bin_checkpoint_is_checked_as_over_safetensors(zoo, tmp_path, capsys):
+    """The same tie check on a pytorch_model.bin (probe.models.check_loaded_tie reads it with torch.load mmap, the
+    analyses through --allow-bin): an lm_head other than the embedding under a tied config is refused in one line by
+    resolve_model and by shift, nothing written; the same lm_head stored twice (how save_pretrained writes a tied
+    .bin: one storage) is read as the safetensors copy is."""
+    from probe.models import resolve_model
+
+    sd = load_file(zoo["q1"] / "model.safetensors")
+    head, embed = (next(k for k in sd if k.endswith(n)) for n in ("lm_head.weight", "embed_tokens.weight"))
+    assert not torch.equal(sd[head], sd[embed])
+    cfg = json.loads((zoo["q1"] / "config.json").read_text()) | {"tie_word_embeddings": True}
+    differ, equal = tmp_path / "bin-differ", tmp_path / "bin-equal"
+    for d, weights in ((differ, sd), (equal, sd | {head: sd[embed]})):
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(cfg))
+        torch.save(weights, d / "pytorch_model.bin")
+    before = {p: p.read_bytes() for d in (differ, equal) for p in d.rglob("*") if p.is_file()}
+    with pytest.raises(BadInput, match=f"{differ}: config.json ties lm_head to embed_tokens.*{head}"):
+        resolve_model(str(differ))
+    out = tmp_path / "o"
+    code, err = run_cli(shift.main, ["--base", zoo["base"], "--models", differ, "--no-figures", "--allow-bin",
+                                     "--out", out], capsys)
+    assert_bad(code, err, out, str(differ), "ties lm_head to embed_tokens", f"{head}) that differs from the embedding")
+    resolve_model(str(equal))
+    code, err = run_cli(shift.main, ["--base", zoo["base"], "--models", equal, "--no-figures", "--allow-bin",
+                                     "--out", out], capsys)
+    assert code == 0, err
+    assert {p: p.read_bytes() for d in (differ, equal) for p in d.rglob("*") if p.is_file()} == before
+
+
 def test_a_tied_config_whose_lm_head_equals_the_embedding_still_works(zoo, tmp_path, capsys):
     """The same lm_head stored twice (a .bin checkpoint always holds both) is one model whichever is run: read as
     before, and a merge into it as a carrier unties its config, since the merged head is no longer its embedding
