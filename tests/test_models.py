@@ -600,3 +600,36 @@ def test_non_finite_logits_while_generating_stop_the_run_instead_of_scoring_the_
     finally:
         for h in hooks:
             h.remove()
+
+
+def test_a_config_transformers_cannot_build_is_read_tied_as_written(monkeypatch):
+    """probe.models.ties_word_embeddings asks transformers (the class built on the meta device from the config) and
+    falls back to ``probe.families.says_tied`` when that build fails: tied where config.json says true, untied where
+    it says false or nothing, even for Gemma 3, whose class ties by default (the skeleton's answer without the
+    failure)."""
+    import probe.dispatch
+    import probe.models
+    from probe.families import FAMILIES
+    from probe.models import ties_word_embeddings
+
+    gemma = FAMILIES["gemma3_text"]
+    cfg = {"model_type": "gemma3_text", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+           "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 64, "vocab_size": 128}
+    monkeypatch.setattr(probe.models, "_TIES", {})
+    assert ties_word_embeddings(cfg, gemma) is True  # the class default, found by building it
+    tried = []
+
+    def refuse(*args, **kwargs):
+        tried.append(args[0].__name__)
+        raise ValueError("a config this transformers cannot build")
+
+    monkeypatch.setattr(probe.dispatch, "meta_model", refuse)
+    monkeypatch.setattr(probe.models, "_TIES", {})
+    qwen = FAMILIES["qwen2"]
+    for family, config, tied in ((qwen, qwen2_config(tie_word_embeddings=True), True),
+                                 (qwen, qwen2_config(tie_word_embeddings=False), False),
+                                 (qwen, qwen2_config(), False),
+                                 (gemma, cfg | {"tie_word_embeddings": True}, True),
+                                 (gemma, cfg, False)):
+        assert ties_word_embeddings(config, family) is tied, (family.name, config)
+    assert tried == ["Qwen2ForCausalLM"] * 3 + ["Gemma3ForCausalLM"] * 2  # each config tried once, then read
