@@ -440,6 +440,32 @@ def test_tied_base_and_untied_expert_head_compared_and_merged(zoo, tmp_path):
     assert ea.keys() == eb.keys() and "lm_head.weight" in ea and all(torch.equal(ea[k], eb[k]) for k in ea)
 
 
+def test_a_merge_read_back_from_python_names_its_carriers_and_none_without_carrier(zoo, tmp_path):
+    """figures.results.Merge.carriers: name → dir of each carrier merge.json lists. A merge without --carrier
+    records an empty list (analyses.merge always writes the key), read as {}; a merge.json without the key (no
+    carrier to name either) is {} too, while a carriers entry not as analyses.merge writes it is a BadInput naming
+    merge.json, not a KeyError or TypeError from inside."""
+    from figures.results import Merge
+    from probe.errors import BadInput
+
+    plain, carried = tmp_path / "plain", tmp_path / "carried"
+    assert run(merge.main, "--models", zoo["base"], zoo["q1"], "--method", "average", "--quiet", "--out", plain) == 0
+    assert json.loads((plain / "merge.json").read_text())["carriers"] == []
+    assert Merge.read(plain).carriers == {} and not (plain / "carriers").exists()
+    assert run(merge.main, "--models", zoo["base"], zoo["q1"], "--method", "average", "--carrier", zoo["vl"],
+               "--quiet", "--out", carried) == 0
+    assert Merge.read(str(carried)).carriers == {zoo["vl"].name: carried / "carriers" / zoo["vl"].name}
+    assert (carried / "carriers" / zoo["vl"].name / "config.json").is_file()
+    info = json.loads((plain / "merge.json").read_text())
+    del info["carriers"]
+    (plain / "merge.json").write_text(json.dumps(info))
+    assert Merge.read(plain).carriers == {}
+    for bad in ("vl", ["vl"], [{"source": "vl"}]):
+        (plain / "merge.json").write_text(json.dumps(info | {"carriers": bad}))
+        with pytest.raises(BadInput, match=f"{plain / 'merge.json'}: carriers is not"):
+            Merge.read(plain).carriers
+
+
 def test_a_carrier_from_the_hub_cache_is_named_after_its_model(tmp_path):
     """Carriers given as cache snapshots were named after the commit hash (carriers/0123…, carriers/0123…-2)."""
     from analyses.merge import carrier_name
