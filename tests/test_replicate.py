@@ -481,6 +481,37 @@ def test_rerun_skips_unchanged_stages_and_continues_a_killed_one(quick: Path, ca
         assert f"== {name}: unchanged, skipped" in err
 
 
+def test_replicate_from_python_resumes_the_finished_run_and_hands_it_back_read(quick: Path, capsys,
+                                                                           monkeypatch) -> None:
+    """``analyses.replicate.replicate(**options)``: the command's options as keywords. On the finished run every
+    stage is kept (nothing rewritten) and the run comes back as a ``Replication`` whose numbers are the files'; an
+    unknown keyword is a TypeError, a value the parser refuses a BadInput (not SystemExit), both before anything
+    runs."""
+    from analyses.replicate import replicate
+    from figures.results import Replication
+
+    monkeypatch.chdir(ROOT)  # where --quick's config and the organisms resolve
+    kept = {p: p.read_bytes() for p in quick.rglob("*.csv")}
+    rep = replicate(quick=True, quiet=True, out=str(quick))
+    err = capsys.readouterr().err
+    assert isinstance(rep, Replication) and rep.out == quick
+    for name in STAGE_NAMES[:-1]:
+        assert f"== {name}: unchanged, skipped" in err
+    assert {p: p.read_bytes() for p in quick.rglob("*.csv")} == kept
+    assert rep.info == json.loads((quick / "replicate.json").read_text())
+    assert all(rep.complete(name) for name in STAGE_NAMES)
+    summary = json.loads((quick / "shift" / "summary.json").read_text())["per_model"]
+    assert rep.shift_per_model() == summary
+    assert rep.eval("table3").scores.equals(pd.read_csv(quick / "table3" / "scores.csv"))
+    assert list(rep.config.models.experts) == list(parse_config(QUICK_CONFIG).models.experts)
+    stamp = (quick / "replicate.json").stat().st_mtime_ns
+    with pytest.raises(TypeError, match="qiuck"):
+        replicate(qiuck=True, out=str(quick))
+    with pytest.raises(BadInput, match="nope"):
+        replicate(quick=True, only=["nope"], out=str(quick))
+    assert (quick / "replicate.json").stat().st_mtime_ns == stamp
+
+
 def test_a_rerun_naming_out_another_way_keeps_the_stages_model_names(quick: Path, tmp_path: Path, capsys) -> None:
     """The stages name the models they evaluate by their paths under --out (merged LMs, carriers, checkpoints), and
     probe.eval labels its rows by them: a finished run rerun with --out spelt otherwise (absolute for relative, here
