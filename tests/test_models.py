@@ -633,3 +633,33 @@ def test_a_config_transformers_cannot_build_is_read_tied_as_written(monkeypatch)
                                  (gemma, cfg, False)):
         assert ties_word_embeddings(config, family) is tied, (family.name, config)
     assert tried == ["Qwen2ForCausalLM"] * 3 + ["Gemma3ForCausalLM"] * 2  # each config tried once, then read
+
+
+def test_same_values_compares_every_row_block_across_dtypes_and_slices(tmp_path):
+    """probe.models.same_values, which the tie check reads lm_head and embed_tokens with ``TIE_CHECK_ROWS`` rows at
+    a time: equal only when every block is (a difference in the last, partial block counts), values compared in the
+    common dtype (bf16 stored vs float32 stored of the same numbers are equal), shapes first, 0-d tensors whole; the
+    same answers on safetensors slices as on tensors."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from probe.models import TIE_CHECK_ROWS, same_values
+
+    rows = 2 * TIE_CHECK_ROWS + 5
+    a = torch.randn(rows, 3, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    last, first = a.clone(), a.clone()
+    last[-1, 2] += 1
+    first[0, 0] += 1
+    tensors = {"a": a, "same": a.clone(), "wide": a.float(), "last": last, "first": first, "short": a[:-1].clone(),
+               "flat": a.flatten().clone(), "s1": torch.tensor(1.5), "s2": torch.tensor(1.5, dtype=torch.float64),
+               "s3": torch.tensor(2.5), "e0": torch.zeros(0, 3), "e1": torch.zeros(0, 3), "e2": torch.zeros(0, 4)}
+    save_file(tensors, tmp_path / "t.safetensors")
+    expect = {"same": True, "wide": True, "last": False, "first": False, "short": False, "flat": False}
+    with safe_open(str(tmp_path / "t.safetensors"), framework="pt") as f:
+        for read in (tensors.__getitem__, f.get_slice):
+            for other, equal in expect.items():
+                assert same_values(read("a"), read(other)) is equal, other
+                assert same_values(read(other), read("a")) is equal, other
+            assert same_values(read("s1"), read("s2")) and not same_values(read("s1"), read("s3"))
+            assert not same_values(read("s1"), read("a"))
+            assert same_values(read("e0"), read("e1")) and not same_values(read("e0"), read("e2"))  # no rows to compare
