@@ -538,6 +538,33 @@ def test_stale_partial_dirs_of_killed_runs_are_removed(tmp_path):
         live.wait()
 
 
+def test_an_untagged_partial_dir_is_emptied_first_and_dropped_when_filling_fails(tmp_path):
+    """probe.results.partial_dir (finetune's checkpoints, figures report): ``.NAME.partial`` beside the output,
+    what a kill left in it removed before filling; filled whole it stays for the caller to rename; a failure while
+    filling removes it at once and re-raises, a full disk as the OSError naming the output."""
+    import errno
+
+    from probe.results import partial_dir
+
+    dest = tmp_path / "checkpoint-4"
+    with partial_dir(dest) as tmp:
+        assert tmp == tmp_path / ".checkpoint-4.partial" and tmp.is_dir()
+        (tmp / "half.safetensors").write_bytes(b"killed here")
+    with partial_dir(dest) as tmp:  # the rerun: nothing of the last one is left
+        assert list(tmp.iterdir()) == []
+        (tmp / "model.safetensors").write_bytes(b"whole")
+    assert [p.name for p in tmp.iterdir()] == ["model.safetensors"] and not dest.exists()
+    with pytest.raises(ValueError, match="bad tensor"):
+        with partial_dir(dest) as tmp:
+            (tmp / "model.safetensors").write_bytes(b"half")
+            raise ValueError("bad tensor")
+    assert not tmp.exists()
+    with pytest.raises(OSError, match=re.escape(str(dest))) as stopped:
+        with partial_dir(dest) as tmp:
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert stopped.value.errno == errno.ENOSPC and not tmp.exists() and not dest.exists()
+
+
 def test_temp_files_of_killed_writers_are_removed_on_the_next_run(tmp_path):
     """A kill mid-write left ``.NAME.RANDOM`` temp files that no resume or --overwrite removed; they carry the
     writer's PID now, and the next run in that --out deletes the dead writers' (a live rank's stay)."""
