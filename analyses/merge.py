@@ -209,7 +209,8 @@ class ShiftTable:
     from another directory, or a model retrained in place, is a different model whose Δavg would swap the α."""
 
     def __init__(self, shift_dir: Path, base: Checkpoint, models: Sequence[Checkpoint]):
-        table = read_shift_csv(shift_dir / "shift.csv")
+        rows = read_shift_csv(shift_dir / "shift.csv")
+        table = dict(zip(zip(rows["model"], rows["tensor"]), rows["delta_avg"].tolist()))
         try:
             summary = json.loads((shift_dir / "summary.json").read_text())
             sbase, entries = summary["base"], summary["models"]
