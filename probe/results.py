@@ -203,13 +203,28 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 MANIFEST = ".omniprobe-output.json"
 
 
-def json_object(path: Path) -> dict | None:
-    """The JSON object in ``path``; None when the file is missing, unreadable, not JSON or not an object."""
+NO_FILE = "no such file"  # parse_json_object's reason for a missing file, which readers word their own way
+
+
+def parse_json_object(path: Path) -> tuple[dict | None, str]:
+    """The JSON object in ``path`` and "", or None and why not: ``NO_FILE``, "not valid JSON (…)" (unreadable or
+    unparsable) or "not a JSON object". The one place a saved JSON object is read and checked: ``json_object``
+    (lenient) and ``figures.read_json`` (strict) both go through it."""
+    path = Path(path)
+    if not path.is_file():
+        return None, NO_FILE
     try:
         value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        return None, f"not valid JSON ({exc})"
+    if not isinstance(value, dict):
+        return None, "not a JSON object"
+    return value, ""
+
+
+def json_object(path: Path) -> dict | None:
+    """The JSON object in ``path``; None when the file is missing, unreadable, not JSON or not an object."""
+    return parse_json_object(path)[0]
 
 
 def read_manifest(out: Path) -> dict | None:
