@@ -508,6 +508,23 @@ def read_part(path: Path, columns: Iterable[str] = COLUMNS) -> pd.DataFrame:
     return df
 
 
+def check_part_rows(path: Path, df: pd.DataFrame, key: Sequence[str], want: Iterable[tuple], what: str) -> None:
+    """A saved part holds exactly the rows ``want`` (each row's values of the ``key`` columns, in any order), else
+    one BadInput naming the part and its first row missing or extra: a readable part of other rows (another run's
+    with a shorter --limit, an edited file) was summarised as this run's, exit 0. ``what``: the rows ``want`` are."""
+    from collections import Counter
+
+    found, want = list(zip(*(df[c] for c in key))), list(want)
+    have, need = Counter(found), Counter(want)
+    if have == need:
+        return
+    missing = next((k for k in want if have[k] < need[k]), None)
+    row, how = (missing, "missing") if missing is not None else (next(k for k in found if have[k] > need[k]), "extra")
+    raise BadInput(f"{path} holds {len(found)} rows that are not this run's {len(want)} {what} (first {how} row: "
+                   f"{', '.join(f'{c} {v}' for c, v in zip(key, row))}); delete it and rerun the same command to "
+                   "recompute it")
+
+
 # What each column of a part (probe.heads' COLUMNS, probe.eval's ITEM_COLUMNS) holds as the runs write it
 # (probe.sweep.measurement_row): text, whole numbers, or floats, some within bounds (NaN allowed only where a run
 # writes it: ``correct`` without generation)
