@@ -42,7 +42,7 @@ from probe.families import (CAUSAL_LM, LAYOUTS, causal_lm_type, check_lm_fits_cl
                             untie_word_embeddings)
 from probe.families import lm_disk_key as layout_key
 from probe.models import ties_word_embeddings
-from probe.results import json_text
+from probe.results import json_object, json_text
 
 COMMAND = "analyses.merge"  # what its output manifests name
 
@@ -209,13 +209,14 @@ class ShiftTable:
     from another directory, or a model retrained in place, is a different model whose Δavg would swap the α."""
 
     def __init__(self, shift_dir: Path, base: Checkpoint, models: Sequence[Checkpoint]):
-        table = read_shift_csv(shift_dir / "shift.csv")
+        rows = read_shift_csv(shift_dir / "shift.csv")
+        table = dict(zip(zip(rows["model"], rows["tensor"]), rows["delta_avg"].tolist()))
+        summary = json_object(shift_dir / "summary.json") or {}  # missing or unreadable: lacks the keys below
         try:
-            summary = json.loads((shift_dir / "summary.json").read_text())
             sbase, entries = summary["base"], summary["models"]
             for e in [sbase, *entries]:
                 e["name"], e["resolved_path"], e["fingerprint"]  # noqa: B018
-        except (OSError, ValueError, KeyError, TypeError):
+        except (KeyError, TypeError):
             raise BadInput(f"--shift {shift_dir}: summary.json is missing or lacks the models' paths and "
                            "fingerprints (an older analyses.shift); rerun python -m analyses.shift") from None
         self.check(shift_dir, sbase, base, "base")

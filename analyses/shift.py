@@ -18,7 +18,7 @@ import sys
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 
 from analyses.align import Alignment, align, check_finite, paired_chunks
@@ -27,6 +27,9 @@ from analyses.checkpoints import (Checkpoint, add_output_args, check_inputs_and_
 from analyses.formulas import ShiftStats
 from analyses.writer import atomic_dir, check_output, check_replaceable, returns_finished, run_request
 from probe.errors import TENSOR_MEMORY_HINT, ArgParser, BadInput, cli_main, out_dir
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 COMMAND = "analyses.shift"  # what its output manifests name
 
@@ -129,24 +132,31 @@ def write_csv(path: Path, rows: Sequence[ShiftRow]) -> None:
                         repr(r.delta_avg), repr(r.delta_max), repr(r.rel_l2)])
 
 
-def read_shift_csv(path: Path) -> dict[tuple[str, str], float]:
-    """(model, tensor) -> Δavg from a saved ``shift.csv`` (for ``analyses.merge --shift``). A hand-edited value
-    that Eq. 3 cannot give (NaN, inf, negative) or a row given twice is refused by its line: either would become
-    the merge's α without a word."""
-    table: dict[tuple[str, str], float] = {}
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            for line, r in enumerate(csv.DictReader(f), start=2):  # line 1: the header
-                key, v = (r["model"], r["tensor"]), float(r["delta_avg"])
-                if not (math.isfinite(v) and v >= 0):
-                    raise ValueError(f"line {line}: delta_avg {r['delta_avg']} for {key[0]} {key[1]} "
-                                     "is not a mean absolute difference (finite, ≥ 0)")
-                if key in table:
-                    raise ValueError(f"line {line}: {key[0]} {key[1]} appears twice")
-                table[key] = v
-    except (OSError, KeyError, ValueError, TypeError, UnicodeDecodeError) as exc:
-        raise BadInput(f"{path}: unreadable shift.csv ({exc})") from None
-    return table
+def read_shift_csv(path: Path) -> "pd.DataFrame":
+    """A saved ``shift.csv``, checked row by row: the one reader of it (``analyses.merge --shift`` takes its Δavg
+    from it, ``figures.shift`` draws it). Every column is there and parses; a model and a tensor on every row; a
+    layer index or none (embeddings, the final norm); a tensor of some size; a Δavg that Eq. 3 can give (finite,
+    ≥ 0); each tensor of a model once. Anything else would be a crash, a cell drawn as another layer's, a tensor
+    averaged in twice, or a merge α without a word: one BadInput naming the file and the line."""
+    import numpy as np
+
+    from figures import read_table
+
+    text = dict.fromkeys(["model", "tensor", "module"], str)
+    df = read_table(path, {**text, "layer": float, "numel": int, "delta_avg": float}, source=f"python -m {COMMAND}",
+                    bounds={"delta_avg": (0.0, math.inf)},  # a mean |Δ|
+                    keep_default_na=False, na_values=[""], dtype=text)  # a model named "1" or "NA" stays itself
+    for bad, why in ((df["model"].isna(), "empty model"), (df["tensor"].isna(), "empty tensor"),
+                     (df["layer"].notna() & ((df["layer"] % 1 != 0) | (df["layer"] < 0)),
+                      "layer must be a whole number ≥ 0 or empty"),
+                     (df["numel"] <= 0, "numel must be a whole number > 0"),
+                     (~np.isfinite(df["delta_avg"]), "delta_avg must be a finite number"),
+                     (df.duplicated(["model", "tensor"]) | df.duplicated(["model", "layer", "module"]),
+                      "repeats a tensor of its model")):
+        if bad.any():
+            i = int(bad.to_numpy().argmax())
+            raise BadInput(f"{path}: line {i + 2}: {why} (model {df['model'].iloc[i]}, tensor {df['tensor'].iloc[i]})")
+    return df
 
 
 def checkpoint_entry(ck: Checkpoint, name: str) -> dict[str, Any]:

@@ -26,8 +26,8 @@ import torch
 
 from analyses.checkpoints import DTYPE_NAMES
 from probe.errors import WRITE_STOPPED, BadInput, check_out_path
-from probe.results import (MANIFEST, WRITER_TAG, atomic_write_json, claimed, copy_file, lock_out_dir, output_listing,
-                           partial_path, read_manifest, release_claims, remove_stale_dirs, writer_tag)
+from probe.results import (MANIFEST, WRITER_TAG, atomic_write_json, claimed, copy_file, json_object, lock_out_dir,
+                           output_listing, partial_path, read_manifest, release_claims, remove_stale_dirs, writer_tag)
 
 P = ParamSpec("P")
 
@@ -335,11 +335,10 @@ def returns_finished(report: str) -> Callable[[Callable[P, dict]], Callable[P, d
             try:
                 return run(*args, **kwargs)
             except Finished as done:
-                try:
-                    saved = json.loads((done.out / report).read_text())
-                except (OSError, ValueError):
+                saved = json_object(done.out / report)
+                if saved is None:
                     raise BadInput(f"{done.out / report}: unreadable, in a finished {done.command} output; pass "
-                                   "--overwrite to compute it again") from None
+                                   "--overwrite to compute it again")
                 print(done)
                 return saved
         return wrapper

@@ -1,7 +1,6 @@
 """Figures drawn only from saved result files (``python -m figures KIND DIR``)."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -333,15 +332,12 @@ def read_table(path: Path, columns: Mapping[str, type], optional: Mapping[str, t
 
 def read_json(path: Path, source: str = "") -> dict[str, Any]:
     """A saved JSON object (run.json, baseline.json, ...); missing, unparsable or not an object is BadInput."""
+    from probe.results import NO_FILE, parse_json_object
+
     path = Path(path)
-    if not path.is_file():
-        raise _missing(path, source)
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise BadInput(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(obj, dict):
-        raise BadInput(f"{path}: not a JSON object")
+    obj, why = parse_json_object(path)
+    if obj is None:
+        raise _missing(path, source) if why == NO_FILE else BadInput(f"{path}: {why}")
     return obj
 
 

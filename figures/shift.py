@@ -5,7 +5,6 @@
 """
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,7 +17,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
 from figures import (PAGE_HEIGHT, PAGE_WIDTH, fit_page, label_step, name_colours, page_panels,  # noqa: E402
-                     read_json, read_table, save_figure, separate_labels)
+                     read_json, save_figure, separate_labels)
 from probe.errors import BadInput  # noqa: E402
 
 if TYPE_CHECKING:
@@ -74,23 +73,12 @@ def check_summary(result_dir: Path, df: "pd.DataFrame") -> dict:
 
 
 def read_shift(result_dir: Path) -> tuple["pd.DataFrame", dict]:
-    """shift.csv (every column analyses.shift writes) and summary.json of a finished shift output, checked against
-    each other: BadInput naming the file otherwise."""
+    """shift.csv (read and checked by ``analyses.shift.read_shift_csv``) and summary.json of a finished shift output,
+    checked against each other: BadInput naming the file otherwise."""
+    from analyses.shift import read_shift_csv
+
     result_dir = Path(result_dir)
-    df = read_table(result_dir / "shift.csv", {"model": str, "layer": float, "module": str, "numel": int,
-                                               "delta_avg": float},
-                    source="python -m analyses.shift", bounds={"delta_avg": (0.0, math.inf)})  # a mean |Δ|
-    # a model, a layer index or none (embeddings, the final norm), a tensor of some size, a finite Δavg on every
-    # row, each tensor once: else a crash, a cell drawn as another layer's, a blank or crashing one, or a tensor
-    # averaged in twice
-    for bad, why in ((df["model"].isna() | (df["model"] == ""), "empty model"),
-                     (df["layer"].notna() & ((df["layer"] % 1 != 0) | (df["layer"] < 0)),
-                      "layer must be a whole number ≥ 0 or empty"),
-                     (df["numel"] <= 0, "numel must be a whole number > 0"),
-                     (~np.isfinite(df["delta_avg"]), "delta_avg must be a finite number"),
-                     (df.duplicated(["model", "layer", "module"]), "repeats a tensor of its model")):
-        if bad.any():
-            raise BadInput(f"{result_dir / 'shift.csv'}: line {int(bad.to_numpy().argmax()) + 2}: {why}")
+    df = read_shift_csv(result_dir / "shift.csv")
     return df, check_summary(result_dir, df)
 
 

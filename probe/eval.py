@@ -234,16 +234,13 @@ def read_pair_part(out: Path, plan: EvalPlan, scored: dict[tuple[int, int], list
     """The saved part of model ``m`` on data set ``d``, checked to hold one row per item the plan scores there, of
     that model and set: a part copied in from another run (a shorter --limit, other items) or edited was scored as
     this run's, its n and accuracy those of its own rows, exit 0."""
-    from probe.results import read_part
+    from probe.results import check_part_rows, read_part
 
     path = part_file(out, m, d)
     df = read_part(path, ITEM_COLUMNS)
-    want = sorted((it.subject, it.id) for it in scored[m, d])
-    if sorted(zip(df["subject"], df["item_id"])) != want or \
-            set(zip(df["model"], df["data"])) != {(plan.models[m].name, plan.data[d].name)}:
-        raise BadInput(f"{path} holds {len(df)} rows that are not this run's {len(want)} items of "
-                       f"{plan.models[m].name} on {plan.data[d].name}; delete it and rerun the same command to "
-                       "recompute it")
+    model, data = plan.models[m].name, plan.data[d].name
+    check_part_rows(path, df, ["model", "data", "subject", "item_id"],
+                    [(model, data, it.subject, it.id) for it in scored[m, d]], f"items of {model} on {data}")
     return df
 
 

@@ -324,8 +324,8 @@ def run(args: argparse.Namespace) -> Path:
     """The sweep of parsed arguments (``build_parser``'s); returns its --out once complete. From Python,
     ``sweep(**options)`` takes the options as keywords and returns the result read back."""
     from probe.devices import rank_world
-    from probe.results import (atomic_write_json, claim_out_dir, part_path, prepare_out_dir, read_part, read_parts,
-                               stop_recorded, write_outputs)
+    from probe.results import (atomic_write_json, check_part_rows, claim_out_dir, part_path, prepare_out_dir,
+                               read_part, read_parts, stop_recorded, write_outputs)
 
     plan, ref, items, template, placement = make_plan(args)
     out: Path = args.out
@@ -347,10 +347,9 @@ def run(args: argparse.Namespace) -> Path:
         (another run's, an edited file) was summarised as this run's: a baseline of 1 item beside heads of 2."""
         from probe.sweep import BASELINE
 
-        want = sorted((it.subject, it.id, l, h) for it in chunks[c] for l, h in [(BASELINE, BASELINE), *pairs])
-        if sorted(zip(df["subject"], df["item_id"], df["layer"].astype(int), df["head"].astype(int))) != want:
-            raise BadInput(f"{part_path(out, c)} holds {len(df)} rows that are not this run's {len(want)} (item, "
-                           "head) rows of that chunk; delete it and rerun the same command to recompute it")
+        check_part_rows(part_path(out, c), df, ["subject", "item_id", "layer", "head"],
+                        [(it.subject, it.id, l, h) for it in chunks[c] for l, h in [(BASELINE, BASELINE), *pairs]],
+                        "(item, head) rows of that chunk")
 
     for c in range(len(chunks)):  # the parts a resume keeps, checked now: a damaged one is named before hours run
         if part_path(out, c).is_file():

@@ -203,13 +203,28 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 MANIFEST = ".omniprobe-output.json"
 
 
-def json_object(path: Path) -> dict | None:
-    """The JSON object in ``path``; None when the file is missing, unreadable, not JSON or not an object."""
+NO_FILE = "no such file"  # parse_json_object's reason for a missing file, which readers word their own way
+
+
+def parse_json_object(path: Path) -> tuple[dict | None, str]:
+    """The JSON object in ``path`` and "", or None and why not: ``NO_FILE``, "not valid JSON (…)" (unreadable or
+    unparsable) or "not a JSON object". The one place a saved JSON object is read and checked: ``json_object``
+    (lenient) and ``figures.read_json`` (strict) both go through it."""
+    path = Path(path)
+    if not path.is_file():
+        return None, NO_FILE
     try:
         value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        return None, f"not valid JSON ({exc})"
+    if not isinstance(value, dict):
+        return None, "not a JSON object"
+    return value, ""
+
+
+def json_object(path: Path) -> dict | None:
+    """The JSON object in ``path``; None when the file is missing, unreadable, not JSON or not an object."""
+    return parse_json_object(path)[0]
 
 
 def read_manifest(out: Path) -> dict | None:
@@ -491,6 +506,23 @@ def read_part(path: Path, columns: Iterable[str] = COLUMNS) -> pd.DataFrame:
         raise BadInput(f"{path} lacks columns {', '.join(missing)}; {fix}")
     check_part_columns(path, df, columns)
     return df
+
+
+def check_part_rows(path: Path, df: pd.DataFrame, key: Sequence[str], want: Iterable[tuple], what: str) -> None:
+    """A saved part holds exactly the rows ``want`` (each row's values of the ``key`` columns, in any order), else
+    one BadInput naming the part and its first row missing or extra: a readable part of other rows (another run's
+    with a shorter --limit, an edited file) was summarised as this run's, exit 0. ``what``: the rows ``want`` are."""
+    from collections import Counter
+
+    found, want = list(zip(*(df[c] for c in key))), list(want)
+    have, need = Counter(found), Counter(want)
+    if have == need:
+        return
+    missing = next((k for k in want if have[k] < need[k]), None)
+    row, how = (missing, "missing") if missing is not None else (next(k for k in found if have[k] > need[k]), "extra")
+    raise BadInput(f"{path} holds {len(found)} rows that are not this run's {len(want)} {what} (first {how} row: "
+                   f"{', '.join(f'{c} {v}' for c, v in zip(key, row))}); delete it and rerun the same command to "
+                   "recompute it")
 
 
 # What each column of a part (probe.heads' COLUMNS, probe.eval's ITEM_COLUMNS) holds as the runs write it

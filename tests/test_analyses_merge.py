@@ -123,10 +123,10 @@ def test_eq4_equals_in_memory(zoo, tmp_path):
 
 
 @pytest.mark.parametrize("edit, needle", [
-    (lambda v: "nan", "delta_avg nan"),
-    (lambda v: "inf", "delta_avg inf"),
-    (lambda v: repr(-float(v)), "not a mean absolute difference"),
-    (None, "appears twice"),
+    (lambda v: "nan", "delta_avg must be a finite number"),
+    (lambda v: "inf", "delta_avg must be a finite number"),
+    (lambda v: repr(-float(v)), "column delta_avg must lie in [0, inf]"),
+    (None, "repeats a tensor of its model"),
 ])
 def test_a_hand_edited_shift_csv_is_refused_by_its_line(zoo, tmp_path, capfd, edit, needle):
     """A NaN Δavg in shift.csv went into Eq. 4's softmax and out as a message about NaN weights; a negative one or a

@@ -633,6 +633,7 @@ def test_a_kept_part_of_other_rows_is_named_not_scored(edit, eval_run, tmp_path,
     assert _eval(*args[:-1], copy) == 2
     err = capfd.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and str(parts[0]) in err and "delete it" in err, err
+    assert "(first missing row: model " in err, err  # which row, not only that some differ
     assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
 
 
