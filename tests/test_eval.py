@@ -7,7 +7,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -612,64 +612,55 @@ def test_a_damaged_part_is_named_before_a_resume_runs_anything(eval_run, tmp_pat
     assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before  # nothing recomputed or written
 
 
-@pytest.mark.parametrize("edit", ["a row dropped", "another model's rows"])
+def _damaged_part(edit: Callable[[pd.DataFrame], pd.DataFrame], eval_run, tmp_path, capfd) -> str:
+    """The eval run copied with its first kept part rewritten by ``edit`` and scores.csv gone, resumed: exit 2,
+    nothing written; the one error line (checked to name the part)."""
+    import shutil
+
+    out, args = eval_run
+    copy = shutil.copytree(out, tmp_path / "run")
+    part = sorted((copy / "parts").glob("*.parquet"))[0]
+    (copy / "scores.csv").unlink()
+    edit(pd.read_parquet(part)).to_parquet(part)
+    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    capfd.readouterr()
+    assert _eval(*args[:-1], copy) == 2
+    err = capfd.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and str(part) in err and "delete it" in err, err
+    assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
+    return err
+
+
+@pytest.mark.parametrize("edit", [lambda df: df.iloc[1:], lambda df: df.assign(model="someone-else")],
+                         ids=["a row dropped", "another model's rows"])
 def test_a_kept_part_of_other_rows_is_named_not_scored(edit, eval_run, tmp_path, capfd):
     """A readable part whose rows are not the pair's items (one of another run with a shorter --limit copied in, an
     edited file) was scored as this run's: n_items 5 of 6 and the accuracy of those rows, exit 0. Its name is the
     one line now, and nothing is written."""
-    import shutil
-
-    out, args = eval_run
-    copy = shutil.copytree(out, tmp_path / "run")
-    parts = sorted((copy / "parts").glob("*.parquet"))
-    (copy / "scores.csv").unlink()
-    df = pd.read_parquet(parts[0])
-    if edit == "a row dropped":
-        df.iloc[1:].to_parquet(parts[0])
-    else:
-        df.assign(model="someone-else").to_parquet(parts[0])
-    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
-    capfd.readouterr()
-    assert _eval(*args[:-1], copy) == 2
-    err = capfd.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and str(parts[0]) in err and "delete it" in err, err
+    err = _damaged_part(edit, eval_run, tmp_path, capfd)
     assert "(first missing row: model " in err, err  # which row, not only that some differ
-    assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
 
 
-@pytest.mark.parametrize("edit,needle", [
-    ("correct as text", "not the floats a run writes there"),  # str (pandas 3) or object (pandas 2) values
-    ("p_answer as whole numbers", "column p_answer holds int64 values, not the floats"),
-    ("model as a number", "column model holds int64 values, not the text"),
-    ("p_answer above 1", "column p_answer must lie in [0, 1]; row 1 has 3"),
-])
-def test_a_kept_part_whose_columns_were_retyped_is_named_not_scored(edit, needle, eval_run, tmp_path, capfd):
+def _p_answer_above_1(df: pd.DataFrame) -> pd.DataFrame:
+    df.loc[df.index[0], "p_answer"] = 3.0
+    return df
+
+
+@pytest.mark.parametrize("edit,needles", [
+    # str (pandas 3) or object (pandas 2) values
+    (lambda df: df.assign(correct=df["correct"].map(lambda v: "yes" if v == 1 else "no")),
+     ["column correct holds", "not the floats a run writes there"]),
+    (lambda df: df.assign(p_answer=df["p_answer"].astype("int64")),
+     ["column p_answer holds int64 values, not the floats"]),
+    (lambda df: df.assign(model=0), ["column model holds int64 values, not the text"]),
+    (_p_answer_above_1, ["column p_answer must lie in [0, 1]; row 1 has 3"]),
+], ids=["correct as text", "p_answer as whole numbers", "model as a number", "p_answer above 1"])
+def test_a_kept_part_whose_columns_were_retyped_is_named_not_scored(edit, needles, eval_run, tmp_path, capfd):
     """A part rewritten by hand with a column of another type: ``correct`` as text ended the resume in a pandas
     traceback at the summary, ``p_answer`` as whole numbers (0.73 → 0) was summarised as measured, exit 0. One line
     names the part and the column now, and nothing is written."""
-    import shutil
-
-    out, args = eval_run
-    copy = shutil.copytree(out, tmp_path / "run")
-    parts = sorted((copy / "parts").glob("*.parquet"))
-    (copy / "scores.csv").unlink()
-    df = pd.read_parquet(parts[0])
-    if edit == "correct as text":
-        df = df.assign(correct=df["correct"].map(lambda v: "yes" if v == 1 else "no"))
-    elif edit == "p_answer as whole numbers":
-        df = df.assign(p_answer=df["p_answer"].astype("int64"))
-    elif edit == "model as a number":
-        df = df.assign(model=0)
-    else:
-        df.loc[df.index[0], "p_answer"] = 3.0
-    df.to_parquet(parts[0])
-    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
-    capfd.readouterr()
-    assert _eval(*args[:-1], copy) == 2
-    err = capfd.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and str(parts[0]) in err and needle in err, err
-    assert "delete it" in err and (edit != "correct as text" or "column correct holds" in err)
-    assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
+    err = _damaged_part(edit, eval_run, tmp_path, capfd)
+    assert all(n in err for n in needles), err
 
 
 def test_a_model_under_another_name_gets_the_same_intervals(eval_run, tmp_path, tiny_dirs, text_dir):
