@@ -351,12 +351,13 @@ def run(args: argparse.Namespace) -> Path:
                         [(it.subject, it.id, l, h) for it in chunks[c] for l, h in [(BASELINE, BASELINE), *pairs]],
                         "(item, head) rows of that chunk")
 
-    for c in range(len(chunks)):  # the parts a resume keeps, checked now: a damaged one is named before hours run
-        if part_path(out, c).is_file():
-            check_chunk(c, read_part(part_path(out, c)))
+    # the parts a resume keeps, read and checked now (a damaged one is named before hours run) and kept for the end
+    kept = {c: read_part(part_path(out, c)) for c in range(len(chunks)) if part_path(out, c).is_file()}
+    for c, df in kept.items():
+        check_chunk(c, df)
     run_info = {
         "command": "probe.heads", "fingerprint": plan.fingerprint(), "plan": asdict(plan),
-        "versions": run_versions(out, saved, bool(todo), any(part_path(out, c).is_file() for c in range(len(chunks)))),
+        "versions": run_versions(out, saved, bool(todo), bool(kept)),
         # plan.model_path is the spec's path as given, relative to this process's cwd: analyses.merge, run elsewhere,
         # matches a salience run to its model by this one (outside the plan: old runs resume as before)
         "model_resolved_path": str(ref.path.resolve()),
@@ -401,7 +402,7 @@ def run(args: argparse.Namespace) -> Path:
         return out
     if not todo:  # a resume with nothing to compute still rewrites the outputs and run.json: it holds the dir too
         claim_out_dir(out, plan.fingerprint())
-    items_df = read_parts(out, range(len(chunks)), check_chunk)  # other ranks' parts too
+    items_df = read_parts(out, range(len(chunks)), check_chunk, kept)  # this run's and other ranks' parts too
     heads = write_outputs(out, items_df, {"n_skipped_open": plan.n_skipped_open, "method": plan.method,
                                           "model": plan.model_spec, "approximate": plan.method == "attribution",
                                           "data": Path(plan.data_dir).name, "split": plan.settings["split"]})

@@ -562,14 +562,16 @@ def check_part_columns(path: Path, df: pd.DataFrame, columns: Iterable[str]) -> 
                                f"row {i + 1} has {float(s.iloc[i]):g} ({fix})")
 
 
-def read_parts(out: Path, chunks: Iterable[int],
-               check: Callable[[int, pd.DataFrame], None] | None = None) -> pd.DataFrame:
-    """The parts of ``chunks``, each passed to ``check`` (chunk, its rows) when given."""
-    chunks = list(chunks)
-    frames = [read_part(part_path(out, c)) for c in chunks]
+def read_parts(out: Path, chunks: Iterable[int], check: Callable[[int, pd.DataFrame], None] | None = None,
+               kept: dict[int, pd.DataFrame] | None = None) -> pd.DataFrame:
+    """The parts of ``chunks``, each passed to ``check`` (chunk, its rows) when given; those in ``kept`` (chunk →
+    its rows, read and checked already: a resume's) are not read again."""
+    chunks, kept = list(chunks), kept or {}
+    fresh = {c: read_part(part_path(out, c)) for c in chunks if c not in kept}
     if check is not None:
-        for c, df in zip(chunks, frames):
+        for c, df in fresh.items():
             check(c, df)
+    frames = [kept[c] if c in kept else fresh[c] for c in chunks]
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
     return df[COLUMNS]
 
