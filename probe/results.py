@@ -491,9 +491,13 @@ def clear_run_dir(out: Path, owned: Iterable[str] = OUTPUT_FILES) -> None:
             path.unlink()
 
 
+# what a user does with a damaged or foreign part: the run computes it again
+PART_FIX = "delete it and rerun the same command to recompute it"
+
+
 def read_part(path: Path, columns: Iterable[str] = COLUMNS) -> pd.DataFrame:
     """One saved part; an unreadable or foreign one (a kill mid-copy, a disk error) is bad input naming it."""
-    fix = "delete it and rerun the same command to recompute it"
+    fix = PART_FIX
     try:
         df = pd.read_parquet(path)
     except FileNotFoundError:
@@ -521,8 +525,7 @@ def check_part_rows(path: Path, df: pd.DataFrame, key: Sequence[str], want: Iter
     missing = next((k for k in want if have[k] < need[k]), None)
     row, how = (missing, "missing") if missing is not None else (next(k for k in found if have[k] > need[k]), "extra")
     raise BadInput(f"{path} holds {len(found)} rows that are not this run's {len(want)} {what} (first {how} row: "
-                   f"{', '.join(f'{c} {v}' for c, v in zip(key, row))}); delete it and rerun the same command to "
-                   "recompute it")
+                   f"{', '.join(f'{c} {v}' for c, v in zip(key, row))}); {PART_FIX}")
 
 
 # What each column of a part (probe.heads' COLUMNS, probe.eval's ITEM_COLUMNS) holds as the runs write it
@@ -540,7 +543,7 @@ def check_part_columns(path: Path, df: pd.DataFrame, columns: Iterable[str]) -> 
     summarised as measured. BadInput naming the part and the column."""
     from pandas.api.types import is_float_dtype, is_integer_dtype, is_string_dtype
 
-    fix = "an edited or foreign part; delete it and rerun the same command to recompute it"
+    fix = f"an edited or foreign part; {PART_FIX}"
     for col in columns:
         s = df[col]
         if col in PART_TEXT:
