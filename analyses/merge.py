@@ -38,10 +38,9 @@ from analyses.shift import CHUNK, read_shift_csv
 from analyses.writer import (SHARD_BYTES, Entry, ShardedWriter, atomic_dir, check_output, check_replaceable,
                              copy_side_files, parse_size, returns_finished, run_request)
 from probe.errors import TENSOR_MEMORY_HINT, ArgParser, BadInput, cli_main, in_path, out_dir
-from probe.families import (CAUSAL_LM, LAYOUTS, causal_lm_type, check_lm_fits_class, says_untied,
-                            untie_word_embeddings)
+from probe.families import CAUSAL_LM, LAYOUTS, causal_lm_type, check_lm_fits_class, untie_word_embeddings
 from probe.families import lm_disk_key as layout_key
-from probe.models import ties_word_embeddings
+from probe.models import loads_tied
 from probe.results import json_object, json_text
 
 COMMAND = "analyses.merge"  # what its output manifests name
@@ -483,8 +482,7 @@ def write_carrier(carrier: Checkpoint, merged: Checkpoint, dest: Path, shard_siz
     add_head = carrier.tied and not merged.tied  # else the carrier would tie the merged head back to its embedding
     # a carrier whose own lm_head equals its embedding may say tie_word_embeddings true (probe.models.check_tied_head):
     # the merged head differs from the merged embedding, so its config must untie them too
-    untie = add_head or (not merged.tied and not says_untied(carrier.config, carrier.family)
-                         and ties_word_embeddings(carrier.config, carrier.family))
+    untie = add_head or (not merged.tied and loads_tied(carrier.config, carrier.family))
     if add_head:
         head = layout_key(carrier.layout, "lm_head.weight")
         keys.append(head)

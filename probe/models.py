@@ -235,6 +235,12 @@ def ties_word_embeddings(config: Mapping[str, Any], family: Family) -> bool:
 _TIES: dict[tuple[str, str], bool] = {}
 
 
+def loads_tied(config: Mapping[str, Any], family: Family) -> bool:
+    """``ties_word_embeddings``, answered from config.json alone where it says untied (``says_untied``: most
+    checkpoints with an lm_head of their own do), so that no skeleton is built for them."""
+    return not says_untied(config, family) and ties_word_embeddings(config, family)
+
+
 def _ties_word_embeddings(config: Mapping[str, Any], family: Family) -> bool:
     import transformers
 
@@ -277,9 +283,9 @@ def check_tied_head(path: Path, config: Mapping[str, Any], family: Family, head:
     the loader (transformers keeps the file's and says so in a log line the commands silence; a loader that follows
     the config runs the embedding), while the analyses measure and merge the file's. An lm_head equal to the
     embedding (a .bin checkpoint holds both, one storage) is the same model either way. ``tensor(key)``: the stored
-    tensor, or a safetensors slice (read by rows, ``same_values``). Checks the config first (``says_untied``: most
-    checkpoints with their own lm_head say so), the values only when it ties."""
-    if says_untied(config, family) or not ties_word_embeddings(config, family):
+    tensor, or a safetensors slice (read by rows, ``same_values``). Checks the config first (``loads_tied``), the
+    values only when it ties."""
+    if not loads_tied(config, family):
         return
     if not same_values(tensor(head), tensor(embed)):
         raise BadInput(f"{path}: config.json ties lm_head to embed_tokens (tie_word_embeddings true), yet the weights "
