@@ -24,6 +24,7 @@ import contextlib
 import csv
 import json
 import math
+import os
 import re
 import shutil
 import sys
@@ -143,18 +144,22 @@ def parse_mix(spec: str | None, labels: Sequence[str]) -> dict[str, float]:
     return dict(zip(labels, parts))
 
 
-def checkpoint_dirs(out: Path) -> dict[int, Path]:
-    """A run's ``checkpoint-<step>`` dirs by step. An entry of that name that is no directory (a plain file, a
-    broken link) is bad input: counted, it would be a step done (and the resume point) that holds nothing."""
-    found = {}
-    for d in out.glob("checkpoint-*"):
-        try:
-            step = int(d.name.split("-", 1)[1])
-        except ValueError:
+def checkpoint_dirs(out: Path, where: str | None = None) -> dict[int, Path]:
+    """A run's ``checkpoint-<step>`` dirs by step: the one scan of them (the resume, ``analyses.trajectory --runs``,
+    ``figures.results.FinetuneRun``). An entry of that name that is no directory (a plain file, a broken link) or a
+    second entry of one step (checkpoint-10 and checkpoint-010) is bad input, named after ``where`` (default:
+    ``out``'s path): counted, it would be a step done (and the resume point) that holds nothing, or one of two."""
+    where = f"{out}{os.sep}" if where is None else where
+    found: dict[int, Path] = {}
+    for sub in sorted(out.iterdir()):
+        if not (m := re.fullmatch(r"checkpoint-(\d+)", sub.name)):
             continue
-        if not d.is_dir():
-            raise BadInput(f"{d} is not a directory (a run's checkpoint-<step> is a saved model); move it away")
-        found[step] = d
+        if not sub.is_dir():
+            raise BadInput(f"{where}{sub.name} is not a directory (a run's checkpoint-<step> is a saved model's "
+                           "folder); put the checkpoint there or move the file out of the run")
+        if (step := int(m.group(1))) in found:
+            raise BadInput(f"{where}{found[step].name} and {sub.name} are both step {step}")
+        found[step] = sub
     return dict(sorted(found.items()))
 
 

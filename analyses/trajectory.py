@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import re
 import sys
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ import torch
 from analyses.align import align, check_finite
 from analyses.checkpoints import (Checkpoint, add_output_args, check_inputs_and_out, open_checkpoint,
                                   progress, quiet_progress, reserve_descriptors)
+from analyses.finetune import checkpoint_dirs
 from analyses.sketch import SKETCH_CHUNK, SKETCH_DIMS, CountSketch
 from analyses.writer import atomic_dir, check_output, check_replaceable, returns_finished, run_request
 from probe.errors import TENSOR_MEMORY_HINT, ArgParser, BadInput, cli_main, in_path, out_dir
@@ -71,19 +71,10 @@ def run_points(run_dir: str, label: str | None = None) -> list[Point]:
     label = label or d.name
     if not d.is_dir():
         raise BadInput(f"--runs {run_dir}: not a directory")
-    steps: dict[int, Path] = {}
-    for sub in sorted(d.iterdir()):
-        m = re.fullmatch(r"checkpoint-(\d+)", sub.name)
-        if not m and sub.name.startswith("checkpoint-") and sub.is_dir():  # was skipped: a run short of a point
+    steps = checkpoint_dirs(d, f"--runs {run_dir}: ")
+    for sub in sorted(d.glob("checkpoint-*")):  # one of another name was skipped: a run short of a point
+        if sub.is_dir() and sub not in steps.values():
             raise BadInput(f"--runs {run_dir}: {sub.name} is not checkpoint-<step> with a whole-number step")
-        if m and not sub.is_dir():  # was skipped: a run short of the step the user expects (a checkpoint archived
-            # into one file, a broken link, a copy cut short)
-            raise BadInput(f"--runs {run_dir}: {sub.name} is not a directory (a run's checkpoint-<step> is a saved "
-                           "model's folder); put the checkpoint there or move the file out of the run")
-        if m:
-            if (s := int(m.group(1))) in steps:  # checkpoint-10 and checkpoint-010: two points of one name and step
-                raise BadInput(f"--runs {run_dir}: {steps[s].name} and {sub.name} are both step {s}")
-            steps[s] = sub
     if not steps:
         raise BadInput(f"--runs {run_dir}: no checkpoint-<step> subdirectories")
     return [Point(f"{label}@{s}", "run", str(p), label, s) for s, p in sorted(steps.items())]
