@@ -338,12 +338,22 @@ def say_write_stopped(exc: Exception) -> int:
     return 1
 
 
+def print_on_any_terminal() -> None:
+    """Output the terminal's encoding cannot show (the ×, Δ and ‖ of help texts and summaries, under
+    PYTHONIOENCODING=ascii or a latin-1 locale) is printed escaped: strict encoding made --help, and a command
+    whose results were already written, end in a UnicodeEncodeError traceback."""
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def cli_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
     """Run a CLI entry point: exit 2 with one line for BadInput, 1 with one line for a stopped run, a full disk or
     memory running out, 1 with a traceback for anything unexpected; the --out dirs it claimed are freed when it
     returns."""
     if signal.getsignal(signal.SIGINT) is quiet_interrupt:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    print_on_any_terminal()
     try:
         return main(argv)
     except BadInput as exc:

@@ -69,6 +69,31 @@ def test_usage_error_is_one_line_and_help_stays_full(name, capsys):
 
 
 @pytest.mark.parametrize("name", MODULES + BENCH)
+def test_help_prints_on_an_ascii_terminal(name, monkeypatch):
+    """PYTHONIOENCODING=ascii (or a latin-1 locale): the ×, → and Δ of a help text come out escaped; strict
+    encoding ended --help in a UnicodeEncodeError traceback."""
+    import io
+
+    raw = io.BytesIO()
+    out = io.TextIOWrapper(raw, encoding="ascii", errors="strict")
+    monkeypatch.setattr(sys, "stdout", out)
+    with pytest.raises(SystemExit) as e:
+        cli_main(_main(name), ["--help"])
+    assert e.value.code == 0
+    out.flush()
+    text = raw.getvalue().decode("ascii")
+    assert text.startswith("usage:") and len(text.splitlines()) > 5
+
+
+def test_help_prints_on_an_ascii_terminal_in_a_subprocess():
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    r = subprocess.run([sys.executable, "-m", "probe.heads", "--help"], cwd=REPO, capture_output=True, text=True,
+                       env=env, encoding="ascii")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "item \\xd7 head" in r.stdout  # the × of "item × head", escaped
+
+
+@pytest.mark.parametrize("name", MODULES + BENCH)
 def test_help_states_each_default_once(name, capsys):
     """``probe.heads --help`` read ``--attribution-items … (default 1; several are right-padded …) (default: 1)``:
     the option's own text named its default and the help formatter appended it again. Each option's help names
