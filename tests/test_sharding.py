@@ -226,3 +226,34 @@ def test_sweep_under_torchrun_returns_the_assembled_sweep_on_rank_0_and_none_els
     monkeypatch.setattr(heads, "_pause", rank_1_stops)
     with pytest.raises(RunStopped, match="another rank stopped the run: EngineDisagrees: x"):
         heads.sweep(**options(tmp_path / "c"))
+
+
+# torchrun runs this: sweep() and finetune() from Python on each rank, printing what each returned
+FROM_PYTHON_UNDER_TORCHRUN = """
+import os, sys
+from pathlib import Path
+import pandas as pd
+from analyses.finetune import finetune
+from probe.heads import sweep
+
+out = Path(sys.argv[1])
+s = sweep(model="organism-vl", limit=6, chunk_size=1, layers="0", heads="0-1", no_generate=True, no_figures=True,
+          quiet=True, out=out / "heads")
+f = finetune(model="organism-base", data=["text=probe/zoo/data/text"], split="validation", limit=8, steps=2,
+             batch_size=4, device="cpu", dtype="float32", quiet=True, out=out / "ft")
+same = s is not None and s.heads.equals(pd.read_csv(out / "heads" / "heads.csv")) and len(s.heads) == 2
+print(f"rank {os.environ['RANK']}: {type(s).__name__} {same} {type(f).__name__} {f and sorted(f.checkpoints)}")
+"""
+
+
+def test_sweep_and_finetune_from_python_under_torchrun(tmp_path):
+    """A real torchrun launch (2 CPU processes; finetune's data parallel on gloo): rank 0's ``sweep`` returns the
+    assembled HeadSweep and its ``finetune`` the FinetuneRun, rank 1's both None."""
+    script = tmp_path / "from_python.py"
+    script.write_text(FROM_PYTHON_UNDER_TORCHRUN)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TMPDIR=str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script),
+                        str(tmp_path / "out")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    said = sorted(line for line in r.stdout.splitlines() if line.startswith("rank "))
+    assert said == ["rank 0: HeadSweep True FinetuneRun [0, 2]", "rank 1: NoneType False NoneType None"], r.stdout
