@@ -664,8 +664,9 @@ def append_log(log_path: Path, info: StepInfo, modality_of: dict[int, str], cfg:
 def run_finetune(cfg: FinetuneConfig) -> Path:
     """``python -m analyses.finetune`` from Python: trains, writing ``checkpoint-<step>/``, train_log.csv and
     run.json into ``cfg.out`` (a killed run continues), and returns ``cfg.out``;
-    ``figures.results.FinetuneRun.read(cfg.out)`` reads the run back (its log as a frame, step → checkpoint dir).
-    Bad input raises ``probe.errors.BadInput``."""
+    ``figures.results.FinetuneRun.read(cfg.out)`` reads the run back (its log as a frame, step → checkpoint dir);
+    ``finetune(**options)`` takes the command's options as keywords and returns it so. Bad input raises
+    ``probe.errors.BadInput``."""
     from probe.devices import rank_world, resolve_placement
     from probe.heads import check_same_software, saved_run_info, versions
     from probe.models import model_fingerprint, resolve_model

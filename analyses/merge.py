@@ -543,8 +543,8 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
     """``python -m analyses.merge`` from Python: writes the merged LM (an HF dir), merge_weights.csv, merge.json and
     ``carriers/<name>/`` into ``cfg.out`` and returns merge.json's content (method, parameters, ``mean_alpha`` per
     model, ``carriers``); an output already finished with the same inputs is kept and its merge.json returned.
-    ``figures.results.Merge.read(cfg.out)`` reads it back with the weights as a frame. Bad input raises
-    ``probe.errors.BadInput``."""
+    ``figures.results.Merge.read(cfg.out)`` reads it back with the weights as a frame; ``merge(**options)`` takes
+    the command's options as keywords and returns it so. Bad input raises ``probe.errors.BadInput``."""
     cfg.validate()
     t0 = time.perf_counter()
     with ExitStack() as stack:

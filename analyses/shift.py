@@ -176,8 +176,8 @@ def run_shift(cfg: ShiftConfig) -> dict[str, Any]:
     """``python -m analyses.shift`` from Python: writes ``cfg.out`` (shift.csv, summary.json, figures unless
     ``cfg.figures`` is False) and returns summary.json's content (``per_model``: mean Δavg, ratio to the least
     shifted, …); an output already finished with the same inputs is kept and its summary returned.
-    ``figures.results.Shift.read(cfg.out)`` reads the output back with shift.csv as a frame. Bad input raises
-    ``probe.errors.BadInput``."""
+    ``figures.results.Shift.read(cfg.out)`` reads the output back with shift.csv as a frame; ``shift(**options)``
+    takes the command's options as keywords and returns it so. Bad input raises ``probe.errors.BadInput``."""
     check_output(cfg.out, cfg.overwrite, COMMAND, lambda: shift_request(cfg))
     if not cfg.models:
         raise BadInput("--models: give at least one model")

@@ -152,8 +152,8 @@ def run_trajectory(cfg: TrajectoryConfig) -> dict[str, Any]:
     """``python -m analyses.trajectory`` from Python: writes coords.csv, points.csv, features.npz, run.json and the
     figures into ``cfg.out`` and returns run.json's content (θ_ref, perplexity used, PCA variance shares); an output
     already finished with the same inputs is kept and its run.json returned.
-    ``figures.results.Trajectory.read(cfg.out)`` reads it back with coords.csv as a frame. Bad input raises
-    ``probe.errors.BadInput``."""
+    ``figures.results.Trajectory.read(cfg.out)`` reads it back with coords.csv as a frame; ``trajectory(**options)``
+    takes the command's options as keywords and returns it so. Bad input raises ``probe.errors.BadInput``."""
     check_output(cfg.out, cfg.overwrite, COMMAND, lambda: trajectory_request(cfg, collect_points(cfg)))
     if cfg.sketch_dim not in SKETCH_DIMS:
         raise BadInput(f"--sketch-dim must be in {SKETCH_DIMS.start} .. {SKETCH_DIMS.stop - 1}, got {cfg.sketch_dim}")
