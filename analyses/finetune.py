@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from probe.errors import (ArgParser, BadInput, RunStopped, check_counts, check_out_apart, check_out_path, cli_main,
-                          input_in_out, make_out_dir, out_dir, releases_claims)
+                          input_in_out, make_out_dir, out_dir, parse_options, releases_claims)
 
 if TYPE_CHECKING:  # annotations only: the command imports torch and the model code when it runs
     from probe.devices import Placement
@@ -664,8 +664,9 @@ def append_log(log_path: Path, info: StepInfo, modality_of: dict[int, str], cfg:
 def run_finetune(cfg: FinetuneConfig) -> Path:
     """``python -m analyses.finetune`` from Python: trains, writing ``checkpoint-<step>/``, train_log.csv and
     run.json into ``cfg.out`` (a killed run continues), and returns ``cfg.out``;
-    ``figures.results.FinetuneRun.read(cfg.out)`` reads the run back (its log as a frame, step → checkpoint dir).
-    Bad input raises ``probe.errors.BadInput``."""
+    ``figures.results.FinetuneRun.read(cfg.out)`` reads the run back (its log as a frame, step → checkpoint dir);
+    ``finetune(**options)`` takes the command's options as keywords and returns it so. Bad input raises
+    ``probe.errors.BadInput``."""
     from probe.devices import rank_world, resolve_placement
     from probe.heads import check_same_software, saved_run_info, versions
     from probe.models import model_fingerprint, resolve_model
@@ -872,8 +873,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
+def config(a: argparse.Namespace) -> FinetuneConfig:
+    """The FinetuneConfig of parsed arguments (``build_parser``'s): the command line's and ``finetune(**options)``'s
+    (--data and --mix parsed, --warmup's default below --steps, --lr's 1e-4)."""
     data = parse_data(a.data)
     warmup = a.warmup if a.warmup is not None else min(10, max(0, a.steps - 1))  # below --steps, as it must be
     from probe.devices import rank_world
@@ -882,12 +884,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.lora is not None and a.lr is not None and rank_world()[0] == 0:
         print(f"warning: --lr {a.lr} has no effect with --lora (only the LM's adapters train, at --lm-lr)",
               file=sys.stderr)
-    run_finetune(FinetuneConfig(model=a.model, data=data, out=a.out, steps=a.steps, mix=parse_mix(a.mix, list(data)),
-                                save_steps=a.save_steps, split=a.split, limit=a.limit,
-                                lr=1e-4 if a.lr is None else a.lr, lm_lr=a.lm_lr,
-                                batch=a.batch_size, warmup=warmup, seed=a.seed, device=a.device, dtype=a.dtype,
-                                lora=a.lora, quiet=a.quiet, overwrite=a.overwrite, micro_batch=a.micro_batch,
-                                gradient_checkpointing=a.gradient_checkpointing, fsdp=a.fsdp))
+    return FinetuneConfig(model=a.model, data=data, out=a.out, steps=a.steps, mix=parse_mix(a.mix, list(data)),
+                          save_steps=a.save_steps, split=a.split, limit=a.limit,
+                          lr=1e-4 if a.lr is None else a.lr, lm_lr=a.lm_lr,
+                          batch=a.batch_size, warmup=warmup, seed=a.seed, device=a.device, dtype=a.dtype,
+                          lora=a.lora, quiet=a.quiet, overwrite=a.overwrite, micro_batch=a.micro_batch,
+                          gradient_checkpointing=a.gradient_checkpointing, fsdp=a.fsdp)
+
+
+def finetune(**options: Any) -> Any:
+    """The fine-tuning run from Python, e.g. ``finetune(model="organism-vl", data=["text=probe/zoo/data/text"],
+    split="validation", steps=20, save_steps=[0, 10], out="runs/ft")``: the options of ``python -m
+    analyses.finetune --help`` as keywords (``batch_size=8`` for ``--batch-size 8``, a list for several values, True
+    for a flag). A killed run continues and a finished one is kept, as the command does. Returns the finished run
+    read back, a ``figures.results.FinetuneRun`` (``.log``, ``.info``, ``.checkpoints``); under ``torchrun`` that is
+    rank 0's answer, once it has written the last checkpoint and run.json, and every other rank returns None (its
+    share of the training done; rank 0 writes the files). A refused value raises ``probe.errors.BadInput``, an
+    unknown keyword ``TypeError``."""
+    from figures.results import FinetuneRun
+    from probe.train import is_main_process
+
+    out = run_finetune(config(parse_options(build_parser(), options)))
+    return FinetuneRun.read(out) if is_main_process() else None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    run_finetune(config(build_parser().parse_args(argv)))
     return 0
 
 

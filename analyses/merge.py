@@ -37,7 +37,7 @@ from analyses.salience import SalienceWeights, check_run_model, read_salience, r
 from analyses.shift import CHUNK, read_shift_csv
 from analyses.writer import (SHARD_BYTES, Entry, ShardedWriter, atomic_dir, check_output, check_replaceable,
                              copy_side_files, parse_size, returns_finished, run_request)
-from probe.errors import TENSOR_MEMORY_HINT, ArgParser, BadInput, cli_main, in_path, out_dir
+from probe.errors import TENSOR_MEMORY_HINT, ArgParser, BadInput, cli_main, in_path, out_dir, parse_options
 from probe.families import CAUSAL_LM, LAYOUTS, causal_lm_type, check_lm_fits_class, untie_word_embeddings
 from probe.families import lm_disk_key as layout_key
 from probe.models import loads_tied
@@ -543,8 +543,8 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
     """``python -m analyses.merge`` from Python: writes the merged LM (an HF dir), merge_weights.csv, merge.json and
     ``carriers/<name>/`` into ``cfg.out`` and returns merge.json's content (method, parameters, ``mean_alpha`` per
     model, ``carriers``); an output already finished with the same inputs is kept and its merge.json returned.
-    ``figures.results.Merge.read(cfg.out)`` reads it back with the weights as a frame. Bad input raises
-    ``probe.errors.BadInput``."""
+    ``figures.results.Merge.read(cfg.out)`` reads it back with the weights as a frame; ``merge(**options)`` takes
+    the command's options as keywords and returns it so. Bad input raises ``probe.errors.BadInput``."""
     cfg.validate()
     t0 = time.perf_counter()
     with ExitStack() as stack:
@@ -775,17 +775,37 @@ def method_options(a: argparse.Namespace) -> dict[str, Any]:
             and getattr(a, dest) is not None}
 
 
-def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
-    cfg = MergeConfig(
+def config(a: argparse.Namespace) -> MergeConfig:
+    """The MergeConfig of parsed arguments (``build_parser``'s): the command line's and ``merge(**options)``'s."""
+    return MergeConfig(
         models=a.models, method=a.method, out=a.out, base=a.base, weights=a.weights, normalize=not a.no_normalize,
         carriers=a.carriers, shift_dir=a.shift_dir, shard_size=parse_size(a.shard_size), overwrite=a.overwrite,
         allow_bin=a.allow_bin, salience=a.salience, base_salience=a.base_salience, rest=a.rest, threads=a.threads,
         dtype=a.dtype,
         **method_options(a),
     )
+
+
+def merge(**options: Any) -> Any:
+    """The merge from Python, e.g. ``merge(base="organism-base", models=["organism-vl", "organism-video"],
+    method="shift", carriers=["organism-vl"], out="runs/merged")``: the options of ``python -m analyses.merge
+    --help`` as keywords, each by its destination (``carriers`` for ``--carrier``, ``shift_dir`` for ``--shift``,
+    ``lam`` for ``--lambda``; a list for several values, True for a flag). An output already finished with the same
+    inputs is kept, as the command does. Returns the output read back, a ``figures.results.Merge`` (``.weights``,
+    ``.info``, ``.model``, ``.carriers``); a refused value raises ``probe.errors.BadInput``, an unknown keyword
+    ``TypeError``."""
+    from figures.results import Merge
+
+    a = parse_options(build_parser(), options)
     with quiet_progress(a.quiet):
-        run_merge(cfg)
+        run_merge(config(a))
+    return Merge.read(a.out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    with quiet_progress(a.quiet):
+        run_merge(config(a))
     return 0
 
 

@@ -26,7 +26,7 @@ from analyses.checkpoints import (Checkpoint, add_output_args, check_inputs_and_
                                   layer_module, open_checkpoint, progress, quiet_progress, reserve_descriptors)
 from analyses.formulas import ShiftStats
 from analyses.writer import atomic_dir, check_output, check_replaceable, returns_finished, run_request
-from probe.errors import TENSOR_MEMORY_HINT, ArgParser, BadInput, cli_main, out_dir
+from probe.errors import TENSOR_MEMORY_HINT, ArgParser, BadInput, cli_main, out_dir, parse_options
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -176,8 +176,8 @@ def run_shift(cfg: ShiftConfig) -> dict[str, Any]:
     """``python -m analyses.shift`` from Python: writes ``cfg.out`` (shift.csv, summary.json, figures unless
     ``cfg.figures`` is False) and returns summary.json's content (``per_model``: mean Δavg, ratio to the least
     shifted, …); an output already finished with the same inputs is kept and its summary returned.
-    ``figures.results.Shift.read(cfg.out)`` reads the output back with shift.csv as a frame. Bad input raises
-    ``probe.errors.BadInput``."""
+    ``figures.results.Shift.read(cfg.out)`` reads the output back with shift.csv as a frame; ``shift(**options)``
+    takes the command's options as keywords and returns it so. Bad input raises ``probe.errors.BadInput``."""
     check_output(cfg.out, cfg.overwrite, COMMAND, lambda: shift_request(cfg))
     if not cfg.models:
         raise BadInput("--models: give at least one model")
@@ -229,10 +229,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def config(a: argparse.Namespace) -> ShiftConfig:
+    """The ShiftConfig of parsed arguments (``build_parser``'s): the command line's and ``shift(**options)``'s."""
+    return ShiftConfig(a.base, a.models, a.out, a.overwrite, a.allow_bin, not a.no_figures)
+
+
+def shift(**options: Any) -> Any:
+    """The shift analysis from Python, e.g. ``shift(base="organism-base", models=["organism-vl", "organism-video"],
+    out="runs/shift")``: the options of ``python -m analyses.shift --help`` as keywords (a list for several values,
+    True for a flag: ``no_figures=True``). An output already finished with the same inputs is kept, as the command
+    does. Returns the output read back, a ``figures.results.Shift`` (``.table``, ``.summary``, ``.per_model``); a
+    refused value raises ``probe.errors.BadInput``, an unknown keyword ``TypeError``."""
+    from figures.results import Shift
+
+    a = parse_options(build_parser(), options)
+    with quiet_progress(a.quiet):
+        run_shift(config(a))
+    return Shift.read(a.out)
+
+
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     with quiet_progress(a.quiet):
-        run_shift(ShiftConfig(a.base, a.models, a.out, a.overwrite, a.allow_bin, not a.no_figures))
+        run_shift(config(a))
     return 0
 
 

@@ -30,7 +30,7 @@ from analyses.checkpoints import (Checkpoint, add_output_args, check_inputs_and_
 from analyses.finetune import checkpoint_dirs
 from analyses.sketch import SKETCH_CHUNK, SKETCH_DIMS, CountSketch
 from analyses.writer import atomic_dir, check_output, check_replaceable, returns_finished, run_request
-from probe.errors import TENSOR_MEMORY_HINT, ArgParser, BadInput, cli_main, in_path, out_dir
+from probe.errors import TENSOR_MEMORY_HINT, ArgParser, BadInput, cli_main, in_path, out_dir, parse_options
 from probe.results import distinct_names, json_text
 
 COMMAND = "analyses.trajectory"  # what its output manifests name
@@ -152,8 +152,8 @@ def run_trajectory(cfg: TrajectoryConfig) -> dict[str, Any]:
     """``python -m analyses.trajectory`` from Python: writes coords.csv, points.csv, features.npz, run.json and the
     figures into ``cfg.out`` and returns run.json's content (θ_ref, perplexity used, PCA variance shares); an output
     already finished with the same inputs is kept and its run.json returned.
-    ``figures.results.Trajectory.read(cfg.out)`` reads it back with coords.csv as a frame. Bad input raises
-    ``probe.errors.BadInput``."""
+    ``figures.results.Trajectory.read(cfg.out)`` reads it back with coords.csv as a frame; ``trajectory(**options)``
+    takes the command's options as keywords and returns it so. Bad input raises ``probe.errors.BadInput``."""
     check_output(cfg.out, cfg.overwrite, COMMAND, lambda: trajectory_request(cfg, collect_points(cfg)))
     if cfg.sketch_dim not in SKETCH_DIMS:
         raise BadInput(f"--sketch-dim must be in {SKETCH_DIMS.start} .. {SKETCH_DIMS.stop - 1}, got {cfg.sketch_dim}")
@@ -238,11 +238,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def config(a: argparse.Namespace) -> TrajectoryConfig:
+    """The TrajectoryConfig of parsed arguments (``build_parser``'s): the command line's and
+    ``trajectory(**options)``'s."""
+    return TrajectoryConfig(a.out, a.base, a.experts, a.merged, [str(r) for r in a.runs], a.ref, a.sketch_dim, a.seed,
+                            a.perplexity, a.overwrite, a.allow_bin, not a.no_figures)
+
+
+def trajectory(**options: Any) -> Any:
+    """The weight-space map from Python, e.g. ``trajectory(base="organism-base", experts=["organism-vl",
+    "organism-video"], merged=["runs/merged"], out="runs/trajectory")``: the options of ``python -m
+    analyses.trajectory --help`` as keywords (a list for several values, True for a flag). An output already
+    finished with the same inputs is kept, as the command does. Returns the output read back, a
+    ``figures.results.Trajectory`` (``.coords``, ``.info``, ``.sketch``); a refused value raises
+    ``probe.errors.BadInput``, an unknown keyword ``TypeError``."""
+    from figures.results import Trajectory
+
+    a = parse_options(build_parser(), options)
+    with quiet_progress(a.quiet):
+        run_trajectory(config(a))
+    return Trajectory.read(a.out)
+
+
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     with quiet_progress(a.quiet):
-        run_trajectory(TrajectoryConfig(a.out, a.base, a.experts, a.merged, [str(r) for r in a.runs], a.ref, a.sketch_dim, a.seed,
-                                        a.perplexity, a.overwrite, a.allow_bin, not a.no_figures))
+        run_trajectory(config(a))
     return 0
 
 

@@ -234,10 +234,13 @@ def print_error(message: str) -> None:
 
 def parse_options(parser: argparse.ArgumentParser, options: dict[str, object]) -> argparse.Namespace:
     """A command's arguments from Python keywords, for the functions that run a command from a notebook
-    (``probe.heads.sweep``, ``probe.eval.evaluate``, ``analyses.replicate.replicate``): each keyword is an option by
-    its name in ``--help`` with ``_`` for ``-`` (``batch_size=8`` is ``--batch-size 8``), a list for an option of
-    several values, True for a flag. They go through the command's own parser, so its defaults and checks are the
-    command line's; an unknown keyword is a TypeError, a value the parser refuses BadInput (never SystemExit)."""
+    (``probe.heads.sweep``, ``probe.eval.evaluate``, ``analyses.shift.shift``, ``analyses.merge.merge``,
+    ``analyses.trajectory.trajectory``, ``analyses.finetune.finetune``, ``analyses.replicate.replicate``): each
+    keyword is an option by its name in ``--help`` with ``_`` for ``-`` (``batch_size=8`` is ``--batch-size 8``), or
+    by the name it is stored under where that differs (analyses.merge's ``carriers`` for ``--carrier``), a list for
+    an option of several values, True for a flag. They go through the command's own parser, so its defaults and
+    checks are the command line's; an unknown keyword is a TypeError, a value the parser refuses BadInput (never
+    SystemExit)."""
     by_dest = {a.dest: a for a in parser._actions if a.option_strings and a.dest != "help"}
     argv: list[str] = []
     for key, value in options.items():

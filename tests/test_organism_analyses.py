@@ -4,9 +4,11 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import REPO
 from probe.models import model_path
 
 
@@ -33,3 +35,85 @@ def test_shift_and_merge_on_organism_aliases(tmp_path):
     # the organisms' build records stay theirs: a merge (and its carriers) is another model
     assert (model_path("organism-vl") / "organism.json").is_file() and (out / "config.json").is_file()
     assert not list(out.rglob("organism.json"))
+
+
+def _same_frame(got: pd.DataFrame, path, **read) -> None:
+    """A loader's frame holds what the file on disk says, read here on its own (pandas, no omniprobe reader)."""
+    want = pd.read_csv(path, **read)
+    pd.testing.assert_frame_equal(got.reset_index(drop=True)[list(want.columns)], want, check_dtype=False)
+
+
+def test_shift_merge_trajectory_from_python_return_what_they_wrote(tmp_path):
+    """``analyses.shift.shift``, ``analyses.merge.merge`` and ``analyses.trajectory.trajectory`` take their command's
+    options as keywords and return the output read back (Shift, Merge, Trajectory), as ``probe.heads.sweep`` does:
+    the objects hold what the files say, and the output is the command line's, byte for byte."""
+    from analyses import merge, shift, trajectory
+    from figures.results import Merge, Shift, Trajectory
+
+    models = ["organism-vl", "organism-video"]
+    got = shift.shift(base="organism-base", models=models, no_figures=True, quiet=True, out=tmp_path / "shift")
+    assert isinstance(got, Shift) and got.dir == tmp_path / "shift"
+    _same_frame(got.table, tmp_path / "shift" / "shift.csv", keep_default_na=False, na_values=[""])
+    assert got.summary == json.loads((tmp_path / "shift" / "summary.json").read_text())
+    assert list(got.per_model.index) == models
+    assert shift.main(["--base", "organism-base", "--models", *models, "--no-figures", "--quiet",
+                       "--out", str(tmp_path / "cli")]) == 0
+    assert (tmp_path / "cli" / "shift.csv").read_bytes() == (tmp_path / "shift" / "shift.csv").read_bytes()
+    again = shift.shift(base="organism-base", models=models, no_figures=True, quiet=True, out=tmp_path / "shift")
+    assert again.summary == got.summary  # finished with the same inputs: kept and read back, not computed again
+
+    m = merge.merge(base="organism-base", models=models, method="shift", shift_dir=tmp_path / "shift",
+                    carriers=["organism-vl"], quiet=True, out=tmp_path / "merged")
+    assert isinstance(m, Merge) and m.model == tmp_path / "merged"
+    assert m.info == json.loads((tmp_path / "merged" / "merge.json").read_text())
+    _same_frame(m.weights, tmp_path / "merged" / "merge_weights.csv", keep_default_na=False, na_values=[""])
+    assert m.carriers == {"organism-vl": tmp_path / "merged" / "carriers" / "organism-vl"}
+    assert (m.carriers["organism-vl"] / "config.json").is_file()
+
+    t = trajectory.trajectory(base="organism-base", experts=models, merged=[str(tmp_path / "merged")],
+                              no_figures=True, quiet=True, out=tmp_path / "traj")
+    assert isinstance(t, Trajectory) and t.info == json.loads((tmp_path / "traj" / "run.json").read_text())
+    _same_frame(t.coords, tmp_path / "traj" / "coords.csv", dtype={"run": str}, keep_default_na=False,
+                na_values={"step": [""]})
+    assert set(t.coords["name"]) == {"organism-base", *models, str(tmp_path / "merged")}
+
+
+def test_the_analyses_from_python_refuse_bad_values_and_unknown_keywords(tmp_path):
+    """As ``sweep``: a value the command refuses is BadInput (one line, nothing written), an unknown keyword a
+    TypeError naming the options."""
+    from analyses import finetune, merge, shift, trajectory
+    from probe.errors import BadInput
+
+    out = tmp_path / "out"
+    for call, options, message in (
+            (shift.shift, {"base": "organism-base", "models": []}, "--models: expected at least one argument"),
+            (merge.merge, {"models": ["organism-vl"], "method": "average", "density": 0.5},
+             "--density only applies to --method ties, not average"),
+            (merge.merge, {"models": ["organism-vl"], "method": "nope"}, "argument --method: invalid choice"),
+            (trajectory.trajectory, {"base": "organism-base", "experts": ["organism-vl"], "sketch_dim": 0},
+             "--sketch-dim must be in"),
+            (finetune.finetune, {"model": "organism-base", "data": ["probe/zoo/data/text"], "steps": 2},
+             "use LABEL=DIR")):
+        with pytest.raises(BadInput, match=message) as exc:
+            call(**options, out=out)
+        assert "\n" not in str(exc.value) and not out.exists(), (call.__name__, exc.value)
+    for call in (shift.shift, merge.merge, trajectory.trajectory, finetune.finetune):
+        with pytest.raises(TypeError, match="no option 'outdir'.*out"):
+            call(outdir=out)
+
+
+def test_finetune_from_python_returns_the_run_read_back(tmp_path):
+    """``analyses.finetune.finetune(**options)``: the run, a FinetuneRun whose log, run.json and checkpoints are
+    the files it wrote."""
+    from analyses.finetune import finetune
+    from figures.results import FinetuneRun
+
+    out = tmp_path / "ft"
+    run = finetune(model="organism-base", data=[f"text={REPO / 'probe/zoo/data/text'}"], split="validation", limit=8,
+                   steps=2, save_steps=[0, 1], batch_size=4, device="cpu", dtype="float32", quiet=True, out=out)
+    assert isinstance(run, FinetuneRun) and run.dir == out
+    assert run.info == json.loads((out / "run.json").read_text()) and run.info["status"] == "complete"
+    _same_frame(run.log, out / "train_log.csv")
+    assert run.log["step"].tolist() == [1, 2] and run.info["config"]["batch"] == 4
+    assert run.checkpoints == {s: out / f"checkpoint-{s}" for s in (0, 1, 2)}
+    assert all((out / f"checkpoint-{s}" / "config.json").is_file() for s in (0, 1, 2))

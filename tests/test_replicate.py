@@ -146,7 +146,7 @@ def test_readme_python_blocks_run_and_read_back_what_the_files_hold(quick: Path,
     assert isinstance(ns["rep"], Replication) and isinstance(ns["scored"], EvalRun)
     assert ns["totals"].equals(ns["rep"].eval("table3").scores.query("subject == 'all'"))
     summary = json.loads((quick / "shift" / "summary.json").read_text())["per_model"]
-    assert ns["shift"].per_model["mean_delta_avg"].to_dict() == {m: v["mean_delta_avg"] for m, v in summary.items()}
+    assert ns["shifted"].per_model["mean_delta_avg"].to_dict() == {m: v["mean_delta_avg"] for m, v in summary.items()}
     cfg = parse_config(QUICK_CONFIG)
     assert isinstance(ns["merged"], Merge) and list(ns["merged"].carriers) == list(cfg.models.experts)
     assert all((d / "config.json").is_file() for d in ns["merged"].carriers.values())
@@ -161,8 +161,16 @@ def test_readme_python_blocks_run_and_read_back_what_the_files_hold(quick: Path,
     assert len(small.heads) == 2 * small.heads["head"].nunique() and (runs / "py-heads" / "heads.csv").is_file()
     ev = ns["ev"]
     assert isinstance(ev, EvalRun) and ev.row("organism-vl", "probe/zoo/data/text")["n_items"] == 8
-    assert isinstance(Shift.read(runs / "py-shift"), Shift)
-    assert (runs / "py-merged" / "carriers" / "organism-vl" / "config.json").is_file()
+    delta, blend, tuned, mapped = ns["delta"], ns["blend"], ns["tuned"], ns["mapped"]
+    assert isinstance(delta, Shift) and delta.summary == json.loads((runs / "py-shift" / "summary.json").read_text())
+    assert isinstance(blend, Merge) and blend.info == json.loads((runs / "py-merged" / "merge.json").read_text())
+    assert blend.carriers == {"organism-vl": runs / "py-merged" / "carriers" / "organism-vl"}
+    assert (blend.carriers["organism-vl"] / "config.json").is_file()
+    assert isinstance(tuned, FinetuneRun) and tuned.log["step"].tolist() == [1, 2]
+    assert tuned.checkpoints == {s: runs / "py-ft" / f"checkpoint-{s}" for s in (0, 2)}
+    assert isinstance(mapped, Trajectory)
+    assert len(mapped.coords) == len(pd.read_csv(runs / "py-trajectory" / "coords.csv"))
+    assert set(mapped.coords["name"]) >= {"py-ft@0", "py-ft@2", str(runs / "py-merged")}
 
 
 def _kinds(quick: Path) -> dict:

@@ -1,11 +1,13 @@
 """Scale-out: ranks (RANK / WORLD_SIZE as torchrun sets them) take disjoint chunks; the last one assembles."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 
 import pandas as pd
+import pytest
 
 from conftest import REPO, lock_held_elsewhere
 
@@ -161,3 +163,97 @@ def test_overwrite_under_torchrun_is_refused_into_an_empty_out_too(tmp_path, tin
     err = capfd.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: --overwrite under torchrun"), err
     assert not out.exists()
+
+
+def test_sweep_under_torchrun_returns_the_assembled_sweep_on_rank_0_and_none_elsewhere(tmp_path, tiny_dirs, data_dir,
+                                                                                       monkeypatch):
+    """``probe.heads.sweep`` under RANK / WORLD_SIZE read the output back as soon as its own chunks were written:
+    rank 0, done before the others, read no heads.csv (BadInput) or an earlier assembly's. Now every rank but 0
+    returns None, and rank 0 waits for the last rank's assembly and returns it. The other rank runs here in this
+    process while rank 0 waits (``heads._pause``, its pause between two looks at --out)."""
+    from figures.results import HeadSweep
+    from probe import heads
+    from probe.errors import RunStopped
+    from probe.results import atomic_write_json, part_path
+
+    def options(out):
+        return dict(model=str(tiny_dirs["qwen2_vl"]), data=str(data_dir), limit=3, chunk_size=1, layers="1",
+                    heads="0-1", no_figures=True, quiet=True, no_generate=True, out=out)
+
+    def as_rank(rank: int) -> None:
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+
+    single = heads.sweep(**options(tmp_path / "single"))  # no RANK: one process
+
+    # rank 1 first: None, its chunk written; rank 0 finishes last, assembles and returns the sweep
+    as_rank(1)
+    assert heads.sweep(**options(tmp_path / "a")) is None and not (tmp_path / "a" / "heads.csv").exists()
+    as_rank(0)
+    got = heads.sweep(**options(tmp_path / "a"))
+    assert isinstance(got, HeadSweep)
+    pd.testing.assert_frame_equal(got.heads, single.heads)
+
+    # rank 0 first: it waits, rank 1 finishes and assembles, rank 0 returns that assembly
+    waited = []
+
+    def rank_1_runs(seconds: float) -> None:
+        waited.append((out / "heads.csv").exists())  # whether an assembly was on disk when rank 0 waited
+        if len(waited) == 1:
+            as_rank(1)
+            assert heads.sweep(**options(out)) is None
+            as_rank(0)
+
+    monkeypatch.setattr(heads, "_pause", rank_1_runs)
+    out = tmp_path / "b"
+    got = heads.sweep(**options(out))
+    assert waited == [False] and isinstance(got, HeadSweep)
+    pd.testing.assert_frame_equal(got.heads, single.heads)
+    pd.testing.assert_frame_equal(got.heads, pd.read_csv(out / "heads.csv"), check_dtype=False)
+
+    # a finished run resumed with rank 1's part gone: rank 0 waits for its new assembly, not the heads.csv on disk
+    part_path(out, 1).unlink()
+    waited.clear()
+    got = heads.sweep(**options(out))
+    assert waited == [True] and part_path(out, 1).is_file()
+    pd.testing.assert_frame_equal(got.heads, single.heads)
+
+    # a run another rank stopped (its run.json says so): rank 0 stops too, rather than wait for ever
+    def rank_1_stops(seconds: float) -> None:
+        info = json.loads((tmp_path / "c" / "run.json").read_text())
+        atomic_write_json(tmp_path / "c" / "run.json", info | {"status": "stopped", "error": "EngineDisagrees: x"})
+
+    monkeypatch.setattr(heads, "_pause", rank_1_stops)
+    with pytest.raises(RunStopped, match="another rank stopped the run: EngineDisagrees: x"):
+        heads.sweep(**options(tmp_path / "c"))
+
+
+# torchrun runs this: sweep() and finetune() from Python on each rank, printing what each returned
+FROM_PYTHON_UNDER_TORCHRUN = """
+import os, sys
+from pathlib import Path
+import pandas as pd
+from analyses.finetune import finetune
+from probe.heads import sweep
+
+out = Path(sys.argv[1])
+s = sweep(model="organism-vl", limit=6, chunk_size=1, layers="0", heads="0-1", no_generate=True, no_figures=True,
+          quiet=True, out=out / "heads")
+f = finetune(model="organism-base", data=["text=probe/zoo/data/text"], split="validation", limit=8, steps=2,
+             batch_size=4, device="cpu", dtype="float32", quiet=True, out=out / "ft")
+same = s is not None and s.heads.equals(pd.read_csv(out / "heads" / "heads.csv")) and len(s.heads) == 2
+print(f"rank {os.environ['RANK']}: {type(s).__name__} {same} {type(f).__name__} {f and sorted(f.checkpoints)}")
+"""
+
+
+def test_sweep_and_finetune_from_python_under_torchrun(tmp_path):
+    """A real torchrun launch (2 CPU processes; finetune's data parallel on gloo): rank 0's ``sweep`` returns the
+    assembled HeadSweep and its ``finetune`` the FinetuneRun, rank 1's both None."""
+    script = tmp_path / "from_python.py"
+    script.write_text(FROM_PYTHON_UNDER_TORCHRUN)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TMPDIR=str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script),
+                        str(tmp_path / "out")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    said = sorted(line for line in r.stdout.splitlines() if line.startswith("rank "))
+    assert said == ["rank 0: HeadSweep True FinetuneRun [0, 2]", "rank 1: NoneType False NoneType None"], r.stdout
