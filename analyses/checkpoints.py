@@ -200,7 +200,7 @@ def _weight_files(model_dir: Path, allow_bin: bool) -> dict[str, Path]:
         if entry.name.startswith("pytorch_model") and not allow_bin:
             raise BadInput(f"{model_dir}: only .bin weights; pass --allow-bin to read them (weights_only)")
         try:
-            wmap = json.loads(entry.read_text())["weight_map"]
+            wmap = json.loads(entry.read_text(encoding="utf-8"))["weight_map"]
         except (OSError, json.JSONDecodeError, KeyError, TypeError):
             raise BadInput(f"{entry}: corrupt index (no weight_map)") from None
         files = {k: model_dir / v for k, v in wmap.items()}

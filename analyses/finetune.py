@@ -387,7 +387,7 @@ def write_source_config(source: Path, dest: Path, dtype: str) -> None:
                 set_dtype(value)
 
     set_dtype(config)
-    (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
 def restore_whole_model(source: Path, saved: Path, part_config: Any) -> None:
@@ -405,7 +405,7 @@ def restore_whole_model(source: Path, saved: Path, part_config: Any) -> None:
     write_source_config(source, saved, str(part_config.dtype).removeprefix("torch."))
     index = saved / INDEX_NAME
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
     else:  # one file: it becomes the first of two shards
         (saved / "model.safetensors").rename(saved / "model-00001-of-00002.safetensors")
         with safe_open(saved / "model-00001-of-00002.safetensors", "pt") as f:
@@ -421,7 +421,7 @@ def restore_whole_model(source: Path, saved: Path, part_config: Any) -> None:
     weight_map |= dict.fromkeys(rest, name)
     total = sum(f.stat().st_size for f in {saved / n for n in weight_map.values()})
     index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
-                                indent=2) + "\n")
+                                indent=2) + "\n", encoding="utf-8")
 
 
 def clear_run(out: Path, inputs: Sequence[Path], cpu: bool) -> None:
@@ -476,7 +476,7 @@ def kept_log_rows(path: Path, start: int) -> list[dict[str, str]]:
     missing ends the log there (a step number cut short, 12 of 123, was kept as step 12 with empty fields, and a cut
     to nothing was a traceback)."""
     keep = []
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
             if any(not row.get(c) for c in LOG_COLUMNS) or not row["step"].isdigit() or int(row["step"]) > start:
                 break
@@ -654,7 +654,7 @@ def append_log(log_path: Path, info: StepInfo, modality_of: dict[int, str], cfg:
     counts: dict[str, int] = {}
     for i in info.rows:
         counts[modality_of[i]] = counts.get(modality_of[i], 0) + 1
-    with open(log_path, "a", newline="") as f:
+    with open(log_path, "a", newline="", encoding="utf-8") as f:
         csv.writer(f).writerow([info.step, ";".join(f"{k}={v}" for k, v in sorted(counts.items())),
                                 repr(info.loss), repr(cfg.lr * info.lr_factor), repr(cfg.lm_lr * info.lr_factor),
                                 info.tokens])
@@ -707,7 +707,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     check_previous_run(cfg, fingerprint, ref.path, on_cpu)
     start, resumable = resume_point(out, cfg)
     if start == cfg.steps and (out / "train_log.csv").is_file():
-        saved = json.loads((out / "run.json").read_text())
+        saved = json.loads((out / "run.json").read_text(encoding="utf-8"))
         if saved.get("status") != "complete" and is_main_process():  # killed after its last checkpoint
             finish(out, saved, "complete")
         print(f"already complete: {out}")
@@ -761,7 +761,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         claim_out_dir(out, fingerprint, lambda saved: saved.get("config"))
         atomic_write_json(out / "run.json", run_info)
         def write_log(tmp: str) -> None:  # the kept lines, swapped in whole: a kill here loses none of them
-            with open(tmp, "w", newline="") as f:
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
                 w = csv.DictWriter(f, LOG_COLUMNS)
                 w.writeheader()
                 w.writerows(keep)

@@ -524,7 +524,7 @@ def write_carrier(carrier: Checkpoint, merged: Checkpoint, dest: Path, shard_siz
     copied = copy_side_files(carrier.path, dest)
     if untie:
         config = untie_word_embeddings(carrier.config, carrier.family)
-        (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return {"name": dest.name, "source": str(carrier.path), "layout": carrier.layout.name,
             "lm_tensors_replaced": n_lm, "tensors_copied_bit_exact": len(keys) - n_lm, "files_copied": copied,
             "lm_head_added": add_head}
@@ -578,7 +578,7 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
                 writer.close()
             embed = next(p for p in al.tensors if p.canon == "embed_tokens.weight")
             config = merged_config(ref, asked or embed.ref.dtype, embed.ref.shape[0], al.tied)
-            (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n", encoding="utf-8")
             tok_src = ref.path
             copied = copy_side_files(tok_src, tmp, TOKENIZER_FILES)
             write_alphas(tmp / "merge_weights.csv", merger.alpha_rows)
@@ -628,7 +628,7 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
                 "seconds_lm": round(t_lm, 3),
                 "seconds_total": round(time.perf_counter() - t0, 3),
             }
-            (tmp / "merge.json").write_text(json_text(report))
+            (tmp / "merge.json").write_text(json_text(report), encoding="utf-8")
             for c in carriers:
                 c.close()  # release mappings before the rename
     if al.vocab:
@@ -662,7 +662,7 @@ def unique_name(name: str, used: set[str]) -> str:
 
 def write_alphas(path: Path, rows: Sequence[tuple[str, str, str, float | None, float]]) -> None:
     """One row per tensor (slice "all") or head slice per model; for ties, alpha is the trim threshold."""
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["tensor", "slice", "model", "delta_avg", "alpha"])
         for t, sl, m, d, a in rows:

@@ -194,7 +194,7 @@ def _build(cls: type, table: dict[str, Any], prefix: str = "") -> Any:
 def parse_config(path: Path) -> ReplicateConfig:
     """Read and type-check the file; no path or machine is looked at yet."""
     try:
-        table = tomllib.loads(Path(path).read_text())
+        table = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise BadInput(f"--config {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:

@@ -141,7 +141,7 @@ def read_salience(run_dir: Path, metric: str, geometry: HeadGeometry, who: str) 
     if status != "complete":
         raise BadInput(f"--salience {run_dir}: the run is not complete (status {status!r}); finish it first")
     try:  # csv, not pandas: importing pandas would cost the merge more than reading the table
-        with open(heads_csv, newline="") as f:
+        with open(heads_csv, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             rows, columns = list(reader), reader.fieldnames or []
         if missing := [c for c in ("layer", "head", metric) if c not in columns]:

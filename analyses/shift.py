@@ -124,7 +124,7 @@ def _mean_finite(values: Sequence[float]) -> float | None:
 
 
 def write_csv(path: Path, rows: Sequence[ShiftRow]) -> None:
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(COLUMNS)
         for r in rows:
@@ -199,7 +199,7 @@ def run_shift(cfg: ShiftConfig) -> dict[str, Any]:
         }
     with atomic_dir(cfg.out, cfg.overwrite, COMMAND, shift_request(cfg)) as tmp:
         write_csv(tmp / "shift.csv", rows)
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")
         if cfg.figures:
             from figures.shift import draw_shift
 

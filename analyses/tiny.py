@@ -119,9 +119,9 @@ def _rewrite(model_dir: Path, fn: Callable[[str, torch.Tensor], tuple[str, torch
         save_file(new, shard, metadata={"format": "pt"})
         wmap.update({k: shard.name for k in new})
     if index.is_file():
-        data = json.loads(index.read_text())
+        data = json.loads(index.read_text(encoding="utf-8"))
         data["weight_map"] = wmap
-        index.write_text(json.dumps(data, indent=2))
+        index.write_text(json.dumps(data, indent=2), encoding="utf-8")
 
 
 TF4_RENAMES = {
@@ -147,7 +147,7 @@ def _rename(key: str, renames: list[tuple[str, str]]) -> str:
 
 def to_tf4_layout(model_dir: Path) -> Path:
     """Rewrite keys in place into the layout transformers 4.52-4.57 wrote (``model.language_model.…``)."""
-    kind = json.loads((Path(model_dir) / "config.json").read_text())["model_type"]
+    kind = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))["model_type"]
     _rewrite(Path(model_dir), lambda k, t: (_rename(k, TF4_RENAMES[kind]), t))
     return Path(model_dir)
 
@@ -155,11 +155,11 @@ def to_tf4_layout(model_dir: Path) -> Path:
 def to_lmms_layout(model_dir: Path) -> Path:
     """Rewrite a LLaVA-OneVision dir in place into the original LLaVA-NeXT (lmms-lab) layout and config."""
     model_dir = Path(model_dir)
-    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     flat = dict(cfg["text_config"])
     flat.update(model_type="llava_qwen", architectures=["LlavaQwenForCausalLM"], mm_projector_type="mlp2x_gelu",
                 mm_vision_tower="google/siglip-so400m-patch14-384")
-    (model_dir / "config.json").write_text(json.dumps(flat, indent=2))
+    (model_dir / "config.json").write_text(json.dumps(flat, indent=2), encoding="utf-8")
     _rewrite(model_dir, lambda k, t: (_rename(k, LMMS_RENAMES), t))
     return model_dir
 

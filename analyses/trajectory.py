@@ -198,18 +198,18 @@ def run_trajectory(cfg: TrajectoryConfig) -> dict[str, Any]:
         "pca_explained_variance": explained,  # per feature, the share of PC1 and PC2
     }
     with atomic_dir(cfg.out, cfg.overwrite, COMMAND, trajectory_request(cfg, points)) as tmp:
-        with open(tmp / "points.csv", "w", newline="") as f:
+        with open(tmp / "points.csv", "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(["name", "kind", "run", "step", "path"])
             for p in points:
                 w.writerow([p.name, p.kind, p.run, "" if p.step is None else p.step, p.path])
-        with open(tmp / "coords.csv", "w", newline="") as f:
+        with open(tmp / "coords.csv", "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(["name", "kind", "run", "step", "feature", "method", "x", "y"])
             w.writerows(coords)
         np.savez(tmp / "features.npz", names=np.array([p.name for p in points]), tensors=np.array(tensors),
                  norms=norms, sketch=sketch)
-        (tmp / "run.json").write_text(json_text(run))
+        (tmp / "run.json").write_text(json_text(run), encoding="utf-8")
         if cfg.figures:
             from figures.trajectory import draw_trajectory
 

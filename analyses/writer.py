@@ -140,7 +140,7 @@ class ShardedWriter:
                 "metadata": {"total_size": self.total_bytes},
                 "weight_map": {e.key: self.names[i] for e, i in self._order},
             }
-            (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+            (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
     def abort(self) -> None:
         """Stop the write thread (idempotent); after an error the caller deletes the output."""

@@ -73,7 +73,7 @@ def step_worker(precision: str, source: str, out: str) -> None:
 
     seconds, peak = peak_extra(step)
     casts = sum(p.numel() * 2 for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n)
-    with open(out, "a") as f:
+    with open(out, "a", encoding="utf-8") as f:
         f.write(json.dumps({"way": precision, "rank": rank, "seconds": seconds, "peak": peak,
                             "saved_casts": sum(saved.values()), "matmul_weights_bf16": casts}) + "\n")
 
@@ -103,7 +103,7 @@ def worker(way: str, source: str, out: str) -> None:
     digest = torch.cat([*shards, *buffers]).double()
     line = {"way": way, "rank": rank, "seconds": seconds, "peak": peak, "after": after,
             "check": [float(digest.sum()), float((digest * torch.arange(len(digest), dtype=torch.float64)).sum())]}
-    with open(out, "a") as f:
+    with open(out, "a", encoding="utf-8") as f:
         f.write(json.dumps(line) + "\n")
 
 
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.processes),
                             __file__, "--worker", way, str(source), str(results)], env=env, check=True,
                            stdout=subprocess.DEVNULL)
-        rows = [json.loads(line) for line in results.read_text().splitlines()]
+        rows = [json.loads(line) for line in results.read_text(encoding="utf-8").splitlines()]
     gb = 1e9
     if args.step:
         print(f"Qwen2-7B layer shapes, {args.layers} layers, vocab {args.vocab_size}: {n_params / 1e6:.0f}M "

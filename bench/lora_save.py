@@ -37,7 +37,7 @@ from probe.models import load_model, resolve_model  # noqa: E402
 def rss() -> int:
     """Resident anonymous memory (RssAnon): what a save must hold; pages of a mapped checkpoint file are
     reclaimable and not counted."""
-    with open("/proc/self/status") as f:
+    with open("/proc/self/status", encoding="utf-8") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
 
 

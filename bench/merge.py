@@ -121,7 +121,8 @@ def make_models(workdir: Path, k: int, cfg: Any, shapes: dict[str, tuple[int, ..
             fn = f"model-{j + 1:05d}-of-00002.safetensors"
             save_file({n: sd[n] for n in part}, d / fn, metadata={"format": "pt"})
             wmap.update({n: fn for n in part})
-        (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wmap}))
+        (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wmap}),
+                                                        encoding="utf-8")
         dirs.append(d)
     return dirs
 
@@ -219,8 +220,8 @@ def merge_args(method: str, inputs: list[str], work: Path, n_layers: int, n_head
                 d.mkdir()
                 rng = random.Random(m)
                 rows = [f"{layer},{h},{rng.random()!r}" for layer in range(n_layers) for h in range(n_heads)]
-                (d / "heads.csv").write_text("layer,head,kl\n" + "\n".join(rows) + "\n")
-                (d / "run.json").write_text('{"status": "complete"}')
+                (d / "heads.csv").write_text("layer,head,kl\n" + "\n".join(rows) + "\n", encoding="utf-8")
+                (d / "run.json").write_text('{"status": "complete"}', encoding="utf-8")
             dirs.append(str(d))
         shift_dir = work / "shift"
         if not shift_dir.is_dir():  # Eq. 4's Δavg for the non-head tensors, computed once outside the timing
@@ -311,11 +312,12 @@ def main(argv: list[str] | None = None) -> int:
             cfg = work / "mergekit.yml"
             if a.method == "average":
                 cfg.write_text(f"merge_method: linear\ndtype: {a.dtype}\nmodels:\n" + "".join(
-                    f"  - model: {d}\n    parameters: {{weight: 1.0}}\n" for d in dirs))
+                    f"  - model: {d}\n    parameters: {{weight: 1.0}}\n" for d in dirs), encoding="utf-8")
             else:
                 density = 0.2 if a.method == "ties" else 1.0
                 cfg.write_text(f"merge_method: {a.method}\ndtype: {a.dtype}\nbase_model: {dirs[0]}\nmodels:\n" + "".join(
-                    f"  - model: {d}\n    parameters: {{weight: 1.0, density: {density}}}\n" for d in dirs[1:]))
+                    f"  - model: {d}\n    parameters: {{weight: 1.0, density: {density}}}\n" for d in dirs[1:]),
+                    encoding="utf-8")
             exe = str(Path(sys.executable).with_name("mergekit-yaml"))
             shutil.rmtree(work / "mk", ignore_errors=True)
             mk_wall, mk_rss, _ = run_measured([sys.executable, "-c", SCRIPT, exe, str(cfg), str(work / "mk"),

@@ -61,7 +61,7 @@ class DeviceQuery:
 def available_ram() -> int | None:
     """RAM a new allocation can get without swapping (``MemAvailable`` of /proc/meminfo), None where unknown."""
     try:
-        with open("/proc/meminfo") as f:
+        with open("/proc/meminfo", encoding="utf-8") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024

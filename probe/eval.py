@@ -502,7 +502,7 @@ def summary(table_md: Path) -> str:
     """What a finished run prints of its table.md: the heading (which metric: with --no-generate it is the
     probability accuracy), the models × data sets table and the notes that say what its n/a and † cells mean; the
     per-subject tables stay in the file."""
-    blocks = table_md.read_text().strip().split("\n\n")
+    blocks = table_md.read_text(encoding="utf-8").strip().split("\n\n")
     notes = [blocks[-1]] if blocks[-1].startswith("- ") else []
     return "\n".join([blocks[0].removeprefix("# ") + ":", blocks[1], *notes])
 

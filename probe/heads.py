@@ -153,7 +153,7 @@ def load_template(args: argparse.Namespace) -> PromptTemplate:
     template = PromptTemplate()
     if args.template is not None:
         try:
-            fields = json.loads(args.template.read_text())
+            fields = json.loads(args.template.read_text(encoding="utf-8"))
             if not isinstance(fields, dict):
                 raise TypeError(f"want a JSON object of PromptTemplate fields, got {type(fields).__name__}")
             template = PromptTemplate(**fields)
@@ -427,7 +427,7 @@ def _progress(total: int, quiet: bool, desc: str, unit: str = "run"):
 
 
 def _print_summary(out: Path, heads) -> None:
-    base = json.loads((out / "baseline.json").read_text())
+    base = json.loads((out / "baseline.json").read_text(encoding="utf-8"))
     acc = base["accuracy"]
     estimated = base.get("method") == "attribution"
     why = "attribution estimates no generated text" if estimated else "--no-generate"

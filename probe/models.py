@@ -195,7 +195,8 @@ def check_loaded_tie(path: Path, config: dict[str, Any], entry: Path | None, key
     if entry is not None and entry.name.startswith("pytorch_model"):
         files = {f: bin_keys(f) for f in sorted(path.glob("pytorch_model*.bin"))}
     elif entry is not None and entry.name.endswith(".index.json"):
-        files = {f: k for f, k in keys.items() if f.name in set(json.loads(entry.read_text())["weight_map"].values())}
+        shards = set(json.loads(entry.read_text(encoding="utf-8"))["weight_map"].values())
+        files = {f: k for f, k in keys.items() if f.name in shards}
     else:
         files = keys if entry is None else {entry: keys.get(entry, [])}
     where = {k: f for f, names in files.items() for k in names}
@@ -765,7 +766,7 @@ def build_processor(ref: ModelRef, tokenizer: Any) -> Any:
     saved = ref.path / "processor_config.json"
     if saved.is_file():
         try:
-            kwargs.update({k: v for k, v in json.loads(saved.read_text()).items() if k in kwargs})
+            kwargs.update({k: v for k, v in json.loads(saved.read_text(encoding="utf-8")).items() if k in kwargs})
         except (OSError, json.JSONDecodeError):
             raise BadInput(f"{saved}: unreadable processor config") from None
     params = inspect.signature(proc_cls.__init__).parameters
@@ -841,7 +842,7 @@ def check_shard_keys(path: Path, index: Path | None, keys: dict[Path, list[str]]
 
     if index is not None:
         try:
-            wmap = json.loads(index.read_text())["weight_map"]
+            wmap = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             if not isinstance(wmap, dict):
                 raise TypeError
         except (OSError, json.JSONDecodeError, KeyError, TypeError):

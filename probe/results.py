@@ -38,7 +38,7 @@ METRICS = ("accuracy", "prob_accuracy", "kl")
 def file_mode() -> int:
     """The mode ``open()`` gives a new file (0o666 less the umask); mkstemp's 0o600 is for secrets, not results."""
     try:  # Linux reports the umask without changing it (no window in which another thread sees umask 0)
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
             if line.startswith("Umask:"):
                 return 0o666 & ~int(line.split()[1], 8)
     except (OSError, ValueError):
@@ -214,7 +214,7 @@ def parse_json_object(path: Path) -> tuple[dict | None, str]:
     if not path.is_file():
         return None, NO_FILE
     try:
-        value = json.loads(path.read_text())
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
         return None, f"not valid JSON ({exc})"
     if not isinstance(value, dict):
@@ -295,7 +295,7 @@ def saved_command(saved: Any, out: Path | None = None) -> str | None:
 def read_run_json(out: Path) -> Any:
     """``out``'s run.json as parsed (any JSON value), or None when missing or unreadable."""
     try:
-        return json.loads((out / "run.json").read_text())
+        return json.loads((out / "run.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
 

@@ -335,7 +335,8 @@ def write_processor_config(model_dir: Path) -> None:
     fam = family_of_model_type(config["model_type"])
     if fam.processor_class is not None:
         saved = {"processor_class": fam.processor_class, **processor_kwargs(fam, config)}
-        (Path(model_dir) / "processor_config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+        (Path(model_dir) / "processor_config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n",
+                                                               encoding="utf-8")
 
 
 def cache_root() -> Path:

@@ -298,6 +298,37 @@ def test_every_cli_uses_the_shared_parser():
     assert not found, found
 
 
+def _text_io_without_encoding(path: Path) -> list[str]:
+    """Calls in ``path`` that read or write text in the locale's encoding: ``open()`` in a text mode,
+    ``Path.read_text()`` / ``write_text()``, none of them given ``encoding=``."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if not isinstance(node, ast.Call) or any(k.arg == "encoding" for k in node.keywords):
+            continue
+        f = node.func
+        name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
+        if name in ("read_text", "write_text") and isinstance(f, ast.Attribute):
+            found.append(f"{path.relative_to(REPO)}:{node.lineno}")
+        elif name == "open" and isinstance(f, ast.Name):
+            given = node.args[1:2] + [k.value for k in node.keywords if k.arg == "mode"]
+            mode = given[0] if given else None
+            if not (isinstance(mode, ast.Constant) and "b" in mode.value):
+                found.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    return found
+
+
+def test_text_files_are_read_and_written_as_utf8():
+    """Under a locale that is not UTF-8 (latin-1, on a machine that has it), a text file opened without
+    ``encoding=`` is read and written in that locale's encoding: a prompt template's non-ASCII text read as
+    mojibake (a silently different prompt), and shift.csv or merge_weights.csv written in latin-1 for readers
+    that expect UTF-8."""
+    found = [hit for d in ("probe", "analyses", "figures", "bench") for p in sorted((REPO / d).rglob("*.py"))
+             for hit in _text_io_without_encoding(p)]
+    assert not found, found
+
+
 def test_readme_names_every_module_and_every_command_it_shows_has_a_help():
     """README's Layout names every module of probe/, analyses/, figures/ and bench/ (errors.py, align.py,
     checkpoints.py, sketch.py, tiny.py, writer.py, figures' steps.py and four benchmarks were missing), and every

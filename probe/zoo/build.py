@@ -631,7 +631,7 @@ def _build_organism(name: str, out: Path, tok, items: dict, recipe: Recipe, seed
     for label, modality in evals.items():
         val = encode(shipped, items[modality]["validation"], False)
         res[label] = evaluate(shipped, val) | {"modality": modality}
-    (d / "organism.json").write_text(json.dumps({"name": f"organism-{name}"} | res, indent=1))
+    (d / "organism.json").write_text(json.dumps({"name": f"organism-{name}"} | res, indent=1), encoding="utf-8")
     if final.exists():
         shutil.rmtree(final)
     d.rename(final)
@@ -683,7 +683,7 @@ def build(out: Path, quick: bool = False, steps: int | None = None, seed: int = 
     else:
         (out / "data" / "build.json").unlink(missing_ok=True)  # a kill while rewriting must not leave it vouching
         data = build_data(out / "data", sizes, seed, held_out)
-        (out / "data" / "build.json").write_text(json.dumps(stamp))
+        (out / "data" / "build.json").write_text(json.dumps(stamp), encoding="utf-8")
     items = _load_items(data, sizes)
     log(f"tokenizer ({time.time() - t_start:.0f}s)")
     tok = build_tokenizer(tokenizer_corpus(seed), 1024)
@@ -696,7 +696,7 @@ def build(out: Path, quick: bool = False, steps: int | None = None, seed: int = 
         if only and name not in only:
             continue
         if reuse and (d / "organism.json").is_file():
-            done = json.loads((d / "organism.json").read_text())
+            done = json.loads((d / "organism.json").read_text(encoding="utf-8"))
             if done.get("recipe") == _recipe_json(recipes[name]):
                 log(f"organism-{name}: reusing {d}")
                 built[name] = {k: v for k, v in done.items() if k != "name"}
@@ -722,10 +722,10 @@ def build(out: Path, quick: bool = False, steps: int | None = None, seed: int = 
             quality["organisms"][f"organism-{name}"] = built[name]
     quality["build_seconds"] = round(time.time() - t_start, 1)
     if not only:
-        (out / "quality.json").write_text(json.dumps(quality, indent=1))
+        (out / "quality.json").write_text(json.dumps(quality, indent=1), encoding="utf-8")
     elif (full := _read_json(out / "quality.json")) is not None:  # the full build's table, with what --only rebuilt
         full["organisms"] = full.get("organisms", {}) | {f"organism-{n}": built[n] for n in todo}
-        (out / "quality.json").write_text(json.dumps(full, indent=1))
+        (out / "quality.json").write_text(json.dumps(full, indent=1), encoding="utf-8")
     log(f"done in {quality['build_seconds']}s")
     for name, entry in quality["organisms"].items():  # another machine's build can land on either side of it
         mark = f"  BELOW the {BAR:.0%} bar" if below_bar({name: entry}) else ""
@@ -760,7 +760,7 @@ def below_bar(entries: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else None
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def ship(out: Path) -> None:
