@@ -170,11 +170,12 @@ def test_sweep_under_torchrun_returns_the_assembled_sweep_on_rank_0_and_none_els
     """``probe.heads.sweep`` under RANK / WORLD_SIZE read the output back as soon as its own chunks were written:
     rank 0, done before the others, read no heads.csv (BadInput) or an earlier assembly's. Now every rank but 0
     returns None, and rank 0 waits for the last rank's assembly and returns it. The other rank runs here in this
-    process while rank 0 waits (``heads._pause``, its pause between two looks at --out)."""
+    process while rank 0 waits (``probe.results._pause``, its pause between two looks at --out)."""
     from figures.results import HeadSweep
     from probe import heads
     from probe.errors import RunStopped
     from probe.results import atomic_write_json, part_path
+    from probe import results
 
     def options(out):
         return dict(model=str(tiny_dirs["qwen2_vl"]), data=str(data_dir), limit=3, chunk_size=1, layers="1",
@@ -204,7 +205,7 @@ def test_sweep_under_torchrun_returns_the_assembled_sweep_on_rank_0_and_none_els
             assert heads.sweep(**options(out)) is None
             as_rank(0)
 
-    monkeypatch.setattr(heads, "_pause", rank_1_runs)
+    monkeypatch.setattr(results, "_pause", rank_1_runs)
     out = tmp_path / "b"
     got = heads.sweep(**options(out))
     assert waited == [False] and isinstance(got, HeadSweep)
@@ -223,7 +224,7 @@ def test_sweep_under_torchrun_returns_the_assembled_sweep_on_rank_0_and_none_els
         info = json.loads((tmp_path / "c" / "run.json").read_text())
         atomic_write_json(tmp_path / "c" / "run.json", info | {"status": "stopped", "error": "EngineDisagrees: x"})
 
-    monkeypatch.setattr(heads, "_pause", rank_1_stops)
+    monkeypatch.setattr(results, "_pause", rank_1_stops)
     with pytest.raises(RunStopped, match="another rank stopped the run: EngineDisagrees: x"):
         heads.sweep(**options(tmp_path / "c"))
 
