@@ -229,6 +229,19 @@ def part_file(out: Path, m: int, d: int) -> Path:
     return out / "parts" / f"model{m:03d}_data{d:03d}.parquet"
 
 
+def scored_pairs(plan: dict[str, Any]) -> list[tuple[int, int]]:
+    """The (model, data set) pairs of a plan (``asdict(EvalPlan)``, as run.json holds it) that score items, a part
+    each: every pair but those whose model can read none of the set's items (``unreadable`` counts them)."""
+    return [(m, d) for m, e in enumerate(plan["models"]) for d, ds in enumerate(plan["data"])
+            if int(ds["n_items"]) > sum(plan["unreadable"].get(f"{e['name']}|{ds['name']}", {}).values())]
+
+
+def pair_parts(out: Path, info: dict[str, Any]) -> list[Path]:
+    """The part files of the run whose run.json (or run_info) is ``info``: one per scored (model, data set) pair.
+    What the assembly's run.json signs (``probe.results.parts_signature``), and rank 0 of ``evaluate`` waits for."""
+    return [part_file(out, m, d) for m, d in scored_pairs(info["plan"])]
+
+
 def read_pair_part(out: Path, plan: EvalPlan, scored: dict[tuple[int, int], list[Item]], m: int,
                    d: int) -> pd.DataFrame:
     """The saved part of model ``m`` on data set ``d``, checked to hold one row per item the plan scores there, of
@@ -264,7 +277,8 @@ def run(args: argparse.Namespace) -> Path:
     import pandas as pd
 
     from probe.devices import rank_world
-    from probe.results import atomic_write_json, atomic_write_parquet, claim_out_dir, prepare_out_dir, stop_recorded
+    from probe.results import (atomic_write_json, atomic_write_parquet, claim_out_dir, parts_signature,
+                               prepare_out_dir, stop_recorded)
 
     from probe.models import check_fits, preflight
 
@@ -277,7 +291,7 @@ def run(args: argparse.Namespace) -> Path:
     rank, world = rank_world()
     resumed = prepare_out_dir(out, plan.fingerprint(), args.overwrite, command="probe.eval", plan=asdict(plan))
     saved = saved_run_info(out) if resumed else {}
-    pairs = [pair for pair, its in scored.items() if its]
+    pairs = scored_pairs(asdict(plan))
     # under torchrun each rank takes every WORLD_SIZE-th (model, data set) pair (it read no RANK: K ranks did all)
     todo = [(m, d) for i, (m, d) in enumerate(pairs) if i % world == rank and not part_file(out, m, d).is_file()]
     # the parts a resume keeps are read now: a damaged one is named before anything runs or is printed
@@ -320,6 +334,7 @@ def run(args: argparse.Namespace) -> Path:
         print(f"rank {rank}: done; waiting for {len(missing)} (model, data set) pairs from other ranks",
               file=sys.stderr)
         return out
+    assembled = parts_signature(pair_parts(out, run_info))  # the parts read here (rank 0's evaluate() waits for it)
     frames |= {p: read_pair_part(out, plan, scored, *p) for p in pairs if p not in frames}  # other ranks'
     if not todo:  # nothing to compute (a resume, or every pair n/a): results are still this run's writes
         claim_out_dir(out, plan.fingerprint())
@@ -334,7 +349,8 @@ def run(args: argparse.Namespace) -> Path:
 
         draw_eval(out)
     run_info |= {"status": "complete", "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seed": args.seed,
-                 "reference": args.reference, "elapsed_s_this_process": round(time.perf_counter() - t0, 3)}
+                 "reference": args.reference, "elapsed_s_this_process": round(time.perf_counter() - t0, 3),
+                 "parts": assembled}
     atomic_write_json(out / "run.json", run_info)
     print(summary(out / "table.md"))
     print(f"results in {out}/")
@@ -512,10 +528,17 @@ def evaluate(**options: Any) -> Any:
     text"], limit=16, reference="organism-base", out="runs/eval")``: the options of ``python -m probe.eval --help``
     as keywords (a list for several values, True for a flag). Resumes or refuses an existing --out as the command
     does. Returns the finished run read back, a ``figures.results.EvalRun`` (``.scores``, ``.items``,
-    ``.row(model, data)``, ``.paired(model, reference, data)``); bad input raises ``probe.errors.BadInput``."""
-    from figures.results import EvalRun
+    ``.row(model, data)``, ``.paired(model, reference, data)``); bad input raises ``probe.errors.BadInput``.
 
-    return EvalRun.read(run(parse_options(build_parser(), options)))
+    Under ``torchrun`` (RANK / WORLD_SIZE set; each rank calls ``evaluate`` with the same options) every rank
+    evaluates its (model, data set) pairs and the last to finish assembles the outputs, as on the command line; rank
+    0 then waits for that assembly (``probe.results.read_on_rank_0``) and returns the EvalRun, and every other rank
+    returns None once its own pairs are written. Rank 0 waits as long as the other ranks run: launch them together
+    (torchrun does), not one after another from one process."""
+    from figures.results import EvalRun
+    from probe.results import read_on_rank_0
+
+    return read_on_rank_0(run(parse_options(build_parser(), options)), EvalRun.read, pair_parts)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -324,8 +324,8 @@ def run(args: argparse.Namespace) -> Path:
     """The sweep of parsed arguments (``build_parser``'s); returns its --out once complete. From Python,
     ``sweep(**options)`` takes the options as keywords and returns the result read back."""
     from probe.devices import rank_world
-    from probe.results import (atomic_write_json, check_part_rows, claim_out_dir, part_path, prepare_out_dir,
-                               read_part, read_parts, stop_recorded, write_outputs)
+    from probe.results import (atomic_write_json, check_part_rows, claim_out_dir, part_path, parts_signature,
+                               prepare_out_dir, read_part, read_parts, stop_recorded, write_outputs)
 
     plan, ref, items, template, placement = make_plan(args)
     out: Path = args.out
@@ -402,7 +402,7 @@ def run(args: argparse.Namespace) -> Path:
         return out
     if not todo:  # a resume with nothing to compute still rewrites the outputs and run.json: it holds the dir too
         claim_out_dir(out, plan.fingerprint())
-    assembled = parts_signature(out, len(chunks))  # the parts this assembly reads (rank 0's sweep() waits for it)
+    assembled = parts_signature(chunk_parts(out, run_info))  # the parts read here (rank 0's sweep() waits for it)
     items_df = read_parts(out, range(len(chunks)), check_chunk, kept)  # this run's and other ranks' parts too
     heads = write_outputs(out, items_df, {"n_skipped_open": plan.n_skipped_open, "method": plan.method,
                                           "model": plan.model_spec, "approximate": plan.method == "attribution",
@@ -444,51 +444,13 @@ def _print_summary(out: Path, heads) -> None:
     print(f"results in {out}/")
 
 
-def parts_signature(out: Path, n_chunks: int) -> str | None:
-    """Which files the parts of ``out`` are now (each chunk's size and mtime, digested); None while one is missing.
-    run.json records it when the parts are assembled: a part computed again since (deleted, then resumed) is another
-    file, so an assembly of the old one no longer matches, whatever the clocks of the ranks that wrote them."""
-    from probe.results import json_digest, part_path
+def chunk_parts(out: Path, info: dict) -> list[Path]:
+    """The part files of the run whose run.json (or run_info) is ``info``: one per chunk of its plan's items. What
+    the assembly's run.json signs (``probe.results.parts_signature``), and rank 0 of ``sweep`` waits for."""
+    from probe.results import part_path
 
-    try:
-        stats = [part_path(out, c).stat() for c in range(n_chunks)]
-    except OSError:  # FileNotFoundError: a rank is still computing it
-        return None
-    return json_digest([[s.st_size, s.st_mtime_ns] for s in stats])
-
-
-_pause = time.sleep  # how rank 0 waits between two looks at --out (a test steps in here)
-
-
-def wait_for_assembly(out: Path) -> None:
-    """Under torchrun (RANK / WORLD_SIZE) ``run`` returns once this rank's chunks are written, and the last rank to
-    finish assembles the outputs; return once they are: run.json complete, of the run --out held when this rank
-    finished, recording an assembly of the parts as they are now (``parts_signature``: not an earlier assembly's
-    heads.csv, left by a resumed run). A run another rank stopped (RunStopped, recorded in run.json) raises
-    RunStopped here too; a rank that dies without a word is torchrun's to end (it stops the whole job)."""
-    from probe.errors import RunStopped
-    from probe.results import read_run_json
-
-    mine = read_run_json(out)
-    try:
-        plan = mine["plan"]
-        n_chunks = -(-int(plan["n_items"]) // int(plan["settings"]["chunk_size"]))
-        fingerprint = mine["fingerprint"]
-    except (KeyError, TypeError, ValueError):
-        raise BadInput(f"{out / 'run.json'}: no plan with n_items and chunk_size (not this run's run.json)") from None
-    delay = 0.1
-    while True:
-        now = read_run_json(out)
-        if not isinstance(now, dict) or now.get("fingerprint") != fingerprint:
-            raise BadInput(f"--out {out}: its run.json went, or became another run's, while rank 0 waited for the "
-                           "other ranks to assemble the outputs")
-        if now.get("status") == "stopped":
-            raise RunStopped(f"another rank stopped the run: {now.get('error')}")
-        parts = parts_signature(out, n_chunks)
-        if now.get("status") == "complete" and parts is not None and now.get("parts") == parts:
-            return
-        _pause(delay)  # run() has said "rank 0: done; waiting for N chunks from other ranks"
-        delay = min(2 * delay, 5.0)
+    plan = info["plan"]
+    return [part_path(out, c) for c in range(-(-int(plan["n_items"]) // int(plan["settings"]["chunk_size"])))]
 
 
 def sweep(**options: Any) -> Any:
@@ -501,20 +463,13 @@ def sweep(**options: Any) -> Any:
 
     Under ``torchrun`` (RANK / WORLD_SIZE set; each rank calls ``sweep`` with the same options) every rank computes
     its chunks and the last to finish assembles the outputs, as on the command line; rank 0 then waits for that
-    assembly (``wait_for_assembly``) and returns the HeadSweep, and every other rank returns None once its own
-    chunks are written. Rank 0 waits as long as the other ranks run: launch them together (torchrun does), not one
-    after another from one process."""
+    assembly (``probe.results.read_on_rank_0``) and returns the HeadSweep, and every other rank returns None once
+    its own chunks are written. Rank 0 waits as long as the other ranks run: launch them together (torchrun does),
+    not one after another from one process."""
     from figures.results import HeadSweep
-    from probe.devices import rank_world
+    from probe.results import read_on_rank_0
 
-    out = run(parse_options(build_parser(), options))
-    rank, world = rank_world()
-    if world == 1:
-        return HeadSweep.read(out)
-    if rank != 0:
-        return None
-    wait_for_assembly(out)
-    return HeadSweep.read(out)
+    return read_on_rank_0(run(parse_options(build_parser(), options)), HeadSweep.read, chunk_parts)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -300,6 +300,63 @@ def read_run_json(out: Path) -> Any:
         return None
 
 
+def parts_signature(parts: Iterable[Path]) -> str | None:
+    """Which files ``parts`` are now (each one's size and mtime, digested); None while one is missing. run.json
+    records it (``"parts"``) when the parts are assembled: a part computed again since (deleted, then resumed) is
+    another file, so an assembly of the old one no longer matches, whatever the clocks of the ranks that wrote them."""
+    try:
+        stats = [Path(p).stat() for p in parts]
+    except OSError:  # FileNotFoundError: a rank is still computing it
+        return None
+    return json_digest([[s.st_size, s.st_mtime_ns] for s in stats])
+
+
+_pause = time.sleep  # how rank 0 waits between two looks at --out (a test steps in here)
+
+
+def wait_for_assembly(out: Path, parts: Callable[[Path, dict], Sequence[Path]]) -> None:
+    """Under torchrun (RANK / WORLD_SIZE) a command's ``run`` returns once this rank's parts are written, and the last
+    rank to finish assembles the outputs; return once they are: run.json complete, of the run --out held when this
+    rank finished, recording an assembly of the parts as they are now (``parts_signature`` of ``parts(out,
+    run.json)``, the command's part files of that run: not an earlier assembly's outputs, left by a resumed run). A
+    run another rank stopped (RunStopped, recorded in run.json) raises RunStopped here too; a rank that dies without
+    a word is torchrun's to end (it stops the whole job)."""
+    mine = read_run_json(out)
+    try:
+        paths = list(parts(out, mine))
+        fingerprint = mine["fingerprint"]
+    except (KeyError, TypeError, ValueError):
+        raise BadInput(f"{out / 'run.json'}: no plan that lists its parts (not this run's run.json)") from None
+    delay = 0.1
+    while True:
+        now = read_run_json(out)
+        if not isinstance(now, dict) or now.get("fingerprint") != fingerprint:
+            raise BadInput(f"--out {out}: its run.json went, or became another run's, while rank 0 waited for the "
+                           "other ranks to assemble the outputs")
+        if now.get("status") == "stopped":
+            raise RunStopped(f"another rank stopped the run: {now.get('error')}")
+        signature = parts_signature(paths)
+        if now.get("status") == "complete" and signature is not None and now.get("parts") == signature:
+            return
+        _pause(delay)  # run() has said "rank 0: done; waiting for N ... from other ranks"
+        delay = min(2 * delay, 5.0)
+
+
+def read_on_rank_0(out: Path, read: Callable[[Path], Any], parts: Callable[[Path, dict], Sequence[Path]]) -> Any:
+    """What a command's keyword function (``probe.heads.sweep``, ``probe.eval.evaluate``) returns once its ``run``
+    returned ``out``: ``read(out)``, the finished output read back. Under torchrun (WORLD_SIZE > 1) each rank's run
+    returns once its own parts are written and the last rank to finish assembles; rank 0 then waits for that
+    assembly (``wait_for_assembly``, the run's part files by ``parts``) and returns it read back, and every other
+    rank returns None at once (it may not be last: the outputs need not exist yet)."""
+    rank, world = rank_world()
+    if world == 1:
+        return read(out)
+    if rank != 0:
+        return None
+    wait_for_assembly(out, parts)
+    return read(out)
+
+
 def prepare_out_dir(out: Path, fingerprint: str, overwrite: bool, command: str = "probe.heads",
                     plan: dict[str, Any] | None = None) -> bool:
     """Check an existing run dir against this run's fingerprint. Returns True if it can be resumed.

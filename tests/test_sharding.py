@@ -165,90 +165,121 @@ def test_overwrite_under_torchrun_is_refused_into_an_empty_out_too(tmp_path, tin
     assert not out.exists()
 
 
-def test_sweep_under_torchrun_returns_the_assembled_sweep_on_rank_0_and_none_elsewhere(tmp_path, tiny_dirs, data_dir,
-                                                                                       monkeypatch):
-    """``probe.heads.sweep`` under RANK / WORLD_SIZE read the output back as soon as its own chunks were written:
-    rank 0, done before the others, read no heads.csv (BadInput) or an earlier assembly's. Now every rank but 0
-    returns None, and rank 0 waits for the last rank's assembly and returns it. The other rank runs here in this
-    process while rank 0 waits (``heads._pause``, its pause between two looks at --out)."""
-    from figures.results import HeadSweep
-    from probe import heads
-    from probe.errors import RunStopped
-    from probe.results import atomic_write_json, part_path
+def _keyword_function(command: str, tiny_dirs, data_dir) -> tuple:
+    """The keyword function of ``command`` (the module, for its ``run``), its options for a run into OUT of two
+    ranks' worth of parts, the result class, its output file read with pandas (to compare the result with), and the
+    part rank 1 writes."""
+    from figures.results import EvalRun, HeadSweep
+    from probe import eval as ev, heads
+    from probe.results import part_path
 
-    def options(out):
-        return dict(model=str(tiny_dirs["qwen2_vl"]), data=str(data_dir), limit=3, chunk_size=1, layers="1",
-                    heads="0-1", no_figures=True, quiet=True, no_generate=True, out=out)
+    if command == "heads":
+        return (heads.sweep, lambda out: dict(
+            model=str(tiny_dirs["qwen2_vl"]), data=str(data_dir), limit=3, chunk_size=1, layers="1", heads="0-1",
+            no_figures=True, quiet=True, no_generate=True, out=out), HeadSweep, "heads.csv",
+            lambda r, out: {"heads": (r.heads, pd.read_csv(out / "heads.csv"))}, lambda out: part_path(out, 1))
+    return (ev.evaluate, lambda out: dict(
+        models=["tiny-qwen2-vl"], data=[str(data_dir), str(REPO / "probe/zoo/data/text")], limit=2, no_generate=True,
+        no_figures=True, quiet=True, out=out), EvalRun, "scores.csv",
+        lambda r, out: {"scores": (r.scores, pd.read_csv(out / "scores.csv")),
+                        "items": (r.items, pd.read_parquet(out / "items.parquet"))}, lambda out: ev.part_file(out, 0, 1))
+
+
+@pytest.mark.parametrize("command", ["heads", "eval"])
+def test_keyword_function_under_torchrun_returns_the_assembly_on_rank_0_and_none_elsewhere(
+        command, tmp_path, tiny_dirs, data_dir, monkeypatch):
+    """``probe.heads.sweep`` and ``probe.eval.evaluate`` under RANK / WORLD_SIZE read the output back as soon as their
+    own parts were written: rank 0, done before the others, read no heads.csv / scores.csv (BadInput, which stops a
+    torchrun job) or an earlier assembly's. Now every rank but 0 returns None, and rank 0 waits for the last rank's
+    assembly and returns it (``probe.results.read_on_rank_0``). The other rank runs here in this process while rank
+    0 waits (``probe.results._pause``, its pause between two looks at --out)."""
+    from probe import results
+    from probe.errors import RunStopped
+    from probe.results import atomic_write_json
+
+    call, options, kind, output, frames, rank_1_part = _keyword_function(command, tiny_dirs, data_dir)
 
     def as_rank(rank: int) -> None:
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
 
-    single = heads.sweep(**options(tmp_path / "single"))  # no RANK: one process
+    def assert_assembled(got, out) -> None:  # the files on disk, read with pandas, and the one-process result
+        assert isinstance(got, kind)
+        for name, (mine, on_disk) in frames(got, out).items():
+            pd.testing.assert_frame_equal(mine, on_disk, check_dtype=False, obj=name)
+            pd.testing.assert_frame_equal(mine, frames(single, tmp_path / "single")[name][0], obj=name)
 
-    # rank 1 first: None, its chunk written; rank 0 finishes last, assembles and returns the sweep
+    single = call(**options(tmp_path / "single"))  # no RANK: one process
+
+    # rank 1 first: None, its part written; rank 0 finishes last, assembles and returns the result
     as_rank(1)
-    assert heads.sweep(**options(tmp_path / "a")) is None and not (tmp_path / "a" / "heads.csv").exists()
+    assert call(**options(tmp_path / "a")) is None and not (tmp_path / "a" / output).exists()
     as_rank(0)
-    got = heads.sweep(**options(tmp_path / "a"))
-    assert isinstance(got, HeadSweep)
-    pd.testing.assert_frame_equal(got.heads, single.heads)
+    assert_assembled(call(**options(tmp_path / "a")), tmp_path / "a")
 
     # rank 0 first: it waits, rank 1 finishes and assembles, rank 0 returns that assembly
     waited = []
 
     def rank_1_runs(seconds: float) -> None:
-        waited.append((out / "heads.csv").exists())  # whether an assembly was on disk when rank 0 waited
+        waited.append((out / output).exists())  # whether an assembly was on disk when rank 0 waited
         if len(waited) == 1:
             as_rank(1)
-            assert heads.sweep(**options(out)) is None
+            assert call(**options(out)) is None
             as_rank(0)
 
-    monkeypatch.setattr(heads, "_pause", rank_1_runs)
+    monkeypatch.setattr(results, "_pause", rank_1_runs)
     out = tmp_path / "b"
-    got = heads.sweep(**options(out))
-    assert waited == [False] and isinstance(got, HeadSweep)
-    pd.testing.assert_frame_equal(got.heads, single.heads)
-    pd.testing.assert_frame_equal(got.heads, pd.read_csv(out / "heads.csv"), check_dtype=False)
+    got = call(**options(out))
+    assert waited == [False]
+    assert_assembled(got, out)
 
-    # a finished run resumed with rank 1's part gone: rank 0 waits for its new assembly, not the heads.csv on disk
-    part_path(out, 1).unlink()
+    # a finished run resumed with rank 1's part gone: rank 0 waits for its new assembly, not the output on disk
+    rank_1_part(out).unlink()
     waited.clear()
-    got = heads.sweep(**options(out))
-    assert waited == [True] and part_path(out, 1).is_file()
-    pd.testing.assert_frame_equal(got.heads, single.heads)
+    got = call(**options(out))
+    assert waited == [True] and rank_1_part(out).is_file()
+    assert_assembled(got, out)
 
     # a run another rank stopped (its run.json says so): rank 0 stops too, rather than wait for ever
     def rank_1_stops(seconds: float) -> None:
         info = json.loads((tmp_path / "c" / "run.json").read_text())
         atomic_write_json(tmp_path / "c" / "run.json", info | {"status": "stopped", "error": "EngineDisagrees: x"})
 
-    monkeypatch.setattr(heads, "_pause", rank_1_stops)
+    monkeypatch.setattr(results, "_pause", rank_1_stops)
     with pytest.raises(RunStopped, match="another rank stopped the run: EngineDisagrees: x"):
-        heads.sweep(**options(tmp_path / "c"))
+        call(**options(tmp_path / "c"))
 
 
-# torchrun runs this: sweep() and finetune() from Python on each rank, printing what each returned
+# torchrun runs this: sweep(), evaluate() and finetune() from Python on each rank, printing what each returned
 FROM_PYTHON_UNDER_TORCHRUN = """
 import os, sys
 from pathlib import Path
 import pandas as pd
 from analyses.finetune import finetune
+from probe.eval import evaluate
 from probe.heads import sweep
 
 out = Path(sys.argv[1])
 s = sweep(model="organism-vl", limit=6, chunk_size=1, layers="0", heads="0-1", no_generate=True, no_figures=True,
           quiet=True, out=out / "heads")
+e = evaluate(models=["organism-base", "organism-vl"], data=["probe/zoo/data/text"], limit=4, no_generate=True,
+             no_figures=True, quiet=True, out=out / "eval")
 f = finetune(model="organism-base", data=["text=probe/zoo/data/text"], split="validation", limit=8, steps=2,
              batch_size=4, device="cpu", dtype="float32", quiet=True, out=out / "ft")
 same = s is not None and s.heads.equals(pd.read_csv(out / "heads" / "heads.csv")) and len(s.heads) == 2
-print(f"rank {os.environ['RANK']}: {type(s).__name__} {same} {type(f).__name__} {f and sorted(f.checkpoints)}")
+scores, items = pd.read_csv(out / "eval" / "scores.csv"), pd.read_parquet(out / "eval" / "items.parquet")
+same_e = (e is not None and len(e.items) == 8 and set(e.scores["model"]) == {"organism-base", "organism-vl"}
+          and e.scores.astype(scores.dtypes).equals(scores) and e.items.equals(items))
+print(f"rank {os.environ['RANK']}: {type(s).__name__} {same} {type(e).__name__} {same_e} "
+      f"{type(f).__name__} {f and sorted(f.checkpoints)}")
 """
 
 
-def test_sweep_and_finetune_from_python_under_torchrun(tmp_path):
+def test_sweep_evaluate_and_finetune_from_python_under_torchrun(tmp_path):
     """A real torchrun launch (2 CPU processes; finetune's data parallel on gloo): rank 0's ``sweep`` returns the
-    assembled HeadSweep and its ``finetune`` the FinetuneRun, rank 1's both None."""
+    assembled HeadSweep, its ``evaluate`` the assembled EvalRun (each equal to the files on disk, read with pandas)
+    and its ``finetune`` the FinetuneRun, rank 1's all None. Before, the rank that finished its part of the sweep or
+    the evaluation first read no heads.csv / scores.csv (BadInput), which stopped the job."""
     script = tmp_path / "from_python.py"
     script.write_text(FROM_PYTHON_UNDER_TORCHRUN)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TMPDIR=str(tmp_path))
@@ -256,4 +287,5 @@ def test_sweep_and_finetune_from_python_under_torchrun(tmp_path):
                         str(tmp_path / "out")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     said = sorted(line for line in r.stdout.splitlines() if line.startswith("rank "))
-    assert said == ["rank 0: HeadSweep True FinetuneRun [0, 2]", "rank 1: NoneType False NoneType None"], r.stdout
+    assert said == ["rank 0: HeadSweep True EvalRun True FinetuneRun [0, 2]",
+                    "rank 1: NoneType False NoneType False NoneType None"], r.stdout
