@@ -85,7 +85,7 @@ def test_bad_input_exits_2_with_one_line(args, match, tmp_path):
     assert len(lines) == 1 and match in lines[0]
 
 
-@pytest.mark.parametrize("script", ["sweep.py", "eval.py", "fsdp_load.py"])
+@pytest.mark.parametrize("script", ["sweep.py", "eval.py", "fsdp_load.py", "memory.py"])
 def test_bench_help_gives_every_default(script, monkeypatch, capsys):
     """--help of the GPU check's benchmarks (RawDescriptionHelpFormatter, which adds no defaults): --items 4,
     --image-size 448, --text-tokens 200 and --heads all were unstated, and so were eval.py's 128 and 32 items."""
@@ -114,6 +114,7 @@ def test_bench_help_gives_every_default(script, monkeypatch, capsys):
     ("merge.py", ["--layers", "2"], "--layers cuts an --arch"),
     ("merge.py", ["--arch", "qwen2-7b", "--layers", "0"], "--layers must be ≥ 1, got 0"),
     ("fsdp_load.py", ["--processes", "0"], "--processes must be ≥ 1, got 0"),
+    ("memory.py", ["--items", "0"], "--items must be ≥ 1, got 0"),
 ])
 def test_the_other_bench_scripts_refuse_bad_input_with_one_line(script, args, match, monkeypatch, capsys):
     """Run as scripts (``python bench/X.py``): these were tracebacks with exit 1 (BadInput raised past a bare
