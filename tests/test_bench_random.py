@@ -3,6 +3,7 @@ on CPU cut down to one 7B-shaped layer (the full model is the GPU script's, benc
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -244,10 +245,11 @@ def test_eval_bench_measures_smollm2s_shape_without_its_package(capsys):
     rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]]
             for r in capsys.readouterr().out.splitlines() if r.startswith("| ") and "×" in r}
     assert set(rows) == {"organism-vl, image set", "SmolLM2-135M shape, random weights, long text"}
-    items, tokens, *_, same_text, same_pred, dp = rows["SmolLM2-135M shape, random weights, long text"]
+    items, tokens, *_, same_text, same_pred, dp, guard = rows["SmolLM2-135M shape, random weights, long text"]
     lo, hi = map(int, tokens.split("–"))
     assert items == "2" and 100 <= lo <= hi <= 300 + 10  # grown past a seeded target in [100, 300] by one word
     assert same_text == same_pred == "2/2" and float(dp) < 1e-4
+    assert re.fullmatch(r"\d, \d+\.\d\d s / \d, \d+\.\d\d s", guard)  # the guard's items, in turn / prefetched
 
 
 @pytest.mark.parametrize("params_m", [100, 145, 300])
