@@ -6,7 +6,8 @@
 
 Both cases run greedy decoding (the eval default, 5 new tokens), by default on the GPU in bf16 when there is one,
 else in fp32 on the CPU. Prints wall times, the speed-up
-of batching, and whether the two paths agree (same predictions and generated text, max |Δ p(answer)|).
+of batching, whether the two paths agree (same predictions and generated text, max |Δ p(answer)|), and how many items
+the batched runs' run-time guard measured alone (probe.batch.guard_rows) and the time that took.
 SmolLM2 items are the organisms' text questions behind a seeded passage of filler prose, grown until each prompt
 has a seeded MMLU-like length (100–300 tokens of the model's own tokenizer).
 """
@@ -76,18 +77,35 @@ def smollm2(choice: str, placement: Placement) -> tuple[str, LoadedModel]:
 
 
 def compare(name: str, loaded: LoadedModel, items: Sequence[Item], batch_size: int) -> dict:
+    import probe.batch
+
     cfg = SweepConfig(max_new_tokens=5)
     lengths = [prepare_item(loaded, it, cfg)[0]["input_ids"].shape[1] for it in items]
     evaluate_items(loaded, items[:2], cfg, 2)  # warm-up: first-call allocations out of the timing
     t = time.perf_counter()
     one = [first_token_measure(loaded, *prepare_item(loaded, it, cfg), cfg) for it in items]
     t_one = time.perf_counter() - t
-    t = time.perf_counter()
-    turn = evaluate_items(loaded, items, cfg, batch_size, prefetch=False)
-    t_turn = time.perf_counter() - t
-    t = time.perf_counter()
-    ahead = evaluate_items(loaded, items, cfg, batch_size, prefetch=True)
-    t_ahead = time.perf_counter() - t
+    checks, guard = [], probe.batch.check_against_one_item  # the run-time guard's items measured alone: their times
+
+    def counted(*a, **k):
+        t = time.perf_counter()
+        try:
+            return guard(*a, **k)
+        finally:
+            checks.append(time.perf_counter() - t)
+
+    probe.batch.check_against_one_item = counted
+    try:
+        t = time.perf_counter()
+        turn = evaluate_items(loaded, items, cfg, batch_size, prefetch=False)
+        t_turn = time.perf_counter() - t
+        g_turn, checks[:] = list(checks), []
+        t = time.perf_counter()
+        ahead = evaluate_items(loaded, items, cfg, batch_size, prefetch=True)
+        t_ahead = time.perf_counter() - t
+        g_ahead = list(checks)
+    finally:
+        probe.batch.check_against_one_item = guard
     t_batch = t_ahead if prefetches(loaded) else t_turn  # evaluate_items' default for the device
     # agreement with the one-item path: the worse of the two batched ways (their first windows, so batches, differ)
     same_text = min(sum(a.response == b.response for a, b in zip(one, way)) for way in (turn, ahead))
@@ -96,7 +114,8 @@ def compare(name: str, loaded: LoadedModel, items: Sequence[Item], batch_size: i
     dp = max(float((a.logp.exp() - b.logp.exp()).abs().max()) for way in (turn, ahead) for a, b in zip(one, way))
     return {"case": name, "items": len(items), "tokens": f"{min(lengths)}–{max(lengths)}", "one_s": t_one,
             "turn_s": t_turn, "ahead_s": t_ahead, "speedup": t_one / t_batch, "same_text": f"{same_text}/{len(items)}",
-            "same_prob_pred": f"{same_pred}/{len(items)}", "max_dp": dp}
+            "same_prob_pred": f"{same_pred}/{len(items)}", "max_dp": dp,
+            "guard": f"{len(g_turn)}, {sum(g_turn):.2f} s / {len(g_ahead)}, {sum(g_ahead):.2f} s"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,13 +149,15 @@ def main(argv: list[str] | None = None) -> int:
     default = "prefetched" if prefetches(vl) else "prepared in turn"
     print(f"batched: windows prepared in turn, or the next one prefetched in a thread (the default here: {default}); "
           "speed-up is the default's, agreement the worse of the two")
+    print("guard: the items the batched runs (in turn / prefetched) measured alone as their run-time check "
+          "(probe.batch.guard_rows), and the time that took, included in the batched times")
     print("| case | items | prompt tokens | one at a time | batched, in turn | batched, prefetched | speed-up | "
-          "same text | same prob pred | max abs Δp |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "same text | same prob pred | max abs Δp | guard |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['case']} | {r['items']} | {r['tokens']} | {r['one_s']:.2f} s | {r['turn_s']:.2f} s | "
               f"{r['ahead_s']:.2f} s | **{r['speedup']:.1f}×** | {r['same_text']} | {r['same_prob_pred']} | "
-              f"{r['max_dp']:.1e} |")
+              f"{r['max_dp']:.1e} | {r['guard']} |")
     return 0
 
 

@@ -11,9 +11,10 @@ sweep builds them; ``collate`` then joins items:
   such tensors agree in every other dimension (``signature``), so pixel tensors are never padded.
 Then one ``generate`` call (greedy; the first step's raw logits give the option probabilities) serves the batch.
 ``first_token_measure`` in probe.sweep, one item at a time, is the oracle the tests compare against. As a run-time
-guard, every window of batches also measures its most left-padded item alone and stops with ``BatchDisagrees``
-if the two differ: a transformers release that mishandled padding (positions, M-RoPE indices, the mask) in
-``generate`` would otherwise make an evaluation silently wrong.
+guard, every window of batches also measures at most two of its batched items alone (``guard_rows``: the most
+left-padded one, and the most padded one of another kind of row, by which media and how many) and stops with
+``BatchDisagrees`` if they differ: a transformers release that mishandled padding (positions, M-RoPE indices, the
+mask) or the media of a batch in ``generate`` would otherwise make an evaluation silently wrong.
 """
 from __future__ import annotations
 
@@ -142,9 +143,43 @@ def most_padded(inputs: Sequence[dict[str, torch.Tensor]], batches: Sequence[lis
     return where
 
 
+def row_kind(inputs: dict[str, torch.Tensor]) -> tuple:
+    """Which media a row holds and how many: its ``signature`` (which media tensors; a text-only row has none) and
+    the smallest leading dimension among them (0 for text). That is the number of images, clips or audios wherever
+    the processor gives one row per medium (Qwen2-VL's image_grid_thw, LLaVA's pixel_values and image_sizes,
+    audio features); where it gives a batch-of-one dimension (Idefics3) the number is in the signature. Rows of one
+    kind go through the same path of the model (M-RoPE's image positions, where each image's features land)."""
+    media = [v for k, v in inputs.items() if k not in TOKEN_KEYS]
+    return signature(inputs), min((v.shape[0] for v in media), default=0)
+
+
+def guard_rows(inputs: Sequence[dict[str, torch.Tensor]], batches: Sequence[list[int]],
+               checked: set[tuple] | None = None) -> list[int]:
+    """The rows of a window to measure alone as the guard, at most two (the cost: two forwards a window):
+    the most padded one (``most_padded``), and, when the window's batched rows are of more than one ``row_kind``,
+    the most padded row of another kind, one whose kind ``checked`` (the kinds checked earlier in the run, updated
+    here) lacks first. The most padded row alone could be a text-only one beside batches of images (or a one-image
+    row beside two-image ones), and a path broken only for media rows would pass. With two kinds in a window (text
+    and images, one image and two) both are checked in every window; with more, every window checks two, the kinds
+    not checked yet first, so a kind missed in one window is checked in the next window that holds it beside at most
+    one other unchecked kind. A window of one kind (a text set) costs one forward, as before."""
+    first = most_padded(inputs, batches)
+    if first is None:
+        return []
+    kinds = {i: row_kind(inputs[i]) for idx in batches if len(idx) > 1 for i in idx}
+    pad = {i: max(inputs[j]["input_ids"].shape[1] for j in idx) - inputs[i]["input_ids"].shape[1]
+           for idx in batches if len(idx) > 1 for i in idx}
+    seen = set() if checked is None else checked
+    others = [i for i in kinds if kinds[i] != kinds[first]]
+    rows = [first] + ([max(others, key=lambda i: (kinds[i] not in seen, pad[i], -i))] if others else [])
+    seen.update(kinds[i] for i in rows)
+    return rows
+
+
 def check_against_one_item(loaded: LoadedModel, item: ItemLike, inputs: dict[str, torch.Tensor],
                            letter_ids: list[int], got: Measurement, cfg: SweepConfig) -> None:
-    """Run-time guard (one extra forward per window): the item measured alone must give what its batch gave."""
+    """Run-time guard (one extra forward per row ``guard_rows`` picks): the item measured alone must give what its
+    batch gave."""
     if detail := oracle_mismatch(loaded, got, first_token_measure(loaded, inputs, letter_ids, cfg)):
         import transformers
 
@@ -162,8 +197,9 @@ def evaluate_items(
     """Measurements of every item (no head masked), in item order, ``batch_size`` items per forward.
 
     Inputs are prepared ``window`` batches at a time (sorted by length within the window), so pixel tensors of a
-    whole benchmark never sit in memory at once. Each window's most padded item is measured alone too, as a
-    guard (``check_against_one_item``). ``max_padding="device"`` is ``padding_cap``'s choice for the model's device.
+    whole benchmark never sit in memory at once. Each window's ``guard_rows`` (its most padded item, and one of
+    another kind of row) are measured alone too, as a guard (``check_against_one_item``). ``max_padding="device"``
+    is ``padding_cap``'s choice for the model's device.
     ``prefetch`` (default: when the model runs on an accelerator) prepares the next window in a thread while this
     one runs, and makes the first window a single batch: on the H200 preparing organism-vl's items (tokeniser,
     image processor, ~3 ms an item) took a third to half of its batched evaluation; on the CPU the thread would take
@@ -195,12 +231,13 @@ def evaluate_items(
 
     pool = ThreadPoolExecutor(1, thread_name_prefix="prepare") if prefetch and len(windows) > 1 else None
     results: list[Measurement] = []
+    checked: set[tuple] = set()  # the row kinds the guard has checked so far (guard_rows)
     try:
         ahead = None
         for k, chunk in enumerate(windows):
             prepared = ahead.result() if ahead else prepare(chunk)
             ahead = pool.submit(prepare, windows[k + 1]) if pool and k + 1 < len(windows) else None
-            results += measure_window(loaded, chunk, prepared, cfg, batch_size, max_padding, progress)
+            results += measure_window(loaded, chunk, prepared, cfg, batch_size, max_padding, progress, checked)
     finally:
         stopped.set()  # a thread preparing the next window ends it at the item it is on
         if pool:  # a stop (an error, Ctrl-C) does not wait for a window nobody will measure
@@ -216,8 +253,10 @@ def prefetches(loaded: LoadedModel) -> bool:
 
 def measure_window(loaded: LoadedModel, chunk: Sequence[ItemLike],
                    prepared: Sequence[tuple[dict[str, torch.Tensor], list[int]]], cfg: SweepConfig, batch_size: int,
-                   max_padding: float | None, progress: Callable[[int], None]) -> list[Measurement]:
-    """One window of ``evaluate_items``: its items batched by ``plan_batches``, then its most padded item alone."""
+                   max_padding: float | None, progress: Callable[[int], None],
+                   checked: set[tuple] | None = None) -> list[Measurement]:
+    """One window of ``evaluate_items``: its items batched by ``plan_batches``, then its ``guard_rows`` alone
+    (``checked``: the row kinds checked in earlier windows, updated)."""
     inputs = [p[0] for p in prepared]
     got: list[Measurement | None] = [None] * len(chunk)
     batches = plan_batches(inputs, batch_size, max_padding)
@@ -225,6 +264,6 @@ def measure_window(loaded: LoadedModel, chunk: Sequence[ItemLike],
         for i, m in zip(idx, measure_batch(loaded, [inputs[i] for i in idx], [prepared[i][1] for i in idx], cfg)):
             got[i] = m
         progress(len(idx))
-    if (g := most_padded(inputs, batches)) is not None:
+    for g in guard_rows(inputs, batches, checked):
         check_against_one_item(loaded, chunk[g], inputs[g], prepared[g][1], got[g], cfg)  # type: ignore[arg-type]
     return got  # type: ignore[return-value]

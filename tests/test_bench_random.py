@@ -3,6 +3,7 @@ on CPU cut down to one 7B-shaped layer (the full model is the GPU script's, benc
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -85,7 +86,7 @@ def test_bad_input_exits_2_with_one_line(args, match, tmp_path):
     assert len(lines) == 1 and match in lines[0]
 
 
-@pytest.mark.parametrize("script", ["sweep.py", "eval.py", "fsdp_load.py"])
+@pytest.mark.parametrize("script", ["sweep.py", "eval.py", "fsdp_load.py", "memory.py"])
 def test_bench_help_gives_every_default(script, monkeypatch, capsys):
     """--help of the GPU check's benchmarks (RawDescriptionHelpFormatter, which adds no defaults): --items 4,
     --image-size 448, --text-tokens 200 and --heads all were unstated, and so were eval.py's 128 and 32 items."""
@@ -114,6 +115,7 @@ def test_bench_help_gives_every_default(script, monkeypatch, capsys):
     ("merge.py", ["--layers", "2"], "--layers cuts an --arch"),
     ("merge.py", ["--arch", "qwen2-7b", "--layers", "0"], "--layers must be ≥ 1, got 0"),
     ("fsdp_load.py", ["--processes", "0"], "--processes must be ≥ 1, got 0"),
+    ("memory.py", ["--items", "0"], "--items must be ≥ 1, got 0"),
 ])
 def test_the_other_bench_scripts_refuse_bad_input_with_one_line(script, args, match, monkeypatch, capsys):
     """Run as scripts (``python bench/X.py``): these were tracebacks with exit 1 (BadInput raised past a bare
@@ -243,10 +245,11 @@ def test_eval_bench_measures_smollm2s_shape_without_its_package(capsys):
     rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]]
             for r in capsys.readouterr().out.splitlines() if r.startswith("| ") and "×" in r}
     assert set(rows) == {"organism-vl, image set", "SmolLM2-135M shape, random weights, long text"}
-    items, tokens, *_, same_text, same_pred, dp = rows["SmolLM2-135M shape, random weights, long text"]
+    items, tokens, *_, same_text, same_pred, dp, guard = rows["SmolLM2-135M shape, random weights, long text"]
     lo, hi = map(int, tokens.split("–"))
     assert items == "2" and 100 <= lo <= hi <= 300 + 10  # grown past a seeded target in [100, 300] by one word
     assert same_text == same_pred == "2/2" and float(dp) < 1e-4
+    assert re.fullmatch(r"\d, \d+\.\d\d s / \d, \d+\.\d\d s", guard)  # the guard's items, in turn / prefetched
 
 
 @pytest.mark.parametrize("params_m", [100, 145, 300])

@@ -39,7 +39,7 @@ def snapshot(d: Path) -> dict[str, bytes]:
 
 MODULES = ["probe.heads", "probe.eval", "probe.convert", "probe.families", "probe.synthetic", "probe.zoo.__main__", "analyses.shift", "analyses.merge",
            "analyses.trajectory", "analyses.replicate", "analyses.finetune", "figures.__main__"]
-BENCH = ["sweep", "eval", "merge", "train_step", "fsdp_load", "lora_save"]
+BENCH = ["sweep", "eval", "merge", "train_step", "fsdp_load", "lora_save", "memory"]
 
 
 def _main(name: str):

@@ -239,6 +239,102 @@ def test_most_padded_picks_the_row_padded_most_in_a_shared_batch():
     assert most_padded(x, [[2, 3]]) == 2  # equal lengths: the first row
 
 
+def test_guard_rows_cover_another_kind_of_row_at_most_two_per_window():
+    """The guard measures the most padded row and, when a window's batched rows hold other media (none, one image,
+    two), the most padded row of another kind, preferring a kind not yet checked in the run: two rows at most."""
+    from probe.batch import guard_rows, row_kind
+
+    def row(n: int, images: int = 0) -> dict:
+        if not images:
+            return {"input_ids": torch.zeros(1, n)}
+        return {"input_ids": torch.zeros(1, n), "pixel_values": torch.zeros(16 * images, 12),
+                "image_grid_thw": torch.ones(images, 3)}
+
+    text, one, two = row(3), row(20, 1), row(30, 2)
+    assert row_kind(text)[1] == 0 and row_kind(one)[1] == 1 and row_kind(two)[1] == 2
+    assert row_kind(one)[0] == row_kind(two)[0]  # one signature: one- and two-image rows share batches
+    # text rows padded most (0 is 9 tokens short of 1); image rows in a batch of their own
+    x = [text, row(12), row(22, 1), row(21, 1), row(25, 1), row(30, 2)]
+    assert guard_rows(x, [[0, 1], [2, 3]]) == [0, 3]  # the text row, and the image row padded most
+    assert guard_rows(x, [[0], [1], [2, 3]]) == [3]  # one kind batched: one forward, as before
+    assert guard_rows(x, [[0], [1]]) == []
+    checked: set = set()  # three kinds: the two checked first, the third as soon as the window offers it
+    assert guard_rows(x, [[0, 1], [2, 3, 4, 5]], checked) == [0, 3]  # 3 padded 9, 5 (two images) none
+    assert guard_rows(x, [[0, 1], [2, 3, 4, 5]], checked) == [0, 5]  # two images: not checked yet
+    assert len(checked) == 3
+
+
+def _break_media_rows(monkeypatch, broken: Callable[[dict], bool]) -> list:
+    """Make the batched path wrong for the rows ``broken`` picks (their option probabilities moved to the least
+    likely letter), as a transformers release mishandling only media in a padded batch would; returns the items the
+    guard measured alone."""
+    import probe.batch as batch
+    from probe.sweep import Measurement
+
+    measure, oracle, alone = batch.measure_batch, batch.first_token_measure, []
+
+    def wrong(loaded, inputs, letter_ids, cfg):
+        out = measure(loaded, inputs, letter_ids, cfg)
+        for r, x in enumerate(inputs):
+            if broken(x):
+                lp = torch.full_like(out[r].logp, -30.0)
+                lp[int(out[r].logp.argmin())] = 0.0
+                out[r] = Measurement(lp.log_softmax(-1), out[r].response, out[r].overflow_step)
+        return out
+
+    monkeypatch.setattr(batch, "measure_batch", wrong)
+    monkeypatch.setattr(batch, "first_token_measure", lambda loaded, x, *a: alone.append(x) or oracle(loaded, x, *a))
+    return alone
+
+
+def test_the_guard_catches_a_path_broken_only_for_image_rows(load_tiny, data_dir, monkeypatch):
+    """A window of text-only rows, padded most, beside batches of image rows: a batched path broken for image rows
+    only (M-RoPE's image positions, the pixels of the wrong row) must stop the run. Measuring the most padded row
+    alone (the guard before 2026-12-06) checked a text row only, and the broken run finished."""
+    import dataclasses
+
+    import probe.batch as batch
+    from probe.mmmu import load_items
+    from probe.sweep import SweepConfig
+
+    loaded = load_tiny("qwen2_vl", "sdpa")
+    images = [i for i in load_items(str(data_dir))[0] if len(i.images) == 1][:4]
+    texts = [text_only(i) for i in images[:3]]
+    texts[0] = dataclasses.replace(texts[0], question="Read the whole question first. " * 6 + texts[0].question)
+    items = [*images, *texts]
+    cfg = SweepConfig(generate=False)
+    prepared = [batch.prepare_item(loaded, it, cfg)[0] for it in items]
+    plan = batch.plan_batches(prepared, 4, max_padding=None)
+    g = batch.most_padded(prepared, plan)
+    assert items[g].images == () and any(len(b) > 1 and items[b[0]].images for b in plan)  # as the test means
+    alone = _break_media_rows(monkeypatch, lambda x: "pixel_values" in x)
+    with pytest.raises(batch.BatchDisagrees, match=r"item validation_"):
+        batch.evaluate_items(loaded, items, cfg, batch_size=4, max_padding=None)
+    assert [("pixel_values" in x) for x in alone] == [False, True]  # the text row, then an image row
+
+
+def test_the_guard_catches_a_path_broken_only_for_two_image_rows(load_tiny, data_dir, monkeypatch):
+    """One- and two-image rows share batches (their pixel tensors differ in length only); a path broken only where a
+    row holds two images (each image's grid matched to the wrong placeholders) must stop the run, also when the
+    most padded row holds one image."""
+    import probe.batch as batch
+    from probe.mmmu import load_items
+    from probe.sweep import SweepConfig
+
+    loaded = load_tiny("qwen2_vl", "sdpa")
+    items = load_items(str(data_dir))[0]
+    cfg = SweepConfig(generate=False)
+    prepared = [batch.prepare_item(loaded, it, cfg)[0] for it in items]
+    plan = batch.plan_batches(prepared, 8, max_padding=None)
+    g = batch.most_padded(prepared, plan)
+    two = lambda x: "image_grid_thw" in x and x["image_grid_thw"].shape[0] == 2  # noqa: E731
+    assert not two(prepared[g]) and any(two(prepared[i]) for b in plan if len(b) > 1 for i in b)  # as meant
+    alone = _break_media_rows(monkeypatch, two)
+    with pytest.raises(batch.BatchDisagrees, match=r"item validation_"):
+        batch.evaluate_items(loaded, items, cfg, batch_size=8, max_padding=None)
+    assert [two(x) for x in alone] == [False, True]
+
+
 def test_a_batch_that_stops_matching_the_one_item_path_stops_the_run(load_tiny, data_dir, monkeypatch):
     """Run-time guard: an upstream change that mishandles padded batches (here: the attention mask lost on the
     way into the model, so rows attend to their padding) must stop evaluation, not score it silently."""

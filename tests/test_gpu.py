@@ -150,7 +150,7 @@ def test_batched_evaluation_in_bf16_passes_its_guard_and_answers_as_fp32():
     from probe.sweep import SweepConfig
 
     items, cfg = _items("organism-vl", 64), SweepConfig(max_new_tokens=3)
-    got = evaluate_items(_load("organism-vl", "bfloat16"), items, cfg, batch_size=16, window=1)  # guarded x4
+    got = evaluate_items(_load("organism-vl", "bfloat16"), items, cfg, batch_size=16, window=1)  # guarded x4 (windows)
     want = evaluate_items(_load("organism-vl", "float32", device="cpu"), items, cfg, batch_size=16)
     assert np.mean([int(a.logp.argmax()) == int(b.logp.argmax()) for a, b in zip(got, want)]) >= 0.95
 
