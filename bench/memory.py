@@ -53,7 +53,7 @@ def rss_mb() -> float:
     """This process's resident memory now, in MB."""
     import os
 
-    with open("/proc/self/statm") as f:
+    with open("/proc/self/statm", encoding="utf-8") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
@@ -61,7 +61,7 @@ def reset_peak() -> bool:
     """Start the kernel's peak resident memory (VmHWM) over from now: imports touch more memory than they keep
     (480 MB at the peak against 325 MB resident after them), which would hide a smaller stage's peak."""
     try:
-        with open("/proc/self/clear_refs", "w") as f:
+        with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
             f.write("5")
         return True
     except OSError:
@@ -70,7 +70,7 @@ def reset_peak() -> bool:
 
 def peak_mb() -> float:
     """The peak resident memory since ``reset_peak`` (VmHWM), else since the process started (ru_maxrss)."""
-    with open("/proc/self/status") as f:
+    with open("/proc/self/status", encoding="utf-8") as f:
         for line in f:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
