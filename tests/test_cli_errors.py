@@ -970,3 +970,33 @@ def test_sweep_from_python_equals_the_command_and_returns_it_read_back(base_run,
     assert list(grid.index) == [0, 3] and list(grid.columns) == [0, 1]
     assert grid.loc[3, 1] == want.set_index(["layer", "head"]).loc[(3, 1), "kl"]
     assert len(got.items) == 6 * (1 + 4)  # each item unmasked and under each of the 4 heads
+
+
+# --------------------------------------------------------------------------------------------------------
+# files handed over by someone else: data sets and checkpoints that are odd, damaged or hostile
+
+
+def test_a_data_set_with_a_bomb_image_or_a_file_path_is_one_line_and_leaves_no_out(tmp_path, capfd):
+    """Through the commands: an image past PIL's pixel limit was 'not a decodable image (DecompressionBombError)'
+    (and one just under twice the limit ran, with PIL's two-line warning at each decode); an image cell holding only
+    a path (here outside the data set) read as 'empty or null'. The file it names is never opened."""
+    from conftest import tree_manifest
+    from test_mmmu import blank_png, row, write
+
+    from probe import eval as probe_eval
+    from probe import heads
+
+    cases = {"bomb": ({"bytes": blank_png(10000, 10000), "path": None}, "is 10000×10000 = 100,000,000 pixels, past "
+                      "the 89,478,485 an image may have (PIL's decompression-bomb limit); downscale it"),
+             "path": ({"bytes": None, "path": "../../../secret.png"}, "image_1 names a file ('../../../secret.png') "
+                      "but holds no image bytes")}
+    for name, (cell, want) in cases.items():
+        data = write(tmp_path / name, {"Art": [row(1), row(2, image_1=cell)]})
+        before = tree_manifest(data)
+        for main, argv in ((probe_eval.main, ["--models", "organism-vl", "--data", str(data), "--quiet"]),
+                           (heads.main, ["--model", "organism-vl", "--data", str(data), "--layers", "0", "--quiet"])):
+            out = tmp_path / f"out-{name}-{main.__module__}"
+            capfd.readouterr()
+            line = one_error_line(cli_main(main, [*argv, "--out", str(out)]), capfd.readouterr().err)
+            assert "row 1 id='validation_Art_2'" in line and want in line, line
+            assert not out.exists() and tree_manifest(data) == before
