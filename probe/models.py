@@ -172,6 +172,26 @@ def weights_entry(path: Path) -> Path | None:
     return None
 
 
+def read_weight_map(index: Path) -> dict[str, str]:
+    """An index's ``weight_map`` (tensor name → shard), read by every reader of an index (the probe's checks, the
+    analyses): BadInput unless each shard is a plain file name, as save_pretrained writes them. A shard named by a
+    path (``../x.safetensors``, an absolute one, ``sub/x``) would be read from outside the model's folder (or was
+    said to be missing when it was not): a checkpoint handed over is read from its own folder only."""
+    try:
+        wmap = json.loads(index.read_text())["weight_map"]
+        if not isinstance(wmap, dict):
+            raise TypeError
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        raise BadInput(f"{index}: corrupt index (no weight_map)") from None
+    for key, name in wmap.items():
+        if not isinstance(name, str) or not name.strip():
+            raise BadInput(f"{index}: weight_map maps {key!r} to {name!r}, not a shard file name")
+        if name != Path(name).name or "\\" in name or name in (".", ".."):
+            raise BadInput(f"{index}: weight_map names the shard {name!r}, a path, not a file name in {index.parent}; "
+                           "shards are read from the model's own folder only: fix the index (file names only)")
+    return wmap
+
+
 def check_weights(path: Path, config: dict[str, Any], gguf_file: str | None = None) -> None:
     entry = weights_entry(path) if gguf_file is None else None  # refuses a dir with two weight sets
     keys = check_weight_files(path, config)
@@ -195,7 +215,7 @@ def check_loaded_tie(path: Path, config: dict[str, Any], entry: Path | None, key
     if entry is not None and entry.name.startswith("pytorch_model"):
         files = {f: bin_keys(f) for f in sorted(path.glob("pytorch_model*.bin"))}
     elif entry is not None and entry.name.endswith(".index.json"):
-        files = {f: k for f, k in keys.items() if f.name in set(json.loads(entry.read_text())["weight_map"].values())}
+        files = {f: k for f, k in keys.items() if f.name in set(read_weight_map(entry).values())}
     else:
         files = keys if entry is None else {entry: keys.get(entry, [])}
     where = {k: f for f, names in files.items() for k in names}
@@ -837,15 +857,8 @@ def check_shard_keys(path: Path, index: Path | None, keys: dict[Path, list[str]]
     A key held by two shards is loaded by transformers from whichever shard comes last, while a reader following
     the index (analyses.shift, analyses.merge) takes the one the index names: two models measured as one, with
     no error. ``index`` None (no standard name): every *.safetensors file counts, as the analyses read them all."""
-    import json
-
     if index is not None:
-        try:
-            wmap = json.loads(index.read_text())["weight_map"]
-            if not isinstance(wmap, dict):
-                raise TypeError
-        except (OSError, json.JSONDecodeError, KeyError, TypeError):
-            raise BadInput(f"{index}: corrupt index (no weight_map)") from None
+        wmap = read_weight_map(index)
         listed = sorted(set(wmap.values()))
         for name in listed:
             if path / name not in keys:

@@ -1000,3 +1000,39 @@ def test_a_data_set_with_a_bomb_image_or_a_file_path_is_one_line_and_leaves_no_o
             line = one_error_line(cli_main(main, [*argv, "--out", str(out)]), capfd.readouterr().err)
             assert "row 1 id='validation_Art_2'" in line and want in line, line
             assert not out.exists() and tree_manifest(data) == before
+
+
+@pytest.mark.parametrize("named", ["../outside.safetensors", "ABSOLUTE", "sub/model-00002-of-00002.safetensors", 7])
+def test_an_index_naming_a_shard_by_a_path_is_refused_by_the_probe_and_the_analyses(tmp_path, capfd, named):
+    """A shard named by a path in model.safetensors.index.json: analyses.shift read one outside the model's folder
+    (and then said the index maps a tensor to '../…' but it is in '…'), probe.eval called it a missing shard; a
+    weight_map value that is no string was a traceback in both. Now one line naming the index and the shard."""
+    from conftest import tree_manifest
+    from test_models import _sharded
+
+    from analyses import shift
+    from probe import eval as probe_eval
+    from probe.models import resolve_model
+
+    model, _, names = _sharded(resolve_model("organism-base").path, tmp_path / "m")
+    index = model / "model.safetensors.index.json"
+    if isinstance(named, str):
+        named = str(tmp_path / "abs.safetensors") if named == "ABSOLUTE" else named
+        target = (model / named) if not Path(named).is_absolute() else Path(named)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (model / names[1]).rename(target)  # the shard is there, where the path points
+    wmap = json.loads(index.read_text())["weight_map"]
+    index.write_text(json.dumps({"metadata": {}, "weight_map": {k: named if v == names[1] else v
+                                                               for k, v in wmap.items()}}))
+    want = (f"{index}: weight_map names the shard {named!r}, a path, not a file name in {model}; shards are read from "
+            "the model's own folder only" if isinstance(named, str) else f"{index}: weight_map maps ")
+    before = tree_manifest(tmp_path)
+    for main, argv in ((probe_eval.main, ["--models", str(model), "--data", str(REPO / "probe/zoo/data/text"),
+                                          "--limit", "1", "--quiet"]),
+                       (shift.main, ["--base", "organism-base", "--models", str(model), "--no-figures"])):
+        out = tmp_path / f"out-{main.__module__}"
+        capfd.readouterr()
+        line = one_error_line(cli_main(main, [*argv, "--out", str(out)]), capfd.readouterr().err)
+        assert want in line, line
+        assert not out.exists()
+    assert tree_manifest(tmp_path) == before
