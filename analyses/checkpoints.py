@@ -281,7 +281,7 @@ def checkpoint_fingerprint(ck: Checkpoint) -> str:
 
 def open_checkpoint(spec: str, allow_bin: bool = False) -> Checkpoint:
     """Resolve, read config and headers, detect the layout; no tensor data is touched."""
-    from probe.models import check_shard_keys, check_tied_head, weights_entry
+    from probe.models import check_layer_counts, check_shard_keys, check_tied_head, weights_entry
 
     path = resolve_model_dir(spec)
     config = read_config_json(path)
@@ -304,6 +304,7 @@ def open_checkpoint(spec: str, allow_bin: bool = False) -> Checkpoint:
             if info is None:
                 raise BadInput(f"{f}: tensor {key!r} listed in the index is missing from the shard (corrupt)")
             infos[key] = info
+    check_layer_counts(path, config, list(infos))  # before a skeleton is built from it (check_tied_head)
     layout = detect_layout(config.get("model_type"), infos)
     config_geometry(path, config, FAMILIES[layout.family])  # none: a damaged checkpoint, as for probe.heads/eval
     lm: dict[str, str] = {}

@@ -192,9 +192,40 @@ def read_weight_map(index: Path) -> dict[str, str]:
     return wmap
 
 
+# config.json keys that count stacked layers (a decoder's, a vision or audio tower's): transformers builds one module
+# each, and a list of num_hidden_layers layer types, even on the meta device, before any weight is compared
+LAYER_COUNTS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers", "depth", "encoder_layers", "decoder_layers")
+
+
+def check_layer_counts(path: Path, config: Mapping[str, Any], keys: Sequence[str]) -> None:
+    """No layer count of config.json (at any level: text, vision, audio configs) past the deepest stack of layers the
+    weights hold (``keys``: tensor names from the headers; none, nothing is checked). A damaged or hostile config
+    saying 10**9 layers hung every command in transformers' config and skeleton builds (an 8 GB list, a loop of a
+    billion modules) where it is refused here, from the headers, at once; a count past what the weights hold could
+    only load with layers left at random, which the load refuses anyway."""
+    indices = [int(part) for key in keys for part in key.split(".") if part.isdigit()]
+    if not indices:
+        return
+    deepest = max(indices) + 1
+
+    def counts(cfg: Mapping[str, Any], where: str, depth: int = 0) -> Iterator[tuple[str, Any]]:
+        for key, value in cfg.items():
+            if isinstance(value, Mapping) and depth < 4:
+                yield from counts(value, f"{where}{key}.", depth + 1)
+            elif key in LAYER_COUNTS:
+                yield f"{where}{key}", value
+
+    for name, value in counts(config, ""):
+        if isinstance(value, int) and not isinstance(value, bool) and value > deepest:
+            raise BadInput(f"checkpoint {path}: config.json says {name} {value:,}, but the deepest stack of layers in "
+                           f"its weights has {deepest}; it does not match its config.json (a damaged or mislabelled "
+                           "checkpoint)")
+
+
 def check_weights(path: Path, config: dict[str, Any], gguf_file: str | None = None) -> None:
     entry = weights_entry(path) if gguf_file is None else None  # refuses a dir with two weight sets
     keys = check_weight_files(path, config)
+    check_layer_counts(path, config, [k for names in keys.values() for k in names])  # before transformers builds it
     if gguf_file is None and (entry is None or entry.name == "model.safetensors.index.json"):
         check_shard_keys(path, entry, keys)
     elif entry is not None and entry.name == "pytorch_model.bin.index.json":

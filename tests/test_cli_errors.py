@@ -1036,3 +1036,38 @@ def test_an_index_naming_a_shard_by_a_path_is_refused_by_the_probe_and_the_analy
         assert want in line, line
         assert not out.exists()
     assert tree_manifest(tmp_path) == before
+
+
+@pytest.mark.parametrize("src, where, key", [("organism-base", None, "num_hidden_layers"),
+                                             ("organism-vl", "vision_config", "depth"),
+                                             ("organism-ov-si", "vision_config", "num_hidden_layers")])
+def test_a_config_of_a_billion_layers_is_refused_at_once(tmp_path, capfd, src, where, key):
+    """config.json saying 10**9 layers (a decoder's, or a vision tower's): probe.eval hung in transformers' config
+    build (a list of a billion layer types) or its meta-device skeleton; now every command refuses it from the
+    weights' headers in one line, before transformers reads the config."""
+    import time
+
+    from conftest import tree_manifest
+
+    from analyses import shift
+    from probe import eval as probe_eval
+    from probe.models import resolve_model
+
+    model = shutil.copytree(resolve_model(src).path, tmp_path / "m")
+    cfg = json.loads((model / "config.json").read_text())
+    (cfg[where] if where else cfg)[key] = 10**9
+    cfg.pop("layer_types", None)
+    (model / "config.json").write_text(json.dumps(cfg))
+    before = tree_manifest(model)
+    data = REPO / "probe/zoo/data" / ("text" if where is None else "image_single")
+    for main, argv in ((probe_eval.main, ["--models", str(model), "--data", str(data), "--limit", "1", "--quiet"]),
+                       (shift.main, ["--base", str(model), "--models", "organism-base", "--no-figures"])):
+        out = tmp_path / f"out-{main.__module__}"
+        capfd.readouterr()
+        started = time.monotonic()
+        line = one_error_line(cli_main(main, [*argv, "--out", str(out)]), capfd.readouterr().err)
+        assert time.monotonic() - started < 60
+        assert (f"checkpoint {model}: config.json says {where + '.' if where else ''}{key} 1,000,000,000, but the "
+                "deepest stack of layers in its weights has 4") in line, line
+        assert not out.exists()
+    assert tree_manifest(model) == before
