@@ -144,7 +144,24 @@ def resolve_model(spec: str) -> ModelRef:
     geometry = config_geometry(path, config, family)
     if repo is None:
         check_weights(path, config, gguf_file)
+    note_custom_code(path, config, family)
     return ModelRef(spec, path, family, geometry, config, gguf_file, repo)
+
+
+_NOTED_CUSTOM_CODE: set[str] = set()
+
+
+def note_custom_code(path: Path, config: Mapping[str, Any], family: Family) -> None:
+    """A config.json whose ``auto_map`` names the checkpoint's own Python code: that code is never run (nothing here
+    passes trust_remote_code), the model loads as the family's transformers class; said once per model and process,
+    since its author may have meant another forward than that class's (the weights must match it: the load checks)."""
+    auto_map = config.get("auto_map")
+    if not auto_map or str(path) in _NOTED_CUSTOM_CODE:
+        return
+    _NOTED_CUSTOM_CODE.add(str(path))
+    named = next(iter(auto_map.values()), auto_map) if isinstance(auto_map, Mapping) else auto_map
+    print(f"warning: {path}/config.json names its own code in auto_map ({str(named)[:80]}); it is never run: the "
+          f"model loads as transformers' {family.model_class}", file=sys.stderr)
 
 
 # The weight files transformers' from_pretrained picks in a local dir, in its order (modeling_utils

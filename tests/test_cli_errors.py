@@ -1071,3 +1071,59 @@ def test_a_config_of_a_billion_layers_is_refused_at_once(tmp_path, capfd, src, w
                 "deepest stack of layers in its weights has 4") in line, line
         assert not out.exists()
     assert tree_manifest(model) == before
+
+
+def _with_custom_code(src: Path, dest: Path, sentinel: Path) -> Path:
+    """A copy of ``src`` whose config.json, tokenizer and processor configs name code of its own in auto_map (as
+    custom-code checkpoints on the hub do), each module making ``sentinel`` when imported."""
+    d = shutil.copytree(src, dest)
+    code = f"import os\nos.makedirs({str(sentinel)!r}, exist_ok=True)\n"
+    maps = {"config.json": {"AutoConfig": "configuration_own.OwnConfig",
+                            "AutoModelForCausalLM": "modeling_own.OwnForCausalLM"},
+            "tokenizer_config.json": {"AutoTokenizer": ["tokenization_own.OwnTokenizer", None]},
+            "processor_config.json": {"AutoProcessor": "processing_own.OwnProcessor"},
+            "preprocessor_config.json": {"AutoImageProcessor": "processing_own.OwnImageProcessor"}}
+    for name, auto_map in maps.items():
+        if (d / name).is_file():
+            cfg = json.loads((d / name).read_text())
+            (d / name).write_text(json.dumps(cfg | {"auto_map": auto_map}))
+    for module in ("configuration_own", "modeling_own", "tokenization_own", "processing_own"):
+        (d / f"{module}.py").write_text(code)
+    return d
+
+
+def test_nothing_passes_trust_remote_code():
+    """The guard behind the next test: no command may run a checkpoint's own code (no trust_remote_code keyword or
+    key anywhere: a **kwargs dict could carry it too)."""
+    passed = re.compile(r"trust_remote_code\s*[=:]|[\"']trust_remote_code[\"']")
+    files = [p for p in sorted(REPO.rglob("*.py")) if ".venv" not in p.parts and p.name != "test_cli_errors.py"]
+    assert len(files) > 50
+    hits = [f"{p.relative_to(REPO)}:{i}" for p in files
+            for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1) if passed.search(line)]
+    assert hits == []
+
+
+def test_a_checkpoint_naming_its_own_code_loads_as_its_family_and_never_runs_it(tmp_path, capfd):
+    """auto_map in config.json, the tokenizer's and the processor's configs, beside modules that run on import: the
+    model loads as the family's transformers class (one warning line says so), the modules never run; a model_type
+    only its own code defines is refused as unsupported."""
+    from probe import eval as probe_eval
+    from probe.models import resolve_model
+
+    sentinel = tmp_path / "code-ran"
+    model = _with_custom_code(resolve_model("organism-vl").path, tmp_path / "m", sentinel)
+    data = str(REPO / "probe/zoo/data/image_single")
+    capfd.readouterr()
+    assert cli_main(probe_eval.main, ["--models", str(model), "--data", data, "--limit", "2", "--quiet",
+                                      "--out", str(tmp_path / "out")]) == 0
+    err = capfd.readouterr().err
+    assert not sentinel.exists()
+    assert err.count(f"warning: {model}/config.json names its own code in auto_map (configuration_own.OwnConfig); it "
+                     "is never run: the model loads as transformers' Qwen2VLForConditionalGeneration") == 1, err
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["status"] == "complete"
+    own = _with_custom_code(resolve_model("organism-base").path, tmp_path / "own", sentinel)
+    cfg = json.loads((own / "config.json").read_text())
+    (own / "config.json").write_text(json.dumps(cfg | {"model_type": "own", "architectures": ["OwnForCausalLM"]}))
+    line = one_error_line(cli_main(probe_eval.main, ["--models", str(own), "--data", data, "--quiet",
+                                                     "--out", str(tmp_path / "out2")]), capfd.readouterr().err)
+    assert "unsupported model_type 'own'" in line and not sentinel.exists() and not (tmp_path / "out2").exists()
