@@ -1127,3 +1127,39 @@ def test_a_checkpoint_naming_its_own_code_loads_as_its_family_and_never_runs_it(
     line = one_error_line(cli_main(probe_eval.main, ["--models", str(own), "--data", data, "--quiet",
                                                      "--out", str(tmp_path / "out2")]), capfd.readouterr().err)
     assert "unsupported model_type 'own'" in line and not sentinel.exists() and not (tmp_path / "out2").exists()
+
+
+@pytest.mark.parametrize("damage", ["header length past the file", "a tensor of 10**12 elements", "cut in half"])
+def test_a_safetensors_file_claiming_more_than_it_holds_is_one_line_without_allocating(tmp_path, capfd, damage):
+    """A header whose length, or a tensor whose shape, claims far more than the file holds is refused from the header,
+    in one line, by the probe and the analyses alike: nothing is allocated for what it claims."""
+    import resource
+    import struct
+
+    from analyses import shift
+    from probe import eval as probe_eval
+    from probe.models import resolve_model
+
+    model = shutil.copytree(resolve_model("organism-base").path, tmp_path / "m")
+    f = model / "model.safetensors"
+    raw = f.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    if damage == "header length past the file":
+        f.write_bytes(struct.pack("<Q", 2**62) + raw[8:])
+    elif damage == "a tensor of 10**12 elements":
+        header = json.loads(raw[8:8 + n])
+        header["lm_head.weight"]["shape"] = [10**6, 10**6]
+        text = json.dumps(header).encode()
+        f.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+    else:
+        f.write_bytes(raw[: len(raw) // 2])
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for main, argv in ((probe_eval.main, ["--models", str(model), "--data", str(REPO / "probe/zoo/data/text"),
+                                          "--limit", "1", "--quiet"]),
+                       (shift.main, ["--base", "organism-base", "--models", str(model), "--no-figures"])):
+        out = tmp_path / f"out-{main.__module__}"
+        capfd.readouterr()
+        line = one_error_line(cli_main(main, [*argv, "--out", str(out)]), capfd.readouterr().err)
+        assert str(f) in line and ("corrupt" in line or "unreadable checkpoint file" in line), line
+        assert not out.exists()
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 2**20  # kB: under 1 GiB more at its peak
