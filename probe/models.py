@@ -242,11 +242,11 @@ def check_layer_counts(path: Path, config: Mapping[str, Any], keys: Sequence[str
 def check_weights(path: Path, config: dict[str, Any], gguf_file: str | None = None) -> None:
     entry = weights_entry(path) if gguf_file is None else None  # refuses a dir with two weight sets
     keys = check_weight_files(path, config)
-    check_layer_counts(path, config, [k for names in keys.values() for k in names])  # before transformers builds it
     if gguf_file is None and (entry is None or entry.name == "model.safetensors.index.json"):
         check_shard_keys(path, entry, keys)
     elif entry is not None and entry.name == "pytorch_model.bin.index.json":
         check_shard_keys(path, entry, {f: bin_keys(f) for f in sorted(path.glob("pytorch_model*.bin"))})
+    check_layer_counts(path, config, [k for names in keys.values() for k in names])  # before transformers builds it
     if gguf_file is None and not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise BadInput(f"{path}: no weight files (*.safetensors)")
     if gguf_file is None:
