@@ -195,7 +195,7 @@ def read_weight_map(index: Path) -> dict[str, str]:
     path (``../x.safetensors``, an absolute one, ``sub/x``) would be read from outside the model's folder (or was
     said to be missing when it was not): a checkpoint handed over is read from its own folder only."""
     try:
-        wmap = json.loads(index.read_text())["weight_map"]
+        wmap = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         if not isinstance(wmap, dict):
             raise TypeError
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
