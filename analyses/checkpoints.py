@@ -193,16 +193,13 @@ def resolve_model_dir(spec: str) -> Path:
 def _weight_files(model_dir: Path, allow_bin: bool) -> dict[str, Path]:
     """Map every tensor key to its file: the weights transformers loads (``probe.models.weights_entry``, so the
     analyses read what probe.eval and probe.heads run), from the index when that is it; check every shard exists."""
-    from probe.models import weights_entry
+    from probe.models import read_weight_map, weights_entry
 
     entry = weights_entry(model_dir)
     if entry is not None and entry.name.endswith(".index.json"):
         if entry.name.startswith("pytorch_model") and not allow_bin:
             raise BadInput(f"{model_dir}: only .bin weights; pass --allow-bin to read them (weights_only)")
-        try:
-            wmap = json.loads(entry.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError):
-            raise BadInput(f"{entry}: corrupt index (no weight_map)") from None
+        wmap = read_weight_map(entry)  # shards by file name only: never read from outside model_dir
         files = {k: model_dir / v for k, v in wmap.items()}
         for f in sorted(set(files.values())):
             if not f.is_file():
@@ -284,7 +281,7 @@ def checkpoint_fingerprint(ck: Checkpoint) -> str:
 
 def open_checkpoint(spec: str, allow_bin: bool = False) -> Checkpoint:
     """Resolve, read config and headers, detect the layout; no tensor data is touched."""
-    from probe.models import check_shard_keys, check_tied_head, weights_entry
+    from probe.models import check_layer_counts, check_shard_keys, check_tied_head, weights_entry
 
     path = resolve_model_dir(spec)
     config = read_config_json(path)
@@ -307,6 +304,7 @@ def open_checkpoint(spec: str, allow_bin: bool = False) -> Checkpoint:
             if info is None:
                 raise BadInput(f"{f}: tensor {key!r} listed in the index is missing from the shard (corrupt)")
             infos[key] = info
+    check_layer_counts(path, config, list(infos))  # before a skeleton is built from it (check_tied_head)
     layout = detect_layout(config.get("model_type"), infos)
     config_geometry(path, config, FAMILIES[layout.family])  # none: a damaged checkpoint, as for probe.heads/eval
     lm: dict[str, str] = {}

@@ -494,8 +494,14 @@ def read_state(path: Path, map_location: Any = None) -> dict:
 
     fix = f"delete {path.parent} and rerun the same command to resume from the checkpoint before it"
     try:
-        state = torch.load(path, weights_only=False, map_location=map_location, mmap=map_location is not None)
+        # weights_only: tensors, numbers, strings and containers, all a state holds (optimiser state_dict, generator
+        # and RNG byte tensors, the step); a pickle naming any other object (a run dir from elsewhere) is refused
+        # unrun, where weights_only=False executed whatever code it named
+        state = torch.load(path, weights_only=True, map_location=map_location, mmap=map_location is not None)
     except Exception as exc:  # torch raises pickle, zip and runtime errors for a damaged file
+        if named := re.search(r"GLOBAL ([\w.]+)", str(exc)):  # torch's many-line advice is to load it unsafely
+            raise BadInput(f"{path} names {named.group(1)}, which no trainer state holds (a file from elsewhere?); "
+                           f"it is not loaded, as loading it could run code: {fix}") from None
         reason = str(exc).strip().split("\n")[0] or type(exc).__name__
         raise BadInput(f"{path} is unreadable ({reason}); {fix}") from None
     want = ("optimizer", "generator", "torch_rng", "step")

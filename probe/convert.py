@@ -371,7 +371,12 @@ def sample_frames(path: Path, n: int, max_side: int) -> list[bytes]:
             if stream.duration:
                 duration = float(stream.duration * tb)
             else:  # Matroska/WebM state none per stream, and their file duration counts from 0, not from start
-                duration = stream_end(container, stream) - start
+                end = stream_end(container, stream)
+                stated = container.duration / 1_000_000 if container.duration else None  # av.time_base units
+                if stated is not None and stated - end > max(1.0, 0.02 * stated):  # frames sampled from what is left
+                    raise BadInput(f"{path}: its frames end at {end:.1f} s, but the file states {stated:.1f} s "
+                                   "(a truncated download?); download it again")
+                duration = end - start
             if not duration > 0:
                 raise BadInput(f"{path}: the video does not state a duration")
             picked = []

@@ -11,8 +11,10 @@ from __future__ import annotations
 import ast
 import hashlib
 import io
+import os
 import re
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -45,15 +47,33 @@ def upright(img: Image.Image) -> Image.Image:
     return ImageOps.exif_transpose(img)
 
 
+# PIL's own limit on the pixels of an image (its DecompressionBombWarning; twice as many is its error): a picture
+# past it is a decompression bomb or a scan no model sees at that size, refused while loading with its size said
+MAX_IMAGE_PIXELS = 1024 * 1024 * 1024 // 4 // 3
+# modes _decode shows as they look: any other (32-bit float 'F', 'LAB', 'HSV') has no one reading as RGB, and
+# convert("RGB") made a float image in 0..1 black and a LAB one false colours without a word
+SHOWN_MODES = frozenset({"1", "L", "P", "RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LA", "La", "PA",
+                         "I", "I;16", "I;16B", "I;16L", "I;16N"})
+
+
 def _decode(data: bytes, max_side: int | None) -> Image.Image:
+    """The image as the model is shown it: the first frame (an animated GIF, PNG or WebP shows its first, as the
+    datasets library and transformers' load_image do), turned upright, RGB, fitted within ``max_side``. A mode with
+    no RGB reading is BadInput (the loader calls this on every image, so a run never meets one)."""
     img = Image.open(io.BytesIO(data))
     img.load()
+    if img.mode not in SHOWN_MODES:
+        raise BadInput(f"its mode {img.mode!r} has no RGB reading to show the model; save it as an 8-bit RGB or "
+                       "greyscale PNG or JPEG")
     img = upright(img)
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit greyscale: convert("RGB") clips >255 to white
-        tones = np.asarray(img.convert("I"), dtype=np.float64) / 257  # 0..65535 -> 0..255
-        img = Image.fromarray(np.clip(np.rint(tones), 0, 255).astype(np.uint8))
+        tones = np.asarray(img.convert("I"), dtype=np.float64)
+        if tones.size and not (tones.min() >= 0 and tones.max() <= 65535):  # 32-bit: /257 clipped it to white
+            raise BadInput(f"a 32-bit integer image (values {tones.min():.0f}..{tones.max():.0f}, past 16 bits) has "
+                           "no one greyscale reading; save it as an 8- or 16-bit PNG")
+        img = Image.fromarray(np.clip(np.rint(tones / 257), 0, 255).astype(np.uint8))  # 0..65535 -> 0..255
     # Composite transparency onto white: a bare convert("RGB") turns transparent pixels black.
-    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:  # alpha, or a tRNS colour key (P, L, RGB)
+    if img.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in img.info:  # alpha, or a tRNS colour key
         rgba = img.convert("RGBA")
         img = Image.new("RGB", rgba.size, (255, 255, 255))
         img.paste(rgba, mask=rgba.getchannel("A"))
@@ -117,8 +137,15 @@ _SPLIT = re.compile(r"\w+(\.\w+)*")  # a Hugging Face split name
 def _split_files(folder: Path, split: str) -> list[Path]:
     """The split's files in ``folder``: ``<split>-*.parquet`` (the hub's shards) or one ``<split>.parquet`` (what
     ``DataFrame.to_parquet`` users write), never both (a whole file beside its shards would count items twice)."""
-    files = sorted(p for p in folder.glob(f"{split}-*.parquet") if p.is_file())
+    named = sorted(folder.glob(f"{split}-*.parquet"))
     whole = folder / f"{split}.parquet"
+    if dangling := next((p for p in [*named, whole] if p.is_symlink() and not p.exists()), None):
+        raise BadInput(f"{dangling} is a link to a missing file ({os.readlink(dangling)}): an incomplete download "
+                       "(the hub cache's blob is gone?); download the split again")
+    if odd := next((p for p in [*named, whole] if p.exists() and not p.is_file()), None):  # read as if absent
+        raise BadInput(f"{odd} is a {'directory' if odd.is_dir() else 'special file'}, not a parquet file (a Spark-style "
+                       "dataset folder?); write the split as <split>.parquet or <split>-NNNNN-of-NNNNN.parquet files")
+    files = [p for p in named if p.is_file()]
     if whole.is_file():
         if files:
             raise BadInput(f"{folder} holds both {whole.name} and {files[0].name}: the same split twice? keep one")
@@ -248,18 +275,45 @@ def _cell_bytes(cell: Any) -> Any:
 
 
 def _image_bytes(cell: Any, where: str, what: str) -> bytes:
-    cell = _cell_bytes(cell)
-    if not isinstance(cell, (bytes, bytearray)) or not cell:
+    """An image cell's bytes, checked to decode as the run will (``_decode``): else BadInput naming the row."""
+    data = _cell_bytes(cell)
+    named = data if isinstance(data, str) else cell.get("path") if isinstance(cell, dict) and not data else None
+    if named:  # a path only (datasets' Image feature before its files are embedded), or a column of file names
+        raise BadInput(f"{where}: {what} names a file ({str(named)[:80]!r}) but holds no image bytes; images are read "
+                       "from the parquet file itself, never from files a row names: store each image's bytes in it")
+    if not isinstance(data, (bytes, bytearray)) or not data:
         raise BadInput(f"{where}: {what} is referenced but empty or null")
+    data = bytes(data)
     try:
-        with Image.open(io.BytesIO(cell)) as img:
-            img.verify()  # chunk CRCs (PNG), which load() does not check
-        with Image.open(io.BytesIO(cell)) as img:
-            img.load()  # verify() reads no pixels: a JPEG cut short passes it and fails mid-run
-            upright(img)  # a damaged EXIF block fails here, not mid-run
+        with warnings.catch_warnings():  # past MAX_IMAGE_PIXELS: refused below, in one line, not warned about
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+                img.verify()  # chunk CRCs (PNG), which load() does not check
+        if width * height > MAX_IMAGE_PIXELS:
+            raise Image.DecompressionBombError(f"Image size ({width * height} pixels)")
+        _decode(data, None)  # pixels (verify() reads none: a JPEG cut short passes it), EXIF, mode
+    except BadInput as exc:
+        raise BadInput(f"{where}: {what}: {exc}") from None
+    except Image.DecompressionBombError as exc:  # Image.open's own refusal (twice the limit) or the check above
+        pixels = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{width}×{height} = {width * height:,} pixels" if "width" in locals() else (
+            f"{int(pixels.group(1)):,} pixels" if pixels else "too many pixels")
+        raise BadInput(f"{where}: {what} is {size}, past the {MAX_IMAGE_PIXELS:,} an image may have (PIL's "
+                       "decompression-bomb limit); downscale it") from None
+    except Image.UnidentifiedImageError:  # its message names a BytesIO object's address
+        raise BadInput(f"{where}: {what} is not a decodable image (no format PIL reads: SVG, HEIC, or not an "
+                       "image at all)") from None
     except Exception as exc:  # PIL raises many types for bad bytes
-        raise BadInput(f"{where}: {what} is not a decodable image ({type(exc).__name__})") from None
-    return bytes(cell)
+        raise BadInput(f"{where}: {what} is not a decodable image ({type(exc).__name__}: {error_reason(exc)})") from None
+    return data
+
+
+def _shown_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of an image as ``_decode`` shows it, from its header: EXIF orientations 5-8 swap them."""
+    with Image.open(io.BytesIO(data)) as img:
+        w, h = img.size
+        return (h, w) if img.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8) else (w, h)
 
 
 def _referenced(texts: Sequence[str]) -> list[int]:
@@ -314,6 +368,10 @@ def _make_item(row: dict[str, Any], subject: str, where: str) -> Item:
         if not isinstance(video, (list, tuple)) or not video:
             raise BadInput(f"{where}: references <video>, but the 'video' column is missing or empty")
         frames = tuple(_image_bytes(f, where, f"video frame {i}") for i, f in enumerate(video))
+        sizes = [_shown_size(f) for f in frames]  # Qwen2-VL's frames were all stretched to frame 0's size
+        if odd := next((i for i, size in enumerate(sizes) if size != sizes[0]), None):
+            raise BadInput(f"{where}: video frame {odd} is {sizes[odd][0]}×{sizes[odd][1]} but frame 0 is "
+                           f"{sizes[0][0]}×{sizes[0][1]}; a video's frames share one size")
     elif n_frames := _filled_frames(video):  # the image rule for frames: data the text never references runs blind
         raise BadInput(f"{where}: the 'video' column holds {n_frames} frame(s) but the question "
                        f"references no {VIDEO_REF}; only referenced frames are shown, so put '{VIDEO_REF}' in the "

@@ -144,7 +144,24 @@ def resolve_model(spec: str) -> ModelRef:
     geometry = config_geometry(path, config, family)
     if repo is None:
         check_weights(path, config, gguf_file)
+    note_custom_code(path, config, family)
     return ModelRef(spec, path, family, geometry, config, gguf_file, repo)
+
+
+_NOTED_CUSTOM_CODE: set[str] = set()
+
+
+def note_custom_code(path: Path, config: Mapping[str, Any], family: Family) -> None:
+    """A config.json whose ``auto_map`` names the checkpoint's own Python code: that code is never run (nothing here
+    passes trust_remote_code), the model loads as the family's transformers class; said once per model and process,
+    since its author may have meant another forward than that class's (the weights must match it: the load checks)."""
+    auto_map = config.get("auto_map")
+    if not auto_map or str(path) in _NOTED_CUSTOM_CODE:
+        return
+    _NOTED_CUSTOM_CODE.add(str(path))
+    named = next(iter(auto_map.values()), auto_map) if isinstance(auto_map, Mapping) else auto_map
+    print(f"warning: {path}/config.json names its own code in auto_map ({str(named)[:80]}); it is never run: the "
+          f"model loads as transformers' {family.model_class}", file=sys.stderr)
 
 
 # The weight files transformers' from_pretrained picks in a local dir, in its order (modeling_utils
@@ -172,6 +189,56 @@ def weights_entry(path: Path) -> Path | None:
     return None
 
 
+def read_weight_map(index: Path) -> dict[str, str]:
+    """An index's ``weight_map`` (tensor name → shard), read by every reader of an index (the probe's checks, the
+    analyses): BadInput unless each shard is a plain file name, as save_pretrained writes them. A shard named by a
+    path (``../x.safetensors``, an absolute one, ``sub/x``) would be read from outside the model's folder (or was
+    said to be missing when it was not): a checkpoint handed over is read from its own folder only."""
+    try:
+        wmap = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        if not isinstance(wmap, dict):
+            raise TypeError
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        raise BadInput(f"{index}: corrupt index (no weight_map)") from None
+    for key, name in wmap.items():
+        if not isinstance(name, str) or not name.strip():
+            raise BadInput(f"{index}: weight_map maps {key!r} to {name!r}, not a shard file name")
+        if name != Path(name).name or "\\" in name or name in (".", ".."):
+            raise BadInput(f"{index}: weight_map names the shard {name!r}, a path, not a file name in {index.parent}; "
+                           "shards are read from the model's own folder only: fix the index (file names only)")
+    return wmap
+
+
+# config.json keys that count stacked layers (a decoder's, a vision or audio tower's): transformers builds one module
+# each, and a list of num_hidden_layers layer types, even on the meta device, before any weight is compared
+LAYER_COUNTS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers", "depth", "encoder_layers", "decoder_layers")
+
+
+def check_layer_counts(path: Path, config: Mapping[str, Any], keys: Sequence[str]) -> None:
+    """No layer count of config.json (at any level: text, vision, audio configs) past the deepest stack of layers the
+    weights hold (``keys``: tensor names from the headers; none, nothing is checked). A damaged or hostile config
+    saying 10**9 layers hung every command in transformers' config and skeleton builds (an 8 GB list, a loop of a
+    billion modules) where it is refused here, from the headers, at once; a count past what the weights hold could
+    only load with layers left at random, which the load refuses anyway."""
+    indices = [int(part) for key in keys for part in key.split(".") if part.isdigit()]
+    if not indices:
+        return
+    deepest = max(indices) + 1
+
+    def counts(cfg: Mapping[str, Any], where: str, depth: int = 0) -> Iterator[tuple[str, Any]]:
+        for key, value in cfg.items():
+            if isinstance(value, Mapping) and depth < 4:
+                yield from counts(value, f"{where}{key}.", depth + 1)
+            elif key in LAYER_COUNTS:
+                yield f"{where}{key}", value
+
+    for name, value in counts(config, ""):
+        if isinstance(value, int) and not isinstance(value, bool) and value > deepest:
+            raise BadInput(f"checkpoint {path}: config.json says {name} {value:,}, but the deepest stack of layers in "
+                           f"its weights has {deepest}; it does not match its config.json (a damaged or mislabelled "
+                           "checkpoint)")
+
+
 def check_weights(path: Path, config: dict[str, Any], gguf_file: str | None = None) -> None:
     entry = weights_entry(path) if gguf_file is None else None  # refuses a dir with two weight sets
     keys = check_weight_files(path, config)
@@ -179,6 +246,7 @@ def check_weights(path: Path, config: dict[str, Any], gguf_file: str | None = No
         check_shard_keys(path, entry, keys)
     elif entry is not None and entry.name == "pytorch_model.bin.index.json":
         check_shard_keys(path, entry, {f: bin_keys(f) for f in sorted(path.glob("pytorch_model*.bin"))})
+    check_layer_counts(path, config, [k for names in keys.values() for k in names])  # before transformers builds it
     if gguf_file is None and not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise BadInput(f"{path}: no weight files (*.safetensors)")
     if gguf_file is None:
@@ -195,8 +263,7 @@ def check_loaded_tie(path: Path, config: dict[str, Any], entry: Path | None, key
     if entry is not None and entry.name.startswith("pytorch_model"):
         files = {f: bin_keys(f) for f in sorted(path.glob("pytorch_model*.bin"))}
     elif entry is not None and entry.name.endswith(".index.json"):
-        shards = set(json.loads(entry.read_text(encoding="utf-8"))["weight_map"].values())
-        files = {f: k for f, k in keys.items() if f.name in shards}
+        files = {f: k for f, k in keys.items() if f.name in set(read_weight_map(entry).values())}
     else:
         files = keys if entry is None else {entry: keys.get(entry, [])}
     where = {k: f for f, names in files.items() for k in names}
@@ -838,15 +905,8 @@ def check_shard_keys(path: Path, index: Path | None, keys: dict[Path, list[str]]
     A key held by two shards is loaded by transformers from whichever shard comes last, while a reader following
     the index (analyses.shift, analyses.merge) takes the one the index names: two models measured as one, with
     no error. ``index`` None (no standard name): every *.safetensors file counts, as the analyses read them all."""
-    import json
-
     if index is not None:
-        try:
-            wmap = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            if not isinstance(wmap, dict):
-                raise TypeError
-        except (OSError, json.JSONDecodeError, KeyError, TypeError):
-            raise BadInput(f"{index}: corrupt index (no weight_map)") from None
+        wmap = read_weight_map(index)
         listed = sorted(set(wmap.values()))
         for name in listed:
             if path / name not in keys:

@@ -1026,3 +1026,196 @@ def test_sweep_from_python_equals_the_command_and_returns_it_read_back(base_run,
     assert list(grid.index) == [0, 3] and list(grid.columns) == [0, 1]
     assert grid.loc[3, 1] == want.set_index(["layer", "head"]).loc[(3, 1), "kl"]
     assert len(got.items) == 6 * (1 + 4)  # each item unmasked and under each of the 4 heads
+
+
+# --------------------------------------------------------------------------------------------------------
+# files handed over by someone else: data sets and checkpoints that are odd, damaged or hostile
+
+
+def test_a_data_set_with_a_bomb_image_or_a_file_path_is_one_line_and_leaves_no_out(tmp_path, capfd):
+    """Through the commands: an image past PIL's pixel limit was 'not a decodable image (DecompressionBombError)'
+    (and one just under twice the limit ran, with PIL's two-line warning at each decode); an image cell holding only
+    a path (here outside the data set) read as 'empty or null'. The file it names is never opened."""
+    from conftest import tree_manifest
+    from test_mmmu import blank_png, row, write
+
+    from probe import eval as probe_eval
+    from probe import heads
+
+    cases = {"bomb": ({"bytes": blank_png(10000, 10000), "path": None}, "is 10000×10000 = 100,000,000 pixels, past "
+                      "the 89,478,485 an image may have (PIL's decompression-bomb limit); downscale it"),
+             "path": ({"bytes": None, "path": "../../../secret.png"}, "image_1 names a file ('../../../secret.png') "
+                      "but holds no image bytes")}
+    for name, (cell, want) in cases.items():
+        data = write(tmp_path / name, {"Art": [row(1), row(2, image_1=cell)]})
+        before = tree_manifest(data)
+        for main, argv in ((probe_eval.main, ["--models", "organism-vl", "--data", str(data), "--quiet"]),
+                           (heads.main, ["--model", "organism-vl", "--data", str(data), "--layers", "0", "--quiet"])):
+            out = tmp_path / f"out-{name}-{main.__module__}"
+            capfd.readouterr()
+            line = one_error_line(cli_main(main, [*argv, "--out", str(out)]), capfd.readouterr().err)
+            assert "row 1 id='validation_Art_2'" in line and want in line, line
+            assert not out.exists() and tree_manifest(data) == before
+
+
+@pytest.mark.parametrize("named", ["../outside.safetensors", "ABSOLUTE", "sub/model-00002-of-00002.safetensors", 7])
+def test_an_index_naming_a_shard_by_a_path_is_refused_by_the_probe_and_the_analyses(tmp_path, capfd, named):
+    """A shard named by a path in model.safetensors.index.json: analyses.shift read one outside the model's folder
+    (and then said the index maps a tensor to '../…' but it is in '…'), probe.eval called it a missing shard; a
+    weight_map value that is no string was a traceback in both. Now one line naming the index and the shard."""
+    from conftest import tree_manifest
+    from test_models import _sharded
+
+    from analyses import shift
+    from probe import eval as probe_eval
+    from probe.models import resolve_model
+
+    model, _, names = _sharded(resolve_model("organism-base").path, tmp_path / "m")
+    index = model / "model.safetensors.index.json"
+    if isinstance(named, str):
+        named = str(tmp_path / "abs.safetensors") if named == "ABSOLUTE" else named
+        target = (model / named) if not Path(named).is_absolute() else Path(named)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (model / names[1]).rename(target)  # the shard is there, where the path points
+    wmap = json.loads(index.read_text())["weight_map"]
+    index.write_text(json.dumps({"metadata": {}, "weight_map": {k: named if v == names[1] else v
+                                                               for k, v in wmap.items()}}))
+    want = (f"{index}: weight_map names the shard {named!r}, a path, not a file name in {model}; shards are read from "
+            "the model's own folder only" if isinstance(named, str) else f"{index}: weight_map maps ")
+    before = tree_manifest(tmp_path)
+    for main, argv in ((probe_eval.main, ["--models", str(model), "--data", str(REPO / "probe/zoo/data/text"),
+                                          "--limit", "1", "--quiet"]),
+                       (shift.main, ["--base", "organism-base", "--models", str(model), "--no-figures"])):
+        out = tmp_path / f"out-{main.__module__}"
+        capfd.readouterr()
+        line = one_error_line(cli_main(main, [*argv, "--out", str(out)]), capfd.readouterr().err)
+        assert want in line, line
+        assert not out.exists()
+    assert tree_manifest(tmp_path) == before
+
+
+@pytest.mark.parametrize("src, where, key", [("organism-base", None, "num_hidden_layers"),
+                                             ("organism-vl", "vision_config", "depth"),
+                                             ("organism-ov-si", "vision_config", "num_hidden_layers")])
+def test_a_config_of_a_billion_layers_is_refused_at_once(tmp_path, capfd, src, where, key):
+    """config.json saying 10**9 layers (a decoder's, or a vision tower's): probe.eval hung in transformers' config
+    build (a list of a billion layer types) or its meta-device skeleton; now every command refuses it from the
+    weights' headers in one line, before transformers reads the config."""
+    import time
+
+    from conftest import tree_manifest
+
+    from analyses import shift
+    from probe import eval as probe_eval
+    from probe.models import resolve_model
+
+    model = shutil.copytree(resolve_model(src).path, tmp_path / "m")
+    cfg = json.loads((model / "config.json").read_text())
+    (cfg[where] if where else cfg)[key] = 10**9
+    cfg.pop("layer_types", None)
+    (model / "config.json").write_text(json.dumps(cfg))
+    before = tree_manifest(model)
+    data = REPO / "probe/zoo/data" / ("text" if where is None else "image_single")
+    for main, argv in ((probe_eval.main, ["--models", str(model), "--data", str(data), "--limit", "1", "--quiet"]),
+                       (shift.main, ["--base", str(model), "--models", "organism-base", "--no-figures"])):
+        out = tmp_path / f"out-{main.__module__}"
+        capfd.readouterr()
+        started = time.monotonic()
+        line = one_error_line(cli_main(main, [*argv, "--out", str(out)]), capfd.readouterr().err)
+        assert time.monotonic() - started < 60
+        assert (f"checkpoint {model}: config.json says {where + '.' if where else ''}{key} 1,000,000,000, but the "
+                "deepest stack of layers in its weights has 4") in line, line
+        assert not out.exists()
+    assert tree_manifest(model) == before
+
+
+def _with_custom_code(src: Path, dest: Path, sentinel: Path) -> Path:
+    """A copy of ``src`` whose config.json, tokenizer and processor configs name code of its own in auto_map (as
+    custom-code checkpoints on the hub do), each module making ``sentinel`` when imported."""
+    d = shutil.copytree(src, dest)
+    code = f"import os\nos.makedirs({str(sentinel)!r}, exist_ok=True)\n"
+    maps = {"config.json": {"AutoConfig": "configuration_own.OwnConfig",
+                            "AutoModelForCausalLM": "modeling_own.OwnForCausalLM"},
+            "tokenizer_config.json": {"AutoTokenizer": ["tokenization_own.OwnTokenizer", None]},
+            "processor_config.json": {"AutoProcessor": "processing_own.OwnProcessor"},
+            "preprocessor_config.json": {"AutoImageProcessor": "processing_own.OwnImageProcessor"}}
+    for name, auto_map in maps.items():
+        if (d / name).is_file():
+            cfg = json.loads((d / name).read_text())
+            (d / name).write_text(json.dumps(cfg | {"auto_map": auto_map}))
+    for module in ("configuration_own", "modeling_own", "tokenization_own", "processing_own"):
+        (d / f"{module}.py").write_text(code)
+    return d
+
+
+def test_nothing_passes_trust_remote_code():
+    """The guard behind the next test: no command may run a checkpoint's own code (no trust_remote_code keyword or
+    key anywhere: a **kwargs dict could carry it too)."""
+    passed = re.compile(r"trust_remote_code\s*[=:]|[\"']trust_remote_code[\"']")
+    files = [p for p in sorted(REPO.rglob("*.py")) if ".venv" not in p.parts and p.name != "test_cli_errors.py"]
+    assert len(files) > 50
+    hits = [f"{p.relative_to(REPO)}:{i}" for p in files
+            for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1) if passed.search(line)]
+    assert hits == []
+
+
+def test_a_checkpoint_naming_its_own_code_loads_as_its_family_and_never_runs_it(tmp_path, capfd):
+    """auto_map in config.json, the tokenizer's and the processor's configs, beside modules that run on import: the
+    model loads as the family's transformers class (one warning line says so), the modules never run; a model_type
+    only its own code defines is refused as unsupported."""
+    from probe import eval as probe_eval
+    from probe.models import resolve_model
+
+    sentinel = tmp_path / "code-ran"
+    model = _with_custom_code(resolve_model("organism-vl").path, tmp_path / "m", sentinel)
+    data = str(REPO / "probe/zoo/data/image_single")
+    capfd.readouterr()
+    assert cli_main(probe_eval.main, ["--models", str(model), "--data", data, "--limit", "2", "--quiet",
+                                      "--out", str(tmp_path / "out")]) == 0
+    err = capfd.readouterr().err
+    assert not sentinel.exists()
+    assert err.count(f"warning: {model}/config.json names its own code in auto_map (configuration_own.OwnConfig); it "
+                     "is never run: the model loads as transformers' Qwen2VLForConditionalGeneration") == 1, err
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["status"] == "complete"
+    own = _with_custom_code(resolve_model("organism-base").path, tmp_path / "own", sentinel)
+    cfg = json.loads((own / "config.json").read_text())
+    (own / "config.json").write_text(json.dumps(cfg | {"model_type": "own", "architectures": ["OwnForCausalLM"]}))
+    line = one_error_line(cli_main(probe_eval.main, ["--models", str(own), "--data", data, "--quiet",
+                                                     "--out", str(tmp_path / "out2")]), capfd.readouterr().err)
+    assert "unsupported model_type 'own'" in line and not sentinel.exists() and not (tmp_path / "out2").exists()
+
+
+@pytest.mark.parametrize("damage", ["header length past the file", "a tensor of 10**12 elements", "cut in half"])
+def test_a_safetensors_file_claiming_more_than_it_holds_is_one_line_without_allocating(tmp_path, capfd, damage):
+    """A header whose length, or a tensor whose shape, claims far more than the file holds is refused from the header,
+    in one line, by the probe and the analyses alike: nothing is allocated for what it claims."""
+    import resource
+    import struct
+
+    from analyses import shift
+    from probe import eval as probe_eval
+    from probe.models import resolve_model
+
+    model = shutil.copytree(resolve_model("organism-base").path, tmp_path / "m")
+    f = model / "model.safetensors"
+    raw = f.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    if damage == "header length past the file":
+        f.write_bytes(struct.pack("<Q", 2**62) + raw[8:])
+    elif damage == "a tensor of 10**12 elements":
+        header = json.loads(raw[8:8 + n])
+        header["lm_head.weight"]["shape"] = [10**6, 10**6]
+        text = json.dumps(header).encode()
+        f.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+    else:
+        f.write_bytes(raw[: len(raw) // 2])
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for main, argv in ((probe_eval.main, ["--models", str(model), "--data", str(REPO / "probe/zoo/data/text"),
+                                          "--limit", "1", "--quiet"]),
+                       (shift.main, ["--base", "organism-base", "--models", str(model), "--no-figures"])):
+        out = tmp_path / f"out-{main.__module__}"
+        capfd.readouterr()
+        line = one_error_line(cli_main(main, [*argv, "--out", str(out)]), capfd.readouterr().err)
+        assert str(f) in line and ("corrupt" in line or "unreadable checkpoint file" in line), line
+        assert not out.exists()
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 2**20  # kB: under 1 GiB more at its peak

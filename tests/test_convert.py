@@ -517,6 +517,19 @@ def test_a_video_file_without_a_video_stream_is_named(video_src, tmp_path):
                    f"{path}: holds no video stream (an audio-only download?)")
 
 
+def test_a_truncated_matroska_video_is_refused_not_sampled_from_what_is_left(video_src, tmp_path):
+    """A Matroska file cut short still states its whole duration, but the sampler measured the span its frames
+    cover: a download cut at a third gave four frames of its first 0.7 s, and the conversion exited 0."""
+    (video_src / "data" / "Zz0.mp4").unlink()
+    path = video_src / "data" / "Zz0.mkv"
+    write_video(path, 1)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+    out = tmp_path / "out"
+    one_error_line(convert("video-mme", video_src, "--frames", 4, "--out", out),
+                   f"{path}: its frames end at 0.7 s, but the file states 3.0 s (a truncated download?)")
+    assert not list(out.rglob("*.parquet"))  # only the frame cache of the videos done, kept for the rerun
+
+
 def test_video_frames_are_kept_per_video_so_a_killed_conversion_resumes(tmp_path):
     import os
 

@@ -379,7 +379,19 @@ def test_killed_after_its_last_checkpoint_is_marked_complete_on_rerun(ft_run, ti
     assert _log(out) == _log(ft_run)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "foreign"])
+class _MakesADir:
+    """Unpickled, it calls os.mkdir: what a trainer state from elsewhere can make a weights_only=False load run."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (str(self.path),)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "foreign", "code"])
 def test_a_damaged_trainer_state_is_one_line_before_anything_runs(ft_run, tiny_dirs, data_dir, text_dir, tmp_path,
                                                                    capfd, damage):
     """Resuming from a checkpoint whose trainer state is damaged (a disk error, a copy cut short) or is not one
@@ -392,8 +404,11 @@ def test_a_damaged_trainer_state_is_one_line_before_anything_runs(ft_run, tiny_d
     out = shutil.copytree(ft_run, tmp_path / "run")
     shutil.rmtree(out / "checkpoint-6")  # resume from checkpoint-4
     state = out / "checkpoint-4" / STATE
+    ran = tmp_path / "ran"
     if damage == "truncated":
         state.write_bytes(state.read_bytes()[:100])
+    elif damage == "code":  # a whole trainer state, plus one object that runs code when unpickled
+        torch.save(torch.load(state, weights_only=True) | {"note": _MakesADir(ran)}, state)
     else:
         torch.save({"step": 4}, state)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
@@ -403,6 +418,9 @@ def test_a_damaged_trainer_state_is_one_line_before_anything_runs(ft_run, tiny_d
     assert err.startswith("error: ") and "\n" not in err, err
     assert str(state) in err and "delete" in err and "checkpoint-4" in err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    if damage == "code":  # refused unrun (torch.load(weights_only=False) ran it): named, never loaded
+        assert not ran.exists()
+        assert "names posix.mkdir, which no trainer state holds (a file from elsewhere?); it is not loaded" in err, err
 
 
 def test_bad_input_exit_2_nothing_written(tiny_dirs, data_dir, text_dir, tmp_path, capfd):
@@ -575,8 +593,8 @@ def test_fsdp_on_two_gloo_processes_equals_one(fsdp_run, ft_run):
         for k in w1:
             assert w2[k].dtype == w1[k].dtype
             torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
-    s1 = torch.load(ft_run / "checkpoint-4" / "trainer_state.pt", weights_only=False)
-    s2 = torch.load(fsdp_run / "checkpoint-4" / "trainer_state.pt", weights_only=False)
+    s1 = torch.load(ft_run / "checkpoint-4" / "trainer_state.pt", weights_only=True)
+    s2 = torch.load(fsdp_run / "checkpoint-4" / "trainer_state.pt", weights_only=True)
     assert "model" not in s2 and s2["step"] == s1["step"] == 4
     assert sorted(s2["optimizer"]["state"]) == sorted(s1["optimizer"]["state"])
     for i, st in s1["optimizer"]["state"].items():
@@ -759,7 +777,7 @@ def test_fsdp_keeps_a_reached_gradient_of_zeros(data_dir, text_dir, tmp_path):
     assert cli_main(main, argv(one)) == 0
     res = _torchrun(["-m", "analyses.finetune"], [*argv(two), "--fsdp"])
     assert res.returncode == 0, res.stderr[-3000:]
-    s1, s2 = (torch.load(d / "checkpoint-2" / "trainer_state.pt", weights_only=False)["optimizer"]["state"]
+    s1, s2 = (torch.load(d / "checkpoint-2" / "trainer_state.pt", weights_only=True)["optimizer"]["state"]
               for d in (one, two))
     assert {i: float(st["step"]) for i, st in s2.items()} == {i: float(st["step"]) for i, st in s1.items()}
     w1, w2 = (load_file(d / "checkpoint-2" / "model.safetensors") for d in (one, two))

@@ -2,6 +2,7 @@ import io
 import re
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -356,7 +357,7 @@ def test_all_open_is_error(tmp_path):
         ({"answer": "b"}, "answer 'b'"),
         ({"answer": None}, "answer None"),
         ({"image_1": None}, "image_1 is referenced but empty or null"),
-        ({"image_1": {"bytes": None, "path": "x.png"}}, "image_1 is referenced but empty or null"),
+        ({"image_1": {"bytes": None, "path": "x.png"}}, "image_1 names a file \\('x.png'\\) but holds no image bytes"),
         ({"image_1": {"bytes": b"not an image", "path": None}}, "image_1 is not a decodable image"),
         ({"question": "<image 2> and <image 1>"}, "image_2 is referenced but empty or null"),
         ({"question": "<image 9>"}, "only image_1..image_7"),
@@ -550,3 +551,127 @@ def test_a_split_saved_as_one_split_parquet_file_is_read(tmp_path, capsys):
     (mixed / "Art" / src.name).write_bytes(src.read_bytes())
     with pytest.raises(BadInput, match=r"holds both validation\.parquet and validation-00000-of-00001\.parquet"):
         load_mmmu(mixed)
+
+
+# ---- files from elsewhere: odd images, paths, folders -------------------------------------------------------------
+
+
+def encoded(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def blank_png(width: int, height: int) -> bytes:
+    """A valid 1-bit PNG of width × height white pixels, a few kB however large: a decompression bomb's shape."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = (b"\x00" + b"\xff" * ((width + 7) // 8)) * height
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b""))
+
+
+ODD_IMAGES = {  # each was shown to the model wrong, read from elsewhere, or refused in words that did not say why
+    "float image": (lambda: encoded(Image.fromarray(np.full((8, 8), 0.5, np.float32)), "TIFF"),
+                    r"image_1: its mode 'F' has no RGB reading"),  # was shown black
+    "LAB image": (lambda: encoded(Image.new("LAB", (8, 8), (50, 0, 0)), "TIFF"),
+                  r"image_1: its mode 'LAB' has no RGB reading"),  # mid grey was shown blue
+    "32-bit integers": (lambda: encoded(Image.fromarray(np.full((8, 8), 100_000, np.int32)), "TIFF"),
+                        r"image_1: a 32-bit integer image \(values 100000..100000, past 16 bits\)"),  # white
+    "past PIL's pixel limit": (lambda: blank_png(9500, 9500),
+                               r"image_1 is 9500×9500 = 90,250,000 pixels, past the 89,478,485 an image may have"),
+    "past twice the limit": (lambda: blank_png(13400, 13400),  # PIL's own DecompressionBombError: named, not a type
+                             r"image_1 is 179,560,000 pixels, past the 89,478,485 an image may have"),
+    "SVG": (lambda: b"<svg xmlns='http://www.w3.org/2000/svg' width='8' height='8'/>",
+            r"image_1 is not a decodable image \(no format PIL reads"),
+    "truncated PNG": (lambda: encoded(Image.new("RGB", (16, 12), (255, 0, 0)))[:-20],
+                      r"image_1 is not a decodable image \(OSError: Truncated File Read\)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ODD_IMAGES))
+def test_an_image_the_model_cannot_be_shown_as_it_looks_is_refused_saying_why(tmp_path, case):
+    import warnings
+
+    make, match = ODD_IMAGES[case]
+    write(tmp_path, {"Art": [row(1), row(2, image_1={"bytes": make(), "path": None})]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PIL's DecompressionBombWarning was two more lines on stderr
+        with pytest.raises(BadInput, match=r"row 1 id='validation_Art_2': " + match) as exc:
+            load_mmmu(tmp_path)
+    assert "\n" not in str(exc.value) and " at 0x" not in str(exc.value)
+
+
+@pytest.mark.parametrize("cell", [{"bytes": None, "path": "/etc/hostname"}, {"bytes": None, "path": "../../x.png"},
+                                  {"bytes": b"", "path": "sub/x.png"}])
+def test_an_image_cell_naming_a_file_is_refused_never_read(tmp_path, cell):
+    """An image stored as a path (the datasets library's Image feature before its files are embedded) used to read
+    as 'empty or null'; the file it names is never opened, wherever it points."""
+    write(tmp_path, {"Art": [row(1), row(2, image_1=cell)]})
+    with pytest.raises(BadInput, match=r"image_1 names a file \('" + re.escape(cell["path"]) + r"'\) but holds no "
+                                       "image bytes; images are read from the parquet file itself, never from files"):
+        load_mmmu(tmp_path)
+
+
+def test_a_column_of_file_names_is_refused_never_read(tmp_path):
+    target = tmp_path / "elsewhere.png"
+    target.write_bytes(RED)
+    (tmp_path / "data" / "Art").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([row(1, image_1=str(target))]), tmp_path / "data" / "Art" / "validation.parquet")
+    with pytest.raises(BadInput, match=r"image_1 names a file \('" + re.escape(str(target)) + r"'\)"):
+        load_mmmu(tmp_path / "data")
+
+
+SHOWN = {  # (image, the pixel the model is shown): modes convert("RGB") reads right, and animations' first frames
+    "CMYK JPEG": (lambda: encoded(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "JPEG"), (255, 0, 0)),
+    "YCbCr JPEG": (lambda: encoded(Image.new("YCbCr", (8, 8), (100, 128, 128)), "JPEG"), (100, 100, 100)),
+    "1-bit": (lambda: encoded(Image.new("1", (8, 8), 1)), (255, 255, 255)),
+    "palette": (lambda: encoded(Image.new("RGB", (8, 8), (0, 0, 255)).convert("P")), (0, 0, 255)),
+    "grey with alpha": (lambda: encoded(Image.new("LA", (8, 8), (100, 128))), (177, 177, 177)),  # on white
+    "animated GIF": (lambda: encoded(Image.new("RGB", (8, 8), (255, 0, 0)), "GIF", save_all=True,
+                                     append_images=[Image.new("RGB", (8, 8), (0, 0, 255))], duration=100),
+                     (255, 0, 0)),  # its first frame, as datasets and transformers' load_image show it
+    "animated PNG": (lambda: encoded(Image.new("RGB", (8, 8), (0, 255, 0)), "PNG", save_all=True,
+                                     append_images=[Image.new("RGB", (8, 8), (0, 0, 255))]), (0, 255, 0)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SHOWN))
+def test_odd_but_readable_images_are_shown_as_they_look(tmp_path, case):
+    make, pixel = SHOWN[case]
+    write(tmp_path, {"Art": [row(1, image_1={"bytes": make(), "path": None})]})
+    (it,), _ = load_mmmu(tmp_path)
+    shown = it.pil_images()[0]
+    assert shown.mode == "RGB" and shown.size == (8, 8)
+    assert all(abs(a - b) <= 2 for a, b in zip(shown.getpixel((4, 4)), pixel)), shown.getpixel((4, 4))
+
+
+def test_a_video_whose_frames_differ_in_size_is_refused_and_one_frame_is_a_video(tmp_path):
+    """Frames of two sizes were all stretched to frame 0's for Qwen2-VL; one frame runs (repeated to the temporal
+    patch, as the processor does)."""
+    small, wide = encoded(Image.new("RGB", (32, 32))), encoded(Image.new("RGB", (64, 16)))
+    write_video_rows(tmp_path, [row(1, question="<video> What?", image_1=None,
+                                    video=[{"bytes": small, "path": None}, {"bytes": wide, "path": None}])])
+    with pytest.raises(BadInput, match=r"row 0 id='validation_Art_1': video frame 1 is 64×16 but frame 0 is 32×32; "
+                                       "a video's frames share one size"):
+        load_mmmu(tmp_path)
+    one = tmp_path / "one"
+    one.mkdir()
+    write_video_rows(one, [row(1, question="<video> What?", image_1=None, video=[{"bytes": small, "path": None}])])
+    (it,), _ = load_mmmu(one)
+    assert it.frames == (small,)
+
+
+def test_a_split_file_that_is_a_folder_or_a_dangling_link_is_named(tmp_path):
+    """Both read as absent: 'no validation files … (the split there: 'validation')', which contradicted itself."""
+    (tmp_path / "a" / "Art" / "validation.parquet").mkdir(parents=True)
+    with pytest.raises(BadInput, match=r"Art/validation.parquet is a directory, not a parquet file"):
+        load_mmmu(tmp_path / "a")
+    (tmp_path / "b" / "Art").mkdir(parents=True)
+    (tmp_path / "b" / "Art" / "validation-00000-of-00001.parquet").symlink_to(tmp_path / "gone.parquet")
+    with pytest.raises(BadInput, match=r"validation-00000-of-00001.parquet is a link to a missing file \(.*gone"):
+        load_mmmu(tmp_path / "b")
