@@ -229,7 +229,8 @@ class _KeepsWriteError:
     ("unexpected pos …"), as it does a failed write of its own to a path, losing the errno a full disk has."""
 
     def __init__(self, f: Any):
-        self.f, self.error = f, None
+        self.f = f
+        self.error: OSError | None = None
 
     def write(self, data: Any) -> int:
         try:

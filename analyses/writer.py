@@ -34,6 +34,7 @@ P = ParamSpec("P")
 INDEX_NAME = "model.safetensors.index.json"
 SHARD_BYTES = 5 * 10**9  # default largest shard of a written checkpoint (as transformers' 5GB)
 Chunk = torch.Tensor | memoryview | bytes
+Raw = memoryview | bytes  # a chunk as it reaches the file: _TensorSink.write turns a tensor into its bytes
 
 
 def parse_size(text: str) -> int:
@@ -83,7 +84,7 @@ class ShardedWriter:
         self._order = [(e, i) for i, s in enumerate(shards) for e in s]
         self._shards = shards
         self._pos = 0
-        self._file = None
+        self._file: BinaryIO | None = None
         self._shard = -1
         self.total_bytes = sum(e.nbytes for e in entries)
 
@@ -114,7 +115,7 @@ class ShardedWriter:
             raise RuntimeError(f"{key}: wrote {sink.written} bytes, expected {entry.nbytes}")
         self._pos += 1
 
-    def _emit(self, data: Chunk, done: Callable[[], None] | None) -> None:
+    def _emit(self, data: Raw, done: Callable[[], None] | None) -> None:
         """Write ``data`` now, or queue it for the write thread; ``done`` runs once it is on its way to disk."""
         if self._io is None:
             self._file.write(data)
@@ -215,7 +216,7 @@ class _WriteThread:
     """Performs queued writes in order on one thread; its first error is raised in the caller's next call."""
 
     def __init__(self, depth: int = 2):
-        self._queue: queue.Queue[tuple[BinaryIO, Chunk, Callable[[], None] | None] | None] = queue.Queue(depth)
+        self._queue: queue.Queue[tuple[BinaryIO, Raw, Callable[[], None] | None] | None] = queue.Queue(depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
         self._thread.start()
@@ -238,7 +239,7 @@ class _WriteThread:
         if self._error is not None:
             raise self._error
 
-    def submit(self, f: BinaryIO, data: Chunk, done: Callable[[], None] | None) -> None:
+    def submit(self, f: BinaryIO, data: Raw, done: Callable[[], None] | None) -> None:
         self._raise()
         self._queue.put((f, data, done))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import pandas as pd
 
@@ -19,6 +19,13 @@ from probe.errors import BadInput, in_path  # in_path: ~ expanded, as the comman
 
 METHOD_LABELS = {"average": "Eq. 1 average", "shift": "Eq. 4 shift-weighted", "salience": "salience-guided (ours)",
                  "ties": "TIES"}
+
+
+class ShiftRow(TypedDict):
+    """The checked keys of one expert in shift/summary.json's per_model (it holds counts too)."""
+
+    mean_delta_avg: float
+    ratio_to_least_shifted: float | None  # None when some model did not move
 
 
 @dataclass
@@ -298,7 +305,7 @@ class Replication:
 
         return read_sweep(self.out / "heads" / short(model), need)
 
-    def shift_per_model(self) -> dict[str, dict[str, float]]:
+    def shift_per_model(self) -> dict[str, ShiftRow]:
         """shift/summary.json's per-expert numbers, checked."""
         path = self.out / "shift" / "summary.json"
         per = read_json(path).get("per_model")

@@ -19,7 +19,7 @@ mask) or the media of a batch in ``generate`` would otherwise make an evaluation
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 
@@ -191,7 +191,7 @@ def check_against_one_item(loaded: LoadedModel, item: ItemLike, inputs: dict[str
 
 def evaluate_items(
     loaded: LoadedModel, items: Sequence[ItemLike], cfg: SweepConfig, batch_size: int,
-    progress: Callable[[int], None] = lambda n: None, window: int = 8, max_padding: float | str | None = "device",
+    progress: Callable[[int], None] = lambda n: None, window: int = 8, max_padding: float | Literal["device"] | None = "device",
     prefetch: bool | None = None,
 ) -> list[Measurement]:
     """Measurements of every item (no head masked), in item order, ``batch_size`` items per forward.

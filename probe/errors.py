@@ -99,7 +99,7 @@ class ArgParser(argparse.ArgumentParser):
         self.exit(2, f"error: {' '.join(message.split())} (see --help)\n")
 
 
-def check_counts(args: argparse.Namespace, names: Sequence[str]) -> None:
+def check_counts(args: object, names: Sequence[str]) -> None:  # parsed arguments or a config dataclass
     """Options that count something (``--batch-size``, ``--items`` …) are ≥ 1 when given: BadInput naming the
     first that is not (0 or a negative count fails later as a traceback, or loops over nothing)."""
     for name in names:
@@ -108,14 +108,14 @@ def check_counts(args: argparse.Namespace, names: Sequence[str]) -> None:
             raise BadInput(f"--{name.replace('_', '-')} must be ≥ 1, got {value}")
 
 
-def out_dir(text: str) -> Path:
+def out_dir(text: str | Path) -> Path:  # a Path too: configs and readers from Python expand theirs here
     """``--out``'s argparse type: the path with ``~`` expanded, as every input path is (a quoted ``~/runs/x``, or
     one from a script, wrote the run into a folder named ``~`` under the working dir, while the checks that --out
     is no input looked at the home dir's)."""
     return Path(text).expanduser()
 
 
-def in_path(text: str) -> Path:
+def in_path(text: str | Path) -> Path:
     """The argparse type of a path read, not written (a results dir to draw or merge from, a config or template
     file): ``~`` expanded as in --out and in a model's or data set's path (``figures heads '~/runs/x'`` said the
     folder was not a directory)."""

@@ -296,10 +296,11 @@ def run(args: argparse.Namespace) -> Path:
     todo = [(m, d) for i, (m, d) in enumerate(pairs) if i % world == rank and not part_file(out, m, d).is_file()]
     # the parts a resume keeps are read now: a damaged one is named before anything runs or is printed
     frames = {(m, d): read_pair_part(out, plan, scored, m, d) for m, d in pairs if part_file(out, m, d).is_file()}
-    run_info = {"command": "probe.eval", "fingerprint": plan.fingerprint(), "plan": asdict(plan),
-                "versions": run_versions(out, saved, bool(todo), bool(frames)),
-                "placement": placement.record(),
-                "argv": sys.argv[1:], "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    run_info: dict[str, Any] = {"command": "probe.eval", "fingerprint": plan.fingerprint(), "plan": asdict(plan),
+                                "versions": run_versions(out, saved, bool(todo), bool(frames)),
+                                "placement": placement.record(),
+                                "argv": sys.argv[1:], "status": "running",
+                                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if resumed:
         run_info["started"] = saved.get("started", run_info["started"])
     t0 = time.perf_counter()

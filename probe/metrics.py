@@ -12,7 +12,7 @@ HEAD_METRIC_BOUNDS: dict[str, tuple[float, float]] = {
     "kl": (-1e-6, math.inf), "accuracy_drop": (-1.0, 1.0), "prob_accuracy_drop": (-1.0, 1.0)}
 
 
-def option_log_probs(logits: torch.Tensor, letter_ids: list[int]) -> torch.Tensor:
+def option_log_probs(logits: torch.Tensor, letter_ids: list[int] | torch.Tensor) -> torch.Tensor:
     """Log-softmax of the first-generated-position logits restricted to the item's option letters (fp32).
 
     Every option letter takes part (A.. up to the option count): the authors' A–D restriction meant E+ could

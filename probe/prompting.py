@@ -23,12 +23,24 @@ from probe.upstream import check_model_inputs, check_special_tokens_read
 
 
 class ItemLike(Protocol):
-    id: str
-    question: str
-    options: tuple[str, ...]
-    answer: str
-    images: tuple[bytes, ...]
-    frames: tuple[bytes, ...]
+    # read-only members: engines only read an item, and a frozen dataclass (probe.mmmu.Item) has no settable fields
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def question(self) -> str: ...
+
+    @property
+    def options(self) -> tuple[str, ...]: ...
+
+    @property
+    def answer(self) -> str: ...
+
+    @property
+    def images(self) -> tuple[bytes, ...]: ...
+
+    @property
+    def frames(self) -> tuple[bytes, ...]: ...
 
     @property
     def letters(self) -> tuple[str, ...]: ...

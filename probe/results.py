@@ -103,7 +103,7 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def atomic_write_with(path: Path, write: Callable[[str], None]) -> None:
+def atomic_write_with(path: Path, write: Callable[[str], object]) -> None:  # result ignored
     """``write(tmp)`` fills a temp file beside ``path``, which then replaces ``path`` in one rename: a kill
     leaves the old file or the new one, never half of one (and the temp file, which ``remove_stale_temps``
     clears on the next run)."""
@@ -656,7 +656,7 @@ def summarize(items: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any]]:
     the table's own 93 MB; the means are the same, of the same values in the same order."""
     is_base = (items["layer"] == BASELINE) & (items["head"] == BASELINE)
     base_rows = items[is_base]
-    baseline = _agg(base_rows) | {"n_items": int(len(base_rows))}
+    baseline: dict[str, Any] = _agg(base_rows) | {"n_items": int(len(base_rows))}
     baseline["per_subject"] = {
         s: _agg(g) | {"n_items": int(len(g))} for s, g in base_rows.groupby("subject", sort=True)
     }
