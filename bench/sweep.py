@@ -200,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.random_config and (args.image_size or args.text_tokens):  # a --model's items are its own data's
         raise BadInput("--image-size and --text-tokens shape the synthetic items of a --random-config model; "
                        "a --model is measured on its own data")
+    if args.random_config and ARCHS[args.random_config].vision is None and (args.vision_layers or args.image_size):
+        raise BadInput(f"--vision-layers and --image-size shape a vision tower and its images; {args.random_config} "
+                       "is a text model (its items are text only)")  # both were silently ignored
     args.image_size, args.text_tokens = args.image_size or 448, args.text_tokens or 200
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -72,6 +72,8 @@ def test_random_config_qwen2_vl_7b_cut_to_one_layer_runs_and_reports(tmp_path):
     (["--random-config", "qwen2-7b", "--model", "tiny-qwen2"], "not both"),
     (["--layers", "2"], "cut a --random-config model"),
     (["--model", "tiny-qwen2", "--text-tokens", "300"], "a --model is measured on its own data"),  # was ignored
+    (["--random-config", "qwen2-7b", "--vision-layers", "1"], "qwen2-7b is a text model"),  # was ignored
+    (["--random-config", "qwen2-7b", "--image-size", "224"], "qwen2-7b is a text model"),  # was ignored
     (["--random-config", "qwen2-7b", "--device", "cuda"], "no CUDA GPU is visible"),
     # was a Spearman of 1 item's attribution against 3 items' exact numbers, printed as the --items one
     (["--model", "organism-base", "--items", "3", "--attribution-items", "1"],
