@@ -725,6 +725,29 @@ def test_check_part_columns_takes_what_a_run_writes_and_names_anything_else(rows
     assert str(exc.value).endswith("an edited or foreign part; delete it and rerun the same command to recompute it)")
 
 
+def test_read_parts_takes_kept_frames_as_given_and_reads_and_checks_only_the_others(tmp_path):
+    """probe.results.read_parts(out, chunks, check, kept): the frames of ``kept`` (a resume's, read and checked at
+    its start) are used as they are, without reading their files again; every other chunk is read from its part and
+    handed to ``check`` once; the rows come back in the order of ``chunks``. The oracle: hand-built parts and a kept
+    frame that differs from its file (so which one was used shows)."""
+    from probe.results import atomic_write_parquet, part_path, read_parts
+    from probe.sweep import COLUMNS
+
+    out = tmp_path / "run"
+    (out / "parts").mkdir(parents=True)
+    frames = {c: pd.DataFrame([_part_row(item_id=f"i{c}", layer=c)])[COLUMNS] for c in range(3)}
+    for c, df in frames.items():
+        atomic_write_parquet(part_path(out, c), df)
+    kept = {1: frames[1].assign(item_id="kept")}
+    checked = []
+    got = read_parts(out, [2, 0, 1], check=lambda c, df: checked.append((c, df["item_id"].tolist())), kept=kept)
+    assert got["item_id"].tolist() == ["i2", "i0", "kept"] and got["layer"].tolist() == [2, 0, 1]
+    assert list(got.columns) == COLUMNS
+    assert sorted(checked) == [(0, ["i0"]), (2, ["i2"])]
+    part_path(out, 1).unlink()  # a kept part's file is not read again
+    assert read_parts(out, [1], kept=kept)["item_id"].tolist() == ["kept"]
+
+
 def test_a_model_under_another_name_gets_the_same_intervals(eval_run, tmp_path, tiny_dirs, text_dir):
     """Intervals depend on a model's answers, not on its name: the text LM copied to another directory and
     evaluated alone gives tiny-qwen2's rows of the two-model run, intervals and paired differences included."""
