@@ -1004,6 +1004,28 @@ def test_keywords_parse_as_the_command_line_and_refuse_as_python_does():
         parse_options(inverted, {"plot": False})
 
 
+def test_an_unknown_keyword_lists_the_commands_options_and_help_is_none_of_them():
+    """probe.errors.parse_options' TypeError for an unknown keyword lists the keywords there are: the parser's option
+    dests (written out here from a parser built in the test), sorted, and not ``help`` (--help is argparse's, no
+    option of the command; help=True is "no option", not a refused flag)."""
+    from probe.errors import parse_options
+
+    def parser():
+        p = argparse.ArgumentParser(prog="x")
+        p.add_argument("--out")
+        p.add_argument("-n", "--batch-size", type=int)
+        p.add_argument("--quiet", action="store_true")
+        return p
+
+    with pytest.raises(TypeError) as exc:
+        parse_options(parser(), {"batchsize": 8})
+    assert str(exc.value) == "x: no option 'batchsize' (the options: batch_size, out, quiet)"
+    with pytest.raises(TypeError, match="^x: no option 'help' "):
+        parse_options(parser(), {"help": True})
+    assert vars(parse_options(parser(), {"batch_size": 3, "quiet": True})) == {"out": None, "batch_size": 3,
+                                                                              "quiet": True}
+
+
 def test_sweep_from_python_equals_the_command_and_returns_it_read_back(base_run, data_dir, tmp_path):
     """``probe.heads.sweep(**options)`` is ``python -m probe.heads`` with those options: the same heads.csv and
     baseline as the CLI's reference run, returned as a HeadSweep (its grid a layer × head table of the file)."""
