@@ -1025,3 +1025,21 @@ def test_read_shift_csv_names_the_line_of_a_row_eq3_cannot_give(tmp_path, extra,
     with pytest.raises(BadInput) as exc:
         shift.read_shift_csv(path)
     assert str(exc.value).startswith(f"{path}: line 5: {why} (model "), str(exc.value)
+
+
+def test_average_and_weighted_with_a_base_leave_the_base_out_of_the_sum(zoo, tmp_path):
+    """Eq. 1 and Eq. 2 with --base (which then only supplies config and vocabulary rows): the merged LM is
+    (θ_vl + θ_q1) / 2 and 0.75 θ_vl + 0.25 θ_q1, written out here over the models alone; the base's own tensors get
+    no share (coefficients line up with their --models entries, not shifted onto the base)."""
+    base, vl, q1 = canonical(zoo["base"]), canonical(zoo["vl"]), canonical(zoo["q1"])
+    assert any(not torch.equal(base[k], vl[k]) for k in base)
+    for extra, (wa, wb) in ((["--method", "average"], (0.5, 0.5)),
+                            (["--method", "weighted", "--weights", 3, 1], (0.75, 0.25))):
+        out = tmp_path / extra[1]
+        assert run(merge.main, "--base", zoo["base"], "--models", zoo["vl"], zoo["q1"], *extra, "--quiet",
+                   "--out", out) == 0
+        got = merged_lm(out)
+        assert set(got) == set(base)
+        for k in base:
+            want = wa * vl[k].double() + wb * q1[k].double()
+            torch.testing.assert_close(got[k].double(), want, rtol=1e-6, atol=1e-7, msg=f"{extra[1]} {k}")
