@@ -703,12 +703,14 @@ def test_a_tied_config_over_sharded_safetensors_is_checked_across_shards(tmp_pat
 def test_same_values_sees_a_difference_in_any_row_of_a_block_and_compares_in_the_wider_dtype():
     """probe.models.same_values against torch.equal of the whole tensors (the oracle): one element changed at each
     row on both sides of a ``TIE_CHECK_ROWS`` block boundary (the last row of the first block, the first of the
-    second) or in the middle of a block, or in a last block of one row, is a difference; float64 values that float32 cannot hold differ from their
-    float32 rounding (compared in the common dtype, not squeezed into the narrower one)."""
+    second), in the middle of a block, or in a last block of one row, is a difference; float64 values that float32
+    cannot hold differ from their float32 rounding (compared in the common dtype, not squeezed into the narrower
+    one)."""
     from probe.models import TIE_CHECK_ROWS, same_values
 
     a = torch.arange(3 * TIE_CHECK_ROWS * 2, dtype=torch.float32).reshape(-1, 2)
-    for row in (TIE_CHECK_ROWS - 1, TIE_CHECK_ROWS, TIE_CHECK_ROWS // 2, 2 * TIE_CHECK_ROWS - 1, 3 * TIE_CHECK_ROWS - 1):
+    rows = TIE_CHECK_ROWS
+    for row in (rows - 1, rows, rows // 2, 2 * rows - 1, 3 * rows - 1):
         b = a.clone()
         b[row, 1] = -1.0
         assert not torch.equal(a, b)
