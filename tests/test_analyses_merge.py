@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import errno
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -963,3 +964,82 @@ def test_help_of_base_names_every_method_that_needs_it(zoo, tmp_path, capfd):
                "--out", tmp_path / method) == 2 and "needs --base" in capfd.readouterr().err:
             refused.add(method)
     assert listed == refused == {"shift", "salience", "task_arithmetic", "ties"}
+
+
+def test_eq3_on_the_fly_is_the_mean_over_the_rows_each_model_shares_with_the_base_in_any_chunking(zoo, tmp_path,
+                                                                                                   monkeypatch):
+    """analyses.merge.Merger.eq3_deltas (--method shift without --shift): each tensor's Δavg in merge_weights.csv is
+    Eq. 3 written out here, mean |θ_0 − θ_i| in float64 over the leading rows model i shares with the base (the base
+    has 136 vocabulary rows, the models 128), also when a tensor is read in many chunks (CHUNK 1000 elements: the
+    sums of every chunk add up, none replaces the last)."""
+    monkeypatch.setattr(merge, "CHUNK", 1000)
+    models = [zoo["base"], zoo["vl"]]
+    out = tmp_path / "m"
+    assert run(merge.main, "--base", zoo["big_vocab"], "--models", *models, "--method", "shift", "--quiet",
+               "--out", out) == 0
+    base = canonical(zoo["big_vocab"])
+    rows = [r for r in csv.DictReader(open(out / "merge_weights.csv")) if r["model"] != str(zoo["big_vocab"])]
+    assert {r["model"] for r in rows} == {str(m) for m in models}
+    assert len(rows) == 2 * len(base)
+    lms = {str(d): canonical(d) for d in models}
+    several, fewer = 0, 0
+    for r in rows:
+        b, m = base[r["tensor"]].double(), lms[r["model"]][r["tensor"]].double()
+        if b.shape != m.shape:
+            b = b[: m.shape[0]]
+            fewer += 1
+        several += b.numel() > 1000
+        assert float(r["delta_avg"]) == pytest.approx(float((m - b).abs().mean()), rel=1e-6), (r["model"], r["tensor"])
+    assert fewer >= 2 and several >= 2  # the cases this is about are there
+
+
+SHIFT_HEADER = "model,tensor,layer,module,numel,delta_avg,delta_max,rel_l2\n"
+SHIFT_OK = ["NA,model.layers.0.mlp.up_proj.weight,0,mlp.up_proj,64,0.5,1.0,0.1",
+            "NA,model.embed_tokens.weight,,embed_tokens,128,0.25,1.0,0.1",
+            "m2,model.layers.0.mlp.up_proj.weight,0,mlp.up_proj,64,0.0,0.0,0.0"]
+
+
+@pytest.mark.parametrize("extra, why", [
+    ("m2,model.layers.1.q.weight,-1,q,4,0.1,1,0.1", "layer must be a whole number ≥ 0 or empty"),
+    ("m2,model.layers.1.q.weight,1.5,q,4,0.1,1,0.1", "layer must be a whole number ≥ 0 or empty"),
+    ("m2,model.layers.1.q.weight,1,q,0,0.1,1,0.1", "numel must be a whole number > 0"),
+    (",model.layers.1.q.weight,1,q,4,0.1,1,0.1", "empty model"),
+    ("m2,model.layers.1.q.weight,1,q,4,inf,1,0.1", "delta_avg must be a finite number"),
+    ("NA,model.layers.0.mlp.up_proj.weight,0,mlp.up_proj,64,0.5,1.0,0.1", "repeats a tensor of its model"),
+    ("NA,model.layers.0.mlp.up_proj.copy,0,mlp.up_proj,64,0.5,1.0,0.1", "repeats a tensor of its model"),
+], ids=["negative layer", "fractional layer", "numel 0", "no model", "infinite delta", "tensor twice",
+        "layer and module twice"])
+def test_read_shift_csv_names_the_line_of_a_row_eq3_cannot_give(tmp_path, extra, why):
+    """analyses.shift.read_shift_csv on hand-written files: the rows analyses.shift writes read back (a model named
+    "NA" stays that text, an embedding's empty layer is NaN, one tensor in two models is no repeat); a fourth row it
+    could not have written is one BadInput naming the file and line 5 (the header is line 1)."""
+    from probe.errors import BadInput
+
+    path = tmp_path / "shift.csv"
+    path.write_text(SHIFT_HEADER + "\n".join(SHIFT_OK) + "\n")
+    df = shift.read_shift_csv(path)
+    assert df["model"].tolist() == ["NA", "NA", "m2"] and df["numel"].tolist() == [64, 128, 64]
+    assert df["layer"].iloc[0] == 0 and math.isnan(df["layer"].iloc[1])
+    assert df["delta_avg"].tolist() == [0.5, 0.25, 0.0]
+    path.write_text(SHIFT_HEADER + "\n".join([*SHIFT_OK, extra]) + "\n")
+    with pytest.raises(BadInput) as exc:
+        shift.read_shift_csv(path)
+    assert str(exc.value).startswith(f"{path}: line 5: {why} (model "), str(exc.value)
+
+
+def test_average_and_weighted_with_a_base_leave_the_base_out_of_the_sum(zoo, tmp_path):
+    """Eq. 1 and Eq. 2 with --base (which then only supplies config and vocabulary rows): the merged LM is
+    (θ_vl + θ_q1) / 2 and 0.75 θ_vl + 0.25 θ_q1, written out here over the models alone; the base's own tensors get
+    no share (coefficients line up with their --models entries, not shifted onto the base)."""
+    base, vl, q1 = canonical(zoo["base"]), canonical(zoo["vl"]), canonical(zoo["q1"])
+    assert any(not torch.equal(base[k], vl[k]) for k in base)
+    for extra, (wa, wb) in ((["--method", "average"], (0.5, 0.5)),
+                            (["--method", "weighted", "--weights", 3, 1], (0.75, 0.25))):
+        out = tmp_path / extra[1]
+        assert run(merge.main, "--base", zoo["base"], "--models", zoo["vl"], zoo["q1"], *extra, "--quiet",
+                   "--out", out) == 0
+        got = merged_lm(out)
+        assert set(got) == set(base)
+        for k in base:
+            want = wa * vl[k].double() + wb * q1[k].double()
+            torch.testing.assert_close(got[k].double(), want, rtol=1e-6, atol=1e-7, msg=f"{extra[1]} {k}")

@@ -366,3 +366,40 @@ def test_the_benchmarks_scratch_dirs_are_gone_when_the_process_exits(tmp_path):
     made = Path(res.stdout.strip().splitlines()[-1])
     assert made.parent == tmp and made.name.startswith("bench-x-")
     assert not made.exists() and not any(tmp.iterdir())
+
+
+# The published Qwen2 vocabulary's ids of its special tokens (Qwen/Qwen2-VL-7B-Instruct tokenizer.json; <image> and
+# <video> as llava-hf/llava-onevision-qwen2-7b-ov-hf adds them)
+QWEN2_TOKEN_IDS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<image>": 151646,
+                   "<video>": 151647, "<|vision_start|>": 151652, "<|vision_end|>": 151653, "<|image_pad|>": 151655,
+                   "<|video_pad|>": 151656}
+
+
+@pytest.mark.parametrize("family, config_class", [("qwen2_vl", "Qwen2VLConfig"), ("qwen2_5_vl", "Qwen2_5_VLConfig"),
+                                                  ("qwen3_vl", "Qwen3VLConfig"),
+                                                  ("llava_onevision", "LlavaOnevisionConfig")])
+def test_media_ids_over_the_published_vocabulary_are_the_config_classes_defaults(family, config_class):
+    """probe.tokenizer.media_ids names each media token by the config attribute that holds its id: given the ids of
+    the published Qwen2 vocabulary, it gives the ids transformers' config class sets by default for the published
+    checkpoints (an independent table: image and video, start and end, not swapped), for every family of
+    MEDIA_TOKENS; a family without media tokens gets none."""
+    import transformers
+
+    from probe.tokenizer import MEDIA_TOKENS, media_ids
+
+    got = media_ids(family, QWEN2_TOKEN_IDS.__getitem__)
+    defaults = getattr(transformers, config_class)()
+    assert got == {attr: getattr(defaults, attr) for attr in got}
+    assert {"image_token_id", "video_token_id"} <= set(got)
+    assert family in MEDIA_TOKENS and media_ids("qwen2", QWEN2_TOKEN_IDS.__getitem__) == {}
+
+
+def test_special_ids_are_qwen2_instructs_over_the_published_vocabulary():
+    """probe.tokenizer.special_ids over the published Qwen2 ids: Qwen2-7B-Instruct's config.json and
+    generation_config.json values (bos 151643 <|endoftext|>, eos 151645 <|im_end|>, pad 151643)."""
+    from types import SimpleNamespace
+
+    from probe.tokenizer import special_ids
+
+    tok = SimpleNamespace(convert_tokens_to_ids=QWEN2_TOKEN_IDS.__getitem__)
+    assert special_ids(tok) == {"bos_token_id": 151643, "eos_token_id": 151645, "pad_token_id": 151643}

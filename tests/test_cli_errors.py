@@ -621,6 +621,56 @@ def test_an_untagged_partial_dir_is_emptied_first_and_dropped_when_filling_fails
     assert stopped.value.errno == errno.ENOSPC and not tmp.exists() and not dest.exists()
 
 
+def test_an_interrupt_while_filling_a_partial_dir_drops_it_too(tmp_path):
+    """probe.results.partial_dir removes its dir on any exception out of the filling, a Ctrl-C (KeyboardInterrupt,
+    no Exception) included, and lets it through unchanged."""
+    from probe.results import partial_dir
+
+    dest = tmp_path / "checkpoint-2"
+    with pytest.raises(KeyboardInterrupt):
+        with partial_dir(dest) as tmp:
+            (tmp / "model.safetensors").write_bytes(b"half")
+            raise KeyboardInterrupt
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def test_a_writers_partial_path_is_tagged_with_its_pid_and_host(tmp_path):
+    """probe.results.partial_path: ``.NAME.partial-PID-HOST`` beside the output (HOST: 8 hex digits of the host
+    name's sha1, computed here), so two writers never share it and remove_stale_dirs, given the pattern the writers
+    use, keeps a live writer's dir."""
+    import hashlib
+    import socket
+
+    from probe.results import WRITER_TAG, partial_path, remove_stale_dirs
+
+    host = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+    dest = tmp_path / "merged"
+    got = partial_path(dest)
+    assert got == tmp_path / f".merged.partial-{os.getpid()}-{host}"
+    got.mkdir()
+    assert remove_stale_dirs(tmp_path, rf"\.merged\.partial-(?P<tag>{WRITER_TAG})") == [] and got.is_dir()
+
+
+@pytest.mark.parametrize("raw,value,why", [
+    (b'{"a": [1, 2]}', {"a": [1, 2]}, ""),
+    (b"[1, 2]", None, "not a JSON object"),
+    (b'"text"', None, "not a JSON object"),
+    (b"{", None, "not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))"),
+    (b'{"a": "\xff\xfe"}', None, "not valid JSON ("),
+], ids=["object", "list", "string", "cut", "not utf-8"])
+def test_parse_json_object_says_why_a_file_is_no_json_object(raw, value, why, tmp_path):
+    """probe.results.parse_json_object: the object and "" for a JSON object; None and the reason otherwise (a file
+    of other bytes than UTF-8 is "not valid JSON", no UnicodeDecodeError traceback); NO_FILE for no file."""
+    from probe.results import NO_FILE, json_object, parse_json_object
+
+    path = tmp_path / "run.json"
+    assert parse_json_object(path) == (None, NO_FILE) and json_object(path) is None
+    path.write_bytes(raw)
+    got, reason = parse_json_object(path)
+    assert got == value and json_object(path) == value
+    assert reason.startswith(why) and (reason == "") == (value is not None), reason
+
+
 def test_temp_files_of_killed_writers_are_removed_on_the_next_run(tmp_path):
     """A kill mid-write left ``.NAME.RANDOM`` temp files that no resume or --overwrite removed; they carry the
     writer's PID now, and the next run in that --out deletes the dead writers' (a live rank's stay)."""
@@ -1008,6 +1058,28 @@ def test_keywords_parse_as_the_command_line_and_refuse_as_python_does():
     inverted.add_argument("--no-plot", dest="plot", action="store_false")
     with pytest.raises(TypeError, match="'plot' is not a store_true flag"):  # plot=False would draw
         parse_options(inverted, {"plot": False})
+
+
+def test_an_unknown_keyword_lists_the_commands_options_and_help_is_none_of_them():
+    """probe.errors.parse_options' TypeError for an unknown keyword lists the keywords there are: the parser's option
+    dests (written out here from a parser built in the test), sorted, and not ``help`` (--help is argparse's, no
+    option of the command; help=True is "no option", not a refused flag)."""
+    from probe.errors import parse_options
+
+    def parser():
+        p = argparse.ArgumentParser(prog="x")
+        p.add_argument("--out")
+        p.add_argument("-n", "--batch-size", type=int)
+        p.add_argument("--quiet", action="store_true")
+        return p
+
+    with pytest.raises(TypeError) as exc:
+        parse_options(parser(), {"batchsize": 8})
+    assert str(exc.value) == "x: no option 'batchsize' (the options: batch_size, out, quiet)"
+    with pytest.raises(TypeError, match="^x: no option 'help' "):
+        parse_options(parser(), {"help": True})
+    assert vars(parse_options(parser(), {"batch_size": 3, "quiet": True})) == {"out": None, "batch_size": 3,
+                                                                              "quiet": True}
 
 
 def test_sweep_from_python_equals_the_command_and_returns_it_read_back(base_run, data_dir, tmp_path):

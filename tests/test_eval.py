@@ -759,6 +759,91 @@ def test_a_kept_part_whose_columns_were_retyped_is_named_not_scored(edit, needle
     assert all(n in err for n in needles), err
 
 
+def test_check_part_rows_compares_row_counts_not_only_the_set_of_rows(tmp_path):
+    """probe.results.check_part_rows against a Counter of the key rows written out here: the same rows in another
+    order pass; a part holding one row twice and another once where the plan wants the reverse (the same *set* of
+    rows) is refused naming the row it is short of; rows beyond the plan are named by the first surplus one, not the
+    first row of the part."""
+    from probe.errors import BadInput
+    from probe.results import PART_FIX, check_part_rows
+
+    part = tmp_path / "part-0000.parquet"
+    key = ["model", "item_id"]
+
+    def frame(rows):
+        return pd.DataFrame(rows, columns=key)
+
+    check_part_rows(part, frame([("m", "b"), ("m", "a")]), key, [("m", "a"), ("m", "b")], "items")
+    with pytest.raises(BadInput) as exc:
+        check_part_rows(part, frame([("m", "a"), ("m", "a"), ("m", "b")]), key,
+                        [("m", "a"), ("m", "b"), ("m", "b")], "items")
+    assert str(exc.value) == (f"{part} holds 3 rows that are not this run's 3 items (first missing row: model m, "
+                              f"item_id b); {PART_FIX}")
+    with pytest.raises(BadInput) as exc:
+        check_part_rows(part, frame([("m", "a"), ("m", "b"), ("m", "c")]), key, [("m", "a"), ("m", "b")], "items")
+    assert str(exc.value) == (f"{part} holds 3 rows that are not this run's 2 items (first extra row: model m, "
+                              f"item_id c); {PART_FIX}")
+
+
+def _part_row(**kw: Any) -> dict[str, Any]:
+    """One row of a probe.heads part as probe.sweep.measurement_row writes it (text, whole numbers, floats)."""
+    return {"model": "m", "data": "d", "item_id": "i0", "subject": "s", "answer": "A", "pred": "A", "prob_pred": "A",
+            "response": "A", "layer": 0, "head": 1, "correct": 1.0, "prob_correct": 1.0, "p_answer": 0.5,
+            "kl": 0.25} | kw
+
+
+@pytest.mark.parametrize("rows,message", [
+    ([_part_row(), _part_row(correct=float("nan"), kl=-5e-7)], None),  # no generation: correct empty; kl ≥ −1e-6
+    ([_part_row(), _part_row(subject=None)], "column subject holds"),
+    ([_part_row(layer=0.0), _part_row(layer=1.5)], "column layer holds float64 values, not the whole numbers"),
+    ([_part_row(), _part_row(), _part_row(p_answer=-0.25)], "column p_answer must lie in [0, 1]; row 3 has -0.25"),
+    ([_part_row(), _part_row(prob_correct=float("nan"))], "column prob_correct must lie in [0, 1]; row 2 has nan"),
+    ([_part_row(correct=2.0)], "column correct must lie in [0, 1] or be empty; row 1 has 2"),
+    ([_part_row(kl=-2e-6)], "column kl must lie in [-1e-06, inf]; row 1 has -2e-06"),
+], ids=["as written", "text missing", "layer as floats", "p_answer below 0", "prob_correct empty", "correct 2",
+        "kl below -1e-6"])
+def test_check_part_columns_takes_what_a_run_writes_and_names_anything_else(rows, message, tmp_path):
+    """probe.results.check_part_columns on hand-built parts: the bounds of each float column as the runs can write
+    them (``correct`` NaN without generation, a KL a rounding below 0), and the row named counted from 1."""
+    from probe.errors import BadInput
+    from probe.results import check_part_columns
+    from probe.sweep import COLUMNS
+
+    part = tmp_path / "part-0000.parquet"
+    df = pd.DataFrame(rows)
+    assert set(COLUMNS) <= set(df.columns)
+    if message is None:
+        check_part_columns(part, df, df.columns)
+        return
+    with pytest.raises(BadInput) as exc:
+        check_part_columns(part, df, df.columns)
+    assert str(exc.value).startswith(f"{part}: {message}"), str(exc.value)
+    assert str(exc.value).endswith("an edited or foreign part; delete it and rerun the same command to recompute it)")
+
+
+def test_read_parts_takes_kept_frames_as_given_and_reads_and_checks_only_the_others(tmp_path):
+    """probe.results.read_parts(out, chunks, check, kept): the frames of ``kept`` (a resume's, read and checked at
+    its start) are used as they are, without reading their files again; every other chunk is read from its part and
+    handed to ``check`` once; the rows come back in the order of ``chunks``. The oracle: hand-built parts and a kept
+    frame that differs from its file (so which one was used shows)."""
+    from probe.results import atomic_write_parquet, part_path, read_parts
+    from probe.sweep import COLUMNS
+
+    out = tmp_path / "run"
+    (out / "parts").mkdir(parents=True)
+    frames = {c: pd.DataFrame([_part_row(item_id=f"i{c}", layer=c)])[COLUMNS] for c in range(3)}
+    for c, df in frames.items():
+        atomic_write_parquet(part_path(out, c), df)
+    kept = {1: frames[1].assign(item_id="kept")}
+    checked = []
+    got = read_parts(out, [2, 0, 1], check=lambda c, df: checked.append((c, df["item_id"].tolist())), kept=kept)
+    assert got["item_id"].tolist() == ["i2", "i0", "kept"] and got["layer"].tolist() == [2, 0, 1]
+    assert list(got.columns) == COLUMNS
+    assert sorted(checked) == [(0, ["i0"]), (2, ["i2"])]
+    part_path(out, 1).unlink()  # a kept part's file is not read again
+    assert read_parts(out, [1], kept=kept)["item_id"].tolist() == ["kept"]
+
+
 def test_a_model_under_another_name_gets_the_same_intervals(eval_run, tmp_path, tiny_dirs, text_dir):
     """Intervals depend on a model's answers, not on its name: the text LM copied to another directory and
     evaluated alone gives tiny-qwen2's rows of the two-model run, intervals and paired differences included."""

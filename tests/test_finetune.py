@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -2198,3 +2199,31 @@ def test_every_training_setting_out_of_range_is_refused_when_the_config_is_made(
     with pytest.raises(BadInput) as err:
         TrainConfig(**({"steps": 1, "lr": 1e-4, "lm_lr": 1e-4} | change))
     assert str(err.value).startswith(f"training {message if message.startswith('settings') else 'setting ' + message}")
+
+
+def test_checkpoint_dirs_reads_whole_number_steps_in_step_order_and_refuses_two_of_one_step(tmp_path):
+    """analyses.finetune.checkpoint_dirs on a hand-built run dir: the ``checkpoint-<digits>`` dirs keyed by their
+    step as a number, in the order of the steps (checkpoint-2 before checkpoint-10, which sort the other way as
+    names); other names are not steps (checkpoint-1_0 is no step 10, checkpoint-3-old no step 3); two entries of one
+    step and an entry of a step that is no directory are BadInput naming them under ``out``'s path."""
+    import os
+
+    from analyses.finetune import checkpoint_dirs
+    from probe.errors import BadInput
+
+    run = tmp_path / "run"
+    for name in ("checkpoint-10", "checkpoint-2", "checkpoint-0", "checkpoint-1_0", "checkpoint-3-old", "other"):
+        (run / name).mkdir(parents=True)
+    (run / "train_log.csv").write_text("step\n")
+    got = checkpoint_dirs(run)
+    assert list(got.items()) == [(0, run / "checkpoint-0"), (2, run / "checkpoint-2"), (10, run / "checkpoint-10")]
+    (run / "checkpoint-002").mkdir()
+    with pytest.raises(BadInput, match=f"^{re.escape(f'{run}{os.sep}checkpoint-002 and checkpoint-2')} are both "
+                                       "step 2$"):
+        checkpoint_dirs(run)
+    (run / "checkpoint-002").rmdir()
+    (run / "checkpoint-4").write_bytes(b"an archive")
+    with pytest.raises(BadInput, match=f"^{re.escape(f'{run}{os.sep}checkpoint-4')} is not a directory"):
+        checkpoint_dirs(run)
+    with pytest.raises(BadInput, match="^the run: checkpoint-4 is not a directory"):
+        checkpoint_dirs(run, "the run: ")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -664,3 +665,143 @@ def test_same_values_compares_every_row_block_across_dtypes_and_slices(tmp_path)
             assert same_values(read("s1"), read("s2")) and not same_values(read("s1"), read("s3"))
             assert not same_values(read("s1"), read("a"))
             assert same_values(read("e0"), read("e1")) and not same_values(read("e0"), read("e2"))  # no rows to compare
+
+
+@pytest.mark.parametrize("equal", [False, True], ids=["head differs", "head equals the embedding"])
+def test_a_tied_config_over_sharded_safetensors_is_checked_across_shards(tmp_path, equal):
+    """probe.models.check_loaded_tie on a sharded checkpoint: lm_head and embed_tokens in different shards, found
+    through the index's weight_map. Under a config tying them, an lm_head whose values differ from the embedding (the
+    oracle: torch.equal of the two tensors as saved) is one BadInput naming the checkpoint and the head; the same
+    values stored twice resolve."""
+    from safetensors.torch import load_file, save_file
+
+    src = resolve_model("organism-base").path
+    d = tmp_path / "sharded-tied"
+    shutil.copytree(src, d, ignore=shutil.ignore_patterns("model.safetensors"))
+    sd = load_file(src / "model.safetensors")
+    if equal:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()
+    assert torch.equal(sd["lm_head.weight"], sd["model.embed_tokens.weight"]) is equal
+    rest = sorted(k for k in sd if k not in ("lm_head.weight", "model.embed_tokens.weight"))
+    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    shards = [{"lm_head.weight": sd["lm_head.weight"]} | {k: sd[k] for k in rest[:10]},
+              {"model.embed_tokens.weight": sd["model.embed_tokens.weight"]} | {k: sd[k] for k in rest[10:]}]
+    for shard, name in zip(shards, names):
+        save_file(shard, d / name, metadata={"format": "pt"})
+    wmap = {k: name for shard, name in zip(shards, names) for k in shard}
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wmap}))
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(cfg | {"tie_word_embeddings": True}))
+    if equal:
+        assert resolve_model(str(d)).path == d
+        return
+    with pytest.raises(BadInput, match=rf"^{re.escape(str(d))}: config.json ties lm_head to embed_tokens.*"
+                                       r"lm_head \(lm_head.weight\) that differs from the embedding "
+                                       r"\(model.embed_tokens.weight\)"):
+        resolve_model(str(d))
+
+
+def test_same_values_sees_a_difference_in_any_row_of_a_block_and_compares_in_the_wider_dtype():
+    """probe.models.same_values against torch.equal of the whole tensors (the oracle): one element changed at each
+    row on both sides of a ``TIE_CHECK_ROWS`` block boundary (the last row of the first block, the first of the
+    second), in the middle of a block, or in a last block of one row, is a difference; float64 values that float32
+    cannot hold differ from their float32 rounding (compared in the common dtype, not squeezed into the narrower
+    one)."""
+    from probe.models import TIE_CHECK_ROWS, same_values
+
+    a = torch.arange(3 * TIE_CHECK_ROWS * 2, dtype=torch.float32).reshape(-1, 2)
+    rows = TIE_CHECK_ROWS
+    for row in (rows - 1, rows, rows // 2, 2 * rows - 1, 3 * rows - 1):
+        b = a.clone()
+        b[row, 1] = -1.0
+        assert not torch.equal(a, b)
+        assert same_values(a, b) is False and same_values(b, a) is False, row
+    assert same_values(a, a.clone()) is True
+    one_over = torch.zeros(TIE_CHECK_ROWS + 1, 2)  # a last block of one row
+    other = one_over.clone()
+    other[-1, 0] = 1.0
+    assert same_values(one_over, other) is False and same_values(other, one_over) is False
+    fine = torch.full((TIE_CHECK_ROWS + 1, 2), 1 + 2.0 ** -40, dtype=torch.float64)
+    rounded = fine.to(torch.float32)
+    assert not torch.equal(fine, rounded.double())  # float32 cannot hold 1 + 2^-40
+    assert same_values(rounded, fine) is False and same_values(fine, rounded) is False
+    assert same_values(rounded, rounded.double()) is True
+
+
+def test_a_tied_config_over_weights_without_the_embedding_leaves_the_head_unchecked(tmp_path):
+    """probe.models.check_loaded_tie compares lm_head with embed_tokens only when the weights hold both: a tied
+    config over weights holding an lm_head and no embedding has nothing to compare it with, and resolving it is no
+    KeyError traceback from the tie check (the load itself reports the missing tensor)."""
+    from safetensors.torch import load_file, save_file
+
+    src = resolve_model("organism-base").path
+    d = shutil.copytree(src, tmp_path / "no-embedding")
+    sd = load_file(d / "model.safetensors")
+    del sd["model.embed_tokens.weight"]
+    assert "lm_head.weight" in sd
+    save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(cfg | {"tie_word_embeddings": True}))
+    assert resolve_model(str(d)).path == d
+
+
+def test_the_tie_check_follows_the_class_a_config_builds_not_the_key_alone(tiny_dirs, tmp_path):
+    """probe.models.check_tied_head on an lm_head that differs from the embedding, per config, against what
+    transformers' classes themselves say (the oracle, read here from the classes, not from probe): Qwen2 with the key
+    unset takes Qwen2Config's default (untied: no conflict); Gemma 3 with it unset takes Gemma3TextConfig's (tied: a
+    conflict); Qwen2-Audio ties no weights at all (_tied_weights_keys None) even when its text_config says true;
+    Qwen2-VL ties when only its text_config says so."""
+    import transformers
+
+    from probe.families import FAMILIES
+    from probe.models import check_tied_head
+
+    head, embed = torch.zeros(4, 2), torch.ones(4, 2)
+    tensors = {"lm_head.weight": head, "model.embed_tokens.weight": embed}
+    gemma = {"model_type": "gemma3_text", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+             "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 64, "vocab_size": 128}
+    small = {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2, "num_key_value_heads": 2,
+             "intermediate_size": 64, "vocab_size": 128}
+    audio = {"model_type": "qwen2_audio", "text_config": {"model_type": "qwen2", **small, "tie_word_embeddings": True},
+             "audio_config": {"model_type": "qwen2_audio_encoder", "encoder_layers": 1, "d_model": 32,
+                              "encoder_attention_heads": 2, "encoder_ffn_dim": 32}}
+    vl = json.loads((tiny_dirs["qwen2_vl"] / "config.json").read_text())
+    vl.pop("tie_word_embeddings", None)
+    vl["text_config"] = vl["text_config"] | {"tie_word_embeddings": True}
+    assert transformers.Qwen2Config().tie_word_embeddings is False
+    assert transformers.Gemma3TextConfig().tie_word_embeddings is True
+    assert transformers.Qwen2AudioForConditionalGeneration._tied_weights_keys is None
+    cases = [("qwen2", qwen2_config(), False), ("qwen2", qwen2_config(tie_word_embeddings=True), True),
+             ("gemma3_text", gemma, True), ("gemma3_text", gemma | {"tie_word_embeddings": False}, False),
+             ("qwen2_audio", audio, False), ("qwen2_vl", vl, True)]
+    for family, config, conflict in cases:
+        if conflict:
+            with pytest.raises(BadInput, match="ties lm_head to embed_tokens"):
+                check_tied_head(tmp_path, config, FAMILIES[family], "lm_head.weight", "model.embed_tokens.weight",
+                                tensors.__getitem__)
+        else:
+            check_tied_head(tmp_path, config, FAMILIES[family], "lm_head.weight", "model.embed_tokens.weight",
+                            tensors.__getitem__)
+        # the same weights stored twice are never a conflict
+        check_tied_head(tmp_path, config, FAMILIES[family], "lm_head.weight", "lm_head.weight", tensors.__getitem__)
+
+
+def test_a_composite_config_transformers_cannot_build_is_tied_by_its_text_config(monkeypatch):
+    """The fallback of probe.models.ties_word_embeddings (``probe.families.says_tied``) reads tie_word_embeddings
+    where transformers does for a composite model, its text_config too: a Qwen2-VL config tying there alone is tied,
+    one setting it false there or nowhere is not."""
+    import probe.dispatch
+    import probe.models
+    from probe.families import FAMILIES
+    from probe.models import ties_word_embeddings
+
+    def refuse(*args, **kwargs):
+        raise ValueError("a config this transformers cannot build")
+
+    monkeypatch.setattr(probe.dispatch, "meta_model", refuse)
+    monkeypatch.setattr(probe.models, "_TIES", {})
+    text = {"model_type": "qwen2", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2}
+    vl = FAMILIES["qwen2_vl"]
+    for tie, tied in ((True, True), (False, False), (None, False)):
+        sub = text if tie is None else text | {"tie_word_embeddings": tie}
+        assert ties_word_embeddings({"model_type": "qwen2_vl", "text_config": sub}, vl) is tied, tie

@@ -1,3 +1,5 @@
+import string
+
 import pytest
 
 from probe.parsing import parse_choice, strip_special
@@ -280,3 +282,25 @@ def test_a_ligature_whose_capital_is_two_letters_is_no_choice(response):
     options = [f"option {i}" for i in range(20)]
     assert parse_choice(response, options) is None
     assert parse_choice("S", options) == "S"
+
+
+def test_option_letters_are_the_alphabet_and_no_more():
+    """probe.parsing.option_letters(n): the first n capitals by code point, A to Z at most; a 27th option has no
+    letter (chr(ord('A') + 26) is '['), so asking for it is a ValueError, not a bracket."""
+    from probe.parsing import option_letters
+
+    assert option_letters(0) == ()
+    assert option_letters(4) == ("A", "B", "C", "D")
+    assert "".join(option_letters(26)) == string.ascii_uppercase
+    with pytest.raises(ValueError, match="at most 26 options supported, got 27"):
+        option_letters(27)
+
+
+@pytest.mark.parametrize("n", [26, 30])
+def test_the_26th_option_is_read_with_26_or_more_options(n):
+    """parse_choice takes the first 26 of more options: Z (the 26th) is a choice with 26 options and with 30, Y
+    and Z alike; no options at all read nothing."""
+    options = [f"option number {i}" for i in range(n)]
+    assert parse_choice("Z", options) == "Z" and parse_choice("(Z)", options) == "Z"
+    assert parse_choice("The answer is Z.", options) == "Z" and parse_choice("Y", options) == "Y"
+    assert parse_choice("A", []) is None and parse_choice("", []) is None

@@ -274,6 +274,59 @@ def test_an_unfinished_or_damaged_finetune_run_is_refused(quick: Path, tmp_path:
         FinetuneRun.read(d)
 
 
+def _hand_built_finetune_run(d: Path, steps: int = 4, save_steps: tuple[int, ...] = (2,)) -> Path:
+    """A finished analyses.finetune output written out by hand: run.json (complete, its config), one train_log.csv
+    row a step, and an empty checkpoint-<step> dir for 0, each save step and the last, plus a checkpoint-3 that the
+    run does not save."""
+    d.mkdir(parents=True)
+    (d / "run.json").write_text(json.dumps({"command": "analyses.finetune", "status": "complete",
+                                            "config": {"steps": steps, "save_steps": list(save_steps)}}))
+    rows = [f"{s},text,{2.5 - s / 10},0.001,0.0001,{100 * s}" for s in range(1, steps + 1)]
+    (d / "train_log.csv").write_text("step,modality,loss,lr,lm_lr,tokens\n" + "\n".join(rows) + "\n")
+    for s in (0, *save_steps, steps, 3):
+        (d / f"checkpoint-{s}").mkdir(exist_ok=True)
+    return d
+
+
+def test_a_hand_built_finetune_run_reads_back_its_log_and_saved_steps(tmp_path: Path) -> None:
+    """figures.results.load on a finished fine-tuning run written out here: a FinetuneRun whose log is the file's
+    rows (typed) and whose checkpoints are exactly the steps the run saves (0, --save-steps, the last: checkpoint-3
+    is not one); refused, each in one BadInput, when run.json says failed, a log row or a saved checkpoint is
+    missing; a folder of another command is named, as is a path that is no folder."""
+    from figures.results import FinetuneRun, load
+
+    d = _hand_built_finetune_run(tmp_path / "ft")
+    run = load(d)
+    assert type(run) is FinetuneRun and run.dir == d
+    assert run.checkpoints == {0: d / "checkpoint-0", 2: d / "checkpoint-2", 4: d / "checkpoint-4"}
+    assert run.log["step"].tolist() == [1, 2, 3, 4] and run.log["tokens"].tolist() == [100, 200, 300, 400]
+    assert run.log["loss"].tolist() == pytest.approx([2.4, 2.3, 2.2, 2.1])
+    info = json.loads((d / "run.json").read_text())
+    (d / "run.json").write_text(json.dumps(info | {"status": "failed"}))
+    with pytest.raises(BadInput, match="a fine-tuning run whose run.json says 'failed', not complete"):
+        load(d)
+    (d / "run.json").write_text(json.dumps(info))
+    log = (d / "train_log.csv").read_text().splitlines()
+    (d / "train_log.csv").write_text("\n".join(log[:-1]) + "\n")
+    with pytest.raises(BadInput, match="3 readable rows, not one for each of the run's 4 steps"):
+        load(d)
+    (d / "train_log.csv").write_text("\n".join(log) + "\n")
+    (d / "checkpoint-2").rmdir()
+    with pytest.raises(BadInput, match=re.escape("no checkpoint-2 (the run saves steps [0, 2, 4])")):
+        load(d)
+    (d / "checkpoint-2").mkdir()
+    (d / "checkpoint-4").rmdir()  # the last step's: the run is no finished one without it
+    with pytest.raises(BadInput, match=re.escape("no checkpoint-4 (the run saves steps [0, 2, 4])")):
+        load(d)
+    other = tmp_path / "zoo"
+    other.mkdir()
+    (other / "run.json").write_text(json.dumps({"command": "probe.zoo"}))
+    with pytest.raises(BadInput, match=re.escape(f"{other}: written by probe.zoo, which has no reader here")):
+        load(other)
+    with pytest.raises(BadInput, match=re.escape(f"{d / 'train_log.csv'}: not a directory")):
+        load(d / "train_log.csv")
+
+
 def test_a_killed_sweep_is_refused_by_name_not_read_as_empty(quick: Path, tmp_path: Path) -> None:
     """A head sweep killed before its end has run.json and parts but no heads.csv: ``load`` says so."""
     from figures.results import load
