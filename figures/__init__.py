@@ -26,23 +26,91 @@ def page_grid(n: int, min_width: float, margin: float = 0.0) -> tuple[int, int]:
 
 
 def page_panels(n: int, width: float, height: float, min_width: float, margin: tuple[float, float] = (0.0, 0.0),
-                stack: int = 1, **subplots: Any) -> tuple[Any, list[Any]]:
+                stack: int = 1, grouped: bool = False, **subplots: Any) -> tuple[Any, list[Any]]:
     """A figure of ``n`` panels wrapped into rows (``page_grid``) to fit a page: each panel ``width`` × ``height``
     inches, squeezed when the page is smaller (to ``min_width`` at the least, where one fits), plus ``margin``
     (width, height) for what the whole figure has once (labels of the first column, a suptitle, a legend). A panel
     is ``stack``
     axes above one another (e.g. two heatmaps of one model); the grid's unused axes in the last row are hidden.
-    Returns the figure and, per panel in row-major order, its column of ``stack`` axes."""
+    ``grouped``: each panel's stack is a grid nested in the page's (``subgridspec``), so the gap inside a panel is
+    its own, set by ``fit_stack_gaps`` (``tight_layout`` sets only the gaps between panels), and a panel reads as
+    one block (``**subplots`` then takes figure keywords only, e.g. ``dpi``). Returns the figure and, per panel in
+    row-major order, its column of ``stack`` axes."""
     import matplotlib.pyplot as plt
+    import numpy as np
 
     rows, cols = page_grid(n, min_width, margin[0])
     size = (min(margin[0] + width * cols, PAGE_WIDTH), min(margin[1] + height * rows, PAGE_HEIGHT))
-    fig, axes = plt.subplots(rows * stack, cols, figsize=size, squeeze=False, **subplots)
+    if grouped:
+        fig = plt.figure(figsize=size, **subplots)
+        setattr(fig, STACKS, {})  # each axes' nested grid, for fit_stack_gaps
+        outer = fig.add_gridspec(rows, cols)
+        axes = np.empty((rows * stack, cols), dtype=object)
+        for r in range(rows):
+            for c in range(cols):
+                # the axes in rows 0, 2, ...; the rows between them are the gaps, in axes heights
+                inner = outer[r, c].subgridspec(2 * stack - 1, 1, hspace=0.0, height_ratios=stack_ratios(
+                    stack, STACK_GAP))
+                for i in range(stack):
+                    axes[stack * r + i, c] = fig.add_subplot(inner[2 * i])
+                    getattr(fig, STACKS)[axes[stack * r + i, c]] = inner
+    else:
+        fig, axes = plt.subplots(rows * stack, cols, figsize=size, squeeze=False, **subplots)
     panels = [axes[stack * (k // cols):stack * (k // cols + 1), k % cols] for k in range(rows * cols)]
     for unused in panels[n:]:
         for ax in unused:
             ax.set_visible(False)
     return fig, panels[:n]
+
+
+STACK_GAP = 0.2  # a grouped panel's gap between its axes, in axes heights, until fit_stack_gaps measures it
+STACK_PAD = 4.0  # points: what fit_stack_gaps leaves between the text of two axes stacked in a panel
+STACKS = "omniprobe_stacks"  # the figure attribute where page_panels(grouped=True) keeps each axes' nested grid
+
+
+def stack_ratios(stack: int, gap: float) -> list[float]:
+    """Height ratios of a grouped panel's nested grid: ``stack`` axes of 1, a row of ``gap`` between two."""
+    return [1.0, *([gap, 1.0] * (stack - 1))]
+
+
+def fit_stack_gaps(fig: Any, panels: Sequence[Sequence[Any]], pad: float = STACK_PAD, tries: int = 5) -> None:
+    """Set the gap inside each panel of ``page_panels(..., grouped=True)`` (``panels``: its columns of axes) to
+    what the text between two stacked axes needs (tick labels, a colour bar's tick labels and its label, each axes
+    with its colour bars) plus ``pad`` points, the same in every panel, and lay the figure out again
+    (``tight_layout``), so call it after the layout is otherwise done. The gap between panels holds more (a title,
+    the lower axes' labels), so a panel reads as one block: in Figure 2 the gap between a model's two heatmaps was
+    the gap between two models'."""
+    fig.draw_without_rendering()
+    renderer = fig.canvas.get_renderer()
+    pad_px = pad * fig.dpi / 72
+
+    def group(ax: Any) -> list[Any]:  # an axes and its colour bars
+        return [ax] + [im.colorbar.ax for im in ax.images if im.colorbar is not None]
+
+    grids = getattr(fig, STACKS, {})
+    for _ in range(tries):
+        need = 0.0
+        for panel in panels:
+            for upper, lower in zip(panel, panel[1:]):
+                gap = upper.get_window_extent(renderer).y0 - lower.get_window_extent(renderer).y1
+                clear = math.inf  # between the upper axes' text (and its bars') and the lower's, one over the other
+                for u in group(upper):
+                    ub = u.get_tightbbox(renderer)
+                    for lo in group(lower):
+                        lb = lo.get_tightbbox(renderer)
+                        if ub.x0 < lb.x1 and lb.x0 < ub.x1:
+                            clear = min(clear, ub.y0 - lb.y1)
+                need = max(need, gap - clear + pad_px)
+        changed = False
+        for panel in panels:
+            grid, height = grids[panel[0]], panel[0].get_window_extent(renderer).height
+            if abs(grid.get_height_ratios()[1] * height - need) > 0.5:  # pixels
+                grid.set_height_ratios(stack_ratios(len(panel), need / height))
+                changed = True
+        if not changed:
+            return
+        fig.tight_layout()
+        fig.draw_without_rendering()
 
 
 def page_split(n: int, min_width: float, min_height: float, margin: tuple[float, float] = (0.0, 0.0)) -> list[range]:

@@ -431,6 +431,87 @@ def test_figure2_of_many_models_keeps_its_labels_apart(tmp_path, monkeypatch, mo
         plt.close("all")
 
 
+def drawn_texts(fig) -> list:
+    """Every text of ``fig`` that is drawn: the suptitle, each visible axes' titles, axis labels, texts and the tick
+    labels inside its view (matplotlib keeps labels of ticks past the ends, visible but not drawn)."""
+    out = list(fig.texts)
+    for ax in fig.axes:
+        if not ax.get_visible():
+            continue
+        out += [ax.title, ax._left_title, ax._right_title, ax.xaxis.label, ax.yaxis.label, *ax.texts]
+        for axis in (ax.xaxis, ax.yaxis):
+            lo, hi = sorted(axis.get_view_interval())
+            eps = 1e-9 * max(1.0, hi - lo)
+            out += [t for tick, loc in zip(axis.get_major_ticks(), axis.get_majorticklocs())
+                    if lo - eps <= loc <= hi + eps for t in (tick.label1, tick.label2)]
+            out.append(axis.get_offset_text())
+    return [t for t in out if t.get_visible() and t.get_text()]
+
+
+def overlapping_texts(fig) -> list[tuple[str, str]]:
+    """The pairs of ``drawn_texts`` whose boxes overlap, as laid out when saved."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in drawn_texts(fig)]
+    return [(a, b) for i, (a, box) in enumerate(boxes) for b, other in boxes[i + 1:] if box.overlaps(other)]
+
+
+def figure2_gaps(fig) -> tuple[list[float], list[float]]:
+    """Figure 2's vertical gaps in inches (figure coordinates): between a model's KL and drop heatmaps, and between
+    one model's drop map and the KL map of the model below it, column by column."""
+    maps = [ax for ax in fig.axes if ax.images and ax.images[0].colorbar is not None]
+    columns: dict[float, list] = {}
+    for ax in maps:
+        columns.setdefault(round(ax.get_position().x0, 3), []).append(ax)
+    within, between = [], []
+    for col in columns.values():
+        col.sort(key=lambda ax: -ax.get_position().y1)  # top first: KL, drop, KL, drop, ...
+        assert [ax.images[0].get_cmap().name for ax in col] == ["magma_r", "RdBu_r"] * (len(col) // 2)
+        for i, (upper, lower) in enumerate(zip(col, col[1:])):
+            gap = (upper.get_position().y0 - lower.get_position().y1) * fig.get_figheight()
+            (within if i % 2 == 0 else between).append(gap)
+    return within, between
+
+
+@pytest.mark.parametrize("grid, counts", [((4, 8), range(1, 9)), ((28, 28), (3, 6))])
+def test_figure2_groups_each_models_two_heatmaps(tmp_path, monkeypatch, grid, counts):
+    """A model's KL map and its probability-accuracy drop below it are one block: the gap between them was the gap
+    between two models (0.84 in both, 3 to 8 models), so the eye paired a model's drop with the next model's KL.
+    For 1 to 8 models (up to 6 a page; a 7B-like 28 × 28 grid for 3 and 6) the gap inside a block is under half
+    the gap between blocks, every page's drawn texts (titles, colour-bar labels and ticks, tick labels) keep apart
+    and on the page, and the heatmaps, titles and bar labels stay readable as before."""
+    import matplotlib.pyplot as plt
+
+    import figures.report as fr
+
+    figs = []
+    monkeypatch.setattr(fr, "save_figure", lambda fig, path: figs.append(fig))
+    monkeypatch.setattr(plt, "close", lambda fig=None: None)
+    for n in counts:
+        figs.clear()
+        (tmp_path / f"f{n}").mkdir()
+        fr.draw_figure2(write_replication(tmp_path / f"rep{n}", n - 1, *grid), tmp_path / f"f{n}" / "figure2.png")
+        pages = figs[::2]  # each page saved as png and pdf
+        assert len(pages) == (1 if n <= 6 else 2)
+        for fig in pages:
+            within, between = figure2_gaps(fig)
+            per_page = len([ax for ax in fig.axes if ax.images and ax.images[0].colorbar is not None]) // 2
+            assert len(within) == per_page
+            assert len(between) == per_page - len({round(ax.get_position().x0, 3) for ax in fig.axes
+                                                   if ax.images and ax.images[0].colorbar is not None})
+            assert 0.1 <= min(within) and max(within) - min(within) < 0.02, within  # the same in every block
+            if between:  # more than one row of models
+                assert max(within) < 0.5 * min(between), (n, within, between)
+            assert overlapping_texts(fig) == [], n
+            renderer = fig.canvas.get_renderer()
+            for t in drawn_texts(fig):
+                box = t.get_window_extent(renderer)
+                assert fig.bbox.x0 - 1 <= box.x0 and box.x1 <= fig.bbox.x1 + 1 and fig.bbox.y0 - 1 <= box.y0 \
+                    and box.y1 <= fig.bbox.y1 + 1, t.get_text()
+            heatmap_page_is_readable(fig, min(per_page, 3 if per_page > 4 else 2), 0.9)
+        plt.close("all")
+
+
 @pytest.mark.parametrize("models, sets", [(5, 9), (8, 12), (4, 4)])
 def test_eval_of_many_data_sets_keeps_panel_titles_and_marks_apart(tmp_path, models, sets):
     """9 or 12 data sets put 4 or 5 panels of 1 in on a row: their titles ("text_hard (n=64)mmmu_val (n=64)") ran
