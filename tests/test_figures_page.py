@@ -485,6 +485,7 @@ def test_figure2_groups_each_models_two_heatmaps(tmp_path, monkeypatch, grid, co
     import figures.report as fr
 
     figs = []
+    close = plt.close  # the real one: draw_figure2's is kept from closing the figures measured here
     monkeypatch.setattr(fr, "save_figure", lambda fig, path: figs.append(fig))
     monkeypatch.setattr(plt, "close", lambda fig=None: None)
     for n in counts:
@@ -509,7 +510,7 @@ def test_figure2_groups_each_models_two_heatmaps(tmp_path, monkeypatch, grid, co
                 assert fig.bbox.x0 - 1 <= box.x0 and box.x1 <= fig.bbox.x1 + 1 and fig.bbox.y0 - 1 <= box.y0 \
                     and box.y1 <= fig.bbox.y1 + 1, t.get_text()
             heatmap_page_is_readable(fig, min(per_page, 3 if per_page > 4 else 2), 0.9)
-        plt.close("all")
+        close("all")
 
 
 @pytest.mark.parametrize("models, sets", [(5, 9), (8, 12), (4, 4)])
