@@ -26,23 +26,91 @@ def page_grid(n: int, min_width: float, margin: float = 0.0) -> tuple[int, int]:
 
 
 def page_panels(n: int, width: float, height: float, min_width: float, margin: tuple[float, float] = (0.0, 0.0),
-                stack: int = 1, **subplots: Any) -> tuple[Any, list[Any]]:
+                stack: int = 1, grouped: bool = False, **subplots: Any) -> tuple[Any, list[Any]]:
     """A figure of ``n`` panels wrapped into rows (``page_grid``) to fit a page: each panel ``width`` × ``height``
     inches, squeezed when the page is smaller (to ``min_width`` at the least, where one fits), plus ``margin``
     (width, height) for what the whole figure has once (labels of the first column, a suptitle, a legend). A panel
     is ``stack``
     axes above one another (e.g. two heatmaps of one model); the grid's unused axes in the last row are hidden.
-    Returns the figure and, per panel in row-major order, its column of ``stack`` axes."""
+    ``grouped``: each panel's stack is a grid nested in the page's (``subgridspec``), so the gap inside a panel is
+    its own, set by ``fit_stack_gaps`` (``tight_layout`` sets only the gaps between panels), and a panel reads as
+    one block (``**subplots`` then takes figure keywords only, e.g. ``dpi``). Returns the figure and, per panel in
+    row-major order, its column of ``stack`` axes."""
     import matplotlib.pyplot as plt
+    import numpy as np
 
     rows, cols = page_grid(n, min_width, margin[0])
     size = (min(margin[0] + width * cols, PAGE_WIDTH), min(margin[1] + height * rows, PAGE_HEIGHT))
-    fig, axes = plt.subplots(rows * stack, cols, figsize=size, squeeze=False, **subplots)
+    if grouped:
+        fig = plt.figure(figsize=size, **subplots)
+        setattr(fig, STACKS, {})  # each axes' nested grid, for fit_stack_gaps
+        outer = fig.add_gridspec(rows, cols)
+        axes = np.empty((rows * stack, cols), dtype=object)
+        for r in range(rows):
+            for c in range(cols):
+                # the axes in rows 0, 2, ...; the rows between them are the gaps, in axes heights
+                inner = outer[r, c].subgridspec(2 * stack - 1, 1, hspace=0.0, height_ratios=stack_ratios(
+                    stack, STACK_GAP))
+                for i in range(stack):
+                    axes[stack * r + i, c] = fig.add_subplot(inner[2 * i])
+                    getattr(fig, STACKS)[axes[stack * r + i, c]] = inner
+    else:
+        fig, axes = plt.subplots(rows * stack, cols, figsize=size, squeeze=False, **subplots)
     panels = [axes[stack * (k // cols):stack * (k // cols + 1), k % cols] for k in range(rows * cols)]
     for unused in panels[n:]:
         for ax in unused:
             ax.set_visible(False)
     return fig, panels[:n]
+
+
+STACK_GAP = 0.2  # a grouped panel's gap between its axes, in axes heights, until fit_stack_gaps measures it
+STACK_PAD = 4.0  # points: what fit_stack_gaps leaves between the text of two axes stacked in a panel
+STACKS = "omniprobe_stacks"  # the figure attribute where page_panels(grouped=True) keeps each axes' nested grid
+
+
+def stack_ratios(stack: int, gap: float) -> list[float]:
+    """Height ratios of a grouped panel's nested grid: ``stack`` axes of 1, a row of ``gap`` between two."""
+    return [1.0, *([gap, 1.0] * (stack - 1))]
+
+
+def fit_stack_gaps(fig: Any, panels: Sequence[Sequence[Any]], pad: float = STACK_PAD, tries: int = 5) -> None:
+    """Set the gap inside each panel of ``page_panels(..., grouped=True)`` (``panels``: its columns of axes) to
+    what the text between two stacked axes needs (tick labels, a colour bar's tick labels and its label, each axes
+    with its colour bars) plus ``pad`` points, the same in every panel, and lay the figure out again
+    (``tight_layout``), so call it after the layout is otherwise done. The gap between panels holds more (a title,
+    the lower axes' labels), so a panel reads as one block: in Figure 2 the gap between a model's two heatmaps was
+    the gap between two models'."""
+    fig.draw_without_rendering()
+    renderer = fig.canvas.get_renderer()
+    pad_px = pad * fig.dpi / 72
+
+    def group(ax: Any) -> list[Any]:  # an axes and its colour bars
+        return [ax] + [im.colorbar.ax for im in ax.images if im.colorbar is not None]
+
+    grids = getattr(fig, STACKS, {})
+    for _ in range(tries):
+        need = 0.0
+        for panel in panels:
+            for upper, lower in zip(panel, panel[1:]):
+                gap = upper.get_window_extent(renderer).y0 - lower.get_window_extent(renderer).y1
+                clear = math.inf  # between the upper axes' text (and its bars') and the lower's, one over the other
+                for u in group(upper):
+                    ub = u.get_tightbbox(renderer)
+                    for lo in group(lower):
+                        lb = lo.get_tightbbox(renderer)
+                        if ub.x0 < lb.x1 and lb.x0 < ub.x1:
+                            clear = min(clear, ub.y0 - lb.y1)
+                need = max(need, gap - clear + pad_px)
+        changed = False
+        for panel in panels:
+            grid, height = grids[panel[0]], panel[0].get_window_extent(renderer).height
+            if abs(grid.get_height_ratios()[1] * height - need) > 0.5:  # pixels
+                grid.set_height_ratios(stack_ratios(len(panel), need / height))
+                changed = True
+        if not changed:
+            return
+        fig.tight_layout()
+        fig.draw_without_rendering()
 
 
 def page_split(n: int, min_width: float, min_height: float, margin: tuple[float, float] = (0.0, 0.0)) -> list[range]:
@@ -238,6 +306,232 @@ def separate_labels(texts: list[Any], gap: float = 1.0, leader: bool = False, si
             t.axes.annotate("", t.xy, xycoords=t.xycoords, xytext=t.xyann, textcoords="offset points",
                             arrowprops=dict(arrowstyle="-", color="0.5", lw=0.5, shrinkA=0, shrinkB=3))
         placed.append(box())
+
+
+# where place_labels tries a label around its point, in order of preference at each distance, as (x, y, ha):
+# (x, y) the direction from the point, ha the label's horizontal alignment: right of the point, then up and down
+# to the right (the label's corner at the marker's corner); left of it (the same); straight above and below it,
+# centred, then starting at the marker's left edge ("left"), then ending at its right edge ("right"): beside a
+# marker close to another one or to the map's edge, a centred label would sit over it or past the edge
+LABEL_DIRECTIONS = ((1, 0, "left"), (1, 1, "left"), (1, -1, "left"), (-1, 0, "right"), (-1, 1, "right"),
+                    (-1, -1, "right"), (0, 1, "center"), (0, -1, "center"), (0, 1, "left"), (0, -1, "left"),
+                    (0, 1, "right"), (0, -1, "right"))
+
+
+def marker_boxes(ax: Any, renderer: Any) -> list[Any]:
+    """The display box of every marker drawn by ``ax``'s scatter plots (each PathCollection point: its marker's
+    path at its size, plus half its edge line), as laid out now."""
+    import numpy as np
+    from matplotlib.collections import PathCollection
+    from matplotlib.transforms import Affine2D, Bbox
+
+    boxes = []
+    for col in ax.collections:
+        if not isinstance(col, PathCollection) or not col.get_visible() or not len(col.get_offsets()):
+            continue
+        paths, scales, widths = col.get_paths(), col.get_transforms(), col.get_linewidths()
+        centres = col.get_offset_transform().transform(np.asarray(col.get_offsets(), dtype=float))
+        for i, (x, y) in enumerate(centres):
+            ext = paths[i % len(paths)].get_extents(Affine2D(scales[i % len(scales)]) if len(scales) else None)
+            edge = (widths[i % len(widths)] if len(widths) else 0.0) * ax.figure.dpi / 72 / 2
+            boxes.append(Bbox.from_extents(x + ext.x0 - edge, y + ext.y0 - edge, x + ext.x1 + edge, y + ext.y1 + edge))
+    return boxes
+
+
+def place_labels(ax: Any, texts: list[Any], gap: float = 2.0, step: float = 4.0, rings: int = 16,
+                 leader: float = 4.0, passes: int = 8, width: int = 24, nodes: int = 50_000) -> None:
+    """Place each label of a point (``ax.annotate`` with ``textcoords="offset points"``, ``xy`` its point) beside
+    its marker, where its text covers no marker of ``ax`` (``marker_boxes``, its own included) and no other label,
+    inside the axes, at the figure's present layout (so call it after the layout is done).
+
+    Candidates lie around the point (``LABEL_DIRECTIONS``), ``gap`` points past its marker, then every ``step``
+    points farther, ``rings`` times. Each costs its distance in steps, plus 0.01 per place down the directions'
+    order, 1 for a leader (a label more than ``leader`` points from its marker gets a thin line to it, drawn to
+    the label's nearest point), 3 where it lies nearer another marker than its own (it would read as that one's),
+    3 for each marker its leader crosses, 1 for each segment of ``ax``'s lines (a run's trajectory) under it; two
+    labels add 3 for each leader of one through the other, and a candidate over a marker or another label is
+    taken only where nothing else is inside the axes. Labels go greedily from the most crowded point (most markers
+    within 50 points), each then moved to its cheapest place beside all the others while that helps (``passes``
+    rounds); the cheapest arrangement is then searched depth first from the most crowded label over each one's
+    ``width`` cheapest candidates, a branch cut once it costs what the best found does (``nodes`` steps at most,
+    the greedy one kept when nothing beats it). Deterministic: arithmetic on the laid-out page, no randomness, so
+    the same results draw the same bytes.
+
+    On Figure 4b's PCA map ``separate_labels`` (labels moved straight up or down only, leaders from the text's
+    corner) left "organism-ov-si" over the merges' names, "organism-base" and "average" far from their markers,
+    and names over other models' markers."""
+    import math
+
+    import numpy as np
+    from matplotlib.text import Text
+
+    if not texts:
+        return
+    fig = ax.figure
+    fig.draw_without_rendering()  # limits and positions as drawn (an equal-aspect map adjusts its limits then)
+    renderer = fig.canvas.get_renderer()
+    px = fig.dpi / 72  # pixels a point
+    area = ax.get_window_extent(renderer)
+    markers = [tuple(b.extents) for b in marker_boxes(ax, renderer)]
+    segments = [seg for line in ax.lines if line.get_visible()
+                for xy in [line.get_transform().transform(np.column_stack(line.get_data()).astype(float))]
+                for seg in zip(xy[:-1], xy[1:])]
+    points = [ax.transData.transform(t.xy) for t in texts]
+
+    def under(p: Any) -> list[int]:  # the markers over a point
+        return [k for k, b in enumerate(markers)
+                if b[0] - 0.5 <= p[0] <= b[2] + 0.5 and b[1] - 0.5 <= p[1] <= b[3] + 0.5]
+
+    def own_marker(p: Any) -> int | None:  # the label's own: of the markers over its point, the one centred there
+        return min(under(p), key=lambda k: (round(math.hypot((markers[k][0] + markers[k][2]) / 2 - p[0],
+                                                             (markers[k][1] + markers[k][3]) / 2 - p[1]), 3), k),
+                   default=None)
+
+    def crowd(p: Any) -> int:
+        return sum(math.hypot((b[0] + b[2]) / 2 - p[0], (b[1] + b[3]) / 2 - p[1]) < 50 * px for b in markers)
+
+    # boxes as (x0, y0, x1, y1) tuples of floats, segments as ((x0, y0), (x1, y1)): the search below compares
+    # them a few hundred thousand times, which matplotlib's Bbox properties made take seconds
+    def overlap(a: tuple, b: tuple) -> float:
+        w, h = min(a[2], b[2]) - max(a[0], b[0]), min(a[3], b[3]) - max(a[1], b[1])
+        return w * h if w > 0 and h > 0 else 0.0
+
+    def apart(a: tuple, b: tuple) -> float:  # the distance between two boxes (0 where they touch)
+        return math.hypot(max(a[0] - b[2], b[0] - a[2], 0.0), max(a[1] - b[3], b[1] - a[3], 0.0))
+
+    def crosses(box: tuple, seg: Any) -> bool:  # a segment through a box (Liang-Barsky clipping)
+        (x0, y0), (x1, y1) = seg
+        t0, t1, dx, dy = 0.0, 1.0, x1 - x0, y1 - y0
+        for p, q in ((-dx, x0 - box[0]), (dx, box[2] - x0), (-dy, y0 - box[1]), (dy, box[3] - y0)):
+            if p == 0:
+                if q < 0:
+                    return False
+            elif p < 0:
+                t0 = max(t0, q / p)
+            else:
+                t1 = min(t1, q / p)
+        return t0 <= t1
+
+    pad = gap * px / 2  # each label keeps gap / 2 points around it clear
+    options = []  # per label: its candidates inside the axes, cheapest first
+    for t, p in zip(texts, points):
+        k, over = own_marker(p), under(p)
+        mine = markers[k] if k is not None else (p[0] - 2 * px, p[1] - 2 * px, p[0] + 2 * px, p[1] + 2 * px)
+        # markers that do not cover the point (a run's first checkpoint under the model it starts from does: no
+        # label of either can keep off it, nor be told apart from it)
+        others = [b for n, b in enumerate(markers) if n not in over]
+        half = max(mine[2] - p[0], p[0] - mine[0], mine[3] - p[1], p[1] - mine[1])
+        found = []
+        for ring in range(rings):
+            for j, (ux, uy, ha) in enumerate(LABEL_DIRECTIONS):
+                # straight candidates start at the marker's edge plus the gap, diagonal ones' corner at its corner
+                reach = (half + gap * px + ring * step * px) / px  # points
+                va = "bottom" if uy > 0 else "top" if uy < 0 else "center_baseline"
+                along = {"left": -1, "right": 1}.get(ha, 0) * half / px if ux == 0 else reach * ux  # edge-aligned
+                t.set_horizontalalignment(ha)
+                t.set_verticalalignment(va)
+                t.xyann = (along, reach * uy)
+                text = tuple(Text.get_window_extent(t, renderer).extents)
+                box = (text[0] - pad, text[1] - pad, text[2] + pad, text[3] + pad)
+                if not (area.x0 <= box[0] and box[2] <= area.x1 and area.y0 <= box[1] and box[3] <= area.y1):
+                    continue
+                near = (min(max(p[0], text[0]), text[2]), min(max(p[1], text[1]), text[3]))  # nearest to the point
+                line = (p, near) if apart(text, mine) > leader * px else None
+                cost = ring + 0.01 * j + sum(crosses(box, s) for s in segments) + (line is not None)
+                cost += 3 * any(apart(text, b) < apart(text, mine) for b in others)
+                cost += 3 * (sum(crosses(b, line) for b in others) if line else 0)
+                found.append((cost, t.xyann, ha, va, box, line, sum(overlap(box, b) for b in markers),
+                              (len(options), len(found))))  # the last: the candidate's id
+        options.append(sorted(found, key=lambda c: c[0]))
+
+    pairs: dict[tuple[Any, Any], tuple[float, int]] = {}
+
+    def conflict(c: Any, d: Any) -> tuple[float, int]:
+        """What two labels' candidates cost together: the area their boxes share, and how often a leader of one
+        crosses the other's box (kept: the search asks about the same pairs again and again)."""
+        key = (c[7], d[7]) if c[7] < d[7] else (d[7], c[7])
+        if key not in pairs:
+            pairs[key] = (overlap(c[4], d[4]),
+                          (crosses(d[4], c[5]) if c[5] else 0) + (crosses(c[4], d[5]) if d[5] else 0))
+        return pairs[key]
+
+    def price(i: int, c: Any, chosen: dict[int, Any]) -> tuple[bool, float]:
+        """Candidate ``c`` of label ``i`` beside the other labels' ``chosen`` ones: (covers anything, cost)."""
+        covered, tangle = c[6], 0
+        for n, d in chosen.items():
+            if n != i and d is not None:
+                area_, cross = conflict(c, d)
+                covered, tangle = covered + area_, tangle + cross
+        return covered > 0, c[0] + 3 * tangle + (1e3 + covered if covered > 0 else 0.0)
+
+    def cheapest(i: int, chosen: dict[int, Any]) -> Any:
+        return min(options[i], key=lambda c: price(i, c, chosen), default=None)
+
+    def total(chosen: dict[int, Any]) -> float:
+        return sum(price(i, c, {n: d for n, d in chosen.items() if n < i})[1]
+                   for i, c in chosen.items() if c is not None)
+
+    # greedy from the most crowded point; then each label in turn moved to its cheapest place beside all the others
+    # while that lowers its cost (greedy had placed it before knowing where the later ones go)
+    order = sorted(range(len(texts)), key=lambda i: (-crowd(points[i]), i))
+    chosen: dict[int, Any] = {}
+    for i in order:
+        chosen[i] = cheapest(i, chosen)
+    for _ in range(passes):
+        moved = False
+        for i in order:
+            c = cheapest(i, chosen)
+            if c is not None and price(i, c, chosen) < price(i, chosen[i], chosen):
+                chosen[i], moved = c, True
+        if not moved:
+            break
+    # then the best arrangement there is, searched depth first from the most crowded label with each one's
+    # candidates cheapest first, cutting a branch once it costs what the best found so far does (at most ``nodes``
+    # steps): moving one label at a time cannot swap two names that block each other
+    best = [total(chosen), dict(chosen)]
+    picks = [[c for c in options[i] if c[6] == 0][:width] or options[i][:1] for i in order]
+    steps = 0
+
+    def search(k: int, partial: dict[int, Any], cost: float) -> None:
+        nonlocal steps
+        if k == len(order):
+            if cost < best[0] - 1e-9:
+                best[0], best[1] = cost, dict(partial)
+            return
+        i = order[k]
+        if not picks[k]:
+            partial[i] = None
+            search(k + 1, partial, cost)
+            return
+        for c in picks[k]:
+            steps += 1
+            if steps > nodes or cost + c[0] >= best[0] - 1e-9:  # candidates cheapest first: the rest cost more
+                break
+            add = price(i, c, partial)[1]
+            if cost + add < best[0] - 1e-9:
+                partial[i] = c
+                search(k + 1, partial, cost + add)
+                del partial[i]
+
+    search(0, {}, 0.0)
+    best = tuple(best)
+    for i, (t, p) in enumerate(zip(texts, points)):
+        c = best[1][i]
+        if c is None:  # nowhere inside the axes (a label wider than its map): beside its point, as drawn first
+            t.set_horizontalalignment("left")
+            t.set_verticalalignment("bottom")
+            t.xyann = (gap, gap)
+            continue
+        _, off, ha, va, _, line, _, _ = c
+        t.set_horizontalalignment(ha)
+        t.set_verticalalignment(va)
+        t.xyann = off
+        if line:  # from the marker's edge (shrunk by its half-size) to the label's nearest point
+            k = own_marker(p)
+            half = max(markers[k][2] - markers[k][0], markers[k][3] - markers[k][1]) / 2 if k is not None else 2 * px
+            ax.annotate("", t.xy, xycoords=t.xycoords, xytext=((line[1][0] - p[0]) / px, (line[1][1] - p[1]) / px),
+                        textcoords="offset points", zorder=t.get_zorder() - 0.5,
+                        arrowprops=dict(arrowstyle="-", color="0.5", lw=0.5, shrinkA=0, shrinkB=half / px))
 
 
 def save_figure(fig: Any, path: Path, **savefig: Any) -> Path:

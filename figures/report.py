@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 
-from figures import (drop_stale_pages, fit_bar_labels, heatmap_ticks, heatmap_ticks_again, page_caption,
-                     page_panels, page_split, page_stem, paper, read_json, save_figure)
+from figures import (drop_stale_pages, fit_bar_labels, fit_stack_gaps, heatmap_ticks, heatmap_ticks_again,
+                     page_caption, page_panels, page_split, page_stem, paper, read_json, save_figure)
 from figures.findings import Finding, findings
 from figures.results import METHOD_LABELS, EvalRun, Replication, short
 from probe.errors import BadInput
@@ -217,6 +217,15 @@ def draw_figure2(r: Replication, dest: Path) -> list[Path]:
             fig.tight_layout()
         heatmap_ticks_again(fig, maps)  # at the heatmaps' size as laid out (5 or 6 models: narrower columns)
         keep_titles_apart(fig, titles)
+        # a model's two heatmaps as one block: the gap between them only what their tick labels need, well under
+        # the gap between models (title, labels); they were the same, so the eye paired the wrong maps. Its new
+        # layout can leave a bar shorter than its label (a bar as wide as its heatmap allows): fitted again
+        blocks = [(a, b) for (a, *_), (b, *_) in zip(maps[::2], maps[1::2])]
+        for _ in range(3):
+            fit_stack_gaps(fig, blocks)
+            if not fit_bar_labels(fig, {"KL(orig‖masked)": "KL"}):
+                break
+            fig.tight_layout()
         png = dest.with_name(page_stem(dest.stem, k) + ".png")
         save_figure(fig, png)
         save_figure(fig, png.with_suffix(".pdf"))  # vector, for a paper; the PNG is what report.md shows
@@ -252,7 +261,7 @@ def _figure2_page(r: Replication, models: list[str]) -> tuple[Any, list[tuple[An
 
     # one column of two heatmaps per model, wrapped into rows on a page (4 models: 2 × 2; 5 or 6: 2 × 3)
     fig, panels = page_panels(len(models), 3.0, 4.8, min_width=FIG2_WIDTH if len(models) <= 4 else FIG2_NARROW,
-                              margin=FIG2_MARGIN, stack=2, dpi=110)
+                              margin=FIG2_MARGIN, stack=2, grouped=True, dpi=110)
     # titles wrapped to their column (about 16 characters an inch at 8 pt): a long model name ran into the next
     chars = int(14.5 * fig.get_figwidth() / panels[0][0].get_subplotspec().get_gridspec().ncols)
     # colour bars as high as their heatmaps in narrow columns: at 20 times their width (matplotlib's default) they
@@ -273,7 +282,8 @@ def _figure2_page(r: Replication, models: list[str]) -> tuple[Any, list[tuple[An
             im = ax.imshow(grid, cmap=cmap, aspect="auto", vmin=vmin, vmax=vmax)
             heatmap_ticks(ax, layers, hs)
             maps.append((ax, layers, hs))
-            ax.set_xlabel("head", fontsize=8)
+            if row == 1:  # the KL map above has the same heads: its "head" would only widen the gap in the block
+                ax.set_xlabel("head", fontsize=8)
             ax.set_ylabel("layer", fontsize=8)
             cb = fig.colorbar(im, ax=ax, fraction=0.046, aspect=aspect, extend=extend_for(grid, vmin, vmax))
             cb.ax.tick_params(labelsize=7)

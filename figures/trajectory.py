@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from figures import fit_page, page_panels, read_json, read_table, separate_labels  # noqa: E402
+from figures import fit_page, page_panels, place_labels, read_json, read_table  # noqa: E402
 from figures.shift import save, short_names  # noqa: E402
 from probe.errors import BadInput  # noqa: E402
 
@@ -45,7 +45,8 @@ def two_lines(name: str, width: int = NAME_CHARS) -> str:
 
 def _label(ax: Any, mid: float, text: str, x: float, y: float, offset: tuple[float, float], **kw: Any) -> Any:
     """Text beside a point: on its right, or on its left when the point is right of ``mid`` (the middle of the
-    panel's points), so it stays inside a narrow panel."""
+    panel's points), so it stays inside a narrow panel. Where it ends up is ``place_labels``' choice, once the
+    figure is laid out; this is only where it is while the layout is made."""
     left = x > mid
     return ax.annotate(text, (x, y), xytext=(-offset[0] if left else offset[0], offset[1]), textcoords="offset points",
                        ha="right" if left else "left", zorder=5, **kw)  # over the runs' dots
@@ -218,8 +219,8 @@ def draw_trajectory(result_dir: Path) -> list[Path]:
                    ncol=min(len(shown), LEGEND_COLUMNS))
         fig.tight_layout(rect=(0, legend / fig.get_size_inches()[1], 1, 1))
         fit_page(fig)  # the size it is saved at, where the labels are placed
-        for texts in names_of:  # the base, experts a real run barely moved and the merges sit close together;
-            # the models' names first, then the runs' last steps, each kept inside its map (not over its title)
-            separate_labels(texts[::-1], leader=True, inside=True)
+        for (ax,), texts in zip(panels, names_of):  # the base, experts a real run barely moved and the merges sit
+            # close together: each name beside its point clear of the other markers and names, inside its map
+            place_labels(ax, texts)
         written += save(fig, result_dir / f"trajectory_{feature}")
     return written

@@ -431,6 +431,88 @@ def test_figure2_of_many_models_keeps_its_labels_apart(tmp_path, monkeypatch, mo
         plt.close("all")
 
 
+def drawn_texts(fig) -> list:
+    """Every text of ``fig`` that is drawn: the suptitle, each visible axes' titles, axis labels, texts and the tick
+    labels inside its view (matplotlib keeps labels of ticks past the ends, visible but not drawn)."""
+    out = list(fig.texts)
+    for ax in fig.axes:
+        if not ax.get_visible():
+            continue
+        out += [ax.title, ax._left_title, ax._right_title, ax.xaxis.label, ax.yaxis.label, *ax.texts]
+        for axis in (ax.xaxis, ax.yaxis):
+            lo, hi = sorted(axis.get_view_interval())
+            eps = 1e-9 * max(1.0, hi - lo)
+            out += [t for tick, loc in zip(axis.get_major_ticks(), axis.get_majorticklocs())
+                    if lo - eps <= loc <= hi + eps for t in (tick.label1, tick.label2)]
+            out.append(axis.get_offset_text())
+    return [t for t in out if t.get_visible() and t.get_text()]
+
+
+def overlapping_texts(fig) -> list[tuple[str, str]]:
+    """The pairs of ``drawn_texts`` whose boxes overlap, as laid out when saved."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in drawn_texts(fig)]
+    return [(a, b) for i, (a, box) in enumerate(boxes) for b, other in boxes[i + 1:] if box.overlaps(other)]
+
+
+def figure2_gaps(fig) -> tuple[list[float], list[float]]:
+    """Figure 2's vertical gaps in inches (figure coordinates): between a model's KL and drop heatmaps, and between
+    one model's drop map and the KL map of the model below it, column by column."""
+    maps = [ax for ax in fig.axes if ax.images and ax.images[0].colorbar is not None]
+    columns: dict[float, list] = {}
+    for ax in maps:
+        columns.setdefault(round(ax.get_position().x0, 3), []).append(ax)
+    within, between = [], []
+    for col in columns.values():
+        col.sort(key=lambda ax: -ax.get_position().y1)  # top first: KL, drop, KL, drop, ...
+        assert [ax.images[0].get_cmap().name for ax in col] == ["magma_r", "RdBu_r"] * (len(col) // 2)
+        for i, (upper, lower) in enumerate(zip(col, col[1:])):
+            gap = (upper.get_position().y0 - lower.get_position().y1) * fig.get_figheight()
+            (within if i % 2 == 0 else between).append(gap)
+    return within, between
+
+
+@pytest.mark.parametrize("grid, counts", [((4, 8), range(1, 9)), ((28, 28), (3, 6))])
+def test_figure2_groups_each_models_two_heatmaps(tmp_path, monkeypatch, grid, counts):
+    """A model's KL map and its probability-accuracy drop below it are one block: the gap between them was the gap
+    between two models (0.84 in both, 3 to 8 models), so the eye paired a model's drop with the next model's KL.
+    For 1 to 8 models (up to 6 a page; a 7B-like 28 × 28 grid for 3 and 6) the gap inside a block is under half
+    the gap between blocks, every page's drawn texts (titles, colour-bar labels and ticks, tick labels) keep apart
+    and on the page, and the heatmaps, titles and bar labels stay readable as before."""
+    import matplotlib.pyplot as plt
+
+    import figures.report as fr
+
+    figs = []
+    close = plt.close  # the real one: draw_figure2's is kept from closing the figures measured here
+    monkeypatch.setattr(fr, "save_figure", lambda fig, path: figs.append(fig))
+    monkeypatch.setattr(plt, "close", lambda fig=None: None)
+    for n in counts:
+        figs.clear()
+        (tmp_path / f"f{n}").mkdir()
+        fr.draw_figure2(write_replication(tmp_path / f"rep{n}", n - 1, *grid), tmp_path / f"f{n}" / "figure2.png")
+        pages = figs[::2]  # each page saved as png and pdf
+        assert len(pages) == (1 if n <= 6 else 2)
+        for fig in pages:
+            within, between = figure2_gaps(fig)
+            per_page = len([ax for ax in fig.axes if ax.images and ax.images[0].colorbar is not None]) // 2
+            assert len(within) == per_page
+            assert len(between) == per_page - len({round(ax.get_position().x0, 3) for ax in fig.axes
+                                                   if ax.images and ax.images[0].colorbar is not None})
+            assert 0.1 <= min(within) and max(within) - min(within) < 0.02, within  # the same in every block
+            if between:  # more than one row of models
+                assert max(within) < 0.5 * min(between), (n, within, between)
+            assert overlapping_texts(fig) == [], n
+            renderer = fig.canvas.get_renderer()
+            for t in drawn_texts(fig):
+                box = t.get_window_extent(renderer)
+                assert fig.bbox.x0 - 1 <= box.x0 and box.x1 <= fig.bbox.x1 + 1 and fig.bbox.y0 - 1 <= box.y0 \
+                    and box.y1 <= fig.bbox.y1 + 1, t.get_text()
+            heatmap_page_is_readable(fig, min(per_page, 3 if per_page > 4 else 2), 0.9)
+        close("all")
+
+
 @pytest.mark.parametrize("models, sets", [(5, 9), (8, 12), (4, 4)])
 def test_eval_of_many_data_sets_keeps_panel_titles_and_marks_apart(tmp_path, models, sets):
     """9 or 12 data sets put 4 or 5 panels of 1 in on a row: their titles ("text_hard (n=64)mmmu_val (n=64)") ran
@@ -509,6 +591,134 @@ def test_trajectory_of_many_runs_and_experts_keeps_names_inside_the_maps(tmp_pat
             assert area.x0 <= box.x0 and box.x1 <= area.x1 and area.y0 <= box.y0 and box.y1 <= area.y1, t.get_text()
             assert not any(box.overlaps(title) for title in titles), t.get_text()
         plt.close(fig)
+
+
+# Figure 4b of the committed example (figures/examples/report_figures/fig4b.png): base, experts and merges of a
+# default replication, relative to the base, as analyses.trajectory wrote them to coords.csv (x, y per map)
+FIG4B = {
+    "organism-base": ("base", {"norms": [(-12.05236, 1.589702), (-23.41831, 74.08575)],
+                               "sketch": [(11.08014, 1.962780), (51.38530, -6.321022)]}),
+    "organism-vl": ("expert", {"norms": [(16.16737, 1.172245), (-10.79195, -105.1479)],
+                               "sketch": [(-19.32087, 3.317379), (-39.79556, -48.27285)]}),
+    "organism-ov-si": ("expert", {"norms": [(-7.997813, -1.137395), (95.21523, -7.437748)],
+                                  "sketch": [(9.803211, 1.617358), (-9.647330, 72.88712)]}),
+    "organism-video": ("expert", {"norms": [(-2.822620, -3.601889), (64.80367, -80.70407)],
+                                  "sketch": [(8.571109, -2.264076), (-10.80589, 9.050867)]}),
+    "runs/replicate/merge/average": ("merged", {"norms": [(-3.575646, 1.169715), (-81.28373, 19.73232)],
+                                                "sketch": [(2.522286, 1.168206), (15.44941, -48.21271)]}),
+    "runs/replicate/merge/shift": ("merged", {"norms": [(2.031131, 1.387843), (3.327971, -14.05584)],
+                                              "sketch": [(-4.054851, 2.517829), (39.36964, 47.57371)]}),
+    "runs/replicate/merge/salience": ("merged", {"norms": [(1.374272, 2.490805), (54.76537, 60.77859)],
+                                                 "sketch": [(-3.076757, 2.942191), (-59.70214, 49.54292)]}),
+    "runs/replicate/merge/ties": ("merged", {"norms": [(6.875663, -3.071027), (-75.71763, -59.42383)],
+                                             "sketch": [(-5.524263, -11.26167), (-72.90685, -4.024582)]}),
+}
+
+
+def write_points(d: Path, points: dict) -> Path:
+    """An analyses.trajectory output of models only (no runs): ``points`` as FIG4B, name -> (kind, {feature:
+    [PCA xy, t-SNE xy]})."""
+    import pandas as pd
+
+    rows = [[name, kind, "", "", feature, method, *xy] for name, (kind, maps) in points.items()
+            for feature, xys in maps.items() for method, xy in zip(("pca", "tsne"), xys)]
+    d.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows, columns=["name", "kind", "run", "step", "feature", "method", "x", "y"]).to_csv(
+        d / "coords.csv", index=False)
+    (d / "run.json").write_text(json.dumps({"ref": "organism-base", "perplexity_used": 7, "n_points": len(points),
+                                            "pca_explained_variance": {"norms": [0.93, 0.06], "sketch": [0.74, 0.17]},
+                                            "maps": {"norms": ["pca", "tsne"], "sketch": ["pca", "tsne"]}}))
+    return d
+
+
+def label_clashes(fig) -> list[str]:
+    """What is wrong with the point labels of a trajectory figure as saved: a label past its map's edge, over
+    another label, or over a marker other than its own (any marker whose box holds the label's point is its own:
+    a run's first checkpoint lies under the model it starts from). Markers are measured from the scatter plots
+    themselves: each point's marker path at its size."""
+    from matplotlib.collections import PathCollection
+    from matplotlib.transforms import Affine2D, Bbox
+
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    wrong = []
+    for ax in [ax for ax in fig.axes if ax.get_visible()]:
+        markers = []
+        for col in ax.collections:
+            if isinstance(col, PathCollection):
+                scales = col.get_transforms()
+                for i, (x, y) in enumerate(col.get_offset_transform().transform(col.get_offsets())):
+                    e = col.get_paths()[0].get_extents(Affine2D(scales[i % len(scales)]))
+                    markers.append(Bbox.from_extents(x + e.x0, y + e.y0, x + e.x1, y + e.y1))
+        labels = [t for t in ax.texts if t.get_text()]
+        boxes = [t.get_window_extent(renderer) for t in labels]
+        area = ax.get_window_extent(renderer)
+        for k, (t, box) in enumerate(zip(labels, boxes)):
+            point = ax.transData.transform(t.xy)
+            if not (area.x0 <= box.x0 and box.x1 <= area.x1 and area.y0 <= box.y0 and box.y1 <= area.y1):
+                wrong.append(f"{t.get_text()!r} past its map's edge")
+            wrong += [f"{t.get_text()!r} over a marker" for m in markers if not m.contains(*point) and box.overlaps(m)]
+            wrong += [f"{t.get_text()!r} over {u.get_text()!r}" for u, other in zip(labels[k + 1:], boxes[k + 1:])
+                      if box.overlaps(other)]
+    return wrong
+
+
+def crowded_points(seed: int = 0) -> dict:
+    """13 models, 12 of them within about a point's marker of one another and one far off (it squeezes the others
+    into a corner of the map), names of 4 to 15 characters."""
+    rng = np.random.default_rng(seed)
+    names = [("organism-base", "base"), *((f"organism-x{k}", "expert") for k in range(5)),
+             *((m, "merged") for m in ("average", "shift", "salience", "ties", "task-arithmetic", "dare"))]
+    points = {n: (kind, {f: [tuple(rng.normal(0, 0.6, 2)), tuple(rng.normal(0, 0.6, 2))] for f in ("norms", "sketch")})
+              for n, kind in names}
+    points["organism-base"] = ("base", {f: [(0.0, 0.0), (0.0, 0.0)] for f in ("norms", "sketch")})
+    points["organism-far"] = ("expert", {f: [(12.0, 1.0), (12.0, 1.0)] for f in ("norms", "sketch")})
+    return points
+
+
+@pytest.mark.parametrize("case", ["example", "crowded"])
+def test_trajectory_labels_keep_off_markers_and_each_other(tmp_path, monkeypatch, case):
+    """Figure 4b's PCA map has the base, two experts and the merges within a few points of one another: the
+    names, moved only up or down from a fixed side, ran into each other's area ("organism-ov-si" over the merges'
+    names), covered other models' markers, and two ("organism-base", "average") sat far from their markers at the
+    end of long lines. On the example's own coordinates and on 13 crowded models, every name (each map of both
+    features) lies inside its map, over no other name and over no marker but its own; and the same results draw
+    the same bytes."""
+    import matplotlib.pyplot as plt
+
+    import figures.trajectory as ft
+
+    d = write_points(tmp_path / "t", FIG4B if case == "example" else crowded_points())
+    figs = []
+    monkeypatch.setattr(ft, "save", lambda fig, path: figs.append(fig) or [])
+    ft.draw_trajectory(d)
+    assert len(figs) == 2
+    for fig in figs:
+        names = [t.get_text() for ax in fig.axes for t in ax.texts if t.get_text()]
+        assert len(names) == 2 * (8 if case == "example" else 13)
+        assert label_clashes(fig) == []
+        plt.close(fig)
+    monkeypatch.undo()
+    assert [p.read_bytes() for p in ft.draw_trajectory(d)] == [p.read_bytes() for p in ft.draw_trajectory(d)]
+
+
+def test_trajectory_labels_were_crowded_before(tmp_path, monkeypatch):
+    """The check above finds what it is for: the same example drawn with labels where the old rule put them
+    (``separate_labels``) clashes."""
+    import matplotlib.pyplot as plt
+
+    import figures
+    import figures.trajectory as ft
+
+    def old_rule(ax, texts):
+        figures.separate_labels(texts[::-1], leader=True, inside=True)
+
+    figs = []
+    monkeypatch.setattr(ft, "save", lambda fig, path: figs.append(fig) or [])
+    monkeypatch.setattr(ft, "place_labels", old_rule)
+    ft.draw_trajectory(write_points(tmp_path / "t", FIG4B))
+    assert label_clashes(figs[1])  # the sketch's maps: Figure 4b as shipped before
+    plt.close("all")
 
 
 @pytest.mark.parametrize("models", [3, 8])
