@@ -1130,6 +1130,22 @@ def test_a_data_set_with_a_bomb_image_or_a_file_path_is_one_line_and_leaves_no_o
             assert not out.exists() and tree_manifest(data) == before
 
 
+def lines_of_eval_and_shift(model: Path, tmp_path: Path, capfd) -> list[str]:
+    """The error line of probe.eval and of analyses.shift given ``model`` (each exit 2, one line, no --out made)."""
+    from analyses import shift
+    from probe import eval as probe_eval
+
+    lines = []
+    for main, argv in ((probe_eval.main, ["--models", str(model), "--data", str(REPO / "probe/zoo/data/text"),
+                                          "--limit", "1", "--quiet"]),
+                       (shift.main, ["--base", "organism-base", "--models", str(model), "--no-figures"])):
+        out = tmp_path / f"out-{main.__module__}"
+        capfd.readouterr()
+        lines.append(one_error_line(cli_main(main, [*argv, "--out", str(out)]), capfd.readouterr().err))
+        assert not out.exists()
+    return lines
+
+
 @pytest.mark.parametrize("named", ["../outside.safetensors", "ABSOLUTE", "sub/model-00002-of-00002.safetensors", 7])
 def test_an_index_naming_a_shard_by_a_path_is_refused_by_the_probe_and_the_analyses(tmp_path, capfd, named):
     """A shard named by a path in model.safetensors.index.json: analyses.shift read one outside the model's folder
@@ -1138,8 +1154,6 @@ def test_an_index_naming_a_shard_by_a_path_is_refused_by_the_probe_and_the_analy
     from conftest import tree_manifest
     from test_models import _sharded
 
-    from analyses import shift
-    from probe import eval as probe_eval
     from probe.models import resolve_model
 
     model, _, names = _sharded(resolve_model("organism-base").path, tmp_path / "m")
@@ -1155,14 +1169,8 @@ def test_an_index_naming_a_shard_by_a_path_is_refused_by_the_probe_and_the_analy
     want = (f"{index}: weight_map names the shard {named!r}, a path, not a file name in {model}; shards are read from "
             "the model's own folder only" if isinstance(named, str) else f"{index}: weight_map maps ")
     before = tree_manifest(tmp_path)
-    for main, argv in ((probe_eval.main, ["--models", str(model), "--data", str(REPO / "probe/zoo/data/text"),
-                                          "--limit", "1", "--quiet"]),
-                       (shift.main, ["--base", "organism-base", "--models", str(model), "--no-figures"])):
-        out = tmp_path / f"out-{main.__module__}"
-        capfd.readouterr()
-        line = one_error_line(cli_main(main, [*argv, "--out", str(out)]), capfd.readouterr().err)
+    for line in lines_of_eval_and_shift(model, tmp_path, capfd):
         assert want in line, line
-        assert not out.exists()
     assert tree_manifest(tmp_path) == before
 
 
@@ -1264,8 +1272,6 @@ def test_a_safetensors_file_claiming_more_than_it_holds_is_one_line_without_allo
     import resource
     import struct
 
-    from analyses import shift
-    from probe import eval as probe_eval
     from probe.models import resolve_model
 
     model = shutil.copytree(resolve_model("organism-base").path, tmp_path / "m")
@@ -1282,12 +1288,6 @@ def test_a_safetensors_file_claiming_more_than_it_holds_is_one_line_without_allo
     else:
         f.write_bytes(raw[: len(raw) // 2])
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for main, argv in ((probe_eval.main, ["--models", str(model), "--data", str(REPO / "probe/zoo/data/text"),
-                                          "--limit", "1", "--quiet"]),
-                       (shift.main, ["--base", "organism-base", "--models", str(model), "--no-figures"])):
-        out = tmp_path / f"out-{main.__module__}"
-        capfd.readouterr()
-        line = one_error_line(cli_main(main, [*argv, "--out", str(out)]), capfd.readouterr().err)
+    for line in lines_of_eval_and_shift(model, tmp_path, capfd):
         assert str(f) in line and ("corrupt" in line or "unreadable checkpoint file" in line), line
-        assert not out.exists()
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 2**20  # kB: under 1 GiB more at its peak
