@@ -3,8 +3,9 @@ output directory, or the class of its kind — ``HeadSweep`` (probe.heads), ``Ev
 (analyses.shift), ``Merge`` (analyses.merge), ``Trajectory`` (analyses.trajectory), ``FinetuneRun``
 (analyses.finetune) and ``Replication`` (analyses.replicate), each with ``.read(DIR)``. Every one reads its files
 with the checked readers the figures draw from, and refuses a directory of another kind, an unfinished one or a
-damaged file with one ``BadInput`` naming the file. The report and its findings use only this (``figures/`` draws
-from saved results alone)."""
+damaged file with one ``BadInput`` naming the file. Each prints (a notebook cell's last line) as a few lines: what
+it is, with its key numbers, its directory and the attributes holding its data. The report and its findings use
+only this (``figures/`` draws from saved results alone)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,6 +22,49 @@ METHOD_LABELS = {"average": "Eq. 1 average", "shift": "Eq. 4 shift-weighted", "s
                  "ties": "TIES"}
 
 
+def _short_name(name: Any, width: int = 32) -> str:
+    """A model or data set name in at most ``width`` characters: a long path by its last parts (a carrier's ends
+    in its method, ``carriers`` and its name), anything else by its last characters."""
+    name = str(name)
+    if len(name) <= width:
+        return name
+    parts, tail = name.split("/"), ""
+    while parts and len(f"…/{parts[-1]}/{tail}".rstrip("/")) <= width:
+        tail = f"{parts.pop()}/{tail}"
+    return f"…/{tail.rstrip('/')}" if tail else "…" + name[-(width - 1):]
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _listing(entries: Any, shown: int = 4) -> str:
+    """The first ``shown`` entries, and how many more there are."""
+    entries = list(entries)
+    more = f" (+{len(entries) - shown} more)" if len(entries) > shown else ""
+    return ", ".join(entries[:shown]) + more
+
+
+def _summary(obj: Any, where: Path, what: str, holds: str) -> str:
+    """A result's repr: what it is (one line), its directory and the attributes that hold its data, a few hundred
+    characters where the dataclass default printed every row of every frame."""
+    return f"{type(obj).__name__}: {what}\n  dir: {where}\n  holds: {holds}"
+
+
+def _safe_repr(summary: Any) -> Any:
+    """``summary`` as ``__repr__``, falling back to the class and directory when the saved JSON lacks a key it reads
+    (an output from an older version): a notebook's last line never raises."""
+    def __repr__(self: Any) -> str:
+        try:
+            return summary(self)
+        except Exception as exc:  # noqa: BLE001 — a repr must not raise
+            return (f"{type(self).__name__}(dir={getattr(self, 'dir', getattr(self, 'out', '?'))}) "
+                    f"(no summary: {type(exc).__name__}: {exc})")
+
+    __repr__.__doc__ = summary.__doc__
+    return __repr__
+
+
 class ShiftRow(TypedDict):
     """The checked keys of one expert in shift/summary.json's per_model (it holds counts too)."""
 
@@ -28,7 +72,7 @@ class ShiftRow(TypedDict):
     ratio_to_least_shifted: float | None  # None when some model did not move
 
 
-@dataclass
+@dataclass(repr=False)
 class EvalRun:
     """One probe.eval output: ``scores`` (scores.csv: a row per model × data set × subject, 'all' the totals, with
     95 % intervals and the paired differences to the reference), ``items`` (items.parquet: one row per model × item),
@@ -57,6 +101,21 @@ class EvalRun:
         except (KeyError, TypeError):
             raise BadInput(f"{d / 'run.json'}: not a probe.eval run.json (no plan with settings and data)") from None
         return EvalRun(d, s, metric, names, info)
+
+    @_safe_repr
+    def __repr__(self) -> str:
+        """Models × data sets, each set's items (the most any model scored: one that cannot read the set has 0), the
+        metric and the reference."""
+        top = self.scores[self.scores["subject"] == "all"]
+        models = list(dict.fromkeys(top["model"]))
+        n = top.groupby("data", sort=False)["n_items"].max()
+        ref = self.info.get("reference")
+        what = (f"{_count(len(models), 'model')} × {_count(len(n), 'data set')}, {self.metric}"
+                + (f", reference {_short_name(ref)}" if ref else "")
+                + f"\n  models: {_listing(_short_name(m) for m in models)}"
+                + f"\n  items: {_listing(f'{_short_name(d, 20)} {int(k)}' for d, k in n.items())}")
+        return _summary(self, self.dir, what, f".scores ({len(self.scores)} rows) .items .info .row(model, data) "
+                                              ".paired(model, reference, data)")
 
     @property
     def diff_columns(self) -> tuple[str, str, str]:
@@ -104,7 +163,7 @@ class EvalRun:
         return r.iloc[0]
 
 
-@dataclass
+@dataclass(repr=False)
 class HeadSweep:
     """One probe.heads output: ``heads`` (heads.csv: a row per masked head, its accuracy, prob_accuracy, KL and drops
     from the baseline), ``baseline`` (baseline.json: the unmasked values, per subject too), ``info`` (run.json: the
@@ -124,6 +183,19 @@ class HeadSweep:
         heads, baseline = read_sweep(d)
         return HeadSweep(d, heads, baseline, read_json(d / "run.json", "python -m probe.heads"))
 
+    @_safe_repr
+    def __repr__(self) -> str:
+        """Model, data set and split, the layers × heads swept, the items, the baseline prob. accuracy, the engine."""
+        b, plan = self.baseline, self.info.get("plan") or {}
+        model = b.get("model") or plan.get("model_spec", "?")
+        data = b.get("data") or Path(str(plan.get("data_dir", "?"))).name
+        split = b.get("split") or (plan.get("settings") or {}).get("split", "?")
+        method = b.get("method") or plan.get("method", "?")
+        what = (f"{_short_name(model)} on {_short_name(data, 20)} ({split}), {self.heads['layer'].nunique()} layers × "
+                f"{self.heads['head'].nunique()} heads, {b['n_items']} items, baseline prob. acc. "
+                f"{b['prob_accuracy']:.3f}, engine {method}" + (" (approximate)" if b.get("approximate") else ""))
+        return _summary(self, self.dir, what, f".heads ({len(self.heads)} rows) .baseline .info .items .grid(metric)")
+
     @cached_property
     def items(self) -> pd.DataFrame:
         from probe.results import read_part
@@ -137,7 +209,7 @@ class HeadSweep:
         return self.heads.pivot(index="layer", columns="head", values=metric)
 
 
-@dataclass
+@dataclass(repr=False)
 class Shift:
     """One analyses.shift output: ``table`` (shift.csv: a row per model × LM tensor, Δavg of Eq. 3, max |Δ|, relative
     L2) and ``summary`` (summary.json), with ``per_model`` (its per-model numbers as a frame: mean Δavg, ratio to
@@ -154,12 +226,21 @@ class Shift:
         d = in_path(d)
         return Shift(d, *read_shift(d))
 
+    @_safe_repr
+    def __repr__(self) -> str:
+        """The models measured from the base and each one's mean Δavg (Eq. 3)."""
+        per = self.summary["per_model"]
+        base = (self.summary.get("base") or {}).get("name", "?")
+        deltas = _listing(f"{_short_name(m)} {r['mean_delta_avg']:.3g}" for m, r in per.items())
+        what = f"{_count(len(per), 'model')} from {_short_name(base)}, mean Δavg (Eq. 3): {deltas}"
+        return _summary(self, self.dir, what, f".table ({len(self.table)} rows) .summary .per_model")
+
     @property
     def per_model(self) -> pd.DataFrame:
         return pd.DataFrame.from_dict(self.summary["per_model"], orient="index")
 
 
-@dataclass
+@dataclass(repr=False)
 class Merge:
     """One analyses.merge output: ``weights`` (merge_weights.csv: each tensor's or slice's coefficient per model),
     ``info`` (merge.json: method, parameters, mean alpha per model), ``model`` (the merged LM, an HF dir
@@ -175,6 +256,18 @@ class Merge:
 
         d = in_path(d)
         return Merge(d, *read_merge(d))
+
+    @_safe_repr
+    def __repr__(self) -> str:
+        """The method and its equation, the base and the models merged, the carriers written."""
+        i = self.info
+        method = i.get("method", "?")
+        carriers = [c.get("name", "?") for c in i.get("carriers") or [] if isinstance(c, dict)]
+        what = (f"{method} ({i.get('equation', '?')}) of "
+                f"{_short_name(i.get('base') or '?')} + {_listing(_short_name(m) for m in i.get('models') or [])}"
+                f"\n  carriers: {_listing(_short_name(c) for c in carriers) if carriers else 'none'}")
+        return _summary(self, self.dir, what, f".weights ({len(self.weights)} rows) .info .model (this dir) "
+                                              ".carriers .head_weights()")
 
     @property
     def model(self) -> Path:
@@ -196,7 +289,7 @@ class Merge:
         return head_weights(self.weights, self.dir / "merge_weights.csv")
 
 
-@dataclass
+@dataclass(repr=False)
 class Trajectory:
     """One analyses.trajectory output: ``coords`` (coords.csv: a row per checkpoint × feature × method, its 2-D
     position, kind, run and step) and ``info`` (run.json: θ_ref, perplexity, PCA variance shares; ``{}`` for an
@@ -213,6 +306,16 @@ class Trajectory:
         d = in_path(d)
         return Trajectory(d, *read_trajectory(d))
 
+    @_safe_repr
+    def __repr__(self) -> str:
+        """The points mapped, by kind, and the methods × features that map them."""
+        c = self.coords
+        kinds = c.drop_duplicates("name")["kind"].value_counts(sort=False)
+        what = (f"{c['name'].nunique()} points ({', '.join(f'{n} {k}' for k, n in kinds.items())}) mapped by "
+                f"{', '.join(dict.fromkeys(c['method']))} on {', '.join(dict.fromkeys(c['feature']))}"
+                + (f", θ_ref {_short_name(self.info['ref'])}" if self.info.get("ref") else ""))
+        return _summary(self, self.dir, what, f".coords ({len(c)} rows) .info .sketch")
+
     @cached_property
     def sketch(self) -> pd.DataFrame:
         """features.npz's random-projection sketch of each checkpoint's θ − θ_ref, a row per point (to embed anew)."""
@@ -222,7 +325,7 @@ class Trajectory:
         return pd.DataFrame(sketch, index=names)
 
 
-@dataclass
+@dataclass(repr=False)
 class FinetuneRun:
     """One finished analyses.finetune run: ``log`` (train_log.csv: a row per step, its loss and rates), ``info``
     (run.json: the settings under ``config``, placement, versions) and ``checkpoints`` (step → its
@@ -266,8 +369,18 @@ class FinetuneRun:
             raise BadInput(f"{d}: no checkpoint-{lost[0]} (the run saves steps {want})")
         return FinetuneRun(d, log, info, {s: found[s] for s in want})
 
+    @_safe_repr
+    def __repr__(self) -> str:
+        """The model tuned, its steps, the checkpoints saved, the last step's loss."""
+        cfg = self.info.get("config") or {}
+        last = self.log.iloc[-1]
+        what = (f"{_short_name(cfg.get('model', '?'))} on {', '.join(cfg.get('data') or {}) or '?'}, "
+                f"{_count(len(self.log), 'step')}, checkpoints at steps {', '.join(map(str, self.checkpoints))}, "
+                f"last loss {last['loss']:.4g} (step {int(last['step'])})")
+        return _summary(self, self.dir, what, f".log ({len(self.log)} rows) .info .checkpoints")
 
-@dataclass
+
+@dataclass(repr=False)
 class Replication:
     """One analyses.replicate output: ``config`` (the saved ReplicateConfig), ``info`` (replicate.json), and each
     stage's results by name: ``heads(model)`` (heads.csv and baseline.json of its sweep), ``eval("table3")`` (an
@@ -299,6 +412,19 @@ class Replication:
         rep.config  # typed now: the report reads cfg's keys (models.experts, …) as it goes, a missing one a KeyError
         return rep
 
+    @_safe_repr
+    def __repr__(self) -> str:
+        """The stages done (by their records: a stage's small JSON, the one file read; not its outputs) and the
+        models."""
+        stages = self.info.get("stages") or list(self.info["fingerprints"])
+        undone = [st for st in stages if not self.recorded_complete(st)]
+        done = (f"all {len(stages)} stages done" if not undone else
+                f"{len(stages) - len(undone)} of {len(stages)} stages done, not: {_listing(undone, 6)}")
+        what = (f"{done}; base {_short_name(self.base)}, experts {_listing(_short_name(e) for e in self.experts)}, "
+                f"merges {', '.join(self.methods)}")
+        return _summary(self, self.out, what, ".config .info .eval(name) .heads(model) .shift_per_model() "
+                                              ".merge_dir(method) .complete(stage); load(dir / stage) reads any whole")
+
     def heads(self, model: str, need: tuple[str, ...] = ()) -> tuple[pd.DataFrame, dict[str, Any]]:
         """heads.csv and baseline.json of the head sweep of ``model``, checked."""
         from figures.heads import read_sweep
@@ -317,12 +443,19 @@ class Replication:
                 raise BadInput(f"{path}: no per_model numbers for {e}")
         return per
 
-    def complete(self, stage: str) -> bool:
-        """Whether the stage completed with this run's settings; refused when it did but its outputs are gone."""
-        from analyses.replicate import gone_text, missing_outputs, read_state
+    def recorded_complete(self, stage: str) -> bool:
+        """Whether the stage's record (DIR/stages/STAGE.json) says it completed with this run's settings (its
+        fingerprint in replicate.json); ``complete`` checks its outputs are still there too."""
+        from analyses.replicate import read_state
 
         st = read_state(self.out, stage)
-        if not (st.get("status") == "complete" and st.get("fingerprint") == self.info["fingerprints"].get(stage)):
+        return st.get("status") == "complete" and st.get("fingerprint") == self.info["fingerprints"].get(stage)
+
+    def complete(self, stage: str) -> bool:
+        """Whether the stage completed with this run's settings; refused when it did but its outputs are gone."""
+        from analyses.replicate import gone_text, missing_outputs
+
+        if not self.recorded_complete(stage):
             return False
         if gone := missing_outputs(stage, self.config, self.out):
             raise BadInput(f"{gone_text(gone)}: gone, though stage {stage} completed; run python -m "

@@ -226,6 +226,68 @@ def test_the_readers_give_a_salience_merges_head_weights_a_maps_sketch_and_rows_
         load(quick).data("txt")
 
 
+
+def test_each_result_prints_as_a_short_summary_of_what_its_files_hold(quick: Path) -> None:
+    """A notebook cell ending in ``load(DIR)`` shows a few lines, not the dataclass default's every row of every frame
+    (about 5,000 characters for one head sweep): what the result is, with the values its files hold (read here with
+    pandas and json), its directory and the attributes that hold the data. Equality stays the dataclass's."""
+    import dataclasses
+
+    from figures.results import EvalRun, FinetuneRun, HeadSweep, Merge, Replication, Shift, Trajectory, load
+
+    def read(d: Path, name: str):
+        return pd.read_csv(d / name) if name.endswith(".csv") else json.loads((d / name).read_text())
+
+    got = {cls: (d, load(d), repr(load(d))) for cls, d in _kinds(quick).items()}
+    for cls, (d, obj, text) in got.items():
+        assert text.startswith(f"{cls.__name__}: ") and f"\n  dir: {d}\n  holds: ." in text, text
+        assert len(text) < 400 and text.count("\n") <= 4, text
+        frames = [f.name for f in dataclasses.fields(obj) if isinstance(getattr(obj, f.name), pd.DataFrame)]
+        assert all(f" .{f} ({len(getattr(obj, f))} rows)" in text or f"holds: .{f} (" in text for f in frames), text
+        assert "columns]" not in text and "rows x" not in text, text  # no frame printed
+        assert dataclasses.replace(obj) == obj  # the dataclass's __eq__ (field by field) is still there
+
+    d, _, text = got[HeadSweep]
+    heads, base, plan = read(d, "heads.csv"), read(d, "baseline.json"), read(d, "run.json")["plan"]
+    assert (f"HeadSweep: {plan['model_spec']} on {Path(plan['data_dir']).name} ({plan['settings']['split']}), "
+            f"{len(plan['layers'])} layers × {len(plan['heads'])} heads, {plan['n_items']} items, baseline prob. acc. "
+            f"{base['prob_accuracy']:.3f}, engine {plan['method']}\n") in text
+    assert len(plan["layers"]) * len(plan["heads"]) == len(heads) and f".heads ({len(heads)} rows) .baseline" in text
+
+    d, _, text = got[EvalRun]
+    scores, run = read(d, "scores.csv"), read(d, "run.json")
+    top = scores[scores["subject"] == "all"]
+    models, sets = list(dict.fromkeys(top["model"])), [x["name"] for x in run["plan"]["data"]]
+    assert text.startswith(f"EvalRun: {len(models)} models × {len(sets)} data sets, accuracy, reference "
+                           f"{run['reference']}\n  models: {', '.join(models)}\n  items: ")
+    assert ", ".join(f"{x['name']} {x['n_items']}" for x in run["plan"]["data"]) in text
+    assert all(top.loc[top["data"] == x["name"], "n_items"].max() == x["n_items"] for x in run["plan"]["data"])
+
+    d, obj, text = got[Shift]
+    per = read(d, "summary.json")["per_model"]
+    assert ", ".join(f"{m} {r['mean_delta_avg']:.3g}" for m, r in per.items()) in text and len(per) == 3
+    d, obj, text = got[Merge]
+    info = read(d, "merge.json")
+    assert (f"Merge: {info['method']} ({info['equation']}) of {info['base']} + {', '.join(info['models'])}\n"
+            f"  carriers: {', '.join(obj.carriers)}\n") in text and info["method"] == "salience"
+    d, obj, text = got[Trajectory]
+    coords = read(d, "coords.csv")
+    n_points = coords["name"].nunique()
+    assert f"Trajectory: {n_points} points (" in text and n_points == obj.info["n_points"]
+    assert f"mapped by {', '.join(dict.fromkeys(coords['method']))} on " in text
+    d, obj, text = got[FinetuneRun]
+    log = read(d, "train_log.csv")
+    assert (f"{len(log)} steps, checkpoints at steps {', '.join(map(str, obj.checkpoints))}, last loss "
+            f"{log['loss'].iloc[-1]:.4g} (step {log['step'].iloc[-1]})") in text
+    rep, stages = got[Replication][1], [s.name for s in STAGES]
+    assert got[Replication][2].startswith(f"Replication: all {len(stages)} stages done; base {rep.base}, experts ")
+    # a stage that did not complete with these settings is named; a summary that cannot be made never raises
+    other = Replication(quick, {**rep.info, "fingerprints": {**rep.info["fingerprints"], "report": "other"}})
+    assert f"{len(stages) - 1} of {len(stages)} stages done, not: report; base" in repr(other)
+    assert repr(Replication(quick, {"config": {}, "fingerprints": {}})) == \
+        f"Replication(dir={quick}) (no summary: KeyError: 'models')"
+
+
 def test_each_figure_function_takes_its_dir_as_a_str(quick: Path, tmp_path: Path) -> None:
     """``python -m figures KIND DIR`` as the call a notebook makes, ``figures.<kind>.draw_<kind>("DIR")``: each draws
     the same files from a str as from the Path the CLI passes (draw_steps took a str for a list of runs, one
