@@ -191,7 +191,8 @@ def check_against_one_item(loaded: LoadedModel, item: ItemLike, inputs: dict[str
 
 def evaluate_items(
     loaded: LoadedModel, items: Sequence[ItemLike], cfg: SweepConfig, batch_size: int,
-    progress: Callable[[int], None] = lambda n: None, window: int = 8, max_padding: float | Literal["device"] | None = "device",
+    progress: Callable[[int], None] = lambda n: None, window: int = 8,
+    max_padding: float | Literal["device"] | None = "device",
     prefetch: bool | None = None,
 ) -> list[Measurement]:
     """Measurements of every item (no head masked), in item order, ``batch_size`` items per forward.

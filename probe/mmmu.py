@@ -143,8 +143,9 @@ def _split_files(folder: Path, split: str) -> list[Path]:
         raise BadInput(f"{dangling} is a link to a missing file ({os.readlink(dangling)}): an incomplete download "
                        "(the hub cache's blob is gone?); download the split again")
     if odd := next((p for p in [*named, whole] if p.exists() and not p.is_file()), None):  # read as if absent
-        raise BadInput(f"{odd} is a {'directory' if odd.is_dir() else 'special file'}, not a parquet file (a Spark-style "
-                       "dataset folder?); write the split as <split>.parquet or <split>-NNNNN-of-NNNNN.parquet files")
+        what = "directory" if odd.is_dir() else "special file"
+        raise BadInput(f"{odd} is a {what}, not a parquet file (a Spark-style dataset folder?); write the split as "
+                       "<split>.parquet or <split>-NNNNN-of-NNNNN.parquet files")
     files = [p for p in named if p.is_file()]
     if whole.is_file():
         if files:
@@ -305,7 +306,8 @@ def _image_bytes(cell: Any, where: str, what: str) -> bytes:
         raise BadInput(f"{where}: {what} is not a decodable image (no format PIL reads: SVG, HEIC, or not an "
                        "image at all)") from None
     except Exception as exc:  # PIL raises many types for bad bytes
-        raise BadInput(f"{where}: {what} is not a decodable image ({type(exc).__name__}: {error_reason(exc)})") from None
+        reason = f"{type(exc).__name__}: {error_reason(exc)}"
+        raise BadInput(f"{where}: {what} is not a decodable image ({reason})") from None
     return data
 
 
