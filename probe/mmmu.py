@@ -280,7 +280,8 @@ def _image_bytes(cell: Any, where: str, what: str) -> bytes:
     data = _cell_bytes(cell)
     named = data if isinstance(data, str) else cell.get("path") if isinstance(cell, dict) and not data else None
     if named:  # a path only (datasets' Image feature before its files are embedded), or a column of file names
-        raise BadInput(f"{where}: {what} names a file ({str(named)[:80]!r}) but holds no image bytes; images are read "
+        name = str(named) if len(str(named)) <= 240 else str(named)[:239] + "…"  # a cell of any length: one line
+        raise BadInput(f"{where}: {what} names a file ({name!r}) but holds no image bytes; images are read "
                        "from the parquet file itself, never from files a row names: store each image's bytes in it")
     if not isinstance(data, (bytes, bytearray)) or not data:
         raise BadInput(f"{where}: {what} is referenced but empty or null")

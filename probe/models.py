@@ -214,16 +214,20 @@ def read_weight_map(index: Path) -> dict[str, str]:
 LAYER_COUNTS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers", "depth", "encoder_layers", "decoder_layers")
 
 
+MAX_LAYERS = 1024  # more layers than any published stack has (decoders ~100, vision towers ~60) by far
+
+
 def check_layer_counts(path: Path, config: Mapping[str, Any], keys: Sequence[str]) -> None:
-    """No layer count of config.json (at any level: text, vision, audio configs) past the deepest stack of layers the
-    weights hold (``keys``: tensor names from the headers; none, nothing is checked). A damaged or hostile config
-    saying 10**9 layers hung every command in transformers' config and skeleton builds (an 8 GB list, a loop of a
-    billion modules) where it is refused here, from the headers, at once; a count past what the weights hold could
-    only load with layers left at random, which the load refuses anyway."""
+    """No layer count of config.json (at any level: text, vision, audio configs) past both ``MAX_LAYERS`` and the
+    deepest stack of layers the weights hold (``keys``: tensor names from the headers; none, nothing is checked). A
+    damaged or hostile config saying 10**9 layers hung every command in transformers' config and skeleton builds (an
+    8 GB list, a loop of a billion modules) where it is refused here, from the headers, at once. A plausible count
+    past the weights is the load's to refuse (it names the missing tensors): a config may describe parts the file
+    does not hold (a Qwen2.5-Omni thinker's checkpoint keeps its talker's 28-layer config and no talker weights)."""
     indices = [int(part) for key in keys for part in key.split(".") if part.isdigit()]
     if not indices:
         return
-    deepest = max(indices) + 1
+    deepest = max(max(indices) + 1, MAX_LAYERS)
 
     def counts(cfg: Mapping[str, Any], where: str, depth: int = 0) -> Iterator[tuple[str, Any]]:
         for key, value in cfg.items():
@@ -235,8 +239,8 @@ def check_layer_counts(path: Path, config: Mapping[str, Any], keys: Sequence[str
     for name, value in counts(config, ""):
         if isinstance(value, int) and not isinstance(value, bool) and value > deepest:
             raise BadInput(f"checkpoint {path}: config.json says {name} {value:,}, but the deepest stack of layers in "
-                           f"its weights has {deepest}; it does not match its config.json (a damaged or mislabelled "
-                           "checkpoint)")
+                           f"its weights has {max(indices) + 1}; it does not match its config.json (a damaged or "
+                           "mislabelled checkpoint)")
 
 
 def check_weights(path: Path, config: dict[str, Any], gguf_file: str | None = None) -> None:
