@@ -246,27 +246,28 @@ def check_layer_counts(path: Path, config: Mapping[str, Any], keys: Sequence[str
 def check_weights(path: Path, config: dict[str, Any], gguf_file: str | None = None) -> None:
     entry = weights_entry(path) if gguf_file is None else None  # refuses a dir with two weight sets
     keys = check_weight_files(path, config)
+    # a .bin checkpoint's tensor names, read once (each shard's pickle) for the shard check and the tie check
+    loaded = ({f: bin_keys(f) for f in sorted(path.glob("pytorch_model*.bin"))}
+              if entry is not None and entry.name.startswith("pytorch_model") else keys)
     if gguf_file is None and (entry is None or entry.name == "model.safetensors.index.json"):
         check_shard_keys(path, entry, keys)
     elif entry is not None and entry.name == "pytorch_model.bin.index.json":
-        check_shard_keys(path, entry, {f: bin_keys(f) for f in sorted(path.glob("pytorch_model*.bin"))})
+        check_shard_keys(path, entry, loaded)
     check_layer_counts(path, config, [k for names in keys.values() for k in names])  # before transformers builds it
     if gguf_file is None and not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise BadInput(f"{path}: no weight files (*.safetensors)")
     if gguf_file is None:
-        check_loaded_tie(path, config, entry, keys)
+        check_loaded_tie(path, config, entry, loaded)
 
 
 def check_loaded_tie(path: Path, config: dict[str, Any], entry: Path | None, keys: dict[Path, list[str]]) -> None:
-    """``check_tied_head`` on the weight files transformers loads from ``path`` (``keys``: each safetensors file's
-    tensor names; a .bin checkpoint's are read here)."""
+    """``check_tied_head`` on the weight files transformers loads from ``path`` (``keys``: each weight file's tensor
+    names, safetensors headers or .bin pickles; of those, the files ``entry`` names)."""
     from contextlib import ExitStack
 
     from safetensors import safe_open
 
-    if entry is not None and entry.name.startswith("pytorch_model"):
-        files = {f: bin_keys(f) for f in sorted(path.glob("pytorch_model*.bin"))}
-    elif entry is not None and entry.name.endswith(".index.json"):
+    if entry is not None and entry.name.endswith(".index.json"):
         files = {f: k for f, k in keys.items() if f.name in set(read_weight_map(entry).values())}
     else:
         files = keys if entry is None else {entry: keys.get(entry, [])}
