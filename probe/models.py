@@ -227,7 +227,7 @@ def check_layer_counts(path: Path, config: Mapping[str, Any], keys: Sequence[str
     indices = [int(part) for key in keys for part in key.split(".") if part.isdigit()]
     if not indices:
         return
-    deepest = max(max(indices) + 1, MAX_LAYERS)
+    held = max(indices) + 1  # the deepest stack of layers in the weights
 
     def counts(cfg: Mapping[str, Any], where: str, depth: int = 0) -> Iterator[tuple[str, Any]]:
         for key, value in cfg.items():
@@ -237,10 +237,10 @@ def check_layer_counts(path: Path, config: Mapping[str, Any], keys: Sequence[str
                 yield f"{where}{key}", value
 
     for name, value in counts(config, ""):
-        if isinstance(value, int) and not isinstance(value, bool) and value > deepest:
+        if isinstance(value, int) and not isinstance(value, bool) and value > max(held, MAX_LAYERS):
             raise BadInput(f"checkpoint {path}: config.json says {name} {value:,}, but the deepest stack of layers in "
-                           f"its weights has {max(indices) + 1}; it does not match its config.json (a damaged or "
-                           "mislabelled checkpoint)")
+                           f"its weights has {held}; it does not match its config.json (a damaged or mislabelled "
+                           "checkpoint)")
 
 
 def check_weights(path: Path, config: dict[str, Any], gguf_file: str | None = None) -> None:
