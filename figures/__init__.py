@@ -204,6 +204,13 @@ def spaced_ticklabels(ax: Any, axis: str = "x", gap: float = 2.0) -> None:
     which.set_ticks(locs, [t.get_text() if i in kept else "" for i, t in enumerate(labels)])
 
 
+def bar_aspect(n_panels: int) -> int:
+    """The colour bars' length-to-width ratio on a page of ``n_panels`` heatmap panels (Figure 2, the merge page):
+    matplotlib's 20 up to 4, 40 beyond, where the columns go narrow (2 × 3): at 20 the bars came out shorter than
+    their heatmaps, and a clipped scale's note, wrapped along a bar, widened it and shortened it more."""
+    return 20 if n_panels <= 4 else 40
+
+
 def fit_bar_labels(fig: Any, shorter: Mapping[str, str] | None = None, slack: float = 3.0) -> bool:
     """Wrap the label of each vertical colour bar of ``fig``'s heatmaps (images) into shorter lines where it is longer
     than its bar (by more than ``slack`` points) at the figure's present layout, so call it after ``tight_layout``

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from figures import (drop_stale_pages, fit_bar_labels, heatmap_ticks, heatmap_ticks_again, page_caption,
+from figures import (bar_aspect, drop_stale_pages, fit_bar_labels, heatmap_ticks, heatmap_ticks_again, page_caption,
                      page_panels, page_split, page_stem, read_json, read_table, save_png_pdf)
 from figures.heads import clip_note, kl_limit
 from probe.errors import BadInput
@@ -192,7 +192,7 @@ def _draw_page(names: list[str], titles: list[str], sals: list[np.ndarray | None
                grids: dict[str, np.ndarray], metric: str):
     narrow = (MIN_WIDTH, MARGIN) if len(names) <= 4 else (NARROW, NARROW_MARGIN)
     fig, panels = page_panels(len(names), 2.6, 5.2, *narrow, stack=2, dpi=150)
-    aspect = 20 if len(names) <= 4 else 40  # colour bars as high as their heatmaps in narrow columns (Figure 2)
+    aspect = bar_aspect(len(names))
     for k, name in enumerate(names):
         ax, ax2 = panels[k]
         im = ax.imshow(grids[name], vmin=0, vmax=1, cmap="viridis", aspect="auto")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 
-from figures import (drop_stale_pages, fit_bar_labels, fit_stack_gaps, heatmap_ticks, heatmap_ticks_again,
+from figures import (bar_aspect, drop_stale_pages, fit_bar_labels, fit_stack_gaps, heatmap_ticks, heatmap_ticks_again,
                      page_caption, page_panels, page_split, page_stem, paper, read_json, save_figure)
 from figures.findings import Finding, findings
 from figures.results import METHOD_LABELS, EvalRun, Replication, short
@@ -264,9 +264,7 @@ def _figure2_page(r: Replication, models: list[str]) -> tuple[Any, list[tuple[An
                               margin=FIG2_MARGIN, stack=2, grouped=True, dpi=110)
     # titles wrapped to their column (about 16 characters an inch at 8 pt): a long model name ran into the next
     chars = int(14.5 * fig.get_figwidth() / panels[0][0].get_subplotspec().get_gridspec().ncols)
-    # colour bars as high as their heatmaps in narrow columns: at 20 times their width (matplotlib's default) they
-    # came out shorter, and a clipped scale's note, wrapped along them, widened them, which made them shorter still
-    aspect = 20 if len(models) <= 4 else 40
+    aspect = bar_aspect(len(models))
     maps, titles = [], []
     for k, m in enumerate(models):
         heads, base = r.heads(m, need=("kl", "prob_accuracy_drop"))
