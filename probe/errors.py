@@ -108,18 +108,17 @@ def check_counts(args: object, names: Sequence[str]) -> None:  # parsed argument
             raise BadInput(f"--{name.replace('_', '-')} must be ≥ 1, got {value}")
 
 
-def out_dir(text: str | Path) -> Path:  # a Path too: configs and readers from Python expand theirs here
-    """``--out``'s argparse type: the path with ``~`` expanded, as every input path is (a quoted ``~/runs/x``, or
-    one from a script, wrote the run into a folder named ``~`` under the working dir, while the checks that --out
-    is no input looked at the home dir's)."""
-    return Path(text).expanduser()
-
-
-def in_path(text: str | Path) -> Path:
+def in_path(text: str | Path) -> Path:  # a Path too: configs and readers from Python expand theirs here
     """The argparse type of a path read, not written (a results dir to draw or merge from, a config or template
     file): ``~`` expanded as in --out and in a model's or data set's path (``figures heads '~/runs/x'`` said the
     folder was not a directory)."""
     return Path(text).expanduser()
+
+
+# --out's argparse type: the same expansion, one function under the name its callers read as "written" (a quoted
+# ``~/runs/x``, or one from a script, wrote the run into a folder named ``~`` under the working dir, while the
+# checks that --out is no input looked at the home dir's)
+out_dir = in_path
 
 
 def check_out_path(out: Path, flag: str = "--out") -> None:
