@@ -190,9 +190,10 @@ def resolve_model_dir(spec: str) -> Path:
     return path
 
 
-def _weight_files(model_dir: Path, allow_bin: bool) -> dict[str, Path]:
+def _weight_files(model_dir: Path, allow_bin: bool) -> tuple[Path | None, dict[str, Path]]:
     """Map every tensor key to its file: the weights transformers loads (``probe.models.weights_entry``, so the
-    analyses read what probe.eval and probe.heads run), from the index when that is it; check every shard exists."""
+    analyses read what probe.eval and probe.heads run), from the index when that is it; check every shard exists.
+    Returns the index followed (None: whole files, keyed ``""``) with the map."""
     from probe.models import read_weight_map, weights_entry
 
     entry = weights_entry(model_dir)
@@ -204,7 +205,7 @@ def _weight_files(model_dir: Path, allow_bin: bool) -> dict[str, Path]:
         for f in sorted(set(files.values())):
             if not f.is_file():
                 raise BadInput(f"{model_dir}: missing shard {f.name} (listed in {entry.name})")
-        return files
+        return entry, files
     # no standard name: every *.safetensors file, else every pytorch_model*.bin
     single = [entry] if entry is not None else (sorted(model_dir.glob("*.safetensors"))
                                                 or sorted(model_dir.glob("pytorch_model*.bin")))
@@ -212,7 +213,7 @@ def _weight_files(model_dir: Path, allow_bin: bool) -> dict[str, Path]:
         raise BadInput(f"{model_dir}: only .bin weights; pass --allow-bin to read them (weights_only)")
     if not single:
         raise BadInput(f"{model_dir}: no weight files (*.safetensors)")
-    return {"": f for f in single}  # "" = take all keys of these files
+    return None, {"": f for f in single}  # "" = take all keys of these files
 
 
 @dataclass
@@ -281,7 +282,7 @@ def checkpoint_fingerprint(ck: Checkpoint) -> str:
 
 def open_checkpoint(spec: str, allow_bin: bool = False) -> Checkpoint:
     """Resolve, read config and headers, detect the layout; no tensor data is touched."""
-    from probe.models import check_layer_counts, check_shard_keys, check_tied_head, weights_entry
+    from probe.models import check_layer_counts, check_shard_keys, check_tied_head
 
     path = resolve_model_dir(spec)
     config = read_config_json(path)
@@ -289,13 +290,14 @@ def open_checkpoint(spec: str, allow_bin: bool = False) -> Checkpoint:
     check_not_quantized(path, config)
     files: dict[Path, SafetensorsFile | BinFile] = {}
     infos: dict[str, TensorInfo] = {}
-    wmap = _weight_files(path, allow_bin)
+    index, wmap = _weight_files(path, allow_bin)
     for f in sorted(set(wmap.values())):
         files[f] = BinFile(f) if f.suffix == ".bin" else SafetensorsFile(f)
     # each tensor in one file, the one the index names: else transformers runs one copy and we read the other
-    index = weights_entry(path) if "" not in wmap else None
-    check_shard_keys(path, index, {f: list(fobj.tensors) for f, fobj in files.items()})
-    if "" in wmap:
+    # (the index's weight_map as read once above: shard names are plain file names, so f.name is the name it gives)
+    check_shard_keys(path, index, None if index is None else {k: f.name for k, f in wmap.items()},
+                     {f: list(fobj.tensors) for f, fobj in files.items()})
+    if index is None:
         for fobj in files.values():
             infos.update(fobj.tensors)
     else:

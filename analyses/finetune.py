@@ -402,11 +402,12 @@ def restore_whole_model(source: Path, saved: Path, part_config: Any) -> None:
 
     from analyses.checkpoints import open_checkpoint
     from analyses.writer import INDEX_NAME
+    from probe.models import read_weight_map
 
     write_source_config(source, saved, str(part_config.dtype).removeprefix("torch."))
     index = saved / INDEX_NAME
     if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        weight_map = read_weight_map(index)  # the one reader of an index
     else:  # one file: it becomes the first of two shards
         (saved / "model.safetensors").rename(saved / "model-00001-of-00002.safetensors")
         with safe_open(saved / "model-00001-of-00002.safetensors", "pt") as f:

@@ -249,26 +249,30 @@ def check_weights(path: Path, config: dict[str, Any], gguf_file: str | None = No
     # a .bin checkpoint's tensor names, read once (each shard's pickle) for the shard check and the tie check
     loaded = ({f: bin_keys(f) for f in sorted(path.glob("pytorch_model*.bin"))}
               if entry is not None and entry.name.startswith("pytorch_model") else keys)
+    # the index's weight_map, read once for the shard check and the tie check
+    wmap = read_weight_map(entry) if entry is not None and entry.name.endswith(".index.json") else None
     if gguf_file is None and (entry is None or entry.name == "model.safetensors.index.json"):
-        check_shard_keys(path, entry, keys)
+        check_shard_keys(path, entry, wmap, keys)
     elif entry is not None and entry.name == "pytorch_model.bin.index.json":
-        check_shard_keys(path, entry, loaded)
+        check_shard_keys(path, entry, wmap, loaded)
     check_layer_counts(path, config, [k for names in keys.values() for k in names])  # before transformers builds it
     if gguf_file is None and not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise BadInput(f"{path}: no weight files (*.safetensors)")
     if gguf_file is None:
-        check_loaded_tie(path, config, entry, loaded)
+        check_loaded_tie(path, config, entry, wmap, keys=loaded)
 
 
-def check_loaded_tie(path: Path, config: dict[str, Any], entry: Path | None, keys: dict[Path, list[str]]) -> None:
+def check_loaded_tie(path: Path, config: dict[str, Any], entry: Path | None, wmap: Mapping[str, str] | None,
+                     keys: dict[Path, list[str]]) -> None:
     """``check_tied_head`` on the weight files transformers loads from ``path`` (``keys``: each weight file's tensor
-    names, safetensors headers or .bin pickles; of those, the files ``entry`` names)."""
+    names, safetensors headers or .bin pickles; of those, the files ``entry`` names: with an index, the shards its
+    ``wmap``, ``read_weight_map(entry)``, lists)."""
     from contextlib import ExitStack
 
     from safetensors import safe_open
 
-    if entry is not None and entry.name.endswith(".index.json"):
-        files = {f: k for f, k in keys.items() if f.name in set(read_weight_map(entry).values())}
+    if wmap is not None:
+        files = {f: k for f, k in keys.items() if f.name in set(wmap.values())}
     else:
         files = keys if entry is None else {entry: keys.get(entry, [])}
     where = {k: f for f, names in files.items() for k in names}
@@ -904,14 +908,16 @@ def bin_keys(file: Path) -> list[str]:
     return [k for k, v in sd.items() if isinstance(v, torch.Tensor)]
 
 
-def check_shard_keys(path: Path, index: Path | None, keys: dict[Path, list[str]]) -> None:
+def check_shard_keys(path: Path, index: Path | None, wmap: Mapping[str, str] | None,
+                     keys: dict[Path, list[str]]) -> None:
     """Each tensor in exactly one shard, the one the index maps it to (headers only, from check_weight_files).
 
     A key held by two shards is loaded by transformers from whichever shard comes last, while a reader following
     the index (analyses.shift, analyses.merge) takes the one the index names: two models measured as one, with
-    no error. ``index`` None (no standard name): every *.safetensors file counts, as the analyses read them all."""
+    no error. ``index`` None (no standard name): every *.safetensors file counts, as the analyses read them all.
+    ``wmap``: the index's weight_map (``read_weight_map(index)``, which the caller reads once for its own use too);
+    None with ``index``."""
     if index is not None:
-        wmap = read_weight_map(index)
         listed = sorted(set(wmap.values()))
         for name in listed:
             if path / name not in keys:

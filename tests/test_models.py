@@ -483,6 +483,42 @@ def test_bin_shards_are_checked_like_safetensors_by_the_probe_and_the_analyses(t
                 open_checkpoint(str(target), allow_bin=True).close()
 
 
+def test_an_index_is_read_once_per_load_by_the_probe_and_the_analyses(tmp_path, monkeypatch):
+    """The probe's shard check and tie check, and the analyses' shard map and shard check, each parsed the same
+    index.json (two readers of one file that could come to read it differently): one read a load now, counted at
+    the file, and the loads still find every tensor where the index puts it."""
+    from safetensors.torch import load_file
+
+    from analyses.checkpoints import open_checkpoint
+
+    d, _, names = _sharded(resolve_model("organism-base").path, tmp_path / "st")
+    b = tmp_path / "bin"
+    shutil.copytree(d, b, ignore=shutil.ignore_patterns("*.safetensors*"))
+    wmap = json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
+    bin_name = {n: n.replace("model-", "pytorch_model-").replace(".safetensors", ".bin") for n in names}
+    for n in names:
+        torch.save(load_file(d / n), b / bin_name[n])
+    bin_wmap = {k: bin_name[v] for k, v in wmap.items()}
+    (b / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": bin_wmap}))
+    reads: list[str] = []
+    read_text = Path.read_text
+
+    def counted(self: Path, *args, **kwargs) -> str:
+        reads.extend([self.name] if self.name.endswith(".index.json") else [])
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", counted)
+    for target, index, shards in ((d, "model.safetensors.index.json", wmap),
+                                  (b, "pytorch_model.bin.index.json", bin_wmap)):
+        reads.clear()
+        resolve_model(str(target))
+        assert reads == [index]
+        reads.clear()
+        with open_checkpoint(str(target), allow_bin=True) as ck:
+            assert reads == [index]
+            assert {k: info.file.name for k, info in ck.infos.items()} == shards
+
+
 def test_a_models_fingerprint_ignores_its_figures_and_merge_records(tmp_path):
     """A merged model's fingerprint hashed merge.json (its run time) and the figures drawn into its dir, so a
     redrawn figure or the same merge redone made every evaluation of it a different run, refused on resume.
