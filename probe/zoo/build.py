@@ -695,8 +695,7 @@ def build(out: Path, quick: bool = False, steps: int | None = None, seed: int = 
         d = out / f"organism-{name}"
         if only and name not in only:
             continue
-        if reuse and (d / "organism.json").is_file():
-            done = json.loads((d / "organism.json").read_text(encoding="utf-8"))
+        if reuse and (done := _read_json(d / "organism.json")) is not None:
             if done.get("recipe") == _recipe_json(recipes[name]):
                 log(f"organism-{name}: reusing {d}")
                 built[name] = {k: v for k, v in done.items() if k != "name"}
