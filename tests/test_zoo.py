@@ -248,6 +248,20 @@ def test_zoo_data_writes_fresh_training_items_never_the_validation_ones(tmp_path
     assert "exists" in capsys.readouterr().err and sorted(p.name for p in out.rglob("*")) == before
 
 
+@pytest.mark.parametrize("flag, value, want", [("--steps", "0", "--steps must be ≥ 1, got 0"),
+                                               ("--threads", "-2", "--threads must be ≥ 1, got -2"),
+                                               ("--seed", "-1", "--seed must be ≥ 0, got -1")])
+def test_zoo_build_refuses_a_count_below_one_or_a_negative_seed_before_writing(tmp_path, capsys, flag, value, want):
+    """``build``'s counts go through ``check_counts``, as every command's do (its own check said ``>= 1`` and
+    named no value): exit 2, one line naming the option and the value, and --out not made."""
+    from probe.errors import cli_main
+    from probe.zoo.__main__ import main
+
+    out = tmp_path / "zoo"
+    assert cli_main(main, ["build", "--out", str(out), "--quick", flag, value]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {want}" and not out.exists()
+
+
 def test_zoo_data_clears_what_killed_runs_left(tmp_path, capsys):
     """A `data` run killed mid-draw left `.NAME.partial-PID` (and `..NAME.partial-PID.draw`) beside --out for good;
     the next run for that --out removes those of dead processes, not a live run's nor another --out's."""

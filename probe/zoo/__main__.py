@@ -51,16 +51,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="seed of the generators (default: 1; the shipped validation sets are seed 0)")
     d.add_argument("--split", default="train", help="split name of the files (default: train)")
     args = ap.parse_args(argv)
-    from probe.errors import BadInput
+    from probe.errors import BadInput, check_counts
     from probe.zoo.build import build, ship
 
     if args.cmd == "data":
         return make_data(args.out, args.n, args.seed, args.split)
 
-    if args.steps is not None and args.steps < 1:
-        raise BadInput("--steps must be >= 1")
-    if args.threads < 1 or args.seed < 0:
-        raise BadInput(f"--threads must be ≥ 1 and --seed ≥ 0, got {args.threads}, {args.seed}")
+    check_counts(args, ("steps", "threads"))
+    if args.seed < 0:
+        raise BadInput(f"--seed must be ≥ 0, got {args.seed}")
     check_build_out(args.out)
     build(args.out, quick=args.quick, steps=args.steps, seed=args.seed, threads=args.threads, reuse=args.reuse,
           only=args.only, exclude_validation=args.exclude_validation)
