@@ -678,7 +678,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     from probe.devices import rank_world, resolve_placement
     from probe.heads import check_same_software, saved_run_info, versions
     from probe.models import model_fingerprint, resolve_model
-    from probe.results import atomic_write_json, atomic_write_with, claim_out_dir, stop_recorded
+    from probe.results import atomic_write_json, atomic_write_with, claim_out_dir, read_run_json, stop_recorded
     from probe.train import TrainConfig, check_finite_weights, encode, is_main_process
     from probe.train import train as train_loop
     from probe.train import wait_for_everyone
@@ -715,7 +715,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     check_previous_run(cfg, fingerprint, ref.path, on_cpu)
     start, resumable = resume_point(out, cfg)
     if start == cfg.steps and (out / "train_log.csv").is_file():
-        saved = json.loads((out / "run.json").read_text(encoding="utf-8"))
+        saved = read_run_json(out)  # an object: check_previous_run has vouched for it
         if saved.get("status") != "complete" and is_main_process():  # killed after its last checkpoint
             finish(out, saved, "complete")
         print(f"already complete: {out}")
