@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from probe.families import LAYOUTS, canonical_lm_name
+from probe.families import LAYOUTS, canonical_lm_name, read_config_json
 
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=128, max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1)
@@ -147,7 +147,7 @@ def _rename(key: str, renames: list[tuple[str, str]]) -> str:
 
 def to_tf4_layout(model_dir: Path) -> Path:
     """Rewrite keys in place into the layout transformers 4.52-4.57 wrote (``model.language_model.…``)."""
-    kind = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))["model_type"]
+    kind = read_config_json(model_dir)["model_type"]
     _rewrite(Path(model_dir), lambda k, t: (_rename(k, TF4_RENAMES[kind]), t))
     return Path(model_dir)
 
@@ -155,7 +155,7 @@ def to_tf4_layout(model_dir: Path) -> Path:
 def to_lmms_layout(model_dir: Path) -> Path:
     """Rewrite a LLaVA-OneVision dir in place into the original LLaVA-NeXT (lmms-lab) layout and config."""
     model_dir = Path(model_dir)
-    cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    cfg = read_config_json(model_dir)
     flat = dict(cfg["text_config"])
     flat.update(model_type="llava_qwen", architectures=["LlavaQwenForCausalLM"], mm_projector_type="mlp2x_gelu",
                 mm_vision_tower="google/siglip-so400m-patch14-384")
