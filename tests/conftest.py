@@ -186,6 +186,18 @@ def tree_manifest(*roots: Path) -> dict[str, tuple]:
     return out
 
 
+def change_weights_in_place(model: Path, key_end: str) -> None:
+    """``model`` retrained or re-merged at its own path, as far as its files tell: the tensor of its
+    model.safetensors whose name ends with ``key_end`` doubled, every other file left as it was."""
+    from safetensors.torch import load_file, save_file
+
+    weights = Path(model) / "model.safetensors"
+    tensors = load_file(weights)
+    name = next(k for k in tensors if k.endswith(key_end))
+    tensors[name] = tensors[name] * 2
+    save_file(tensors, weights, metadata={"format": "pt"})
+
+
 def canonical(path: Path) -> dict[str, torch.Tensor]:
     """Direct full load of a checkpoint's LM, canonical names (the in-memory side of every merge oracle)."""
     from safetensors.torch import load_file

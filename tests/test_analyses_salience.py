@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from analyses import merge, tiny
 from analyses.formulas import TiesTrim, TrimSearch, delta_avg, shift_coefficients, ties_merge
-from conftest import canonical
+from conftest import canonical, change_weights_in_place
 from test_analyses_merge import run, tiny_qwen2_view
 
 L, H, KV, D = 2, 4, 2, 8  # analyses.tiny.TEXT: 2 layers × 4 query heads, 2 KV heads, head_dim 32 / 4
@@ -408,13 +408,7 @@ def test_a_run_of_weights_changed_since_is_refused(zoo, tmp_path, capfd):
             write_run(tmp_path / "b", torch.rand(L, H) + 0.1, model=zoo["ov"])]  # an older run.json: unchecked
     args = ["--base", zoo["base"], "--models", vl, zoo["ov"], "--method", "salience", "--salience", *dirs]
     assert run(merge.main, *args, "--out", tmp_path / "before") == 0
-    weights = vl / "model.safetensors"
-    tensors = load_file(weights)
-    name = next(k for k in tensors if k.endswith("layers.0.self_attn.q_proj.weight"))
-    tensors[name] = tensors[name] * 2
-    from safetensors.torch import save_file
-
-    save_file(tensors, weights, metadata={"format": "pt"})
+    change_weights_in_place(vl, "layers.0.self_attn.q_proj.weight")
     capfd.readouterr()
     assert run(merge.main, *args, "--out", tmp_path / "after") == 2
     err = capfd.readouterr().err.strip()

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import FAMILIES, REPO, VL_FAMILIES, make_item, text_only
+from conftest import FAMILIES, REPO, VL_FAMILIES, change_weights_in_place, make_item, text_only
 
 
 def _items(family: str, data_dir, video_root=None):
@@ -933,8 +933,6 @@ def test_a_model_changed_in_place_or_other_scoring_is_another_run(tiny_dirs, tex
     used to replace it silently)."""
     import shutil
 
-    from safetensors.torch import load_file, save_file
-
     model = shutil.copytree(tiny_dirs["qwen2"], tmp_path / "model")
     args = ["--models", model, "--data", text_dir, "--limit", "4", "--no-generate", "--no-figures", "--quiet",
             "--out", tmp_path / "run"]
@@ -943,11 +941,7 @@ def test_a_model_changed_in_place_or_other_scoring_is_another_run(tiny_dirs, tex
         capfd.readouterr()
         assert _eval(*args, *extra) == 2
         assert f"holds a different run ({what} differ)" in capfd.readouterr().err
-    weights = model / "model.safetensors"
-    tensors = load_file(weights)
-    name = next(k for k in tensors if k.endswith("layers.0.mlp.up_proj.weight"))
-    tensors[name] = tensors[name] * 2
-    save_file(tensors, weights, metadata={"format": "pt"})
+    change_weights_in_place(model, "layers.0.mlp.up_proj.weight")
     capfd.readouterr()
     assert _eval(*args) == 2
     assert "holds a different run (models differ)" in capfd.readouterr().err

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, change_weights_in_place
 
 N_ITEMS, LAYERS, HEADS = 6, (0, 3), (0, 1)
 BASE_ARGS = ["--model", "tiny-qwen2-vl", "--limit", str(N_ITEMS), "--layers", "0,3", "--heads", "0-1",
@@ -476,17 +476,11 @@ def test_a_run_a_check_stops_says_so_in_run_json_and_resumes(base_run, data_dir,
 def test_a_model_changed_in_place_is_another_run(tiny_dirs, data_dir, tmp_path, capfd):
     """A model re-merged or retrained at the same path used to resume into its old --out: every kept part then
     belonged to the old weights (exit 0, silently wrong). The weights are part of the run's identity now."""
-    from safetensors.torch import load_file, save_file
-
     model = shutil.copytree(tiny_dirs["qwen2_vl"], tmp_path / "model")
     args = ["--model", model, "--data", data_dir, "--limit", "2", "--layers", "0", "--heads", "0",
             "--no-generate", "--no-figures", "--quiet", "--out", tmp_path / "run"]
     ok(run_in_process(args, capfd))
-    weights = model / "model.safetensors"
-    tensors = load_file(weights)
-    name = next(k for k in tensors if k.endswith("layers.0.self_attn.o_proj.weight"))
-    tensors[name] = tensors[name] * 2
-    save_file(tensors, weights, metadata={"format": "pt"})
+    change_weights_in_place(model, "layers.0.self_attn.o_proj.weight")
     r = run_in_process(args, capfd)
     assert_one_line_error(r)
     assert "holds a different run (model_fingerprint differ)" in r.stderr
