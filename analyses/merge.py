@@ -34,7 +34,8 @@ from analyses.formulas import (FORMULAS, ShiftStats, average_coefficients, shift
                                 task_arithmetic_coefficients, ties_combine, TrimSearch, weighted_coefficients)
 from analyses.salience import METRICS as SALIENCE_METRICS
 from analyses.salience import SalienceWeights, check_run_model, read_salience, run_fingerprint
-from analyses.shift import CHUNK, read_shift_csv
+from analyses.shift import CHUNK
+from analyses.shift_csv import read_shift_csv
 from analyses.writer import (SHARD_BYTES, Entry, ShardedWriter, atomic_dir, check_output, check_replaceable,
                              copy_side_files, parse_size, returns_finished, run_request)
 from probe.errors import TENSOR_MEMORY_HINT, ArgParser, BadInput, cli_main, in_path, out_dir, parse_options

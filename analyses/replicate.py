@@ -33,7 +33,6 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from analyses.checkpoints import quiet_progress
 from analyses.replicate_config import (DEFAULT_CONFIG, GENERATED, QUICK_CONFIG, ReplicateConfig, check_machine,
                                        parse_config)
 from probe.devices import Placement
@@ -540,6 +539,7 @@ def replicate(**options: Any) -> Any:
     ``python -m analyses.replicate --help`` as keywords. Resumes as the command does (finished stages with the same
     inputs are kept). Returns the output read back, a ``figures.results.Replication``; bad input raises
     ``probe.errors.BadInput``."""
+    from analyses.checkpoints import quiet_progress
     from figures.results import Replication
 
     args = parse_options(build_parser(), options)
@@ -548,6 +548,8 @@ def replicate(**options: Any) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from analyses.checkpoints import quiet_progress  # torch: here, so that figures reads a saved state without it
+
     args = build_parser().parse_args(argv)
     with quiet_progress(args.quiet):  # the analyses stages run in this process
         run(args)

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from analyses.finetune import RUN_ONLY_SETTINGS
-from analyses.sketch import SKETCH_DIMS
 from probe.devices import Placement
 from probe.errors import BadInput
 
@@ -262,6 +261,8 @@ def check_values(cfg: ReplicateConfig) -> None:
                    ("finetune.batch_size", cfg.finetune.batch_size), ("finetune.steps", cfg.finetune.steps)):
         if v < 1:
             raise BadInput(f"config key {key!r}: must be ≥ 1")
+    from analyses.sketch import SKETCH_DIMS  # torch: here, so that figures reads a saved config without it
+
     if cfg.trajectory.sketch_dim not in SKETCH_DIMS:  # analyses.trajectory's own range, met only at the end
         raise BadInput(f"config key 'trajectory.sketch_dim': must be in {SKETCH_DIMS.start} .. {SKETCH_DIMS.stop - 1}")
     if not 0 <= cfg.seed < 2**32:  # the t-SNE of the trajectory stage (sklearn) takes no other seed

@@ -20,7 +20,7 @@ import torch
 from analyses.formulas import normalise_salience, salience_weights
 from probe.errors import BadInput
 from probe.families import HeadGeometry
-from probe.metrics import HEAD_METRIC_BOUNDS
+from probe.results import HEAD_METRIC_BOUNDS
 
 METRICS = tuple(HEAD_METRIC_BOUNDS)  # kl, accuracy_drop, prob_accuracy_drop: heads.csv's salience columns
 # o_proj's bias (Llama-style attention_bias) is added once after the heads are summed: no head owns it

@@ -9,7 +9,7 @@ import pandas as pd
 
 from figures import PAGE_HEIGHT, PAGE_WIDTH, UNIT, fit_bar_labels, label_step, read_json, read_table, save_figure
 from probe.errors import BadInput
-from probe.metrics import HEAD_METRIC_BOUNDS
+from probe.results import HEAD_METRIC_BOUNDS
 
 PANELS = {  # accuracies on a two-sided map centred on the unmasked baseline: red below it (a drop), blue above
     "accuracy": ("Accuracy with head masked", "RdBu"),

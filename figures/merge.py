@@ -14,7 +14,7 @@ from figures import (bar_aspect, drop_stale_pages, fit_bar_labels, heatmap_ticks
                      page_panels, page_split, page_stem, read_json, read_table, save_png_pdf)
 from figures.heads import clip_note, kl_limit
 from probe.errors import BadInput
-from probe.metrics import HEAD_METRIC_BOUNDS
+from probe.results import HEAD_METRIC_BOUNDS
 from probe.results import distinct_names
 
 # inches: a participant's column of two heatmaps at its narrowest and lowest (with titles), and the figure's

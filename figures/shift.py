@@ -73,9 +73,9 @@ def check_summary(result_dir: Path, df: "pd.DataFrame") -> dict:
 
 
 def read_shift(result_dir: Path) -> tuple["pd.DataFrame", dict]:
-    """shift.csv (read and checked by ``analyses.shift.read_shift_csv``) and summary.json of a finished shift output,
-    checked against each other: BadInput naming the file otherwise."""
-    from analyses.shift import read_shift_csv
+    """shift.csv (read and checked by ``analyses.shift_csv.read_shift_csv``) and summary.json of a finished shift
+    output, checked against each other: BadInput naming the file otherwise."""
+    from analyses.shift_csv import read_shift_csv
 
     result_dir = Path(result_dir)
     df = read_shift_csv(result_dir / "shift.csv")

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from probe.errors import BadInput
+from probe.errors import BadInput, ascii_int
 
 DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
                "float16": "float16", "fp16": "float16"}
@@ -126,7 +126,7 @@ def env_index(name: str) -> int | None:
     if raw is None:
         return None
     try:
-        value = int(raw)
+        value = ascii_int(raw)
     except ValueError:
         value = -1
     if value < 0:

@@ -5,6 +5,7 @@ import argparse
 import errno
 import functools
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -75,16 +76,42 @@ class _ListOnce(argparse._StoreAction):
         super().__call__(parser, namespace, values, option_string)
 
 
+_ASCII_INT = re.compile(r"\s*[+-]?[0-9]+\s*", re.ASCII)
+
+
+def ascii_int(text: str) -> int:
+    """An integer written in ASCII digits, with an optional sign (ranges are each option's own check). ``int()``
+    takes any Unicode decimal digit and ``_`` separators: ``--layers ٣`` (Arabic-Indic three) ran layer 3 and
+    ``--limit 1_0`` ten items. The type of every ``type=int`` option (``ArgParser`` maps ``int`` to it) and of
+    the numbers in a ``--layers``/``--heads`` spec. ValueError otherwise, as ``int()`` raises."""
+    if not isinstance(text, str) or not _ASCII_INT.fullmatch(text):
+        raise ValueError(f"invalid literal for int() with base 10: {text!r}")
+    return int(text)
+
+
+def ascii_float(text: str) -> float:
+    """``ascii_int``'s counterpart for ``type=float`` options: ``float()`` too reads ``٠٫٥``-style digits and
+    ``1_0``. ASCII only, no ``_``; ``inf`` and ``nan`` pass as ``float()`` reads them (each option checks its
+    range)."""
+    if not isinstance(text, str) or not text.isascii() or "_" in text:
+        raise ValueError(f"could not convert string to float: {text!r}")
+    return float(text)
+
+
 class ArgParser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` whose usage errors are one line (``error: … (see --help)``, exit 2), like
     BadInput; ``--help`` still prints the full help, ending with ``examples`` (command lines, shown as written).
-    A list option given twice is a usage error (``_ListOnce``)."""
+    A list option given twice is a usage error (``_ListOnce``). ``type=int`` and ``type=float`` read ASCII
+    numbers only (``ascii_int``, ``ascii_float``): argparse looks a type up in this registry before calling it,
+    so every option of every CLI gets them, and the usage error still says ``invalid int value: '٣'``."""
 
     def __init__(self, *args, examples: Sequence[str] = (), **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.examples = list(examples)
         self.register("action", None, _ListOnce)  # argument groups share this registry
         self.register("action", "store", _ListOnce)
+        self.register("type", int, ascii_int)  # subparsers are ArgParsers too (argparse's parser_class default)
+        self.register("type", float, ascii_float)
 
     def parse_known_args(self, args: Sequence[str] | None = None,
                          namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:

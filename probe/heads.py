@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from probe.errors import (ArgParser, BadInput, check_counts, check_out_apart, cli_main, in_path, out_dir,
+from probe.errors import (ArgParser, BadInput, ascii_int, check_counts, check_out_apart, cli_main, in_path, out_dir,
                           parse_options, releases_claims, undone_on_bad_input)
 from probe.families import ALIASES
 
@@ -40,8 +40,8 @@ def parse_index_spec(spec: str, n: int, what: str) -> list[int]:
         part = part.strip()
         lo, dash, hi = part.partition("-") if not part.startswith("-") else (part, "", "")
         try:
-            first = int(lo)
-            last = int(hi) if dash else first
+            first = ascii_int(lo)  # int() read '٣' as 3
+            last = ascii_int(hi) if dash else first
         except ValueError:
             raise BadInput(f"bad --{what}s spec {spec!r}: use 'all', '3', or '0-3,7'") from None
         if last < first:  # '3-1' used to select nothing and pass silently beside other parts ('0,3-1' → [0])

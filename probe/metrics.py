@@ -1,15 +1,10 @@
 """Salience metrics of DESIGN §3, each one small function over the option-letter logits."""
 from __future__ import annotations
 
-import math
 
 import torch
 
 
-# the range each per-head salience column of heads.csv can hold: a KL is ≥ 0 (up to rounding), a drop in
-# (prob-)accuracy lies in [-1, 1]; a saved value outside it is a damaged file, never a salience
-HEAD_METRIC_BOUNDS: dict[str, tuple[float, float]] = {
-    "kl": (-1e-6, math.inf), "accuracy_drop": (-1.0, 1.0), "prob_accuracy_drop": (-1.0, 1.0)}
 
 
 def option_log_probs(logits: torch.Tensor, letter_ids: list[int] | torch.Tensor) -> torch.Tensor:

@@ -286,9 +286,14 @@ def check_loaded_tie(path: Path, config: dict[str, Any], entry: Path | None, wma
         family = family_of_model_type(config["model_type"])
         try:
             layout = detect_layout(config.get("model_type"), where)
-        except BadInput:
-            return  # a layout only the family's class reads (the analyses refuse it on their own)
-        canon = {canonical_lm_name(layout, k): k for k in where}
+            canon = {canonical_lm_name(layout, k): k for k in where}
+        except BadInput:  # a layout only the family's class reads (its key mapping: Qwen2-VL's visual.* under
+            # model.visual.), which the analyses refuse but transformers loads: the two tensors by their names' ends,
+            # where one key each ends so (this returned unchecked, and such a load ran the file's differing lm_head)
+            canon = {}
+            for name in ("lm_head.weight", "embed_tokens.weight"):
+                if len(found := [k for k in where if k == name or k.endswith("." + name)]) == 1:
+                    canon[name] = found[0]
         if "lm_head.weight" in canon and "embed_tokens.weight" in canon:
             check_tied_head(path, config, family, canon["lm_head.weight"], canon["embed_tokens.weight"], tensor)
 

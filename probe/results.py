@@ -24,8 +24,19 @@ import pandas as pd
 
 from probe.devices import rank_world
 from probe.errors import BadInput, RunStopped, check_out_path, drop_partial, make_out_dir, write_stopped
-from probe.sweep import BASELINE, COLUMNS
 
+# the rows every sweep engine returns (probe.sweep) and a part holds: defined here, with no torch, so that readers of
+# saved results (figures/) load without it; probe.sweep re-exports them
+BASELINE = -1  # layer and head value of the unmasked rows
+COLUMNS = [
+    "item_id", "subject", "layer", "head", "answer", "pred", "correct",
+    "prob_pred", "prob_correct", "p_answer", "kl", "response",
+]
+# the range each per-head salience column of heads.csv can hold: a KL is ≥ 0 (up to rounding), a drop in
+# (prob-)accuracy lies in [-1, 1]; a saved value outside it is a damaged file, never a salience (here, not in
+# probe.metrics: readers of saved results load without torch)
+HEAD_METRIC_BOUNDS: dict[str, tuple[float, float]] = {
+    "kl": (-1e-6, math.inf), "accuracy_drop": (-1.0, 1.0), "prob_accuracy_drop": (-1.0, 1.0)}
 OUTPUT_FILES = ("heads.csv", "baseline.json", "items.parquet", "run.json", "heatmap_*")
 EVAL_OUTPUT_FILES = ("scores.csv", "items.parquet", "table.md", "run.json", "eval.png", "eval.pdf", "eval-*.png",
                      "eval-*.pdf")

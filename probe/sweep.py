@@ -16,17 +16,12 @@ from probe.metrics import kl_orig_masked, option_log_probs, prob_choice
 from probe.models import LoadedModel
 from probe.parsing import parse_choice
 from probe.prompting import ItemLike, PromptTemplate, answer_token_ids, build_inputs
+from probe.results import BASELINE  # defined beside the files it marks rows of, torch-free
 from probe.upstream import greedy_generate, head_must_run
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig
 
-BASELINE = -1  # layer and head value of the unmasked rows
-
-COLUMNS = [
-    "item_id", "subject", "layer", "head", "answer", "pred", "correct",
-    "prob_pred", "prob_correct", "p_answer", "kl", "response",
-]
 
 
 @dataclass(frozen=True)

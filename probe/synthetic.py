@@ -386,7 +386,8 @@ def build_parser() -> ArgParser:
     ap = ArgParser(prog="python -m probe.synthetic", formatter_class=_Help,
                    description=f"{__doc__.splitlines()[0]} Writes OUT/<Subject>/<split>-00000-of-00001.parquet "
                    f"(MMMU's columns, images as PNG bytes) for the subjects {', '.join(SUBJECT_KINDS)}, the same "
-                   "bytes for the same seed, and prints OUT; a split already there is replaced, other files stay.",
+                   f"bytes for the same seed, and {RECORD} (the options and files), and prints OUT. A non-empty OUT "
+                   "is refused unless it holds exactly the set of the same options (written again) or --overwrite.",
                    examples=["python -m probe.synthetic --out runs/synthetic      # what probe/data/synthetic_mmmu "
                              "holds (the default set)",
                              "python -m probe.synthetic --out runs/synthetic-big --n 40 --image-size 224 --split "
@@ -402,22 +403,78 @@ def build_parser() -> ArgParser:
     ap.add_argument("--open-fraction", type=float, default=0.1,
                     help="share of each subject's items that are open-ended, which the commands skip and count "
                     "(0 to under 1)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help=f"write into a non-empty OUT: the set its {RECORD} lists and this run's splits' files in "
+                    "the subject folders are replaced; other files stay")
     return ap
+
+
+RECORD = "synthetic.json"  # what a probe.synthetic run wrote into --out: its options and files
+
+
+def check_synthetic_out(out: Path, options: dict[str, Any], overwrite: bool) -> list[Path]:
+    """The files in ``out`` that this run replaces. A non-empty ``out`` is refused (BadInput) unless it holds
+    exactly what ``RECORD`` lists with the same ``options`` (the same bytes again: nothing to replace but those) or
+    ``overwrite``; then the earlier set's files and any file of this run's splits in a subject folder (another
+    set's: never mixed with this one). Until 2026-12-06 any dir was written into, another set's split files
+    included, unlike every other command's --out."""
+    from probe.errors import BadInput, check_out_path
+    from probe.results import has_contents, parse_json_object
+
+    check_out_path(out)
+    if not has_contents(out):
+        return []
+    saved, _ = parse_json_object(out / RECORD)
+    listed = saved.get("files") if isinstance(saved, dict) and saved.get("command") == "probe.synthetic" else None
+    ours = {out / f for f in listed if isinstance(f, str)} if isinstance(listed, list) else set()
+    held = {p for p in out.rglob("*") if p.is_file() and p.name != RECORD}
+    if not overwrite:
+        if listed is None:
+            raise BadInput(f"--out {out} is not empty and holds no probe.synthetic set ({RECORD}); pick another "
+                           "dir or pass --overwrite")
+        if saved.get("options") != options:
+            differ = ", ".join(f"--{k.replace('_', '-')} {saved.get('options', {}).get(k)!r} there, {v!r} here"
+                               for k, v in options.items() if (saved.get("options") or {}).get(k) != v)
+            raise BadInput(f"--out {out} holds a probe.synthetic set of other options ({differ or 'unreadable'}); "
+                           "use another --out or --overwrite")
+        if held - ours:
+            raise BadInput(f"--out {out} holds files its {RECORD} does not list ({sorted(held - ours)[0]}); pick "
+                           "another dir or pass --overwrite")
+    splits = {f for d in out.iterdir() if d.is_dir() and not d.name.startswith(".") for split in options["splits"]
+              for f in [*d.glob(f"{split}-*.parquet"), d / f"{split}.parquet"] if f.is_file()}  # the reader's names
+    return sorted((ours & held) | splits)
+
+
+def replace_set(out: Path, old: Sequence[Path], options: dict[str, Any]) -> Path:
+    """Remove ``old`` (``check_synthetic_out``'s), write the set and then ``RECORD``: a run stopped before its end
+    leaves no record, so the next run into ``out`` needs --overwrite instead of taking a part set for a whole."""
+    from probe.results import atomic_write_json
+
+    (out / RECORD).unlink(missing_ok=True)
+    for f in old:
+        f.unlink(missing_ok=True)
+        if f.parent != out and not any(f.parent.iterdir()):
+            f.parent.rmdir()  # an emptied subject folder would read as a subject without the split
+    root = build_dataset(out, options["n"], options["seed"], tuple(options["splits"]),
+                         image_size=options["image_size"], open_fraction=options["open_fraction"])
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != RECORD
+                   and p.parent.name in SUBJECT_KINDS and any(p.name.startswith(f"{s}-") for s in options["splits"]))
+    atomic_write_json(out / RECORD, {"command": "probe.synthetic", "options": options, "files": files})
+    return root
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from probe.errors import BadInput, check_out_path
+    from probe.errors import BadInput
     from probe.mmmu import check_split
 
     if args.n < 1 or args.image_size < 16 or not 0 <= args.open_fraction < 1:
         raise BadInput("need --n >= 1, --image-size >= 16 and 0 <= --open-fraction < 1")
     for split in args.split or ():  # a name, never a path: '../x' wrote its files beside the subject folders
         check_split(split)
-    check_out_path(args.out)
-    root = build_dataset(args.out, args.n, args.seed, tuple(args.split or ["validation"]),
-                         image_size=args.image_size, open_fraction=args.open_fraction)
-    print(root)
+    options = {"n": args.n, "seed": args.seed, "splits": sorted(set(args.split or ["validation"])),  # order: the same set
+               "image_size": args.image_size, "open_fraction": args.open_fraction}
+    print(replace_set(args.out, check_synthetic_out(args.out, options, args.overwrite), options))
     return 0
 
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from analyses import merge, shift, tiny, trajectory
 from analyses.checkpoints import open_checkpoint
+from analyses.shift_csv import read_shift_csv
 from conftest import canonical
 from probe.errors import cli_main
 from probe.models import NO_HUB_KERNELS
@@ -1010,20 +1011,20 @@ SHIFT_OK = ["NA,model.layers.0.mlp.up_proj.weight,0,mlp.up_proj,64,0.5,1.0,0.1",
 ], ids=["negative layer", "fractional layer", "numel 0", "no model", "infinite delta", "tensor twice",
         "layer and module twice"])
 def test_read_shift_csv_names_the_line_of_a_row_eq3_cannot_give(tmp_path, extra, why):
-    """analyses.shift.read_shift_csv on hand-written files: the rows analyses.shift writes read back (a model named
+    """analyses.shift_csv.read_shift_csv on hand-written files: the rows analyses.shift writes read back (a model named
     "NA" stays that text, an embedding's empty layer is NaN, one tensor in two models is no repeat); a fourth row it
     could not have written is one BadInput naming the file and line 5 (the header is line 1)."""
     from probe.errors import BadInput
 
     path = tmp_path / "shift.csv"
     path.write_text(SHIFT_HEADER + "\n".join(SHIFT_OK) + "\n")
-    df = shift.read_shift_csv(path)
+    df = read_shift_csv(path)
     assert df["model"].tolist() == ["NA", "NA", "m2"] and df["numel"].tolist() == [64, 128, 64]
     assert df["layer"].iloc[0] == 0 and math.isnan(df["layer"].iloc[1])
     assert df["delta_avg"].tolist() == [0.5, 0.25, 0.0]
     path.write_text(SHIFT_HEADER + "\n".join([*SHIFT_OK, extra]) + "\n")
     with pytest.raises(BadInput) as exc:
-        shift.read_shift_csv(path)
+        read_shift_csv(path)
     assert str(exc.value).startswith(f"{path}: line 5: {why} (model "), str(exc.value)
 
 

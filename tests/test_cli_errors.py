@@ -346,6 +346,72 @@ def test_readme_names_every_module_and_every_command_it_shows_has_a_help():
     assert shown <= clis, f"README shows python -m {sorted(shown - clis)}, which MODULES does not test"
 
 
+# ASCII digits only: int() and float() read any Unicode decimal digit ('٣' is 3) and '_' separators
+NOT_ASCII = ["٣", "３", "१", "1_0", "٣.٥"]
+
+
+@pytest.mark.parametrize("text", ["0", "7", "-3", "+12", " 5 ", "0042", *NOT_ASCII, "", "-", "3.0", "1e3", "x"])
+def test_ascii_numbers_are_what_int_and_float_read_of_ascii_text(text):
+    """Oracle: Python's int()/float() on ASCII text without '_'; everything else is refused as they refuse."""
+    from probe.errors import ascii_float, ascii_int
+
+    for ours, python in ((ascii_int, int), (ascii_float, float)):
+        try:
+            expected = python(text) if text.isascii() and "_" not in text else ValueError
+        except ValueError:
+            expected = ValueError
+        if expected is ValueError:
+            with pytest.raises(ValueError):
+                ours(text)
+        else:
+            assert ours(text) == expected and type(ours(text)) is python
+
+
+@pytest.mark.parametrize("name", MODULES + BENCH)
+def test_every_number_option_takes_ascii_digits_only(name, monkeypatch):
+    """``--layers ٣`` ran layer 3 and ``--limit ١٠`` ten items. Each ``type=int``/``type=float`` option of each
+    CLI (subcommands included) reads the ASCII number as int()/float() do and refuses the same digits in another
+    script, naming the option and the value."""
+    checked = 0
+    for parser in _parsers(name, monkeypatch):
+        for action in parser._actions:
+            if action.type not in (int, float):
+                continue
+            assert parser._get_value(action, "7") == action.type("7")
+            for text in NOT_ASCII:
+                with pytest.raises(argparse.ArgumentError) as e:
+                    parser._get_value(action, text)
+                assert str(e.value) == (f"argument {'/'.join(action.option_strings) or action.dest}: invalid "
+                                        f"{action.type.__name__} value: {text!r}")
+            checked += 1
+    assert checked or name in ("probe.families", "analyses.shift", "analyses.replicate", "figures.__main__"), name
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["--limit", "١٠"], "error: argument --limit: invalid int value: '١٠' (see --help)"),
+    (["--layers", "٣"], "error: bad --layers spec '٣': use 'all', '3', or '0-3,7'"),
+    (["--heads", "0-٣"], "error: bad --heads spec '0-٣': use 'all', '3', or '0-3,7'"),
+])
+def test_a_number_in_another_script_is_refused_in_a_subprocess(argv, line, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "probe.heads", *argv, "--out", str(tmp_path / "o")], cwd=REPO,
+                       capture_output=True, text=True, encoding="utf-8")
+    assert one_error_line(r.returncode, r.stderr) == line
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_number_in_another_script_is_refused_from_python_and_the_environment(monkeypatch):
+    from probe.devices import env_index
+    from probe.errors import BadInput
+    from probe.heads import parse_index_spec
+
+    assert parse_index_spec("1-2", 4, "layer") == [1, 2]
+    with pytest.raises(BadInput, match="bad --layers spec"):
+        parse_index_spec("١-2", 4, "layer")
+    monkeypatch.setenv("RANK", "٣")
+    with pytest.raises(BadInput, match="RANK='٣'"):
+        env_index("RANK")
+
+
 def test_bad_int_option_in_a_subprocess():
     r = subprocess.run([sys.executable, "-m", "probe.heads", "--limit", "abc"], cwd=REPO, capture_output=True,
                        text=True)

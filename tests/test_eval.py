@@ -807,7 +807,7 @@ def test_check_part_columns_takes_what_a_run_writes_and_names_anything_else(rows
     them (``correct`` NaN without generation, a KL a rounding below 0), and the row named counted from 1."""
     from probe.errors import BadInput
     from probe.results import check_part_columns
-    from probe.sweep import COLUMNS
+    from probe.results import COLUMNS
 
     part = tmp_path / "part-0000.parquet"
     df = pd.DataFrame(rows)
@@ -827,7 +827,7 @@ def test_read_parts_takes_kept_frames_as_given_and_reads_and_checks_only_the_oth
     handed to ``check`` once; the rows come back in the order of ``chunks``. The oracle: hand-built parts and a kept
     frame that differs from its file (so which one was used shows)."""
     from probe.results import atomic_write_parquet, part_path, read_parts
-    from probe.sweep import COLUMNS
+    from probe.results import COLUMNS
 
     out = tmp_path / "run"
     (out / "parts").mkdir(parents=True)

@@ -833,3 +833,34 @@ def test_heatmap_cells_in_a_pdf_are_a_print_resolution_raster(tmp_path, drawn):
     pdf = (d / "heatmap_kl.pdf").read_bytes()
     widths = [int(w) for w in re.findall(rb"/Subtype\s*/Image.{0,300}?/Width (\d+)", pdf, re.S)]
     assert PDF_DPI == 300 and max(widths) >= 0.95 * PDF_DPI * inches
+
+
+def test_figures_draw_saved_results_without_importing_torch(tmp_path):
+    """figures/ draws saved results only: ``python -m figures shift DIR`` imported torch (~2 s) through
+    analyses.shift's shift.csv reader, and every kind through probe.results' import of probe.sweep (for two
+    constants), figures heads through probe.metrics (for heads.csv's bounds). Each kind here is drawn in one fresh
+    interpreter, which must end without torch in sys.modules and with the figure written. (``figures merge``
+    still imports it: its check of merge_weights.csv reads analyses.merge's method table, whose formulas are
+    torch code; ``report`` is left out: it needs a whole analyses.replicate output.)"""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from test_figures_page import write_heads, write_trajectory
+
+    runs = {"eval": write_scores(tmp_path / "eval", ["organism-base", "organism-vl"], ["text", "image"]),
+            "heads": write_heads(tmp_path / "heads", 4, 8),
+            "shift": write_shift(tmp_path / "shift", ["organism-vl", "organism-ov"], 4, ["self_attn.q_proj.weight"]),
+            "trajectory": write_trajectory(tmp_path / "traj", ["r1"]),
+            "steps": write_scores(tmp_path / "steps", [f"ft/checkpoint-{s}" for s in (0, 10)], ["text"])}
+    written = {"eval": "eval.png", "heads": "heatmap_kl.png", "shift": "shift_models.png",
+               "trajectory": "trajectory_sketch.png", "steps": "steps.png"}
+    script = ("import sys\nfrom figures.__main__ import main\nfrom probe.errors import cli_main\n"
+              "for kind, d in zip(sys.argv[1::2], sys.argv[2::2]):\n"
+              "    print(kind, cli_main(main, [kind, d]), 'torch' in sys.modules, flush=True)\n")
+    r = subprocess.run([sys.executable, "-c", script, *(a for k, d in runs.items() for a in (k, str(d)))], cwd=REPO,
+                       capture_output=True, text=True, encoding="utf-8", timeout=600)
+    said = [ln for ln in r.stdout.splitlines() if ln.split(" ")[0] in runs]  # the rest: the paths each wrote
+    assert said == [f"{k} 0 False" for k in runs], r.stdout + r.stderr
+    for kind, d in runs.items():
+        assert (d / written[kind]).is_file(), kind

@@ -764,6 +764,42 @@ def test_same_values_sees_a_difference_in_any_row_of_a_block_and_compares_in_the
     assert same_values(rounded, rounded.double()) is True
 
 
+@pytest.mark.parametrize("equal", [False, True], ids=["head differs", "head equals the embedding"])
+def test_the_tie_is_checked_in_a_layout_only_the_familys_class_reads(tiny_dirs, tmp_path, equal):
+    """probe.models.check_loaded_tie on weights detect_layout knows no layout of: a Qwen2-VL checkpoint with its
+    vision tower under ``model.visual.`` and its LM under ``model.layers.`` (neither the hub's layout nor
+    transformers 4's), which transformers' key mapping loads whole. The check returned unchecked there, and a
+    config tying lm_head to a differing embedding loaded with the file's head; now the two tensors are found by
+    their names. Oracles: torch.equal of the saved tensors, and the weights the loaded model holds."""
+    from safetensors.torch import load_file, save_file
+
+    from probe.families import detect_layout
+    from probe.models import load_model
+
+    d = shutil.copytree(tiny_dirs["qwen2_vl"], tmp_path / "mixed-layout")
+    sd = {("model." + k if k.startswith("visual.") else k): v for k, v in load_file(d / "model.safetensors").items()}
+    if equal:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()
+    assert torch.equal(sd["lm_head.weight"], sd["model.embed_tokens.weight"]) is equal
+    save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(BadInput, match="unknown checkpoint layout"):  # the branch under test
+        detect_layout("qwen2_vl", sd)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.pop("tie_word_embeddings", None)  # tied by its text_config alone, as Qwen2-VL's hub configs say
+    (d / "config.json").write_text(json.dumps(cfg | {"text_config": cfg["text_config"] | {"tie_word_embeddings": True}}))
+    if not equal:
+        with pytest.raises(BadInput, match=rf"^{re.escape(str(d))}: config.json ties lm_head to embed_tokens.*"
+                                           r"lm_head \(lm_head.weight\) that differs from the embedding "
+                                           r"\(model.embed_tokens.weight\)"):
+            resolve_model(str(d))
+        return
+    model = load_model(resolve_model(str(d)), dtype="float32", attn_implementation="eager").model
+    held = model.state_dict()
+    visual = next(k for k in sd if k.startswith("model.visual."))
+    assert torch.equal(held[visual], sd[visual])  # a layout transformers reads whole
+    assert torch.equal(model.get_output_embeddings().weight, sd["lm_head.weight"])
+
+
 def test_a_tied_config_over_weights_without_the_embedding_leaves_the_head_unchecked(tmp_path):
     """probe.models.check_loaded_tie compares lm_head with embed_tokens only when the weights hold both: a tied
     config over weights holding an lm_head and no embedding has nothing to compare it with, and resolving it is no

@@ -176,3 +176,49 @@ def test_cli_bad_split_or_out_is_one_line_and_writes_nothing(tmp_path, capsys, a
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and words in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"] and afile.read_text() == "keep"
+
+
+def test_cli_writes_into_a_non_empty_out_only_its_own_set_again_or_with_overwrite(tmp_path, capsys):
+    """``--out DIR`` wrote into any existing dir: another set's split files stayed beside the new ones (read as one
+    set) and other files were kept unasked. As every other command's --out: a non-empty DIR is refused (exit 2, one
+    line, nothing changed) unless it holds exactly the set of the same options (written again, the same items) or
+    --overwrite (this run's splits replaced, other files kept). Oracle: build_dataset into a fresh dir."""
+    from probe.errors import cli_main
+
+    def snapshot(d):
+        return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+    def refused(argv, words):
+        before = snapshot(out)
+        assert cli_main(main, ["--out", str(out), *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and words in err, err
+        assert snapshot(out) == before
+
+    def fingerprint(**kw):
+        return load_mmmu(build_dataset(tmp_path / f"oracle-{len(list(tmp_path.iterdir()))}", **kw))[1].fingerprint
+
+    out = tmp_path / "out"
+    assert main(["--out", str(out), "--n", "2", "--seed", "3"]) == 0
+    first = snapshot(out)
+    assert load_mmmu(out)[1].fingerprint == fingerprint(n_per_subject=2, seed=3)
+    assert main(["--out", str(out), "--n", "2", "--seed", "3"]) == 0  # the same set again: the same items
+    assert snapshot(out).keys() == first.keys() and load_mmmu(out)[1].fingerprint == fingerprint(n_per_subject=2,
+                                                                                                 seed=3)
+    refused(["--n", "2", "--seed", "4"], "holds a probe.synthetic set of other options (--seed 3 there, 4 here)")
+    (out / "notes.txt").write_text("mine", encoding="utf-8")
+    refused(["--n", "2", "--seed", "3"], "holds files its synthetic.json does not list")
+    (out / "Art").mkdir()  # another set's subject with the same split: read as one set with this one's
+    (out / "Art" / "validation.parquet").write_bytes((out / "Counting" / "validation-00000-of-00001.parquet")
+                                                      .read_bytes())
+    (out / "Art" / "dev.parquet").write_bytes(b"another split, kept")
+    assert main(["--out", str(out), "--n", "1", "--seed", "4", "--overwrite"]) == 0
+    assert load_mmmu(out)[1].fingerprint == fingerprint(n_per_subject=1, seed=4)
+    assert (out / "notes.txt").read_text(encoding="utf-8") == "mine"
+    assert (out / "Art" / "dev.parquet").read_bytes() == b"another split, kept"
+    assert "left out: Art" in capsys.readouterr().err  # its validation file went with the --overwrite
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "x").write_text("x", encoding="utf-8")
+    out = foreign
+    refused([], "is not empty and holds no probe.synthetic set")
