@@ -33,8 +33,8 @@ builder: an ``--arch`` LM (default Qwen2-7B) at its real tensor sizes, cut to ``
 merge all inputs, the others the base's experts; shift and salience read ckpt-shift's output), ``ckpt-trajectory``
 is ``python -m analyses.trajectory`` of the base and experts. Besides the peak RSS, which counts the inputs'
 memory-mapped pages the command has touched (page cache, reclaimable), a thread samples the anonymous memory
-(RssAnon, every 10 ms): what the command itself allocated. Each merge's output files are hashed (sha256, printed
-with ``--hashes FILE``) and deleted, to compare outputs across code changes.
+(RssAnon, every 10 ms): what the command itself allocated. Each merge's output files are hashed (sha256, written
+to ``--hashes FILE``) and deleted, to compare outputs across code changes.
 """
 from __future__ import annotations
 
@@ -400,8 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stage", choices=STAGES, default=None, help=argparse.SUPPRESS)  # one stage, in this process
     args = p.parse_args(argv)
     check_counts(args, ("items", "layers", "heads", "models", "sets", "ckpt_layers", "experts"))
-    if args.arch not in bench_merge().TEXT_ARCHS:
-        raise BadInput(f"unknown --arch {args.arch!r}: one of {', '.join(bench_merge().TEXT_ARCHS)}")
+    archs = bench_merge().TEXT_ARCHS
+    if args.arch not in archs:
+        raise BadInput(f"unknown --arch {args.arch!r}: one of {', '.join(archs)}")
     if args.stage is not None:
         if args.stage in CKPT_STAGES:
             with contextlib.redirect_stdout(sys.stderr):
