@@ -161,19 +161,20 @@ def ckpt_inputs(work: Path, experts: int) -> list[str]:
     return [str(work / "ckpt" / f"model{m}") for m in range(experts + 1)]
 
 
-def build_checkpoints(work: Path, arch: str, layers: int, experts: int, dtype: str) -> None:
+def build_checkpoints(work: Path, arch: str, layers: int, experts: int, dtype: str) -> bool:
     """A base and ``experts`` experts of ``arch``'s LM at its real tensor sizes, cut to ``layers`` layers (random
-    weights, bench/merge.py's builder), unless --work already holds them for the same options."""
+    weights, bench/merge.py's builder), unless --work already holds them for the same options; whether it built."""
     spec = {"arch": arch, "layers": layers, "experts": experts, "dtype": dtype}
     stamp = work / "ckpt" / "spec.json"
     if stamp.is_file() and json.loads(stamp.read_text(encoding="utf-8")) == spec:
-        return
+        return False
     shutil.rmtree(work / "ckpt", ignore_errors=True)
     (work / "ckpt").mkdir(parents=True)
     merge = bench_merge()
     cfg, shapes = merge.arch_config(arch, layers)
     merge.make_models(work / "ckpt", experts + 1, cfg, shapes, dtype)
     stamp.write_text(json.dumps(spec), encoding="utf-8")
+    return True
 
 
 def ckpt_sizes(work: Path) -> tuple[int, int]:
@@ -461,9 +462,9 @@ def run_checkpoints(args: argparse.Namespace, stages: list[str]) -> None:
     """The checkpoint stages: checkpoints built (or reused), each stage's row printed, its output hashed and
     deleted (ckpt-shift's is kept: the shift and salience merges read it)."""
     t = time.perf_counter()
-    build_checkpoints(args.work, args.arch, args.ckpt_layers, args.experts, args.ckpt_dtype)
+    built = build_checkpoints(args.work, args.arch, args.ckpt_layers, args.experts, args.ckpt_dtype)
     largest, total = ckpt_sizes(args.work)
-    print(f"checkpoints built in {time.perf_counter() - t:.1f} s under {args.work / 'ckpt'}: a base and "
+    print(f"checkpoints {f'built in {time.perf_counter() - t:.1f} s' if built else 'reused'} under {args.work / 'ckpt'}: a base and "
           f"{args.experts} experts, {args.arch}'s LM cut to {args.ckpt_layers} layers, {args.ckpt_dtype}; one LM "
           f"{total / 1e6:,.0f} MB, its largest tensor {largest / 1e6:,.0f} MB")
     if "ckpt-shift" in stages:

@@ -412,7 +412,8 @@ def test_memory_checkpoint_stages_report_streaming_peaks_and_clean_up(tmp_path, 
     """bench/memory.py's checkpoint stages, CI-sized (SmolLM2-135M's LM cut to one layer, a base and one expert):
     each stage's row, the LM's size as the safetensors files hold it, each merge's output hashed, Eq. 1's merged
     embedding against the inputs' mean, and a peak over the imports between the pages a merge must touch (both
-    inputs' largest tensor) and the README's bound, 1 GB + (k + 2) × the largest tensor; nothing left in --work."""
+    inputs' largest tensor) and the README's bound, 1 GB + (k + 2) × the largest tensor; a rerun reuses the
+    checkpoints, and leaves nothing in --work without --keep."""
     import importlib.util
     import math
 
@@ -457,6 +458,8 @@ def test_memory_checkpoint_stages_report_streaming_peaks_and_clean_up(tmp_path, 
     assert set(merged) == set(a)
     for key in a:  # ½·a + ½·b is exact in fp32 for bf16 inputs: the mean, rounded once to bf16
         assert torch.equal(merged[key], ((a[key].float() + b[key].float()) / 2).to(torch.bfloat16)), key
-    # without --keep the checkpoints and outputs go
+    # a rerun reuses the checkpoints of the same options; without --keep they and the outputs go
+    capsys.readouterr()
     assert memory.main(["--stages", "ckpt-merge-average", *common]) == 0
+    assert "checkpoints reused under" in capsys.readouterr().out
     assert sorted(p.name for p in work.iterdir()) == []
