@@ -206,10 +206,16 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, s
 
 
 def merge_args(method: str, inputs: list[str], work: Path, n_layers: int, n_heads: int) -> list[str]:
-    """The ``analyses.merge`` arguments of one benchmark merge (synthetic salience runs written once)."""
+    """The ``analyses.merge`` arguments of one benchmark merge (synthetic salience runs written once): average and
+    weighted (weights 1, 2, …) merge every input, the other methods merge the first's experts; shift and salience
+    read Eq. 4's Δavg from ``work/shift``, an ``analyses.shift`` run made once if it is not there."""
     if method == "average":
         return ["--models", *inputs, "--method", "average"]
+    if method == "weighted":
+        return ["--models", *inputs, "--method", "weighted", "--weights", *(str(i + 1) for i in range(len(inputs)))]
     args = ["--base", inputs[0], "--models", *inputs[1:], "--method", method]
+    if method == "shift":
+        args += ["--shift", str(shift_run(inputs, work))]
     if method == "salience":
         import random
 
@@ -223,13 +229,22 @@ def merge_args(method: str, inputs: list[str], work: Path, n_layers: int, n_head
                 (d / "heads.csv").write_text("layer,head,kl\n" + "\n".join(rows) + "\n", encoding="utf-8")
                 (d / "run.json").write_text('{"status": "complete"}', encoding="utf-8")
             dirs.append(str(d))
-        shift_dir = work / "shift"
-        if not shift_dir.is_dir():  # Eq. 4's Δavg for the non-head tensors, computed once outside the timing
-            from analyses import shift
-
-            shift.main(["--base", inputs[0], "--models", *inputs[1:], "--out", str(shift_dir), "--no-figures"])
-        args += ["--salience", *dirs, "--shift", str(shift_dir)]
+        args += ["--salience", *dirs, "--shift", str(shift_run(inputs, work))]
     return args
+
+
+def shift_argv(inputs: list[str], work: Path) -> list[str]:
+    """``analyses.shift`` of the first input (the base) against the others, into ``work/shift``."""
+    return ["--base", inputs[0], "--models", *inputs[1:], "--out", str(work / "shift"), "--no-figures", "--quiet"]
+
+
+def shift_run(inputs: list[str], work: Path) -> Path:
+    """``work/shift``: Eq. 4's Δavg for the merges that read it, computed once outside any timing."""
+    if not (work / "shift").is_dir():
+        from analyses import shift
+
+        shift.main(shift_argv(inputs, work))
+    return work / "shift"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -118,6 +118,9 @@ def test_bench_help_gives_every_default(script, monkeypatch, capsys):
     ("merge.py", ["--arch", "qwen2-7b", "--layers", "0"], "--layers must be ≥ 1, got 0"),
     ("fsdp_load.py", ["--processes", "0"], "--processes must be ≥ 1, got 0"),
     ("memory.py", ["--items", "0"], "--items must be ≥ 1, got 0"),
+    ("memory.py", ["--ckpt-layers", "0"], "--ckpt-layers must be ≥ 1, got 0"),
+    ("memory.py", ["--experts", "0"], "--experts must be ≥ 1, got 0"),
+    ("memory.py", ["--arch", "qwen2-vl-7b"], "unknown --arch 'qwen2-vl-7b': one of qwen2-7b, qwen2-72b"),
 ])
 def test_the_other_bench_scripts_refuse_bad_input_with_one_line(script, args, match, monkeypatch, capsys):
     """Run as scripts (``python bench/X.py``): these were tracebacks with exit 1 (BadInput raised past a bare
@@ -403,3 +406,60 @@ def test_special_ids_are_qwen2_instructs_over_the_published_vocabulary():
 
     tok = SimpleNamespace(convert_tokens_to_ids=QWEN2_TOKEN_IDS.__getitem__)
     assert special_ids(tok) == {"bos_token_id": 151643, "eos_token_id": 151645, "pad_token_id": 151643}
+
+
+def test_memory_checkpoint_stages_report_streaming_peaks_and_clean_up(tmp_path, capsys):
+    """bench/memory.py's checkpoint stages, CI-sized (SmolLM2-135M's LM cut to one layer, a base and one expert):
+    each stage's row, the LM's size as the safetensors files hold it, each merge's output hashed, Eq. 1's merged
+    embedding against the inputs' mean, and a peak over the imports between the pages a merge must touch (both
+    inputs' largest tensor) and the README's bound, 1 GB + (k + 2) × the largest tensor; a rerun reuses the
+    checkpoints, and leaves nothing in --work without --keep."""
+    import importlib.util
+    import math
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    spec = importlib.util.spec_from_file_location("bench_memory", REPO / "bench" / "memory.py")
+    memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(memory)
+    work, hashes = tmp_path / "work", tmp_path / "hashes.json"
+    stages = ["ckpt-merge-average", "ckpt-trajectory"]
+    common = ["--arch", "smollm2-135m", "--ckpt-layers", "1", "--experts", "1", "--work", str(work)]
+    threads = torch.get_num_threads()
+    try:
+        assert memory.main(["--stages", *stages, *common, "--keep", "--hashes", str(hashes)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    sizes = {}
+    for m in (0, 1):
+        for f in sorted((work / "ckpt" / f"model{m}").glob("*.safetensors")):
+            with safe_open(f, "pt") as st:
+                sizes.update({(m, k): st.get_slice(k).get_shape() for k in st.keys()})
+    nbytes = {k: math.prod(shape) * 2 for k, shape in sizes.items()}  # bf16
+    largest, total = max(nbytes.values()), sum(b for (m, _), b in nbytes.items() if m == 0)
+    assert f"one LM {total / 1e6:,.0f} MB, its largest tensor {largest / 1e6:,.0f} MB" in out
+    rows = {line.split(" | ")[0].strip("| "): line for line in out.splitlines() if line.startswith("| ckpt-")}
+    assert list(rows) == stages
+    peak = float(rows["ckpt-merge-average"].split(" | ")[1].removesuffix(" MB").replace(",", "")) * 1e6
+    assert 2 * largest * 0.9 <= peak <= 1e9 + 4 * largest
+    # the hashes name the merge's real files, and a merge with the same command gives the same bytes
+    got = json.loads(hashes.read_text(encoding="utf-8"))
+    assert list(got) == ["ckpt-merge-average"] and "model.safetensors" in got["ckpt-merge-average"]
+    assert not (work / "out-ckpt-merge-average").exists()
+    from analyses import merge
+
+    again = tmp_path / "again"
+    merge.main([*memory.ckpt_argv("ckpt-merge-average", work, 1)[:-3], "--out", str(again), "--quiet"])
+    assert memory.output_hashes(again) == got["ckpt-merge-average"]
+    a, b, merged = ({k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(f).items()}
+                    for d in (work / "ckpt" / "model0", work / "ckpt" / "model1", again))
+    assert set(merged) == set(a)
+    for key in a:  # ½·a + ½·b is exact in fp32 for bf16 inputs: the mean, rounded once to bf16
+        assert torch.equal(merged[key], ((a[key].float() + b[key].float()) / 2).to(torch.bfloat16)), key
+    # a rerun reuses the checkpoints of the same options; without --keep they and the outputs go
+    capsys.readouterr()
+    assert memory.main(["--stages", "ckpt-merge-average", *common]) == 0
+    assert "checkpoints reused under" in capsys.readouterr().out
+    assert sorted(p.name for p in work.iterdir()) == []
