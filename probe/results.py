@@ -468,21 +468,27 @@ def lock_out_dir(out: Path, shared: bool = False, beside: bool = False) -> None:
         fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise in_use(out) from None
+        raise in_use(out, lock) from None
     except OSError:  # a file system without locks (some NFS mounts): run unlocked, as before
         os.close(fd)
         fd = -1
     if beside and fd >= 0:
         if not same_file(fd, lock):  # its holder removed it as we opened it: ours is a lock nobody else sees
             os.close(fd)
-            raise in_use(out)
+            raise in_use(out, lock)
         _REMOVED_ON_RELEASE[key] = lock
     # DIR/.lock and .NAME.lock are two files: an analyses output being written (not there yet, held beside) was
     # swapped in over a probe.heads or probe.eval run started into its --out meanwhile, deleting that run's dir as it
     # ran. Made first, then looked beside: that output's check (after its lock) finds this dir, or this look its lock
     if not beside and fd >= 0 and held_beside(out):
         os.close(fd)
-        raise in_use(out)
+        raise in_use(out, lock_path(out, beside=True))
+    if fd >= 0:  # who holds it, for the refusal of the next command (ranks sharing it: the last to write)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        except OSError:  # a full disk: the lock holds all the same
+            pass
     _CLAIMED[key] = fd
 
 
@@ -520,8 +526,17 @@ def hold_drawn_dir(out: Path) -> None:
         lock_out_dir(out, beside=beside)
 
 
-def in_use(out: Path) -> BadInput:
-    return BadInput(f"--out {out} is in use by another running command; wait for it to end or use another --out")
+def in_use(out: Path, lock: Path) -> BadInput:
+    """The refusal of an --out another command holds, naming that command's process when its ``lock`` says (written
+    by ``lock_out_dir``; a holder of an earlier version, or one still writing it, wrote none)."""
+    try:
+        pid, host = lock.read_text(encoding="utf-8").split()
+        # not a finished run's (the holder may not have written yet), nor this process's own earlier claim
+        known = int(pid) > 0 and (host != socket.gethostname() or (int(pid) != os.getpid() and pid_alive(int(pid))))
+    except (OSError, ValueError):  # none, unreadable, or not "PID HOST"
+        known = False
+    who = f" (pid {pid} on {host})" if known else ""
+    return BadInput(f"--out {out} is in use by another running command{who}; wait for it to end or use another --out")
 
 
 def same_file(fd: int, path: Path) -> bool:

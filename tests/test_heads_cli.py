@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -228,8 +229,8 @@ def test_figures_redraw(base_run, tmp_path):
 def test_resume_after_kill_equals_uninterrupted(base_run, data_dir, tmp_path, capfd, sig):
     """Killed (kill -9) or interrupted (Ctrl-C: one line "interrupted", exit 130, no traceback) once a part is
     written, the run leaves no output and no temp file, and its rerun ends with the uninterrupted run's files.
-    Meanwhile `python -m figures heads` into its --out is refused (the lock the run holds), not drawn from a
-    half-written dir."""
+    Meanwhile `python -m figures heads` into its --out is refused (the lock the run holds), naming the run's
+    process, not drawn from a half-written dir."""
     from figures.__main__ import main as figures_main
     from probe.errors import cli_main
 
@@ -259,8 +260,8 @@ def test_resume_after_kill_equals_uninterrupted(base_run, data_dir, tmp_path, ca
         err = proc.stderr.read().decode()
         proc.stderr.close()
     refused = capfd.readouterr().err.strip()
-    assert drawn == 2 and refused == (f"error: --out {out} is in use by another running command; wait for it to "
-                                      "end or use another --out"), refused
+    assert drawn == 2 and refused == (f"error: --out {out} is in use by another running command (pid {proc.pid} on "
+                                      f"{socket.gethostname()}); wait for it to end or use another --out"), refused
     assert not list(out.glob("heatmap_*"))
     if sig == signal.SIGINT:  # a part being written when interrupted is taken back (kill -9's waits for the rerun)
         assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err, err
@@ -316,6 +317,8 @@ def test_two_runs_started_at_once_into_one_out_never_mix(base_run, data_dir, tmp
     assert loser.returncode == 2 and "Traceback" not in loser.stderr and last.startswith("error:"), loser.stderr
     assert re.search(r"is in use by another running command|holds a different run|now holds a different run",
                      last), loser.stderr
+    # the holder named is the winner (none when read in the instant between its lock and its writing its name)
+    assert "is in use" not in last or re.search(rf"command( \(pid {procs[winners[0]].pid} on [^)]+\))?;", last), last
     want = pd.read_csv(base_run / "heads.csv")
     if winners == ["head0"]:
         want = want[want["head"] == 0].reset_index(drop=True)
