@@ -6,8 +6,8 @@ import importlib
 import sys
 from typing import Sequence
 
-from probe.errors import ArgParser, BadInput, check_out_path, cli_main, in_path
-from probe.results import note_outputs, remove_stale_temps
+from probe.errors import ArgParser, BadInput, check_out_path, cli_main, in_path, releases_claims
+from probe.results import hold_drawn_dir, note_outputs, remove_stale_temps
 
 # kind → what it reads and writes (for --help)
 READS: dict[str, str] = {
@@ -31,6 +31,7 @@ KINDS: dict[str, tuple[str, str]] = {
 }
 
 
+@releases_claims  # the drawn dir's lock ends with the drawing, called from Python too
 def main(argv: Sequence[str] | None = None) -> int:
     p = ArgParser(prog="python -m figures", formatter_class=argparse.RawDescriptionHelpFormatter,
                   description="Redraw figures from saved result files only (no model is loaded); each is written "
@@ -49,6 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(args.dir) > 1 and args.kind != "steps":
         raise BadInput(f"{args.kind} draws one result directory")
     check_out_path(args.dir[0], "DIR")  # drawn into (a read-only one was a traceback at the first figure)
+    hold_drawn_dir(args.dir[0])  # refused while a command writes or replaces it, and it while this draws
     module, func = KINDS[args.kind]
     written = getattr(importlib.import_module(module), func)(args.dir if args.kind == "steps" else args.dir[0])
     note_outputs(args.dir[0], written)  # an analyses output's --overwrite may replace what was drawn into it

@@ -479,20 +479,75 @@ def lock_out_dir(out: Path, shared: bool = False, beside: bool = False) -> None:
         fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise in_use(out) from None
+        raise in_use(out, lock) from None
     except OSError:  # a file system without locks (some NFS mounts): run unlocked, as before
         os.close(fd)
         fd = -1
     if beside and fd >= 0:
         if not same_file(fd, lock):  # its holder removed it as we opened it: ours is a lock nobody else sees
             os.close(fd)
-            raise in_use(out)
+            raise in_use(out, lock)
         _REMOVED_ON_RELEASE[key] = lock
+    # DIR/.lock and .NAME.lock are two files: an analyses output being written (not there yet, held beside) was
+    # swapped in over a probe.heads or probe.eval run started into its --out meanwhile, deleting that run's dir as it
+    # ran. Made first, then looked beside: that output's check (after its lock) finds this dir, or this look its lock
+    if not beside and fd >= 0 and held_beside(out):
+        os.close(fd)
+        raise in_use(out, lock_path(out, beside=True))
+    if fd >= 0:  # who holds it, for the refusal of the next command (ranks sharing it: the last to write)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        except OSError:  # a full disk: the lock holds all the same
+            pass
     _CLAIMED[key] = fd
 
 
-def in_use(out: Path) -> BadInput:
-    return BadInput(f"--out {out} is in use by another running command; wait for it to end or use another --out")
+def held_beside(out: Path) -> bool:
+    """Whether a live command holds ``out``'s lock beside it (``.NAME.lock``: analyses.writer.atomic_dir writing
+    ``out``, or ``python -m figures`` drawing into such an output)."""
+    import fcntl
+
+    try:
+        fd = os.open(lock_path(out, beside=True), os.O_RDONLY)
+    except OSError:  # none: no such command (its lock file goes with its claim)
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # a file system without locks: as lock_out_dir, unlocked
+        return False
+    finally:
+        os.close(fd)  # frees the shared lock just taken, if any
+    return False
+
+
+def hold_drawn_dir(out: Path) -> None:
+    """Hold a finished output while ``python -m figures`` draws into it, with the lock the command that wrote it
+    takes: ``.NAME.lock`` beside an analyses output (it carries a manifest, and --overwrite replaces it whole),
+    ``DIR/.lock`` where a command left one (probe.heads, probe.eval, analyses.finetune, analyses.replicate; none is
+    made in a folder without it). A command writing or replacing ``out`` meanwhile is refused, and so is this
+    drawing while one does: a figure of the old output was swapped into the new one, listed in its manifest as its
+    own, and two drawings at once each rewrote the manifest, one losing the other's entries."""
+    beside = read_manifest(out) is not None
+    if beside and not os.access(Path(out).absolute().parent, os.W_OK | os.X_OK):
+        return  # nothing can replace ``out`` in a folder nobody may write
+    if beside or lock_path(out).is_file():
+        lock_out_dir(out, beside=beside)
+
+
+def in_use(out: Path, lock: Path) -> BadInput:
+    """The refusal of an --out another command holds, naming that command's process when its ``lock`` says (written
+    by ``lock_out_dir``; a holder of an earlier version, or one still writing it, wrote none)."""
+    try:
+        pid, host = lock.read_text(encoding="utf-8").split()
+        # not a finished run's (the holder may not have written yet), nor this process's own earlier claim
+        known = int(pid) > 0 and (host != socket.gethostname() or (int(pid) != os.getpid() and pid_alive(int(pid))))
+    except (OSError, ValueError):  # none, unreadable, or not "PID HOST"
+        known = False
+    who = f" (pid {pid} on {host})" if known else ""
+    return BadInput(f"--out {out} is in use by another running command{who}; wait for it to end or use another --out")
 
 
 def same_file(fd: int, path: Path) -> bool:

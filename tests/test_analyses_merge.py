@@ -937,6 +937,41 @@ def test_an_out_in_use_by_another_run_is_refused_and_a_killed_holder_does_not_bl
     assert [p.name for p in tmp_path.iterdir()] == ["o"]  # the lock goes with the run that held it
 
 
+def test_figures_and_runs_into_an_analyses_output_respect_its_lock(zoo, tmp_path, capfd):
+    """An analyses output is held beside it (.NAME.lock) while written, and only then: `python -m figures` drawing
+    into it took no lock, so an --overwrite swapping a new output in meanwhile got the old output's figures, listed in
+    its manifest as its own; and probe.heads / probe.eval (DIR/.lock, another file) started into an --out an analyses
+    command was still writing went on, until that command's swap deleted their dir as they ran. Both are refused
+    while the lock is held elsewhere, and go through once its holder is gone (killed)."""
+    from conftest import lock_held_elsewhere
+    from figures.__main__ import main as figures_main
+    from probe.errors import BadInput
+    from probe.results import MANIFEST, claim_out_dir, claimed, release_claims
+
+    out = tmp_path / "s"
+    assert run(shift.main, "--base", zoo["base"], "--models", zoo["vl"], "--no-figures", "--quiet", "--out", out) == 0
+    manifest = (out / MANIFEST).read_bytes()
+    refused = f"error: --out {out} is in use by another running command; wait for it to end or use another --out"
+    with lock_held_elsewhere(out, beside=True):
+        capfd.readouterr()
+        assert run(figures_main, "shift", out) == 2
+        assert capfd.readouterr().err.strip() == refused
+        assert not list(out.glob("shift_*")) and (out / MANIFEST).read_bytes() == manifest
+        fresh = tmp_path / "new"
+        with lock_held_elsewhere(fresh, beside=True):  # an analyses command writing --out new, not there yet
+            with pytest.raises(BadInput, match="is in use by another running command"):
+                claim_out_dir(fresh, "a probe.heads run")
+            assert str(fresh.resolve()) not in claimed() and not (fresh / "run.json").exists()
+    capfd.readouterr()
+    assert run(figures_main, "shift", out) == 0
+    drawn = sorted(p.name for p in out.glob("shift_*"))
+    assert drawn and set(drawn) <= set(json.loads((out / MANIFEST).read_text(encoding="utf-8"))["entries"])
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".new.lock"]  # the killed one's
+    claim_out_dir(fresh, "a probe.heads run")  # its holder gone, the run goes on
+    assert str(fresh.resolve()) in claimed()
+    release_claims()
+
+
 def test_overwrite_through_a_link_to_the_output_replaces_its_target_and_keeps_the_link(zoo, tmp_path):
     """--out a symlink to an earlier output, with --overwrite: the rename moved the link aside and put a dir in its
     place, so the target kept the old output and a .NAME.old link, which no later run removes, stayed beside it."""

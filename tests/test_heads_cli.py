@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -224,7 +225,15 @@ def test_figures_redraw(base_run, tmp_path):
 # resume, reruns, overwrite
 
 
-def test_resume_after_kill_equals_uninterrupted(base_run, data_dir, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
+def test_resume_after_kill_equals_uninterrupted(base_run, data_dir, tmp_path, capfd, sig):
+    """Killed (kill -9) or interrupted (Ctrl-C: one line "interrupted", exit 130, no traceback) once a part is
+    written, the run leaves no output and no temp file, and its rerun ends with the uninterrupted run's files.
+    Meanwhile `python -m figures heads` into its --out is refused (the lock the run holds), naming the run's
+    process, not drawn from a half-written dir."""
+    from figures.__main__ import main as figures_main
+    from probe.errors import cli_main
+
     out = tmp_path / "resumed"
     args = [sys.executable, "-m", "probe.heads", *BASE_ARGS, "--data", str(data_dir), "--out", str(out)]
     proc = subprocess.Popen(args, cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -235,14 +244,30 @@ def test_resume_after_kill_equals_uninterrupted(base_run, data_dir, tmp_path):
             if parts.is_dir() and any(p.name.startswith("chunk_") for p in parts.iterdir()):
                 break
             time.sleep(0.02)
+        capfd.readouterr()
+        drawn = cli_main(figures_main, ["heads", str(out)])
         assert proc.poll() is None, f"run ended before it could be killed:\n{proc.stderr.read().decode()[-2000:]}"
-        proc.send_signal(signal.SIGKILL)
+        proc.send_signal(sig)
     finally:
+        if proc.poll() is None and sig == signal.SIGINT:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                pass
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=60)
+        err = proc.stderr.read().decode()
         proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    refused = capfd.readouterr().err.strip()
+    assert drawn == 2 and refused == (f"error: --out {out} is in use by another running command (pid {proc.pid} on "
+                                      f"{socket.gethostname()}); wait for it to end or use another --out"), refused
+    assert not list(out.glob("heatmap_*"))
+    if sig == signal.SIGINT:  # a part being written when interrupted is taken back (kill -9's waits for the rerun)
+        assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err, err
+        assert not [p.name for d in (out, parts) for p in d.iterdir() if p.name.endswith(".tmp")]
+    else:
+        assert proc.returncode == -signal.SIGKILL
     done = sorted(p for p in parts.iterdir() if p.name.startswith("chunk_"))
     assert 1 <= len(done) < N_ITEMS, f"{len(done)} parts at kill time: nothing left to resume"
     assert not (out / "heads.csv").exists()
@@ -269,6 +294,39 @@ def run_in_process(args, capfd) -> subprocess.CompletedProcess:
     rc = cli_main(main, [str(a) for a in args])
     captured = capfd.readouterr()
     return subprocess.CompletedProcess(["probe.heads", *map(str, args)], rc, captured.out, captured.err)
+
+
+def test_two_runs_started_at_once_into_one_out_never_mix(base_run, data_dir, tmp_path):
+    """Two real processes started together into one new --out, of two different runs (all heads; head 0 only): one
+    finishes, the other is refused with one line whichever step it reaches first (the saved run.json differs, the
+    dir is in use, or run.json appeared while it loaded), and the --out holds the winner's run alone, equal to an
+    uninterrupted run of it (a head-0 sweep's rows are the full sweep's head-0 rows: each head is masked alone)."""
+    out = tmp_path / "twice"
+    runs = {"all": [], "head0": ["--heads", "0"]}
+    procs = {name: subprocess.Popen([sys.executable, "-m", "probe.heads", *BASE_ARGS, *extra, "--data", str(data_dir),
+                                     "--out", str(out), "--no-figures"], cwd=REPO, env=cli_env(),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, extra in runs.items()}
+    outputs = {name: p.communicate(timeout=400) for name, p in procs.items()}
+    ends = {name: subprocess.CompletedProcess(p.args, p.returncode, *outputs[name]) for name, p in procs.items()}
+    winners = [name for name, r in ends.items() if r.returncode == 0]
+    assert len(winners) == 1, {name: (r.returncode, r.stderr[-2000:]) for name, r in ends.items()}
+    loser = ends[next(name for name in runs if name not in winners)]
+    # refused at its claim, once its model loaded: the device line it printed, then the one error line
+    last = loser.stderr.strip().splitlines()[-1]
+    assert loser.returncode == 2 and "Traceback" not in loser.stderr and last.startswith("error:"), loser.stderr
+    assert re.search(r"is in use by another running command|holds a different run|now holds a different run",
+                     last), loser.stderr
+    # the holder named is the winner (none when read in the instant between its lock and its writing its name)
+    assert "is in use" not in last or re.search(rf"command( \(pid {procs[winners[0]].pid} on [^)]+\))?;", last), last
+    want = pd.read_csv(base_run / "heads.csv")
+    if winners == ["head0"]:
+        want = want[want["head"] == 0].reset_index(drop=True)
+    pd.testing.assert_frame_equal(pd.read_csv(out / "heads.csv"), want, check_exact=True)
+    parts = sorted((out / "parts").glob("chunk_*.parquet"))
+    assert len(parts) == N_ITEMS and all(
+        set(pd.read_parquet(q)["head"]) == set(want["head"]) | {-1} for q in parts), "a part of the refused run"
+    assert json.loads((out / "run.json").read_text(encoding="utf-8"))["status"] == "complete"
 
 
 def test_a_resume_is_refused_while_another_command_holds_the_out_dir(base_run, data_dir, tmp_path, capfd):
