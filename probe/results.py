@@ -460,13 +460,14 @@ def lock_path(out: Path, beside: bool = False) -> Path:
     return Path(out).parent / f".{Path(out).name}{LOCK}" if beside else Path(out) / LOCK
 
 
-def lock_out_dir(out: Path, shared: bool = False, beside: bool = False) -> None:
+def lock_out_dir(out: Path, shared: bool = False, beside: bool = False, drawing: bool = False) -> None:
     """Create ``out`` and hold an flock on ``DIR/.lock`` until this command ends (``release_claims``; the kernel frees
     it however the process ends): a second command into the same --out meanwhile is refused, never interleaved.
     ``shared``: the ranks of a torchrun job hold it together, and so shut out a single process (which holds it
     alone), not each other. ``beside``: lock ``.NAME.lock`` beside ``out`` and leave ``out`` uncreated, for an
     output that appears whole in one rename (analyses.writer.atomic_dir); that file goes when the claim ends, so it
-    is no litter beside the output (one a kill left is taken over by the next run)."""
+    is no litter beside the output (one a kill left is taken over by the next run). ``drawing``: held by
+    ``python -m figures`` (which has no --out), for its refusal's words."""
     import fcntl
 
     lock = lock_path(out, beside)
@@ -479,21 +480,21 @@ def lock_out_dir(out: Path, shared: bool = False, beside: bool = False) -> None:
         fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise in_use(out, lock) from None
+        raise in_use(out, lock, drawing) from None
     except OSError:  # a file system without locks (some NFS mounts): run unlocked, as before
         os.close(fd)
         fd = -1
     if beside and fd >= 0:
         if not same_file(fd, lock):  # its holder removed it as we opened it: ours is a lock nobody else sees
             os.close(fd)
-            raise in_use(out, lock)
+            raise in_use(out, lock, drawing)
         _REMOVED_ON_RELEASE[key] = lock
     # DIR/.lock and .NAME.lock are two files: an analyses output being written (not there yet, held beside) was
     # swapped in over a probe.heads or probe.eval run started into its --out meanwhile, deleting that run's dir as it
     # ran. Made first, then looked beside: that output's check (after its lock) finds this dir, or this look its lock
     if not beside and fd >= 0 and held_beside(out):
         os.close(fd)
-        raise in_use(out, lock_path(out, beside=True))
+        raise in_use(out, lock_path(out, beside=True), drawing)
     if fd >= 0:  # who holds it, for the refusal of the next command (ranks sharing it: the last to write)
         try:
             os.ftruncate(fd, 0)
@@ -534,10 +535,10 @@ def hold_drawn_dir(out: Path) -> None:
     if beside and not os.access(Path(out).absolute().parent, os.W_OK | os.X_OK):
         return  # nothing can replace ``out`` in a folder nobody may write
     if beside or lock_path(out).is_file():
-        lock_out_dir(out, beside=beside)
+        lock_out_dir(out, beside=beside, drawing=True)
 
 
-def in_use(out: Path, lock: Path) -> BadInput:
+def in_use(out: Path, lock: Path, drawing: bool = False) -> BadInput:
     """The refusal of an --out another command holds, naming that command's process when its ``lock`` says (written
     by ``lock_out_dir``; a holder of an earlier version, or one still writing it, wrote none)."""
     try:
@@ -547,6 +548,8 @@ def in_use(out: Path, lock: Path) -> BadInput:
     except (OSError, ValueError):  # none, unreadable, or not "PID HOST"
         known = False
     who = f" (pid {pid} on {host})" if known else ""
+    if drawing:
+        return BadInput(f"{out} is in use by another running command{who}; draw it once that command has ended")
     return BadInput(f"--out {out} is in use by another running command{who}; wait for it to end or use another --out")
 
 

@@ -951,7 +951,7 @@ def test_figures_and_runs_into_an_analyses_output_respect_its_lock(zoo, tmp_path
     out = tmp_path / "s"
     assert run(shift.main, "--base", zoo["base"], "--models", zoo["vl"], "--no-figures", "--quiet", "--out", out) == 0
     manifest = (out / MANIFEST).read_bytes()
-    refused = f"error: --out {out} is in use by another running command; wait for it to end or use another --out"
+    refused = f"error: {out} is in use by another running command; draw it once that command has ended"
     with lock_held_elsewhere(out, beside=True):
         capfd.readouterr()
         assert run(figures_main, "shift", out) == 2

@@ -260,8 +260,8 @@ def test_resume_after_kill_equals_uninterrupted(base_run, data_dir, tmp_path, ca
         err = proc.stderr.read().decode()
         proc.stderr.close()
     refused = capfd.readouterr().err.strip()
-    assert drawn == 2 and refused == (f"error: --out {out} is in use by another running command (pid {proc.pid} on "
-                                      f"{socket.gethostname()}); wait for it to end or use another --out"), refused
+    assert drawn == 2 and refused == (f"error: {out} is in use by another running command (pid {proc.pid} on "
+                                      f"{socket.gethostname()}); draw it once that command has ended"), refused
     assert not list(out.glob("heatmap_*"))
     if sig == signal.SIGINT:  # a part being written when interrupted is taken back (kill -9's waits for the rerun)
         assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err, err
