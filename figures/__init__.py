@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -315,16 +316,6 @@ def separate_labels(texts: list[Any], gap: float = 1.0, leader: bool = False, si
         placed.append(box())
 
 
-# where place_labels tries a label around its point, in order of preference at each distance, as (x, y, ha):
-# (x, y) the direction from the point, ha the label's horizontal alignment: right of the point, then up and down
-# to the right (the label's corner at the marker's corner); left of it (the same); straight above and below it,
-# centred, then starting at the marker's left edge ("left"), then ending at its right edge ("right"): beside a
-# marker close to another one or to the map's edge, a centred label would sit over it or past the edge
-LABEL_DIRECTIONS = ((1, 0, "left"), (1, 1, "left"), (1, -1, "left"), (-1, 0, "right"), (-1, 1, "right"),
-                    (-1, -1, "right"), (0, 1, "center"), (0, -1, "center"), (0, 1, "left"), (0, -1, "left"),
-                    (0, 1, "right"), (0, -1, "right"))
-
-
 def marker_boxes(ax: Any, renderer: Any) -> list[Any]:
     """The display box of every marker drawn by ``ax``'s scatter plots (each PathCollection point: its marker's
     path at its size, plus half its edge line), as laid out now."""
@@ -345,30 +336,84 @@ def marker_boxes(ax: Any, renderer: Any) -> list[Any]:
     return boxes
 
 
-def place_labels(ax: Any, texts: list[Any], gap: float = 2.0, step: float = 4.0, rings: int = 16,
-                 leader: float = 4.0, passes: int = 8, width: int = 24, nodes: int = 50_000) -> None:
+def _overlap(a: Any, b: Any) -> Any:
+    """The area two boxes share, for arrays of boxes (..., 4) as (x0, y0, x1, y1), broadcast."""
+    import numpy as np
+
+    w = np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0])
+    h = np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1])
+    return np.where((w > 0) & (h > 0), w * h, 0.0)
+
+
+def _apart(a: Any, b: Any) -> Any:
+    """The distance between two boxes (0 where they touch or overlap), broadcast as ``_overlap``."""
+    import numpy as np
+
+    return np.hypot(np.maximum(np.maximum(a[..., 0] - b[..., 2], b[..., 0] - a[..., 2]), 0.0),
+                    np.maximum(np.maximum(a[..., 1] - b[..., 3], b[..., 1] - a[..., 3]), 0.0))
+
+
+def _crosses(box: Any, seg: Any) -> Any:
+    """Whether a segment (..., 4) as (x0, y0, x1, y1) passes through a box (..., 4), broadcast (Liang-Barsky
+    clipping)."""
+    import numpy as np
+
+    box, seg = np.broadcast_arrays(np.asarray(box, dtype=float), np.asarray(seg, dtype=float))
+    lo, hi = np.zeros(box.shape[:-1]), np.ones(box.shape[:-1])
+    ok = np.ones(box.shape[:-1], dtype=bool)
+    for k in (0, 1):
+        d = seg[..., 2 + k] - seg[..., k]
+        for p, q in ((-d, seg[..., k] - box[..., k]), (d, box[..., 2 + k] - seg[..., k])):
+            flat = p == 0
+            ok &= ~(flat & (q < 0))
+            r = q / np.where(flat, 1.0, p)
+            lo = np.where(~flat & (p < 0), np.maximum(lo, r), lo)
+            hi = np.where(~flat & (p > 0), np.minimum(hi, r), hi)
+    return ok & (lo <= hi)
+
+
+@dataclass
+class _Candidates:
+    """One label's places (``place_labels``), cheapest first: its text box there (display pixels, (x0, y0, x1, y1))
+    and that box padded by half the gap, the offset in points and alignment that put it there, its cost on its own,
+    the marker area the padded box covers, and its leader ((x0, y0, x1, y1), where ``lined``)."""
+    text: Any
+    box: Any
+    offset: Any
+    ha: list[str]
+    cost: Any
+    covered: Any
+    line: Any
+    lined: Any
+
+
+def place_labels(ax: Any, texts: list[Any], gap: float = 2.0, step: float = 4.0, fine: float = 2.0,
+                 reach: float = 64.0, far: float = 10.0, leader: float = 4.0, passes: int = 8, width: int = 32,
+                 nodes: int = 50_000) -> None:
     """Place each label of a point (``ax.annotate`` with ``textcoords="offset points"``, ``xy`` its point) beside
     its marker, where its text covers no marker of ``ax`` (``marker_boxes``, its own included) and no other label,
     inside the axes, at the figure's present layout (so call it after the layout is done).
 
-    Candidates lie around the point (``LABEL_DIRECTIONS``), ``gap`` points past its marker, then every ``step``
-    points farther, ``rings`` times. Each costs its distance in steps, plus 0.01 per place down the directions'
-    order, 1 for a leader (a label more than ``leader`` points from its marker gets a thin line to it, drawn to
-    the label's nearest point), 3 where it lies nearer another marker than its own (it would read as that one's),
-    3 for each marker its leader crosses, 1 for each segment of ``ax``'s lines (a run's trajectory) under it; two
-    labels add 3 for each leader of one through the other, and a candidate over a marker or another label is
-    taken only where nothing else is inside the axes. Labels go greedily from the most crowded point (most markers
-    within 50 points), each then moved to its cheapest place beside all the others while that helps (``passes``
-    rounds); the cheapest arrangement is then searched depth first from the most crowded label over each one's
-    ``width`` cheapest candidates, a branch cut once it costs what the best found does (``nodes`` steps at most,
-    the greedy one kept when nothing beats it). Deterministic: arithmetic on the laid-out page, no randomness, so
-    the same results draw the same bytes.
+    Candidates: the text box right of, left of, above or below its marker (``gap`` points past its edge, then every
+    ``fine`` points farther) and slid along that side every ``fine`` points, corners included, up to ``reach``
+    points from the point. Each costs its distance from the point (to the text's nearest point) in ``step``s, plus
+    the square of what it lies past ``far`` points in ``step``s (one far label is worse than two a little farther),
+    1 for a leader (a label more than ``leader`` points from its marker gets a thin line to it, drawn to the label's
+    nearest point), 3 where it lies nearer another marker than its own (it would read as that one's), 3 for each
+    marker its leader crosses, 1 for each segment of ``ax``'s lines (a run's trajectory) under it, and a little for
+    the side (right, left, above or below, in that order) and for sitting off the middle of it; two labels add 3 for
+    each leader of one through the other, and a candidate over a marker or another label is taken only where
+    nothing else is inside the axes. Labels go greedily from the most crowded point (most markers within 50
+    points), each then moved to its cheapest place beside all the others while that helps (``passes`` rounds); the
+    cheapest arrangement is then searched depth first from the most crowded label over each one's ``width``
+    cheapest candidates at least 2 ``fine`` steps apart, a branch cut once it costs what the best found does
+    (``nodes`` steps at most, the greedy one kept when nothing beats it), and the moves tried again. Deterministic:
+    arithmetic on the laid-out page, no randomness, so the same results draw the same bytes.
 
     On Figure 4b's PCA map ``separate_labels`` (labels moved straight up or down only, leaders from the text's
     corner) left "organism-ov-si" over the merges' names, "organism-base" and "average" far from their markers,
-    and names over other models' markers."""
-    import math
-
+    and names over other models' markers; with 12 fixed directions 4 points apart (until 2026-12-06) a name there
+    still sat 20.5 points from its point."""
     import numpy as np
     from matplotlib.text import Text
 
@@ -379,164 +424,187 @@ def place_labels(ax: Any, texts: list[Any], gap: float = 2.0, step: float = 4.0,
     renderer = fig.canvas.get_renderer()
     px = fig.dpi / 72  # pixels a point
     area = ax.get_window_extent(renderer)
-    markers = [tuple(b.extents) for b in marker_boxes(ax, renderer)]
-    segments = [seg for line in ax.lines if line.get_visible()
-                for xy in [line.get_transform().transform(np.column_stack(line.get_data()).astype(float))]
-                for seg in zip(xy[:-1], xy[1:])]
-    points = [ax.transData.transform(t.xy) for t in texts]
+    # boxes and segments as arrays (..., 4) of (x0, y0, x1, y1): the search compares thousands of places at once
+    markers = np.array([b.extents for b in marker_boxes(ax, renderer)], dtype=float).reshape(-1, 4)
+    centres = (markers[:, :2] + markers[:, 2:]) / 2
+    segments = np.array([[*a, *b] for line in ax.lines if line.get_visible()
+                         for xy in [line.get_transform().transform(np.column_stack(line.get_data()).astype(float))]
+                         for a, b in zip(xy[:-1], xy[1:])], dtype=float).reshape(-1, 4)
+    points = [np.asarray(ax.transData.transform(t.xy), dtype=float) for t in texts]
 
-    def under(p: Any) -> list[int]:  # the markers over a point
-        return [k for k, b in enumerate(markers)
-                if b[0] - 0.5 <= p[0] <= b[2] + 0.5 and b[1] - 0.5 <= p[1] <= b[3] + 0.5]
+    def under(p: Any) -> Any:  # the markers over a point
+        return np.flatnonzero((markers[:, 0] - 0.5 <= p[0]) & (p[0] <= markers[:, 2] + 0.5)
+                              & (markers[:, 1] - 0.5 <= p[1]) & (p[1] <= markers[:, 3] + 0.5))
 
     def own_marker(p: Any) -> int | None:  # the label's own: of the markers over its point, the one centred there
-        return min(under(p), key=lambda k: (round(math.hypot((markers[k][0] + markers[k][2]) / 2 - p[0],
-                                                             (markers[k][1] + markers[k][3]) / 2 - p[1]), 3), k),
-                   default=None)
+        over = under(p)
+        if not len(over):
+            return None
+        return int(over[np.lexsort((over, np.round(np.hypot(*(centres[over] - p).T), 3)))[0]])
 
     def crowd(p: Any) -> int:
-        return sum(math.hypot((b[0] + b[2]) / 2 - p[0], (b[1] + b[3]) / 2 - p[1]) < 50 * px for b in markers)
+        return int((np.hypot(*(centres - p).T) < 50 * px).sum())
 
-    # boxes as (x0, y0, x1, y1) tuples of floats, segments as ((x0, y0), (x1, y1)): the search below compares
-    # them a few hundred thousand times, which matplotlib's Bbox properties made take seconds
-    def overlap(a: tuple, b: tuple) -> float:
-        w, h = min(a[2], b[2]) - max(a[0], b[0]), min(a[3], b[3]) - max(a[1], b[1])
-        return w * h if w > 0 and h > 0 else 0.0
-
-    def apart(a: tuple, b: tuple) -> float:  # the distance between two boxes (0 where they touch)
-        return math.hypot(max(a[0] - b[2], b[0] - a[2], 0.0), max(a[1] - b[3], b[1] - a[3], 0.0))
-
-    def crosses(box: tuple, seg: Any) -> bool:  # a segment through a box (Liang-Barsky clipping)
-        (x0, y0), (x1, y1) = seg
-        t0, t1, dx, dy = 0.0, 1.0, x1 - x0, y1 - y0
-        for p, q in ((-dx, x0 - box[0]), (dx, box[2] - x0), (-dy, y0 - box[1]), (dy, box[3] - y0)):
-            if p == 0:
-                if q < 0:
-                    return False
-            elif p < 0:
-                t0 = max(t0, q / p)
-            else:
-                t1 = min(t1, q / p)
-        return t0 <= t1
-
-    pad = gap * px / 2  # each label keeps gap / 2 points around it clear
-    options = []  # per label: its candidates inside the axes, cheapest first
+    pad, g, s = gap * px / 2, gap * px, fine * px  # each label keeps gap / 2 points around it clear
+    options: list[_Candidates | None] = []
+    at_of: list[dict[str, Any]] = []  # per label: where its text box starts at offset (0, 0), per alignment
     for t, p in zip(texts, points):
-        k, over = own_marker(p), under(p)
-        mine = markers[k] if k is not None else (p[0] - 2 * px, p[1] - 2 * px, p[0] + 2 * px, p[1] + 2 * px)
+        k = own_marker(p)
+        mine = markers[k] if k is not None else np.array([p[0] - 2 * px, p[1] - 2 * px, p[0] + 2 * px, p[1] + 2 * px])
         # markers that do not cover the point (a run's first checkpoint under the model it starts from does: no
         # label of either can keep off it, nor be told apart from it)
-        others = [b for n, b in enumerate(markers) if n not in over]
-        half = max(mine[2] - p[0], p[0] - mine[0], mine[3] - p[1], p[1] - mine[1])
-        found = []
-        for ring in range(rings):
-            for j, (ux, uy, ha) in enumerate(LABEL_DIRECTIONS):
-                # straight candidates start at the marker's edge plus the gap, diagonal ones' corner at its corner
-                reach = (half + gap * px + ring * step * px) / px  # points
-                va = "bottom" if uy > 0 else "top" if uy < 0 else "center_baseline"
-                along = {"left": -1, "right": 1}.get(ha, 0) * half / px if ux == 0 else reach * ux  # edge-aligned
-                t.set_horizontalalignment(ha)
-                t.set_verticalalignment(va)
-                t.xyann = (along, reach * uy)
-                text = tuple(Text.get_window_extent(t, renderer).extents)
-                box = (text[0] - pad, text[1] - pad, text[2] + pad, text[3] + pad)
-                if not (area.x0 <= box[0] and box[2] <= area.x1 and area.y0 <= box[1] and box[3] <= area.y1):
-                    continue
-                near = (min(max(p[0], text[0]), text[2]), min(max(p[1], text[1]), text[3]))  # nearest to the point
-                line = (p, near) if apart(text, mine) > leader * px else None
-                cost = ring + 0.01 * j + sum(crosses(box, s) for s in segments) + (line is not None)
-                cost += 3 * any(apart(text, b) < apart(text, mine) for b in others)
-                cost += 3 * (sum(crosses(b, line) for b in others) if line else 0)
-                found.append((cost, t.xyann, ha, va, box, line, sum(overlap(box, b) for b in markers),
-                              (len(options), len(found))))  # the last: the candidate's id
-        options.append(sorted(found, key=lambda c: c[0]))
+        others = np.delete(markers, under(p), axis=0)
+        at_of.append({})
+        t.set_verticalalignment("bottom")
+        at = {}  # the text box's lower left corner, from the point, at offset (0, 0), per alignment
+        for ha in ("left", "center", "right"):
+            t.set_horizontalalignment(ha)
+            t.xyann = (0.0, 0.0)
+            e = Text.get_window_extent(t, renderer)
+            at[ha], w, h = np.array([e.x0, e.y0]) - p, e.width, e.height
+        m = mine - np.tile(p, 2)  # its marker, from the point
+        n = np.arange(int(reach * px // s) + 1)
 
-    pairs: dict[tuple[Any, Any], tuple[float, int]] = {}
+        def corners(lo: float, hi: float, size: float) -> Any:  # the box's low edge: past hi, before lo, or across
+            return np.unique(np.concatenate([hi + g + s * n, lo - g - size - s * n,
+                                             np.arange(lo - g - size + s, hi + g, s), [-size / 2, lo, hi - size]]))
 
-    def conflict(c: Any, d: Any) -> tuple[float, int]:
-        """What two labels' candidates cost together: the area their boxes share, and how often a leader of one
-        crosses the other's box (kept: the search asks about the same pairs again and again)."""
-        key = (c[7], d[7]) if c[7] < d[7] else (d[7], c[7])
-        if key not in pairs:
-            pairs[key] = (overlap(c[4], d[4]),
-                          (crosses(d[4], c[5]) if c[5] else 0) + (crosses(c[4], d[5]) if d[5] else 0))
-        return pairs[key]
+        x, y = (a.ravel() for a in np.meshgrid(corners(m[0], m[2], w), corners(m[1], m[3], h)))
+        text = np.column_stack([x, y, x + w, y + h]) + np.tile(p, 2)
+        box = text + [-pad, -pad, pad, pad]
+        dist = _apart(text, np.tile(p, 2))
+        off_mine = _apart(text, mine)
+        keep = ((area.x0 <= box[:, 0]) & (box[:, 2] <= area.x1) & (area.y0 <= box[:, 1]) & (box[:, 3] <= area.y1)
+                & (off_mine >= g - 1e-6) & (dist <= reach * px))
+        if not keep.any():
+            options.append(None)
+            continue
+        x, y, text, box, dist, off_mine = x[keep], y[keep], text[keep], box[keep], dist[keep], off_mine[keep]
+        ha = np.where(x >= m[0] - 1e-6, "left", np.where(x + w <= m[2] + 1e-6, "right", "center"))
+        near = np.column_stack([np.clip(p[0], text[:, 0], text[:, 2]), np.clip(p[1], text[:, 1], text[:, 3])])
+        line = np.column_stack([np.broadcast_to(p, near.shape), near])
+        lined = off_mine > leader * px
+        right, left = x >= m[2] + g - 1e-6, x + w <= m[0] - g + 1e-6
+        # right, left, above or below; nearer the middle of that side first
+        side = np.where(right, 0, np.where(left, 3, 6)) + abs(np.where(right | left, y + h / 2, x + w / 2)) / (w + h)
+        cost = (dist / (step * px) + (np.maximum(dist - far * px, 0) / (step * px)) ** 2 + 0.01 * side + lined
+                + _crosses(box[:, None], segments[None]).sum(axis=1)
+                + 3 * (_apart(text[:, None], others[None]) < off_mine[:, None]).any(axis=1)
+                + 3 * (lined[:, None] & _crosses(others[None], line[:, None])).sum(axis=1))
+        order = np.argsort(cost, kind="stable")
+        at_of[-1] = at
+        options.append(_Candidates(text[order], box[order], np.column_stack([x, y])[order], [str(a) for a in ha[order]],
+                                   cost[order], _overlap(box[:, None], markers[None]).sum(axis=1)[order],
+                                   line[order], lined[order]))
 
-    def price(i: int, c: Any, chosen: dict[int, Any]) -> tuple[bool, float]:
-        """Candidate ``c`` of label ``i`` beside the other labels' ``chosen`` ones: (covers anything, cost)."""
-        covered, tangle = c[6], 0
-        for n, d in chosen.items():
-            if n != i and d is not None:
-                area_, cross = conflict(c, d)
-                covered, tangle = covered + area_, tangle + cross
-        return covered > 0, c[0] + 3 * tangle + (1e3 + covered if covered > 0 else 0.0)
+    def prices(i: int, chosen: dict[int, int | None]) -> tuple[Any, Any]:
+        """Every candidate of label ``i`` beside the other labels' ``chosen`` ones: (area covered, cost)."""
+        c = options[i]
+        covered, tangle = c.covered.copy(), np.zeros(len(c.cost))
+        for n, k in chosen.items():
+            if n != i and k is not None:
+                d = options[n]
+                covered += _overlap(c.box, d.box[k])
+                tangle += c.lined & _crosses(d.box[k], c.line)  # its leader through the other label, or the other's
+                tangle += bool(d.lined[k]) & _crosses(c.box, d.line[k])  # through it
+        return covered, c.cost + 3 * tangle + np.where(covered > 0, 1e3 + covered, 0.0)
 
-    def cheapest(i: int, chosen: dict[int, Any]) -> Any:
-        return min(options[i], key=lambda c: price(i, c, chosen), default=None)
+    def total(chosen: dict[int, int | None]) -> float:
+        return float(sum(prices(i, {n: d for n, d in chosen.items() if n < i})[1][k]
+                         for i, k in chosen.items() if k is not None))
 
-    def total(chosen: dict[int, Any]) -> float:
-        return sum(price(i, c, {n: d for n, d in chosen.items() if n < i})[1]
-                   for i, c in chosen.items() if c is not None)
+    def improve(chosen: dict[int, int | None]) -> None:  # each label in turn to its cheapest place while that helps
+        for _ in range(passes):
+            moved = False
+            for i in order:
+                if chosen[i] is not None:
+                    cost = prices(i, chosen)[1]
+                    k = int(np.argmin(cost))
+                    if cost[k] < cost[chosen[i]] - 1e-9:
+                        chosen[i], moved = k, True
+            if not moved:
+                break
 
-    # greedy from the most crowded point; then each label in turn moved to its cheapest place beside all the others
-    # while that lowers its cost (greedy had placed it before knowing where the later ones go)
+    # greedy from the most crowded point, then moves (greedy had placed each before knowing where the later ones go)
     order = sorted(range(len(texts)), key=lambda i: (-crowd(points[i]), i))
-    chosen: dict[int, Any] = {}
+    chosen: dict[int, int | None] = {}
     for i in order:
-        chosen[i] = cheapest(i, chosen)
-    for _ in range(passes):
-        moved = False
-        for i in order:
-            c = cheapest(i, chosen)
-            if c is not None and price(i, c, chosen) < price(i, chosen[i], chosen):
-                chosen[i], moved = c, True
-        if not moved:
-            break
-    # then the best arrangement there is, searched depth first from the most crowded label with each one's
-    # candidates cheapest first, cutting a branch once it costs what the best found so far does (at most ``nodes``
-    # steps): moving one label at a time cannot swap two names that block each other
+        chosen[i] = int(np.argmin(prices(i, chosen)[1])) if options[i] is not None else None
+    improve(chosen)
+    # then the best arrangement there is over each label's cheapest candidates apart from one another (the fine
+    # grid's neighbours would fill the width with one place), searched depth first from the most crowded label,
+    # cutting a branch once it costs what the best found so far does (at most ``nodes`` steps): moving one label
+    # at a time cannot swap two names that block each other
+    picks: list[list[int]] = []
+    for i in order:
+        c, got = options[i], []
+        for k in range(len(c.cost) if c is not None else 0):
+            if len(got) == width:
+                break
+            if c.covered[k] == 0 and not any((np.abs(c.offset[k] - c.offset[j]) < 2 * s).all() for j in got):
+                got.append(k)
+        picks.append(got or ([0] if c is not None else []))
+    # what two labels' picks cost together: the area their boxes share, and how often a leader of one crosses the
+    # other's box
+    pair: dict[tuple[int, int], tuple[list, list]] = {}
+    for a in range(len(order)):
+        for b in range(a):
+            if picks[a] and picks[b]:
+                c, d = options[order[a]], options[order[b]]
+                ca, cb = c.box[picks[a]][:, None], d.box[picks[b]][None]
+                la, lb = c.line[picks[a]][:, None], d.line[picks[b]][None]
+                cross = ((c.lined[picks[a]][:, None] & _crosses(cb, la)).astype(int)
+                         + (d.lined[picks[b]][None] & _crosses(ca, lb)))
+                pair[a, b] = (_overlap(ca, cb).tolist(), cross.tolist())
     best = [total(chosen), dict(chosen)]
-    picks = [[c for c in options[i] if c[6] == 0][:width] or options[i][:1] for i in order]
+    slot: list[int] = []  # the pick taken at each depth
     steps = 0
 
-    def search(k: int, partial: dict[int, Any], cost: float) -> None:
+    def search(k: int, cost: float) -> None:
         nonlocal steps
         if k == len(order):
             if cost < best[0] - 1e-9:
-                best[0], best[1] = cost, dict(partial)
+                best[0], best[1] = cost, {order[j]: picks[j][slot[j]] if picks[j] else None for j in range(k)}
             return
-        i = order[k]
+        c = options[order[k]]
         if not picks[k]:
-            partial[i] = None
-            search(k + 1, partial, cost)
+            slot.append(-1)
+            search(k + 1, cost)
+            slot.pop()
             return
-        for c in picks[k]:
+        for a, cand in enumerate(picks[k]):
             steps += 1
-            if steps > nodes or cost + c[0] >= best[0] - 1e-9:  # candidates cheapest first: the rest cost more
+            if steps > nodes or cost + c.cost[cand] >= best[0] - 1e-9:  # cheapest first: the rest cost more
                 break
-            add = price(i, c, partial)[1]
+            covered, tangle = float(c.covered[cand]), 0
+            for j in range(k):
+                if slot[j] >= 0:
+                    overlap, cross = pair[k, j]
+                    covered, tangle = covered + overlap[a][slot[j]], tangle + cross[a][slot[j]]
+            add = c.cost[cand] + 3 * tangle + (1e3 + covered if covered > 0 else 0.0)
             if cost + add < best[0] - 1e-9:
-                partial[i] = c
-                search(k + 1, partial, cost + add)
-                del partial[i]
+                slot.append(a)
+                search(k + 1, cost + add)
+                slot.pop()
 
-    search(0, {}, 0.0)
-    best = tuple(best)
+    search(0, 0.0)
+    chosen = best[1]
+    improve(chosen)
     for i, (t, p) in enumerate(zip(texts, points)):
-        c = best[1][i]
-        if c is None:  # nowhere inside the axes (a label wider than its map): beside its point, as drawn first
+        k = chosen[i]
+        if k is None:  # nowhere inside the axes (a label wider than its map): beside its point, as drawn first
             t.set_horizontalalignment("left")
             t.set_verticalalignment("bottom")
             t.xyann = (gap, gap)
             continue
-        _, off, ha, va, _, line, _, _ = c
+        c, ha = options[i], options[i].ha[k]
         t.set_horizontalalignment(ha)
-        t.set_verticalalignment(va)
-        t.xyann = off
-        if line:  # from the marker's edge (shrunk by its half-size) to the label's nearest point
-            k = own_marker(p)
-            half = max(markers[k][2] - markers[k][0], markers[k][3] - markers[k][1]) / 2 if k is not None else 2 * px
-            ax.annotate("", t.xy, xycoords=t.xycoords, xytext=((line[1][0] - p[0]) / px, (line[1][1] - p[1]) / px),
+        t.set_verticalalignment("bottom")
+        t.xyann = tuple(float(v) for v in (c.text[k, :2] - p - at_of[i][ha]) / px)
+        if c.lined[k]:  # from the marker's edge (shrunk by its half-size) to the label's nearest point
+            j = own_marker(p)
+            half = max(markers[j, 2] - markers[j, 0], markers[j, 3] - markers[j, 1]) / 2 if j is not None else 2 * px
+            ax.annotate("", t.xy, xycoords=t.xycoords, xytext=tuple(float(v) for v in (c.line[k, 2:] - p) / px),
                         textcoords="offset points", zorder=t.get_zorder() - 0.5,
                         arrowprops=dict(arrowstyle="-", color="0.5", lw=0.5, shrinkA=0, shrinkB=half / px))
 
