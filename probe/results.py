@@ -455,6 +455,11 @@ def has_contents(out: Path) -> bool:
     return out.is_dir() and any(p.name != LOCK and not _TEMP.fullmatch(p.name) for p in out.iterdir())
 
 
+def is_lock_file(f: Path) -> bool:
+    """Whether ``f`` is a lock ``lock_out_dir`` makes (``DIR/.lock`` or ``.NAME.lock`` beside an output)."""
+    return f.name == LOCK or (f.name.startswith(".") and f.name.endswith(LOCK))
+
+
 def lock_path(out: Path, beside: bool = False) -> Path:
     """``out``'s lock file: ``DIR/.lock``, or with ``beside`` ``.NAME.lock`` in its folder."""
     return Path(out).parent / f".{Path(out).name}{LOCK}" if beside else Path(out) / LOCK
@@ -775,8 +780,10 @@ def content_fingerprint(path: str | Path, hash_limit: int = 64 << 20, recursive:
     p = Path(path)
     h = hashlib.sha256()
     listing = p.rglob("*") if recursive else p.iterdir()
-    # not the manifest of what a command wrote there: figures drawn into a merged model's dir later rewrite it
-    files = (sorted(f for f in listing if f.is_file() and f.name != MANIFEST and not skip(f)) if p.is_dir()
+    # not the manifest of what a command wrote there: figures drawn into a merged model's dir later rewrite it; nor
+    # a lock (DIR/.lock, .NAME.lock), which names whichever process last held it: a redraw or rerun would change it
+    files = (sorted(f for f in listing if f.is_file() and f.name != MANIFEST and not is_lock_file(f) and not skip(f))
+             if p.is_dir()
              else [p] if p.is_file() else [])
     for f in files:
         st = f.stat()

@@ -877,3 +877,25 @@ def test_a_composite_config_transformers_cannot_build_is_tied_by_its_text_config
     for tie, tied in ((True, True), (False, False), (None, False)):
         sub = text if tie is None else text | {"tie_word_embeddings": tie}
         assert ties_word_embeddings({"model_type": "qwen2_vl", "text_config": sub}, vl) is tied, tie
+
+
+def test_fingerprints_leave_out_locks(tmp_path):
+    """A lock names the process that last held it ("PID HOST", written by every claim and by a redraw): were it in a
+    model's or data set's fingerprint, drawing figures into a fine-tuned model's dir, or rerunning a conversion,
+    would make every later sweep or evaluation of it "a different run". The fingerprint still follows a weight."""
+    from probe.models import local_fingerprint
+    from probe.results import LOCK, content_fingerprint, lock_path
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}", encoding="utf-8")
+    (model / "model.safetensors").write_bytes(b"\0" * 64)
+    before = local_fingerprint(model), content_fingerprint(tmp_path)
+    (model / LOCK).write_text("123 host-a\n", encoding="utf-8")
+    lock_path(model / "sub", beside=True).write_text("456 host-b\n", encoding="utf-8")
+    assert (local_fingerprint(model), content_fingerprint(tmp_path)) == before
+    (model / LOCK).write_text("789 host-c\n", encoding="utf-8")
+    assert (local_fingerprint(model), content_fingerprint(tmp_path)) == before
+    (model / "model.safetensors").write_bytes(b"\1" * 64)
+    after = local_fingerprint(model), content_fingerprint(tmp_path)
+    assert after[0] != before[0] and after[1] != before[1]
