@@ -6,6 +6,7 @@ family table, so a real checkpoint, a tiny random model and a trained organism s
 from __future__ import annotations
 
 import json
+import re
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -261,8 +262,8 @@ def check_weights(path: Path, config: dict[str, Any], gguf_file: str | None = No
 
 
 def check_loaded_tie(path: Path, config: dict[str, Any], entry: Path | None, keys: dict[Path, list[str]]) -> None:
-    """``check_tied_head`` on the weight files transformers loads from ``path`` (``keys``: each weight file's tensor
-    names, safetensors headers or .bin pickles; of those, the files ``entry`` names)."""
+    """``check_lm_sizes`` and ``check_tied_head`` on the weight files transformers loads from ``path`` (``keys``:
+    each weight file's tensor names, safetensors headers or .bin pickles; of those, the files ``entry`` names)."""
     from contextlib import ExitStack
 
     from safetensors import safe_open
@@ -273,20 +274,71 @@ def check_loaded_tie(path: Path, config: dict[str, Any], entry: Path | None, key
         files = keys if entry is None else {entry: keys.get(entry, [])}
     where = {k: f for f, names in files.items() for k in names}
     with ExitStack() as stack:
+        opened: dict[Path, Any] = {}  # each file opened once (a .bin's pickle read once, memory-mapped)
+
         def tensor(key: str) -> Any:
             f = where[key]
-            if f.suffix == ".bin":
-                return torch.load(f, map_location="cpu", weights_only=True, mmap=True)[key]
-            return stack.enter_context(safe_open(str(f), framework="pt")).get_slice(key)
+            if f not in opened:
+                opened[f] = (torch.load(f, map_location="cpu", weights_only=True, mmap=True) if f.suffix == ".bin"
+                             else stack.enter_context(safe_open(str(f), framework="pt")))
+            return opened[f][key] if f.suffix == ".bin" else opened[f].get_slice(key)
 
         family = family_of_model_type(config["model_type"])
         try:
             layout = detect_layout(config.get("model_type"), where)
         except BadInput:
             return  # a layout only the family's class reads (the analyses refuse it on their own)
-        canon = {canonical_lm_name(layout, k): k for k in where}
+        canon = {c: k for k in where if (c := canonical_lm_name(layout, k)) is not None}
+        sized = {c: k for c, k in canon.items() if any(p.fullmatch(c) for p, _, _ in LM_SIZES)}
+        check_lm_sizes(path, config, family, {c: (k, shape_of(tensor(k))) for c, k in sized.items()})
         if "lm_head.weight" in canon and "embed_tokens.weight" in canon:
             check_tied_head(path, config, family, canon["lm_head.weight"], canon["embed_tokens.weight"], tensor)
+
+
+# The LM tensors whose shape a text config's size fixes: (canonical name, dimension of the stored [out, in] matrix,
+# config key). transformers builds these from the config and refuses a file whose tensor differs (check_loading_info)
+LM_SIZES = ((re.compile(r"(embed_tokens|lm_head)\.weight"), 0, "vocab_size"),
+            (re.compile(r"layers\.\d+\.mlp\.(gate|up)_proj\.weight"), 0, "intermediate_size"),
+            (re.compile(r"layers\.\d+\.mlp\.down_proj\.weight"), 1, "intermediate_size"))
+
+
+def shape_of(t: Any) -> tuple[int, ...]:
+    """A tensor's or a safetensors slice's shape."""
+    return tuple(t.get_shape()) if hasattr(t, "get_shape") else tuple(t.shape)
+
+
+def check_lm_sizes(path: Path, config: Mapping[str, Any], family: Family,
+                   shapes: Mapping[str, tuple[str, Sequence[int]]]) -> None:
+    """The LM's embedding and lm_head rows against the text config's ``vocab_size`` and its MLP matrices against
+    ``intermediate_size`` (``shapes``: canonical LM name -> (disk key, shape), headers only). The one check of both
+    readers: probe.eval's load refused such a checkpoint (transformers' mismatched keys) while analyses.shift, which
+    never builds the model from the config, measured it; both now refuse it here with one line. Exactly
+    transformers' rule, no stricter: a size the text config leaves out (its class default applies) or gives as no
+    integer (a per-layer list) is not compared, and the Omni thinker's text config is the one read (its talker's
+    sizes differ)."""
+    text = text_config_dict(config, family)
+    depth = text.get("num_hidden_layers")
+    wrong = []
+    for canon, (key, shape) in sorted(shapes.items(), key=lambda item: item[1][0]):
+        layer = re.match(r"layers\.(\d+)\.", canon)
+        if layer and isinstance(depth, int) and int(layer.group(1)) >= depth:
+            continue  # a layer the config does not build: a tensor the load refuses as not in the model
+        for pattern, dim, size in LM_SIZES:
+            want = text.get(size)
+            if (pattern.fullmatch(canon) and isinstance(want, int) and not isinstance(want, bool)
+                    and len(shape) == 2 and shape[dim] != want):
+                expected = list(shape)
+                expected[dim] = want
+                wrong.append(f"{key} (shape {tuple(shape)} in the file, {tuple(expected)} by config.json)")
+    if wrong:
+        raise BadInput(mismatch_line(path, wrong, "of the wrong shape"))
+
+
+def mismatch_line(path: Path, keys: Sequence[str], what: str) -> str:
+    """The one line that refuses a checkpoint whose tensors do not match its config.json."""
+    more = f" and {len(keys) - 1} more" if len(keys) > 1 else ""
+    return (f"checkpoint {path}: tensor {keys[0]}{more} {what}; it does not match its config.json (a damaged or "
+            "mislabelled checkpoint)")
 
 
 # rows of lm_head and embed_tokens compared at a time (a 7B model's are 152,064 × 3,584)
@@ -665,9 +717,7 @@ def check_loading_info(ref: ModelRef, info: dict[str, Any]) -> None:
     for what, keys in (("missing", sorted(info.get("missing_keys", []))), ("of the wrong shape", mismatched),
                        ("not in the model config.json describes", sorted(info.get("unexpected_keys", [])))):
         if keys:
-            more = f" and {len(keys) - 1} more" if len(keys) > 1 else ""
-            raise BadInput(f"checkpoint {ref.path}: tensor {keys[0]}{more} {what}; it does not match its "
-                           "config.json (a damaged or mislabelled checkpoint)")
+            raise BadInput(mismatch_line(ref.path, keys, what))
 
 
 def special_tokens(tokenizer: Any) -> tuple[str, ...]:
