@@ -143,6 +143,7 @@ def resolve_model(spec: str) -> ModelRef:
         raise BadInput(f"{path}/config.json has no model_type")
     family = family_of_model_type(model_type)
     geometry = config_geometry(path, config, family)
+    check_vision_sizes(path, config)  # before transformers builds a tower from it (a local dir or a hub snapshot)
     if repo is None:
         check_weights(path, config, gguf_file)
     note_custom_code(path, config, family)
@@ -218,6 +219,33 @@ LAYER_COUNTS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers", "depth
 MAX_LAYERS = 1024  # more layers than any published stack has (decoders ~100, vision towers ~60) by far
 
 
+def config_entries(cfg: Mapping[str, Any], keys: Sequence[str], where: str = "",
+                   depth: int = 0) -> Iterator[tuple[str, Any]]:
+    """(dotted name, value) of every entry named one of ``keys`` in config.json, at any level of its nested configs
+    (text, vision, audio; the Omni thinker's inside its thinker_config)."""
+    for key, value in cfg.items():
+        if isinstance(value, Mapping) and depth < 4:
+            yield from config_entries(value, keys, f"{where}{key}.", depth + 1)
+        elif key in keys:
+            yield f"{where}{key}", value
+
+
+# A vision tower's image side in pixels (config.json image_size, an int or [h, w]): 16× the largest any published
+# tower takes (SigLIP 384-512, CLIP 336, InternViT 448, Gemma 3 896, Pixtral 1,024), so no real config comes near
+# it, while a damaged one (10**6) builds a position table of (side / patch)² rows: transformers allocated 125 GB
+# for it and failed after seconds with torch's allocator message, where it is refused here from the config alone.
+MAX_IMAGE_SIZE = 16384
+
+
+def check_vision_sizes(path: Path, config: Mapping[str, Any]) -> None:
+    """No image_size of config.json (any vision config) past ``MAX_IMAGE_SIZE``."""
+    for name, value in config_entries(config, ("image_size",)):
+        sides = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, int) and not isinstance(v, bool) and v > MAX_IMAGE_SIZE for v in sides):
+            raise BadInput(f"{path}/config.json says {name} {value}: an image side past {MAX_IMAGE_SIZE:,} px, far "
+                           "beyond any vision tower's (the largest published take 1,024 px); a damaged config")
+
+
 def check_layer_counts(path: Path, config: Mapping[str, Any], keys: Sequence[str]) -> None:
     """No layer count of config.json (at any level: text, vision, audio configs) past both ``MAX_LAYERS`` and the
     deepest stack of layers the weights hold (``keys``: tensor names from the headers; none, nothing is checked). A
@@ -229,15 +257,7 @@ def check_layer_counts(path: Path, config: Mapping[str, Any], keys: Sequence[str
     if not indices:
         return
     held = max(indices) + 1  # the deepest stack of layers in the weights
-
-    def counts(cfg: Mapping[str, Any], where: str, depth: int = 0) -> Iterator[tuple[str, Any]]:
-        for key, value in cfg.items():
-            if isinstance(value, Mapping) and depth < 4:
-                yield from counts(value, f"{where}{key}.", depth + 1)
-            elif key in LAYER_COUNTS:
-                yield f"{where}{key}", value
-
-    for name, value in counts(config, ""):
+    for name, value in config_entries(config, LAYER_COUNTS):
         if isinstance(value, int) and not isinstance(value, bool) and value > max(held, MAX_LAYERS):
             raise BadInput(f"checkpoint {path}: config.json says {name} {value:,}, but the deepest stack of layers in "
                            f"its weights has {held}; it does not match its config.json (a damaged or mislabelled "
