@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Collection, Iterator, Mapping, Sequence
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
@@ -267,8 +267,8 @@ def check_layer_counts(path: Path, config: Mapping[str, Any], keys: Sequence[str
 def check_weights(path: Path, config: dict[str, Any], gguf_file: str | None = None) -> None:
     entry = weights_entry(path) if gguf_file is None else None  # refuses a dir with two weight sets
     keys = check_weight_files(path, config)
-    # a .bin checkpoint's tensor names, read once (each shard's pickle) for the shard check and the tie check
-    loaded = ({f: bin_keys(f) for f in sorted(path.glob("pytorch_model*.bin"))}
+    # a .bin checkpoint's tensor names and shapes, read once (each shard's pickle) for the shard, size and tie checks
+    loaded = ({f: bin_shapes(f) for f in sorted(path.glob("pytorch_model*.bin"))}
               if entry is not None and entry.name.startswith("pytorch_model") else keys)
     if gguf_file is None and (entry is None or entry.name == "model.safetensors.index.json"):
         check_shard_keys(path, entry, keys)
@@ -281,9 +281,11 @@ def check_weights(path: Path, config: dict[str, Any], gguf_file: str | None = No
         check_loaded_tie(path, config, entry, loaded)
 
 
-def check_loaded_tie(path: Path, config: dict[str, Any], entry: Path | None, keys: dict[Path, list[str]]) -> None:
+def check_loaded_tie(path: Path, config: dict[str, Any], entry: Path | None,
+                     keys: Mapping[Path, Sequence[str] | Mapping[str, tuple[int, ...]]]) -> None:
     """``check_lm_sizes`` and ``check_tied_head`` on the weight files transformers loads from ``path`` (``keys``:
-    each weight file's tensor names, safetensors headers or .bin pickles; of those, the files ``entry`` names)."""
+    each weight file's tensor names, safetensors headers, or .bin pickles' names and shapes (``bin_shapes``); of
+    those, the files ``entry`` names)."""
     from contextlib import ExitStack
 
     from safetensors import safe_open
@@ -310,7 +312,9 @@ def check_loaded_tie(path: Path, config: dict[str, Any], entry: Path | None, key
             return  # a layout only the family's class reads (the analyses refuse it on their own)
         canon = {c: k for k in where if (c := canonical_lm_name(layout, k)) is not None}
         sized = {c: k for c, k in canon.items() if any(p.fullmatch(c) for p, _, _ in LM_SIZES)}
-        check_lm_sizes(path, config, family, {c: (k, shape_of(tensor(k))) for c, k in sized.items()})
+        known = {k: shape for names in files.values() if isinstance(names, Mapping) for k, shape in names.items()}
+        check_lm_sizes(path, config, family, {c: (k, known[k] if k in known else shape_of(tensor(k)))
+                                              for c, k in sized.items()})
         if "lm_head.weight" in canon and "embed_tokens.weight" in canon:
             check_tied_head(path, config, family, canon["lm_head.weight"], canon["embed_tokens.weight"], tensor)
 
@@ -962,19 +966,19 @@ def check_float_parameters(file: Path, fh: Any) -> None:
             raise BadInput(f"{file}: tensor {key} is stored as {dtype}, not a float dtype: a damaged checkpoint")
 
 
-def bin_keys(file: Path) -> list[str]:
-    """The tensor names of a PyTorch ``.bin`` shard: its pickle is read (``weights_only``, memory-mapped, so no
-    tensor data), which is as close to a header as the format has."""
+def bin_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """The tensor names and shapes of a PyTorch ``.bin`` shard: its pickle is read (``weights_only``, memory-mapped,
+    so no tensor data), which is as close to a header as the format has."""
     try:
         sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad pickle
         raise BadInput(f"unreadable checkpoint file {file}: {type(exc).__name__}: {error_reason(exc)}") from None
     if not isinstance(sd, dict):
         raise BadInput(f"unreadable checkpoint file {file}: not a state dict")
-    return [k for k, v in sd.items() if isinstance(v, torch.Tensor)]
+    return {k: tuple(v.shape) for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
-def check_shard_keys(path: Path, index: Path | None, keys: dict[Path, list[str]]) -> None:
+def check_shard_keys(path: Path, index: Path | None, keys: Mapping[Path, Collection[str]]) -> None:
     """Each tensor in exactly one shard, the one the index maps it to (headers only, from check_weight_files).
 
     A key held by two shards is loaded by transformers from whichever shard comes last, while a reader following
