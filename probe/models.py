@@ -336,10 +336,10 @@ def check_lm_sizes(path: Path, config: Mapping[str, Any], family: Family,
     """The LM's embedding and lm_head rows against the text config's ``vocab_size`` and its MLP matrices against
     ``intermediate_size`` (``shapes``: canonical LM name -> (disk key, shape), headers only). The one check of both
     readers: probe.eval's load refused such a checkpoint (transformers' mismatched keys) while analyses.shift, which
-    never builds the model from the config, measured it; both now refuse it here with one line. Exactly
-    transformers' rule, no stricter: a size the text config leaves out (its class default applies) or gives as no
-    integer (a per-layer list) is not compared, and the Omni thinker's text config is the one read (its talker's
-    sizes differ)."""
+    never builds the model from the config, measured it; both now refuse it here with one line. transformers'
+    rule, never stricter: a size the text config leaves out (its class default applies: the probe's load still
+    compares it, the analyses do not) or gives as no integer (a per-layer list) is not compared, and the Omni
+    thinker's text config is the one read (its talker's sizes differ)."""
     text = text_config_dict(config, family)
     depth = text.get("num_hidden_layers")
     wrong = []
