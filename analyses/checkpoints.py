@@ -282,7 +282,7 @@ def checkpoint_fingerprint(ck: Checkpoint) -> str:
 
 def open_checkpoint(spec: str, allow_bin: bool = False) -> Checkpoint:
     """Resolve, read config and headers, detect the layout; no tensor data is touched."""
-    from probe.models import check_layer_counts, check_shard_keys, check_tied_head
+    from probe.models import check_layer_counts, check_lm_sizes, check_shard_keys, check_tied_head
 
     path = resolve_model_dir(spec)
     config = read_config_json(path)
@@ -321,6 +321,8 @@ def open_checkpoint(spec: str, allow_bin: bool = False) -> Checkpoint:
             lm[canon] = key
     if "embed_tokens.weight" not in lm or not any(c.startswith("layers.") for c in lm):
         raise BadInput(f"{path}: no LM tensors found under layout {layout.name}")
+    # probe.eval's load refuses an LM whose shapes contradict config.json: these readers refuse it alike
+    check_lm_sizes(path, config, FAMILIES[layout.family], {c: (k, infos[k].shape) for c, k in lm.items()})
     if "lm_head.weight" not in lm and says_untied(config, FAMILIES[layout.family]):
         raise BadInput(f"{path}: no lm_head tensor, yet config.json unties it from embed_tokens "
                        "(tie_word_embeddings false): transformers would initialise it at random; a damaged checkpoint")

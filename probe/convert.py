@@ -331,6 +331,12 @@ def convert_video_mme(cfg: ConvertConfig, report: ConvertReport, plan: Planned) 
     if absent := sorted(v for v, p in plan.videos.items() if not p.is_file()):
         raise BadInput(f"{len(absent)} of {len(plan.videos)} videos are not in {videos} (first: {absent[0]}.mp4; "
                        f"{', '.join(VIDEO_EXTS[1:])} are taken too); unzip every videos_chunked_*.zip there")
+    # a video is read from the folder only, as its id is a file name and never a path: a link leading out of it
+    # (to /etc, another user's files) would be decoded and its frames written into the converted set
+    for vid, path in sorted(plan.videos.items()):
+        if out_inside(path, [("--videos", videos)]) is None:
+            raise BadInput(f"{path} is a link to {path.resolve()}, outside the video folder {videos.resolve()}: "
+                           "videos are read from that folder only; copy the video there (or give --videos its folder)")
 
 
 def add_row(cfg: ConvertConfig, report: ConvertReport, plan: Planned, subject: Any, where: str, question: Any,

@@ -275,8 +275,14 @@ def _cell_bytes(cell: Any) -> Any:
     return cell.get("bytes") if isinstance(cell, dict) else cell
 
 
-def _image_bytes(cell: Any, where: str, what: str) -> bytes:
-    """An image cell's bytes, checked to decode as the run will (``_decode``): else BadInput naming the row."""
+# formats whose images may be animations (a phone's MPO JPEG holds a second, preview picture: no animation)
+ANIMATED_FORMATS = frozenset({"GIF", "PNG", "WEBP"})
+
+
+def _image_bytes(cell: Any, where: str, what: str, animated: list[tuple[str, int]] | None = None) -> bytes:
+    """An image cell's bytes, checked to decode as the run will (``_decode``): else BadInput naming the row. An
+    animation (GIF, APNG, WebP of several frames) is appended to ``animated`` as (row and column, frames): the
+    run shows its first frame only, which the loader says once per file (``warn_animated``)."""
     data = _cell_bytes(cell)
     named = data if isinstance(data, str) else cell.get("path") if isinstance(cell, dict) and not data else None
     if named:  # a path only (datasets' Image feature before its files are embedded), or a column of file names
@@ -291,6 +297,7 @@ def _image_bytes(cell: Any, where: str, what: str) -> bytes:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
                 width, height = img.size
+                frames = getattr(img, "n_frames", 1) if img.format in ANIMATED_FORMATS else 1
                 img.verify()  # chunk CRCs (PNG), which load() does not check
         if width * height > MAX_IMAGE_PIXELS:
             raise Image.DecompressionBombError(f"Image size ({width * height} pixels)")
@@ -309,7 +316,19 @@ def _image_bytes(cell: Any, where: str, what: str) -> bytes:
     except Exception as exc:  # PIL raises many types for bad bytes
         reason = f"{type(exc).__name__}: {error_reason(exc)}"
         raise BadInput(f"{where}: {what} is not a decodable image ({reason})") from None
+    if frames > 1 and animated is not None:
+        animated.append((f"{where} {what}", frames))
     return data
+
+
+def warn_animated(path: Path, animated: Sequence[tuple[str, int]]) -> None:
+    """One warning line for the animated images of the file ``path`` (``_image_bytes``): each is shown as its first
+    frame (as the datasets library and transformers' load_image read it), the rest of its frames unseen."""
+    if animated:
+        (first, frames), more = animated[0], len(animated) - 1
+        print(f"warning: {path}: {len(animated)} animated image(s) are shown as their first frame only, the other "
+              f"frames unseen ({first} has {frames} frames{f'; and {more} more' if more else ''}); store a still "
+              "image (or the frames as a <video>) if more is meant", file=sys.stderr)
 
 
 def _shown_size(data: bytes) -> tuple[int, int]:
@@ -340,7 +359,7 @@ def _filled_frames(video: Any) -> int:
     return sum(map(_filled, video)) if isinstance(video, (list, tuple)) else 0
 
 
-def _make_item(row: dict[str, Any], subject: str, where: str) -> Item:
+def _make_item(row: dict[str, Any], subject: str, where: str, animated: list[tuple[str, int]] | None = None) -> Item:
     question = row["question"]
     if not isinstance(question, str):
         raise BadInput(f"{where}: 'question' is not a string")
@@ -364,13 +383,13 @@ def _make_item(row: dict[str, Any], subject: str, where: str) -> Item:
     for k in referenced:
         if not 1 <= k <= MAX_IMAGES:
             raise BadInput(f"{where}: references <image {k}>, but only image_1..image_{MAX_IMAGES} exist")
-        images.append(_image_bytes(row.get(f"image_{k}"), where, f"image_{k}"))
+        images.append(_image_bytes(row.get(f"image_{k}"), where, f"image_{k}", animated))
     frames: tuple[bytes, ...] = ()
     video = row.get("video")
     if VIDEO_REF in question:
         if not isinstance(video, (list, tuple)) or not video:
             raise BadInput(f"{where}: references <video>, but the 'video' column is missing or empty")
-        frames = tuple(_image_bytes(f, where, f"video frame {i}") for i, f in enumerate(video))
+        frames = tuple(_image_bytes(f, where, f"video frame {i}", animated) for i, f in enumerate(video))
         sizes = [_shown_size(f) for f in frames]  # Qwen2-VL's frames were all stretched to frame 0's size
         if odd := next((i for i, size in enumerate(sizes) if size != sizes[0]), None):
             raise BadInput(f"{where}: video frame {odd} is {sizes[odd][0]}×{sizes[odd][1]} but frame 0 is "
@@ -455,6 +474,7 @@ def load_mmmu(
         sub_items: list[Item] = []
         for path in paths:
             files.append(str(path))
+            animated: list[tuple[str, int]] = []
             for i, row in enumerate(_read_rows(path)):
                 rid = row.get("id")
                 where = f"{path.name} ({subject}) row {i} id={rid!r}"
@@ -468,7 +488,8 @@ def load_mmmu(
                 if kind == "open":
                     open_keys.append((subject, _id_key(str(rid))))
                     continue
-                sub_items.append(_make_item(row, subject, where))
+                sub_items.append(_make_item(row, subject, where, animated))
+            warn_animated(path, animated)
         seen: set[str] = set()
         for it in sub_items:  # results are keyed by (subject, id): a repeated id would pair wrong answers
             if it.id in seen:

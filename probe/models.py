@@ -6,12 +6,13 @@ family table, so a real checkpoint, a tiny random model and a trained organism s
 from __future__ import annotations
 
 import json
+import re
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Collection, Iterator, Mapping, Sequence
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
@@ -142,6 +143,7 @@ def resolve_model(spec: str) -> ModelRef:
         raise BadInput(f"{path}/config.json has no model_type")
     family = family_of_model_type(model_type)
     geometry = config_geometry(path, config, family)
+    check_vision_sizes(path, config)  # before transformers builds a tower from it (a local dir or a hub snapshot)
     if repo is None:
         check_weights(path, config, gguf_file)
     note_custom_code(path, config, family)
@@ -217,6 +219,33 @@ LAYER_COUNTS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers", "depth
 MAX_LAYERS = 1024  # more layers than any published stack has (decoders ~100, vision towers ~60) by far
 
 
+def config_entries(cfg: Mapping[str, Any], keys: Sequence[str], where: str = "",
+                   depth: int = 0) -> Iterator[tuple[str, Any]]:
+    """(dotted name, value) of every entry named one of ``keys`` in config.json, at any level of its nested configs
+    (text, vision, audio; the Omni thinker's inside its thinker_config)."""
+    for key, value in cfg.items():
+        if isinstance(value, Mapping) and depth < 4:
+            yield from config_entries(value, keys, f"{where}{key}.", depth + 1)
+        elif key in keys:
+            yield f"{where}{key}", value
+
+
+# A vision tower's image side in pixels (config.json image_size, an int or [h, w]): 16× the largest any published
+# tower takes (SigLIP 384-512, CLIP 336, InternViT 448, Gemma 3 896, Pixtral 1,024), so no real config comes near
+# it, while a damaged one (10**6) builds a position table of (side / patch)² rows: transformers allocated 125 GB
+# for it and failed after seconds with torch's allocator message, where it is refused here from the config alone.
+MAX_IMAGE_SIZE = 16384
+
+
+def check_vision_sizes(path: Path, config: Mapping[str, Any]) -> None:
+    """No image_size of config.json (any vision config) past ``MAX_IMAGE_SIZE``."""
+    for name, value in config_entries(config, ("image_size",)):
+        sides = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, int) and not isinstance(v, bool) and v > MAX_IMAGE_SIZE for v in sides):
+            raise BadInput(f"{path}/config.json says {name} {value}: an image side past {MAX_IMAGE_SIZE:,} px, far "
+                           "beyond any vision tower's (the largest published take 1,024 px); a damaged config")
+
+
 def check_layer_counts(path: Path, config: Mapping[str, Any], keys: Sequence[str]) -> None:
     """No layer count of config.json (at any level: text, vision, audio configs) past both ``MAX_LAYERS`` and the
     deepest stack of layers the weights hold (``keys``: tensor names from the headers; none, nothing is checked). A
@@ -228,15 +257,7 @@ def check_layer_counts(path: Path, config: Mapping[str, Any], keys: Sequence[str
     if not indices:
         return
     held = max(indices) + 1  # the deepest stack of layers in the weights
-
-    def counts(cfg: Mapping[str, Any], where: str, depth: int = 0) -> Iterator[tuple[str, Any]]:
-        for key, value in cfg.items():
-            if isinstance(value, Mapping) and depth < 4:
-                yield from counts(value, f"{where}{key}.", depth + 1)
-            elif key in LAYER_COUNTS:
-                yield f"{where}{key}", value
-
-    for name, value in counts(config, ""):
+    for name, value in config_entries(config, LAYER_COUNTS):
         if isinstance(value, int) and not isinstance(value, bool) and value > max(held, MAX_LAYERS):
             raise BadInput(f"checkpoint {path}: config.json says {name} {value:,}, but the deepest stack of layers in "
                            f"its weights has {held}; it does not match its config.json (a damaged or mislabelled "
@@ -246,8 +267,8 @@ def check_layer_counts(path: Path, config: Mapping[str, Any], keys: Sequence[str
 def check_weights(path: Path, config: dict[str, Any], gguf_file: str | None = None) -> None:
     entry = weights_entry(path) if gguf_file is None else None  # refuses a dir with two weight sets
     keys = check_weight_files(path, config)
-    # a .bin checkpoint's tensor names, read once (each shard's pickle) for the shard check and the tie check
-    loaded = ({f: bin_keys(f) for f in sorted(path.glob("pytorch_model*.bin"))}
+    # a .bin checkpoint's tensor names and shapes, read once (each shard's pickle) for the shard, size and tie checks
+    loaded = ({f: bin_shapes(f) for f in sorted(path.glob("pytorch_model*.bin"))}
               if entry is not None and entry.name.startswith("pytorch_model") else keys)
     # the index's weight_map, read once for the shard check and the tie check
     wmap = read_weight_map(entry) if entry is not None and entry.name.endswith(".index.json") else None
@@ -263,10 +284,10 @@ def check_weights(path: Path, config: dict[str, Any], gguf_file: str | None = No
 
 
 def check_loaded_tie(path: Path, config: dict[str, Any], entry: Path | None, wmap: Mapping[str, str] | None,
-                     keys: dict[Path, list[str]]) -> None:
-    """``check_tied_head`` on the weight files transformers loads from ``path`` (``keys``: each weight file's tensor
-    names, safetensors headers or .bin pickles; of those, the files ``entry`` names: with an index, the shards its
-    ``wmap``, ``read_weight_map(entry)``, lists)."""
+                     keys: Mapping[Path, Sequence[str] | Mapping[str, tuple[int, ...]]]) -> None:
+    """``check_lm_sizes`` and ``check_tied_head`` on the weight files transformers loads from ``path`` (``keys``:
+    each weight file's tensor names, safetensors headers, or .bin pickles' names and shapes (``bin_shapes``); of
+    those, the files ``entry`` names: with an index, the shards its ``wmap``, ``read_weight_map(entry)``, lists)."""
     from contextlib import ExitStack
 
     from safetensors import safe_open
@@ -277,16 +298,18 @@ def check_loaded_tie(path: Path, config: dict[str, Any], entry: Path | None, wma
         files = keys if entry is None else {entry: keys.get(entry, [])}
     where = {k: f for f, names in files.items() for k in names}
     with ExitStack() as stack:
+        opened: dict[Path, Any] = {}  # each file opened once (a .bin's pickle read once, memory-mapped)
+
         def tensor(key: str) -> Any:
             f = where[key]
-            if f.suffix == ".bin":
-                return torch.load(f, map_location="cpu", weights_only=True, mmap=True)[key]
-            return stack.enter_context(safe_open(str(f), framework="pt")).get_slice(key)
+            if f not in opened:
+                opened[f] = (torch.load(f, map_location="cpu", weights_only=True, mmap=True) if f.suffix == ".bin"
+                             else stack.enter_context(safe_open(str(f), framework="pt")))
+            return opened[f][key] if f.suffix == ".bin" else opened[f].get_slice(key)
 
         family = family_of_model_type(config["model_type"])
         try:
             layout = detect_layout(config.get("model_type"), where)
-            canon = {canonical_lm_name(layout, k): k for k in where}
         except BadInput:  # a layout only the family's class reads (its key mapping: Qwen2-VL's visual.* under
             # model.visual.), which the analyses refuse but transformers loads: the two tensors by their names' ends,
             # where one key each ends so (this returned unchecked, and such a load ran the file's differing lm_head)
@@ -294,8 +317,60 @@ def check_loaded_tie(path: Path, config: dict[str, Any], entry: Path | None, wma
             for name in ("lm_head.weight", "embed_tokens.weight"):
                 if len(found := [k for k in where if k == name or k.endswith("." + name)]) == 1:
                     canon[name] = found[0]
+        else:
+            canon = {c: k for k in where if (c := canonical_lm_name(layout, k)) is not None}
+            sized = {c: k for c, k in canon.items() if any(p.fullmatch(c) for p, _, _ in LM_SIZES)}
+            known = {k: shape for names in files.values() if isinstance(names, Mapping) for k, shape in names.items()}
+            check_lm_sizes(path, config, family, {c: (k, known[k] if k in known else shape_of(tensor(k)))
+                                                  for c, k in sized.items()})
         if "lm_head.weight" in canon and "embed_tokens.weight" in canon:
             check_tied_head(path, config, family, canon["lm_head.weight"], canon["embed_tokens.weight"], tensor)
+
+
+# The LM tensors whose shape a text config's size fixes: (canonical name, dimension of the stored [out, in] matrix,
+# config key). transformers builds these from the config and refuses a file whose tensor differs (check_loading_info)
+LM_SIZES = ((re.compile(r"(embed_tokens|lm_head)\.weight"), 0, "vocab_size"),
+            (re.compile(r"layers\.\d+\.mlp\.(gate|up)_proj\.weight"), 0, "intermediate_size"),
+            (re.compile(r"layers\.\d+\.mlp\.down_proj\.weight"), 1, "intermediate_size"))
+
+
+def shape_of(t: Any) -> tuple[int, ...]:
+    """A tensor's or a safetensors slice's shape."""
+    return tuple(t.get_shape()) if hasattr(t, "get_shape") else tuple(t.shape)
+
+
+def check_lm_sizes(path: Path, config: Mapping[str, Any], family: Family,
+                   shapes: Mapping[str, tuple[str, Sequence[int]]]) -> None:
+    """The LM's embedding and lm_head rows against the text config's ``vocab_size`` and its MLP matrices against
+    ``intermediate_size`` (``shapes``: canonical LM name -> (disk key, shape), headers only). The one check of both
+    readers: probe.eval's load refused such a checkpoint (transformers' mismatched keys) while analyses.shift, which
+    never builds the model from the config, measured it; both now refuse it here with one line. transformers'
+    rule, never stricter: a size the text config leaves out (its class default applies: the probe's load still
+    compares it, the analyses do not) or gives as no integer (a per-layer list) is not compared, and the Omni
+    thinker's text config is the one read (its talker's sizes differ)."""
+    text = text_config_dict(config, family)
+    depth = text.get("num_hidden_layers")
+    wrong = []
+    for canon, (key, shape) in sorted(shapes.items(), key=lambda item: item[1][0]):
+        layer = re.match(r"layers\.(\d+)\.", canon)
+        if layer and isinstance(depth, int) and int(layer.group(1)) >= depth:
+            continue  # a layer the config does not build: a tensor the load refuses as not in the model
+        for pattern, dim, size in LM_SIZES:
+            want = text.get(size)
+            if (pattern.fullmatch(canon) and isinstance(want, int) and not isinstance(want, bool)
+                    and len(shape) == 2 and shape[dim] != want):
+                expected = list(shape)
+                expected[dim] = want
+                wrong.append(f"{key} (shape {tuple(shape)} in the file, {tuple(expected)} by config.json)")
+    if wrong:
+        raise BadInput(mismatch_line(path, wrong, "of the wrong shape"))
+
+
+def mismatch_line(path: Path, keys: Sequence[str], what: str) -> str:
+    """The one line that refuses a checkpoint whose tensors do not match its config.json."""
+    more = f" and {len(keys) - 1} more" if len(keys) > 1 else ""
+    return (f"checkpoint {path}: tensor {keys[0]}{more} {what}; it does not match its config.json (a damaged or "
+            "mislabelled checkpoint)")
 
 
 # rows of lm_head and embed_tokens compared at a time (a 7B model's are 152,064 × 3,584)
@@ -674,9 +749,7 @@ def check_loading_info(ref: ModelRef, info: dict[str, Any]) -> None:
     for what, keys in (("missing", sorted(info.get("missing_keys", []))), ("of the wrong shape", mismatched),
                        ("not in the model config.json describes", sorted(info.get("unexpected_keys", [])))):
         if keys:
-            more = f" and {len(keys) - 1} more" if len(keys) > 1 else ""
-            raise BadInput(f"checkpoint {ref.path}: tensor {keys[0]}{more} {what}; it does not match its "
-                           "config.json (a damaged or mislabelled checkpoint)")
+            raise BadInput(mismatch_line(ref.path, keys, what))
 
 
 def special_tokens(tokenizer: Any) -> tuple[str, ...]:
@@ -901,20 +974,20 @@ def check_float_parameters(file: Path, fh: Any) -> None:
             raise BadInput(f"{file}: tensor {key} is stored as {dtype}, not a float dtype: a damaged checkpoint")
 
 
-def bin_keys(file: Path) -> list[str]:
-    """The tensor names of a PyTorch ``.bin`` shard: its pickle is read (``weights_only``, memory-mapped, so no
-    tensor data), which is as close to a header as the format has."""
+def bin_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """The tensor names and shapes of a PyTorch ``.bin`` shard: its pickle is read (``weights_only``, memory-mapped,
+    so no tensor data), which is as close to a header as the format has."""
     try:
         sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad pickle
         raise BadInput(f"unreadable checkpoint file {file}: {type(exc).__name__}: {error_reason(exc)}") from None
     if not isinstance(sd, dict):
         raise BadInput(f"unreadable checkpoint file {file}: not a state dict")
-    return [k for k, v in sd.items() if isinstance(v, torch.Tensor)]
+    return {k: tuple(v.shape) for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
 def check_shard_keys(path: Path, index: Path | None, wmap: Mapping[str, str] | None,
-                     keys: dict[Path, list[str]]) -> None:
+                     keys: Mapping[Path, Collection[str]]) -> None:
     """Each tensor in exactly one shard, the one the index maps it to (headers only, from check_weight_files).
 
     A key held by two shards is loaded by transformers from whichever shard comes last, while a reader following

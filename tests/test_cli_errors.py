@@ -1275,6 +1275,39 @@ def test_a_config_of_a_billion_layers_is_refused_at_once(tmp_path, capfd, src, w
     assert tree_manifest(model) == before
 
 
+@pytest.mark.parametrize("family, side", [("llava_onevision", 10**6), ("internvl", [10**6, 32])])
+def test_a_vision_tower_of_absurd_image_size_is_refused_at_once(tmp_path, capfd, family, side):
+    """config.json saying a vision tower takes 10**6 px images: transformers built its position table of
+    (10**6 / patch)² rows and failed after seconds with torch's allocator message (125 GB asked); now the probe
+    refuses it from the config in one line, exit 2, nothing written, the model untouched."""
+    import time
+
+    from conftest import tree_manifest
+
+    from probe import eval as probe_eval
+    from probe.errors import BadInput
+    from probe.models import MAX_IMAGE_SIZE, check_vision_sizes
+    from probe.tiny import tiny_dir
+
+    model = shutil.copytree(tiny_dir(family), tmp_path / "m")
+    cfg = json.loads((model / "config.json").read_text(encoding="utf-8"))
+    at = lambda n: cfg | {"vision_config": cfg["vision_config"] | {"image_size": n}}  # noqa: E731
+    check_vision_sizes(model, at(MAX_IMAGE_SIZE))  # the bound itself passes, one pixel more does not
+    with pytest.raises(BadInput, match=f"image_size {MAX_IMAGE_SIZE + 1}: "):
+        check_vision_sizes(model, at(MAX_IMAGE_SIZE + 1))
+    cfg["vision_config"]["image_size"] = side
+    (model / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    before = tree_manifest(model)
+    out = tmp_path / "out"
+    started = time.monotonic()
+    line = one_error_line(cli_main(probe_eval.main, ["--models", str(model), "--data", str(REPO / "probe/zoo/data/text"),
+                                                     "--limit", "1", "--quiet", "--out", str(out)]),
+                          capfd.readouterr().err)
+    assert time.monotonic() - started < 60
+    assert f"{model}/config.json says vision_config.image_size {side}: an image side past 16,384 px" in line, line
+    assert not out.exists() and tree_manifest(model) == before
+
+
 def _with_custom_code(src: Path, dest: Path, sentinel: Path) -> Path:
     """A copy of ``src`` whose config.json, tokenizer and processor configs name code of its own in auto_map (as
     custom-code checkpoints on the hub do), each module making ``sentinel`` when imported."""

@@ -504,6 +504,26 @@ def test_an_out_in_the_videos_folder_is_refused(video_src, tmp_path, where, capf
     assert tree_manifest(tmp_path) == before
 
 
+def test_a_video_linked_from_outside_the_videos_folder_is_refused(video_src, tmp_path):
+    """A video file that is a symlink leading out of the video folder was decoded and its frames written into the
+    converted set (a videoID is a file name, never a path, for this reason); now refused in one line, nothing
+    written. A link that stays inside the folder is read as before: its frames are the target video's."""
+    data = video_src / "data"
+    elsewhere = (data / "Zz0.mp4").rename(tmp_path / "Zz0.mp4")
+    (data / "Zz0.mp4").symlink_to(elsewhere)
+    out = tmp_path / "out"
+    one_error_line(convert("video-mme", video_src, "--frames", 2, "--out", out),
+                   f"{data / 'Zz0.mp4'} is a link to {elsewhere.resolve()}, outside the video folder {data.resolve()}")
+    assert not out.exists() and elsewhere.is_file()
+    (data / "Zz0.mp4").unlink()
+    (data / "kept").mkdir()
+    (data / "Zz0.mp4").symlink_to(elsewhere.rename(data / "kept" / "Zz0.mp4"))
+    res = convert("video-mme", video_src, "--frames", 4, "--out", out)
+    assert res.returncode == 0, res.stderr
+    [it] = [it for it in load_mmmu(out, "test")[0] if it.subject == "medium"]  # Zz0's question
+    assert [frame_index(b, 1) for b in it.frames] == nearest_frames(4)
+
+
 def test_a_video_file_without_a_video_stream_is_named(video_src, tmp_path):
     av = pytest.importorskip("av")
     path = video_src / "data" / "Zz0.mp4"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -277,6 +278,59 @@ def test_unknown_model_type_is_bad_input_before_loading(tmp_path, dirs, capsys):
         assert cli_main(main, [*argv, "--out", str(out)]) == 2, main.__module__
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "'mamba9'" in err[0] and "probe/families.py" in err[0], err
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("size", ["vocab_size", "intermediate_size"])
+@pytest.mark.parametrize("family", ("qwen2", "qwen2_vl", "llava_onevision", "qwen2_audio") + NEW)
+def test_a_config_size_its_tensors_contradict_is_refused_alike(family, size, tmp_path, capsys):
+    """A text config whose vocab_size or intermediate_size contradicts the LM's tensors (embedding and lm_head
+    rows, MLP matrices): transformers' own load (the oracle: its mismatched keys, which probe.eval refused) finds
+    tensors of the wrong shape, and probe.eval, analyses.shift and analyses.merge refuse the checkpoint with one
+    and the same line (analyses.shift never builds the model and measured it). The Omni thinker's is its
+    thinker's text config (its talker's sizes differ)."""
+    import shutil
+
+    import transformers
+
+    from analyses import merge, shift
+    from probe import eval as probe_eval
+    from probe.errors import BadInput, cli_main
+    from probe.families import config_value
+    from probe.models import check_loading_info, resolve_model
+    from probe.tiny import tiny_dir
+
+    fam = FAMILIES[family]
+    model = shutil.copytree(tiny_dir(family), tmp_path / "m")
+    cfg = json.loads((model / "config.json").read_text(encoding="utf-8"))
+    text = config_value(cfg, fam.text_config_attr) if fam.text_config_attr else cfg
+    text = text if isinstance(text, dict) and size in text else cfg
+    text[size] += 3
+    (model / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
+
+    cls = getattr(transformers, fam.model_class)
+    part = {"config": cls.config_class(**config_value(cfg, fam.config_path))} if fam.config_path else {}
+    _, info = cls.from_pretrained(model, ignore_mismatched_sizes=True, output_loading_info=True, device_map="meta",
+                                  key_mapping=dict(fam.key_mapping) if fam.key_mapping else None, **part,
+                                  **NO_HUB_KERNELS)
+    assert info["mismatched_keys"], "the oracle finds the config consistent: the damage is no damage"
+    capsys.readouterr()  # transformers' load report of the oracle
+    ref = dataclasses.replace(resolve_model(str(tiny_dir(family))), path=model, config=cfg)
+    with pytest.raises(BadInput, match="of the wrong shape; it does not match its config.json"):
+        check_loading_info(ref, info)  # the refusal probe.eval's load gave before the shared check
+
+    with pytest.raises(BadInput) as exc:
+        resolve_model(str(model))
+    line = str(exc.value)
+    assert "of the wrong shape; it does not match its config.json" in line and "\n" not in line
+    assert re.search(rf"in the file, \([^)]*\b{text[size]}\b[^)]*\) by config\.json", line), line  # the config's size
+    out = tmp_path / "o"
+    for main, argv in ((probe_eval.main, ["--models", str(model), "--data", "probe/zoo/data/text"]),
+                       (shift.main, ["--base", str(model), "--models", str(tiny_dir(family)), "--no-figures"]),
+                       (merge.main, ["--models", str(tiny_dir(family)), str(model), "--method", "average"])):
+        assert cli_main(main, [*argv, "--out", str(out)]) == 2, main.__module__
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"error: {line}"], (main.__module__, err)
         assert not out.exists()
 
 

@@ -519,6 +519,40 @@ def test_an_index_is_read_once_per_load_by_the_probe_and_the_analyses(tmp_path, 
             assert {k: info.file.name for k, info in ck.infos.items()} == shards
 
 
+def test_a_vocab_size_the_weights_contradict_is_one_line_in_bin_and_safetensors_shards(tmp_path):
+    """check_lm_sizes reads a .bin checkpoint's shapes from the pickles the shard check already read
+    (``bin_shapes``): the same sharded model as safetensors and as .bin, its config.json's vocab_size 3 past the
+    embedding's rows, is refused by the probe and the analyses with one line, the rows its weights hold (the
+    oracle: the safetensors header) named."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from analyses.checkpoints import open_checkpoint
+
+    src = resolve_model("organism-base").path
+    d, _, names = _sharded(src, tmp_path / "st", None)
+    b = tmp_path / "bin"
+    shutil.copytree(d, b, ignore=shutil.ignore_patterns("*.safetensors*"))
+    bins = [n.replace("model-", "pytorch_model-").replace(".safetensors", ".bin") for n in names]
+    for n, bn in zip(names, bins):
+        torch.save(load_file(d / n), b / bn)
+    wmap = json.loads((d / "model.safetensors.index.json").read_text(encoding="utf-8"))["weight_map"]
+    (b / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: bins[names.index(v)] for k, v in wmap.items()}}), encoding="utf-8")
+    with safe_open(str(d / wmap["model.embed_tokens.weight"]), framework="pt") as fh:
+        rows, width = fh.get_slice("model.embed_tokens.weight").get_shape()
+    lines = []
+    for target in (d, b):
+        cfg = json.loads((target / "config.json").read_text(encoding="utf-8"))
+        (target / "config.json").write_text(json.dumps(cfg | {"vocab_size": rows + 3}), encoding="utf-8")
+        for read in (lambda: resolve_model(str(target)), lambda: open_checkpoint(str(target), allow_bin=True).close()):
+            with pytest.raises(BadInput) as exc:
+                read()
+            lines.append(str(exc.value).replace(str(target), "MODEL"))
+    assert len(set(lines)) == 1, lines
+    assert f"(shape ({rows}, {width}) in the file, ({rows + 3}, {width}) by config.json)" in lines[0], lines[0]
+
+
 def test_a_models_fingerprint_ignores_its_figures_and_merge_records(tmp_path):
     """A merged model's fingerprint hashed merge.json (its run time) and the figures drawn into its dir, so a
     redrawn figure or the same merge redone made every evaluation of it a different run, refused on resume.
