@@ -21,7 +21,7 @@ import math
 import sys
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -32,6 +32,7 @@ from analyses.checkpoints import (Checkpoint, add_output_args, check_inputs_and_
                                   open_checkpoint, progress, quiet_progress, reserve_descriptors)
 from analyses.formulas import (FORMULAS, ShiftStats, average_coefficients, shift_coefficients,
                                 task_arithmetic_coefficients, ties_combine, TrimSearch, weighted_coefficients)
+from analyses.merge_methods import COMMAND, METHOD_KINDS, MethodKind
 from analyses.salience import METRICS as SALIENCE_METRICS
 from analyses.salience import SalienceWeights, check_run_model, read_salience, run_fingerprint
 from analyses.shift import CHUNK
@@ -43,8 +44,6 @@ from probe.families import CAUSAL_LM, LAYOUTS, causal_lm_type, check_lm_fits_cla
 from probe.families import lm_disk_key as layout_key
 from probe.models import loads_tied
 from probe.results import json_object, json_text
-
-COMMAND = "analyses.merge"  # what its output manifests name
 
 
 def eq1_coefficients(cfg: MergeConfig) -> list[float]:
@@ -64,28 +63,17 @@ def task_arithmetic_of(cfg: MergeConfig) -> list[float]:
 
 
 @dataclass(frozen=True)
-class Method:
-    """What a ``--method`` is, as data (``figures.merge`` checks merge_weights.csv against it too); its name is its
-    formula's in the analyses.formulas registry."""
+class Method(MethodKind):
+    """A ``--method``: its data (analyses.merge_methods, torch-free for figures) and its coefficients."""
 
-    needs_base: bool  # the formula reads the base model (Δ to it, or task vectors from it)
-    base_row: bool  # the base is a weighted participant: merge_weights.csv holds its alpha
-    convex: bool  # alphas are weights in [0, 1] summing to 1 (weighted's: unless --no-normalize)
-    reads_shift: bool = False  # Eq. 4's Δavg decides coefficients (computed, or from --shift)
     # the same coefficients for every tensor: cfg → one per --models entry (a base gets 0), or one per
     # [base, *models]; None: chosen per tensor (Eq. 4 from each tensor's Δavg, salience's slices and layers) or
     # by a kernel of its own (ties)
     fixed: Callable[[MergeConfig], list[float]] | None = None
 
 
-# the base of average and weighted merges only supplies vocabulary rows; ties' alphas are trim thresholds of the
-# task vectors, task arithmetic's coefficients (1 − λk for the base)
-METHODS = {"average": Method(needs_base=False, base_row=False, convex=True, fixed=eq1_coefficients),
-           "weighted": Method(needs_base=False, base_row=False, convex=True, fixed=eq2_coefficients),
-           "shift": Method(needs_base=True, base_row=True, convex=True, reads_shift=True),
-           "salience": Method(needs_base=True, base_row=True, convex=True, reads_shift=True),
-           "task_arithmetic": Method(needs_base=True, base_row=True, convex=False, fixed=task_arithmetic_of),
-           "ties": Method(needs_base=True, base_row=False, convex=False)}
+FIXED_COEFFICIENTS = {"average": eq1_coefficients, "weighted": eq2_coefficients, "task_arithmetic": task_arithmetic_of}
+METHODS = {name: Method(**asdict(kind), fixed=FIXED_COEFFICIENTS.get(name)) for name, kind in METHOD_KINDS.items()}
 TOKENIZER_FILES = ("tokenizer", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
                    "chat_template", "generation_config.json")
 RAW_CHUNK = 64 << 20  # bytes per bit-exact copy step

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from analyses.merge_methods import COMMAND, METHOD_KINDS
 from figures import (bar_aspect, drop_stale_pages, fit_bar_labels, heatmap_ticks, heatmap_ticks_again, page_caption,
                      page_panels, page_split, page_stem, read_json, read_table, save_png_pdf)
 from figures.heads import clip_note, kl_limit
@@ -70,16 +71,14 @@ def check_weights(path: Path, rows: pd.DataFrame, info: dict) -> None:
     alpha for each participant the method weights, finite, and for the convex methods a weight in [0, 1], the
     participants' summing to 1 (ties' alpha is a trim threshold, task arithmetic's a coefficient); the tensors and
     each model's mean alpha as merge.json records them. A cut, edited or mixed file is refused by its line."""
-    from analyses.merge import METHODS
-
     method, normalize = info.get("method"), info.get("normalize")
     models, ref = info.get("models"), info.get("reference")
-    if not isinstance(method, str) or method not in METHODS:
-        raise BadInput(f"{path.parent / 'merge.json'}: method {method!r} is not one of {', '.join(METHODS)}")
+    if not isinstance(method, str) or method not in METHOD_KINDS:
+        raise BadInput(f"{path.parent / 'merge.json'}: method {method!r} is not one of {', '.join(METHOD_KINDS)}")
     if not isinstance(models, list) or not all(isinstance(m, str) for m in [ref, *models]):
         raise BadInput(f"{path.parent / 'merge.json'}: no models and reference (not as python -m analyses.merge "
                        "writes it)")
-    kind = METHODS[method]
+    kind = METHOD_KINDS[method]
     want = sorted([ref, *models] if kind.base_row and ref is not None else models)
     convex = kind.convex and normalize is not False  # merge.json's normalize is false only for --no-normalize
 
@@ -130,7 +129,7 @@ def _salience_grid(run_dir: Path, metric: str, shape: tuple[int, int]) -> np.nda
 
 def merge_files(result_dir: Path) -> tuple[Path, pd.DataFrame, dict]:
     """merge_weights.csv's path, its rows (parsed, not yet checked against merge.json) and merge.json."""
-    source = "python -m analyses.merge"
+    source = f"python -m {COMMAND}"
     weights_csv = Path(result_dir) / "merge_weights.csv"
     weights = read_table(weights_csv, {"tensor": str, "slice": str, "model": str, "alpha": float},
                          {"delta_avg": float}, source)

@@ -838,10 +838,10 @@ def test_heatmap_cells_in_a_pdf_are_a_print_resolution_raster(tmp_path, drawn):
 def test_figures_draw_saved_results_without_importing_torch(tmp_path):
     """figures/ draws saved results only: ``python -m figures shift DIR`` imported torch (~2 s) through
     analyses.shift's shift.csv reader, and every kind through probe.results' import of probe.sweep (for two
-    constants), figures heads through probe.metrics (for heads.csv's bounds). Each kind here is drawn in one fresh
-    interpreter, which must end without torch in sys.modules and with the figure written. (``figures merge``
-    still imports it: its check of merge_weights.csv reads analyses.merge's method table, whose formulas are
-    torch code; ``report`` is left out: it needs a whole analyses.replicate output.)"""
+    constants), figures heads through probe.metrics (for heads.csv's bounds), figures merge through analyses.merge
+    (its check of merge_weights.csv reads the method table, now analyses.merge_methods). Each kind here is drawn in
+    one fresh interpreter, which must end without torch in sys.modules and with the figure written. (``report`` is
+    left out: it needs a whole analyses.replicate output.)"""
     import subprocess
     import sys
 
@@ -852,9 +852,10 @@ def test_figures_draw_saved_results_without_importing_torch(tmp_path):
             "heads": write_heads(tmp_path / "heads", 4, 8),
             "shift": write_shift(tmp_path / "shift", ["organism-vl", "organism-ov"], 4, ["self_attn.q_proj.weight"]),
             "trajectory": write_trajectory(tmp_path / "traj", ["r1"]),
-            "steps": write_scores(tmp_path / "steps", [f"ft/checkpoint-{s}" for s in (0, 10)], ["text"])}
+            "steps": write_scores(tmp_path / "steps", [f"ft/checkpoint-{s}" for s in (0, 10)], ["text"]),
+            "merge": write_merge(tmp_path / "merge", 3)}
     written = {"eval": "eval.png", "heads": "heatmap_kl.png", "shift": "shift_models.png",
-               "trajectory": "trajectory_sketch.png", "steps": "steps.png"}
+               "trajectory": "trajectory_sketch.png", "steps": "steps.png", "merge": "merge_heads.png"}
     script = ("import sys\nfrom figures.__main__ import main\nfrom probe.errors import cli_main\n"
               "for kind, d in zip(sys.argv[1::2], sys.argv[2::2]):\n"
               "    print(kind, cli_main(main, [kind, d]), 'torch' in sys.modules, flush=True)\n")
