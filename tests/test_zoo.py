@@ -292,7 +292,7 @@ def _tree(root: Path) -> dict[str, bytes]:
 @pytest.mark.parametrize("args, words", [
     (["--out", "{file}"], "exists and is not a directory"),  # was a FileExistsError traceback
     (["--out", "{tmp}/b", "--threads", "0"], "--threads must be ≥ 1"),  # was torch's RuntimeError traceback
-    (["--out", "{tmp}/b", "--seed", "-1"], "--seed ≥ 0"),  # `data` refused it; `build` trained on it
+    (["--out", "{tmp}/b", "--seed", "-1"], "--seed must be ≥ 0, got -1"),  # `data` refused it; `build` trained on it
     (["--out", "{zoo}/organisms"], "inside the package's zoo"),  # wrote over the shipped organisms, bar unchecked
     (["--out", "{zoo}"], "inside the package's zoo"),  # wrote train+validation files over the shipped sets
     (["--out", "{tmp}/b", "--only", "vl"], "organism-base is not built"),  # asked the hub for b/organism-base
