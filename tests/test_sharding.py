@@ -43,19 +43,26 @@ def test_two_ranks_equal_one_process(tmp_path, tiny_dirs, data_dir, monkeypatch)
                                   pd.read_parquet(sharded / "items.parquet"))
 
 
-def test_overwrite_leaves_a_running_commands_dir_alone(tmp_path, tiny_dirs, data_dir):
+def test_overwrite_leaves_a_running_commands_dir_alone(tmp_path, tiny_dirs, data_dir, capsys):
     """--overwrite into an --out another command is writing used to delete its run.json and parts first and be
-    refused ('in use') only after: the running command then ended 'waiting for N chunks' with nothing assembled."""
+    refused ('in use') only after: the running command then ended 'waiting for N chunks' with nothing assembled.
+    The refused command runs in this process (cli_main), the holder is another process."""
+    from probe.errors import cli_main
+    from probe.heads import main
+
     out = tmp_path / "busy"
     (out / "parts").mkdir(parents=True)
     (out / "run.json").write_text('{"fingerprint": "another run"}')
     (out / "parts" / "chunk_00000.parquet").write_bytes(b"its part")
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
     with lock_held_elsewhere(out):
-        r = _run(["--model", str(tiny_dirs["qwen2_vl"]), "--data", str(data_dir), "--limit", "2", "--layers", "0",
-                  "--heads", "0", "--no-figures", "--quiet", "--no-generate", "--overwrite", "--out", str(out)], {})
+        capsys.readouterr()
+        code = cli_main(main, ["--model", str(tiny_dirs["qwen2_vl"]), "--data", str(data_dir), "--limit", "2",
+                               "--layers", "0", "--heads", "0", "--no-figures", "--quiet", "--no-generate",
+                               "--overwrite", "--out", str(out)])
+        err = capsys.readouterr().err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
-    assert r.returncode == 2 and r.stderr.startswith("error:") and "in use" in r.stderr, r.stderr
+    assert code == 2 and err.startswith("error:") and "in use" in err, err
 
 
 def test_ranks_hold_the_dir_against_a_single_process(tmp_path, tiny_dirs, data_dir, monkeypatch):
