@@ -3,6 +3,7 @@ layout. Oracles: the source rows themselves (each item's options and answer lett
 video the frame that a direct formula says is nearest each sampled time (frames carry their index in colour)."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import subprocess
@@ -14,16 +15,29 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from probe.errors import BadInput
+from probe.errors import BadInput, cli_main
 from probe.mmmu import load_mmmu
 
 REPO = Path(__file__).resolve().parents[1]
 N_FRAMES, FPS = 30, 10
 
 
-def convert(*args: object) -> subprocess.CompletedProcess:
+def convert_process(*args: object) -> subprocess.CompletedProcess:
+    """``python -m probe.convert ARGS --quiet`` in its own process: the exit-code contract as a user sees it."""
     return subprocess.run([sys.executable, "-m", "probe.convert", *map(str, args), "--quiet"], cwd=REPO,
                           capture_output=True, text=True)
+
+
+def convert(*args: object) -> subprocess.CompletedProcess:
+    """The same command in this process, exit code and output as cli_main gives them to the CLI (a process per
+    call re-imported pandas and pyarrow, for some 35 calls); the real process is convert_process's."""
+    from probe.convert import main
+
+    argv = [*map(str, args), "--quiet"]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli_main(main, argv)
+    return subprocess.CompletedProcess(["probe.convert", *argv], code, out.getvalue(), err.getvalue())
 
 
 def one_error_line(res: subprocess.CompletedProcess, want: str) -> None:
@@ -58,7 +72,7 @@ def mmlu_src(tmp_path) -> Path:
 
 def test_mmlu_items_keep_their_options_and_answer_and_all_is_not_counted_twice(mmlu_src, tmp_path):
     out = tmp_path / "out"
-    res = convert("mmlu", mmlu_src, "--out", out)
+    res = convert_process("mmlu", mmlu_src, "--out", out)
     assert res.returncode == 0, res.stderr
     items, report = load_mmmu(out, "validation")
     assert report.subjects == ["abstract_algebra", "anatomy"] and len(items) == 9  # not 18: 'all' left out
@@ -78,7 +92,7 @@ def test_mmlu_subject_folders_short_of_all_are_refused(mmlu_src, tmp_path):
     import shutil
 
     shutil.rmtree(mmlu_src / "anatomy")
-    one_error_line(convert("mmlu", mmlu_src, "--out", tmp_path / "out"),
+    one_error_line(convert_process("mmlu", mmlu_src, "--out", tmp_path / "out"),
                    "its subject folders hold 5 'validation' rows but all/ holds 9")
     assert not (tmp_path / "out").exists()
     assert convert("mmlu", mmlu_src, "--split", "test", "--out", tmp_path / "out").returncode == 0  # no 'all' test
@@ -224,7 +238,7 @@ def test_a_conversion_that_finished_while_this_one_read_its_source_is_not_replac
 
     def slow(cfg, report, plan):  # the other conversion runs whole while this one reads its source
         real(cfg, report, plan)
-        assert convert("mmlu", other, "--out", out).returncode == 0
+        assert convert_process("mmlu", other, "--out", out).returncode == 0
 
     monkeypatch.setitem(pc.CONVERTERS, "mmlu", slow)
     capfd.readouterr()

@@ -292,12 +292,17 @@ def _with_weight(src: Path, dest: Path, name_part: str, value: float) -> Path:
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 @pytest.mark.parametrize("command", ["probe.eval", "probe.heads"])
-def test_non_finite_weights_are_bad_input_before_anything_is_written(tmp_path, tiny_dirs, value, command):
+def test_non_finite_weights_are_bad_input_before_anything_is_written(tmp_path, tiny_dirs, value, command, capsys):
     """A checkpoint with one NaN weight used to be evaluated at 0.0 % [0.0, 0.0] with exit 0 (NaN logits, every
     argmax 'A'). It is now refused when it loads: exit 2, the last stderr line names the tensor, nothing written,
-    the checkpoint untouched."""
+    the checkpoint untouched. NaN runs each command as a real process (its exit code as a user sees it); Inf runs
+    it in this process through cli_main (a process per case re-imported torch)."""
+    import importlib
+    import math
     import subprocess
     import sys
+
+    from probe.errors import cli_main
 
     from conftest import REPO
 
@@ -307,11 +312,18 @@ def test_non_finite_weights_are_bad_input_before_anything_is_written(tmp_path, t
     out = tmp_path / "out"
     args = (["--models", str(bad), "--data", data] if command == "probe.eval" else ["--model", str(bad), "--data", data]
             ) + ["--limit", "2", "--quiet", "--out", str(out)]
-    r = subprocess.run([sys.executable, "-m", command, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2, r.stderr[-2000:]
-    assert r.stderr.strip().splitlines()[-1] == (
+    if math.isnan(value):
+        r = subprocess.run([sys.executable, "-m", command, *args], cwd=REPO, capture_output=True, text=True,
+                           timeout=300)
+        code, err = r.returncode, r.stderr
+    else:
+        capsys.readouterr()
+        code = cli_main(importlib.import_module(command).main, args)
+        err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    assert err.strip().splitlines()[-1] == (
         f"error: {bad}: non-finite weights (NaN or Inf) in model.layers.1.mlp.down_proj.weight: a damaged checkpoint")
-    assert "Traceback" not in r.stderr and not out.exists()
+    assert "Traceback" not in err and not out.exists()
     assert (bad / "model.safetensors").read_bytes() == before
 
 
@@ -385,11 +397,15 @@ def test_an_overflow_in_the_forward_stops_the_run_naming_the_item():
 
 
 @pytest.mark.parametrize("command", ["probe.eval", "probe.heads"])
-def test_config_rejected_by_strict_validation_is_one_line_in_both_commands(tmp_path, command):
+def test_config_rejected_by_strict_validation_is_one_line_in_both_commands(tmp_path, command, capsys):
     """num_hidden_layers 3 with 4 layer_types: huggingface_hub's StrictDataclassClassValidationError used to escape
-    from the tokenizer load (AutoTokenizer builds the config) as a 50-line traceback with exit 1."""
+    from the tokenizer load (AutoTokenizer builds the config) as a 50-line traceback with exit 1. probe.eval runs
+    as a real process (its exit code as a user sees it), probe.heads in this process through cli_main."""
     import subprocess
     import sys
+
+    from probe.errors import cli_main
+    from probe.heads import main
 
     from conftest import REPO
 
@@ -399,11 +415,18 @@ def test_config_rejected_by_strict_validation_is_one_line_in_both_commands(tmp_p
     (d / "config.json").write_text(json.dumps(cfg | {"num_hidden_layers": 3}))
     data, out = str(REPO / "probe" / "zoo" / "data" / "text"), tmp_path / "out"
     args = (["--models", str(d)] if command == "probe.eval" else ["--model", str(d), "--layers", "0", "--heads", "0"])
-    r = subprocess.run([sys.executable, "-m", command, *args, "--data", data, "--limit", "2", "--quiet",
-                        "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2, r.stderr[-2000:]
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    args += ["--data", data, "--limit", "2", "--quiet", "--out", str(out)]
+    if command == "probe.eval":
+        r = subprocess.run([sys.executable, "-m", command, *args], cwd=REPO, capture_output=True, text=True,
+                           timeout=300)
+        code, err = r.returncode, r.stderr
+    else:
+        capsys.readouterr()
+        code = cli_main(main, args)
+        err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
     assert lines[0].startswith(f"error: {d}/config.json is invalid: ")
     assert "`num_hidden_layers` (3) must be equal to the number of `layer_types` (4)" in lines[0]
     assert not out.exists()

@@ -18,39 +18,51 @@ def _run(args: list[str], env_extra: dict[str, str]) -> subprocess.CompletedProc
                           capture_output=True, text=True, timeout=600)
 
 
-def test_two_ranks_equal_one_process(tmp_path, tiny_dirs, data_dir):
+def test_two_ranks_equal_one_process(tmp_path, tiny_dirs, data_dir, monkeypatch):
+    """The ranks in this process, RANK / WORLD_SIZE set as torchrun sets them (three subprocesses before, each
+    re-importing torch; the ranks' real processes are test_ranks_hold_the_dir_against_a_single_process's)."""
+    from probe.errors import cli_main
+    from probe.heads import main
+
     common = ["--model", str(tiny_dirs["qwen2_vl"]), "--data", str(data_dir), "--limit", "5",
               "--chunk-size", "2", "--layers", "1,3", "--heads", "0-3", "--no-figures", "--quiet",
               "--no-generate"]
     single = tmp_path / "single"
-    r = _run(common + ["--out", str(single)], {})
-    assert r.returncode == 0, r.stderr
+    assert cli_main(main, common + ["--out", str(single)]) == 0
     sharded = tmp_path / "sharded"
-    r0 = _run(common + ["--out", str(sharded)], {"RANK": "0", "WORLD_SIZE": "2"})
-    assert r0.returncode == 0, r0.stderr
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert cli_main(main, common + ["--out", str(sharded)]) == 0
     assert not (sharded / "heads.csv").exists()  # rank 1's chunks are still missing
     parts = sorted(p.name for p in (sharded / "parts").iterdir())
     assert parts == ["chunk_00000.parquet", "chunk_00002.parquet"]
-    r1 = _run(common + ["--out", str(sharded)], {"RANK": "1", "WORLD_SIZE": "2"})
-    assert r1.returncode == 0, r1.stderr
+    monkeypatch.setenv("RANK", "1")
+    assert cli_main(main, common + ["--out", str(sharded)]) == 0
     pd.testing.assert_frame_equal(pd.read_csv(single / "heads.csv"), pd.read_csv(sharded / "heads.csv"))
     pd.testing.assert_frame_equal(pd.read_parquet(single / "items.parquet"),
                                   pd.read_parquet(sharded / "items.parquet"))
 
 
-def test_overwrite_leaves_a_running_commands_dir_alone(tmp_path, tiny_dirs, data_dir):
+def test_overwrite_leaves_a_running_commands_dir_alone(tmp_path, tiny_dirs, data_dir, capsys):
     """--overwrite into an --out another command is writing used to delete its run.json and parts first and be
-    refused ('in use') only after: the running command then ended 'waiting for N chunks' with nothing assembled."""
+    refused ('in use') only after: the running command then ended 'waiting for N chunks' with nothing assembled.
+    The refused command runs in this process (cli_main), the holder is another process."""
+    from probe.errors import cli_main
+    from probe.heads import main
+
     out = tmp_path / "busy"
     (out / "parts").mkdir(parents=True)
     (out / "run.json").write_text('{"fingerprint": "another run"}')
     (out / "parts" / "chunk_00000.parquet").write_bytes(b"its part")
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
     with lock_held_elsewhere(out):
-        r = _run(["--model", str(tiny_dirs["qwen2_vl"]), "--data", str(data_dir), "--limit", "2", "--layers", "0",
-                  "--heads", "0", "--no-figures", "--quiet", "--no-generate", "--overwrite", "--out", str(out)], {})
+        capsys.readouterr()
+        code = cli_main(main, ["--model", str(tiny_dirs["qwen2_vl"]), "--data", str(data_dir), "--limit", "2",
+                               "--layers", "0", "--heads", "0", "--no-figures", "--quiet", "--no-generate",
+                               "--overwrite", "--out", str(out)])
+        err = capsys.readouterr().err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
-    assert r.returncode == 2 and r.stderr.startswith("error:") and "in use" in r.stderr, r.stderr
+    assert code == 2 and err.startswith("error:") and "in use" in err, err
 
 
 def test_ranks_hold_the_dir_against_a_single_process(tmp_path, tiny_dirs, data_dir, monkeypatch):
