@@ -275,14 +275,15 @@ def _cell_bytes(cell: Any) -> Any:
     return cell.get("bytes") if isinstance(cell, dict) else cell
 
 
-# formats whose images may be animations (a phone's MPO JPEG holds a second, preview picture: no animation)
-ANIMATED_FORMATS = frozenset({"GIF", "PNG", "WEBP"})
+# formats whose images may hold several frames: animations, and TIFF's pages (a scan's later pages); a phone's MPO
+# JPEG holds a second, preview picture, no other frame of the image
+ANIMATED_FORMATS = frozenset({"GIF", "PNG", "WEBP", "TIFF"})
 
 
 def _image_bytes(cell: Any, where: str, what: str, animated: list[tuple[str, int]] | None = None) -> bytes:
     """An image cell's bytes, checked to decode as the run will (``_decode``): else BadInput naming the row. An
-    animation (GIF, APNG, WebP of several frames) is appended to ``animated`` as (row and column, frames): the
-    run shows its first frame only, which the loader says once per file (``warn_animated``)."""
+    animation (GIF, APNG, WebP of several frames) or a multi-page TIFF is appended to ``animated`` as (row and
+    column, frames): the run shows its first frame only, which the loader says once per file (``warn_animated``)."""
     data = _cell_bytes(cell)
     named = data if isinstance(data, str) else cell.get("path") if isinstance(cell, dict) and not data else None
     if named:  # a path only (datasets' Image feature before its files are embedded), or a column of file names
@@ -322,13 +323,14 @@ def _image_bytes(cell: Any, where: str, what: str, animated: list[tuple[str, int
 
 
 def warn_animated(path: Path, animated: Sequence[tuple[str, int]]) -> None:
-    """One warning line for the animated images of the file ``path`` (``_image_bytes``): each is shown as its first
-    frame (as the datasets library and transformers' load_image read it), the rest of its frames unseen."""
+    """One warning line for the animated or multi-page images of the file ``path`` (``_image_bytes``): each is shown
+    as its first frame (as the datasets library and transformers' load_image read it), the rest of its frames
+    unseen."""
     if animated:
         (first, frames), more = animated[0], len(animated) - 1
-        print(f"warning: {path}: {len(animated)} animated image(s) are shown as their first frame only, the other "
-              f"frames unseen ({first} has {frames} frames{f'; and {more} more' if more else ''}); store a still "
-              "image (or the frames as a <video>) if more is meant", file=sys.stderr)
+        print(f"warning: {path}: {len(animated)} animated or multi-page image(s) are shown as their first frame "
+              f"only, the other frames unseen ({first} has {frames} frames{f'; and {more} more' if more else ''}); "
+              "store a still image (or the frames as a <video>) if more is meant", file=sys.stderr)
 
 
 def _shown_size(data: bytes) -> tuple[int, int]:

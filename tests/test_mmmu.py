@@ -651,8 +651,8 @@ def test_odd_but_readable_images_are_shown_as_they_look(tmp_path, case):
 
 
 def test_animated_images_are_warned_about_once_per_file(tmp_path, capsys):
-    """An animated GIF, APNG or WebP is shown as its first frame (test_odd_but_readable_images_are_shown_as_they_look)
-    and was so silently: now one warning line per parquet file names the file and the first one's frame count (the
+    """An animated GIF, APNG or WebP, or a multi-page TIFF, is shown as its first frame
+    (test_odd_but_readable_images_are_shown_as_they_look) and was so silently: now one warning line per parquet file names the file and the first one's frame count (the
     count its encoder wrote, the oracle), and a file of still images prints nothing."""
     def animation(fmt: str, n: int) -> bytes:
         frames = [Image.new("RGB", (8, 8), (40 * i, 0, 255 - 40 * i)) for i in range(n)]
@@ -660,16 +660,18 @@ def test_animated_images_are_warned_about_once_per_file(tmp_path, capsys):
 
     write(tmp_path, {"Art": [row(1, image_1={"bytes": animation("GIF", 3), "path": None}), row(2),
                              row(3, image_1={"bytes": animation("PNG", 2), "path": None}),
-                             row(4, image_1={"bytes": animation("WEBP", 4), "path": None})],
+                             row(4, image_1={"bytes": animation("WEBP", 4), "path": None}),
+                             row(5, image_1={"bytes": animation("TIFF", 2), "path": None})],
                      "Music": [row(1, "Music"), row(2, "Music")]})
     items, rep = load_mmmu(tmp_path)
-    assert len(items) == 6 and items[0].pil_images()[0].getpixel((4, 4)) == (0, 0, 255)  # still the first frame
+    assert len(items) == 7 and items[0].pil_images()[0].getpixel((4, 4)) == (0, 0, 255)  # still the first frame
     art = next(f for f in rep.files if "Art" in f)
     lines = capsys.readouterr().err.strip().splitlines()
-    assert lines == [f"warning: {art}: 3 animated image(s) are shown as their first frame only, the other frames "
-                     f"unseen ({Path(art).name} (Art) row 0 id='validation_Art_1' image_1 has 3 frames; and 2 "
-                     "more); store a still image (or the frames as a <video>) if more is meant"], lines
-    assert [Image.open(io.BytesIO(it.images[0])).n_frames for it in items[:4]] == [3, 1, 2, 4]
+    assert lines == [f"warning: {art}: 4 animated or multi-page image(s) are shown as their first frame only, the "
+                     f"other frames unseen ({Path(art).name} (Art) row 0 id='validation_Art_1' image_1 has 3 frames; "
+                     "and 3 more); store a still image (or the frames as a <video>) if more is meant"], lines
+    assert [Image.open(io.BytesIO(it.images[0])).n_frames for it in items[:5]] == [3, 1, 2, 4, 2]
+    assert items[4].pil_images()[0].getpixel((4, 4)) == (0, 0, 255)  # a TIFF's first page
 
 
 def test_a_video_whose_frames_differ_in_size_is_refused_and_one_frame_is_a_video(tmp_path):
