@@ -1,10 +1,7 @@
 """Salience metrics of DESIGN §3, each one small function over the option-letter logits."""
 from __future__ import annotations
 
-
 import torch
-
-
 
 
 def option_log_probs(logits: torch.Tensor, letter_ids: list[int] | torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,6 @@ if TYPE_CHECKING:
     from transformers import GenerationConfig
 
 
-
 @dataclass(frozen=True)
 class SweepConfig:
     template: PromptTemplate = field(default_factory=PromptTemplate)
