@@ -32,7 +32,7 @@ from analyses.checkpoints import (Checkpoint, add_output_args, check_inputs_and_
                                   open_checkpoint, progress, quiet_progress, reserve_descriptors)
 from analyses.formulas import (FORMULAS, ShiftStats, average_coefficients, shift_coefficients,
                                 task_arithmetic_coefficients, ties_combine, TrimSearch, weighted_coefficients)
-from analyses.merge_methods import COMMAND, METHOD_KINDS, MethodKind
+from analyses.merge_methods import COMMAND, METHOD_KINDS, MethodKind, carrier_name
 from analyses.salience import METRICS as SALIENCE_METRICS
 from analyses.salience import SalienceWeights, check_run_model, read_salience, run_fingerprint
 from analyses.shift import CHUNK
@@ -628,17 +628,6 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
     for c in report["carriers"]:  # where each evaluable model went (probe.eval --models takes these dirs)
         print(f"carrier {c['source']} -> {Path(cfg.out) / 'carriers' / c['name']}")
     return report
-
-
-def carrier_name(spec: str, path: Path | None = None) -> str:
-    """The name a model gets under ``DIR/carriers/``: a checkpoint directory's own name (``path``, where it was
-    resolved, else the spec's last component), an alias as written. ``analyses.replicate`` finds carriers by it.
-    A Hugging Face cache snapshot (``models--Org--Name/snapshots/<commit>``) is named after the model, not the commit."""
-    if not Path(spec).is_dir():
-        return spec
-    d = path or Path(spec)
-    hub = d.parent.parent.name if d.parent.name == "snapshots" else ""
-    return hub.split("--")[-1] if hub.startswith("models--") else d.name
 
 
 def unique_name(name: str, used: set[str]) -> str:

@@ -1,11 +1,13 @@
-"""analyses.merge's ``--method``s as data: which need a base, whose rows merge_weights.csv holds, what their alphas
-are. Torch-free, so that ``python -m figures merge`` (and ``report``) check a saved merge_weights.csv against it
-without loading torch (importing ``analyses.merge`` for its table did, ~1.5 s); ``analyses.merge`` builds its
-``METHODS`` from this table, adding each method's fixed coefficients (its name is its formula's in the
-analyses.formulas registry, which holds the equations)."""
+"""analyses.merge's torch-free parts: its ``--method``s as data (which need a base, whose rows merge_weights.csv
+holds, what their alphas are) and the names it gives carriers (``carrier_name``). ``python -m figures merge`` checks
+a saved merge_weights.csv against the table, and ``figures report`` finds a replication's carriers by their names,
+without loading torch (importing ``analyses.merge`` did, ~1.5 s). ``analyses.merge`` builds its ``METHODS`` from
+this table, adding each method's fixed coefficients (its name is its formula's in the analyses.formulas registry,
+which holds the equations)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 COMMAND = "analyses.merge"  # what its output manifests name
 
@@ -29,3 +31,14 @@ METHOD_KINDS: dict[str, MethodKind] = {
     "salience": MethodKind(needs_base=True, base_row=True, convex=True, reads_shift=True),
     "task_arithmetic": MethodKind(needs_base=True, base_row=True, convex=False),
     "ties": MethodKind(needs_base=True, base_row=False, convex=False)}
+
+
+def carrier_name(spec: str, path: Path | None = None) -> str:
+    """The name a model gets under ``DIR/carriers/``: a checkpoint directory's own name (``path``, where it was
+    resolved, else the spec's last component), an alias as written. ``analyses.replicate`` finds carriers by it.
+    A Hugging Face cache snapshot (``models--Org--Name/snapshots/<commit>``) is named after the model, not the commit."""
+    if not Path(spec).is_dir():
+        return spec
+    d = path or Path(spec)
+    hub = d.parent.parent.name if d.parent.name == "snapshots" else ""
+    return hub.split("--")[-1] if hub.startswith("models--") else d.name

@@ -47,7 +47,7 @@ STATE_DIR = "stages"  # DIR/stages/<stage>.json: fingerprint, status, seconds (b
 
 def short(spec: str) -> str:
     """A model's directory-safe name: the rule analyses.merge names its carriers by."""
-    from analyses.merge import carrier_name
+    from analyses.merge_methods import carrier_name
 
     return carrier_name(spec)
 
@@ -133,8 +133,7 @@ def drop_damaged(out: Path) -> Path:
     """``out``, an analyses output of a resumed stage, deleted if it cannot be kept: a file it lists is gone (deleted
     by hand while the stage was down), or it has no readable listing; its command then computes it again. A whole
     one is kept: its command finds it finished (the stage's fingerprint covers what it was computed from)."""
-    from analyses.writer import gone_entries
-    from probe.results import read_manifest
+    from probe.results import gone_entries, read_manifest
 
     if out.exists() and gone_entries(out, read_manifest(out) or {}) != []:
         shutil.rmtree(out)
@@ -344,8 +343,7 @@ def missing_outputs(stage: str, cfg: ReplicateConfig, out: Path) -> list[Path]:
     """What a complete stage wrote that is gone now (deleted by hand): its named outputs, and every entry of the
     output manifests (probe.results.MANIFEST) of its output dirs. The driver reruns such a stage, the report
     refuses it: either way no table cell turns into "—" and no figure drops out without a word."""
-    from analyses.writer import gone_entries
-    from probe.results import read_manifest
+    from probe.results import gone_entries, read_manifest
 
     gone = []
     for p in BY_NAME[stage].outputs(cfg, out):

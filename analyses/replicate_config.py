@@ -434,7 +434,7 @@ def check_names(cfg: ReplicateConfig) -> None:
     """Base and experts have distinct directory names (``analyses.merge.carrier_name``): the stages write each
     model's heads sweep, carriers and table5 run under its name, so two checkpoints both called ``final`` would
     share one sweep and one carrier dir (the merge names the second ``final-2``, which table5 would never read)."""
-    from analyses.merge import carrier_name
+    from analyses.merge_methods import carrier_name
 
     seen: dict[str, str] = {}
     for key, spec in [("models.base", cfg.models.base)] + [(f"models.experts[{i}]", e)

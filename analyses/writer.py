@@ -26,8 +26,8 @@ import torch
 
 from analyses.checkpoints import DTYPE_NAMES
 from probe.errors import WRITE_STOPPED, BadInput, check_out_path
-from probe.results import (MANIFEST, WRITER_TAG, atomic_write_json, claimed, copy_file, json_object, lock_out_dir,
-                           output_listing, partial_path, read_manifest, release_claims, remove_stale_dirs, writer_tag)
+from probe.results import (MANIFEST, WRITER_TAG, atomic_write_json, claimed, copy_file, gone_entries, json_object,
+                           lock_out_dir, output_listing, partial_path, read_manifest, release_claims, remove_stale_dirs, writer_tag)
 
 P = ParamSpec("P")
 
@@ -265,13 +265,6 @@ LEGACY_NAMES = {
                        "tokenizer*", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
                        "chat_template.*", "*processor_config.json", "preprocessor_config.json"),
 }
-
-
-def gone_entries(out: Path, manifest: dict) -> list[str] | None:
-    """The entries ``out``'s manifest lists that are gone from it now (deleted by hand); None when it lists none
-    readably."""
-    entries = manifest.get("entries")
-    return [e for e in entries if isinstance(e, str) and not (out / e).exists()] if isinstance(entries, list) else None
 
 
 class Finished(Exception):

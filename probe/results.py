@@ -244,6 +244,13 @@ def read_manifest(out: Path) -> dict | None:
     return json_object(out / MANIFEST)
 
 
+def gone_entries(out: Path, manifest: dict) -> list[str] | None:
+    """The entries ``out``'s manifest lists that are gone from it now (deleted by hand); None when it lists none
+    readably. Here, torch-free, for ``python -m figures report``'s check of the stages as for the writer's."""
+    entries = manifest.get("entries")
+    return [e for e in entries if isinstance(e, str) and not (out / e).exists()] if isinstance(entries, list) else None
+
+
 @contextmanager
 def stop_recorded(out: Path, run_info: dict[str, Any]) -> Iterator[None]:
     """A run a run-time check stops (``RunStopped``: an upstream change, an engine or batch disagreeing with its

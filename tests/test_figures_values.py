@@ -840,8 +840,8 @@ def test_figures_draw_saved_results_without_importing_torch(tmp_path):
     analyses.shift's shift.csv reader, and every kind through probe.results' import of probe.sweep (for two
     constants), figures heads through probe.metrics (for heads.csv's bounds), figures merge through analyses.merge
     (its check of merge_weights.csv reads the method table, now analyses.merge_methods). Each kind here is drawn in
-    one fresh interpreter, which must end without torch in sys.modules and with the figure written. (``report`` is
-    left out: it needs a whole analyses.replicate output.)"""
+    one fresh interpreter, which must end without torch in sys.modules and with the figure written. (``report``, which
+    needs a whole analyses.replicate output: test_replicate's test_figures_report_rebuilds_it_from_saved_results.)"""
     import subprocess
     import sys
 

@@ -542,15 +542,20 @@ def test_html_is_self_contained_and_says_the_same(quick: Path) -> None:
 
 
 def test_figures_report_rebuilds_it_from_saved_results(quick: Path, tmp_path: Path) -> None:
-    from figures.__main__ import main as figures_main
-
+    """``python -m figures report DIR`` rebuilds the same report.md from the saved results, in a fresh interpreter
+    that never loads torch (figures/ draws saved results only: its check of each stage's outputs imported
+    analyses.writer, and a carrier's name analyses.merge, both torch)."""
     copy = tmp_path / "copy"
     shutil.copytree(quick, copy)
     before = (copy / "report.md").read_text()
     for p in ("report.md", "report.html"):
         (copy / p).unlink()
     shutil.rmtree(copy / "report_figures")
-    assert cli_main(figures_main, ["report", str(copy)]) == 0
+    script = ("import sys\nfrom figures.__main__ import main\nfrom probe.errors import cli_main\n"
+              "print('exit', cli_main(main, ['report', sys.argv[1]]), 'torch' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", script, str(copy)], cwd=ROOT, capture_output=True, text=True,
+                       encoding="utf-8", env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=600)
+    assert "exit 0 False" in r.stdout.splitlines(), r.stdout + r.stderr
     assert (copy / "report.md").read_text() == before
     assert (copy / "report.html").is_file()
 
