@@ -8,8 +8,10 @@ import os
 import re
 import signal
 import sys
+import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, NoReturn, ParamSpec, Sequence, TypeVar
+from typing import Any, Callable, Iterable, NoReturn, ParamSpec, Sequence, TypeVar
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -376,15 +378,48 @@ def print_on_any_terminal() -> None:
             stream.reconfigure(errors="backslashreplace")
 
 
+@dataclass
+class KeptInterrupt:
+    """Ctrl-C landing while Python runs a finalizer (a ``__del__``, a weakref callback, a generator closed as it is
+    freed): Python hands that KeyboardInterrupt to ``sys.unraisablehook``, which printed it as "Exception ignored in
+    …" and dropped it, and the run went on to exit 0. ``cli_main`` installs ``hook`` for a command's run: it records
+    the interrupt, prints nothing, and raises it again as soon as the finalizer has returned, at the next Python call
+    or return of the main thread (a profile function: re-sending SIGINT from the hook was dropped too, inside the
+    hook); ``dropped`` lets ``cli_main`` still exit 130 where that raise could not be placed (another profiler set)
+    or was swallowed. Any other unraisable exception goes to the hook it replaced."""
+
+    previous: Callable[[Any], object]
+    dropped: bool = False
+
+    def hook(self, unraisable: Any) -> None:
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            self.previous(unraisable)
+            return
+        self.dropped = True
+        if threading.current_thread() is threading.main_thread() and sys.getprofile() in (None, self.reraise):
+            sys.setprofile(self.reraise)
+
+    def reraise(self, frame: Any, event: str, arg: object) -> None:
+        if frame.f_code is KeptInterrupt.hook.__code__:
+            return  # still in the hook (its setprofile's c_return, its return): raised there it is dropped again
+        sys.setprofile(None)
+        raise KeyboardInterrupt  # dropped again if this is another finalizer: the hook then re-arms
+
+
 def cli_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
     """Run a CLI entry point: exit 2 with one line for BadInput, 1 with one line for a stopped run, a full disk or
-    memory running out, 1 with a traceback for anything unexpected; the --out dirs it claimed are freed when it
-    returns."""
+    memory running out, 1 with a traceback for anything unexpected, 130 with the one line ``interrupted`` for Ctrl-C
+    (one landing in a finalizer too: ``KeptInterrupt``); the --out dirs it claimed are freed when it returns."""
     if signal.getsignal(signal.SIGINT) is quiet_interrupt:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     print_on_any_terminal()
+    kept = KeptInterrupt(sys.unraisablehook)
+    sys.unraisablehook = kept.hook
     try:
-        return main(argv)
+        code = main(argv)
+        if kept.dropped and code == 0:  # the re-raise was swallowed: the user asked to stop, whatever finished
+            raise KeyboardInterrupt
+        return code
     except BadInput as exc:
         print_error(str(exc))
         return 2
@@ -411,5 +446,9 @@ def cli_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
         print("interrupted", file=sys.stderr)
         return 130
     finally:  # the command's --out claims end with it (only a command that loaded probe.results can hold any)
+        if sys.unraisablehook == kept.hook:  # bound methods: equal, not identical
+            sys.unraisablehook = kept.previous
+        if sys.getprofile() == kept.reraise:
+            sys.setprofile(None)
         if (results := sys.modules.get("probe.results")) is not None:
             results.release_claims()

@@ -1039,6 +1039,39 @@ def test_a_run_with_nothing_to_compute_is_resumable_after_a_kill(data_dir, tiny_
     assert (pd.read_csv(out / "scores.csv")["n_items"] == 0).all()
 
 
+def test_a_ctrl_c_landing_in_a_finalizer_still_stops_the_run(data_dir, tiny_dirs, tmp_path, monkeypatch, capfd):
+    """A Ctrl-C that lands while Python frees an object (here a __del__ run as draw_eval's temporary is freed) is
+    handed to sys.unraisablehook: it was printed as "Exception ignored in: …" and dropped, and the run finished
+    with exit 0. Now it stops the run there, as one landing anywhere else: exit 130, one line, the rerun resumes."""
+    import signal
+
+    import figures.eval
+
+    out = tmp_path / "run"
+    args = ("--models", "tiny-qwen2", "--data", data_dir, "--quiet", "--out", out)
+    draw = figures.eval.draw_eval
+
+    class Freed:
+        def __del__(self) -> None:
+            signal.raise_signal(signal.SIGINT)  # Python's own handler raises KeyboardInterrupt inside __del__
+
+    def interrupted_while_freeing(run_dir):
+        Freed()  # freed at once, its KeyboardInterrupt handed to the hook
+        draw(run_dir)  # not reached: the interrupt is raised again before the figure is drawn
+
+    with monkeypatch.context() as m:
+        m.setattr(figures.eval, "draw_eval", interrupted_while_freeing)
+        m.setattr(sys, "unraisablehook", sys.__unraisablehook__)  # the hook a command line has, not pytest's
+        assert _eval(*args) == 130
+        assert sys.unraisablehook is sys.__unraisablehook__ and sys.getprofile() is None  # cli_main put them back
+    err = capfd.readouterr().err
+    assert err.strip() == "interrupted" and "Exception ignored" not in err
+    assert json.loads((out / "run.json").read_text())["status"] == "running" and not (out / "eval.png").exists()
+    assert _eval(*args) == 0
+    capfd.readouterr()
+    assert json.loads((out / "run.json").read_text())["status"] == "complete" and (out / "eval.png").is_file()
+
+
 def test_one_checkpoint_under_two_names_is_given_once(text_dir, tiny_dirs, tmp_path, capfd):
     """'tiny-qwen2' and its directory (or DIR and DIR/) passed the 'given twice' check, which compared the strings,
     and were evaluated as two models. A --reference naming a listed model another way is that model."""
