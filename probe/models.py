@@ -327,11 +327,65 @@ def check_loaded_tie(path: Path, config: dict[str, Any], entry: Path | None, wma
             check_tied_head(path, config, family, canon["lm_head.weight"], canon["embed_tokens.weight"], tensor)
 
 
-# The LM tensors whose shape a text config's size fixes: (canonical name, dimension of the stored [out, in] matrix,
-# config key). transformers builds these from the config and refuses a file whose tensor differs (check_loading_info)
-LM_SIZES = ((re.compile(r"(embed_tokens|lm_head)\.weight"), 0, "vocab_size"),
-            (re.compile(r"layers\.\d+\.mlp\.(gate|up)_proj\.weight"), 0, "intermediate_size"),
-            (re.compile(r"layers\.\d+\.mlp\.down_proj\.weight"), 1, "intermediate_size"))
+def given_size(text: Mapping[str, Any], key: str) -> int | None:
+    """An integer size the text config states (None where it leaves it out, or gives a list or a bool: not
+    compared, transformers' class default or per-layer sizes apply)."""
+    value = text.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def config_head_dim(text: Mapping[str, Any]) -> int | None:
+    """The head width transformers' attention builds from the text config: its ``head_dim``, else the config class's
+    own (Llama and Mistral derive hidden_size // num_attention_heads; Qwen3 and Gemma 3 default to 128 and 256,
+    which the load compares: a Qwen3 config without head_dim over 24-wide heads is refused there, and the analyses,
+    whose head layout takes hidden_size // num_attention_heads, would have measured it), else that quotient (Qwen2
+    has no head_dim). None where the keys are absent."""
+    if (explicit := given_size(text, "head_dim")) is not None:
+        return explicit
+    hidden, heads = given_size(text, "hidden_size"), given_size(text, "num_attention_heads")
+    if hidden is None or not heads:
+        return None
+    from transformers import AutoConfig
+
+    try:  # the class's resolution of an absent head_dim on this config's sizes
+        built = getattr(AutoConfig.for_model(text["model_type"], hidden_size=hidden, num_attention_heads=heads),
+                        "head_dim", None)
+    except Exception:  # noqa: BLE001 - no model_type, or one transformers does not know: the usual quotient
+        built = None
+    return built if isinstance(built, int) and not isinstance(built, bool) and built > 0 else hidden // heads
+
+
+def _size(key: str) -> Callable[[Mapping[str, Any]], int | None]:
+    return lambda text: given_size(text, key)
+
+
+def _heads(key: str | None) -> Callable[[Mapping[str, Any]], int | None]:
+    """Rows of ``key`` heads (num_attention_heads, num_key_value_heads: GQA's k/v) of config_head_dim each;
+    ``None``: one head's width (Qwen3's and Gemma 3's q/k norms)."""
+    def size(text: Mapping[str, Any]) -> int | None:
+        count, width = (given_size(text, key) if key else 1), config_head_dim(text)
+        return None if count is None or width is None else count * width
+    return size
+
+
+# The LM tensors whose shape a text config's sizes fix: (canonical name, dimension of the stored [out, in] matrix or
+# bias/norm vector, size the text config gives it, None: not compared). transformers builds these from the config
+# and refuses a file whose tensor differs (check_loading_info); the analyses read head statistics by the config's
+# head counts (config_geometry), so a config whose heads contradict the tensors gave wrong per-head numbers there
+_ATTN, _MLP = r"layers\.\d+\.self_attn\.", r"layers\.\d+\.mlp\."
+LM_SIZES = ((re.compile(r"(embed_tokens|lm_head)\.weight"), 0, _size("vocab_size")),
+            (re.compile(r"(embed_tokens|lm_head)\.weight"), 1, _size("hidden_size")),
+            (re.compile(_MLP + r"(gate|up)_proj\.weight"), 0, _size("intermediate_size")),
+            (re.compile(_MLP + r"(gate|up)_proj\.weight"), 1, _size("hidden_size")),
+            (re.compile(_MLP + r"down_proj\.weight"), 0, _size("hidden_size")),
+            (re.compile(_MLP + r"down_proj\.weight"), 1, _size("intermediate_size")),
+            (re.compile(_ATTN + r"q_proj\.(weight|bias)"), 0, _heads("num_attention_heads")),
+            (re.compile(_ATTN + r"[kv]_proj\.(weight|bias)"), 0, _heads("num_key_value_heads")),
+            (re.compile(_ATTN + r"[qkv]_proj\.weight"), 1, _size("hidden_size")),
+            (re.compile(_ATTN + r"o_proj\.(weight|bias)"), 0, _size("hidden_size")),
+            (re.compile(_ATTN + r"o_proj\.weight"), 1, _heads("num_attention_heads")),
+            (re.compile(_ATTN + r"[qk]_norm\.weight"), 0, _heads(None)),
+            (re.compile(r"(norm|layers\.\d+\.\w+_layernorm)\.weight"), 0, _size("hidden_size")))
 
 
 def shape_of(t: Any) -> tuple[int, ...]:
@@ -341,8 +395,9 @@ def shape_of(t: Any) -> tuple[int, ...]:
 
 def check_lm_sizes(path: Path, config: Mapping[str, Any], family: Family,
                    shapes: Mapping[str, tuple[str, Sequence[int]]]) -> None:
-    """The LM's embedding and lm_head rows against the text config's ``vocab_size`` and its MLP matrices against
-    ``intermediate_size`` (``shapes``: canonical LM name -> (disk key, shape), headers only). The one check of both
+    """The LM's tensors against the text config's sizes (``LM_SIZES``: vocab_size, hidden_size, intermediate_size,
+    the q/k/v/o rows of num_attention_heads and num_key_value_heads heads of head_dim; ``shapes``: canonical LM
+    name -> (disk key, shape), headers only). The one check of both
     readers: probe.eval's load refused such a checkpoint (transformers' mismatched keys) while analyses.shift, which
     never builds the model from the config, measured it; both now refuse it here with one line. transformers'
     rule, never stricter: a size the text config leaves out (its class default applies: the probe's load still
@@ -350,18 +405,18 @@ def check_lm_sizes(path: Path, config: Mapping[str, Any], family: Family,
     thinker's text config is the one read (its talker's sizes differ)."""
     text = text_config_dict(config, family)
     depth = text.get("num_hidden_layers")
+    wants = [(pattern, dim, size(text)) for pattern, dim, size in LM_SIZES]  # once: a 72B model has ~1,000 tensors
     wrong = []
     for canon, (key, shape) in sorted(shapes.items(), key=lambda item: item[1][0]):
         layer = re.match(r"layers\.(\d+)\.", canon)
         if layer and isinstance(depth, int) and int(layer.group(1)) >= depth:
             continue  # a layer the config does not build: a tensor the load refuses as not in the model
-        for pattern, dim, size in LM_SIZES:
-            want = text.get(size)
-            if (pattern.fullmatch(canon) and isinstance(want, int) and not isinstance(want, bool)
-                    and len(shape) == 2 and shape[dim] != want):
-                expected = list(shape)
+        expected = list(shape)
+        for pattern, dim, want in wants:
+            if want is not None and dim < len(shape) and pattern.fullmatch(canon):
                 expected[dim] = want
-                wrong.append(f"{key} (shape {tuple(shape)} in the file, {tuple(expected)} by config.json)")
+        if expected != list(shape):
+            wrong.append(f"{key} (shape {tuple(shape)} in the file, {tuple(expected)} by config.json)")
     if wrong:
         raise BadInput(mismatch_line(path, wrong, "of the wrong shape"))
 

@@ -281,17 +281,38 @@ def test_unknown_model_type_is_bad_input_before_loading(tmp_path, dirs, capsys):
         assert not out.exists()
 
 
-@pytest.mark.parametrize("size", ["vocab_size", "intermediate_size"])
+def oracle_load(fam, model: Path, cfg: dict):
+    """transformers' own load of ``model`` on the meta device, as the family's class builds it (the Omni thinker
+    from its thinker config): the model and its loading info (mismatched_keys: tensors of the wrong shape)."""
+    import transformers
+
+    from probe.families import config_value
+
+    cls = getattr(transformers, fam.model_class)
+    part = {"config": cls.config_class(**config_value(cfg, fam.config_path))} if fam.config_path else {}
+    return cls.from_pretrained(model, ignore_mismatched_sizes=True, output_loading_info=True, device_map="meta",
+                               key_mapping=dict(fam.key_mapping) if fam.key_mapping else None, **part,
+                               **NO_HUB_KERNELS)
+
+
+# A damaged size per text-config key: GQA's key/value heads moved to another divisor of the heads, twice the heads
+# (k/v rows or q/o rows change, as head_dim is derived or explicit), twice the hidden size, 3 more of the others
+DAMAGE = {"num_key_value_heads": lambda t: t["num_attention_heads"] if t["num_key_value_heads"] != t[
+              "num_attention_heads"] else t["num_attention_heads"] // 2,
+          "num_attention_heads": lambda t: 2 * t["num_attention_heads"],
+          "hidden_size": lambda t: 2 * t["hidden_size"]}
+
+
+@pytest.mark.parametrize("size", ["vocab_size", "intermediate_size", *DAMAGE])
 @pytest.mark.parametrize("family", ("qwen2", "qwen2_vl", "llava_onevision", "qwen2_audio") + NEW)
 def test_a_config_size_its_tensors_contradict_is_refused_alike(family, size, tmp_path, capsys):
-    """A text config whose vocab_size or intermediate_size contradicts the LM's tensors (embedding and lm_head
-    rows, MLP matrices): transformers' own load (the oracle: its mismatched keys, which probe.eval refused) finds
+    """A text config whose vocab_size, intermediate_size, hidden_size or head counts contradict the LM's tensors
+    (embedding and lm_head, MLP matrices, q/k/v/o projections and their biases, norms; GQA's k/v rows of the
+    key/value heads): transformers' own load (the oracle: its mismatched keys, which probe.eval refused) finds
     tensors of the wrong shape, and probe.eval, analyses.shift and analyses.merge refuse the checkpoint with one
-    and the same line (analyses.shift never builds the model and measured it). The Omni thinker's is its
-    thinker's text config (its talker's sizes differ)."""
+    and the same line (analyses.shift never builds the model and measured it, per head by the config's counts).
+    The Omni thinker's is its thinker's text config (its talker's sizes differ)."""
     import shutil
-
-    import transformers
 
     from analyses import merge, shift
     from probe import eval as probe_eval
@@ -305,14 +326,10 @@ def test_a_config_size_its_tensors_contradict_is_refused_alike(family, size, tmp
     cfg = json.loads((model / "config.json").read_text(encoding="utf-8"))
     text = config_value(cfg, fam.text_config_attr) if fam.text_config_attr else cfg
     text = text if isinstance(text, dict) and size in text else cfg
-    text[size] += 3
+    text[size] = DAMAGE[size](text) if size in DAMAGE else text[size] + 3
     (model / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
 
-    cls = getattr(transformers, fam.model_class)
-    part = {"config": cls.config_class(**config_value(cfg, fam.config_path))} if fam.config_path else {}
-    _, info = cls.from_pretrained(model, ignore_mismatched_sizes=True, output_loading_info=True, device_map="meta",
-                                  key_mapping=dict(fam.key_mapping) if fam.key_mapping else None, **part,
-                                  **NO_HUB_KERNELS)
+    built, info = oracle_load(fam, model, cfg)
     assert info["mismatched_keys"], "the oracle finds the config consistent: the damage is no damage"
     capsys.readouterr()  # transformers' load report of the oracle
     ref = dataclasses.replace(resolve_model(str(tiny_dir(family))), path=model, config=cfg)
@@ -323,7 +340,11 @@ def test_a_config_size_its_tensors_contradict_is_refused_alike(family, size, tmp
         resolve_model(str(model))
     line = str(exc.value)
     assert "of the wrong shape; it does not match its config.json" in line and "\n" not in line
-    assert re.search(rf"in the file, \([^)]*\b{text[size]}\b[^)]*\) by config\.json", line), line  # the config's size
+    tc = built.config.get_text_config()  # head_dim as the load built it (explicit, derived or the class default)
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    want = ({n * head_dim for n in (text["num_attention_heads"], text["num_key_value_heads"])} if size in DAMAGE
+            and size != "hidden_size" else {text[size]})
+    assert any(re.search(rf"in the file, \([^)]*\b{w}\b[^)]*\) by config\.json", line) for w in want), line
     out = tmp_path / "o"
     for main, argv in ((probe_eval.main, ["--models", str(model), "--data", "probe/zoo/data/text"]),
                        (shift.main, ["--base", str(model), "--models", str(tiny_dir(family)), "--no-figures"]),
@@ -332,6 +353,38 @@ def test_a_config_size_its_tensors_contradict_is_refused_alike(family, size, tmp
         err = capsys.readouterr().err.strip().splitlines()
         assert err == [f"error: {line}"], (main.__module__, err)
         assert not out.exists()
+
+
+@pytest.mark.parametrize("family", ("qwen2", "qwen2_vl", "llava_onevision", "qwen2_audio") + NEW)
+def test_a_config_without_head_dim_is_checked_as_its_class_builds_it(family, tmp_path, capsys):
+    """A text config that leaves head_dim out: the head width is the class's (Llama and Mistral derive
+    hidden_size // num_attention_heads, Qwen3 and Gemma 3 default to 128 and 256, whose tiny heads are 24 wide).
+    Oracle transformers' load: the checkpoint is refused exactly when it finds tensors of the wrong shape, and
+    then the line counts as many as it does; accepted otherwise (never stricter)."""
+    import shutil
+
+    from probe.errors import BadInput
+    from probe.families import config_value
+    from probe.models import resolve_model
+    from probe.tiny import tiny_dir
+
+    fam = FAMILIES[family]
+    model = shutil.copytree(tiny_dir(family), tmp_path / "m")
+    cfg = json.loads((model / "config.json").read_text(encoding="utf-8"))
+    text = config_value(cfg, fam.text_config_attr) if fam.text_config_attr else cfg
+    text = text if isinstance(text, dict) and "num_attention_heads" in text else cfg
+    text.pop("head_dim", None)
+    (model / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    _, info = oracle_load(fam, model, cfg)
+    capsys.readouterr()
+    mismatched = len(info["mismatched_keys"])
+    if not mismatched:
+        resolve_model(str(model))
+        return
+    with pytest.raises(BadInput) as exc:
+        resolve_model(str(model))
+    more = re.search(r"and (\d+) more of the wrong shape", str(exc.value))
+    assert (int(more.group(1)) + 1 if more else 1) == mismatched, (str(exc.value), info["mismatched_keys"])
 
 
 def test_readme_family_table_is_generated_from_the_table():
