@@ -9,6 +9,7 @@ Canonical LM names: ``embed_tokens.weight``, ``layers.{i}.<rest>``, ``norm.weigh
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass, fields
@@ -685,8 +686,9 @@ class HeadGeometry:
             raise BadInput(f"config lacks {missing!r}: cannot tell the head layout")
         n_heads, hidden, n_layers = (_count(cfg, k) for k in ("num_attention_heads", "hidden_size",
                                                                "num_hidden_layers"))
-        # null or absent: the usual fallbacks
-        head_dim = _count(cfg, "head_dim") if cfg.get("head_dim") is not None else hidden // n_heads
+        # null or absent: the width transformers' config class gives (class_head_dim), as the load builds it
+        head_dim = (_count(cfg, "head_dim") if cfg.get("head_dim") is not None
+                    else class_head_dim(cfg.get("model_type"), hidden, n_heads))
         n_kv = _count(cfg, "num_key_value_heads") if cfg.get("num_key_value_heads") is not None else n_heads
         if head_dim < 1 or n_heads % n_kv:
             raise BadInput(f"config: {n_heads} attention heads of {head_dim} in {n_kv} key/value groups is no head "
@@ -696,6 +698,25 @@ class HeadGeometry:
     def describe(self) -> str:
         return (f"{self.n_layers} layers, {self.n_heads} heads ({self.n_kv_heads} key/value) of {self.head_dim}, "
                 f"hidden {self.hidden_size}")
+
+
+@functools.lru_cache(maxsize=64)
+def class_head_dim(model_type: Any, hidden: int, n_heads: int) -> int:
+    """The head width transformers builds for a text config that states no ``head_dim``: its config class's own
+    (Llama and Mistral derive hidden_size // num_attention_heads; Qwen3 and Gemma 2/3 default to 128 and 256), else
+    that quotient (Qwen2 has no head_dim; no model_type, or one transformers does not know). The head layout took
+    the quotient alone: a Qwen3 config without head_dim over the 128-wide heads transformers loads was refused by
+    probe.heads' o_proj check and the salience merge's slice check, as heads of another width."""
+    built = None
+    if isinstance(model_type, str) and model_type:
+        from transformers import AutoConfig
+
+        try:
+            built = getattr(AutoConfig.for_model(model_type, hidden_size=hidden, num_attention_heads=n_heads),
+                            "head_dim", None)
+        except Exception:  # noqa: BLE001 - a model_type transformers does not know, or sizes its class refuses
+            built = None
+    return built if isinstance(built, int) and not isinstance(built, bool) and built > 0 else hidden // n_heads
 
 
 def config_geometry(path: Path, config: Mapping[str, Any], family: Family) -> HeadGeometry:

@@ -25,6 +25,7 @@ from probe.families import (
     Family,
     HeadGeometry,
     canonical_lm_name,
+    class_head_dim,
     config_geometry,
     config_value,
     declared_quantization,
@@ -336,23 +337,15 @@ def given_size(text: Mapping[str, Any], key: str) -> int | None:
 
 def config_head_dim(text: Mapping[str, Any]) -> int | None:
     """The head width transformers' attention builds from the text config: its ``head_dim``, else the config class's
-    own (Llama and Mistral derive hidden_size // num_attention_heads; Qwen3 and Gemma 3 default to 128 and 256,
-    which the load compares: a Qwen3 config without head_dim over 24-wide heads is refused there, and the analyses,
-    whose head layout takes hidden_size // num_attention_heads, would have measured it), else that quotient (Qwen2
-    has no head_dim). None where the keys are absent."""
+    own (``probe.families.class_head_dim``, which the analyses' head layout takes too: Qwen3 and Gemma 3 default to
+    128 and 256, which the load compares, so a Qwen3 config without head_dim over 24-wide heads is refused there and
+    here). None where the keys are absent."""
     if (explicit := given_size(text, "head_dim")) is not None:
         return explicit
     hidden, heads = given_size(text, "hidden_size"), given_size(text, "num_attention_heads")
-    if hidden is None or not heads:
+    if hidden is None or not heads or heads < 1:
         return None
-    from transformers import AutoConfig
-
-    try:  # the class's resolution of an absent head_dim on this config's sizes
-        built = getattr(AutoConfig.for_model(text["model_type"], hidden_size=hidden, num_attention_heads=heads),
-                        "head_dim", None)
-    except Exception:  # noqa: BLE001 - no model_type, or one transformers does not know: the usual quotient
-        built = None
-    return built if isinstance(built, int) and not isinstance(built, bool) and built > 0 else hidden // heads
+    return class_head_dim(text.get("model_type"), hidden, heads)  # the one resolution, the analyses' layout's too
 
 
 def _size(key: str) -> Callable[[Mapping[str, Any]], int | None]:

@@ -887,3 +887,26 @@ def test_a_bos_added_despite_add_special_tokens_false_stops_the_run(family, load
     with pytest.raises(UpstreamChanged, match=rf"added the special token '<\|endoftext\|>' to the prompt "
                                               rf"\({holds + 1} as token {bos}, the text holds {holds};"):
         build_inputs(m, item, PromptTemplate())
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "llama", "mistral", "qwen3", "gemma3_text", "gemma2", "no-such-type"])
+def test_a_head_layout_without_head_dim_takes_the_width_transformers_builds(model_type):
+    """A text config that states no head_dim: the analyses' head layout (HeadGeometry) took hidden_size //
+    num_attention_heads, while transformers' Qwen3 and Gemma 2/3 classes build 128- and 256-wide heads, so a
+    checkpoint it loads was refused as heads of another width (probe.heads' o_proj check, the salience merge's). Now the width the config
+    class builds (the oracle: AutoConfig.for_model's head_dim), the quotient where the class has none; the load's
+    size check (config_head_dim) reads the same resolution."""
+    from transformers import AutoConfig
+
+    from probe.families import HeadGeometry
+    from probe.models import config_head_dim
+
+    text = {"model_type": model_type, "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+            "num_key_value_heads": 2}
+    try:
+        built = AutoConfig.for_model(model_type, hidden_size=64, num_attention_heads=4).head_dim
+    except (ValueError, AttributeError):  # no such model_type, or a class without head_dim (Qwen2)
+        built = None
+    want = built if isinstance(built, int) else 64 // 4
+    assert HeadGeometry.from_text_config(text).head_dim == config_head_dim(text) == want
+    assert want != 16 or model_type not in ("qwen3", "gemma3_text", "gemma2")  # the case that was wrong
