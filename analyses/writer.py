@@ -27,7 +27,8 @@ import torch
 from analyses.checkpoints import DTYPE_NAMES
 from probe.errors import WRITE_STOPPED, BadInput, check_out_path
 from probe.results import (MANIFEST, WRITER_TAG, atomic_write_json, claimed, copy_file, gone_entries, json_object,
-                           lock_out_dir, output_listing, partial_path, read_manifest, release_claims, remove_stale_dirs, writer_tag)
+                           lock_out_dir, output_listing, partial_path, read_manifest, release_claims, remove_stale_dirs,
+                           writer_tag)
 
 P = ParamSpec("P")
 

@@ -281,10 +281,10 @@ def check_weights(path: Path, config: dict[str, Any], gguf_file: str | None = No
     if gguf_file is None and not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise BadInput(f"{path}: no weight files (*.safetensors)")
     if gguf_file is None:
-        check_loaded_tie(path, config, entry, wmap, keys=loaded)
+        check_loaded_lm(path, config, entry, wmap, keys=loaded)
 
 
-def check_loaded_tie(path: Path, config: dict[str, Any], entry: Path | None, wmap: Mapping[str, str] | None,
+def check_loaded_lm(path: Path, config: dict[str, Any], entry: Path | None, wmap: Mapping[str, str] | None,
                      keys: Mapping[Path, Sequence[str] | Mapping[str, tuple[int, ...]]]) -> None:
     """``check_lm_sizes`` and ``check_tied_head`` on the weight files transformers loads from ``path`` (``keys``:
     each weight file's tensor names, safetensors headers, or .bin pickles' names and shapes (``bin_shapes``); of
@@ -294,7 +294,8 @@ def check_loaded_tie(path: Path, config: dict[str, Any], entry: Path | None, wma
     from safetensors import safe_open
 
     if wmap is not None:
-        files = {f: k for f, k in keys.items() if f.name in set(wmap.values())}
+        listed = set(wmap.values())
+        files = {f: k for f, k in keys.items() if f.name in listed}
     else:
         files = keys if entry is None else {entry: keys.get(entry, [])}
     where = {k: f for f, names in files.items() for k in names}

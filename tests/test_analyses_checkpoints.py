@@ -664,7 +664,7 @@ def test_a_config_tying_an_lm_head_the_weights_hold_apart_is_refused_everywhere(
 
 
 def test_a_tied_config_over_a_bin_checkpoint_is_checked_as_over_safetensors(zoo, tmp_path, capsys):
-    """The same tie check on a pytorch_model.bin (probe.models.check_loaded_tie reads it with torch.load mmap, the
+    """The same tie check on a pytorch_model.bin (probe.models.check_loaded_lm reads it with torch.load mmap, the
     analyses through --allow-bin): an lm_head other than the embedding under a tied config is refused in one line by
     resolve_model and by shift, nothing written; the same lm_head stored twice (how save_pretrained writes a tied
     .bin: one storage) is read as the safetensors copy is."""

@@ -762,7 +762,7 @@ def test_same_values_compares_every_row_block_across_dtypes_and_slices(tmp_path)
 
 @pytest.mark.parametrize("equal", [False, True], ids=["head differs", "head equals the embedding"])
 def test_a_tied_config_over_sharded_safetensors_is_checked_across_shards(tmp_path, equal):
-    """probe.models.check_loaded_tie on a sharded checkpoint: lm_head and embed_tokens in different shards, found
+    """probe.models.check_loaded_lm on a sharded checkpoint: lm_head and embed_tokens in different shards, found
     through the index's weight_map. Under a config tying them, an lm_head whose values differ from the embedding (the
     oracle: torch.equal of the two tensors as saved) is one BadInput naming the checkpoint and the head; the same
     values stored twice resolve."""
@@ -823,7 +823,7 @@ def test_same_values_sees_a_difference_in_any_row_of_a_block_and_compares_in_the
 
 @pytest.mark.parametrize("equal", [False, True], ids=["head differs", "head equals the embedding"])
 def test_the_tie_is_checked_in_a_layout_only_the_familys_class_reads(tiny_dirs, tmp_path, equal):
-    """probe.models.check_loaded_tie on weights detect_layout knows no layout of: a Qwen2-VL checkpoint with its
+    """probe.models.check_loaded_lm on weights detect_layout knows no layout of: a Qwen2-VL checkpoint with its
     vision tower under ``model.visual.`` and its LM under ``model.layers.`` (neither the hub's layout nor
     transformers 4's), which transformers' key mapping loads whole. The check returned unchecked there, and a
     config tying lm_head to a differing embedding loaded with the file's head; now the two tensors are found by
@@ -858,7 +858,7 @@ def test_the_tie_is_checked_in_a_layout_only_the_familys_class_reads(tiny_dirs, 
 
 
 def test_a_tied_config_over_weights_without_the_embedding_leaves_the_head_unchecked(tmp_path):
-    """probe.models.check_loaded_tie compares lm_head with embed_tokens only when the weights hold both: a tied
+    """probe.models.check_loaded_lm compares lm_head with embed_tokens only when the weights hold both: a tied
     config over weights holding an lm_head and no embedding has nothing to compare it with, and resolving it is no
     KeyError traceback from the tie check (the load itself reports the missing tensor)."""
     from safetensors.torch import load_file, save_file
