@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import resource
 import shutil
 import subprocess
@@ -117,11 +118,10 @@ class AnonPeak:
 
 def peak_mb() -> float:
     """The peak resident memory since ``reset_peak`` (VmHWM), else since the process started (ru_maxrss)."""
-    with open("/proc/self/status", encoding="utf-8") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak = status_mb("VmHWM")
+    if math.isnan(peak):  # no VmHWM line
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return peak
 
 
 # ---- inputs: built once into --work ----
