@@ -497,6 +497,11 @@ def place_labels(ax: Any, texts: list[Any], gap: float = 2.0, step: float = 4.0,
                                    cost[order], _overlap(box[:, None], markers[None]).sum(axis=1)[order],
                                    line[order], lined[order]))
 
+    def priced(cost: Any, tangle: Any, covered: Any) -> Any:
+        """A place's cost with the other labels': 3 a leader crossing, and far above any place clear of them where
+        it covers one (by the area covered)."""
+        return cost + 3 * tangle + np.where(covered > 0, 1e3 + covered, 0.0)
+
     def prices(i: int, chosen: dict[int, int | None]) -> tuple[Any, Any]:
         """Every candidate of label ``i`` beside the other labels' ``chosen`` ones: (area covered, cost)."""
         c = options[i]
@@ -507,7 +512,7 @@ def place_labels(ax: Any, texts: list[Any], gap: float = 2.0, step: float = 4.0,
                 covered += _overlap(c.box, d.box[k])
                 tangle += c.lined & _crosses(d.box[k], c.line)  # its leader through the other label, or the other's
                 tangle += bool(d.lined[k]) & _crosses(c.box, d.line[k])  # through it
-        return covered, c.cost + 3 * tangle + np.where(covered > 0, 1e3 + covered, 0.0)
+        return covered, priced(c.cost, tangle, covered)
 
     def total(chosen: dict[int, int | None]) -> float:
         return float(sum(prices(i, {n: d for n, d in chosen.items() if n < i})[1][k]
@@ -581,7 +586,7 @@ def place_labels(ax: Any, texts: list[Any], gap: float = 2.0, step: float = 4.0,
                 if slot[j] >= 0:
                     overlap, cross = pair[k, j]
                     covered, tangle = covered + overlap[a][slot[j]], tangle + cross[a][slot[j]]
-            add = c.cost[cand] + 3 * tangle + (1e3 + covered if covered > 0 else 0.0)
+            add = float(priced(c.cost[cand], tangle, covered))
             if cost + add < best[0] - 1e-9:
                 slot.append(a)
                 search(k + 1, cost + add)
