@@ -23,15 +23,18 @@ L, H, KV, D = 2, 4, 2, 8  # analyses.tiny.TEXT: 2 layers × 4 query heads, 2 KV 
 
 
 def write_run(path: Path, kl: torch.Tensor, status: str = "complete", layers: int = L, heads: int = H,
-              model: Path | None = None, fingerprint: str | None = None, **plan_extra) -> Path:
+              model: Path | None = None, fingerprint: str | None = None,
+              drops: tuple[torch.Tensor, torch.Tensor] | None = None, **plan_extra) -> Path:
     """A probe.heads output dir holding only what the merge reads: heads.csv and run.json (with the measured
-    model's path when ``model`` is given, and its fingerprint then when ``fingerprint`` is)."""
+    model's path when ``model`` is given, and its fingerprint then when ``fingerprint`` is). The drops are kl / 2
+    and kl / 3 unless ``drops`` gives (accuracy_drop, prob_accuracy_drop) tables of their own."""
     path.mkdir(parents=True)
     rows = ["layer,head,accuracy,prob_accuracy,kl,n_items,accuracy_drop,prob_accuracy_drop,p_answer"]
     for layer in range(layers):
         for h in range(heads):
             v = float(kl[layer, h]) if layer < kl.shape[0] and h < kl.shape[1] else 0.1
-            rows.append(f"{layer},{h},0.5,0.5,{v!r},8,{v / 2!r},{v / 3!r},0.5")
+            acc, prob = (v / 2, v / 3) if drops is None else (float(drops[0][layer, h]), float(drops[1][layer, h]))
+            rows.append(f"{layer},{h},0.5,0.5,{v!r},8,{acc!r},{prob!r},0.5")
     (path / "heads.csv").write_text("\n".join(rows) + "\n")
     plan = {"plan": {"model_path": str(model)}} if model is not None else {}
     if fingerprint is not None:
@@ -122,6 +125,38 @@ def test_salience_merge_equals_in_memory(zoo, runs, tmp_path, with_base):
     assert sum(g[1, 1] for g in grids.values()) == pytest.approx(1.0)
     assert [p.suffix for p in draw_merge(out)] == [".png", ".pdf"]
 
+
+
+def test_each_salience_metric_weights_heads_by_its_own_column_and_the_defaults_are_kl_tau_1_alpha0_half(zoo, tmp_path):
+    """--salience-metric takes s_i(L, h) from its own heads.csv column, kl by default, with --salience-temperature 1
+    and --alpha0 0.5 by default (DESIGN §9). The other tests write the three columns in proportion (kl, kl / 2,
+    kl / 3), which ŝ = s / mean s cannot tell apart, and pass τ_s and α0: a merge reading the wrong column or with
+    other defaults passed them. Here each column is a table of its own, and each merge is the in-memory oracle's
+    on that column."""
+    experts = [zoo["vl"], zoo["ov"]]
+    g = torch.Generator().manual_seed(3)
+    tables = {"kl": [torch.rand(L, H, generator=g) * 3 for _ in experts],
+              "accuracy_drop": [torch.rand(L, H, generator=g) * 1.2 - 0.2 for _ in experts],  # some < 0: clamped
+              "prob_accuracy_drop": [torch.rand(L, H, generator=g) * 0.8 - 0.2 for _ in experts]}
+    dirs = [write_run(tmp_path / f"e{i}", tables["kl"][i],
+                      drops=(tables["accuracy_drop"][i], tables["prob_accuracy_drop"][i])) for i in range(len(experts))]
+    base, thetas = canonical(zoo["base"]), [canonical(e) for e in experts]
+    merged = {}
+    for metric, extra, tau in (("kl", [], 1.0), ("accuracy_drop", ["--salience-metric", "accuracy_drop"], 1.0),
+                               ("prob_accuracy_drop", ["--salience-metric", "prob_accuracy_drop",
+                                                       "--salience-temperature", 0.5], 0.5)):
+        out = tmp_path / metric
+        assert run(merge.main, "--base", zoo["base"], "--models", *experts, "--method", "salience", "--salience",
+                   *dirs, *extra, "--out", out) == 0
+        merged[metric] = got = canonical(out)
+        want = in_memory_salience(base, thetas, [t.double() for t in tables[metric]], tau, 0.5)
+        for name, t in want.items():
+            torch.testing.assert_close(got[name].float(), t, rtol=1e-6, atol=1e-7, msg=f"{metric}: {name}")
+        info = json.loads((out / "merge.json").read_text())
+        assert (info["salience"]["metric"], info["salience"]["temperature"], info["alpha0"]) == (metric, tau, 0.5)
+    q = "layers.1.self_attn.q_proj.weight"  # anti-tautology: the three columns give three different merges
+    assert not torch.equal(merged["kl"][q], merged["accuracy_drop"][q])
+    assert not torch.equal(merged["accuracy_drop"][q], merged["prob_accuracy_drop"][q])
 
 
 def test_which_tensors_a_head_owns():
