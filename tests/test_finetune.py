@@ -67,7 +67,7 @@ def _log(out: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_checkpoints_log_and_loadable(ft_run):
+def test_checkpoints_log_and_loadable(ft_run, tiny_dirs):
     from probe.models import load_model, resolve_model
 
     assert sorted(p.name for p in ft_run.glob("checkpoint-*")) == [f"checkpoint-{s}" for s in (0, 2, 4, 6)]
@@ -87,6 +87,33 @@ def test_checkpoints_log_and_loadable(ft_run):
     loaded = load_model(resolve_model(str(ft_run / "checkpoint-6")))
     assert loaded.processor is not None and loaded.geometry.n_layers == len(loaded.layers)
     assert json.loads((ft_run / "run.json").read_text())["status"] == "complete"
+    # step 0 is the start (DESIGN §10): the source's parameters, bit for bit, as transformers loads both
+    source = dict(load_model(resolve_model(str(tiny_dirs["qwen2_vl"]))).model.named_parameters())
+    start = dict(load_model(resolve_model(str(ft_run / "checkpoint-0"))).model.named_parameters())
+    assert start.keys() == source.keys() and all(torch.equal(start[n], source[n]) for n in source)
+
+
+def test_the_training_loop_imports_nothing_of_probe_zoo():
+    """DESIGN §10: the one training loop (probe/train.py) imports nothing of probe/zoo, whose builder imports it
+    (through Recipe, TEMPLATE and log that would close an import circle): neither in its own source, at any
+    depth of a function, nor through what it imports when loaded alone."""
+    import ast
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    tree = ast.parse((REPO / "probe" / "train.py").read_text(encoding="utf-8"))
+    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    names += [f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names]
+    assert len(names) > 10 and not [n for n in names if n.startswith("probe.zoo") or ".zoo" in n], names
+    code = "import sys, probe.train; print(sorted(m for m in sys.modules if m.startswith('probe.')))"
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert res.returncode == 0, res.stderr[-2000:]
+    loaded = ast.literal_eval(res.stdout.strip().splitlines()[-1])
+    assert "probe.train" in loaded and not [m for m in loaded if m.startswith("probe.zoo")], loaded
 
 
 def test_deterministic_and_resumable_after_a_kill(ft_run, tiny_dirs, data_dir, text_dir, tmp_path, monkeypatch):
