@@ -1712,6 +1712,25 @@ def test_a_mix_whose_sum_overflows_samples_in_its_ratio() -> None:
     assert 0.4 < share < 0.6
 
 
+def test_the_mix_draws_each_set_in_its_ratio_whatever_its_size_and_its_rows_alike() -> None:
+    """--mix 3:2:1 (the paper's text:image:video, DESIGN §10) is the share of each set's rows in training, however
+    many items each holds (a draw proportional to set size would give 10:5:7 here), each set's rows drawn alike;
+    a weight of 0 draws nothing of its set. Against the binomial's spread: within 4 standard deviations."""
+    from analyses.finetune import mixed_sampler, parse_mix
+
+    offsets = {"text": range(0, 10), "image": range(10, 15), "video": range(15, 22)}
+    n = 12000
+    rows = mixed_sampler(offsets, parse_mix("3:2:1", list(offsets)))(torch.Generator().manual_seed(0), n)
+    assert len(rows) == n
+    for (label, rng), share in zip(offsets.items(), (3 / 6, 2 / 6, 1 / 6)):
+        got = [r for r in rows if r in rng]
+        assert abs(len(got) / n - share) < 4 * (share * (1 - share) / n) ** 0.5, label
+        per_row = len(got) / len(rng)  # each row of the set: a binomial of len(got) draws at 1 / len(rng)
+        assert all(abs(got.count(r) - per_row) < 4 * (per_row * (1 - 1 / len(rng))) ** 0.5 for r in rng), label
+    rows = mixed_sampler(offsets, parse_mix("3:0:1", list(offsets)))(torch.Generator().manual_seed(1), 2000)
+    assert not [r for r in rows if r in offsets["image"]] and {r for r in rows} == {*range(0, 10), *range(15, 22)}
+
+
 def _text_copy(tmp_path: Path, name: str) -> Path:
     import shutil
 
