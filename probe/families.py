@@ -689,15 +689,47 @@ class HeadGeometry:
         # null or absent: the width transformers' config class gives (class_head_dim), as the load builds it
         head_dim = (_count(cfg, "head_dim") if cfg.get("head_dim") is not None
                     else class_head_dim(cfg.get("model_type"), hidden, n_heads))
-        n_kv = _count(cfg, "num_key_value_heads") if cfg.get("num_key_value_heads") is not None else n_heads
+        # null or absent: the count transformers' config class gives (class_kv_heads: Qwen2 32, Mistral 8, Llama
+        # the attention heads), as the load builds it; the attention heads where transformers cannot tell
+        stated = cfg.get("num_key_value_heads") is not None
+        n_kv = (_count(cfg, "num_key_value_heads") if stated
+                else class_kv_heads(cfg.get("model_type"), hidden, n_heads, "num_key_value_heads" in cfg) or n_heads)
         if head_dim < 1 or n_heads % n_kv:
+            whence = "" if stated or not n_heads % n_kv else (
+                f"; it states no num_key_value_heads, and {n_kv} is what transformers' {cfg.get('model_type')} "
+                "config class builds then")
             raise BadInput(f"config: {n_heads} attention heads of {head_dim} in {n_kv} key/value groups is no head "
-                           "layout (heads must split evenly into the groups, each head at least 1 wide)")
+                           f"layout (heads must split evenly into the groups, each head at least 1 wide{whence})")
         return HeadGeometry(n_layers, n_heads, n_kv, head_dim, hidden)
 
     def describe(self) -> str:
         return (f"{self.n_layers} layers, {self.n_heads} heads ({self.n_kv_heads} key/value) of {self.head_dim}, "
                 f"hidden {self.hidden_size}")
+
+
+@functools.lru_cache(maxsize=64)
+def _class_text_config(model_type: str, hidden: int, n_heads: int, null_kv: bool) -> Any | None:
+    """The text config transformers' config class for ``model_type`` builds from these sizes (``null_kv``: with
+    num_key_value_heads stated as null), a composite's text part (Qwen2-VL's top-level sizes build its text
+    config); None where transformers does not know the model_type, refuses the sizes, or builds a text config of
+    other sizes (LLaVA ignores top-level sizes: its default Llama 7B says nothing of this config)."""
+    from transformers import AutoConfig
+
+    try:
+        built = AutoConfig.for_model(model_type, hidden_size=hidden, num_attention_heads=n_heads,
+                                     **({"num_key_value_heads": None} if null_kv else {})).get_text_config(decoder=True)
+    except Exception:  # noqa: BLE001 - a model_type transformers does not know, or sizes its class refuses
+        return None
+    sizes = (getattr(built, "hidden_size", None), getattr(built, "num_attention_heads", None))
+    return built if sizes == (hidden, n_heads) else None
+
+
+def _class_size(model_type: Any, hidden: int, n_heads: int, key: str, null_kv: bool = False) -> int | None:
+    """A positive integer ``key`` of the class's text config (``_class_text_config``), else None."""
+    built = (_class_text_config(model_type, hidden, n_heads, null_kv)
+             if isinstance(model_type, str) and model_type else None)
+    value = getattr(built, key, None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 @functools.lru_cache(maxsize=64)
@@ -707,16 +739,20 @@ def class_head_dim(model_type: Any, hidden: int, n_heads: int) -> int:
     that quotient (Qwen2 has no head_dim; no model_type, or one transformers does not know). The head layout took
     the quotient alone: a Qwen3 config without head_dim over the 128-wide heads transformers loads was refused by
     probe.heads' o_proj check and the salience merge's slice check, as heads of another width."""
-    built = None
-    if isinstance(model_type, str) and model_type:
-        from transformers import AutoConfig
+    return _class_size(model_type, hidden, n_heads, "head_dim") or hidden // n_heads
 
-        try:
-            built = getattr(AutoConfig.for_model(model_type, hidden_size=hidden, num_attention_heads=n_heads),
-                            "head_dim", None)
-        except Exception:  # noqa: BLE001 - a model_type transformers does not know, or sizes its class refuses
-            built = None
-    return built if isinstance(built, int) and not isinstance(built, bool) and built > 0 else hidden // n_heads
+
+@functools.lru_cache(maxsize=64)
+def class_kv_heads(model_type: Any, hidden: int, n_heads: int, null: bool = False) -> int | None:
+    """The key/value head count transformers builds for a text config that states no ``num_key_value_heads``
+    (``null``: states it as null): its config class's own (Qwen2 and Qwen3 default to 32, Mistral, Qwen2-VL's text
+    and Qwen2.5-VL's to 8, Gemma 2/3 and the Omni thinker's to 4; Llama takes num_attention_heads; null is the
+    attention heads in Qwen2's and Llama's classes, refused by Mistral's and Gemma's). None where transformers cannot
+    tell (no model_type, one it does not know, sizes or a null its class refuses): the head layout then takes the
+    attention heads and the size check does not compare k/v rows, as before. The layout took the attention heads
+    for every class, and the size check compared nothing: a Qwen2 config without the key holding 8 key/value heads'
+    tensors, which transformers' load refuses (it builds 32), was measured per head by 8 groups it never builds."""
+    return _class_size(model_type, hidden, n_heads, "num_key_value_heads", null)
 
 
 def config_geometry(path: Path, config: Mapping[str, Any], family: Family) -> HeadGeometry:
@@ -748,7 +784,10 @@ def with_class_defaults(cfg: Mapping[str, Any]) -> Mapping[str, Any]:
         defaults = AutoConfig.for_model(cfg["model_type"]).to_dict()
     except (ValueError, KeyError):
         return cfg
-    return {**{k: defaults.get(k) for k in (*needed, "num_key_value_heads", "head_dim") if k in defaults}, **cfg}
+    # only these: head_dim and num_key_value_heads follow the sizes the class is built with (Llama's derive from
+    # num_attention_heads, hidden_size), which class_head_dim and class_kv_heads resolve from the filled sizes; the
+    # default instance's gave a text config stating 16 heads Llama's default 32 key/value heads of 128
+    return {**{k: defaults.get(k) for k in needed if k in defaults}, **cfg}
 
 
 def declared_quantization(config: Mapping[str, Any]) -> str | None:

@@ -26,6 +26,7 @@ from probe.families import (
     HeadGeometry,
     canonical_lm_name,
     class_head_dim,
+    class_kv_heads,
     config_geometry,
     config_value,
     declared_quantization,
@@ -349,16 +350,29 @@ def config_head_dim(text: Mapping[str, Any]) -> int | None:
     return class_head_dim(text.get("model_type"), hidden, heads)  # the one resolution, the analyses' layout's too
 
 
+def config_kv_heads(text: Mapping[str, Any]) -> int | None:
+    """The key/value head count transformers' attention builds from the text config: its ``num_key_value_heads``,
+    else (absent or null) the config class's own (``probe.families.class_kv_heads``, which the analyses' head layout
+    takes too: Qwen2 builds 32, Mistral 8, so a Qwen2 config without the key over 8 key/value heads' k/v rows is
+    refused there and here). None where the keys are absent or transformers cannot tell (not compared)."""
+    if (explicit := given_size(text, "num_key_value_heads")) is not None:
+        return explicit
+    hidden, heads = given_size(text, "hidden_size"), given_size(text, "num_attention_heads")
+    if text.get("num_key_value_heads") is not None or hidden is None or not heads or heads < 1:
+        return None  # a list or a bool: not compared (the head layout refuses it)
+    return class_kv_heads(text.get("model_type"), hidden, heads, "num_key_value_heads" in text)
+
+
 def _size(key: str) -> Callable[[Mapping[str, Any]], int | None]:
     return lambda text: given_size(text, key)
 
 
-def _heads(key: str | None) -> Callable[[Mapping[str, Any]], int | None]:
-    """Rows of ``key`` heads (num_attention_heads, num_key_value_heads: GQA's k/v) of config_head_dim each;
-    ``None``: one head's width (Qwen3's and Gemma 3's q/k norms)."""
+def _heads(count: Callable[[Mapping[str, Any]], int | None] | None) -> Callable[[Mapping[str, Any]], int | None]:
+    """Rows of ``count`` heads (num_attention_heads, config_kv_heads: GQA's k/v) of config_head_dim each; ``None``:
+    one head's width (Qwen3's and Gemma 3's q/k norms)."""
     def size(text: Mapping[str, Any]) -> int | None:
-        count, width = (given_size(text, key) if key else 1), config_head_dim(text)
-        return None if count is None or width is None else count * width
+        n, width = (count(text) if count else 1), config_head_dim(text)
+        return None if n is None or width is None else n * width
     return size
 
 
@@ -373,11 +387,11 @@ LM_SIZES = ((re.compile(r"(embed_tokens|lm_head)\.weight"), 0, _size("vocab_size
             (re.compile(_MLP + r"(gate|up)_proj\.weight"), 1, _size("hidden_size")),
             (re.compile(_MLP + r"down_proj\.weight"), 0, _size("hidden_size")),
             (re.compile(_MLP + r"down_proj\.weight"), 1, _size("intermediate_size")),
-            (re.compile(_ATTN + r"q_proj\.(weight|bias)"), 0, _heads("num_attention_heads")),
-            (re.compile(_ATTN + r"[kv]_proj\.(weight|bias)"), 0, _heads("num_key_value_heads")),
+            (re.compile(_ATTN + r"q_proj\.(weight|bias)"), 0, _heads(_size("num_attention_heads"))),
+            (re.compile(_ATTN + r"[kv]_proj\.(weight|bias)"), 0, _heads(config_kv_heads)),
             (re.compile(_ATTN + r"[qkv]_proj\.weight"), 1, _size("hidden_size")),
             (re.compile(_ATTN + r"o_proj\.(weight|bias)"), 0, _size("hidden_size")),
-            (re.compile(_ATTN + r"o_proj\.weight"), 1, _heads("num_attention_heads")),
+            (re.compile(_ATTN + r"o_proj\.weight"), 1, _heads(_size("num_attention_heads"))),
             (re.compile(_ATTN + r"[qk]_norm\.weight"), 0, _heads(None)),
             (re.compile(r"(norm|layers\.\d+\.\w+_layernorm)\.weight"), 0, _size("hidden_size")))
 
@@ -394,9 +408,11 @@ def check_lm_sizes(path: Path, config: Mapping[str, Any], family: Family,
     name -> (disk key, shape), headers only). The one check of both
     readers: probe.eval's load refused such a checkpoint (transformers' mismatched keys) while analyses.shift, which
     never builds the model from the config, measured it; both now refuse it here with one line. transformers'
-    rule, never stricter: a size the text config leaves out (its class default applies: the probe's load still
-    compares it, the analyses do not) or gives as no integer (a per-layer list) is not compared, and the Omni
-    thinker's text config is the one read (its talker's sizes differ)."""
+    rule, never stricter: the head width and the key/value head count the text config leaves out are the ones its
+    config class builds (config_head_dim, config_kv_heads), compared as the load compares them; another size it
+    leaves out (its class default applies: the probe's load still compares it, the analyses do not) or gives as no
+    integer (a per-layer list) is not compared, and the Omni thinker's text config is the one read (its talker's
+    sizes differ)."""
     text = text_config_dict(config, family)
     depth = text.get("num_hidden_layers")
     wants = [(pattern, dim, size(text)) for pattern, dim, size in LM_SIZES]  # once: a 72B model has ~1,000 tensors

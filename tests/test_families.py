@@ -387,6 +387,52 @@ def test_a_config_without_head_dim_is_checked_as_its_class_builds_it(family, tmp
     assert (int(more.group(1)) + 1 if more else 1) == mismatched, (str(exc.value), info["mismatched_keys"])
 
 
+@pytest.mark.parametrize("kv", [4, 8, 32])
+@pytest.mark.parametrize("family", ("qwen2", "llama", "mistral", "qwen2_vl", "gemma3_text"))
+def test_a_config_without_num_key_value_heads_is_checked_as_its_class_builds_it(family, kv, tmp_path, capsys):
+    """A tiny checkpoint of 32 attention heads whose k/v tensors hold ``kv`` key/value heads, its text config
+    stating no num_key_value_heads: transformers' load builds its class's count (Qwen2 32, Llama the attention
+    heads, Mistral and Qwen2-VL's text 8, Gemma 3 4) and refuses other k/v rows. Oracle that load: exactly what it
+    accepts, probe.eval's checks (resolve_model) and analyses.shift accept (which measured every one of them per
+    head by 32 key/value groups); what it refuses, both refuse with the one line, counting the tensors it finds of
+    the wrong shape, before anything is written (analyses.merge alike)."""
+    import shutil
+
+    from analyses import merge, shift
+    from probe.errors import BadInput, cli_main
+    from probe.families import config_value
+    from probe.models import resolve_model
+    from probe.tiny import TinySpec, build_tiny
+
+    fam = FAMILIES[family]
+    spec = TinySpec(hidden_size=256, num_attention_heads=32, num_key_value_heads=kv, num_hidden_layers=2)
+    model = build_tiny(family, tmp_path / "m", spec)
+    cfg = json.loads((model / "config.json").read_text(encoding="utf-8"))
+    text = config_value(cfg, fam.text_config_attr) if fam.text_config_attr else cfg
+    del text["num_key_value_heads"]
+    (model / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    other = shutil.copytree(model, tmp_path / "other")
+    _, info = oracle_load(fam, model, cfg)
+    capsys.readouterr()  # transformers' load report of the oracle
+    mismatched = len(info["mismatched_keys"])
+    runs = ((shift.main, ["--base", str(model), "--models", str(other), "--no-figures"]),
+            (merge.main, ["--models", str(model), str(other), "--method", "average"]))
+    if not mismatched:
+        assert resolve_model(str(model)).geometry.n_kv_heads == kv
+        for i, (main, argv) in enumerate(runs):
+            assert cli_main(main, [*argv, "--out", str(tmp_path / f"o{i}")]) == 0, capsys.readouterr().err
+        return
+    with pytest.raises(BadInput) as exc:
+        resolve_model(str(model))
+    line = str(exc.value)
+    more = re.search(r"and (\d+) more of the wrong shape; it does not match its config.json", line)
+    assert (int(more.group(1)) + 1 if more else 1) == mismatched, (line, info["mismatched_keys"])
+    for main, argv in runs:
+        assert cli_main(main, [*argv, "--out", str(tmp_path / "o")]) == 2, main.__module__
+        assert capsys.readouterr().err.strip().splitlines() == [f"error: {line}"], main.__module__
+        assert not (tmp_path / "o").exists()
+
+
 def test_readme_family_table_is_generated_from_the_table():
     from probe.families import supported_families_markdown
 
@@ -500,6 +546,16 @@ def test_nested_text_config_with_class_defaults_only():
                                                         "max_position_embeddings": 4096}}
     g = HeadGeometry.from_text_config(text_config_dict(published, FAMILIES["llava"]))
     assert (g.n_layers, g.n_heads, g.n_kv_heads, g.head_dim, g.hidden_size) == (32, 32, 32, 128, 4096)
+    # one stating 16 heads and not the rest: Llama derives its key/value heads and head width from the heads and
+    # the hidden size it is built with (the layout filled the default instance's 32 key/value heads of 128, and
+    # refused 16 heads in 32 groups). Oracle: LlavaConfig's own text config
+    from transformers import LlavaConfig
+
+    sixteen = {"model_type": "llava", "text_config": {"model_type": "llama", "num_attention_heads": 16}}
+    t = LlavaConfig(**{k: v for k, v in sixteen.items() if k != "model_type"}).text_config
+    g = HeadGeometry.from_text_config(text_config_dict(sixteen, FAMILIES["llava"]))
+    assert (g.n_layers, g.n_heads, g.n_kv_heads, g.head_dim, g.hidden_size) == (
+        t.num_hidden_layers, 16, t.num_key_value_heads, t.head_dim, t.hidden_size) == (32, 16, 16, 256, 4096)
 
 
 def test_chat_formats_follow_the_row_and_the_lm():
@@ -939,3 +995,40 @@ def test_a_head_layout_without_head_dim_takes_the_width_transformers_builds(mode
     want = built if isinstance(built, int) else 64 // 4
     assert HeadGeometry.from_text_config(text).head_dim == config_head_dim(text) == want
     assert want != 16 or model_type not in ("qwen3", "gemma3_text", "gemma2")  # the case that was wrong
+
+
+@pytest.mark.parametrize("null", [False, True])
+@pytest.mark.parametrize("model_type", ["qwen2", "llama", "mistral", "qwen3", "gemma3_text", "qwen2_vl", "llava",
+                                        "no-such-type"])
+def test_a_head_layout_without_num_key_value_heads_takes_the_count_transformers_builds(model_type, null):
+    """A text config that states no num_key_value_heads (or states null): the head layout took the attention heads
+    for every class and the size check compared no k/v rows, while transformers' classes build their own default
+    (Mistral's and Qwen2-VL's 8, Gemma 3's 4 key/value heads of 32 attention heads). Oracle: the attention
+    transformers builds from that config (on the meta device; its k_proj rows over one head's width, q_proj rows /
+    heads). Where it builds none of these sizes (an unknown model_type, a null Mistral's and Gemma's strict configs
+    refuse, LLaVA's top-level sizes, which build its default Llama 7B) the layout keeps the attention heads and the
+    size check (config_kv_heads, the same resolution) compares no k/v rows, as before: never stricter."""
+    import transformers
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig
+
+    from probe.families import HeadGeometry
+    from probe.models import config_kv_heads
+
+    sizes = {"hidden_size": 256, "num_attention_heads": 32, "num_hidden_layers": 1}
+    stated = {**sizes, **({"num_key_value_heads": None} if null else {})}
+    text = {"model_type": model_type, **stated}
+    try:
+        config = AutoConfig.for_model(model_type, **stated)
+    except (ValueError, StrictDataclassError):  # no such model_type, or a null its class refuses
+        attn = None
+    else:
+        fam = FAMILIES[model_type]
+        with torch.device("meta"):
+            attn = getattr(transformers, fam.model_class)(config).get_submodule(fam.layers_path)[0].self_attn
+    built = (attn.k_proj.out_features // (attn.q_proj.out_features // 32)
+             if attn is not None and attn.q_proj.in_features == 256 else None)
+    g = HeadGeometry.from_text_config(text)
+    assert (g.n_kv_heads, config_kv_heads(text)) == (built or 32, built), (model_type, null, built)
+    if model_type in ("mistral", "gemma3_text") and not null:  # defaults not the heads: the layout took 32 for them
+        assert built not in (None, 32)

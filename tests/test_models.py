@@ -91,10 +91,23 @@ def test_head_dim_fallbacks(tmp_path):
     assert g.head_dim == 32  # explicit head_dim wins over hidden_size / heads
     g = resolve_model(str(write_model_dir(tmp_path / "null", qwen2_config(head_dim=None)))).geometry
     assert g.head_dim == 16
-    cfg = qwen2_config()
-    del cfg["num_key_value_heads"]
-    g = resolve_model(str(write_model_dir(tmp_path / "mha", cfg))).geometry
-    assert g.n_kv_heads == 4  # no GQA entry: one KV head per query head
+    # no GQA entry: the key/value heads the config class builds (class_kv_heads; oracle: transformers' own class):
+    # Llama's are the attention heads; Qwen2's default 32 does not split 4 heads, which the layout took until
+    # 2026-12-06 (transformers builds a k_proj of 32 heads, and refuses these tensors)
+    from transformers import LlamaConfig, Qwen2Config
+
+    for model_type, built in (("llama", LlamaConfig), ("qwen2", Qwen2Config)):
+        cfg = qwen2_config(model_type=model_type)
+        del cfg["num_key_value_heads"]
+        kv = built(**{k: v for k, v in cfg.items() if k != "model_type"}).num_key_value_heads
+        model = write_model_dir(tmp_path / f"mha-{model_type}", cfg)
+        if 4 % kv == 0:
+            assert resolve_model(str(model)).geometry.n_kv_heads == kv == 4
+        else:
+            with pytest.raises(BadInput, match=rf"^{model}: config: 4 attention heads of 16 in {kv} key/value groups "
+                                               rf"is no head layout .*states no num_key_value_heads, and {kv} is "
+                                               "what transformers' qwen2 config class builds then"):
+                resolve_model(str(model))
     cfg = qwen2_config()
     del cfg["num_attention_heads"]
     with pytest.raises(BadInput, match="num_attention_heads"):
