@@ -736,3 +736,18 @@ def name_colours(names: list[str]) -> dict[str, Any]:
         taken.add(k)
         out[name] = (*palette[k], 1.0)
     return {n: out[str(n)] for n in names}
+
+
+def short_name(name: Any, width: int = 32) -> str:
+    """A model's or data set's name in at most ``width`` characters, for a tick label or a repr: a longer path
+    keeps the most whole parts of its tail that fit behind "…/" (a carrier's keeps its method, ``carriers`` and
+    its name: "…/shift/carriers/organism-ov-si"), never cutting inside a part where a whole one fits; only a
+    last part too long by itself keeps its last ``width - 1`` characters behind "…"."""
+    name = str(name)
+    if len(name) <= width:
+        return name
+    parts = name.rstrip("/").split("/")  # a trailing '/' ends no part
+    k = len(parts)  # the tail kept is parts[k:]
+    while k and len("…/" + "/".join(parts[k - 1:])) <= width:
+        k -= 1
+    return "…/" + "/".join(parts[k:]) if k < len(parts) else "…" + name[-(width - 1):]
