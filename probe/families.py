@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from probe.errors import BadInput
+from probe.errors import BadInput, is_int
 
 
 def _strict(cls):
@@ -716,7 +716,7 @@ def class_head_dim(model_type: Any, hidden: int, n_heads: int) -> int:
                             "head_dim", None)
         except Exception:  # noqa: BLE001 - a model_type transformers does not know, or sizes its class refuses
             built = None
-    return built if isinstance(built, int) and not isinstance(built, bool) and built > 0 else hidden // n_heads
+    return built if is_int(built) and built > 0 else hidden // n_heads
 
 
 def config_geometry(path: Path, config: Mapping[str, Any], family: Family) -> HeadGeometry:
@@ -731,7 +731,7 @@ def config_geometry(path: Path, config: Mapping[str, Any], family: Family) -> He
 def _count(cfg: Mapping[str, Any], key: str) -> int:
     """A positive integer of the config (0, -4, "four" or 4.5 heads made a traceback, or a division by zero)."""
     value = cfg[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
         raise BadInput(f"config {key} must be a positive integer, got {value!r}")
     return value
 
