@@ -266,17 +266,13 @@ def fit_bar_labels(fig: Any, shorter: Mapping[str, str] | None = None, slack: fl
     return changed
 
 
-def separate_labels(texts: list[Any], gap: float = 1.0, leader: bool = False, sides: tuple[int, ...] = (-1, 1),
-                    tries: int = 20, inside: bool = False) -> None:
+def separate_labels(texts: list[Any], gap: float = 1.0, sides: tuple[int, ...] = (-1, 1), tries: int = 20) -> None:
     """Move labels placed beside a point (``ax.annotate`` with ``textcoords="offset points"``) up or down, in
     order, until each overlaps none placed before it (``gap`` points apart) at the figure's present layout, so
-    call it after ``tight_layout``: labels of points that sit close together (experts a real run barely moved
-    from the base, models of nearly one value) were drawn over one another. Each goes to the nearest free place:
-    its own, a line below, a line above, two below, ... (``sides``: (1,) only above, where below is its point);
-    with ``leader``, a moved label gets a thin line to its point; ``inside``, a label is first put on the other
-    side of its point where that keeps it inside its axes (not past the map's edge), and one inside them is moved
-    only to places inside them (with 8 runs and 8 experts on a map, names were pushed up over the panel's
-    title)."""
+    call it after ``tight_layout``: labels of points that sit close together (models of nearly one value) were
+    drawn over one another. Each goes to the nearest free place: its own, a line below, a line above, two below,
+    ... (``sides``: (1,) only above, where below is its point); where none is free within ``tries`` lines, where
+    it was."""
     if not texts:
         return
     fig = texts[0].figure
@@ -286,33 +282,16 @@ def separate_labels(texts: list[Any], gap: float = 1.0, leader: bool = False, si
     def box() -> Any:
         return t.get_window_extent(renderer).padded(pad / 2)
 
-    def within(b: Any, area: Any) -> bool:
-        return area is None or (area.x0 <= b.x0 and b.x1 <= area.x1 and area.y0 <= b.y0 and b.y1 <= area.y1)
-
     placed: list[Any] = []
     for t in texts:
         x0, y0 = t.xyann
         line = box().height * 72 / fig.dpi  # points
-        area = t.axes.get_window_extent(renderer) if inside else None
-        if not within(box(), area):  # past the map's edge on its side of the point: on the other side, if it fits
-            ha = t.get_horizontalalignment()
-            t.set_horizontalalignment({"left": "right", "right": "left"}.get(ha, ha))
-            t.xyann = (-x0, y0)
-            if within(box(), area):
-                x0 = -x0
-            else:
-                t.set_horizontalalignment(ha)
-                t.xyann = (x0, y0)
-                area = None  # one that starts outside either way may go anywhere, as before
         for dy in [0.0] + [k * side * line for k in range(1, tries + 1) for side in sides]:
             t.xyann = (x0, y0 + dy)
-            if within(box(), area) and not any(box().overlaps(p) for p in placed):
+            if not any(box().overlaps(p) for p in placed):
                 break
-        else:  # nowhere free near (inside its map, with ``inside``: over a title is worse): where it was
+        else:
             t.xyann = (x0, y0)
-        if leader and t.xyann != (x0, y0):
-            t.axes.annotate("", t.xy, xycoords=t.xycoords, xytext=t.xyann, textcoords="offset points",
-                            arrowprops=dict(arrowstyle="-", color="0.5", lw=0.5, shrinkA=0, shrinkB=3))
         placed.append(box())
 
 
@@ -410,8 +389,8 @@ def place_labels(ax: Any, texts: list[Any], gap: float = 2.0, step: float = 4.0,
     (``nodes`` steps at most, the greedy one kept when nothing beats it), and the moves tried again. Deterministic:
     arithmetic on the laid-out page, no randomness, so the same results draw the same bytes.
 
-    On Figure 4b's PCA map ``separate_labels`` (labels moved straight up or down only, leaders from the text's
-    corner) left "organism-ov-si" over the merges' names, "organism-base" and "average" far from their markers,
+    On Figure 4b's PCA map ``separate_labels`` (labels moved straight up or down only, leaders then drawn from the
+    text's corner) left "organism-ov-si" over the merges' names, "organism-base" and "average" far from their markers,
     and names over other models' markers; with 12 fixed directions 4 points apart (until 2026-12-06) a name there
     still sat 20.5 points from its point."""
     import numpy as np
@@ -736,3 +715,18 @@ def name_colours(names: list[str]) -> dict[str, Any]:
         taken.add(k)
         out[name] = (*palette[k], 1.0)
     return {n: out[str(n)] for n in names}
+
+
+def short_name(name: Any, width: int = 32) -> str:
+    """A model's or data set's name in at most ``width`` characters, for a tick label or a repr: a longer path
+    keeps the most whole parts of its tail that fit behind "…/" (a carrier's keeps its method, ``carriers`` and
+    its name: "…/shift/carriers/organism-ov-si"), never cutting inside a part where a whole one fits; only a
+    last part too long by itself keeps its last ``width - 1`` characters behind "…"."""
+    name = str(name)
+    if len(name) <= width:
+        return name
+    parts = name.rstrip("/").split("/")  # a trailing '/' ends no part
+    k = len(parts)  # the tail kept is parts[k:]
+    while k and len("…/" + "/".join(parts[k - 1:])) <= width:
+        k -= 1
+    return "…/" + "/".join(parts[k:]) if k < len(parts) else "…" + name[-(width - 1):]

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from figures import (PAGE_HEIGHT, UNIT, drop_stale_pages, name_colours, page_caption, page_grid, page_panels, page_stem,
-                     read_table, save_png_pdf)
+                     read_table, save_png_pdf, short_name)
 from probe.errors import BadInput
 from probe.stats import reported_interval
 
@@ -65,23 +65,14 @@ def set_size(row: pd.Series) -> int:
     return int(m.group(2)) if m else int(row["n_items"])
 
 
-def short_label(model: str, width: int = 40) -> str:
-    """A model's name as a tick label: a long path keeps its tail (the part that tells runs apart), from a '/'
-    when that still keeps half the width ("…/merge/shift/carriers/qwen2-vl-7b", not "…rge/shift/…")."""
-    if len(model) <= width:
-        return model
-    tail = model[-(width - 1):]
-    cut = tail.find("/", 1)
-    return "…" + (tail[cut:] if 0 < cut <= width // 2 else tail)
-
-
 def short_labels(models: list[str], width: int = 40) -> list[str]:
-    """``short_label`` of each model, told apart: long paths that end alike (s0/ft/mixed/checkpoint-100,
+    """Each model's name as a tick label (``short_name``: a long path keeps the whole parts of its tail that fit,
+    the part that tells runs apart), told apart: long paths that end alike (s0/ft/mixed/checkpoint-100,
     s1/ft/mixed/checkpoint-100) would share one label, so those are named by their shortest distinct tail
     (probe.results.distinct_names), its start and end around an ellipsis when that is still too long."""
     from probe.results import distinct_names
 
-    labels = [short_label(m, width) for m in models]
+    labels = [short_name(m, width) for m in models]
     shared = {x for x in labels if labels.count(x) > 1}
     head = width // 2 - 1
     for i, t in enumerate(distinct_names(models)):

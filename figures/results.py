@@ -15,23 +15,11 @@ from typing import Any, TypedDict
 
 import pandas as pd
 
-from figures import read_json
+from figures import read_json, short_name
 from probe.errors import BadInput, in_path  # in_path: ~ expanded, as the commands' paths are
 
 METHOD_LABELS = {"average": "Eq. 1 average", "shift": "Eq. 4 shift-weighted", "salience": "salience-guided (ours)",
                  "ties": "TIES"}
-
-
-def _short_name(name: Any, width: int = 32) -> str:
-    """A model or data set name in at most ``width`` characters: a long path by its last parts (a carrier's ends
-    in its method, ``carriers`` and its name), anything else by its last characters."""
-    name = str(name)
-    if len(name) <= width:
-        return name
-    parts, tail = name.split("/"), ""
-    while parts and len(f"…/{parts[-1]}/{tail}".rstrip("/")) <= width:
-        tail = f"{parts.pop()}/{tail}"
-    return f"…/{tail.rstrip('/')}" if tail else "…" + name[-(width - 1):]
 
 
 def _count(n: int, word: str) -> str:
@@ -111,9 +99,9 @@ class EvalRun:
         n = top.groupby("data", sort=False)["n_items"].max()
         ref = self.info.get("reference")
         what = (f"{_count(len(models), 'model')} × {_count(len(n), 'data set')}, {self.metric}"
-                + (f", reference {_short_name(ref)}" if ref else "")
-                + f"\n  models: {_listing(_short_name(m) for m in models)}"
-                + f"\n  items: {_listing(f'{_short_name(d, 20)} {int(k)}' for d, k in n.items())}")
+                + (f", reference {short_name(ref)}" if ref else "")
+                + f"\n  models: {_listing(short_name(m) for m in models)}"
+                + f"\n  items: {_listing(f'{short_name(d, 20)} {int(k)}' for d, k in n.items())}")
         return _summary(self, self.dir, what, f".scores ({len(self.scores)} rows) .items .info .row(model, data) "
                                               ".paired(model, reference, data)")
 
@@ -191,7 +179,7 @@ class HeadSweep:
         data = b.get("data") or Path(str(plan.get("data_dir", "?"))).name
         split = b.get("split") or (plan.get("settings") or {}).get("split", "?")
         method = b.get("method") or plan.get("method", "?")
-        what = (f"{_short_name(model)} on {_short_name(data, 20)} ({split}), {self.heads['layer'].nunique()} layers × "
+        what = (f"{short_name(model)} on {short_name(data, 20)} ({split}), {self.heads['layer'].nunique()} layers × "
                 f"{self.heads['head'].nunique()} heads, {b['n_items']} items, baseline prob. acc. "
                 f"{b['prob_accuracy']:.3f}, engine {method}" + (" (approximate)" if b.get("approximate") else ""))
         return _summary(self, self.dir, what, f".heads ({len(self.heads)} rows) .baseline .info .items .grid(metric)")
@@ -231,8 +219,8 @@ class Shift:
         """The models measured from the base and each one's mean Δavg (Eq. 3)."""
         per = self.summary["per_model"]
         base = (self.summary.get("base") or {}).get("name", "?")
-        deltas = _listing(f"{_short_name(m)} {r['mean_delta_avg']:.3g}" for m, r in per.items())
-        what = f"{_count(len(per), 'model')} from {_short_name(base)}, mean Δavg (Eq. 3): {deltas}"
+        deltas = _listing(f"{short_name(m)} {r['mean_delta_avg']:.3g}" for m, r in per.items())
+        what = f"{_count(len(per), 'model')} from {short_name(base)}, mean Δavg (Eq. 3): {deltas}"
         return _summary(self, self.dir, what, f".table ({len(self.table)} rows) .summary .per_model")
 
     @property
@@ -264,8 +252,8 @@ class Merge:
         method = i.get("method", "?")
         carriers = [c.get("name", "?") for c in i.get("carriers") or [] if isinstance(c, dict)]
         what = (f"{method} ({i.get('equation', '?')}) of "
-                f"{_short_name(i.get('base') or '?')} + {_listing(_short_name(m) for m in i.get('models') or [])}"
-                f"\n  carriers: {_listing(_short_name(c) for c in carriers) if carriers else 'none'}")
+                f"{short_name(i.get('base') or '?')} + {_listing(short_name(m) for m in i.get('models') or [])}"
+                f"\n  carriers: {_listing(short_name(c) for c in carriers) if carriers else 'none'}")
         return _summary(self, self.dir, what, f".weights ({len(self.weights)} rows) .info .model (this dir) "
                                               ".carriers .head_weights()")
 
@@ -313,7 +301,7 @@ class Trajectory:
         kinds = c.drop_duplicates("name")["kind"].value_counts(sort=False)
         what = (f"{c['name'].nunique()} points ({', '.join(f'{n} {k}' for k, n in kinds.items())}) mapped by "
                 f"{', '.join(dict.fromkeys(c['method']))} on {', '.join(dict.fromkeys(c['feature']))}"
-                + (f", θ_ref {_short_name(self.info['ref'])}" if self.info.get("ref") else ""))
+                + (f", θ_ref {short_name(self.info['ref'])}" if self.info.get("ref") else ""))
         return _summary(self, self.dir, what, f".coords ({len(c)} rows) .info .sketch")
 
     @cached_property
@@ -374,7 +362,7 @@ class FinetuneRun:
         """The model tuned, its steps, the checkpoints saved, the last step's loss."""
         cfg = self.info.get("config") or {}
         last = self.log.iloc[-1]
-        what = (f"{_short_name(cfg.get('model', '?'))} on {', '.join(cfg.get('data') or {}) or '?'}, "
+        what = (f"{short_name(cfg.get('model', '?'))} on {', '.join(cfg.get('data') or {}) or '?'}, "
                 f"{_count(len(self.log), 'step')}, checkpoints at steps {', '.join(map(str, self.checkpoints))}, "
                 f"last loss {last['loss']:.4g} (step {int(last['step'])})")
         return _summary(self, self.dir, what, f".log ({len(self.log)} rows) .info .checkpoints")
@@ -420,7 +408,7 @@ class Replication:
         undone = [st for st in stages if not self.recorded_complete(st)]
         done = (f"all {len(stages)} stages done" if not undone else
                 f"{len(stages) - len(undone)} of {len(stages)} stages done, not: {_listing(undone, 6)}")
-        what = (f"{done}; base {_short_name(self.base)}, experts {_listing(_short_name(e) for e in self.experts)}, "
+        what = (f"{done}; base {short_name(self.base)}, experts {_listing(short_name(e) for e in self.experts)}, "
                 f"merges {', '.join(self.methods)}")
         return _summary(self, self.out, what, ".config .info .eval(name) .heads(model) .shift_per_model() "
                                               ".merge_dir(method) .complete(stage); load(dir / stage) reads any whole")

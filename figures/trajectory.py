@@ -16,7 +16,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from figures import fit_page, page_panels, place_labels, read_json, read_table  # noqa: E402
 from figures.shift import save, short_names  # noqa: E402
-from probe.errors import BadInput  # noqa: E402
+from probe.errors import BadInput, is_int  # noqa: E402
 
 STYLE = {  # kind -> marker, size, colour (None: one colour per run)
     "base": ("*", 260, "black"),
@@ -90,7 +90,7 @@ def read_run_info(path: Path) -> dict[str, Any]:
         raise BadInput(f"{path}: perplexity_used or pca_explained_variance is not as python -m analyses.trajectory "
                        "writes it")
     n = info.get("n_points")
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 2):
+    if n is not None and (not is_int(n) or n < 2):
         raise BadInput(f"{path}: n_points is {n!r}, not a count of points")
     return info
 

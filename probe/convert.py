@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from probe.errors import (ArgParser, BadInput, RunStopped, check_counts, check_out_path, cli_main, error_reason,
-                          in_path, input_in_out, out_dir, out_inside, releases_claims)
+                          in_path, input_in_out, is_int, out_dir, out_inside, releases_claims)
 from probe.mmmu import VIDEO_REF, _IMAGE_REF, check_split, fit_within, unfinished_conversion
 from probe.mmmu import _split_files as split_files  # the reader's rule: shards complete, never two forms
 from probe.parsing import option_letters
@@ -148,7 +148,7 @@ def answer_letter(options: Sequence[str], where: str, index: Any = None, letter:
     letters = option_letters(len(options))
     by_index = by_letter = None
     if index is not None:
-        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(options):  # True is 1
+        if not is_int(index) or not 0 <= index < len(options):
             raise BadInput(f"{where}: answer index {index!r} is not 0-{len(options) - 1}")
         by_index = letters[index]
     if letter is not None:

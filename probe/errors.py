@@ -78,6 +78,12 @@ class _ListOnce(argparse._StoreAction):
         super().__call__(parser, namespace, values, option_string)
 
 
+def is_int(value: Any) -> bool:
+    """An int, not a bool: a config's or a JSON file's ``true`` is an int to ``isinstance`` (``True == 1``), never a
+    size, count or index."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 _ASCII_INT = re.compile(r"\s*[+-]?[0-9]+\s*", re.ASCII)
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from probe.errors import BadInput
+from probe.errors import BadInput, is_int
 
 
 def _strict(cls):
@@ -729,7 +729,7 @@ def _class_size(model_type: Any, hidden: int, n_heads: int, key: str, null_kv: b
     built = (_class_text_config(model_type, hidden, n_heads, null_kv)
              if isinstance(model_type, str) and model_type else None)
     value = getattr(built, key, None)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+    return value if is_int(value) and value > 0 else None
 
 
 @functools.lru_cache(maxsize=64)
@@ -767,7 +767,7 @@ def config_geometry(path: Path, config: Mapping[str, Any], family: Family) -> He
 def _count(cfg: Mapping[str, Any], key: str) -> int:
     """A positive integer of the config (0, -4, "four" or 4.5 heads made a traceback, or a division by zero)."""
     value = cfg[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
         raise BadInput(f"config {key} must be a positive integer, got {value!r}")
     return value
 

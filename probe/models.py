@@ -19,7 +19,7 @@ from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from torch import nn
 
-from probe.errors import BadInput, error_reason
+from probe.errors import BadInput, error_reason, is_int
 from probe.families import (
     ALIASES,
     Family,
@@ -243,7 +243,7 @@ def check_vision_sizes(path: Path, config: Mapping[str, Any]) -> None:
     """No image_size of config.json (any vision config) past ``MAX_IMAGE_SIZE``."""
     for name, value in config_entries(config, ("image_size",)):
         sides = value if isinstance(value, (list, tuple)) else [value]
-        if any(isinstance(v, int) and not isinstance(v, bool) and v > MAX_IMAGE_SIZE for v in sides):
+        if any(is_int(v) and v > MAX_IMAGE_SIZE for v in sides):
             raise BadInput(f"{path}/config.json says {name} {value}: an image side past {MAX_IMAGE_SIZE:,} px, far "
                            "beyond any vision tower's (the largest published take 1,024 px); a damaged config")
 
@@ -260,7 +260,7 @@ def check_layer_counts(path: Path, config: Mapping[str, Any], keys: Sequence[str
         return
     held = max(indices) + 1  # the deepest stack of layers in the weights
     for name, value in config_entries(config, LAYER_COUNTS):
-        if isinstance(value, int) and not isinstance(value, bool) and value > max(held, MAX_LAYERS):
+        if is_int(value) and value > max(held, MAX_LAYERS):
             raise BadInput(f"checkpoint {path}: config.json says {name} {value:,}, but the deepest stack of layers in "
                            f"its weights has {held}; it does not match its config.json (a damaged or mislabelled "
                            "checkpoint)")
@@ -334,7 +334,7 @@ def given_size(text: Mapping[str, Any], key: str) -> int | None:
     """An integer size the text config states (None where it leaves it out, or gives a list or a bool: not
     compared, transformers' class default or per-layer sizes apply)."""
     value = text.get(key)
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    return value if is_int(value) else None
 
 
 def config_head_dim(text: Mapping[str, Any]) -> int | None:

@@ -1424,11 +1424,21 @@ def test_figures_eval_redraws(eval_run, tmp_path):
 
 def test_eval_figure_fits_long_model_paths(eval_run, tmp_path):
     """A model given as a long directory path used to leave matplotlib unable to lay the figure out (labels cut
-    off); its label now keeps the path's tail and the figure widens for it."""
+    off); its label now keeps the path's tail and the figure widens for it. The tick label and the result's repr
+    shorten alike (figures.short_name): the most whole parts of the tail that fit behind '…/'. The tick rule before
+    cut inside a name where whole parts lost more than half the width, and dropped a part where the kept characters
+    began at a '/' (a carrier's method)."""
     import shutil
     import warnings
 
-    from figures.eval import draw_eval, short_label
+    from figures import short_name
+    from figures.eval import draw_eval, short_labels
+    from figures.results import EvalRun
+
+    def whole_tail(name: str, width: int) -> str:  # the oracle: the longest tail of whole parts within width
+        parts = name.split("/")
+        return max(("…/" + "/".join(parts[k:]) for k in range(1, len(parts))
+                    if len("…/" + "/".join(parts[k:])) <= width), key=len)
 
     out, _ = eval_run
     copy = shutil.copytree(out, tmp_path / "run")
@@ -1439,14 +1449,21 @@ def test_eval_figure_fits_long_model_paths(eval_run, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # "Tight layout not applied" is a UserWarning
         draw_eval(copy)
-    # the longest tail of whole path components within 39 characters, from its '/'
-    parts = long.split("/")
-    tail = max(("/" + "/".join(parts[k:]) for k in range(1, len(parts))
-                if len("/" + "/".join(parts[k:])) <= 39), key=len)
-    assert short_label(long) == "…" + tail == "…/this/lab/merged/shift-softmax-tau-0.5"
-    one_long_name = "/x/" + "y" * 60  # no '/' in reach: the last 39 characters
-    assert short_label(one_long_name) == "…" + one_long_name[-39:]
-    assert short_label("tiny-qwen2") == "tiny-qwen2"
+    assert short_labels([long]) == [short_name(long, 40)] == [whole_tail(long, 40)] \
+        == ["…/this/lab/merged/shift-softmax-tau-0.5"]
+    assert short_name(long) == whole_tail(long, 32) == "…/merged/shift-softmax-tau-0.5"  # the repr's width
+    assert "\n  models: tiny-qwen2-vl, …/merged/shift-softmax-tau-0.5\n" in repr(EvalRun.read(copy))
+    # whole parts keep less than half the width: the tick rule kept "…-of-the-merged-organisms/checkpoint-100"
+    checkpoint = "runs/seed0/the-finetune-of-the-merged-organisms/checkpoint-100"
+    assert short_name(checkpoint, 40) == whole_tail(checkpoint, 40) == "…/checkpoint-100"
+    # the last 39 characters start at a '/': the tick rule cut at the next one, dropping "merge"
+    method = "runs/xxxxxxxxxx/merge/shift/carriers/organism-ov-si-aa"
+    assert method[-39] == "/" and short_name(method, 40) == whole_tail(method, 40) \
+        == "…/merge/shift/carriers/organism-ov-si-aa"
+    one_long_name = "/x/" + "y" * 60  # no whole part fits: the last 39 characters
+    assert short_name(one_long_name, 40) == "…" + one_long_name[-39:]
+    assert short_name("tiny-qwen2", 40) == "tiny-qwen2"
+    assert all(len(short_name(n, w)) <= w for n in (long, checkpoint, method, one_long_name) for w in (20, 32, 40))
 
 
 def test_a_stopped_run_says_why_in_one_line_and_keeps_nothing_of_that_pair(text_dir, tmp_path, capfd, monkeypatch):

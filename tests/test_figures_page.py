@@ -756,14 +756,16 @@ def test_trajectory_labels_sit_close_to_their_points(tmp_path, monkeypatch):
 
 def test_trajectory_labels_were_crowded_before(tmp_path, monkeypatch):
     """The check above finds what it is for: the same example drawn with labels where the old rule put them
-    (``separate_labels``) clashes."""
+    (``separate_labels``: each moved straight up or down, in order, off the ones before it) clashes: names over
+    other models' markers. The old call's leader lines and its keeping names inside the map (options since
+    removed) left the same clashes on this example."""
     import matplotlib.pyplot as plt
 
     import figures
     import figures.trajectory as ft
 
     def old_rule(ax, texts):
-        figures.separate_labels(texts[::-1], leader=True, inside=True)
+        figures.separate_labels(texts[::-1])
 
     figs = []
     monkeypatch.setattr(ft, "save", lambda fig, path: figs.append(fig) or [])

@@ -13,7 +13,7 @@ import torch
 from conftest import FAMILIES
 from probe.errors import BadInput
 from probe.families import ALIASES, HeadGeometry
-from probe.models import _check_geometry, resolve_model
+from probe.models import _check_geometry, given_size, resolve_model
 from probe.tiny import TinySpec
 
 SPEC = TinySpec()
@@ -182,9 +182,14 @@ def test_head_geometry_from_text_config_is_int():
     assert g == HeadGeometry(2, 4, 4, 16, 64) and all(type(v) is int for v in dataclasses.astuple(g))
     good = {"num_attention_heads": 4, "hidden_size": 64, "num_hidden_layers": 2}
     for key, value in (("num_attention_heads", "4"), ("num_attention_heads", 0), ("hidden_size", 4.0),
-                       ("num_hidden_layers", -1), ("num_key_value_heads", 3), ("head_dim", True)):
+                       ("num_hidden_layers", -1), ("num_key_value_heads", 3), ("head_dim", True),
+                       ("num_attention_heads", True)):  # JSON's true is 1 to isinstance(value, int)
         with pytest.raises(BadInput, match=key if key != "num_key_value_heads" else "key/value groups"):
             HeadGeometry.from_text_config(good | {key: value})
+    with pytest.raises(BadInput, match="^config num_hidden_layers must be a positive integer, got True$"):
+        HeadGeometry.from_text_config(good | {"num_hidden_layers": True})
+    # a size the config states is compared only where it is an int (probe.errors.is_int): true is none
+    assert [given_size({"hidden_size": v}, "hidden_size") for v in (64, True, [64, 64])] == [64, None, None]
 
 
 def _fake_hub(monkeypatch, source: Path, snapshot: Path, calls: list):
