@@ -803,14 +803,46 @@ def declared_quantization(config: Mapping[str, Any]) -> str | None:
 
 
 def text_config_dict(config: Mapping[str, Any], family: Family) -> dict[str, Any]:
-    """The LM part of a config.json dict (nested under text_config for multimodal families)."""
+    """The LM part of a config.json dict (nested under text_config for multimodal families). A nested one that
+    states no model_type gets the one transformers' class for the config's model_type builds it as
+    (``sub_config_model_type``: Qwen2-VL's text config is a qwen2_vl_text of 8 key/value heads, Gemma 3's a
+    gemma3_text of 4 heads of 256), so its class defaults, head width and key/value heads resolve as for a stated one."""
     if family.text_config_attr is None:
         return dict(config)
     sub = config_value(config, family.text_config_attr)
     if not isinstance(sub, Mapping):
         # Old multimodal configs keep LM fields at top level.
         return dict(config)
+    if "model_type" not in sub and (built := sub_config_model_type(config.get("model_type"), family.text_config_attr)):
+        sub = {**sub, "model_type": built}
     return dict(with_class_defaults(sub))
+
+
+@functools.lru_cache(maxsize=32)
+def sub_config_model_type(model_type: Any, path: str) -> str | None:
+    """The model_type of the sub-config at the dotted ``path`` (a family's text_config_attr) that transformers'
+    config class for ``model_type`` builds from a dict stating none: its sub-config class's (Qwen2-VL's
+    qwen2_vl_text, the Omni thinker's qwen2_5_omni_text) or the default it names (LLaVA's llama, InternVL's qwen2).
+    None where transformers does not know ``model_type`` or builds nothing there: such a text config keeps no
+    model_type (the attention heads and hidden size ÷ heads, k/v rows not compared). The head layout and the size
+    check read such a text config as of no class, while transformers builds Qwen2-VL's 32 heads in 8 key/value
+    groups and Gemma 3's 256 wide: a head grouping and width it never builds."""
+    if not isinstance(model_type, str) or not model_type:
+        return None
+    from transformers import AutoConfig
+
+    parts = path.split(".")
+    nested: dict[str, Any] = {}
+    for part in reversed(parts):
+        nested = {part: nested}
+    try:
+        built: Any = AutoConfig.for_model(model_type, **nested)
+    except Exception:  # noqa: BLE001 - a model_type transformers does not know, or a class that refuses the dict
+        return None
+    for part in parts:
+        built = getattr(built, part, None)
+    found = getattr(built, "model_type", None)
+    return found if isinstance(found, str) and found else None
 
 
 def check_layout_model_type(model_type: str | None) -> None:

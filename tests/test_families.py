@@ -23,6 +23,7 @@ from probe.models import NO_HUB_KERNELS
 NEW = ("qwen3", "mistral", "gemma3_text", "qwen2_5_vl", "qwen3_vl", "qwen2_5_omni_thinker", "llava", "llava_next",
        "gemma3", "idefics3", "internvl")
 VIDEO = ("qwen2_5_vl", "qwen2_5_omni_thinker")
+COMPOSITE = tuple(name for name, fam in FAMILIES.items() if fam.text_config_attr)  # a nested text config
 
 
 @pytest.fixture(scope="module")
@@ -388,14 +389,19 @@ def test_a_config_without_head_dim_is_checked_as_its_class_builds_it(family, tmp
 
 
 @pytest.mark.parametrize("kv", [4, 8, 32])
-@pytest.mark.parametrize("family", ("qwen2", "llama", "mistral", "qwen2_vl", "gemma3_text"))
-def test_a_config_without_num_key_value_heads_is_checked_as_its_class_builds_it(family, kv, tmp_path, capsys):
+@pytest.mark.parametrize("family, untyped", [(f, False) for f in ("qwen2", "llama", "mistral", "qwen2_vl",
+                                                                   "gemma3_text")] + [(f, True) for f in COMPOSITE])
+def test_a_config_without_num_key_value_heads_is_checked_as_its_class_builds_it(family, untyped, kv, tmp_path,
+                                                                                capsys):
     """A tiny checkpoint of 32 attention heads whose k/v tensors hold ``kv`` key/value heads, its text config
     stating no num_key_value_heads: transformers' load builds its class's count (Qwen2 32, Llama the attention
-    heads, Mistral and Qwen2-VL's text 8, Gemma 3 4) and refuses other k/v rows. Oracle that load: exactly what it
-    accepts, probe.eval's checks (resolve_model) and analyses.shift accept (which measured every one of them per
-    head by 32 key/value groups); what it refuses, both refuse with the one line, counting the tensors it finds of
-    the wrong shape, before anything is written (analyses.merge alike)."""
+    heads, Mistral and Qwen2-VL's text 8, Gemma 3 4) and refuses other k/v rows. ``untyped``: a composite's nested
+    text config states no model_type either, and transformers builds it with its parent class's text sub-config
+    (Qwen2-VL's and Qwen2.5-VL's 8, the Omni thinker's and Gemma 3's 4) or the type it names (LLaVA's llama,
+    LLaVA-OneVision's qwen2), where the head layout took the attention heads and the size check compared no k/v
+    rows. Oracle that load: exactly what it accepts, probe.eval's checks (resolve_model) and analyses.shift accept
+    (which measured every one of them per head by 32 key/value groups); what it refuses, both refuse with the one
+    line, counting the tensors it finds of the wrong shape, before anything is written (analyses.merge alike)."""
     import shutil
 
     from analyses import merge, shift
@@ -410,6 +416,8 @@ def test_a_config_without_num_key_value_heads_is_checked_as_its_class_builds_it(
     cfg = json.loads((model / "config.json").read_text(encoding="utf-8"))
     text = config_value(cfg, fam.text_config_attr) if fam.text_config_attr else cfg
     del text["num_key_value_heads"]
+    if untyped:
+        del text["model_type"]
     (model / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
     other = shutil.copytree(model, tmp_path / "other")
     _, info = oracle_load(fam, model, cfg)
@@ -1032,3 +1040,52 @@ def test_a_head_layout_without_num_key_value_heads_takes_the_count_transformers_
     assert (g.n_kv_heads, config_kv_heads(text)) == (built or 32, built), (model_type, null, built)
     if model_type in ("mistral", "gemma3_text") and not null:  # defaults not the heads: the layout took 32 for them
         assert built not in (None, 32)
+
+
+
+@pytest.mark.parametrize("heads", [32, 16, None])
+@pytest.mark.parametrize("family", COMPOSITE)
+def test_a_nested_text_config_without_model_type_takes_the_sizes_its_parent_class_builds(family, heads):
+    """A composite config whose text config states no model_type, no num_key_value_heads and no head_dim (``None``:
+    nor its hidden size and heads): transformers builds it with the parent class's text sub-config (Qwen2-VL's and
+    Qwen2.5-VL's text 8 key/value heads, the Omni thinker's and Gemma 3's 4, Gemma 3's and Qwen3-VL's heads 256 and
+    128 wide) or the default type it names (LLaVA's llama, LLaVA-OneVision's qwen2: 32 key/value heads). The head
+    layout and the size check read such a text config as of no class: the attention heads, hidden size ÷ heads, k/v
+    rows not compared, and the sizes it leaves out refused as missing. Oracle: the model transformers builds from
+    that config.json dict (on the meta device; k_proj rows over one head's width, q_proj rows / heads); a count that
+    does not split the heads (Qwen2's 32 of 16) is refused by the layout, naming the class, and compared by the size
+    check."""
+    import transformers
+    from transformers import AutoConfig
+
+    from probe.errors import BadInput
+    from probe.families import HeadGeometry, config_value, text_config_dict
+    from probe.models import config_head_dim, config_kv_heads
+
+    fam = FAMILIES[family]
+    text: dict = {"num_hidden_layers": 1} | ({"hidden_size": 256, "num_attention_heads": heads} if heads else {})
+    cfg: dict = {"model_type": fam.model_types[0]}
+    node = cfg
+    *outer, last = fam.text_config_attr.split(".")
+    for part in outer:
+        node = node.setdefault(part, {})
+    node[last] = text
+    config = AutoConfig.for_model(**cfg)
+    if fam.config_path:  # the Omni thinker: its class is built from the thinker config
+        config = getattr(config, fam.config_path)
+    with torch.device("meta"):
+        attn = getattr(transformers, fam.model_class)(config).get_submodule(fam.layers_path)[0].self_attn
+    built = config_value(config.to_dict(), fam.text_config_attr.removeprefix(f"{fam.config_path}."))
+    n_heads = built["num_attention_heads"]
+    width = attn.q_proj.out_features // n_heads
+    kv = attn.k_proj.out_features // width
+    assert (attn.q_proj.in_features, n_heads) == ((256, heads) if heads else (attn.q_proj.in_features, n_heads))
+    ours = text_config_dict(cfg, fam)
+    assert (config_kv_heads(ours), config_head_dim(ours)) == (kv, width), (family, heads)
+    if n_heads % kv:
+        with pytest.raises(BadInput, match=rf"{n_heads} attention heads of {width} in {kv} key/value groups .*"
+                                           rf"transformers' {built['model_type']} config class builds then"):
+            HeadGeometry.from_text_config(ours)
+        return
+    g = HeadGeometry.from_text_config(ours)
+    assert (g.n_heads, g.n_kv_heads, g.head_dim, g.hidden_size) == (n_heads, kv, width, attn.q_proj.in_features)
