@@ -42,7 +42,7 @@ from analyses.writer import (SHARD_BYTES, Entry, ShardedWriter, atomic_dir, chec
 from probe.errors import TENSOR_MEMORY_HINT, ArgParser, BadInput, cli_main, in_path, out_dir, parse_options
 from probe.families import CAUSAL_LM, LAYOUTS, causal_lm_type, check_lm_fits_class, untie_word_embeddings
 from probe.families import lm_disk_key as layout_key
-from probe.models import loads_tied
+from probe.models import config_head_dim, config_kv_heads, loads_tied
 from probe.results import json_object, json_text
 
 
@@ -453,6 +453,12 @@ def merged_config(ref: Checkpoint, dtype: torch.dtype, vocab_rows: int, tied: bo
             # M-RoPE is a Qwen2-VL input convention; on text alone it equals plain RoPE with the same theta.
             theta = rope.get("rope_theta", tc.get("rope_theta", 1e6))
             tc[key] = {"rope_type": "default", "rope_theta": theta} if key == "rope_parameters" else None
+    # the key/value heads and head width the reference's own class builds, written out where its text config
+    # leaves them to that class: the class the LM is written as has its own defaults (a Qwen2-VL text config
+    # without num_key_value_heads holds 8; the Qwen2 LM written from it built 32 and refused its k/v tensors)
+    for key, resolved in (("num_key_value_heads", config_kv_heads), ("head_dim", config_head_dim)):
+        if tc.get(key) is None and (value := resolved(ref.text_config)) is not None:
+            tc[key] = value
     model_type = causal_lm_type(ref.family, ref.text_config)
     tc.update(model_type=model_type, architectures=[CAUSAL_LM[model_type]], vocab_size=vocab_rows,
               tie_word_embeddings=tied, dtype=str(dtype).removeprefix("torch."))

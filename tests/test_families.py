@@ -404,6 +404,8 @@ def test_a_config_without_num_key_value_heads_is_checked_as_its_class_builds_it(
     line, counting the tensors it finds of the wrong shape, before anything is written (analyses.merge alike)."""
     import shutil
 
+    import transformers
+
     from analyses import merge, shift
     from probe.errors import BadInput, cli_main
     from probe.families import config_value
@@ -429,6 +431,13 @@ def test_a_config_without_num_key_value_heads_is_checked_as_its_class_builds_it(
         assert resolve_model(str(model)).geometry.n_kv_heads == kv
         for i, (main, argv) in enumerate(runs):
             assert cli_main(main, [*argv, "--out", str(tmp_path / f"o{i}")]) == 0, capsys.readouterr().err
+        # the merged LM, written as its causal-LM class (Qwen2 for Qwen2-VL, whose own default is 32 key/value
+        # heads), loads in transformers with these k/v rows: none of the wrong shape
+        lm, info = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path / "o1", output_loading_info=True, ignore_mismatched_sizes=True, device_map="meta", **NO_HUB_KERNELS)
+        assert not info["mismatched_keys"], sorted(info["mismatched_keys"])[:2]
+        attn = lm.model.layers[0].self_attn
+        assert attn.k_proj.out_features * 32 == attn.q_proj.out_features * kv
         return
     with pytest.raises(BadInput) as exc:
         resolve_model(str(model))
