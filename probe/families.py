@@ -806,7 +806,8 @@ def text_config_dict(config: Mapping[str, Any], family: Family) -> dict[str, Any
     """The LM part of a config.json dict (nested under text_config for multimodal families). A nested one that
     states no model_type gets the one transformers' class for the config's model_type builds it as
     (``sub_config_model_type``: Qwen2-VL's text config is a qwen2_vl_text of 8 key/value heads, Gemma 3's a
-    gemma3_text of 4 heads of 256), so its class defaults, head width and key/value heads resolve as for a stated one."""
+    gemma3_text of 4 heads of 256), so its class defaults, head width and key/value heads resolve as for a stated
+    one."""
     if family.text_config_attr is None:
         return dict(config)
     sub = config_value(config, family.text_config_attr)

@@ -434,7 +434,8 @@ def test_a_config_without_num_key_value_heads_is_checked_as_its_class_builds_it(
         # the merged LM, written as its causal-LM class (Qwen2 for Qwen2-VL, whose own default is 32 key/value
         # heads), loads in transformers with these k/v rows: none of the wrong shape
         lm, info = transformers.AutoModelForCausalLM.from_pretrained(
-            tmp_path / "o1", output_loading_info=True, ignore_mismatched_sizes=True, device_map="meta", **NO_HUB_KERNELS)
+            tmp_path / "o1", output_loading_info=True, ignore_mismatched_sizes=True, device_map="meta",
+            **NO_HUB_KERNELS)
         assert not info["mismatched_keys"], sorted(info["mismatched_keys"])[:2]
         attn = lm.model.layers[0].self_attn
         assert attn.k_proj.out_features * 32 == attn.q_proj.out_features * kv
