@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import make_item
+from conftest import VL_FAMILIES, make_item, png_bytes
 from probe.families import ALIASES, CAUSAL_LM, FAMILIES, LAYOUTS, causal_lm_type, detect_layout, canonical_lm_name
 from probe.models import NO_HUB_KERNELS
 
@@ -442,6 +442,49 @@ def test_batched_evaluation_of_a_text_family_equals_one_item_path(family, genera
         want = first_token_measure(m, inputs, letters, cfg)
         assert g.response == want.response, item.id
         torch.testing.assert_close(g.logp.exp(), want.logp.exp(), atol=1e-4, rtol=0)
+
+
+# the processors whose output for several prompts is each prompt's own, padded and concatenated (MEDIA_ROWS)
+ONE_CALL = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen2_5_omni_thinker", "llava")
+
+
+@pytest.mark.parametrize("family", [f for f in VL_FAMILIES + NEW if FAMILIES[f].processor_class])
+def test_one_processor_call_gives_each_item_the_tensors_of_its_own_call(family, loaded, load_tiny, video_item,
+                                                                        monkeypatch):
+    """Batched evaluation encodes a window's prompts with one processor call and cuts it apart again
+    (probe.prompting.encode_prompts: the per-call overhead was half of organism-vl's input building). Each item must
+    get what its own call gives (the oracle): the same keys in the same order, dtypes and values of input ids,
+    masks, type ids, pixel values and grid sizes, over items of 0, 1 and 2 images of different sizes (other grids,
+    other patch counts), beside a video item where the family takes video (encoded alone by probe.video). The other
+    processors (LLaVA-NeXT's and -OneVision's pad the patches across prompts and patch a prompt's images by how many
+    it holds, Idefics3's pads the images, Gemma 3's wants images in every prompt, InternVL's does not say how many
+    patches an image took) leave every item to its own call."""
+    from probe.prompting import PromptTemplate, encode_prompt, encode_prompts, render_prompt
+
+    m = load_tiny(family, "sdpa") if family in VL_FAMILIES else loaded(family)
+    two = (png_bytes(size=(90, 30), seed=3), png_bytes(size=(20, 70), seed=4))
+    items = [make_item(item_id="validation_Test_1"), make_item(with_image=False, item_id="validation_Test_2"),
+             dataclasses.replace(make_item(item_id="validation_Test_3", question="Which two?"), images=two),
+             dataclasses.replace(make_item(item_id="validation_Test_4", n_options=5),
+                                 images=(png_bytes(size=(200, 130), seed=5),))]
+    if "video" in m.family.modalities:
+        items.insert(2, video_item)
+    calls: list[int] = []
+    cls = type(m.processor)
+    real = cls.__call__
+    monkeypatch.setattr(cls, "__call__", lambda self, *a, **k: calls.append(len(k["text"])) or real(self, *a, **k))
+    got = encode_prompts(m, items, PromptTemplate())
+    n_batched = len(items) - ("video" in m.family.modalities)
+    assert calls == ([n_batched] if family in ONE_CALL else []), calls  # anti-tautology: one call served them
+    for item, enc in zip(items, got, strict=True):
+        assert (enc is not None) == (family in ONE_CALL and not item.frames), item.id
+        if enc is None:
+            continue
+        want = encode_prompt(m, item, render_prompt(m, item, PromptTemplate()))
+        assert enc.prompt == render_prompt(m, item, PromptTemplate())
+        assert list(enc.batch) == list(want), item.id
+        for k, v in want.items():
+            assert enc.batch[k].dtype == v.dtype and torch.equal(enc.batch[k], v), (item.id, k)
 
 
 @pytest.mark.parametrize("family", [f for f in NEW if FAMILIES[f].processor_class])
