@@ -419,12 +419,12 @@ def encode_prompts(loaded: LoadedModel, items: Sequence[ItemLike], template: Pro
         return out
     prompts: dict[int, Prompt] = {}
     for i, item in enumerate(items):
+        if item.frames:  # not decoded here only to be decoded again by build_inputs
+            continue
         try:
-            prompt = render_prompt(loaded, item, template, image_max_side)
+            prompts[i] = render_prompt(loaded, item, template, image_max_side)
         except BadInput:
             break
-        if not prompt.frames:
-            prompts[i] = prompt
     if len(prompts) < 2:
         return out
     texts = [p.text for p in prompts.values()]
