@@ -309,7 +309,7 @@ def render_prompt(loaded: LoadedModel, item: ItemLike, template: PromptTemplate,
 
 
 def processor_kwargs(texts: list[str], images: list[Image.Image]) -> dict[str, Any]:
-    """The processor call for prompts (one or several; several are padded, see ``build_inputs_many``)."""
+    """The processor call for prompts (one or several; several are padded, see ``encode_prompts``)."""
     kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "add_special_tokens": False}
     if images:
         kwargs["images"] = images
@@ -381,7 +381,7 @@ def build_inputs(
     return finish_inputs(loaded, encoded.prompt, encoded.batch)
 
 
-def _grid_rows(batch: dict[str, torch.Tensor], counts: list[int]) -> dict[str, list[int]] | None:
+def _grid_rows(batch: dict[str, torch.Tensor], counts: list[int]) -> dict[str, list[int]]:
     """Qwen's processors: one ``image_grid_thw`` row per image, t·h·w ``pixel_values`` rows (patches) per image."""
     if "image_grid_thw" not in batch:
         return {}
@@ -390,7 +390,7 @@ def _grid_rows(batch: dict[str, torch.Tensor], counts: list[int]) -> dict[str, l
     return {"pixel_values": [sum(per_image[e - n:e]) for e, n in zip(ends, counts)], "image_grid_thw": counts}
 
 
-def _image_rows(batch: dict[str, torch.Tensor], counts: list[int]) -> dict[str, list[int]] | None:
+def _image_rows(batch: dict[str, torch.Tensor], counts: list[int]) -> dict[str, list[int]]:
     """LLaVA-1.5's processor: one ``pixel_values`` row per image, all of one size (no patches, no padding)."""
     return {"pixel_values": counts} if "pixel_values" in batch else {}
 
@@ -408,8 +408,8 @@ def encode_prompts(loaded: LoadedModel, items: Sequence[ItemLike], template: Pro
                    image_max_side: int | None = None) -> list[Encoded | None]:
     """Per item, what ``encode_prompt`` gives it, from one processor call over the items (their prompts padded,
     then cut apart again), or None where that call cannot serve it: ``build_inputs`` then encodes it alone. A
-    processor call costs ~2 ms on top of its images and tokens (keyword checks, tensor conversions: organism-vl's
-    preparation was half that overhead), once per window this way. Only for processors in ``MEDIA_ROWS``, and
+    processor call's own overhead (keyword checks, tensor conversions) was half of organism-vl's preparation item
+    by item; this way it is paid once per window. Only for processors in ``MEDIA_ROWS``, and
     never for video items (``probe.video`` builds those). An item that fails its checks ends the batched part
     there: it and the items after it are left to ``build_inputs``, which stops at it with its own message, as
     item by item."""
@@ -434,7 +434,7 @@ def encode_prompts(loaded: LoadedModel, items: Sequence[ItemLike], template: Pro
         return out
     rows = rows_of(batch, [len(p.images) for p in prompts.values()])
     media = [k for k in batch if k not in TOKEN_KEYS]
-    if rows is None or set(rows) != set(media) or any(sum(rows[k]) != batch[k].shape[0] for k in media):
+    if set(rows) != set(media) or any(sum(rows[k]) != batch[k].shape[0] for k in media):
         return out  # not the layout MEDIA_ROWS knows (a new release): item by item, as before
     start = dict.fromkeys(media, 0)
     for r, (i, prompt) in enumerate(prompts.items()):
@@ -447,4 +447,14 @@ def encode_prompts(loaded: LoadedModel, items: Sequence[ItemLike], template: Pro
                 one[k] = v[start[k]:start[k] + rows[k][r]]
                 start[k] += rows[k][r]
         out[i] = Encoded(prompt, one)
+    # run-time check, as probe.batch's guard checks the forward: the first and the last item with images (the cuts'
+    # offsets add up over the whole window to the last) encoded alone must give their cuts, tensor for tensor; a
+    # release whose layout differs would otherwise feed items their neighbours' pixels without a word, and the
+    # guard measures the same inputs alone. It costs two calls a window.
+    with_images = [i for i, p in prompts.items() if p.images] or list(prompts)
+    for i in sorted({with_images[0], with_images[-1]}):
+        want, got = encode_prompt(loaded, items[i], prompts[i]), out[i].batch  # type: ignore[union-attr]
+        if list(want) != list(got) or any(want[k].dtype != got[k].dtype or not torch.equal(want[k], got[k])
+                                          for k in want):
+            return [None] * len(items)  # item by item, as before
     return out

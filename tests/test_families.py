@@ -475,7 +475,8 @@ def test_one_processor_call_gives_each_item_the_tensors_of_its_own_call(family, 
     monkeypatch.setattr(cls, "__call__", lambda self, *a, **k: calls.append(len(k["text"])) or real(self, *a, **k))
     got = encode_prompts(m, items, PromptTemplate())
     n_batched = len(items) - ("video" in m.family.modalities)
-    assert calls == ([n_batched] if family in ONE_CALL else []), calls  # anti-tautology: one call served them
+    # anti-tautology: one call served them (then two items alone, the run-time check of the cuts)
+    assert calls == ([n_batched, 1, 1] if family in ONE_CALL else []), calls
     for item, enc in zip(items, got, strict=True):
         assert (enc is not None) == (family in ONE_CALL and not item.frames), item.id
         if enc is None:
@@ -485,6 +486,36 @@ def test_one_processor_call_gives_each_item_the_tensors_of_its_own_call(family, 
         assert list(enc.batch) == list(want), item.id
         for k, v in want.items():
             assert enc.batch[k].dtype == v.dtype and torch.equal(enc.batch[k], v), (item.id, k)
+
+
+def test_a_cut_that_is_not_the_items_own_call_falls_back_to_one_call_an_item(load_tiny, monkeypatch):
+    """encode_prompts checks, every window, the first and the last item with images against their own calls: a
+    processor whose layout MEDIA_ROWS misreads (here: the pixel rows of a window's first two images swapped, all
+    sums still right) would give items their neighbours' pixels, which the forward's guard cannot see (it measures
+    the same inputs alone). Every item is then encoded alone, and the numbers are the oracle's."""
+    from probe import prompting
+    from probe.batch import evaluate_items
+    from probe.sweep import SweepConfig, first_token_measure, prepare_item
+
+    m = load_tiny("qwen2_vl", "sdpa")
+    items = [make_item(item_id="validation_Test_1", seed=1),
+             dataclasses.replace(make_item(item_id="validation_Test_2", seed=2), images=(png_bytes(size=(90, 30)),)),
+             make_item(item_id="validation_Test_3", seed=3)]
+    real = prompting.MEDIA_ROWS["Qwen2VLProcessor"]
+    assert all(e is not None for e in prompting.encode_prompts(m, items, prompting.PromptTemplate()))
+
+    def swapped(batch, counts):
+        rows = real(batch, counts)
+        rows["pixel_values"][:2] = rows["pixel_values"][1::-1]  # item 1's rows where item 0's were
+        return rows
+
+    monkeypatch.setitem(prompting.MEDIA_ROWS, "Qwen2VLProcessor", swapped)
+    assert prompting.encode_prompts(m, items, prompting.PromptTemplate()) == [None] * len(items)
+    cfg = SweepConfig(max_new_tokens=2)
+    for item, got in zip(items, evaluate_items(m, items, cfg, batch_size=4), strict=True):
+        want = first_token_measure(m, *prepare_item(m, item, cfg), cfg)
+        assert got.response == want.response
+        torch.testing.assert_close(got.logp.exp(), want.logp.exp(), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("family", [f for f in NEW if FAMILIES[f].processor_class])
