@@ -280,10 +280,19 @@ TYPE_KEYS = ("mm_token_type_ids", "token_type_ids")
 TOKEN_KEYS = ("input_ids", "attention_mask", *TYPE_KEYS)
 
 
-def build_inputs(
-    loaded: LoadedModel, item: ItemLike, template: PromptTemplate, image_max_side: int | None = None
-) -> dict[str, torch.Tensor]:
-    """Tokenised prompt (batch of 1) with pixel tensors, on the model's device and dtype."""
+@dataclass(frozen=True)
+class Prompt:
+    """An item's chat text and decoded media, checked, before tokenisation (``build_inputs``' first half)."""
+
+    text: str
+    images: list[Image.Image]
+    frames: list[Image.Image]
+
+
+def render_prompt(loaded: LoadedModel, item: ItemLike, template: PromptTemplate,
+                  image_max_side: int | None = None) -> Prompt:
+    """The item's checks (modalities, special tokens in its text and the template's), its decoded images and frames,
+    and its chat text with the family's placeholders."""
     fam = loaded.family
     check_modalities(loaded.ref, [item])
     if template not in loaded.checked_templates:  # the same template for a whole run: checked once a model
@@ -296,31 +305,51 @@ def build_inputs(
     if frames:
         placeholders += fam.video_placeholder or ""
     bos = loaded.tokenizer.bos_token if fam.chat_bos and loaded.tokenizer.bos_token else ""
-    text = render_chat(template, item, placeholders, chat_format(fam, loaded.ref.config), bos)
-    if loaded.processor is None or frames:
-        enc = loaded.tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    return Prompt(render_chat(template, item, placeholders, chat_format(fam, loaded.ref.config), bos), images, frames)
+
+
+def processor_kwargs(texts: list[str], images: list[Image.Image]) -> dict[str, Any]:
+    """The processor call for prompts (one or several; several are padded, see ``encode_prompts``)."""
+    kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "add_special_tokens": False}
+    if images:
+        kwargs["images"] = images
+    if len(texts) > 1:
+        kwargs["padding"] = True
+    return kwargs
+
+
+def processor_refuses(loaded: LoadedModel, item: ItemLike, exc: ValueError) -> BadInput:
+    reason = str(exc).strip().split("\n")[0]
+    return BadInput(f"item {item.id}: {loaded.ref.spec}'s processor refuses it ({reason}); drop or fix the item")
+
+
+def encode_prompt(loaded: LoadedModel, item: ItemLike, prompt: Prompt) -> dict[str, torch.Tensor]:
+    """The tokenised prompt (batch of 1) with its media tensors, on the CPU, as the tokenizer, the processor or
+    probe.video build it."""
+    if loaded.processor is None or prompt.frames:
+        enc = loaded.tokenizer(prompt.text, return_tensors="pt", add_special_tokens=False)
         batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-        if frames:
+        if prompt.frames:
             # HF processors refuse video tokens without their (torchvision) video processor: probe.video
             # expands the placeholder of the tokenised prompt and adds the frame tensors itself.
             from probe.video import add_video_inputs
 
-            batch = add_video_inputs(loaded, batch, frames)
-    else:
-        kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt", "add_special_tokens": False}
-        if images:
-            kwargs["images"] = images
-        try:
-            batch = dict(loaded.processor(**kwargs))
-        except ValueError as exc:  # an image the processor refuses (Qwen's: one side 200 times the other, or more)
-            reason = str(exc).strip().split("\n")[0]
-            raise BadInput(f"item {item.id}: {loaded.ref.spec}'s processor refuses it ({reason}); drop or fix the "
-                           "item") from None
+            batch = add_video_inputs(loaded, batch, prompt.frames)
+        return batch
+    try:
+        return dict(loaded.processor(**processor_kwargs([prompt.text], prompt.images)))
+    except ValueError as exc:  # an image the processor refuses (Qwen's: one side 200 times the other, or more)
+        raise processor_refuses(loaded, item, exc) from None
+
+
+def finish_inputs(loaded: LoadedModel, prompt: Prompt, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``build_inputs``' last half: the guards on what tokenisation gave, then the tensors on the model's device and
+    (floating point) dtype."""
     check_model_inputs(loaded.model, batch)
     # media tokens are expanded by the processor (or probe.video), also where a question names its video inline
     # (LLaVA's "<video>"): the check counts the chat markup and BOS only
-    media = tuple(filter(None, (fam.image_placeholder, fam.video_placeholder)))
-    markup = text
+    media = tuple(filter(None, (loaded.family.image_placeholder, loaded.family.video_placeholder)))
+    markup = prompt.text
     for placeholder in media:
         markup = markup.replace(placeholder, "")
     check_special_tokens_read(loaded.tokenizer, markup, batch["input_ids"],
@@ -329,4 +358,103 @@ def build_inputs(
     for k, v in batch.items():
         v = v.to(loaded.device)
         out[k] = v.to(loaded.dtype) if v.is_floating_point() else v
+    return out
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """An item's rendered prompt and the CPU tensors its tokenisation gave (``encode_prompt``'s, batch of 1)."""
+
+    prompt: Prompt
+    batch: dict[str, torch.Tensor]
+
+
+def build_inputs(
+    loaded: LoadedModel, item: ItemLike, template: PromptTemplate, image_max_side: int | None = None,
+    encoded: Encoded | None = None,
+) -> dict[str, torch.Tensor]:
+    """Tokenised prompt (batch of 1) with pixel tensors, on the model's device and dtype. ``encoded``: the item's
+    prompt already rendered and encoded (``encode_prompts``, for the same template and image side)."""
+    if encoded is None:
+        prompt = render_prompt(loaded, item, template, image_max_side)
+        encoded = Encoded(prompt, encode_prompt(loaded, item, prompt))
+    return finish_inputs(loaded, encoded.prompt, encoded.batch)
+
+
+def _grid_rows(batch: dict[str, torch.Tensor], counts: list[int]) -> dict[str, list[int]]:
+    """Qwen's processors: one ``image_grid_thw`` row per image, t·h·w ``pixel_values`` rows (patches) per image."""
+    if "image_grid_thw" not in batch:
+        return {}
+    per_image = batch["image_grid_thw"].prod(-1).tolist()
+    ends = [sum(counts[:p + 1]) for p in range(len(counts))]
+    return {"pixel_values": [sum(per_image[e - n:e]) for e, n in zip(ends, counts)], "image_grid_thw": counts}
+
+
+def _image_rows(batch: dict[str, torch.Tensor], counts: list[int]) -> dict[str, list[int]]:
+    """LLaVA-1.5's processor: one ``pixel_values`` row per image, all of one size (no patches, no padding)."""
+    return {"pixel_values": counts} if "pixel_values" in batch else {}
+
+
+# Processors whose output for several prompts is each prompt's own output (``encode_prompt``), padded and
+# concatenated: how many rows of each media tensor a prompt's images take. Not here: the processors that pad
+# across prompts (LLaVA-NeXT's and -OneVision's patch dimension, Idefics3's image dimension), need all prompts to
+# hold images (Gemma 3) or do not say how many patches an image took (InternVL); their items are encoded one by one.
+# tests/test_families.py checks each row's split against the one-prompt call, tensor for tensor.
+MEDIA_ROWS = {"Qwen2VLProcessor": _grid_rows, "Qwen2_5_VLProcessor": _grid_rows, "Qwen3VLProcessor": _grid_rows,
+              "Qwen2_5OmniProcessor": _grid_rows, "LlavaProcessor": _image_rows}
+
+
+def encode_prompts(loaded: LoadedModel, items: Sequence[ItemLike], template: PromptTemplate,
+                   image_max_side: int | None = None) -> list[Encoded | None]:
+    """Per item, what ``encode_prompt`` gives it, from one processor call over the items (their prompts padded,
+    then cut apart again), or None where that call cannot serve it: ``build_inputs`` then encodes it alone. A
+    processor call's own overhead (keyword checks, tensor conversions) was half of organism-vl's preparation item
+    by item; this way it is paid once per window. Only for processors in ``MEDIA_ROWS``, and
+    never for video items (``probe.video`` builds those). An item that fails its checks ends the batched part
+    there: it and the items after it are left to ``build_inputs``, which stops at it with its own message, as
+    item by item."""
+    out: list[Encoded | None] = [None] * len(items)
+    rows_of = MEDIA_ROWS.get(type(loaded.processor).__name__) if loaded.processor is not None else None
+    if rows_of is None:
+        return out
+    prompts: dict[int, Prompt] = {}
+    for i, item in enumerate(items):
+        if item.frames:  # not decoded here only to be decoded again by build_inputs
+            continue
+        try:
+            prompts[i] = render_prompt(loaded, item, template, image_max_side)
+        except BadInput:
+            break
+    if len(prompts) < 2:
+        return out
+    texts = [p.text for p in prompts.values()]
+    try:
+        batch = dict(loaded.processor(**processor_kwargs(texts, [im for p in prompts.values() for im in p.images])))
+    except ValueError:  # an image it refuses: each item alone, so the message names the item
+        return out
+    rows = rows_of(batch, [len(p.images) for p in prompts.values()])
+    media = [k for k in batch if k not in TOKEN_KEYS]
+    if set(rows) != set(media) or any(sum(rows[k]) != batch[k].shape[0] for k in media):
+        return out  # not the layout MEDIA_ROWS knows (a new release): item by item, as before
+    start = dict.fromkeys(media, 0)
+    for r, (i, prompt) in enumerate(prompts.items()):
+        real = batch["attention_mask"][r].bool()
+        one = {}
+        for k, v in batch.items():
+            if k not in media:
+                one[k] = v[r][real][None]  # the padding cut off
+            elif rows[k][r]:
+                one[k] = v[start[k]:start[k] + rows[k][r]]
+                start[k] += rows[k][r]
+        out[i] = Encoded(prompt, one)
+    # run-time check, as probe.batch's guard checks the forward: the first and the last item with images (the cuts'
+    # offsets add up over the whole window to the last) encoded alone must give their cuts, tensor for tensor; a
+    # release whose layout differs would otherwise feed items their neighbours' pixels without a word, and the
+    # guard measures the same inputs alone. It costs two calls a window.
+    with_images = [i for i, p in prompts.items() if p.images] or list(prompts)
+    for i in sorted({with_images[0], with_images[-1]}):
+        want, got = encode_prompt(loaded, items[i], prompts[i]), out[i].batch  # type: ignore[union-attr]
+        if list(want) != list(got) or any(want[k].dtype != got[k].dtype or not torch.equal(want[k], got[k])
+                                          for k in want):
+            return [None] * len(items)  # item by item, as before
     return out

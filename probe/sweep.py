@@ -15,7 +15,7 @@ from probe.masking import mask_heads
 from probe.metrics import kl_orig_masked, option_log_probs, prob_choice
 from probe.models import LoadedModel
 from probe.parsing import parse_choice
-from probe.prompting import ItemLike, PromptTemplate, answer_token_ids, build_inputs
+from probe.prompting import Encoded, ItemLike, PromptTemplate, answer_token_ids, build_inputs
 from probe.results import BASELINE  # defined beside the files it marks rows of, torch-free
 from probe.upstream import greedy_generate, head_must_run
 
@@ -136,9 +136,11 @@ def measurement_row(
     }
 
 
-def prepare_item(loaded: LoadedModel, item: ItemLike, cfg: SweepConfig) -> tuple[dict[str, torch.Tensor], list[int]]:
-    """Model inputs of an item (images encoded once) and the token ids of its option letters."""
-    inputs = build_inputs(loaded, item, cfg.template, cfg.image_max_side)
+def prepare_item(loaded: LoadedModel, item: ItemLike, cfg: SweepConfig, encoded: Encoded | None = None,
+                 ) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """Model inputs of an item (images encoded once) and the token ids of its option letters; ``encoded``: its
+    prompt already encoded (probe.prompting.encode_prompts, batched evaluation)."""
+    inputs = build_inputs(loaded, item, cfg.template, cfg.image_max_side, encoded)
     check_run_length(loaded, item, inputs["input_ids"].shape[1], cfg)
     return inputs, answer_token_ids(loaded, item.letters, cfg.template)
 

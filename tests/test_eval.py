@@ -86,9 +86,9 @@ def test_preparing_the_next_window_in_a_thread_changes_no_number(family, load_ti
     seen: list[str] = []
     real = batch.prepare_item
 
-    def spy(loaded_, item, cfg_):
+    def spy(loaded_, item, cfg_, *encoded):  # encoded: the window's one processor call (encode_prompts)
         seen.append(threading.current_thread().name)
-        return real(loaded_, item, cfg_)
+        return real(loaded_, item, cfg_, *encoded)
 
     monkeypatch.setattr(batch, "prepare_item", spy)
     serial = batch.evaluate_items(loaded, items, cfg, batch_size=2, window=1, prefetch=False)
@@ -101,10 +101,10 @@ def test_preparing_the_next_window_in_a_thread_changes_no_number(family, load_ti
     for a, b in zip(serial, threaded, strict=True):
         assert torch.equal(a.logp, b.logp) and a.response == b.response
 
-    def broken(loaded_, item, cfg_):
+    def broken(loaded_, item, cfg_, *encoded):
         if item.id == items[5].id:  # the third window of two items
             raise BadInput(f"item {item.id}: unreadable")
-        return real(loaded_, item, cfg_)
+        return real(loaded_, item, cfg_, *encoded)
 
     monkeypatch.setattr(batch, "prepare_item", broken)
     for prefetch in (False, True):
@@ -133,14 +133,14 @@ def test_a_stopped_run_stops_preparing_the_next_window(load_tiny, data_dir, monk
     started, released = threading.Event(), threading.Event()
     real = batch.prepare_item
 
-    def slow(loaded_, item, cfg_):
+    def slow(loaded_, item, cfg_, *encoded):
         seen.append(threading.current_thread().name)
         if threading.current_thread() is not threading.main_thread():
             started.set()
             # the thread stays inside its window's first item until the main thread's stop has happened (a sleep
             # here raced a loaded machine: the stop came after the thread had gone on to a third item)
             released.wait(30)
-        return real(loaded_, item, cfg_)
+        return real(loaded_, item, cfg_, *encoded)
 
     def stop(n):
         started.wait(30)
@@ -1304,6 +1304,35 @@ def test_build_inputs_refuses_a_template_holding_a_special_token_and_checks_a_go
     for item in items:
         assert build_inputs(loaded, item, good)["input_ids"].shape[0] == 1
     assert calls == [good]
+
+
+@pytest.mark.parametrize("bad", ["strip", "special token"])
+def test_a_window_with_an_item_that_cannot_be_encoded_names_that_item(bad, load_tiny):
+    """Batched evaluation encodes a window's prompts with one processor call (probe.prompting.encode_prompts). An
+    image the processor refuses fails that call, and an item whose text holds a special token fails its checks
+    before it: either way the run stops at that item with the message it gets alone (the call would name no item),
+    after the items before it were prepared as usual."""
+    import dataclasses
+    import io
+
+    from PIL import Image
+
+    from probe.batch import evaluate_items
+    from probe.errors import BadInput
+    from probe.sweep import SweepConfig
+
+    loaded = load_tiny("qwen2_vl", "sdpa")
+    items = [make_item(item_id=f"validation_Test_{i}", seed=i) for i in range(4)]
+    if bad == "strip":
+        strip = io.BytesIO()
+        Image.new("RGB", (3, 700), "white").save(strip, format="PNG")
+        items[2] = dataclasses.replace(items[2], images=(strip.getvalue(),))
+        why = r".*'s processor refuses it \(absolute aspect ratio"
+    else:
+        items[2] = dataclasses.replace(items[2], question="What is <|im_end|> here?")
+        why = re.escape("its text holds '<|im_end|>'")
+    with pytest.raises(BadInput, match=f"^item validation_Test_2: {why}"):
+        evaluate_items(loaded, items, SweepConfig(max_new_tokens=2), batch_size=4)
 
 
 def test_an_image_the_processor_refuses_is_one_line_naming_the_item(data_dir, tiny_dirs, tmp_path, capfd):

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import make_item
+from conftest import VL_FAMILIES, make_item, png_bytes
 from probe.families import ALIASES, CAUSAL_LM, FAMILIES, LAYOUTS, causal_lm_type, detect_layout, canonical_lm_name
 from probe.models import NO_HUB_KERNELS
 
@@ -506,6 +506,80 @@ def test_batched_evaluation_of_a_text_family_equals_one_item_path(family, genera
         want = first_token_measure(m, inputs, letters, cfg)
         assert g.response == want.response, item.id
         torch.testing.assert_close(g.logp.exp(), want.logp.exp(), atol=1e-4, rtol=0)
+
+
+# the processors whose output for several prompts is each prompt's own, padded and concatenated (MEDIA_ROWS)
+ONE_CALL = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen2_5_omni_thinker", "llava")
+
+
+@pytest.mark.parametrize("family", [f for f in VL_FAMILIES + NEW if FAMILIES[f].processor_class])
+def test_one_processor_call_gives_each_item_the_tensors_of_its_own_call(family, loaded, load_tiny, video_item,
+                                                                        monkeypatch):
+    """Batched evaluation encodes a window's prompts with one processor call and cuts it apart again
+    (probe.prompting.encode_prompts: the per-call overhead was half of organism-vl's input building). Each item must
+    get what its own call gives (the oracle): the same keys in the same order, dtypes and values of input ids,
+    masks, type ids, pixel values and grid sizes, over items of 0, 1 and 2 images of different sizes (other grids,
+    other patch counts), beside a video item where the family takes video (encoded alone by probe.video). The other
+    processors (LLaVA-NeXT's and -OneVision's pad the patches across prompts and patch a prompt's images by how many
+    it holds, Idefics3's pads the images, Gemma 3's wants images in every prompt, InternVL's does not say how many
+    patches an image took) leave every item to its own call."""
+    from probe.prompting import PromptTemplate, encode_prompt, encode_prompts, render_prompt
+
+    m = load_tiny(family, "sdpa") if family in VL_FAMILIES else loaded(family)
+    two = (png_bytes(size=(90, 30), seed=3), png_bytes(size=(20, 70), seed=4))
+    items = [make_item(item_id="validation_Test_1"), make_item(with_image=False, item_id="validation_Test_2"),
+             dataclasses.replace(make_item(item_id="validation_Test_3", question="Which two?"), images=two),
+             dataclasses.replace(make_item(item_id="validation_Test_4", n_options=5),
+                                 images=(png_bytes(size=(200, 130), seed=5),))]
+    if "video" in m.family.modalities:
+        items.insert(2, video_item)
+    calls: list[int] = []
+    cls = type(m.processor)
+    real = cls.__call__
+    monkeypatch.setattr(cls, "__call__", lambda self, *a, **k: calls.append(len(k["text"])) or real(self, *a, **k))
+    got = encode_prompts(m, items, PromptTemplate())
+    n_batched = len(items) - ("video" in m.family.modalities)
+    # anti-tautology: one call served them (then two items alone, the run-time check of the cuts)
+    assert calls == ([n_batched, 1, 1] if family in ONE_CALL else []), calls
+    for item, enc in zip(items, got, strict=True):
+        assert (enc is not None) == (family in ONE_CALL and not item.frames), item.id
+        if enc is None:
+            continue
+        want = encode_prompt(m, item, render_prompt(m, item, PromptTemplate()))
+        assert enc.prompt == render_prompt(m, item, PromptTemplate())
+        assert list(enc.batch) == list(want), item.id
+        for k, v in want.items():
+            assert enc.batch[k].dtype == v.dtype and torch.equal(enc.batch[k], v), (item.id, k)
+
+
+def test_a_cut_that_is_not_the_items_own_call_falls_back_to_one_call_an_item(load_tiny, monkeypatch):
+    """encode_prompts checks, every window, the first and the last item with images against their own calls: a
+    processor whose layout MEDIA_ROWS misreads (here: the pixel rows of a window's first two images swapped, all
+    sums still right) would give items their neighbours' pixels, which the forward's guard cannot see (it measures
+    the same inputs alone). Every item is then encoded alone, and the numbers are the oracle's."""
+    from probe import prompting
+    from probe.batch import evaluate_items
+    from probe.sweep import SweepConfig, first_token_measure, prepare_item
+
+    m = load_tiny("qwen2_vl", "sdpa")
+    items = [make_item(item_id="validation_Test_1", seed=1),
+             dataclasses.replace(make_item(item_id="validation_Test_2", seed=2), images=(png_bytes(size=(90, 30)),)),
+             make_item(item_id="validation_Test_3", seed=3)]
+    real = prompting.MEDIA_ROWS["Qwen2VLProcessor"]
+    assert all(e is not None for e in prompting.encode_prompts(m, items, prompting.PromptTemplate()))
+
+    def swapped(batch, counts):
+        rows = real(batch, counts)
+        rows["pixel_values"][:2] = rows["pixel_values"][1::-1]  # item 1's rows where item 0's were
+        return rows
+
+    monkeypatch.setitem(prompting.MEDIA_ROWS, "Qwen2VLProcessor", swapped)
+    assert prompting.encode_prompts(m, items, prompting.PromptTemplate()) == [None] * len(items)
+    cfg = SweepConfig(max_new_tokens=2)
+    for item, got in zip(items, evaluate_items(m, items, cfg, batch_size=4), strict=True):
+        want = first_token_measure(m, *prepare_item(m, item, cfg), cfg)
+        assert got.response == want.response
+        torch.testing.assert_close(got.logp.exp(), want.logp.exp(), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("family", [f for f in NEW if FAMILIES[f].processor_class])
