@@ -53,17 +53,23 @@ def killed_after(real, step: int):
 
 
 def assert_same_run(a: Path, b: Path, columns: tuple[str, ...], loss: tuple[float, float],
-                    weights: tuple[float, float]) -> None:
+                    weights: tuple[float, float], stray: int = 0) -> None:
     """Run ``b`` is run ``a``: the same log ``columns`` per step, losses within (rel, abs) ``loss``, and
-    checkpoint-6's weights within (rtol, atol) ``weights``."""
+    checkpoint-6's weights within (rtol, atol) ``weights``, all but at most ``stray`` elements, which stay within
+    10 × atol. (AdamW's first step is lr * g / (|g| + 1e-8): an element whose first gradient is within float
+    rounding of 0 moves by an amount rounding decides, so runs whose forwards take other kernels may differ there.)"""
     one, two = _log(a), _log(b)
     assert [tuple(r[c] for c in columns) for r in one] == [tuple(r[c] for c in columns) for r in two]
     for x, y in zip(one, two):
         assert float(y["loss"]) == pytest.approx(float(x["loss"]), rel=loss[0], abs=loss[1])
     w1 = load_file(a / "checkpoint-6" / "model.safetensors")
     w2 = load_file(b / "checkpoint-6" / "model.safetensors")
+    off = {k: int((~torch.isclose(w2[k], w1[k], rtol=weights[0], atol=weights[1])).sum()) for k in w1}
+    if sum(off.values()) > stray:
+        for k in w1:
+            torch.testing.assert_close(w2[k], w1[k], rtol=weights[0], atol=weights[1])
     for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], rtol=weights[0], atol=weights[1])
+        torch.testing.assert_close(w2[k], w1[k], rtol=weights[0], atol=10 * weights[1])
 
 
 def _log(out: Path) -> list[dict]:
@@ -854,7 +860,10 @@ def test_rows_whose_pixel_tensors_differ_in_shape_train_in_separate_forwards(omn
     whole, alone, sharded = tmp_path / "batch", tmp_path / "alone", tmp_path / "fsdp"
     assert cli_main(main, args(whole)) == 0
     assert cli_main(main, args(alone, "--micro-batch", "1")) == 0
-    assert_same_run(whole, alone, ("step", "modality", "tokens"), loss=(1e-5, 1e-6), weights=(1e-4, 1e-5))
+    # rows alone are unpadded, so torch's CPU attention runs other kernels than for the padded batch: on torch 2.6
+    # one element of 8,192 in a text MLP had a first gradient of 1.3e-10 alone where the batched run's is -3.3e-11
+    # (torch 2.13's too) and ended 1.6e-5 off, the losses the same to 1e-7 at every step (stray)
+    assert_same_run(whole, alone, ("step", "modality", "tokens"), loss=(1e-5, 1e-6), weights=(1e-4, 1e-5), stray=2)
     if why := fsdp_unsupported():
         pytest.skip(why)
     script = tmp_path / "spy.py"
@@ -2037,7 +2046,14 @@ def _hand_steps(model, rows, batches, cfg) -> tuple[list[float], dict[str, torch
 def test_a_step_is_the_hand_computed_loss_gradient_and_adamw_update(how: str) -> None:
     """Two steps of probe.train on organism-base (rows of several prompt lengths, padded together) against the hand
     oracle: the logged losses (the mean cross-entropy over the answer letter and the turn's end) to 1e-6, the
-    weights after the second update to 5e-5 (they move by 1e-3). The labels are the letter and the turn's end only."""
+    weights after the second update to 5e-5 (they move by 1e-3), all but at most 10 elements of the 939,392, which
+    stay within AdamW's reach. The labels are the letter and the turn's end only.
+
+    Why 10 may be off: AdamW's first step is lr * g / (|g| + 1e-8), so an element whose gradient is within float
+    rounding of 0 moves by an amount rounding decides, up to lr. On torch 2.6 (the CPU attention kernel is math
+    where 2.13 picks flash for the rows alone; padded rows and rows alone then differ by 4e-7 in a gradient of 0.16)
+    one element's first gradient was -2.0e-8 in the oracle (-4.8e-9 on 2.13) and it ended 1.3e-4 away from the
+    loop's. A wrong loss, gradient, clip or update moves thousands."""
     from analyses.finetune import add_lora
     from probe.models import load_model, resolve_model
     from probe.prompting import turn_end_id
@@ -2067,8 +2083,12 @@ def test_a_step_is_the_hand_computed_loss_gradient_and_adamw_update(how: str) ->
     got = {n: p.detach() for n, p in loop.model.named_parameters() if n in want}
     assert got.keys() == want.keys() and len(got) > 40
     assert max(float((got[n] - start[n]).abs().max()) for n in got) > 5e-4
+    off = {n: int(((got[n] - want[n]).abs() > 5e-5).sum()) for n in want}
+    assert sum(off.values()) <= 10, {n: k for n, k in off.items() if k}
+    # each side moves < lr a step (|m̂| / √v̂ < 1 in two steps of betas 0.9, 0.98), plus the decay
+    reach = 2.2 * cfg.lm_lr * len(batches)
     for n in want:
-        torch.testing.assert_close(got[n], want[n], atol=5e-5, rtol=0, msg=n)
+        torch.testing.assert_close(got[n], want[n], atol=reach, rtol=0, msg=n)
 
 
 class _Forward:
