@@ -33,13 +33,33 @@ fills them from rank 0's tensors, one whole tensor broadcast at a time (torch's 
 device never holds the whole model, and the machine's RAM holds one copy of it, not one per process.
 
 Checked against torch 2.13 (``torch.distributed.fsdp.fully_shard``, ``FSDPModule.set_reduce_scatter_unused_params``,
-``torch.distributed.checkpoint.state_dict``, ``torch.distributed.tensor``) on the CPU with gloo.
+``torch.distributed.checkpoint.state_dict``, ``torch.distributed.tensor``) on the CPU with gloo, and 2.14.1 and
+2.15.0 (2026-12-06). ``set_reduce_scatter_unused_params`` is new in torch 2.13 (2.11.0's and 2.12.0's wheels lack
+it; 2.6.0, the oldest torch pyproject allows, ran everything but ``--fsdp``): ``unsupported`` says so before the
+model loads.
 """
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+
+# the first torch whose FSDPModule has set_reduce_scatter_unused_params, which drop_unused_grads relies on
+FSDP_TORCH = "2.13"
+
+
+def unsupported() -> str | None:
+    """Why this torch cannot run ``--fsdp`` (None: it can). Without ``set_reduce_scatter_unused_params`` a rank
+    whose rows all left the vision tower unused would skip the reduce-scatter the other ranks run; ``shard`` stopped
+    on an AttributeError in every rank after the model had loaded."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch built without torch.distributed
+        FSDPModule = None
+    if hasattr(FSDPModule, "set_reduce_scatter_unused_params"):
+        return None
+    return (f"--fsdp needs torch >= {FSDP_TORCH} (FSDPModule.set_reduce_scatter_unused_params); this is torch "
+            f"{torch.__version__}: upgrade torch, or train without --fsdp")
 
 
 def init(cpu: bool) -> tuple[int, int]:

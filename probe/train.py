@@ -380,6 +380,10 @@ def fsdp_launch(cfg: TrainConfig) -> bool:
     if rank_world()[1] <= 1:
         raise BadInput("--fsdp shards the model over the processes of a launch: run it under torchrun "
                        "--nproc-per-node K (K ≥ 2), or drop --fsdp to train in one process")
+    from probe.fsdp import unsupported
+
+    if why := unsupported():  # before the model loads: shard would stop on it in every rank after the load
+        raise BadInput(why)
     return True
 
 

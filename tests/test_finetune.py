@@ -15,7 +15,11 @@ import torch
 from safetensors.torch import load_file
 
 from probe.errors import BadInput, cli_main
+from probe.fsdp import unsupported as fsdp_unsupported
 from probe.train import PROCESS_GROUP_TIMEOUT_MIN
+
+# --fsdp needs torch >= 2.13 (probe.fsdp.FSDP_TORCH); an older one refuses it in one line (tested below)
+needs_fsdp = pytest.mark.skipif(fsdp_unsupported() is not None, reason=str(fsdp_unsupported()))
 
 
 def _args(tiny_dirs, data_dir, text_dir, out: Path, *extra) -> list[str]:
@@ -49,17 +53,23 @@ def killed_after(real, step: int):
 
 
 def assert_same_run(a: Path, b: Path, columns: tuple[str, ...], loss: tuple[float, float],
-                    weights: tuple[float, float]) -> None:
+                    weights: tuple[float, float], stray: int = 0) -> None:
     """Run ``b`` is run ``a``: the same log ``columns`` per step, losses within (rel, abs) ``loss``, and
-    checkpoint-6's weights within (rtol, atol) ``weights``."""
+    checkpoint-6's weights within (rtol, atol) ``weights``, all but at most ``stray`` elements, which stay within
+    10 × atol. (AdamW's first step is lr * g / (|g| + 1e-8): an element whose first gradient is within float
+    rounding of 0 moves by an amount rounding decides, so runs whose forwards take other kernels may differ there.)"""
     one, two = _log(a), _log(b)
     assert [tuple(r[c] for c in columns) for r in one] == [tuple(r[c] for c in columns) for r in two]
     for x, y in zip(one, two):
         assert float(y["loss"]) == pytest.approx(float(x["loss"]), rel=loss[0], abs=loss[1])
     w1 = load_file(a / "checkpoint-6" / "model.safetensors")
     w2 = load_file(b / "checkpoint-6" / "model.safetensors")
+    off = {k: int((~torch.isclose(w2[k], w1[k], rtol=weights[0], atol=weights[1])).sum()) for k in w1}
+    if sum(off.values()) > stray:
+        for k in w1:
+            torch.testing.assert_close(w2[k], w1[k], rtol=weights[0], atol=weights[1])
     for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], rtol=weights[0], atol=weights[1])
+        torch.testing.assert_close(w2[k], w1[k], rtol=weights[0], atol=10 * weights[1])
 
 
 def _log(out: Path) -> list[dict]:
@@ -587,6 +597,8 @@ sys.exit(cli_main(main, sys.argv[2:]))
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory, tiny_dirs, data_dir, text_dir):
     """The fine-tuning run of ``ft_run`` under torchrun with 2 CPU processes and --fsdp (torch's FSDP2 on gloo)."""
+    if why := fsdp_unsupported():
+        pytest.skip(why)
     out = tmp_path_factory.mktemp("fsdp") / "run"
     spy = out.parent / "spy.py"
     spy.write_text(SHARD_SPY)
@@ -651,6 +663,7 @@ def test_fsdp_killed_after_a_checkpoint_resumes_to_the_same_run(fsdp_run, tiny_d
     assert_same_run(fsdp_run, out, ("step", "modality"), loss=(1e-6, 1e-7), weights=(1e-5, 1e-6))
 
 
+@needs_fsdp
 def test_fsdp_in_micro_batches_with_checkpointing_equals_one_process(ft_run, tiny_dirs, data_dir, text_dir, tmp_path):
     """--fsdp with one row per forward (every rank's micro-batches accumulating into its gradient shards) and
     activations recomputed in the backward: still one process's run, to float tolerance."""
@@ -666,6 +679,7 @@ def test_fsdp_in_micro_batches_with_checkpointing_equals_one_process(ft_run, tin
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
 
 
+@needs_fsdp
 def test_fsdp_checkpoint_of_a_tied_model_keeps_the_tie(text_dir, tmp_path):
     """A model whose lm_head is its embedding (tiny Gemma3 text): --fsdp gathered the two names as two tensors, and
     save_pretrained (which drops a tied name only when the tensors share storage) wrote lm_head.weight beside
@@ -686,6 +700,7 @@ def test_fsdp_checkpoint_of_a_tied_model_keeps_the_tie(text_dir, tmp_path):
     assert any(not torch.equal(end[k], start[k]) for k in start)
 
 
+@needs_fsdp
 def test_fsdp_trains_the_parameters_one_process_trains(text_dir, tmp_path):
     """Which parameters train is rank 0's: from_pretrained leaves every loaded parameter requiring grad, where the
     meta-device build of the other ranks keeps Qwen2-Audio's sinusoidal embed_positions frozen, so rank 0's root
@@ -786,6 +801,7 @@ def test_fsdp_refuses_to_drop_every_gradient_when_it_cannot_map_them() -> None:
     assert all(p.grad is not None for p in model.parameters())
 
 
+@needs_fsdp
 def test_fsdp_keeps_a_reached_gradient_of_zeros(data_dir, text_dir, tmp_path):
     """Tiny Gemma3's projector weight starts at zero, so the vision tower's gradient on a step with images is
     exactly 0.0: one process keeps it (AdamW decays the tower and counts the step); --fsdp set every gradient that
@@ -871,6 +887,12 @@ def test_rows_whose_pixel_tensors_differ_in_shape_train_in_separate_forwards(omn
     whole, alone, sharded = tmp_path / "batch", tmp_path / "alone", tmp_path / "fsdp"
     assert cli_main(main, args(whole)) == 0
     assert cli_main(main, args(alone, "--micro-batch", "1")) == 0
+    # rows alone are unpadded, so torch's CPU attention runs other kernels than for the padded batch: on torch 2.6
+    # one element of 8,192 in a text MLP had a first gradient of 1.3e-10 alone where the batched run's is -3.3e-11
+    # (torch 2.13's too) and ended 1.6e-5 off, the losses the same to 1e-7 at every step (stray)
+    assert_same_run(whole, alone, ("step", "modality", "tokens"), loss=(1e-5, 1e-6), weights=(1e-4, 1e-5), stray=2)
+    if why := fsdp_unsupported():
+        pytest.skip(why)
     script = tmp_path / "spy.py"
     script.write_text(EVEN_OUT_SPY)
     res = _torchrun([str(script), str(sharded)], args(sharded, "--fsdp"))
@@ -880,8 +902,7 @@ def test_rows_whose_pixel_tensors_differ_in_shape_train_in_separate_forwards(omn
     assert all(len(f) == 6 for f in forwards)
     assert any(a != b for (a, _), (b, _) in zip(*forwards))  # the ranks' rows made unequal forwards at some step
     assert all(n == max(a, b) for (a, n), (b, _) in zip(*forwards))
-    for run in (alone, sharded):
-        assert_same_run(whole, run, ("step", "modality", "tokens"), loss=(1e-5, 1e-6), weights=(1e-4, 1e-5))
+    assert_same_run(whole, sharded, ("step", "modality", "tokens"), loss=(1e-5, 1e-6), weights=(1e-4, 1e-5))
 
 
 def test_a_launch_whose_batch_does_not_split_or_lm_is_frozen_exits_2_before_loading(tiny_dirs, data_dir, text_dir,
@@ -913,6 +934,27 @@ def test_fsdp_in_one_process_or_with_a_frozen_lm_exits_2_in_one_line(tiny_dirs, 
         assert not out.exists()
 
 
+def test_fsdp_on_a_torch_without_its_unused_parameter_reduction_exits_2_in_one_line(tiny_dirs, data_dir, text_dir,
+                                                                                    tmp_path, capfd, monkeypatch):
+    """--fsdp relies on FSDPModule.set_reduce_scatter_unused_params, new in torch 2.13, where pyproject allows
+    2.6: on torch 2.6 every rank of the launch stopped on an AttributeError in probe.fsdp.shard once the model had
+    loaded. Such a torch (here the method taken away) is one line naming the torch it needs, before the model
+    loads, nothing written (RANK 0 of WORLD_SIZE 2 in this process: the refusal comes before any collective)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from analyses.finetune import main
+
+    monkeypatch.delattr(FSDPModule, "set_reduce_scatter_unused_params", raising=False)
+    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "refused"
+    assert cli_main(main, _args(tiny_dirs, data_dir, text_dir, out, "--fsdp")) == 2
+    err = [line for line in capfd.readouterr().err.splitlines() if not line.startswith("warning: ")]
+    assert err == [f"error: --fsdp needs torch >= 2.13 (FSDPModule.set_reduce_scatter_unused_params); this is torch "
+                   f"{torch.__version__}: upgrade torch, or train without --fsdp"], err
+    assert not out.exists()
+
+
 # torchrun runs this for an --fsdp --lora launch: it appends the names of the parameters each checkpoint gathers
 # from the shards (probe.fsdp.full_model_state) to OUT.gathered<RANK>, and is killed (KeyboardInterrupt on every
 # rank) right after update int(sys.argv[2]) unless that is 0
@@ -938,6 +980,7 @@ sys.exit(cli_main(main, sys.argv[3:]))
 """
 
 
+@needs_fsdp
 def test_fsdp_with_lora_equals_one_process_and_resumes_either_way(lora_run, tiny_dirs, data_dir, text_dir, tmp_path):
     """--fsdp --lora under torchrun (2 gloo processes; the frozen weights sharded beside the adapters): one process's
     LoRA run — losses to 1e-5, every checkpoint's merged weights and adapter to 1e-5 — gathering only the adapters
@@ -991,6 +1034,7 @@ sys.exit(cli_main(main, sys.argv[1:]))
 """
 
 
+@needs_fsdp
 def test_fsdp_ranks_whose_models_differ_stop_together_in_one_line(tiny_dirs, data_dir, text_dir, tmp_path):
     """Rank 0's tensors go into the other ranks' shards by name, so every rank's model must be the one rank 0 read:
     a rank that built it otherwise (here eager attention, as a transformers release changing a default would) makes
@@ -2048,7 +2092,14 @@ def _hand_steps(model, rows, batches, cfg) -> tuple[list[float], dict[str, torch
 def test_a_step_is_the_hand_computed_loss_gradient_and_adamw_update(how: str) -> None:
     """Two steps of probe.train on organism-base (rows of several prompt lengths, padded together) against the hand
     oracle: the logged losses (the mean cross-entropy over the answer letter and the turn's end) to 1e-6, the
-    weights after the second update to 5e-5 (they move by 1e-3). The labels are the letter and the turn's end only."""
+    weights after the second update to 5e-5 (they move by 1e-3), all but at most 10 elements of the 939,392, which
+    stay within AdamW's reach. The labels are the letter and the turn's end only.
+
+    Why 10 may be off: AdamW's first step is lr * g / (|g| + 1e-8), so an element whose gradient is within float
+    rounding of 0 moves by an amount rounding decides, up to lr. On torch 2.6 (the CPU attention kernel is math
+    where 2.13 picks flash for the rows alone; padded rows and rows alone then differ by 4e-7 in a gradient of 0.16)
+    one element's first gradient was -2.0e-8 in the oracle (-4.8e-9 on 2.13) and it ended 1.3e-4 away from the
+    loop's. A wrong loss, gradient, clip or update moves thousands."""
     from analyses.finetune import add_lora
     from probe.models import load_model, resolve_model
     from probe.prompting import turn_end_id
@@ -2078,8 +2129,12 @@ def test_a_step_is_the_hand_computed_loss_gradient_and_adamw_update(how: str) ->
     got = {n: p.detach() for n, p in loop.model.named_parameters() if n in want}
     assert got.keys() == want.keys() and len(got) > 40
     assert max(float((got[n] - start[n]).abs().max()) for n in got) > 5e-4
+    off = {n: int(((got[n] - want[n]).abs() > 5e-5).sum()) for n in want}
+    assert sum(off.values()) <= 10, {n: k for n, k in off.items() if k}
+    # each side moves < lr a step (|m̂| / √v̂ < 1 in two steps of betas 0.9, 0.98), plus the decay
+    reach = 2.2 * cfg.lm_lr * len(batches)
     for n in want:
-        torch.testing.assert_close(got[n], want[n], atol=5e-5, rtol=0, msg=n)
+        torch.testing.assert_close(got[n], want[n], atol=reach, rtol=0, msg=n)
 
 
 class _Forward:

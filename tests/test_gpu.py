@@ -26,6 +26,8 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
+from probe.fsdp import unsupported as fsdp_unsupported
+
 DEVICE = os.environ.get("OMNIPROBE_GPU_TEST_DEVICE", "cuda:0")
 ON_GPU = DEVICE.startswith("cuda")
 pytestmark = [
@@ -231,6 +233,7 @@ sys.exit(cli_main(main, sys.argv[1:]))
 """
 
 
+@pytest.mark.skipif(fsdp_unsupported() is not None, reason=str(fsdp_unsupported()))
 @pytest.mark.parametrize("lora", [False, True])
 def test_fsdp_on_the_gpus_backend_trains_as_one_process(lora, tmp_path):
     """--fsdp's collectives (the ranks' model check, the unused-gradient flags, the non-finite index, the loss mean,
