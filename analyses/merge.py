@@ -40,9 +40,10 @@ from analyses.shift_csv import read_shift_csv
 from analyses.writer import (SHARD_BYTES, Entry, ShardedWriter, atomic_dir, check_output, check_replaceable,
                              copy_side_files, parse_size, returns_finished, run_request)
 from probe.errors import TENSOR_MEMORY_HINT, ArgParser, BadInput, cli_main, in_path, out_dir, parse_options
-from probe.families import CAUSAL_LM, LAYOUTS, causal_lm_type, check_lm_fits_class, untie_word_embeddings
+from probe.families import (CAUSAL_LM, LAYOUTS, causal_lm_type, check_lm_fits_class, class_text_values,
+                            untie_word_embeddings)
 from probe.families import lm_disk_key as layout_key
-from probe.models import config_head_dim, config_kv_heads, loads_tied
+from probe.models import loads_tied
 from probe.results import json_object, json_text
 
 
@@ -440,8 +441,10 @@ def merged_config(ref: Checkpoint, dtype: torch.dtype, vocab_rows: int, tied: bo
     family table's ``lm_model_type`` (Qwen2 for Qwen2-VL, Qwen2.5-VL and the Omni thinker, Qwen3 for Qwen3-VL, the
     text config's own type for LLaVA, Idefics3, InternVL and Gemma 3).
 
-    Built as a plain dict (importing transformers would cost seconds per merge); the tests load it with
-    ``AutoModelForCausalLM`` for every family.
+    Built as a plain dict (importing transformers would cost seconds per merge); only a reference whose text class
+    is not the class written (Qwen2-VL's qwen2_vl_text) asks transformers what that class builds for the keys its
+    text config leaves out (``class_text_values``). The tests load it with ``AutoModelForCausalLM`` for every family
+    and compare its config with the reference's text config.
     """
     tc = {k: v for k, v in ref.text_config.items()
           if k not in ("model_type", "architectures", "auto_map", "_name_or_path", "transformers_version",
@@ -451,15 +454,15 @@ def merged_config(ref: Checkpoint, dtype: torch.dtype, vocab_rows: int, tied: bo
         rope = tc.get(key)
         if isinstance(rope, dict) and ("mrope_section" in rope or "mrope" in (rope.get("rope_type"), rope.get("type"))):
             # M-RoPE is a Qwen2-VL input convention; on text alone it equals plain RoPE with the same theta.
-            theta = rope.get("rope_theta", tc.get("rope_theta", 1e6))
+            theta = rope.get("rope_theta", tc.get("rope_theta"))
             tc[key] = {"rope_type": "default", "rope_theta": theta} if key == "rope_parameters" else None
-    # the key/value heads and head width the reference's own class builds, written out where its text config
-    # leaves them to that class: the class the LM is written as has its own defaults (a Qwen2-VL text config
-    # without num_key_value_heads holds 8; the Qwen2 LM written from it built 32 and refused its k/v tensors)
-    for key, resolved in (("num_key_value_heads", config_kv_heads), ("head_dim", config_head_dim)):
-        if tc.get(key) is None and (value := resolved(ref.text_config)) is not None:
-            tc[key] = value
+            if theta is None:  # left to its class (Qwen2-VL's 1e6, Qwen3-VL's 5e5): class_text_values below
+                tc.pop(key)
+    # what the reference's text config leaves to its own class, written out where the class the LM is written as
+    # builds another value (a Qwen2-VL text config without rope theta, RMS eps, key/value heads: 1e6, 1e-5, 8; the
+    # Qwen2 LM written from it built 1e4, 1e-6, 32 and computed other logits, or refused its k/v tensors)
     model_type = causal_lm_type(ref.family, ref.text_config)
+    tc.update(class_text_values(tc, ref.text_config.get("model_type"), model_type))
     tc.update(model_type=model_type, architectures=[CAUSAL_LM[model_type]], vocab_size=vocab_rows,
               tie_word_embeddings=tied, dtype=str(dtype).removeprefix("torch."))
     return tc

@@ -713,15 +713,41 @@ def _class_text_config(model_type: str, hidden: int, n_heads: int, null_kv: bool
     num_key_value_heads stated as null), a composite's text part (Qwen2-VL's top-level sizes build its text
     config); None where transformers does not know the model_type, refuses the sizes, or builds a text config of
     other sizes (LLaVA ignores top-level sizes: its default Llama 7B says nothing of this config)."""
+    return _built_text_config(model_type, {"hidden_size": hidden, "num_attention_heads": n_heads,
+                                           **({"num_key_value_heads": None} if null_kv else {})})
+
+
+def _built_text_config(model_type: str, text: Mapping[str, Any]) -> Any | None:
+    """The text config transformers' config class for ``model_type`` builds from the keys of ``text``; None where
+    transformers does not know the model_type, refuses the keys, or builds a text config whose hidden size and
+    attention heads are not the ones ``text`` states (LLaVA's class ignores top-level sizes)."""
     from transformers import AutoConfig
 
     try:
-        built = AutoConfig.for_model(model_type, hidden_size=hidden, num_attention_heads=n_heads,
-                                     **({"num_key_value_heads": None} if null_kv else {})).get_text_config(decoder=True)
-    except Exception:  # noqa: BLE001 - a model_type transformers does not know, or sizes its class refuses
+        built = AutoConfig.for_model(model_type, **text).get_text_config(decoder=True)
+    except Exception:  # noqa: BLE001 - a model_type transformers does not know, or keys its class refuses
         return None
     sizes = (getattr(built, "hidden_size", None), getattr(built, "num_attention_heads", None))
-    return built if sizes == (hidden, n_heads) else None
+    return built if sizes == (text.get("hidden_size"), text.get("num_attention_heads")) else None
+
+
+def class_text_values(text: Mapping[str, Any], own_type: Any, as_type: str) -> dict[str, Any]:
+    """What a text config of ``own_type`` (its class: Qwen2-VL's qwen2_vl_text) leaves to its class, for a dict
+    ``text`` written as the class ``as_type`` (Qwen2) instead: the value its own class builds for every key ``text``
+    leaves out (absent or null) where ``as_type``'s class builds another from it. Qwen2-VL's text class defaults to
+    rope theta 1e6, RMS eps 1e-5, 8 key/value heads and 29568 intermediate rows, Qwen2's to 1e4, 1e-6, the attention
+    heads and 22016: written as Qwen2, a Qwen2-VL text config without them built another LM, which either refused
+    the tensors or loaded them and computed other logits. Empty where one class builds both (the same defaults;
+    transformers is not imported) or transformers builds no such text config from ``text`` (the sizes it states)."""
+    if not isinstance(own_type, str) or not own_type or own_type == as_type:
+        return {}
+    keys = {k: v for k, v in text.items() if k != "model_type"}
+    own, other = _built_text_config(own_type, keys), _built_text_config(as_type, keys)
+    if own is None or other is None:
+        return {}
+    theirs = other.to_dict()
+    return {k: v for k, v in own.to_dict().items()
+            if k != "model_type" and keys.get(k) is None and v != theirs.get(k, getattr(other, k, None))}
 
 
 def _class_size(model_type: Any, hidden: int, n_heads: int, key: str, null_kv: bool = False) -> int | None:

@@ -282,16 +282,18 @@ def test_unknown_model_type_is_bad_input_before_loading(tmp_path, dirs, capsys):
         assert not out.exists()
 
 
-def oracle_load(fam, model: Path, cfg: dict):
-    """transformers' own load of ``model`` on the meta device, as the family's class builds it (the Omni thinker
-    from its thinker config): the model and its loading info (mismatched_keys: tensors of the wrong shape)."""
+def oracle_load(fam, model: Path, cfg: dict, meta: bool = True):
+    """transformers' own load of ``model`` on the meta device (``meta``; else its weights in float32), as the
+    family's class builds it (the Omni thinker from its thinker config): the model and its loading info
+    (mismatched_keys: tensors of the wrong shape)."""
     import transformers
 
     from probe.families import config_value
 
     cls = getattr(transformers, fam.model_class)
     part = {"config": cls.config_class(**config_value(cfg, fam.config_path))} if fam.config_path else {}
-    return cls.from_pretrained(model, ignore_mismatched_sizes=True, output_loading_info=True, device_map="meta",
+    where = {"device_map": "meta"} if meta else {"dtype": torch.float32}
+    return cls.from_pretrained(model, ignore_mismatched_sizes=True, output_loading_info=True, **where,
                                key_mapping=dict(fam.key_mapping) if fam.key_mapping else None, **part,
                                **NO_HUB_KERNELS)
 
@@ -449,6 +451,110 @@ def test_a_config_without_num_key_value_heads_is_checked_as_its_class_builds_it(
         assert cli_main(main, [*argv, "--out", str(tmp_path / "o")]) == 2, main.__module__
         assert capsys.readouterr().err.strip().splitlines() == [f"error: {line}"], main.__module__
         assert not (tmp_path / "o").exists()
+
+
+# M-RoPE sections of a text config's rope_parameters without its theta: the theta its class builds (Qwen2-VL's 1e6,
+# Qwen3-VL's 5e5), which the merged LM's plain RoPE must take
+MROPE = {"qwen2_vl": [2, 1, 1], "qwen2_5_vl": [2, 1, 1], "qwen3_vl": [4, 4, 4], "qwen2_5_omni_thinker": [2, 1, 1]}
+
+
+def _nested(fam, text: dict) -> dict:
+    """A config.json dict of ``fam`` holding ``text`` as its text config (a text family's: ``text`` itself)."""
+    cfg: dict = {"model_type": fam.model_types[0]}
+    if fam.text_config_attr is None:
+        return cfg | text
+    node = cfg
+    *outer, last = fam.text_config_attr.split(".")
+    for part in outer:
+        node = node.setdefault(part, {})
+    node[last] = text
+    return cfg
+
+
+@pytest.mark.parametrize("family, variant", [(f, "sizes") for f in FAMILIES] + [(f, "typed") for f in COMPOSITE]
+                         + [(f, "mrope") for f in MROPE])
+def test_the_merged_lm_config_builds_the_reference_text_config(family, variant, tmp_path):
+    """The merged LM's config.json is the reference's text config written as the family table's causal-LM class
+    (Qwen2 for Qwen2-VL, Qwen2.5-VL and the Omni thinker, Qwen3 for Qwen3-VL), whose defaults differ from the
+    reference's own class: a text config stating only its sizes (``typed``: and its model_type; ``mrope``: and
+    M-RoPE sections without a theta) built a Qwen2 of rope theta 1e4, RMS eps 1e-6 and 22016 intermediate rows
+    for Qwen2-VL's 1e6, 1e-5 and 29568 (Qwen3-VL: theta 1e4 for 5e5, or 1e6 from the M-RoPE conversion), a
+    model that refused its tensors or loaded them and computed other logits. Oracle: transformers' config of the
+    reference's text config (its parent class builds it from the config.json dict) and the config transformers
+    reads from the written config.json agree on every key both have, but the dtype (M-RoPE: plain RoPE of the
+    same theta)."""
+    import types
+
+    from transformers import AutoConfig
+
+    from analyses.merge import merged_config
+    from probe.families import text_config_dict
+
+    fam = FAMILIES[family]
+    text: dict = {"hidden_size": 256, "num_attention_heads": 32, "num_hidden_layers": 2}
+    cfg = _nested(fam, text)
+    if variant == "typed":
+        text["model_type"] = text_config_dict(cfg, fam)["model_type"]
+    if variant == "mrope":
+        text["rope_parameters"] = {"rope_type": "default", "mrope_section": MROPE[family]}
+    ref = AutoConfig.for_model(**cfg)
+    for part in fam.text_config_attr.split(".") if fam.text_config_attr else ():
+        ref = getattr(ref, part)
+    reference = types.SimpleNamespace(text_config=text_config_dict(cfg, fam), family=fam)
+    written = merged_config(reference, torch.float32, ref.vocab_size, bool(getattr(ref, "tie_word_embeddings", 0)))
+    (tmp_path / "config.json").write_text(json.dumps(written), encoding="utf-8")
+    got = AutoConfig.from_pretrained(tmp_path).to_dict()
+    want = ref.to_dict()
+    if variant == "mrope":
+        want["rope_parameters"] = {k: v for k, v in want["rope_parameters"].items() if not k.startswith("mrope")}
+    differ = {k: (want[k], got[k]) for k in sorted(set(want) & set(got))
+              if want[k] != got[k] and k not in ("model_type", "architectures", "dtype", "_name_or_path")}
+    assert not differ, (family, variant, ref.model_type, got["model_type"], differ)
+    assert got["model_type"] == causal_lm_type(fam, text_config_dict(cfg, fam))
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen2_5_omni_thinker", "gemma3"])
+def test_a_merged_lm_computes_the_reference_lms_logits_from_a_minimal_text_config(family, tmp_path, capsys):
+    """A tiny random model whose text config states only its sizes (M-RoPE: its sections, no theta), merged with
+    itself by Eq. 1 (the average of identical models is the model): the merged LM, which AutoModelForCausalLM
+    loads as the family table's causal-LM class, gives the logits the reference's own class gives on a text
+    prompt. Written as Qwen2 from a Qwen2-VL text config, it took Qwen2's rope theta and RMS eps (Qwen3-VL's: a
+    theta of 1e6 for its class's 5e5) and computed other logits. Oracle: transformers' load of the reference by
+    its family class, text only."""
+    import shutil
+
+    import transformers
+
+    from analyses import merge
+    from probe.errors import cli_main
+    from probe.families import config_value
+    from probe.tiny import SPECS, TinySpec, build_tiny
+
+    fam = FAMILIES[family]
+    model = build_tiny(family, tmp_path / "m", SPECS.get(family, TinySpec()))
+    cfg = json.loads((model / "config.json").read_text(encoding="utf-8"))
+    text = config_value(cfg, fam.text_config_attr)
+    kept = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "head_dim")
+    rope = text.get("rope_parameters", {})
+    text_min = {k: text[k] for k in kept if k in text} | (
+        {"rope_parameters": {k: v for k, v in rope.items() if k != "rope_theta"}} if "mrope_section" in rope else {})
+    text.clear()
+    text.update(text_min)
+    (model / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    other = shutil.copytree(model, tmp_path / "other")
+    out = tmp_path / "merged"
+    assert cli_main(merge.main, ["--models", str(model), str(other), "--method", "average", "--out", str(out)]) == 0
+    reference, info = oracle_load(fam, model, cfg, meta=False)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    lm = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, **NO_HUB_KERNELS)
+    capsys.readouterr()
+    ids = transformers.AutoTokenizer.from_pretrained(model)("The quick brown fox jumps over the lazy dog",
+                                                            return_tensors="pt").input_ids
+    with torch.no_grad():
+        want, got = reference(input_ids=ids).logits, lm(input_ids=ids).logits
+    assert ids.shape[1] > 8 and want.abs().max() > 0
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_readme_family_table_is_generated_from_the_table():
