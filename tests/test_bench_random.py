@@ -67,6 +67,70 @@ def test_random_config_qwen2_vl_7b_cut_to_one_layer_runs_and_reports(tmp_path):
     assert res["full_sweep"] == "28 heads x 900 items"
 
 
+
+def test_random_config_spearman_is_of_the_engines_per_head_means_on_the_items_exact_measured(tmp_path, monkeypatch):
+    """Issue 18's "attribution with its Spearman against exact on the items it measured", as README says it: rank
+    correlation over the swept heads of each head's mean KL (and mean p(answer)) over the --items items. Oracle: the
+    rows the exact and attribution engines returned in the same run (recorded at get_engine), averaged per head in
+    plain Python over exact's items, paired by (layer, head), through scipy's spearmanr. Cut down as the smoke test
+    but with 6 heads (over 2, a Spearman is ±1 whatever the numbers) and 2 items, attribution timed on 4: per item
+    both metrics rank the 6 heads alike (ρ = 1) and over all 4 items KL ranks them otherwise, so the check tells
+    a per-item or an unfiltered Spearman from the mean over exact's items."""
+    from collections import defaultdict
+
+    from scipy.stats import spearmanr
+
+    import probe.sweep
+
+    returned: dict[str, tuple[list[str], list[dict]]] = {}
+    engine_of = probe.sweep.get_engine
+
+    def recording(name: str):
+        engine = engine_of(name)
+
+        def run(loaded, items, heads, cfg):
+            rows = engine(loaded, items, heads, cfg)
+            returned[name] = ([it.id for it in items], rows)
+            return rows
+        return run
+
+    monkeypatch.setattr(probe.sweep, "get_engine", recording)  # the bench imports it when _bench loads it
+    out = tmp_path / "spearman.json"
+    rc, stdout, stderr = _bench(
+        "--random-config", "qwen2-vl-7b", "--layers", "1", "--vision-layers", "1", "--vocab-size", "2048",
+        "--heads", "0-5", "--naive-heads", "1", "--items", "2", "--attribution-items", "4", "--image-size", "56",
+        "--text-tokens", "16", "--device", "cpu", "--threads", "1", "--json", str(out), tmp=tmp_path)
+    assert rc == 0, stderr[-3000:]
+    res = json.loads(out.read_text(encoding="utf-8"))
+    exact_ids, exact_rows = returned["exact"]
+    attr_ids, attr_rows = returned["attribution"]
+    assert len(exact_ids) == res["items"] == 2 and attr_ids[:2] == exact_ids and len(attr_ids) == 4
+
+    def per_head(rows: list[dict], ids: list[str], metric: str) -> dict[tuple[int, int], float]:
+        values: dict[tuple[int, int], list[float]] = defaultdict(list)
+        for r in rows:
+            if r["layer"] >= 0 and r["item_id"] in ids:  # layer -1: the unmasked row
+                values[(r["layer"], r["head"])].append(r[metric])
+        assert all(len(v) == len(ids) for v in values.values())
+        return {k: sum(v) / len(v) for k, v in values.items()}
+
+    heads = [(0, h) for h in range(6)]
+    for metric in ("kl", "p_answer"):
+        exact, attr = per_head(exact_rows, exact_ids, metric), per_head(attr_rows, exact_ids, metric)
+        assert sorted(exact) == sorted(attr) == heads
+        want = float(spearmanr([attr[k] for k in heads], [exact[k] for k in heads]).statistic)
+        assert res[f"spearman_attr_vs_exact_{metric}"] == pytest.approx(want, abs=1e-12), metric
+        assert f"{'KL' if metric == 'kl' else 'p(answer)'} {want:.3f}" in stdout
+        assert abs(want) < 1  # not a Spearman that any numbers would give
+        for one in exact_ids:  # what a per-item Spearman would report instead
+            e1, a1 = per_head(exact_rows, [one], metric), per_head(attr_rows, [one], metric)
+            assert spearmanr([a1[k] for k in heads], [e1[k] for k in heads]).statistic == pytest.approx(1)
+    everything = per_head(attr_rows, attr_ids, "kl")  # what an unfiltered Spearman would report instead
+    exact_kl = per_head(exact_rows, exact_ids, "kl")
+    unfiltered = spearmanr([everything[k] for k in heads], [exact_kl[k] for k in heads]).statistic
+    assert unfiltered != pytest.approx(res["spearman_attr_vs_exact_kl"])
+    assert "on the 2 items exact measured" in stdout and "timed on 4 items" in stdout
+
 @pytest.mark.parametrize("args,match", [
     (["--random-config", "qwen2-vl-7b", "--layers", "0"], "--layers must be ≥ 1"),
     (["--random-config", "qwen2-7b", "--model", "tiny-qwen2"], "not both"),
