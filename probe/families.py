@@ -758,7 +758,6 @@ def _class_size(model_type: Any, hidden: int, n_heads: int, key: str, null_kv: b
     return value if is_int(value) and value > 0 else None
 
 
-@functools.lru_cache(maxsize=64)
 def class_head_dim(model_type: Any, hidden: int, n_heads: int) -> int:
     """The head width transformers builds for a text config that states no ``head_dim``: its config class's own
     (Llama and Mistral derive hidden_size // num_attention_heads; Qwen3 and Gemma 2/3 default to 128 and 256), else
@@ -768,7 +767,6 @@ def class_head_dim(model_type: Any, hidden: int, n_heads: int) -> int:
     return _class_size(model_type, hidden, n_heads, "head_dim") or hidden // n_heads
 
 
-@functools.lru_cache(maxsize=64)
 def class_kv_heads(model_type: Any, hidden: int, n_heads: int, null: bool = False) -> int | None:
     """The key/value head count transformers builds for a text config that states no ``num_key_value_heads``
     (``null``: states it as null): its config class's own (Qwen2 and Qwen3 default to 32, Mistral, Qwen2-VL's text
@@ -845,7 +843,6 @@ def text_config_dict(config: Mapping[str, Any], family: Family) -> dict[str, Any
     return dict(with_class_defaults(sub))
 
 
-@functools.lru_cache(maxsize=32)
 def sub_config_model_type(model_type: Any, path: str) -> str | None:
     """The model_type of the sub-config at the dotted ``path`` (a family's text_config_attr) that transformers'
     config class for ``model_type`` builds from a dict stating none: its sub-config class's (Qwen2-VL's
@@ -854,8 +851,13 @@ def sub_config_model_type(model_type: Any, path: str) -> str | None:
     model_type (the attention heads and hidden size ÷ heads, k/v rows not compared). The head layout and the size
     check read such a text config as of no class, while transformers builds Qwen2-VL's 32 heads in 8 key/value
     groups and Gemma 3's 256 wide: a head grouping and width it never builds."""
-    if not isinstance(model_type, str) or not model_type:
-        return None
+    # the cache is keyed by the arguments: a damaged config's list or object model_type is of no class, not a
+    # TypeError (unhashable); class_head_dim and class_kv_heads cache only _class_text_config, keyed by a string
+    return _sub_config_model_type(model_type, path) if isinstance(model_type, str) and model_type else None
+
+
+@functools.lru_cache(maxsize=32)
+def _sub_config_model_type(model_type: str, path: str) -> str | None:
     from transformers import AutoConfig
 
     parts = path.split(".")

@@ -1195,6 +1195,24 @@ def test_a_head_layout_without_head_dim_takes_the_width_transformers_builds(mode
     assert want != 16 or model_type not in ("qwen3", "gemma3_text", "gemma2")  # the case that was wrong
 
 
+@pytest.mark.parametrize("model_type", [["qwen2_vl_text"], {"type": "qwen2"}])
+def test_a_text_config_whose_model_type_is_no_string_is_read_as_of_no_class(model_type):
+    """A damaged config whose (text) model_type is a list or an object: the class lookups are cached by their
+    arguments, and such a model_type made a TypeError traceback (unhashable) where a readable config is bad input
+    or of no class. It is of no class: the attention heads in as many groups, hidden size ÷ heads wide (the direct
+    formula), the k/v rows not compared; a composite's text config gets no model_type from it."""
+    from probe.families import HeadGeometry, text_config_dict
+    from probe.models import config_head_dim, config_kv_heads
+
+    text = {"model_type": model_type, "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2}
+    for stated in ({}, {"head_dim": 16}):
+        geometry = HeadGeometry.from_text_config({**text, **stated})
+        assert (geometry.n_kv_heads, geometry.head_dim) == (4, 64 // 4)
+        assert config_kv_heads({**text, **stated}) is None and config_head_dim({**text, **stated}) == 16
+    sub = {k: v for k, v in text.items() if k != "model_type"}
+    assert "model_type" not in text_config_dict({"model_type": model_type, "text_config": sub}, FAMILIES["qwen2_vl"])
+
+
 @pytest.mark.parametrize("null", [False, True])
 @pytest.mark.parametrize("model_type", ["qwen2", "llama", "mistral", "qwen3", "gemma3_text", "qwen2_vl", "llava",
                                         "no-such-type"])
