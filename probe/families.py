@@ -828,7 +828,7 @@ def declared_quantization(config: Mapping[str, Any]) -> str | None:
 
 def text_config_dict(config: Mapping[str, Any], family: Family) -> dict[str, Any]:
     """The LM part of a config.json dict (nested under text_config for multimodal families). A nested one that
-    states no model_type gets the one transformers' class for the config's model_type builds it as
+    states no model_type (absent or null) gets the one transformers' class for the config's model_type builds it as
     (``sub_config_model_type``: Qwen2-VL's text config is a qwen2_vl_text of 8 key/value heads, Gemma 3's a
     gemma3_text of 4 heads of 256), so its class defaults, head width and key/value heads resolve as for a stated
     one."""
@@ -838,7 +838,9 @@ def text_config_dict(config: Mapping[str, Any], family: Family) -> dict[str, Any
     if not isinstance(sub, Mapping):
         # Old multimodal configs keep LM fields at top level.
         return dict(config)
-    if "model_type" not in sub and (built := sub_config_model_type(config.get("model_type"), family.text_config_attr)):
+    # absent or null: transformers builds either as its parent class's text sub-config
+    if sub.get("model_type") is None and (built := sub_config_model_type(config.get("model_type"),
+                                                                       family.text_config_attr)):
         sub = {**sub, "model_type": built}
     return dict(with_class_defaults(sub))
 

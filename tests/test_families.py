@@ -1251,6 +1251,29 @@ def test_a_head_layout_without_num_key_value_heads_takes_the_count_transformers_
 
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3"])
+def test_a_nested_text_config_whose_model_type_is_null_is_of_its_parent_class_type(family):
+    """A text config stating "model_type": null is built by transformers as one stating none (the parent class's
+    text sub-config: Qwen2-VL's 8 key/value heads, Gemma 3's 4 heads of 256). The parent's type was filled in
+    only where the key was absent, so a null one was read as of no class: the attention heads, hidden size ÷ heads
+    (Gemma 3's 8-wide heads for transformers' 256), k/v rows not compared. Oracle: transformers' text config built
+    from that config.json dict."""
+    from transformers import AutoConfig
+
+    from probe.families import text_config_dict
+    from probe.models import config_head_dim, config_kv_heads
+
+    fam = FAMILIES[family]
+    cfg = {"model_type": fam.model_types[0],
+           fam.text_config_attr: {"model_type": None, "hidden_size": 256, "num_attention_heads": 32,
+                                  "num_hidden_layers": 1}}
+    built = AutoConfig.for_model(**cfg).get_text_config(decoder=True)
+    width = getattr(built, "head_dim", None) or 256 // 32
+    ours = text_config_dict(cfg, fam)
+    assert (config_kv_heads(ours), config_head_dim(ours)) == (built.num_key_value_heads, width)
+    assert (built.num_key_value_heads, width) != (32, 8) or family == "qwen3_vl"  # not the no-class reading
+
+
 @pytest.mark.parametrize("heads", [32, 16, None])
 @pytest.mark.parametrize("family", COMPOSITE)
 def test_a_nested_text_config_without_model_type_takes_the_sizes_its_parent_class_builds(family, heads):
