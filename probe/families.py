@@ -800,8 +800,8 @@ def with_class_defaults(cfg: Mapping[str, Any]) -> Mapping[str, Any]:
     """Nested text configs may store only what differs from their class's defaults (llava-1.5-7b-hf's text_config
     has no hidden_size): fill the head-layout keys from transformers' config class for its model_type."""
     needed = ("num_attention_heads", "hidden_size", "num_hidden_layers")
-    if all(k in cfg for k in needed) or not cfg.get("model_type"):
-        return cfg
+    if all(k in cfg for k in needed) or not isinstance(cfg.get("model_type"), str) or not cfg["model_type"]:
+        return cfg  # a damaged list or object model_type names no class (transformers' lookup: a TypeError)
     from transformers import AutoConfig
 
     try:

@@ -1201,6 +1201,7 @@ def test_a_text_config_whose_model_type_is_no_string_is_read_as_of_no_class(mode
     arguments, and such a model_type made a TypeError traceback (unhashable) where a readable config is bad input
     or of no class. It is of no class: the attention heads in as many groups, hidden size ÷ heads wide (the direct
     formula), the k/v rows not compared; a composite's text config gets no model_type from it."""
+    from probe.errors import BadInput
     from probe.families import HeadGeometry, text_config_dict
     from probe.models import config_head_dim, config_kv_heads
 
@@ -1211,6 +1212,11 @@ def test_a_text_config_whose_model_type_is_no_string_is_read_as_of_no_class(mode
         assert config_kv_heads({**text, **stated}) is None and config_head_dim({**text, **stated}) == 16
     sub = {k: v for k, v in text.items() if k != "model_type"}
     assert "model_type" not in text_config_dict({"model_type": model_type, "text_config": sub}, FAMILIES["qwen2_vl"])
+    # a size left out is not filled from such a class's defaults (with_class_defaults): refused as missing
+    partial = {"model_type": "qwen2_vl", "text_config": {k: v for k, v in text.items() if k != "num_hidden_layers"}}
+    assert text_config_dict(partial, FAMILIES["qwen2_vl"]) == partial["text_config"]
+    with pytest.raises(BadInput, match="num_hidden_layers"):
+        HeadGeometry.from_text_config(text_config_dict(partial, FAMILIES["qwen2_vl"]))
 
 
 @pytest.mark.parametrize("null", [False, True])
