@@ -735,7 +735,7 @@ def class_text_values(text: Mapping[str, Any], own_type: Any, as_type: str) -> d
     """What a text config of ``own_type`` (its class: Qwen2-VL's qwen2_vl_text) leaves to its class, for a dict
     ``text`` written as the class ``as_type`` (Qwen2) instead: the value its own class builds for every key ``text``
     leaves out (absent or null) where ``as_type``'s class builds another from it. Qwen2-VL's text class defaults to
-    rope theta 1e6, RMS eps 1e-5, 8 key/value heads and 29568 intermediate rows, Qwen2's to 1e4, 1e-6, the attention
+    rope theta 1e6, RMS eps 1e-5, 8 key/value heads and 29568 intermediate rows, Qwen2's to 1e4, 1e-6, 32 key/value
     heads and 22016: written as Qwen2, a Qwen2-VL text config without them built another LM, which either refused
     the tensors or loaded them and computed other logits. Empty where one class builds both (the same defaults;
     transformers is not imported) or transformers builds no such text config from ``text`` (the sizes it states)."""
