@@ -735,7 +735,7 @@ def class_text_values(text: Mapping[str, Any], own_type: Any, as_type: str) -> d
     """What a text config of ``own_type`` (its class: Qwen2-VL's qwen2_vl_text) leaves to its class, for a dict
     ``text`` written as the class ``as_type`` (Qwen2) instead: the value its own class builds for every key ``text``
     leaves out (absent or null) where ``as_type``'s class builds another from it. Qwen2-VL's text class defaults to
-    rope theta 1e6, RMS eps 1e-5, 8 key/value heads and 29568 intermediate rows, Qwen2's to 1e4, 1e-6, the attention
+    rope theta 1e6, RMS eps 1e-5, 8 key/value heads and 29568 intermediate rows, Qwen2's to 1e4, 1e-6, 32 key/value
     heads and 22016: written as Qwen2, a Qwen2-VL text config without them built another LM, which either refused
     the tensors or loaded them and computed other logits. Empty where one class builds both (the same defaults;
     transformers is not imported) or transformers builds no such text config from ``text`` (the sizes it states)."""
@@ -758,7 +758,6 @@ def _class_size(model_type: Any, hidden: int, n_heads: int, key: str, null_kv: b
     return value if is_int(value) and value > 0 else None
 
 
-@functools.lru_cache(maxsize=64)
 def class_head_dim(model_type: Any, hidden: int, n_heads: int) -> int:
     """The head width transformers builds for a text config that states no ``head_dim``: its config class's own
     (Llama and Mistral derive hidden_size // num_attention_heads; Qwen3 and Gemma 2/3 default to 128 and 256), else
@@ -768,7 +767,6 @@ def class_head_dim(model_type: Any, hidden: int, n_heads: int) -> int:
     return _class_size(model_type, hidden, n_heads, "head_dim") or hidden // n_heads
 
 
-@functools.lru_cache(maxsize=64)
 def class_kv_heads(model_type: Any, hidden: int, n_heads: int, null: bool = False) -> int | None:
     """The key/value head count transformers builds for a text config that states no ``num_key_value_heads``
     (``null``: states it as null): its config class's own (Qwen2 and Qwen3 default to 32, Mistral, Qwen2-VL's text
@@ -802,8 +800,8 @@ def with_class_defaults(cfg: Mapping[str, Any]) -> Mapping[str, Any]:
     """Nested text configs may store only what differs from their class's defaults (llava-1.5-7b-hf's text_config
     has no hidden_size): fill the head-layout keys from transformers' config class for its model_type."""
     needed = ("num_attention_heads", "hidden_size", "num_hidden_layers")
-    if all(k in cfg for k in needed) or not cfg.get("model_type"):
-        return cfg
+    if all(k in cfg for k in needed) or not isinstance(cfg.get("model_type"), str) or not cfg["model_type"]:
+        return cfg  # a damaged list or object model_type names no class (transformers' lookup: a TypeError)
     from transformers import AutoConfig
 
     try:
@@ -830,7 +828,7 @@ def declared_quantization(config: Mapping[str, Any]) -> str | None:
 
 def text_config_dict(config: Mapping[str, Any], family: Family) -> dict[str, Any]:
     """The LM part of a config.json dict (nested under text_config for multimodal families). A nested one that
-    states no model_type gets the one transformers' class for the config's model_type builds it as
+    states no model_type (absent or null) gets the one transformers' class for the config's model_type builds it as
     (``sub_config_model_type``: Qwen2-VL's text config is a qwen2_vl_text of 8 key/value heads, Gemma 3's a
     gemma3_text of 4 heads of 256), so its class defaults, head width and key/value heads resolve as for a stated
     one."""
@@ -840,12 +838,13 @@ def text_config_dict(config: Mapping[str, Any], family: Family) -> dict[str, Any
     if not isinstance(sub, Mapping):
         # Old multimodal configs keep LM fields at top level.
         return dict(config)
-    if "model_type" not in sub and (built := sub_config_model_type(config.get("model_type"), family.text_config_attr)):
+    # absent or null: transformers builds either as its parent class's text sub-config
+    if sub.get("model_type") is None and (built := sub_config_model_type(config.get("model_type"),
+                                                                       family.text_config_attr)):
         sub = {**sub, "model_type": built}
     return dict(with_class_defaults(sub))
 
 
-@functools.lru_cache(maxsize=32)
 def sub_config_model_type(model_type: Any, path: str) -> str | None:
     """The model_type of the sub-config at the dotted ``path`` (a family's text_config_attr) that transformers'
     config class for ``model_type`` builds from a dict stating none: its sub-config class's (Qwen2-VL's
@@ -854,8 +853,13 @@ def sub_config_model_type(model_type: Any, path: str) -> str | None:
     model_type (the attention heads and hidden size ÷ heads, k/v rows not compared). The head layout and the size
     check read such a text config as of no class, while transformers builds Qwen2-VL's 32 heads in 8 key/value
     groups and Gemma 3's 256 wide: a head grouping and width it never builds."""
-    if not isinstance(model_type, str) or not model_type:
-        return None
+    # the cache is keyed by the arguments: a damaged config's list or object model_type is of no class, not a
+    # TypeError (unhashable); class_head_dim and class_kv_heads cache only _class_text_config, keyed by a string
+    return _sub_config_model_type(model_type, path) if isinstance(model_type, str) and model_type else None
+
+
+@functools.lru_cache(maxsize=32)
+def _sub_config_model_type(model_type: str, path: str) -> str | None:
     from transformers import AutoConfig
 
     parts = path.split(".")

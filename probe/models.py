@@ -584,7 +584,7 @@ class LoadedModel:
     def context_length(self) -> int | None:
         """The positions the model was built for (its text config's max_position_embeddings), if it says."""
         n = text_config_dict(self.ref.config, self.family).get("max_position_embeddings")
-        return int(n) if isinstance(n, int) and n > 0 else None
+        return n if is_int(n) and n > 0 else None  # JSON's true is no context of 1 position
 
     @cached_property
     def eos_token_ids(self) -> set[int]:

@@ -1195,6 +1195,30 @@ def test_a_head_layout_without_head_dim_takes_the_width_transformers_builds(mode
     assert want != 16 or model_type not in ("qwen3", "gemma3_text", "gemma2")  # the case that was wrong
 
 
+@pytest.mark.parametrize("model_type", [["qwen2_vl_text"], {"type": "qwen2"}])
+def test_a_text_config_whose_model_type_is_no_string_is_read_as_of_no_class(model_type):
+    """A damaged config whose (text) model_type is a list or an object: the class lookups are cached by their
+    arguments, and such a model_type made a TypeError traceback (unhashable) where a readable config is bad input
+    or of no class. It is of no class: the attention heads in as many groups, hidden size ÷ heads wide (the direct
+    formula), the k/v rows not compared; a composite's text config gets no model_type from it."""
+    from probe.errors import BadInput
+    from probe.families import HeadGeometry, text_config_dict
+    from probe.models import config_head_dim, config_kv_heads
+
+    text = {"model_type": model_type, "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2}
+    for stated in ({}, {"head_dim": 16}):
+        geometry = HeadGeometry.from_text_config({**text, **stated})
+        assert (geometry.n_kv_heads, geometry.head_dim) == (4, 64 // 4)
+        assert config_kv_heads({**text, **stated}) is None and config_head_dim({**text, **stated}) == 16
+    sub = {k: v for k, v in text.items() if k != "model_type"}
+    assert "model_type" not in text_config_dict({"model_type": model_type, "text_config": sub}, FAMILIES["qwen2_vl"])
+    # a size left out is not filled from such a class's defaults (with_class_defaults): refused as missing
+    partial = {"model_type": "qwen2_vl", "text_config": {k: v for k, v in text.items() if k != "num_hidden_layers"}}
+    assert text_config_dict(partial, FAMILIES["qwen2_vl"]) == partial["text_config"]
+    with pytest.raises(BadInput, match="num_hidden_layers"):
+        HeadGeometry.from_text_config(text_config_dict(partial, FAMILIES["qwen2_vl"]))
+
+
 @pytest.mark.parametrize("null", [False, True])
 @pytest.mark.parametrize("model_type", ["qwen2", "llama", "mistral", "qwen3", "gemma3_text", "qwen2_vl", "llava",
                                         "no-such-type"])
@@ -1231,6 +1255,29 @@ def test_a_head_layout_without_num_key_value_heads_takes_the_count_transformers_
     if model_type in ("mistral", "gemma3_text") and not null:  # defaults not the heads: the layout took 32 for them
         assert built not in (None, 32)
 
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3"])
+def test_a_nested_text_config_whose_model_type_is_null_is_of_its_parent_class_type(family):
+    """A text config stating "model_type": null is built by transformers as one stating none (the parent class's
+    text sub-config: Qwen2-VL's 8 key/value heads, Gemma 3's 4 heads of 256). The parent's type was filled in
+    only where the key was absent, so a null one was read as of no class: the attention heads, hidden size ÷ heads
+    (Gemma 3's 8-wide heads for transformers' 256), k/v rows not compared. Oracle: transformers' text config built
+    from that config.json dict."""
+    from transformers import AutoConfig
+
+    from probe.families import text_config_dict
+    from probe.models import config_head_dim, config_kv_heads
+
+    fam = FAMILIES[family]
+    cfg = {"model_type": fam.model_types[0],
+           fam.text_config_attr: {"model_type": None, "hidden_size": 256, "num_attention_heads": 32,
+                                  "num_hidden_layers": 1}}
+    built = AutoConfig.for_model(**cfg).get_text_config(decoder=True)
+    width = getattr(built, "head_dim", None) or 256 // 32
+    ours = text_config_dict(cfg, fam)
+    assert (config_kv_heads(ours), config_head_dim(ours)) == (built.num_key_value_heads, width)
+    assert (built.num_key_value_heads, width) != (32, 8) or family == "qwen3_vl"  # not the no-class reading
 
 
 @pytest.mark.parametrize("heads", [32, 16, None])

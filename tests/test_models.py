@@ -174,6 +174,24 @@ def test_load_model_bad_dtype(tiny_dirs):
         load_model(resolve_model(str(tiny_dirs["qwen2"])), dtype="float8")
 
 
+def test_a_context_length_stated_as_true_is_none():
+    """A config's max_position_embeddings of JSON true was read as a context of 1 position (``isinstance(True,
+    int)``): every item refused as past the positions the model was built for. Like every stated size
+    (probe.errors.is_int), true is no size: not compared; a positive integer is the context itself."""
+    import types
+
+    from probe.families import FAMILIES
+    from probe.models import LoadedModel
+
+    def context(value):
+        loaded = types.SimpleNamespace(ref=types.SimpleNamespace(config={"model_type": "qwen2",
+                                                                         "max_position_embeddings": value}),
+                                       family=FAMILIES["qwen2"])
+        return LoadedModel.context_length.func(loaded)
+
+    assert [context(v) for v in (4096, 1, True, False, 0, 4096.0, None)] == [4096, 1, None, None, None, None, None]
+
+
 def test_head_geometry_from_text_config_is_int():
     """Counts are positive ints; anything else is bad input, as transformers' config classes refuse it (strict
     dataclasses: "4" is no int; 0 heads divides by zero), said before any weight loads."""
