@@ -462,7 +462,10 @@ def merged_config(ref: Checkpoint, dtype: torch.dtype, vocab_rows: int, tied: bo
     # builds another value (a Qwen2-VL text config without rope theta, RMS eps, key/value heads: 1e6, 1e-5, 8; the
     # Qwen2 LM written from it built 1e4, 1e-6, 32 and computed other logits, or refused its k/v tensors)
     model_type = causal_lm_type(ref.family, ref.text_config)
-    tc.update(class_text_values(tc, ref.text_config.get("model_type"), model_type))
+    try:
+        tc.update(class_text_values(tc, ref.text_config.get("model_type"), model_type))
+    except BadInput as exc:
+        raise BadInput(f"{ref.path}: {exc}") from None
     tc.update(model_type=model_type, architectures=[CAUSAL_LM[model_type]], vocab_size=vocab_rows,
               tie_word_embeddings=tied, dtype=str(dtype).removeprefix("torch."))
     return tc
@@ -568,14 +571,15 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
                             [p.canon for p in al.tensors], f"{names[0]} ({ref.path})")
         asked = OUT_DTYPES[cfg.dtype] if cfg.dtype else None  # DESIGN §5: the input dtype unless asked
         entries = [Entry(lm_disk_key(p.canon), asked or p.ref.dtype, p.ref.shape) for p in al.tensors]
+        embed = next(p for p in al.tensors if p.canon == "embed_tokens.weight")
+        # before the merge: a config it cannot write is refused before hours of tensors, not after
+        config = merged_config(ref, asked or embed.ref.dtype, embed.ref.shape[0], al.tied)
         with atomic_dir(cfg.out, cfg.overwrite, COMMAND, merge_request(cfg)) as tmp:
             with ShardedWriter(tmp, entries, cfg.shard_size, {"merge_method": cfg.method}, background=True) as writer:
                 for plan, e in zip(progress(al.tensors, desc=f"merge ({cfg.method})", unit="tensor"), entries):
                     with writer.tensor(e.key) as sink:
                         merger.merge_tensor(plan, sink)
                 writer.close()
-            embed = next(p for p in al.tensors if p.canon == "embed_tokens.weight")
-            config = merged_config(ref, asked or embed.ref.dtype, embed.ref.shape[0], al.tied)
             (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n", encoding="utf-8")
             tok_src = ref.path
             copied = copy_side_files(tok_src, tmp, TOKENIZER_FILES)

@@ -738,13 +738,17 @@ def class_text_values(text: Mapping[str, Any], own_type: Any, as_type: str) -> d
     rope theta 1e6, RMS eps 1e-5, 8 key/value heads and 29568 intermediate rows, Qwen2's to 1e4, 1e-6, 32 key/value
     heads and 22016: written as Qwen2, a Qwen2-VL text config without them built another LM, which either refused
     the tensors or loaded them and computed other logits. Empty where one class builds both (the same defaults;
-    transformers is not imported) or transformers builds no such text config from ``text`` (the sizes it states)."""
+    transformers is not imported). BadInput where transformers builds no such text config from ``text`` (the sizes
+    it states) in either class: which values the written LM must state is then unknown, and writing none gave it
+    the other class's defaults (an M-RoPE config stating no theta: Qwen2's 1e4), a silently other model."""
     if not isinstance(own_type, str) or not own_type or own_type == as_type:
         return {}
     keys = {k: v for k, v in text.items() if k != "model_type"}
     own, other = _built_text_config(own_type, keys), _built_text_config(as_type, keys)
     if own is None or other is None:
-        return {}
+        raise BadInput(f"transformers' {own_type if own is None else as_type!r} config class builds no text config "
+                       f"of its sizes from the text config, so what a {as_type} LM's config.json written from it must "
+                       f"state for the keys it leaves to its {own_type} class is unknown: check the text config")
     theirs = other.to_dict()
     return {k: v for k, v in own.to_dict().items()
             if k != "model_type" and keys.get(k) is None and v != theirs.get(k, getattr(other, k, None))}

@@ -557,6 +557,37 @@ def test_a_merged_lm_computes_the_reference_lms_logits_from_a_minimal_text_confi
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+
+def test_a_merge_whose_reference_text_class_transformers_cannot_build_exits_2_before_writing(tmp_path, capsys,
+                                                                                          monkeypatch):
+    """Where transformers builds no text config of the reference's own class from its text config, which values the
+    merged LM (written as another class: Qwen2 for Qwen2-VL) must state for the keys it leaves out is unknown: the
+    merge wrote none, so an M-RoPE config stating no theta took Qwen2's 1e4 for Qwen2-VL's 1e6 and the merged LM
+    loaded and computed other logits. Now one line naming the checkpoint, exit 2, before any tensor is merged
+    (transformers' refusal simulated: no real config of the supported families reaches it)."""
+    import shutil
+
+    from analyses import merge
+    from probe import families
+    from probe.errors import cli_main
+    from probe.tiny import SPECS, TinySpec, build_tiny
+
+    model = build_tiny("qwen2_vl", tmp_path / "m", SPECS.get("qwen2_vl", TinySpec()))
+    other = shutil.copytree(model, tmp_path / "other")
+    before = {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()}
+    real = families._built_text_config
+    monkeypatch.setattr(families, "_built_text_config",
+                        lambda model_type, text: None if model_type == "qwen2_vl_text" else real(model_type, text))
+    out = tmp_path / "merged"
+    capsys.readouterr()
+    assert cli_main(merge.main, ["--models", str(model), str(other), "--method", "average", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(model) in err and "'qwen2_vl_text' config class" in err, err
+    assert not out.exists() and not list(tmp_path.glob(".merged*"))
+    assert {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()} == before
+    monkeypatch.setattr(families, "_built_text_config", real)
+    assert cli_main(merge.main, ["--models", str(model), str(other), "--method", "average", "--out", str(out)]) == 0
+
 def test_readme_family_table_is_generated_from_the_table():
     from probe.families import supported_families_markdown
 
