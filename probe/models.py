@@ -337,6 +337,13 @@ def given_size(text: Mapping[str, Any], key: str) -> int | None:
     return value if is_int(value) else None
 
 
+def _hidden_heads(text: Mapping[str, Any]) -> tuple[int, int] | None:
+    """The hidden size and attention heads the text config states, which its class's head width and key/value heads
+    are built from; None where either is absent or no positive integer."""
+    hidden, heads = given_size(text, "hidden_size"), given_size(text, "num_attention_heads")
+    return None if hidden is None or heads is None or heads < 1 else (hidden, heads)
+
+
 def config_head_dim(text: Mapping[str, Any]) -> int | None:
     """The head width transformers' attention builds from the text config: its ``head_dim``, else the config class's
     own (``probe.families.class_head_dim``, which the analyses' head layout takes too: Qwen3 and Gemma 3 default to
@@ -344,10 +351,9 @@ def config_head_dim(text: Mapping[str, Any]) -> int | None:
     here). None where the keys are absent."""
     if (explicit := given_size(text, "head_dim")) is not None:
         return explicit
-    hidden, heads = given_size(text, "hidden_size"), given_size(text, "num_attention_heads")
-    if hidden is None or not heads or heads < 1:
+    if (sizes := _hidden_heads(text)) is None:
         return None
-    return class_head_dim(text.get("model_type"), hidden, heads)  # the one resolution, the analyses' layout's too
+    return class_head_dim(text.get("model_type"), *sizes)  # the one resolution, the analyses' layout's too
 
 
 def config_kv_heads(text: Mapping[str, Any]) -> int | None:
@@ -357,10 +363,9 @@ def config_kv_heads(text: Mapping[str, Any]) -> int | None:
     refused there and here). None where the keys are absent or transformers cannot tell (not compared)."""
     if (explicit := given_size(text, "num_key_value_heads")) is not None:
         return explicit
-    hidden, heads = given_size(text, "hidden_size"), given_size(text, "num_attention_heads")
-    if text.get("num_key_value_heads") is not None or hidden is None or not heads or heads < 1:
+    if text.get("num_key_value_heads") is not None or (sizes := _hidden_heads(text)) is None:
         return None  # a list or a bool: not compared (the head layout refuses it)
-    return class_kv_heads(text.get("model_type"), hidden, heads, "num_key_value_heads" in text)
+    return class_kv_heads(text.get("model_type"), *sizes, "num_key_value_heads" in text)
 
 
 def _size(key: str) -> Callable[[Mapping[str, Any]], int | None]:
