@@ -689,6 +689,85 @@ def test_one_processor_call_gives_each_item_the_tensors_of_its_own_call(family, 
             assert enc.batch[k].dtype == v.dtype and torch.equal(enc.batch[k], v), (item.id, k)
 
 
+def _window_item(i: int, sizes: tuple = (), question: str = "Which shape?", n_options: int = 4):
+    """An item of ``len(sizes)`` images of those (width, height) sizes (seeded per item and image)."""
+    item = make_item(item_id=f"validation_Test_{i}", question=question, n_options=n_options,
+                     with_image=bool(sizes), seed=i)
+    return dataclasses.replace(item, images=tuple(png_bytes(size=s, seed=10 * i + k) for k, s in enumerate(sizes)))
+
+
+LONG = "Which of the shapes, drawn in which colour, is left of the other one, given the hint? " * 4
+# windows built to fool a cut checked only at the window's first and last item with images: text-only items at both
+# ends and between, 0 to 3 images an item, same-size images in different items (a fast image processor groups
+# images by size), a long prompt beside short ones (padding of over 100 tokens), MMMU's <image k> references
+ADVERSARIAL = {
+    "mixed": [(), ((48, 40), (48, 40)), (), (), ((90, 30), (20, 70), (48, 40)), (), ((200, 130),), ((48, 40),),
+              ("long",)],
+    "same_size": [((48, 40),)] * 5,
+    "text_only": [(), ("long",), (), ()],
+    "one_image_between": [(), (), ((33, 97),), (), ()],
+}
+
+
+@pytest.mark.parametrize("window", ADVERSARIAL)
+@pytest.mark.parametrize("family", ONE_CALL)
+def test_every_item_of_an_adversarial_window_gets_its_own_calls_tensors(family, window, loaded, load_tiny,
+                                                                         monkeypatch):
+    """encode_prompts' run-time check compares only the window's first and last item with images with their own
+    processor calls; this checks every item (the middle ones above all) against its own call, tensor for tensor,
+    over windows built to break a cut that is right at the ends only. Also with images shrunk (--image-max-side),
+    which reaches the cut through render_prompt."""
+    from probe.prompting import PromptTemplate, encode_prompt, encode_prompts, render_prompt
+
+    m = load_tiny(family, "sdpa") if family in VL_FAMILIES else loaded(family)
+    items = [_window_item(i, () if spec == ("long",) else spec, question=LONG if spec == ("long",) else
+                          f"Which of <image 1> and <image 2> is item {i}?", n_options=3 + i % 4)
+             for i, spec in enumerate(ADVERSARIAL[window])]
+    calls: list[int] = []
+    cls = type(m.processor)
+    real = cls.__call__
+    monkeypatch.setattr(cls, "__call__", lambda self, *a, **k: calls.append(len(k["text"])) or real(self, *a, **k))
+    for side in (None, 24):
+        calls.clear()
+        got = encode_prompts(m, items, PromptTemplate(), side)
+        assert calls[0] == len(items), calls  # anti-tautology: one call served the window, none fell back
+        assert all(enc is not None for enc in got), [enc is None for enc in got]
+        lengths = []
+        for item, enc in zip(items, got, strict=True):
+            prompt = render_prompt(m, item, PromptTemplate(), side)
+            want = encode_prompt(m, item, prompt)
+            assert enc.prompt == prompt, item.id
+            assert list(enc.batch) == list(want), (item.id, list(enc.batch), list(want))
+            for k, v in want.items():
+                assert enc.batch[k].dtype == v.dtype and torch.equal(enc.batch[k], v), (side, item.id, k)
+            lengths.append(want["input_ids"].shape[1])
+        assert window == "same_size" or max(lengths) - min(lengths) > 20, lengths  # real padding inside the call
+
+
+@pytest.mark.parametrize("family", ONE_CALL)
+def test_an_item_holding_the_processors_image_token_cannot_enter_a_window(family, loaded, load_tiny):
+    """A processor expands its image token wherever the text holds it, and Qwen's take each one's grid from the
+    next image of the whole call: an item whose question held the token as plain text would take its neighbour's
+    image in one call (and more tokens than images alone). The token must be one the tokenizer reads as special,
+    so the item is refused by its text check; the window's items before it keep their own calls' tensors, it and
+    the ones after are left to build_inputs, which names it."""
+    from probe.errors import BadInput
+    from probe.prompting import PromptTemplate, build_inputs, encode_prompt, encode_prompts, render_prompt
+
+    m = load_tiny(family, "sdpa") if family in VL_FAMILIES else loaded(family)
+    token = m.processor.image_token
+    assert token in m.special_tokens, (family, token)
+    items = [_window_item(0, ((48, 40),)), _window_item(1, ()),
+             _window_item(2, ((90, 30),), question=f"What is {token} here?"), _window_item(3, ((20, 70),))]
+    got = encode_prompts(m, items, PromptTemplate())
+    assert [enc is None for enc in got] == [False, False, True, True]
+    for item, enc in zip(items[:2], got):
+        want = encode_prompt(m, item, render_prompt(m, item, PromptTemplate()))
+        assert list(enc.batch) == list(want) and all(torch.equal(enc.batch[k], v) for k, v in want.items())
+    with pytest.raises(BadInput, match=f"^item validation_Test_2: its text holds {re.escape(repr(token))}"):
+        build_inputs(m, items[2], PromptTemplate())
+
+
 def test_a_cut_that_is_not_the_items_own_call_falls_back_to_one_call_an_item(load_tiny, monkeypatch):
     """encode_prompts checks, every window, the first and the last item with images against their own calls: a
     processor whose layout MEDIA_ROWS misreads (here: the pixel rows of a window's first two images swapped, all
