@@ -513,13 +513,26 @@ def test_the_merged_lm_config_builds_the_reference_text_config(family, variant, 
     assert got["model_type"] == causal_lm_type(fam, text_config_dict(cfg, fam))
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen2_5_omni_thinker", "gemma3"])
-def test_a_merged_lm_computes_the_reference_lms_logits_from_a_minimal_text_config(family, tmp_path, capsys):
+# composites whose text sub-config transformers builds as its own class where it states "model_type": null (the
+# others' AutoConfig lookup refuses a null type: no reference to compare with)
+NULL_TYPED = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen2_5_omni_thinker", "gemma3")
+# rope_parameters null: the class's default rope. Qwen2-VL's, Qwen2.5-VL's and the Omni thinker's default M-RoPE
+# sections need 128-wide heads (a tiny model's 16 refuse them): the reference itself does not run
+ROPE_NULL = tuple(f for f in FAMILIES if f not in ("qwen2_vl", "qwen2_5_vl", "qwen2_5_omni_thinker"))
+
+
+@pytest.mark.parametrize("family, variant", [(f, "sizes") for f in FAMILIES] + [(f, "rope_null") for f in ROPE_NULL]
+                         + [(f, "untyped") for f in COMPOSITE] + [(f, "null_type") for f in NULL_TYPED])
+def test_a_merged_lm_computes_the_reference_lms_logits_from_a_minimal_text_config(family, variant, tmp_path,
+                                                                                   capsys):
     """A tiny random model whose text config states only its sizes (M-RoPE: its sections, no theta), merged with
     itself by Eq. 1 (the average of identical models is the model): the merged LM, which AutoModelForCausalLM
     loads as the family table's causal-LM class, gives the logits the reference's own class gives on a text
     prompt. Written as Qwen2 from a Qwen2-VL text config, it took Qwen2's rope theta and RMS eps (Qwen3-VL's: a
-    theta of 1e6 for its class's 5e5) and computed other logits. Oracle: transformers' load of the reference by
+    theta of 1e6 for its class's 5e5) and computed other logits. Every family of the table, and the ways a text
+    config leaves a key to its class: absent (``sizes``), null (``rope_null``: rope_parameters null, which every
+    class reads as its own default rope, Qwen2-VL's theta 1e6, Qwen2's 1e4), a nested text config without its
+    model_type (``untyped``) or with a null one (``null_type``). Oracle: transformers' load of the reference by
     its family class, text only."""
     import shutil
 
@@ -533,12 +546,18 @@ def test_a_merged_lm_computes_the_reference_lms_logits_from_a_minimal_text_confi
     fam = FAMILIES[family]
     model = build_tiny(family, tmp_path / "m", SPECS.get(family, TinySpec()))
     cfg = json.loads((model / "config.json").read_text(encoding="utf-8"))
-    text = config_value(cfg, fam.text_config_attr)
+    text = config_value(cfg, fam.text_config_attr) if fam.text_config_attr else cfg
     kept = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
             "num_attention_heads", "num_key_value_heads", "head_dim")
     rope = text.get("rope_parameters", {})
     text_min = {k: text[k] for k in kept if k in text} | (
         {"rope_parameters": {k: v for k, v in rope.items() if k != "rope_theta"}} if "mrope_section" in rope else {})
+    if variant == "rope_null":
+        text_min["rope_parameters"] = None
+    if variant in ("untyped", "null_type"):
+        text_min["model_type"] = None
+        if variant == "untyped":
+            del text_min["model_type"]
     text.clear()
     text.update(text_min)
     (model / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
