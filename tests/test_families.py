@@ -522,7 +522,8 @@ ROPE_NULL = tuple(f for f in FAMILIES if f not in ("qwen2_vl", "qwen2_5_vl", "qw
 
 
 @pytest.mark.parametrize("family, variant", [(f, "sizes") for f in FAMILIES] + [(f, "rope_null") for f in ROPE_NULL]
-                         + [(f, "untyped") for f in COMPOSITE] + [(f, "null_type") for f in NULL_TYPED])
+                         + [(f, "untyped") for f in COMPOSITE] + [(f, "null_type") for f in NULL_TYPED]
+                         + [(f, "flat") for f in ("qwen2_vl", "qwen2_5_vl")])
 def test_a_merged_lm_computes_the_reference_lms_logits_from_a_minimal_text_config(family, variant, tmp_path,
                                                                                    capsys):
     """A tiny random model whose text config states only its sizes (M-RoPE: its sections, no theta), merged with
@@ -532,7 +533,8 @@ def test_a_merged_lm_computes_the_reference_lms_logits_from_a_minimal_text_confi
     theta of 1e6 for its class's 5e5) and computed other logits. Every family of the table, and the ways a text
     config leaves a key to its class: absent (``sizes``), null (``rope_null``: rope_parameters null, which every
     class reads as its own default rope, Qwen2-VL's theta 1e6, Qwen2's 1e4), a nested text config without its
-    model_type (``untyped``) or with a null one (``null_type``). Oracle: transformers' load of the reference by
+    model_type (``untyped``) or with a null one (``null_type``), and the released Qwen2-VL layout: the LM's keys at
+    the top level, M-RoPE as a legacy rope_scaling without a theta (``flat``). Oracle: transformers' load of the reference by
     its family class, text only."""
     import shutil
 
@@ -560,6 +562,10 @@ def test_a_merged_lm_computes_the_reference_lms_logits_from_a_minimal_text_confi
             del text_min["model_type"]
     text.clear()
     text.update(text_min)
+    if variant == "flat":
+        del cfg["text_config"], text_min["model_type"]
+        sections = text_min.pop("rope_parameters")["mrope_section"]
+        cfg |= text_min | {"rope_scaling": {"type": "mrope", "mrope_section": sections}}
     (model / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
     other = shutil.copytree(model, tmp_path / "other")
     out = tmp_path / "merged"
