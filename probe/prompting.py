@@ -15,7 +15,7 @@ from typing import Any, Protocol, Sequence
 import torch
 from PIL import Image
 
-from probe.errors import BadInput
+from probe.errors import BadInput, is_int
 from probe.families import chat_format
 from probe.mmmu import VIDEO_REF
 from probe.models import LoadedModel
@@ -395,6 +395,29 @@ def _image_rows(batch: dict[str, torch.Tensor], counts: list[int]) -> dict[str, 
     return {"pixel_values": counts} if "pixel_values" in batch else {}
 
 
+def _cuts_hold_their_media(loaded: LoadedModel, cuts: list[Encoded]) -> bool:
+    """Whether each cut's image tokens and media rows agree, as its own call's do: as many image tokens as its
+    ``pixel_values`` rows give at the window's tokens per row (Qwen: a patch's 1/merge², LLaVA-1.5: an image's
+    tokens, the same for every image), and with Qwen's grids one grid row per image of the prompt and the patches
+    they name. Token rows are cut by their own row of the call, media rows by ``MEDIA_ROWS``' offsets: a misread of
+    those offsets gives an item another item's rows, which this sees wherever the two differ in image count or
+    size. No processor call."""
+    image_token = getattr(loaded.processor, "image_token", None)
+    token = loaded.tokenizer.convert_tokens_to_ids(image_token) if isinstance(image_token, str) else None
+    if not is_int(token):
+        return False
+    tokens, rows = [], []
+    for enc in cuts:
+        n = enc.batch["pixel_values"].shape[0] if "pixel_values" in enc.batch else 0
+        grid = enc.batch.get("image_grid_thw")
+        if grid is not None and (grid.shape[0] != len(enc.prompt.images) or int(grid.prod(-1).sum()) != n):
+            return False
+        tokens.append(int((enc.batch["input_ids"] == token).sum()))
+        rows.append(n)
+    held, given = sum(tokens), sum(rows)
+    return (held == 0) == (given == 0) and all(t * given == n * held for t, n in zip(tokens, rows))
+
+
 # Processors whose output for several prompts is each prompt's own output (``encode_prompt``), padded and
 # concatenated: how many rows of each media tensor a prompt's images take. Not here: the processors that pad
 # across prompts (LLaVA-NeXT's and -OneVision's patch dimension, Idefics3's image dimension), need all prompts to
@@ -450,7 +473,10 @@ def encode_prompts(loaded: LoadedModel, items: Sequence[ItemLike], template: Pro
     # run-time check, as probe.batch's guard checks the forward: the first and the last item with images (the cuts'
     # offsets add up over the whole window to the last) encoded alone must give their cuts, tensor for tensor; a
     # release whose layout differs would otherwise feed items their neighbours' pixels without a word, and the
-    # guard measures the same inputs alone. It costs two calls a window.
+    # guard measures the same inputs alone. It costs two calls a window. The items between them are checked
+    # without a call (a misread there leaves both ends right): their image tokens against their media rows.
+    if not _cuts_hold_their_media(loaded, [out[i] for i in prompts]):  # type: ignore[misc]
+        return [None] * len(items)
     with_images = [i for i, p in prompts.items() if p.images] or list(prompts)
     for i in sorted({with_images[0], with_images[-1]}):
         want, got = encode_prompt(loaded, items[i], prompts[i]), out[i].batch  # type: ignore[union-attr]

@@ -534,8 +534,8 @@ def test_a_merged_lm_computes_the_reference_lms_logits_from_a_minimal_text_confi
     config leaves a key to its class: absent (``sizes``), null (``rope_null``: rope_parameters null, which every
     class reads as its own default rope, Qwen2-VL's theta 1e6, Qwen2's 1e4), a nested text config without its
     model_type (``untyped``) or with a null one (``null_type``), and the released Qwen2-VL layout: the LM's keys at
-    the top level, M-RoPE as a legacy rope_scaling without a theta (``flat``). Oracle: transformers' load of the reference by
-    its family class, text only."""
+    the top level, M-RoPE as a legacy rope_scaling without a theta (``flat``). Oracle: transformers' load of the
+    reference by its family class, text only."""
     import shutil
 
     import transformers
@@ -816,8 +816,52 @@ def test_a_cut_that_is_not_the_items_own_call_falls_back_to_one_call_an_item(loa
 
     monkeypatch.setitem(prompting.MEDIA_ROWS, "Qwen2VLProcessor", swapped)
     assert prompting.encode_prompts(m, items, prompting.PromptTemplate()) == [None] * len(items)
+    # the two calls alone catch it too (the token count of each cut catches it first: the images differ in size)
+    with monkeypatch.context() as patch:
+        patch.setattr(prompting, "_cuts_hold_their_media", lambda loaded, cuts: True)
+        assert prompting.encode_prompts(m, items, prompting.PromptTemplate()) == [None] * len(items)
     cfg = SweepConfig(max_new_tokens=2)
     for item, got in zip(items, evaluate_items(m, items, cfg, batch_size=4), strict=True):
+        want = first_token_measure(m, *prepare_item(m, item, cfg), cfg)
+        assert got.response == want.response
+        torch.testing.assert_close(got.logp.exp(), want.logp.exp(), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+def test_a_misread_of_middle_items_that_leaves_the_ends_right_falls_back_to_one_call_an_item(family, loaded,
+                                                                                              load_tiny, monkeypatch):
+    """The run-time check's two calls (the window's first and last item with images) cannot see a layout misread
+    that gives the items between them their neighbours' media while the ends stay right (here: the media rows of
+    items 1-3 rotated, every sum still right; Qwen's grid rows left in place). Each item's cut must also hold as many
+    image tokens as its media rows give (the window's tokens per row), which a misread between items of other
+    image counts or sizes breaks: every item is then encoded alone, and the numbers are the oracle's."""
+    from probe import prompting
+    from probe.batch import evaluate_items
+    from probe.sweep import SweepConfig, first_token_measure, prepare_item
+
+    m = load_tiny(family, "sdpa") if family in VL_FAMILIES else loaded(family)
+    items = [_window_item(0, ((48, 40),)), _window_item(1, ()), _window_item(2, ((90, 30), (20, 70))),
+             _window_item(3, ((200, 130),)), _window_item(4, ((48, 40),))]
+    name = type(m.processor).__name__
+    real = prompting.MEDIA_ROWS[name]
+    assert all(e is not None for e in prompting.encode_prompts(m, items, prompting.PromptTemplate()))
+
+    seen = []
+
+    def rotated(batch, counts):
+        rows = real(batch, counts)
+        px = rows["pixel_values"]
+        rows["pixel_values"] = px[:1] + px[2:4] + px[1:2] + px[4:]
+        seen.append((px, rows["pixel_values"]))
+        return rows
+
+    monkeypatch.setitem(prompting.MEDIA_ROWS, name, rotated)
+    assert prompting.encode_prompts(m, items, prompting.PromptTemplate()) == [None] * len(items)
+    # anti-tautology: the ends' rows as read right (what the two calls check), every middle item's other
+    (was, now), = seen
+    assert was[0] == now[0] and was[-1] == now[-1] and all(a != b for a, b in zip(was[1:4], now[1:4])), seen
+    cfg = SweepConfig(max_new_tokens=2)
+    for item, got in zip(items, evaluate_items(m, items, cfg, batch_size=8), strict=True):
         want = first_token_measure(m, *prepare_item(m, item, cfg), cfg)
         assert got.response == want.response
         torch.testing.assert_close(got.logp.exp(), want.logp.exp(), atol=1e-4, rtol=0)
