@@ -475,7 +475,7 @@ def encode_prompts(loaded: LoadedModel, items: Sequence[ItemLike], template: Pro
     # release whose layout differs would otherwise feed items their neighbours' pixels without a word, and the
     # guard measures the same inputs alone. It costs two calls a window. The items between them are checked
     # without a call (a misread there leaves both ends right): their image tokens against their media rows.
-    if not _cuts_hold_their_media(loaded, [out[i] for i in prompts]):  # type: ignore[misc]
+    if not _cuts_hold_their_media(loaded, [enc for i in prompts if (enc := out[i]) is not None]):
         return [None] * len(items)
     with_images = [i for i, p in prompts.items() if p.images] or list(prompts)
     for i in sorted({with_images[0], with_images[-1]}):
