@@ -108,7 +108,8 @@ GPU_MAX_PADDING = 0.5
 
 # items per forward at most unless asked otherwise (probe.eval --batch-size, analyses.replicate's eval.batch_size).
 # On a CPU a forward of these prompts is prefill-bound (compute): a bigger batch only adds padding work
-# (bench/eval.py: 2.4x one item at a time at batch 64, 1.5x at 128, against 2.7x at 32). On an accelerator a batch
+# (README, bench/eval.py on organism-vl, one host: 2.7x one item at a time at batch 32, 2.4x at 64, 1.5x at 128,
+# before the padding cut). On an accelerator a batch
 # is bound by the per-call cost (kernel launches, generate's Python), so DESIGN §8 scores hundreds of items a
 # forward; a batch too large for its memory is halved (measure_rows), so a large default costs no failed run
 CPU_BATCH_SIZE = 32
@@ -127,8 +128,9 @@ def say_on_stderr(line: str) -> None:
 @dataclass
 class BatchLimit:
     """Rows per forward in ``evaluate_items`` of one (model, data set): ``size`` as asked; ``rows`` the cap in force,
-    halved wherever a batch ran out of memory and kept for the rest of the pair (every later batch would run out
-    too); ``largest`` the most rows a forward that ran held. ``say`` prints the line of each back-off."""
+    halved wherever a batch ran out of memory and kept for the rest of the pair (a later batch of the old size would
+    most likely run out too); ``largest`` the most rows a forward that ran held. ``say`` prints the line of each
+    back-off."""
 
     size: int
     say: Callable[[str], None] = say_on_stderr
@@ -140,7 +142,7 @@ class BatchLimit:
 
     def record(self) -> dict[str, Any]:
         """What run.json keeps of it: the size asked, the largest batch that ran and, after running out of memory,
-        the size the pair finished at (the --batch-size that runs without a back-off), else None."""
+        the size the pair finished at, else None."""
         return {"batch_size": self.size, "largest_batch": self.largest,
                 "out_of_memory_cap": self.rows if self.rows < self.size else None}
 
