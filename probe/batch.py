@@ -329,7 +329,7 @@ def measure_rows(loaded: LoadedModel, idx: list[int], prepared: Sequence[tuple[d
     (``out_of_memory``) is halved and retried, and ``limit.rows`` stays at the half for the rest of the pair; each
     item's numbers are then those of the smaller batches (the run-time guard checks the batches that ran). Out of
     memory with one item, or any other error, ends the run as before."""
-    pending = [idx]
+    pending = [idx]  # a stack, the next batch last
     while pending:
         rows = pending.pop()
         if len(rows) > limit.rows:  # planned before a back-off, or the halves of the batch that failed

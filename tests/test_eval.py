@@ -752,8 +752,8 @@ def test_a_batch_that_runs_out_of_memory_is_halved_and_gives_the_numbers_of_the_
     exact = [c for c in ITEM_COLUMNS if c != "p_answer"]
     pd.testing.assert_frame_equal(got[exact], want[exact])
     np.testing.assert_allclose(got["p_answer"], want["p_answer"], rtol=0, atol=1e-6)
-    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "oom" / "scores.csv"), pd.read_csv(tmp_path / "k" / "scores.csv"),
-                                  check_exact=False, rtol=0, atol=1e-6)
+    scores = [pd.read_csv(tmp_path / run / "scores.csv") for run in ("oom", "k")]
+    pd.testing.assert_frame_equal(*scores, check_exact=False, rtol=0, atol=1e-6)
     (pair,) = json.loads((tmp_path / "oom" / "run.json").read_text())["batching"].items()
     assert pair == (f"tiny-qwen2|{text_dir.name}", {"batch_size": 8, "largest_batch": k, "out_of_memory_cap": k})
     (pair,) = json.loads((tmp_path / "k" / "run.json").read_text())["batching"].values()
