@@ -94,8 +94,9 @@ def run_eval(ctx: Context, models: Sequence[str], data: Sequence[str], out: Path
     from probe import eval as probe_eval
 
     e = ctx.cfg.eval
-    argv = (["--models", *map(str, models), "--data", *data, "--split", e.split, "--batch-size", str(e.batch_size),
+    argv = (["--models", *map(str, models), "--data", *data, "--split", e.split,
              "--seed", str(ctx.cfg.seed), "--out", str(out)] + ctx.placement_args()
+            + (["--batch-size", str(e.batch_size)] if e.batch_size is not None else [])  # None: by device
             + (["--limit", str(limit)] if limit else []) + ([] if e.generate else ["--no-generate"])
             + (["--reference", str(reference)] if reference else []))
     probe_eval.run(probe_eval.build_parser().parse_args(argv))

@@ -46,7 +46,7 @@ class Models:
 class Eval:
     split: str = "validation"
     limit: int | None = None  # first N items of every set; None = all
-    batch_size: int = 32
+    batch_size: int | None = None  # items per forward; None (0 or left out) = probe.eval's default for the device
     generate: bool = True  # greedy generation for accuracy (else probability accuracy only)
     text: str = "text"  # the label in [data] of the text set (Tables 3 and 4)
 
@@ -259,7 +259,7 @@ def check_values(cfg: ReplicateConfig) -> None:
                        "full fine-tuning)")
     for key, v in (("eval.batch_size", cfg.eval.batch_size), ("heads.batch_size", cfg.heads.batch_size),
                    ("finetune.batch_size", cfg.finetune.batch_size), ("finetune.steps", cfg.finetune.steps)):
-        if v < 1:
+        if v is not None and v < 1:
             raise BadInput(f"config key {key!r}: must be ≥ 1")
     from analyses.sketch import SKETCH_DIMS  # torch: here, so that figures reads a saved config without it
 

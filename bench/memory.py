@@ -285,11 +285,16 @@ def fake_evaluate_items(loaded, items, cfg, batch_size, progress=lambda n: None,
 
 def patch_model_away() -> None:
     """No weights load and no forward runs: load_model gives a stand-in, the engines are the fakes above."""
+    from types import SimpleNamespace
+
+    import torch
+
     import probe.batch
     import probe.models
     import probe.sweep
 
-    probe.models.load_model = lambda *a, **k: object()
+    # a CPU model as far as probe.eval asks (its default --batch-size is the device's)
+    probe.models.load_model = lambda *a, **k: SimpleNamespace(device=torch.device("cpu"))
     probe.sweep.get_engine = lambda name: fake_heads_engine
     probe.batch.evaluate_items = fake_evaluate_items
 

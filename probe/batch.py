@@ -17,15 +17,19 @@ guard, every window of batches also measures at most two of its batched items al
 left-padded one, and the most padded one of another kind of row, by which media and how many) and stops with
 ``BatchDisagrees`` if they differ: a transformers release that mishandled padding (positions, M-RoPE indices, the
 mask) or the media of a batch in ``generate`` would otherwise make an evaluation silently wrong.
+A batch that runs out of memory is halved and retried, down to one item, and the rest of that (model, data set)
+runs at the smaller size (``BatchLimit``, ``measure_rows``): results are those of that batch size.
 """
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
-from typing import Callable, Literal, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 
-from probe.errors import RunStopped
+from probe.errors import RunStopped, out_of_memory
 from probe.metrics import option_log_probs
 from probe.models import LoadedModel
 from probe.prompting import TOKEN_KEYS, ItemLike, encode_prompts
@@ -101,6 +105,46 @@ def padding_cap(loaded: LoadedModel) -> float:
 
 
 GPU_MAX_PADDING = 0.5
+
+# items per forward at most unless asked otherwise (probe.eval --batch-size, analyses.replicate's eval.batch_size).
+# On a CPU a forward of these prompts is prefill-bound (compute): a bigger batch only adds padding work
+# (README, bench/eval.py on organism-vl, one host: 2.7x one item at a time at batch 32, 2.4x at 64, 1.5x at 128,
+# before the padding cut). On an accelerator a batch
+# is bound by the per-call cost (kernel launches, generate's Python), so DESIGN §8 scores hundreds of items a
+# forward; a batch too large for its memory is halved (measure_rows), so a large default costs no failed run
+CPU_BATCH_SIZE = 32
+ACCELERATOR_BATCH_SIZE = 256
+
+
+def default_batch_size(loaded: LoadedModel) -> int:
+    """``CPU_BATCH_SIZE`` for a model on a CPU, ``ACCELERATOR_BATCH_SIZE`` on a GPU (or another accelerator)."""
+    return CPU_BATCH_SIZE if loaded.device.type == "cpu" else ACCELERATOR_BATCH_SIZE
+
+
+def say_on_stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+@dataclass
+class BatchLimit:
+    """Rows per forward in ``evaluate_items`` of one (model, data set): ``size`` as asked; ``rows`` the cap in force,
+    halved wherever a batch ran out of memory and kept for the rest of the pair (a later batch of the old size would
+    most likely run out too); ``largest`` the most rows a forward that ran held. ``say`` prints the line of each
+    back-off."""
+
+    size: int
+    say: Callable[[str], None] = say_on_stderr
+    rows: int = field(init=False)
+    largest: int = 0
+
+    def __post_init__(self) -> None:
+        self.rows = self.size
+
+    def record(self) -> dict[str, Any]:
+        """What run.json keeps of it: the size asked, the largest batch that ran and, after running out of memory,
+        the size the pair finished at, else None."""
+        return {"batch_size": self.size, "largest_batch": self.largest,
+                "out_of_memory_cap": self.rows if self.rows < self.size else None}
 
 
 def plan_batches(inputs: Sequence[dict[str, torch.Tensor]], batch_size: int,
@@ -192,12 +236,13 @@ def check_against_one_item(loaded: LoadedModel, item: ItemLike, inputs: dict[str
 
 
 def evaluate_items(
-    loaded: LoadedModel, items: Sequence[ItemLike], cfg: SweepConfig, batch_size: int,
+    loaded: LoadedModel, items: Sequence[ItemLike], cfg: SweepConfig, batch_size: int | BatchLimit,
     progress: Callable[[int], None] = lambda n: None, window: int = 8,
     max_padding: float | Literal["device"] | None = "device",
     prefetch: bool | None = None,
 ) -> list[Measurement]:
-    """Measurements of every item (no head masked), in item order, ``batch_size`` items per forward.
+    """Measurements of every item (no head masked), in item order, ``batch_size`` items per forward at most (a
+    ``BatchLimit``: the caller reads back what ran; out of memory, fewer: ``measure_rows``).
 
     Inputs are prepared ``window`` batches at a time (sorted by length within the window), so pixel tensors of a
     whole benchmark never sit in memory at once. Each window's ``guard_rows`` (its most padded item, and one of
@@ -213,6 +258,8 @@ def evaluate_items(
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
+    limit = batch_size if isinstance(batch_size, BatchLimit) else BatchLimit(batch_size)
+    batch_size = limit.size
     if max_padding == "device":
         max_padding = padding_cap(loaded)
     if prefetch is None:
@@ -243,7 +290,7 @@ def evaluate_items(
         for k, chunk in enumerate(windows):
             prepared = ahead.result() if ahead else prepare(chunk)
             ahead = pool.submit(prepare, windows[k + 1]) if pool and k + 1 < len(windows) else None
-            results += measure_window(loaded, chunk, prepared, cfg, batch_size, max_padding, progress, checked)
+            results += measure_window(loaded, chunk, prepared, cfg, limit, max_padding, progress, checked)
     finally:
         stopped.set()  # a thread preparing the next window ends it at the item it is on
         if pool:  # a stop (an error, Ctrl-C) does not wait for a window nobody will measure
@@ -258,18 +305,62 @@ def prefetches(loaded: LoadedModel) -> bool:
 
 
 def measure_window(loaded: LoadedModel, chunk: Sequence[ItemLike],
-                   prepared: Sequence[tuple[dict[str, torch.Tensor], list[int]]], cfg: SweepConfig, batch_size: int,
-                   max_padding: float | None, progress: Callable[[int], None],
+                   prepared: Sequence[tuple[dict[str, torch.Tensor], list[int]]], cfg: SweepConfig,
+                   limit: BatchLimit, max_padding: float | None, progress: Callable[[int], None],
                    checked: set[tuple] | None = None) -> list[Measurement]:
-    """One window of ``evaluate_items``: its items batched by ``plan_batches``, then its ``guard_rows`` alone
-    (``checked``: the row kinds checked in earlier windows, updated)."""
+    """One window of ``evaluate_items``: its items batched by ``plan_batches`` at ``limit.rows`` (``measure_rows``),
+    then the ``guard_rows`` of the batches that ran, alone (``checked``: the row kinds checked in earlier windows,
+    updated)."""
     inputs = [p[0] for p in prepared]
     got: list[Measurement | None] = [None] * len(chunk)
-    batches = plan_batches(inputs, batch_size, max_padding)
-    for idx in batches:
-        for i, m in zip(idx, measure_batch(loaded, [inputs[i] for i in idx], [prepared[i][1] for i in idx], cfg)):
-            got[i] = m
-        progress(len(idx))
-    for g in guard_rows(inputs, batches, checked):
+    ran: list[list[int]] = []
+    for idx in plan_batches(inputs, limit.rows, max_padding):
+        measure_rows(loaded, idx, prepared, cfg, limit, got, ran, progress)
+    for g in guard_rows(inputs, ran, checked):
         check_against_one_item(loaded, chunk[g], inputs[g], prepared[g][1], got[g], cfg)  # type: ignore[arg-type]
     return got  # type: ignore[return-value]
+
+
+def measure_rows(loaded: LoadedModel, idx: list[int], prepared: Sequence[tuple[dict[str, torch.Tensor], list[int]]],
+                 cfg: SweepConfig, limit: BatchLimit, got: list[Measurement | None], ran: list[list[int]],
+                 progress: Callable[[int], None]) -> None:
+    """Measure the rows ``idx`` (one batch of the plan, sorted by length) into ``got``, in batches of at most
+    ``limit.rows`` (in order, each appended to ``ran``). A batch whose forward or generation runs out of memory
+    (``out_of_memory``) is halved and retried, and ``limit.rows`` stays at the half for the rest of the pair; each
+    item's numbers are then those of the smaller batches (the run-time guard checks the batches that ran). Out of
+    memory with one item, or any other error, ends the run as before."""
+    pending = [idx]  # a stack, the next batch last
+    while pending:
+        rows = pending.pop()
+        if len(rows) > limit.rows:  # planned before a back-off, or the halves of the batch that failed
+            pending += [rows[s:s + limit.rows] for s in range(0, len(rows), limit.rows)][::-1]
+            continue
+        try:
+            measured = measure_batch(loaded, [prepared[i][0] for i in rows], [prepared[i][1] for i in rows], cfg)
+        except (RuntimeError, MemoryError) as exc:
+            if (where := out_of_memory(exc)) is None or len(rows) == 1:
+                raise
+        else:
+            for i, m in zip(rows, measured):
+                got[i] = m
+            ran.append(rows)
+            limit.largest = max(limit.largest, len(rows))
+            progress(len(rows))
+            continue
+        # out of the except block, so the exception and its traceback are gone: its frames held the failed batch's
+        # padded inputs, activations and cache, which must be freed before the retry
+        free_memory(loaded)
+        limit.rows = (len(rows) + 1) // 2
+        limit.say(f"out of memory in {where} on a batch of {len(rows)} items: batches of at most {limit.rows} "
+                  "for the rest of this model and data set")
+        pending.append(rows)
+
+
+def free_memory(loaded: LoadedModel) -> None:
+    """What a failed batch left: objects only the garbage collector frees (an exception held in a frame of its
+    traceback), then, on a GPU, the allocator's cached blocks, so a smaller batch finds them free."""
+    import gc
+
+    gc.collect()
+    if loaded.device.type == "cuda":
+        torch.cuda.empty_cache()

@@ -64,9 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", default=None,
                    help="model to compare every other one against (paired difference on the same items); "
                    "added to --models if missing")
-    p.add_argument("--batch-size", type=int, default=32,
-                   help="items per forward at most (default: 32); a batch is cut where padding would pass 10 %% of "
-                        "its real tokens on a CPU, 50 %% on a GPU")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="items per forward at most (default: 32 on a CPU, 256 on a GPU); a batch is cut where "
+                        "padding would pass 10 %% of its real tokens on a CPU, 50 %% on a GPU, and one that runs out "
+                        "of memory is halved, and the rest of that model and data set run at the smaller size")
     add_placement_args(p, "recorded with the results")
     p.add_argument("--no-generate", action="store_true",
                    help="skip greedy generation: probability accuracy and p(answer) only (accuracy NaN)")
@@ -258,15 +259,19 @@ def read_pair_part(out: Path, plan: EvalPlan, scored: dict[tuple[int, int], list
 
 
 def evaluate_pair(loaded: LoadedModel, model_name: str, ds: DataSet, items: Sequence[Item], cfg: SweepConfig,
-                  batch_size: int, bar: Any) -> list[dict]:
-    from probe.batch import evaluate_items
+                  batch_size: int | None, bar: Any, quiet: bool = False) -> tuple[list[dict], dict[str, Any]]:
+    """The item rows of one model on one data set, and its batching as run.json records it (``BatchLimit.record``).
+    ``batch_size`` None: the model's device's default (``default_batch_size``)."""
+    from probe.batch import BatchLimit, default_batch_size, evaluate_items
     from probe.sweep import BASELINE, measurement_row
 
+    say = (lambda line: None) if quiet else (lambda line: bar.write(line, file=sys.stderr))  # not through the bar
+    limit = BatchLimit(default_batch_size(loaded) if batch_size is None else batch_size, say)
     rows = []
-    for item, m in zip(items, evaluate_items(loaded, items, cfg, batch_size, progress=bar.update)):
+    for item, m in zip(items, evaluate_items(loaded, items, cfg, limit, progress=bar.update)):
         row = measurement_row(item, BASELINE, BASELINE, m, m.logp)
         rows.append({"model": model_name, "data": ds.name} | {k: row[k] for k in ITEM_COLUMNS[2:]})
-    return rows
+    return rows, limit.record()
 
 
 @releases_claims
@@ -303,6 +308,11 @@ def run(args: argparse.Namespace) -> Path:
                                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if resumed:
         run_info["started"] = saved.get("started", run_info["started"])
+    # per "model|data" pair computed (by this process or the runs it resumed): the batch size asked, the largest
+    # batch that ran, and the size an out-of-memory back-off left (BatchLimit.record). Outside the plan: how the
+    # numbers were batched, not what was asked (they move in the last bits, as with --batch-size)
+    kept = saved.get("batching")
+    batching: dict[str, Any] = run_info.setdefault("batching", dict(kept) if isinstance(kept, dict) else {})
     t0 = time.perf_counter()
     if todo:
         from probe.models import load_model
@@ -325,7 +335,9 @@ def run(args: argparse.Namespace) -> Path:
                 for d in [d for mm, d in todo if mm == m]:
                     ds = plan.data[d]
                     bar.set_description(f"eval {plan.models[m].name} on {ds.name}")
-                    rows = evaluate_pair(loaded, plan.models[m].name, ds, scored[m, d], cfg, args.batch_size, bar)
+                    rows, ran = evaluate_pair(loaded, plan.models[m].name, ds, scored[m, d], cfg, args.batch_size,
+                                              bar, args.quiet)
+                    batching[f"{plan.models[m].name}|{ds.name}"] = ran
                     atomic_write_parquet(part_file(out, m, d), pd.DataFrame.from_records(rows, columns=ITEM_COLUMNS))
                     frames[m, d] = read_pair_part(out, plan, scored, m, d)  # as a resume would read it
                 del loaded

@@ -117,6 +117,39 @@ def test_preparing_the_next_window_in_a_thread_changes_no_number(family, load_ti
         assert not t.is_alive()
 
 
+def test_after_running_out_of_memory_the_rest_of_the_pair_runs_at_the_smaller_size(load_tiny, data_dir):
+    """A forward of more than 2 rows runs out of memory: the first window's batch of 4 is halved, and every later
+    window is planned at 2, so memory runs out once, not once a window; the numbers are, bit for bit, those of
+    batches of 2 over the same windows (4 items each), and the guard checks what ran."""
+    from probe.batch import BatchLimit, evaluate_items
+    from probe.sweep import SweepConfig
+
+    loaded = load_tiny("qwen2", "sdpa")
+    items = _items("qwen2", data_dir)
+    cfg = SweepConfig(max_new_tokens=2)
+    rows: list[int] = []
+
+    def hook(module, args, kwargs):
+        rows.append(kwargs["input_ids"].shape[0])
+        if rows[-1] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+
+    lines: list[str] = []
+    limit = BatchLimit(4, lines.append)
+    handle = loaded.model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        got = evaluate_items(loaded, items, cfg, limit, window=1, max_padding=None)
+    finally:
+        handle.remove()
+    assert sum(r > 2 for r in rows) == 1 and rows[0] == 4, rows  # one failure: the first batch, of 4
+    assert lines == ["out of memory in the GPU (tried to allocate 2.00 GiB) on a batch of 4 items: batches of at most "
+                     "2 for the rest of this model and data set"]
+    assert limit.record() == {"batch_size": 4, "largest_batch": 2, "out_of_memory_cap": 2}
+    want = evaluate_items(loaded, items, cfg, 2, window=2, max_padding=None)  # the same windows of 4 items
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a.logp, b.logp) and a.response == b.response
+
+
 def test_a_stopped_run_stops_preparing_the_next_window(load_tiny, data_dir, monkeypatch):
     """A stop in the main thread (Ctrl-C, BatchDisagrees, a failing progress callback) ends the prefetch thread's
     window at the item it is preparing: nobody will measure the rest, whose tensors would sit on the device (and
@@ -653,6 +686,123 @@ def test_other_runtime_errors_keep_their_traceback():
 
     with pytest.raises(RuntimeError, match="shape mismatch"):
         cli_main(broken, [])
+
+
+def _oom_above(monkeypatch, k: int, error: Callable[[], BaseException]) -> list[bool]:
+    """Every model probe.eval loads raises ``error()`` in any forward of more than ``k`` rows, as a GPU out of memory
+    does (inside ``generate``, with the batch's tensors in its frames). Returned: per forward after a failure,
+    whether every tensor handed to a failed forward had been freed by then."""
+    import weakref
+
+    import probe.models
+
+    load, failed, freed = probe.models.load_model, [], []
+
+    def hook(module, args, kwargs):
+        x = kwargs.get("input_ids")
+        x = x if x is not None else kwargs["inputs_embeds"]
+        if failed:
+            freed.append(all(ref() is None for ref in failed))
+        if x.shape[0] > k:
+            failed.append(weakref.ref(x))
+            raise error()
+
+    def loading(*a, **kw):
+        loaded = load(*a, **kw)
+        loaded.model.register_forward_pre_hook(hook, with_kwargs=True)
+        return loaded
+
+    monkeypatch.setattr(probe.models, "load_model", loading)
+    return freed
+
+
+def _gpu_oom() -> BaseException:
+    return torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+                                  "79.19 GiB of which 1.06 GiB is free.")
+
+
+def _ram_oom() -> BaseException:  # the CPU allocator's own words
+    return RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you "
+                        "tried to allocate 2147483648 bytes. Error code 12 (Cannot allocate memory)")
+
+
+@pytest.mark.parametrize("k, error, where", [(2, _gpu_oom, "GPU 0 (tried to allocate 2.00 GiB)"),
+                                             (3, _ram_oom, "RAM (tried to allocate 2.00 GiB)")])
+def test_a_batch_that_runs_out_of_memory_is_halved_and_gives_the_numbers_of_the_smaller_batch_size(
+        k, error, where, text_dir, tmp_path, capfd, monkeypatch):
+    """A forward of more than k rows runs out of memory: the batch is halved (and halved again) until it runs, the
+    rest of the (model, data set) runs at that size, one line says so for each halving, and the files are those of
+    a run at --batch-size k (the oracle: same predictions and texts, p within 1e-6). Nothing of the failed batch is
+    held when the smaller one runs (its memory is really free), and run.json records the sizes."""
+    from probe.eval import ITEM_COLUMNS
+
+    args = ["--models", "tiny-qwen2", "--data", text_dir, "--max-new-tokens", "2", "--seed", "3"]
+    assert _eval(*args, "--batch-size", k, "--quiet", "--out", tmp_path / "k") == 0
+    freed = _oom_above(monkeypatch, k, error)
+    capfd.readouterr()
+    assert _eval(*args, "--batch-size", 8, "--out", tmp_path / "oom") == 0
+    err = capfd.readouterr().err
+    steps = [(int(n), int(h)) for where_, n, h in re.findall(
+        r"out of memory in (.*?) on a batch of (\d+) items: batches of at most (\d+) for the rest of this model and "
+        r"data set\n", err) if where_ == where]
+    assert steps and steps[-1][1] == k, err  # it backed off (a batch over k was planned), down to k
+    assert all(h == (n + 1) // 2 for n, h in steps) and all(b[0] <= a[1] for a, b in zip(steps, steps[1:])), steps
+    assert freed and all(freed), freed
+    got, want = pd.read_parquet(tmp_path / "oom" / "items.parquet"), pd.read_parquet(tmp_path / "k" / "items.parquet")
+    exact = [c for c in ITEM_COLUMNS if c != "p_answer"]
+    pd.testing.assert_frame_equal(got[exact], want[exact])
+    np.testing.assert_allclose(got["p_answer"], want["p_answer"], rtol=0, atol=1e-6)
+    scores = [pd.read_csv(tmp_path / run / "scores.csv") for run in ("oom", "k")]
+    pd.testing.assert_frame_equal(*scores, check_exact=False, rtol=0, atol=1e-6)
+    (pair,) = json.loads((tmp_path / "oom" / "run.json").read_text())["batching"].items()
+    assert pair == (f"tiny-qwen2|{text_dir.name}", {"batch_size": 8, "largest_batch": k, "out_of_memory_cap": k})
+    (pair,) = json.loads((tmp_path / "k" / "run.json").read_text())["batching"].values()
+    assert pair == {"batch_size": k, "largest_batch": k, "out_of_memory_cap": None}
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_out_of_memory_at_one_item_is_still_one_line_and_writes_nothing(quiet, text_dir, tmp_path, capfd, monkeypatch):
+    """Every forward runs out of memory (k = 0): halving ends at one item, where the run stops as before, exit 1 with
+    one line saying what to lower, no part and no results written; --quiet leaves out the halving lines."""
+    _oom_above(monkeypatch, 0, _gpu_oom)
+    out = tmp_path / "run"
+    capfd.readouterr()
+    assert _eval("--models", "tiny-qwen2", "--data", text_dir, "--max-new-tokens", "2", "--batch-size", 4,
+                 *(["--quiet"] if quiet else []), "--out", out) == 1
+    err = capfd.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith(("error", "Traceback"))]
+    assert len(lines) == 1 and lines[0].startswith("error: out of memory in GPU 0 (tried to allocate 2.00 GiB); lower "
+                                                   "the batch size"), err
+    halvings = re.findall(r"on a batch of (\d+) items: batches of at most (\d+)", err)
+    assert halvings == ([] if quiet else [("4", "2"), ("2", "1")]), err
+    assert not list((out / "parts").glob("*")) and not (out / "items.parquet").exists()
+    assert not (out / "scores.csv").exists()
+
+
+def test_the_default_batch_size_is_32_on_a_cpu_and_256_on_an_accelerator(text_dir, tmp_path, monkeypatch):
+    """--batch-size left out: 32 items a forward on a CPU (as before), 256 where the model runs on a GPU (DESIGN §8:
+    hundreds a forward), as run.json records; a given size is taken on either. The accelerator is faked: only the
+    model's device type decides."""
+    from types import SimpleNamespace
+
+    import probe.batch
+    from probe.eval import DataSet, build_parser, evaluate_pair
+    from probe.sweep import SweepConfig
+
+    assert _eval("--models", "tiny-qwen2", "--data", text_dir, "--limit", 2, "--no-generate", "--quiet", "--out",
+                 tmp_path / "run") == 0
+    (pair,) = json.loads((tmp_path / "run" / "run.json").read_text())["batching"].values()
+    assert pair == {"batch_size": 32, "largest_batch": 2, "out_of_memory_cap": None}
+    asked = []
+    monkeypatch.setattr(probe.batch, "evaluate_items", lambda loaded, items, cfg, limit, **k: asked.append(limit.size)
+                        or [])
+    ds = DataSet("d", "d", "d", "", 0, 0, [])
+    for device, given, want in (("cpu", None, 32), ("cuda", None, 256), ("mps", None, 256), ("cuda", 8, 8),
+                                ("cpu", 64, 64)):
+        loaded = SimpleNamespace(device=torch.device(device))
+        _, record = evaluate_pair(loaded, "m", ds, [], SweepConfig(), given, SimpleNamespace(update=print))
+        assert asked[-1] == record["batch_size"] == want, device
+    assert "default: 32 on a CPU, 256 on a GPU" in " ".join(build_parser().format_help().split())
 
 
 def test_a_resume_under_other_library_versions_is_refused(eval_run, tmp_path, capfd):

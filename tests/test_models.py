@@ -716,7 +716,8 @@ def test_non_finite_logits_while_generating_stop_the_run_instead_of_scoring_the_
     ds = DataSet("d", "d", "d", "", 2, 0, ["Test"])
     run = {"naive": lambda: get_engine("naive")(loaded, items[:1], [(1, 0)], cfg),
            "exact": lambda: get_engine("exact")(loaded, items[:1], [(1, 0)], cfg),
-           "batch": lambda: evaluate_pair(loaded, "m", ds, items, cfg, 2, SimpleNamespace(update=lambda n: None))}[path]
+           "batch": lambda: evaluate_pair(loaded, "m", ds, items, cfg, 2, SimpleNamespace(update=lambda n: None))[0]
+           }[path]
     rows = run()  # finite: the same run is measured, and generates past its first token
     assert all(len(loaded.tokenizer(r["response"])["input_ids"]) > 1 for r in rows), rows
     decoding = {"on": False}

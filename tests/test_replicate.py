@@ -910,6 +910,32 @@ def test_a_smaller_batch_after_running_out_of_memory_resumes_the_stage(capfd) ->
     assert "eval.batch_size" in err and "heads.batch_size" in err and "finetune.micro_batch" in err, err
 
 
+@pytest.mark.parametrize("config", ["organisms.toml", "quick.toml", "paper-7b.toml"])
+def test_eval_batch_size_left_to_probe_eval_takes_its_default_for_the_device(config, tmp_path, monkeypatch) -> None:
+    """The shipped configs say eval.batch_size = 0: the eval stages pass no --batch-size, so probe.eval takes its
+    default for the model's device (32 on a CPU, 256 on a GPU); the same key left out reads alike, and a size given
+    is passed on. Outside the fingerprint either way."""
+    import dataclasses
+
+    from analyses.replicate import run_eval
+    from probe import eval as probe_eval
+
+    cfg = parse_config(CONFIG_DIR / config)
+    assert cfg.eval.batch_size is None
+    text = (CONFIG_DIR / config).read_text(encoding="utf-8")
+    left_out = re.sub(r"(?m)^batch_size = 0 .*\n", "", text, count=1)
+    assert left_out != text and "[eval]" in left_out
+    (tmp_path / config).write_text(left_out, encoding="utf-8")
+    assert parse_config(tmp_path / config).eval == cfg.eval  # the key left out
+    asked = []
+    monkeypatch.setattr(probe_eval, "run", lambda args: asked.append(args.batch_size))
+    given = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, batch_size=64))
+    for c in (cfg, given):
+        run_eval(_ctx(c), [c.models.base], ["text"], tmp_path / "out", None, None)
+    assert asked == [None, 64]
+    assert fingerprints(_ctx(given)) == fingerprints(_ctx(cfg))
+
+
 def test_the_same_models_and_sets_at_other_paths_rerun_what_reads_them() -> None:
     """A run killed mid-stage, then resumed from another checkout (the same organisms and sets, byte for byte, at
     other paths): the fingerprints held contents only, so the stage continued, and its command, which records the
