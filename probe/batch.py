@@ -114,6 +114,9 @@ GPU_MAX_PADDING = 0.5
 # forward; a batch too large for its memory is halved (measure_rows), so a large default costs no failed run
 CPU_BATCH_SIZE = 32
 ACCELERATOR_BATCH_SIZE = 256
+# items prepared (on the model's device) at once: CPU_BATCH_SIZE's 8 batches as before; at the accelerator's 256 a
+# window is its batch, since 8 would put 2,048 items' pixels (two windows' with prefetching) on the GPU at once
+WINDOW_ITEMS = 256
 
 
 def default_batch_size(loaded: LoadedModel) -> int:
@@ -244,8 +247,9 @@ def evaluate_items(
     """Measurements of every item (no head masked), in item order, ``batch_size`` items per forward at most (a
     ``BatchLimit``: the caller reads back what ran; out of memory, fewer: ``measure_rows``).
 
-    Inputs are prepared ``window`` batches at a time (sorted by length within the window), so pixel tensors of a
-    whole benchmark never sit in memory at once. Each window's ``guard_rows`` (its most padded item, and one of
+    Inputs are prepared ``window`` batches at a time (sorted by length within the window), but at most
+    ``WINDOW_ITEMS`` items unless one batch holds more, so pixel tensors of a whole benchmark never sit in memory
+    (a GPU's, with prefetching two windows) at once. Each window's ``guard_rows`` (its most padded item, and one of
     another kind of row) are measured alone too, as a guard (``check_against_one_item``). ``max_padding="device"``
     is ``padding_cap``'s choice for the model's device.
     ``prefetch`` (default: when the model runs on an accelerator) prepares the next window in a thread while this
@@ -264,7 +268,7 @@ def evaluate_items(
         max_padding = padding_cap(loaded)
     if prefetch is None:
         prefetch = prefetches(loaded)
-    step = batch_size * window
+    step = max(batch_size, min(batch_size * window, WINDOW_ITEMS))
     # prefetching, the first window is one batch: only its preparation is not hidden behind the model's work
     first = batch_size if prefetch else step
     windows = [w for w in [items[:first]] + [items[i:i + step] for i in range(first, len(items), step)] if w]

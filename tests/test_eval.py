@@ -150,6 +150,37 @@ def test_after_running_out_of_memory_the_rest_of_the_pair_runs_at_the_smaller_si
         assert torch.equal(a.logp, b.logp) and a.response == b.response
 
 
+def test_a_window_holds_at_most_window_items_unless_one_batch_holds_more(load_tiny, data_dir, monkeypatch):
+    """Inputs are prepared a window at a time, on the model's device: 8 batches of the CPU's 32 (256 items) as before,
+    but at the accelerator's 256 the window is its one batch, not 2,048 items' pixels (WINDOW_ITEMS, scaled down
+    here to 4). A batch larger than the cap is still one window; the numbers do not depend on the windows."""
+    from probe import batch
+    from probe.sweep import SweepConfig
+
+    loaded = load_tiny("qwen2", "sdpa")
+    items = _items("qwen2", data_dir)
+    assert len(items) == 8
+    cfg = SweepConfig(max_new_tokens=2)
+    sizes: list[int] = []
+    real = batch.encode_prompts
+
+    def spy(loaded_, chunk, *rest):
+        sizes.append(len(chunk))
+        return real(loaded_, chunk, *rest)
+
+    monkeypatch.setattr(batch, "encode_prompts", spy)
+    want = batch.evaluate_items(loaded, items, cfg, 2, window=8, max_padding=None, prefetch=False)
+    assert sizes == [8]  # 8 batches of 2 cover the 8 items: one window (WINDOW_ITEMS 256)
+    monkeypatch.setattr(batch, "WINDOW_ITEMS", 4)
+    for size, windows in ((2, [4, 4]), (6, [6, 2])):
+        sizes.clear()
+        got = batch.evaluate_items(loaded, items, cfg, size, window=8, max_padding=None, prefetch=False)
+        assert sizes == windows, size
+        assert [m.response for m in got] == [m.response for m in want]
+        for a, b in zip(got, want, strict=True):  # other batches: p moves by the batch's rounding at most
+            assert torch.allclose(a.logp, b.logp, atol=1e-4)
+
+
 def test_a_stopped_run_stops_preparing_the_next_window(load_tiny, data_dir, monkeypatch):
     """A stop in the main thread (Ctrl-C, BatchDisagrees, a failing progress callback) ends the prefetch thread's
     window at the item it is preparing: nobody will measure the rest, whose tensors would sit on the device (and
