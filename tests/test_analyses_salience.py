@@ -113,7 +113,7 @@ def test_salience_merge_equals_in_memory(zoo, runs, tmp_path, with_base):
         torch.testing.assert_close(got[name].float(), t, rtol=1e-6, atol=1e-7, msg=name)
     rows = list(csv.DictReader(open(out / "merge_weights.csv")))
     q = [r for r in rows if r["tensor"] == "layers.1.self_attn.q_proj.weight" and r["slice"] == f"rows {D}:{2 * D}"]
-    assert len(q) == 4 and sum(float(r["alpha"]) for r in q) == pytest.approx(1.0)
+    assert len(q) == 4 and sum(float(r["weight"]) for r in q) == pytest.approx(1.0)
     o = [r for r in rows if r["tensor"] == "layers.0.self_attn.o_proj.weight"]
     assert {r["slice"] for r in o} == {f"columns {h * D}:{(h + 1) * D}" for h in range(H)}
     assert json.loads((out / "merge.json").read_text())["salience"]["metric"] == "kl"
