@@ -9,7 +9,8 @@ head-owned slices of q/k/v/o weighted by the participants' head salience from ``
 Eq. 4 or by layer salience), and the baselines ``task_arithmetic`` (θ_0 + λ Σ (θ_i − θ_0)) and ``ties`` (trim,
 elect sign, disjoint mean), as mergekit defines them but on LMs taken out of any carrier. Only LM tensors are
 merged, streamed chunk by chunk in fp32 and written in the input dtype (or ``--dtype``). ``DIR`` is a causal-LM
-dir that ``AutoModelForCausalLM`` loads, with ``merge_weights.csv`` (every tensor's α per model) and ``merge.json``;
+dir that ``AutoModelForCausalLM`` loads, with ``merge_weights.csv`` (every tensor's or head slice's weight per model;
+ties: each expert's trim threshold) and ``merge.json``;
 ``DIR/carriers/<name>/`` is each carrier with its LM replaced and every other tensor copied bit-exact.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ from analyses.checkpoints import (Checkpoint, add_output_args, check_inputs_and_
                                   open_checkpoint, progress, quiet_progress, reserve_descriptors)
 from analyses.formulas import (FORMULAS, ShiftStats, average_coefficients, shift_coefficients,
                                 task_arithmetic_coefficients, ties_combine, TrimSearch, weighted_coefficients)
-from analyses.merge_methods import COMMAND, METHOD_KINDS, MethodKind, carrier_name
+from analyses.merge_methods import COMMAND, METHOD_KINDS, WEIGHTS_HEADER, MethodKind, carrier_name
 from analyses.salience import METRICS as SALIENCE_METRICS
 from analyses.salience import SalienceWeights, check_run_model, read_salience, run_fingerprint
 from analyses.shift import CHUNK
@@ -241,6 +242,19 @@ class ShiftTable:
             raise BadInput(f"--shift: no delta_avg for {exc.args[0]}") from None
 
 
+@dataclass(frozen=True)
+class WeightRow:
+    """One row of merge_weights.csv (``analyses.merge_methods.WEIGHTS_HEADER``): each column means one thing, and is
+    empty where a method has no such number."""
+
+    tensor: str
+    slice: str  # "all", "rows a:b" or "columns a:b"
+    model: str
+    weight: float | None  # w_i of θ_slice = Σ_i w_i θ_i,slice; None for ties (no per-model coefficient)
+    delta_avg: float | None = None  # the Eq. 4 Δavg the weight came from
+    trim_threshold: float | None = None  # ties: the k-th largest |θ_i − θ_0| of the tensor, kept by the trim
+
+
 @dataclass
 class Merger:
     """Streams one merge; ``inputs[0]`` is the reference (base, else the first model)."""
@@ -252,7 +266,7 @@ class Merger:
     has_base: bool
     shift_table: ShiftTable | None = None
     salience: SalienceWeights | None = None
-    alpha_rows: list[tuple[str, str, str, float | None, float]] = field(default_factory=list)
+    weight_rows: list[WeightRow] = field(default_factory=list)
     _acc: torch.Tensor = field(default_factory=lambda: torch.empty(MERGE_CHUNK, dtype=torch.float32))
     _tmp: torch.Tensor = field(default_factory=lambda: torch.empty(MERGE_CHUNK, dtype=torch.float32))
 
@@ -300,7 +314,7 @@ class Merger:
             if j == 0 and self.has_base and not METHODS[self.cfg.method].base_row:
                 continue  # the base only supplies vocabulary rows here
             d = deltas[j - 1] if deltas is not None and j > 0 else None
-            self.alpha_rows.append((plan.canon, "all", nm, d, c))
+            self.weight_rows.append(WeightRow(plan.canon, "all", nm, c, delta_avg=d))
         terms = [(v, c) for v, c in zip(views, coeffs) if c != 0.0]
         with torch_threads(self.cfg.threads):
             for lo, hi in chunks(plan.common, MERGE_CHUNK):
@@ -318,7 +332,8 @@ class Merger:
         (q, and k/v per KV group) or columns (o). Streamed in blocks of whole rows through the same reused fp32
         buffers as ``combine``, inputs in a fixed order (bit-stable)."""
         shape = plan.ref.shape
-        self.alpha_rows.extend((t, sl, m, None, w) for t, sl, m, w in self.salience.slice_rows(plan.canon, self.names))
+        self.weight_rows.extend(WeightRow(t, sl, m, w)
+                                for t, sl, m, w in self.salience.slice_rows(plan.canon, self.names))
         cols = shape[1] if len(shape) == 2 else 1
         rows_per = max(1, MERGE_CHUNK // cols)
         w = weights.float()
@@ -361,7 +376,7 @@ class Merger:
             count_pass()
             trims = [s.trim() for s in searches]
             for nm, tr in zip(self.names[1:], trims):
-                self.alpha_rows.append((plan.canon, "all", nm, None, tr.threshold))
+                self.weight_rows.append(WeightRow(plan.canon, "all", nm, None, trim_threshold=tr.threshold))
             for lo, hi in chunks(plan.common, MERGE_CHUNK):
                 b = base[lo:hi].float()
                 merged = ties_combine(b, [v[lo:hi].float() - b for v in experts], trims, self.cfg.lam)
@@ -542,8 +557,9 @@ def merge_request(cfg: MergeConfig) -> dict:
 @returns_finished("merge.json")
 def run_merge(cfg: MergeConfig) -> dict[str, Any]:
     """``python -m analyses.merge`` from Python: writes the merged LM (an HF dir), merge_weights.csv, merge.json and
-    ``carriers/<name>/`` into ``cfg.out`` and returns merge.json's content (method, parameters, ``mean_alpha`` per
-    model, ``carriers``); an output already finished with the same inputs is kept and its merge.json returned.
+    ``carriers/<name>/`` into ``cfg.out`` and returns merge.json's content (method, parameters, ``mean_weight`` per
+    model, ``carriers``); an output already finished with the same inputs is kept and its merge.json returned as
+    written (one from before 2026-12-06 holds ``mean_alpha``: ``Merge.read`` reads it as ``mean_weight``).
     ``figures.results.Merge.read(cfg.out)`` reads it back with the weights as a frame; ``merge(**options)`` takes
     the command's options as keywords and returns it so. Bad input raises ``probe.errors.BadInput``."""
     cfg.validate()
@@ -583,7 +599,7 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
             (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n", encoding="utf-8")
             tok_src = ref.path
             copied = copy_side_files(tok_src, tmp, TOKENIZER_FILES)
-            write_alphas(tmp / "merge_weights.csv", merger.alpha_rows)
+            write_weights(tmp / "merge_weights.csv", merger.weight_rows)
             t_lm = time.perf_counter() - t0
             carrier_reports = []
             if carriers:
@@ -617,7 +633,10 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
                              "rest": cfg.rest,
                              # each run's model, data, items, engine (and its warnings): what the weights came from
                              "measured": salience.runs} if salience else None,
-                "mean_alpha": mean_alphas(merger.alpha_rows),
+                # each model's mean over its rows (null where the method has no such column: ties' weight,
+                # every other method's trim threshold)
+                "mean_weight": model_means(merger.weight_rows, "weight"),
+                "mean_trim_threshold": model_means(merger.weight_rows, "trim_threshold"),
                 "n_tensors": len(al.tensors),
                 "dtype": str(asked or embed.ref.dtype),
                 "math_dtype": "float32",
@@ -651,20 +670,23 @@ def unique_name(name: str, used: set[str]) -> str:
     return out
 
 
-def write_alphas(path: Path, rows: Sequence[tuple[str, str, str, float | None, float]]) -> None:
-    """One row per tensor (slice "all") or head slice per model; for ties, alpha is the trim threshold."""
+def write_weights(path: Path, rows: Sequence[WeightRow]) -> None:
+    """merge_weights.csv: one row per tensor (slice "all") or head slice per model, numbers as repr (exact)."""
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["tensor", "slice", "model", "delta_avg", "alpha"])
-        for t, sl, m, d, a in rows:
-            w.writerow([t, sl, m, "" if d is None else repr(d), repr(a)])
+        w.writerow(WEIGHTS_HEADER)
+        for r in rows:
+            cells = [getattr(r, c) for c in WEIGHTS_HEADER]
+            w.writerow([v if isinstance(v, str) else "" if v is None else repr(v) for v in cells])
 
 
-def mean_alphas(rows: Sequence[tuple[str, str, str, float | None, float]]) -> dict[str, float]:
+def model_means(rows: Sequence[WeightRow], column: str) -> dict[str, float] | None:
+    """merge.json's mean of a merge_weights.csv column per model; None where no row has a value in it."""
     acc: dict[str, list[float]] = {}
-    for _, _, m, _, a in rows:
-        acc.setdefault(m, []).append(a)
-    return {m: sum(v) / len(v) for m, v in acc.items()}
+    for r in rows:
+        if (v := getattr(r, column)) is not None:
+            acc.setdefault(r.model, []).append(v)
+    return {m: sum(v) / len(v) for m, v in acc.items()} or None
 
 
 def load_salience(cfg: MergeConfig, base: Checkpoint, models: Sequence[Checkpoint],
@@ -697,7 +719,8 @@ def build_parser() -> argparse.ArgumentParser:
                   "salience: merge_heads.png/pdf"],
         description="Merge the LLM backbones of modality-extended models (paper Eq. 1, 2, 4) and optionally "
         "transplant the merged LM into each multimodal carrier. Writes OUT as a Hugging Face model dir "
-        "(AutoModelForCausalLM loads it) with merge_weights.csv (each tensor's or head slice's weight per model) and "
+        "(AutoModelForCausalLM loads it) with merge_weights.csv (each tensor's or head slice's weight per model; ties: "
+        "each expert's trim threshold) and "
         "merge.json, and OUT/carriers/<name>/ per --carrier.",
     )
     p.add_argument("--base", help="base LLM (dir or alias); required by --method "

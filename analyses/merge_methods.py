@@ -1,15 +1,19 @@
 """analyses.merge's torch-free parts: its ``--method``s as data (which need a base, whose rows merge_weights.csv
-holds, what their alphas are) and the names it gives carriers (``carrier_name``). ``python -m figures merge`` checks
-a saved merge_weights.csv against the table, and ``figures report`` finds a replication's carriers by their names,
-without loading torch (importing ``analyses.merge`` did, ~1.5 s). ``analyses.merge`` builds its ``METHODS`` from
-this table, adding each method's fixed coefficients (its name is its formula's in the analyses.formulas registry,
-which holds the equations)."""
+holds, what their coefficients are), merge_weights.csv's columns and the names it gives carriers
+(``carrier_name``). ``python -m figures merge`` checks a saved merge_weights.csv against the table, and ``figures
+report`` finds a replication's carriers by their names, without loading torch (importing ``analyses.merge`` did,
+~1.5 s). ``analyses.merge`` builds its ``METHODS`` from this table, adding each method's fixed coefficients (its
+name is its formula's in the analyses.formulas registry, which holds the equations)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
 COMMAND = "analyses.merge"  # what its output manifests name
+# merge_weights.csv, one row per tensor (slice "all") or head slice per model: ``weight`` is the model's coefficient
+# w_i in θ_slice = Σ_i w_i θ_i,slice (empty for ties, which has none), ``delta_avg`` the Eq. 4 Δavg it came from
+# (empty where none did), ``trim_threshold`` ties' k-th largest |θ_i − θ_0| kept (empty for every other method)
+WEIGHTS_HEADER = ("tensor", "slice", "model", "delta_avg", "weight", "trim_threshold")
 
 
 @dataclass(frozen=True)
@@ -17,20 +21,21 @@ class MethodKind:
     """What a ``--method`` is, as data (``figures.merge`` checks merge_weights.csv against it too)."""
 
     needs_base: bool  # the formula reads the base model (Δ to it, or task vectors from it)
-    base_row: bool  # the base is a weighted participant: merge_weights.csv holds its alpha
-    convex: bool  # alphas are weights in [0, 1] summing to 1 (weighted's: unless --no-normalize)
+    base_row: bool  # the base is a weighted participant: merge_weights.csv holds its row
+    convex: bool  # weights in [0, 1] summing to 1 (weighted's: unless --no-normalize)
     reads_shift: bool = False  # Eq. 4's Δavg decides coefficients (computed, or from --shift)
+    trims: bool = False  # no per-model coefficient: merge_weights.csv holds each expert's trim threshold instead
 
 
-# the base of average and weighted merges only supplies vocabulary rows; ties' alphas are trim thresholds of the
-# task vectors, task arithmetic's coefficients (1 − λk for the base)
+# the base of average and weighted merges only supplies vocabulary rows; task arithmetic's weights are
+# [1 − λn, λ, …, λ] (affine: they sum to 1, outside [0, 1]); ties has no weight, only each task vector's trim
 METHOD_KINDS: dict[str, MethodKind] = {
     "average": MethodKind(needs_base=False, base_row=False, convex=True),
     "weighted": MethodKind(needs_base=False, base_row=False, convex=True),
     "shift": MethodKind(needs_base=True, base_row=True, convex=True, reads_shift=True),
     "salience": MethodKind(needs_base=True, base_row=True, convex=True, reads_shift=True),
     "task_arithmetic": MethodKind(needs_base=True, base_row=True, convex=False),
-    "ties": MethodKind(needs_base=True, base_row=False, convex=False)}
+    "ties": MethodKind(needs_base=True, base_row=False, convex=False, trims=True)}
 
 
 def carrier_name(spec: str, path: Path | None = None) -> str:

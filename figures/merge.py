@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analyses.merge_methods import COMMAND, METHOD_KINDS
+from analyses.merge_methods import COMMAND, METHOD_KINDS, WEIGHTS_HEADER
 from figures import (bar_aspect, drop_stale_pages, fit_bar_labels, heatmap_ticks, heatmap_ticks_again, page_caption,
                      page_panels, page_split, page_stem, read_json, read_table, save_png_pdf)
 from figures.heads import clip_note, kl_limit
@@ -25,6 +25,9 @@ MIN_WIDTH, MIN_PANEL, MARGIN = 2.1, 2.8, (2.4, 0.4)
 # heatmap 0.75 in high); up to 4 it stays 2 × 2
 NARROW, NARROW_MARGIN = 1.9, (1.2, 0.4)
 Q_SLICE = re.compile(r"layers\.(\d+)\.self_attn\.q_proj\.weight$")
+# before 2026-12-06 merge_weights.csv held one "alpha" column (ties: the trim threshold, every other method: the weight)
+# and merge.json its mean per model as "mean_alpha"; such a merge is read as if written with today's columns
+LEGACY_COLUMN, LEGACY_MEAN = "alpha", "mean_alpha"
 
 
 def head_weights(rows: pd.DataFrame, source: object = "merge_weights.csv") -> dict[str, np.ndarray]:
@@ -50,15 +53,15 @@ def head_weights(rows: pd.DataFrame, source: object = "merge_weights.csv") -> di
         i = twice.to_numpy().argmax()
         raise BadInput(f"{source}: line {q.index[i] + 2} repeats {q['slice'].iloc[i]} of {q['tensor'].iloc[i]} for "
                        f"{q['model'].iloc[i]}")
-    if (out := ~q["alpha"].between(0.0, 1.0)).any():  # NaN too: a convex weight, never drawn clipped or blank
+    if (out := ~q["weight"].between(0.0, 1.0)).any():  # NaN too: a convex weight, never drawn clipped or blank
         i = out.to_numpy().argmax()
-        raise BadInput(f"{source}: line {q.index[i] + 2}: alpha {q['alpha'].iloc[i]:g} of a head slice is not a "
+        raise BadInput(f"{source}: line {q.index[i] + 2}: weight {q['weight'].iloc[i]:g} of a head slice is not a "
                        "weight in [0, 1]")
     n_layers, n_heads = q["layer"].max() + 1, q["head"].max() + 1
     out_grids = {}
     for model, g in q.groupby("model", sort=False):
         grid = np.full((n_layers, n_heads), np.nan)
-        grid[g["layer"], g["head"]] = g["alpha"]
+        grid[g["layer"], g["head"]] = g["weight"]
         if np.isnan(grid).any():
             layer, head = np.argwhere(np.isnan(grid))[0]
             raise BadInput(f"{source}: no weight of layer {layer} head {head} for {model} (a cut file?)")
@@ -66,11 +69,13 @@ def head_weights(rows: pd.DataFrame, source: object = "merge_weights.csv") -> di
     return out_grids
 
 
-def check_weights(path: Path, rows: pd.DataFrame, info: dict) -> None:
-    """Every row of merge_weights.csv against merge.json (analyses.merge writes both): per tensor (or slice) one
-    alpha for each participant the method weights, finite, and for the convex methods a weight in [0, 1], the
-    participants' summing to 1 (ties' alpha is a trim threshold, task arithmetic's a coefficient); the tensors and
-    each model's mean alpha as merge.json records them. A cut, edited or mixed file is refused by its line."""
+def check_weights(path: Path, rows: pd.DataFrame, info: dict, legacy: bool = False) -> None:
+    """Every row of merge_weights.csv against merge.json (analyses.merge writes both; ``rows`` and ``info`` as
+    ``merge_files`` reads them): per tensor (or slice) one finite weight for each participant the method weights
+    (ties: a trim threshold ≥ 0 instead, and no weight), the other column empty, and for the convex methods a
+    weight in [0, 1], the participants' summing to 1 (task arithmetic's are affine); the tensors and each model's
+    mean as merge.json records them. A cut, edited or mixed file is refused by its line; ``legacy``: the file's one
+    column is named "alpha" in what the refusal says."""
     method, normalize = info.get("method"), info.get("normalize")
     models, ref = info.get("models"), info.get("reference")
     if not isinstance(method, str) or method not in METHOD_KINDS:
@@ -81,32 +86,37 @@ def check_weights(path: Path, rows: pd.DataFrame, info: dict) -> None:
     kind = METHOD_KINDS[method]
     want = sorted([ref, *models] if kind.base_row and ref is not None else models)
     convex = kind.convex and normalize is not False  # merge.json's normalize is false only for --no-normalize
+    # the column this method fills, the one it leaves empty, and what a refusal calls the first
+    col, empty = ("trim_threshold", "weight") if kind.trims else ("weight", "trim_threshold")
+    name = LEGACY_COLUMN if legacy else col
 
     def refuse(bad: pd.Series, why: str) -> None:
         if bad.any():
             i = int(bad.to_numpy().argmax())
             raise BadInput(f"{path}: line {i + 2}: {why} ({rows['model'].iloc[i]}, {rows['tensor'].iloc[i]} "
-                           f"{rows['slice'].iloc[i]}, alpha {rows['alpha'].iloc[i]:g})")
+                           f"{rows['slice'].iloc[i]}, {name} {rows[col].iloc[i]:g})")
 
-    alpha = rows["alpha"]
-    refuse(~np.isfinite(alpha), "alpha must be a finite number")
-    refuse(~alpha.between(0.0, 1.0) & convex, f"alpha of a {method} merge must be a weight in [0, 1]")
-    refuse((alpha < 0) & (method == "ties"), "a ties trim threshold must be ≥ 0")
+    value = rows[col]
+    refuse(~np.isfinite(value), f"{name} must be a finite number")
+    refuse(rows[empty].notna(), f"a {method} merge has no {empty.replace('_', ' ')}: its {empty} must be empty")
+    refuse(~value.between(0.0, 1.0) & convex, f"{name} of a {method} merge must be a weight in [0, 1]")
+    refuse((value < 0) & kind.trims, f"a {method} trim threshold must be ≥ 0")
     refuse(~rows["model"].isin(want), f"a model that is not one of the merge's ({', '.join(want)})")
-    refuse(rows.duplicated(["tensor", "slice", "model"]), "repeats a model's alpha of this tensor slice")
+    refuse(rows.duplicated(["tensor", "slice", "model"]), f"repeats a model's {name} of this tensor slice")
     groups = rows.groupby(["tensor", "slice"], sort=False)
     lost = groups["model"].transform("size") != len(want)
     refuse(lost, f"its tensor slice lacks a row of one of the {len(want)} participants (a cut file?)")
     if convex:
-        refuse((groups["alpha"].transform("sum") - 1.0).abs() > 1e-6,
-               "the participants' alphas of this tensor slice do not sum to 1")
+        refuse((groups[col].transform("sum") - 1.0).abs() > 1e-6,
+               f"the participants' {name}s of this tensor slice do not sum to 1")
     n, recorded = rows["tensor"].nunique(), info.get("n_tensors")
-    means, mean_alpha = rows.groupby("model")["alpha"].mean(), info.get("mean_alpha")
-    if n != recorded or not isinstance(mean_alpha, dict) or set(mean_alpha) != set(means.index) or not all(
-            isinstance(mean_alpha[m], (int, float)) and np.isclose(v, mean_alpha[m], rtol=1e-9, atol=1e-12)
+    key = LEGACY_MEAN if legacy else f"mean_{col}"
+    means, mean = rows.groupby("model")[col].mean(), info.get(f"mean_{col}")
+    if n != recorded or not isinstance(mean, dict) or set(mean) != set(means.index) or not all(
+            isinstance(mean[m], (int, float)) and np.isclose(v, mean[m], rtol=1e-9, atol=1e-12)
             for m, v in means.items()):
-        raise BadInput(f"{path}: {n} tensors and mean alphas {means.round(6).to_dict()}, where merge.json records "
-                       f"{recorded} and {mean_alpha} (a cut or edited file, or files of two merges?)")
+        raise BadInput(f"{path}: {n} tensors and mean {name}s {means.round(6).to_dict()}, where merge.json records "
+                       f"{recorded} and {key} {mean} (a cut or edited file, or files of two merges?)")
 
 
 def _salience_grid(run_dir: Path, metric: str, shape: tuple[int, int]) -> np.ndarray | None:
@@ -127,20 +137,61 @@ def _salience_grid(run_dir: Path, metric: str, shape: tuple[int, int]) -> np.nda
     return grid
 
 
-def merge_files(result_dir: Path) -> tuple[Path, pd.DataFrame, dict]:
-    """merge_weights.csv's path, its rows (parsed, not yet checked against merge.json) and merge.json."""
+def _trims(info: dict) -> bool:
+    """Whether merge.json's method holds trim thresholds where the others hold weights (ties)."""
+    method = info.get("method")
+    return isinstance(method, str) and method in METHOD_KINDS and METHOD_KINDS[method].trims
+
+
+def _legacy_info(info: dict) -> bool | None:
+    """Whether merge.json is from before 2026-12-06 (``mean_alpha``); None when it holds neither mean."""
+    return True if LEGACY_MEAN in info and "mean_weight" not in info else False if "mean_weight" in info else None
+
+
+def current_info(info: dict) -> dict:
+    """merge.json as today's analyses.merge writes it: an older one's ``mean_alpha`` under what it was, the mean
+    weight (``mean_weight``) or, for ties, the mean trim threshold (``mean_trim_threshold``), the other null."""
+    if not _legacy_info(info):
+        return info
+    out = {}
+    for k, v in info.items():  # in place of mean_alpha, so the keys keep their order
+        if k == LEGACY_MEAN:
+            out["mean_weight"], out["mean_trim_threshold"] = (None, v) if _trims(info) else (v, None)
+        else:
+            out[k] = v
+    return out
+
+
+def merge_files(result_dir: Path) -> tuple[Path, pd.DataFrame, dict, bool]:
+    """merge_weights.csv's path, its rows (parsed, not yet checked against merge.json) and merge.json, both as
+    today's analyses.merge writes them (``WEIGHTS_HEADER``, ``mean_weight``), and whether they were written before
+    2026-12-06 (one ``alpha`` column, read as the weight, or for ties as the trim threshold)."""
     source = f"python -m {COMMAND}"
     weights_csv = Path(result_dir) / "merge_weights.csv"
-    weights = read_table(weights_csv, {"tensor": str, "slice": str, "model": str, "alpha": float},
-                         {"delta_avg": float}, source)
-    return weights_csv, weights, read_json(Path(result_dir) / "merge.json", source)
+    text = ("tensor", "slice", "model")  # the other columns hold numbers
+    numbers = {c: float for c in (*WEIGHTS_HEADER, LEGACY_COLUMN) if c not in text}
+    weights = read_table(weights_csv, dict.fromkeys(text, str), numbers, source)
+    info = read_json(Path(result_dir) / "merge.json", source)
+    legacy = LEGACY_COLUMN in weights.columns and "weight" not in weights.columns
+    if not legacy and (lacking := [c for c in ("weight", "trim_threshold") if c not in weights.columns]):
+        raise BadInput(f"{weights_csv}: missing column{'s' if len(lacking) > 1 else ''} {', '.join(lacking)} (not as "
+                       f"{source} writes it)")
+    if _legacy_info(info) not in (None, legacy):  # one file of each age: two merges
+        old, new = (weights_csv.name, "merge.json") if legacy else ("merge.json", weights_csv.name)
+        raise BadInput(f"{weights_csv.parent}: {old} is as analyses.merge wrote it before 2026-12-06 "
+                       f"({LEGACY_COLUMN}), {new} as it writes it since (weight): files of two merges?")
+    if legacy:  # its one column where it belongs (tensor, slice, model, delta_avg came first, as today)
+        value = weights.pop(LEGACY_COLUMN)
+        weights["weight"], weights["trim_threshold"] = (np.nan, value) if _trims(info) else (value, np.nan)
+    return weights_csv, weights, current_info(info), legacy
 
 
 def read_merge(result_dir: Path) -> tuple[pd.DataFrame, dict]:
     """merge_weights.csv and merge.json of a finished merge of any method, checked against each other
-    (``check_weights``): BadInput naming the file otherwise."""
-    weights_csv, weights, info = merge_files(result_dir)
-    check_weights(weights_csv, weights, info)
+    (``check_weights``) and read as today's analyses.merge writes them (``merge_files``): BadInput naming the file
+    otherwise."""
+    weights_csv, weights, info, legacy = merge_files(result_dir)
+    check_weights(weights_csv, weights, info, legacy)
     return weights, info
 
 
@@ -150,9 +201,9 @@ def draw_merge(result_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
 
     result_dir = Path(result_dir)
-    weights_csv, weights, info = merge_files(result_dir)
+    weights_csv, weights, info, legacy = merge_files(result_dir)
     grids = head_weights(weights, weights_csv)
-    check_weights(weights_csv, weights, info)
+    check_weights(weights_csv, weights, info, legacy)
     sal = info.get("salience") or {}
     # the runs as resolved when merged (an older merge.json: as given, relative to the cwd the merge ran in)
     prefix = "resolved_" if isinstance(sal, dict) and "resolved_runs" in sal else ""

@@ -21,6 +21,7 @@ from typing import Any
 from figures import (bar_aspect, drop_stale_pages, fit_bar_labels, fit_stack_gaps, heatmap_ticks, heatmap_ticks_again,
                      page_caption, page_panels, page_split, page_stem, paper, read_json, save_figure)
 from figures.findings import Finding, findings
+from figures.merge import current_info
 from figures.results import METHOD_LABELS, EvalRun, Replication, short
 from probe.errors import BadInput
 from probe.zoo import ORGANISMS, VALIDATION_NOTE
@@ -365,20 +366,20 @@ def build(r: Replication, figdir: Path) -> Doc:
     d.h(2, "Parameter shift (Eq. 3) and the Eq. 4 weights")
     if r.complete("shift"):
         per = r.shift_per_model()
-        alpha = {}
-        if (merge_json := r.out / "merge" / "shift" / "merge.json").is_file():
-            alpha = read_json(merge_json).get("mean_alpha") or {}
-            if not isinstance(alpha, dict) or not all(isinstance(v, (int, float)) for v in alpha.values()):
-                raise BadInput(f"{merge_json}: mean_alpha is not a number per model")
+        weight = {}
+        if (merge_json := r.out / "merge" / "shift" / "merge.json").is_file():  # one from before 2026-12-06: mean_alpha
+            weight = current_info(read_json(merge_json)).get("mean_weight") or {}
+            if not isinstance(weight, dict) or not all(isinstance(v, (int, float)) for v in weight.values()):
+                raise BadInput(f"{merge_json}: mean_weight is not a number per model")
         rows = []
         for e in r.experts:
             pub = paper.SHIFT_RELEASED.get(r.paper_name(e))
             rows.append([label[e], f"{per[e]['mean_delta_avg']:.4g}", _times(per[e]['ratio_to_least_shifted']),
-                         f"{alpha[e]:.3f}" if e in alpha else "—",
+                         f"{weight[e]:.3f}" if e in weight else "—",
                          f"{pub[0]:g}" if pub else "—", f"{pub[1]:.3f}" if pub else "—"])
-        d.table(["expert (stands for)", "mean Δavg", "× least shifted", "Eq. 4 mean α", "paper: mean Δavg",
-                 "paper: mean α"], rows, "This run beside the paper's (§5.3; the values are those of the authors' "
-                "released code, α of the 0.5 non-base mass)")
+        d.table(["expert (stands for)", "mean Δavg", "× least shifted", "Eq. 4 mean weight", "paper: mean Δavg",
+                 "paper: mean weight"], rows, "This run beside the paper's (§5.3; the values are those of the "
+                "authors' released code, weights (1 − α0)·α_i: shares of the 0.5 non-base mass)")
         if _copy_png(r.out / "shift" / "shift_models.png", figdir / "shift.png"):
             d.img(f"{FIG_DIR}/shift.png", "Mean Δavg per expert and module")
     _finding_list(d, fs["shift"])

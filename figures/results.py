@@ -230,9 +230,10 @@ class Shift:
 
 @dataclass(repr=False)
 class Merge:
-    """One analyses.merge output: ``weights`` (merge_weights.csv: each tensor's or slice's coefficient per model),
-    ``info`` (merge.json: method, parameters, mean alpha per model), ``model`` (the merged LM, an HF dir
-    ``AutoModelForCausalLM.from_pretrained`` loads) and ``carriers`` (name → each carrier's dir)."""
+    """One analyses.merge output: ``weights`` (merge_weights.csv: each tensor's or slice's ``weight`` per model, ties'
+    ``trim_threshold`` instead), ``info`` (merge.json: method, parameters, ``mean_weight`` per model), ``model`` (the
+    merged LM, an HF dir ``AutoModelForCausalLM.from_pretrained`` loads) and ``carriers`` (name → each carrier's dir).
+    A merge written before 2026-12-06 (one ``alpha`` column, ``mean_alpha``) is read as if written today."""
 
     dir: Path
     weights: pd.DataFrame

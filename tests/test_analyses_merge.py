@@ -113,13 +113,13 @@ def test_eq4_equals_in_memory(zoo, tmp_path):
         base = canonical(zoo["base"])
         exps = [canonical(m) for m in models]
         got = merged_lm(out)
-        alphas = list(csv.DictReader(open(out / "merge_weights.csv")))
+        weights = list(csv.DictReader(open(out / "merge_weights.csv")))
         for name, t0 in base.items():
             d = torch.tensor([(t0 - e[name]).abs().mean() for e in exps], dtype=torch.float64)
             a = torch.softmax(d / tau, 0)
             want = 0.4 * t0.double() + 0.6 * sum(ai * e[name].double() for ai, e in zip(a, exps))
             torch.testing.assert_close(got[name].double(), want, rtol=1e-5, atol=1e-6)
-            row = {r["model"]: float(r["alpha"]) for r in alphas if r["tensor"] == name}
+            row = {r["model"]: float(r["weight"]) for r in weights if r["tensor"] == name}
             assert row[str(zoo["base"])] == pytest.approx(0.4)
             assert [row[str(m)] for m in models] == pytest.approx((0.6 * a).tolist(), rel=1e-6)
 
@@ -521,7 +521,7 @@ def test_weights_whose_sum_overflows_normalise_exactly(zoo, tmp_path):
     assert run(merge.main, "--models", *models, "--method", "average", "--out", tmp_path / "avg") == 0
     big, avg = merged_lm(tmp_path / "big"), merged_lm(tmp_path / "avg")
     assert all(torch.equal(big[k], avg[k]) for k in avg) and any(bool(v.abs().sum() > 0) for v in big.values())
-    assert json.loads((tmp_path / "big" / "merge.json").read_text())["mean_alpha"] == {str(m): 0.5 for m in models}
+    assert json.loads((tmp_path / "big" / "merge.json").read_text())["mean_weight"] == {str(m): 0.5 for m in models}
 
 
 @pytest.mark.parametrize("argv", [["--method", "task_arithmetic", "--lambda", "1e300"],
@@ -898,7 +898,7 @@ def test_output_dtype_is_the_inputs_unless_asked(zoo, tmp_path, capfd):
 def test_the_base_also_listed_in_models_keeps_its_own_records(zoo, tmp_path):
     """--base B --models B X under a method where the base takes part itself (Eq. 4's α0): merge_weights.csv wrote
     the base's α0 rows and B's expert rows under one name, so `python -m figures merge` refused a salience merge
-    as a damaged file ('repeats rows 0:16 of ...') and merge.json's mean_alpha averaged α0 with B's expert α.
+    as a damaged file ('repeats rows 0:16 of ...') and merge.json's mean weight averaged α0 with B's expert α.
     The base's records are now named '<base> (base)'."""
     import json
 
@@ -909,10 +909,10 @@ def test_the_base_also_listed_in_models_keeps_its_own_records(zoo, tmp_path):
                "--out", out) == 0
     w = pd.read_csv(out / "merge_weights.csv")
     assert not w.duplicated(["tensor", "slice", "model"]).any()
-    alpha = json.loads((out / "merge.json").read_text())["mean_alpha"]
-    assert set(alpha) == {f"{zoo['q1']} (base)", str(zoo["q1"]), str(zoo["vl"])}
-    assert alpha[f"{zoo['q1']} (base)"] == pytest.approx(0.5)
-    assert sum(alpha.values()) == pytest.approx(1.0)
+    mean = json.loads((out / "merge.json").read_text())["mean_weight"]
+    assert set(mean) == {f"{zoo['q1']} (base)", str(zoo["q1"]), str(zoo["vl"])}
+    assert mean[f"{zoo['q1']} (base)"] == pytest.approx(0.5)
+    assert sum(mean.values()) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("command", ["shift", "merge", "trajectory"])

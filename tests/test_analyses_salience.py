@@ -113,7 +113,7 @@ def test_salience_merge_equals_in_memory(zoo, runs, tmp_path, with_base):
         torch.testing.assert_close(got[name].float(), t, rtol=1e-6, atol=1e-7, msg=name)
     rows = list(csv.DictReader(open(out / "merge_weights.csv")))
     q = [r for r in rows if r["tensor"] == "layers.1.self_attn.q_proj.weight" and r["slice"] == f"rows {D}:{2 * D}"]
-    assert len(q) == 4 and sum(float(r["alpha"]) for r in q) == pytest.approx(1.0)
+    assert len(q) == 4 and sum(float(r["weight"]) for r in q) == pytest.approx(1.0)
     o = [r for r in rows if r["tensor"] == "layers.0.self_attn.o_proj.weight"]
     assert {r["slice"] for r in o} == {f"columns {h * D}:{(h + 1) * D}" for h in range(H)}
     assert json.loads((out / "merge.json").read_text())["salience"]["metric"] == "kl"
@@ -640,3 +640,139 @@ def test_normalise_salience_by_hand():
     for bad in (torch.zeros(2, 3), torch.tensor([[-1.0, 0.0], [-2.0, -0.5]])):
         with pytest.raises(ValueError, match="zero for every head"):
             normalise_salience(bad)
+
+
+# merge_weights.csv's columns (DESIGN §9: tensor, slice, model, weight): each means one thing for every method
+WEIGHTS_HEADER = ["tensor", "slice", "model", "delta_avg", "weight", "trim_threshold"]
+COLUMN_METHODS = {"average": [], "weighted": ["--weights", 3, 1, 1], "shift": ["--alpha0", 0.4],
+                  "task_arithmetic": ["--lambda", 0.3], "ties": ["--density", 0.3, "--lambda", 0.7], "salience": []}
+
+
+def _column_merge(method: str, zoo, runs, out: Path) -> list[str]:
+    """The command line of a ``method`` merge of the three experts into ``out`` (run by the caller)."""
+    experts = [zoo["vl"], zoo["ov"], zoo["au"]]
+    sal = ["--salience", *runs["dirs"]] if method == "salience" else []
+    return ["--base", zoo["base"], "--models", *experts, "--method", method, *COLUMN_METHODS[method], *sal,
+            "--quiet", "--out", out]
+
+
+def _slice_of(t: torch.Tensor, sl: str) -> torch.Tensor:
+    """The part of ``t`` a merge_weights.csv slice names ("all", "rows a:b", "columns a:b")."""
+    if sl == "all":
+        return t
+    what, span = sl.split(" ")
+    a, b = map(int, span.split(":"))
+    return t[a:b] if what == "rows" else t[:, a:b]
+
+
+@pytest.mark.parametrize("method", list(COLUMN_METHODS))
+def test_each_merge_weights_column_means_one_thing(method, zoo, runs, tmp_path):
+    """One 'alpha' column held each model's coefficient for every method but ties, where it held the trim
+    threshold. Now ``weight`` is w_i of θ_slice = Σ_i w_i θ_i,slice for every method that has one: the merged
+    slice rebuilt from the file's weights is the merged model's, the weights are the method's formula written
+    out (1/n, the normalised --weights, [1 − λn, λ, …]) and sum to 1 where they are convex (task arithmetic's too:
+    affine), and the trim threshold column is empty. Ties has no weight (empty on every row); its
+    ``trim_threshold`` is the top-k magnitude cut of each task vector computed directly, k = max(1, ⌊density ·
+    numel⌋). merge.json's means are the columns' means per model, null for the column the method leaves empty."""
+    out = tmp_path / method
+    assert run(merge.main, *_column_merge(method, zoo, runs, out)) == 0
+    with open(out / "merge_weights.csv", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames == WEIGHTS_HEADER
+    info = json.loads((out / "merge.json").read_text(encoding="utf-8"))
+    names = [str(zoo["base"]), *(str(zoo[e]) for e in ("vl", "ov", "au"))]
+    thetas = dict(zip(names, [canonical(zoo["base"]), *(canonical(zoo[e]) for e in ("vl", "ov", "au"))]))
+    base, got = thetas[names[0]], canonical(out)
+    assert {r["tensor"] for r in rows} == set(base)  # every tensor has its rows
+    col, empty = ("trim_threshold", "weight") if method == "ties" else ("weight", "trim_threshold")
+    assert all(r[empty] == "" for r in rows) and info[f"mean_{empty}"] is None
+    means = {m: sum(float(r[col]) for r in rows if r["model"] == m) / sum(r["model"] == m for r in rows)
+             for m in {r["model"] for r in rows}}
+    assert info[f"mean_{col}"] == pytest.approx(means, rel=1e-12)
+    if method == "ties":
+        assert {r["model"] for r in rows} == set(names[1:]) and len(rows) == 3 * len(base)
+        for r in rows:
+            d = (thetas[r["model"]][r["tensor"]].float() - base[r["tensor"]].float()).abs().reshape(-1)
+            k = max(1, int(0.3 * d.numel()))
+            assert float(r["trim_threshold"]) == float(torch.topk(d, k).values[-1]), (r["model"], r["tensor"])
+        return
+    slices: dict[tuple[str, str], dict[str, float]] = {}
+    for r in rows:
+        slices.setdefault((r["tensor"], r["slice"]), {})[r["model"]] = float(r["weight"])
+    direct = {"average": [1 / 3] * 3, "weighted": [3 / 5, 1 / 5, 1 / 5], "task_arithmetic": [1 - 3 * 0.3] + [0.3] * 3}
+    for (tensor, sl), w in slices.items():
+        if method in direct:
+            want = dict(zip(names if method == "task_arithmetic" else names[1:], direct[method]))
+            assert w == pytest.approx(want, rel=1e-12), (tensor, sl)
+        else:  # shift, salience: convex weights with the base's own row
+            assert set(w) == set(names) and all(0.0 <= x <= 1.0 for x in w.values()), (tensor, sl)
+        assert sum(w.values()) == pytest.approx(1.0, abs=1e-9), (tensor, sl)
+        rebuilt = sum(x * _slice_of(thetas[m][tensor].double(), sl) for m, x in w.items())
+        torch.testing.assert_close(_slice_of(got[tensor].double(), sl), rebuilt, rtol=1e-5, atol=1e-6,
+                                   msg=f"{tensor} {sl}")
+    if method == "salience":
+        assert any(sl != "all" for _, sl in slices)  # head slices, weighted by salience
+
+
+def _as_before(out: Path, method: str) -> None:
+    """Rewrite ``out``'s merge_weights.csv and merge.json as analyses.merge wrote them before 2026-12-06: one
+    ``alpha`` column (ties: the trim threshold, else the weight) after delta_avg, each cell's text as it was, and
+    merge.json's ``mean_alpha`` in place of mean_weight and mean_trim_threshold."""
+    col = "trim_threshold" if method == "ties" else "weight"
+    with open(out / "merge_weights.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    with open(out / "merge_weights.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["tensor", "slice", "model", "delta_avg", "alpha"])
+        w.writerows([r["tensor"], r["slice"], r["model"], r["delta_avg"], r[col]] for r in rows)
+    info = json.loads((out / "merge.json").read_text(encoding="utf-8"))
+    old = {}
+    for k, v in info.items():
+        if k == "mean_weight":
+            old["mean_alpha"] = info[f"mean_{col}"]
+        elif k != "mean_trim_threshold":
+            old[k] = v
+    (out / "merge.json").write_text(json.dumps(old, indent=2), encoding="utf-8")
+
+
+@pytest.mark.parametrize("method", ["salience", "ties", "task_arithmetic"])
+def test_a_merge_written_before_the_weight_column_reads_draws_and_resumes_as_before(method, zoo, runs, tmp_path,
+                                                                                      capfd):
+    """Result dirs of earlier runs hold merge_weights.csv's 'alpha' column and merge.json's mean_alpha: written
+    here by hand from a new merge (cell texts kept), they read back as the new merge does (``Merge.read``: the same
+    weights frame, ties' alpha as its trim threshold, and the same info, mean_alpha as mean_weight or ties'
+    mean_trim_threshold), ``python -m figures merge`` draws a salience merge's the same (the same PNG bytes), and
+    the same command again finds it finished (exit 0, nothing rewritten) while other options are refused as before."""
+    import pandas as pd
+
+    from figures.__main__ import main as figures_main
+    from figures.merge import draw_merge
+    from figures.results import Merge
+
+    new, old = tmp_path / "new", tmp_path / "old"
+    assert run(merge.main, *_column_merge(method, zoo, runs, new)) == 0
+    shutil.copytree(new, old)
+    _as_before(old, method)
+    assert (old / "merge_weights.csv").read_text(encoding="utf-8").startswith("tensor,slice,model,delta_avg,alpha\n")
+    a, b = Merge.read(new), Merge.read(old)
+    pd.testing.assert_frame_equal(a.weights, b.weights)
+    assert a.info == b.info and b.info["mean_trim_threshold" if method == "ties" else "mean_weight"]
+    if method == "salience":
+        assert {k: v.tolist() for k, v in a.head_weights().items()} == {k: v.tolist()
+                                                                        for k, v in b.head_weights().items()}
+        draw_merge(new)  # both drawn by this process (the merge drew them too)
+        assert run(figures_main, "merge", old) == 0
+        assert (old / "merge_heads.png").read_bytes() == (new / "merge_heads.png").read_bytes()
+    before = {p: p.read_bytes() for p in old.rglob("*") if p.is_file()}
+    capfd.readouterr()
+    assert run(merge.main, *_column_merge(method, zoo, runs, old)) == 0
+    assert "already" in capfd.readouterr().out
+    assert {p: p.read_bytes() for p in old.rglob("*") if p.is_file()} == before
+    other = _column_merge(method, zoo, runs, old)
+    other[other.index("--models") + 3:other.index("--models") + 4] = []  # two experts, not three
+    if method == "salience":
+        other.remove(runs["dirs"][2])
+    assert run(merge.main, *other) == 2
+    assert "holds a finished analyses.merge output of other options or inputs" in capfd.readouterr().err
+    assert {p: p.read_bytes() for p in old.rglob("*") if p.is_file()} == before

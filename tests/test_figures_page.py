@@ -52,26 +52,30 @@ def write_heads(d: Path, layers: int, heads: int, seed: int = 0) -> Path:
     return d
 
 
-def write_merge(d: Path, participants: int, layers: int = 4, heads: int = 8) -> Path:
-    """A salience merge's merge_weights.csv and merge.json, with a salience run per expert (the base has none)."""
+def write_merge(d: Path, participants: int, layers: int = 4, heads: int = 8, legacy: bool = False) -> Path:
+    """A salience merge's merge_weights.csv and merge.json, with a salience run per expert (the base has none);
+    ``legacy``: as analyses.merge wrote them before 2026-12-06 (the weight in an alpha column, mean_alpha)."""
     import pandas as pd
 
     rng = np.random.default_rng(0)
     names = [str(d.parent / "zoo" / f"expert-{k}") for k in range(participants)]
-    alpha = rng.dirichlet(np.ones(participants), size=(layers, heads))
-    rows = [[f"layers.{l}.self_attn.q_proj.weight", f"rows {16 * h}:{16 * (h + 1)}", m, None, alpha[l, h, k]]
+    weight = rng.dirichlet(np.ones(participants), size=(layers, heads))
+    rows = [[f"layers.{l}.self_attn.q_proj.weight", f"rows {16 * h}:{16 * (h + 1)}", m, None, weight[l, h, k], None]
             for k, m in enumerate(names) for l in range(layers) for h in range(heads)]
     # the tensors outside the head slices: Eq. 4's alpha0 for the base, the rest by shift
     rest = [0.5, *(0.5 * rng.dirichlet(np.ones(participants - 1)))] if participants > 1 else [1.0]
-    rows += [["embed_tokens.weight", "all", m, None if k == 0 else 0.001, rest[k]] for k, m in enumerate(names)]
+    rows += [["embed_tokens.weight", "all", m, None if k == 0 else 0.001, rest[k], None] for k, m in enumerate(names)]
     d.mkdir(parents=True, exist_ok=True)
-    df = pd.DataFrame(rows, columns=["tensor", "slice", "model", "delta_avg", "alpha"])
+    df = pd.DataFrame(rows, columns=["tensor", "slice", "model", "delta_avg", "weight", "trim_threshold"])
+    if legacy:
+        df = df.drop(columns="trim_threshold").rename(columns={"weight": "alpha"})
     df.to_csv(d / "merge_weights.csv", index=False)
     runs = [str(write_heads(d.parent / "sal" / f"e{k}", layers, heads, seed=k)) for k in range(1, participants)]
-    (d / "merge.json").write_text(json.dumps({  # as analyses.merge writes it: participants, tensors, mean alphas
+    means = {"mean_alpha": df.groupby("model")["alpha"].mean().to_dict()} if legacy else {
+        "mean_weight": df.groupby("model")["weight"].mean().to_dict(), "mean_trim_threshold": None}
+    (d / "merge.json").write_text(json.dumps({  # as analyses.merge writes it: participants, tensors, mean weights
         "method": "salience", "base": names[0], "models": names[1:], "reference": names[0],
-        "n_tensors": int(df["tensor"].nunique()), "mean_alpha": df.groupby("model")["alpha"].mean().to_dict(),
-        "salience": {"runs": runs, "metric": "kl"}}))
+        "n_tensors": int(df["tensor"].nunique()), **means, "salience": {"runs": runs, "metric": "kl"}}))
     return d
 
 

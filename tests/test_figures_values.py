@@ -121,10 +121,10 @@ def head_rows(d: Path, edit) -> None:
 VL = "rows 16:32"  # head 1's slice in write_merge's 16-row heads
 MERGE_DAMAGE = {  # what was drawn silently: a slice as a head it is not, a cell twice, a blank cell, a clipped one
     "uneven-slice": (lambda w: w.assign(slice=w["slice"].replace(VL, "rows 16:40")), "is not one head's rows"),
-    "repeated-slice": (lambda w: pd.concat([w, w.iloc[[3]].assign(alpha=0.99)]), "repeats rows 48:64"),
+    "repeated-slice": (lambda w: pd.concat([w, w.iloc[[3]].assign(weight=0.99)]), "repeats rows 48:64"),
     "missing-head": (lambda w: w.drop(index=5), "no weight of layer 0 head 5"),
-    "alpha-above-1": (lambda w: w.assign(alpha=w["alpha"].where(w.index != 2, 2.0)), "alpha 2 of a head slice"),
-    "alpha-empty": (lambda w: w.assign(alpha=w["alpha"].where(w.index != 2, np.nan)), "alpha nan of a head slice"),
+    "weight-above-1": (lambda w: w.assign(weight=w["weight"].where(w.index != 2, 2.0)), "weight 2 of a head slice"),
+    "weight-empty": (lambda w: w.assign(weight=w["weight"].where(w.index != 2, np.nan)), "weight nan of a head slice"),
 }
 
 
@@ -557,7 +557,9 @@ def merge_json(**changes):
 # (or a traceback): a blank or clipped cell from a NaN, an inf or a cut file, a stale map beside new ones
 DAMAGE_BUILD = {"heads": (write_heads_dir, "heads.csv"), "eval": (eval_with_subjects, "scores.csv"),
                 "shift": (write_shift_dir, "shift.csv"), "trajectory": (write_trajectory_dir, "coords.csv"),
-                "merge": (lambda d: write_merge(d, 3), "merge_weights.csv")}
+                "merge": (lambda d: write_merge(d, 3), "merge_weights.csv"),
+                # a merge written before 2026-12-06 (one alpha column, mean_alpha): refused as it was then
+                "merge-legacy": (lambda d: write_merge(d, 3, legacy=True), "merge_weights.csv")}
 EMBED_BASE = -3  # write_merge's last rows: embed_tokens.weight of the base, then of each expert
 DAMAGE = {
     "heads-kl-nan": ("heads", set_cell(1, "kl", "nan"), "column kl must hold a finite number"),
@@ -581,19 +583,38 @@ DAMAGE = {
     "trajectory-map-unrecorded": ("trajectory", lambda p: (p.parent / "run.json").write_text(json.dumps(
         {**json.loads((p.parent / "run.json").read_text()), "maps": {"norms": ["pca"], "sketch": ["pca", "tsne"]}})),
         "a tsne map of norms, which run.json does not record"),
-    "merge-alpha-nan": ("merge", set_cell(EMBED_BASE, "alpha", "nan"), "alpha must be a finite number"),
-    "merge-alpha-inf": ("merge", set_cell(EMBED_BASE, "alpha", "inf"), "alpha must be a finite number"),
-    "merge-alpha-empty": ("merge", set_cell(EMBED_BASE, "alpha", ""), "alpha must be a finite number"),
-    "merge-alpha-negative": ("merge", set_cell(EMBED_BASE, "alpha", "-0.3"), "must be a weight in [0, 1]"),
-    "merge-alpha-2.5": ("merge", set_cell(EMBED_BASE, "alpha", "2.5"), "must be a weight in [0, 1]"),
-    "merge-not-summing-to-1": ("merge", set_cell(EMBED_BASE, "alpha", "0.1"), "do not sum to 1"),
+    "merge-weight-nan": ("merge", set_cell(EMBED_BASE, "weight", "nan"), "weight must be a finite number"),
+    "merge-weight-inf": ("merge", set_cell(EMBED_BASE, "weight", "inf"), "weight must be a finite number"),
+    "merge-weight-empty": ("merge", set_cell(EMBED_BASE, "weight", ""), "weight must be a finite number"),
+    "merge-weight-negative": ("merge", set_cell(EMBED_BASE, "weight", "-0.3"), "must be a weight in [0, 1]"),
+    "merge-weight-2.5": ("merge", set_cell(EMBED_BASE, "weight", "2.5"), "must be a weight in [0, 1]"),
+    "merge-not-summing-to-1": ("merge", set_cell(EMBED_BASE, "weight", "0.1"), "do not sum to 1"),
+    # a second meaning in a salience merge's rows: ties' trim threshold beside its weight
+    "merge-threshold-of-salience": ("merge", set_cell(EMBED_BASE, "trim_threshold", "0.01"),
+                                    "its trim_threshold must be empty"),
+    "merge-weight-column-gone": ("merge", drop_column("weight"), "missing column weight"),
     "merge-ghost-model": ("merge", set_cell(EMBED_BASE, "model", "ghost"), "not one of the merge's"),
     "merge-row-twice": ("merge", lambda p: p.write_text(p.read_text() + p.read_text().splitlines()[-1] + "\n"),
-                        "repeats a model's alpha"),
+                        "repeats a model's weight"),
     "merge-row-lost": ("merge", drop_line(-1), "lacks a row of one of the 3 participants"),
     "merge-slice-lost": ("merge", lambda p: [drop_line(-1)(p) for _ in range(3)], "merge.json records"),
     "merge-method-gone": ("merge", merge_json(method=None), "merge.json: method None is not one of"),
     "merge-method-bogus": ("merge", merge_json(method="running"), "method 'running' is not one of"),
+    "merge-mean-weight-edited": ("merge", merge_json(mean_weight={"x": 0.5}), "merge.json records 5 and mean_weight"),
+    # one file of each age: the files of two merges
+    "merge-new-weights-old-json": ("merge", merge_json(mean_alpha={"x": 0.5}, mean_weight=None,
+                                                       mean_trim_threshold=None),
+                                   "merge.json is as analyses.merge wrote it before 2026-12-06"),
+    "merge-old-weights-new-json": ("merge-legacy", merge_json(mean_alpha=None, mean_weight={"x": 0.5}),
+                                   "merge_weights.csv is as analyses.merge wrote it before 2026-12-06"),
+    "merge-legacy-alpha-nan": ("merge-legacy", set_cell(EMBED_BASE, "alpha", "nan"), "alpha must be a finite number"),
+    "merge-legacy-alpha-2.5": ("merge-legacy", set_cell(EMBED_BASE, "alpha", "2.5"),
+                               "alpha of a salience merge must be a weight in [0, 1]"),
+    "merge-legacy-not-summing-to-1": ("merge-legacy", set_cell(EMBED_BASE, "alpha", "0.1"),
+                                      "alphas of this tensor slice do not sum to 1"),
+    "merge-legacy-row-lost": ("merge-legacy", drop_line(-1), "lacks a row of one of the 3 participants"),
+    "merge-legacy-slice-lost": ("merge-legacy", lambda p: [drop_line(-1)(p) for _ in range(3)],
+                                "merge.json records 5 and mean_alpha"),
 }
 
 
@@ -604,7 +625,7 @@ def test_redraw_refuses_damaged_or_cut_results(case, tmp_path, capsys):
     d = build(tmp_path / "r")
     edit(d / name)
     before = snapshot(tmp_path)
-    line = one_error_line(figures_cli(kind, d), capsys.readouterr().err)
+    line = one_error_line(figures_cli(kind.removesuffix("-legacy"), d), capsys.readouterr().err)
     assert words in line and str(d) in line, line
     assert snapshot(tmp_path) == before
 

@@ -218,16 +218,17 @@ def test_shift_merge_of_a_base_with_more_vocab_rows_uses_the_common_rows(zoo, tm
             assert got[name].shape[0] == 136 and torch.equal(got[name][128:], t0[128:])
         r = {x["model"]: x for x in rows if x["tensor"] == name}
         assert r[str(zoo["big_base"])]["delta_avg"] == ""  # the base has no shift from itself
-        assert float(r[str(zoo["big_base"])]["alpha"]) == pytest.approx(0.3)
+        assert float(r[str(zoo["big_base"])]["weight"]) == pytest.approx(0.3)
         for e, de, ai in zip(experts, d, a.tolist()):
             assert float(r[str(e)]["delta_avg"]) == pytest.approx(de, rel=1e-6)
-            assert float(r[str(e)]["alpha"]) == pytest.approx(0.7 * ai, rel=1e-6)
+            assert float(r[str(e)]["weight"]) == pytest.approx(0.7 * ai, rel=1e-6)
         want_delta[name] = d
     report = json.loads((out / "merge.json").read_text())
     for m in [zoo["big_base"], *experts]:
-        alphas = [float(x["alpha"]) for x in rows if x["model"] == str(m)]
-        assert len(alphas) == len(base)
-        assert report["mean_alpha"][str(m)] == pytest.approx(sum(alphas) / len(alphas), rel=1e-12)
+        weights = [float(x["weight"]) for x in rows if x["model"] == str(m)]
+        assert len(weights) == len(base) and all(x["trim_threshold"] == "" for x in rows)
+        assert report["mean_weight"][str(m)] == pytest.approx(sum(weights) / len(weights), rel=1e-12)
+    assert report["mean_trim_threshold"] is None
 
 
 def test_task_arithmetic_with_a_negative_lambda(zoo, tmp_path):
@@ -247,7 +248,7 @@ def test_task_arithmetic_with_a_negative_lambda(zoo, tmp_path):
 @pytest.mark.parametrize("method, extra", [("average", []), ("weighted", ["--weights", 3, 1])])
 def test_average_and_weighted_with_a_base_write_no_base_rows(zoo, tmp_path, method, extra):
     """--base only supplies config, tokenizer and extra vocabulary rows for average/weighted (``--help``): it has
-    no weight, so merge_weights.csv and merge.json's mean_alpha list the models only."""
+    no weight, so merge_weights.csv and merge.json's mean_weight list the models only."""
     from analyses import merge
 
     experts = [zoo["vl"], zoo["q1"]]
@@ -258,9 +259,9 @@ def test_average_and_weighted_with_a_base_write_no_base_rows(zoo, tmp_path, meth
     assert {r["model"] for r in rows} == {str(e) for e in experts}
     want = [0.5, 0.5] if method == "average" else [0.75, 0.25]
     report = json.loads((out / "merge.json").read_text())
-    assert report["mean_alpha"] == pytest.approx({str(e): w for e, w in zip(experts, want)})
+    assert report["mean_weight"] == pytest.approx({str(e): w for e, w in zip(experts, want)})
     for r in rows:
-        assert r["delta_avg"] == "" and float(r["alpha"]) == pytest.approx(want[experts.index(Path(r["model"]))])
+        assert r["delta_avg"] == "" and float(r["weight"]) == pytest.approx(want[experts.index(Path(r["model"]))])
 
 
 def test_shift_summary_recomputed_from_the_tensors(zoo, tmp_path):
@@ -359,7 +360,7 @@ def test_salience_rest_layer_equals_in_memory(zoo, tmp_path, with_base):
     for name, t in want.items():
         torch.testing.assert_close(got[name].float(), t, rtol=1e-6, atol=1e-7, msg=name)
     rows = _csv(out / "merge_weights.csv")
-    up = {r["model"]: float(r["alpha"]) for r in rows if r["tensor"] == "layers.1.mlp.up_proj.weight"}
+    up = {r["model"]: float(r["weight"]) for r in rows if r["tensor"] == "layers.1.mlp.up_proj.weight"}
     assert sum(up.values()) == pytest.approx(1.0) and up[str(zoo["vl"])] > up[str(zoo["au"])]
 
 

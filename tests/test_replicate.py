@@ -426,14 +426,14 @@ def test_report_numbers_equal_the_stage_outputs(quick: Path) -> None:
             r = _row(s3, model, "text")
             _expect(row[-1], [r["diff_accuracy"], r["diff_lo"], r["diff_hi"]])
 
-    # shift: mean Δavg per expert against shift/summary.json, α against merge/shift/merge.json
+    # shift: mean Δavg per expert against shift/summary.json, mean weight against merge/shift/merge.json
     per = json.loads((quick / "shift" / "summary.json").read_text())["per_model"]
-    alpha = json.loads((quick / "merge" / "shift" / "merge.json").read_text())["mean_alpha"]
+    weight = json.loads((quick / "merge" / "shift" / "merge.json").read_text())["mean_weight"]
     rows = _tables(_section(md, "Parameter shift"))[0]
     for row, e in zip(rows[1:], experts):
         assert row[0].startswith(e)
         assert float(row[1]) == pytest.approx(per[e]["mean_delta_avg"], rel=1e-3)
-        assert float(row[3]) == pytest.approx(alpha[e], abs=6e-4)
+        assert float(row[3]) == pytest.approx(weight[e], abs=6e-4)
 
     # Table 4: the merged LMs (named by their directories in scores.csv) on text
     s4 = _scores(quick / "table4")
