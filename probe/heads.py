@@ -102,10 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=METHODS, default="exact",
                    help="exact: cached-residual batched sweep; naive: one full run per head (oracle); "
                    "attribution: first-order gradient estimate (approximate)")
-    p.add_argument("--batch-size", type=int, default=8, help="masked rows per forward (exact engine)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="masked rows per forward (exact engine); halved for the rest of the run where a batch runs "
+                        "out of memory")
     p.add_argument("--attribution-items", type=int, default=1,
                    help="items per forward + backward of --method attribution; several are right-padded into one "
-                        "pass, same numbers, more memory (README, On GPUs)")
+                        "pass, same numbers, more memory (README, On GPUs); halved where a pass runs out of memory")
     add_placement_args(p, "masking does not depend on it; recorded with the results")
     p.add_argument("--no-generate", action="store_true",
                    help="skip greedy generation: accuracy left empty (NaN), much faster (prob_accuracy and KL only)")

@@ -929,8 +929,8 @@ def _oom_in_layers_above(monkeypatch, k: int, when: str = "any") -> list[bool]:
     return freed
 
 
-BACK_OFF = re.compile(r"out of memory in GPU 0 \(tried to allocate 2\.00 GiB\) on a batch of (\d+) (masked rows|items): "
-                      r"batches of at most (\d+) for the rest of this run\n")
+BACK_OFF = re.compile(r"out of memory in GPU 0 \(tried to allocate 2\.00 GiB\) on a batch of (\d+) "
+                      r"(masked rows|items): batches of at most (\d+) for the rest of this run\n")
 
 
 def _assert_same_sweep(got: Path, want: Path, atol: float) -> float:
