@@ -245,7 +245,7 @@ def output_hashes(out: Path) -> dict[str, str]:
 
 # ---- fakes: what replaces the model (the commands' own writers stay) ----
 
-def fake_heads_engine(loaded, items, pairs, cfg, progress=lambda n: None):
+def fake_heads_engine(loaded, items, pairs, cfg, progress=lambda n: None, limit=None):
     """``naive_sweep``'s rows (probe.sweep.measurement_row, same order) from seeded random option log-probs."""
     import torch
 

@@ -15,7 +15,8 @@ RoPE, M-RoPE's too), each row with its own gates, so rows stay independent and o
 Jacobian; tests/test_engines.py holds the batched numbers to the one-item ones. The default is one item a pass:
 on an H200 (Qwen2-VL-7B, bf16, shapes warmed up) 8 items a pass cost 0.19 s an item against 0.17 s one at a time
 (padding puts attention on its masked, slower kernels) and 77 GiB against 23 GiB; it may pay for many short
-prompts.
+prompts. A pass that runs out of memory is halved and retried, and the rest of the run holds the smaller number of
+items a pass (``probe.batch.run_halving``, as the exact engine and probe.eval do).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from probe.batch import collate, pad_token, plan_batches
+from probe.batch import BatchLimit, collate, pad_token, plan_batches, run_halving
 from probe.masking import HeadMask
 from probe.metrics import letter_log_probs
 from probe.models import LoadedModel
@@ -89,7 +90,12 @@ def attribution_sweep(
     heads: Sequence[tuple[int, int]],
     cfg: SweepConfig,
     progress: Callable[[int], None] = lambda n: None,
+    limit: BatchLimit | None = None,
 ) -> list[dict]:
+    """Estimated rows in ``naive_sweep``'s order. ``limit``: items per forward + backward (default
+    ``cfg.attribution_items``), halved where a pass runs out of memory and kept so for later calls given the same
+    limit (``run_halving``); items are still prepared ``cfg.attribution_items`` at a time."""
+    limit = limit if limit is not None else BatchLimit(cfg.attribution_items, scope="this sweep")
     rows: list[dict] = []
     n = cfg.attribution_items
     for start in range(0, len(items), n):
@@ -97,10 +103,14 @@ def attribution_sweep(
         prepared = [prepare_item(loaded, item, cfg) for item in chunk]
         inputs = [p[0] for p in prepared]
         got: list = [None] * len(chunk)
-        for idx in plan_batches(inputs, n, max_padding=None):
-            for i, zj in zip(idx, option_logit_jacobians(loaded, [inputs[i] for i in idx],
-                                                         [prepared[i][1] for i in idx])):
+
+        def keep(idx: list[int], jacobians: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+            for i, zj in zip(idx, jacobians):
                 got[i] = zj
+
+        for idx in plan_batches(inputs, limit.rows, max_padding=None):
+            run_halving(loaded, idx, limit, lambda rows: option_logit_jacobians(
+                loaded, [inputs[i] for i in rows], [prepared[i][1] for i in rows]), keep)
         for item, (z, jac) in zip(chunk, got):
             # on the CPU once: one small op and one device sync per head would cost more than the backward (an H200
             # spent about 0.3 s an item on them for Qwen2-VL-7B's 784 heads)

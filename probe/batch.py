@@ -18,14 +18,15 @@ left-padded one, and the most padded one of another kind of row, by which media 
 ``BatchDisagrees`` if they differ: a transformers release that mishandled padding (positions, M-RoPE indices, the
 mask) or the media of a batch in ``generate`` would otherwise make an evaluation silently wrong.
 A batch that runs out of memory is halved and retried, down to one item, and the rest of that (model, data set)
-runs at the smaller size (``BatchLimit``, ``measure_rows``): results are those of that batch size.
+runs at the smaller size (``BatchLimit``, ``run_halving``, which the head sweep's engines share): results are those of
+that batch size.
 """
 from __future__ import annotations
 
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence, TypeVar
 
 import torch
 
@@ -130,13 +131,15 @@ def say_on_stderr(line: str) -> None:
 
 @dataclass
 class BatchLimit:
-    """Rows per forward in ``evaluate_items`` of one (model, data set): ``size`` as asked; ``rows`` the cap in force,
-    halved wherever a batch ran out of memory and kept for the rest of the pair (a later batch of the old size would
-    most likely run out too); ``largest`` the most rows a forward that ran held. ``say`` prints the line of each
-    back-off."""
+    """Rows per forward in ``evaluate_items`` of one (model, data set), or in a head sweep's engine for the rest of
+    its process (probe.heads): ``size`` as asked; ``rows`` the cap in force, halved wherever a batch ran out of
+    memory and kept for the rest of the pair (``run_halving``); ``largest`` the most rows a forward that ran held.
+    ``say`` prints the line of each back-off."""
 
     size: int
     say: Callable[[str], None] = say_on_stderr
+    unit: str = "items"  # what a row is, and how long the cap holds, as the back-off line says
+    scope: str = "this model and data set"
     rows: int = field(init=False)
     largest: int = 0
 
@@ -173,6 +176,10 @@ def plan_batches(inputs: Sequence[dict[str, torch.Tensor]], batch_size: int,
             real += n
         batches.append(batch)
     return batches
+
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class BatchDisagrees(RunStopped):
@@ -329,35 +336,49 @@ def measure_rows(loaded: LoadedModel, idx: list[int], prepared: Sequence[tuple[d
                  cfg: SweepConfig, limit: BatchLimit, got: list[Measurement | None], ran: list[list[int]],
                  progress: Callable[[int], None]) -> None:
     """Measure the rows ``idx`` (one batch of the plan, sorted by length) into ``got``, in batches of at most
-    ``limit.rows`` (in order, each appended to ``ran``). A batch whose forward or generation runs out of memory
-    (``out_of_memory``) is halved and retried, and ``limit.rows`` stays at the half for the rest of the pair; each
-    item's numbers are then those of the smaller batches (the run-time guard checks the batches that ran). Out of
-    memory with one item, or any other error, ends the run as before."""
-    pending = [idx]  # a stack, the next batch last
+    ``limit.rows`` (in order, each appended to ``ran``), halving a batch that runs out of memory (``run_halving``);
+    each item's numbers are then those of the smaller batches (the run-time guard checks the batches that ran)."""
+    def keep(rows: list[int], measured: list[Measurement]) -> None:
+        for i, m in zip(rows, measured):
+            got[i] = m
+        ran.append(rows)
+        progress(len(rows))
+
+    run_halving(loaded, idx, limit,
+                lambda rows: measure_batch(loaded, [prepared[i][0] for i in rows], [prepared[i][1] for i in rows], cfg),
+                keep)
+
+
+def run_halving(loaded: LoadedModel, rows: Sequence[T], limit: BatchLimit, measure: Callable[[list[T]], R],
+                keep: Callable[[list[T], R], None]) -> None:
+    """Run ``rows`` in order, in batches of at most ``limit.rows``: ``measure(batch)``, then ``keep(batch, what it
+    gave)``. A batch whose ``measure`` runs out of memory (``out_of_memory``) is halved and retried once its memory is
+    freed, and ``limit.rows`` stays at the half for whatever runs under ``limit`` later (a later batch of the old size
+    would most likely run out too); ``limit.say`` prints one line a back-off. ``measure`` must change nothing that a
+    retry would see (``keep`` stores). Out of memory with one row, any other error, or any error in ``keep`` (a
+    guard's own forward) ends the run as before. Shared by probe.eval's batches and the head sweep's engines."""
+    pending = [list(rows)]  # a stack, the next batch last
     while pending:
-        rows = pending.pop()
-        if len(rows) > limit.rows:  # planned before a back-off, or the halves of the batch that failed
-            pending += [rows[s:s + limit.rows] for s in range(0, len(rows), limit.rows)][::-1]
+        batch = pending.pop()
+        if len(batch) > limit.rows:  # planned before a back-off, or the halves of the batch that failed
+            pending += [batch[s:s + limit.rows] for s in range(0, len(batch), limit.rows)][::-1]
             continue
         try:
-            measured = measure_batch(loaded, [prepared[i][0] for i in rows], [prepared[i][1] for i in rows], cfg)
+            measured = measure(batch)
         except (RuntimeError, MemoryError) as exc:
-            if (where := out_of_memory(exc)) is None or len(rows) == 1:
+            if (where := out_of_memory(exc)) is None or len(batch) == 1:
                 raise
         else:
-            for i, m in zip(rows, measured):
-                got[i] = m
-            ran.append(rows)
-            limit.largest = max(limit.largest, len(rows))
-            progress(len(rows))
+            limit.largest = max(limit.largest, len(batch))
+            keep(batch, measured)
             continue
         # out of the except block, so the exception and its traceback are gone: its frames held the failed batch's
         # padded inputs, activations and cache, which must be freed before the retry
         free_memory(loaded)
-        limit.rows = (len(rows) + 1) // 2
-        limit.say(f"out of memory in {where} on a batch of {len(rows)} items: batches of at most {limit.rows} "
-                  "for the rest of this model and data set")
-        pending.append(rows)
+        limit.rows = (len(batch) + 1) // 2
+        limit.say(f"out of memory in {where} on a batch of {len(batch)} {limit.unit}: batches of at most "
+                  f"{limit.rows} for the rest of {limit.scope}")
+        pending.append(batch)
 
 
 def free_memory(loaded: LoadedModel) -> None:

@@ -11,7 +11,9 @@ ones (then a batch holds heads of one layer).
 Calls into transformers internals (a decoder layer called directly, KV caches built by hand) go through
 probe/upstream.py. As a run-time guard, the first item of every call also recomputes its deepest masked row with
 the naive oracle and stops the run if the two disagree (``EngineDisagrees``), so an upstream change cannot
-make a sweep silently wrong.
+make a sweep silently wrong. A batch of masked rows whose forward or greedy continuation runs out of memory is
+halved and retried, and the rest of the run stays at the smaller size (``probe.batch.run_halving``, shared with
+probe.eval); out of memory at one row ends the run with one line, as before.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from probe.batch import pad_token
+from probe.batch import BatchLimit, pad_token, run_halving
 from probe.errors import RunStopped
 from probe.masking import HeadMask, mask_heads
 from probe.metrics import option_log_probs
@@ -222,19 +224,37 @@ def check_against_naive(
             "(see probe/upstream.py). Nothing was written for this chunk; use --method naive meanwhile")
 
 
+def measure_masked(loaded: LoadedModel, clean: CleanPass, batch: Sequence[tuple[int, int]], letter_ids: list[int],
+                   cfg: SweepConfig) -> list[Measurement]:
+    """One batch of masked rows (sorted by layer; one layer when generating): per row its option log-probs and, when
+    generating, its greedy text. Builds its own KV cache from the clean one, so a retry starts afresh."""
+    layer = batch[0][0]
+    cache = prefix_cache(clean.cache, layer, len(batch)) if cfg.generate else None
+    logits = run_rows(loaded, clean, batch, cache)
+    texts: list[str | None] = [None] * len(batch)
+    bad: list[int | None] = [None] * len(batch)
+    if cfg.generate:
+        gates = {layer: head_gates(len(batch), loaded.geometry.n_heads, [h for _, h in batch])}
+        texts, bad = greedy_continue(loaded, logits, cache, gates, cfg.max_new_tokens, clean.last_position)
+    logp = option_log_probs(logits, letter_ids).cpu()
+    return [Measurement(logp[r], texts[r], bad[r]) for r in range(len(batch))]
+
+
 def exact_sweep(
     loaded: LoadedModel,
     items: Sequence[ItemLike],
     heads: Sequence[tuple[int, int]],
     cfg: SweepConfig,
     progress: Callable[[int], None] = lambda n: None,
+    limit: BatchLimit | None = None,
 ) -> list[dict]:
-    n_heads = loaded.geometry.n_heads
+    """Rows of ``naive_sweep``'s order and numbers. ``limit``: masked rows per forward (default ``cfg.batch_size``),
+    halved where a batch runs out of memory and kept so for later calls given the same limit (``run_halving``)."""
+    limit = limit if limit is not None else BatchLimit(cfg.batch_size, unit="masked rows", scope="this sweep")
     ordered = sorted(heads)  # by layer, so rows join the batch as the pass reaches their layer
     # decoding needs a KV cache per batch, hence batches of a single layer
     groups = [list(g) for _, g in groupby(ordered, key=lambda p: p[0])] if cfg.generate else [ordered]
-    batches = [g[s:s + cfg.batch_size] for g in groups for s in range(0, len(g), cfg.batch_size)]
-    guarded = batches[-1][-1] if batches else None  # the deepest row: it crosses the most engine-built state
+    guarded = ordered[-1] if ordered else None  # the deepest row: it crosses the most engine-built state
     rows: list[dict] = []
     for n_item, item in enumerate(items):
         inputs, letter_ids = prepare_item(loaded, item, cfg)
@@ -248,21 +268,15 @@ def exact_sweep(
         rows.append(measurement_row(item, BASELINE, BASELINE, Measurement(base_logp, text, base_overflow), base_logp))
         progress(1)
         item_rows: dict[tuple[int, int], dict] = {}
-        for batch in batches:
-            layer = batch[0][0]
-            cache = prefix_cache(clean.cache, layer, len(batch)) if cfg.generate else None
-            logits = run_rows(loaded, clean, batch, cache)
-            texts: list[str | None] = [None] * len(batch)
-            bad: list[int | None] = [None] * len(batch)
-            if cfg.generate:
-                gates = {layer: head_gates(len(batch), n_heads, [h for _, h in batch])}
-                texts, bad = greedy_continue(loaded, logits, cache, gates, cfg.max_new_tokens, clean.last_position)
-            logp = option_log_probs(logits, letter_ids).cpu()
-            for r, (layer, head) in enumerate(batch):
-                m = Measurement(logp[r], texts[r], bad[r])
+
+        def keep(batch: list[tuple[int, int]], measured: list[Measurement]) -> None:
+            for (layer, head), m in zip(batch, measured):  # the guard checks a row that ran, whatever its batch
                 if n_item == 0 and (layer, head) == guarded:
                     check_against_naive(loaded, item, inputs, letter_ids, guarded, m, cfg)
                 item_rows[(layer, head)] = measurement_row(item, layer, head, m, base_logp)
             progress(len(batch))
+
+        for group in groups:
+            run_halving(loaded, group, limit, lambda batch: measure_masked(loaded, clean, batch, letter_ids, cfg), keep)
         rows.extend(item_rows[pair] for pair in heads)  # same row order as the naive loop
     return rows

@@ -21,6 +21,7 @@ from probe.errors import (ArgParser, BadInput, ascii_int, check_counts, check_ou
 from probe.families import ALIASES
 
 if TYPE_CHECKING:  # annotations only: the command imports the model code when it runs, not for --help
+    from probe.batch import BatchLimit
     from probe.devices import Placement
     from probe.mmmu import Item
     from probe.models import ModelRef
@@ -101,10 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=METHODS, default="exact",
                    help="exact: cached-residual batched sweep; naive: one full run per head (oracle); "
                    "attribution: first-order gradient estimate (approximate)")
-    p.add_argument("--batch-size", type=int, default=8, help="masked rows per forward (exact engine)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="masked rows per forward (exact engine); halved for the rest of the run where a batch runs "
+                        "out of memory")
     p.add_argument("--attribution-items", type=int, default=1,
                    help="items per forward + backward of --method attribution; several are right-padded into one "
-                        "pass, same numbers, more memory (README, On GPUs)")
+                        "pass, same numbers, more memory (README, On GPUs); halved where a pass runs out of memory")
     add_placement_args(p, "masking does not depend on it; recorded with the results")
     p.add_argument("--no-generate", action="store_true",
                    help="skip greedy generation: accuracy left empty (NaN), much faster (prob_accuracy and KL only)")
@@ -365,6 +368,13 @@ def run(args: argparse.Namespace) -> Path:
         "placement": placement.record(),
         "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    # per process that computed parts (those of the runs it resumed first): its chunks, the batch size asked
+    # (--batch-size, or --attribution-items), the largest batch that ran and the size an out-of-memory back-off left
+    # (BatchLimit.record). Outside the plan: how the numbers were batched, not what was asked (they move in the last
+    # bits, as --batch-size does)
+    kept_batching = saved.get("batching")
+    batching: list[Any] = run_info.setdefault("batching", list(kept_batching) if isinstance(kept_batching, list)
+                                              else [])
     t0 = time.perf_counter()
     if todo:
         from probe.models import load_model
@@ -392,9 +402,15 @@ def run(args: argparse.Namespace) -> Path:
                     print(warning, file=sys.stderr)
             bar = _progress(sum(len(chunks[c]) for c in todo) * (len(pairs) + 1), args.quiet,
                             f"{ref.family.name} {plan.method}")
+            limit = batch_limit(plan.method, args, bar)
+            extra = {"limit": limit} if limit is not None else {}
+            if limit is not None:  # this process's entry, kept up to date (a stopped run's run.json shows it too)
+                batching.append(ran := {"chunks": []} | limit.record())
             for c in todo:
-                rows = engine(loaded, chunks[c], pairs, cfg, progress=bar.update)
+                rows = engine(loaded, chunks[c], pairs, cfg, progress=bar.update, **extra)
                 atomic_write_parquet(part_path(out, c), pd.DataFrame.from_records(rows))
+                if limit is not None:
+                    ran |= {"chunks": ran["chunks"] + [c]} | limit.record()
         bar.close()
     missing = [c for c in range(len(chunks)) if not part_path(out, c).is_file()]
     if missing:  # other ranks still working; the last one to finish assembles
@@ -418,6 +434,20 @@ def run(args: argparse.Namespace) -> Path:
     atomic_write_json(out / "run.json", run_info)
     _print_summary(out, heads)
     return out
+
+
+def batch_limit(method: str, args: argparse.Namespace, bar: Any) -> BatchLimit | None:
+    """The batch cap the exact and attribution engines share over this process's chunks (``probe.batch.BatchLimit``:
+    halved where a batch runs out of memory, for the rest of the run), its back-off lines written past the progress
+    bar unless --quiet, as probe.eval does; None for the naive engine, which runs one row a forward."""
+    from probe.batch import BatchLimit
+
+    say = (lambda line: None) if args.quiet else (lambda line: bar.write(line, file=sys.stderr))
+    if method == "exact":
+        return BatchLimit(args.batch_size, say, unit="masked rows", scope="this run")
+    if method == "attribution":
+        return BatchLimit(args.attribution_items, say, scope="this run")
+    return None
 
 
 def _progress(total: int, quiet: bool, desc: str, unit: str = "run"):

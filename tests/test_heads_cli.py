@@ -890,3 +890,134 @@ def test_a_disk_full_or_read_only_mid_sweep_is_one_line_naming_the_part_and_the_
     assert (out / "heads.csv").read_bytes() == (base_run / "heads.csv").read_bytes()
     pd.testing.assert_frame_equal(pd.read_parquet(out / "items.parquet"), pd.read_parquet(base_run / "items.parquet"),
                                   check_exact=True)
+
+
+def _oom_in_layers_above(monkeypatch, k: int, when: str = "any") -> list[bool]:
+    """Every model probe.heads loads raises a GPU out of memory (as tests/test_eval.py's ``_gpu_oom``) in a decoder
+    layer called on more than ``k`` rows: the exact engine calls the layers itself for its masked rows, the greedy
+    continuation and the attribution engine's pass go through the model. ``when``: "any" call, "decode" (the
+    continuation's one-token steps only) or "masked" (only the layer calls made outside a forward of the model: the
+    exact engine's masked rows, not its clean pass, naive guard or continuation). Returned: per layer call after a
+    failure, whether every hidden state a failed call got had been freed by then."""
+    import weakref
+
+    import probe.models
+    from test_eval import _gpu_oom
+
+    load, failed, freed, inside = probe.models.load_model, [], [], []
+
+    def hook(module, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        if failed:
+            freed.append(all(ref() is None for ref in failed))
+        fails = {"any": True, "decode": x.shape[1] == 1, "masked": not inside}[when]
+        if fails and x.shape[0] > k:
+            failed.append(weakref.ref(x))
+            raise _gpu_oom()
+
+    def loading(*a, **kw):
+        loaded = load(*a, **kw)
+        # hooks that return None (replacing nothing); ``inside`` is read only for "masked", where no forward of the
+        # model fails and leaves it set
+        loaded.model.register_forward_pre_hook(lambda *_: inside.append(1))
+        loaded.model.register_forward_hook(lambda *_: inside.clear())
+        for layer in loaded.layers:
+            layer.register_forward_pre_hook(hook, with_kwargs=True)
+        return loaded
+
+    monkeypatch.setattr(probe.models, "load_model", loading)
+    return freed
+
+
+BACK_OFF = re.compile(r"out of memory in GPU 0 \(tried to allocate 2\.00 GiB\) on a batch of (\d+) "
+                      r"(masked rows|items): batches of at most (\d+) for the rest of this run\n")
+
+
+def _assert_same_sweep(got: Path, want: Path, atol: float) -> float:
+    """heads.csv and items.parquet of two runs agree: every column but the float ones exactly, those within ``atol``;
+    returns the largest difference in them."""
+    worst = 0.0
+    for a, b in [(pd.read_csv(got / "heads.csv"), pd.read_csv(want / "heads.csv")),
+                 (pd.read_parquet(got / "items.parquet"), pd.read_parquet(want / "items.parquet"))]:
+        floats = [c for c in a.columns if a[c].dtype.kind == "f"]
+        assert list(a.columns) == list(b.columns) and floats
+        pd.testing.assert_frame_equal(a.drop(columns=floats), b.drop(columns=floats))
+        pd.testing.assert_frame_equal(a[floats], b[floats], check_exact=False, rtol=0, atol=atol)
+        worst = max(worst, float((a[floats] - b[floats]).abs().max().max()))
+    return worst
+
+
+@pytest.mark.parametrize("asked, k, when, flags", [
+    (4, 1, "any", []),  # with generation: a batch is one layer's 4 heads; the forward runs out, 4 → 2 → 1
+    (4, 2, "decode", []),  # the masked forward of 4 runs, its greedy continuation runs out: 4 → 2
+    (8, 2, "any", ["--no-generate"]),  # both layers' 8 heads a batch: 8 → 4 → 2
+], ids=["forward", "continuation", "no-generate"])
+def test_the_exact_engine_halves_a_batch_that_runs_out_of_memory_for_the_rest_of_the_run(
+        asked, k, when, flags, tiny_dirs, data_dir, tmp_path, capfd, monkeypatch):
+    """A batch of masked rows whose forward or greedy continuation runs out of memory is halved until it runs, and
+    later items and chunks of the process run at that size: one line a halving (the first item's), none after. The
+    files are those of a run at --batch-size k (the oracle; every row is its own masked run, so only fp32 rounding may
+    differ: floats within 1e-6), nothing of a failed batch is held when the smaller one runs, run.json records the
+    sizes, and the run resumes at another --batch-size (outside its identity), adding its own record."""
+    args = ["--model", tiny_dirs["qwen2_vl"], "--data", data_dir, "--limit", "3", "--layers", "0,3", "--heads", "0-3",
+            "--chunk-size", "1", "--max-new-tokens", "3", "--no-figures", *flags]
+    ok(run_in_process([*args, "--batch-size", k, "--quiet", "--out", tmp_path / "k"], capfd))
+    freed = _oom_in_layers_above(monkeypatch, k, when)
+    import probe.exact
+
+    real, guarded = probe.exact.check_against_naive, []
+    monkeypatch.setattr(probe.exact, "check_against_naive", lambda *a: guarded.append(a[4]) or real(*a))
+    r = run_in_process([*args, "--batch-size", asked, "--out", tmp_path / "oom"], capfd)
+    ok(r)
+    assert guarded == [(3, 3)] * 3  # the naive guard still checks each call's deepest row, in whatever batch it ran
+    steps = [(int(n), int(h)) for n, unit, h in BACK_OFF.findall(r.stderr) if unit == "masked rows"]
+    assert steps and steps[0][0] == asked and steps[-1][1] == k, r.stderr[-3000:]
+    assert all(h == (n + 1) // 2 and n <= asked for n, h in steps), steps
+    assert len(steps) == len(BACK_OFF.findall(r.stderr)) == {(4, 1): 2, (4, 2): 1, (8, 2): 2}[asked, k], steps
+    assert freed and all(freed), freed
+    _assert_same_sweep(tmp_path / "oom", tmp_path / "k", atol=1e-6)  # measured on the CPU: 0, the same bits
+    record = json.loads((tmp_path / "oom" / "run.json").read_text())["batching"]
+    assert record == [{"chunks": [0, 1, 2], "batch_size": asked, "largest_batch": k, "out_of_memory_cap": k}]
+    monkeypatch.undo()
+    (tmp_path / "oom" / "parts" / "chunk_00002.parquet").unlink()
+    ok(run_in_process([*args, "--batch-size", asked, "--quiet", "--out", tmp_path / "oom"], capfd))
+    record = json.loads((tmp_path / "oom" / "run.json").read_text())["batching"]
+    assert record[1:] == [{"chunks": [2], "batch_size": asked, "largest_batch": asked if flags else 4,
+                           "out_of_memory_cap": None}]
+    _assert_same_sweep(tmp_path / "oom", tmp_path / "k", atol=1e-6)
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_the_exact_engine_out_of_memory_at_one_row_is_still_one_line_and_writes_nothing(
+        quiet, tiny_dirs, data_dir, tmp_path, capfd, monkeypatch):
+    """Every masked forward runs out of memory (k = 0): halving ends at one row, where the run stops as before, exit 1
+    with the one line saying what to lower, no part and no results written; --quiet leaves out the halving lines."""
+    _oom_in_layers_above(monkeypatch, 0, "masked")
+    out = tmp_path / "run"
+    r = run_in_process(["--model", tiny_dirs["qwen2_vl"], "--data", data_dir, "--limit", "2", "--layers", "0",
+                        "--heads", "0-3", "--no-generate", "--batch-size", "4", "--chunk-size", "1", "--no-figures",
+                        *(["--quiet"] if quiet else []), "--out", out], capfd)
+    assert r.returncode == 1, r.stderr[-3000:]
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith(("error", "Traceback"))]
+    assert len(lines) == 1 and lines[0].startswith("error: out of memory in GPU 0 (tried to allocate 2.00 GiB); lower "
+                                                   "the batch size"), r.stderr[-3000:]
+    assert [(int(n), int(h)) for n, _, h in BACK_OFF.findall(r.stderr)] == ([] if quiet else [(4, 2), (2, 1)])
+    assert not list((out / "parts").glob("*")) and not (out / "items.parquet").exists()
+    assert not (out / "heads.csv").exists()
+
+
+def test_the_attribution_engine_halves_a_pass_that_runs_out_of_memory(tiny_dirs, data_dir, tmp_path, capfd,
+                                                                     monkeypatch):
+    """--attribution-items 4 whose pass runs out of memory above one item: 4 → 2 → 1 items a pass, and the files are
+    those of --attribution-items 1 (the oracle: the same one-item passes, so the same bits)."""
+    args = ["--model", tiny_dirs["qwen2_vl"], "--data", data_dir, "--limit", "4", "--method", "attribution",
+            "--no-generate", "--no-figures"]
+    ok(run_in_process([*args, "--quiet", "--out", tmp_path / "one"], capfd))
+    freed = _oom_in_layers_above(monkeypatch, 1)
+    r = run_in_process([*args, "--attribution-items", "4", "--out", tmp_path / "oom"], capfd)
+    ok(r)
+    assert [(int(n), u, int(h)) for n, u, h in BACK_OFF.findall(r.stderr)] == [(4, "items", 2), (2, "items", 1)]
+    assert freed and all(freed), freed
+    assert _assert_same_sweep(tmp_path / "oom", tmp_path / "one", atol=0) == 0
+    record = json.loads((tmp_path / "oom" / "run.json").read_text())["batching"]
+    assert record == [{"chunks": [0], "batch_size": 4, "largest_batch": 1, "out_of_memory_cap": 1}]
