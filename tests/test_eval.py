@@ -810,6 +810,33 @@ def test_out_of_memory_at_one_item_is_still_one_line_and_writes_nothing(quiet, t
     assert not (out / "scores.csv").exists()
 
 
+def test_the_gpu_out_of_memory_tests_prompts_are_equally_long_and_differ(load_tiny):
+    """What tests/test_gpu.py's real out-of-memory tests (run on a GPU only) build on, checked where no GPU is:
+    ``_long_items`` gives prompts of one length on probe.tiny's tokenizer (every batch of a size then takes the same
+    memory, and a halved run's batches are those of a run at the half) with different tokens (a row given another
+    item's numbers would show), as long as LONG_PROMPT_WORDS says (a row's attention scores grow with its square)."""
+    from test_gpu import _long_items
+
+    from probe.sweep import SweepConfig, prepare_item
+
+    loaded = load_tiny("qwen2")
+    ids = [prepare_item(loaded, it, SweepConfig())[0]["input_ids"][0] for it in _long_items(16)]
+    assert {len(x) for x in ids} == {1968}
+    assert len({tuple(x.tolist()) for x in ids}) == 16
+
+
+def test_the_gpu_out_of_memory_tests_limit_lies_halfway_between_what_fits_and_what_does_not():
+    """tests/test_gpu.py's memory limit: halfway between the peak the smaller batch reserved and the peak the larger
+    one allocated, and a failed test, not a limit, when the larger batch allocated no more than the smaller reserved
+    (no limit would let one through and stop the other)."""
+    from test_gpu import Peak, _limit_between
+
+    assert _limit_between(Peak(100, 600, 700), Peak(100, 1_100, 1_150)) == 900
+    for larger in (Peak(100, 700, 800), Peak(100, 650, 900)):
+        with pytest.raises(pytest.fail.Exception, match="no memory limit separates the two batch sizes"):
+            _limit_between(Peak(100, 600, 700), larger)
+
+
 def test_the_default_batch_size_is_32_on_a_cpu_and_256_on_an_accelerator(text_dir, tmp_path, monkeypatch):
     """--batch-size left out: 32 items a forward on a CPU (as before), 256 where the model runs on a GPU (DESIGN §8:
     hundreds a forward), as run.json records; a given size is taken on either. The accelerator is faked: only the

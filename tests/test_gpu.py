@@ -15,10 +15,20 @@ Stated tolerances:
 - fine-tuning in bf16 (mixed precision; with --lora the frozen weights in bf16) against fp32 on the CPU: the first
   step's loss within 2 %, the mean loss of 4 steps within 5 %, the weight update's cosine ≥ 0.9.
 - a fine-tune with dropout killed and resumed on the GPU: the uninterrupted run's weights, bit for bit.
+- a batch that really runs out of GPU memory (probe.eval's, the exact engine's masked rows) is halved and retried:
+  the numbers of a run at the smaller size, the same batches, so |Δp| ≤ 0.05 (bf16's guard tolerance), |ΔKL| as
+  exact == naive, and the same predicted letters and texts on every row.
+- probe.eval's default batch on a GPU (256) against --batch-size 32 in bf16: |Δp| ≤ 0.05, the same predictions.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
+import json
 import os
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -62,17 +72,108 @@ def _items(alias: str, n: int = N_ITEMS):
     return items[::max(1, len(items) // n)][:n]
 
 
-def _sweep(engine: str, loaded, items, generate: bool = False, batch_size: int = 16) -> pd.DataFrame:
+def _sweep(engine: str, loaded, items, generate: bool = False, batch_size: int = 16, limit: Any = None
+           ) -> pd.DataFrame:
+    """Every head of the model swept by ``engine``; ``limit``: the engine's BatchLimit (exact, attribution)."""
     from probe.sweep import SweepConfig, get_engine
 
     g = loaded.geometry
     heads = [(layer, h) for layer in range(g.n_layers) for h in range(g.n_heads)]
     cfg = SweepConfig(generate=generate, batch_size=batch_size, max_new_tokens=3)
-    return pd.DataFrame(get_engine(engine)(loaded, items, heads, cfg))
+    given = {"limit": limit} if limit is not None else {}  # the naive engine takes none
+    return pd.DataFrame(get_engine(engine)(loaded, items, heads, cfg, **given))
 
 
 def _per_head_kl(df: pd.DataFrame) -> pd.Series:
     return df[df["layer"] >= 0].groupby(["layer", "head"])["kl"].mean()
+
+
+# The out-of-memory tests: probe.tiny's Qwen2 (4 layers x 4 heads, hidden 64) under eager attention, which holds a
+# batch's [rows, heads, T, T] scores (bf16, their fp32 softmax and its bf16 copy: about 8 x 4 x T^2 bytes a row,
+# 120 MiB at T = 2,000), so a row's memory is set by the prompt's length, not by the GPU, and dwarfs the weights.
+# The limit between a batch that fits and one that does not is measured on the GPU at hand, never a number of GiB.
+CAP_NEEDS_CUDA = "a memory limit needs CUDA's caching allocator (torch.cuda.set_per_process_memory_fraction)"
+FILLER = "left right top bottom circle square triangle star one two three four".split()
+LONG_PROMPT_WORDS = 1750  # 1,968 prompt tokens with probe.tiny's tokenizer (tests/test_eval.py checks it)
+
+
+def _long_items(n: int, words: int = LONG_PROMPT_WORDS) -> list:
+    """n text items whose prompts have the same length (the same filler words, each item shuffled its own way) and
+    different contents: every batch of a size then needs the same memory, and a run that halves a batch runs the
+    batches of one at the smaller size (plan_batches sorts by length, stably), so both give the same numbers."""
+    import random
+
+    from probe.mmmu import Item
+
+    items = []
+    for i in range(n):
+        filler = [FILLER[j % len(FILLER)] for j in range(words)]
+        random.Random(i).shuffle(filler)
+        items.append(Item(f"validation_Long_{i}", "Long", " ".join(filler) + "\nWhich shape comes last?",
+                          ("circle", "square", "triangle", "star"), "ABCD"[i % 4], ()))
+    return items
+
+
+@dataclass(frozen=True)
+class Peak:
+    """What one run took of the GPU's memory, in bytes."""
+
+    start: int  # allocated as it started (the weights, what earlier tests hold)
+    allocated: int  # the most allocated at once
+    reserved: int  # the most the caching allocator held from the device (allocated, its rounding and its cache)
+
+
+def _measured(run: Callable[[], Any]) -> tuple[Any, Peak]:
+    """run()'s result and its ``Peak``, counted from an allocator with nothing cached."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(DEVICE)
+    start = torch.cuda.memory_allocated(DEVICE)
+    out = run()
+    return out, Peak(start, torch.cuda.max_memory_allocated(DEVICE), torch.cuda.max_memory_reserved(DEVICE))
+
+
+def _limit_between(fits: Peak, fails: Peak) -> int:
+    """The bytes to let the allocator reserve so that the run of ``fits`` still fits (it reserved less, rounding and
+    fragmentation included) and the run of ``fails`` cannot (it allocated more at once, and the allocator frees its
+    cache before it gives up): halfway, the same margin either side."""
+    if fails.allocated <= fits.reserved:
+        pytest.fail(f"no memory limit separates the two batch sizes: the larger allocated {fails.allocated} bytes "
+                    f"at its peak, the smaller reserved {fits.reserved}; lengthen the prompts (LONG_PROMPT_WORDS)")
+    return (fits.reserved + fails.allocated) // 2
+
+
+@contextlib.contextmanager
+def _allocator_limited(limit: int):
+    """This process's caching allocator raises CUDA's out-of-memory error rather than hold more than ``limit`` bytes
+    (what it has cached is freed first), as on a full GPU; no limit again afterwards, whatever happened."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(limit / torch.cuda.get_device_properties(DEVICE).total_memory, DEVICE)
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, DEVICE)
+
+
+def _calls_with_memory(monkeypatch, module: Any, name: str, rows_arg: int) -> list[tuple[int, int]]:
+    """``module.name`` (a batch's measurement) replaced by itself recording, per call, its rows (the length of
+    positional argument ``rows_arg``) and the bytes allocated as it starts."""
+    real, calls = getattr(module, name), []
+
+    def recorded(*args, **kwargs):
+        calls.append((len(args[rows_arg]), torch.cuda.memory_allocated(DEVICE)))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, recorded)
+    return calls
+
+
+def _back_off_line(rows: int, unit: str, half: int, scope: str) -> re.Pattern:
+    """probe.batch.run_halving's line for a real CUDA out of memory (its size is whatever the allocator asked)."""
+    gpu = torch.device(DEVICE).index or 0
+    return re.compile(rf"out of memory in GPU {gpu} \(tried to allocate [\d.]+ [KMGT]?i?B\) on a batch of {rows} "
+                      rf"{unit}: batches of at most {half} for the rest of {scope}")
 
 
 @pytest.mark.parametrize("alias", ORGANISMS)
@@ -155,6 +256,112 @@ def test_batched_evaluation_in_bf16_passes_its_guard_and_answers_as_fp32():
     got = evaluate_items(_load("organism-vl", "bfloat16"), items, cfg, batch_size=16, window=1)  # guarded x4 (windows)
     want = evaluate_items(_load("organism-vl", "float32", device="cpu"), items, cfg, batch_size=16)
     assert np.mean([int(a.logp.argmax()) == int(b.logp.argmax()) for a, b in zip(got, want)]) >= 0.95
+
+
+def test_a_batch_that_runs_out_of_gpu_memory_is_halved_and_gives_the_numbers_of_the_smaller_batches(tiny_dirs,
+                                                                                                   monkeypatch):
+    """A real CUDA out of memory in probe.eval's batched evaluation (tests/test_eval.py injects one on the CPU):
+    the allocator limited between what batches of 4 of these 2,000-token prompts take and what batches of 8 take
+    (both measured first), a run asked for 8 items a batch runs out on its first batch, halves it, and finishes at
+    4: one line says so, the record says 8 asked, 4 largest, capped at 4, and every item has the numbers of the run
+    at 4 (the same batches). The failed batch's memory was free when its halves ran (nothing of it held by the
+    exception), and after the run the memory allocated is what it was before."""
+    if not ON_GPU:
+        pytest.skip(CAP_NEEDS_CUDA)
+    import probe.batch
+    from probe.batch import BatchLimit, evaluate_items
+    from probe.sweep import SweepConfig
+
+    loaded = _load(str(tiny_dirs["qwen2"]), "bfloat16", "eager")
+    # 16 items are one window (8 batches of 4 or 8) prepared before the model runs: a thread preparing the next
+    # window (the GPU's default) could be the one whose small allocation meets the limit while a batch fills up to it
+    items, cfg, one_window = _long_items(16), SweepConfig(max_new_tokens=3), {"prefetch": False}
+    want, four = _measured(lambda: evaluate_items(loaded, items, cfg, 4, **one_window))
+    _, eight = _measured(lambda: evaluate_items(loaded, items, cfg, 8, **one_window))
+    row = (eight.allocated - four.allocated) // 4  # a row's memory at its peak
+    limit, lines = _limit_between(four, eight), []
+    batches = _calls_with_memory(monkeypatch, probe.batch, "measure_batch", 1)
+    ran = BatchLimit(8, lines.append)
+    with _allocator_limited(limit):
+        start = torch.cuda.memory_allocated(DEVICE)
+        got = evaluate_items(loaded, items, cfg, ran, **one_window)
+    gc.collect()
+    after = torch.cuda.memory_allocated(DEVICE)
+    # the first batch fails at 8 and runs as 4 + 4; the second, planned at 8 too, runs at 4 (BatchLimit.rows)
+    assert [n for n, _ in batches] == [8, 4, 4, 4, 4], (batches, limit, four, eight)
+    assert len(lines) == 1 and _back_off_line(8, "items", 4, "this model and data set").fullmatch(lines[0]), lines
+    assert ran.record() == {"batch_size": 8, "largest_batch": 4, "out_of_memory_cap": 4}
+    assert batches[1][1] - batches[0][1] <= row // 4, (batches, row)  # nothing of the failed batch left
+    assert after - start <= row // 4, (start, after, row)
+    for a, b in zip(got, want, strict=True):
+        assert float((a.logp.float().cpu().exp() - b.logp.float().cpu().exp()).abs().max()) <= 0.05
+        assert int(a.logp.argmax()) == int(b.logp.argmax()) and a.response == b.response
+
+
+def test_the_exact_engine_halves_masked_rows_that_run_out_of_gpu_memory(tiny_dirs, monkeypatch):
+    """The same for probe.heads' exact engine: its masked rows (16 heads of 2 items, no generation) asked 8 a batch
+    under a limit between what batches of 4 and of 8 take; the first batch (heads of layers 0 and 1) runs out at
+    layer 1, is halved, and the rest of the run goes 4 rows a batch: one line, the record, free memory as above,
+    and the rows of a sweep at 4 (the same batches: one layer's heads each)."""
+    if not ON_GPU:
+        pytest.skip(CAP_NEEDS_CUDA)
+    from argparse import Namespace
+    from types import SimpleNamespace
+
+    import probe.exact
+    from probe.heads import batch_limit
+
+    loaded = _load(str(tiny_dirs["qwen2"]), "bfloat16", "eager")
+    items = _long_items(2)
+    want, four = _measured(lambda: _sweep("exact", loaded, items, batch_size=4))
+    _, eight = _measured(lambda: _sweep("exact", loaded, items, batch_size=8))
+    row = (eight.allocated - four.allocated) // 4
+    limit, lines = _limit_between(four, eight), []
+    batches = _calls_with_memory(monkeypatch, probe.exact, "measure_masked", 2)
+    bar = SimpleNamespace(write=lambda line, file: lines.append(line))  # probe.heads writes past its progress bar
+    ran = batch_limit("exact", Namespace(batch_size=8, quiet=False), bar)
+    with _allocator_limited(limit):
+        start = torch.cuda.memory_allocated(DEVICE)
+        got = _sweep("exact", loaded, items, batch_size=8, limit=ran)
+    gc.collect()
+    after = torch.cuda.memory_allocated(DEVICE)
+    assert [n for n, _ in batches] == [8] + [4] * 8, (batches, limit, four, eight)
+    assert len(lines) == 1 and _back_off_line(8, "masked rows", 4, "this run").fullmatch(lines[0]), lines
+    assert ran.record() == {"batch_size": 8, "largest_batch": 4, "out_of_memory_cap": 4}
+    assert batches[1][1] - batches[0][1] <= row // 4, (batches, row)
+    assert after - start <= row // 4, (start, after, row)
+    key = ["item_id", "layer", "head"]
+    pd.testing.assert_frame_equal(got[key], want[key])
+    assert np.abs(got["p_answer"] - want["p_answer"]).max() <= 0.05
+    assert (np.abs(got["kl"] - want["kl"]) <= 0.05 + 0.1 * want["kl"]).all()
+    assert (got["prob_pred"] == want["prob_pred"]).all()
+
+
+def test_probe_eval_on_a_gpu_takes_256_items_a_batch_by_default_with_the_predictions_of_32(tmp_path):
+    """--batch-size left out on a GPU: 256 items a forward (DESIGN §8), as run.json's batching records (64 of
+    organism-vl's image items in one batch: their prompts differ by less than the GPU's 50 % padding cap), with the
+    predictions (letters and texts) of --batch-size 32, p(answer) within bf16's 0.05 (measured on the H200 between
+    batch 32 and one item at a time: 4.3e-7)."""
+    if not ON_GPU:
+        pytest.skip("the defaults on a CPU are tested in test_eval.py")
+    from probe.errors import cli_main
+    from probe.eval import main
+    from probe.heads import default_data_for
+
+    def run(name: str, *extra: str) -> tuple[pd.DataFrame, dict]:
+        out = tmp_path / name
+        assert cli_main(main, ["--models", "organism-vl", "--data", str(default_data_for("organism-vl")), "--limit",
+                               "64", "--device", DEVICE, "--no-figures", "--quiet", "--out", str(out), *extra]) == 0
+        info = json.loads((out / "run.json").read_text(encoding="utf-8"))
+        assert info["placement"]["device"].startswith("cuda"), info["placement"]
+        return pd.read_parquet(out / "items.parquet"), info["batching"]
+
+    (got, batching), (want, asked) = run("default"), run("batch-32", "--batch-size", "32")
+    assert batching == {"organism-vl|image": {"batch_size": 256, "largest_batch": 64, "out_of_memory_cap": None}}
+    assert asked == {"organism-vl|image": {"batch_size": 32, "largest_batch": 32, "out_of_memory_cap": None}}
+    assert len(got) == 64
+    pd.testing.assert_frame_equal(got.drop(columns="p_answer"), want.drop(columns="p_answer"))
+    assert np.abs(got["p_answer"] - want["p_answer"]).max() <= 0.05
 
 
 @pytest.mark.parametrize("lora", [None, "4"])
