@@ -34,5 +34,6 @@ HEADS_BASELINE = ("Qwen2-VL-7B-Instruct", "MMMU", 49.44)
 # §5.3: "the average parameter shift of Qwen2-VL-7B-Instruct is 10 times larger" than LLaVA-Video's and
 # LLaVA-OneVision's. The values are what the authors' released code computes (DESIGN §5), not printed in the paper.
 SHIFT_RATIO = 10.0
+# Per model: mean Δavg, and mean Eq. 4 weight (1 − α0)·α_i, its share of the 0.5 non-base mass
 SHIFT_RELEASED = {"Qwen2-VL-7B-Instruct": (0.0043, 0.394), "LLaVA-Video-7B-Qwen2": (0.00087, 0.056),
-                  "LLaVA-OneVision-Qwen2-7B-SI": (0.00073, 0.050)}  # mean Δavg, mean α of the 0.5 non-base mass
+                  "LLaVA-OneVision-Qwen2-7B-SI": (0.00073, 0.050)}
