@@ -112,7 +112,7 @@ GPU_MAX_PADDING = 0.5
 # (README, bench/eval.py on organism-vl, one host: 2.7x one item at a time at batch 32, 2.4x at 64, 1.5x at 128,
 # before the padding cut). On an accelerator a batch
 # is bound by the per-call cost (kernel launches, generate's Python), so DESIGN §8 scores hundreds of items a
-# forward; a batch too large for its memory is halved (measure_rows), so a large default costs no failed run
+# forward; a batch too large for its memory is halved (run_halving), so a large default costs no failed run
 CPU_BATCH_SIZE = 32
 ACCELERATOR_BATCH_SIZE = 256
 # items prepared (on the model's device) at once: CPU_BATCH_SIZE's 8 batches as before; at the accelerator's 256 a
@@ -127,6 +127,12 @@ def default_batch_size(loaded: LoadedModel) -> int:
 
 def say_on_stderr(line: str) -> None:
     print(line, file=sys.stderr)
+
+
+def past_bar(bar: Any, quiet: bool) -> Callable[[str], None]:
+    """``BatchLimit.say`` for a command showing a tqdm progress bar (probe.eval, probe.heads): each back-off line
+    on stderr, written past the bar so it does not tear it; nothing under --quiet."""
+    return (lambda line: None) if quiet else (lambda line: bar.write(line, file=sys.stderr))
 
 
 @dataclass
@@ -176,10 +182,6 @@ def plan_batches(inputs: Sequence[dict[str, torch.Tensor]], batch_size: int,
             real += n
         batches.append(batch)
     return batches
-
-
-T = TypeVar("T")
-R = TypeVar("R")
 
 
 class BatchDisagrees(RunStopped):
@@ -252,7 +254,7 @@ def evaluate_items(
     prefetch: bool | None = None,
 ) -> list[Measurement]:
     """Measurements of every item (no head masked), in item order, ``batch_size`` items per forward at most (a
-    ``BatchLimit``: the caller reads back what ran; out of memory, fewer: ``measure_rows``).
+    ``BatchLimit``: the caller reads back what ran; out of memory, fewer: ``run_halving``).
 
     Inputs are prepared ``window`` batches at a time (sorted by length within the window), but at most
     ``WINDOW_ITEMS`` items unless one batch holds more, so pixel tensors of a whole benchmark never sit in memory
@@ -347,6 +349,10 @@ def measure_rows(loaded: LoadedModel, idx: list[int], prepared: Sequence[tuple[d
     run_halving(loaded, idx, limit,
                 lambda rows: measure_batch(loaded, [prepared[i][0] for i in rows], [prepared[i][1] for i in rows], cfg),
                 keep)
+
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def run_halving(loaded: LoadedModel, rows: Sequence[T], limit: BatchLimit, measure: Callable[[list[T]], R],

@@ -262,11 +262,10 @@ def evaluate_pair(loaded: LoadedModel, model_name: str, ds: DataSet, items: Sequ
                   batch_size: int | None, bar: Any, quiet: bool = False) -> tuple[list[dict], dict[str, Any]]:
     """The item rows of one model on one data set, and its batching as run.json records it (``BatchLimit.record``).
     ``batch_size`` None: the model's device's default (``default_batch_size``)."""
-    from probe.batch import BatchLimit, default_batch_size, evaluate_items
+    from probe.batch import BatchLimit, default_batch_size, evaluate_items, past_bar
     from probe.sweep import BASELINE, measurement_row
 
-    say = (lambda line: None) if quiet else (lambda line: bar.write(line, file=sys.stderr))  # not through the bar
-    limit = BatchLimit(default_batch_size(loaded) if batch_size is None else batch_size, say)
+    limit = BatchLimit(default_batch_size(loaded) if batch_size is None else batch_size, past_bar(bar, quiet))
     rows = []
     for item, m in zip(items, evaluate_items(loaded, items, cfg, limit, progress=bar.update)):
         row = measurement_row(item, BASELINE, BASELINE, m, m.logp)

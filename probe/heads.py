@@ -440,9 +440,9 @@ def batch_limit(method: str, args: argparse.Namespace, bar: Any) -> BatchLimit |
     """The batch cap the exact and attribution engines share over this process's chunks (``probe.batch.BatchLimit``:
     halved where a batch runs out of memory, for the rest of the run), its back-off lines written past the progress
     bar unless --quiet, as probe.eval does; None for the naive engine, which runs one row a forward."""
-    from probe.batch import BatchLimit
+    from probe.batch import BatchLimit, past_bar
 
-    say = (lambda line: None) if args.quiet else (lambda line: bar.write(line, file=sys.stderr))
+    say = past_bar(bar, args.quiet)
     if method == "exact":
         return BatchLimit(args.batch_size, say, unit="masked rows", scope="this run")
     if method == "attribution":
