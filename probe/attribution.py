@@ -108,9 +108,9 @@ def attribution_sweep(
             for i, zj in zip(idx, jacobians):
                 got[i] = zj
 
-        for idx in plan_batches(inputs, limit.rows, max_padding=None):
-            run_halving(loaded, idx, limit, lambda rows: option_logit_jacobians(
-                loaded, [inputs[i] for i in rows], [prepared[i][1] for i in rows]), keep)
+        run_halving(loaded, plan_batches(inputs, limit.rows, max_padding=None), limit,
+                    lambda rows: option_logit_jacobians(loaded, [inputs[i] for i in rows],
+                                                        [prepared[i][1] for i in rows]), keep)
         for item, (z, jac) in zip(chunk, got):
             # on the CPU once: one small op and one device sync per head would cost more than the backward (an H200
             # spent about 0.3 s an item on them for Qwen2-VL-7B's 784 heads)

@@ -19,7 +19,8 @@ left-padded one, and the most padded one of another kind of row, by which media 
 mask) or the media of a batch in ``generate`` would otherwise make an evaluation silently wrong.
 A batch that runs out of memory is halved and retried, down to one item, and the rest of that (model, data set)
 runs at the smaller size (``BatchLimit``, ``run_halving``, which the head sweep's engines share): results are those of
-that batch size.
+that batch size. A window of items whose preparation runs out of memory (its inputs go to the model's device) is
+halved the same way, by the same ``run_halving`` over windows (``BatchLimit.windows``).
 """
 from __future__ import annotations
 
@@ -140,23 +141,32 @@ class BatchLimit:
     """Rows per forward in ``evaluate_items`` of one (model, data set), or in a head sweep's engine for the rest of
     its process (probe.heads): ``size`` as asked; ``rows`` the cap in force, halved wherever a batch ran out of
     memory and kept for the rest of the pair (``run_halving``); ``largest`` the most rows a forward that ran held.
-    ``say`` prints the line of each back-off."""
+    ``say`` prints the line of each back-off. ``windows``: in ``evaluate_items``, the same kind of cap on the items
+    whose inputs are prepared at once (a window), halved where preparing one runs out of memory."""
 
     size: int
     say: Callable[[str], None] = say_on_stderr
     unit: str = "items"  # what a row is, and how long the cap holds, as the back-off line says
     scope: str = "this model and data set"
+    doing: str = "on a batch"  # what ran out of memory, and what the cap cuts, as the back-off line says
+    cuts: str = "batches"
     rows: int = field(init=False)
     largest: int = 0
+    windows: BatchLimit | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.rows = self.size
 
+    def capped(self) -> int | None:
+        """The cap a back-off left, None without one."""
+        return self.rows if self.rows < self.size else None
+
     def record(self) -> dict[str, Any]:
         """What run.json keeps of it: the size asked, the largest batch that ran and, after running out of memory,
-        the size the pair finished at, else None."""
-        return {"batch_size": self.size, "largest_batch": self.largest,
-                "out_of_memory_cap": self.rows if self.rows < self.size else None}
+        the size the pair finished at, else None; where it prepared windows (``evaluate_items``), the window a
+        back-off in their preparation left (``out_of_memory_window``), else None."""
+        return {"batch_size": self.size, "largest_batch": self.largest, "out_of_memory_cap": self.capped()} | (
+            {"out_of_memory_window": self.windows.capped()} if self.windows is not None else {})
 
 
 def plan_batches(inputs: Sequence[dict[str, torch.Tensor]], batch_size: int,
@@ -258,9 +268,11 @@ def evaluate_items(
 
     Inputs are prepared ``window`` batches at a time (sorted by length within the window), but at most
     ``WINDOW_ITEMS`` items unless one batch holds more, so pixel tensors of a whole benchmark never sit in memory
-    (a GPU's, with prefetching two windows) at once. Each window's ``guard_rows`` (its most padded item, and one of
-    another kind of row) are measured alone too, as a guard (``check_against_one_item``). ``max_padding="device"``
-    is ``padding_cap``'s choice for the model's device.
+    (a GPU's, with prefetching two windows) at once. A window whose preparation runs out of memory is dropped and
+    halved like a batch (``run_halving`` over windows, ``BatchLimit.windows``): the numbers are those of windows of
+    that size. Each window's ``guard_rows`` (its most padded item, and one of another kind of row) are measured
+    alone too, as a guard (``check_against_one_item``). ``max_padding="device"`` is ``padding_cap``'s choice for the
+    model's device.
     ``prefetch`` (default: when the model runs on an accelerator) prepares the next window in a thread while this
     one runs, and makes the first window a single batch: on the H200 preparing organism-vl's items (tokeniser,
     image processor, ~3 ms an item) took a third to half of its batched evaluation; on the CPU the thread would take
@@ -269,7 +281,7 @@ def evaluate_items(
     item that cannot be prepared still stops the run after the windows before it, as without the thread.
     """
     import threading
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import Future, ThreadPoolExecutor
 
     limit = batch_size if isinstance(batch_size, BatchLimit) else BatchLimit(batch_size)
     batch_size = limit.size
@@ -278,15 +290,20 @@ def evaluate_items(
     if prefetch is None:
         prefetch = prefetches(loaded)
     step = max(batch_size, min(batch_size * window, WINDOW_ITEMS))
+    if limit.windows is None:  # kept with the batch cap: a back-off holds for the rest of the pair
+        limit.windows = BatchLimit(step, limit.say, unit="items", scope=limit.scope, doing="preparing a window",
+                                   cuts="windows")
     # prefetching, the first window is one batch: only its preparation is not hidden behind the model's work
     first = batch_size if prefetch else step
-    windows = [w for w in [items[:first]] + [items[i:i + step] for i in range(first, len(items), step)] if w]
+    order = list(range(len(items)))
+    windows = [w for w in (order[:first], order[first:]) if w]  # run_halving cuts them to limit.windows.rows items
 
     stopped = threading.Event()
 
-    def prepare(chunk: Sequence[ItemLike]) -> list[tuple[dict[str, torch.Tensor], list[int]]]:
+    def prepare(idx: list[int]) -> list[tuple[dict[str, torch.Tensor], list[int]]]:
         # one processor call for the window where it gives each item's own tensors (the call's overhead was half
         # of organism-vl's preparation); the tensors go to the device item by item below
+        chunk = [items[i] for i in idx]
         encoded = encode_prompts(loaded, chunk, cfg.template, cfg.image_max_side) if not stopped.is_set() else []
         out = []
         for item, enc in zip(chunk, encoded):
@@ -295,17 +312,34 @@ def evaluate_items(
             out.append(prepare_item(loaded, item, cfg, enc))
         return out
 
-    pool = ThreadPoolExecutor(1, thread_name_prefix="prepare") if prefetch and len(windows) > 1 else None
+    pool = ThreadPoolExecutor(1, thread_name_prefix="prepare") if prefetch and len(items) > first else None
+    ahead: list[tuple[list[int], Future]] = []  # the window the thread prepares: its items, its future (one at most)
+
+    def prepared(idx: list[int]) -> list[tuple[dict[str, torch.Tensor], list[int]]]:
+        """``run_halving``'s measure: the window's inputs, from the thread where it prepared them. Its out of memory
+        reaches ``run_halving`` through ``result``, and nothing here holds the failed future after."""
+        if ahead:
+            want, future = ahead.pop()
+            if want == idx:
+                return future.result()
+        return prepare(idx)
+
+    def upcoming(idx: list[int]) -> None:  # the next window, prepared in the thread while this one runs
+        if pool:
+            ahead.append((idx, pool.submit(prepare, idx)))
+
     results: list[Measurement] = []
     checked: set[tuple] = set()  # the row kinds the guard has checked so far (guard_rows)
+
+    def measure(idx: list[int], inputs: list[tuple[dict[str, torch.Tensor], list[int]]]) -> None:
+        results.extend(measure_window(loaded, [items[i] for i in idx], inputs, cfg, limit, max_padding, progress,
+                                      checked))
+
     try:
-        ahead = None
-        for k, chunk in enumerate(windows):
-            prepared = ahead.result() if ahead else prepare(chunk)
-            ahead = pool.submit(prepare, windows[k + 1]) if pool and k + 1 < len(windows) else None
-            results += measure_window(loaded, chunk, prepared, cfg, limit, max_padding, progress, checked)
+        run_halving(loaded, windows, limit.windows, prepared, measure, upcoming)
     finally:
         stopped.set()  # a thread preparing the next window ends it at the item it is on
+        ahead.clear()
         if pool:  # a stop (an error, Ctrl-C) does not wait for a window nobody will measure
             pool.shutdown(wait=False, cancel_futures=True)
     return results
@@ -346,7 +380,7 @@ def measure_rows(loaded: LoadedModel, idx: list[int], prepared: Sequence[tuple[d
         ran.append(rows)
         progress(len(rows))
 
-    run_halving(loaded, idx, limit,
+    run_halving(loaded, [idx], limit,
                 lambda rows: measure_batch(loaded, [prepared[i][0] for i in rows], [prepared[i][1] for i in rows], cfg),
                 keep)
 
@@ -355,20 +389,29 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def run_halving(loaded: LoadedModel, rows: Sequence[T], limit: BatchLimit, measure: Callable[[list[T]], R],
-                keep: Callable[[list[T], R], None]) -> None:
-    """Run ``rows`` in order, in batches of at most ``limit.rows``: ``measure(batch)``, then ``keep(batch, what it
-    gave)``. A batch whose ``measure`` runs out of memory (``out_of_memory``) is halved and retried once its memory is
-    freed, and ``limit.rows`` stays at the half for whatever runs under ``limit`` later (a later batch of the old size
-    would most likely run out too); ``limit.say`` prints one line a back-off. ``measure`` must change nothing that a
-    retry would see (``keep`` stores). Out of memory with one row, any other error, or any error in ``keep`` (a
-    guard's own forward) ends the run as before. Shared by probe.eval's batches and the head sweep's engines."""
-    pending = [list(rows)]  # a stack, the next batch last
-    while pending:
+def run_halving(loaded: LoadedModel, batches: Sequence[Sequence[T]], limit: BatchLimit,
+                measure: Callable[[list[T]], R], keep: Callable[[list[T], R], None],
+                upcoming: Callable[[list[T]], None] | None = None) -> None:
+    """Run the planned ``batches`` in order, each cut to at most ``limit.rows``: ``measure(batch)``, then ``keep(batch,
+    what it gave)``. A batch whose ``measure`` runs out of memory (``out_of_memory``) is halved and retried once its
+    memory is freed, and ``limit.rows`` stays at the half for whatever runs under ``limit`` later (a later batch of the
+    old size would most likely run out too); ``limit.say`` prints one line a back-off. ``measure`` must change nothing
+    that a retry would see (``keep`` stores). Out of memory with one row, any other error, or any error in ``keep`` (a
+    guard's own forward) ends the run as before. ``upcoming(next batch)``, where given, is told the batch that comes
+    next before ``keep`` runs (``evaluate_items`` prepares it meanwhile). Shared by probe.eval's batches and windows
+    and the head sweep's engines."""
+    pending = [list(b) for b in batches][::-1]  # a stack, the next batch last
+
+    def cut() -> None:  # the next batch to at most limit.rows: planned before a back-off, or the halves of one
+        while pending and len(pending[-1]) > limit.rows:
+            batch = pending.pop()
+            pending.extend([batch[s:s + limit.rows] for s in range(0, len(batch), limit.rows)][::-1])
+
+    while True:
+        cut()
+        if not pending:
+            return
         batch = pending.pop()
-        if len(batch) > limit.rows:  # planned before a back-off, or the halves of the batch that failed
-            pending += [batch[s:s + limit.rows] for s in range(0, len(batch), limit.rows)][::-1]
-            continue
         try:
             measured = measure(batch)
         except (RuntimeError, MemoryError) as exc:
@@ -376,13 +419,17 @@ def run_halving(loaded: LoadedModel, rows: Sequence[T], limit: BatchLimit, measu
                 raise
         else:
             limit.largest = max(limit.largest, len(batch))
+            cut()
+            if upcoming is not None and pending:
+                upcoming(pending[-1])
             keep(batch, measured)
+            measured = None  # not held while the next batch is measured (a window's inputs are on the device)
             continue
         # out of the except block, so the exception and its traceback are gone: its frames held the failed batch's
         # padded inputs, activations and cache, which must be freed before the retry
         free_memory(loaded)
         limit.rows = (len(batch) + 1) // 2
-        limit.say(f"out of memory in {where} on a batch of {len(batch)} {limit.unit}: batches of at most "
+        limit.say(f"out of memory in {where} {limit.doing} of {len(batch)} {limit.unit}: {limit.cuts} of at most "
                   f"{limit.rows} for the rest of {limit.scope}")
         pending.append(batch)
 

@@ -276,7 +276,6 @@ def exact_sweep(
                 item_rows[(layer, head)] = measurement_row(item, layer, head, m, base_logp)
             progress(len(batch))
 
-        for group in groups:
-            run_halving(loaded, group, limit, lambda batch: measure_masked(loaded, clean, batch, letter_ids, cfg), keep)
+        run_halving(loaded, groups, limit, lambda batch: measure_masked(loaded, clean, batch, letter_ids, cfg), keep)
         rows.extend(item_rows[pair] for pair in heads)  # same row order as the naive loop
     return rows

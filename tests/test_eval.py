@@ -144,7 +144,7 @@ def test_after_running_out_of_memory_the_rest_of_the_pair_runs_at_the_smaller_si
     assert sum(r > 2 for r in rows) == 1 and rows[0] == 4, rows  # one failure: the first batch, of 4
     assert lines == ["out of memory in the GPU (tried to allocate 2.00 GiB) on a batch of 4 items: batches of at most "
                      "2 for the rest of this model and data set"]
-    assert limit.record() == {"batch_size": 4, "largest_batch": 2, "out_of_memory_cap": 2}
+    assert limit.record() == {"batch_size": 4, "largest_batch": 2, "out_of_memory_cap": 2, "out_of_memory_window": None}
     want = evaluate_items(loaded, items, cfg, 2, window=2, max_padding=None)  # the same windows of 4 items
     for a, b in zip(got, want, strict=True):
         assert torch.equal(a.logp, b.logp) and a.response == b.response
@@ -179,6 +179,80 @@ def test_a_window_holds_at_most_window_items_unless_one_batch_holds_more(load_ti
         assert [m.response for m in got] == [m.response for m in want]
         for a, b in zip(got, want, strict=True):  # other batches: p moves by the batch's rounding at most
             assert torch.allclose(a.logp, b.logp, atol=1e-4)
+
+
+def _oom_preparing_above(monkeypatch, k: int, error: Callable[[], BaseException]) -> tuple[list[int], list[bool]]:
+    """Preparing a window of more than ``k`` items (probe.batch's encode_prompts, then prepare_item item by item, in
+    whichever thread prepares it) raises ``error()`` at its item k + 1, its first k items' tensors made, as a GPU
+    running out in ``prepare_item``'s move to the device does. Returned: the size of every window whose preparation
+    began, and, per window begun after a failure, whether every tensor made until that failure (the failed window's,
+    and the windows' before it, measured by then) had been freed."""
+    import threading
+    import weakref
+
+    from probe import batch
+
+    encode, prepare = batch.encode_prompts, batch.prepare_item
+    window = threading.local()  # the window being prepared in this thread: its size, the items made so far
+    sizes: list[int] = []
+    made: list[weakref.ref] = []  # every tensor made so far
+    failed: list[weakref.ref] = []
+    freed: list[bool] = []
+
+    def encoding(loaded, chunk, *rest):
+        if failed:
+            freed.append(all(ref() is None for ref in failed))
+        sizes.append(len(chunk))
+        window.size, window.done = len(chunk), 0
+        return encode(loaded, chunk, *rest)
+
+    def preparing(loaded, item, cfg, *encoded):
+        if window.size > k and window.done == k:
+            failed[:] = made
+            raise error()
+        inputs, ids = prepare(loaded, item, cfg, *encoded)
+        made.extend(weakref.ref(t) for t in inputs.values())
+        window.done += 1
+        return inputs, ids
+
+    monkeypatch.setattr(batch, "encode_prompts", encoding)
+    monkeypatch.setattr(batch, "prepare_item", preparing)
+    return sizes, freed
+
+
+@pytest.mark.parametrize("prefetch, windows, lines", [
+    (False, [8, 4, 2, 2, 2, 2], [(8, 4), (4, 2)]),  # one window of 8 items: 8 → 4 → 2
+    (True, [2, 6, 3, 3], [(6, 3)]),  # a first window of one batch, then 6 prepared in the thread: 6 → 3
+])
+def test_running_out_of_memory_preparing_a_window_halves_the_window(prefetch, windows, lines, load_tiny, data_dir,
+                                                                    monkeypatch):
+    """Preparing a window of more than 3 items runs out of memory (its inputs go to the model's device item by item;
+    with prefetch in the thread, while the window before it runs): the window is dropped, its memory freed, and it
+    and the rest of the pair are prepared in windows of half the size (run_halving, as batches are): one line a
+    halving, and BatchLimit.record() says where the windows ended. The numbers are, bit for bit, those of windows of
+    that size from the start (WINDOW_ITEMS set to it)."""
+    from probe import batch
+    from probe.sweep import SweepConfig
+
+    loaded = load_tiny("qwen2", "sdpa")
+    items = _items("qwen2", data_dir)
+    cfg = SweepConfig(max_new_tokens=2)
+    run = dict(window=4, max_padding=None, prefetch=prefetch)  # batches of 2, windows of 8 items
+    with monkeypatch.context() as m:
+        m.setattr(batch, "WINDOW_ITEMS", windows[-1])
+        want = batch.evaluate_items(loaded, items, cfg, 2, **run)
+    sizes, freed = _oom_preparing_above(monkeypatch, 3, _gpu_oom)
+    said: list[str] = []
+    limit = batch.BatchLimit(2, said.append)
+    got = batch.evaluate_items(loaded, items, cfg, limit, **run)
+    assert sizes == windows  # anti-tautology: the windows that ran are not those asked for
+    assert said == [f"out of memory in GPU 0 (tried to allocate 2.00 GiB) preparing a window of {n} items: windows of "
+                    f"at most {h} for the rest of this model and data set" for n, h in lines]
+    assert freed and all(freed), freed
+    assert limit.record() == {"batch_size": 2, "largest_batch": 2, "out_of_memory_cap": None,
+                              "out_of_memory_window": windows[-1]}
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a.logp, b.logp) and a.response == b.response
 
 
 def test_a_stopped_run_stops_preparing_the_next_window(load_tiny, data_dir, monkeypatch):
@@ -786,9 +860,10 @@ def test_a_batch_that_runs_out_of_memory_is_halved_and_gives_the_numbers_of_the_
     scores = [pd.read_csv(tmp_path / run / "scores.csv") for run in ("oom", "k")]
     pd.testing.assert_frame_equal(*scores, check_exact=False, rtol=0, atol=1e-6)
     (pair,) = json.loads((tmp_path / "oom" / "run.json").read_text())["batching"].items()
-    assert pair == (f"tiny-qwen2|{text_dir.name}", {"batch_size": 8, "largest_batch": k, "out_of_memory_cap": k})
+    assert pair == (f"tiny-qwen2|{text_dir.name}", {"batch_size": 8, "largest_batch": k, "out_of_memory_cap": k,
+                                                    "out_of_memory_window": None})
     (pair,) = json.loads((tmp_path / "k" / "run.json").read_text())["batching"].values()
-    assert pair == {"batch_size": k, "largest_batch": k, "out_of_memory_cap": None}
+    assert pair == {"batch_size": k, "largest_batch": k, "out_of_memory_cap": None, "out_of_memory_window": None}
 
 
 @pytest.mark.parametrize("quiet", [False, True])
@@ -806,6 +881,57 @@ def test_out_of_memory_at_one_item_is_still_one_line_and_writes_nothing(quiet, t
                                                    "the batch size"), err
     halvings = re.findall(r"on a batch of (\d+) items: batches of at most (\d+)", err)
     assert halvings == ([] if quiet else [("4", "2"), ("2", "1")]), err
+    assert not list((out / "parts").glob("*")) and not (out / "items.parquet").exists()
+    assert not (out / "scores.csv").exists()
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_running_out_of_memory_preparing_inputs_gives_the_files_of_the_smaller_window(quiet, text_dir, tmp_path, capfd,
+                                                                                       monkeypatch):
+    """Out of memory preparing a window of more than 5 items (its inputs go to the device) backs off as a batch does:
+    exit 0, one line a halving (none with --quiet), run.json's record names the window the pair finished at, and
+    items.parquet and scores.csv are those of a run whose windows held that many items from the start."""
+    from probe import batch
+
+    args = ["--models", "tiny-qwen2", "--data", text_dir, "--batch-size", 2, "--max-new-tokens", "2", "--seed", "3",
+            *(["--quiet"] if quiet else [])]
+    with monkeypatch.context() as m:
+        m.setattr(batch, "WINDOW_ITEMS", 4)  # the window the back-off ends at (the set's 8 items in one: 8 → 4)
+        assert _eval(*args, "--out", tmp_path / "four") == 0
+    sizes, freed = _oom_preparing_above(monkeypatch, 5, _gpu_oom)
+    capfd.readouterr()
+    assert _eval(*args, "--out", tmp_path / "oom") == 0
+    err = capfd.readouterr().err
+    halvings = [(int(n), int(h)) for n, h in re.findall(
+        r"out of memory in GPU 0 \(tried to allocate 2\.00 GiB\) preparing a window of (\d+) items: windows of at most "
+        r"(\d+) for the rest of this model and data set\n", err)]
+    assert sizes == [8, 4, 4] and halvings == ([] if quiet else [(8, 4)]), (sizes, err)
+    assert freed and all(freed), freed
+    (pair,) = json.loads((tmp_path / "oom" / "run.json").read_text())["batching"].values()
+    assert pair == {"batch_size": 2, "largest_batch": 2, "out_of_memory_cap": None, "out_of_memory_window": 4}
+    (pair,) = json.loads((tmp_path / "four" / "run.json").read_text())["batching"].values()
+    assert pair["out_of_memory_window"] is None
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "oom" / "items.parquet"),
+                                  pd.read_parquet(tmp_path / "four" / "items.parquet"))
+    assert (tmp_path / "oom" / "scores.csv").read_bytes() == (tmp_path / "four" / "scores.csv").read_bytes()
+
+
+def test_out_of_memory_preparing_one_item_is_still_one_line_and_writes_nothing(text_dir, tmp_path, capfd,
+                                                                               monkeypatch):
+    """Preparing even one item runs out of memory (k = 0): the windows halve down to one item, where the run stops,
+    exit 1 with one line saying what to lower, nothing written."""
+    sizes, _ = _oom_preparing_above(monkeypatch, 0, _ram_oom)
+    out = tmp_path / "run"
+    capfd.readouterr()
+    assert _eval("--models", "tiny-qwen2", "--data", text_dir, "--max-new-tokens", "2", "--batch-size", 4, "--out",
+                 out) == 1
+    err = capfd.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith(("error", "Traceback"))]
+    assert len(lines) == 1 and lines[0].startswith("error: out of memory in RAM (tried to allocate 2.00 GiB); lower "
+                                                   "the batch size"), err
+    assert sizes == [8, 4, 2, 1], sizes
+    assert re.findall(r"preparing a window of (\d+) items: windows of at most (\d+)", err) == [
+        ("8", "4"), ("4", "2"), ("2", "1")], err
     assert not list((out / "parts").glob("*")) and not (out / "items.parquet").exists()
     assert not (out / "scores.csv").exists()
 
@@ -850,7 +976,7 @@ def test_the_default_batch_size_is_32_on_a_cpu_and_256_on_an_accelerator(text_di
     assert _eval("--models", "tiny-qwen2", "--data", text_dir, "--limit", 2, "--no-generate", "--quiet", "--out",
                  tmp_path / "run") == 0
     (pair,) = json.loads((tmp_path / "run" / "run.json").read_text())["batching"].values()
-    assert pair == {"batch_size": 32, "largest_batch": 2, "out_of_memory_cap": None}
+    assert pair == {"batch_size": 32, "largest_batch": 2, "out_of_memory_cap": None, "out_of_memory_window": None}
     asked = []
     monkeypatch.setattr(probe.batch, "evaluate_items", lambda loaded, items, cfg, limit, **k: asked.append(limit.size)
                         or [])

@@ -290,7 +290,7 @@ def test_a_batch_that_runs_out_of_gpu_memory_is_halved_and_gives_the_numbers_of_
     # the first batch fails at 8 and runs as 4 + 4; the second, planned at 8 too, runs at 4 (BatchLimit.rows)
     assert [n for n, _ in batches] == [8, 4, 4, 4, 4], (batches, limit, four, eight)
     assert len(lines) == 1 and _back_off_line(8, "items", 4, "this model and data set").fullmatch(lines[0]), lines
-    assert ran.record() == {"batch_size": 8, "largest_batch": 4, "out_of_memory_cap": 4}
+    assert ran.record() == {"batch_size": 8, "largest_batch": 4, "out_of_memory_cap": 4, "out_of_memory_window": None}
     assert batches[1][1] - batches[0][1] <= row // 4, (batches, row)  # nothing of the failed batch left
     assert after - start <= row // 4, (start, after, row)
     for a, b in zip(got, want, strict=True):
@@ -357,8 +357,10 @@ def test_probe_eval_on_a_gpu_takes_256_items_a_batch_by_default_with_the_predict
         return pd.read_parquet(out / "items.parquet"), info["batching"]
 
     (got, batching), (want, asked) = run("default"), run("batch-32", "--batch-size", "32")
-    assert batching == {"organism-vl|image": {"batch_size": 256, "largest_batch": 64, "out_of_memory_cap": None}}
-    assert asked == {"organism-vl|image": {"batch_size": 32, "largest_batch": 32, "out_of_memory_cap": None}}
+    assert batching == {"organism-vl|image": {"batch_size": 256, "largest_batch": 64, "out_of_memory_cap": None,
+                                              "out_of_memory_window": None}}
+    assert asked == {"organism-vl|image": {"batch_size": 32, "largest_batch": 32, "out_of_memory_cap": None,
+                                           "out_of_memory_window": None}}
     assert len(got) == 64
     pd.testing.assert_frame_equal(got.drop(columns="p_answer"), want.drop(columns="p_answer"))
     assert np.abs(got["p_answer"] - want["p_answer"]).max() <= 0.05
