@@ -273,6 +273,21 @@ def evaluate_pair(loaded: LoadedModel, model_name: str, ds: DataSet, items: Sequ
     return rows, limit.record()
 
 
+def pair_batching(out: Path, plan: EvalPlan, pairs: Sequence[tuple[int, int]], saved: Any) -> dict[str, Any]:
+    """run.json's ``batching``: per "model|data" pair whose part is on disk, in plan order, the record its part keeps
+    (``probe.results.part_record``: written with it by whichever rank or run computed it), else, for a part written
+    before parts kept one, the record of the run.json resumed (``saved``, its ``batching``)."""
+    from probe.results import part_record
+
+    old = saved if isinstance(saved, dict) else {}
+    records: dict[str, Any] = {}
+    for m, d in pairs:
+        key, path = f"{plan.models[m].name}|{plan.data[d].name}", part_file(out, m, d)
+        if path.is_file() and (record := part_record(path) or old.get(key)) is not None:
+            records[key] = record
+    return records
+
+
 @releases_claims
 @undone_on_bad_input
 def run(args: argparse.Namespace) -> Path:
@@ -307,11 +322,11 @@ def run(args: argparse.Namespace) -> Path:
                                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if resumed:
         run_info["started"] = saved.get("started", run_info["started"])
-    # per "model|data" pair computed (by this process or the runs it resumed): the batch size asked, the largest
-    # batch that ran, and the size an out-of-memory back-off left (BatchLimit.record). Outside the plan: how the
-    # numbers were batched, not what was asked (they move in the last bits, as with --batch-size)
-    kept = saved.get("batching")
-    batching: dict[str, Any] = run_info.setdefault("batching", dict(kept) if isinstance(kept, dict) else {})
+    # per "model|data" pair computed (by this process, another rank or the runs it resumed): the batch size asked,
+    # the largest batch that ran, and the sizes an out-of-memory back-off left (BatchLimit.record), each kept in its
+    # pair's part (pair_batching). Outside the plan: how the numbers were batched, not what was asked (they move in
+    # the last bits, as with --batch-size)
+    batching = run_info["batching"] = pair_batching(out, plan, pairs, saved.get("batching"))
     t0 = time.perf_counter()
     if todo:
         from probe.models import load_model
@@ -337,7 +352,8 @@ def run(args: argparse.Namespace) -> Path:
                     rows, ran = evaluate_pair(loaded, plan.models[m].name, ds, scored[m, d], cfg, args.batch_size,
                                               bar, args.quiet)
                     batching[f"{plan.models[m].name}|{ds.name}"] = ran
-                    atomic_write_parquet(part_file(out, m, d), pd.DataFrame.from_records(rows, columns=ITEM_COLUMNS))
+                    atomic_write_parquet(part_file(out, m, d), pd.DataFrame.from_records(rows, columns=ITEM_COLUMNS),
+                                         record=ran)  # with its rows: the rank that assembles reads it back
                     frames[m, d] = read_pair_part(out, plan, scored, m, d)  # as a resume would read it
                 del loaded
         bar.close()
@@ -348,6 +364,7 @@ def run(args: argparse.Namespace) -> Path:
         return out
     assembled = parts_signature(pair_parts(out, run_info))  # the parts read here (rank 0's evaluate() waits for it)
     frames |= {p: read_pair_part(out, plan, scored, *p) for p in pairs if p not in frames}  # other ranks'
+    run_info["batching"] = pair_batching(out, plan, pairs, saved.get("batching"))  # other ranks' too
     if not todo:  # nothing to compute (a resume, or every pair n/a): results are still this run's writes
         claim_out_dir(out, plan.fingerprint())
         if not (out / "run.json").is_file():

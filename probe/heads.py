@@ -12,6 +12,7 @@ import json
 import platform
 import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -368,13 +369,11 @@ def run(args: argparse.Namespace) -> Path:
         "placement": placement.record(),
         "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    # per process that computed parts (those of the runs it resumed first): its chunks, the batch size asked
+    # per process that computed parts (another rank's, or a run's it resumed, too): its chunks, the batch size asked
     # (--batch-size, or --attribution-items), the largest batch that ran and the size an out-of-memory back-off left
-    # (BatchLimit.record). Outside the plan: how the numbers were batched, not what was asked (they move in the last
-    # bits, as --batch-size does)
-    kept_batching = saved.get("batching")
-    batching: list[Any] = run_info.setdefault("batching", list(kept_batching) if isinstance(kept_batching, list)
-                                              else [])
+    # (BatchLimit.record), each chunk's kept in its part (chunk_batching). Outside the plan: how the numbers were
+    # batched, not what was asked (they move in the last bits, as --batch-size does)
+    batching = run_info["batching"] = chunk_batching(out, len(chunks), saved.get("batching"))
     t0 = time.perf_counter()
     if todo:
         from probe.models import load_model
@@ -406,9 +405,12 @@ def run(args: argparse.Namespace) -> Path:
             extra = {"limit": limit} if limit is not None else {}
             if limit is not None:  # this process's entry, kept up to date (a stopped run's run.json shows it too)
                 batching.append(ran := {"chunks": []} | limit.record())
+            process = uuid.uuid4().hex  # which chunks' records are this process's (chunk_batching)
             for c in todo:
                 rows = engine(loaded, chunks[c], pairs, cfg, progress=bar.update, **extra)
-                atomic_write_parquet(part_path(out, c), pd.DataFrame.from_records(rows))
+                record = None if limit is None else {"process": process} | limit.record()
+                # the record with the rows, in one rename: the rank that assembles reads it back
+                atomic_write_parquet(part_path(out, c), pd.DataFrame.from_records(rows), record=record)
                 if limit is not None:
                     ran |= {"chunks": ran["chunks"] + [c]} | limit.record()
         bar.close()
@@ -420,6 +422,7 @@ def run(args: argparse.Namespace) -> Path:
         claim_out_dir(out, plan.fingerprint())
     assembled = parts_signature(chunk_parts(out, run_info))  # the parts read here (rank 0's sweep() waits for it)
     items_df = read_parts(out, range(len(chunks)), check_chunk, kept)  # this run's and other ranks' parts too
+    run_info["batching"] = chunk_batching(out, len(chunks), saved.get("batching"))  # other ranks' too
     heads = write_outputs(out, items_df, {"n_skipped_open": plan.n_skipped_open, "method": plan.method,
                                           "model": plan.model_spec, "approximate": plan.method == "attribution",
                                           "data": Path(plan.data_dir).name, "split": plan.settings["split"]})
@@ -434,6 +437,27 @@ def run(args: argparse.Namespace) -> Path:
     atomic_write_json(out / "run.json", run_info)
     _print_summary(out, heads)
     return out
+
+
+def chunk_batching(out: Path, n_chunks: int, saved: Any) -> list[dict[str, Any]]:
+    """run.json's ``batching``: one entry per process whose chunks' parts are on disk (whichever rank or run computed
+    them), in the order of its first chunk: ``{"chunks": [...]}`` and its ``BatchLimit.record`` as of its last chunk
+    there (each part keeps the record its process had when it wrote it, ``probe.results.part_record``). Parts written
+    before parts kept one keep the entries of the run.json resumed (``saved``, its ``batching``), cut to those
+    chunks, first."""
+    from probe.results import part_path, part_record
+
+    on_disk = [c for c in range(n_chunks) if part_path(out, c).is_file()]
+    records = {c: part_record(part_path(out, c)) for c in on_disk}
+    unrecorded = {c for c, r in records.items() if not isinstance(r, dict) or "process" not in r}
+    old = [e | {"chunks": [c for c in e["chunks"] if c in unrecorded]} for e in (saved if isinstance(saved, list)
+           else []) if isinstance(e, dict) and isinstance(e.get("chunks"), list)]
+    processes: dict[str, dict[str, Any]] = {}
+    for c in on_disk:
+        if c not in unrecorded:
+            entry = processes.setdefault(records[c]["process"], {"chunks": []})
+            entry |= {"chunks": entry["chunks"] + [c]} | {k: v for k, v in records[c].items() if k != "process"}
+    return [e for e in old if e["chunks"]] + list(processes.values())
 
 
 def batch_limit(method: str, args: argparse.Namespace, bar: Any) -> BatchLimit | None:

@@ -286,8 +286,37 @@ def note_outputs(out: Path, paths: Iterable[Path]) -> None:
     atomic_write_json(Path(out) / MANIFEST, saved | {"entries": sorted(entries)})
 
 
-def atomic_write_parquet(path: Path, df: pd.DataFrame) -> None:
-    atomic_write_with(path, lambda tmp: df.to_parquet(tmp, index=False))
+def atomic_write_parquet(path: Path, df: pd.DataFrame, record: Any = None) -> None:
+    """``df`` as ``path`` (``atomic_write_with``); ``record`` (JSON), where given, in the file's own metadata: a part's
+    batching record (probe.eval, probe.heads), written in the same rename as its rows, so whichever rank or run reads
+    the part back reads how it was computed with it (``part_record``)."""
+    if record is None:
+        atomic_write_with(path, lambda tmp: df.to_parquet(tmp, index=False))
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def write(tmp: str) -> None:  # to_parquet's table, with one more metadata key (pandas reads past it)
+        table = pa.Table.from_pandas(df, preserve_index=False)
+        meta = dict(table.schema.metadata or {}) | {PART_RECORD: json.dumps(record).encode()}
+        pq.write_table(table.replace_schema_metadata(meta), tmp)
+
+    atomic_write_with(path, write)
+
+
+PART_RECORD = b"omniprobe.batching"  # the metadata key of a part's record (atomic_write_parquet)
+
+
+def part_record(path: Path) -> Any:
+    """The record ``atomic_write_parquet`` kept in the parquet file ``path``; None where it kept none (a part written
+    before parts carried one, or by the naive engine) or the file cannot be read (read_part names that)."""
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.read_schema(path).metadata or {}
+        return json.loads(meta[PART_RECORD]) if PART_RECORD in meta else None
+    except (OSError, ValueError):  # pyarrow's ArrowInvalid is a ValueError
+        return None
 
 
 def part_path(out: Path, chunk: int) -> Path:

@@ -749,6 +749,29 @@ def test_resume_after_a_lost_part_gives_the_same_files(eval_run, tmp_path):
     pd.testing.assert_frame_equal(pd.read_parquet(copy / "items.parquet"), pd.read_parquet(out / "items.parquet"))
 
 
+def test_the_batching_record_of_each_pair_is_kept_in_its_part(text_dir, tmp_path):
+    """Each pair's batching record is written into its part with its rows, so the run that assembles (under torchrun
+    the last rank; a resume) names every pair however many processes computed them; a part written before parts kept
+    one keeps the record run.json had for it."""
+    from probe.eval import part_file
+    from probe.results import part_record
+
+    out = tmp_path / "run"
+    args = ["--models", "tiny-qwen2", "--data", text_dir, REPO / "probe/zoo/data/text", "--limit", 2, "--no-generate",
+            "--no-figures", "--quiet", "--out", out]
+    assert _eval(*args, "--batch-size", 1) == 0
+    one = {"batch_size": 1, "largest_batch": 1, "out_of_memory_cap": None, "out_of_memory_window": None}
+    keys = [f"tiny-qwen2|{text_dir.name}", "tiny-qwen2|text"]
+    assert json.loads((out / "run.json").read_text())["batching"] == dict.fromkeys(keys, one)
+    assert part_record(part_file(out, 0, 0)) == part_record(part_file(out, 0, 1)) == one
+    pd.read_parquet(part_file(out, 0, 0)).to_parquet(part_file(out, 0, 0), index=False)  # as written before
+    assert part_record(part_file(out, 0, 0)) is None
+    part_file(out, 0, 1).unlink()
+    assert _eval(*args, "--batch-size", 4) == 0
+    assert json.loads((out / "run.json").read_text())["batching"] == {keys[0]: one, keys[1]: one | {
+        "batch_size": 4, "largest_batch": 2}}
+
+
 @pytest.mark.parametrize("error, where", [
     (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 139.81 "
                             "GiB of which 1.2 GiB is free."), "GPU 0 (tried to allocate 20.00 GiB)"),

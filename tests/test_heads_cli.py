@@ -982,10 +982,36 @@ def test_the_exact_engine_halves_a_batch_that_runs_out_of_memory_for_the_rest_of
     (tmp_path / "oom" / "parts" / "chunk_00002.parquet").unlink()
     ok(run_in_process([*args, "--batch-size", asked, "--quiet", "--out", tmp_path / "oom"], capfd))
     record = json.loads((tmp_path / "oom" / "run.json").read_text())["batching"]
-    assert record[1:] == [{"chunks": [2], "batch_size": asked, "largest_batch": asked if flags else 4,
-                           "out_of_memory_cap": None}]
+    # the first process's entry read back from its parts, now of the chunks still its own
+    assert record == [{"chunks": [0, 1], "batch_size": asked, "largest_batch": k, "out_of_memory_cap": k},
+                      {"chunks": [2], "batch_size": asked, "largest_batch": asked if flags else 4,
+                       "out_of_memory_cap": None}]
     _assert_same_sweep(tmp_path / "oom", tmp_path / "k", atol=1e-6)
 
+
+
+def test_a_resume_keeps_the_batching_record_of_parts_written_without_one(tiny_dirs, data_dir, tmp_path, capfd):
+    """Parts keep their process's batching record (the assembling rank reads every rank's from them); a part written
+    before they did has none, and a resume keeps run.json's entry for it, cut to the chunks still on disk, before
+    the entries read from the parts."""
+    from probe.results import part_path, part_record
+
+    out = tmp_path / "run"
+    args = ["--model", tiny_dirs["qwen2_vl"], "--data", data_dir, "--limit", "3", "--layers", "0", "--heads", "0-1",
+            "--chunk-size", "1", "--no-generate", "--no-figures", "--quiet", "--out", out]
+    ok(run_in_process([*args, "--batch-size", "1"], capfd))
+    old = json.loads((out / "run.json").read_text())
+    assert old["batching"] == [{"chunks": [0, 1, 2], "batch_size": 1, "largest_batch": 1, "out_of_memory_cap": None}]
+    assert part_record(part_path(out, 0)) == {"process": part_record(part_path(out, 2))["process"]} | {
+        k: v for k, v in old["batching"][0].items() if k != "chunks"}
+    for c in range(3):  # as written before parts kept a record
+        pd.read_parquet(part_path(out, c)).to_parquet(part_path(out, c), index=False)
+        assert part_record(part_path(out, c)) is None
+    part_path(out, 1).unlink()
+    ok(run_in_process([*args, "--batch-size", "8"], capfd))
+    assert json.loads((out / "run.json").read_text())["batching"] == [
+        {"chunks": [0, 2], "batch_size": 1, "largest_batch": 1, "out_of_memory_cap": None},
+        {"chunks": [1], "batch_size": 8, "largest_batch": 2, "out_of_memory_cap": None}]
 
 @pytest.mark.parametrize("quiet", [False, True])
 def test_the_exact_engine_out_of_memory_at_one_row_is_still_one_line_and_writes_nothing(

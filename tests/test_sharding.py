@@ -20,7 +20,8 @@ def _run(args: list[str], env_extra: dict[str, str]) -> subprocess.CompletedProc
 
 def test_two_ranks_equal_one_process(tmp_path, tiny_dirs, data_dir, monkeypatch):
     """The ranks in this process, RANK / WORLD_SIZE set as torchrun sets them (three subprocesses before, each
-    re-importing torch; the ranks' real processes are test_ranks_hold_the_dir_against_a_single_process's)."""
+    re-importing torch; the ranks' real processes are test_ranks_hold_the_dir_against_a_single_process's). run.json's
+    batching names both ranks' chunks (it held only the assembling rank's), each rank's entry read from its parts."""
     from probe.errors import cli_main
     from probe.heads import main
 
@@ -41,6 +42,10 @@ def test_two_ranks_equal_one_process(tmp_path, tiny_dirs, data_dir, monkeypatch)
     pd.testing.assert_frame_equal(pd.read_csv(single / "heads.csv"), pd.read_csv(sharded / "heads.csv"))
     pd.testing.assert_frame_equal(pd.read_parquet(single / "items.parquet"),
                                   pd.read_parquet(sharded / "items.parquet"))
+    record = {"batch_size": 8, "largest_batch": 8, "out_of_memory_cap": None}  # 2 layers × 4 heads a batch
+    assert json.loads((single / "run.json").read_text())["batching"] == [{"chunks": [0, 1, 2]} | record]
+    assert json.loads((sharded / "run.json").read_text())["batching"] == [{"chunks": [0, 2]} | record,
+                                                                           {"chunks": [1]} | record]
 
 
 def test_overwrite_leaves_a_running_commands_dir_alone(tmp_path, tiny_dirs, data_dir, capsys):
@@ -97,7 +102,8 @@ def test_ranks_hold_the_dir_against_a_single_process(tmp_path, tiny_dirs, data_d
 
 def test_eval_ranks_split_the_pairs(tmp_path, tiny_dirs, data_dir, monkeypatch):
     """probe.eval read no RANK: under torchrun each of K ranks evaluated every model on every data set, K times the
-    work, and all K wrote the results. Ranks now take every K-th (model, data set) pair; the last one assembles."""
+    work, and all K wrote the results. Ranks now take every K-th (model, data set) pair; the last one assembles, and
+    its run.json's batching names every pair, the other rank's read from its part (it held only its own)."""
     from probe.errors import cli_main
     from probe.eval import main, part_file
 
@@ -115,6 +121,10 @@ def test_eval_ranks_split_the_pairs(tmp_path, tiny_dirs, data_dir, monkeypatch):
     for name in ("scores.csv", "table.md"):
         assert (single / name).read_text() == (sharded / name).read_text(), name
     pd.testing.assert_frame_equal(pd.read_parquet(single / "items.parquet"), pd.read_parquet(sharded / "items.parquet"))
+    batching = json.loads((sharded / "run.json").read_text())["batching"]
+    record = {"batch_size": 32, "largest_batch": 2, "out_of_memory_cap": None, "out_of_memory_window": None}
+    assert batching == {f"tiny-qwen2-vl|{data_dir.name}": record, "tiny-qwen2-vl|text": record}
+    assert batching == json.loads((single / "run.json").read_text())["batching"]
 
 
 def test_a_rank_outside_the_world_is_bad_input(tmp_path, tiny_dirs, data_dir, monkeypatch, capfd):
