@@ -449,9 +449,10 @@ def chunk_batching(out: Path, n_chunks: int, saved: Any) -> list[dict[str, Any]]
 
     on_disk = [c for c in range(n_chunks) if part_path(out, c).is_file()]
     records = {c: part_record(part_path(out, c)) for c in on_disk}
-    unrecorded = {c for c, r in records.items() if not isinstance(r, dict) or "process" not in r}
-    old = [e | {"chunks": [c for c in e["chunks"] if c in unrecorded]} for e in (saved if isinstance(saved, list)
-           else []) if isinstance(e, dict) and isinstance(e.get("chunks"), list)]
+    unrecorded = {c for c, r in records.items() if not (isinstance(r, dict) and isinstance(r.get("process"), str))}
+    kept = [e for e in saved if isinstance(e, dict) and isinstance(e.get("chunks"), list)] if isinstance(
+        saved, list) else []
+    old = [e | {"chunks": [c for c in e["chunks"] if c in unrecorded]} for e in kept]
     processes: dict[str, dict[str, Any]] = {}
     for c in on_disk:
         if c not in unrecorded:
