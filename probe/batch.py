@@ -317,7 +317,8 @@ def evaluate_items(
 
     def prepared(idx: list[int]) -> list[tuple[dict[str, torch.Tensor], list[int]]]:
         """``run_halving``'s measure: the window's inputs, from the thread where it prepared them. Its out of memory
-        reaches ``run_halving`` through ``result``, and nothing here holds the failed future after."""
+        reaches ``run_halving`` through ``result``; the future is off ``ahead`` by then, so only the traceback holds
+        the failed window's tensors, and ``free_memory`` frees them."""
         if ahead:
             want, future = ahead.pop()
             if want == idx:
