@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None,
                    help="items per forward at most (default: 32 on a CPU, 256 on a GPU); a batch is cut where "
                         "padding would pass 10 %% of its real tokens on a CPU, 50 %% on a GPU, and one that runs out "
-                        "of memory is halved, and the rest of that model and data set run at the smaller size")
+                        "of memory is halved (so is a window of items whose input preparation does), and the rest of "
+                        "that model and data set run at the smaller size")
     add_placement_args(p, "recorded with the results")
     p.add_argument("--no-generate", action="store_true",
                    help="skip greedy generation: probability accuracy and p(answer) only (accuracy NaN)")
