@@ -26,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.sweep import scratch_dir, text_items  # noqa: E402
-from probe.batch import evaluate_items, padding_cap, prefetches  # noqa: E402
+from bench.sweep import backed_off, scratch_dir, text_items  # noqa: E402
+from probe.batch import BatchLimit, evaluate_items, padding_cap, prefetches  # noqa: E402
 from probe.devices import Placement, resolve_placement  # noqa: E402
 from probe.errors import ArgParser, check_counts, cli_main  # noqa: E402
 from probe.heads import default_data_for  # noqa: E402
@@ -95,13 +95,15 @@ def compare(name: str, loaded: LoadedModel, items: Sequence[Item], batch_size: i
             checks.append(time.perf_counter() - t)
 
     probe.batch.check_against_one_item = counted
+    # a batch that runs out of memory is halved: the times are then those of smaller batches, which the report says
+    limits = {way: BatchLimit(batch_size, scope="this run") for way in ("in turn", "prefetched")}
     try:
         t = time.perf_counter()
-        turn = evaluate_items(loaded, items, cfg, batch_size, prefetch=False)
+        turn = evaluate_items(loaded, items, cfg, limits["in turn"], prefetch=False)
         t_turn = time.perf_counter() - t
         g_turn, checks[:] = list(checks), []
         t = time.perf_counter()
-        ahead = evaluate_items(loaded, items, cfg, batch_size, prefetch=True)
+        ahead = evaluate_items(loaded, items, cfg, limits["prefetched"], prefetch=True)
         t_ahead = time.perf_counter() - t
         g_ahead = list(checks)
     finally:
@@ -115,7 +117,9 @@ def compare(name: str, loaded: LoadedModel, items: Sequence[Item], batch_size: i
     return {"case": name, "items": len(items), "tokens": f"{min(lengths)}–{max(lengths)}", "one_s": t_one,
             "turn_s": t_turn, "ahead_s": t_ahead, "speedup": t_one / t_batch, "same_text": f"{same_text}/{len(items)}",
             "same_prob_pred": f"{same_pred}/{len(items)}", "max_dp": dp,
-            "guard": f"{len(g_turn)}, {sum(g_turn):.2f} s / {len(g_ahead)}, {sum(g_ahead):.2f} s"}
+            "guard": f"{len(g_turn)}, {sum(g_turn):.2f} s / {len(g_ahead)}, {sum(g_ahead):.2f} s",
+            "backed_off": [line for way, limit in limits.items()
+                           if (line := backed_off(f"{name}, batched {way},", limit)) is not None]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['case']} | {r['items']} | {r['tokens']} | {r['one_s']:.2f} s | {r['turn_s']:.2f} s | "
               f"{r['ahead_s']:.2f} s | **{r['speedup']:.1f}×** | {r['same_text']} | {r['same_prob_pred']} | "
               f"{r['max_dp']:.1e} | {r['guard']} |")
+    for line in [line for r in rows for line in r["backed_off"]]:
+        print(line)
     return 0
 
 

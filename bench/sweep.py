@@ -10,7 +10,9 @@ Prints per engine the seconds per item, the ratios exact/naive and attribution/e
 achieved FLOP/s as a fraction of a plain matmul in the run's dtype measured in the same run, the Spearman rank
 correlation between the attribution estimate and the exact sweep (over the swept heads, of each head's mean KL and
 mean p(answer) over the --items items exact measured), max |exact − naive|, and the projected
-GPU-hours (device-hours on whatever ran it) of the paper's Figure 2 sweep: every head × 900 MMMU items.
+GPU-hours (device-hours on whatever ran it) of the paper's Figure 2 sweep: every head × 900 MMMU items. An engine
+whose batch ran out of memory halves it, as probe.heads does: a warning then says its time is that of smaller batches
+(the JSON's ``batching``).
 
 ``--random-config`` builds Qwen2-VL-7B, Qwen2-7B or LLaVA-OneVision-7B from their published hyperparameters
 (probe/archs.py) with random weights, directly on the device, and measures it on synthetic MMMU-format items
@@ -42,6 +44,7 @@ from scipy.stats import spearmanr
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from probe.archs import ARCHS  # noqa: E402
+from probe.batch import BatchLimit  # noqa: E402
 from probe.devices import resolve_placement  # noqa: E402
 from probe.errors import ArgParser, BadInput, check_counts, check_out_path, cli_main, out_dir  # noqa: E402
 from probe.heads import DEFAULT_MODEL, default_data_for, parse_index_spec  # noqa: E402
@@ -182,6 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def backed_off(what: str, limit: BatchLimit) -> str | None:
+    """A benchmark's warning where ``what`` ran out of memory and halved its batches (``probe.batch.run_halving``):
+    its time is then that of the smaller batches, and of the failed one, not of the size asked; None otherwise."""
+    cap = limit.record()["out_of_memory_cap"]
+    return None if cap is None else (
+        f"warning: {what} ran out of memory at batches of {limit.size} {limit.unit}: timed at batches of at most "
+        f"{cap} (and the failed batches' time), not at {limit.size}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.model and args.random_config:
@@ -258,9 +270,15 @@ def main(argv: list[str] | None = None) -> int:
     peak = matmul_flops(device, loaded.dtype)
     if device.type == "cuda":  # untimed warm-up (kernel loading, autotuning, the caching allocator), which the
         engines["naive"](loaded, items[:1], heads[:1], cfg)  # first engine timed would pay for; small on a CPU
+    # the engines halve a batch that runs out of memory: their times are then those of smaller batches than asked,
+    # which the report and the JSON say (``batching``) rather than passing them off as the asked size's
+    limits = {"exact": BatchLimit(args.batch_size, unit="masked rows", scope="this benchmark"),
+              "attribution": BatchLimit(args.attribution_batch, scope="this benchmark")}
     naive, t_naive = timed(lambda: pd.DataFrame(engines["naive"](loaded, items, naive_heads, cfg)), device)
-    exact, t_exact = timed(lambda: pd.DataFrame(engines["exact"](loaded, items, heads, cfg)), device)
-    attr, t_attr = timed(lambda: pd.DataFrame(engines["attribution"](loaded, attr_items, heads, cfg)), device)
+    exact, t_exact = timed(lambda: pd.DataFrame(engines["exact"](loaded, items, heads, cfg, limit=limits["exact"])),
+                           device)
+    attr, t_attr = timed(lambda: pd.DataFrame(engines["attribution"](loaded, attr_items, heads, cfg,
+                                                                     limit=limits["attribution"])), device)
     t_attr1 = math.nan
     if args.attribution_batch > 1:
         one_cfg = dataclasses.replace(cfg, attribution_items=1)
@@ -304,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         "spearman_attr_vs_exact_kl": rho_kl, "spearman_attr_vs_exact_p_answer": rho_p,
         "max_abs_diff_exact_vs_naive": diff, "same_predictions": same_pred,
         "projected_hours_full_sweep": hours, "full_sweep": f"{all_heads} heads x {FULL_SWEEP_ITEMS} items",
+        "batching": {name: limit.record() for name, limit in limits.items()},
     }
     unit = "TFLOP/s"
     print(f"items: {n} (images {n_images}), prompt tokens {seq}")
@@ -319,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
             f"p(answer) {rho_p:.3f}")
     print(f"exact engine {achieved / 1e12:8.4f} {unit} = {achieved / peak:5.1%} of the {loaded.dtype} matmul "
           f"({peak / 1e12:.4f} {unit}) on {gpu or 'cpu'}")
+    for name, limit in limits.items():
+        if line := backed_off(name, limit):
+            print(line)
     what = ("this cut-down model, not the full one" if truncated else "this model")
     print(f"projected device-hours of the full sweep ({res['full_sweep']}) for {what}: "
           + ", ".join(f"{k} {v:.2f} h" if not math.isnan(v) else f"{k} n/a (heads cut down)"

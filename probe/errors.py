@@ -41,9 +41,16 @@ TENSOR_MEMORY_HINT = ("free memory (other processes) or run it on a machine with
                       "writes is left half-written")
 
 
+# torch's CPU allocator when it fails (c10/core/impl/alloc_cpu.cpp), a RuntimeError: posix_memalign's failure on
+# Linux and macOS, a null pointer from _aligned_malloc (Windows), mimalloc or memalign (Android)
+CPU_ALLOCATOR_FAILED = ("DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory")
+
+
 def out_of_memory(exc: BaseException) -> str | None:
     """Where an exception says memory ran out ("the GPU (tried to allocate 20.00 GiB)", "RAM (…)"), None when it is
-    something else. torch raises OutOfMemoryError on a GPU, a RuntimeError from its CPU allocator in RAM."""
+    something else. torch raises OutOfMemoryError on a GPU, a RuntimeError from its CPU allocator in RAM
+    (``CPU_ALLOCATOR_FAILED``). Only these allocators' refusals count (they fail before anything is allocated, so
+    a smaller batch may be retried); a CUDA driver error that says "out of memory" does not."""
     import re
 
     text = str(exc)
@@ -51,7 +58,7 @@ def out_of_memory(exc: BaseException) -> str | None:
         size = re.search(r"[Tt]ried to allocate ([\d.]+ [KMGT]?i?B)", text)
         gpu = re.search(r"GPU (\d+)", text)
         return (f"GPU {gpu.group(1)}" if gpu else "the GPU") + (f" (tried to allocate {size.group(1)})" if size else "")
-    if isinstance(exc, MemoryError) or "DefaultCPUAllocator: can't allocate memory" in text:
+    if isinstance(exc, MemoryError) or any(words in text for words in CPU_ALLOCATOR_FAILED):
         size = re.search(r"allocate (\d+) bytes", text)
         return "RAM" + (f" (tried to allocate {int(size.group(1)) / 2**30:.2f} GiB)" if size else "")
     return None

@@ -65,6 +65,76 @@ def test_random_config_qwen2_vl_7b_cut_to_one_layer_runs_and_reports(tmp_path):
     hours = res["projected_hours_full_sweep"]
     assert hours["naive"] > 0 and hours["exact"] is None  # null: heads were cut, no exact projection
     assert res["full_sweep"] == "28 heads x 900 items"
+    # what ran: both swept heads of the one layer in one exact batch (--batch-size 32), attribution one item a pass
+    assert res["batching"] == {"exact": {"batch_size": 32, "largest_batch": 2, "out_of_memory_cap": None},
+                               "attribution": {"batch_size": 1, "largest_batch": 1, "out_of_memory_cap": None}}
+    assert "ran out of memory" not in stdout
+
+
+def _gpu_oom() -> BaseException:
+    return torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+
+
+def _oom_above_one(real, rows_at: int):
+    """``real``, except that a call whose positional argument ``rows_at`` (its batch) holds more than one row runs
+    out of GPU memory."""
+    def run(*args):
+        if len(args[rows_at]) > 1:
+            raise _gpu_oom()
+        return real(*args)
+    return run
+
+
+def test_an_engine_that_backs_off_is_reported_as_timed_at_the_smaller_batches(tmp_path, monkeypatch):
+    """The engines halve a batch that runs out of memory (probe.batch.run_halving), so the benchmark no longer
+    stops there: it must not pass the smaller batches' time off as the asked size's. Injected: exact's masked
+    forwards and attribution's passes of more than one row run out of memory. The JSON's batching says what ran
+    (the direct count: batches of 1), the report warns for both engines, and the numbers are still right (exact ==
+    naive on the heads both measured)."""
+    import probe.attribution
+    import probe.exact
+
+    monkeypatch.setattr(probe.exact, "measure_masked", _oom_above_one(probe.exact.measure_masked, 2))  # its rows
+    monkeypatch.setattr(probe.attribution, "option_logit_jacobians",  # its items' inputs
+                        _oom_above_one(probe.attribution.option_logit_jacobians, 1))
+    out = tmp_path / "oom.json"
+    rc, stdout, stderr = _bench(
+        "--random-config", "qwen2-vl-7b", "--layers", "1", "--vision-layers", "1", "--vocab-size", "2048",
+        "--heads", "0,27", "--naive-heads", "1", "--items", "2", "--attribution-batch", "2", "--batch-size", "4",
+        "--image-size", "56", "--text-tokens", "16", "--device", "cpu", "--threads", "1", "--json", str(out),
+        tmp=tmp_path)
+    assert rc == 0, stderr[-3000:]
+    res = json.loads(out.read_text(encoding="utf-8"))
+    assert res["batching"] == {"exact": {"batch_size": 4, "largest_batch": 1, "out_of_memory_cap": 1},
+                               "attribution": {"batch_size": 2, "largest_batch": 1, "out_of_memory_cap": 1}}
+    assert ("warning: exact ran out of memory at batches of 4 masked rows: timed at batches of at most 1 (and the "
+            "failed batches' time), not at 4") in stdout
+    assert "warning: attribution ran out of memory at batches of 2 items: timed at batches of at most 1" in stdout
+    assert res["max_abs_diff_exact_vs_naive"] <= 1e-5 and res["same_predictions"]
+
+
+def test_the_eval_bench_reports_batches_that_backed_off(load_tiny, data_dir, monkeypatch):
+    """bench/eval.py's batched runs halve a batch that runs out of memory (probe.batch.run_halving): injected above one
+    item, each of its two batched runs (in turn, prefetched) warns that it was timed at batches of 1, not 2, and the
+    batched numbers still agree with the one-item path; without the injection nothing is said."""
+    import importlib.util
+
+    import probe.batch
+    from conftest import text_only
+    from probe.mmmu import load_items
+
+    spec = importlib.util.spec_from_file_location("bench_eval", REPO / "bench" / "eval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    loaded = load_tiny("qwen2")
+    items = [text_only(it) for it in load_items(str(data_dir))[0][:4]]
+    assert module.compare("tiny", loaded, items, 2)["backed_off"] == []
+    monkeypatch.setattr(probe.batch, "measure_batch", _oom_above_one(probe.batch.measure_batch, 1))
+    row = module.compare("tiny", loaded, items, 2)
+    assert row["backed_off"] == [f"warning: tiny, batched {way}, ran out of memory at batches of 2 items: timed at "
+                                 "batches of at most 1 (and the failed batches' time), not at 2"
+                                 for way in ("in turn", "prefetched")]
+    assert row["same_text"] == row["same_prob_pred"] == "4/4" and row["max_dp"] < 1e-5
 
 
 
@@ -88,8 +158,8 @@ def test_random_config_spearman_is_of_the_engines_per_head_means_on_the_items_ex
     def recording(name: str):
         engine = engine_of(name)
 
-        def run(loaded, items, heads, cfg):
-            rows = engine(loaded, items, heads, cfg)
+        def run(loaded, items, heads, cfg, **limit):
+            rows = engine(loaded, items, heads, cfg, **limit)
             returned[name] = ([it.id for it in items], rows)
             return rows
         return run

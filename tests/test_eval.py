@@ -816,6 +816,122 @@ def test_other_runtime_errors_keep_their_traceback():
         cli_main(broken, [])
 
 
+def test_out_of_memory_reads_each_allocators_refusal_and_nothing_else():
+    """What the back-off and the one-line error take for memory running out: the CPU allocator's refusal raised for
+    real (posix_memalign's words, here), its other words (Windows', mimalloc's, Android's null pointer: the same
+    RuntimeError of c10/core/impl/alloc_cpu.cpp, which was a traceback and never backed off), the GPU caching
+    allocator's OutOfMemoryError and Python's MemoryError, each with the size it names (GiB by the direct formula);
+    a RuntimeError that only mentions memory is not one."""
+    from probe.errors import out_of_memory
+
+    try:
+        torch.empty(2**62, dtype=torch.uint8)
+    except RuntimeError as exc:
+        real = exc
+    assert out_of_memory(real) == f"RAM (tried to allocate {2**62 / 2**30:.2f} GiB)", real
+    windows = RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: you "
+                           "tried to allocate 3221225472 bytes.")
+    assert out_of_memory(windows) == "RAM (tried to allocate 3.00 GiB)"
+    assert out_of_memory(_gpu_oom()) == "GPU 0 (tried to allocate 2.00 GiB)"
+    assert out_of_memory(MemoryError()) == "RAM"
+    for other in (RuntimeError("shape mismatch"), RuntimeError("CUDA error: out of memory"),
+                  ValueError("DefaultCPUAllocator"), RuntimeError("not enough memory for the cache")):
+        assert out_of_memory(other) is None, other
+
+
+def _halving(rows: list[int], size: int, fails: Callable[[list[int]], bool]):
+    """``run_halving`` over ``rows`` at ``size`` with a measure that runs out of GPU memory where ``fails(batch)``
+    and otherwise gives each row's number (10 × row): per call, the batch measured and whether it ran; the batches
+    kept with what they got; the limit; its back-off lines."""
+    from types import SimpleNamespace
+
+    from probe.batch import BatchLimit, run_halving
+
+    calls: list[tuple[list[int], bool]] = []
+    kept: list[tuple[list[int], list[int]]] = []
+    lines: list[str] = []
+    limit = BatchLimit(size, lines.append)
+
+    def measure(batch: list[int]) -> list[int]:
+        failing = fails(batch)  # once: a random draw
+        calls.append((list(batch), not failing))
+        assert len(batch) <= limit.rows  # never more rows than the cap in force
+        if failing:
+            raise _gpu_oom()
+        return [10 * r for r in batch]
+
+    run_halving(SimpleNamespace(device=torch.device("cpu")), rows, limit, measure,
+                lambda batch, got: kept.append((list(batch), got)))
+    return calls, kept, limit, lines
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_halving_keeps_every_row_once_in_order_with_its_own_numbers(seed):
+    """Whatever batches run out of memory (a random draw per forward of two rows or more: memory that other work
+    frees and takes), every row is kept exactly once, in order, with the number of its own row (10 × row, not a
+    neighbour's), from a batch that ran; each failure halves the cap to ceil(failed / 2), one line each, the cap
+    never rises, and record() says the largest batch that ran and where the cap ended."""
+    import random
+
+    rng = random.Random(seed)
+    rows = list(range(rng.randint(1, 40)))
+    size = rng.randint(1, 12)
+    calls, kept, limit, lines = _halving(rows, size, lambda batch: len(batch) > 1 and rng.random() < 0.4)
+    assert [r for batch, _ in kept for r in batch] == rows
+    assert all(got == [10 * r for r in batch] for batch, got in kept)
+    assert [batch for batch, ok in calls if ok] == [batch for batch, _ in kept]
+    failed = [len(batch) for batch, ok in calls if not ok]
+    caps = [int(m) for m in re.findall(r"batches of at most (\d+) for", "\n".join(lines))]
+    assert len(lines) == len(failed) and caps == [(n + 1) // 2 for n in failed]
+    assert caps == sorted(caps, reverse=True) and limit.rows == (caps[-1] if caps else size)
+    assert limit.record() == {"batch_size": size, "largest_batch": max(len(b) for b, _ in kept),
+                              "out_of_memory_cap": caps[-1] if caps else None}
+
+
+@pytest.mark.parametrize("n, size, fits", [(17, 8, 3), (9, 7, 2), (5, 5, 5), (12, 4, 1)])
+def test_halving_with_a_fixed_memory_ends_at_the_first_halving_that_fits(n, size, fits):
+    """Memory for ``fits`` rows: the first batch halves (ceil) until it fits, once per halving, and no batch after it
+    runs out again; every batch that ran holds at most that many rows."""
+    calls, kept, limit, lines = _halving(list(range(n)), size, lambda batch: len(batch) > fits)
+    want, cap = [], size
+    while cap > fits:  # the direct formula: the sizes that failed, each halved
+        want.append(cap)
+        cap = (cap + 1) // 2
+    assert [len(batch) for batch, ok in calls if not ok] == want and len(lines) == len(want)
+    assert limit.rows == cap and all(len(batch) <= cap for batch, _ in kept)
+    assert [r for batch, _ in kept for r in batch] == list(range(n))
+
+
+def test_halving_stops_at_one_row_at_other_errors_and_at_errors_of_keep():
+    """Out of memory with one row, any other error, and an error keep raises (a guard's own forward, out of memory
+    too) end the run where they happen: nothing is retried and the limit is as it was."""
+    from types import SimpleNamespace
+
+    from probe.batch import BatchLimit, run_halving
+
+    cpu = SimpleNamespace(device=torch.device("cpu"))
+    with pytest.raises(torch.OutOfMemoryError):
+        _halving([0, 1, 2], 4, lambda batch: True)
+    tried: list[int] = []
+
+    def broken(batch):
+        tried.append(len(batch))
+        raise RuntimeError("shape mismatch")
+
+    limit = BatchLimit(4, lambda line: pytest.fail(line))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        run_halving(cpu, [0, 1, 2, 3, 4], limit, broken, lambda batch, got: None)
+    assert tried == [4] and limit.rows == 4
+    measured: list[int] = []
+
+    def keep(batch, got):
+        raise _gpu_oom()
+
+    with pytest.raises(torch.OutOfMemoryError):
+        run_halving(cpu, [0, 1, 2, 3], limit, lambda batch: measured.append(len(batch)), keep)
+    assert measured == [4] and limit.rows == 4
+
+
 def _oom_above(monkeypatch, k: int, error: Callable[[], BaseException]) -> list[bool]:
     """Every model probe.eval loads raises ``error()`` in any forward of more than ``k`` rows, as a GPU out of memory
     does (inside ``generate``, with the batch's tensors in its frames). Returned: per forward after a failure,
