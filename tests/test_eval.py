@@ -840,7 +840,7 @@ def test_out_of_memory_reads_each_allocators_refusal_and_nothing_else():
 
 
 def _halving(rows: list[int], size: int, fails: Callable[[list[int]], bool]):
-    """``run_halving`` over ``rows`` at ``size`` with a measure that runs out of GPU memory where ``fails(batch)``
+    """``run_halving`` over ``rows`` (one planned batch) at ``size`` with a measure that runs out of GPU memory where ``fails(batch)``
     and otherwise gives each row's number (10 × row): per call, the batch measured and whether it ran; the batches
     kept with what they got; the limit; its back-off lines."""
     from types import SimpleNamespace
@@ -860,7 +860,7 @@ def _halving(rows: list[int], size: int, fails: Callable[[list[int]], bool]):
             raise _gpu_oom()
         return [10 * r for r in batch]
 
-    run_halving(SimpleNamespace(device=torch.device("cpu")), rows, limit, measure,
+    run_halving(SimpleNamespace(device=torch.device("cpu")), [rows], limit, measure,
                 lambda batch, got: kept.append((list(batch), got)))
     return calls, kept, limit, lines
 
@@ -920,7 +920,7 @@ def test_halving_stops_at_one_row_at_other_errors_and_at_errors_of_keep():
 
     limit = BatchLimit(4, lambda line: pytest.fail(line))
     with pytest.raises(RuntimeError, match="shape mismatch"):
-        run_halving(cpu, [0, 1, 2, 3, 4], limit, broken, lambda batch, got: None)
+        run_halving(cpu, [[0, 1, 2, 3, 4]], limit, broken, lambda batch, got: None)
     assert tried == [4] and limit.rows == 4
     measured: list[int] = []
 
@@ -928,7 +928,7 @@ def test_halving_stops_at_one_row_at_other_errors_and_at_errors_of_keep():
         raise _gpu_oom()
 
     with pytest.raises(torch.OutOfMemoryError):
-        run_halving(cpu, [0, 1, 2, 3], limit, lambda batch: measured.append(len(batch)), keep)
+        run_halving(cpu, [[0, 1, 2, 3]], limit, lambda batch: measured.append(len(batch)), keep)
     assert measured == [4] and limit.rows == 4
 
 
