@@ -524,8 +524,9 @@ def anyres_patches(model_type: str, processor: Any, image_sizes: torch.Tensor, s
     the whole image), by transformers' own function for it: ``image_size_to_num_patches`` of the model's module,
     with which the model's ``get_image_features`` cuts the padding off each image again. The processor pads every
     image to the call's most patches (``_pad_for_batching``), so this is what tells an image's patches from its
-    padding (``probe.prompting.encode_prompts``). None where a release has no such function or the processor no
-    pinpoints: its items are then encoded one by one."""
+    padding (``probe.prompting.encode_prompts``; checked on 5.23 and 5.25 by tests/test_families.py against each
+    image's own call). None where a release has no such function or the processor no pinpoints: its items are then
+    encoded one by one."""
     import importlib
 
     try:
@@ -541,7 +542,7 @@ def anyres_patches(model_type: str, processor: Any, image_sizes: torch.Tensor, s
 
 def processor_image_tokens(processor: Any, image_sizes: torch.Tensor) -> list[int] | None:
     """How many image tokens the processor expands each image of these (height, width) to, by its own count
-    (``_get_num_multimodal_tokens``, which vLLM reads; 5.23-5.25's LLaVA-NeXT and -OneVision processors give the
+    (``_get_num_multimodal_tokens``, which vLLM reads; 5.23's and 5.25's LLaVA-NeXT and -OneVision processors give the
     anyres count, unpadded features, newlines and base, that their ``replace_image_token`` expands a
     single-image prompt's placeholder to). None where a release does not give it: items are then encoded one by
     one (``probe.prompting.encode_prompts``)."""
