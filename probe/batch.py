@@ -1,9 +1,9 @@
 """Batched evaluation (DESIGN §8): several items per forward, with the one-item path as the oracle beside it.
 
 Each item's inputs come from the probe's one prompt builder (``probe.sweep.prepare_item``), exactly as the head
-sweep builds them; where the processor allows, a window's prompts are encoded by one processor call and cut apart
-into each item's own tensors (``probe.prompting.encode_prompts``: the per-call overhead was half of organism-vl's
-input building). ``collate`` then joins items:
+sweep builds them; where the processor allows, a window's prompts are encoded by one processor call (LLaVA-OneVision:
+one per 32) and cut apart into each item's own tensors (``probe.prompting.encode_prompts``: the per-call overhead was
+half of organism-vl's input building). ``collate`` then joins items:
 - token-aligned tensors (input_ids, attention_mask, mm_token_type_ids) are padded on the **left**, so every row's
   next token is the last column; the attention mask marks the padding, and the model derives positions from it
   (cumulative positions for Qwen2, M-RoPE's ``get_rope_index`` for Qwen2-VL). The attribution engine's plain

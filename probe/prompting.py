@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 import string
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol, Sequence
+from itertools import accumulate
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from PIL import Image
@@ -19,7 +20,7 @@ from probe.errors import BadInput, is_int
 from probe.families import chat_format
 from probe.mmmu import VIDEO_REF
 from probe.models import LoadedModel
-from probe.upstream import check_model_inputs, check_special_tokens_read
+from probe.upstream import anyres_patches, check_model_inputs, check_special_tokens_read, processor_image_tokens
 
 
 class ItemLike(Protocol):
@@ -395,50 +396,112 @@ def _image_rows(batch: dict[str, torch.Tensor], counts: list[int]) -> dict[str, 
     return {"pixel_values": counts} if "pixel_values" in batch else {}
 
 
+ANYRES_KEYS = ("pixel_values", "image_sizes", "batch_num_images")
+
+
+def _anyres_rows(batch: dict[str, torch.Tensor], counts: list[int]) -> dict[str, list[int]]:
+    """LLaVA-NeXT's and -OneVision's processors: one row per image of ``pixel_values`` (its patches, padded to the
+    call's most), ``image_sizes`` and (OneVision) ``batch_num_images`` (each 1: the images come as one flat list,
+    so each is patched as a prompt's only image, in one prompt's call as in a window's)."""
+    return {k: counts for k in ANYRES_KEYS if k in batch}
+
+
+@dataclass(frozen=True)
+class MediaLayout:
+    """How a processor's output for several prompts holds each prompt's own output (``encode_prompt``'s): media rows
+    concatenated, token rows padded. ``rows``: how many rows of each media tensor a prompt's images take.
+    ``anyres``: the model type whose patch count (``probe.upstream.anyres_patches``) tells an image's
+    ``pixel_values`` patches from the call's padding — the cut keeps as many as its own most, as its own call
+    pads — and whose items' image tokens must be the processor's own count for their ``image_sizes``
+    (``_cuts_hold_their_media``); None: no padding inside media rows, and a constant number of image tokens per
+    media row across the call. ``call_items``: the most prompts a call takes (None: a whole window)."""
+
+    rows: Callable[[dict[str, torch.Tensor], list[int]], dict[str, list[int]]]
+    anyres: str | None = None
+    call_items: int | None = None
+
+
+def _own_padding(loaded: LoadedModel, layout: MediaLayout,
+                 media: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """An anyres cut's ``pixel_values`` with the window's patch padding cut back to its own call's (its images'
+    most patches; none for one image alone), or None where what is cut off is not padding (zeros) or an image's
+    last patch is (the patch count misread): the call's items are then encoded one by one. No processor call."""
+    if layout.anyres is None or "pixel_values" not in media:
+        return media
+    pixels = media["pixel_values"]
+    if "image_sizes" not in media:
+        return None
+    patches = anyres_patches(layout.anyres, loaded.processor, media["image_sizes"], pixels.shape[-1])
+    if patches is None or pixels.dim() != 5 or len(patches) != len(pixels) or max(patches) > pixels.shape[1]:
+        return None
+    for row, n in zip(pixels, patches):
+        if row[n:].any() or not row[n - 1].any():
+            return None
+    return {**media, "pixel_values": pixels[:, :max(patches)]}
+
+
 def _cuts_hold_their_media(loaded: LoadedModel, cuts: list[Encoded]) -> bool:
-    """Whether each cut's image tokens and media rows agree, as its own call's do: as many image tokens as its
-    ``pixel_values`` rows give at the window's tokens per row (Qwen: a patch's 1/merge², LLaVA-1.5: an image's
-    tokens, the same for every image), and with Qwen's grids one grid row per image of the prompt and the patches
-    they name. Token rows are cut by their own row of the call, media rows by ``MEDIA_ROWS``' offsets: a misread of
-    those offsets gives an item another item's rows, which this sees wherever the two differ in image count or
-    size. No processor call."""
+    """Whether each cut's image tokens and media rows agree, as its own call's do. Anyres (LLaVA-NeXT, -OneVision),
+    where an image's tokens follow its size: exactly the processor's own count for the cut's ``image_sizes``
+    (one count for the call). Otherwise as many image tokens as its ``pixel_values`` rows give at the window's
+    tokens per row (Qwen: a patch's 1/merge², LLaVA-1.5: an image's tokens, the same for every image), and with
+    Qwen's grids one grid row per image of the prompt and the patches they name. Token rows are cut by their own
+    row of the call, media rows by ``MEDIA_ROWS``' offsets: a misread of those offsets gives an item another item's
+    rows, which this sees wherever the two differ in image count or size. No processor call."""
     image_token = getattr(loaded.processor, "image_token", None)
     token = loaded.tokenizer.convert_tokens_to_ids(image_token) if isinstance(image_token, str) else None
     if not is_int(token):
         return False
-    tokens, rows = [], []
+    tokens = [int((enc.batch["input_ids"] == token).sum()) for enc in cuts]
+    layout = MEDIA_ROWS[type(loaded.processor).__name__]
+    if layout.anyres is not None:
+        sizes = [enc.batch["image_sizes"] if "image_sizes" in enc.batch else torch.zeros(0, 2, dtype=torch.long)
+                 for enc in cuts]
+        if any(len(s) != len(enc.prompt.images) for s, enc in zip(sizes, cuts)):
+            return False
+        per_image = processor_image_tokens(loaded.processor, torch.cat(sizes)) if any(map(len, sizes)) else []
+        if per_image is None:
+            return False
+        ends = list(accumulate(len(s) for s in sizes))
+        return all(t == sum(per_image[e - len(s):e]) for t, s, e in zip(tokens, sizes, ends))
+    rows = []
     for enc in cuts:
         n = enc.batch["pixel_values"].shape[0] if "pixel_values" in enc.batch else 0
         grid = enc.batch.get("image_grid_thw")
         if grid is not None and (grid.shape[0] != len(enc.prompt.images) or int(grid.prod(-1).sum()) != n):
             return False
-        tokens.append(int((enc.batch["input_ids"] == token).sum()))
         rows.append(n)
     held, given = sum(tokens), sum(rows)
     return (held == 0) == (given == 0) and all(t * given == n * held for t, n in zip(tokens, rows))
 
 
 # Processors whose output for several prompts is each prompt's own output (``encode_prompt``), padded and
-# concatenated: how many rows of each media tensor a prompt's images take. Not here: the processors that pad
-# across prompts (LLaVA-NeXT's and -OneVision's patch dimension, Idefics3's image dimension), need all prompts to
-# hold images (Gemma 3) or do not say how many patches an image took (InternVL); their items are encoded one by one.
-# tests/test_families.py checks each row's split against the one-prompt call, tensor for tensor.
-MEDIA_ROWS = {"Qwen2VLProcessor": _grid_rows, "Qwen2_5_VLProcessor": _grid_rows, "Qwen3VLProcessor": _grid_rows,
-              "Qwen2_5OmniProcessor": _grid_rows, "LlavaProcessor": _image_rows}
+# concatenated: how many rows of each media tensor a prompt's images take, and (anyres) the padding of its
+# patches. Not here: the processors that pad across prompts on the image dimension (Idefics3), need all prompts to
+# hold images (Gemma 3) or do not say how many patches an image took (InternVL); their items are encoded one by
+# one. tests/test_families.py checks each row's split against the one-prompt call, tensor for tensor.
+_GRID = MediaLayout(_grid_rows)
+MEDIA_ROWS = {"Qwen2VLProcessor": _GRID, "Qwen2_5_VLProcessor": _GRID, "Qwen3VLProcessor": _GRID,
+              "Qwen2_5OmniProcessor": _GRID, "LlavaProcessor": MediaLayout(_image_rows),
+              "LlavaNextProcessor": MediaLayout(_anyres_rows, anyres="llava_next"),
+              # OneVision's replace_image_token walks batch_num_images (a tensor) from its start for every image:
+              # its time grows with the square of the call's images (organism-ov-si's image set repeated to 256
+              # items, CPU time of input building: 2.1 ms an item in one call, 1.4 in calls of 32 or 16, 1.8 alone)
+              "LlavaOnevisionProcessor": MediaLayout(_anyres_rows, anyres="llava_onevision", call_items=32)}
 
 
 def encode_prompts(loaded: LoadedModel, items: Sequence[ItemLike], template: PromptTemplate,
                    image_max_side: int | None = None) -> list[Encoded | None]:
     """Per item, what ``encode_prompt`` gives it, from one processor call over the items (their prompts padded,
-    then cut apart again), or None where that call cannot serve it: ``build_inputs`` then encodes it alone. A
-    processor call's own overhead (keyword checks, tensor conversions) was half of organism-vl's preparation item
-    by item; this way it is paid once per window. Only for processors in ``MEDIA_ROWS``, and
-    never for video items (``probe.video`` builds those). An item that fails its checks ends the batched part
-    there: it and the items after it are left to ``build_inputs``, which stops at it with its own message, as
-    item by item."""
+    then cut apart again; a call over ``MediaLayout.call_items`` at most), or None where that call cannot serve it:
+    ``build_inputs`` then encodes it alone. A processor call's own overhead (keyword checks, tensor conversions)
+    was half of organism-vl's preparation item by item; this way it is paid once per window. Only for processors
+    in ``MEDIA_ROWS``, and never for video items (``probe.video`` builds those). An item that fails its checks ends
+    the batched part there: it and the items after it are left to ``build_inputs``, which stops at it with its own
+    message, as item by item."""
     out: list[Encoded | None] = [None] * len(items)
-    rows_of = MEDIA_ROWS.get(type(loaded.processor).__name__) if loaded.processor is not None else None
-    if rows_of is None:
+    layout = MEDIA_ROWS.get(type(loaded.processor).__name__) if loaded.processor is not None else None
+    if layout is None:
         return out
     prompts: dict[int, Prompt] = {}
     for i, item in enumerate(items):
@@ -448,17 +511,30 @@ def encode_prompts(loaded: LoadedModel, items: Sequence[ItemLike], template: Pro
             prompts[i] = render_prompt(loaded, item, template, image_max_side)
         except BadInput:
             break
+    order = list(prompts)
+    size = layout.call_items or len(order) or 1
+    for s in range(0, len(order), size):
+        for i, enc in _one_call(loaded, layout, items, {i: prompts[i] for i in order[s:s + size]}).items():
+            out[i] = enc
+    return out
+
+
+def _one_call(loaded: LoadedModel, layout: MediaLayout, items: Sequence[ItemLike],
+              prompts: dict[int, Prompt]) -> dict[int, Encoded]:
+    """``encode_prompts``' cuts of one processor call over these prompts (by item index), checked; empty where the
+    call cannot serve them (fewer than two, an image it refuses, a layout it does not know, a check that fails)."""
     if len(prompts) < 2:
-        return out
+        return {}
     texts = [p.text for p in prompts.values()]
     try:
         batch = dict(loaded.processor(**processor_kwargs(texts, [im for p in prompts.values() for im in p.images])))
     except ValueError:  # an image it refuses: each item alone, so the message names the item
-        return out
-    rows = rows_of(batch, [len(p.images) for p in prompts.values()])
+        return {}
+    rows = layout.rows(batch, [len(p.images) for p in prompts.values()])
     media = [k for k in batch if k not in TOKEN_KEYS]
     if set(rows) != set(media) or any(sum(rows[k]) != batch[k].shape[0] for k in media):
-        return out  # not the layout MEDIA_ROWS knows (a new release): item by item, as before
+        return {}  # not the layout MEDIA_ROWS knows (a new release): item by item, as before
+    out: dict[int, Encoded] = {}
     start = dict.fromkeys(media, 0)
     for r, (i, prompt) in enumerate(prompts.items()):
         real = batch["attention_mask"][r].bool()
@@ -469,18 +545,21 @@ def encode_prompts(loaded: LoadedModel, items: Sequence[ItemLike], template: Pro
             elif rows[k][r]:
                 one[k] = v[start[k]:start[k] + rows[k][r]]
                 start[k] += rows[k][r]
-        out[i] = Encoded(prompt, one)
+        own = _own_padding(loaded, layout, one)
+        if own is None:
+            return {}  # not padding where the patch count says: item by item, as before
+        out[i] = Encoded(prompt, own)
     # run-time check, as probe.batch's guard checks the forward: the first and the last item with images (the cuts'
-    # offsets add up over the whole window to the last) encoded alone must give their cuts, tensor for tensor; a
+    # offsets add up over the whole call to the last) encoded alone must give their cuts, tensor for tensor; a
     # release whose layout differs would otherwise feed items their neighbours' pixels without a word, and the
-    # guard measures the same inputs alone. It costs two calls a window. The items between them are checked
+    # guard measures the same inputs alone. It costs two calls a call. The items between them are checked
     # without a call (a misread there leaves both ends right): their image tokens against their media rows.
-    if not _cuts_hold_their_media(loaded, [enc for i in prompts if (enc := out[i]) is not None]):
-        return [None] * len(items)
+    if not _cuts_hold_their_media(loaded, list(out.values())):
+        return {}
     with_images = [i for i, p in prompts.items() if p.images] or list(prompts)
     for i in sorted({with_images[0], with_images[-1]}):
-        want, got = encode_prompt(loaded, items[i], prompts[i]), out[i].batch  # type: ignore[union-attr]
+        want, got = encode_prompt(loaded, items[i], prompts[i]), out[i].batch
         if list(want) != list(got) or any(want[k].dtype != got[k].dtype or not torch.equal(want[k], got[k])
                                           for k in want):
-            return [None] * len(items)  # item by item, as before
+            return {}  # item by item, as before
     return out

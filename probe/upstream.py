@@ -516,3 +516,41 @@ def check_head_positions(seen: dict[str, torch.Tensor], positions: list[int]) ->
             raise UpstreamChanged(f"the LM head ran on hidden states {tuple(head_in.shape)} that are not the "
                                   f"decoder's at the {len(positions)} positions asked for with logits_to_keep",
                                   naive_helps=False)
+
+
+def anyres_patches(model_type: str, processor: Any, image_sizes: torch.Tensor, side: int) -> list[int] | None:
+    """How many ``pixel_values`` patches each image of these (height, width) takes in an anyres processor's output
+    (LLaVA-NeXT, -OneVision: the best grid of its image_grid_pinpoints in patches of the pixel tensor's side, plus
+    the whole image), by transformers' own function for it: ``image_size_to_num_patches`` of the model's module,
+    with which the model's ``get_image_features`` cuts the padding off each image again. The processor pads every
+    image to the call's most patches (``_pad_for_batching``), so this is what tells an image's patches from its
+    padding (``probe.prompting.encode_prompts``; checked on 5.23 and 5.25 by tests/test_families.py against each
+    image's own call). None where a release has no such function or the processor no pinpoints: its items are then
+    encoded one by one."""
+    import importlib
+
+    try:
+        module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    except ImportError:
+        return None
+    count = getattr(module, "image_size_to_num_patches", None)
+    pinpoints = getattr(getattr(processor, "image_processor", None), "image_grid_pinpoints", None)
+    if count is None or not isinstance(pinpoints, list):
+        return None
+    return [int(count(image_size=size, grid_pinpoints=pinpoints, patch_size=side)) for size in image_sizes.tolist()]
+
+
+def processor_image_tokens(processor: Any, image_sizes: torch.Tensor) -> list[int] | None:
+    """How many image tokens the processor expands each image of these (height, width) to, by its own count
+    (``_get_num_multimodal_tokens``, which vLLM reads; 5.23's and 5.25's LLaVA-NeXT and -OneVision processors give the
+    anyres count, unpadded features, newlines and base, that their ``replace_image_token`` expands a
+    single-image prompt's placeholder to). None where a release does not give it: items are then encoded one by
+    one (``probe.prompting.encode_prompts``)."""
+    count = getattr(processor, "_get_num_multimodal_tokens", None)
+    if count is None:
+        return None
+    try:
+        tokens = count(image_sizes=image_sizes.tolist())["num_image_tokens"]
+    except (AttributeError, KeyError, TypeError):
+        return None
+    return [int(t) for t in tokens] if isinstance(tokens, list) and len(tokens) == len(image_sizes) else None

@@ -68,6 +68,35 @@ def test_batched_equals_one_item_path(family, generate, load_tiny, data_dir, vid
             torch.testing.assert_close(a.logp, b.logp, atol=1e-4, rtol=0)
 
 
+def test_organism_ov_si_batched_on_its_image_set_equals_one_item_path(monkeypatch):
+    """organism-ov-si (LLaVA-OneVision, one of the shipped organisms) on its own image set, as probe.eval runs it on
+    a CPU: batches of 32, each window's prompts encoded by processor calls over several of them and cut apart
+    (probe.prompting.encode_prompts). Same predictions and generated text as one item at a time, p(answer) within
+    1e-4 (fp32). Anti-tautology: every item's inputs came from such a call, none from its own."""
+    from probe import batch
+    from probe.heads import default_data_for
+    from probe.mmmu import load_items
+    from probe.models import load_model, resolve_model
+    from probe.sweep import SweepConfig, first_token_measure, measurement_row, prepare_item
+
+    loaded = load_model(resolve_model("organism-ov-si"), dtype="float32", device="cpu")
+    items = load_items(str(default_data_for("organism-ov-si")))[0]
+    served: list[bool] = []
+    real = batch.encode_prompts
+    monkeypatch.setattr(batch, "encode_prompts",
+                        lambda *a, **k: (out := real(*a, **k), served.extend(e is not None for e in out))[0])
+    cfg = SweepConfig(max_new_tokens=5)
+    batched = batch.evaluate_items(loaded, items, cfg, batch_size=32)
+    assert len(served) == len(items) > 64 and all(served)
+    for item, got in zip(items, batched, strict=True):
+        want = first_token_measure(loaded, *prepare_item(loaded, item, cfg), cfg)
+        a = measurement_row(item, -1, -1, got, got.logp)
+        b = measurement_row(item, -1, -1, want, want.logp)
+        assert (a["pred"], a["prob_pred"], a["response"]) == (b["pred"], b["prob_pred"], b["response"]), item.id
+        assert a["p_answer"] == pytest.approx(b["p_answer"], abs=1e-4), item.id
+        torch.testing.assert_close(got.logp.exp(), want.logp.exp(), atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("family", VL_FAMILIES)
 def test_preparing_the_next_window_in_a_thread_changes_no_number(family, load_tiny, data_dir, video_root, monkeypatch):
     """evaluate_items' prefetch (the GPU default: the next window's inputs are prepared in a thread while this one

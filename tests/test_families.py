@@ -671,7 +671,8 @@ def test_batched_evaluation_of_a_text_family_equals_one_item_path(family, genera
 
 
 # the processors whose output for several prompts is each prompt's own, padded and concatenated (MEDIA_ROWS)
-ONE_CALL = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen2_5_omni_thinker", "llava")
+ONE_CALL = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen2_5_omni_thinker", "llava", "llava_next", "llava_onevision")
+ANYRES = ("llava_next", "llava_onevision")  # their patches padded to the call's most (MediaLayout.anyres)
 
 
 @pytest.mark.parametrize("family", [f for f in VL_FAMILIES + NEW if FAMILIES[f].processor_class])
@@ -680,10 +681,10 @@ def test_one_processor_call_gives_each_item_the_tensors_of_its_own_call(family, 
     """Batched evaluation encodes a window's prompts with one processor call and cuts it apart again
     (probe.prompting.encode_prompts: the per-call overhead was half of organism-vl's input building). Each item must
     get what its own call gives (the oracle): the same keys in the same order, dtypes and values of input ids,
-    masks, type ids, pixel values and grid sizes, over items of 0, 1 and 2 images of different sizes (other grids,
-    other patch counts), beside a video item where the family takes video (encoded alone by probe.video). The other
-    processors (LLaVA-NeXT's and -OneVision's pad the patches across prompts and patch a prompt's images by how many
-    it holds, Idefics3's pads the images, Gemma 3's wants images in every prompt, InternVL's does not say how many
+    masks, type ids, pixel values, grid and image sizes, over items of 0, 1 and 2 images of different sizes (other
+    grids, other patch counts: LLaVA-NeXT's and -OneVision's pixel values padded to the item's own most patches, not
+    the call's), beside a video item where the family takes video (encoded alone by probe.video). The other
+    processors (Idefics3's pads the images, Gemma 3's wants images in every prompt, InternVL's does not say how many
     patches an image took) leave every item to its own call."""
     from probe.prompting import PromptTemplate, encode_prompt, encode_prompts, render_prompt
 
@@ -810,11 +811,11 @@ def test_a_cut_that_is_not_the_items_own_call_falls_back_to_one_call_an_item(loa
     assert all(e is not None for e in prompting.encode_prompts(m, items, prompting.PromptTemplate()))
 
     def swapped(batch, counts):
-        rows = real(batch, counts)
+        rows = real.rows(batch, counts)
         rows["pixel_values"][:2] = rows["pixel_values"][1::-1]  # item 1's rows where item 0's were
         return rows
 
-    monkeypatch.setitem(prompting.MEDIA_ROWS, "Qwen2VLProcessor", swapped)
+    monkeypatch.setitem(prompting.MEDIA_ROWS, "Qwen2VLProcessor", dataclasses.replace(real, rows=swapped))
     assert prompting.encode_prompts(m, items, prompting.PromptTemplate()) == [None] * len(items)
     # the two calls alone catch it too (the token count of each cut catches it first: the images differ in size)
     with monkeypatch.context() as patch:
@@ -827,13 +828,14 @@ def test_a_cut_that_is_not_the_items_own_call_falls_back_to_one_call_an_item(loa
         torch.testing.assert_close(got.logp.exp(), want.logp.exp(), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava", *ANYRES])
 def test_a_misread_of_middle_items_that_leaves_the_ends_right_falls_back_to_one_call_an_item(family, loaded,
                                                                                               load_tiny, monkeypatch):
     """The run-time check's two calls (the window's first and last item with images) cannot see a layout misread
     that gives the items between them their neighbours' media while the ends stay right (here: the media rows of
     items 1-3 rotated, every sum still right; Qwen's grid rows left in place). Each item's cut must also hold as many
-    image tokens as its media rows give (the window's tokens per row), which a misread between items of other
+    image tokens as its media rows give (the window's tokens per row; LLaVA-NeXT, -OneVision: as many pixel rows as
+    image sizes, each with the patches its size gives and zeros after), which a misread between items of other
     image counts or sizes breaks: every item is then encoded alone, and the numbers are the oracle's."""
     from probe import prompting
     from probe.batch import evaluate_items
@@ -849,13 +851,13 @@ def test_a_misread_of_middle_items_that_leaves_the_ends_right_falls_back_to_one_
     seen = []
 
     def rotated(batch, counts):
-        rows = real(batch, counts)
+        rows = real.rows(batch, counts)
         px = rows["pixel_values"]
         rows["pixel_values"] = px[:1] + px[2:4] + px[1:2] + px[4:]
         seen.append((px, rows["pixel_values"]))
         return rows
 
-    monkeypatch.setitem(prompting.MEDIA_ROWS, name, rotated)
+    monkeypatch.setitem(prompting.MEDIA_ROWS, name, dataclasses.replace(real, rows=rotated))
     assert prompting.encode_prompts(m, items, prompting.PromptTemplate()) == [None] * len(items)
     # anti-tautology: the ends' rows as read right (what the two calls check), every middle item's other
     (was, now), = seen
@@ -865,6 +867,113 @@ def test_a_misread_of_middle_items_that_leaves_the_ends_right_falls_back_to_one_
         want = first_token_measure(m, *prepare_item(m, item, cfg), cfg)
         assert got.response == want.response
         torch.testing.assert_close(got.logp.exp(), want.logp.exp(), atol=1e-4, rtol=0)
+
+
+def _own_call(m, item):
+    from probe.prompting import PromptTemplate, encode_prompt, render_prompt
+
+    return encode_prompt(m, item, render_prompt(m, item, PromptTemplate()))
+
+
+def _spy_calls(m, monkeypatch) -> list[int]:
+    """The prompts of each processor call from now on."""
+    calls: list[int] = []
+    cls = type(m.processor)
+    real = cls.__call__
+    monkeypatch.setattr(cls, "__call__", lambda self, *a, **k: calls.append(len(k["text"])) or real(self, *a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("family", ANYRES)
+def test_an_anyres_cut_has_the_patch_padding_of_its_own_call(family, loaded, load_tiny, monkeypatch):
+    """LLaVA-NeXT's and -OneVision's processors pad every image's patches to the call's most: a window's call pads
+    an item's images to the window's most, its own call to its own images' most (none for one image). Each cut must
+    be its own call's, tensor for tensor, over a window of text-only items and items of 1 and 2 images of other
+    patch counts; anti-tautology: the window's call padded more than the 2-image item's own call, which padded its
+    smaller image. The patch and image-token counts the cut and its check take from transformers
+    (probe.upstream.anyres_patches, processor_image_tokens) are those of each image's own one-image call."""
+    from probe import prompting
+    from probe.upstream import anyres_patches, processor_image_tokens
+
+    m = load_tiny(family, "sdpa") if family in VL_FAMILIES else loaded(family)
+    specs = [(), ((48, 40),), (), ((90, 30), (30, 30)), ((200, 130),), ()]
+    items = [_window_item(i, spec) for i, spec in enumerate(specs)]
+    sizes = ((48, 40), (90, 30), (30, 30), (200, 130))
+    calls = _spy_calls(m, monkeypatch)
+    got = prompting.encode_prompts(m, items, prompting.PromptTemplate())
+    assert calls == [len(items), 1, 1], calls  # one call served the window (and the two checks)
+    for item, enc in zip(items, got, strict=True):
+        want = _own_call(m, item)
+        assert enc is not None and list(enc.batch) == list(want), item.id
+        for k, v in want.items():
+            assert enc.batch[k].dtype == v.dtype and torch.equal(enc.batch[k], v), (item.id, k)
+    own = {size: _own_call(m, _window_item(10 + i, (size,))) for i, size in enumerate(sizes)}  # each image alone
+    patches = {size: enc["pixel_values"].shape[1] for size, enc in own.items()}
+    token = m.processor.image_token_id
+    for enc in own.values():
+        side = enc["pixel_values"].shape[-1]
+        assert anyres_patches(family, m.processor, enc["image_sizes"], side) == [enc["pixel_values"].shape[1]]
+        assert processor_image_tokens(m.processor, enc["image_sizes"]) == [int((enc["input_ids"] == token).sum())]
+    two = got[3].batch["pixel_values"]
+    small, large = sorted(patches[size] for size in specs[3])
+    window = m.processor(**prompting.processor_kwargs([p.prompt.text for p in got],
+                                                      [im for p in got for im in p.prompt.images]))
+    assert small < large == two.shape[1] < window["pixel_values"].shape[1] == max(patches.values())
+    assert not two[int(np.argmin([patches[size] for size in specs[3]])), small:].any()
+    assert got[1].batch["pixel_values"].shape[1] == patches[specs[1][0]]  # alone: no padding
+
+
+@pytest.mark.parametrize("family", ANYRES)
+def test_a_misread_of_anyres_image_sizes_is_caught_by_the_image_token_count(family, loaded, load_tiny,
+                                                                            monkeypatch):
+    """A misread that moves every media row of the middle items together (pixel values, image sizes, OneVision's
+    batch_num_images), the ends right, items of one image each: each cut's patches match its image sizes, so only
+    the image-token count of its size (the processor's own, one count a call) can see it. Every item is then encoded
+    alone; with that check off, the cuts would reach the model wrong (anti-tautology)."""
+    from probe import prompting
+
+    m = load_tiny(family, "sdpa") if family in VL_FAMILIES else loaded(family)
+    items = [_window_item(i, (size,)) for i, size in enumerate(((48, 40), (90, 30), (200, 130), (30, 30), (48, 40)))]
+    cls = type(m.processor)
+    call = cls.__call__
+
+    def misread(self, *a, **k):  # a window's call: the media rows of items 1-3 are those of items 2, 3 and 1
+        out = call(self, *a, **k)
+        if len(k["text"]) > 1:
+            for key in [key for key in out if key not in prompting.TOKEN_KEYS]:
+                v = out[key]
+                out[key] = torch.cat([v[:1], v[2:4], v[1:2], v[4:]])
+        return out
+
+    monkeypatch.setattr(cls, "__call__", misread)
+    assert prompting.encode_prompts(m, items, prompting.PromptTemplate()) == [None] * len(items)
+    with monkeypatch.context() as patch:
+        patch.setattr(prompting, "_cuts_hold_their_media", lambda loaded_, cuts: True)
+        got = prompting.encode_prompts(m, items, prompting.PromptTemplate())
+    assert all(enc is not None for enc in got)
+    assert torch.equal(got[0].batch["pixel_values"], _own_call(m, items[0])["pixel_values"])
+    assert not all(torch.equal(got[i].batch["pixel_values"], _own_call(m, items[i])["pixel_values"]) for i in (1, 2, 3))
+
+
+def test_a_onevision_window_is_encoded_in_calls_of_at_most_call_items_prompts(load_tiny, monkeypatch):
+    """LLaVA-OneVision's processor expands each image's placeholder by walking the call's batch_num_images from its
+    start: its time grows with the square of the call's images, so a window goes to it in calls of at most
+    MediaLayout.call_items prompts, each checked as a window was (its two ends alone). Each item still gets its own
+    call's tensors; a last call of one prompt is that item's own call (build_inputs')."""
+    from probe import prompting
+
+    m = load_tiny("llava_onevision", "sdpa")
+    size = prompting.MEDIA_ROWS[type(m.processor).__name__].call_items
+    assert size == 32
+    sizes = ((48, 40), (90, 30), (30, 30), (200, 130))
+    items = [_window_item(i, (sizes[i % 4],) if i % 3 else ()) for i in range(2 * size + 1)]
+    calls = _spy_calls(m, monkeypatch)
+    got = prompting.encode_prompts(m, items, prompting.PromptTemplate())
+    assert calls == [size, 1, 1, size, 1, 1], calls
+    assert got[-1] is None
+    for item, enc in zip(items[:-1], got, strict=False):
+        want = _own_call(m, item)
+        assert list(enc.batch) == list(want) and all(torch.equal(enc.batch[k], v) for k, v in want.items()), item.id
 
 
 @pytest.mark.parametrize("family", [f for f in NEW if FAMILIES[f].processor_class])
