@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import pytest
 
@@ -278,6 +278,55 @@ def gate_slope(loaded, inputs, ids, layer: int, head: int, eps: float = 1e-2):
 def text_inputs(loaded, text: str = "Question: What colour is the circle?\nChoices:\nA. red\nB. blue\n"):
     enc = loaded.tokenizer(text, return_tensors="pt", add_special_tokens=False)
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def cli_env() -> dict[str, str]:
+    """The environment of a command a test runs as its own process."""
+    env = dict(os.environ)  # carries OMNIPROBE_CACHE and HF offline flags set by conftest
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"  # two xdist workers share two cores
+    env.pop("PYTEST_XDIST_WORKER", None)
+    return env
+
+
+def killed_after_first_part(module: str, args: Sequence, setup: str = "", timeout: float = 300) -> None:
+    """``python -m MODULE ARGS`` as a real process, killed by SIGKILL (as the kernel's out-of-memory killer kills: no
+    handler runs, nothing is flushed) right after its first part (parts/*.parquet) is on disk. The process waits
+    there to be killed, so the kill lands at that point however fast the rest would run. ``setup``: Python that
+    process runs first, with tests/ importable (an out of memory injected into the killed process only)."""
+    import select
+    import signal
+    import tempfile
+    import time
+
+    code = (f"import runpy, sys, time\nsys.path.insert(0, {str(REPO / 'tests')!r})\n{setup}\n"
+            "import probe.results\n"
+            "write = probe.results.atomic_write_parquet\n"
+            "def written(path, *a, **k):\n"
+            "    write(path, *a, **k)\n"
+            "    if path.parent.name == 'parts':\n"
+            "        print('part written', flush=True)\n"
+            "        time.sleep(600)\n"
+            "probe.results.atomic_write_parquet = written  # the commands import it when they run\n"
+            f"sys.argv = [{module!r}, *{[str(a) for a in args]!r}]\n"
+            f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n")
+    with tempfile.TemporaryFile("w+", encoding="utf-8") as err:  # a pipe left unread could fill and block it
+        proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
+                                stderr=err, text=True, encoding="utf-8")
+        line, deadline = "", time.monotonic() + timeout
+        try:  # what it prints on stdout before that line (nothing, as the commands are) is passed over
+            while line != "part written\n" and select.select([proc.stdout], [], [],
+                                                              max(0.0, deadline - time.monotonic()))[0]:
+                if not (line := proc.stdout.readline()):
+                    break  # it ended
+        finally:  # the kill (and, where no part came, the end of a process that hangs)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=60)
+            proc.stdout.close()
+        err.seek(0)
+        assert line == "part written\n" and proc.returncode == -signal.SIGKILL, (
+            f"exit {proc.returncode} before its first part was killed:\n{err.read()[-4000:]}")
 
 
 @contextlib.contextmanager

@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import FAMILIES, REPO, VL_FAMILIES, change_weights_in_place, make_item, text_only
+from conftest import (FAMILIES, REPO, VL_FAMILIES, change_weights_in_place, killed_after_first_part, make_item,
+                      text_only)
 
 
 def _items(family: str, data_dir, video_root=None):
@@ -799,6 +800,84 @@ def test_the_batching_record_of_each_pair_is_kept_in_its_part(text_dir, tmp_path
     assert _eval(*args, "--batch-size", 4) == 0
     assert json.loads((out / "run.json").read_text())["batching"] == {keys[0]: one, keys[1]: one | {
         "batch_size": 4, "largest_batch": 2}}
+
+
+@pytest.fixture(scope="module")
+def two_by_two(tmp_path_factory, text_dir, tiny_dirs) -> tuple[Path, list]:
+    """Two models on two data sets, 4 items each, run uninterrupted (read-only for tests): what a run killed and
+    resumed must give. Every one of its 4 pairs has a part."""
+    args = ["--models", "tiny-qwen2", "tiny-qwen2-vl", "--data", text_dir, REPO / "probe/zoo/data/text", "--limit", 4,
+            "--batch-size", 4, "--no-generate", "--no-figures", "--quiet"]
+    out = tmp_path_factory.mktemp("two-by-two") / "run"
+    assert _eval(*args, "--out", out) == 0
+    return out, args
+
+
+def _items_and_scores_equal(got: Path, want: Path) -> None:
+    pd.testing.assert_frame_equal(pd.read_parquet(got / "items.parquet"), pd.read_parquet(want / "items.parquet"),
+                                  check_exact=True)
+    assert (got / "scores.csv").read_bytes() == (want / "scores.csv").read_bytes()
+
+
+def test_a_run_killed_after_its_first_pair_keeps_that_pairs_batching_record(two_by_two, tmp_path):
+    """probe.eval killed by SIGKILL (the kernel's out-of-memory killer: nothing runs on the way out) once its first
+    pair's part is on disk: its run.json, written as it started, names no pair, and the part alone keeps that pair's
+    batching record. The resume (a real process was killed; the resume runs here) names all 4 pairs in run.json's
+    batching, the killed run's pair with the record its part kept (the part not redone), the others as the
+    uninterrupted run records them, and gives the uninterrupted run's items.parquet and scores.csv."""
+    from probe.eval import part_file
+    from probe.results import part_record
+
+    base, args = two_by_two
+    out = tmp_path / "run"
+    killed_after_first_part("probe.eval", [*args, "--out", out])
+    first = part_file(out, 0, 0)
+    assert [p.name for p in (out / "parts").iterdir()] == [first.name]
+    assert json.loads((out / "run.json").read_text(encoding="utf-8"))["batching"] == {}
+    killed, written = part_record(first), first.read_bytes()
+    assert _eval(*args, "--out", out) == 0
+    assert first.read_bytes() == written
+    want = json.loads((base / "run.json").read_text(encoding="utf-8"))["batching"]
+    batching = json.loads((out / "run.json").read_text(encoding="utf-8"))["batching"]
+    assert len(want) == 4 and list(batching) == list(want) and batching == want
+    assert batching[next(iter(want))] == killed == {"batch_size": 4, "largest_batch": killed["largest_batch"],
+                                                     "out_of_memory_cap": None, "out_of_memory_window": None}
+    _items_and_scores_equal(out, base)
+
+
+def test_a_run_that_backed_off_then_was_killed_keeps_its_back_off_record(two_by_two, text_dir, tmp_path):
+    """The killed process alone runs out of memory above one item a forward: its first pair backs off 4 → 2 → 1 and
+    its part keeps that (out_of_memory_cap 1) when SIGKILL comes. The resume, with memory enough, computes the
+    other 3 pairs at 4 items a batch: run.json's batching keeps the killed pair's back-off record beside the resumed
+    pairs' own (no cap), and the numbers are those of a run at those sizes: the killed pair's part of an
+    uninterrupted run of that pair at --batch-size 1 in place of the uninterrupted 4's, assembled by a resume."""
+    import shutil
+
+    from probe.eval import part_file
+    from probe.results import part_record
+
+    base, args = two_by_two
+    one = tmp_path / "one"  # the killed pair alone (the first model and set), at the size its back-off left
+    options = args[args.index("--limit"):]
+    assert _eval("--models", "tiny-qwen2", "--data", text_dir, *options, "--batch-size", 1, "--out", one) == 0
+    oracle = tmp_path / "oracle"
+    shutil.copytree(base, oracle)
+    shutil.copyfile(part_file(one, 0, 0), part_file(oracle, 0, 0))
+    for name in ("items.parquet", "scores.csv"):
+        (oracle / name).unlink()
+    assert _eval(*args, "--out", oracle) == 0
+    out = tmp_path / "run"
+    killed_after_first_part("probe.eval", [*args, "--out", out], setup="import pytest\n"
+                            "from test_eval import _gpu_oom, _oom_above\n_oom_above(pytest.MonkeyPatch(), 1, _gpu_oom)")
+    killed = part_record(part_file(out, 0, 0))
+    assert killed == {"batch_size": 4, "largest_batch": 1, "out_of_memory_cap": 1, "out_of_memory_window": None}
+    assert _eval(*args, "--out", out) == 0
+    want = json.loads((base / "run.json").read_text(encoding="utf-8"))["batching"]
+    assert len(want) == 4 and all(r["out_of_memory_cap"] is None for r in want.values())
+    first = next(iter(want))
+    assert json.loads((out / "run.json").read_text(encoding="utf-8"))["batching"] == want | {first: killed}
+    _items_and_scores_equal(out, oracle)
+    assert pd.read_parquet(part_file(out, 0, 0)).equals(pd.read_parquet(part_file(one, 0, 0)))
 
 
 @pytest.mark.parametrize("error, where", [

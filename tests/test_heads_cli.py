@@ -24,20 +24,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import REPO, change_weights_in_place
+from conftest import REPO, change_weights_in_place, cli_env, killed_after_first_part
 
 N_ITEMS, LAYERS, HEADS = 6, (0, 3), (0, 1)
 BASE_ARGS = ["--model", "tiny-qwen2-vl", "--limit", str(N_ITEMS), "--layers", "0,3", "--heads", "0-1",
              "--method", "naive", "--chunk-size", "1", "--max-new-tokens", "3", "--quiet"]
 HEATMAPS = [f"heatmap_{m}.{e}" for m in ("accuracy", "prob_accuracy", "kl") for e in ("png", "pdf")]
-
-
-def cli_env() -> dict[str, str]:
-    env = dict(os.environ)  # carries OMNIPROBE_CACHE and HF offline flags set by conftest
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"  # two xdist workers share two cores
-    env.pop("PYTEST_XDIST_WORKER", None)
-    return env
 
 
 def cli(args, module: str = "probe.heads", cwd: Path = REPO, timeout: float = 400) -> subprocess.CompletedProcess:
@@ -1012,6 +1004,82 @@ def test_a_resume_keeps_the_batching_record_of_parts_written_without_one(tiny_di
     assert json.loads((out / "run.json").read_text())["batching"] == [
         {"chunks": [0, 2], "batch_size": 1, "largest_batch": 1, "out_of_memory_cap": None},
         {"chunks": [1], "batch_size": 8, "largest_batch": 2, "out_of_memory_cap": None}]
+
+@pytest.fixture(scope="module")
+def exact_sweep(tiny_dirs, data_dir, tmp_path_factory) -> tuple[Path, list]:
+    """An exact-engine sweep of 3 chunks (one item each; 2 layers x 2 heads, 4 masked rows a batch) run uninterrupted
+    (read-only for tests): what a run killed and resumed must give."""
+    from probe.errors import cli_main
+    from probe.heads import main
+
+    args = ["--model", tiny_dirs["qwen2_vl"], "--data", data_dir, "--limit", "3", "--layers", "0,3", "--heads", "0-1",
+            "--chunk-size", "1", "--batch-size", "4", "--no-generate", "--no-figures", "--quiet"]
+    out = tmp_path_factory.mktemp("exact") / "run"
+    assert cli_main(main, [*map(str, args), "--out", str(out)]) == 0
+    return out, args
+
+
+def test_a_sweep_killed_after_its_first_chunk_keeps_that_processs_batching_record(exact_sweep, tmp_path, capfd):
+    """probe.heads (exact) killed by SIGKILL (the kernel's out-of-memory killer: nothing runs on the way out) once
+    its first chunk's part is on disk: its run.json, written as it started, names no process, and the part alone
+    keeps the killed process's record. The resume (a real process was killed; the resume runs here) names both
+    processes in run.json's batching in the order of their first chunks, the killed one with chunk 0 and the record
+    its part kept (the part not redone), the resumed one with chunks 1 and 2 and the uninterrupted run's record, and
+    gives the uninterrupted run's heads.csv and items.parquet."""
+    from probe.results import part_path, part_record
+
+    base, args = exact_sweep
+    out = tmp_path / "run"
+    killed_after_first_part("probe.heads", [*args, "--out", out])
+    assert [p.name for p in (out / "parts").iterdir()] == [part_path(out, 0).name]
+    assert json.loads((out / "run.json").read_text(encoding="utf-8"))["batching"] == []
+    killed, written = part_record(part_path(out, 0)), part_path(out, 0).read_bytes()
+    ok(run_in_process([*args, "--out", out], capfd))
+    assert part_path(out, 0).read_bytes() == written
+    (whole,) = json.loads((base / "run.json").read_text(encoding="utf-8"))["batching"]
+    assert whole == {"chunks": [0, 1, 2], "batch_size": 4, "largest_batch": 4, "out_of_memory_cap": None}
+    resumed = {k: v for k, v in whole.items() if k != "chunks"}
+    assert killed == {"process": killed["process"]} | resumed
+    assert json.loads((out / "run.json").read_text(encoding="utf-8"))["batching"] == [
+        {"chunks": [0]} | resumed, {"chunks": [1, 2]} | resumed]
+    assert (out / "heads.csv").read_bytes() == (base / "heads.csv").read_bytes()
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "items.parquet"), pd.read_parquet(base / "items.parquet"),
+                                  check_exact=True)
+
+
+def test_a_sweep_that_backed_off_then_was_killed_keeps_its_back_off_record(exact_sweep, tmp_path, capfd):
+    """The killed process alone runs out of memory in a layer called on more than 2 rows: its first chunk backs off
+    4 → 2 and its part keeps that (out_of_memory_cap 2) when SIGKILL comes. The resume, with memory enough, computes
+    chunks 1 and 2 at 4 rows a batch: run.json's batching keeps the killed process's back-off record beside the
+    resumed one's own (no cap), and the numbers are those of a run at those sizes: chunk 0 of an uninterrupted run at
+    --batch-size 2 in place of the uninterrupted 4's, assembled by a resume."""
+    from probe.results import part_path, part_record
+
+    base, args = exact_sweep
+    two = tmp_path / "two"  # chunk 0 alone, at the size the back-off left
+    ok(run_in_process([*args, "--limit", "1", "--batch-size", "2", "--out", two], capfd))  # the last of each counts
+    oracle = tmp_path / "oracle"
+    shutil.copytree(base, oracle)
+    shutil.copyfile(part_path(two, 0), part_path(oracle, 0))
+    for name in ("heads.csv", "items.parquet"):
+        (oracle / name).unlink()
+    ok(run_in_process([*args, "--out", oracle], capfd))
+    out = tmp_path / "run"
+    killed_after_first_part("probe.heads", [*args, "--out", out], setup="import pytest\n"
+                            "from test_heads_cli import _oom_in_layers_above\n"
+                            "_oom_in_layers_above(pytest.MonkeyPatch(), 2)")
+    killed = part_record(part_path(out, 0))
+    assert killed == {"process": killed["process"], "batch_size": 4, "largest_batch": 2, "out_of_memory_cap": 2}
+    ok(run_in_process([*args, "--out", out], capfd))
+    assert json.loads((out / "run.json").read_text(encoding="utf-8"))["batching"] == [
+        {"chunks": [0], "batch_size": 4, "largest_batch": 2, "out_of_memory_cap": 2},
+        {"chunks": [1, 2], "batch_size": 4, "largest_batch": 4, "out_of_memory_cap": None}]
+    assert (out / "heads.csv").read_bytes() == (oracle / "heads.csv").read_bytes()
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "items.parquet"), pd.read_parquet(oracle / "items.parquet"),
+                                  check_exact=True)
+    pd.testing.assert_frame_equal(pd.read_parquet(part_path(out, 0)), pd.read_parquet(part_path(two, 0)),
+                                  check_exact=True)
+
 
 @pytest.mark.parametrize("quiet", [False, True])
 def test_the_exact_engine_out_of_memory_at_one_row_is_still_one_line_and_writes_nothing(
