@@ -835,10 +835,11 @@ def text_config_dict(config: Mapping[str, Any], family: Family) -> dict[str, Any
     builds it. A nested one that states no model_type (absent or null) gets the one transformers' class for the
     config's model_type builds it as (``sub_config_model_type``: Qwen2-VL's text config is a qwen2_vl_text of 8
     key/value heads, Gemma 3's a gemma3_text of 4 heads of 256), so its class defaults, head width and key/value
-    heads resolve as for a stated one. One stating a model_type that is no name (a list, an object, a number, "")
-    is built alike by a class whose text sub-config is its own (Qwen2-VL, Gemma 3: the value is ignored) and is
+    heads resolve as for a stated one. One stating a model_type that is no name (null, a list, an object, a number,
+    "") is built alike by a class whose text sub-config is its own (Qwen2-VL, Gemma 3: the value is ignored) and is
     refused where the class looks the type up (LLaVA-OneVision, InternVL: a TypeError or ValueError), here as there:
-    it was read as of no class (the attention heads, hidden size ÷ heads), a layout transformers never builds.
+    it was read as of no class (the attention heads, hidden size ÷ heads), a layout transformers never builds, and
+    a null one as absent (LLaVA's Llama, where transformers builds nothing).
     A stated null head_dim or num_key_value_heads is what transformers builds from it, or refused (``_built_nulls``)."""
     attr = family.text_config_attr
     sub = config_value(config, attr) if attr else None
@@ -846,10 +847,10 @@ def text_config_dict(config: Mapping[str, Any], family: Family) -> dict[str, Any
         return _built_nulls(dict(config), config, family, False)
     stated = sub.get("model_type")
     if not _is_type_name(stated):
-        built = sub_config_model_type(config.get("model_type"), attr, stated)
-        if built:  # absent or null, or a value the parent's class ignores: the type it builds
+        built = sub_config_model_type(config.get("model_type"), attr, sub)
+        if built:  # absent, or a value (null too) the parent's class ignores: the type it builds
             sub = {**sub, "model_type": built}
-        elif stated is not None:
+        elif "model_type" in sub:
             raise BadInput(f"config {attr}.model_type is {_kind(stated)}; it must be a model type name (transformers' "
                            f"{config.get('model_type')!r} config class builds no text config from it)")
     return _built_nulls(dict(with_class_defaults(sub)), config, family, True)
@@ -861,33 +862,34 @@ def _is_type_name(value: Any) -> bool:
 
 def _kind(value: Any) -> str:
     """How a model_type that is no name is named in the refusal."""
-    kinds = ((bool, "a boolean"), (int, "a number"), (float, "a number"), (list, "a list"), (dict, "an object"),
-             (str, "an empty string"))
+    kinds = ((type(None), "null"), (bool, "a boolean"), (int, "a number"), (float, "a number"), (list, "a list"),
+             (dict, "an object"), (str, "an empty string"))
     return next((name for t, name in kinds if isinstance(value, t)), type(value).__name__)
 
 
-def sub_config_model_type(model_type: Any, path: str, stated: Any = None) -> str | None:
+def sub_config_model_type(model_type: Any, path: str, sub: Mapping[str, Any] | None = None) -> str | None:
     """The model_type of the sub-config at the dotted ``path`` (a family's text_config_attr) that transformers'
-    config class for ``model_type`` builds from a dict stating ``stated`` (None: absent or null) as its model_type:
+    config class for ``model_type`` builds from a dict stating the model_type ``sub`` states (none: the key absent):
     its sub-config class's (Qwen2-VL's qwen2_vl_text, the Omni thinker's qwen2_5_omni_text, whatever is stated) or,
     for a class that looks the stated type up, the default it names (LLaVA's llama, InternVL's qwen2). None where
-    transformers does not know ``model_type``, builds nothing there, or refuses ``stated`` (a list looked up: a
-    TypeError, unhashable). For none stated, None keeps the text config of no class (the attention heads and
-    hidden size ÷ heads, k/v rows not compared); the head layout and the size check read it so while transformers
-    builds Qwen2-VL's 32 heads in 8 key/value groups and Gemma 3's 256 wide: a head grouping and width it never
-    builds."""
+    transformers does not know ``model_type``, builds nothing there, or refuses what is stated (a list looked up:
+    a TypeError, unhashable; a null looked up: a ValueError). For none stated, None keeps the text config of no
+    class (the attention heads and hidden size ÷ heads, k/v rows not compared); the head layout and the size check
+    read it so while transformers builds Qwen2-VL's 32 heads in 8 key/value groups and Gemma 3's 256 wide: a head
+    grouping and width it never builds."""
     # cached on strings: a damaged config's list or object is no key (unhashable), so it travels as its JSON text
     if not _is_type_name(model_type):
         return None
-    return _sub_config_model_type(model_type, path, None if stated is None else json.dumps(stated, sort_keys=True))
+    stated = {"model_type": sub["model_type"]} if sub and "model_type" in sub else {}
+    return _sub_config_model_type(model_type, path, json.dumps(stated, sort_keys=True))
 
 
 @functools.lru_cache(maxsize=32)
-def _sub_config_model_type(model_type: str, path: str, stated: str | None) -> str | None:
+def _sub_config_model_type(model_type: str, path: str, stated: str) -> str | None:
     from transformers import AutoConfig
 
     parts = path.split(".")
-    nested: dict[str, Any] = {} if stated is None else {"model_type": json.loads(stated)}
+    nested: dict[str, Any] = json.loads(stated)
     for part in reversed(parts):
         nested = {part: nested}
     try:

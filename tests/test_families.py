@@ -1399,12 +1399,12 @@ def _built_attention(fam, cfg: dict):
     return config.get_text_config(decoder=True), attn
 
 
-@pytest.mark.parametrize("model_type", [["qwen2"], {"type": "qwen2"}, "", 7])
+@pytest.mark.parametrize("model_type", [["qwen2"], {"type": "qwen2"}, "", 7, None])
 @pytest.mark.parametrize("family", COMPOSITE)
 def test_a_text_config_whose_model_type_is_no_name_is_read_as_transformers_builds_it_or_refused(family, model_type):
     """A damaged text config whose model_type is a list, an object, "" or a number was read as of no class (the
     attention heads in as many groups, hidden size ÷ heads wide, k/v rows not compared, a size left out refused as
-    missing). transformers, the oracle, splits: a class whose text sub-config is its own (Qwen2-VL, Qwen2.5-VL,
+    missing), a null one as absent (LLaVA's default Llama). transformers, the oracle, splits: a class whose text sub-config is its own (Qwen2-VL, Qwen2.5-VL,
     Qwen3-VL, Gemma 3, the Omni thinker) ignores the value and builds its text class; one that looks the type up
     (LLaVA, LLaVA-OneVision, InternVL, Idefics3, Qwen2-Audio) raises. The shared reader does the same: the built
     class's key/value heads and head width (meta-built k/q projections), its defaults for a size left out, or
@@ -1414,7 +1414,8 @@ def test_a_text_config_whose_model_type_is_no_name_is_read_as_transformers_build
     from probe.models import config_head_dim, config_kv_heads
 
     fam = FAMILIES[family]
-    kind = {list: "a list", dict: "an object", str: "an empty string", int: "a number"}[type(model_type)]
+    kind = {list: "a list", dict: "an object", str: "an empty string", int: "a number",
+            type(None): "null"}[type(model_type)]
     for text in ({"model_type": model_type, "hidden_size": 256, "num_attention_heads": 32, "num_hidden_layers": 1},
                  {"model_type": model_type, "hidden_size": 256, "num_attention_heads": 32}):  # layers left out
         cfg = _composite_config(fam, text)
