@@ -832,15 +832,15 @@ def declared_quantization(config: Mapping[str, Any]) -> str | None:
 
 def text_config_dict(config: Mapping[str, Any], family: Family) -> dict[str, Any]:
     """The LM part of a config.json dict (nested under text_config for multimodal families), read as transformers
-    builds it. A nested one that states no model_type (absent or null) gets the one transformers' class for the
-    config's model_type builds it as (``sub_config_model_type``: Qwen2-VL's text config is a qwen2_vl_text of 8
-    key/value heads, Gemma 3's a gemma3_text of 4 heads of 256), so its class defaults, head width and key/value
-    heads resolve as for a stated one. One stating a model_type that is no name (null, a list, an object, a number,
+    builds it. A nested one that states no model_type (absent, or null where its class ignores it) gets the one
+    transformers' class for the config's model_type builds it as (``sub_config_model_type``: Qwen2-VL's text
+    config is a qwen2_vl_text of 8 key/value heads, Gemma 3's a gemma3_text of 4 heads of 256), so its class
+    defaults, head width and key/value heads resolve as for a stated one. One stating a model_type that is no name (null, a list, an object, a number,
     "") is built alike by a class whose text sub-config is its own (Qwen2-VL, Gemma 3: the value is ignored) and is
     refused where the class looks the type up (LLaVA-OneVision, InternVL: a TypeError or ValueError), here as there:
     it was read as of no class (the attention heads, hidden size ÷ heads), a layout transformers never builds, and
-    a null one as absent (LLaVA's Llama, where transformers builds nothing).
-    A stated null head_dim or num_key_value_heads is what transformers builds from it, or refused (``_built_nulls``)."""
+    a null one as absent (LLaVA's Llama, where transformers builds nothing). A stated null head_dim or
+    num_key_value_heads is what transformers builds from it, or refused (``_built_nulls``)."""
     attr = family.text_config_attr
     sub = config_value(config, attr) if attr else None
     if not isinstance(sub, Mapping):  # a causal LM, or an old multimodal config keeping LM fields at top level
