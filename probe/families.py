@@ -839,20 +839,21 @@ def text_config_dict(config: Mapping[str, Any], family: Family) -> dict[str, Any
     "") is built alike by a class whose text sub-config is its own (Qwen2-VL, Gemma 3: the value is ignored) and is
     refused where the class looks the type up (LLaVA-OneVision, InternVL: a TypeError or ValueError), here as there:
     it was read as of no class (the attention heads, hidden size ÷ heads), a layout transformers never builds, and
-    a null one as absent (LLaVA's Llama, where transformers builds nothing). A stated null head_dim or
+    a null one as absent (LLaVA's Llama, where transformers builds nothing). A type name such a class ignores too
+    (Qwen2-VL's text config stating "qwen2": transformers builds its qwen2_vl_text, 8 key/value heads where Qwen2's
+    class defaults to 32) is the class it builds. A stated null head_dim or
     num_key_value_heads is what transformers builds from it, or refused (``_built_nulls``)."""
     attr = family.text_config_attr
     sub = config_value(config, attr) if attr else None
     if not isinstance(sub, Mapping):  # a causal LM, or an old multimodal config keeping LM fields at top level
         return _built_nulls(dict(config), config, family, False)
     stated = sub.get("model_type")
-    if not _is_type_name(stated):
-        built = sub_config_model_type(config.get("model_type"), attr, sub)
-        if built:  # absent, or a value (null too) the parent's class ignores: the type it builds
-            sub = {**sub, "model_type": built}
-        elif "model_type" in sub:
-            raise BadInput(f"config {attr}.model_type is {_kind(stated)}; it must be a model type name (transformers' "
-                           f"{config.get('model_type')!r} config class builds no text config from it)")
+    built = sub_config_model_type(config.get("model_type"), attr, sub)
+    if built and built != stated:  # absent, or a value the parent's class ignores (null, a list, another type's
+        sub = {**sub, "model_type": built}  # name: Qwen2-VL's text class is its own): the type it builds
+    elif not built and "model_type" in sub and not _is_type_name(stated):
+        raise BadInput(f"config {attr}.model_type is {_kind(stated)}; it must be a model type name (transformers' "
+                       f"{config.get('model_type')!r} config class builds no text config from it)")
     return _built_nulls(dict(with_class_defaults(sub)), config, family, True)
 
 
@@ -892,10 +893,16 @@ def _sub_config_model_type(model_type: str, path: str, stated: str) -> str | Non
     nested: dict[str, Any] = json.loads(stated)
     for part in reversed(parts):
         nested = {part: nested}
+    import transformers
+
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()  # the Omni config's token-id warnings say nothing of this
     try:
         built: Any = AutoConfig.for_model(model_type, **nested)
     except Exception:  # noqa: BLE001 - a model_type transformers does not know, or a class that refuses the dict
         return None
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
     for part in parts:
         built = getattr(built, part, None)
     found = getattr(type(built), "model_type", None)  # the class's: an ignored stated value stays on the instance

@@ -1435,6 +1435,29 @@ def test_a_text_config_whose_model_type_is_no_name_is_read_as_transformers_build
         assert (g.n_kv_heads, g.head_dim, g.n_layers) == (config_kv_heads(ours), width, built.num_hidden_layers)
 
 
+@pytest.mark.parametrize("model_type", ["qwen2", "llama"])
+@pytest.mark.parametrize("family", COMPOSITE)
+def test_a_text_config_naming_a_type_its_class_ignores_is_read_as_the_class_it_builds(family, model_type):
+    """A text config naming a type its parent's class does not build: Qwen2-VL's, Qwen2.5-VL's, Qwen3-VL's, Gemma 3's
+    and the Omni thinker's classes build their own text class whatever it states (Qwen2-VL's text config saying
+    "qwen2" is a qwen2_vl_text of 8 key/value heads, where Qwen2's class defaults to 32, which was read); the classes
+    that look the type up (LLaVA, InternVL) build the one named. Oracle: transformers' built text config and the
+    meta-built k/q projections."""
+    from probe.families import HeadGeometry, text_config_dict
+    from probe.models import config_head_dim, config_kv_heads
+
+    fam = FAMILIES[family]
+    cfg = _composite_config(fam, {"model_type": model_type, "hidden_size": 256, "num_attention_heads": 32,
+                                  "num_hidden_layers": 1})
+    built, attn = _built_attention(fam, cfg)
+    ours = text_config_dict(cfg, fam)
+    width = attn.q_proj.out_features // 32
+    assert ours["model_type"] == type(built).model_type
+    assert (config_kv_heads(ours), config_head_dim(ours)) == (attn.k_proj.out_features // width, width)
+    g = HeadGeometry.from_text_config(ours)
+    assert (g.n_kv_heads, g.head_dim) == (attn.k_proj.out_features // width, width)
+
+
 @pytest.mark.parametrize("nulls", [("head_dim",), ("num_key_value_heads",), ("head_dim", "num_key_value_heads")])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_a_null_head_dim_or_key_value_count_is_what_transformers_builds_from_it_or_refused(family, nulls):
