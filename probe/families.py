@@ -65,6 +65,10 @@ class Family:
     # its row newline): staged recipes train it on its own rate (probe.train.param_groups).
     projector_markers: tuple[str, ...] = ("visual.merger.", "multi_modal_projector.", "image_newline")
     hub_examples: tuple[str, ...] = ()  # real checkpoints of the family (README table)
+    # the text sub-config type the class builds whatever its text config states (its own text class: Qwen2-VL's
+    # qwen2_vl_text); None where it builds the type stated (LLaVA, InternVL look it up). Read without importing
+    # transformers; tests/test_families.py checks it against transformers' own build
+    text_model_type: str | None = None
     note: str = ""
 
     @property
@@ -152,6 +156,7 @@ FAMILIES: dict[str, Family] = {
             image_placeholder="<|vision_start|><|image_pad|><|vision_end|>",
             video_placeholder="<|vision_start|><|video_pad|><|vision_end|>",
             lm_model_type="qwen2",
+            text_model_type="qwen2_vl_text",
             video_inputs="qwen2_vl",
             hub_examples=("Qwen/Qwen2-VL-7B-Instruct",),
         ),
@@ -217,6 +222,7 @@ FAMILIES: dict[str, Family] = {
             image_placeholder=_QWEN_IMAGE,
             video_placeholder=_QWEN_VIDEO,
             lm_model_type="qwen2",  # M-RoPE on text alone is plain RoPE
+            text_model_type="qwen2_5_vl_text",
             video_inputs="qwen2_5_vl",
             hub_examples=("Qwen/Qwen2.5-VL-7B-Instruct",),
         ),
@@ -233,6 +239,7 @@ FAMILIES: dict[str, Family] = {
             image_placeholder=_QWEN_IMAGE,
             video_placeholder=None,  # its video prompt carries per-frame timestamps, not built here
             lm_model_type="qwen3",  # q/k norms; DeepStack adds vision features between layers (exact engine)
+            text_model_type="qwen3_vl_text",
             # DeepStack's per-layer mergers feed the LM too
             projector_markers=("visual.merger.", "visual.deepstack_merger_list."),
             hub_examples=("Qwen/Qwen3-VL-8B-Instruct",),
@@ -253,6 +260,7 @@ FAMILIES: dict[str, Family] = {
             config_path="thinker_config",  # only the thinker loads: no talker, no token2wav
             key_mapping=((r"^thinker\.", ""),),
             lm_model_type="qwen2",
+            text_model_type="qwen2_5_omni_text",
             video_inputs="qwen2_5_omni",
             special_tokens=_OMNI_TOKENS,
             named_tokens=tuple(zip(("image_token", "video_token", "audio_token", "vision_bos_token",
@@ -308,6 +316,7 @@ FAMILIES: dict[str, Family] = {
             video_placeholder=None,
             processor_kwargs=(("image_seq_length", "mm_tokens_per_image"),),
             lm_model_type="gemma3_text",
+            text_model_type="gemma3_text",
             chat="gemma", chat_bos=True,
             special_tokens=_GEMMA3_TOKENS,
             named_tokens=tuple(zip(("boi_token", "image_token", "eoi_token"), _GEMMA3_TOKENS)),
@@ -848,7 +857,10 @@ def text_config_dict(config: Mapping[str, Any], family: Family) -> dict[str, Any
     if not isinstance(sub, Mapping):  # a causal LM, or an old multimodal config keeping LM fields at top level
         return _built_nulls(dict(config), config, family, False)
     stated = sub.get("model_type")
-    built = sub_config_model_type(config.get("model_type"), attr, sub)
+    # a class of its own text class builds it whatever is stated (the table's, no transformers import); one looking
+    # the type up builds a stated name as it is, and is asked what it builds of anything else
+    built = family.text_model_type or (stated if _is_type_name(stated) else
+                                       sub_config_model_type(config.get("model_type"), attr, sub))
     if built and built != stated:  # absent, or a value the parent's class ignores (null, a list, another type's
         sub = {**sub, "model_type": built}  # name: Qwen2-VL's text class is its own): the type it builds
     elif not built and "model_type" in sub and not _is_type_name(stated):

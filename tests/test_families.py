@@ -1435,6 +1435,24 @@ def test_a_text_config_whose_model_type_is_no_name_is_read_as_transformers_build
         assert (g.n_kv_heads, g.head_dim, g.n_layers) == (config_kv_heads(ours), width, built.num_hidden_layers)
 
 
+@pytest.mark.parametrize("family", COMPOSITE)
+def test_the_text_type_a_family_builds_whatever_is_stated_is_transformers(family):
+    """Family.text_model_type (read without importing transformers) against transformers' own build: the class of a
+    text config stating a type no class has is that type where the parent's class ignores what is stated; a class
+    that looks the type up refuses it (None)."""
+    from transformers import AutoConfig
+
+    fam = FAMILIES[family]
+    try:
+        built = AutoConfig.for_model(**_composite_config(fam, {"model_type": "no-such-type"}))
+    except (KeyError, ValueError):
+        built = None
+    else:
+        for part in fam.text_config_attr.split("."):
+            built = getattr(built, part)
+    assert fam.text_model_type == (type(built).model_type if built is not None else None)
+
+
 @pytest.mark.parametrize("model_type", ["qwen2", "llama"])
 @pytest.mark.parametrize("family", COMPOSITE)
 def test_a_text_config_naming_a_type_its_class_ignores_is_read_as_the_class_it_builds(family, model_type):
