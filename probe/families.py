@@ -65,6 +65,10 @@ class Family:
     # its row newline): staged recipes train it on its own rate (probe.train.param_groups).
     projector_markers: tuple[str, ...] = ("visual.merger.", "multi_modal_projector.", "image_newline")
     hub_examples: tuple[str, ...] = ()  # real checkpoints of the family (README table)
+    # the text sub-config type the class builds whatever its text config states (its own text class: Qwen2-VL's
+    # qwen2_vl_text); None where it builds the type stated (LLaVA, InternVL look it up). Read without importing
+    # transformers; tests/test_families.py checks it against transformers' own build
+    text_model_type: str | None = None
     note: str = ""
 
     @property
@@ -152,6 +156,7 @@ FAMILIES: dict[str, Family] = {
             image_placeholder="<|vision_start|><|image_pad|><|vision_end|>",
             video_placeholder="<|vision_start|><|video_pad|><|vision_end|>",
             lm_model_type="qwen2",
+            text_model_type="qwen2_vl_text",
             video_inputs="qwen2_vl",
             hub_examples=("Qwen/Qwen2-VL-7B-Instruct",),
         ),
@@ -217,6 +222,7 @@ FAMILIES: dict[str, Family] = {
             image_placeholder=_QWEN_IMAGE,
             video_placeholder=_QWEN_VIDEO,
             lm_model_type="qwen2",  # M-RoPE on text alone is plain RoPE
+            text_model_type="qwen2_5_vl_text",
             video_inputs="qwen2_5_vl",
             hub_examples=("Qwen/Qwen2.5-VL-7B-Instruct",),
         ),
@@ -233,6 +239,7 @@ FAMILIES: dict[str, Family] = {
             image_placeholder=_QWEN_IMAGE,
             video_placeholder=None,  # its video prompt carries per-frame timestamps, not built here
             lm_model_type="qwen3",  # q/k norms; DeepStack adds vision features between layers (exact engine)
+            text_model_type="qwen3_vl_text",
             # DeepStack's per-layer mergers feed the LM too
             projector_markers=("visual.merger.", "visual.deepstack_merger_list."),
             hub_examples=("Qwen/Qwen3-VL-8B-Instruct",),
@@ -253,6 +260,7 @@ FAMILIES: dict[str, Family] = {
             config_path="thinker_config",  # only the thinker loads: no talker, no token2wav
             key_mapping=((r"^thinker\.", ""),),
             lm_model_type="qwen2",
+            text_model_type="qwen2_5_omni_text",
             video_inputs="qwen2_5_omni",
             special_tokens=_OMNI_TOKENS,
             named_tokens=tuple(zip(("image_token", "video_token", "audio_token", "vision_bos_token",
@@ -308,6 +316,7 @@ FAMILIES: dict[str, Family] = {
             video_placeholder=None,
             processor_kwargs=(("image_seq_length", "mm_tokens_per_image"),),
             lm_model_type="gemma3_text",
+            text_model_type="gemma3_text",
             chat="gemma", chat_bos=True,
             special_tokens=_GEMMA3_TOKENS,
             named_tokens=tuple(zip(("boi_token", "image_token", "eoi_token"), _GEMMA3_TOKENS)),
@@ -686,14 +695,15 @@ class HeadGeometry:
             raise BadInput(f"config lacks {missing!r}: cannot tell the head layout")
         n_heads, hidden, n_layers = (_count(cfg, k) for k in ("num_attention_heads", "hidden_size",
                                                                "num_hidden_layers"))
-        # null or absent: the width transformers' config class gives (class_head_dim), as the load builds it
+        # absent: the width transformers' config class gives (class_head_dim), as the load builds it; a stated null
+        # is text_config_dict's to resolve (what transformers builds from it, or refused): one left is of no class
         head_dim = (_count(cfg, "head_dim") if cfg.get("head_dim") is not None
                     else class_head_dim(cfg.get("model_type"), hidden, n_heads))
-        # null or absent: the count transformers' config class gives (class_kv_heads: Qwen2 32, Mistral 8, Llama
-        # the attention heads), as the load builds it; the attention heads where transformers cannot tell
+        # absent: the count transformers' config class gives (class_kv_heads: Qwen2 32, Mistral 8, Llama the
+        # attention heads), as the load builds it; the attention heads where transformers cannot tell
         stated = cfg.get("num_key_value_heads") is not None
         n_kv = (_count(cfg, "num_key_value_heads") if stated
-                else class_kv_heads(cfg.get("model_type"), hidden, n_heads, "num_key_value_heads" in cfg) or n_heads)
+                else class_kv_heads(cfg.get("model_type"), hidden, n_heads) or n_heads)
         if head_dim < 1 or n_heads % n_kv:
             whence = "" if stated or not n_heads % n_kv else (
                 f"; it states no num_key_value_heads, and {n_kv} is what transformers' {cfg.get('model_type')} "
@@ -708,13 +718,12 @@ class HeadGeometry:
 
 
 @functools.lru_cache(maxsize=64)
-def _class_text_config(model_type: str, hidden: int, n_heads: int, null_kv: bool) -> Any | None:
-    """The text config transformers' config class for ``model_type`` builds from these sizes (``null_kv``: with
-    num_key_value_heads stated as null), a composite's text part (Qwen2-VL's top-level sizes build its text
-    config); None where transformers does not know the model_type, refuses the sizes, or builds a text config of
-    other sizes (LLaVA ignores top-level sizes: its default Llama 7B says nothing of this config)."""
-    return _built_text_config(model_type, {"hidden_size": hidden, "num_attention_heads": n_heads,
-                                           **({"num_key_value_heads": None} if null_kv else {})})
+def _class_text_config(model_type: str, hidden: int, n_heads: int) -> Any | None:
+    """The text config transformers' config class for ``model_type`` builds from these sizes, a composite's text
+    part (Qwen2-VL's top-level sizes build its text config); None where transformers does not know the model_type,
+    refuses the sizes, or builds a text config of other sizes (LLaVA ignores top-level sizes: its default Llama 7B
+    says nothing of this config)."""
+    return _built_text_config(model_type, {"hidden_size": hidden, "num_attention_heads": n_heads})
 
 
 def _built_text_config(model_type: str, text: Mapping[str, Any]) -> Any | None:
@@ -754,9 +763,9 @@ def class_text_values(text: Mapping[str, Any], own_type: Any, as_type: str) -> d
             if k != "model_type" and keys.get(k) is None and v != theirs.get(k, getattr(other, k, None))}
 
 
-def _class_size(model_type: Any, hidden: int, n_heads: int, key: str, null_kv: bool = False) -> int | None:
+def _class_size(model_type: Any, hidden: int, n_heads: int, key: str) -> int | None:
     """A positive integer ``key`` of the class's text config (``_class_text_config``), else None."""
-    built = (_class_text_config(model_type, hidden, n_heads, null_kv)
+    built = (_class_text_config(model_type, hidden, n_heads)
              if isinstance(model_type, str) and model_type else None)
     value = getattr(built, key, None)
     return value if is_int(value) and value > 0 else None
@@ -771,16 +780,16 @@ def class_head_dim(model_type: Any, hidden: int, n_heads: int) -> int:
     return _class_size(model_type, hidden, n_heads, "head_dim") or hidden // n_heads
 
 
-def class_kv_heads(model_type: Any, hidden: int, n_heads: int, null: bool = False) -> int | None:
-    """The key/value head count transformers builds for a text config that states no ``num_key_value_heads``
-    (``null``: states it as null): its config class's own (Qwen2 and Qwen3 default to 32, Mistral, Qwen2-VL's text
-    and Qwen2.5-VL's to 8, Gemma 2/3 and the Omni thinker's to 4; Llama takes num_attention_heads; null is the
-    attention heads in Qwen2's and Llama's classes, refused by Mistral's and Gemma's). None where transformers cannot
-    tell (no model_type, one it does not know, sizes or a null its class refuses): the head layout then takes the
-    attention heads and the size check does not compare k/v rows, as before. The layout took the attention heads
-    for every class, and the size check compared nothing: a Qwen2 config without the key holding 8 key/value heads'
-    tensors, which transformers' load refuses (it builds 32), was measured per head by 8 groups it never builds."""
-    return _class_size(model_type, hidden, n_heads, "num_key_value_heads", null)
+def class_kv_heads(model_type: Any, hidden: int, n_heads: int) -> int | None:
+    """The key/value head count transformers builds for a text config that states no ``num_key_value_heads``: its
+    config class's own (Qwen2 and Qwen3 default to 32, Mistral, Qwen2-VL's text and Qwen2.5-VL's to 8, Gemma 2/3 and
+    the Omni thinker's to 4; Llama takes num_attention_heads; a stated null is text_config_dict's to resolve, as
+    transformers builds it or refused). None where transformers cannot tell (no model_type, one it does not know,
+    sizes its class refuses): the head layout then takes the attention heads and the size check does not compare
+    k/v rows, as before. The layout took the attention heads for every class, and the size check compared nothing:
+    a Qwen2 config without the key holding 8 key/value heads' tensors, which transformers' load refuses (it builds
+    32), was measured per head by 8 groups it never builds."""
+    return _class_size(model_type, hidden, n_heads, "num_key_value_heads")
 
 
 def config_geometry(path: Path, config: Mapping[str, Any], family: Family) -> HeadGeometry:
@@ -831,53 +840,162 @@ def declared_quantization(config: Mapping[str, Any]) -> str | None:
 
 
 def text_config_dict(config: Mapping[str, Any], family: Family) -> dict[str, Any]:
-    """The LM part of a config.json dict (nested under text_config for multimodal families). A nested one that
-    states no model_type (absent or null) gets the one transformers' class for the config's model_type builds it as
-    (``sub_config_model_type``: Qwen2-VL's text config is a qwen2_vl_text of 8 key/value heads, Gemma 3's a
-    gemma3_text of 4 heads of 256), so its class defaults, head width and key/value heads resolve as for a stated
-    one."""
-    if family.text_config_attr is None:
-        return dict(config)
-    sub = config_value(config, family.text_config_attr)
-    if not isinstance(sub, Mapping):
-        # Old multimodal configs keep LM fields at top level.
-        return dict(config)
-    # absent or null: transformers builds either as its parent class's text sub-config
-    if sub.get("model_type") is None and (built := sub_config_model_type(config.get("model_type"),
-                                                                       family.text_config_attr)):
-        sub = {**sub, "model_type": built}
-    return dict(with_class_defaults(sub))
+    """The LM part of a config.json dict (nested under text_config for multimodal families), read as transformers
+    builds it. A nested one that states no model_type (absent, or null where its class ignores it) gets the one
+    transformers' class for the config's model_type builds it as (``sub_config_model_type``: Qwen2-VL's text
+    config is a qwen2_vl_text of 8 key/value heads, Gemma 3's a gemma3_text of 4 heads of 256), so its class
+    defaults, head width and key/value heads resolve as for a stated one. One stating a model_type that is no name (null, a list, an object, a number,
+    "") is built alike by a class whose text sub-config is its own (Qwen2-VL, Gemma 3: the value is ignored) and is
+    refused where the class looks the type up (LLaVA-OneVision, InternVL: a TypeError or ValueError), here as there:
+    it was read as of no class (the attention heads, hidden size ÷ heads), a layout transformers never builds, and
+    a null one as absent (LLaVA's Llama, where transformers builds nothing). A type name such a class ignores too
+    (Qwen2-VL's text config stating "qwen2": transformers builds its qwen2_vl_text, 8 key/value heads where Qwen2's
+    class defaults to 32) is the class it builds. A stated null head_dim or
+    num_key_value_heads is what transformers builds from it, or refused (``_built_nulls``)."""
+    attr = family.text_config_attr
+    sub = config_value(config, attr) if attr else None
+    if not isinstance(sub, Mapping):  # a causal LM, or an old multimodal config keeping LM fields at top level
+        return _built_nulls(dict(config), config, family, False)
+    stated = sub.get("model_type")
+    # a class of its own text class builds it whatever is stated (the table's, no transformers import); one looking
+    # the type up builds a stated name as it is, and is asked what it builds of anything else
+    built = family.text_model_type or (stated if _is_type_name(stated) else
+                                       sub_config_model_type(config.get("model_type"), attr, sub))
+    if built and built != stated:  # absent, or a value the parent's class ignores (null, a list, another type's
+        sub = {**sub, "model_type": built}  # name: Qwen2-VL's text class is its own): the type it builds
+    elif not built and "model_type" in sub and not _is_type_name(stated):
+        raise BadInput(f"config {attr}.model_type is {_kind(stated)}; it must be a model type name (transformers' "
+                       f"{config.get('model_type')!r} config class builds no text config from it)")
+    return _built_nulls(dict(with_class_defaults(sub)), config, family, True)
 
 
-def sub_config_model_type(model_type: Any, path: str) -> str | None:
+def _is_type_name(value: Any) -> bool:
+    return isinstance(value, str) and bool(value)
+
+
+def _kind(value: Any) -> str:
+    """How a model_type that is no name is named in the refusal."""
+    kinds = ((type(None), "null"), (bool, "a boolean"), (int, "a number"), (float, "a number"), (list, "a list"),
+             (dict, "an object"), (str, "an empty string"))
+    return next((name for t, name in kinds if isinstance(value, t)), type(value).__name__)
+
+
+def sub_config_model_type(model_type: Any, path: str, sub: Mapping[str, Any] | None = None) -> str | None:
     """The model_type of the sub-config at the dotted ``path`` (a family's text_config_attr) that transformers'
-    config class for ``model_type`` builds from a dict stating none: its sub-config class's (Qwen2-VL's
-    qwen2_vl_text, the Omni thinker's qwen2_5_omni_text) or the default it names (LLaVA's llama, InternVL's qwen2).
-    None where transformers does not know ``model_type`` or builds nothing there: such a text config keeps no
-    model_type (the attention heads and hidden size ÷ heads, k/v rows not compared). The head layout and the size
-    check read such a text config as of no class, while transformers builds Qwen2-VL's 32 heads in 8 key/value
-    groups and Gemma 3's 256 wide: a head grouping and width it never builds."""
-    # the cache is keyed by the arguments: a damaged config's list or object model_type is of no class, not a
-    # TypeError (unhashable); class_head_dim and class_kv_heads cache only _class_text_config, keyed by a string
-    return _sub_config_model_type(model_type, path) if isinstance(model_type, str) and model_type else None
+    config class for ``model_type`` builds from a dict stating the model_type ``sub`` states (none: the key absent):
+    its sub-config class's (Qwen2-VL's qwen2_vl_text, the Omni thinker's qwen2_5_omni_text, whatever is stated) or,
+    for a class that looks the stated type up, the default it names (LLaVA's llama, InternVL's qwen2). None where
+    transformers does not know ``model_type``, builds nothing there, or refuses what is stated (a list looked up:
+    a TypeError, unhashable; a null looked up: a ValueError). For none stated, None keeps the text config of no
+    class (the attention heads and hidden size ÷ heads, k/v rows not compared); the head layout and the size check
+    read it so while transformers builds Qwen2-VL's 32 heads in 8 key/value groups and Gemma 3's 256 wide: a head
+    grouping and width it never builds."""
+    # cached on strings: a damaged config's list or object is no key (unhashable), so it travels as its JSON text
+    if not _is_type_name(model_type):
+        return None
+    stated = {"model_type": sub["model_type"]} if sub and "model_type" in sub else {}
+    return _sub_config_model_type(model_type, path, json.dumps(stated, sort_keys=True))
 
 
 @functools.lru_cache(maxsize=32)
-def _sub_config_model_type(model_type: str, path: str) -> str | None:
+def _sub_config_model_type(model_type: str, path: str, stated: str) -> str | None:
     from transformers import AutoConfig
 
     parts = path.split(".")
-    nested: dict[str, Any] = {}
+    nested: dict[str, Any] = json.loads(stated)
     for part in reversed(parts):
         nested = {part: nested}
+    import transformers
+
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()  # the Omni config's token-id warnings say nothing of this
     try:
         built: Any = AutoConfig.for_model(model_type, **nested)
     except Exception:  # noqa: BLE001 - a model_type transformers does not know, or a class that refuses the dict
         return None
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
     for part in parts:
         built = getattr(built, part, None)
-    found = getattr(built, "model_type", None)
-    return found if isinstance(found, str) and found else None
+    found = getattr(type(built), "model_type", None)  # the class's: an ignored stated value stays on the instance
+    return found if _is_type_name(found) else None
+
+
+_NULLABLE = ("head_dim", "num_key_value_heads")
+
+
+def _built_nulls(text: dict[str, Any], config: Mapping[str, Any], family: Family, nested: bool) -> dict[str, Any]:
+    """``text`` with a head_dim or num_key_value_heads stated as null replaced by what transformers builds from
+    it: the head width and key/value heads of the attention the family's class builds on the meta device from the
+    config's type, the text config's type (``nested``: it is the family's text sub-config), sizes and nulls
+    (Qwen2's null key/value heads are the attention heads, Mistral's null head_dim hidden ÷ heads). BadInput naming
+    the key where transformers refuses it: the strict configs of Qwen3, Mistral and Gemma 3 refuse a null of a key
+    they type as an int, Qwen2's attention (and the Qwen2 LMs of LLaVA-OneVision, InternVL, Qwen2-Audio, the Omni
+    thinker) takes a null head_dim as its width and fails. Both were read as absent: a head layout from hidden ÷
+    heads, or the attention heads, where the class builds none. Left as it is where transformers cannot tell (a
+    type it does not know, a class ignoring the sizes)."""
+    nulls = tuple(k for k in _NULLABLE if k in text and text[k] is None)
+    hidden, heads = text.get("hidden_size"), text.get("num_attention_heads")
+    if not nulls or not (is_int(hidden) and is_int(heads) and hidden > 0 and heads > 0):
+        return text  # nothing null, or sizes HeadGeometry refuses by name
+    text_type = text.get("model_type") if nested else None
+    if config.get("model_type") not in family.model_types or (nested and not _is_type_name(text_type)):
+        return text  # a class other than the family's (lmms-lab's llava_qwen): transformers cannot tell
+    built = None
+    for keys in (*((k,) for k in nulls), nulls):  # each alone names the one refused, then both together
+        built = _null_attention(family.name, hidden, heads, keys, text_type)
+        if isinstance(built, str):
+            where = f"{family.text_config_attr}." if nested else ""
+            one = len(keys) == 1
+            raise BadInput(f"config {' and '.join(where + k for k in keys)} {'is' if one else 'are'} null, which "
+                           f"{built}: state {'it' if one else 'them'} as a positive integer, or leave "
+                           f"{'it' if one else 'them'} out for the class's default")
+    return {**text, **{k: built[k] for k in nulls}} if built else text
+
+
+@functools.lru_cache(maxsize=64)
+def _null_attention(family: str, hidden: int, heads: int, nulls: tuple[str, ...],
+                    text_type: str | None) -> dict[str, int] | str | None:
+    """{head_dim, num_key_value_heads} of layer 0's attention that ``family``'s class builds on the meta device
+    from a config of its type stating these sizes, one layer and ``nulls`` as null (in its text config of type
+    ``text_type``, else at its top level); a str saying how transformers refuses them; None where it cannot tell:
+    a text type it does not know, or a text config of other sizes (LLaVA's class ignores top-level sizes)."""
+    import torch
+    import transformers
+    from transformers import AutoConfig
+
+    from probe.dispatch import meta_model
+
+    fam = FAMILIES[family]
+    text: dict[str, Any] = {"hidden_size": hidden, "num_attention_heads": heads, "num_hidden_layers": 1,
+                            **dict.fromkeys(nulls)}
+    if text_type is not None:
+        text["model_type"] = text_type
+        for part in reversed(fam.text_config_attr.split(".")):
+            text = {part: text}
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()  # the Omni config's token-id warnings say nothing of this
+    try:
+        try:
+            config = AutoConfig.for_model(fam.model_types[0], **text)
+        except Exception as exc:  # noqa: BLE001 - strict configs raise their own validation errors
+            if text_type is not None and text_type not in transformers.CONFIG_MAPPING:
+                return None  # a text type transformers does not know: no class to tell by
+            return f"transformers' {text_type or fam.model_types[0]} config class refuses ({type(exc).__name__})"
+        if fam.config_path:
+            config = getattr(config, fam.config_path)
+        built = config.get_text_config(decoder=True)
+        if (getattr(built, "hidden_size", None), getattr(built, "num_attention_heads", None)) != (hidden, heads):
+            return None
+        try:
+            attn = meta_model(getattr(transformers, fam.model_class), config, torch.float32).get_submodule(
+                fam.layers_path)[0].self_attn
+        except Exception as exc:  # noqa: BLE001 - Qwen2's attention squares a None width: a TypeError
+            return f"transformers' {fam.model_class} builds no attention from ({type(exc).__name__})"
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
+    width = attn.q_proj.out_features // heads
+    return {"head_dim": width, "num_key_value_heads": attn.k_proj.out_features // width}
 
 
 def check_layout_model_type(model_type: str | None) -> None:

@@ -358,14 +358,15 @@ def config_head_dim(text: Mapping[str, Any]) -> int | None:
 
 def config_kv_heads(text: Mapping[str, Any]) -> int | None:
     """The key/value head count transformers' attention builds from the text config: its ``num_key_value_heads``,
-    else (absent or null) the config class's own (``probe.families.class_kv_heads``, which the analyses' head layout
-    takes too: Qwen2 builds 32, Mistral 8, so a Qwen2 config without the key over 8 key/value heads' k/v rows is
-    refused there and here). None where the keys are absent or transformers cannot tell (not compared)."""
+    else (absent) the config class's own (``probe.families.class_kv_heads``, which the analyses' head layout takes
+    too: Qwen2 builds 32, Mistral 8, so a Qwen2 config without the key over 8 key/value heads' k/v rows is refused
+    there and here; a stated null text_config_dict resolved as transformers builds it). None where the keys are
+    absent or transformers cannot tell (not compared)."""
     if (explicit := given_size(text, "num_key_value_heads")) is not None:
         return explicit
     if text.get("num_key_value_heads") is not None or (sizes := _hidden_heads(text)) is None:
         return None  # a list or a bool: not compared (the head layout refuses it)
-    return class_kv_heads(text.get("model_type"), *sizes, "num_key_value_heads" in text)
+    return class_kv_heads(text.get("model_type"), *sizes)
 
 
 def _size(key: str) -> Callable[[Mapping[str, Any]], int | None]:

@@ -1079,3 +1079,45 @@ def test_average_and_weighted_with_a_base_leave_the_base_out_of_the_sum(zoo, tmp
         for k in base:
             want = wa * vl[k].double() + wb * q1[k].double()
             torch.testing.assert_close(got[k].double(), want, rtol=1e-6, atol=1e-7, msg=f"{extra[1]} {k}")
+
+
+def test_a_text_config_transformers_builds_despite_nulls_and_a_list_type_is_read_as_it_builds(tmp_path):
+    """A Qwen2-VL text config stating "head_dim": null and "model_type": ["qwen2"]: transformers builds it (its text
+    class ignores the stated type; its attention takes hidden ÷ heads, not head_dim) as the unmodified checkpoint
+    (the oracle: the meta-built k/q projections). The analyses read it so too: the same shift rows, the same merged
+    tensors, and a merged LM whose config states the built head width: it wrote null, which Qwen2's attention takes
+    as its width, a merged LM transformers could not build (exit 0)."""
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from probe.families import FAMILIES
+    from probe.models import resolve_model
+
+    original = resolve_model("organism-vl").path
+    model = shutil.copytree(original, tmp_path / "vl")
+    cfg = json.loads((model / "config.json").read_text(encoding="utf-8"))
+    cfg["text_config"] |= {"head_dim": None, "model_type": ["qwen2"]}
+    (model / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    fam = FAMILIES["qwen2_vl"]
+    shapes = []
+    for m in (original, model):
+        with torch.device("meta"):
+            attn = getattr(transformers, fam.model_class)(AutoConfig.from_pretrained(m)).get_submodule(
+                fam.layers_path)[0].self_attn
+        shapes.append((attn.q_proj.weight.shape, attn.k_proj.weight.shape))
+    assert shapes[0] == shapes[1]  # the oracle: transformers builds both alike
+    rows, merged = [], []
+    for i, m in enumerate((original, model)):
+        assert run(shift.main, "--base", "organism-base", "--models", str(m), "--no-figures",
+                   "--out", str(tmp_path / f"s{i}")) == 0
+        rows.append(read_shift_csv(tmp_path / f"s{i}" / "shift.csv").drop(columns="model"))
+        assert run(merge.main, "--models", str(m), "organism-base", "--method", "average",
+                   "--out", str(tmp_path / f"m{i}")) == 0
+        merged.append((merged_lm(tmp_path / f"m{i}"), json.loads((tmp_path / f"m{i}" / "config.json").read_text(
+            encoding="utf-8"))))
+    assert rows[0].equals(rows[1])
+    assert merged[0][1] == merged[1][1] and merged[1][1]["head_dim"] == 16  # organism-vl's stated width
+    assert all(torch.equal(merged[0][0][k], merged[1][0][k]) for k in merged[0][0]) and merged[0][0].keys() == \
+        merged[1][0].keys()
+    lm = AutoModelForCausalLM.from_pretrained(tmp_path / "m1")  # builds: a null head_dim did not
+    assert lm.model.layers[0].self_attn.k_proj.weight.shape == shapes[1][1]

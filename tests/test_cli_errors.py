@@ -1404,3 +1404,56 @@ def test_a_safetensors_file_claiming_more_than_it_holds_is_one_line_without_allo
     for line in lines_of_eval_and_shift(model, tmp_path, capfd):
         assert str(f) in line and ("corrupt" in line or "unreadable checkpoint file" in line), line
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 2**20  # kB: under 1 GiB more at its peak
+
+
+@pytest.mark.parametrize("src, key, value, want", [
+    ("organism-ov-si", "model_type", ["qwen2"], "config text_config.model_type is a list; it must be a model type name"),
+    ("organism-ov-si", "model_type", {"type": "qwen2"}, "config text_config.model_type is an object; it must be a "
+                                                        "model type name"),
+    ("organism-ov-si", "model_type", None, "config text_config.model_type is null; it must be a model type name"),
+    ("organism-ov-si", "head_dim", None, "config text_config.head_dim is null, which transformers' "
+                                         "LlavaOnevisionForConditionalGeneration builds no attention from"),
+    ("organism-base", "head_dim", None, "config head_dim is null, which transformers' Qwen2ForCausalLM builds no "
+                                        "attention from")])
+def test_a_config_transformers_cannot_build_is_refused_by_every_command(tmp_path, capfd, src, key, value, want):
+    """A (text) config stating a list, an object or null as its model_type where its class looks the type up
+    (LLaVA-OneVision), or a null head_dim its Qwen2 attention takes as its width: transformers builds no model from
+    either (the oracle: its config class or its model on the meta device raises), while the analyses read the list
+    as of no class, the null as Qwen2 and the head width as hidden size ÷ heads, and went on.
+    Every command refuses it now in one line naming the checkpoint and the key (the shared reader,
+    probe.families.text_config_dict): exit 2, nothing written, the checkpoint untouched."""
+    import torch
+    import transformers
+    from transformers import AutoConfig
+
+    from analyses import finetune, merge, shift, trajectory
+    from conftest import tree_manifest
+    from probe import eval as probe_eval
+    from probe import heads
+    from probe.families import FAMILIES
+    from probe.models import resolve_model
+
+    model = shutil.copytree(resolve_model(src).path, tmp_path / "m")
+    cfg = json.loads((model / "config.json").read_text(encoding="utf-8"))
+    (cfg["text_config"] if "text_config" in cfg else cfg)[key] = value
+    (model / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    fam = FAMILIES["llava_onevision" if "text_config" in cfg else "qwen2"]
+    with pytest.raises((TypeError, ValueError)):  # the oracle: transformers builds no such model
+        with torch.device("meta"):
+            getattr(transformers, fam.model_class)(AutoConfig.from_pretrained(model))
+    before = tree_manifest(model)
+    data = str(REPO / "probe/zoo/data" / ("image_single" if "text_config" in cfg else "text"))
+    for main, argv in ((probe_eval.main, ["--models", str(model), "--data", data, "--limit", "1", "--quiet"]),
+                       (heads.main, ["--model", str(model), "--data", data, "--layers", "0", "--quiet"]),
+                       (finetune.main, ["--model", str(model), "--data", f"text={REPO / 'probe/zoo/data/text'}",
+                                        "--split", "validation", "--steps", "1", "--batch-size", "1", "--quiet",
+                                        "--device", "cpu"]),
+                       (shift.main, ["--base", "organism-base", "--models", str(model), "--no-figures"]),
+                       (merge.main, ["--models", "organism-base", str(model), "--method", "average"]),
+                       (trajectory.main, ["--base", "organism-base", "--experts", str(model), "--no-figures"])):
+        out = tmp_path / f"out-{main.__module__}"
+        capfd.readouterr()
+        line = one_error_line(cli_main(main, [*argv, "--out", str(out)]), capfd.readouterr().err)
+        assert f"{model}: {want}" in line, (main.__module__, line)
+        assert not out.exists()
+    assert tree_manifest(model) == before

@@ -1483,41 +1483,152 @@ def test_a_head_layout_without_head_dim_takes_the_width_transformers_builds(mode
     assert want != 16 or model_type not in ("qwen3", "gemma3_text", "gemma2")  # the case that was wrong
 
 
-@pytest.mark.parametrize("model_type", [["qwen2_vl_text"], {"type": "qwen2"}])
-def test_a_text_config_whose_model_type_is_no_string_is_read_as_of_no_class(model_type):
-    """A damaged config whose (text) model_type is a list or an object: the class lookups are cached by their
-    arguments, and such a model_type made a TypeError traceback (unhashable) where a readable config is bad input
-    or of no class. It is of no class: the attention heads in as many groups, hidden size ÷ heads wide (the direct
-    formula), the k/v rows not compared; a composite's text config gets no model_type from it."""
+def _composite_config(fam, text: dict) -> dict:
+    """A config.json dict of composite family ``fam`` holding ``text`` as its text config (the Omni thinker's under
+    thinker_config)."""
+    cfg: dict = {"model_type": fam.model_types[0]}
+    node = cfg
+    *outer, last = fam.text_config_attr.split(".")
+    for part in outer:
+        node = node.setdefault(part, {})
+    node[last] = text
+    return cfg
+
+
+def _built_attention(fam, cfg: dict):
+    """transformers' own build of ``cfg`` (the oracle): (its text config, layer 0's attention on the meta device)."""
+    import transformers
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(**cfg)
+    if fam.config_path:  # the Omni thinker: its class is built from the thinker config
+        config = getattr(config, fam.config_path)
+    with torch.device("meta"):
+        attn = getattr(transformers, fam.model_class)(config).get_submodule(fam.layers_path)[0].self_attn
+    return config.get_text_config(decoder=True), attn
+
+
+@pytest.mark.parametrize("model_type", [["qwen2"], {"type": "qwen2"}, "", 7, None])
+@pytest.mark.parametrize("family", COMPOSITE)
+def test_a_text_config_whose_model_type_is_no_name_is_read_as_transformers_builds_it_or_refused(family, model_type):
+    """A damaged text config whose model_type is a list, an object, "" or a number was read as of no class (the
+    attention heads in as many groups, hidden size ÷ heads wide, k/v rows not compared, a size left out refused as
+    missing), a null one as absent (LLaVA's default Llama). transformers, the oracle, splits: a class whose text sub-config is its own (Qwen2-VL, Qwen2.5-VL,
+    Qwen3-VL, Gemma 3, the Omni thinker) ignores the value and builds its text class; one that looks the type up
+    (LLaVA, LLaVA-OneVision, InternVL, Idefics3, Qwen2-Audio) raises. The shared reader does the same: the built
+    class's key/value heads and head width (meta-built k/q projections), its defaults for a size left out, or
+    BadInput naming the key."""
     from probe.errors import BadInput
     from probe.families import HeadGeometry, text_config_dict
     from probe.models import config_head_dim, config_kv_heads
 
-    text = {"model_type": model_type, "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2}
-    for stated in ({}, {"head_dim": 16}):
-        geometry = HeadGeometry.from_text_config({**text, **stated})
-        assert (geometry.n_kv_heads, geometry.head_dim) == (4, 64 // 4)
-        assert config_kv_heads({**text, **stated}) is None and config_head_dim({**text, **stated}) == 16
-    sub = {k: v for k, v in text.items() if k != "model_type"}
-    assert "model_type" not in text_config_dict({"model_type": model_type, "text_config": sub}, FAMILIES["qwen2_vl"])
-    # a size left out is not filled from such a class's defaults (with_class_defaults): refused as missing
-    partial = {"model_type": "qwen2_vl", "text_config": {k: v for k, v in text.items() if k != "num_hidden_layers"}}
-    assert text_config_dict(partial, FAMILIES["qwen2_vl"]) == partial["text_config"]
-    with pytest.raises(BadInput, match="num_hidden_layers"):
-        HeadGeometry.from_text_config(text_config_dict(partial, FAMILIES["qwen2_vl"]))
+    fam = FAMILIES[family]
+    kind = {list: "a list", dict: "an object", str: "an empty string", int: "a number",
+            type(None): "null"}[type(model_type)]
+    for text in ({"model_type": model_type, "hidden_size": 256, "num_attention_heads": 32, "num_hidden_layers": 1},
+                 {"model_type": model_type, "hidden_size": 256, "num_attention_heads": 32}):  # layers left out
+        cfg = _composite_config(fam, text)
+        try:
+            built, attn = _built_attention(fam, cfg)
+        except (TypeError, ValueError):
+            with pytest.raises(BadInput, match=rf"^config {re.escape(fam.text_config_attr)}\.model_type is {kind}; "
+                                               "it must be a model type name"):
+                text_config_dict(cfg, fam)
+            assert family in ("llava", "llava_next", "llava_onevision", "internvl", "idefics3", "qwen2_audio")
+            continue
+        ours = text_config_dict(cfg, fam)
+        width = attn.q_proj.out_features // 32
+        assert ours["model_type"] == type(built).model_type and ours["num_hidden_layers"] == built.num_hidden_layers
+        assert (config_kv_heads(ours), config_head_dim(ours)) == (attn.k_proj.out_features // width, width)
+        g = HeadGeometry.from_text_config(ours)
+        assert (g.n_kv_heads, g.head_dim, g.n_layers) == (config_kv_heads(ours), width, built.num_hidden_layers)
 
 
-@pytest.mark.parametrize("null", [False, True])
+@pytest.mark.parametrize("family", COMPOSITE)
+def test_the_text_type_a_family_builds_whatever_is_stated_is_transformers(family):
+    """Family.text_model_type (read without importing transformers) against transformers' own build: the class of a
+    text config stating a type no class has is that type where the parent's class ignores what is stated; a class
+    that looks the type up refuses it (None)."""
+    from transformers import AutoConfig
+
+    fam = FAMILIES[family]
+    try:
+        built = AutoConfig.for_model(**_composite_config(fam, {"model_type": "no-such-type"}))
+    except (KeyError, ValueError):
+        built = None
+    else:
+        for part in fam.text_config_attr.split("."):
+            built = getattr(built, part)
+    assert fam.text_model_type == (type(built).model_type if built is not None else None)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "llama"])
+@pytest.mark.parametrize("family", COMPOSITE)
+def test_a_text_config_naming_a_type_its_class_ignores_is_read_as_the_class_it_builds(family, model_type):
+    """A text config naming a type its parent's class does not build: Qwen2-VL's, Qwen2.5-VL's, Qwen3-VL's, Gemma 3's
+    and the Omni thinker's classes build their own text class whatever it states (Qwen2-VL's text config saying
+    "qwen2" is a qwen2_vl_text of 8 key/value heads, where Qwen2's class defaults to 32, which was read); the classes
+    that look the type up (LLaVA, InternVL) build the one named. Oracle: transformers' built text config and the
+    meta-built k/q projections."""
+    from probe.families import HeadGeometry, text_config_dict
+    from probe.models import config_head_dim, config_kv_heads
+
+    fam = FAMILIES[family]
+    cfg = _composite_config(fam, {"model_type": model_type, "hidden_size": 256, "num_attention_heads": 32,
+                                  "num_hidden_layers": 1})
+    built, attn = _built_attention(fam, cfg)
+    ours = text_config_dict(cfg, fam)
+    width = attn.q_proj.out_features // 32
+    assert ours["model_type"] == type(built).model_type
+    assert (config_kv_heads(ours), config_head_dim(ours)) == (attn.k_proj.out_features // width, width)
+    g = HeadGeometry.from_text_config(ours)
+    assert (g.n_kv_heads, g.head_dim) == (attn.k_proj.out_features // width, width)
+
+
+@pytest.mark.parametrize("nulls", [("head_dim",), ("num_key_value_heads",), ("head_dim", "num_key_value_heads")])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_null_head_dim_or_key_value_count_is_what_transformers_builds_from_it_or_refused(family, nulls):
+    """A (text) config stating "head_dim": null or "num_key_value_heads": null was read as one leaving them out: the
+    class's default or hidden ÷ heads, and the attention heads where its class refuses the null. transformers, the
+    oracle, refuses some (Qwen3's, Mistral's and Gemma 3's strict configs; Qwen2's attention takes a null head_dim
+    as its width: LLaVA-OneVision's, InternVL's, Qwen2-Audio's and the Omni thinker's Qwen2 LMs too) and builds
+    others (Qwen2's null key/value heads are its attention heads, not its default 32; Qwen2-VL's attention ignores
+    head_dim). The shared reader refuses the first, naming the key, and reads the second as the meta-built k/q
+    projections."""
+    from probe.errors import BadInput
+    from probe.families import HeadGeometry, text_config_dict
+    from probe.models import config_head_dim, config_kv_heads
+
+    fam = FAMILIES[family]
+    text = {"hidden_size": 256, "num_attention_heads": 32, "num_hidden_layers": 1, **dict.fromkeys(nulls)}
+    cfg = _composite_config(fam, text) if fam.text_config_attr else {"model_type": family, **text}
+    try:
+        _, attn = _built_attention(fam, cfg)
+    except Exception:  # noqa: BLE001 - strict configs raise their own validation errors, Qwen2's attention a TypeError
+        where = f"{fam.text_config_attr}." if fam.text_config_attr else ""
+        with pytest.raises(BadInput, match=rf"^config {re.escape(where)}(head_dim|num_key_value_heads) is null, "
+                                           "which transformers"):
+            text_config_dict(cfg, fam)
+        return
+    ours = text_config_dict(cfg, fam)
+    width = attn.q_proj.out_features // 32
+    kv = attn.k_proj.out_features // width
+    assert (config_kv_heads(ours), config_head_dim(ours)) == (kv, width), family
+    g = HeadGeometry.from_text_config(ours)
+    assert (g.n_heads, g.n_kv_heads, g.head_dim) == (32, kv, width)
+
+
 @pytest.mark.parametrize("model_type", ["qwen2", "llama", "mistral", "qwen3", "gemma3_text", "qwen2_vl", "llava",
                                         "no-such-type"])
-def test_a_head_layout_without_num_key_value_heads_takes_the_count_transformers_builds(model_type, null):
+def test_a_head_layout_without_num_key_value_heads_takes_the_count_transformers_builds(model_type):
     """A text config that states no num_key_value_heads (or states null): the head layout took the attention heads
     for every class and the size check compared no k/v rows, while transformers' classes build their own default
     (Mistral's and Qwen2-VL's 8, Gemma 3's 4 key/value heads of 32 attention heads). Oracle: the attention
     transformers builds from that config (on the meta device; its k_proj rows over one head's width, q_proj rows /
-    heads). Where it builds none of these sizes (an unknown model_type, a null Mistral's and Gemma's strict configs
-    refuse, LLaVA's top-level sizes, which build its default Llama 7B) the layout keeps the attention heads and the
-    size check (config_kv_heads, the same resolution) compares no k/v rows, as before: never stricter."""
+    heads). Where it builds none of these sizes (an unknown model_type, LLaVA's top-level sizes, which build its
+    default Llama 7B) the layout keeps the attention heads and the size check (config_kv_heads, the same
+    resolution) compares no k/v rows, as before: never stricter. A stated null: the shared reader's
+    (test_a_null_head_dim_or_key_value_count_is_what_transformers_builds_from_it_or_refused)."""
     import transformers
     from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
@@ -1525,12 +1636,11 @@ def test_a_head_layout_without_num_key_value_heads_takes_the_count_transformers_
     from probe.families import HeadGeometry
     from probe.models import config_kv_heads
 
-    sizes = {"hidden_size": 256, "num_attention_heads": 32, "num_hidden_layers": 1}
-    stated = {**sizes, **({"num_key_value_heads": None} if null else {})}
+    stated = {"hidden_size": 256, "num_attention_heads": 32, "num_hidden_layers": 1}
     text = {"model_type": model_type, **stated}
     try:
         config = AutoConfig.for_model(model_type, **stated)
-    except (ValueError, StrictDataclassError):  # no such model_type, or a null its class refuses
+    except (ValueError, StrictDataclassError):  # no such model_type
         attn = None
     else:
         fam = FAMILIES[model_type]
@@ -1539,8 +1649,8 @@ def test_a_head_layout_without_num_key_value_heads_takes_the_count_transformers_
     built = (attn.k_proj.out_features // (attn.q_proj.out_features // 32)
              if attn is not None and attn.q_proj.in_features == 256 else None)
     g = HeadGeometry.from_text_config(text)
-    assert (g.n_kv_heads, config_kv_heads(text)) == (built or 32, built), (model_type, null, built)
-    if model_type in ("mistral", "gemma3_text") and not null:  # defaults not the heads: the layout took 32 for them
+    assert (g.n_kv_heads, config_kv_heads(text)) == (built or 32, built), (model_type, built)
+    if model_type in ("mistral", "gemma3_text"):  # defaults not the heads: the layout took 32 for them
         assert built not in (None, 32)
 
 

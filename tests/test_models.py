@@ -89,8 +89,16 @@ def test_head_dim_fallbacks(tmp_path):
     assert (g.n_layers, g.n_heads, g.n_kv_heads, g.head_dim, g.hidden_size) == (3, 4, 2, 16, 64)
     g = resolve_model(str(write_model_dir(tmp_path / "explicit", qwen2_config(head_dim=32)))).geometry
     assert g.head_dim == 32  # explicit head_dim wins over hidden_size / heads
-    g = resolve_model(str(write_model_dir(tmp_path / "null", qwen2_config(head_dim=None)))).geometry
-    assert g.head_dim == 16
+    # a null head_dim: Qwen2's attention takes it as its width and transformers builds no model (the oracle), so it
+    # is refused by name, not read as hidden size ÷ heads (as until 2026-12-06)
+    import transformers
+
+    null = write_model_dir(tmp_path / "null", qwen2_config(head_dim=None))
+    with pytest.raises(TypeError), torch.device("meta"):
+        transformers.Qwen2ForCausalLM(transformers.AutoConfig.from_pretrained(null))
+    with pytest.raises(BadInput, match=rf"^{null}: config head_dim is null, which transformers' Qwen2ForCausalLM "
+                                       "builds no attention from"):
+        resolve_model(str(null))
     # no GQA entry: the key/value heads the config class builds (class_kv_heads; oracle: transformers' own class):
     # Llama's are the attention heads; Qwen2's default 32 does not split 4 heads, which the layout took until
     # 2026-12-06 (transformers builds a k_proj of 32 heads, and refuses these tensors)
