@@ -3,7 +3,7 @@
     python -m probe.zoo data --out runs/data          # the organisms' training items (24 per subject, seed 1)
     python -m analyses.finetune --model runs/merged/carriers/organism-vl \\
         --data text=runs/data/text image=runs/data/image video=runs/data/video --mix 3:2:1 \\
-        --split train --steps 1000 --save-steps 0 10 30 100 300 1000 --out runs/ft-mixed
+        --split train --steps 1000 --save-steps 0 10 30 100 300 1000 --out runs/ft/mixed
 
 Full fine-tuning of any model the probe loads, with the project's one training loop (``probe.train``): the probe's
 prompt, loss on the answer letter and the end of the turn (``<|im_end|>`` in ChatML); each batch row draws its

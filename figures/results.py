@@ -252,11 +252,14 @@ class Merge:
         i = self.info
         method = i.get("method", "?")
         carriers = [c.get("name", "?") for c in i.get("carriers") or [] if isinstance(c, dict)]
-        what = (f"{method} ({i.get('equation', '?')}) of "
-                f"{short_name(i.get('base') or '?')} + {_listing(short_name(m) for m in i.get('models') or [])}"
+        # average and weighted take no --base: their models are all there is, not a base's '?' plus experts
+        base = f"{short_name(i['base'])} + " if i.get("base") else ""
+        what = (f"{method} ({i.get('equation', '?')}) of {base}{_listing(short_name(m) for m in i.get('models') or [])}"
                 f"\n  carriers: {_listing(short_name(c) for c in carriers) if carriers else 'none'}")
+        # head_weights() is BadInput for every method but salience: not offered where it cannot answer
+        holds = " .head_weights()" if method == "salience" else ""
         return _summary(self, self.dir, what, f".weights ({len(self.weights)} rows) .info .model (this dir) "
-                                              ".carriers .head_weights()")
+                                              f".carriers{holds}")
 
     @property
     def model(self) -> Path:

@@ -468,6 +468,30 @@ def test_a_merge_read_back_from_python_names_its_carriers_and_none_without_carri
             Merge.read(plain).carriers
 
 
+def test_a_merge_without_a_base_prints_its_models_and_head_weights_only_for_salience(zoo, tmp_path):
+    """Merge's summary line: an average (no --base) printed "average (Eq. 1) of ? + a, b", a base that was never
+    there, and every method listed .head_weights(), which only a salience merge can answer (BadInput otherwise)."""
+    from figures import short_name
+    from figures.results import Merge
+    from probe.errors import BadInput
+
+    out = tmp_path / "avg"
+    assert run(merge.main, "--models", zoo["base"], zoo["q1"], "--method", "average", "--quiet", "--out", out) == 0
+    got = Merge.read(out)
+    info = json.loads((out / "merge.json").read_text(encoding="utf-8"))
+    assert info["base"] is None and info["models"] == [str(zoo["base"]), str(zoo["q1"])]
+    text = repr(got)
+    base, q1 = short_name(str(zoo["base"])), short_name(str(zoo["q1"]))  # long paths shortened as every name is
+    assert text.startswith(f"Merge: average (Eq. 1) of {base}, {q1}\n"), text
+    assert "?" not in text and text.rstrip().endswith(".carriers"), text
+    with pytest.raises(BadInput, match="no per-head slices"):
+        got.head_weights()
+    # with a base (as --method shift, ties, task_arithmetic and salience write it) it leads, then the models
+    salient = Merge(out, got.weights, info | {"method": "salience", "base": str(zoo["base"]), "models": [str(zoo["q1"])]})
+    assert f"of {base} + {q1}\n" in repr(salient)
+    assert repr(salient).rstrip().endswith(".carriers .head_weights()")
+
+
 def test_a_carrier_from_the_hub_cache_is_named_after_its_model(tmp_path):
     """Carriers given as cache snapshots were named after the commit hash (carriers/0123…, carriers/0123…-2)."""
     from analyses.merge import carrier_name

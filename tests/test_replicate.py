@@ -114,7 +114,7 @@ def test_every_stage_completes_and_writes_its_outputs(quick: Path) -> None:
 
 # the README's "From Python" blocks, on this run's outputs: runs/<name> of the README → the stage output
 README_RUNS = {"heads": "heads/organism-vl", "eval": "table3", "shift": "shift", "merged": "merge/shift",
-               "trajectory": "trajectory/fig4a", "ft-mixed": "finetune/mixed", "replicate": "."}
+               "trajectory": "trajectory/fig4a", "ft/mixed": "finetune/mixed", "replicate": "."}
 
 
 def test_readme_python_blocks_run_and_read_back_what_the_files_hold(quick: Path, tmp_path: Path, monkeypatch,
@@ -131,6 +131,7 @@ def test_readme_python_blocks_run_and_read_back_what_the_files_hold(quick: Path,
     runs = tmp_path / "runs"
     runs.mkdir()
     for name, stage in README_RUNS.items():
+        (runs / name).parent.mkdir(exist_ok=True)  # ft/mixed, as the fine-tuning section's --out names it
         (runs / name).symlink_to((quick / stage).resolve(), target_is_directory=True)
     monkeypatch.chdir(ROOT)  # probe/zoo/data/text as the README's commands give it
     ns: dict = {}
