@@ -1,6 +1,7 @@
 """The suite's own xdist scheduling (tests/conftest.py): under ``-n 2`` a module-scoped fixture is built once."""
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -41,9 +42,12 @@ def test_tests_sharing_a_module_fixture_run_in_one_worker_that_builds_it_once(tm
     pytest 9.2 it silently grouped nothing.)"""
     shutil.copy(REPO / "tests" / "conftest.py", tmp_path / "conftest.py")
     (tmp_path / "test_generated.py").write_text(SUITE, encoding="utf-8")
+    # run as from a shell: this test's own worker's PYTEST_XDIST_WORKER would make the inner controller take itself
+    # for a worker (conftest's _shared_root) and look for the groups elsewhere than its workers write them
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     res = subprocess.run([sys.executable, "-m", "pytest", "-n", "2", "-v", "-p", "no:cacheprovider", "--basetemp",
-                          str(tmp_path / "basetemp"), "test_generated.py"], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=300)
+                          str(tmp_path / "basetemp"), "test_generated.py"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     ran = re.findall(r"\[(gw\d)\] \[ *\d+%\] PASSED test_generated\.py::(test_\w+)\[(\d)\]", res.stdout)
     assert sorted((name, int(i)) for _, name, i in ran) == [(n, i) for n in ("test_plain", "test_uses") for i in range(8)]
