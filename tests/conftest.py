@@ -49,6 +49,64 @@ def _shared_root(tmp_path_factory) -> Path:
     return root
 
 
+def module_fixture_group(item: pytest.Item) -> str | None:
+    """The group of a test that uses a module-scoped fixture of its own module (a fine-tuning run, a model zoo, an
+    evaluation run, ``--quick``'s replication...): its module's path, else None. By scope, not by a list of names,
+    so a new module fixture is grouped too."""
+    module = item.nodeid.split("::", 1)[0]
+    defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+    for name in getattr(item, "fixturenames", ()):
+        fixturedef = defs.get(name, ())[-1:]  # the definition this test gets (the closest one)
+        if fixturedef and fixturedef[0].scope == "module" and fixturedef[0].baseid == module:
+            return module
+    return None
+
+
+GROUPS_FILE = "xdist-groups.json"
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """An xdist worker writes every test's group (``module_fixture_group``) where the controller's scheduler reads
+    it; the two workers collect the same tests, so they write the same file, each by an atomic replace."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    import json
+
+    groups = {item.nodeid: g for item in items if (g := module_fixture_group(item))}
+    path = _shared_root(config._tmp_path_factory) / GROUPS_FILE
+    tmp = path.with_name(f"{path.name}.{os.environ['PYTEST_XDIST_WORKER']}")
+    tmp.write_text(json.dumps(groups), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@pytest.hookimpl(optionalhook=True)  # xdist's hook: unknown where xdist is not installed (or -p no:xdist)
+def pytest_xdist_make_scheduler(config, log):
+    """``-n 2`` (``--dist load``, xdist's default) deals the tests one by one to both workers, so each worker built
+    every module fixture again: two ``--quick`` replications, two FSDP runs, two model zoos where one serves.
+    This scheduler deals them the same way but sends the tests of one group (``module_fixture_group``) to one worker
+    whole, the largest groups first, so the other worker goes on with other tests meanwhile. (xdist's own
+    ``--dist loadgroup`` with ``xdist_group`` marks would do this, but with pytest 9.2 it groups nothing:
+    pytest-xdist issue 1386.) Any other ``--dist`` is left to xdist."""
+    if config.getvalue("dist") != "load":
+        return None
+    import json
+
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleFixtureScheduling(LoadScopeScheduling):
+        groups: dict[str, str] = {}
+
+        def schedule(self) -> None:  # called once every worker has collected, so the file is written
+            path = _shared_root(config._tmp_path_factory) / GROUPS_FILE
+            self.groups = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+            super().schedule()
+
+        def _split_scope(self, nodeid: str) -> str:
+            return self.groups.get(nodeid, nodeid)  # a test of no group is a unit of its own
+
+    return ModuleFixtureScheduling(config, log)
+
+
 @pytest.fixture(scope="session")
 def shared_root(tmp_path_factory) -> Path:
     return _shared_root(tmp_path_factory)
