@@ -5,6 +5,8 @@ family table, so a real checkpoint, a tiny random model and a trained organism s
 """
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import re
 import sys
@@ -88,6 +90,14 @@ def _source_dir(source: str, weights: bool = True) -> Path:
 
 
 def _gguf_config(path: Path) -> dict[str, Any]:
+    """The config transformers reads from a GGUF file's metadata (seconds a read: it parses the whole header),
+    once per process and version of the file; a copy, so a caller's edits stay its own."""
+    st = path.stat()
+    return copy.deepcopy(_gguf_config_of(path, st.st_size, st.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_config_of(path: Path, size: int, mtime_ns: int) -> dict[str, Any]:  # size, mtime: the file's version
     from transformers import AutoConfig
 
     try:

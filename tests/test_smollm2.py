@@ -127,3 +127,27 @@ def test_letters_after_an_assistant_prefix_are_those_the_model_writes(smol, pref
     other = [tok.convert_tokens_to_ids(("" if read.startswith(" ") else "Ġ") + c) for c in item.letters]
     assert tok.convert_ids_to_tokens(ours) == [read.replace(" ", "Ġ").replace("A", c) for c in item.letters]
     assert float(p[ours].sum()) > 0.5 and float(p[other].sum()) < 0.01, (float(p[ours].sum()), float(p[other].sum()))
+
+
+def test_a_gguf_config_is_read_once_per_version_of_its_file(tmp_path):
+    """``resolve_model`` reads a GGUF file's config once per process (transformers parses the whole header, seconds
+    a read) and again where the file changed: equal to transformers' own read (the oracle), a copy each caller may
+    edit, and a file replaced at the same path is read anew (here: refused as unreadable, never the cached one)."""
+    from transformers import AutoConfig
+
+    from probe.errors import BadInput
+    from probe.models import _gguf_config, _gguf_config_of, resolve_model
+
+    real = resolve_model("smollm2-135m")
+    link = tmp_path / "m.gguf"
+    link.symlink_to(real.path / real.gguf_file)
+    want = AutoConfig.from_pretrained(tmp_path, gguf_file=link.name).to_dict()
+    before = _gguf_config_of.cache_info().hits
+    first = _gguf_config(link)
+    assert first == want
+    first["num_attention_heads"] = 1  # a caller's edit
+    assert _gguf_config(link) == want and _gguf_config_of.cache_info().hits == before + 1
+    link.unlink()
+    link.write_bytes(b"GGUF but not really")  # another version of the file at the same path
+    with pytest.raises(BadInput, match="unreadable GGUF file"):
+        _gguf_config(link)
