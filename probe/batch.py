@@ -356,34 +356,26 @@ def measure_window(loaded: LoadedModel, chunk: Sequence[ItemLike],
                    prepared: Sequence[tuple[dict[str, torch.Tensor], list[int]]], cfg: SweepConfig,
                    limit: BatchLimit, max_padding: float | None, progress: Callable[[int], None],
                    checked: set[tuple] | None = None) -> list[Measurement]:
-    """One window of ``evaluate_items``: its items batched by ``plan_batches`` at ``limit.rows`` (``measure_rows``),
-    then the ``guard_rows`` of the batches that ran, alone (``checked``: the row kinds checked in earlier windows,
-    updated)."""
+    """One window of ``evaluate_items``: its items batched by ``plan_batches`` at ``limit.rows`` and measured in
+    order, a batch that runs out of memory halved (``run_halving``: each item's numbers are then those of the
+    smaller batches), then the ``guard_rows`` of the batches that ran, alone (``checked``: the row kinds checked in
+    earlier windows, updated)."""
     inputs = [p[0] for p in prepared]
     got: list[Measurement | None] = [None] * len(chunk)
     ran: list[list[int]] = []
-    for idx in plan_batches(inputs, limit.rows, max_padding):
-        measure_rows(loaded, idx, prepared, cfg, limit, got, ran, progress)
-    for g in guard_rows(inputs, ran, checked):
-        check_against_one_item(loaded, chunk[g], inputs[g], prepared[g][1], got[g], cfg)  # type: ignore[arg-type]
-    return got  # type: ignore[return-value]
 
-
-def measure_rows(loaded: LoadedModel, idx: list[int], prepared: Sequence[tuple[dict[str, torch.Tensor], list[int]]],
-                 cfg: SweepConfig, limit: BatchLimit, got: list[Measurement | None], ran: list[list[int]],
-                 progress: Callable[[int], None]) -> None:
-    """Measure the rows ``idx`` (one batch of the plan, sorted by length) into ``got``, in batches of at most
-    ``limit.rows`` (in order, each appended to ``ran``), halving a batch that runs out of memory (``run_halving``);
-    each item's numbers are then those of the smaller batches (the run-time guard checks the batches that ran)."""
     def keep(rows: list[int], measured: list[Measurement]) -> None:
         for i, m in zip(rows, measured):
             got[i] = m
         ran.append(rows)
         progress(len(rows))
 
-    run_halving(loaded, [idx], limit,
-                lambda rows: measure_batch(loaded, [prepared[i][0] for i in rows], [prepared[i][1] for i in rows], cfg),
+    run_halving(loaded, plan_batches(inputs, limit.rows, max_padding), limit,
+                lambda rows: measure_batch(loaded, [inputs[i] for i in rows], [prepared[i][1] for i in rows], cfg),
                 keep)
+    for g in guard_rows(inputs, ran, checked):
+        check_against_one_item(loaded, chunk[g], inputs[g], prepared[g][1], got[g], cfg)  # type: ignore[arg-type]
+    return got  # type: ignore[return-value]
 
 
 T = TypeVar("T")
