@@ -12,9 +12,10 @@ from __future__ import annotations
 import functools
 import json
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from probe.errors import BadInput, is_int
 
@@ -897,6 +898,21 @@ def sub_config_model_type(model_type: Any, path: str, sub: Mapping[str, Any] | N
     return _sub_config_model_type(model_type, path, json.dumps(stated, sort_keys=True))
 
 
+@contextmanager
+def transformers_errors_only() -> Iterator[None]:
+    """transformers' own logging at errors only for the block, as it was after: its warnings and load reports
+    (many lines: the Omni config's token ids, a load's missing keys) say nothing a user of these commands needs;
+    ours say what matters in one line."""
+    import transformers
+
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
+
+
 @functools.lru_cache(maxsize=32)
 def _sub_config_model_type(model_type: str, path: str, stated: str) -> str | None:
     from transformers import AutoConfig
@@ -905,16 +921,11 @@ def _sub_config_model_type(model_type: str, path: str, stated: str) -> str | Non
     nested: dict[str, Any] = json.loads(stated)
     for part in reversed(parts):
         nested = {part: nested}
-    import transformers
-
-    verbosity = transformers.utils.logging.get_verbosity()
-    transformers.utils.logging.set_verbosity_error()  # the Omni config's token-id warnings say nothing of this
     try:
-        built: Any = AutoConfig.for_model(model_type, **nested)
+        with transformers_errors_only():  # the Omni config's token-id warnings say nothing of this
+            built: Any = AutoConfig.for_model(model_type, **nested)
     except Exception:  # noqa: BLE001 - a model_type transformers does not know, or a class that refuses the dict
         return None
-    finally:
-        transformers.utils.logging.set_verbosity(verbosity)
     for part in parts:
         built = getattr(built, part, None)
     found = getattr(type(built), "model_type", None)  # the class's: an ignored stated value stays on the instance
@@ -973,9 +984,7 @@ def _null_attention(family: str, hidden: int, heads: int, nulls: tuple[str, ...]
         text["model_type"] = text_type
         for part in reversed(fam.text_config_attr.split(".")):
             text = {part: text}
-    verbosity = transformers.utils.logging.get_verbosity()
-    transformers.utils.logging.set_verbosity_error()  # the Omni config's token-id warnings say nothing of this
-    try:
+    with transformers_errors_only():  # the Omni config's token-id warnings say nothing of this
         try:
             config = AutoConfig.for_model(fam.model_types[0], **text)
         except Exception as exc:  # noqa: BLE001 - strict configs raise their own validation errors
@@ -992,8 +1001,6 @@ def _null_attention(family: str, hidden: int, heads: int, nulls: tuple[str, ...]
                 fam.layers_path)[0].self_attn
         except Exception as exc:  # noqa: BLE001 - Qwen2's attention squares a None width: a TypeError
             return f"transformers' {fam.model_class} builds no attention from ({type(exc).__name__})"
-    finally:
-        transformers.utils.logging.set_verbosity(verbosity)
     width = attn.q_proj.out_features // heads
     return {"head_dim": width, "num_key_value_heads": attn.k_proj.out_features // width}
 

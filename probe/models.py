@@ -39,6 +39,7 @@ from probe.families import (
     says_tied,
     says_untied,
     text_config_dict,
+    transformers_errors_only,
 )
 
 if TYPE_CHECKING:  # annotations only: probe.train imports this module (through probe.prompting)
@@ -486,15 +487,12 @@ def _ties_word_embeddings(config: Mapping[str, Any], family: Family) -> bool:
     from probe.upstream import ties_lm_head
 
     sub = config_value(config, family.config_path) if family.config_path else config
-    verbosity = transformers.utils.logging.get_verbosity()
-    transformers.utils.logging.set_verbosity_error()
     try:
-        cls = getattr(transformers, family.model_class)
-        skeleton = meta_model(cls, cls.config_class(**dict(sub)), torch.float32)
+        with transformers_errors_only():
+            cls = getattr(transformers, family.model_class)
+            skeleton = meta_model(cls, cls.config_class(**dict(sub)), torch.float32)
     except Exception:  # noqa: BLE001 - a config transformers refuses (its own load says why): as written
         return says_tied(config, family)
-    finally:
-        transformers.utils.logging.set_verbosity(verbosity)
     return ties_lm_head(skeleton)
 
 
@@ -747,19 +745,16 @@ def _from_pretrained(ref: ModelRef, **kwargs: Any) -> Any:
         extra_load["config"] = part_config(ref)
     if fam.key_mapping:
         extra_load["key_mapping"] = dict(fam.key_mapping)
-    verbosity = transformers.utils.logging.get_verbosity()
-    transformers.utils.logging.set_verbosity_error()  # its load report is many lines; ours is one (below)
     try:
-        model, info = getattr(transformers, fam.model_class).from_pretrained(
-            ref.path, **ref.load_kwargs, **extra_load, **kwargs, output_loading_info=True,
-            ignore_mismatched_sizes=True,  # reported by check_loading_info, which refuses them
-            **NO_HUB_KERNELS,
-        )
+        with transformers_errors_only():  # its load report is many lines; ours is one (below)
+            model, info = getattr(transformers, fam.model_class).from_pretrained(
+                ref.path, **ref.load_kwargs, **extra_load, **kwargs, output_loading_info=True,
+                ignore_mismatched_sizes=True,  # reported by check_loading_info, which refuses them
+                **NO_HUB_KERNELS,
+            )
     except (OSError, ValueError, RuntimeError, SafetensorError, StrictDataclassError) as exc:
         # (huggingface_hub's config validation, e.g. num_hidden_layers ≠ len(layer_types), is StrictDataclassError)
         raise BadInput(f"cannot load checkpoint {ref.path}: {error_reason(exc)}") from None
-    finally:
-        transformers.utils.logging.set_verbosity(verbosity)
     if getattr(model, "use_kernels", False):  # a later release might ignore the keyword: refuse, never measure it
         from probe.upstream import UpstreamChanged
 
