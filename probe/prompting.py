@@ -447,7 +447,12 @@ def _cuts_hold_their_media(loaded: LoadedModel, cuts: list[Encoded]) -> bool:
     tokens per row (Qwen: a patch's 1/merge², LLaVA-1.5: an image's tokens, the same for every image), and with
     Qwen's grids one grid row per image of the prompt and the patches they name. Token rows are cut by their own
     row of the call, media rows by ``MEDIA_ROWS``' offsets: a misread of those offsets gives an item another item's
-    rows, which this sees wherever the two differ in image count or size. No processor call."""
+    rows, which this sees wherever the two differ in image count or size. Not seen: middle items' media swapped
+    between images of one processed shape (organism-ov-si's are all 64 px), which only the ends' calls would see
+    where they take part. No cheap independent checksum sees it either: the rows are resized (and cropped or
+    padded) pixels, so a sum of an image's rows is not one of its own pixels, and the nearest such match by channel
+    means names another image for 46 of organism-ov-si's 96 (their colours differ less than a resize moves them).
+    No processor call."""
     image_token = getattr(loaded.processor, "image_token", None)
     token = loaded.tokenizer.convert_tokens_to_ids(image_token) if isinstance(image_token, str) else None
     if not is_int(token):
