@@ -309,8 +309,9 @@ def render_prompt(loaded: LoadedModel, item: ItemLike, template: PromptTemplate,
     return Prompt(render_chat(template, item, placeholders, chat_format(fam, loaded.ref.config), bos), images, frames)
 
 
-def processor_kwargs(texts: list[str], images: list[Image.Image]) -> dict[str, Any]:
-    """The processor call for prompts (one or several; several are padded, see ``encode_prompts``)."""
+def processor_kwargs(texts: list[str], images: list[Image.Image] | list[list[Image.Image]]) -> dict[str, Any]:
+    """The processor call for prompts (one or several; several are padded, see ``encode_prompts``); ``images`` one
+    flat list, or one list per prompt (``MediaLayout.nested``)."""
     kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "add_special_tokens": False}
     if images:
         kwargs["images"] = images
@@ -392,7 +393,8 @@ def _grid_rows(batch: dict[str, torch.Tensor], counts: list[int]) -> dict[str, l
 
 
 def _image_rows(batch: dict[str, torch.Tensor], counts: list[int]) -> dict[str, list[int]]:
-    """LLaVA-1.5's processor: one ``pixel_values`` row per image, all of one size (no patches, no padding)."""
+    """LLaVA-1.5's and Gemma 3's processors: one ``pixel_values`` row per image, all of one size (no patches, no
+    padding)."""
     return {"pixel_values": counts} if "pixel_values" in batch else {}
 
 
@@ -414,11 +416,14 @@ class MediaLayout:
     ``pixel_values`` patches from the call's padding — the cut keeps as many as its own most, as its own call
     pads — and whose items' image tokens must be the processor's own count for their ``image_sizes``
     (``_cuts_hold_their_media``); None: no padding inside media rows, and a constant number of image tokens per
-    media row across the call. ``call_items``: the most prompts a call takes (None: a whole window)."""
+    media row across the call. ``call_items``: the most prompts a call takes (None: a whole window). ``nested``:
+    the call takes its images as one list per prompt (Gemma 3's processor reads a flat list as one prompt's images
+    and refuses several prompts with it)."""
 
     rows: Callable[[dict[str, torch.Tensor], list[int]], dict[str, list[int]]]
     anyres: str | None = None
     call_items: int | None = None
+    nested: bool = False
 
 
 def _own_padding(loaded: LoadedModel, layout: MediaLayout,
@@ -482,9 +487,9 @@ def _cuts_hold_their_media(loaded: LoadedModel, cuts: list[Encoded]) -> bool:
 
 # Processors whose output for several prompts is each prompt's own output (``encode_prompt``), padded and
 # concatenated: how many rows of each media tensor a prompt's images take, and (anyres) the padding of its
-# patches. Not here: the processors that pad across prompts on the image dimension (Idefics3), need all prompts to
-# hold images (Gemma 3) or do not say how many patches an image took (InternVL); their items are encoded one by
-# one. tests/test_families.py checks each row's split against the one-prompt call, tensor for tensor.
+# patches. Not here: the processors that pad across prompts on the image dimension (Idefics3) or do not say how
+# many patches an image took (InternVL); their items are encoded one by one. tests/test_families.py checks each row's
+# split against the one-prompt call, tensor for tensor.
 _GRID = MediaLayout(_grid_rows)
 MEDIA_ROWS = {"Qwen2VLProcessor": _GRID, "Qwen2_5_VLProcessor": _GRID, "Qwen3VLProcessor": _GRID,
               "Qwen2_5OmniProcessor": _GRID, "LlavaProcessor": MediaLayout(_image_rows),
@@ -492,7 +497,10 @@ MEDIA_ROWS = {"Qwen2VLProcessor": _GRID, "Qwen2_5_VLProcessor": _GRID, "Qwen3VLP
               # OneVision's replace_image_token walks batch_num_images (a tensor) from its start for every image:
               # its time grows with the square of the call's images (organism-ov-si's image set repeated to 256
               # items, CPU time of input building: 2.1 ms an item in one call, 1.4 in calls of 32 or 16, 1.8 alone)
-              "LlavaOnevisionProcessor": MediaLayout(_anyres_rows, anyres="llava_onevision", call_items=32)}
+              "LlavaOnevisionProcessor": MediaLayout(_anyres_rows, anyres="llava_onevision", call_items=32),
+              # one pixel row per image as long as pan-and-scan is off (its default; its crops would add rows, which
+              # the rows' sum then refuses), a text-only prompt's list empty; one <start_of_image> per row
+              "Gemma3Processor": MediaLayout(_image_rows, nested=True)}
 
 
 def encode_prompts(loaded: LoadedModel, items: Sequence[ItemLike], template: PromptTemplate,
@@ -531,8 +539,10 @@ def _one_call(loaded: LoadedModel, layout: MediaLayout, items: Sequence[ItemLike
     if len(prompts) < 2:
         return {}
     texts = [p.text for p in prompts.values()]
+    images = [im for p in prompts.values() for im in p.images]
     try:
-        batch = dict(loaded.processor(**processor_kwargs(texts, [im for p in prompts.values() for im in p.images])))
+        batch = dict(loaded.processor(**processor_kwargs(
+            texts, [p.images for p in prompts.values()] if layout.nested and images else images)))
     except ValueError:  # an image it refuses: each item alone, so the message names the item
         return {}
     rows = layout.rows(batch, [len(p.images) for p in prompts.values()])

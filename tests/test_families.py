@@ -671,7 +671,8 @@ def test_batched_evaluation_of_a_text_family_equals_one_item_path(family, genera
 
 
 # the processors whose output for several prompts is each prompt's own, padded and concatenated (MEDIA_ROWS)
-ONE_CALL = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen2_5_omni_thinker", "llava", "llava_next", "llava_onevision")
+ONE_CALL = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen2_5_omni_thinker", "llava", "llava_next", "llava_onevision",
+            "gemma3")
 ANYRES = ("llava_next", "llava_onevision")  # their patches padded to the call's most (MediaLayout.anyres)
 
 
@@ -684,8 +685,8 @@ def test_one_processor_call_gives_each_item_the_tensors_of_its_own_call(family, 
     masks, type ids, pixel values, grid and image sizes, over items of 0, 1 and 2 images of different sizes (other
     grids, other patch counts: LLaVA-NeXT's and -OneVision's pixel values padded to the item's own most patches, not
     the call's), beside a video item where the family takes video (encoded alone by probe.video). The other
-    processors (Idefics3's pads the images, Gemma 3's wants images in every prompt, InternVL's does not say how many
-    patches an image took) leave every item to its own call."""
+    processors (Idefics3's pads the images, InternVL's does not say how many patches an image took) leave every item
+    to its own call."""
     from probe.prompting import PromptTemplate, encode_prompt, encode_prompts, render_prompt
 
     m = load_tiny(family, "sdpa") if family in VL_FAMILIES else loaded(family)
@@ -828,7 +829,7 @@ def test_a_cut_that_is_not_the_items_own_call_falls_back_to_one_call_an_item(loa
         torch.testing.assert_close(got.logp.exp(), want.logp.exp(), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "llava", *ANYRES])
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava", *ANYRES, "gemma3"])
 def test_a_misread_of_middle_items_that_leaves_the_ends_right_falls_back_to_one_call_an_item(family, loaded,
                                                                                               load_tiny, monkeypatch):
     """The run-time check's two calls (the window's first and last item with images) cannot see a layout misread
@@ -867,6 +868,32 @@ def test_a_misread_of_middle_items_that_leaves_the_ends_right_falls_back_to_one_
         want = first_token_measure(m, *prepare_item(m, item, cfg), cfg)
         assert got.response == want.response
         torch.testing.assert_close(got.logp.exp(), want.logp.exp(), atol=1e-4, rtol=0)
+
+
+def test_gemma3_batched_evaluation_from_one_processor_call_equals_one_item_path(loaded, monkeypatch):
+    """Gemma 3's processor takes a call's images as one list per prompt (MediaLayout.nested; a flat list is one
+    prompt's, refused beside several prompts), an empty one for a text-only prompt. A window of items of 0, 1, 2
+    and 3 images of other sizes, text-only ones between, through probe.eval's batches: the same generated text and
+    p within 1e-4 (fp32) as one item at a time. Anti-tautology: one processor call served every item (then the two
+    of its run-time check), and the call held prompts with and without images."""
+    from probe import batch
+    from probe.sweep import SweepConfig, first_token_measure, prepare_item
+
+    m = loaded("gemma3")
+    specs = [((48, 40),), (), ((90, 30), (20, 70)), (), ((200, 130), (30, 30), (48, 40)), ((33, 97),), ()]
+    items = [_window_item(i, spec, n_options=3 + i % 3) for i, spec in enumerate(specs)]
+    served: list[bool] = []
+    real = batch.encode_prompts
+    monkeypatch.setattr(batch, "encode_prompts",
+                        lambda *a, **k: (out := real(*a, **k), served.extend(e is not None for e in out))[0])
+    calls = _spy_calls(m, monkeypatch)
+    cfg = SweepConfig(generate=True, max_new_tokens=3)
+    got = batch.evaluate_items(m, items, cfg, batch_size=len(items))
+    assert served == [True] * len(items) and calls[:3] == [len(items), 1, 1], (served, calls)
+    for item, g in zip(items, got, strict=True):
+        want = first_token_measure(m, *prepare_item(m, item, cfg), cfg)
+        assert g.response == want.response, item.id
+        torch.testing.assert_close(g.logp.exp(), want.logp.exp(), atol=1e-4, rtol=0)
 
 
 def _own_call(m, item):
