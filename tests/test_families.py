@@ -726,8 +726,10 @@ def _window_item(i: int, sizes: tuple = (), question: str = "Which shape?", n_op
 LONG = "Which of the shapes, drawn in which colour, is left of the other one, given the hint? " * 4
 # windows built to fool a cut checked only at the window's first and last item with images: text-only items at both
 # ends and between, 0 to 3 images an item, same-size images in different items (a fast image processor groups
-# images by size), a long prompt beside short ones (padding of over 100 tokens), MMMU's <image k> references
+# images by size), a long prompt beside short ones (padding of over 100 tokens), MMMU's <image k> references; and
+# extreme images: 1×1, tall and wide strips (30:1), larger than any anyres grid pinpoint, between text-only items
 ADVERSARIAL = {
+    "extreme": [(), ((1, 1),), ((10, 300), (300, 10)), (), ((1500, 900),), ((700, 2000), (1, 1)), ((48, 40),)],
     "mixed": [(), ((48, 40), (48, 40)), (), (), ((90, 30), (20, 70), (48, 40)), (), ((200, 130),), ((48, 40),),
               ("long",)],
     "same_size": [((48, 40),)] * 5,
