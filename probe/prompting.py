@@ -20,7 +20,8 @@ from probe.errors import BadInput, is_int
 from probe.families import chat_format
 from probe.mmmu import VIDEO_REF
 from probe.models import LoadedModel
-from probe.upstream import anyres_patches, check_model_inputs, check_special_tokens_read, processor_image_tokens
+from probe.upstream import (anyres_patches, check_model_inputs, check_special_tokens_read, processor_image_patches,
+                            processor_image_tokens)
 
 
 class ItemLike(Protocol):
@@ -394,7 +395,7 @@ def _grid_rows(batch: dict[str, torch.Tensor], counts: list[int]) -> dict[str, l
 
 def _image_rows(batch: dict[str, torch.Tensor], counts: list[int]) -> dict[str, list[int]]:
     """LLaVA-1.5's and Gemma 3's processors: one ``pixel_values`` row per image, all of one size (no patches, no
-    padding)."""
+    padding); InternVL's: one per patch, ``counts`` its prompts' patches (``MediaLayout.patches``)."""
     return {"pixel_values": counts} if "pixel_values" in batch else {}
 
 
@@ -418,12 +419,29 @@ class MediaLayout:
     (``_cuts_hold_their_media``); None: no padding inside media rows, and a constant number of image tokens per
     media row across the call. ``call_items``: the most prompts a call takes (None: a whole window). ``nested``:
     the call takes its images as one list per prompt (Gemma 3's processor reads a flat list as one prompt's images
-    and refuses several prompts with it)."""
+    and refuses several prompts with it). ``patches``: an image takes as many media rows as the processor's own
+    count of its patches (``probe.upstream.processor_image_patches``; InternVL's tiles and thumbnail, which its
+    output does not give), so ``rows`` is given each prompt's patches, not its images."""
 
     rows: Callable[[dict[str, torch.Tensor], list[int]], dict[str, list[int]]]
     anyres: str | None = None
     call_items: int | None = None
     nested: bool = False
+    patches: bool = False
+
+
+def _media_counts(loaded: LoadedModel, layout: MediaLayout, prompts: Sequence[Prompt]) -> list[int] | None:
+    """What ``MediaLayout.rows`` counts for each prompt: its images, or (``patches``) their patches by the
+    processor's own count for their sizes (None where the release does not give it). No processor call."""
+    counts = [len(p.images) for p in prompts]
+    if not layout.patches or not any(counts):
+        return counts
+    sizes = torch.tensor([[im.height, im.width] for p in prompts for im in p.images])
+    patches = processor_image_patches(loaded.processor, sizes)
+    if patches is None:
+        return None
+    ends = list(accumulate(counts))
+    return [sum(patches[e - n:e]) for e, n in zip(ends, counts)]
 
 
 def _own_padding(loaded: LoadedModel, layout: MediaLayout,
@@ -449,7 +467,8 @@ def _cuts_hold_their_media(loaded: LoadedModel, cuts: list[Encoded]) -> bool:
     """Whether each cut's image tokens and media rows agree, as its own call's do. Anyres (LLaVA-NeXT, -OneVision),
     where an image's tokens follow its size: exactly the processor's own count for the cut's ``image_sizes``
     (one count for the call). Otherwise as many image tokens as its ``pixel_values`` rows give at the window's
-    tokens per row (Qwen: a patch's 1/merge², LLaVA-1.5: an image's tokens, the same for every image), and with
+    tokens per row (Qwen: a patch's 1/merge², LLaVA-1.5: an image's tokens, the same for every image;
+    InternVL: a tile's image_seq_length, its rows cut by the processor's own count of an image's tiles), and with
     Qwen's grids one grid row per image of the prompt and the patches they name. Token rows are cut by their own
     row of the call, media rows by ``MEDIA_ROWS``' offsets: a misread of those offsets gives an item another item's
     rows, which this sees wherever the two differ in image count or size. Not seen: middle items' media swapped
@@ -487,9 +506,15 @@ def _cuts_hold_their_media(loaded: LoadedModel, cuts: list[Encoded]) -> bool:
 
 # Processors whose output for several prompts is each prompt's own output (``encode_prompt``), padded and
 # concatenated: how many rows of each media tensor a prompt's images take, and (anyres) the padding of its
-# patches. Not here: the processors that pad across prompts on the image dimension (Idefics3) or do not say how
-# many patches an image took (InternVL); their items are encoded one by one. tests/test_families.py checks each row's
-# split against the one-prompt call, tensor for tensor.
+# patches. Not here, as one call a window would save too little of their input building (random-config models as
+# the tests build them, 1 thread, CPU time, medians of 6-8 alternating rounds, 2026-12-06): Idefics3's processor
+# (it pads across prompts on the image dimension), 0.91 ms an item one call an item and 0.80 ms one raw call a
+# window of 32 plus the run-time check's two calls, before any cut or check of its own (12 %, 9 % in another run;
+# InternVL's: 30 %); and video items (probe.video builds those with the tokenizer and the image processor, one call
+# each an item: on organism-video's set the frames' image processing is 1.77 of about 2.3 ms an item, 1.69 in calls
+# of 2 to 8 items' frames and 2.19 in calls of 32; the tokenizer's 0.12 ms, 0.11 in one call: at most 4 %). Their
+# items are encoded one by one. tests/test_families.py checks each row's split against the one-prompt call, tensor
+# for tensor.
 _GRID = MediaLayout(_grid_rows)
 MEDIA_ROWS = {"Qwen2VLProcessor": _GRID, "Qwen2_5_VLProcessor": _GRID, "Qwen3VLProcessor": _GRID,
               "Qwen2_5OmniProcessor": _GRID, "LlavaProcessor": MediaLayout(_image_rows),
@@ -500,7 +525,10 @@ MEDIA_ROWS = {"Qwen2VLProcessor": _GRID, "Qwen2_5_VLProcessor": _GRID, "Qwen3VLP
               "LlavaOnevisionProcessor": MediaLayout(_anyres_rows, anyres="llava_onevision", call_items=32),
               # one pixel row per image as long as pan-and-scan is off (its default; its crops would add rows, which
               # the rows' sum then refuses), a text-only prompt's list empty; one <start_of_image> per row
-              "Gemma3Processor": MediaLayout(_image_rows, nested=True)}
+              "Gemma3Processor": MediaLayout(_image_rows, nested=True),
+              # one pixel row per patch (tile or thumbnail), all of the tile size; the processor's own patch count
+              # per image size cuts them, and an image's <IMG_CONTEXT> tokens are image_seq_length a patch
+              "InternVLProcessor": MediaLayout(_image_rows, patches=True)}
 
 
 def encode_prompts(loaded: LoadedModel, items: Sequence[ItemLike], template: PromptTemplate,
@@ -545,7 +573,10 @@ def _one_call(loaded: LoadedModel, layout: MediaLayout, items: Sequence[ItemLike
             texts, [p.images for p in prompts.values()] if layout.nested and images else images)))
     except ValueError:  # an image it refuses: each item alone, so the message names the item
         return {}
-    rows = layout.rows(batch, [len(p.images) for p in prompts.values()])
+    counts = _media_counts(loaded, layout, list(prompts.values()))
+    if counts is None:
+        return {}
+    rows = layout.rows(batch, counts)
     media = [k for k in batch if k not in TOKEN_KEYS]
     if set(rows) != set(media) or any(sum(rows[k]) != batch[k].shape[0] for k in media):
         return {}  # not the layout MEDIA_ROWS knows (a new release): item by item, as before

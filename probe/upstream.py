@@ -546,11 +546,25 @@ def processor_image_tokens(processor: Any, image_sizes: torch.Tensor) -> list[in
     anyres count, unpadded features, newlines and base, that their ``replace_image_token`` expands a
     single-image prompt's placeholder to). None where a release does not give it: items are then encoded one by
     one (``probe.prompting.encode_prompts``)."""
+    return _multimodal_counts(processor, image_sizes, "num_image_tokens")
+
+
+def processor_image_patches(processor: Any, image_sizes: torch.Tensor) -> list[int] | None:
+    """How many ``pixel_values`` rows (tiles, and the thumbnail where an image is tiled) the processor makes of
+    each image of these (height, width), by its own count (``_get_num_multimodal_tokens``' ``num_image_patches``:
+    the image processor's ``get_number_of_image_patches``, with which InternVL's processor cuts its pixel rows into
+    images; 5.23 and 5.25 alike, where their ``num_image_tokens`` differ by the image's start and end tokens).
+    InternVL's output does not say how many rows an image took; this tells a window's call's rows apart
+    (``probe.prompting.encode_prompts``). None where a release does not give it: items are then encoded one by one."""
+    return _multimodal_counts(processor, image_sizes, "num_image_patches")
+
+
+def _multimodal_counts(processor: Any, image_sizes: torch.Tensor, key: str) -> list[int] | None:
     count = getattr(processor, "_get_num_multimodal_tokens", None)
     if count is None:
         return None
     try:
-        tokens = count(image_sizes=image_sizes.tolist())["num_image_tokens"]
+        counts = count(image_sizes=image_sizes.tolist())[key]
     except (AttributeError, KeyError, TypeError):
         return None
-    return [int(t) for t in tokens] if isinstance(tokens, list) and len(tokens) == len(image_sizes) else None
+    return [int(t) for t in counts] if isinstance(counts, list) and len(counts) == len(image_sizes) else None

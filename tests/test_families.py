@@ -672,7 +672,7 @@ def test_batched_evaluation_of_a_text_family_equals_one_item_path(family, genera
 
 # the processors whose output for several prompts is each prompt's own, padded and concatenated (MEDIA_ROWS)
 ONE_CALL = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen2_5_omni_thinker", "llava", "llava_next", "llava_onevision",
-            "gemma3")
+            "gemma3", "internvl")
 ANYRES = ("llava_next", "llava_onevision")  # their patches padded to the call's most (MediaLayout.anyres)
 
 
@@ -685,8 +685,7 @@ def test_one_processor_call_gives_each_item_the_tensors_of_its_own_call(family, 
     masks, type ids, pixel values, grid and image sizes, over items of 0, 1 and 2 images of different sizes (other
     grids, other patch counts: LLaVA-NeXT's and -OneVision's pixel values padded to the item's own most patches, not
     the call's), beside a video item where the family takes video (encoded alone by probe.video). The other
-    processors (Idefics3's pads the images, InternVL's does not say how many patches an image took) leave every item
-    to its own call."""
+    processor (Idefics3's pads the images across prompts) leaves every item to its own call."""
     from probe.prompting import PromptTemplate, encode_prompt, encode_prompts, render_prompt
 
     m = load_tiny(family, "sdpa") if family in VL_FAMILIES else loaded(family)
@@ -831,7 +830,7 @@ def test_a_cut_that_is_not_the_items_own_call_falls_back_to_one_call_an_item(loa
         torch.testing.assert_close(got.logp.exp(), want.logp.exp(), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "llava", *ANYRES, "gemma3"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava", *ANYRES, "gemma3", "internvl"])
 def test_a_misread_of_middle_items_that_leaves_the_ends_right_falls_back_to_one_call_an_item(family, loaded,
                                                                                               load_tiny, monkeypatch):
     """The run-time check's two calls (the window's first and last item with images) cannot see a layout misread
@@ -872,16 +871,21 @@ def test_a_misread_of_middle_items_that_leaves_the_ends_right_falls_back_to_one_
         torch.testing.assert_close(got.logp.exp(), want.logp.exp(), atol=1e-4, rtol=0)
 
 
-def test_gemma3_batched_evaluation_from_one_processor_call_equals_one_item_path(loaded, monkeypatch):
+@pytest.mark.parametrize("family, tiled", [("gemma3", False), ("internvl", False), ("internvl", True)])
+def test_batched_evaluation_from_one_processor_call_equals_one_item_path(family, tiled, loaded, monkeypatch):
     """Gemma 3's processor takes a call's images as one list per prompt (MediaLayout.nested; a flat list is one
-    prompt's, refused beside several prompts), an empty one for a text-only prompt. A window of items of 0, 1, 2
-    and 3 images of other sizes, text-only ones between, through probe.eval's batches: the same generated text and
-    p within 1e-4 (fp32) as one item at a time. Anti-tautology: one processor call served every item (then the two
-    of its run-time check), and the call held prompts with and without images."""
+    prompt's, refused beside several prompts), an empty one for a text-only prompt; InternVL's gives a call's images'
+    patches as one run of rows without saying how many an image took (MediaLayout.patches; tiled: crop_to_patches
+    on, 1 to 13 rows an image here). A window of items of 0, 1, 2 and 3 images of other sizes, text-only ones
+    between, through probe.eval's batches: the same generated text and p within 1e-4 (fp32) as one item at a time.
+    Anti-tautology: one processor call served every item (then the two of its run-time check), and the call held
+    prompts with and without images."""
     from probe import batch
     from probe.sweep import SweepConfig, first_token_measure, prepare_item
 
-    m = loaded("gemma3")
+    m = loaded(family)
+    if tiled:
+        monkeypatch.setattr(m.processor.image_processor, "crop_to_patches", True)
     specs = [((48, 40),), (), ((90, 30), (20, 70)), (), ((200, 130), (30, 30), (48, 40)), ((33, 97),), ()]
     items = [_window_item(i, spec, n_options=3 + i % 3) for i, spec in enumerate(specs)]
     served: list[bool] = []
@@ -982,6 +986,56 @@ def test_a_misread_of_anyres_image_sizes_is_caught_by_the_image_token_count(fami
     assert all(enc is not None for enc in got)
     assert torch.equal(got[0].batch["pixel_values"], _own_call(m, items[0])["pixel_values"])
     assert not all(torch.equal(got[i].batch["pixel_values"], _own_call(m, items[i])["pixel_values"]) for i in (1, 2, 3))
+
+
+def test_an_internvl_cut_takes_each_images_tiles_by_the_processors_own_count(loaded, monkeypatch):
+    """InternVL's processor tiles an image into as many patches as its size gives (crop_to_patches: tiles of its
+    size, max_patches at most, and a thumbnail), one pixel row each, concatenated over the call's images, and its
+    output does not say how many an image took: a cut takes its prompt's rows by the processor's own count for its
+    images' sizes (probe.upstream.processor_image_patches). With tiling on, over a window of text-only items and
+    items of 1 to 3 images of other tile counts, every item's cut is its own call's, tensor for tensor, and the
+    count is what each image's own call gives (the oracle). A misread of that count that moves rows between middle
+    items, every sum and both ends right, is caught by their image tokens (image_seq_length a row): every item is
+    then encoded alone. Anti-tautology: the images' tile counts differ, and one call served the window."""
+    from probe import prompting
+    from probe.upstream import processor_image_patches
+
+    m = loaded("internvl")
+    monkeypatch.setattr(m.processor.image_processor, "crop_to_patches", True)
+    specs = [(), ((48, 40),), ((200, 130), (20, 70)), (), ((90, 30), (30, 30), (130, 200)), ((64, 64),)]
+    items = [_window_item(i, spec) for i, spec in enumerate(specs)]
+    calls = _spy_calls(m, monkeypatch)
+    got = prompting.encode_prompts(m, items, prompting.PromptTemplate())
+    assert calls == [len(items), 1, 1], calls
+    for item, enc in zip(items, got, strict=True):
+        want = _own_call(m, item)
+        assert enc is not None and list(enc.batch) == list(want), item.id
+        for k, v in want.items():
+            assert enc.batch[k].dtype == v.dtype and torch.equal(enc.batch[k], v), (item.id, k)
+    sizes = [size for spec in specs for size in spec]
+    rows = [_own_call(m, _window_item(10 + i, (size,)))["pixel_values"].shape[0] for i, size in enumerate(sizes)]
+    assert processor_image_patches(m.processor, torch.tensor([[h, w] for w, h in sizes])) == rows
+    assert len(set(rows)) >= 3, rows
+
+    real = prompting.processor_image_patches
+    moved = []
+
+    def misread(processor, image_sizes):  # item 2's first image takes a tile of item 4's first
+        counts = real(processor, image_sizes)
+        if len(counts) == len(sizes):
+            counts[1] += 1
+            counts[3] -= 1
+            moved.append(counts)
+        return counts
+
+    monkeypatch.setattr(prompting, "processor_image_patches", misread)
+    assert prompting.encode_prompts(m, items, prompting.PromptTemplate()) == [None] * len(items)
+    assert moved and sum(moved[0]) == sum(rows) and moved[0] != rows
+    with monkeypatch.context() as patch:  # the ends' own calls alone do not see it
+        patch.setattr(prompting, "_cuts_hold_their_media", lambda loaded_, cuts: True)
+        served = prompting.encode_prompts(m, items, prompting.PromptTemplate())
+    assert all(enc is not None for enc in served)
+    assert not torch.equal(served[2].batch["pixel_values"], got[2].batch["pixel_values"])
 
 
 def test_a_onevision_window_is_encoded_in_calls_of_at_most_call_items_prompts(load_tiny, monkeypatch):
