@@ -1038,6 +1038,30 @@ def test_an_internvl_cut_takes_each_images_tiles_by_the_processors_own_count(loa
     assert not torch.equal(served[2].batch["pixel_values"], got[2].batch["pixel_values"])
 
 
+@pytest.mark.parametrize("window", ADVERSARIAL)
+def test_every_item_of_an_adversarial_window_gets_its_own_calls_tiles(window, loaded, monkeypatch):
+    """The adversarial windows through InternVL's processor with tiling on (1x1 images, 30:1 strips, images of more
+    tiles than max_patches allows): every item's cut is its own call's, tensor for tensor, with and without
+    --image-max-side; one call served the window."""
+    from probe.prompting import PromptTemplate, encode_prompt, encode_prompts, render_prompt
+
+    m = loaded("internvl")
+    monkeypatch.setattr(m.processor.image_processor, "crop_to_patches", True)
+    items = [_window_item(i, () if spec == ("long",) else spec, question=LONG if spec == ("long",) else
+                          f"Which of <image 1> and <image 2> is item {i}?", n_options=3 + i % 4)
+             for i, spec in enumerate(ADVERSARIAL[window])]
+    calls = _spy_calls(m, monkeypatch)
+    for side in (None, 24):
+        calls.clear()
+        got = encode_prompts(m, items, PromptTemplate(), side)
+        assert calls[0] == len(items) and all(enc is not None for enc in got), (calls, got)
+        for item, enc in zip(items, got, strict=True):
+            want = encode_prompt(m, item, render_prompt(m, item, PromptTemplate(), side))
+            assert list(enc.batch) == list(want), item.id
+            for k, v in want.items():
+                assert enc.batch[k].dtype == v.dtype and torch.equal(enc.batch[k], v), (side, item.id, k)
+
+
 def test_a_onevision_window_is_encoded_in_calls_of_at_most_call_items_prompts(load_tiny, monkeypatch):
     """LLaVA-OneVision's processor expands each image's placeholder by walking the call's batch_num_images from its
     start: its time grows with the square of the call's images, so a window goes to it in calls of at most
