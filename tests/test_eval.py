@@ -325,6 +325,68 @@ def test_a_stopped_run_stops_preparing_the_next_window(load_tiny, data_dir, monk
     assert len(seen) - 2 == 1, seen
 
 
+
+@pytest.mark.parametrize("family, seed", [("qwen2", s) for s in range(4)] + [("qwen2_vl", s) for s in range(2)])
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_random_out_of_memory_in_windows_and_batches_keeps_every_item_once_with_its_own_numbers(
+        family, seed, prefetch, load_tiny, data_dir, monkeypatch):
+    """Memory runs out at random (a seeded draw per item prepared, in whichever thread prepares it, and per forward
+    of two rows or more), so windows and batches halve in any interleaving, with prefetch the next window's
+    preparation failing while the window before it runs. Every item is measured once, in item order, with its own
+    numbers: those of the one-item path (evaluate_items at batch 1, the oracle: same text, p within 1e-4; a row given
+    another item's inputs would differ, as the oracle's items do), and no preparing thread is left behind."""
+    import random
+    import threading
+
+    from probe import batch
+    from probe.sweep import SweepConfig
+
+    loaded = load_tiny(family, "sdpa")
+    items = _items(family, data_dir)
+    items = items + items[:4] if family == "qwen2" else items[:6]
+    cfg = SweepConfig(max_new_tokens=2)
+    want = batch.evaluate_items(loaded, items, cfg, 1, prefetch=False)
+    distinct = {tuple(m.logp.exp().round(decimals=3).tolist()) for m in want}
+    assert len(distinct) >= 5  # anti-tautology: a row paired with another item's inputs would show
+    rng, lock, window = random.Random(seed), threading.Lock(), threading.local()
+    encode, prepare = batch.encode_prompts, batch.prepare_item
+    failures = {"windows": 0, "batches": 0}
+
+    def draw(key: str, p: float) -> bool:
+        with lock:
+            fail = rng.random() < p
+            failures[key] += fail
+        return fail
+
+    def encoding(loaded_, chunk, *rest):
+        window.size = len(chunk)
+        return encode(loaded_, chunk, *rest)
+
+    def preparing(loaded_, item, cfg_, *encoded):
+        if window.size > 1 and draw("windows", 0.25):
+            raise _gpu_oom()
+        return prepare(loaded_, item, cfg_, *encoded)
+
+    def forward(module, args, kwargs):
+        if kwargs["input_ids"].shape[0] > 1 and draw("batches", 0.5):
+            raise _gpu_oom()
+
+    monkeypatch.setattr(batch, "encode_prompts", encoding)
+    monkeypatch.setattr(batch, "prepare_item", preparing)
+    handle = loaded.model.register_forward_pre_hook(forward, with_kwargs=True)
+    try:
+        got = batch.evaluate_items(loaded, items, cfg, batch.BatchLimit(4, lambda line: None), window=2,
+                                   max_padding=None, prefetch=prefetch)
+    finally:
+        handle.remove()
+    assert sum(failures.values()) > 0, failures  # it backed off
+    for a, b in zip(got, want, strict=True):
+        assert a.response == b.response
+        torch.testing.assert_close(a.logp.exp(), b.logp.exp(), atol=1e-4, rtol=0)
+    for t in [t for t in threading.enumerate() if t.name.startswith("prepare")]:
+        t.join(timeout=30)
+        assert not t.is_alive()
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("generate", [True, False])
 def test_a_left_padded_row_gets_the_positions_of_its_item_alone(family, generate, load_tiny, data_dir, video_root):
