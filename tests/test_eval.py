@@ -942,6 +942,64 @@ def test_a_run_that_backed_off_then_was_killed_keeps_its_back_off_record(two_by_
     assert pd.read_parquet(part_file(out, 0, 0)).equals(pd.read_parquet(part_file(one, 0, 0)))
 
 
+
+def test_ctrl_c_while_the_next_window_is_prefetched_stops_at_once_and_the_rerun_resumes(tmp_path, monkeypatch):
+    """Ctrl-C (SIGINT to a real process) while the prefetch thread prepares the second pair's window of 10 items, a
+    second an item: the process ends with the one line "interrupted", exit 130, after at most the item the thread is
+    on (not its whole window, nor a wait for nobody's window), the first pair's part left; the same command then
+    computes the rest without redoing that part, and gives the files of an uninterrupted run that prefetches too
+    (prefetching decides which items share a batch)."""
+    import shutil
+    import signal
+    import time
+
+    import probe.batch
+    from conftest import cli_env
+    from probe.eval import part_file
+
+    sets = [tmp_path / name for name in ("a", "b")]
+    for d in sets:
+        shutil.copytree(REPO / "probe/zoo/data/text", d)
+    args = ["--models", "tiny-qwen2", "--data", *map(str, sets), "--limit", "12", "--batch-size", "2",
+            "--no-generate", "--no-figures", "--quiet"]  # windows of 2 (the first, one batch), then the other 10
+    monkeypatch.setattr(probe.batch, "prefetches", lambda loaded: True)  # the GPU default, on the CPU
+    assert _eval(*args, "--out", tmp_path / "whole") == 0
+    out = tmp_path / "run"
+    code = ("import sys, threading, time\nimport probe.batch\nprobe.batch.prefetches = lambda loaded: True\n"
+            "real = probe.batch.prepare_item\n"
+            "def slow(*a, **k):\n"
+            "    if threading.current_thread() is not threading.main_thread():\n"
+            "        print('preparing', flush=True)\n"
+            "        time.sleep(1)\n"
+            "    return real(*a, **k)\n"
+            "probe.batch.prepare_item = slow\n"
+            "from probe.errors import cli_main\nfrom probe.eval import main\n"
+            f"sys.exit(cli_main(main, {[*args, '--out', str(out)]!r}))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, encoding="utf-8")
+    try:  # a line from the thread once the first pair's part is on disk: the second pair's window, mid-item
+        while (line := proc.stdout.readline()) and not (line == "preparing\n" and part_file(out, 0, 0).is_file()):
+            pass
+        assert line, proc.stderr.read()[-3000:]
+        t = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+        took = time.monotonic() - t
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = proc.stderr.read()
+    proc.stdout.close()
+    proc.stderr.close()
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err, err
+    assert took < 7, took  # the item the thread was on (1 s) and the exit; its window's other 9 would take 9 s more
+    assert [p.name for p in (out / "parts").iterdir()] == [part_file(out, 0, 0).name]
+    kept = part_file(out, 0, 0).read_bytes()
+    assert _eval(*args, "--out", out) == 0
+    assert part_file(out, 0, 0).read_bytes() == kept
+    _items_and_scores_equal(out, tmp_path / "whole")
+
 @pytest.mark.parametrize("error, where", [
     (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 139.81 "
                             "GiB of which 1.2 GiB is free."), "GPU 0 (tried to allocate 20.00 GiB)"),
