@@ -864,6 +864,32 @@ def test_the_batching_record_of_each_pair_is_kept_in_its_part(text_dir, tmp_path
         "batch_size": 4, "largest_batch": 2}}
 
 
+
+def test_a_parts_record_that_is_no_record_is_passed_over_and_the_part_still_loads(text_dir, tmp_path):
+    """A part whose batching metadata is not JSON (a damaged write of the key, another program's) or not a record
+    (JSON other than an object: a list, a string) is read as a part without one: its rows load and score as they
+    did, and run.json keeps the record the resumed run.json had for that pair, as probe.heads does with such a part
+    (chunk_batching). The list was written into run.json as the pair's record."""
+    import pyarrow.parquet as pq
+
+    from probe.eval import part_file
+    from probe.results import PART_RECORD
+
+    out = tmp_path / "run"
+    args = ["--models", "tiny-qwen2", "--data", text_dir, REPO / "probe/zoo/data/text", "--limit", 2, "--no-generate",
+            "--no-figures", "--quiet", "--out", out]
+    assert _eval(*args, "--batch-size", 1) == 0
+    whole = json.loads((out / "run.json").read_text(encoding="utf-8"))["batching"]
+    scores = (out / "scores.csv").read_bytes()
+    for bad in (b"{not json", b"[1, 2]", b'"batch"'):
+        table = pq.read_table(part_file(out, 0, 0))
+        pq.write_table(table.replace_schema_metadata(dict(table.schema.metadata) | {PART_RECORD: bad}),
+                       part_file(out, 0, 0))
+        (out / "scores.csv").unlink()
+        assert _eval(*args, "--batch-size", 4) == 0, bad
+        assert json.loads((out / "run.json").read_text(encoding="utf-8"))["batching"] == whole, bad
+        assert (out / "scores.csv").read_bytes() == scores, bad
+
 @pytest.fixture(scope="module")
 def two_by_two(tmp_path_factory, text_dir, tiny_dirs) -> tuple[Path, list]:
     """Two models on two data sets, 4 items each, run uninterrupted (read-only for tests): what a run killed and
