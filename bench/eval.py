@@ -119,7 +119,7 @@ def compare(name: str, loaded: LoadedModel, items: Sequence[Item], batch_size: i
             "same_prob_pred": f"{same_pred}/{len(items)}", "max_dp": dp,
             "guard": f"{len(g_turn)}, {sum(g_turn):.2f} s / {len(g_ahead)}, {sum(g_ahead):.2f} s",
             "backed_off": [line for way, limit in limits.items()
-                           if (line := backed_off(f"{name}, batched {way},", limit)) is not None]}
+                           for line in backed_off(f"{name}, batched {way},", limit)]}
 
 
 def main(argv: list[str] | None = None) -> int:

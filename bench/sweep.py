@@ -185,13 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def backed_off(what: str, limit: BatchLimit) -> str | None:
-    """A benchmark's warning where ``what`` ran out of memory and halved its batches (``probe.batch.run_halving``):
-    its time is then that of the smaller batches, and of the failed one, not of the size asked; None otherwise."""
-    cap = limit.record()["out_of_memory_cap"]
-    return None if cap is None else (
-        f"warning: {what} ran out of memory at batches of {limit.size} {limit.unit}: timed at batches of at most "
-        f"{cap} (and the failed batches' time), not at {limit.size}")
+def backed_off(what: str, limit: BatchLimit) -> list[str]:
+    """A benchmark's warnings where ``what`` ran out of memory and halved its batches (``probe.batch.run_halving``)
+    or, in ``evaluate_items``, the windows of items whose inputs it prepares (``BatchLimit.windows``, which cut its
+    batches too): its time is then that of the smaller ones, and of the failed ones, not of the size asked."""
+    cap = limit.capped()
+    return ([] if cap is None else [
+        f"warning: {what} ran out of memory at {limit.cuts} of {limit.size} {limit.unit}: timed at {limit.cuts} of at "
+        f"most {cap} (and the failed {limit.cuts}' time), not at {limit.size}"]) + (
+        backed_off(what, limit.windows) if limit.windows is not None else [])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -338,9 +340,8 @@ def main(argv: list[str] | None = None) -> int:
             f"p(answer) {rho_p:.3f}")
     print(f"exact engine {achieved / 1e12:8.4f} {unit} = {achieved / peak:5.1%} of the {loaded.dtype} matmul "
           f"({peak / 1e12:.4f} {unit}) on {gpu or 'cpu'}")
-    for name, limit in limits.items():
-        if line := backed_off(name, limit):
-            print(line)
+    for line in [line for name, limit in limits.items() for line in backed_off(name, limit)]:
+        print(line)
     what = ("this cut-down model, not the full one" if truncated else "this model")
     print(f"projected device-hours of the full sweep ({res['full_sweep']}) for {what}: "
           + ", ".join(f"{k} {v:.2f} h" if not math.isnan(v) else f"{k} n/a (heads cut down)"

@@ -449,7 +449,7 @@ def chunk_batching(out: Path, n_chunks: int, saved: Any) -> list[dict[str, Any]]
 
     on_disk = [c for c in range(n_chunks) if part_path(out, c).is_file()]
     records = {c: part_record(part_path(out, c)) for c in on_disk}
-    unrecorded = {c for c, r in records.items() if not (isinstance(r, dict) and isinstance(r.get("process"), str))}
+    unrecorded = {c for c, r in records.items() if r is None or not isinstance(r.get("process"), str)}
     kept = [e for e in saved if isinstance(e, dict) and isinstance(e.get("chunks"), list)] if isinstance(
         saved, list) else []
     old = [e | {"chunks": [c for c in e["chunks"] if c in unrecorded]} for e in kept]

@@ -307,16 +307,18 @@ def atomic_write_parquet(path: Path, df: pd.DataFrame, record: Any = None) -> No
 PART_RECORD = b"omniprobe.batching"  # the metadata key of a part's record (atomic_write_parquet)
 
 
-def part_record(path: Path) -> Any:
+def part_record(path: Path) -> dict[str, Any] | None:
     """The record ``atomic_write_parquet`` kept in the parquet file ``path``; None where it kept none (a part written
-    before parts carried one, or by the naive engine) or the file cannot be read (read_part names that)."""
+    before parts carried one, or by the naive engine), where what the key holds is no record (not JSON, or JSON
+    other than an object) or where the file cannot be read (read_part names that)."""
     import pyarrow.parquet as pq
 
     try:
         meta = pq.read_schema(path).metadata or {}
-        return json.loads(meta[PART_RECORD]) if PART_RECORD in meta else None
-    except (OSError, ValueError):  # pyarrow's ArrowInvalid is a ValueError
+        record = json.loads(meta[PART_RECORD]) if PART_RECORD in meta else None
+    except (OSError, ValueError):  # pyarrow's ArrowInvalid is a ValueError, and so is json's JSONDecodeError
         return None
+    return record if isinstance(record, dict) else None
 
 
 def part_path(out: Path, chunk: int) -> Path:

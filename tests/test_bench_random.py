@@ -138,6 +138,34 @@ def test_the_eval_bench_reports_batches_that_backed_off(load_tiny, data_dir, mon
 
 
 
+def test_the_eval_bench_reports_windows_that_backed_off(load_tiny, data_dir, monkeypatch):
+    """A window whose input preparation runs out of memory is halved too (probe.batch.evaluate_items,
+    BatchLimit.windows), which cuts its batches with it: the bench's runs were then timed at smaller windows and
+    batches without a word.
+    Injected above one item a window: in turn the one window of 4 items halves to 2, then 1; prefetched the first
+    window (one batch, 2 items) halves to 1. Each run warns that it was timed at windows of at most 1, not at the 16
+    it asked (its batch size 2 times 8 batches a window), and no batch line is printed (no forward ran out); the
+    numbers still agree with the one-item path."""
+    import importlib.util
+
+    from conftest import text_only
+    from probe.mmmu import load_items
+    from test_eval import _gpu_oom, _oom_preparing_above
+
+    spec = importlib.util.spec_from_file_location("bench_eval", REPO / "bench" / "eval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    loaded = load_tiny("qwen2")
+    items = [text_only(it) for it in load_items(str(data_dir))[0][:4]]
+    sizes, _ = _oom_preparing_above(monkeypatch, 1, _gpu_oom)
+    row = module.compare("tiny", loaded, items, 2)
+    assert 4 in sizes and 2 in sizes, sizes  # anti-tautology: windows of more than one item were begun, and failed
+    assert row["backed_off"] == [f"warning: tiny, batched {way}, ran out of memory at windows of 16 items: timed at "
+                                 "windows of at most 1 (and the failed windows' time), not at 16"
+                                 for way in ("in turn", "prefetched")]
+    assert row["same_text"] == row["same_prob_pred"] == "4/4" and row["max_dp"] < 1e-5
+
+
 def test_random_config_spearman_is_of_the_engines_per_head_means_on_the_items_exact_measured(tmp_path, monkeypatch):
     """Issue 18's "attribution with its Spearman against exact on the items it measured", as README says it: rank
     correlation over the swept heads of each head's mean KL (and mean p(answer)) over the --items items. Oracle: the

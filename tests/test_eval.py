@@ -325,6 +325,75 @@ def test_a_stopped_run_stops_preparing_the_next_window(load_tiny, data_dir, monk
     assert len(seen) - 2 == 1, seen
 
 
+
+@pytest.mark.parametrize("family, seed", [("qwen2", s) for s in range(4)] + [("qwen2_vl", s) for s in range(2)])
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_random_out_of_memory_in_windows_and_batches_keeps_every_item_once_with_its_own_numbers(
+        family, seed, prefetch, load_tiny, data_dir, monkeypatch):
+    """Memory runs out at random (a seeded draw per item prepared, in whichever thread prepares it, and per forward
+    of two rows or more), so windows and batches halve in any interleaving, with prefetch the next window's
+    preparation failing while the window before it runs. Every item is measured once, in item order, with its own
+    numbers: those of the one-item path (evaluate_items at batch 1, the oracle: same text, p within 1e-4; a row given
+    another item's inputs would differ, as the oracle's items do); no forward holds more rows, and no window more
+    items, than the cap in force when it starts (a window prefetched before a halving is not run at the old size);
+    and no preparing thread is left behind."""
+    import random
+    import threading
+
+    from probe import batch
+    from probe.sweep import SweepConfig
+
+    loaded = load_tiny(family, "sdpa")
+    items = _items(family, data_dir)
+    items = items * 2 if family == "qwen2" else items[:6]  # qwen2: more items than a first window and the next
+    cfg = SweepConfig(max_new_tokens=2)
+    want = batch.evaluate_items(loaded, items, cfg, 1, prefetch=False)
+    distinct = {tuple(m.logp.exp().round(decimals=3).tolist()) for m in want}
+    assert len(distinct) >= 5  # anti-tautology: a row paired with another item's inputs would show
+    rng, lock, window = random.Random(seed), threading.Lock(), threading.local()
+    encode, prepare = batch.encode_prompts, batch.prepare_item
+    failures = {"windows": 0, "batches": 0}
+    over: list[tuple[int, int]] = []  # windows begun larger than the window cap then in force
+
+    def draw(key: str, p: float) -> bool:
+        with lock:
+            fail = rng.random() < p
+            failures[key] += fail
+        return fail
+
+    def encoding(loaded_, chunk, *rest):
+        window.size = len(chunk)
+        if len(chunk) > limit.windows.rows:  # kept, not raised: a window nobody measures drops its thread's error
+            over.append((len(chunk), limit.windows.rows))
+        return encode(loaded_, chunk, *rest)
+
+    def preparing(loaded_, item, cfg_, *encoded):
+        if window.size > 1 and draw("windows", 0.25):
+            raise _gpu_oom()
+        return prepare(loaded_, item, cfg_, *encoded)
+
+    def forward(module, args, kwargs):
+        assert kwargs["input_ids"].shape[0] <= limit.rows, (kwargs["input_ids"].shape[0], limit.rows)
+        if kwargs["input_ids"].shape[0] > 1 and draw("batches", 0.5):
+            raise _gpu_oom()
+
+    limit = batch.BatchLimit(4, lambda line: None)
+    monkeypatch.setattr(batch, "encode_prompts", encoding)
+    monkeypatch.setattr(batch, "prepare_item", preparing)
+    handle = loaded.model.register_forward_pre_hook(forward, with_kwargs=True)
+    try:
+        got = batch.evaluate_items(loaded, items, cfg, limit, window=2, max_padding=None, prefetch=prefetch)
+    finally:
+        handle.remove()
+    assert sum(failures.values()) > 0, failures  # it backed off
+    assert not over, over
+    for a, b in zip(got, want, strict=True):
+        assert a.response == b.response
+        torch.testing.assert_close(a.logp.exp(), b.logp.exp(), atol=1e-4, rtol=0)
+    for t in [t for t in threading.enumerate() if t.name.startswith("prepare")]:
+        t.join(timeout=30)
+        assert not t.is_alive()
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("generate", [True, False])
 def test_a_left_padded_row_gets_the_positions_of_its_item_alone(family, generate, load_tiny, data_dir, video_root):
@@ -802,6 +871,32 @@ def test_the_batching_record_of_each_pair_is_kept_in_its_part(text_dir, tmp_path
         "batch_size": 4, "largest_batch": 2}}
 
 
+
+def test_a_parts_record_that_is_no_record_is_passed_over_and_the_part_still_loads(text_dir, tmp_path):
+    """A part whose batching metadata is not JSON (a damaged write of the key, another program's) or not a record
+    (JSON other than an object: a list, a string) is read as a part without one: its rows load and score as they
+    did, and run.json keeps the record the resumed run.json had for that pair, as probe.heads does with such a part
+    (chunk_batching). The list was written into run.json as the pair's record."""
+    import pyarrow.parquet as pq
+
+    from probe.eval import part_file
+    from probe.results import PART_RECORD
+
+    out = tmp_path / "run"
+    args = ["--models", "tiny-qwen2", "--data", text_dir, REPO / "probe/zoo/data/text", "--limit", 2, "--no-generate",
+            "--no-figures", "--quiet", "--out", out]
+    assert _eval(*args, "--batch-size", 1) == 0
+    whole = json.loads((out / "run.json").read_text(encoding="utf-8"))["batching"]
+    scores = (out / "scores.csv").read_bytes()
+    for bad in (b"{not json", b"[1, 2]", b'"batch"'):
+        table = pq.read_table(part_file(out, 0, 0))
+        pq.write_table(table.replace_schema_metadata(dict(table.schema.metadata) | {PART_RECORD: bad}),
+                       part_file(out, 0, 0))
+        (out / "scores.csv").unlink()
+        assert _eval(*args, "--batch-size", 4) == 0, bad
+        assert json.loads((out / "run.json").read_text(encoding="utf-8"))["batching"] == whole, bad
+        assert (out / "scores.csv").read_bytes() == scores, bad
+
 @pytest.fixture(scope="module")
 def two_by_two(tmp_path_factory, text_dir, tiny_dirs) -> tuple[Path, list]:
     """Two models on two data sets, 4 items each, run uninterrupted (read-only for tests): what a run killed and
@@ -879,6 +974,64 @@ def test_a_run_that_backed_off_then_was_killed_keeps_its_back_off_record(two_by_
     _items_and_scores_equal(out, oracle)
     assert pd.read_parquet(part_file(out, 0, 0)).equals(pd.read_parquet(part_file(one, 0, 0)))
 
+
+
+def test_ctrl_c_while_the_next_window_is_prefetched_stops_at_once_and_the_rerun_resumes(tmp_path, monkeypatch):
+    """Ctrl-C (SIGINT to a real process) while the prefetch thread prepares the second pair's window of 10 items, a
+    second an item: the process ends with the one line "interrupted", exit 130, after at most the item the thread is
+    on (not its whole window, nor a wait for nobody's window), the first pair's part left; the same command then
+    computes the rest without redoing that part, and gives the files of an uninterrupted run that prefetches too
+    (prefetching decides which items share a batch)."""
+    import shutil
+    import signal
+    import time
+
+    import probe.batch
+    from conftest import cli_env
+    from probe.eval import part_file
+
+    sets = [tmp_path / name for name in ("a", "b")]
+    for d in sets:
+        shutil.copytree(REPO / "probe/zoo/data/text", d)
+    args = ["--models", "tiny-qwen2", "--data", *map(str, sets), "--limit", "12", "--batch-size", "2",
+            "--no-generate", "--no-figures", "--quiet"]  # windows of 2 (the first, one batch), then the other 10
+    monkeypatch.setattr(probe.batch, "prefetches", lambda loaded: True)  # the GPU default, on the CPU
+    assert _eval(*args, "--out", tmp_path / "whole") == 0
+    out = tmp_path / "run"
+    code = ("import sys, threading, time\nimport probe.batch\nprobe.batch.prefetches = lambda loaded: True\n"
+            "real = probe.batch.prepare_item\n"
+            "def slow(*a, **k):\n"
+            "    if threading.current_thread() is not threading.main_thread():\n"
+            "        print('preparing', flush=True)\n"
+            "        time.sleep(1)\n"
+            "    return real(*a, **k)\n"
+            "probe.batch.prepare_item = slow\n"
+            "from probe.errors import cli_main\nfrom probe.eval import main\n"
+            f"sys.exit(cli_main(main, {[*args, '--out', str(out)]!r}))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, encoding="utf-8")
+    try:  # a line from the thread once the first pair's part is on disk: the second pair's window, mid-item
+        while (line := proc.stdout.readline()) and not (line == "preparing\n" and part_file(out, 0, 0).is_file()):
+            pass
+        assert line, proc.stderr.read()[-3000:]
+        t = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+        took = time.monotonic() - t
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = proc.stderr.read()
+    proc.stdout.close()
+    proc.stderr.close()
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err, err
+    assert took < 7, took  # the item the thread was on (1 s) and the exit; its window's other 9 would take 9 s more
+    assert [p.name for p in (out / "parts").iterdir()] == [part_file(out, 0, 0).name]
+    kept = part_file(out, 0, 0).read_bytes()
+    assert _eval(*args, "--out", out) == 0
+    assert part_file(out, 0, 0).read_bytes() == kept
+    _items_and_scores_equal(out, tmp_path / "whole")
 
 @pytest.mark.parametrize("error, where", [
     (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 139.81 "
