@@ -311,6 +311,8 @@ def _image_bytes(cell: Any, where: str, what: str, animated: list[tuple[str, int
             f"{int(pixels.group(1)):,} pixels" if pixels else "too many pixels")
         raise BadInput(f"{where}: {what} is {size}, past the {MAX_IMAGE_PIXELS:,} an image may have (PIL's "
                        "decompression-bomb limit); downscale it") from None
+    except MemoryError:  # this host's memory, not the bytes: not bad input (exit 1, as any failure of the host)
+        raise
     except Image.UnidentifiedImageError:  # its message names a BytesIO object's address
         raise BadInput(f"{where}: {what} is not a decodable image (no format PIL reads: SVG, HEIC, or not an "
                        "image at all)") from None

@@ -699,3 +699,21 @@ def test_a_split_file_that_is_a_folder_or_a_dangling_link_is_named(tmp_path):
     (tmp_path / "b" / "Art" / "validation-00000-of-00001.parquet").symlink_to(tmp_path / "gone.parquet")
     with pytest.raises(BadInput, match=r"validation-00000-of-00001.parquet is a link to a missing file \(.*gone"):
         load_mmmu(tmp_path / "b")
+
+
+def test_running_out_of_memory_while_decoding_an_image_is_not_called_a_bad_image(tmp_path, monkeypatch):
+    """A MemoryError while an image is decoded is this host's memory, not the row's bytes: it was reported as
+    'not a decodable image (MemoryError: ...)', exit 2, blaming the data. It now reaches the commands' out-of-memory
+    line (exit 1); the same image decodes once memory allows."""
+    import probe.mmmu as mmmu
+
+    write(tmp_path, {"Art": [row(1), row(2, image_1={"bytes": encoded(Image.new("RGB", (8, 8))), "path": None})]})
+
+    def no_memory(data, max_side):
+        raise MemoryError()
+
+    with monkeypatch.context() as mp:
+        mp.setattr(mmmu, "_decode", no_memory)
+        with pytest.raises(MemoryError):
+            load_mmmu(tmp_path)
+    assert len(load_mmmu(tmp_path)) == 2
