@@ -139,6 +139,7 @@ def test_base_views_equal_the_full_calls_view_0(name):
     assert torch.equal(_full_view_0(ip, frames[5:6])[0], want[5])
     checked = video._base_views(ip, frames)
     assert torch.equal(checked, want) and video._CHECKED[ip] >= {(f.size, f.mode) for f in frames}
+    assert "get_image_patches" not in vars(ip)  # the hook replaced on a copy, never on the model's processor
 
 
 def test_onevision_video_inputs_equal_the_full_calls(video_items, monkeypatch):
