@@ -511,8 +511,9 @@ def _cuts_hold_their_media(loaded: LoadedModel, cuts: list[Encoded]) -> bool:
 # (it pads across prompts on the image dimension), 0.91 ms an item one call an item and 0.80 ms one raw call a
 # window of 32 plus the run-time check's two calls, before any cut or check of its own (12 %, 9 % in another run;
 # InternVL's: 30 %); and video items (probe.video builds those with the tokenizer and the image processor, one call
-# each an item: on organism-video's set the frames' image processing is 1.77 of about 2.3 ms an item, 1.69 in calls
-# of 2 to 8 items' frames and 2.19 in calls of 32; the tokenizer's 0.12 ms, 0.11 in one call: at most 4 %). Their
+# each an item: on organism-video's set the frames' image processing was 1.77 of about 2.3 ms an item, 1.69 in calls
+# of 2 to 8 items' frames and 2.19 in calls of 32; the tokenizer's 0.12 ms, 0.11 in one call: at most 4 %; since
+# 2026-12-06 the frames take 0.98 of 1.69 ms, their anyres base view alone: README, Performance). Their
 # items are encoded one by one. tests/test_families.py checks each row's split against the one-prompt call, tensor
 # for tensor.
 _GRID = MediaLayout(_grid_rows)

@@ -19,6 +19,7 @@ processor's outputs against the forward's parameters (``check_model_inputs``), p
 """
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 from contextlib import contextmanager
@@ -568,3 +569,40 @@ def _multimodal_counts(processor: Any, image_sizes: torch.Tensor, key: str) -> l
     except (AttributeError, KeyError, TypeError):
         return None
     return [int(t) for t in counts] if isinstance(counts, list) and len(counts) == len(image_sizes) else None
+
+
+# get_image_patches' parameters in 5.23-5.25's PIL LLaVA-NeXT / -OneVision image processors (after self)
+_IMAGE_PATCHES_PARAMS = ("image", "grid_pinpoints", "size", "patch_size", "resample")
+
+
+def anyres_base_views(image_processor: Any, images: Sequence[Any]) -> torch.Tensor | None:
+    """The base view of each image, ``image_processor(images=images)["pixel_values"][:, 0]``, without the anyres
+    tiles the full call computes and drops (each resized, rescaled and normalised: half of organism-video's frame
+    processing, more with a larger grid). The processor's own call runs on a shallow copy whose
+    ``get_image_patches`` (an internal hook of the PIL anyres processors, 5.23-5.25: the base view, the image
+    resized to ``size`` by ``self.resize``, then the tiles) returns the base view alone; everything around it
+    (RGB conversion, the do_resize / center-crop / rescale / normalise steps, dtype, tensors) is transformers' own.
+    None where the processor has no such hook by that signature (the torchvision backend, a later release):
+    the caller makes the full call. probe.video checks the result against the full call at run time."""
+    from transformers.image_utils import SizeDict
+
+    hook = getattr(type(image_processor), "get_image_patches", None)
+    if hook is None or not callable(getattr(image_processor, "resize", None)):
+        return None
+    try:
+        params = tuple(inspect.signature(hook).parameters)[1:]
+    except (TypeError, ValueError):
+        return None
+    if params != _IMAGE_PATCHES_PARAMS:
+        return None
+    fast = copy.copy(image_processor)
+
+    def base_only(image, grid_pinpoints, size, patch_size, resample):
+        height, width = size
+        return [fast.resize(image=image, size=SizeDict(height=height, width=width), resample=resample)]
+
+    fast.get_image_patches = base_only
+    pixels = fast(images=list(images), return_tensors="pt")["pixel_values"]
+    if not isinstance(pixels, torch.Tensor) or pixels.dim() != 5 or pixels.shape[1] != 1:
+        return None  # one view an image, as base_only returns, or the hook was not what made them
+    return pixels[:, 0]

@@ -16,6 +16,7 @@ placeholder once and returns it with the pixel tensors the model needs and the v
 from __future__ import annotations
 
 import math
+import weakref
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
@@ -23,6 +24,7 @@ import torch
 from PIL import Image
 
 from probe.errors import BadInput
+from probe.upstream import anyres_base_views
 
 if TYPE_CHECKING:  # annotations only
     from probe.models import LoadedModel
@@ -61,13 +63,43 @@ def _normalise(frames: Sequence[Image.Image], height: int, width: int, mean, std
     return np.stack(arrs)  # (F, C, H, W)
 
 
+# Per anyres image processor, the frame kinds ((width, height), mode) whose fast base views (upstream.anyres_base_views)
+# were found equal to the full call's; None once one differed (that processor then always makes the full call).
+_CHECKED: weakref.WeakKeyDictionary[Any, set[tuple] | None] = weakref.WeakKeyDictionary()
+
+
+def _full_call_views(ip, frames: Sequence[Image.Image]) -> torch.Tensor:
+    return ip(images=list(frames), return_tensors="pt")["pixel_values"][:, 0]
+
+
+def _base_views(ip, frames: Sequence[Image.Image]) -> torch.Tensor:
+    """The base view of the anyres image processor for each frame (resized to the tower's size, normalised): view 0
+    of its full call, computed without the tiles it drops where upstream.anyres_base_views can. The first frame of
+    each kind (size and mode: all the base view depends on) a processor meets is checked against its own full call,
+    tensor and dtype (a frame's views do not depend on the call's other images), so a release that makes the base
+    view otherwise is followed, not missed: on a difference that processor goes back to the full call."""
+    checked = _CHECKED.setdefault(ip, set())
+    fast = None if checked is None else anyres_base_views(ip, frames)
+    if fast is None:
+        return _full_call_views(ip, frames)
+    for i, f in enumerate(frames):
+        kind = (f.size, f.mode)
+        if kind in checked:
+            continue
+        want = _full_call_views(ip, [f])[0]
+        if fast[i].dtype != want.dtype or not torch.equal(fast[i], want):
+            _CHECKED[ip] = None
+            return _full_call_views(ip, frames)
+        checked.add(kind)
+    return fast
+
+
 def _llava_onevision(loaded, batch, frames):
     cfg = loaded.model.config
     ip = loaded.processor.image_processor
     vision = cfg.vision_config
     size = vision.image_size
-    # The base view of the anyres image processor: frames resized to the tower's size and normalised.
-    pix = ip(images=list(frames), return_tensors="pt")["pixel_values"][:, 0]
+    pix = _base_views(ip, frames)
     if pix.shape[-2:] != (size, size):
         raise BadInput(f"image processor size {tuple(pix.shape[-2:])} differs from the vision tower's {size}")
     side = size // vision.patch_size

@@ -58,3 +58,190 @@ def test_video_frames_change_the_output(video_items):
         a = loaded.model(**batch).logits[0, -1]
         b = loaded.model(**(batch | {"pixel_values_videos": batch["pixel_values_videos"].flip(1)})).logits[0, -1]
     assert not torch.allclose(a, b)
+
+
+# --- LLaVA-OneVision frames: the anyres base view alone (probe.upstream.anyres_base_views) ---------------------------
+
+def _frames() -> list:
+    """Frames the data can hold: square, tall and wide strips, 1×1 and 2×1, larger than a 384-px grid's largest
+    pinpoint (2304), and the modes a PNG/JPEG frame decodes to; random pixels (seeded)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(37)
+
+    def frame(w, h, mode="RGB"):
+        im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        return im if mode == "RGB" else im.convert(mode)
+
+    return [frame(64, 64), frame(10, 300), frame(300, 10), frame(1, 1), frame(2, 1), frame(3000, 500),
+            frame(2600, 2600), frame(50, 40, "RGBA"), frame(33, 77, "L"), frame(80, 80, "P"), frame(41, 29, "LA"),
+            frame(37, 53, "CMYK"), frame(97, 61)]
+
+
+def _pil_processor(**kwargs):
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    return LlavaOnevisionImageProcessorPil(**kwargs)
+
+
+# random-config processors: image size, pinpoints, mean/std, resample, rescale / normalise on and off, size by edge
+_CONFIGS = {
+    "organism-size": dict(size={"height": 64, "width": 64}, image_grid_pinpoints=[[64, 64]]),
+    "tall-grid": dict(size={"height": 32, "width": 32}, image_grid_pinpoints=[[32, 96], [96, 32], [64, 64]],
+                      image_mean=[0.1, 0.7, 0.3], image_std=[0.9, 0.2, 0.5], resample=0),
+    "no-rescale-no-normalise": dict(size={"height": 28, "width": 28}, image_grid_pinpoints=[[28, 56], [56, 28]],
+                                    do_rescale=False, do_normalize=False, resample=2),
+    "rescale-only": dict(size={"height": 48, "width": 48}, image_grid_pinpoints=[[48, 48]], do_normalize=False,
+                         rescale_factor=1 / 127.0, resample=1),
+    "shortest-edge": dict(size={"shortest_edge": 40}, image_grid_pinpoints=[[40, 80]], resample=5),
+    "no-resize": dict(size={"height": 36, "width": 36}, image_grid_pinpoints=[[36, 72]], do_resize=False),
+}
+
+
+def _processor(name: str):
+    """A random-config processor of _CONFIGS, llava-ov-7b's published one built from its config (384 px, 36
+    pinpoints), or a tiny / shipped model's own."""
+    from probe.archs import build_config, image_processor_for
+
+    if name in _CONFIGS:
+        return _pil_processor(**_CONFIGS[name])
+    if name == "llava-ov-7b":
+        return image_processor_for(name, build_config(name))
+    return load_model(resolve_model(name)).processor.image_processor
+
+
+def _full_view_0(ip, frames) -> torch.Tensor:
+    """Today's path, the oracle: the whole anyres call over the frames, view 0 of each."""
+    return ip(images=list(frames), return_tensors="pt")["pixel_values"][:, 0]
+
+
+@pytest.mark.parametrize("name", [*_CONFIGS, "llava-ov-7b", "tiny-llava-ov", "organism-video"])
+def test_base_views_equal_the_full_calls_view_0(name):
+    """Frame for frame the base view alone is view 0 of the full anyres call, tensor and dtype, for every frame
+    kind and processor setting; and probe.video's path (with its run-time check) keeps the fast tensors."""
+    from probe import video
+    from probe.upstream import anyres_base_views
+    from probe.zoo import organism_validation_dir
+
+    ip = _processor(name)
+    frames = _frames()
+    if name == "organism-video":  # its own video set's frames too
+        items, _ = load_mmmu(organism_validation_dir("video"), "validation")
+        frames += [f for it in items[:6] for f in it.pil_frames()]
+    want = _full_view_0(ip, frames)
+    got = anyres_base_views(ip, frames)
+    assert got is not None and got.dtype == want.dtype and torch.equal(got, want)
+    assert got.dtype == (torch.uint8 if name == "no-rescale-no-normalise" else torch.float32)
+    # the run-time check compares a frame's own call: its view 0 is the same in a call of many frames
+    assert torch.equal(_full_view_0(ip, frames[5:6])[0], want[5])
+    checked = video._base_views(ip, frames)
+    assert torch.equal(checked, want) and video._CHECKED[ip] >= {(f.size, f.mode) for f in frames}
+    assert "get_image_patches" not in vars(ip)  # the hook replaced on a copy, never on the model's processor
+
+
+def test_onevision_video_inputs_equal_the_full_calls(video_items, monkeypatch):
+    """Through build_inputs: pixel_values_videos of an organism-video item is the full call's view 0 of its
+    frames (the path before the change), token expansion unchanged."""
+    from probe import video
+
+    loaded = load_model(resolve_model("organism-video"))
+    item = video_items[0]
+    batch = build_inputs(loaded, item, PromptTemplate())
+    want = _full_view_0(loaded.processor.image_processor, item.pil_frames())
+    assert batch["pixel_values_videos"].dtype == want.dtype and torch.equal(batch["pixel_values_videos"][0], want)
+    monkeypatch.setattr(video, "_base_views", video._full_call_views)  # the path before
+    before = build_inputs(loaded, item, PromptTemplate())
+    assert before.keys() == batch.keys() and all(torch.equal(before[k], batch[k]) for k in batch)
+
+
+def test_a_fast_path_that_differs_falls_back_to_the_full_call(monkeypatch):
+    """A release whose base view differs from the fast path's (simulated: one pixel off in one frame kind): the
+    run-time check sees it on the first frame of that kind, the item gets the full call's tensors and the processor
+    makes the full call from then on. Frames of a kind already checked are not checked again (one call an item)."""
+    from probe import upstream, video
+
+    counted = []  # the images of each processor call, the fast path's (a copy of the processor) included
+
+    class Counting(type(_pil_processor())):
+        def __call__(self, *args, **kwargs):
+            counted.append(len(kwargs["images"]))
+            return super().__call__(*args, **kwargs)
+
+    ip = Counting(**_CONFIGS["tall-grid"])
+    frames = _frames()
+    calls = []
+    real_fast = upstream.anyres_base_views
+
+    def fast(p, fr):
+        calls.append(len(fr))
+        out = real_fast(p, fr).clone()
+        for i, f in enumerate(fr):
+            if f.size == (10, 300):
+                out[i, 0, 0, 0] += 1e-3
+        return out
+
+    monkeypatch.setattr(video, "anyres_base_views", fast)
+    square = [f for f in frames if f.size == (64, 64)] * 3
+    want_square, want = _full_view_0(ip, square), _full_view_0(ip, frames)
+    counted.clear()
+    assert torch.equal(video._base_views(ip, square), want_square)
+    assert counted == [3, 1]  # the fast call, then the first frame's own full call
+    counted.clear()
+    video._base_views(ip, square)  # a kind checked before: the fast call alone
+    assert counted == [3] and video._CHECKED[ip] == {((64, 64), "RGB")}
+    got = video._base_views(ip, frames)  # holds the one kind the fast path gets wrong
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert video._CHECKED[ip] is None
+    counted.clear()
+    n = len(calls)
+    assert torch.equal(video._base_views(ip, square), want_square)
+    assert len(calls) == n and counted == [3]  # the full call only, the fast path no longer tried
+
+
+def test_base_views_need_the_hook_they_replace(monkeypatch):
+    """A processor without ``get_image_patches`` by 5.23-5.25's signature (the torchvision backend, a later
+    release) gets no fast path: probe.video makes the full call, the same tensors."""
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    from probe import video
+    from probe.upstream import anyres_base_views
+
+    class Renamed(LlavaOnevisionImageProcessorPil):
+        def get_image_patches(self, image, grid_pinpoints, size, patch_size, resample, extra=None):
+            return super().get_image_patches(image, grid_pinpoints, size, patch_size, resample)
+
+    class Hookless(LlavaOnevisionImageProcessorPil):
+        get_image_patches = None
+
+    frames = _frames()[:4]
+    for cls in (Renamed, Hookless):
+        ip = cls(**_CONFIGS["organism-size"])
+        assert anyres_base_views(ip, frames) is None
+        if cls is Renamed:
+            assert torch.equal(video._base_views(ip, frames), _full_view_0(_pil_processor(**_CONFIGS["organism-size"]),
+                                                                          frames))
+
+
+def test_organism_video_batched_eval_unchanged(monkeypatch):
+    """organism-video on its own video set, batched: log-probs, predictions and texts bit for bit those of the
+    full anyres call's frames (the path before the base view alone)."""
+    from probe import video
+    from probe.batch import evaluate_items
+    from probe.mmmu import load_items
+    from probe.sweep import SweepConfig
+    from probe.zoo import organism_validation_dir
+
+    loaded = load_model(resolve_model("organism-video"))
+    items, _ = load_items(str(organism_validation_dir("video")))
+    cfg = SweepConfig()
+    new = evaluate_items(loaded, items, cfg, 32)
+    monkeypatch.setattr(video, "_base_views", video._full_call_views)  # the path before
+    old = evaluate_items(loaded, items, cfg, 32)
+    assert len(new) == len(old) == len(items) == 96
+    for a, b in zip(old, new):
+        assert torch.equal(a.logp, b.logp) and a.response == b.response
