@@ -851,22 +851,31 @@ def text_config_dict(config: Mapping[str, Any], family: Family) -> dict[str, Any
     it was read as of no class (the attention heads, hidden size ÷ heads), a layout transformers never builds, and
     a null one as absent (LLaVA's Llama, where transformers builds nothing). A type name such a class ignores too
     (Qwen2-VL's text config stating "qwen2": transformers builds its qwen2_vl_text, 8 key/value heads where Qwen2's
-    class defaults to 32) is the class it builds. A stated null head_dim or
-    num_key_value_heads is what transformers builds from it, or refused (``_built_nulls``)."""
+    class defaults to 32) is the class it builds. A name a looking-up class refuses ("qwen9", no type transformers
+    knows: a ValueError) is refused here too: it was read as a text config of no class; one it builds ("mistral"
+    inside a LLaVA-OneVision) is that class. A stated null head_dim or num_key_value_heads is what transformers
+    builds from it, or refused (``_built_nulls``)."""
     attr = family.text_config_attr
     sub = config_value(config, attr) if attr else None
     if not isinstance(sub, Mapping):  # a causal LM, or an old multimodal config keeping LM fields at top level
         return _built_nulls(dict(config), config, family, False)
-    stated = sub.get("model_type")
+    stated, parent = sub.get("model_type"), config.get("model_type")
     # a class of its own text class builds it whatever is stated (the table's, no transformers import); one looking
-    # the type up builds a stated name as it is, and is asked what it builds of anything else
-    built = family.text_model_type or (stated if _is_type_name(stated) else
-                                       sub_config_model_type(config.get("model_type"), attr, sub))
+    # the type up is asked what it builds of what is stated: a class, or nothing (it refuses)
+    built = family.text_model_type or sub_config_model_type(parent, attr, sub)
+    if not built and _is_type_name(stated) and not sub_config_model_type(parent, attr):
+        built = stated  # a parent transformers builds nothing of (lmms-lab's llava_qwen): the name as stated
     if built and built != stated:  # absent, or a value the parent's class ignores (null, a list, another type's
         sub = {**sub, "model_type": built}  # name: Qwen2-VL's text class is its own): the type it builds
-    elif not built and "model_type" in sub and not _is_type_name(stated):
-        raise BadInput(f"config {attr}.model_type is {_kind(stated)}; it must be a model type name (transformers' "
-                       f"{config.get('model_type')!r} config class builds no text config from it)")
+    elif not built and "model_type" in sub:
+        builds = f"transformers' {parent!r} config class builds no text config from it"
+        if not _is_type_name(stated):
+            raise BadInput(f"config {attr}.model_type is {_kind(stated)}; it must be a model type name ({builds})")
+        from transformers import CONFIG_MAPPING
+
+        known = "" if stated in CONFIG_MAPPING else ", a model type transformers does not know"
+        raise BadInput(f"config {attr}.model_type is {stated!r}{known}: {builds}; it must name the text model's type "
+                       "(qwen2, llama, mistral, ...)")
     return _built_nulls(dict(with_class_defaults(sub)), config, family, True)
 
 

@@ -1411,15 +1411,19 @@ def test_a_safetensors_file_claiming_more_than_it_holds_is_one_line_without_allo
     ("organism-ov-si", "model_type", {"type": "qwen2"}, "config text_config.model_type is an object; it must be a "
                                                         "model type name"),
     ("organism-ov-si", "model_type", None, "config text_config.model_type is null; it must be a model type name"),
+    ("organism-ov-si", "model_type", "qwen9", "config text_config.model_type is 'qwen9', a model type transformers "
+                                              "does not know: transformers' 'llava_onevision' config class builds no "
+                                              "text config from it"),
     ("organism-ov-si", "head_dim", None, "config text_config.head_dim is null, which transformers' "
                                          "LlavaOnevisionForConditionalGeneration builds no attention from"),
     ("organism-base", "head_dim", None, "config head_dim is null, which transformers' Qwen2ForCausalLM builds no "
                                         "attention from")])
 def test_a_config_transformers_cannot_build_is_refused_by_every_command(tmp_path, capfd, src, key, value, want):
-    """A (text) config stating a list, an object or null as its model_type where its class looks the type up
-    (LLaVA-OneVision), or a null head_dim its Qwen2 attention takes as its width: transformers builds no model from
-    either (the oracle: its config class or its model on the meta device raises), while the analyses read the list
-    as of no class, the null as Qwen2 and the head width as hidden size ÷ heads, and went on.
+    """A (text) config stating a list, an object, null or a name transformers does not know as its model_type where
+    its class looks the type up (LLaVA-OneVision), or a null head_dim its Qwen2 attention takes as its width:
+    transformers builds no model from either (the oracle: its config class or its model on the meta device raises),
+    while the analyses read the list and the unknown name as of no class, the null as Qwen2 and the head width as
+    hidden size ÷ heads, and went on.
     Every command refuses it now in one line naming the checkpoint and the key (the shared reader,
     probe.families.text_config_dict): exit 2, nothing written, the checkpoint untouched."""
     import torch

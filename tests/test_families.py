@@ -1562,21 +1562,33 @@ def test_the_text_type_a_family_builds_whatever_is_stated_is_transformers(family
     assert fam.text_model_type == (type(built).model_type if built is not None else None)
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "llama"])
+@pytest.mark.parametrize("model_type", ["qwen2", "llama", "mistral", "qwen9", "not_a_model"])
 @pytest.mark.parametrize("family", COMPOSITE)
 def test_a_text_config_naming_a_type_its_class_ignores_is_read_as_the_class_it_builds(family, model_type):
     """A text config naming a type its parent's class does not build: Qwen2-VL's, Qwen2.5-VL's, Qwen3-VL's, Gemma 3's
     and the Omni thinker's classes build their own text class whatever it states (Qwen2-VL's text config saying
-    "qwen2" is a qwen2_vl_text of 8 key/value heads, where Qwen2's class defaults to 32, which was read); the classes
-    that look the type up (LLaVA, InternVL) build the one named. Oracle: transformers' built text config and the
-    meta-built k/q projections."""
+    "qwen2" is a qwen2_vl_text of 8 key/value heads, where Qwen2's class defaults to 32, which was read; "qwen9"
+    too); the classes that look the type up (LLaVA, LLaVA-NeXT, LLaVA-OneVision, InternVL, Idefics3, Qwen2-Audio)
+    build the one named, another class than their default (Mistral's 8 key/value heads inside a LLaVA-OneVision),
+    and refuse a name transformers does not know (a ValueError), which was read as a text config of no class (the
+    attention heads in as many groups, hidden size ÷ heads wide): BadInput naming the key and the value. Oracle:
+    transformers' built text config and the meta-built k/q projections, or its refusal."""
+    from probe.errors import BadInput
     from probe.families import HeadGeometry, text_config_dict
     from probe.models import config_head_dim, config_kv_heads
 
     fam = FAMILIES[family]
     cfg = _composite_config(fam, {"model_type": model_type, "hidden_size": 256, "num_attention_heads": 32,
                                   "num_hidden_layers": 1})
-    built, attn = _built_attention(fam, cfg)
+    try:
+        built, attn = _built_attention(fam, cfg)
+    except ValueError:
+        with pytest.raises(BadInput, match=rf"^config {re.escape(fam.text_config_attr)}\.model_type is "
+                                           rf"'{model_type}', a model type transformers does not know: "
+                                           rf"transformers' '{fam.model_types[0]}' config class builds no text"):
+            text_config_dict(cfg, fam)
+        assert fam.text_model_type is None and model_type in ("qwen9", "not_a_model")
+        return
     ours = text_config_dict(cfg, fam)
     width = attn.q_proj.out_features // 32
     assert ours["model_type"] == type(built).model_type
