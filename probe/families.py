@@ -854,9 +854,15 @@ def text_config_dict(config: Mapping[str, Any], family: Family) -> dict[str, Any
     class defaults to 32) is the class it builds. A name a looking-up class refuses ("qwen9", no type transformers
     knows: a ValueError) is refused here too: it was read as a text config of no class; one it builds ("mistral"
     inside a LLaVA-OneVision) is that class. A stated null head_dim or num_key_value_heads is what transformers
-    builds from it, or refused (``_built_nulls``)."""
+    builds from it, or refused (``_built_nulls``). No text config (absent or null) in a config of the family's own
+    type: the one transformers builds (``_unstated_text_config``); one that is no object is refused."""
     attr = family.text_config_attr
     sub = config_value(config, attr) if attr else None
+    if attr and not isinstance(sub, Mapping):
+        _check_sub_config_nodes(config, attr)
+        unstated = _unstated_text_config(config, family)
+        if unstated is not None:
+            return unstated
     if not isinstance(sub, Mapping):  # a causal LM, or an old multimodal config keeping LM fields at top level
         return _built_nulls(dict(config), config, family, False)
     stated, parent = sub.get("model_type"), config.get("model_type")
@@ -879,14 +885,58 @@ def text_config_dict(config: Mapping[str, Any], family: Family) -> dict[str, Any
     return _built_nulls(dict(with_class_defaults(sub)), config, family, True)
 
 
+def _check_sub_config_nodes(config: Mapping[str, Any], path: str) -> None:
+    """BadInput naming the key where a node on the dotted ``path`` (text_config, thinker_config) is neither an object
+    nor null: transformers' composite classes refuse it (a JSON string text_config: a validation error), while it
+    was read as no text config at all, the LM's sizes taken from the top level."""
+    node: Any = config
+    for i, part in enumerate(path.split(".")):
+        node = node.get(part) if isinstance(node, Mapping) else None
+        if node is not None and not isinstance(node, Mapping):
+            key = ".".join(path.split(".")[:i + 1])
+            raise BadInput(f"config {key} is {_kind(node)}; it must be an object (transformers' "
+                           f"{config.get('model_type')!r} config class builds no {key} from it)")
+
+
+def _unstated_text_config(config: Mapping[str, Any], family: Family) -> dict[str, Any] | None:
+    """The text config transformers builds from a config.json of the family's own type whose text config is absent
+    or null: the LM sizes at its top level where its class takes them into its text config (Qwen2-VL's and
+    Qwen2.5-VL's flat hub configs: None, the top level is read), else its class's default text config whatever the
+    top level states (LLaVA's Llama 7B, LLaVA-OneVision's Qwen2 7B, Gemma 3's 26 layers of 2304), which the LM
+    tensors' size check then compares. The top level was read: the analyses measured and merged an LM of sizes
+    transformers never builds from that config.json (its load refuses the tensors). None too where transformers
+    cannot tell: a type other than the family's (lmms-lab's llava_qwen, the original LLaVA's flat llava)."""
+    parent = config.get("model_type")
+    if parent not in family.model_types:
+        return None
+    hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    if is_int(hidden) and is_int(heads) and hidden > 0 and heads > 0 and _class_text_config(parent, hidden, heads):
+        return None  # its class builds its text config of the top-level sizes
+    default = _default_text_config(parent)
+    return json.loads(default) if default is not None else None
+
+
+@functools.lru_cache(maxsize=16)
+def _default_text_config(model_type: str) -> str | None:
+    """transformers' default text config of the config class for ``model_type`` as JSON text (callers get their own
+    copy); None where it builds none."""
+    from transformers import AutoConfig
+
+    try:
+        with transformers_errors_only():
+            return json.dumps(AutoConfig.for_model(model_type).get_text_config(decoder=True).to_dict())
+    except Exception:  # noqa: BLE001 - a type transformers does not know
+        return None
+
+
 def _is_type_name(value: Any) -> bool:
     return isinstance(value, str) and bool(value)
 
 
 def _kind(value: Any) -> str:
-    """How a model_type that is no name is named in the refusal."""
+    """How a value of the wrong kind (a model_type that is no name, a text_config that is no object) is named."""
     kinds = ((type(None), "null"), (bool, "a boolean"), (int, "a number"), (float, "a number"), (list, "a list"),
-             (dict, "an object"), (str, "an empty string"))
+             (dict, "an object"), (str, "a string" if value else "an empty string"))
     return next((name for t, name in kinds if isinstance(value, t)), type(value).__name__)
 
 

@@ -1226,6 +1226,39 @@ def lines_of_eval_and_shift(model: Path, tmp_path: Path, capfd) -> list[str]:
     return lines
 
 
+@pytest.mark.parametrize("how", ["flat", "string"])
+def test_a_text_config_moved_to_the_top_level_or_given_as_text_is_refused_alike(tmp_path, capfd, how):
+    """A LLaVA-OneVision config.json whose LM sizes sit at its top level (no text_config): transformers' class ignores
+    them and builds its default Qwen2 7B text config (the oracle below), so probe.eval's load refused the tiny
+    tensors, while analyses.shift read the top level and measured them. Both now read what transformers builds and
+    give the same line naming a tensor of the wrong shape. A text_config given as JSON text, which transformers'
+    class refuses, was read as absent: refused by both, naming the key."""
+    from transformers import AutoConfig
+
+    from conftest import tree_manifest
+    from probe.models import resolve_model
+
+    model = shutil.copytree(resolve_model("organism-ov-si").path, tmp_path / "m")
+    cfg = json.loads((model / "config.json").read_text(encoding="utf-8"))
+    text = cfg.pop("text_config")
+    if how == "flat":
+        cfg.update({k: v for k, v in text.items() if k != "model_type"})
+        built = AutoConfig.for_model(**cfg).get_text_config(decoder=True)
+        assert (built.hidden_size, built.num_hidden_layers) != (text["hidden_size"], text["num_hidden_layers"])
+        want = f"checkpoint {model}: tensor language_model.lm_head.weight (shape ({text['vocab_size']}, " \
+               f"{text['hidden_size']}) in the file, ({built.vocab_size}, {built.hidden_size}) by config.json)"
+    else:
+        cfg["text_config"] = json.dumps(text)
+        with pytest.raises(Exception):  # noqa: B017 - transformers' strict dataclass validation
+            AutoConfig.for_model(**cfg)
+        want = f"{model}: config text_config is a string; it must be an object"
+    (model / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    before = tree_manifest(model)
+    for line in lines_of_eval_and_shift(model, tmp_path, capfd):
+        assert want in line, line
+    assert tree_manifest(model) == before
+
+
 @pytest.mark.parametrize("named", ["../outside.safetensors", "ABSOLUTE", "sub/model-00002-of-00002.safetensors", 7])
 def test_an_index_naming_a_shard_by_a_path_is_refused_by_the_probe_and_the_analyses(tmp_path, capfd, named):
     """A shard named by a path in model.safetensors.index.json: analyses.shift read one outside the model's folder

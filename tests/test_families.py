@@ -1544,6 +1544,58 @@ def test_a_text_config_whose_model_type_is_no_name_is_read_as_transformers_build
         assert (g.n_kv_heads, g.head_dim, g.n_layers) == (config_kv_heads(ours), width, built.num_hidden_layers)
 
 
+def _text_config_not_nested(fam, how: str) -> dict:
+    """A config.json dict of composite family ``fam`` whose LM sizes (256 wide, 32 heads, 2 layers; ``bare``: none)
+    sit where its text config should (the top level, the Omni thinker's thinker_config) and whose text config is
+    absent (``flat``, ``bare``), null, or the JSON text of an object (``string``)."""
+    sizes = {"hidden_size": 256, "num_attention_heads": 32, "num_hidden_layers": 2, "num_key_value_heads": 8}
+    cfg: dict = {"model_type": fam.model_types[0]}
+    *outer, last = fam.text_config_attr.split(".")
+    node = cfg
+    for part in outer:
+        node = node.setdefault(part, {})
+    if how != "bare":
+        node.update(sizes)
+    if how in ("null", "string"):
+        node[last] = None if how == "null" else json.dumps({"model_type": "qwen2", **sizes})
+    return cfg
+
+
+@pytest.mark.parametrize("how", ["flat", "bare", "null", "string"])
+@pytest.mark.parametrize("family", COMPOSITE)
+def test_a_text_config_absent_null_or_no_object_is_read_as_transformers_builds_it_or_refused(family, how):
+    """A composite config.json of the family's own type without a text config (absent or null) and the LM sizes at
+    its top level: Qwen2-VL's and Qwen2.5-VL's classes take them into their text config (their flat hub configs),
+    the others ignore them and build their default text config (LLaVA's Llama 7B, LLaVA-OneVision's Qwen2 7B,
+    Gemma 3's 26 layers of 2304, the Omni thinker's 28 of 3584). The shared reader took the top level for all of
+    them (the analyses measured and merged an LM transformers never builds from that config.json, whose load the
+    probe refused), and refused an Omni thinker without one as lacking sizes. A text config given as JSON text
+    (a string) is refused by every class and was read as absent. Oracle: transformers' own build (layer count,
+    heads, meta-built k/q projections, hidden width) or its refusal."""
+    from probe.errors import BadInput
+    from probe.families import HeadGeometry, text_config_dict
+    from probe.models import config_head_dim, config_kv_heads
+
+    fam = FAMILIES[family]
+    cfg = _text_config_not_nested(fam, how)
+    try:
+        built, attn = _built_attention(fam, cfg)
+    except Exception:  # noqa: BLE001 - transformers' strict dataclass validation of a string sub-config
+        assert how == "string"
+        with pytest.raises(BadInput, match=rf"^config {re.escape(fam.text_config_attr)} is a string; it must be an "
+                                           "object"):
+            text_config_dict(cfg, fam)
+        return
+    ours = text_config_dict(cfg, fam)
+    g = HeadGeometry.from_text_config(ours)
+    width = attn.q_proj.out_features // built.num_attention_heads
+    want = (built.num_hidden_layers, built.num_attention_heads, attn.k_proj.out_features // width, width,
+            attn.q_proj.in_features)
+    assert (g.n_layers, g.n_heads, g.n_kv_heads, g.head_dim, g.hidden_size) == want, family
+    assert (config_kv_heads(ours), config_head_dim(ours)) == want[2:4]
+    assert ours.get("vocab_size", built.vocab_size) == built.vocab_size
+
+
 @pytest.mark.parametrize("family", COMPOSITE)
 def test_the_text_type_a_family_builds_whatever_is_stated_is_transformers(family):
     """Family.text_model_type (read without importing transformers) against transformers' own build: the class of a
