@@ -1002,34 +1002,51 @@ def _built_nulls(text: dict[str, Any], config: Mapping[str, Any], family: Family
     the key where transformers refuses it: the strict configs of Qwen3, Mistral and Gemma 3 refuse a null of a key
     they type as an int, Qwen2's attention (and the Qwen2 LMs of LLaVA-OneVision, InternVL, Qwen2-Audio, the Omni
     thinker) takes a null head_dim as its width and fails. Both were read as absent: a head layout from hidden ÷
-    heads, or the attention heads, where the class builds none. Left as it is where transformers cannot tell (a
+    heads, or the attention heads, where the class builds none. A stated head_dim other than hidden ÷ heads is
+    asked too: an attention that builds another width (Qwen2-VL's and Qwen2.5-VL's derive hidden ÷ heads, while
+    their rotary embedding takes the stated head_dim: no forward runs) is BadInput naming the key; it was read as
+    the head width, and the tensors refused as of the wrong shape. Left as it is where transformers cannot tell (a
     type it does not know, a class ignoring the sizes)."""
     nulls = tuple(k for k in _NULLABLE if k in text and text[k] is None)
     hidden, heads = text.get("hidden_size"), text.get("num_attention_heads")
-    if not nulls or not (is_int(hidden) and is_int(heads) and hidden > 0 and heads > 0):
-        return text  # nothing null, or sizes HeadGeometry refuses by name
+    if not (is_int(hidden) and is_int(heads) and hidden > 0 and heads > 0):
+        return text  # sizes HeadGeometry refuses by name
+    width = text.get("head_dim") if is_int(text.get("head_dim")) and text["head_dim"] > 0 else None
+    other = width is not None and width * heads != hidden  # a width an attention deriving its own ignores
+    if not nulls and not other:
+        return text
     text_type = text.get("model_type") if nested else None
     if config.get("model_type") not in family.model_types or (nested and not _is_type_name(text_type)):
         return text  # a class other than the family's (lmms-lab's llava_qwen): transformers cannot tell
     built = None
     for keys in (*((k,) for k in nulls), nulls):  # each alone names the one refused, then both together
-        built = _null_attention(family.name, hidden, heads, keys, text_type)
+        built = _null_attention(family.name, hidden, heads, keys, text_type, width)
+        if isinstance(built, str) and not keys:
+            return text  # nothing null: a refusal of the stated sizes is the load's to say
         if isinstance(built, str):
             where = f"{family.text_config_attr}." if nested else ""
             one = len(keys) == 1
             raise BadInput(f"config {' and '.join(where + k for k in keys)} {'is' if one else 'are'} null, which "
                            f"{built}: state {'it' if one else 'them'} as a positive integer, or leave "
                            f"{'it' if one else 'them'} out for the class's default")
-    return {**text, **{k: built[k] for k in nulls}} if built else text
+    if not built:
+        return text
+    if other and built["head_dim"] != width:
+        raise BadInput(f"config {f'{family.text_config_attr}.' if nested else ''}head_dim is {width}, which "
+                       f"transformers' {family.model_class} does not build: its attention's heads are "
+                       f"{built['head_dim']} wide (hidden_size {hidden} ÷ num_attention_heads {heads}), its rotary "
+                       f"embedding {width}, and no forward runs; leave head_dim out or state {built['head_dim']}")
+    return {**text, **{k: built[k] for k in nulls}}
 
 
 @functools.lru_cache(maxsize=64)
-def _null_attention(family: str, hidden: int, heads: int, nulls: tuple[str, ...],
-                    text_type: str | None) -> dict[str, int] | str | None:
+def _null_attention(family: str, hidden: int, heads: int, nulls: tuple[str, ...], text_type: str | None,
+                    width: int | None = None) -> dict[str, int] | str | None:
     """{head_dim, num_key_value_heads} of layer 0's attention that ``family``'s class builds on the meta device
-    from a config of its type stating these sizes, one layer and ``nulls`` as null (in its text config of type
-    ``text_type``, else at its top level); a str saying how transformers refuses them; None where it cannot tell:
-    a text type it does not know, or a text config of other sizes (LLaVA's class ignores top-level sizes)."""
+    from a config of its type stating these sizes, one layer, ``nulls`` as null and head_dim ``width`` where given
+    (in its text config of type ``text_type``, else at its top level); a str saying how transformers refuses them;
+    None where it cannot tell: a text type it does not know, or a text config of other sizes (LLaVA's class
+    ignores top-level sizes)."""
     import torch
     import transformers
     from transformers import AutoConfig
@@ -1038,7 +1055,7 @@ def _null_attention(family: str, hidden: int, heads: int, nulls: tuple[str, ...]
 
     fam = FAMILIES[family]
     text: dict[str, Any] = {"hidden_size": hidden, "num_attention_heads": heads, "num_hidden_layers": 1,
-                            **dict.fromkeys(nulls)}
+                            **({"head_dim": width} if width else {}), **dict.fromkeys(nulls)}
     if text_type is not None:
         text["model_type"] = text_type
         for part in reversed(fam.text_config_attr.split(".")):

@@ -1682,6 +1682,61 @@ def test_a_null_head_dim_or_key_value_count_is_what_transformers_builds_from_it_
     assert (g.n_heads, g.n_kv_heads, g.head_dim) == (32, kv, width)
 
 
+@pytest.mark.parametrize("family, flat", [*((f, False) for f in FAMILIES), ("qwen2_vl", True), ("qwen2_5_vl", True)])
+def test_a_stated_head_dim_other_than_hidden_over_heads_is_the_width_transformers_builds_or_refused(family, flat):
+    """A (text) config stating head_dim 16 where hidden ÷ heads is 8 (Qwen3's and Gemma 3's explicit widths): most
+    classes build 16-wide heads and run; Qwen2-VL's and Qwen2.5-VL's attention derives hidden ÷ heads and ignores it
+    while their rotary embedding takes it, so no forward runs. The shared reader took the stated 16 for every class
+    (their tensors refused as of the wrong shape, for a reason that is not the config's); it now reads the width
+    transformers builds and refuses, naming the key, what it builds no running model from. Oracle: transformers'
+    model on the meta device (q_proj rows ÷ heads, k_proj rows ÷ that width) and its LM's forward on meta tensors
+    (M-RoPE sections that fit 16-wide heads); ``flat``: the sizes at the top level of a composite config (Qwen2-VL's
+    flat hub configs, which its class takes into its text config)."""
+    from probe.errors import BadInput
+    from probe.families import HeadGeometry, text_config_dict
+    from probe.models import config_head_dim, config_kv_heads
+
+    fam = FAMILIES[family]
+    text = {"hidden_size": 256, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 16,
+            "num_hidden_layers": 1, "vocab_size": 300}
+    if family in MROPE:
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 2, 2]}
+    cfg = ({"model_type": fam.model_types[0], **text} if not fam.text_config_attr or flat
+           else _composite_config(fam, text))
+    built, attn = _built_attention(fam, cfg)
+    assert (built.hidden_size, built.num_attention_heads) == (256, 32)
+    width = attn.q_proj.out_features // 32
+    kv = attn.k_proj.out_features // width
+    try:
+        with torch.device("meta"):
+            _built_lm(fam, cfg)(input_ids=torch.zeros(1, 5, dtype=torch.long))
+    except RuntimeError:  # rotary tables of one width, heads of another
+        where = f"{fam.text_config_attr}." if fam.text_config_attr and not flat else ""
+        with pytest.raises(BadInput, match=rf"^config {re.escape(where)}head_dim is 16, which transformers' "
+                                           rf"{fam.model_class} does not build: its attention's heads are {width} wide"):
+            text_config_dict(cfg, fam)
+        assert family in ("qwen2_vl", "qwen2_5_vl") and width == 8
+        return
+    ours = text_config_dict(cfg, fam)
+    g = HeadGeometry.from_text_config(ours)
+    assert (g.n_kv_heads, g.head_dim, config_kv_heads(ours), config_head_dim(ours)) == (kv, width, kv, width), family
+    assert width == 16
+
+
+def _built_lm(fam, cfg: dict):
+    """The decoder stack (its parent module: embeddings, layers, norm) of transformers' build of ``cfg``, on the
+    meta device."""
+    import transformers
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(**cfg)
+    if fam.config_path:
+        config = getattr(config, fam.config_path)
+    with torch.device("meta"):
+        model = getattr(transformers, fam.model_class)(config)
+    return model.get_submodule(fam.layers_path.rsplit(".", 1)[0])
+
+
 @pytest.mark.parametrize("model_type", ["qwen2", "llama", "mistral", "qwen3", "gemma3_text", "qwen2_vl", "llava",
                                         "no-such-type"])
 def test_a_head_layout_without_num_key_value_heads_takes_the_count_transformers_builds(model_type):
