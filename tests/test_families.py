@@ -1713,7 +1713,8 @@ def test_a_stated_head_dim_other_than_hidden_over_heads_is_the_width_transformer
     except RuntimeError:  # rotary tables of one width, heads of another
         where = f"{fam.text_config_attr}." if fam.text_config_attr and not flat else ""
         with pytest.raises(BadInput, match=rf"^config {re.escape(where)}head_dim is 16, which transformers' "
-                                           rf"{fam.model_class} does not build: its attention's heads are {width} wide"):
+                                           rf"{fam.model_class} does not build: its attention's heads are "
+                                           rf"{width} wide"):
             text_config_dict(cfg, fam)
         assert family in ("qwen2_vl", "qwen2_5_vl") and width == 8
         return
