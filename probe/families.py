@@ -857,6 +857,7 @@ def text_config_dict(config: Mapping[str, Any], family: Family) -> dict[str, Any
     builds from it, or refused (``_built_nulls``). No text config (absent or null) in a config of the family's own
     type: the one transformers builds (``_unstated_text_config``); one that is no object is refused."""
     attr = family.text_config_attr
+    _check_no_other_text_config(config, family)
     sub = config_value(config, attr) if attr else None
     if attr and not isinstance(sub, Mapping):
         _check_sub_config_nodes(config, attr)
@@ -883,6 +884,27 @@ def text_config_dict(config: Mapping[str, Any], family: Family) -> dict[str, Any
         raise BadInput(f"config {attr}.model_type is {stated!r}{known}: {builds}; it must name the text model's type "
                        "(qwen2, llama, mistral, ...)")
     return _built_nulls(dict(with_class_defaults(sub)), config, family, True)
+
+
+# the keys transformers' get_text_config(decoder=True) takes a model's text config from, whatever the class
+_TEXT_CONFIG_KEYS = ("decoder", "generator", "text_config")
+
+
+def _check_no_other_text_config(config: Mapping[str, Any], family: Family) -> None:
+    """BadInput naming the key where the config the family's class is built from (the top level, the Omni thinker's)
+    of the family's own type sets one of ``_TEXT_CONFIG_KEYS`` other than its text config: transformers'
+    get_text_config takes it for the text config (a plain dict, a string: no model builds, an AttributeError), or
+    finds two (a ValueError), and builds no model; the probe's load ended in a traceback and the analyses read the
+    LM as if the key were absent."""
+    own = config_value(config, family.config_path) if family.config_path else config
+    if config.get("model_type") not in family.model_types or not isinstance(own, Mapping):
+        return
+    text_key = family.text_config_attr.split(".")[-1] if family.text_config_attr else None
+    for key in _TEXT_CONFIG_KEYS:
+        if key != text_key and own.get(key) is not None:
+            where = f"{family.config_path}.{key}" if family.config_path else key
+            raise BadInput(f"config {where} is set, which transformers' {family.model_class} takes for its text config "
+                           f"(get_text_config) and builds no model from: remove it")
 
 
 def _check_sub_config_nodes(config: Mapping[str, Any], path: str) -> None:

@@ -1450,13 +1450,16 @@ def test_a_safetensors_file_claiming_more_than_it_holds_is_one_line_without_allo
     ("organism-ov-si", "head_dim", None, "config text_config.head_dim is null, which transformers' "
                                          "LlavaOnevisionForConditionalGeneration builds no attention from"),
     ("organism-base", "head_dim", None, "config head_dim is null, which transformers' Qwen2ForCausalLM builds no "
-                                        "attention from")])
+                                        "attention from"),
+    ("organism-base", "decoder", {"hidden_size": 64}, "config decoder is set, which transformers' Qwen2ForCausalLM "
+                                                      "takes for its text config")])
 def test_a_config_transformers_cannot_build_is_refused_by_every_command(tmp_path, capfd, src, key, value, want):
     """A (text) config stating a list, an object, null or a name transformers does not know as its model_type where
     its class looks the type up (LLaVA-OneVision), or a null head_dim its Qwen2 attention takes as its width:
     transformers builds no model from either (the oracle: its config class or its model on the meta device raises),
     while the analyses read the list and the unknown name as of no class, the null as Qwen2 and the head width as
-    hidden size ÷ heads, and went on.
+    hidden size ÷ heads, and went on; a "decoder" key beside a causal LM's config, which transformers takes for its
+    text config (an AttributeError), ended probe.eval in a traceback.
     Every command refuses it now in one line naming the checkpoint and the key (the shared reader,
     probe.families.text_config_dict): exit 2, nothing written, the checkpoint untouched."""
     import torch
@@ -1475,7 +1478,7 @@ def test_a_config_transformers_cannot_build_is_refused_by_every_command(tmp_path
     (cfg["text_config"] if "text_config" in cfg else cfg)[key] = value
     (model / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
     fam = FAMILIES["llava_onevision" if "text_config" in cfg else "qwen2"]
-    with pytest.raises((TypeError, ValueError)):  # the oracle: transformers builds no such model
+    with pytest.raises((TypeError, ValueError, AttributeError)):  # the oracle: transformers builds no such model
         with torch.device("meta"):
             getattr(transformers, fam.model_class)(AutoConfig.from_pretrained(model))
     before = tree_manifest(model)

@@ -1596,6 +1596,40 @@ def test_a_text_config_absent_null_or_no_object_is_read_as_transformers_builds_i
     assert ours.get("vocab_size", built.vocab_size) == built.vocab_size
 
 
+@pytest.mark.parametrize("family, key", [(f, k) for f in FAMILIES for k in ("decoder", "generator", "text_config")
+                                         if k != "text_config" or not FAMILIES[f].text_config_attr])
+def test_a_second_text_config_key_is_refused_where_transformers_builds_no_model(family, key):
+    """A "decoder", "generator" or (a causal LM's) "text_config" key beside the LM's own config: transformers'
+    get_text_config takes it for the text config (a dict or a string, no config: an AttributeError) or finds two
+    (a ValueError), and builds no model, so probe.eval's load ended in a traceback while the analyses read the LM as
+    if the key were absent. Refused now, naming the key, where set on the config the class is built from (the Omni
+    thinker's); null there, or set on the Omni's outer config, builds and is read as before. Oracle: transformers'
+    model built on the meta device from the config, or its error."""
+    from probe.errors import BadInput
+    from probe.families import HeadGeometry, text_config_dict
+
+    fam = FAMILIES[family]
+    text = {"hidden_size": 256, "num_attention_heads": 32, "num_key_value_heads": 8, "num_hidden_layers": 1}
+    for value, level in (({"hidden_size": 64}, "own"), ("x", "own"), (None, "own"), ({"hidden_size": 64}, "outer")):
+        cfg = _composite_config(fam, dict(text)) if fam.text_config_attr else {"model_type": family, **text}
+        own = cfg[fam.config_path] if fam.config_path and level == "own" else cfg
+        if level == "outer" and not fam.config_path:
+            continue
+        own[key] = value
+        try:
+            _built_attention(fam, cfg)
+        except Exception:  # noqa: BLE001 - AttributeError, ValueError, or the strict dataclass validation's wrapper
+            with pytest.raises(BadInput, match=rf"^config {re.escape(fam.config_path + '.' if own is not cfg else '')}"
+                                               rf"{key} is set, which transformers' {fam.model_class} takes for its "
+                                               "text config"):
+                text_config_dict(cfg, fam)
+            assert value is not None and level == "own"
+            continue
+        g = HeadGeometry.from_text_config(text_config_dict(cfg, fam))
+        assert (g.n_heads, g.n_kv_heads, g.hidden_size) == (32, 8, 256)
+        assert value is None or level == "outer"
+
+
 @pytest.mark.parametrize("family", COMPOSITE)
 def test_the_text_type_a_family_builds_whatever_is_stated_is_transformers(family):
     """Family.text_model_type (read without importing transformers) against transformers' own build: the class of a
