@@ -865,7 +865,7 @@ def text_config_dict(config: Mapping[str, Any], family: Family) -> dict[str, Any
         if unstated is not None:
             return unstated
     if not isinstance(sub, Mapping):  # a causal LM, or an old multimodal config keeping LM fields at top level
-        return _built_nulls(dict(config), config, family, False)
+        return _checked_rotary(_built_nulls(dict(config), config, family, False), config, family, False)
     stated, parent = sub.get("model_type"), config.get("model_type")
     # a class of its own text class builds it whatever is stated (the table's, no transformers import); one looking
     # the type up is asked what it builds of what is stated: a class, or nothing (it refuses)
@@ -883,7 +883,7 @@ def text_config_dict(config: Mapping[str, Any], family: Family) -> dict[str, Any
         known = "" if stated in CONFIG_MAPPING else ", a model type transformers does not know"
         raise BadInput(f"config {attr}.model_type is {stated!r}{known}: {builds}; it must name the text model's type "
                        "(qwen2, llama, mistral, ...)")
-    return _built_nulls(dict(with_class_defaults(sub)), config, family, True)
+    return _checked_rotary(_built_nulls(dict(with_class_defaults(sub)), config, family, True), config, family, True)
 
 
 # the keys transformers' get_text_config(decoder=True) takes a model's text config from, whatever the class
@@ -1101,6 +1101,74 @@ def _null_attention(family: str, hidden: int, heads: int, nulls: tuple[str, ...]
             return f"transformers' {fam.model_class} builds no attention from ({type(exc).__name__})"
     width = attn.q_proj.out_features // heads
     return {"head_dim": width, "num_key_value_heads": attn.k_proj.out_features // width}
+
+
+def _checked_rotary(text: dict[str, Any], config: Mapping[str, Any], family: Family, nested: bool) -> dict[str, Any]:
+    """``text``, or BadInput naming the key where its M-RoPE sections (``mrope_section`` of rope_parameters or the
+    older rope_scaling) do not sum to half the head width and transformers' class runs no forward with them:
+    Qwen2-VL's, Qwen2.5-VL's and the Omni thinker's rotary embedding splits its tables by them (a RuntimeError);
+    Qwen3-VL's interleaved sections run with any. probe.eval and probe.heads ended in a traceback at the first
+    batch, after the model had loaded; the analyses read only the weights. Asked of transformers only where the sum
+    is off (a meta-device forward of one layer)."""
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = text.get(key)
+        section = rope.get("mrope_section") if isinstance(rope, Mapping) else None
+        if isinstance(section, list) and section and all(is_int(v) for v in section):
+            break
+    else:
+        return text
+    hidden, heads = text.get("hidden_size"), text.get("num_attention_heads")
+    if not (is_int(hidden) and is_int(heads) and hidden > 0 and heads > 0):
+        return text
+    width = text["head_dim"] if is_int(text.get("head_dim")) else class_head_dim(text.get("model_type"), hidden, heads)
+    text_type = text.get("model_type") if nested else None
+    if (2 * sum(section) == width or config.get("model_type") not in family.model_types
+            or (nested and not _is_type_name(text_type))):
+        return text
+    error = _rotary_error(family.name, hidden, heads, text.get("head_dim") if is_int(text.get("head_dim")) else None,
+                          key, json.dumps(rope, sort_keys=True), text_type)
+    if error:
+        where = f"{family.text_config_attr}." if nested else ""
+        raise BadInput(f"config {where}{key}.mrope_section is {section} (sum {sum(section)}), which transformers' "
+                       f"{family.model_class} runs no forward with ({error}): its sections must sum to half the head "
+                       f"width, {width // 2}")
+    return text
+
+
+@functools.lru_cache(maxsize=16)
+def _rotary_error(family: str, hidden: int, heads: int, head_dim: int | None, key: str, rope: str,
+                  text_type: str | None) -> str | None:
+    """The error type transformers raises running ``family``'s LM (one layer, built on the meta device from a config
+    of these sizes, head_dim where stated and ``rope`` under ``key``; its text config of type ``text_type``, else
+    the top level) on three tokens; None where it runs or the config builds no model (the load's to say)."""
+    import torch
+    import transformers
+    from transformers import AutoConfig
+
+    from probe.dispatch import meta_model
+
+    fam = FAMILIES[family]
+    text: dict[str, Any] = {"hidden_size": hidden, "num_attention_heads": heads, "num_hidden_layers": 1,
+                            key: json.loads(rope), **({"head_dim": head_dim} if head_dim else {})}
+    if text_type is not None:
+        text["model_type"] = text_type
+        for part in reversed(fam.text_config_attr.split(".")):
+            text = {part: text}
+    with transformers_errors_only():
+        try:
+            config = AutoConfig.for_model(fam.model_types[0], **text)
+            if fam.config_path:
+                config = getattr(config, fam.config_path)
+            lm = meta_model(getattr(transformers, fam.model_class), config, torch.float32).get_submodule(
+                fam.layers_path.rsplit(".", 1)[0])
+        except Exception:  # noqa: BLE001 - no model from these sizes: not this check's to say
+            return None
+        try:
+            with torch.device("meta"):
+                lm(input_ids=torch.zeros(1, 3, dtype=torch.long))
+        except RuntimeError as exc:  # the rotary tables split or broadcast to another width
+            return type(exc).__name__
+    return None
 
 
 def check_layout_model_type(model_type: str | None) -> None:

@@ -1259,6 +1259,30 @@ def test_a_text_config_moved_to_the_top_level_or_given_as_text_is_refused_alike(
     assert tree_manifest(model) == before
 
 
+def test_mrope_sections_of_another_head_width_are_one_line_not_a_traceback(tmp_path, capfd):
+    """A Qwen2-VL text config whose M-RoPE sections sum to 12 over 16-wide heads: transformers builds and loads the
+    model, and its first forward raises in the rotary split (the oracle below), which probe.eval reported as a
+    traceback. Every command now refuses the config in one line naming the key, nothing written."""
+    import torch
+    import transformers
+    from transformers import AutoConfig
+
+    from conftest import tree_manifest
+    from probe.models import resolve_model
+
+    model = shutil.copytree(resolve_model("organism-vl").path, tmp_path / "m")
+    cfg = json.loads((model / "config.json").read_text(encoding="utf-8"))
+    cfg["text_config"]["rope_parameters"]["mrope_section"] = [4, 4, 4]
+    (model / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    with torch.device("meta"), pytest.raises(RuntimeError, match="split_with_sizes"):
+        transformers.Qwen2VLForConditionalGeneration(AutoConfig.from_pretrained(model)).model.language_model(
+            input_ids=torch.zeros(1, 3, dtype=torch.long))
+    before = tree_manifest(model)
+    for line in lines_of_eval_and_shift(model, tmp_path, capfd):
+        assert f"{model}: config text_config.rope_parameters.mrope_section is [4, 4, 4] (sum 12)" in line, line
+    assert tree_manifest(model) == before
+
+
 @pytest.mark.parametrize("named", ["../outside.safetensors", "ABSOLUTE", "sub/model-00002-of-00002.safetensors", 7])
 def test_an_index_naming_a_shard_by_a_path_is_refused_by_the_probe_and_the_analyses(tmp_path, capfd, named):
     """A shard named by a path in model.safetensors.index.json: analyses.shift read one outside the model's folder

@@ -1758,6 +1758,37 @@ def test_a_stated_head_dim_other_than_hidden_over_heads_is_the_width_transformer
     assert width == 16
 
 
+@pytest.mark.parametrize("section", [[2, 1, 1], [4, 4, 4], [1, 1, 1]])
+@pytest.mark.parametrize("family, key", [*((f, "rope_parameters") for f in MROPE), ("qwen2_vl", "rope_scaling"),
+                                         ("qwen2_5_vl", "rope_scaling")])
+def test_mrope_sections_transformers_runs_no_forward_with_are_refused(family, section, key):
+    """M-RoPE sections that do not sum to half the head width (8-wide heads here: [2, 1, 1] fits): Qwen2-VL's,
+    Qwen2.5-VL's and the Omni thinker's rotary embedding splits its tables by them and raises at the first forward
+    (probe.eval's and probe.heads' traceback after the load); Qwen3-VL's interleaved sections (heads 128 wide by its
+    class's default) run with any. Oracle: transformers' LM built on the meta device from the config, run on three
+    tokens; the older rope_scaling spelling of the published Qwen2-VL and Qwen2.5-VL configs alike."""
+    from probe.errors import BadInput
+    from probe.families import HeadGeometry, text_config_dict
+
+    fam = FAMILIES[family]
+    rope = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": section}
+    if key == "rope_scaling":
+        rope = {"type": "mrope", "mrope_section": section}
+    cfg = _composite_config(fam, {"hidden_size": 256, "num_attention_heads": 32, "num_key_value_heads": 8,
+                                  "num_hidden_layers": 1, key: rope})
+    try:
+        with torch.device("meta"):
+            _built_lm(fam, cfg)(input_ids=torch.zeros(1, 3, dtype=torch.long))
+    except RuntimeError:
+        want = f"config {fam.text_config_attr}.{key}.mrope_section is {section} (sum {sum(section)}), which"
+        with pytest.raises(BadInput, match="^" + re.escape(want)):
+            text_config_dict(cfg, fam)
+        assert section != [2, 1, 1] and family != "qwen3_vl"
+        return
+    assert HeadGeometry.from_text_config(text_config_dict(cfg, fam)).n_heads == 32
+    assert section == [2, 1, 1] or family == "qwen3_vl"
+
+
 def _built_lm(fam, cfg: dict):
     """The decoder stack (its parent module: embeddings, layers, norm) of transformers' build of ``cfg``, on the
     meta device."""
