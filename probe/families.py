@@ -865,7 +865,7 @@ def text_config_dict(config: Mapping[str, Any], family: Family) -> dict[str, Any
         if unstated is not None:
             return unstated
     if not isinstance(sub, Mapping):  # a causal LM, or an old multimodal config keeping LM fields at top level
-        return _checked_rotary(_built_nulls(dict(config), config, family, False), config, family, False)
+        return _built_nulls(dict(config), config, family, False)
     stated, parent = sub.get("model_type"), config.get("model_type")
     # a class of its own text class builds it whatever is stated (the table's, no transformers import); one looking
     # the type up is asked what it builds of what is stated: a class, or nothing (it refuses)
@@ -883,7 +883,7 @@ def text_config_dict(config: Mapping[str, Any], family: Family) -> dict[str, Any
         known = "" if stated in CONFIG_MAPPING else ", a model type transformers does not know"
         raise BadInput(f"config {attr}.model_type is {stated!r}{known}: {builds}; it must name the text model's type "
                        "(qwen2, llama, mistral, ...)")
-    return _checked_rotary(_built_nulls(dict(with_class_defaults(sub)), config, family, True), config, family, True)
+    return _built_nulls(dict(with_class_defaults(sub)), config, family, True)
 
 
 # the keys transformers' get_text_config(decoder=True) takes a model's text config from, whatever the class
@@ -1103,13 +1103,21 @@ def _null_attention(family: str, hidden: int, heads: int, nulls: tuple[str, ...]
     return {"head_dim": width, "num_key_value_heads": attn.k_proj.out_features // width}
 
 
-def _checked_rotary(text: dict[str, Any], config: Mapping[str, Any], family: Family, nested: bool) -> dict[str, Any]:
-    """``text``, or BadInput naming the key where its M-RoPE sections (``mrope_section`` of rope_parameters or the
+def check_rotary_sections(config: Mapping[str, Any], family: Family) -> None:
+    """BadInput naming the key where the text config's M-RoPE sections (``mrope_section`` of rope_parameters or the
     older rope_scaling) do not sum to half the head width and transformers' class runs no forward with them:
     Qwen2-VL's, Qwen2.5-VL's and the Omni thinker's rotary embedding splits its tables by them (a RuntimeError);
     Qwen3-VL's interleaved sections run with any. probe.eval and probe.heads ended in a traceback at the first
-    batch, after the model had loaded; the analyses read only the weights. Asked of transformers only where the sum
-    is off (a meta-device forward of one layer)."""
+    batch, after the model had loaded. Asked of transformers only where the sum is off (a meta-device forward of
+    one layer); called by the LM size check (probe.models.check_lm_sizes) once the tensors fit the sizes, so a
+    damaged head count is named as such, not as the sections it no longer fits."""
+    nested = bool(family.text_config_attr) and isinstance(config_value(config, family.text_config_attr), Mapping)
+    _checked_rotary(text_config_dict(config, family), config, family, nested)
+
+
+def _checked_rotary(text: dict[str, Any], config: Mapping[str, Any], family: Family, nested: bool) -> dict[str, Any]:
+    """``text``, or BadInput naming the key where transformers runs no forward with its M-RoPE sections
+    (``check_rotary_sections``)."""
     for key in ("rope_parameters", "rope_scaling"):
         rope = text.get(key)
         section = rope.get("mrope_section") if isinstance(rope, Mapping) else None

@@ -27,6 +27,7 @@ from probe.families import (
     Family,
     HeadGeometry,
     canonical_lm_name,
+    check_rotary_sections,
     class_head_dim,
     class_kv_heads,
     config_geometry,
@@ -446,6 +447,10 @@ def check_lm_sizes(path: Path, config: Mapping[str, Any], family: Family,
             wrong.append(f"{key} (shape {tuple(shape)} in the file, {tuple(expected)} by config.json)")
     if wrong:
         raise BadInput(mismatch_line(path, wrong, "of the wrong shape"))
+    try:  # sizes that fit the tensors: the M-RoPE sections must fit their heads (no forward runs otherwise)
+        check_rotary_sections(config, family)
+    except BadInput as exc:
+        raise BadInput(f"{path}: {exc}") from None
 
 
 def mismatch_line(path: Path, keys: Sequence[str], what: str) -> str:
