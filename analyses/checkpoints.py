@@ -282,7 +282,7 @@ def checkpoint_fingerprint(ck: Checkpoint) -> str:
 
 def open_checkpoint(spec: str, allow_bin: bool = False) -> Checkpoint:
     """Resolve, read config and headers, detect the layout; no tensor data is touched."""
-    from probe.models import check_layer_counts, check_lm_sizes, check_shard_keys, check_tied_head
+    from probe.models import check_layer_counts, check_lm_sizes, check_shard_keys, check_tied_head, loads_tied
 
     path = resolve_model_dir(spec)
     config = read_config_json(path)
@@ -323,7 +323,9 @@ def open_checkpoint(spec: str, allow_bin: bool = False) -> Checkpoint:
         raise BadInput(f"{path}: no LM tensors found under layout {layout.name}")
     # probe.eval's load refuses an LM whose shapes contradict config.json: these readers refuse it alike
     check_lm_sizes(path, config, FAMILIES[layout.family], {c: (k, infos[k].shape) for c, k in lm.items()})
-    if "lm_head.weight" not in lm and says_untied(config, FAMILIES[layout.family]):
+    # a text config's false that the class ignores (Gemma 3, InternVL tie by default) is asked of it (loads_tied)
+    if "lm_head.weight" not in lm and says_untied(config, FAMILIES[layout.family]) and not loads_tied(
+            config, FAMILIES[layout.family]):
         raise BadInput(f"{path}: no lm_head tensor, yet config.json unties it from embed_tokens "
                        "(tie_word_embeddings false): transformers would initialise it at random; a damaged checkpoint")
     if f8 := next((k for k in lm.values() if infos[k].dtype in FLOAT8), None):

@@ -53,8 +53,11 @@ def _qwen2(tf, txt: dict, vocab: int):
 
 
 def _qwen2_vl(tf, txt: dict, vocab: int):
+    # M-RoPE sections sum to half the head width, or no forward runs: [2, 1, 1] for the default 8-wide heads
+    half = txt["hidden_size"] // txt["num_attention_heads"] // 2
+    section = [half - 2 * (half // 4), half // 4, half // 4]
     return tf.Qwen2VLForConditionalGeneration(tf.Qwen2VLConfig(
-        text_config=dict(txt, rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]}),
+        text_config=dict(txt, rope_scaling={"type": "mrope", "mrope_section": section}),
         vision_config=dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, patch_size=14, spatial_merge_size=2,
                            temporal_patch_size=2),
         image_token_id=vocab - 3, video_token_id=vocab - 2, vision_start_token_id=vocab - 4,

@@ -851,23 +851,104 @@ def text_config_dict(config: Mapping[str, Any], family: Family) -> dict[str, Any
     it was read as of no class (the attention heads, hidden size ÷ heads), a layout transformers never builds, and
     a null one as absent (LLaVA's Llama, where transformers builds nothing). A type name such a class ignores too
     (Qwen2-VL's text config stating "qwen2": transformers builds its qwen2_vl_text, 8 key/value heads where Qwen2's
-    class defaults to 32) is the class it builds. A stated null head_dim or
-    num_key_value_heads is what transformers builds from it, or refused (``_built_nulls``)."""
+    class defaults to 32) is the class it builds. A name a looking-up class refuses ("qwen9", no type transformers
+    knows: a ValueError) is refused here too: it was read as a text config of no class; one it builds ("mistral"
+    inside a LLaVA-OneVision) is that class. A stated null head_dim or num_key_value_heads is what transformers
+    builds from it, or refused (``_built_nulls``). No text config (absent or null) in a config of the family's own
+    type: the one transformers builds (``_unstated_text_config``); one that is no object is refused."""
     attr = family.text_config_attr
+    _check_no_other_text_config(config, family)
     sub = config_value(config, attr) if attr else None
+    if attr and not isinstance(sub, Mapping):
+        _check_sub_config_nodes(config, attr)
+        unstated = _unstated_text_config(config, family)
+        if unstated is not None:
+            return unstated
     if not isinstance(sub, Mapping):  # a causal LM, or an old multimodal config keeping LM fields at top level
         return _built_nulls(dict(config), config, family, False)
-    stated = sub.get("model_type")
+    stated, parent = sub.get("model_type"), config.get("model_type")
     # a class of its own text class builds it whatever is stated (the table's, no transformers import); one looking
-    # the type up builds a stated name as it is, and is asked what it builds of anything else
-    built = family.text_model_type or (stated if _is_type_name(stated) else
-                                       sub_config_model_type(config.get("model_type"), attr, sub))
+    # the type up is asked what it builds of what is stated: a class, or nothing (it refuses)
+    built = family.text_model_type or sub_config_model_type(parent, attr, sub)
+    if not built and _is_type_name(stated) and not sub_config_model_type(parent, attr):
+        built = stated  # a parent transformers builds nothing of (lmms-lab's llava_qwen): the name as stated
     if built and built != stated:  # absent, or a value the parent's class ignores (null, a list, another type's
         sub = {**sub, "model_type": built}  # name: Qwen2-VL's text class is its own): the type it builds
-    elif not built and "model_type" in sub and not _is_type_name(stated):
-        raise BadInput(f"config {attr}.model_type is {_kind(stated)}; it must be a model type name (transformers' "
-                       f"{config.get('model_type')!r} config class builds no text config from it)")
+    elif not built and "model_type" in sub:
+        builds = f"transformers' {parent!r} config class builds no text config from it"
+        if not _is_type_name(stated):
+            raise BadInput(f"config {attr}.model_type is {_kind(stated)}; it must be a model type name ({builds})")
+        from transformers import CONFIG_MAPPING
+
+        known = "" if stated in CONFIG_MAPPING else ", a model type transformers does not know"
+        raise BadInput(f"config {attr}.model_type is {stated!r}{known}: {builds}; it must name the text model's type "
+                       "(qwen2, llama, mistral, ...)")
     return _built_nulls(dict(with_class_defaults(sub)), config, family, True)
+
+
+# the keys transformers' get_text_config(decoder=True) takes a model's text config from, whatever the class
+_TEXT_CONFIG_KEYS = ("decoder", "generator", "text_config")
+
+
+def _check_no_other_text_config(config: Mapping[str, Any], family: Family) -> None:
+    """BadInput naming the key where the config the family's class is built from (the top level, the Omni thinker's)
+    of the family's own type sets one of ``_TEXT_CONFIG_KEYS`` other than its text config: transformers'
+    get_text_config takes it for the text config (a plain dict, a string: no model builds, an AttributeError), or
+    finds two (a ValueError), and builds no model; the probe's load ended in a traceback and the analyses read the
+    LM as if the key were absent."""
+    own = config_value(config, family.config_path) if family.config_path else config
+    if config.get("model_type") not in family.model_types or not isinstance(own, Mapping):
+        return
+    text_key = family.text_config_attr.split(".")[-1] if family.text_config_attr else None
+    for key in _TEXT_CONFIG_KEYS:
+        if key != text_key and own.get(key) is not None:
+            where = f"{family.config_path}.{key}" if family.config_path else key
+            raise BadInput(f"config {where} is set, which transformers' {family.model_class} takes for its text config "
+                           f"(get_text_config) and builds no model from: remove it")
+
+
+def _check_sub_config_nodes(config: Mapping[str, Any], path: str) -> None:
+    """BadInput naming the key where a node on the dotted ``path`` (text_config, thinker_config) is neither an object
+    nor null: transformers' composite classes refuse it (a JSON string text_config: a validation error), while it
+    was read as no text config at all, the LM's sizes taken from the top level."""
+    node: Any = config
+    for i, part in enumerate(path.split(".")):
+        node = node.get(part) if isinstance(node, Mapping) else None
+        if node is not None and not isinstance(node, Mapping):
+            key = ".".join(path.split(".")[:i + 1])
+            raise BadInput(f"config {key} is {_kind(node)}; it must be an object (transformers' "
+                           f"{config.get('model_type')!r} config class builds no {key} from it)")
+
+
+def _unstated_text_config(config: Mapping[str, Any], family: Family) -> dict[str, Any] | None:
+    """The text config transformers builds from a config.json of the family's own type whose text config is absent
+    or null: the LM sizes at its top level where its class takes them into its text config (Qwen2-VL's and
+    Qwen2.5-VL's flat hub configs: None, the top level is read), else its class's default text config whatever the
+    top level states (LLaVA's Llama 7B, LLaVA-OneVision's Qwen2 7B, Gemma 3's 26 layers of 2304), which the LM
+    tensors' size check then compares. The top level was read: the analyses measured and merged an LM of sizes
+    transformers never builds from that config.json (its load refuses the tensors). None too where transformers
+    cannot tell: a type other than the family's (lmms-lab's llava_qwen, the original LLaVA's flat llava)."""
+    parent = config.get("model_type")
+    if parent not in family.model_types:
+        return None
+    hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    if is_int(hidden) and is_int(heads) and hidden > 0 and heads > 0 and _class_text_config(parent, hidden, heads):
+        return None  # its class builds its text config of the top-level sizes
+    default = _default_text_config(parent)
+    return json.loads(default) if default is not None else None
+
+
+@functools.lru_cache(maxsize=16)
+def _default_text_config(model_type: str) -> str | None:
+    """transformers' default text config of the config class for ``model_type`` as JSON text (callers get their own
+    copy); None where it builds none."""
+    from transformers import AutoConfig
+
+    try:
+        with transformers_errors_only():
+            return json.dumps(AutoConfig.for_model(model_type).get_text_config(decoder=True).to_dict())
+    except Exception:  # noqa: BLE001 - a type transformers does not know
+        return None
 
 
 def _is_type_name(value: Any) -> bool:
@@ -875,9 +956,9 @@ def _is_type_name(value: Any) -> bool:
 
 
 def _kind(value: Any) -> str:
-    """How a model_type that is no name is named in the refusal."""
+    """How a value of the wrong kind (a model_type that is no name, a text_config that is no object) is named."""
     kinds = ((type(None), "null"), (bool, "a boolean"), (int, "a number"), (float, "a number"), (list, "a list"),
-             (dict, "an object"), (str, "an empty string"))
+             (dict, "an object"), (str, "a string" if value else "an empty string"))
     return next((name for t, name in kinds if isinstance(value, t)), type(value).__name__)
 
 
@@ -943,34 +1024,51 @@ def _built_nulls(text: dict[str, Any], config: Mapping[str, Any], family: Family
     the key where transformers refuses it: the strict configs of Qwen3, Mistral and Gemma 3 refuse a null of a key
     they type as an int, Qwen2's attention (and the Qwen2 LMs of LLaVA-OneVision, InternVL, Qwen2-Audio, the Omni
     thinker) takes a null head_dim as its width and fails. Both were read as absent: a head layout from hidden ÷
-    heads, or the attention heads, where the class builds none. Left as it is where transformers cannot tell (a
+    heads, or the attention heads, where the class builds none. A stated head_dim other than hidden ÷ heads is
+    asked too: an attention that builds another width (Qwen2-VL's and Qwen2.5-VL's derive hidden ÷ heads, while
+    their rotary embedding takes the stated head_dim: no forward runs) is BadInput naming the key; it was read as
+    the head width, and the tensors refused as of the wrong shape. Left as it is where transformers cannot tell (a
     type it does not know, a class ignoring the sizes)."""
     nulls = tuple(k for k in _NULLABLE if k in text and text[k] is None)
     hidden, heads = text.get("hidden_size"), text.get("num_attention_heads")
-    if not nulls or not (is_int(hidden) and is_int(heads) and hidden > 0 and heads > 0):
-        return text  # nothing null, or sizes HeadGeometry refuses by name
+    if not (is_int(hidden) and is_int(heads) and hidden > 0 and heads > 0):
+        return text  # sizes HeadGeometry refuses by name
+    width = text.get("head_dim") if is_int(text.get("head_dim")) and text["head_dim"] > 0 else None
+    other = width is not None and width * heads != hidden  # a width an attention deriving its own ignores
+    if not nulls and not other:
+        return text
     text_type = text.get("model_type") if nested else None
     if config.get("model_type") not in family.model_types or (nested and not _is_type_name(text_type)):
         return text  # a class other than the family's (lmms-lab's llava_qwen): transformers cannot tell
     built = None
     for keys in (*((k,) for k in nulls), nulls):  # each alone names the one refused, then both together
-        built = _null_attention(family.name, hidden, heads, keys, text_type)
+        built = _null_attention(family.name, hidden, heads, keys, text_type, width)
+        if isinstance(built, str) and not keys:
+            return text  # nothing null: a refusal of the stated sizes is the load's to say
         if isinstance(built, str):
             where = f"{family.text_config_attr}." if nested else ""
             one = len(keys) == 1
             raise BadInput(f"config {' and '.join(where + k for k in keys)} {'is' if one else 'are'} null, which "
                            f"{built}: state {'it' if one else 'them'} as a positive integer, or leave "
                            f"{'it' if one else 'them'} out for the class's default")
-    return {**text, **{k: built[k] for k in nulls}} if built else text
+    if not built:
+        return text
+    if other and built["head_dim"] != width:
+        raise BadInput(f"config {f'{family.text_config_attr}.' if nested else ''}head_dim is {width}, which "
+                       f"transformers' {family.model_class} does not build: its attention's heads are "
+                       f"{built['head_dim']} wide (hidden_size {hidden} ÷ num_attention_heads {heads}), its rotary "
+                       f"embedding {width}, and no forward runs; leave head_dim out or state {built['head_dim']}")
+    return {**text, **{k: built[k] for k in nulls}}
 
 
 @functools.lru_cache(maxsize=64)
-def _null_attention(family: str, hidden: int, heads: int, nulls: tuple[str, ...],
-                    text_type: str | None) -> dict[str, int] | str | None:
+def _null_attention(family: str, hidden: int, heads: int, nulls: tuple[str, ...], text_type: str | None,
+                    width: int | None = None) -> dict[str, int] | str | None:
     """{head_dim, num_key_value_heads} of layer 0's attention that ``family``'s class builds on the meta device
-    from a config of its type stating these sizes, one layer and ``nulls`` as null (in its text config of type
-    ``text_type``, else at its top level); a str saying how transformers refuses them; None where it cannot tell:
-    a text type it does not know, or a text config of other sizes (LLaVA's class ignores top-level sizes)."""
+    from a config of its type stating these sizes, one layer, ``nulls`` as null and head_dim ``width`` where given
+    (in its text config of type ``text_type``, else at its top level); a str saying how transformers refuses them;
+    None where it cannot tell: a text type it does not know, or a text config of other sizes (LLaVA's class
+    ignores top-level sizes)."""
     import torch
     import transformers
     from transformers import AutoConfig
@@ -979,7 +1077,7 @@ def _null_attention(family: str, hidden: int, heads: int, nulls: tuple[str, ...]
 
     fam = FAMILIES[family]
     text: dict[str, Any] = {"hidden_size": hidden, "num_attention_heads": heads, "num_hidden_layers": 1,
-                            **dict.fromkeys(nulls)}
+                            **({"head_dim": width} if width else {}), **dict.fromkeys(nulls)}
     if text_type is not None:
         text["model_type"] = text_type
         for part in reversed(fam.text_config_attr.split(".")):
@@ -1003,6 +1101,82 @@ def _null_attention(family: str, hidden: int, heads: int, nulls: tuple[str, ...]
             return f"transformers' {fam.model_class} builds no attention from ({type(exc).__name__})"
     width = attn.q_proj.out_features // heads
     return {"head_dim": width, "num_key_value_heads": attn.k_proj.out_features // width}
+
+
+def check_rotary_sections(config: Mapping[str, Any], family: Family) -> None:
+    """BadInput naming the key where the text config's M-RoPE sections (``mrope_section`` of rope_parameters or the
+    older rope_scaling) do not sum to half the head width and transformers' class runs no forward with them:
+    Qwen2-VL's, Qwen2.5-VL's and the Omni thinker's rotary embedding splits its tables by them (a RuntimeError);
+    Qwen3-VL's interleaved sections run with any. probe.eval and probe.heads ended in a traceback at the first
+    batch, after the model had loaded. Asked of transformers only where the sum is off (a meta-device forward of
+    one layer); called by the LM size check (probe.models.check_lm_sizes) once the tensors fit the sizes, so a
+    damaged head count is named as such, not as the sections it no longer fits."""
+    nested = bool(family.text_config_attr) and isinstance(config_value(config, family.text_config_attr), Mapping)
+    _checked_rotary(text_config_dict(config, family), config, family, nested)
+
+
+def _checked_rotary(text: dict[str, Any], config: Mapping[str, Any], family: Family, nested: bool) -> dict[str, Any]:
+    """``text``, or BadInput naming the key where transformers runs no forward with its M-RoPE sections
+    (``check_rotary_sections``)."""
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = text.get(key)
+        section = rope.get("mrope_section") if isinstance(rope, Mapping) else None
+        if isinstance(section, list) and section and all(is_int(v) for v in section):
+            break
+    else:
+        return text
+    hidden, heads = text.get("hidden_size"), text.get("num_attention_heads")
+    if not (is_int(hidden) and is_int(heads) and hidden > 0 and heads > 0):
+        return text
+    width = text["head_dim"] if is_int(text.get("head_dim")) else class_head_dim(text.get("model_type"), hidden, heads)
+    text_type = text.get("model_type") if nested else None
+    if (2 * sum(section) == width or config.get("model_type") not in family.model_types
+            or (nested and not _is_type_name(text_type))):
+        return text
+    error = _rotary_error(family.name, hidden, heads, text.get("head_dim") if is_int(text.get("head_dim")) else None,
+                          key, json.dumps(rope, sort_keys=True), text_type)
+    if error:
+        where = f"{family.text_config_attr}." if nested else ""
+        raise BadInput(f"config {where}{key}.mrope_section is {section} (sum {sum(section)}), which transformers' "
+                       f"{family.model_class} runs no forward with ({error}): its sections must sum to half the head "
+                       f"width, {width // 2}")
+    return text
+
+
+@functools.lru_cache(maxsize=16)
+def _rotary_error(family: str, hidden: int, heads: int, head_dim: int | None, key: str, rope: str,
+                  text_type: str | None) -> str | None:
+    """The error type transformers raises running ``family``'s LM (one layer, built on the meta device from a config
+    of these sizes, head_dim where stated and ``rope`` under ``key``; its text config of type ``text_type``, else
+    the top level) on three tokens; None where it runs or the config builds no model (the load's to say)."""
+    import torch
+    import transformers
+    from transformers import AutoConfig
+
+    from probe.dispatch import meta_model
+
+    fam = FAMILIES[family]
+    text: dict[str, Any] = {"hidden_size": hidden, "num_attention_heads": heads, "num_hidden_layers": 1,
+                            key: json.loads(rope), **({"head_dim": head_dim} if head_dim else {})}
+    if text_type is not None:
+        text["model_type"] = text_type
+        for part in reversed(fam.text_config_attr.split(".")):
+            text = {part: text}
+    with transformers_errors_only():
+        try:
+            config = AutoConfig.for_model(fam.model_types[0], **text)
+            if fam.config_path:
+                config = getattr(config, fam.config_path)
+            lm = meta_model(getattr(transformers, fam.model_class), config, torch.float32).get_submodule(
+                fam.layers_path.rsplit(".", 1)[0])
+        except Exception:  # noqa: BLE001 - no model from these sizes: not this check's to say
+            return None
+        try:
+            with torch.device("meta"):
+                lm(input_ids=torch.zeros(1, 3, dtype=torch.long))
+        except RuntimeError as exc:  # the rotary tables split or broadcast to another width
+            return type(exc).__name__
+    return None
 
 
 def check_layout_model_type(model_type: str | None) -> None:

@@ -27,6 +27,7 @@ from probe.families import (
     Family,
     HeadGeometry,
     canonical_lm_name,
+    check_rotary_sections,
     class_head_dim,
     class_kv_heads,
     config_geometry,
@@ -446,6 +447,10 @@ def check_lm_sizes(path: Path, config: Mapping[str, Any], family: Family,
             wrong.append(f"{key} (shape {tuple(shape)} in the file, {tuple(expected)} by config.json)")
     if wrong:
         raise BadInput(mismatch_line(path, wrong, "of the wrong shape"))
+    try:  # sizes that fit the tensors: the M-RoPE sections must fit their heads (no forward runs otherwise)
+        check_rotary_sections(config, family)
+    except BadInput as exc:
+        raise BadInput(f"{path}: {exc}") from None
 
 
 def mismatch_line(path: Path, keys: Sequence[str], what: str) -> str:
@@ -475,9 +480,15 @@ _TIES: dict[tuple[str, str], bool] = {}
 
 
 def loads_tied(config: Mapping[str, Any], family: Family) -> bool:
-    """``ties_word_embeddings``, answered from config.json alone where it says untied (``says_untied``: most
-    checkpoints with an lm_head of their own do), so that no skeleton is built for them."""
-    return not says_untied(config, family) and ties_word_embeddings(config, family)
+    """``ties_word_embeddings``, answered from config.json alone where the config the class is built from (the top
+    level, the Omni thinker's) says untied and nothing says tied (``says_untied``: most checkpoints with an lm_head
+    of their own do), so that no skeleton is built for them. A text config's false alone is asked of the class:
+    Gemma 3's and InternVL's ignore it and tie by their own default, which was read as untied (a tied Gemma 3
+    refused as lacking its lm_head, a merged head left tied to the carrier's embedding by its config)."""
+    own = config_value(config, family.config_path) if family.config_path else config
+    if says_untied(config, family) and isinstance(own, Mapping) and own.get("tie_word_embeddings") is False:
+        return False
+    return ties_word_embeddings(config, family)
 
 
 def _ties_word_embeddings(config: Mapping[str, Any], family: Family) -> bool:
@@ -524,9 +535,10 @@ def check_tied_head(path: Path, config: Mapping[str, Any], family: Family, head:
     if not loads_tied(config, family):
         return
     if not same_values(tensor(head), tensor(embed)):
-        raise BadInput(f"{path}: config.json ties lm_head to embed_tokens (tie_word_embeddings true), yet the weights "
-                       f"hold an lm_head ({head}) that differs from the embedding ({embed}): transformers runs the "
-                       "file's lm_head, a loader following the config the embedding; set tie_word_embeddings false "
+        said = "true" if says_tied(config, family) else "left to its class, whose default ties"
+        raise BadInput(f"{path}: config.json ties lm_head to embed_tokens (tie_word_embeddings {said}), yet the "
+                       f"weights hold an lm_head ({head}) that differs from the embedding ({embed}): transformers runs "
+                       "the file's lm_head, a loader following the config the embedding; set tie_word_embeddings false "
                        f"if the lm_head is meant, or delete {head} from the weights")
 
 

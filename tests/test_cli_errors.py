@@ -1226,6 +1226,63 @@ def lines_of_eval_and_shift(model: Path, tmp_path: Path, capfd) -> list[str]:
     return lines
 
 
+@pytest.mark.parametrize("how", ["flat", "string"])
+def test_a_text_config_moved_to_the_top_level_or_given_as_text_is_refused_alike(tmp_path, capfd, how):
+    """A LLaVA-OneVision config.json whose LM sizes sit at its top level (no text_config): transformers' class ignores
+    them and builds its default Qwen2 7B text config (the oracle below), so probe.eval's load refused the tiny
+    tensors, while analyses.shift read the top level and measured them. Both now read what transformers builds and
+    give the same line naming a tensor of the wrong shape. A text_config given as JSON text, which transformers'
+    class refuses, was read as absent: refused by both, naming the key."""
+    from transformers import AutoConfig
+
+    from conftest import tree_manifest
+    from probe.models import resolve_model
+
+    model = shutil.copytree(resolve_model("organism-ov-si").path, tmp_path / "m")
+    cfg = json.loads((model / "config.json").read_text(encoding="utf-8"))
+    text = cfg.pop("text_config")
+    if how == "flat":
+        cfg.update({k: v for k, v in text.items() if k != "model_type"})
+        built = AutoConfig.for_model(**cfg).get_text_config(decoder=True)
+        assert (built.hidden_size, built.num_hidden_layers) != (text["hidden_size"], text["num_hidden_layers"])
+        want = f"checkpoint {model}: tensor language_model.lm_head.weight (shape ({text['vocab_size']}, " \
+               f"{text['hidden_size']}) in the file, ({built.vocab_size}, {built.hidden_size}) by config.json)"
+    else:
+        cfg["text_config"] = json.dumps(text)
+        with pytest.raises(Exception):  # noqa: B017 - transformers' strict dataclass validation
+            AutoConfig.for_model(**cfg)
+        want = f"{model}: config text_config is a string; it must be an object"
+    (model / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    before = tree_manifest(model)
+    for line in lines_of_eval_and_shift(model, tmp_path, capfd):
+        assert want in line, line
+    assert tree_manifest(model) == before
+
+
+def test_mrope_sections_of_another_head_width_are_one_line_not_a_traceback(tmp_path, capfd):
+    """A Qwen2-VL text config whose M-RoPE sections sum to 12 over 16-wide heads: transformers builds and loads the
+    model, and its first forward raises in the rotary split (the oracle below), which probe.eval reported as a
+    traceback. Every command now refuses the config in one line naming the key, nothing written."""
+    import torch
+    import transformers
+    from transformers import AutoConfig
+
+    from conftest import tree_manifest
+    from probe.models import resolve_model
+
+    model = shutil.copytree(resolve_model("organism-vl").path, tmp_path / "m")
+    cfg = json.loads((model / "config.json").read_text(encoding="utf-8"))
+    cfg["text_config"]["rope_parameters"]["mrope_section"] = [4, 4, 4]
+    (model / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    with torch.device("meta"), pytest.raises(RuntimeError, match="split_with_sizes"):
+        transformers.Qwen2VLForConditionalGeneration(AutoConfig.from_pretrained(model)).model.language_model(
+            input_ids=torch.zeros(1, 3, dtype=torch.long))
+    before = tree_manifest(model)
+    for line in lines_of_eval_and_shift(model, tmp_path, capfd):
+        assert f"{model}: config text_config.rope_parameters.mrope_section is [4, 4, 4] (sum 12)" in line, line
+    assert tree_manifest(model) == before
+
+
 @pytest.mark.parametrize("named", ["../outside.safetensors", "ABSOLUTE", "sub/model-00002-of-00002.safetensors", 7])
 def test_an_index_naming_a_shard_by_a_path_is_refused_by_the_probe_and_the_analyses(tmp_path, capfd, named):
     """A shard named by a path in model.safetensors.index.json: analyses.shift read one outside the model's folder
@@ -1411,15 +1468,22 @@ def test_a_safetensors_file_claiming_more_than_it_holds_is_one_line_without_allo
     ("organism-ov-si", "model_type", {"type": "qwen2"}, "config text_config.model_type is an object; it must be a "
                                                         "model type name"),
     ("organism-ov-si", "model_type", None, "config text_config.model_type is null; it must be a model type name"),
+    ("organism-ov-si", "model_type", "qwen9", "config text_config.model_type is 'qwen9', a model type transformers "
+                                              "does not know: transformers' 'llava_onevision' config class builds no "
+                                              "text config from it"),
     ("organism-ov-si", "head_dim", None, "config text_config.head_dim is null, which transformers' "
                                          "LlavaOnevisionForConditionalGeneration builds no attention from"),
     ("organism-base", "head_dim", None, "config head_dim is null, which transformers' Qwen2ForCausalLM builds no "
-                                        "attention from")])
+                                        "attention from"),
+    ("organism-base", "decoder", {"hidden_size": 64}, "config decoder is set, which transformers' Qwen2ForCausalLM "
+                                                      "takes for its text config")])
 def test_a_config_transformers_cannot_build_is_refused_by_every_command(tmp_path, capfd, src, key, value, want):
-    """A (text) config stating a list, an object or null as its model_type where its class looks the type up
-    (LLaVA-OneVision), or a null head_dim its Qwen2 attention takes as its width: transformers builds no model from
-    either (the oracle: its config class or its model on the meta device raises), while the analyses read the list
-    as of no class, the null as Qwen2 and the head width as hidden size ÷ heads, and went on.
+    """A (text) config stating a list, an object, null or a name transformers does not know as its model_type where
+    its class looks the type up (LLaVA-OneVision), or a null head_dim its Qwen2 attention takes as its width:
+    transformers builds no model from either (the oracle: its config class or its model on the meta device raises),
+    while the analyses read the list and the unknown name as of no class, the null as Qwen2 and the head width as
+    hidden size ÷ heads, and went on; a "decoder" key beside a causal LM's config, which transformers takes for its
+    text config (an AttributeError), ended probe.eval in a traceback.
     Every command refuses it now in one line naming the checkpoint and the key (the shared reader,
     probe.families.text_config_dict): exit 2, nothing written, the checkpoint untouched."""
     import torch
@@ -1438,7 +1502,7 @@ def test_a_config_transformers_cannot_build_is_refused_by_every_command(tmp_path
     (cfg["text_config"] if "text_config" in cfg else cfg)[key] = value
     (model / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
     fam = FAMILIES["llava_onevision" if "text_config" in cfg else "qwen2"]
-    with pytest.raises((TypeError, ValueError)):  # the oracle: transformers builds no such model
+    with pytest.raises((TypeError, ValueError, AttributeError)):  # the oracle: transformers builds no such model
         with torch.device("meta"):
             getattr(transformers, fam.model_class)(AutoConfig.from_pretrained(model))
     before = tree_manifest(model)

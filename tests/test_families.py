@@ -1651,6 +1651,92 @@ def test_a_text_config_whose_model_type_is_no_name_is_read_as_transformers_build
         assert (g.n_kv_heads, g.head_dim, g.n_layers) == (config_kv_heads(ours), width, built.num_hidden_layers)
 
 
+def _text_config_not_nested(fam, how: str) -> dict:
+    """A config.json dict of composite family ``fam`` whose LM sizes (256 wide, 32 heads, 2 layers; ``bare``: none)
+    sit where its text config should (the top level, the Omni thinker's thinker_config) and whose text config is
+    absent (``flat``, ``bare``), null, or the JSON text of an object (``string``)."""
+    sizes = {"hidden_size": 256, "num_attention_heads": 32, "num_hidden_layers": 2, "num_key_value_heads": 8}
+    cfg: dict = {"model_type": fam.model_types[0]}
+    *outer, last = fam.text_config_attr.split(".")
+    node = cfg
+    for part in outer:
+        node = node.setdefault(part, {})
+    if how != "bare":
+        node.update(sizes)
+    if how in ("null", "string"):
+        node[last] = None if how == "null" else json.dumps({"model_type": "qwen2", **sizes})
+    return cfg
+
+
+@pytest.mark.parametrize("how", ["flat", "bare", "null", "string"])
+@pytest.mark.parametrize("family", COMPOSITE)
+def test_a_text_config_absent_null_or_no_object_is_read_as_transformers_builds_it_or_refused(family, how):
+    """A composite config.json of the family's own type without a text config (absent or null) and the LM sizes at
+    its top level: Qwen2-VL's and Qwen2.5-VL's classes take them into their text config (their flat hub configs),
+    the others ignore them and build their default text config (LLaVA's Llama 7B, LLaVA-OneVision's Qwen2 7B,
+    Gemma 3's 26 layers of 2304, the Omni thinker's 28 of 3584). The shared reader took the top level for all of
+    them (the analyses measured and merged an LM transformers never builds from that config.json, whose load the
+    probe refused), and refused an Omni thinker without one as lacking sizes. A text config given as JSON text
+    (a string) is refused by every class and was read as absent. Oracle: transformers' own build (layer count,
+    heads, meta-built k/q projections, hidden width) or its refusal."""
+    from probe.errors import BadInput
+    from probe.families import HeadGeometry, text_config_dict
+    from probe.models import config_head_dim, config_kv_heads
+
+    fam = FAMILIES[family]
+    cfg = _text_config_not_nested(fam, how)
+    try:
+        built, attn = _built_attention(fam, cfg)
+    except Exception:  # noqa: BLE001 - transformers' strict dataclass validation of a string sub-config
+        assert how == "string"
+        with pytest.raises(BadInput, match=rf"^config {re.escape(fam.text_config_attr)} is a string; it must be an "
+                                           "object"):
+            text_config_dict(cfg, fam)
+        return
+    ours = text_config_dict(cfg, fam)
+    g = HeadGeometry.from_text_config(ours)
+    width = attn.q_proj.out_features // built.num_attention_heads
+    want = (built.num_hidden_layers, built.num_attention_heads, attn.k_proj.out_features // width, width,
+            attn.q_proj.in_features)
+    assert (g.n_layers, g.n_heads, g.n_kv_heads, g.head_dim, g.hidden_size) == want, family
+    assert (config_kv_heads(ours), config_head_dim(ours)) == want[2:4]
+    assert ours.get("vocab_size", built.vocab_size) == built.vocab_size
+
+
+@pytest.mark.parametrize("family, key", [(f, k) for f in FAMILIES for k in ("decoder", "generator", "text_config")
+                                         if k != "text_config" or not FAMILIES[f].text_config_attr])
+def test_a_second_text_config_key_is_refused_where_transformers_builds_no_model(family, key):
+    """A "decoder", "generator" or (a causal LM's) "text_config" key beside the LM's own config: transformers'
+    get_text_config takes it for the text config (a dict or a string, no config: an AttributeError) or finds two
+    (a ValueError), and builds no model, so probe.eval's load ended in a traceback while the analyses read the LM as
+    if the key were absent. Refused now, naming the key, where set on the config the class is built from (the Omni
+    thinker's); null there, or set on the Omni's outer config, builds and is read as before. Oracle: transformers'
+    model built on the meta device from the config, or its error."""
+    from probe.errors import BadInput
+    from probe.families import HeadGeometry, text_config_dict
+
+    fam = FAMILIES[family]
+    text = {"hidden_size": 256, "num_attention_heads": 32, "num_key_value_heads": 8, "num_hidden_layers": 1}
+    for value, level in (({"hidden_size": 64}, "own"), ("x", "own"), (None, "own"), ({"hidden_size": 64}, "outer")):
+        cfg = _composite_config(fam, dict(text)) if fam.text_config_attr else {"model_type": family, **text}
+        own = cfg[fam.config_path] if fam.config_path and level == "own" else cfg
+        if level == "outer" and not fam.config_path:
+            continue
+        own[key] = value
+        try:
+            _built_attention(fam, cfg)
+        except Exception:  # noqa: BLE001 - AttributeError, ValueError, or the strict dataclass validation's wrapper
+            with pytest.raises(BadInput, match=rf"^config {re.escape(fam.config_path + '.' if own is not cfg else '')}"
+                                               rf"{key} is set, which transformers' {fam.model_class} takes for its "
+                                               "text config"):
+                text_config_dict(cfg, fam)
+            assert value is not None and level == "own"
+            continue
+        g = HeadGeometry.from_text_config(text_config_dict(cfg, fam))
+        assert (g.n_heads, g.n_kv_heads, g.hidden_size) == (32, 8, 256)
+        assert value is None or level == "outer"
+
+
 @pytest.mark.parametrize("family", COMPOSITE)
 def test_the_text_type_a_family_builds_whatever_is_stated_is_transformers(family):
     """Family.text_model_type (read without importing transformers) against transformers' own build: the class of a
@@ -1669,21 +1755,33 @@ def test_the_text_type_a_family_builds_whatever_is_stated_is_transformers(family
     assert fam.text_model_type == (type(built).model_type if built is not None else None)
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "llama"])
+@pytest.mark.parametrize("model_type", ["qwen2", "llama", "mistral", "qwen9", "not_a_model"])
 @pytest.mark.parametrize("family", COMPOSITE)
 def test_a_text_config_naming_a_type_its_class_ignores_is_read_as_the_class_it_builds(family, model_type):
     """A text config naming a type its parent's class does not build: Qwen2-VL's, Qwen2.5-VL's, Qwen3-VL's, Gemma 3's
     and the Omni thinker's classes build their own text class whatever it states (Qwen2-VL's text config saying
-    "qwen2" is a qwen2_vl_text of 8 key/value heads, where Qwen2's class defaults to 32, which was read); the classes
-    that look the type up (LLaVA, InternVL) build the one named. Oracle: transformers' built text config and the
-    meta-built k/q projections."""
+    "qwen2" is a qwen2_vl_text of 8 key/value heads, where Qwen2's class defaults to 32, which was read; "qwen9"
+    too); the classes that look the type up (LLaVA, LLaVA-NeXT, LLaVA-OneVision, InternVL, Idefics3, Qwen2-Audio)
+    build the one named, another class than their default (Mistral's 8 key/value heads inside a LLaVA-OneVision),
+    and refuse a name transformers does not know (a ValueError), which was read as a text config of no class (the
+    attention heads in as many groups, hidden size ÷ heads wide): BadInput naming the key and the value. Oracle:
+    transformers' built text config and the meta-built k/q projections, or its refusal."""
+    from probe.errors import BadInput
     from probe.families import HeadGeometry, text_config_dict
     from probe.models import config_head_dim, config_kv_heads
 
     fam = FAMILIES[family]
     cfg = _composite_config(fam, {"model_type": model_type, "hidden_size": 256, "num_attention_heads": 32,
                                   "num_hidden_layers": 1})
-    built, attn = _built_attention(fam, cfg)
+    try:
+        built, attn = _built_attention(fam, cfg)
+    except ValueError:
+        with pytest.raises(BadInput, match=rf"^config {re.escape(fam.text_config_attr)}\.model_type is "
+                                           rf"'{model_type}', a model type transformers does not know: "
+                                           rf"transformers' '{fam.model_types[0]}' config class builds no text"):
+            text_config_dict(cfg, fam)
+        assert fam.text_model_type is None and model_type in ("qwen9", "not_a_model")
+        return
     ours = text_config_dict(cfg, fam)
     width = attn.q_proj.out_features // 32
     assert ours["model_type"] == type(built).model_type
@@ -1723,6 +1821,94 @@ def test_a_null_head_dim_or_key_value_count_is_what_transformers_builds_from_it_
     assert (config_kv_heads(ours), config_head_dim(ours)) == (kv, width), family
     g = HeadGeometry.from_text_config(ours)
     assert (g.n_heads, g.n_kv_heads, g.head_dim) == (32, kv, width)
+
+
+@pytest.mark.parametrize("family, flat", [*((f, False) for f in FAMILIES), ("qwen2_vl", True), ("qwen2_5_vl", True)])
+def test_a_stated_head_dim_other_than_hidden_over_heads_is_the_width_transformers_builds_or_refused(family, flat):
+    """A (text) config stating head_dim 16 where hidden ÷ heads is 8 (Qwen3's and Gemma 3's explicit widths): most
+    classes build 16-wide heads and run; Qwen2-VL's and Qwen2.5-VL's attention derives hidden ÷ heads and ignores it
+    while their rotary embedding takes it, so no forward runs. The shared reader took the stated 16 for every class
+    (their tensors refused as of the wrong shape, for a reason that is not the config's); it now reads the width
+    transformers builds and refuses, naming the key, what it builds no running model from. Oracle: transformers'
+    model on the meta device (q_proj rows ÷ heads, k_proj rows ÷ that width) and its LM's forward on meta tensors
+    (M-RoPE sections that fit 16-wide heads); ``flat``: the sizes at the top level of a composite config (Qwen2-VL's
+    flat hub configs, which its class takes into its text config)."""
+    from probe.errors import BadInput
+    from probe.families import HeadGeometry, text_config_dict
+    from probe.models import config_head_dim, config_kv_heads
+
+    fam = FAMILIES[family]
+    text = {"hidden_size": 256, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 16,
+            "num_hidden_layers": 1, "vocab_size": 300}
+    if family in MROPE:
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 2, 2]}
+    cfg = ({"model_type": fam.model_types[0], **text} if not fam.text_config_attr or flat
+           else _composite_config(fam, text))
+    built, attn = _built_attention(fam, cfg)
+    assert (built.hidden_size, built.num_attention_heads) == (256, 32)
+    width = attn.q_proj.out_features // 32
+    kv = attn.k_proj.out_features // width
+    try:
+        with torch.device("meta"):
+            _built_lm(fam, cfg)(input_ids=torch.zeros(1, 5, dtype=torch.long))
+    except RuntimeError:  # rotary tables of one width, heads of another
+        where = f"{fam.text_config_attr}." if fam.text_config_attr and not flat else ""
+        with pytest.raises(BadInput, match=rf"^config {re.escape(where)}head_dim is 16, which transformers' "
+                                           rf"{fam.model_class} does not build: its attention's heads are "
+                                           rf"{width} wide"):
+            text_config_dict(cfg, fam)
+        assert family in ("qwen2_vl", "qwen2_5_vl") and width == 8
+        return
+    ours = text_config_dict(cfg, fam)
+    g = HeadGeometry.from_text_config(ours)
+    assert (g.n_kv_heads, g.head_dim, config_kv_heads(ours), config_head_dim(ours)) == (kv, width, kv, width), family
+    assert width == 16
+
+
+@pytest.mark.parametrize("section", [[2, 1, 1], [4, 4, 4], [1, 1, 1]])
+@pytest.mark.parametrize("family, key", [*((f, "rope_parameters") for f in MROPE), ("qwen2_vl", "rope_scaling"),
+                                         ("qwen2_5_vl", "rope_scaling")])
+def test_mrope_sections_transformers_runs_no_forward_with_are_refused(family, section, key):
+    """M-RoPE sections that do not sum to half the head width (8-wide heads here: [2, 1, 1] fits): Qwen2-VL's,
+    Qwen2.5-VL's and the Omni thinker's rotary embedding splits its tables by them and raises at the first forward
+    (probe.eval's and probe.heads' traceback after the load); Qwen3-VL's interleaved sections (heads 128 wide by its
+    class's default) run with any. Oracle: transformers' LM built on the meta device from the config, run on three
+    tokens; the older rope_scaling spelling of the published Qwen2-VL and Qwen2.5-VL configs alike. The check
+    (probe.families.check_rotary_sections) runs in the LM size check, after the tensors fit the sizes."""
+    from probe.errors import BadInput
+    from probe.families import check_rotary_sections
+
+    fam = FAMILIES[family]
+    rope = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": section}
+    if key == "rope_scaling":
+        rope = {"type": "mrope", "mrope_section": section}
+    cfg = _composite_config(fam, {"hidden_size": 256, "num_attention_heads": 32, "num_key_value_heads": 8,
+                                  "num_hidden_layers": 1, key: rope})
+    try:
+        with torch.device("meta"):
+            _built_lm(fam, cfg)(input_ids=torch.zeros(1, 3, dtype=torch.long))
+    except RuntimeError:
+        want = f"config {fam.text_config_attr}.{key}.mrope_section is {section} (sum {sum(section)}), which"
+        with pytest.raises(BadInput, match="^" + re.escape(want)):
+            check_rotary_sections(cfg, fam)
+        assert section != [2, 1, 1] and family != "qwen3_vl"
+        return
+    check_rotary_sections(cfg, fam)
+    assert section == [2, 1, 1] or family == "qwen3_vl"
+
+
+def _built_lm(fam, cfg: dict):
+    """The decoder stack (its parent module: embeddings, layers, norm) of transformers' build of ``cfg``, on the
+    meta device."""
+    import transformers
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(**cfg)
+    if fam.config_path:
+        config = getattr(config, fam.config_path)
+    with torch.device("meta"):
+        model = getattr(transformers, fam.model_class)(config)
+    return model.get_submodule(fam.layers_path.rsplit(".", 1)[0])
 
 
 @pytest.mark.parametrize("model_type", ["qwen2", "llama", "mistral", "qwen3", "gemma3_text", "qwen2_vl", "llava",

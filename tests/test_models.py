@@ -960,6 +960,62 @@ def test_the_tie_check_follows_the_class_a_config_builds_not_the_key_alone(tiny_
         check_tied_head(tmp_path, config, FAMILIES[family], "lm_head.weight", "lm_head.weight", tensors.__getitem__)
 
 
+def test_loads_tied_is_the_tie_transformers_builds_wherever_the_key_is_set(tmp_path):
+    """probe.models.loads_tied answered "untied" from config.json alone wherever it said false and nowhere true,
+    while Gemma 3's and InternVL's classes ignore a text config's false and tie by their own default: a tied Gemma 3
+    checkpoint (no lm_head) whose text config alone says false was refused by the analyses as lacking its lm_head,
+    which transformers' load ties to the embedding. Oracle: the model transformers builds from each config on the
+    meta device, its lm_head the embedding's own Parameter after tie_weights; every family, tie_word_embeddings
+    unset, false or true at the top level, in the text config and (the Omni thinker) the thinker config."""
+    import itertools
+
+    import transformers
+    from transformers import AutoConfig
+
+    from analyses.checkpoints import open_checkpoint
+    from probe.families import FAMILIES, transformers_errors_only
+    from probe.models import loads_tied
+
+    small = {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 1, "num_key_value_heads": 2,
+             "intermediate_size": 64, "vocab_size": 128}
+    wrong = []
+    for name, fam in FAMILIES.items():
+        levels = ("top", "text", "thinker")[:3 if fam.config_path else 2 if fam.text_config_attr else 1]
+        for ties in itertools.product((None, False, True), repeat=len(levels)):
+            nodes: dict = {"top": {"model_type": fam.model_types[0]}}
+            if fam.text_config_attr:
+                *outer, last = fam.text_config_attr.split(".")
+                node = nodes["top"]
+                for part in outer:
+                    node = nodes["thinker"] = node.setdefault(part, {})
+                node[last] = nodes["text"] = dict(small)
+            else:
+                nodes["top"].update(small)
+            for level, tie in zip(levels, ties):
+                if tie is not None:
+                    nodes[level]["tie_word_embeddings"] = tie
+            config = AutoConfig.for_model(**json.loads(json.dumps(nodes["top"])))
+            if fam.config_path:
+                config = getattr(config, fam.config_path)
+            with torch.device("meta"), transformers_errors_only():
+                model = getattr(transformers, fam.model_class)(config)
+                model.tie_weights()
+            built = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+            if loads_tied(nodes["top"], fam) != built:
+                wrong.append((name, ties, built))
+    assert wrong == []
+    # a tied Gemma 3 whose text config alone says false: transformers loads it tied, the analyses open it
+    d = shutil.copytree(resolve_model("tiny-gemma3").path, tmp_path / "g")
+    cfg = json.loads((d / "config.json").read_text(encoding="utf-8"))
+    cfg.pop("tie_word_embeddings", None)
+    cfg["text_config"]["tie_word_embeddings"] = False
+    (d / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    with transformers_errors_only():
+        m = transformers.Gemma3ForConditionalGeneration.from_pretrained(d)
+    assert m.get_output_embeddings().weight is m.get_input_embeddings().weight
+    assert open_checkpoint(str(d)).tied
+
+
 def test_a_composite_config_transformers_cannot_build_is_tied_by_its_text_config(monkeypatch):
     """The fallback of probe.models.ties_word_embeddings (``probe.families.says_tied``) reads tie_word_embeddings
     where transformers does for a composite model, its text_config too: a Qwen2-VL config tying there alone is tied,
