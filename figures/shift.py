@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
 from figures import (PAGE_HEIGHT, PAGE_WIDTH, fit_page, label_step, name_colours, page_panels,  # noqa: E402
-                     read_json, save_figure, separate_labels)
+                     read_json, save_figure, separate_labels, widen_to_hold)
 from probe.errors import BadInput  # noqa: E402
 
 if TYPE_CHECKING:
@@ -181,6 +181,7 @@ def draw_shift(result_dir: Path) -> list[Path]:
     fit_page(fig)  # the size it is saved at, where the numbers are placed
     # many models: numbers that run into each other where they are ("0.0018 (1.4×)" over its neighbours' with 8
     # models; separating them stacked them far above their dots) have their ratios on a second line, every model's
+    widen_to_hold(ax1, values)  # a number over the first or last dot ran onto the panel's frame
     fig.draw_without_rendering()
     renderer = fig.canvas.get_renderer()
     boxes = [t.get_window_extent(renderer).padded(fig.dpi / 72) for t in values]
