@@ -740,6 +740,19 @@ def name_colours(names: list[str]) -> dict[str, Any]:
     return {n: out[str(n)] for n in names}
 
 
+# line markers that tell series apart without their colour (tab10's olive and green, cyan and blue look alike to
+# a red-green or blue-yellow colour-blind reader, and in greyscale print); "v" is left out: the shift figure's
+# open triangle at a log axis' foot marks "did not move"
+MARKERS = ("o", "s", "^", "D", "P", "X", "*", "h")
+
+
+def name_markers(names: list[str]) -> dict[str, str]:
+    """A marker per name (``MARKERS``, by the name's place in sorted order, cycling past 8), so the same names get
+    the same markers whatever their order, as ``name_colours`` gives them colours."""
+    order = {n: k for k, n in enumerate(sorted(set(map(str, names))))}
+    return {n: MARKERS[order[str(n)] % len(MARKERS)] for n in names}
+
+
 def short_name(name: Any, width: int = 32) -> str:
     """A model's or data set's name in at most ``width`` characters, for a tick label or a repr: a longer path
     keeps the most whole parts of its tail that fit behind "…/" (a carrier's keeps its method, ``carriers`` and
