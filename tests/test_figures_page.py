@@ -938,3 +938,38 @@ def test_report_figures_keep_their_size_in_inches(tmp_path, inches, dpi):
     with Image.open(tmp_path / "copy.png") as im:
         assert im.width == min(round(inches[0] * dpi), MAX_WIDTH)
     assert saved_inches(tmp_path / "copy.png") == pytest.approx(inches, abs=0.01)
+
+
+def test_lines_told_apart_by_colour_are_told_apart_by_marker_too(tmp_path, monkeypatch):
+    """Figure 3's data sets (tab10's cyan and blue) and the shift-by-depth models (olive and green) were lines of
+    one marker told apart by colour alone, which a red-green or blue-yellow colour-blind reader, or a greyscale
+    print, cannot: each line of a panel now has its own marker, the legend shows it, and a data set or model keeps
+    its marker in every panel and whatever the order it comes in."""
+    import matplotlib.pyplot as plt
+
+    import figures.shift as fs
+    import figures.steps as fst
+
+    figs: list = []
+    monkeypatch.setattr(fst, "save_png_pdf", lambda fig, *a, **k: figs.append(fig) or [])
+    monkeypatch.setattr(fs, "save", lambda fig, path: figs.append(fig) or [])
+    sets = ["text", "image", "video", "image_single"]
+    runs = [write_scores(tmp_path / f"run{k}", [f"runs/ft/checkpoint-{s}" for s in (0, 10, 30)], sets[k:] + sets[:k], seed=k)
+            for k in range(3)]  # each run lists the sets in another order
+    fst.draw_steps(runs)
+    models = ["organism-vl", "organism-ov-si", "organism-video"]
+    fs.draw_shift(write_shift(tmp_path / "s", models, 4, ["self_attn.q_proj.weight", "mlp.up_proj.weight"]))
+    steps, shift = figs[0], figs[-1]
+    for fig, axes, names in ((steps, [ax for ax in steps.axes if ax.get_visible()], sets), (shift, shift.axes[1:2],
+                                                                                                models)):
+        markers = {}
+        for ax in axes:
+            lines = [ln for ln in ax.get_lines() if ln.get_label() in names]
+            assert sorted(ln.get_label() for ln in lines) == sorted(names)
+            assert len({ln.get_marker() for ln in lines}) == len(names)  # apart within a panel
+            for ln in lines:
+                assert markers.setdefault(ln.get_label(), ln.get_marker()) == ln.get_marker()  # and across panels
+        legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend() is not None)]
+        shown = {t.get_text(): h.get_marker() for lg in legends for t, h in zip(lg.get_texts(), lg.legend_handles)}
+        assert shown == markers
+    plt.close("all")
