@@ -924,7 +924,7 @@ def test_shift_numbers_stay_inside_their_panel(tmp_path, monkeypatch, means):
 def test_report_figures_keep_their_size_in_inches(tmp_path, inches, dpi):
     """The report's copy of a figure (figures.report._copy_png: downscaled past 1100 px) was saved without its
     resolution, so a paper took the 7 in figures at 72 dpi (pdfLaTeX's default), 14.6 in wide, and their 7 pt text
-    at 3.4 pt once fitted to a column. The copy keeps the figure's size in inches: its dpi, scaled with it."""
+    at 3.4 pt once fitted to the page width. The copy keeps the figure's size in inches: its dpi, scaled with it."""
     import matplotlib.pyplot as plt
 
     from figures.report import MAX_WIDTH, _copy_png
