@@ -295,6 +295,29 @@ def separate_labels(texts: list[Any], gap: float = 1.0, sides: tuple[int, ...] =
         placed.append(box())
 
 
+def widen_to_hold(ax: Any, texts: list[Any], pad: float = 2.0, tries: int = 5) -> None:
+    """Widen ``ax``'s x range until each of ``texts`` (labels placed at data x, e.g. centred over a dot) lies at
+    least ``pad`` points inside the axes' left and right edges at the figure's present layout, so call it after
+    the layout is done; the y range is kept. A value centred over the last of three models' dots ("0.0077
+    (2.1×)") ended on the panel's frame."""
+    if not texts:
+        return
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    pad_px = pad * fig.dpi / 72
+    for _ in range(tries):
+        fig.draw_without_rendering()
+        frame = ax.get_window_extent(renderer)
+        boxes = [t.get_window_extent(renderer) for t in texts]
+        left = max(0.0, frame.x0 + pad_px - min(b.x0 for b in boxes))
+        right = max(0.0, max(b.x1 for b in boxes) + pad_px - frame.x1)
+        if left < 0.5 and right < 0.5:  # pixels
+            return
+        lo, hi = ax.get_xlim()
+        per_px = (hi - lo) / frame.width  # data units a pixel, before the range grows (so a few rounds)
+        ax.set_xlim(lo - left * per_px, hi + right * per_px)
+
+
 def marker_boxes(ax: Any, renderer: Any) -> list[Any]:
     """The display box of every marker drawn by ``ax``'s scatter plots (each PathCollection point: its marker's
     path at its size, plus half its edge line), as laid out now."""
@@ -715,6 +738,19 @@ def name_colours(names: list[str]) -> dict[str, Any]:
         taken.add(k)
         out[name] = (*palette[k], 1.0)
     return {n: out[str(n)] for n in names}
+
+
+# line markers that tell series apart without their colour (tab10's olive and green, cyan and blue look alike to
+# a red-green or blue-yellow colour-blind reader, and in greyscale print); "v" is left out: the shift figure's
+# open triangle at a log axis' foot marks "did not move"
+MARKERS = ("o", "s", "^", "D", "P", "X", "*", "h")
+
+
+def name_markers(names: list[str]) -> dict[str, str]:
+    """A marker per name (``MARKERS``, by the name's place in sorted order, cycling past 8), so the same names get
+    the same markers whatever their order, as ``name_colours`` gives them colours."""
+    order = {n: k for k, n in enumerate(sorted(set(map(str, names))))}
+    return {n: MARKERS[order[str(n)] % len(MARKERS)] for n in names}
 
 
 def short_name(name: Any, width: int = 32) -> str:

@@ -153,7 +153,7 @@ def _draw_page(top: pd.DataFrame, metric: str, models: list[str], labels: list[s
                         color=colours[k], mfc="white" if part else colours[k])
             if part:
                 ax.annotate(f"{int(r['n_items'])} of {totals[k]}", (100 * v, y[k]), xytext=(0, 5),
-                            textcoords="offset points", ha="center", fontsize=6, color="0.35")
+                            textcoords="offset points", ha="center", fontsize=7, color="0.35")
         # n: the set's items, known from the rows that scored some (an n/a row's note gives no count)
         ax.set_title(f"{ds} (n={n})" if n else f"{ds} (n/a)", fontsize=9)
         ax.set_xlim(-2, 102)

@@ -13,7 +13,7 @@ import pandas as pd
 from analyses.merge_methods import COMMAND, METHOD_KINDS, WEIGHTS_HEADER
 from figures import (bar_aspect, drop_stale_pages, fit_bar_labels, heatmap_ticks, heatmap_ticks_again, page_caption,
                      page_panels, page_split, page_stem, read_json, read_table, save_png_pdf)
-from figures.heads import clip_note, kl_limit
+from figures.heads import centred_limits, clip_note, extend_for, kl_limit
 from probe.errors import BadInput
 from probe.results import HEAD_METRIC_BOUNDS
 from probe.results import distinct_names
@@ -238,6 +238,11 @@ def draw_merge(result_dir: Path) -> list[Path]:
     return written
 
 
+# a salience metric (heads.csv's column) -> its name in a title, and its colour bar's unit
+SALIENCE_NAMES = {"kl": ("KL", "nats"), "accuracy_drop": ("accuracy drop", "points"),
+                  "prob_accuracy_drop": ("prob. accuracy drop", "points")}
+
+
 def _draw_page(names: list[str], titles: list[str], sals: list[np.ndarray | None], is_base: list[bool],
                grids: dict[str, np.ndarray], metric: str):
     narrow = (MIN_WIDTH, MARGIN) if len(names) <= 4 else (NARROW, NARROW_MARGIN)
@@ -258,17 +263,23 @@ def _draw_page(names: list[str], titles: list[str], sals: list[np.ndarray | None
                      ha="center", va="center", fontsize=8, transform=ax2.transAxes)
             ax2.set_axis_off()
         else:
-            # a KL: the head sweep's scale (one sink head at nats would paint the other heads one colour)
-            top, clipped = kl_limit(s) if metric == "kl" else (None, False)
-            im2 = ax2.imshow(s, cmap="magma_r", aspect="auto", vmin=None if top is None else 0.0, vmax=top)
-            ax2.set_title(f"its salience ({metric})", fontsize=8)
+            what, unit = SALIENCE_NAMES.get(metric, (metric.replace("_", " "), ""))
+            if metric == "kl":  # the head sweep's scale (one sink head at nats would paint the other heads one colour)
+                (vmax, clipped), vmin, cmap = kl_limit(s), 0.0, "magma_r"
+            else:  # a signed drop in points, as Figure 2 draws it: red where removing the head hurts, blue where it
+                # helps (a sequential map painted a negative drop as a small harm)
+                s = 100 * s
+                (vmin, vmax, clipped), cmap = centred_limits(s, 0.0), "RdBu_r"
+            im2 = ax2.imshow(s, cmap=cmap, aspect="auto", vmin=vmin, vmax=vmax)
+            ax2.set_title(f"its salience ({what})", fontsize=8)
             ax2.set_xlabel("head", fontsize=8)
             ax2.set_ylabel("layer", fontsize=8)
-            cb2 = fig.colorbar(im2, ax=ax2, fraction=0.046, aspect=aspect, extend="max" if clipped else "neither")
+            cb2 = fig.colorbar(im2, ax=ax2, fraction=0.046, aspect=aspect, extend=extend_for(s, vmin, vmax))
             cb2.ax.tick_params(labelsize=7)
             # the clip note in short lines: in one it ran along the bar past the panel (and off the page's foot)
-            note = "\n" + "\n".join(textwrap.wrap(clip_note(s, 0.0, top, "{:.3g}").strip(), 26)) if clipped else ""
-            cb2.set_label("KL [nats]" + note if metric == "kl" else metric.replace("_", " "), fontsize=7)
+            note = "\n" + "\n".join(textwrap.wrap(clip_note(s, vmin, vmax, "{:.3g}" if metric == "kl" else
+                                                              "{:+.1f}").strip(), 26)) if clipped else ""
+            cb2.set_label(f"{what} [{unit}]" + note, fontsize=7)
         for a in (ax, ax2):
             a.tick_params(labelsize=7)
             heatmap_ticks(a, list(range(grids[name].shape[0])), list(range(grids[name].shape[1])))

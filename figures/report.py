@@ -168,9 +168,13 @@ def _copy_png(src: Path, dest: Path) -> bool:
     from PIL import Image
 
     with Image.open(src) as im:
+        # its resolution kept (scaled with a downscale), so it keeps its size in inches, and its text its size in
+        # points, in a paper: saved without it, pdfLaTeX took a 7 in figure at 72 dpi, 14.6 in wide
+        dpi = im.info.get("dpi")
         if im.width > MAX_WIDTH:
+            dpi = dpi and tuple(d * MAX_WIDTH / im.width for d in dpi)
             im = im.resize((MAX_WIDTH, round(im.height * MAX_WIDTH / im.width)), Image.LANCZOS)
-        im.save(dest, optimize=True)
+        im.save(dest, optimize=True, **({"dpi": dpi} if dpi else {}))
     if src.with_suffix(".pdf").is_file():
         shutil.copyfile(src.with_suffix(".pdf"), dest.with_suffix(".pdf"))
     return True

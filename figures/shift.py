@@ -16,8 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
-from figures import (PAGE_HEIGHT, PAGE_WIDTH, fit_page, label_step, name_colours, page_panels,  # noqa: E402
-                     read_json, save_figure, separate_labels)
+from figures import (PAGE_HEIGHT, PAGE_WIDTH, fit_page, label_step, name_colours, name_markers,  # noqa: E402
+                     page_panels, read_json, save_figure, separate_labels, widen_to_hold)
 from probe.errors import BadInput  # noqa: E402
 
 if TYPE_CHECKING:
@@ -156,9 +156,11 @@ def draw_shift(result_dir: Path) -> list[Path]:
     per_layer = {m: layer_df[layer_df["model"] == m].groupby("layer")["delta_avg"].mean() for m in models}
     layer_foot = log_foot(np.concatenate([s.to_numpy() for s in per_layer.values()] or [np.zeros(0)]))
     frozen = False
+    marker = name_markers(models)  # a model's line told by its marker too (olive and green look alike to many)
     for m, s in per_layer.items():  # a layer that did not move: at the foot, an open triangle, not a gap
         y, z = s.to_numpy(), s.to_numpy() == 0
-        line, = ax2.plot(s.index, np.where(z, layer_foot, y), marker="o", ms=3, color=colour[m], label=labels[m])
+        line, = ax2.plot(s.index, np.where(z, layer_foot, y), marker=marker[m], ms=4, color=colour[m],
+                         label=labels[m])
         if z.any():
             frozen = True
             ax2.plot(s.index[z], np.full(z.sum(), layer_foot), "v", ms=5, mfc="white", color=line.get_color())
@@ -181,6 +183,7 @@ def draw_shift(result_dir: Path) -> list[Path]:
     fit_page(fig)  # the size it is saved at, where the numbers are placed
     # many models: numbers that run into each other where they are ("0.0018 (1.4×)" over its neighbours' with 8
     # models; separating them stacked them far above their dots) have their ratios on a second line, every model's
+    widen_to_hold(ax1, values)  # a number over the first or last dot ran onto the panel's frame
     fig.draw_without_rendering()
     renderer = fig.canvas.get_renderer()
     boxes = [t.get_window_extent(renderer).padded(fig.dpi / 72) for t in values]

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from figures import (drop_stale_pages, name_colours, page_caption, page_panels, page_split, page_stem, save_png_pdf,
-                     spaced_ticklabels)
+from figures import (drop_stale_pages, name_colours, name_markers, page_caption, page_panels, page_split, page_stem,
+                     save_png_pdf, spaced_ticklabels)
 from figures.eval import read_scores
 from probe.errors import BadInput
 from probe.results import distinct_names
@@ -78,11 +78,12 @@ def _draw_page(titles: list[str], tables: list[pd.DataFrame], colour: dict, lege
 
     fig, panels = page_panels(len(titles), 3.4, 3.04, min_width=MIN_WIDTH, margin=(0.6, legend), dpi=150, sharey=True)
     axes = [ax for (ax,) in panels]
+    marker = name_markers(list(colour))  # a data set's line told by its marker too, not by its colour alone
     for ax, title, t in zip(axes, titles, tables):
         metric = "accuracy" if t["accuracy"].notna().any() else "prob_accuracy"
         for data, g in t.groupby("data", sort=False):
             c = colour[data]
-            ax.plot(g["step"], 100 * g[metric], marker="o", ms=3, color=c, label=data)
+            ax.plot(g["step"], 100 * g[metric], marker=marker[data], ms=4, color=c, label=data)
             band = [reported_interval(*x) for x in zip(g[metric], g[f"{metric}_lo"], g[f"{metric}_hi"], g["n_items"])]
             ax.fill_between(g["step"], [100 * lo for lo, _ in band], [100 * hi for _, hi in band], color=c, alpha=0.2,
                             lw=0)

@@ -855,3 +855,121 @@ def test_figure2_of_a_clipped_scale_keeps_its_note_along_the_bar(tmp_path, monke
     labels = heatmap_page_is_readable(figs[0], 3 if models > 4 else 2, 0.9)
     assert len(labels) == 2 * models and all("clipped" in cb.ax.yaxis.label.get_text() for *_, cb in labels)
     plt.close("all")
+
+
+def test_every_text_of_every_figure_is_7_pt_or_more_as_saved(tmp_path, monkeypatch):
+    """A figure goes into a paper at the size it is saved (at most a page, so never scaled down): every text it
+    draws — titles, labels, tick labels, legend entries, notes beside points — is at least 7 pt, the least a
+    journal prints legibly. The evaluation figure's "40 of 64" beside a model scored on part of a set was 6 pt."""
+    from matplotlib.figure import Figure
+
+    figs: list = []
+    save = Figure.savefig
+
+    def savefig(self, fname, *a, **k):
+        if self not in figs:
+            figs.append(self)
+        return save(self, fname, *a, **k)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    draw_all(tmp_path, 6)
+    assert len(figs) >= 12
+    small = []
+    for fig in figs:
+        legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend() is not None)]
+        texts = drawn_texts(fig) + [t for lg in legends for t in (*lg.get_texts(), lg.get_title()) if t.get_text()]
+        assert len(texts) > 5
+        small += [(t.get_text(), t.get_fontsize()) for t in texts if t.get_fontsize() < 7]
+    assert not small, small
+
+
+@pytest.mark.parametrize("means", [{"organism-vl": 0.015, "organism-ov-si": 0.0037, "organism-video": 0.0077},
+                                   {"organism-vl": 0.0081, "organism-ov-si": 0.00077, "organism-video": 0.0123}])
+def test_shift_numbers_stay_inside_their_panel(tmp_path, monkeypatch, means):
+    """Each model's number is centred over its dot; over the first or last dot a wide one ("0.0077 (2.1×)", the
+    replication report's) ended on the panel's frame, or past it. The panel's x range now widens to hold them: each
+    at least 1.5 pt inside its left and right edges, its dot still under its centre."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    import figures.shift as fs
+
+    d = tmp_path / "s"
+    d.mkdir()
+    rows = [[m, f"layers.{l}.mlp.up_proj.weight", l, "mlp.up_proj.weight", 4096, v * (0.7 + 0.2 * l)]
+            for m, v in means.items() for l in range(4)]  # per model, its four layers' mean is its mean
+    pd.DataFrame(rows, columns=["model", "tensor", "layer", "module", "numel", "delta_avg"]).to_csv(
+        d / "shift.csv", index=False)
+    (d / "summary.json").write_text(json.dumps({"per_model": {m: {"n_tensors": 4, "numel": 4 * 4096}
+                                                              for m in means}}), encoding="utf-8")
+    figs = {}
+    monkeypatch.setattr(fs, "save", lambda fig, path: figs.setdefault(path.name, fig) and [])
+    fs.draw_shift(d)
+    fig = figs["shift_models"]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    frame = ax.get_window_extent(renderer)
+    numbers = [t for t in ax.texts if "×" in t.get_text()]
+    assert [float(t.get_text().split()[0]) for t in numbers] == [float(f"{v:.2g}") for v in means.values()]
+    pad = 1.5 * fig.dpi / 72
+    for i, t in enumerate(numbers):
+        box = t.get_window_extent(renderer)
+        assert box.x0 >= frame.x0 + pad and box.x1 <= frame.x1 - pad, (t.get_text(), box, frame)
+        assert abs((box.x0 + box.x1) / 2 - ax.transData.transform((i, 1))[0]) < 1  # still over its dot
+    plt.close("all")
+
+
+@pytest.mark.parametrize("inches, dpi", [((7.0, 4.5), 150), ((7.0, 9.0), 110), ((7.0, 3.0), 300)])
+def test_report_figures_keep_their_size_in_inches(tmp_path, inches, dpi):
+    """The report's copy of a figure (figures.report._copy_png: downscaled past 1100 px) was saved without its
+    resolution, so a paper took the 7 in figures at 72 dpi (pdfLaTeX's default), 14.6 in wide, and their 7 pt text
+    at 3.4 pt once fitted to the page width. The copy keeps the figure's size in inches: its dpi, scaled with it."""
+    import matplotlib.pyplot as plt
+
+    from figures.report import MAX_WIDTH, _copy_png
+
+    fig = plt.figure(figsize=inches, dpi=dpi)
+    fig.text(0.5, 0.5, "x", fontsize=7)
+    src = tmp_path / "src.png"
+    fig.savefig(src, dpi=dpi)
+    plt.close(fig)
+    assert _copy_png(src, tmp_path / "copy.png")
+    with Image.open(tmp_path / "copy.png") as im:
+        assert im.width == min(round(inches[0] * dpi), MAX_WIDTH)
+    assert saved_inches(tmp_path / "copy.png") == pytest.approx(inches, abs=0.01)
+
+
+def test_lines_told_apart_by_colour_are_told_apart_by_marker_too(tmp_path, monkeypatch):
+    """Figure 3's data sets (tab10's cyan and blue) and the shift-by-depth models (olive and green) were lines of
+    one marker told apart by colour alone, which a red-green or blue-yellow colour-blind reader, or a greyscale
+    print, cannot: each line of a panel now has its own marker, the legend shows it, and a data set or model keeps
+    its marker in every panel and whatever the order it comes in."""
+    import matplotlib.pyplot as plt
+
+    import figures.shift as fs
+    import figures.steps as fst
+
+    figs: list = []
+    monkeypatch.setattr(fst, "save_png_pdf", lambda fig, *a, **k: figs.append(fig) or [])
+    monkeypatch.setattr(fs, "save", lambda fig, path: figs.append(fig) or [])
+    sets = ["text", "image", "video", "image_single"]
+    runs = [write_scores(tmp_path / f"run{k}", [f"runs/ft/checkpoint-{s}" for s in (0, 10, 30)], sets[k:] + sets[:k], seed=k)
+            for k in range(3)]  # each run lists the sets in another order
+    fst.draw_steps(runs)
+    models = ["organism-vl", "organism-ov-si", "organism-video"]
+    fs.draw_shift(write_shift(tmp_path / "s", models, 4, ["self_attn.q_proj.weight", "mlp.up_proj.weight"]))
+    steps, shift = figs[0], figs[-1]
+    for fig, axes, names in ((steps, [ax for ax in steps.axes if ax.get_visible()], sets), (shift, shift.axes[1:2],
+                                                                                                models)):
+        markers = {}
+        for ax in axes:
+            lines = [ln for ln in ax.get_lines() if ln.get_label() in names]
+            assert sorted(ln.get_label() for ln in lines) == sorted(names)
+            assert len({ln.get_marker() for ln in lines}) == len(names)  # apart within a panel
+            for ln in lines:
+                assert markers.setdefault(ln.get_label(), ln.get_marker()) == ln.get_marker()  # and across panels
+        legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend() is not None)]
+        shown = {t.get_text(): h.get_marker() for lg in legends for t, h in zip(lg.get_texts(), lg.legend_handles)}
+        assert shown == markers
+    plt.close("all")

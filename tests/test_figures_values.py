@@ -397,6 +397,41 @@ def test_merge_salience_scale_is_not_one_outlier_heads(tmp_path, drawn):
     assert f"{past} past it, up to {grid.max():.3g}" in " ".join(im.colorbar.ax.get_ylabel().split())  # wrapped
 
 
+@pytest.mark.parametrize("metric", ["kl", "prob_accuracy_drop"])
+def test_merge_salience_panel_names_its_metric_and_unit_and_centres_a_drop(tmp_path, drawn, metric):
+    """The salience panel was titled with heads.csv's column ("its salience (kl)"), and a merge weighted by an
+    accuracy drop had a colour bar without unit and a sequential map, which painted a negative drop (removing the
+    head helped) as a small harm. A drop is now drawn as Figure 2 draws it: in points, on a diverging map centred
+    on 0; a KL as before, named and in nats."""
+    from matplotlib.colors import to_rgba
+
+    d = write_merge(tmp_path / "m", 2)
+    info = json.loads((d / "merge.json").read_text(encoding="utf-8"))
+    info["salience"]["metric"] = metric
+    (d / "merge.json").write_text(json.dumps(info), encoding="utf-8")
+    run = Path(info["salience"]["runs"][0])
+    h = pd.read_csv(run / "heads.csv")
+    h.loc[5, metric] = -0.05 if metric != "kl" else h.loc[5, metric]  # removing that head helped
+    h.to_csv(run / "heads.csv", index=False)
+    assert figures_cli("merge", d) == 0
+    [ax] = [a for a in drawn["merge_heads"].axes if a.get_title().startswith("its salience")]
+    im = ax.get_images()[0]
+    want = h.pivot(index="layer", columns="head", values=metric).to_numpy()
+    label = " ".join(im.colorbar.ax.get_ylabel().split())
+    if metric == "kl":
+        assert ax.get_title() == "its salience (KL)" and label.startswith("KL [nats]")
+        np.testing.assert_allclose(im.get_array(), want)
+        assert im.norm.vmin == 0.0
+    else:
+        assert ax.get_title() == "its salience (prob. accuracy drop)"
+        assert label.startswith("prob. accuracy drop [points]")
+        np.testing.assert_allclose(im.get_array(), 100 * want)
+        assert im.norm.vmin == pytest.approx(-im.norm.vmax) and im.norm.vmax >= 100 * want.max() - 1e-9
+        # the head that helped is blue, the others red, no change white
+        assert to_rgba(im.cmap(im.norm(-5.0)))[2] > to_rgba(im.cmap(im.norm(-5.0)))[0]
+        assert to_rgba(im.cmap(im.norm(im.get_array()[0, 0])))[0] > to_rgba(im.cmap(im.norm(im.get_array()[0, 0])))[2]
+
+
 def test_accuracy_heatmap_scale_is_not_one_collapsing_head(tmp_path, drawn):
     """On a 7B grid (28 × 28) two heads whose removal collapses accuracy by 40 points set the centred scale to
     ±40, so the other heads' 0-4 point drops were all near white. The scale now stops at the 99th percentile of
