@@ -100,6 +100,10 @@ def attribution_sweep(
     n = cfg.attribution_items
     for start in range(0, len(items), n):
         chunk = items[start:start + n]
+        # one processor call per item, not evaluate_items' one per window (encode_prompts): measured, it does not
+        # pay here. CPU, 1 thread, organism-vl's image items: preparing took 1.1 ms an item of the sweep's 22 ms (5 %);
+        # one call per 8 items saved 0.2 ms (1 %), per 32 items 0.5 ms (2 %); a random-config Qwen2-VL-7B (2 layers,
+        # 224 px images) 3.6 ms of 11.6 s. At the default of one item a pass a chunk is one item: one call anyway
         prepared = [prepare_item(loaded, item, cfg) for item in chunk]
         inputs = [p[0] for p in prepared]
         got: list = [None] * len(chunk)
