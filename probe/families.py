@@ -991,6 +991,18 @@ def _unstated_text_config(config: Mapping[str, Any], family: Family) -> dict[str
     return json.loads(default) if default is not None else None
 
 
+def text_sizes_source(config: Mapping[str, Any], family: Family) -> str:
+    """Where the sizes ``text_config_dict`` reads come from, for a line comparing them with tensors: "config.json",
+    or transformers' default text config of the family's class where config.json has no text config and the class
+    ignores its top-level sizes (``_unstated_text_config``): a flattened LLaVA-OneVision's tensors were said to
+    differ from "(152064, 3584) by config.json", sizes the file never states."""
+    attr = family.text_config_attr
+    if not attr or isinstance(config_value(config, attr), Mapping) or _unstated_text_config(config, family) is None:
+        return "config.json"
+    return (f"transformers' default text config of a {config.get('model_type')} with no {attr} (config.json has "
+            "none; its class ignores the top-level sizes)")
+
+
 @functools.lru_cache(maxsize=16)
 def _default_text_config(model_type: str) -> str | None:
     """transformers' default text config of the config class for ``model_type`` as JSON text (callers get their own

@@ -1231,7 +1231,8 @@ def test_a_text_config_moved_to_the_top_level_or_given_as_text_is_refused_alike(
     """A LLaVA-OneVision config.json whose LM sizes sit at its top level (no text_config): transformers' class ignores
     them and builds its default Qwen2 7B text config (the oracle below), so probe.eval's load refused the tiny
     tensors, while analyses.shift read the top level and measured them. Both now read what transformers builds and
-    give the same line naming a tensor of the wrong shape. A text_config given as JSON text, which transformers'
+    give the same line naming a tensor of the wrong shape and where the sizes it expects come from (transformers'
+    default, not the file). A text_config given as JSON text, which transformers'
     class refuses, was read as absent: refused by both, naming the key."""
     from transformers import AutoConfig
 
@@ -1245,8 +1246,12 @@ def test_a_text_config_moved_to_the_top_level_or_given_as_text_is_refused_alike(
         cfg.update({k: v for k, v in text.items() if k != "model_type"})
         built = AutoConfig.for_model(**cfg).get_text_config(decoder=True)
         assert (built.hidden_size, built.num_hidden_layers) != (text["hidden_size"], text["num_hidden_layers"])
+        # the expected sizes are the class's default, which the line says (it said "by config.json", sizes the file
+        # never states)
         want = f"checkpoint {model}: tensor language_model.lm_head.weight (shape ({text['vocab_size']}, " \
-               f"{text['hidden_size']}) in the file, ({built.vocab_size}, {built.hidden_size}) by config.json)"
+               f"{text['hidden_size']}) in the file, ({built.vocab_size}, {built.hidden_size}) by transformers' " \
+               "default text config of a llava_onevision with no text_config (config.json has none; its class " \
+               "ignores the top-level sizes))"
     else:
         cfg["text_config"] = json.dumps(text)
         with pytest.raises(Exception):  # noqa: B017 - transformers' strict dataclass validation
