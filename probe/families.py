@@ -899,8 +899,9 @@ def _no_decoder_lm(family: str, text: str) -> str | None:
     """Why ``family``'s class, built by transformers on the meta device from a config of its type whose text config
     is ``text`` (JSON; one layer), holds no decoder LM where the family reads one: it builds no model
     (LLaVA's class around a T5 or BERT text model: an AttributeError), or another module at the layers path's parent
-    (a Qwen2-VL, a LLaVA, a Whisper or CLIP text model: no ``layers`` of ``o_proj``, or no final norm or lm_head).
-    None where it holds one (Qwen3-VL's or Gemma 3's text model inside a LLaVA-NeXT, which run). A class that looks
+    (a Qwen2-VL, a LLaVA, a Whisper or CLIP text model: no ``layers`` of ``o_proj``, or no final norm or lm_head), or
+    an encoder of the decoder's layout whose attention is bidirectional (EuroBERT, EmbeddingGemma: every position's
+    output depends on the later tokens). None where it holds one (Qwen3-VL's or Gemma 3's text model inside a LLaVA-NeXT, which run). A class that looks
     the text type up builds whatever transformers knows by that name: the commands read the decoder layers by the
     family's paths (probe.heads' o_proj, the analyses' tensor names), so they ended in a traceback, or measured and
     merged tensors as an LM transformers never builds; the name's class is asked only where it is not one of the
@@ -936,6 +937,10 @@ def _no_decoder_lm(family: str, text: str) -> str | None:
             held = "no module"
         return (f"transformers' {fam.model_class} builds {held} at {lm_path}, without the decoder layers' "
                 f"{fam.o_proj_path}, {fam.norm_path.rsplit('.', 1)[-1]} and {fam.lm_head_path} the commands read")
+    if getattr(getattr(layers[0], fam.o_proj_path.split(".")[0], None), "is_causal", True) is False:
+        # an encoder of the decoder's layout (EuroBERT, EmbeddingGemma): each position sees the later tokens
+        return (f"transformers' {fam.model_class} builds {type(model.get_submodule(lm_path)).__name__} at {lm_path}, "
+                "whose attention is bidirectional (is_causal False), no causal LM")
     return None
 
 

@@ -1791,7 +1791,8 @@ def test_a_text_config_naming_a_type_its_class_ignores_is_read_as_the_class_it_b
 
 
 @pytest.mark.parametrize("model_type", ["qwen2_vl", "llava", "whisper", "t5", "clip_text_model", "gpt2", "bert",
-                                        "qwen3_vl_text", "gemma3_text", *CAUSAL_LM])
+                                        "eurobert", "embedding_gemma2_text", "qwen3_vl_text", "gemma3_text",
+                                        *CAUSAL_LM])
 @pytest.mark.parametrize("family", [f for f in COMPOSITE if not FAMILIES[f].text_model_type])
 def test_a_text_type_transformers_builds_as_no_decoder_lm_at_the_layers_path_is_refused(family, model_type):
     """A class that looks the text type up (LLaVA, LLaVA-NeXT, LLaVA-OneVision, InternVL, Idefics3, Qwen2-Audio) builds
@@ -1799,9 +1800,12 @@ def test_a_text_type_transformers_builds_as_no_decoder_lm_at_the_layers_path_is_
     at all (its class calls the text model's embed_tokens: an AttributeError). The analyses measured and merged such a
     checkpoint's tensors (exit 0), the probe ended in a traceback. Oracle: transformers' model built on the meta device
     from the config, and the decoder layers' o_proj, the final norm and lm_head at the family's paths (what the
-    commands read). BadInput naming the key and the value where it holds none; the type as built where it does
-    (Qwen3-VL's or Gemma 3's text model where the class builds it, and every causal LM a merged LM is written as,
-    which the reader does not ask transformers about: held by every such family)."""
+    commands read), and, where it holds them, a forward of that LM (one tiny layer, random weights, CPU) whose
+    outputs before the last token must not change with it: EuroBERT's and EmbeddingGemma's encoders have the
+    decoder's layout but see the later tokens. BadInput naming the key and the value where it holds no causal
+    decoder; the type as built where it does (Qwen3-VL's or Gemma 3's text model where the class builds it, and every
+    causal LM a merged LM is written as, which the reader does not ask transformers about: held by every such
+    family)."""
     import transformers
     from transformers import AutoConfig
 
@@ -1816,6 +1820,15 @@ def test_a_text_type_transformers_builds_as_no_decoder_lm_at_the_layers_path_is_
         for path in (fam.norm_path, fam.lm_head_path):
             model.get_submodule(path)
         model.get_submodule(fam.layers_path)[0].get_submodule(fam.o_proj_path)
+        tiny = AutoConfig.for_model(**_composite_config(fam, {
+            "model_type": model_type, "num_hidden_layers": 1, "hidden_size": 256, "num_attention_heads": 2,
+            "num_key_value_heads": 2, "head_dim": 128, "intermediate_size": 64, "vocab_size": 64, "pad_token_id": 0}))
+        torch.manual_seed(0)  # the class the family's model holds at the LM's path, alone (no vision tower)
+        lm = type(model.get_submodule(fam.layers_path.rsplit(".", 1)[0]))(tiny.get_text_config(decoder=True)).eval()
+        with torch.no_grad():
+            a, b = (lm(input_ids=torch.tensor([[1, 2, 3, 4, last]])).last_hidden_state[0, :-1] for last in (5, 9))
+        if not torch.allclose(a, b, atol=1e-5):
+            raise AttributeError("no causal LM: the earlier positions see the last token")
     except (AttributeError, ValueError):
         assert model_type not in CAUSAL_LM
         with pytest.raises(BadInput, match=rf"^config text_config\.model_type is '{model_type}'(, not a decoder LM the "
