@@ -883,7 +883,65 @@ def text_config_dict(config: Mapping[str, Any], family: Family) -> dict[str, Any
         known = "" if stated in CONFIG_MAPPING else ", a model type transformers does not know"
         raise BadInput(f"config {attr}.model_type is {stated!r}{known}: {builds}; it must name the text model's type "
                        "(qwen2, llama, mistral, ...)")
+    if not family.text_model_type and parent in family.model_types and _is_type_name(built) and built not in CAUSAL_LM:
+        # a known type of no decoder LM (qwen2_vl, whisper, t5, llava), asked with the keys stated (the sizes decide
+        # whether the class builds another module in the LM's place or no model at all)
+        refusal = _no_decoder_lm(family.name, json.dumps({**sub, "model_type": built}, sort_keys=True))
+        if refusal:
+            raise BadInput(f"config {attr}.model_type is {stated!r}, not a decoder LM the family's layers path "
+                           f"({family.layers_path}) holds: {refusal}; it must name the text model's type (qwen2, "
+                           "llama, mistral, ...)")
     return _built_nulls(dict(with_class_defaults(sub)), config, family, True)
+
+
+@functools.lru_cache(maxsize=32)
+def _no_decoder_lm(family: str, text: str) -> str | None:
+    """Why ``family``'s class, built by transformers on the meta device from a config of its type whose text config
+    is ``text`` (JSON; one layer), holds no decoder LM where the family reads one: it builds no model
+    (LLaVA's class around a T5 or BERT text model: an AttributeError), or another module at the layers path's parent
+    (a Qwen2-VL, a LLaVA, a Whisper or CLIP text model: no ``layers`` of ``o_proj``, or no final norm or lm_head), or
+    an encoder of the decoder's layout whose attention is bidirectional (EuroBERT, EmbeddingGemma: every position's
+    output depends on the later tokens). None where it holds one (Qwen3-VL's or Gemma 3's text model inside a LLaVA-NeXT, which run). A class that looks
+    the text type up builds whatever transformers knows by that name: the commands read the decoder layers by the
+    family's paths (probe.heads' o_proj, the analyses' tensor names), so they ended in a traceback, or measured and
+    merged tensors as an LM transformers never builds; the name's class is asked only where it is not one of the
+    causal LMs a merged LM is written as (CAUSAL_LM, all plain decoders; tests/test_families.py checks them)."""
+    import torch
+    import transformers
+    from transformers import AutoConfig
+
+    from probe.dispatch import meta_model
+
+    fam = FAMILIES[family]
+    nested: dict[str, Any] = {**json.loads(text), "num_hidden_layers": 1}
+    for part in reversed(fam.text_config_attr.split(".")):
+        nested = {part: nested}
+    with transformers_errors_only():
+        try:
+            config = AutoConfig.for_model(fam.model_types[0], **nested)
+            if fam.config_path:
+                config = getattr(config, fam.config_path)
+            model = meta_model(getattr(transformers, fam.model_class), config, torch.float32)
+        except Exception as exc:  # noqa: BLE001 - the class calls what the text model lacks (embed_tokens)
+            return f"transformers' {fam.model_class} builds no model with it ({type(exc).__name__})"
+    lm_path = fam.layers_path.rsplit(".", 1)[0]
+    try:
+        layers = model.get_submodule(fam.layers_path)
+        for path in (fam.norm_path, fam.lm_head_path):
+            model.get_submodule(path)
+        layers[0].get_submodule(fam.o_proj_path)
+    except (AttributeError, IndexError, KeyError, TypeError):
+        try:
+            held = type(model.get_submodule(lm_path)).__name__
+        except AttributeError:
+            held = "no module"
+        return (f"transformers' {fam.model_class} builds {held} at {lm_path}, without the decoder layers' "
+                f"{fam.o_proj_path}, {fam.norm_path.rsplit('.', 1)[-1]} and {fam.lm_head_path} the commands read")
+    if getattr(getattr(layers[0], fam.o_proj_path.split(".")[0], None), "is_causal", True) is False:
+        # an encoder of the decoder's layout (EuroBERT, EmbeddingGemma): each position sees the later tokens
+        return (f"transformers' {fam.model_class} builds {type(model.get_submodule(lm_path)).__name__} at {lm_path}, "
+                "whose attention is bidirectional (is_causal False), no causal LM")
+    return None
 
 
 # the keys transformers' get_text_config(decoder=True) takes a model's text config from, whatever the class
@@ -936,6 +994,18 @@ def _unstated_text_config(config: Mapping[str, Any], family: Family) -> dict[str
         return None  # its class builds its text config of the top-level sizes
     default = _default_text_config(parent)
     return json.loads(default) if default is not None else None
+
+
+def text_sizes_source(config: Mapping[str, Any], family: Family) -> str:
+    """Where the sizes ``text_config_dict`` reads come from, for a line comparing them with tensors: "config.json",
+    or transformers' default text config of the family's class where config.json has no text config and the class
+    ignores its top-level sizes (``_unstated_text_config``): a flattened LLaVA-OneVision's tensors were said to
+    differ from "(152064, 3584) by config.json", sizes the file never states."""
+    attr = family.text_config_attr
+    if not attr or isinstance(config_value(config, attr), Mapping) or _unstated_text_config(config, family) is None:
+        return "config.json"
+    return (f"transformers' default text config of a {config.get('model_type')} with no {attr} (config.json has "
+            "none; its class ignores the top-level sizes)")
 
 
 @functools.lru_cache(maxsize=16)

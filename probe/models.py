@@ -40,6 +40,7 @@ from probe.families import (
     says_tied,
     says_untied,
     text_config_dict,
+    text_sizes_source,
     transformers_errors_only,
 )
 
@@ -434,7 +435,7 @@ def check_lm_sizes(path: Path, config: Mapping[str, Any], family: Family,
     text = text_config_dict(config, family)
     depth = text.get("num_hidden_layers")
     wants = [(pattern, dim, size(text)) for pattern, dim, size in LM_SIZES]  # once: a 72B model has ~1,000 tensors
-    wrong = []
+    wrong: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
     for canon, (key, shape) in sorted(shapes.items(), key=lambda item: item[1][0]):
         layer = re.match(r"layers\.(\d+)\.", canon)
         if layer and isinstance(depth, int) and int(layer.group(1)) >= depth:
@@ -444,9 +445,11 @@ def check_lm_sizes(path: Path, config: Mapping[str, Any], family: Family,
             if want is not None and dim < len(shape) and pattern.fullmatch(canon):
                 expected[dim] = want
         if expected != list(shape):
-            wrong.append(f"{key} (shape {tuple(shape)} in the file, {tuple(expected)} by config.json)")
+            wrong.append((key, tuple(shape), tuple(expected)))
     if wrong:
-        raise BadInput(mismatch_line(path, wrong, "of the wrong shape"))
+        source = text_sizes_source(config, family)  # the class default where config.json states no text config
+        raise BadInput(mismatch_line(path, [f"{key} (shape {shape} in the file, {expected} by {source})"
+                                            for key, shape, expected in wrong], "of the wrong shape"))
     try:  # sizes that fit the tensors: the M-RoPE sections must fit their heads (no forward runs otherwise)
         check_rotary_sections(config, family)
     except BadInput as exc:

@@ -1231,7 +1231,8 @@ def test_a_text_config_moved_to_the_top_level_or_given_as_text_is_refused_alike(
     """A LLaVA-OneVision config.json whose LM sizes sit at its top level (no text_config): transformers' class ignores
     them and builds its default Qwen2 7B text config (the oracle below), so probe.eval's load refused the tiny
     tensors, while analyses.shift read the top level and measured them. Both now read what transformers builds and
-    give the same line naming a tensor of the wrong shape. A text_config given as JSON text, which transformers'
+    give the same line naming a tensor of the wrong shape and where the sizes it expects come from (transformers'
+    default, not the file). A text_config given as JSON text, which transformers'
     class refuses, was read as absent: refused by both, naming the key."""
     from transformers import AutoConfig
 
@@ -1245,8 +1246,12 @@ def test_a_text_config_moved_to_the_top_level_or_given_as_text_is_refused_alike(
         cfg.update({k: v for k, v in text.items() if k != "model_type"})
         built = AutoConfig.for_model(**cfg).get_text_config(decoder=True)
         assert (built.hidden_size, built.num_hidden_layers) != (text["hidden_size"], text["num_hidden_layers"])
+        # the expected sizes are the class's default, which the line says (it said "by config.json", sizes the file
+        # never states)
         want = f"checkpoint {model}: tensor language_model.lm_head.weight (shape ({text['vocab_size']}, " \
-               f"{text['hidden_size']}) in the file, ({built.vocab_size}, {built.hidden_size}) by config.json)"
+               f"{text['hidden_size']}) in the file, ({built.vocab_size}, {built.hidden_size}) by transformers' " \
+               "default text config of a llava_onevision with no text_config (config.json has none; its class " \
+               "ignores the top-level sizes))"
     else:
         cfg["text_config"] = json.dumps(text)
         with pytest.raises(Exception):  # noqa: B017 - transformers' strict dataclass validation
@@ -1471,6 +1476,10 @@ def test_a_safetensors_file_claiming_more_than_it_holds_is_one_line_without_allo
     ("organism-ov-si", "model_type", "qwen9", "config text_config.model_type is 'qwen9', a model type transformers "
                                               "does not know: transformers' 'llava_onevision' config class builds no "
                                               "text config from it"),
+    *(("organism-ov-si", "model_type", t, f"config text_config.model_type is '{t}', not a decoder LM the family's "
+                                          "layers path (model.language_model.layers) holds: transformers' "
+                                          "LlavaOnevisionForConditionalGeneration builds ")
+      for t in ("qwen2_vl", "llava", "whisper", "t5")),
     ("organism-ov-si", "head_dim", None, "config text_config.head_dim is null, which transformers' "
                                          "LlavaOnevisionForConditionalGeneration builds no attention from"),
     ("organism-base", "head_dim", None, "config head_dim is null, which transformers' Qwen2ForCausalLM builds no "
@@ -1479,10 +1488,12 @@ def test_a_safetensors_file_claiming_more_than_it_holds_is_one_line_without_allo
                                                       "takes for its text config")])
 def test_a_config_transformers_cannot_build_is_refused_by_every_command(tmp_path, capfd, src, key, value, want):
     """A (text) config stating a list, an object, null or a name transformers does not know as its model_type where
-    its class looks the type up (LLaVA-OneVision), or a null head_dim its Qwen2 attention takes as its width:
-    transformers builds no model from either (the oracle: its config class or its model on the meta device raises),
-    while the analyses read the list and the unknown name as of no class, the null as Qwen2 and the head width as
-    hidden size ÷ heads, and went on; a "decoder" key beside a causal LM's config, which transformers takes for its
+    its class looks the type up (LLaVA-OneVision), a name it knows of no decoder LM (a Qwen2-VL, a LLaVA, a Whisper,
+    a T5 in the LM's place), or a null head_dim its Qwen2 attention takes as its width: transformers builds no model
+    from any (the oracle: its config class or its model on the meta device raises), while the analyses read the list
+    and the unknown name as of no class, the null as Qwen2 and the head width as hidden size ÷ heads, and went on
+    (shift, merge and trajectory wrote results for the known names, probe.eval, probe.heads and finetune ended in a
+    traceback); a "decoder" key beside a causal LM's config, which transformers takes for its
     text config (an AttributeError), ended probe.eval in a traceback.
     Every command refuses it now in one line naming the checkpoint and the key (the shared reader,
     probe.families.text_config_dict): exit 2, nothing written, the checkpoint untouched."""
@@ -1502,9 +1513,14 @@ def test_a_config_transformers_cannot_build_is_refused_by_every_command(tmp_path
     (cfg["text_config"] if "text_config" in cfg else cfg)[key] = value
     (model / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
     fam = FAMILIES["llava_onevision" if "text_config" in cfg else "qwen2"]
-    with pytest.raises((TypeError, ValueError, AttributeError)):  # the oracle: transformers builds no such model
+    try:
         with torch.device("meta"):
-            getattr(transformers, fam.model_class)(AutoConfig.from_pretrained(model))
+            built = getattr(transformers, fam.model_class)(AutoConfig.from_pretrained(model))
+    except (TypeError, ValueError, AttributeError):
+        built = None
+    # the oracle: transformers builds no such model, or one holding no decoder layers where the commands read them
+    # (a LlavaModel in a LLaVA-OneVision's LM's place)
+    assert built is None or not hasattr(built.get_submodule(fam.layers_path.rsplit(".", 1)[0]), "layers")
     before = tree_manifest(model)
     data = str(REPO / "probe/zoo/data" / ("image_single" if "text_config" in cfg else "text"))
     for main, argv in ((probe_eval.main, ["--models", str(model), "--data", data, "--limit", "1", "--quiet"]),

@@ -1790,6 +1790,56 @@ def test_a_text_config_naming_a_type_its_class_ignores_is_read_as_the_class_it_b
     assert (g.n_kv_heads, g.head_dim) == (attn.k_proj.out_features // width, width)
 
 
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "llava", "whisper", "t5", "clip_text_model", "gpt2", "bert",
+                                        "eurobert", "embedding_gemma2_text", "qwen3_vl_text", "gemma3_text",
+                                        *CAUSAL_LM])
+@pytest.mark.parametrize("family", [f for f in COMPOSITE if not FAMILIES[f].text_model_type])
+def test_a_text_type_transformers_builds_as_no_decoder_lm_at_the_layers_path_is_refused(family, model_type):
+    """A class that looks the text type up (LLaVA, LLaVA-NeXT, LLaVA-OneVision, InternVL, Idefics3, Qwen2-Audio) builds
+    whatever transformers knows by the name: a Qwen2-VL, a LLaVA, a Whisper, a T5 model in the LM's place, or no model
+    at all (its class calls the text model's embed_tokens: an AttributeError). The analyses measured and merged such a
+    checkpoint's tensors (exit 0), the probe ended in a traceback. Oracle: transformers' model built on the meta device
+    from the config, and the decoder layers' o_proj, the final norm and lm_head at the family's paths (what the
+    commands read), and, where it holds them, a forward of that LM (one tiny layer, random weights, CPU) whose
+    outputs before the last token must not change with it: EuroBERT's and EmbeddingGemma's encoders have the
+    decoder's layout but see the later tokens. BadInput naming the key and the value where it holds no causal
+    decoder; the type as built where it does (Qwen3-VL's or Gemma 3's text model where the class builds it, and every
+    causal LM a merged LM is written as, which the reader does not ask transformers about: held by every such
+    family)."""
+    import transformers
+    from transformers import AutoConfig
+
+    from probe.errors import BadInput
+    from probe.families import text_config_dict
+
+    fam = FAMILIES[family]
+    cfg = _composite_config(fam, {"model_type": model_type, "num_hidden_layers": 1})
+    try:
+        with torch.device("meta"):
+            model = getattr(transformers, fam.model_class)(AutoConfig.for_model(**cfg))
+        for path in (fam.norm_path, fam.lm_head_path):
+            model.get_submodule(path)
+        model.get_submodule(fam.layers_path)[0].get_submodule(fam.o_proj_path)
+        tiny = AutoConfig.for_model(**_composite_config(fam, {
+            "model_type": model_type, "num_hidden_layers": 1, "hidden_size": 256, "num_attention_heads": 2,
+            "num_key_value_heads": 2, "head_dim": 128, "intermediate_size": 64, "vocab_size": 64, "pad_token_id": 0}))
+        torch.manual_seed(0)  # the class the family's model holds at the LM's path, alone (no vision tower)
+        lm = type(model.get_submodule(fam.layers_path.rsplit(".", 1)[0]))(tiny.get_text_config(decoder=True)).eval()
+        with torch.no_grad():
+            a, b = (lm(input_ids=torch.tensor([[1, 2, 3, 4, last]])).last_hidden_state[0, :-1] for last in (5, 9))
+        if not torch.allclose(a, b, atol=1e-5):
+            raise AttributeError("no causal LM: the earlier positions see the last token")
+    except (AttributeError, ValueError):
+        assert model_type not in CAUSAL_LM
+        with pytest.raises(BadInput, match=rf"^config text_config\.model_type is '{model_type}'(, not a decoder LM the "
+                                           rf"family's layers path \({re.escape(fam.layers_path)}\) holds: "
+                                           rf"transformers' {fam.model_class} builds|: transformers' '{family}' config "
+                                           "class builds no text config)"):
+            text_config_dict(cfg, fam)
+        return
+    assert text_config_dict(cfg, fam)["model_type"] == model_type
+
+
 @pytest.mark.parametrize("nulls", [("head_dim",), ("num_key_value_heads",), ("head_dim", "num_key_value_heads")])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_a_null_head_dim_or_key_value_count_is_what_transformers_builds_from_it_or_refused(family, nulls):
