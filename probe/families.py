@@ -906,22 +906,10 @@ def _no_decoder_lm(family: str, text: str) -> str | None:
     family's paths (probe.heads' o_proj, the analyses' tensor names), so they ended in a traceback, or measured and
     merged tensors as an LM transformers never builds; the name's class is asked only where it is not one of the
     causal LMs a merged LM is written as (CAUSAL_LM, all plain decoders; tests/test_families.py checks them)."""
-    import torch
-    import transformers
-    from transformers import AutoConfig
-
-    from probe.dispatch import meta_model
-
     fam = FAMILIES[family]
-    nested: dict[str, Any] = {**json.loads(text), "num_hidden_layers": 1}
-    for part in reversed(fam.text_config_attr.split(".")):
-        nested = {part: nested}
     with transformers_errors_only():
         try:
-            config = AutoConfig.for_model(fam.model_types[0], **nested)
-            if fam.config_path:
-                config = getattr(config, fam.config_path)
-            model = meta_model(getattr(transformers, fam.model_class), config, torch.float32)
+            model = _meta_family_model(fam, _family_config(fam, {**json.loads(text), "num_hidden_layers": 1}, True))
         except Exception as exc:  # noqa: BLE001 - the class calls what the text model lacks (embed_tokens)
             return f"transformers' {fam.model_class} builds no model with it ({type(exc).__name__})"
     lm_path = fam.layers_path.rsplit(".", 1)[0]
@@ -1131,6 +1119,27 @@ def _built_nulls(text: dict[str, Any], config: Mapping[str, Any], family: Family
     return {**text, **{k: built[k] for k in nulls}}
 
 
+def _family_config(fam: Family, text: dict[str, Any], nested: bool) -> Any:
+    """transformers' config of ``fam``'s type whose LM part states ``text`` (nested at its text_config_attr, else at
+    the top level), the part its class is built from (the Omni thinker's); raises what transformers raises."""
+    from transformers import AutoConfig
+
+    for part in reversed(fam.text_config_attr.split(".")) if nested else ():
+        text = {part: text}
+    config = AutoConfig.for_model(fam.model_types[0], **text)
+    return getattr(config, fam.config_path) if fam.config_path else config
+
+
+def _meta_family_model(fam: Family, config: Any) -> Any:
+    """``fam``'s model class built from ``config`` on the meta device (no weights); raises what transformers raises."""
+    import torch
+    import transformers
+
+    from probe.dispatch import meta_model
+
+    return meta_model(getattr(transformers, fam.model_class), config, torch.float32)
+
+
 @functools.lru_cache(maxsize=64)
 def _null_attention(family: str, hidden: int, heads: int, nulls: tuple[str, ...], text_type: str | None,
                     width: int | None = None) -> dict[str, int] | str | None:
@@ -1139,34 +1148,25 @@ def _null_attention(family: str, hidden: int, heads: int, nulls: tuple[str, ...]
     (in its text config of type ``text_type``, else at its top level); a str saying how transformers refuses them;
     None where it cannot tell: a text type it does not know, or a text config of other sizes (LLaVA's class
     ignores top-level sizes)."""
-    import torch
     import transformers
-    from transformers import AutoConfig
-
-    from probe.dispatch import meta_model
 
     fam = FAMILIES[family]
     text: dict[str, Any] = {"hidden_size": hidden, "num_attention_heads": heads, "num_hidden_layers": 1,
                             **({"head_dim": width} if width else {}), **dict.fromkeys(nulls)}
     if text_type is not None:
         text["model_type"] = text_type
-        for part in reversed(fam.text_config_attr.split(".")):
-            text = {part: text}
     with transformers_errors_only():  # the Omni config's token-id warnings say nothing of this
         try:
-            config = AutoConfig.for_model(fam.model_types[0], **text)
+            config = _family_config(fam, text, text_type is not None)
         except Exception as exc:  # noqa: BLE001 - strict configs raise their own validation errors
             if text_type is not None and text_type not in transformers.CONFIG_MAPPING:
                 return None  # a text type transformers does not know: no class to tell by
             return f"transformers' {text_type or fam.model_types[0]} config class refuses ({type(exc).__name__})"
-        if fam.config_path:
-            config = getattr(config, fam.config_path)
         built = config.get_text_config(decoder=True)
         if (getattr(built, "hidden_size", None), getattr(built, "num_attention_heads", None)) != (hidden, heads):
             return None
         try:
-            attn = meta_model(getattr(transformers, fam.model_class), config, torch.float32).get_submodule(
-                fam.layers_path)[0].self_attn
+            attn = _meta_family_model(fam, config).get_submodule(fam.layers_path)[0].self_attn
         except Exception as exc:  # noqa: BLE001 - Qwen2's attention squares a None width: a TypeError
             return f"transformers' {fam.model_class} builds no attention from ({type(exc).__name__})"
     width = attn.q_proj.out_features // heads
@@ -1220,24 +1220,15 @@ def _rotary_error(family: str, hidden: int, heads: int, head_dim: int | None, ke
     of these sizes, head_dim where stated and ``rope`` under ``key``; its text config of type ``text_type``, else
     the top level) on three tokens; None where it runs or the config builds no model (the load's to say)."""
     import torch
-    import transformers
-    from transformers import AutoConfig
-
-    from probe.dispatch import meta_model
 
     fam = FAMILIES[family]
     text: dict[str, Any] = {"hidden_size": hidden, "num_attention_heads": heads, "num_hidden_layers": 1,
                             key: json.loads(rope), **({"head_dim": head_dim} if head_dim else {})}
     if text_type is not None:
         text["model_type"] = text_type
-        for part in reversed(fam.text_config_attr.split(".")):
-            text = {part: text}
     with transformers_errors_only():
         try:
-            config = AutoConfig.for_model(fam.model_types[0], **text)
-            if fam.config_path:
-                config = getattr(config, fam.config_path)
-            lm = meta_model(getattr(transformers, fam.model_class), config, torch.float32).get_submodule(
+            lm = _meta_family_model(fam, _family_config(fam, text, text_type is not None)).get_submodule(
                 fam.layers_path.rsplit(".", 1)[0])
         except Exception:  # noqa: BLE001 - no model from these sizes: not this check's to say
             return None
