@@ -1173,36 +1173,32 @@ def _null_attention(family: str, hidden: int, heads: int, nulls: tuple[str, ...]
     return {"head_dim": width, "num_key_value_heads": attn.k_proj.out_features // width}
 
 
-def check_rotary_sections(config: Mapping[str, Any], family: Family) -> None:
+def check_rotary_sections(config: Mapping[str, Any], family: Family, text: Mapping[str, Any] | None = None) -> None:
     """BadInput naming the key where the text config's M-RoPE sections (``mrope_section`` of rope_parameters or the
-    older rope_scaling) do not sum to half the head width and transformers' class runs no forward with them:
-    Qwen2-VL's, Qwen2.5-VL's and the Omni thinker's rotary embedding splits its tables by them (a RuntimeError);
-    Qwen3-VL's interleaved sections run with any. probe.eval and probe.heads ended in a traceback at the first
-    batch, after the model had loaded. Asked of transformers only where the sum is off (a meta-device forward of
-    one layer); called by the LM size check (probe.models.check_lm_sizes) once the tensors fit the sizes, so a
-    damaged head count is named as such, not as the sections it no longer fits."""
+    older rope_scaling; ``text``: ``text_config_dict``'s reading of config.json, read here where not given) do not
+    sum to half the head width and transformers' class runs no forward with them: Qwen2-VL's, Qwen2.5-VL's and the Omni thinker's rotary
+    embedding splits its tables by them (a RuntimeError); Qwen3-VL's interleaved sections run with any. probe.eval
+    and probe.heads ended in a traceback at the first batch, after the model had loaded. Asked of transformers only
+    where the sum is off (a meta-device forward of one layer); called by the LM size check
+    (probe.models.check_lm_sizes) once the tensors fit the sizes, so a damaged head count is named as such, not as
+    the sections it no longer fits."""
     nested = bool(family.text_config_attr) and isinstance(config_value(config, family.text_config_attr), Mapping)
-    _checked_rotary(text_config_dict(config, family), config, family, nested)
-
-
-def _checked_rotary(text: dict[str, Any], config: Mapping[str, Any], family: Family, nested: bool) -> dict[str, Any]:
-    """``text``, or BadInput naming the key where transformers runs no forward with its M-RoPE sections
-    (``check_rotary_sections``)."""
+    text = text_config_dict(config, family) if text is None else text
     for key in ("rope_parameters", "rope_scaling"):
         rope = text.get(key)
         section = rope.get("mrope_section") if isinstance(rope, Mapping) else None
         if isinstance(section, list) and section and all(is_int(v) for v in section):
             break
     else:
-        return text
+        return
     hidden, heads = text.get("hidden_size"), text.get("num_attention_heads")
     if not (is_int(hidden) and is_int(heads) and hidden > 0 and heads > 0):
-        return text
+        return
     width = text["head_dim"] if is_int(text.get("head_dim")) else class_head_dim(text.get("model_type"), hidden, heads)
     text_type = text.get("model_type") if nested else None
     if (2 * sum(section) == width or config.get("model_type") not in family.model_types
             or (nested and not _is_type_name(text_type))):
-        return text
+        return
     error = _rotary_error(family.name, hidden, heads, text.get("head_dim") if is_int(text.get("head_dim")) else None,
                           key, json.dumps(rope, sort_keys=True), text_type)
     if error:
@@ -1210,7 +1206,6 @@ def _checked_rotary(text: dict[str, Any], config: Mapping[str, Any], family: Fam
         raise BadInput(f"config {where}{key}.mrope_section is {section} (sum {sum(section)}), which transformers' "
                        f"{family.model_class} runs no forward with ({error}): its sections must sum to half the head "
                        f"width, {width // 2}")
-    return text
 
 
 @functools.lru_cache(maxsize=16)

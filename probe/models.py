@@ -451,7 +451,7 @@ def check_lm_sizes(path: Path, config: Mapping[str, Any], family: Family,
         raise BadInput(mismatch_line(path, [f"{key} (shape {shape} in the file, {expected} by {source})"
                                             for key, shape, expected in wrong], "of the wrong shape"))
     try:  # sizes that fit the tensors: the M-RoPE sections must fit their heads (no forward runs otherwise)
-        check_rotary_sections(config, family)
+        check_rotary_sections(config, family, text)  # the text config as read above
     except BadInput as exc:
         raise BadInput(f"{path}: {exc}") from None
 
