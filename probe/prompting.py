@@ -438,10 +438,12 @@ def _media_counts(loaded: LoadedModel, layout: MediaLayout, prompts: Sequence[Pr
         return counts
     sizes = torch.tensor([[im.height, im.width] for p in prompts for im in p.images])
     patches = processor_image_patches(loaded.processor, sizes)
-    if patches is None:
-        return None
-    ends = list(accumulate(counts))
-    return [sum(patches[e - n:e]) for e, n in zip(ends, counts)]
+    return None if patches is None else _per_prompt(patches, counts)
+
+
+def _per_prompt(per_image: Sequence[int], counts: Sequence[int]) -> list[int]:
+    """Per prompt, the sum of its images' ``per_image`` values (the images in prompt order, ``counts`` a prompt)."""
+    return [sum(per_image[e - n:e]) for e, n in zip(accumulate(counts), counts)]
 
 
 def _own_padding(loaded: LoadedModel, layout: MediaLayout,
@@ -491,8 +493,7 @@ def _cuts_hold_their_media(loaded: LoadedModel, cuts: list[Encoded]) -> bool:
         per_image = processor_image_tokens(loaded.processor, torch.cat(sizes)) if any(map(len, sizes)) else []
         if per_image is None:
             return False
-        ends = list(accumulate(len(s) for s in sizes))
-        return all(t == sum(per_image[e - len(s):e]) for t, s, e in zip(tokens, sizes, ends))
+        return tokens == _per_prompt(per_image, [len(s) for s in sizes])
     rows = []
     for enc in cuts:
         n = enc.batch["pixel_values"].shape[0] if "pixel_values" in enc.batch else 0
