@@ -832,7 +832,7 @@ def build_parser() -> argparse.ArgumentParser:
         "   # Figure 3: each checkpoint scored",
         "python -m figures steps runs/steps/text     # accuracy against steps, steps.png/pdf"],
                                 description="Small-step fine-tuning of a (merged) model on a modality mix (paper "
-                                "§6.2): checkpoint-<step>/ dirs, train_log.csv, resumable after a kill.")
+                                "§6.2). Writes OUT/checkpoint-<step>/ dirs, train_log.csv and run.json; resumable after a kill.")
     p.add_argument("--model", required=True, help="alias or HF dir (a merged carrier, an organism, a real VLM)")
     p.add_argument("--data", nargs="+", required=True, metavar="LABEL=DIR",
                    help="MMMU-layout training sets by modality, e.g. text=DIR image=DIR video=DIR")
@@ -875,7 +875,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "cuda:0,cuda:1")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU, else float32), float32, bfloat16; "
                    "bfloat16 is mixed precision: the forward in it, float32 weights, updates and checkpoints")
-    p.add_argument("--out", type=out_dir, required=True, help="output dir (checkpoint-<step>/, train_log.csv)")
+    p.add_argument("--out", type=out_dir, required=True, help="output dir (checkpoint-<step>/, train_log.csv, run.json)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the fine-tuning run in --out (its checkpoints, log and run.json; nothing else)")
     return p

@@ -189,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m analyses.shift",
         examples=["python -m analyses.shift --base organism-base --models organism-vl organism-ov-si organism-video --out runs/shift",
                   "python -m figures shift runs/shift     # redraw the figures from the saved files"],
-        description="Per-tensor parameter shift of modality-extended LLMs from their base (paper Eq. 3).",
+        description="Per-tensor parameter shift of modality-extended LLMs from their base (paper Eq. 3). Writes "
+        "OUT/shift.csv (one row per model and LM tensor), summary.json (per model: mean Δavg, its ratio to the least "
+        "shifted) and, unless --no-figures, shift_heatmap_<model> and shift_models (png/pdf).",
     )
     p.add_argument("--base", required=True, help="base LLM: local HF dir or alias (e.g. qwen2)")
     p.add_argument("--models", nargs="+", required=True, help="modality-extended models (dirs or aliases)")

@@ -224,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
         examples=["python -m analyses.trajectory --base organism-base --experts organism-vl organism-video --merged runs/avg --runs runs/ft/mixed runs/ft-lora --out runs/traj  # after analyses.merge's and analyses.finetune's examples",
                   "python -m figures trajectory runs/traj     # redraw the figures from the saved files"],
         description="Map checkpoints in weight space: per-tensor ‖θ − θ_ref‖ and a streamed random-projection "
-        "sketch of θ − θ_ref, embedded with PCA and t-SNE (paper section 6.2, Figure 4).",
+        "sketch of θ − θ_ref, embedded with PCA and t-SNE (paper section 6.2, Figure 4). Writes OUT/coords.csv, points.csv, features.npz, "
+        "run.json and, unless --no-figures, trajectory_{norms,sketch}.{png,pdf}.",
     )
     p.add_argument("--base", required=True, help="base LLM (dir or alias); also the reference unless --ref")
     p.add_argument("--experts", nargs="+", default=[], help="modality-extended models")
@@ -234,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sketch-dim", type=int, default=256, help="sketch dimension (default 256)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sketch, PCA and t-SNE (default 0)")
     p.add_argument("--perplexity", type=float, default=30.0, help="t-SNE perplexity, clamped to n_points - 1 (default: 30)")
-    add_output_args(p, "output dir (coords.csv, points.csv, features.npz, figures)")
+    add_output_args(p, "output dir (coords.csv, points.csv, features.npz, run.json, figures)")
     return p
 
 

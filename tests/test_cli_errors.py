@@ -346,6 +346,56 @@ def test_readme_names_every_module_and_every_command_it_shows_has_a_help():
     assert shown <= clis, f"README shows python -m {sorted(shown - clis)}, which MODULES does not test"
 
 
+
+def _readme_command_lines(readme: str) -> list[str]:
+    """Every command line of the README: code blocks' lines (a ``\\`` continuation joined) and inline code spans,
+    a trailing ``# comment`` cut off."""
+    spans: list[str] = []
+
+    def block(m: re.Match) -> str:
+        spans.extend(re.sub(r"\\\n\s*", " ", m.group(1)).splitlines())
+        return ""
+
+    prose = re.sub(r"```[a-z]*\n(.*?)```", block, readme, flags=re.S)
+    spans += [s.replace("\n", " ") for s in re.findall(r"`([^`]+)`", prose)]
+    return [re.sub(r"\s+#.*$", "", s) for s in spans if not s.lstrip().startswith("#")]
+
+
+def test_every_option_the_readme_gives_a_command_is_one_of_its_own(monkeypatch):
+    """A flag the README shows after ``python -m X`` or ``bench/X.py`` (in a code block or an inline span, up to
+    ``&&``, ``;`` or a pipe) is an option of X's parser, or of the subcommand it names: a renamed or dropped option
+    left in the manual would exit 2 for whoever copies the line. Conversely each option of every ``python -m`` CLI
+    is named somewhere in the README (--help is not its only documentation)."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    shown = {m.removesuffix(".__main__"): m for m in MODULES} | {f"bench/{b}.py": b for b in BENCH}
+    options: dict[str, tuple[set[str], dict[str, set[str]]]] = {}
+    for cli, name in shown.items():
+        top, *subs = _parsers(name, monkeypatch)
+        choices = {n: sp for a in top._actions if isinstance(a, argparse._SubParsersAction)
+                   for n, sp in a.choices.items()}
+        options[cli] = ({o for a in top._actions for o in a.option_strings},
+                        {n: {o for a in sp._actions for o in a.option_strings} for n, sp in choices.items()})
+    checked, unknown = 0, []
+    for line in _readme_command_lines(readme):
+        for m in re.finditer(r"(?:python -m ([\w.]+)|(bench/\w+\.py))(.*?)(?=&&|\|\||;|\| |$)", line):
+            cli, words = m.group(1) or m.group(2), m.group(3).split()
+            if cli not in options:
+                continue
+            own, subs = options[cli]
+            if words and words[0] in subs:
+                own = own | subs[words[0]]
+            for word in words:
+                flag = word.strip("[]()…,").split("=")[0]
+                if flag.startswith("--") and flag != "--":
+                    checked += 1
+                    if flag not in own:
+                        unknown.append(f"{cli} {flag}: {line.strip()[:120]}")
+    assert checked > 200 and not unknown, unknown  # 222 flags on 2026-12-06
+    named = set(re.findall(r"--[a-z][a-z0-9-]*", readme))
+    never = {cli: sorted(o for o in own | set().union(*subs.values()) if o.startswith("--") and o != "--help"
+                         and o not in named) for cli, (own, subs) in options.items() if not cli.startswith("bench/")}
+    assert not any(never.values()), f"options the README never names: {never}"
+
 # ASCII digits only: int() and float() read any Unicode decimal digit ('٣' is 3) and '_' separators
 NOT_ASCII = ["٣", "３", "१", "1_0", "٣.٥"]
 

@@ -8,7 +8,8 @@ from probe.errors import ArgParser, out_dir
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = ArgParser(prog="python -m probe.zoo", description="Build the trained tiny organisms.")
+    ap = ArgParser(prog="python -m probe.zoo", description="Build the trained tiny organisms (build) or write fresh "
+                    "items of their tasks (data); each subcommand's --help says what it writes where.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     build_help = ("regenerate data and organisms (deterministic on one machine; another CPU rounds differently and "
                   "trains other weights)")
