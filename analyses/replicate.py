@@ -427,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="+", choices=[s.name for s in STAGES], metavar="STAGE",
                    help=f"run only these stages (their inputs must be complete), then rebuild the report from every "
                    f"stage's saved results: {', '.join(BY_NAME)}")
-    p.add_argument("--out", type=out_dir, required=True, help="output directory (one subdirectory per stage)")
+    p.add_argument("--out", type=out_dir, required=True, metavar="DIR", help="output directory (one subdirectory per stage)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 

@@ -557,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind", choices=KINDS, help="which benchmark SRC holds: " + ", ".join(
         f"{k} ({r})" for k, r in REPOS.items()))
     p.add_argument("src", type=in_path, help="the local snapshot (hf download --repo-type dataset REPO --local-dir SRC)")
-    p.add_argument("--out", type=out_dir, required=True, help="the MMMU-layout directory to write (DIR/<Subject>/"
+    p.add_argument("--out", type=out_dir, required=True, metavar="DIR", help="the MMMU-layout directory to write (DIR/<Subject>/"
                    "<split>-00000-of-00001.parquet); other splits already there stay")
     p.add_argument("--split", default=None, help="the source split to read (MMLU: validation has 1,531 items, "
                    "test 14,042; MMLU-Pro: test 12,032, validation 70; MMMLU: test; GPQA: train, its only one; "
