@@ -123,7 +123,8 @@ def compare(name: str, loaded: LoadedModel, items: Sequence[Item], batch_size: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgParser(prog="python bench/eval.py", description=__doc__,
+                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--items", type=int, default=128, help="organism-vl image items (default: 128)")
     p.add_argument("--smollm-items", type=int, default=32, help="SmolLM2 text items of 100-300 tokens (default: 32)")
     p.add_argument("--batch-size", type=int, default=32, help="items per batched forward (default: 32)")

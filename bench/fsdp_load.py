@@ -108,7 +108,8 @@ def worker(way: str, source: str, out: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgParser(prog="python bench/fsdp_load.py", description=__doc__,
+                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=2, help="decoder layers of Qwen2-7B's shape (default 2)")
     ap.add_argument("--vocab-size", type=int, default=32000, help="vocabulary (default 32000)")
     ap.add_argument("--processes", type=int, default=2, help="torchrun processes (default 2)")

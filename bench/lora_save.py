@@ -61,7 +61,8 @@ def peak_extra(fn: Callable[[], object]) -> tuple[float, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgParser(prog="python bench/lora_save.py", description=__doc__,
+                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=2, help="decoder layers of Qwen2-7B's shape (default 2)")
     ap.add_argument("--vocab-size", type=int, default=32000, help="vocabulary (default 32000)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],

@@ -383,7 +383,8 @@ def stage_process(stage: str, args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgParser(prog="python bench/memory.py", description=__doc__,
+                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--items", type=int, default=900, help="items per data set (default: 900, MMMU validation)")
     p.add_argument("--layers", type=int, default=28, help="decoder layers of the swept model (default: 28)")
     p.add_argument("--heads", type=int, default=28, help="query heads per layer (default: 28)")

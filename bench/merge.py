@@ -248,7 +248,8 @@ def shift_run(inputs: list[str], work: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgParser(prog="python bench/merge.py", description=__doc__,
+                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--k", type=int, default=3, help="number of checkpoints merged (default 3)")
     ap.add_argument("--params-m", type=int, help="million parameters per synthetic checkpoint (default 145)")
     ap.add_argument("--arch", choices=TEXT_ARCHS, help="instead of --params-m: the LM of a published architecture "

@@ -144,7 +144,8 @@ def spread_heads(heads: list[tuple[int, int]], k: int) -> list[tuple[int, int]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgParser(prog="python bench/sweep.py", description=__doc__,
+                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help=f"alias or HF dir (default {DEFAULT_MODEL})")
     p.add_argument("--random-config", choices=sorted(a for a in ARCHS if a.endswith("7b")), default=None,
                    help="build this architecture from its real config with random weights (no download)")

@@ -63,7 +63,8 @@ def grads(loaded: LoadedModel, step: Callable[[LoadedModel, list[dict]], None],
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgParser(prog="python bench/train_step.py", description=__doc__,
+                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--organisms", nargs="+", default=list(CASES), choices=list(CASES), help="cases to time (default: all)")
     ap.add_argument("--batch", type=int, default=24, help="rows per batch (default: 24)")
     ap.add_argument("--repeats", type=int, default=6, help="timed repeats, median reported (default: 6)")
