@@ -396,6 +396,24 @@ def test_every_option_the_readme_gives_a_command_is_one_of_its_own(monkeypatch):
                          and o not in named) for cli, (own, subs) in options.items() if not cli.startswith("bench/")}
     assert not any(never.values()), f"options the README never names: {never}"
 
+
+def test_readme_links_resolve():
+    """Each ``(#anchor)`` of the README (its Contents line and the cross-references) is a heading's anchor as GitHub
+    makes it: lower case, every character but letters, digits, ``-``, ``_`` and spaces dropped, spaces as ``-``, a
+    repeated heading suffixed ``-1``, ``-2``; each relative link names a file of the repository."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    outside = re.sub(r"^```.*?^```", "", readme, flags=re.S | re.M)  # a "# comment" in a code block is no heading
+    anchors: set[str] = set()
+    for heading in re.findall(r"^#{1,6} (.+)$", outside, flags=re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        n = sum(a == slug or re.fullmatch(re.escape(slug) + r"-\d+", a) is not None for a in anchors)
+        anchors.add(f"{slug}-{n}" if n else slug)
+    links = re.findall(r"\]\(#([^)]+)\)", readme)
+    assert len(links) > 30 and not [a for a in links if a not in anchors], sorted(set(links) - anchors)
+    files = re.findall(r"\]\(([^)#:]+)\)", readme)
+    missing = [f for f in files if not (REPO / f).exists()]
+    assert len(files) > 10 and not missing, missing
+
 # ASCII digits only: int() and float() read any Unicode decimal digit ('٣' is 3) and '_' separators
 NOT_ASCII = ["٣", "３", "१", "1_0", "٣.٥"]
 
