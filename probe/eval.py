@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         "items.parquet, table.md (models × data sets), eval.{png,pdf} and run.json; a killed run resumes per "
         "(model, data set) from OUT/parts/.")
     p.add_argument("--models", nargs="+", required=True,
-                   help=f"aliases ({', '.join(ALIASES)}) or HF model dirs (merged outputs and carriers too)")
+                   help=f"aliases ({', '.join(ALIASES)}) or HF model dirs (merged outputs and carriers too; or .gguf files)")
     p.add_argument("--data", nargs="+", required=True,
                    help="MMMU-layout dirs (<root>/<Subject>/<split>[-*].parquet), 'mmmu', or the organisms' sets "
                    "probe/zoo/data/{text,image,image_single,video}")

@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Help,
     )
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"alias ({', '.join(ALIASES)}) or a local HF model dir")
+                   help=f"alias ({', '.join(ALIASES)}) or a local HF model dir (or a .gguf file)")
     p.add_argument("--data", default=None,
                    help="MMMU root dir (<root>/<Subject>/<split>[-*].parquet) or 'mmmu' for the HF cache; "
                    "default: the model's own bundled validation set (organisms) or the synthetic MMMU-format set")
