@@ -414,6 +414,26 @@ def test_readme_links_resolve():
     missing = [f for f in files if not (REPO / f).exists()]
     assert len(files) > 10 and not missing, missing
 
+
+def test_readme_heads_table_gives_the_parsers_defaults(monkeypatch):
+    """The README's ``probe.heads`` flag table, default column, against the parser: a backticked value or a bare
+    number is the default as argparse holds it, ``off`` a flag not set, anything else (all, none, the model's
+    bundled set) a default of None or ``all`` that the command resolves itself."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    table = readme.split("| flag | default | meaning |\n|---|---|---|\n", 1)[1].split("\n\n", 1)[0]
+    (parser,) = _parsers("probe.heads", monkeypatch)
+    defaults = {o: a.default for a in parser._actions for o in a.option_strings}
+    rows = [row.split(" | ")[:2] for row in table.splitlines()]
+    wrong = []
+    for first, cell in rows:
+        given = re.search(r"`([^`]+)`", cell)
+        want = given.group(1) if given else cell if cell.isdigit() else None
+        for flag in re.findall(r"`(--[\w-]+)`", first):
+            got = defaults[flag]
+            if not (got is False if cell == "off" else str(got) == want if want else got in (None, "all")):
+                wrong.append(f"{flag}: README {cell!r}, parser {got!r}")
+    assert len(rows) > 15 and not wrong, wrong
+
 # ASCII digits only: int() and float() read any Unicode decimal digit ('٣' is 3) and '_' separators
 NOT_ASCII = ["٣", "３", "१", "1_0", "٣.٥"]
 
