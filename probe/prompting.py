@@ -465,8 +465,9 @@ def _own_padding(loaded: LoadedModel, layout: MediaLayout,
     return {**media, "pixel_values": pixels[:, :max(patches)]}
 
 
-def _cuts_hold_their_media(loaded: LoadedModel, cuts: list[Encoded]) -> bool:
-    """Whether each cut's image tokens and media rows agree, as its own call's do. Anyres (LLaVA-NeXT, -OneVision),
+def _cuts_hold_their_media(loaded: LoadedModel, cuts: list[Encoded], layout: MediaLayout) -> bool:
+    """Whether each cut's image tokens and media rows agree, as its own call's do (``layout``: the processor's
+    ``MEDIA_ROWS`` entry, the one its call was cut by). Anyres (LLaVA-NeXT, -OneVision),
     where an image's tokens follow its size: exactly the processor's own count for the cut's ``image_sizes``
     (one count for the call). Otherwise as many image tokens as its ``pixel_values`` rows give at the window's
     tokens per row (Qwen: a patch's 1/merge², LLaVA-1.5: an image's tokens, the same for every image;
@@ -484,7 +485,6 @@ def _cuts_hold_their_media(loaded: LoadedModel, cuts: list[Encoded]) -> bool:
     if not is_int(token):
         return False
     tokens = [int((enc.batch["input_ids"] == token).sum()) for enc in cuts]
-    layout = MEDIA_ROWS[type(loaded.processor).__name__]
     if layout.anyres is not None:
         sizes = [enc.batch["image_sizes"] if "image_sizes" in enc.batch else torch.zeros(0, 2, dtype=torch.long)
                  for enc in cuts]
@@ -602,7 +602,7 @@ def _one_call(loaded: LoadedModel, layout: MediaLayout, items: Sequence[ItemLike
     # release whose layout differs would otherwise feed items their neighbours' pixels without a word, and the
     # guard measures the same inputs alone. It costs two calls a call. The items between them are checked
     # without a call (a misread there leaves both ends right): their image tokens against their media rows.
-    if not _cuts_hold_their_media(loaded, list(out.values())):
+    if not _cuts_hold_their_media(loaded, list(out.values()), layout):
         return {}
     with_images = [i for i, p in prompts.items() if p.images] or list(prompts)
     for i in sorted({with_images[0], with_images[-1]}):

@@ -336,7 +336,9 @@ def test_random_out_of_memory_in_windows_and_batches_keeps_every_item_once_with_
     numbers: those of the one-item path (evaluate_items at batch 1, the oracle: same text, p within 1e-4; a row given
     another item's inputs would differ, as the oracle's items do); no forward holds more rows, and no window more
     items, than the cap in force when it starts (a window prefetched before a halving is not run at the old size);
-    and no preparing thread is left behind."""
+    no two threads encode at once (the tokenizer and processor are shared, and a fast tokenizer refuses a change
+    of its padding while another thread encodes: "Already borrowed", transformers#47085); and no preparing thread
+    is left behind."""
     import random
     import threading
 
@@ -361,16 +363,31 @@ def test_random_out_of_memory_in_windows_and_batches_keeps_every_item_once_with_
             failures[key] += fail
         return fail
 
+    inside: dict[str, int] = {}  # per thread, its calls under way into the tokenizer and processor
+    both: list[tuple[str, ...]] = []  # two threads encoding at once (tokenizers' "Already borrowed", #47085)
+
+    def encodes(fn, *args):
+        me = threading.current_thread().name
+        with lock:
+            inside[me] = inside.get(me, 0) + 1
+            if others := tuple(t for t, n in inside.items() if n and t != me):
+                both.append((me, *others))
+        try:
+            return fn(*args)
+        finally:
+            with lock:
+                inside[me] -= 1
+
     def encoding(loaded_, chunk, *rest):
         window.size = len(chunk)
         if len(chunk) > limit.windows.rows:  # kept, not raised: a window nobody measures drops its thread's error
             over.append((len(chunk), limit.windows.rows))
-        return encode(loaded_, chunk, *rest)
+        return encodes(encode, loaded_, chunk, *rest)
 
     def preparing(loaded_, item, cfg_, *encoded):
         if window.size > 1 and draw("windows", 0.25):
             raise _gpu_oom()
-        return prepare(loaded_, item, cfg_, *encoded)
+        return encodes(prepare, loaded_, item, cfg_, *encoded)
 
     def forward(module, args, kwargs):
         assert kwargs["input_ids"].shape[0] <= limit.rows, (kwargs["input_ids"].shape[0], limit.rows)
@@ -387,6 +404,9 @@ def test_random_out_of_memory_in_windows_and_batches_keeps_every_item_once_with_
         handle.remove()
     assert sum(failures.values()) > 0, failures  # it backed off
     assert not over, over
+    # the main thread prepares a window only once the thread has given it its last one: never both at once
+    assert not both, both
+    assert len(inside) == 1 + prefetch, inside  # anti-tautology: with prefetch both threads encoded
     for a, b in zip(got, want, strict=True):
         assert a.response == b.response
         torch.testing.assert_close(a.logp.exp(), b.logp.exp(), atol=1e-4, rtol=0)

@@ -821,7 +821,7 @@ def test_a_cut_that_is_not_the_items_own_call_falls_back_to_one_call_an_item(loa
     assert prompting.encode_prompts(m, items, prompting.PromptTemplate()) == [None] * len(items)
     # the two calls alone catch it too (the token count of each cut catches it first: the images differ in size)
     with monkeypatch.context() as patch:
-        patch.setattr(prompting, "_cuts_hold_their_media", lambda loaded, cuts: True)
+        patch.setattr(prompting, "_cuts_hold_their_media", lambda loaded_, cuts, layout: True)
         assert prompting.encode_prompts(m, items, prompting.PromptTemplate()) == [None] * len(items)
     cfg = SweepConfig(max_new_tokens=2)
     for item, got in zip(items, evaluate_items(m, items, cfg, batch_size=4), strict=True):
@@ -981,11 +981,64 @@ def test_a_misread_of_anyres_image_sizes_is_caught_by_the_image_token_count(fami
     monkeypatch.setattr(cls, "__call__", misread)
     assert prompting.encode_prompts(m, items, prompting.PromptTemplate()) == [None] * len(items)
     with monkeypatch.context() as patch:
-        patch.setattr(prompting, "_cuts_hold_their_media", lambda loaded_, cuts: True)
+        patch.setattr(prompting, "_cuts_hold_their_media", lambda loaded_, cuts, layout: True)
         got = prompting.encode_prompts(m, items, prompting.PromptTemplate())
     assert all(enc is not None for enc in got)
     assert torch.equal(got[0].batch["pixel_values"], _own_call(m, items[0])["pixel_values"])
     assert not all(torch.equal(got[i].batch["pixel_values"], _own_call(m, items[i])["pixel_values"]) for i in (1, 2, 3))
+
+
+def test_gemma3_pan_and_scan_crops_leave_their_items_to_their_own_calls(loaded, monkeypatch):
+    """Gemma 3's processor gives one pixel row per image only with pan-and-scan off (MediaLayout.nested's note):
+    its crops add rows, and an image's rows can no longer be told apart. With pan-and-scan on in every call (the
+    window's and each item's own), a window holding an image that is cropped is left to the items' own calls; a
+    window of images too square to crop is still cut, each item its own call's tensors, tensor for tensor.
+    Anti-tautology: the wide image's own call has more pixel rows than images."""
+    from probe import prompting
+
+    m = loaded("gemma3")
+    real = prompting.processor_kwargs
+    pan = dict(do_pan_and_scan=True, pan_and_scan_min_crop_size=8, pan_and_scan_max_num_crops=4,
+               pan_and_scan_min_ratio_to_activate=1.2)
+    monkeypatch.setattr(prompting, "processor_kwargs", lambda texts, images: real(texts, images) | pan)
+    square = [_window_item(0, ((40, 40),)), _window_item(1, ()), _window_item(2, ((30, 30), (44, 44))),
+              _window_item(3, ((33, 33),))]
+    wide = square[:2] + [_window_item(4, ((900, 100),))] + square[2:]
+    assert _own_call(m, wide[2])["pixel_values"].shape[0] > 1
+    assert prompting.encode_prompts(m, wide, prompting.PromptTemplate()) == [None] * len(wide)
+    calls = _spy_calls(m, monkeypatch)
+    got = prompting.encode_prompts(m, square, prompting.PromptTemplate())
+    assert calls == [len(square), 1, 1], calls
+    for item, enc in zip(square, got, strict=True):
+        want = _own_call(m, item)
+        assert enc is not None and list(enc.batch) == list(want), item.id
+        assert all(enc.batch[k].dtype == v.dtype and torch.equal(enc.batch[k], v) for k, v in want.items()), item.id
+
+
+@pytest.mark.parametrize("least, most", [(1, 1), (2, 2), (6, 6), (2, 1), (1, 40)])
+def test_an_internvl_cut_at_the_edges_of_its_tile_counts(least, most, loaded, monkeypatch):
+    """InternVL's tiling at the edges of min_patches / max_patches (one tile, so no thumbnail; more tiles than some
+    images' shapes give; the least above the most; more than any image here takes): the processor's own count of
+    an image's rows (probe.upstream.processor_image_patches) still cuts every item of a window of 0 to 3 images to
+    its own call's tensors, tensor for tensor, one call serving the window."""
+    from probe import prompting
+
+    m = loaded("internvl")
+    ip = m.processor.image_processor
+    for name, value in (("crop_to_patches", True), ("min_patches", least), ("max_patches", most)):
+        monkeypatch.setattr(ip, name, value)
+    specs = [(), ((48, 40),), ((900, 100), (20, 70)), (), ((200, 130), (1, 1), (130, 200)), ((64, 64),)]
+    items = [_window_item(i, spec) for i, spec in enumerate(specs)]
+    calls = _spy_calls(m, monkeypatch)
+    got = prompting.encode_prompts(m, items, prompting.PromptTemplate())
+    assert calls == [len(items), 1, 1], calls
+    rows = []
+    for item, enc in zip(items, got, strict=True):
+        want = _own_call(m, item)
+        assert enc is not None and list(enc.batch) == list(want), item.id
+        assert all(enc.batch[k].dtype == v.dtype and torch.equal(enc.batch[k], v) for k, v in want.items()), item.id
+        rows.append(want["pixel_values"].shape[0] if "pixel_values" in want else 0)
+    assert most == 1 or least > most or max(rows) > max(map(len, specs)), rows  # tiles made where a grid fits
 
 
 def test_an_internvl_cut_takes_each_images_tiles_by_the_processors_own_count(loaded, monkeypatch):
@@ -1032,7 +1085,7 @@ def test_an_internvl_cut_takes_each_images_tiles_by_the_processors_own_count(loa
     assert prompting.encode_prompts(m, items, prompting.PromptTemplate()) == [None] * len(items)
     assert moved and sum(moved[0]) == sum(rows) and moved[0] != rows
     with monkeypatch.context() as patch:  # the ends' own calls alone do not see it
-        patch.setattr(prompting, "_cuts_hold_their_media", lambda loaded_, cuts: True)
+        patch.setattr(prompting, "_cuts_hold_their_media", lambda loaded_, cuts, layout: True)
         served = prompting.encode_prompts(m, items, prompting.PromptTemplate())
     assert all(enc is not None for enc in served)
     assert not torch.equal(served[2].batch["pixel_values"], got[2].batch["pixel_values"])

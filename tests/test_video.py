@@ -245,3 +245,26 @@ def test_organism_video_batched_eval_unchanged(monkeypatch):
     assert len(new) == len(old) == len(items) == 96
     for a, b in zip(old, new):
         assert torch.equal(a.logp, b.logp) and a.response == b.response
+
+
+def test_base_views_follow_the_processor_as_it_is_now(monkeypatch):
+    """What anyres_base_views keeps between calls (the hook's signature check, per function) never serves another
+    processor or setting: after a fast call, a processor of other settings (size, mean and std changed on the
+    instance) gets the full call's view 0 of its own settings, and a hook patched onto the class by another
+    signature gets no fast path (None: probe.video makes the full call)."""
+    from probe.upstream import anyres_base_views
+
+    ip = _pil_processor(**_CONFIGS["tall-grid"])
+    frames = _frames()[:6]
+    first = anyres_base_views(ip, frames)
+    assert torch.equal(first, _full_view_0(ip, frames))
+    monkeypatch.setattr(ip, "size", {"height": 48, "width": 48})
+    monkeypatch.setattr(ip, "image_mean", [0.5, 0.5, 0.5])
+    want = _full_view_0(ip, frames)
+    got = anyres_base_views(ip, frames)
+    assert got.shape[-1] == 48 != first.shape[-1] and torch.equal(got, want)
+    real = type(ip).get_image_patches
+    monkeypatch.setattr(type(ip), "get_image_patches",
+                        lambda self, image, grid_pinpoints, size, patch_size, resample, extra=None:
+                        real(self, image, grid_pinpoints, size, patch_size, resample))
+    assert anyres_base_views(ip, frames) is None
