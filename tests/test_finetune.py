@@ -2328,3 +2328,70 @@ def test_checkpoint_dirs_reads_whole_number_steps_in_step_order_and_refuses_two_
         checkpoint_dirs(run)
     with pytest.raises(BadInput, match="^the run: checkpoint-4 is not a directory"):
         checkpoint_dirs(run, "the run: ")
+
+
+# a run killed by SIGKILL (no exception, no finally, no atexit: the OOM killer, a preempted node) at a given point,
+# in a process of its own; the point: "after-step" (right after update N's log line and checkpoint, if any) or
+# "mid-save" (inside checkpoint-N's trainer-state write: a half-written hidden .checkpoint-N.partial is left)
+_SIGKILL_RUN = """
+import os, signal, sys
+import analyses.finetune as ft
+import probe.train as train_mod
+from analyses.finetune import main
+from probe.errors import cli_main
+
+where, step = sys.argv[1], int(sys.argv[2])
+real_train, real_save = train_mod.train, ft.save_state
+
+def train(*args, **kwargs):
+    on_step = kwargs["on_step"]
+    def hook(info, state):
+        on_step(info, state)
+        if where == "after-step" and info.step == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real_train(*args, **(kwargs | {"on_step": hook}))
+
+def save_state(state, path):
+    if where == "mid-save" and path.parent.name == f".checkpoint-{step}.partial":
+        path.write_bytes(b"PK half a trainer state")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(state, path)
+
+train_mod.train, ft.save_state = train, save_state
+sys.exit(cli_main(main, sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("where, step", [("after-step", 5), ("after-step", 4), ("mid-save", 4)])
+def test_a_run_killed_by_sigkill_resumes_to_the_uninterrupted_runs_bytes(where, step, ft_run, tiny_dirs, data_dir,
+                                                                         text_dir, tmp_path):
+    """A SIGKILL runs no handler (the KeyboardInterrupt of test_deterministic_and_resumable_after_a_kill unwinds
+    through stop_recorded, partial_dir's cleanup and the claims' release): whatever it leaves (run.json
+    "running", the out dir's claim and lock files, a half-written hidden checkpoint, log lines past the last
+    checkpoint) the same command continues and ends with the uninterrupted run's log, weights and trainer state,
+    byte for byte."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    from analyses.finetune import main
+
+    out = tmp_path / "killed"
+    res = subprocess.run([sys.executable, "-c", _SIGKILL_RUN, where, str(step),
+                          *_args(tiny_dirs, data_dir, text_dir, out), "--quiet"], cwd=REPO, capture_output=True,
+                         text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
+    assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
+    assert json.loads((out / "run.json").read_text(encoding="utf-8"))["status"] == "running"
+    assert not (out / "checkpoint-6").exists()
+    if where == "mid-save":
+        assert (out / f".checkpoint-{step}.partial").is_dir() and not (out / f"checkpoint-{step}").exists()
+    assert cli_main(main, _args(tiny_dirs, data_dir, text_dir, out, "--quiet")) == 0
+    assert _log(out) == _log(ft_run)
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == \
+        [f"checkpoint-{s}" for s in (0, 2, 4, 6)]  # no partial left
+    for name in ("model.safetensors", "trainer_state.pt"):
+        assert (out / "checkpoint-6" / name).read_bytes() == (ft_run / "checkpoint-6" / name).read_bytes(), name
+    assert json.loads((out / "run.json").read_text(encoding="utf-8"))["status"] == "complete"
