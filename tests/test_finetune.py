@@ -2395,3 +2395,56 @@ def test_a_run_killed_by_sigkill_resumes_to_the_uninterrupted_runs_bytes(where, 
     for name in ("model.safetensors", "trainer_state.pt"):
         assert (out / "checkpoint-6" / name).read_bytes() == (ft_run / "checkpoint-6" / name).read_bytes(), name
     assert json.loads((out / "run.json").read_text(encoding="utf-8"))["status"] == "complete"
+
+
+@pytest.mark.parametrize("micro", [None, 3])
+def test_a_steps_gradient_is_the_whole_batchs_mean_over_label_tokens(micro, monkeypatch) -> None:
+    """The gradient a step clips and hands to AdamW, read directly (the weights after a step hide its scale: the
+    clip and AdamW's m̂/√v̂ undo any factor): 7 rows of organism-vl, text and image interleaved, run in modality
+    parts (4 text + 3 image rows) and in micro-batches of 3 (parts of 3 + 1 and 3 rows: an uneven last one), equal
+    autograd's gradient of the oracle's loss (each row alone and unpadded, cross-entropy summed over the label
+    tokens, divided by the batch's count) to 1e-5 of each tensor's largest element, with the same norm."""
+    from probe.mmmu import load_items
+    from probe.models import load_model, resolve_model
+    from probe.prompting import TOKEN_KEYS
+    from probe.train import TrainConfig, encode, train
+
+    torch.set_num_threads(1)
+    batch = [0, 4, 1, 5, 2, 6, 3]
+
+    def rows_of(loaded):
+        items = (load_items(str(ZOO_TEXT), split="validation")[0][:4]
+                 + load_items(str(ZOO_TEXT.parent / "image"), split="validation")[0][:3])
+        return encode(loaded, items, True)
+
+    oracle = load_model(resolve_model("organism-vl"))
+    rows, total, count = rows_of(oracle), 0.0, 0
+    oracle.model.train()
+    for r in (rows[i] for i in batch):
+        inputs = {k: v[None] if k in TOKEN_KEYS else v for k, v in r.items()
+                  if not k.startswith("_") and k != "labels"}
+        logits = oracle.model(**inputs).logits[0]
+        for t in (r["labels"] != -100).nonzero()[:, 0].tolist():
+            total, count = total - torch.log_softmax(logits[t - 1].float(), -1)[r["labels"][t]], count + 1
+    assert count == 14 and len({tuple(r.keys()) for r in rows}) == 2  # two label tokens a row; text and image rows
+    (total / count).backward()
+    want = {n: p.grad for n, p in oracle.model.named_parameters() if p.grad is not None}
+
+    loaded = load_model(resolve_model("organism-vl"))
+    got: dict[str, torch.Tensor] = {}
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def clip(params, max_norm):  # the step's gradient as the clip receives it
+        got.update({n: p.grad.detach().clone() for n, p in loaded.model.named_parameters() if p.grad is not None})
+        return real_clip(params, max_norm)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    losses = train(loaded, rows_of(loaded), TrainConfig(steps=1, lr=1e-3, lm_lr=1e-3, batch=7, warmup=0,
+                                                        micro_batch=micro), log=lambda m: None,
+                   sampler=lambda gen, n: batch)
+    assert losses == pytest.approx([float(total.detach()) / count], rel=1e-6)
+    assert got.keys() == want.keys() and any("visual" in n for n in got) and len(got) > 40
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=0, atol=1e-5 * float(want[n].abs().max()), msg=n)
+    norm = lambda g: float(torch.sqrt(sum((x.double() ** 2).sum() for x in g.values())))  # noqa: E731
+    assert norm(got) == pytest.approx(norm(want), rel=1e-6)
