@@ -1522,7 +1522,7 @@ def test_a_non_finite_gradient_stops_before_the_update(monkeypatch) -> None:
 
 def test_lora_adapters_train_at_the_lm_rate(tiny_dirs) -> None:
     """peft names its parameters base_model.model.…: the adapters (on the LM's projections) must count as LM, or
-    --lm-lr is ignored for --lr and a mixed batch's text rows are skipped as reaching nothing that trains."""
+    --lm-lr is ignored for --lr and a mixed batch's text rows run without gradients as reaching nothing that trains."""
     from analyses.finetune import add_lora
     from probe.models import load_model, resolve_model
     from probe.train import TrainConfig, param_groups
@@ -2448,3 +2448,38 @@ def test_a_steps_gradient_is_the_whole_batchs_mean_over_label_tokens(micro, monk
         torch.testing.assert_close(got[n], want[n], rtol=0, atol=1e-5 * float(want[n].abs().max()), msg=n)
     norm = lambda g: float(torch.sqrt(sum((x.double() ** 2).sum() for x in g.values())))  # noqa: E731
     assert norm(got) == pytest.approx(norm(want), rel=1e-6)
+
+
+def test_a_frozen_lms_logged_loss_is_the_whole_batchs_mean() -> None:
+    """With the LM frozen (--lm-lr 0, the organisms' ViT stage) a batch's text rows reach no trained weight and run
+    no backward; the loss logged for the step (train_log.csv's loss beside its tokens column, 8 here) is still the
+    mean over all the batch's label tokens: it was the image rows' alone (0.109 against the batch's 0.055 on these
+    rows), while a text-only step logged the text rows', one curve of two populations. Oracle: each row alone,
+    unpadded, without gradients. The update is the vision rows' (the LM bit-identical)."""
+    from probe.mmmu import load_items
+    from probe.models import load_model, resolve_model
+    from probe.prompting import TOKEN_KEYS
+    from probe.train import TrainConfig, encode, train
+
+    torch.set_num_threads(1)
+    loaded = load_model(resolve_model("organism-vl"))
+    items = (load_items(str(ZOO_TEXT), split="validation")[0][:2]
+             + load_items(str(ZOO_TEXT.parent / "image"), split="validation")[0][:2])
+    rows = encode(loaded, items, True)
+    total, count = 0.0, 0
+    loaded.model.eval()
+    with torch.no_grad():
+        for r in rows:
+            inputs = {k: v[None] if k in TOKEN_KEYS else v for k, v in r.items() if not k.startswith("_") and k != "labels"}
+            logits = loaded.model(**inputs).logits[0]
+            for t in (r["labels"] != -100).nonzero()[:, 0].tolist():
+                total, count = total - float(torch.log_softmax(logits[t - 1].float(), -1)[r["labels"][t]]), count + 1
+    before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+    infos = []
+    losses = train(loaded, rows, TrainConfig(steps=1, lr=1e-3, lm_lr=0.0, batch=4, warmup=0), log=lambda m: None,
+                   sampler=lambda gen, n: [0, 2, 1, 3], on_step=lambda info, state: infos.append(info))
+    loaded.model.requires_grad_(True)
+    assert count == 8 and infos[0].tokens == 8
+    assert losses == pytest.approx([total / count], rel=1e-5)
+    moved = {n for n, p in loaded.model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all("visual" in n for n in moved)
