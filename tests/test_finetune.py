@@ -2363,14 +2363,15 @@ sys.exit(cli_main(main, sys.argv[3:]))
 """
 
 
-@pytest.mark.parametrize("where, step", [("after-step", 5), ("after-step", 4), ("mid-save", 4)])
-def test_a_run_killed_by_sigkill_resumes_to_the_uninterrupted_runs_bytes(where, step, ft_run, tiny_dirs, data_dir,
-                                                                         text_dir, tmp_path):
+@pytest.mark.parametrize("where, step, lora", [("after-step", 5, False), ("after-step", 4, False),
+                                              ("mid-save", 4, False), ("mid-save", 4, True)])
+def test_a_run_killed_by_sigkill_resumes_to_the_uninterrupted_runs_bytes(where, step, lora, request, tiny_dirs,
+                                                                         data_dir, text_dir, tmp_path):
     """A SIGKILL runs no handler (the KeyboardInterrupt of test_deterministic_and_resumable_after_a_kill unwinds
     through stop_recorded, partial_dir's cleanup and the claims' release): whatever it leaves (run.json
     "running", the out dir's claim and lock files, a half-written hidden checkpoint, log lines past the last
     checkpoint) the same command continues and ends with the uninterrupted run's log, weights and trainer state,
-    byte for byte."""
+    byte for byte (with --lora its adapter too)."""
     import os
     import signal
     import subprocess
@@ -2380,21 +2381,23 @@ def test_a_run_killed_by_sigkill_resumes_to_the_uninterrupted_runs_bytes(where, 
 
     from analyses.finetune import main
 
+    full = request.getfixturevalue("lora_run" if lora else "ft_run")
+    extra = ["--lora", "4"] if lora else []
     out = tmp_path / "killed"
     res = subprocess.run([sys.executable, "-c", _SIGKILL_RUN, where, str(step),
-                          *_args(tiny_dirs, data_dir, text_dir, out), "--quiet"], cwd=REPO, capture_output=True,
+                          *_args(tiny_dirs, data_dir, text_dir, out, *extra), "--quiet"], cwd=REPO, capture_output=True,
                          text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
     assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
     assert json.loads((out / "run.json").read_text(encoding="utf-8"))["status"] == "running"
     assert not (out / "checkpoint-6").exists()
     if where == "mid-save":
         assert (out / f".checkpoint-{step}.partial").is_dir() and not (out / f"checkpoint-{step}").exists()
-    assert cli_main(main, _args(tiny_dirs, data_dir, text_dir, out, "--quiet")) == 0
-    assert _log(out) == _log(ft_run)
+    assert cli_main(main, _args(tiny_dirs, data_dir, text_dir, out, *extra, "--quiet")) == 0
+    assert _log(out) == _log(full)
     assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == \
         [f"checkpoint-{s}" for s in (0, 2, 4, 6)]  # no partial left
-    for name in ("model.safetensors", "trainer_state.pt"):
-        assert (out / "checkpoint-6" / name).read_bytes() == (ft_run / "checkpoint-6" / name).read_bytes(), name
+    for name in ("model.safetensors", "trainer_state.pt", *(["adapter/adapter_model.safetensors"] if lora else [])):
+        assert (out / "checkpoint-6" / name).read_bytes() == (full / "checkpoint-6" / name).read_bytes(), name
     assert json.loads((out / "run.json").read_text(encoding="utf-8"))["status"] == "complete"
 
 
