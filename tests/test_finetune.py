@@ -2487,3 +2487,25 @@ def test_a_frozen_lms_logged_loss_is_the_whole_batchs_mean() -> None:
     assert losses == pytest.approx([total / count], rel=1e-5)
     moved = {n for n, p in loaded.model.named_parameters() if not torch.equal(p, before[n])}
     assert moved and all("visual" in n for n in moved)
+
+
+def test_a_set_labelled_by_a_modality_holds_only_that_modality(data_dir, text_dir) -> None:
+    """train_log.csv's modality column and Figure 3 count a step's rows by their set's label: an image= set of which
+    some items are text only (or a video= set holding images) trained on those rows logged as image. Every item
+    must hold the label's modality alone (besides the question's text); a set of several is a name of one's own."""
+    from analyses.finetune import check_label
+    from probe.mmmu import load_items
+
+    image = load_items(str(data_dir), split="validation")[0]
+    text = load_items(str(text_dir), split="validation")[0]
+    check_label("image", "I", image)
+    check_label("text", "T", text)
+    check_label("mixed", "M", image + text)  # the user's own name: anything goes
+    with pytest.raises(BadInput, match=rf"--data image=M: {len(text)} of its {len(text) + len(image)} items hold "
+                                       r"text only, not image; label a set by what it holds"):
+        check_label("image", "M", image + text)
+    with pytest.raises(BadInput, match=rf"--data text=M: {len(image)} of its {len(text) + len(image)} items hold "
+                                       r"image, not text"):
+        check_label("text", "M", text + image)
+    with pytest.raises(BadInput, match=r"--data video=I: its items hold image, not video"):
+        check_label("video", "I", image)
