@@ -2401,6 +2401,29 @@ def test_a_run_killed_by_sigkill_resumes_to_the_uninterrupted_runs_bytes(where, 
     assert json.loads((out / "run.json").read_text(encoding="utf-8"))["status"] == "complete"
 
 
+def _organism_vl_rows(loaded, n_text: int, n_image: int) -> list[dict]:
+    """The first ``n_text`` text and ``n_image`` image validation items of the shipped sets, as training rows."""
+    from probe.mmmu import load_items
+    from probe.train import encode
+
+    return encode(loaded, load_items(str(ZOO_TEXT), split="validation")[0][:n_text]
+                  + load_items(str(ZOO_TEXT.parent / "image"), split="validation")[0][:n_image], True)
+
+
+def _rows_alone_loss(model, rows: list[dict]) -> tuple[torch.Tensor, int]:
+    """The oracle's loss: each row run alone and unpadded (image rows with their pixel tensors), the cross-entropy
+    of the logit at t - 1 against label token t summed over the rows' label tokens; (sum, count)."""
+    from probe.prompting import TOKEN_KEYS
+
+    total, count = torch.zeros(()), 0
+    for r in rows:
+        inputs = {k: v[None] if k in TOKEN_KEYS else v for k, v in r.items() if not k.startswith("_") and k != "labels"}
+        logits = model(**inputs).logits[0]
+        for t in (r["labels"] != -100).nonzero()[:, 0].tolist():
+            total, count = total - torch.log_softmax(logits[t - 1].float(), -1)[r["labels"][t]], count + 1
+    return total, count
+
+
 @pytest.mark.parametrize("micro", [None, 3])
 def test_a_steps_gradient_is_the_whole_batchs_mean_over_label_tokens(micro, monkeypatch) -> None:
     """The gradient a step clips and hands to AdamW, read directly (the weights after a step hide its scale: the
@@ -2408,28 +2431,15 @@ def test_a_steps_gradient_is_the_whole_batchs_mean_over_label_tokens(micro, monk
     parts (4 text + 3 image rows) and in micro-batches of 3 (parts of 3 + 1 and 3 rows: an uneven last one), equal
     autograd's gradient of the oracle's loss (each row alone and unpadded, cross-entropy summed over the label
     tokens, divided by the batch's count) to 1e-5 of each tensor's largest element, with the same norm."""
-    from probe.mmmu import load_items
     from probe.models import load_model, resolve_model
-    from probe.prompting import TOKEN_KEYS
-    from probe.train import TrainConfig, encode, train
+    from probe.train import TrainConfig, train
 
     torch.set_num_threads(1)
     batch = [0, 4, 1, 5, 2, 6, 3]
-
-    def rows_of(loaded):
-        items = (load_items(str(ZOO_TEXT), split="validation")[0][:4]
-                 + load_items(str(ZOO_TEXT.parent / "image"), split="validation")[0][:3])
-        return encode(loaded, items, True)
-
     oracle = load_model(resolve_model("organism-vl"))
-    rows, total, count = rows_of(oracle), 0.0, 0
+    rows = _organism_vl_rows(oracle, 4, 3)
     oracle.model.train()
-    for r in (rows[i] for i in batch):
-        inputs = {k: v[None] if k in TOKEN_KEYS else v for k, v in r.items()
-                  if not k.startswith("_") and k != "labels"}
-        logits = oracle.model(**inputs).logits[0]
-        for t in (r["labels"] != -100).nonzero()[:, 0].tolist():
-            total, count = total - torch.log_softmax(logits[t - 1].float(), -1)[r["labels"][t]], count + 1
+    total, count = _rows_alone_loss(oracle.model, [rows[i] for i in batch])
     assert count == 14 and len({tuple(r.keys()) for r in rows}) == 2  # two label tokens a row; text and image rows
     (total / count).backward()
     want = {n: p.grad for n, p in oracle.model.named_parameters() if p.grad is not None}
@@ -2443,9 +2453,9 @@ def test_a_steps_gradient_is_the_whole_batchs_mean_over_label_tokens(micro, monk
         return real_clip(params, max_norm)
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
-    losses = train(loaded, rows_of(loaded), TrainConfig(steps=1, lr=1e-3, lm_lr=1e-3, batch=7, warmup=0,
-                                                        micro_batch=micro), log=lambda m: None,
-                   sampler=lambda gen, n: batch)
+    losses = train(loaded, _organism_vl_rows(loaded, 4, 3), TrainConfig(steps=1, lr=1e-3, lm_lr=1e-3, batch=7,
+                                                                         warmup=0, micro_batch=micro),
+                   log=lambda m: None, sampler=lambda gen, n: batch)
     assert losses == pytest.approx([float(total.detach()) / count], rel=1e-6)
     assert got.keys() == want.keys() and any("visual" in n for n in got) and len(got) > 40
     for n in want:
@@ -2460,31 +2470,22 @@ def test_a_frozen_lms_logged_loss_is_the_whole_batchs_mean() -> None:
     mean over all the batch's label tokens: it was the image rows' alone (0.109 against the batch's 0.055 on these
     rows), while a text-only step logged the text rows', one curve of two populations. Oracle: each row alone,
     unpadded, without gradients. The update is the vision rows' (the LM bit-identical)."""
-    from probe.mmmu import load_items
     from probe.models import load_model, resolve_model
-    from probe.prompting import TOKEN_KEYS
-    from probe.train import TrainConfig, encode, train
+    from probe.train import TrainConfig, train
 
     torch.set_num_threads(1)
     loaded = load_model(resolve_model("organism-vl"))
-    items = (load_items(str(ZOO_TEXT), split="validation")[0][:2]
-             + load_items(str(ZOO_TEXT.parent / "image"), split="validation")[0][:2])
-    rows = encode(loaded, items, True)
-    total, count = 0.0, 0
+    rows = _organism_vl_rows(loaded, 2, 2)
     loaded.model.eval()
     with torch.no_grad():
-        for r in rows:
-            inputs = {k: v[None] if k in TOKEN_KEYS else v for k, v in r.items() if not k.startswith("_") and k != "labels"}
-            logits = loaded.model(**inputs).logits[0]
-            for t in (r["labels"] != -100).nonzero()[:, 0].tolist():
-                total, count = total - float(torch.log_softmax(logits[t - 1].float(), -1)[r["labels"][t]]), count + 1
+        total, count = _rows_alone_loss(loaded.model, rows)
     before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
     infos = []
     losses = train(loaded, rows, TrainConfig(steps=1, lr=1e-3, lm_lr=0.0, batch=4, warmup=0), log=lambda m: None,
                    sampler=lambda gen, n: [0, 2, 1, 3], on_step=lambda info, state: infos.append(info))
     loaded.model.requires_grad_(True)
     assert count == 8 and infos[0].tokens == 8
-    assert losses == pytest.approx([total / count], rel=1e-5)
+    assert losses == pytest.approx([float(total) / count], rel=1e-5)
     moved = {n for n, p in loaded.model.named_parameters() if not torch.equal(p, before[n])}
     assert moved and all("visual" in n for n in moved)
 
