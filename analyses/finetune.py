@@ -120,15 +120,19 @@ def parse_data(specs: Sequence[str]) -> dict[str, str]:
 
 def check_label(label: str, path: str, items: Sequence[Any]) -> None:
     """A set labelled by a modality holds that modality: train_log.csv and Figure 3 report each step's rows by
-    label, so ``text=`` over an image set trained on images logged as text. Other labels are the user's own names
-    (``mixed=DIR``)."""
+    label, so ``text=`` over an image set trained on images logged as text. Every item holds the label's modality
+    alone (besides the question's text): an ``image=`` set with some text-only items passed until 2026-12-06 and
+    logged those rows as image. Other labels are the user's own names (``mixed=DIR``)."""
     from probe.prompting import item_modalities
 
-    held = {m for it in items for m in item_modalities(it)}
-    wrong = {"text": held - {"text"}, "image": {"image"} - held, "video": {"video"} - held}.get(label)
-    if wrong:
-        has = " and ".join(sorted(held - {"text"})) or "text only"
-        raise BadInput(f"--data {label}={path}: its items hold {has}, not {label}; label a set by what it holds, "
+    if label not in ("text", "image", "video"):
+        return
+    vision = lambda it: set(item_modalities(it)) - {"text"}  # noqa: E731
+    off = [it for it in items if vision(it) != {label} - {"text"}]
+    if off:
+        has = " / ".join(sorted({" and ".join(sorted(vision(it))) or "text only" for it in off}))
+        which = "its items" if len(off) == len(items) else f"{len(off)} of its {len(items)} items"
+        raise BadInput(f"--data {label}={path}: {which} hold {has}, not {label}; label a set by what it holds, "
                        "or give it a name of your own (e.g. mixed=DIR)")
 
 

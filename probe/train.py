@@ -555,10 +555,11 @@ def _steps(loaded: LoadedModel, rows: list[dict], cfg: TrainConfig, log: Callabl
         # the batch in modality parts (gradients accumulate), each in micro-batches; under data parallel and FSDP
         # every rank runs as many forwards and backwards (the most any rank needs), each reducing gradients
         parts = modality_parts(mine)
-        if not lm_trains and len(parts) > 1 and not distributed:
-            # the LM frozen (a projector/tower stage): text rows reach no trained parameter, so their forward
-            # would only add to the logged loss; skip them, as the batch has vision rows to train on
-            parts.pop((), None)
+        # the LM frozen (a projector/tower stage): text rows reach no trained parameter, so with vision rows in the
+        # batch to train on they run without a graph (no activations kept, no backward), for the logged loss only:
+        # skipped, the step logged the vision rows' mean beside a tokens count of all rows (and a text-only step
+        # the text rows'), one curve of two populations
+        graphless_text = not lm_trains and len(parts) > 1 and not distributed
         chunks = [chunk for rows_of in parts.values() for chunk in micro_batches(rows_of, cfg.micro_batch)]
         if distributed:
             chunks = even_out(chunks, fsdp.most_over_ranks(len(chunks)))
@@ -566,7 +567,8 @@ def _steps(loaded: LoadedModel, rows: list[dict], cfg: TrainConfig, log: Callabl
         loss_sum, ran, stepped = torch.zeros(()), 0, False
         reached: set[int] = set()  # FSDP: the parameters this rank's backward passes reach
         for part in chunks:
-            with autocast():  # the forward only; backward follows the dtypes it recorded
+            graph = not (graphless_text and not vision_keys(part[0]))
+            with autocast(), contextlib.nullcontext() if graph else torch.no_grad():  # backward: the dtypes recorded
                 part_loss = label_loss(model, collate(part, pad), n_labels)
             if lm_trains and not part_loss.requires_grad:
                 # every row runs the LM: a loss outside autograd's graph (a forward run without gradients, or

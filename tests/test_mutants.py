@@ -452,9 +452,10 @@ def test_label_loss_is_transformers_loss(load_tiny):
     assert float(got) == pytest.approx(float(want), rel=1e-5)
 
 
-def test_a_frozen_lms_logged_loss_is_the_mean_over_the_rows_that_ran(tiny_dirs):
-    """LM frozen: the text rows of a mixed batch are skipped, so the logged loss is the mean cross-entropy over
-    the image rows' label tokens (transformers' own loss of those rows), not their sum over the whole batch's."""
+def test_a_frozen_lms_logged_loss_is_the_mean_over_the_whole_batch(tiny_dirs):
+    """LM frozen: the text rows of a mixed batch run without autograd's graph (no backward: they reach no trained
+    weight), and the logged loss is the mean cross-entropy over all the batch's label tokens (transformers' own
+    loss of the four rows padded together), neither the image rows' alone (before 2026-12-06) nor a sum."""
     from probe.models import load_model, resolve_model
     from probe.train import TrainConfig, collate, encode, model_inputs, train
 
@@ -466,14 +467,14 @@ def test_a_frozen_lms_logged_loss_is_the_mean_over_the_rows_that_ran(tiny_dirs):
     rows = text + image
     loaded.model.train()
     with torch.no_grad():
-        want = float(loaded.model(**model_inputs(collate(image, loaded.tokenizer.pad_token_id))).loss)
+        want = float(loaded.model(**model_inputs(collate(rows, loaded.tokenizer.pad_token_id))).loss)
     calls = []
-    hook = loaded.model.register_forward_pre_hook(lambda m, a, kw: calls.append("pixel_values" in kw),
-                                                  with_kwargs=True)
+    hook = loaded.model.register_forward_pre_hook(
+        lambda m, a, kw: calls.append(("pixel_values" in kw, torch.is_grad_enabled())), with_kwargs=True)
     try:
         losses = train(loaded, rows, TrainConfig(steps=1, lr=1e-3, lm_lr=0.0, batch=4, warmup=0),
                        log=lambda m: None, sampler=lambda gen, batch: [0, 2, 1, 3])
     finally:
         hook.remove()
-    assert calls == [True]  # only the image part ran
+    assert sorted(calls) == [(False, False), (True, True)]  # the text part without a graph, the image part with
     assert losses[0] == pytest.approx(want, rel=1e-5)
