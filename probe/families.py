@@ -897,19 +897,32 @@ def text_config_dict(config: Mapping[str, Any], family: Family) -> dict[str, Any
 @functools.lru_cache(maxsize=32)
 def _no_decoder_lm(family: str, text: str) -> str | None:
     """Why ``family``'s class, built by transformers on the meta device from a config of its type whose text config
-    is ``text`` (JSON; one layer), holds no decoder LM where the family reads one: it builds no model
+    is ``text`` (JSON; every layer it states), holds no decoder LM where the family reads one: it builds no model
     (LLaVA's class around a T5 or BERT text model: an AttributeError), or another module at the layers path's parent
-    (a Qwen2-VL, a LLaVA, a Whisper or CLIP text model: no ``layers`` of ``o_proj``, or no final norm or lm_head), or
-    an encoder of the decoder's layout whose attention is bidirectional (EuroBERT, EmbeddingGemma: every position's
-    output depends on the later tokens). None where it holds one (Qwen3-VL's or Gemma 3's text model inside a LLaVA-NeXT, which run). A class that looks
-    the text type up builds whatever transformers knows by that name: the commands read the decoder layers by the
-    family's paths (probe.heads' o_proj, the analyses' tensor names), so they ended in a traceback, or measured and
-    merged tensors as an LM transformers never builds; the name's class is asked only where it is not one of the
-    causal LMs a merged LM is written as (CAUSAL_LM, all plain decoders; tests/test_families.py checks them)."""
+    (a Qwen2-VL, a LLaVA, a Whisper or CLIP text model: no ``layers``, or no final norm or lm_head), or a layer
+    that is no softmax attention at the o_proj path (``_layer_kind``: a hybrid's linear-attention, Mamba or
+    convolution layer), or an encoder of the decoder's layout whose attention is bidirectional (EuroBERT,
+    EmbeddingGemma: every position's output depends on the later tokens). None where it holds one (Qwen3-VL's or
+    Gemma 3's text model inside a LLaVA-NeXT, which run). A class that looks the text type up builds whatever
+    transformers knows by that name: the commands read the decoder layers by the family's paths (probe.heads'
+    o_proj, the analyses' tensor names), so they ended in a traceback, or measured and merged tensors as an LM
+    transformers never builds; the name's class is asked only where it is not one of the causal LMs a merged LM is
+    written as (CAUSAL_LM, all plain decoders; tests/test_families.py checks them). Every layer is built, not layer
+    0 alone: a hybrid (MiniMax, Qwen3-Next, OLMo-Hybrid) whose first layer is attention passed, and the commands
+    read its other layers as heads they do not have (the meta build of all layers takes about 0.1-0.3 s at the
+    hub sizes; cached)."""
+    from probe.models import MAX_LAYERS
+
     fam = FAMILIES[family]
+    stated = json.loads(text)
+    # a count HeadGeometry refuses by name, or one past any stack (check_layer_counts refuses it from the headers;
+    # a billion layers hung transformers' build): one layer asked, as before
+    layers_n = stated.get("num_hidden_layers")
+    if not (is_int(layers_n) and 0 < layers_n <= MAX_LAYERS):
+        stated["num_hidden_layers"] = 1
     with transformers_errors_only():
         try:
-            model = _meta_family_model(fam, _family_config(fam, {**json.loads(text), "num_hidden_layers": 1}, True))
+            model = _meta_family_model(fam, _family_config(fam, stated, True))
         except Exception as exc:  # noqa: BLE001 - the class calls what the text model lacks (embed_tokens)
             return f"transformers' {fam.model_class} builds no model with it ({type(exc).__name__})"
     lm_path = fam.layers_path.rsplit(".", 1)[0]
@@ -917,7 +930,7 @@ def _no_decoder_lm(family: str, text: str) -> str | None:
         layers = model.get_submodule(fam.layers_path)
         for path in (fam.norm_path, fam.lm_head_path):
             model.get_submodule(path)
-        layers[0].get_submodule(fam.o_proj_path)
+        layers[0]
     except (AttributeError, IndexError, KeyError, TypeError):
         try:
             held = type(model.get_submodule(lm_path)).__name__
@@ -925,10 +938,33 @@ def _no_decoder_lm(family: str, text: str) -> str | None:
             held = "no module"
         return (f"transformers' {fam.model_class} builds {held} at {lm_path}, without the decoder layers' "
                 f"{fam.o_proj_path}, {fam.norm_path.rsplit('.', 1)[-1]} and {fam.lm_head_path} the commands read")
+    held = type(model.get_submodule(lm_path)).__name__
+    kinds = getattr(model.config.get_text_config(decoder=True), "layer_types", None)
+    for i, layer in enumerate(layers):
+        kind = _layer_kind(layer, fam.o_proj_path)
+        if kind:
+            stated_kind = f"a {kinds[i]!r} layer, " if isinstance(kinds, list) and len(kinds) == len(layers) else ""
+            return (f"transformers' {fam.model_class} builds layer {i} of the {held} at {lm_path} as {stated_kind}"
+                    f"{kind}, no softmax attention at {fam.o_proj_path} whose heads the commands read in every layer")
     if getattr(getattr(layers[0], fam.o_proj_path.split(".")[0], None), "is_causal", True) is False:
         # an encoder of the decoder's layout (EuroBERT, EmbeddingGemma): each position sees the later tokens
-        return (f"transformers' {fam.model_class} builds {type(model.get_submodule(lm_path)).__name__} at {lm_path}, "
+        return (f"transformers' {fam.model_class} builds {held} at {lm_path}, "
                 "whose attention is bidirectional (is_causal False), no causal LM")
+    return None
+
+
+def _layer_kind(layer: Any, o_proj_path: str) -> str | None:
+    """What a decoder layer holds in place of a softmax attention with its output projection at ``o_proj_path``
+    (self_attn.o_proj), else None. Softmax attention is told by its ``scaling`` (the logits' temperature, which
+    transformers' attention functions take): the gated-delta and lightning attentions of Kimi-Linear, Bailing and
+    MiniMax hold an o_proj (or out_proj) too, of no softmax heads."""
+    attn_name, proj_name = o_proj_path.rsplit(".", 1)
+    attn = getattr(layer, attn_name, None)
+    if attn is None:
+        mixers = [n for n, _ in layer.named_children() if "norm" not in n and n not in ("mlp", "feed_forward")]
+        return f"{type(layer).__name__} of {', '.join(mixers) or 'no mixer'} and no {attn_name}"
+    if getattr(attn, proj_name, None) is None or getattr(attn, "scaling", None) is None:
+        return f"{type(layer).__name__} whose {attn_name} is {type(attn).__name__}"
     return None
 
 

@@ -1840,6 +1840,98 @@ def test_a_text_type_transformers_builds_as_no_decoder_lm_at_the_layers_path_is_
     assert text_config_dict(cfg, fam)["model_type"] == model_type
 
 
+# text types whose layers are not all softmax attention (linear or lightning attention, Mamba, convolution,
+# recurrence), as far as the installed transformers knows them (5.23.0 lacks some)
+HYBRID = ("qwen3_next", "qwen3_5_text", "olmo_hybrid", "minimax", "kimi_linear", "bailing_hybrid", "lfm2",
+          "granitemoehybrid", "jamba", "bamba", "nemotron_h", "falcon_h1", "zamba", "zamba2", "recurrent_gemma")
+SOFTMAX_KINDS = ("full_attention", "sliding_attention", "chunked_attention", "attention")
+# the keys that put attention at layer 0 where the class has no layer_types of its own to state
+ATTENTION_FIRST = {"jamba": {"attn_layer_offset": 0, "attn_layer_period": 2}, "bamba": {"attn_layer_indices": [0, 2]},
+                   "zamba": {"attn_layer_offset": 0, "attn_layer_period": 2},
+                   "recurrent_gemma": {"block_types": ["attention", "recurrent"]},
+                   "lfm2": {"layer_types": ["full_attention", "conv"] * 2}}
+LOOKUP = tuple(f for f in COMPOSITE if not FAMILIES[f].text_model_type)
+
+
+def _attention_first(model_type: str) -> dict | None:
+    """Text config keys of ``model_type`` (4 layers) whose layer 0 is softmax attention and whose later layers are
+    not all: the case a check of layer 0 alone let through. None where the class states no such pattern."""
+    from transformers import AutoConfig
+
+    if model_type in ATTENTION_FIRST:
+        return ATTENTION_FIRST[model_type]
+    try:
+        kinds = AutoConfig.for_model(model_type).layer_types  # the class's default depth: its kinds of layer
+    except Exception:  # noqa: BLE001 - a class whose default config does not build, or has no layer_types
+        return None
+    other = next((k for k in kinds or () if k not in SOFTMAX_KINDS), None)
+    return {"layer_types": ["full_attention", other] * 2} if other else None
+
+
+def _stated_kinds(config) -> list | None:
+    """The kind of each layer transformers' text config states (the oracle; no model is read): layer_types,
+    layers_block_type, block_types (cycled, RecurrentGemma), or Jamba's and Zamba's attention period and offset,
+    Bamba's attention indices."""
+    text = config.get_text_config(decoder=True)
+    n = text.num_hidden_layers
+    for key in ("layer_types", "layers_block_type", "block_types"):
+        kinds = getattr(text, key, None)
+        if isinstance(kinds, (list, tuple)) and kinds:
+            return [kinds[i % len(kinds)] for i in range(n)]
+    if getattr(text, "attn_layer_period", None):
+        return ["attention" if i % text.attn_layer_period == text.attn_layer_offset else "mamba" for i in range(n)]
+    if getattr(text, "attn_layer_indices", None) is not None:
+        return ["attention" if i in text.attn_layer_indices else "mamba" for i in range(n)]
+    return None
+
+
+@pytest.mark.parametrize("family, model_type, first", [
+    *(("llava_next", t, first) for t in HYBRID for first in (False, True)),
+    *((f, "minimax", True) for f in LOOKUP if f != "llava_next")])
+def test_a_hybrid_text_type_is_refused_naming_its_first_layer_of_no_softmax_attention(family, model_type, first):
+    """A hybrid text type (Qwen3-Next's gated delta layers, MiniMax's lightning attention, Jamba's Mamba, LFM2's
+    convolutions) in a family that looks the text type up: the check built one layer and read layer 0 alone, so one
+    whose layer 0 is attention (MiniMax's default, or layer_types stating it first) was accepted and the commands
+    read its other layers as softmax heads (Kimi-Linear's and Bailing's delta attentions even hold an o_proj). Oracle:
+    the layer kinds transformers' config states (layer_types, block types, attention period and offset): the line
+    names the first layer that is no softmax attention, and its stated kind; where transformers builds no such
+    model, or no final norm at the family's path (Jamba's, Bamba's, LFM2's), the LM as a whole is refused."""
+    import transformers
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig
+
+    from probe.errors import BadInput
+    from probe.families import text_config_dict
+
+    if model_type not in transformers.CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} does not know {model_type}")
+    extra = _attention_first(model_type) if first else {}
+    if extra is None:
+        pytest.skip(f"{model_type} states no layer pattern to put attention first")
+    fam = FAMILIES[family]
+    cfg = _composite_config(fam, {"model_type": model_type, "num_hidden_layers": 4, **extra})
+    with pytest.raises(BadInput, match=rf"^config text_config\.model_type is '{model_type}', not a decoder LM the "
+                                       rf"family's layers path \({re.escape(fam.layers_path)}\) holds: transformers' "
+                                       rf"{fam.model_class} builds ") as refused:
+        text_config_dict(cfg, fam)
+    line = str(refused.value)
+    try:
+        config = AutoConfig.for_model(**cfg)
+        with torch.device("meta"):
+            model = getattr(transformers, fam.model_class)(config)
+        model.get_submodule(fam.norm_path)
+    except (AttributeError, TypeError, ValueError, StrictDataclassError):  # strict configs: their own errors
+        assert "builds no model with it" in line or "without the decoder layers'" in line, line
+        return
+    kinds = _stated_kinds(config)
+    assert kinds is not None and len(kinds) == len(model.get_submodule(fam.layers_path)) == 4
+    want = next(i for i, k in enumerate(kinds) if k not in SOFTMAX_KINDS)
+    assert f" builds layer {want} of the " in line, (kinds, line)
+    assert not first or (kinds[0] in SOFTMAX_KINDS and want > 0)  # the case layer 0 alone let through
+    if isinstance(getattr(config.get_text_config(decoder=True), "layer_types", None), list):
+        assert f"as a {kinds[want]!r} layer, " in line
+
+
 @pytest.mark.parametrize("nulls", [("head_dim",), ("num_key_value_heads",), ("head_dim", "num_key_value_heads")])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_a_null_head_dim_or_key_value_count_is_what_transformers_builds_from_it_or_refused(family, nulls):
