@@ -1212,12 +1212,14 @@ def _null_attention(family: str, hidden: int, heads: int, nulls: tuple[str, ...]
 def check_rotary_sections(config: Mapping[str, Any], family: Family, text: Mapping[str, Any] | None = None) -> None:
     """BadInput naming the key where the text config's M-RoPE sections (``mrope_section`` of rope_parameters or the
     older rope_scaling; ``text``: ``text_config_dict``'s reading of config.json, read here where not given) do not
-    sum to half the head width and transformers' class runs no forward with them: Qwen2-VL's, Qwen2.5-VL's and the Omni thinker's rotary
-    embedding splits its tables by them (a RuntimeError); Qwen3-VL's interleaved sections run with any. probe.eval
-    and probe.heads ended in a traceback at the first batch, after the model had loaded. Asked of transformers only
-    where the sum is off (a meta-device forward of one layer); called by the LM size check
+    sum to half the head width and transformers' class runs no forward with them: Qwen2-VL's, Qwen2.5-VL's and the
+    Omni thinker's rotary embedding splits its tables by them (a RuntimeError); Qwen3-VL's interleaved sections run
+    with any. probe.eval and probe.heads ended in a traceback at the first batch, after the model had loaded. Asked
+    of transformers only where the sum is off (a meta-device forward of one layer); called by the LM size check
     (probe.models.check_lm_sizes) once the tensors fit the sizes, so a damaged head count is named as such, not as
-    the sections it no longer fits."""
+    the sections it no longer fits. A text config stating no sections takes its rotary embedding's default
+    (Qwen2-VL's and Qwen2.5-VL's [16, 24, 24], which fit 128-wide heads alone): asked too where its text class reads
+    sections (``_reads_rotary_sections``); a qwen2_vl_text LLaVA-NeXT of 16-wide heads ended so in a traceback."""
     nested = bool(family.text_config_attr) and isinstance(config_value(config, family.text_config_attr), Mapping)
     text = text_config_dict(config, family) if text is None else text
     for key in ("rope_parameters", "rope_scaling"):
@@ -1225,36 +1227,60 @@ def check_rotary_sections(config: Mapping[str, Any], family: Family, text: Mappi
         section = rope.get("mrope_section") if isinstance(rope, Mapping) else None
         if isinstance(section, list) and section and all(is_int(v) for v in section):
             break
-    else:
-        return
+    else:  # none stated: the rope the config states (its theta), the sections its class's default
+        section = None
+        key = next((k for k in ("rope_parameters", "rope_scaling") if isinstance(text.get(k), Mapping)),
+                   "rope_parameters")
+        rope = text.get(key)
     hidden, heads = text.get("hidden_size"), text.get("num_attention_heads")
     if not (is_int(hidden) and is_int(heads) and hidden > 0 and heads > 0):
         return
     width = text["head_dim"] if is_int(text.get("head_dim")) else class_head_dim(text.get("model_type"), hidden, heads)
     text_type = text.get("model_type") if nested else None
-    if (2 * sum(section) == width or config.get("model_type") not in family.model_types
-            or (nested and not _is_type_name(text_type))):
+    if ((section is not None and 2 * sum(section) == width) or config.get("model_type") not in family.model_types
+            or (nested and not _is_type_name(text_type))
+            or (section is None and not _reads_rotary_sections(text.get("model_type")))):
         return
-    error = _rotary_error(family.name, hidden, heads, text.get("head_dim") if is_int(text.get("head_dim")) else None,
-                          key, json.dumps(rope, sort_keys=True), text_type)
+    stated = {k: text[k] for k in ("head_dim", "num_key_value_heads") if is_int(text.get(k))}  # as the load builds
+    error = _rotary_error(family.name, hidden, heads, json.dumps(stated, sort_keys=True), key,
+                          json.dumps(rope, sort_keys=True), text_type)
     if error:
         where = f"{family.text_config_attr}." if nested else ""
-        raise BadInput(f"config {where}{key}.mrope_section is {section} (sum {sum(section)}), which transformers' "
-                       f"{family.model_class} runs no forward with ({error}): its sections must sum to half the head "
-                       f"width, {width // 2}")
+        stated = (f"is {section} (sum {sum(section)})" if section is not None else
+                  "is not stated, so its rotary embedding takes its class's default sections (Qwen2-VL's and "
+                  "Qwen2.5-VL's [16, 24, 24], for 128-wide heads)")
+        raise BadInput(f"config {where}{key}.mrope_section {stated}, which transformers' {family.model_class} runs "
+                       f"no forward with ({error}): its sections must sum to half the head width, {width // 2}")
+
+
+def _reads_rotary_sections(model_type: Any) -> bool:
+    """Whether the text config class of ``model_type`` (or of its text sub-config: a flat Qwen2-VL's) reads M-RoPE
+    sections: transformers' rope validation leaves ``mrope_section`` to it (``ignore_keys_at_rope_validation``)."""
+    from transformers import CONFIG_MAPPING
+
+    if not _is_type_name(model_type) or model_type not in CONFIG_MAPPING:
+        return False
+    cls = CONFIG_MAPPING[model_type]
+    for c in (cls, (getattr(cls, "sub_configs", None) or {}).get("text_config")):
+        if "mrope_section" in (getattr(c, "ignore_keys_at_rope_validation", None) or ()):
+            return True
+    return False
 
 
 @functools.lru_cache(maxsize=16)
-def _rotary_error(family: str, hidden: int, heads: int, head_dim: int | None, key: str, rope: str,
+def _rotary_error(family: str, hidden: int, heads: int, sizes: str, key: str, rope: str,
                   text_type: str | None) -> str | None:
     """The error type transformers raises running ``family``'s LM (one layer, built on the meta device from a config
-    of these sizes, head_dim where stated and ``rope`` under ``key``; its text config of type ``text_type``, else
-    the top level) on three tokens; None where it runs or the config builds no model (the load's to say)."""
+    of these sizes, ``sizes``' head_dim and num_key_value_heads where stated (JSON: a class default of 8 key/value
+    groups fails 2 heads' forward, which is no rotary error) and ``rope`` under ``key`` (null: none); its text config
+    of type ``text_type``, else the top level) on three tokens; None where it runs or the config builds no model
+    (the load's to say)."""
     import torch
 
     fam = FAMILIES[family]
+    stated = json.loads(rope)  # null: none stated, the class's own
     text: dict[str, Any] = {"hidden_size": hidden, "num_attention_heads": heads, "num_hidden_layers": 1,
-                            key: json.loads(rope), **({"head_dim": head_dim} if head_dim else {})}
+                            **({key: stated} if stated is not None else {}), **json.loads(sizes)}
     if text_type is not None:
         text["model_type"] = text_type
     with transformers_errors_only():

@@ -2039,6 +2039,93 @@ def test_mrope_sections_transformers_runs_no_forward_with_are_refused(family, se
     assert section == [2, 1, 1] or family == "qwen3_vl"
 
 
+@pytest.mark.parametrize("heads", [2, 16])  # 128- and 16-wide heads of 256
+@pytest.mark.parametrize("family, text_type", [*((f, None) for f in MROPE),
+                                               *((f, t) for f in ("llava_next", "internvl")
+                                                 for t in ("qwen2_vl_text", "qwen2_5_vl_text"))])
+def test_mrope_sections_left_to_the_class_default_are_refused_where_they_do_not_fit_the_heads(family, text_type,
+                                                                                                heads):
+    """A text config stating no M-RoPE sections: Qwen2-VL's, Qwen2.5-VL's and the Omni thinker's rotary embedding
+    then split by their class default [16, 24, 24], which fits 128-wide heads alone; a LLaVA-NeXT or InternVL around a
+    qwen2_vl_text or qwen2_5_vl_text text model of 16-wide heads was accepted and probe.eval, probe.heads and finetune
+    ended in a traceback at the first forward (the check read stated sections only). Oracle: transformers' LM built
+    on the meta device from the config, run on three tokens; Qwen3-VL's interleaved sections run with any."""
+    from probe.errors import BadInput
+    from probe.families import check_rotary_sections
+
+    fam = FAMILIES[family]
+    text = {"hidden_size": 256, "num_attention_heads": heads, "num_key_value_heads": 2, "num_hidden_layers": 1,
+            "tie_word_embeddings": False, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4},
+            **({"model_type": text_type} if text_type else {})}
+    cfg = _composite_config(fam, text)
+    try:
+        with torch.device("meta"):
+            _built_lm(fam, cfg)(input_ids=torch.zeros(1, 3, dtype=torch.long))
+    except RuntimeError:
+        want = (f"config {fam.text_config_attr}.rope_parameters.mrope_section is not stated, so its rotary embedding "
+                "takes its class's default sections")
+        with pytest.raises(BadInput, match="^" + re.escape(want) + r".*half the head width, 8$"):
+            check_rotary_sections(cfg, fam)
+        assert heads == 16 and family != "qwen3_vl"
+        return
+    check_rotary_sections(cfg, fam)
+    assert heads == 2 or family == "qwen3_vl"
+
+
+@pytest.mark.parametrize("text_type", ["qwen2_vl_text", "qwen2_5_vl_text"])
+def test_a_llava_next_around_a_qwen2_vl_text_model_measures_what_its_qwen2_reading_does(dirs, tmp_path,
+                                                                                         text_type):
+    """A LLaVA-NeXT whose text model is Qwen2-VL's or Qwen2.5-VL's (128-wide heads, the class's default sections, random
+    weights) was accepted but never run. LLaVA-NeXT gives its LM one row of positions, which their M-RoPE repeats for
+    its three sections: plain RoPE. Oracle: the same weights and sizes with the text config written as Qwen2 (every
+    value its class built, no sections): probe.eval's scores and probe.heads' per-head numbers must be the same."""
+    import shutil
+
+    import pandas as pd
+    import transformers
+    from transformers import AutoConfig
+
+    from conftest import REPO
+    from probe import eval as probe_eval
+    from probe import heads
+    from probe.errors import cli_main
+
+    if text_type not in transformers.CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} does not know {text_type}")
+    model = shutil.copytree(dirs["llava_next"], tmp_path / "vl")
+    cfg = json.loads((model / "config.json").read_text(encoding="utf-8"))
+    keep = ("intermediate_size", "vocab_size", "num_hidden_layers", "pad_token_id", "bos_token_id", "eos_token_id",
+            "tie_word_embeddings", "max_position_embeddings")
+    cfg["text_config"] = {**{k: cfg["text_config"][k] for k in keep if k in cfg["text_config"]},
+                          "model_type": text_type, "hidden_size": 256, "num_attention_heads": 2,
+                          "num_key_value_heads": 1}
+    for f in [model / "config.json", *model.glob("*.safetensors")]:
+        f.unlink()
+    torch.manual_seed(0)
+    transformers.LlavaNextForConditionalGeneration(AutoConfig.for_model(**cfg)).save_pretrained(model)
+    as_qwen2 = shutil.copytree(model, tmp_path / "qwen2")
+    text = AutoConfig.from_pretrained(model).text_config.to_dict()
+    text["rope_parameters"].pop("mrope_section", None)
+    saved = json.loads((as_qwen2 / "config.json").read_text(encoding="utf-8"))
+    saved["text_config"] = {**{k: v for k, v in text.items() if k not in ("layer_types", "dtype")},
+                            "model_type": "qwen2"}
+    (as_qwen2 / "config.json").write_text(json.dumps(saved), encoding="utf-8")
+    data = str(REPO / "probe/zoo/data/image_single")
+    tables = {}
+    for m in (model, as_qwen2):
+        for main, argv, table in ((probe_eval.main, ["--models", str(m)], "scores.csv"),
+                                  (heads.main, ["--model", str(m)], "heads.csv")):
+            out = tmp_path / f"{m.name}-{table}"
+            assert cli_main(main, [*argv, "--data", data, "--limit", "2", "--quiet", "--out", str(out)]) == 0
+            tables[m.name, table] = pd.read_csv(out / table)
+    for table in ("scores.csv", "heads.csv"):
+        ours, oracle = tables["vl", table], tables["qwen2", table]
+        numbers = [c for c in ours.columns if ours[c].dtype.kind == "f"]
+        assert len(ours) == len(oracle) > 0 and numbers
+        np.testing.assert_allclose(ours[numbers].to_numpy(), oracle[numbers].to_numpy(), rtol=1e-5, atol=1e-6)
+    assert len(tables["vl", "heads.csv"]) == 2 * 2  # 2 layers of 2 heads
+
+
 def _built_lm(fam, cfg: dict):
     """The decoder stack (its parent module: embeddings, layers, norm) of transformers' build of ``cfg``, on the
     meta device."""
