@@ -1069,7 +1069,9 @@ def sub_config_model_type(model_type: Any, path: str, sub: Mapping[str, Any] | N
     # cached on strings: a damaged config's list or object is no key (unhashable), so it travels as its JSON text
     if not _is_type_name(model_type):
         return None
-    stated = {"model_type": sub["model_type"]} if sub and "model_type" in sub else {}
+    # with its tie_word_embeddings where stated: LLaVA's and LLaVA-OneVision's classes read the text config's, which
+    # Qwen2-VL's text class lacks (an AttributeError: no text config built without it, one built with it)
+    stated = {k: sub[k] for k in ("model_type", "tie_word_embeddings") if k in sub} if sub else {}
     return _sub_config_model_type(model_type, path, json.dumps(stated, sort_keys=True))
 
 
@@ -1241,7 +1243,11 @@ def check_rotary_sections(config: Mapping[str, Any], family: Family, text: Mappi
             or (nested and not _is_type_name(text_type))
             or (section is None and not _reads_rotary_sections(text.get("model_type")))):
         return
-    stated = {k: text[k] for k in ("head_dim", "num_key_value_heads") if is_int(text.get(k))}  # as the load builds
+    # as the load builds: its head width, key/value heads, and tie_word_embeddings (LLaVA's and LLaVA-OneVision's
+    # classes build no qwen2_vl_text text config without it: the check asked nothing there)
+    stated = {k: text[k] for k in ("head_dim", "num_key_value_heads") if is_int(text.get(k))}
+    if isinstance(text.get("tie_word_embeddings"), bool):
+        stated["tie_word_embeddings"] = text["tie_word_embeddings"]
     error = _rotary_error(family.name, hidden, heads, json.dumps(stated, sort_keys=True), key,
                           json.dumps(rope, sort_keys=True), text_type)
     if error:
@@ -1271,10 +1277,10 @@ def _reads_rotary_sections(model_type: Any) -> bool:
 def _rotary_error(family: str, hidden: int, heads: int, sizes: str, key: str, rope: str,
                   text_type: str | None) -> str | None:
     """The error type transformers raises running ``family``'s LM (one layer, built on the meta device from a config
-    of these sizes, ``sizes``' head_dim and num_key_value_heads where stated (JSON: a class default of 8 key/value
-    groups fails 2 heads' forward, which is no rotary error) and ``rope`` under ``key`` (null: none); its text config
-    of type ``text_type``, else the top level) on three tokens; None where it runs or the config builds no model
-    (the load's to say)."""
+    of these sizes, ``sizes``' head_dim, num_key_value_heads and tie_word_embeddings where stated (JSON: a default
+    of 8 key/value groups fails 2 heads' forward, which is no rotary error) and ``rope`` under ``key`` (null: none);
+    its text config of type ``text_type``, else the top level) on three tokens; None where it runs or the config
+    builds no model (the load's to say)."""
     import torch
 
     fam = FAMILIES[family]

@@ -2041,7 +2041,7 @@ def test_mrope_sections_transformers_runs_no_forward_with_are_refused(family, se
 
 @pytest.mark.parametrize("heads", [2, 16])  # 128- and 16-wide heads of 256
 @pytest.mark.parametrize("family, text_type", [*((f, None) for f in MROPE),
-                                               *((f, t) for f in ("llava_next", "internvl")
+                                               *((f, t) for f in ("llava_next", "internvl", "llava_onevision", "llava")
                                                  for t in ("qwen2_vl_text", "qwen2_5_vl_text"))])
 def test_mrope_sections_left_to_the_class_default_are_refused_where_they_do_not_fit_the_heads(family, text_type,
                                                                                                 heads):
@@ -2124,6 +2124,37 @@ def test_a_llava_next_around_a_qwen2_vl_text_model_measures_what_its_qwen2_readi
         assert len(ours) == len(oracle) > 0 and numbers
         np.testing.assert_allclose(ours[numbers].to_numpy(), oracle[numbers].to_numpy(), rtol=1e-5, atol=1e-6)
     assert len(tables["vl", "heads.csv"]) == 2 * 2  # 2 layers of 2 heads
+
+
+@pytest.mark.parametrize("tie", ["absent", False, True])
+@pytest.mark.parametrize("family", LOOKUP)
+def test_a_qwen2_vl_text_model_is_read_where_transformers_builds_it_in_a_look_up_family(family, tie):
+    """LLaVA's and LLaVA-OneVision's config classes read their text config's tie_word_embeddings, which Qwen2-VL's
+    text class does not define: transformers builds a qwen2_vl_text text model there only where the text config states
+    it (else an AttributeError); LLaVA-NeXT and InternVL build it either way. The reader asked transformers with the
+    model_type alone and refused it everywhere in LLaVA and LLaVA-OneVision, a real checkpoint (save_pretrained
+    states the key) included. Oracle: transformers' config class built from the same dict."""
+    import transformers
+    from transformers import AutoConfig
+
+    from probe.errors import BadInput
+    from probe.families import text_config_dict
+
+    fam = FAMILIES[family]
+    text = {"model_type": "qwen2_vl_text", "hidden_size": 256, "num_attention_heads": 2, "num_key_value_heads": 1,
+            "num_hidden_layers": 1, **({} if tie == "absent" else {"tie_word_embeddings": tie})}
+    cfg = _composite_config(fam, text)
+    try:
+        built = AutoConfig.for_model(**cfg).get_text_config(decoder=True)
+        with torch.device("meta"):
+            getattr(transformers, fam.model_class)(AutoConfig.for_model(**cfg)).get_submodule(fam.layers_path)
+    except (AttributeError, TypeError, ValueError):
+        with pytest.raises(BadInput, match=r"^config text_config\.model_type is 'qwen2_vl_text': transformers' "
+                                           rf"'{family}' config class builds no text config from it"):
+            text_config_dict(cfg, fam)
+        assert tie == "absent" and family in ("llava", "llava_onevision")
+        return
+    assert text_config_dict(cfg, fam)["model_type"] == type(built).model_type == "qwen2_vl_text"
 
 
 def _built_lm(fam, cfg: dict):
