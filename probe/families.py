@@ -897,19 +897,32 @@ def text_config_dict(config: Mapping[str, Any], family: Family) -> dict[str, Any
 @functools.lru_cache(maxsize=32)
 def _no_decoder_lm(family: str, text: str) -> str | None:
     """Why ``family``'s class, built by transformers on the meta device from a config of its type whose text config
-    is ``text`` (JSON; one layer), holds no decoder LM where the family reads one: it builds no model
+    is ``text`` (JSON; every layer it states), holds no decoder LM where the family reads one: it builds no model
     (LLaVA's class around a T5 or BERT text model: an AttributeError), or another module at the layers path's parent
-    (a Qwen2-VL, a LLaVA, a Whisper or CLIP text model: no ``layers`` of ``o_proj``, or no final norm or lm_head), or
-    an encoder of the decoder's layout whose attention is bidirectional (EuroBERT, EmbeddingGemma: every position's
-    output depends on the later tokens). None where it holds one (Qwen3-VL's or Gemma 3's text model inside a LLaVA-NeXT, which run). A class that looks
-    the text type up builds whatever transformers knows by that name: the commands read the decoder layers by the
-    family's paths (probe.heads' o_proj, the analyses' tensor names), so they ended in a traceback, or measured and
-    merged tensors as an LM transformers never builds; the name's class is asked only where it is not one of the
-    causal LMs a merged LM is written as (CAUSAL_LM, all plain decoders; tests/test_families.py checks them)."""
+    (a Qwen2-VL, a LLaVA, a Whisper or CLIP text model: no ``layers``, or no final norm or lm_head), or a layer
+    that is no softmax attention at the o_proj path (``_layer_kind``: a hybrid's linear-attention, Mamba or
+    convolution layer), or an encoder of the decoder's layout whose attention is bidirectional (EuroBERT,
+    EmbeddingGemma: every position's output depends on the later tokens). None where it holds one (Qwen3-VL's or
+    Gemma 3's text model inside a LLaVA-NeXT, which run). A class that looks the text type up builds whatever
+    transformers knows by that name: the commands read the decoder layers by the family's paths (probe.heads'
+    o_proj, the analyses' tensor names), so they ended in a traceback, or measured and merged tensors as an LM
+    transformers never builds; the name's class is asked only where it is not one of the causal LMs a merged LM is
+    written as (CAUSAL_LM, all plain decoders; tests/test_families.py checks them). Every layer is built, not layer
+    0 alone: a hybrid (MiniMax, Qwen3-Next, OLMo-Hybrid) whose first layer is attention passed, and the commands
+    read its other layers as heads they do not have (the meta build of all layers takes about 0.1-0.3 s at the
+    hub sizes; cached)."""
+    from probe.models import MAX_LAYERS
+
     fam = FAMILIES[family]
+    stated = json.loads(text)
+    # a count HeadGeometry refuses by name, or one past any stack (check_layer_counts refuses it from the headers;
+    # a billion layers hung transformers' build): one layer asked, as before
+    layers_n = stated.get("num_hidden_layers")
+    if not (is_int(layers_n) and 0 < layers_n <= MAX_LAYERS):
+        stated["num_hidden_layers"] = 1
     with transformers_errors_only():
         try:
-            model = _meta_family_model(fam, _family_config(fam, {**json.loads(text), "num_hidden_layers": 1}, True))
+            model = _meta_family_model(fam, _family_config(fam, stated, True))
         except Exception as exc:  # noqa: BLE001 - the class calls what the text model lacks (embed_tokens)
             return f"transformers' {fam.model_class} builds no model with it ({type(exc).__name__})"
     lm_path = fam.layers_path.rsplit(".", 1)[0]
@@ -917,7 +930,7 @@ def _no_decoder_lm(family: str, text: str) -> str | None:
         layers = model.get_submodule(fam.layers_path)
         for path in (fam.norm_path, fam.lm_head_path):
             model.get_submodule(path)
-        layers[0].get_submodule(fam.o_proj_path)
+        layers[0]
     except (AttributeError, IndexError, KeyError, TypeError):
         try:
             held = type(model.get_submodule(lm_path)).__name__
@@ -925,10 +938,33 @@ def _no_decoder_lm(family: str, text: str) -> str | None:
             held = "no module"
         return (f"transformers' {fam.model_class} builds {held} at {lm_path}, without the decoder layers' "
                 f"{fam.o_proj_path}, {fam.norm_path.rsplit('.', 1)[-1]} and {fam.lm_head_path} the commands read")
+    held = type(model.get_submodule(lm_path)).__name__
+    kinds = getattr(model.config.get_text_config(decoder=True), "layer_types", None)
+    for i, layer in enumerate(layers):
+        kind = _layer_kind(layer, fam.o_proj_path)
+        if kind:
+            stated_kind = f"a {kinds[i]!r} layer, " if isinstance(kinds, list) and len(kinds) == len(layers) else ""
+            return (f"transformers' {fam.model_class} builds layer {i} of the {held} at {lm_path} as {stated_kind}"
+                    f"{kind}, no softmax attention at {fam.o_proj_path} whose heads the commands read in every layer")
     if getattr(getattr(layers[0], fam.o_proj_path.split(".")[0], None), "is_causal", True) is False:
         # an encoder of the decoder's layout (EuroBERT, EmbeddingGemma): each position sees the later tokens
-        return (f"transformers' {fam.model_class} builds {type(model.get_submodule(lm_path)).__name__} at {lm_path}, "
+        return (f"transformers' {fam.model_class} builds {held} at {lm_path}, "
                 "whose attention is bidirectional (is_causal False), no causal LM")
+    return None
+
+
+def _layer_kind(layer: Any, o_proj_path: str) -> str | None:
+    """What a decoder layer holds in place of a softmax attention with its output projection at ``o_proj_path``
+    (self_attn.o_proj), else None. Softmax attention is told by its ``scaling`` (the logits' temperature, which
+    transformers' attention functions take): the gated-delta and lightning attentions of Kimi-Linear, Bailing and
+    MiniMax hold an o_proj (or out_proj) too, of no softmax heads."""
+    attn_name, proj_name = o_proj_path.rsplit(".", 1)
+    attn = getattr(layer, attn_name, None)
+    if attn is None:
+        mixers = [n for n, _ in layer.named_children() if "norm" not in n and n not in ("mlp", "feed_forward")]
+        return f"{type(layer).__name__} of {', '.join(mixers) or 'no mixer'} and no {attn_name}"
+    if getattr(attn, proj_name, None) is None or getattr(attn, "scaling", None) is None:
+        return f"{type(layer).__name__} whose {attn_name} is {type(attn).__name__}"
     return None
 
 
@@ -1033,7 +1069,9 @@ def sub_config_model_type(model_type: Any, path: str, sub: Mapping[str, Any] | N
     # cached on strings: a damaged config's list or object is no key (unhashable), so it travels as its JSON text
     if not _is_type_name(model_type):
         return None
-    stated = {"model_type": sub["model_type"]} if sub and "model_type" in sub else {}
+    # with its tie_word_embeddings where stated: LLaVA's and LLaVA-OneVision's classes read the text config's, which
+    # Qwen2-VL's text class lacks (an AttributeError: no text config built without it, one built with it)
+    stated = {k: sub[k] for k in ("model_type", "tie_word_embeddings") if k in sub} if sub else {}
     return _sub_config_model_type(model_type, path, json.dumps(stated, sort_keys=True))
 
 
@@ -1176,12 +1214,14 @@ def _null_attention(family: str, hidden: int, heads: int, nulls: tuple[str, ...]
 def check_rotary_sections(config: Mapping[str, Any], family: Family, text: Mapping[str, Any] | None = None) -> None:
     """BadInput naming the key where the text config's M-RoPE sections (``mrope_section`` of rope_parameters or the
     older rope_scaling; ``text``: ``text_config_dict``'s reading of config.json, read here where not given) do not
-    sum to half the head width and transformers' class runs no forward with them: Qwen2-VL's, Qwen2.5-VL's and the Omni thinker's rotary
-    embedding splits its tables by them (a RuntimeError); Qwen3-VL's interleaved sections run with any. probe.eval
-    and probe.heads ended in a traceback at the first batch, after the model had loaded. Asked of transformers only
-    where the sum is off (a meta-device forward of one layer); called by the LM size check
+    sum to half the head width and transformers' class runs no forward with them: Qwen2-VL's, Qwen2.5-VL's and the
+    Omni thinker's rotary embedding splits its tables by them (a RuntimeError); Qwen3-VL's interleaved sections run
+    with any. probe.eval and probe.heads ended in a traceback at the first batch, after the model had loaded. Asked
+    of transformers only where the sum is off (a meta-device forward of one layer); called by the LM size check
     (probe.models.check_lm_sizes) once the tensors fit the sizes, so a damaged head count is named as such, not as
-    the sections it no longer fits."""
+    the sections it no longer fits. A text config stating no sections takes its rotary embedding's default
+    (Qwen2-VL's and Qwen2.5-VL's [16, 24, 24], which fit 128-wide heads alone): asked too where its text class reads
+    sections (``_reads_rotary_sections``); a qwen2_vl_text LLaVA-NeXT of 16-wide heads ended so in a traceback."""
     nested = bool(family.text_config_attr) and isinstance(config_value(config, family.text_config_attr), Mapping)
     text = text_config_dict(config, family) if text is None else text
     for key in ("rope_parameters", "rope_scaling"):
@@ -1189,36 +1229,64 @@ def check_rotary_sections(config: Mapping[str, Any], family: Family, text: Mappi
         section = rope.get("mrope_section") if isinstance(rope, Mapping) else None
         if isinstance(section, list) and section and all(is_int(v) for v in section):
             break
-    else:
-        return
+    else:  # none stated: the rope the config states (its theta), the sections its class's default
+        section = None
+        key = next((k for k in ("rope_parameters", "rope_scaling") if isinstance(text.get(k), Mapping)),
+                   "rope_parameters")
+        rope = text.get(key)
     hidden, heads = text.get("hidden_size"), text.get("num_attention_heads")
     if not (is_int(hidden) and is_int(heads) and hidden > 0 and heads > 0):
         return
     width = text["head_dim"] if is_int(text.get("head_dim")) else class_head_dim(text.get("model_type"), hidden, heads)
     text_type = text.get("model_type") if nested else None
-    if (2 * sum(section) == width or config.get("model_type") not in family.model_types
-            or (nested and not _is_type_name(text_type))):
+    if ((section is not None and 2 * sum(section) == width) or config.get("model_type") not in family.model_types
+            or (nested and not _is_type_name(text_type))
+            or (section is None and not _reads_rotary_sections(text.get("model_type")))):
         return
-    error = _rotary_error(family.name, hidden, heads, text.get("head_dim") if is_int(text.get("head_dim")) else None,
-                          key, json.dumps(rope, sort_keys=True), text_type)
+    # as the load builds: its head width, key/value heads, and tie_word_embeddings (LLaVA's and LLaVA-OneVision's
+    # classes build no qwen2_vl_text text config without it: the check asked nothing there)
+    stated = {k: text[k] for k in ("head_dim", "num_key_value_heads") if is_int(text.get(k))}
+    if isinstance(text.get("tie_word_embeddings"), bool):
+        stated["tie_word_embeddings"] = text["tie_word_embeddings"]
+    error = _rotary_error(family.name, hidden, heads, json.dumps(stated, sort_keys=True), key,
+                          json.dumps(rope, sort_keys=True), text_type)
     if error:
         where = f"{family.text_config_attr}." if nested else ""
-        raise BadInput(f"config {where}{key}.mrope_section is {section} (sum {sum(section)}), which transformers' "
-                       f"{family.model_class} runs no forward with ({error}): its sections must sum to half the head "
-                       f"width, {width // 2}")
+        stated = (f"is {section} (sum {sum(section)})" if section is not None else
+                  "is not stated, so its rotary embedding takes its class's default sections (Qwen2-VL's and "
+                  "Qwen2.5-VL's [16, 24, 24], for 128-wide heads)")
+        raise BadInput(f"config {where}{key}.mrope_section {stated}, which transformers' {family.model_class} runs "
+                       f"no forward with ({error}): its sections must sum to half the head width, {width // 2}")
+
+
+def _reads_rotary_sections(model_type: Any) -> bool:
+    """Whether the text config class of ``model_type`` (or of its text sub-config: a flat Qwen2-VL's) reads M-RoPE
+    sections: transformers' rope validation leaves ``mrope_section`` to it (``ignore_keys_at_rope_validation``)."""
+    from transformers import CONFIG_MAPPING
+
+    if not _is_type_name(model_type) or model_type not in CONFIG_MAPPING:
+        return False
+    cls = CONFIG_MAPPING[model_type]
+    for c in (cls, (getattr(cls, "sub_configs", None) or {}).get("text_config")):
+        if "mrope_section" in (getattr(c, "ignore_keys_at_rope_validation", None) or ()):
+            return True
+    return False
 
 
 @functools.lru_cache(maxsize=16)
-def _rotary_error(family: str, hidden: int, heads: int, head_dim: int | None, key: str, rope: str,
+def _rotary_error(family: str, hidden: int, heads: int, sizes: str, key: str, rope: str,
                   text_type: str | None) -> str | None:
     """The error type transformers raises running ``family``'s LM (one layer, built on the meta device from a config
-    of these sizes, head_dim where stated and ``rope`` under ``key``; its text config of type ``text_type``, else
-    the top level) on three tokens; None where it runs or the config builds no model (the load's to say)."""
+    of these sizes, ``sizes``' head_dim, num_key_value_heads and tie_word_embeddings where stated (JSON: a default
+    of 8 key/value groups fails 2 heads' forward, which is no rotary error) and ``rope`` under ``key`` (null: none);
+    its text config of type ``text_type``, else the top level) on three tokens; None where it runs or the config
+    builds no model (the load's to say)."""
     import torch
 
     fam = FAMILIES[family]
+    stated = json.loads(rope)  # null: none stated, the class's own
     text: dict[str, Any] = {"hidden_size": hidden, "num_attention_heads": heads, "num_hidden_layers": 1,
-                            key: json.loads(rope), **({"head_dim": head_dim} if head_dim else {})}
+                            **({key: stated} if stated is not None else {}), **json.loads(sizes)}
     if text_type is not None:
         text["model_type"] = text_type
     with transformers_errors_only():

@@ -1625,3 +1625,67 @@ def test_a_config_transformers_cannot_build_is_refused_by_every_command(tmp_path
         assert f"{model}: {want}" in line, (main.__module__, line)
         assert not out.exists()
     assert tree_manifest(model) == before
+
+
+@pytest.mark.parametrize("stated", [False, True])
+def test_a_hybrid_text_model_is_refused_by_every_command_naming_its_first_layer_of_no_softmax_attention(
+        tmp_path, capfd, stated):
+    """A LLaVA-OneVision checkpoint (random weights, built and saved by transformers) whose text model is MiniMax:
+    layers 0 and 2 softmax attention, 1 and 3 lightning attention (MiniMaxLightningAttention: a qkv_proj and an
+    out_proj, no heads of softmax attention). The check read layer 0 alone: with layer_types left to the class
+    (``stated`` False), probe.eval, probe.heads and finetune ended (exit 1) in a line blaming the transformers
+    version for layer 1's attention, and shift and trajectory measured its tensors (exit 0); with them stated, as
+    save_pretrained writes them, every command refused it for a reason it does not have (MiniMax's strict config
+    refuses four layer types in the one-layer build). Oracle: the layer transformers builds at index 1 is no
+    MiniMaxAttention. Every command refuses it now in one line naming layer 1 and its kind: exit 2, nothing written,
+    the checkpoint untouched."""
+    import torch
+    import transformers
+    from transformers import AutoConfig
+
+    from analyses import finetune, merge, shift, trajectory
+    from conftest import tree_manifest
+    from probe import eval as probe_eval
+    from probe import heads
+    from probe.models import resolve_model
+
+    if "minimax" not in transformers.CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} does not know minimax")
+    model = shutil.copytree(resolve_model("organism-ov-si").path, tmp_path / "m")
+    cfg = json.loads((model / "config.json").read_text(encoding="utf-8"))
+    cfg["text_config"] = {**{k: cfg["text_config"][k] for k in (
+        "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size",
+        "num_hidden_layers", "pad_token_id", "bos_token_id", "eos_token_id")},
+        "model_type": "minimax", "num_local_experts": 2, "num_experts_per_tok": 1}
+    torch.manual_seed(0)
+    built = transformers.LlavaOnevisionForConditionalGeneration(AutoConfig.for_model(**cfg))
+    layers = built.model.language_model.layers
+    assert [type(layer.self_attn).__name__ for layer in layers] == ["MiniMaxAttention", "MiniMaxLightningAttention"] * 2
+    (model / "model.safetensors").unlink()
+    built.save_pretrained(model)
+    saved = json.loads((model / "config.json").read_text(encoding="utf-8"))
+    if not stated:
+        del saved["text_config"]["layer_types"]
+        (model / "config.json").write_text(json.dumps(saved), encoding="utf-8")
+    else:
+        assert saved["text_config"]["layer_types"][:2] == ["full_attention", "linear_attention"]
+    before = tree_manifest(model)
+    data = str(REPO / "probe/zoo/data/image_single")
+    want = (f"{model}: config text_config.model_type is 'minimax', not a decoder LM the family's layers path "
+            "(model.language_model.layers) holds: transformers' LlavaOnevisionForConditionalGeneration builds layer 1 "
+            "of the MiniMaxModel at model.language_model as a 'linear_attention' layer, MiniMaxDecoderLayer whose "
+            "self_attn is MiniMaxLightningAttention")
+    for main, argv in ((probe_eval.main, ["--models", str(model), "--data", data, "--limit", "1", "--quiet"]),
+                       (heads.main, ["--model", str(model), "--data", data, "--layers", "0", "--quiet"]),
+                       (finetune.main, ["--model", str(model), "--data", f"text={REPO / 'probe/zoo/data/text'}",
+                                        "--split", "validation", "--steps", "1", "--batch-size", "1", "--quiet",
+                                        "--device", "cpu"]),
+                       (shift.main, ["--base", str(model), "--models", str(model), "--no-figures"]),
+                       (merge.main, ["--models", str(model), str(model), "--method", "average"]),
+                       (trajectory.main, ["--base", str(model), "--experts", str(model), "--no-figures"])):
+        out = tmp_path / f"out-{main.__module__}"
+        capfd.readouterr()
+        line = one_error_line(cli_main(main, [*argv, "--out", str(out)]), capfd.readouterr().err)
+        assert want in line, (main.__module__, line)
+        assert not out.exists()
+    assert tree_manifest(model) == before

@@ -1893,6 +1893,98 @@ def test_a_text_type_transformers_builds_as_no_decoder_lm_at_the_layers_path_is_
     assert text_config_dict(cfg, fam)["model_type"] == model_type
 
 
+# text types whose layers are not all softmax attention (linear or lightning attention, Mamba, convolution,
+# recurrence), as far as the installed transformers knows them (5.23.0 lacks some)
+HYBRID = ("qwen3_next", "qwen3_5_text", "olmo_hybrid", "minimax", "kimi_linear", "bailing_hybrid", "lfm2",
+          "granitemoehybrid", "jamba", "bamba", "nemotron_h", "falcon_h1", "zamba", "zamba2", "recurrent_gemma")
+SOFTMAX_KINDS = ("full_attention", "sliding_attention", "chunked_attention", "attention")
+# the keys that put attention at layer 0 where the class has no layer_types of its own to state
+ATTENTION_FIRST = {"jamba": {"attn_layer_offset": 0, "attn_layer_period": 2}, "bamba": {"attn_layer_indices": [0, 2]},
+                   "zamba": {"attn_layer_offset": 0, "attn_layer_period": 2},
+                   "recurrent_gemma": {"block_types": ["attention", "recurrent"]},
+                   "lfm2": {"layer_types": ["full_attention", "conv"] * 2}}
+LOOKUP = tuple(f for f in COMPOSITE if not FAMILIES[f].text_model_type)
+
+
+def _attention_first(model_type: str) -> dict | None:
+    """Text config keys of ``model_type`` (4 layers) whose layer 0 is softmax attention and whose later layers are
+    not all: the case a check of layer 0 alone let through. None where the class states no such pattern."""
+    from transformers import AutoConfig
+
+    if model_type in ATTENTION_FIRST:
+        return ATTENTION_FIRST[model_type]
+    try:
+        kinds = AutoConfig.for_model(model_type).layer_types  # the class's default depth: its kinds of layer
+    except Exception:  # noqa: BLE001 - a class whose default config does not build, or has no layer_types
+        return None
+    other = next((k for k in kinds or () if k not in SOFTMAX_KINDS), None)
+    return {"layer_types": ["full_attention", other] * 2} if other else None
+
+
+def _stated_kinds(config) -> list | None:
+    """The kind of each layer transformers' text config states (the oracle; no model is read): layer_types,
+    layers_block_type, block_types (cycled, RecurrentGemma), or Jamba's and Zamba's attention period and offset,
+    Bamba's attention indices."""
+    text = config.get_text_config(decoder=True)
+    n = text.num_hidden_layers
+    for key in ("layer_types", "layers_block_type", "block_types"):
+        kinds = getattr(text, key, None)
+        if isinstance(kinds, (list, tuple)) and kinds:
+            return [kinds[i % len(kinds)] for i in range(n)]
+    if getattr(text, "attn_layer_period", None):
+        return ["attention" if i % text.attn_layer_period == text.attn_layer_offset else "mamba" for i in range(n)]
+    if getattr(text, "attn_layer_indices", None) is not None:
+        return ["attention" if i in text.attn_layer_indices else "mamba" for i in range(n)]
+    return None
+
+
+@pytest.mark.parametrize("family, model_type, first", [
+    *(("llava_next", t, first) for t in HYBRID for first in (False, True)),
+    *((f, "minimax", True) for f in LOOKUP if f != "llava_next")])
+def test_a_hybrid_text_type_is_refused_naming_its_first_layer_of_no_softmax_attention(family, model_type, first):
+    """A hybrid text type (Qwen3-Next's gated delta layers, MiniMax's lightning attention, Jamba's Mamba, LFM2's
+    convolutions) in a family that looks the text type up: the check built one layer and read layer 0 alone, so one
+    whose layer 0 is attention (MiniMax's default, or layer_types stating it first) was accepted and the commands
+    read its other layers as softmax heads (Kimi-Linear's and Bailing's delta attentions even hold an o_proj). Oracle:
+    the layer kinds transformers' config states (layer_types, block types, attention period and offset): the line
+    names the first layer that is no softmax attention, and its stated kind; where transformers builds no such
+    model, or no final norm at the family's path (Jamba's, Bamba's, LFM2's), the LM as a whole is refused."""
+    import transformers
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig
+
+    from probe.errors import BadInput
+    from probe.families import text_config_dict
+
+    if model_type not in transformers.CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} does not know {model_type}")
+    extra = _attention_first(model_type) if first else {}
+    if extra is None:
+        pytest.skip(f"{model_type} states no layer pattern to put attention first")
+    fam = FAMILIES[family]
+    cfg = _composite_config(fam, {"model_type": model_type, "num_hidden_layers": 4, **extra})
+    with pytest.raises(BadInput, match=rf"^config text_config\.model_type is '{model_type}', not a decoder LM the "
+                                       rf"family's layers path \({re.escape(fam.layers_path)}\) holds: transformers' "
+                                       rf"{fam.model_class} builds ") as refused:
+        text_config_dict(cfg, fam)
+    line = str(refused.value)
+    try:
+        config = AutoConfig.for_model(**cfg)
+        with torch.device("meta"):
+            model = getattr(transformers, fam.model_class)(config)
+        model.get_submodule(fam.norm_path)
+    except (AttributeError, TypeError, ValueError, StrictDataclassError):  # strict configs: their own errors
+        assert "builds no model with it" in line or "without the decoder layers'" in line, line
+        return
+    kinds = _stated_kinds(config)
+    assert kinds is not None and len(kinds) == len(model.get_submodule(fam.layers_path)) == 4
+    want = next(i for i, k in enumerate(kinds) if k not in SOFTMAX_KINDS)
+    assert f" builds layer {want} of the " in line, (kinds, line)
+    assert not first or (kinds[0] in SOFTMAX_KINDS and want > 0)  # the case layer 0 alone let through
+    if isinstance(getattr(config.get_text_config(decoder=True), "layer_types", None), list):
+        assert f"as a {kinds[want]!r} layer, " in line
+
+
 @pytest.mark.parametrize("nulls", [("head_dim",), ("num_key_value_heads",), ("head_dim", "num_key_value_heads")])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_a_null_head_dim_or_key_value_count_is_what_transformers_builds_from_it_or_refused(family, nulls):
@@ -1998,6 +2090,124 @@ def test_mrope_sections_transformers_runs_no_forward_with_are_refused(family, se
         return
     check_rotary_sections(cfg, fam)
     assert section == [2, 1, 1] or family == "qwen3_vl"
+
+
+@pytest.mark.parametrize("heads", [2, 16])  # 128- and 16-wide heads of 256
+@pytest.mark.parametrize("family, text_type", [*((f, None) for f in MROPE),
+                                               *((f, t) for f in ("llava_next", "internvl", "llava_onevision", "llava")
+                                                 for t in ("qwen2_vl_text", "qwen2_5_vl_text"))])
+def test_mrope_sections_left_to_the_class_default_are_refused_where_they_do_not_fit_the_heads(family, text_type,
+                                                                                                heads):
+    """A text config stating no M-RoPE sections: Qwen2-VL's, Qwen2.5-VL's and the Omni thinker's rotary embedding
+    then split by their class default [16, 24, 24], which fits 128-wide heads alone; a LLaVA-NeXT or InternVL around a
+    qwen2_vl_text or qwen2_5_vl_text text model of 16-wide heads was accepted and probe.eval, probe.heads and finetune
+    ended in a traceback at the first forward (the check read stated sections only). Oracle: transformers' LM built
+    on the meta device from the config, run on three tokens; Qwen3-VL's interleaved sections run with any."""
+    from probe.errors import BadInput
+    from probe.families import check_rotary_sections
+
+    fam = FAMILIES[family]
+    text = {"hidden_size": 256, "num_attention_heads": heads, "num_key_value_heads": 2, "num_hidden_layers": 1,
+            "tie_word_embeddings": False, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4},
+            **({"model_type": text_type} if text_type else {})}
+    cfg = _composite_config(fam, text)
+    try:
+        with torch.device("meta"):
+            _built_lm(fam, cfg)(input_ids=torch.zeros(1, 3, dtype=torch.long))
+    except RuntimeError:
+        want = (f"config {fam.text_config_attr}.rope_parameters.mrope_section is not stated, so its rotary embedding "
+                "takes its class's default sections")
+        with pytest.raises(BadInput, match="^" + re.escape(want) + r".*half the head width, 8$"):
+            check_rotary_sections(cfg, fam)
+        assert heads == 16 and family != "qwen3_vl"
+        return
+    check_rotary_sections(cfg, fam)
+    assert heads == 2 or family == "qwen3_vl"
+
+
+@pytest.mark.parametrize("text_type", ["qwen2_vl_text", "qwen2_5_vl_text"])
+def test_a_llava_next_around_a_qwen2_vl_text_model_measures_what_its_qwen2_reading_does(dirs, tmp_path,
+                                                                                         text_type):
+    """A LLaVA-NeXT whose text model is Qwen2-VL's or Qwen2.5-VL's (128-wide heads, the class's default sections, random
+    weights) was accepted but never run. LLaVA-NeXT gives its LM one row of positions, which their M-RoPE repeats for
+    its three sections: plain RoPE. Oracle: the same weights and sizes with the text config written as Qwen2 (every
+    value its class built, no sections): probe.eval's scores and probe.heads' per-head numbers must be the same."""
+    import shutil
+
+    import pandas as pd
+    import transformers
+    from transformers import AutoConfig
+
+    from conftest import REPO
+    from probe import eval as probe_eval
+    from probe import heads
+    from probe.errors import cli_main
+
+    if text_type not in transformers.CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} does not know {text_type}")
+    model = shutil.copytree(dirs["llava_next"], tmp_path / "vl")
+    cfg = json.loads((model / "config.json").read_text(encoding="utf-8"))
+    keep = ("intermediate_size", "vocab_size", "num_hidden_layers", "pad_token_id", "bos_token_id", "eos_token_id",
+            "tie_word_embeddings", "max_position_embeddings")
+    cfg["text_config"] = {**{k: cfg["text_config"][k] for k in keep if k in cfg["text_config"]},
+                          "model_type": text_type, "hidden_size": 256, "num_attention_heads": 2,
+                          "num_key_value_heads": 1}
+    for f in [model / "config.json", *model.glob("*.safetensors")]:
+        f.unlink()
+    torch.manual_seed(0)
+    transformers.LlavaNextForConditionalGeneration(AutoConfig.for_model(**cfg)).save_pretrained(model)
+    as_qwen2 = shutil.copytree(model, tmp_path / "qwen2")
+    text = AutoConfig.from_pretrained(model).text_config.to_dict()
+    text["rope_parameters"].pop("mrope_section", None)
+    saved = json.loads((as_qwen2 / "config.json").read_text(encoding="utf-8"))
+    saved["text_config"] = {**{k: v for k, v in text.items() if k not in ("layer_types", "dtype")},
+                            "model_type": "qwen2"}
+    (as_qwen2 / "config.json").write_text(json.dumps(saved), encoding="utf-8")
+    data = str(REPO / "probe/zoo/data/image_single")
+    tables = {}
+    for m in (model, as_qwen2):
+        for main, argv, table in ((probe_eval.main, ["--models", str(m)], "scores.csv"),
+                                  (heads.main, ["--model", str(m)], "heads.csv")):
+            out = tmp_path / f"{m.name}-{table}"
+            assert cli_main(main, [*argv, "--data", data, "--limit", "2", "--quiet", "--out", str(out)]) == 0
+            tables[m.name, table] = pd.read_csv(out / table)
+    for table in ("scores.csv", "heads.csv"):
+        ours, oracle = tables["vl", table], tables["qwen2", table]
+        numbers = [c for c in ours.columns if ours[c].dtype.kind == "f"]
+        assert len(ours) == len(oracle) > 0 and numbers
+        np.testing.assert_allclose(ours[numbers].to_numpy(), oracle[numbers].to_numpy(), rtol=1e-5, atol=1e-6)
+    assert len(tables["vl", "heads.csv"]) == 2 * 2  # 2 layers of 2 heads
+
+
+@pytest.mark.parametrize("tie", ["absent", False, True])
+@pytest.mark.parametrize("family", LOOKUP)
+def test_a_qwen2_vl_text_model_is_read_where_transformers_builds_it_in_a_look_up_family(family, tie):
+    """LLaVA's and LLaVA-OneVision's config classes read their text config's tie_word_embeddings, which Qwen2-VL's
+    text class does not define: transformers builds a qwen2_vl_text text model there only where the text config states
+    it (else an AttributeError); LLaVA-NeXT and InternVL build it either way. The reader asked transformers with the
+    model_type alone and refused it everywhere in LLaVA and LLaVA-OneVision, a real checkpoint (save_pretrained
+    states the key) included. Oracle: transformers' config class built from the same dict."""
+    import transformers
+    from transformers import AutoConfig
+
+    from probe.errors import BadInput
+    from probe.families import text_config_dict
+
+    fam = FAMILIES[family]
+    text = {"model_type": "qwen2_vl_text", "hidden_size": 256, "num_attention_heads": 2, "num_key_value_heads": 1,
+            "num_hidden_layers": 1, **({} if tie == "absent" else {"tie_word_embeddings": tie})}
+    cfg = _composite_config(fam, text)
+    try:
+        built = AutoConfig.for_model(**cfg).get_text_config(decoder=True)
+        with torch.device("meta"):
+            getattr(transformers, fam.model_class)(AutoConfig.for_model(**cfg)).get_submodule(fam.layers_path)
+    except (AttributeError, TypeError, ValueError):
+        with pytest.raises(BadInput, match=r"^config text_config\.model_type is 'qwen2_vl_text': transformers' "
+                                           rf"'{family}' config class builds no text config from it"):
+            text_config_dict(cfg, fam)
+        assert tie == "absent" and family in ("llava", "llava_onevision")
+        return
+    assert text_config_dict(cfg, fam)["model_type"] == type(built).model_type == "qwen2_vl_text"
 
 
 def _built_lm(fam, cfg: dict):
