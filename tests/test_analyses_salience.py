@@ -45,8 +45,10 @@ def write_run(path: Path, kl: torch.Tensor, status: str = "complete", layers: in
     return path
 
 
-def in_memory_salience(base, experts, tables, tau, alpha0, base_table=None):
-    """DESIGN §9 written out slice by slice (loops over heads), the rest by Eq. 4 with Δavg computed directly."""
+def in_memory_salience(base, experts, tables, tau, alpha0, base_table=None, heads=(H, KV, D)):
+    """DESIGN §9 written out slice by slice (loops over heads), the rest by Eq. 4 with Δavg computed directly.
+    ``heads``: (query heads, KV heads, head width) of the LM, as its config.json states them."""
+    n_heads, n_kv, d = heads
     shat = [t.double().clamp_min(0) / t.double().clamp_min(0).mean() for t in ([base_table] if base_table is not None else []) + tables]
     thetas = [base] + experts
 
@@ -57,16 +59,17 @@ def in_memory_salience(base, experts, tables, tau, alpha0, base_table=None):
     out = {}
     for name, ref in base.items():
         parts = name.split(".")
-        if len(parts) >= 5 and parts[2] == "self_attn" and parts[3] in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        if (len(parts) >= 5 and parts[2] == "self_attn" and parts[3] in ("q_proj", "k_proj", "v_proj", "o_proj")
+                and parts[3:] != ["o_proj", "bias"]):  # o_proj's bias is added after the heads are summed
             layer, proj = int(parts[1]), parts[3][0]
             acc = torch.zeros(ref.shape, dtype=torch.float32)
-            units = H if proj in "qo" else KV
+            units = n_heads if proj in "qo" else n_kv
             for j in range(units):
                 if proj in "qo":
                     s = [t[layer, j] for t in shat]
                 else:
-                    s = [t[layer, j * (H // KV):(j + 1) * (H // KV)].mean() for t in shat]
-                sl = slice(j * D, (j + 1) * D)
+                    s = [t[layer, j * (n_heads // n_kv):(j + 1) * (n_heads // n_kv)].mean() for t in shat]
+                sl = slice(j * d, (j + 1) * d)
                 for w, th in zip(weights([float(x) for x in s]), thetas):
                     x = th[name].float()
                     if proj == "o":
@@ -157,6 +160,49 @@ def test_each_salience_metric_weights_heads_by_its_own_column_and_the_defaults_a
     q = "layers.1.self_attn.q_proj.weight"  # anti-tautology: the three columns give three different merges
     assert not torch.equal(merged["kl"][q], merged["accuracy_drop"][q])
     assert not torch.equal(merged["accuracy_drop"][q], merged["prob_accuracy_drop"][q])
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3_text"])
+def test_head_slices_follow_the_configs_head_width_not_hidden_over_heads(family, shared_root, tmp_path):
+    """Qwen3 and Gemma 3 state a head_dim (24 here) other than hidden / heads (16): q/k/v rows and o_proj columns
+    are 24 wide per head, and the q/k norms (one vector shared by every head) and Gemma's tied embedding merge with
+    the rest. Oracle: DESIGN §9 written slice by slice with the config's head layout, on a base and two experts
+    (the base plus noise of different scales), with and without the base's own salience run."""
+    from filelock import FileLock
+    from safetensors.torch import save_file
+
+    from probe.tiny import tiny_dir
+
+    with FileLock(str(shared_root / "tiny.lock")):  # built once per session, shared by workers (conftest.tiny_dirs)
+        base = tiny_dir(family)
+    cfg = json.loads((base / "config.json").read_text())  # plain causal LMs: the text config is the top level
+    n_layers, n_heads, n_kv, d = (cfg[k] for k in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                                                   "head_dim"))
+    assert d * n_heads != cfg["hidden_size"] and n_kv < n_heads  # the case this test is for, with GQA
+    experts = []
+    for i, scale in enumerate((0.01, 0.002)):
+        e = shutil.copytree(base, tmp_path / f"e{i}")
+        g = torch.Generator().manual_seed(i)
+        for f in e.glob("*.safetensors"):
+            save_file({k: t + scale * torch.randn(t.shape, generator=g) for k, t in load_file(f).items()}, f,
+                      metadata={"format": "pt"})
+        experts.append(e)
+    g = torch.Generator().manual_seed(7)
+    tables = [torch.rand(n_layers, n_heads, generator=g) * 3 for _ in range(3)]
+    runs = [write_run(tmp_path / f"r{i}", t, layers=n_layers, heads=n_heads) for i, t in enumerate(tables)]
+    thetas = [canonical(m) for m in (base, *experts)]
+    assert any(".q_norm." in n for n in thetas[0])
+    for with_base in (False, True):
+        out = tmp_path / f"m{with_base}"
+        extra = ["--base-salience", runs[0]] if with_base else []
+        assert run(merge.main, "--base", base, "--models", *experts, "--method", "salience", "--salience", *runs[1:],
+                   *extra, "--salience-temperature", 0.5, "--alpha0", 0.3, "--quiet", "--out", out) == 0
+        got = canonical(out)
+        want = in_memory_salience(thetas[0], thetas[1:], tables[1:], 0.5, 0.3, tables[0] if with_base else None,
+                                  heads=(n_heads, n_kv, d))
+        assert set(got) == set(want)
+        for name, t in want.items():
+            torch.testing.assert_close(got[name].float(), t, rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_which_tensors_a_head_owns():
