@@ -324,6 +324,26 @@ def test_salience_merge_is_bit_stable_with_carriers(zoo, runs, tmp_path):
         assert (outs[0] / rel).read_bytes() == (outs[1] / rel).read_bytes(), rel
 
 
+def test_a_merge_leaves_every_input_as_it_was(zoo, runs, tmp_path):
+    """Models, carriers, the shift table and the salience runs a merge reads (mapped, fingerprinted, their side
+    files copied into the carriers) keep their bytes, modes and mtimes through a merge, the same merge found
+    finished, its --overwrite, and a TIES merge (conftest.tree_manifest)."""
+    from analyses import shift
+    from conftest import tree_manifest
+
+    experts = [zoo["vl"], zoo["ov"], zoo["au"]]
+    assert run(shift.main, "--base", zoo["base"], "--models", *experts, "--no-figures", "--quiet",
+               "--out", tmp_path / "s") == 0
+    roots = [*zoo.values(), runs["root"], tmp_path / "s"]
+    before = tree_manifest(*roots)
+    argv = ["--base", zoo["base"], "--models", *experts, "--carrier", zoo["vl"], zoo["ov_lmms"], "--quiet"]
+    for extra in (["--method", "salience", "--salience", *runs["dirs"], "--shift", tmp_path / "s"],) * 2 + (
+            ["--method", "salience", "--salience", *runs["dirs"], "--shift", tmp_path / "s", "--overwrite"],
+            ["--method", "ties"]):
+        assert run(merge.main, *argv, *extra, "--out", tmp_path / extra[1]) == 0
+    assert tree_manifest(*roots) == before
+
+
 def test_a_salience_sweep_computed_again_is_the_same_input_to_the_merge(zoo, runs, tmp_path, capfd):
     """The merge's manifest fingerprinted every file of a salience run, its run.json timestamps included: the same
     sweep computed again (same heads.csv, plan and model) made a finished merge 'of other options or inputs'. Now
