@@ -154,7 +154,10 @@ def read_salience(run_dir: Path, metric: str, geometry: HeadGeometry, who: str) 
         raise BadInput(f"{heads_csv}: unreadable ({exc})") from None
     want = {(layer, h) for layer in range(geometry.n_layers) for h in range(geometry.n_heads)}
     if set(cells) != want or len(rows) != len(want):
-        raise BadInput(f"{heads_csv}: covers {len(cells)} (layer, head) pairs, but {who} has "
+        # what it covers, as layers x heads: 8 pairs of 4 layers x 2 heads were said as "8 pairs, but 2 x 4"
+        seen = f"{len({layer for layer, _ in cells})} layers x {len({h for _, h in cells})} heads"
+        raise BadInput(f"{heads_csv}: covers {len(cells)} (layer, head) pairs of {seen}"
+                       f"{f' in {len(rows)} rows' if len(rows) != len(cells) else ''}, but {who} has "
                        f"{geometry.n_layers} layers x {geometry.n_heads} heads; sweep every head (--layers all "
                        "--heads all) of that model")
     grid = torch.zeros(geometry.n_layers, geometry.n_heads, dtype=torch.float64)

@@ -379,12 +379,14 @@ def _bad(tmp_path, zoo, dirs, *extra):
     return code, out
 
 
-@pytest.mark.parametrize("case", ["shape", "missing", "partial", "nan", "count", "negative", "swapped", "base_run",
-                                  "nothing_hurt"])
+@pytest.mark.parametrize("case", ["shape", "transposed", "missing", "partial", "nan", "count", "negative", "swapped",
+                                  "base_run", "nothing_hurt"])
 def test_bad_salience_runs_exit_2(case, zoo, tmp_path, capfd):
     good = write_run(tmp_path / "good", torch.ones(L, H), model=zoo["vl"])
     bad = {
         "shape": lambda: write_run(tmp_path / "x", torch.ones(3, H), layers=3),
+        # as many heads in all as the model, in other layers: the line said "8 pairs, but 2 layers x 4 heads"
+        "transposed": lambda: write_run(tmp_path / "x", torch.ones(H, L), layers=H, heads=L),
         "missing": lambda: tmp_path / "nowhere",
         "partial": lambda: write_run(tmp_path / "x", torch.ones(L, H), status="running"),
         "nan": lambda: write_run(tmp_path / "x", torch.full((L, H), float("nan"))),
@@ -398,7 +400,10 @@ def test_bad_salience_runs_exit_2(case, zoo, tmp_path, capfd):
     code, out = _bad(tmp_path, zoo, dirs)
     err = capfd.readouterr().err.strip()
     assert code == 2 and err.startswith("error: ") and "\n" not in err, err
-    assert {"shape": "layers x", "missing": "not a probe.heads run", "partial": "not complete",
+    assert {"shape": "layers x",
+            "transposed": f"covers {L * H} (layer, head) pairs of {H} layers x {L} heads, but {zoo['ov']} has {L} "
+                          f"layers x {H} heads",
+            "missing": "not a probe.heads run", "partial": "not complete",
             "nan": "NaN", "count": "one probe.heads run per",
             "negative": "kl must lie in [-1e-06, inf] for every head, one has -0.5; not a probe.heads salience",
             "swapped": f"measured {zoo['vl']}, but it is given for {zoo['ov']}",
