@@ -27,21 +27,6 @@ METRICS = tuple(HEAD_METRIC_BOUNDS)  # kl, accuracy_drop, prob_accuracy_drop: he
 HEAD_TENSOR = re.compile(r"layers\.(\d+)\.self_attn\.(?:([qkv])_proj\.(?:weight|bias)|(o)_proj\.weight)$")
 
 
-def run_fingerprint(run_dir: Path) -> str:
-    """What a merge reads of a ``probe.heads`` run: heads.csv's bytes and run.json's plan, measured model and status
-    (``read_salience``, ``check_run_model``); not its timestamps, versions or figures, so the same sweep computed
-    again is the same input to a merge's manifest. A run without them is fingerprinted whole (it is refused later)."""
-    from probe.results import content_fingerprint, json_digest, read_run_json
-
-    try:
-        info = read_run_json(run_dir)
-        read = {k: info.get(k) for k in ("plan", "model_resolved_path", "status")}
-        table = (run_dir / "heads.csv").read_bytes()
-    except (OSError, ValueError, AttributeError):
-        return content_fingerprint(run_dir)
-    return json_digest(read, table)
-
-
 def check_run_model(run_dir: Path, who: str, participants: dict[str, Path]) -> dict[str, Any]:
     """A salience run must be of the participant it is given for: refuse a run measured on another participant
     (runs swapped, or the base's run given for an expert). Returns what merge.json records of the run (the model

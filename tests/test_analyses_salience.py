@@ -324,6 +324,33 @@ def test_salience_merge_is_bit_stable_with_carriers(zoo, runs, tmp_path):
         assert (outs[0] / rel).read_bytes() == (outs[1] / rel).read_bytes(), rel
 
 
+def test_figures_merge_refuses_a_salience_run_swept_again_since_the_merge(zoo, runs, tmp_path, capfd):
+    """python -m figures merge reads each participant's salience from its run dir at draw time: a run swept again
+    there after the merge (here one head's KL raised) was drawn beside weights computed from the old saliences,
+    exit 0. Now a run whose fingerprint is not among the merge's recorded inputs exits 2 naming it, and the
+    figures already there are left as they were; the unchanged run draws as before."""
+    from figures.__main__ import main as figures_main
+
+    dirs = [Path(shutil.copytree(d, tmp_path / "runs" / d.name)) for d in runs["dirs"][:2]]
+    out = tmp_path / "m"
+    assert run(merge.main, "--base", zoo["base"], "--models", zoo["vl"], zoo["ov"], "--method", "salience",
+               "--salience", *dirs, "--quiet", "--out", out) == 0
+    assert run(figures_main, "merge", out) == 0
+    drawn = {p: p.read_bytes() for p in out.glob("merge_heads*")}
+    assert drawn
+    table = dirs[1] / "heads.csv"
+    lines = table.read_text().splitlines()
+    table.write_text("\n".join(lines[:-1] + ["1,3,0.5,0.5,9.0,8,4.5,3.0,0.5"]) + "\n")
+    capfd.readouterr()
+    assert run(figures_main, "merge", out) == 2
+    err = capfd.readouterr().err.strip()
+    assert err.startswith(f"error: salience run {dirs[1].resolve()} changed since the merge") and "\n" not in err, err
+    assert {p: p.read_bytes() for p in out.glob("merge_heads*")} == drawn
+    table.write_text("\n".join(lines) + "\n")  # the run the merge read, back: drawn again, the same figure
+    assert run(figures_main, "merge", out) == 0
+    assert (out / "merge_heads.png").read_bytes() == drawn[out / "merge_heads.png"]
+
+
 def test_a_merge_leaves_every_input_as_it_was(zoo, runs, tmp_path):
     """Models, carriers, the shift table and the salience runs a merge reads (mapped, fingerprinted, their side
     files copied into the carriers) keep their bytes, modes and mtimes through a merge, the same merge found
@@ -466,7 +493,8 @@ def test_a_run_json_that_is_not_an_object_is_read_alike_by_every_salience_reader
     """The salience readers take run.json through probe.results.read_run_json: one that is not JSON, not UTF-8 or not
     an object is 'unreadable' to read_salience, unchecked (with a warning) to check_run_model and fingerprinted
     whole by run_fingerprint (invalid UTF-8 was a UnicodeDecodeError traceback in the first two)."""
-    from analyses.salience import check_run_model, read_salience, run_fingerprint
+    from analyses.merge_methods import run_fingerprint
+    from analyses.salience import check_run_model, read_salience
     from probe.errors import BadInput
     from probe.families import HeadGeometry
     from probe.results import content_fingerprint
