@@ -147,7 +147,7 @@ def check_runs_unchanged(result_dir: Path, runs: list[str]) -> None:
         return
     recorded = {e[1] for e in inputs if isinstance(e, list) and len(e) == 2}
     for r in runs:
-        if Path(r).is_dir() and run_fingerprint(Path(r)) not in recorded:
+        if (Path(r) / "heads.csv").is_file() and run_fingerprint(Path(r)) not in recorded:  # gone: drawn as such
             raise BadInput(f"salience run {r} changed since the merge {result_dir} read it (its heads.csv or "
                            "run.json differ): its saliences are not what the merge weighted by; rerun the merge "
                            "(python -m analyses.merge ... --overwrite) or draw it with the run it read")
