@@ -739,6 +739,12 @@ def test_normalise_salience_by_hand():
     for bad in (torch.zeros(2, 3), torch.tensor([[-1.0, 0.0], [-2.0, -0.5]])):
         with pytest.raises(ValueError, match="zero for every head"):
             normalise_salience(bad)
+    # finite saliences whose sum overflows a float (heads.csv takes any KL ≥ 0): ŝ was s / inf = 0 everywhere, so
+    # the model whose heads matter most got the least weight; the ratios are those of the table scaled down
+    huge = torch.tensor([[10.0, 17.0], [0.0, 15.0]], dtype=torch.float64) * 1e307  # Σ = 4.2e308
+    assert torch.isfinite(huge).all() and not torch.isfinite(huge.sum())
+    want = [[10 / 10.5, 17 / 10.5], [0.0, 15 / 10.5]]
+    assert normalise_salience(huge).flatten().tolist() == pytest.approx(sum(want, []), rel=1e-12)
 
 
 # merge_weights.csv's columns (DESIGN §9: tensor, slice, model, weight): each means one thing for every method
