@@ -2,9 +2,10 @@
 holds, what their coefficients are), merge_weights.csv's columns, the names it gives carriers
 (``carrier_name``) and the fingerprint its manifest keeps of each salience run (``run_fingerprint``). ``python -m
 figures merge`` checks a saved merge_weights.csv against the table and the salience runs it draws against those
-fingerprints, and ``figures report`` finds a replication's carriers by their names, without loading torch (importing ``analyses.merge`` did,
-~1.5 s). ``analyses.merge`` builds its ``METHODS`` from this table, adding each method's fixed coefficients (its
-name is its formula's in the analyses.formulas registry, which holds the equations)."""
+fingerprints, and ``figures report`` finds a replication's carriers by their names, without loading torch
+(importing ``analyses.merge`` did, ~1.5 s). ``analyses.merge`` builds its ``METHODS`` from this table, adding each
+method's fixed coefficients (its name is its formula's in the analyses.formulas registry, which holds the
+equations)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
