@@ -133,6 +133,9 @@ def normalise_salience(s: torch.Tensor) -> torch.Tensor:
     removal helped) clamped to 0 first, so a model whose heads all matter a lot does not win everything."""
     s = s.double().clamp_min(0.0)
     mean = float(s.mean())
+    if math.isinf(mean):  # finite saliences whose sum overflows (s / inf was 0 everywhere): the same ratios, scaled
+        s = s / float(s.max())
+        mean = float(s.mean())
     if not mean > 0:
         raise ValueError("salience is zero for every head")
     return s / mean

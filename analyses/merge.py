@@ -33,9 +33,9 @@ from analyses.checkpoints import (Checkpoint, add_output_args, check_inputs_and_
                                   open_checkpoint, progress, quiet_progress, reserve_descriptors)
 from analyses.formulas import (FORMULAS, ShiftStats, average_coefficients, shift_coefficients,
                                 task_arithmetic_coefficients, ties_combine, TrimSearch, weighted_coefficients)
-from analyses.merge_methods import COMMAND, METHOD_KINDS, WEIGHTS_HEADER, MethodKind, carrier_name
+from analyses.merge_methods import COMMAND, METHOD_KINDS, WEIGHTS_HEADER, MethodKind, carrier_name, run_fingerprint
 from analyses.salience import METRICS as SALIENCE_METRICS
-from analyses.salience import SalienceWeights, check_run_model, read_salience, run_fingerprint
+from analyses.salience import SalienceWeights, check_run_model, read_salience
 from analyses.shift import CHUNK
 from analyses.shift_csv import read_shift_csv
 from analyses.writer import (SHARD_BYTES, Entry, ShardedWriter, atomic_dir, check_output, check_replaceable,

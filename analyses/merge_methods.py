@@ -1,9 +1,11 @@
 """analyses.merge's torch-free parts: its ``--method``s as data (which need a base, whose rows merge_weights.csv
-holds, what their coefficients are), merge_weights.csv's columns and the names it gives carriers
-(``carrier_name``). ``python -m figures merge`` checks a saved merge_weights.csv against the table, and ``figures
-report`` finds a replication's carriers by their names, without loading torch (importing ``analyses.merge`` did,
-~1.5 s). ``analyses.merge`` builds its ``METHODS`` from this table, adding each method's fixed coefficients (its
-name is its formula's in the analyses.formulas registry, which holds the equations)."""
+holds, what their coefficients are), merge_weights.csv's columns, the names it gives carriers
+(``carrier_name``) and the fingerprint its manifest keeps of each salience run (``run_fingerprint``). ``python -m
+figures merge`` checks a saved merge_weights.csv against the table and the salience runs it draws against those
+fingerprints, and ``figures report`` finds a replication's carriers by their names, without loading torch
+(importing ``analyses.merge`` did, ~1.5 s). ``analyses.merge`` builds its ``METHODS`` from this table, adding each
+method's fixed coefficients (its name is its formula's in the analyses.formulas registry, which holds the
+equations)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -47,3 +49,18 @@ def carrier_name(spec: str, path: Path | None = None) -> str:
     d = path or Path(spec)
     hub = d.parent.parent.name if d.parent.name == "snapshots" else ""
     return hub.split("--")[-1] if hub.startswith("models--") else d.name
+
+
+def run_fingerprint(run_dir: Path) -> str:
+    """What a merge reads of a ``probe.heads`` run: heads.csv's bytes and run.json's plan, measured model and status
+    (``read_salience``, ``check_run_model``); not its timestamps, versions or figures, so the same sweep computed
+    again is the same input to a merge's manifest. A run without them is fingerprinted whole (it is refused later)."""
+    from probe.results import content_fingerprint, json_digest, read_run_json
+
+    try:
+        info = read_run_json(run_dir)
+        read = {k: info.get(k) for k in ("plan", "model_resolved_path", "status")}
+        table = (run_dir / "heads.csv").read_bytes()
+    except (OSError, ValueError, AttributeError):
+        return content_fingerprint(run_dir)
+    return json_digest(read, table)

@@ -27,21 +27,6 @@ METRICS = tuple(HEAD_METRIC_BOUNDS)  # kl, accuracy_drop, prob_accuracy_drop: he
 HEAD_TENSOR = re.compile(r"layers\.(\d+)\.self_attn\.(?:([qkv])_proj\.(?:weight|bias)|(o)_proj\.weight)$")
 
 
-def run_fingerprint(run_dir: Path) -> str:
-    """What a merge reads of a ``probe.heads`` run: heads.csv's bytes and run.json's plan, measured model and status
-    (``read_salience``, ``check_run_model``); not its timestamps, versions or figures, so the same sweep computed
-    again is the same input to a merge's manifest. A run without them is fingerprinted whole (it is refused later)."""
-    from probe.results import content_fingerprint, json_digest, read_run_json
-
-    try:
-        info = read_run_json(run_dir)
-        read = {k: info.get(k) for k in ("plan", "model_resolved_path", "status")}
-        table = (run_dir / "heads.csv").read_bytes()
-    except (OSError, ValueError, AttributeError):
-        return content_fingerprint(run_dir)
-    return json_digest(read, table)
-
-
 def check_run_model(run_dir: Path, who: str, participants: dict[str, Path]) -> dict[str, Any]:
     """A salience run must be of the participant it is given for: refuse a run measured on another participant
     (runs swapped, or the base's run given for an expert). Returns what merge.json records of the run (the model
@@ -154,7 +139,10 @@ def read_salience(run_dir: Path, metric: str, geometry: HeadGeometry, who: str) 
         raise BadInput(f"{heads_csv}: unreadable ({exc})") from None
     want = {(layer, h) for layer in range(geometry.n_layers) for h in range(geometry.n_heads)}
     if set(cells) != want or len(rows) != len(want):
-        raise BadInput(f"{heads_csv}: covers {len(cells)} (layer, head) pairs, but {who} has "
+        # what it covers, as layers x heads: 8 pairs of 4 layers x 2 heads were said as "8 pairs, but 2 x 4"
+        seen = f"{len({layer for layer, _ in cells})} layers x {len({h for _, h in cells})} heads"
+        raise BadInput(f"{heads_csv}: covers {len(cells)} (layer, head) pairs of {seen}"
+                       f"{f' in {len(rows)} rows' if len(rows) != len(cells) else ''}, but {who} has "
                        f"{geometry.n_layers} layers x {geometry.n_heads} heads; sweep every head (--layers all "
                        "--heads all) of that model")
     grid = torch.zeros(geometry.n_layers, geometry.n_heads, dtype=torch.float64)

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analyses.merge_methods import COMMAND, METHOD_KINDS, WEIGHTS_HEADER
+from analyses.merge_methods import COMMAND, METHOD_KINDS, WEIGHTS_HEADER, run_fingerprint
 from figures import (bar_aspect, drop_stale_pages, fit_bar_labels, heatmap_ticks, heatmap_ticks_again, page_caption,
                      page_panels, page_split, page_stem, read_json, read_table, save_png_pdf)
 from figures.heads import centred_limits, clip_note, extend_for, kl_limit
 from probe.errors import BadInput
 from probe.results import HEAD_METRIC_BOUNDS
-from probe.results import distinct_names
+from probe.results import distinct_names, read_manifest
 
 # inches: a participant's column of two heatmaps at its narrowest and lowest (with titles), and the figure's
 # margin (colour bar labels, suptitle)
@@ -137,6 +137,22 @@ def _salience_grid(run_dir: Path, metric: str, shape: tuple[int, int]) -> np.nda
     return grid
 
 
+def check_runs_unchanged(result_dir: Path, runs: list[str]) -> None:
+    """Each salience run drawn beside the weights is still the one the merge weighted by: its fingerprint
+    (``run_fingerprint``) is among the inputs the merge's manifest records. A run swept again into its dir since
+    (other items, another model) was drawn as if the merge had read it. A merge without that record (one from
+    before merges kept their request, or written by hand) is drawn as before."""
+    inputs = ((read_manifest(result_dir) or {}).get("request") or {}).get("inputs")
+    if not isinstance(inputs, list):
+        return
+    recorded = {e[1] for e in inputs if isinstance(e, list) and len(e) == 2}
+    for r in runs:
+        if (Path(r) / "heads.csv").is_file() and run_fingerprint(Path(r)) not in recorded:  # gone: drawn as such
+            raise BadInput(f"salience run {r} changed since the merge {result_dir} read it (its heads.csv or "
+                           "run.json differ): its saliences are not what the merge weighted by; rerun the merge "
+                           "(python -m analyses.merge ... --overwrite) or draw it with the run it read")
+
+
 def _trims(info: dict) -> bool:
     """Whether merge.json's method holds trim thresholds where the others hold weights (ties)."""
     method = info.get("method")
@@ -215,6 +231,7 @@ def draw_merge(result_dir: Path) -> list[Path]:
             or not all(r is None or isinstance(r, str) for r in runs):
         raise BadInput(f"{result_dir / 'merge.json'}: 'salience' is not a salience merge's record")
     names = list(grids)
+    check_runs_unchanged(result_dir, [r for r in runs if r])
     sals = [_salience_grid(Path(runs[k]), metric, grids[n].shape) if k < len(runs) and runs[k] else None
             for k, n in enumerate(names)]
     # one column of two heatmaps per participant, wrapped into rows on a page (4 participants: 2 × 2); past 6,

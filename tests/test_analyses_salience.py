@@ -45,8 +45,10 @@ def write_run(path: Path, kl: torch.Tensor, status: str = "complete", layers: in
     return path
 
 
-def in_memory_salience(base, experts, tables, tau, alpha0, base_table=None):
-    """DESIGN §9 written out slice by slice (loops over heads), the rest by Eq. 4 with Δavg computed directly."""
+def in_memory_salience(base, experts, tables, tau, alpha0, base_table=None, heads=(H, KV, D)):
+    """DESIGN §9 written out slice by slice (loops over heads), the rest by Eq. 4 with Δavg computed directly.
+    ``heads``: (query heads, KV heads, head width) of the LM, as its config.json states them."""
+    n_heads, n_kv, d = heads
     shat = [t.double().clamp_min(0) / t.double().clamp_min(0).mean() for t in ([base_table] if base_table is not None else []) + tables]
     thetas = [base] + experts
 
@@ -57,16 +59,17 @@ def in_memory_salience(base, experts, tables, tau, alpha0, base_table=None):
     out = {}
     for name, ref in base.items():
         parts = name.split(".")
-        if len(parts) >= 5 and parts[2] == "self_attn" and parts[3] in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        if (len(parts) >= 5 and parts[2] == "self_attn" and parts[3] in ("q_proj", "k_proj", "v_proj", "o_proj")
+                and parts[3:] != ["o_proj", "bias"]):  # o_proj's bias is added after the heads are summed
             layer, proj = int(parts[1]), parts[3][0]
             acc = torch.zeros(ref.shape, dtype=torch.float32)
-            units = H if proj in "qo" else KV
+            units = n_heads if proj in "qo" else n_kv
             for j in range(units):
                 if proj in "qo":
                     s = [t[layer, j] for t in shat]
                 else:
-                    s = [t[layer, j * (H // KV):(j + 1) * (H // KV)].mean() for t in shat]
-                sl = slice(j * D, (j + 1) * D)
+                    s = [t[layer, j * (n_heads // n_kv):(j + 1) * (n_heads // n_kv)].mean() for t in shat]
+                sl = slice(j * d, (j + 1) * d)
                 for w, th in zip(weights([float(x) for x in s]), thetas):
                     x = th[name].float()
                     if proj == "o":
@@ -157,6 +160,49 @@ def test_each_salience_metric_weights_heads_by_its_own_column_and_the_defaults_a
     q = "layers.1.self_attn.q_proj.weight"  # anti-tautology: the three columns give three different merges
     assert not torch.equal(merged["kl"][q], merged["accuracy_drop"][q])
     assert not torch.equal(merged["accuracy_drop"][q], merged["prob_accuracy_drop"][q])
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3_text"])
+def test_head_slices_follow_the_configs_head_width_not_hidden_over_heads(family, shared_root, tmp_path):
+    """Qwen3 and Gemma 3 state a head_dim (24 here) other than hidden / heads (16): q/k/v rows and o_proj columns
+    are 24 wide per head, and the q/k norms (one vector shared by every head) and Gemma's tied embedding merge with
+    the rest. Oracle: DESIGN §9 written slice by slice with the config's head layout, on a base and two experts
+    (the base plus noise of different scales), with and without the base's own salience run."""
+    from filelock import FileLock
+    from safetensors.torch import save_file
+
+    from probe.tiny import tiny_dir
+
+    with FileLock(str(shared_root / "tiny.lock")):  # built once per session, shared by workers (conftest.tiny_dirs)
+        base = tiny_dir(family)
+    cfg = json.loads((base / "config.json").read_text())  # plain causal LMs: the text config is the top level
+    n_layers, n_heads, n_kv, d = (cfg[k] for k in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                                                   "head_dim"))
+    assert d * n_heads != cfg["hidden_size"] and n_kv < n_heads  # the case this test is for, with GQA
+    experts = []
+    for i, scale in enumerate((0.01, 0.002)):
+        e = shutil.copytree(base, tmp_path / f"e{i}")
+        g = torch.Generator().manual_seed(i)
+        for f in e.glob("*.safetensors"):
+            save_file({k: t + scale * torch.randn(t.shape, generator=g) for k, t in load_file(f).items()}, f,
+                      metadata={"format": "pt"})
+        experts.append(e)
+    g = torch.Generator().manual_seed(7)
+    tables = [torch.rand(n_layers, n_heads, generator=g) * 3 for _ in range(3)]
+    runs = [write_run(tmp_path / f"r{i}", t, layers=n_layers, heads=n_heads) for i, t in enumerate(tables)]
+    thetas = [canonical(m) for m in (base, *experts)]
+    assert any(".q_norm." in n for n in thetas[0])
+    for with_base in (False, True):
+        out = tmp_path / f"m{with_base}"
+        extra = ["--base-salience", runs[0]] if with_base else []
+        assert run(merge.main, "--base", base, "--models", *experts, "--method", "salience", "--salience", *runs[1:],
+                   *extra, "--salience-temperature", 0.5, "--alpha0", 0.3, "--quiet", "--out", out) == 0
+        got = canonical(out)
+        want = in_memory_salience(thetas[0], thetas[1:], tables[1:], 0.5, 0.3, tables[0] if with_base else None,
+                                  heads=(n_heads, n_kv, d))
+        assert set(got) == set(want)
+        for name, t in want.items():
+            torch.testing.assert_close(got[name].float(), t, rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_which_tensors_a_head_owns():
@@ -278,6 +324,53 @@ def test_salience_merge_is_bit_stable_with_carriers(zoo, runs, tmp_path):
         assert (outs[0] / rel).read_bytes() == (outs[1] / rel).read_bytes(), rel
 
 
+def test_figures_merge_refuses_a_salience_run_swept_again_since_the_merge(zoo, runs, tmp_path, capfd):
+    """python -m figures merge reads each participant's salience from its run dir at draw time: a run swept again
+    there after the merge (here one head's KL raised) was drawn beside weights computed from the old saliences,
+    exit 0. Now a run whose fingerprint is not among the merge's recorded inputs exits 2 naming it, and the
+    figures already there are left as they were; the unchanged run draws as before."""
+    from figures.__main__ import main as figures_main
+
+    dirs = [Path(shutil.copytree(d, tmp_path / "runs" / d.name)) for d in runs["dirs"][:2]]
+    out = tmp_path / "m"
+    assert run(merge.main, "--base", zoo["base"], "--models", zoo["vl"], zoo["ov"], "--method", "salience",
+               "--salience", *dirs, "--quiet", "--out", out) == 0
+    assert run(figures_main, "merge", out) == 0
+    drawn = {p: p.read_bytes() for p in out.glob("merge_heads*")}
+    assert drawn
+    table = dirs[1] / "heads.csv"
+    lines = table.read_text().splitlines()
+    table.write_text("\n".join(lines[:-1] + ["1,3,0.5,0.5,9.0,8,4.5,3.0,0.5"]) + "\n")
+    capfd.readouterr()
+    assert run(figures_main, "merge", out) == 2
+    err = capfd.readouterr().err.strip()
+    assert err.startswith(f"error: salience run {dirs[1].resolve()} changed since the merge") and "\n" not in err, err
+    assert {p: p.read_bytes() for p in out.glob("merge_heads*")} == drawn
+    table.write_text("\n".join(lines) + "\n")  # the run the merge read, back: drawn again, the same figure
+    assert run(figures_main, "merge", out) == 0
+    assert (out / "merge_heads.png").read_bytes() == drawn[out / "merge_heads.png"]
+
+
+def test_a_merge_leaves_every_input_as_it_was(zoo, runs, tmp_path):
+    """Models, carriers, the shift table and the salience runs a merge reads (mapped, fingerprinted, their side
+    files copied into the carriers) keep their bytes, modes and mtimes through a merge, the same merge found
+    finished, its --overwrite, and a TIES merge (conftest.tree_manifest)."""
+    from analyses import shift
+    from conftest import tree_manifest
+
+    experts = [zoo["vl"], zoo["ov"], zoo["au"]]
+    assert run(shift.main, "--base", zoo["base"], "--models", *experts, "--no-figures", "--quiet",
+               "--out", tmp_path / "s") == 0
+    roots = [*zoo.values(), runs["root"], tmp_path / "s"]
+    before = tree_manifest(*roots)
+    argv = ["--base", zoo["base"], "--models", *experts, "--carrier", zoo["vl"], zoo["ov_lmms"], "--quiet"]
+    for extra in (["--method", "salience", "--salience", *runs["dirs"], "--shift", tmp_path / "s"],) * 2 + (
+            ["--method", "salience", "--salience", *runs["dirs"], "--shift", tmp_path / "s", "--overwrite"],
+            ["--method", "ties"]):
+        assert run(merge.main, *argv, *extra, "--out", tmp_path / extra[1]) == 0
+    assert tree_manifest(*roots) == before
+
+
 def test_a_salience_sweep_computed_again_is_the_same_input_to_the_merge(zoo, runs, tmp_path, capfd):
     """The merge's manifest fingerprinted every file of a salience run, its run.json timestamps included: the same
     sweep computed again (same heads.csv, plan and model) made a finished merge 'of other options or inputs'. Now
@@ -313,12 +406,14 @@ def _bad(tmp_path, zoo, dirs, *extra):
     return code, out
 
 
-@pytest.mark.parametrize("case", ["shape", "missing", "partial", "nan", "count", "negative", "swapped", "base_run",
-                                  "nothing_hurt"])
+@pytest.mark.parametrize("case", ["shape", "transposed", "missing", "partial", "nan", "count", "negative", "swapped",
+                                  "base_run", "nothing_hurt"])
 def test_bad_salience_runs_exit_2(case, zoo, tmp_path, capfd):
     good = write_run(tmp_path / "good", torch.ones(L, H), model=zoo["vl"])
     bad = {
         "shape": lambda: write_run(tmp_path / "x", torch.ones(3, H), layers=3),
+        # as many heads in all as the model, in other layers: the line said "8 pairs, but 2 layers x 4 heads"
+        "transposed": lambda: write_run(tmp_path / "x", torch.ones(H, L), layers=H, heads=L),
         "missing": lambda: tmp_path / "nowhere",
         "partial": lambda: write_run(tmp_path / "x", torch.ones(L, H), status="running"),
         "nan": lambda: write_run(tmp_path / "x", torch.full((L, H), float("nan"))),
@@ -332,7 +427,10 @@ def test_bad_salience_runs_exit_2(case, zoo, tmp_path, capfd):
     code, out = _bad(tmp_path, zoo, dirs)
     err = capfd.readouterr().err.strip()
     assert code == 2 and err.startswith("error: ") and "\n" not in err, err
-    assert {"shape": "layers x", "missing": "not a probe.heads run", "partial": "not complete",
+    assert {"shape": "layers x",
+            "transposed": f"covers {L * H} (layer, head) pairs of {H} layers x {L} heads, but {zoo['ov']} has {L} "
+                          f"layers x {H} heads",
+            "missing": "not a probe.heads run", "partial": "not complete",
             "nan": "NaN", "count": "one probe.heads run per",
             "negative": "kl must lie in [-1e-06, inf] for every head, one has -0.5; not a probe.heads salience",
             "swapped": f"measured {zoo['vl']}, but it is given for {zoo['ov']}",
@@ -395,7 +493,8 @@ def test_a_run_json_that_is_not_an_object_is_read_alike_by_every_salience_reader
     """The salience readers take run.json through probe.results.read_run_json: one that is not JSON, not UTF-8 or not
     an object is 'unreadable' to read_salience, unchecked (with a warning) to check_run_model and fingerprinted
     whole by run_fingerprint (invalid UTF-8 was a UnicodeDecodeError traceback in the first two)."""
-    from analyses.salience import check_run_model, read_salience, run_fingerprint
+    from analyses.merge_methods import run_fingerprint
+    from analyses.salience import check_run_model, read_salience
     from probe.errors import BadInput
     from probe.families import HeadGeometry
     from probe.results import content_fingerprint
@@ -640,6 +739,12 @@ def test_normalise_salience_by_hand():
     for bad in (torch.zeros(2, 3), torch.tensor([[-1.0, 0.0], [-2.0, -0.5]])):
         with pytest.raises(ValueError, match="zero for every head"):
             normalise_salience(bad)
+    # finite saliences whose sum overflows a float (heads.csv takes any KL ≥ 0): ŝ was s / inf = 0 everywhere, so
+    # the model whose heads matter most got the least weight; the ratios are those of the table scaled down
+    huge = torch.tensor([[10.0, 17.0], [0.0, 15.0]], dtype=torch.float64) * 1e307  # Σ = 4.2e308
+    assert torch.isfinite(huge).all() and not torch.isfinite(huge.sum())
+    want = [[10 / 10.5, 17 / 10.5], [0.0, 15 / 10.5]]
+    assert normalise_salience(huge).flatten().tolist() == pytest.approx(sum(want, []), rel=1e-12)
 
 
 # merge_weights.csv's columns (DESIGN §9: tensor, slice, model, weight): each means one thing for every method
