@@ -16,7 +16,7 @@ import torch
 
 from analyses.checkpoints import VOCAB_TENSORS, Checkpoint, TensorInfo, chunks, layer_module
 from probe.errors import BadInput
-from probe.families import HeadGeometry
+from probe.lm_config import HeadGeometry
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,8 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 
 from probe.errors import BadInput, input_in_out, out_dir
-from probe.families import (FAMILIES, Family, Layout, canonical_lm_name, check_layout_model_type, detect_layout,
-                            read_config_json, says_untied)
-from probe.families import config_geometry, declared_quantization, text_config_dict
+from probe.families import FAMILIES, Family, Layout, canonical_lm_name, check_layout_model_type, detect_layout
+from probe.lm_config import config_geometry, declared_quantization, read_config_json, says_untied, text_config_dict
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

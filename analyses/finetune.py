@@ -380,7 +380,7 @@ def write_lora_merge(loaded: LoadedModel, source: Path, dest: Path, weights: dic
 def write_source_config(source: Path, dest: Path, dtype: str) -> None:
     """The source's config.json naming ``dtype`` at the top level and in every sub-config (dicts with a
     model_type): training changes no other field of it."""
-    from probe.families import read_config_json
+    from probe.lm_config import read_config_json
 
     config = read_config_json(source)
 

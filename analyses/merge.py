@@ -41,9 +41,9 @@ from analyses.shift_csv import read_shift_csv
 from analyses.writer import (SHARD_BYTES, Entry, ShardedWriter, atomic_dir, check_output, check_replaceable,
                              copy_side_files, parse_size, returns_finished, run_request)
 from probe.errors import TENSOR_MEMORY_HINT, ArgParser, BadInput, cli_main, in_path, out_dir, parse_options
-from probe.families import (CAUSAL_LM, LAYOUTS, causal_lm_type, check_lm_fits_class, class_text_values,
-                            untie_word_embeddings)
+from probe.families import CAUSAL_LM, LAYOUTS, causal_lm_type, check_lm_fits_class
 from probe.families import lm_disk_key as layout_key
+from probe.lm_config import class_text_values, untie_word_embeddings
 from probe.models import loads_tied
 from probe.results import json_object, json_text
 
@@ -692,7 +692,7 @@ def model_means(rows: Sequence[WeightRow], column: str) -> dict[str, float] | No
 def load_salience(cfg: MergeConfig, base: Checkpoint, models: Sequence[Checkpoint],
                   names: Sequence[str]) -> SalienceWeights:
     """The participants' salience runs, checked against the base's head geometry (base run first if given)."""
-    from probe.families import HeadGeometry
+    from probe.lm_config import HeadGeometry
 
     geometry = HeadGeometry.from_text_config(base.text_config)
     runs = ([(cfg.base_salience, names[0])] if cfg.base_salience else []) + list(zip(cfg.salience, names[1:]))

@@ -19,7 +19,7 @@ import torch
 
 from analyses.formulas import normalise_salience, salience_weights
 from probe.errors import BadInput
-from probe.families import HeadGeometry
+from probe.lm_config import HeadGeometry
 from probe.results import HEAD_METRIC_BOUNDS
 
 METRICS = tuple(HEAD_METRIC_BOUNDS)  # kl, accuracy_drop, prob_accuracy_drop: heads.csv's salience columns

@@ -13,7 +13,8 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from probe.families import LAYOUTS, canonical_lm_name, read_config_json
+from probe.families import LAYOUTS, canonical_lm_name
+from probe.lm_config import read_config_json
 
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=128, max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1)

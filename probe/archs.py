@@ -160,7 +160,8 @@ def build_random(name: str, workdir: str | Path, dtype: str = "float32", device:
     import torch
     import transformers
 
-    from probe.families import FAMILIES, HeadGeometry, text_config_dict
+    from probe.families import FAMILIES
+    from probe.lm_config import HeadGeometry, text_config_dict
     from probe.models import DTYPES, LoadedModel, ModelRef, _check_geometry, load_processors
     from probe.tiny import _CORPUS
     from probe.tokenizer import build_tokenizer, media_ids, special_ids

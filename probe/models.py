@@ -25,16 +25,18 @@ from probe.errors import BadInput, error_reason, is_int
 from probe.families import (
     ALIASES,
     Family,
-    HeadGeometry,
     canonical_lm_name,
+    detect_layout,
+    family_of_model_type,
+)
+from probe.lm_config import (
+    HeadGeometry,
     check_rotary_sections,
     class_head_dim,
     class_kv_heads,
     config_geometry,
     config_value,
     declared_quantization,
-    detect_layout,
-    family_of_model_type,
     processor_kwargs,
     read_config_json,
     says_tied,
@@ -359,7 +361,7 @@ def _hidden_heads(text: Mapping[str, Any]) -> tuple[int, int] | None:
 
 def config_head_dim(text: Mapping[str, Any]) -> int | None:
     """The head width transformers' attention builds from the text config: its ``head_dim``, else the config class's
-    own (``probe.families.class_head_dim``, which the analyses' head layout takes too: Qwen3 and Gemma 3 default to
+    own (``probe.lm_config.class_head_dim``, which the analyses' head layout takes too: Qwen3 and Gemma 3 default to
     128 and 256, which the load compares, so a Qwen3 config without head_dim over 24-wide heads is refused there and
     here). None where the keys are absent."""
     if (explicit := given_size(text, "head_dim")) is not None:
@@ -371,7 +373,7 @@ def config_head_dim(text: Mapping[str, Any]) -> int | None:
 
 def config_kv_heads(text: Mapping[str, Any]) -> int | None:
     """The key/value head count transformers' attention builds from the text config: its ``num_key_value_heads``,
-    else (absent) the config class's own (``probe.families.class_kv_heads``, which the analyses' head layout takes
+    else (absent) the config class's own (``probe.lm_config.class_kv_heads``, which the analyses' head layout takes
     too: Qwen2 builds 32, Mistral 8, so a Qwen2 config without the key over 8 key/value heads' k/v rows is refused
     there and here; a stated null text_config_dict resolved as transformers builds it). None where the keys are
     absent or transformers cannot tell (not compared)."""

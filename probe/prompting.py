@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from probe.errors import BadInput, is_int
-from probe.families import chat_format
+from probe.lm_config import chat_format
 from probe.mmmu import VIDEO_REF
 from probe.models import LoadedModel
 from probe.upstream import (anyres_patches, check_model_inputs, check_special_tokens_read, processor_image_patches,

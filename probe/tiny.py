@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from probe.errors import drop_partial
-from probe.families import FAMILIES, family_of_model_type, processor_kwargs, read_config_json
+from probe.families import FAMILIES, family_of_model_type
+from probe.lm_config import processor_kwargs, read_config_json
 from probe.tokenizer import build_tokenizer, media_ids, special_ids
 
 if TYPE_CHECKING:

@@ -680,7 +680,7 @@ def test_a_quantized_checkpoint_is_refused(zoo, tmp_path, capfd, declared):
         scale = sd[k].abs().max() / 448
         sd[k], sd[k + "_scale_inv"] = (sd[k] / scale).to(torch.float8_e4m3fn), scale.reshape(1, 1)
     save_file(sd, q / "model.safetensors", metadata={"format": "pt"})
-    if declared:  # where probe.families.declared_quantization looks (None: the float8 codes alone tell)
+    if declared:  # where probe.lm_config.declared_quantization looks (None: the float8 codes alone tell)
         cfg = json.loads((q / "config.json").read_text())
         where = cfg if declared == "top" else cfg.setdefault("text_config", {})
         where["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}

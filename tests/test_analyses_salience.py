@@ -209,7 +209,7 @@ def test_which_tensors_a_head_owns():
     """q/k/v weights and biases by rows, o_proj's weight by columns; o_proj's bias (Llama's attention_bias), added
     once after the heads are summed, belongs to no head and is merged with the rest of its layer."""
     from analyses.salience import SalienceWeights
-    from probe.families import HeadGeometry
+    from probe.lm_config import HeadGeometry
 
     geo = HeadGeometry(n_layers=L, n_heads=H, n_kv_heads=KV, head_dim=D, hidden_size=H * D)
     g = torch.Generator().manual_seed(0)
@@ -496,7 +496,7 @@ def test_a_run_json_that_is_not_an_object_is_read_alike_by_every_salience_reader
     from analyses.merge_methods import run_fingerprint
     from analyses.salience import check_run_model, read_salience
     from probe.errors import BadInput
-    from probe.families import HeadGeometry
+    from probe.lm_config import HeadGeometry
     from probe.results import content_fingerprint
 
     run = write_run(tmp_path / "r", torch.ones(L, H))

@@ -14,7 +14,8 @@ import pytest
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from conftest import make_item
-from probe.families import FAMILIES, chat_format
+from probe.families import FAMILIES
+from probe.lm_config import chat_format
 from probe.prompting import PromptTemplate, render_chat
 
 # Qwen/Qwen2-7B-Instruct tokenizer_config.json (openvinotoolkit/openvino.genai

@@ -1584,7 +1584,7 @@ def test_a_config_transformers_cannot_build_is_refused_by_every_command(tmp_path
     traceback); a "decoder" key beside a causal LM's config, which transformers takes for its
     text config (an AttributeError), ended probe.eval in a traceback.
     Every command refuses it now in one line naming the checkpoint and the key (the shared reader,
-    probe.families.text_config_dict): exit 2, nothing written, the checkpoint untouched."""
+    probe.lm_config.text_config_dict): exit 2, nothing written, the checkpoint untouched."""
     import torch
     import transformers
     from transformers import AutoConfig

@@ -288,7 +288,7 @@ def oracle_load(fam, model: Path, cfg: dict, meta: bool = True):
     (mismatched_keys: tensors of the wrong shape)."""
     import transformers
 
-    from probe.families import config_value
+    from probe.lm_config import config_value
 
     cls = getattr(transformers, fam.model_class)
     part = {"config": cls.config_class(**config_value(cfg, fam.config_path))} if fam.config_path else {}
@@ -320,7 +320,7 @@ def test_a_config_size_its_tensors_contradict_is_refused_alike(family, size, tmp
     from analyses import merge, shift
     from probe import eval as probe_eval
     from probe.errors import BadInput, cli_main
-    from probe.families import config_value
+    from probe.lm_config import config_value
     from probe.models import check_loading_info, resolve_model
     from probe.tiny import tiny_dir
 
@@ -367,7 +367,7 @@ def test_a_config_without_head_dim_is_checked_as_its_class_builds_it(family, tmp
     import shutil
 
     from probe.errors import BadInput
-    from probe.families import config_value
+    from probe.lm_config import config_value
     from probe.models import resolve_model
     from probe.tiny import tiny_dir
 
@@ -410,7 +410,7 @@ def test_a_config_without_num_key_value_heads_is_checked_as_its_class_builds_it(
 
     from analyses import merge, shift
     from probe.errors import BadInput, cli_main
-    from probe.families import config_value
+    from probe.lm_config import config_value
     from probe.models import resolve_model
     from probe.tiny import TinySpec, build_tiny
 
@@ -488,7 +488,7 @@ def test_the_merged_lm_config_builds_the_reference_text_config(family, variant, 
     from transformers import AutoConfig
 
     from analyses.merge import merged_config
-    from probe.families import text_config_dict
+    from probe.lm_config import text_config_dict
 
     fam = FAMILIES[family]
     text: dict = {"hidden_size": 256, "num_attention_heads": 32, "num_hidden_layers": 2}
@@ -542,7 +542,7 @@ def test_a_merged_lm_computes_the_reference_lms_logits_from_a_minimal_text_confi
 
     from analyses import merge
     from probe.errors import cli_main
-    from probe.families import config_value
+    from probe.lm_config import config_value
     from probe.tiny import SPECS, TinySpec, build_tiny
 
     fam = FAMILIES[family]
@@ -593,15 +593,15 @@ def test_a_merge_whose_reference_text_class_transformers_cannot_build_exits_2_be
     import shutil
 
     from analyses import merge
-    from probe import families
+    from probe import lm_config
     from probe.errors import cli_main
     from probe.tiny import SPECS, TinySpec, build_tiny
 
     model = build_tiny("qwen2_vl", tmp_path / "m", SPECS.get("qwen2_vl", TinySpec()))
     other = shutil.copytree(model, tmp_path / "other")
     before = {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()}
-    real = families._built_text_config
-    monkeypatch.setattr(families, "_built_text_config",
+    real = lm_config._built_text_config
+    monkeypatch.setattr(lm_config, "_built_text_config",
                         lambda model_type, text: None if model_type == "qwen2_vl_text" else real(model_type, text))
     out = tmp_path / "merged"
     capsys.readouterr()
@@ -610,7 +610,7 @@ def test_a_merge_whose_reference_text_class_transformers_cannot_build_exits_2_be
     assert err.count("\n") == 0 and str(model) in err and "'qwen2_vl_text' config class" in err, err
     assert not out.exists() and not list(tmp_path.glob(".merged*"))
     assert {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()} == before
-    monkeypatch.setattr(families, "_built_text_config", real)
+    monkeypatch.setattr(lm_config, "_built_text_config", real)
     assert cli_main(merge.main, ["--models", str(model), str(other), "--method", "average", "--out", str(out)]) == 0
 
 def test_readme_family_table_is_generated_from_the_table():
@@ -1186,7 +1186,7 @@ def test_table7_cpu_recipe_runs_as_written(tmp_path, dirs, monkeypatch):
 
 def test_nested_text_config_with_class_defaults_only():
     """llava-1.5-7b-hf's config.json stores only the text config's non-default fields: geometry from LlamaConfig."""
-    from probe.families import HeadGeometry, text_config_dict
+    from probe.lm_config import HeadGeometry, text_config_dict
 
     published = {"model_type": "llava", "text_config": {"model_type": "llama", "vocab_size": 32064,
                                                         "max_position_embeddings": 4096}}
@@ -1207,7 +1207,7 @@ def test_nested_text_config_with_class_defaults_only():
 def test_chat_formats_follow_the_row_and_the_lm():
     """Each family's turn markup (and BOS where its tokenizer has one); LLaVA-NeXT on Mistral uses its llava-hf
     template's [INST] with a <<SYS>> block."""
-    from probe.families import chat_format
+    from probe.lm_config import chat_format
     from probe.prompting import PromptTemplate, render_chat
 
     item = make_item(with_image=False)
@@ -1629,7 +1629,7 @@ def test_a_head_layout_without_head_dim_takes_the_width_transformers_builds(mode
     size check (config_head_dim) reads the same resolution."""
     from transformers import AutoConfig
 
-    from probe.families import HeadGeometry
+    from probe.lm_config import HeadGeometry
     from probe.models import config_head_dim
 
     text = {"model_type": model_type, "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
@@ -1679,7 +1679,7 @@ def test_a_text_config_whose_model_type_is_no_name_is_read_as_transformers_build
     class's key/value heads and head width (meta-built k/q projections), its defaults for a size left out, or
     BadInput naming the key."""
     from probe.errors import BadInput
-    from probe.families import HeadGeometry, text_config_dict
+    from probe.lm_config import HeadGeometry, text_config_dict
     from probe.models import config_head_dim, config_kv_heads
 
     fam = FAMILIES[family]
@@ -1733,7 +1733,7 @@ def test_a_text_config_absent_null_or_no_object_is_read_as_transformers_builds_i
     (a string) is refused by every class and was read as absent. Oracle: transformers' own build (layer count,
     heads, meta-built k/q projections, hidden width) or its refusal."""
     from probe.errors import BadInput
-    from probe.families import HeadGeometry, text_config_dict
+    from probe.lm_config import HeadGeometry, text_config_dict
     from probe.models import config_head_dim, config_kv_heads
 
     fam = FAMILIES[family]
@@ -1766,7 +1766,7 @@ def test_a_second_text_config_key_is_refused_where_transformers_builds_no_model(
     thinker's); null there, or set on the Omni's outer config, builds and is read as before. Oracle: transformers'
     model built on the meta device from the config, or its error."""
     from probe.errors import BadInput
-    from probe.families import HeadGeometry, text_config_dict
+    from probe.lm_config import HeadGeometry, text_config_dict
 
     fam = FAMILIES[family]
     text = {"hidden_size": 256, "num_attention_heads": 32, "num_key_value_heads": 8, "num_hidden_layers": 1}
@@ -1820,7 +1820,7 @@ def test_a_text_config_naming_a_type_its_class_ignores_is_read_as_the_class_it_b
     attention heads in as many groups, hidden size ÷ heads wide): BadInput naming the key and the value. Oracle:
     transformers' built text config and the meta-built k/q projections, or its refusal."""
     from probe.errors import BadInput
-    from probe.families import HeadGeometry, text_config_dict
+    from probe.lm_config import HeadGeometry, text_config_dict
     from probe.models import config_head_dim, config_kv_heads
 
     fam = FAMILIES[family]
@@ -1863,7 +1863,7 @@ def test_a_text_type_transformers_builds_as_no_decoder_lm_at_the_layers_path_is_
     from transformers import AutoConfig
 
     from probe.errors import BadInput
-    from probe.families import text_config_dict
+    from probe.lm_config import text_config_dict
 
     fam = FAMILIES[family]
     cfg = _composite_config(fam, {"model_type": model_type, "num_hidden_layers": 1})
@@ -1954,7 +1954,7 @@ def test_a_hybrid_text_type_is_refused_naming_its_first_layer_of_no_softmax_atte
     from transformers import AutoConfig
 
     from probe.errors import BadInput
-    from probe.families import text_config_dict
+    from probe.lm_config import text_config_dict
 
     if model_type not in transformers.CONFIG_MAPPING:
         pytest.skip(f"transformers {transformers.__version__} does not know {model_type}")
@@ -1996,7 +1996,7 @@ def test_a_null_head_dim_or_key_value_count_is_what_transformers_builds_from_it_
     head_dim). The shared reader refuses the first, naming the key, and reads the second as the meta-built k/q
     projections."""
     from probe.errors import BadInput
-    from probe.families import HeadGeometry, text_config_dict
+    from probe.lm_config import HeadGeometry, text_config_dict
     from probe.models import config_head_dim, config_kv_heads
 
     fam = FAMILIES[family]
@@ -2029,7 +2029,7 @@ def test_a_stated_head_dim_other_than_hidden_over_heads_is_the_width_transformer
     (M-RoPE sections that fit 16-wide heads); ``flat``: the sizes at the top level of a composite config (Qwen2-VL's
     flat hub configs, which its class takes into its text config)."""
     from probe.errors import BadInput
-    from probe.families import HeadGeometry, text_config_dict
+    from probe.lm_config import HeadGeometry, text_config_dict
     from probe.models import config_head_dim, config_kv_heads
 
     fam = FAMILIES[family]
@@ -2069,9 +2069,9 @@ def test_mrope_sections_transformers_runs_no_forward_with_are_refused(family, se
     (probe.eval's and probe.heads' traceback after the load); Qwen3-VL's interleaved sections (heads 128 wide by its
     class's default) run with any. Oracle: transformers' LM built on the meta device from the config, run on three
     tokens; the older rope_scaling spelling of the published Qwen2-VL and Qwen2.5-VL configs alike. The check
-    (probe.families.check_rotary_sections) runs in the LM size check, after the tensors fit the sizes."""
+    (probe.lm_config.check_rotary_sections) runs in the LM size check, after the tensors fit the sizes."""
     from probe.errors import BadInput
-    from probe.families import check_rotary_sections
+    from probe.lm_config import check_rotary_sections
 
     fam = FAMILIES[family]
     rope = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": section}
@@ -2104,7 +2104,7 @@ def test_mrope_sections_left_to_the_class_default_are_refused_where_they_do_not_
     ended in a traceback at the first forward (the check read stated sections only). Oracle: transformers' LM built
     on the meta device from the config, run on three tokens; Qwen3-VL's interleaved sections run with any."""
     from probe.errors import BadInput
-    from probe.families import check_rotary_sections
+    from probe.lm_config import check_rotary_sections
 
     fam = FAMILIES[family]
     text = {"hidden_size": 256, "num_attention_heads": heads, "num_key_value_heads": 2, "num_hidden_layers": 1,
@@ -2191,7 +2191,7 @@ def test_a_qwen2_vl_text_model_is_read_where_transformers_builds_it_in_a_look_up
     from transformers import AutoConfig
 
     from probe.errors import BadInput
-    from probe.families import text_config_dict
+    from probe.lm_config import text_config_dict
 
     fam = FAMILIES[family]
     text = {"model_type": "qwen2_vl_text", "hidden_size": 256, "num_attention_heads": 2, "num_key_value_heads": 1,
@@ -2239,7 +2239,7 @@ def test_a_head_layout_without_num_key_value_heads_takes_the_count_transformers_
     from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
-    from probe.families import HeadGeometry
+    from probe.lm_config import HeadGeometry
     from probe.models import config_kv_heads
 
     stated = {"hidden_size": 256, "num_attention_heads": 32, "num_hidden_layers": 1}
@@ -2270,7 +2270,7 @@ def test_a_nested_text_config_whose_model_type_is_null_is_of_its_parent_class_ty
     from that config.json dict."""
     from transformers import AutoConfig
 
-    from probe.families import text_config_dict
+    from probe.lm_config import text_config_dict
     from probe.models import config_head_dim, config_kv_heads
 
     fam = FAMILIES[family]
@@ -2300,7 +2300,7 @@ def test_a_nested_text_config_without_model_type_takes_the_sizes_its_parent_clas
     from transformers import AutoConfig
 
     from probe.errors import BadInput
-    from probe.families import HeadGeometry, config_value, text_config_dict
+    from probe.lm_config import HeadGeometry, config_value, text_config_dict
     from probe.models import config_head_dim, config_kv_heads
 
     fam = FAMILIES[family]

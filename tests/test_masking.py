@@ -19,7 +19,7 @@ PAIRS = [(0, 0), (1, 2), (2, 1), (3, 3), (3, 0), (0, 3)]
 
 
 def n_query_heads(loaded) -> int:
-    """Query-head count straight from the HF config object (not from probe.families)."""
+    """Query-head count straight from the HF config object (not from probe.lm_config)."""
     return loaded.model.config.get_text_config().num_attention_heads
 
 

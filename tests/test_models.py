@@ -12,7 +12,8 @@ import torch
 
 from conftest import FAMILIES
 from probe.errors import BadInput
-from probe.families import ALIASES, HeadGeometry
+from probe.families import ALIASES
+from probe.lm_config import HeadGeometry
 from probe.models import _check_geometry, given_size, resolve_model
 from probe.tiny import TinySpec
 
@@ -379,7 +380,7 @@ def test_a_weight_stored_as_an_integer_is_a_damaged_checkpoint(tmp_path, tiny_di
     a checkpoint whose config says it is quantized."""
     from safetensors.torch import load_file, save_file
 
-    from probe.families import read_config_json
+    from probe.lm_config import read_config_json
     from probe.models import check_weight_files
 
     d = shutil.copytree(tiny_dirs["qwen2"], tmp_path / "m")
@@ -744,7 +745,7 @@ def test_non_finite_logits_while_generating_stop_the_run_instead_of_scoring_the_
 
 def test_a_config_transformers_cannot_build_is_read_tied_as_written(monkeypatch):
     """probe.models.ties_word_embeddings asks transformers (the class built on the meta device from the config) and
-    falls back to ``probe.families.says_tied`` when that build fails: tied where config.json says true, untied where
+    falls back to ``probe.lm_config.says_tied`` when that build fails: tied where config.json says true, untied where
     it says false or nothing, even for Gemma 3, whose class ties by default (the skeleton's answer without the
     failure)."""
     import probe.dispatch
@@ -973,7 +974,8 @@ def test_loads_tied_is_the_tie_transformers_builds_wherever_the_key_is_set(tmp_p
     from transformers import AutoConfig
 
     from analyses.checkpoints import open_checkpoint
-    from probe.families import FAMILIES, transformers_errors_only
+    from probe.families import FAMILIES
+    from probe.lm_config import transformers_errors_only
     from probe.models import loads_tied
 
     small = {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 1, "num_key_value_heads": 2,
@@ -1017,7 +1019,7 @@ def test_loads_tied_is_the_tie_transformers_builds_wherever_the_key_is_set(tmp_p
 
 
 def test_a_composite_config_transformers_cannot_build_is_tied_by_its_text_config(monkeypatch):
-    """The fallback of probe.models.ties_word_embeddings (``probe.families.says_tied``) reads tie_word_embeddings
+    """The fallback of probe.models.ties_word_embeddings (``probe.lm_config.says_tied``) reads tie_word_embeddings
     where transformers does for a composite model, its text_config too: a Qwen2-VL config tying there alone is tied,
     one setting it false there or nowhere is not."""
     import probe.dispatch

@@ -113,7 +113,7 @@ def test_letters_after_an_assistant_prefix_are_those_the_model_writes(smol, pref
     is" they were read bare (``A``), where SmolLM2 puts under 0.1 % (its answer is `` A``, ``ĠA``), so p(answer),
     prob. accuracy and KL were measured on tokens the model does not write. Oracle: the model's own next-token
     distribution after the prompt: the letters read must hold most of it, the other spelling next to none."""
-    from probe.families import chat_format
+    from probe.lm_config import chat_format
     from probe.prompting import PromptTemplate, answer_token_ids, render_chat
 
     tok, t = smol.tokenizer, PromptTemplate(assistant_prefix=prefix)
