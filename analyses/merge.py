@@ -583,8 +583,11 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
         salience = load_salience(cfg, base, models, names) if cfg.method == "salience" else None
         merger = Merger(cfg, inputs, names, al, base is not None, shift_table, salience)
         ref = inputs[0]
-        check_lm_fits_class(causal_lm_type(ref.family, ref.text_config), ref.text_config,
-                            [p.canon for p in al.tensors], f"{names[0]} ({ref.path})")
+        try:  # named by its checkpoint: the family's line alone left the user to guess which input it meant
+            lm_type = causal_lm_type(ref.family, ref.text_config)
+        except BadInput as exc:
+            raise BadInput(f"{names[0]} ({ref.path}): {exc}") from None
+        check_lm_fits_class(lm_type, ref.text_config, [p.canon for p in al.tensors], f"{names[0]} ({ref.path})")
         asked = OUT_DTYPES[cfg.dtype] if cfg.dtype else None  # DESIGN §5: the input dtype unless asked
         entries = [Entry(lm_disk_key(p.canon), asked or p.ref.dtype, p.ref.shape) for p in al.tensors]
         embed = next(p for p in al.tensors if p.canon == "embed_tokens.weight")

@@ -2126,12 +2126,13 @@ def test_mrope_sections_left_to_the_class_default_are_refused_where_they_do_not_
 
 
 @pytest.mark.parametrize("text_type", ["qwen2_vl_text", "qwen2_5_vl_text"])
-def test_a_llava_next_around_a_qwen2_vl_text_model_measures_what_its_qwen2_reading_does(dirs, tmp_path,
+def test_a_llava_next_around_a_qwen2_vl_text_model_measures_what_its_qwen2_reading_does(dirs, tmp_path, capsys,
                                                                                          text_type):
     """A LLaVA-NeXT whose text model is Qwen2-VL's or Qwen2.5-VL's (128-wide heads, the class's default sections, random
     weights) was accepted but never run. LLaVA-NeXT gives its LM one row of positions, which their M-RoPE repeats for
     its three sections: plain RoPE. Oracle: the same weights and sizes with the text config written as Qwen2 (every
-    value its class built, no sections): probe.eval's scores and probe.heads' per-head numbers must be the same."""
+    value its class built, no sections): probe.eval's scores and probe.heads' per-head numbers must be the same.
+    analyses.merge refuses it (no causal-LM class for its LM type), naming the checkpoint."""
     import shutil
 
     import pandas as pd
@@ -2177,6 +2178,17 @@ def test_a_llava_next_around_a_qwen2_vl_text_model_measures_what_its_qwen2_readi
         assert len(ours) == len(oracle) > 0 and numbers
         np.testing.assert_allclose(ours[numbers].to_numpy(), oracle[numbers].to_numpy(), rtol=1e-5, atol=1e-6)
     assert len(tables["vl", "heads.csv"]) == 2 * 2  # 2 layers of 2 heads
+    # its LM has no class a merged LM is written as (CAUSAL_LM): refused, in one line naming the checkpoint
+    from analyses import merge
+
+    capsys.readouterr()
+    out = tmp_path / "merged"
+    twin = shutil.copytree(model, tmp_path / "vl-twin")
+    assert cli_main(merge.main, ["--method", "average", "--models", str(model), str(twin), "--out", str(out),
+                                 "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(model) in err and f"LM model_type {text_type!r}" in err, err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("tie", ["absent", False, True])
