@@ -367,7 +367,25 @@ def _layer_kind(layer: Any, o_proj_path: str) -> str | None:
         return f"{type(layer).__name__} of {', '.join(mixers) or 'no mixer'} and no {attn_name}"
     if getattr(attn, proj_name, None) is None or getattr(attn, "scaling", None) is None:
         return f"{type(layer).__name__} whose {attn_name} is {type(attn).__name__}"
+    # the heads the commands read: q/k/v_proj rows and o_proj columns of one width per head (probe.heads masks o_proj
+    # input columns of hidden ÷ heads or head_dim, the salience merge slices q/k/v rows); a latent attention (DeepSeek
+    # V2/V3's kv_a/kv_b, o_proj input heads × v_head_dim), fused qkv_proj (Phi-3), attention sinks (gpt-oss' sinks),
+    # differential (DiffLlama's lambdas) or gated heads hold other tensors, which were measured and merged as heads
+    from torch import nn
+
+    parts = dict(attn.named_children())
+    projs = [parts.get(n) for n in (*_QKV, proj_name)]
+    other = sorted(set(parts) - {*_QKV, proj_name, *_HEAD_NORMS}) + [n for n, _ in attn.named_parameters(recurse=False)]
+    if other or not all(isinstance(m, nn.Linear) for m in projs) or projs[0].out_features != projs[3].in_features:
+        held = ", ".join(other) or "projections of unequal widths"
+        return f"{type(layer).__name__} whose {attn_name} is {type(attn).__name__} of {held}, not q/k/v_proj heads"
     return None
+
+
+# the attention's parts besides the q/k/v projections that keep its heads the q/k/v rows and o_proj columns: per-head
+# norms of Qwen3, Gemma 3, OLMo 2 (one head width, shared by every head), Llama 4's weightless one, a rotary module
+_QKV = ("q_proj", "k_proj", "v_proj")
+_HEAD_NORMS = ("q_norm", "k_norm", "qk_norm", "rotary_emb")
 
 
 # the keys transformers' get_text_config(decoder=True) takes a model's text config from, whatever the class

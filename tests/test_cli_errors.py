@@ -1639,42 +1639,84 @@ def test_a_hybrid_text_model_is_refused_by_every_command_naming_its_first_layer_
     refuses four layer types in the one-layer build). Oracle: the layer transformers builds at index 1 is no
     MiniMaxAttention. Every command refuses it now in one line naming layer 1 and its kind: exit 2, nothing written,
     the checkpoint untouched."""
-    import torch
     import transformers
-    from transformers import AutoConfig
-
-    from analyses import finetune, merge, shift, trajectory
-    from conftest import tree_manifest
-    from probe import eval as probe_eval
-    from probe import heads
-    from probe.models import resolve_model
 
     if "minimax" not in transformers.CONFIG_MAPPING:
         pytest.skip(f"transformers {transformers.__version__} does not know minimax")
-    model = shutil.copytree(resolve_model("organism-ov-si").path, tmp_path / "m")
-    cfg = json.loads((model / "config.json").read_text(encoding="utf-8"))
-    cfg["text_config"] = {**{k: cfg["text_config"][k] for k in (
-        "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size",
-        "num_hidden_layers", "pad_token_id", "bos_token_id", "eos_token_id")},
-        "model_type": "minimax", "num_local_experts": 2, "num_experts_per_tok": 1}
-    torch.manual_seed(0)
-    built = transformers.LlavaOnevisionForConditionalGeneration(AutoConfig.for_model(**cfg))
+    model, built = _ov_text_model(tmp_path, {"model_type": "minimax", "num_local_experts": 2,
+                                             "num_experts_per_tok": 1})
     layers = built.model.language_model.layers
     assert [type(layer.self_attn).__name__ for layer in layers] == ["MiniMaxAttention", "MiniMaxLightningAttention"] * 2
-    (model / "model.safetensors").unlink()
-    built.save_pretrained(model)
     saved = json.loads((model / "config.json").read_text(encoding="utf-8"))
     if not stated:
         del saved["text_config"]["layer_types"]
         (model / "config.json").write_text(json.dumps(saved), encoding="utf-8")
     else:
         assert saved["text_config"]["layer_types"][:2] == ["full_attention", "linear_attention"]
-    before = tree_manifest(model)
-    data = str(REPO / "probe/zoo/data/image_single")
     want = (f"{model}: config text_config.model_type is 'minimax', not a decoder LM the family's layers path "
             "(model.language_model.layers) holds: transformers' LlavaOnevisionForConditionalGeneration builds layer 1 "
             "of the MiniMaxModel at model.language_model as a 'linear_attention' layer, MiniMaxDecoderLayer whose "
             "self_attn is MiniMaxLightningAttention")
+    _every_command_refuses(model, tmp_path, capfd, want)
+
+
+
+@pytest.mark.parametrize("text, attention, part", [
+    ({"model_type": "deepseek_v3", "q_lora_rank": 16, "kv_lora_rank": 16, "qk_rope_head_dim": 8,
+      "qk_nope_head_dim": 8, "v_head_dim": 12, "n_routed_experts": 2, "num_experts_per_tok": 1, "n_group": 1,
+      "topk_group": 1, "moe_intermediate_size": 16, "first_k_dense_replace": 1}, "DeepseekV3Attention", "kv_b_proj"),
+    ({"model_type": "gpt_oss", "num_local_experts": 2, "num_experts_per_tok": 1}, "GptOssAttention", "sinks")])
+def test_a_text_model_whose_heads_are_not_q_k_v_rows_is_refused_by_every_command(tmp_path, capfd, text, attention,
+                                                                                  part):
+    """A LLaVA-OneVision checkpoint (random weights, built and saved by transformers) whose text model is DeepSeek-V3
+    (multi-head latent attention: q_a/q_b and kv_a/kv_b projections, o_proj input heads × v_head_dim = 12 wide where
+    hidden ÷ heads is another width) or gpt-oss (per-head attention sinks): a softmax attention with an o_proj, so it
+    passed; probe.heads masked o_proj columns of hidden ÷ heads, the salience merge sliced q/k/v rows it lacks, shift
+    and merge measured the latent tensors as heads. Oracle: the attention transformers builds holds ``part`` (a
+    saved tensor). Every command refuses it in one line naming the type and the part: exit 2, nothing written, the
+    checkpoint untouched."""
+    model, built = _ov_text_model(tmp_path, text)
+    attn = built.model.language_model.layers[0].self_attn
+    assert type(attn).__name__ == attention and hasattr(attn, part) and not hasattr(attn, "k_proj") == (
+        part == "kv_b_proj")
+    want = (f"{model}: config text_config.model_type is '{text['model_type']}', not a decoder LM the family's layers "
+            "path (model.language_model.layers) holds: transformers' LlavaOnevisionForConditionalGeneration builds "
+            f"layer 0 ")
+    named = re.compile(rf"self_attn is {attention} of [\w, ]*\b{part}\b[\w, ]*, not q/k/v_proj heads")
+    assert all(named.search(line) for line in _every_command_refuses(model, tmp_path, capfd, want))
+
+
+def _ov_text_model(tmp_path: Path, text: dict):
+    """A LLaVA-OneVision checkpoint (the organism's vision side, random weights built and saved by transformers) whose
+    text config is the organism's sizes and ``text``: (its path, the model transformers built)."""
+    import torch
+    import transformers
+    from transformers import AutoConfig
+
+    from probe.models import resolve_model
+
+    model = shutil.copytree(resolve_model("organism-ov-si").path, tmp_path / "m")
+    cfg = json.loads((model / "config.json").read_text(encoding="utf-8"))
+    cfg["text_config"] = {**{k: cfg["text_config"][k] for k in (
+        "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size",
+        "num_hidden_layers", "pad_token_id", "bos_token_id", "eos_token_id")}, **text}
+    torch.manual_seed(0)
+    built = transformers.LlavaOnevisionForConditionalGeneration(AutoConfig.for_model(**cfg))
+    (model / "model.safetensors").unlink()
+    built.save_pretrained(model)
+    return model, built
+
+
+def _every_command_refuses(model: Path, tmp_path: Path, capfd, want: str) -> list[str]:
+    """probe.eval, probe.heads, finetune, shift, merge and trajectory on ``model``: exit 2, one line holding ``want``,
+    nothing written, the checkpoint untouched. The lines."""
+    from analyses import finetune, merge, shift, trajectory
+    from conftest import tree_manifest
+    from probe import eval as probe_eval
+    from probe import heads
+
+    before, lines = tree_manifest(model), []
+    data = str(REPO / "probe/zoo/data/image_single")
     for main, argv in ((probe_eval.main, ["--models", str(model), "--data", data, "--limit", "1", "--quiet"]),
                        (heads.main, ["--model", str(model), "--data", data, "--layers", "0", "--quiet"]),
                        (finetune.main, ["--model", str(model), "--data", f"text={REPO / 'probe/zoo/data/text'}",
@@ -1688,4 +1730,6 @@ def test_a_hybrid_text_model_is_refused_by_every_command_naming_its_first_layer_
         line = one_error_line(cli_main(main, [*argv, "--out", str(out)]), capfd.readouterr().err)
         assert want in line, (main.__module__, line)
         assert not out.exists()
+        lines.append(line)
     assert tree_manifest(model) == before
+    return lines

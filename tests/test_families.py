@@ -2342,3 +2342,60 @@ def test_a_nested_text_config_without_model_type_takes_the_sizes_its_parent_clas
         return
     g = HeadGeometry.from_text_config(ours)
     assert (g.n_heads, g.n_kv_heads, g.head_dim, g.hidden_size) == (n_heads, kv, width, attn.q_proj.in_features)
+
+
+# text types whose attention passes as softmax (a scaling, an o_proj) but whose heads are no q/k/v_proj rows and o_proj
+# columns of one width: the part the line names. MLA (DeepSeek V2/V3, MiniCPM3): a q_a/q_b or q_proj and a shared
+# kv_a/kv_b, o_proj input heads × v_head_dim; gpt-oss' attention sinks; DiffLlama's lambdas; Phi-3's fused qkv_proj
+NOT_QKV_HEADS = (("deepseek_v2", "kv_b_proj"), ("deepseek_v3", "kv_b_proj"), ("minicpm3", "kv_b_proj"),
+                 ("gpt_oss", "sinks"), ("diffllama", "lambda_q1"), ("phi3", "qkv_proj"))
+
+
+@pytest.mark.parametrize("model_type, part", NOT_QKV_HEADS)
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+def test_a_text_type_whose_attention_heads_are_not_q_k_v_rows_is_refused(family, model_type, part):
+    """A class that looks the text type up builds a multi-head latent attention (DeepSeek V2/V3: no k_proj or v_proj,
+    o_proj's input heads × v_head_dim, not hidden ÷ heads), attention sinks (gpt-oss: a per-head logit outside the
+    projections), differential attention (DiffLlama) or a fused qkv_proj (Phi-3): it holds a scaling and an o_proj, so
+    it passed, and probe.heads masked o_proj columns of the wrong width, the salience merge sliced q/k/v rows that do
+    not exist, shift and merge measured the latent tensors as heads. Oracle: transformers' meta-built layer 0
+    attention holds ``part`` and not the three q/k/v_proj Linears of the o_proj input's width (and, for MLA, the o_proj
+    input is heads × v_head_dim, another width than hidden ÷ heads). BadInput naming the key, the value and the
+    part."""
+    from torch import nn
+
+    from probe.errors import BadInput
+    from probe.lm_config import text_config_dict
+
+    fam = FAMILIES[family]
+    # MLA: a head width other than hidden ÷ heads (DeepSeek V2's and MiniCPM3's defaults have it equal)
+    mla = {"v_head_dim": 96} if part == "kv_b_proj" else {}
+    cfg = _composite_config(fam, {"model_type": model_type, "num_hidden_layers": 2, **mla})
+    config, attn = _built_attention(fam, cfg)
+    parts = {**dict(attn.named_children()), **dict(attn.named_parameters(recurse=False))}
+    assert part in parts
+    qkv = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")]
+    assert part in ("sinks", "lambda_q1") or not all(isinstance(m, nn.Linear) for m in qkv)
+    if part == "kv_b_proj":
+        heads = config.num_attention_heads
+        assert attn.o_proj.in_features == heads * 96 != config.hidden_size
+    with pytest.raises(BadInput, match=rf"^config text_config\.model_type is '{model_type}', not a decoder LM the "
+                                       rf"family's layers path \({re.escape(fam.layers_path)}\) holds: transformers' "
+                                       rf"{fam.model_class} builds layer 0 .* self_attn is \w+ of [\w, ]*\b{part}\b"
+                                       r"[\w, ]*, not q/k/v_proj heads"):
+        text_config_dict(cfg, fam)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "mixtral", "qwen3_moe", "llama4_text", "qwen3_vl_text"])
+def test_a_text_type_of_q_k_v_heads_and_moe_layers_is_read_as_its_attention(model_type):
+    """MoE text types (Qwen2-MoE, Mixtral, Qwen3-MoE, Llama 4's) hold standard q/k/v_proj heads (Qwen3's per-head
+    norms, Llama 4's weightless qk_norm): not refused by the heads check. Oracle: transformers' meta-built attention,
+    its q_proj and k_proj widths against the head geometry read."""
+    from probe.lm_config import HeadGeometry, text_config_dict
+
+    fam = FAMILIES["llava_next"]
+    cfg = _composite_config(fam, {"model_type": model_type, "num_hidden_layers": 2})
+    config, attn = _built_attention(fam, cfg)
+    g = HeadGeometry.from_text_config(text_config_dict(cfg, fam))
+    assert (g.n_heads * g.head_dim, g.n_kv_heads * g.head_dim) == (attn.q_proj.out_features, attn.k_proj.out_features)
+    assert attn.o_proj.in_features == attn.q_proj.out_features
