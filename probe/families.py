@@ -605,6 +605,21 @@ def check_lm_fits_class(model_type: str, text_config: Mapping[str, Any], lm_name
             raise BadInput(f"{where}: its LM {'lacks' if want else 'has'} {suffix} tensors, which "
                            f"{CAUSAL_LM[model_type]} (the class its merged LM would be written as, LM type "
                            f"{model_type!r}) {'has' if want else 'lacks'}: not the LM its layout's family holds")
+    # every CAUSAL_LM class has a dense gate/up/down MLP in every layer: an MoE layer (LLaVA-OneVision around
+    # qwen2_moe, written as Qwen2 by its family) loaded with its experts and router dropped, its MLP fresh
+    mlps: dict[str, set[str]] = {}
+    for name in names:
+        layer, _, rest = name.removeprefix("layers.").partition(".")
+        if name.startswith("layers.") and rest.startswith("mlp."):
+            mlps.setdefault(layer, set()).add(rest)
+    dense = {f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")}
+    for layer, held in sorted(mlps.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else -1):
+        other = sorted(h for h in held - dense if not (h.endswith("_proj.bias") and h[:-4] + "weight" in dense))
+        if other or not dense <= held:
+            raise BadInput(f"{where}: its LM's layer {layer} holds {', '.join(other[:3]) or 'no dense MLP'}"
+                           f"{' ...' if len(other) > 3 else ''} (mixture-of-experts or another MLP), not the "
+                           f"gate/up/down_proj MLP {CAUSAL_LM[model_type]} (the class its merged LM would be written "
+                           f"as, LM type {model_type!r}) has in every layer: its tensors would be dropped")
 
 
 def causal_lm_type(family: Family, text_config: Mapping[str, Any]) -> str:

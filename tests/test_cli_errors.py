@@ -1733,3 +1733,37 @@ def _every_command_refuses(model: Path, tmp_path: Path, capfd, want: str) -> lis
         lines.append(line)
     assert tree_manifest(model) == before
     return lines
+
+
+def test_an_moe_text_model_is_measured_by_shift_and_refused_by_merge(tmp_path, capfd):
+    """A LLaVA-OneVision checkpoint (random weights, built and saved by transformers) whose text model is Qwen2-MoE,
+    layer 0 dense (mlp_only_layers), the others experts, a router and a shared expert: q/k/v_proj heads, so every
+    command reads it. shift measures each expert's tensors as the tensors they are (oracle: 0.5 added to layer 1's
+    experts in a copy reads Δavg 0.5 there, 0 elsewhere); merge wrote its merged LM as Qwen2ForCausalLM, the class
+    the family's LM is written as, which has a dense MLP in every layer: loaded, the experts and router were dropped
+    and the MLP freshly initialised (exit 0). Refused now naming the layer and its expert tensors, nothing written."""
+    from safetensors.torch import load_file, save_file
+
+    from analyses import merge, shift
+
+    model, _ = _ov_text_model(tmp_path, {"model_type": "qwen2_moe", "num_experts": 2, "num_experts_per_tok": 1,
+                                         "moe_intermediate_size": 16, "shared_expert_intermediate_size": 16,
+                                         "mlp_only_layers": [0]})
+    twin = shutil.copytree(model, tmp_path / "twin")
+    sd = load_file(twin / "model.safetensors")
+    moved = {k for k in sd if ".layers.1.mlp.experts." in k and "vision" not in k}
+    assert moved
+    save_file({k: v + 0.5 if k in moved else v for k, v in sd.items()}, twin / "model.safetensors",
+              metadata={"format": "pt"})
+    assert cli_main(shift.main, ["--base", str(model), "--models", str(twin), "--no-figures", "--quiet",
+                                 "--out", str(tmp_path / "shift")]) == 0
+    rows = pd.read_csv(tmp_path / "shift" / "shift.csv")
+    hit = rows["tensor"].str.startswith("layers.1.mlp.experts.")
+    assert set(rows.loc[hit, "tensor"]) == {k[k.index("layers."):] for k in moved}
+    assert (rows.loc[hit, "delta_avg"] - 0.5).abs().max() < 1e-6 and (rows.loc[~hit, "delta_avg"] == 0).all()
+    out = tmp_path / "merged"
+    capfd.readouterr()
+    line = one_error_line(cli_main(merge.main, ["--models", str(model), str(twin), "--method", "average", "--out",
+                                                str(out)]), capfd.readouterr().err)
+    assert "its LM's layer 1 holds mlp.experts.0.down_proj.weight" in line and "Qwen2ForCausalLM" in line, line
+    assert not out.exists()
