@@ -908,6 +908,18 @@ def _own_call(m, item):
     return encode_prompt(m, item, render_prompt(m, item, PromptTemplate()))
 
 
+def _assert_own_calls(m, items, got) -> list[dict]:
+    """Each item's cut of a window's call is its own call's, tensor for tensor (keys, dtypes, values); the own calls."""
+    wants = []
+    for item, enc in zip(items, got, strict=True):
+        want = _own_call(m, item)
+        assert enc is not None and list(enc.batch) == list(want), item.id
+        for k, v in want.items():
+            assert enc.batch[k].dtype == v.dtype and torch.equal(enc.batch[k], v), (item.id, k)
+        wants.append(want)
+    return wants
+
+
 def _spy_calls(m, monkeypatch) -> list[int]:
     """The prompts of each processor call from now on."""
     calls: list[int] = []
@@ -935,11 +947,7 @@ def test_an_anyres_cut_has_the_patch_padding_of_its_own_call(family, loaded, loa
     calls = _spy_calls(m, monkeypatch)
     got = prompting.encode_prompts(m, items, prompting.PromptTemplate())
     assert calls == [len(items), 1, 1], calls  # one call served the window (and the two checks)
-    for item, enc in zip(items, got, strict=True):
-        want = _own_call(m, item)
-        assert enc is not None and list(enc.batch) == list(want), item.id
-        for k, v in want.items():
-            assert enc.batch[k].dtype == v.dtype and torch.equal(enc.batch[k], v), (item.id, k)
+    _assert_own_calls(m, items, got)
     own = {size: _own_call(m, _window_item(10 + i, (size,))) for i, size in enumerate(sizes)}  # each image alone
     patches = {size: enc["pixel_values"].shape[1] for size, enc in own.items()}
     token = m.processor.image_token_id
@@ -1009,10 +1017,7 @@ def test_gemma3_pan_and_scan_crops_leave_their_items_to_their_own_calls(loaded, 
     calls = _spy_calls(m, monkeypatch)
     got = prompting.encode_prompts(m, square, prompting.PromptTemplate())
     assert calls == [len(square), 1, 1], calls
-    for item, enc in zip(square, got, strict=True):
-        want = _own_call(m, item)
-        assert enc is not None and list(enc.batch) == list(want), item.id
-        assert all(enc.batch[k].dtype == v.dtype and torch.equal(enc.batch[k], v) for k, v in want.items()), item.id
+    _assert_own_calls(m, square, got)
 
 
 @pytest.mark.parametrize("least, most", [(1, 1), (2, 2), (6, 6), (2, 1), (1, 40)])
@@ -1032,12 +1037,8 @@ def test_an_internvl_cut_at_the_edges_of_its_tile_counts(least, most, loaded, mo
     calls = _spy_calls(m, monkeypatch)
     got = prompting.encode_prompts(m, items, prompting.PromptTemplate())
     assert calls == [len(items), 1, 1], calls
-    rows = []
-    for item, enc in zip(items, got, strict=True):
-        want = _own_call(m, item)
-        assert enc is not None and list(enc.batch) == list(want), item.id
-        assert all(enc.batch[k].dtype == v.dtype and torch.equal(enc.batch[k], v) for k, v in want.items()), item.id
-        rows.append(want["pixel_values"].shape[0] if "pixel_values" in want else 0)
+    rows = [want["pixel_values"].shape[0] if "pixel_values" in want else 0
+            for want in _assert_own_calls(m, items, got)]
     assert most == 1 or least > most or max(rows) > max(map(len, specs)), rows  # tiles made where a grid fits
 
 
@@ -1060,11 +1061,7 @@ def test_an_internvl_cut_takes_each_images_tiles_by_the_processors_own_count(loa
     calls = _spy_calls(m, monkeypatch)
     got = prompting.encode_prompts(m, items, prompting.PromptTemplate())
     assert calls == [len(items), 1, 1], calls
-    for item, enc in zip(items, got, strict=True):
-        want = _own_call(m, item)
-        assert enc is not None and list(enc.batch) == list(want), item.id
-        for k, v in want.items():
-            assert enc.batch[k].dtype == v.dtype and torch.equal(enc.batch[k], v), (item.id, k)
+    _assert_own_calls(m, items, got)
     sizes = [size for spec in specs for size in spec]
     rows = [_own_call(m, _window_item(10 + i, (size,)))["pixel_values"].shape[0] for i, size in enumerate(sizes)]
     assert processor_image_patches(m.processor, torch.tensor([[h, w] for w, h in sizes])) == rows
@@ -1131,9 +1128,7 @@ def test_a_onevision_window_is_encoded_in_calls_of_at_most_call_items_prompts(lo
     got = prompting.encode_prompts(m, items, prompting.PromptTemplate())
     assert calls == [size, 1, 1, size, 1, 1], calls
     assert got[-1] is None
-    for item, enc in zip(items[:-1], got, strict=False):
-        want = _own_call(m, item)
-        assert list(enc.batch) == list(want) and all(torch.equal(enc.batch[k], v) for k, v in want.items()), item.id
+    _assert_own_calls(m, items[:-1], got[:-1])
 
 
 @pytest.mark.parametrize("family", [f for f in NEW if FAMILIES[f].processor_class])
