@@ -127,10 +127,10 @@ def check_label(label: str, path: str, items: Sequence[Any]) -> None:
 
     if label not in ("text", "image", "video"):
         return
-    vision = lambda it: set(item_modalities(it)) - {"text"}  # noqa: E731
-    off = [it for it in items if vision(it) != {label} - {"text"}]
+    held = [set(item_modalities(it)) - {"text"} for it in items]  # each item's media
+    off = [h for h in held if h != {label} - {"text"}]
     if off:
-        has = " / ".join(sorted({" and ".join(sorted(vision(it))) or "text only" for it in off}))
+        has = " / ".join(sorted({" and ".join(sorted(h)) or "text only" for h in off}))
         which = "its items" if len(off) == len(items) else f"{len(off)} of its {len(items)} items"
         raise BadInput(f"--data {label}={path}: {which} hold {has}, not {label}; label a set by what it holds, "
                        "or give it a name of your own (e.g. mixed=DIR)")

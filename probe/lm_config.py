@@ -332,7 +332,7 @@ def _no_decoder_lm(family: str, text: str) -> str | None:
         layers = model.get_submodule(fam.layers_path)
         for path in (fam.norm_path, fam.lm_head_path):
             model.get_submodule(path)
-        layers[0]
+        layers[0]  # an empty or unindexable stack holds no decoder layer (each layer is looked at below)
     except (AttributeError, IndexError, KeyError, TypeError):
         try:
             held = type(model.get_submodule(lm_path)).__name__
@@ -665,10 +665,10 @@ def check_rotary_sections(config: Mapping[str, Any], family: Family, text: Mappi
         return
     # as the load builds: its head width, key/value heads, and tie_word_embeddings (LLaVA's and LLaVA-OneVision's
     # classes build no qwen2_vl_text text config without it: the check asked nothing there)
-    stated = {k: text[k] for k in ("head_dim", "num_key_value_heads") if is_int(text.get(k))}
+    sizes = {k: text[k] for k in ("head_dim", "num_key_value_heads") if is_int(text.get(k))}
     if isinstance(text.get("tie_word_embeddings"), bool):
-        stated["tie_word_embeddings"] = text["tie_word_embeddings"]
-    error = _rotary_error(family.name, hidden, heads, json.dumps(stated, sort_keys=True), key,
+        sizes["tie_word_embeddings"] = text["tie_word_embeddings"]
+    error = _rotary_error(family.name, hidden, heads, json.dumps(sizes, sort_keys=True), key,
                           json.dumps(rope, sort_keys=True), text_type)
     if error:
         where = f"{family.text_config_attr}." if nested else ""
