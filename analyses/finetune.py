@@ -490,9 +490,11 @@ def kept_log_rows(path: Path, start: int) -> list[dict[str, str]]:
     return keep
 
 
-def read_state(path: Path, map_location: Any = None) -> dict:
+def read_state(path: Path, map_location: Any = None, step: int | None = None) -> dict:
     """The trainer state a resume continues from (optimiser, sampler and torch RNG, step), read before anything
-    runs: a damaged one is bad input naming the checkpoint to delete, never a traceback mid-run. ``map_location``:
+    runs: a damaged one is bad input naming the checkpoint to delete, never a traceback mid-run. ``step``: the
+    checkpoint's own (its folder's name); a state of another step (one copied between checkpoint folders) would
+    resume the sampler and the schedule there, while the weights, the log and the next saves follow the folder. ``map_location``:
     ``state_location``'s; given (several processes), the file is mapped, not read into each process's memory: every
     rank holds the whole AdamW state for the run (61 GB for a 7B), where an FSDP rank keeps only its shard of it,
     and a data parallel rank a copy on its GPU, so the mapped pages are shared and reclaimable."""
@@ -513,6 +515,9 @@ def read_state(path: Path, map_location: Any = None) -> dict:
     want = ("optimizer", "generator", "torch_rng", "step")
     if not isinstance(state, dict) or any(k not in state for k in want):
         raise BadInput(f"{path} is not a trainer state (it needs {', '.join(want)}); {fix}")
+    if step is not None and state["step"] != step:
+        raise BadInput(f"{path} is the trainer state of step {state['step']}, not of {path.parent.name} "
+                       f"(copied from another checkpoint?); {fix}")
     return interned_keys(state)
 
 
@@ -742,8 +747,8 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         ref = resolve_model(str(resumable[start]))  # full fine-tuning resumes from the checkpoint's weights
     loaded = load_trainee(cfg, ref, frozen, placement, tcfg, world,
                           resumable[start] / "adapter" if start is not None and cfg.lora is not None else None)
-    resume = (read_state(resumable[start] / STATE, state_location(world, cfg.fsdp, placement.device)) if start
-              else None)
+    resume = (read_state(resumable[start] / STATE, state_location(world, cfg.fsdp, placement.device), start)
+              if start else None)
     print(placement.description, file=sys.stderr)  # after the last check: a refusal stays one line
     from probe.mmmu import EVALUATION_SPLITS
 

@@ -429,12 +429,13 @@ class _MakesADir:
         return os.mkdir, (str(self.path),)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "foreign", "code"])
+@pytest.mark.parametrize("damage", ["truncated", "foreign", "code", "other step"])
 def test_a_damaged_trainer_state_is_one_line_before_anything_runs(ft_run, tiny_dirs, data_dir, text_dir, tmp_path,
                                                                    capfd, damage):
     """Resuming from a checkpoint whose trainer state is damaged (a disk error, a copy cut short) or is not one
     used to crash with a traceback after the placement line; now one line names it and what to do, and the run's
-    files are left as they were."""
+    files are left as they were. A state of another step (checkpoint-2's copied into checkpoint-4) resumed the
+    sampler and schedule at step 2 while the weights and the log went on from 4, exit 0."""
     import shutil
 
     from analyses.finetune import STATE, main
@@ -447,6 +448,8 @@ def test_a_damaged_trainer_state_is_one_line_before_anything_runs(ft_run, tiny_d
         state.write_bytes(state.read_bytes()[:100])
     elif damage == "code":  # a whole trainer state, plus one object that runs code when unpickled
         torch.save(torch.load(state, weights_only=True) | {"note": _MakesADir(ran)}, state)
+    elif damage == "other step":
+        shutil.copyfile(out / "checkpoint-2" / STATE, state)
     else:
         torch.save({"step": 4}, state)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
@@ -456,6 +459,8 @@ def test_a_damaged_trainer_state_is_one_line_before_anything_runs(ft_run, tiny_d
     assert err.startswith("error: ") and "\n" not in err, err
     assert str(state) in err and "delete" in err and "checkpoint-4" in err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    if damage == "other step":
+        assert "is the trainer state of step 2, not of checkpoint-4" in err, err
     if damage == "code":  # refused unrun (torch.load(weights_only=False) ran it): named, never loaded
         assert not ran.exists()
         assert "names posix.mkdir, which no trainer state holds (a file from elsewhere?); it is not loaded" in err, err
