@@ -42,7 +42,7 @@ if TYPE_CHECKING:  # annotations only: the command imports torch and the model c
     from probe.models import LoadedModel, ModelRef
     from probe.train import Sampler, StepInfo, TrainConfig
 
-LOG_COLUMNS = ["step", "modality", "loss", "lr", "lm_lr", "tokens"]  # lr: --lr's rate now (tower, projector)
+LOG_COLUMNS = ["step", "modality", "loss", "lr", "lm_lr", "tokens"]  # lr: --lr's rate now (tower, projector; 0 under --lora)
 STATE = "trainer_state.pt"
 # what the loop does with the settings, part of a run's identity here and in analyses.replicate's fine-tuning stage:
 # runs made before the schedule fix (warm-up × cosine) or on bfloat16 weights are other runs
@@ -671,10 +671,11 @@ def append_log(log_path: Path, info: StepInfo, modality_of: dict[int, str], cfg:
     counts: dict[str, int] = {}
     for i in info.rows:
         counts[modality_of[i]] = counts.get(modality_of[i], 0) + 1
+    # --lora freezes everything outside the LM's adapters: the tower's rate is 0 there, whatever --lr says
+    lr = 0.0 if cfg.lora is not None else cfg.lr * info.lr_factor
     with open(log_path, "a", newline="", encoding="utf-8") as f:
         csv.writer(f).writerow([info.step, ";".join(f"{k}={v}" for k, v in sorted(counts.items())),
-                                repr(info.loss), repr(cfg.lr * info.lr_factor), repr(cfg.lm_lr * info.lr_factor),
-                                info.tokens])
+                                repr(info.loss), repr(lr), repr(cfg.lm_lr * info.lr_factor), info.tokens])
 
 
 @releases_claims

@@ -1164,6 +1164,8 @@ def test_lora_trains_adapters_and_resumes(lora_run, tiny_dirs, data_dir, text_di
     assert moved and all(k.startswith("model.layers.") and k.endswith("proj.weight") for k in moved), moved[:5]
     assert any(k.startswith("visual.") for k in w0)  # the vision tower exists and stayed put
     assert (full / "checkpoint-6" / "adapter" / "adapter_config.json").is_file()
+    # the log's rates are those that trained: the frozen tower's 0 (it logged --lr's default 1e-4), the adapters'
+    assert {float(r["lr"]) for r in _log(full)} == {0.0} and all(float(r["lm_lr"]) > 0 for r in _log(full))
     real = train_mod.train
     part = tmp_path / "part"
     monkeypatch.setattr(train_mod, "train", killed_after(real, 3))
