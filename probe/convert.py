@@ -43,6 +43,7 @@ from typing import Any, Callable, Sequence
 from probe.errors import (ArgParser, BadInput, RunStopped, check_counts, check_out_path, cli_main, error_reason,
                           in_path, input_in_out, is_int, out_dir, out_inside, releases_claims)
 from probe.mmmu import VIDEO_REF, _IMAGE_REF, check_split, fit_within, unfinished_conversion
+from probe.mmmu import _make_item as make_item  # the reader's check of one row
 from probe.mmmu import _split_files as split_files  # the reader's rule: shards complete, never two forms
 from probe.parsing import option_letters
 
@@ -351,6 +352,9 @@ def add_row(cfg: ConvertConfig, report: ConvertReport, plan: Planned, subject: A
     subject = plan.subject(subject, where)
     rows = plan.rows.setdefault(subject, [])
     item_id = f"{cfg.out_split}_{subject}_{len(rows) + 1}"  # MMMU's id form: the loader checks it names the split
+    # the reader's own rule on the row (its text; a video's frames come later): a row it refuses (one option) would
+    # be refused only by the read-back, after the split was written into --out, naming that file and not this row
+    make_item(mmmu_row(item_id, question, options, answer, source, subfield), subject, where)
     row = mmmu_row(item_id, question if video is None else f"{VIDEO_REF} {question}", options, answer, source,
                    subfield)
     if video is not None:

@@ -178,6 +178,28 @@ def test_mmlu_pro_n_a_padding_is_dropped_and_the_key_follows_its_option(tmp_path
     one_error_line(convert("mmlu-pro", src, "--out", tmp_path / "o2"), "row 0: the answer 'C' is an 'N/A' option")
 
 
+@pytest.mark.parametrize("kind", ["mmlu", "mmlu-pro"])
+def test_a_row_the_reader_would_refuse_stops_before_anything_is_written(tmp_path, kind):
+    """A row of one option (MMLU's choices, or MMLU-Pro's left after its "N/A" padding goes) passed the converter's
+    checks: the split was written into --out, then refused by the read-back (exit 2, the --out file named, not the
+    source row), and a rerun said --out already held it. Every row is now checked by the reader's own rule first."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    if kind == "mmlu":
+        rows = mmlu_rows("law", 3)
+        rows[2]["choices"] = ["the only one"]
+        rows[2]["answer"] = 0
+        write(src / "all" / "validation-00000-of-00001.parquet", rows)
+    else:
+        rows = mmlu_pro_rows()
+        rows[1]["options"] = ["kept", *["N/A"] * 8]
+        rows[1]["answer_index"], rows[1]["answer"] = 0, "A"
+        write(src / "data" / "validation-00000-of-00001.parquet", rows)
+    one_error_line(convert(kind, src, "--split", "validation", "--out", out),
+                   f"validation-00000-of-00001.parquet row {2 if kind == 'mmlu' else 1}: multiple-choice item has "
+                   "one option")
+    assert not out.exists()
+
+
 def test_two_shardings_of_one_split_are_refused_not_counted_twice(tmp_path):
     """An old single-file download beside a re-sharded one: each set is complete, so both used to be read."""
     rows, src = mmlu_pro_rows(), tmp_path / "pro"
