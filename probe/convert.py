@@ -14,7 +14,7 @@ guessed:
   per locale (14 languages).
 - ``gpqa`` (Idavidrein/gpqa, gated): ``SRC/gpqa_<set>.csv`` (``--gpqa-set main|diamond|extended``), columns
   Question, Correct Answer, Incorrect Answer 1-3, Record ID, High-level domain; the four answers in an order seeded
-  by the Record ID (the same everywhere), one subject per domain.
+  by the Record ID (sha256: the same on every machine and Python), one subject per domain.
 - ``video-mme`` (lmms-lab/Video-MME): ``SRC/videomme/<split>-*.parquet`` (video_id, duration, domain,
   sub_category, videoID, question_id, task_type, question, options ``"A. …"``, answer) and the videos,
   ``<videoID>.mp4`` (or .MP4, .mkv, .webm) from the unzipped ``videos_chunked_*.zip`` (``SRC/data/``, or
@@ -274,13 +274,14 @@ def convert_mmmlu(cfg: ConvertConfig, report: ConvertReport, plan: Planned) -> N
 
 def gpqa_options(correct: str, wrong: Sequence[str], record: str) -> tuple[list[str], str]:
     """GPQA lists the correct answer apart from three wrong ones; the options are their order under a permutation
-    seeded by the question's Record ID (the same on every machine and run), and the answer is where the correct
-    one landed."""
-    import random
+    seeded by the question's Record ID, and the answer is where the correct one landed. The permutation sorts the
+    options by sha256 keys (a uniform one), so it is the same on every machine and Python: random.shuffle's draws
+    are not promised to stay (Python keeps only random()'s sequence for a seed)."""
+    import hashlib
 
     options = [correct, *wrong]
-    order = list(range(len(options)))
-    random.Random(f"omniprobe-gpqa:{record}").shuffle(order)
+    order = sorted(range(len(options)),
+                   key=lambda i: hashlib.sha256(f"omniprobe-gpqa:{record}:{i}".encode("utf-8")).digest())
     return [options[i] for i in order], option_letters(len(options))[order.index(0)]
 
 

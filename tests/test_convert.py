@@ -418,6 +418,27 @@ def test_gpqa_answers_land_where_the_seeded_order_puts_the_correct_one(tmp_path)
     assert items == load_mmmu(tmp_path / "out2", "validation")[0]  # the same order on every run
 
 
+def test_gpqa_order_does_not_hang_on_pythons_shuffle(monkeypatch):
+    """The order was random.Random(record).shuffle's, whose algorithm Python does not promise to keep (only random()
+    for a seed; randrange and shuffle's draws changed in 3.2): a Python that draws another way would give another
+    machine other letters for the same question. With shuffle's draws replaced (the pre-3.2 way), the order must not
+    move; the correct answer still lands where the key says, and on each letter about as often."""
+    import random
+
+    from probe.convert import gpqa_options
+
+    records = [f"rec{i:04d}" for i in range(400)]
+    now = {r: gpqa_options("right", ["w1", "w2", "w3"], r) for r in records}
+    monkeypatch.setattr(random.Random, "_randbelow", lambda self, n: int(self.random() * n))
+    assert {r: gpqa_options("right", ["w1", "w2", "w3"], r) for r in records} == now
+    for options, answer in now.values():
+        assert sorted(options) == ["right", "w1", "w2", "w3"] and options["ABCD".index(answer)] == "right"
+    counts = [sum(a == L for _, a in now.values()) for L in "ABCD"]
+    assert min(counts) > 70 and max(counts) < 130, counts  # 100 each expected; sd 8.7
+    # the contract itself, pinned: these records' orders on every machine and Python
+    assert now["rec0000"] == (["w3", "w1", "right", "w2"], "C") and now["rec0002"] == (["w1", "w2", "w3", "right"], "D")
+
+
 def test_gpqa_refuses_two_equal_options(tmp_path):
     rows = gpqa_rows(3)
     rows[2][5] = rows[2][2]
