@@ -97,7 +97,7 @@ def subject_name(text: str) -> str:
 
 def read_rows(files: Sequence[Path], need: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
     """Every row of ``files`` (parquet or CSV) with where it came from; BadInput naming a file that lacks a column
-    of ``need``."""
+    of ``need`` or holds no rows (the reader's rule)."""
     import pyarrow.parquet as pq
 
     rows = []
@@ -115,6 +115,8 @@ def read_rows(files: Sequence[Path], need: Sequence[str]) -> list[tuple[str, dic
         if missing := [c for c in need if c not in columns]:
             raise BadInput(f"{f}: no column {missing[0]!r} (has {', '.join(columns)}); not a snapshot of the "
                            "benchmark this converter reads?")
+        if not records:  # its subject (an MMLU subject, an MMMLU locale) would drop out of the set without a word
+            raise BadInput(f"{f}: holds no rows (a failed download?); download it again")
         # csv keeps a longer row's extra cells under the key None and gives a shorter one's missing cells as None:
         # either way its cells sit under other columns (an unquoted comma: option D's text read as the answer key)
         for i, r in enumerate(records if f.suffix == ".csv" else ()):

@@ -393,6 +393,25 @@ def test_a_csv_row_whose_cells_do_not_match_the_header_is_refused(tmp_path, cell
     assert not out.exists()
 
 
+@pytest.mark.parametrize("kind", ["mmlu", "mmmlu"])
+def test_a_source_file_without_rows_is_refused_not_left_out(tmp_path, kind):
+    """A subject's split file (or a locale's CSV) holding no rows, a download that failed, was read as a subject with
+    no items: the set was written without it, exit 0 (MMMLU's mean over languages then over 13 of 14). The reader
+    refuses such a file; so does the converter now, naming it, nothing written."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    if kind == "mmlu":
+        write(src / "law" / "validation-00000-of-00001.parquet", mmlu_rows("law", 3))
+        empty = src / "anatomy" / "validation-00000-of-00001.parquet"
+        empty.parent.mkdir(parents=True)
+        pq.write_table(pa.Table.from_pylist(mmlu_rows("anatomy", 1)).slice(0, 0), empty)
+    else:
+        header = ["Question", "A", "B", "C", "D", "Answer", "Subject"]
+        write_csv(src / "test" / "mmlu_DE_DE.csv", header, [["Frage?", "a", "b", "c", "d", "B", "anatomy"]])
+        write_csv(empty := src / "test" / "mmlu_FR_FR.csv", header, [])
+    one_error_line(convert(kind, src, "--out", out), f"{empty}: holds no rows")
+    assert not out.exists()
+
+
 GPQA_HEADER = ["Pre-Revision Question", "Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2",
                "Incorrect Answer 3", "Explanation", "Subdomain", "Record ID", "High-level domain"]
 
