@@ -392,7 +392,7 @@ def sample_frames(path: Path, n: int, max_side: int) -> list[bytes]:
                 duration = end - start
             if not duration > 0:
                 raise BadInput(f"{path}: the video does not state a duration")
-            picked = []
+            picked, first = [], None  # first: the first frame's shown size and time
             for k in range(n):
                 target = start + (k + 0.5) * duration / n
                 container.seek(int(target / tb), stream=stream, backward=True, any_frame=False)
@@ -408,7 +408,14 @@ def sample_frames(path: Path, n: int, max_side: int) -> list[bytes]:
                     near = before  # past the last frame: the last one
                 if near is None:
                     raise BadInput(f"{path}: no frame decoded near {target:.2f} s")
-                picked.append(jpeg(near.to_image(), max_side))
+                img = fit_within(near.to_image().convert("RGB"), max_side)
+                first = first or (img.size, near.time)
+                if img.size != first[0]:  # the reader refuses it (one size per video), but only once it is written
+                    (w0, h0), t0 = first
+                    raise BadInput(f"{path}: its frames change size ({w0}×{h0} at {t0:.1f} s, {img.width}×"
+                                   f"{img.height} at {near.time:.1f} s: the stream changes resolution), but a "
+                                   "video's frames share one size; re-encode it at one size")
+                picked.append(jpeg(img))
     except (av.FFmpegError, OSError) as exc:
         raise BadInput(f"{path}: cannot decode its video ({error_reason(exc)})") from None
     return picked
@@ -427,9 +434,9 @@ def stream_end(container: Any, stream: Any) -> float:
     return last.time + (float(1 / rate) if rate else 0.0)  # the last frame shows for one frame's time
 
 
-def jpeg(img: Any, max_side: int) -> bytes:
+def jpeg(img: Any) -> bytes:
     buf = io.BytesIO()
-    fit_within(img.convert("RGB"), max_side).save(buf, format="JPEG", quality=90)
+    img.save(buf, format="JPEG", quality=90)
     return buf.getvalue()
 
 

@@ -626,6 +626,36 @@ def test_a_truncated_matroska_video_is_refused_not_sampled_from_what_is_left(vid
     assert not list(out.rglob("*.parquet"))  # only the frame cache of the videos done, kept for the rerun
 
 
+def test_a_video_whose_frames_change_size_is_refused_before_the_split_is_written(video_src, tmp_path):
+    """A stream that changes resolution part-way (here two MPEG-TS segments, 64×48 then 32×48, one after the other)
+    gave frames of two sizes, which the reader refuses (a video's frames share one size): the split was written
+    into --out, then the read-back exited 2 naming the --out file, and a rerun said --out already held the split.
+    The sampler now refuses it, naming the video, before any of the split is written."""
+    from fractions import Fraction
+
+    av = pytest.importorskip("av")
+    path = video_src / "data" / "Zz0.mp4"
+    with open(path, "wb") as whole:
+        for k, width in enumerate((64, 32)):
+            part = tmp_path / f"part{k}.ts"
+            with av.open(str(part), "w", format="mpegts") as c:
+                s = c.add_stream("mpeg2video", rate=FPS)
+                s.width, s.height, s.pix_fmt = width, 48, "yuv420p"
+                for i in range(10):
+                    frame = av.VideoFrame.from_ndarray(np.full((48, width, 3), 8 * i, np.uint8), format="rgb24")
+                    frame.pts, frame.time_base = k * 10 + i, Fraction(1, FPS)
+                    for p in s.encode(frame):
+                        c.mux(p)
+                for p in s.encode():
+                    c.mux(p)
+            whole.write(part.read_bytes())
+    out = tmp_path / "out"
+    res = convert("video-mme", video_src, "--frames", 4, "--out", out)
+    one_error_line(res, f"{path}: its frames change size (64×48 at ")
+    assert "32×48 at " in res.stderr
+    assert not list(out.rglob("*.parquet"))  # only the frame cache of the videos done, kept for the rerun
+
+
 def test_video_frames_are_kept_per_video_so_a_killed_conversion_resumes(tmp_path):
     import os
 
