@@ -14,7 +14,7 @@ guessed:
   per locale (14 languages).
 - ``gpqa`` (Idavidrein/gpqa, gated): ``SRC/gpqa_<set>.csv`` (``--gpqa-set main|diamond|extended``), columns
   Question, Correct Answer, Incorrect Answer 1-3, Record ID, High-level domain; the four answers in an order seeded
-  by the Record ID (the same everywhere), one subject per domain.
+  by the Record ID (sha256: the same on every machine and Python), one subject per domain.
 - ``video-mme`` (lmms-lab/Video-MME): ``SRC/videomme/<split>-*.parquet`` (video_id, duration, domain,
   sub_category, videoID, question_id, task_type, question, options ``"A. …"``, answer) and the videos,
   ``<videoID>.mp4`` (or .MP4, .mkv, .webm) from the unzipped ``videos_chunked_*.zip`` (``SRC/data/``, or
@@ -43,6 +43,7 @@ from typing import Any, Callable, Sequence
 from probe.errors import (ArgParser, BadInput, RunStopped, check_counts, check_out_path, cli_main, error_reason,
                           in_path, input_in_out, is_int, out_dir, out_inside, releases_claims)
 from probe.mmmu import VIDEO_REF, _IMAGE_REF, check_split, fit_within, unfinished_conversion
+from probe.mmmu import _make_item as make_item  # the reader's check of one row
 from probe.mmmu import _split_files as split_files  # the reader's rule: shards complete, never two forms
 from probe.parsing import option_letters
 
@@ -96,7 +97,7 @@ def subject_name(text: str) -> str:
 
 def read_rows(files: Sequence[Path], need: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
     """Every row of ``files`` (parquet or CSV) with where it came from; BadInput naming a file that lacks a column
-    of ``need``."""
+    of ``need`` or holds no rows (the reader's rule)."""
     import pyarrow.parquet as pq
 
     rows = []
@@ -114,6 +115,8 @@ def read_rows(files: Sequence[Path], need: Sequence[str]) -> list[tuple[str, dic
         if missing := [c for c in need if c not in columns]:
             raise BadInput(f"{f}: no column {missing[0]!r} (has {', '.join(columns)}); not a snapshot of the "
                            "benchmark this converter reads?")
+        if not records:  # its subject (an MMLU subject, an MMMLU locale) would drop out of the set without a word
+            raise BadInput(f"{f}: holds no rows (a failed download?); download it again")
         # csv keeps a longer row's extra cells under the key None and gives a shorter one's missing cells as None:
         # either way its cells sit under other columns (an unquoted comma: option D's text read as the answer key)
         for i, r in enumerate(records if f.suffix == ".csv" else ()):
@@ -273,13 +276,14 @@ def convert_mmmlu(cfg: ConvertConfig, report: ConvertReport, plan: Planned) -> N
 
 def gpqa_options(correct: str, wrong: Sequence[str], record: str) -> tuple[list[str], str]:
     """GPQA lists the correct answer apart from three wrong ones; the options are their order under a permutation
-    seeded by the question's Record ID (the same on every machine and run), and the answer is where the correct
-    one landed."""
-    import random
+    seeded by the question's Record ID, and the answer is where the correct one landed. The permutation sorts the
+    options by sha256 keys (a uniform one), so it is the same on every machine and Python: random.shuffle's draws
+    are not promised to stay (Python keeps only random()'s sequence for a seed)."""
+    import hashlib
 
     options = [correct, *wrong]
-    order = list(range(len(options)))
-    random.Random(f"omniprobe-gpqa:{record}").shuffle(order)
+    order = sorted(range(len(options)),
+                   key=lambda i: hashlib.sha256(f"omniprobe-gpqa:{record}:{i}".encode("utf-8")).digest())
     return [options[i] for i in order], option_letters(len(options))[order.index(0)]
 
 
@@ -351,6 +355,9 @@ def add_row(cfg: ConvertConfig, report: ConvertReport, plan: Planned, subject: A
     subject = plan.subject(subject, where)
     rows = plan.rows.setdefault(subject, [])
     item_id = f"{cfg.out_split}_{subject}_{len(rows) + 1}"  # MMMU's id form: the loader checks it names the split
+    # the reader's own rule on the row (its text; a video's frames come later): a row it refuses (one option) would
+    # be refused only by the read-back, after the split was written into --out, naming that file and not this row
+    make_item(mmmu_row(item_id, question, options, answer, source, subfield), subject, where)
     row = mmmu_row(item_id, question if video is None else f"{VIDEO_REF} {question}", options, answer, source,
                    subfield)
     if video is not None:
@@ -385,7 +392,7 @@ def sample_frames(path: Path, n: int, max_side: int) -> list[bytes]:
                 duration = end - start
             if not duration > 0:
                 raise BadInput(f"{path}: the video does not state a duration")
-            picked = []
+            picked, first = [], None  # first: the first frame's shown size and time
             for k in range(n):
                 target = start + (k + 0.5) * duration / n
                 container.seek(int(target / tb), stream=stream, backward=True, any_frame=False)
@@ -401,7 +408,14 @@ def sample_frames(path: Path, n: int, max_side: int) -> list[bytes]:
                     near = before  # past the last frame: the last one
                 if near is None:
                     raise BadInput(f"{path}: no frame decoded near {target:.2f} s")
-                picked.append(jpeg(near.to_image(), max_side))
+                img = fit_within(near.to_image().convert("RGB"), max_side)
+                first = first or (img.size, near.time)
+                if img.size != first[0]:  # the reader refuses it (one size per video), but only once it is written
+                    (w0, h0), t0 = first
+                    raise BadInput(f"{path}: its frames change size ({w0}×{h0} at {t0:.1f} s, {img.width}×"
+                                   f"{img.height} at {near.time:.1f} s: the stream changes resolution), but a "
+                                   "video's frames share one size; re-encode it at one size")
+                picked.append(jpeg(img))
     except (av.FFmpegError, OSError) as exc:
         raise BadInput(f"{path}: cannot decode its video ({error_reason(exc)})") from None
     return picked
@@ -420,9 +434,9 @@ def stream_end(container: Any, stream: Any) -> float:
     return last.time + (float(1 / rate) if rate else 0.0)  # the last frame shows for one frame's time
 
 
-def jpeg(img: Any, max_side: int) -> bytes:
+def jpeg(img: Any) -> bytes:
     buf = io.BytesIO()
-    fit_within(img.convert("RGB"), max_side).save(buf, format="JPEG", quality=90)
+    img.save(buf, format="JPEG", quality=90)
     return buf.getvalue()
 
 

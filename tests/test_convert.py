@@ -178,6 +178,28 @@ def test_mmlu_pro_n_a_padding_is_dropped_and_the_key_follows_its_option(tmp_path
     one_error_line(convert("mmlu-pro", src, "--out", tmp_path / "o2"), "row 0: the answer 'C' is an 'N/A' option")
 
 
+@pytest.mark.parametrize("kind", ["mmlu", "mmlu-pro"])
+def test_a_row_the_reader_would_refuse_stops_before_anything_is_written(tmp_path, kind):
+    """A row of one option (MMLU's choices, or MMLU-Pro's left after its "N/A" padding goes) passed the converter's
+    checks: the split was written into --out, then refused by the read-back (exit 2, the --out file named, not the
+    source row), and a rerun said --out already held it. Every row is now checked by the reader's own rule first."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    if kind == "mmlu":
+        rows = mmlu_rows("law", 3)
+        rows[2]["choices"] = ["the only one"]
+        rows[2]["answer"] = 0
+        write(src / "all" / "validation-00000-of-00001.parquet", rows)
+    else:
+        rows = mmlu_pro_rows()
+        rows[1]["options"] = ["kept", *["N/A"] * 8]
+        rows[1]["answer_index"], rows[1]["answer"] = 0, "A"
+        write(src / "data" / "validation-00000-of-00001.parquet", rows)
+    one_error_line(convert(kind, src, "--split", "validation", "--out", out),
+                   f"validation-00000-of-00001.parquet row {2 if kind == 'mmlu' else 1}: multiple-choice item has "
+                   "one option")
+    assert not out.exists()
+
+
 def test_two_shardings_of_one_split_are_refused_not_counted_twice(tmp_path):
     """An old single-file download beside a re-sharded one: each set is complete, so both used to be read."""
     rows, src = mmlu_pro_rows(), tmp_path / "pro"
@@ -371,6 +393,25 @@ def test_a_csv_row_whose_cells_do_not_match_the_header_is_refused(tmp_path, cell
     assert not out.exists()
 
 
+@pytest.mark.parametrize("kind", ["mmlu", "mmmlu"])
+def test_a_source_file_without_rows_is_refused_not_left_out(tmp_path, kind):
+    """A subject's split file (or a locale's CSV) holding no rows, a download that failed, was read as a subject with
+    no items: the set was written without it, exit 0 (MMMLU's mean over languages then over 13 of 14). The reader
+    refuses such a file; so does the converter now, naming it, nothing written."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    if kind == "mmlu":
+        write(src / "law" / "validation-00000-of-00001.parquet", mmlu_rows("law", 3))
+        empty = src / "anatomy" / "validation-00000-of-00001.parquet"
+        empty.parent.mkdir(parents=True)
+        pq.write_table(pa.Table.from_pylist(mmlu_rows("anatomy", 1)).slice(0, 0), empty)
+    else:
+        header = ["Question", "A", "B", "C", "D", "Answer", "Subject"]
+        write_csv(src / "test" / "mmlu_DE_DE.csv", header, [["Frage?", "a", "b", "c", "d", "B", "anatomy"]])
+        write_csv(empty := src / "test" / "mmlu_FR_FR.csv", header, [])
+    one_error_line(convert(kind, src, "--out", out), f"{empty}: holds no rows")
+    assert not out.exists()
+
+
 GPQA_HEADER = ["Pre-Revision Question", "Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2",
                "Incorrect Answer 3", "Explanation", "Subdomain", "Record ID", "High-level domain"]
 
@@ -394,6 +435,27 @@ def test_gpqa_answers_land_where_the_seeded_order_puts_the_correct_one(tmp_path)
         assert it.options["ABCD".index(it.answer)] == f"right {i}"  # the key follows the shuffle
     assert len({it.answer for it in items}) > 1  # not every correct answer at one letter
     assert items == load_mmmu(tmp_path / "out2", "validation")[0]  # the same order on every run
+
+
+def test_gpqa_order_does_not_hang_on_pythons_shuffle(monkeypatch):
+    """The order was random.Random(record).shuffle's, whose algorithm Python does not promise to keep (only random()
+    for a seed; randrange and shuffle's draws changed in 3.2): a Python that draws another way would give another
+    machine other letters for the same question. With shuffle's draws replaced (the pre-3.2 way), the order must not
+    move; the correct answer still lands where the key says, and on each letter about as often."""
+    import random
+
+    from probe.convert import gpqa_options
+
+    records = [f"rec{i:04d}" for i in range(400)]
+    now = {r: gpqa_options("right", ["w1", "w2", "w3"], r) for r in records}
+    monkeypatch.setattr(random.Random, "_randbelow", lambda self, n: int(self.random() * n))
+    assert {r: gpqa_options("right", ["w1", "w2", "w3"], r) for r in records} == now
+    for options, answer in now.values():
+        assert sorted(options) == ["right", "w1", "w2", "w3"] and options["ABCD".index(answer)] == "right"
+    counts = [sum(a == L for _, a in now.values()) for L in "ABCD"]
+    assert min(counts) > 70 and max(counts) < 130, counts  # 100 each expected; sd 8.7
+    # the contract itself, pinned: these records' orders on every machine and Python
+    assert now["rec0000"] == (["w3", "w1", "right", "w2"], "C") and now["rec0002"] == (["w1", "w2", "w3", "right"], "D")
 
 
 def test_gpqa_refuses_two_equal_options(tmp_path):
@@ -561,6 +623,36 @@ def test_a_truncated_matroska_video_is_refused_not_sampled_from_what_is_left(vid
     out = tmp_path / "out"
     one_error_line(convert("video-mme", video_src, "--frames", 4, "--out", out),
                    f"{path}: its frames end at 0.7 s, but the file states 3.0 s (a truncated download?)")
+    assert not list(out.rglob("*.parquet"))  # only the frame cache of the videos done, kept for the rerun
+
+
+def test_a_video_whose_frames_change_size_is_refused_before_the_split_is_written(video_src, tmp_path):
+    """A stream that changes resolution part-way (here two MPEG-TS segments, 64×48 then 32×48, one after the other)
+    gave frames of two sizes, which the reader refuses (a video's frames share one size): the split was written
+    into --out, then the read-back exited 2 naming the --out file, and a rerun said --out already held the split.
+    The sampler now refuses it, naming the video, before any of the split is written."""
+    from fractions import Fraction
+
+    av = pytest.importorskip("av")
+    path = video_src / "data" / "Zz0.mp4"
+    with open(path, "wb") as whole:
+        for k, width in enumerate((64, 32)):
+            part = tmp_path / f"part{k}.ts"
+            with av.open(str(part), "w", format="mpegts") as c:
+                s = c.add_stream("mpeg2video", rate=FPS)
+                s.width, s.height, s.pix_fmt = width, 48, "yuv420p"
+                for i in range(10):
+                    frame = av.VideoFrame.from_ndarray(np.full((48, width, 3), 8 * i, np.uint8), format="rgb24")
+                    frame.pts, frame.time_base = k * 10 + i, Fraction(1, FPS)
+                    for p in s.encode(frame):
+                        c.mux(p)
+                for p in s.encode():
+                    c.mux(p)
+            whole.write(part.read_bytes())
+    out = tmp_path / "out"
+    res = convert("video-mme", video_src, "--frames", 4, "--out", out)
+    one_error_line(res, f"{path}: its frames change size (64×48 at ")
+    assert "32×48 at " in res.stderr
     assert not list(out.rglob("*.parquet"))  # only the frame cache of the videos done, kept for the rerun
 
 
