@@ -111,8 +111,9 @@ class ShiftStats:
         self.sum_abs += float(a.sum(dtype=torch.float64))
         if d.numel():
             self.max_abs = max(self.max_abs, float(a.max()))
-        self.sum_sq += float(d.pow(2).sum(dtype=torch.float64))
-        self.base_sq += float(b.pow(2).sum(dtype=torch.float64))
+        # squared in fp64: in fp32 a weight past 1.8e19 squares to inf (rel_l2 NaN or 0 from finite weights)
+        self.sum_sq += float(d.double().square().sum())
+        self.base_sq += float(b.double().square().sum())
 
     @property
     def finite(self) -> bool:

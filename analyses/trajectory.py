@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from analyses.align import align, check_finite
+from analyses.align import align, check_delta_finite
 from analyses.checkpoints import (Checkpoint, add_output_args, check_inputs_and_out, open_checkpoint,
                                   progress, quiet_progress, reserve_descriptors)
 from analyses.finetune import checkpoint_dirs
@@ -110,8 +110,7 @@ def stream_features(ref: Checkpoint, ckpts: Sequence[Checkpoint], names: Sequenc
                 sketch.update(sk[i], d, buckets, signs)
         for i, (v, info) in enumerate(zip(views[1:], plan.infos[1:])):
             if not np.isfinite(sq[i]):
-                check_finite(views[0], ref_name, plan.infos[0].key)
-                check_finite(v, names[i], info.key)
+                check_delta_finite(views[0], ref_name, plan.infos[0].key, v, names[i], info.key)
             norms[i, t] = np.sqrt(sq[i])
         del views
         for ck, info in zip([ref, *ckpts], plan.infos):
