@@ -125,6 +125,10 @@ class ShiftStats:
 
     @property
     def rel_l2(self) -> float:
+        """‖θ − θ_base‖ / ‖θ_base‖: 0 for a tensor that did not move, zeros in the base included (inf there said
+        the unchanged tensor moved most); inf, undefined, for a base of zeros the model moved."""
+        if self.sum_sq == 0:
+            return 0.0
         return math.sqrt(self.sum_sq) / math.sqrt(self.base_sq) if self.base_sq > 0 else math.inf
 
 

@@ -100,7 +100,7 @@ def summarize(rows: Sequence[ShiftRow], names: Sequence[str]) -> dict[str, Any]:
             "weighted_delta_avg": sum(x.delta_avg * x.numel for x in r) / max(numel, 1),  # mean |Δ| over all weights
             "median_delta_avg": statistics.median(x.delta_avg for x in r),
             "max_delta": max(x.delta_max for x in r),
-            # rel_l2 is undefined (inf) for a tensor whose base is all zeros: the mean is over the others
+            # rel_l2 is undefined (inf) for a base tensor of zeros that moved: the mean is over the others
             "mean_rel_l2": _mean_finite([x.rel_l2 for x in r]),
         }
     low = min(v["mean_delta_avg"] for v in per.values())

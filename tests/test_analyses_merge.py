@@ -1179,3 +1179,19 @@ def test_a_shift_past_fp32_is_bad_input_not_an_infinite_delta(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert code == 2 and err.startswith("error: ") and "\n" not in err and "norm.weight" in err, err
         assert "fp32" in err and not out.exists()
+
+
+def test_rel_l2_of_a_zero_tensor_is_0_when_it_did_not_move_and_inf_when_it_did():
+    """rel_l2 = ‖θ − θ_base‖ / ‖θ_base‖: a base tensor of zeros (a bias never trained) that the model kept at zeros
+    was written inf, ranking an unchanged tensor (Δavg 0, max |Δ| 0) as the most shifted; one the model moved is
+    inf, undefined relative to nothing, and left out of mean_rel_l2."""
+    from analyses.formulas import ShiftStats
+
+    zeros = torch.zeros(8)
+    kept, moved = ShiftStats(), ShiftStats()
+    kept.add(zeros, zeros.clone())
+    moved.add(zeros, torch.full((8,), 1e-3))
+    assert (kept.delta_avg, kept.max_abs, kept.rel_l2) == (0, 0, 0)
+    assert moved.rel_l2 == math.inf and moved.delta_avg == pytest.approx(1e-3)
+    rows = [shift.ShiftRow("m", f"t{i}", None, "t", 8, 0.0, 0.0, r) for i, r in enumerate((kept.rel_l2, moved.rel_l2, 0.5))]
+    assert shift.summarize(rows, ["m"])["m"]["mean_rel_l2"] == pytest.approx(0.25)  # (0 + 0.5) / 2
