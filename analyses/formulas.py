@@ -111,9 +111,9 @@ class ShiftStats:
         self.sum_abs += float(a.sum(dtype=torch.float64))
         if d.numel():
             self.max_abs = max(self.max_abs, float(a.max()))
-        # squared in fp64: in fp32 a weight past 1.8e19 squares to inf (rel_l2 NaN or 0 from finite weights)
-        self.sum_sq += float(d.double().square().sum())
-        self.base_sq += float(b.double().square().sum())
+        # in fp64 (the norm casts first, no fp64 copy kept): in fp32 a weight past 1.8e19 squares to inf
+        self.sum_sq += float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2
+        self.base_sq += float(torch.linalg.vector_norm(b, dtype=torch.float64)) ** 2
 
     @property
     def finite(self) -> bool:
