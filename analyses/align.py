@@ -229,3 +229,11 @@ def _token_ids(key: tuple) -> dict[str, int] | None:
 def check_finite(t: torch.Tensor, who: str, key: str) -> None:
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
         raise BadInput(f"{who}: tensor {key} contains NaN/Inf")
+
+
+def check_delta_finite(ref: torch.Tensor, ref_name: str, ref_key: str, t: torch.Tensor, name: str, key: str) -> None:
+    """After a non-finite sum over θ − θ_ref: the input that holds a NaN/Inf named, else (finite weights whose
+    difference overflows fp32, past ±1.7e38) that: either is bad input, never an infinite Δ, norm or α."""
+    check_finite(ref, ref_name, ref_key)
+    check_finite(t, name, key)
+    raise BadInput(f"{name}: tensor {key} differs from {ref_name}'s by more than fp32 holds (weights past ±1.7e38)")

@@ -111,8 +111,9 @@ class ShiftStats:
         self.sum_abs += float(a.sum(dtype=torch.float64))
         if d.numel():
             self.max_abs = max(self.max_abs, float(a.max()))
-        self.sum_sq += float(d.pow(2).sum(dtype=torch.float64))
-        self.base_sq += float(b.pow(2).sum(dtype=torch.float64))
+        # in fp64 (the norm casts first, no fp64 copy kept): in fp32 a weight past 1.8e19 squares to inf
+        self.sum_sq += float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2
+        self.base_sq += float(torch.linalg.vector_norm(b, dtype=torch.float64)) ** 2
 
     @property
     def finite(self) -> bool:
@@ -124,6 +125,10 @@ class ShiftStats:
 
     @property
     def rel_l2(self) -> float:
+        """‖θ − θ_base‖ / ‖θ_base‖: 0 for a tensor that did not move, zeros in the base included (inf there said
+        the unchanged tensor moved most); inf, undefined, for a base of zeros the model moved."""
+        if self.sum_sq == 0:
+            return 0.0
         return math.sqrt(self.sum_sq) / math.sqrt(self.base_sq) if self.base_sq > 0 else math.inf
 
 

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from analyses.align import Alignment, TensorPlan, align, check_finite, paired_chunks
+from analyses.align import Alignment, TensorPlan, align, check_delta_finite, check_finite, paired_chunks
 from analyses.checkpoints import (Checkpoint, add_output_args, check_inputs_and_out, checkpoint_fingerprint, chunks,
                                   open_checkpoint, progress, quiet_progress, reserve_descriptors)
 from analyses.formulas import (FORMULAS, ShiftStats, average_coefficients, shift_coefficients,
@@ -291,8 +291,7 @@ class Merger:
             sums[j - 1] += ShiftStats.abs_sum(b, v)
         for total, v, nm, info in zip(sums, views[1:], self.names[1:], plan.infos[1:]):
             if not math.isfinite(total):
-                check_finite(views[0], self.names[0], plan.infos[0].key)
-                check_finite(v, nm, info.key)
+                check_delta_finite(views[0], self.names[0], plan.infos[0].key, v, nm, info.key)
         return [total / max(plan.common_with(j), 1) for j, total in enumerate(sums, start=1)]
 
     def merge_tensor(self, plan: TensorPlan, sink: Any) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
-from analyses.align import Alignment, align, check_finite, paired_chunks
+from analyses.align import Alignment, align, check_delta_finite, paired_chunks
 from analyses.checkpoints import (Checkpoint, add_output_args, check_inputs_and_out, checkpoint_fingerprint,
                                   layer_module, open_checkpoint, progress, quiet_progress, reserve_descriptors)
 from analyses.formulas import ShiftStats
@@ -67,8 +67,7 @@ def stream_stats(ckpts: Sequence[Checkpoint], plan_al: Alignment, names: Sequenc
             stats[j - 1].add(b, v)
         for st, ck, nm, info, v in zip(stats, ckpts[1:], names[1:], plan.infos[1:], views[1:]):
             if not st.finite:
-                check_finite(views[0], names[0], plan.infos[0].key)
-                check_finite(v, nm, info.key)
+                check_delta_finite(views[0], names[0], plan.infos[0].key, v, nm, info.key)
         del views
         for ck, info in zip(ckpts, plan.infos):
             ck.release(info)
@@ -101,7 +100,7 @@ def summarize(rows: Sequence[ShiftRow], names: Sequence[str]) -> dict[str, Any]:
             "weighted_delta_avg": sum(x.delta_avg * x.numel for x in r) / max(numel, 1),  # mean |Δ| over all weights
             "median_delta_avg": statistics.median(x.delta_avg for x in r),
             "max_delta": max(x.delta_max for x in r),
-            # rel_l2 is undefined (inf) for a tensor whose base is all zeros: the mean is over the others
+            # rel_l2 is undefined (inf) for a base tensor of zeros that moved: the mean is over the others
             "mean_rel_l2": _mean_finite([x.rel_l2 for x in r]),
         }
     low = min(v["mean_delta_avg"] for v in per.values())

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from analyses.align import align, check_finite
+from analyses.align import Alignment, align, check_delta_finite
 from analyses.checkpoints import (Checkpoint, add_output_args, check_inputs_and_out, open_checkpoint,
                                   progress, quiet_progress, reserve_descriptors)
 from analyses.finetune import checkpoint_dirs
@@ -91,9 +91,10 @@ def collect_points(cfg: TrajectoryConfig) -> list[Point]:
 
 
 def stream_features(ref: Checkpoint, ckpts: Sequence[Checkpoint], names: Sequence[str], sketch: CountSketch,
-                    ref_name: str = "ref") -> tuple[list[str], np.ndarray, np.ndarray, dict[str, Any]]:
-    """Per checkpoint: per-tensor ‖θ − θ_ref‖ and the count sketch of θ − θ_ref, reading each tensor once; and what
-    the vocabulary rule did (rows beyond the common ones are not in the features)."""
+                    ref_name: str = "ref") -> tuple[list[str], np.ndarray, np.ndarray, Alignment]:
+    """Per checkpoint: per-tensor ‖θ − θ_ref‖ and the count sketch of θ − θ_ref, reading each tensor once; and the
+    alignment, whose ``vocab`` and ``head`` say what the vocabulary and tied-head rules did (rows beyond the common
+    ones are in no feature; a tied checkpoint's embedding is its lm_head where another has its own)."""
     al = align([ref, *ckpts], [ref_name, *names], use="features")
     norms = np.zeros((len(ckpts), len(al.tensors)))
     sk = torch.zeros((len(ckpts), sketch.dim), dtype=torch.float64)
@@ -110,13 +111,12 @@ def stream_features(ref: Checkpoint, ckpts: Sequence[Checkpoint], names: Sequenc
                 sketch.update(sk[i], d, buckets, signs)
         for i, (v, info) in enumerate(zip(views[1:], plan.infos[1:])):
             if not np.isfinite(sq[i]):
-                check_finite(views[0], ref_name, plan.infos[0].key)
-                check_finite(v, names[i], info.key)
+                check_delta_finite(views[0], ref_name, plan.infos[0].key, v, names[i], info.key)
             norms[i, t] = np.sqrt(sq[i])
         del views
         for ck, info in zip([ref, *ckpts], plan.infos):
             ck.release(info)
-    return [p.canon for p in al.tensors], norms, sk.numpy(), al.vocab
+    return [p.canon for p in al.tensors], norms, sk.numpy(), al
 
 
 def embed_2d(x: np.ndarray, perplexity: float, seed: int) -> tuple[dict[str, np.ndarray], float | None, list[float]]:
@@ -170,8 +170,8 @@ def run_trajectory(cfg: TrajectoryConfig) -> dict[str, Any]:
         check_inputs_and_out(cfg.out, ckpts, [ref])  # a point twice would sit on itself and skew t-SNE
         check_replaceable(cfg.out, cfg.overwrite, COMMAND)
         reserve_descriptors([*ckpts, ref])  # every checkpoint is streamed side by side
-        tensors, norms, sketch, vocab = stream_features(ref, ckpts, [p.name for p in points],
-                                                        CountSketch(cfg.sketch_dim, cfg.seed), cfg.ref or cfg.base)
+        tensors, norms, sketch, al = stream_features(ref, ckpts, [p.name for p in points],
+                                                     CountSketch(cfg.sketch_dim, cfg.seed), cfg.ref or cfg.base)
     coords: list[list[Any]] = []
     perplexity_used, explained, coincide, maps = None, {}, [], {}
     for feature, x in (("norms", norms), ("sketch", sketch)):
@@ -187,7 +187,8 @@ def run_trajectory(cfg: TrajectoryConfig) -> dict[str, Any]:
         "ref": cfg.ref or cfg.base,
         "n_points": len(points),
         "n_tensors": len(tensors),
-        "vocab": vocab,  # vocabulary sizes that differ: only the common rows are in the features
+        "vocab": al.vocab,  # vocabulary sizes that differ: only the common rows are in the features
+        "lm_head": al.head,  # tied and untied heads mixed: each tied checkpoint's embedding is its lm_head
         "sketch": {"kind": "count sketch (sparse JL)", "dim": cfg.sketch_dim, "seed": cfg.seed, "chunk": SKETCH_CHUNK},
         "perplexity_requested": cfg.perplexity,
         "perplexity_used": perplexity_used,

@@ -1145,3 +1145,53 @@ def test_a_text_config_transformers_builds_despite_nulls_and_a_list_type_is_read
         merged[1][0].keys()
     lm = AutoModelForCausalLM.from_pretrained(tmp_path / "m1")  # builds: a null head_dim did not
     assert lm.model.layers[0].self_attn.k_proj.weight.shape == shapes[1][1]
+
+
+def test_shift_stats_of_large_weights_equal_the_fp64_oracle():
+    """ShiftStats squared each chunk in fp32: weights past 1.8e19 squared to inf, and rel_l2 came out NaN (Δ past it
+    too) or 0 (only θ_base), exit 0 with a "finite" check that found the inputs finite. Oracle: fp64 in memory."""
+    from analyses.formulas import ShiftStats
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(3000, generator=g) * 1e20
+    for model in (base * 1.5, base + torch.randn(3000, generator=g)):
+        st = ShiftStats()
+        for lo in range(0, 3000, 1024):  # streamed in chunks, as analyses.shift reads a tensor
+            st.add(base[lo:lo + 1024], model[lo:lo + 1024])
+        d = model.double() - base.double()
+        assert st.finite and st.rel_l2 == pytest.approx(float(d.norm() / base.double().norm()), rel=1e-6)
+        assert st.delta_avg == pytest.approx(float(d.abs().mean()), rel=1e-6)
+
+
+def test_a_shift_past_fp32_is_bad_input_not_an_infinite_delta(tmp_path, capsys):
+    """Finite weights whose difference overflows fp32 (±3e38): Eq. 3 and ‖Δ‖ in fp32 are infinite. The NaN/Inf check
+    found the inputs finite and went on: shift's strict summary.json and trajectory's sklearn ended in a traceback
+    (exit 1). Now each command that takes θ − θ_base is one line naming the tensor, nothing written."""
+    lm = tiny.base_lm(0)
+    far = dict(lm, **{"norm.weight": torch.full_like(lm["norm.weight"], 3e38)})
+    near = dict(lm, **{"norm.weight": torch.full_like(lm["norm.weight"], -3e38)})
+    a, b = (tiny.write_model("qwen2", tmp_path / n, w) for n, w in (("a", far), ("b", near)))
+    capsys.readouterr()  # the models' writing bars
+    for main, argv in ((shift.main, ["--models", b, "--no-figures"]), (trajectory.main, ["--experts", b, "--no-figures"]),
+                       (merge.main, ["--models", b, "--method", "shift"])):
+        out = tmp_path / main.__module__
+        code = run(main, "--base", a, *argv, "--quiet", "--out", out)
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.startswith("error: ") and "\n" not in err and "norm.weight" in err, err
+        assert "fp32" in err and not out.exists()
+
+
+def test_rel_l2_of_a_zero_tensor_is_0_when_it_did_not_move_and_inf_when_it_did():
+    """rel_l2 = ‖θ − θ_base‖ / ‖θ_base‖: a base tensor of zeros (a bias never trained) that the model kept at zeros
+    was written inf, ranking an unchanged tensor (Δavg 0, max |Δ| 0) as the most shifted; one the model moved is
+    inf, undefined relative to nothing, and left out of mean_rel_l2."""
+    from analyses.formulas import ShiftStats
+
+    zeros = torch.zeros(8)
+    kept, moved = ShiftStats(), ShiftStats()
+    kept.add(zeros, zeros.clone())
+    moved.add(zeros, torch.full((8,), 1e-3))
+    assert (kept.delta_avg, kept.max_abs, kept.rel_l2) == (0, 0, 0)
+    assert moved.rel_l2 == math.inf and moved.delta_avg == pytest.approx(1e-3)
+    rows = [shift.ShiftRow("m", f"t{i}", None, "t", 8, 0.0, 0.0, r) for i, r in enumerate((kept.rel_l2, moved.rel_l2, 0.5))]
+    assert shift.summarize(rows, ["m"])["m"]["mean_rel_l2"] == pytest.approx(0.25)  # (0 + 0.5) / 2

@@ -258,3 +258,30 @@ def test_a_checkpoint_step_that_is_no_directory_is_bad_input(kind, models, tmp_p
     assert err.startswith(f"error: --runs {run}: checkpoint-20 is not a directory"), err
     assert not out.exists()
     assert sorted((p.name, p.is_symlink(), p.read_bytes() if p.is_file() else None) for p in run.rglob("*")) == before
+
+
+def test_run_points_are_in_numeric_step_order_not_name_order(tmp_path):
+    """checkpoint-10 sorts before checkpoint-2 by name: a run drawn in name order would jump 0 → 10 → 2 → 100."""
+    for step in (100, 2, 10, 0):
+        (tmp_path / "r" / f"checkpoint-{step}").mkdir(parents=True)
+    assert [(p.step, Path(p.path).name) for p in trajectory.run_points(str(tmp_path / "r"))] == [
+        (s, f"checkpoint-{s}") for s in (0, 2, 10, 100)]
+
+
+def test_a_tied_checkpoint_among_untied_ones_is_compared_by_its_embedding_and_run_json_says_so(models, tmp_path):
+    """A tied expert (no lm_head on disk) beside the untied base: its lm_head feature is ‖embed − θ_ref's lm_head‖
+    (transformers runs its embedding as its head), the rule shift's summary.json records as lm_head; run.json did
+    not record it (README: each command records the rule it applied)."""
+    lm = tiny.perturb(tiny.base_lm(0), 0.01, 5)
+    lm.pop("lm_head.weight")
+    tied = tiny.write_model("qwen2", tmp_path / "tied", lm, tie_word_embeddings=True)
+    out = tmp_path / "t"
+    assert cli_main(trajectory.main, [str(a) for a in ["--base", models["base"], "--experts", tied, "--sketch-dim", 16,
+                                                       "--quiet", "--no-figures", "--out", out]]) == 0
+    feats = np.load(out / "features.npz")
+    head = list(feats["tensors"]).index("lm_head.weight")
+    b = load_file(models["base"] / "model.safetensors")
+    want = (load_file(tied / "model.safetensors")["model.embed_tokens.weight"].double() - b["lm_head.weight"]).norm()
+    assert feats["norms"][1, head] == pytest.approx(float(want), rel=1e-6)
+    rule = json.loads((out / "run.json").read_text())["lm_head"]
+    assert rule["tied"] == [str(tied)] and rule["own_lm_head"] == [str(models["base"])]
