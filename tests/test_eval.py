@@ -1725,6 +1725,30 @@ def test_a_set_given_as_dot_is_named_and_resampled_as_its_folder(eval_run, tmp_p
     pd.testing.assert_frame_equal(got[cols].reset_index(drop=True), want)
 
 
+def test_the_hub_alias_typed_in_capitals_is_the_same_set(text_dir, tiny_dirs, tmp_path, monkeypatch, capfd):
+    """``mmmu`` is the hub set in any case (``MMMU`` too), but its label, bootstrap stream and identity took the
+    spelling as typed: ``--data MMMU`` got other intervals than ``--data mmmu`` for the same items, a resume typed
+    the other way was refused, and ``--data mmmu MMMU`` evaluated the set twice. Oracle: the plan of ``--data mmmu``
+    (the hub stood in for by the text set)."""
+    import probe.hub
+    from figures.results import EvalRun
+    from probe.eval import build_parser, make_plan
+
+    monkeypatch.setattr(probe.hub, "hub_snapshot", lambda *a, **k: Path(text_dir))
+    out = tmp_path / "out"
+    args = ["--models", "tiny-qwen2", "--limit", "2", "--no-generate", "--no-figures", "--quiet", "--out", out]
+    want = make_plan(build_parser().parse_args([*map(str, args), "--data", "mmmu"]))[0]
+    assert _eval(*args, "--data", "MMMU") == 0
+    run = EvalRun.read(out)
+    assert run.info["fingerprint"] == want.fingerprint()
+    assert set(run.scores["data"]) == {"mmmu"} and [d["name"] for d in run.info["plan"]["data"]] == ["mmmu"]
+    assert run.row("tiny-qwen2", "MMMU")["n_items"] == 2  # asked as typed, as analyses.replicate does
+    capfd.readouterr()
+    assert _eval("--models", "tiny-qwen2", "--data", "mmmu", "MMMU", "--quiet", "--out", tmp_path / "two") == 2
+    assert capfd.readouterr().err.strip() == "error: data set 'mmmu' given twice"
+    assert not (tmp_path / "two").exists()
+
+
 def test_a_model_changed_in_place_or_other_scoring_is_another_run(tiny_dirs, text_dir, tmp_path, capfd):
     """The weights of every model are part of the run's identity (a model re-merged at the same path used to
     resume with the old model's parts, exit 0), and so are --seed and --reference, which decide scores.csv (they
