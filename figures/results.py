@@ -116,9 +116,11 @@ class EvalRun:
         both answered: the ``probe.stats.Interval`` ``probe.eval --reference`` would report (its seed, the set's
         bootstrap stream), from items.parquet, so any two models of a saved run compare as the reference does."""
         from probe.eval import DataSet, paired_differences
+        from probe.mmmu import data_spec as one_spelling
 
-        try:
-            ds = next(DataSet(**x) for x in self.info["plan"]["data"] if data_spec in (x["spec"], x["name"]))
+        try:  # MMMU as mmmu: probe.eval writes the alias in one spelling (a run before wrote it as typed)
+            ds = next(DataSet(**x) for x in self.info["plan"]["data"]
+                      if {data_spec, one_spelling(data_spec)} & {x["spec"], x["name"]})
             seed = int(self.info["seed"])
         except (KeyError, TypeError, ValueError, StopIteration):
             raise BadInput(f"{self.dir / 'run.json'}: no seed, or no data set {data_spec} in its plan") from None
@@ -140,8 +142,10 @@ class EvalRun:
     def row(self, model: str, data_spec: str) -> Any:
         """The 'all' row of a model on a data set, by the spec the run was given (``probe/zoo/data/text``) or its
         name in scores.csv (``text``)."""
+        from probe.mmmu import data_spec as one_spelling
+
         s = self.scores
-        name = self.data_names.get(data_spec, data_spec)
+        name = self.data_names.get(one_spelling(data_spec), data_spec)  # MMMU as mmmu, as in paired
         if name not in self.data_names.values():
             raise BadInput(f"{self.dir}: no data set {data_spec} (it has {', '.join(self.data_names)}, named "
                            f"{', '.join(self.data_names.values())})")

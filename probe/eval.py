@@ -140,7 +140,7 @@ class EvalPlan:
 def make_plan(args: argparse.Namespace) -> tuple[EvalPlan, list[ModelRef], dict[tuple[int, int], list[Item]],
                                                  PromptTemplate, Placement]:
     from probe.devices import resolve_placement
-    from probe.mmmu import data_location, load_items
+    from probe.mmmu import data_location, data_spec, load_items
     from probe.models import model_fingerprint, resolve_model
     from probe.prompting import can_read, check_prompts
     from probe.results import distinct_names
@@ -149,6 +149,7 @@ def make_plan(args: argparse.Namespace) -> tuple[EvalPlan, list[ModelRef], dict[
     if args.seed < 0:  # numpy's bootstrap generator refuses it, but only after run.json and the parts are written
         raise BadInput(f"--seed must be ≥ 0, got {args.seed}")
     placement = resolve_placement(args.device, args.dtype, args.attn_implementation)
+    args.data = [data_spec(s) for s in args.data]  # MMMU is mmmu: one label and bootstrap stream
     specs = list(args.models)
     same = [data_location(s) for s in args.data]  # text, ./text
     for group, what in ((specs, "model"), (same, "data set")):

@@ -530,11 +530,18 @@ def resolve_data(data: str | Path, split: str = "validation", subjects: Sequence
     return hub_snapshot(_HUB_REPO, repo_type="dataset", patterns=patterns)
 
 
+def data_spec(data: str | Path) -> str:
+    """A --data as given, but the hub alias in one spelling: ``resolve_data`` takes ``MMMU`` as ``mmmu``, so a label,
+    a bootstrap stream (probe.eval) or an identity taken from the spelling would make them two sets."""
+    return "mmmu" if str(data).lower() == "mmmu" else str(data)
+
+
 def data_location(data: str | Path) -> str:
-    """A data set as a run's identity names it: ``mmmu`` as it is, a folder by its absolute path with ``~``, ``..``
-    and links resolved, so ``text``, ``./text/``, its absolute path and a link to it are one set (a rerun typed from
-    another working dir resumes), and another folder is another set."""
-    return str(data) if str(data).lower() == "mmmu" else str(Path(data).expanduser().resolve())
+    """A data set as a run's identity names it: ``mmmu`` (``data_spec``), a folder by its absolute path with ``~``,
+    ``..`` and links resolved, so ``text``, ``./text/``, its absolute path and a link to it are one set (a rerun typed
+    from another working dir resumes), and another folder is another set."""
+    spec = data_spec(data)
+    return spec if spec == "mmmu" else str(Path(spec).expanduser().resolve())
 
 
 def load_items(

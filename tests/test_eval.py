@@ -725,6 +725,50 @@ def test_paired_difference_pairs_items_within_their_subject():
             == [want.value, want.lo, want.hi])  # 4 pairs, not the 8 of a join on the id alone
 
 
+def test_scores_pool_unequal_subjects_and_pair_items_whatever_their_row_order():
+    """Every number of scores.csv against a bootstrap written out here (the documented stream: ``--seed`` and the
+    set's name, metric, ``diff``), on subjects of 3 and 17 items and a model whose rows come in another order than
+    the reference's: ``all`` is the mean over the pooled items (not the mean of the subjects' means), and the
+    difference pairs each item with the reference's same (subject, id) — a pairing by row position passed every
+    other test, whose models list their items in one order."""
+    import zlib
+
+    from probe.eval import DataSet, EvalPlan, ModelEntry, score_table
+
+    rng = np.random.default_rng(5)
+    keys = [("S1", str(i)) for i in range(3)] + [("S2", str(i)) for i in range(17)]
+    cols = ("correct", "prob_correct", "p_answer")
+    values = {m: {k: ((rng.random() < p), (rng.random() < 0.5), rng.random()) for k in keys}
+              for m, p in (("ref", 0.3), ("b", 0.7))}
+    order = {"ref": keys, "b": [keys[i] for i in rng.permutation(len(keys))]}
+    rows = [{"model": m, "data": "d", "subject": s, "item_id": i} | dict(zip(cols, map(float, values[m][s, i])))
+            for m in ("ref", "b") for s, i in order[m]]
+    plan = EvalPlan([ModelEntry(m, m, "qwen2", "fp") for m in ("ref", "b")],
+                    [DataSet("d", "d", "d", "fp", len(keys), 0, ["S1", "S2"])], {}, {}, {}, {"generate": True})
+    scores = score_table(pd.DataFrame(rows), plan, "ref", 11).set_index(["model", "subject"])
+
+    def boot(v: np.ndarray, key: str) -> list[float]:
+        idx = np.random.default_rng([11, zlib.crc32(key.encode())]).integers(0, len(v), size=(2000, len(v)))
+        return [v.mean(), *np.percentile(v[idx].mean(axis=1), [2.5, 97.5])]
+
+    for m in ("ref", "b"):
+        for subject in ("all", "S1", "S2"):
+            mine = [k for k in order[m] if subject in ("all", k[0])]  # the model's items, in its rows' order
+            r = scores.loc[(m, subject)]
+            assert r["n_items"] == len(mine)
+            for j, metric in enumerate(("accuracy", "prob_accuracy", "p_answer")):  # the columns of ``cols``
+                v = np.array([float(values[m][k][j]) for k in mine])
+                got = r[[metric, f"{metric}_lo", f"{metric}_hi"]].tolist()
+                assert got == pytest.approx(boot(v, f"d|{metric}"), abs=1e-12), (m, subject, metric)
+            if m == "b":
+                d = np.array([float(values["b"][k][0]) - float(values["ref"][k][0]) for k in mine])
+                assert r[["diff_accuracy", "diff_lo", "diff_hi"]].tolist() == pytest.approx(
+                    boot(d, "d|diff|accuracy"), abs=1e-12), subject
+                assert r["diff_n"] == len(mine)
+    pooled, by_subject = scores.loc[("b", "all"), "accuracy"], scores.loc["b"].loc[["S1", "S2"], "accuracy"].mean()
+    assert abs(pooled - by_subject) > 0.01  # the data tell the two apart
+
+
 def test_a_row_paired_on_fewer_items_keeps_its_all_right_note():
     """A model right on every item beside a reference that answered only some of them: the note naming the
     diff's items replaced the one giving the exact interval of its 100 % (the † of table.md then pointed at
@@ -1679,6 +1723,30 @@ def test_a_set_given_as_dot_is_named_and_resampled_as_its_folder(eval_run, tmp_p
     want = want[(want["model"] == "tiny-qwen2") & (want["data"] == text)][cols].reset_index(drop=True)
     assert len(want) > 1 and (want["p_answer_hi"] > want["p_answer_lo"]).all()
     pd.testing.assert_frame_equal(got[cols].reset_index(drop=True), want)
+
+
+def test_the_hub_alias_typed_in_capitals_is_the_same_set(text_dir, tiny_dirs, tmp_path, monkeypatch, capfd):
+    """``mmmu`` is the hub set in any case (``MMMU`` too), but its label, bootstrap stream and identity took the
+    spelling as typed: ``--data MMMU`` got other intervals than ``--data mmmu`` for the same items, a resume typed
+    the other way was refused, and ``--data mmmu MMMU`` evaluated the set twice. Oracle: the plan of ``--data mmmu``
+    (the hub stood in for by the text set)."""
+    import probe.hub
+    from figures.results import EvalRun
+    from probe.eval import build_parser, make_plan
+
+    monkeypatch.setattr(probe.hub, "hub_snapshot", lambda *a, **k: Path(text_dir))
+    out = tmp_path / "out"
+    args = ["--models", "tiny-qwen2", "--limit", "2", "--no-generate", "--no-figures", "--quiet", "--out", out]
+    want = make_plan(build_parser().parse_args([*map(str, args), "--data", "mmmu"]))[0]
+    assert _eval(*args, "--data", "MMMU") == 0
+    run = EvalRun.read(out)
+    assert run.info["fingerprint"] == want.fingerprint()
+    assert set(run.scores["data"]) == {"mmmu"} and [d["name"] for d in run.info["plan"]["data"]] == ["mmmu"]
+    assert run.row("tiny-qwen2", "MMMU")["n_items"] == 2  # asked as typed, as analyses.replicate does
+    capfd.readouterr()
+    assert _eval("--models", "tiny-qwen2", "--data", "mmmu", "MMMU", "--quiet", "--out", tmp_path / "two") == 2
+    assert capfd.readouterr().err.strip() == "error: data set 'mmmu' given twice"
+    assert not (tmp_path / "two").exists()
 
 
 def test_a_model_changed_in_place_or_other_scoring_is_another_run(tiny_dirs, text_dir, tmp_path, capfd):
