@@ -156,3 +156,56 @@ def test_tiny_dir_never_caches_a_build_without_weights_and_rebuilds_an_incomplet
     monkeypatch.setattr(tiny, "build_tiny", real)
     built = tiny.tiny_dir("qwen2")
     assert (built / "config.json").is_file() and any(built.glob("*.safetensors"))
+
+
+
+# Head layouts of the families table that no other engine test builds (Llama, the Qwen2-Audio text side) and a
+# window on a family other than Gemma 3 (Qwen2's use_sliding_window: layer 0 full, 1-2 sliding, window 6 shorter
+# than the prompt), each with 3 layers so a head of the first, a middle and the last layer is masked.
+GAPS = {"llama": ("llama", {}), "qwen2_audio": ("qwen2_audio", {}),
+        "qwen2_window": ("qwen2", {"use_sliding_window": True, "sliding_window": 6, "max_window_layers": 1})}
+
+
+@pytest.mark.parametrize("case", GAPS)
+def test_exact_and_naive_equal_zeroed_o_proj_columns_in_the_first_middle_and_last_layer(case, tmp_path):
+    """Oracle: the unmodified model with the head's o_proj input columns zeroed in its weight. The naive loop's
+    p(answer) and KL are the zeroed model's (fp32, 1e-5), and the exact engine gives the naive loop's rows (1e-5, same
+    texts), with generation at 3 rows a batch (4 heads a layer: one-row batches too) and without it at 5 rows a batch
+    (batches across layers)."""
+    from probe.metrics import kl_orig_masked, option_log_probs
+    from probe.prompting import PromptTemplate, build_inputs, letter_token_ids
+    from probe.sweep import SweepConfig, get_engine
+
+    family, text = GAPS[case]
+    m = build_and_load(tmp_path, family, text | {"num_hidden_layers": 3})
+    g = m.geometry
+    item = make_item(n_options=5, answer="E", with_image=False, item_id="validation_Test_5")
+    heads = [(layer, h) for layer in range(g.n_layers) for h in range(g.n_heads)]
+    frames = {}
+    for generate, batch in ((True, 3), (False, 5)):
+        cfg = SweepConfig(generate=generate, batch_size=batch, max_new_tokens=3)
+        n, e = frames[generate] = [pd.DataFrame(get_engine(k)(m, [item], heads, cfg)) for k in ("naive", "exact")]
+        for col in ("layer", "head", "pred", "prob_pred", "response"):
+            assert (n[col] == e[col]).all(), (generate, col)
+        for col in ("kl", "p_answer"):
+            np.testing.assert_allclose(e[col], n[col], atol=1e-5, rtol=0, err_msg=f"{col}, generate={generate}")
+    naive = frames[True][0].set_index(["layer", "head"])
+    assert naive["kl"].max() > 1e-5  # masking moved the options
+    inputs = build_inputs(m, item, PromptTemplate())
+    ids = letter_token_ids(m.tokenizer, item.letters)
+    with torch.no_grad():
+        base = option_log_probs(m.model(**inputs).logits[0, -1], ids)
+        for layer, head in [(0, 1), (1, g.n_heads - 1), (2, 0)]:
+            w = m.o_proj(layer).weight
+            saved = w.detach().clone()
+            try:
+                w[:, head * g.head_dim:(head + 1) * g.head_dim] = 0
+                zeroed = option_log_probs(m.model(**inputs).logits[0, -1], ids)
+            finally:
+                w.copy_(saved)
+            assert naive.loc[(layer, head), "p_answer"] == pytest.approx(float(zeroed[-1].exp()), abs=1e-5)
+            assert naive.loc[(layer, head), "kl"] == pytest.approx(float(kl_orig_masked(base, zeroed)), abs=1e-5)
+        if "sliding_window" in text:  # the window acts on this prompt: without it the logits differ
+            m.model.config.sliding_window = 10_000
+            wide = option_log_probs(m.model(**inputs).logits[0, -1], ids)
+            assert (wide - base).abs().max() > 1e-4

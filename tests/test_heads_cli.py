@@ -1019,6 +1019,21 @@ def exact_sweep(tiny_dirs, data_dir, tmp_path_factory) -> tuple[Path, list]:
     return out, args
 
 
+
+def test_the_exact_commands_rows_are_the_naive_commands(exact_sweep, base_run):
+    """Through the command (chunks, parts, one batch cap over the chunks, assembly): the exact run's items.parquet
+    rows are the naive run's on the same model, items and heads: p(answer), KL and probability accuracy to 1e-5, the
+    same probability choice (the naive run generates: its option probabilities come from the first generated
+    position's logits, those of the prompt's last position that the exact run without generation reads)."""
+    key = ["item_id", "layer", "head"]
+    exact = pd.read_parquet(exact_sweep[0] / "items.parquet")
+    both = exact.merge(pd.read_parquet(base_run / "items.parquet"), on=key, suffixes=("_e", "_n"))
+    assert len(both) == len(exact) == 3 * (1 + len(LAYERS) * len(HEADS))
+    assert (both["prob_pred_e"] == both["prob_pred_n"]).all()
+    for col in ("p_answer", "kl", "prob_correct"):
+        assert (both[f"{col}_e"] - both[f"{col}_n"]).abs().max() <= 1e-5, col
+    assert both["kl_n"].max() > 1e-6  # the masked rows moved
+
 def test_a_sweep_killed_after_its_first_chunk_keeps_that_processs_batching_record(exact_sweep, tmp_path, capfd):
     """probe.heads (exact) killed by SIGKILL (the kernel's out-of-memory killer: nothing runs on the way out) once
     its first chunk's part is on disk: its run.json, written as it started, names no process, and the part alone
