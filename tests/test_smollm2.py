@@ -106,6 +106,26 @@ def test_ten_option_letters_and_probabilities_on_a_non_latin_item(smol):
     assert (got - want).abs().max().item() < 1e-5
 
 
+def test_the_prompt_is_what_smollm2s_own_chat_template_writes(smol):
+    """The ``llama`` row's prompt (ChatML, no BOS) against the chat template the real checkpoint carries (the GGUF's
+    ``tokenizer.chat_template``, applied by transformers with §3's system prompt and the generation prompt), as text
+    and as token ids: test_checkpoint_templates quotes that template, this reads it from the file."""
+    from probe.lm_config import chat_format
+    from probe.prompting import PromptTemplate, render_chat
+
+    tok, t = smol.tokenizer, PromptTemplate()
+    item = make_item(with_image=False, n_options=5)
+    user = t.user.format(question=item.question, choices="".join(
+        t.choice.format(letter=l, option=o) for l, o in zip(item.letters, item.options)))
+    theirs = tok.apply_chat_template([{"role": "system", "content": t.system}, {"role": "user", "content": user}],
+                                     tokenize=False, add_generation_prompt=True)
+    bos = tok.bos_token if smol.family.chat_bos and tok.bos_token else ""
+    ours = render_chat(t, item, "", chat_format(smol.family, smol.ref.config), bos)
+    assert ours == theirs
+    assert tok(ours, add_special_tokens=False)["input_ids"] == tok(theirs, add_special_tokens=False)["input_ids"]
+    assert not smol.family.chat_bos and theirs.count(tok.bos_token) == 3  # its BOS is "<|im_start|>": turns only
+
+
 @pytest.mark.parametrize("prefix, read", [("", "A"), ("The answer is", " A"), ("Answer: Option", " A"),
                                           ("The answer is (", "A"), ("Answer:\n", "A")])
 def test_letters_after_an_assistant_prefix_are_those_the_model_writes(smol, prefix, read):
