@@ -4,7 +4,8 @@ video where the row reads video, each with §3's system prompt and the generatio
 a public copy (source in the comment; the tool-calling branches of the Qwen templates are left out, they do not run
 without tools). Not here, and why: LLaVA-OneVision's -hf template (``<|im_start|>user <image>`` with a space, no
 newline after ``<|im_end|>``) is not what LLaVA-NeXT trained on, and the row keeps the training ChatML (README);
-Vicuna-1.5 as a bare LM is prompted in the ``llama`` row's ChatML (SmolLM2's), as the README says."""
+Vicuna-1.5, whose vocabulary lacks the ``llama`` row's ChatML tokens, takes the row's ``chat_fallback`` (Vicuna's
+format: tests/test_chat_formats.py checks it against FastChat's)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from transformers.utils.chat_template_utils import render_jinja_template
 from conftest import make_item
 from probe.families import FAMILIES
 from probe.lm_config import chat_format
-from probe.prompting import PromptTemplate, render_chat
+from probe.prompting import CHAT_FORMATS, PromptTemplate, render_chat
 
 # Qwen/Qwen2-7B-Instruct tokenizer_config.json (openvinotoolkit/openvino.genai
 # tests/python_tests/data/tokenizer_configs.py)
@@ -186,7 +187,7 @@ class Checkpoint:
     family: str
     template: str
     lm_type: str | None = None  # the config's text_config model_type, where the row's chat format depends on it
-    bos: str = ""  # the tokenizer's BOS, which build_inputs passes for a chat_bos row
+    bos: str = ""  # the tokenizer's BOS, which build_inputs passes for a format that starts with it
     bos_by_processor: bool = False  # the template writes no BOS; the processor adds its id
     text_only: bool = False  # string contents (a text LM's template)
     render_kwargs: tuple[tuple[str, object], ...] = ()
@@ -241,7 +242,7 @@ def test_the_prompt_is_what_the_checkpoints_template_writes(ck, images, video):
     config = {"text_config": {"model_type": ck.lm_type}} if ck.lm_type else {}
     fmt = chat_format(fam, config)
     placeholders = (fam.image_placeholder or "") * images + ((fam.video_placeholder or "") if video else "")
-    ours = render_chat(t, item, placeholders, fmt, ck.bos if fam.chat_bos else "")
+    ours = render_chat(t, item, placeholders, fmt, ck.bos if CHAT_FORMATS[fmt].bos else "")
 
     text = t.user.format(question=item.question, choices="".join(
         t.choice.format(letter=l, option=o) for l, o in zip(item.letters, item.options)))
