@@ -60,7 +60,9 @@ class Family:
     named_tokens: tuple[tuple[str, str], ...] = ()  # tokenizer attributes its processor reads (boi_token, ...)
     chat: str = "chatml"  # probe.prompting.CHAT_FORMATS key: the turn markup of the family's chat models
     chat_by_lm: tuple[tuple[str, str], ...] = ()  # text-config model_type → chat format (LLaVA-NeXT on Mistral)
-    chat_bos: bool = False  # the chat format starts with the tokenizer's BOS (Llama, Mistral, Gemma)
+    # the chat format of a model whose tokenizer lacks ``chat``'s markup tokens (the llama row: Vicuna-1.5's, whose
+    # Llama-2 vocabulary has no ChatML tokens, where SmolLM2's has)
+    chat_fallback: str | None = None
     # Module-name pieces of the projector between vision tower and LM (Qwen2-VL's merger, LLaVA's projector and
     # its row newline): staged recipes train it on its own rate (probe.train.param_groups).
     projector_markers: tuple[str, ...] = ("visual.merger.", "multi_modal_projector.", "image_newline")
@@ -112,17 +114,17 @@ def _text_families() -> tuple[Family, ...]:
     """Plain causal LMs: same module paths, no processor (Qwen3 and Gemma 3 differ only inside their layers)."""
     rows = (
         ("qwen3", "Qwen3ForCausalLM", ("Qwen/Qwen3-8B", "Qwen/Qwen3-8B-Base"), "q/k norms, explicit head_dim",
-         "qwen3_nothink", False),
+         "qwen3_nothink"),
         ("mistral", "MistralForCausalLM", ("mistralai/Mistral-7B-Instruct-v0.2",), "LLaVA-NeXT-Mistral's base",
-         "mistral", True),
+         "mistral"),
         ("gemma3_text", "Gemma3ForCausalLM", ("google/gemma-3-1b-it",),
-         "sliding-window layers, q/k norms, tied embeddings", "gemma", True),
+         "sliding-window layers, q/k norms, tied embeddings", "gemma"),
     )
     return tuple(Family(name=n, model_types=(n,), model_class=cls, layers_path="model.layers",
                         o_proj_path="self_attn.o_proj", norm_path="model.norm", lm_head_path="lm_head",
                         text_config_attr=None, processor_class=None, image_placeholder=None, video_placeholder=None,
-                        chat=chat, chat_bos=bos, hub_examples=hub, note=note)
-                 for n, cls, hub, note, chat, bos in rows)
+                        chat=chat, hub_examples=hub, note=note)
+                 for n, cls, hub, note, chat in rows)
 
 
 FAMILIES: dict[str, Family] = {
@@ -190,6 +192,7 @@ FAMILIES: dict[str, Family] = {
             processor_class=None,
             image_placeholder=None,
             video_placeholder=None,
+            chat_fallback="vicuna",
             hub_examples=("HuggingFaceTB/SmolLM2-135M-Instruct", "lmsys/vicuna-7b-v1.5"),
         ),
         Family(
@@ -283,7 +286,7 @@ FAMILIES: dict[str, Family] = {
             image_placeholder="<image>\n",
             video_placeholder=None,
             processor_kwargs=_LLAVA_PROCESSOR,
-            chat="vicuna", chat_by_lm=(("mistral", "mistral"),), chat_bos=True,
+            chat="vicuna", chat_by_lm=(("mistral", "mistral"),),
             hub_examples=("llava-hf/llava-1.5-7b-hf",),
         ),
         Family(
@@ -299,7 +302,7 @@ FAMILIES: dict[str, Family] = {
             image_placeholder="<image>\n",
             video_placeholder=None,
             processor_kwargs=_LLAVA_PROCESSOR,
-            chat="vicuna", chat_by_lm=(("mistral", "llava_mistral"),), chat_bos=True,
+            chat="vicuna", chat_by_lm=(("mistral", "llava_mistral"),),
             hub_examples=("llava-hf/llava-v1.6-mistral-7b-hf", "llava-hf/llava-v1.6-vicuna-7b-hf"),
         ),
         Family(
@@ -317,7 +320,7 @@ FAMILIES: dict[str, Family] = {
             processor_kwargs=(("image_seq_length", "mm_tokens_per_image"),),
             lm_model_type="gemma3_text",
             text_model_type="gemma3_text",
-            chat="gemma", chat_bos=True,
+            chat="gemma",
             special_tokens=_GEMMA3_TOKENS,
             named_tokens=tuple(zip(("boi_token", "image_token", "eoi_token"), _GEMMA3_TOKENS)),
             hub_examples=("google/gemma-3-4b-it", "google/gemma-3-12b-it"),
@@ -337,7 +340,7 @@ FAMILIES: dict[str, Family] = {
             video_placeholder=None,
             processor_kwargs=(("image_seq_len", "@idefics3_image_seq_len"),),
             lm_model_type="llama",
-            chat="idefics3", chat_bos=True,
+            chat="idefics3",
             special_tokens=("<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"),
             projector_markers=("model.connector.",),  # pixel shuffle + modality projection
             hub_examples=("HuggingFaceM4/Idefics3-8B-Llama3", "HuggingFaceTB/SmolVLM-Instruct"),
@@ -570,7 +573,8 @@ def supported_families_markdown() -> str:
         aliases = [a.alias for a in ALIASES.values() if a.family == fam.name and not a.source.startswith("organism:")]
         types = ", ".join(f"`{t}`" for t in fam.model_types)
         note = f" ({fam.note})" if fam.note else ""
-        chat = fam.chat + "".join(f" ({lm}: {c})" for lm, c in fam.chat_by_lm)
+        chat = fam.chat + "".join(f" ({lm}: {c})" for lm, c in fam.chat_by_lm) + (
+            f" (a vocabulary without its tokens: {fam.chat_fallback})" if fam.chat_fallback else "")
         lines.append(f"| {types} | `{fam.name}`{note} | `{fam.model_class}` | {', '.join(fam.modalities)} | {chat} | "
                      f"{', '.join(commands)} | {lm_cls} | {', '.join(f'`{lay.name}`' for lay in layouts) or '-'} | "
                      f"{', '.join(f'`{a}`' for a in aliases) or '-'} |")

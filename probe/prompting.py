@@ -100,7 +100,10 @@ class ChatFormat:
     the trained answer starts with after the prompt (Vicuna's ``ASSISTANT: A``, Mistral's ``[/INST] A``, Idefics3's
     ``Assistant: A``), so the first generated token is " A" (``ĠA`` in byte-level BPE, not ``A``); ``trim`` strips
     the user's text (Gemma's template does); ``text_sep`` goes before user text that no image placeholder precedes
-    (Idefics3: ``User: text`` but ``User:<image>text``). Vicuna and the Mistral formats put a space after ``{bos}``:
+    (Idefics3: ``User: text`` but ``User:<image>text``); ``bos``: the format starts with the tokenizer's BOS (as
+    text: Vicuna, Mistral, Gemma, Idefics3), where ChatML's checkpoints write none (SmolLM2's BOS is its
+    ``<|im_start|>``); ``markup``: its special tokens, one token each in the vocabulary of a model trained on it (a
+    row's ``chat_fallback`` is taken where they are not). Vicuna and the Mistral formats put a space after ``{bos}``:
     with BOS as text, transformers' sentencepiece tokenizers (Metaspace, prepend "first") would read ``<s>Answer``
     as ``An``+``swer``, not the ``▁Answer`` the model saw after its BOS id (the space is what Mistral's own template
     writes, `` [INST]``)."""
@@ -110,25 +113,45 @@ class ChatFormat:
     lead: str = ""  # what the trained answer writes before the letter (" ": ``ĠA`` / ``▁A``)
     trim: bool = False  # the template strips the user's text
     text_sep: str = ""  # before user text that no image placeholder precedes
+    bos: bool = False  # the prompt starts with the tokenizer's BOS (as text, where it has one)
+    markup: tuple[str, ...] = ()  # the format's special tokens (ChatML's <|im_start|>, <|im_end|>)
 
 
+_CHATML = ("<|im_start|>", "<|im_end|>")
 CHAT_FORMATS: dict[str, ChatFormat] = {
     "chatml": ChatFormat("{bos}<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
-                         "<|im_start|>assistant\n", end="<|im_end|>"),
-    # LLaVA-1.5, LLaVA-NeXT-Vicuna: the system text, a space, then the turns (LLaVA's conv_vicuna_v1, -hf template)
-    "vicuna": ChatFormat("{bos} {system} USER: {user} ASSISTANT:", lead=" "),
-    "mistral": ChatFormat("{bos} [INST] {system}\n\n{user} [/INST]", lead=" "),  # no system role: it opens the turn
+                         "<|im_start|>assistant\n", end="<|im_end|>", markup=_CHATML),
+    # Vicuna-1.5 (FastChat's vicuna_v1.1), LLaVA-1.5, LLaVA-NeXT-Vicuna: the system text, a space, then the turns
+    # (LLaVA's conv_vicuna_v1, -hf template)
+    "vicuna": ChatFormat("{bos} {system} USER: {user} ASSISTANT:", lead=" ", bos=True),
+    "mistral": ChatFormat("{bos} [INST] {system}\n\n{user} [/INST]", lead=" ", bos=True),  # no system role
     # llava-hf's LLaVA-NeXT-Mistral template: a Llama-2 <<SYS>> block before [INST], not Mistral's system-in-[INST]
-    "llava_mistral": ChatFormat("{bos} <<SYS>>\n{system}\n<</SYS>>\n\n[INST] {user} [/INST]", lead=" "),
+    "llava_mistral": ChatFormat("{bos} <<SYS>>\n{system}\n<</SYS>>\n\n[INST] {user} [/INST]", lead=" ", bos=True),
     # Qwen3's hybrid models think first unless the template's enable_thinking=False writes an empty think block: the
     # letter is then the first token of the answer (after "<|im_start|>assistant\n" alone it is "<think>")
     "qwen3_nothink": ChatFormat("{bos}<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
-                                "<|im_start|>assistant\n<think>\n\n</think>\n\n", end="<|im_end|>"),
+                                "<|im_start|>assistant\n<think>\n\n</think>\n\n", end="<|im_end|>", markup=_CHATML),
     "gemma": ChatFormat("{bos}<start_of_turn>user\n{system}\n\n{user}<end_of_turn>\n<start_of_turn>model\n",
-                        end="<end_of_turn>", trim=True),
+                        end="<end_of_turn>", trim=True, bos=True, markup=("<start_of_turn>", "<end_of_turn>")),
     "idefics3": ChatFormat("{bos}System: {system}<end_of_utterance>\nUser:{user}<end_of_utterance>\nAssistant:",
-                           end="<end_of_utterance>", lead=" ", text_sep=" "),
+                           end="<end_of_utterance>", lead=" ", text_sep=" ", bos=True, markup=("<end_of_utterance>",)),
 }
+
+
+def holds_tokens(tokenizer: Any, texts: Sequence[str]) -> bool:
+    """Each of ``texts`` is one known token of the tokenizer (as it reads text: a special token, not its pieces)."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    return all(len(ids := tokenizer.encode(t, add_special_tokens=False)) == 1 and (unk is None or ids[0] != unk)
+               for t in texts)
+
+
+def model_chat_format(loaded: LoadedModel) -> str:
+    """The ``CHAT_FORMATS`` key of a model: its row's for its LM type (``probe.lm_config.chat_format``), or the
+    row's ``chat_fallback`` where its tokenizer lacks that format's markup tokens (the ``llama`` row: SmolLM2 has
+    ChatML's, Vicuna-1.5's Llama-2 vocabulary has not, and would read ``<|im_start|>`` as the text ``<``, ``|``, …)."""
+    name = chat_format(loaded.family, loaded.ref.config)
+    fallback = loaded.family.chat_fallback
+    return fallback if fallback and not holds_tokens(loaded.tokenizer, CHAT_FORMATS[name].markup) else name
 
 
 def render_chat(template: PromptTemplate, item: ItemLike, placeholders: str, chat: str = "chatml",
@@ -147,7 +170,7 @@ def turn_end_id(loaded: LoadedModel) -> int:
     else the tokenizer's EOS where its vocabulary lacks that token. (Fine-tuning took ``<|im_end|>`` for every
     family, which a Gemma or Llama tokenizer reads as its unknown token: it trained the model to end on that.)"""
     tok = loaded.tokenizer
-    fmt = chat_format(loaded.family, loaded.ref.config)
+    fmt = model_chat_format(loaded)
     for text in filter(None, (CHAT_FORMATS[fmt].end, tok.eos_token)):
         i = tok.convert_tokens_to_ids(text)
         if isinstance(i, int) and (i != tok.unk_token_id or text == tok.unk_token):
@@ -207,7 +230,7 @@ def answer_token_ids(loaded: LoadedModel, letters: Sequence[str],
     key = (tuple(letters), template.assistant_prefix)
     cache = getattr(loaded, "answer_ids", {})  # a stand-in for a LoadedModel (a tokenizer and a family) has none
     if (ids := cache.get(key)) is None:
-        fmt = CHAT_FORMATS[chat_format(loaded.family, loaded.ref.config)]
+        fmt = CHAT_FORMATS[model_chat_format(loaded)]
         after = fmt.prompt.rsplit("{user}", 1)[1] + template.assistant_prefix
         ids = cache[key] = letter_token_ids(loaded.tokenizer, letters, answer_lead(fmt, template.assistant_prefix),
                                             after)
@@ -306,8 +329,9 @@ def render_prompt(loaded: LoadedModel, item: ItemLike, template: PromptTemplate,
     placeholders = (fam.image_placeholder or "") * len(images)
     if frames:
         placeholders += fam.video_placeholder or ""
-    bos = loaded.tokenizer.bos_token if fam.chat_bos and loaded.tokenizer.bos_token else ""
-    return Prompt(render_chat(template, item, placeholders, chat_format(fam, loaded.ref.config), bos), images, frames)
+    chat = model_chat_format(loaded)
+    bos = loaded.tokenizer.bos_token if CHAT_FORMATS[chat].bos and loaded.tokenizer.bos_token else ""
+    return Prompt(render_chat(template, item, placeholders, chat, bos), images, frames)
 
 
 def processor_kwargs(texts: list[str], images: list[Image.Image] | list[list[Image.Image]]) -> dict[str, Any]:

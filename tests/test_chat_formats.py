@@ -22,7 +22,8 @@ WORDS = ["Answer", "with", "the", "USER:", "ASSISTANT:", "[INST]", "[/INST]", "<
          "model", "\n"]
 
 
-def _tokenizer(kind: str, letters: str = string.ascii_uppercase) -> PreTrainedTokenizerFast:
+def _tokenizer(kind: str, letters: str = string.ascii_uppercase,
+               specials: tuple[str, ...] = tuple(SPECIALS)) -> PreTrainedTokenizerFast:
     """A word-level vocabulary (other words read as <unk>) split the way the real tokenizer family splits."""
     if kind == "bytelevel":  # Qwen2's split, which (like Llama 3's) keeps "\n\n" apart from the letter after it
         pre = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), "isolated"),
@@ -37,7 +38,7 @@ def _tokenizer(kind: str, letters: str = string.ascii_uppercase) -> PreTrainedTo
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    fast.add_special_tokens({"additional_special_tokens": SPECIALS})
+    fast.add_special_tokens({"additional_special_tokens": list(specials)})
     return fast
 
 
@@ -137,3 +138,39 @@ def test_smolvlm_reads_the_spaced_letter_with_smollm2s_real_tokenizer():
     loaded = SimpleNamespace(tokenizer=tok, family=FAMILIES["idefics3"], ref=SimpleNamespace(config={}))
     ids = answer_token_ids(loaded, list("ABCD"))
     assert ids[0] == text[-1] and tok.convert_ids_to_tokens(ids) == ["ĠA", "ĠB", "ĠC", "ĠD"]
+
+
+def _llama_row_model(tok: PreTrainedTokenizerFast) -> SimpleNamespace:
+    """A stand-in for a loaded model of the ``llama`` row (what render_prompt, answer_token_ids and turn_end_id
+    read): SmolLM2 and Vicuna-1.5 are both model_type llama."""
+    from probe.families import FAMILIES
+
+    fam = FAMILIES["llama"]
+    return SimpleNamespace(tokenizer=tok, family=fam, ref=SimpleNamespace(config={}, spec="llama-dir", family=fam),
+                           checked_templates=set(), special_tokens=list(tok.all_special_tokens), answer_ids={})
+
+
+def test_a_llama_model_without_chatml_tokens_is_prompted_in_vicunas_format():
+    """The ``llama`` row prompted every model in SmolLM2's ChatML, also Vicuna-1.5 (the vicuna-1.5 alias, LLaVA-1.5's
+    base), whose Llama-2 vocabulary has no ``<|im_start|>``: the model read its markup as plain text (``<``, ``|``,
+    ``im``…) in a format it never saw, and base-vs-LLaVA-1.5 comparisons mixed two prompt formats. Oracle: FastChat's
+    vicuna_v1.1 conversation (Vicuna's own: system, " USER: ", the message, " ASSISTANT:"), tokenised after the BOS id
+    its tokenizer adds; the answer Vicuna writes after "ASSISTANT:" is " B" (``▁B``), ended by EOS. A tokenizer that
+    holds the ChatML tokens (SmolLM2's) keeps ChatML, without BOS."""
+    from probe.prompting import answer_token_ids, render_prompt, turn_end_id
+
+    item = make_item(with_image=False, answer="B")
+    t = PromptTemplate()
+    user = t.user.format(question=item.question, choices="".join(
+        t.choice.format(letter=l, option=o) for l, o in zip(item.letters, item.options)))
+    vicuna = _tokenizer("metaspace", specials=tuple(s for s in SPECIALS if s not in ("<|im_start|>", "<|im_end|>")))
+    m = _llama_row_model(vicuna)
+    ours = vicuna.encode(render_prompt(m, item, t).text, add_special_tokens=False)
+    theirs = [vicuna.bos_token_id] + vicuna.encode(f"{t.system} USER: {user} ASSISTANT:", add_special_tokens=False)
+    assert ours == theirs, vicuna.convert_ids_to_tokens(ours[:6])
+    assert vicuna.convert_ids_to_tokens(answer_token_ids(m, item.letters)) == ["▁A", "▁B", "▁C", "▁D"]
+    assert turn_end_id(m) == vicuna.eos_token_id
+
+    smol = _llama_row_model(_tokenizer("bytelevel"))
+    assert render_prompt(smol, item, t).text == render_chat(t, item, "", "chatml", "")
+    assert turn_end_id(smol) == smol.tokenizer.convert_tokens_to_ids("<|im_end|>")

@@ -4,19 +4,20 @@ video where the row reads video, each with §3's system prompt and the generatio
 a public copy (source in the comment; the tool-calling branches of the Qwen templates are left out, they do not run
 without tools). Not here, and why: LLaVA-OneVision's -hf template (``<|im_start|>user <image>`` with a space, no
 newline after ``<|im_end|>``) is not what LLaVA-NeXT trained on, and the row keeps the training ChatML (README);
-Qwen3-VL's and Qwen2-Audio's templates were not found in a public copy; Vicuna-1.5 as a bare LM is prompted in the
-``llama`` row's ChatML (SmolLM2's), as the README says."""
+Vicuna-1.5, whose vocabulary lacks the ``llama`` row's ChatML tokens, takes the row's ``chat_fallback`` (Vicuna's
+format: tests/test_chat_formats.py checks it against FastChat's)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import pytest
+from transformers.models.qwen2_audio.processing_qwen2_audio import Qwen2AudioProcessor
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from conftest import make_item
 from probe.families import FAMILIES
 from probe.lm_config import chat_format
-from probe.prompting import PromptTemplate, render_chat
+from probe.prompting import CHAT_FORMATS, PromptTemplate, render_chat
 
 # Qwen/Qwen2-7B-Instruct tokenizer_config.json (openvinotoolkit/openvino.genai
 # tests/python_tests/data/tokenizer_configs.py)
@@ -61,6 +62,56 @@ SMOLLM2 = ("{% for message in messages %}{% if loop.first and messages[0]['role'
            "'<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' "
            "}}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% "
            "endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+# Qwen/Qwen3-VL-8B-Instruct (the tokenizer.chat_template of Qwen/Qwen3-VL-8B-Instruct-GGUF, quoted with its SHA-256 in
+# zhongkaifu/TensorSharp's QwenImageIntentScorerTests): its branches without tools for a system and a user turn and
+# the generation prompt. No default system prompt, no think block (the Instruct models answer directly)
+QWEN3_VL = """{%- if messages[0].role == 'system' %}
+    {{- '<|im_start|>system\\n' }}
+    {%- if messages[0].content is string %}
+        {{- messages[0].content }}
+    {%- else %}
+        {%- for content in messages[0].content %}
+            {%- if 'text' in content %}
+                {{- content.text }}
+            {%- endif %}
+        {%- endfor %}
+    {%- endif %}
+    {{- '<|im_end|>\\n' }}
+{%- endif %}
+{%- set image_count = namespace(value=0) %}
+{%- set video_count = namespace(value=0) %}
+{%- for message in messages %}
+    {%- if message.role == "user" %}
+        {{- '<|im_start|>' + message.role + '\\n' }}
+        {%- if message.content is string %}
+            {{- message.content }}
+        {%- else %}
+            {%- for content in message.content %}
+                {%- if content.type == 'image' or 'image' in content or 'image_url' in content %}
+                    {%- set image_count.value = image_count.value + 1 %}
+                    {%- if add_vision_id %}Picture {{ image_count.value }}: {% endif -%}
+                    <|vision_start|><|image_pad|><|vision_end|>
+                {%- elif content.type == 'video' or 'video' in content %}
+                    {%- set video_count.value = video_count.value + 1 %}
+                    {%- if add_vision_id %}Video {{ video_count.value }}: {% endif -%}
+                    <|vision_start|><|video_pad|><|vision_end|>
+                {%- elif 'text' in content %}
+                    {{- content.text }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}
+"""
+
+# Qwen/Qwen2-Audio-7B-Instruct: the template its processor falls back to (the checkpoint ships none), which the
+# installed transformers carries as Qwen2AudioProcessor.default_chat_template
+QWEN2_AUDIO = Qwen2AudioProcessor.default_chat_template.fget(None)
 
 # OpenGVLab/InternVL3-*-hf (huggingface/transformers src/transformers/models/internvl/convert_internvl_weights_to_hf.py)
 INTERNVL = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n'}}{% if message['content'] is "
@@ -136,7 +187,7 @@ class Checkpoint:
     family: str
     template: str
     lm_type: str | None = None  # the config's text_config model_type, where the row's chat format depends on it
-    bos: str = ""  # the tokenizer's BOS, which build_inputs passes for a chat_bos row
+    bos: str = ""  # the tokenizer's BOS, which build_inputs passes for a format that starts with it
     bos_by_processor: bool = False  # the template writes no BOS; the processor adds its id
     text_only: bool = False  # string contents (a text LM's template)
     render_kwargs: tuple[tuple[str, object], ...] = ()
@@ -152,6 +203,8 @@ CHECKPOINTS = [
     Checkpoint("Qwen/Qwen2-VL-7B-Instruct", "qwen2_vl", QWEN2_VL),
     Checkpoint("Qwen/Qwen2.5-VL-7B-Instruct", "qwen2_5_vl", QWEN2_VL),
     Checkpoint("Qwen/Qwen2.5-Omni-7B", "qwen2_5_omni_thinker", QWEN2_5_OMNI),
+    Checkpoint("Qwen/Qwen3-VL-8B-Instruct", "qwen3_vl", QWEN3_VL),
+    Checkpoint("Qwen/Qwen2-Audio-7B-Instruct", "qwen2_audio", QWEN2_AUDIO, text_only=True),
     Checkpoint("OpenGVLab/InternVL3-8B-hf", "internvl", INTERNVL),
     Checkpoint("llava-hf/llava-1.5-7b-hf", "llava", LLAVA_VICUNA, "llama", "<s>", bos_by_processor=True),
     Checkpoint("llava-hf/llava-v1.6-vicuna-7b-hf", "llava_next", LLAVA_VICUNA, "llama", "<s>", bos_by_processor=True),
@@ -189,7 +242,7 @@ def test_the_prompt_is_what_the_checkpoints_template_writes(ck, images, video):
     config = {"text_config": {"model_type": ck.lm_type}} if ck.lm_type else {}
     fmt = chat_format(fam, config)
     placeholders = (fam.image_placeholder or "") * images + ((fam.video_placeholder or "") if video else "")
-    ours = render_chat(t, item, placeholders, fmt, ck.bos if fam.chat_bos else "")
+    ours = render_chat(t, item, placeholders, fmt, ck.bos if CHAT_FORMATS[fmt].bos else "")
 
     text = t.user.format(question=item.question, choices="".join(
         t.choice.format(letter=l, option=o) for l, o in zip(item.letters, item.options)))
@@ -208,5 +261,5 @@ def test_the_prompt_is_what_the_checkpoints_template_writes(ck, images, video):
 def test_every_row_with_a_chat_model_is_checked_against_a_template():
     """A row added (or a chat format changed) without a checkpoint template here would go unchecked; the rows left
     out are those whose template was not found or differs on purpose (module docstring)."""
-    unchecked = {"llava_onevision", "qwen2_audio", "qwen3_vl"}
+    unchecked = {"llava_onevision"}
     assert set(FAMILIES) - {ck.family for ck in CHECKPOINTS} == unchecked

@@ -1203,7 +1203,7 @@ def test_chat_formats_follow_the_row_and_the_lm():
     """Each family's turn markup (and BOS where its tokenizer has one); LLaVA-NeXT on Mistral uses its llava-hf
     template's [INST] with a <<SYS>> block."""
     from probe.lm_config import chat_format
-    from probe.prompting import PromptTemplate, render_chat
+    from probe.prompting import CHAT_FORMATS, PromptTemplate, render_chat
 
     item = make_item(with_image=False)
     t = PromptTemplate()
@@ -1216,9 +1216,11 @@ def test_chat_formats_follow_the_row_and_the_lm():
             "llava_mistral": " [/INST]", "qwen3_nothink": "<|im_start|>assistant\n<think>\n\n</think>\n\n"}
     for fam in FAMILIES.values():
         fmt = chat_format(fam, {})
-        text = render_chat(t, item, "", fmt, "<s>" if fam.chat_bos else "")
+        bos = CHAT_FORMATS[fmt].bos
+        text = render_chat(t, item, "", fmt, "<s>" if bos else "")
         assert text.endswith(ends[fmt]) and t.system in text and "A. red\n" in text, fam.name
-        assert text.startswith("<s>") == fam.chat_bos
+        assert text.startswith("<s>") == bos and bos == (fmt not in ("chatml", "qwen3_nothink")), fam.name
+        assert fam.chat_fallback is None or fam.chat_fallback in CHAT_FORMATS
 
 
 @pytest.mark.parametrize("family", NEW)
@@ -1592,13 +1594,13 @@ def test_a_bos_added_despite_add_special_tokens_false_stops_the_run(family, load
 
     from transformers import PreTrainedTokenizerBase
 
-    from probe.prompting import PromptTemplate, build_inputs
+    from probe.prompting import CHAT_FORMATS, PromptTemplate, build_inputs, model_chat_format
     from probe.upstream import UpstreamChanged
 
     tok = copy.deepcopy(loaded(family).tokenizer)
     tok.bos_token = "<|endoftext|>"  # the tiny vocabularies have no BOS: lend them one of their special tokens
     m = dataclasses.replace(loaded(family), tokenizer=tok)
-    bos, holds = tok.bos_token_id, int(m.family.chat_bos)
+    bos, holds = tok.bos_token_id, int(CHAT_FORMATS[model_chat_format(m)].bos)
     item = make_item(with_image=False)
     assert build_inputs(m, item, PromptTemplate())["input_ids"][0].tolist().count(bos) == holds  # today
     real = PreTrainedTokenizerBase.__call__

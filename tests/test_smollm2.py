@@ -106,6 +106,25 @@ def test_ten_option_letters_and_probabilities_on_a_non_latin_item(smol):
     assert (got - want).abs().max().item() < 1e-5
 
 
+def test_the_prompt_is_what_smollm2s_own_chat_template_writes(smol):
+    """The ``llama`` row's prompt (ChatML, no BOS) against the chat template the real checkpoint carries (the GGUF's
+    ``tokenizer.chat_template``, applied by transformers with §3's system prompt and the generation prompt), as text
+    and as token ids: test_checkpoint_templates quotes that template, this reads it from the file."""
+    from probe.prompting import CHAT_FORMATS, PromptTemplate, model_chat_format, render_chat
+
+    tok, t = smol.tokenizer, PromptTemplate()
+    item = make_item(with_image=False, n_options=5)
+    user = t.user.format(question=item.question, choices="".join(
+        t.choice.format(letter=l, option=o) for l, o in zip(item.letters, item.options)))
+    theirs = tok.apply_chat_template([{"role": "system", "content": t.system}, {"role": "user", "content": user}],
+                                     tokenize=False, add_generation_prompt=True)
+    assert model_chat_format(smol) == "chatml"  # its vocabulary holds ChatML's tokens (Vicuna's would not)
+    ours = render_chat(t, item, "", "chatml", tok.bos_token if CHAT_FORMATS["chatml"].bos else "")
+    assert ours == theirs
+    assert tok(ours, add_special_tokens=False)["input_ids"] == tok(theirs, add_special_tokens=False)["input_ids"]
+    assert theirs.count(tok.bos_token) == 3  # its BOS is "<|im_start|>", written by the turns only
+
+
 @pytest.mark.parametrize("prefix, read", [("", "A"), ("The answer is", " A"), ("Answer: Option", " A"),
                                           ("The answer is (", "A"), ("Answer:\n", "A")])
 def test_letters_after_an_assistant_prefix_are_those_the_model_writes(smol, prefix, read):
@@ -113,14 +132,11 @@ def test_letters_after_an_assistant_prefix_are_those_the_model_writes(smol, pref
     is" they were read bare (``A``), where SmolLM2 puts under 0.1 % (its answer is `` A``, ``ĠA``), so p(answer),
     prob. accuracy and KL were measured on tokens the model does not write. Oracle: the model's own next-token
     distribution after the prompt: the letters read must hold most of it, the other spelling next to none."""
-    from probe.lm_config import chat_format
-    from probe.prompting import PromptTemplate, answer_token_ids, render_chat
+    from probe.prompting import PromptTemplate, answer_token_ids, render_prompt
 
     tok, t = smol.tokenizer, PromptTemplate(assistant_prefix=prefix)
     item = make_item(with_image=False, answer="B")
-    bos = tok.bos_token if smol.family.chat_bos and tok.bos_token else ""
-    ids = tok(render_chat(t, item, "", chat_format(smol.family, smol.ref.config), bos), return_tensors="pt",
-              add_special_tokens=False)["input_ids"]
+    ids = tok(render_prompt(smol, item, t).text, return_tensors="pt", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         p = smol.model(input_ids=ids).logits[0, -1].float().softmax(-1)
     ours = answer_token_ids(smol, item.letters, t)
