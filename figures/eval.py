@@ -136,6 +136,7 @@ def _draw_page(top: pd.DataFrame, metric: str, models: list[str], labels: list[s
                               margin=(left, 0.5), dpi=150, sharey=True)
     colours = [colour[m] for m in models]
     y = np.arange(len(models))[::-1]
+    counts = []  # the "k of n" labels of partly scored models, moved inside their panels once laid out
     for (ax,), ds in zip(panels, datasets):
         rows = top[top["data"] == ds].set_index("model").reindex(models)
         totals = [set_size(r) for _, r in rows.iterrows()]
@@ -152,8 +153,12 @@ def _draw_page(top: pd.DataFrame, metric: str, models: list[str], labels: list[s
             ax.errorbar(100 * v, y[k], xerr=[[100 * (v - lo)], [100 * (hi - v)]], fmt="o", ms=4, capsize=3,
                         color=colours[k], mfc="white" if part else colours[k])
             if part:
-                ax.annotate(f"{int(r['n_items'])} of {totals[k]}", (100 * v, y[k]), xytext=(0, 5),
-                            textcoords="offset points", ha="center", fontsize=7, color="0.35")
+                label = ax.annotate(f"{int(r['n_items'])} of {totals[k]}", (100 * v, y[k]), xytext=(0, COUNT_RISE),
+                                    textcoords="offset points", ha="center", fontsize=7, color="0.35")
+                # out of the layout: one past a frame made tight_layout shrink every panel for it (0.96 → 0.42 in
+                # at 9 sets); keep_inside moves it inside its panel instead
+                label.set_in_layout(False)
+                counts.append((ax, label))
         # n: the set's items, known from the rows that scored some (an n/a row's note gives no count)
         ax.set_title(f"{ds} (n={n})" if n else f"{ds} (n/a)", fontsize=9)
         ax.set_xlim(-2, 102)
@@ -174,4 +179,32 @@ def _draw_page(top: pd.DataFrame, metric: str, models: list[str], labels: list[s
         for (ax,) in panels:
             ax.set_title(ax.get_title().replace(" (n", "\n(n"), fontsize=9)
         fig.tight_layout()
+    if counts:  # only a page with a partly scored model: the others stay as they were drawn
+        keep_inside(fig, counts)
     return fig
+
+
+COUNT_RISE = 5  # points from a partly scored model's dot up to its "k of n"
+EDGE = 2  # points kept clear between a "k of n" and its panel's frame
+
+
+def keep_inside(fig, labels: list) -> None:
+    """Move each (axes, annotation) "k of n" label into its panel as laid out: centred over its dot, a label of a
+    score near 0 % or 100 % ran across the panel's left or right frame (and over the next panel's ticks). It slides
+    sideways until it clears the frame (one wider than its panel is centred on it), and a label that would cross the
+    top frame (the top row of a page of tight rows) goes under its dot instead."""
+    fig.draw_without_rendering()
+    renderer = fig.canvas.get_renderer()
+    to_points = 72 / fig.dpi
+    for ax, label in labels:
+        box, frame = label.get_window_extent(renderer), ax.get_window_extent(renderer)
+        edge = EDGE / to_points  # in pixels
+        if box.width > frame.width - 2 * edge:
+            dx = (frame.x0 + frame.x1 - box.x0 - box.x1) / 2
+        else:
+            dx = max(0.0, frame.x0 + edge - box.x0) - max(0.0, box.x1 - (frame.x1 - edge))
+        if box.y1 > frame.y1 - edge:  # under the dot, its top COUNT_RISE below the dot's centre
+            label.set_verticalalignment("top")
+            label.xyann = (dx * to_points, -COUNT_RISE)
+        else:
+            label.xyann = (dx * to_points, COUNT_RISE)

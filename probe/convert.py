@@ -23,8 +23,9 @@ guessed:
   resumes.
 
 The result is read back with the probe's own loader before the command ends; ``DIR/convert-<split>.json`` records
-the source, the counts and the rows left out (a question whose text holds ``<image k>`` or ``<video>``, which the
-prompt would read as a missing picture).
+the source, the counts, the rows left out (a question whose text holds ``<image k>`` or ``<video>``, which the
+prompt would read as a missing picture) and, for MMLU and MMMLU, the subjects or locales of the whole set that the
+snapshot lacks (also a warning: a mean over the rest is not the benchmark's score).
 """
 from __future__ import annotations
 
@@ -56,6 +57,26 @@ VIDEO_SUBJECTS = ("duration", "domain", "task_type")  # Video-MME's breakdowns; 
 _LETTER_PREFIX = re.compile(r"^\s*([A-Z])\s*[.)]\s*")
 _VIDEO_ID = re.compile(r"[A-Za-z0-9_-]+")
 VIDEO_EXTS = (".mp4", ".MP4", ".mkv", ".webm")  # Video-MME ships .mp4; the others as lmms-eval also looks for them
+MMMLU_LOCALES = ("AR_XY", "BN_BD", "DE_DE", "ES_LA", "FR_FR", "HI_IN", "ID_ID", "IT_IT", "JA_JP", "KO_KR", "PT_BR",
+                 "SW_KE", "YO_NG", "ZH_CN")  # openai/MMMLU's test/mmlu_<LOCALE>.csv
+MMLU_SUBJECTS = (  # cais/mmlu's subject configs ('all' and 'auxiliary_train' aside); each has dev, validation, test
+    "abstract_algebra", "anatomy", "astronomy", "business_ethics", "clinical_knowledge", "college_biology",
+    "college_chemistry", "college_computer_science", "college_mathematics", "college_medicine", "college_physics",
+    "computer_security", "conceptual_physics", "econometrics", "electrical_engineering", "elementary_mathematics",
+    "formal_logic", "global_facts", "high_school_biology", "high_school_chemistry", "high_school_computer_science",
+    "high_school_european_history", "high_school_geography", "high_school_government_and_politics",
+    "high_school_macroeconomics", "high_school_mathematics", "high_school_microeconomics", "high_school_physics",
+    "high_school_psychology", "high_school_statistics", "high_school_us_history", "high_school_world_history",
+    "human_aging", "human_sexuality", "international_law", "jurisprudence", "logical_fallacies", "machine_learning",
+    "management", "marketing", "medical_genetics", "miscellaneous", "moral_disputes", "moral_scenarios", "nutrition",
+    "philosophy", "prehistory", "professional_accounting", "professional_law", "professional_medicine",
+    "professional_psychology", "public_relations", "security_studies", "sociology", "us_foreign_policy", "virology",
+    "world_religions")
+# the subject folders a whole snapshot gives, and what they are: one missing is warned of, not refused (a subset may
+# be converted on purpose), since a mean over the rest would read as the benchmark's own score
+WHOLE_SET: dict[str, tuple[str, tuple[str, ...]]] = {"mmmlu": ("locales", MMMLU_LOCALES),
+                                                     "mmlu": ("subjects", MMLU_SUBJECTS)}
+NAMED_AT_MOST = 14  # missing subjects a warning names (every MMMLU locale); convert-<split>.json lists them all
 
 
 @dataclass(frozen=True)
@@ -85,6 +106,7 @@ class ConvertReport:
     skipped: list[dict[str, str]] = field(default_factory=list)  # rows left out, with why
     frames: int | None = None
     max_side: int | None = None
+    missing_subjects: list[str] = field(default_factory=list)  # of the whole set (WHOLE_SET), not converted
 
 
 def subject_name(text: str) -> str:
@@ -546,6 +568,7 @@ def run(cfg: ConvertConfig) -> ConvertReport:
             f.replace(cfg.out / subject / f.name)
     shutil.rmtree(work)  # the marker with it: the split is whole
     report.n_items = {s: len(r) for s, r in sorted(plan.rows.items())}
+    report.missing_subjects = missing_subjects(cfg.kind, list(report.n_items))
     items, _ = load_mmmu(cfg.out, cfg.out_split)  # read back as every command will read it
     if len(items) != sum(report.n_items.values()):
         raise RunStopped(f"{cfg.out}: read back {len(items)} items of split '{cfg.out_split}', wrote "
@@ -553,6 +576,20 @@ def run(cfg: ConvertConfig) -> ConvertReport:
     atomic_write_json(cfg.out / f"convert-{cfg.out_split}.json",
                       asdict(report) | {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     return report
+
+
+def missing_subjects(kind: str, converted: Sequence[str]) -> list[str]:
+    """The subjects (MMMLU's locales) of a whole ``kind`` snapshot that the conversion has no item of, sorted."""
+    return sorted(set(WHOLE_SET[kind][1]) - set(converted)) if kind in WHOLE_SET else []
+
+
+def missing_subjects_warning(kind: str, missing: Sequence[str], repo: str, record: str) -> str:
+    """One line naming the ``missing`` subjects (the first NAMED_AT_MOST of them, the rest counted)."""
+    what, whole = WHOLE_SET[kind]
+    names = ", ".join(missing[:NAMED_AT_MOST]) + (f", … ({len(missing) - NAMED_AT_MOST} more)"
+                                                  if len(missing) > NAMED_AT_MOST else "")
+    return (f"warning: {len(missing)} of the {len(whole)} {what} of {repo} are not in this conversion: {names}; a "
+            f"mean over the other {len(whole) - len(missing)} is not {repo}'s score ({record} lists them)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -607,6 +644,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{n} items in {len(report.n_items)} subjects ({report.repo}, split {cfg.split}) written to {cfg.out} "
           f"as split '{cfg.out_split}'" + (f"; {len(report.skipped)} rows left out (see "
                                            f"convert-{cfg.out_split}.json)" if report.skipped else ""))
+    if report.missing_subjects:  # after the conversion: a refusal stays the only line on stderr
+        print(missing_subjects_warning(cfg.kind, report.missing_subjects, report.repo,
+                                       f"convert-{cfg.out_split}.json"), file=sys.stderr)
     return 0
 
 

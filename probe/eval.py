@@ -418,7 +418,7 @@ def score_table(items: pd.DataFrame, plan: EvalPlan, reference: str | None, seed
                                     ("p_answer", "p_answer")):
                     iv = bootstrap_mean(sub[col].to_numpy(), seed, f"{key}|{metric}") if len(sub) else NAN
                     row |= {metric: iv.value, f"{metric}_lo": iv.lo, f"{metric}_hi": iv.hi}
-                row["note"] = "; ".join(filter(None, [row["note"], all_alike_note(row)]))
+                row["note"] = "; ".join(filter(None, [row["note"], all_alike_note(row), alike_p_answer_note(row)]))
                 diffs = {"accuracy": NAN, "prob_accuracy": NAN}
                 n_paired = None
                 if ref_sub is not None and len(sub) and entry.name != reference and len(ref_sub):
@@ -470,12 +470,28 @@ def all_alike_note(row: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def zero_width(what: str, value: str, n: int, kind: str = "") -> str:
+    """The note of a statistic whose bootstrap interval has zero width because its ``n`` values are all alike (one
+    item is the extreme case): every resample is the same, so the interval says nothing about the error."""
+    where = f"its 1 {kind}item" if n == 1 else f"every one of the {n} {kind}items"
+    return f"{what} {value} on {where} (zero-width bootstrap interval: nothing to resample)"
+
+
 def alike_diff_note(diffs: dict[str, Any], n_paired: int | None) -> str:
     """For a paired difference whose items all differ alike (every pair agrees: 0; or every pair flips the same
     way: ±1), where the bootstrap interval has zero width however few the pairs: say so, so [0, 0] is not read as
     a certain tie."""
-    return "; ".join(f"diff_{m} {iv.value:+g} on every one of the {n_paired} paired items (zero-width bootstrap "
-                     "interval: nothing to resample)" for m, iv in diffs.items() if n_paired and iv.lo == iv.hi)
+    return "; ".join(zero_width(f"diff_{m}", f"{iv.value:+g}", n_paired, "paired ")
+                     for m, iv in diffs.items() if n_paired and iv.lo == iv.hi)
+
+
+def alike_p_answer_note(row: dict[str, Any]) -> str:
+    """For a row whose mean p(answer) has a zero-width interval (one item, or every item's p(answer) the same, as a
+    saturated bf16 softmax gives): say so. Accuracy and probability accuracy need no such note here: a zero-width
+    interval of a rate is 0 % or 100 %, which ``all_alike_note`` covers with the exact interval."""
+    if row["n_items"] and row["p_answer_lo"] == row["p_answer_hi"]:  # NaN (not measured) compares unequal
+        return zero_width("p_answer", f"{row['p_answer']:.3g}", row["n_items"])
+    return ""
 
 
 # what a † beside a cell means (table.md's legend, and the replication report's)
@@ -532,8 +548,10 @@ def write_results(out: Path, items: Any, scores: Any, plan: EvalPlan) -> None:
     title = "accuracy" if metric == "accuracy" else "probability accuracy"
     top = scores[scores["subject"] == ALL]
     whole = sorted({r.note for r in top.itertuples() if r.n_items == 0 and r.note})
-    part = [f"- {r.model} on {r.data}: scored on {r.n_items} items; {r.note}\n"
-            for r in top.itertuples() if r.n_items > 0 and r.note]
+    # "scored on N items" only where the model left some of the set out (its cells say "N of M items" too); a row
+    # scored on the whole set that has a note (a 100 % score, a diff note) gives the note alone
+    part = [f"- {r.model} on {r.data}: {'scored on %d items; ' % r.n_items if plan.n_unread(r.model, r.data) else ''}"
+            f"{r.note}\n" for r in top.itertuples() if r.n_items > 0 and r.note]
     # MMMU's own scores count open-ended items too: a set's "(N items)" is not its size when some were left out
     skipped = [f"- {ds.name}: {ds.n_skipped_open} open-ended items skipped; scores are over its {ds.n_items} "
                "multiple-choice items\n" for ds in plan.data if ds.n_skipped_open]

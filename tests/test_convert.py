@@ -412,6 +412,50 @@ def test_a_source_file_without_rows_is_refused_not_left_out(tmp_path, kind):
     assert not out.exists()
 
 
+MMMLU_HEADER = ["Question", "A", "B", "C", "D", "Answer", "Subject"]
+
+
+def test_mmmlu_missing_locales_are_named_in_one_warning_and_recorded(tmp_path):
+    """A snapshot lacking some of MMMLU's 14 locale CSVs converted the rest without a word: a mean over 13 languages
+    would be reported as MMMLU's. It still converts (a subset may be wanted), with one warning line naming the
+    missing locales, which convert-<split>.json records; a whole snapshot gets neither. Oracle: the 14 locales of
+    openai/MMMLU written out here, minus the files left out."""
+    from probe.convert import MMMLU_LOCALES
+
+    every = "AR_XY BN_BD DE_DE ES_LA FR_FR HI_IN ID_ID IT_IT JA_JP KO_KR PT_BR SW_KE YO_NG ZH_CN".split()
+    assert list(MMMLU_LOCALES) == every
+    for missing, out in (([], "whole"), (["SW_KE", "YO_NG"], "part")):
+        src = tmp_path / f"src-{out}"
+        for locale in (x for x in every if x not in missing):
+            write_csv(src / "test" / f"mmlu_{locale}.csv", MMMLU_HEADER, [["Q?", "a", "b", "c", "d", "B", "anatomy"]])
+        res = convert("mmmlu", src, "--out", tmp_path / out)
+        assert res.returncode == 0, res.stderr
+        warnings = [x for x in res.stderr.splitlines() if x.startswith("warning:")]
+        record = json.loads((tmp_path / out / "convert-test.json").read_text())
+        assert record["missing_subjects"] == missing
+        assert len(record["n_items"]) == 14 - len(missing)
+        if not missing:
+            assert warnings == [] and res.stderr == ""
+            continue
+        assert len(warnings) == 1 and res.stderr.count("\n") == 1, res.stderr
+        assert "2 of the 14 locales of openai/MMMLU" in warnings[0] and "SW_KE, YO_NG" in warnings[0], warnings[0]
+
+
+def test_mmlu_subject_folders_short_of_the_57_are_named_in_one_warning():
+    """The same for MMLU: a snapshot of some subject configs (no all/ to check them against) converted what it held
+    without a word. The warning names at most 14 subjects and counts the rest; the record lists every one."""
+    from probe.convert import MMLU_SUBJECTS, missing_subjects, missing_subjects_warning
+
+    assert len(MMLU_SUBJECTS) == len(set(MMLU_SUBJECTS)) == 57  # cais/mmlu's subject configs, 'all' and aux aside
+    have = MMLU_SUBJECTS[:3]
+    missing = missing_subjects("mmlu", have)
+    assert missing == sorted(set(MMLU_SUBJECTS) - set(have)) and len(missing) == 54
+    line = missing_subjects_warning("mmlu", missing, "cais/mmlu", "convert-validation.json")
+    assert "\n" not in line and line.startswith("warning: 54 of the 57 subjects of cais/mmlu")
+    assert ", ".join(missing[:14]) in line and missing[14] not in line and "40 more" in line
+    assert missing_subjects("mmlu", MMLU_SUBJECTS) == [] and missing_subjects("gpqa", ["Physics"]) == []
+
+
 GPQA_HEADER = ["Pre-Revision Question", "Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2",
                "Incorrect Answer 3", "Explanation", "Subdomain", "Record ID", "High-level domain"]
 

@@ -661,7 +661,8 @@ def test_a_score_of_0_or_100_percent_says_its_bootstrap_interval_has_no_width(tm
 
     outcomes = {"right": [1] * 16, "wrong": [0] * 16, "mixed": [1, 0] * 8}
     rows = [{"model": m, "data": "d", "item_id": str(i), "subject": "S", "correct": float(c),
-             "prob_correct": float(c), "p_answer": 0.5} for m, cs in outcomes.items() for i, c in enumerate(cs)]
+             "prob_correct": float(c), "p_answer": 0.5 + 0.01 * i}  # p(answer) varies: its interval has width
+            for m, cs in outcomes.items() for i, c in enumerate(cs)]
     plan = EvalPlan([ModelEntry(m, m, "qwen2", "fp") for m in outcomes],
                     [DataSet("d", "d", "d", "fp", 16, 0, ["S"])], {}, {}, {}, {"generate": True})
     scores = score_table(pd.DataFrame(rows), plan, None, 0)
@@ -795,7 +796,7 @@ def test_a_paired_difference_with_every_pair_alike_says_its_interval_has_no_widt
     ref = np.r_[np.ones(6), np.zeros(6)]
     models = {"ref": ref, "same": ref, "flip": 1 - ref, "better": np.ones(12)}
     rows = [{"model": m, "data": "d", "item_id": str(i), "subject": "S", "correct": c, "prob_correct": ref[i],
-             "p_answer": 0.5} for m, cs in models.items() for i, c in enumerate(cs)]
+             "p_answer": 0.5 + 0.01 * i} for m, cs in models.items() for i, c in enumerate(cs)]
     plan = EvalPlan([ModelEntry(m, m, "qwen2", "fp") for m in models],
                     [DataSet("d", "d", "d", "fp", 12, 0, ["S"])], {}, {}, {}, {"generate": True})
     top = score_table(pd.DataFrame(rows), plan, "ref", 0).query("subject == 'all'").set_index("model")
@@ -806,6 +807,51 @@ def test_a_paired_difference_with_every_pair_alike_says_its_interval_has_no_widt
         assert (f"diff_accuracy {d[0]:+g} on every one of the 12 paired items" in top.loc[m, "note"]) == alike, m
         assert "diff_prob_accuracy +0 on every one of the 12 paired items" in top.loc[m, "note"]  # same prob_correct
     assert top.loc["ref", "note"] == ""  # the reference has no difference
+
+
+def test_table_notes_say_scored_on_only_where_items_were_left_out(tmp_path):
+    """table.md's note lines began "scored on N items" for every row with a note, a model that read the whole set
+    (an all-right row's note, a diff note) included, as if it had been scored on part of it. Now only a row that
+    left items out (plan.unreadable, the oracle) says so; the others give their note alone."""
+    from probe.eval import DataSet, EvalPlan, ModelEntry, score_table, write_results
+
+    rows = [{"model": m, "data": "d", "item_id": str(i), "subject": s, "correct": 1.0, "prob_correct": 1.0,
+             "p_answer": 0.5 + 0.01 * i} for m, subjects in (("whole", ("T", "I")), ("part", ("T",)))
+            for s in subjects for i in range(3)]
+    why = "not applicable: part (qwen2) cannot read image items"
+    plan = EvalPlan([ModelEntry(m, m, "qwen2", "fp") for m in ("whole", "part")],
+                    [DataSet("d", "d", "d", "fp", 6, 0, ["T", "I"])], {"part|d": why}, {"part|d": {"I": 3}}, {},
+                    {"generate": True})
+    scores = score_table(pd.DataFrame(rows), plan, None, 0)
+    write_results(tmp_path, pd.DataFrame(rows), scores, plan)
+    notes = [x for x in (tmp_path / "table.md").read_text().splitlines() if x.startswith("- whole") or
+             x.startswith("- part")]
+    whole = scores.query("model == 'whole' and subject == 'all'")["note"].item()
+    assert whole.startswith("accuracy and prob_accuracy all right")  # a note, though nothing was left out
+    assert notes == [f"- whole on d: {whole}",
+                     f"- part on d: scored on 3 items; 3 of 6 items {why}; "
+                     + scores.query("model == 'part' and subject == 'all'")["note"].item().split("; ", 1)[1]]
+
+
+def test_a_zero_width_p_answer_interval_is_noted():
+    """A row of one item (or whose items all gave the answer the same p(answer)) had p_answer x [x, x] in scores.csv
+    with no note, while its 0/100 % accuracy and its paired difference each got one. Its note now says the interval
+    has zero width. Oracle: the items' p_answer values all equal (np.ptp == 0)."""
+    from probe.eval import DataSet, EvalPlan, ModelEntry, score_table
+
+    p = {"one": [0.4], "alike": [0.25] * 4, "spread": [0.2, 0.3, 0.4, 0.5]}
+    rows = [{"model": "m", "data": "d", "item_id": str(i), "subject": s, "correct": float(i % 2),
+             "prob_correct": float(i % 2), "p_answer": v} for s, vs in p.items() for i, v in enumerate(vs)]
+    plan = EvalPlan([ModelEntry("m", "m", "qwen2", "fp")], [DataSet("d", "d", "d", "fp", 9, 0, list(p))], {}, {}, {},
+                    {"generate": True})
+    scores = score_table(pd.DataFrame(rows), plan, None, 0).set_index("subject")
+    for s, vs in p.items():
+        alike = np.ptp(vs) == 0
+        assert (scores.loc[s, "p_answer_lo"] == scores.loc[s, "p_answer_hi"]) == alike
+        assert ("p_answer" in scores.loc[s, "note"] and "zero-width" in scores.loc[s, "note"]) == alike, s
+    assert scores.loc["one", "note"].endswith("p_answer 0.4 on its 1 item (zero-width bootstrap interval: nothing to "
+                                              "resample)")
+    assert "p_answer 0.25 on every one of the 4 items (zero-width" in scores.loc["alike", "note"]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -1954,7 +2000,7 @@ def odd_sets(tmp_path_factory, text_dir, data_dir):
 
 def other_notes(note: Any) -> str:
     """A row's note without the part every 0 % / 100 % row gets (the tiny random models often score 0)."""
-    parts = [] if pd.isna(note) else [p for p in note.split("; ") if not re.search(r"all (right|wrong) \(|paired items \(zero-width", p)]
+    parts = [] if pd.isna(note) else [p for p in note.split("; ") if not re.search(r"all (right|wrong) \(|items? \(zero-width", p)]
     return "; ".join(parts)
 
 
@@ -2010,7 +2056,8 @@ def test_a_reference_that_reads_fewer_items_says_what_its_difference_covers(odd_
     assert other_notes(image["note"]) == "no diff: the reference tiny-qwen2 (qwen2) cannot read image items"
     assert pd.isna(scores.loc[("tiny-qwen2", "all"), "diff_n"])  # the reference itself has no difference
     line = next(x for x in (out / "table.md").read_text().splitlines() if x.startswith("- tiny-qwen2-vl on mixed:"))
-    assert line.startswith("- tiny-qwen2-vl on mixed: scored on 5 items; ") and "diff over the 3 of 5 items" in line
+    # it read all 5: the line gives the note alone ("scored on N items" is for a model that left some out)
+    assert "scored on" not in line and "diff over the 3 of 5 items" in line
 
 
 def test_a_reference_that_reads_none_of_a_set_says_why_its_differences_are_empty(data_dir, text_dir, tmp_path):
@@ -2032,7 +2079,9 @@ def test_a_reference_that_reads_none_of_a_set_says_why_its_differences_are_empty
     vlm_text = text[text["model"] == "tiny-qwen2-vl"]
     assert vlm_text["diff_prob_accuracy"].notna().all() and not vlm_text["note"].fillna("").str.contains(
         "no diff").any()
-    assert f"- tiny-qwen2-vl on {Path(data_dir).name}: scored on " in (out / "table.md").read_text()
+    line = next(x for x in (out / "table.md").read_text().splitlines()
+                if x.startswith(f"- tiny-qwen2-vl on {Path(data_dir).name}: "))
+    assert "no diff: the reference" in line and "scored on" not in line  # it read the whole set
 
 
 def test_subjects_over_several_sets_take_each_sets_own(odd_sets, text_dir, tmp_path, capfd):

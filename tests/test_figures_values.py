@@ -733,6 +733,48 @@ def test_a_score_of_0_or_100_is_drawn_with_its_exact_interval(tmp_path, drawn):
     assert v[v[:, 0] == 8, 1].min() == pytest.approx(100 * full[0])
 
 
+def test_a_partly_scored_models_count_stays_inside_its_panel(tmp_path, monkeypatch):
+    """A model scored on part of a set gets "k of n" over its dot, centred: at 0 % or 100 % it ran across the panel's
+    frame, and tight_layout, making room for it, shrank every panel (0.96 in to 0.42 in at 9 sets, 1.83 to 1.36 in
+    at 6). Each count now lies inside its panel, beside its own dot, and the panels are as wide as when every model
+    is fully scored (the oracle: the same page with no model partly scored)."""
+    import matplotlib.pyplot as plt
+    from test_figures_page import SCORE_COLUMNS
+
+    import figures.eval as fe
+
+    figs: list[Figure] = []
+    monkeypatch.setattr(fe, "save_png_pdf", lambda fig, *a: figs.append(fig) or [])  # laid out, not written
+    sets, values = [f"set{j}" for j in range(6)], [1.0, 0.0, 0.5, 0.97]
+
+    def draw(part: bool) -> Figure:
+        rows = [[f"model-{i}", s, "all", 1234 if part and i % 2 == 0 else 12032, v, v, v, v, v, v,
+                 "10798 of 12032 items not applicable: …" if part and i % 2 == 0 else ""]
+                for i in range(4) for j, s in enumerate(sets) for v in [values[(i + j) % 4]]]
+        d = tmp_path / f"part{part}"
+        d.mkdir()
+        pd.DataFrame(rows, columns=SCORE_COLUMNS).to_csv(d / "scores.csv", index=False)
+        fe.draw_eval(d)
+        return figs[-1]
+
+    whole, fig = draw(False), draw(True)
+    assert [ax.get_position().bounds for ax in fig.axes] == [ax.get_position().bounds for ax in whole.axes]
+    renderer = fig.canvas.get_renderer()
+    counts = 0
+    for ax in fig.axes:
+        frame = ax.get_window_extent(renderer)
+        dots = {round(c.lines[0].get_ydata()[0]): c.lines[0] for c in ax.containers}  # row → its dot
+        for t in ax.texts:
+            assert t.get_text() == "1234 of 12032" and t.get_fontsize() >= 7
+            box = t.get_window_extent(renderer)
+            assert frame.x0 < box.x0 and box.x1 < frame.x1 and frame.y0 < box.y0 and box.y1 < frame.y1, t.xyann
+            dot = ax.transData.transform((dots[round(t.xy[1])].get_xdata()[0], t.xy[1]))
+            assert box.x0 <= dot[0] <= box.x1 and abs((box.y0 + box.y1) / 2 - dot[1]) < 25  # over or under its dot
+            counts += 1
+    assert counts == 2 * len(sets)  # models 0 and 2 on every set
+    plt.close("all")
+
+
 def visible_texts(fig: Figure) -> list:
     """Every piece of text a figure shows (titles, labels, tick labels, legend entries, numbers beside points)."""
     from matplotlib.text import Text
