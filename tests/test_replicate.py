@@ -1384,7 +1384,7 @@ def test_a_drop_or_loss_exactly_at_its_threshold_counts_whatever_its_float_round
     r = SimpleNamespace(experts=experts, heads=lambda e, need=(): (sweeps[e], {}))
     f = heads_all_matter(r)
     assert f.verdict == ("agrees" if all(v >= 0.9 for v in share.values()) else "partly")
-    assert all(f"{e}: {share[e]:.0%} of heads" in f.evidence for e in experts)
+    assert all(f"{e}: {round(share[e] * len(sweeps[e]))} of {len(sweeps[e])} heads" in f.evidence for e in experts)
 
     # carriers 3 of 50 items below experts right on k of them: every loss is exactly 6 points, none larger
     over = [k for k in range(3, n + 1) if 100 * (rate(k) - rate(k - 3)) > 6]  # the rounding the fix forgives
@@ -1429,7 +1429,8 @@ def test_a_checkpoint_missing_from_a_steps_run_is_refused_not_shifted(quick: Pat
 def test_figure3_is_decided_on_paired_intervals(quick: Path, tmp_path: Path, case: str) -> None:
     """Figure 3's finding counted one more item right at the last step as a modality improving, and one fewer on
     text after its peak as text declining. Each is now a paired difference over the same items whose interval must
-    lie above 0; recomputed here from edited steps/<run>/items.parquet with the numpy oracle above."""
+    lie above 0; recomputed here from edited steps/<run>/items.parquet with the numpy oracle above. Text's printed
+    "from its peak" was peak minus last (+12.5 for text that fell 12.5 points): now last minus peak."""
     from figures.findings import steps_tradeoff
     from figures.results import Replication
 
@@ -1440,7 +1441,7 @@ def test_figure3_is_decided_on_paired_intervals(quick: Path, tmp_path: Path, cas
     shutil.copyfile(quick / "replicate.json", out / "replicate.json")
     multi = [n for n, mix in cfg.finetune.runs.items() if len(mix) > 1]
     first, last = f"checkpoint-{min(cfg.finetune.save_steps)}", f"checkpoint-{cfg.finetune.steps}"
-    ok = []
+    ok, said = [], []
     for name in multi:
         d = out / "steps" / name
         items = pd.read_parquet(d / "items.parquet")
@@ -1461,6 +1462,11 @@ def test_figure3_is_decided_on_paired_intervals(quick: Path, tmp_path: Path, cas
                                       Path(specs[label]).name)
             if label == cfg.eval.text:
                 falls = lo > 0
+                # the evidence prints last minus peak (step 0's 100 %), as its arrows read: down is negative
+                v, lo, hi = _paired_oracle(items[at[last]], items[at[first]], seed, Path(specs[label]).name)
+                said.append(f"{name}: text 100.0 → peak 100.0 at step 0 → {100 * sum(worst) / n:.1f} "
+                            f"({100 * v:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] from its peak)")
+                assert v < 0
             else:
                 up &= lo > 0
         items.to_parquet(d / "items.parquet")
@@ -1468,7 +1474,9 @@ def test_figure3_is_decided_on_paired_intervals(quick: Path, tmp_path: Path, cas
         _edit_all_rows(d / "scores.csv", lambda m, data, a: means.get((m, data), a))
         ok.append((up, falls))
     want = ("agrees" if all(a and b for a, b in ok) else "partly" if any(a or b for a, b in ok) else "disagrees")
-    assert steps_tradeoff(Replication.read(out)).verdict == want
+    got = steps_tradeoff(Replication.read(out))
+    assert got.verdict == want
+    assert said and all(x in got.evidence for x in said), (said, got.evidence)
     assert want == {"one item each way": "disagrees", "every item": "agrees"}[case]  # the cases meant
 
 
@@ -1698,3 +1706,60 @@ def test_the_merges_paragraph_describes_the_merges_the_config_ran(methods, base,
         label = {"kl": "mean KL", "accuracy_drop": "accuracy drop", "prob_accuracy_drop": "probability-accuracy drop"}
         assert f"sweeps' {label[metric]} " in text
         assert ("the base keeps α0 = 0.5" in text) != base and ("compete" in text) == base
+
+
+def _shift_run(means: dict[str, float], paper: dict[str, str]) -> object:
+    """A stand-in Replication for shift_ratio: summary.json's mean Δavg per expert and models.paper's names."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(experts=list(means), paper_name=lambda e: paper.get(e, ""),
+                           shift_per_model=lambda: {e: {"mean_delta_avg": v} for e, v in means.items()})
+
+
+@pytest.mark.parametrize("case", ["one expert", "vl not the largest", "no stand-in", "vl 12x"])
+def test_the_shift_finding_compares_the_qwen2_vl_stand_in_with_the_other_experts(case: str) -> None:
+    """'Qwen2-VL shifts most: 10× the others' with a single expert agreed, its evidence 'is inf× the next largest'
+    (there was no other expert); when the stand-in was not the largest its ratio (below 1) was called 'the next
+    largest'; with no expert standing for Qwen2-VL (models.paper left out) the criterion said the most shifted
+    expert 'stands for Qwen2-VL'. Oracle: the ratio to the largest other mean, computed here."""
+    from figures.findings import shift_ratio
+
+    vl = {"vl": "Qwen2-VL-7B-Instruct", "si": "LLaVA-OneVision-Qwen2-7B-SI"}
+    means, paper = {"one expert": ({"vl": 0.01}, vl), "vl not the largest": ({"vl": 0.002, "si": 0.008, "v": 0.004}, vl),
+                    "no stand-in": ({"a": 0.002, "b": 0.008}, {}), "vl 12x": ({"vl": 0.012, "si": 0.001}, vl)}[case]
+    f = shift_ratio(_shift_run(means, paper))
+    if case == "one expert":
+        assert f.verdict == "not measured" and "inf" not in f.evidence
+        return
+    who = "vl" if paper else max(means, key=means.get)
+    other = max((e for e in means if e != who), key=means.get)
+    ratio = means[who] / means[other]
+    assert f"{who} is {ratio:.2f}× the largest of the others ({other})" in f.evidence
+    assert f.verdict == ("agrees" if ratio >= 10 else "partly" if ratio > 1 else "disagrees")
+    # "standing for Qwen2-VL" only where models.paper names one
+    assert f.criterion.startswith("the expert standing for" if paper else "with no expert standing for")
+    assert {"vl not the largest": "disagrees", "no stand-in": "partly", "vl 12x": "agrees"}[case] == f.verdict
+
+
+def test_the_head_findings_state_counts_that_agree_with_their_verdicts() -> None:
+    """43 of 48 heads mattering (89.6 %) printed '90% of heads' beside a criterion of 'at least 90%' and a verdict
+    that it was not met; and a one-layer sweep (no deep half) disagreed that shallow heads matter more, on a mean KL
+    of nan. Oracle: the counts of the heads' drops, the layers of the sweep."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from figures.findings import heads_all_matter, shallow_layers
+
+    drops = np.r_[np.full(43, 0.05), np.zeros(5)]
+    sweep = pd.DataFrame({"layer": np.repeat(np.arange(4), 12), "head": np.tile(np.arange(12), 4),
+                          "prob_accuracy_drop": drops, "kl": np.linspace(1, 0, 48)})
+    r = SimpleNamespace(experts=["e1"], heads=lambda e, need=(): (sweep, {}))
+    f = heads_all_matter(r)
+    assert f.verdict == "disagrees" and "e1: 43 of 48 heads" in f.evidence
+    shown = [float(x) for x in re.findall(r"(\d+(?:\.\d+)?) ?%", f.evidence)]
+    assert all(x < 90 for x in shown), f.evidence  # no share printed at the bar it missed
+    assert shallow_layers(r).verdict == "agrees"  # the control: four layers, KL falling with depth
+    one = SimpleNamespace(experts=["e1"], heads=lambda e, need=(): (sweep.assign(layer=0, head=range(48)), {}))
+    f = shallow_layers(one)
+    assert f.verdict == "not measured" and "nan" not in f.evidence
