@@ -382,8 +382,7 @@ def build(r: Replication, figdir: Path) -> Doc:
                          f"{weight[e]:.3f}" if e in weight else "—",
                          f"{pub[0]:g}" if pub else "—", f"{pub[1]:.3f}" if pub else "—"])
         d.table(["expert (stands for)", "mean Δavg", "× least shifted", "Eq. 4 mean weight", "paper: mean Δavg",
-                 "paper: mean weight"], rows, "This run beside the paper's (§5.3; the values are those of the "
-                "authors' released code, weights (1 − α0)·α_i: shares of the 0.5 non-base mass)")
+                 "paper: mean weight"], rows, weights_caption(cfg["merge"]["alpha0"]))
         if _copy_png(r.out / "shift" / "shift_models.png", figdir / "shift.png"):
             d.img(f"{FIG_DIR}/shift.png", "Mean Δavg per expert and module")
     _finding_list(d, fs["shift"])
@@ -503,6 +502,15 @@ def build_report(out: Path) -> list[Path]:
     atomic_write_bytes(out / "report.md", doc.markdown().encode())
     atomic_write_bytes(out / "report.html", doc.html(out, "omniprobe replication report").encode())
     return [out / "report.md", out / "report.html"]
+
+
+def weights_caption(alpha0: float) -> str:
+    """The shift table's caption: the run's Eq. 4 expert weights (1 − α0)·α_i share its 1 − α0 of the mass (they
+    sum to it in merge.json); the paper's column, the authors' release, shares 0.5. It said "the 0.5 non-base
+    mass" whatever merge.alpha0 the run used."""
+    paper_mass = "" if alpha0 == 0.5 else "; the paper's column: of the 0.5 of its α0 = 0.5"
+    return ("This run beside the paper's (§5.3; the values are those of the authors' released code, weights "
+            f"(1 − α0)·α_i: shares of the {1 - alpha0:g} non-base mass{paper_mass})")
 
 
 def _times(ratio: float | None) -> str:

@@ -1763,3 +1763,17 @@ def test_the_head_findings_state_counts_that_agree_with_their_verdicts() -> None
     one = SimpleNamespace(experts=["e1"], heads=lambda e, need=(): (sweep.assign(layer=0, head=range(48)), {}))
     f = shallow_layers(one)
     assert f.verdict == "not measured" and "nan" not in f.evidence
+
+
+def test_the_shift_tables_caption_names_the_mass_the_runs_weights_share(quick: Path) -> None:
+    """The caption said the Eq. 4 weights were "shares of the 0.5 non-base mass" whatever merge.alpha0 was; the
+    run's weights share 1 − α0. Oracle: merge/shift/merge.json's expert weights sum to the mass it names."""
+    from figures.report import weights_caption
+
+    info = json.loads((quick / "merge" / "shift" / "merge.json").read_text())
+    cfg = parse_config(QUICK_CONFIG)
+    mass = sum(v for m, v in info["mean_weight"].items() if m in cfg.models.experts)
+    assert f"shares of the {mass:.3g} non-base mass)" in weights_caption(cfg.merge.alpha0)
+    assert weights_caption(cfg.merge.alpha0) in (quick / "report.md").read_text()
+    other = weights_caption(0.3)  # the run's 0.7, the paper's column still its 0.5
+    assert "shares of the 0.7 non-base mass" in other and "the paper's column: of the 0.5" in other
