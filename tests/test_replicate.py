@@ -1777,3 +1777,32 @@ def test_the_shift_tables_caption_names_the_mass_the_runs_weights_share(quick: P
     assert weights_caption(cfg.merge.alpha0) in (quick / "report.md").read_text()
     other = weights_caption(0.3)  # the run's 0.7, the paper's column still its 0.5
     assert "shares of the 0.7 non-base mass" in other and "the paper's column: of the 0.5" in other
+
+
+@pytest.mark.parametrize("case", ["as run", "no text set", "text only", "no mixed run"])
+def test_figure3_is_not_measured_without_text_a_modality_or_a_mixed_run(quick: Path, tmp_path: Path,
+                                                                         case: str) -> None:
+    """Figure 3's claim has two halves, text and the modalities, judged on runs that mix modalities. With the text
+    set not among finetune.eval_data the finding read 'disagrees' (text never peaked); with text alone every
+    modality 'gained' (none was measured); without a mixed run every run was held to it (the text run to gains on
+    images). Each is now 'not measured'. Oracle: the config the run saved, edited as the case says."""
+    from figures.findings import steps_tradeoff
+    from figures.results import Replication
+
+    out = tmp_path / "run"
+    for part in ("stages", "steps"):
+        shutil.copytree(quick / part, out / part)
+    info = json.loads((quick / "replicate.json").read_text())
+    ft = info["config"]["finetune"]
+    if case == "no text set":
+        ft["eval_data"] = [x for x in ft["eval_data"] if x != info["config"]["eval"]["text"]]
+    elif case == "text only":
+        ft["eval_data"] = [info["config"]["eval"]["text"]]
+    elif case == "no mixed run":
+        ft["runs"] = {n: mix for n, mix in ft["runs"].items() if len(mix) == 1}
+    (out / "replicate.json").write_text(json.dumps(info))
+    f = steps_tradeoff(Replication.read(out))
+    measured = case == "as run"
+    assert (f.verdict == "not measured") != measured
+    numbers = f.evidence.split("points: ", 1)[1]
+    assert all(f"{n}: " in numbers for n in ft["runs"])  # every run's numbers are still given
