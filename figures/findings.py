@@ -70,6 +70,15 @@ def reaches(x: float | np.ndarray, bound: float) -> bool | np.ndarray:
     return x >= bound - ROUNDING
 
 
+def decimals(x: float, meets: Callable[[float], bool], least: int = 1) -> int:
+    """Decimals to print ``x`` with: ``least``, or more where the rounded number would read as meeting a finding's bar
+    that ``x`` misses, or the reverse (a carrier 6.04 points below its expert printed −6.0 beside 'at most 6')."""
+    d = least
+    while d < 6 and bool(meets(round(x, d))) != bool(meets(x)):
+        d += 1
+    return d
+
+
 def pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
@@ -138,8 +147,9 @@ def shift_ratio(r: Replication) -> Finding:
              float("inf") if means[who] > 0 else float("nan"))
     largest = means[who] > means[other]  # a tie is not "shifts most"
     verdict = "agrees" if largest and ratio >= SHIFT_RATIO else ("partly" if largest else "disagrees")
+    shown = f"{ratio:.{decimals(ratio, lambda x: x >= SHIFT_RATIO, 2)}f}"  # 9.996 is not "10.00×"
     return _found(shift_ratio, verdict,
-                  f"Mean Δavg: {ev}; {who} is {ratio:.2f}× the largest of the others ({other}).", crit)
+                  f"Mean Δavg: {ev}; {who} is {shown}× the largest of the others ({other}).", crit)
 
 
 def merge_keeps_text(r: Replication) -> Finding:
@@ -185,9 +195,10 @@ def carriers_fall_short(r: Replication) -> Finding:
         for m in ("average", "shift"):
             losses.append((e, m, 100 * (ref - t5.row(r.carrier(m, e), r.data(label))[t5.metric])))
     # a carrier above its expert keeps its skill too; all of them below their experts by far keep none of it
-    small = [reaches(MERGE_LOSS, x) for *_, x in losses]
+    within = lambda x: reaches(MERGE_LOSS, x)  # noqa: E731
+    small = [within(x) for *_, x in losses]
     verdict = "agrees" if all(small) else ("partly" if any(small) else "disagrees")
-    ev = "; ".join(f"{e} {METHOD_LABELS[m]} −{x:.1f}" if x >= 0 else f"{e} {METHOD_LABELS[m]} +{-x:.1f}"
+    ev = "; ".join(f"{e} {METHOD_LABELS[m]} {'−' if x >= 0 else '+'}{abs(x):.{decimals(x, within)}f}"
                    for e, m, x in losses)
     return _found(carriers_fall_short, verdict, f"Carrier minus expert, points: {ev}.", crit)
 

@@ -1806,3 +1806,27 @@ def test_figure3_is_not_measured_without_text_a_modality_or_a_mixed_run(quick: P
     assert (f.verdict == "not measured") != measured
     numbers = f.evidence.split("points: ", 1)[1]
     assert all(f"{n}: " in numbers for n in ft["runs"])  # every run's numbers are still given
+
+
+def test_a_number_beside_a_findings_bar_is_printed_on_its_side_of_it() -> None:
+    """A carrier 163 of 2,700 items (Video-MME's size) below its expert lost 6.04 points and broke 'at most 6', but
+    printed '−6.0'; an Eq. 3 ratio of 9.996 printed '10.00×' beside a verdict that it missed 10×. Each number now
+    takes the decimals that keep it on its side of the bar. Oracle: the item counts; the ratio of the means."""
+    from types import SimpleNamespace
+
+    from figures.findings import carriers_fall_short, shift_ratio
+
+    n, k = 2700, 2000
+    acc = {("e", "e"): k / n, ("average/e", "e"): (k - 163) / n, ("shift/e", "e"): (k - 162) / n}
+    run = SimpleNamespace(metric="accuracy", row=lambda model, data: {"accuracy": acc[model, data]})
+    r = SimpleNamespace(experts=["e"], own=["e"], data=lambda label: label, eval=lambda stage, e: run,
+                        carrier=lambda m, e: f"{m}/e")
+    f = carriers_fall_short(r)
+    assert 100 * 163 > 6 * n >= 100 * 162  # the cases meant: one loss over 6 points, one under
+    assert f.verdict == "partly"
+    shown = [float(x) for x in re.findall(r"−(\d+\.\d+)", f.evidence)]
+    assert len(shown) == 2 and shown[0] > 6 >= shown[1], f.evidence
+    f = shift_ratio(_shift_run({"vl": 0.009996, "si": 0.001}, {"vl": "Qwen2-VL-7B-Instruct"}))
+    assert f.verdict == "partly"
+    (ratio,) = re.findall(r"vl is (\d+\.\d+)×", f.evidence)
+    assert float(ratio) < 10, f.evidence
