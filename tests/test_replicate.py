@@ -1043,6 +1043,8 @@ def _with(cfg, section: str | None = None, **changes):
     ("merge", {"methods": ["average", "shift", "dare"]}, "'merge.methods': choose from"),
     ("merge", {"methods": []}, "'merge.methods': choose from"),
     ("merge", {"methods": ["average", "ties"]}, "'merge.methods': must include 'shift'"),
+    # accepted, then table4's probe.eval refused merge/shift given twice, after five stages had run
+    ("merge", {"methods": ["average", "shift", "shift"]}, "'merge.methods[2]': 'shift' is listed twice"),
     ("merge", {"salience_metric": "entropy"}, "'merge.salience_metric': kl, accuracy_drop"),
     ("merge", {"alpha0": 1.5}, "'merge.alpha0': must be in [0, 1]"),
     ("merge", {"temperature": 0.0}, "'merge.temperature': must be > 0"),
