@@ -370,11 +370,7 @@ def build(r: Replication, figdir: Path) -> Doc:
     d.h(2, "Parameter shift (Eq. 3) and the Eq. 4 weights")
     if r.complete("shift"):
         per = r.shift_per_model()
-        weight = {}
-        if (merge_json := r.out / "merge" / "shift" / "merge.json").is_file():  # one from before 2026-12-06: mean_alpha
-            weight = current_info(read_json(merge_json)).get("mean_weight") or {}
-            if not isinstance(weight, dict) or not all(isinstance(v, (int, float)) for v in weight.values()):
-                raise BadInput(f"{merge_json}: mean_weight is not a number per model")
+        weight = eq4_weights(r)
         rows = []
         for e in r.experts:
             pub = paper.SHIFT_RELEASED.get(r.paper_name(e))
@@ -502,6 +498,19 @@ def build_report(out: Path) -> list[Path]:
     atomic_write_bytes(out / "report.md", doc.markdown().encode())
     atomic_write_bytes(out / "report.html", doc.html(out, "omniprobe replication report").encode())
     return [out / "report.md", out / "report.html"]
+
+
+def eq4_weights(r: Replication) -> dict[str, float]:
+    """The Eq. 4 merge's mean weight per model (merge/shift/merge.json), {} unless the merge stage completed with
+    this run's settings: the shift table read the file whenever it was there, so a run whose [merge] settings
+    changed, stopped before its merge stage ran again, showed the earlier settings' weights as this run's."""
+    merge_json = r.out / "merge" / "shift" / "merge.json"
+    if not (r.complete("merge") and merge_json.is_file()):  # a merge.json from before 2026-12-06: mean_alpha
+        return {}
+    weight = current_info(read_json(merge_json)).get("mean_weight") or {}
+    if not isinstance(weight, dict) or not all(isinstance(v, (int, float)) for v in weight.values()):
+        raise BadInput(f"{merge_json}: mean_weight is not a number per model")
+    return weight
 
 
 def weights_caption(alpha0: float) -> str:

@@ -1832,3 +1832,28 @@ def test_a_number_beside_a_findings_bar_is_printed_on_its_side_of_it() -> None:
     assert f.verdict == "partly"
     (ratio,) = re.findall(r"vl is (\d+\.\d+)×", f.evidence)
     assert float(ratio) < 10, f.evidence
+
+
+def test_the_shift_table_shows_eq4_weights_only_of_a_merge_completed_with_these_settings(quick: Path,
+                                                                                         tmp_path: Path) -> None:
+    """A run whose [merge] settings changed (merge.alpha0 0.5 → 0.3) and that stopped before its merge stage ran
+    again kept the shift stage (its inputs did not change) and the earlier merge/shift/merge.json: the report's
+    shift table showed that merge's weights (summing to 0.5) as this run's (whose would sum to 0.7). Oracle: the
+    stage records against replicate.json's fingerprints, and merge.json's weights."""
+    from figures.report import eq4_weights
+    from figures.results import Replication
+
+    out = tmp_path / "run"
+    for part in ("stages", "shift", "merge"):
+        shutil.copytree(quick / part, out / part)
+    info = json.loads((quick / "replicate.json").read_text())
+    (out / "replicate.json").write_text(json.dumps(info))
+    saved = json.loads((quick / "merge" / "shift" / "merge.json").read_text())["mean_weight"]
+    assert eq4_weights(Replication.read(out)) == saved  # the control: the merge completed with these settings
+    info["config"]["merge"]["alpha0"] = 0.3
+    info["fingerprints"] |= {s: f"changed-{s}" for s in ("merge", "table4", "table5", "finetune", "steps",
+                                                          "trajectory", "report")}
+    (out / "replicate.json").write_text(json.dumps(info))
+    r = Replication.read(out)
+    assert r.complete("shift") and not r.complete("merge")
+    assert eq4_weights(r) == {}  # the table prints "—"
