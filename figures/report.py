@@ -468,13 +468,7 @@ def build(r: Replication, figdir: Path) -> Doc:
 
     # timing
     d.h(2, "Run time per stage")
-    stages = [s for s in r.info["stages"] if s != "report"]
-    fmt = lambda v: "—" if v is None else f"{v:.0f}"  # noqa: E731
-    rows = [[s, fmt(r.seconds(s)), fmt(r.seconds(s, "cpu_seconds")), "yes" if r.resumed(s) else ""]
-            for s in stages]
-    rows.append(["all", fmt(sum(r.seconds(s) or 0 for s in stages)),
-                 fmt(sum(r.seconds(s, "cpu_seconds") or 0 for s in stages)), ""])
-    d.table(["stage", "wall s", "CPU s", "resumed"], rows,
+    d.table(["stage", "wall s", "CPU s", "resumed"], timing_rows(r),
             "Time of the process that completed each stage (a resumed stage counts that process only); CPU "
             "seconds sum all its threads, so they do not grow when other jobs share the machine")
     return d
@@ -498,6 +492,19 @@ def build_report(out: Path) -> list[Path]:
     atomic_write_bytes(out / "report.md", doc.markdown().encode())
     atomic_write_bytes(out / "report.html", doc.html(out, "omniprobe replication report").encode())
     return [out / "report.md", out / "report.html"]
+
+
+def timing_rows(r: Replication) -> list[list[str]]:
+    """The run-time table: each stage's wall and CPU seconds from its record, "—" for a stage not completed with
+    this run's settings (a record of earlier settings' stage gave its time, and the "all" row added it in), and
+    their sum."""
+    stages = [s for s in r.info["stages"] if s != "report" and r.recorded_complete(s)]
+    fmt = lambda v: "—" if v is None else f"{v:.0f}"  # noqa: E731
+    rows = [[s, fmt(r.seconds(s)), fmt(r.seconds(s, "cpu_seconds")), "yes" if r.resumed(s) else ""]
+            if s in stages else [s, "—", "—", ""] for s in r.info["stages"] if s != "report"]
+    rows.append(["all", fmt(sum(r.seconds(s) or 0 for s in stages)),
+                 fmt(sum(r.seconds(s, "cpu_seconds") or 0 for s in stages)), ""])
+    return rows
 
 
 def eq4_weights(r: Replication) -> dict[str, float]:

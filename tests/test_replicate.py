@@ -1857,3 +1857,24 @@ def test_the_shift_table_shows_eq4_weights_only_of_a_merge_completed_with_these_
     r = Replication.read(out)
     assert r.complete("shift") and not r.complete("merge")
     assert eq4_weights(r) == {}  # the table prints "—"
+
+
+def test_the_time_table_counts_only_stages_completed_with_these_settings(quick: Path, tmp_path: Path) -> None:
+    """The run-time table gave a stage's time from its record whatever settings it completed with: after [merge]
+    settings changed, the merge stage and everything after it showed their earlier times and the "all" row added
+    them in. Oracle: the records' seconds of the stages whose fingerprints still match replicate.json's."""
+    from figures.report import timing_rows
+    from figures.results import Replication
+
+    out = tmp_path / "run"
+    shutil.copytree(quick / "stages", out / "stages")
+    info = json.loads((quick / "replicate.json").read_text())
+    changed = ("merge", "table4", "table5", "finetune", "steps", "trajectory")
+    info["fingerprints"] |= {s: f"changed-{s}" for s in changed}
+    (out / "replicate.json").write_text(json.dumps(info))
+    rows = {row[0]: row[1:] for row in timing_rows(Replication.read(out))}
+    seconds = {s: json.loads((out / "stages" / f"{s}.json").read_text())["seconds"] for s in STAGE_NAMES
+               if s != "report"}
+    for s, t in seconds.items():
+        assert rows[s][0] == ("—" if s in changed else f"{t:.0f}"), s
+    assert rows["all"][0] == f"{sum(t for s, t in seconds.items() if s not in changed):.0f}"
