@@ -305,7 +305,6 @@ def build(r: Replication, figdir: Path) -> Doc:
     d = Doc()
     cfg = r.cfg
     fs = findings(r)
-    label = {e: e for e in r.experts}
     text = r.data(cfg["eval"]["text"])
     d.h(1, "Is extending modality the right path? — the paper's pipeline, replicated")
     d.p(f"Config `{Path(r.info.get('config_file', '')).name}`: base `{r.base}`, experts "
@@ -329,7 +328,7 @@ def build(r: Replication, figdir: Path) -> Doc:
     if r.complete("table3"):
         run = r.eval("table3")
         labels = list(cfg["data"])
-        rows = [[m if m == r.base else label[m], *[cell(run, m, r.data(x)) for x in labels],
+        rows = [[m, *[cell(run, m, r.data(x)) for x in labels],
                  "reference" if m == r.base else cell(run, m, text, diff=True)] for m in [r.base, *r.experts]]
         d.table(["model", *labels, f"{cfg['eval']['text']}: Δ vs base"], rows,
                 f"This run ({run.metric.replace('_', ' ')}, %); n/a: the model cannot read that modality")
@@ -374,7 +373,9 @@ def build(r: Replication, figdir: Path) -> Doc:
         rows = []
         for e in r.experts:
             pub = paper.SHIFT_RELEASED.get(r.paper_name(e))
-            rows.append([label[e], f"{per[e]['mean_delta_avg']:.4g}", _times(per[e]['ratio_to_least_shifted']),
+            # the header promises the paper model each expert stands for: it printed the expert's name alone
+            stands = f"{e} ({r.paper_name(e)})" if r.paper_name(e) else e
+            rows.append([stands, f"{per[e]['mean_delta_avg']:.4g}", _times(per[e]['ratio_to_least_shifted']),
                          f"{weight[e]:.3f}" if e in weight else "—",
                          f"{pub[0]:g}" if pub else "—", f"{pub[1]:.3f}" if pub else "—"])
         d.table(["expert (stands for)", "mean Δavg", "× least shifted", "Eq. 4 mean weight", "paper: mean Δavg",

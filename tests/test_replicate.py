@@ -431,8 +431,8 @@ def test_report_numbers_equal_the_stage_outputs(quick: Path) -> None:
     per = json.loads((quick / "shift" / "summary.json").read_text())["per_model"]
     weight = json.loads((quick / "merge" / "shift" / "merge.json").read_text())["mean_weight"]
     rows = _tables(_section(md, "Parameter shift"))[0]
-    for row, e in zip(rows[1:], experts):
-        assert row[0].startswith(e)
+    for row, e, stands in zip(rows[1:], experts, cfg.models.paper):
+        assert row[0] == f"{e} ({stands})"  # the header's "expert (stands for)"
         assert float(row[1]) == pytest.approx(per[e]["mean_delta_avg"], rel=1e-3)
         assert float(row[3]) == pytest.approx(weight[e], abs=6e-4)
 
