@@ -1878,3 +1878,30 @@ def test_the_time_table_counts_only_stages_completed_with_these_settings(quick: 
     for s, t in seconds.items():
         assert rows[s][0] == ("—" if s in changed else f"{t:.0f}"), s
     assert rows["all"][0] == f"{sum(t for s, t in seconds.items() if s not in changed):.0f}"
+
+
+def test_an_interval_bound_beside_the_bar_of_0_keeps_its_sign() -> None:
+    """Over Video-MME's 2,700 items a paired lower bound of 0.975 items (0.036 points) counts as a measurable gain
+    (above 0) but printed '+0.0', and an upper bound of −0.036 points, a measurable cost, printed '-0.0'. Oracle:
+    the bounds' signs, which decide the verdicts."""
+    from types import SimpleNamespace
+
+    from figures.findings import text_costs, weighted_beats_average
+
+    n = 2700
+    gain = SimpleNamespace(value=10 / n, lo=0.975 / n, hi=20 / n)
+    tie = SimpleNamespace(value=0.0, lo=0.0, hi=0.0)
+    run = SimpleNamespace(paired=lambda model, ref, data: tie if data == "text" else gain)
+    r = SimpleNamespace(experts=["e"], own=["image"], cfg={"eval": {"text": "text"}}, data=lambda label: label,
+                        eval=lambda *parts: run, merge_dir=lambda m: m, carrier=lambda m, e: f"{m}/{e}")
+    f = weighted_beats_average(r)
+    assert f.verdict == "agrees"  # no loss on text, a measurable gain on the one modality
+    (lo,) = re.findall(r"image \+\d+\.\d+ \[([-+]\d+\.\d+),", f.evidence)
+    assert float(lo) > 0, f.evidence
+    cost = {"diff_accuracy": -10 / n, "diff_lo": -20 / n, "diff_hi": -0.975 / n}
+    t3 = SimpleNamespace(diff_columns=("diff_accuracy", "diff_lo", "diff_hi"), row=lambda model, data: cost)
+    f = text_costs(SimpleNamespace(experts=["e"], cfg={"eval": {"text": "text"}}, data=lambda label: label,
+                                   eval=lambda *parts: t3))
+    assert f.verdict == "agrees"
+    (hi,) = re.findall(r"e [-+]\d+\.\d+ \[[-+]\d+\.\d+, ([-+]\d+\.\d+)\]", f.evidence)
+    assert float(hi) < 0, f.evidence
