@@ -292,6 +292,9 @@ def check_values(cfg: ReplicateConfig) -> None:
     bad = [x for x in cfg.merge.methods if x not in MERGE_METHODS]
     if bad or not cfg.merge.methods:
         raise BadInput(f"config key 'merge.methods': choose from {', '.join(MERGE_METHODS)}, got {bad or '[]'}")
+    for i, x in enumerate(cfg.merge.methods):  # table4 evaluates each merge once: probe.eval refuses a model given
+        if x in cfg.merge.methods[:i]:  # twice, at the table4 stage, after table3, heads, shift and merge had run
+            raise BadInput(f"config key 'merge.methods[{i}]': {x!r} is listed twice")
     for needed in ("average", "shift"):  # Table 4/5's two rows of the paper and the merge Figure 3 starts from
         if needed not in cfg.merge.methods:
             raise BadInput(f"config key 'merge.methods': must include {needed!r} (the paper's Eq. 1 and Eq. 4)")

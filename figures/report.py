@@ -305,7 +305,6 @@ def build(r: Replication, figdir: Path) -> Doc:
     d = Doc()
     cfg = r.cfg
     fs = findings(r)
-    label = {e: e for e in r.experts}
     text = r.data(cfg["eval"]["text"])
     d.h(1, "Is extending modality the right path? — the paper's pipeline, replicated")
     d.p(f"Config `{Path(r.info.get('config_file', '')).name}`: base `{r.base}`, experts "
@@ -329,7 +328,7 @@ def build(r: Replication, figdir: Path) -> Doc:
     if r.complete("table3"):
         run = r.eval("table3")
         labels = list(cfg["data"])
-        rows = [[m if m == r.base else label[m], *[cell(run, m, r.data(x)) for x in labels],
+        rows = [[m, *[cell(run, m, r.data(x)) for x in labels],
                  "reference" if m == r.base else cell(run, m, text, diff=True)] for m in [r.base, *r.experts]]
         d.table(["model", *labels, f"{cfg['eval']['text']}: Δ vs base"], rows,
                 f"This run ({run.metric.replace('_', ' ')}, %); n/a: the model cannot read that modality")
@@ -370,20 +369,17 @@ def build(r: Replication, figdir: Path) -> Doc:
     d.h(2, "Parameter shift (Eq. 3) and the Eq. 4 weights")
     if r.complete("shift"):
         per = r.shift_per_model()
-        weight = {}
-        if (merge_json := r.out / "merge" / "shift" / "merge.json").is_file():  # one from before 2026-12-06: mean_alpha
-            weight = current_info(read_json(merge_json)).get("mean_weight") or {}
-            if not isinstance(weight, dict) or not all(isinstance(v, (int, float)) for v in weight.values()):
-                raise BadInput(f"{merge_json}: mean_weight is not a number per model")
+        weight = eq4_weights(r)
         rows = []
         for e in r.experts:
             pub = paper.SHIFT_RELEASED.get(r.paper_name(e))
-            rows.append([label[e], f"{per[e]['mean_delta_avg']:.4g}", _times(per[e]['ratio_to_least_shifted']),
+            # the header promises the paper model each expert stands for: it printed the expert's name alone
+            stands = f"{e} ({r.paper_name(e)})" if r.paper_name(e) else e
+            rows.append([stands, f"{per[e]['mean_delta_avg']:.4g}", _times(per[e]['ratio_to_least_shifted']),
                          f"{weight[e]:.3f}" if e in weight else "—",
                          f"{pub[0]:g}" if pub else "—", f"{pub[1]:.3f}" if pub else "—"])
         d.table(["expert (stands for)", "mean Δavg", "× least shifted", "Eq. 4 mean weight", "paper: mean Δavg",
-                 "paper: mean weight"], rows, "This run beside the paper's (§5.3; the values are those of the "
-                "authors' released code, weights (1 − α0)·α_i: shares of the 0.5 non-base mass)")
+                 "paper: mean weight"], rows, weights_caption(cfg["merge"]["alpha0"]))
         if _copy_png(r.out / "shift" / "shift_models.png", figdir / "shift.png"):
             d.img(f"{FIG_DIR}/shift.png", "Mean Δavg per expert and module")
     _finding_list(d, fs["shift"])
@@ -473,13 +469,7 @@ def build(r: Replication, figdir: Path) -> Doc:
 
     # timing
     d.h(2, "Run time per stage")
-    stages = [s for s in r.info["stages"] if s != "report"]
-    fmt = lambda v: "—" if v is None else f"{v:.0f}"  # noqa: E731
-    rows = [[s, fmt(r.seconds(s)), fmt(r.seconds(s, "cpu_seconds")), "yes" if r.resumed(s) else ""]
-            for s in stages]
-    rows.append(["all", fmt(sum(r.seconds(s) or 0 for s in stages)),
-                 fmt(sum(r.seconds(s, "cpu_seconds") or 0 for s in stages)), ""])
-    d.table(["stage", "wall s", "CPU s", "resumed"], rows,
+    d.table(["stage", "wall s", "CPU s", "resumed"], timing_rows(r),
             "Time of the process that completed each stage (a resumed stage counts that process only); CPU "
             "seconds sum all its threads, so they do not grow when other jobs share the machine")
     return d
@@ -503,6 +493,41 @@ def build_report(out: Path) -> list[Path]:
     atomic_write_bytes(out / "report.md", doc.markdown().encode())
     atomic_write_bytes(out / "report.html", doc.html(out, "omniprobe replication report").encode())
     return [out / "report.md", out / "report.html"]
+
+
+def timing_rows(r: Replication) -> list[list[str]]:
+    """The run-time table: each stage's wall and CPU seconds from its record, "—" for a stage not completed with
+    this run's settings (a record of earlier settings' stage gave its time, and the "all" row added it in), and
+    their sum."""
+    stages = [s for s in r.info["stages"] if s != "report" and r.recorded_complete(s)]
+    fmt = lambda v: "—" if v is None else f"{v:.0f}"  # noqa: E731
+    rows = [[s, fmt(r.seconds(s)), fmt(r.seconds(s, "cpu_seconds")), "yes" if r.resumed(s) else ""]
+            if s in stages else [s, "—", "—", ""] for s in r.info["stages"] if s != "report"]
+    rows.append(["all", fmt(sum(r.seconds(s) or 0 for s in stages)),
+                 fmt(sum(r.seconds(s, "cpu_seconds") or 0 for s in stages)), ""])
+    return rows
+
+
+def eq4_weights(r: Replication) -> dict[str, float]:
+    """The Eq. 4 merge's mean weight per model (merge/shift/merge.json), {} unless the merge stage completed with
+    this run's settings: the shift table read the file whenever it was there, so a run whose [merge] settings
+    changed, stopped before its merge stage ran again, showed the earlier settings' weights as this run's."""
+    merge_json = r.out / "merge" / "shift" / "merge.json"
+    if not (r.complete("merge") and merge_json.is_file()):  # a merge.json from before 2026-12-06: mean_alpha
+        return {}
+    weight = current_info(read_json(merge_json)).get("mean_weight") or {}
+    if not isinstance(weight, dict) or not all(isinstance(v, (int, float)) for v in weight.values()):
+        raise BadInput(f"{merge_json}: mean_weight is not a number per model")
+    return weight
+
+
+def weights_caption(alpha0: float) -> str:
+    """The shift table's caption: the run's Eq. 4 expert weights (1 − α0)·α_i share its 1 − α0 of the mass (they
+    sum to it in merge.json); the paper's column, the authors' release, shares 0.5. It said "the 0.5 non-base
+    mass" whatever merge.alpha0 the run used."""
+    paper_mass = "" if alpha0 == 0.5 else "; the paper's column: of the 0.5 of its α0 = 0.5"
+    return ("This run beside the paper's (§5.3; the values are those of the authors' released code, weights "
+            f"(1 − α0)·α_i: shares of the {1 - alpha0:g} non-base mass{paper_mass})")
 
 
 def _times(ratio: float | None) -> str:

@@ -431,8 +431,8 @@ def test_report_numbers_equal_the_stage_outputs(quick: Path) -> None:
     per = json.loads((quick / "shift" / "summary.json").read_text())["per_model"]
     weight = json.loads((quick / "merge" / "shift" / "merge.json").read_text())["mean_weight"]
     rows = _tables(_section(md, "Parameter shift"))[0]
-    for row, e in zip(rows[1:], experts):
-        assert row[0].startswith(e)
+    for row, e, stands in zip(rows[1:], experts, cfg.models.paper):
+        assert row[0] == f"{e} ({stands})"  # the header's "expert (stands for)"
         assert float(row[1]) == pytest.approx(per[e]["mean_delta_avg"], rel=1e-3)
         assert float(row[3]) == pytest.approx(weight[e], abs=6e-4)
 
@@ -1043,6 +1043,8 @@ def _with(cfg, section: str | None = None, **changes):
     ("merge", {"methods": ["average", "shift", "dare"]}, "'merge.methods': choose from"),
     ("merge", {"methods": []}, "'merge.methods': choose from"),
     ("merge", {"methods": ["average", "ties"]}, "'merge.methods': must include 'shift'"),
+    # accepted, then table4's probe.eval refused merge/shift given twice, after five stages had run
+    ("merge", {"methods": ["average", "shift", "shift"]}, "'merge.methods[2]': 'shift' is listed twice"),
     ("merge", {"salience_metric": "entropy"}, "'merge.salience_metric': kl, accuracy_drop"),
     ("merge", {"alpha0": 1.5}, "'merge.alpha0': must be in [0, 1]"),
     ("merge", {"temperature": 0.0}, "'merge.temperature': must be > 0"),
@@ -1384,7 +1386,7 @@ def test_a_drop_or_loss_exactly_at_its_threshold_counts_whatever_its_float_round
     r = SimpleNamespace(experts=experts, heads=lambda e, need=(): (sweeps[e], {}))
     f = heads_all_matter(r)
     assert f.verdict == ("agrees" if all(v >= 0.9 for v in share.values()) else "partly")
-    assert all(f"{e}: {share[e]:.0%} of heads" in f.evidence for e in experts)
+    assert all(f"{e}: {round(share[e] * len(sweeps[e]))} of {len(sweeps[e])} heads" in f.evidence for e in experts)
 
     # carriers 3 of 50 items below experts right on k of them: every loss is exactly 6 points, none larger
     over = [k for k in range(3, n + 1) if 100 * (rate(k) - rate(k - 3)) > 6]  # the rounding the fix forgives
@@ -1429,7 +1431,8 @@ def test_a_checkpoint_missing_from_a_steps_run_is_refused_not_shifted(quick: Pat
 def test_figure3_is_decided_on_paired_intervals(quick: Path, tmp_path: Path, case: str) -> None:
     """Figure 3's finding counted one more item right at the last step as a modality improving, and one fewer on
     text after its peak as text declining. Each is now a paired difference over the same items whose interval must
-    lie above 0; recomputed here from edited steps/<run>/items.parquet with the numpy oracle above."""
+    lie above 0; recomputed here from edited steps/<run>/items.parquet with the numpy oracle above. Text's printed
+    "from its peak" was peak minus last (+12.5 for text that fell 12.5 points): now last minus peak."""
     from figures.findings import steps_tradeoff
     from figures.results import Replication
 
@@ -1440,7 +1443,7 @@ def test_figure3_is_decided_on_paired_intervals(quick: Path, tmp_path: Path, cas
     shutil.copyfile(quick / "replicate.json", out / "replicate.json")
     multi = [n for n, mix in cfg.finetune.runs.items() if len(mix) > 1]
     first, last = f"checkpoint-{min(cfg.finetune.save_steps)}", f"checkpoint-{cfg.finetune.steps}"
-    ok = []
+    ok, said = [], []
     for name in multi:
         d = out / "steps" / name
         items = pd.read_parquet(d / "items.parquet")
@@ -1461,6 +1464,11 @@ def test_figure3_is_decided_on_paired_intervals(quick: Path, tmp_path: Path, cas
                                       Path(specs[label]).name)
             if label == cfg.eval.text:
                 falls = lo > 0
+                # the evidence prints last minus peak (step 0's 100 %), as its arrows read: down is negative
+                v, lo, hi = _paired_oracle(items[at[last]], items[at[first]], seed, Path(specs[label]).name)
+                said.append(f"{name}: text 100.0 → peak 100.0 at step 0 → {100 * sum(worst) / n:.1f} "
+                            f"({100 * v:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] from its peak)")
+                assert v < 0
             else:
                 up &= lo > 0
         items.to_parquet(d / "items.parquet")
@@ -1468,7 +1476,9 @@ def test_figure3_is_decided_on_paired_intervals(quick: Path, tmp_path: Path, cas
         _edit_all_rows(d / "scores.csv", lambda m, data, a: means.get((m, data), a))
         ok.append((up, falls))
     want = ("agrees" if all(a and b for a, b in ok) else "partly" if any(a or b for a, b in ok) else "disagrees")
-    assert steps_tradeoff(Replication.read(out)).verdict == want
+    got = steps_tradeoff(Replication.read(out))
+    assert got.verdict == want
+    assert said and all(x in got.evidence for x in said), (said, got.evidence)
     assert want == {"one item each way": "disagrees", "every item": "agrees"}[case]  # the cases meant
 
 
@@ -1698,3 +1708,200 @@ def test_the_merges_paragraph_describes_the_merges_the_config_ran(methods, base,
         label = {"kl": "mean KL", "accuracy_drop": "accuracy drop", "prob_accuracy_drop": "probability-accuracy drop"}
         assert f"sweeps' {label[metric]} " in text
         assert ("the base keeps α0 = 0.5" in text) != base and ("compete" in text) == base
+
+
+def _shift_run(means: dict[str, float], paper: dict[str, str]) -> object:
+    """A stand-in Replication for shift_ratio: summary.json's mean Δavg per expert and models.paper's names."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(experts=list(means), paper_name=lambda e: paper.get(e, ""),
+                           shift_per_model=lambda: {e: {"mean_delta_avg": v} for e, v in means.items()})
+
+
+@pytest.mark.parametrize("case", ["one expert", "vl not the largest", "no stand-in", "vl 12x"])
+def test_the_shift_finding_compares_the_qwen2_vl_stand_in_with_the_other_experts(case: str) -> None:
+    """'Qwen2-VL shifts most: 10× the others' with a single expert agreed, its evidence 'is inf× the next largest'
+    (there was no other expert); when the stand-in was not the largest its ratio (below 1) was called 'the next
+    largest'; with no expert standing for Qwen2-VL (models.paper left out) the criterion said the most shifted
+    expert 'stands for Qwen2-VL'. Oracle: the ratio to the largest other mean, computed here."""
+    from figures.findings import shift_ratio
+
+    vl = {"vl": "Qwen2-VL-7B-Instruct", "si": "LLaVA-OneVision-Qwen2-7B-SI"}
+    means, paper = {"one expert": ({"vl": 0.01}, vl), "vl not the largest": ({"vl": 0.002, "si": 0.008, "v": 0.004}, vl),
+                    "no stand-in": ({"a": 0.002, "b": 0.008}, {}), "vl 12x": ({"vl": 0.012, "si": 0.001}, vl)}[case]
+    f = shift_ratio(_shift_run(means, paper))
+    if case == "one expert":
+        assert f.verdict == "not measured" and "inf" not in f.evidence
+        return
+    who = "vl" if paper else max(means, key=means.get)
+    other = max((e for e in means if e != who), key=means.get)
+    ratio = means[who] / means[other]
+    assert f"{who} is {ratio:.2f}× the largest of the others ({other})" in f.evidence
+    assert f.verdict == ("agrees" if ratio >= 10 else "partly" if ratio > 1 else "disagrees")
+    # "standing for Qwen2-VL" only where models.paper names one
+    assert f.criterion.startswith("the expert standing for" if paper else "with no expert standing for")
+    assert {"vl not the largest": "disagrees", "no stand-in": "partly", "vl 12x": "agrees"}[case] == f.verdict
+
+
+def test_the_head_findings_state_counts_that_agree_with_their_verdicts() -> None:
+    """43 of 48 heads mattering (89.6 %) printed '90% of heads' beside a criterion of 'at least 90%' and a verdict
+    that it was not met; and a one-layer sweep (no deep half) disagreed that shallow heads matter more, on a mean KL
+    of nan. Oracle: the counts of the heads' drops, the layers of the sweep."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from figures.findings import heads_all_matter, shallow_layers
+
+    drops = np.r_[np.full(43, 0.05), np.zeros(5)]
+    sweep = pd.DataFrame({"layer": np.repeat(np.arange(4), 12), "head": np.tile(np.arange(12), 4),
+                          "prob_accuracy_drop": drops, "kl": np.linspace(1, 0, 48)})
+    r = SimpleNamespace(experts=["e1"], heads=lambda e, need=(): (sweep, {}))
+    f = heads_all_matter(r)
+    assert f.verdict == "disagrees" and "e1: 43 of 48 heads" in f.evidence
+    shown = [float(x) for x in re.findall(r"(\d+(?:\.\d+)?) ?%", f.evidence)]
+    assert all(x < 90 for x in shown), f.evidence  # no share printed at the bar it missed
+    assert shallow_layers(r).verdict == "agrees"  # the control: four layers, KL falling with depth
+    one = SimpleNamespace(experts=["e1"], heads=lambda e, need=(): (sweep.assign(layer=0, head=range(48)), {}))
+    f = shallow_layers(one)
+    assert f.verdict == "not measured" and "nan" not in f.evidence
+
+
+def test_the_shift_tables_caption_names_the_mass_the_runs_weights_share(quick: Path) -> None:
+    """The caption said the Eq. 4 weights were "shares of the 0.5 non-base mass" whatever merge.alpha0 was; the
+    run's weights share 1 − α0. Oracle: merge/shift/merge.json's expert weights sum to the mass it names."""
+    from figures.report import weights_caption
+
+    info = json.loads((quick / "merge" / "shift" / "merge.json").read_text())
+    cfg = parse_config(QUICK_CONFIG)
+    mass = sum(v for m, v in info["mean_weight"].items() if m in cfg.models.experts)
+    assert f"shares of the {mass:.3g} non-base mass)" in weights_caption(cfg.merge.alpha0)
+    assert weights_caption(cfg.merge.alpha0) in (quick / "report.md").read_text()
+    other = weights_caption(0.3)  # the run's 0.7, the paper's column still its 0.5
+    assert "shares of the 0.7 non-base mass" in other and "the paper's column: of the 0.5" in other
+
+
+@pytest.mark.parametrize("case", ["as run", "no text set", "text only", "no mixed run"])
+def test_figure3_is_not_measured_without_text_a_modality_or_a_mixed_run(quick: Path, tmp_path: Path,
+                                                                         case: str) -> None:
+    """Figure 3's claim has two halves, text and the modalities, judged on runs that mix modalities. With the text
+    set not among finetune.eval_data the finding read 'disagrees' (text never peaked); with text alone every
+    modality 'gained' (none was measured); without a mixed run every run was held to it (the text run to gains on
+    images). Each is now 'not measured'. Oracle: the config the run saved, edited as the case says."""
+    from figures.findings import steps_tradeoff
+    from figures.results import Replication
+
+    out = tmp_path / "run"
+    for part in ("stages", "steps"):
+        shutil.copytree(quick / part, out / part)
+    info = json.loads((quick / "replicate.json").read_text())
+    ft = info["config"]["finetune"]
+    if case == "no text set":
+        ft["eval_data"] = [x for x in ft["eval_data"] if x != info["config"]["eval"]["text"]]
+    elif case == "text only":
+        ft["eval_data"] = [info["config"]["eval"]["text"]]
+    elif case == "no mixed run":
+        ft["runs"] = {n: mix for n, mix in ft["runs"].items() if len(mix) == 1}
+    (out / "replicate.json").write_text(json.dumps(info))
+    f = steps_tradeoff(Replication.read(out))
+    measured = case == "as run"
+    assert (f.verdict == "not measured") != measured
+    numbers = f.evidence.split("points: ", 1)[1]
+    assert all(f"{n}: " in numbers for n in ft["runs"])  # every run's numbers are still given
+
+
+def test_a_number_beside_a_findings_bar_is_printed_on_its_side_of_it() -> None:
+    """A carrier 163 of 2,700 items (Video-MME's size) below its expert lost 6.04 points and broke 'at most 6', but
+    printed '−6.0'; an Eq. 3 ratio of 9.996 printed '10.00×' beside a verdict that it missed 10×. Each number now
+    takes the decimals that keep it on its side of the bar. Oracle: the item counts; the ratio of the means."""
+    from types import SimpleNamespace
+
+    from figures.findings import carriers_fall_short, shift_ratio
+
+    n, k = 2700, 2000
+    acc = {("e", "e"): k / n, ("average/e", "e"): (k - 163) / n, ("shift/e", "e"): (k - 162) / n}
+    run = SimpleNamespace(metric="accuracy", row=lambda model, data: {"accuracy": acc[model, data]})
+    r = SimpleNamespace(experts=["e"], own=["e"], data=lambda label: label, eval=lambda stage, e: run,
+                        carrier=lambda m, e: f"{m}/e")
+    f = carriers_fall_short(r)
+    assert 100 * 163 > 6 * n >= 100 * 162  # the cases meant: one loss over 6 points, one under
+    assert f.verdict == "partly"
+    shown = [float(x) for x in re.findall(r"−(\d+\.\d+)", f.evidence)]
+    assert len(shown) == 2 and shown[0] > 6 >= shown[1], f.evidence
+    f = shift_ratio(_shift_run({"vl": 0.009996, "si": 0.001}, {"vl": "Qwen2-VL-7B-Instruct"}))
+    assert f.verdict == "partly"
+    (ratio,) = re.findall(r"vl is (\d+\.\d+)×", f.evidence)
+    assert float(ratio) < 10, f.evidence
+
+
+def test_the_shift_table_shows_eq4_weights_only_of_a_merge_completed_with_these_settings(quick: Path,
+                                                                                         tmp_path: Path) -> None:
+    """A run whose [merge] settings changed (merge.alpha0 0.5 → 0.3) and that stopped before its merge stage ran
+    again kept the shift stage (its inputs did not change) and the earlier merge/shift/merge.json: the report's
+    shift table showed that merge's weights (summing to 0.5) as this run's (whose would sum to 0.7). Oracle: the
+    stage records against replicate.json's fingerprints, and merge.json's weights."""
+    from figures.report import eq4_weights
+    from figures.results import Replication
+
+    out = tmp_path / "run"
+    for part in ("stages", "shift", "merge"):
+        shutil.copytree(quick / part, out / part)
+    info = json.loads((quick / "replicate.json").read_text())
+    (out / "replicate.json").write_text(json.dumps(info))
+    saved = json.loads((quick / "merge" / "shift" / "merge.json").read_text())["mean_weight"]
+    assert eq4_weights(Replication.read(out)) == saved  # the control: the merge completed with these settings
+    info["config"]["merge"]["alpha0"] = 0.3
+    info["fingerprints"] |= {s: f"changed-{s}" for s in ("merge", "table4", "table5", "finetune", "steps",
+                                                          "trajectory", "report")}
+    (out / "replicate.json").write_text(json.dumps(info))
+    r = Replication.read(out)
+    assert r.complete("shift") and not r.complete("merge")
+    assert eq4_weights(r) == {}  # the table prints "—"
+
+
+def test_the_time_table_counts_only_stages_completed_with_these_settings(quick: Path, tmp_path: Path) -> None:
+    """The run-time table gave a stage's time from its record whatever settings it completed with: after [merge]
+    settings changed, the merge stage and everything after it showed their earlier times and the "all" row added
+    them in. Oracle: the records' seconds of the stages whose fingerprints still match replicate.json's."""
+    from figures.report import timing_rows
+    from figures.results import Replication
+
+    out = tmp_path / "run"
+    shutil.copytree(quick / "stages", out / "stages")
+    info = json.loads((quick / "replicate.json").read_text())
+    changed = ("merge", "table4", "table5", "finetune", "steps", "trajectory")
+    info["fingerprints"] |= {s: f"changed-{s}" for s in changed}
+    (out / "replicate.json").write_text(json.dumps(info))
+    rows = {row[0]: row[1:] for row in timing_rows(Replication.read(out))}
+    seconds = {s: json.loads((out / "stages" / f"{s}.json").read_text())["seconds"] for s in STAGE_NAMES
+               if s != "report"}
+    for s, t in seconds.items():
+        assert rows[s][0] == ("—" if s in changed else f"{t:.0f}"), s
+    assert rows["all"][0] == f"{sum(t for s, t in seconds.items() if s not in changed):.0f}"
+
+
+def test_an_interval_bound_beside_the_bar_of_0_keeps_its_sign() -> None:
+    """Over Video-MME's 2,700 items a paired lower bound of 0.975 items (0.036 points) counts as a measurable gain
+    (above 0) but printed '+0.0', and an upper bound of −0.036 points, a measurable cost, printed '-0.0'. Oracle:
+    the bounds' signs, which decide the verdicts."""
+    from types import SimpleNamespace
+
+    from figures.findings import text_costs, weighted_beats_average
+
+    n = 2700
+    gain = SimpleNamespace(value=10 / n, lo=0.975 / n, hi=20 / n)
+    tie = SimpleNamespace(value=0.0, lo=0.0, hi=0.0)
+    run = SimpleNamespace(paired=lambda model, ref, data: tie if data == "text" else gain)
+    r = SimpleNamespace(experts=["e"], own=["image"], cfg={"eval": {"text": "text"}}, data=lambda label: label,
+                        eval=lambda *parts: run, merge_dir=lambda m: m, carrier=lambda m, e: f"{m}/{e}")
+    f = weighted_beats_average(r)
+    assert f.verdict == "agrees"  # no loss on text, a measurable gain on the one modality
+    (lo,) = re.findall(r"image \+\d+\.\d+ \[([-+]\d+\.\d+),", f.evidence)
+    assert float(lo) > 0, f.evidence
+    cost = {"diff_accuracy": -10 / n, "diff_lo": -20 / n, "diff_hi": -0.975 / n}
+    t3 = SimpleNamespace(diff_columns=("diff_accuracy", "diff_lo", "diff_hi"), row=lambda model, data: cost)
+    f = text_costs(SimpleNamespace(experts=["e"], cfg={"eval": {"text": "text"}}, data=lambda label: label,
+                                   eval=lambda *parts: t3))
+    assert f.verdict == "agrees"
+    (hi,) = re.findall(r"e [-+]\d+\.\d+ \[[-+]\d+\.\d+, ([-+]\d+\.\d+)\]", f.evidence)
+    assert float(hi) < 0, f.evidence
