@@ -288,3 +288,24 @@ def test_a_local_rank_outside_the_local_world_is_bad_input(device, monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     with pytest.raises(BadInput, match="^LOCAL_RANK 2 with LOCAL_WORLD_SIZE 2"):
         resolve_placement(device, query=four)
+
+
+def test_heads_refuses_a_model_too_large_for_the_ram_in_one_line(tmp_path, tiny_dirs, monkeypatch, capsys):
+    """probe.heads printed where it runs before loading, so a model refused at the load ("its weights take …") left
+    two lines on stderr, the placement's and the error; eval and finetune check before printing (one line). Oracle:
+    eval's refusal of the same model on the same machine (test_eval_refuses_a_model_too_large_for_the_ram_…)."""
+    from probe import devices
+    from probe.errors import cli_main
+    from probe.eval import main as eval_main
+    from probe.heads import main
+
+    monkeypatch.setattr(devices, "available_ram", lambda: 1 << 30)  # 1 GiB: nothing is usable past the headroom
+    model = str(tiny_dirs["qwen2"])
+    out = tmp_path / "heads"
+    assert cli_main(main, ["--model", model, "--data", "probe/zoo/data/text", "--limit", "2", "--device", "cpu",
+                           "--out", str(out), "--quiet", "--no-figures"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert cli_main(eval_main, ["--models", model, "--data", "probe/zoo/data/text", "--limit", "2", "--device", "cpu",
+                                "--out", str(tmp_path / "eval"), "--quiet"]) == 2
+    assert err == capsys.readouterr().err.strip() and err.startswith("error: ") and "\n" not in err
+    assert not out.exists()
