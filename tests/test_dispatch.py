@@ -317,6 +317,27 @@ def test_engines_with_a_device_holding_no_layer_equal_the_plain_model(tied, bloc
         assert (a["response"] == b["response"]).all()
 
 
+def test_batched_evaluation_of_a_dispatched_model_equals_the_plain_model(tiny_dirs, load_tiny, data_dir):
+    """probe.eval's path (probe.batch.evaluate_items: left-padded batches of 4 through generate, accelerate's hooks
+    on every unit, the first device holding no layer) gives the plain model's option log-probs and answers bit for
+    bit on the synthetic set's multiple-choice items (8, two batches)."""
+    import torch
+
+    from probe.batch import evaluate_items
+    from probe.mmmu import load_items
+    from probe.models import load_model, resolve_model
+    from probe.sweep import SweepConfig
+
+    every = load_items(str(data_dir))[0]
+    plain = load_tiny("qwen2_vl", "sdpa")
+    spread = load_model(resolve_model(str(tiny_dirs["qwen2_vl"])), devices=("cpu", "cpu", "cpu"))
+    assert spread.device_plan.layer_blocks[0] == (0, 0)
+    cfg = SweepConfig(generate=True, max_new_tokens=4)
+    a, b = evaluate_items(plain, every, cfg, 4), evaluate_items(spread, every, cfg, 4)
+    assert len(a) == len(every) > 4 and len({round(float(m.logp.max()), 3) for m in a}) > 1
+    assert all(torch.equal(x.logp, y.logp) and x.response == y.response for x, y in zip(a, b))
+
+
 def test_the_exact_engine_moves_the_residual_to_each_layers_device(load_tiny, items):
     """Meta-device dry run without accelerate hooks (nothing moves tensors for the engine): layers 2-3, norm and
     lm_head on "meta". run_rows must carry the residual from the CPU layers onto them, or torch raises."""
