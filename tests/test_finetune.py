@@ -2517,3 +2517,38 @@ def test_a_set_labelled_by_a_modality_holds_only_that_modality(data_dir, text_di
         check_label("text", "M", text + image)
     with pytest.raises(BadInput, match=r"--data video=I: its items hold image, not video"):
         check_label("video", "I", image)
+
+
+def test_training_split_over_gpus_is_checked_per_gpu_before_a_weight_loads(tmp_path: Path, capfd, monkeypatch):
+    """One process training a model split over its GPUs (--device auto on several) was checked for the weights
+    only: the full fine-tune's gradients and AdamW moments (12 bytes a float32 parameter, 16 with the weight) went
+    unchecked, so the load ran (minutes for a 72B) and the first step ran out of memory, its line advising a
+    smaller --micro-batch. Oracle: organism-base planned over two GPUs of equal memory (probe.dispatch's map), each
+    GPU's need 4 × its float32 weight bytes (every parameter trains; 4.5 × under bfloat16 autocast, its bfloat16
+    copies); a GPU 1 KB short of the fuller one's need is refused, 1 KB more passes, through analyses.finetune too."""
+    from analyses.finetune import main
+    from probe.devices import DeviceQuery
+    from probe.dispatch import HEADROOM_BYTES, HEADROOM_FRACTION
+    from probe.models import check_spread_trains_fits, plan_for, resolve_model
+    from probe.train import TrainConfig
+
+    ref = resolve_model("organism-base")
+    gpus = ("cuda:0", "cuda:1")
+    weights = max(plan_for(ref, torch.float32, gpus).nbytes)
+    device = lambda need: int((need + HEADROOM_BYTES) / HEADROOM_FRACTION) + 1  # noqa: E731
+    for autocast, per_byte in ((None, 4), ("bfloat16", 4.5)):
+        cfg = TrainConfig(steps=1, lr=1e-3, lm_lr=1e-3, autocast=autocast)
+        need = int(weights * per_byte)
+        with pytest.raises(BadInput, match=r"^organism-base: fine-tuning it split over 2 devices takes [0-9.]+ MiB "
+                                           r"on cuda:[01]"):
+            check_spread_trains_fits(ref, "float32", gpus, (device(need - 1024),) * 2, cfg)
+        check_spread_trains_fits(ref, "float32", gpus, (device(need + 1024),) * 2, cfg)
+    machine = DeviceQuery(("NVIDIA X",) * 2, False, True, 1, (device(4 * weights - 1024),) * 2)
+    monkeypatch.setattr(DeviceQuery, "probe", staticmethod(lambda: machine))
+    out = tmp_path / "split"
+    args = _organism_args(out)
+    args[args.index("--device") + 1] = "auto"
+    assert cli_main(main, args) == 2
+    err = capfd.readouterr().err.strip()
+    assert err.startswith("error: organism-base: fine-tuning it split over 2 devices") and "\n" not in err
+    assert not out.exists()
