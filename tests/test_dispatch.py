@@ -63,7 +63,9 @@ def test_explicit_gpu_lists_and_single_gpus():
     assert resolve_placement("cuda:2,cuda:0", query=_gpus(4)).all_devices == ("cuda:2", "cuda:0")
     assert resolve_placement("cuda", query=_gpus(4), local_rank=None).all_devices == ("cuda:0",)
     for bad, match in (("cuda:0,cuda:0", "distinct GPUs"), ("cuda:0,cpu", "distinct GPUs"),
-                       ("cuda:0,cuda:9", "only 4 GPU")):
+                       ("cuda:0,cuda:9", "only 4 GPU"), ("cuda,cuda:0", "distinct GPUs"),  # cuda is rank 0's GPU
+                       ("cuda:-1", "unknown --device 'cuda:-1'"), ("cuda:a", "unknown --device 'cuda:a'"),
+                       ("cuda:00,cuda:0", "unknown --device 'cuda:00'"), ("cuda:0,", "unknown --device ''")):
         with pytest.raises(BadInput, match=match):
             resolve_placement(bad, query=_gpus(4))
     with pytest.raises(BadInput, match="no CUDA GPU is visible"):
