@@ -1203,6 +1203,15 @@ def test_a_damaged_adapter_is_one_line_before_anything_runs(lora_run, tiny_dirs,
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
+def _cpu_with_bf16(monkeypatch) -> None:
+    """The machine as a CPU with native bfloat16: probe.devices refuses --dtype bfloat16 on a CPU without it (the
+    2-core test machine of 2026-12-06, where the two tests using this exited 2); torch's CPU kernels run bfloat16
+    either way."""
+    from probe.devices import DeviceQuery
+
+    monkeypatch.setattr(DeviceQuery, "probe", staticmethod(lambda: DeviceQuery(cpu_bf16=True, cpu_threads=1)))
+
+
 def test_lora_under_bfloat16_holds_frozen_weights_in_bf16_and_merges_in_float32(tiny_dirs, data_dir, text_dir,
                                                                                tmp_path, monkeypatch):
     """--lora with --dtype bfloat16: the frozen weights are bfloat16 (half the memory; they get no update to lose),
@@ -1220,6 +1229,7 @@ def test_lora_under_bfloat16_holds_frozen_weights_in_bf16_and_merges_in_float32(
         return real(loaded, *a, **k)
 
     monkeypatch.setattr(train_mod, "train", spy)
+    _cpu_with_bf16(monkeypatch)
     args = _args(tiny_dirs, data_dir, text_dir, tmp_path / "run", "--lora", "4")
     args[args.index("--dtype") + 1] = "bfloat16"
     assert cli_main(main, args) == 0
@@ -1254,9 +1264,11 @@ def test_lora_under_bfloat16_holds_frozen_weights_in_bf16_and_merges_in_float32(
     assert checked == 4 * 7  # the README's targets: q, k, v, o, gate, up, down of each of the tiny LM's 4 layers
 
 
-def test_a_different_run_or_precision_in_the_same_out_is_refused(ft_run, tiny_dirs, data_dir, text_dir, capfd):
+def test_a_different_run_or_precision_in_the_same_out_is_refused(ft_run, tiny_dirs, data_dir, text_dir, capfd,
+                                                                monkeypatch):
     from analyses.finetune import main
 
+    _cpu_with_bf16(monkeypatch)
     before = sorted(p.name for p in ft_run.iterdir())
     for extra in (["--seed", "1"], ["--dtype", "bfloat16"]):
         args = _args(tiny_dirs, data_dir, text_dir, ft_run)
