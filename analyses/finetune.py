@@ -621,6 +621,10 @@ def load_trainee(cfg: FinetuneConfig, ref: ModelRef, frozen: str, placement: Pla
 
         check_trains_fits(ref, frozen, placement.device, next(iter(placement.device_memory), None), tcfg,
                           shards=world if cfg.fsdp else 1)
+    elif cfg.lora is None and placement.spread:  # one process, the model split over its GPUs: each one's share
+        from probe.models import check_spread_trains_fits
+
+        check_spread_trains_fits(ref, frozen, placement.all_devices, placement.device_memory, tcfg)
     if cfg.fsdp:  # rank 0 reads the weights (into RAM), the other ranks build the model on the meta device
         from probe.fsdp import load_for_sharding
 

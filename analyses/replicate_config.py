@@ -415,7 +415,7 @@ def check_machine(cfg: ReplicateConfig) -> tuple[dict[str, str], Placement]:
     check_names(cfg)
     check_lm_geometry(refs)
     check_modalities_read(cfg, refs)
-    from probe.models import check_fits, check_trains_fits
+    from probe.models import check_fits, check_spread_trains_fits, check_trains_fits
 
     for key, ref in refs.items():  # a 7B model in float32 on a small machine: now, not at the first stage's load
         try:
@@ -425,9 +425,11 @@ def check_machine(cfg: ReplicateConfig) -> tuple[dict[str, str], Placement]:
     carrier = refs[f"models.experts[{cfg.models.experts.index(cfg.finetune.carrier)}]"]  # its carrier's shape
     try:  # fine-tuning holds the weights in float32 whatever dtype evaluates: twice bfloat16's bytes
         check_fits(carrier, trained, placement.all_devices, placement.device_memory)
+        tcfg = train_config(cfg, "bfloat16" if placement.dtype == "bfloat16" else None)
         if cfg.finetune.lora is None and not placement.spread:  # and gradients and AdamW moments: 7B needs ~120 GB
-            check_trains_fits(carrier, trained, placement.device, next(iter(placement.device_memory), None),
-                              train_config(cfg, "bfloat16" if placement.dtype == "bfloat16" else None))
+            check_trains_fits(carrier, trained, placement.device, next(iter(placement.device_memory), None), tcfg)
+        elif cfg.finetune.lora is None:  # split over the process's GPUs: each one's share
+            check_spread_trains_fits(carrier, trained, placement.all_devices, placement.device_memory, tcfg)
     except BadInput as exc:
         raise BadInput(f"config key 'finetune.carrier': {exc}") from None
     return {r.spec: str(r.path) for r in refs.values()}, placement

@@ -151,6 +151,10 @@ def resolve_placement(device: str = "auto", dtype: str = "auto", attn_implementa
         local_rank = env_index("LOCAL_RANK")
     if local_world is None:
         local_world = env_index("LOCAL_WORLD_SIZE")
+    if local_rank is not None and local_world is not None and not local_rank < local_world:
+        # as rank_world refuses RANK >= WORLD_SIZE: the share [r·n/k, (r+1)·n/k) lay past the last GPU (a traceback)
+        raise BadInput(f"LOCAL_RANK {local_rank} with LOCAL_WORLD_SIZE {local_world}: a local rank is 0 .. "
+                       "LOCAL_WORLD_SIZE - 1")
     if device == "auto":
         devices = [f"cuda:{i}" for i in gpu_share(len(q.cuda_names), local_rank, local_world)] or ["cpu"]
     else:

@@ -4,7 +4,8 @@ A 72B model (144 GB in bf16) fits on no single GPU. The map cuts the model into 
 one unit, never split (its residual add and KV cache live on one device); everything the decoder reads before
 its first layer (embeddings, vision or audio tower, projector, rotary embedding) goes to the first device, the
 final norm and lm_head to the last (to the first when lm_head is tied to the embeddings) — and gives each device
-a contiguous block of layers so that the largest device holds as few bytes as possible. accelerate's hooks
+a contiguous block of layers (possibly none) so that the largest device holds as few bytes as possible
+(with the devices' memory known: as small a share of it). accelerate's hooks
 (``dispatch_model``) then move every unit's inputs to its device; the engines, which call decoder layers
 directly, move the residual stream themselves (probe/exact.py).
 
@@ -82,11 +83,15 @@ def model_units(model: nn.Module, layers_path: str, post_paths: Sequence[str]) -
     return pre + units + post
 
 
-def balance_layers(layer_bytes: Sequence[int], first_extra: int, last_extra: int, n_devices: int) -> list[int]:
-    """Split layers into ≤ n_devices contiguous blocks (returned as block ends) minimising the largest device load,
-    the first device also holding ``first_extra`` bytes and the last ``last_extra`` (exact DP; n is small)."""
+def balance_layers(layer_bytes: Sequence[int], first_extra: int, last_extra: int, n_devices: int,
+                   capacity: Sequence[float] = ()) -> list[int]:
+    """Split layers into n_devices contiguous blocks in device order (returned as block ends), minimising the
+    largest device load over its ``capacity`` (bytes alone when not given), the first device also holding
+    ``first_extra`` bytes and the last ``last_extra`` (exact DP; n is small). A block may be empty: the first
+    device's when the embeddings and vision tower already are its share, the last's when the head is."""
     n = len(layer_bytes)
-    k = min(n_devices, n)
+    k = n_devices
+    cap = list(capacity) or [1] * k
     prefix = [0]
     for b in layer_bytes:
         prefix.append(prefix[-1] + b)
@@ -96,10 +101,10 @@ def balance_layers(layer_bytes: Sequence[int], first_extra: int, last_extra: int
     cut = [[0] * (n + 1) for _ in range(k + 1)]
     best[0][0] = 0
     for j in range(1, k + 1):
-        for i in range(1, n + 1):
-            for s in range(j - 1, i):
-                load = prefix[i] - prefix[s] + (first_extra if j == 1 else 0) + (last_extra if i == n and j == k else 0)
-                value = max(best[j - 1][s], load)
+        extra = (first_extra if j == 1 else 0) + (last_extra if j == k else 0)
+        for i in range(n if j == k else 0, n + 1):  # the last device ends at layer n
+            for s in range(i + 1):  # s == i (an empty block) last: on a tie a device takes layers
+                value = max(best[j - 1][s], (prefix[i] - prefix[s] + extra) / cap[j - 1])
                 if value < best[j][i]:
                     best[j][i], cut[j][i] = value, s
     ends, i = [], n
@@ -109,11 +114,18 @@ def balance_layers(layer_bytes: Sequence[int], first_extra: int, last_extra: int
     return ends[::-1]
 
 
+def usable_bytes(memory: int) -> float:
+    """What a device of ``memory`` bytes may give the weights: the rest is headroom (activations, caches)."""
+    return memory * HEADROOM_FRACTION - HEADROOM_BYTES
+
+
 def plan_device_map(model: nn.Module, layers_path: str, norm_path: str, lm_head_path: str,
                     devices: Sequence[str], memory: Sequence[int] = ()) -> DeviceMap:
     """The device map of ``model`` (usually on the meta device) over ``devices``, balanced by layers.
 
-    ``memory`` (bytes per device, when known) is checked with headroom: a map that does not fit is BadInput.
+    ``memory`` (bytes per device, when known) weighs the balance (GPUs of several sizes each fill the same share
+    of what they can hold) and is checked with headroom: a map that does not fit is BadInput — which it is only
+    where no contiguous map fits. A middle device left without layers is left out of the map.
     """
     units = model_units(model, layers_path, (norm_path, lm_head_path))
     head = model.get_submodule(lm_head_path)
@@ -123,22 +135,25 @@ def plan_device_map(model: nn.Module, layers_path: str, norm_path: str, lm_head_
     pre = [u for u in units if u.kind == "pre"] + ([u for u in units if u.name == lm_head_path] if tied else [])
     post = [u for u in units if u.kind == "post" and not (tied and u.name == lm_head_path)]
     layers = [u for u in units if u.kind == "layer"]
+    if memory and len(memory) != len(devices):
+        raise ValueError(f"memory of {len(memory)} devices for a map over {len(devices)}")
+    capacity = [max(usable_bytes(m), 1.0) for m in memory]
     ends = balance_layers([u.nbytes for u in layers], sum(u.nbytes for u in pre), sum(u.nbytes for u in post),
-                          len(devices))
-    used = tuple(devices[:len(ends)])
+                          len(devices), capacity)
+    starts = [0, *ends[:-1]]
+    kept = [j for j in range(len(devices)) if j in (0, len(devices) - 1) or ends[j] > starts[j]]
+    used = tuple(devices[j] for j in kept)
+    blocks = tuple((starts[j], ends[j]) for j in kept)
     device_map: dict[str, str] = {u.name: used[0] for u in pre}
-    blocks, start = [], 0
-    for dev, end in zip(used, ends):
-        blocks.append((start, end))
-        device_map.update({layers[i].name: dev for i in range(start, end)})
-        start = end
+    for dev, (a, b) in zip(used, blocks):
+        device_map.update({layers[i].name: dev for i in range(a, b)})
     device_map.update({u.name: used[-1] for u in post})
     # per block, not per device name: the CPU test setups name several devices "cpu"
     load = tuple(sum(layers[i].nbytes for i in range(a, b)) + (sum(u.nbytes for u in pre) if j == 0 else 0)
                  + (sum(u.nbytes for u in post) if j == len(blocks) - 1 else 0) for j, (a, b) in enumerate(blocks))
-    plan = DeviceMap(device_map, used, tuple(blocks), load)
-    for dev, need, have in zip(used, load, memory):
-        usable = have * HEADROOM_FRACTION - HEADROOM_BYTES
+    plan = DeviceMap(device_map, used, blocks, load)
+    for dev, need, have in zip(used, load, [memory[j] for j in kept] if memory else ()):
+        usable = usable_bytes(have)
         if need > usable:
             raise BadInput(f"the model does not fit on {len(devices)} device(s): {dev} would hold "
                            f"{need / 2**30:.1f} GiB of weights, {have / 2**30:.1f} GiB total "

@@ -376,7 +376,7 @@ def run(args: argparse.Namespace) -> Path:
     batching = run_info["batching"] = chunk_batching(out, len(chunks), saved.get("batching"))
     t0 = time.perf_counter()
     if todo:
-        from probe.models import load_model
+        from probe.models import check_fits, load_model
         from probe.sweep import SweepConfig, get_engine
         from probe.results import atomic_write_parquet
         import pandas as pd
@@ -384,6 +384,8 @@ def run(args: argparse.Namespace) -> Path:
         if resuming := (out / "run.json").is_file():  # claimed at once: the same command started twice would
             claim_out_dir(out, plan.fingerprint())  # otherwise compute the same parts side by side
         with stop_recorded(out, run_info):  # a check that stops the run says so in run.json
+            # the fit checked before the placement's line, as eval and finetune do: a refusal stays one line
+            check_fits(ref, placement.dtype, placement.all_devices, placement.device_memory)
             print(placement.description, file=sys.stderr)
             loaded = load_model(ref, dtype=placement.dtype, device=device, attn_implementation=args.attn_implementation,
                                 devices=placement.all_devices, device_memory=placement.device_memory)

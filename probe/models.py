@@ -981,6 +981,40 @@ def check_trains_fits(ref: ModelRef, dtype: str, device: str, memory: int | None
                        "0 for a part (--lm-lr 0 / --lr 0)")
 
 
+def check_spread_trains_fits(ref: ModelRef, dtype: str, devices: Sequence[str], memory: Sequence[int],
+                             train_cfg: TrainConfig) -> None:
+    """``check_trains_fits`` for one process training a model split over several devices (``--device auto`` on
+    several GPUs): each device holds, beside its block of the ``dtype`` weights (the map ``load_model`` makes), the
+    gradients and AdamW moments of those that train, and under bfloat16 autocast their bfloat16 copies. Bad input
+    before a weight is read, where the load (minutes for a 72B) ran out of memory at the first step. ``memory``: each
+    device's bytes; () = unknown, not checked."""
+    if len(devices) < 2 or len(memory) != len(devices):
+        return
+    from probe.dispatch import plan_device_map, usable_bytes
+    from probe.train import trained_params
+
+    skeleton = skeleton_of(ref, DTYPES[dtype])
+    fam = ref.family
+    plan = plan_device_map(skeleton, fam.layers_path, fam.norm_path, fam.lm_head_path, devices, memory)
+    trains = {id(p) for p in trained_params(skeleton, ref, train_cfg)}
+    state = dict.fromkeys(plan.devices, 0)
+    for name, p in skeleton.named_parameters():  # a tied head once, under the embeddings' name
+        if id(p) in trains:
+            unit = next(k for k in plan.device_map if name == k or name.startswith(k + "."))
+            state[plan.device_map[unit]] += 3 * p.numel() * p.element_size()  # gradient and two moments
+    autocast = train_cfg.autocast == "bfloat16"
+    for dev, weights in zip(plan.devices, plan.nbytes):
+        cast = weights // 2 if autocast else 0  # the step's bfloat16 copies of the float32 weights
+        usable = usable_bytes(memory[list(devices).index(dev)])
+        if weights + state[dev] + cast > usable:
+            copies = " (and the bfloat16 autocast copies)" if autocast else ""
+            raise BadInput(f"{ref.spec}: fine-tuning it split over {len(devices)} devices takes "
+                           f"{byte_size(weights + state[dev] + cast)} on {dev}: {byte_size(weights)} of {dtype} "
+                           f"weights plus {byte_size(state[dev] + cast)} of gradients and AdamW moments{copies}, more "
+                           f"than it can hold ({byte_size(max(usable, 0))} usable); use LoRA (--lora R; replicate: "
+                           "finetune.lora), more GPUs, or --fsdp (torchrun, one process per GPU)")
+
+
 def fsdp_gathered_bytes(model: nn.Module, layers_path: str) -> int:
     """The weights an ``--fsdp`` rank holds whole at once besides its shards (probe.fsdp.shard groups each decoder
     layer, and the root the rest): the root's group (embeddings, head, vision tower), gathered for the whole

@@ -268,3 +268,44 @@ def test_a_gpu_that_only_emulates_bf16_is_probed_as_without_it(monkeypatch):
     q = DeviceQuery.probe()
     assert q.cuda_names == ("Tesla V100-SXM2-32GB",) and q.cuda_bf16 is False
     assert resolve_placement(query=q).dtype == "float32"
+
+
+@pytest.mark.parametrize("device", ["auto", "cuda"])
+def test_a_local_rank_outside_the_local_world_is_bad_input(device, monkeypatch):
+    """LOCAL_RANK ≥ LOCAL_WORLD_SIZE (set by hand; torchrun never does) gave rank r the share [r·n/k, (r+1)·n/k),
+    GPUs past the last one, and an IndexError traceback (exit 1) on LOCAL_RANK=3 LOCAL_WORLD_SIZE=2 with 4 GPUs, or
+    LOCAL_RANK=1 LOCAL_WORLD_SIZE=1 with 2; RANK ≥ WORLD_SIZE is refused by rank_world already, so is this now.
+    Oracle: the same machine with the rank inside the world."""
+    four = DeviceQuery(("NVIDIA H100",) * 4, True, True, 16, (80 << 30,) * 4)
+    for var in ("LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert resolve_placement(device, query=four, local_rank=1, local_world=2).all_devices == (
+        ("cuda:2", "cuda:3") if device == "auto" else ("cuda:1",))
+    for rank, world, query in ((3, 2, four), (1, 1, TWO_OLD_GPUS), (2, 2, four), (0, 0, four), (1, 1, CPU)):
+        with pytest.raises(BadInput, match=f"^LOCAL_RANK {rank} with LOCAL_WORLD_SIZE {world}: a local rank is 0 "):
+            resolve_placement(device if query is not CPU else "auto", query=query, local_rank=rank, local_world=world)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(BadInput, match="^LOCAL_RANK 2 with LOCAL_WORLD_SIZE 2"):
+        resolve_placement(device, query=four)
+
+
+def test_heads_refuses_a_model_too_large_for_the_ram_in_one_line(tmp_path, tiny_dirs, monkeypatch, capsys):
+    """probe.heads printed where it runs before loading, so a model refused at the load ("its weights take …") left
+    two lines on stderr, the placement's and the error; eval and finetune check before printing (one line). Oracle:
+    eval's refusal of the same model on the same machine (test_eval_refuses_a_model_too_large_for_the_ram_…)."""
+    from probe import devices
+    from probe.errors import cli_main
+    from probe.eval import main as eval_main
+    from probe.heads import main
+
+    monkeypatch.setattr(devices, "available_ram", lambda: 1 << 30)  # 1 GiB: nothing is usable past the headroom
+    model = str(tiny_dirs["qwen2"])
+    out = tmp_path / "heads"
+    assert cli_main(main, ["--model", model, "--data", "probe/zoo/data/text", "--limit", "2", "--device", "cpu",
+                           "--out", str(out), "--quiet", "--no-figures"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert cli_main(eval_main, ["--models", model, "--data", "probe/zoo/data/text", "--limit", "2", "--device", "cpu",
+                                "--out", str(tmp_path / "eval"), "--quiet"]) == 2
+    assert err == capsys.readouterr().err.strip() and err.startswith("error: ") and "\n" not in err
+    assert not out.exists()

@@ -63,42 +63,80 @@ def test_explicit_gpu_lists_and_single_gpus():
     assert resolve_placement("cuda:2,cuda:0", query=_gpus(4)).all_devices == ("cuda:2", "cuda:0")
     assert resolve_placement("cuda", query=_gpus(4), local_rank=None).all_devices == ("cuda:0",)
     for bad, match in (("cuda:0,cuda:0", "distinct GPUs"), ("cuda:0,cpu", "distinct GPUs"),
-                       ("cuda:0,cuda:9", "only 4 GPU")):
+                       ("cuda:0,cuda:9", "only 4 GPU"), ("cuda,cuda:0", "distinct GPUs"),  # cuda is rank 0's GPU
+                       ("cuda:-1", "unknown --device 'cuda:-1'"), ("cuda:a", "unknown --device 'cuda:a'"),
+                       ("cuda:00,cuda:0", "unknown --device 'cuda:00'"), ("cuda:0,", "unknown --device ''")):
         with pytest.raises(BadInput, match=match):
             resolve_placement(bad, query=_gpus(4))
     with pytest.raises(BadInput, match="no CUDA GPU is visible"):
         resolve_placement("cuda:0,cuda:1", query=DeviceQuery((), False, True, 2))
 
 
+def _best_split(sizes, first, last, capacity):
+    """The oracle: the smallest largest load relative to capacity over every way to cut the layers into
+    len(capacity) contiguous blocks in device order, any of them empty (brute force)."""
+    n, k = len(sizes), len(capacity)
+
+    def cost(cuts):
+        bounds = [0, *cuts, n]
+        loads = [sum(sizes[a:b]) for a, b in zip(bounds, bounds[1:])]
+        loads[0] += first
+        loads[-1] += last
+        return max(load / c for load, c in zip(loads, capacity))
+
+    return min(cost(c) for c in itertools.combinations_with_replacement(range(n + 1), k - 1))
+
+
 def test_balance_layers_is_the_best_contiguous_split():
-    """The DP against brute force over every way to cut the layers (random sizes and extras)."""
+    """The DP against brute force over every way to cut the layers (random sizes, extras and capacities). A device
+    may hold no layers: the DP gave every device one at least, so the first device held the embeddings, the tower
+    and a layer where the tower alone was its share (Qwen2-VL-7B over 8 GPUs: 2.71 GiB on cuda:0, not 2.27), and
+    mixed GPUs were balanced by bytes, not by their memory."""
     from probe.dispatch import balance_layers
 
     rng = random.Random(0)
-    for _ in range(200):
+    for trial in range(300):
         n, k = rng.randint(1, 7), rng.randint(1, 4)
         sizes = [rng.randint(1, 20) for _ in range(n)]
-        first, last = rng.randint(0, 30), rng.randint(0, 30)
-        ends = balance_layers(sizes, first, last, k)
-        kk = min(n, k)
-        assert len(ends) == kk and ends[-1] == n and all(a < b for a, b in zip([0] + ends, ends))
-
-        def cost(cuts):
-            bounds = [0, *cuts, n]
-            loads = [sum(sizes[a:b]) for a, b in zip(bounds, bounds[1:])]
-            loads[0] += first
-            loads[-1] += last
-            return max(loads)
-
-        best = min(cost(c) for c in itertools.combinations(range(1, n), kk - 1))
-        assert cost(ends[:-1]) == best
+        first, last = rng.randint(0, 60), rng.randint(0, 30)
+        capacity = [1] * k if trial % 2 else [rng.randint(1, 4) for _ in range(k)]
+        ends = balance_layers(sizes, first, last, k, capacity if trial % 2 == 0 else ())
+        assert len(ends) == k and ends[-1] == n and all(a <= b for a, b in zip([0] + ends, ends))
+        bounds = [0, *ends]
+        loads = [sum(sizes[a:b]) for a, b in zip(bounds, bounds[1:])]
+        loads[0] += first
+        loads[-1] += last
+        assert max(load / c for load, c in zip(loads, capacity)) == _best_split(sizes, first, last, capacity)
+    # the tower outweighs the layers' share: the first device holds it alone (10, not tower + a layer = 12)
+    assert balance_layers([2, 2, 2, 2], 10, 0, 3)[0] == 0
 
 
-@pytest.mark.parametrize("name,n_gpus", [("qwen2-vl-72b", 4), ("qwen2-72b", 2), ("qwen2-vl-7b", 3)])
+def _fewest_bytes(sizes: list[int], first: int, last: int, k: int) -> int:
+    """The oracle: the smallest largest load of any contiguous split into k blocks (any empty), by bisection on the
+    load with a greedy fill (each device but the last takes layers while they fit), not the planner's DP."""
+    def fits(cap: int) -> bool:
+        i = 0
+        for j in range(k - 1):
+            load = first if j == 0 else 0
+            if load > cap:
+                return False
+            while i < len(sizes) and load + sizes[i] <= cap:
+                load, i = load + sizes[i], i + 1
+        return sum(sizes[i:]) + last + (first if k == 1 else 0) <= cap
+
+    lo, hi = 0, first + last + sum(sizes)
+    while lo < hi:
+        lo, hi = (lo, (lo + hi) // 2) if fits((lo + hi) // 2) else ((lo + hi) // 2 + 1, hi)
+    return lo
+
+
+@pytest.mark.parametrize("name,n_gpus", [("qwen2-vl-72b", 4), ("qwen2-72b", 2), ("qwen2-vl-7b", 3),
+                                         ("llava-ov-7b", 4)])
+@pytest.mark.filterwarnings("ignore:The following device_map keys do not match")  # LLaVA's lone image_newline
 def test_plan_of_the_real_shapes_covers_every_weight_and_is_balanced(name, n_gpus):
     """Meta-device dry run of the real architectures: every parameter and buffer placed exactly once, layers in
-    contiguous ascending blocks, tower and embeddings first, norm and lm_head last, no device above the ideal
-    share by more than one layer."""
+    contiguous ascending blocks, tower and embeddings first, norm and lm_head last, the fullest device as light as
+    any contiguous split allows (``_fewest_bytes``)."""
     from accelerate.utils import check_device_map
 
     from probe.dispatch import plan_device_map
@@ -117,10 +155,54 @@ def test_plan_of_the_real_shapes_covers_every_weight_and_is_balanced(name, n_gpu
     assert plan.device_map[fam.layers_path.rsplit(".", 1)[0] + ".embed_tokens"] == devices[0]
     total = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     assert sum(plan.nbytes) == total
-    layer_bytes = total and max(sum(t.numel() * t.element_size() for t in layer.parameters()) for layer in layers)
-    assert max(plan.nbytes) <= total / n_gpus + layer_bytes
+    sizes = [sum(t.numel() * t.element_size() for t in [*layer.parameters(), *layer.buffers()]) for layer in layers]
+    last = sum(t.numel() * t.element_size() for name in (fam.norm_path, fam.lm_head_path)
+               for t in model.get_submodule(name).parameters())
+    assert max(plan.nbytes) == _fewest_bytes(sizes, total - sum(sizes) - last, last, n_gpus)
     if name.endswith("72b"):
         assert total > 140e9  # bf16: the reason it needs several GPUs
+
+
+def test_a_tower_heavier_than_a_share_sits_alone_on_the_first_gpu():
+    """Qwen2-VL-7B over 8 GPUs: the vision tower and embeddings (2.27 GiB, indivisible) outweigh an eighth of the
+    model, so no map has a fuller device than them: the optimum is their bytes, reached with cuda:0 holding no
+    layer. Every device got a layer before, cuda:0 the tower, the embeddings and one (2.71 GiB). Oracle: the lower
+    bound, the pre-layer units' bytes summed from the model's own parameters."""
+    from probe.dispatch import plan_device_map
+
+    model, fam = _meta("qwen2-vl-7b")
+    devices = [f"cuda:{i}" for i in range(8)]
+    plan = plan_device_map(model, fam.layers_path, fam.norm_path, fam.lm_head_path, devices, (H100,) * 8)
+
+    def nbytes(m):
+        return sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])
+
+    layers = model.get_submodule(fam.layers_path)
+    tail = nbytes(model.get_submodule(fam.norm_path)) + nbytes(model.get_submodule(fam.lm_head_path))
+    tower_and_embeddings = nbytes(model) - sum(nbytes(layer) for layer in layers) - tail
+    assert max(plan.nbytes) == plan.nbytes[0] == tower_and_embeddings
+    assert plan.layer_blocks[0] == (0, 0) and plan.devices == tuple(devices)
+    assert plan.summary().startswith("device map: cuda:0 no layers (2.3 GiB), cuda:1 layers 0-")
+    assert sum(plan.nbytes) == nbytes(model)
+
+
+def test_gpus_of_several_sizes_fill_the_same_share_of_their_memory():
+    """Qwen2-72B (135 GiB in bf16) over two 80 GB H100s and a 24 GB card: balanced by bytes (about 45 GiB each) the map
+    overfilled the small card and was refused ("does not fit"), though 71.9 + 71.9 + 19.6 GiB usable hold it. Now
+    each device fills the same share of what it can hold; refused only where the usable memory itself is short.
+    Oracle: each device's load against its usable bytes, worked out here from the headroom constants."""
+    from probe.dispatch import HEADROOM_BYTES, HEADROOM_FRACTION, plan_device_map
+
+    model, fam = _meta("qwen2-72b")
+    args = (model, fam.layers_path, fam.norm_path, fam.lm_head_path, ["cuda:0", "cuda:1", "cuda:2"])
+    small = 24 * 10**9
+    memory = (H100, H100, small)
+    plan = plan_device_map(*args, memory)
+    usable = [m * HEADROOM_FRACTION - HEADROOM_BYTES for m in memory]
+    assert all(need <= have for need, have in zip(plan.nbytes, usable))
+    assert plan.nbytes[2] < plan.nbytes[0] and plan.layer_blocks[-1][1] == 80
+    with pytest.raises(BadInput, match="does not fit on 3 device"):  # 71.9 + 19.6 + 19.6 GiB < 135 GiB
+        plan_device_map(*args, (H100, small, small))
 
 
 def test_a_plan_that_cannot_fit_is_bad_input_before_any_weight_loads():
@@ -197,6 +279,65 @@ def test_engines_on_a_model_dispatched_over_three_cpu_devices_equal_the_plain_mo
     a, b = _sweep("attribution", plain, items, False), _sweep("attribution", spread, items, False, len(items))
     np.testing.assert_allclose(b["kl"], a["kl"], atol=1e-5, rtol=0)
     np.testing.assert_allclose(b["p_answer"], a["p_answer"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("tied,blocks", [(True, ((0, 0), (0, 1), (1, 2), (2, 3), (3, 4))),
+                                         (False, ((0, 1), (1, 2), (2, 3), (3, 4), (4, 4)))])
+def test_engines_with_a_device_holding_no_layer_equal_the_plain_model(tied, blocks, tiny_dirs, items, tmp_path):
+    """The maps the planner makes with a layerless device, over five CPU devices: a head tied to the embeddings
+    sits with them on a first device holding no layer (the logits come back to it from the last layer's device);
+    untied, the norm and head sit alone on the last (the last layer on another device than the head). Exact (with
+    decoding) and attribution give the undispatched model's numbers exactly."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from conftest import text_only
+    from probe.models import load_model, resolve_model
+
+    path = tiny_dirs["qwen2"]
+    if tied:  # the tiny Qwen2 with its head tied: config says so, the weights hold no lm_head of their own
+        path = shutil.copytree(path, tmp_path / "tied")
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        (path / "config.json").write_text(json.dumps(config | {"tie_word_embeddings": True}), encoding="utf-8")
+        weights = load_file(path / "model.safetensors")
+        del weights["lm_head.weight"]
+        save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    ref = resolve_model(str(path))
+    plain, spread = load_model(ref), load_model(ref, devices=("cpu",) * 5)
+    head = spread.model.get_submodule(ref.family.lm_head_path)
+    assert (head.weight is spread.model.get_input_embeddings().weight) is tied
+    assert spread.device_plan.layer_blocks == blocks
+    assert all(getattr(layer, "_hf_hook", None) is not None for layer in spread.layers)
+    texts = [text_only(items[0])]
+    for engine, generate in (("exact", True), ("attribution", False)):  # naive is the model's own forward
+        a, b = _sweep(engine, plain, texts, generate), _sweep(engine, spread, texts, generate)
+        assert a["kl"].max() > 1e-6
+        np.testing.assert_array_equal(a["kl"], b["kl"])
+        np.testing.assert_array_equal(a["p_answer"], b["p_answer"])
+        assert (a["response"] == b["response"]).all()
+
+
+def test_batched_evaluation_of_a_dispatched_model_equals_the_plain_model(tiny_dirs, load_tiny, data_dir):
+    """probe.eval's path (probe.batch.evaluate_items: left-padded batches of 4 through generate, accelerate's hooks
+    on every unit, the first device holding no layer) gives the plain model's option log-probs and answers bit for
+    bit on the synthetic set's multiple-choice items (8, two batches)."""
+    import torch
+
+    from probe.batch import evaluate_items
+    from probe.mmmu import load_items
+    from probe.models import load_model, resolve_model
+    from probe.sweep import SweepConfig
+
+    every = load_items(str(data_dir))[0]
+    plain = load_tiny("qwen2_vl", "sdpa")
+    spread = load_model(resolve_model(str(tiny_dirs["qwen2_vl"])), devices=("cpu", "cpu", "cpu"))
+    assert spread.device_plan.layer_blocks[0] == (0, 0)
+    cfg = SweepConfig(generate=True, max_new_tokens=4)
+    a, b = evaluate_items(plain, every, cfg, 4), evaluate_items(spread, every, cfg, 4)
+    assert len(a) == len(every) > 4 and len({round(float(m.logp.max()), 3) for m in a}) > 1
+    assert all(torch.equal(x.logp, y.logp) and x.response == y.response for x, y in zip(a, b))
 
 
 def test_the_exact_engine_moves_the_residual_to_each_layers_device(load_tiny, items):

@@ -1203,6 +1203,15 @@ def test_a_damaged_adapter_is_one_line_before_anything_runs(lora_run, tiny_dirs,
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
+def _cpu_with_bf16(monkeypatch) -> None:
+    """The machine as a CPU with native bfloat16: probe.devices refuses --dtype bfloat16 on a CPU without it (the
+    2-core test machine of 2026-12-06, where the two tests using this exited 2); torch's CPU kernels run bfloat16
+    either way."""
+    from probe.devices import DeviceQuery
+
+    monkeypatch.setattr(DeviceQuery, "probe", staticmethod(lambda: DeviceQuery(cpu_bf16=True, cpu_threads=1)))
+
+
 def test_lora_under_bfloat16_holds_frozen_weights_in_bf16_and_merges_in_float32(tiny_dirs, data_dir, text_dir,
                                                                                tmp_path, monkeypatch):
     """--lora with --dtype bfloat16: the frozen weights are bfloat16 (half the memory; they get no update to lose),
@@ -1220,6 +1229,7 @@ def test_lora_under_bfloat16_holds_frozen_weights_in_bf16_and_merges_in_float32(
         return real(loaded, *a, **k)
 
     monkeypatch.setattr(train_mod, "train", spy)
+    _cpu_with_bf16(monkeypatch)
     args = _args(tiny_dirs, data_dir, text_dir, tmp_path / "run", "--lora", "4")
     args[args.index("--dtype") + 1] = "bfloat16"
     assert cli_main(main, args) == 0
@@ -1254,9 +1264,11 @@ def test_lora_under_bfloat16_holds_frozen_weights_in_bf16_and_merges_in_float32(
     assert checked == 4 * 7  # the README's targets: q, k, v, o, gate, up, down of each of the tiny LM's 4 layers
 
 
-def test_a_different_run_or_precision_in_the_same_out_is_refused(ft_run, tiny_dirs, data_dir, text_dir, capfd):
+def test_a_different_run_or_precision_in_the_same_out_is_refused(ft_run, tiny_dirs, data_dir, text_dir, capfd,
+                                                                monkeypatch):
     from analyses.finetune import main
 
+    _cpu_with_bf16(monkeypatch)
     before = sorted(p.name for p in ft_run.iterdir())
     for extra in (["--seed", "1"], ["--dtype", "bfloat16"]):
         args = _args(tiny_dirs, data_dir, text_dir, ft_run)
@@ -2517,3 +2529,38 @@ def test_a_set_labelled_by_a_modality_holds_only_that_modality(data_dir, text_di
         check_label("text", "M", text + image)
     with pytest.raises(BadInput, match=r"--data video=I: its items hold image, not video"):
         check_label("video", "I", image)
+
+
+def test_training_split_over_gpus_is_checked_per_gpu_before_a_weight_loads(tmp_path: Path, capfd, monkeypatch):
+    """One process training a model split over its GPUs (--device auto on several) was checked for the weights
+    only: the full fine-tune's gradients and AdamW moments (12 bytes a float32 parameter, 16 with the weight) went
+    unchecked, so the load ran (minutes for a 72B) and the first step ran out of memory, its line advising a
+    smaller --micro-batch. Oracle: organism-base planned over two GPUs of equal memory (probe.dispatch's map), each
+    GPU's need 4 × its float32 weight bytes (every parameter trains; 4.5 × under bfloat16 autocast, its bfloat16
+    copies); a GPU 1 KB short of the fuller one's need is refused, 1 KB more passes, through analyses.finetune too."""
+    from analyses.finetune import main
+    from probe.devices import DeviceQuery
+    from probe.dispatch import HEADROOM_BYTES, HEADROOM_FRACTION
+    from probe.models import check_spread_trains_fits, plan_for, resolve_model
+    from probe.train import TrainConfig
+
+    ref = resolve_model("organism-base")
+    gpus = ("cuda:0", "cuda:1")
+    weights = max(plan_for(ref, torch.float32, gpus).nbytes)
+    device = lambda need: int((need + HEADROOM_BYTES) / HEADROOM_FRACTION) + 1  # noqa: E731
+    for autocast, per_byte in ((None, 4), ("bfloat16", 4.5)):
+        cfg = TrainConfig(steps=1, lr=1e-3, lm_lr=1e-3, autocast=autocast)
+        need = int(weights * per_byte)
+        with pytest.raises(BadInput, match=r"^organism-base: fine-tuning it split over 2 devices takes [0-9.]+ MiB "
+                                           r"on cuda:[01]"):
+            check_spread_trains_fits(ref, "float32", gpus, (device(need - 1024),) * 2, cfg)
+        check_spread_trains_fits(ref, "float32", gpus, (device(need + 1024),) * 2, cfg)
+    machine = DeviceQuery(("NVIDIA X",) * 2, False, True, 1, (device(4 * weights - 1024),) * 2)
+    monkeypatch.setattr(DeviceQuery, "probe", staticmethod(lambda: machine))
+    out = tmp_path / "split"
+    args = _organism_args(out)
+    args[args.index("--device") + 1] = "auto"
+    assert cli_main(main, args) == 2
+    err = capfd.readouterr().err.strip()
+    assert err.startswith("error: organism-base: fine-tuning it split over 2 devices") and "\n" not in err
+    assert not out.exists()

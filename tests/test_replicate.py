@@ -1905,3 +1905,33 @@ def test_an_interval_bound_beside_the_bar_of_0_keeps_its_sign() -> None:
     assert f.verdict == "agrees"
     (hi,) = re.findall(r"e [-+]\d+\.\d+ \[[-+]\d+\.\d+, ([-+]\d+\.\d+)\]", f.evidence)
     assert float(hi) < 0, f.evidence
+
+
+def test_the_finetune_carrier_split_over_gpus_is_checked_per_gpu(monkeypatch):
+    """On several GPUs the carrier is trained split over them in one process, and check_machine skipped its
+    training state (gradients, AdamW moments, bfloat16 autocast copies), checking the weights only: the stages ran
+    up to finetune, whose first step ran out of memory. Oracle: the carrier planned over the two GPUs in float32
+    (probe.dispatch's map), the fuller GPU's need 4.5 × its weight bytes (every parameter trains, autocast under
+    bfloat16); 1 KB less is refused naming the key, 1 KB more passes."""
+    import dataclasses
+
+    import torch
+
+    from analyses.replicate_config import check_machine
+    from probe.devices import DeviceQuery
+    from probe.dispatch import HEADROOM_BYTES, HEADROOM_FRACTION
+    from probe.models import plan_for, resolve_model
+
+    cfg = dataclasses.replace(parse_config(DEFAULT_CONFIG), dtype="bfloat16")
+    gpus = ("cuda:0", "cuda:1")
+    need = int(4.5 * max(plan_for(resolve_model(cfg.finetune.carrier), torch.float32, gpus).nbytes))
+    for memory, refused in ((need + 1024, False), (need - 1024, True)):
+        each = int((memory + HEADROOM_BYTES) / HEADROOM_FRACTION) + 1
+        machine = DeviceQuery(("NVIDIA H200",) * 2, True, True, 16, (each, each))
+        monkeypatch.setattr(DeviceQuery, "probe", staticmethod(lambda: machine))
+        if not refused:
+            check_machine(cfg)
+            continue
+        with pytest.raises(BadInput, match=rf"^config key 'finetune.carrier': {cfg.finetune.carrier}: fine-tuning it "
+                                           r"split over 2 devices takes [0-9.]+ MiB on cuda:[01]"):
+            check_machine(cfg)
