@@ -103,13 +103,16 @@ def _qwen2_vl_processor(config):
 
 
 def _llava_onevision_processor(config):
-    """LLaVA-OneVision's: 384-px SigLIP tiles over the any-res grid of the config."""
+    """LLaVA-OneVision's: 384-px SigLIP tiles over the any-res grid of the config, normalised as SigLIP does
+    (mean = std = 0.5; the published processors were converted from google/siglip-so400m-patch14-384's, not the
+    class's CLIP defaults, which this build used until 2026-12-06)."""
     from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
         LlavaOnevisionImageProcessorPil,
     )
 
     return LlavaOnevisionImageProcessorPil(size={"height": 384, "width": 384},
-                                           image_grid_pinpoints=config.image_grid_pinpoints, crop_size=None)
+                                           image_grid_pinpoints=config.image_grid_pinpoints, crop_size=None,
+                                           image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
 
 
 @dataclass(frozen=True)

@@ -359,6 +359,28 @@ def test_smollm2_config_is_the_real_ggufs_and_its_random_build_ties_the_embeddin
     assert sum(p.numel() for p in loaded.model.parameters()) == 134_515_008
 
 
+def test_llava_ov_random_builds_normalise_images_as_the_published_siglip_processor():
+    """llava-ov-7b's random build claims the published preprocessing. The published llava-hf processors were
+    converted with LlavaOnevisionImageProcessor.from_pretrained("google/siglip-so400m-patch14-384")
+    (transformers' convert_llava_onevision_weights_to_hf.py), so they normalise as SigLIP does, mean = std = 0.5
+    per channel; the build left LlavaOnevisionImageProcessor's class defaults, CLIP's (0.481, 0.458, 0.408) /
+    (0.269, 0.261, 0.276). Oracle: transformers' SigLIP image processor defaults, and its pixel values of one
+    448-px image's base view against the built processor's."""
+    import numpy as np
+    from PIL import Image
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    from probe.archs import build_config, image_processor_for
+
+    ip = image_processor_for("llava-ov-7b", build_config("llava-ov-7b"))
+    siglip = SiglipImageProcessorPil(size={"height": 384, "width": 384})  # the so400m-patch14-384 checkpoint's size
+    assert tuple(ip.image_mean) == tuple(siglip.image_mean) and tuple(ip.image_std) == tuple(siglip.image_std)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (448, 448, 3), dtype=np.uint8))
+    base = ip(images=[image], return_tensors="pt")["pixel_values"][0, 0]  # view 0: the image resized to 384 px
+    want = siglip(images=[image], return_tensors="pt")["pixel_values"][0]  # 384×384, bicubic, as SigLIP's
+    torch.testing.assert_close(base, want, atol=1e-5, rtol=0)
+
+
 def test_mmmu_like_items_at_448_px_are_one_or_two_images_of_256_tokens_each(tmp_path):
     """The items the GPU benchmark measures: alternately one and two 448×448 images, which Qwen2-VL-7B's
     published preprocessing (14-px patches, 2×2 merge) turns into 256 tokens each; questions lengthened to the
@@ -491,6 +513,41 @@ def test_the_exact_engines_flop_count_is_what_torch_counts(load_tiny, monkeypatc
     with FlopCounterMode(display=False) as counted:
         get_engine("exact")(loaded, items, heads, cfg)
     assert counted.get_total_flops() == pytest.approx(want, rel=0.01)
+
+
+def test_the_exact_engines_flop_count_on_a_vision_model_is_torchs_less_the_vision_tower(load_tiny, data_dir,
+                                                                                          monkeypatch):
+    """On a vision model ``exact_flops`` leaves the vision tower out (its docstring: the achieved rate is then a lower
+    bound) and counts everything else the engine does: the clean pass and each masked row from its layer on, which
+    reuse the item's image encoding. Oracle: torch's FlopCounterMode over the engine on tiny-qwen2-vl with two image
+    items, its global count less what it counted inside the model's vision tower module. A masked row that encoded
+    the images again, or a count that took the tower in, would be off by ≥ 1 % (the tower is 1.3 % here)."""
+    import importlib.util
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import probe.exact as exact
+    from probe.mmmu import load_items
+    from probe.prompting import build_inputs
+    from probe.sweep import SweepConfig, get_engine
+
+    spec = importlib.util.spec_from_file_location("bench_sweep", REPO / "bench" / "sweep.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    loaded = load_tiny("qwen2_vl", "eager")
+    items = [it for it in load_items(str(data_dir))[0] if it.images][:2]
+    g = loaded.geometry
+    cfg = SweepConfig(generate=False)
+    heads = [(layer, h) for layer in range(g.n_layers) for h in range(g.n_heads)]
+    seq = [build_inputs(loaded, it, cfg.template)["input_ids"].shape[1] for it in items]
+    want = bench.exact_flops(loaded, seq, [(layer, g.n_heads) for layer in range(g.n_layers)])
+    monkeypatch.setattr(exact, "check_against_naive", lambda *a, **k: None)
+    with FlopCounterMode(display=False) as counted:
+        get_engine("exact")(loaded, items, heads, cfg)
+    by_module = {name: sum(ops.values()) for name, ops in counted.get_flop_counts().items()}
+    tower = [name for name in by_module if name.endswith(".visual")]
+    assert len(tower) == 1 and by_module[tower[0]] > 0.01 * want  # the images were encoded, and the tower weighs
+    assert counted.get_total_flops() - by_module[tower[0]] == pytest.approx(want, rel=1e-3)
 
 
 def test_random_builds_in_half_precision_give_the_fp32_logits_the_commands_measure(tmp_path):
