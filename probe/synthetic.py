@@ -354,7 +354,8 @@ _PASSAGE = ("The figure was drawn for this question; read it together with the t
 def mmmu_length_rows(n: int, seed: int | str, image_size: int, text_tokens: int, count_tokens: Callable[[str], int],
                      with_images: bool = True) -> list[dict[str, Any]]:
     """``n`` multiple-choice rows alternating one and two images of ``image_size`` px, each question lengthened
-    by a passage until question + options reach ``text_tokens`` tokens (``count_tokens`` counts them), for
+    by a passage until question + options reach ``text_tokens`` tokens (``count_tokens`` counts them; a sentence
+    at a time, so up to one sentence more: 216–235 for 200 with probe.tokenizer's offline vocabulary), for
     benchmarks at MMMU-like prompt lengths. Without images the ``<image k>`` references are dropped."""
     rows = []
     for i in range(n):
