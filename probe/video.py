@@ -9,8 +9,8 @@ placeholder once and returns it with the pixel tensors the model needs and the v
   ``get_video_features`` produces. Any *further* ``<video>`` token (MMMU-style questions reference the video as
   ``<video>`` in their text, which the tokenizer maps to the same special token) is removed, since the
   placeholder before the question already carries the frames.
-- Qwen2-VL: ``pixel_values_videos`` (patches, C·T·P·P) and ``video_grid_thw``, frames resized like images and
-  paired along time (temporal_patch_size; an odd last frame is repeated); ``<|video_pad|>`` is expanded to
+- Qwen2-VL: ``pixel_values_videos`` (patches, C·T·P·P) and ``video_grid_thw``, each frame made exactly as the PIL
+  image processor makes an image (its smart_resize, resample, rescale, mean/std) and paired along time (temporal_patch_size; an odd last frame is repeated); ``<|video_pad|>`` is expanded to
   t·h·w / merge² tokens.
 """
 from __future__ import annotations
@@ -54,12 +54,19 @@ def _expand(batch: dict[str, Any], token_id: int, count: int, drop_extra: bool) 
     return batch
 
 
-def _normalise(frames: Sequence[Image.Image], height: int, width: int, mean, std, resample) -> np.ndarray:
+def _normalise(frames: Sequence[Image.Image], height: int, width: int, ip) -> np.ndarray:
+    """Each frame as the image processor ``ip`` makes an image of (height, width): RGB, resized by its resample,
+    rescaled and normalised by its own settings and methods (a checkpoint's resample 2 or rescale_factor is
+    followed, as its images follow it)."""
     arrs = []
     for f in frames:
-        f = f.convert("RGB").resize((width, height), resample)
-        a = np.asarray(f, dtype=np.float32) / 255.0
-        arrs.append(((a - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)).transpose(2, 0, 1))
+        f = f.convert("RGB").resize((width, height), ip.resample)
+        a = np.asarray(f).transpose(2, 0, 1)
+        if ip.do_rescale:
+            a = ip.rescale(a, ip.rescale_factor)
+        if ip.do_normalize:
+            a = ip.normalize(a, ip.image_mean, ip.image_std)
+        arrs.append(np.asarray(a, dtype=np.float32))
     return np.stack(arrs)  # (F, C, H, W)
 
 
@@ -120,7 +127,7 @@ def _qwen2_vl(loaded, batch, frames):
     min_pixels = getattr(ip, "min_pixels", None) or ip.size["shortest_edge"]
     max_pixels = getattr(ip, "max_pixels", None) or ip.size["longest_edge"]
     h, w = smart_resize(h0, w0, factor=p * m, min_pixels=min_pixels, max_pixels=max_pixels)
-    arr = _normalise(frames, h, w, ip.image_mean, ip.image_std, Image.Resampling.BICUBIC)
+    arr = _normalise(frames, h, w, ip)
     if arr.shape[0] % tp:
         arr = np.concatenate([arr, np.repeat(arr[-1:], tp - arr.shape[0] % tp, axis=0)])
     gt, gh, gw = arr.shape[0] // tp, h // p, w // p

@@ -268,3 +268,55 @@ def test_base_views_follow_the_processor_as_it_is_now(monkeypatch):
                         lambda self, image, grid_pinpoints, size, patch_size, resample, extra=None:
                         real(self, image, grid_pinpoints, size, patch_size, resample))
     assert anyres_base_views(ip, frames) is None
+
+
+# --- Qwen2-VL frames: the PIL image processor frame by frame, paired as the official video processor pairs them ----
+
+def _qwen_oracle(ip, frames) -> tuple[torch.Tensor, list[int]]:
+    """The oracle: each frame through the image processor's public call (its temporal copies are one frame),
+    unpatchified, then padded (the last frame repeated) and patchified as transformers' Qwen2VLVideoProcessor does
+    (its permutation, written out here since that module needs torchvision)."""
+    p, m, tp = ip.patch_size, ip.merge_size, ip.temporal_patch_size
+    views = []
+    for f in frames:
+        out = ip(images=[f], return_tensors="pt")
+        _, gh, gw = out["image_grid_thw"][0].tolist()
+        x = out["pixel_values"].reshape(gh // m, gw // m, m, m, 3, tp, p, p)
+        assert all(torch.equal(x[..., 0, :, :], x[..., k, :, :]) for k in range(tp))
+        views.append(x[..., 0, :, :].permute(4, 0, 2, 5, 1, 3, 6).reshape(3, gh * p, gw * p))
+    v = torch.stack(views)[None]
+    if pad := -v.shape[1] % tp:
+        v = torch.cat((v, v[:, -1:].expand(-1, pad, -1, -1, -1)), dim=1)
+    _, n, c, h, w = v.shape
+    gt, gh, gw = n // tp, h // p, w // p
+    x = v.view(1, gt, tp, c, gh // m, m, p, gw // m, m, p).permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)
+    return x.reshape(gt * gh * gw, c * tp * p * p), [gt, gh, gw]
+
+
+@pytest.mark.parametrize("settings", [
+    {}, {"min_pixels": 56 * 56 * 4, "max_pixels": 28 * 28 * 20, "temporal_patch_size": 3},
+    {"resample": 2, "image_mean": [0.1, 0.2, 0.3], "image_std": [0.3, 0.2, 0.1]},
+    {"resample": 0, "rescale_factor": 1 / 127.0}, {"do_normalize": False}, {"do_rescale": False}])
+def test_qwen2_vl_frames_follow_the_image_processor(settings):
+    """pixel_values_videos, video_grid_thw and the token count equal the oracle's, exactly, for an odd frame count
+    and the checkpoint's own settings (resample, rescale, normalise: before, the video path hard-coded bicubic,
+    /255 and normalising, 0.58 off at resample 2 and 3.9 at rescale_factor 1/127)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from probe import video
+
+    ip = Qwen2VLImageProcessorPil(**settings)
+    rng = np.random.default_rng(3)
+    frames = [Image.fromarray(rng.integers(0, 256, (37, 100, 3), dtype=np.uint8)) for _ in range(5)]
+    config = SimpleNamespace(video_token_id=7, image_token_id=8)
+    loaded = SimpleNamespace(processor=SimpleNamespace(image_processor=ip), model=SimpleNamespace(config=config))
+    got = video._qwen2_vl(loaded, {"input_ids": torch.tensor([[1, 7, 2]]), "attention_mask": torch.ones(1, 3)}, frames)
+    want, thw = _qwen_oracle(ip, frames)
+    assert got["video_grid_thw"].tolist() == [thw]
+    assert got["pixel_values_videos"].dtype == want.dtype == torch.float32
+    assert torch.equal(got["pixel_values_videos"], want)
+    assert int((got["input_ids"] == 7).sum()) == thw[0] * thw[1] * thw[2] // ip.merge_size ** 2
