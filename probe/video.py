@@ -10,13 +10,19 @@ placeholder once and returns it with the pixel tensors the model needs and the v
   ``<video>`` in their text, which the tokenizer maps to the same special token) is removed, since the
   placeholder before the question already carries the frames.
 - Qwen2-VL: ``pixel_values_videos`` (patches, C·T·P·P) and ``video_grid_thw``, each frame made exactly as the PIL
-  image processor makes an image (its smart_resize, resample, rescale, mean/std) and paired along time (temporal_patch_size; an odd last frame is repeated); ``<|video_pad|>`` is expanded to
-  t·h·w / merge² tokens.
+  image processor makes an image (its smart_resize, resample, rescale, mean/std) and paired along time
+  (temporal_patch_size; an odd last frame is repeated); ``<|video_pad|>`` is expanded to t·h·w / merge² tokens.
+
+Both take the settings transformers' video processor would load (``frame_processor``): the checkpoint's video
+config where it has one, over the video class's own defaults (Qwen2-VL's: 128·28² .. 768·28² pixels a frame).
 """
 from __future__ import annotations
 
+import copy
+import json
 import math
 import weakref
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
@@ -101,12 +107,68 @@ def _base_views(ip, frames: Sequence[Image.Image]) -> torch.Tensor:
     return fast
 
 
+# The video processor class's defaults where they differ from its image processor class's, applied under a
+# checkpoint's video config as transformers applies them (their video modules need torchvision, so written here):
+# Qwen2VLVideoProcessor sizes a frame to 128·28² .. 768·28² pixels against the image's 56² .. 1280·28²;
+# LLaVA-OneVision's video processor has its image processor's defaults.
+VIDEO_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llava_onevision": {},
+    "qwen2_vl": {"size": {"shortest_edge": 128 * 28 * 28, "longest_edge": 28 * 28 * 768}},
+}
+# Per loaded image processor, the one that makes the frames (None: itself, the video config saying nothing else).
+_FRAME_PROCESSORS: weakref.WeakKeyDictionary[Any, Any | None] = weakref.WeakKeyDictionary()
+
+
+def video_config(model_dir: Path) -> dict[str, Any] | None:
+    """The checkpoint's video processor settings, found where transformers looks: processor_config.json's
+    "video_processor", else video_preprocessor_config.json, else preprocessor_config.json; None without any."""
+    nested = model_dir / "processor_config.json"
+    for path, key in ((nested, "video_processor"), (model_dir / "video_preprocessor_config.json", None),
+                      (model_dir / "preprocessor_config.json", None)):
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raise BadInput(f"{path}: unreadable processor config") from None
+        if not isinstance(data, dict):
+            raise BadInput(f"{path}: unreadable processor config (not a JSON object)")
+        if key is None:
+            return data
+        if isinstance(data.get(key), dict):
+            return data[key]
+    return None
+
+
+def _settings(ip) -> dict[str, Any]:
+    keys = type(ip).valid_kwargs.__annotations__
+    return {k: v for k, v in ip.to_dict().items() if k in keys}
+
+
+def frame_processor(loaded, defaults: dict[str, Any]) -> Any:
+    """The PIL image processor that makes a video's frames: one of the model's image processor class with the
+    settings transformers' video processor would load (``video_config`` over the video class's ``defaults``), or
+    the model's own where those are the same (the usual checkpoint: one preprocessor_config.json for both)."""
+    ip = loaded.processor.image_processor
+    if ip not in _FRAME_PROCESSORS:
+        config = video_config(Path(loaded.ref.path))
+        frames_ip = ip
+        if config is not None:
+            keys = type(ip).valid_kwargs.__annotations__
+            # a copy: the class's __init__ writes min/max_pixels into the size dict it is given
+            settings = copy.deepcopy({**defaults, **{k: v for k, v in config.items() if k in keys}})
+            candidate = type(ip)(**settings)
+            if _settings(candidate) != _settings(ip):
+                frames_ip = candidate
+        _FRAME_PROCESSORS[ip] = None if frames_ip is ip else frames_ip  # no value holding its own key alive
+    return _FRAME_PROCESSORS[ip] or ip
+
+
 def _llava_onevision(loaded, batch, frames):
     cfg = loaded.model.config
-    ip = loaded.processor.image_processor
     vision = cfg.vision_config
     size = vision.image_size
-    pix = _base_views(ip, frames)
+    pix = _base_views(frame_processor(loaded, VIDEO_DEFAULTS["llava_onevision"]), frames)
     if pix.shape[-2:] != (size, size):
         raise BadInput(f"image processor size {tuple(pix.shape[-2:])} differs from the vision tower's {size}")
     side = size // vision.patch_size
@@ -121,7 +183,7 @@ def _qwen2_vl(loaded, batch, frames):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
     cfg = loaded.model.config
-    ip = loaded.processor.image_processor
+    ip = frame_processor(loaded, VIDEO_DEFAULTS["qwen2_vl"])
     p, m, tp = ip.patch_size, ip.merge_size, ip.temporal_patch_size
     w0, h0 = frames[0].size
     min_pixels = getattr(ip, "min_pixels", None) or ip.size["shortest_edge"]
@@ -146,18 +208,23 @@ def _qwen2_vl(loaded, batch, frames):
     return batch
 
 
+def _seconds_per_grid(loaded) -> float:
+    """The seconds one temporal patch spans at the 2 fps the frames are taken to be sampled at (qwen-vl-utils'
+    default for a list of frames, and the Omni processor's; the data carries no timing)."""
+    return frame_processor(loaded, VIDEO_DEFAULTS["qwen2_vl"]).temporal_patch_size / 2.0
+
+
 def _qwen2_5_vl(loaded, batch, frames):
-    """As Qwen2-VL, plus the seconds each temporal patch spans (M-RoPE time axis): the processor's default
-    2 fps sampling, temporal_patch_size frames per patch."""
+    """As Qwen2-VL, plus the seconds each temporal patch spans (M-RoPE time axis; ``_seconds_per_grid``)."""
     batch = _qwen2_vl(loaded, batch, frames)
-    batch["second_per_grid_ts"] = torch.tensor([loaded.processor.image_processor.temporal_patch_size / 2.0])
+    batch["second_per_grid_ts"] = torch.tensor([_seconds_per_grid(loaded)])
     return batch
 
 
 def _qwen2_5_omni(loaded, batch, frames):
     batch = _qwen2_vl(loaded, batch, frames)
     del batch["mm_token_type_ids"]  # the thinker finds vision tokens by id
-    batch["video_second_per_grid"] = torch.tensor([loaded.processor.image_processor.temporal_patch_size / 2.0])
+    batch["video_second_per_grid"] = torch.tensor([_seconds_per_grid(loaded)])
     return batch
 
 

@@ -297,7 +297,7 @@ def _qwen_oracle(ip, frames) -> tuple[torch.Tensor, list[int]]:
     {}, {"min_pixels": 56 * 56 * 4, "max_pixels": 28 * 28 * 20, "temporal_patch_size": 3},
     {"resample": 2, "image_mean": [0.1, 0.2, 0.3], "image_std": [0.3, 0.2, 0.1]},
     {"resample": 0, "rescale_factor": 1 / 127.0}, {"do_normalize": False}, {"do_rescale": False}])
-def test_qwen2_vl_frames_follow_the_image_processor(settings):
+def test_qwen2_vl_frames_follow_the_image_processor(settings, tmp_path):
     """pixel_values_videos, video_grid_thw and the token count equal the oracle's, exactly, for an odd frame count
     and the checkpoint's own settings (resample, rescale, normalise: before, the video path hard-coded bicubic,
     /255 and normalising, 0.58 off at resample 2 and 3.9 at rescale_factor 1/127)."""
@@ -313,10 +313,95 @@ def test_qwen2_vl_frames_follow_the_image_processor(settings):
     rng = np.random.default_rng(3)
     frames = [Image.fromarray(rng.integers(0, 256, (37, 100, 3), dtype=np.uint8)) for _ in range(5)]
     config = SimpleNamespace(video_token_id=7, image_token_id=8)
-    loaded = SimpleNamespace(processor=SimpleNamespace(image_processor=ip), model=SimpleNamespace(config=config))
+    loaded = SimpleNamespace(processor=SimpleNamespace(image_processor=ip), model=SimpleNamespace(config=config),
+                             ref=SimpleNamespace(path=tmp_path))  # no processor files: the image processor's settings
     got = video._qwen2_vl(loaded, {"input_ids": torch.tensor([[1, 7, 2]]), "attention_mask": torch.ones(1, 3)}, frames)
     want, thw = _qwen_oracle(ip, frames)
     assert got["video_grid_thw"].tolist() == [thw]
     assert got["pixel_values_videos"].dtype == want.dtype == torch.float32
     assert torch.equal(got["pixel_values_videos"], want)
     assert int((got["input_ids"] == 7).sum()) == thw[0] * thw[1] * thw[2] // ip.merge_size ** 2
+
+
+# the class settings that shape a frame
+_FRAME_KEYS = ("size", "resample", "image_mean", "image_std", "do_resize", "do_rescale", "rescale_factor",
+               "do_normalize", "do_convert_rgb", "patch_size", "temporal_patch_size", "merge_size")
+
+
+def _class_defaults(module: str, cls: str) -> dict:
+    """A transformers class's attribute defaults read from its source (the video modules import torchvision)."""
+    import ast
+    import importlib.util
+
+    from transformers import image_utils
+
+    path = importlib.util.find_spec(module.rpartition(".")[0]).submodule_search_locations[0]
+    tree = ast.parse(open(f"{path}/{module.rpartition('.')[2]}.py", encoding="utf-8").read())
+    body = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls).body
+    values = {n.targets[0].id: n.value for n in body
+              if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name)}
+    return {k: eval(compile(ast.Expression(v), module, "eval"), vars(image_utils)) for k, v in values.items()
+            if k in _FRAME_KEYS}
+
+
+@pytest.mark.parametrize("family, module, cls, image_cls", [
+    ("qwen2_vl", "transformers.models.qwen2_vl.video_processing_qwen2_vl", "Qwen2VLVideoProcessor",
+     "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl.Qwen2VLImageProcessorPil"),
+    ("llava_onevision", "transformers.models.llava_onevision.video_processing_llava_onevision",
+     "LlavaOnevisionVideoProcessor",
+     "transformers.models.llava_onevision.image_processing_pil_llava_onevision.LlavaOnevisionImageProcessorPil")])
+def test_video_defaults_are_the_video_processors(family, module, cls, image_cls):
+    """VIDEO_DEFAULTS is exactly where the installed video processor class's defaults differ from its image
+    processor class's, for every setting that shapes a frame."""
+    import importlib
+
+    from probe.video import VIDEO_DEFAULTS
+
+    video = _class_defaults(module, cls)
+    mod, _, name = image_cls.rpartition(".")
+    image = getattr(importlib.import_module(mod), name)
+    differ = {k: v for k, v in video.items() if v != getattr(image, k, None)}
+    assert differ == VIDEO_DEFAULTS[family]
+
+
+@pytest.mark.parametrize("files, want", [
+    ({}, {}),  # no processor files: the image processor as it is
+    ({"preprocessor_config.json": {"min_pixels": 56 * 56, "max_pixels": 28 * 28 * 6}}, {"max_pixels": 28 * 28 * 6}),
+    ({"preprocessor_config.json": {}}, {"size": {"shortest_edge": 128 * 28 * 28, "longest_edge": 28 * 28 * 768}}),
+    ({"video_preprocessor_config.json": {"max_pixels": 28 * 28 * 300, "image_mean": [0.5] * 3, "fps": 1.0},
+      "preprocessor_config.json": {"max_pixels": 28 * 28 * 6}},
+     {"min_pixels": 128 * 28 * 28, "max_pixels": 28 * 28 * 300, "image_mean": [0.5] * 3}),
+    ({"processor_config.json": {"video_processor": {"min_pixels": 28 * 28 * 16, "max_pixels": 28 * 28 * 40}},
+      "video_preprocessor_config.json": {"max_pixels": 28 * 28 * 300}},
+     {"min_pixels": 28 * 28 * 16, "max_pixels": 28 * 28 * 40})])
+def test_qwen2_vl_frames_follow_the_checkpoints_video_config(files, want, tmp_path):
+    """Frames are sized and normalised by the settings transformers' video processor loads (nested
+    processor_config.json, then video_preprocessor_config.json, then preprocessor_config.json, over the video class's
+    defaults), not the image processor's (before: always the image's, 12 tokens for five 100×37 frames where the
+    video processor's 128·28² minimum gives 399). Oracle: an image processor built from the expected settings."""
+    import json
+    from types import SimpleNamespace
+
+    import numpy as np
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from probe import video
+
+    for name, data in files.items():
+        (tmp_path / name).write_text(json.dumps(data), encoding="utf-8")
+    ip = Qwen2VLImageProcessorPil(max_pixels=28 * 28 * 6)  # the model's image processor: its own, smaller, sizes
+    rng = np.random.default_rng(4)
+    frames = [Image.fromarray(rng.integers(0, 256, (37, 100, 3), dtype=np.uint8)) for _ in range(5)]
+    config = SimpleNamespace(video_token_id=7, image_token_id=8)
+    loaded = SimpleNamespace(processor=SimpleNamespace(image_processor=ip), model=SimpleNamespace(config=config),
+                             ref=SimpleNamespace(path=tmp_path))
+    got = video._qwen2_5_vl(loaded, {"input_ids": torch.tensor([[1, 7, 2]]), "attention_mask": torch.ones(1, 3)},
+                            frames)
+    oracle = Qwen2VLImageProcessorPil(**want) if files else ip
+    pix, thw = _qwen_oracle(oracle, frames)
+    assert got["video_grid_thw"].tolist() == [thw] and torch.equal(got["pixel_values_videos"], pix)
+    assert int((got["input_ids"] == 7).sum()) == thw[0] * thw[1] * thw[2] // 4
+    assert got["second_per_grid_ts"].tolist() == [1.0]  # two frames a patch at 2 fps
+    same = not files or want == {"max_pixels": 28 * 28 * 6}  # the video settings are the image processor's
+    assert (video.frame_processor(loaded, video.VIDEO_DEFAULTS["qwen2_vl"]) is ip) == same
