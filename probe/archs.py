@@ -103,13 +103,15 @@ def _qwen2_vl_processor(config):
 
 
 def _llava_onevision_processor(config):
-    """LLaVA-OneVision's: 384-px SigLIP tiles over the any-res grid of the config."""
+    """LLaVA-OneVision's: 384-px SigLIP tiles over the any-res grid of the config, SigLIP's mean and std (0.5; the
+    published preprocessor_config.json's, not the class's CLIP defaults)."""
     from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
         LlavaOnevisionImageProcessorPil,
     )
 
     return LlavaOnevisionImageProcessorPil(size={"height": 384, "width": 384},
-                                           image_grid_pinpoints=config.image_grid_pinpoints, crop_size=None)
+                                           image_grid_pinpoints=config.image_grid_pinpoints, crop_size=None,
+                                           image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
 
 
 @dataclass(frozen=True)

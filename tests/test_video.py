@@ -405,3 +405,16 @@ def test_qwen2_vl_frames_follow_the_checkpoints_video_config(files, want, tmp_pa
     assert got["second_per_grid_ts"].tolist() == [1.0]  # two frames a patch at 2 fps
     same = not files or want == {"max_pixels": 28 * 28 * 6}  # the video settings are the image processor's
     assert (video.frame_processor(loaded, video.VIDEO_DEFAULTS["qwen2_vl"]) is ip) == same
+
+
+def test_llava_ov_7b_preprocessing_is_the_published_one():
+    """probe.archs' llava-ov-7b image processor (random-weight builds) has the settings of
+    llava-hf/llava-onevision-qwen2-7b-ov-hf's preprocessor_config.json (the HF conversion's: SigLIP's mean and std
+    0.5, bicubic, 1/255, 384 px), not the class's CLIP defaults it had before (mean 0.481/0.458/0.408)."""
+    from probe.archs import build_config, image_processor_for
+
+    published = {"do_convert_rgb": True, "do_normalize": True, "do_pad": True, "do_rescale": True, "do_resize": True,
+                 "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "resample": 3,
+                 "rescale_factor": 0.00392156862745098, "size": {"height": 384, "width": 384}}
+    got = image_processor_for("llava-ov-7b", build_config("llava-ov-7b")).to_dict()
+    assert {k: list(v) if isinstance(v, tuple) else v for k, v in got.items() if k in published} == published
