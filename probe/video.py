@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # annotations only
 def _expand(batch: dict[str, Any], token_id: int, count: int, drop_extra: bool) -> dict[str, Any]:
     ids = batch["input_ids"]
     if ids.shape[0] != 1:
-        raise ValueError("add_video_inputs expects a batch of one prompt")
+        raise RuntimeError("add_video_inputs expects a batch of one prompt")
     row = ids[0].tolist()
     where = [i for i, t in enumerate(row) if t == token_id]
     if not where:

@@ -418,3 +418,20 @@ def test_llava_ov_7b_preprocessing_is_the_published_one():
                  "rescale_factor": 0.00392156862745098, "size": {"height": 384, "width": 384}}
     got = image_processor_for("llava-ov-7b", build_config("llava-ov-7b")).to_dict()
     assert {k: list(v) if isinstance(v, tuple) else v for k, v in got.items() if k in published} == published
+
+
+def test_a_video_the_processor_refuses_is_bad_input_naming_the_item(load_tiny):
+    """Frames one side 201 times the other: Qwen2-VL's smart_resize refuses them (ValueError, as it refuses such an
+    image); the item is refused as an image is (BadInput naming it, exit 2), not a traceback (before: ValueError)."""
+    import io
+
+    from PIL import Image
+
+    from probe.errors import BadInput
+    from probe.mmmu import Item
+
+    buf = io.BytesIO()
+    Image.new("RGB", (402, 2), (9, 99, 200)).save(buf, "PNG")
+    item = Item("validation_Motion_9", "Motion", "What moves? <video>", ("a", "b"), "A", (), (buf.getvalue(),) * 3)
+    with pytest.raises(BadInput, match=r"item validation_Motion_9: .*processor refuses it \(absolute aspect ratio"):
+        build_inputs(load_tiny("qwen2_vl"), item, PromptTemplate())
