@@ -435,3 +435,29 @@ def test_a_video_the_processor_refuses_is_bad_input_naming_the_item(load_tiny):
     item = Item("validation_Motion_9", "Motion", "What moves? <video>", ("a", "b"), "A", (), (buf.getvalue(),) * 3)
     with pytest.raises(BadInput, match=r"item validation_Motion_9: .*processor refuses it \(absolute aspect ratio"):
         build_inputs(load_tiny("qwen2_vl"), item, PromptTemplate())
+
+
+def test_onevision_frames_follow_the_checkpoints_video_config(tmp_path):
+    """LLaVA-OneVision's frames too: a video_preprocessor_config.json of SigLIP's mean and std beside an image
+    processor of CLIP's gives the frames view 0 of an image processor of the video config's settings (the oracle:
+    its full call), and the token count of the tower's 64-px, patch-8 grid, pooled: 3·4² + 1."""
+    import json
+    from types import SimpleNamespace
+
+    from probe import video
+
+    video_cfg = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3, "size": {"height": 64, "width": 64},
+                 "image_grid_pinpoints": [[64, 64]],  # few tiles: a cheap full call
+                 "video_processor_type": "LlavaOnevisionVideoProcessor"}
+    (tmp_path / "video_preprocessor_config.json").write_text(json.dumps(video_cfg), encoding="utf-8")
+    ip = _pil_processor(**_CONFIGS["organism-size"])
+    frames = _frames()[:3]
+    vision = SimpleNamespace(image_size=64, patch_size=8)
+    loaded = SimpleNamespace(processor=SimpleNamespace(image_processor=ip), ref=SimpleNamespace(path=tmp_path),
+                             model=SimpleNamespace(config=SimpleNamespace(vision_config=vision, video_token_id=7)))
+    got = video._llava_onevision(loaded, {"input_ids": torch.tensor([[1, 7, 2]]), "attention_mask": torch.ones(1, 3)},
+                                 frames)
+    want = _full_view_0(_pil_processor(**{k: v for k, v in video_cfg.items() if k != "video_processor_type"}), frames)
+    assert torch.equal(got["pixel_values_videos"][0], want)
+    assert not torch.equal(want, _full_view_0(ip, frames))  # the image processor's frames differ
+    assert int((got["input_ids"] == 7).sum()) == 3 * 4 ** 2 + 1
