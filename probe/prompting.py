@@ -361,7 +361,10 @@ def encode_prompt(loaded: LoadedModel, item: ItemLike, prompt: Prompt) -> dict[s
             # expands the placeholder of the tokenised prompt and adds the frame tensors itself.
             from probe.video import add_video_inputs
 
-            batch = add_video_inputs(loaded, batch, prompt.frames)
+            try:
+                batch = add_video_inputs(loaded, batch, prompt.frames)
+            except ValueError as exc:  # frames the processor's rules refuse, as they would an image (Qwen's 200:1)
+                raise processor_refuses(loaded, item, exc) from None
         return batch
     try:
         return dict(loaded.processor(**processor_kwargs([prompt.text], prompt.images)))

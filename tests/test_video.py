@@ -268,3 +268,196 @@ def test_base_views_follow_the_processor_as_it_is_now(monkeypatch):
                         lambda self, image, grid_pinpoints, size, patch_size, resample, extra=None:
                         real(self, image, grid_pinpoints, size, patch_size, resample))
     assert anyres_base_views(ip, frames) is None
+
+
+# --- Qwen2-VL frames: the PIL image processor frame by frame, paired as the official video processor pairs them ----
+
+def _qwen_oracle(ip, frames) -> tuple[torch.Tensor, list[int]]:
+    """The oracle: each frame through the image processor's public call (its temporal copies are one frame),
+    unpatchified, then padded (the last frame repeated) and patchified as transformers' Qwen2VLVideoProcessor does
+    (its permutation, written out here since that module needs torchvision)."""
+    p, m, tp = ip.patch_size, ip.merge_size, ip.temporal_patch_size
+    views = []
+    for f in frames:
+        out = ip(images=[f], return_tensors="pt")
+        _, gh, gw = out["image_grid_thw"][0].tolist()
+        x = out["pixel_values"].reshape(gh // m, gw // m, m, m, 3, tp, p, p)
+        assert all(torch.equal(x[..., 0, :, :], x[..., k, :, :]) for k in range(tp))
+        views.append(x[..., 0, :, :].permute(4, 0, 2, 5, 1, 3, 6).reshape(3, gh * p, gw * p))
+    v = torch.stack(views)[None]
+    if pad := -v.shape[1] % tp:
+        v = torch.cat((v, v[:, -1:].expand(-1, pad, -1, -1, -1)), dim=1)
+    _, n, c, h, w = v.shape
+    gt, gh, gw = n // tp, h // p, w // p
+    x = v.view(1, gt, tp, c, gh // m, m, p, gw // m, m, p).permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)
+    return x.reshape(gt * gh * gw, c * tp * p * p), [gt, gh, gw]
+
+
+@pytest.mark.parametrize("settings", [
+    {}, {"min_pixels": 56 * 56 * 4, "max_pixels": 28 * 28 * 20, "temporal_patch_size": 3},
+    {"resample": 2, "image_mean": [0.1, 0.2, 0.3], "image_std": [0.3, 0.2, 0.1]},
+    {"resample": 0, "rescale_factor": 1 / 127.0}, {"do_normalize": False}, {"do_rescale": False}])
+def test_qwen2_vl_frames_follow_the_image_processor(settings, tmp_path):
+    """pixel_values_videos, video_grid_thw and the token count equal the oracle's, exactly, for an odd frame count
+    and the checkpoint's own settings (resample, rescale, normalise: before, the video path hard-coded bicubic,
+    /255 and normalising, 0.58 off at resample 2 and 3.9 at rescale_factor 1/127)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from probe import video
+
+    ip = Qwen2VLImageProcessorPil(**settings)
+    rng = np.random.default_rng(3)
+    frames = [Image.fromarray(rng.integers(0, 256, (37, 100, 3), dtype=np.uint8)) for _ in range(5)]
+    config = SimpleNamespace(video_token_id=7, image_token_id=8)
+    loaded = SimpleNamespace(processor=SimpleNamespace(image_processor=ip), model=SimpleNamespace(config=config),
+                             ref=SimpleNamespace(path=tmp_path))  # no processor files: the image processor's settings
+    got = video._qwen2_vl(loaded, {"input_ids": torch.tensor([[1, 7, 2]]), "attention_mask": torch.ones(1, 3)}, frames)
+    want, thw = _qwen_oracle(ip, frames)
+    assert got["video_grid_thw"].tolist() == [thw]
+    assert got["pixel_values_videos"].dtype == want.dtype == torch.float32
+    assert torch.equal(got["pixel_values_videos"], want)
+    assert int((got["input_ids"] == 7).sum()) == thw[0] * thw[1] * thw[2] // ip.merge_size ** 2
+
+
+# the class settings that shape a frame
+_FRAME_KEYS = ("size", "resample", "image_mean", "image_std", "do_resize", "do_rescale", "rescale_factor",
+               "do_normalize", "do_convert_rgb", "patch_size", "temporal_patch_size", "merge_size")
+
+
+def _class_defaults(module: str, cls: str) -> dict:
+    """A transformers class's attribute defaults read from its source (the video modules import torchvision)."""
+    import ast
+    import importlib.util
+
+    from transformers import image_utils
+
+    path = importlib.util.find_spec(module.rpartition(".")[0]).submodule_search_locations[0]
+    tree = ast.parse(open(f"{path}/{module.rpartition('.')[2]}.py", encoding="utf-8").read())
+    body = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls).body
+    values = {n.targets[0].id: n.value for n in body
+              if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name)}
+    return {k: eval(compile(ast.Expression(v), module, "eval"), vars(image_utils)) for k, v in values.items()
+            if k in _FRAME_KEYS}
+
+
+@pytest.mark.parametrize("family, module, cls, image_cls", [
+    ("qwen2_vl", "transformers.models.qwen2_vl.video_processing_qwen2_vl", "Qwen2VLVideoProcessor",
+     "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl.Qwen2VLImageProcessorPil"),
+    ("llava_onevision", "transformers.models.llava_onevision.video_processing_llava_onevision",
+     "LlavaOnevisionVideoProcessor",
+     "transformers.models.llava_onevision.image_processing_pil_llava_onevision.LlavaOnevisionImageProcessorPil")])
+def test_video_defaults_are_the_video_processors(family, module, cls, image_cls):
+    """VIDEO_DEFAULTS is exactly where the installed video processor class's defaults differ from its image
+    processor class's, for every setting that shapes a frame."""
+    import importlib
+
+    from probe.video import VIDEO_DEFAULTS
+
+    video = _class_defaults(module, cls)
+    mod, _, name = image_cls.rpartition(".")
+    image = getattr(importlib.import_module(mod), name)
+    differ = {k: v for k, v in video.items() if v != getattr(image, k, None)}
+    assert differ == VIDEO_DEFAULTS[family]
+
+
+@pytest.mark.parametrize("files, want", [
+    ({}, {}),  # no processor files: the image processor as it is
+    ({"preprocessor_config.json": {"min_pixels": 56 * 56, "max_pixels": 28 * 28 * 6}}, {"max_pixels": 28 * 28 * 6}),
+    ({"preprocessor_config.json": {}}, {"size": {"shortest_edge": 128 * 28 * 28, "longest_edge": 28 * 28 * 768}}),
+    ({"video_preprocessor_config.json": {"max_pixels": 28 * 28 * 300, "image_mean": [0.5] * 3, "fps": 1.0},
+      "preprocessor_config.json": {"max_pixels": 28 * 28 * 6}},
+     {"min_pixels": 128 * 28 * 28, "max_pixels": 28 * 28 * 300, "image_mean": [0.5] * 3}),
+    ({"processor_config.json": {"video_processor": {"min_pixels": 28 * 28 * 16, "max_pixels": 28 * 28 * 40}},
+      "video_preprocessor_config.json": {"max_pixels": 28 * 28 * 300}},
+     {"min_pixels": 28 * 28 * 16, "max_pixels": 28 * 28 * 40})])
+def test_qwen2_vl_frames_follow_the_checkpoints_video_config(files, want, tmp_path):
+    """Frames are sized and normalised by the settings transformers' video processor loads (nested
+    processor_config.json, then video_preprocessor_config.json, then preprocessor_config.json, over the video class's
+    defaults), not the image processor's (before: always the image's, 12 tokens for five 100×37 frames where the
+    video processor's 128·28² minimum gives 399). Oracle: an image processor built from the expected settings."""
+    import json
+    from types import SimpleNamespace
+
+    import numpy as np
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from probe import video
+
+    for name, data in files.items():
+        (tmp_path / name).write_text(json.dumps(data), encoding="utf-8")
+    ip = Qwen2VLImageProcessorPil(max_pixels=28 * 28 * 6)  # the model's image processor: its own, smaller, sizes
+    rng = np.random.default_rng(4)
+    frames = [Image.fromarray(rng.integers(0, 256, (37, 100, 3), dtype=np.uint8)) for _ in range(5)]
+    config = SimpleNamespace(video_token_id=7, image_token_id=8)
+    loaded = SimpleNamespace(processor=SimpleNamespace(image_processor=ip), model=SimpleNamespace(config=config),
+                             ref=SimpleNamespace(path=tmp_path))
+    got = video._qwen2_5_vl(loaded, {"input_ids": torch.tensor([[1, 7, 2]]), "attention_mask": torch.ones(1, 3)},
+                            frames)
+    oracle = Qwen2VLImageProcessorPil(**want) if files else ip
+    pix, thw = _qwen_oracle(oracle, frames)
+    assert got["video_grid_thw"].tolist() == [thw] and torch.equal(got["pixel_values_videos"], pix)
+    assert int((got["input_ids"] == 7).sum()) == thw[0] * thw[1] * thw[2] // 4
+    assert got["second_per_grid_ts"].tolist() == [1.0]  # two frames a patch at 2 fps
+    same = not files or want == {"max_pixels": 28 * 28 * 6}  # the video settings are the image processor's
+    assert (video.frame_processor(loaded, video.VIDEO_DEFAULTS["qwen2_vl"]) is ip) == same
+
+
+def test_llava_ov_7b_preprocessing_is_the_published_one():
+    """probe.archs' llava-ov-7b image processor (random-weight builds) has the settings of
+    llava-hf/llava-onevision-qwen2-7b-ov-hf's preprocessor_config.json (the HF conversion's: SigLIP's mean and std
+    0.5, bicubic, 1/255, 384 px), not the class's CLIP defaults it had before (mean 0.481/0.458/0.408)."""
+    from probe.archs import build_config, image_processor_for
+
+    published = {"do_convert_rgb": True, "do_normalize": True, "do_pad": True, "do_rescale": True, "do_resize": True,
+                 "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "resample": 3,
+                 "rescale_factor": 0.00392156862745098, "size": {"height": 384, "width": 384}}
+    got = image_processor_for("llava-ov-7b", build_config("llava-ov-7b")).to_dict()
+    assert {k: list(v) if isinstance(v, tuple) else v for k, v in got.items() if k in published} == published
+
+
+def test_a_video_the_processor_refuses_is_bad_input_naming_the_item(load_tiny):
+    """Frames one side 201 times the other: Qwen2-VL's smart_resize refuses them (ValueError, as it refuses such an
+    image); the item is refused as an image is (BadInput naming it, exit 2), not a traceback (before: ValueError)."""
+    import io
+
+    from PIL import Image
+
+    from probe.errors import BadInput
+    from probe.mmmu import Item
+
+    buf = io.BytesIO()
+    Image.new("RGB", (402, 2), (9, 99, 200)).save(buf, "PNG")
+    item = Item("validation_Motion_9", "Motion", "What moves? <video>", ("a", "b"), "A", (), (buf.getvalue(),) * 3)
+    with pytest.raises(BadInput, match=r"item validation_Motion_9: .*processor refuses it \(absolute aspect ratio"):
+        build_inputs(load_tiny("qwen2_vl"), item, PromptTemplate())
+
+
+def test_onevision_frames_follow_the_checkpoints_video_config(tmp_path):
+    """LLaVA-OneVision's frames too: a video_preprocessor_config.json of SigLIP's mean and std beside an image
+    processor of CLIP's gives the frames view 0 of an image processor of the video config's settings (the oracle:
+    its full call), and the token count of the tower's 64-px, patch-8 grid, pooled: 3·4² + 1."""
+    import json
+    from types import SimpleNamespace
+
+    from probe import video
+
+    video_cfg = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3, "size": {"height": 64, "width": 64},
+                 "image_grid_pinpoints": [[64, 64]],  # few tiles: a cheap full call
+                 "video_processor_type": "LlavaOnevisionVideoProcessor"}
+    (tmp_path / "video_preprocessor_config.json").write_text(json.dumps(video_cfg), encoding="utf-8")
+    ip = _pil_processor(**_CONFIGS["organism-size"])
+    frames = _frames()[:3]
+    vision = SimpleNamespace(image_size=64, patch_size=8)
+    loaded = SimpleNamespace(processor=SimpleNamespace(image_processor=ip), ref=SimpleNamespace(path=tmp_path),
+                             model=SimpleNamespace(config=SimpleNamespace(vision_config=vision, video_token_id=7)))
+    got = video._llava_onevision(loaded, {"input_ids": torch.tensor([[1, 7, 2]]), "attention_mask": torch.ones(1, 3)},
+                                 frames)
+    want = _full_view_0(_pil_processor(**{k: v for k, v in video_cfg.items() if k != "video_processor_type"}), frames)
+    assert torch.equal(got["pixel_values_videos"][0], want)
+    assert not torch.equal(want, _full_view_0(ip, frames))  # the image processor's frames differ
+    assert int((got["input_ids"] == 7).sum()) == 3 * 4 ** 2 + 1
