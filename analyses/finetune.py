@@ -42,7 +42,8 @@ if TYPE_CHECKING:  # annotations only: the command imports torch and the model c
     from probe.models import LoadedModel, ModelRef
     from probe.train import Sampler, StepInfo, TrainConfig
 
-LOG_COLUMNS = ["step", "modality", "loss", "lr", "lm_lr", "tokens"]  # lr: --lr's rate now (tower, projector; 0 under --lora)
+# lr: --lr's rate now (tower, projector; 0 under --lora, which freezes them)
+LOG_COLUMNS = ["step", "modality", "loss", "lr", "lm_lr", "tokens"]
 STATE = "trainer_state.pt"
 # what the loop does with the settings, part of a run's identity here and in analyses.replicate's fine-tuning stage:
 # runs made before the schedule fix (warm-up × cosine) or on bfloat16 weights are other runs
@@ -494,10 +495,11 @@ def read_state(path: Path, map_location: Any = None, step: int | None = None) ->
     """The trainer state a resume continues from (optimiser, sampler and torch RNG, step), read before anything
     runs: a damaged one is bad input naming the checkpoint to delete, never a traceback mid-run. ``step``: the
     checkpoint's own (its folder's name); a state of another step (one copied between checkpoint folders) would
-    resume the sampler and the schedule there, while the weights, the log and the next saves follow the folder. ``map_location``:
-    ``state_location``'s; given (several processes), the file is mapped, not read into each process's memory: every
-    rank holds the whole AdamW state for the run (61 GB for a 7B), where an FSDP rank keeps only its shard of it,
-    and a data parallel rank a copy on its GPU, so the mapped pages are shared and reclaimable."""
+    resume the sampler and the schedule there, while the weights, the log and the next saves follow the folder.
+    ``map_location``: ``state_location``'s; given (several processes), the file is mapped, not read into each
+    process's memory: every rank holds the whole AdamW state for the run (61 GB for a 7B), where an FSDP rank keeps
+    only its shard of it, and a data parallel rank a copy on its GPU, so the mapped pages are shared and
+    reclaimable."""
     import torch
 
     fix = f"delete {path.parent} and rerun the same command to resume from the checkpoint before it"
