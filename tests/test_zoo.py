@@ -393,37 +393,39 @@ def test_shipped_configs_name_the_dtype_their_weights_hold(name):
 
 
 def test_quick_build_one_or_two_processes(tmp_path):
-    """The short build runs end to end; --threads 2 trains the extensions in two processes of one thread,
-    --threads 1 one after another on one thread: the same files, byte for byte (same seeds, same tokenizer)."""
+    """The short build runs end to end; --threads 2 trains the extensions in two processes of one thread. Rebuilding
+    the three with --threads 1 --only, one after another in this process, gives the same files byte for byte (same
+    seeds, same tokenizer, same per-process threads) and replaces just their quality.json entries."""
+    import shutil
+
     from probe.models import load_model, resolve_model
     from probe.zoo.__main__ import main
 
-    for threads in ("2", "1"):
-        assert main(["build", "--out", str(tmp_path / threads), "--quick", "--steps", "2", "--threads", threads]) == 0
+    two, one = tmp_path / "2", tmp_path / "1"
+    assert main(["build", "--out", str(two), "--quick", "--steps", "2", "--threads", "2"]) == 0
     for name in ORGANISMS:
-        for f in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "config.json"):
-            a, b = (tmp_path / t / f"organism-{name}" / f for t in ("2", "1"))
-            assert a.read_bytes() == b.read_bytes(), (name, f)
-        loaded = load_model(resolve_model(str(tmp_path / "2" / f"organism-{name}")))
+        loaded = load_model(resolve_model(str(two / f"organism-{name}")))
         assert loaded.tokenizer.convert_tokens_to_ids("<|im_start|>") is not None
-        assert config_dtypes(tmp_path / "2" / f"organism-{name}") == {"bfloat16"}
-    assert (tmp_path / "2" / "data" / "video" / "Motion" / "train-00000-of-00001.parquet").is_file()
-    q = json.loads((tmp_path / "2" / "quality.json").read_text())
+        assert config_dtypes(two / f"organism-{name}") == {"bfloat16"}
+    assert (two / "data" / "video" / "Motion" / "train-00000-of-00001.parquet").is_file()
+    q = json.loads((two / "quality.json").read_text())
     assert list(q["organisms"]) == [f"organism-{n}" for n in ORGANISMS]  # the family's order, not finishing order
     assert q["train_excludes"] is None and q["train_items"] == {"text": 96, "image": 96, "image_single": 72,
                                                                 "video": 72}
-    # rebuilding one organism alone (one lane, in this process) gives the bits of the full build
-    vl = tmp_path / "2" / "organism-vl" / "model.safetensors"
-    before = vl.read_bytes()
-    q["organisms"]["organism-vl"] = {"stale": True}  # what --only rebuilds replaces its quality.json entry
-    (tmp_path / "2" / "quality.json").write_text(json.dumps(q))
-    assert main(["build", "--out", str(tmp_path / "2"), "--quick", "--steps", "2", "--only", "vl"]) == 0
-    assert vl.read_bytes() == before
-    after = json.loads((tmp_path / "2" / "quality.json").read_text())
-    rebuilt = json.loads((tmp_path / "2" / "organism-vl" / "organism.json").read_text())
-    assert after["organisms"]["organism-vl"] == {k: v for k, v in rebuilt.items() if k != "name"}
-    assert {k: v for k, v in after["organisms"].items() if k != "organism-vl"} == \
-        {k: v for k, v in q["organisms"].items() if k != "organism-vl"}
+    shutil.copytree(two, one)
+    extensions = [n for n in ORGANISMS if n != "base"]
+    for name in extensions:  # what --only rebuilds replaces its quality.json entry
+        q["organisms"][f"organism-{name}"] = {"stale": True}
+    (one / "quality.json").write_text(json.dumps(q))
+    assert main(["build", "--out", str(one), "--quick", "--steps", "2", "--threads", "1", "--only", *extensions]) == 0
+    after = json.loads((one / "quality.json").read_text())
+    for name in extensions:
+        for f in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "config.json"):
+            a, b = (t / f"organism-{name}" / f for t in (two, one))
+            assert a.read_bytes() == b.read_bytes(), (name, f)
+        rebuilt = json.loads((one / f"organism-{name}" / "organism.json").read_text())
+        assert after["organisms"][f"organism-{name}"] == {k: v for k, v in rebuilt.items() if k != "name"}
+    assert after["organisms"]["organism-base"] == q["organisms"]["organism-base"]
 
 
 def _near_key(row):

@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--out", type=out_dir, required=True, metavar="DIR",
                    help="where data/, organism-*/ and quality.json are written")
     b.add_argument("--quick", action="store_true", help="tiny data and few steps (CI smoke test)")
-    b.add_argument("--steps", type=int, default=None, help="override the training steps of every organism")
+    b.add_argument("--steps", type=int, default=None, help="override the training steps of every organism: N per "
+                   "stage, and at most N of the vision tower's pretraining")
     b.add_argument("--seed", type=int, default=0, help="seed of the data, initialisation and training (default 0)")
     b.add_argument("--threads", type=int, default=2,
                    help="CPU threads (default 2): organism-base trains on all; the three extensions on threads // 2 "

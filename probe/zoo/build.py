@@ -573,11 +573,13 @@ def _save_bf16(loaded, out_dir: Path) -> None:
 
 
 def _shortened(r: Recipe, quick: bool, steps: int | None) -> Recipe:
-    """``--quick``: 20 steps per stage, small batches; ``--steps N``: N steps per stage."""
+    """``--quick``: 20 steps per stage, small batches; ``--steps N``: N steps per stage, and at most N steps of the
+    vision tower's pretraining (so that a short smoke build is short everywhere)."""
     if quick:
         r = replace(r, stages=tuple(replace(s, steps=20, warmup=min(s.warmup, 5)) for s in r.stages), batch=8,
                     vision_steps=min(r.vision_steps, 10))
-    return r if steps is None else replace(r, stages=tuple(replace(s, steps=steps) for s in r.stages))
+    return r if steps is None else replace(r, stages=tuple(replace(s, steps=steps) for s in r.stages),
+                                           vision_steps=min(r.vision_steps, steps))
 
 
 OWN = {"base": "text", "vl": "image", "ov-si": "image_single", "video": "video"}
