@@ -480,6 +480,28 @@ def test_heads_csv_as_pandas_writes_it(case, zoo, tmp_path, capfd):
     assert not out.exists()
 
 
+def test_weights_of_a_layer_past_the_configs_depth_are_refused_before_anything_is_written(zoo, tmp_path, capfd):
+    """A checkpoint may hold decoder layers its config.json does not build (check_lm_sizes skips them; the load
+    drops them), and a probe.heads run of it sweeps the config's layers only: the salience merge took that 1-layer
+    heads.csv, began writing, and stopped at layer 1's q_proj with an IndexError traceback (exit 1). Exit 2, one
+    line naming the tensor, nothing written."""
+    models = {}
+    for name in ("base", "vl", "ov"):
+        d = models[name] = Path(shutil.copytree(zoo[name], tmp_path / name))
+        cfg = json.loads((d / "config.json").read_text())
+        cfg.get("text_config", cfg)["num_hidden_layers"] = 1  # the weights keep both layers
+        (d / "config.json").write_text(json.dumps(cfg))
+    dirs = [write_run(tmp_path / f"r{i}", torch.rand(1, H) + 0.1, layers=1) for i in range(2)]
+    capfd.readouterr()
+    out = tmp_path / "m"
+    assert run(merge.main, "--base", models["base"], "--models", models["vl"], models["ov"], "--method", "salience",
+               "--salience", *dirs, "--quiet", "--out", out) == 2
+    err = capfd.readouterr().err.strip()
+    assert err.startswith(f"error: --base {models['base']}: its weights hold layers.1.") and "\n" not in err, err
+    assert "past the num_hidden_layers 1 of its config.json" in err, err
+    assert not out.exists() and not list(tmp_path.glob(".m.*"))
+
+
 def _merged_warnings(zoo, dirs, out, capfd) -> list[str]:
     """A salience merge of vl and ov by the runs ``dirs`` into ``out`` (it must succeed): its stderr lines."""
     capfd.readouterr()
