@@ -45,8 +45,9 @@ def write_run(path: Path, kl: torch.Tensor, status: str = "complete", layers: in
     return path
 
 
-def in_memory_salience(base, experts, tables, tau, alpha0, base_table=None, heads=(H, KV, D)):
-    """DESIGN §9 written out slice by slice (loops over heads), the rest by Eq. 4 with Δavg computed directly.
+def in_memory_salience(base, experts, tables, tau, alpha0, base_table=None, heads=(H, KV, D), rest="shift"):
+    """DESIGN §9 written out slice by slice (loops over heads), the rest by Eq. 4 with Δavg computed directly, or
+    (``rest="layer"``) a decoder layer's other tensors by the same rule on the mean ŝ of its heads.
     ``heads``: (query heads, KV heads, head width) of the LM, as its config.json states them."""
     n_heads, n_kv, d = heads
     shat = [t.double().clamp_min(0) / t.double().clamp_min(0).mean() for t in ([base_table] if base_table is not None else []) + tables]
@@ -78,7 +79,10 @@ def in_memory_salience(base, experts, tables, tau, alpha0, base_table=None, head
                         acc[sl] += w * x[sl]
             out[name] = acc
         else:
-            coeffs = shift_coefficients([delta_avg(base[name], e[name]) for e in experts], alpha0, 1e-3)
+            if rest == "layer" and parts[0] == "layers":  # embeddings, the final norm and lm_head stay on Eq. 4
+                coeffs = weights([float(t[int(parts[1])].mean()) for t in shat])
+            else:
+                coeffs = shift_coefficients([delta_avg(base[name], e[name]) for e in experts], alpha0, 1e-3)
             acc = torch.zeros(ref.shape, dtype=torch.float32)
             for c, th in zip(coeffs, thetas):
                 acc += c * th[name].float()
@@ -311,6 +315,26 @@ def test_rest_shift_leaves_non_head_tensors_as_eq4(zoo, runs, tmp_path):
     rows = [r for r in csv.DictReader(open(c / "merge_weights.csv"))
             if r["tensor"] == "norm.weight" and r["model"] == str(zoo["vl"])]
     assert len(rows) == 1 and float(rows[0]["delta_avg"]) == pytest.approx(delta_avg(base["norm.weight"], vl["norm.weight"]))
+
+
+def test_rest_layer_weights_a_layers_other_tensors_by_its_mean_head_salience(zoo, runs, tmp_path):
+    """--rest layer: MLP, norms (and o_proj's bias) of layer L by softmax over the layer's mean ŝ (the base at α0
+    without its own run), Eq. 4 outside the layers. The test above only showed it differs from Eq. 4: a layer rule
+    on the raw s, or on the mean of the head weights, passed it."""
+    experts = [zoo["vl"], zoo["ov"], zoo["au"]]
+    base, thetas = canonical(zoo["base"]), [canonical(e) for e in experts]
+    for with_base in (False, True):
+        extra = ["--base-salience", write_run(tmp_path / "b", runs["base_table"])] if with_base else []
+        out = tmp_path / f"m{with_base}"
+        assert run(merge.main, "--base", zoo["base"], "--models", *experts, "--method", "salience", "--salience",
+                   *runs["dirs"], *extra, "--rest", "layer", "--salience-temperature", 0.5, "--alpha0", 0.3,
+                   "--quiet", "--out", out) == 0
+        got = canonical(out)
+        want = in_memory_salience(base, thetas, runs["tables"], 0.5, 0.3, runs["base_table"] if with_base else None,
+                                  rest="layer")
+        assert set(got) == set(want) and "layers.1.mlp.up_proj.weight" in want
+        for name, t in want.items():
+            torch.testing.assert_close(got[name].float(), t, rtol=1e-6, atol=1e-7, msg=f"{with_base}: {name}")
 
 
 def test_salience_merge_is_bit_stable_with_carriers(zoo, runs, tmp_path):
