@@ -579,7 +579,7 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
         for car in carriers:
             align([inputs[0], car], [names[0], car.name])
         shift_table = ShiftTable(cfg.shift_dir, base, models) if cfg.shift_dir and base else None
-        salience = load_salience(cfg, base, models, names) if cfg.method == "salience" else None
+        salience = load_salience(cfg, base, models, names, al) if cfg.method == "salience" else None
         merger = Merger(cfg, inputs, names, al, base is not None, shift_table, salience)
         ref = inputs[0]
         try:  # named by its checkpoint: the family's line alone left the user to guess which input it meant
@@ -691,9 +691,10 @@ def model_means(rows: Sequence[WeightRow], column: str) -> dict[str, float] | No
     return {m: sum(v) / len(v) for m, v in acc.items()} or None
 
 
-def load_salience(cfg: MergeConfig, base: Checkpoint, models: Sequence[Checkpoint],
-                  names: Sequence[str]) -> SalienceWeights:
-    """The participants' salience runs, checked against the base's head geometry (base run first if given)."""
+def load_salience(cfg: MergeConfig, base: Checkpoint, models: Sequence[Checkpoint], names: Sequence[str],
+                  al: Alignment) -> SalienceWeights:
+    """The participants' salience runs, checked against the base's head geometry (base run first if given) and
+    that geometry against the LM tensors ``al`` merges."""
     from probe.lm_config import HeadGeometry
 
     geometry = HeadGeometry.from_text_config(base.text_config)
@@ -703,6 +704,7 @@ def load_salience(cfg: MergeConfig, base: Checkpoint, models: Sequence[Checkpoin
     records = [check_run_model(Path(d), nm, participants) for d, nm in runs]
     weights = SalienceWeights.build(tables, geometry, cfg.salience_temperature, cfg.alpha0,
                                     cfg.base_salience is not None, records)
+    weights.check_tensors([(p.canon, p.ref.shape) for p in al.tensors], f"--base {base.path}")
     for w in (w for r in records for w in r["warnings"]):  # after every refusal: an error stays the only line
         print(f"warning: {w}", file=sys.stderr)
     return weights

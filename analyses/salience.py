@@ -25,6 +25,7 @@ from probe.results import HEAD_METRIC_BOUNDS
 METRICS = tuple(HEAD_METRIC_BOUNDS)  # kl, accuracy_drop, prob_accuracy_drop: heads.csv's salience columns
 # o_proj's bias (Llama-style attention_bias) is added once after the heads are summed: no head owns it
 HEAD_TENSOR = re.compile(r"layers\.(\d+)\.self_attn\.(?:([qkv])_proj\.(?:weight|bias)|(o)_proj\.weight)$")
+LAYER_TENSOR = re.compile(r"layers\.(\d+)\.")  # any tensor of decoder layer L
 
 
 def check_run_model(run_dir: Path, who: str, participants: dict[str, Path]) -> dict[str, Any]:
@@ -212,8 +213,21 @@ class SalienceWeights:
 
     def layer_coefficients(self, canon: str) -> list[float] | None:
         """For any other tensor of layer L (``--rest layer``): the layer's weights; None outside the layers."""
-        m = re.match(r"layers\.(\d+)\.", canon)
+        m = LAYER_TENSOR.match(canon)
         return None if m is None else self.layer[:, int(m.group(1))].tolist()
+
+    def check_tensors(self, shapes: Sequence[tuple[str, Sequence[int]]], where: str) -> None:
+        """Before anything is written: every (canonical name, shape) of the LM lies in a layer the salience tables
+        cover, and each head-owned tensor has the rows or columns the head geometry gives. A checkpoint may hold
+        decoder layers its config.json does not build (the load drops them, so no probe.heads run measured them):
+        the merge stopped at the first such tensor with an IndexError traceback (exit 1)."""
+        for canon, shape in shapes:
+            m = LAYER_TENSOR.match(canon)
+            if m is not None and int(m.group(1)) >= self.geometry.n_layers:
+                raise BadInput(f"{where}: its weights hold {canon}, past the num_hidden_layers "
+                               f"{self.geometry.n_layers} of its config.json, which no probe.heads run measured "
+                               "(the load drops that layer); --method salience weights only the layers it builds")
+            self.slice_coefficients(canon, shape)
 
     def slice_rows(self, canon: str, names: Sequence[str]) -> list[tuple[str, str, str, float]]:
         """merge_weights.csv rows of a head-owned tensor: (tensor, slice, model, weight) per head or group."""

@@ -45,8 +45,9 @@ def write_run(path: Path, kl: torch.Tensor, status: str = "complete", layers: in
     return path
 
 
-def in_memory_salience(base, experts, tables, tau, alpha0, base_table=None, heads=(H, KV, D)):
-    """DESIGN §9 written out slice by slice (loops over heads), the rest by Eq. 4 with Δavg computed directly.
+def in_memory_salience(base, experts, tables, tau, alpha0, base_table=None, heads=(H, KV, D), rest="shift"):
+    """DESIGN §9 written out slice by slice (loops over heads), the rest by Eq. 4 with Δavg computed directly, or
+    (``rest="layer"``) a decoder layer's other tensors by the same rule on the mean ŝ of its heads.
     ``heads``: (query heads, KV heads, head width) of the LM, as its config.json states them."""
     n_heads, n_kv, d = heads
     shat = [t.double().clamp_min(0) / t.double().clamp_min(0).mean() for t in ([base_table] if base_table is not None else []) + tables]
@@ -78,7 +79,10 @@ def in_memory_salience(base, experts, tables, tau, alpha0, base_table=None, head
                         acc[sl] += w * x[sl]
             out[name] = acc
         else:
-            coeffs = shift_coefficients([delta_avg(base[name], e[name]) for e in experts], alpha0, 1e-3)
+            if rest == "layer" and parts[0] == "layers":  # embeddings, the final norm and lm_head stay on Eq. 4
+                coeffs = weights([float(t[int(parts[1])].mean()) for t in shat])
+            else:
+                coeffs = shift_coefficients([delta_avg(base[name], e[name]) for e in experts], alpha0, 1e-3)
             acc = torch.zeros(ref.shape, dtype=torch.float32)
             for c, th in zip(coeffs, thetas):
                 acc += c * th[name].float()
@@ -313,6 +317,46 @@ def test_rest_shift_leaves_non_head_tensors_as_eq4(zoo, runs, tmp_path):
     assert len(rows) == 1 and float(rows[0]["delta_avg"]) == pytest.approx(delta_avg(base["norm.weight"], vl["norm.weight"]))
 
 
+def test_rest_layer_weights_a_layers_other_tensors_by_its_mean_head_salience(zoo, runs, tmp_path):
+    """--rest layer: MLP, norms (and o_proj's bias) of layer L by softmax over the layer's mean ŝ (the base at α0
+    without its own run), Eq. 4 outside the layers. The test above only showed it differs from Eq. 4: a layer rule
+    on the raw s, or on the mean of the head weights, passed it."""
+    experts = [zoo["vl"], zoo["ov"], zoo["au"]]
+    base, thetas = canonical(zoo["base"]), [canonical(e) for e in experts]
+    for with_base in (False, True):
+        extra = ["--base-salience", write_run(tmp_path / "b", runs["base_table"])] if with_base else []
+        out = tmp_path / f"m{with_base}"
+        assert run(merge.main, "--base", zoo["base"], "--models", *experts, "--method", "salience", "--salience",
+                   *runs["dirs"], *extra, "--rest", "layer", "--salience-temperature", 0.5, "--alpha0", 0.3,
+                   "--quiet", "--out", out) == 0
+        got = canonical(out)
+        want = in_memory_salience(base, thetas, runs["tables"], 0.5, 0.3, runs["base_table"] if with_base else None,
+                                  rest="layer")
+        assert set(got) == set(want) and "layers.1.mlp.up_proj.weight" in want
+        for name, t in want.items():
+            torch.testing.assert_close(got[name].float(), t, rtol=1e-6, atol=1e-7, msg=f"{with_base}: {name}")
+
+
+def test_head_slices_streamed_in_many_row_blocks_are_the_one_block_merge_bit_for_bit(zoo, runs, tmp_path,
+                                                                                     monkeypatch):
+    """merge_slices streams a head-owned tensor in blocks of MERGE_CHUNK // columns rows, each with its own rows'
+    weights (q/k/v) or every column's (o_proj). The tiny models' tensors fit one block, so the per-block offsets ran
+    only on real sizes (a 7B q_proj is 49 blocks); with 96-element chunks (3 rows a block, a short last one) the
+    merge must be the one-block merge bit for bit, and the in-memory oracle's."""
+    experts = [zoo["vl"], zoo["ov"]]
+    argv = ["--base", zoo["base"], "--models", *experts, "--method", "salience", "--salience", *runs["dirs"][:2],
+            "--salience-temperature", 0.5, "--alpha0", 0.3, "--quiet"]
+    assert run(merge.main, *argv, "--out", tmp_path / "whole") == 0
+    monkeypatch.setattr(merge, "MERGE_CHUNK", 96)
+    assert run(merge.main, *argv, "--out", tmp_path / "blocks") == 0
+    whole, blocks = canonical(tmp_path / "whole"), canonical(tmp_path / "blocks")
+    want = in_memory_salience(canonical(zoo["base"]), [canonical(e) for e in experts], runs["tables"][:2], 0.5, 0.3)
+    assert whole.keys() == blocks.keys() == want.keys() and whole["layers.1.self_attn.q_proj.weight"].shape[0] > 3
+    for name, t in want.items():
+        assert torch.equal(blocks[name], whole[name]), name
+        torch.testing.assert_close(blocks[name].float(), t, rtol=1e-6, atol=1e-7, msg=name)
+
+
 def test_salience_merge_is_bit_stable_with_carriers(zoo, runs, tmp_path):
     experts = [zoo["vl"], zoo["ov"], zoo["au"]]
     outs = []
@@ -478,6 +522,28 @@ def test_heads_csv_as_pandas_writes_it(case, zoo, tmp_path, capfd):
             "no_generate": "accuracy_drop is NaN (empty or infinite) for some heads; a --no-generate or "
                            "attribution run"}[case] in err
     assert not out.exists()
+
+
+def test_weights_of_a_layer_past_the_configs_depth_are_refused_before_anything_is_written(zoo, tmp_path, capfd):
+    """A checkpoint may hold decoder layers its config.json does not build (check_lm_sizes skips them; the load
+    drops them), and a probe.heads run of it sweeps the config's layers only: the salience merge took that 1-layer
+    heads.csv, began writing, and stopped at layer 1's q_proj with an IndexError traceback (exit 1). Exit 2, one
+    line naming the tensor, nothing written."""
+    models = {}
+    for name in ("base", "vl", "ov"):
+        d = models[name] = Path(shutil.copytree(zoo[name], tmp_path / name))
+        cfg = json.loads((d / "config.json").read_text())
+        cfg.get("text_config", cfg)["num_hidden_layers"] = 1  # the weights keep both layers
+        (d / "config.json").write_text(json.dumps(cfg))
+    dirs = [write_run(tmp_path / f"r{i}", torch.rand(1, H) + 0.1, layers=1) for i in range(2)]
+    capfd.readouterr()
+    out = tmp_path / "m"
+    assert run(merge.main, "--base", models["base"], "--models", models["vl"], models["ov"], "--method", "salience",
+               "--salience", *dirs, "--quiet", "--out", out) == 2
+    err = capfd.readouterr().err.strip()
+    assert err.startswith(f"error: --base {models['base']}: its weights hold layers.1.") and "\n" not in err, err
+    assert "past the num_hidden_layers 1 of its config.json" in err, err
+    assert not out.exists() and not list(tmp_path.glob(".m.*"))
 
 
 def _merged_warnings(zoo, dirs, out, capfd) -> list[str]:
