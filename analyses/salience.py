@@ -139,7 +139,10 @@ def read_salience(run_dir: Path, metric: str, geometry: HeadGeometry, who: str) 
     except (OSError, ValueError, csv.Error) as exc:
         raise BadInput(f"{heads_csv}: unreadable ({exc})") from None
     want = {(layer, h) for layer in range(geometry.n_layers) for h in range(geometry.n_heads)}
-    if set(cells) != want or len(rows) != len(want):
+    if set(cells) == want and len(rows) != len(want):  # every head there, some twice: the run did sweep them all
+        raise BadInput(f"{heads_csv}: {len(rows)} rows for {len(want)} (layer, head) pairs; one row per head (a file "
+                       "appended to twice?)")
+    if set(cells) != want:
         # what it covers, as layers x heads: 8 pairs of 4 layers x 2 heads were said as "8 pairs, but 2 x 4"
         seen = f"{len({layer for layer, _ in cells})} layers x {len({h for _, h in cells})} heads"
         raise BadInput(f"{heads_csv}: covers {len(cells)} (layer, head) pairs of {seen}"

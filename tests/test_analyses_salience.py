@@ -451,7 +451,7 @@ def _bad(tmp_path, zoo, dirs, *extra):
 
 
 @pytest.mark.parametrize("case", ["shape", "transposed", "missing", "partial", "nan", "count", "negative", "swapped",
-                                  "base_run", "nothing_hurt"])
+                                  "base_run", "nothing_hurt", "repeated"])
 def test_bad_salience_runs_exit_2(case, zoo, tmp_path, capfd):
     good = write_run(tmp_path / "good", torch.ones(L, H), model=zoo["vl"])
     bad = {
@@ -466,7 +466,11 @@ def test_bad_salience_runs_exit_2(case, zoo, tmp_path, capfd):
         "swapped": lambda: write_run(tmp_path / "x", torch.ones(L, H), model=zoo["vl"]),  # vl's run again, for ov
         "base_run": lambda: write_run(tmp_path / "x", torch.ones(L, H), model=zoo["base"]),
         "nothing_hurt": lambda: write_run(tmp_path / "x", torch.zeros(L, H)),  # was 'salience: …', naming no run
+        "repeated": lambda: write_run(tmp_path / "x", torch.ones(L, H)),  # a row written twice, below
     }[case]()
+    if case == "repeated":  # every head is there: the line said "sweep every head", which the run had done
+        lines = (bad / "heads.csv").read_text().splitlines()
+        (bad / "heads.csv").write_text("\n".join(lines + [lines[2]]) + "\n")
     dirs = [good] if bad is None else [good, bad]
     code, out = _bad(tmp_path, zoo, dirs)
     err = capfd.readouterr().err.strip()
@@ -479,7 +483,9 @@ def test_bad_salience_runs_exit_2(case, zoo, tmp_path, capfd):
             "negative": "kl must lie in [-1e-06, inf] for every head, one has -0.5; not a probe.heads salience",
             "swapped": f"measured {zoo['vl']}, but it is given for {zoo['ov']}",
             "base_run": f"measured {zoo['base']}, but it is given for {zoo['ov']}",
-            "nothing_hurt": f"{tmp_path / 'x' / 'heads.csv'}: kl is ≤ 0 for every head (no removal hurt {zoo['ov']}"
+            "nothing_hurt": f"{tmp_path / 'x' / 'heads.csv'}: kl is ≤ 0 for every head (no removal hurt {zoo['ov']}",
+            "repeated": f"{tmp_path / 'x' / 'heads.csv'}: {L * H + 1} rows for {L * H} (layer, head) pairs; one row per "
+                        "head (a file appended to twice?)",
             }[case] in err
     assert not out.exists() and not list(tmp_path.glob(".never.partial-*"))
 
