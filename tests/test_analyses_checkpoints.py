@@ -727,32 +727,40 @@ def _set_header(f: Path, edit) -> None:
     f.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
 
 
-NORM = "model.norm.weight"  # [32] float32: 128 bytes
+TOWER = "visual.blocks.0.attn.proj.bias"  # a 1-D float32 tensor of the vision tower, which a carrier copies as it is
+
+
+def _dims(h: dict, new) -> None:
+    """The tower tensor's shape [n] replaced by ``new(n)`` (each the same element count, so the bytes fit)."""
+    (n,) = h[TOWER]["shape"]
+    h[TOWER]["shape"] = new(n)
 
 
 @pytest.mark.parametrize("damage, edit", [
-    ("negative dims", lambda h: h[NORM].update(shape=[-4, -8])),  # same element count: a RuntimeError traceback
-    ("float dims", lambda h: h[NORM].update(shape=[32.0])),
-    ("string dims", lambda h: h[NORM].update(shape=["32"])),
-    ("bool dims", lambda h: h[NORM].update(shape=[True, 32])),
-    ("float offsets", lambda h: h[NORM].update(data_offsets=[float(x) for x in h[NORM]["data_offsets"]])),
+    ("negative dims", lambda h: _dims(h, lambda n: [-1, -n])),
+    ("float dims", lambda h: _dims(h, lambda n: [float(n)])),
+    ("string dims", lambda h: _dims(h, lambda n: [str(n)])),
+    ("bool dims", lambda h: _dims(h, lambda n: [True, n])),
+    ("float offsets", lambda h: h[TOWER].update(data_offsets=[float(x) for x in h[TOWER]["data_offsets"]])),
     ("metadata not strings", lambda h: h["__metadata__"].update(format=1)),
 ])
 def test_a_header_the_safetensors_library_refuses_is_corrupt(zoo, tmp_path, capsys, damage, edit):
     """Shapes and offsets that are no non-negative integers, metadata that is no string map: the safetensors library
-    (the oracle: transformers' reader) refuses each file; the analyses read the numbers as int() made of them (a
-    float 32.0, a string "32", true as 1) with exit 0, or crashed on a negative shape with a traceback."""
+    (the oracle: transformers' reader) refuses each file; the analyses read the numbers as int() made of them (16.0,
+    "16", true as 1) and merged with exit 0, its carrier written with that header (-1 × -16 as it was: a carrier
+    transformers cannot load)."""
     from safetensors import SafetensorError, safe_open
 
-    d = corrupt_copy(zoo["q1"], tmp_path / "q_header")
+    d = corrupt_copy(zoo["vl"], tmp_path / "vl_header")
     f = d / "model.safetensors"
     _set_header(f, edit)
     with pytest.raises(SafetensorError):
         safe_open(str(f), "pt")
     before = f.read_bytes()
     out = tmp_path / "o"
-    code, err = run_cli(merge.main, ["--models", zoo["base"], d, "--method", "average", "--out", out], capsys)
-    assert_bad(code, err, out, "corrupt safetensors", "q_header")
+    code, err = run_cli(merge.main, ["--base", zoo["base"], "--models", d, zoo["q1"], "--carrier", d, "--out", out],
+                        capsys)
+    assert_bad(code, err, out, "corrupt safetensors", "vl_header")
     assert f.read_bytes() == before
 
 
