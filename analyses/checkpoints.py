@@ -30,6 +30,7 @@ DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)  # only quantized checkpoints store weights in 8 bits
@@ -61,6 +62,17 @@ class TensorInfo:
         return self.numel * self.dtype.itemsize
 
 
+def sizes(values: Any, count: int | None = None) -> tuple[int, ...]:
+    """A header's shape or data_offsets: a list of non-negative integers (of ``count`` of them), as the safetensors
+    library requires (it refuses 4.0, "4", true and -4, which ``int()`` took: a file transformers cannot load read
+    with exit 0, or a negative shape's traceback). ValueError/TypeError otherwise."""
+    if not isinstance(values, list) or (count is not None and len(values) != count):
+        raise TypeError("not a list of sizes")
+    if not all(type(v) is int and v >= 0 for v in values):
+        raise ValueError("a size that is no non-negative integer")
+    return tuple(values)
+
+
 class SafetensorsFile:
     """One safetensors file: header validated on open, data memory-mapped read-only on first use."""
 
@@ -85,14 +97,20 @@ class SafetensorsFile:
             raise BadInput(f"{self.path}: corrupt safetensors file (header is not a mapping)")
         base = 8 + n
         self.metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(self.metadata, dict) or not all(isinstance(v, str) for v in self.metadata.values()):
+            raise BadInput(f"{self.path}: corrupt safetensors file (__metadata__ is not a map of strings)")
         self.tensors: dict[str, TensorInfo] = {}
         for key, meta in header.items():
             try:
-                dtype = DTYPES[meta["dtype"]]
-                shape = tuple(int(s) for s in meta["shape"])
-                lo, hi = (int(x) for x in meta["data_offsets"])
+                name = meta["dtype"]
+                shape = sizes(meta["shape"])
+                lo, hi = sizes(meta["data_offsets"], 2)
             except (KeyError, TypeError, ValueError):
                 raise BadInput(f"{self.path}: corrupt safetensors entry {key!r}") from None
+            if name not in DTYPES:  # a dtype of the format torch has no tensor for (F4, F6_*, F8_E8M0, C64)
+                raise BadInput(f"{self.path}: tensor {key!r} is stored as {name!r}, a dtype these analyses do not "
+                               f"read ({', '.join(DTYPES)})")
+            dtype = DTYPES[name]
             info = TensorInfo(key, self.path, dtype, shape, base + lo, base + hi)
             if hi < lo or base + hi > size or info.nbytes != hi - lo:
                 raise BadInput(f"{self.path}: corrupt or truncated safetensors file (tensor {key!r})")
@@ -155,6 +173,8 @@ class BinFile:
             sd = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:  # torch raises many types for a bad pickle
             raise BadInput(f"{self.path}: unreadable .bin checkpoint ({type(exc).__name__})") from None
+        if not isinstance(sd, dict):  # a list or a bare tensor: as probe.models.bin_shapes says it
+            raise BadInput(f"{self.path}: unreadable .bin checkpoint (not a state dict)")
         self._sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
         self.metadata: dict[str, str] = {}
         self.tensors = {

@@ -40,7 +40,7 @@ Raw = memoryview | bytes  # a chunk as it reaches the file: _TensorSink.write tu
 
 def parse_size(text: str) -> int:
     """``5GB``, ``500MB``, ``2GiB`` or a plain byte count."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?i?B?)?\s*", text, re.I)  # not "." nor "1.2.3"
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*((?:[KMGT]i?)?B?)\s*", text, re.I)  # not ".", "1.2.3", "5iB"
     value = float(m.group(1)) if m else math.nan
     if not math.isfinite(value):  # 400 digits: inf, which int() cannot take
         raise BadInput(f"bad size {text!r} (use e.g. 5GB, 500MB)")

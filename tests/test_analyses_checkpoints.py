@@ -442,6 +442,7 @@ def test_quiet_silences_the_progress_bars_and_only_inside(zoo, tmp_path, capfd):
     (["--method", "average", "--shard-size", "."], "bad size '.'"),  # tracebacks before: no digits, and inf
     (["--method", "average", "--shard-size", "1.2.3MB"], "bad size '1.2.3MB'"),
     (["--method", "average", "--shard-size", "9" * 400], "bad size '999"),
+    (["--method", "average", "--shard-size", "5iB"], "bad size '5iB'"),  # a KeyError traceback before: "i" alone
     (["--method", "shift", "--temperature", "0"], "--temperature must be > 0"),
     (["--method", "salience", "--salience", "a", "b", "--salience-temperature", "0"],
      "--salience-temperature must be > 0"),
@@ -713,3 +714,86 @@ def test_a_tied_config_whose_lm_head_equals_the_embedding_still_works(zoo, tmp_p
     with open_checkpoint(str(carrier)) as ck:
         assert not torch.equal(ck.view(ck.lm_info("lm_head.weight")), ck.view(ck.lm_info("embed_tokens.weight")))
     resolve_model(str(carrier))
+
+
+def _set_header(f: Path, edit) -> None:
+    """Rewrite a safetensors file's JSON header (any length, padded to 8 bytes), its data section untouched."""
+    raw = f.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    f.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
+
+
+TOWER = "visual.blocks.0.attn.proj.bias"  # a 1-D float32 tensor of the vision tower, which a carrier copies as it is
+
+
+def _dims(h: dict, new) -> None:
+    """The tower tensor's shape [n] replaced by ``new(n)`` (each the same element count, so the bytes fit)."""
+    (n,) = h[TOWER]["shape"]
+    h[TOWER]["shape"] = new(n)
+
+
+@pytest.mark.parametrize("damage, edit", [
+    ("negative dims", lambda h: _dims(h, lambda n: [-1, -n])),
+    ("float dims", lambda h: _dims(h, lambda n: [float(n)])),
+    ("string dims", lambda h: _dims(h, lambda n: [str(n)])),
+    ("bool dims", lambda h: _dims(h, lambda n: [True, n])),
+    ("float offsets", lambda h: h[TOWER].update(data_offsets=[float(x) for x in h[TOWER]["data_offsets"]])),
+    ("metadata not strings", lambda h: h["__metadata__"].update(format=1)),
+])
+def test_a_header_the_safetensors_library_refuses_is_corrupt(zoo, tmp_path, capsys, damage, edit):
+    """Shapes and offsets that are no non-negative integers, metadata that is no string map: the safetensors library
+    (the oracle: transformers' reader) refuses each file; the analyses read the numbers as int() made of them (16.0,
+    "16", true as 1) and merged with exit 0, its carrier written with that header (-1 × -16 as it was: a carrier
+    transformers cannot load)."""
+    from safetensors import SafetensorError, safe_open
+
+    d = corrupt_copy(zoo["vl"], tmp_path / "vl_header")
+    f = d / "model.safetensors"
+    _set_header(f, edit)
+    with pytest.raises(SafetensorError):
+        safe_open(str(f), "pt")
+    before = f.read_bytes()
+    out = tmp_path / "o"
+    code, err = run_cli(merge.main, ["--base", zoo["base"], "--models", d, zoo["q1"], "--carrier", d, "--out", out],
+                        capsys)
+    assert_bad(code, err, out, "corrupt safetensors", "vl_header")
+    assert f.read_bytes() == before
+
+
+def test_unsigned_integer_tensors_are_read_not_called_corrupt(zoo, tmp_path, capsys):
+    """U16/U32/U64 are safetensors dtypes (the library reads them): a carrier holding such a buffer beside its
+    tower was refused as a "corrupt safetensors entry". Its bytes are copied into the carrier as they are."""
+    from safetensors import safe_open
+
+    d = corrupt_copy(zoo["vl"], tmp_path / "vl_u32")
+    f = d / "model.safetensors"
+    ids = torch.arange(6, dtype=torch.int32).reshape(2, 3)
+    save_file({**load_file(f), "visual.ids": ids}, f, metadata={"format": "pt"})
+    _set_header(f, lambda h: h["visual.ids"].update(dtype="U32"))
+    with safe_open(str(f), "pt") as fh:  # the oracle
+        assert fh.get_slice("visual.ids").get_dtype() == "U32"
+    out = tmp_path / "m"
+    code, err = run_cli(merge.main, ["--base", zoo["base"], "--models", d, zoo["q1"], "--carrier", d, "--out", out],
+                        capsys)
+    assert code == 0, err
+    with safe_open(str(out / "carriers" / "vl_u32" / "model.safetensors"), "pt") as fh:
+        assert fh.get_slice("visual.ids").get_dtype() == "U32"
+        assert torch.equal(fh.get_tensor("visual.ids").view(torch.int32), ids)
+
+
+@pytest.mark.parametrize("obj", [[torch.ones(2)], torch.ones(2)])
+def test_a_bin_that_is_no_state_dict_is_bad_input(zoo, tmp_path, capsys, obj):
+    """A pytorch_model.bin holding a list or a bare tensor (probe.models.bin_shapes: "not a state dict") was an
+    AttributeError traceback (exit 1) in every analyses command."""
+    d = tmp_path / "binlist"
+    d.mkdir()
+    (d / "config.json").write_text((zoo["q1"] / "config.json").read_text())
+    torch.save(obj, d / "pytorch_model.bin")
+    out = tmp_path / "o"
+    code, err = run_cli(shift.main, ["--base", zoo["base"], "--models", d, "--out", out, "--no-figures",
+                                     "--allow-bin"], capsys)
+    assert_bad(code, err, out, "not a state dict", "pytorch_model.bin")
