@@ -173,13 +173,34 @@ def draw_all(root: Path, n: int) -> list[Path]:
     return written + [fig2, fig2.with_suffix(".pdf")]
 
 
+def small_texts(fig) -> list[tuple[str, float]]:
+    """The texts ``fig`` draws (titles, labels, tick labels, legend entries, notes beside points) under 7 pt."""
+    legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend() is not None)]
+    texts = drawn_texts(fig) + [t for lg in legends for t in (*lg.get_texts(), lg.get_title()) if t.get_text()]
+    assert len(texts) > 5
+    return [(t.get_text(), t.get_fontsize()) for t in texts if t.get_fontsize() < 7]
+
+
 @pytest.mark.parametrize("n", [1, 6])
-def test_every_figure_fits_a_page(tmp_path, n):
+def test_every_figure_fits_a_page(tmp_path, monkeypatch, n):
     """Panels wrap into rows (6 data sets: 2 columns × 3 rows) instead of one row growing past the page: every
     PNG and PDF is at most 7 × 9 in as saved, so its 7-10 pt text keeps its size in a paper. Every PDF embeds its
-    fonts as TrueType (pdf.fonttype 42): matplotlib's default Type 3 fonts are refused by journals' PDF checks."""
+    fonts as TrueType (pdf.fonttype 42): matplotlib's default Type 3 fonts are refused by journals' PDF checks.
+    And since a figure goes into a paper at the size it is saved (never scaled down), every text it draws is at
+    least 7 pt, the least a journal prints legibly: the evaluation figure's "40 of 64" beside a model scored on
+    part of a set was 6 pt."""
     import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
+    figs: list = []
+    save = Figure.savefig
+
+    def savefig(self, fname, *a, **k):
+        if self not in figs:
+            figs.append(self)
+        return save(self, fname, *a, **k)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
     written = draw_all(tmp_path, n)
     assert len(written) >= 20 and not plt.get_fignums()  # every figure closed
     for path in written:
@@ -188,6 +209,8 @@ def test_every_figure_fits_a_page(tmp_path, n):
         if path.suffix == ".pdf":
             fonts = set(re.findall(rb"/Subtype\s*/(Type3|TrueType|CIDFontType2|Type1)\b", path.read_bytes()))
             assert fonts and fonts <= {b"TrueType", b"CIDFontType2"}, (path.relative_to(tmp_path), fonts)
+    assert len(figs) >= 12
+    assert not [t for fig in figs for t in small_texts(fig)]
 
 
 def test_page_grid_wraps_panels_into_even_rows():
@@ -855,32 +878,6 @@ def test_figure2_of_a_clipped_scale_keeps_its_note_along_the_bar(tmp_path, monke
     labels = heatmap_page_is_readable(figs[0], 3 if models > 4 else 2, 0.9)
     assert len(labels) == 2 * models and all("clipped" in cb.ax.yaxis.label.get_text() for *_, cb in labels)
     plt.close("all")
-
-
-def test_every_text_of_every_figure_is_7_pt_or_more_as_saved(tmp_path, monkeypatch):
-    """A figure goes into a paper at the size it is saved (at most a page, so never scaled down): every text it
-    draws — titles, labels, tick labels, legend entries, notes beside points — is at least 7 pt, the least a
-    journal prints legibly. The evaluation figure's "40 of 64" beside a model scored on part of a set was 6 pt."""
-    from matplotlib.figure import Figure
-
-    figs: list = []
-    save = Figure.savefig
-
-    def savefig(self, fname, *a, **k):
-        if self not in figs:
-            figs.append(self)
-        return save(self, fname, *a, **k)
-
-    monkeypatch.setattr(Figure, "savefig", savefig)
-    draw_all(tmp_path, 6)
-    assert len(figs) >= 12
-    small = []
-    for fig in figs:
-        legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend() is not None)]
-        texts = drawn_texts(fig) + [t for lg in legends for t in (*lg.get_texts(), lg.get_title()) if t.get_text()]
-        assert len(texts) > 5
-        small += [(t.get_text(), t.get_fontsize()) for t in texts if t.get_fontsize() < 7]
-    assert not small, small
 
 
 @pytest.mark.parametrize("means", [{"organism-vl": 0.015, "organism-ov-si": 0.0037, "organism-video": 0.0077},
