@@ -312,6 +312,28 @@ def test_build_bad_input_exits_2_and_writes_nothing(args, words, tmp_path, capsy
     assert (_tree(zoo), _tree(tmp_path)) == before
 
 
+def test_a_damaged_build_record_is_no_record_and_never_a_traceback(tmp_path, capsys):
+    """``build`` read its own records (data/build.json, organism.json, quality.json) with a bare json.loads: a cut
+    or hand-edited one was a JSONDecodeError traceback, exit 1, in every later build into that --out, --reuse or
+    not. A damaged record vouches for nothing, as a missing one: ``--only vl`` over a damaged organism-base record
+    exits 2 in one line with nothing written, and ``ship`` refuses a damaged quality.json as no complete build."""
+    from probe.errors import cli_main
+    from probe.zoo.__main__ import main
+    from probe.zoo.build import ship
+
+    out = tmp_path / "b"
+    for f in ("data/build.json", "organism-base/organism.json", "quality.json"):
+        (out / f).parent.mkdir(parents=True, exist_ok=True)
+        (out / f).write_text('{"seed": 0, "si', encoding="utf-8")  # cut mid-write
+    before = _tree(out)
+    assert cli_main(main, ["build", "--out", str(out), "--quick", "--steps", "1", "--only", "vl"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "organism-base is not built" in err, err
+    assert _tree(out) == before
+    with pytest.raises(BadInput, match="no complete full build"):
+        ship(out)
+
+
 def test_only_refuses_a_base_of_another_build_and_a_killed_data_rewrite_vouches_for_nothing(tmp_path, capsys,
                                                                                              monkeypatch):
     """`--only vl` took whatever organism-base sat in --out: one of another seed (another tokenizer) crashed
