@@ -344,19 +344,49 @@ def cache_root() -> Path:
     return Path(os.environ.get("OMNIPROBE_CACHE", Path.home() / ".cache" / "omniprobe"))
 
 
+# A cached tiny model's record of what built it (``build_key``): a dir without it, or with another key, is built
+# again.
+BUILD_KEY_FILE = ".omniprobe_tiny.json"  # hidden: copy_side_files never carries it into a merge or fine-tune
+
+
+def build_key() -> str:
+    """What a tiny build's bytes depend on: the source of this module, of the tokenizer builder and of the family
+    and config tables it reads, and the torch, transformers and tokenizers versions (initialisation and saving)."""
+    import hashlib
+    import importlib.metadata
+
+    from probe import families, lm_config, tokenizer
+
+    h = hashlib.sha256()
+    for module in (__file__, tokenizer.__file__, families.__file__, lm_config.__file__):
+        h.update(Path(module).read_bytes())
+    for package in ("torch", "transformers", "tokenizers"):
+        h.update(f"{package}={importlib.metadata.version(package)};".encode())
+    return h.hexdigest()
+
+
+def _cached_key(model_dir: Path) -> str | None:
+    from probe.results import json_object
+
+    return (json_object(model_dir / BUILD_KEY_FILE) or {}).get("key")
+
+
 def tiny_dir(family: str) -> Path:
-    """The cached directory of a tiny model, built atomically on first use. A build missing its config or weights
-    is never cached (transformers' save_pretrained writes nothing on a process other than rank 0 once a launch's
-    process group is up: such a build left a dir of tokenizer files that every later call returned), and a cached
-    dir without its config is built again."""
+    """The cached directory of a tiny model, built atomically on first use and again whenever the code or libraries
+    that build it changed (``build_key``: the cache was keyed by the family alone, so an earlier version's model was
+    returned for good). A build missing its config or weights is never cached (transformers' save_pretrained writes
+    nothing on a process other than rank 0 once a launch's process group is up: such a build left a dir of
+    tokenizer files that every later call returned), and a cached dir without its config is built again."""
     target = cache_root() / "tiny" / family
-    if (target / "config.json").is_file():
+    key = build_key()
+    if (target / "config.json").is_file() and _cached_key(target) == key:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # not probe.results.partial_dir: a shared cache that concurrent processes fill, each in a dir of its own
     tmp = Path(tempfile.mkdtemp(prefix=f".{family}-", dir=target.parent))
     try:
         build_tiny(family, tmp)
+        (tmp / BUILD_KEY_FILE).write_text(json.dumps({"key": key}) + "\n", encoding="utf-8")
     except BaseException as exc:  # a full cache disk: the half-built dir went unremoved, a traceback said so
         drop_partial(tmp, target, exc)
     if not (tmp / "config.json").is_file() or not any(tmp.glob("*.safetensors")):
@@ -366,9 +396,9 @@ def tiny_dir(family: str) -> Path:
     try:
         tmp.rename(target)
     except OSError:
-        if (target / "config.json").is_file():  # built concurrently by another process: keep theirs
+        if (target / "config.json").is_file() and _cached_key(target) == key:  # built concurrently: keep theirs
             shutil.rmtree(tmp, ignore_errors=True)
-        else:  # an incomplete dir left by an older build: replace it
+        else:  # an incomplete dir left by an older build, or another version's model: replace it
             shutil.rmtree(target, ignore_errors=True)
             tmp.rename(target)
     return target

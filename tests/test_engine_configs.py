@@ -166,6 +166,29 @@ GAPS = {"llama": ("llama", {}), "qwen2_audio": ("qwen2_audio", {}),
         "qwen2_window": ("qwen2", {"use_sliding_window": True, "sliding_window": 6, "max_window_layers": 1})}
 
 
+def test_a_tiny_model_cached_by_other_builder_code_is_built_again(tmp_path, monkeypatch):
+    """The cache (OMNIPROBE_CACHE/tiny/<family>) was keyed by the family alone: a model that an earlier version of
+    the builders wrote there (another geometry, tokenizer or initialisation) was returned for good, and every
+    command on tiny-<family> ran it silently. A cached dir now carries the key of the code and libraries that built
+    it and is built again under any other. Oracle: a fresh build_tiny of the same family; the same code reuses its
+    dir untouched."""
+    import shutil
+
+    import probe.tiny as tiny
+
+    monkeypatch.setenv("OMNIPROBE_CACHE", str(tmp_path / "cache"))
+    fresh = (tiny.build_tiny("qwen2", tmp_path / "fresh") / "model.safetensors").read_bytes()
+    target = tiny.tiny_dir("qwen2")
+    assert (target / "model.safetensors").read_bytes() == fresh
+    mtime = (target / "model.safetensors").stat().st_mtime_ns
+    assert tiny.tiny_dir("qwen2") == target and (target / "model.safetensors").stat().st_mtime_ns == mtime
+    shutil.rmtree(target)  # what an earlier version cached: other weights, and no key
+    shutil.copytree(tiny.build_tiny("qwen2", tmp_path / "old", tiny.TinySpec(seed=5)), target)
+    assert (target / "model.safetensors").read_bytes() != fresh
+    assert tiny.tiny_dir("qwen2") == target and (target / "model.safetensors").read_bytes() == fresh
+    assert [p.name for p in target.parent.iterdir()] == ["qwen2"]  # no build dir left beside it
+
+
 @pytest.mark.parametrize("case", GAPS)
 def test_exact_and_naive_equal_zeroed_o_proj_columns_in_the_first_middle_and_last_layer(case, tmp_path):
     """Oracle: the unmodified model with the head's o_proj input columns zeroed in its weight. The naive loop's

@@ -312,6 +312,28 @@ def test_build_bad_input_exits_2_and_writes_nothing(args, words, tmp_path, capsy
     assert (_tree(zoo), _tree(tmp_path)) == before
 
 
+def test_a_damaged_build_record_is_no_record_and_never_a_traceback(tmp_path, capsys):
+    """``build`` read its own records (data/build.json, organism.json, quality.json) with a bare json.loads: a cut
+    or hand-edited one was a JSONDecodeError traceback, exit 1, in every later build into that --out, --reuse or
+    not. A damaged record vouches for nothing, as a missing one: ``--only vl`` over a damaged organism-base record
+    exits 2 in one line with nothing written, and ``ship`` refuses a damaged quality.json as no complete build."""
+    from probe.errors import cli_main
+    from probe.zoo.__main__ import main
+    from probe.zoo.build import ship
+
+    out = tmp_path / "b"
+    for f in ("data/build.json", "organism-base/organism.json", "quality.json"):
+        (out / f).parent.mkdir(parents=True, exist_ok=True)
+        (out / f).write_text('{"seed": 0, "si', encoding="utf-8")  # cut mid-write
+    before = _tree(out)
+    assert cli_main(main, ["build", "--out", str(out), "--quick", "--steps", "1", "--only", "vl"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "organism-base is not built" in err, err
+    assert _tree(out) == before
+    with pytest.raises(BadInput, match="no complete full build"):
+        ship(out)
+
+
 def test_only_refuses_a_base_of_another_build_and_a_killed_data_rewrite_vouches_for_nothing(tmp_path, capsys,
                                                                                              monkeypatch):
     """`--only vl` took whatever organism-base sat in --out: one of another seed (another tokenizer) crashed
@@ -701,3 +723,103 @@ def test_a_build_killed_mid_organism_leaves_the_previous_organism_or_none(tmp_pa
     monkeypatch.undo()
     zb.build(out, quick=True, steps=1, threads=1, only=["base"], reuse=True)
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+# The organisms' palette and slot centres, written out here (not imported) so the label oracle below is independent
+# of the generators it checks.
+_PALETTE = {(220, 30, 30): "red", (30, 160, 50): "green", (30, 60, 220): "blue", (235, 205, 20): "yellow"}
+_SLOT_AT = {"left": (0.2, 0.5), "right": (0.8, 0.5), "top": (0.5, 0.2), "bottom": (0.5, 0.8), "center": (0.5, 0.5)}
+
+
+def _shapes_seen(im) -> dict[str, tuple[str, str]]:
+    """slot → (colour, shape) read from the pixels: a shape sits on its slot's centre, radius 0.12 of the side."""
+    px, side = im.load(), im.width
+    out = {}
+    for slot, (fx, fy) in _SLOT_AT.items():
+        cx, cy, r = fx * side, fy * side, 0.12 * side
+        colour = px[int(cx), int(cy)]
+        if colour not in _PALETTE:
+            continue
+
+        def on(dx: float, dy: float) -> bool:
+            return px[min(side - 1, round(cx + dx * r)), min(side - 1, round(cy + dy * r))] == colour
+
+        if all(on(a, b) for a in (-0.8, 0.8) for b in (-0.8, 0.8)):
+            kind = "square"  # its corners lie outside the circle's radius
+        elif on(0.9, 0) and on(-0.9, 0) and on(0, 0.9):
+            kind = "circle"
+        else:  # the triangle's flat base runs 0.65 r below the centre, where the star has its notch
+            kind = "triangle" if on(0, 0.58) else "star"
+        out[slot] = (_PALETTE[colour], kind)
+    return out
+
+
+def _colour_centres(frame) -> dict[str, tuple[float, float]]:
+    """colour → centroid (x, y) of its pixels in a video frame, above the progress bar."""
+    import numpy as np
+
+    rgb = np.asarray(frame)[: frame.height - max(2, frame.height // 16)]
+    out = {}
+    for value, name in _PALETTE.items():
+        ys, xs = np.nonzero((rgb == value).all(-1))
+        if len(xs):
+            out[name] = (float(xs.mean()), float(ys.mean()))
+    return out
+
+
+def _true_answer(item) -> str | None:
+    """The answer text of a bundled validation item, recomputed from its pixels or its question's words (None for
+    Knowledge, whose facts only the world table knows)."""
+    import re
+
+    q, s = item.question, item.subject
+    if item.frames:
+        frames = [_colour_centres(f) for f in item.pil_frames()[::len(item.frames) - 1]]  # first and last
+        if s == "Motion":
+            colour = re.search(r"the (\w+) \w+ move", q)[1]
+            (x0, y0), (x1, y1) = frames[0][colour], frames[-1][colour]
+            return ("right" if x1 > x0 else "left") if abs(x1 - x0) > abs(y1 - y0) else ("down" if y1 > y0 else "up")
+        shown = frames[0] if "first" in q else frames[-1]  # Order and Change: one shape a frame
+        assert len(shown) == 1, (item.id, shown)
+        return next(iter(shown))
+    if item.images:
+        scenes = [list(_shapes_seen(im).items()) for im in item.pil_images()]
+    elif s == "Scenes":  # the same questions, each picture described as "red circle left, ..."
+        words = r"(blue|green|red|yellow) (circle|square|triangle|star) (left|right|top|bottom|center)"
+        parts = [p for p in re.split(r"Image \d+:", q) if re.search(words, p)]
+        scenes = [[(slot, (c, k)) for c, k, slot in re.findall(words, p)] for p in parts]
+    elif s == "Reasoning":
+        m = re.match(r"(\w+) has (\d+) (\w+)\. \w+ has (\d+) (more|fewer) \3 than \1\.", q)
+        return str(int(m[2]) + int(m[4]) * (1 if m[5] == "more" else -1))
+    elif s == "Instruction":
+        at = {"first": 0, "last": -1}.get(m[1]) if (m := re.search(r"choose the (\w+) option", q)) else None
+        return item.options[at if at is not None else ord(re.search(r"letter ([A-F])\.", q)[1]) - ord("A")]
+    else:
+        return None
+    if "more shapes" in q:
+        assert len(scenes[0]) != len(scenes[1])
+        return "Image 1" if len(scenes[0]) > len(scenes[1]) else "Image 2"
+    if "How many" in q:
+        return str(len(scenes[0]))
+    (slot, (colour, kind)), = scenes[0]  # one shape: what colour / which shape / where
+    return {"What colour": colour, "Which shape": kind, "Where is": slot}[re.search(
+        r"What colour|Which shape|Where is", q)[0]]
+
+
+def test_every_bundled_validation_label_is_what_its_pixels_or_words_say():
+    """The 448 items every organism number is measured on: each answer letter points to the option that the
+    pictures (colour, shape, count, slot, which of two has more), the frames (direction, first / last colour) or the
+    question's own words (Reasoning's arithmetic, Instruction's letter, Scenes' described shapes) make true, read
+    here without the generators; a Knowledge question always has the same options and answer."""
+    facts: dict[str, tuple] = {}
+    n = 0
+    for modality in ("text", "image", "image_single", "video"):
+        for item in load_mmmu(validation_dir(modality), "validation")[0]:
+            given = item.options[ord(item.answer) - ord("A")]
+            want = _true_answer(item)
+            if want is None:
+                want = facts.setdefault(item.question, (item.options, given))[1]
+                assert facts[item.question][0] == item.options, item.id
+            assert item.options.count(want) == 1 and given == want, (modality, item.id, item.question, given, want)
+            n += 1
+    assert n == 448

@@ -761,7 +761,11 @@ def below_bar(entries: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    """One of the build's own records; None when missing or damaged (cut mid-write, edited): it vouches for nothing,
+    so the data or organism is rebuilt, --only asks for base, and ship refuses (was a JSONDecodeError traceback)."""
+    from probe.results import json_object
+
+    return json_object(path)
 
 
 def ship(out: Path) -> None:
