@@ -963,3 +963,28 @@ def test_figures_draw_saved_results_without_importing_torch(tmp_path):
     assert said == [f"{k} 0 False" for k in runs], r.stdout + r.stderr
     for kind, d in runs.items():
         assert (d / written[kind]).is_file(), kind
+
+
+def test_steps_of_a_run_without_generation_name_the_probability_accuracy_they_draw(tmp_path, drawn):
+    """A --no-generate eval of checkpoints has no accuracy: its lines are the probability accuracy (eval's x label
+    says so), but the y axis said 'accuracy [%]'. Each line equals the CSV's prob_accuracy in %; the axis names it,
+    and a page mixing both metrics names each panel's in its title."""
+    from test_figures_page import SCORE_COLUMNS
+
+    def run(name: str, generate: bool) -> Path:
+        rows = [[f"ft/checkpoint-{s}", "text", "all", 16, *([0.25 + s / 400] * 3 if generate else [np.nan] * 3),
+                 0.5 - s / 400, 0.25, 0.75, ""] for s in (0, 10, 100)]
+        (d := tmp_path / name).mkdir()
+        pd.DataFrame(rows, columns=SCORE_COLUMNS).to_csv(d / "scores.csv", index=False)
+        return d
+
+    prob = run("prob", generate=False)
+    assert figures_cli("steps", prob) == 0
+    ax = drawn["steps"].axes[0]
+    [line] = ax.get_lines()
+    np.testing.assert_allclose(line.get_ydata(), 100 * pd.read_csv(prob / "scores.csv")["prob_accuracy"])
+    assert ax.get_ylabel().startswith("prob. accuracy [%]"), ax.get_ylabel()
+    assert figures_cli("steps", run("gen", generate=True), prob) == 0
+    axes = [ax for ax in drawn["steps"].axes if ax.get_visible()]
+    assert axes[0].get_ylabel().startswith("accuracy or prob. accuracy [%]"), axes[0].get_ylabel()
+    assert [ax.get_title() for ax in axes] == ["run gen (accuracy)", "run prob (prob. accuracy)"]
