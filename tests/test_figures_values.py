@@ -988,3 +988,37 @@ def test_steps_of_a_run_without_generation_name_the_probability_accuracy_they_dr
     axes = [ax for ax in drawn["steps"].axes if ax.get_visible()]
     assert axes[0].get_ylabel().startswith("accuracy or prob. accuracy [%]"), axes[0].get_ylabel()
     assert [ax.get_title() for ax in axes] == ["run gen (accuracy)", "run prob (prob. accuracy)"]
+
+
+@pytest.mark.parametrize("layers,heads,metrics", [(1, 28, ("kl",)), (100, 1, ("accuracy",)), (4, 8, ("accuracy", "kl"))])
+def test_heatmap_numbers_in_cells_fit_their_cells_or_are_left_out(tmp_path, monkeypatch, layers, heads, metrics):
+    """Grids of up to 100 heads print each value in its cell, but a one-layer sweep of a 28-head model (--layers 0)
+    has 0.19 in cells, and the KL map's '0.033' ran into its neighbours' ('0.0330.5401.826'), as did a single
+    head's accuracies over 100 layers. Each number shown lies inside its cell and reads as the CSV's value (at the
+    precision shown); where none fits, the cells go without numbers (the colour bar gives them). The organisms'
+    4 × 8 maps keep theirs. (Drawn, not saved: the layout is the one saved.)"""
+    from test_figures_page import write_heads
+
+    import figures.heads
+
+    figs: list[Figure] = []
+    monkeypatch.setattr(figures.heads, "save_figure", lambda fig, path: figs.append(fig))
+    h, baseline = figures.heads.read_sweep(write_heads(tmp_path / "h", layers, heads))
+    for metric in metrics:
+        scale = 1 if metric == "kl" else 100
+        figures.heads.draw_metric(h, baseline, metric, tmp_path / metric)
+        fig = figs[-1]
+        FigureCanvasAgg(fig).draw()
+        ax = fig.axes[0]
+        want = scale * h.pivot(index="layer", columns="head", values=metric).to_numpy()
+        frame = ax.get_window_extent()
+        cell_w, cell_h = frame.width / heads, frame.height / layers
+        for t in ax.texts:
+            x, y = t.get_position()
+            box = t.get_window_extent()
+            assert box.width < cell_w and box.height < cell_h, (t.get_text(), box, cell_w, cell_h)
+            decimals = len(t.get_text().partition(".")[2])
+            assert float(t.get_text()) == pytest.approx(want[round(y), round(x)], abs=0.51 * 10.0 ** -decimals)
+        assert len(ax.texts) in (0, layers * heads)
+        if (layers, heads) == (4, 8):  # as before: one decimal of a percentage, three of a KL
+            assert [len(t.get_text().partition(".")[2]) for t in ax.texts] == [1 if scale == 100 else 3] * 32
