@@ -183,6 +183,8 @@ def read_sweep(run_dir: Path, need: tuple[str, ...] = ()) -> tuple[pd.DataFrame,
         v = baseline.get(key)
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise BadInput(f"{run_dir / 'baseline.json'}: {key} is {v!r}, not a number")
+        if key != "n_items" and not (UNIT[0] <= v <= UNIT[1] or np.isnan(v)):  # as heads.csv's: a rate
+            raise BadInput(f"{run_dir / 'baseline.json'}: {key} is {v:g}, not in [{UNIT[0]:g}, {UNIT[1]:g}]")
     check_one_run(run_dir, heads, baseline)
     return heads, baseline
 
