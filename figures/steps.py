@@ -17,6 +17,12 @@ from probe.stats import reported_interval
 
 MIN_WIDTH, MIN_PANEL = 2.3, 2.1  # inches: a run's panel at its narrowest and lowest (title and step labels in)
 STEP = re.compile(r"checkpoint-(\d+)/?$")
+METRIC_NAMES = {"accuracy": "accuracy", "prob_accuracy": "prob. accuracy"}  # an axis' or title's word for each
+
+
+def run_metric(t: pd.DataFrame) -> str:
+    """What a run's lines draw: its accuracy, or the probability accuracy of a --no-generate eval (which has none)."""
+    return "accuracy" if t["accuracy"].notna().any() else "prob_accuracy"
 
 
 def checkpoint_rows(scores: pd.DataFrame) -> pd.DataFrame:
@@ -59,11 +65,14 @@ def draw_steps(result_dirs: list[Path] | Path, out: Path | None = None) -> list[
     legend = 0.39 + 0.13 * ((len(names) - 1) // 6)  # inches below the panels: its title, then 6 entries a line
     # one panel per run, wrapped into rows on a page (4 runs: 2 × 2); past 8, further pages (steps-2, ...)
     pages = page_split(len(dirs), MIN_WIDTH, MIN_PANEL, (0.6, legend))
+    metrics = {run_metric(t) for t in tables}
+    what = METRIC_NAMES[metrics.pop()] if len(metrics) == 1 else "accuracy or prob. accuracy"
     written: list[Path] = []
     for p, page in enumerate(pages):
-        fig = _draw_page([titles[k] for k in page], [tables[k] for k in page], colour, legend)
+        fig = _draw_page([titles[k] for k in page], [tables[k] for k in page], colour, legend, what)
         if len(pages) > 1:
-            fig.suptitle("Accuracy against fine-tuning steps" + page_caption(pages, p, "runs"), fontsize=10)
+            fig.suptitle(f"{what.capitalize()} against fine-tuning steps" + page_caption(pages, p, "runs"),
+                         fontsize=10)
         fig.tight_layout(rect=(0, legend / fig.get_size_inches()[1], 1, 1))
         for ax in fig.axes:  # a symmetric-log axis crowds the late steps (3000 beside 5000)
             if ax.get_visible():
@@ -73,14 +82,16 @@ def draw_steps(result_dirs: list[Path] | Path, out: Path | None = None) -> list[
     return written
 
 
-def _draw_page(titles: list[str], tables: list[pd.DataFrame], colour: dict, legend: float):
+def _draw_page(titles: list[str], tables: list[pd.DataFrame], colour: dict, legend: float, what: str):
+    """One page of panels; ``what``: the metric the y axis names (both where the runs differ: each panel's title
+    then says its own)."""
     import matplotlib.ticker
 
     fig, panels = page_panels(len(titles), 3.4, 3.04, min_width=MIN_WIDTH, margin=(0.6, legend), dpi=150, sharey=True)
     axes = [ax for (ax,) in panels]
     marker = name_markers(list(colour))  # a data set's line told by its marker too, not by its colour alone
     for ax, title, t in zip(axes, titles, tables):
-        metric = "accuracy" if t["accuracy"].notna().any() else "prob_accuracy"
+        metric = run_metric(t)
         for data, g in t.groupby("data", sort=False):
             c = colour[data]
             ax.plot(g["step"], 100 * g[metric], marker=marker[data], ms=4, color=c, label=data)
@@ -96,14 +107,17 @@ def _draw_page(titles: list[str], tables: list[pd.DataFrame], colour: dict, lege
         shown = steps if len(steps) <= 8 else steps[::-(-len(steps) // 8)]  # the saved steps, never log-scale ticks
         ax.set_xticks(shown, [str(s) for s in shown])
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-        ax.set_title(f"run {title}", fontsize=9)  # the run fine-tuned (its eval dir), not a data set it is scored on
+        # the run fine-tuned (its eval dir), not a data set it is scored on; its metric where the runs' differ
+        ax.set_title(f"run {title}" + (f" ({METRIC_NAMES[metric]})" if what not in METRIC_NAMES.values() else ""),
+                     fontsize=9)
         ax.set_xlabel("fine-tuning step", fontsize=8)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)
     seen: dict = {}
     for ax in axes:
         if ax.get_subplotspec().is_first_col():
-            ax.set_ylabel("accuracy [%]\n(band: 95 % interval)", fontsize=8)
+            # a --no-generate eval draws the probability accuracy: the axis said "accuracy" whatever it drew
+            ax.set_ylabel(f"{what} [%]\n(band: 95 % interval)", fontsize=8)
         seen |= dict(zip(*ax.get_legend_handles_labels()[::-1]))
     # below the panels, never over a band
     fig.legend(list(seen.values()), list(seen), fontsize=7, loc="lower center", ncol=min(len(seen), 6), frameon=False,

@@ -667,6 +667,11 @@ CASES = {  # id: (kind, {file: content}, words the error names)
                           "column kl must lie in [-1e-06, inf]; line 2 has -5"),
     "heads-accuracy-3": ("heads", {"heads.csv": HEADS_CSV + "0,0,3,1,0.1,4,0,0,0.5\n", "baseline.json": BASELINE},
                          "column accuracy must lie in [0, 1]"),
+    # a baseline of 200 % (its drops edited to agree) was the centre of the colours and the title's "baseline 200.0 %"
+    "heads-baseline-accuracy-2": ("heads", {"heads.csv": HEADS_CSV + "0,0,1,0.5,0.1,4,1,0.1,0.5\n",
+                                            "baseline.json": json.dumps({"accuracy": 2.0, "prob_accuracy": 0.6,
+                                                                         "kl": 0.0, "n_items": 4})},
+                                  "baseline.json: accuracy is 2, not in [0, 1]"),
     "eval-accuracy-3": ("eval", {"scores.csv": SCORES + "m,d,all,3,3,1,1,1,1,1\n"}, "column accuracy must lie"),
     "shift-negative-delta": ("shift", {"shift.csv": "model,tensor,layer,module,numel,delta_avg\nm,t,0,q,4,-0.5\n"},
                              "column delta_avg must lie in [0, inf]"),

@@ -963,3 +963,62 @@ def test_figures_draw_saved_results_without_importing_torch(tmp_path):
     assert said == [f"{k} 0 False" for k in runs], r.stdout + r.stderr
     for kind, d in runs.items():
         assert (d / written[kind]).is_file(), kind
+
+
+def test_steps_of_a_run_without_generation_name_the_probability_accuracy_they_draw(tmp_path, drawn):
+    """A --no-generate eval of checkpoints has no accuracy: its lines are the probability accuracy (eval's x label
+    says so), but the y axis said 'accuracy [%]'. Each line equals the CSV's prob_accuracy in %; the axis names it,
+    and a page mixing both metrics names each panel's in its title."""
+    from test_figures_page import SCORE_COLUMNS
+
+    def run(name: str, generate: bool) -> Path:
+        rows = [[f"ft/checkpoint-{s}", "text", "all", 16, *([0.25 + s / 400] * 3 if generate else [np.nan] * 3),
+                 0.5 - s / 400, 0.25, 0.75, ""] for s in (0, 10, 100)]
+        (d := tmp_path / name).mkdir()
+        pd.DataFrame(rows, columns=SCORE_COLUMNS).to_csv(d / "scores.csv", index=False)
+        return d
+
+    prob = run("prob", generate=False)
+    assert figures_cli("steps", prob) == 0
+    ax = drawn["steps"].axes[0]
+    [line] = ax.get_lines()
+    np.testing.assert_allclose(line.get_ydata(), 100 * pd.read_csv(prob / "scores.csv")["prob_accuracy"])
+    assert ax.get_ylabel().startswith("prob. accuracy [%]"), ax.get_ylabel()
+    assert figures_cli("steps", run("gen", generate=True), prob) == 0
+    axes = [ax for ax in drawn["steps"].axes if ax.get_visible()]
+    assert axes[0].get_ylabel().startswith("accuracy or prob. accuracy [%]"), axes[0].get_ylabel()
+    assert [ax.get_title() for ax in axes] == ["run gen (accuracy)", "run prob (prob. accuracy)"]
+
+
+@pytest.mark.parametrize("layers,heads,metrics", [(1, 28, ("kl",)), (100, 1, ("accuracy",)), (4, 8, ("accuracy", "kl"))])
+def test_heatmap_numbers_in_cells_fit_their_cells_or_are_left_out(tmp_path, monkeypatch, layers, heads, metrics):
+    """Grids of up to 100 heads print each value in its cell, but a one-layer sweep of a 28-head model (--layers 0)
+    has 0.19 in cells, and the KL map's '0.033' ran into its neighbours' ('0.0330.5401.826'), as did a single
+    head's accuracies over 100 layers. Each number shown lies inside its cell and reads as the CSV's value (at the
+    precision shown); where none fits, the cells go without numbers (the colour bar gives them). The organisms'
+    4 × 8 maps keep theirs. (Drawn, not saved: the layout is the one saved.)"""
+    from test_figures_page import write_heads
+
+    import figures.heads
+
+    figs: list[Figure] = []
+    monkeypatch.setattr(figures.heads, "save_figure", lambda fig, path: figs.append(fig))
+    h, baseline = figures.heads.read_sweep(write_heads(tmp_path / "h", layers, heads))
+    for metric in metrics:
+        scale = 1 if metric == "kl" else 100
+        figures.heads.draw_metric(h, baseline, metric, tmp_path / metric)
+        fig = figs[-1]
+        FigureCanvasAgg(fig).draw()
+        ax = fig.axes[0]
+        want = scale * h.pivot(index="layer", columns="head", values=metric).to_numpy()
+        frame = ax.get_window_extent()
+        cell_w, cell_h = frame.width / heads, frame.height / layers
+        for t in ax.texts:
+            x, y = t.get_position()
+            box = t.get_window_extent()
+            assert box.width < cell_w and box.height < cell_h, (t.get_text(), box, cell_w, cell_h)
+            decimals = len(t.get_text().partition(".")[2])
+            assert float(t.get_text()) == pytest.approx(want[round(y), round(x)], abs=0.51 * 10.0 ** -decimals)
+        assert len(ax.texts) in (0, layers * heads)
+        if (layers, heads) == (4, 8):  # as before: one decimal of a percentage, three of a KL
+            assert [len(t.get_text().partition(".")[2]) for t in ax.texts] == [1 if scale == 100 else 3] * 32
