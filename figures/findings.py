@@ -12,6 +12,7 @@ import numpy as np
 
 from figures.paper import SHIFT_RATIO
 from figures.results import METHOD_LABELS, Replication, short
+from figures.steps import metric_word
 
 SMALL_DROP = 0.02  # a head "matters" when removing it costs ≥ 2 points of probability accuracy
 SHARE_MATTERS = 0.9  # "no single head is dispensable": at least 90 % of the heads matter
@@ -220,10 +221,11 @@ def steps_tradeoff(r: Replication) -> Finding:
             "last step (the paired 95 % interval of last minus step 0 above 0), and text peaks before the last step "
             "and ends measurably below its peak (that of last minus peak below 0)")
     text_label, labels = r.cfg["eval"]["text"], r.cfg["finetune"]["eval_data"]
-    ev, verdicts = [], []
+    ev, verdicts, metrics = [], [], []
     multi = [n for n, mix in r.runs.items() if len(mix) > 1]
     for name in r.runs:
         run, t = r.steps(name)
+        metrics.append(run.metric)
         parts = []
         up_all, peak_ok = True, False
         for label in labels:
@@ -247,7 +249,7 @@ def steps_tradeoff(r: Replication) -> Finding:
         ev.append(f"{name}: {', '.join(parts)}")
         if name in multi:
             verdicts.append((up_all, peak_ok))
-    ev = f"Accuracy in %, paired differences in points: {'; '.join(ev)}."
+    ev = f"{metric_word(metrics).capitalize()} in %, paired differences in points: {'; '.join(ev)}."
     # either half unmeasured: no verdict (a text set left out read 'disagrees', no modality set a vacuous gain, and
     # without a mixed run each single-modality run was held to gains on the sets it never trained on)
     unmeasured = ("The text set (eval.text) is not among finetune.eval_data" if text_label not in labels else

@@ -435,16 +435,19 @@ def build(r: Replication, figdir: Path) -> Doc:
         + "; ".join(f"{n} ({mix_text(mix)})" for n, mix in r.runs.items())
         + f". Checkpoints {r.saved_steps} evaluated on " + ", ".join(ft["eval_data"]) + ".")
     if r.complete("steps"):
-        rows = []
+        from figures.steps import draw_steps, metric_word
+
+        rows, metrics = [], []
         for name in r.runs:
             run, t = r.steps(name)
+            metrics.append(run.metric)
             for lab in ft["eval_data"]:
                 g = t[t["data"] == run.data_names[r.data(lab)]]  # in step order (Replication.steps)
                 rows.append([name, lab, " → ".join("n/a" if n == 0 else f"{100 * v:.1f}"
                                                    for v, n in zip(g[run.metric], g["n_items"]))])
-        d.table(["run", "data", "accuracy at steps " + ", ".join(map(str, r.saved_steps))], rows, "This run")
-        from figures.steps import draw_steps
-
+        # a --no-generate run's are prob. accuracies: the header said "accuracy" whatever the runs scored
+        d.table(["run", "data", f"{metric_word(metrics)} at steps " + ", ".join(map(str, r.saved_steps))], rows,
+                "This run")
         tmp = figdir / "_steps"
         tmp.mkdir(exist_ok=True)
         draw_steps([r.out / "steps" / n for n in r.runs], out=tmp)

@@ -4,6 +4,7 @@ on a symmetric-log axis so step 0 (the start) sits beside 10, 100, 1000."""
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
@@ -18,6 +19,13 @@ from probe.stats import reported_interval
 MIN_WIDTH, MIN_PANEL = 2.3, 2.1  # inches: a run's panel at its narrowest and lowest (title and step labels in)
 STEP = re.compile(r"checkpoint-(\d+)/?$")
 METRIC_NAMES = {"accuracy": "accuracy", "prob_accuracy": "prob. accuracy"}  # an axis' or title's word for each
+
+
+def metric_word(metrics: Iterable[str]) -> str:
+    """The word an axis, table or finding gives the scores of runs of ``metrics`` (a --no-generate run's are
+    prob. accuracy): the one metric's name, or both where the runs differ."""
+    found = set(metrics)
+    return METRIC_NAMES[found.pop()] if len(found) == 1 else "accuracy or prob. accuracy"
 
 
 def run_metric(t: pd.DataFrame) -> str:
@@ -65,8 +73,7 @@ def draw_steps(result_dirs: list[Path] | Path, out: Path | None = None) -> list[
     legend = 0.39 + 0.13 * ((len(names) - 1) // 6)  # inches below the panels: its title, then 6 entries a line
     # one panel per run, wrapped into rows on a page (4 runs: 2 × 2); past 8, further pages (steps-2, ...)
     pages = page_split(len(dirs), MIN_WIDTH, MIN_PANEL, (0.6, legend))
-    metrics = {run_metric(t) for t in tables}
-    what = METRIC_NAMES[metrics.pop()] if len(metrics) == 1 else "accuracy or prob. accuracy"
+    what = metric_word(run_metric(t) for t in tables)
     written: list[Path] = []
     for p, page in enumerate(pages):
         fig = _draw_page([titles[k] for k in page], [tables[k] for k in page], colour, legend, what)

@@ -1482,6 +1482,27 @@ def test_figure3_is_decided_on_paired_intervals(quick: Path, tmp_path: Path, cas
     assert want == {"one item each way": "disagrees", "every item": "agrees"}[case]  # the cases meant
 
 
+def test_figure3_names_the_metric_its_runs_scored(quick: Path, tmp_path: Path) -> None:
+    """Figure 3's evidence said "Accuracy in %" whatever the fine-tuning runs were scored in: runs evaluated
+    --no-generate (run.json's settings: generate false) give prob. accuracy, and say so; the words are those of the
+    steps figure's axis (figures.steps.metric_word), which named both when runs differed."""
+    from figures.findings import steps_tradeoff
+    from figures.results import Replication
+    from figures.steps import metric_word
+
+    out = tmp_path / "run"
+    for part in ("stages", "steps"):
+        shutil.copytree(quick / part, out / part)
+    shutil.copyfile(quick / "replicate.json", out / "replicate.json")
+    assert steps_tradeoff(Replication.read(out)).evidence.startswith("Accuracy in %")
+    for run_json in (out / "steps").glob("*/run.json"):
+        info = json.loads(run_json.read_text(encoding="utf-8"))
+        info["plan"]["settings"]["generate"] = False
+        run_json.write_text(json.dumps(info), encoding="utf-8")
+    assert steps_tradeoff(Replication.read(out)).evidence.startswith("Prob. accuracy in %")
+    assert metric_word(["accuracy", "prob_accuracy", "accuracy"]) == "accuracy or prob. accuracy"
+
+
 @pytest.mark.parametrize("gone", ["merge/shift/merge.json", "heads/organism-base", "table3/eval.png",
                                   "trajectory/fig4a/trajectory_sketch.png", "merge/salience/merge_heads.png"])
 def test_a_report_whose_completed_stage_lost_an_output_is_refused(quick: Path, tmp_path: Path, capsys,
