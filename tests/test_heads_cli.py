@@ -540,6 +540,33 @@ def test_a_model_changed_in_place_is_another_run(tiny_dirs, data_dir, tmp_path, 
     ok(run_in_process(inside, capfd))
 
 
+def test_a_resume_in_another_chat_format_is_refused(text_dir, tmp_path, capfd, monkeypatch):
+    """The chat format a model is prompted in is chosen by its tokenizer (the llama row falls back to Vicuna's where
+    the vocabulary lacks ChatML's tokens), not by anything the plan held: a run killed under one format resumed
+    under the other (exit 0), its heads.csv averaging rows of two prompts. The format is part of the run's identity
+    now, recorded in run.json; the resume is refused, nothing touched. Oracle: the two formats' rows differ."""
+    import probe.prompting
+    from probe.tiny import tiny_dir
+
+    out = tmp_path / "run"
+    args = ["--model", tiny_dir("llama"), "--data", text_dir, "--limit", "2", "--chunk-size", "1", "--layers", "0",
+            "--heads", "0", "--no-generate", "--no-figures", "--quiet", "--out", out]
+    ok(run_in_process(args, capfd))
+    (out / "parts" / "chunk_00001.parquet").unlink()  # killed after its first part
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    monkeypatch.setattr(probe.prompting, "holds_tokens", lambda tokenizer, texts: False)  # no ChatML tokens: Vicuna
+    r = run_in_process(args, capfd)
+    assert_one_line_error(r)
+    assert "holds a different run (chat_format differ)" in r.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
+    assert json.loads((out / "run.json").read_text())["plan"]["chat_format"]["name"] == "chatml"
+    vicuna = tmp_path / "vicuna"
+    ok(run_in_process([*args[:-1], vicuna], capfd))
+    assert json.loads((vicuna / "run.json").read_text())["plan"]["chat_format"]["name"] == "vicuna"
+    chatml, other = (pd.read_parquet(d / "parts" / "chunk_00000.parquet") for d in (out, vicuna))
+    assert (chatml["p_answer"] - other["p_answer"]).abs().max() > 1e-4  # another prompt: other numbers
+
+
 def test_a_sweep_without_generation_writes_strict_json_that_redraws(tiny_dirs, data_dir, tmp_path, capfd):
     """Without generation the accuracy is undefined. baseline.json used to hold Python's ``NaN``, which jq,
     JavaScript and Go reject as invalid JSON; it is null now, and the heatmaps still draw from it."""
