@@ -137,6 +137,9 @@ class Plan:
     subjects: list[str]
     method: str
     template: dict[str, str]
+    # the turn markup the template is wrapped in (probe.prompting.planned_chat_format): chosen by the tokenizer's
+    # vocabulary too, so parts scored under one format are never resumed under another
+    chat_format: dict[str, Any]
     settings: dict[str, Any]
 
     def fingerprint(self) -> str:
@@ -202,7 +205,7 @@ def make_plan(args: argparse.Namespace) -> tuple[Plan, ModelRef, list[Item], Pro
     from probe.devices import resolve_placement
     from probe.mmmu import load_items
     from probe.models import model_fingerprint, resolve_model
-    from probe.prompting import check_modalities, check_prompts
+    from probe.prompting import check_modalities, check_prompts, planned_chat_format
 
     check_counts(args, ("limit", "batch_size", "attribution_items", "chunk_size", "max_new_tokens", "image_max_side"))
     placement = resolve_placement(args.device, args.dtype, args.attn_implementation)
@@ -234,7 +237,8 @@ def make_plan(args: argparse.Namespace) -> tuple[Plan, ModelRef, list[Item], Pro
         family=ref.family.name, n_layers=g.n_layers,
         n_heads=g.n_heads, layers=layers, heads=heads, data_dir=str(data),
         data_fingerprint=report.fingerprint, n_items=len(items), n_skipped_open=report.n_skipped_open,
-        subjects=list(report.subjects), method=args.method, template=template.to_dict(), settings=settings,
+        subjects=list(report.subjects), method=args.method, template=template.to_dict(),
+        chat_format=planned_chat_format(ref), settings=settings,
     )
     return plan, ref, items, template, placement
 
