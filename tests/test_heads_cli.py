@@ -567,6 +567,28 @@ def test_a_resume_in_another_chat_format_is_refused(text_dir, tmp_path, capfd, m
     assert (chatml["p_answer"] - other["p_answer"]).abs().max() > 1e-4  # another prompt: other numbers
 
 
+def test_a_part_of_another_run_is_named_not_merged(base_run, tiny_dirs, data_dir, tmp_path, capfd):
+    """A part copied in from another run's --out (here: the same items and heads, on other weights) passed every
+    check of its rows and columns and was summarised as this run's, exit 0: its numbers are another model's. Each
+    part keeps the fingerprint of its run now, and one of another run is named before anything is computed."""
+    model = shutil.copytree(tiny_dirs["qwen2_vl"], tmp_path / "model")
+    change_weights_in_place(model, "layers.0.self_attn.o_proj.weight")
+    other = tmp_path / "other"
+    ok(run_in_process([*BASE_ARGS, "--model", model, "--limit", "1", "--data", data_dir, "--no-figures", "--out",
+                       other], capfd))
+    theirs, ours = (pd.read_parquet(d / "parts" / "chunk_00000.parquet") for d in (other, base_run))
+    assert (theirs["p_answer"] - ours["p_answer"]).abs().max() > 1e-4  # another model's numbers under the same keys
+    out = shutil.copytree(base_run, tmp_path / "run")
+    part = out / "parts" / "chunk_00000.parquet"
+    shutil.copy(other / "parts" / "chunk_00000.parquet", part)
+    (out / "parts" / "chunk_00005.parquet").unlink()  # a killed run, to be resumed
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    r = run_in_process([*BASE_ARGS, "--data", data_dir, "--out", out, "--no-figures"], capfd)
+    assert_one_line_error(r)
+    assert f"{part} is another run's part" in r.stderr and "delete it and rerun" in r.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
+
+
 def test_a_sweep_without_generation_writes_strict_json_that_redraws(tiny_dirs, data_dir, tmp_path, capfd):
     """Without generation the accuracy is undefined. baseline.json used to hold Python's ``NaN``, which jq,
     JavaScript and Go reject as invalid JSON; it is null now, and the heatmaps still draw from it."""
