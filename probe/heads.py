@@ -332,8 +332,8 @@ def run(args: argparse.Namespace) -> Path:
     """The sweep of parsed arguments (``build_parser``'s); returns its --out once complete. From Python,
     ``sweep(**options)`` takes the options as keywords and returns the result read back."""
     from probe.devices import rank_world
-    from probe.results import (atomic_write_json, check_part_rows, claim_out_dir, part_path, parts_signature,
-                               prepare_out_dir, read_part, read_parts, stop_recorded, write_outputs)
+    from probe.results import (atomic_write_json, check_part_rows, check_part_run, claim_out_dir, part_path,
+                               parts_signature, prepare_out_dir, read_part, read_parts, stop_recorded, write_outputs)
 
     plan, ref, items, template, placement = make_plan(args)
     out: Path = args.out
@@ -355,6 +355,7 @@ def run(args: argparse.Namespace) -> Path:
         (another run's, an edited file) was summarised as this run's: a baseline of 1 item beside heads of 2."""
         from probe.sweep import BASELINE
 
+        check_part_run(part_path(out, c), plan.fingerprint())
         check_part_rows(part_path(out, c), df, ["subject", "item_id", "layer", "head"],
                         [(it.subject, it.id, l, h) for it in chunks[c] for l, h in [(BASELINE, BASELINE), *pairs]],
                         "(item, head) rows of that chunk")
@@ -416,7 +417,8 @@ def run(args: argparse.Namespace) -> Path:
                 rows = engine(loaded, chunks[c], pairs, cfg, progress=bar.update, **extra)
                 record = None if limit is None else {"process": process} | limit.record()
                 # the record with the rows, in one rename: the rank that assembles reads it back
-                atomic_write_parquet(part_path(out, c), pd.DataFrame.from_records(rows), record=record)
+                atomic_write_parquet(part_path(out, c), pd.DataFrame.from_records(rows), record=record,
+                                     run=plan.fingerprint())
                 if limit is not None:
                     ran |= {"chunks": ran["chunks"] + [c]} | limit.record()
         bar.close()

@@ -906,16 +906,18 @@ def test_a_disk_full_or_read_only_mid_sweep_is_one_line_naming_the_part_and_the_
     """pyarrow's ENOSPC names no file, so the one line said "no space left on device" without saying where; a file
     system gone read-only mid-run (EROFS) was a traceback. Both are one line naming the part now (exit 1), no temp
     file is left, the run is not complete, and the rerun resumes to the uninterrupted run's outputs."""
-    real = pd.DataFrame.to_parquet
+    import pyarrow.parquet as pq
+
+    real = pq.write_table  # every parquet write goes through it (pandas' to_parquet too)
     calls = []
 
-    def stopped(self, path, *args, **kwargs):
-        calls.append(path)
+    def stopped(table, where, *args, **kwargs):
+        calls.append(where)
         if len(calls) == 3:  # as pyarrow raises it: errno set, no filename
             raise OSError(code, f"Error writing bytes to file. Detail: [errno {code}] {os.strerror(code)}")
-        return real(self, path, *args, **kwargs)
+        return real(table, where, *args, **kwargs)
 
-    monkeypatch.setattr(pd.DataFrame, "to_parquet", stopped)
+    monkeypatch.setattr(pq, "write_table", stopped)
     out = tmp_path / "run"
     r = run_in_process([*BASE_ARGS, "--data", data_dir, "--out", out], capfd)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
@@ -1120,14 +1122,11 @@ def test_a_sweep_that_backed_off_then_was_killed_keeps_its_back_off_record(exact
     from probe.results import part_path, part_record
 
     base, args = exact_sweep
-    two = tmp_path / "two"  # chunk 0 alone, at the size the back-off left
-    ok(run_in_process([*args, "--limit", "1", "--batch-size", "2", "--out", two], capfd))  # the last of each counts
-    oracle = tmp_path / "oracle"
-    shutil.copytree(base, oracle)
-    shutil.copyfile(part_path(two, 0), part_path(oracle, 0))
-    for name in ("heads.csv", "items.parquet"):
-        (oracle / name).unlink()
-    ok(run_in_process([*args, "--out", oracle], capfd))
+    oracle = tmp_path / "oracle"  # the uninterrupted run with chunk 0 computed again at the size the back-off left
+    shutil.copytree(base, oracle)  # (by a resume: a part copied in from a run of other --limit is another run's)
+    for path in (part_path(oracle, 0), oracle / "heads.csv", oracle / "items.parquet"):
+        path.unlink()
+    ok(run_in_process([*args, "--batch-size", "2", "--out", oracle], capfd))  # the last of each counts
     out = tmp_path / "run"
     killed_after_first_part("probe.heads", [*args, "--out", out], setup="import pytest\n"
                             "from test_heads_cli import _oom_in_layers_above\n"
@@ -1141,7 +1140,7 @@ def test_a_sweep_that_backed_off_then_was_killed_keeps_its_back_off_record(exact
     assert (out / "heads.csv").read_bytes() == (oracle / "heads.csv").read_bytes()
     pd.testing.assert_frame_equal(pd.read_parquet(out / "items.parquet"), pd.read_parquet(oracle / "items.parquet"),
                                   check_exact=True)
-    pd.testing.assert_frame_equal(pd.read_parquet(part_path(out, 0)), pd.read_parquet(part_path(two, 0)),
+    pd.testing.assert_frame_equal(pd.read_parquet(part_path(out, 0)), pd.read_parquet(part_path(oracle, 0)),
                                   check_exact=True)
 
 
