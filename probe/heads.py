@@ -137,6 +137,9 @@ class Plan:
     subjects: list[str]
     method: str
     template: dict[str, str]
+    # the turn markup the template is wrapped in (probe.prompting.planned_chat_format): chosen by the tokenizer's
+    # vocabulary too, so parts scored under one format are never resumed under another
+    chat_format: dict[str, Any]
     settings: dict[str, Any]
 
     def fingerprint(self) -> str:
@@ -202,7 +205,7 @@ def make_plan(args: argparse.Namespace) -> tuple[Plan, ModelRef, list[Item], Pro
     from probe.devices import resolve_placement
     from probe.mmmu import load_items
     from probe.models import model_fingerprint, resolve_model
-    from probe.prompting import check_modalities, check_prompts
+    from probe.prompting import check_modalities, check_prompts, planned_chat_format
 
     check_counts(args, ("limit", "batch_size", "attribution_items", "chunk_size", "max_new_tokens", "image_max_side"))
     placement = resolve_placement(args.device, args.dtype, args.attn_implementation)
@@ -234,7 +237,8 @@ def make_plan(args: argparse.Namespace) -> tuple[Plan, ModelRef, list[Item], Pro
         family=ref.family.name, n_layers=g.n_layers,
         n_heads=g.n_heads, layers=layers, heads=heads, data_dir=str(data),
         data_fingerprint=report.fingerprint, n_items=len(items), n_skipped_open=report.n_skipped_open,
-        subjects=list(report.subjects), method=args.method, template=template.to_dict(), settings=settings,
+        subjects=list(report.subjects), method=args.method, template=template.to_dict(),
+        chat_format=planned_chat_format(ref), settings=settings,
     )
     return plan, ref, items, template, placement
 
@@ -328,8 +332,8 @@ def run(args: argparse.Namespace) -> Path:
     """The sweep of parsed arguments (``build_parser``'s); returns its --out once complete. From Python,
     ``sweep(**options)`` takes the options as keywords and returns the result read back."""
     from probe.devices import rank_world
-    from probe.results import (atomic_write_json, check_part_rows, claim_out_dir, part_path, parts_signature,
-                               prepare_out_dir, read_part, read_parts, stop_recorded, write_outputs)
+    from probe.results import (atomic_write_json, check_part_rows, check_part_run, claim_out_dir, part_path,
+                               parts_signature, prepare_out_dir, read_part, read_parts, stop_recorded, write_outputs)
 
     plan, ref, items, template, placement = make_plan(args)
     out: Path = args.out
@@ -351,6 +355,7 @@ def run(args: argparse.Namespace) -> Path:
         (another run's, an edited file) was summarised as this run's: a baseline of 1 item beside heads of 2."""
         from probe.sweep import BASELINE
 
+        check_part_run(part_path(out, c), plan.fingerprint())
         check_part_rows(part_path(out, c), df, ["subject", "item_id", "layer", "head"],
                         [(it.subject, it.id, l, h) for it in chunks[c] for l, h in [(BASELINE, BASELINE), *pairs]],
                         "(item, head) rows of that chunk")
@@ -412,7 +417,8 @@ def run(args: argparse.Namespace) -> Path:
                 rows = engine(loaded, chunks[c], pairs, cfg, progress=bar.update, **extra)
                 record = None if limit is None else {"process": process} | limit.record()
                 # the record with the rows, in one rename: the rank that assembles reads it back
-                atomic_write_parquet(part_path(out, c), pd.DataFrame.from_records(rows), record=record)
+                atomic_write_parquet(part_path(out, c), pd.DataFrame.from_records(rows), record=record,
+                                     run=plan.fingerprint())
                 if limit is not None:
                     ran |= {"chunks": ran["chunks"] + [c]} | limit.record()
         bar.close()

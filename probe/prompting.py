@@ -11,15 +11,16 @@ import re
 import string
 from dataclasses import asdict, dataclass
 from itertools import accumulate
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 from PIL import Image
 
 from probe.errors import BadInput, is_int
+from probe.families import Family
 from probe.lm_config import chat_format
 from probe.mmmu import VIDEO_REF
-from probe.models import LoadedModel
+from probe.models import LoadedModel, load_tokenizer
 from probe.upstream import (anyres_patches, check_model_inputs, check_special_tokens_read, processor_image_patches,
                             processor_image_tokens)
 
@@ -145,13 +146,27 @@ def holds_tokens(tokenizer: Any, texts: Sequence[str]) -> bool:
                for t in texts)
 
 
+def tokenizer_chat_format(family: Family, config: Mapping[str, Any], tokenizer: Any) -> str:
+    """The ``CHAT_FORMATS`` key of a model of ``family`` and ``config`` read by ``tokenizer``: its row's for its LM
+    type (``probe.lm_config.chat_format``), or the row's ``chat_fallback`` where the tokenizer lacks that format's
+    markup tokens (the ``llama`` row: SmolLM2 has ChatML's, Vicuna-1.5's Llama-2 vocabulary has not, and would read
+    ``<|im_start|>`` as the text ``<``, ``|``, …)."""
+    name = chat_format(family, config)
+    fallback = family.chat_fallback
+    return fallback if fallback and not holds_tokens(tokenizer, CHAT_FORMATS[name].markup) else name
+
+
 def model_chat_format(loaded: LoadedModel) -> str:
-    """The ``CHAT_FORMATS`` key of a model: its row's for its LM type (``probe.lm_config.chat_format``), or the
-    row's ``chat_fallback`` where its tokenizer lacks that format's markup tokens (the ``llama`` row: SmolLM2 has
-    ChatML's, Vicuna-1.5's Llama-2 vocabulary has not, and would read ``<|im_start|>`` as the text ``<``, ``|``, …)."""
-    name = chat_format(loaded.family, loaded.ref.config)
-    fallback = loaded.family.chat_fallback
-    return fallback if fallback and not holds_tokens(loaded.tokenizer, CHAT_FORMATS[name].markup) else name
+    """The ``CHAT_FORMATS`` key a loaded model is prompted in (``tokenizer_chat_format``)."""
+    return tokenizer_chat_format(loaded.family, loaded.ref.config, loaded.tokenizer)
+
+
+def planned_chat_format(ref: Any) -> dict[str, Any]:
+    """The chat format a model will be prompted in, read from its tokenizer before a weight loads: its name and
+    markup, for a run's identity (probe.heads' plan). The format is chosen by the tokenizer's vocabulary, not the
+    config alone (``chat_fallback``), so parts scored under one format must never be resumed under another."""
+    name = tokenizer_chat_format(ref.family, ref.config, load_tokenizer(ref))
+    return {"name": name} | asdict(CHAT_FORMATS[name])
 
 
 def render_chat(template: PromptTemplate, item: ItemLike, placeholders: str, chat: str = "chatml",

@@ -286,39 +286,61 @@ def note_outputs(out: Path, paths: Iterable[Path]) -> None:
     atomic_write_json(Path(out) / MANIFEST, saved | {"entries": sorted(entries)})
 
 
-def atomic_write_parquet(path: Path, df: pd.DataFrame, record: Any = None) -> None:
-    """``df`` as ``path`` (``atomic_write_with``); ``record`` (JSON), where given, in the file's own metadata: a part's
-    batching record (probe.eval, probe.heads), written in the same rename as its rows, so whichever rank or run reads
-    the part back reads how it was computed with it (``part_record``)."""
-    if record is None:
+def atomic_write_parquet(path: Path, df: pd.DataFrame, record: Any = None, run: str | None = None) -> None:
+    """``df`` as ``path`` (``atomic_write_with``); ``record`` (JSON) and ``run`` (the run's fingerprint), where
+    given, in the file's own metadata: a part's batching record (probe.eval, probe.heads) and the run it is of,
+    written in the same rename as its rows, so whichever rank or run reads the part back reads how it was computed
+    with it (``part_record``) and whose it is (``check_part_run``)."""
+    meta = {**({PART_RECORD: json.dumps(record).encode()} if record is not None else {}),
+            **({PART_RUN: run.encode()} if run is not None else {})}
+    if not meta:
         atomic_write_with(path, lambda tmp: df.to_parquet(tmp, index=False))
         return
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    def write(tmp: str) -> None:  # to_parquet's table, with one more metadata key (pandas reads past it)
+    def write(tmp: str) -> None:  # to_parquet's table, with more metadata keys (pandas reads past them)
         table = pa.Table.from_pandas(df, preserve_index=False)
-        meta = dict(table.schema.metadata or {}) | {PART_RECORD: json.dumps(record).encode()}
-        pq.write_table(table.replace_schema_metadata(meta), tmp)
+        pq.write_table(table.replace_schema_metadata(dict(table.schema.metadata or {}) | meta), tmp)
 
     atomic_write_with(path, write)
 
 
 PART_RECORD = b"omniprobe.batching"  # the metadata key of a part's record (atomic_write_parquet)
+PART_RUN = b"omniprobe.run"  # the metadata key of the fingerprint of the run a part is of (atomic_write_parquet)
+
+
+def part_metadata(path: Path, key: bytes) -> bytes | None:
+    """What the parquet file ``path`` keeps under the metadata ``key``; None where it keeps nothing there or cannot
+    be read (read_part names that)."""
+    import pyarrow.parquet as pq
+
+    try:
+        return (pq.read_schema(path).metadata or {}).get(key)
+    except (OSError, ValueError):  # pyarrow's ArrowInvalid is a ValueError
+        return None
 
 
 def part_record(path: Path) -> dict[str, Any] | None:
     """The record ``atomic_write_parquet`` kept in the parquet file ``path``; None where it kept none (a part written
     before parts carried one, or by the naive engine), where what the key holds is no record (not JSON, or JSON
     other than an object) or where the file cannot be read (read_part names that)."""
-    import pyarrow.parquet as pq
-
     try:
-        meta = pq.read_schema(path).metadata or {}
-        record = json.loads(meta[PART_RECORD]) if PART_RECORD in meta else None
-    except (OSError, ValueError):  # pyarrow's ArrowInvalid is a ValueError, and so is json's JSONDecodeError
+        record = json.loads(raw) if (raw := part_metadata(path, PART_RECORD)) is not None else None
+    except ValueError:  # json's JSONDecodeError, UnicodeDecodeError
         return None
     return record if isinstance(record, dict) else None
+
+
+def check_part_run(path: Path, fingerprint: str) -> None:
+    """A saved part is of this run: the fingerprint it keeps (``atomic_write_parquet``'s ``run``) is this run's. A part
+    of another run (another model, data set or setting: copied in from its --out) holding the same item and head
+    keys passed every other check and was summarised as this run's, exit 0. A part kept without one (written before
+    parts kept it) is taken on its rows alone, as before."""
+    saved = part_metadata(path, PART_RUN)
+    if saved is not None and saved != fingerprint.encode():
+        raise BadInput(f"{path} is another run's part (its run fingerprint {saved.decode(errors='replace')}, this "
+                       f"run's {fingerprint}), not computed for this one; {PART_FIX}")
 
 
 def part_path(out: Path, chunk: int) -> Path:

@@ -540,6 +540,55 @@ def test_a_model_changed_in_place_is_another_run(tiny_dirs, data_dir, tmp_path, 
     ok(run_in_process(inside, capfd))
 
 
+def test_a_resume_in_another_chat_format_is_refused(text_dir, tmp_path, capfd, monkeypatch):
+    """The chat format a model is prompted in is chosen by its tokenizer (the llama row falls back to Vicuna's where
+    the vocabulary lacks ChatML's tokens), not by anything the plan held: a run killed under one format resumed
+    under the other (exit 0), its heads.csv averaging rows of two prompts. The format is part of the run's identity
+    now, recorded in run.json; the resume is refused, nothing touched. Oracle: the two formats' rows differ."""
+    import probe.prompting
+    from probe.tiny import tiny_dir
+
+    out = tmp_path / "run"
+    args = ["--model", tiny_dir("llama"), "--data", text_dir, "--limit", "2", "--chunk-size", "1", "--layers", "0",
+            "--heads", "0", "--no-generate", "--no-figures", "--quiet", "--out", out]
+    ok(run_in_process(args, capfd))
+    (out / "parts" / "chunk_00001.parquet").unlink()  # killed after its first part
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    monkeypatch.setattr(probe.prompting, "holds_tokens", lambda tokenizer, texts: False)  # no ChatML tokens: Vicuna
+    r = run_in_process(args, capfd)
+    assert_one_line_error(r)
+    assert "holds a different run (chat_format differ)" in r.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
+    assert json.loads((out / "run.json").read_text())["plan"]["chat_format"]["name"] == "chatml"
+    vicuna = tmp_path / "vicuna"
+    ok(run_in_process([*args[:-1], vicuna], capfd))
+    assert json.loads((vicuna / "run.json").read_text())["plan"]["chat_format"]["name"] == "vicuna"
+    chatml, other = (pd.read_parquet(d / "parts" / "chunk_00000.parquet") for d in (out, vicuna))
+    assert (chatml["p_answer"] - other["p_answer"]).abs().max() > 1e-4  # another prompt: other numbers
+
+
+def test_a_part_of_another_run_is_named_not_merged(base_run, tiny_dirs, data_dir, tmp_path, capfd):
+    """A part copied in from another run's --out (here: the same items and heads, on other weights) passed every
+    check of its rows and columns and was summarised as this run's, exit 0: its numbers are another model's. Each
+    part keeps the fingerprint of its run now, and one of another run is named before anything is computed."""
+    model = shutil.copytree(tiny_dirs["qwen2_vl"], tmp_path / "model")
+    change_weights_in_place(model, "layers.0.self_attn.o_proj.weight")
+    other = tmp_path / "other"
+    ok(run_in_process([*BASE_ARGS, "--model", model, "--limit", "1", "--data", data_dir, "--no-figures", "--out",
+                       other], capfd))
+    theirs, ours = (pd.read_parquet(d / "parts" / "chunk_00000.parquet") for d in (other, base_run))
+    assert (theirs["p_answer"] - ours["p_answer"]).abs().max() > 1e-4  # another model's numbers under the same keys
+    out = shutil.copytree(base_run, tmp_path / "run")
+    part = out / "parts" / "chunk_00000.parquet"
+    shutil.copy(other / "parts" / "chunk_00000.parquet", part)
+    (out / "parts" / "chunk_00005.parquet").unlink()  # a killed run, to be resumed
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    r = run_in_process([*BASE_ARGS, "--data", data_dir, "--out", out, "--no-figures"], capfd)
+    assert_one_line_error(r)
+    assert f"{part} is another run's part" in r.stderr and "delete it and rerun" in r.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
+
+
 def test_a_sweep_without_generation_writes_strict_json_that_redraws(tiny_dirs, data_dir, tmp_path, capfd):
     """Without generation the accuracy is undefined. baseline.json used to hold Python's ``NaN``, which jq,
     JavaScript and Go reject as invalid JSON; it is null now, and the heatmaps still draw from it."""
@@ -857,16 +906,18 @@ def test_a_disk_full_or_read_only_mid_sweep_is_one_line_naming_the_part_and_the_
     """pyarrow's ENOSPC names no file, so the one line said "no space left on device" without saying where; a file
     system gone read-only mid-run (EROFS) was a traceback. Both are one line naming the part now (exit 1), no temp
     file is left, the run is not complete, and the rerun resumes to the uninterrupted run's outputs."""
-    real = pd.DataFrame.to_parquet
+    import pyarrow.parquet as pq
+
+    real = pq.write_table  # every parquet write goes through it (pandas' to_parquet too)
     calls = []
 
-    def stopped(self, path, *args, **kwargs):
-        calls.append(path)
+    def stopped(table, where, *args, **kwargs):
+        calls.append(where)
         if len(calls) == 3:  # as pyarrow raises it: errno set, no filename
             raise OSError(code, f"Error writing bytes to file. Detail: [errno {code}] {os.strerror(code)}")
-        return real(self, path, *args, **kwargs)
+        return real(table, where, *args, **kwargs)
 
-    monkeypatch.setattr(pd.DataFrame, "to_parquet", stopped)
+    monkeypatch.setattr(pq, "write_table", stopped)
     out = tmp_path / "run"
     r = run_in_process([*BASE_ARGS, "--data", data_dir, "--out", out], capfd)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
@@ -1071,14 +1122,11 @@ def test_a_sweep_that_backed_off_then_was_killed_keeps_its_back_off_record(exact
     from probe.results import part_path, part_record
 
     base, args = exact_sweep
-    two = tmp_path / "two"  # chunk 0 alone, at the size the back-off left
-    ok(run_in_process([*args, "--limit", "1", "--batch-size", "2", "--out", two], capfd))  # the last of each counts
-    oracle = tmp_path / "oracle"
-    shutil.copytree(base, oracle)
-    shutil.copyfile(part_path(two, 0), part_path(oracle, 0))
-    for name in ("heads.csv", "items.parquet"):
-        (oracle / name).unlink()
-    ok(run_in_process([*args, "--out", oracle], capfd))
+    oracle = tmp_path / "oracle"  # the uninterrupted run with chunk 0 computed again at the size the back-off left
+    shutil.copytree(base, oracle)  # (by a resume: a part copied in from a run of other --limit is another run's)
+    for path in (part_path(oracle, 0), oracle / "heads.csv", oracle / "items.parquet"):
+        path.unlink()
+    ok(run_in_process([*args, "--batch-size", "2", "--out", oracle], capfd))  # the last of each counts
     out = tmp_path / "run"
     killed_after_first_part("probe.heads", [*args, "--out", out], setup="import pytest\n"
                             "from test_heads_cli import _oom_in_layers_above\n"
@@ -1092,7 +1140,7 @@ def test_a_sweep_that_backed_off_then_was_killed_keeps_its_back_off_record(exact
     assert (out / "heads.csv").read_bytes() == (oracle / "heads.csv").read_bytes()
     pd.testing.assert_frame_equal(pd.read_parquet(out / "items.parquet"), pd.read_parquet(oracle / "items.parquet"),
                                   check_exact=True)
-    pd.testing.assert_frame_equal(pd.read_parquet(part_path(out, 0)), pd.read_parquet(part_path(two, 0)),
+    pd.testing.assert_frame_equal(pd.read_parquet(part_path(out, 0)), pd.read_parquet(part_path(oracle, 0)),
                                   check_exact=True)
 
 
