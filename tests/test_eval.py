@@ -1815,6 +1815,83 @@ def test_a_model_changed_in_place_or_other_scoring_is_another_run(tiny_dirs, tex
     assert "holds a different run (models differ)" in capfd.readouterr().err
 
 
+def _files(out: Path) -> dict[Path, bytes]:
+    """Every file of a run dir and its bytes (its lock file aside): what a refusal must leave as it was."""
+    return {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+
+
+def test_a_resume_in_another_chat_format_is_refused(text_dir, tmp_path, capfd, monkeypatch):
+    """The chat format a model is prompted in is chosen by its tokenizer (the llama row falls back to Vicuna's where
+    the vocabulary lacks ChatML's tokens), not by anything the plan held: a run killed under one format resumed
+    under the other (exit 0), its scores averaging items of two prompts. Each model's format is part of the run's
+    identity now, recorded in run.json, and the resume is refused as any other different run, nothing touched; a
+    run.json written before the plan recorded it is named as an older omniprobe's, as probe.heads names it.
+    Oracle: the two formats' p(answer) differ."""
+    import probe.prompting
+    from probe.eval import part_file
+    from probe.tiny import tiny_dir
+
+    model = tiny_dir("llama")
+    out = tmp_path / "run"
+    args = ["--models", model, "--data", text_dir, REPO / "probe/zoo/data/text", "--limit", "2", "--no-generate",
+            "--no-figures", "--quiet", "--out", out]
+    assert _eval(*args) == 0
+    part_file(out, 0, 1).unlink()  # killed after its first part
+    before = _files(out)
+    monkeypatch.setattr(probe.prompting, "holds_tokens", lambda tokenizer, texts: False)  # no ChatML tokens: Vicuna
+    capfd.readouterr()
+    assert _eval(*args) == 2
+    assert capfd.readouterr().err.strip() == (f"error: --out {out} holds a different run (chat_formats differ); use "
+                                              "another --out or --overwrite")
+    assert _files(out) == before
+    assert json.loads((out / "run.json").read_text())["plan"]["chat_formats"][str(model)]["name"] == "chatml"
+    vicuna = tmp_path / "vicuna"
+    assert _eval(*args[:-1], vicuna) == 0
+    assert json.loads((vicuna / "run.json").read_text())["plan"]["chat_formats"][str(model)]["name"] == "vicuna"
+    chatml, other = (pd.read_parquet(part_file(d, 0, 0)) for d in (out, vicuna))
+    assert (chatml["p_answer"] - other["p_answer"]).abs().max() > 1e-4  # another prompt: other numbers
+    info = json.loads((vicuna / "run.json").read_text())  # as an older omniprobe wrote it: no format recorded
+    del info["plan"]["chat_formats"]
+    (vicuna / "run.json").write_text(json.dumps(info | {"fingerprint": "from-an-older-release"}))
+    before = _files(vicuna)
+    capfd.readouterr()
+    assert _eval(*args[:-1], vicuna) == 2
+    assert capfd.readouterr().err.strip() == (f"error: --out {vicuna} holds a different run (written by an older "
+                                              "omniprobe that did not record chat_formats); use another --out or "
+                                              "--overwrite")
+    assert _files(vicuna) == before
+
+
+def test_a_part_of_another_run_is_named_not_merged(tiny_dirs, text_dir, tmp_path, capfd):
+    """A part copied in from another run's --out (here: the same model path and items, before the model was
+    re-merged in place) passed every check of its rows and columns and was scored as this run's, exit 0: its numbers
+    are the other weights'. Each part keeps the fingerprint of its run now, and one of another run is named before
+    anything is computed, nothing touched. Oracle: the two runs' p(answer) differ."""
+    import shutil
+
+    from probe.eval import part_file
+
+    model = shutil.copytree(tiny_dirs["qwen2"], tmp_path / "model")
+    args = ["--models", model, "--data", text_dir, REPO / "probe/zoo/data/text", "--limit", "2", "--no-generate",
+            "--no-figures", "--quiet", "--out"]
+    other, out = tmp_path / "other", tmp_path / "run"
+    assert _eval(*args, other) == 0
+    change_weights_in_place(model, "layers.0.mlp.up_proj.weight")
+    assert _eval(*args, out) == 0
+    theirs, ours = (pd.read_parquet(part_file(d, 0, 0)) for d in (other, out))
+    assert (theirs["p_answer"] - ours["p_answer"]).abs().max() > 1e-4  # another model's numbers under the same keys
+    part = part_file(out, 0, 0)
+    shutil.copy(part_file(other, 0, 0), part)
+    part_file(out, 0, 1).unlink()  # a killed run, to be resumed
+    before = _files(out)
+    capfd.readouterr()
+    assert _eval(*args, out) == 2
+    err = capfd.readouterr().err.strip()
+    assert err.startswith(f"error: {part} is another run's part") and "\n" not in err, err
+    assert "delete it and rerun" in err, err
+    assert _files(out) == before
+
+
 def test_a_different_run_is_refused_then_overwritten(eval_run, tmp_path, capfd, text_dir):
     import shutil
 
