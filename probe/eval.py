@@ -114,6 +114,9 @@ class EvalPlan:
     not_applicable: dict[str, str]  # "model|data" → why, for a model that cannot read some (or all) of the items
     unreadable: dict[str, dict[str, int]]  # "model|data" → {subject: items of it the model cannot read}
     template: dict[str, str]
+    # model name → the turn markup its prompts are wrapped in (probe.prompting.planned_chat_format): chosen by its
+    # tokenizer's vocabulary too, so parts scored under one format are never resumed under another (as probe.heads)
+    chat_formats: dict[str, dict[str, Any]]
     settings: dict[str, Any]
 
     def fingerprint(self) -> str:
@@ -142,7 +145,7 @@ def make_plan(args: argparse.Namespace) -> tuple[EvalPlan, list[ModelRef], dict[
     from probe.devices import resolve_placement
     from probe.mmmu import data_location, data_spec, load_items
     from probe.models import model_fingerprint, resolve_model
-    from probe.prompting import can_read, check_prompts
+    from probe.prompting import can_read, check_prompts, planned_chat_format
     from probe.results import distinct_names
 
     check_counts(args, ("limit", "batch_size", "max_new_tokens", "image_max_side"))
@@ -199,7 +202,8 @@ def make_plan(args: argparse.Namespace) -> tuple[EvalPlan, list[ModelRef], dict[
                 "image_max_side": args.image_max_side, "split": args.split, "subjects": args.subjects,
                 "limit": args.limit, "seed": args.seed, "reference": args.reference}  # the last two: scores.csv
     entries = [ModelEntry(r.spec, str(r.path), r.family.name, model_fingerprint(r)) for r in refs]
-    plan = EvalPlan(entries, datasets, na, unreadable, template.to_dict(), settings)
+    formats = {r.spec: planned_chat_format(r) for r in refs}
+    plan = EvalPlan(entries, datasets, na, unreadable, template.to_dict(), formats, settings)
     return plan, refs, scored, template, placement
 
 

@@ -664,7 +664,7 @@ def test_a_score_of_0_or_100_percent_says_its_bootstrap_interval_has_no_width(tm
              "prob_correct": float(c), "p_answer": 0.5 + 0.01 * i}  # p(answer) varies: its interval has width
             for m, cs in outcomes.items() for i, c in enumerate(cs)]
     plan = EvalPlan([ModelEntry(m, m, "qwen2", "fp") for m in outcomes],
-                    [DataSet("d", "d", "d", "fp", 16, 0, ["S"])], {}, {}, {}, {"generate": True})
+                    [DataSet("d", "d", "d", "fp", 16, 0, ["S"])], {}, {}, {}, {}, {"generate": True})
     scores = score_table(pd.DataFrame(rows), plan, None, 0)
     top = scores[scores["subject"] == "all"].set_index("model")
     for m, right in (("right", True), ("wrong", False)):
@@ -692,7 +692,7 @@ def test_a_set_of_many_subjects_gets_one_row_per_subject(tmp_path):
             for k, s in enumerate(subs) for i in range(4)]
     plan = EvalPlan([ModelEntry(m, m, "qwen2", "fp") for m in ("a", "b")],
                     [DataSet("wide", "wide", "wide", "fp", 4 * len(subjects), 0, subjects),
-                     DataSet("narrow", "narrow", "narrow", "fp", 8, 0, few)], {}, {}, {}, {"generate": True})
+                     DataSet("narrow", "narrow", "narrow", "fp", 8, 0, few)], {}, {}, {}, {}, {"generate": True})
     df = pd.DataFrame(rows)
     write_results(tmp_path, df, score_table(df, plan, None, 0), plan)
     blocks = (tmp_path / "table.md").read_text().split("\n\n")
@@ -717,7 +717,7 @@ def test_paired_difference_pairs_items_within_their_subject():
             for m, cs in (("ref", ref_correct), ("b", b_correct))
             for (subj, i), c in zip([("S1", "1"), ("S1", "2"), ("S2", "1"), ("S2", "2")], cs)]
     plan = EvalPlan([ModelEntry("ref", "ref", "qwen2", "fp"), ModelEntry("b", "b", "qwen2", "fp")],
-                    [DataSet("d", "d", "d", "fp", 4, 0, ["S1", "S2"])], {}, {}, {}, {})
+                    [DataSet("d", "d", "d", "fp", 4, 0, ["S1", "S2"])], {}, {}, {}, {}, {})
     scores = score_table(pd.DataFrame(rows), plan, "ref", 0).set_index(["model", "subject"])
     assert scores.loc[("b", "S1"), "diff_accuracy"] == 0.0
     assert scores.loc[("b", "S2"), "diff_accuracy"] == 1.0
@@ -745,7 +745,7 @@ def test_scores_pool_unequal_subjects_and_pair_items_whatever_their_row_order():
     rows = [{"model": m, "data": "d", "subject": s, "item_id": i} | dict(zip(cols, map(float, values[m][s, i])))
             for m in ("ref", "b") for s, i in order[m]]
     plan = EvalPlan([ModelEntry(m, m, "qwen2", "fp") for m in ("ref", "b")],
-                    [DataSet("d", "d", "d", "fp", len(keys), 0, ["S1", "S2"])], {}, {}, {}, {"generate": True})
+                    [DataSet("d", "d", "d", "fp", len(keys), 0, ["S1", "S2"])], {}, {}, {}, {}, {"generate": True})
     scores = score_table(pd.DataFrame(rows), plan, "ref", 11).set_index(["model", "subject"])
 
     def boot(v: np.ndarray, key: str) -> list[float]:
@@ -780,7 +780,7 @@ def test_a_row_paired_on_fewer_items_keeps_its_all_right_note():
     rows = [{"model": m, "data": "d", "item_id": str(i), "subject": "S", "correct": c, "prob_correct": c,
              "p_answer": 0.5} for m, ids, c in (("a", range(8), 1.0), ("ref", range(3), 0.0)) for i in ids]
     plan = EvalPlan([ModelEntry(m, m, "qwen2", "fp") for m in ("ref", "a")],
-                    [DataSet("d", "d", "d", "fp", 8, 0, ["S"])], {}, {}, {}, {"generate": True})
+                    [DataSet("d", "d", "d", "fp", 8, 0, ["S"])], {}, {}, {}, {}, {"generate": True})
     note = score_table(pd.DataFrame(rows), plan, "ref", 0).set_index(["model", "subject"]).loc[("a", "all"), "note"]
     lo, hi = all_alike_interval(8, True)
     assert f"all right (zero-width bootstrap interval, exact 95 % Clopper-Pearson [{100 * lo:.1f}, {100 * hi:.1f}])" \
@@ -798,7 +798,7 @@ def test_a_paired_difference_with_every_pair_alike_says_its_interval_has_no_widt
     rows = [{"model": m, "data": "d", "item_id": str(i), "subject": "S", "correct": c, "prob_correct": ref[i],
              "p_answer": 0.5 + 0.01 * i} for m, cs in models.items() for i, c in enumerate(cs)]
     plan = EvalPlan([ModelEntry(m, m, "qwen2", "fp") for m in models],
-                    [DataSet("d", "d", "d", "fp", 12, 0, ["S"])], {}, {}, {}, {"generate": True})
+                    [DataSet("d", "d", "d", "fp", 12, 0, ["S"])], {}, {}, {}, {}, {"generate": True})
     top = score_table(pd.DataFrame(rows), plan, "ref", 0).query("subject == 'all'").set_index("model")
     for m in ("same", "flip", "better"):
         d = models[m] - ref
@@ -821,7 +821,7 @@ def test_table_notes_say_scored_on_only_where_items_were_left_out(tmp_path):
     why = "not applicable: part (qwen2) cannot read image items"
     plan = EvalPlan([ModelEntry(m, m, "qwen2", "fp") for m in ("whole", "part")],
                     [DataSet("d", "d", "d", "fp", 6, 0, ["T", "I"])], {"part|d": why}, {"part|d": {"I": 3}}, {},
-                    {"generate": True})
+                    {}, {"generate": True})
     scores = score_table(pd.DataFrame(rows), plan, None, 0)
     write_results(tmp_path, pd.DataFrame(rows), scores, plan)
     notes = [x for x in (tmp_path / "table.md").read_text().splitlines() if x.startswith("- whole") or
@@ -843,7 +843,7 @@ def test_a_zero_width_p_answer_interval_is_noted():
     rows = [{"model": "m", "data": "d", "item_id": str(i), "subject": s, "correct": float(i % 2),
              "prob_correct": float(i % 2), "p_answer": v} for s, vs in p.items() for i, v in enumerate(vs)]
     plan = EvalPlan([ModelEntry("m", "m", "qwen2", "fp")], [DataSet("d", "d", "d", "fp", 9, 0, list(p))], {}, {}, {},
-                    {"generate": True})
+                    {}, {"generate": True})
     scores = score_table(pd.DataFrame(rows), plan, None, 0).set_index("subject")
     for s, vs in p.items():
         alike = np.ptp(vs) == 0
