@@ -251,12 +251,15 @@ def pair_parts(out: Path, info: dict[str, Any]) -> list[Path]:
 
 def read_pair_part(out: Path, plan: EvalPlan, scored: dict[tuple[int, int], list[Item]], m: int,
                    d: int) -> pd.DataFrame:
-    """The saved part of model ``m`` on data set ``d``, checked to hold one row per item the plan scores there, of
-    that model and set: a part copied in from another run (a shorter --limit, other items) or edited was scored as
-    this run's, its n and accuracy those of its own rows, exit 0."""
-    from probe.results import check_part_rows, read_part
+    """The saved part of model ``m`` on data set ``d``, checked to be of this run (the fingerprint it keeps,
+    ``probe.results.check_part_run``: one of another run with the same items, other weights, was scored as this
+    run's) and to hold one row per item the plan scores there, of that model and set: a part copied in from another
+    run (a shorter --limit, other items) or edited was scored as this run's, its n and accuracy those of its own
+    rows, exit 0."""
+    from probe.results import check_part_rows, check_part_run, read_part
 
     path = part_file(out, m, d)
+    check_part_run(path, plan.fingerprint())
     df = read_part(path, ITEM_COLUMNS)
     model, data = plan.models[m].name, plan.data[d].name
     check_part_rows(path, df, ["model", "data", "subject", "item_id"],
@@ -358,8 +361,9 @@ def run(args: argparse.Namespace) -> Path:
                     rows, ran = evaluate_pair(loaded, plan.models[m].name, ds, scored[m, d], cfg, args.batch_size,
                                               bar, args.quiet)
                     batching[f"{plan.models[m].name}|{ds.name}"] = ran
+                    # with its rows, the record and whose run it is: the rank that assembles reads them back
                     atomic_write_parquet(part_file(out, m, d), pd.DataFrame.from_records(rows, columns=ITEM_COLUMNS),
-                                         record=ran)  # with its rows: the rank that assembles reads it back
+                                         record=ran, run=plan.fingerprint())
                     frames[m, d] = read_pair_part(out, plan, scored, m, d)  # as a resume would read it
                 del loaded
         bar.close()

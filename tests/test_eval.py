@@ -1050,27 +1050,24 @@ def test_a_run_killed_after_its_first_pair_keeps_that_pairs_batching_record(two_
     _items_and_scores_equal(out, base)
 
 
-def test_a_run_that_backed_off_then_was_killed_keeps_its_back_off_record(two_by_two, text_dir, tmp_path):
+def test_a_run_that_backed_off_then_was_killed_keeps_its_back_off_record(two_by_two, tmp_path):
     """The killed process alone runs out of memory above one item a forward: its first pair backs off 4 → 2 → 1 and
     its part keeps that (out_of_memory_cap 1) when SIGKILL comes. The resume, with memory enough, computes the
     other 3 pairs at 4 items a batch: run.json's batching keeps the killed pair's back-off record beside the resumed
-    pairs' own (no cap), and the numbers are those of a run at those sizes: the killed pair's part of an
-    uninterrupted run of that pair at --batch-size 1 in place of the uninterrupted 4's, assembled by a resume."""
+    pairs' own (no cap), and the numbers are those of a run at those sizes: the uninterrupted run with the killed
+    pair computed again at --batch-size 1 (by a resume: a part copied in from a run of that pair alone is another
+    run's)."""
     import shutil
 
     from probe.eval import part_file
     from probe.results import part_record
 
     base, args = two_by_two
-    one = tmp_path / "one"  # the killed pair alone (the first model and set), at the size its back-off left
-    options = args[args.index("--limit"):]
-    assert _eval("--models", "tiny-qwen2", "--data", text_dir, *options, "--batch-size", 1, "--out", one) == 0
     oracle = tmp_path / "oracle"
     shutil.copytree(base, oracle)
-    shutil.copyfile(part_file(one, 0, 0), part_file(oracle, 0, 0))
-    for name in ("items.parquet", "scores.csv"):
-        (oracle / name).unlink()
-    assert _eval(*args, "--out", oracle) == 0
+    for path in (part_file(oracle, 0, 0), oracle / "items.parquet", oracle / "scores.csv"):
+        path.unlink()
+    assert _eval(*args, "--batch-size", 1, "--out", oracle) == 0  # the last --batch-size counts
     out = tmp_path / "run"
     killed_after_first_part("probe.eval", [*args, "--out", out], setup="import pytest\n"
                             "from test_eval import _gpu_oom, _oom_above\n_oom_above(pytest.MonkeyPatch(), 1, _gpu_oom)")
@@ -1082,7 +1079,7 @@ def test_a_run_that_backed_off_then_was_killed_keeps_its_back_off_record(two_by_
     first = next(iter(want))
     assert json.loads((out / "run.json").read_text(encoding="utf-8"))["batching"] == want | {first: killed}
     _items_and_scores_equal(out, oracle)
-    assert pd.read_parquet(part_file(out, 0, 0)).equals(pd.read_parquet(part_file(one, 0, 0)))
+    assert pd.read_parquet(part_file(out, 0, 0)).equals(pd.read_parquet(part_file(oracle, 0, 0)))
 
 
 
