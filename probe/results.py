@@ -334,9 +334,9 @@ def part_record(path: Path) -> dict[str, Any] | None:
 
 def check_part_run(path: Path, fingerprint: str) -> None:
     """A saved part is of this run: the fingerprint it keeps (``atomic_write_parquet``'s ``run``) is this run's. A part
-    of another run (another model, data set or setting: copied in from its --out) holding the same item and head
-    keys passed every other check and was summarised as this run's, exit 0. A part kept without one (written before
-    parts kept it) is taken on its rows alone, as before."""
+    of another run (another model, data set or setting: copied in from its --out) holding the same row keys (item and
+    head in probe.heads; model, data set and item in probe.eval) passed every other check and was summarised as this
+    run's, exit 0. A part kept without one (written before parts kept it) is taken on its rows alone, as before."""
     saved = part_metadata(path, PART_RUN)
     if saved is not None and saved != fingerprint.encode():
         raise BadInput(f"{path} is another run's part (its run fingerprint {saved.decode(errors='replace')}, this "
