@@ -184,6 +184,7 @@ def make_plan(args: argparse.Namespace) -> tuple[EvalPlan, list[ModelRef], dict[
     na: dict[str, str] = {}
     unreadable: dict[str, dict[str, int]] = {}
     scored = {}  # (model, data set) → the items the model is scored on: all it can read
+    tokenizers: dict[str, Any] = {}  # spec → the tokenizer check_prompts loaded, for the plan's chat format
     for m, ref in enumerate(refs):
         for d, ds in enumerate(datasets):
             readable = [can_read(ref, i) for i in items[ds.name]]
@@ -195,14 +196,15 @@ def make_plan(args: argparse.Namespace) -> tuple[EvalPlan, list[ModelRef], dict[
                                                f"{'/'.join(kinds)} items")
                 unreadable[f"{ref.spec}|{ds.name}"] = {s: sum(i.subject == s for i in lost)
                                                        for s in sorted({i.subject for i in lost})}
-        check_prompts(ref, [i for d in range(len(datasets)) for i in scored[m, d]], template)
+        tokenizers[ref.spec] = check_prompts(ref, [i for d in range(len(datasets)) for i in scored[m, d]],
+                                             template)
     settings = {"dtype": placement.dtype, "device_type": placement.device_type,
                 "attn_implementation": args.attn_implementation,
                 "generate": not args.no_generate, "max_new_tokens": args.max_new_tokens,
                 "image_max_side": args.image_max_side, "split": args.split, "subjects": args.subjects,
                 "limit": args.limit, "seed": args.seed, "reference": args.reference}  # the last two: scores.csv
     entries = [ModelEntry(r.spec, str(r.path), r.family.name, model_fingerprint(r)) for r in refs]
-    formats = {r.spec: planned_chat_format(r) for r in refs}
+    formats = {r.spec: planned_chat_format(r, tokenizers.get(r.spec)) for r in refs}
     plan = EvalPlan(entries, datasets, na, unreadable, template.to_dict(), formats, settings)
     return plan, refs, scored, template, placement
 

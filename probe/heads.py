@@ -225,7 +225,7 @@ def make_plan(args: argparse.Namespace) -> tuple[Plan, ModelRef, list[Item], Pro
                        f"data (the bundled synthetic MMMU-format set) holds image items: give --data, e.g. "
                        f"--data probe/zoo/data/text") from e
     template = load_template(args)
-    check_prompts(ref, items, template)
+    tokenizer = check_prompts(ref, items, template)
     settings = {
         "dtype": placement.dtype, "device_type": placement.device_type,
         "attn_implementation": args.attn_implementation, "generate": not args.no_generate,
@@ -238,7 +238,7 @@ def make_plan(args: argparse.Namespace) -> tuple[Plan, ModelRef, list[Item], Pro
         n_heads=g.n_heads, layers=layers, heads=heads, data_dir=str(data),
         data_fingerprint=report.fingerprint, n_items=len(items), n_skipped_open=report.n_skipped_open,
         subjects=list(report.subjects), method=args.method, template=template.to_dict(),
-        chat_format=planned_chat_format(ref), settings=settings,
+        chat_format=planned_chat_format(ref, tokenizer), settings=settings,
     )
     return plan, ref, items, template, placement
 

@@ -161,11 +161,13 @@ def model_chat_format(loaded: LoadedModel) -> str:
     return tokenizer_chat_format(loaded.family, loaded.ref.config, loaded.tokenizer)
 
 
-def planned_chat_format(ref: Any) -> dict[str, Any]:
-    """The chat format a model will be prompted in, read from its tokenizer before a weight loads: its name and
-    markup, for a run's identity (probe.heads' plan). The format is chosen by the tokenizer's vocabulary, not the
-    config alone (``chat_fallback``), so parts scored under one format must never be resumed under another."""
-    name = tokenizer_chat_format(ref.family, ref.config, load_tokenizer(ref))
+def planned_chat_format(ref: Any, tokenizer: Any | None = None) -> dict[str, Any]:
+    """The chat format a model will be prompted in, read from its tokenizer (``tokenizer``, or loaded here) before a
+    weight loads: its name and markup, for a run's identity (probe.heads' and probe.eval's plans). The format is
+    chosen by the tokenizer's vocabulary, not the config alone (``chat_fallback``), so parts scored under one format
+    must never be resumed under another."""
+    tokenizer = load_tokenizer(ref) if tokenizer is None else tokenizer
+    name = tokenizer_chat_format(ref.family, ref.config, tokenizer)
     return {"name": name} | asdict(CHAT_FORMATS[name])
 
 
@@ -298,19 +300,22 @@ def check_template_text(template: PromptTemplate, specials: Sequence[str], model
                            "it from --template / --system-prompt")
 
 
-def check_prompts(ref: Any, items: Sequence[ItemLike], template: PromptTemplate | None = None) -> None:
+def check_prompts(ref: Any, items: Sequence[ItemLike], template: PromptTemplate | None = None) -> Any | None:
     """Before any weight loads, for a model whose files are on disk (a hub alias still to download is checked as
     its items are built, by build_inputs): its tokenizer and (multimodal families) processor load as load_model
     will load them, the tokenizer is not empty, and neither an item's text nor ``template``'s holds one of its
-    special tokens."""
+    special tokens. Returns the tokenizer it loaded (None where it checked nothing), for ``planned_chat_format``:
+    a GGUF's takes seconds to read."""
     if ref.hub_repo is not None or not items:
-        return
+        return None
     from probe.models import load_processors, special_tokens
 
-    specials = special_tokens(load_processors(ref)[0])
+    tokenizer = load_processors(ref)[0]
+    specials = special_tokens(tokenizer)
     if template is not None:
         check_template_text(template, specials, ref.spec)
     check_item_text(items, specials, ref.spec)
+    return tokenizer
 
 
 # build_inputs' token-aligned tensors: one value per prompt token (padded, not concatenated, when items share a
