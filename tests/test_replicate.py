@@ -587,6 +587,9 @@ def test_figures_report_into_a_read_only_dir_is_one_line(quick: Path, tmp_path: 
 
 
 def test_rerun_skips_unchanged_stages_and_continues_a_killed_one(quick: Path, capsys) -> None:
+    """Also, on the second rerun (each rerun rebuilds the report, 10 s): --only table4 table5 reran those stages
+    and ended with "report: DIR/report.md", but the report stage was skipped: report.md kept the Table 4/5 numbers
+    of the earlier run (and described the earlier config)."""
     out = quick  # in place: a run resumes where it was made (its merged models are named by their paths)
     scores = (out / "table4" / "scores.csv").read_bytes()
     # "killed" in table4: the stage is still running and its assembled outputs are missing
@@ -603,11 +606,16 @@ def test_rerun_skips_unchanged_stages_and_continues_a_killed_one(quick: Path, ca
     assert json.loads((out / "stages" / "table4.json").read_text())["status"] == "complete"
     report = json.loads((out / "stages" / "report.json").read_text())  # rebuilt, never continued (it said resumed)
     assert (report["status"], report["resumed"]) == ("complete", False) and "== report: running" in err
-    # everything complete with unchanged inputs: nothing runs again
+    # everything complete with unchanged inputs: nothing runs again, and the report is rebuilt from what they hold
+    built = (out / "report.md").read_text()  # from these same stage outputs
+    (out / "report.md").write_text("stale\n")
+    (out / "report.html").unlink()
     assert replicate_in_root("--quick", "--quiet", "--only", *STAGE_NAMES[:-1], "--out", str(out)) == 0
     err = capsys.readouterr().err
     for name in STAGE_NAMES[:-1]:
         assert f"== {name}: unchanged, skipped" in err
+    assert "== report: done" in err
+    assert (out / "report.md").read_text() == built and (out / "report.html").is_file()
 
 
 def test_replicate_from_python_resumes_the_finished_run_and_hands_it_back_read(quick: Path, capsys,
@@ -652,18 +660,6 @@ def test_a_rerun_naming_out_another_way_keeps_the_stages_model_names(quick: Path
     assert replicate_in_root("--quick", "--quiet", "--only", "report", "--out", str(link)) == 0, capsys.readouterr().err
     assert (quick / "report.md").read_text() == built
     assert json.loads((quick / "replicate.json").read_text())["out"] == str(quick)
-
-
-def test_only_rebuilds_the_report_from_what_the_stages_now_hold(quick: Path, capsys) -> None:
-    """--only table4 table5 reran those stages and ended with "report: DIR/report.md", but the report stage was
-    skipped: report.md kept the Table 4/5 numbers of the earlier run (and described the earlier config)."""
-    out = quick
-    built = (out / "report.md").read_text()  # the full run's report, from these same stage outputs
-    (out / "report.md").write_text("stale\n")
-    (out / "report.html").unlink()
-    assert replicate_in_root("--quick", "--quiet", "--only", "table4", "--out", str(out)) == 0
-    assert "== report: done" in capsys.readouterr().err
-    assert (out / "report.md").read_text() == built and (out / "report.html").is_file()
 
 
 def test_a_killed_stage_whose_parts_ran_under_other_software_starts_again(quick: Path, capsys) -> None:
