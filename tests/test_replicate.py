@@ -653,13 +653,25 @@ def test_a_rerun_naming_out_another_way_keeps_the_stages_model_names(quick: Path
     """The stages name the models they evaluate by their paths under --out (merged LMs, carriers, checkpoints), and
     probe.eval labels its rows by them: a finished run rerun with --out spelt otherwise (absolute for relative, here
     through a link) stopped at the report (exit 2, "no single row for LINK/merge/average"), and a killed eval stage
-    was refused as a run of other models. The run keeps the spelling its replicate.json records."""
+    was refused as a run of other models. The run keeps the spelling its replicate.json records.
+
+    The same rerun (each rebuilds the report, 10 s): issue 20 asks every command that runs a model to say first
+    where and how it runs and to record the resolved device and dtype. analyses.replicate began with "== data:
+    running" and its replicate.json (and report) held only device = "auto", dtype = "auto" as typed. Oracle:
+    probe.devices' resolution on this machine, as probe.heads prints and records it."""
+    from probe.devices import resolve_placement
+
+    want = resolve_placement("auto", "auto")
     link = tmp_path / "link"
     link.symlink_to(quick)
     built = (quick / "report.md").read_text()
     assert replicate_in_root("--quick", "--quiet", "--only", "report", "--out", str(link)) == 0, capsys.readouterr().err
+    assert capsys.readouterr().err.splitlines()[0] == want.description
     assert (quick / "report.md").read_text() == built
-    assert json.loads((quick / "replicate.json").read_text())["out"] == str(quick)
+    info = json.loads((quick / "replicate.json").read_text())
+    assert info["out"] == str(quick)
+    assert info["placement"] == {"device": want.device, "devices": list(want.all_devices), "dtype": want.dtype,
+                                 "attn_implementation": want.attn_implementation, "description": want.description}
 
 
 def test_a_killed_stage_whose_parts_ran_under_other_software_starts_again(quick: Path, capsys) -> None:
@@ -804,21 +816,6 @@ def _ctx(cfg, fps: dict[str, str] | None = None) -> Context:
     specs = [cfg.models.base, *cfg.models.experts, *cfg.data.values()]
     models = [cfg.models.base, *cfg.models.experts]
     return Context(cfg, Path("/nowhere"), True, fps or {s: "fp0" for s in specs}, {m: f"/models/{m}" for m in models})
-
-
-def test_the_first_line_and_replicate_json_say_where_and_in_what_precision_it_runs(quick: Path, capsys) -> None:
-    """Issue 20 asks every command that runs a model to say first where and how it runs and to record the resolved
-    device and dtype. analyses.replicate began with "== data: running" and its replicate.json (and report) held only
-    device = "auto", dtype = "auto" as typed. Oracle: probe.devices' resolution on this machine, as probe.heads
-    prints and records it."""
-    from probe.devices import resolve_placement
-
-    want = resolve_placement("auto", "auto")
-    assert replicate_in_root("--quick", "--quiet", "--only", "report", "--out", str(quick)) == 0
-    assert capsys.readouterr().err.splitlines()[0] == want.description
-    info = json.loads((quick / "replicate.json").read_text())
-    assert info["placement"] == {"device": want.device, "devices": list(want.all_devices), "dtype": want.dtype,
-                                 "attn_implementation": want.attn_implementation, "description": want.description}
 
 
 def test_a_stage_completed_in_another_precision_is_not_kept(tmp_path, monkeypatch) -> None:
