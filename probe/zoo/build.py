@@ -23,7 +23,9 @@ import torch
 from probe.families import FAMILIES
 from probe.metrics import option_log_probs, prob_choice
 from probe.models import NO_HUB_KERNELS
-from probe.results import WRITER_TAG, partial_path, remove_stale_dirs
+# a build's own records (build.json, organism.json, quality.json) are read with json_object: a missing or damaged
+# one (cut mid-write, edited) vouches for nothing, so it is rebuilt, --only asks for base and ship refuses
+from probe.results import WRITER_TAG, json_object, partial_path, remove_stale_dirs
 from probe.tiny import save_model_dir
 from probe.prompting import PromptTemplate
 from probe.train import TrainConfig, collate, encode, is_lm_param, model_inputs
@@ -673,7 +675,7 @@ def build(out: Path, quick: bool = False, steps: int | None = None, seed: int = 
     held_out = "validation" if exclude_validation else None
     stamp = {"seed": seed, "sizes": sizes, "train_excludes": held_out}
     recipes = {k: _shortened(r, quick, steps) for k, r in FULL.items()}
-    same_data = _read_json(out / "data" / "build.json") == stamp
+    same_data = json_object(out / "data" / "build.json") == stamp
     if only and "base" not in only:  # every extension starts from organism-base: it must be this build's
         check_base(out, same_data, recipes["base"])
     out.mkdir(parents=True, exist_ok=True)
@@ -697,7 +699,7 @@ def build(out: Path, quick: bool = False, steps: int | None = None, seed: int = 
         d = out / f"organism-{name}"
         if only and name not in only:
             continue
-        if reuse and (done := _read_json(d / "organism.json")) is not None:
+        if reuse and (done := json_object(d / "organism.json")) is not None:
             if done.get("recipe") == _recipe_json(recipes[name]):
                 log(f"organism-{name}: reusing {d}")
                 built[name] = {k: v for k, v in done.items() if k != "name"}
@@ -724,7 +726,7 @@ def build(out: Path, quick: bool = False, steps: int | None = None, seed: int = 
     quality["build_seconds"] = round(time.time() - t_start, 1)
     if not only:
         (out / "quality.json").write_text(json.dumps(quality, indent=1), encoding="utf-8")
-    elif (full := _read_json(out / "quality.json")) is not None:  # the full build's table, with what --only rebuilt
+    elif (full := json_object(out / "quality.json")) is not None:  # the full build's table, with what --only rebuilt
         full["organisms"] = full.get("organisms", {}) | {f"organism-{n}": built[n] for n in todo}
         (out / "quality.json").write_text(json.dumps(full, indent=1), encoding="utf-8")
     log(f"done in {quality['build_seconds']}s")
@@ -743,7 +745,7 @@ def check_base(out: Path, same_data: bool, recipe: Recipe) -> None:
     --exclude-validation) and recipe, else the extensions would start from another LM (another tokenizer's rows)."""
     from probe.errors import BadInput
 
-    done = _read_json(out / "organism-base" / "organism.json")
+    done = json_object(out / "organism-base" / "organism.json")
     if done is None:
         why = "is not built"
     elif not same_data:
@@ -760,14 +762,6 @@ def below_bar(entries: dict[str, dict[str, Any]]) -> list[str]:
     return [name for name, entry in entries.items() if entry["own"]["accuracy"] < BAR]
 
 
-def _read_json(path: Path) -> Any:
-    """One of the build's own records; None when missing or damaged (cut mid-write, edited): it vouches for nothing,
-    so the data or organism is rebuilt, --only asks for base, and ship refuses (was a JSONDecodeError traceback)."""
-    from probe.results import json_object
-
-    return json_object(path)
-
-
 def ship(out: Path) -> None:
     """Copy built organisms and the validation sets into the package (probe/zoo/organisms, probe/zoo/data); a
     build whose organisms miss the bar on their own modality is refused (the tests hold the shipped ones to it)."""
@@ -775,9 +769,9 @@ def ship(out: Path) -> None:
     from probe.zoo import organisms_root, package_root
 
     out = Path(out)
-    quality = _read_json(out / "quality.json")
+    quality = json_object(out / "quality.json")
     # each organism's own organism.json: an organism rebuilt alone (--only) is not in an older quality.json
-    entries = {f"organism-{n}": _read_json(out / f"organism-{n}" / "organism.json") for n in OWN}
+    entries = {f"organism-{n}": json_object(out / f"organism-{n}" / "organism.json") for n in OWN}
     if quality is None or quality.get("quick") or None in entries.values():
         raise BadInput(f"{out} holds no complete full build (quality.json and all four organisms): nothing shipped")
     if below_bar(entries):
