@@ -2449,7 +2449,9 @@ def test_a_steps_gradient_is_the_whole_batchs_mean_over_label_tokens(micro, monk
     clip and AdamW's m̂/√v̂ undo any factor): 7 rows of organism-vl, text and image interleaved, run in modality
     parts (4 text + 3 image rows) and in micro-batches of 3 (parts of 3 + 1 and 3 rows: an uneven last one), equal
     autograd's gradient of the oracle's loss (each row alone and unpadded, cross-entropy summed over the label
-    tokens, divided by the batch's count) to 1e-5 of each tensor's largest element, with the same norm."""
+    tokens, divided by the batch's count) to 5e-5 of each tensor's largest element, with the same norm. (fp32 noise:
+    on an AVX-512 host both paths lie up to 1.3e-5 and 1.6e-5 of that from a float64 run, their norms 2.8e-6 apart; the
+    norm's 1e-5 still catches a gradient scaled by any factor 1e-5 off.)"""
     from probe.models import load_model, resolve_model
     from probe.train import TrainConfig, train
 
@@ -2475,12 +2477,13 @@ def test_a_steps_gradient_is_the_whole_batchs_mean_over_label_tokens(micro, monk
     losses = train(loaded, _organism_vl_rows(loaded, 4, 3), TrainConfig(steps=1, lr=1e-3, lm_lr=1e-3, batch=7,
                                                                          warmup=0, micro_batch=micro),
                    log=lambda m: None, sampler=lambda gen, n: batch)
-    assert losses == pytest.approx([float(total.detach()) / count], rel=1e-6)
+    # padded batches and rows alone take other fp32 kernels (an AVX-512 host: 1.2e-6 apart)
+    assert losses == pytest.approx([float(total.detach()) / count], rel=1e-5)
     assert got.keys() == want.keys() and any("visual" in n for n in got) and len(got) > 40
     for n in want:
-        torch.testing.assert_close(got[n], want[n], rtol=0, atol=1e-5 * float(want[n].abs().max()), msg=n)
+        torch.testing.assert_close(got[n], want[n], rtol=0, atol=5e-5 * float(want[n].abs().max()), msg=n)
     norm = lambda g: float(torch.sqrt(sum((x.double() ** 2).sum() for x in g.values())))  # noqa: E731
-    assert norm(got) == pytest.approx(norm(want), rel=1e-6)
+    assert norm(got) == pytest.approx(norm(want), rel=1e-5)
 
 
 def test_a_frozen_lms_logged_loss_is_the_whole_batchs_mean() -> None:
