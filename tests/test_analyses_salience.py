@@ -953,3 +953,24 @@ def test_a_merge_written_before_the_weight_column_reads_draws_and_resumes_as_bef
     assert run(merge.main, *other) == 2
     assert "holds a finished analyses.merge output of other options or inputs" in capfd.readouterr().err
     assert {p: p.read_bytes() for p in old.rglob("*") if p.is_file()} == before
+
+
+def test_a_config_deeper_than_the_weights_is_refused_before_anything_is_written(zoo, tmp_path, capfd):
+    """The reverse of the case above: config.json declares a layer (here layer 2) its weights do not hold. A
+    probe.heads run sweeps the config's layers, so a 3-layer heads.csv matched the geometry and the merge went on
+    with salience for a layer nothing in it merges. Exit 2, one line naming the missing layer, nothing written."""
+    models = {}
+    for name in ("base", "vl", "ov"):
+        d = models[name] = Path(shutil.copytree(zoo[name], tmp_path / name))
+        cfg = json.loads((d / "config.json").read_text())
+        cfg.get("text_config", cfg)["num_hidden_layers"] = L + 1  # the weights keep layers 0 and 1 only
+        (d / "config.json").write_text(json.dumps(cfg))
+    dirs = [write_run(tmp_path / f"r{i}", torch.rand(L + 1, H) + 0.1, layers=L + 1) for i in range(2)]
+    capfd.readouterr()
+    out = tmp_path / "m"
+    code = run(merge.main, "--base", models["base"], "--models", models["vl"], models["ov"], "--method", "salience",
+               "--salience", *dirs, "--quiet", "--out", out)
+    err = capfd.readouterr().err.strip()
+    assert code == 2 and err.startswith(f"error: --base {models['base']}: ") and "\n" not in err, err
+    assert f"num_hidden_layers {L + 1}" in err and f"no tensors of layer {L} " in err, err
+    assert not out.exists() and not list(tmp_path.glob(".m.*"))
