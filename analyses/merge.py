@@ -255,6 +255,16 @@ class WeightRow:
     trim_threshold: float | None = None  # ties: the k-th largest |θ_i − θ_0| of the tensor, kept by the trim
 
 
+def row_blocks(rows: int, cols: int, size: int) -> Iterator[tuple[int, int, int, int]]:
+    """(r0, r1, c0, c1) blocks of at most ``size`` elements in row-major order, so the blocks written one after the
+    other are the tensor: whole rows while one fits, else one row in column blocks (a row past ``size`` columns,
+    262,144 by default, overran the fixed-size buffers)."""
+    rows_per, cols_per = max(1, size // cols), min(cols, size)
+    for r0 in range(0, rows, rows_per):
+        for c0 in range(0, cols, cols_per):
+            yield r0, min(rows, r0 + rows_per), c0, min(cols, c0 + cols_per)
+
+
 @dataclass
 class Merger:
     """Streams one merge; ``inputs[0]`` is the reference (base, else the first model)."""
@@ -334,16 +344,14 @@ class Merger:
         self.weight_rows.extend(WeightRow(t, sl, m, w)
                                 for t, sl, m, w in self.salience.slice_rows(plan.canon, self.names))
         cols = shape[1] if len(shape) == 2 else 1
-        rows_per = max(1, MERGE_CHUNK // cols)
         w = weights.float()
         with torch_threads(self.cfg.threads):
-            for r0 in range(0, shape[0], rows_per):
-                r1 = min(shape[0], r0 + rows_per)
-                n = (r1 - r0) * cols
-                acc, tmp = self._acc[:n].view(r1 - r0, cols), self._tmp[:n].view(r1 - r0, cols)
+            for r0, r1, c0, c1 in row_blocks(shape[0], cols, MERGE_CHUNK):
+                n = (r1 - r0) * (c1 - c0)
+                acc, tmp = self._acc[:n].view(r1 - r0, c1 - c0), self._tmp[:n].view(r1 - r0, c1 - c0)
                 for i, v in enumerate(views):
-                    tmp.copy_(v[r0 * cols:r1 * cols].view(r1 - r0, cols))
-                    wi = w[i, r0:r1, None] if axis == 0 else w[i][None, :]
+                    tmp.copy_(v[r0 * cols:r1 * cols].view(r1 - r0, cols)[:, c0:c1])
+                    wi = w[i, r0:r1, None] if axis == 0 else w[i][None, c0:c1]
                     if i == 0:
                         torch.mul(tmp, wi, out=acc)
                     else:
@@ -352,7 +360,7 @@ class Merger:
                 out = sink.buffer(n)
                 out.copy_(flat)
                 if not finite_output(flat, out):
-                    self.raise_nonfinite(plan, views, r0 * cols, r1 * cols, out.dtype)
+                    self.raise_nonfinite(plan, views, r0 * cols + c0, (r1 - 1) * cols + c1, out.dtype)
                 sink.write(out)
 
     def merge_ties(self, plan: TensorPlan, views: list[torch.Tensor], sink: Any) -> None:

@@ -342,19 +342,24 @@ def test_head_slices_streamed_in_many_row_blocks_are_the_one_block_merge_bit_for
     """merge_slices streams a head-owned tensor in blocks of MERGE_CHUNK // columns rows, each with its own rows'
     weights (q/k/v) or every column's (o_proj). The tiny models' tensors fit one block, so the per-block offsets ran
     only on real sizes (a 7B q_proj is 49 blocks); with 96-element chunks (3 rows a block, a short last one) the
-    merge must be the one-block merge bit for bit, and the in-memory oracle's."""
+    merge must be the one-block merge bit for bit, and the in-memory oracle's. A row wider than a chunk (a real
+    tensor past 262,144 columns; here 20-element chunks of 32-column rows) was a view error traceback (exit 1): it
+    goes in column blocks of one row, a short last one, with the same bits."""
     experts = [zoo["vl"], zoo["ov"]]
     argv = ["--base", zoo["base"], "--models", *experts, "--method", "salience", "--salience", *runs["dirs"][:2],
             "--salience-temperature", 0.5, "--alpha0", 0.3, "--quiet"]
     assert run(merge.main, *argv, "--out", tmp_path / "whole") == 0
-    monkeypatch.setattr(merge, "MERGE_CHUNK", 96)
-    assert run(merge.main, *argv, "--out", tmp_path / "blocks") == 0
-    whole, blocks = canonical(tmp_path / "whole"), canonical(tmp_path / "blocks")
+    whole = canonical(tmp_path / "whole")
     want = in_memory_salience(canonical(zoo["base"]), [canonical(e) for e in experts], runs["tables"][:2], 0.5, 0.3)
-    assert whole.keys() == blocks.keys() == want.keys() and whole["layers.1.self_attn.q_proj.weight"].shape[0] > 3
-    for name, t in want.items():
-        assert torch.equal(blocks[name], whole[name]), name
-        torch.testing.assert_close(blocks[name].float(), t, rtol=1e-6, atol=1e-7, msg=name)
+    assert whole["layers.1.self_attn.q_proj.weight"].shape == whole["layers.1.self_attn.o_proj.weight"].shape == (32, 32)
+    for chunk in (96, 20):
+        monkeypatch.setattr(merge, "MERGE_CHUNK", chunk)
+        assert run(merge.main, *argv, "--out", tmp_path / f"blocks{chunk}") == 0
+        blocks = canonical(tmp_path / f"blocks{chunk}")
+        assert whole.keys() == blocks.keys() == want.keys()
+        for name, t in want.items():
+            assert torch.equal(blocks[name], whole[name]), (chunk, name)
+            torch.testing.assert_close(blocks[name].float(), t, rtol=1e-6, atol=1e-7, msg=f"{chunk}: {name}")
 
 
 def test_salience_merge_is_bit_stable_with_carriers(zoo, runs, tmp_path):
