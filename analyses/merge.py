@@ -458,7 +458,8 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-def merged_config(ref: Checkpoint, dtype: torch.dtype, vocab_rows: int, tied: bool) -> dict[str, Any]:
+def merged_config(ref: Checkpoint, dtype: torch.dtype, vocab_rows: int, tied: bool,
+                  model_type: str | None = None) -> dict[str, Any]:
     """A causal-LM config from the reference's text config, so ``AutoModelForCausalLM`` loads the merged LM: the
     family table's ``lm_model_type`` (Qwen2 for Qwen2-VL, Qwen2.5-VL and the Omni thinker, Qwen3 for Qwen3-VL, the
     text config's own type for LLaVA, Idefics3, InternVL and Gemma 3).
@@ -483,7 +484,7 @@ def merged_config(ref: Checkpoint, dtype: torch.dtype, vocab_rows: int, tied: bo
     # what the reference's text config leaves to its own class, written out where the class the LM is written as
     # builds another value (a Qwen2-VL text config without rope theta, RMS eps, key/value heads: 1e6, 1e-5, 8; the
     # Qwen2 LM written from it built 1e4, 1e-6, 32 and computed other logits, or refused its k/v tensors)
-    model_type = causal_lm_type(ref.family, ref.text_config)
+    model_type = model_type or causal_lm_type(ref.family, ref.text_config)  # run_merge passes the one it checked
     try:
         tc.update(class_text_values(tc, ref.text_config.get("model_type"), model_type))
     except BadInput as exc:
@@ -599,7 +600,7 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
         entries = [Entry(lm_disk_key(p.canon), asked or p.ref.dtype, p.ref.shape) for p in al.tensors]
         embed = next(p for p in al.tensors if p.canon == "embed_tokens.weight")
         # before the merge: a config it cannot write is refused before hours of tensors, not after
-        config = merged_config(ref, asked or embed.ref.dtype, embed.ref.shape[0], al.tied)
+        config = merged_config(ref, asked or embed.ref.dtype, embed.ref.shape[0], al.tied, lm_type)
         with atomic_dir(cfg.out, cfg.overwrite, COMMAND, merge_request(cfg)) as tmp:
             with ShardedWriter(tmp, entries, cfg.shard_size, {"merge_method": cfg.method}, background=True) as writer:
                 for plan, e in zip(progress(al.tensors, desc=f"merge ({cfg.method})", unit="tensor"), entries):

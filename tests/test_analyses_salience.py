@@ -377,14 +377,27 @@ def test_figures_merge_refuses_a_salience_run_swept_again_since_the_merge(zoo, r
     """python -m figures merge reads each participant's salience from its run dir at draw time: a run swept again
     there after the merge (here one head's KL raised) was drawn beside weights computed from the old saliences,
     exit 0. Now a run whose fingerprint is not among the merge's recorded inputs exits 2 naming it, and the
-    figures already there are left as they were; the unchanged run draws as before."""
+    figures already there are left as they were; the unchanged run draws as before. The merge resolves its LM
+    type once and the drawing reads each heads.csv once (the bytes fingerprinted are the bytes drawn): each was
+    done twice."""
+    import pandas as pd
+
     from figures.__main__ import main as figures_main
 
     dirs = [Path(shutil.copytree(d, tmp_path / "runs" / d.name)) for d in runs["dirs"][:2]]
     out = tmp_path / "m"
-    assert run(merge.main, "--base", zoo["base"], "--models", zoo["vl"], zoo["ov"], "--method", "salience",
-               "--salience", *dirs, "--quiet", "--out", out) == 0
-    assert run(figures_main, "merge", out) == 0
+    resolved, reads = [], []
+    lm_type, read_bytes, read_csv = merge.causal_lm_type, Path.read_bytes, pd.read_csv
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(merge, "causal_lm_type", lambda *a: resolved.append(a) or lm_type(*a))
+        mp.setattr(Path, "read_bytes", lambda self: reads.append(self.name) or read_bytes(self))
+        mp.setattr(pd, "read_csv", lambda f, *a, **k: reads.append(getattr(f, "name", "bytes")) or read_csv(f, *a, **k))
+        assert run(merge.main, "--base", zoo["base"], "--models", zoo["vl"], zoo["ov"], "--method", "salience",
+                   "--salience", *dirs, "--quiet", "--out", out) == 0
+        assert len(resolved) == 1, resolved
+        reads.clear()
+        assert run(figures_main, "merge", out) == 0
+        assert reads.count("heads.csv") == 2, reads  # one read per run
     drawn = {p: p.read_bytes() for p in out.glob("merge_heads*")}
     assert drawn
     table = dirs[1] / "heads.csv"
