@@ -168,14 +168,10 @@ class BinFile:
     """A PyTorch ``.bin`` state dict, loaded with ``weights_only=True`` and ``mmap=True`` (opt-in only)."""
 
     def __init__(self, path: Path):
+        from probe.models import bin_state_dict
+
         self.path = Path(path)
-        try:
-            sd = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as exc:  # torch raises many types for a bad pickle
-            raise BadInput(f"{self.path}: unreadable .bin checkpoint ({type(exc).__name__})") from None
-        if not isinstance(sd, dict):  # a list or a bare tensor: as probe.models.bin_shapes says it
-            raise BadInput(f"{self.path}: unreadable .bin checkpoint (not a state dict)")
-        self._sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+        self._sd = bin_state_dict(self.path)  # the probe's reader: the same refusals (not a state dict, unnamed keys)
         self.metadata: dict[str, str] = {}
         self.tensors = {
             k: TensorInfo(k, self.path, v.dtype, tuple(v.shape), 0, v.numel() * v.element_size())

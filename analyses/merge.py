@@ -255,6 +255,16 @@ class WeightRow:
     trim_threshold: float | None = None  # ties: the k-th largest |θ_i − θ_0| of the tensor, kept by the trim
 
 
+def row_blocks(rows: int, cols: int, size: int) -> Iterator[tuple[int, int, int, int]]:
+    """(r0, r1, c0, c1) blocks of at most ``size`` elements in row-major order, so the blocks written one after the
+    other are the tensor: whole rows while one fits, else one row in column blocks (a row past ``size`` columns,
+    262,144 by default, overran the fixed-size buffers)."""
+    rows_per, cols_per = max(1, size // cols), min(cols, size)
+    for r0 in range(0, rows, rows_per):
+        for c0 in range(0, cols, cols_per):
+            yield r0, min(rows, r0 + rows_per), c0, min(cols, c0 + cols_per)
+
+
 @dataclass
 class Merger:
     """Streams one merge; ``inputs[0]`` is the reference (base, else the first model)."""
@@ -334,16 +344,14 @@ class Merger:
         self.weight_rows.extend(WeightRow(t, sl, m, w)
                                 for t, sl, m, w in self.salience.slice_rows(plan.canon, self.names))
         cols = shape[1] if len(shape) == 2 else 1
-        rows_per = max(1, MERGE_CHUNK // cols)
         w = weights.float()
         with torch_threads(self.cfg.threads):
-            for r0 in range(0, shape[0], rows_per):
-                r1 = min(shape[0], r0 + rows_per)
-                n = (r1 - r0) * cols
-                acc, tmp = self._acc[:n].view(r1 - r0, cols), self._tmp[:n].view(r1 - r0, cols)
+            for r0, r1, c0, c1 in row_blocks(shape[0], cols, MERGE_CHUNK):
+                n = (r1 - r0) * (c1 - c0)
+                acc, tmp = self._acc[:n].view(r1 - r0, c1 - c0), self._tmp[:n].view(r1 - r0, c1 - c0)
                 for i, v in enumerate(views):
-                    tmp.copy_(v[r0 * cols:r1 * cols].view(r1 - r0, cols))
-                    wi = w[i, r0:r1, None] if axis == 0 else w[i][None, :]
+                    tmp.copy_(v[r0 * cols:r1 * cols].view(r1 - r0, cols)[:, c0:c1])
+                    wi = w[i, r0:r1, None] if axis == 0 else w[i][None, c0:c1]
                     if i == 0:
                         torch.mul(tmp, wi, out=acc)
                     else:
@@ -352,7 +360,7 @@ class Merger:
                 out = sink.buffer(n)
                 out.copy_(flat)
                 if not finite_output(flat, out):
-                    self.raise_nonfinite(plan, views, r0 * cols, r1 * cols, out.dtype)
+                    self.raise_nonfinite(plan, views, r0 * cols + c0, (r1 - 1) * cols + c1, out.dtype)
                 sink.write(out)
 
     def merge_ties(self, plan: TensorPlan, views: list[torch.Tensor], sink: Any) -> None:
@@ -450,7 +458,8 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-def merged_config(ref: Checkpoint, dtype: torch.dtype, vocab_rows: int, tied: bool) -> dict[str, Any]:
+def merged_config(ref: Checkpoint, dtype: torch.dtype, vocab_rows: int, tied: bool,
+                  model_type: str | None = None) -> dict[str, Any]:
     """A causal-LM config from the reference's text config, so ``AutoModelForCausalLM`` loads the merged LM: the
     family table's ``lm_model_type`` (Qwen2 for Qwen2-VL, Qwen2.5-VL and the Omni thinker, Qwen3 for Qwen3-VL, the
     text config's own type for LLaVA, Idefics3, InternVL and Gemma 3).
@@ -475,7 +484,7 @@ def merged_config(ref: Checkpoint, dtype: torch.dtype, vocab_rows: int, tied: bo
     # what the reference's text config leaves to its own class, written out where the class the LM is written as
     # builds another value (a Qwen2-VL text config without rope theta, RMS eps, key/value heads: 1e6, 1e-5, 8; the
     # Qwen2 LM written from it built 1e4, 1e-6, 32 and computed other logits, or refused its k/v tensors)
-    model_type = causal_lm_type(ref.family, ref.text_config)
+    model_type = model_type or causal_lm_type(ref.family, ref.text_config)  # run_merge passes the one it checked
     try:
         tc.update(class_text_values(tc, ref.text_config.get("model_type"), model_type))
     except BadInput as exc:
@@ -591,7 +600,7 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
         entries = [Entry(lm_disk_key(p.canon), asked or p.ref.dtype, p.ref.shape) for p in al.tensors]
         embed = next(p for p in al.tensors if p.canon == "embed_tokens.weight")
         # before the merge: a config it cannot write is refused before hours of tensors, not after
-        config = merged_config(ref, asked or embed.ref.dtype, embed.ref.shape[0], al.tied)
+        config = merged_config(ref, asked or embed.ref.dtype, embed.ref.shape[0], al.tied, lm_type)
         with atomic_dir(cfg.out, cfg.overwrite, COMMAND, merge_request(cfg)) as tmp:
             with ShardedWriter(tmp, entries, cfg.shard_size, {"merge_method": cfg.method}, background=True) as writer:
                 for plan, e in zip(progress(al.tensors, desc=f"merge ({cfg.method})", unit="tensor"), entries):

@@ -51,16 +51,17 @@ def carrier_name(spec: str, path: Path | None = None) -> str:
     return hub.split("--")[-1] if hub.startswith("models--") else d.name
 
 
-def run_fingerprint(run_dir: Path) -> str:
+def run_fingerprint(run_dir: Path, table: bytes | None = None) -> str:
     """What a merge reads of a ``probe.heads`` run: heads.csv's bytes and run.json's plan, measured model and status
     (``read_salience``, ``check_run_model``); not its timestamps, versions or figures, so the same sweep computed
-    again is the same input to a merge's manifest. A run without them is fingerprinted whole (it is refused later)."""
+    again is the same input to a merge's manifest. A run without them is fingerprinted whole (it is refused later).
+    ``table``: heads.csv's bytes where the caller has read them (figures merge draws what it fingerprints)."""
     from probe.results import content_fingerprint, json_digest, read_run_json
 
     try:
         info = read_run_json(run_dir)
         read = {k: info.get(k) for k in ("plan", "model_resolved_path", "status")}
-        table = (run_dir / "heads.csv").read_bytes()
+        table = (run_dir / "heads.csv").read_bytes() if table is None else table
     except (OSError, ValueError, AttributeError):
         return content_fingerprint(run_dir)
     return json_digest(read, table)

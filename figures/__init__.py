@@ -1,6 +1,7 @@
 """Figures drawn only from saved result files (``python -m figures KIND DIR``)."""
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -649,23 +650,24 @@ def _missing(path: Path, source: str) -> BadInput:
 
 def read_table(path: Path, columns: Mapping[str, type], optional: Mapping[str, type] | None = None,
                source: str = "", bounds: Mapping[str, tuple[float, float]] | None = None,
-               finite: Sequence[str] = (), **read_csv: Any) -> Any:
+               finite: Sequence[str] = (), data: bytes | None = None, **read_csv: Any) -> Any:
     """A saved CSV table, checked before anything is drawn from it: the file parses, every column of ``columns``
     is there (``optional`` ones may be absent), at least one row, every number of a ``bounds`` column within its
     [low, high] (missing ones aside), and a ``finite`` column finite on every row, or missing on all of them (a value
     the run did not measure: accuracy without generation), never on some. Column kinds: ``str`` (kept as text),
     ``float`` (numbers, empty = missing) and ``int`` (a count or index: whole, ≥ 0, never missing). Any problem is one
-    BadInput naming the file; ``source`` is the command that writes it."""
+    BadInput naming the file; ``source`` is the command that writes it. ``data``: the file's bytes, where the caller
+    has read them already (parsed instead of reading ``path`` again)."""
     import numpy as np
     import pandas as pd
 
     path = Path(path)
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise _missing(path, source)
     if int(pd.__version__.split(".")[0]) < 3:  # pandas 2 parses floats up to an ulp off what to_csv wrote; 3 is exact
         read_csv.setdefault("float_precision", "round_trip")
     try:
-        df = pd.read_csv(path, **read_csv)
+        df = pd.read_csv(path if data is None else io.BytesIO(data), **read_csv)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as exc:
         raise BadInput(f"{path}: not a readable table ({error_reason(exc)})") from None
     lacking = [c for c in columns if c not in df.columns]

@@ -61,11 +61,15 @@ def clip_note(values: np.ndarray, vmin: float, vmax: float, fmt: str) -> str:
     return f"\n(scale clipped at the 99th percentile; {past.size} past it, up to {fmt.format(far)})"
 
 
+CELLS_LEFT_OUT = "(numbers too small for the cells: the colour bar gives them)"  # the x-label's second line
+
+
 def fit_cell_texts(ax: Any, cells: list[tuple[Any, float]], formats: list[str], shape: tuple[int, int],
-                   pad: float = 1.0) -> None:
+                   pad: float = 1.0) -> bool:
     """Each (text, value) of ``cells`` printed in its heatmap cell in the first of ``formats`` whose every text
     fits its cell (``pad`` points to spare each side) at the figure's present layout, so call it after
-    ``tight_layout``; where none fits, the texts are removed and the colours alone give the values. Chosen once
+    ``tight_layout``; where none fits, the texts are removed and the colours alone give the values (returns False,
+    for the caller to say so: blank cells beside maps that print theirs looked like missing values). Chosen once
     for the whole map, so every cell reads alike. A one-layer sweep of a 28-head model has 0.19 in cells: its KL
     values ran together ("0.0330.5401.826"), as did a single head's over 100 layers."""
     fig = ax.figure
@@ -79,9 +83,10 @@ def fit_cell_texts(ax: Any, cells: list[tuple[Any, float]], formats: list[str], 
             t.set_text(fmt.format(v))
         boxes = [t.get_window_extent(renderer) for t, _ in cells]
         if all(b.width <= room_w and b.height <= room_h for b in boxes):
-            return
+            return True
     for t, _ in cells:
         t.remove()
+    return False
 
 
 def _grid(heads: pd.DataFrame, metric: str) -> tuple[np.ndarray, list[int], list[int]]:
@@ -159,8 +164,11 @@ def draw_metric(heads: pd.DataFrame, baseline: dict, metric: str, out_stem: Path
     fig.tight_layout()
     if fit_bar_labels(fig):  # a tall grid's bar (20 times as high as wide) is shorter than its label
         fig.tight_layout()
-    if cells:
-        fit_cell_texts(ax, cells, formats, grid.shape)
+    if cells and not fit_cell_texts(ax, cells, formats, grid.shape):
+        ax.set_xlabel(f"query head\n{CELLS_LEFT_OUT}", fontsize=8)  # laid out again for the taller label
+        fig.tight_layout()
+        if fit_bar_labels(fig):
+            fig.tight_layout()
     for ext in ("png", "pdf"):
         save_figure(fig, out_stem.with_suffix(f".{ext}"))
     plt.close(fig)

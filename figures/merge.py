@@ -14,7 +14,7 @@ from analyses.merge_methods import COMMAND, METHOD_KINDS, WEIGHTS_HEADER, run_fi
 from figures import (bar_aspect, drop_stale_pages, fit_bar_labels, heatmap_ticks, heatmap_ticks_again, page_caption,
                      page_panels, page_split, page_stem, read_json, read_table, save_png_pdf)
 from figures.heads import centred_limits, clip_note, extend_for, kl_limit
-from probe.errors import BadInput
+from probe.errors import BadInput, error_reason
 from probe.results import HEAD_METRIC_BOUNDS
 from probe.results import distinct_names, read_manifest
 
@@ -119,14 +119,15 @@ def check_weights(path: Path, rows: pd.DataFrame, info: dict, legacy: bool = Fal
                        f"{recorded} and {key} {mean} (a cut or edited file, or files of two merges?)")
 
 
-def _salience_grid(run_dir: Path, metric: str, shape: tuple[int, int]) -> np.ndarray | None:
+def _salience_grid(run_dir: Path, metric: str, shape: tuple[int, int], table: bytes | None = None) -> np.ndarray | None:
     """The ``metric`` grid of a salience run (None when it is gone), which must be what the merge weighted by: one
-    value for each head of the merged grid's ``shape`` (analyses.salience.read_salience refused anything else)."""
+    value for each head of the merged grid's ``shape`` (analyses.salience.read_salience refused anything else).
+    ``table``: its heads.csv as ``read_heads`` read it (else the file is read here)."""
     csv = run_dir / "heads.csv"
-    if not csv.is_file():
+    if table is None and not csv.is_file():
         return None
     df = read_table(csv, {"layer": int, "head": int, metric: float}, source="python -m probe.heads",
-                    bounds={"kl": HEAD_METRIC_BOUNDS["kl"]})
+                    bounds={"kl": HEAD_METRIC_BOUNDS["kl"]}, data=table)
     cells = set(zip(df["layer"], df["head"]))
     if len(df) != shape[0] * shape[1] or cells != {(l, h) for l in range(shape[0]) for h in range(shape[1])} \
             or df[metric].isna().any():
@@ -137,17 +138,30 @@ def _salience_grid(run_dir: Path, metric: str, shape: tuple[int, int]) -> np.nda
     return grid
 
 
-def check_runs_unchanged(result_dir: Path, runs: list[str]) -> None:
+def read_heads(runs: list[str]) -> dict[str, bytes | None]:
+    """Each salience run's heads.csv, read once (None when it is gone): the bytes fingerprinted
+    (``check_runs_unchanged``) are the bytes drawn (``_salience_grid``); each was read twice."""
+    tables: dict[str, bytes | None] = {}
+    for r in runs:
+        path = Path(r) / "heads.csv"
+        try:
+            tables[r] = path.read_bytes() if path.is_file() else None
+        except OSError as exc:
+            raise BadInput(f"{path}: not a readable table ({error_reason(exc)})") from None
+    return tables
+
+
+def check_runs_unchanged(result_dir: Path, tables: dict[str, bytes | None]) -> None:
     """Each salience run drawn beside the weights is still the one the merge weighted by: its fingerprint
     (``run_fingerprint``) is among the inputs the merge's manifest records. A run swept again into its dir since
     (other items, another model) was drawn as if the merge had read it. A merge without that record (one from
-    before merges kept their request, or written by hand) is drawn as before."""
+    before merges kept their request, or written by hand) is drawn as before. ``tables``: ``read_heads(runs)``."""
     inputs = ((read_manifest(result_dir) or {}).get("request") or {}).get("inputs")
     if not isinstance(inputs, list):
         return
     recorded = {e[1] for e in inputs if isinstance(e, list) and len(e) == 2}
-    for r in runs:
-        if (Path(r) / "heads.csv").is_file() and run_fingerprint(Path(r)) not in recorded:  # gone: drawn as such
+    for r, table in tables.items():
+        if table is not None and run_fingerprint(Path(r), table) not in recorded:  # gone: drawn as such
             raise BadInput(f"salience run {r} changed since the merge {result_dir} read it (its heads.csv or "
                            "run.json differ): its saliences are not what the merge weighted by; rerun the merge "
                            "(python -m analyses.merge ... --overwrite) or draw it with the run it read")
@@ -231,9 +245,10 @@ def draw_merge(result_dir: Path) -> list[Path]:
             or not all(r is None or isinstance(r, str) for r in runs):
         raise BadInput(f"{result_dir / 'merge.json'}: 'salience' is not a salience merge's record")
     names = list(grids)
-    check_runs_unchanged(result_dir, [r for r in runs if r])
-    sals = [_salience_grid(Path(runs[k]), metric, grids[n].shape) if k < len(runs) and runs[k] else None
-            for k, n in enumerate(names)]
+    tables = read_heads([r for r in runs if r])
+    check_runs_unchanged(result_dir, tables)
+    sals = [_salience_grid(Path(runs[k]), metric, grids[n].shape, tables[runs[k]])
+            if k < len(runs) and runs[k] and tables[runs[k]] is not None else None for k, n in enumerate(names)]
     # one column of two heatmaps per participant, wrapped into rows on a page (4 participants: 2 × 2); past 6,
     # further pages (merge_heads-2, ...) rather than heatmaps too small to read
     titles = distinct_names(names)  # two participants in folders of one name (a/checkpoint-100, b/checkpoint-100)

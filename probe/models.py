@@ -1101,16 +1101,27 @@ def check_float_parameters(file: Path, fh: Any) -> None:
             raise BadInput(f"{file}: tensor {key} is stored as {dtype}, not a float dtype: a damaged checkpoint")
 
 
-def bin_shapes(file: Path) -> dict[str, tuple[int, ...]]:
-    """The tensor names and shapes of a PyTorch ``.bin`` shard: its pickle is read (``weights_only``, memory-mapped,
-    so no tensor data), which is as close to a header as the format has."""
+def bin_state_dict(file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a PyTorch ``.bin`` shard by name, read with ``weights_only`` and memory-mapped (no tensor data
+    touched); other entries are skipped. A tensor under a key that is not a string (an int, a tuple) names no
+    parameter: every reader sorts or matches names, so it is refused here, once, for the probe and the analyses."""
     try:
         sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad pickle
         raise BadInput(f"unreadable checkpoint file {file}: {type(exc).__name__}: {error_reason(exc)}") from None
     if not isinstance(sd, dict):
         raise BadInput(f"unreadable checkpoint file {file}: not a state dict")
-    return {k: tuple(v.shape) for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    if bad := [k for k in tensors if not isinstance(k, str)]:
+        raise BadInput(f"unreadable checkpoint file {file}: {len(bad)} tensor(s) under a key that is not a "
+                       f"string name (first: {bad[0]!r})")
+    return tensors
+
+
+def bin_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """The tensor names and shapes of a PyTorch ``.bin`` shard (``bin_state_dict``): its pickle is as close to a
+    header as the format has."""
+    return {k: tuple(v.shape) for k, v in bin_state_dict(file).items()}
 
 
 def check_shard_keys(path: Path, index: Path | None, wmap: Mapping[str, str] | None,

@@ -786,3 +786,24 @@ def test_a_bin_that_is_no_state_dict_is_bad_input(zoo, tmp_path, capsys, obj):
     code, err = run_cli(shift.main, ["--base", zoo["base"], "--models", d, "--out", out, "--no-figures",
                                      "--allow-bin"], capsys)
     assert_bad(code, err, out, "not a state dict", "pytorch_model.bin")
+
+
+@pytest.mark.parametrize("key", [7, ("model.norm.weight", 1)])
+def test_a_bin_with_a_tensor_under_a_key_that_is_no_name_is_bad_input(zoo, tmp_path, capsys, key):
+    """A pytorch_model.bin whose state dict holds a tensor under an int (or tuple) key was a TypeError traceback
+    (exit 1) in every analyses command (sorting str against int in the shard check) and in the probe's reader: one
+    line naming the file and the key, from both, and nothing written."""
+    from probe.models import resolve_model
+
+    d = tmp_path / "binint"
+    d.mkdir()
+    (d / "config.json").write_text((zoo["q1"] / "config.json").read_text())
+    weights = load_file(zoo["q1"] / "model.safetensors")
+    weights[key] = torch.ones(2)
+    torch.save(weights, d / "pytorch_model.bin")
+    out = tmp_path / "o"
+    code, err = run_cli(shift.main, ["--base", zoo["base"], "--models", d, "--out", out, "--no-figures",
+                                     "--allow-bin"], capsys)
+    assert_bad(code, err, out, "pytorch_model.bin", "not a string name", repr(key))
+    with pytest.raises(BadInput, match="not a string name"):
+        resolve_model(str(d))

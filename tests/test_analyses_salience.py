@@ -342,19 +342,24 @@ def test_head_slices_streamed_in_many_row_blocks_are_the_one_block_merge_bit_for
     """merge_slices streams a head-owned tensor in blocks of MERGE_CHUNK // columns rows, each with its own rows'
     weights (q/k/v) or every column's (o_proj). The tiny models' tensors fit one block, so the per-block offsets ran
     only on real sizes (a 7B q_proj is 49 blocks); with 96-element chunks (3 rows a block, a short last one) the
-    merge must be the one-block merge bit for bit, and the in-memory oracle's."""
+    merge must be the one-block merge bit for bit, and the in-memory oracle's. A row wider than a chunk (a real
+    tensor past 262,144 columns; here 20-element chunks of 32-column rows) was a view error traceback (exit 1): it
+    goes in column blocks of one row, a short last one, with the same bits."""
     experts = [zoo["vl"], zoo["ov"]]
     argv = ["--base", zoo["base"], "--models", *experts, "--method", "salience", "--salience", *runs["dirs"][:2],
             "--salience-temperature", 0.5, "--alpha0", 0.3, "--quiet"]
     assert run(merge.main, *argv, "--out", tmp_path / "whole") == 0
-    monkeypatch.setattr(merge, "MERGE_CHUNK", 96)
-    assert run(merge.main, *argv, "--out", tmp_path / "blocks") == 0
-    whole, blocks = canonical(tmp_path / "whole"), canonical(tmp_path / "blocks")
+    whole = canonical(tmp_path / "whole")
     want = in_memory_salience(canonical(zoo["base"]), [canonical(e) for e in experts], runs["tables"][:2], 0.5, 0.3)
-    assert whole.keys() == blocks.keys() == want.keys() and whole["layers.1.self_attn.q_proj.weight"].shape[0] > 3
-    for name, t in want.items():
-        assert torch.equal(blocks[name], whole[name]), name
-        torch.testing.assert_close(blocks[name].float(), t, rtol=1e-6, atol=1e-7, msg=name)
+    assert whole["layers.1.self_attn.q_proj.weight"].shape == whole["layers.1.self_attn.o_proj.weight"].shape == (32, 32)
+    for chunk in (96, 20):
+        monkeypatch.setattr(merge, "MERGE_CHUNK", chunk)
+        assert run(merge.main, *argv, "--out", tmp_path / f"blocks{chunk}") == 0
+        blocks = canonical(tmp_path / f"blocks{chunk}")
+        assert whole.keys() == blocks.keys() == want.keys()
+        for name, t in want.items():
+            assert torch.equal(blocks[name], whole[name]), (chunk, name)
+            torch.testing.assert_close(blocks[name].float(), t, rtol=1e-6, atol=1e-7, msg=f"{chunk}: {name}")
 
 
 def test_salience_merge_is_bit_stable_with_carriers(zoo, runs, tmp_path):
@@ -372,14 +377,27 @@ def test_figures_merge_refuses_a_salience_run_swept_again_since_the_merge(zoo, r
     """python -m figures merge reads each participant's salience from its run dir at draw time: a run swept again
     there after the merge (here one head's KL raised) was drawn beside weights computed from the old saliences,
     exit 0. Now a run whose fingerprint is not among the merge's recorded inputs exits 2 naming it, and the
-    figures already there are left as they were; the unchanged run draws as before."""
+    figures already there are left as they were; the unchanged run draws as before. The merge resolves its LM
+    type once and the drawing reads each heads.csv once (the bytes fingerprinted are the bytes drawn): each was
+    done twice."""
+    import pandas as pd
+
     from figures.__main__ import main as figures_main
 
     dirs = [Path(shutil.copytree(d, tmp_path / "runs" / d.name)) for d in runs["dirs"][:2]]
     out = tmp_path / "m"
-    assert run(merge.main, "--base", zoo["base"], "--models", zoo["vl"], zoo["ov"], "--method", "salience",
-               "--salience", *dirs, "--quiet", "--out", out) == 0
-    assert run(figures_main, "merge", out) == 0
+    resolved, reads = [], []
+    lm_type, read_bytes, read_csv = merge.causal_lm_type, Path.read_bytes, pd.read_csv
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(merge, "causal_lm_type", lambda *a: resolved.append(a) or lm_type(*a))
+        mp.setattr(Path, "read_bytes", lambda self: reads.append(self.name) or read_bytes(self))
+        mp.setattr(pd, "read_csv", lambda f, *a, **k: reads.append(getattr(f, "name", "bytes")) or read_csv(f, *a, **k))
+        assert run(merge.main, "--base", zoo["base"], "--models", zoo["vl"], zoo["ov"], "--method", "salience",
+                   "--salience", *dirs, "--quiet", "--out", out) == 0
+        assert len(resolved) == 1, resolved
+        reads.clear()
+        assert run(figures_main, "merge", out) == 0
+        assert reads.count("heads.csv") == 2, reads  # one read per run
     drawn = {p: p.read_bytes() for p in out.glob("merge_heads*")}
     assert drawn
     table = dirs[1] / "heads.csv"
@@ -953,3 +971,24 @@ def test_a_merge_written_before_the_weight_column_reads_draws_and_resumes_as_bef
     assert run(merge.main, *other) == 2
     assert "holds a finished analyses.merge output of other options or inputs" in capfd.readouterr().err
     assert {p: p.read_bytes() for p in old.rglob("*") if p.is_file()} == before
+
+
+def test_a_config_deeper_than_the_weights_is_refused_before_anything_is_written(zoo, tmp_path, capfd):
+    """The reverse of the case above: config.json declares a layer (here layer 2) its weights do not hold. A
+    probe.heads run sweeps the config's layers, so a 3-layer heads.csv matched the geometry and the merge went on
+    with salience for a layer nothing in it merges. Exit 2, one line naming the missing layer, nothing written."""
+    models = {}
+    for name in ("base", "vl", "ov"):
+        d = models[name] = Path(shutil.copytree(zoo[name], tmp_path / name))
+        cfg = json.loads((d / "config.json").read_text())
+        cfg.get("text_config", cfg)["num_hidden_layers"] = L + 1  # the weights keep layers 0 and 1 only
+        (d / "config.json").write_text(json.dumps(cfg))
+    dirs = [write_run(tmp_path / f"r{i}", torch.rand(L + 1, H) + 0.1, layers=L + 1) for i in range(2)]
+    capfd.readouterr()
+    out = tmp_path / "m"
+    code = run(merge.main, "--base", models["base"], "--models", models["vl"], models["ov"], "--method", "salience",
+               "--salience", *dirs, "--quiet", "--out", out)
+    err = capfd.readouterr().err.strip()
+    assert code == 2 and err.startswith(f"error: --base {models['base']}: ") and "\n" not in err, err
+    assert f"num_hidden_layers {L + 1}" in err and f"no tensors of layer {L} " in err, err
+    assert not out.exists() and not list(tmp_path.glob(".m.*"))

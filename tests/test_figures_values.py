@@ -995,8 +995,8 @@ def test_heatmap_numbers_in_cells_fit_their_cells_or_are_left_out(tmp_path, monk
     """Grids of up to 100 heads print each value in its cell, but a one-layer sweep of a 28-head model (--layers 0)
     has 0.19 in cells, and the KL map's '0.033' ran into its neighbours' ('0.0330.5401.826'), as did a single
     head's accuracies over 100 layers. Each number shown lies inside its cell and reads as the CSV's value (at the
-    precision shown); where none fits, the cells go without numbers (the colour bar gives them). The organisms'
-    4 × 8 maps keep theirs. (Drawn, not saved: the layout is the one saved.)"""
+    precision shown); where none fits, the cells go without numbers (the colour bar gives them) and the x-axis
+    label says so (blank cells said nothing: they read as missing values). The organisms' 4 × 8 maps keep theirs. (Drawn, not saved: the layout is the one saved.)"""
     from test_figures_page import write_heads
 
     import figures.heads
@@ -1020,5 +1020,9 @@ def test_heatmap_numbers_in_cells_fit_their_cells_or_are_left_out(tmp_path, monk
             decimals = len(t.get_text().partition(".")[2])
             assert float(t.get_text()) == pytest.approx(want[round(y), round(x)], abs=0.51 * 10.0 ** -decimals)
         assert len(ax.texts) in (0, layers * heads)
+        # numbers left out are said to be, under the map and on the page; a map that prints them says nothing
+        label = ax.xaxis.label
+        assert (figures.heads.CELLS_LEFT_OUT in label.get_text()) == (not ax.texts), (metric, label.get_text())
+        assert fig.bbox.contains(*label.get_window_extent().p0) and fig.bbox.contains(*label.get_window_extent().p1)
         if (layers, heads) == (4, 8):  # as before: one decimal of a percentage, three of a KL
             assert [len(t.get_text().partition(".")[2]) for t in ax.texts] == [1 if scale == 100 else 3] * 32
