@@ -650,3 +650,24 @@ def test_memory_checkpoint_stages_report_streaming_peaks_and_clean_up(tmp_path, 
     assert memory.main(["--stages", "ckpt-merge-average", *common]) == 0
     assert "checkpoints reused under" in capsys.readouterr().out
     assert sorted(p.name for p in work.iterdir()) == []
+
+
+def test_fsdp_load_compares_the_ways_shards_bit_for_bit():
+    """bench/fsdp_load.py says both ways give every rank "the same shards, bit for bit"; it compared a sum and a
+    position-weighted sum of the elements in float64, with buffers cast to float32: -0.0 for 0.0, a bfloat16
+    buffer for its float32 value and two equal elements swapped with a third made up passed as the same, and one
+    NaN in identical shards (a bit-for-bit match) failed the bench (rc 1). The oracle: the tensors' raw bytes and
+    dtypes."""
+    check = _bench_module("fsdp_load").shard_check
+
+    def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+        return check(a) == check(b)
+
+    one = torch.tensor([1.0, 2.0, 3.0])
+    assert same([one], [one.clone()])
+    nan = torch.tensor([1.0, float("nan")])
+    assert same([nan], [nan.clone()])  # the same bits
+    assert not same([torch.tensor([0.0])], [torch.tensor([-0.0])])
+    assert not same([torch.tensor([0.5], dtype=torch.bfloat16)], [torch.tensor([0.5])])
+    assert not same([torch.tensor([1.0, 2.0, 3.0, 4.0])], [torch.tensor([2.0, 1.0, 2.0, 5.0])])  # same two sums
+    assert not same([one[:2], one[2:]], [one[:1], one[1:]])  # where a shard ends is part of it
