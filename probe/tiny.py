@@ -221,7 +221,13 @@ def _b_gemma3(spec, text, ids):
                           mm_tokens_per_image=4, boi_token_index=ids("<start_of_image>"),
                           eoi_token_index=ids("<end_of_image>"), image_token_index=ids("<image_soft_token>"),
                           tie_word_embeddings=True, **_special(text))
-    return tf.Gemma3ForConditionalGeneration(cfg), Gemma3ImageProcessorPil(size={"height": 32, "width": 32})
+    model = tf.Gemma3ForConditionalGeneration(cfg)
+    # transformers zero-initialises the projector's weight (a trained checkpoint overwrites it): left so, every image
+    # became a zero embedding and the tiny model saw none of its pixels (a row fed another row's image gave the same
+    # numbers, which no test could tell)
+    with torch.no_grad():
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=cfg.text_config.initializer_range)
+    return model, Gemma3ImageProcessorPil(size={"height": 32, "width": 32})
 
 
 def _b_idefics3(spec, text, ids):

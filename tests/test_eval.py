@@ -419,13 +419,15 @@ def test_random_out_of_memory_in_windows_and_batches_keeps_every_item_once_with_
 def test_a_left_padded_row_gets_the_positions_of_its_item_alone(family, generate, load_tiny, data_dir, video_root):
     """RoPE positions, the one thing p within 1e-4 cannot see on tiny random models (a shift moves p by ~1e-6 there,
     by 7e-5 on organism-video): the LM's rotary embedding must see, at a left-padded row's real tokens, the
-    positions it sees when the item runs alone. Without generation a plain forward numbered the padding too."""
+    positions it sees when the item runs alone, and so at every generated token (M-RoPE's rope_deltas, the cache
+    position: a shift there changes only the text after the first token, which tiny models hardly show). Without
+    generation a plain forward numbered the padding too."""
     from probe.batch import measure_batch, plan_batches
     from probe.sweep import SweepConfig, first_token_measure, prepare_item
 
     loaded = load_tiny(family, "sdpa")
     items = _items(family, data_dir, video_root if family in VL_FAMILIES else None)
-    cfg = SweepConfig(generate=generate, max_new_tokens=2)
+    cfg = SweepConfig(generate=generate, max_new_tokens=3)
     prepared = [prepare_item(loaded, it, cfg) for it in items]
     width = lambda i: prepared[i][0]["input_ids"].shape[1]  # noqa: E731
     batch = max(plan_batches([p[0] for p in prepared], 8, max_padding=None), key=lambda b: width(b[-1]) - width(b[0]))
@@ -437,13 +439,17 @@ def test_a_left_padded_row_gets_the_positions_of_its_item_alone(family, generate
         lambda m, args, kw: seen.append(kw["position_ids"] if "position_ids" in kw else args[1]), with_kwargs=True)
     try:
         measure_batch(loaded, [prepared[i][0] for i in batch], [prepared[i][1] for i in batch], cfg)
-        padded = seen[0][..., 0, -width(short):]  # [L] or M-RoPE's [3, L]: the prompt's pass, the short row
+        batched = [x[..., 0, :] for x in seen]  # per forward, [L] or M-RoPE's [3, L] of the short row
         seen.clear()
         first_token_measure(loaded, *prepared[short], cfg)
-        alone = seen[0][..., 0, :]
+        alone = [x[..., 0, :] for x in seen]
     finally:
         hook.remove()
-    assert torch.equal(padded, alone), (padded, alone)
+    padded = batched[0][..., -width(short):]  # the prompt's pass
+    assert torch.equal(padded, alone[0]), (padded, alone[0])
+    assert len(alone) == (cfg.max_new_tokens if generate else 1) <= len(batched)  # anti-tautology: every step seen
+    for step, (a, b) in enumerate(zip(batched[1:], alone[1:]), 1):
+        assert torch.equal(a, b), (step, a, b)
 
 
 def test_collate_left_pads_and_concatenates():

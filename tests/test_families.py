@@ -641,6 +641,23 @@ def test_batched_evaluation_equals_one_item_path(family, loaded, video_item):
         torch.testing.assert_close(g.logp.exp(), want.logp.exp(), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("family", [f for f in VL_FAMILIES + NEW if "image" in FAMILIES[f].modalities])
+def test_every_image_familys_tiny_model_sees_its_image(family, loaded, load_tiny):
+    """The batching tests hold a batched row to its item alone within 1e-4 in p; a row fed another row's pixels
+    must miss that by far, or they (and the run-time guard) cannot tell. Oracle: the same item with another image,
+    each alone, moves p over its option letters by > 1e-3. Tiny Gemma 3 once saw none of its images (its
+    projector weight is zero-initialised by transformers), so every Gemma 3 image test passed whatever pixels a row
+    got."""
+    from probe.sweep import SweepConfig, first_token_measure, prepare_item
+
+    m = load_tiny(family, "sdpa") if family in VL_FAMILIES else loaded(family)
+    cfg = SweepConfig(generate=False)
+    item = make_item(seed=0)
+    other = dataclasses.replace(item, images=(png_bytes(colour=(10, 200, 90), seed=10),))
+    p = [first_token_measure(m, *prepare_item(m, it, cfg), cfg).logp.exp() for it in (item, other)]
+    assert float((p[0] - p[1]).abs().max()) > 1e-3
+
+
 @pytest.mark.parametrize("generate", [True, False])
 @pytest.mark.parametrize("family", [f for f in NEW if not FAMILIES[f].processor_class])
 def test_batched_evaluation_of_a_text_family_equals_one_item_path(family, generate, loaded):

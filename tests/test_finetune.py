@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from probe.errors import BadInput, cli_main
 from probe.fsdp import unsupported as fsdp_unsupported
@@ -808,16 +808,24 @@ def test_fsdp_refuses_to_drop_every_gradient_when_it_cannot_map_them() -> None:
 
 @needs_fsdp
 def test_fsdp_keeps_a_reached_gradient_of_zeros(data_dir, text_dir, tmp_path):
-    """Tiny Gemma3's projector weight starts at zero, so the vision tower's gradient on a step with images is
-    exactly 0.0: one process keeps it (AdamW decays the tower and counts the step); --fsdp set every gradient that
-    was 0 on all ranks to None, so the tower's AdamW step count fell one behind and its weights ended a quarter of
-    their movement away. Now only parameters no rank's backward reached are skipped: one process's run, its AdamW
-    step counts and weights."""
+    """Gemma3's projector weight as transformers initialises it (zero: a model whose projector is trained from
+    scratch), so the vision tower's gradient on a step with images is exactly 0.0: one process keeps it (AdamW
+    decays the tower and counts the step); --fsdp set every gradient that was 0 on all ranks to None, so the tower's
+    AdamW step count fell one behind and its weights ended a quarter of their movement away. Now only parameters no
+    rank's backward reached are skipped: one process's run, its AdamW step counts and weights."""
+    import shutil
+
     from analyses.finetune import main
     from probe.tiny import tiny_dir
 
+    model = shutil.copytree(tiny_dir("gemma3"), tmp_path / "gemma3")  # the tiny model's projector sees its images
+    weights = load_file(model / "model.safetensors")
+    key = "multi_modal_projector.mm_input_projection_weight"
+    weights[key] = torch.zeros_like(weights[key])
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+
     def argv(out):
-        return ["--model", str(tiny_dir("gemma3")), "--data", f"text={text_dir}", f"image={data_dir}",
+        return ["--model", str(model), "--data", f"text={text_dir}", f"image={data_dir}",
                 "--mix", "1:1", "--split", "validation", "--steps", "2", "--save-steps", "0", "--batch-size", "4",
                 "--micro-batch", "1", "--lr", "1e-3", "--lm-lr", "1e-3", "--warmup", "1", "--dtype", "float32",
                 "--device", "cpu", "--quiet", "--out", str(out)]
