@@ -12,7 +12,11 @@ The checkpoint is saved in bfloat16, as real ones are, and loaded in float32, as
 autocast or in float32, backward, gradients reduce-scattered; 2 rows of 64 tokens a rank): with float32 weights
 and bfloat16 autocast, are the step's bfloat16 casts of every weight held whole until the backward, as
 ``probe.models.check_trains_fits`` assumes for ``--fsdp``? Prints each precision's peak beyond the shards and
-the difference, against the bfloat16 copy of all the weights.
+the difference, against the bfloat16 copy of all the weights, and what the check counts beyond the weight shards
+for such a step: the gradient shards, the weights a forward gathers whole (``fsdp_gathered_bytes``: the root group
+and two decoder layers), the gradients the backward holds whole (``fsdp_backward_grad_bytes``: the root group's and
+two decoder layers'), and under autocast the bfloat16 copy of every weight (AdamW's moments come with the
+optimiser's step, which this does not run).
 
 Each way runs under ``torch.distributed.run`` on the CPU (gloo): load, then ``probe.fsdp.shard``. Prints per rank the
 seconds, the peak resident anonymous memory beyond what the process held before loading (sampled every 2 ms;
@@ -78,6 +82,24 @@ def step_worker(precision: str, source: str, out: str) -> None:
                             "saved_casts": sum(saved.values()), "matmul_weights_bf16": casts}) + "\n")
 
 
+def check_counts_beyond_shards(source: Path, processes: int) -> dict[str, int]:
+    """What ``check_trains_fits`` counts a rank holding beyond its weight shards in a step of ``--step``'s, each
+    precision: the gradient shards, ``fsdp_gathered_bytes`` and ``fsdp_backward_grad_bytes`` (every parameter
+    trains), and under autocast the bfloat16 copy of every weight; float32 weights, from the config alone."""
+    from probe.dispatch import module_nbytes
+    from probe.models import fsdp_backward_grad_bytes, fsdp_gathered_bytes, resolve_model, skeleton_of
+
+    ref = resolve_model(str(source))
+    skeleton = skeleton_of(ref, torch.float32)
+    weights = module_nbytes(skeleton)
+    params = [p for p in skeleton.parameters() if p.requires_grad]
+    grads = sum(p.numel() * p.element_size() for p in params)
+    layers = ref.family.layers_path
+    fp32 = (grads / processes + fsdp_gathered_bytes(skeleton, layers)
+            + fsdp_backward_grad_bytes(skeleton, layers, params))
+    return {"float32": int(fp32), "bfloat16": int(fp32) + weights // 2}
+
+
 def shard_check(tensors: list[torch.Tensor]) -> str:
     """What the two ways' ranks compare, bit for bit: a SHA-256 of each tensor's dtype, shape and raw bytes, in
     order (a sum of the elements passed -0.0 for 0.0 and failed on a NaN)."""
@@ -139,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         built.model.save_pretrained(source)
         n_params = sum(p.numel() for p in built.model.parameters())
         del built
+        counted = check_counts_beyond_shards(source, args.processes)
         results = Path(tmp) / "results.jsonl"
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
         for way in STEPS if args.step else WAYS:
@@ -162,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         print("autocast's extra a rank: " + ", ".join(f"{e / gb:.2f}" for e in extra)
               + f" GB, against {n_params * 2 / gb:.2f} GB for a bfloat16 copy of every weight (what "
               "check_trains_fits counts)")
+        for way in STEPS:
+            peak = max(r["peak"] for r in rows if r["way"] == way)
+            print(f"{STEPS[way]}: check_trains_fits counts {counted[way] / gb:.2f} GB beyond the weight shards, the "
+                  f"highest rank's peak {peak / gb:.2f} GB ({(counted[way] - peak) / gb:+.2f} GB)")
         return 0
     print(f"Qwen2-7B layer shapes, {args.layers} layers, vocab {args.vocab_size}: {n_params / 1e6:.0f}M parameters, "
           f"saved in {args.source_dtype}, loaded in float32 ({n_params * 4 / gb:.2f} GB); {args.processes} gloo "

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Collection, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
@@ -944,14 +944,16 @@ def check_trains_fits(ref: ModelRef, dtype: str, device: str, memory: int | None
     bytes (free RAM on the CPU, the GPU's total); None = unknown, not checked.
 
     ``shards`` > 1: each of that many devices under ``--fsdp`` (probe.fsdp) holds 1/shards of the weights, gradients
-    and moments, plus what a forward gathers whole (``fsdp_gathered_bytes``), plus under autocast the bfloat16 copy
-    of every weight, whole: autograd keeps the cast each matmul used for its backward, a tensor FSDP does not manage
-    (measured on the CPU: ``bench/fsdp_load.py --step``). Those casts are freed layer by layer in the backward as
+    and moments, plus what a forward gathers whole (``fsdp_gathered_bytes``), plus the gradients the backward holds
+    whole before FSDP2 reduce-scatters them (``fsdp_backward_grad_bytes``; without them the check counted a layer's
+    worth less than a rank held), plus under autocast the bfloat16 copy of every weight, whole: autograd keeps the
+    cast each matmul used for its backward, a tensor FSDP does not manage (measured on the CPU:
+    ``bench/fsdp_load.py --step``). Those casts are freed layer by layer in the backward as
     the gradient shards come, so counting both errs on the safe side by at most the gradients' share."""
     if not memory:
         return
     from probe.dispatch import HEADROOM_BYTES, HEADROOM_FRACTION, module_nbytes
-    from probe.train import optimizer_bytes
+    from probe.train import optimizer_bytes, trained_params
 
     skeleton = skeleton_of(ref, DTYPES[dtype])
     weights = module_nbytes(skeleton)
@@ -961,16 +963,21 @@ def check_trains_fits(ref: ModelRef, dtype: str, device: str, memory: int | None
     usable = memory * HEADROOM_FRACTION - HEADROOM_BYTES
     if shards > 1:
         gathered = fsdp_gathered_bytes(skeleton, ref.family.layers_path)
-        need = (weights + state) / shards + gathered + cast  # the casts are not sharded: every rank casts every weight
+        whole_grads = fsdp_backward_grad_bytes(skeleton, ref.family.layers_path,
+                                               trained_params(skeleton, ref, train_cfg))
+        # the casts are not sharded: every rank casts every weight
+        need = (weights + state) / shards + gathered + whole_grads + cast
         if need > usable:
             casts = (f", and {byte_size(cast)} of bfloat16 copies of all the weights that autocast makes and autograd "
                      "keeps for the backward" if autocast else "")
             raise BadInput(f"{ref.spec}: fine-tuning it with --fsdp over {shards} processes takes {byte_size(need)} "
                            f"on each device: 1/{shards} of {byte_size(weights)} of {dtype} weights plus "
                            f"{byte_size(state)} of gradients and AdamW moments ({n_train:,} parameters train), "
-                           f"{byte_size(gathered)} of weights a forward gathers whole{casts}; more than {device} can "
-                           f"hold ({byte_size(max(usable, 0))} usable); launch more processes (one per GPU, on several "
-                           "machines), or train LoRA adapters (--lora R, which --fsdp shards the frozen weights under)")
+                           f"{byte_size(gathered)} of weights a forward gathers whole, {byte_size(whole_grads)} of "
+                           f"gradients the backward holds whole before reduce-scattering them{casts}; more than "
+                           f"{device} can hold ({byte_size(max(usable, 0))} usable); launch more processes (one per "
+                           "GPU, on several machines), or train LoRA adapters (--lora R, which --fsdp shards the "
+                           "frozen weights under)")
         return
     if weights + state + cast > usable:
         copies = " (and the bfloat16 autocast copies)" if autocast else ""
@@ -1023,6 +1030,41 @@ def fsdp_gathered_bytes(model: nn.Module, layers_path: str) -> int:
 
     layers = [module_nbytes(layer) for layer in model.get_submodule(layers_path)]
     return module_nbytes(model) - sum(layers) + 2 * max(layers)
+
+
+def fsdp_backward_grad_bytes(model: nn.Module, layers_path: str, trained: Iterable[nn.Parameter]) -> int:
+    """The gradients an ``--fsdp`` rank holds whole in the backward besides their shards (``trained``: the
+    parameters that get one): the root group's, reduce-scattered only once the whole backward is done (the head's
+    from its start), and two decoder layers' worth: the running layer's, which autograd fills before FSDP2
+    reduce-scatters it, and the reduce-scatter input of the layer before it, which FSDP2 keeps in flight until the
+    next layer's gradients are reduced (torch 2.13's ``reduce_scatter_max_input_buffers`` of 1). With
+    ``fsdp_gathered_bytes`` (the root and two layers' weights: the running layer's and the next one's, prefetched
+    for the backward) that is FSDP2's peak in a decoder layer's backward. Measured by ``bench/fsdp_load.py --step``
+    (Qwen2-7B's layer shapes, 2 gloo processes on the CPU, one step; NCCL on GPUs not measured): GB beyond a rank's
+    weight shards, fp32 / bf16 autocast, the highest rank's peak against what ``check_trains_fits`` counts for the
+    step (gradient shards, weights gathered and gradients held whole, bf16 copies), with and without this term::
+
+        layers  vocab  peak         counted      without this
+        2       8000   3.82 / 4.25  5.23 / 6.28  3.14 / 4.19
+        3       8000   4.78 / 5.67  5.70 / 7.21  3.61 / 5.12
+        4       8000   5.33 / 6.18  6.17 / 8.15  4.07 / 6.05
+        2       16000  4.16 / 4.58  5.81 / 6.97  3.48 / 4.65
+
+    (a layer more: +0.96 GB, a layer's 0.93 GB; 8000 more tokens of vocabulary: +0.34 GB, the root's weights and
+    the head's gradient; the 4th layer adds its gradient shard.)
+
+    It counts the root's whole gradient, which exists whole only at the end of the backward (beside one layer's
+    reduce-scatter input), where in a layer's backward only the head's and the final norm's do (the embeddings' and
+    a vision tower's come last): over by the embeddings' and vision tower's gradients or by three layers,
+    whichever is less (2.8 GB a rank for Qwen2-VL-7B, by FSDP2's code). Written for torch 2.13's FSDP2."""
+    wanted = {id(p) for p in trained}
+
+    def grad_bytes(module: nn.Module) -> int:
+        own = {id(p): p for p in module.parameters() if id(p) in wanted}  # tied parameters once
+        return sum(p.numel() * p.element_size() for p in own.values())
+
+    layers = [grad_bytes(layer) for layer in model.get_submodule(layers_path)]
+    return grad_bytes(model) - sum(layers) + 2 * max(layers, default=0)
 
 
 def build_processor(ref: ModelRef, tokenizer: Any) -> Any:

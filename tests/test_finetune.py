@@ -1422,10 +1422,12 @@ def test_training_state_that_does_not_fit_is_refused_before_a_weight_loads(tmp_p
 def test_an_fsdp_rank_is_checked_for_its_share_and_what_a_forward_gathers(tiny_dirs) -> None:
     """Under --fsdp each GPU holds 1/W of the weights, gradients and AdamW moments, plus the weights a forward
     gathers whole: the root's group (all but the decoder layers) and two decoder layers (the running one and the
-    prefetched); under bfloat16 autocast, the bfloat16 copy of every weight too (whole). Oracle: tiny Qwen2-VL
-    loaded, those bytes counted from its tensors; a device 1 KB short of a rank's need over 2 processes is refused
-    in one line naming --fsdp, 1 KB more passes, and what one process needs (twice the shared part) is refused
-    without --fsdp."""
+    prefetched); plus the gradients the backward holds whole: the root group's and two decoder layers' (the
+    running one's and the reduce-scatter input of the one before; the check counted a layer's worth less than
+    bench/fsdp_load.py --step measured); under bfloat16 autocast, the bfloat16 copy of every weight too (whole).
+    Oracle: tiny Qwen2-VL loaded, those bytes counted from its tensors; a device 1 KB short of a rank's need over 2
+    processes is refused in one line naming --fsdp and the backward's gradients, 1 KB more passes, and what one
+    process needs (twice the shared part) is refused without --fsdp."""
     from probe.dispatch import HEADROOM_BYTES, HEADROOM_FRACTION
     from probe.models import check_trains_fits, load_model, resolve_model
     from probe.train import TrainConfig
@@ -1440,12 +1442,16 @@ def test_an_fsdp_rank_is_checked_for_its_share_and_what_a_forward_gathers(tiny_d
     weights = nbytes(model)
     layers = [nbytes(layer) for layer in model.get_submodule(ref.family.layers_path)]
     gathered = weights - sum(layers) + 2 * max(layers)
-    share = (weights + _trainable_bytes(model)) / 2 + gathered
+    params = lambda module: sum(p.numel() * 4 for p in module.parameters())  # noqa: E731 (float32, all train)
+    layer_grads = [params(layer) for layer in model.get_submodule(ref.family.layers_path)]
+    whole_grads = params(model) - sum(layer_grads) + 2 * max(layer_grads)
+    share = (weights + _trainable_bytes(model)) / 2 + gathered + whole_grads
     cfg = TrainConfig(steps=1, lr=1e-3, lm_lr=1e-3)
     device = lambda need: int((need + HEADROOM_BYTES) / HEADROOM_FRACTION)  # noqa: E731
     with pytest.raises(BadInput) as exc:
         check_trains_fits(ref, "float32", "cuda:0", device(share - 1024), cfg, shards=2)
     assert "with --fsdp over 2 processes takes" in str(exc.value) and "\n" not in str(exc.value)
+    assert "of gradients the backward holds whole" in str(exc.value)
     check_trains_fits(ref, "float32", "cuda:0", device(share + 1024), cfg, shards=2)
     with pytest.raises(BadInput, match=": fine-tuning it takes [0-9.]+ MiB of float32 weights plus"):
         check_trains_fits(ref, "float32", "cuda:0", device(share + 1024), cfg)
