@@ -327,7 +327,7 @@ def lora_delta(module: Any, adapter: str, weights: dict[str, Any] | None, name: 
 
 def write_lora_merge(loaded: LoadedModel, source: Path, dest: Path, weights: dict[str, Any] | None = None) -> None:
     """The weights of a LoRA checkpoint: every tensor of the source checkpoint (under its names and layout) in
-    float32, each adapted projection plus its adapter's update (peft's ``get_delta_weight``: B·A·α/R), written
+    float32 (integer and bool ones as they are), each adapted projection plus its adapter's update (peft's ``get_delta_weight``: B·A·α/R), written
     one tensor at a time. A merged float32 copy of the whole model (peft's ``merge_and_unload``) needed 2× the
     weights' memory on the model's devices (a 72B model's 288 GB); this holds a few copies of the largest tensor
     in CPU memory (bench/lora_save.py: 0.92 GB against 3.39 GB for a 1.4 GB bf16 model). A float32 source
@@ -355,13 +355,16 @@ def write_lora_merge(loaded: LoadedModel, source: Path, dest: Path, weights: dic
                                    f"adapted {canon} (found {key!r}); its LoRA merge cannot be written")
             by_key[key] = name, module
         keys = sorted(ck.infos, key=lambda k: (str(ck.infos[k].file), ck.infos[k].start))
-        entries = [Entry(k, torch.float32, tuple(ck.infos[k].shape)) for k in keys]
+        # float32 for the floating point tensors; an integer or bool one (a tower's int64 position_ids) as it is:
+        # written as float32 it was another dtype, rounded above 2^24
+        dtypes = {k: torch.float32 if ck.infos[k].dtype.is_floating_point else ck.infos[k].dtype for k in keys}
+        entries = [Entry(k, dtypes[k], tuple(ck.infos[k].shape)) for k in keys]
         write_source_config(source, dest, "float32")
         with ShardedWriter(dest, entries, SHARD_BYTES) as writer, torch.no_grad():
             for key in keys:
                 info = ck.infos[key]
                 stored = ck.view(info)
-                tensor = stored.to(torch.float32, copy=True)  # never the source's mapped bytes
+                tensor = stored.to(dtypes[key], copy=True)  # never the source's mapped bytes
                 if key in by_key:
                     name, module = by_key[key]
                     held = module.base_layer.weight

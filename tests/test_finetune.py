@@ -1655,6 +1655,31 @@ def test_an_omni_checkpoint_of_a_relative_dir_named_like_an_alias_keeps_that_dir
     assert torch.equal(held["talker.codec_head.weight"], weights["talker.codec_head.weight"])
 
 
+def test_a_lora_checkpoint_keeps_an_integer_tensor_of_the_source_as_it_is(tiny_dirs, tmp_path) -> None:
+    """A LoRA checkpoint is every source tensor in float32: an integer one too (a SigLIP tower's int64 position_ids,
+    which older checkpoints hold and transformers skips on load) was written as float32, another dtype, and exact
+    only below 2^24. Only floating point tensors become float32; the source's other tensors are copied as they are."""
+    from safetensors.torch import save_file
+
+    from analyses.finetune import add_lora, save_checkpoint
+    from probe.models import load_model, resolve_model
+
+    source = shutil.copytree(tiny_dirs["llava_onevision"], tmp_path / "src")
+    weights = load_file(source / "model.safetensors")
+    n = weights["vision_tower.embeddings.position_embedding.weight"].shape[0]
+    ids = torch.arange(n).reshape(1, -1) + (2**40 + 1)  # not a float32 number: a cast would round it
+    weights["vision_tower.embeddings.position_ids"] = ids
+    save_file(weights, source / "model.safetensors", metadata={"format": "pt"})
+    loaded = add_lora(load_model(resolve_model(str(source)), logits_fp32=False), 4)
+    save_checkpoint(loaded, source, tmp_path / "checkpoint-0", None)
+    saved = load_file(tmp_path / "checkpoint-0" / "model.safetensors")
+    assert saved.keys() == weights.keys()
+    assert saved["vision_tower.embeddings.position_ids"].dtype == torch.int64
+    assert torch.equal(saved["vision_tower.embeddings.position_ids"], ids)
+    assert all(t.dtype == torch.float32 for k, t in saved.items() if k != "vision_tower.embeddings.position_ids")
+    assert load_model(resolve_model(str(tmp_path / "checkpoint-0"))).dtype == torch.float32
+
+
 def test_lora_checkpoint_config_names_one_dtype(tiny_dirs, tmp_path) -> None:
     """A LoRA checkpoint's config.json names its float32 once: a source's transformers-4 ``torch_dtype`` (top level
     and sub-configs) beside the new ``dtype`` would be two keys that disagree."""
