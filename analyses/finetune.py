@@ -434,6 +434,11 @@ def restore_whole_model(source: Path, saved: Path, part_config: Any) -> None:
                                 indent=2) + "\n", encoding="utf-8")
 
 
+def refuse_input_in_out(out: Path, inputs: Sequence[Path]) -> None:
+    if hit := input_in_out(out, [(str(p), p) for p in inputs]):
+        raise BadInput(f"--out {out} holds the input {hit[1]}; --overwrite would delete it, pick another --out")
+
+
 def clear_run(out: Path, inputs: Sequence[Path], cpu: bool) -> None:
     """``--overwrite``: delete the fine-tuning run in ``out`` (its checkpoints, partial ones, log and run.json) and
     nothing else there; refused when ``out`` holds an input (the model being tuned, a data set). ``cpu``: whether
@@ -442,8 +447,7 @@ def clear_run(out: Path, inputs: Sequence[Path], cpu: bool) -> None:
     from probe.results import lock_out_dir
     from probe.train import is_main_process, wait_for_everyone
 
-    if hit := input_in_out(out, [(str(p), p) for p in inputs]):
-        raise BadInput(f"--out {out} holds the input {hit[1]}; --overwrite would delete it, pick another --out")
+    refuse_input_in_out(out, inputs)
     # held first (by every rank, together): a run still training here is refused before its checkpoints, log and
     # run.json are deleted; it was refused only at claim_out_dir, after, and went on writing into the emptied dir
     lock_out_dir(out, shared=rank_world()[1] > 1)
@@ -657,22 +661,26 @@ def run_sessions(cfg: FinetuneConfig, saved: Any, start: int | None, world: int)
                     "gradient_checkpointing": cfg.gradient_checkpointing, "processes": world, "fsdp": cfg.fsdp}]
 
 
-def check_previous_run(cfg: FinetuneConfig, fingerprint: dict[str, Any], model_path: Path, on_cpu: bool) -> None:
-    """A non-empty --out must hold this very run (resumed) or be cleared by --overwrite (never the model's or a
-    data set's files); anything else is refused."""
+def check_previous_run(cfg: FinetuneConfig, fingerprint: dict[str, Any], inputs: Sequence[Path]) -> bool:
+    """A non-empty --out must hold this very run (resumed) or be one --overwrite may clear (never the model's or a
+    data set's files: ``inputs``); anything else is refused. True: the run there is to be cleared (``clear_run``),
+    once every check has passed: cleared here, a rerun refused later (rates that freeze every weight, a training
+    state that does not fit) exited 2 with the previous run deleted and nothing in its place."""
     from probe.results import different_run, has_contents, read_run_json
 
     out = cfg.out
     if not has_contents(out):
-        return
+        return False
     try:
         previous = read_run_json(out)["config"]
     except (KeyError, TypeError):  # TypeError: missing or unreadable (None), or JSON but no object ([1])
         raise BadInput(f"--out {out} is not empty and holds no fine-tuning run.json") from None
     if cfg.overwrite:
-        clear_run(out, [model_path, *map(Path, cfg.data.values())], on_cpu)
-    elif previous != fingerprint:
+        refuse_input_in_out(out, inputs)
+        return True
+    if previous != fingerprint:
         raise different_run(out, previous, fingerprint)
+    return False
 
 
 def append_log(log_path: Path, info: StepInfo, modality_of: dict[int, str], cfg: FinetuneConfig) -> None:
@@ -731,8 +739,9 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         fingerprint["frozen_weights"] = frozen
     fingerprint = json.loads(json.dumps(fingerprint))  # as run.json holds it
     out = cfg.out
-    check_previous_run(cfg, fingerprint, ref.path, on_cpu)
-    start, resumable = resume_point(out, cfg)
+    inputs = [ref.path, *map(Path, cfg.data.values())]
+    clear = check_previous_run(cfg, fingerprint, inputs)
+    start, resumable = (None, {}) if clear else resume_point(out, cfg)  # --overwrite: a run from the start
     if start == cfg.steps and (out / "train_log.csv").is_file():
         saved = read_run_json(out)  # an object: check_previous_run has vouched for it
         if saved.get("status") != "complete" and is_main_process():  # killed after its last checkpoint
@@ -759,6 +768,8 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
                           resumable[start] / "adapter" if start is not None and cfg.lora is not None else None)
     resume = (read_state(resumable[start] / STATE, state_location(world, cfg.fsdp, placement.device), start)
               if start else None)
+    if clear:  # the last refusal before anything is written has passed
+        clear_run(out, inputs, on_cpu)
     print(placement.description, file=sys.stderr)  # after the last check: a refusal stays one line
     from probe.mmmu import EVALUATION_SPLITS
 

@@ -1759,6 +1759,27 @@ def test_overwrite_replaces_only_the_run_and_never_an_input(ft_run, tiny_dirs, d
     assert (out / "checkpoint-4" / "model.safetensors").is_file()
 
 
+def test_an_overwrite_refused_as_bad_input_keeps_the_run_it_would_replace(ft_run, tiny_dirs, data_dir, text_dir,
+                                                                         tmp_path, capfd):
+    """--overwrite deleted the run in --out first and checked the rest after: a rerun refused once the model loaded
+    (rates that freeze every weight; a training state that does not fit the GPU) exited 2 with the previous run's
+    checkpoints, log and run.json gone and nothing in their place. Oracle: the out dir's manifest, unchanged."""
+    from conftest import tree_manifest
+
+    from analyses.finetune import main
+
+    out = shutil.copytree(ft_run, tmp_path / "run")
+    before = tree_manifest(out)
+    frozen = [*_args(tiny_dirs, data_dir, text_dir, out), "--overwrite", "--quiet"]
+    for flag in ("--lr", "--lm-lr"):
+        frozen[frozen.index(flag) + 1] = "0"
+    capfd.readouterr()
+    assert cli_main(main, frozen) == 2
+    err = capfd.readouterr().err.strip()
+    assert "freeze every parameter" in err and "\n" not in err, err
+    assert tree_manifest(out) == before
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_checkpoint_files_get_a_new_files_mode_and_no_second_weight_set(tiny_dirs, load_tiny, tmp_path, umask):
     """save_pretrained writes model.safetensors 0o600 and the side files were copied with a read-only source's
