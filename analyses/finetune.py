@@ -327,13 +327,13 @@ def lora_delta(module: Any, adapter: str, weights: dict[str, Any] | None, name: 
 
 def write_lora_merge(loaded: LoadedModel, source: Path, dest: Path, weights: dict[str, Any] | None = None) -> None:
     """The weights of a LoRA checkpoint: every tensor of the source checkpoint (under its names and layout) in
-    float32 (integer and bool ones as they are), each adapted projection plus its adapter's update (peft's ``get_delta_weight``: B·A·α/R), written
-    one tensor at a time. A merged float32 copy of the whole model (peft's ``merge_and_unload``) needed 2× the
-    weights' memory on the model's devices (a 72B model's 288 GB); this holds a few copies of the largest tensor
-    in CPU memory (bench/lora_save.py: 0.92 GB against 3.39 GB for a 1.4 GB bf16 model). A float32 source
-    trained with bfloat16 frozen weights is merged at its own precision (checkpoint-0 is the source, not the
-    bfloat16 rounding the run held). Raises when a frozen weight is not the source's tensor as loaded (a
-    conversion on load, or a name mapped to the wrong tensor): the update would go to the wrong place.
+    float32 (integer and bool ones in their own dtype), each adapted projection plus its adapter's update (peft's
+    ``get_delta_weight``: B·A·α/R), written one tensor at a time. A merged float32 copy of the whole model (peft's
+    ``merge_and_unload``) needed 2× the weights' memory on the model's devices (a 72B model's 288 GB); this holds a
+    few copies of the largest tensor in CPU memory (bench/lora_save.py: 0.92 GB against 3.39 GB for a 1.4 GB bf16
+    model). A float32 source trained with bfloat16 frozen weights is merged at its own precision (checkpoint-0 is
+    the source, not the bfloat16 rounding the run held). Raises when a frozen weight is not the source's tensor as
+    loaded (a conversion on load, or a name mapped to the wrong tensor): the update would go to the wrong place.
 
     Under FSDP (``weights``: the adapters gathered whole, on rank 0) the frozen weights are shards and are not
     compared: the run's checkpoint-0 compared them, written from rank 0's unsharded model, and a resume loads the
@@ -435,6 +435,7 @@ def restore_whole_model(source: Path, saved: Path, part_config: Any) -> None:
 
 
 def refuse_input_in_out(out: Path, inputs: Sequence[Path]) -> None:
+    """--overwrite of an ``out`` that is or holds one of ``inputs`` (the model tuned, a data set): refused."""
     if hit := input_in_out(out, [(str(p), p) for p in inputs]):
         raise BadInput(f"--out {out} holds the input {hit[1]}; --overwrite would delete it, pick another --out")
 
