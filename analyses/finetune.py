@@ -531,6 +531,21 @@ def read_state(path: Path, map_location: Any = None, step: int | None = None) ->
     return interned_keys(state)
 
 
+def resumed_checkpoint(ckpt: Path) -> ModelRef:
+    """The checkpoint full fine-tuning resumes from, its config and weight files checked (headers, names and shapes
+    against the config) before it loads: a damaged one is bad input naming the checkpoint to delete, as a damaged
+    trainer state is (a truncated model.safetensors was one line without it, and every rerun stopped on it again)."""
+    from probe.models import preflight, resolve_model
+
+    try:
+        ref = resolve_model(str(ckpt))
+        preflight(ref)
+    except BadInput as exc:
+        raise BadInput(f"{exc}; delete {ckpt} and rerun the same command to resume from the checkpoint before it"
+                       ) from None
+    return ref
+
+
 def interned_keys(obj: Any) -> Any:
     """``obj`` with every dict's string keys interned, as a fresh run's optimiser has them: pickle memoises by
     identity, so a resumed run's unpickled "step" keys wrote its later trainer states in other bytes than the
@@ -764,7 +779,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
                            "rerun to resume, or start another run (--overwrite)")
 
     if start is not None and cfg.lora is None:
-        ref = resolve_model(str(resumable[start]))  # full fine-tuning resumes from the checkpoint's weights
+        ref = resumed_checkpoint(resumable[start])  # full fine-tuning resumes from the checkpoint's weights
     loaded = load_trainee(cfg, ref, frozen, placement, tcfg, world,
                           resumable[start] / "adapter" if start is not None and cfg.lora is not None else None)
     resume = (read_state(resumable[start] / STATE, state_location(world, cfg.fsdp, placement.device), start)

@@ -429,13 +429,14 @@ class _MakesADir:
         return os.mkdir, (str(self.path),)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "foreign", "code", "other step"])
+@pytest.mark.parametrize("damage", ["truncated", "foreign", "code", "other step", "weights truncated"])
 def test_a_damaged_trainer_state_is_one_line_before_anything_runs(ft_run, tiny_dirs, data_dir, text_dir, tmp_path,
                                                                    capfd, damage):
     """Resuming from a checkpoint whose trainer state is damaged (a disk error, a copy cut short) or is not one
     used to crash with a traceback after the placement line; now one line names it and what to do, and the run's
     files are left as they were. A state of another step (checkpoint-2's copied into checkpoint-4) resumed the
-    sampler and schedule at step 2 while the weights and the log went on from 4, exit 0."""
+    sampler and schedule at step 2 while the weights and the log went on from 4, exit 0. The checkpoint's weights
+    cut short were one line too, but without what to do: every rerun stopped on them again."""
     import shutil
 
     from analyses.finetune import STATE, main
@@ -446,6 +447,9 @@ def test_a_damaged_trainer_state_is_one_line_before_anything_runs(ft_run, tiny_d
     ran = tmp_path / "ran"
     if damage == "truncated":
         state.write_bytes(state.read_bytes()[:100])
+    elif damage == "weights truncated":
+        state = out / "checkpoint-4" / "model.safetensors"  # the file the line names
+        state.write_bytes(state.read_bytes()[:len(state.read_bytes()) // 2])
     elif damage == "code":  # a whole trainer state, plus one object that runs code when unpickled
         torch.save(torch.load(state, weights_only=True) | {"note": _MakesADir(ran)}, state)
     elif damage == "other step":
