@@ -721,7 +721,8 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     from probe.devices import rank_world, resolve_placement
     from probe.heads import check_same_software, saved_run_info, versions
     from probe.models import model_fingerprint, resolve_model
-    from probe.results import atomic_write_json, atomic_write_with, claim_out_dir, read_run_json, stop_recorded
+    from probe.results import (atomic_write_json, atomic_write_with, claim_out_dir, lock_out_dir, read_run_json,
+                               stop_recorded)
     from probe.train import TrainConfig, check_finite_weights, encode, is_main_process
     from probe.train import train as train_loop
     from probe.train import wait_for_everyone
@@ -784,8 +785,8 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
                           resumable[start] / "adapter" if start is not None and cfg.lora is not None else None)
     resume = (read_state(resumable[start] / STATE, state_location(world, cfg.fsdp, placement.device), start)
               if start else None)
-    if clear:  # the last refusal before anything is written has passed
-        clear_run(out, inputs, on_cpu)
+    if clear:  # held from here, so a command running in --out is refused in one line; cleared once the rows are built
+        lock_out_dir(out, shared=world > 1)
     print(placement.description, file=sys.stderr)  # after the last check: a refusal stays one line
     from probe.mmmu import EVALUATION_SPLITS
 
@@ -798,6 +799,8 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         offsets[label] = range(len(rows), len(rows) + len(enc))
         rows += enc
     modality_of = {i: label for label, r in offsets.items() for i in r}
+    if clear:  # the last refusal before anything is written has passed (a processor refusing an item: encode)
+        clear_run(out, inputs, on_cpu)
     writer = is_main_process()  # under torchrun only rank 0 writes, once every rank has read the out dir
     wait_for_everyone(on_cpu)
     make_out_dir(out)

@@ -1763,25 +1763,38 @@ def test_overwrite_replaces_only_the_run_and_never_an_input(ft_run, tiny_dirs, d
     assert (out / "checkpoint-4" / "model.safetensors").is_file()
 
 
-def test_an_overwrite_refused_as_bad_input_keeps_the_run_it_would_replace(ft_run, tiny_dirs, data_dir, text_dir,
-                                                                         tmp_path, capfd):
+@pytest.mark.parametrize("refusal", ["frozen", "a row"])
+def test_an_overwrite_refused_as_bad_input_keeps_the_run_it_would_replace(refusal, ft_run, tiny_dirs, data_dir,
+                                                                         text_dir, tmp_path, capfd, monkeypatch):
     """--overwrite deleted the run in --out first and checked the rest after: a rerun refused once the model loaded
-    (rates that freeze every weight; a training state that does not fit the GPU) exited 2 with the previous run's
-    checkpoints, log and run.json gone and nothing in their place. Oracle: the out dir's manifest, unchanged."""
+    (rates that freeze every weight; a training state that does not fit the GPU) or while its rows were built (an
+    item the processor refuses) exited 2 with the previous run's checkpoints, log and run.json gone and
+    nothing in their place. Oracle: the out dir's manifest, unchanged."""
     from conftest import tree_manifest
 
+    import probe.train
     from analyses.finetune import main
 
+    def manifest() -> dict:  # but the lock, which a command writes its pid into once it holds --out
+        return {p: v for p, v in tree_manifest(out).items() if Path(p).name != ".lock"}
+
     out = shutil.copytree(ft_run, tmp_path / "run")
-    before = tree_manifest(out)
-    frozen = [*_args(tiny_dirs, data_dir, text_dir, out), "--overwrite", "--quiet"]
-    for flag in ("--lr", "--lm-lr"):
-        frozen[frozen.index(flag) + 1] = "0"
+    before = manifest()
+    argv = [*_args(tiny_dirs, data_dir, text_dir, out), "--overwrite", "--quiet"]
+    if refusal == "frozen":
+        for flag in ("--lr", "--lm-lr"):
+            argv[argv.index(flag) + 1] = "0"
+        says = "freeze every parameter"
+    else:
+        def encode(*args, **kwargs):  # as a processor refuses an item (tests/test_eval: a 3 x 700 picture)
+            raise BadInput("item validation_Art_1: the processor refuses it")
+        monkeypatch.setattr(probe.train, "encode", encode)
+        says = "the processor refuses it"
     capfd.readouterr()
-    assert cli_main(main, frozen) == 2
-    err = capfd.readouterr().err.strip()
-    assert "freeze every parameter" in err and "\n" not in err, err
-    assert tree_manifest(out) == before
+    assert cli_main(main, argv) == 2
+    err = capfd.readouterr().err.strip().splitlines()  # after the placement line
+    assert [line for line in err if line.startswith("error: ")] == err[-1:] and says in err[-1], err
+    assert manifest() == before
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])
