@@ -327,13 +327,13 @@ def lora_delta(module: Any, adapter: str, weights: dict[str, Any] | None, name: 
 
 def write_lora_merge(loaded: LoadedModel, source: Path, dest: Path, weights: dict[str, Any] | None = None) -> None:
     """The weights of a LoRA checkpoint: every tensor of the source checkpoint (under its names and layout) in
-    float32, each adapted projection plus its adapter's update (peft's ``get_delta_weight``: B·A·α/R), written
-    one tensor at a time. A merged float32 copy of the whole model (peft's ``merge_and_unload``) needed 2× the
-    weights' memory on the model's devices (a 72B model's 288 GB); this holds a few copies of the largest tensor
-    in CPU memory (bench/lora_save.py: 0.92 GB against 3.39 GB for a 1.4 GB bf16 model). A float32 source
-    trained with bfloat16 frozen weights is merged at its own precision (checkpoint-0 is the source, not the
-    bfloat16 rounding the run held). Raises when a frozen weight is not the source's tensor as loaded (a
-    conversion on load, or a name mapped to the wrong tensor): the update would go to the wrong place.
+    float32 (integer and bool ones in their own dtype), each adapted projection plus its adapter's update (peft's
+    ``get_delta_weight``: B·A·α/R), written one tensor at a time. A merged float32 copy of the whole model (peft's
+    ``merge_and_unload``) needed 2× the weights' memory on the model's devices (a 72B model's 288 GB); this holds a
+    few copies of the largest tensor in CPU memory (bench/lora_save.py: 0.92 GB against 3.39 GB for a 1.4 GB bf16
+    model). A float32 source trained with bfloat16 frozen weights is merged at its own precision (checkpoint-0 is
+    the source, not the bfloat16 rounding the run held). Raises when a frozen weight is not the source's tensor as
+    loaded (a conversion on load, or a name mapped to the wrong tensor): the update would go to the wrong place.
 
     Under FSDP (``weights``: the adapters gathered whole, on rank 0) the frozen weights are shards and are not
     compared: the run's checkpoint-0 compared them, written from rank 0's unsharded model, and a resume loads the
@@ -355,13 +355,16 @@ def write_lora_merge(loaded: LoadedModel, source: Path, dest: Path, weights: dic
                                    f"adapted {canon} (found {key!r}); its LoRA merge cannot be written")
             by_key[key] = name, module
         keys = sorted(ck.infos, key=lambda k: (str(ck.infos[k].file), ck.infos[k].start))
-        entries = [Entry(k, torch.float32, tuple(ck.infos[k].shape)) for k in keys]
+        # float32 for the floating point tensors; an integer or bool one (a tower's int64 position_ids) as it is:
+        # written as float32 it was another dtype, rounded above 2^24
+        dtypes = {k: torch.float32 if ck.infos[k].dtype.is_floating_point else ck.infos[k].dtype for k in keys}
+        entries = [Entry(k, dtypes[k], tuple(ck.infos[k].shape)) for k in keys]
         write_source_config(source, dest, "float32")
         with ShardedWriter(dest, entries, SHARD_BYTES) as writer, torch.no_grad():
             for key in keys:
                 info = ck.infos[key]
                 stored = ck.view(info)
-                tensor = stored.to(torch.float32, copy=True)  # never the source's mapped bytes
+                tensor = stored.to(dtypes[key], copy=True)  # never the source's mapped bytes
                 if key in by_key:
                     name, module = by_key[key]
                     held = module.base_layer.weight
@@ -431,6 +434,12 @@ def restore_whole_model(source: Path, saved: Path, part_config: Any) -> None:
                                 indent=2) + "\n", encoding="utf-8")
 
 
+def refuse_input_in_out(out: Path, inputs: Sequence[Path]) -> None:
+    """--overwrite of an ``out`` that is or holds one of ``inputs`` (the model tuned, a data set): refused."""
+    if hit := input_in_out(out, [(str(p), p) for p in inputs]):
+        raise BadInput(f"--out {out} holds the input {hit[1]}; --overwrite would delete it, pick another --out")
+
+
 def clear_run(out: Path, inputs: Sequence[Path], cpu: bool) -> None:
     """``--overwrite``: delete the fine-tuning run in ``out`` (its checkpoints, partial ones, log and run.json) and
     nothing else there; refused when ``out`` holds an input (the model being tuned, a data set). ``cpu``: whether
@@ -439,8 +448,7 @@ def clear_run(out: Path, inputs: Sequence[Path], cpu: bool) -> None:
     from probe.results import lock_out_dir
     from probe.train import is_main_process, wait_for_everyone
 
-    if hit := input_in_out(out, [(str(p), p) for p in inputs]):
-        raise BadInput(f"--out {out} holds the input {hit[1]}; --overwrite would delete it, pick another --out")
+    refuse_input_in_out(out, inputs)
     # held first (by every rank, together): a run still training here is refused before its checkpoints, log and
     # run.json are deleted; it was refused only at claim_out_dir, after, and went on writing into the emptied dir
     lock_out_dir(out, shared=rank_world()[1] > 1)
@@ -521,6 +529,21 @@ def read_state(path: Path, map_location: Any = None, step: int | None = None) ->
         raise BadInput(f"{path} is the trainer state of step {state['step']}, not of {path.parent.name} "
                        f"(copied from another checkpoint?); {fix}")
     return interned_keys(state)
+
+
+def resumed_checkpoint(ckpt: Path) -> ModelRef:
+    """The checkpoint full fine-tuning resumes from, its config and weight files checked (headers, names and shapes
+    against the config) before it loads: a damaged one is bad input naming the checkpoint to delete, as a damaged
+    trainer state is (a truncated model.safetensors was one line without it, and every rerun stopped on it again)."""
+    from probe.models import preflight, resolve_model
+
+    try:
+        ref = resolve_model(str(ckpt))
+        preflight(ref)
+    except BadInput as exc:
+        raise BadInput(f"{exc}; delete {ckpt} and rerun the same command to resume from the checkpoint before it"
+                       ) from None
+    return ref
 
 
 def interned_keys(obj: Any) -> Any:
@@ -654,22 +677,26 @@ def run_sessions(cfg: FinetuneConfig, saved: Any, start: int | None, world: int)
                     "gradient_checkpointing": cfg.gradient_checkpointing, "processes": world, "fsdp": cfg.fsdp}]
 
 
-def check_previous_run(cfg: FinetuneConfig, fingerprint: dict[str, Any], model_path: Path, on_cpu: bool) -> None:
-    """A non-empty --out must hold this very run (resumed) or be cleared by --overwrite (never the model's or a
-    data set's files); anything else is refused."""
+def check_previous_run(cfg: FinetuneConfig, fingerprint: dict[str, Any], inputs: Sequence[Path]) -> bool:
+    """A non-empty --out must hold this very run (resumed) or be one --overwrite may clear (never the model's or a
+    data set's files: ``inputs``); anything else is refused. True: the run there is to be cleared (``clear_run``),
+    once every check has passed: cleared here, a rerun refused later (rates that freeze every weight, a training
+    state that does not fit) exited 2 with the previous run deleted and nothing in its place."""
     from probe.results import different_run, has_contents, read_run_json
 
     out = cfg.out
     if not has_contents(out):
-        return
+        return False
     try:
         previous = read_run_json(out)["config"]
     except (KeyError, TypeError):  # TypeError: missing or unreadable (None), or JSON but no object ([1])
         raise BadInput(f"--out {out} is not empty and holds no fine-tuning run.json") from None
     if cfg.overwrite:
-        clear_run(out, [model_path, *map(Path, cfg.data.values())], on_cpu)
-    elif previous != fingerprint:
+        refuse_input_in_out(out, inputs)
+        return True
+    if previous != fingerprint:
         raise different_run(out, previous, fingerprint)
+    return False
 
 
 def append_log(log_path: Path, info: StepInfo, modality_of: dict[int, str], cfg: FinetuneConfig) -> None:
@@ -694,7 +721,8 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     from probe.devices import rank_world, resolve_placement
     from probe.heads import check_same_software, saved_run_info, versions
     from probe.models import model_fingerprint, resolve_model
-    from probe.results import atomic_write_json, atomic_write_with, claim_out_dir, read_run_json, stop_recorded
+    from probe.results import (atomic_write_json, atomic_write_with, claim_out_dir, lock_out_dir, read_run_json,
+                               stop_recorded)
     from probe.train import TrainConfig, check_finite_weights, encode, is_main_process
     from probe.train import train as train_loop
     from probe.train import wait_for_everyone
@@ -728,8 +756,9 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         fingerprint["frozen_weights"] = frozen
     fingerprint = json.loads(json.dumps(fingerprint))  # as run.json holds it
     out = cfg.out
-    check_previous_run(cfg, fingerprint, ref.path, on_cpu)
-    start, resumable = resume_point(out, cfg)
+    inputs = [ref.path, *map(Path, cfg.data.values())]
+    clear = check_previous_run(cfg, fingerprint, inputs)
+    start, resumable = (None, {}) if clear else resume_point(out, cfg)  # --overwrite: a run from the start
     if start == cfg.steps and (out / "train_log.csv").is_file():
         saved = read_run_json(out)  # an object: check_previous_run has vouched for it
         if saved.get("status") != "complete" and is_main_process():  # killed after its last checkpoint
@@ -751,11 +780,13 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
                            "rerun to resume, or start another run (--overwrite)")
 
     if start is not None and cfg.lora is None:
-        ref = resolve_model(str(resumable[start]))  # full fine-tuning resumes from the checkpoint's weights
+        ref = resumed_checkpoint(resumable[start])  # full fine-tuning resumes from the checkpoint's weights
     loaded = load_trainee(cfg, ref, frozen, placement, tcfg, world,
                           resumable[start] / "adapter" if start is not None and cfg.lora is not None else None)
     resume = (read_state(resumable[start] / STATE, state_location(world, cfg.fsdp, placement.device), start)
               if start else None)
+    if clear:  # held from here, so a command running in --out is refused in one line; cleared once the rows are built
+        lock_out_dir(out, shared=world > 1)
     print(placement.description, file=sys.stderr)  # after the last check: a refusal stays one line
     from probe.mmmu import EVALUATION_SPLITS
 
@@ -768,6 +799,8 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         offsets[label] = range(len(rows), len(rows) + len(enc))
         rows += enc
     modality_of = {i: label for label, r in offsets.items() for i in r}
+    if clear:  # the last refusal before anything is written has passed (a processor refusing an item: encode)
+        clear_run(out, inputs, on_cpu)
     writer = is_main_process()  # under torchrun only rank 0 writes, once every rank has read the out dir
     wait_for_everyone(on_cpu)
     make_out_dir(out)

@@ -429,13 +429,14 @@ class _MakesADir:
         return os.mkdir, (str(self.path),)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "foreign", "code", "other step"])
+@pytest.mark.parametrize("damage", ["truncated", "foreign", "code", "other step", "weights truncated"])
 def test_a_damaged_trainer_state_is_one_line_before_anything_runs(ft_run, tiny_dirs, data_dir, text_dir, tmp_path,
                                                                    capfd, damage):
     """Resuming from a checkpoint whose trainer state is damaged (a disk error, a copy cut short) or is not one
     used to crash with a traceback after the placement line; now one line names it and what to do, and the run's
     files are left as they were. A state of another step (checkpoint-2's copied into checkpoint-4) resumed the
-    sampler and schedule at step 2 while the weights and the log went on from 4, exit 0."""
+    sampler and schedule at step 2 while the weights and the log went on from 4, exit 0. The checkpoint's weights
+    cut short were one line too, but without what to do: every rerun stopped on them again."""
     import shutil
 
     from analyses.finetune import STATE, main
@@ -446,6 +447,9 @@ def test_a_damaged_trainer_state_is_one_line_before_anything_runs(ft_run, tiny_d
     ran = tmp_path / "ran"
     if damage == "truncated":
         state.write_bytes(state.read_bytes()[:100])
+    elif damage == "weights truncated":
+        state = out / "checkpoint-4" / "model.safetensors"  # the file the line names
+        state.write_bytes(state.read_bytes()[:len(state.read_bytes()) // 2])
     elif damage == "code":  # a whole trainer state, plus one object that runs code when unpickled
         torch.save(torch.load(state, weights_only=True) | {"note": _MakesADir(ran)}, state)
     elif damage == "other step":
@@ -1669,6 +1673,31 @@ def test_an_omni_checkpoint_of_a_relative_dir_named_like_an_alias_keeps_that_dir
     assert torch.equal(held["talker.codec_head.weight"], weights["talker.codec_head.weight"])
 
 
+def test_a_lora_checkpoint_keeps_an_integer_tensor_of_the_source_as_it_is(tiny_dirs, tmp_path) -> None:
+    """A LoRA checkpoint is every source tensor in float32: an integer one too (a SigLIP tower's int64 position_ids,
+    which older checkpoints hold and transformers skips on load) was written as float32, another dtype, and exact
+    only below 2^24. Only floating point tensors become float32; the source's other tensors are copied as they are."""
+    from safetensors.torch import save_file
+
+    from analyses.finetune import add_lora, save_checkpoint
+    from probe.models import load_model, resolve_model
+
+    source = shutil.copytree(tiny_dirs["llava_onevision"], tmp_path / "src")
+    weights = load_file(source / "model.safetensors")
+    n = weights["vision_tower.embeddings.position_embedding.weight"].shape[0]
+    ids = torch.arange(n).reshape(1, -1) + (2**40 + 1)  # not a float32 number: a cast would round it
+    weights["vision_tower.embeddings.position_ids"] = ids
+    save_file(weights, source / "model.safetensors", metadata={"format": "pt"})
+    loaded = add_lora(load_model(resolve_model(str(source)), logits_fp32=False), 4)
+    save_checkpoint(loaded, source, tmp_path / "checkpoint-0", None)
+    saved = load_file(tmp_path / "checkpoint-0" / "model.safetensors")
+    assert saved.keys() == weights.keys()
+    assert saved["vision_tower.embeddings.position_ids"].dtype == torch.int64
+    assert torch.equal(saved["vision_tower.embeddings.position_ids"], ids)
+    assert all(t.dtype == torch.float32 for k, t in saved.items() if k != "vision_tower.embeddings.position_ids")
+    assert load_model(resolve_model(str(tmp_path / "checkpoint-0"))).dtype == torch.float32
+
+
 def test_lora_checkpoint_config_names_one_dtype(tiny_dirs, tmp_path) -> None:
     """A LoRA checkpoint's config.json names its float32 once: a source's transformers-4 ``torch_dtype`` (top level
     and sub-configs) beside the new ``dtype`` would be two keys that disagree."""
@@ -1746,6 +1775,40 @@ def test_overwrite_replaces_only_the_run_and_never_an_input(ft_run, tiny_dirs, d
     assert cli_main(main, [*inside, "--overwrite"]) == 2
     assert "--overwrite would delete it" in capfd.readouterr().err
     assert (out / "checkpoint-4" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("refusal", ["frozen", "a row"])
+def test_an_overwrite_refused_as_bad_input_keeps_the_run_it_would_replace(refusal, ft_run, tiny_dirs, data_dir,
+                                                                         text_dir, tmp_path, capfd, monkeypatch):
+    """--overwrite deleted the run in --out first and checked the rest after: a rerun refused once the model loaded
+    (rates that freeze every weight; a training state that does not fit the GPU) or while its rows were built (an
+    item the processor refuses) exited 2 with the previous run's checkpoints, log and run.json gone and
+    nothing in their place. Oracle: the out dir's manifest, unchanged."""
+    from conftest import tree_manifest
+
+    import probe.train
+    from analyses.finetune import main
+
+    def manifest() -> dict:  # but the lock, which a command writes its pid into once it holds --out
+        return {p: v for p, v in tree_manifest(out).items() if Path(p).name != ".lock"}
+
+    out = shutil.copytree(ft_run, tmp_path / "run")
+    before = manifest()
+    argv = [*_args(tiny_dirs, data_dir, text_dir, out), "--overwrite", "--quiet"]
+    if refusal == "frozen":
+        for flag in ("--lr", "--lm-lr"):
+            argv[argv.index(flag) + 1] = "0"
+        says = "freeze every parameter"
+    else:
+        def encode(*args, **kwargs):  # as a processor refuses an item (tests/test_eval: a 3 x 700 picture)
+            raise BadInput("item validation_Art_1: the processor refuses it")
+        monkeypatch.setattr(probe.train, "encode", encode)
+        says = "the processor refuses it"
+    capfd.readouterr()
+    assert cli_main(main, argv) == 2
+    err = capfd.readouterr().err.strip().splitlines()  # after the placement line
+    assert [line for line in err if line.startswith("error: ")] == err[-1:] and says in err[-1], err
+    assert manifest() == before
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])
