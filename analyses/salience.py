@@ -19,13 +19,13 @@ import torch
 
 from analyses.formulas import normalise_salience, salience_weights
 from probe.errors import BadInput
+from probe.families import LAYER_TENSOR, check_layers_held
 from probe.lm_config import HeadGeometry
 from probe.results import HEAD_METRIC_BOUNDS
 
 METRICS = tuple(HEAD_METRIC_BOUNDS)  # kl, accuracy_drop, prob_accuracy_drop: heads.csv's salience columns
 # o_proj's bias (Llama-style attention_bias) is added once after the heads are summed: no head owns it
 HEAD_TENSOR = re.compile(r"layers\.(\d+)\.self_attn\.(?:([qkv])_proj\.(?:weight|bias)|(o)_proj\.weight)$")
-LAYER_TENSOR = re.compile(r"layers\.(\d+)\.")  # any tensor of decoder layer L
 
 
 def check_run_model(run_dir: Path, who: str, participants: dict[str, Path]) -> dict[str, Any]:
@@ -221,25 +221,13 @@ class SalienceWeights:
 
     def check_tensors(self, shapes: Sequence[tuple[str, Sequence[int]]], where: str) -> None:
         """Before anything is written: every (canonical name, shape) of the LM lies in a layer the salience tables
-        cover, and each head-owned tensor has the rows or columns the head geometry gives. A checkpoint may hold
-        decoder layers its config.json does not build (the load drops them, so no probe.heads run measured them):
-        the merge stopped at the first such tensor with an IndexError traceback (exit 1). The reverse, a config
-        declaring layers the weights lack, merged with salience rows for layers nothing in the output holds."""
-        held: set[int] = set()
+        cover, every layer they cover has tensors (probe.families.check_layers_held: a checkpoint may hold decoder
+        layers its config.json does not build, which no probe.heads run measured, and the merge stopped at the first
+        such tensor with an IndexError traceback), and each head-owned tensor has the rows or columns the head
+        geometry gives."""
+        check_layers_held(self.geometry.n_layers, [canon for canon, _ in shapes], where)
         for canon, shape in shapes:
-            m = LAYER_TENSOR.match(canon)
-            if m is not None and int(m.group(1)) >= self.geometry.n_layers:
-                raise BadInput(f"{where}: its weights hold {canon}, past the num_hidden_layers "
-                               f"{self.geometry.n_layers} of its config.json, which no probe.heads run measured "
-                               "(the load drops that layer); --method salience weights only the layers it builds")
-            if m is not None:
-                held.add(int(m.group(1)))
             self.slice_coefficients(canon, shape)
-        if missing := [layer for layer in range(self.geometry.n_layers) if layer not in held]:
-            shown = ", ".join(map(str, missing[:5])) + (" ..." if len(missing) > 5 else "")
-            raise BadInput(f"{where}: its config.json says num_hidden_layers {self.geometry.n_layers}, but its "
-                           f"weights hold no tensors of layer{'s' if len(missing) > 1 else ''} {shown} (a damaged or "
-                           "mislabelled checkpoint); --method salience weights only layers the merge writes")
 
     def slice_rows(self, canon: str, names: Sequence[str]) -> list[tuple[str, str, str, float]]:
         """merge_weights.csv rows of a head-owned tensor: (tensor, slice, model, weight) per head or group."""

@@ -1195,3 +1195,32 @@ def test_rel_l2_of_a_zero_tensor_is_0_when_it_did_not_move_and_inf_when_it_did()
     assert moved.rel_l2 == math.inf and moved.delta_avg == pytest.approx(1e-3)
     rows = [shift.ShiftRow("m", f"t{i}", None, "t", 8, 0.0, 0.0, r) for i, r in enumerate((kept.rel_l2, moved.rel_l2, 0.5))]
     assert shift.summarize(rows, ["m"])["m"]["mean_rel_l2"] == pytest.approx(0.25)  # (0 + 0.5) / 2
+
+
+@pytest.mark.parametrize("method,extra", [("average", ()), ("shift", ()), ("task_arithmetic", ()), ("ties", ())])
+@pytest.mark.parametrize("depth", ["deeper", "shallower"])
+def test_a_config_whose_depth_is_not_the_weights_is_refused_by_every_method(zoo, tmp_path, capfd, method, extra,
+                                                                            depth):
+    """The merged LM's config.json is the reference's: one declaring a layer its weights lack (num_hidden_layers 3
+    over 2 layers of tensors) was written as is by every method but salience, and transformers loaded that layer
+    freshly initialised (only its load report said so); one declaring fewer layers than the weights hold wrote
+    tensors the load drops. Exit 2, one line naming the mismatch, nothing written (as the salience merge refuses)."""
+    held = len({k.split(".")[1] for k in canonical(zoo["base"]) if k.startswith("layers.")})
+    models = {}
+    for name in ("base", "vl", "ov"):
+        d = models[name] = Path(shutil.copytree(zoo[name], tmp_path / name))
+        cfg = json.loads((d / "config.json").read_text())
+        tc = cfg.get("text_config", cfg)
+        tc["num_hidden_layers"] = held + 1 if depth == "deeper" else held - 1
+        if "layer_types" in tc:  # kept consistent, so the config is one transformers builds
+            tc["layer_types"] = tc["layer_types"][:1] * tc["num_hidden_layers"]
+        (d / "config.json").write_text(json.dumps(cfg))
+    base = ("--base", models["base"]) if merge.METHODS[method].needs_base else ()
+    capfd.readouterr()
+    out = tmp_path / "m"
+    code = run(merge.main, *base, "--models", models["vl"], models["ov"], "--method", method, *extra, "--out", out)
+    err = capfd.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and "\n" not in err, err
+    assert f"num_hidden_layers {held + 1 if depth == 'deeper' else held - 1}" in err, err
+    assert not out.exists() and not list(tmp_path.glob(".m.*"))
+
