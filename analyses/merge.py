@@ -29,8 +29,9 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from analyses.align import Alignment, TensorPlan, align, check_delta_finite, check_finite, paired_chunks
-from analyses.checkpoints import (Checkpoint, add_output_args, check_inputs_and_out, checkpoint_fingerprint, chunks,
-                                  open_checkpoint, progress, quiet_progress, reserve_descriptors)
+from analyses.checkpoints import (Checkpoint, add_output_args, check_inputs_and_out, check_out_outside,
+                                  checkpoint_fingerprint, chunks, open_checkpoint, progress, quiet_progress,
+                                  reserve_descriptors)
 from analyses.formulas import (FORMULAS, ShiftStats, average_coefficients, shift_coefficients,
                                 task_arithmetic_coefficients, ties_combine, TrimSearch, weighted_coefficients)
 from analyses.merge_methods import COMMAND, METHOD_KINDS, WEIGHTS_HEADER, MethodKind, carrier_name, run_fingerprint
@@ -172,6 +173,10 @@ class MergeConfig:
             raise BadInput(f"--shift only applies to --method {shifted}")
         if self.shift_dir is not None and not (self.shift_dir / "shift.csv").is_file():
             raise BadInput(f"--shift {self.shift_dir}: no shift.csv there (run python -m analyses.shift)")
+        # before check_output: a merge already written inside them would read as one of other inputs
+        check_out_outside(self.out, [*([("--shift", self.shift_dir)] if self.shift_dir else []),
+                                     *(("--salience", r) for r in self.salience),
+                                     *([("--base-salience", self.base_salience)] if self.base_salience else [])])
         check_output(self.out, self.overwrite, COMMAND, lambda: merge_request(self))
 
     def check_float32_range(self) -> None:

@@ -1224,3 +1224,21 @@ def test_a_config_whose_depth_is_not_the_weights_is_refused_by_every_method(zoo,
     assert f"num_hidden_layers {held + 1 if depth == 'deeper' else held - 1}" in err, err
     assert not out.exists() and not list(tmp_path.glob(".m.*"))
 
+
+def test_an_out_inside_the_shift_table_is_refused_and_the_table_kept(zoo, tmp_path, capfd):
+    """A merge written inside its --shift table's dir changed that table's fingerprint (every file below it counts),
+    so the same command run again was refused as 'a finished output of other options or inputs' (exit 2), and the
+    input dir held the merge. A command never writes where it reads: exit 2, one line naming the table's dir, its
+    files as they were (conftest.tree_manifest)."""
+    from conftest import tree_manifest
+
+    s = tmp_path / "s"
+    assert run(shift.main, "--base", zoo["base"], "--models", zoo["q1"], "--no-figures", "--quiet", "--out", s) == 0
+    before = tree_manifest(s)
+    out = s / "m"
+    capfd.readouterr()
+    code = run(merge.main, "--base", zoo["base"], "--models", zoo["q1"], "--method", "shift", "--shift", s, "--quiet",
+               "--out", out)
+    err = capfd.readouterr().err.strip()
+    assert code == 2 and err.startswith(f"error: --out {out} is inside the input --shift ({s})") and "\n" not in err
+    assert tree_manifest(s) == before
