@@ -9,6 +9,7 @@ heads. Everything here is small ([n_layers, n_heads] tables); the merge streams 
 from __future__ import annotations
 
 import csv
+import io
 import math
 import re
 from dataclasses import dataclass, field
@@ -113,8 +114,10 @@ def check_same_weights(run_dir: Path, who: str, path: Path, measured: object) ->
                    "model")
 
 
-def read_salience(run_dir: Path, metric: str, geometry: HeadGeometry, who: str) -> torch.Tensor:
-    """[n_layers, n_heads] salience of a complete ``probe.heads`` run covering every head of the model."""
+def read_salience(run_dir: Path, metric: str, geometry: HeadGeometry, who: str) -> tuple[torch.Tensor, bytes]:
+    """[n_layers, n_heads] salience of a complete ``probe.heads`` run covering every head of the model, with
+    heads.csv's bytes as read (the merge's manifest fingerprints those, not a second read of a file that may have
+    been rewritten since)."""
     heads_csv, run_json = run_dir / "heads.csv", run_dir / "run.json"
     if not heads_csv.is_file() or not run_json.is_file():
         raise BadInput(f"--salience {run_dir}: not a probe.heads run (no heads.csv / run.json)")
@@ -127,9 +130,9 @@ def read_salience(run_dir: Path, metric: str, geometry: HeadGeometry, who: str) 
     if status != "complete":
         raise BadInput(f"--salience {run_dir}: the run is not complete (status {status!r}); finish it first")
     try:  # csv, not pandas: importing pandas would cost the merge more than reading the table
-        with open(heads_csv, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            rows, columns = list(reader), reader.fieldnames or []
+        table = heads_csv.read_bytes()
+        reader = csv.DictReader(io.StringIO(table.decode("utf-8"), newline=""))
+        rows, columns = list(reader), reader.fieldnames or []
         if missing := [c for c in ("layer", "head", metric) if c not in columns]:
             raise BadInput(f"{heads_csv}: no {', '.join(map(repr, missing))} column")
         if any(None in r.values() for r in rows):  # csv gives a short row's last fields as None (was exit 1)
@@ -164,7 +167,7 @@ def read_salience(run_dir: Path, metric: str, geometry: HeadGeometry, who: str) 
     if not most > 0:  # normalise_salience divides by the mean of the clamped table: name the run here
         raise BadInput(f"{heads_csv}: {metric} is ≤ 0 for every head (no removal hurt {who} on these items); "
                        "nothing to weight its heads by: use more items or another --salience-metric")
-    return grid
+    return grid, table
 
 
 @dataclass
