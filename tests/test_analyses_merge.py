@@ -1242,3 +1242,76 @@ def test_an_out_inside_the_shift_table_is_refused_and_the_table_kept(zoo, tmp_pa
     err = capfd.readouterr().err.strip()
     assert code == 2 and err.startswith(f"error: --out {out} is inside the input --shift ({s})") and "\n" not in err
     assert tree_manifest(s) == before
+
+
+@pytest.mark.parametrize("background", [False, True])
+@pytest.mark.parametrize("shard_bytes", [10**9, 100, 1])
+def test_sharded_writer_round_trips_every_dtype_through_safetensors(tmp_path, background, shard_bytes):
+    """The streaming writer against safetensors' own reader: every tensor (bf16, fp16, fp8, ints, bool, a scalar, an
+    empty one) comes back with its dtype, shape and bytes, written in chunks (pooled buffers on the write thread);
+    sharded, the index maps each tensor to the shard whose header holds it and total_size is the sum of their
+    bytes."""
+    from safetensors import safe_open
+
+    from analyses.writer import INDEX_NAME, Entry, ShardedWriter
+
+    g = torch.Generator().manual_seed(0)
+    sd = {"a.bf16": torch.randn(7, 5, generator=g).bfloat16(), "b.fp16": torch.randn(3, 11, generator=g).half(),
+          "c.i64": torch.randint(-9, 9, (13,), generator=g), "d.bool": torch.rand(4, 3, generator=g) > 0.5,
+          "e.i8": torch.randint(-100, 100, (17,), dtype=torch.int8, generator=g), "f.scalar": torch.tensor(3.5),
+          "g.empty": torch.zeros(0, 4), "h.f32": torch.randn(9, 9, generator=g),
+          "i.f8": torch.randn(6, generator=g).to(torch.float8_e4m3fn)}
+    w = ShardedWriter(tmp_path, [Entry(k, v.dtype, tuple(v.shape)) for k, v in sd.items()], shard_bytes,
+                      background=background)
+    with w:
+        for k, v in sd.items():
+            with w.tensor(k) as sink:
+                flat = v.reshape(-1)
+                for lo in range(0, flat.numel(), 4):
+                    part = flat[lo:lo + 4]
+                    buf = sink.buffer(part.numel())
+                    buf.copy_(part)
+                    sink.write(buf)
+        w.close()
+    shards = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    got: dict[str, torch.Tensor] = {}
+    for name in shards:
+        got |= load_file(tmp_path / name)
+    assert set(got) == set(sd)
+    for k, v in sd.items():
+        assert got[k].dtype == v.dtype and got[k].shape == v.shape, k
+        assert got[k].reshape(-1).view(torch.uint8).tolist() == v.reshape(-1).view(torch.uint8).tolist(), k
+    if len(shards) == 1:
+        assert shards == ["model.safetensors"] and not (tmp_path / INDEX_NAME).exists()
+        return
+    index = json.loads((tmp_path / INDEX_NAME).read_text(encoding="utf-8"))
+    assert set(index["weight_map"]) == set(sd) and set(index["weight_map"].values()) == set(shards)
+    for k, shard in index["weight_map"].items():
+        with safe_open(str(tmp_path / shard), "pt") as f:
+            assert k in f.keys(), (k, shard)
+    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in sd.values())
+
+
+@pytest.mark.parametrize("dtype,tied,shard", [(torch.bfloat16, False, "20KB"), (torch.float16, True, "5GB")])
+def test_a_merge_of_two_copies_loads_in_transformers_bit_equal_to_the_model(tmp_path, dtype, tied, shard):
+    """transformers' own from_pretrained as the oracle: the average of a model and its copy is the model (a + a over
+    2, in fp32, is exact), so the merged LM loads with no missing or unexpected keys, every tensor of its state dict
+    bit-equal to the model's and of its dtype, sharded or not, and a tied model's head tied again on load."""
+    import transformers as tf
+
+    a = tiny.write_model("qwen2", tmp_path / "a", tiny.perturb(tiny.base_lm(0), 0.003, 8), dtype=dtype,
+                         tie_word_embeddings=tied)
+    b = shutil.copytree(a, tmp_path / "b")
+    out = tmp_path / "m"
+    assert run(merge.main, "--models", a, b, "--method", "average", "--quiet", "--shard-size", shard,
+               "--out", out) == 0
+    assert (out / "model.safetensors.index.json").is_file() == (shard == "20KB")
+    want = tf.AutoModelForCausalLM.from_pretrained(a, dtype="auto", **NO_HUB_KERNELS).state_dict()
+    model, info = tf.AutoModelForCausalLM.from_pretrained(out, dtype="auto", output_loading_info=True,
+                                                          **NO_HUB_KERNELS)
+    assert not any(info.values()), info
+    got = model.state_dict()
+    assert set(got) == set(want)
+    for k, v in want.items():
+        assert got[k].dtype == dtype and torch.equal(got[k], v), k
+    assert (model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()) == tied
