@@ -22,7 +22,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
-from probe.errors import BadInput, input_in_out, out_dir
+from probe.errors import BadInput, input_in_out, out_dir, out_inside
 from probe.families import FAMILIES, Family, Layout, canonical_lm_name, check_layout_model_type, detect_layout
 from probe.lm_config import config_geometry, declared_quantization, read_config_json, says_untied, text_config_dict
 
@@ -424,6 +424,17 @@ def check_inputs_and_out(out: Path, inputs: Sequence[Checkpoint], others: Sequen
         seen[p] = ck.name
     if hit := input_in_out(out, [(ck.name, ck.path) for ck in [*inputs, *others]]):
         raise BadInput(f"--out {out} would replace the input {hit[0]} ({hit[1]}); pick another --out")
+
+
+def check_out_outside(out: Path, inputs: Sequence[tuple[str, str | Path]]) -> None:
+    """``out`` lies inside none of the input dirs ``inputs`` ((name, path)) whose fingerprint counts every file below
+    them (a shift table's dir; a salience run's, fingerprinted whole when it lacks heads.csv or run.json): a merge
+    written inside its --shift dir changed that input, so the same command again was refused as an output 'of other
+    options or inputs'. A model's fingerprint counts its own files only: a folder inside it is fine, as for
+    probe.eval."""
+    if hit := out_inside(out, inputs):
+        raise BadInput(f"--out {out} is inside the input {hit[0]} ({hit[1]}): a command never writes where it reads; "
+                       "pick an --out outside it")
 
 
 def add_output_args(p: argparse.ArgumentParser, out_help: str, figures: bool = True) -> None:

@@ -24,13 +24,14 @@ import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
 from analyses.align import Alignment, TensorPlan, align, check_delta_finite, check_finite, paired_chunks
-from analyses.checkpoints import (Checkpoint, add_output_args, check_inputs_and_out, checkpoint_fingerprint, chunks,
-                                  open_checkpoint, progress, quiet_progress, reserve_descriptors)
+from analyses.checkpoints import (Checkpoint, add_output_args, check_inputs_and_out, check_out_outside,
+                                  checkpoint_fingerprint, chunks, open_checkpoint, progress, quiet_progress,
+                                  reserve_descriptors)
 from analyses.formulas import (FORMULAS, ShiftStats, average_coefficients, shift_coefficients,
                                 task_arithmetic_coefficients, ties_combine, TrimSearch, weighted_coefficients)
 from analyses.merge_methods import COMMAND, METHOD_KINDS, WEIGHTS_HEADER, MethodKind, carrier_name, run_fingerprint
@@ -172,6 +173,10 @@ class MergeConfig:
             raise BadInput(f"--shift only applies to --method {shifted}")
         if self.shift_dir is not None and not (self.shift_dir / "shift.csv").is_file():
             raise BadInput(f"--shift {self.shift_dir}: no shift.csv there (run python -m analyses.shift)")
+        # before check_output: a merge already written inside them would read as one of other inputs
+        check_out_outside(self.out, [*([("--shift", self.shift_dir)] if self.shift_dir else []),
+                                     *(("--salience", r) for r in self.salience),
+                                     *([("--base-salience", self.base_salience)] if self.base_salience else [])])
         check_output(self.out, self.overwrite, COMMAND, lambda: merge_request(self))
 
     def check_float32_range(self) -> None:
@@ -554,12 +559,14 @@ def write_carrier(carrier: Checkpoint, merged: Checkpoint, dest: Path, shard_siz
             "lm_head_added": add_head}
 
 
-def merge_request(cfg: MergeConfig) -> dict:
+def merge_request(cfg: MergeConfig, read: Mapping[Path, str] | None = None) -> dict:
     """What a merge output is computed from (``run_request``): its options, and the models, carriers, shift table
-    and salience runs it reads."""
+    and salience runs it reads; ``read``: a run's fingerprint as ``load_salience`` read it (else it is read here)."""
     runs = [*cfg.salience, *([cfg.base_salience] if cfg.base_salience else [])]
+    read = read or {}
     return run_request(cfg, [*([cfg.base] if cfg.base else []), *cfg.models, *cfg.carriers],
-                       [cfg.shift_dir] if cfg.shift_dir else [], [(r, run_fingerprint(Path(r))) for r in runs])
+                       [cfg.shift_dir] if cfg.shift_dir else [],
+                       [(r, read[Path(r)] if Path(r) in read else run_fingerprint(Path(r))) for r in runs])
 
 
 @returns_finished("merge.json")
@@ -588,7 +595,7 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
         for car in carriers:
             align([inputs[0], car], [names[0], car.name])
         shift_table = ShiftTable(cfg.shift_dir, base, models) if cfg.shift_dir and base else None
-        salience = load_salience(cfg, base, models, names, al) if cfg.method == "salience" else None
+        salience, read = load_salience(cfg, base, models, names, al) if cfg.method == "salience" else (None, None)
         merger = Merger(cfg, inputs, names, al, base is not None, shift_table, salience)
         ref = inputs[0]
         try:  # named by its checkpoint: the family's line alone left the user to guess which input it meant
@@ -601,7 +608,7 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
         embed = next(p for p in al.tensors if p.canon == "embed_tokens.weight")
         # before the merge: a config it cannot write is refused before hours of tensors, not after
         config = merged_config(ref, asked or embed.ref.dtype, embed.ref.shape[0], al.tied, lm_type)
-        with atomic_dir(cfg.out, cfg.overwrite, COMMAND, merge_request(cfg)) as tmp:
+        with atomic_dir(cfg.out, cfg.overwrite, COMMAND, merge_request(cfg, read)) as tmp:
             with ShardedWriter(tmp, entries, cfg.shard_size, {"merge_method": cfg.method}, background=True) as writer:
                 for plan, e in zip(progress(al.tensors, desc=f"merge ({cfg.method})", unit="tensor"), entries):
                     with writer.tensor(e.key) as sink:
@@ -701,14 +708,16 @@ def model_means(rows: Sequence[WeightRow], column: str) -> dict[str, float] | No
 
 
 def load_salience(cfg: MergeConfig, base: Checkpoint, models: Sequence[Checkpoint], names: Sequence[str],
-                  al: Alignment) -> SalienceWeights:
+                  al: Alignment) -> tuple[SalienceWeights, dict[Path, str]]:
     """The participants' salience runs, checked against the base's head geometry (base run first if given) and
-    that geometry against the LM tensors ``al`` merges."""
+    that geometry against the LM tensors ``al`` merges; with each run's fingerprint (``run_fingerprint``) of the
+    heads.csv bytes its weights were read from."""
     from probe.lm_config import HeadGeometry
 
     geometry = HeadGeometry.from_text_config(base.text_config)
     runs = ([(cfg.base_salience, names[0])] if cfg.base_salience else []) + list(zip(cfg.salience, names[1:]))
-    tables = [read_salience(Path(d), cfg.salience_metric, geometry, nm) for d, nm in runs]
+    read = [read_salience(Path(d), cfg.salience_metric, geometry, nm) for d, nm in runs]
+    tables = [grid for grid, _ in read]
     participants = dict(zip(names, [base.path, *(m.path for m in models)]))
     records = [check_run_model(Path(d), nm, participants) for d, nm in runs]
     weights = SalienceWeights.build(tables, geometry, cfg.salience_temperature, cfg.alpha0,
@@ -716,7 +725,7 @@ def load_salience(cfg: MergeConfig, base: Checkpoint, models: Sequence[Checkpoin
     weights.check_tensors([(p.canon, p.ref.shape) for p in al.tensors], f"--base {base.path}")
     for w in (w for r in records for w in r["warnings"]):  # after every refusal: an error stays the only line
         print(f"warning: {w}", file=sys.stderr)
-    return weights
+    return weights, {Path(d): run_fingerprint(Path(d), raw) for (d, _), (_, raw) in zip(runs, read)}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,6 +9,7 @@ heads. Everything here is small ([n_layers, n_heads] tables); the merge streams 
 from __future__ import annotations
 
 import csv
+import io
 import math
 import re
 from dataclasses import dataclass, field
@@ -19,13 +20,13 @@ import torch
 
 from analyses.formulas import normalise_salience, salience_weights
 from probe.errors import BadInput
+from probe.families import LAYER_TENSOR, check_layers_held
 from probe.lm_config import HeadGeometry
 from probe.results import HEAD_METRIC_BOUNDS
 
 METRICS = tuple(HEAD_METRIC_BOUNDS)  # kl, accuracy_drop, prob_accuracy_drop: heads.csv's salience columns
 # o_proj's bias (Llama-style attention_bias) is added once after the heads are summed: no head owns it
 HEAD_TENSOR = re.compile(r"layers\.(\d+)\.self_attn\.(?:([qkv])_proj\.(?:weight|bias)|(o)_proj\.weight)$")
-LAYER_TENSOR = re.compile(r"layers\.(\d+)\.")  # any tensor of decoder layer L
 
 
 def check_run_model(run_dir: Path, who: str, participants: dict[str, Path]) -> dict[str, Any]:
@@ -113,8 +114,10 @@ def check_same_weights(run_dir: Path, who: str, path: Path, measured: object) ->
                    "model")
 
 
-def read_salience(run_dir: Path, metric: str, geometry: HeadGeometry, who: str) -> torch.Tensor:
-    """[n_layers, n_heads] salience of a complete ``probe.heads`` run covering every head of the model."""
+def read_salience(run_dir: Path, metric: str, geometry: HeadGeometry, who: str) -> tuple[torch.Tensor, bytes]:
+    """[n_layers, n_heads] salience of a complete ``probe.heads`` run covering every head of the model, with
+    heads.csv's bytes as read (the merge's manifest fingerprints those, not a second read of a file that may have
+    been rewritten since)."""
     heads_csv, run_json = run_dir / "heads.csv", run_dir / "run.json"
     if not heads_csv.is_file() or not run_json.is_file():
         raise BadInput(f"--salience {run_dir}: not a probe.heads run (no heads.csv / run.json)")
@@ -127,9 +130,9 @@ def read_salience(run_dir: Path, metric: str, geometry: HeadGeometry, who: str) 
     if status != "complete":
         raise BadInput(f"--salience {run_dir}: the run is not complete (status {status!r}); finish it first")
     try:  # csv, not pandas: importing pandas would cost the merge more than reading the table
-        with open(heads_csv, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            rows, columns = list(reader), reader.fieldnames or []
+        table = heads_csv.read_bytes()
+        reader = csv.DictReader(io.StringIO(table.decode("utf-8"), newline=""))
+        rows, columns = list(reader), reader.fieldnames or []
         if missing := [c for c in ("layer", "head", metric) if c not in columns]:
             raise BadInput(f"{heads_csv}: no {', '.join(map(repr, missing))} column")
         if any(None in r.values() for r in rows):  # csv gives a short row's last fields as None (was exit 1)
@@ -164,7 +167,7 @@ def read_salience(run_dir: Path, metric: str, geometry: HeadGeometry, who: str) 
     if not most > 0:  # normalise_salience divides by the mean of the clamped table: name the run here
         raise BadInput(f"{heads_csv}: {metric} is ≤ 0 for every head (no removal hurt {who} on these items); "
                        "nothing to weight its heads by: use more items or another --salience-metric")
-    return grid
+    return grid, table
 
 
 @dataclass
@@ -221,25 +224,13 @@ class SalienceWeights:
 
     def check_tensors(self, shapes: Sequence[tuple[str, Sequence[int]]], where: str) -> None:
         """Before anything is written: every (canonical name, shape) of the LM lies in a layer the salience tables
-        cover, and each head-owned tensor has the rows or columns the head geometry gives. A checkpoint may hold
-        decoder layers its config.json does not build (the load drops them, so no probe.heads run measured them):
-        the merge stopped at the first such tensor with an IndexError traceback (exit 1). The reverse, a config
-        declaring layers the weights lack, merged with salience rows for layers nothing in the output holds."""
-        held: set[int] = set()
+        cover, every layer they cover has tensors (probe.families.check_layers_held: a checkpoint may hold decoder
+        layers its config.json does not build, which no probe.heads run measured, and the merge stopped at the first
+        such tensor with an IndexError traceback), and each head-owned tensor has the rows or columns the head
+        geometry gives."""
+        check_layers_held(self.geometry.n_layers, [canon for canon, _ in shapes], where)
         for canon, shape in shapes:
-            m = LAYER_TENSOR.match(canon)
-            if m is not None and int(m.group(1)) >= self.geometry.n_layers:
-                raise BadInput(f"{where}: its weights hold {canon}, past the num_hidden_layers "
-                               f"{self.geometry.n_layers} of its config.json, which no probe.heads run measured "
-                               "(the load drops that layer); --method salience weights only the layers it builds")
-            if m is not None:
-                held.add(int(m.group(1)))
             self.slice_coefficients(canon, shape)
-        if missing := [layer for layer in range(self.geometry.n_layers) if layer not in held]:
-            shown = ", ".join(map(str, missing[:5])) + (" ..." if len(missing) > 5 else "")
-            raise BadInput(f"{where}: its config.json says num_hidden_layers {self.geometry.n_layers}, but its "
-                           f"weights hold no tensors of layer{'s' if len(missing) > 1 else ''} {shown} (a damaged or "
-                           "mislabelled checkpoint); --method salience weights only layers the merge writes")
 
     def slice_rows(self, canon: str, names: Sequence[str]) -> list[tuple[str, str, str, float]]:
         """merge_weights.csv rows of a head-owned tensor: (tensor, slice, model, weight) per head or group."""

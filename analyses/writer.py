@@ -41,12 +41,11 @@ Raw = memoryview | bytes  # a chunk as it reaches the file: _TensorSink.write tu
 def parse_size(text: str) -> int:
     """``5GB``, ``500MB``, ``2GiB`` or a plain byte count."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*((?:[KMGT]i?)?B?)\s*", text, re.I)  # not ".", "1.2.3", "5iB"
-    value = float(m.group(1)) if m else math.nan
-    if not math.isfinite(value):  # 400 digits: inf, which int() cannot take
-        raise BadInput(f"bad size {text!r} (use e.g. 5GB, 500MB)")
-    unit = (m.group(2) or "").upper().rstrip("B")
     mult = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
-    return int(value * mult[unit])
+    size = float(m.group(1)) * mult[(m.group(2) or "").upper().rstrip("B")] if m else math.nan
+    if not math.isfinite(size):  # 400 digits, or 1e300 TB: inf, which int() cannot take
+        raise BadInput(f"bad size {text!r} (use e.g. 5GB, 500MB)")
+    return int(size)
 
 
 @dataclass(frozen=True)

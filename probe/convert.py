@@ -566,15 +566,21 @@ def run(cfg: ConvertConfig) -> ConvertReport:
         (cfg.out / subject).mkdir(parents=True, exist_ok=True)
         for f in split_files(staged / subject, cfg.out_split):
             f.replace(cfg.out / subject / f.name)
-    shutil.rmtree(work)  # the marker with it: the split is whole
     report.n_items = {s: len(r) for s, r in sorted(plan.rows.items())}
     report.missing_subjects = missing_subjects(cfg.kind, list(report.n_items))
-    items, _ = load_mmmu(cfg.out, cfg.out_split)  # read back as every command will read it
-    if len(items) != sum(report.n_items.values()):
-        raise RunStopped(f"{cfg.out}: read back {len(items)} items of split '{cfg.out_split}', wrote "
-                         f"{sum(report.n_items.values())} (other files of that split in --out?)")
-    atomic_write_json(cfg.out / f"convert-{cfg.out_split}.json",
-                      asdict(report) | {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    # the record while the marker stands: a disk that filled on it left a whole-looking split that the same
+    # command then refused to touch without --overwrite
+    record = cfg.out / f"convert-{cfg.out_split}.json"
+    atomic_write_json(record, asdict(report) | {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    shutil.rmtree(work)  # the marker with it: the split is whole
+    try:
+        items, _ = load_mmmu(cfg.out, cfg.out_split)  # read back as every command will read it
+        if len(items) != sum(report.n_items.values()):
+            raise RunStopped(f"{cfg.out}: read back {len(items)} items of split '{cfg.out_split}', wrote "
+                             f"{sum(report.n_items.values())} (other files of that split in --out?)")
+    except BaseException:
+        record.unlink(missing_ok=True)  # it would vouch for a split the reader does not read as written
+        raise
     return report
 
 

@@ -595,6 +595,30 @@ CAUSAL_LM: dict[str, str] = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCaus
                              "mistral": "MistralForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 
 
+LAYER_TENSOR = re.compile(r"layers\.(\d+)\.")  # a canonical LM tensor of decoder layer L
+
+
+def check_layers_held(n_layers: int, lm_names: Iterable[str], where: str) -> None:
+    """The LM's decoder-layer tensors are those of layers 0 .. ``n_layers`` - 1, its config's num_hidden_layers, each
+    layer with some. A merged LM is written with its reference's config: one declaring a layer the weights lack
+    loaded in transformers with that layer freshly initialised (only its load report said so), and tensors past it
+    are dropped by the load (no probe.heads run measured them either)."""
+    held: set[int] = set()
+    for name in lm_names:
+        if (m := LAYER_TENSOR.match(name)) is None:
+            continue
+        if int(m.group(1)) >= n_layers:
+            raise BadInput(f"{where}: its weights hold {name}, past the num_hidden_layers {n_layers} of its "
+                           "config.json, which a load drops (and no probe.heads run measured); a merge writes only "
+                           "the layers its config builds")
+        held.add(int(m.group(1)))
+    if missing := [layer for layer in range(n_layers) if layer not in held]:
+        shown = ", ".join(map(str, missing[:5])) + (" ..." if len(missing) > 5 else "")
+        raise BadInput(f"{where}: its config.json says num_hidden_layers {n_layers}, but its weights hold no tensors "
+                       f"of layer{'s' if len(missing) > 1 else ''} {shown} (a damaged or mislabelled checkpoint); the "
+                       "merged LM would load with them freshly initialised")
+
+
 def check_lm_fits_class(model_type: str, text_config: Mapping[str, Any], lm_names: Iterable[str], where: str) -> None:
     """The LM tensors must be the ones the class a merged LM is written as has: a Qwen2 layer has q/k/v biases, a
     Qwen3 or Gemma 3 layer q/k norms, a Llama or Mistral layer neither (biases only where ``attention_bias`` is set).
@@ -602,6 +626,8 @@ def check_lm_fits_class(model_type: str, text_config: Mapping[str, Any], lm_name
     transformers' load report says so: an original-layout LLaVA with a Llama LM (model_type "llava") would be
     written as Qwen2, its layout's family."""
     names = set(lm_names)
+    if isinstance(n_layers := text_config.get("num_hidden_layers"), int):  # else left to the class (not checked)
+        check_layers_held(n_layers, names, where)
     expected = {"self_attn.q_proj.bias": model_type == "qwen2" or bool(text_config.get("attention_bias", False)),
                 "self_attn.q_norm.weight": model_type in ("qwen3", "gemma3_text")}
     for suffix, want in expected.items():

@@ -443,6 +443,8 @@ def test_quiet_silences_the_progress_bars_and_only_inside(zoo, tmp_path, capfd):
     (["--method", "average", "--shard-size", "1.2.3MB"], "bad size '1.2.3MB'"),
     (["--method", "average", "--shard-size", "9" * 400], "bad size '999"),
     (["--method", "average", "--shard-size", "5iB"], "bad size '5iB'"),  # a KeyError traceback before: "i" alone
+    # a finite number whose bytes are not (1e300 TB): an OverflowError traceback before, exit 1
+    (["--method", "average", "--shard-size", "1" + "0" * 300 + "TB"], "bad size '1000"),
     (["--method", "shift", "--temperature", "0"], "--temperature must be > 0"),
     (["--method", "salience", "--salience", "a", "b", "--salience-temperature", "0"],
      "--salience-temperature must be > 0"),

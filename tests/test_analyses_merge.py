@@ -1195,3 +1195,123 @@ def test_rel_l2_of_a_zero_tensor_is_0_when_it_did_not_move_and_inf_when_it_did()
     assert moved.rel_l2 == math.inf and moved.delta_avg == pytest.approx(1e-3)
     rows = [shift.ShiftRow("m", f"t{i}", None, "t", 8, 0.0, 0.0, r) for i, r in enumerate((kept.rel_l2, moved.rel_l2, 0.5))]
     assert shift.summarize(rows, ["m"])["m"]["mean_rel_l2"] == pytest.approx(0.25)  # (0 + 0.5) / 2
+
+
+@pytest.mark.parametrize("method,extra", [("average", ()), ("shift", ()), ("task_arithmetic", ()), ("ties", ())])
+@pytest.mark.parametrize("depth", ["deeper", "shallower"])
+def test_a_config_whose_depth_is_not_the_weights_is_refused_by_every_method(zoo, tmp_path, capfd, method, extra,
+                                                                            depth):
+    """The merged LM's config.json is the reference's: one declaring a layer its weights lack (num_hidden_layers 3
+    over 2 layers of tensors) was written as is by every method but salience, and transformers loaded that layer
+    freshly initialised (only its load report said so); one declaring fewer layers than the weights hold wrote
+    tensors the load drops. Exit 2, one line naming the mismatch, nothing written (as the salience merge refuses)."""
+    held = len({k.split(".")[1] for k in canonical(zoo["base"]) if k.startswith("layers.")})
+    models = {}
+    for name in ("base", "vl", "ov"):
+        d = models[name] = Path(shutil.copytree(zoo[name], tmp_path / name))
+        cfg = json.loads((d / "config.json").read_text())
+        tc = cfg.get("text_config", cfg)
+        tc["num_hidden_layers"] = held + 1 if depth == "deeper" else held - 1
+        if "layer_types" in tc:  # kept consistent, so the config is one transformers builds
+            tc["layer_types"] = tc["layer_types"][:1] * tc["num_hidden_layers"]
+        (d / "config.json").write_text(json.dumps(cfg))
+    base = ("--base", models["base"]) if merge.METHODS[method].needs_base else ()
+    capfd.readouterr()
+    out = tmp_path / "m"
+    code = run(merge.main, *base, "--models", models["vl"], models["ov"], "--method", method, *extra, "--out", out)
+    err = capfd.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and "\n" not in err, err
+    assert f"num_hidden_layers {held + 1 if depth == 'deeper' else held - 1}" in err, err
+    assert not out.exists() and not list(tmp_path.glob(".m.*"))
+
+
+def test_an_out_inside_the_shift_table_is_refused_and_the_table_kept(zoo, tmp_path, capfd):
+    """A merge written inside its --shift table's dir changed that table's fingerprint (every file below it counts),
+    so the same command run again was refused as 'a finished output of other options or inputs' (exit 2), and the
+    input dir held the merge. A command never writes where it reads: exit 2, one line naming the table's dir, its
+    files as they were (conftest.tree_manifest)."""
+    from conftest import tree_manifest
+
+    s = tmp_path / "s"
+    assert run(shift.main, "--base", zoo["base"], "--models", zoo["q1"], "--no-figures", "--quiet", "--out", s) == 0
+    before = tree_manifest(s)
+    out = s / "m"
+    capfd.readouterr()
+    code = run(merge.main, "--base", zoo["base"], "--models", zoo["q1"], "--method", "shift", "--shift", s, "--quiet",
+               "--out", out)
+    err = capfd.readouterr().err.strip()
+    assert code == 2 and err.startswith(f"error: --out {out} is inside the input --shift ({s})") and "\n" not in err
+    assert tree_manifest(s) == before
+
+
+@pytest.mark.parametrize("background", [False, True])
+@pytest.mark.parametrize("shard_bytes", [10**9, 100, 1])
+def test_sharded_writer_round_trips_every_dtype_through_safetensors(tmp_path, background, shard_bytes):
+    """The streaming writer against safetensors' own reader: every tensor (bf16, fp16, fp8, ints, bool, a scalar, an
+    empty one) comes back with its dtype, shape and bytes, written in chunks (pooled buffers on the write thread);
+    sharded, the index maps each tensor to the shard whose header holds it and total_size is the sum of their
+    bytes."""
+    from safetensors import safe_open
+
+    from analyses.writer import INDEX_NAME, Entry, ShardedWriter
+
+    g = torch.Generator().manual_seed(0)
+    sd = {"a.bf16": torch.randn(7, 5, generator=g).bfloat16(), "b.fp16": torch.randn(3, 11, generator=g).half(),
+          "c.i64": torch.randint(-9, 9, (13,), generator=g), "d.bool": torch.rand(4, 3, generator=g) > 0.5,
+          "e.i8": torch.randint(-100, 100, (17,), dtype=torch.int8, generator=g), "f.scalar": torch.tensor(3.5),
+          "g.empty": torch.zeros(0, 4), "h.f32": torch.randn(9, 9, generator=g),
+          "i.f8": torch.randn(6, generator=g).to(torch.float8_e4m3fn)}
+    w = ShardedWriter(tmp_path, [Entry(k, v.dtype, tuple(v.shape)) for k, v in sd.items()], shard_bytes,
+                      background=background)
+    with w:
+        for k, v in sd.items():
+            with w.tensor(k) as sink:
+                flat = v.reshape(-1)
+                for lo in range(0, flat.numel(), 4):
+                    part = flat[lo:lo + 4]
+                    buf = sink.buffer(part.numel())
+                    buf.copy_(part)
+                    sink.write(buf)
+        w.close()
+    shards = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    got: dict[str, torch.Tensor] = {}
+    for name in shards:
+        got |= load_file(tmp_path / name)
+    assert set(got) == set(sd)
+    for k, v in sd.items():
+        assert got[k].dtype == v.dtype and got[k].shape == v.shape, k
+        assert got[k].reshape(-1).view(torch.uint8).tolist() == v.reshape(-1).view(torch.uint8).tolist(), k
+    if len(shards) == 1:
+        assert shards == ["model.safetensors"] and not (tmp_path / INDEX_NAME).exists()
+        return
+    index = json.loads((tmp_path / INDEX_NAME).read_text(encoding="utf-8"))
+    assert set(index["weight_map"]) == set(sd) and set(index["weight_map"].values()) == set(shards)
+    for k, shard in index["weight_map"].items():
+        with safe_open(str(tmp_path / shard), "pt") as f:
+            assert k in f.keys(), (k, shard)
+    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in sd.values())
+
+
+@pytest.mark.parametrize("dtype,tied,shard", [(torch.bfloat16, False, "20KB"), (torch.float16, True, "5GB")])
+def test_a_merge_of_two_copies_loads_in_transformers_bit_equal_to_the_model(tmp_path, dtype, tied, shard):
+    """transformers' own from_pretrained as the oracle: the average of a model and its copy is the model (a + a over
+    2, in fp32, is exact), so the merged LM loads with no missing or unexpected keys, every tensor of its state dict
+    bit-equal to the model's and of its dtype, sharded or not, and a tied model's head tied again on load."""
+    import transformers as tf
+
+    a = tiny.write_model("qwen2", tmp_path / "a", tiny.perturb(tiny.base_lm(0), 0.003, 8), dtype=dtype,
+                         tie_word_embeddings=tied)
+    b = shutil.copytree(a, tmp_path / "b")
+    out = tmp_path / "m"
+    assert run(merge.main, "--models", a, b, "--method", "average", "--quiet", "--shard-size", shard,
+               "--out", out) == 0
+    assert (out / "model.safetensors.index.json").is_file() == (shard == "20KB")
+    want = tf.AutoModelForCausalLM.from_pretrained(a, dtype="auto", **NO_HUB_KERNELS).state_dict()
+    model, info = tf.AutoModelForCausalLM.from_pretrained(out, dtype="auto", output_loading_info=True,
+                                                          **NO_HUB_KERNELS)
+    assert not any(info.values()), info
+    got = model.state_dict()
+    assert set(got) == set(want)
+    for k, v in want.items():
+        assert got[k].dtype == dtype and torch.equal(got[k], v), k
+    assert (model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()) == tied

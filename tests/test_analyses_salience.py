@@ -992,3 +992,33 @@ def test_a_config_deeper_than_the_weights_is_refused_before_anything_is_written(
     assert code == 2 and err.startswith(f"error: --base {models['base']}: ") and "\n" not in err, err
     assert f"num_hidden_layers {L + 1}" in err and f"no tensors of layer {L} " in err, err
     assert not out.exists() and not list(tmp_path.glob(".m.*"))
+
+
+def test_a_salience_merge_reads_each_heads_csv_once_and_records_what_it_read(zoo, tmp_path, monkeypatch):
+    """analyses.merge read each run's heads.csv twice: once for its values (read_salience), once for the manifest's
+    fingerprint (run_fingerprint), so a table rewritten between the two reads was merged by one content and recorded
+    as another. Now it is opened once, and the manifest records the fingerprint of those very bytes."""
+    import io
+
+    from analyses.merge_methods import run_fingerprint
+    from probe.results import read_manifest
+
+    dirs = [write_run(tmp_path / f"r{i}", torch.rand(L, H) + 0.1) for i in range(2)]
+    opened: list[str] = []
+    real_open = io.open
+
+    def counting_open(file, *args, **kwargs):
+        if Path(str(file)).name == "heads.csv":
+            opened.append(str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", counting_open)
+    monkeypatch.setattr("builtins.open", counting_open)
+    out = tmp_path / "m"
+    assert run(merge.main, "--base", zoo["base"], "--models", zoo["vl"], zoo["ov"], "--method", "salience",
+               "--salience", *dirs, "--quiet", "--out", out) == 0
+    monkeypatch.undo()
+    assert sorted(opened) == sorted(str(d / "heads.csv") for d in dirs), opened
+    recorded = [fp for _, fp in read_manifest(out)["request"]["inputs"]]
+    for d in dirs:  # an independent oracle: the fingerprint of the file's bytes, as they still are
+        assert run_fingerprint(d, (d / "heads.csv").read_bytes()) in recorded

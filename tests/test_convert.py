@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -736,3 +737,34 @@ def test_video_mme_refuses_missing_videos_and_misnumbered_options(video_src, tmp
     one_error_line(convert("video-mme", video_src, "--split", "test", "--out", tmp_path / "o2"),
                    "are not lettered A, B, … in order")
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_a_disk_full_on_the_record_leaves_a_split_the_same_command_finishes(mmlu_src, tmp_path, monkeypatch):
+    """The split's files were moved into --out and the work dir (the unfinished marker with it) removed before
+    convert-<split>.json was written: a disk that filled on that record left a whole-looking split without it, the
+    error said to rerun the same command, and that rerun was refused ('already holds split ...; give --overwrite').
+    Now the record is written while the marker still stands: the rerun finishes the split."""
+    import errno
+
+    import probe.results
+
+    real = probe.results.atomic_write_json
+
+    def full(path, *args, **kwargs):
+        if Path(path).name.startswith("convert-"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(path, *args, **kwargs)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(probe.results, "atomic_write_json", full)
+    res = convert("mmlu", mmlu_src, "--out", out)
+    assert res.returncode != 0 and res.stderr.count("\n") == 1 and "no space left" in res.stderr, res.stderr
+    monkeypatch.undo()
+    with pytest.raises(BadInput):  # never read as complete in between
+        load_mmmu(out, "validation")
+    res = convert("mmlu", mmlu_src, "--out", out)
+    assert res.returncode == 0, res.stderr
+    assert len(load_mmmu(out, "validation")[0]) == 9  # the fixture's 5 + 4 rows, once
+    assert json.loads((out / "convert-validation.json").read_text())["n_items"] == {"abstract_algebra": 5,
+                                                                                 "anatomy": 4}
+    assert not list(out.glob(".convert-*"))
