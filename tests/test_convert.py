@@ -524,8 +524,8 @@ def test_gpqa_refuses_a_row_without_its_own_record_id(tmp_path, record, want):
 
 # --- Video-MME ------------------------------------------------------------------------------------------------
 
-def write_video(path: Path, shift: int, start: int = 0) -> None:
-    """N_FRAMES frames at FPS from ``start`` seconds, frame i coloured (8·(i + shift), 255 − 8·(i + shift), 128):
+def write_video(path: Path, shift: int, start: int = 0, n: int = N_FRAMES) -> None:
+    """``n`` frames at FPS from ``start`` seconds, frame i coloured (8·(i + shift), 255 − 8·(i + shift), 128):
     its index, decodable. The container follows the suffix (.mkv: Matroska, which states no stream duration)."""
     from fractions import Fraction
 
@@ -534,7 +534,7 @@ def write_video(path: Path, shift: int, start: int = 0) -> None:
     with av.open(str(path), "w") as c:
         s = c.add_stream("mpeg4", rate=FPS)
         s.width, s.height, s.pix_fmt, s.bit_rate = 64, 48, "yuv420p", 2_000_000
-        for i in range(N_FRAMES):
+        for i in range(n):
             a = np.zeros((48, 64, 3), np.uint8)
             a[..., 0], a[..., 1], a[..., 2] = 8 * (i + shift), 255 - 8 * (i + shift), 128
             frame = av.VideoFrame.from_ndarray(a, format="rgb24")
@@ -768,3 +768,27 @@ def test_a_disk_full_on_the_record_leaves_a_split_the_same_command_finishes(mmlu
     assert json.loads((out / "convert-validation.json").read_text())["n_items"] == {"abstract_algebra": 5,
                                                                                  "anatomy": 4}
     assert not list(out.glob(".convert-*"))
+
+
+def test_a_corrupt_video_file_is_named_in_one_line_and_nothing_is_written(video_src, tmp_path):
+    """A video file that is not a video (a download that failed into an HTML page, here junk bytes): exit 2 naming
+    the file and the decoder's reason, no traceback, no split written."""
+    path = video_src / "data" / "Zz0.mp4"
+    path.write_bytes(b"<html>not found</html>" * 40)
+    out = tmp_path / "out"
+    one_error_line(convert("video-mme", video_src, "--frames", 4, "--out", out), f"{path}: cannot decode its video (")
+    assert not list(out.rglob("*.parquet"))
+
+
+@pytest.mark.parametrize("n_frames", [1, 3])
+def test_a_clip_of_fewer_frames_than_asked_repeats_its_nearest_frames(video_src, tmp_path, n_frames):
+    """A clip of one or three frames sampled at --frames 4: each slot still gets the decoded frame nearest the
+    middle of its span (oracle: the formula over the clip's own frame times), so frames repeat, none is invented
+    and the count is the one asked for."""
+    write_video(video_src / "data" / "Zz0.mp4", 1, n=n_frames)
+    out = tmp_path / "out"
+    res = convert("video-mme", video_src, "--frames", 4, "--out", out)
+    assert res.returncode == 0, res.stderr
+    [it] = [it for it in load_mmmu(out, "test")[0] if it.subject == "medium"]
+    want = [min(range(n_frames), key=lambda i: (abs(i / FPS - (k + 0.5) * n_frames / FPS / 4), -i)) for k in range(4)]
+    assert [frame_index(b, 1) for b in it.frames] == want

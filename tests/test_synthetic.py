@@ -2,6 +2,7 @@ import ast
 import io
 import json
 import random
+import re
 from collections import Counter
 
 import pytest
@@ -222,3 +223,33 @@ def test_cli_writes_into_a_non_empty_out_only_its_own_set_again_or_with_overwrit
     (foreign / "x").write_text("x", encoding="utf-8")
     out = foreign
     refused([], "is not empty and holds no probe.synthetic set")
+
+
+@pytest.mark.parametrize("with_images", [True, False])
+def test_bench_rows_read_back_half_two_image_at_the_asked_length(tmp_path, with_images):
+    """mmmu_length_rows (bench/sweep.py's MMMU-like items): rows the MMMU loader reads back, alternately one and two
+    images (none and no <image k> text without images), answers right for the pixels (oracle: expected_answer over
+    the scene JSON), the question + options at least text_tokens words long (the counter given; oracle: str.split),
+    and the same rows for the same seed."""
+    from probe.mmmu import load_items
+    from probe.synthetic import mmmu_length_rows, write_mmmu_parquet
+
+    words = lambda s: len(s.split())  # noqa: E731
+    rows = mmmu_length_rows(6, 3, 32, 40, words, with_images)
+    assert rows == mmmu_length_rows(6, 3, 32, 40, words, with_images)
+    assert rows != mmmu_length_rows(6, 4, 32, 40, words, with_images)
+    write_mmmu_parquet({"Bench": rows}, tmp_path, "validation")
+    items, report = load_items(str(tmp_path))
+    assert report.n_multiple_choice == 6 and report.n_skipped_open == 0
+    assert [len(it.images) for it in items] == ([1, 2] * 3 if with_images else [0] * 6)
+    for it, row in zip(items, rows):
+        assert words(it.question) + words(row["options"]) >= 40
+        assert ("<image" in it.question + "".join(it.options)) == with_images
+        spec = json.loads(row["explanation"])
+        scenes = [SceneSpec.from_json(s) for s in spec["scenes"]]
+        question = it.question if with_images else re.sub(r"image (\d)", r"<image \1>", it.question)
+        want = expected_answer(spec["kind"], question, scenes)
+        want = want if with_images else re.sub(r"<image (\d)>", r"image \1", want)
+        assert it.options[ord(it.answer) - ord("A")] == want
+        for img, scene in zip(it.pil_images(), scenes):
+            assert read_scene(img.convert("RGB")) == {s.slot: s.colour for s in scene.shapes}

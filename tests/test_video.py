@@ -461,3 +461,29 @@ def test_onevision_frames_follow_the_checkpoints_video_config(tmp_path):
     assert torch.equal(got["pixel_values_videos"][0], want)
     assert not torch.equal(want, _full_view_0(ip, frames))  # the image processor's frames differ
     assert int((got["input_ids"] == 7).sum()) == 3 * 4 ** 2 + 1
+
+
+@pytest.mark.parametrize("alias", ["tiny-qwen2-vl", "tiny-llava-ov"])
+@pytest.mark.parametrize("n_frames", [1, 3])
+def test_odd_and_single_frame_videos_give_the_tokens_the_models_embedding_takes(video_items, alias, n_frames):
+    """One frame and an odd count (Qwen2-VL pairs frames along time, the last repeated): the prompt's video tokens
+    are exactly as many as the model's own video features (oracle: the model's forward, which refuses a count that
+    differs; one token fewer is refused, so the check is live), and Qwen2-VL's grid has ⌈F/2⌉ temporal patches."""
+    import dataclasses
+
+    loaded = load_model(resolve_model(alias))
+    item = dataclasses.replace(video_items[0], frames=video_items[0].frames[:n_frames])
+    batch = build_inputs(loaded, item, PromptTemplate())
+    if "video_grid_thw" in batch:
+        assert batch["video_grid_thw"][0, 0].item() == math.ceil(n_frames / 2)
+    with torch.no_grad():
+        assert torch.isfinite(loaded.model(**batch).logits).all()
+    ids = batch["input_ids"][0]
+    drop = int((ids == loaded.model.config.video_token_id).nonzero()[0])
+    short = {**batch, "input_ids": torch.cat([ids[:drop], ids[drop + 1:]])[None],
+             "attention_mask": batch["attention_mask"][:, 1:]}
+    if "mm_token_type_ids" in batch:
+        short["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"][0, :drop],
+                                                batch["mm_token_type_ids"][0, drop + 1:]])[None]
+    with pytest.raises(ValueError, match=r"(?i)video features and (video )?tokens do not match"), torch.no_grad():
+        loaded.model(**short)
