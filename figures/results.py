@@ -111,10 +111,11 @@ class EvalRun:
         return (("diff_accuracy", "diff_lo", "diff_hi") if self.metric == "accuracy"
                 else ("diff_prob_accuracy", "diff_prob_lo", "diff_prob_hi"))
 
-    def paired(self, model: str, reference: str, data_spec: str) -> Any:
+    def paired(self, model: str, reference: str, data_spec: str, level: float | None = None) -> Any:
         """``model`` minus ``reference`` on a data set (by spec or name), in this run's metric, paired over the items
         both answered: the ``probe.stats.Interval`` ``probe.eval --reference`` would report (its seed, the set's
-        bootstrap stream), from items.parquet, so any two models of a saved run compare as the reference does."""
+        bootstrap stream), from items.parquet, so any two models of a saved run compare as the reference does.
+        ``level``: the interval's, 95 % unless given."""
         from probe.eval import DataSet, paired_differences
         from probe.mmmu import data_spec as one_spelling
 
@@ -129,7 +130,7 @@ class EvalRun:
         if not len(mine) or not len(ref):
             raise BadInput(f"{self.dir}/items.parquet: no items of {model if not len(mine) else reference} on "
                            f"{data_spec}")
-        return paired_differences(mine, ref, seed, ds.stream)[0][self.metric]
+        return paired_differences(mine, ref, seed, ds.stream, level)[0][self.metric]
 
     @cached_property
     def items(self) -> pd.DataFrame:

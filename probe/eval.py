@@ -451,17 +451,19 @@ def score_table(items: pd.DataFrame, plan: EvalPlan, reference: str | None, seed
     return pd.DataFrame.from_records(rows, columns=SCORE_COLUMNS).astype({"diff_n": "Int64"})  # a count, or empty
 
 
-def paired_differences(items: Any, ref_items: Any, seed: int, stream: str) -> tuple[dict[str, Any], int]:
+def paired_differences(items: Any, ref_items: Any, seed: int, stream: str,
+                       level: float | None = None) -> tuple[dict[str, Any], int]:
     """Accuracy and probability accuracy of ``items`` minus ``ref_items`` (two models' rows of items.parquet on one
     data set) over the items both answered, with the paired bootstrap intervals of the set's ``stream``
     (``DataSet.stream``), and how many items paired. scores.csv's diff columns, and any comparison of two models of
-    a saved run (figures.findings), are these."""
-    from probe.stats import paired_difference
+    a saved run (figures.findings), are these. ``level``: the intervals' (None: probe.stats.LEVEL, 95 %); the same
+    resamples at any level."""
+    from probe.stats import LEVEL, paired_difference
 
     # the items both answered; ids need only be unique within a subject (the loader checks)
     paired = items.merge(ref_items, on=["subject", "item_id"], suffixes=("", "_ref"))
     return {metric: paired_difference(paired[col].to_numpy(), paired[f"{col}_ref"].to_numpy(), seed,
-                                      f"{stream}|diff|{metric}")
+                                      f"{stream}|diff|{metric}", level=LEVEL if level is None else level)
             for metric, col in (("accuracy", "correct"), ("prob_accuracy", "prob_correct"))}, len(paired)
 
 
