@@ -256,6 +256,7 @@ def test_placed(placed):
 def test_a_gpu_that_only_emulates_bf16_is_probed_as_without_it(monkeypatch):
     """torch.cuda.is_bf16_supported() is True on a V100 or T4, which emulate bf16 (slower than float32): the probe asks
     for native support, so --dtype auto is float32 there and --dtype bfloat16 exits 2 (the TWO_OLD_GPUS rows above)."""
+    import contextlib
     import types
 
     import torch
@@ -265,6 +266,7 @@ def test_a_gpu_that_only_emulates_bf16_is_probed_as_without_it(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "Tesla V100-SXM2-32GB")
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=32 << 30))
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.cuda, "device", lambda i: contextlib.nullcontext())  # the probe asks each GPU in turn
     q = DeviceQuery.probe()
     assert q.cuda_names == ("Tesla V100-SXM2-32GB",) and q.cuda_bf16 is False
     assert resolve_placement(query=q).dtype == "float32"
@@ -309,3 +311,42 @@ def test_heads_refuses_a_model_too_large_for_the_ram_in_one_line(tmp_path, tiny_
                                 "--out", str(tmp_path / "eval"), "--quiet"]) == 2
     assert err == capsys.readouterr().err.strip() and err.startswith("error: ") and "\n" not in err
     assert not out.exists()
+
+
+def test_bf16_is_native_on_every_gpu_the_model_spreads_over(monkeypatch):
+    """The probe asked the current GPU alone (torch.cuda.is_bf16_supported looks at cuda:0): on a box with an A100
+    (sm80, native bf16) and a V100 (sm70, emulated), --device auto spread the model over both in bfloat16, the V100's
+    layers in emulated bf16 (slower than float32; not the precision a native run has), and --dtype bfloat16 passed.
+    Oracle: each GPU's compute capability, as the simulated machine states it (sm ≥ 8 is native)."""
+    import contextlib
+    import types
+
+    import torch
+
+    major = {0: 8, 1: 7}  # cuda:0 an A100, cuda:1 a V100
+    current = [0]
+
+    @contextlib.contextmanager
+    def device(i):
+        current[0], before = i, current[0]
+        yield
+        current[0] = before
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: ("NVIDIA A100", "Tesla V100")[i])
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=32 << 30))
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: including_emulation or major[current[0]] >= 8)
+    for var in ("LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    q = DeviceQuery.probe()
+    native = [major[i] >= 8 for i in range(2)]
+    both = resolve_placement(query=q)
+    assert both.all_devices == ("cuda:0", "cuda:1") and both.dtype == ("bfloat16" if all(native) else "float32")
+    with pytest.raises(BadInput, match="cuda:1 .*does not support bfloat16"):
+        resolve_placement("cuda:0,cuda:1", "bfloat16", query=q)
+    for i in range(2):  # one GPU alone: its own support
+        assert resolve_placement(f"cuda:{i}", query=q).dtype == ("bfloat16" if native[i] else "float32")
+        assert resolve_placement(query=q, local_rank=i, local_world=2).dtype == ("bfloat16" if native[i] else "float32")
