@@ -177,6 +177,12 @@ def resolve_placement(device: str = "auto", dtype: str = "auto", attn_implementa
         if "cuda" in devices and (local_rank or 0) >= len(q.cuda_names):  # "cuda" is the rank's GPU: it must exist
             raise BadInput(f"--device {device}: rank {local_rank} has no GPU of its own ({len(q.cuda_names)} "
                            "visible); run at most one process per GPU")
+        named = [d for d in devices if d.startswith("cuda:")]
+        if named and ((local_world or 0) > 1 or (local_rank or 0) > 0):
+            # every rank reads the same --device: named GPUs would hold every rank's copy of the model
+            raise BadInput(f"--device {device}: under torchrun every rank would load its model on the same GPU(s) "
+                           f"{','.join(named)}; use --device auto (each rank its share of the visible GPUs) or "
+                           "cuda (the rank's own GPU), and CUDA_VISIBLE_DEVICES to choose them")
         devices = [f"cuda:{local_rank or 0}" if d == "cuda" else d for d in devices]
         if len(devices) > 1 and (len(set(devices)) < len(devices) or not all(d.startswith("cuda:") for d in devices)):
             raise BadInput(f"--device {device}: a list names distinct GPUs (cuda:0,cuda:1,…)")

@@ -350,3 +350,20 @@ def test_bf16_is_native_on_every_gpu_the_model_spreads_over(monkeypatch):
     for i in range(2):  # one GPU alone: its own support
         assert resolve_placement(f"cuda:{i}", query=q).dtype == ("bfloat16" if native[i] else "float32")
         assert resolve_placement(query=q, local_rank=i, local_world=2).dtype == ("bfloat16" if native[i] else "float32")
+
+
+@pytest.mark.parametrize("device", ["cuda:0,cuda:1", "cuda:1"])
+def test_named_gpus_under_several_torchrun_ranks_are_bad_input(device, monkeypatch):
+    """Under torchrun every rank gets the same --device: named GPUs (a list, or one cuda:N) put every rank's copy
+    of the model on the same GPUs — 4 ranks on 2 GPUs with cuda:0,cuda:1 all resolved to both GPUs, each rank's map
+    checked against the GPUs' whole memory as if it were alone. auto (each rank its share) and cuda (the rank's GPU) give each
+    rank its own. Oracle: the same launch with one process, and auto's shares, disjoint per rank."""
+    four = DeviceQuery(("NVIDIA H100",) * 4, True, True, 16, (80 << 30,) * 4)
+    for var in ("LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert resolve_placement(device, query=four, local_rank=0, local_world=1).all_devices == tuple(device.split(","))
+    shares = [set(resolve_placement("auto", query=four, local_rank=r, local_world=2).all_devices) for r in range(2)]
+    assert not shares[0] & shares[1]
+    for rank, world in ((0, 2), (1, 2), (1, None)):
+        with pytest.raises(BadInput, match=f"^--device {device}: .*every rank .*same GPU"):
+            resolve_placement(device, query=four, local_rank=rank, local_world=world)
