@@ -170,6 +170,12 @@ def resolve_placement(device: str = "auto", dtype: str = "auto", attn_implementa
         # as rank_world refuses RANK >= WORLD_SIZE: the share [r·n/k, (r+1)·n/k) lay past the last GPU (a traceback)
         raise BadInput(f"LOCAL_RANK {local_rank} with LOCAL_WORLD_SIZE {local_world}: a local rank is 0 .. "
                        "LOCAL_WORLD_SIZE - 1")
+    n_gpus = len(q.cuda_names)
+    per_rank = device == "auto" or "cuda" in [d.strip() for d in device.split(",")]
+    if per_rank and n_gpus and local_world and local_world > n_gpus:
+        # the launch's verdict, the same on every rank: ranks past the GPUs were refused while the others went on
+        raise BadInput(f"--device {device}: {local_world} ranks on this machine, {n_gpus} GPU(s) visible: a rank "
+                       "would have no GPU of its own; run at most one process per GPU")
     if device == "auto":
         devices = [f"cuda:{i}" for i in gpu_share(len(q.cuda_names), local_rank, local_world)] or ["cpu"]
     else:

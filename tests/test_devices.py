@@ -39,13 +39,14 @@ def test_gpus_without_bf16_and_torchrun_ranks():
 def test_device_cuda_on_a_rank_without_its_own_gpu_is_bad_input():
     """--device cuda is the rank's GPU; a rank past the visible GPUs was an IndexError traceback (exit 1) while
     --device auto named the problem. Oracle: auto's own refusal of the same rank."""
-    for rank, world in ((2, None), (3, 4)):
-        with pytest.raises(BadInput, match=f"rank {rank} has no GPU of its own") as auto:
+    for rank, world, match in ((2, None, "rank 2 has no GPU of its own \\(2 visible\\)"),
+                               (3, 4, "4 ranks on this machine, 2 GPU\\(s\\) visible: a rank would have no GPU")):
+        with pytest.raises(BadInput, match=match) as auto:
             resolve_placement("auto", query=TWO_OLD_GPUS, local_rank=rank, local_world=world)
-        with pytest.raises(BadInput, match=f"rank {rank} has no GPU of its own \\(2 visible\\)") as explicit:
+        with pytest.raises(BadInput, match=match) as explicit:
             resolve_placement("cuda", query=TWO_OLD_GPUS, local_rank=rank, local_world=world)
         assert str(explicit.value).split(": ", 1)[1] == str(auto.value).split(": ", 1)[1]
-    assert resolve_placement("cuda", query=TWO_OLD_GPUS, local_rank=1, local_world=4).device == "cuda:1"
+    assert resolve_placement("cuda", query=TWO_OLD_GPUS, local_rank=1, local_world=2).device == "cuda:1"
 
 
 def test_local_rank_from_the_environment(monkeypatch):
@@ -367,3 +368,19 @@ def test_named_gpus_under_several_torchrun_ranks_are_bad_input(device, monkeypat
     for rank, world in ((0, 2), (1, 2), (1, None)):
         with pytest.raises(BadInput, match=f"^--device {device}: .*every rank .*same GPU"):
             resolve_placement(device, query=four, local_rank=rank, local_world=world)
+
+
+@pytest.mark.parametrize("device", ["auto", "cuda"])
+def test_more_ranks_than_gpus_are_refused_on_every_rank(device, monkeypatch):
+    """4 torchrun ranks on 2 GPUs: ranks 2 and 3 exited 2 ("no GPU of its own") while ranks 0 and 1 went on to
+    plan, print and start writing, until torchrun stopped them for their peers' failure. The verdict now is the
+    launch's, the same on every rank. Oracle: the launch's own numbers (LOCAL_WORLD_SIZE against the GPU count)."""
+    for var in ("LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    gpus, world = len(TWO_OLD_GPUS.cuda_names), 4
+    assert world > gpus
+    for rank in range(world):
+        with pytest.raises(BadInput, match=f"^--device {device}: {world} ranks on this machine, {gpus} GPU"):
+            resolve_placement(device, query=TWO_OLD_GPUS, local_rank=rank, local_world=world)
+    for rank in range(gpus):  # one rank per GPU: each its own
+        assert resolve_placement(device, query=TWO_OLD_GPUS, local_rank=rank, local_world=gpus).device == f"cuda:{rank}"

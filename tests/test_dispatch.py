@@ -55,7 +55,7 @@ def test_auto_spreads_over_every_visible_gpu_and_torchrun_ranks_share_them(monke
     assert resolve_placement(query=_gpus(4)).all_devices == ("cuda:0", "cuda:1")
     with pytest.raises(BadInput, match="cannot be shared evenly"):
         resolve_placement(query=_gpus(3))
-    with pytest.raises(BadInput, match="rank 5 has no GPU of its own"):
+    with pytest.raises(BadInput, match="8 ranks on this machine, 4 GPU\\(s\\) visible"):
         resolve_placement(query=_gpus(4), local_rank=5, local_world=8)
 
 
