@@ -242,6 +242,8 @@ def _check_device(device: str, q: DeviceQuery) -> str:
         dev = torch.device(device)
     except RuntimeError:
         raise BadInput(f"unknown --device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cpu" and dev.index is not None:  # one CPU: "cpu:1" ran as the CPU but was taken for a GPU
+        raise BadInput(f"unknown --device {device!r}; use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda":
         if not q.cuda_names:
             raise BadInput(f"--device {device}: no CUDA GPU is visible on this machine (use --device auto or cpu)")

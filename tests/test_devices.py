@@ -384,3 +384,13 @@ def test_more_ranks_than_gpus_are_refused_on_every_rank(device, monkeypatch):
             resolve_placement(device, query=TWO_OLD_GPUS, local_rank=rank, local_world=world)
     for rank in range(gpus):  # one rank per GPU: each its own
         assert resolve_placement(device, query=TWO_OLD_GPUS, local_rank=rank, local_world=gpus).device == f"cuda:{rank}"
+
+
+@pytest.mark.parametrize("device", ["cpu:1", "cpu:0"])
+def test_a_cpu_with_an_index_is_bad_input(device):
+    """torch.device takes cpu:1 (the same CPU: an index means nothing there), and so did --device: the run went on
+    as "cpu:1", recorded so in run.json, and load_model took it for a GPU (not "cpu": the GPU-only cleanups ran,
+    and a model too large for the RAM was not told to use a GPU). Oracle: --device cpu on the same machine."""
+    assert resolve_placement("cpu", query=CPU).all_devices == ("cpu",)
+    with pytest.raises(BadInput, match=f"^unknown --device '{device}'; use auto, cpu, cuda or cuda:N"):
+        resolve_placement(device, query=CPU)
