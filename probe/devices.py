@@ -34,6 +34,11 @@ class DeviceQuery:
     cuda_memory: tuple[int, ...] = ()  # bytes per GPU; () = unknown (then a device map is not checked for fit)
     flash_attn: bool = False  # the flash-attn package is installed (attn_implementation flash_attention_2)
     cpu_memory: int | None = None  # bytes of RAM available now (Linux MemAvailable); None = unknown (not checked)
+    cuda_bf16_each: tuple[bool, ...] = ()  # native bf16 per GPU (a box may mix A100s and V100s); () = cuda_bf16 on all
+
+    def gpu_bf16(self, index: int) -> bool:
+        """Whether GPU ``index`` runs bfloat16 natively."""
+        return self.cuda_bf16_each[index] if self.cuda_bf16_each else self.cuda_bf16
 
     @staticmethod
     def probe() -> "DeviceQuery":
@@ -42,12 +47,15 @@ class DeviceQuery:
         names: tuple[str, ...] = ()
         memory: tuple[int, ...] = ()
         bf16 = False
+        each: tuple[bool, ...] = ()
         if torch.cuda.is_available():
             names = tuple(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
             memory = tuple(torch.cuda.get_device_properties(i).total_memory for i in range(len(names)))
             # native bf16 only: torch counts a V100's or T4's emulated bf16 as support, which runs slower than
-            # float32 there (auto) and is not the precision asked for (explicit bfloat16)
-            bf16 = bool(torch.cuda.is_bf16_supported(including_emulation=False))
+            # float32 there (auto) and is not the precision asked for (explicit bfloat16); asked of each GPU, since
+            # torch asks the current one only and a model may spread over an A100 and a V100
+            each = tuple(_native_bf16(i) for i in range(len(names)))
+            bf16 = all(each)
         try:
             cpu_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
         except (AttributeError, RuntimeError):
@@ -55,7 +63,14 @@ class DeviceQuery:
         import importlib.util
 
         return DeviceQuery(names, bf16, cpu_bf16, torch.get_num_threads(), memory,
-                           importlib.util.find_spec("flash_attn") is not None, available_ram())
+                           importlib.util.find_spec("flash_attn") is not None, available_ram(), each)
+
+
+def _native_bf16(index: int) -> bool:
+    import torch
+
+    with torch.cuda.device(index):
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
 
 
 def available_ram() -> int | None:
@@ -155,6 +170,12 @@ def resolve_placement(device: str = "auto", dtype: str = "auto", attn_implementa
         # as rank_world refuses RANK >= WORLD_SIZE: the share [r·n/k, (r+1)·n/k) lay past the last GPU (a traceback)
         raise BadInput(f"LOCAL_RANK {local_rank} with LOCAL_WORLD_SIZE {local_world}: a local rank is 0 .. "
                        "LOCAL_WORLD_SIZE - 1")
+    n_gpus = len(q.cuda_names)
+    per_rank = device == "auto" or "cuda" in [d.strip() for d in device.split(",")]
+    if per_rank and n_gpus and local_world and local_world > n_gpus:
+        # the launch's verdict, the same on every rank: ranks past the GPUs were refused while the others went on
+        raise BadInput(f"--device {device}: {local_world} ranks on this machine, {n_gpus} GPU(s) visible: a rank "
+                       "would have no GPU of its own; run at most one process per GPU")
     if device == "auto":
         devices = [f"cuda:{i}" for i in gpu_share(len(q.cuda_names), local_rank, local_world)] or ["cpu"]
     else:
@@ -162,19 +183,27 @@ def resolve_placement(device: str = "auto", dtype: str = "auto", attn_implementa
         if "cuda" in devices and (local_rank or 0) >= len(q.cuda_names):  # "cuda" is the rank's GPU: it must exist
             raise BadInput(f"--device {device}: rank {local_rank} has no GPU of its own ({len(q.cuda_names)} "
                            "visible); run at most one process per GPU")
+        named = [d for d in devices if d.startswith("cuda:")]
+        if named and ((local_world or 0) > 1 or (local_rank or 0) > 0):
+            # every rank reads the same --device: named GPUs would hold every rank's copy of the model
+            raise BadInput(f"--device {device}: under torchrun every rank would load its model on the same GPU(s) "
+                           f"{','.join(named)}; use --device auto (each rank its share of the visible GPUs) or "
+                           "cuda (the rank's own GPU), and CUDA_VISIBLE_DEVICES to choose them")
         devices = [f"cuda:{local_rank or 0}" if d == "cuda" else d for d in devices]
         if len(devices) > 1 and (len(set(devices)) < len(devices) or not all(d.startswith("cuda:") for d in devices)):
             raise BadInput(f"--device {device}: a list names distinct GPUs (cuda:0,cuda:1,…)")
     device = devices[0]
     on_gpu = device.startswith("cuda")
+    no_bf16 = [d for d in devices if not q.gpu_bf16(int(d.split(":")[1]))] if on_gpu else []
     if dtype == "auto":
-        dtype = "bfloat16" if on_gpu and q.cuda_bf16 else "float32"
+        dtype = "bfloat16" if on_gpu and not no_bf16 else "float32"
     elif dtype not in DTYPE_NAMES:
         raise BadInput(f"unknown --dtype {dtype!r}; use auto or one of {', '.join(DTYPE_NAMES)}")
     dtype = DTYPE_NAMES[dtype]
-    if dtype == "bfloat16" and not (q.cuda_bf16 if on_gpu else q.cpu_bf16):
-        raise BadInput(f"--dtype bfloat16: {'this GPU' if on_gpu else 'this CPU'} does not support bfloat16; "
-                       "use --dtype auto or float32")
+    if dtype == "bfloat16" and (no_bf16 if on_gpu else not q.cpu_bf16):
+        where = (f"this GPU ({no_bf16[0]})" if len(devices) == 1 else f"{', '.join(no_bf16)} of the GPUs"
+                 ) if on_gpu else "this CPU"
+        raise BadInput(f"--dtype bfloat16: {where} does not support bfloat16; use --dtype auto or float32")
     check_attention(attn_implementation, on_gpu, dtype, q)
     memory: tuple[int, ...] = ()
     if on_gpu:
@@ -213,6 +242,8 @@ def _check_device(device: str, q: DeviceQuery) -> str:
         dev = torch.device(device)
     except RuntimeError:
         raise BadInput(f"unknown --device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cpu" and dev.index is not None:  # one CPU: "cpu:1" ran as the CPU but was taken for a GPU
+        raise BadInput(f"unknown --device {device!r}; use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda":
         if not q.cuda_names:
             raise BadInput(f"--device {device}: no CUDA GPU is visible on this machine (use --device auto or cpu)")

@@ -85,27 +85,33 @@ def model_units(model: nn.Module, layers_path: str, post_paths: Sequence[str]) -
 
 def balance_layers(layer_bytes: Sequence[int], first_extra: int, last_extra: int, n_devices: int,
                    capacity: Sequence[float] = ()) -> list[int]:
-    """Split layers into n_devices contiguous blocks in device order (returned as block ends), minimising the
-    largest device load over its ``capacity`` (bytes alone when not given), the first device also holding
-    ``first_extra`` bytes and the last ``last_extra`` (exact DP; n is small). A block may be empty: the first
-    device's when the embeddings and vision tower already are its share, the last's when the head is."""
+    """Split layers into n_devices contiguous blocks in device order (returned as block ends), as evenly as the
+    devices allow: the device loads over their ``capacity`` (bytes alone when not given), sorted from the largest
+    down, lexicographically least — the fullest device as light as possible, then the next fullest, and so on (a
+    minimised maximum alone let the devices under a heavy tower take any split: the last one all it could). The
+    first device also holds ``first_extra`` bytes and the last ``last_extra`` (exact DP; n is small). A block may
+    be empty: the first device's when the embeddings and vision tower already are its share, the last's when the
+    head is."""
     n = len(layer_bytes)
     k = n_devices
     cap = list(capacity) or [1] * k
     prefix = [0]
     for b in layer_bytes:
         prefix.append(prefix[-1] + b)
-    inf = float("inf")
-    # best[j][i]: the smallest possible max load putting layers [0, i) on devices [0, j)
-    best = [[inf] * (n + 1) for _ in range(k + 1)]
+    # best[j][i]: the least sorted (descending) load vector putting layers [0, i) on devices [0, j). Adding the
+    # same loads to two vectors keeps their order, so the prefix's best is part of the whole's best.
+    best: list[list[tuple[float, ...] | None]] = [[None] * (n + 1) for _ in range(k + 1)]
     cut = [[0] * (n + 1) for _ in range(k + 1)]
-    best[0][0] = 0
+    best[0][0] = ()
     for j in range(1, k + 1):
         extra = (first_extra if j == 1 else 0) + (last_extra if j == k else 0)
         for i in range(n if j == k else 0, n + 1):  # the last device ends at layer n
             for s in range(i + 1):  # s == i (an empty block) last: on a tie a device takes layers
-                value = max(best[j - 1][s], (prefix[i] - prefix[s] + extra) / cap[j - 1])
-                if value < best[j][i]:
+                before = best[j - 1][s]
+                if before is None:
+                    continue
+                value = tuple(sorted((*before, (prefix[i] - prefix[s] + extra) / cap[j - 1]), reverse=True))
+                if best[j][i] is None or value < best[j][i]:
                     best[j][i], cut[j][i] = value, s
     ends, i = [], n
     for j in range(k, 0, -1):

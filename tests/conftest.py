@@ -130,7 +130,7 @@ def no_gpu_outside_gpu_tests(request):
     real = DeviceQuery.probe
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(DeviceQuery, "probe", staticmethod(
-            lambda: dataclasses.replace(real(), cuda_names=(), cuda_memory=(), cuda_bf16=False)))
+            lambda: dataclasses.replace(real(), cuda_names=(), cuda_memory=(), cuda_bf16=False, cuda_bf16_each=())))
         mp.setenv("CUDA_VISIBLE_DEVICES", "")
         yield
 

@@ -39,13 +39,14 @@ def test_gpus_without_bf16_and_torchrun_ranks():
 def test_device_cuda_on_a_rank_without_its_own_gpu_is_bad_input():
     """--device cuda is the rank's GPU; a rank past the visible GPUs was an IndexError traceback (exit 1) while
     --device auto named the problem. Oracle: auto's own refusal of the same rank."""
-    for rank, world in ((2, None), (3, 4)):
-        with pytest.raises(BadInput, match=f"rank {rank} has no GPU of its own") as auto:
+    for rank, world, match in ((2, None, "rank 2 has no GPU of its own \\(2 visible\\)"),
+                               (3, 4, "4 ranks on this machine, 2 GPU\\(s\\) visible: a rank would have no GPU")):
+        with pytest.raises(BadInput, match=match) as auto:
             resolve_placement("auto", query=TWO_OLD_GPUS, local_rank=rank, local_world=world)
-        with pytest.raises(BadInput, match=f"rank {rank} has no GPU of its own \\(2 visible\\)") as explicit:
+        with pytest.raises(BadInput, match=match) as explicit:
             resolve_placement("cuda", query=TWO_OLD_GPUS, local_rank=rank, local_world=world)
         assert str(explicit.value).split(": ", 1)[1] == str(auto.value).split(": ", 1)[1]
-    assert resolve_placement("cuda", query=TWO_OLD_GPUS, local_rank=1, local_world=4).device == "cuda:1"
+    assert resolve_placement("cuda", query=TWO_OLD_GPUS, local_rank=1, local_world=2).device == "cuda:1"
 
 
 def test_local_rank_from_the_environment(monkeypatch):
@@ -256,6 +257,7 @@ def test_placed(placed):
 def test_a_gpu_that_only_emulates_bf16_is_probed_as_without_it(monkeypatch):
     """torch.cuda.is_bf16_supported() is True on a V100 or T4, which emulate bf16 (slower than float32): the probe asks
     for native support, so --dtype auto is float32 there and --dtype bfloat16 exits 2 (the TWO_OLD_GPUS rows above)."""
+    import contextlib
     import types
 
     import torch
@@ -265,6 +267,7 @@ def test_a_gpu_that_only_emulates_bf16_is_probed_as_without_it(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "Tesla V100-SXM2-32GB")
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=32 << 30))
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.cuda, "device", lambda i: contextlib.nullcontext())  # the probe asks each GPU in turn
     q = DeviceQuery.probe()
     assert q.cuda_names == ("Tesla V100-SXM2-32GB",) and q.cuda_bf16 is False
     assert resolve_placement(query=q).dtype == "float32"
@@ -309,3 +312,85 @@ def test_heads_refuses_a_model_too_large_for_the_ram_in_one_line(tmp_path, tiny_
                                 "--out", str(tmp_path / "eval"), "--quiet"]) == 2
     assert err == capsys.readouterr().err.strip() and err.startswith("error: ") and "\n" not in err
     assert not out.exists()
+
+
+def test_bf16_is_native_on_every_gpu_the_model_spreads_over(monkeypatch):
+    """The probe asked the current GPU alone (torch.cuda.is_bf16_supported looks at cuda:0): on a box with an A100
+    (sm80, native bf16) and a V100 (sm70, emulated), --device auto spread the model over both in bfloat16, the V100's
+    layers in emulated bf16 (slower than float32; not the precision a native run has), and --dtype bfloat16 passed.
+    Oracle: each GPU's compute capability, as the simulated machine states it (sm ≥ 8 is native)."""
+    import contextlib
+    import types
+
+    import torch
+
+    major = {0: 8, 1: 7}  # cuda:0 an A100, cuda:1 a V100
+    current = [0]
+
+    @contextlib.contextmanager
+    def device(i):
+        current[0], before = i, current[0]
+        yield
+        current[0] = before
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: ("NVIDIA A100", "Tesla V100")[i])
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=32 << 30))
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: including_emulation or major[current[0]] >= 8)
+    for var in ("LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    q = DeviceQuery.probe()
+    native = [major[i] >= 8 for i in range(2)]
+    both = resolve_placement(query=q)
+    assert both.all_devices == ("cuda:0", "cuda:1") and both.dtype == ("bfloat16" if all(native) else "float32")
+    with pytest.raises(BadInput, match="cuda:1 .*does not support bfloat16"):
+        resolve_placement("cuda:0,cuda:1", "bfloat16", query=q)
+    for i in range(2):  # one GPU alone: its own support
+        assert resolve_placement(f"cuda:{i}", query=q).dtype == ("bfloat16" if native[i] else "float32")
+        assert resolve_placement(query=q, local_rank=i, local_world=2).dtype == ("bfloat16" if native[i] else "float32")
+
+
+@pytest.mark.parametrize("device", ["cuda:0,cuda:1", "cuda:1"])
+def test_named_gpus_under_several_torchrun_ranks_are_bad_input(device, monkeypatch):
+    """Under torchrun every rank gets the same --device: named GPUs (a list, or one cuda:N) put every rank's copy
+    of the model on the same GPUs — 4 ranks on 2 GPUs with cuda:0,cuda:1 all resolved to both GPUs, each rank's map
+    checked against the GPUs' whole memory as if it were alone. auto (each rank its share) and cuda (the rank's GPU) give each
+    rank its own. Oracle: the same launch with one process, and auto's shares, disjoint per rank."""
+    four = DeviceQuery(("NVIDIA H100",) * 4, True, True, 16, (80 << 30,) * 4)
+    for var in ("LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert resolve_placement(device, query=four, local_rank=0, local_world=1).all_devices == tuple(device.split(","))
+    shares = [set(resolve_placement("auto", query=four, local_rank=r, local_world=2).all_devices) for r in range(2)]
+    assert not shares[0] & shares[1]
+    for rank, world in ((0, 2), (1, 2), (1, None)):
+        with pytest.raises(BadInput, match=f"^--device {device}: .*every rank .*same GPU"):
+            resolve_placement(device, query=four, local_rank=rank, local_world=world)
+
+
+@pytest.mark.parametrize("device", ["auto", "cuda"])
+def test_more_ranks_than_gpus_are_refused_on_every_rank(device, monkeypatch):
+    """4 torchrun ranks on 2 GPUs: ranks 2 and 3 exited 2 ("no GPU of its own") while ranks 0 and 1 went on to
+    plan, print and start writing, until torchrun stopped them for their peers' failure. The verdict now is the
+    launch's, the same on every rank. Oracle: the launch's own numbers (LOCAL_WORLD_SIZE against the GPU count)."""
+    for var in ("LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    gpus, world = len(TWO_OLD_GPUS.cuda_names), 4
+    assert world > gpus
+    for rank in range(world):
+        with pytest.raises(BadInput, match=f"^--device {device}: {world} ranks on this machine, {gpus} GPU"):
+            resolve_placement(device, query=TWO_OLD_GPUS, local_rank=rank, local_world=world)
+    for rank in range(gpus):  # one rank per GPU: each its own
+        assert resolve_placement(device, query=TWO_OLD_GPUS, local_rank=rank, local_world=gpus).device == f"cuda:{rank}"
+
+
+@pytest.mark.parametrize("device", ["cpu:1", "cpu:0"])
+def test_a_cpu_with_an_index_is_bad_input(device):
+    """torch.device takes cpu:1 (the same CPU: an index means nothing there), and so did --device: the run went on
+    as "cpu:1", recorded so in run.json, and load_model took it for a GPU (not "cpu": the GPU-only cleanups ran,
+    and a model too large for the RAM was not told to use a GPU). Oracle: --device cpu on the same machine."""
+    assert resolve_placement("cpu", query=CPU).all_devices == ("cpu",)
+    with pytest.raises(BadInput, match=f"^unknown --device '{device}'; use auto, cpu, cuda or cuda:N"):
+        resolve_placement(device, query=CPU)

@@ -55,7 +55,7 @@ def test_auto_spreads_over_every_visible_gpu_and_torchrun_ranks_share_them(monke
     assert resolve_placement(query=_gpus(4)).all_devices == ("cuda:0", "cuda:1")
     with pytest.raises(BadInput, match="cannot be shared evenly"):
         resolve_placement(query=_gpus(3))
-    with pytest.raises(BadInput, match="rank 5 has no GPU of its own"):
+    with pytest.raises(BadInput, match="8 ranks on this machine, 4 GPU\\(s\\) visible"):
         resolve_placement(query=_gpus(4), local_rank=5, local_world=8)
 
 
@@ -109,6 +109,46 @@ def test_balance_layers_is_the_best_contiguous_split():
         assert max(load / c for load, c in zip(loads, capacity)) == _best_split(sizes, first, last, capacity)
     # the tower outweighs the layers' share: the first device holds it alone (10, not tower + a layer = 12)
     assert balance_layers([2, 2, 2, 2], 10, 0, 3)[0] == 0
+
+
+def _evenest_split(sizes, first, last, capacity):
+    """The oracle for evenness: over every contiguous split (brute force), the loads relative to capacity sorted
+    from the largest down, the least of them in lexicographic order — the fullest device as light as possible,
+    then the next fullest, and so on."""
+    n, k = len(sizes), len(capacity)
+
+    def ratios(cuts):
+        bounds = [0, *cuts, n]
+        loads = [sum(sizes[a:b]) for a, b in zip(bounds, bounds[1:])]
+        loads[0] += first
+        loads[-1] += last
+        return sorted((load / c for load, c in zip(loads, capacity)), reverse=True)
+
+    return min(ratios(c) for c in itertools.combinations_with_replacement(range(n + 1), k - 1))
+
+
+def test_layers_below_the_fullest_device_are_split_evenly_too():
+    """Only the fullest device's load was minimised: with the tower (or the head) the fullest, the other devices'
+    blocks were any split under it, and the DP's tie-break gave the later devices every layer they could take.
+    Qwen2-VL-7B over 8 H100s: cuda:1 held 1 layer (0.4 GiB), cuda:2-6 5 each (2.2 GiB); now 4, 4, 4, 4, 5, 5. Eight
+    equal layers under a tower of 10 over 3 devices came out as blocks (0, 0, 8): the middle GPU idle (dropped from
+    the map) and all eight layers, their activations and KV cache on the last. Oracle: brute force, the lexicographically least sorted load vector."""
+    from probe.dispatch import balance_layers
+
+    assert balance_layers([1] * 8, 10, 0, 3) == [0, 4, 8]
+    rng = random.Random(1)
+    for trial in range(300):
+        n, k = rng.randint(1, 7), rng.randint(1, 4)
+        sizes = [rng.randint(1, 20) for _ in range(n)]
+        first, last = rng.randint(0, 60), rng.randint(0, 30)
+        capacity = [1] * k if trial % 2 else [rng.randint(1, 4) for _ in range(k)]
+        ends = balance_layers(sizes, first, last, k, capacity if trial % 2 == 0 else ())
+        bounds = [0, *ends]
+        loads = [sum(sizes[a:b]) for a, b in zip(bounds, bounds[1:])]
+        loads[0] += first
+        loads[-1] += last
+        got = sorted((load / c for load, c in zip(loads, capacity)), reverse=True)
+        assert got == _evenest_split(sizes, first, last, capacity), (sizes, first, last, capacity, ends)
 
 
 def _fewest_bytes(sizes: list[int], first: int, last: int, k: int) -> int:
