@@ -1849,10 +1849,10 @@ def test_overwrite_replaces_only_the_run_and_never_an_input(ft_run, tiny_dirs, d
     assert cli_main(main, [*other, "--overwrite"]) == 0
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-0", "checkpoint-2", "checkpoint-4"]
     assert [int(r["step"]) for r in _log(out)] == [1, 2, 3, 4] and (out / "notes.txt").read_text() == "mine"
-    # the model being tuned inside --out: refused before anything is deleted
+    # the model being tuned inside --out: refused before anything is deleted, naming the model
     inside = [a if a != str(tiny_dirs["qwen2_vl"]) else str(out / "checkpoint-4") for a in other]
     assert cli_main(main, [*inside, "--overwrite"]) == 2
-    assert "--overwrite would delete it" in capfd.readouterr().err
+    assert f"--out {out} holds the model {out / 'checkpoint-4'}" in capfd.readouterr().err
     assert (out / "checkpoint-4" / "model.safetensors").is_file()
 
 
