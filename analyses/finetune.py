@@ -85,6 +85,8 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         self.out = out_dir(self.out)  # from Python a str too, ~ expanded as the CLI's --out
+        for label in self.data:  # from Python too (the CLI's parse_data has checked them)
+            check_data_label(label)
         # the CLI always names every set (parse_mix); from Python an empty mix is the documented "equal", and a mix
         # naming other sets than data would be a KeyError deep in the sampler
         if not self.mix:
@@ -107,12 +109,25 @@ class FinetuneConfig:
         return keep
 
 
+# a data set's label: train_log.csv's modality column is "label=rows" joined by ';', so a label holding ';' or '='
+# (or ',', whitespace) made it ambiguous ("a;text=2;image=2": sets a;text and image, or a, text and image?)
+LABEL = re.compile(r"[\w.-]+")
+
+
+def check_data_label(label: str, where: str = "--data") -> None:
+    """BadInput unless ``label`` is ``LABEL``'s; ``where``: what the message names the labels as."""
+    if not LABEL.fullmatch(label):
+        raise BadInput(f"{where} label {label!r}: use letters, digits, '_', '-' and '.' only (train_log.csv's "
+                       "modality column joins label=rows with ';')")
+
+
 def parse_data(specs: Sequence[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for s in specs:
         label, sep, path = s.partition("=")
         if not sep or not label or not path:
             raise BadInput(f"--data {s!r}: use LABEL=DIR, e.g. text=probe/zoo/data/text")
+        check_data_label(label)
         if label in out:
             raise BadInput(f"--data: {label} given twice")
         out[label] = path
@@ -719,7 +734,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     ``finetune(**options)`` takes the command's options as keywords and returns it so. Bad input raises
     ``probe.errors.BadInput``."""
     from probe.devices import rank_world, resolve_placement
-    from probe.heads import check_same_software, saved_run_info, versions
+    from probe.heads import check_out_not_model, check_same_software, saved_run_info, versions
     from probe.models import model_fingerprint, resolve_model
     from probe.results import (atomic_write_json, atomic_write_with, claim_out_dir, lock_out_dir, read_run_json,
                                stop_recorded)
@@ -729,7 +744,9 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
 
     check_numbers(cfg)
     check_out_path(cfg.out)  # before the model loads: an --out below a file is a one-line error
-    check_out_apart(cfg.out, data=[d for d in cfg.data.values() if d.lower() != "mmmu"])
+    local = [d for d in cfg.data.values() if d.lower() != "mmmu"]  # mmmu: the hub's cache
+    # a set's own dir (or one holding it) is never a run's: said so, not "holds no fine-tuning run.json"
+    check_out_apart(cfg.out, [("data set", d) for d in local], data=local)
     world = rank_world()[1]  # RANK 1 of WORLD_SIZE 1 trained, wrote nothing (not rank 0) and exited 0
     placement = resolve_placement(cfg.device, cfg.dtype)
     on_cpu = placement.device_type == "cpu"  # how the ranks' barriers set accelerate up (wait_for_everyone)
@@ -741,6 +758,9 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
                        checkpointing=cfg.gradient_checkpointing, fsdp=cfg.fsdp)
     check_launch(cfg, placement, world, tcfg)
     ref = resolve_model(cfg.model)
+    # the model's own dir (or one holding it) is never a run's: said so, not "holds no fine-tuning run.json"
+    check_out_not_model(cfg.out, [ref.path])
+    check_out_apart(cfg.out, [("model", ref.path)])
     if ref.gguf_file is not None:  # save_pretrained refuses a model loaded from GGUF: checkpoint-0 would be a traceback
         raise BadInput(f"{cfg.model}: a GGUF model cannot be fine-tuned here (transformers cannot save its "
                        "checkpoints); fine-tune a Hugging Face model directory (safetensors) of it instead")

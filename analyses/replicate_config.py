@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from analyses.finetune import RUN_ONLY_SETTINGS
+from analyses.finetune import RUN_ONLY_SETTINGS, check_data_label
 from probe.devices import Placement
 from probe.errors import BadInput
 
@@ -276,6 +276,8 @@ def check_values(cfg: ReplicateConfig) -> None:
     if cfg.train.generate and cfg.train.data:  # the generated items would be trained on, these sets never read
         raise BadInput("config key 'train.data': set train.generate = 0 to train on these sets (with "
                        f"train.generate = {cfg.train.generate} the generated items are used instead)")
+    for label in cfg.train.data:  # the finetune stage's --data labels: refused there, after every stage before it
+        check_data_label(label, "config key 'train.data':")
     if cfg.heads.data not in ("eval", GENERATED):
         raise BadInput(f"config key 'heads.data': 'eval' or '{GENERATED}', got {cfg.heads.data!r}")
     if cfg.heads.data == GENERATED and not cfg.train.generate:

@@ -24,6 +24,7 @@ from figures.findings import Finding, findings
 from figures.merge import current_info
 from figures.results import METHOD_LABELS, EvalRun, Replication, short
 from probe.errors import BadInput
+from probe.eval import md_cell
 from probe.zoo import ORGANISMS, VALIDATION_NOTE
 
 FIG_DIR = "report_figures"
@@ -59,10 +60,10 @@ class Doc:
             elif kind == "ul":
                 out.append("\n".join(f"- {x}" for x in v))
             elif kind == "table":
-                header, rows, caption = v
+                header, rows, caption = v  # cells name models and sets as given: md_cell keeps a '|' in them
                 lines = ([f"*{caption}*", ""] if caption else []) + [
-                    "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                lines += ["| " + " | ".join(r) + " |" for r in rows]
+                    "| " + " | ".join(map(md_cell, header)) + " |", "|" + "---|" * len(header)]
+                lines += ["| " + " | ".join(map(md_cell, r)) + " |" for r in rows]
                 out.append("\n".join(lines))
             elif kind == "img":
                 out.append(f"![{v[1]}]({v[0]})")

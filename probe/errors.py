@@ -113,12 +113,21 @@ def ascii_float(text: str) -> float:
     return float(text)
 
 
+# what argparse takes for a negative number rather than an option: any form float() reads (its own pattern, up to
+# Python 3.12, is -3 and -0.5 only, so `--lm-lr -1e-3` was "expected one argument", not the rate's own check);
+# no option of ours looks like one, so an argument matching it is always a value (argparse calls .match: \Z ends it)
+_NEGATIVE_NUMBER = re.compile(r"-(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|inf|infinity|nan)\Z",
+                              re.ASCII | re.IGNORECASE)
+
+
 class ArgParser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` whose usage errors are one line (``error: … (see --help)``, exit 2), like
     BadInput; ``--help`` still prints the full help, ending with ``examples`` (command lines, shown as written).
     A list option given twice is a usage error (``_ListOnce``). ``type=int`` and ``type=float`` read ASCII
     numbers only (``ascii_int``, ``ascii_float``): argparse looks a type up in this registry before calling it,
-    so every option of every CLI gets them, and the usage error still says ``invalid int value: '٣'``."""
+    so every option of every CLI gets them, and the usage error still says ``invalid int value: '٣'``. A negative
+    number in any form ``float()`` reads (``-1e-3``, ``-inf``) is an option's value, not an option
+    (``_NEGATIVE_NUMBER``): each option's own check says what is wrong with it."""
 
     def __init__(self, *args, examples: Sequence[str] = (), **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -127,6 +136,7 @@ class ArgParser(argparse.ArgumentParser):
         self.register("action", "store", _ListOnce)
         self.register("type", int, ascii_int)  # subparsers are ArgParsers too (argparse's parser_class default)
         self.register("type", float, ascii_float)
+        self._negative_number_matcher = _NEGATIVE_NUMBER
 
     def parse_known_args(self, args: Sequence[str] | None = None,
                          namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:

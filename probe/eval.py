@@ -524,16 +524,24 @@ def _cell(r: Any, metric: str, n_lost: int = 0) -> str:
 WIDE_SUBJECTS = 12  # past this many subjects a set's table turns to one row per subject
 
 
+def md_cell(name: str) -> str:
+    """A name (a model's path, a set's or subject's folder) as one markdown table cell: a '|' in it (``runs/a|b``)
+    split the cell in two and moved every later cell of the row under the wrong column, a newline ended the row.
+    GFM reads ``\\|`` as '|'; scores.csv keeps the name as given."""
+    return " ".join(name.splitlines()).replace("|", "\\|")
+
+
+
 def markdown_table(scores: Any, plan: EvalPlan, metric: str) -> str:
     """Models × data sets (the paper's layout), then one models × subjects table per data set; a set of more than
     WIDE_SUBJECTS subjects (MMMU's 30, MMLU's 57) gets subjects × models instead, one row per subject, so the table
     stays as wide as the model list rather than a line of 57 cells."""
     names = [ds.name for ds in plan.data]
-    lines = [f"| model | {' | '.join(names)} |", "|---" * (len(names) + 1) + "|"]
+    lines = [f"| model | {' | '.join(map(md_cell, names))} |", "|---" * (len(names) + 1) + "|"]
     top = scores[scores["subject"] == ALL].set_index(["model", "data"])
     for e in plan.models:
         cells = [_cell(top.loc[(e.name, n)], metric, plan.n_unread(e.name, n)) for n in names]
-        lines.append(f"| {e.name} | {' | '.join(cells)} |")
+        lines.append(f"| {md_cell(e.name)} | {' | '.join(cells)} |")
     blocks = ["\n".join(lines)]
     for ds in plan.data:
         subs = ds.subjects
@@ -541,12 +549,12 @@ def markdown_table(scores: Any, plan: EvalPlan, metric: str) -> str:
         n = f"{ds.n_items} item{'s' if ds.n_items != 1 else ''}"
         cell = lambda e, s: _cell(sub.loc[(e.name, s)], metric, plan.n_unread(e.name, ds.name, s))  # noqa: E731
         if len(subs) > WIDE_SUBJECTS:
-            head = [f"| {ds.name} ({n}): subject | {' | '.join(e.name for e in plan.models)} |",
+            head = [f"| {md_cell(ds.name)} ({n}): subject | {' | '.join(md_cell(e.name) for e in plan.models)} |",
                     "|---" * (len(plan.models) + 1) + "|"]
-            body = [f"| {s} | " + " | ".join(cell(e, s) for e in plan.models) + " |" for s in subs]
+            body = [f"| {md_cell(s)} | " + " | ".join(cell(e, s) for e in plan.models) + " |" for s in subs]
         else:
-            head = [f"| {ds.name} ({n}) | {' | '.join(subs)} |", "|---" * (len(subs) + 1) + "|"]
-            body = [f"| {e.name} | " + " | ".join(cell(e, s) for s in subs) + " |" for e in plan.models]
+            head = [f"| {md_cell(ds.name)} ({n}) | {' | '.join(map(md_cell, subs))} |", "|---" * (len(subs) + 1) + "|"]
+            body = [f"| {md_cell(e.name)} | " + " | ".join(cell(e, s) for s in subs) + " |" for e in plan.models]
         blocks.append("\n".join(head + body))
     return "\n\n".join(blocks)
 

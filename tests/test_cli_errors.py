@@ -1772,3 +1772,28 @@ def test_an_moe_text_model_is_measured_by_shift_and_refused_by_merge(tmp_path, c
                                                 str(out)]), capfd.readouterr().err)
     assert "its LM's layer 1 holds mlp.experts.0.down_proj.weight" in line and "Qwen2ForCausalLM" in line, line
     assert not out.exists()
+
+
+@pytest.mark.parametrize("name", MODULES + BENCH)
+def test_a_negative_number_is_an_options_value_in_every_cli(name, monkeypatch, capsys):
+    """argparse reads only ``-3`` and ``-0.5`` as negative numbers: ``--lm-lr -1e-3`` (and ``analyses.merge
+    --lambda -1e-3``, a rate the command takes) was "expected one argument", not the value's own check. Every
+    ``type=int``/``type=float`` option of every CLI takes a negative number in any form ``float()`` reads, as that
+    value (oracle: ``int()``/``float()`` of the text)."""
+    parsers = _parsers(name, monkeypatch)
+    monkeypatch.undo()  # the parsers parse for real below
+    checked = 0
+    for parser in parsers:
+        for action in parser._actions:  # nothing required: each option parses alone
+            monkeypatch.setattr(action, "required", False)
+        for group in parser._mutually_exclusive_groups:
+            monkeypatch.setattr(group, "required", False)
+        for action in parser._actions:
+            if action.type not in (int, float) or not action.option_strings or action.choices:
+                continue
+            texts = ["-3", "-0"] if action.type is int else ["-1e-3", "-2.5E+2", "-.5", "-7", "-inf", "-1.e3"]
+            for text in texts:
+                value = getattr(parser.parse_args([action.option_strings[-1], text]), action.dest)
+                assert value in (action.type(text), [action.type(text)]), (action.option_strings, text, value)
+            checked += 1
+    assert checked or name in ("probe.families", "analyses.shift", "analyses.replicate", "figures.__main__"), name

@@ -711,6 +711,53 @@ def test_a_set_of_many_subjects_gets_one_row_per_subject(tmp_path):
     assert narrow.splitlines()[0] == "| narrow (8 items) | T0 | T1 |"  # a few subjects keep the paper's layout
 
 
+def _markdown_rows(block: str) -> list[list[str]]:
+    """A GFM table's rows as their cells' text: split at each '|' no backslash escapes, ``\\|`` read as '|'."""
+    rows = []
+    for line in block.splitlines():
+        cells = re.split(r"(?<!\\)\|", line.strip())[1:-1]  # the text outside the first and last '|' is empty
+        rows.append([c.strip().replace("\\|", "|") for c in cells])
+    return rows
+
+
+def test_names_holding_a_pipe_or_comma_keep_table_md_and_scores_csv_whole(tmp_path):
+    """A model path, data set folder or subject holding '|' (``runs/a|b``) split its table.md cell in two: the row
+    had one cell more than the header, and every cell after it sat under the wrong column. Each cell now holds its
+    name whole ('|' escaped as GFM reads it; a newline would end the row and is a space); scores.csv keeps every
+    name as given, ',' and '|' included (oracle: a GFM cell split, and pandas reading the CSV back)."""
+    from probe.eval import DataSet, EvalPlan, ModelEntry, score_table, write_results
+
+    models, data, subjects = ["runs/a|b", "c,d"], ["set|1", "set,2"], ["S|1", "S\nx"]
+    rows = [{"model": m, "data": d, "item_id": f"{s}_{i}", "subject": s, "correct": float((i + j) % 2),
+             "prob_correct": 0.0, "p_answer": 0.5}
+            for j, m in enumerate(models) for d in data for s in subjects for i in range(4)]
+    plan = EvalPlan([ModelEntry(m, m, "qwen2", "fp") for m in models],
+                    [DataSet(d, d, d, "fp", 8, 0, subjects) for d in data], {}, {}, {}, {}, {"generate": True})
+    df = pd.DataFrame(rows)
+    write_results(tmp_path, df, score_table(df, plan, None, 0), plan)
+    blocks = (tmp_path / "table.md").read_text(encoding="utf-8").split("\n\n")
+    top = _markdown_rows(blocks[1])
+    assert top[0] == ["model", *data] and [r[0] for r in top[2:]] == models
+    assert all(len(r) == len(top[0]) for r in top), top
+    for d, block in zip(data, blocks[2:4], strict=True):
+        sub = _markdown_rows(block)
+        assert sub[0] == [f"{d} (8 items)", "S|1", "S x"] and [r[0] for r in sub[2:]] == models
+        assert all(len(r) == 3 for r in sub), sub
+    back = pd.read_csv(tmp_path / "scores.csv", keep_default_na=False)
+    assert set(back["model"]) == set(models) and set(back["data"]) == set(data)
+    assert set(back["subject"]) == {*subjects, "all"}
+
+
+def test_the_replication_reports_tables_keep_a_name_holding_a_pipe_in_its_cell():
+    """figures.report's tables name models by their spec and sets by their [data] label (a TOML key may hold '|'):
+    the same split cell in report.md. Oracle: the GFM cell split of ``_markdown_rows``."""
+    from figures.report import Doc
+
+    d = Doc()
+    d.table(["model", "set|1", "set,2"], [["runs/a|b", "1.0", "2.0"], ["c", "3|4", "x\ny"]])
+    assert _markdown_rows(d.markdown().strip()) == [
+        ["model", "set|1", "set,2"], ["---", "---", "---"], ["runs/a|b", "1.0", "2.0"], ["c", "3|4", "x y"]]
+
 def test_paired_difference_pairs_items_within_their_subject():
     """Item ids need only be unique within a subject (a user's set may number each subject 1, 2, …): the
     difference to the reference pairs each item with the same subject's item, never across subjects."""

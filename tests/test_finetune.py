@@ -495,6 +495,85 @@ def test_bad_input_exit_2_nothing_written(tiny_dirs, data_dir, text_dir, tmp_pat
         assert not out.exists()
 
 
+
+@pytest.mark.parametrize("label", ["a;text", "x=y", "a,b", "two words", "tab\tbed", ""])
+def test_a_data_label_that_would_make_the_modality_column_ambiguous_is_refused(label, tiny_dirs, data_dir, tmp_path,
+                                                                               capfd):
+    """train_log.csv's modality column is ``label=rows`` joined by ';': ``--data "a;text=DIR" image=DIR`` logged
+    ``a;text=2;image=2``, read back as sets ``a``, ``text`` and ``image``. A label is letters, digits, '_', '-', '.'
+    only: refused in one line naming it, before anything is read or written; from Python too (FinetuneConfig)."""
+    from analyses.finetune import FinetuneConfig, main
+
+    out = tmp_path / "never"
+    if "=" not in label:  # on the command line the first '=' ends the label: x=y=DIR is set x in dir y=DIR
+        argv = ["--model", str(tiny_dirs["qwen2_vl"]), "--data", f"{label}={data_dir}", "--split", "validation",
+                "--steps", "2", "--device", "cpu", "--out", str(out)]
+        assert cli_main(main, argv) == 2
+        err = capfd.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+        assert (f"--data label {label!r}" in err and "letters, digits" in err) if label else "LABEL=DIR" in err, err
+        assert not out.exists()
+    if label:
+        with pytest.raises(BadInput, match="letters, digits"):
+            FinetuneConfig(model="m", data={label: str(data_dir)}, out=out, steps=2)
+
+
+def test_labels_of_letters_digits_and_marks_are_kept():
+    from analyses.finetune import parse_data
+
+    assert parse_data(["text=a", "mixed_2=b", "img-v1.0=c", "vidéo=d"]) == {
+        "text": "a", "mixed_2": "b", "img-v1.0": "c", "vidéo": "d"}
+
+
+@pytest.mark.parametrize("flag", ["--lm-lr", "--lr"])
+def test_a_negative_rate_in_scientific_notation_is_refused_as_negative(flag, tiny_dirs, data_dir, tmp_path, capfd):
+    """argparse took ``-1e-3`` for an option: ``--lm-lr -1e-3`` said "expected one argument"; the rate's own check
+    says what is wrong (a rate below 0), before anything is written."""
+    from analyses.finetune import main
+
+    out = tmp_path / "never"
+    argv = ["--model", str(tiny_dirs["qwen2_vl"]), "--data", f"image={data_dir}", "--split", "validation",
+            "--steps", "2", "--device", "cpu", flag, "-1e-3", "--out", str(out)]
+    assert cli_main(main, argv) == 2
+    err = capfd.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert "-0.001" in err and "≥ 0" in err and "expected one argument" not in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_out_the_models_own_dir_is_refused_naming_the_model(overwrite, tiny_dirs, data_dir, tmp_path, capfd):
+    """``--out`` equal to ``--model``'s dir said "holds no fine-tuning run.json": the model's own dir can never be
+    a run's. One line naming the model; the model's files byte for byte as they were, nothing added."""
+    from analyses.finetune import main
+
+    model = shutil.copytree(tiny_dirs["qwen2_vl"], tmp_path / "model")
+    before = {p.relative_to(model): p.read_bytes() for p in sorted(model.rglob("*")) if p.is_file()}
+    for out in (model, tmp_path):  # the model's dir, and one holding it
+        argv = ["--model", str(model), "--data", f"image={data_dir}", "--split", "validation", "--steps", "2",
+                "--device", "cpu", "--out", str(out), *overwrite]
+        assert cli_main(main, argv) == 2
+        err = capfd.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err, err
+        assert f"--out {out} " in err and f"model {model}" in err and "run.json" not in err, err
+    assert {p.relative_to(model): p.read_bytes() for p in sorted(model.rglob("*")) if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_out_a_data_sets_own_dir_is_refused_naming_it(tiny_dirs, data_dir, tmp_path, capfd):
+    """The same for a data set: ``--out`` the set's dir said "holds no fine-tuning run.json"."""
+    from analyses.finetune import main
+
+    data = shutil.copytree(data_dir, tmp_path / "data")
+    before = {p.relative_to(data): p.read_bytes() for p in sorted(data.rglob("*")) if p.is_file()}
+    argv = ["--model", str(tiny_dirs["qwen2_vl"]), "--data", f"image={data}", "--split", "validation", "--steps",
+            "2", "--device", "cpu", "--out", str(data)]
+    assert cli_main(main, argv) == 2
+    err = capfd.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert f"--out {data} is the data set {data}" in err and "run.json" not in err, err
+    assert {p.relative_to(data): p.read_bytes() for p in sorted(data.rglob("*")) if p.is_file()} == before
+
 # torchrun runs this instead of analyses.finetune to see what each rank's forwards hold: rows per forward,
 # appended to OUT.rank<RANK> (the test's independent record of how the batch was split)
 RANK_SPY = """
@@ -1770,10 +1849,10 @@ def test_overwrite_replaces_only_the_run_and_never_an_input(ft_run, tiny_dirs, d
     assert cli_main(main, [*other, "--overwrite"]) == 0
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-0", "checkpoint-2", "checkpoint-4"]
     assert [int(r["step"]) for r in _log(out)] == [1, 2, 3, 4] and (out / "notes.txt").read_text() == "mine"
-    # the model being tuned inside --out: refused before anything is deleted
+    # the model being tuned inside --out: refused before anything is deleted, naming the model
     inside = [a if a != str(tiny_dirs["qwen2_vl"]) else str(out / "checkpoint-4") for a in other]
     assert cli_main(main, [*inside, "--overwrite"]) == 2
-    assert "--overwrite would delete it" in capfd.readouterr().err
+    assert f"--out {out} holds the model {out / 'checkpoint-4'}" in capfd.readouterr().err
     assert (out / "checkpoint-4" / "model.safetensors").is_file()
 
 

@@ -1030,6 +1030,8 @@ def _with(cfg, section: str | None = None, **changes):
     (None, {"seed": 2**32}, "'seed': must be in 0 .. 2^32 - 1"),
     ("train", {"generate": -1}, "'train.generate': must be ≥ 0"),
     ("train", {"generate": 0}, "'train.data': give training sets"),
+    # accepted, then the finetune stage (after the merge and every stage before it) refused its label
+    ("train", {"generate": 0, "data": {"text": "t", "a;b": "x"}}, "'train.data': label 'a;b': use letters, digits"),
     ("heads", {"data": "train"}, "'heads.data': 'eval' or 'generated', got 'train'"),
     ("merge", {"methods": ["average", "shift", "dare"]}, "'merge.methods': choose from"),
     ("merge", {"methods": []}, "'merge.methods': choose from"),
