@@ -20,7 +20,7 @@ from typing import Any
 
 from figures import (bar_aspect, drop_stale_pages, fit_bar_labels, fit_stack_gaps, heatmap_ticks, heatmap_ticks_again,
                      page_caption, page_panels, page_split, page_stem, paper, read_json, save_figure)
-from figures.findings import Finding, findings
+from figures.findings import Finding, findings, interval
 from figures.merge import current_info
 from figures.results import METHOD_LABELS, EvalRun, Replication, short
 from probe.errors import BadInput
@@ -120,7 +120,8 @@ def _inline(text: str) -> str:
 
 
 def cell(run: EvalRun, model: str, data_spec: str, diff: bool = False) -> str:
-    """An accuracy (or paired difference) in %, with its 95 % interval — probe.eval's table format."""
+    """An accuracy (or paired difference) in %, with its 95 % interval — probe.eval's table format; a difference's
+    numbers keep their signs as the findings print them (a bound of 0.036 points read '+0.0' in the tables)."""
     from probe.eval import _cell
 
     r = run.row(model, data_spec)
@@ -131,7 +132,7 @@ def cell(run: EvalRun, model: str, data_spec: str, diff: bool = False) -> str:
     d, lo, hi = run.diff_columns
     if r[d] != r[d]:
         return "—"
-    return f"{100 * r[d]:+.1f} [{100 * r[lo]:+.1f}, {100 * r[hi]:+.1f}]"
+    return interval(r[d], r[lo], r[hi])
 
 
 def exact_legend(cells: list[tuple[str, EvalRun, str, str]]) -> str | None:

@@ -1950,10 +1950,12 @@ def test_the_time_table_counts_only_stages_completed_with_these_settings(quick: 
 def test_an_interval_bound_beside_the_bar_of_0_keeps_its_sign() -> None:
     """Over Video-MME's 2,700 items a paired lower bound of 0.975 items (0.036 points) counts as a measurable gain
     (above 0) but printed '+0.0', and an upper bound of −0.036 points, a measurable cost, printed '-0.0'. Oracle:
-    the bounds' signs, which decide the verdicts."""
+    the bounds' signs, which decide the verdicts. The report's tables print the same bound (they read '+0.0' and
+    '-0.0' after the findings had stopped)."""
     from types import SimpleNamespace
 
     from figures.findings import text_costs, weighted_beats_average
+    from figures.report import cell
 
     n = 2700
     gain = SimpleNamespace(value=10 / n, lo=0.975 / n, hi=20 / n)
@@ -1965,13 +1967,15 @@ def test_an_interval_bound_beside_the_bar_of_0_keeps_its_sign() -> None:
     assert f.verdict == "agrees"  # no loss on text, a measurable gain on the one modality
     (lo,) = re.findall(r"image \+\d+\.\d+ \[([-+]\d+\.\d+),", f.evidence)
     assert float(lo) > 0, f.evidence
-    cost = {"diff_accuracy": -10 / n, "diff_lo": -20 / n, "diff_hi": -0.975 / n}
+    cost = {"diff_accuracy": -10 / n, "diff_lo": -20 / n, "diff_hi": -0.975 / n, "n_items": n}
     t3 = SimpleNamespace(diff_columns=("diff_accuracy", "diff_lo", "diff_hi"), row=lambda model, data: cost)
     f = text_costs(SimpleNamespace(experts=["e"], cfg={"eval": {"text": "text"}}, data=lambda label: label,
                                    eval=lambda *parts: t3))
     assert f.verdict == "agrees"
     (hi,) = re.findall(r"e [-+]\d+\.\d+ \[[-+]\d+\.\d+, ([-+]\d+\.\d+)\]", f.evidence)
     assert float(hi) < 0, f.evidence
+    table = cell(t3, "e", "text", diff=True)
+    assert float(re.fullmatch(r"[-+]\d+\.\d+ \[[-+]\d+\.\d+, ([-+]\d+\.\d+)\]", table).group(1)) < 0, table
 
 
 def test_the_finetune_carrier_split_over_gpus_is_checked_per_gpu(monkeypatch):
