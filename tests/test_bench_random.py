@@ -671,3 +671,56 @@ def test_fsdp_load_compares_the_ways_shards_bit_for_bit():
     assert not same([torch.tensor([0.5], dtype=torch.bfloat16)], [torch.tensor([0.5])])
     assert not same([torch.tensor([1.0, 2.0, 3.0, 4.0])], [torch.tensor([2.0, 1.0, 2.0, 5.0])])  # same two sums
     assert not same([one[:2], one[2:]], [one[:1], one[1:]])  # where a shard ends is part of it
+
+
+def test_merge_bench_times_mergekit_in_every_round_beside_ours(tmp_path, monkeypatch, capsys):
+    """bench/merge.py says every measurement runs in alternating order for --rounds rounds, median reported; mergekit
+    ran once after the rounds, and ``ours_wall_vs_mergekit_wall`` set our median against that one time. Oracle: the
+    children the bench starts (a fake ``run_measured`` records them; the checkpoints are a tiny Qwen2's) and the
+    median of the walls it gave mergekit."""
+    import statistics
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    module = _bench_module("merge")
+    cfg = Qwen2Config(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=64, tie_word_embeddings=False)
+    with torch.device("meta"):
+        shapes = {n: tuple(t.shape) for n, t in Qwen2ForCausalLM(cfg).state_dict().items()}
+    monkeypatch.setattr(module, "synthetic_config", lambda params_m: (cfg, shapes))
+    mk_walls, ours_walls, started = [9.0, 1.0, 4.0], [2.0, 3.0, 2.5], []
+
+    def fake_run(cmd: list[str], env: dict | None = None) -> tuple[float, int, str]:
+        code = cmd[2]
+        kind = "mergekit" if "run_path(sys.argv[0]" in code else "ours" if "merge.main" in code else cmd[5]
+        started.append(kind)
+        if kind == "mergekit":
+            return mk_walls[started.count(kind) - 1], 1 << 20, ""
+        if kind == "ours":
+            return ours_walls[started.count(kind) - 1], 1 << 20, json.dumps({"merge_s": 1.0})
+        return 0.5, 1 << 20, "0.25"
+
+    monkeypatch.setattr(module, "run_measured", fake_run)
+    assert module.main(["--k", "2", "--rounds", "3", "--workdir", str(tmp_path / "work")]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    one_round = ["io_floor", "io_floor", "raw_floor", "ours", "mergekit"]
+    assert started == one_round * 3
+    assert res["mergekit_wall_s"] == statistics.median(mk_walls)
+    assert res["ours_wall_vs_mergekit_wall"] == round(statistics.median(ours_walls) / statistics.median(mk_walls), 2)
+
+
+def test_memory_result_stages_print_megabytes_as_the_checkpoint_stages_do(tmp_path, monkeypatch, capsys):
+    """bench/memory.py's stages measure in MiB (VmHWM's kB / 1024, statm pages / 2**20); the checkpoint table converts
+    to MB (10**6 bytes), the result table printed the MiB figures as "MB", 4.9 % low. Oracle: a stage's MiB figures
+    (a fake stage process) in bytes / 10**6."""
+    from types import SimpleNamespace
+
+    memory = _bench_module("memory")
+    monkeypatch.setattr(memory, "build_inputs", lambda *a: None)
+    monkeypatch.setattr(memory, "stage_process",
+                        lambda stage, args: {"stage": stage, "peak_mb": 1000.0, "before_mb": 400.0, "s": 1.0})
+    args = SimpleNamespace(work=tmp_path, items=9, layers=2, heads=2, models=1, sets=1)
+    memory.run_results(args, ["load-heads"])
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| load-heads"))
+    peak, before, own = (float(c.strip().removesuffix(" MB").replace(",", "")) for c in row.split("|")[2:5])
+    assert (peak, before, own) == pytest.approx((1000 * 2**20 / 1e6, 400 * 2**20 / 1e6, 600 * 2**20 / 1e6), abs=0.5)
