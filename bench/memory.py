@@ -444,6 +444,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def megabytes(mib: float) -> str:
+    """A stage's MiB (what VmHWM and statm give) as the tables' MB (10**6 bytes): the result table printed MiB as MB."""
+    return f"{mib * 2**20 / 1e6:,.0f} MB"
+
+
 def run_results(args: argparse.Namespace, stages: list[str]) -> None:
     """The result-assembly stages: inputs built (or reused), each stage's row printed."""
     t = time.perf_counter()
@@ -458,10 +463,11 @@ def run_results(args: argparse.Namespace, stages: list[str]) -> None:
           f"{args.models * args.sets * args.items:,} item rows")
     print("| stage | peak RSS | RSS after imports | stage's own (peak − after imports) | wall |")
     print("|---|---|---|---|---|")
+    mb = megabytes
     for stage in stages:
         r = stage_process(stage, args)
-        print(f"| {stage} | {r['peak_mb']:.0f} MB | {r['before_mb']:.0f} MB | {r['peak_mb'] - r['before_mb']:.0f} "
-              f"MB | {r['s']:.2f} s |", flush=True)
+        print(f"| {stage} | {mb(r['peak_mb'])} | {mb(r['before_mb'])} | {mb(r['peak_mb'] - r['before_mb'])} | "
+              f"{r['s']:.2f} s |", flush=True)
 
 
 def run_checkpoints(args: argparse.Namespace, stages: list[str]) -> None:
