@@ -67,6 +67,13 @@ def model_shapes(params_m: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def smallest_params_m() -> int:
+    """The least --params-m whose checkpoint is within half a layer of it: below, model_shapes still writes one
+    layer, and the report's "synthetic N M" named a smaller model than the one measured (20 for 77M)."""
+    fixed = sum(math.prod(s) for s in model_shapes(1).values()) - sum(math.prod(s) for s in layer_shapes(0).values())
+    return math.ceil((fixed + sum(math.prod(s) for s in layer_shapes(0).values()) / 2) / 1e6)
+
+
 def synthetic_config(params_m: int) -> tuple[Any, dict[str, tuple[int, ...]]]:
     """The config and tensor shapes of the synthetic Qwen2 of about ``params_m`` million parameters."""
     from transformers import Qwen2Config
@@ -291,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         raise BadInput("--layers cuts an --arch")
     if not a.arch:
         a.params_m = a.params_m or 145
+        if a.params_m < (least := smallest_params_m()):
+            raise BadInput(f"--params-m {a.params_m} is below {least}, the smallest synthetic checkpoint's (embedding, "
+                           f"head and one layer: {sum(math.prod(s) for s in model_shapes(1).values()) / 1e6:.1f}M)")
     if a.workdir is not None:  # the benchmark replaces its own entries there (ours/ and mk/ deleted at every round)
         check_out_path(a.workdir, "--workdir")
         foreign = sorted(f.name for f in a.workdir.iterdir() if not WORKDIR_ENTRY.fullmatch(f.name)) \

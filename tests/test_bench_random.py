@@ -277,6 +277,8 @@ def test_bench_help_gives_every_default(script, monkeypatch, capsys):
     ("merge.py", ["--rounds", "0"], "--rounds must be ≥ 1, got 0"),
     ("merge.py", ["--arch", "qwen2-7b", "--params-m", "10"], "give --arch or --params-m, not both"),
     ("merge.py", ["--layers", "2"], "--layers cuts an --arch"),
+    # wrote the 77M checkpoint (embedding, head, one layer) and reported it as "synthetic 20M"
+    ("merge.py", ["--params-m", "20"], "--params-m 20 is below 72, the smallest synthetic checkpoint's"),
     ("merge.py", ["--arch", "qwen2-7b", "--layers", "0"], "--layers must be ≥ 1, got 0"),
     ("fsdp_load.py", ["--processes", "0"], "--processes must be ≥ 1, got 0"),
     ("memory.py", ["--items", "0"], "--items must be ≥ 1, got 0"),
@@ -434,7 +436,7 @@ def test_eval_bench_measures_smollm2s_shape_without_its_package(capsys):
     assert re.fullmatch(r"\d, \d+\.\d\d s / \d, \d+\.\d\d s", guard)  # the guard's items, in turn / prefetched
 
 
-@pytest.mark.parametrize("params_m", [100, 145, 300])
+@pytest.mark.parametrize("params_m", [72, 100, 145, 300])
 def test_merge_bench_checkpoints_have_the_size_asked_for(params_m):
     """bench/merge.py --params-m N writes Qwen2 checkpoints of about N million parameters: its tensors are those of
     a Qwen2ForCausalLM of that config (built on the meta device), within half a layer of N·1e6 (a per-layer
