@@ -2,7 +2,8 @@
 without running a model.
 
     python bench/memory.py                          # 784 heads (28 × 28) × 900 items; eval 8 models × 4 sets × 900
-    python bench/memory.py --items 90 --models 2     # a quick look
+    python bench/memory.py --items 90 --models 2     # a quick look (3 min: each stage a process, imports included)
+    python bench/memory.py --items 90 --sets 1 --stages heads-fresh heads-resume load-heads   # CPU smoke, ~1 min
     python bench/memory.py --work /tmp/mem --keep    # keep (and on a rerun reuse) the built model, sets and results
     python bench/memory.py --stages checkpoints      # the checkpoint commands on Qwen2-7B-sized tensors (below)
 

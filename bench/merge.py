@@ -3,6 +3,7 @@
     python bench/merge.py [--k 3] [--params-m 145] [--dtype bfloat16] [--rounds 3] [--workdir DIR] [--keep]
                           [--method average|salience|ties|task_arithmetic]
     python bench/merge.py --arch qwen2-7b --layers 8 --rounds 1 --no-mergekit   # a 7B LM's real tensor sizes
+    python bench/merge.py --arch smollm2-135m --layers 1 --k 2 --rounds 1       # CPU smoke, under 1 min
 
 Writes k synthetic Qwen2 checkpoints of about ``params_m`` million parameters each (or, with ``--arch``, of a
 published LM's tensors at their real sizes, random weights), then measures, each in a
