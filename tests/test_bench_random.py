@@ -277,6 +277,8 @@ def test_bench_help_gives_every_default(script, monkeypatch, capsys):
     ("merge.py", ["--rounds", "0"], "--rounds must be ≥ 1, got 0"),
     ("merge.py", ["--arch", "qwen2-7b", "--params-m", "10"], "give --arch or --params-m, not both"),
     ("merge.py", ["--layers", "2"], "--layers cuts an --arch"),
+    # wrote the 77M checkpoint (embedding, head, one layer) and reported it as "synthetic 20M"
+    ("merge.py", ["--params-m", "20"], "--params-m 20 is below 72, the smallest synthetic checkpoint's"),
     ("merge.py", ["--arch", "qwen2-7b", "--layers", "0"], "--layers must be ≥ 1, got 0"),
     ("fsdp_load.py", ["--processes", "0"], "--processes must be ≥ 1, got 0"),
     ("memory.py", ["--items", "0"], "--items must be ≥ 1, got 0"),
@@ -434,7 +436,7 @@ def test_eval_bench_measures_smollm2s_shape_without_its_package(capsys):
     assert re.fullmatch(r"\d, \d+\.\d\d s / \d, \d+\.\d\d s", guard)  # the guard's items, in turn / prefetched
 
 
-@pytest.mark.parametrize("params_m", [100, 145, 300])
+@pytest.mark.parametrize("params_m", [72, 100, 145, 300])
 def test_merge_bench_checkpoints_have_the_size_asked_for(params_m):
     """bench/merge.py --params-m N writes Qwen2 checkpoints of about N million parameters: its tensors are those of
     a Qwen2ForCausalLM of that config (built on the meta device), within half a layer of N·1e6 (a per-layer
@@ -671,3 +673,88 @@ def test_fsdp_load_compares_the_ways_shards_bit_for_bit():
     assert not same([torch.tensor([0.5], dtype=torch.bfloat16)], [torch.tensor([0.5])])
     assert not same([torch.tensor([1.0, 2.0, 3.0, 4.0])], [torch.tensor([2.0, 1.0, 2.0, 5.0])])  # same two sums
     assert not same([one[:2], one[2:]], [one[:1], one[1:]])  # where a shard ends is part of it
+
+
+def test_merge_bench_times_mergekit_in_every_round_beside_ours(tmp_path, monkeypatch, capsys):
+    """bench/merge.py says every measurement runs in alternating order for --rounds rounds, median reported; mergekit
+    ran once after the rounds, and ``ours_wall_vs_mergekit_wall`` set our median against that one time. Oracle: the
+    children the bench starts (a fake ``run_measured`` records them; the checkpoints are a tiny Qwen2's) and the
+    median of the walls it gave mergekit."""
+    import statistics
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    module = _bench_module("merge")
+    cfg = Qwen2Config(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=64, tie_word_embeddings=False)
+    with torch.device("meta"):
+        shapes = {n: tuple(t.shape) for n, t in Qwen2ForCausalLM(cfg).state_dict().items()}
+    monkeypatch.setattr(module, "synthetic_config", lambda params_m: (cfg, shapes))
+    mk_walls, ours_walls, started = [9.0, 1.0, 4.0], [2.0, 3.0, 2.5], []
+
+    def fake_run(cmd: list[str], env: dict | None = None) -> tuple[float, int, str]:
+        code = cmd[2]
+        kind = "mergekit" if "run_path(sys.argv[0]" in code else "ours" if "merge.main" in code else cmd[5]
+        started.append(kind)
+        if kind == "mergekit":
+            return mk_walls[started.count(kind) - 1], 1 << 20, ""
+        if kind == "ours":
+            return ours_walls[started.count(kind) - 1], 1 << 20, json.dumps({"merge_s": 1.0})
+        return 0.5, 1 << 20, "0.25"
+
+    monkeypatch.setattr(module, "run_measured", fake_run)
+    assert module.main(["--k", "2", "--rounds", "3", "--workdir", str(tmp_path / "work")]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    one_round = ["io_floor", "io_floor", "raw_floor", "ours", "mergekit"]
+    assert started == one_round * 3
+    assert res["mergekit_wall_s"] == statistics.median(mk_walls)
+    assert res["ours_wall_vs_mergekit_wall"] == round(statistics.median(ours_walls) / statistics.median(mk_walls), 2)
+
+
+def test_memory_result_stages_print_megabytes_as_the_checkpoint_stages_do(tmp_path, monkeypatch, capsys):
+    """bench/memory.py's stages measure in MiB (VmHWM's kB / 1024, statm pages / 2**20); the checkpoint table converts
+    to MB (10**6 bytes), the result table printed the MiB figures as "MB", 4.9 % low. Oracle: a stage's MiB figures
+    (a fake stage process) in bytes / 10**6."""
+    from types import SimpleNamespace
+
+    memory = _bench_module("memory")
+    monkeypatch.setattr(memory, "build_inputs", lambda *a: None)
+    monkeypatch.setattr(memory, "stage_process",
+                        lambda stage, args: {"stage": stage, "peak_mb": 1000.0, "before_mb": 400.0, "s": 1.0})
+    args = SimpleNamespace(work=tmp_path, items=9, layers=2, heads=2, models=1, sets=1)
+    memory.run_results(args, ["load-heads"])
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| load-heads"))
+    peak, before, own = (float(c.strip().removesuffix(" MB").replace(",", "")) for c in row.split("|")[2:5])
+    assert (peak, before, own) == pytest.approx((1000 * 2**20 / 1e6, 400 * 2**20 / 1e6, 600 * 2**20 / 1e6), abs=0.5)
+
+
+def test_sweep_bench_times_no_engines_first_call(tmp_path, monkeypatch):
+    """bench/sweep.py's speed-ups are ratios of the engines' times: an untimed warm-up ran the naive engine only, and
+    only on a GPU, so exact and attribution (its backward: other kernels) paid their first call's costs inside their
+    timing. Oracle: engines that sleep 0.3 s on their first call only (organism-vl's forwards take milliseconds);
+    no engine's time may hold that sleep."""
+    import time
+
+    module = _bench_module("sweep")
+    real = module.get_engine
+
+    def first_call_slow(name: str):
+        engine, calls = real(name), []
+
+        def run(*a, **k):
+            if not calls:
+                time.sleep(0.3)
+            calls.append(1)
+            return engine(*a, **k)
+        return run
+
+    monkeypatch.setattr(module, "get_engine", first_call_slow)
+    out = tmp_path / "res.json"
+    threads = torch.get_num_threads()
+    try:
+        assert module.main(["--items", "1", "--heads", "0", "--naive-heads", "1", "--device", "cpu", "--threads",
+                            "1", "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    res = json.loads(out.read_text(encoding="utf-8"))
+    assert res["naive_s"] < 0.3 and res["exact_s"] < 0.3 and res["attribution_s"] < 0.3
