@@ -72,19 +72,37 @@ def test_explicit_gpu_lists_and_single_gpus():
         resolve_placement("cuda:0,cuda:1", query=DeviceQuery((), False, True, 2))
 
 
-def _best_split(sizes, first, last, capacity):
-    """The oracle: the smallest largest load relative to capacity over every way to cut the layers into
-    len(capacity) contiguous blocks in device order, any of them empty (brute force)."""
+def _ratios(sizes, first, last, ends, capacity) -> list[float]:
+    """Each device's load over its capacity, the largest first: block j holds the layers up to ``ends[j]`` (the
+    first device also the embeddings and tower, ``first``; the last the norm and head, ``last``)."""
+    bounds = [0, *ends]
+    loads = [sum(sizes[a:b]) for a, b in zip(bounds, bounds[1:])]
+    loads[0] += first
+    loads[-1] += last
+    return sorted((load / c for load, c in zip(loads, capacity)), reverse=True)
+
+
+def _evenest_split(sizes, first, last, capacity):
+    """The oracle (brute force over every way to cut the layers into len(capacity) contiguous blocks in device
+    order, any of them empty): the least sorted load vector in lexicographic order — the fullest device as light
+    as possible (its first element: the best split's), then the next fullest, and so on."""
     n, k = len(sizes), len(capacity)
+    return min(_ratios(sizes, first, last, [*cuts, n], capacity)
+               for cuts in itertools.combinations_with_replacement(range(n + 1), k - 1))
 
-    def cost(cuts):
-        bounds = [0, *cuts, n]
-        loads = [sum(sizes[a:b]) for a, b in zip(bounds, bounds[1:])]
-        loads[0] += first
-        loads[-1] += last
-        return max(load / c for load, c in zip(loads, capacity))
 
-    return min(cost(c) for c in itertools.combinations_with_replacement(range(n + 1), k - 1))
+def _random_splits(seed: int):
+    """300 random (sizes, first, last, capacity, ends): the planner's split of random layers, extras and
+    capacities (every other case on equal devices, given as no capacities)."""
+    from probe.dispatch import balance_layers
+
+    rng = random.Random(seed)
+    for trial in range(300):
+        n, k = rng.randint(1, 7), rng.randint(1, 4)
+        sizes = [rng.randint(1, 20) for _ in range(n)]
+        first, last = rng.randint(0, 60), rng.randint(0, 30)
+        capacity = [1] * k if trial % 2 else [rng.randint(1, 4) for _ in range(k)]
+        yield sizes, first, last, capacity, balance_layers(sizes, first, last, k, capacity if trial % 2 == 0 else ())
 
 
 def test_balance_layers_is_the_best_contiguous_split():
@@ -94,37 +112,11 @@ def test_balance_layers_is_the_best_contiguous_split():
     mixed GPUs were balanced by bytes, not by their memory."""
     from probe.dispatch import balance_layers
 
-    rng = random.Random(0)
-    for trial in range(300):
-        n, k = rng.randint(1, 7), rng.randint(1, 4)
-        sizes = [rng.randint(1, 20) for _ in range(n)]
-        first, last = rng.randint(0, 60), rng.randint(0, 30)
-        capacity = [1] * k if trial % 2 else [rng.randint(1, 4) for _ in range(k)]
-        ends = balance_layers(sizes, first, last, k, capacity if trial % 2 == 0 else ())
-        assert len(ends) == k and ends[-1] == n and all(a <= b for a, b in zip([0] + ends, ends))
-        bounds = [0, *ends]
-        loads = [sum(sizes[a:b]) for a, b in zip(bounds, bounds[1:])]
-        loads[0] += first
-        loads[-1] += last
-        assert max(load / c for load, c in zip(loads, capacity)) == _best_split(sizes, first, last, capacity)
+    for sizes, first, last, capacity, ends in _random_splits(0):
+        assert len(ends) == len(capacity) and ends[-1] == len(sizes) and all(a <= b for a, b in zip([0] + ends, ends))
+        assert _ratios(sizes, first, last, ends, capacity)[0] == _evenest_split(sizes, first, last, capacity)[0]
     # the tower outweighs the layers' share: the first device holds it alone (10, not tower + a layer = 12)
     assert balance_layers([2, 2, 2, 2], 10, 0, 3)[0] == 0
-
-
-def _evenest_split(sizes, first, last, capacity):
-    """The oracle for evenness: over every contiguous split (brute force), the loads relative to capacity sorted
-    from the largest down, the least of them in lexicographic order — the fullest device as light as possible,
-    then the next fullest, and so on."""
-    n, k = len(sizes), len(capacity)
-
-    def ratios(cuts):
-        bounds = [0, *cuts, n]
-        loads = [sum(sizes[a:b]) for a, b in zip(bounds, bounds[1:])]
-        loads[0] += first
-        loads[-1] += last
-        return sorted((load / c for load, c in zip(loads, capacity)), reverse=True)
-
-    return min(ratios(c) for c in itertools.combinations_with_replacement(range(n + 1), k - 1))
 
 
 def test_layers_below_the_fullest_device_are_split_evenly_too():
@@ -132,22 +124,13 @@ def test_layers_below_the_fullest_device_are_split_evenly_too():
     blocks were any split under it, and the DP's tie-break gave the later devices every layer they could take.
     Qwen2-VL-7B over 8 H100s: cuda:1 held 1 layer (0.4 GiB), cuda:2-6 5 each (2.2 GiB); now 4, 4, 4, 4, 5, 5. Eight
     equal layers under a tower of 10 over 3 devices came out as blocks (0, 0, 8): the middle GPU idle (dropped from
-    the map) and all eight layers, their activations and KV cache on the last. Oracle: brute force, the lexicographically least sorted load vector."""
+    the map) and all eight layers, their activations and KV cache on the last. Oracle: brute force, the
+    lexicographically least sorted load vector."""
     from probe.dispatch import balance_layers
 
     assert balance_layers([1] * 8, 10, 0, 3) == [0, 4, 8]
-    rng = random.Random(1)
-    for trial in range(300):
-        n, k = rng.randint(1, 7), rng.randint(1, 4)
-        sizes = [rng.randint(1, 20) for _ in range(n)]
-        first, last = rng.randint(0, 60), rng.randint(0, 30)
-        capacity = [1] * k if trial % 2 else [rng.randint(1, 4) for _ in range(k)]
-        ends = balance_layers(sizes, first, last, k, capacity if trial % 2 == 0 else ())
-        bounds = [0, *ends]
-        loads = [sum(sizes[a:b]) for a, b in zip(bounds, bounds[1:])]
-        loads[0] += first
-        loads[-1] += last
-        got = sorted((load / c for load, c in zip(loads, capacity)), reverse=True)
+    for sizes, first, last, capacity, ends in _random_splits(1):
+        got = _ratios(sizes, first, last, ends, capacity)
         assert got == _evenest_split(sizes, first, last, capacity), (sizes, first, last, capacity, ends)
 
 
