@@ -62,7 +62,8 @@ class Family:
     chat_by_lm: tuple[tuple[str, str], ...] = ()  # text-config model_type → chat format (LLaVA-NeXT on Mistral)
     # the chat formats, in order, of a model whose tokenizer does not fit ``chat`` (probe.prompting.tokenizer_fits:
     # its markup tokens, its template mark); the last where none fits. The llama row: SmolLM2 holds ChatML's tokens,
-    # Llama 3 its header tokens, Llama-2-chat has an [INST] chat template, Vicuna-1.5 none of these
+    # Llama 3 its header tokens (3.1 also a template with knowledge-date lines), Llama-2-chat has an [INST] chat
+    # template, Vicuna-1.5 none of these
     chat_fallbacks: tuple[str, ...] = ()
     # Module-name pieces of the projector between vision tower and LM (Qwen2-VL's merger, LLaVA's projector and
     # its row newline): staged recipes train it on its own rate (probe.train.param_groups).
@@ -193,7 +194,7 @@ FAMILIES: dict[str, Family] = {
             processor_class=None,
             image_placeholder=None,
             video_placeholder=None,
-            chat_fallbacks=("llama3", "llama2", "vicuna"),
+            chat_fallbacks=("llama3_1", "llama3", "llama2", "vicuna"),
             hub_examples=("HuggingFaceTB/SmolLM2-135M-Instruct", "lmsys/vicuna-7b-v1.5",
                           "meta-llama/Llama-2-7b-chat-hf", "meta-llama/Llama-3.1-8B-Instruct"),
         ),

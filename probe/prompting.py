@@ -122,6 +122,9 @@ class ChatFormat:
 
 
 _CHATML = ("<|im_start|>", "<|im_end|>")
+_LLAMA3 = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+_LLAMA3_TURNS = ("<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|><|start_header_id|>user"
+                 "<|end_header_id|>\n\n{user}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
 CHAT_FORMATS: dict[str, ChatFormat] = {
     "chatml": ChatFormat("{bos}<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
                          "<|im_start|>assistant\n", end="<|im_end|>", markup=_CHATML),
@@ -132,11 +135,14 @@ CHAT_FORMATS: dict[str, ChatFormat] = {
     # stripped, the answer " B </s>"): chosen by its tokenizer's chat template, its vocabulary being Vicuna-1.5's
     "llama2": ChatFormat("{bos} [INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST]", lead=" ", trim=True, bos=True,
                          template_mark="[INST]"),
-    # Llama 3 / 3.1 Instruct (Meta's template; each content trimmed, the answer "B<|eot_id|>")
-    "llama3": ChatFormat("{bos}<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>"
-                         "<|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|>"
-                         "<|start_header_id|>assistant<|end_header_id|>\n\n", end="<|eot_id|>", trim=True, bos=True,
-                         markup=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
+    # Llama 3 Instruct (Meta's template; each content trimmed, the answer "B<|eot_id|>")
+    "llama3": ChatFormat("{bos}" + _LLAMA3_TURNS, end="<|eot_id|>", trim=True, bos=True, markup=_LLAMA3),
+    # Llama 3.1 (and 3.2 / 3.3) Instruct: Llama 3's turns, the system turn opening with the knowledge-date lines its
+    # template writes (the date the template falls back on: 3.2's and 3.3's write the day's date where the renderer
+    # has strftime_now, which would make the prompt depend on the day the run started)
+    "llama3_1": ChatFormat("{bos}" + _LLAMA3_TURNS.replace(
+        "{system}", "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n{system}", 1),
+        end="<|eot_id|>", trim=True, bos=True, markup=_LLAMA3, template_mark="Cutting Knowledge Date"),
     "mistral": ChatFormat("{bos} [INST] {system}\n\n{user} [/INST]", lead=" ", bos=True),  # no system role
     # llava-hf's LLaVA-NeXT-Mistral template: a Llama-2 <<SYS>> block before [INST], not Mistral's system-in-[INST]
     "llava_mistral": ChatFormat("{bos} <<SYS>>\n{system}\n<</SYS>>\n\n[INST] {user} [/INST]", lead=" ", bos=True),
@@ -174,7 +180,8 @@ def tokenizer_chat_format(family: Family, config: Mapping[str, Any], tokenizer: 
     """The ``CHAT_FORMATS`` key of a model of ``family`` and ``config`` read by ``tokenizer``: its row's for its LM
     type (``probe.lm_config.chat_format``) where the row has no ``chat_fallbacks``; else the first of that format
     and the fallbacks the tokenizer fits (``tokenizer_fits``), the last fallback where none does. The ``llama`` row:
-    SmolLM2 holds ChatML's tokens, Llama 3 its header tokens, a Llama-2-chat tokenizer has an ``[INST]`` template,
+    SmolLM2 holds ChatML's tokens, Llama 3 its header tokens (3.1's template writes knowledge-date lines), a
+    Llama-2-chat tokenizer has an ``[INST]`` template,
     and Vicuna-1.5's Llama-2 vocabulary has none of these (it would read ``<|im_start|>`` as ``<``, ``|``, …)."""
     name = chat_format(family, config)
     if not family.chat_fallbacks:

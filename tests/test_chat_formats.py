@@ -48,7 +48,7 @@ def _tokenizer(kind: str, letters: str = string.ascii_uppercase, specials: tuple
 # Idefics3-8B-Llama3 and SmolVLM): the letter the model generates first is the one in this text.
 TRAINED_ANSWER = {"chatml": "B<|im_end|>", "vicuna": " B</s>", "mistral": " B</s>", "gemma": "B<end_of_turn>",
                   "idefics3": " B<end_of_utterance>", "llava_mistral": " B</s>", "qwen3_nothink": "B<|im_end|>",
-                  "llama2": " B </s>", "llama3": "B<|eot_id|>"}
+                  "llama2": " B </s>", "llama3": "B<|eot_id|>", "llama3_1": "B<|eot_id|>"}
 
 
 @pytest.mark.parametrize("kind", ["bytelevel", "metaspace"])
@@ -179,13 +179,37 @@ def test_a_llama_model_without_chatml_tokens_is_prompted_in_vicunas_format():
     assert turn_end_id(smol) == smol.tokenizer.convert_tokens_to_ids("<|im_end|>")
 
 
-# meta-llama/Meta-Llama-3-8B-Instruct tokenizer_config.json (Llama 3.1's writes the same turns, plus its knowledge-date
-# lines in the system turn)
+# meta-llama/Meta-Llama-3-8B-Instruct tokenizer_config.json
 LLAMA3_TEMPLATE = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
                    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
                    "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ "
                    "content }}{% endfor %}{% if add_generation_prompt %}{{ "
                    "'<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+# meta-llama/Llama-3.1-8B-Instruct tokenizer_config.json, its branches without tools (custom_tools, builtin_tools,
+# tool calls and ipython turns left out: they do not run without tools): Llama 3's turns, the system turn opening with
+# the knowledge-date lines
+LLAMA31_TEMPLATE = """{{- bos_token }}
+{%- if not date_string is defined %}
+    {%- set date_string = "26 Jul 2024" %}
+{%- endif %}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content']|trim %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = "" %}
+{%- endif %}
+{{- "<|start_header_id|>system<|end_header_id|>\\n\\n" }}
+{{- "Cutting Knowledge Date: December 2023\\n" }}
+{{- "Today Date: " + date_string + "\\n\\n" }}
+{{- system_message }}
+{{- "<|eot_id|>" }}
+{%- for message in messages %}
+    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
+{%- endif %}
+"""
 # meta-llama/Llama-2-7b-chat-hf tokenizer_config.json
 LLAMA2_TEMPLATE = ("{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set "
                    "system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set "
@@ -213,18 +237,18 @@ def _saved(tok: PreTrainedTokenizerFast, template: str | None, tmp_path) -> PreT
     return AutoTokenizer.from_pretrained(tmp_path)
 
 
-@pytest.mark.parametrize("model", ["llama3", "llama2"])
+@pytest.mark.parametrize("model", ["llama3", "llama3_1", "llama2"])
 def test_llama_chat_models_are_prompted_in_their_own_format(model, tmp_path):
-    """The ``llama`` row prompted a Llama-3-Instruct or Llama-2-chat model in Vicuna's "USER: … ASSISTANT:" (its
+    """The ``llama`` row prompted a Llama-3/3.1-Instruct or Llama-2-chat model in Vicuna's "USER: … ASSISTANT:" (its
     tokenizer lacks ChatML's tokens), a format it was never trained on. Oracle: the tokenizer's own
     ``apply_chat_template`` with Meta's template from tokenizer_config.json (Llama 2's tokenised as Meta's reference
     does: the BOS id, then the text after it), and the trained answer "B" the template writes after the prompt: its
     first token is the letter read, its last the fine-tuning turn end."""
     from probe.prompting import answer_token_ids, model_chat_format, render_prompt, turn_end_id
 
-    if model == "llama3":  # byte-level BPE, BOS <|begin_of_text|>, EOS <|end_of_text|> (not the turn end)
+    if model != "llama2":  # byte-level BPE, BOS <|begin_of_text|>, EOS <|end_of_text|> (not the turn end)
         tok = _saved(_tokenizer("bytelevel", specials=LLAMA3_SPECIALS, bos="<|begin_of_text|>", eos="<|end_of_text|>"),
-                     LLAMA3_TEMPLATE, tmp_path)
+                     LLAMA3_TEMPLATE if model == "llama3" else LLAMA31_TEMPLATE, tmp_path)
     else:  # Vicuna-1.5's vocabulary (no ChatML tokens) with Llama-2-chat's template
         tok = _saved(_tokenizer("metaspace", specials=("<s>", "</s>")), LLAMA2_TEMPLATE, tmp_path)
     m = _llama_row_model(tok)
@@ -244,14 +268,14 @@ def test_llama_chat_models_are_prompted_in_their_own_format(model, tmp_path):
             return [tok.bos_token_id] + tok.encode(text[len(tok.bos_token):], add_special_tokens=False)
         return tok.encode(text, add_special_tokens=False)
 
-    if model == "llama3":
+    if model != "llama2":
         assert ours == theirs
     assert tok.encode(ours, add_special_tokens=False) == ids(theirs), tok.convert_ids_to_tokens(ids(theirs)[:4])
     n, full = len(ids(theirs)), ids(answered)
     assert full[:n] == ids(theirs)
     assert answer_token_ids(m, item.letters)[item.letters.index("B")] == full[n]
     # the token the template ends the assistant's turn with (Llama 2's writes " B </s>": a space piece, then EOS)
-    assert turn_end_id(m) == full[-1] == tok.convert_tokens_to_ids("<|eot_id|>" if model == "llama3" else "</s>")
+    assert turn_end_id(m) == full[-1] == tok.convert_tokens_to_ids("</s>" if model == "llama2" else "<|eot_id|>")
 
 
 @pytest.mark.parametrize("template", [None, VICUNA_TEMPLATE])
