@@ -60,9 +60,11 @@ class Family:
     named_tokens: tuple[tuple[str, str], ...] = ()  # tokenizer attributes its processor reads (boi_token, ...)
     chat: str = "chatml"  # probe.prompting.CHAT_FORMATS key: the turn markup of the family's chat models
     chat_by_lm: tuple[tuple[str, str], ...] = ()  # text-config model_type → chat format (LLaVA-NeXT on Mistral)
-    # the chat format of a model whose tokenizer lacks ``chat``'s markup tokens (the llama row: Vicuna-1.5's, whose
-    # Llama-2 vocabulary has no ChatML tokens, where SmolLM2's has)
-    chat_fallback: str | None = None
+    # the chat formats, in order, of a model whose tokenizer does not fit ``chat`` (probe.prompting.tokenizer_fits:
+    # its markup tokens, its template mark); the last where none fits. The llama row: SmolLM2 holds ChatML's tokens,
+    # Llama 3 its header tokens (3.1 also a template with knowledge-date lines), Llama-2-chat has an [INST] chat
+    # template, Vicuna-1.5 none of these
+    chat_fallbacks: tuple[str, ...] = ()
     # Module-name pieces of the projector between vision tower and LM (Qwen2-VL's merger, LLaVA's projector and
     # its row newline): staged recipes train it on its own rate (probe.train.param_groups).
     projector_markers: tuple[str, ...] = ("visual.merger.", "multi_modal_projector.", "image_newline")
@@ -192,8 +194,9 @@ FAMILIES: dict[str, Family] = {
             processor_class=None,
             image_placeholder=None,
             video_placeholder=None,
-            chat_fallback="vicuna",
-            hub_examples=("HuggingFaceTB/SmolLM2-135M-Instruct", "lmsys/vicuna-7b-v1.5"),
+            chat_fallbacks=("llama3_1", "llama3", "llama2", "vicuna"),
+            hub_examples=("HuggingFaceTB/SmolLM2-135M-Instruct", "lmsys/vicuna-7b-v1.5",
+                          "meta-llama/Llama-2-7b-chat-hf", "meta-llama/Llama-3.1-8B-Instruct"),
         ),
         Family(
             name="qwen2_audio",
@@ -574,7 +577,8 @@ def supported_families_markdown() -> str:
         types = ", ".join(f"`{t}`" for t in fam.model_types)
         note = f" ({fam.note})" if fam.note else ""
         chat = fam.chat + "".join(f" ({lm}: {c})" for lm, c in fam.chat_by_lm) + (
-            f" (a vocabulary without its tokens: {fam.chat_fallback})" if fam.chat_fallback else "")
+            f", else the first its tokenizer fits of {', '.join(fam.chat_fallbacks)}"
+            if fam.chat_fallbacks else "")
         lines.append(f"| {types} | `{fam.name}`{note} | `{fam.model_class}` | {', '.join(fam.modalities)} | {chat} | "
                      f"{', '.join(commands)} | {lm_cls} | {', '.join(f'`{lay.name}`' for lay in layouts) or '-'} | "
                      f"{', '.join(f'`{a}`' for a in aliases) or '-'} |")

@@ -100,14 +100,16 @@ class ChatFormat:
     oracle) and tokenizers (Llama 2 / Mistral sentencepiece, Llama 3 and SmolLM2 byte-level BPE): ``lead`` is what
     the trained answer starts with after the prompt (Vicuna's ``ASSISTANT: A``, Mistral's ``[/INST] A``, Idefics3's
     ``Assistant: A``), so the first generated token is " A" (``ĠA`` in byte-level BPE, not ``A``); ``trim`` strips
-    the user's text (Gemma's template does); ``text_sep`` goes before user text that no image placeholder precedes
-    (Idefics3: ``User: text`` but ``User:<image>text``); ``bos``: the format starts with the tokenizer's BOS (as
-    text: Vicuna, Mistral, Gemma, Idefics3), where ChatML's checkpoints write none (SmolLM2's BOS is its
-    ``<|im_start|>``); ``markup``: its special tokens, one token each in the vocabulary of a model trained on it (a
-    row's ``chat_fallback`` is taken where they are not). Vicuna and the Mistral formats put a space after ``{bos}``:
-    with BOS as text, transformers' sentencepiece tokenizers (Metaspace, prepend "first") would read ``<s>Answer``
-    as ``An``+``swer``, not the ``▁Answer`` the model saw after its BOS id (the space is what Mistral's own template
-    writes, `` [INST]``)."""
+    the user's text (Gemma's and Llama's templates do); ``text_sep`` goes before user text that no image placeholder
+    precedes (Idefics3: ``User: text`` but ``User:<image>text``); ``bos``: the format starts with the tokenizer's BOS
+    (as text: Vicuna, Llama 2 and 3, Mistral, Gemma, Idefics3), where ChatML's checkpoints write none (SmolLM2's BOS
+    is its ``<|im_start|>``); ``markup``: its special tokens, one token each in the vocabulary of a model trained on
+    it (a row's ``chat_fallbacks`` are taken where they are not); ``template_mark``: text the tokenizer's own chat
+    template holds where the model was trained on the format (Llama 2's ``[INST]``: plain text in a vocabulary
+    Vicuna-1.5 shares). Vicuna, Llama 2 and the Mistral formats put a space after ``{bos}``: with BOS as text,
+    transformers' sentencepiece tokenizers (Metaspace, prepend "first") would read ``<s>Answer`` as ``An``+``swer``,
+    not the ``▁Answer`` the model saw after its BOS id (the space is what Mistral's own template writes:
+    `` [INST]``)."""
 
     prompt: str  # with {bos}, {system}, {user}; ends where the assistant's answer starts
     end: str | None = None  # the token that ends the assistant's turn after its answer (None: the tokenizer's EOS)
@@ -116,15 +118,31 @@ class ChatFormat:
     text_sep: str = ""  # before user text that no image placeholder precedes
     bos: bool = False  # the prompt starts with the tokenizer's BOS (as text, where it has one)
     markup: tuple[str, ...] = ()  # the format's special tokens (ChatML's <|im_start|>, <|im_end|>)
+    template_mark: str = ""  # what the tokenizer's chat_template holds for a fallback to take this format
 
 
 _CHATML = ("<|im_start|>", "<|im_end|>")
+_LLAMA3 = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+_LLAMA3_TURNS = ("<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|><|start_header_id|>user"
+                 "<|end_header_id|>\n\n{user}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
 CHAT_FORMATS: dict[str, ChatFormat] = {
     "chatml": ChatFormat("{bos}<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
                          "<|im_start|>assistant\n", end="<|im_end|>", markup=_CHATML),
     # Vicuna-1.5 (FastChat's vicuna_v1.1), LLaVA-1.5, LLaVA-NeXT-Vicuna: the system text, a space, then the turns
     # (LLaVA's conv_vicuna_v1, -hf template)
     "vicuna": ChatFormat("{bos} {system} USER: {user} ASSISTANT:", lead=" ", bos=True),
+    # Llama-2-chat (Meta's template: "<s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST]", the content
+    # stripped, the answer " B </s>"): chosen by its tokenizer's chat template, its vocabulary being Vicuna-1.5's
+    "llama2": ChatFormat("{bos} [INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST]", lead=" ", trim=True, bos=True,
+                         template_mark="[INST]"),
+    # Llama 3 Instruct (Meta's template; each content trimmed, the answer "B<|eot_id|>")
+    "llama3": ChatFormat("{bos}" + _LLAMA3_TURNS, end="<|eot_id|>", trim=True, bos=True, markup=_LLAMA3),
+    # Llama 3.1 (and 3.2 / 3.3) Instruct: Llama 3's turns, the system turn opening with the knowledge-date lines its
+    # template writes (the date the template falls back on: 3.2's and 3.3's write the day's date where the renderer
+    # has strftime_now, which would make the prompt depend on the day the run started)
+    "llama3_1": ChatFormat("{bos}" + _LLAMA3_TURNS.replace(
+        "{system}", "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n{system}", 1),
+        end="<|eot_id|>", trim=True, bos=True, markup=_LLAMA3, template_mark="Cutting Knowledge Date"),
     "mistral": ChatFormat("{bos} [INST] {system}\n\n{user} [/INST]", lead=" ", bos=True),  # no system role
     # llava-hf's LLaVA-NeXT-Mistral template: a Llama-2 <<SYS>> block before [INST], not Mistral's system-in-[INST]
     "llava_mistral": ChatFormat("{bos} <<SYS>>\n{system}\n<</SYS>>\n\n[INST] {user} [/INST]", lead=" ", bos=True),
@@ -146,14 +164,30 @@ def holds_tokens(tokenizer: Any, texts: Sequence[str]) -> bool:
                for t in texts)
 
 
+def tokenizer_fits(fmt: ChatFormat, tokenizer: Any) -> bool:
+    """The tokenizer is a model's trained on ``fmt``: it holds the format's markup tokens, and its own chat template
+    (``chat_template``: a string, or named ones) holds the format's ``template_mark``."""
+    if fmt.markup and not holds_tokens(tokenizer, fmt.markup):
+        return False
+    if not fmt.template_mark:
+        return True
+    template = getattr(tokenizer, "chat_template", None)
+    templates = template.values() if isinstance(template, Mapping) else [template]
+    return any(isinstance(t, str) and fmt.template_mark in t for t in templates)
+
+
 def tokenizer_chat_format(family: Family, config: Mapping[str, Any], tokenizer: Any) -> str:
     """The ``CHAT_FORMATS`` key of a model of ``family`` and ``config`` read by ``tokenizer``: its row's for its LM
-    type (``probe.lm_config.chat_format``), or the row's ``chat_fallback`` where the tokenizer lacks that format's
-    markup tokens (the ``llama`` row: SmolLM2 has ChatML's, Vicuna-1.5's Llama-2 vocabulary has not, and would read
-    ``<|im_start|>`` as the text ``<``, ``|``, …)."""
+    type (``probe.lm_config.chat_format``) where the row has no ``chat_fallbacks``; else the first of that format
+    and the fallbacks the tokenizer fits (``tokenizer_fits``), the last fallback where none does. The ``llama`` row:
+    SmolLM2 holds ChatML's tokens, Llama 3 its header tokens (3.1's template writes knowledge-date lines), a
+    Llama-2-chat tokenizer has an ``[INST]`` template,
+    and Vicuna-1.5's Llama-2 vocabulary has none of these (it would read ``<|im_start|>`` as ``<``, ``|``, …)."""
     name = chat_format(family, config)
-    fallback = family.chat_fallback
-    return fallback if fallback and not holds_tokens(tokenizer, CHAT_FORMATS[name].markup) else name
+    if not family.chat_fallbacks:
+        return name
+    candidates = (name, *family.chat_fallbacks)
+    return next((c for c in candidates if tokenizer_fits(CHAT_FORMATS[c], tokenizer)), candidates[-1])
 
 
 def model_chat_format(loaded: LoadedModel) -> str:
@@ -164,11 +198,13 @@ def model_chat_format(loaded: LoadedModel) -> str:
 def planned_chat_format(ref: Any, tokenizer: Any | None = None) -> dict[str, Any]:
     """The chat format a model will be prompted in, read from its tokenizer (``tokenizer``, or loaded here) before a
     weight loads: its name and markup, for a run's identity (probe.heads' and probe.eval's plans). The format is
-    chosen by the tokenizer's vocabulary, not the config alone (``chat_fallback``), so parts scored under one format
-    must never be resumed under another."""
+    chosen by the tokenizer (vocabulary and chat template), not the config alone (``chat_fallbacks``), so parts
+    scored under one format must never be resumed under another."""
     tokenizer = load_tokenizer(ref) if tokenizer is None else tokenizer
     name = tokenizer_chat_format(ref.family, ref.config, tokenizer)
-    return {"name": name} | asdict(CHAT_FORMATS[name])
+    # template_mark only chooses the format (the name records the choice): left out, so runs planned before it
+    # existed keep their fingerprints
+    return {"name": name} | {k: v for k, v in asdict(CHAT_FORMATS[name]).items() if k != "template_mark"}
 
 
 def render_chat(template: PromptTemplate, item: ItemLike, placeholders: str, chat: str = "chatml",

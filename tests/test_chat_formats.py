@@ -16,14 +16,15 @@ from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QW
 from conftest import make_item
 from probe.prompting import CHAT_FORMATS, PromptTemplate, letter_token_ids, render_chat
 
+LLAMA3_MARKUP = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>", "<start_of_turn>", "<end_of_turn>", "<end_of_utterance>",
-            "<image>"]
+            "<image>", *LLAMA3_MARKUP]
 WORDS = ["Answer", "with", "the", "USER:", "ASSISTANT:", "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>", "Assistant", ":",
          "model", "\n"]
 
 
-def _tokenizer(kind: str, letters: str = string.ascii_uppercase,
-               specials: tuple[str, ...] = tuple(SPECIALS)) -> PreTrainedTokenizerFast:
+def _tokenizer(kind: str, letters: str = string.ascii_uppercase, specials: tuple[str, ...] = tuple(SPECIALS),
+               bos: str = "<s>", eos: str = "</s>") -> PreTrainedTokenizerFast:
     """A word-level vocabulary (other words read as <unk>) split the way the real tokenizer family splits."""
     if kind == "bytelevel":  # Qwen2's split, which (like Llama 3's) keeps "\n\n" apart from the letter after it
         pre = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), "isolated"),
@@ -37,7 +38,7 @@ def _tokenizer(kind: str, letters: str = string.ascii_uppercase,
     vocab = {w: i for i, w in enumerate(dict.fromkeys(["<unk>", *words]))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token=bos, eos_token=eos)
     fast.add_special_tokens({"additional_special_tokens": list(specials)})
     return fast
 
@@ -46,7 +47,8 @@ def _tokenizer(kind: str, letters: str = string.ascii_uppercase,
 # chat_template.json of Qwen2-VL, Qwen3, llava-1.5-hf, Mistral-7B-Instruct-v0.2 and llava-v1.6-mistral-hf, Gemma 3,
 # Idefics3-8B-Llama3 and SmolVLM): the letter the model generates first is the one in this text.
 TRAINED_ANSWER = {"chatml": "B<|im_end|>", "vicuna": " B</s>", "mistral": " B</s>", "gemma": "B<end_of_turn>",
-                  "idefics3": " B<end_of_utterance>", "llava_mistral": " B</s>", "qwen3_nothink": "B<|im_end|>"}
+                  "idefics3": " B<end_of_utterance>", "llava_mistral": " B</s>", "qwen3_nothink": "B<|im_end|>",
+                  "llama2": " B </s>", "llama3": "B<|eot_id|>", "llama3_1": "B<|eot_id|>"}
 
 
 @pytest.mark.parametrize("kind", ["bytelevel", "metaspace"])
@@ -163,7 +165,8 @@ def test_a_llama_model_without_chatml_tokens_is_prompted_in_vicunas_format():
     t = PromptTemplate()
     user = t.user.format(question=item.question, choices="".join(
         t.choice.format(letter=l, option=o) for l, o in zip(item.letters, item.options)))
-    vicuna = _tokenizer("metaspace", specials=tuple(s for s in SPECIALS if s not in ("<|im_start|>", "<|im_end|>")))
+    vicuna = _tokenizer("metaspace", specials=tuple(s for s in SPECIALS if s not in ("<|im_start|>", "<|im_end|>",
+                                                                                    *LLAMA3_MARKUP)))
     m = _llama_row_model(vicuna)
     ours = vicuna.encode(render_prompt(m, item, t).text, add_special_tokens=False)
     theirs = [vicuna.bos_token_id] + vicuna.encode(f"{t.system} USER: {user} ASSISTANT:", add_special_tokens=False)
@@ -174,3 +177,118 @@ def test_a_llama_model_without_chatml_tokens_is_prompted_in_vicunas_format():
     smol = _llama_row_model(_tokenizer("bytelevel"))
     assert render_prompt(smol, item, t).text == render_chat(t, item, "", "chatml", "")
     assert turn_end_id(smol) == smol.tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+# meta-llama/Meta-Llama-3-8B-Instruct tokenizer_config.json
+LLAMA3_TEMPLATE = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+                   "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
+                   "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ "
+                   "content }}{% endfor %}{% if add_generation_prompt %}{{ "
+                   "'<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+# meta-llama/Llama-3.1-8B-Instruct tokenizer_config.json, its branches without tools (custom_tools, builtin_tools,
+# tool calls and ipython turns left out: they do not run without tools): Llama 3's turns, the system turn opening with
+# the knowledge-date lines
+LLAMA31_TEMPLATE = """{{- bos_token }}
+{%- if not date_string is defined %}
+    {%- set date_string = "26 Jul 2024" %}
+{%- endif %}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content']|trim %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = "" %}
+{%- endif %}
+{{- "<|start_header_id|>system<|end_header_id|>\\n\\n" }}
+{{- "Cutting Knowledge Date: December 2023\\n" }}
+{{- "Today Date: " + date_string + "\\n\\n" }}
+{{- system_message }}
+{{- "<|eot_id|>" }}
+{%- for message in messages %}
+    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
+{%- endif %}
+"""
+# meta-llama/Llama-2-7b-chat-hf tokenizer_config.json
+LLAMA2_TEMPLATE = ("{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set "
+                   "system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set "
+                   "system_message = false %}{% endif %}{% for message in loop_messages %}{% if (message['role'] == "
+                   "'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate "
+                   "user/assistant/user/assistant/...') }}{% endif %}{% if loop.index0 == 0 and system_message != "
+                   "false %}{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] "
+                   "%}{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' "
+                   "%}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == "
+                   "'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+# a Vicuna template as some re-uploads of Vicuna-1.5 carry (FastChat's vicuna_v1.1 turns)
+VICUNA_TEMPLATE = ("{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] + ' ' }}"
+                   "{% elif message['role'] == 'user' %}{{ 'USER: ' + message['content'] + ' ' }}{% else %}{{ "
+                   "'ASSISTANT: ' + message['content'] + eos_token }}{% endif %}{% endfor %}{% if "
+                   "add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+LLAMA3_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", *LLAMA3_MARKUP)
+
+
+def _saved(tok: PreTrainedTokenizerFast, template: str | None, tmp_path) -> PreTrainedTokenizerFast:
+    """``tok`` with ``template`` written into its tokenizer_config.json, read back as a checkpoint's tokenizer."""
+    from transformers import AutoTokenizer
+
+    tok.chat_template = template
+    tok.save_pretrained(tmp_path)
+    return AutoTokenizer.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("model", ["llama3", "llama3_1", "llama2"])
+def test_llama_chat_models_are_prompted_in_their_own_format(model, tmp_path):
+    """The ``llama`` row prompted a Llama-3/3.1-Instruct or Llama-2-chat model in Vicuna's "USER: … ASSISTANT:" (its
+    tokenizer lacks ChatML's tokens), a format it was never trained on. Oracle: the tokenizer's own
+    ``apply_chat_template`` with Meta's template from tokenizer_config.json (Llama 2's tokenised as Meta's reference
+    does: the BOS id, then the text after it), and the trained answer "B" the template writes after the prompt: its
+    first token is the letter read, its last the fine-tuning turn end."""
+    from probe.prompting import answer_token_ids, model_chat_format, render_prompt, turn_end_id
+
+    if model != "llama2":  # byte-level BPE, BOS <|begin_of_text|>, EOS <|end_of_text|> (not the turn end)
+        tok = _saved(_tokenizer("bytelevel", specials=LLAMA3_SPECIALS, bos="<|begin_of_text|>", eos="<|end_of_text|>"),
+                     LLAMA3_TEMPLATE if model == "llama3" else LLAMA31_TEMPLATE, tmp_path)
+    else:  # Vicuna-1.5's vocabulary (no ChatML tokens) with Llama-2-chat's template
+        tok = _saved(_tokenizer("metaspace", specials=("<s>", "</s>")), LLAMA2_TEMPLATE, tmp_path)
+    m = _llama_row_model(tok)
+    assert model_chat_format(m) == model
+    item = make_item(with_image=False, answer="B")
+    t = PromptTemplate()
+    user = t.user.format(question=item.question, choices="".join(
+        t.choice.format(letter=l, option=o) for l, o in zip(item.letters, item.options)))
+    messages = [{"role": "system", "content": t.system}, {"role": "user", "content": user}]
+    theirs = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    answered = tok.apply_chat_template(messages + [{"role": "assistant", "content": "B"}], tokenize=False)
+    ours = render_prompt(m, item, t).text
+
+    def ids(text: str) -> list[int]:  # the checkpoint's tokens: Llama 2's BOS as an id, as Meta's reference encodes
+        if model == "llama2":
+            assert text.startswith(tok.bos_token)
+            return [tok.bos_token_id] + tok.encode(text[len(tok.bos_token):], add_special_tokens=False)
+        return tok.encode(text, add_special_tokens=False)
+
+    if model != "llama2":
+        assert ours == theirs
+    assert tok.encode(ours, add_special_tokens=False) == ids(theirs), tok.convert_ids_to_tokens(ids(theirs)[:4])
+    n, full = len(ids(theirs)), ids(answered)
+    assert full[:n] == ids(theirs)
+    assert answer_token_ids(m, item.letters)[item.letters.index("B")] == full[n]
+    # the token the template ends the assistant's turn with (Llama 2's writes " B </s>": a space piece, then EOS)
+    assert turn_end_id(m) == full[-1] == tok.convert_tokens_to_ids("</s>" if model == "llama2" else "<|eot_id|>")
+
+
+@pytest.mark.parametrize("template", [None, VICUNA_TEMPLATE])
+def test_vicuna_keeps_vicunas_format_with_or_without_a_template(template, tmp_path):
+    """Vicuna-1.5's vocabulary is Llama 2's: only an ``[INST]`` chat template makes it a Llama-2-chat; without one,
+    or with a Vicuna one, it stays in Vicuna's format. The run's plan records which (a resume under another format is
+    refused), and the plan of a format without a template mark has the fields it had before marks existed."""
+    from probe.prompting import model_chat_format, planned_chat_format
+
+    m = _llama_row_model(_saved(_tokenizer("metaspace", specials=("<s>", "</s>")), template, tmp_path))
+    assert model_chat_format(m) == "vicuna"
+    plan = planned_chat_format(m.ref, m.tokenizer)
+    assert plan == {"name": "vicuna", "prompt": CHAT_FORMATS["vicuna"].prompt, "end": None, "lead": " ", "trim": False,
+                    "text_sep": "", "bos": True, "markup": ()}
+    llama2 = _llama_row_model(_saved(_tokenizer("metaspace", specials=("<s>", "</s>")), LLAMA2_TEMPLATE, tmp_path))
+    assert planned_chat_format(llama2.ref, llama2.tokenizer)["name"] == "llama2"

@@ -4,8 +4,9 @@ video where the row reads video, each with §3's system prompt and the generatio
 a public copy (source in the comment; the tool-calling branches of the Qwen templates are left out, they do not run
 without tools). Not here, and why: LLaVA-OneVision's -hf template (``<|im_start|>user <image>`` with a space, no
 newline after ``<|im_end|>``) is not what LLaVA-NeXT trained on, and the row keeps the training ChatML (README);
-Vicuna-1.5, whose vocabulary lacks the ``llama`` row's ChatML tokens, takes the row's ``chat_fallback`` (Vicuna's
-format: tests/test_chat_formats.py checks it against FastChat's)."""
+Vicuna-1.5, Llama-2-chat and Llama-3-Instruct, whose tokenizers lack the ``llama`` row's ChatML tokens, take the row's
+``chat_fallbacks`` by their tokenizer (tests/test_chat_formats.py checks Vicuna's format against FastChat's, Llama 2's
+and Llama 3's against ``apply_chat_template`` with Meta's templates)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
