@@ -79,12 +79,14 @@ def write_merge(d: Path, participants: int, layers: int = 4, heads: int = 8, leg
     return d
 
 
-def write_shift(d: Path, models: list[str], layers: int, modules: list[str]) -> Path:
+def write_shift(d: Path, models: list[str], layers: int, modules: list[str], layered: int | None = None) -> Path:
+    """A probe shift output: shift.csv and summary.json; ``layered``: only the first so many models have per-layer
+    tensors (a heatmap each), the others their embedding alone."""
     import pandas as pd
 
     rng = np.random.default_rng(0)
     rows = [[m, f"layers.{l}.{mod}", l, mod, 4096, 10 ** rng.uniform(-5, -2)]
-            for m in models for l in range(layers) for mod in modules]
+            for m in models[:layered] for l in range(layers) for mod in modules]
     rows += [[m, "embed_tokens.weight", "", "embed_tokens.weight", 65536, 1e-4] for m in models]
     d.mkdir(parents=True, exist_ok=True)
     df = pd.DataFrame(rows, columns=["model", "tensor", "layer", "module", "numel", "delta_avg"])
@@ -167,7 +169,8 @@ def draw_all(root: Path, n: int, fixed: bool = True) -> list[Path]:
     modules = [f"self_attn.{p}_proj.{w}" for p in "qkv" for w in ("weight", "bias")] + [
         "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
         "input_layernorm.weight", "post_attention_layernorm.weight"]
-    written += draw_shift(write_shift(root / "shift", [f"organism-{k}" for k in range(n)], 48, modules))
+    # a heatmap per model, each the same 48 × 16 page whatever n: one drawn (5 more were 8 s of the n = 6 case)
+    written += draw_shift(write_shift(root / "shift", [f"organism-{k}" for k in range(n)], 48, modules, layered=1))
     if fixed:
         written += draw_trajectory(write_trajectory(root / "traj", ["text", "image", "video", "mixed"]))
     fig2 = root / "report" / "figure2.png"
