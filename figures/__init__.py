@@ -70,6 +70,14 @@ STACK_PAD = 4.0  # points: what fit_stack_gaps leaves between the text of two ax
 STACKS = "omniprobe_stacks"  # the figure attribute where page_panels(grouped=True) keeps each axes' nested grid
 
 
+def lay_out(fig: Any) -> None:
+    """``fig`` laid out as saving it draws it (``draw_without_rendering``), unless nothing changed since its last
+    drawing (matplotlib marks a figure stale at any change, a measured tight box included): Figure 2's fitting
+    steps each drew the page again on entry, right after the step before had drawn it and only measured."""
+    if fig.stale:
+        fig.draw_without_rendering()
+
+
 def stack_ratios(stack: int, gap: float) -> list[float]:
     """Height ratios of a grouped panel's nested grid: ``stack`` axes of 1, a row of ``gap`` between two."""
     return [1.0, *([gap, 1.0] * (stack - 1))]
@@ -82,7 +90,7 @@ def fit_stack_gaps(fig: Any, panels: Sequence[Sequence[Any]], pad: float = STACK
     (``tight_layout``), so call it after the layout is otherwise done. The gap between panels holds more (a title,
     the lower axes' labels), so a panel reads as one block: in Figure 2 the gap between a model's two heatmaps was
     the gap between two models'."""
-    fig.draw_without_rendering()
+    lay_out(fig)
     renderer = fig.canvas.get_renderer()
     pad_px = pad * fig.dpi / 72
 
@@ -227,7 +235,7 @@ def fit_bar_labels(fig: Any, shorter: Mapping[str, str] | None = None, slack: fl
             if im.colorbar is not None and im.colorbar.orientation == "vertical"]
     if not bars:
         return False
-    fig.draw_without_rendering()  # the bars' size as drawn (a colour bar's aspect is applied when drawn)
+    lay_out(fig)  # the bars' size as drawn (a colour bar's aspect is applied when drawn)
     renderer = fig.canvas.get_renderer()
     pad = slack * fig.dpi / 72
     changed = False

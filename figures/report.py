@@ -19,7 +19,7 @@ from typing import Any
 
 
 from figures import (bar_aspect, drop_stale_pages, fit_bar_labels, fit_stack_gaps, heatmap_ticks, heatmap_ticks_again,
-                     page_caption, page_panels, page_split, page_stem, paper, read_json, save_figure)
+                     lay_out, page_caption, page_panels, page_split, page_stem, paper, read_json, save_figure)
 from figures.findings import Finding, findings, interval
 from figures.merge import current_info
 from figures.results import METHOD_LABELS, EvalRun, Replication, short
@@ -249,7 +249,7 @@ def keep_titles_apart(fig: Any, titles: list[tuple[Any, str]], tries: int = 6) -
     clipped scale's note, 5 or 6 models), the first column's title was cut at the page's left edge."""
     renderer = fig.canvas.get_renderer()
     for _ in range(tries):
-        fig.draw_without_rendering()
+        lay_out(fig)
         boxes = [ax.title.get_window_extent(renderer) for ax, _ in titles]
         page = fig.bbox
         if all(page.x0 <= b.x0 and b.x1 <= page.x1 for b in boxes) and not any(

@@ -1002,19 +1002,30 @@ def test_rows_whose_pixel_tensors_differ_in_shape_train_in_separate_forwards(omn
 
 
 def test_a_launch_whose_batch_does_not_split_or_lm_is_frozen_exits_2_before_loading(tiny_dirs, data_dir, text_dir,
-                                                                                      tmp_path):
+                                                                                      tmp_path, capfd, monkeypatch):
     """Under torchrun a batch size the processes cannot share, or --lm-lr 0 (a rank of text rows would run no
     backward while the others reduce gradients and wait), is one line on every rank before the model loads:
-    nothing written (the batch check used to come after checkpoint-0 and a "running" run.json)."""
+    nothing written (the batch check used to come after checkpoint-0 and a "running" run.json). Each rank is
+    simulated in this process (RANK r of WORLD_SIZE 2, as torchrun sets them): the refusal reads only those
+    variables and comes before any collective, so two real processes (two torchrun launches, 15 s) add nothing."""
+    from analyses.finetune import main
+
+    monkeypatch.delenv("MASTER_ADDR", raising=False)  # a refusal missed fails at the rendezvous, never waits on it
     out = tmp_path / "refused"
     for extra, says in ((["--batch-size", "5"], "does not split over 2"), (["--lm-lr", "0"], "--lm-lr 0 under 2")):
         argv = _args(tiny_dirs, data_dir, text_dir, out)
         for flag, value in zip(extra[::2], extra[1::2]):
             argv[argv.index(flag) + 1] = value
-        res = _torchrun(["-m", "analyses.finetune"], argv)
-        errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
-        assert "exitcode  : 2" in res.stderr and len(set(errors)) == 1 and says in errors[0], res.stderr[-3000:]
-        assert not out.exists()
+        errors = []
+        for rank in ("0", "1"):
+            for name, value in {"RANK": rank, "WORLD_SIZE": "2", "LOCAL_RANK": rank, "LOCAL_WORLD_SIZE": "2"}.items():
+                monkeypatch.setenv(name, value)
+            assert cli_main(main, argv) == 2
+            err = [line for line in capfd.readouterr().err.splitlines() if not line.startswith("warning: ")]
+            assert len(err) == 1 and err[0].startswith("error: ") and says in err[0], (rank, err)
+            errors += err
+            assert not out.exists()
+        assert len(set(errors)) == 1, errors  # every rank says the same
 
 
 def test_fsdp_in_one_process_or_with_a_frozen_lm_exits_2_in_one_line(tiny_dirs, data_dir, text_dir, tmp_path, capfd):
