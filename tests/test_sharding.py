@@ -446,13 +446,16 @@ calls = {
                                  limit=8, steps=2, batch_size=4, lr=1e-3 / 10 ** rank, device="cpu", dtype="float32",
                                  quiet=True, out=out / "ft"),
 }
+said = []
 for name, call in calls.items():
     try:
         call()
-        print(f"rank {rank} {name}: ran")
+        said.append(f"rank {rank} {name}: ran")
     except BadInput as exc:
-        print(f"rank {rank} {name}: {exc}")
-print(f"rank {rank} wrote: {sorted(p.name for p in out.iterdir()) if out.exists() else []}")
+        said.append(f"rank {rank} {name}: {exc}")
+said.append(f"rank {rank} wrote: {sorted(p.name for p in out.iterdir()) if out.exists() else []}")
+# a file per rank: two ranks' prints into one pipe interleave mid-line
+Path(sys.argv[2], f"said-{rank}.txt").write_text("\\n".join(said) + "\\n", encoding="utf-8")
 """
 
 
@@ -465,9 +468,11 @@ def test_ranks_launched_with_other_options_all_stop_under_torchrun(tmp_path):
     script.write_text(RANKS_DIFFER_UNDER_TORCHRUN, encoding="utf-8")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TMPDIR=str(tmp_path))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        str(script), str(tmp_path / "out")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+                        str(script), str(tmp_path / "out"), str(tmp_path)], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    said = sorted(line for line in r.stdout.splitlines() if line.startswith("rank "))
+    said = sorted(line for rank in (0, 1)
+                  for line in (tmp_path / f"said-{rank}.txt").read_text(encoding="utf-8").splitlines())
     heads = "rank 1's limit 5 differs from rank 0's 4: every rank must run the same command"
     ft = "rank 1's lr 0.0001 differs from rank 0's 0.001: every rank must run the same command"
     assert said == [f"rank 0 finetune: {ft}", f"rank 0 heads: {heads}", "rank 0 wrote: []",
