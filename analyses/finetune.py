@@ -736,9 +736,9 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     from probe.devices import rank_world, resolve_placement
     from probe.heads import check_out_not_model, check_same_software, saved_run_info, versions
     from probe.models import model_fingerprint, resolve_model
-    from probe.results import (atomic_write_json, atomic_write_with, claim_out_dir, lock_out_dir, read_run_json,
-                               stop_recorded)
-    from probe.train import TrainConfig, check_finite_weights, encode, is_main_process
+    from probe.results import (atomic_write_json, atomic_write_with, check_same_run_on_every_rank, claim_out_dir,
+                               lock_out_dir, read_run_json, stop_recorded)
+    from probe.train import TrainConfig, check_finite_weights, encode, is_main_process, process_state
     from probe.train import train as train_loop
     from probe.train import wait_for_everyone
 
@@ -775,6 +775,9 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     if frozen != "float32":  # LoRA runs from before frozen weights were held in bfloat16 are other runs
         fingerprint["frozen_weights"] = frozen
     fingerprint = json.loads(json.dumps(fingerprint))  # as run.json holds it
+    if world > 1:  # every rank trains the same run, checked over the launch's process group before --out is read
+        process_state(on_cpu)
+        check_same_run_on_every_rank(fingerprint)
     out = cfg.out
     inputs = [ref.path, *map(Path, cfg.data.values())]
     clear = check_previous_run(cfg, fingerprint, inputs)

@@ -119,20 +119,25 @@ class EvalPlan:
     chat_formats: dict[str, dict[str, Any]]
     settings: dict[str, Any]
 
-    def fingerprint(self) -> str:
-        """The plan's digest, each data set and model directory by where it is, not as typed (``data_location``): a
-        rerun that spells a set's path otherwise (relative, absolute, ``./x/``) was refused as a different run. The
-        names stay: they label the saved parts' rows."""
+    def identity(self) -> dict[str, Any]:
+        """What the fingerprint digests: the plan, each data set and model directory by where it is, not as typed
+        (``data_location``): a rerun that spells a set's path otherwise (relative, absolute, ``./x/``) was refused as
+        a different run. The names stay: they label the saved parts' rows."""
         from probe.mmmu import data_location
         from probe.models import model_location
-        from probe.results import json_digest
 
         plan = asdict(self)
         for ds in plan["data"]:
             ds["spec"] = data_location(ds["spec"])
         for m in plan["models"]:
             m["path"] = model_location(m["path"])
-        return json_digest(plan)
+        return plan
+
+    def fingerprint(self) -> str:
+        """The plan's digest (``identity``)."""
+        from probe.results import json_digest
+
+        return json_digest(self.identity())
 
     def n_unread(self, model: str, data: str, subject: str = ALL) -> int:
         """Items of a data set (one subject, or all) the model cannot read, so is not scored on."""
@@ -307,8 +312,8 @@ def run(args: argparse.Namespace) -> Path:
     import pandas as pd
 
     from probe.devices import rank_world
-    from probe.results import (atomic_write_json, atomic_write_parquet, claim_out_dir, parts_signature,
-                               prepare_out_dir, stop_recorded)
+    from probe.results import (atomic_write_json, atomic_write_parquet, check_same_run_on_every_rank, claim_out_dir,
+                               parts_signature, prepare_out_dir, stop_recorded)
 
     from probe.models import check_fits, preflight
 
@@ -319,6 +324,7 @@ def run(args: argparse.Namespace) -> Path:
     out: Path = args.out
     check_out_apart_from_inputs(out, [ref.path for ref in refs], [d.spec for d in plan.data], args.template)
     rank, world = rank_world()
+    check_same_run_on_every_rank(plan.identity())  # before --out is looked at or written
     resumed = prepare_out_dir(out, plan.fingerprint(), args.overwrite, command="probe.eval", plan=asdict(plan))
     saved = saved_run_info(out) if resumed else {}
     pairs = scored_pairs(asdict(plan))

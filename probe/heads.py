@@ -142,16 +142,22 @@ class Plan:
     chat_format: dict[str, Any]
     settings: dict[str, Any]
 
-    def fingerprint(self) -> str:
-        """The plan's digest, its model and data by where they are, not as typed (``data_location``): a rerun that
-        spells a path otherwise (relative, absolute, ``./x/``, a link) was refused as a different run."""
+    def identity(self) -> dict[str, Any]:
+        """What the fingerprint digests: the plan, its model and data by where they are, not as typed
+        (``data_location``): a rerun that spells a path otherwise (relative, absolute, ``./x/``, a link) was refused
+        as a different run."""
         from probe.mmmu import data_location
         from probe.models import model_location
+
+        return asdict(self) | {"model_spec": model_location(self.model_spec),
+                               "model_path": model_location(self.model_path),
+                               "data_dir": data_location(self.data_dir)}
+
+    def fingerprint(self) -> str:
+        """The plan's digest (``identity``)."""
         from probe.results import json_digest
 
-        return json_digest(asdict(self) | {"model_spec": model_location(self.model_spec),
-                                           "model_path": model_location(self.model_path),
-                                           "data_dir": data_location(self.data_dir)})
+        return json_digest(self.identity())
 
 
 def load_template(args: argparse.Namespace) -> PromptTemplate:
@@ -332,13 +338,15 @@ def run(args: argparse.Namespace) -> Path:
     """The sweep of parsed arguments (``build_parser``'s); returns its --out once complete. From Python,
     ``sweep(**options)`` takes the options as keywords and returns the result read back."""
     from probe.devices import rank_world
-    from probe.results import (atomic_write_json, check_part_rows, check_part_run, claim_out_dir, part_path,
-                               parts_signature, prepare_out_dir, read_part, read_parts, stop_recorded, write_outputs)
+    from probe.results import (atomic_write_json, check_part_rows, check_part_run, check_same_run_on_every_rank,
+                               claim_out_dir, part_path, parts_signature, prepare_out_dir, read_part, read_parts,
+                               stop_recorded, write_outputs)
 
     plan, ref, items, template, placement = make_plan(args)
     out: Path = args.out
     check_out_apart_from_inputs(out, [ref.path], [plan.data_dir], args.template)
     rank, world = rank_world()
+    check_same_run_on_every_rank(plan.identity())  # before --out is looked at or written
     resumed = prepare_out_dir(out, plan.fingerprint(), args.overwrite, command="probe.heads", plan=asdict(plan))
     if args.attribution_items != 1 and plan.method != "attribution":  # after the checks: bad input stays one line
         print(f"warning: --attribution-items {args.attribution_items} has no effect with --method {plan.method}",

@@ -853,3 +853,83 @@ def content_fingerprint(path: str | Path, hash_limit: int = 64 << 20, recursive:
         else:
             h.update(str(st.st_mtime_ns).encode())
     return h.hexdigest()[:16] if files else f"name:{path}"
+
+
+# calls of gather_over_ranks in this process: every rank makes them in the same order, so the n-th call's keys in the
+# launch's store are the same on every rank and never meet an earlier call's (probe.heads then probe.eval from Python)
+_exchanges = 0
+
+
+def gather_over_ranks(obj: Any) -> list[Any] | None:
+    """Every rank's ``obj``, in rank order, where the launch gives a way to exchange them: the process group where one
+    exists (analyses.finetune's: gloo on the CPU), else the key-value store of the launch's rendezvous (torchrun's
+    MASTER_ADDR / MASTER_PORT), which probe.heads and probe.eval use without setting up a process group (their ranks
+    share no collective, only --out). None without either: RANK / WORLD_SIZE set by hand, ranks that may run one after
+    another (nothing to wait for)."""
+    global _exchanges
+    import pickle
+
+    import torch.distributed as dist
+
+    rank, world = rank_world()
+    if dist.is_available() and dist.is_initialized():
+        every: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(every, obj)
+        return every
+    if not (dist.is_available() and os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
+        return None
+    store, _, _ = next(dist.rendezvous("env://"))  # torchrun's agent store (or rank 0's), no process group
+    _exchanges += 1
+    # a worker torchrun restarts (--max-restarts) meets the store its failed attempt wrote into
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"omniprobe/same-run/{attempt}/{_exchanges}", store)
+    store.set(str(rank), pickle.dumps(obj))
+    return [pickle.loads(store.get(str(r))) for r in range(world)]  # get waits for a rank not yet there
+
+
+def first_difference(a: Any, b: Any, key: str = "") -> tuple[str, Any, Any] | None:
+    """The first place two JSON values differ, as (key, value in a, value in b): nested dicts and lists by their
+    path (``models[1].path``), a plan's settings by their own names (as ``plan_differences`` names them) and looked
+    at first: they are what was typed (--limit), the rest follows from them (its n_items)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = [*a, *(k for k in b if k not in a)]
+        for k in sorted(keys, key=lambda k: not (not key and k == "settings")):
+            if k not in a or k not in b:
+                return (f"{key}.{k}" if key else k), a.get(k), b.get(k)
+            inner = "" if (not key and k == "settings") else (f"{key}.{k}" if key else str(k))
+            if (hit := first_difference(a[k], b[k], inner)) is not None:
+                return hit
+        return None
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            if (hit := first_difference(x, y, f"{key}[{i}]")) is not None:
+                return hit
+        return None
+    return None if a == b else (key or "fingerprint", a, b)
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)  # as run.json shows it: 0.0001, false, "text"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_same_run_on_every_rank(record: dict[str, Any]) -> None:
+    """Under torchrun every rank runs the same job: each one's run fingerprint (``record``, the plan or config its
+    run.json holds, model and data by where they are) is exchanged before anything is written, and ranks whose
+    records differ all stop (BadInput, exit 2) naming the first differing key, each having seen every record. Ranks given another --lr, --data or
+    --limit trained or scored their share as another run, and both could write run.json. A single process, or ranks
+    with no way to exchange (``gather_over_ranks`` None), are not checked here (their run.json and parts carry the
+    fingerprint, checked on resume and assembly)."""
+    if rank_world()[1] == 1:
+        return
+    record = json.loads(json.dumps(finite_or_null(record), default=str))  # as run.json holds it
+    every = gather_over_ranks((json_digest(record), record))
+    if every is None:
+        return
+    digest0, record0 = every[0]
+    for r, (digest, other) in enumerate(every):
+        if digest == digest0:
+            continue
+        key, mine, theirs = first_difference(other, record0) or ("fingerprint", digest, digest0)
+        raise BadInput(f"rank {r}'s {key} {_shown(mine)} differs from rank 0's {_shown(theirs)}: every rank must run "
+                       "the same command")

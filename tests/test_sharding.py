@@ -311,3 +311,169 @@ def test_sweep_evaluate_and_finetune_from_python_under_torchrun(tmp_path):
     said = sorted(line for line in r.stdout.splitlines() if line.startswith("rank "))
     assert said == ["rank 0: HeadSweep True EvalRun True FinetuneRun [0, 2]",
                     "rank 1: NoneType False NoneType False NoneType None"], r.stdout
+
+
+class _Exchanged(Exception):
+    """Stops a run at its exchange of run fingerprints (what a rank with other options would send)."""
+
+
+def _exchanged_record(monkeypatch, main, argv: list[str]) -> object:
+    """What a rank running ``main(argv)`` sends the other ranks (the run stops there, nothing written)."""
+    from probe import results
+
+    def stop(obj):
+        raise _Exchanged(obj)
+
+    monkeypatch.setattr(results, "gather_over_ranks", stop)
+    with pytest.raises(_Exchanged) as got:
+        main(argv)
+    return got.value.args[0]
+
+
+def _ranks_send(monkeypatch, by_rank: dict[int, object]) -> list:
+    """Stands in for the launch's exchange: this rank's record where ``by_rank`` has None, the others as given."""
+    from probe import results
+
+    calls = []
+
+    def gather(obj):
+        calls.append(obj)
+        return [obj if by_rank[r] is None else by_rank[r] for r in sorted(by_rank)]
+
+    monkeypatch.setattr(results, "gather_over_ranks", gather)
+    return calls
+
+
+def test_heads_ranks_with_other_options_all_stop_before_writing(tmp_path, tiny_dirs, data_dir, monkeypatch, capfd):
+    """Ranks of one launch given another --limit each computed their chunks of another run, and both could write
+    run.json. Every rank now sends its run fingerprint first and all stop, naming the option. The same model spelled
+    another way (relative path) is the same run, as on resume."""
+    from probe.errors import cli_main
+    from probe.heads import main
+
+    model = str(tiny_dirs["qwen2_vl"])
+    common = ["--data", str(data_dir), "--chunk-size", "2", "--layers", "1", "--heads", "0-1", "--no-figures",
+              "--quiet", "--no-generate"]
+    out = tmp_path / "out"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    other = _exchanged_record(monkeypatch, main, ["--model", model, *common, "--limit", "4", "--out", str(out)])
+    monkeypatch.setenv("RANK", "0")
+    calls = _ranks_send(monkeypatch, {0: None, 1: other})
+    capfd.readouterr()
+    assert cli_main(main, ["--model", model, *common, "--limit", "5", "--out", str(out)]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err == ["error: rank 1's limit 4 differs from rank 0's 5: every rank must run the same command"], err
+    assert len(calls) == 1 and not out.exists()
+
+    spelt = _exchanged_record(monkeypatch, main, ["--model", os.path.relpath(model), *common, "--limit", "4",
+                                                  "--out", str(out)])
+    _ranks_send(monkeypatch, {0: None, 1: spelt})
+    assert cli_main(main, ["--model", model, *common, "--limit", "4", "--out", str(out)]) == 0
+    assert sorted(p.name for p in (out / "parts").iterdir()) == ["chunk_00000.parquet"]  # rank 0's share
+
+
+def test_eval_ranks_with_other_options_all_stop_before_writing(tmp_path, tiny_dirs, data_dir, monkeypatch, capfd):
+    """probe.eval as rank 1, whose --no-generate rank 0 was not given: it stops too, naming the setting."""
+    from probe.errors import cli_main
+    from probe.eval import main
+
+    common = ["--models", str(tiny_dirs["qwen2_vl"]), "--data", str(data_dir), "--limit", "2", "--no-figures",
+              "--quiet"]
+    out = tmp_path / "out"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    rank_0 = _exchanged_record(monkeypatch, main, [*common, "--out", str(out)])
+    monkeypatch.setenv("RANK", "1")
+    _ranks_send(monkeypatch, {0: rank_0, 1: None})
+    capfd.readouterr()
+    assert cli_main(main, [*common, "--no-generate", "--out", str(out)]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err == ["error: rank 1's generate false differs from rank 0's true: every rank must run the same "
+                   "command"], err
+    assert not out.exists()
+
+
+def test_finetune_ranks_with_another_lr_all_stop_before_writing(tmp_path, tiny_dirs, data_dir, text_dir,
+                                                                monkeypatch, capfd):
+    """Data parallel ranks given another --lr trained one model with two schedules, averaged, and rank 0's run.json
+    named its own: every rank now stops before --out is read, naming the option."""
+    import probe.train
+    from analyses.finetune import main
+    from probe.errors import cli_main
+
+    from test_finetune import _args
+
+    monkeypatch.setattr(probe.train, "process_state", lambda cpu: None)  # the launch's group: the exchange's fake
+    out = tmp_path / "ft"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    args = _args(tiny_dirs, data_dir, text_dir, out)
+    other = _exchanged_record(monkeypatch, main, [a if a != "1e-3" else "1e-4" for a in args[:-2]] + args[-2:])
+    monkeypatch.setenv("RANK", "0")
+    _ranks_send(monkeypatch, {0: None, 1: other})
+    capfd.readouterr()
+    assert cli_main(main, args) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err == ["error: rank 1's lr 0.0001 differs from rank 0's 0.001: every rank must run the same command"], err
+    assert not out.exists()
+
+
+def test_the_first_differing_key_is_named_from_the_records_alone():
+    """The refusal's key and values, on hand-built records: nested lists by path, settings by name and first."""
+    from probe.results import first_difference
+
+    a = {"models": [{"name": "m", "path": "/a"}], "n_items": 5, "settings": {"limit": 5, "seed": 0}}
+    assert first_difference(a, a) is None
+    assert first_difference(a, a | {"n_items": 4, "settings": {"limit": 4, "seed": 0}}) == ("limit", 5, 4)
+    assert first_difference(a, a | {"models": [{"name": "m", "path": "/b"}]}) == ("models[0].path", "/a", "/b")
+    assert first_difference({"lr": 1e-3}, {"lr": 1e-3, "lm_lr": 0.0}) == ("lm_lr", None, 0.0)
+
+
+# torchrun runs this: probe.heads (the launch's store) and analyses.finetune (its gloo group) with rank-dependent options
+RANKS_DIFFER_UNDER_TORCHRUN = """
+import os, sys
+from pathlib import Path
+from analyses.finetune import finetune
+from probe.errors import BadInput
+from probe.heads import sweep
+
+out, rank = Path(sys.argv[1]), int(os.environ["RANK"])
+calls = {
+    "heads": lambda: sweep(model="organism-vl", limit=4 + rank, chunk_size=1, layers="0", heads="0-1",
+                           no_generate=True, no_figures=True, quiet=True, out=out / "heads"),
+    "finetune": lambda: finetune(model="organism-base", data=["text=probe/zoo/data/text"], split="validation",
+                                 limit=8, steps=2, batch_size=4, lr=1e-3 / 10 ** rank, device="cpu", dtype="float32",
+                                 quiet=True, out=out / "ft"),
+}
+said = []
+for name, call in calls.items():
+    try:
+        call()
+        said.append(f"rank {rank} {name}: ran")
+    except BadInput as exc:
+        said.append(f"rank {rank} {name}: {exc}")
+said.append(f"rank {rank} wrote: {sorted(p.name for p in out.iterdir()) if out.exists() else []}")
+# a file per rank: two ranks' prints into one pipe interleave mid-line
+Path(sys.argv[2], f"said-{rank}.txt").write_text("\\n".join(said) + "\\n", encoding="utf-8")
+"""
+
+
+def test_ranks_launched_with_other_options_all_stop_under_torchrun(tmp_path):
+    """A real torchrun launch (2 CPU processes) whose ranks are given another --limit (probe.heads, exchanged through
+    torchrun's store) and another --lr (analyses.finetune, over its gloo group): before, each rank ran its share of
+    its own run and both wrote run.json; now each rank, having seen the other's fingerprint, stops with the same line
+    naming the option, and nothing is written. --standalone: a free port, not 29500, which another launch may hold."""
+    script = tmp_path / "ranks_differ.py"
+    script.write_text(RANKS_DIFFER_UNDER_TORCHRUN, encoding="utf-8")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TMPDIR=str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        str(script), str(tmp_path / "out"), str(tmp_path)], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    said = sorted(line for rank in (0, 1)
+                  for line in (tmp_path / f"said-{rank}.txt").read_text(encoding="utf-8").splitlines())
+    heads = "rank 1's limit 5 differs from rank 0's 4: every rank must run the same command"
+    ft = "rank 1's lr 0.0001 differs from rank 0's 0.001: every rank must run the same command"
+    assert said == [f"rank 0 finetune: {ft}", f"rank 0 heads: {heads}", "rank 0 wrote: []",
+                    f"rank 1 finetune: {ft}", f"rank 1 heads: {heads}", "rank 1 wrote: []"], r.stdout
