@@ -532,7 +532,7 @@ def test_bench_merge_workdir_holding_other_files_is_refused(tmp_path, capsys):
     (work / "mk" / "notes.txt").write_text("keep")
     (work / "results.csv").write_text("keep")
     before = snapshot(work)
-    line = one_error_line(cli_main(_main("merge"), ["--workdir", str(work), "--k", "2", "--params-m", "1",
+    line = one_error_line(cli_main(_main("merge"), ["--workdir", str(work), "--k", "2", "--params-m", "72",
                                                     "--rounds", "1", "--no-mergekit"]), capsys.readouterr().err)
     assert f"--workdir {work} holds results.csv" in line, line
     assert snapshot(work) == before and sorted(p.name for p in work.iterdir()) == ["mk", "results.csv"]
