@@ -455,15 +455,14 @@ def refuse_input_in_out(out: Path, inputs: Sequence[Path]) -> None:
         raise BadInput(f"--out {out} holds the input {hit[1]}; --overwrite would delete it, pick another --out")
 
 
-def clear_run(out: Path, inputs: Sequence[Path], cpu: bool) -> None:
+def clear_run(out: Path, cpu: bool) -> None:
     """``--overwrite``: delete the fine-tuning run in ``out`` (its checkpoints, partial ones, log and run.json) and
-    nothing else there; refused when ``out`` holds an input (the model being tuned, a data set). ``cpu``: whether
-    the run trains on the CPU (``probe.train.wait_for_everyone``)."""
+    nothing else there (``check_previous_run`` has refused an ``out`` holding an input). ``cpu``: whether the run
+    trains on the CPU (``probe.train.wait_for_everyone``)."""
     from probe.devices import rank_world
     from probe.results import lock_out_dir
     from probe.train import is_main_process, wait_for_everyone
 
-    refuse_input_in_out(out, inputs)
     # held first (by every rank, together): a run still training here is refused before its checkpoints, log and
     # run.json are deleted; it was refused only at claim_out_dir, after, and went on writing into the emptied dir
     lock_out_dir(out, shared=rank_world()[1] > 1)
@@ -734,7 +733,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     ``finetune(**options)`` takes the command's options as keywords and returns it so. Bad input raises
     ``probe.errors.BadInput``."""
     from probe.devices import rank_world, resolve_placement
-    from probe.heads import check_out_not_model, check_same_software, saved_run_info, versions
+    from probe.heads import check_out_apart_from_inputs, check_same_software, saved_run_info, versions
     from probe.models import model_fingerprint, resolve_model
     from probe.results import (atomic_write_json, atomic_write_with, check_same_run_on_every_rank, claim_out_dir,
                                lock_out_dir, read_run_json, stop_recorded)
@@ -759,8 +758,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     check_launch(cfg, placement, world, tcfg)
     ref = resolve_model(cfg.model)
     # the model's own dir (or one holding it) is never a run's: said so, not "holds no fine-tuning run.json"
-    check_out_not_model(cfg.out, [ref.path])
-    check_out_apart(cfg.out, [("model", ref.path)])
+    check_out_apart_from_inputs(cfg.out, [ref.path], [], None)  # its data sets were checked before
     if ref.gguf_file is not None:  # save_pretrained refuses a model loaded from GGUF: checkpoint-0 would be a traceback
         raise BadInput(f"{cfg.model}: a GGUF model cannot be fine-tuned here (transformers cannot save its "
                        "checkpoints); fine-tune a Hugging Face model directory (safetensors) of it instead")
@@ -823,7 +821,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         rows += enc
     modality_of = {i: label for label, r in offsets.items() for i in r}
     if clear:  # the last refusal before anything is written has passed (a processor refusing an item: encode)
-        clear_run(out, inputs, on_cpu)
+        clear_run(out, on_cpu)
     writer = is_main_process()  # under torchrun only rank 0 writes, once every rank has read the out dir
     wait_for_everyone(on_cpu)
     make_out_dir(out)

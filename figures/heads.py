@@ -161,14 +161,16 @@ def draw_metric(heads: pd.DataFrame, baseline: dict, metric: str, out_stem: Path
     chars = int(14 * fig.get_figwidth())
     lines = f"{title}{base_txt}\n{label} (n={n} items)".strip().split("\n")
     ax.set_title("\n".join(textwrap.fill(line, chars) for line in lines), fontsize=9)
-    fig.tight_layout()
-    if fit_bar_labels(fig):  # a tall grid's bar (20 times as high as wide) is shorter than its label
+
+    def lay_out_page() -> None:
         fig.tight_layout()
-    if cells and not fit_cell_texts(ax, cells, formats, grid.shape):
-        ax.set_xlabel(f"query head\n{CELLS_LEFT_OUT}", fontsize=8)  # laid out again for the taller label
-        fig.tight_layout()
-        if fit_bar_labels(fig):
+        if fit_bar_labels(fig):  # a tall grid's bar (20 times as high as wide) is shorter than its label
             fig.tight_layout()
+
+    lay_out_page()
+    if cells and not fit_cell_texts(ax, cells, formats, grid.shape):
+        ax.set_xlabel(f"query head\n{CELLS_LEFT_OUT}", fontsize=8)
+        lay_out_page()  # again, for the taller label
     for ext in ("png", "pdf"):
         save_figure(fig, out_stem.with_suffix(f".{ext}"))
     plt.close(fig)

@@ -916,10 +916,10 @@ def _shown(value: Any) -> str:
 def check_same_run_on_every_rank(record: dict[str, Any]) -> None:
     """Under torchrun every rank runs the same job: each one's run fingerprint (``record``, the plan or config its
     run.json holds, model and data by where they are) is exchanged before anything is written, and ranks whose
-    records differ all stop (BadInput, exit 2) naming the first differing key, each having seen every record. Ranks given another --lr, --data or
-    --limit trained or scored their share as another run, and both could write run.json. A single process, or ranks
-    with no way to exchange (``gather_over_ranks`` None), are not checked here (their run.json and parts carry the
-    fingerprint, checked on resume and assembly)."""
+    records differ all stop (BadInput, exit 2) naming the first differing key, each having seen every record. Ranks
+    given another --lr, --data or --limit trained or scored their share as another run, and both could write
+    run.json. A single process, or ranks with no way to exchange (``gather_over_ranks`` None), are not checked here
+    (their run.json and parts carry the fingerprint, checked on resume and assembly)."""
     if rank_world()[1] == 1:
         return
     record = json.loads(json.dumps(finite_or_null(record), default=str))  # as run.json holds it

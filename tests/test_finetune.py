@@ -1223,7 +1223,7 @@ def test_overwrite_waits_for_every_rank_to_look_before_rank_0_clears(ft_run, tmp
     monkeypatch.setattr(probe.train, "wait_for_everyone",
                         lambda cpu: seen.append(((out / "run.json").is_file(), (out / "checkpoint-6").is_dir())))
     monkeypatch.setattr(probe.train, "is_main_process", lambda: True)
-    clear_run(out, [], cpu=True)
+    clear_run(out, cpu=True)
     assert seen == [(True, True), (False, False)]
 
 
