@@ -34,7 +34,9 @@ Elsewhere only uppercase letters within the options' range count, because lowerc
 For the same reason an "A" or "I" followed by a lowercase word ("A red circle", "I think") or an
 apostrophe ("I'm") is read as an article/pronoun, not as a choice, except before "is", "because", "since",
 "as", "and", "or" ("A is correct", "the answer is A because ..."); this holds after an answer phrase
-too ("Answer: I think it is C" is C).
+too ("Answer: I think it is C" is C). A capital that is one letter of a longer word spelled with accented letters
+("Día", Vietnamese "Bởi", decomposed "Ábaco") is that word too; scripts without case write a choice right against
+their words ("答案是B"), which stays a choice.
 Text after a special token such as ``<|im_end|>`` or ``</s>`` is ignored; full-width letters and punctuation
 ("（Ｂ）", "答案：Ｃ") read as their ASCII forms.
 """
@@ -117,13 +119,32 @@ def _first(pattern: str, text: str, letters: str, echoes: Spans, flags: int = 0,
         letter, at = m.group("L"), m.start("L")
         if letter.islower() and (at and text[at - 1].isalpha() or letter in "ai" and not text[at + 1:].strip()):
             continue
-        if (letter.upper() in letters and not _inside(echoes, m) and not (words and _is_word(text, m))
-                and not (rejects and _rejected(text, m))):
+        if (letter.upper() in letters and not _inside(echoes, m) and not _glued(text, at)
+                and not (words and _is_word(text, m)) and not (rejects and _rejected(text, m))):
             return letter.upper()
     return None
 
 
 _CHOICE_FOLLOWERS = {"is", "because", "since", "as", "and", "or"}  # "A is correct", "A because ..."
+
+
+def _cased(ch: str) -> bool:
+    """A letter of a cased script beyond ASCII ("í", "ở", "É"): ASCII neighbours are the patterns' own business."""
+    return not ch.isascii() and unicodedata.category(ch) in ("Lu", "Ll", "Lt")
+
+
+def _glued(text: str, at: int) -> bool:
+    """The letter at ``at`` is one letter of a longer word in a cased script: a cased letter or a combining mark right
+    after it, or a cased letter (behind any combining marks) right before it: the D of Spanish "Día", the B of
+    Vietnamese "Bởi" (because), the C of "PRÉCÉDENT", decomposed "Ábaco" (the patterns' ASCII look-arounds took
+    these for choices). Scripts without case write a choice straight against their words ("答案是B"): still one."""
+    after = text[at + 1:at + 2]
+    if after and (_cased(after) or unicodedata.category(after).startswith("M")):
+        return True
+    i = at - 1
+    while i >= 0 and unicodedata.category(text[i]).startswith("M"):
+        i -= 1
+    return i >= 0 and _cased(text[i])
 
 
 def _is_word(text: str, m: re.Match[str]) -> bool:
@@ -132,8 +153,8 @@ def _is_word(text: str, m: re.Match[str]) -> bool:
         return False
     if text[m.end():m.end() + 1] in ("'", "’"):
         return True
-    nxt = re.match(r"\s+([a-z]\w*)", text[m.end():])
-    return bool(nxt) and nxt.group(1) not in _CHOICE_FOLLOWERS
+    nxt = re.match(r"\s+(\w+)", text[m.end():])  # a lowercase word, "água" as well as "red"
+    return bool(nxt) and nxt.group(1)[0].islower() and nxt.group(1) not in _CHOICE_FOLLOWERS
 
 
 def _bare_letter(text: str, letters: str, echoes: Spans, rejects: bool) -> str | None:
