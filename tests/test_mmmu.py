@@ -717,3 +717,29 @@ def test_running_out_of_memory_while_decoding_an_image_is_not_called_a_bad_image
         with pytest.raises(MemoryError):
             load_mmmu(tmp_path)
     assert len(load_mmmu(tmp_path)) == 2
+
+
+def test_options_as_a_list_column_read_as_the_python_literal_does(tmp_path):
+    """MMMU stores options as the str() of a Python list; a converted set may store a real list<string> column. Both
+    give the list itself, quotes, commas and newlines inside an option kept. Oracle: the Python list."""
+    options = ["it's red", 'say "blue", then', "two\nlines", "<image 1> or not"]
+    write(tmp_path / "literal", {"Art": [row(1, options=str(options), answer="D")]})
+    (tmp_path / "listed" / "Art").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([row(1, options=options, answer="D")]),
+                   tmp_path / "listed" / "Art" / "validation.parquet")
+    for root in ("literal", "listed"):
+        (it,), _ = load_mmmu(tmp_path / root)
+        assert it.options == tuple(options) and it.letters == tuple("ABCD") and it.images == (RED,)
+
+
+def test_subjects_repeated_or_reordered_and_a_limit_across_subjects(tmp_path):
+    """--subjects in any order, a name given twice: the same items, each once, in (subject, number) order; --limit N
+    takes the first N of that order across subjects, the same on every load. Oracle: the list sorted by hand."""
+    write(tmp_path, {"Bio": [row(i, "Bio") for i in (10, 2, 1)], "Art": [row(i) for i in (3, 1, 2)],
+                     "Math": [row(1, "Math")]})
+    order = [f"validation_Art_{i}" for i in (1, 2, 3)] + [f"validation_Bio_{i}" for i in (1, 2, 10)]
+    items, rep = load_mmmu(tmp_path, subjects=["Bio", "Art", "Bio"])
+    assert [it.id for it in items] == order and rep.subjects == ["Art", "Bio"]
+    for _ in range(2):
+        items, rep = load_mmmu(tmp_path, subjects=["Bio", "Art"], limit=4)
+        assert [it.id for it in items] == order[:4] and rep.subjects == ["Art", "Bio"]
