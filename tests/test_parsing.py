@@ -316,6 +316,7 @@ def _folded(text: str) -> str:
 @pytest.mark.parametrize("response, expected", [
     ("Día 3: la respuesta es C", "C"),  # Spanish "day": was D
     ("Bởi vì nó màu xanh, C", "C"),  # Vietnamese "because": was B
+    ("Câu trả lời là B", "B"),  # Vietnamese "the answer is B": was C
     ("Dájúdájú C ni", "C"),  # Yoruba "certainly": was D
     ("Décembre ? C", "C"),  # was D
     ("Bär: C", "C"),  # was B
