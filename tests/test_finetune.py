@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import make_item
 from probe.errors import BadInput, cli_main
 from probe.fsdp import unsupported as fsdp_unsupported
 from probe.train import PROCESS_GROUP_TIMEOUT_MIN
@@ -2677,6 +2678,35 @@ def test_a_frozen_lms_logged_loss_is_the_whole_batchs_mean() -> None:
     assert losses == pytest.approx([float(total) / count], rel=1e-5)
     moved = {n for n, p in loaded.model.named_parameters() if not torch.equal(p, before[n])}
     assert moved and all("visual" in n for n in moved)
+
+
+def test_gradients_left_on_the_model_by_what_ran_before_never_reach_the_clip(tiny_dirs) -> None:
+    """The organisms' builder calls the loop once per stage on one model: the vision pretraining before the
+    projector alignment, and each stage before the next, left their last gradients on parameters the next stage
+    freezes. The step's zero_grad cleared only the optimiser's parameters, and the clip's norm summed every
+    gradient on the model: the frozen tower's leftovers scaled each update (organism-ov-si's alignment after its
+    real pretraining: updates 6.7e-8 apart; organism-vl's LLM-only stage after two all-parameter steps: 4e-4 of the
+    update). Oracle: the same run on a copy that never had them, bit for bit; the leftovers are cleared."""
+    from probe.models import load_model, resolve_model
+    from probe.train import TrainConfig, encode, train
+
+    torch.set_num_threads(1)
+    cfg = TrainConfig(steps=2, lr=0.0, lm_lr=1e-3, projector_lr=1e-3, batch=2, warmup=0)  # the tower frozen
+    runs = []
+    for leftovers in (False, True):
+        loaded = load_model(resolve_model(str(tiny_dirs["llava_onevision"])), dtype="float32")
+        rows = encode(loaded, [make_item(answer="B"), make_item(answer="C", seed=3, item_id="validation_Test_2")],
+                      True)
+        tower = [p for n, p in loaded.model.named_parameters() if "vision_tower" in n]
+        if leftovers:  # as an earlier stage or pretrain_vision leaves them
+            for p in tower:
+                p.grad = torch.full_like(p, 0.5)
+        train(loaded, rows, cfg, log=lambda m: None, sampler=lambda gen, n: [0, 1])
+        runs.append((dict(loaded.model.named_parameters()), tower))
+    (clean, _), (after, tower) = runs
+    moved = [n for n, p in after.items() if not torch.equal(p, clean[n])]
+    assert not moved, moved
+    assert tower and all(p.grad is None for p in tower)
 
 
 def test_a_set_labelled_by_a_modality_holds_only_that_modality(data_dir, text_dir) -> None:
