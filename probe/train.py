@@ -492,6 +492,9 @@ def _steps(loaded: LoadedModel, rows: list[dict], cfg: TrainConfig, log: Callabl
     """The steps of ``train``."""
     model = loaded.model
     check_adapters_in_lm(model, lambda n: is_lm_param(n, loaded))  # before a wrapper (DDP) hides peft's
+    # gradients left by whatever ran on the model before (the zoo's vision pretraining, an earlier stage) are none of
+    # this run's: a step's zero_grad clears only the optimiser's parameters, and the clip sums every gradient there is
+    model.zero_grad(set_to_none=True)
     model.train()
     torch.manual_seed(cfg.seed)
     sharded = fsdp_launch(cfg)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import make_item
 from probe.errors import BadInput, cli_main
 from probe.fsdp import unsupported as fsdp_unsupported
 from probe.train import PROCESS_GROUP_TIMEOUT_MIN
@@ -2677,6 +2678,136 @@ def test_a_frozen_lms_logged_loss_is_the_whole_batchs_mean() -> None:
     assert losses == pytest.approx([float(total) / count], rel=1e-5)
     moved = {n for n, p in loaded.model.named_parameters() if not torch.equal(p, before[n])}
     assert moved and all("visual" in n for n in moved)
+
+
+def test_gradients_left_on_the_model_by_what_ran_before_never_reach_the_clip(tiny_dirs) -> None:
+    """The organisms' builder calls the loop once per stage on one model: the vision pretraining before the
+    projector alignment, and each stage before the next, left their last gradients on parameters the next stage
+    freezes. The step's zero_grad cleared only the optimiser's parameters, and the clip's norm summed every
+    gradient on the model: the frozen tower's leftovers scaled each update (organism-ov-si's alignment after its
+    real pretraining: updates 6.7e-8 apart; organism-vl's LLM-only stage after two all-parameter steps: 4e-4 of the
+    update). Oracle: the same run on a copy that never had them, bit for bit; the leftovers are cleared."""
+    from probe.models import load_model, resolve_model
+    from probe.train import TrainConfig, encode, train
+
+    torch.set_num_threads(1)
+    cfg = TrainConfig(steps=2, lr=0.0, lm_lr=1e-3, projector_lr=1e-3, batch=2, warmup=0)  # the tower frozen
+    runs = []
+    for leftovers in (False, True):
+        loaded = load_model(resolve_model(str(tiny_dirs["llava_onevision"])), dtype="float32")
+        rows = encode(loaded, [make_item(answer="B"), make_item(answer="C", seed=3, item_id="validation_Test_2")],
+                      True)
+        tower = [p for n, p in loaded.model.named_parameters() if "vision_tower" in n]
+        if leftovers:  # as an earlier stage or pretrain_vision leaves them
+            for p in tower:
+                p.grad = torch.full_like(p, 0.5)
+        train(loaded, rows, cfg, log=lambda m: None, sampler=lambda gen, n: [0, 1])
+        runs.append((dict(loaded.model.named_parameters()), tower))
+    (clean, _), (after, tower) = runs
+    moved = [n for n, p in after.items() if not torch.equal(p, clean[n])]
+    assert not moved, moved
+    assert tower and all(p.grad is None for p in tower)
+
+
+def _stopped_at(loaded, rows, cfg, step: int, **kw) -> dict:
+    """``train`` stopped right after update ``step`` (a kill): a copy of the state a resume takes, and the weights."""
+    import copy
+
+    from probe.train import train
+
+    kept: dict = {}
+
+    class Stop(Exception):
+        pass
+
+    def hook(info, state):
+        if info.step == step:
+            kept.update(state=copy.deepcopy(state()), weights=copy.deepcopy(loaded.model.state_dict()))
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(loaded, rows, cfg, log=lambda m: None, on_step=hook, **kw)
+    return kept
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "overlapped"])
+def test_every_group_steps_at_its_rate_times_the_written_schedule_through_a_resume(schedule, tiny_dirs,
+                                                                                   monkeypatch) -> None:
+    """The rates AdamW is handed at each update (read in its step, not train_log.csv's, which is computed from the
+    same factor), for the LM, projector and tower groups of a LLaVA-OV: each its configured rate times the schedule
+    written out here, warm-up and decay, and a run resumed mid-warm-up goes on at the formula's rates."""
+    import math
+
+    from probe.models import load_model, resolve_model
+    from probe.train import TrainConfig, encode, train
+
+    torch.set_num_threads(1)
+    steps, warmup, rates = 7, 3, (2e-4, 1e-3, 4e-5)  # LM, projector, tower: param_groups' order
+
+    def factor(k: int) -> float:
+        warm = min(1.0, (k + 1) / warmup)
+        if schedule == "overlapped":
+            return warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * k / steps)))
+        decay = (k - warmup + 1) / (steps - warmup)  # from the peak at step warmup - 1 to the last step
+        return warm if k < warmup - 1 else 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * decay))
+
+    cfg = TrainConfig(steps=steps, lr=rates[2], lm_lr=rates[0], projector_lr=rates[1], batch=1, warmup=warmup,
+                      schedule=schedule)
+    seen: list[list[float]] = []
+    real = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step",
+                        lambda self, *a, **k: seen.append([g["lr"] for g in self.param_groups]) or real(self, *a, **k))
+    loaded = load_model(resolve_model(str(tiny_dirs["llava_onevision"])), dtype="float32")
+    rows = encode(loaded, [make_item(answer="B")], True)
+    train(loaded, rows, cfg, log=lambda m: None)
+    want = [[r * factor(k) for r in rates] for k in range(steps)]
+    assert want[0][0] < want[2][0] and (schedule == "overlapped" or factor(warmup - 1) == 1.0)  # the peak
+    assert seen == [pytest.approx(w, rel=1e-12) for w in want]
+    loaded.model.requires_grad_(True)
+    kept = _stopped_at(loaded, rows, cfg, 2)
+    seen.clear()
+    train(loaded, rows, cfg, log=lambda m: None, resume=kept["state"])
+    assert seen == [pytest.approx(w, rel=1e-12) for w in want[2:]]
+
+
+def test_a_resume_draws_the_dropout_masks_of_the_uninterrupted_run_on_the_cpu(tiny_dirs) -> None:
+    """With dropout on (attention 0.3 in a tiny Qwen2), a run stopped after update 2 and resumed from what a
+    checkpoint keeps (weights, optimiser, sampler and torch RNG state) ends with the uninterrupted run's weights bit
+    for bit, as two runs of one seed do. The CPU's counterpart of tests/test_gpu.py's GPU check (the organisms train
+    without dropout, so no other CPU test draws a mask): resumed with another RNG state it ends elsewhere."""
+    from probe.models import load_model, resolve_model
+    from probe.train import TrainConfig, encode, train
+
+    torch.set_num_threads(1)
+    cfg = TrainConfig(steps=4, lr=0.0, lm_lr=1e-3, batch=2, warmup=1, seed=3)
+    items = [make_item(with_image=False, answer=a, item_id=f"validation_Test_{i}", question=f"Which colour {i}?")
+             for i, a in enumerate("ABCD", start=1)]
+
+    def fresh():
+        loaded = load_model(resolve_model(str(tiny_dirs["qwen2"])), dtype="float32", attn_implementation="eager")
+        for m in loaded.model.modules():
+            if hasattr(m, "attention_dropout"):
+                m.attention_dropout = 0.3
+        return loaded, encode(loaded, items, True)
+
+    def weights(loaded) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+
+    whole = []
+    for _ in range(2):
+        loaded, rows = fresh()
+        train(loaded, rows, cfg, log=lambda m: None)
+        whole.append(weights(loaded))
+    kept = _stopped_at(*fresh(), cfg, 2)
+    ends = []
+    for rng in (kept["state"]["torch_rng"], torch.Generator().manual_seed(99).get_state()):
+        loaded, rows = fresh()
+        loaded.model.load_state_dict(kept["weights"])
+        train(loaded, rows, cfg, log=lambda m: None, resume=kept["state"] | {"torch_rng": rng})
+        ends.append(weights(loaded))
+    same = lambda a, b: all(torch.equal(a[n], b[n]) for n in a)  # noqa: E731
+    assert same(whole[0], whole[1]) and same(ends[0], whole[0])
+    assert not same(ends[1], whole[0])  # the masks draw on the RNG: restoring it is what the first check tests
 
 
 def test_a_set_labelled_by_a_modality_holds_only_that_modality(data_dir, text_dir) -> None:
