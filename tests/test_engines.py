@@ -158,3 +158,18 @@ def test_attribution_rows_and_baseline(load_tiny, data_dir):
     base_a, base_e = attr[attr["layer"] < 0], exact[exact["layer"] < 0]
     np.testing.assert_allclose(base_a["p_answer"], base_e["p_answer"], atol=1e-5)
     assert (attr["kl"] >= 0).all() and attr["correct"].isna().all()
+
+
+@pytest.mark.parametrize("generate", [True, False])
+def test_every_engine_with_no_heads_gives_the_baseline_rows_alone(load_tiny, generate):
+    """An empty selection: the naive loop (the oracle) gives each item's baseline row and nothing else; the exact
+    engine without generation ran one empty batch of masked rows and stopped on an IndexError."""
+    loaded = load_tiny("qwen2", "sdpa")
+    items = [make_item(with_image=False), make_item(n_options=3, answer="C", with_image=False,
+                                                    item_id="validation_Test_2")]
+    naive = _frame("naive", loaded, items, [], generate=generate)
+    assert list(naive["layer"]) == [-1, -1]
+    for engine in ("exact", "attribution"):
+        got = _frame(engine, loaded, items, [], generate=generate)
+        assert list(got["item_id"]) == list(naive["item_id"]) and list(got["layer"]) == list(naive["layer"]), engine
+        np.testing.assert_allclose(got["p_answer"], naive["p_answer"], atol=1e-5, rtol=0, err_msg=engine)
