@@ -252,8 +252,10 @@ def exact_sweep(
     halved where a batch runs out of memory and kept so for later calls given the same limit (``run_halving``)."""
     limit = limit if limit is not None else BatchLimit(cfg.batch_size, unit="masked rows", scope="this sweep")
     ordered = sorted(heads)  # by layer, so rows join the batch as the pass reaches their layer
-    # decoding needs a KV cache per batch, hence batches of a single layer
-    groups = [list(g) for _, g in groupby(ordered, key=lambda p: p[0])] if cfg.generate else [ordered]
+    # decoding needs a KV cache per batch, hence batches of a single layer; no heads, no batch (an empty one
+    # would be run as a batch of masked rows)
+    groups = [list(g) for _, g in groupby(ordered, key=lambda p: p[0])] if cfg.generate else (
+        [ordered] if ordered else [])
     guarded = ordered[-1] if ordered else None  # the deepest row: it crosses the most engine-built state
     rows: list[dict] = []
     for n_item, item in enumerate(items):

@@ -232,3 +232,61 @@ def test_exact_and_naive_equal_zeroed_o_proj_columns_in_the_first_middle_and_las
             m.model.config.sliding_window = 10_000
             wide = option_log_probs(m.model(**inputs).logits[0, -1], ids)
             assert (wide - base).abs().max() > 1e-4
+
+
+def test_o_proj_bias_tied_embeddings_one_kv_head_and_one_layer(tmp_path):
+    """A one-layer Llama with biases on its attention projections (o_proj's included), its LM head tied to the
+    embedding and one KV head for its 4 query heads (MQA), attention weights scaled up and biases drawn so that a
+    head moves the options (KL ~1e-3, the texts change). Removing a head keeps o_proj's bias (as zeroing its weight
+    columns, and TransformerLens' hook_z, do): with every head removed o_proj gives its bias alone. Heads out of order
+    and repeated: the exact engine's rows are the naive loop's, in its order, and each is the model's with the
+    head's o_proj input columns zeroed in the weight (1e-6)."""
+    from probe.masking import mask_heads
+    from probe.metrics import kl_orig_masked, option_log_probs
+    from probe.prompting import PromptTemplate, build_inputs, letter_token_ids
+    from probe.sweep import SweepConfig, get_engine
+
+    m = build_and_load(tmp_path, "llama", {"attention_bias": True, "tie_word_embeddings": True,
+                                           "num_hidden_layers": 1, "num_key_value_heads": 1})
+    g = m.geometry
+    assert (g.n_layers, g.n_heads, g.n_kv_heads) == (1, 4, 1)
+    assert m.model.get_output_embeddings().weight is m.model.get_input_embeddings().weight
+    attn, o_proj = m.layers[0].self_attn, m.o_proj(0)
+    draw = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for proj in (attn.q_proj, attn.k_proj, attn.v_proj, o_proj):
+            proj.weight.mul_(8)
+            proj.bias.copy_(0.5 * torch.randn(proj.bias.shape, generator=draw))
+    item = make_item(n_options=5, answer="E", with_image=False, item_id="validation_Test_5")
+    inputs = build_inputs(m, item, PromptTemplate())
+    seen = []
+    handle = o_proj.register_forward_hook(lambda mod, args, out: seen.append(out))
+    try:
+        with torch.no_grad(), mask_heads(m, [(0, h) for h in range(g.n_heads)]):
+            m.model(**inputs)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(seen[0], o_proj.bias.expand_as(seen[0]), rtol=0, atol=0)
+    heads = [(0, 3), (0, 1), (0, 1), (0, 0), (0, 2)]
+    for generate, batch in ((True, 2), (False, 5)):
+        cfg = SweepConfig(generate=generate, batch_size=batch, max_new_tokens=3)
+        naive, exact = (pd.DataFrame(get_engine(k)(m, [item], heads, cfg)) for k in ("naive", "exact"))
+        assert list(zip(exact["layer"], exact["head"])) == [(-1, -1), *heads]
+        for col in ("layer", "head", "pred", "prob_pred", "response"):
+            assert (naive[col] == exact[col]).all(), (generate, col)
+        for col in ("kl", "p_answer"):
+            np.testing.assert_allclose(exact[col], naive[col], atol=1e-6, rtol=0, err_msg=f"{col}, {generate}")
+    assert naive["kl"].max() > 1e-4  # a head moves the options: far above the tolerance
+    ids = letter_token_ids(m.tokenizer, item.letters)
+    w, d = o_proj.weight, g.head_dim
+    with torch.no_grad():
+        base = option_log_probs(m.model(**inputs).logits[0, -1], ids)
+        for row in naive[naive["layer"] >= 0].itertuples():
+            saved = w.detach().clone()
+            try:
+                w[:, row.head * d:(row.head + 1) * d] = 0
+                zeroed = option_log_probs(m.model(**inputs).logits[0, -1], ids)
+            finally:
+                w.copy_(saved)
+            assert row.p_answer == pytest.approx(float(zeroed[-1].exp()), abs=1e-6), row.head
+            assert row.kl == pytest.approx(float(kl_orig_masked(base, zeroed)), abs=1e-6), row.head

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -158,3 +159,126 @@ def test_attribution_rows_and_baseline(load_tiny, data_dir):
     base_a, base_e = attr[attr["layer"] < 0], exact[exact["layer"] < 0]
     np.testing.assert_allclose(base_a["p_answer"], base_e["p_answer"], atol=1e-5)
     assert (attr["kl"] >= 0).all() and attr["correct"].isna().all()
+
+
+@pytest.mark.parametrize("generate", [True, False])
+def test_every_engine_with_no_heads_gives_the_baseline_rows_alone(load_tiny, generate):
+    """An empty selection: the naive loop (the oracle) gives each item's baseline row and nothing else; the exact
+    engine without generation ran one empty batch of masked rows and stopped on an IndexError."""
+    loaded = load_tiny("qwen2", "sdpa")
+    items = [make_item(with_image=False), make_item(n_options=3, answer="C", with_image=False,
+                                                    item_id="validation_Test_2")]
+    naive = _frame("naive", loaded, items, [], generate=generate)
+    assert list(naive["layer"]) == [-1, -1]
+    for engine in ("exact", "attribution"):
+        got = _frame(engine, loaded, items, [], generate=generate)
+        assert list(got["item_id"]) == list(naive["item_id"]) and list(got["layer"]) == list(naive["layer"]), engine
+        np.testing.assert_allclose(got["p_answer"], naive["p_answer"], atol=1e-5, rtol=0, err_msg=engine)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The engines on trained organisms: removing one head of organism-vl moves its answer by up to KL ≈ 6 nats and flips
+# it, where the random tiny models above move theirs by 1e-3 at most, so a 1e-5 tolerance there leaves little room
+# for a wrong row to hide; here the same tolerance is 1e-5 of an effect of order 1.
+
+
+@pytest.fixture(scope="module")
+def organism() -> Callable:
+    """``organism(alias)`` → (LoadedModel in fp32, eager attention, the first items of its bundled validation set)."""
+    from probe.heads import default_data_for
+    from probe.mmmu import load_items
+    from probe.models import load_model, resolve_model
+
+    torch.set_num_threads(1)
+    cache: dict = {}
+
+    def load(alias: str):
+        if alias not in cache:
+            cache[alias] = (load_model(resolve_model(alias), dtype="float32", attn_implementation="eager"),
+                            load_items(str(default_data_for(alias)), limit=3)[0])
+        return cache[alias]
+
+    return load
+
+
+@pytest.mark.parametrize("alias", ["organism-vl", "organism-video"])
+def test_exact_equals_naive_and_zeroed_columns_on_a_trained_organism(organism, alias):
+    """Image and video items (the vision tower run once per item by the exact engine, per head by the naive loop),
+    heads given deepest first with one repeated, generation at 5 rows a batch (batches that split layers): every row
+    the naive loop's, in its order, to 1e-5; the head that moves the answer most is the one whose o_proj input
+    columns, zeroed in the weight, give that row's numbers."""
+    from probe.metrics import kl_orig_masked, option_log_probs
+    from probe.sweep import SweepConfig, prepare_item
+
+    m, items = organism(alias)
+    g = m.geometry
+    items = items[1:2]  # one item whose answer several heads flip
+    heads = [(layer, h) for layer in reversed(range(g.n_layers)) for h in reversed(range(g.n_heads))] + [(0, 3)]
+    naive = _frame("naive", m, items, heads, generate=True, batch_size=5)
+    exact = _frame("exact", m, items, heads, generate=True, batch_size=5)
+    for col in EXACT_TEXT:
+        assert (naive[col] == exact[col]).all(), col
+    for col in NUMERIC:
+        np.testing.assert_allclose(exact[col], naive[col], atol=1e-5, rtol=0, err_msg=col)
+    masked = naive[naive["layer"] >= 0]
+    base = naive[naive["layer"] < 0].set_index("item_id")
+    assert masked["kl"].max() > 1.0  # heads that matter: the tolerance is 1e-5 of an effect of order 1
+    assert (masked["prob_pred"] != base.loc[masked["item_id"], "prob_pred"].to_numpy()).any()  # answers flip
+    top = masked.loc[masked["kl"].idxmax()]
+    item = next(it for it in items if it.id == top["item_id"])
+    inputs, ids = prepare_item(m, item, SweepConfig(generate=False))
+    layer, h, d = int(top["layer"]), int(top["head"]), g.head_dim
+    w = m.o_proj(layer).weight
+    saved = w.detach().clone()
+    with torch.no_grad():
+        clean = option_log_probs(m.model(**inputs).logits[0, -1], ids)
+        try:
+            w[:, h * d:(h + 1) * d] = 0
+            zeroed = option_log_probs(m.model(**inputs).logits[0, -1], ids)
+        finally:
+            w.copy_(saved)
+    assert top["kl"] == pytest.approx(float(kl_orig_masked(clean, zeroed)), abs=1e-5)
+    assert top["p_answer"] == pytest.approx(float(zeroed[item.letters.index(item.answer)].exp()), abs=1e-5)
+
+
+def test_attribution_on_a_trained_organism_is_the_first_order_step_and_ranks_like_exact(organism):
+    """The attribution engine's masked rows are the option logits moved by minus their slope in the head's gate
+    (gate 1 → 0): the slope from a central finite difference of plain gated forwards (conftest.gate_slope), on the
+    heads of largest exact KL, where the slopes are of order 1 (a sign error or another head's slope is off by about
+    as much); its KL ranks the heads as the exact engine's does; items of different lengths in one pass give the
+    one-item rows."""
+    from scipy.stats import spearmanr
+
+    from probe.metrics import kl_orig_masked, letter_log_probs
+    from probe.sweep import SweepConfig, get_engine, prepare_item
+
+    m, items = organism("organism-vl")
+    g = m.geometry
+    heads = [(layer, h) for layer in range(g.n_layers) for h in range(g.n_heads)]
+    exact = _frame("exact", m, items, heads, generate=False)
+    attr = _frame("attribution", m, items, heads, generate=False)
+    assert list(zip(attr["item_id"], attr["layer"], attr["head"])) == list(
+        zip(exact["item_id"], exact["layer"], exact["head"]))
+    rows = attr["layer"] >= 0
+    assert spearmanr(attr.loc[rows, "kl"], exact.loc[rows, "kl"]).statistic > 0.8
+    # the items right-padded into one forward + backward (73 and 75 tokens, M-RoPE over an image) give the same rows
+    lengths = {prepare_item(m, it, SweepConfig(generate=False))[0]["input_ids"].shape[1] for it in items}
+    together = pd.DataFrame(get_engine("attribution")(m, items, heads, SweepConfig(generate=False,
+                                                                                   attribution_items=len(items))))
+    assert len(lengths) > 1 and (together["prob_pred"] == attr["prob_pred"]).all()
+    for col in ("kl", "p_answer"):  # measured: 6e-6 at most, on KLs of order 1
+        np.testing.assert_allclose(together[col], attr[col], atol=1e-5, rtol=1e-4, err_msg=col)
+    item = items[1]
+    inputs, ids = prepare_item(m, item, SweepConfig(generate=False))
+    with torch.no_grad():
+        z0 = m.model(**inputs).logits[0, -1, ids].double()
+    on_item = exact[(exact["item_id"] == item.id) & rows]
+    strongest = on_item.sort_values("kl").tail(3)
+    idx = item.letters.index(item.answer)
+    for layer, h in zip(strongest["layer"], strongest["head"]):
+        slope = gate_slope(m, inputs, ids, layer, h, eps=2e-3)
+        assert float(slope.abs().max()) > 0.5  # a slope of order 1
+        want = letter_log_probs(z0 - slope)
+        got = attr[(attr["item_id"] == item.id) & (attr["layer"] == layer) & (attr["head"] == h)].iloc[0]
+        assert got["p_answer"] == pytest.approx(float(want[idx].exp()), abs=2e-3), (layer, h)
+        assert got["kl"] == pytest.approx(float(kl_orig_masked(letter_log_probs(z0), want)), rel=1e-2, abs=1e-4)
