@@ -623,14 +623,17 @@ def check_layers_held(n_layers: int, lm_names: Iterable[str], where: str) -> Non
                        "merged LM would load with them freshly initialised")
 
 
-def check_lm_fits_class(model_type: str, text_config: Mapping[str, Any], lm_names: Iterable[str], where: str) -> None:
+def check_lm_fits_class(model_type: str, text_config: Mapping[str, Any], lm_names: Iterable[str], where: str,
+                        layers_held: bool = False) -> None:
     """The LM tensors must be the ones the class a merged LM is written as has: a Qwen2 layer has q/k/v biases, a
     Qwen3 or Gemma 3 layer q/k norms, a Llama or Mistral layer neither (biases only where ``attention_bias`` is set).
     Written as the wrong class, the merged LM loads with those tensors freshly initialised or dropped, and only
     transformers' load report says so: an original-layout LLaVA with a Llama LM (model_type "llava") would be
-    written as Qwen2, its layout's family."""
+    written as Qwen2, its layout's family. ``layers_held``: ``check_layers_held`` has passed on these names and this
+    config's num_hidden_layers already (a salience merge's tables check them first, in words of their own)."""
     names = set(lm_names)
-    if isinstance(n_layers := text_config.get("num_hidden_layers"), int):  # else left to the class (not checked)
+    # else left to the class (not checked)
+    if not layers_held and isinstance(n_layers := text_config.get("num_hidden_layers"), int):
         check_layers_held(n_layers, names, where)
     expected = {"self_attn.q_proj.bias": model_type == "qwen2" or bool(text_config.get("attention_bias", False)),
                 "self_attn.q_norm.weight": model_type in ("qwen3", "gemma3_text")}
