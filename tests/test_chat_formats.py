@@ -142,13 +142,15 @@ def test_smolvlm_reads_the_spaced_letter_with_smollm2s_real_tokenizer():
     assert ids[0] == text[-1] and tok.convert_ids_to_tokens(ids) == ["ĠA", "ĠB", "ĠC", "ĠD"]
 
 
-def _llama_row_model(tok: PreTrainedTokenizerFast) -> SimpleNamespace:
-    """A stand-in for a loaded model of the ``llama`` row (what render_prompt, answer_token_ids and turn_end_id
-    read): SmolLM2 and Vicuna-1.5 are both model_type llama."""
+def _llama_row_model(tok: PreTrainedTokenizerFast, family: str = "llama", config: dict | None = None
+                     ) -> SimpleNamespace:
+    """A stand-in for a loaded model of the ``llama`` row, or of ``family`` with ``config`` (what render_prompt,
+    answer_token_ids and turn_end_id read): SmolLM2 and Vicuna-1.5 are both model_type llama."""
     from probe.families import FAMILIES
 
-    fam = FAMILIES["llama"]
-    return SimpleNamespace(tokenizer=tok, family=fam, ref=SimpleNamespace(config={}, spec="llama-dir", family=fam),
+    fam = FAMILIES[family]
+    return SimpleNamespace(tokenizer=tok, family=fam,
+                           ref=SimpleNamespace(config=config or {}, spec=f"{family}-dir", family=fam),
                            checked_templates=set(), special_tokens=list(tok.all_special_tokens), answer_ids={})
 
 
@@ -292,3 +294,42 @@ def test_vicuna_keeps_vicunas_format_with_or_without_a_template(template, tmp_pa
                     "text_sep": "", "bos": True, "markup": ()}
     llama2 = _llama_row_model(_saved(_tokenizer("metaspace", specials=("<s>", "</s>")), LLAMA2_TEMPLATE, tmp_path))
     assert planned_chat_format(llama2.ref, llama2.tokenizer)["name"] == "llama2"
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava"])
+@pytest.mark.parametrize("lm", ["llama3", "llama3_1", "vicuna", "mistral"])
+def test_a_llava_on_a_llama_3_lm_is_prompted_in_llama_3s_format(family, lm, tmp_path):
+    """LLaVA-NeXT (llava-hf/llama3-llava-next-8b-hf) and LLaVA (xtuner's llava-llama-3-8b) around Llama-3-Instruct
+    were prompted in Vicuna's "USER: … ASSISTANT:" (the rows' format for a Llama LM, which every tokenizer fits), a
+    format their LM never saw; the turn end of a fine-tuning answer was EOS, not ``<|eot_id|>``. Oracle: the
+    tokenizer's ``apply_chat_template`` with Meta's template, the image placeholder before the text, the answer
+    "B" it writes after the prompt, its turn end. A Vicuna LM (no Llama 3 tokens) keeps Vicuna's format, a Mistral
+    one its row's (LLaVA-NeXT-Mistral's template holds ``[INST]``, Llama 2's mark: not taken)."""
+    from probe.families import FAMILIES
+    from probe.prompting import answer_token_ids, model_chat_format, render_prompt, turn_end_id
+
+    config = {"model_type": family, "text_config": {"model_type": "mistral" if lm == "mistral" else "llama"}}
+    if lm.startswith("llama3"):
+        tok = _saved(_tokenizer("bytelevel", specials=(*LLAMA3_SPECIALS, "<image>"), bos="<|begin_of_text|>",
+                                eos="<|end_of_text|>"), LLAMA3_TEMPLATE if lm == "llama3" else LLAMA31_TEMPLATE,
+                     tmp_path)
+    else:  # Vicuna-1.5's and Mistral's sentencepiece vocabularies: no Llama 3 tokens
+        tok = _saved(_tokenizer("metaspace", specials=("<s>", "</s>", "<image>")),
+                     VICUNA_TEMPLATE if lm == "vicuna" else LLAMA2_TEMPLATE, tmp_path)
+    m = _llama_row_model(tok, family, config)
+    row = {"vicuna": "vicuna", "mistral": dict(FAMILIES[family].chat_by_lm)["mistral"]}  # llava_mistral, mistral
+    assert model_chat_format(m) == row.get(lm, lm)
+    if not lm.startswith("llama3"):
+        return
+    item = make_item(with_image=True, answer="B")
+    t = PromptTemplate()
+    user = t.user.format(question=item.question, choices="".join(
+        t.choice.format(letter=l, option=o) for l, o in zip(item.letters, item.options)))
+    messages = [{"role": "system", "content": t.system}, {"role": "user", "content": "<image>\n" + user}]
+    theirs = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    answered = tok.encode(tok.apply_chat_template(messages + [{"role": "assistant", "content": "B"}], tokenize=False),
+                          add_special_tokens=False)
+    assert render_prompt(m, item, t).text == theirs
+    n = len(tok.encode(theirs, add_special_tokens=False))
+    assert answer_token_ids(m, item.letters)[item.letters.index("B")] == answered[n]
+    assert turn_end_id(m) == answered[-1] == tok.convert_tokens_to_ids("<|eot_id|>")
