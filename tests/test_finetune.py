@@ -615,17 +615,14 @@ def test_two_processes_on_gloo_equal_one(how, ft_run, tiny_dirs, data_dir, text_
 def _torchrun(script: list[str], argv: list[str], timeout: int = 300, processes: int = 2):
     """``python -m torch.distributed.run --nproc-per-node PROCESSES`` of ``script`` with ``argv`` (gloo on the CPU)."""
     import os
-    import subprocess
-    import sys
     import tempfile
 
-    from conftest import REPO
+    from conftest import REPO, torchrun
 
     # TMPDIR: torchrun leaves a log dir (torchelastic_*) in the temp dir at every launch, some 20 a suite run
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TMPDIR=tmp)
-        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
-                               *script, *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        return torchrun([*script, *argv], processes, env, timeout)
 
 
 # torchrun runs this for a run killed (KeyboardInterrupt on every rank) right after update int(sys.argv[1])
