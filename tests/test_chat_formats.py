@@ -333,3 +333,41 @@ def test_a_llava_on_a_llama_3_lm_is_prompted_in_llama_3s_format(family, lm, tmp_
     n = len(tok.encode(theirs, add_special_tokens=False))
     assert answer_token_ids(m, item.letters)[item.letters.index("B")] == answered[n]
     assert turn_end_id(m) == answered[-1] == tok.convert_tokens_to_ids("<|eot_id|>")
+
+
+def test_generation_stops_at_llama_3s_turn_end_that_its_generation_config_lacks(tmp_path):
+    """Llama-3-Instruct's first generation_config listed only <|end_of_text|> as EOS (its answer ends with
+    <|eot_id|>): generation ran past the end of the turn into text the model writes after it, which the parser then
+    read. Oracle: a 1-layer Llama whose layers add nothing (zero weights) and whose embedding and head make each
+    token's successor fixed (prompt → "A" → <|eot_id|> → "B" → "C" …): the generated ids are the chain up to the
+    first <|eot_id|>, and no further."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from probe.models import load_model, resolve_model
+    from probe.sweep import SweepConfig, first_token_measure
+
+    tok = _saved(_tokenizer("bytelevel", specials=LLAMA3_SPECIALS, bos="<|begin_of_text|>", eos="<|end_of_text|>"),
+                 LLAMA3_TEMPLATE, tmp_path)
+    ids = tok.convert_tokens_to_ids
+    n = len(tok)
+    cfg = LlamaConfig(vocab_size=n, hidden_size=n, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
+                      num_key_value_heads=1, head_dim=n, max_position_embeddings=64, tie_word_embeddings=False,
+                      bos_token_id=ids("<|begin_of_text|>"), eos_token_id=ids("<|end_of_text|>"))
+    model = LlamaForCausalLM(cfg)
+    chain = [ids("Answer"), ids("A"), ids("<|eot_id|>"), ids("B"), ids("C"), ids("D")]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.model.embed_tokens.weight.copy_(torch.eye(n))  # token i's residual: the unit vector e_i
+        model.model.norm.weight.fill_(1.0)
+        for a, b in zip(chain, chain[1:]):
+            model.lm_head.weight[b, a] = 1.0
+    model.generation_config.eos_token_id = ids("<|end_of_text|>")  # as Llama-3-8B-Instruct's first release
+    model.save_pretrained(tmp_path)
+    loaded = load_model(resolve_model(str(tmp_path)), device="cpu")
+    assert ids("<|eot_id|>") in loaded.eos_token_ids
+    inputs = {"input_ids": torch.tensor([[ids("<|begin_of_text|>"), chain[0]]]),
+              "attention_mask": torch.ones(1, 2, dtype=torch.long)}
+    m = first_token_measure(loaded, inputs, [ids("A"), ids("B")], SweepConfig(max_new_tokens=5))
+    assert m.response == "A"  # "A", then <|eot_id|> (skipped as special); " B C D" followed without the stop
