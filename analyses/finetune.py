@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from probe.errors import (ArgParser, BadInput, RunStopped, check_counts, check_out_apart, check_out_path, cli_main,
-                          input_in_out, make_out_dir, out_dir, parse_options, releases_claims)
+                          make_out_dir, out_dir, parse_options, releases_claims)
 
 if TYPE_CHECKING:  # annotations only: the command imports torch and the model code when it runs
     from probe.devices import Placement
@@ -449,23 +449,13 @@ def restore_whole_model(source: Path, saved: Path, part_config: Any) -> None:
                                 indent=2) + "\n", encoding="utf-8")
 
 
-def refuse_input_in_out(out: Path, inputs: Sequence[Path]) -> None:
-    """--overwrite of an ``out`` that is or holds one of ``inputs`` (the model tuned, a data set): refused."""
-    if hit := input_in_out(out, [(str(p), p) for p in inputs]):
-        raise BadInput(f"--out {out} holds the input {hit[1]}; --overwrite would delete it, pick another --out")
-
-
 def clear_run(out: Path, cpu: bool) -> None:
     """``--overwrite``: delete the fine-tuning run in ``out`` (its checkpoints, partial ones, log and run.json) and
-    nothing else there (``check_previous_run`` has refused an ``out`` holding an input). ``cpu``: whether the run
-    trains on the CPU (``probe.train.wait_for_everyone``)."""
-    from probe.devices import rank_world
-    from probe.results import lock_out_dir
+    nothing else there (``check_out_apart`` has refused an ``out`` holding an input). The caller holds ``out``'s
+    lock (``run_finetune``, before the model loads). ``cpu``: whether the run trains on the CPU
+    (``probe.train.wait_for_everyone``)."""
     from probe.train import is_main_process, wait_for_everyone
 
-    # held first (by every rank, together): a run still training here is refused before its checkpoints, log and
-    # run.json are deleted; it was refused only at claim_out_dir, after, and went on writing into the emptied dir
-    lock_out_dir(out, shared=rank_world()[1] > 1)
     # under torchrun every rank has looked at the out dir (has_contents, run.json) before rank 0 clears it: a rank
     # that looked after found it empty, skipped this function and its barrier, and the ranks' barriers went out of
     # step (a hang), or it read a run.json being deleted
@@ -691,11 +681,12 @@ def run_sessions(cfg: FinetuneConfig, saved: Any, start: int | None, world: int)
                     "gradient_checkpointing": cfg.gradient_checkpointing, "processes": world, "fsdp": cfg.fsdp}]
 
 
-def check_previous_run(cfg: FinetuneConfig, fingerprint: dict[str, Any], inputs: Sequence[Path]) -> bool:
-    """A non-empty --out must hold this very run (resumed) or be one --overwrite may clear (never the model's or a
-    data set's files: ``inputs``); anything else is refused. True: the run there is to be cleared (``clear_run``),
-    once every check has passed: cleared here, a rerun refused later (rates that freeze every weight, a training
-    state that does not fit) exited 2 with the previous run deleted and nothing in its place."""
+def check_previous_run(cfg: FinetuneConfig, fingerprint: dict[str, Any]) -> bool:
+    """A non-empty --out must hold this very run (resumed) or be one --overwrite may clear (one holding the model or
+    a data set was refused before, by ``check_out_apart``, --overwrite or not); anything else is refused. True: the
+    run there is to be cleared (``clear_run``), once every check has passed: cleared here, a rerun refused later
+    (rates that freeze every weight, a training state that does not fit) exited 2 with the previous run deleted and
+    nothing in its place."""
     from probe.results import different_run, has_contents, read_run_json
 
     out = cfg.out
@@ -706,7 +697,6 @@ def check_previous_run(cfg: FinetuneConfig, fingerprint: dict[str, Any], inputs:
     except (KeyError, TypeError):  # TypeError: missing or unreadable (None), or JSON but no object ([1])
         raise BadInput(f"--out {out} is not empty and holds no fine-tuning run.json") from None
     if cfg.overwrite:
-        refuse_input_in_out(out, inputs)
         return True
     if previous != fingerprint:
         raise different_run(out, previous, fingerprint)
@@ -777,8 +767,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         process_state(on_cpu)
         check_same_run_on_every_rank(fingerprint)
     out = cfg.out
-    inputs = [ref.path, *map(Path, cfg.data.values())]
-    clear = check_previous_run(cfg, fingerprint, inputs)
+    clear = check_previous_run(cfg, fingerprint)
     start, resumable = (None, {}) if clear else resume_point(out, cfg)  # --overwrite: a run from the start
     if start == cfg.steps and (out / "train_log.csv").is_file():
         saved = read_run_json(out)  # an object: check_previous_run has vouched for it
@@ -806,7 +795,10 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
                           resumable[start] / "adapter" if start is not None and cfg.lora is not None else None)
     resume = (read_state(resumable[start] / STATE, state_location(world, cfg.fsdp, placement.device), start)
               if start else None)
-    if clear:  # held from here, so a command running in --out is refused in one line; cleared once the rows are built
+    # held from here (by every rank, together), so a command running in --out is refused in one line before its
+    # checkpoints, log and run.json are deleted (refused only at claim_out_dir, after, it went on writing into the
+    # emptied dir); cleared once the rows are built
+    if clear:
         lock_out_dir(out, shared=world > 1)
     print(placement.description, file=sys.stderr)  # after the last check: a refusal stays one line
     from probe.mmmu import EVALUATION_SPLITS

@@ -602,7 +602,9 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
             lm_type = causal_lm_type(ref.family, ref.text_config)
         except BadInput as exc:
             raise BadInput(f"{names[0]} ({ref.path}): {exc}") from None
-        check_lm_fits_class(lm_type, ref.text_config, [p.canon for p in al.tensors], f"{names[0]} ({ref.path})")
+        # a salience merge's tables checked the base's layers (load_salience), over ref's config and these names
+        check_lm_fits_class(lm_type, ref.text_config, [p.canon for p in al.tensors], f"{names[0]} ({ref.path})",
+                            layers_held=salience is not None)
         asked = OUT_DTYPES[cfg.dtype] if cfg.dtype else None  # DESIGN §5: the input dtype unless asked
         entries = [Entry(lm_disk_key(p.canon), asked or p.ref.dtype, p.ref.shape) for p in al.tensors]
         embed = next(p for p in al.tensors if p.canon == "embed_tokens.weight")

@@ -56,14 +56,21 @@ def layer_shapes(i: int) -> dict[str, tuple[int, ...]]:
             p + "input_layernorm.weight": (HIDDEN,), p + "post_attention_layernorm.weight": (HIDDEN,)}
 
 
+def numel(shapes: dict[str, tuple[int, ...]]) -> int:
+    return sum(math.prod(s) for s in shapes.values())
+
+
+# outside the layers: embedding, final norm, untied head
+FIXED_SHAPES = {"model.embed_tokens.weight": (VOCAB, HIDDEN), "model.norm.weight": (HIDDEN,),
+                "lm_head.weight": (VOCAB, HIDDEN)}
+
+
 def model_shapes(params_m: int) -> dict[str, tuple[int, ...]]:
     """Tensor shapes of a synthetic Qwen2 of about ``params_m`` million parameters: the layer count comes from the
     layer's own size (an estimate of 12.9M a layer, against its real 11.3M, gave 144M for the default 160)."""
-    shapes = {"model.embed_tokens.weight": (VOCAB, HIDDEN), "model.norm.weight": (HIDDEN,),
-              "lm_head.weight": (VOCAB, HIDDEN)}
-    fixed = sum(math.prod(s) for s in shapes.values())
-    per_layer = sum(math.prod(s) for s in layer_shapes(0).values())
-    for i in range(max(1, round((params_m * 1e6 - fixed) / per_layer))):
+    shapes = dict(FIXED_SHAPES)
+    per_layer = numel(layer_shapes(0))
+    for i in range(max(1, round((params_m * 1e6 - numel(FIXED_SHAPES)) / per_layer))):
         shapes.update(layer_shapes(i))
     return shapes
 
@@ -71,8 +78,7 @@ def model_shapes(params_m: int) -> dict[str, tuple[int, ...]]:
 def smallest_params_m() -> int:
     """The least --params-m whose checkpoint is within half a layer of it: below, model_shapes still writes one
     layer, and the report's "synthetic N M" named a smaller model than the one measured (20 for 77M)."""
-    fixed = sum(math.prod(s) for s in model_shapes(1).values()) - sum(math.prod(s) for s in layer_shapes(0).values())
-    return math.ceil((fixed + sum(math.prod(s) for s in layer_shapes(0).values()) / 2) / 1e6)
+    return math.ceil((numel(FIXED_SHAPES) + numel(layer_shapes(0)) / 2) / 1e6)
 
 
 def synthetic_config(params_m: int) -> tuple[Any, dict[str, tuple[int, ...]]]:

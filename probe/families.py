@@ -65,6 +65,10 @@ class Family:
     # Llama 3 its header tokens (3.1 also a template with knowledge-date lines), Llama-2-chat has an [INST] chat
     # template, Vicuna-1.5 none of these
     chat_fallbacks: tuple[str, ...] = ()
+    # the chat formats, in order, taken before ``chat`` / ``chat_by_lm`` where the model's tokenizer fits them: a
+    # LLaVA around Llama-3-Instruct (its header tokens; 3.1's template mark) is config-wise a LLaVA on a Llama LM,
+    # whose row format (Vicuna's, which any tokenizer fits) it never saw
+    chat_by_tokenizer: tuple[str, ...] = ()
     # Module-name pieces of the projector between vision tower and LM (Qwen2-VL's merger, LLaVA's projector and
     # its row newline): staged recipes train it on its own rate (probe.train.param_groups).
     projector_markers: tuple[str, ...] = ("visual.merger.", "multi_modal_projector.", "image_newline")
@@ -290,6 +294,7 @@ FAMILIES: dict[str, Family] = {
             video_placeholder=None,
             processor_kwargs=_LLAVA_PROCESSOR,
             chat="vicuna", chat_by_lm=(("mistral", "mistral"),),
+            chat_by_tokenizer=("llama3_1", "llama3"),  # Llama 2's [INST] mark is in LLaVA-NeXT-Mistral's template
             hub_examples=("llava-hf/llava-1.5-7b-hf",),
         ),
         Family(
@@ -306,6 +311,7 @@ FAMILIES: dict[str, Family] = {
             video_placeholder=None,
             processor_kwargs=_LLAVA_PROCESSOR,
             chat="vicuna", chat_by_lm=(("mistral", "llava_mistral"),),
+            chat_by_tokenizer=("llama3_1", "llama3"),  # Llama 2's [INST] mark is in LLaVA-NeXT-Mistral's template
             hub_examples=("llava-hf/llava-v1.6-mistral-7b-hf", "llava-hf/llava-v1.6-vicuna-7b-hf"),
         ),
         Family(
@@ -576,7 +582,8 @@ def supported_families_markdown() -> str:
         aliases = [a.alias for a in ALIASES.values() if a.family == fam.name and not a.source.startswith("organism:")]
         types = ", ".join(f"`{t}`" for t in fam.model_types)
         note = f" ({fam.note})" if fam.note else ""
-        chat = fam.chat + "".join(f" ({lm}: {c})" for lm, c in fam.chat_by_lm) + (
+        chat = (f"the first its tokenizer fits of {', '.join(fam.chat_by_tokenizer)}, else "
+                if fam.chat_by_tokenizer else "") + fam.chat + "".join(f" ({lm}: {c})" for lm, c in fam.chat_by_lm) + (
             f", else the first its tokenizer fits of {', '.join(fam.chat_fallbacks)}"
             if fam.chat_fallbacks else "")
         lines.append(f"| {types} | `{fam.name}`{note} | `{fam.model_class}` | {', '.join(fam.modalities)} | {chat} | "
@@ -623,14 +630,17 @@ def check_layers_held(n_layers: int, lm_names: Iterable[str], where: str) -> Non
                        "merged LM would load with them freshly initialised")
 
 
-def check_lm_fits_class(model_type: str, text_config: Mapping[str, Any], lm_names: Iterable[str], where: str) -> None:
+def check_lm_fits_class(model_type: str, text_config: Mapping[str, Any], lm_names: Iterable[str], where: str,
+                        layers_held: bool = False) -> None:
     """The LM tensors must be the ones the class a merged LM is written as has: a Qwen2 layer has q/k/v biases, a
     Qwen3 or Gemma 3 layer q/k norms, a Llama or Mistral layer neither (biases only where ``attention_bias`` is set).
     Written as the wrong class, the merged LM loads with those tensors freshly initialised or dropped, and only
     transformers' load report says so: an original-layout LLaVA with a Llama LM (model_type "llava") would be
-    written as Qwen2, its layout's family."""
+    written as Qwen2, its layout's family. ``layers_held``: ``check_layers_held`` has passed on these names and this
+    config's num_hidden_layers already (a salience merge's tables check them first, in words of their own)."""
     names = set(lm_names)
-    if isinstance(n_layers := text_config.get("num_hidden_layers"), int):  # else left to the class (not checked)
+    # else left to the class (not checked)
+    if not layers_held and isinstance(n_layers := text_config.get("num_hidden_layers"), int):
         check_layers_held(n_layers, names, where)
     expected = {"self_attn.q_proj.bias": model_type == "qwen2" or bool(text_config.get("attention_bias", False)),
                 "self_attn.q_norm.weight": model_type in ("qwen3", "gemma3_text")}

@@ -619,11 +619,18 @@ class LoadedModel:
 
     @cached_property
     def eos_token_ids(self) -> set[int]:
-        """Every id that ends generation: the generation config's (int or list) and the tokenizer's."""
+        """Every id that ends generation: the generation config's (int or list), the tokenizer's, and the end of the
+        assistant turn in the model's chat format where its vocabulary holds that token (Llama-3-Instruct's first
+        generation config listed only <|end_of_text|>: its answers ran past <|eot_id|> into the next turn)."""
+        from probe.prompting import CHAT_FORMATS, holds_tokens, model_chat_format
+
         ids = self.model.generation_config.eos_token_id
         out = set(ids if isinstance(ids, (list, tuple)) else [] if ids is None else [ids])
         if self.tokenizer.eos_token_id is not None:
             out.add(self.tokenizer.eos_token_id)
+        end = CHAT_FORMATS[model_chat_format(self)].end
+        if end is not None and holds_tokens(self.tokenizer, [end]):
+            out.add(self.tokenizer.convert_tokens_to_ids(end))
         return out
 
     def o_proj(self, layer: int) -> nn.Linear:

@@ -178,15 +178,16 @@ def tokenizer_fits(fmt: ChatFormat, tokenizer: Any) -> bool:
 
 def tokenizer_chat_format(family: Family, config: Mapping[str, Any], tokenizer: Any) -> str:
     """The ``CHAT_FORMATS`` key of a model of ``family`` and ``config`` read by ``tokenizer``: its row's for its LM
-    type (``probe.lm_config.chat_format``) where the row has no ``chat_fallbacks``; else the first of that format
-    and the fallbacks the tokenizer fits (``tokenizer_fits``), the last fallback where none does. The ``llama`` row:
-    SmolLM2 holds ChatML's tokens, Llama 3 its header tokens (3.1's template writes knowledge-date lines), a
-    Llama-2-chat tokenizer has an ``[INST]`` template,
-    and Vicuna-1.5's Llama-2 vocabulary has none of these (it would read ``<|im_start|>`` as ``<``, ``|``, …)."""
+    type (``probe.lm_config.chat_format``) where the row has no ``chat_by_tokenizer`` nor ``chat_fallbacks``; else
+    the first of those formats, that one and the fallbacks the tokenizer fits (``tokenizer_fits``), the last where
+    none does. The ``llama`` row: SmolLM2 holds ChatML's tokens, Llama 3 its header tokens (3.1's template writes
+    knowledge-date lines), a Llama-2-chat tokenizer has an ``[INST]`` template, and Vicuna-1.5's Llama-2 vocabulary
+    has none of these (it would read ``<|im_start|>`` as ``<``, ``|``, …). The LLaVA rows: a Llama 3 LM's tokenizer
+    holds its header tokens, a Vicuna or Mistral LM's keeps the row's format."""
     name = chat_format(family, config)
-    if not family.chat_fallbacks:
+    candidates = (*family.chat_by_tokenizer, name, *family.chat_fallbacks)
+    if len(candidates) == 1:
         return name
-    candidates = (name, *family.chat_fallbacks)
     return next((c for c in candidates if tokenizer_fits(CHAT_FORMATS[c], tokenizer)), candidates[-1])
 
 

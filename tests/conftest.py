@@ -347,6 +347,18 @@ def cli_env() -> dict[str, str]:
     return env
 
 
+def torchrun(args: Sequence[str], processes: int = 2, env: dict[str, str] | None = None, timeout: float = 300
+             ) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --standalone --nproc-per-node PROCESSES ARGS`` in the repository, its output
+    captured: every test's launch goes through here. ``--standalone``: the launcher binds port 0 for its rendezvous
+    (localhost:0), a free port of its own; a plain launch took the fixed 29500 on the torch releases before its
+    single-node default changed (pytorch PR 175699, 2026; pyproject allows torch 2.6), so two suites, or two xdist
+    workers, launching at once collided ("address already in use")."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                           str(processes), *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
 def killed_after_first_part(module: str, args: Sequence, setup: str = "", timeout: float = 300) -> None:
     """``python -m MODULE ARGS`` as a real process, killed by SIGKILL (as the kernel's out-of-memory killer kills: no
     handler runs, nothing is flushed) right after its first part (parts/*.parquet) is on disk. The process waits

@@ -570,6 +570,23 @@ def test_weights_of_a_layer_past_the_configs_depth_are_refused_before_anything_i
     assert not out.exists() and not list(tmp_path.glob(".m.*"))
 
 
+def test_a_salience_merge_checks_the_layers_held_once(zoo, runs, tmp_path, monkeypatch):
+    """probe.families.check_layers_held ran twice over the base's LM names in a salience merge: once for the salience
+    tables (SalienceWeights.check_tensors, whose words the test above pins) and again for the class the merged LM is
+    written as (check_lm_fits_class), over the same config and names. Oracle: the calls counted, with their names."""
+    import probe.families
+    from analyses import salience
+
+    calls = []
+    real = probe.families.check_layers_held
+    count = lambda n, names, where: calls.append(where) or real(n, names, where)  # noqa: E731
+    monkeypatch.setattr(probe.families, "check_layers_held", count)
+    monkeypatch.setattr(salience, "check_layers_held", count)
+    assert run(merge.main, "--base", zoo["base"], "--models", zoo["vl"], zoo["ov"], "--method", "salience",
+               "--salience", *runs["dirs"][:2], "--quiet", "--out", tmp_path / "m") == 0
+    assert calls == [f"--base {zoo['base']}"], calls
+
+
 def _merged_warnings(zoo, dirs, out, capfd) -> list[str]:
     """A salience merge of vl and ov by the runs ``dirs`` into ``out`` (it must succeed): its stderr lines."""
     capfd.readouterr()

@@ -142,13 +142,15 @@ def test_smolvlm_reads_the_spaced_letter_with_smollm2s_real_tokenizer():
     assert ids[0] == text[-1] and tok.convert_ids_to_tokens(ids) == ["ĠA", "ĠB", "ĠC", "ĠD"]
 
 
-def _llama_row_model(tok: PreTrainedTokenizerFast) -> SimpleNamespace:
-    """A stand-in for a loaded model of the ``llama`` row (what render_prompt, answer_token_ids and turn_end_id
-    read): SmolLM2 and Vicuna-1.5 are both model_type llama."""
+def _llama_row_model(tok: PreTrainedTokenizerFast, family: str = "llama", config: dict | None = None
+                     ) -> SimpleNamespace:
+    """A stand-in for a loaded model of the ``llama`` row, or of ``family`` with ``config`` (what render_prompt,
+    answer_token_ids and turn_end_id read): SmolLM2 and Vicuna-1.5 are both model_type llama."""
     from probe.families import FAMILIES
 
-    fam = FAMILIES["llama"]
-    return SimpleNamespace(tokenizer=tok, family=fam, ref=SimpleNamespace(config={}, spec="llama-dir", family=fam),
+    fam = FAMILIES[family]
+    return SimpleNamespace(tokenizer=tok, family=fam,
+                           ref=SimpleNamespace(config=config or {}, spec=f"{family}-dir", family=fam),
                            checked_templates=set(), special_tokens=list(tok.all_special_tokens), answer_ids={})
 
 
@@ -292,3 +294,80 @@ def test_vicuna_keeps_vicunas_format_with_or_without_a_template(template, tmp_pa
                     "text_sep": "", "bos": True, "markup": ()}
     llama2 = _llama_row_model(_saved(_tokenizer("metaspace", specials=("<s>", "</s>")), LLAMA2_TEMPLATE, tmp_path))
     assert planned_chat_format(llama2.ref, llama2.tokenizer)["name"] == "llama2"
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava"])
+@pytest.mark.parametrize("lm", ["llama3", "llama3_1", "vicuna", "mistral"])
+def test_a_llava_on_a_llama_3_lm_is_prompted_in_llama_3s_format(family, lm, tmp_path):
+    """LLaVA-NeXT (llava-hf/llama3-llava-next-8b-hf) and LLaVA (xtuner's llava-llama-3-8b) around Llama-3-Instruct
+    were prompted in Vicuna's "USER: … ASSISTANT:" (the rows' format for a Llama LM, which every tokenizer fits), a
+    format their LM never saw; the turn end of a fine-tuning answer was EOS, not ``<|eot_id|>``. Oracle: the
+    tokenizer's ``apply_chat_template`` with Meta's template, the image placeholder before the text, the answer
+    "B" it writes after the prompt, its turn end. A Vicuna LM (no Llama 3 tokens) keeps Vicuna's format, a Mistral
+    one its row's (LLaVA-NeXT-Mistral's template holds ``[INST]``, Llama 2's mark: not taken)."""
+    from probe.families import FAMILIES
+    from probe.prompting import answer_token_ids, model_chat_format, render_prompt, turn_end_id
+
+    config = {"model_type": family, "text_config": {"model_type": "mistral" if lm == "mistral" else "llama"}}
+    if lm.startswith("llama3"):
+        tok = _saved(_tokenizer("bytelevel", specials=(*LLAMA3_SPECIALS, "<image>"), bos="<|begin_of_text|>",
+                                eos="<|end_of_text|>"), LLAMA3_TEMPLATE if lm == "llama3" else LLAMA31_TEMPLATE,
+                     tmp_path)
+    else:  # Vicuna-1.5's and Mistral's sentencepiece vocabularies: no Llama 3 tokens
+        tok = _saved(_tokenizer("metaspace", specials=("<s>", "</s>", "<image>")),
+                     VICUNA_TEMPLATE if lm == "vicuna" else LLAMA2_TEMPLATE, tmp_path)
+    m = _llama_row_model(tok, family, config)
+    row = {"vicuna": "vicuna", "mistral": dict(FAMILIES[family].chat_by_lm)["mistral"]}  # llava_mistral, mistral
+    assert model_chat_format(m) == row.get(lm, lm)
+    if not lm.startswith("llama3"):
+        return
+    item = make_item(with_image=True, answer="B")
+    t = PromptTemplate()
+    user = t.user.format(question=item.question, choices="".join(
+        t.choice.format(letter=l, option=o) for l, o in zip(item.letters, item.options)))
+    messages = [{"role": "system", "content": t.system}, {"role": "user", "content": "<image>\n" + user}]
+    theirs = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    answered = tok.encode(tok.apply_chat_template(messages + [{"role": "assistant", "content": "B"}], tokenize=False),
+                          add_special_tokens=False)
+    assert render_prompt(m, item, t).text == theirs
+    n = len(tok.encode(theirs, add_special_tokens=False))
+    assert answer_token_ids(m, item.letters)[item.letters.index("B")] == answered[n]
+    assert turn_end_id(m) == answered[-1] == tok.convert_tokens_to_ids("<|eot_id|>")
+
+
+def test_generation_stops_at_llama_3s_turn_end_that_its_generation_config_lacks(tmp_path):
+    """Llama-3-Instruct's first generation_config listed only <|end_of_text|> as EOS (its answer ends with
+    <|eot_id|>): generation ran past the end of the turn into text the model writes after it, which the parser then
+    read. Oracle: a 1-layer Llama whose layers add nothing (zero weights) and whose embedding and head make each
+    token's successor fixed (prompt → "A" → <|eot_id|> → "B" → "C" …): the generated ids are the chain up to the
+    first <|eot_id|>, and no further."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from probe.models import load_model, resolve_model
+    from probe.sweep import SweepConfig, first_token_measure
+
+    tok = _saved(_tokenizer("bytelevel", specials=LLAMA3_SPECIALS, bos="<|begin_of_text|>", eos="<|end_of_text|>"),
+                 LLAMA3_TEMPLATE, tmp_path)
+    ids = tok.convert_tokens_to_ids
+    n = len(tok)
+    cfg = LlamaConfig(vocab_size=n, hidden_size=n, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
+                      num_key_value_heads=1, head_dim=n, max_position_embeddings=64, tie_word_embeddings=False,
+                      bos_token_id=ids("<|begin_of_text|>"), eos_token_id=ids("<|end_of_text|>"))
+    model = LlamaForCausalLM(cfg)
+    chain = [ids("Answer"), ids("A"), ids("<|eot_id|>"), ids("B"), ids("C"), ids("D")]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.model.embed_tokens.weight.copy_(torch.eye(n))  # token i's residual: the unit vector e_i
+        model.model.norm.weight.fill_(1.0)
+        for a, b in zip(chain, chain[1:]):
+            model.lm_head.weight[b, a] = 1.0
+    model.generation_config.eos_token_id = ids("<|end_of_text|>")  # as Llama-3-8B-Instruct's first release
+    model.save_pretrained(tmp_path)
+    loaded = load_model(resolve_model(str(tmp_path)), device="cpu")
+    assert ids("<|eot_id|>") in loaded.eos_token_ids
+    inputs = {"input_ids": torch.tensor([[ids("<|begin_of_text|>"), chain[0]]]),
+              "attention_mask": torch.ones(1, 2, dtype=torch.long)}
+    m = first_token_measure(loaded, inputs, [ids("A"), ids("B")], SweepConfig(max_new_tokens=5))
+    assert m.response == "A"  # "A", then <|eot_id|> (skipped as special); " B C D" followed without the stop

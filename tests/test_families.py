@@ -1237,7 +1237,7 @@ def test_chat_formats_follow_the_row_and_the_lm():
         text = render_chat(t, item, "", fmt, "<s>" if bos else "")
         assert text.endswith(ends[fmt]) and t.system in text and "A. red\n" in text, fam.name
         assert text.startswith("<s>") == bos and bos == (fmt not in ("chatml", "qwen3_nothink")), fam.name
-        assert set(fam.chat_fallbacks) <= set(CHAT_FORMATS)
+        assert set(fam.chat_fallbacks) | set(fam.chat_by_tokenizer) <= set(CHAT_FORMATS)
 
 
 @pytest.mark.parametrize("family", NEW)
@@ -1543,6 +1543,9 @@ def test_a_trained_answer_ends_with_the_chat_formats_turn_end():
         def convert_tokens_to_ids(self, text: str) -> int | None:
             return self.vocab.get(text, self.unk_token_id)
 
+        def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:  # a known token is one id
+            return [self.convert_tokens_to_ids(text)]
+
     def end(family: str, vocab: dict[str, int], eos: str | None, config: dict | None = None) -> int:
         ref = SimpleNamespace(family=FAMILIES[family], config=config or {}, spec=family)
         return turn_end_id(SimpleNamespace(tokenizer=Tok({"<unk>": 0} | vocab, eos), family=FAMILIES[family], ref=ref))
@@ -1551,6 +1554,9 @@ def test_a_trained_answer_ends_with_the_chat_formats_turn_end():
     assert end("gemma3", gemma, "<eos>") == 106  # was <|im_end|> → <unk> (0)
     assert end("mistral", {"</s>": 2}, "</s>") == 2
     assert end("llava", {"</s>": 2}, "</s>") == 2  # Vicuna's turn ends with EOS
+    llama3 = {"<|start_header_id|>": 128006, "<|end_header_id|>": 128007, "<|eot_id|>": 128009,
+              "<|end_of_text|>": 128001}
+    assert end("llava_next", llama3, "<|end_of_text|>") == 128009  # LLaVA-NeXT on Llama 3: its turn end, not EOS
     assert end("idefics3", {"<end_of_utterance>": 49279, "<|endoftext|>": 0}, "<|endoftext|>") == 49279
     assert end("qwen2", {"<|im_end|>": 151645, "<|endoftext|>": 151643}, "<|endoftext|>") == 151645
     assert end("gemma3", {"<eos>": 1}, "<eos>") == 1  # a vocabulary without the turn token: its EOS

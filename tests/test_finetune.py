@@ -616,17 +616,14 @@ def test_two_processes_on_gloo_equal_one(how, ft_run, tiny_dirs, data_dir, text_
 def _torchrun(script: list[str], argv: list[str], timeout: int = 300, processes: int = 2):
     """``python -m torch.distributed.run --nproc-per-node PROCESSES`` of ``script`` with ``argv`` (gloo on the CPU)."""
     import os
-    import subprocess
-    import sys
     import tempfile
 
-    from conftest import REPO
+    from conftest import REPO, torchrun
 
     # TMPDIR: torchrun leaves a log dir (torchelastic_*) in the temp dir at every launch, some 20 a suite run
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TMPDIR=tmp)
-        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
-                               *script, *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        return torchrun([*script, *argv], processes, env, timeout)
 
 
 # torchrun runs this for a run killed (KeyboardInterrupt on every rank) right after update int(sys.argv[1])
@@ -2865,3 +2862,21 @@ def test_training_split_over_gpus_is_checked_per_gpu_before_a_weight_loads(tmp_p
     err = capfd.readouterr().err.strip()
     assert err.startswith("error: organism-base: fine-tuning it split over 2 devices") and "\n" not in err
     assert not out.exists()
+
+
+def test_overwrite_of_the_working_dir_with_the_hub_mmmu_is_not_refused(ft_run, tiny_dirs, data_dir, text_dir,
+                                                                        tmp_path, capfd, monkeypatch):
+    """--data image=mmmu names the hub's set, not a folder: --overwrite --out . was refused ("holds the input
+    <cwd>/mmmu"), the alias read as a path below the working dir. Oracle: the run is replaced, as for any --out."""
+    import probe.hub
+    from analyses.finetune import main
+
+    out = shutil.copytree(ft_run, tmp_path / "run")
+    monkeypatch.chdir(out)
+    monkeypatch.setattr(probe.hub, "hub_snapshot", lambda *a, **k: data_dir)  # the hub's snapshot, offline
+    argv = [a if a != f"image={data_dir}" else "image=mmmu" for a in _args(tiny_dirs, data_dir, text_dir, Path("."))]
+    argv[argv.index("--steps") + 1] = "4"  # another run: only --overwrite may replace it
+    capfd.readouterr()
+    assert cli_main(main, [*argv, "--overwrite", "--quiet"]) == 0, capfd.readouterr().err
+    assert [int(r["step"]) for r in _log(out)] == [1, 2, 3, 4]
+    assert json.loads((out / "run.json").read_text())["config"]["data"]["image"] == "mmmu"

@@ -9,7 +9,7 @@ import sys
 import pandas as pd
 import pytest
 
-from conftest import REPO, lock_held_elsewhere
+from conftest import REPO, lock_held_elsewhere, torchrun
 
 
 def _run(args: list[str], env_extra: dict[str, str]) -> subprocess.CompletedProcess:
@@ -305,8 +305,7 @@ def test_sweep_evaluate_and_finetune_from_python_under_torchrun(tmp_path):
     script = tmp_path / "from_python.py"
     script.write_text(FROM_PYTHON_UNDER_TORCHRUN)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TMPDIR=str(tmp_path))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script),
-                        str(tmp_path / "out")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    r = torchrun([script, tmp_path / "out"], env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     said = sorted(line for line in r.stdout.splitlines() if line.startswith("rank "))
     assert said == ["rank 0: HeadSweep True EvalRun True FinetuneRun [0, 2]",
@@ -463,13 +462,11 @@ def test_ranks_launched_with_other_options_all_stop_under_torchrun(tmp_path):
     """A real torchrun launch (2 CPU processes) whose ranks are given another --limit (probe.heads, exchanged through
     torchrun's store) and another --lr (analyses.finetune, over its gloo group): before, each rank ran its share of
     its own run and both wrote run.json; now each rank, having seen the other's fingerprint, stops with the same line
-    naming the option, and nothing is written. --standalone: a free port, not 29500, which another launch may hold."""
+    naming the option, and nothing is written."""
     script = tmp_path / "ranks_differ.py"
     script.write_text(RANKS_DIFFER_UNDER_TORCHRUN, encoding="utf-8")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TMPDIR=str(tmp_path))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        str(script), str(tmp_path / "out"), str(tmp_path)], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=600)
+    r = torchrun([script, tmp_path / "out", tmp_path], env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     said = sorted(line for rank in (0, 1)
                   for line in (tmp_path / f"said-{rank}.txt").read_text(encoding="utf-8").splitlines())
@@ -477,3 +474,25 @@ def test_ranks_launched_with_other_options_all_stop_under_torchrun(tmp_path):
     ft = "rank 1's lr 0.0001 differs from rank 0's 0.001: every rank must run the same command"
     assert said == [f"rank 0 finetune: {ft}", f"rank 0 heads: {heads}", "rank 0 wrote: []",
                     f"rank 1 finetune: {ft}", f"rank 1 heads: {heads}", "rank 1 wrote: []"], r.stdout
+
+
+def test_every_torchrun_launch_of_the_tests_takes_a_free_port():
+    """The tests' torchrun launches took the fixed port 29500 (torch before its single-node default changed), so two
+    suites or two xdist workers launching at once failed with "address already in use". Every launch now goes
+    through conftest.torchrun (--standalone: the launcher binds port 0). Oracle: the test sources' syntax trees,
+    where no other function names the launcher module or a port as an argument."""
+    import ast
+
+    named = {"torch.distributed.run", "--master-port", "--master_port", "--rdzv-endpoint", "--rdzv_endpoint"}
+    found = []
+    for path in sorted((REPO / "tests").glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for fn in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
+            consts = {n.value for n in ast.walk(fn) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+            if consts & named and (path.name, fn.name) not in {("conftest.py", "torchrun"), (
+                    "test_sharding.py", "test_every_torchrun_launch_of_the_tests_takes_a_free_port")}:
+                found.append(f"{path.name}:{fn.lineno} {fn.name}")
+    assert found == [], found
+    import conftest
+
+    assert {"torch.distributed.run", "--standalone"} <= set(conftest.torchrun.__code__.co_consts)
