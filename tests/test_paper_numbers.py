@@ -203,3 +203,17 @@ def test_released_weights_share_the_non_base_half() -> None:
     assert abs(sum(weight.values()) - 0.5) < 1e-9
     assert sorted(shift, key=shift.get) == sorted(weight, key=weight.get)
     assert set(paper.SHIFT_RELEASED) == set(paper.TABLE3) - {"Qwen2-7B-Instruct"}
+
+
+# (claim, the paper's qualifier its words carry, which the claim must keep): the paper saw Figure 3's gain on MMMU,
+# its one multimodal set there (no video), and Figure 4b's aggregating region for the weighted merge
+QUALIFIERS = [("steps_tradeoff", "Performance is evaluated on the MMLU and MMLU-Pro benchmarks and the MMMU benchmark",
+               "MMMU"),
+              ("merge_aggregates", "weighted model merging positions the resultant model", "weighted")]
+
+
+@pytest.mark.parametrize("check, words, qualifier", QUALIFIERS)
+def test_claims_keep_the_papers_qualifiers(lines: list[str], check: str, words: str, qualifier: str) -> None:
+    cite, claim = CLAIMS[check]
+    assert qualifier in words and section_of(lines, words).startswith(cite.split("§")[1])
+    assert qualifier in claim, (check, claim)
