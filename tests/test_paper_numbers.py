@@ -217,3 +217,28 @@ def test_claims_keep_the_papers_qualifiers(lines: list[str], check: str, words: 
     cite, claim = CLAIMS[check]
     assert qualifier in words and section_of(lines, words).startswith(cite.split("§")[1])
     assert qualifier in claim, (check, claim)
+
+
+def test_shipped_reports_paper_columns_are_paper_py() -> None:
+    """figures/examples/report.md prints the paper's tables and released shift values from figures/paper.py and
+    nothing else: a number changed in one and not the other (a stale example) fails here."""
+    md = (Path(__file__).resolve().parents[1] / "figures" / "examples" / "report.md").read_text(
+        encoding="utf-8").splitlines()
+
+    def table(first: int) -> tuple[list[str], list[list[str]]]:
+        rows = []
+        for line in md[first:]:
+            if not line.startswith("|"):
+                break
+            rows.append([c.strip() for c in line.strip("|").split("|")])
+        return rows[0], rows[2:]  # header, body (past the |---| line)
+
+    for caption, rows, cols in (("*Paper, Table 3 ", paper.TABLE3, paper.TABLE3_COLUMNS),
+                                ("*Paper, Table 4 ", paper.TABLE4, paper.TABLE3_COLUMNS),
+                                ("*Paper, Table 5*", paper.TABLE5, paper.TABLE5_COLUMNS)):
+        at = next(i for i, x in enumerate(md) if x.startswith(caption))
+        header, body = table(at + 2)
+        assert header[1:] == cols and {r[0]: [float(x) for x in r[1:]] for r in body} == rows, caption
+    header, body = table(next(i for i, x in enumerate(md) if x.startswith("| expert (stands for)")))
+    pub = {re.search(r"\((.+)\)", r[0]).group(1): (float(r[-2]), float(r[-1])) for r in body}
+    assert header[-2:] == ["paper: mean Δavg", "paper: mean weight"] and pub == paper.SHIFT_RELEASED
