@@ -57,7 +57,7 @@ CLAIMS: dict[str, tuple[str, str]] = {
                             "modality skill (MMMU −0.7/−1.3, Video-MME −6.0/−1.8 points)"),
     # the paper's Figure 3 measured MMLU, MMLU-Pro and MMMU only: it claims no video gain
     "steps_tradeoff": ("Figure 3, §6.2", "fine-tuning the merge generally improves MMMU while text (MMLU, MMLU-Pro) "
-                       "rises slightly or peaks within ~100 steps and tends to fall after ~1,000"),
+                       "rises slightly or peaks within ~100 steps and tends to fall after ~1,000 steps"),
     "distinct_directions": ("Figure 4a, §6.2", "fine-tuning on different modalities moves the weights in distinct "
                             "directions"),
     "merge_aggregates": ("Figure 4b, §6.2", "weighted merging places the model in a region that aggregates the "
