@@ -457,8 +457,8 @@ def build(r: Replication, figdir: Path) -> Doc:
         shutil.rmtree(tmp)
         for png in pngs:
             d.img(f"{FIG_DIR}/{png.name}", "Figure 3 analogue: accuracy against fine-tuning steps, one panel per run")
-    d.p("Paper (Figure 3, §6.2): MMLU and MMLU-Pro peak within the first ~100 steps and fall after ~1,000, "
-        "while MMMU keeps improving with more steps.")
+    d.p("Paper (Figure 3, §6.2): MMLU and MMLU-Pro rise slightly or peak within the first ~100 steps and tend to "
+        "fall after ~1,000, while MMMU generally improves with fine-tuning (the paper measured no video set here).")
     _finding_list(d, fs["steps"])
 
     # Figure 4

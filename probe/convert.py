@@ -282,7 +282,7 @@ def drop_na(options: Sequence[str], answer: str, where: str) -> tuple[list[str],
 
 def convert_mmmlu(cfg: ConvertConfig, report: ConvertReport, plan: Planned) -> None:
     """openai/MMMLU: ``SRC/<split>/mmlu_<LOCALE>.csv`` (Question, A-D, Answer, Subject), one subject per locale
-    (the paper reports the mean over languages; --subjects picks some)."""
+    (the paper prints one MMMLU accuracy and does not say how it pools the languages; --subjects picks some)."""
     files = sorted((cfg.src / cfg.split).glob("mmlu_*.csv"))
     if not files:
         raise BadInput(f"no mmlu_*.csv files in {cfg.src / cfg.split}")
