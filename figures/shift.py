@@ -36,6 +36,24 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "model"
 
 
+def file_slugs(labels: list[str]) -> list[str]:
+    """A file name part per label, no two alike even on a case-insensitive disk: ``slug`` alone made 'a b' and
+    'a_b' (or any two all-CJK names, or 'VL' and 'vl' on macOS) one file, the later heatmap over the earlier. A
+    label whose slug is taken gets _2, _3, … (never another label's own slug)."""
+    plain = [slug(x) for x in labels]
+    taken = {p.casefold() for p in plain}
+    used: set[str] = set()
+    out = []
+    for p in plain:
+        name, k = p, 1
+        while name.casefold() in used or (k > 1 and name.casefold() in taken):
+            k += 1
+            name = f"{p}_{k}"
+        used.add(name.casefold())
+        out.append(name)
+    return out
+
+
 def log_foot(values: np.ndarray) -> float:
     """Where a Δavg of 0 (a tensor, layer or model that did not move: a frozen LM) is drawn on a log axis, which
     has no 0: a third below the smallest positive value, so it sits apart at the foot of the axis."""
@@ -87,6 +105,7 @@ def draw_shift(result_dir: Path) -> list[Path]:
     df, _ = read_shift(result_dir)
     models = list(dict.fromkeys(df["model"]))
     labels = short_names(models)
+    files = dict(zip(models, file_slugs([labels[m] for m in models])))
     written: list[Path] = []
     layer_df = df.dropna(subset=["layer"]).copy()
     layer_df["layer"] = layer_df["layer"].astype(int)
@@ -119,7 +138,7 @@ def draw_shift(result_dir: Path) -> list[Path]:
         cbar.set_label("Δavg (log)", fontsize=8)
         cbar.ax.tick_params(labelsize=7)
         fig.tight_layout()  # the rotated module names inside the figure, not past its edge
-        written += save(fig, result_dir / f"shift_heatmap_{slug(labels[m])}")
+        written += save(fig, result_dir / f"shift_heatmap_{files[m]}")
     # side by side while each model's label and number keep about an inch, else one above the other
     fig, panels = page_panels(2, 5.5, 3.8, min_width=max(3.3, 0.6 + 0.9 * len(models)))
     (ax1,), (ax2,) = panels

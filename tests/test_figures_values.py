@@ -81,6 +81,27 @@ def test_shift_models_in_folders_of_one_name_get_a_heatmap_each(tmp_path, drawn)
         np.testing.assert_allclose(np.ma.filled(im.get_array(), np.nan), want.to_numpy())
 
 
+def test_shift_models_whose_names_slug_alike_get_a_heatmap_each(tmp_path, drawn):
+    """File names keep [A-Za-z0-9_.-] only: 'a b' and 'a_b' both became shift_heatmap_a_b, two all-CJK names both
+    shift_heatmap_model (4 models, 2 heatmap files, the later drawing over the earlier); 'VL' and 'vl' are one file
+    on a case-insensitive disk. Oracle: each file's cells are the pivot of one model's rows, every model's once."""
+    models = ["runs/视觉", "runs/音频", "runs/a b", "runs/a_b", "runs/VL", "runs/vl"]
+    write_shift(tmp_path, models, 2, ["self_attn.q_proj.weight", "mlp.up_proj.weight"])
+    with pytest.warns(UserWarning, match="Glyph"):  # DejaVu Sans has no CJK glyphs: the titles show boxes
+        assert figures_cli("shift", tmp_path) == 0
+    files = sorted(p.stem for p in tmp_path.glob("shift_heatmap_*.png"))
+    assert len(files) == len(models) and len({f.casefold() for f in files}) == len(models), files
+    df = pd.read_csv(tmp_path / "shift.csv", keep_default_na=False, na_values=[""])
+    seen = []
+    for f in files:
+        title = drawn[f].axes[0].get_title()
+        [m] = [m for m in models if title.endswith(": " + m.split("/")[-1])]
+        seen.append(m)
+        want = df[(df["model"] == m) & df["layer"].notna()].pivot(index="layer", columns="module", values="delta_avg")
+        np.testing.assert_allclose(np.ma.filled(drawn[f].axes[0].get_images()[0].get_array(), np.nan), want.to_numpy())
+    assert sorted(seen) == sorted(models)
+
+
 def test_steps_and_merge_panels_of_one_folder_name_are_told_apart(tmp_path, drawn):
     """Eval runs seed0/mixed and seed1/mixed were both titled 'mixed'; merge participants a/checkpoint-100 and
     b/checkpoint-100 both 'checkpoint-100'."""
