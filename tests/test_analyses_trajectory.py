@@ -285,3 +285,26 @@ def test_a_tied_checkpoint_among_untied_ones_is_compared_by_its_embedding_and_ru
     assert feats["norms"][1, head] == pytest.approx(float(want), rel=1e-6)
     rule = json.loads((out / "run.json").read_text())["lm_head"]
     assert rule["tied"] == [str(tied)] and rule["own_lm_head"] == [str(models["base"])]
+
+
+def test_a_model_named_like_a_run_step_is_refused_before_reading(models, tmp_path, monkeypatch, capsys):
+    """--experts run@10 beside --runs run (holding checkpoint-10) made two points named 'run@10': exit 0 with a
+    coords.csv its own redraw refuses ('repeats a point of the same map'), or, drawing the figures, that refusal
+    naming the .partial dir after every checkpoint was read. One line names both, nothing written."""
+    import shutil
+
+    shutil.copytree(models["run"], tmp_path / "run")
+    shutil.copytree(models["m"], tmp_path / "run@10")
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    code = cli_main(trajectory.main, ["--base", str(models["base"]), "--experts", "run@10", "--runs", "run",
+                                      "--no-figures", "--quiet", "--out", "t"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and err.startswith("error: ") and "run@10" in err, err
+    assert "checkpoint-10" in err, err
+    assert not (tmp_path / "t").exists() and not list(tmp_path.glob(".t.partial-*"))
+    # one path given twice keeps check_inputs_and_out's words, which name the repetition
+    code = cli_main(trajectory.main, ["--base", str(models["base"]), "--experts", "run@10", "--merged", "run@10",
+                                      "--no-figures", "--quiet", "--out", "t"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: run@10 is listed twice"), err
