@@ -16,8 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
-from figures import (PAGE_HEIGHT, PAGE_WIDTH, fit_page, label_step, name_colours, name_markers,  # noqa: E402
-                     page_panels, read_json, save_figure, separate_labels, widen_to_hold)
+from figures import (PAGE_HEIGHT, PAGE_WIDTH, fit_page, label_step, literal, name_colours,  # noqa: E402
+                     name_markers, page_panels, read_json, save_figure, separate_labels, widen_to_hold)
 from probe.errors import BadInput  # noqa: E402
 
 if TYPE_CHECKING:
@@ -26,10 +26,11 @@ if TYPE_CHECKING:
 
 def short_names(models: list[str]) -> dict[str, str]:
     """Readable, unique labels: each model's last folder name, or its shortest tail that tells it apart
-    (probe.results.distinct_names: seed0/mixed, seed1/mixed), so the per-model files differ too."""
+    (probe.results.distinct_names: seed0/mixed, seed1/mixed), so the per-model files differ too; drawn as written
+    (``literal``: a '$' is no mathtext)."""
     from probe.results import distinct_names
 
-    return dict(zip(models, distinct_names(models)))
+    return {m: literal(n) for m, n in zip(models, distinct_names(models))}
 
 
 def slug(text: str) -> str:
@@ -176,10 +177,12 @@ def draw_shift(result_dir: Path) -> list[Path]:
     layer_foot = log_foot(np.concatenate([s.to_numpy() for s in per_layer.values()] or [np.zeros(0)]))
     frozen = False
     marker = name_markers(models)  # a model's line told by its marker too (olive and green look alike to many)
+    lines = []  # the legend's, handed to it: it leaves out a line whose label starts with '_' (a folder '_scratch')
     for m, s in per_layer.items():  # a layer that did not move: at the foot, an open triangle, not a gap
         y, z = s.to_numpy(), s.to_numpy() == 0
         line, = ax2.plot(s.index, np.where(z, layer_foot, y), marker=marker[m], ms=4, color=colour[m],
                          label=labels[m])
+        lines.append(line)
         if z.any():
             frozen = True
             ax2.plot(s.index[z], np.full(z.sum(), layer_foot), "v", ms=5, mfc="white", color=line.get_color())
@@ -189,7 +192,7 @@ def draw_shift(result_dir: Path) -> list[Path]:
     ax2.set_title("shift by depth" + ("\n▽ at the foot: 0, did not move" if frozen else ""), fontsize=9)
     # below the panel: inside it ("best") the legend covered lines whenever the layers' curves filled the panel
     wide = max(len(labels[m]) for m in models) > 20  # long names one per line
-    ax2.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1 if wide else min(3, len(models)),
+    ax2.legend(lines, [labels[m] for m in per_layer], fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1 if wide else min(3, len(models)),
                frameon=False)
     ax2.xaxis.get_major_locator().set_params(integer=True)
     layers = sorted(layer_df["layer"].unique())

@@ -13,7 +13,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.container import ErrorbarContainer
 from matplotlib.figure import Figure
 from test_cli_errors import one_error_line, snapshot
-from test_figures_page import write_merge, write_scores, write_shift
+from test_figures_page import write_merge, write_scores, write_shift, write_trajectory
 
 from probe.errors import cli_main
 
@@ -100,6 +100,38 @@ def test_shift_models_whose_names_slug_alike_get_a_heatmap_each(tmp_path, drawn)
         want = df[(df["model"] == m) & df["layer"].notna()].pivot(index="layer", columns="module", values="delta_avg")
         np.testing.assert_allclose(np.ma.filled(drawn[f].axes[0].get_images()[0].get_array(), np.nan), want.to_numpy())
     assert sorted(seen) == sorted(models)
+
+
+def shown_texts(fig: Figure) -> list[str]:
+    """Every text of a figure as drawn but its axes' tick numbers (mathtext by design): one that matplotlib would
+    parse as mathtext is refused (a model's name is never math), an escaped dollar shown as the dollar it is."""
+    from matplotlib.cbook import is_math_text
+    from matplotlib.text import Text
+
+    texts = [t.get_text() for t in fig.findobj(Text) if t.get_text() and "\\mathdefault" not in t.get_text()]
+    assert not [t for t in texts if is_math_text(t)], texts
+    return [t.replace("\\$", "$") for t in texts]
+
+
+def test_shift_and_trajectory_names_with_dollars_are_drawn_as_written(tmp_path, drawn):
+    """matplotlib reads text between two '$' as mathtext: a model folder 'a$_$b' ended the shift and trajectory
+    redraws in a ParseSyntaxException traceback, and 'cost$5-$10' was drawn as 'cost5-10' with an italic '5-'. A
+    legend leaves out a line whose label starts with '_': the shift-by-depth line of a folder '_scratch' had none."""
+    names = ["runs/a$_$b", "runs/cost$5-$10", "runs/_scratch"]
+    write_shift(tmp_path / "s", names, 2, ["self_attn.q_proj.weight"])
+    assert figures_cli("shift", tmp_path / "s") == 0
+    shown = "\n".join(t for k, fig in drawn.items() if k.startswith("shift_") for t in shown_texts(fig))
+    assert "a$_$b" in shown and "cost$5-$10" in shown, shown
+    [legend] = [ax.get_legend() for ax in drawn["shift_models"].axes if ax.get_legend()]
+    assert [t.get_text().replace("\\$", "$") for t in legend.get_texts()] == [n.split("/")[1] for n in names]
+    d = write_trajectory(tmp_path / "t", ["ft$_$a"])
+    coords = (d / "coords.csv").read_text(encoding="utf-8").replace("organism-vl", "x/cost$5-$10")
+    (d / "coords.csv").write_text(coords, encoding="utf-8")
+    info = json.loads((d / "run.json").read_text(encoding="utf-8")) | {"ref": "runs/$_$"}
+    (d / "run.json").write_text(json.dumps(info), encoding="utf-8")
+    assert figures_cli("trajectory", d) == 0
+    shown = "\n".join(shown_texts(drawn["trajectory_norms"]))
+    assert "cost$5-$10" in shown and "run ft$_$a" in shown and "θ_ref = $_$" in shown, shown
 
 
 def test_steps_and_merge_panels_of_one_folder_name_are_told_apart(tmp_path, drawn):
