@@ -55,6 +55,11 @@ def file_slugs(labels: list[str]) -> list[str]:
     return out
 
 
+def number_order(name: str) -> list:
+    """Sort key reading digit runs as numbers: experts.2 before experts.10 (pandas' text order put it after 19)."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name)]
+
+
 def log_foot(values: np.ndarray) -> float:
     """Where a Δavg of 0 (a tensor, layer or model that did not move: a frozen LM) is drawn on a log axis, which
     has no 0: a third below the smallest positive value, so it sits apart at the foot of the axis."""
@@ -117,6 +122,7 @@ def draw_shift(result_dir: Path) -> list[Path]:
         if sub.empty:
             continue
         grid = sub.pivot_table(index="layer", columns="module", values="delta_avg", aggfunc="first")
+        grid = grid[sorted(grid.columns, key=number_order)]
         n_l, n_m = grid.shape
         names = [c.replace(".weight", ".w").replace(".bias", ".b") for c in grid.columns]
         below = min(3.0, 0.05 * max(map(len, names)))  # inches the module names (7 pt, rotated 60°) hang down

@@ -134,6 +134,26 @@ def test_shift_and_trajectory_names_with_dollars_are_drawn_as_written(tmp_path, 
     assert "cost$5-$10" in shown and "run ft$_$a" in shown and "θ_ref = $_$" in shown, shown
 
 
+def test_shift_heatmap_columns_of_numbered_modules_are_in_number_order(tmp_path, drawn):
+    """pandas sorts the pivot's module names as text: a mixture-of-experts layer's columns ran experts.0, experts.1,
+    experts.10, experts.11, experts.2, … (64 experts × 3 projections: 1,000s of tensors, and a reader scanning the
+    labelled columns for expert 2 found it after 19). Oracle: the pivot of shift.csv reindexed by the numbers in
+    the names; the cells drawn are that grid."""
+    mods = ["self_attn.q_proj.weight"] + [f"mlp.experts.{e}.{p}_proj.weight" for e in range(12) for p in ("up", "down")]
+    write_shift(tmp_path, ["moe"], 2, mods)
+    assert figures_cli("shift", tmp_path) == 0
+    ax = drawn["shift_heatmap_moe"].axes[0]
+    df = pd.read_csv(tmp_path / "shift.csv", keep_default_na=False, na_values=[""])
+    grid = df[df["layer"].notna()].pivot(index="layer", columns="module", values="delta_avg")
+    order = sorted(grid.columns, key=lambda c: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", c)])
+    assert order[1:4] == ["mlp.experts.0.up_proj.weight", "mlp.experts.1.down_proj.weight",
+                          "mlp.experts.1.up_proj.weight"]  # after experts.0.down: 1, not 10
+    np.testing.assert_array_equal(ax.get_images()[0].get_array(), grid[order].to_numpy())
+    short = [c.replace(".weight", ".w") for c in order]
+    ticks = ax.get_xticks()
+    assert [t.get_text() for t in ax.get_xticklabels()] == [short[int(i)] for i in ticks]
+
+
 def test_steps_and_merge_panels_of_one_folder_name_are_told_apart(tmp_path, drawn):
     """Eval runs seed0/mixed and seed1/mixed were both titled 'mixed'; merge participants a/checkpoint-100 and
     b/checkpoint-100 both 'checkpoint-100'."""
