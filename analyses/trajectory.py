@@ -87,6 +87,12 @@ def collect_points(cfg: TrajectoryConfig) -> list[Point]:
     # runs in folders of the same name (seed0/mixed, seed1/mixed) keep apart: one trajectory each
     for r, label in zip(cfg.runs, distinct_names([str(Path(r).resolve()) for r in cfg.runs])):
         pts += run_points(r, label)
+    # a point's name is its key in coords.csv: two of one name (--experts run@10 beside a run's checkpoint-10) were
+    # written with exit 0 and then refused by the redraw as one point repeated
+    first: dict[str, Point] = {}
+    for p in pts:
+        if (q := first.setdefault(p.name, p)).path != p.path:  # one path twice: check_inputs_and_out says so
+            raise BadInput(f"two checkpoints would both be the point {p.name!r}: {q.path} and {p.path}; rename one")
     return pts
 
 

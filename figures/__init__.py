@@ -776,3 +776,10 @@ def short_name(name: Any, width: int = 32) -> str:
     while k and len("…/" + "/".join(parts[k - 1:])) <= width:
         k -= 1
     return "…/" + "/".join(parts[k:]) if k < len(parts) else "…" + name[-(width - 1):]
+
+
+def literal(text: Any) -> str:
+    """A name drawn as written: matplotlib parses text between two '$' as mathtext, so a folder 'a$_$b' ended a
+    redraw in a ParseSyntaxException and 'cost$5-$10' came out as 'cost5-10' with an italic '5-'. An escaped
+    dollar is drawn as a dollar."""
+    return str(text).replace("$", r"\$")

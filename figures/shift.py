@@ -16,8 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
-from figures import (PAGE_HEIGHT, PAGE_WIDTH, fit_page, label_step, name_colours, name_markers,  # noqa: E402
-                     page_panels, read_json, save_figure, separate_labels, widen_to_hold)
+from figures import (PAGE_HEIGHT, PAGE_WIDTH, fit_page, label_step, literal, name_colours,  # noqa: E402
+                     name_markers, page_panels, read_json, save_figure, separate_labels, widen_to_hold)
 from probe.errors import BadInput  # noqa: E402
 
 if TYPE_CHECKING:
@@ -26,14 +26,38 @@ if TYPE_CHECKING:
 
 def short_names(models: list[str]) -> dict[str, str]:
     """Readable, unique labels: each model's last folder name, or its shortest tail that tells it apart
-    (probe.results.distinct_names: seed0/mixed, seed1/mixed), so the per-model files differ too."""
+    (probe.results.distinct_names: seed0/mixed, seed1/mixed), so the per-model files differ too; drawn as written
+    (``literal``: a '$' is no mathtext)."""
     from probe.results import distinct_names
 
-    return dict(zip(models, distinct_names(models)))
+    return {m: literal(n) for m, n in zip(models, distinct_names(models))}
 
 
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "model"
+
+
+def file_slugs(labels: list[str]) -> list[str]:
+    """A file name part per label, no two alike even on a case-insensitive disk: ``slug`` alone made 'a b' and
+    'a_b' (or any two all-CJK names, or 'VL' and 'vl' on macOS) one file, the later heatmap over the earlier. A
+    label whose slug is taken gets _2, _3, … (never another label's own slug)."""
+    plain = [slug(x) for x in labels]
+    taken = {p.casefold() for p in plain}
+    used: set[str] = set()
+    out = []
+    for p in plain:
+        name, k = p, 1
+        while name.casefold() in used or (k > 1 and name.casefold() in taken):
+            k += 1
+            name = f"{p}_{k}"
+        used.add(name.casefold())
+        out.append(name)
+    return out
+
+
+def number_order(name: str) -> list:
+    """Sort key reading digit runs as numbers: experts.2 before experts.10 (pandas' text order put it after 19)."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name)]
 
 
 def log_foot(values: np.ndarray) -> float:
@@ -87,6 +111,7 @@ def draw_shift(result_dir: Path) -> list[Path]:
     df, _ = read_shift(result_dir)
     models = list(dict.fromkeys(df["model"]))
     labels = short_names(models)
+    files = dict(zip(models, file_slugs([labels[m] for m in models])))
     written: list[Path] = []
     layer_df = df.dropna(subset=["layer"]).copy()
     layer_df["layer"] = layer_df["layer"].astype(int)
@@ -97,6 +122,7 @@ def draw_shift(result_dir: Path) -> list[Path]:
         if sub.empty:
             continue
         grid = sub.pivot_table(index="layer", columns="module", values="delta_avg", aggfunc="first")
+        grid = grid[sorted(grid.columns, key=number_order)]
         n_l, n_m = grid.shape
         names = [c.replace(".weight", ".w").replace(".bias", ".b") for c in grid.columns]
         below = min(3.0, 0.05 * max(map(len, names)))  # inches the module names (7 pt, rotated 60°) hang down
@@ -119,7 +145,7 @@ def draw_shift(result_dir: Path) -> list[Path]:
         cbar.set_label("Δavg (log)", fontsize=8)
         cbar.ax.tick_params(labelsize=7)
         fig.tight_layout()  # the rotated module names inside the figure, not past its edge
-        written += save(fig, result_dir / f"shift_heatmap_{slug(labels[m])}")
+        written += save(fig, result_dir / f"shift_heatmap_{files[m]}")
     # side by side while each model's label and number keep about an inch, else one above the other
     fig, panels = page_panels(2, 5.5, 3.8, min_width=max(3.3, 0.6 + 0.9 * len(models)))
     (ax1,), (ax2,) = panels
@@ -157,10 +183,12 @@ def draw_shift(result_dir: Path) -> list[Path]:
     layer_foot = log_foot(np.concatenate([s.to_numpy() for s in per_layer.values()] or [np.zeros(0)]))
     frozen = False
     marker = name_markers(models)  # a model's line told by its marker too (olive and green look alike to many)
+    lines = []  # the legend's, handed to it: it leaves out a line whose label starts with '_' (a folder '_scratch')
     for m, s in per_layer.items():  # a layer that did not move: at the foot, an open triangle, not a gap
         y, z = s.to_numpy(), s.to_numpy() == 0
         line, = ax2.plot(s.index, np.where(z, layer_foot, y), marker=marker[m], ms=4, color=colour[m],
                          label=labels[m])
+        lines.append(line)
         if z.any():
             frozen = True
             ax2.plot(s.index[z], np.full(z.sum(), layer_foot), "v", ms=5, mfc="white", color=line.get_color())
@@ -170,7 +198,7 @@ def draw_shift(result_dir: Path) -> list[Path]:
     ax2.set_title("shift by depth" + ("\n▽ at the foot: 0, did not move" if frozen else ""), fontsize=9)
     # below the panel: inside it ("best") the legend covered lines whenever the layers' curves filled the panel
     wide = max(len(labels[m]) for m in models) > 20  # long names one per line
-    ax2.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1 if wide else min(3, len(models)),
+    ax2.legend(lines, [labels[m] for m in per_layer], fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1 if wide else min(3, len(models)),
                frameon=False)
     ax2.xaxis.get_major_locator().set_params(integer=True)
     layers = sorted(layer_df["layer"].unique())

@@ -44,6 +44,47 @@ def run(main, *argv) -> int:
     return cli_main(main, [str(a) for a in argv])
 
 
+# each layout's LM keys by hand (DESIGN §1), not through probe.families' table: (prefix on disk, canonical prefix)
+HAND_LM_PREFIXES = {"qwen2": [("model.", ""), ("lm_head.", "lm_head.")],
+                    "qwen2_vl_tf4": [("model.language_model.", ""), ("lm_head.", "lm_head.")],
+                    "llava_onevision": [("language_model.model.", ""), ("language_model.lm_head.", "lm_head.")]}
+
+
+def hand_lm(d: Path, layout: str) -> dict[str, torch.Tensor]:
+    """Every shard of ``d`` loaded whole, LM tensors renamed by ``HAND_LM_PREFIXES``."""
+    sd: dict[str, torch.Tensor] = {}
+    for f in d.glob("*.safetensors"):
+        sd.update(load_file(f))
+    return {c + k[len(p):]: v for k, v in sd.items() for p, c in HAND_LM_PREFIXES[layout]
+            if k.startswith(p) and not k.startswith(("model.visual.", "model.language_model.visual"))}
+
+
+def test_shift_of_bf16_fp16_and_fp32_checkpoints_of_three_layouts_equals_the_fp64_formula(tmp_path):
+    """Eq. 3, max |Δ| and rel_l2 per tensor where the base is bfloat16, one expert float16 in 5 shards written in
+    transformers 4's layout (model.language_model.…) and one float32 with 32 more vocabulary rows: each row against
+    the formula in float64 on the whole tensors, names mapped by hand, vocabulary rows cut to the base's."""
+    base = tiny.base_lm(0)
+    b = tiny.write_model("qwen2", tmp_path / "b", base, dtype=torch.bfloat16)
+    vl = tiny.to_tf4_layout(tiny.write_model("qwen2_vl", tmp_path / "vl", tiny.perturb(base, 0.01, 1),
+                                             dtype=torch.float16, max_shard_size="20KB"))
+    ov = tiny.write_model("llava_onevision", tmp_path / "ov", tiny.resize_vocab(tiny.perturb(base, 0.001, 2), 160))
+    assert len(list(vl.glob("*.safetensors"))) > 1
+    assert run(shift.main, "--base", b, "--models", vl, ov, "--no-figures", "--quiet", "--out", tmp_path / "s") == 0
+    rows = {(r["model"], r["tensor"]): r for r in csv.DictReader(open(tmp_path / "s" / "shift.csv", encoding="utf-8"))}
+    ref = hand_lm(b, "qwen2")
+    assert ref["layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16 and len(ref) == len(rows) / 2
+    for d, layout, dtype in ((vl, "qwen2_vl_tf4", torch.float16), (ov, "llava_onevision", torch.float32)):
+        lm = hand_lm(d, layout)
+        assert set(lm) == set(ref) and lm["norm.weight"].dtype == dtype
+        for name, t in ref.items():
+            r, m = rows[(str(d), name)], lm[name][:t.shape[0]].double()
+            delta = m - t.double()
+            assert int(r["numel"]) == t.numel()
+            assert float(r["delta_avg"]) == pytest.approx(float(delta.abs().mean()), rel=1e-6, abs=0)
+            assert float(r["delta_max"]) == pytest.approx(float(delta.abs().max()), rel=1e-6, abs=0)
+            assert float(r["rel_l2"]) == pytest.approx(float(delta.norm() / t.double().norm()), rel=1e-6, abs=0)
+
+
 def test_delta_avg_equals_direct(zoo, tmp_path):
     assert run(shift.main, "--base", zoo["base"], "--models", zoo["vl"], zoo["ov"], "--out", tmp_path / "s") == 0
     base = canonical(zoo["base"])

@@ -285,3 +285,123 @@ def test_a_tied_checkpoint_among_untied_ones_is_compared_by_its_embedding_and_ru
     assert feats["norms"][1, head] == pytest.approx(float(want), rel=1e-6)
     rule = json.loads((out / "run.json").read_text())["lm_head"]
     assert rule["tied"] == [str(tied)] and rule["own_lm_head"] == [str(models["base"])]
+
+
+def test_a_model_named_like_a_run_step_is_refused_before_reading(models, tmp_path, monkeypatch, capsys):
+    """--experts run@10 beside --runs run (holding checkpoint-10) made two points named 'run@10': exit 0 with a
+    coords.csv its own redraw refuses ('repeats a point of the same map'), or, drawing the figures, that refusal
+    naming the .partial dir after every checkpoint was read. One line names both, nothing written."""
+    import shutil
+
+    shutil.copytree(models["run"], tmp_path / "run")
+    shutil.copytree(models["m"], tmp_path / "run@10")
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    code = cli_main(trajectory.main, ["--base", str(models["base"]), "--experts", "run@10", "--runs", "run",
+                                      "--no-figures", "--quiet", "--out", "t"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and err.startswith("error: ") and "run@10" in err, err
+    assert "checkpoint-10" in err, err
+    assert not (tmp_path / "t").exists() and not list(tmp_path.glob(".t.partial-*"))
+    # one path given twice keeps check_inputs_and_out's words, which name the repetition
+    code = cli_main(trajectory.main, ["--base", str(models["base"]), "--experts", "run@10", "--merged", "run@10",
+                                      "--no-figures", "--quiet", "--out", "t"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: run@10 is listed twice"), err
+
+
+def test_features_of_checkpoints_of_other_dtypes_and_layouts_are_the_fp64_norms_and_the_explicit_projection(
+        models, tmp_path):
+    """Points stored in bfloat16 (transformers 4's model.language_model.… layout) and float16 (a run, 5 shards)
+    beside the float32 base: each norms entry is ‖θ − θ_base‖ in float64 on the whole tensors, names mapped by hand,
+    and each sketch row the matrix product S·δ with S written out column by column from the count sketch's hashes
+    (bucket h(j), sign s(j)), not through CountSketch.project or the streaming code."""
+    base = tiny.base_lm(0)
+    bf = tiny.to_tf4_layout(tiny.write_model("qwen2_vl", tmp_path / "bf", tiny.perturb(base, 0.01, 4),
+                                             dtype=torch.bfloat16))
+    for step in (0, 5):
+        tiny.write_model("qwen2", tmp_path / "run" / f"checkpoint-{step}", tiny.perturb(base, 0.002 * (step + 1), 6),
+                         dtype=torch.float16, max_shard_size="20KB")
+    out = tmp_path / "t"
+    assert cli_main(trajectory.main, [str(a) for a in ["--base", models["base"], "--experts", bf, "--runs",
+                                                       tmp_path / "run", "--sketch-dim", 4, "--seed", 3, "--quiet",
+                                                       "--no-figures", "--out", out]]) == 0
+    feats = np.load(out / "features.npz")
+    tensors = [str(t) for t in feats["tensors"]]
+
+    def lm(d: Path, prefix: str) -> dict[str, torch.Tensor]:
+        sd: dict[str, torch.Tensor] = {}
+        for f in d.glob("*.safetensors"):
+            sd.update(load_file(f))
+        return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()
+                if k.startswith(prefix) or k == "lm_head.weight"}
+
+    ref = lm(models["base"], "model.")
+    cs = CountSketch(4, seed=3)
+    for i, (d, prefix, dtype) in enumerate([(bf, "model.language_model.", torch.bfloat16),
+                                            (tmp_path / "run" / "checkpoint-0", "model.", torch.float16),
+                                            (tmp_path / "run" / "checkpoint-5", "model.", torch.float16)], start=1):
+        point = lm(d, prefix)
+        assert point["norm.weight"].dtype == dtype
+        sketch = np.zeros(4)
+        for t, name in enumerate(tensors):
+            delta = (point[name].double() - ref[name].double()).reshape(-1)
+            assert feats["norms"][i, t] == pytest.approx(float(delta.norm()), rel=1e-6, abs=0)
+            buckets, signs = cs.hashes(name, 0, delta.numel())  # one chunk: every tensor here is < SKETCH_CHUNK
+            s = torch.zeros(4, delta.numel(), dtype=torch.float64)
+            s[buckets, torch.arange(delta.numel())] = signs.double()
+            sketch += (s @ delta).numpy()
+        np.testing.assert_allclose(feats["sketch"][i], sketch, rtol=1e-6, atol=1e-9)
+
+
+def test_sketch_of_a_tensor_past_one_chunk_is_the_explicit_projection_of_the_common_rows(tmp_path):
+    """The streamed sketch hashes each SKETCH_CHUNK elements with a generator of their own: an embedding of 32,800
+    rows × 32 spans two chunks, and an expert with 10 more rows is sketched on the base's rows only. Oracle: S·δ
+    with S written out column by column from the hashes of chunk 0 and chunk 1 (the count sketch's definition)."""
+    from analyses.sketch import SKETCH_CHUNK
+
+    base = tiny.base_lm(0, vocab_size=32800)
+    b = tiny.write_model("qwen2", tmp_path / "b", base)
+    e = tiny.write_model("qwen2", tmp_path / "e", tiny.resize_vocab(tiny.perturb(base, 0.01, 1), 32810))
+    out = tmp_path / "t"
+    assert cli_main(trajectory.main, [str(a) for a in ["--base", b, "--experts", e, "--sketch-dim", 3, "--seed", 7,
+                                                       "--quiet", "--no-figures", "--out", out]]) == 0
+    feats = np.load(out / "features.npz")
+    sb, se = load_file(b / "model.safetensors"), load_file(e / "model.safetensors")
+    cs = CountSketch(3, seed=7)
+    want = np.zeros(3)
+    for name in map(str, feats["tensors"]):
+        key = name if name == "lm_head.weight" else "model." + name
+        delta = (se[key][:sb[key].shape[0]] - sb[key]).double().reshape(-1)  # Δ in fp32 (DESIGN §5), summed in fp64
+        s = torch.zeros(3, delta.numel(), dtype=torch.float64)
+        for c, lo in enumerate(range(0, delta.numel(), SKETCH_CHUNK)):
+            n = min(SKETCH_CHUNK, delta.numel() - lo)
+            buckets, signs = cs.hashes(name, c, n)
+            s[buckets, torch.arange(lo, lo + n)] = signs.double()
+        want += (s @ delta).numpy()
+    assert sb["model.embed_tokens.weight"].numel() > SKETCH_CHUNK
+    np.testing.assert_allclose(feats["sketch"][1], want, rtol=1e-9, atol=1e-12)
+
+
+def test_pca_coords_are_the_svd_of_the_saved_features_and_a_seed_redoes_every_map(models, tmp_path):
+    """Oracle for the maps: PCA coordinates are the centred features times their first two right singular vectors
+    (up to each axis' sign), the variance shares σ_k² / Σσ²; the same --seed gives the same t-SNE coordinates bit for
+    bit in a second output."""
+    argv = ["--base", models["base"], "--experts", models["e1"], "--merged", models["m"], "--sketch-dim", 16,
+            "--seed", 1, "--quiet", "--no-figures"]
+    for out in ("a", "b"):
+        assert cli_main(trajectory.main, [str(a) for a in [*argv, "--out", tmp_path / out]]) == 0
+    assert (tmp_path / "a" / "coords.csv").read_bytes() == (tmp_path / "b" / "coords.csv").read_bytes()
+    feats = np.load(tmp_path / "a" / "features.npz")
+    run = json.loads((tmp_path / "a" / "run.json").read_text(encoding="utf-8"))
+    rows = list(csv.DictReader(open(tmp_path / "a" / "coords.csv", encoding="utf-8")))
+    assert {r["method"] for r in rows} == {"pca", "tsne"}
+    for feature in ("norms", "sketch"):
+        x = feats[feature] - feats[feature].mean(axis=0)
+        _, sv, vt = np.linalg.svd(x, full_matrices=False)
+        want = x @ vt[:2].T
+        got = np.array([[float(r["x"]), float(r["y"])] for r in rows if r["feature"] == feature and r["method"] == "pca"])
+        assert [r["name"] for r in rows if r["feature"] == feature and r["method"] == "pca"] == list(feats["names"])
+        got *= np.sign((got * want).sum(axis=0))  # an axis' sign is arbitrary
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9 * np.abs(want).max())
+        np.testing.assert_allclose(run["pca_explained_variance"][feature], (sv[:2] ** 2 / (sv ** 2).sum()), rtol=1e-6)

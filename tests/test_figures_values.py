@@ -13,7 +13,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.container import ErrorbarContainer
 from matplotlib.figure import Figure
 from test_cli_errors import one_error_line, snapshot
-from test_figures_page import write_merge, write_scores, write_shift
+from test_figures_page import write_merge, write_scores, write_shift, write_trajectory
 
 from probe.errors import cli_main
 
@@ -79,6 +79,79 @@ def test_shift_models_in_folders_of_one_name_get_a_heatmap_each(tmp_path, drawn)
         want = df[(df["model"] == f"runs/seed{k}/merged") & df["layer"].notna()].pivot(
             index="layer", columns="module", values="delta_avg")
         np.testing.assert_allclose(np.ma.filled(im.get_array(), np.nan), want.to_numpy())
+
+
+def test_shift_models_whose_names_slug_alike_get_a_heatmap_each(tmp_path, drawn):
+    """File names keep [A-Za-z0-9_.-] only: 'a b' and 'a_b' both became shift_heatmap_a_b, two all-CJK names both
+    shift_heatmap_model (4 models, 2 heatmap files, the later drawing over the earlier); 'VL' and 'vl' are one file
+    on a case-insensitive disk. Oracle: each file's cells are the pivot of one model's rows, every model's once."""
+    models = ["runs/视觉", "runs/音频", "runs/a b", "runs/a_b", "runs/VL", "runs/vl"]
+    write_shift(tmp_path, models, 2, ["self_attn.q_proj.weight", "mlp.up_proj.weight"])
+    with pytest.warns(UserWarning, match="Glyph"):  # DejaVu Sans has no CJK glyphs: the titles show boxes
+        assert figures_cli("shift", tmp_path) == 0
+    files = sorted(p.stem for p in tmp_path.glob("shift_heatmap_*.png"))
+    assert len(files) == len(models) and len({f.casefold() for f in files}) == len(models), files
+    df = pd.read_csv(tmp_path / "shift.csv", keep_default_na=False, na_values=[""])
+    seen = []
+    for f in files:
+        title = drawn[f].axes[0].get_title()
+        [m] = [m for m in models if title.endswith(": " + m.split("/")[-1])]
+        seen.append(m)
+        want = df[(df["model"] == m) & df["layer"].notna()].pivot(index="layer", columns="module", values="delta_avg")
+        np.testing.assert_allclose(np.ma.filled(drawn[f].axes[0].get_images()[0].get_array(), np.nan), want.to_numpy())
+    assert sorted(seen) == sorted(models)
+
+
+def shown_texts(fig: Figure) -> list[str]:
+    """Every text of a figure as drawn but its axes' tick numbers (mathtext by design): one that matplotlib would
+    parse as mathtext is refused (a model's name is never math), an escaped dollar shown as the dollar it is."""
+    from matplotlib.cbook import is_math_text
+    from matplotlib.text import Text
+
+    texts = [t.get_text() for t in fig.findobj(Text) if t.get_text() and "\\mathdefault" not in t.get_text()]
+    assert not [t for t in texts if is_math_text(t)], texts
+    return [t.replace("\\$", "$") for t in texts]
+
+
+def test_shift_and_trajectory_names_with_dollars_are_drawn_as_written(tmp_path, drawn):
+    """matplotlib reads text between two '$' as mathtext: a model folder 'a$_$b' ended the shift and trajectory
+    redraws in a ParseSyntaxException traceback, and 'cost$5-$10' was drawn as 'cost5-10' with an italic '5-'. A
+    legend leaves out a line whose label starts with '_': the shift-by-depth line of a folder '_scratch' had none."""
+    names = ["runs/a$_$b", "runs/cost$5-$10", "runs/_scratch"]
+    write_shift(tmp_path / "s", names, 2, ["self_attn.q_proj.weight"])
+    assert figures_cli("shift", tmp_path / "s") == 0
+    shown = "\n".join(t for k, fig in drawn.items() if k.startswith("shift_") for t in shown_texts(fig))
+    assert "a$_$b" in shown and "cost$5-$10" in shown, shown
+    [legend] = [ax.get_legend() for ax in drawn["shift_models"].axes if ax.get_legend()]
+    assert [t.get_text().replace("\\$", "$") for t in legend.get_texts()] == [n.split("/")[1] for n in names]
+    d = write_trajectory(tmp_path / "t", ["ft$_$a"])
+    coords = (d / "coords.csv").read_text(encoding="utf-8").replace("organism-vl", "x/cost$5-$10")
+    (d / "coords.csv").write_text(coords, encoding="utf-8")
+    info = json.loads((d / "run.json").read_text(encoding="utf-8")) | {"ref": "runs/$_$"}
+    (d / "run.json").write_text(json.dumps(info), encoding="utf-8")
+    assert figures_cli("trajectory", d) == 0
+    shown = "\n".join(shown_texts(drawn["trajectory_norms"]))
+    assert "cost$5-$10" in shown and "run ft$_$a" in shown and "θ_ref = $_$" in shown, shown
+
+
+def test_shift_heatmap_columns_of_numbered_modules_are_in_number_order(tmp_path, drawn):
+    """pandas sorts the pivot's module names as text: a mixture-of-experts layer's columns ran experts.0, experts.1,
+    experts.10, experts.11, experts.2, … (64 experts × 3 projections: 1,000s of tensors, and a reader scanning the
+    labelled columns for expert 2 found it after 19). Oracle: the pivot of shift.csv reindexed by the numbers in
+    the names; the cells drawn are that grid."""
+    mods = ["self_attn.q_proj.weight"] + [f"mlp.experts.{e}.{p}_proj.weight" for e in range(12) for p in ("up", "down")]
+    write_shift(tmp_path, ["moe"], 2, mods)
+    assert figures_cli("shift", tmp_path) == 0
+    ax = drawn["shift_heatmap_moe"].axes[0]
+    df = pd.read_csv(tmp_path / "shift.csv", keep_default_na=False, na_values=[""])
+    grid = df[df["layer"].notna()].pivot(index="layer", columns="module", values="delta_avg")
+    order = sorted(grid.columns, key=lambda c: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", c)])
+    assert order[1:4] == ["mlp.experts.0.up_proj.weight", "mlp.experts.1.down_proj.weight",
+                          "mlp.experts.1.up_proj.weight"]  # after experts.0.down: 1, not 10
+    np.testing.assert_array_equal(ax.get_images()[0].get_array(), grid[order].to_numpy())
+    short = [c.replace(".weight", ".w") for c in order]
+    ticks = ax.get_xticks()
+    assert [t.get_text() for t in ax.get_xticklabels()] == [short[int(i)] for i in ticks]
 
 
 def test_steps_and_merge_panels_of_one_folder_name_are_told_apart(tmp_path, drawn):
