@@ -206,7 +206,10 @@ def make_plan(args: argparse.Namespace) -> tuple[EvalPlan, list[ModelRef], dict[
     settings = {"dtype": placement.dtype, "device_type": placement.device_type,
                 "attn_implementation": args.attn_implementation,
                 "generate": not args.no_generate, "max_new_tokens": args.max_new_tokens,
-                "image_max_side": args.image_max_side, "split": args.split, "subjects": args.subjects,
+                "image_max_side": args.image_max_side, "split": args.split,
+                # which subjects, not their order as typed: the loader reads each once in (subject, number) order,
+                # so reordered or repeated names are the same items and numbers (probe.heads keeps the set, sorted)
+                "subjects": None if args.subjects is None else sorted(set(args.subjects)),
                 "limit": args.limit, "seed": args.seed, "reference": args.reference}  # the last two: scores.csv
     entries = [ModelEntry(r.spec, str(r.path), r.family.name, model_fingerprint(r)) for r in refs]
     formats = {r.spec: planned_chat_format(r, tokenizers.get(r.spec)) for r in refs}

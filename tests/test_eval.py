@@ -2230,6 +2230,29 @@ def test_subjects_over_several_sets_take_each_sets_own(odd_sets, text_dir, tmp_p
         assert not (tmp_path / "refused").exists()
 
 
+def test_subjects_reordered_or_repeated_are_the_same_run_and_another_choice_is_not(text_dir, tmp_path, capfd):
+    """--subjects picks a set of subjects (the loader reads each once, in (subject, number) order, whatever the order
+    typed), but run.json's plan kept the list as typed: the same subjects in another order, or one named twice, were
+    refused as "a different run (subjects differ)" (probe.heads keeps the sorted list and resumes). Oracle: the
+    first run's scores.csv, byte for byte; another choice of subjects is still refused and leaves the run as it was."""
+    a, b, c = sorted(p.name for p in text_dir.iterdir() if p.is_dir())[:3]
+    out = tmp_path / "run"
+    args = ["--models", "tiny-qwen2", "--data", text_dir, "--limit", "4", "--no-generate", "--no-figures", "--quiet",
+            "--out", out]
+    assert _eval(*args, "--subjects", a, b) == 0
+    want = (out / "scores.csv").read_bytes()
+    (out / "scores.csv").unlink()  # the rerun must assemble it again
+    for same in ([b, a], [a, b, a]):
+        capfd.readouterr()
+        assert _eval(*args, "--subjects", *same) == 0, capfd.readouterr().err
+        assert (out / "scores.csv").read_bytes() == want
+    before = _files(out)
+    capfd.readouterr()
+    assert _eval(*args, "--subjects", a, c) == 2
+    assert "holds a different run (data, subjects differ)" in capfd.readouterr().err
+    assert _files(out) == before
+
+
 @pytest.mark.parametrize("command", ["eval", "heads"])
 def test_text_holding_a_special_token_is_refused_before_anything_is_written(odd_sets, tiny_dirs, tmp_path, capfd,
                                                                             command):
