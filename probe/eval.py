@@ -122,7 +122,10 @@ class EvalPlan:
     def identity(self) -> dict[str, Any]:
         """What the fingerprint digests: the plan, each data set and model directory by where it is, not as typed
         (``data_location``): a rerun that spells a set's path otherwise (relative, absolute, ``./x/``) was refused as
-        a different run. The names stay: they label the saved parts' rows."""
+        a different run. A model is its place in --models and its directory, not its name: the name labels rows and
+        decides no number (a model's intervals are its data set's streams), so a resume that names it otherwise
+        (its alias or its directory, ``DIR/``, relative from another working dir) continues, its kept parts relabelled
+        (``read_pair_part``). A set's name stays: it keys the set's bootstrap streams."""
         from probe.mmmu import data_location
         from probe.models import model_location
 
@@ -130,7 +133,15 @@ class EvalPlan:
         for ds in plan["data"]:
             ds["spec"] = data_location(ds["spec"])
         for m in plan["models"]:
+            del m["name"]
             m["path"] = model_location(m["path"])
+        # the "model|data" keys by place; which pairs are not applicable (the note's text names the model)
+        place = {f"{e.name}|{ds.name}": f"{m}|{d}" for m, e in enumerate(self.models) for d, ds in enumerate(self.data)}
+        plan["not_applicable"] = sorted(place[k] for k in self.not_applicable)
+        plan["unreadable"] = {place[k]: v for k, v in self.unreadable.items()}
+        plan["chat_formats"] = [self.chat_formats.get(e.name) for e in self.models]
+        ref = self.settings["reference"]
+        plan["settings"]["reference"] = next((m for m, e in enumerate(self.models) if e.name == ref), ref)
         return plan
 
     def fingerprint(self) -> str:
@@ -266,12 +277,16 @@ def read_pair_part(out: Path, plan: EvalPlan, scored: dict[tuple[int, int], list
     run's) and to hold one row per item the plan scores there, of that model and set: a part copied in from another
     run (a shorter --limit, other items) or edited was scored as this run's, its n and accuracy those of its own
     rows, exit 0."""
-    from probe.results import check_part_rows, check_part_run, read_part
+    from probe.results import PART_RUN, check_part_rows, check_part_run, part_metadata, read_part
 
     path = part_file(out, m, d)
     check_part_run(path, plan.fingerprint())
     df = read_part(path, ITEM_COLUMNS)
     model, data = plan.models[m].name, plan.data[d].name
+    if part_metadata(path, PART_RUN) is not None and df["model"].nunique() == 1:
+        # written by this run (its fingerprint) under the name the model had then (tiny-qwen2, now its directory):
+        # the same model (the fingerprint holds its place and directory), labelled as this run names it
+        df["model"] = model
     check_part_rows(path, df, ["model", "data", "subject", "item_id"],
                     [(model, data, it.subject, it.id) for it in scored[m, d]], f"items of {model} on {data}")
     return df
