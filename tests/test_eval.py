@@ -1833,6 +1833,12 @@ def test_a_resume_naming_the_models_another_way_continues_and_labels_them_as_now
         assert _eval("--models", *models, "--reference", tiny_dirs["qwen2"], *common, "--out",
                      tmp_path / "killed") == 2
         assert "holds a different run (" in capfd.readouterr().err
+    # the refusal names what differs in the run's identity, not the spelling: it said "chat_formats, models,
+    # reference, seed differ" of the first spelling with another --seed
+    capfd.readouterr()
+    assert _eval(*first, *common, "--seed", "7", "--out", tmp_path / "killed") == 2
+    assert capfd.readouterr().err.strip() == (f"error: --out {tmp_path / 'killed'} holds a different run (seed "
+                                              "differ); use another --out or --overwrite")
     assert os.getcwd() == str(tmp_path / "models")
 
 
