@@ -604,6 +604,10 @@ DAMAGE = {
     "heads-kl-column-gone": ("heads", drop_column("kl"), "missing column kl"),
     "eval-p-answer-nan": ("eval", set_cell(0, "p_answer", "nan"), "line 2: p_answer nan"),
     "eval-all-not-its-subjects": ("eval", set_cell(0, "n_items", "999"), "subjects' rows add up to 64"),
+    # the note is what says a model was scored on part of a set ("24 of 64 items ..."): without it eval.png drew that
+    # model's dot filled, as scored on the whole set, with no "k of n" (exit 0)
+    "eval-note-column-gone": ("eval", drop_column("note"), "missing column note"),
+    "eval-accuracy-hi-column-gone": ("eval", drop_column("accuracy_hi"), "missing column accuracy_hi"),
     "shift-model-empty": ("shift", set_cell(0, "model", ""), "line 2: empty model"),
     "shift-numel-negative": ("shift", set_cell(0, "numel", "-5"), "column numel must hold whole numbers"),
     "shift-numel-zero": ("shift", set_cell(0, "numel", "0"), "line 2: numel must be a whole number > 0"),
