@@ -15,7 +15,8 @@ from probe.errors import BadInput
 from probe.stats import reported_interval
 
 SCORES = {"model": str, "data": str, "subject": str, "n_items": int,
-          **{f"{m}{s}": float for m in ("accuracy", "prob_accuracy") for s in ("", "_lo", "_hi")}}
+          **{f"{m}{s}": float for m in ("accuracy", "prob_accuracy") for s in ("", "_lo", "_hi")},
+          "note": str}  # what says a model was scored on part of a set ("k of n", set_size): never left out
 P_ANSWER = {f"p_answer{s}": float for s in ("", "_lo", "_hi")}  # the mean p(answer), checked like the accuracies
 DIFFS = dict.fromkeys(["diff_accuracy", "diff_lo", "diff_hi", "diff_prob_accuracy", "diff_prob_lo", "diff_prob_hi"],
                       float)

@@ -120,18 +120,8 @@ class EvalPlan:
     settings: dict[str, Any]
 
     def identity(self) -> dict[str, Any]:
-        """What the fingerprint digests: the plan, each data set and model directory by where it is, not as typed
-        (``data_location``): a rerun that spells a set's path otherwise (relative, absolute, ``./x/``) was refused as
-        a different run. The names stay: they label the saved parts' rows."""
-        from probe.mmmu import data_location
-        from probe.models import model_location
-
-        plan = asdict(self)
-        for ds in plan["data"]:
-            ds["spec"] = data_location(ds["spec"])
-        for m in plan["models"]:
-            m["path"] = model_location(m["path"])
-        return plan
+        """What the fingerprint digests (``plan_identity`` of the plan)."""
+        return plan_identity(asdict(self))
 
     def fingerprint(self) -> str:
         """The plan's digest (``identity``)."""
@@ -143,6 +133,35 @@ class EvalPlan:
         """Items of a data set (one subject, or all) the model cannot read, so is not scored on."""
         lost = self.unreadable.get(f"{model}|{data}", {})
         return sum(lost.values()) if subject == ALL else lost.get(subject, 0)
+
+
+def plan_identity(plan: dict[str, Any]) -> dict[str, Any]:
+    """What a plan (``asdict(EvalPlan)``, as run.json keeps it) is as a run's identity: each data set and model
+    directory by where it is, not as typed (``data_location``): a rerun that spells a set's path otherwise (relative,
+    absolute, ``./x/``) was refused as a different run. A model is its place in --models and its directory, not its
+    name: the name labels rows and decides no number (a model's intervals are its data set's streams), so a resume
+    that names it otherwise (its alias or its directory, ``DIR/``, relative from another working dir) continues, its
+    kept parts relabelled (``read_pair_part``). A set's name stays: it keys the set's bootstrap streams. A refusal
+    names what differs here (``prepare_out_dir``), not in the spelling."""
+    import copy
+
+    from probe.mmmu import data_location
+    from probe.models import model_location
+
+    plan = copy.deepcopy(plan)
+    names = [m.pop("name") for m in plan["models"]]
+    for ds in plan["data"]:
+        ds["spec"] = data_location(ds["spec"])
+    for m in plan["models"]:
+        m["path"] = model_location(m["path"])
+    # the "model|data" keys by place; which pairs are not applicable (the note's text names the model)
+    place = {f"{n}|{ds['name']}": f"{m}|{d}" for m, n in enumerate(names) for d, ds in enumerate(plan["data"])}
+    plan["not_applicable"] = sorted(place.get(k, k) for k in plan["not_applicable"])
+    plan["unreadable"] = {place.get(k, k): v for k, v in plan["unreadable"].items()}
+    plan["chat_formats"] = [plan["chat_formats"].get(n) for n in names]
+    ref = plan["settings"]["reference"]
+    plan["settings"]["reference"] = names.index(ref) if ref in names else ref
+    return plan
 
 
 def make_plan(args: argparse.Namespace) -> tuple[EvalPlan, list[ModelRef], dict[tuple[int, int], list[Item]],
@@ -206,7 +225,10 @@ def make_plan(args: argparse.Namespace) -> tuple[EvalPlan, list[ModelRef], dict[
     settings = {"dtype": placement.dtype, "device_type": placement.device_type,
                 "attn_implementation": args.attn_implementation,
                 "generate": not args.no_generate, "max_new_tokens": args.max_new_tokens,
-                "image_max_side": args.image_max_side, "split": args.split, "subjects": args.subjects,
+                "image_max_side": args.image_max_side, "split": args.split,
+                # which subjects, not their order as typed: the loader reads each once in (subject, number) order,
+                # so reordered or repeated names are the same items and numbers (probe.heads keeps the set, sorted)
+                "subjects": None if args.subjects is None else sorted(set(args.subjects)),
                 "limit": args.limit, "seed": args.seed, "reference": args.reference}  # the last two: scores.csv
     entries = [ModelEntry(r.spec, str(r.path), r.family.name, model_fingerprint(r)) for r in refs]
     formats = {r.spec: planned_chat_format(r, tokenizers.get(r.spec)) for r in refs}
@@ -263,12 +285,16 @@ def read_pair_part(out: Path, plan: EvalPlan, scored: dict[tuple[int, int], list
     run's) and to hold one row per item the plan scores there, of that model and set: a part copied in from another
     run (a shorter --limit, other items) or edited was scored as this run's, its n and accuracy those of its own
     rows, exit 0."""
-    from probe.results import check_part_rows, check_part_run, read_part
+    from probe.results import PART_RUN, check_part_rows, check_part_run, part_metadata, read_part
 
     path = part_file(out, m, d)
     check_part_run(path, plan.fingerprint())
     df = read_part(path, ITEM_COLUMNS)
     model, data = plan.models[m].name, plan.data[d].name
+    if part_metadata(path, PART_RUN) is not None and df["model"].nunique() == 1:
+        # written by this run (its fingerprint) under the name the model had then (tiny-qwen2, now its directory):
+        # the same model (the fingerprint holds its place and directory), labelled as this run names it
+        df["model"] = model
     check_part_rows(path, df, ["model", "data", "subject", "item_id"],
                     [(model, data, it.subject, it.id) for it in scored[m, d]], f"items of {model} on {data}")
     return df
@@ -325,7 +351,8 @@ def run(args: argparse.Namespace) -> Path:
     check_out_apart_from_inputs(out, [ref.path for ref in refs], [d.spec for d in plan.data], args.template)
     rank, world = rank_world()
     check_same_run_on_every_rank(plan.identity())  # before --out is looked at or written
-    resumed = prepare_out_dir(out, plan.fingerprint(), args.overwrite, command="probe.eval", plan=asdict(plan))
+    resumed = prepare_out_dir(out, plan.fingerprint(), args.overwrite, command="probe.eval", plan=asdict(plan),
+                              identity=plan_identity)
     saved = saved_run_info(out) if resumed else {}
     pairs = scored_pairs(asdict(plan))
     # under torchrun each rank takes every WORLD_SIZE-th (model, data set) pair (it read no RANK: K ranks did all)

@@ -429,13 +429,14 @@ def read_on_rank_0(out: Path, read: Callable[[Path], Any], parts: Callable[[Path
 
 
 def prepare_out_dir(out: Path, fingerprint: str, overwrite: bool, command: str = "probe.heads",
-                    plan: dict[str, Any] | None = None) -> bool:
+                    plan: dict[str, Any] | None = None,
+                    identity: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> bool:
     """Check an existing run dir against this run's fingerprint. Returns True if it can be resumed.
 
     A different run is never mixed in: it needs ``--overwrite``, which removes only the files the tools own
     (``parts/``, and ``RUN_OUTPUTS``' names or glob patterns of ``command`` and of the command of the run saved
-    there). Given this run's ``plan`` (what the fingerprint hashes), the refusal names what differs from the saved
-    run's, or which other command's run it is. Another tool's run (``saved_command`` outside RUN_OUTPUTS) is refused
+    there). Given this run's ``plan`` (what the fingerprint hashes, through ``identity`` where given), the refusal
+    names what differs from the saved run's, or which other command's run it is. Another tool's run (``saved_command`` outside RUN_OUTPUTS) is refused
     with --overwrite too.
     """
     run_json = out / "run.json"
@@ -466,7 +467,7 @@ def prepare_out_dir(out: Path, fingerprint: str, overwrite: bool, command: str =
     if other not in (None, command):
         raise BadInput(f"--out {out} holds a {other} run, not a {command} one; use another --out or --overwrite")
     if saved.get("fingerprint") != fingerprint:
-        raise different_run(out, saved.get("plan"), plan)
+        raise different_run(out, saved.get("plan"), plan, identity)
     return True
 
 
@@ -641,8 +642,17 @@ def claim_out_dir(out: Path, fingerprint: Any, saved_fingerprint: Callable[[dict
                        "--out")
 
 
-def different_run(out: Path, saved: Any, plan: dict[str, Any] | None) -> BadInput:
-    """The refusal for an --out holding another run: what differs, or that an older omniprobe wrote it."""
+def different_run(out: Path, saved: Any, plan: dict[str, Any] | None,
+                  identity: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> BadInput:
+    """The refusal for an --out holding another run: what differs, or that an older omniprobe wrote it. ``identity``:
+    what the fingerprint makes of a plan (probe.eval's ``plan_identity``), so the refusal names what differs there,
+    not a path or name typed otherwise (it said "data, seed differ" of a resume with another seed and a data set
+    typed relative); a saved plan it cannot read is compared as it is."""
+    if identity is not None and isinstance(saved, dict) and plan is not None:
+        try:
+            saved, plan = identity(saved), identity(plan)  # both, or (the saved one unreadable) neither
+        except (KeyError, TypeError, AttributeError, ValueError):  # an older or edited run.json's plan
+            pass
     what = plan_differences(saved, plan)
     if not what and isinstance(saved, dict) and plan is not None:  # equal plans, unequal fingerprints: another rule
         return BadInput(f"--out {out} holds a run written by an older omniprobe, which fingerprinted it otherwise; "

@@ -1803,6 +1803,45 @@ def test_a_resume_naming_the_data_sets_another_way_continues_and_another_set_is_
                                               "--out or --overwrite")
 
 
+def test_a_resume_naming_the_models_another_way_continues_and_labels_them_as_now(tiny_dirs, text_dir, tmp_path,
+                                                                                  monkeypatch, capfd):
+    """A model's name labels rows and decides no number (its intervals are its data set's streams), but the
+    fingerprint held each name as typed: a killed run of ``tiny-qwen2`` resumed as its directory, of ``DIR`` as
+    ``DIR/``, or typed relative from another working dir where it had been absolute, was refused as "a different
+    run (chat_formats, models differ)". It now resumes, and its outputs are those of an uninterrupted run typed the
+    new way (the oracle: that run, byte for byte); another model, or the models in another order (the parts are
+    per place), is still refused."""
+    import os
+    import shutil
+
+    vl = shutil.copytree(tiny_dirs["qwen2_vl"], tmp_path / "models" / "vl")
+    common = ["--data", text_dir, "--limit", "3", "--no-generate", "--no-figures", "--quiet"]
+    first = ["--models", "tiny-qwen2", vl, "--reference", "tiny-qwen2"]
+    monkeypatch.chdir(tmp_path / "models")
+    again = ["--models", f"{tiny_dirs['qwen2']}/", "./vl", "--reference", f"{tiny_dirs['qwen2']}/"]
+    assert _eval(*first, *common, "--out", tmp_path / "killed") == 0
+    (tmp_path / "killed" / "parts" / "model001_data000.parquet").unlink()  # killed before its second pair
+    (tmp_path / "killed" / "scores.csv").unlink()
+    assert _eval(*again, *common, "--out", tmp_path / "whole") == 0
+    capfd.readouterr()
+    assert _eval(*again, *common, "--out", tmp_path / "killed") == 0, capfd.readouterr().err
+    _items_and_scores_equal(tmp_path / "killed", tmp_path / "whole")
+    assert set(pd.read_csv(tmp_path / "killed" / "scores.csv")["model"]) == {f"{tiny_dirs['qwen2']}/", "./vl"}
+    other = shutil.copytree(vl, tmp_path / "models" / "vl2")
+    for models in ([tiny_dirs["qwen2"], other], [vl, tiny_dirs["qwen2"]]):
+        capfd.readouterr()
+        assert _eval("--models", *models, "--reference", tiny_dirs["qwen2"], *common, "--out",
+                     tmp_path / "killed") == 2
+        assert "holds a different run (" in capfd.readouterr().err
+    # the refusal names what differs in the run's identity, not the spelling: it said "chat_formats, models,
+    # reference, seed differ" of the first spelling with another --seed
+    capfd.readouterr()
+    assert _eval(*first, *common, "--seed", "7", "--out", tmp_path / "killed") == 2
+    assert capfd.readouterr().err.strip() == (f"error: --out {tmp_path / 'killed'} holds a different run (seed "
+                                              "differ); use another --out or --overwrite")
+    assert os.getcwd() == str(tmp_path / "models")
+
+
 def test_a_set_given_as_dot_is_named_and_resampled_as_its_folder(eval_run, tmp_path, text_dir, monkeypatch):
     """`--data .` from inside the set's folder is that folder: labelled by its name and given its intervals (it
     used to be labelled '.', and its bootstrap stream keyed by '.' gave other intervals than `--data text`)."""
@@ -2228,6 +2267,29 @@ def test_subjects_over_several_sets_take_each_sets_own(odd_sets, text_dir, tmp_p
         err = capfd.readouterr().err.strip()
         assert want in err and "\n" not in err
         assert not (tmp_path / "refused").exists()
+
+
+def test_subjects_reordered_or_repeated_are_the_same_run_and_another_choice_is_not(text_dir, tmp_path, capfd):
+    """--subjects picks a set of subjects (the loader reads each once, in (subject, number) order, whatever the order
+    typed), but run.json's plan kept the list as typed: the same subjects in another order, or one named twice, were
+    refused as "a different run (subjects differ)" (probe.heads keeps the sorted list and resumes). Oracle: the
+    first run's scores.csv, byte for byte; another choice of subjects is still refused and leaves the run as it was."""
+    a, b, c = sorted(p.name for p in text_dir.iterdir() if p.is_dir())[:3]
+    out = tmp_path / "run"
+    args = ["--models", "tiny-qwen2", "--data", text_dir, "--limit", "4", "--no-generate", "--no-figures", "--quiet",
+            "--out", out]
+    assert _eval(*args, "--subjects", a, b) == 0
+    want = (out / "scores.csv").read_bytes()
+    (out / "scores.csv").unlink()  # the rerun must assemble it again
+    for same in ([b, a], [a, b, a]):
+        capfd.readouterr()
+        assert _eval(*args, "--subjects", *same) == 0, capfd.readouterr().err
+        assert (out / "scores.csv").read_bytes() == want
+    before = _files(out)
+    capfd.readouterr()
+    assert _eval(*args, "--subjects", a, c) == 2
+    assert "holds a different run (data, subjects differ)" in capfd.readouterr().err
+    assert _files(out) == before
 
 
 @pytest.mark.parametrize("command", ["eval", "heads"])

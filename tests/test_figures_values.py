@@ -677,6 +677,10 @@ DAMAGE = {
     "heads-kl-column-gone": ("heads", drop_column("kl"), "missing column kl"),
     "eval-p-answer-nan": ("eval", set_cell(0, "p_answer", "nan"), "line 2: p_answer nan"),
     "eval-all-not-its-subjects": ("eval", set_cell(0, "n_items", "999"), "subjects' rows add up to 64"),
+    # the note is what says a model was scored on part of a set ("24 of 64 items ..."): without it eval.png drew that
+    # model's dot filled, as scored on the whole set, with no "k of n" (exit 0)
+    "eval-note-column-gone": ("eval", drop_column("note"), "missing column note"),
+    "eval-accuracy-hi-column-gone": ("eval", drop_column("accuracy_hi"), "missing column accuracy_hi"),
     "shift-model-empty": ("shift", set_cell(0, "model", ""), "line 2: empty model"),
     "shift-numel-negative": ("shift", set_cell(0, "numel", "-5"), "column numel must hold whole numbers"),
     "shift-numel-zero": ("shift", set_cell(0, "numel", "0"), "line 2: numel must be a whole number > 0"),
@@ -1099,3 +1103,58 @@ def test_heatmap_numbers_in_cells_fit_their_cells_or_are_left_out(tmp_path, monk
         assert fig.bbox.contains(*label.get_window_extent().p0) and fig.bbox.contains(*label.get_window_extent().p1)
         if (layers, heads) == (4, 8):  # as before: one decimal of a percentage, three of a KL
             assert [len(t.get_text().partition(".")[2]) for t in ax.texts] == [1 if scale == 100 else 3] * 32
+
+
+def test_eval_draws_each_rows_score_and_interval_one_model_all_wrong_and_long_named(tmp_path, drawn):
+    """Oracle test (no behaviour change): one model, a name of 120 characters, all wrong on one set, not applicable
+    on another, an extra column in scores.csv: eval.png draws the dot at scores.csv's accuracy, the all-wrong row
+    with the exact Clopper-Pearson interval [0, 1 − 0.025^(1/n)] (the closed form, not probe.stats), and "n/a" for
+    the set it cannot read."""
+    from test_figures_page import SCORE_COLUMNS
+
+    model = "runs/" + "a_very_long_folder_name_" * 4 + "/ft/checkpoint-20"
+    rows = [[model, "text", "all", 16, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, "all wrong"],
+            [model, "mixed", "all", 40, 0.625, 0.475, 0.775, 0.6, 0.45, 0.75, ""],
+            [model, "image", "all", 0, np.nan, np.nan, np.nan, np.nan, np.nan, np.nan, "not applicable: text LM"]]
+    assert len(model) > 100
+    pd.DataFrame([r + ["kept"] for r in rows], columns=SCORE_COLUMNS + ["extra"]).to_csv(tmp_path / "scores.csv",
+                                                                                          index=False)
+    assert figures_cli("eval", tmp_path) == 0
+    want = {"text": (0.0, 0.0, 100 * (1 - 0.025 ** (1 / 16))), "mixed": (62.5, 47.5, 77.5)}
+    got, na = {}, []
+    for ax in drawn["eval"].axes:
+        ds = ax.get_title().split(" (")[0].split("\n")[0]
+        [label] = [t.get_text() for t in drawn["eval"].axes[0].get_yticklabels()]
+        assert shows(label, model) and len(label) <= 41
+        for c in (c for c in ax.containers if isinstance(c, ErrorbarContainer)):
+            [seg] = c.lines[2][0].get_segments()
+            got[ds] = (c.lines[0].get_xdata()[0], seg[:, 0].min(), seg[:, 0].max())
+        na += [ds for t in ax.texts if t.get_text().startswith("n/a")]
+    assert got.keys() == want.keys() and na == ["image"]
+    for ds, (v, lo, hi) in want.items():
+        assert got[ds] == pytest.approx((v, lo, hi)), ds
+
+
+def test_steps_draw_checkpoints_in_step_order_whatever_their_order_as_text(tmp_path, drawn):
+    """Oracle test (no behaviour change): checkpoints listed as a shell glob sorts them (checkpoint-0, -100, -1000,
+    -20, -3: text order), one of them typed with a trailing slash, beside a model that is no checkpoint: the line
+    runs through the steps in number order, each step at its own checkpoint's score and band (scores.csv, by hand)."""
+    from test_figures_page import SCORE_COLUMNS
+
+    scores = {0: 0.05, 100: 0.7, 1000: 0.9, 20: 0.3, 3: 0.1}
+    rows = [[f"ft/checkpoint-{s}" + ("/" if s == 20 else ""), "text", "all", 20, v, max(v - 0.1, 0.0), v + 0.1,
+             v, max(v - 0.1, 0.0), v + 0.1, ""] for s, v in scores.items()]
+    rows.append(["organism-base", "text", "all", 20, 0.5, 0.4, 0.6, 0.5, 0.4, 0.6, ""])
+    pd.DataFrame(rows, columns=SCORE_COLUMNS).to_csv(tmp_path / "scores.csv", index=False)
+    assert figures_cli("steps", tmp_path) == 0
+    ax = drawn["steps"].axes[0]
+    [line] = ax.get_lines()
+    steps = sorted(scores)
+    assert line.get_xdata().tolist() == steps == [0, 3, 20, 100, 1000]
+    assert line.get_ydata().tolist() == pytest.approx([100 * scores[s] for s in steps])
+    [band] = [c for c in ax.collections if len(c.get_paths())]
+    v = band.get_paths()[0].vertices
+    for s in steps:
+        assert (v[v[:, 0] == s, 1].min(), v[v[:, 0] == s, 1].max()) == pytest.approx(
+            (100 * max(scores[s] - 0.1, 0.0), 100 * (scores[s] + 0.1))), s
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "3", "20", "100", "1000"]
