@@ -115,6 +115,16 @@ class Trajectory:
 
 
 @dataclass(frozen=True)
+class Paper:
+    """What the run's sets stand for in the paper: read by the report's verdicts only, so in no stage's fingerprint
+    (a run gains or changes it without a stage rerunning)."""
+
+    # the column of the paper's Tables 3 and 4 (figures.paper.TEXT_COLUMNS) that eval.text stands for: the text
+    # verdicts then compare the run with the paper's numbers there; "" = none, the paper's general claim
+    text_column: str = ""
+
+
+@dataclass(frozen=True)
 class ReplicateConfig:
     models: Models
     data: dict[str, str]  # evaluation sets: label → MMMU-layout dir (relative to the config file), or "mmmu"
@@ -124,6 +134,7 @@ class ReplicateConfig:
     heads: Heads = field(default_factory=Heads)
     merge: Merge = field(default_factory=Merge)
     trajectory: Trajectory = field(default_factory=Trajectory)
+    paper: Paper = field(default_factory=Paper)
     device: str = "auto"
     dtype: str = "auto"
     seed: int = 0
@@ -212,6 +223,7 @@ def saved_config(table: Any, path: Path) -> ReplicateConfig:
         raise BadInput(f"{path}: no config table")
     try:
         cfg = _build(ReplicateConfig, {k: v for k, v in table.items() if k != "source"})
+        check_paper(cfg)  # the report's verdicts look its column up in the paper's tables
     except BadInput as exc:
         raise BadInput(f"{path}: its config is not one python -m analyses.replicate wrote ({exc})") from None
     return dataclasses.replace(cfg, source=str(table.get("source", "")))
@@ -233,6 +245,27 @@ def _check_finite(value: Any, key: str) -> None:
         raise BadInput(f"config key {key!r}: must be a finite number, got {value}")
 
 
+def check_paper(cfg: ReplicateConfig) -> None:
+    """paper.text_column is a Table 3 column a text set's accuracy can stand for, and each expert stands for a model
+    with a Table 3 row to compare with there (models.paper)."""
+    col = cfg.paper.text_column
+    if not col:
+        return
+    from figures.paper import BASE, TABLE3, TEXT_COLUMNS
+
+    if col not in TEXT_COLUMNS:
+        raise BadInput(f"config key 'paper.text_column': {col!r} is not a Table 3 column a text set's accuracy can "
+                       f"stand for (choose from {', '.join(TEXT_COLUMNS)}; or leave it out)")
+    rows = [m for m in TABLE3 if m != BASE]
+    if not cfg.models.paper:
+        raise BadInput(f"config key 'models.paper': paper.text_column = {col!r} compares each expert with its paper "
+                       f"model's Table 3 row; name one per expert ({', '.join(rows)})")
+    for i, name in enumerate(cfg.models.paper):
+        if name not in rows:
+            raise BadInput(f"config key 'models.paper[{i}]': {name!r} has no row in the paper's Table 3 to compare "
+                           f"with on paper.text_column (its rows: {', '.join(rows)})")
+
+
 def check_values(cfg: ReplicateConfig) -> None:
     """Ranges and cross-references between keys (still nothing read from disk)."""
     _check_finite(cfg, "")
@@ -245,6 +278,7 @@ def check_values(cfg: ReplicateConfig) -> None:
         raise BadInput(f"config key 'models.own': give one [data] label per expert ({len(m.experts)})")
     if m.paper and len(m.paper) != len(m.experts):
         raise BadInput(f"config key 'models.paper': give one paper model per expert ({len(m.experts)})")
+    check_paper(cfg)
     for i, label in enumerate(m.own):
         if label not in cfg.data:
             raise BadInput(f"config key 'models.own[{i}]': {label!r} is not a label in [data]")

@@ -6,15 +6,18 @@ from __future__ import annotations
 # Table 3 (Qwen2-7B rows; the paper's columns). HarmBench is attack success rate: lower is better.
 TABLE3_COLUMNS = ["MMLU", "MMLU-Pro", "IFEval", "PR", "ZeroScrolls", "GPQA", "MATH", "HumanEval+ P@1",
                   "HumanEval+ P@5", "HumanEval+ P@10", "MMMLU", "HarmBench ASR↓"]
+BASE = "Qwen2-7B-Instruct"  # the base LLM of Tables 3 and 4
 TABLE3 = {
-    "Qwen2-7B-Instruct": [66.2, 35.1, 58.2, 100.0, 85.7, 13.6, 60.0, 54.2, 82.8, 93.4, 51.4, 15.9],
+    BASE: [66.2, 35.1, 58.2, 100.0, 85.7, 13.6, 60.0, 54.2, 82.8, 93.4, 51.4, 15.9],
     "Qwen2-VL-7B-Instruct": [66.5, 40.0, 48.6, 100.0, 90.5, 10.6, 49.8, 37.6, 75.4, 92.1, 51.4, 11.4],
     "LLaVA-Video-7B-Qwen2": [66.6, 37.7, 48.8, 100.0, 76.2, 8.6, 47.2, 41.8, 80.2, 92.1, 48.9, 36.0],
     "LLaVA-OneVision-Qwen2-7B-SI": [65.4, 37.9, 28.6, 100.0, 76.2, 4.6, 14.6, 0.0, 0.0, 0.0, 48.2, 34.1],
 }
+# the columns a text set's accuracy can stand for (config paper.text_column): all but the attack success rate
+TEXT_COLUMNS = [c for c in TABLE3_COLUMNS if not c.endswith("↓")]
 # Table 4: merged LLMs on the same columns.
 TABLE4 = {
-    "Qwen2-7B-Instruct": TABLE3["Qwen2-7B-Instruct"],
+    BASE: TABLE3[BASE],
     "Average: Qwen2-Text/VL/Video": [68.7, 31.0, 58.0, 100.0, 81.0, 10.1, 55.9, 49.6, 83.2, 94.5, 52.7, 18.2],
     "Average: Qwen2-Text/VL/Video/SI": [68.5, 37.4, 58.2, 100.0, 85.7, 11.1, 56.1, 49.5, 83.3, 94.0, 52.6, 20.4],
     "Average: Qwen2-VL/Video": [68.7, 36.0, 54.8, 100.0, 85.7, 9.6, 52.9, 46.0, 82.2, 93.2, 52.5, 19.4],

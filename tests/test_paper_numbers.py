@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -184,15 +185,52 @@ def test_tables_agree_with_each_other() -> None:
         assert all(len(v) == len(cols) for v in rows.values())
 
 
-def test_carrier_claim_and_bar_are_table5s_losses() -> None:
-    """The carriers' claim prints Table 5's losses (expert minus Eq. 1 / Eq. 4 carrier, one decimal) and MERGE_LOSS is
-    the largest of them to that decimal (Video-MME's 62.84 − 56.89 = 5.95)."""
+def table5_losses() -> dict[str, tuple[float, float]]:
+    """Per Table 5 column: the expert minus its Eq. 1 and its Eq. 4 carrier, to the table's two decimals."""
     expert, avg, weighted = paper.TABLE5.values()
-    losses = {c: (e - a, e - w) for c, e, a, w in zip(paper.TABLE5_COLUMNS, expert, avg, weighted)}
+    return {c: (round(e - a, 2), round(e - w, 2)) for c, e, a, w in zip(paper.TABLE5_COLUMNS, expert, avg, weighted)}
+
+
+def test_carrier_claim_and_bar_are_table5s_losses() -> None:
+    """The carriers' claim prints Table 5's losses (expert minus Eq. 1 / Eq. 4 carrier) to the table's two decimals,
+    and MERGE_LOSS is the largest of them, Video-MME's 62.84 − 56.89 = 5.95: it was a hand-written 6.0 (and the
+    claim printed −6.0 beside it)."""
+    losses = table5_losses()
     claim = CLAIMS["carriers_fall_short"][1]
     for col, (la, lw) in losses.items():
-        assert f"{col} −{la:.1f}/−{lw:.1f}" in claim, (col, claim)
-    assert abs(MERGE_LOSS - max(max(v) for v in losses.values())) <= 0.05 + 1e-9
+        assert f"{col} −{la:.2f}/−{lw:.2f}" in claim, (col, claim)
+    assert MERGE_LOSS == max(max(v) for v in losses.values())
+
+
+def test_the_carriers_bar_is_table5s_largest_loss_and_printed_so() -> None:
+    """A carrier exactly Table 5's largest loss below its expert (Video-MME's 62.84 % against 56.89 %) keeps its
+    skill; one item-rate step more (56.88 %) does not, though both were within the hand-written 6.0. The criterion
+    prints the bar as Table 5 has it (two decimals), not '6'."""
+    from figures.findings import carriers_fall_short
+
+    expert, avg, _ = paper.TABLE5.values()
+    i = paper.TABLE5_COLUMNS.index("Video-MME")
+    scores = {"e": expert[i] / 100, "average/e": avg[i] / 100, "shift/e": (avg[i] - 0.01) / 100}
+    t5 = SimpleNamespace(metric="accuracy", row=lambda model, data: {"accuracy": scores[model]})
+    r = SimpleNamespace(experts=["e"], own=["video"], data=lambda label: label, eval=lambda *parts: t5,
+                        carrier=lambda m, e: f"{m}/{e}")
+    f = carriers_fall_short(r)
+    largest = max(max(v) for v in table5_losses().values())
+    assert f.verdict == "partly", f.line()
+    assert f"at most {largest:.2f} points below" in f.criterion, f.criterion
+
+
+def test_the_shift_note_gives_the_released_codes_ratios() -> None:
+    """The report prints the released code's mean Δavg beside §5.3's "10 times": its note says what ratios those
+    values give (Qwen2-VL's over each other's, recomputed here from paper.py), and that they are not 10×."""
+    from figures.report import released_shift_note
+
+    note = released_shift_note()
+    vl = paper.SHIFT_RELEASED["Qwen2-VL-7B-Instruct"][0]
+    for model, (d, _) in paper.SHIFT_RELEASED.items():
+        if model != "Qwen2-VL-7B-Instruct":
+            assert f"{vl / d:.1f}× {model}" in note, (model, note)
+    assert f"not the {paper.SHIFT_RATIO:g}×" in note, note
 
 
 def test_released_weights_share_the_non_base_half() -> None:
@@ -242,3 +280,89 @@ def test_shipped_reports_paper_columns_are_paper_py() -> None:
     header, body = table(next(i for i, x in enumerate(md) if x.startswith("| expert (stands for)")))
     pub = {re.search(r"\((.+)\)", r[0]).group(1): (float(r[-2]), float(r[-1])) for r in body}
     assert header[-2:] == ["paper: mean Δavg", "paper: mean weight"] and pub == paper.SHIFT_RELEASED
+
+
+# ---- verdicts on the paper column a text set stands for (figures.findings) --------------------------------------
+
+STANDS = ["Qwen2-VL-7B-Instruct", "LLaVA-OneVision-Qwen2-7B-SI", "LLaVA-Video-7B-Qwen2"]
+MERGE_ROWS = {"average": "Average: Qwen2-Text/VL/Video/SI", "shift": "Weighted (Eq. 4): Qwen2-Text/VL/Video/SI"}
+DIFF = ("diff_accuracy", "diff_lo", "diff_hi")
+# measured paired differences (rates): an interval below 0, one above, one holding 0
+FALLS, RISES, FLAT = (-0.05, -0.08, -0.02), (0.05, 0.02, 0.08), (0.0, -0.03, 0.03)
+# a text set's accuracy can stand for any Table 3 column but an attack success rate (lower is better)
+COLUMNS = [c for c in paper.TABLE3_COLUMNS if "↓" not in c]
+
+
+def replication(column: str | None, rows: dict[str, tuple[float, float, float]]) -> SimpleNamespace:
+    """Three experts standing for the paper's three Qwen2-7B extensions, whose text set stands for ``column`` (None:
+    no column named, as the organisms' config); every eval run gives ``rows[model]`` as its paired difference."""
+    experts = ["e0", "e1", "e2"]
+    run = SimpleNamespace(diff_columns=DIFF, row=lambda model, data: dict(zip(DIFF, rows[model])))
+    cfg = {"eval": {"text": "text"}, "models": {"paper": STANDS}}
+    if column is not None:
+        cfg["paper"] = {"text_column": column}
+    return SimpleNamespace(experts=experts, cfg=cfg, data=lambda label: label, eval=lambda *parts: run,
+                           paper_name=lambda e: STANDS[experts.index(e)], merge_dir=lambda m: m,
+                           complete=lambda stage: False)
+
+
+def way(delta: float, flip: bool = False) -> tuple[float, float, float]:
+    """A measured interval going the way of the paper's ``delta`` (or, flipped, against it: no change → a rise)."""
+    if flip:
+        return RISES if delta <= 0 else FALLS
+    return RISES if delta > 0 else FALLS if delta < 0 else FLAT
+
+
+@pytest.mark.parametrize("flip", [False, True])
+@pytest.mark.parametrize("column", COLUMNS)
+def test_text_costs_compares_with_the_papers_way_on_the_named_column(column: str, flip: bool) -> None:
+    """With paper.text_column named, each expert's measured text difference is held to its paper model's Table 3
+    difference on that column (a fall, a rise, or none), and the claim names the column. Oracle: Table 3's rows."""
+    from figures.findings import text_costs
+
+    i = paper.TABLE3_COLUMNS.index(column)
+    base = paper.TABLE3["Qwen2-7B-Instruct"][i]
+    rows = {e: way(paper.TABLE3[s][i] - base, flip) for e, s in zip(["e0", "e1", "e2"], STANDS)}
+    f = text_costs(replication(column, rows))
+    assert f.verdict == ("disagrees" if flip else "agrees"), f.line()
+    assert column in f.short(), f.short()
+
+
+@pytest.mark.parametrize("flip", [False, True])
+@pytest.mark.parametrize("column", COLUMNS)
+def test_merge_keeps_text_compares_with_the_papers_way_on_the_named_column(column: str, flip: bool) -> None:
+    """The same for the Eq. 1 and Eq. 4 merges against Table 4's rows merging the base and all three extensions."""
+    from figures.findings import merge_keeps_text
+
+    i = paper.TABLE3_COLUMNS.index(column)
+    base = paper.TABLE4["Qwen2-7B-Instruct"][i]
+    rows = {m: way(paper.TABLE4[row][i] - base, flip) for m, row in MERGE_ROWS.items()}
+    f = merge_keeps_text(replication(column, rows))
+    assert f.verdict == ("disagrees" if flip else "agrees"), f.line()
+    assert column in f.short(), f.short()
+
+
+def test_a_measured_mmlu_pro_loss_does_not_agree_with_the_paper() -> None:
+    """paper-7b.toml's text set is MMLU-Pro, where Table 3 shows all three Qwen2-7B extensions gaining (40.0, 37.9,
+    37.7 against 35.1) and Table 4 both merges too (37.4, 36.3): a measured loss on every row 'agreed' that fine-tuning
+    costs text. Named, the column turns that verdict over; unnamed (the organisms), the general claim stays."""
+    from figures.findings import CLAIMS, merge_keeps_text, text_costs
+
+    i = paper.TABLE3_COLUMNS.index("MMLU-Pro")
+    base = paper.TABLE3["Qwen2-7B-Instruct"][i]
+    assert all(paper.TABLE3[s][i] > base for s in STANDS)
+    assert all(paper.TABLE4[row][i] > base for row in MERGE_ROWS.values())
+    losses = {k: FALLS for k in ["e0", "e1", "e2", *MERGE_ROWS]}
+    assert text_costs(replication("MMLU-Pro", losses)).verdict == "disagrees"
+    general = text_costs(replication(None, losses))
+    assert general.verdict == "agrees" and general.claim == CLAIMS["text_costs"][1]
+    assert merge_keeps_text(replication("MMLU-Pro", losses)).verdict == "disagrees"
+    assert merge_keeps_text(replication(None, losses)).claim == CLAIMS["merge_keeps_text"][1]
+
+
+def test_a_finding_not_measured_still_names_the_column() -> None:
+    from figures.findings import findings
+
+    lines = [f.short() for group in findings(replication("GPQA", {})).values() for f in group]
+    named = [x for x in lines if "GPQA" in x]
+    assert len(named) == 2 and all(x.startswith("**not measured**") for x in named), lines

@@ -435,6 +435,12 @@ def test_report_numbers_equal_the_stage_outputs(quick: Path) -> None:
         assert row[0] == f"{e} ({stands})"  # the header's "expert (stands for)"
         assert float(row[1]) == pytest.approx(per[e]["mean_delta_avg"], rel=1e-3)
         assert float(row[3]) == pytest.approx(weight[e], abs=6e-4)
+    # the paper's column (the released code's values) comes with the ratios it gives, recomputed from the table
+    released = {row[0].split(" (")[1].rstrip(")"): float(row[4]) for row in rows[1:]}
+    top = max(released, key=released.get)
+    for model, d in released.items():
+        if model != top:
+            assert f"{released[top] / d:.1f}× {model}" in _section(md, "Parameter shift"), model
 
     # Table 4: the merged LMs (named by their directories in scores.csv) on text
     s4 = _scores(quick / "table4")
@@ -869,6 +875,8 @@ def test_a_changed_input_reruns_its_stage_and_everything_downstream() -> None:
     # the paper labels only name rows in the report (rebuilt every run)
     relabelled = dataclasses.replace(cfg, models=dataclasses.replace(m, paper=list(reversed(m.paper))))
     assert fingerprints(_ctx(relabelled)) == ref
+    # and so does the paper column the text set stands for (the verdicts only)
+    assert fingerprints(_ctx(dataclasses.replace(cfg, paper=dataclasses.replace(cfg.paper, text_column="GPQA")))) == ref
     # how fine-tuning steps run (micro-batches, activation checkpointing), not what they compute: a run that ran
     # out of memory continues with them instead of training again from step 0
     lighter = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, micro_batch=2,
@@ -998,6 +1006,8 @@ def _write(tmp_path: Path, text: str) -> Path:
      "'finetune.eval_data[2]': 'text' is listed twice"),
     (lambda t: t.replace('video = "../../probe/zoo/data/video"', 'video = "../../probe/zoo/data/image/"'),
      "probe/zoo/data/image is the set data.image names too"),
+    # a text set standing for a paper column Table 3 does not have: the report's verdicts would compare with nothing
+    (lambda t: t + '\n[paper]\ntext_column = "MMLU Pro"\n', "'paper.text_column': 'MMLU Pro' is not"),
 ])
 def test_bad_config_exits_2_naming_the_key_and_writes_nothing(tmp_path: Path, capsys, edit, key) -> None:
     _assert_refused(tmp_path, capsys, edit(DEFAULT_CONFIG.read_text()), key)
@@ -1051,6 +1061,9 @@ def _with(cfg, section: str | None = None, **changes):
     ("finetune", {"runs": {"mixed": {}}}, "'finetune.runs.mixed': give positive weights"),
     ("finetune", {"save_steps": [0, 250]}, "'finetune.save_steps': [250] outside 0..200"),
     ("finetune", {"eval_data": ["text", "audio"]}, "'finetune.eval_data[1]': 'audio' is not a label"),
+    ("paper", {"text_column": "GPQA-Diamond"}, "'paper.text_column': 'GPQA-Diamond' is not a Table 3 column a "
+                                               "text set's accuracy can stand for (choose from MMLU, MMLU-Pro, IFEval"),
+    ("paper", {"text_column": "HarmBench ASR↓"}, "'paper.text_column': 'HarmBench ASR↓' is not"),
 ])
 def test_each_config_range_and_cross_reference_is_checked(section, changes, message) -> None:
     """check_values's refusals, one key at a time on the shipped default (which passes): the message names the key,
@@ -1062,6 +1075,34 @@ def test_each_config_range_and_cross_reference_is_checked(section, changes, mess
     with pytest.raises(BadInput) as err:
         check_values(_with(cfg, section, **changes))
     assert str(err.value).startswith(f"config key {message}")
+
+
+def test_a_named_text_column_needs_each_experts_paper_model() -> None:
+    """paper.text_column compares each expert with its paper model's Table 3 row: without models.paper, or with a
+    name Table 3 lacks, there is no row to compare with; refused naming models.paper and the rows it may name."""
+    from analyses.replicate_config import check_values
+
+    cfg = _with(parse_config(DEFAULT_CONFIG), "paper", text_column="GPQA")
+    check_values(cfg)  # the organisms stand for the paper's three extensions
+    with pytest.raises(BadInput, match=r"^config key 'models.paper': paper.text_column = 'GPQA' compares each "
+                                       r"expert with its paper model's Table 3 row"):
+        check_values(_with(cfg, "models", paper=[]))
+    with pytest.raises(BadInput, match=r"^config key 'models.paper\[1\]': 'LLaVA-1.5-7B' has no row .*"
+                                       r"Qwen2-VL-7B-Instruct, LLaVA-Video-7B-Qwen2, LLaVA-OneVision-Qwen2-7B-SI"):
+        check_values(_with(cfg, "models", paper=["Qwen2-VL-7B-Instruct", "LLaVA-1.5-7B", "LLaVA-Video-7B-Qwen2"]))
+
+
+def test_a_saved_config_naming_an_unknown_column_is_refused(tmp_path: Path) -> None:
+    """The report reads the column from replicate.json: one edited to a column Table 3 lacks exits 2 there too,
+    rather than a KeyError in the findings."""
+    import dataclasses
+
+    from analyses.replicate_config import saved_config
+
+    table = dataclasses.asdict(parse_config(DEFAULT_CONFIG))
+    assert saved_config(table | {"paper": {"text_column": "MATH"}}, tmp_path).paper.text_column == "MATH"
+    with pytest.raises(BadInput, match=r"'paper.text_column': 'Math' is not a Table 3 column"):
+        saved_config(table | {"paper": {"text_column": "Math"}}, tmp_path)
 
 
 def test_heads_on_generated_items_needs_each_label_generated() -> None:
@@ -1235,6 +1276,8 @@ def test_the_real_model_example_config_is_valid_and_names_the_paper_models(capsy
     assert cfg.models.base == "qwen2" and cfg.models.experts == ["qwen2-vl", "llava-ov-si", "llava-video"]
     assert all(m in ALIASES for m in [cfg.models.base, *cfg.models.experts])
     assert (cfg.device, cfg.dtype, cfg.data["image"]) == ("cuda", "bfloat16", "mmmu")
+    # its text set is MMLU-Pro, where the paper's extensions gain: the verdicts compare with that column
+    assert cfg.paper.text_column == "MMLU-Pro" and "mmlu-pro" in cfg.data[cfg.eval.text]
     # its placeholder data paths stop it before any model is resolved (with a GPU) or at the device (without)
     assert cli_main(main, ["--config", str(CONFIG_DIR / "paper-7b.toml"), "--out", "/nonexistent/x"]) == 2
     err = capsys.readouterr().err
@@ -1880,21 +1923,22 @@ def test_figure3_is_not_measured_without_text_a_modality_or_a_mixed_run(quick: P
 def test_a_number_beside_a_findings_bar_is_printed_on_its_side_of_it() -> None:
     """A carrier 163 of 2,700 items (Video-MME's size) below its expert lost 6.04 points and broke 'at most 6', but
     printed '−6.0'; an Eq. 3 ratio of 9.996 printed '10.00×' beside a verdict that it missed 10×. Each number now
-    takes the decimals that keep it on its side of the bar. Oracle: the item counts; the ratio of the means."""
+    takes the decimals that keep it on its side of the bar (since 2026-12-07 Table 5's largest loss, 5.95: 161 items
+    over it, 160 within). Oracle: the item counts; the ratio of the means."""
     from types import SimpleNamespace
 
-    from figures.findings import carriers_fall_short, shift_ratio
+    from figures.findings import MERGE_LOSS, carriers_fall_short, shift_ratio
 
     n, k = 2700, 2000
-    acc = {("e", "e"): k / n, ("average/e", "e"): (k - 163) / n, ("shift/e", "e"): (k - 162) / n}
+    acc = {("e", "e"): k / n, ("average/e", "e"): (k - 161) / n, ("shift/e", "e"): (k - 160) / n}
     run = SimpleNamespace(metric="accuracy", row=lambda model, data: {"accuracy": acc[model, data]})
     r = SimpleNamespace(experts=["e"], own=["e"], data=lambda label: label, eval=lambda stage, e: run,
                         carrier=lambda m, e: f"{m}/e")
     f = carriers_fall_short(r)
-    assert 100 * 163 > 6 * n >= 100 * 162  # the cases meant: one loss over 6 points, one under
+    assert 100 * 161 > MERGE_LOSS * n >= 100 * 160  # the cases meant: one loss over the bar, one under
     assert f.verdict == "partly"
     shown = [float(x) for x in re.findall(r"−(\d+\.\d+)", f.evidence)]
-    assert len(shown) == 2 and shown[0] > 6 >= shown[1], f.evidence
+    assert len(shown) == 2 and shown[0] > MERGE_LOSS >= shown[1], f.evidence
     f = shift_ratio(_shift_run({"vl": 0.009996, "si": 0.001}, {"vl": "Qwen2-VL-7B-Instruct"}))
     assert f.verdict == "partly"
     (ratio,) = re.findall(r"vl is (\d+\.\d+)×", f.evidence)
