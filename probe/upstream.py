@@ -14,8 +14,9 @@ probe/models.py loads with hub kernels off (NO_HUB_KERNELS).
 Beyond the exact engine, what every engine reads from transformers is checked here too, wherever an upstream change
 had given numbers with exit 0 when simulated: the prompt's special tokens (``check_special_tokens_read``), the
 processor's outputs against the forward's parameters (``check_model_inputs``), plain greedy ``generate``
-(``greedy_generate``), the fp32 LM head (``head_must_run``) and the positions of hand-decoded tokens
-(``PositionWatch``).
+(``greedy_generate``, with raw first-step logits: ``check_first_step_raw``), the fp32 LM head (``head_must_run``), the
+positions of hand-decoded tokens (``PositionWatch``), where each head reaches o_proj (``check_head_layout``, at every
+load) and the length-dependent RoPE limit (``rope_position_limit``, against the config).
 """
 from __future__ import annotations
 
