@@ -165,7 +165,7 @@ def build_random(name: str, workdir: str | Path, dtype: str = "float32", device:
 
     from probe.families import FAMILIES
     from probe.lm_config import HeadGeometry, text_config_dict
-    from probe.models import DTYPES, LoadedModel, ModelRef, _check_geometry, load_processors
+    from probe.models import DTYPES, LoadedModel, ModelRef, _check_geometry, check_head_layout, load_processors
     from probe.tiny import _CORPUS
     from probe.tokenizer import build_tokenizer, media_ids, special_ids
 
@@ -203,6 +203,7 @@ def build_random(name: str, workdir: str | Path, dtype: str = "float32", device:
     tokenizer, proc = load_processors(ref)
     loaded = LoadedModel(ref, model, tokenizer, proc, DTYPES[dtype], torch.device(device), attn_implementation)
     _check_geometry(loaded)
+    check_head_layout(loaded)
     return loaded
 
 

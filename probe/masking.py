@@ -13,12 +13,13 @@ from typing import Iterable, Mapping
 
 import torch
 
-from probe.errors import BadInput
+from probe.errors import BadInput, RunStopped
 from probe.models import LoadedModel
 
 
-class HookDidNotFire(RuntimeError):
-    """A mask was registered for a layer whose o_proj never ran: the result would silently be unmasked."""
+class HookDidNotFire(RunStopped):
+    """A mask was registered for a layer whose o_proj never ran: the result would silently be unmasked. A run-time
+    check like the others: one line, exit 1 (a RuntimeError, it ended the command in a traceback)."""
 
 
 def apply_head_gate(x: torch.Tensor, gate: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -86,7 +87,8 @@ class HeadMask:
         if exc_type is None and self.require_fired:
             silent = sorted(set(self.gates) - set(self.fired))
             if silent:
-                raise HookDidNotFire(f"head-mask hooks of layers {silent} never fired")
+                raise HookDidNotFire(f"head-mask hooks of layers {silent} never fired: their o_proj modules did not "
+                                     "run, so those heads were not masked")
 
 
 def zero_gates(loaded: LoadedModel, heads: Iterable[tuple[int, int]]) -> dict[int, torch.Tensor]:

@@ -692,7 +692,23 @@ def load_model(
     loaded = LoadedModel(ref, model, tokenizer, processor, torch_dtype, torch.device(device), attn_implementation,
                          plan)
     _check_geometry(loaded)
+    check_head_layout(loaded)
     return loaded
+
+
+def check_head_layout(m: LoadedModel) -> None:
+    """Heads reach o_proj's input where the engines mask them (``probe.upstream.check_head_layout``), checked on one
+    text token (a plain word's, so no media placeholder: the model runs it without pixels); the M-RoPE state that
+    forward leaves behind is reset."""
+    from probe.upstream import check_head_layout as check, reset_position_state
+
+    ids = m.tokenizer.encode("The", add_special_tokens=False)[:1] or [m.tokenizer.eos_token_id]
+    g = m.geometry
+    try:
+        check(m.model, m.family.layers_path, m.family.o_proj_path, g.n_heads, g.n_kv_heads, g.head_dim,
+              torch.tensor([ids], device=m.device))
+    finally:
+        reset_position_state(m.model)
 
 
 def exact_fp32_convolutions() -> None:

@@ -14,14 +14,16 @@ probe/models.py loads with hub kernels off (NO_HUB_KERNELS).
 Beyond the exact engine, what every engine reads from transformers is checked here too, wherever an upstream change
 had given numbers with exit 0 when simulated: the prompt's special tokens (``check_special_tokens_read``), the
 processor's outputs against the forward's parameters (``check_model_inputs``), plain greedy ``generate``
-(``greedy_generate``), the fp32 LM head (``head_must_run``) and the positions of hand-decoded tokens
-(``PositionWatch``).
+(``greedy_generate``, with raw first-step logits: ``check_first_step_raw``), the fp32 LM head (``head_must_run``), the
+positions of hand-decoded tokens (``PositionWatch``), where each head reaches o_proj (``check_head_layout``, at every
+load) and the length-dependent RoPE limit (``rope_position_limit``, against the config).
 """
 from __future__ import annotations
 
 import copy
 import functools
 import inspect
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -196,6 +198,64 @@ def check_attn_implementation(model: nn.Module, layers_path: str, o_proj_path: s
                                   f"{asked!r} the model was loaded with (config._attn_implementation)")
 
 
+def check_head_layout(model: nn.Module, layers_path: str, o_proj_path: str, n_heads: int, n_kv_heads: int,
+                      head_dim: int, input_ids: torch.Tensor) -> None:
+    """Every head's output reaches o_proj where the engines mask it: query head h at input columns
+    [h·head_dim, (h+1)·head_dim), computed from key/value head h // (n_heads / n_kv_heads) (5.23-5.25: the
+    attention output reshaped head-major, ``repeat_kv``'s consecutive repeats). Checked on one forward of
+    ``input_ids`` (one unpadded row of text): at its first position causal attention sees that position alone, so
+    each head's output is its value vector, whatever the RoPE, norms or kernel; the v_proj output there is the
+    independent oracle. A release that flattened the heads otherwise (dim-major, from a fused kernel) or grouped
+    query heads with other value heads, its o_proj weights permuted to match at load, would compute the same
+    clean logits while every mask removed other channels than the head named (simulated on the tiny Qwen2:
+    masking head 1 of layer 0 moved the logits 0.19 from zeroing that head's o_proj columns, exit 0)."""
+    attn_path, _, _ = o_proj_path.rpartition(".")
+    v_path = f"{attn_path}.v_proj" if attn_path else "v_proj"
+    layers = model.get_submodule(layers_path)
+    seen: dict[tuple[str, int], torch.Tensor] = {}
+
+    def keep(key: tuple[str, int], x: Any) -> None:
+        seen.setdefault(key, x[..., 0, :].detach().float().reshape(-1))  # the first position of the one row
+
+    handles = []
+    try:
+        for i, layer in enumerate(layers):
+            try:
+                v_proj, o_proj = layer.get_submodule(v_path), layer.get_submodule(o_proj_path)
+            except AttributeError:
+                raise UpstreamChanged(f"decoder layer {i} has no {v_path} beside {o_proj_path}: which value heads "
+                                      "reach which o_proj columns cannot be checked", naive_helps=False) from None
+            handles.append(v_proj.register_forward_hook(lambda m, a, out, i=i: keep(("v", i), out)))
+            handles.append(o_proj.register_forward_pre_hook(lambda m, a, kw, i=i: keep(("o", i), a[0] if a
+                                                            else kw["input"]), with_kwargs=True))
+        with torch.no_grad():
+            model(input_ids=input_ids, logits_to_keep=1)
+    finally:
+        for h in handles:
+            h.remove()
+    group = n_heads // n_kv_heads
+    for i in range(len(layers)):
+        v, o = seen.get(("v", i)), seen.get(("o", i))
+        if v is None or o is None:
+            raise UpstreamChanged(f"decoder layer {i}'s {v_path} or {o_proj_path} did not run as a module in the "
+                                  "forward: which heads reach which o_proj columns cannot be checked",
+                                  naive_helps=False)
+        if v.numel() != n_kv_heads * head_dim or o.numel() != n_heads * head_dim:
+            raise UpstreamChanged(f"decoder layer {i}'s {v_path} gave {v.numel()} values and its {o_proj_path} took "
+                                  f"{o.numel()} inputs a position, not {n_kv_heads}×{head_dim} and {n_heads}×"
+                                  f"{head_dim}", naive_helps=False)
+        if not (bool(torch.isfinite(v).all()) and bool(torch.isfinite(o).all())):
+            continue  # a half-precision overflow tells no order; the engines name it at the item it hits
+        want = v.view(n_kv_heads, 1, head_dim).expand(n_kv_heads, group, head_dim).reshape(-1).to(o.device)
+        scale = float(want.abs().max()) or 1.0
+        if not torch.allclose(o, want, rtol=0, atol=2e-2 * scale):  # half precision rounds; a wrong order is O(1)
+            bad = int((o - want).abs().view(n_heads, head_dim).amax(-1).argmax())
+            raise UpstreamChanged(f"decoder layer {i}'s attention put query head {bad}'s output elsewhere than o_proj "
+                                  f"input columns {bad * head_dim}..{(bad + 1) * head_dim - 1} (its value head "
+                                  f"{bad // group}'s, at the first position): head masks would remove other "
+                                  "channels than the heads they name", naive_helps=False)
+
+
 def module_device(module: nn.Module) -> torch.device:
     """Where ``module`` computes: the execution device of its accelerate hook when the model is dispatched
     (accelerate 1.x ``AlignDevicesHook``, checked with 1.15), else the device of its first weight."""
@@ -255,21 +315,50 @@ def rope_position_limit(model: nn.Module) -> tuple[str, int] | None:
     grown frequencies for every later call (until one is short again); ``longrope`` switches to its long factors for
     the whole call once it passes ``original_max_position_embeddings``. Beyond that many positions a measurement
     depends on what ran before and on the longest row of its batch (checked on 5.25, modeling_rope_utils
-    ``dynamic_rope_update``). None when no rotary embedding does so (default, linear, yarn, llama3, M-RoPE)."""
+    ``dynamic_rope_update``). None when no rotary embedding does so (default, linear, yarn, llama3, M-RoPE).
+    UpstreamChanged where the config declares such a RoPE and no module says so by its ``rope_type``: a release
+    keeping it under another name would otherwise let items past the limit through (simulated, exit 0); a module
+    without ``original_max_seq_len`` (which 5.25's longrope never reads) takes the config's values."""
     limits = []
     for module in model.modules():
         kinds = getattr(module, "rope_type", None)
-        if kinds is None or not hasattr(module, "original_max_seq_len"):
+        if not isinstance(kinds, (str, dict)) or not isinstance(module, nn.Module):
             continue
+        config = getattr(module, "config", None)
+        # the limit as transformers reads it (5.25: dynamic from original_max_seq_len, set from the config's
+        # max_position_embeddings; longrope from the config's rope parameters): what a module keeps, else the config
+        kept = getattr(module, "original_max_seq_len", None) or getattr(config, "max_position_embeddings", None)
         by_layer = kinds if isinstance(kinds, dict) else {None: kinds}
         for layer_type, kind in by_layer.items():
-            if "dynamic" in kind:  # modeling_rope_utils' own test
-                limits.append((kind, int(module.original_max_seq_len)))
+            if not isinstance(kind, str):
+                continue
+            if "dynamic" in kind and kept:  # modeling_rope_utils' own test
+                limits.append((kind, int(kept)))
             elif kind == "longrope":
-                params = getattr(module.config, "rope_parameters", None) or {}
+                params = getattr(config, "rope_parameters", None) or {}
                 params = params.get(layer_type, params) if layer_type is not None else params
-                limits.append((kind, int(params.get("original_max_position_embeddings", module.original_max_seq_len))))
+                limit = params.get("original_max_position_embeddings", kept)
+                if limit:
+                    limits.append((kind, int(limit)))
+    declared = _declared_length_ropes(model)
+    if declared and not limits:
+        raise UpstreamChanged(f"the config declares {declared[0]!r} RoPE, but no module of "
+                              f"{type(model).__name__} holds a rotary embedding of that rope_type with its length "
+                              "limit: items past it could not be refused", naive_helps=False)
     return min(limits, key=lambda x: x[1]) if limits else None
+
+
+def _declared_length_ropes(model: nn.Module) -> list[str]:
+    """The dynamic and longrope RoPE types the model's text config declares (``rope_parameters``, flat or per layer
+    type): the oracle ``rope_position_limit`` is checked against, as the checkpoint states it."""
+    try:
+        params = model.config.get_text_config(decoder=True).rope_parameters
+    except AttributeError:
+        return []
+    nodes = [params] if isinstance(params, dict) and "rope_type" in params else (
+        [v for v in params.values() if isinstance(v, dict)] if isinstance(params, dict) else [])
+    kinds = [node.get("rope_type") for node in nodes]
+    return [k for k in kinds if isinstance(k, str) and ("dynamic" in k or k == "longrope")]
 
 
 def full_length_cache() -> Any:
@@ -414,7 +503,38 @@ def greedy_generate(model: nn.Module, inputs: dict[str, torch.Tensor], config: A
     finally:
         model.generation_config = saved
     check_greedy(out.logits, out.sequences[:, inputs["input_ids"].shape[1]:], eos)
+    if model not in _RAW_FIRST_STEP:
+        check_first_step_raw(model, inputs, out.logits[0])
     return out
+
+
+_RAW_FIRST_STEP: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # models whose generate logits were checked raw
+
+
+def check_first_step_raw(model: nn.Module, inputs: dict[str, torch.Tensor], first: torch.Tensor) -> None:
+    """generate's first-step logits ``first`` [B, V] (``output_logits``, which the option probabilities are read
+    from) are the plain forward's logits at the prompt's last position, on the rows no padding shifts (a full
+    attention mask). Checked once per model, on its first call with such a row: one more prefill a run. A release
+    returning processed scores there by a transform that keeps every argmax (a temperature) passes
+    ``check_greedy``; simulated with 0.7, the tiny Qwen2's option probabilities moved by 0.029, exit 0. Non-finite
+    logits are the overflow check's to name (nothing is marked checked then)."""
+    mask = inputs.get("attention_mask")
+    rows = (torch.arange(first.shape[0]) if mask is None else mask.bool().all(-1).nonzero().flatten()).cpu()
+    if not len(rows):
+        return
+    with torch.no_grad():
+        plain = model(**inputs, logits_to_keep=1).logits[:, -1]
+    got, want = first[rows.to(first.device)].float(), plain[rows.to(plain.device)].float().to(first.device)
+    if not (bool(torch.isfinite(got).all()) and bool(torch.isfinite(want).all())):
+        return
+    # the same forward twice; half precision leaves room for another kernel's rounding, not for a rescaling
+    tol = (1e-4 if getattr(model, "dtype", torch.float32) == torch.float32 else 1e-2) * (float(want.abs().max()) or 1.0)
+    diff = float((got - want).abs().max())
+    if diff > tol:
+        raise UpstreamChanged(f"generate's first-step logits are not the forward's raw logits at the prompt's last "
+                              f"position (max difference {diff:.3g}, scale {float(want.abs().max()):.3g}): it returned "
+                              "processed scores as output_logits", naive_helps=False)
+    _RAW_FIRST_STEP.add(model)
 
 
 def check_greedy(step_logits: Sequence[torch.Tensor], tokens: torch.Tensor, eos: Iterable[int]) -> None:

@@ -277,6 +277,26 @@ def test_hook_did_not_fire_names_the_silent_layer(load_tiny):
     assert_no_hooks(m)
 
 
+def test_a_mask_that_never_fired_stops_a_command_with_one_line(load_tiny, capfd):
+    """A forward that computed a layer's attention without calling its o_proj module (a fused attention in a later
+    release) leaves that layer unmasked: the run stops, as for any run-time check, with exit 1 and one line naming
+    the layer, not a traceback."""
+    from probe.errors import cli_main
+
+    m = load_tiny("qwen2")
+
+    def command(argv):
+        with mask_heads(m, [(2, 1)]):
+            pass
+        return 0
+
+    assert cli_main(command, []) == 1
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err == ["error: head-mask hooks of layers [2] never fired: their o_proj modules did not run, so those "
+                   "heads were not masked"], err
+    assert_no_hooks(m)
+
+
 def test_require_fired_false_allows_no_forward(load_tiny):
     m = load_tiny("qwen2")
     with HeadMask(m, {1: torch.ones(4)}, require_fired=False):

@@ -5,6 +5,7 @@ when a release changes what the engine relies on; the run-time guard of the exac
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -442,3 +443,148 @@ def test_a_model_that_runs_its_layers_otherwise_stops_the_exact_engine(order, lo
     finally:
         setattr(parent, name, layers)
     clean_pass(loaded, text_inputs(loaded), keep_cache=False)  # restored: the same model runs as before
+
+
+def _attention_reordered(order: str):
+    """Qwen2Attention.forward as a release might compute it (eager attention, transformers' own functions), handing
+    o_proj its heads in another order: ``dim_major`` flattens [head_dim, heads] (a fused kernel's layout),
+    ``tiled_kv`` gives query head h value head h % kv_heads (keys and values tiled, not repeated per group)."""
+    import transformers.models.qwen2.modeling_qwen2 as mq
+
+    def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
+        shape = hidden_states.shape[:-1]
+        q, k, v = (p(hidden_states).view(*shape, -1, self.head_dim).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = mq.apply_rotary_pos_emb(q, k, *position_embeddings)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
+        group = self.num_key_value_groups
+        if order == "tiled_kv":  # q_proj's heads reordered to match (as a load conversion would: _column_order)
+            q = q[:, _tiled_heads(q.shape[1], k.shape[1])]
+            k, v = k.repeat(1, group, 1, 1), v.repeat(1, group, 1, 1)
+            self.num_key_value_groups = 1  # eager_attention_forward's repeat_kv: nothing left to repeat
+        try:
+            out, weights = mq.eager_attention_forward(self, q, k, v, attention_mask, scaling=self.scaling)
+        finally:
+            self.num_key_value_groups = group
+        out = out.transpose(-1, -2) if order == "dim_major" else out  # [B, T, heads, d] → [B, T, d, heads]
+        return self.o_proj(out.reshape(*shape, -1).contiguous()), weights
+
+    return forward
+
+
+def _tiled_heads(n_heads: int, n_kv: int) -> list[int]:
+    """With keys and values tiled, position j pairs with value head j % n_kv: the query head of that group."""
+    return [(j % n_kv) * (n_heads // n_kv) + j // n_kv for j in range(n_heads)]
+
+
+def _column_order(order: str, n_heads: int, n_kv: int, d: int) -> torch.Tensor:
+    """For each o_proj input column under ``_attention_reordered(order)``, the head-major column it holds."""
+    cols = torch.arange(n_heads * d).view(n_heads, d)
+    return (cols.t() if order == "dim_major" else cols[_tiled_heads(n_heads, n_kv)]).reshape(-1)
+
+
+@pytest.mark.parametrize("order", ["dim_major", "tiled_kv"])
+def test_heads_that_reach_o_proj_in_another_order_are_refused(order, load_tiny, tiny_dirs, monkeypatch):
+    """A release whose attention hands o_proj its heads in another order, o_proj's weights permuted to match (a load
+    conversion), computes the same clean logits, but every head mask (an o_proj input slice) removes other
+    channels than the head it names. Oracle: removing head 1 of layer 0 is zeroing its o_proj weight columns in
+    the released layout. Under the changed attention the hook's mask no longer matches it (the silent failure:
+    shown first), and the check run at every load refuses the model (UpstreamChanged, one line, exit 1)."""
+    import transformers.models.qwen2.modeling_qwen2 as mq
+
+    from probe.masking import mask_heads
+    from probe.models import load_model, resolve_model
+    from probe.upstream import UpstreamChanged
+
+    loaded = load_tiny("qwen2")
+    g, ids = loaded.geometry, torch.tensor([[3, 7, 11, 5]])
+    weights = [loaded.o_proj(i).weight for i in range(g.n_layers)]
+    saved = [w.detach().clone() for w in weights]
+    with torch.no_grad():
+        weights[0][:, g.head_dim:2 * g.head_dim] = 0
+        oracle = loaded.model(input_ids=ids).logits
+        weights[0].copy_(saved[0])
+        clean = loaded.model(input_ids=ids).logits
+    monkeypatch.setattr(mq.Qwen2Attention, "forward", _attention_reordered(order))
+    moved = _column_order(order, g.n_heads, g.n_kv_heads, g.head_dim)
+    try:
+        with torch.no_grad():
+            for w, s in zip(weights, saved):
+                w.copy_(s[:, moved])
+            assert torch.allclose(loaded.model(input_ids=ids).logits, clean, atol=1e-5)  # the same clean model
+            with mask_heads(loaded, [(0, 1)]):
+                masked = loaded.model(input_ids=ids).logits
+            assert (masked - oracle).abs().max() > 1e-3  # the mask misses head 1 without a word
+    finally:
+        with torch.no_grad():
+            for w, s in zip(weights, saved):
+                w.copy_(s)
+    with pytest.raises(UpstreamChanged, match=r"decoder layer 0's attention put query head \d+'s output elsewhere"):
+        load_model(resolve_model(str(tiny_dirs["qwen2"])), attn_implementation="eager")
+
+
+@pytest.mark.parametrize("engine", ["naive", "batched"])
+def test_generate_that_returns_processed_logits_is_refused(engine, tiny_dirs, monkeypatch):
+    """The option probabilities come from generate's first-step logits (``output_logits``: raw). A release that
+    handed back processed scores there, by a transform that keeps each argmax (a temperature of 0.7), passes the
+    greedy check, and moved the tiny Qwen2's option probabilities by 0.029, exit 0. Oracle: the plain forward's logits
+    at the prompt's last position, compared on the first call of each model (a fresh load here: the session's
+    cached model may have been checked already)."""
+    from transformers.generation.utils import GenerationMixin
+
+    from probe.batch import measure_batch
+    from probe.models import load_model, resolve_model
+    from probe.sweep import SweepConfig, first_token_measure, prepare_item
+    from probe.upstream import UpstreamChanged
+
+    real = GenerationMixin.generate
+
+    def processed(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        out.logits = tuple(step / 0.7 for step in out.logits)
+        return out
+
+    cfg = SweepConfig(generate=True, max_new_tokens=2)
+    items = [make_item(with_image=False, seed=s, item_id=f"validation_Test_{s}") for s in (0, 1)]
+    for change in (None, processed):
+        if change:
+            monkeypatch.setattr(GenerationMixin, "generate", change)
+        loaded = load_model(resolve_model(str(tiny_dirs["qwen2"])), attn_implementation="eager")
+        prepared = [prepare_item(loaded, it, cfg) for it in items]
+        with pytest.raises(UpstreamChanged, match="generate's first-step logits are not") if change else (
+                contextlib.nullcontext()):
+            if engine == "naive":
+                first_token_measure(loaded, *prepared[0], cfg)
+            else:
+                measure_batch(loaded, [p[0] for p in prepared], [p[1] for p in prepared], cfg)
+
+
+@pytest.mark.parametrize("change", ["drops_original_max_seq_len", "renames_rope_type"])
+def test_a_length_dependent_rope_is_found_whatever_its_module_keeps(change, tmp_path):
+    """A longrope model switches to its long factors for the whole call past original_max_position_embeddings
+    (80 here, of 4096 positions), so such items are refused (``rope_position_limit``). That limit was found only on
+    rotary modules that keep ``original_max_seq_len`` and ``rope_type``: transformers' longrope reads neither the
+    former (5.25 reads the config) nor needs the latter's name, and a release without them made the limit None, a
+    145-token item measured past it, exit 0. Oracle: the config's own rope_parameters."""
+    from probe.models import load_model, resolve_model
+    from probe.tiny import TinySpec, build_tiny
+    from probe.upstream import UpstreamChanged, rope_position_limit
+
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8, "long_factor": [4.0] * 8,
+            "original_max_position_embeddings": 80}
+    path = build_tiny("llama", tmp_path / "llama", TinySpec(num_hidden_layers=2),
+                      {"rope_parameters": rope, "max_position_embeddings": 4096})
+    model = load_model(resolve_model(str(path)), attn_implementation="eager").model
+    assert rope_position_limit(model) == ("longrope", 80)
+    for module in model.modules():
+        if change == "drops_original_max_seq_len" and hasattr(module, "original_max_seq_len"):
+            del module.original_max_seq_len
+        if change == "renames_rope_type" and isinstance(getattr(module, "rope_type", None), str):
+            module.rope_kind = module.rope_type
+            del module.rope_type
+    if change == "drops_original_max_seq_len":
+        assert rope_position_limit(model) == ("longrope", 80)
+    else:
+        with pytest.raises(UpstreamChanged, match="config declares 'longrope' RoPE"):
+            rope_position_limit(model)
