@@ -1,11 +1,13 @@
 """Figures drawn only from saved result files (``python -m figures KIND DIR``)."""
 from __future__ import annotations
 
+import functools
 import io
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from probe.errors import BadInput, error_reason
 
@@ -16,6 +18,65 @@ UNIT = (0.0, 1.0)  # bounds of an accuracy or a probability
 PAGE_WIDTH, PAGE_HEIGHT = 7.0, 9.0
 PDF_FONTS = {"pdf.fonttype": 42, "ps.fonttype": 42}  # rcParams every figure is saved under (save_figure)
 PDF_DPI = 300  # the resolution of the rasters (heatmap cells) inside a PDF
+PLAIN_TEXT = {"text.parse_math": False}  # rcParams every figure is drawn under (drawn_as_written)
+SUPERSCRIPTS = str.maketrans("0123456789-", "⁰¹²³⁴⁵⁶⁷⁸⁹⁻")
+
+Draw = TypeVar("Draw", bound=Callable[..., Any])
+
+
+def drawn_as_written(draw: Draw) -> Draw:
+    """``draw`` (a function that draws and saves figures) with every text of its figures drawn as written:
+    matplotlib reads text between two '$' as mathtext, so a model, data set or run named 'a$_$b' ended a redraw in
+    a ParseSyntaxException traceback and 'cost$5-$10' was drawn 'cost5-10' with an italic '5-'. A text reads
+    ``text.parse_math`` when it is made (an axes' title and labels with the axes, a tick label at the first
+    drawing, possibly while saving), so it is off while ``draw`` runs, and the caller's rcParams are as they were
+    after. A text meant as mathtext says so (``parse_math=True``); a log axis' tick numbers are plain text
+    (``plain_log_ticks``)."""
+    @functools.wraps(draw)
+    def plain(*args: Any, **kwargs: Any) -> Any:
+        import matplotlib
+
+        with matplotlib.rc_context(PLAIN_TEXT):
+            return draw(*args, **kwargs)
+
+    return plain  # type: ignore[return-value]
+
+
+def plain_number(text: str) -> str:
+    """A tick number as matplotlib's log formatter writes it in mathtext ('$\\mathdefault{2\\times10^{-3}}$') as
+    the plain text it typesets ('2×10⁻³'); any other text as it is."""
+    m = re.fullmatch(r"\$\\mathdefault\{(.*)\}\$", text)
+    if not m:
+        return text
+    body = re.sub(r"\^\{(-?\d+)\}", lambda e: e[1].translate(SUPERSCRIPTS), m[1].replace("\\times", "×"))
+    return body.replace("-", "−")
+
+
+@functools.cache
+def _plain_log_formatter() -> type:
+    from matplotlib.ticker import LogFormatterSciNotation
+
+    class PlainLogFormatter(LogFormatterSciNotation):
+        """matplotlib's log-axis tick numbers (10⁻³, 2×10⁻³ where it labels between decades), as plain text."""
+
+        def __call__(self, x: float, pos: int | None = None) -> str:
+            return plain_number(super().__call__(x, pos))
+
+    return PlainLogFormatter
+
+
+def plain_log_ticks(target: Any) -> None:
+    """The tick numbers of a base-10 log axis (``target``: an axes' xaxis or yaxis, or a colour bar of a LogNorm
+    image) as plain text: matplotlib writes them as mathtext ('$\\mathdefault{10^{-3}}$'), drawn as those characters
+    where mathtext is off (``drawn_as_written``). Call it after the axis' scale is set, which resets its
+    formatters."""
+    formatter = _plain_log_formatter()
+    major, minor = formatter(), formatter(labelOnlyBase=False)  # as matplotlib's log scale sets them
+    if hasattr(target, "minorformatter"):  # a colour bar: kept as its own, set again whenever it updates its ticks
+        target.formatter, target.minorformatter = major, minor
+    else:
+        target.set_major_formatter(major)
+        target.set_minor_formatter(minor)
 
 
 def page_grid(n: int, min_width: float, margin: float = 0.0) -> tuple[int, int]:
@@ -776,10 +837,3 @@ def short_name(name: Any, width: int = 32) -> str:
     while k and len("…/" + "/".join(parts[k - 1:])) <= width:
         k -= 1
     return "…/" + "/".join(parts[k:]) if k < len(parts) else "…" + name[-(width - 1):]
-
-
-def literal(text: Any) -> str:
-    """A name drawn as written: matplotlib parses text between two '$' as mathtext, so a folder 'a$_$b' ended a
-    redraw in a ParseSyntaxException and 'cost$5-$10' came out as 'cost5-10' with an italic '5-'. An escaped
-    dollar is drawn as a dollar."""
-    return str(text).replace("$", r"\$")

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from figures import (PAGE_HEIGHT, UNIT, drop_stale_pages, name_colours, page_caption, page_grid, page_panels, page_stem,
-                     read_table, save_png_pdf, short_name)
+from figures import (PAGE_HEIGHT, UNIT, drawn_as_written, drop_stale_pages, name_colours, page_caption, page_grid,
+                     page_panels, page_stem, read_table, save_png_pdf, short_name)
 from probe.errors import BadInput
 from probe.stats import reported_interval
 
@@ -100,6 +100,7 @@ def eval_pages(n_models: int, n_sets: int, left: float) -> tuple[float, int]:
     return 1.0, math.ceil(n_models / pages)  # pages as even as they can be
 
 
+@drawn_as_written
 def draw_eval(result_dir: Path) -> list[Path]:
     """eval.png/pdf (and eval-2, eval-3, ... when the models do not fit one page at 8 pt)."""
     import matplotlib

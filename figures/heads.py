@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from figures import PAGE_HEIGHT, PAGE_WIDTH, UNIT, fit_bar_labels, label_step, read_json, read_table, save_figure
+from figures import (PAGE_HEIGHT, PAGE_WIDTH, UNIT, drawn_as_written, fit_bar_labels, label_step, read_json, read_table,
+                     save_figure)
 from probe.errors import BadInput
 from probe.results import HEAD_METRIC_BOUNDS
 
@@ -100,6 +101,7 @@ def _grid(heads: pd.DataFrame, metric: str) -> tuple[np.ndarray, list[int], list
     return grid, layers, cols
 
 
+@drawn_as_written
 def draw_metric(heads: pd.DataFrame, baseline: dict, metric: str, out_stem: Path, label: str = "") -> None:
     import matplotlib
 
@@ -228,6 +230,7 @@ def check_one_run(run_dir: Path, heads: pd.DataFrame, baseline: dict) -> None:
                            f"against {want.iloc[i]:g}): files of different runs")
 
 
+@drawn_as_written
 def draw_heads(run_dir: Path) -> list[Path]:
     """Redraw heatmap_{accuracy,prob_accuracy,kl}.{png,pdf} of a finished sweep."""
     run_dir = Path(run_dir)

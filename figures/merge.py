@@ -11,8 +11,9 @@ import numpy as np
 import pandas as pd
 
 from analyses.merge_methods import COMMAND, METHOD_KINDS, WEIGHTS_HEADER, run_fingerprint
-from figures import (bar_aspect, drop_stale_pages, fit_bar_labels, heatmap_ticks, heatmap_ticks_again, page_caption,
-                     page_panels, page_split, page_stem, read_json, read_table, save_png_pdf)
+from figures import (bar_aspect, drawn_as_written, drop_stale_pages, fit_bar_labels, heatmap_ticks,
+                     heatmap_ticks_again, page_caption, page_panels, page_split, page_stem, read_json, read_table,
+                     save_png_pdf)
 from figures.heads import centred_limits, clip_note, extend_for, kl_limit
 from probe.errors import BadInput, error_reason
 from probe.results import HEAD_METRIC_BOUNDS
@@ -225,6 +226,7 @@ def read_merge(result_dir: Path) -> tuple[pd.DataFrame, dict]:
     return weights, info
 
 
+@drawn_as_written
 def draw_merge(result_dir: Path) -> list[Path]:
     import matplotlib
 
@@ -288,11 +290,11 @@ def _draw_page(names: list[str], titles: list[str], sals: list[np.ndarray | None
         ax.set_ylabel("layer", fontsize=8)
         cb = fig.colorbar(im, ax=ax, fraction=0.046, aspect=aspect)
         cb.ax.tick_params(labelsize=7)
-        cb.set_label("merge weight $w_i$", fontsize=7)
+        cb.set_label("merge weight $w_i$", fontsize=7, parse_math=True)  # the symbols typeset, as a paper has them
         s = sals[k]
         if s is None:
             ax2.text(0.5, 0.5, "base keeps $\\alpha_0$\n(no salience run)" if is_base[k] else "salience run not found",
-                     ha="center", va="center", fontsize=8, transform=ax2.transAxes)
+                     ha="center", va="center", fontsize=8, transform=ax2.transAxes, parse_math=is_base[k])  # α₀
             ax2.set_axis_off()
         else:
             what, unit = SALIENCE_NAMES.get(metric, (metric.replace("_", " "), ""))

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 
-from figures import (bar_aspect, drop_stale_pages, fit_bar_labels, fit_stack_gaps, heatmap_ticks, heatmap_ticks_again,
-                     lay_out, page_caption, page_panels, page_split, page_stem, paper, read_json, save_figure)
+from figures import (bar_aspect, drawn_as_written, drop_stale_pages, fit_bar_labels, fit_stack_gaps, heatmap_ticks,
+                     heatmap_ticks_again, lay_out, page_caption, page_panels, page_split, page_stem, paper, read_json,
+                     save_figure)
 from figures.findings import Finding, findings, interval
 from figures.merge import current_info
 from figures.results import METHOD_LABELS, EvalRun, Replication, short
@@ -204,6 +205,7 @@ FIG2_WIDTH, FIG2_PANEL, FIG2_MARGIN = 2.6, 2.8, (1.2, 0.4)
 FIG2_NARROW = 1.9
 
 
+@drawn_as_written
 def draw_figure2(r: Replication, dest: Path) -> list[Path]:
     """One panel per swept model (experts on their own data, the base on text): KL and probability-accuracy
     drop per (layer, head), from each sweep's heads.csv. ``dest`` is the first page's PNG; past 6 models further
@@ -482,6 +484,7 @@ def build(r: Replication, figdir: Path) -> Doc:
     return d
 
 
+@drawn_as_written
 def build_report(out: Path) -> list[Path]:
     from probe.results import atomic_write_bytes, partial_dir
 

@@ -16,8 +16,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
-from figures import (PAGE_HEIGHT, PAGE_WIDTH, fit_page, label_step, literal, name_colours,  # noqa: E402
-                     name_markers, page_panels, read_json, save_figure, separate_labels, widen_to_hold)
+from figures import (PAGE_HEIGHT, PAGE_WIDTH, drawn_as_written, fit_page, label_step, name_colours,  # noqa: E402
+                     name_markers, page_panels, plain_log_ticks, read_json, save_figure, separate_labels,
+                     widen_to_hold)
 from probe.errors import BadInput  # noqa: E402
 
 if TYPE_CHECKING:
@@ -26,11 +27,10 @@ if TYPE_CHECKING:
 
 def short_names(models: list[str]) -> dict[str, str]:
     """Readable, unique labels: each model's last folder name, or its shortest tail that tells it apart
-    (probe.results.distinct_names: seed0/mixed, seed1/mixed), so the per-model files differ too; drawn as written
-    (``literal``: a '$' is no mathtext)."""
+    (probe.results.distinct_names: seed0/mixed, seed1/mixed), so the per-model files differ too."""
     from probe.results import distinct_names
 
-    return {m: literal(n) for m, n in zip(models, distinct_names(models))}
+    return dict(zip(models, distinct_names(models)))
 
 
 def slug(text: str) -> str:
@@ -106,6 +106,7 @@ def read_shift(result_dir: Path) -> tuple["pd.DataFrame", dict]:
     return df, check_summary(result_dir, df)
 
 
+@drawn_as_written
 def draw_shift(result_dir: Path) -> list[Path]:
     result_dir = Path(result_dir)
     df, _ = read_shift(result_dir)
@@ -142,6 +143,7 @@ def draw_shift(result_dir: Path) -> list[Path]:
         ax.set_ylabel("layer", fontsize=8)
         ax.set_title(f"Δavg = mean |θ_base − θ| per tensor (Eq. 3): {labels[m]}", fontsize=9)
         cbar = fig.colorbar(im, ax=ax)
+        plain_log_ticks(cbar)
         cbar.set_label("Δavg (log)", fontsize=8)
         cbar.ax.tick_params(labelsize=7)
         fig.tight_layout()  # the rotated module names inside the figure, not past its edge
@@ -164,6 +166,7 @@ def draw_shift(result_dir: Path) -> list[Path]:
     ax1.set_xlim(-0.6, len(models) - 0.4)
     ax1.grid(axis="y", which="both", alpha=0.3)
     ax1.set_yscale("log")
+    plain_log_ticks(ax1.yaxis)
     ax1.set_ylabel("mean Δavg over tensors (log)", fontsize=8)
     low = means.min()
     ax1.set_title("parameter shift from the base (Eq. 3);\n" + ("(k×): k times the least shifted" if low > 0 else
@@ -193,6 +196,7 @@ def draw_shift(result_dir: Path) -> list[Path]:
             frozen = True
             ax2.plot(s.index[z], np.full(z.sum(), layer_foot), "v", ms=5, mfc="white", color=line.get_color())
     ax2.set_yscale("log")
+    plain_log_ticks(ax2.yaxis)
     ax2.set_xlabel("layer", fontsize=8)
     ax2.set_ylabel("mean Δavg over the layer's tensors", fontsize=8)
     ax2.set_title("shift by depth" + ("\n▽ at the foot: 0, did not move" if frozen else ""), fontsize=9)

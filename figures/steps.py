@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from figures import (drop_stale_pages, name_colours, name_markers, page_caption, page_panels, page_split, page_stem,
-                     save_png_pdf, spaced_ticklabels)
+from figures import (drawn_as_written, drop_stale_pages, name_colours, name_markers, page_caption, page_panels,
+                     page_split, page_stem, save_png_pdf, spaced_ticklabels)
 from figures.eval import read_scores
 from probe.errors import BadInput
 from probe.results import distinct_names
@@ -54,6 +54,7 @@ def step_scores(result_dir: Path) -> pd.DataFrame:
     return s.sort_values("step")
 
 
+@drawn_as_written
 def draw_steps(result_dirs: list[Path] | Path, out: Path | None = None) -> list[Path]:
     import matplotlib
 
@@ -97,11 +98,13 @@ def _draw_page(titles: list[str], tables: list[pd.DataFrame], colour: dict, lege
     fig, panels = page_panels(len(titles), 3.4, 3.04, min_width=MIN_WIDTH, margin=(0.6, legend), dpi=150, sharey=True)
     axes = [ax for (ax,) in panels]
     marker = name_markers(list(colour))  # a data set's line told by its marker too, not by its colour alone
+    # the legend's lines by data set, handed to it: it leaves out a line whose label starts with '_' (a set '_x')
+    seen: dict = {}
     for ax, title, t in zip(axes, titles, tables):
         metric = run_metric(t)
         for data, g in t.groupby("data", sort=False):
             c = colour[data]
-            ax.plot(g["step"], 100 * g[metric], marker=marker[data], ms=4, color=c, label=data)
+            seen[data], = ax.plot(g["step"], 100 * g[metric], marker=marker[data], ms=4, color=c, label=data)
             band = [reported_interval(*x) for x in zip(g[metric], g[f"{metric}_lo"], g[f"{metric}_hi"], g["n_items"])]
             ax.fill_between(g["step"], [100 * lo for lo, _ in band], [100 * hi for _, hi in band], color=c, alpha=0.2,
                             lw=0)
@@ -120,12 +123,10 @@ def _draw_page(titles: list[str], tables: list[pd.DataFrame], colour: dict, lege
         ax.set_xlabel("fine-tuning step", fontsize=8)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)
-    seen: dict = {}
     for ax in axes:
         if ax.get_subplotspec().is_first_col():
             # a --no-generate eval draws the probability accuracy: the axis said "accuracy" whatever it drew
             ax.set_ylabel(f"{what} [%]\n(band: 95 % interval)", fontsize=8)
-        seen |= dict(zip(*ax.get_legend_handles_labels()[::-1]))
     # below the panels, never over a band
     fig.legend(list(seen.values()), list(seen), fontsize=7, loc="lower center", ncol=min(len(seen), 6), frameon=False,
                title="evaluated on", title_fontsize=7)

@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from figures import fit_page, literal, page_panels, place_labels, read_json, read_table  # noqa: E402
+from figures import drawn_as_written, fit_page, page_panels, place_labels, read_json, read_table  # noqa: E402
 from figures.shift import save, short_names  # noqa: E402
 from probe.errors import BadInput, is_int  # noqa: E402
 
@@ -149,6 +149,7 @@ def read_trajectory(result_dir: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     return df, info
 
 
+@drawn_as_written
 def draw_trajectory(result_dir: Path) -> list[Path]:
     result_dir = Path(result_dir)
     df, info = read_trajectory(result_dir)
@@ -176,7 +177,7 @@ def draw_trajectory(result_dir: Path) -> list[Path]:
                 r = r.sort_values("step")
                 colour = RUN_COLOURS[i % len(RUN_COLOURS)]
                 xs, ys = r["x"].to_numpy(), r["y"].to_numpy()
-                ax.plot(xs, ys, "-", color=colour, alpha=0.6, lw=1.2, label=f"run {literal(run)}")
+                ax.plot(xs, ys, "-", color=colour, alpha=0.6, lw=1.2, label=f"run {run}")
                 for j in range(len(xs) - 1):
                     ax.annotate("", (xs[j + 1], ys[j + 1]), (xs[j], ys[j]),
                                 arrowprops=dict(arrowstyle="->", color=colour, lw=1.2))
@@ -195,7 +196,7 @@ def draw_trajectory(result_dir: Path) -> list[Path]:
                                                fontsize=8))
             title = f"{method.upper() if method == 'pca' else 't-SNE'}: {TITLES.get(feature, feature)}"
             if ref:
-                title += f"\nθ_ref = {literal(ref)}"
+                title += f"\nθ_ref = {ref}"
             shares = info.get("pca_explained_variance")
             share = shares.get(feature, []) if isinstance(shares, dict) else []
             if method == "pca":

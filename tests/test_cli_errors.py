@@ -650,7 +650,9 @@ def test_damaged_part_is_bad_input(base_run, data_dir, tmp_path, capsys, damage)
 
 HEADS_CSV = "layer,head,accuracy,prob_accuracy,kl,n_items,accuracy_drop,prob_accuracy_drop,p_answer\n"
 BASELINE = json.dumps({"accuracy": 0.9, "prob_accuracy": 0.9, "kl": 0.0, "n_items": 4})
-SCORES = "model,data,subject,n_items,accuracy,accuracy_lo,accuracy_hi,prob_accuracy,prob_accuracy_lo,prob_accuracy_hi\n"
+# probe.eval's columns, note included (figures eval/steps refuse a scores.csv without it); a row's note left off
+SCORES = ("model,data,subject,n_items,accuracy,accuracy_lo,accuracy_hi,prob_accuracy,prob_accuracy_lo,"
+          "prob_accuracy_hi,note\n")
 CASES = {  # id: (kind, {file: content}, words the error names)
     "heads-garbage": ("heads", {"heads.csv": b"\x00\x01garbage\n\xff", "baseline.json": BASELINE}, "heads.csv"),
     "heads-header-only": ("heads", {"heads.csv": HEADS_CSV, "baseline.json": BASELINE}, "no rows"),

@@ -103,14 +103,14 @@ def test_shift_models_whose_names_slug_alike_get_a_heatmap_each(tmp_path, drawn)
 
 
 def shown_texts(fig: Figure) -> list[str]:
-    """Every text of a figure as drawn but its axes' tick numbers (mathtext by design): one that matplotlib would
-    parse as mathtext is refused (a model's name is never math), an escaped dollar shown as the dollar it is."""
+    """Every text of a figure: one that matplotlib would parse as mathtext is refused (a model's name is never
+    math)."""
     from matplotlib.cbook import is_math_text
     from matplotlib.text import Text
 
-    texts = [t.get_text() for t in fig.findobj(Text) if t.get_text() and "\\mathdefault" not in t.get_text()]
-    assert not [t for t in texts if is_math_text(t)], texts
-    return [t.replace("\\$", "$") for t in texts]
+    texts = [t for t in fig.findobj(Text) if t.get_text()]
+    assert not [t.get_text() for t in texts if t.get_parse_math() and is_math_text(t.get_text())]
+    return [t.get_text() for t in texts]
 
 
 def test_shift_and_trajectory_names_with_dollars_are_drawn_as_written(tmp_path, drawn):
@@ -123,7 +123,7 @@ def test_shift_and_trajectory_names_with_dollars_are_drawn_as_written(tmp_path, 
     shown = "\n".join(t for k, fig in drawn.items() if k.startswith("shift_") for t in shown_texts(fig))
     assert "a$_$b" in shown and "cost$5-$10" in shown, shown
     [legend] = [ax.get_legend() for ax in drawn["shift_models"].axes if ax.get_legend()]
-    assert [t.get_text().replace("\\$", "$") for t in legend.get_texts()] == [n.split("/")[1] for n in names]
+    assert [t.get_text() for t in legend.get_texts()] == [n.split("/")[1] for n in names]
     d = write_trajectory(tmp_path / "t", ["ft$_$a"])
     coords = (d / "coords.csv").read_text(encoding="utf-8").replace("organism-vl", "x/cost$5-$10")
     (d / "coords.csv").write_text(coords, encoding="utf-8")
@@ -1158,3 +1158,97 @@ def test_steps_draw_checkpoints_in_step_order_whatever_their_order_as_text(tmp_p
         assert (v[v[:, 0] == s, 1].min(), v[v[:, 0] == s, 1].max()) == pytest.approx(
             (100 * max(scores[s] - 0.1, 0.0), 100 * (scores[s] + 0.1))), s
     assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "3", "20", "100", "1000"]
+
+
+# names as a model, data set, subject or run may be spelled: matplotlib reads text between two '$' as mathtext
+# ('a$_$b' a ParseSyntaxException, 'cost$5-$10' drawn 'cost5-10' with an italic '5-', 'p$\alpha$' as 'pα'),
+# and leaves a line whose label starts with '_' out of a legend
+ODD = ["a$_$b", "cost$5-$10", "p$\\alpha$^2_x", "_lead"]
+TYPESET = {"merge weight $w_i$", "base keeps $\\alpha_0$"}  # the only mathtext drawn: the merge figure's symbols
+
+
+def odd_eval(d: Path) -> tuple[list[Path], list[str]]:
+    write_scores(d, ODD[:3], [ODD[3], "s$_$t"])
+    return [d], [*ODD, "s$_$t"]
+
+
+def odd_steps(d: Path) -> tuple[list[Path], list[str]]:
+    runs = [write_scores(d / name, ["ft/checkpoint-0", "ft/checkpoint-10"], [ODD[3], ODD[1]], seed=k)
+            for k, name in enumerate(["r$_$1", "q^2\\$x$"])]
+    return runs, ["run r$_$1", "run q^2\\$x$", ODD[3], ODD[1]]
+
+
+def odd_heads(d: Path) -> tuple[list[Path], list[str]]:
+    from test_figures_page import write_heads
+
+    return [write_heads(d / "h$_$x^2\\y", 2, 2)], ["h$_$x^2\\y"]
+
+
+def odd_merge(d: Path) -> tuple[list[Path], list[str]]:
+    d = write_merge(d / "m", 3, layers=2, heads=2)
+    names = {f"zoo/expert-{k}": f"zoo/{n}" for k, n in enumerate(ODD[:3])}
+    for f in ("merge_weights.csv", "merge.json"):
+        text = (d / f).read_text(encoding="utf-8")
+        for old, new in names.items():
+            text = text.replace(old, json.dumps(new)[1:-1] if f.endswith(".json") else new)
+        (d / f).write_text(text, encoding="utf-8")
+    return [d], ODD[:3]
+
+
+def odd_shift(d: Path) -> tuple[list[Path], list[str]]:
+    # one heatmap ('_lead': its line the legend's one); every name a tick label of the models panel
+    return [write_shift(d, [f"runs/{n}" for n in ODD[::-1]], 2, ["self_attn.q_proj.weight"], layered=1)], ODD
+
+
+def odd_trajectory(d: Path) -> tuple[list[Path], list[str]]:
+    d = write_trajectory(d, [ODD[0]], methods=("pca",))
+    coords = pd.read_csv(d / "coords.csv", keep_default_na=False)
+    coords["name"] = coords["name"].replace({"organism-vl": f"x/{ODD[1]}", "organism-video": ODD[3]})
+    coords.to_csv(d / "coords.csv", index=False)
+    info = json.loads((d / "run.json").read_text(encoding="utf-8"))
+    info |= {"ref": f"runs/{ODD[2]}", "maps": {"norms": ["pca"], "sketch": ["pca"]}}
+    (d / "run.json").write_text(json.dumps(info), encoding="utf-8")
+    return [d], [f"run {ODD[0]}", ODD[1], ODD[3], f"θ_ref = {ODD[2]}"]
+
+
+@pytest.mark.parametrize("kind", ["eval", "steps", "heads", "merge", "shift", "trajectory", "report"])
+def test_every_figure_draws_names_as_written(tmp_path, monkeypatch, kind):
+    """Every figure kind drawn from results whose model, data set and run names hold '$', '_', '^' and '\\': exit 0,
+    and each name is among the lines the renderer is handed as plain text, as written (a hook on the Agg
+    renderer: what is drawn, not what a Text holds); nothing is typeset as mathtext but the merge figure's two
+    symbols (a log axis' tick numbers are plain text too). Only shift and trajectory were safe (each name escaped
+    there by hand, yet shift's log ticks were mathtext): eval, steps, heads, merge and Figure 2 ended in a
+    ParseSyntaxException traceback at 'a$_$b' (exit 1; 'cost$5-$10' drew 'cost5-10' with an italic '5-'), and the
+    steps legend left out the data set '_lead'."""
+    import matplotlib
+    from matplotlib.backends.backend_agg import RendererAgg
+
+    lines: list[tuple[str, bool]] = []
+    draw_text = RendererAgg.draw_text
+
+    def record(self, gc, x, y, s, prop, angle, ismath=False, mtext=None):
+        lines.append((s, bool(ismath)))
+        return draw_text(self, gc, x, y, s, prop, angle, ismath, mtext)
+
+    monkeypatch.setattr(RendererAgg, "draw_text", record)
+    if kind == "report":  # Figure 2, drawn by python -m figures report from a replication's head sweeps
+        from test_figures_page import write_heads
+
+        from figures.report import draw_figure2
+        from figures.results import Replication, short
+
+        names = ODD[:2]
+        for k, m in enumerate(names):
+            write_heads(tmp_path / "rep" / "heads" / short(m), 2, 2, seed=k)
+        cfg = {"models": {"base": names[1], "experts": names[:1], "own": [ODD[3]]}, "heads": {"split": "train"}}
+        fig2 = tmp_path / "fig" / "figure2.png"
+        fig2.parent.mkdir()
+        assert draw_figure2(Replication(tmp_path / "rep", {"config": cfg, "fingerprints": {}}), fig2) == [fig2]
+        want = [f"{names[0]} on {ODD[3]} (train)", f"{names[1]} on text (train)"]
+    else:
+        dirs, want = globals()[f"odd_{kind}"](tmp_path)
+        assert figures_cli(kind, *dirs) == 0
+    plain = "\n".join(s for s, math in lines if not math)
+    assert [n for n in want if n not in plain] == [], plain
+    assert {s for s, math in lines if math} <= TYPESET
+    assert matplotlib.rcParams["text.parse_math"]  # the caller's setting, as it was
