@@ -25,6 +25,7 @@ from probe.errors import BadInput, error_reason, is_int
 from probe.families import (
     ALIASES,
     Family,
+    LayoutConflict,
     canonical_lm_name,
     detect_layout,
     family_of_model_type,
@@ -327,7 +328,9 @@ def check_loaded_lm(path: Path, config: dict[str, Any], entry: Path | None, wmap
 
         family = family_of_model_type(config["model_type"])
         try:
-            layout = detect_layout(config.get("model_type"), where)
+            layout = detect_layout(config.get("model_type"), where, str(path))
+        except LayoutConflict:  # keys of two layouts: transformers loads one copy of each tensor, unsaid
+            raise
         except BadInput:  # a layout only the family's class reads (its key mapping: Qwen2-VL's visual.* under
             # model.visual.), which the analyses refuse but transformers loads: the two tensors by their names' ends,
             # where one key each ends so (this returned unchecked, and such a load ran the file's differing lm_head)
