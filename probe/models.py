@@ -1204,3 +1204,8 @@ def check_shard_keys(path: Path, index: Path | None, wmap: Mapping[str, str] | N
         if index is not None and wmap.get(key) != files[0].name:
             raise BadInput(f"checkpoint {path}: tensor {key} is in {files[0].name}, but {index.name} maps it to "
                            f"{wmap.get(key) or 'no shard'}; fix the index or the shards")
+    if index is not None:  # a name the index maps to a shard that holds it nowhere: transformers skips it
+        for key, name in wmap.items():
+            if key not in where:
+                raise BadInput(f"checkpoint {path}: {index.name} maps tensor {key} to {name}, which does not hold "
+                               "it (a corrupt index); fix the index or the shards")

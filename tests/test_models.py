@@ -517,6 +517,23 @@ def test_a_tensor_in_two_shards_or_in_a_shard_the_index_does_not_name_is_refused
         resolve_model(str(moved))
 
 
+def test_an_index_naming_a_tensor_its_shard_lacks_is_refused_by_the_probe_as_by_the_analyses(tmp_path):
+    """An index.json that maps a tensor to a shard whose header does not hold it: the analyses refused it as a
+    corrupt index, while the probe resolved and loaded it (transformers skips a name no module has), so one
+    checkpoint was a model to one command and damaged to the other. Both refuse it now, in one line."""
+    from analyses.checkpoints import open_checkpoint
+
+    d, _, names = _sharded(resolve_model("organism-base").path, tmp_path / "phantom")
+    index = d / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"]["model.layers.0.mlp.extra.weight"] = names[0]
+    index.write_text(json.dumps(data))
+    want = rf"model.layers.0.mlp.extra.weight.*{re.escape(names[0])}"
+    with pytest.raises(BadInput, match=want) as exc:
+        resolve_model(str(d))
+    assert "\n" not in str(exc.value)
+    with pytest.raises(BadInput, match=want):
+        open_checkpoint(str(d)).close()
 
 def test_bin_shards_are_checked_like_safetensors_by_the_probe_and_the_analyses(tmp_path):
     """The same damage in ``.bin`` shards: the probe reads each shard's pickle (no tensor data) and refuses it, and
