@@ -301,7 +301,10 @@ def open_checkpoint(spec: str, allow_bin: bool = False) -> Checkpoint:
 
     path = resolve_model_dir(spec)
     config = read_config_json(path)
-    check_layout_model_type(config.get("model_type"))
+    if not isinstance(config.get("model_type"), str) or not config["model_type"]:
+        # matched against every layout, the keys alone picked a family: a guess (resolve_model refuses it too)
+        raise BadInput(f"{path}/config.json has no model_type: the layout of its keys is read from it and the keys")
+    check_layout_model_type(config["model_type"])
     check_not_quantized(path, config)
     files: dict[Path, SafetensorsFile | BinFile] = {}
     infos: dict[str, TensorInfo] = {}
@@ -316,13 +319,10 @@ def open_checkpoint(spec: str, allow_bin: bool = False) -> Checkpoint:
         for fobj in files.values():
             infos.update(fobj.tensors)
     else:
-        for key, f in wmap.items():
-            info = files[f].tensors.get(key)
-            if info is None:
-                raise BadInput(f"{f}: tensor {key!r} listed in the index is missing from the shard (corrupt)")
-            infos[key] = info
+        for key, f in wmap.items():  # each in its shard (check_shard_keys)
+            infos[key] = files[f].tensors[key]
     check_layer_counts(path, config, list(infos))  # before a skeleton is built from it (check_tied_head)
-    layout = detect_layout(config.get("model_type"), infos)
+    layout = detect_layout(config["model_type"], infos, str(path))
     config_geometry(path, config, FAMILIES[layout.family])  # none: a damaged checkpoint, as for probe.heads/eval
     lm: dict[str, str] = {}
     other: list[str] = []

@@ -683,10 +683,17 @@ def check_layout_model_type(model_type: str | None) -> None:
                        f"LAYOUTS; README 'Supported model families') has it; supported: {', '.join(known)}")
 
 
-def detect_layout(model_type: str | None, keys: Iterable[str]) -> Layout:
-    """Pick the one layout whose model_type and marker keys match; never guess silently."""
+class LayoutConflict(BadInput):
+    """Keys of two layouts in one checkpoint: read as neither (where another layout error lets probe.models fall
+    back on the family's class, which loads layouts no row names, this one is raised)."""
+
+
+def detect_layout(model_type: str | None, keys: Iterable[str], where: str | None = None) -> Layout:
+    """Pick the one layout whose model_type and marker keys match; never guess silently. ``where`` (the checkpoint)
+    starts a refusal of two layouts' keys in one checkpoint (``check_one_layout``)."""
     check_layout_model_type(model_type)
     keys = list(keys)
+    at = f"{where}: " if where else ""
     candidates = [lay for lay in LAYOUTS.values() if model_type is None or model_type in lay.model_types]
     matches = [
         lay for lay in candidates if all(any(k.startswith(m) for k in keys) for m in lay.markers)
@@ -696,14 +703,43 @@ def detect_layout(model_type: str | None, keys: Iterable[str]) -> Layout:
         matches.sort(key=lambda lay: -len(lay.markers))
         best = [m for m in matches if len(m.markers) == len(matches[0].markers)]
         if len(best) > 1:
-            raise BadInput(f"ambiguous checkpoint layout: {', '.join(m.name for m in best)}")
+            why = ("keys of two layouts in one checkpoint; keep one layout's keys" if model_type is not None else
+                   "no model_type says which")
+            raise LayoutConflict(f"{at}ambiguous checkpoint layout: {', '.join(m.name for m in best)} ({why})")
         matches = best
     if not matches:
         raise BadInput(
             f"unknown checkpoint layout (model_type={model_type!r}, e.g. keys {keys[:3]}); "
             f"known layouts: {', '.join(LAYOUTS)}"
         )
+    check_one_layout(matches[0], keys, at)
     return matches[0]
+
+
+def _holds(layout: Layout, key: str) -> bool:
+    """``key`` is one of ``layout``'s tensors: an LM tensor under its names, or a non-LM part it keeps."""
+    return any(key.startswith(p) for p in layout.other_prefixes) or canonical_lm_name(layout, key) is not None
+
+
+def check_one_layout(layout: Layout, keys: Iterable[str], at: str = "") -> None:
+    """No key of ``layout``'s checkpoint is another layout's tensor (a second copy of the LM or of the vision tower
+    as another transformers era names it; a Qwen2-VL's tower under a Qwen2 config). Its markers picked ``layout``
+    and the rest was put aside as a vision tower, while transformers' key mapping loads both sets onto one model
+    and keeps one copy of each tensor with an empty load report: which weights ran could not be told. Keys no
+    layout names (an old checkpoint's rotary buffers) stay the layout's own. A layout of the family is named
+    first."""
+    strays = [k for k in keys if not _holds(layout, k)]
+    if not strays:
+        return
+    others = sorted((lay for lay in LAYOUTS.values() if lay is not layout), key=lambda lay: lay.family != layout.family)
+    found = [(k, lay) for k in strays if (lay := next((o for o in others if _holds(o, k)), None)) is not None]
+    if found:
+        key, other = found[0]
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise LayoutConflict(f"{at}keys of two layouts in one checkpoint: it reads as layout {layout.name} "
+                             f"({layout.description}), but {key}{more} is a tensor of layout {other.name} "
+                             f"({other.description}); transformers keeps one copy of each tensor of the two without "
+                             "a word, so which weights ran cannot be told: keep one layout's keys")
 
 
 def canonical_lm_name(layout: Layout, key: str) -> str | None:

@@ -25,6 +25,7 @@ from probe.errors import BadInput, error_reason, is_int
 from probe.families import (
     ALIASES,
     Family,
+    LayoutConflict,
     canonical_lm_name,
     detect_layout,
     family_of_model_type,
@@ -327,7 +328,9 @@ def check_loaded_lm(path: Path, config: dict[str, Any], entry: Path | None, wmap
 
         family = family_of_model_type(config["model_type"])
         try:
-            layout = detect_layout(config.get("model_type"), where)
+            layout = detect_layout(config.get("model_type"), where, str(path))
+        except LayoutConflict:  # keys of two layouts: transformers loads one copy of each tensor, unsaid
+            raise
         except BadInput:  # a layout only the family's class reads (its key mapping: Qwen2-VL's visual.* under
             # model.visual.), which the analyses refuse but transformers loads: the two tensors by their names' ends,
             # where one key each ends so (this returned unchecked, and such a load ran the file's differing lm_head)
@@ -1217,3 +1220,8 @@ def check_shard_keys(path: Path, index: Path | None, wmap: Mapping[str, str] | N
         if index is not None and wmap.get(key) != files[0].name:
             raise BadInput(f"checkpoint {path}: tensor {key} is in {files[0].name}, but {index.name} maps it to "
                            f"{wmap.get(key) or 'no shard'}; fix the index or the shards")
+    if index is not None:  # a name the index maps to a shard that holds it nowhere: transformers skips it
+        for key, name in wmap.items():
+            if key not in where:
+                raise BadInput(f"checkpoint {path}: {index.name} maps tensor {key} to {name}, which does not hold "
+                               "it (a corrupt index); fix the index or the shards")

@@ -257,6 +257,40 @@ def test_unknown_layout(zoo, tmp_path, capsys):
     assert_bad(code, err, out, "unknown checkpoint layout")
 
 
+
+def test_a_second_copy_of_the_lm_in_another_layout_is_refused(zoo, tmp_path, capsys):
+    """A Qwen2-VL holding its LM twice, as published (model.layers.) and as transformers 4 wrote it
+    (model.language_model.layers., values + 1): read as the published layout, the second copy was put aside as
+    vision tower (a carrier would copy it) and the shift measured one copy, while transformers loads one of the two
+    without a word. Refused by every command, in one line naming a key of the second layout."""
+    d = corrupt_copy(zoo["vl"], tmp_path / "vl_twice")
+    f = d / "model.safetensors"
+    sd = load_file(f)
+    sd |= {"model.language_model." + k[len("model."):]: v + 1 for k, v in sd.items() if k.startswith("model.")}
+    save_file(sd, f, metadata={"format": "pt"})
+    before = f.read_bytes()
+    out = tmp_path / "o"
+    for main, argv in ((shift.main, ["--base", zoo["base"], "--models", d, "--no-figures"]),
+                       (merge.main, ["--models", zoo["base"], d, "--method", "average"]),
+                       (trajectory.main, ["--base", zoo["base"], "--experts", d, "--no-figures"])):
+        code, err = run_cli(main, [*argv, "--out", out], capsys)
+        assert_bad(code, err, out, str(d), "keys of two layouts", "model.language_model.", "qwen2_vl_tf4")
+    assert f.read_bytes() == before
+
+
+@pytest.mark.parametrize("name", ["ov", "ov_lmms", "au"])
+def test_a_config_without_model_type_is_refused(zoo, tmp_path, capsys, name):
+    """The layout is read from config.json's model_type and the keys (DESIGN §1). A config without model_type was
+    matched against every layout, and where one layout's markers fit (LLaVA-OneVision, the lmms-lab original,
+    Qwen2-Audio) it was read as that family, a guess the probe never makes (it refuses such a config): refused."""
+    d = corrupt_copy(zoo[name], tmp_path / name)
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["model_type"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "o"
+    code, err = run_cli(shift.main, ["--base", zoo["base"], "--models", d, "--out", out, "--no-figures"], capsys)
+    assert_bad(code, err, out, f"{d}/config.json has no model_type")
+
 def test_existing_output_and_unknown_model(zoo, tmp_path, capsys):
     out = tmp_path / "exists"
     out.mkdir()

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from conftest import VL_FAMILIES, make_item, png_bytes
+from probe.errors import BadInput
 from probe.families import ALIASES, CAUSAL_LM, FAMILIES, LAYOUTS, causal_lm_type, detect_layout, canonical_lm_name
 from probe.models import NO_HUB_KERNELS
 
@@ -207,6 +208,42 @@ def test_published_key_names(repo):
     assert all(canon[k] is None for k in keys if any(s in k for s in ("visual", "vision", "audio", "projector",
                                                                       "connector", "talker", "token2wav", "newline")))
 
+
+
+_Q = "self_attn.q_proj.weight"
+
+
+@pytest.mark.parametrize("model_type, keys, stray, other", [
+    # Qwen2-VL as published, plus transformers 4.52-4.57's copy of its LM or of its vision tower
+    ("qwen2_vl", ["model.embed_tokens.weight", f"model.layers.0.{_Q}", "visual.patch_embed.proj.weight"],
+     f"model.language_model.layers.0.{_Q}", "qwen2_vl_tf4"),
+    ("qwen2_vl", ["model.embed_tokens.weight", f"model.layers.0.{_Q}", "visual.patch_embed.proj.weight"],
+     "model.visual.patch_embed.proj.weight", "qwen2_vl_tf4"),
+    ("qwen2_vl", ["model.language_model.embed_tokens.weight", f"model.language_model.layers.0.{_Q}",
+                  "model.visual.patch_embed.proj.weight"], f"model.layers.0.{_Q}", "qwen2_vl"),
+    # LLaVA-OneVision -hf, plus transformers 4's lm_head or LM (a layout of the family is named first)
+    ("llava_onevision", ["language_model.model.embed_tokens.weight", f"language_model.model.layers.0.{_Q}",
+                         "vision_tower.vision_model.post_layernorm.weight"], "lm_head.weight", "llava_onevision_tf4"),
+    ("llava_onevision", ["language_model.model.embed_tokens.weight", f"language_model.model.layers.0.{_Q}",
+                         "vision_tower.vision_model.post_layernorm.weight"],
+     f"model.language_model.layers.0.{_Q}", "llava_onevision_tf4"),
+    # the original LLaVA-NeXT layout (lmms-lab), plus an -hf conversion's LM
+    ("llava_qwen", ["model.embed_tokens.weight", f"model.layers.0.{_Q}", "model.mm_projector.0.weight"],
+     f"language_model.model.layers.0.{_Q}", "llava_onevision"),
+    # Qwen2-Audio plus a plain LM; a Qwen2 config over a Qwen2-VL's keys (config and keys disagree)
+    ("qwen2_audio", ["language_model.model.embed_tokens.weight", f"language_model.model.layers.0.{_Q}",
+                     "audio_tower.conv1.weight"], f"model.layers.0.{_Q}", "qwen2"),
+    ("qwen2", ["model.embed_tokens.weight", f"model.layers.0.{_Q}"], "visual.patch_embed.proj.weight", "qwen2_vl"),
+])
+def test_keys_of_two_layouts_in_one_checkpoint_are_refused(model_type, keys, stray, other):
+    """A checkpoint holding keys of a second layout (two copies of its LM, of its vision tower; a config whose
+    model_type is not the keys' family) read as the layout its markers picked, the other keys put aside as vision
+    tower: transformers maps both sets onto one model and keeps one copy of each tensor without a word (a Qwen2-VL
+    with a second, different LM under model.language_model. loaded the first, with an empty load report), so which
+    weights were measured could not be told. The keys alone read as their layout; with the stray key, refused."""
+    assert detect_layout(model_type, keys).name  # the layout's own keys are read
+    with pytest.raises(BadInput, match=rf"keys of two layouts.*{re.escape(stray)}.*layout {other}\b"):
+        detect_layout(model_type, [*keys, stray])
 
 def _pair(family: str, root: Path) -> tuple[Path, Path]:
     """Two tiny models of one family with different random weights (seeds 0 and 1)."""

@@ -517,6 +517,24 @@ def test_a_tensor_in_two_shards_or_in_a_shard_the_index_does_not_name_is_refused
         resolve_model(str(moved))
 
 
+def test_an_index_naming_a_tensor_its_shard_lacks_is_refused_by_the_probe_as_by_the_analyses(tmp_path):
+    """An index.json that maps a tensor to a shard whose header does not hold it: the analyses refused it as a
+    corrupt index, while the probe resolved and loaded it (transformers skips a name no module has), so one
+    checkpoint was a model to one command and damaged to the other. Both refuse it now, in one line."""
+    from analyses.checkpoints import open_checkpoint
+
+    d, _, names = _sharded(resolve_model("organism-base").path, tmp_path / "phantom")
+    index = d / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"]["model.layers.0.mlp.extra.weight"] = names[0]
+    index.write_text(json.dumps(data))
+    want = rf"model.layers.0.mlp.extra.weight.*{re.escape(names[0])}"
+    with pytest.raises(BadInput, match=want) as exc:
+        resolve_model(str(d))
+    assert "\n" not in str(exc.value)
+    with pytest.raises(BadInput, match=want):
+        open_checkpoint(str(d)).close()
+
 def test_bin_shards_are_checked_like_safetensors_by_the_probe_and_the_analyses(tmp_path):
     """The same damage in ``.bin`` shards: the probe reads each shard's pickle (no tensor data) and refuses it, and
     the analyses (--allow-bin) refuse it too instead of reading the index's copy while transformers runs the other."""
@@ -805,6 +823,23 @@ def test_same_values_compares_every_row_block_across_dtypes_and_slices(tmp_path)
             assert not same_values(read("s1"), read("a"))
             assert same_values(read("e0"), read("e1")) and not same_values(read("e0"), read("e2"))  # no rows to compare
 
+
+
+def test_a_checkpoint_holding_its_vision_tower_in_two_layouts_is_refused(tiny_dirs, tmp_path):
+    """A Qwen2-VL with its vision tower under visual. (as published) and again under model.visual. (as
+    transformers 4 wrote it, other values): transformers loaded the model.visual. copy with an empty load report,
+    so which tower ran could not be told (and the analyses would carry both). Refused when the model is resolved,
+    before any load."""
+    from safetensors.torch import load_file, save_file
+
+    d = shutil.copytree(tiny_dirs["qwen2_vl"], tmp_path / "two-towers")
+    sd = load_file(d / "model.safetensors")
+    sd |= {"model." + k: v + 1 for k, v in sd.items() if k.startswith("visual.")}
+    save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(BadInput, match=rf"^{re.escape(str(d))}: keys of two layouts.*model\.visual\..*"
+                                       r"layout qwen2_vl_tf4") as exc:
+        resolve_model(str(d))
+    assert "\n" not in str(exc.value)
 
 @pytest.mark.parametrize("equal", [False, True], ids=["head differs", "head equals the embedding"])
 def test_a_tied_config_over_sharded_safetensors_is_checked_across_shards(tmp_path, equal):
