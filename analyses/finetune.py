@@ -95,8 +95,10 @@ class FinetuneConfig:
             raise BadInput(f"mix {sorted(self.mix)} must name the data sets {sorted(self.data)}, each once")
 
     def fingerprint(self) -> dict[str, Any]:
-        """The run's identity: its settings, the model and data sets by where they are, not as typed
-        (``data_location``): a rerun that spells a path otherwise (relative, absolute, ``./x/``) was refused."""
+        """The run's settings as run.json's config keeps them: the data sets by where they are, not as typed
+        (``data_location``): a rerun that spells a path otherwise (relative, absolute, ``./x/``) was refused. The
+        model here is its name (an alias, or a directory's resolved path), a label: ``run`` adds where it is
+        (``model_path``), which ``config_identity`` compares instead."""
         from probe.mmmu import data_location
         from probe.models import model_location
 
@@ -681,6 +683,15 @@ def run_sessions(cfg: FinetuneConfig, saved: Any, start: int | None, world: int)
                     "gradient_checkpointing": cfg.gradient_checkpointing, "processes": world, "fsdp": cfg.fsdp}]
 
 
+def config_identity(config: Any) -> Any:
+    """What a run's config (run.json's, as ``run`` writes it) is as its identity, by probe.eval's and probe.heads'
+    rule: the model by where it is (``model_path``, ``model_location`` of its resolved directory), not by its name
+    (``model``: it decides no number, the weights are ``model_fingerprint``'s), so a resume naming it otherwise (its
+    alias or its directory) continues, labelled as now: it was refused as "a different run (model differ)". A
+    config that is not an object is compared as it is."""
+    return {k: v for k, v in config.items() if k != "model"} if isinstance(config, dict) else config
+
+
 def check_previous_run(cfg: FinetuneConfig, fingerprint: dict[str, Any]) -> bool:
     """A non-empty --out must hold this very run (resumed) or be one --overwrite may clear (one holding the model or
     a data set was refused before, by ``check_out_apart``, --overwrite or not); anything else is refused. True: the
@@ -698,8 +709,8 @@ def check_previous_run(cfg: FinetuneConfig, fingerprint: dict[str, Any]) -> bool
         raise BadInput(f"--out {out} is not empty and holds no fine-tuning run.json") from None
     if cfg.overwrite:
         return True
-    if previous != fingerprint:
-        raise different_run(out, previous, fingerprint)
+    if config_identity(previous) != config_identity(fingerprint):
+        raise different_run(out, previous, fingerprint, config_identity)
     return False
 
 
@@ -724,7 +735,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     ``probe.errors.BadInput``."""
     from probe.devices import rank_world, resolve_placement
     from probe.heads import check_out_apart_from_inputs, check_same_software, saved_run_info, versions
-    from probe.models import model_fingerprint, resolve_model
+    from probe.models import model_fingerprint, model_location, resolve_model
     from probe.results import (atomic_write_json, atomic_write_with, check_same_run_on_every_rank, claim_out_dir,
                                lock_out_dir, read_run_json, stop_recorded)
     from probe.train import TrainConfig, check_finite_weights, encode, is_main_process, process_state
@@ -758,6 +769,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     # items of each set in --data order (the order the sampler draws modalities in): a set regenerated at its path,
     # or given from another working dir, would otherwise be trained on from the resumed step on
     fingerprint = cfg.fingerprint() | {"dtype": placement.dtype, "device": placement.device_type,
+                                       "model_path": model_location(str(ref.path)),
                                        "model_fingerprint": model_fingerprint(ref), "items": contents,
                                        **LOOP_IDENTITY}
     if frozen != "float32":  # LoRA runs from before frozen weights were held in bfloat16 are other runs
@@ -765,7 +777,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     fingerprint = json.loads(json.dumps(fingerprint))  # as run.json holds it
     if world > 1:  # every rank trains the same run, checked over the launch's process group before --out is read
         process_state(on_cpu)
-        check_same_run_on_every_rank(fingerprint)
+        check_same_run_on_every_rank(config_identity(fingerprint))
     out = cfg.out
     clear = check_previous_run(cfg, fingerprint)
     start, resumable = (None, {}) if clear else resume_point(out, cfg)  # --overwrite: a run from the start
@@ -828,7 +840,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     keep = kept_log_rows(log_path, start) if start is not None and log_path.is_file() else []
     saves = set(checkpoint_steps(cfg.save_steps, cfg.steps))  # 0 is written before the loop
     if writer:
-        claim_out_dir(out, fingerprint, lambda saved: saved.get("config"))
+        claim_out_dir(out, config_identity(fingerprint), lambda saved: config_identity(saved.get("config")))
         atomic_write_json(out / "run.json", run_info)
         def write_log(tmp: str) -> None:  # the kept lines, swapped in whole: a kill here loses none of them
             with open(tmp, "w", newline="", encoding="utf-8") as f:

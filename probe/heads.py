@@ -57,14 +57,28 @@ def parse_index_spec(spec: str, n: int, what: str) -> list[int]:
 
 def default_data_for(model_spec: str) -> Path:
     """An organism's own bundled validation set; the synthetic MMMU-format set for anything else."""
-    alias = ALIASES.get(model_spec)
-    if alias is not None and alias.source.startswith("organism:"):
+    if (name := organism_of(model_spec)) is not None:
         from probe.zoo import organism_validation_dir
 
-        return organism_validation_dir(alias.source.partition(":")[2])
+        return organism_validation_dir(name)
     from probe.synthetic import default_data_dir
 
     return default_data_dir()
+
+
+def organism_of(model_spec: str) -> str | None:
+    """The shipped organism (``vl``, …) a model is, named by its alias or by its directory however typed (relative,
+    ``DIR/``, a link: ``model_location``), else None: one model, one default data set. Its directory had the
+    synthetic set, its alias its own, so a resume typing the model the other way was another run."""
+    alias = ALIASES.get(model_spec)
+    if alias is not None:
+        kind, _, name = alias.source.partition(":")
+        return name if kind == "organism" else None
+    from probe.models import model_location
+    from probe.zoo import ORGANISMS, organisms_root
+
+    where = Path(model_location(model_spec))
+    return next((n for n in ORGANISMS if where == (organisms_root() / f"organism-{n}").resolve()), None)
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -143,21 +157,30 @@ class Plan:
     settings: dict[str, Any]
 
     def identity(self) -> dict[str, Any]:
-        """What the fingerprint digests: the plan, its model and data by where they are, not as typed
-        (``data_location``): a rerun that spells a path otherwise (relative, absolute, ``./x/``, a link) was refused
-        as a different run."""
-        from probe.mmmu import data_location
-        from probe.models import model_location
-
-        return asdict(self) | {"model_spec": model_location(self.model_spec),
-                               "model_path": model_location(self.model_path),
-                               "data_dir": data_location(self.data_dir)}
+        """What the fingerprint digests (``plan_identity`` of the plan)."""
+        return plan_identity(asdict(self))
 
     def fingerprint(self) -> str:
         """The plan's digest (``identity``)."""
         from probe.results import json_digest
 
         return json_digest(self.identity())
+
+
+def plan_identity(plan: dict[str, Any]) -> dict[str, Any]:
+    """What a plan (``asdict(Plan)``, as run.json keeps it) is as a run's identity, by probe.eval's rule
+    (``probe.eval.plan_identity``): its model and data by where they are, not as typed (``model_location``,
+    ``data_location``: relative, absolute, ``./x/``, a link are one place). The model's name (``model_spec``) is
+    left out: it labels baseline.json and the heatmaps and decides no number (the weights are ``model_path``'s and
+    ``model_fingerprint``'s, the default data its directory's, ``organism_of``), so a resume that names it otherwise
+    (its alias or its directory, ``DIR/``) continues, labelled as now. It was kept as typed: such a resume was
+    refused, and a refusal of another change named ``model_spec`` too. A refusal names what differs here
+    (``probe.results.different_run``)."""
+    from probe.mmmu import data_location
+    from probe.models import model_location
+
+    plan = {k: v for k, v in plan.items() if k != "model_spec"} | {"model_path": model_location(plan["model_path"])}
+    return plan | {"data_dir": data_location(plan["data_dir"])}
 
 
 def load_template(args: argparse.Namespace) -> PromptTemplate:
@@ -347,7 +370,8 @@ def run(args: argparse.Namespace) -> Path:
     check_out_apart_from_inputs(out, [ref.path], [plan.data_dir], args.template)
     rank, world = rank_world()
     check_same_run_on_every_rank(plan.identity())  # before --out is looked at or written
-    resumed = prepare_out_dir(out, plan.fingerprint(), args.overwrite, command="probe.heads", plan=asdict(plan))
+    resumed = prepare_out_dir(out, plan.fingerprint(), args.overwrite, command="probe.heads", plan=asdict(plan),
+                              identity=plan_identity)
     if args.attribution_items != 1 and plan.method != "attribution":  # after the checks: bad input stays one line
         print(f"warning: --attribution-items {args.attribution_items} has no effect with --method {plan.method}",
               file=sys.stderr)

@@ -172,9 +172,37 @@ def test_a_resume_naming_the_model_and_data_another_way_continues_and_another_mo
     copy = {"qwen2_vl": shutil.copytree(tiny_dirs["qwen2_vl"], tmp_path / "copy" / "model")}
     capfd.readouterr()
     assert cli_main(main, _args(copy, data_dir, text_dir, out)) == 2
-    assert capfd.readouterr().err.strip() == (f"error: --out {out} holds a different run (model differ); use "
+    assert capfd.readouterr().err.strip() == (f"error: --out {out} holds a different run (model_path differ); use "
                                               "another --out or --overwrite")
 
+
+def test_a_resume_naming_the_model_by_its_alias_continues_labelled_as_now(ft_run, tiny_dirs, data_dir, text_dir,
+                                                                            tmp_path, monkeypatch, capfd):
+    """The model's name decides no number (its weights are its directory's, model_fingerprint), but run.json's config
+    held it as typed: a run of the tiny model's directory, killed and resumed as ``tiny-qwen2-vl`` (the alias of
+    that very directory), was refused as "a different run (model differ)". It now ends as the uninterrupted run (the
+    oracle: ft_run, byte for byte) and names the model as now; another setting's refusal names that setting alone."""
+    import probe.train as train_mod
+    from analyses.finetune import main
+    from probe.models import model_path
+
+    assert model_path("tiny-qwen2-vl").resolve() == Path(tiny_dirs["qwen2_vl"]).resolve()
+    out = tmp_path / "killed"
+    real = train_mod.train
+    monkeypatch.setattr(train_mod, "train", killed_after(real, 5))
+    assert cli_main(main, _args(tiny_dirs, data_dir, text_dir, out)) == 130
+    monkeypatch.setattr(train_mod, "train", real)
+    alias = {"qwen2_vl": "tiny-qwen2-vl"}
+    capfd.readouterr()
+    assert cli_main(main, _args(alias, data_dir, text_dir, out)) == 0, capfd.readouterr().err
+    assert _log(out) == _log(ft_run)
+    assert (out / "checkpoint-6" / "model.safetensors").read_bytes() == \
+        (ft_run / "checkpoint-6" / "model.safetensors").read_bytes()
+    assert json.loads((out / "run.json").read_text(encoding="utf-8"))["config"]["model"] == "tiny-qwen2-vl"
+    capfd.readouterr()
+    assert cli_main(main, _args(alias, data_dir, text_dir, out, "--seed", "7")) == 2
+    assert capfd.readouterr().err.strip() == (f"error: --out {out} holds a different run (seed differ); use "
+                                              "another --out or --overwrite")
 
 def test_an_overwrite_while_another_run_trains_in_out_is_refused_before_deleting_it(ft_run, tiny_dirs, data_dir,
                                                                                      text_dir, tmp_path, capfd):

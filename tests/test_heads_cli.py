@@ -151,8 +151,11 @@ def test_outputs_exist_and_agree_with_items(base_run, data_dir):
 
     run = json.loads((base_run / "run.json").read_text())
     assert run["status"] == "complete" and len(run["fingerprint"]) >= 8
-    # the fingerprint rule every run.json was written with, restated: a resume of an older run must still match it
-    digest = hashlib.sha256(json.dumps(run["plan"], sort_keys=True).encode()).hexdigest()[:16]
+    # the fingerprint rule, restated: the plan (its model and data paths already absolute and resolved here) without
+    # the model's name, a label (probe.heads.plan_identity; a run fingerprinted with it is refused as an older
+    # omniprobe's, as its code digest refuses parts computed beside it)
+    identity = {k: v for k, v in run["plan"].items() if k != "model_spec"}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     assert run["fingerprint"] == digest
     assert {"torch", "transformers", "python"} <= set(run["versions"])
     assert run["plan"]["template"]["system"] and "{question}" in run["plan"]["template"]["user"]
@@ -471,6 +474,40 @@ def test_a_resume_naming_the_data_set_another_way_continues_and_another_set_is_r
     r = run_in_process([*BASE_ARGS, "--data", copy, "--out", out], capfd)
     want = f"error: --out {out} holds a different run (data_dir differ); use another --out or --overwrite"
     assert r.returncode == 2 and r.stderr.strip() == want, r.stderr
+
+
+def test_a_resume_naming_the_model_another_way_continues_and_labels_it_as_now(tmp_path, capfd, monkeypatch):
+    """The model's name labels baseline.json and the heatmaps and decides no number (its weights are its directory's,
+    model_fingerprint), but the fingerprint held it as typed: a killed sweep of ``organism-vl`` resumed with its
+    directory typed relative with a trailing slash was refused as "a different run (data_dir, data_fingerprint,
+    model_path, model_spec differ)" (the directory also defaulted to the synthetic set, the alias to its own). It now
+    resumes, and its outputs are an uninterrupted run's typed the new way (the oracle: that run, byte for byte); a
+    refusal names what really differs, and another directory is still another model."""
+    from probe.zoo import organisms_root
+
+    common = ["--limit", "4", "--layers", "0", "--heads", "0-1", "--chunk-size", "2", "--no-generate",
+              "--no-figures", "--quiet"]
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    ok(run_in_process(["--model", "organism-vl", *common, "--out", killed], capfd))
+    for name in ("parts/chunk_00001.parquet", "heads.csv", "items.parquet", "baseline.json"):
+        (killed / name).unlink()  # killed before its second chunk
+    monkeypatch.chdir(organisms_root().parent)
+    typed = f"{organisms_root().name}/organism-vl/"
+    ok(run_in_process(["--model", typed, *common, "--out", whole], capfd))
+    ok(run_in_process(["--model", typed, *common, "--out", killed], capfd))
+    for name in ("heads.csv", "items.parquet", "baseline.json"):
+        assert (killed / name).read_bytes() == (whole / name).read_bytes(), name
+    assert json.loads((killed / "baseline.json").read_text(encoding="utf-8"))["model"] == typed
+    plan = json.loads((whole / "run.json").read_text(encoding="utf-8"))["plan"]
+    assert Path(plan["data_dir"]).parent.parent.resolve() == organisms_root().parent.resolve()  # probe/zoo/data/image
+    assert plan["n_items"] == 4 and plan["subjects"]
+    r = run_in_process(["--model", "organism-vl", *common[:-1], "--heads", "0", "--quiet", "--out", killed], capfd)
+    assert r.returncode == 2 and r.stderr.strip() == (f"error: --out {killed} holds a different run (heads differ); "
+                                                      "use another --out or --overwrite"), r.stderr
+    other = shutil.copytree(organisms_root() / "organism-vl", tmp_path / "copy" / "organism-vl")
+    r = run_in_process(["--model", other, "--data", plan["data_dir"], *common, "--out", killed], capfd)
+    assert r.returncode == 2 and r.stderr.strip() == (f"error: --out {killed} holds a different run (model_path "
+                                                      "differ); use another --out or --overwrite"), r.stderr
 
 
 def test_run_is_complete_only_once_its_figures_are_written(base_run, data_dir, tmp_path, capfd, monkeypatch):

@@ -346,7 +346,7 @@ def _ranks_send(monkeypatch, by_rank: dict[int, object]) -> list:
 def test_heads_ranks_with_other_options_all_stop_before_writing(tmp_path, tiny_dirs, data_dir, monkeypatch, capfd):
     """Ranks of one launch given another --limit each computed their chunks of another run, and both could write
     run.json. Every rank now sends its run fingerprint first and all stop, naming the option. The same model spelled
-    another way (relative path) is the same run, as on resume."""
+    another way (relative path, or its alias: it sent its name as typed) is the same run, as on resume."""
     from probe.errors import cli_main
     from probe.heads import main
 
@@ -367,6 +367,8 @@ def test_heads_ranks_with_other_options_all_stop_before_writing(tmp_path, tiny_d
 
     spelt = _exchanged_record(monkeypatch, main, ["--model", os.path.relpath(model), *common, "--limit", "4",
                                                   "--out", str(out)])
+    assert _exchanged_record(monkeypatch, main, ["--model", "tiny-qwen2-vl", *common, "--limit", "4", "--out",
+                                                 str(out)]) == spelt
     _ranks_send(monkeypatch, {0: None, 1: spelt})
     assert cli_main(main, ["--model", model, *common, "--limit", "4", "--out", str(out)]) == 0
     assert sorted(p.name for p in (out / "parts").iterdir()) == ["chunk_00000.parquet"]  # rank 0's share
@@ -416,6 +418,10 @@ def test_finetune_ranks_with_another_lr_all_stop_before_writing(tmp_path, tiny_d
     err = capfd.readouterr().err.strip().splitlines()
     assert err == ["error: rank 1's lr 0.0001 differs from rank 0's 0.001: every rank must run the same command"], err
     assert not out.exists()
+    # the model by its alias is the same run (it sent the name as typed: "rank 1's model ... differs")
+    monkeypatch.setenv("RANK", "1")
+    alias = _exchanged_record(monkeypatch, main, _args({"qwen2_vl": "tiny-qwen2-vl"}, data_dir, text_dir, out))
+    assert alias == _exchanged_record(monkeypatch, main, args)
 
 
 def test_the_first_differing_key_is_named_from_the_records_alone():
