@@ -143,7 +143,7 @@ def test_two_checkpoint_dirs_of_one_step_are_bad_input(models, tmp_path, capsys)
     assert not out.exists()
 
 
-@pytest.mark.parametrize("name", ["checkpoint-abc", "checkpoint--2", "checkpoint-1e3"])
+@pytest.mark.parametrize("name", ["checkpoint-abc", "checkpoint--2", "checkpoint-1e3", "checkpoint-\u0663"])
 def test_a_checkpoint_dir_without_a_whole_step_is_bad_input(name, models, tmp_path, capsys):
     """A run's checkpoint-10 renamed checkpoint-abc was skipped: the run drew one point fewer, exit 0."""
     import shutil
@@ -258,6 +258,26 @@ def test_a_checkpoint_step_that_is_no_directory_is_bad_input(kind, models, tmp_p
     assert err.startswith(f"error: --runs {run}: checkpoint-20 is not a directory"), err
     assert not out.exists()
     assert sorted((p.name, p.is_symlink(), p.read_bytes() if p.is_file() else None) for p in run.rglob("*")) == before
+
+
+def test_only_ascii_digits_make_a_checkpoint_step(tmp_path):
+    """``checkpoint-\u0663`` (ARABIC-INDIC DIGIT THREE) was step 3: ``\\d`` and int() take any Unicode digit. A run
+    writes ``checkpoint-{step}`` in ASCII (analyses.finetune, as the HF Trainer), so other digits make no step: the
+    run's scan leaves it out, ``--overwrite`` leaves it in place, and figures.steps draws no point for it."""
+    import pandas as pd
+
+    from analyses.finetune import checkpoint_dirs, clear_run
+    from figures.steps import checkpoint_rows
+
+    run = tmp_path / "r"
+    for name in ("checkpoint-0", "checkpoint-\u0663", "checkpoint-\uff14"):  # ASCII 0, Arabic-Indic 3, fullwidth 4
+        (run / name).mkdir(parents=True)
+    assert checkpoint_dirs(run) == {0: run / "checkpoint-0"}
+    clear_run(run, cpu=True)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-\u0663", "checkpoint-\uff14"]
+    scores = pd.DataFrame({"subject": ["all"] * 3, "model": [f"r/{n}" for n in ("checkpoint-5", "checkpoint-\u0663",
+                                                                               "checkpoint-\uff14")]})
+    assert checkpoint_rows(scores)["step"].tolist() == [5]
 
 
 def test_run_points_are_in_numeric_step_order_not_name_order(tmp_path):
