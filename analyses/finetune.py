@@ -174,7 +174,8 @@ def checkpoint_dirs(out: Path, where: str | None = None) -> dict[int, Path]:
     where = f"{out}{os.sep}" if where is None else where
     found: dict[int, Path] = {}
     for sub in sorted(out.iterdir()):
-        if not (m := re.fullmatch(r"checkpoint-(\d+)", sub.name)):
+        # [0-9], not \d: that (and int()) takes any Unicode digit, and a run writes its steps in ASCII (as HF's Trainer)
+        if not (m := re.fullmatch(r"checkpoint-([0-9]+)", sub.name)):
             continue
         if not sub.is_dir():
             raise BadInput(f"{where}{sub.name} is not a directory (a run's checkpoint-<step> is a saved model's "
@@ -464,7 +465,7 @@ def clear_run(out: Path, cpu: bool) -> None:
     wait_for_everyone(cpu)
     if is_main_process():
         for d in out.iterdir():
-            if d.is_dir() and re.fullmatch(r"\.?checkpoint-\d+(\.partial)?", d.name):
+            if d.is_dir() and re.fullmatch(r"\.?checkpoint-[0-9]+(\.partial)?", d.name):
                 shutil.rmtree(d)
         for name in ("train_log.csv", "run.json"):
             (out / name).unlink(missing_ok=True)

@@ -126,11 +126,14 @@ def write_csv(path: Path, rows: Sequence[ShiftRow]) -> None:
                         repr(r.delta_avg), repr(r.delta_max), repr(r.rel_l2)])
 
 
-def checkpoint_entry(ck: Checkpoint, name: str) -> dict[str, Any]:
-    """How summary.json names a participant; ``analyses.merge --shift`` matches models by the resolved path and
-    the fingerprint of their files, never by the name given on the command line."""
+def checkpoint_entry(ck: Checkpoint, name: str, al: Alignment, j: int) -> dict[str, Any]:
+    """How summary.json names a participant (``j``: its place in ``al``, 0 the base), with the dtypes its compared
+    LM tensors are stored in (several where a checkpoint mixes them; Δ is computed in fp32 whatever they are).
+    ``analyses.merge --shift`` matches models by the resolved path and the fingerprint of their files, never by
+    the name given on the command line."""
+    dtypes = sorted({str(p.infos[j].dtype).removeprefix("torch.") for p in al.tensors})
     return {"name": name, "path": str(ck.path), "layout": ck.layout.name, "resolved_path": str(ck.path.resolve()),
-            "fingerprint": checkpoint_fingerprint(ck)}
+            "fingerprint": checkpoint_fingerprint(ck), "dtypes": dtypes}
 
 
 def shift_request(cfg: ShiftConfig) -> dict:
@@ -156,13 +159,12 @@ def run_shift(cfg: ShiftConfig) -> dict[str, Any]:
         reserve_descriptors([base, *models])
         rows, al = compute_shift(base, models, cfg.models)
         summary = {
-            "base": checkpoint_entry(base, cfg.base),
-            "models": [checkpoint_entry(m, m.name) for m in models],
+            "base": checkpoint_entry(base, cfg.base, al, 0),
+            "models": [checkpoint_entry(m, m.name, al, j) for j, m in enumerate(models, start=1)],
             "per_model": summarize(rows, cfg.models),
             "vocab": al.vocab,
             "lm_head": al.head,
             "formula": "delta_avg = mean |theta_base - theta_model| per tensor (Eq. 3), fp32",
-            "dtype": str(al.tensors[0].ref.dtype),
         }
     with atomic_dir(cfg.out, cfg.overwrite, COMMAND, shift_request(cfg)) as tmp:
         write_csv(tmp / "shift.csv", rows)

@@ -1,9 +1,11 @@
 """Seeded random projection of a checkpoint's delta, computed streaming (DESIGN §6).
 
 A count sketch (a sparse Johnson-Lindenstrauss projection): element j of tensor t goes to bucket h(j) with sign
-s(j), both drawn from a generator seeded by (seed, tensor name, chunk index). So the sketch is deterministic per
-(seed, tensor name), independent of file layout, shard order or which other checkpoints are sketched, and
-inner products between deltas are preserved in expectation (E‖S δ‖² = ‖δ‖²).
+s(j), both drawn from a generator seeded by (seed, tensor name, chunk index) for the chunk's elements of the
+reference's tensor. So the sketch is deterministic per (seed, tensor name, reference), independent of file
+layout and shard order, and inner products between deltas are preserved in expectation (E‖S δ‖² = ‖δ‖²). Which
+other checkpoints are sketched changes only which vocabulary rows enter (those all of them have, as
+``analyses.trajectory`` records in run.json's ``vocab``), never h or s of an element that does.
 """
 from __future__ import annotations
 

@@ -110,7 +110,10 @@ def stream_features(ref: Checkpoint, ckpts: Sequence[Checkpoint], names: Sequenc
         for c, lo in enumerate(range(0, plan.common, SKETCH_CHUNK)):
             hi = min(plan.common, lo + SKETCH_CHUNK)
             r = views[0][lo:hi].float()
-            buckets, signs = sketch.hashes(plan.canon, c, hi - lo)
+            # hashed over the reference's whole chunk, then cut to the common rows: element j keeps its bucket and
+            # sign whichever companions share the run (one of fewer rows only leaves rows out)
+            buckets, signs = sketch.hashes(plan.canon, c, min(SKETCH_CHUNK, plan.ref.numel - lo))
+            buckets, signs = buckets[:hi - lo], signs[:hi - lo]
             for i, v in enumerate(views[1:]):
                 d = v[lo:hi].float() - r
                 sq[i] += float(d.double().pow(2).sum())

@@ -17,7 +17,7 @@ from probe.results import distinct_names
 from probe.stats import reported_interval
 
 MIN_WIDTH, MIN_PANEL = 2.3, 2.1  # inches: a run's panel at its narrowest and lowest (title and step labels in)
-STEP = re.compile(r"checkpoint-(\d+)/?$")
+STEP = re.compile(r"checkpoint-([0-9]+)/?$")  # ASCII digits, as a run names them (\d takes any Unicode digit)
 METRIC_NAMES = {"accuracy": "accuracy", "prob_accuracy": "prob. accuracy"}  # an axis' or title's word for each
 
 

@@ -75,6 +75,35 @@ def test_bin_only_with_flag(zoo, tmp_path, capsys):
     assert s[str(d)]["mean_delta_avg"] == s[str(zoo["q1"])]["mean_delta_avg"]
 
 
+def test_summary_records_each_models_dtypes(zoo, tmp_path, capsys):
+    """summary.json's one "dtype" was the base's first tensor's, whatever the models held (an fp16 or mixed model
+    beside an fp32 base read "torch.float32"). Each entry (base and every model) records the dtypes of its LM
+    tensors now; the oracle is the dtypes written into the hand-made files' headers."""
+    import struct
+
+    def header_dtypes(d: Path) -> list[str]:
+        raw = (d / "model.safetensors").read_bytes()
+        head = json.loads(raw[8:8 + struct.unpack("<Q", raw[:8])[0]])
+        names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+        return sorted({names[v["dtype"]] for k, v in head.items() if k != "__metadata__"})
+
+    made = {}
+    for name, cast in (("half", lambda k: torch.float16), ("mixed", lambda k: torch.bfloat16 if "mlp" in k else None)):
+        d = made[name] = tmp_path / name
+        shutil.copytree(zoo["q1"], d)
+        w = load_file(d / "model.safetensors")
+        save_file({k: v.to(cast(k) or v.dtype) for k, v in w.items()}, d / "model.safetensors",
+                  metadata={"format": "pt"})
+    out = tmp_path / "s"
+    assert run_cli(shift.main, ["--base", zoo["base"], "--models", made["half"], made["mixed"], "--out", out,
+                                "--no-figures"], capsys)[0] == 0
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert summary["base"]["dtypes"] == header_dtypes(zoo["base"]) == ["float32"]
+    assert [e["dtypes"] for e in summary["models"]] == [header_dtypes(made["half"]), header_dtypes(made["mixed"])]
+    assert header_dtypes(made["mixed"]) == ["bfloat16", "float32"]
+    assert "dtype" not in summary  # the base's first tensor's alone: gone, not kept with a misleading meaning
+
+
 def corrupt_copy(src: Path, dst: Path) -> Path:
     import shutil
 

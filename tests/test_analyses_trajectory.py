@@ -143,7 +143,7 @@ def test_two_checkpoint_dirs_of_one_step_are_bad_input(models, tmp_path, capsys)
     assert not out.exists()
 
 
-@pytest.mark.parametrize("name", ["checkpoint-abc", "checkpoint--2", "checkpoint-1e3"])
+@pytest.mark.parametrize("name", ["checkpoint-abc", "checkpoint--2", "checkpoint-1e3", "checkpoint-\u0663"])
 def test_a_checkpoint_dir_without_a_whole_step_is_bad_input(name, models, tmp_path, capsys):
     """A run's checkpoint-10 renamed checkpoint-abc was skipped: the run drew one point fewer, exit 0."""
     import shutil
@@ -217,6 +217,37 @@ def test_vocabulary_rule_is_recorded_and_errors_name_the_base(models, tmp_path, 
     assert err.startswith("error: LM tensor sets differ: layers.2.") and f"is in {deep} but not in" in err, err
 
 
+def test_a_smaller_vocabulary_companion_changes_which_rows_enter_the_sketch_not_their_projection(tmp_path):
+    """The sketch drew each chunk's buckets and then its signs from one generator for the elements compared: a
+    companion with fewer vocabulary rows shortened the embedding's last chunk, and every sign of that chunk moved
+    (the docstring said the sketch did not depend on the other checkpoints). Element j of a tensor keeps its bucket
+    and sign now. Oracle (zeroing): the checkpoint sketched beside a 120-row companion equals the checkpoint alone
+    with its rows from 120 on set to the reference's (a zero Δ there), sketched without the companion."""
+    from analyses.checkpoints import open_checkpoint
+
+    base = tiny.base_lm(0)
+    x_lm = tiny.perturb(base, 0.01, 1)
+    zeroed = dict(x_lm)
+    for k in ("embed_tokens.weight", "lm_head.weight"):
+        zeroed[k] = torch.cat([x_lm[k][:120], base[k][120:]])
+    ref, x, xz, small = (tiny.write_model("qwen2", tmp_path / n, lm) for n, lm in (
+        ("ref", base), ("x", x_lm), ("xz", zeroed), ("small", tiny.resize_vocab(tiny.perturb(base, 0.01, 2), 120))))
+    assert base["embed_tokens.weight"].shape[0] == 128
+
+    def sketch(*paths: Path) -> np.ndarray:
+        with open_checkpoint(str(ref)) as r:
+            cks = [open_checkpoint(str(p)) for p in paths]
+            try:
+                return trajectory.stream_features(r, cks, [p.name for p in paths], CountSketch(16, seed=5))[2][0]
+            finally:
+                for c in cks:
+                    c.close()
+
+    beside_small, oracle = sketch(x, small), sketch(xz)
+    np.testing.assert_allclose(beside_small, oracle, rtol=1e-12, atol=1e-15)
+    assert not np.allclose(sketch(x), oracle)  # the rows from 120 on do enter the sketch of x alone
+
+
 def test_vocabulary_rule_recorded_is_the_one_the_features_use(models, tmp_path):
     """With a smaller-vocabulary checkpoint among the points, every point's features cover only the rows all have
     (the features must be the same coordinates for PCA / t-SNE); run.json said "each model compared with the base
@@ -258,6 +289,26 @@ def test_a_checkpoint_step_that_is_no_directory_is_bad_input(kind, models, tmp_p
     assert err.startswith(f"error: --runs {run}: checkpoint-20 is not a directory"), err
     assert not out.exists()
     assert sorted((p.name, p.is_symlink(), p.read_bytes() if p.is_file() else None) for p in run.rglob("*")) == before
+
+
+def test_only_ascii_digits_make_a_checkpoint_step(tmp_path):
+    """``checkpoint-\u0663`` (ARABIC-INDIC DIGIT THREE) was step 3: ``\\d`` and int() take any Unicode digit. A run
+    writes ``checkpoint-{step}`` in ASCII (analyses.finetune, as the HF Trainer), so other digits make no step: the
+    run's scan leaves it out, ``--overwrite`` leaves it in place, and figures.steps draws no point for it."""
+    import pandas as pd
+
+    from analyses.finetune import checkpoint_dirs, clear_run
+    from figures.steps import checkpoint_rows
+
+    run = tmp_path / "r"
+    for name in ("checkpoint-0", "checkpoint-\u0663", "checkpoint-\uff14"):  # ASCII 0, Arabic-Indic 3, fullwidth 4
+        (run / name).mkdir(parents=True)
+    assert checkpoint_dirs(run) == {0: run / "checkpoint-0"}
+    clear_run(run, cpu=True)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-\u0663", "checkpoint-\uff14"]
+    scores = pd.DataFrame({"subject": ["all"] * 3, "model": [f"r/{n}" for n in ("checkpoint-5", "checkpoint-\u0663",
+                                                                               "checkpoint-\uff14")]})
+    assert checkpoint_rows(scores)["step"].tolist() == [5]
 
 
 def test_run_points_are_in_numeric_step_order_not_name_order(tmp_path):

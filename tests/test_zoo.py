@@ -368,6 +368,30 @@ def test_only_refuses_a_base_of_another_build_and_a_killed_data_rewrite_vouches_
     assert not (out / "data" / "build.json").exists()  # so a --reuse rebuilds the data rather than train on it
 
 
+def test_reuse_refuses_organisms_trained_on_another_thread_count(tmp_path, capsys):
+    """``--reuse`` kept any organism of the same data and recipe whatever ``--threads`` built it, and the bits differ
+    with the threads per process (organism-base trains on all --threads): a resumed build mixed thread layouts. A
+    reused organism must have trained on the threads this build would give it; else exit 2, one line naming both,
+    nothing written. The same count reuses it as it is."""
+    from probe.errors import cli_main
+    from probe.zoo.__main__ import main
+
+    out = tmp_path / "b"
+    args = ["build", "--out", str(out), "--quick", "--steps", "1", "--only", "base"]
+    assert cli_main(main, [*args, "--threads", "1"]) == 0
+    assert json.loads((out / "organism-base" / "organism.json").read_text(encoding="utf-8"))["threads"] == 1
+    capsys.readouterr()
+    before = _tree(out)
+    assert cli_main(main, [*args, "--threads", "2", "--reuse"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "organism-base" in err, err
+    assert "1 thread" in err and "--threads 2" in err and "2 thread" in err, err
+    assert _tree(out) == before
+    assert cli_main(main, [*args, "--threads", "1", "--reuse"]) == 0
+    assert "organism-base: reusing" in capsys.readouterr().out
+    assert _tree(out) == before
+
+
 def test_recipes_mirror_the_real_family_and_built_what_ships():
     """Issue 19's regimes, as data: vl like Qwen2-VL (ViT with the LLM frozen → every parameter → LLM with the ViT
     frozen; its LM trained hardest by far), ov-si and video like LLaVA (projector alone first, then the LM below

@@ -629,8 +629,9 @@ def _build_organism(name: str, out: Path, tok, items: dict, recipe: Recipe, seed
     _save_bf16(loaded, d)
     train_s = time.time() - t0
     shipped = _load(d)  # measure what ships: bf16 weights through the ordinary loading path
+    # the threads it trained on: its bits depend on them, and --reuse keeps it only for a build that gives it as many
     res = {"train_seconds": round(train_s, 1), "final_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4),
-           "recipe": asdict(recipe)}
+           "recipe": asdict(recipe), "threads": torch.get_num_threads()}
     evals = {"own": OWN[name]} if name == "base" else {"own": OWN[name], "text": "text"}
     for label, modality in evals.items():
         val = encode(shipped, items[modality]["validation"], False)
@@ -678,10 +679,13 @@ def build(out: Path, quick: bool = False, steps: int | None = None, seed: int = 
     same_data = json_object(out / "data" / "build.json") == stamp
     if only and "base" not in only:  # every extension starts from organism-base: it must be this build's
         check_base(out, same_data, recipes["base"])
+    reuse = reuse and same_data  # organisms of other data are rebuilt
+    names = [n for n in OWN if not only or n in only]
+    built = {n: e for n in names if reuse and (e := reusable(out, n, recipes[n], threads)) is not None}
+    todo = [n for n in names if n not in built]
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_dirs(out, rf"\.organism-[a-z-]+\.partial-(?P<tag>{WRITER_TAG})")  # organisms a kill left half-built
     log(f"data → {out / 'data'}")
-    reuse = reuse and same_data  # organisms of other data are rebuilt
     if reuse:
         data = {m: out / "data" / m for m in MODALITY_SUBJECTS}  # resuming: same seed, same data
     else:
@@ -694,17 +698,8 @@ def build(out: Path, quick: bool = False, steps: int | None = None, seed: int = 
     quality: dict[str, Any] = {"seed": seed, "quick": quick, "organisms": {},
                                "train_items": {m: len(v["train"]) for m, v in items.items()},
                                "train_excludes": held_out}
-    todo, built = [], {}
-    for name in OWN:
-        d = out / f"organism-{name}"
-        if only and name not in only:
-            continue
-        if reuse and (done := json_object(d / "organism.json")) is not None:
-            if done.get("recipe") == _recipe_json(recipes[name]):
-                log(f"organism-{name}: reusing {d}")
-                built[name] = {k: v for k, v in done.items() if k != "name"}
-                continue
-        todo.append(name)
+    for name in built:
+        log(f"organism-{name}: reusing {out / f'organism-{name}'}")
     if "base" in todo:  # every extension starts from it
         built["base"] = build_organism("base", out, tok, items, recipes["base"], seed)
     lanes = [[n for n in lane if n in todo] for lane in LANES]
@@ -738,6 +733,29 @@ def build(out: Path, quick: bool = False, steps: int | None = None, seed: int = 
 
 def _recipe_json(recipe: Recipe) -> Any:
     return json.loads(json.dumps(asdict(recipe)))  # as organism.json holds it
+
+
+def organism_threads(name: str, threads: int) -> int:
+    """The torch threads ``build(threads=...)`` trains ``organism-<name>`` on (see ``LANES``)."""
+    return threads if name == "base" else max(1, threads // 2)
+
+
+def reusable(out: Path, name: str, recipe: Recipe, threads: int) -> dict[str, Any] | None:
+    """``--reuse``: the quality entry of the ``organism-<name>`` in ``out`` when it is what this build would train
+    (same recipe, on as many threads), else None (rebuilt: another recipe, or one built before organism.json
+    recorded its threads). One trained on another thread count is refused: its last bits differ, and a resumed
+    build would mix two builds' organisms."""
+    from probe.errors import BadInput
+
+    d = out / f"organism-{name}"
+    done = json_object(d / "organism.json")
+    if done is None or done.get("recipe") != _recipe_json(recipe) or not isinstance(done.get("threads"), int):
+        return None
+    if done["threads"] != (want := organism_threads(name, threads)):
+        raise BadInput(f"--reuse: {d} was trained on {done['threads']} thread(s), and this build's --threads "
+                       f"{threads} trains it on {want} thread(s) (other bits); resume with the --threads that built "
+                       f"it, or rebuild without --reuse")
+    return {k: v for k, v in done.items() if k != "name"}
 
 
 def check_base(out: Path, same_data: bool, recipe: Recipe) -> None:
