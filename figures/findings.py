@@ -14,6 +14,7 @@ from figures import paper
 from figures.paper import SHIFT_RATIO
 from figures.results import METHOD_LABELS, Replication, short
 from figures.steps import metric_word
+from probe.eval import md_text
 
 SMALL_DROP = 0.02  # a head "matters" when removing it costs ≥ 2 points of probability accuracy
 SHARE_MATTERS = 0.9  # "no single head is dispensable": at least 90 % of the heads matter
@@ -45,7 +46,7 @@ class Finding:
     cite: str  # where the paper says it
     claim: str
     verdict: str  # agrees | partly | disagrees | not measured
-    evidence: str  # the run's numbers that decided it
+    evidence: str  # the run's numbers that decided it (markdown: the names in it went through probe.eval.md_text)
     criterion: str
 
     def short(self) -> str:
@@ -106,11 +107,11 @@ def _column_claim(name: str, r: Replication) -> str | None:
     d = column_deltas(r)
     base = paper.TABLE3[paper.BASE][paper.TABLE3_COLUMNS.index(col)]
     if name == "text_costs":
-        rows = ", ".join(f"{r.paper_name(e)} {d[e]:+.1f}" for e in r.experts)
-        return (f"on {col}, the paper's column for the text set, modality fine-tuning moves the base LLM as Table 3's "
+        rows = ", ".join(f"{md_text(r.paper_name(e))} {d[e]:+.1f}" for e in r.experts)
+        return (f"on {md_text(col)}, the paper's column for the text set, modality fine-tuning moves the base LLM as Table 3's "
                 f"Qwen2-7B extensions do (base {base:.1f}; {rows})")
     rows = ", ".join(f"{METHOD_LABELS[m]} {d[m]:+.1f}" for m in PAPER_MERGES)
-    return (f"on {col}, the paper's column for the text set, merging moves the base as Table 4 shows (base "
+    return (f"on {md_text(col)}, the paper's column for the text set, merging moves the base as Table 4 shows (base "
             f"{base:.1f}; {rows})")
 
 
@@ -121,7 +122,7 @@ def goes_as(paper_delta: float, lo: float, hi: float) -> bool:
 
 
 def column_criterion(what: str, table: str, r: Replication) -> str:
-    return (f"{what} goes the paper's way on {text_column(r)} ({table}): a fall needs a 95 % interval below 0, a rise "
+    return (f"{what} goes the paper's way on {md_text(text_column(r))} ({table}): a fall needs a 95 % interval below 0, a rise "
             "one above 0, no change one holding 0; some but not all is 'partly'")
 
 
@@ -174,7 +175,7 @@ def text_costs(r: Replication) -> Finding:
     diffs = {e: run.row(e, r.data(r.cfg["eval"]["text"])) for e in r.experts}
     # named column: MMLU-Pro, say, where the paper's extensions gain: a measured cost there is no agreement
     want = column_deltas(r) if text_column(r) else None
-    ev = "; ".join(f"{e} {interval(x[col], x[lo], x[hi])} points" + (f" (paper {want[e]:+.1f})" if want else "")
+    ev = "; ".join(f"{md_text(e)} {interval(x[col], x[lo], x[hi])} points" + (f" (paper {want[e]:+.1f})" if want else "")
                    for e, x in diffs.items())
     if want:
         ok = [e for e, x in diffs.items() if goes_as(want[e], x[lo], x[hi])]
@@ -197,7 +198,7 @@ def heads_all_matter(r: Replication) -> Finding:
         counts[e] = (int(reaches(h["prob_accuracy_drop"].to_numpy(), SMALL_DROP).sum()), len(h))
     ok = [e for e, (k, n) in counts.items() if k / n >= SHARE_MATTERS]
     # counts, not a rounded share: 43 of 48 heads (89.6 %) printed "90%" beside the 90 % bar it missed
-    ev = "; ".join(f"{e}: {k} of {n} heads" for e, (k, n) in counts.items())
+    ev = "; ".join(f"{md_text(e)}: {k} of {n} heads" for e, (k, n) in counts.items())
     verdict = "agrees" if len(ok) == len(counts) else ("partly" if ok else "disagrees")
     return _found(heads_all_matter, verdict, f"Heads whose removal costs ≥ {100 * SMALL_DROP:.0f} points: {ev}.",
                   crit)
@@ -210,10 +211,10 @@ def shallow_layers(r: Replication) -> Finding:
         h = r.heads(e, need=("kl",))[0]
         n = int(h["layer"].max()) + 1
         if n < 2:  # no deep half: its mean KL was nan, and the finding read "disagrees"
-            return _found(shallow_layers, "not measured", f"{e}'s sweep has {n} layer: no deep half.", crit)
+            return _found(shallow_layers, "not measured", f"{md_text(e)}'s sweep has {n} layer: no deep half.", crit)
         shallow, deep = h[h["layer"] < n / 2]["kl"].mean(), h[h["layer"] >= n / 2]["kl"].mean()
         ok += bool(shallow > deep)
-        ev.append(f"{e}: {shallow:.3g} vs {deep:.3g} nats")
+        ev.append(f"{md_text(e)}: {shallow:.3g} vs {deep:.3g} nats")
     verdict = "agrees" if ok == len(r.experts) else ("partly" if ok else "disagrees")
     return _found(shallow_layers, verdict, f"Mean KL, shallow vs deep half: {'; '.join(ev)}.", crit)
 
@@ -224,11 +225,11 @@ def shift_ratio(r: Replication) -> Finding:
     vl = next((e for e in r.experts if "qwen2-vl" in r.paper_name(e).lower()), None)
     who = vl or max(means, key=means.get)
     # without a stand-in (models.paper) the most shifted expert is taken, so only the 10× half can fail
-    stands = (f"the expert standing for Qwen2-VL ({who})" if vl else
-              f"with no expert standing for Qwen2-VL (models.paper), the most shifted one ({who})")
+    stands = (f"the expert standing for Qwen2-VL ({md_text(who)})" if vl else
+              f"with no expert standing for Qwen2-VL (models.paper), the most shifted one ({md_text(who)})")
     crit = (f"{stands} has the largest mean Δavg and at least {SHIFT_RATIO:.0f}× every other expert's; largest "
             "but less than that is 'partly'")
-    ev = ", ".join(f"{e} {v:.3g}" for e, v in means.items())
+    ev = ", ".join(f"{md_text(e)} {v:.3g}" for e, v in means.items())
     if len(means) < 2:  # a single expert: no other to shift less (its ratio read inf×, and the finding agreed)
         return _found(shift_ratio, "not measured", f"Mean Δavg: {ev}; no other expert to compare with.", crit)
     other = max((e for e in means if e != who), key=means.get)
@@ -238,7 +239,7 @@ def shift_ratio(r: Replication) -> Finding:
     verdict = "agrees" if largest and ratio >= SHIFT_RATIO else ("partly" if largest else "disagrees")
     shown = f"{ratio:.{decimals(ratio, lambda x: x >= SHIFT_RATIO, 2)}f}" if np.isfinite(ratio) else f"{ratio}"
     return _found(shift_ratio, verdict,
-                  f"Mean Δavg: {ev}; {who} is {shown}× the largest of the others ({other}).", crit)
+                  f"Mean Δavg: {ev}; {md_text(who)} is {shown}× the largest of the others ({md_text(other)}).", crit)
 
 
 def merge_keeps_text(r: Replication) -> Finding:
@@ -274,7 +275,7 @@ def weighted_beats_average(r: Replication) -> Finding:
     text_ok = comps[0][1].hi >= 0
     verdict = ("agrees" if text_ok and 2 * len(wins) > len(comps) - 1 else
                "partly" if comps[0][1].lo > 0 or wins else "disagrees")
-    ev = "; ".join(f"{k} {interval(d.value, d.lo, d.hi)}" for k, d in comps)
+    ev = "; ".join(f"{md_text(k)} {interval(d.value, d.lo, d.hi)}" for k, d in comps)
     return _found(weighted_beats_average, verdict, f"Eq. 4 minus Eq. 1, points (paired): {ev}.", crit)
 
 
@@ -291,7 +292,7 @@ def carriers_fall_short(r: Replication) -> Finding:
     within = lambda x: reaches(MERGE_LOSS, x)  # noqa: E731
     small = [within(x) for *_, x in losses]
     verdict = "agrees" if all(small) else ("partly" if any(small) else "disagrees")
-    ev = "; ".join(f"{e} {METHOD_LABELS[m]} {'−' if x >= 0 else '+'}{abs(x):.{decimals(x, within)}f}"
+    ev = "; ".join(f"{md_text(e)} {METHOD_LABELS[m]} {'−' if x >= 0 else '+'}{abs(x):.{decimals(x, within)}f}"
                    for e, m, x in losses)
     return _found(carriers_fall_short, verdict, f"Carrier minus expert, points: {ev}.", crit)
 
@@ -339,8 +340,8 @@ def steps_tradeoff(r: Replication) -> Finding:
             else:
                 gain = run.paired(models[-1], models[0], r.data(label))
                 up_all &= bool(gain.lo > 0)
-                parts.append(f"{label} {pct(v[0])} → {pct(v[-1])} ({interval(gain.value, gain.lo, gain.hi)})")
-        ev.append(f"{name}: {', '.join(parts)}")
+                parts.append(f"{md_text(label)} {pct(v[0])} → {pct(v[-1])} ({interval(gain.value, gain.lo, gain.hi)})")
+        ev.append(f"{md_text(name)}: {', '.join(parts)}")
         if name in multi:
             verdicts.append((up_all, peak_ok))
     ev = f"{metric_word(metrics).capitalize()} in %, paired differences in points: {'; '.join(ev)}."
@@ -381,7 +382,7 @@ def distinct_directions(r: Replication) -> Finding:
            for a, b in pairs}
     ok = [p for p, c in cos.items() if c < DISTINCT_COSINE]
     verdict = "agrees" if len(ok) == len(cos) else ("partly" if ok else "disagrees")
-    ev = "; ".join(f"{a}/{b} {c:.2f}" for (a, b), c in cos.items())
+    ev = "; ".join(f"{md_text(a)}/{md_text(b)} {c:.2f}" for (a, b), c in cos.items())
     return _found(distinct_directions, verdict, f"Cosines of the runs' moves: {ev}.", crit)
 
 

@@ -25,7 +25,7 @@ from figures.findings import Finding, findings, interval
 from figures.merge import current_info
 from figures.results import METHOD_LABELS, EvalRun, Replication, short
 from probe.errors import BadInput
-from probe.eval import md_cell
+from probe.eval import md_code, md_text
 from probe.zoo import ORGANISMS, VALIDATION_NOTE
 
 FIG_DIR = "report_figures"
@@ -61,10 +61,10 @@ class Doc:
             elif kind == "ul":
                 out.append("\n".join(f"- {x}" for x in v))
             elif kind == "table":
-                header, rows, caption = v  # cells name models and sets as given: md_cell keeps a '|' in them
+                header, rows, caption = v  # markdown, as every block: its names went through md_text
                 lines = ([f"*{caption}*", ""] if caption else []) + [
-                    "| " + " | ".join(map(md_cell, header)) + " |", "|" + "---|" * len(header)]
-                lines += ["| " + " | ".join(map(md_cell, r)) + " |" for r in rows]
+                    "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                lines += ["| " + " | ".join(r) + " |" for r in rows]
                 out.append("\n".join(lines))
             elif kind == "img":
                 out.append(f"![{v[1]}]({v[0]})")
@@ -110,14 +110,27 @@ strong.agrees{color:#1a7f37} strong.disagrees{color:#c62828} strong.partly{color
 """
 
 
+# what the inline marks leave as written, as GFM does: a `code span`, and a backslash-escaped ASCII punctuation mark
+# (probe.eval.md_text's escapes of a name's '*', '_', '<', ...)
+_LITERAL = re.compile(r"`([^`]+)`|\\([!-/:-@\[-`{-~])")
+
+
 def _inline(text: str) -> str:
-    """The few inline marks the report uses: **bold** (verdicts coloured), `code`."""
-    t = html.escape(text)
+    """The few inline marks the report uses: **bold** (verdicts coloured), *italics*, `code`, and a name's escapes
+    (probe.eval.md_text) read as the characters they escape: a model named ``a*b*c`` showed as a<em>b</em>c, and
+    one in a code span too (the marks were read inside it)."""
+    kept: list[str] = []
+
+    def keep(m: re.Match) -> str:
+        kept.append(f"<code>{html.escape(m.group(1))}</code>" if m.group(1) is not None else html.escape(m.group(2)))
+        return f"\0{len(kept) - 1}\0"
+
+    t = html.escape(_LITERAL.sub(keep, text))
     t = re.sub(r"\*\*(agrees|disagrees|partly|not measured)\*\*",
                lambda m: f'<strong class="{m.group(1).replace(" ", "-")}">{m.group(1)}</strong>', t)
     t = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", t)
     t = re.sub(r"\*(.+?)\*", r"<em>\1</em>", t)
-    return re.sub(r"`(.+?)`", r"<code>\1</code>", t)
+    return re.sub("\0(\\d+)\0", lambda m: kept[int(m.group(1))], t)
 
 
 def cell(run: EvalRun, model: str, data_spec: str, diff: bool = False) -> str:
@@ -149,18 +162,20 @@ def exact_legend(cells: list[tuple[str, EvalRun, str, str]]) -> str | None:
         v = r[run.metric]
         if r["n_items"] and v in (0.0, 1.0):  # the cells probe.eval's _cell marks †
             lo, hi = reported_interval(v, r[f"{run.metric}_lo"], r[f"{run.metric}_hi"], r["n_items"])
-            exact.append(f"{label} [{100 * lo:.1f}, {100 * hi:.1f}]")
+            exact.append(f"{md_text(label)} [{100 * lo:.1f}, {100 * hi:.1f}]")
     return f"{ALIKE_MARK}; exact 95 % Clopper-Pearson intervals: {'; '.join(exact)}." if exact else None
 
 
 def mix_text(mix: dict[str, float]) -> str:
+    """A fine-tuning run's data mix, as markdown (its set labels through md_text)."""
     if len(mix) == 1:
-        return f"{next(iter(mix))} only"
-    return f"{':'.join(mix)} = {':'.join(f'{v:g}' for v in mix.values())}"
+        return f"{md_text(next(iter(mix)))} only"
+    return f"{':'.join(map(md_text, mix))} = {':'.join(f'{v:g}' for v in mix.values())}"
 
 
 def _paper_table(d: Doc, rows: dict[str, list[float]], columns: list[str], caption: str) -> None:
-    d.table(["paper model", *columns], [[k, *[f"{x:g}" for x in v]] for k, v in rows.items()], caption)
+    d.table(["paper model", *map(md_text, columns)], [[md_text(k), *[f"{x:g}" for x in v]] for k, v in rows.items()],
+            caption)
 
 
 def _copy_png(src: Path, dest: Path) -> bool:
@@ -311,14 +326,17 @@ def build(r: Replication, figdir: Path) -> Doc:
     fs = findings(r)
     text = r.data(cfg["eval"]["text"])
     d.h(1, "Is extending modality the right path? — the paper's pipeline, replicated")
-    d.p(f"Config `{Path(r.info.get('config_file', '')).name}`: base `{r.base}`, experts "
-        + ", ".join(f"`{e}`" for e in r.experts) + f"; device `{cfg['device']}`, dtype `{cfg['dtype']}`, seed "
+    # every user-chosen name (model, set label, run, config file) goes in through md_text or md_code: the blocks are
+    # markdown, and a name's '*', '_', '<', '[', '$' read as marks in report.md (GFM) and report.html (_inline)
+    d.p(f"Config {md_code(Path(r.info.get('config_file', '')).name)}: base {md_code(r.base)}, experts "
+        + ", ".join(map(md_code, r.experts)) + f"; device {md_code(cfg['device'])}, dtype {md_code(cfg['dtype'])}, seed "
         f"{cfg['seed']}. Accuracy in %, with 95 % bootstrap intervals over items; differences are paired (same "
         "items). Each section sets the run beside the paper's published numbers (cited by table; the paper "
         "measured 7B models on MMLU, MMMU, Video-MME and the like, so compare directions, not values) and says, "
         "per finding, whether the run agrees and by which criterion. Rebuild with `python -m figures report DIR`.")
     if any(r.paper_name(e) for e in r.experts):
-        d.p("Stand-ins: " + "; ".join(f"`{e}` for {r.paper_name(e)}" for e in r.experts) + f"; `{r.base}` for the "
+        d.p("Stand-ins: " + "; ".join(f"{md_code(e)} for {md_text(r.paper_name(e))}" for e in r.experts)
+            + f"; {md_code(r.base)} for the "
             "base LLM (Qwen2-7B-Instruct).")
     if {r.base, *r.experts} <= {f"organism-{n}" for n in ORGANISMS}:
         d.p(VALIDATION_NOTE)
@@ -332,9 +350,9 @@ def build(r: Replication, figdir: Path) -> Doc:
     if r.complete("table3"):
         run = r.eval("table3")
         labels = list(cfg["data"])
-        rows = [[m, *[cell(run, m, r.data(x)) for x in labels],
+        rows = [[md_text(m), *[cell(run, m, r.data(x)) for x in labels],
                  "reference" if m == r.base else cell(run, m, text, diff=True)] for m in [r.base, *r.experts]]
-        d.table(["model", *labels, f"{cfg['eval']['text']}: Δ vs base"], rows,
+        d.table(["model", *map(md_text, labels), f"{md_text(cfg['eval']['text'])}: Δ vs base"], rows,
                 f"This run ({run.metric.replace('_', ' ')}, %); n/a: the model cannot read that modality")
         if legend := exact_legend([(f"{m} on {x}", run, m, r.data(x)) for m in [r.base, *r.experts] for x in labels]):
             d.p(legend)
@@ -346,7 +364,8 @@ def build(r: Replication, figdir: Path) -> Doc:
     # Figure 2
     d.h(2, "Figure 2: head salience (each expert on its own modality, the base on text)")
     hd = r.cfg["heads"]
-    d.p(f"Each head of the LM decoder removed in turn (`probe.heads`, exact engine) on the {hd['split']} split of "
+    d.p(f"Each head of the LM decoder removed in turn (`probe.heads`, exact engine) on the {md_text(hd['split'])} "
+        "split of "
         + ("the items generated for training (never the evaluation items)" if hd["data"] == "generated"
            else "each model's evaluation set") + ("" if hd["generate"] else "; no generation, so no accuracy column")
         + ".")
@@ -360,7 +379,7 @@ def build(r: Replication, figdir: Path) -> Doc:
             h = h.sort_values("kl", ascending=False)
             top = ", ".join(f"L{x.layer}.H{x.head} ({x.kl:.2f})" for x in h.head(3).itertuples())
             acc = "—" if b["accuracy"] != b["accuracy"] else f"{100 * b['accuracy']:.1f}"
-            rows.append([m, str(b["n_items"]), acc, f"{100 * b['prob_accuracy']:.1f}", top])
+            rows.append([md_text(m), str(b["n_items"]), acc, f"{100 * b['prob_accuracy']:.1f}", top])
         d.table(["model", "items", "accuracy", "prob. accuracy", "most salient heads (KL, nats)"], rows,
                 "This run: unmasked baselines of the sweeps and their three most salient heads")
         for png in draw_figure2(r, figdir / "figure2.png"):
@@ -379,7 +398,7 @@ def build(r: Replication, figdir: Path) -> Doc:
             pub = paper.SHIFT_RELEASED.get(r.paper_name(e))
             # the header promises the paper model each expert stands for: it printed the expert's name alone
             stands = f"{e} ({r.paper_name(e)})" if r.paper_name(e) else e
-            rows.append([stands, f"{per[e]['mean_delta_avg']:.4g}", _times(per[e]['ratio_to_least_shifted']),
+            rows.append([md_text(stands), f"{per[e]['mean_delta_avg']:.4g}", _times(per[e]['ratio_to_least_shifted']),
                          f"{weight[e]:.3f}" if e in weight else "—",
                          f"{pub[0]:g}" if pub else "—", f"{pub[1]:.3f}" if pub else "—"])
         d.table(["expert (stands for)", "mean Δavg", "× least shifted", "Eq. 4 mean weight", "paper: mean Δavg",
@@ -403,10 +422,10 @@ def build(r: Replication, figdir: Path) -> Doc:
     d.h(2, "Table 4: the merged LMs on text")
     if r.complete("table4"):
         run = r.eval("table4")
-        rows = [[r.base, cell(run, r.base, text), "reference"]]
+        rows = [[md_text(r.base), cell(run, r.base, text), "reference"]]
         rows += [[METHOD_LABELS[m], cell(run, r.merge_dir(m), text), cell(run, r.merge_dir(m), text, diff=True)]
                  for m in r.methods]
-        d.table(["model", cfg["eval"]["text"], "Δ vs base"], rows, f"This run ({run.metric.replace('_', ' ')}, %)")
+        d.table(["model", md_text(cfg["eval"]["text"]), "Δ vs base"], rows, f"This run ({run.metric.replace('_', ' ')}, %)")
         if legend := exact_legend([(name, run, m, text) for name, m in
                                    [(r.base, r.base), *((METHOD_LABELS[x], r.merge_dir(x)) for x in r.methods)]]):
             d.p(legend)
@@ -417,7 +436,7 @@ def build(r: Replication, figdir: Path) -> Doc:
     d.h(2, "Table 5: the merged LMs inside each expert's carrier, on its modality")
     if r.complete("table5"):
         runs = {e: r.eval("table5", short(e)) for e in r.experts}
-        header = ["model"] + [f"{l} ({e})" for e, l in zip(r.experts, r.own)]
+        header = ["model"] + [md_text(f"{l} ({e})") for e, l in zip(r.experts, r.own)]
         rows = [["expert alone"] + [cell(runs[e], e, r.data(l)) for e, l in zip(r.experts, r.own)]]
         for m in r.methods:
             rows.append([METHOD_LABELS[m]] + [cell(runs[e], r.carrier(m, e), r.data(l))
@@ -436,10 +455,10 @@ def build(r: Replication, figdir: Path) -> Doc:
     # Figure 3
     ft = cfg["finetune"]
     d.h(2, "Figure 3: fine-tuning the Eq. 4 merge")
-    d.p(f"The Eq. 4 merge inside `{ft['carrier']}`'s carrier, fine-tuned {ft['steps']} steps (batch "
+    d.p(f"The Eq. 4 merge inside {md_code(ft['carrier'])}'s carrier, fine-tuned {ft['steps']} steps (batch "
         f"{ft['batch_size']}, LM lr {ft['lm_lr']:g}) once per data choice: "
-        + "; ".join(f"{n} ({mix_text(mix)})" for n, mix in r.runs.items())
-        + f". Checkpoints {r.saved_steps} evaluated on " + ", ".join(ft["eval_data"]) + ".")
+        + "; ".join(f"{md_text(n)} ({mix_text(mix)})" for n, mix in r.runs.items())
+        + f". Checkpoints {r.saved_steps} evaluated on " + ", ".join(map(md_text, ft["eval_data"])) + ".")
     if r.complete("steps"):
         from figures.steps import draw_steps, metric_word
 
@@ -449,7 +468,7 @@ def build(r: Replication, figdir: Path) -> Doc:
             metrics.append(run.metric)
             for lab in ft["eval_data"]:
                 g = t[t["data"] == run.data_names[r.data(lab)]]  # in step order (Replication.steps)
-                rows.append([name, lab, " → ".join("n/a" if n == 0 else f"{100 * v:.1f}"
+                rows.append([md_text(name), md_text(lab), " → ".join("n/a" if n == 0 else f"{100 * v:.1f}"
                                                    for v, n in zip(g[run.metric], g["n_items"]))])
         # a --no-generate run's are prob. accuracies: the header said "accuracy" whatever the runs scored
         d.table(["run", "data", f"{metric_word(metrics)} at steps " + ", ".join(map(str, r.saved_steps))], rows,

@@ -12,6 +12,7 @@ DIR/parts/, so a killed run continues where it stopped.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -557,12 +558,28 @@ def _cell(r: Any, metric: str, n_lost: int = 0) -> str:
 WIDE_SUBJECTS = 12  # past this many subjects a set's table turns to one row per subject
 
 
-def md_cell(name: str) -> str:
-    """A name (a model's path, a set's or subject's folder) as one markdown table cell: a '|' in it (``runs/a|b``)
-    split the cell in two and moved every later cell of the row under the wrong column, a newline ended the row.
-    GFM reads ``\\|`` as '|'; scores.csv keeps the name as given."""
-    return " ".join(name.splitlines()).replace("|", "\\|")
+# what GFM reads as a mark wherever it stands in a line: '\\' escapes, '`' code, '*' emphasis, '$' math (GitHub),
+# '<' HTML or an autolink, '[' ']' a link, '&' an entity, '~' strikethrough, '|' a table cell's end
+_MD_MARKS = re.compile(r"([\\`*$<>\[\]&~|])")
+# '_' opens or closes emphasis only beside a non-alphanumeric: ``image_single`` stays as written
+_MD_UNDERSCORE = re.compile(r"(?<![^\W_])_|_(?![^\W_])")
 
+
+def md_text(name: str) -> str:
+    """A user-chosen name (a model's path, a set's or subject's folder, a run's name) as markdown text that GFM shows
+    as written, in a table cell or in prose: each mark character backslash-escaped (``a*b*c`` was a<em>b</em>c,
+    ``<b>`` HTML, ``[x](y)`` a link, ``$x$`` math on GitHub, a '|' split the cell in two) and a newline a space (it
+    ended the row). Plain names (``organism-vl``, ``image_single``) come back unchanged; scores.csv and the JSON
+    files keep every name as given."""
+    text = _MD_MARKS.sub(r"\\\1", " ".join(str(name).splitlines()))
+    return _MD_UNDERSCORE.sub(r"\\_", text)
+
+
+def md_code(name: str) -> str:
+    """A name as a markdown code span (shown as written: GFM reads no mark inside one), or as ``md_text`` when it
+    holds a '`', which would end the span."""
+    text = " ".join(str(name).splitlines())
+    return md_text(text) if "`" in text or not text.strip() else f"`{text}`"
 
 
 def markdown_table(scores: Any, plan: EvalPlan, metric: str) -> str:
@@ -570,11 +587,11 @@ def markdown_table(scores: Any, plan: EvalPlan, metric: str) -> str:
     WIDE_SUBJECTS subjects (MMMU's 30, MMLU's 57) gets subjects × models instead, one row per subject, so the table
     stays as wide as the model list rather than a line of 57 cells."""
     names = [ds.name for ds in plan.data]
-    lines = [f"| model | {' | '.join(map(md_cell, names))} |", "|---" * (len(names) + 1) + "|"]
+    lines = [f"| model | {' | '.join(map(md_text, names))} |", "|---" * (len(names) + 1) + "|"]
     top = scores[scores["subject"] == ALL].set_index(["model", "data"])
     for e in plan.models:
         cells = [_cell(top.loc[(e.name, n)], metric, plan.n_unread(e.name, n)) for n in names]
-        lines.append(f"| {md_cell(e.name)} | {' | '.join(cells)} |")
+        lines.append(f"| {md_text(e.name)} | {' | '.join(cells)} |")
     blocks = ["\n".join(lines)]
     for ds in plan.data:
         subs = ds.subjects
@@ -582,12 +599,12 @@ def markdown_table(scores: Any, plan: EvalPlan, metric: str) -> str:
         n = f"{ds.n_items} item{'s' if ds.n_items != 1 else ''}"
         cell = lambda e, s: _cell(sub.loc[(e.name, s)], metric, plan.n_unread(e.name, ds.name, s))  # noqa: E731
         if len(subs) > WIDE_SUBJECTS:
-            head = [f"| {md_cell(ds.name)} ({n}): subject | {' | '.join(md_cell(e.name) for e in plan.models)} |",
+            head = [f"| {md_text(ds.name)} ({n}): subject | {' | '.join(md_text(e.name) for e in plan.models)} |",
                     "|---" * (len(plan.models) + 1) + "|"]
-            body = [f"| {md_cell(s)} | " + " | ".join(cell(e, s) for e in plan.models) + " |" for s in subs]
+            body = [f"| {md_text(s)} | " + " | ".join(cell(e, s) for e in plan.models) + " |" for s in subs]
         else:
-            head = [f"| {md_cell(ds.name)} ({n}) | {' | '.join(map(md_cell, subs))} |", "|---" * (len(subs) + 1) + "|"]
-            body = [f"| {md_cell(e.name)} | " + " | ".join(cell(e, s) for s in subs) + " |" for e in plan.models]
+            head = [f"| {md_text(ds.name)} ({n}) | {' | '.join(map(md_text, subs))} |", "|---" * (len(subs) + 1) + "|"]
+            body = [f"| {md_text(e.name)} | " + " | ".join(cell(e, s) for s in subs) + " |" for e in plan.models]
         blocks.append("\n".join(head + body))
     return "\n\n".join(blocks)
 
@@ -603,10 +620,10 @@ def write_results(out: Path, items: Any, scores: Any, plan: EvalPlan) -> None:
     whole = sorted({r.note for r in top.itertuples() if r.n_items == 0 and r.note})
     # "scored on N items" only where the model left some of the set out (its cells say "N of M items" too); a row
     # scored on the whole set that has a note (a 100 % score, a diff note) gives the note alone
-    part = [f"- {r.model} on {r.data}: {'scored on %d items; ' % r.n_items if plan.n_unread(r.model, r.data) else ''}"
+    part = [f"- {md_text(r.model)} on {md_text(r.data)}: {'scored on %d items; ' % r.n_items if plan.n_unread(r.model, r.data) else ''}"
             f"{r.note}\n" for r in top.itertuples() if r.n_items > 0 and r.note]
     # MMMU's own scores count open-ended items too: a set's "(N items)" is not its size when some were left out
-    skipped = [f"- {ds.name}: {ds.n_skipped_open} open-ended items skipped; scores are over its {ds.n_items} "
+    skipped = [f"- {md_text(ds.name)}: {ds.n_skipped_open} open-ended items skipped; scores are over its {ds.n_items} "
                "multiple-choice items\n" for ds in plan.data if ds.n_skipped_open]
     alike = [f"- {ALIKE_MARK}; scores.csv's note gives the exact 95 % (Clopper-Pearson) interval\n"
              ] if scores[metric].isin([0.0, 1.0]).any() else []

@@ -752,9 +752,11 @@ def test_the_replication_reports_tables_keep_a_name_holding_a_pipe_in_its_cell()
     """figures.report's tables name models by their spec and sets by their [data] label (a TOML key may hold '|'):
     the same split cell in report.md. Oracle: the GFM cell split of ``_markdown_rows``."""
     from figures.report import Doc
+    from probe.eval import md_text
 
-    d = Doc()
-    d.table(["model", "set|1", "set,2"], [["runs/a|b", "1.0", "2.0"], ["c", "3|4", "x\ny"]])
+    d = Doc()  # its blocks are markdown: names go in through md_text, as figures.report.build writes them
+    d.table(["model", *map(md_text, ["set|1", "set,2"])], [[md_text("runs/a|b"), "1.0", "2.0"],
+                                                            ["c", md_text("3|4"), md_text("x\ny")]])
     assert _markdown_rows(d.markdown().strip()) == [
         ["model", "set|1", "set,2"], ["---", "---", "---"], ["runs/a|b", "1.0", "2.0"], ["c", "3|4", "x y"]]
 
@@ -2735,3 +2737,82 @@ def test_the_printed_summary_names_its_metric_and_its_marks(data_dir, text_dir, 
     assert printed[1:1 + len(table[1].splitlines())] == table[1].splitlines() and "n/a" in table[1]
     assert "- n/a: tiny-qwen2 (qwen2) cannot read image items" in printed
     assert printed[-1] == f"results in {out}/"
+
+
+# names GFM would read as marks: emphasis, math ($ on GitHub), HTML, a link, an entity, a code span, a trailing '\'
+MARKUP_NAMES = ["a*b*c", "$x$", "<b>x</b>", "[x](y)", "a&amp;b", "`c`", "_u_", "t\\", "~~s~~", "a|b"]
+
+
+def _gfm_cells(markdown: str) -> list[list[str]]:
+    """Each table row's cells as GFM (markdown-it's CommonMark with tables and strikethrough) renders them."""
+    from markdown_it import MarkdownIt
+
+    out = MarkdownIt("commonmark").enable(["table", "strikethrough"]).render(markdown)
+    return [re.findall(r"<t[hd]>(.*?)</t[hd]>", row) for row in re.findall(r"<tr>(.*?)</tr>", out, re.S)]
+
+
+def test_names_holding_markdown_marks_are_shown_as_written_in_table_md(tmp_path):
+    """A model, set or subject named ``a*b*c`` showed as a<em>b</em>c in table.md, ``<b>x</b>`` as bold HTML,
+    ``[x](y)`` as a link, ``$x$`` as math on GitHub. Oracle: markdown-it's render of each cell is the name
+    HTML-escaped (no tag), and no '$' is left for GitHub's math unescaped."""
+    import html
+
+    from probe.eval import DataSet, EvalPlan, ModelEntry, score_table, write_results
+
+    models, data, subjects = MARKUP_NAMES[:5], MARKUP_NAMES[5:], ["S*1*", "$y$"]
+    rows = [{"model": m, "data": d, "item_id": f"{i}", "subject": s, "correct": float((i + j) % 2),
+             "prob_correct": 0.0, "p_answer": 0.5}
+            for j, m in enumerate(models) for d in data for s in subjects for i in range(4)]
+    plan = EvalPlan([ModelEntry(m, m, "qwen2", "fp") for m in models],
+                    [DataSet(d, d, d, "fp", 8, 0, subjects) for d in data], {}, {}, {}, {}, {"generate": True})
+    df = pd.DataFrame(rows)
+    write_results(tmp_path, df, score_table(df, plan, None, 0), plan)
+    text = (tmp_path / "table.md").read_text(encoding="utf-8")
+    blocks = text.split("\n\n")
+    top = _gfm_cells(blocks[1])
+    assert top[0] == ["model", *map(html.escape, data)] and [r[0] for r in top[1:]] == list(map(html.escape, models))
+    for d, block in zip(data, blocks[2:], strict=False):
+        sub = _gfm_cells(block)
+        assert sub[0] == [html.escape(f"{d} (8 items)"), *map(html.escape, subjects)]
+    assert not re.search(r"(?<!\\)\$", text), text  # GitHub reads an unescaped $…$ as math
+    back = pd.read_csv(tmp_path / "scores.csv", keep_default_na=False)
+    assert set(back["model"]) == set(models) and set(back["subject"]) == {*subjects, "all"}  # the names as given
+
+
+def test_plain_names_are_written_to_markdown_unescaped():
+    """The escaping leaves plain names as they were: the shipped report's organism names and set labels (with '-'
+    and '_' inside a word) stay byte-identical."""
+    from probe.eval import md_text
+    from probe.zoo import ORGANISMS
+
+    for name in [*(f"organism-{n}" for n in ORGANISMS), "image_single", "Colour_Shape", "runs/merge/eq4", "L3.H2"]:
+        assert md_text(name) == name
+
+
+def test_the_replication_report_shows_names_holding_marks_as_written_in_md_and_html():
+    """figures.report's Doc: a name in a table cell, in prose and in a code span. report.md showed ``a*b*c`` in
+    italics (GFM), and report.html too (its own inline renderer read the '*' of a name as a mark). Oracle: markdown-
+    it's render of report.md and the page's own HTML each show html.escape(name) with no tag the name made."""
+    import html
+
+    from markdown_it import MarkdownIt
+
+    from figures.report import Doc, _inline
+    from probe.eval import md_code, md_text
+
+    for name in MARKUP_NAMES + ["<script>alert(1)</script>", "a&b"]:
+        d = Doc()
+        d.table(["model", md_text(name)], [[md_text(name), "1.0 [0.0, 2.0]"]])
+        d.p(f"base {md_code(name)}, expert {md_text(name)}; **agrees**")
+        md = d.markdown()
+        cells = _gfm_cells(md.split("\n\n")[0])
+        assert cells == [["model", html.escape(name)], [html.escape(name), "1.0 [0.0, 2.0]"]], (name, md)
+        prose = MarkdownIt("commonmark").enable(["table", "strikethrough"]).render(md.split("\n\n")[1])
+        shown = re.sub(r"</?code>", "", prose)
+        assert shown == f"<p>base {html.escape(name)}, expert {html.escape(name)}; <strong>agrees</strong></p>\n", \
+            (name, md, prose)
+        assert not re.search(r"(?<!\\)\$", re.sub(r"`[^`]*`", "", md)), md  # GitHub's math reads no code span
+        page = d.html(Path("."), "t")
+        assert f"<th>{html.escape(name)}</th>" in page and f"<td>{html.escape(name)}</td>" in page, (name, page)
+        assert re.sub(r"</?code>", "", _inline(d.blocks[1][1])) == \
+            f'base {html.escape(name)}, expert {html.escape(name)}; <strong class="agrees">agrees</strong>', name

@@ -2050,3 +2050,24 @@ def test_the_finetune_carrier_split_over_gpus_is_checked_per_gpu(monkeypatch):
         with pytest.raises(BadInput, match=rf"^config key 'finetune.carrier': {cfg.finetune.carrier}: fine-tuning it "
                                            r"split over 2 devices takes [0-9.]+ MiB on cuda:[01]"):
             check_machine(cfg)
+
+
+def test_every_name_in_the_report_goes_in_through_md_text_or_a_code_span(quick: Path, tmp_path: Path,
+                                                                        monkeypatch) -> None:
+    """report.md and report.html are rendered from markdown blocks: a model, set label or run name written into them
+    as given showed its '*', '_', '<', '[', '$' as marks (``a*b*c`` in italics). Every place the report and its
+    findings write a name must pass it through probe.eval.md_text (or md_code): with md_text marking what it is
+    given, no name of the run is left outside a mark or a code span."""
+    import figures.findings
+    import figures.report
+    from figures.results import Replication
+
+    mark = lambda s: f"⟦{s}⟧"  # noqa: E731
+    monkeypatch.setattr(figures.report, "md_text", mark)
+    monkeypatch.setattr(figures.findings, "md_text", mark)
+    r = Replication.read(quick)
+    md = figures.report.build(r, tmp_path).markdown()
+    left = re.sub(r"⟦[^⟧]*⟧|`[^`]*`", "", md)
+    names = [r.base, *r.experts, "image_single"]  # the run's names that no fixed text of the report holds
+    assert all(n in md for n in names)
+    assert [n for n in names if n in left] == [], [ln for ln in left.splitlines() if any(n in ln for n in names)]
