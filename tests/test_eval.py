@@ -711,6 +711,20 @@ def test_a_set_of_many_subjects_gets_one_row_per_subject(tmp_path):
     assert narrow.splitlines()[0] == "| narrow (8 items) | T0 | T1 |"  # a few subjects keep the paper's layout
 
 
+def _write_named_table(out: Path, models: list[str], data: list[str], subjects: list[str],
+                       item_id: Callable[[str, int], str]) -> None:
+    """probe.eval's outputs (table.md among them) for 4 items per model × set × subject named as given, half right."""
+    from probe.eval import DataSet, EvalPlan, ModelEntry, score_table, write_results
+
+    rows = [{"model": m, "data": d, "item_id": item_id(s, i), "subject": s, "correct": float((i + j) % 2),
+             "prob_correct": 0.0, "p_answer": 0.5}
+            for j, m in enumerate(models) for d in data for s in subjects for i in range(4)]
+    plan = EvalPlan([ModelEntry(m, m, "qwen2", "fp") for m in models],
+                    [DataSet(d, d, d, "fp", 8, 0, subjects) for d in data], {}, {}, {}, {}, {"generate": True})
+    df = pd.DataFrame(rows)
+    write_results(out, df, score_table(df, plan, None, 0), plan)
+
+
 def _markdown_rows(block: str) -> list[list[str]]:
     """A GFM table's rows as their cells' text: split at each '|' no backslash escapes, ``\\|`` read as '|'."""
     rows = []
@@ -725,16 +739,9 @@ def test_names_holding_a_pipe_or_comma_keep_table_md_and_scores_csv_whole(tmp_pa
     had one cell more than the header, and every cell after it sat under the wrong column. Each cell now holds its
     name whole ('|' escaped as GFM reads it; a newline would end the row and is a space); scores.csv keeps every
     name as given, ',' and '|' included (oracle: a GFM cell split, and pandas reading the CSV back)."""
-    from probe.eval import DataSet, EvalPlan, ModelEntry, score_table, write_results
 
     models, data, subjects = ["runs/a|b", "c,d"], ["set|1", "set,2"], ["S|1", "S\nx"]
-    rows = [{"model": m, "data": d, "item_id": f"{s}_{i}", "subject": s, "correct": float((i + j) % 2),
-             "prob_correct": 0.0, "p_answer": 0.5}
-            for j, m in enumerate(models) for d in data for s in subjects for i in range(4)]
-    plan = EvalPlan([ModelEntry(m, m, "qwen2", "fp") for m in models],
-                    [DataSet(d, d, d, "fp", 8, 0, subjects) for d in data], {}, {}, {}, {}, {"generate": True})
-    df = pd.DataFrame(rows)
-    write_results(tmp_path, df, score_table(df, plan, None, 0), plan)
+    _write_named_table(tmp_path, models, data, subjects, lambda s, i: f"{s}_{i}")
     blocks = (tmp_path / "table.md").read_text(encoding="utf-8").split("\n\n")
     top = _markdown_rows(blocks[1])
     assert top[0] == ["model", *data] and [r[0] for r in top[2:]] == models
@@ -2757,16 +2764,8 @@ def test_names_holding_markdown_marks_are_shown_as_written_in_table_md(tmp_path)
     HTML-escaped (no tag), and no '$' is left for GitHub's math unescaped."""
     import html
 
-    from probe.eval import DataSet, EvalPlan, ModelEntry, score_table, write_results
-
     models, data, subjects = MARKUP_NAMES[:5], MARKUP_NAMES[5:], ["S*1*", "$y$"]
-    rows = [{"model": m, "data": d, "item_id": f"{i}", "subject": s, "correct": float((i + j) % 2),
-             "prob_correct": 0.0, "p_answer": 0.5}
-            for j, m in enumerate(models) for d in data for s in subjects for i in range(4)]
-    plan = EvalPlan([ModelEntry(m, m, "qwen2", "fp") for m in models],
-                    [DataSet(d, d, d, "fp", 8, 0, subjects) for d in data], {}, {}, {}, {}, {"generate": True})
-    df = pd.DataFrame(rows)
-    write_results(tmp_path, df, score_table(df, plan, None, 0), plan)
+    _write_named_table(tmp_path, models, data, subjects, lambda s, i: f"{i}")
     text = (tmp_path / "table.md").read_text(encoding="utf-8")
     blocks = text.split("\n\n")
     top = _gfm_cells(blocks[1])
