@@ -18,7 +18,8 @@ Stages, in order, each writing its raw outputs to ``DIR/<stage>/`` through the e
 - ``report``     figures.report: DIR/report.md and a self-contained DIR/report.html
 
 Resumable: a stage whose fingerprint (its config section, the content of its input models and data, and its
-upstream stages' fingerprints) matches a completed ``DIR/stages/<stage>.json`` is skipped; a stage killed half-way
+upstream stages' fingerprints) matches a completed ``DIR/stages/<stage>.json`` is skipped, unless its dir no longer
+holds what it wrote or a stage it read completed again since (``stale_reason``); a stage killed half-way
 continues through its command's own resume (evaluation parts, sweep chunks, fine-tuning checkpoints, the merges
 and maps finished before the kill); a stage
 whose inputs changed is deleted and rerun, and so is everything downstream of it. One run at a time holds DIR.
@@ -381,7 +382,8 @@ def output_digest(out: Path, stage: str) -> str:
     the stage completes and by each stage that reads it: its fingerprint holds its inputs only, so a heads.csv
     edited or a merged model's weights replaced by hand, or an upstream stage run again (its run.json times it),
     left every later stage skipped with numbers of the earlier outputs."""
-    return content_fingerprint(out / stage)
+    digest = content_fingerprint(out / stage)
+    return "no files" if digest.startswith("name:") else digest  # not the path: a data stage with nothing to make
 
 
 def upstream_digests(out: Path, stage: Stage) -> dict[str, Any]:

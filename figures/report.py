@@ -533,7 +533,28 @@ def run_state_note(r: Replication) -> str:
                             else "."))
     if parts:
         parts.append(f"Run `python -m analyses.replicate --out {r.out}` with this config to complete and redo them.")
+    if len(setups := software_setups(r, [s for s in stages if s not in missing])) > 1:
+        # kept on purpose (the code digest moves with any edit; a fix that changes numbers changes the stages'
+        # fingerprints), but not silently: a Table 3 of one code beside a Table 4 of another is said so
+        parts.append("**Stages of different software**: " + "; ".join(
+            f"{', '.join(names)} under {setup}" for setup, names in setups.items())
+            + ". Their numbers are compared as one run's; delete a stage's record in `stages/` to run it again.")
     return " ".join(parts)
+
+
+def software_setups(r: Replication, stages: list[str]) -> dict[str, list[str]]:
+    """The torch, transformers and omniprobe source each completed stage ran under (its record), grouped: one key
+    for a run of one setup. A record without versions counts as its own "unrecorded" setup."""
+    from analyses.replicate import read_state
+    from probe.heads import SOFTWARE
+
+    setups: dict[str, list[str]] = {}
+    for s in stages:
+        v = read_state(r.out, s).get("versions")
+        setup = (", ".join(f"{k} {v.get(k)}" for k in SOFTWARE if k in v) if isinstance(v, dict) and v
+                 else "unrecorded software")
+        setups.setdefault(setup, []).append(s)
+    return setups
 
 
 def upstream_closure(stage: str) -> set[str]:

@@ -2121,6 +2121,9 @@ def test_a_report_of_an_unfinished_or_inconsistent_run_says_which_stages_at_the_
     (copy / "stages" / "table5.json").unlink()  # never reached
     csv = copy / "heads" / "organism-vl" / "heads.csv"
     csv.write_text(csv.read_text(encoding="utf-8") + "\n", encoding="utf-8")
+    # table3 completed by an older omniprobe: kept (a fix that changes numbers changes fingerprints), but said so
+    t3 = json.loads((copy / "stages" / "table3.json").read_text())
+    (copy / "stages" / "table3.json").write_text(json.dumps(t3 | {"versions": t3["versions"] | {"omniprobe_code": "0ld"}}))
     assert cli_main(figures_main, ["report", str(copy)]) == 0
     err = capsys.readouterr().err
     md = (copy / "report.md").read_text(encoding="utf-8")
@@ -2128,6 +2131,11 @@ def test_a_report_of_an_unfinished_or_inconsistent_run_says_which_stages_at_the_
     assert "stages table5, trajectory have not completed" in top and "stages table5, trajectory" in err
     assert "heads: its outputs in" in top and "merge: stage heads completed again" not in top
     assert "the stages after it (merge, table4, table5, finetune, steps, trajectory)" in top
+    assert "**Stages of different software**" in top and "table3 under torch" in top and "omniprobe_code 0ld" in top
+    assert "data, heads, shift, merge, table4, finetune, steps under torch" in top  # the others: one setup
+    # and --only refuses to build on the edited stage, before anything runs
+    assert replicate_in_root("--quick", "--quiet", "--only", "merge", "--out", str(copy)) == 2
+    assert "needs stage 'heads', which cannot be kept: its outputs in" in capsys.readouterr().err
 
 
 # Which stages read each setting, written from DESIGN §11 / the README's stage list (not the driver's table): a
