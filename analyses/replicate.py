@@ -18,7 +18,8 @@ Stages, in order, each writing its raw outputs to ``DIR/<stage>/`` through the e
 - ``report``     figures.report: DIR/report.md and a self-contained DIR/report.html
 
 Resumable: a stage whose fingerprint (its config section, the content of its input models and data, and its
-upstream stages' fingerprints) matches a completed ``DIR/stages/<stage>.json`` is skipped; a stage killed half-way
+upstream stages' fingerprints) matches a completed ``DIR/stages/<stage>.json`` is skipped, unless its dir no longer
+holds what it wrote or a stage it read completed again since (``stale_reason``); a stage killed half-way
 continues through its command's own resume (evaluation parts, sweep chunks, fine-tuning checkpoints, the merges
 and maps finished before the kill); a stage
 whose inputs changed is deleted and rerun, and so is everything downstream of it. One run at a time holds DIR.
@@ -306,7 +307,11 @@ STAGES: list[Stage] = [
     # since 2026-12-05 its near-duplicates too (build.content_key; before: 15 of 336 at the default 24 per subject):
     # a DIR whose data stage left them in makes it again
     Stage("data", (), stage_data,
-          lambda c: [c.section("train"), "validation items and their near-duplicates excluded"],
+          lambda c: [c.section("train"), "validation items and their near-duplicates excluded",
+                     # the section's "seed" is the top-level seed (section() puts it over train.seed), so items of
+                     # another train.seed were kept; added only where items are generated, so a run of given sets
+                     # (train.generate = 0, nothing made) keeps its stages
+                     *([{"train.seed": c.cfg.train.seed}] if c.cfg.train.generate else [])],
           lambda c, o: [Path(d) for d in c.train_dirs(o).values()] if c.train.generate else []),
     Stage("table3", (), stage_table3, lambda c: [c.section("eval"), _models(c), _data(c, list(c.cfg.data))],
           lambda c, o: _eval_out(o / "table3")),
@@ -372,16 +377,56 @@ def write_state(out: Path, name: str, state: dict[str, Any]) -> None:
     atomic_write_json(out / STATE_DIR / f"{name}.json", state)
 
 
+def output_digest(out: Path, stage: str) -> str:
+    """What a stage's dir holds (content_fingerprint: names and bytes; size and mtime above 64 MB), recorded when
+    the stage completes and by each stage that reads it: its fingerprint holds its inputs only, so a heads.csv
+    edited or a merged model's weights replaced by hand, or an upstream stage run again (its run.json times it),
+    left every later stage skipped with numbers of the earlier outputs."""
+    digest = content_fingerprint(out / stage)
+    return "no files" if digest.startswith("name:") else digest  # not the path: a data stage with nothing to make
+
+
+def upstream_digests(out: Path, stage: Stage) -> dict[str, Any]:
+    """The outputs of the stages ``stage`` reads, as their records say they completed (None: no such record)."""
+    return {d: read_state(out, d).get("outputs") for d in stage.needs}
+
+
+def stale_reason(out: Path, name: str) -> str | None:
+    """Why a stage recorded complete does not hold what its record says, though its fingerprint matches: its dir
+    changed since it completed, or a stage it reads has completed again since. None when it is whole (or its record
+    is from before these were recorded: nothing to compare)."""
+    st = read_state(out, name)
+    if (saved := st.get("outputs")) is not None and saved != output_digest(out, name):
+        return f"its outputs in {out / name} changed since it completed (edited or replaced by hand?)"
+    read = st.get("upstream")
+    if isinstance(read, dict):
+        if moved := [d for d in BY_NAME[name].needs if read.get(d) != read_state(out, d).get("outputs")]:
+            return f"stage {', '.join(moved)} completed again since it ran, with other outputs"
+    return None
+
+
 def run_stage(ctx: Context, stage: Stage, fp: str) -> str:
     state = read_state(ctx.out, stage.name)
     if not stage.fresh and state.get("fingerprint") == fp and state.get("status") == "complete":
-        if not (gone := missing_outputs(stage.name, ctx.cfg, ctx.out)):
+        if gone := missing_outputs(stage.name, ctx.cfg, ctx.out):
+            print(f"== {stage.name}: its output {gone_text(gone)} is gone: running it again", file=sys.stderr)
+        elif reason := stale_reason(ctx.out, stage.name):
+            print(f"== {stage.name}: {reason}: running it again", file=sys.stderr)
+        else:
+            if "outputs" not in state:  # completed before outputs were recorded: from now on an edit is seen
+                write_state(ctx.out, stage.name, state | {"outputs": output_digest(ctx.out, stage.name),
+                                                          "upstream": upstream_digests(ctx.out, stage)})
             print(f"== {stage.name}: unchanged, skipped ({state.get('seconds', 0):.0f} s when run)", file=sys.stderr)
             return "skipped"
-        print(f"== {stage.name}: its output {gone_text(gone)} is gone: running it again", file=sys.stderr)
         state = {}  # from nothing: what is left of it is not known to be whole
     sdir = ctx.out / stage.name
+    upstream = upstream_digests(ctx.out, stage)
     resumed = state.get("fingerprint") == fp and not stage.fresh
+    if resumed and isinstance(state.get("upstream"), dict) and state["upstream"] != upstream:
+        # its parts were computed from the outputs an upstream stage had before it ran again
+        print(f"== {stage.name}: its inputs from an upstream stage changed since it started: starting it again",
+              file=sys.stderr)
+        resumed = False
     now = {k: v for k, v in versions().items() if k in SOFTWARE}
     if resumed and (moved := software_differences(state.get("versions"), now)):
         # its commands would refuse to mix two setups' parts (and ask for an --overwrite this driver has not got)
@@ -394,7 +439,7 @@ def run_stage(ctx: Context, stage: Stage, fp: str) -> str:
     t0, c0 = time.perf_counter(), time.process_time()
     started = state.get("started") if resumed else time.strftime("%Y-%m-%dT%H:%M:%S%z")
     write_state(ctx.out, stage.name, {"stage": stage.name, "fingerprint": fp, "status": "running",
-                                      "started": started, "versions": now})
+                                      "started": started, "versions": now, "upstream": upstream})
     stage.run(ctx)
     seconds = time.perf_counter() - t0
     # CPU seconds of all this process's threads: what the stage costs, whatever else shares the machine
@@ -402,7 +447,8 @@ def run_stage(ctx: Context, stage: Stage, fp: str) -> str:
                                       "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                       "seconds": round(seconds, 1),
                                       "cpu_seconds": round(time.process_time() - c0, 1), "resumed": resumed,
-                                      "versions": now})
+                                      "versions": now, "upstream": upstream,
+                                      **({} if stage.fresh else {"outputs": output_digest(ctx.out, stage.name)})})
     print(f"== {stage.name}: done in {seconds:.1f} s", file=sys.stderr)
     return "ran"
 
@@ -475,6 +521,9 @@ def prepare(args: argparse.Namespace) -> tuple[Context, dict[str, str]]:
                                    "--only")
                 if gone := missing_outputs(dep, cfg, out):
                     raise BadInput(f"--only {name}: it needs stage {dep!r}, whose output {gone[0]} is gone; add "
+                                   "it to --only or run without --only")
+                if reason := stale_reason(out, dep):
+                    raise BadInput(f"--only {name}: it needs stage {dep!r}, which cannot be kept: {reason}; add "
                                    "it to --only or run without --only")
     return ctx, stage_fps
 

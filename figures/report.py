@@ -12,6 +12,7 @@ import base64
 import html
 import re
 import shutil
+import sys
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -340,6 +341,8 @@ def build(r: Replication, figdir: Path) -> Doc:
             "base LLM (Qwen2-7B-Instruct).")
     if {r.base, *r.experts} <= {f"organism-{n}" for n in ORGANISMS}:
         d.p(VALIDATION_NOTE)
+    if note := run_state_note(r):
+        d.p(note)
     d.h(2, "Findings at a glance")
     d.p("Each line: the verdict, where the paper says it, and the paper's claim; the numbers and the criterion "
         "that decided it follow in the section.")
@@ -514,6 +517,8 @@ def build_report(out: Path) -> list[Path]:
     # (PIL's error names no file)
     with partial_dir(figdir) as tmp:
         doc = build(r, tmp)
+    if note := run_state_note(r):  # the report is written all the same: what the finished stages hold, marked
+        print("warning: " + note.replace("**", ""), file=sys.stderr)
     for name in ("report.md", "report.html"):  # a kill from here on leaves no report rather than the earlier
         (out / name).unlink(missing_ok=True)  # build's beside this one's, or pointing at figures no longer there
     if figdir.exists():
@@ -522,6 +527,66 @@ def build_report(out: Path) -> list[Path]:
     atomic_write_bytes(out / "report.md", doc.markdown().encode())
     atomic_write_bytes(out / "report.html", doc.html(out, "omniprobe replication report").encode())
     return [out / "report.md", out / "report.html"]
+
+
+def run_state_note(r: Replication) -> str:
+    """What keeps the report from being one whole run, for its top (and stderr): the stages not completed with its
+    settings (their sections hold no numbers of this run, their findings read "not measured"), and the stages whose
+    outputs are not those their record says (``analyses.replicate.stale_reason``: edited by hand, or an upstream
+    stage completed again since), naming the stages after them. "" for a whole run."""
+    from analyses.replicate import BY_NAME, stale_reason
+
+    stages = [s for s in r.info["stages"] if s != "report" and s in BY_NAME]
+    missing = [s for s in stages if not r.recorded_complete(s)]
+    parts = []
+    if missing:
+        parts.append(f"**Unfinished run**: stage{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                     f"{'have' if len(missing) > 1 else 'has'} not completed with this run's settings; "
+                     f"{'their' if len(missing) > 1 else 'its'} tables and figures are left out and "
+                     f"{'their' if len(missing) > 1 else 'its'} findings read \"not measured\".")
+    for s in stages:
+        if s not in missing and (why := stale_reason(r.out, s)):
+            after = [t for t in stages if t != s and s in upstream_closure(t)]
+            parts.append(f"**Not one consistent run**: {s}: {why}"
+                         + (f"; the stages after it ({', '.join(after)}) were computed from other outputs." if after
+                            else "."))
+    if parts:
+        parts.append(f"Run `python -m analyses.replicate --out {r.out}` with this config to complete and redo them.")
+    if len(setups := software_setups(r, [s for s in stages if s not in missing])) > 1:
+        # kept on purpose (the code digest moves with any edit; a fix that changes numbers changes the stages'
+        # fingerprints), but not silently: a Table 3 of one code beside a Table 4 of another is said so
+        parts.append("**Stages of different software**: " + "; ".join(
+            f"{', '.join(names)} under {setup}" for setup, names in setups.items())
+            + ". Their numbers are compared as one run's; delete a stage's record in `stages/` to run it again.")
+    return " ".join(parts)
+
+
+def software_setups(r: Replication, stages: list[str]) -> dict[str, list[str]]:
+    """The torch, transformers and omniprobe source each completed stage ran under (its record), grouped: one key
+    for a run of one setup. A record without versions counts as its own "unrecorded" setup."""
+    from analyses.replicate import read_state
+    from probe.heads import SOFTWARE
+
+    setups: dict[str, list[str]] = {}
+    for s in stages:
+        v = read_state(r.out, s).get("versions")
+        setup = (", ".join(f"{k} {v.get(k)}" for k in SOFTWARE if k in v) if isinstance(v, dict) and v
+                 else "unrecorded software")
+        setups.setdefault(setup, []).append(s)
+    return setups
+
+
+def upstream_closure(stage: str) -> set[str]:
+    """Every stage ``stage`` reads, directly or through others."""
+    from analyses.replicate import BY_NAME
+
+    seen: set[str] = set()
+    todo = list(BY_NAME[stage].needs)
+    while todo:
+        if (d := todo.pop()) not in seen:
+            seen.add(d)
+            todo += BY_NAME[d].needs
+    return seen
 
 
 def timing_rows(r: Replication) -> list[list[str]]:

@@ -2071,3 +2071,151 @@ def test_every_name_in_the_report_goes_in_through_md_text_or_a_code_span(quick: 
     names = [r.base, *r.experts, "image_single"]  # the run's names that no fixed text of the report holds
     assert all(n in md for n in names)
     assert [n for n in names if n in left] == [], [ln for ln in left.splitlines() if any(n in ln for n in names)]
+
+
+def test_an_output_edited_or_an_upstream_run_again_reruns_what_reads_it(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A stage was skipped on its fingerprint (its inputs) alone: a heads.csv edited by hand (KL × 10) left the
+    salience merge built from the old sweep beside the report's new Figure 2 numbers, and a merged model's weights
+    replaced, or the merge stage run again (--only merge), left table4/table5 scored on the old merge. Hand-built
+    stages: ``merge`` copies what ``heads`` wrote (and ``heads`` stamps each run, as run.json times it), so the
+    oracle is that after every run the merge holds exactly the heads output of now."""
+    import analyses.replicate as rep
+
+    runs = {"heads": 0, "merge": 0}
+
+    def heads(ctx: Context) -> None:
+        runs["heads"] += 1
+        (ctx.out / "heads").mkdir(exist_ok=True)
+        (ctx.out / "heads" / "heads.csv").write_text(f"kl\n0.5\n# run {runs['heads']}\n", encoding="utf-8")
+
+    def merge(ctx: Context) -> None:
+        runs["merge"] += 1
+        (ctx.out / "merge").mkdir(exist_ok=True)
+        shutil.copy(ctx.out / "heads" / "heads.csv", ctx.out / "merge" / "weights.bin")
+
+    stages = {"heads": rep.Stage("heads", (), heads, lambda c: None),
+              "merge": rep.Stage("merge", ("heads",), merge, lambda c: None)}
+    monkeypatch.setattr(rep, "BY_NAME", stages)
+    ctx = _ctx(parse_config(QUICK_CONFIG))
+    ctx.out = tmp_path
+
+    def run_all() -> list[str]:
+        return [rep.run_stage(ctx, s, "fp") for s in stages.values()]
+
+    def consistent() -> bool:
+        return (tmp_path / "merge" / "weights.bin").read_bytes() == (tmp_path / "heads" / "heads.csv").read_bytes()
+
+    assert run_all() == ["ran", "ran"] and run_all() == ["skipped", "skipped"] and consistent()
+    csv = tmp_path / "heads" / "heads.csv"
+    csv.write_text(csv.read_text(encoding="utf-8").replace("0.5", "5.0"), encoding="utf-8")  # edited by hand
+    assert run_all() == ["ran", "ran"] and consistent() and "0.5" in csv.read_text(encoding="utf-8")
+    assert "heads: its outputs in" in capsys.readouterr().err
+    (tmp_path / "merge" / "weights.bin").write_bytes(b"other weights")  # replaced by hand
+    assert run_all() == ["skipped", "ran"] and consistent()
+    assert rep.run_stage(ctx, stages["heads"], "other fp") == "ran"  # e.g. --only heads with another setting
+    assert rep.run_stage(ctx, stages["heads"], "fp") == "ran"  # and back: heads holds a new run's output now
+    assert rep.run_stage(ctx, stages["merge"], "fp") == "ran" and consistent()
+    assert "merge: stage heads completed again since it ran" in capsys.readouterr().err
+    # killed mid-way after heads completed again: its parts are of the old heads output, so it starts again
+    state = rep.read_state(tmp_path, "merge")
+    rep.write_state(tmp_path, "merge", state | {"status": "running", "upstream": {"heads": "an earlier output"}})
+    (tmp_path / "merge" / "part-0").write_text("of the earlier heads", encoding="utf-8")
+    assert rep.run_stage(ctx, stages["merge"], "fp") == "ran" and not (tmp_path / "merge" / "part-0").exists()
+    assert runs == {"heads": 4, "merge": 5}
+
+
+def test_a_report_of_an_unfinished_or_inconsistent_run_says_which_stages_at_the_top(quick: Path, tmp_path: Path,
+                                                                                    capsys) -> None:
+    """`python -m figures report DIR` after a partial run drew the finished stages' sections and "not measured"
+    findings with nothing at the top saying the run was unfinished, and after a heads.csv edited by hand it drew the
+    edited Figure 2 beside the salience merge made from the old one, as one consistent run. Oracle: the stages this
+    test leaves unfinished or edits."""
+    from figures.__main__ import main as figures_main
+
+    copy = tmp_path / "copy"
+    shutil.copytree(quick, copy)
+    assert cli_main(figures_main, ["report", str(copy)]) == 0
+    assert "not completed" not in (copy / "report.md").read_text(encoding="utf-8")  # the whole run: no note
+    capsys.readouterr()
+    state = json.loads((copy / "stages" / "trajectory.json").read_text())
+    (copy / "stages" / "trajectory.json").write_text(json.dumps(state | {"status": "running"}))  # killed
+    (copy / "stages" / "table5.json").unlink()  # never reached
+    csv = copy / "heads" / "organism-vl" / "heads.csv"
+    csv.write_text(csv.read_text(encoding="utf-8") + "\n", encoding="utf-8")
+    # table3 completed by an older omniprobe: kept (a fix that changes numbers changes fingerprints), but said so
+    t3 = json.loads((copy / "stages" / "table3.json").read_text())
+    (copy / "stages" / "table3.json").write_text(json.dumps(t3 | {"versions": t3["versions"] | {"omniprobe_code": "0ld"}}))
+    assert cli_main(figures_main, ["report", str(copy)]) == 0
+    err = capsys.readouterr().err
+    md = (copy / "report.md").read_text(encoding="utf-8")
+    top = md[:md.index("## Findings at a glance")]
+    assert "stages table5, trajectory have not completed" in top and "stages table5, trajectory" in err
+    assert "heads: its outputs in" in top and "merge: stage heads completed again" not in top
+    assert "the stages after it (merge, table4, table5, finetune, steps, trajectory)" in top
+    assert "**Stages of different software**" in top and "table3 under torch" in top and "omniprobe_code 0ld" in top
+    assert "data, heads, shift, merge, table4, finetune, steps under torch" in top  # the others: one setup
+    # and --only refuses to build on the edited stage, before anything runs
+    assert replicate_in_root("--quick", "--quiet", "--only", "merge", "--out", str(copy)) == 2
+    assert "needs stage 'heads', which cannot be kept: its outputs in" in capsys.readouterr().err
+
+
+# Which stages read each setting, written from DESIGN §11 / the README's stage list (not the driver's table): a
+# change must rerun them and every stage after them. ALSO: stages a change may rerun without reading it (a shared
+# section: eval.limit is in the steps stage's eval section, which reads finetune.eval_limit; the heads stage on
+# generated items is fingerprinted with the eval sets too; the data stage with device, dtype and seed).
+READS = {"eval.limit": {"table3", "table4", "table5"}, "eval.split": {"table3", "table4", "table5", "steps"},
+         "eval.generate": {"table3", "table4", "table5", "steps"}, "heads.limit": {"heads"}, "heads.split": {"heads"},
+         "merge.alpha0": {"merge"}, "merge.temperature": {"merge"}, "merge.salience_metric": {"merge"},
+         "merge.methods": {"merge"}, "finetune.steps": {"finetune"}, "finetune.lr": {"finetune"},
+         "finetune.runs": {"finetune"}, "finetune.carrier": {"finetune"}, "finetune.eval_data": {"steps"},
+         "finetune.eval_limit": {"steps"}, "seed": {"table3", "heads", "table4", "table5", "finetune", "steps",
+                                                   "trajectory"},
+         "dtype": {"table3", "heads", "table4", "table5", "finetune", "steps"}, "device": {"table3", "heads", "table4",
+                                                                                       "table5", "finetune", "steps"},
+         "train.seed": {"data"}, "train.generate": {"data"}, "trajectory.sketch_dim": {"trajectory"},
+         "trajectory.perplexity": {"trajectory"}, "data.text": {"table3", "table4", "steps"},
+         "data.image": {"table3", "table5", "steps"}, "data.video": {"table3", "table5", "steps"},
+         "data.image_single": {"table3", "table5"}}
+ALSO = {"eval.limit": {"steps"}, "seed": {"data"}, "dtype": {"data"}, "device": {"data"}, "data.text": {"heads"},
+        "data.image": {"heads"}, "data.video": {"heads"}, "data.image_single": {"heads"}}
+AFTER = {"data": {"heads", "finetune"}, "heads": {"merge"}, "shift": {"merge"}, "table3": set(),
+         "merge": {"table4", "table5", "finetune", "trajectory"}, "finetune": {"steps", "trajectory"}, "table4": set(),
+         "table5": set(), "steps": set(), "trajectory": set()}
+
+
+@pytest.mark.parametrize("key", list(READS))
+def test_each_setting_reruns_the_stages_that_read_it_and_those_after_them(key: str) -> None:
+    """train.seed reran nothing: the [train] section's seed was overwritten by the top-level seed in the data
+    stage's fingerprint, so items generated with another seed were kept, and fine-tuned on."""
+    import dataclasses
+
+    cfg = parse_config(DEFAULT_CONFIG)  # heads on generated items, train.generate > 0: every stage reads something
+    assert cfg.heads.data == "generated" and cfg.train.generate and cfg.finetune.eval_data == ["text", "image", "video"]
+    section, _, name = key.rpartition(".")
+    fps = None
+    if section == "data":
+        fps = {s: "fp0" for s in [cfg.models.base, *cfg.models.experts, *cfg.data.values()]} | {cfg.data[name]: "fp1"}
+        other = cfg
+    else:
+        value = getattr(getattr(cfg, section) if section else cfg, name)
+        new = {"merge.methods": ["average", "shift"], "finetune.runs": {"text": {"text": 1.0}},
+               "finetune.carrier": cfg.models.experts[1], "finetune.eval_data": ["text"], "dtype": "bfloat16",
+               "device": "cpu", "trajectory.sketch_dim": 32, "merge.salience_metric": "accuracy_drop",
+               "eval.split": "test", "heads.split": "test"}.get(key)
+        if new is None:
+            new = 5 if value is None else (not value) if isinstance(value, bool) else value + 3 if isinstance(value, int) else value / 2
+        other = (dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{name: new})})
+                 if section else dataclasses.replace(cfg, **{name: new}))
+    reran = {s for s, fp in fingerprints(_ctx(other, fps)).items() if fp != fingerprints(_ctx(cfg))[s]} - {"report"}
+
+    def closure(stages: set[str]) -> set[str]:
+        seen, todo = set(), list(stages)
+        while todo:
+            if (s := todo.pop()) not in seen:
+                seen.add(s)
+                todo += AFTER[s]
+        return seen
+
+    must = closure(READS[key])
+    assert must <= reran, sorted(must - reran)  # kept though it reads the setting: its results are stale
+    assert reran <= closure(READS[key] | ALSO.get(key, set())), sorted(reran - must)
