@@ -377,12 +377,19 @@ def write_state(out: Path, name: str, state: dict[str, Any]) -> None:
     atomic_write_json(out / STATE_DIR / f"{name}.json", state)
 
 
+# what ``python -m figures`` draws into a stage's dir: read by no stage (the data sets' images are inside their
+# parquet files), and redrawn in place by the README's own workflow, whose drawing code may change a figure's bytes
+FIGURE_SUFFIXES = (".png", ".pdf")
+
+
 def output_digest(out: Path, stage: str) -> str:
     """What a stage's dir holds (content_fingerprint: names and bytes; size and mtime above 64 MB), recorded when
     the stage completes and by each stage that reads it: its fingerprint holds its inputs only, so a heads.csv
     edited or a merged model's weights replaced by hand, or an upstream stage run again (its run.json times it),
-    left every later stage skipped with numbers of the earlier outputs."""
-    digest = content_fingerprint(out / stage)
+    left every later stage skipped with numbers of the earlier outputs. Its figures are left out (FIGURE_SUFFIXES):
+    a redraw (`python -m figures shift DIR/shift`) changes no number, and it made the stage and every stage after
+    it run again."""
+    digest = content_fingerprint(out / stage, skip=lambda f: f.suffix in FIGURE_SUFFIXES)
     return "no files" if digest.startswith("name:") else digest  # not the path: a data stage with nothing to make
 
 

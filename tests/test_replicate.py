@@ -2131,6 +2131,41 @@ def test_an_output_edited_or_an_upstream_run_again_reruns_what_reads_it(tmp_path
     assert runs == {"heads": 4, "merge": 5}
 
 
+def test_a_figure_redrawn_into_a_stage_keeps_the_stage_and_those_after_it(tmp_path: Path, monkeypatch) -> None:
+    """The README redraws a run's stage figures in place (`python -m figures eval|shift|merge|trajectory` on its
+    stage dirs, then `python -m figures report`). A figure is no stage's input, but the stage's output digest held
+    its bytes, so a redraw under other drawing code (this session's plain log ticks redrew shift.png) made the
+    report say the run was not one consistent run and the next replicate run that stage and every stage after it
+    again. Oracle: the data files the stages read, unchanged; a figure's bytes changed as a redraw changes them."""
+    import analyses.replicate as rep
+
+    runs = {"heads": 0, "merge": 0}
+
+    def heads(ctx: Context) -> None:
+        runs["heads"] += 1
+        (ctx.out / "heads").mkdir(exist_ok=True)
+        (ctx.out / "heads" / "heads.csv").write_text("kl\n0.5\n", encoding="utf-8")
+        for ext in ("png", "pdf"):
+            (ctx.out / "heads" / f"heads.{ext}").write_bytes(b"drawn by the stage")
+
+    def merge(ctx: Context) -> None:
+        runs["merge"] += 1
+        (ctx.out / "merge").mkdir(exist_ok=True)
+        shutil.copy(ctx.out / "heads" / "heads.csv", ctx.out / "merge" / "weights.bin")
+
+    stages = {"heads": rep.Stage("heads", (), heads, lambda c: None),
+              "merge": rep.Stage("merge", ("heads",), merge, lambda c: None)}
+    monkeypatch.setattr(rep, "BY_NAME", stages)
+    ctx = _ctx(parse_config(QUICK_CONFIG))
+    ctx.out = tmp_path
+    assert [rep.run_stage(ctx, s, "fp") for s in stages.values()] == ["ran", "ran"]
+    for ext in ("png", "pdf"):  # redrawn in place by other drawing code
+        (tmp_path / "heads" / f"heads.{ext}").write_bytes(b"redrawn")
+    assert [rep.stale_reason(tmp_path, s) for s in stages] == [None, None]
+    assert [rep.run_stage(ctx, s, "fp") for s in stages.values()] == ["skipped", "skipped"]
+    assert runs == {"heads": 1, "merge": 1}
+
+
 def test_a_report_of_an_unfinished_or_inconsistent_run_says_which_stages_at_the_top(quick: Path, tmp_path: Path,
                                                                                     capsys) -> None:
     """`python -m figures report DIR` after a partial run drew the finished stages' sections and "not measured"
