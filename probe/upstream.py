@@ -522,8 +522,8 @@ def check_first_step_raw(model: nn.Module, inputs: dict[str, torch.Tensor], firs
     rows = (torch.arange(first.shape[0]) if mask is None else mask.bool().all(-1).nonzero().flatten()).cpu()
     if not len(rows):
         return
-    with torch.no_grad():
-        plain = model(**inputs, logits_to_keep=1).logits[:, -1]
+    with torch.no_grad():  # no cache: generate's output still holds the batch's (a second one could run out of memory)
+        plain = model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
     got, want = first[rows.to(first.device)].float(), plain[rows.to(plain.device)].float().to(first.device)
     if not (bool(torch.isfinite(got).all()) and bool(torch.isfinite(want).all())):
         return

@@ -588,3 +588,24 @@ def test_a_length_dependent_rope_is_found_whatever_its_module_keeps(change, tmp_
     else:
         with pytest.raises(UpstreamChanged, match="config declares 'longrope' RoPE"):
             rope_position_limit(model)
+
+
+def test_the_raw_first_step_check_builds_no_second_kv_cache(load_tiny, monkeypatch):
+    """``check_first_step_raw`` runs a plain forward of generate's whole batch while generate's output still holds
+    that batch's KV cache (``out.cache``). With the model's default ``use_cache`` that forward built a second cache of
+    every layer's keys and values, so a run's first batch needed two at once (on a GPU it could run out of memory,
+    and ``run_halving`` then keeps the halved batch for the rest of the run). The check needs the last position's
+    logits only. Oracle: the cache updates counted while it runs: none; and it still passes on raw logits."""
+    from transformers.cache_utils import Cache
+
+    from probe.upstream import check_first_step_raw
+
+    loaded = load_tiny("qwen2")
+    inputs = {"input_ids": torch.tensor([[3, 7, 11, 5], [4, 8, 12, 6]]), "attention_mask": torch.ones(2, 4, dtype=torch.long)}
+    with torch.no_grad():
+        first = loaded.model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
+    updates = []
+    real = Cache.update
+    monkeypatch.setattr(Cache, "update", lambda self, *a, **k: (updates.append(1), real(self, *a, **k))[1])
+    check_first_step_raw(loaded.model, inputs, first)
+    assert updates == []
