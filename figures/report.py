@@ -517,8 +517,8 @@ def build_report(out: Path) -> list[Path]:
     # (PIL's error names no file)
     with partial_dir(figdir) as tmp:
         doc = build(r, tmp)
-    if note := run_state_note(r):  # the report is written all the same: what the finished stages hold, marked
-        print("warning: " + note.replace("**", ""), file=sys.stderr)
+    if note := run_state_note(r, markdown=False):  # the report is written all the same: what the finished stages
+        print("warning: " + note, file=sys.stderr)  # hold, marked
     for name in ("report.md", "report.html"):  # a kill from here on leaves no report rather than the earlier
         (out / name).unlink(missing_ok=True)  # build's beside this one's, or pointing at figures no longer there
     if figdir.exists():
@@ -529,33 +529,39 @@ def build_report(out: Path) -> list[Path]:
     return [out / "report.md", out / "report.html"]
 
 
-def run_state_note(r: Replication) -> str:
-    """What keeps the report from being one whole run, for its top (and stderr): the stages not completed with its
-    settings (their sections hold no numbers of this run, their findings read "not measured"), and the stages whose
-    outputs are not those their record says (``analyses.replicate.stale_reason``: edited by hand, or an upstream
-    stage completed again since), naming the stages after them. "" for a whole run."""
+def run_state_note(r: Replication, markdown: bool = True) -> str:
+    """What keeps the report from being one whole run, for its top (and, ``markdown`` False, as plain text for
+    stderr): the stages not completed with its settings (their sections hold no numbers of this run, their findings
+    read "not measured"), and the stages whose outputs are not those their record says
+    (``analyses.replicate.stale_reason``: edited by hand, or an upstream stage completed again since), naming the
+    stages after them. "" for a whole run. The run's folder, a name the user chose, goes in through md_text /
+    md_code (a --out named ``a*b*c`` showed in italics)."""
     from analyses.replicate import BY_NAME, stale_reason
+
+    text, code = (md_text, md_code) if markdown else (str, lambda s: f"`{s}`")
+    bold = (lambda s: f"**{s}**") if markdown else str
 
     stages = [s for s in r.info["stages"] if s != "report" and s in BY_NAME]
     missing = [s for s in stages if not r.recorded_complete(s)]
     parts = []
     if missing:
-        parts.append(f"**Unfinished run**: stage{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+        parts.append(f"{bold('Unfinished run')}: stage{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
                      f"{'have' if len(missing) > 1 else 'has'} not completed with this run's settings; "
                      f"{'their' if len(missing) > 1 else 'its'} tables and figures are left out and "
                      f"{'their' if len(missing) > 1 else 'its'} findings read \"not measured\".")
     for s in stages:
         if s not in missing and (why := stale_reason(r.out, s)):
             after = [t for t in stages if t != s and s in upstream_closure(t)]
-            parts.append(f"**Not one consistent run**: {s}: {why}"
+            parts.append(f"{bold('Not one consistent run')}: {s}: {text(why)}"
                          + (f"; the stages after it ({', '.join(after)}) were computed from other outputs." if after
                             else "."))
     if parts:
-        parts.append(f"Run `python -m analyses.replicate --out {r.out}` with this config to complete and redo them.")
+        parts.append(f"Run {code(f'python -m analyses.replicate --out {r.out}')} with this config to complete and "
+                     "redo them.")
     if len(setups := software_setups(r, [s for s in stages if s not in missing])) > 1:
         # kept on purpose (the code digest moves with any edit; a fix that changes numbers changes the stages'
         # fingerprints), but not silently: a Table 3 of one code beside a Table 4 of another is said so
-        parts.append("**Stages of different software**: " + "; ".join(
+        parts.append(f"{bold('Stages of different software')}: " + "; ".join(
             f"{', '.join(names)} under {setup}" for setup, names in setups.items())
             + ". Their numbers are compared as one run's; delete a stage's record in `stages/` to run it again.")
     return " ".join(parts)

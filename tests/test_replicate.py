@@ -2261,3 +2261,39 @@ def test_each_setting_reruns_the_stages_that_read_it_and_those_after_them(key: s
     must = closure(READS[key])
     assert must <= reran, sorted(must - reran)  # kept though it reads the setting: its results are stale
     assert reran <= closure(READS[key] | ALSO.get(key, set())), sorted(reran - must)
+
+
+def test_the_run_state_note_shows_the_run_dir_as_written(tmp_path: Path, capsys) -> None:
+    """The note at the top of a report of an inconsistent run names the stage's folder (``stale_reason``), a path
+    the user chose, as markdown: a --out named ``a*b*c`` showed as a<em>b</em>c in report.md and report.html, and
+    its stderr warning must keep the path as typed (no markdown escapes). Oracle: markdown-it's render of the note
+    and the page's own inline renderer show html.escape(path) with no tag the path made."""
+    import html
+
+    from markdown_it import MarkdownIt
+
+    import analyses.replicate as rep
+    from figures.report import _inline, run_state_note
+
+    out = tmp_path / "a*b*c"
+    out.mkdir()
+    for s in ("heads", "merge"):
+        (out / s).mkdir()
+        (out / s / "x.csv").write_text("1\n", encoding="utf-8")
+        rep.write_state(out, s, {"status": "complete", "fingerprint": "fp", "outputs": rep.output_digest(out, s)})
+    (out / "heads" / "x.csv").write_text("2\n", encoding="utf-8")  # edited by hand: heads is stale
+
+    class Run:  # the part of figures.results.Replication the note reads
+        info = {"stages": ["heads", "merge", "report"]}
+
+        def __init__(self) -> None:
+            self.out = out
+
+        def recorded_complete(self, stage: str) -> bool:
+            return True
+
+    note = run_state_note(Run())
+    where = html.escape(str(out / "heads"))
+    assert where in MarkdownIt("commonmark").render(note) and "<em>" not in MarkdownIt("commonmark").render(note)
+    assert where in _inline(note) and "<em>" not in _inline(note), _inline(note)
+    assert str(out / "heads") in run_state_note(Run(), markdown=False)
