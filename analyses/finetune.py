@@ -97,8 +97,8 @@ class FinetuneConfig:
     def fingerprint(self) -> dict[str, Any]:
         """The run's settings as run.json's config keeps them: the data sets by where they are, not as typed
         (``data_location``): a rerun that spells a path otherwise (relative, absolute, ``./x/``) was refused. The
-        model here is its name (an alias, or a directory's resolved path), a label: ``run`` adds where it is
-        (``model_path``), which ``config_identity`` compares instead."""
+        model here is its name (an alias, or a directory's resolved path), a label: ``run_finetune`` adds where
+        it is (``model_path``), which ``config_identity`` compares instead."""
         from probe.mmmu import data_location
         from probe.models import model_location
 
@@ -685,8 +685,8 @@ def run_sessions(cfg: FinetuneConfig, saved: Any, start: int | None, world: int)
 
 
 def config_identity(config: Any) -> Any:
-    """What a run's config (run.json's, as ``run`` writes it) is as its identity, by probe.eval's and probe.heads'
-    rule: the model by where it is (``model_path``, ``model_location`` of its resolved directory), not by its name
+    """What a run's config (run.json's, as ``run_finetune`` writes it) is as its identity, by probe.eval's and
+    probe.heads' rule: the model by where it is (``model_path``, ``model_location`` of its resolved directory), not by its name
     (``model``: it decides no number, the weights are ``model_fingerprint``'s), so a resume naming it otherwise (its
     alias or its directory) continues, labelled as now: it was refused as "a different run (model differ)". A
     config that is not an object is compared as it is."""
