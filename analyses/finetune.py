@@ -686,10 +686,10 @@ def run_sessions(cfg: FinetuneConfig, saved: Any, start: int | None, world: int)
 
 def config_identity(config: Any) -> Any:
     """What a run's config (run.json's, as ``run_finetune`` writes it) is as its identity, by probe.eval's and
-    probe.heads' rule: the model by where it is (``model_path``, ``model_location`` of its resolved directory), not by its name
-    (``model``: it decides no number, the weights are ``model_fingerprint``'s), so a resume naming it otherwise (its
-    alias or its directory) continues, labelled as now: it was refused as "a different run (model differ)". A
-    config that is not an object is compared as it is."""
+    probe.heads' rule: the model by where it is (``model_path``, ``model_location`` of its resolved directory), not
+    by its name (``model``: it decides no number, the weights are ``model_fingerprint``'s), so a resume naming it
+    otherwise (its alias or its directory) continues, labelled as now: it was refused as "a different run (model
+    differ)". A config that is not an object is compared as it is."""
     return {k: v for k, v in config.items() if k != "model"} if isinstance(config, dict) else config
 
 
