@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 import pytest
@@ -2080,12 +2081,9 @@ def test_every_name_in_the_report_goes_in_through_md_text_or_a_code_span(quick: 
     assert [n for n in names if n in left] == [], [ln for ln in left.splitlines() if any(n in ln for n in names)]
 
 
-def test_an_output_edited_or_an_upstream_run_again_reruns_what_reads_it(tmp_path: Path, monkeypatch, capsys) -> None:
-    """A stage was skipped on its fingerprint (its inputs) alone: a heads.csv edited by hand (KL × 10) left the
-    salience merge built from the old sweep beside the report's new Figure 2 numbers, and a merged model's weights
-    replaced, or the merge stage run again (--only merge), left table4/table5 scored on the old merge. Hand-built
-    stages: ``merge`` copies what ``heads`` wrote (and ``heads`` stamps each run, as run.json times it), so the
-    oracle is that after every run the merge holds exactly the heads output of now."""
+def _heads_then_merge(monkeypatch, out: Path, write: Callable[[Path, int], None]) -> tuple[dict, Context, dict]:
+    """Two hand-built stages in ``out`` instead of the pipeline's: ``heads`` writes its folder by ``write(dir, n)`` (n:
+    its run count), ``merge`` copies heads.csv as its weights. Returns the stages, the context and the run counts."""
     import analyses.replicate as rep
 
     runs = {"heads": 0, "merge": 0}
@@ -2093,7 +2091,7 @@ def test_an_output_edited_or_an_upstream_run_again_reruns_what_reads_it(tmp_path
     def heads(ctx: Context) -> None:
         runs["heads"] += 1
         (ctx.out / "heads").mkdir(exist_ok=True)
-        (ctx.out / "heads" / "heads.csv").write_text(f"kl\n0.5\n# run {runs['heads']}\n", encoding="utf-8")
+        write(ctx.out / "heads", runs["heads"])
 
     def merge(ctx: Context) -> None:
         runs["merge"] += 1
@@ -2104,7 +2102,22 @@ def test_an_output_edited_or_an_upstream_run_again_reruns_what_reads_it(tmp_path
               "merge": rep.Stage("merge", ("heads",), merge, lambda c: None)}
     monkeypatch.setattr(rep, "BY_NAME", stages)
     ctx = _ctx(parse_config(QUICK_CONFIG))
-    ctx.out = tmp_path
+    ctx.out = out
+    return stages, ctx, runs
+
+
+def test_an_output_edited_or_an_upstream_run_again_reruns_what_reads_it(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A stage was skipped on its fingerprint (its inputs) alone: a heads.csv edited by hand (KL × 10) left the
+    salience merge built from the old sweep beside the report's new Figure 2 numbers, and a merged model's weights
+    replaced, or the merge stage run again (--only merge), left table4/table5 scored on the old merge. Hand-built
+    stages: ``merge`` copies what ``heads`` wrote (and ``heads`` stamps each run, as run.json times it), so the
+    oracle is that after every run the merge holds exactly the heads output of now."""
+    import analyses.replicate as rep
+
+    def write(heads: Path, n: int) -> None:
+        (heads / "heads.csv").write_text(f"kl\n0.5\n# run {n}\n", encoding="utf-8")
+
+    stages, ctx, runs = _heads_then_merge(monkeypatch, tmp_path, write)
 
     def run_all() -> list[str]:
         return [rep.run_stage(ctx, s, "fp") for s in stages.values()]
@@ -2139,25 +2152,12 @@ def test_a_figure_redrawn_into_a_stage_keeps_the_stage_and_those_after_it(tmp_pa
     again. Oracle: the data files the stages read, unchanged; a figure's bytes changed as a redraw changes them."""
     import analyses.replicate as rep
 
-    runs = {"heads": 0, "merge": 0}
-
-    def heads(ctx: Context) -> None:
-        runs["heads"] += 1
-        (ctx.out / "heads").mkdir(exist_ok=True)
-        (ctx.out / "heads" / "heads.csv").write_text("kl\n0.5\n", encoding="utf-8")
+    def write(heads: Path, n: int) -> None:
+        (heads / "heads.csv").write_text("kl\n0.5\n", encoding="utf-8")
         for ext in ("png", "pdf"):
-            (ctx.out / "heads" / f"heads.{ext}").write_bytes(b"drawn by the stage")
+            (heads / f"heads.{ext}").write_bytes(b"drawn by the stage")
 
-    def merge(ctx: Context) -> None:
-        runs["merge"] += 1
-        (ctx.out / "merge").mkdir(exist_ok=True)
-        shutil.copy(ctx.out / "heads" / "heads.csv", ctx.out / "merge" / "weights.bin")
-
-    stages = {"heads": rep.Stage("heads", (), heads, lambda c: None),
-              "merge": rep.Stage("merge", ("heads",), merge, lambda c: None)}
-    monkeypatch.setattr(rep, "BY_NAME", stages)
-    ctx = _ctx(parse_config(QUICK_CONFIG))
-    ctx.out = tmp_path
+    stages, ctx, runs = _heads_then_merge(monkeypatch, tmp_path, write)
     assert [rep.run_stage(ctx, s, "fp") for s in stages.values()] == ["ran", "ran"]
     for ext in ("png", "pdf"):  # redrawn in place by other drawing code
         (tmp_path / "heads" / f"heads.{ext}").write_bytes(b"redrawn")
