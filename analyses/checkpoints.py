@@ -24,7 +24,8 @@ import torch
 
 from probe.errors import BadInput, input_in_out, out_dir, out_inside
 from probe.families import FAMILIES, Family, Layout, canonical_lm_name, check_layout_model_type, detect_layout
-from probe.lm_config import config_geometry, declared_quantization, read_config_json, says_untied, text_config_dict
+from probe.lm_config import (config_geometry, config_model_type, declared_quantization, read_config_json, says_untied,
+                              text_config_dict)
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -301,10 +302,8 @@ def open_checkpoint(spec: str, allow_bin: bool = False) -> Checkpoint:
 
     path = resolve_model_dir(spec)
     config = read_config_json(path)
-    if not isinstance(config.get("model_type"), str) or not config["model_type"]:
-        # matched against every layout, the keys alone picked a family: a guess (resolve_model refuses it too)
-        raise BadInput(f"{path}/config.json has no model_type: the layout of its keys is read from it and the keys")
-    check_layout_model_type(config["model_type"])
+    model_type = config_model_type(path, config)  # as resolve_model reads it
+    check_layout_model_type(model_type)
     check_not_quantized(path, config)
     files: dict[Path, SafetensorsFile | BinFile] = {}
     infos: dict[str, TensorInfo] = {}
@@ -322,7 +321,7 @@ def open_checkpoint(spec: str, allow_bin: bool = False) -> Checkpoint:
         for key, f in wmap.items():  # each in its shard (check_shard_keys)
             infos[key] = files[f].tensors[key]
     check_layer_counts(path, config, list(infos))  # before a skeleton is built from it (check_tied_head)
-    layout = detect_layout(config["model_type"], infos, str(path))
+    layout = detect_layout(model_type, infos, str(path))
     config_geometry(path, config, FAMILIES[layout.family])  # none: a damaged checkpoint, as for probe.heads/eval
     lm: dict[str, str] = {}
     other: list[str] = []

@@ -81,6 +81,16 @@ def read_config_json(model_dir: Path) -> dict[str, Any]:
     return config
 
 
+def config_model_type(model_dir: Path, config: Mapping[str, Any]) -> str:
+    """The config's ``model_type``: what the family and the checkpoint layout are read from (with the keys), so one
+    without it is bad input for the probe and the analyses alike (matched against every layout, the keys alone had
+    picked a family: a guess)."""
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise BadInput(f"{model_dir}/config.json has no model_type")
+    return model_type
+
+
 @dataclass(frozen=True)
 class HeadGeometry:
     """Head counts of the LLM decoder, resolved by ordered fallbacks (STYLE 2)."""

@@ -36,6 +36,7 @@ from probe.lm_config import (
     class_head_dim,
     class_kv_heads,
     config_geometry,
+    config_model_type,
     config_value,
     declared_quantization,
     processor_kwargs,
@@ -156,10 +157,7 @@ def resolve_model(spec: str) -> ModelRef:
         raise BadInput(f"model {spec!r} is not a directory (nor a .gguf file)")
     else:
         config, gguf_file = read_config_json(path), None
-    model_type = config.get("model_type")
-    if not model_type:
-        raise BadInput(f"{path}/config.json has no model_type")
-    family = family_of_model_type(model_type)
+    family = family_of_model_type(config_model_type(path, config))
     geometry = config_geometry(path, config, family)
     check_vision_sizes(path, config)  # before transformers builds a tower from it (a local dir or a hub snapshot)
     if repo is None:
