@@ -704,15 +704,16 @@ def build(out: Path, quick: bool = False, steps: int | None = None, seed: int = 
         built["base"] = build_organism("base", out, tok, items, recipes["base"], seed)
     lanes = [[n for n in lane if n in todo] for lane in LANES]
     lanes = [lane for lane in lanes if lane]
+    per_lane = extension_threads(threads)
     if threads >= 2 and len(lanes) > 1:
-        log(f"extensions in {len(lanes)} processes of {threads // 2} thread(s): {lanes}")
+        log(f"extensions in {len(lanes)} processes of {per_lane} thread(s): {lanes}")
         with ProcessPoolExecutor(len(lanes), mp_context=get_context("spawn")) as pool:
             jobs = [pool.submit(_lane, lane, out, tok, {m: data[m] for m in {OWN[n] for n in lane} | {"text", "image_single"}},
-                                tuple(sizes), recipes, seed, threads // 2) for lane in lanes]
+                                tuple(sizes), recipes, seed, per_lane) for lane in lanes]
             for job in jobs:
                 built |= job.result()
     else:  # one lane left, or --threads 1: in this process, on the thread count a lane would get (same bits)
-        torch.set_num_threads(max(1, threads // 2))
+        torch.set_num_threads(per_lane)
         for lane in lanes:
             built |= {n: build_organism(n, out, tok, items, recipes[n], seed) for n in lane}
     for name in OWN:  # the table in the family's order, whatever finished first or was reused
@@ -735,9 +736,14 @@ def _recipe_json(recipe: Recipe) -> Any:
     return json.loads(json.dumps(asdict(recipe)))  # as organism.json holds it
 
 
+def extension_threads(threads: int) -> int:
+    """The torch threads each extension's lane trains on in ``build(threads=...)`` (see ``LANES``)."""
+    return max(1, threads // 2)
+
+
 def organism_threads(name: str, threads: int) -> int:
     """The torch threads ``build(threads=...)`` trains ``organism-<name>`` on (see ``LANES``)."""
-    return threads if name == "base" else max(1, threads // 2)
+    return threads if name == "base" else extension_threads(threads)
 
 
 def reusable(out: Path, name: str, recipe: Recipe, threads: int) -> dict[str, Any] | None:
