@@ -393,6 +393,17 @@ def output_digest(out: Path, stage: str) -> str:
     return "no files" if digest.startswith("name:") else digest  # not the path: a data stage with nothing to make
 
 
+def upstream_closure(stage: str) -> set[str]:
+    """Every stage ``stage`` reads, directly or through others (the pipeline's graph, ``Stage.needs``)."""
+    seen: set[str] = set()
+    todo = list(BY_NAME[stage].needs)
+    while todo:
+        if (d := todo.pop()) not in seen:
+            seen.add(d)
+            todo += BY_NAME[d].needs
+    return seen
+
+
 def upstream_digests(out: Path, stage: Stage) -> dict[str, Any]:
     """The outputs of the stages ``stage`` reads, as their records say they completed (None: no such record)."""
     return {d: read_state(out, d).get("outputs") for d in stage.needs}

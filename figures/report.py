@@ -536,7 +536,7 @@ def run_state_note(r: Replication, markdown: bool = True) -> str:
     (``analyses.replicate.stale_reason``: edited by hand, or an upstream stage completed again since), naming the
     stages after them. "" for a whole run. The run's folder, a name the user chose, goes in through md_text /
     md_code (a --out named ``a*b*c`` showed in italics)."""
-    from analyses.replicate import BY_NAME, stale_reason
+    from analyses.replicate import BY_NAME, stale_reason, upstream_closure
 
     text, code = (md_text, md_code) if markdown else (str, lambda s: f"`{s}`")
     bold = (lambda s: f"**{s}**") if markdown else str
@@ -580,19 +580,6 @@ def software_setups(r: Replication, stages: list[str]) -> dict[str, list[str]]:
                  else "unrecorded software")
         setups.setdefault(setup, []).append(s)
     return setups
-
-
-def upstream_closure(stage: str) -> set[str]:
-    """Every stage ``stage`` reads, directly or through others."""
-    from analyses.replicate import BY_NAME
-
-    seen: set[str] = set()
-    todo = list(BY_NAME[stage].needs)
-    while todo:
-        if (d := todo.pop()) not in seen:
-            seen.add(d)
-            todo += BY_NAME[d].needs
-    return seen
 
 
 def timing_rows(r: Replication) -> list[list[str]]:
