@@ -89,11 +89,16 @@ def text_column(r: Replication) -> str:
     return (r.cfg.get("paper") or {}).get("text_column", "")
 
 
+def column_base(col: str) -> float:
+    """The base LLM's score on a Table 3 column (the paper's Qwen2-7B-Instruct row)."""
+    return paper.TABLE3[paper.BASE][paper.TABLE3_COLUMNS.index(col)]
+
+
 def column_deltas(r: Replication) -> dict[str, float]:
     """On the named column (text_column), each compared row's paper difference to the base, by the run's name for
     it: each expert's paper model in Table 3 (models.paper), and the Eq. 1 / Eq. 4 merges in Table 4."""
     i = paper.TABLE3_COLUMNS.index(text_column(r))
-    base = paper.TABLE3[paper.BASE][i]
+    base = column_base(text_column(r))
     out = {e: paper.TABLE3[r.paper_name(e)][i] - base for e in r.experts}
     return out | {m: paper.TABLE4[row][i] - base for m, row in PAPER_MERGES.items()}
 
@@ -104,8 +109,7 @@ def _column_claim(name: str, r: Replication) -> str | None:
     col = text_column(r)
     if not col or name not in ("text_costs", "merge_keeps_text"):
         return None
-    d = column_deltas(r)
-    base = paper.TABLE3[paper.BASE][paper.TABLE3_COLUMNS.index(col)]
+    d, base = column_deltas(r), column_base(col)
     if name == "text_costs":
         rows = ", ".join(f"{md_text(r.paper_name(e))} {d[e]:+.1f}" for e in r.experts)
         return (f"on {md_text(col)}, the paper's column for the text set, modality fine-tuning moves the base LLM as Table 3's "
