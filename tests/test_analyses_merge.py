@@ -146,11 +146,16 @@ def tiny_qwen2_view(model_dir: Path, tmp: Path) -> Path:
 
 
 def test_eq4_equals_in_memory(zoo, tmp_path):
+    """Eq. 4 against softmax(Δavg / τ) and α0 written out here, with the flags given and (alpha0 None: neither flag)
+    with the defaults DESIGN §5 / §7 pin down, the released code's α0 = 0.5 and τ = 1e-3."""
     models = [zoo["vl"], zoo["ov"], zoo["au"]]
-    for tau in (1e-3, 1e-2):
-        out = tmp_path / f"m{tau}"
-        assert run(merge.main, "--base", zoo["base"], "--models", *models, "--method", "shift", "--alpha0", 0.4,
-                   "--temperature", tau, "--out", out) == 0
+    for alpha0, tau in ((0.4, 1e-3), (0.4, 1e-2), (None, None)):
+        out = tmp_path / f"m{alpha0}-{tau}"
+        given = [] if alpha0 is None else ["--alpha0", alpha0, "--temperature", tau]
+        assert run(merge.main, "--base", zoo["base"], "--models", *models, "--method", "shift", *given,
+                   "--out", out) == 0
+        if alpha0 is None:
+            alpha0, tau = 0.5, 1e-3
         base = canonical(zoo["base"])
         exps = [canonical(m) for m in models]
         got = merged_lm(out)
@@ -158,11 +163,11 @@ def test_eq4_equals_in_memory(zoo, tmp_path):
         for name, t0 in base.items():
             d = torch.tensor([(t0 - e[name]).abs().mean() for e in exps], dtype=torch.float64)
             a = torch.softmax(d / tau, 0)
-            want = 0.4 * t0.double() + 0.6 * sum(ai * e[name].double() for ai, e in zip(a, exps))
+            want = alpha0 * t0.double() + (1 - alpha0) * sum(ai * e[name].double() for ai, e in zip(a, exps))
             torch.testing.assert_close(got[name].double(), want, rtol=1e-5, atol=1e-6)
             row = {r["model"]: float(r["weight"]) for r in weights if r["tensor"] == name}
-            assert row[str(zoo["base"])] == pytest.approx(0.4)
-            assert [row[str(m)] for m in models] == pytest.approx((0.6 * a).tolist(), rel=1e-6)
+            assert row[str(zoo["base"])] == pytest.approx(alpha0)
+            assert [row[str(m)] for m in models] == pytest.approx(((1 - alpha0) * a).tolist(), rel=1e-6)
 
 
 @pytest.mark.parametrize("edit, needle", [
@@ -250,6 +255,13 @@ def test_weighted_eq2(zoo, tmp_path):
     b, v, got = canonical(zoo["base"]), canonical(zoo["vl"]), merged_lm(tmp_path / "w")
     for k in b:
         torch.testing.assert_close(got[k], 0.75 * b[k] + 0.25 * v[k])
+    # --no-normalize: Eq. 2 with α as given (DESIGN §5), here summing to 0.8, so the merge is no average of the two
+    assert run(merge.main, "--models", zoo["base"], zoo["vl"], "--method", "weighted", "--weights", 0.6, 0.2,
+               "--no-normalize", "--quiet", "--out", tmp_path / "raw") == 0
+    got = merged_lm(tmp_path / "raw")
+    for k in b:
+        torch.testing.assert_close(got[k].double(), 0.6 * b[k].double() + 0.2 * v[k].double(), rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(got["norm.weight"], 0.75 * b["norm.weight"] + 0.25 * v["norm.weight"])
 
 
 def test_the_same_merge_twice_gives_the_same_bytes(zoo, tmp_path):
