@@ -663,7 +663,7 @@ def load_trainee(cfg: FinetuneConfig, ref: ModelRef, frozen: str, placement: Pla
         loaded = load_for_sharding(ref, frozen, placement.device, rank_world()[0])
     else:
         loaded = load_model(ref, dtype=frozen, device=placement.device, devices=placement.all_devices,
-                            device_memory=placement.device_memory,
+                            device_memory=placement.device_memory, memory_kind=placement.memory_kind,
                             logits_fp32=False)  # trains the head as transformers does (no hook under FSDP/LoRA)
     if cfg.lora is not None:  # LoRA resumes from the original weights plus the checkpoint's adapter
         torch.manual_seed(cfg.seed)  # the adapters' random initialisation
