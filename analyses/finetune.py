@@ -600,7 +600,8 @@ def weights_dtype(placement: Placement, lora: int | None) -> str:
 def check_launch(cfg: FinetuneConfig, placement: Placement, world: int, tcfg: TrainConfig) -> None:
     """How the run is launched (processes, FSDP, accelerate's settings, the device spread), checked before the
     model loads and checkpoint-0 is written."""
-    from probe.train import check_batch_splits, fsdp_launch, refuse_accelerate_settings, refuse_fsdp
+    from probe.train import (check_batch_splits, check_rendezvous, fsdp_launch, refuse_accelerate_settings,
+                             refuse_fsdp)
 
     refuse_fsdp(placement.device_type)
     refuse_accelerate_settings()
@@ -614,6 +615,7 @@ def check_launch(cfg: FinetuneConfig, placement: Placement, world: int, tcfg: Tr
         raise BadInput(f"--device {cfg.device}: each of the {world} processes would spread the model "
                        f"over {len(placement.all_devices)} GPUs, which data parallelism cannot wrap; launch one process "
                        "per GPU, or one process alone to train the model split over them")
+    check_rendezvous(placement.device_type == "cpu")  # last: the refusals above need no launch to be told
 
 
 def read_data(cfg: FinetuneConfig, ref: ModelRef) -> tuple[dict[str, list], list[list[str]]]:
@@ -663,7 +665,7 @@ def load_trainee(cfg: FinetuneConfig, ref: ModelRef, frozen: str, placement: Pla
         loaded = load_for_sharding(ref, frozen, placement.device, rank_world()[0])
     else:
         loaded = load_model(ref, dtype=frozen, device=placement.device, devices=placement.all_devices,
-                            device_memory=placement.device_memory,
+                            device_memory=placement.device_memory, memory_kind=placement.memory_kind,
                             logits_fp32=False)  # trains the head as transformers does (no hook under FSDP/LoRA)
     if cfg.lora is not None:  # LoRA resumes from the original weights plus the checkpoint's adapter
         torch.manual_seed(cfg.seed)  # the adapters' random initialisation

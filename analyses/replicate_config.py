@@ -455,12 +455,12 @@ def check_machine(cfg: ReplicateConfig) -> tuple[dict[str, str], Placement]:
 
     for key, ref in refs.items():  # a 7B model in float32 on a small machine: now, not at the first stage's load
         try:
-            check_fits(ref, placement.dtype, placement.all_devices, placement.device_memory)
+            check_fits(ref, placement.dtype, placement.all_devices, placement.device_memory, placement.memory_kind)
         except BadInput as exc:
             raise BadInput(f"config key {key!r}: {exc}") from None
     carrier = refs[f"models.experts[{cfg.models.experts.index(cfg.finetune.carrier)}]"]  # its carrier's shape
     try:  # fine-tuning holds the weights in float32 whatever dtype evaluates: twice bfloat16's bytes
-        check_fits(carrier, trained, placement.all_devices, placement.device_memory)
+        check_fits(carrier, trained, placement.all_devices, placement.device_memory, placement.memory_kind)
         tcfg = train_config(cfg, "bfloat16" if placement.dtype == "bfloat16" else None)
         if cfg.finetune.lora is None and not placement.spread:  # and gradients and AdamW moments: 7B needs ~120 GB
             check_trains_fits(carrier, trained, placement.device, next(iter(placement.device_memory), None), tcfg)

@@ -61,7 +61,8 @@ def long_text_items(n: int, loaded: LoadedModel, lengths: tuple[int, int] = (100
 
 def load(spec: str, placement: Placement) -> LoadedModel:
     return load_model(resolve_model(spec), dtype=placement.dtype, device=placement.device,
-                      devices=placement.all_devices, device_memory=placement.device_memory)
+                      devices=placement.all_devices, device_memory=placement.device_memory,
+                      memory_kind=placement.memory_kind)
 
 
 def smollm2(choice: str, placement: Placement) -> tuple[str, LoadedModel]:

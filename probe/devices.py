@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from probe.errors import BadInput, ascii_int
 
@@ -31,10 +31,14 @@ class DeviceQuery:
     cuda_bf16: bool = False
     cpu_bf16: bool = True
     cpu_threads: int = 1
-    cuda_memory: tuple[int, ...] = ()  # bytes per GPU; () = unknown (then a device map is not checked for fit)
+    cuda_memory: tuple[int, ...] = ()  # total bytes per GPU; () = unknown (then a device map is not checked for fit)
     flash_attn: bool = False  # the flash-attn package is installed (attn_implementation flash_attention_2)
     cpu_memory: int | None = None  # bytes of RAM available now (Linux MemAvailable); None = unknown (not checked)
     cuda_bf16_each: tuple[bool, ...] = ()  # native bf16 per GPU (a box may mix A100s and V100s); () = cuda_bf16 on all
+    # GPU index → its free bytes now (None: unknown, its total is used). What other processes hold is not the run's:
+    # fitting a model to the totals loaded it into an out-of-memory crash. Asked only of the GPUs a process is
+    # given (resolve_placement): reading one makes a CUDA context there, which every rank would leave on every GPU
+    cuda_free: Callable[[int], int | None] | None = None
 
     def gpu_bf16(self, index: int) -> bool:
         """Whether GPU ``index`` runs bfloat16 natively."""
@@ -63,7 +67,19 @@ class DeviceQuery:
         import importlib.util
 
         return DeviceQuery(names, bf16, cpu_bf16, torch.get_num_threads(), memory,
-                           importlib.util.find_spec("flash_attn") is not None, available_ram(), each)
+                           importlib.util.find_spec("flash_attn") is not None, available_ram(), each,
+                           cuda_free_bytes if names else None)
+
+
+def cuda_free_bytes(index: int) -> int | None:
+    """GPU ``index``'s free bytes (``torch.cuda.mem_get_info``: what every process, this one included, leaves), None
+    where the driver cannot say."""
+    import torch
+
+    try:
+        return int(torch.cuda.mem_get_info(index)[0])
+    except (RuntimeError, AssertionError, AttributeError):
+        return None
 
 
 def _native_bf16(index: int) -> bool:
@@ -93,6 +109,7 @@ class Placement:
     description: str  # the first line a command prints
     devices: tuple[str, ...] = ()  # every device the model is spread over, in layer order; () = (device,)
     device_memory: tuple[int, ...] = ()  # bytes per entry of ``devices`` where known (a device map must fit)
+    memory_kind: str = ""  # what ``device_memory`` counts: "free" (GPUs' free memory, the CPU's free RAM) or "total"
 
     @property
     def all_devices(self) -> tuple[str, ...]:
@@ -206,21 +223,32 @@ def resolve_placement(device: str = "auto", dtype: str = "auto", attn_implementa
         raise BadInput(f"--dtype bfloat16: {where} does not support bfloat16; use --dtype auto or float32")
     check_attention(attn_implementation, on_gpu, dtype, q)
     memory: tuple[int, ...] = ()
+    kind = ""
     if on_gpu:
         index = [int(d.split(":")[1]) for d in devices]
-        if q.cuda_memory:
-            memory = tuple(q.cuda_memory[i] for i in index)
+        memory, kind = gpu_memory(q, index)
+        gib = "" if not memory else "; " + " / ".join(f"{m / 2**30:.1f}" for m in memory) + (
+            " GiB free" if kind == "free" else " GiB total, free unknown")
         if len(devices) == 1:
-            where = f"device {device} ({q.cuda_names[index[0]]})"
+            where = f"device {device} ({q.cuda_names[index[0]]}{gib})"
         else:
             names = sorted({q.cuda_names[i] for i in index})
             where = (f"devices {','.join(devices)} ({len(devices)} × {' / '.join(names)}, "
-                     "one model split by layers)")
+                     f"one model split by layers{gib})")
     else:
         where = f"device cpu ({q.cpu_threads} threads)"
-        memory = (q.cpu_memory,) if q.cpu_memory else ()
+        memory, kind = ((q.cpu_memory,), "free") if q.cpu_memory else ((), "")
     return Placement(device, dtype, attn_implementation, f"{where}, dtype {dtype}, attention {attn_implementation}",
-                     tuple(devices), memory)
+                     tuple(devices), memory, kind)
+
+
+def gpu_memory(q: DeviceQuery, index: list[int]) -> tuple[tuple[int, ...], str]:
+    """The bytes a model may take on GPUs ``index``, and which they are: each one's free memory where the driver
+    says (``DeviceQuery.cuda_free``), else each one's total; () where neither is known."""
+    free = [q.cuda_free(i) for i in index] if q.cuda_free else []
+    if free and all(f is not None for f in free):
+        return tuple(int(f) for f in free if f is not None), "free"
+    return (tuple(q.cuda_memory[i] for i in index), "total") if q.cuda_memory else ((), "")
 
 
 def check_attention(attn_implementation: str, on_gpu: bool, dtype: str, q: DeviceQuery) -> None:

@@ -126,12 +126,13 @@ def usable_bytes(memory: int) -> float:
 
 
 def plan_device_map(model: nn.Module, layers_path: str, norm_path: str, lm_head_path: str,
-                    devices: Sequence[str], memory: Sequence[int] = ()) -> DeviceMap:
+                    devices: Sequence[str], memory: Sequence[int] = (), memory_kind: str = "total") -> DeviceMap:
     """The device map of ``model`` (usually on the meta device) over ``devices``, balanced by layers.
 
     ``memory`` (bytes per device, when known) weighs the balance (GPUs of several sizes each fill the same share
     of what they can hold) and is checked with headroom: a map that does not fit is BadInput — which it is only
-    where no contiguous map fits. A middle device left without layers is left out of the map.
+    where no contiguous map fits. A middle device left without layers is left out of the map. ``memory_kind``
+    names what ``memory`` counts in the refusal ("free": what other processes leave; "total").
     """
     units = model_units(model, layers_path, (norm_path, lm_head_path))
     head = model.get_submodule(lm_head_path)
@@ -162,7 +163,7 @@ def plan_device_map(model: nn.Module, layers_path: str, norm_path: str, lm_head_
         usable = usable_bytes(have)
         if need > usable:
             raise BadInput(f"the model does not fit on {len(devices)} device(s): {dev} would hold "
-                           f"{need / 2**30:.1f} GiB of weights, {have / 2**30:.1f} GiB total "
+                           f"{need / 2**30:.1f} GiB of weights, {have / 2**30:.1f} GiB {memory_kind or 'total'} "
                            f"({usable / 2**30:.1f} usable); use more GPUs or --dtype bfloat16")
     return plan
 

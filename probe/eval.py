@@ -347,7 +347,7 @@ def run(args: argparse.Namespace) -> Path:
     plan, refs, scored, template, placement = make_plan(args)
     for ref in refs:  # a damaged or too large later model is found before the first one's results are written
         preflight(ref)
-        check_fits(ref, placement.dtype, placement.all_devices, placement.device_memory)
+        check_fits(ref, placement.dtype, placement.all_devices, placement.device_memory, placement.memory_kind)
     out: Path = args.out
     check_out_apart_from_inputs(out, [ref.path for ref in refs], [d.spec for d in plan.data], args.template)
     rank, world = rank_world()
@@ -387,7 +387,7 @@ def run(args: argparse.Namespace) -> Path:
             for m in sorted({m for m, _ in todo}):
                 loaded = load_model(refs[m], dtype=placement.dtype, device=placement.device,
                                     attn_implementation=args.attn_implementation, devices=placement.all_devices,
-                                    device_memory=placement.device_memory)
+                                    device_memory=placement.device_memory, memory_kind=placement.memory_kind)
                 if not (out / "run.json").is_file():  # only once a model loaded: failures leave no directory
                     claim_out_dir(out, plan.fingerprint())
                     atomic_write_json(out / "run.json", run_info)

@@ -69,6 +69,10 @@ class Family:
     # LLaVA around Llama-3-Instruct (its header tokens; 3.1's template mark) is config-wise a LLaVA on a Llama LM,
     # whose row format (Vicuna's, which any tokenizer fits) it never saw
     chat_by_tokenizer: tuple[str, ...] = ()
+    # (text-config model_type, chat format): taken after ``chat_by_tokenizer`` where the LM is of that type and its
+    # tokenizer fits the format. LLaVA-NeXT on Yi-34B is config-wise one on a Llama LM; its vocabulary holds ChatML's
+    # tokens (LLaVA's chatml_direct), which the tiny builds' tokenizers hold too, on any LM: a Mistral one keeps its row
+    chat_by_lm_tokenizer: tuple[tuple[str, str], ...] = ()
     # Module-name pieces of the projector between vision tower and LM (Qwen2-VL's merger, LLaVA's projector and
     # its row newline): staged recipes train it on its own rate (probe.train.param_groups).
     projector_markers: tuple[str, ...] = ("visual.merger.", "multi_modal_projector.", "image_newline")
@@ -312,7 +316,9 @@ FAMILIES: dict[str, Family] = {
             processor_kwargs=_LLAVA_PROCESSOR,
             chat="vicuna", chat_by_lm=(("mistral", "llava_mistral"),),
             chat_by_tokenizer=("llama3_1", "llama3"),  # Llama 2's [INST] mark is in LLaVA-NeXT-Mistral's template
-            hub_examples=("llava-hf/llava-v1.6-mistral-7b-hf", "llava-hf/llava-v1.6-vicuna-7b-hf"),
+            chat_by_lm_tokenizer=(("llama", "chatml_direct"),),  # llava-v1.6-34b: Yi-34B's ChatML tokens
+            hub_examples=("llava-hf/llava-v1.6-mistral-7b-hf", "llava-hf/llava-v1.6-vicuna-7b-hf",
+                          "llava-hf/llava-v1.6-34b-hf"),
         ),
         Family(
             name="gemma3",
@@ -543,6 +549,7 @@ ALIASES: dict[str, ModelAlias] = {
         ModelAlias("mistral-7b-v0.2", "mistralai/Mistral-7B-Instruct-v0.2", "mistral", "LLaVA-NeXT-Mistral's base"),
         ModelAlias("llava-next-mistral", "llava-hf/llava-v1.6-mistral-7b-hf", "llava_next"),
         ModelAlias("llava-next-vicuna", "llava-hf/llava-v1.6-vicuna-7b-hf", "llava_next"),
+        ModelAlias("llava-next-34b", "llava-hf/llava-v1.6-34b-hf", "llava_next", "Yi-34B LM, prompted in ChatML"),
         ModelAlias("gemma3-1b", "google/gemma-3-1b-it", "gemma3_text"),
         ModelAlias("gemma3", "google/gemma-3-4b-it", "gemma3"),
         ModelAlias("idefics3", "HuggingFaceM4/Idefics3-8B-Llama3", "idefics3"),
@@ -583,7 +590,8 @@ def supported_families_markdown() -> str:
         types = ", ".join(f"`{t}`" for t in fam.model_types)
         note = f" ({fam.note})" if fam.note else ""
         chat = (f"the first its tokenizer fits of {', '.join(fam.chat_by_tokenizer)}, else "
-                if fam.chat_by_tokenizer else "") + fam.chat + "".join(f" ({lm}: {c})" for lm, c in fam.chat_by_lm) + (
+                if fam.chat_by_tokenizer else "") + "".join(
+            f"{c} where a {lm} LM's tokenizer fits it, else " for lm, c in fam.chat_by_lm_tokenizer) + fam.chat + "".join(f" ({lm}: {c})" for lm, c in fam.chat_by_lm) + (
             f", else the first its tokenizer fits of {', '.join(fam.chat_fallbacks)}"
             if fam.chat_fallbacks else "")
         lines.append(f"| {types} | `{fam.name}`{note} | `{fam.model_class}` | {', '.join(fam.modalities)} | {chat} | "

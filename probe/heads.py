@@ -422,10 +422,11 @@ def run(args: argparse.Namespace) -> Path:
             claim_out_dir(out, plan.fingerprint())  # otherwise compute the same parts side by side
         with stop_recorded(out, run_info):  # a check that stops the run says so in run.json
             # the fit checked before the placement's line, as eval and finetune do: a refusal stays one line
-            check_fits(ref, placement.dtype, placement.all_devices, placement.device_memory)
+            check_fits(ref, placement.dtype, placement.all_devices, placement.device_memory, placement.memory_kind)
             print(placement.description, file=sys.stderr)
             loaded = load_model(ref, dtype=placement.dtype, device=device, attn_implementation=args.attn_implementation,
-                                devices=placement.all_devices, device_memory=placement.device_memory)
+                                devices=placement.all_devices, device_memory=placement.device_memory,
+                                memory_kind=placement.memory_kind)
             if not resuming:  # only once the model loaded: failures leave no directory
                 claim_out_dir(out, plan.fingerprint())
                 atomic_write_json(out / "run.json", run_info)

@@ -646,21 +646,23 @@ def load_model(
     devices: Sequence[str] = (),
     device_memory: Sequence[int] = (),
     logits_fp32: bool = True,
+    memory_kind: str = "",
 ) -> LoadedModel:
     """Load a checkpoint on ``device``, or spread by layers over ``devices`` when it names several (DESIGN §12:
     probe/dispatch.py plans the map on the meta device first, so a model that cannot fit is bad input before
-    any weight is read). ``device_memory`` (bytes per device) is what the map is checked against. In bfloat16 or
+    any weight is read). ``device_memory`` (bytes per device; ``memory_kind``: "free" or "total", as
+    ``Placement.memory_kind``) is what the map is checked against. In bfloat16 or
     float16 the LM head computes its logits in fp32 unless ``logits_fp32`` is False (``fp32_logits``)."""
     if dtype not in DTYPES:
         raise BadInput(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     torch_dtype = DTYPES[dtype]
     plan = None
     if len(devices) > 1:  # planned from the config alone: a model that cannot fit fails before the download
-        plan = plan_for(ref, torch_dtype, devices, device_memory)
+        plan = plan_for(ref, torch_dtype, devices, device_memory, memory_kind)
         print(plan.summary(), file=sys.stderr)
         device = plan.devices[0]  # inputs and embeddings
     else:
-        check_fits(ref, dtype, [device], device_memory)
+        check_fits(ref, dtype, [device], device_memory, memory_kind)
     if ref.hub_repo is not None:  # resolution fetched configs only; the weights come now
         model_path(ref.spec, weights=True)
         check_weights(ref.path, ref.config, ref.gguf_file)
@@ -917,14 +919,16 @@ def byte_size(n: float) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def check_fits(ref: ModelRef, dtype: str, devices: Sequence[str], memory: Sequence[int]) -> None:
+def check_fits(ref: ModelRef, dtype: str, devices: Sequence[str], memory: Sequence[int], memory_kind: str = ""
+               ) -> None:
     """The weights fit the device(s) they will load on, where their memory is known (free RAM on the CPU, each
-    GPU's total): bad input before a weight is read, not an out-of-memory kill — exit 137 and no word — after
-    minutes of loading (a 7B model in float32 is 30 GB). Weights only: activations come on top."""
+    GPU's free memory, or its total where the driver cannot say: ``memory_kind``, as ``Placement.memory_kind``):
+    bad input before a weight is read, not an out-of-memory kill — exit 137 and no word — after minutes of loading
+    (a 7B model in float32 is 30 GB). Weights only: activations come on top."""
     if not memory:
         return
     if len(devices) > 1:
-        plan_for(ref, DTYPES[dtype], devices, memory)  # refuses a map that does not fit
+        plan_for(ref, DTYPES[dtype], devices, memory, memory_kind)  # refuses a map that does not fit
         return
     from probe.dispatch import HEADROOM_BYTES, HEADROOM_FRACTION
 
@@ -932,8 +936,9 @@ def check_fits(ref: ModelRef, dtype: str, devices: Sequence[str], memory: Sequen
     usable = memory[0] * HEADROOM_FRACTION - HEADROOM_BYTES
     if need > usable:
         cpu = devices[0] == "cpu"
+        kind = memory_kind or ("free" if cpu else "total")
         raise BadInput(f"{ref.spec}: its weights take {byte_size(need)} in {dtype}, more than {devices[0]} can hold "
-                       f"({byte_size(memory[0])} {'free' if cpu else 'in all'}, {byte_size(max(usable, 0))} usable); "
+                       f"({byte_size(memory[0])} {kind}, {byte_size(max(usable, 0))} usable); "
                        f"use --dtype bfloat16{', a GPU' if cpu else ''} or several GPUs (--device auto)")
 
 
@@ -949,13 +954,14 @@ def skeleton_of(ref: ModelRef, dtype: torch.dtype, attn_implementation: str | No
     return meta_model(getattr(transformers, ref.family.model_class), config, dtype, attn_implementation)
 
 
-def plan_for(ref: ModelRef, dtype: torch.dtype, devices: Sequence[str], memory: Sequence[int] = ()) -> DeviceMap:
+def plan_for(ref: ModelRef, dtype: torch.dtype, devices: Sequence[str], memory: Sequence[int] = (),
+             memory_kind: str = "") -> DeviceMap:
     """The balanced device map of a checkpoint over ``devices``, from its config alone (meta device)."""
     from probe.dispatch import plan_device_map
 
     fam = ref.family
     return plan_device_map(skeleton_of(ref, dtype), fam.layers_path, fam.norm_path, fam.lm_head_path, devices,
-                           memory)
+                           memory, memory_kind)
 
 
 def check_trains_fits(ref: ModelRef, dtype: str, device: str, memory: int | None, train_cfg: TrainConfig,
@@ -965,7 +971,7 @@ def check_trains_fits(ref: ModelRef, dtype: str, device: str, memory: int | None
     the weights: a 7B model trained in float32 needs about 16 bytes a parameter, 120 GB, where its weights alone
     are 30 GB. Bad input before a weight is read, not an out-of-memory
     traceback at the first step after the other stages ran. Activations come on top. ``memory``: the device's
-    bytes (free RAM on the CPU, the GPU's total); None = unknown, not checked.
+    bytes (``Placement.device_memory``: free RAM on the CPU, the GPU's free memory); None = unknown, not checked.
 
     ``shards`` > 1: each of that many devices under ``--fsdp`` (probe.fsdp) holds 1/shards of the weights, gradients
     and moments, plus what a forward gathers whole (``fsdp_gathered_bytes``), plus the gradients the backward holds

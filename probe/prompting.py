@@ -18,7 +18,7 @@ from PIL import Image
 
 from probe.errors import BadInput, is_int
 from probe.families import Family
-from probe.lm_config import chat_format
+from probe.lm_config import chat_format, text_config_dict
 from probe.mmmu import VIDEO_REF
 from probe.models import LoadedModel, load_tokenizer
 from probe.upstream import (anyres_patches, check_model_inputs, check_special_tokens_read, processor_image_patches,
@@ -146,6 +146,10 @@ CHAT_FORMATS: dict[str, ChatFormat] = {
     "mistral": ChatFormat("{bos} [INST] {system}\n\n{user} [/INST]", lead=" ", bos=True),  # no system role
     # llava-hf's LLaVA-NeXT-Mistral template: a Llama-2 <<SYS>> block before [INST], not Mistral's system-in-[INST]
     "llava_mistral": ChatFormat("{bos} <<SYS>>\n{system}\n<</SYS>>\n\n[INST] {user} [/INST]", lead=" ", bos=True),
+    # LLaVA's chatml_direct (LLaVA-NeXT-34B on Yi-34B; sep_style MPT): ChatML's turns with no newline between them,
+    # as LLaVA trained it and the llava-hf card prompts it (its later chat_template.json writes one after <|im_end|>)
+    "chatml_direct": ChatFormat("{bos}<|im_start|>system\n{system}<|im_end|><|im_start|>user\n{user}<|im_end|>"
+                                "<|im_start|>assistant\n", end="<|im_end|>", markup=_CHATML),
     # Qwen3's hybrid models think first unless the template's enable_thinking=False writes an empty think block: the
     # letter is then the first token of the answer (after "<|im_start|>assistant\n" alone it is "<think>")
     "qwen3_nothink": ChatFormat("{bos}<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
@@ -178,14 +182,17 @@ def tokenizer_fits(fmt: ChatFormat, tokenizer: Any) -> bool:
 
 def tokenizer_chat_format(family: Family, config: Mapping[str, Any], tokenizer: Any) -> str:
     """The ``CHAT_FORMATS`` key of a model of ``family`` and ``config`` read by ``tokenizer``: its row's for its LM
-    type (``probe.lm_config.chat_format``) where the row has no ``chat_by_tokenizer`` nor ``chat_fallbacks``; else
-    the first of those formats, that one and the fallbacks the tokenizer fits (``tokenizer_fits``), the last where
-    none does. The ``llama`` row: SmolLM2 holds ChatML's tokens, Llama 3 its header tokens (3.1's template writes
+    type (``probe.lm_config.chat_format``) where the row has no ``chat_by_tokenizer``, ``chat_by_lm_tokenizer`` for
+    its LM type nor ``chat_fallbacks``; else the first of those formats, that one and the fallbacks the tokenizer fits
+    (``tokenizer_fits``), the last where none does. The ``llama`` row: SmolLM2 holds ChatML's tokens, Llama 3 its header tokens (3.1's template writes
     knowledge-date lines), a Llama-2-chat tokenizer has an ``[INST]`` template, and Vicuna-1.5's Llama-2 vocabulary
     has none of these (it would read ``<|im_start|>`` as ``<``, ``|``, …). The LLaVA rows: a Llama 3 LM's tokenizer
-    holds its header tokens, a Vicuna or Mistral LM's keeps the row's format."""
+    holds its header tokens, a Vicuna or Mistral LM's keeps the row's format; LLaVA-NeXT on Yi-34B (a Llama LM
+    whose tokenizer holds ChatML's tokens) takes LLaVA's ``chatml_direct``."""
     name = chat_format(family, config)
-    candidates = (*family.chat_by_tokenizer, name, *family.chat_fallbacks)
+    lm_type = text_config_dict(config, family).get("model_type")
+    candidates = (*family.chat_by_tokenizer, *(c for lm, c in family.chat_by_lm_tokenizer if lm == lm_type), name,
+                  *family.chat_fallbacks)
     if len(candidates) == 1:
         return name
     return next((c for c in candidates if tokenizer_fits(CHAT_FORMATS[c], tokenizer)), candidates[-1])

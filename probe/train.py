@@ -429,13 +429,34 @@ def wait_for_everyone(cpu: bool) -> None:
 PROCESS_GROUP_TIMEOUT_MIN = 60
 
 
+def check_rendezvous(cpu: bool) -> None:
+    """The processes of a launch (WORLD_SIZE > 1) meet at rank 0's MASTER_ADDR / MASTER_PORT, and on GPUs
+    accelerate counts a process in only with its LOCAL_RANK: torchrun and accelerate launch set all three. Ranks
+    started by hand with RANK / WORLD_SIZE alone resolved the model and read the data, then stopped on accelerate's
+    ValueError traceback (measured on the CPU; on GPUs torch's env:// rendezvous raises its own); on GPUs without
+    LOCAL_RANK accelerate's PartialState sets up no group (its _prepare_backend, read, not run here), each rank a
+    world of one until ``data_parallel``'s RuntimeError after the load. Bad input on every rank, before any work
+    (``cpu``: the run is on the CPU)."""
+    world = rank_world()[1]
+    if world <= 1:
+        return
+    needed = ("MASTER_ADDR", "MASTER_PORT") + (() if cpu else ("LOCAL_RANK",))
+    if missing := [name for name in needed if not os.environ.get(name)]:
+        raise BadInput(f"WORLD_SIZE {world} with {' and '.join(missing)} unset: the processes of a launch meet at "
+                       f"rank 0's address and port, which torchrun sets (with each LOCAL_RANK); launch with torchrun "
+                       f"--nproc-per-node {world} (or set {', '.join(needed)} on every rank), or unset RANK and "
+                       "WORLD_SIZE to train in one process")
+
+
 def process_state(cpu: bool) -> PartialState:
     """accelerate's process state, the launch's process group set up by its first call (``cpu``: gloo, else the
-    GPUs' backend), with PROCESS_GROUP_TIMEOUT_MIN."""
+    GPUs' backend), with PROCESS_GROUP_TIMEOUT_MIN; refused first where the launch gives no way to set it up
+    (``check_rendezvous``)."""
     from datetime import timedelta
 
     from accelerate import PartialState
 
+    check_rendezvous(cpu)
     return PartialState(cpu=cpu, timeout=timedelta(minutes=PROCESS_GROUP_TIMEOUT_MIN))
 
 

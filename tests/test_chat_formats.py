@@ -45,10 +45,12 @@ def _tokenizer(kind: str, letters: str = string.ascii_uppercase, specials: tuple
 
 # How each checkpoint's own template writes the trained answer "B" after the generation prompt (tokenizer_config /
 # chat_template.json of Qwen2-VL, Qwen3, llava-1.5-hf, Mistral-7B-Instruct-v0.2 and llava-v1.6-mistral-hf, Gemma 3,
-# Idefics3-8B-Llama3 and SmolVLM): the letter the model generates first is the one in this text.
+# Idefics3-8B-Llama3 and SmolVLM; LLaVA's chatml_direct conversation for llava-v1.6-34b): the letter the model
+# generates first is the one in this text.
 TRAINED_ANSWER = {"chatml": "B<|im_end|>", "vicuna": " B</s>", "mistral": " B</s>", "gemma": "B<end_of_turn>",
                   "idefics3": " B<end_of_utterance>", "llava_mistral": " B</s>", "qwen3_nothink": "B<|im_end|>",
-                  "llama2": " B </s>", "llama3": "B<|eot_id|>", "llama3_1": "B<|eot_id|>"}
+                  "llama2": " B </s>", "llama3": "B<|eot_id|>", "llama3_1": "B<|eot_id|>",
+                  "chatml_direct": "B<|im_end|>"}
 
 
 @pytest.mark.parametrize("kind", ["bytelevel", "metaspace"])
@@ -371,3 +373,38 @@ def test_generation_stops_at_llama_3s_turn_end_that_its_generation_config_lacks(
               "attention_mask": torch.ones(1, 2, dtype=torch.long)}
     m = first_token_measure(loaded, inputs, [ids("A"), ids("B")], SweepConfig(max_new_tokens=5))
     assert m.response == "A"  # "A", then <|eot_id|> (skipped as special); " B C D" followed without the stop
+
+
+def test_a_llava_next_on_yi_is_prompted_in_llavas_chatml(tmp_path):
+    """llava-hf/llava-v1.6-34b-hf (Yi-34B: a ``llama`` LM whose vocabulary holds ChatML's tokens) was prompted in
+    Vicuna's "USER: … ASSISTANT:", its row's format for a Llama LM; LLaVA trained and prompts it in ChatML (its
+    ``chatml_direct`` conversation). Oracle: that conversation written by hand (sep_style MPT: the system text and
+    ``<|im_end|>``, then each role, its message and ``<|im_end|>``, the assistant role last, no newline between turns:
+    the prompt of the model card and of transformers' conversion script), the answer "B<|im_end|>" after it: its first
+    token is the letter read, its last the turn end. A tiny random LLaVA-NeXT on a Llama LM whose tokenizer carries
+    <|im_start|>/<|im_end|>; the same tokenizer on the row's Mistral LM keeps LLaVA-NeXT-Mistral's format."""
+    import torch
+
+    from probe.models import load_model, resolve_model
+    from probe.prompting import answer_token_ids, build_inputs, model_chat_format, render_prompt, turn_end_id
+    from probe.tiny import build_tiny
+
+    yi = load_model(resolve_model(str(build_tiny("llava_next", tmp_path, text={"model_type": "llama"}))),
+                    dtype="float32")
+    assert yi.ref.config["text_config"]["model_type"] == "llama"
+    item = make_item(with_image=True, answer="B")
+    t = PromptTemplate()
+    user = t.user.format(question=item.question, choices="".join(
+        t.choice.format(letter=l, option=o) for l, o in zip(item.letters, item.options)))
+    theirs = (f"<|im_start|>system\n{t.system}<|im_end|><|im_start|>user\n<image>\n{user}<|im_end|>"
+              "<|im_start|>assistant\n")
+    assert render_prompt(yi, item, t).text == theirs
+    tok = yi.tokenizer
+    answered = tok.encode(theirs + "B<|im_end|>", add_special_tokens=False)
+    n = len(tok.encode(theirs, add_special_tokens=False))
+    assert answer_token_ids(yi, item.letters)[item.letters.index("B")] == answered[n]
+    assert turn_end_id(yi) == answered[-1] == tok.convert_tokens_to_ids("<|im_end|>")
+    with torch.no_grad():  # the processor expands its image placeholder and the model takes the prompt
+        assert torch.isfinite(yi.model(**build_inputs(yi, item, t)).logits).all()
+    mistral = _llama_row_model(tok, "llava_next", {"model_type": "llava_next", "text_config": {"model_type": "mistral"}})
+    assert model_chat_format(mistral) == "llava_mistral"

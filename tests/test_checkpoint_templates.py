@@ -3,7 +3,9 @@ them (``render_jinja_template``, the function ``apply_chat_template`` calls): te
 video where the row reads video, each with §3's system prompt and the generation prompt. Each template is quoted from
 a public copy (source in the comment; the tool-calling branches of the Qwen templates are left out, they do not run
 without tools). Not here, and why: LLaVA-OneVision's -hf template (``<|im_start|>user <image>`` with a space, no
-newline after ``<|im_end|>``) is not what LLaVA-NeXT trained on, and the row keeps the training ChatML (README);
+newline after ``<|im_end|>``) is not what LLaVA-NeXT trained on, and the row keeps the training ChatML (README); nor
+is llava-v1.6-34b-hf's (a newline after each ``<|im_end|>``, where LLaVA's chatml_direct and the model card write
+none: tests/test_chat_formats.py checks the prompt against that conversation);
 Vicuna-1.5, Llama-2-chat and Llama-3-Instruct, whose tokenizers lack the ``llama`` row's ChatML tokens, take the row's
 ``chat_fallbacks`` by their tokenizer (tests/test_chat_formats.py checks Vicuna's format against FastChat's, Llama 2's
 and Llama 3's against ``apply_chat_template`` with Meta's templates)."""

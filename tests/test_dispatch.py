@@ -460,3 +460,88 @@ def test_a_float32_model_on_devices_turns_tf32_convolutions_off(tiny_dirs):
             assert torch.backends.cudnn.allow_tf32 is tf32, kwargs
     finally:
         torch.backends.cudnn.allow_tf32 = was
+
+
+# ------------------------------------------------------------------------------------------------ free GPU memory
+
+
+def _fake_gpus(monkeypatch, free: list[int], total: int, read: list[int] | None = None) -> None:
+    """torch.cuda as a machine with ``len(free)`` GPUs of ``total`` bytes would answer, ``free[i]`` of GPU i free
+    (another process holding the rest); each GPU whose free memory is asked for is appended to ``read``. Skipped
+    where a GPU is visible: conftest then hides it from DeviceQuery.probe."""
+    import contextlib
+    from types import SimpleNamespace
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    for var in ("LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+
+    def mem_get_info(index=None):
+        if read is not None:
+            read.append(index)
+        return free[index], total
+
+    cuda = torch.cuda
+    monkeypatch.setattr(cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda, "device_count", lambda: len(free))
+    monkeypatch.setattr(cuda, "get_device_name", lambda index=None: "NVIDIA H200")
+    monkeypatch.setattr(cuda, "get_device_properties", lambda index=None: SimpleNamespace(total_memory=total))
+    monkeypatch.setattr(cuda, "mem_get_info", mem_get_info)
+    monkeypatch.setattr(cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(cuda, "device", lambda index: contextlib.nullcontext())
+
+
+def test_a_gpu_another_process_holds_gets_fewer_layers(monkeypatch):
+    """The fit used each GPU's total memory: with another process holding 80 GB of the first of two H200s, Qwen2-72B
+    (135 GiB in bf16) was split evenly, 67.7 GiB onto a GPU with 65.9 GiB free, and ran out of memory in the load.
+    Now the placement carries what torch.cuda.mem_get_info says is free, read only on the GPUs the process is given
+    (reading one makes a CUDA context there), and the map gives that GPU fewer layers. Oracle: the patched free
+    bytes, and their usable share worked out from the headroom constants; where mem_get_info fails, the totals."""
+    from probe.dispatch import HEADROOM_BYTES, HEADROOM_FRACTION, plan_device_map
+
+    held = 80 * 10**9
+    read: list[int] = []
+    _fake_gpus(monkeypatch, [H200 - held, H200], H200, read)
+    p = resolve_placement(query=DeviceQuery.probe())
+    assert p.all_devices == ("cuda:0", "cuda:1") and p.device_memory == (H200 - held, H200)
+    assert p.memory_kind == "free" and sorted(read) == [0, 1]
+    assert p.description.startswith("devices cuda:0,cuda:1 (2 × NVIDIA H200, one model split by layers; "
+                                    f"{(H200 - held) / GIB:.1f} / {H200 / GIB:.1f} GiB free)")
+    model, fam = _meta("qwen2-72b")
+    args = (model, fam.layers_path, fam.norm_path, fam.lm_head_path, p.all_devices)
+    plan, by_total = plan_device_map(*args, p.device_memory), plan_device_map(*args, (H200, H200))
+    usable = (H200 - held) * HEADROOM_FRACTION - HEADROOM_BYTES
+    assert by_total.nbytes[0] > usable >= plan.nbytes[0]
+    assert plan.layer_blocks[0][1] < by_total.layer_blocks[0][1]
+    read.clear()
+    one = resolve_placement(query=DeviceQuery.probe(), local_rank=1, local_world=2)
+    assert one.device_memory == (H200,) and read == [1]  # rank 1 reads its own GPU only
+
+    def no_info(index=None):
+        raise RuntimeError("CUDA driver too old")
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", no_info)
+    p = resolve_placement(query=DeviceQuery.probe())
+    assert p.device_memory == (H200, H200) and p.memory_kind == "total"
+    assert p.description.startswith("devices cuda:0,cuda:1 (2 × NVIDIA H200, one model split by layers; "
+                                    f"{H200 / GIB:.1f} / {H200 / GIB:.1f} GiB total, free unknown)")
+    little = H200 - 100 * 10**9
+    with pytest.raises(BadInput, match=rf"cuda:0 would hold .* GiB of weights, {little / GIB:.1f} GiB free \("):
+        plan_device_map(*args, (little, little), memory_kind="free")
+
+
+def test_a_model_that_fits_no_gpus_free_memory_exits_2_with_one_line(tmp_path, monkeypatch, capsys):
+    """A GPU another process fills: the model is refused before anything is written, the line naming the free
+    memory it was checked against (the total would have let it load, into an out-of-memory crash)."""
+    from probe.errors import cli_main
+    from probe.eval import main
+
+    _fake_gpus(monkeypatch, [GIB // 2], H200)  # half a GiB free: nothing usable past the headroom
+    out = tmp_path / "eval"
+    assert cli_main(main, ["--models", "organism-base", "--data", "probe/zoo/data/text", "--limit", "2",
+                           "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: organism-base: its weights take") and "\n" not in err
+    assert "more than cuda:0 can hold (512.0 MiB free, 0.0 MiB usable)" in err, err
+    assert not out.exists()

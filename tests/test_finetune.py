@@ -2230,6 +2230,51 @@ def test_a_resumed_trainer_state_goes_to_each_ranks_own_device_under_torchrun(tm
     assert state["optimizer"]["state"][0]["exp_avg"].device.type == "cpu"
 
 
+class _Reached(Exception):
+    """The run got to the launch's process group (``process_state``), which stands in for it."""
+
+
+@pytest.mark.parametrize("unset", [("MASTER_ADDR", "MASTER_PORT"), ("MASTER_ADDR",), ("MASTER_PORT",)])
+def test_ranks_started_by_hand_without_a_rendezvous_address_exit_2_before_any_work(unset, tmp_path, capfd,
+                                                                                   monkeypatch):
+    """Ranks started by hand (RANK / WORLD_SIZE / LOCAL_RANK set, no torchrun) without MASTER_ADDR / MASTER_PORT:
+    the model was resolved and the data read, then accelerate's process group stopped on a ValueError traceback
+    (exit 1; on the CPU "Tried to launch on distributed with multinode, but `MASTER_ADDR` env was not set", on GPUs
+    torch's env:// rendezvous: "environment variable MASTER_ADDR expected"). Each rank, simulated in this process,
+    now exits 2 with one line naming the unset variables before the model is resolved; nothing written. Oracle: the
+    same rank with both set gets past the check to the process group (a stand-in that stops the run there)."""
+    import probe.models
+    import probe.train
+    from analyses.finetune import main
+
+    def reached(cpu):
+        raise _Reached
+
+    monkeypatch.setattr(probe.train, "process_state", reached)
+    launch = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29512"}
+    out = tmp_path / "never"
+    for rank in ("0", "1"):
+        for name, value in (launch | {"RANK": rank, "LOCAL_RANK": rank}).items():
+            monkeypatch.setenv(name, value)
+        with pytest.raises(_Reached):
+            main(_organism_args(out))
+        for name in unset:
+            monkeypatch.delenv(name)
+        with monkeypatch.context() as m:
+            m.setattr(probe.models, "resolve_model", lambda *a, **k: pytest.fail("the model was resolved"))
+            assert cli_main(main, _organism_args(out)) == 2
+        err = capfd.readouterr().err.strip()
+        assert err.startswith(f"error: WORLD_SIZE 2 with {' and '.join(unset)} unset") and "\n" not in err, err
+        assert not out.exists()
+    # on GPUs accelerate counts a process in by its LOCAL_RANK (without it, each rank trained as a world of one)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29512")
+    monkeypatch.delenv("LOCAL_RANK")
+    probe.train.check_rendezvous(cpu=True)
+    with pytest.raises(BadInput, match="^WORLD_SIZE 2 with LOCAL_RANK unset: "):
+        probe.train.check_rendezvous(cpu=False)
+
+
 @pytest.mark.parametrize("variable, value", [("ACCELERATE_MIXED_PRECISION", "bf16"),
                                              ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")])
 def test_accelerate_launch_mixed_precision_or_accumulation_exits_2_before_loading(variable, value, tmp_path, capfd,

@@ -406,6 +406,8 @@ def test_finetune_ranks_with_another_lr_all_stop_before_writing(tmp_path, tiny_d
     from test_finetune import _args
 
     monkeypatch.setattr(probe.train, "process_state", lambda cpu: None)  # the launch's group: the exchange's fake
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # as torchrun sets them: ranks without are refused first
+    monkeypatch.setenv("MASTER_PORT", "29512")
     out = tmp_path / "ft"
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
