@@ -568,6 +568,35 @@ def test_figures_report_rebuilds_it_from_saved_results(quick: Path, tmp_path: Pa
     assert (copy / "report.html").is_file()
 
 
+def test_a_report_hashes_each_stages_outputs_once(quick: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """``python -m figures report`` checked the run's state (``run_state_note``: ``stale_reason`` of every stage,
+    which hashes the stage's outputs) once for report.md's note and again for its stderr warning: every stage's
+    outputs, a 7B run's merged models among them, were read twice. Oracle: the calls of the digest itself, counted
+    per stage, against the stages whose records hold outputs; the note still goes to both, in its two forms."""
+    from collections import Counter
+
+    import analyses.replicate as rep
+    from figures.report import build_report
+
+    copy = tmp_path / "copy"
+    shutil.copytree(quick, copy)
+    baseline = next((copy / "heads").rglob("baseline.json"))
+    baseline.write_text(baseline.read_text(encoding="utf-8") + "\n", encoding="utf-8")  # same numbers, other bytes
+    calls: Counter = Counter()
+    digest = rep.output_digest
+
+    def counted(out: Path, stage: str) -> str:
+        calls[stage] += 1
+        return digest(out, stage)
+
+    monkeypatch.setattr(rep, "output_digest", counted)
+    build_report(copy)
+    recorded = {s for s in STAGE_NAMES if "outputs" in rep.read_state(copy, s)}
+    assert recorded and dict(calls) == {s: 1 for s in recorded}, calls
+    warning = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning: ")]
+    assert len(warning) == 1 and "Not one consistent run: heads: its outputs in" in warning[0], warning
+    assert "**Not one consistent run**: heads: its outputs in" in (copy / "report.md").read_text(encoding="utf-8")
+
 def test_figures_report_into_a_read_only_dir_is_one_line(quick: Path, tmp_path: Path, capsys, monkeypatch) -> None:
     """Rebuilding the report of a run on a read-only mount was a traceback (OSError at .report_figures.partial); now
     exit 2 with one line naming the dir, and the saved report is left as it was."""
