@@ -321,7 +321,10 @@ def _figure2_page(r: Replication, models: list[str]) -> tuple[Any, list[tuple[An
     return fig, maps, titles
 
 
-def build(r: Replication, figdir: Path, state: RunState) -> Doc:
+def build(r: Replication, figdir: Path, state: RunState | None = None) -> Doc:
+    """The report of ``r``, its figures drawn into ``figdir``; ``state``: the run's (``run_state``), when the caller
+    has it already."""
+    state = run_state(r) if state is None else state
     d = Doc()
     cfg = r.cfg
     fs = findings(r)
