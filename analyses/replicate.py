@@ -27,10 +27,12 @@ whose inputs changed is deleted and rerun, and so is everything downstream of it
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -40,7 +42,7 @@ from probe.devices import Placement
 from probe.errors import (ArgParser, BadInput, check_out_apart, check_out_path, cli_main, in_path, out_dir,
                           out_inside, parse_options, releases_claims)
 from probe.heads import SOFTWARE, software_differences, versions
-from probe.results import content_fingerprint, has_contents, json_digest, json_object, lock_out_dir
+from probe.results import content_fingerprint, file_sha256, has_contents, json_digest, json_object, lock_out_dir
 
 MARKER = "replicate.json"  # marks DIR as ours: only then are stage dirs inside it ever deleted
 STATE_DIR = "stages"  # DIR/stages/<stage>.json: fingerprint, status, seconds (beside, not inside, the outputs)
@@ -382,15 +384,83 @@ def write_state(out: Path, name: str, state: dict[str, Any]) -> None:
 FIGURE_SUFFIXES = (".png", ".pdf")
 
 
+BIG_FILE = 64 << 20  # bytes: an output file over this is read once per (size, mtime), its digest kept (DigestCache)
+DIGEST_CACHE = "file_digests.json"  # DIR/stages/file_digests.json: "stage/path" → [size, mtime_ns, sha256 hex]
+# a record's "outputs_form" when its "outputs" digest took every file's bytes; a record without it (before
+# 2026-12-07) took a file over BIG_FILE by its size and mtime, and is checked by that rule (legacy_output_digest)
+CONTENT = "content"
+
+
+@dataclass
+class DigestCache:
+    """The SHA-256 of each big output file of a run (over BIG_FILE), by its path in the run, size and mtime: an
+    unchanged run reads none of them again, a copy (``cp -r``: new mtimes) reads each once. A file edited with its
+    size and mtime put back is seen once its entry is gone (the price of not reading 15 GB at every check); an
+    edit that moves its mtime is read again."""
+    out: Path
+    entries: dict[str, Any]
+    seen: set[str] = field(default_factory=set)
+
+    @classmethod
+    def read(cls, out: Path) -> DigestCache:
+        return cls(out, json_object(out / STATE_DIR / DIGEST_CACHE) or {})
+
+    def sha256(self, f: Path, st: os.stat_result) -> bytes:
+        key = f.relative_to(self.out).as_posix()
+        self.seen.add(key)
+        e = self.entries.get(key)
+        if isinstance(e, list) and e[:2] == [st.st_size, st.st_mtime_ns] and len(e) == 3 and isinstance(e[2], str) \
+                and re.fullmatch("[0-9a-f]{64}", e[2]):
+            return bytes.fromhex(e[2])
+        digest = file_sha256(f)
+        after = f.stat()
+        if (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns):  # not rewritten while it was read
+            self.entries[key] = [st.st_size, st.st_mtime_ns, digest.hex()]
+        else:
+            self.entries.pop(key, None)
+        return digest
+
+    def save(self, stage: str, before: dict[str, Any]) -> None:
+        """Write the entries back when they changed, less those of ``stage``'s files not seen now (deleted, or
+        the stage ran again). A run dir it cannot write into (a read-only copy's report) reads them again."""
+        self.entries = {k: v for k, v in self.entries.items() if k in self.seen or not k.startswith(f"{stage}/")}
+        if self.entries != before:
+            from probe.results import atomic_write_json
+
+            try:
+                atomic_write_json(self.out / STATE_DIR / DIGEST_CACHE, self.entries)
+            except OSError:
+                pass
+
+
+def is_figure(f: Path) -> bool:
+    return f.suffix in FIGURE_SUFFIXES
+
+
 def output_digest(out: Path, stage: str) -> str:
-    """What a stage's dir holds (content_fingerprint: names and bytes; size and mtime above 64 MB), recorded when
-    the stage completes and by each stage that reads it: its fingerprint holds its inputs only, so a heads.csv
-    edited or a merged model's weights replaced by hand, or an upstream stage run again (its run.json times it),
-    left every later stage skipped with numbers of the earlier outputs. Its figures are left out (FIGURE_SUFFIXES):
-    a redraw (`python -m figures shift DIR/shift`) changes no number, and it made the stage and every stage after
-    it run again."""
-    digest = content_fingerprint(out / stage, skip=lambda f: f.suffix in FIGURE_SUFFIXES)
+    """What a stage's dir holds (content_fingerprint of every file's bytes, a big file's digest kept in
+    DigestCache), recorded when the stage completes and by each stage that reads it: its fingerprint holds its
+    inputs only, so a heads.csv edited or a merged model's weights replaced by hand, or an upstream stage run again
+    (its run.json times it), left every later stage skipped with numbers of the earlier outputs. Its figures are
+    left out (FIGURE_SUFFIXES): a redraw (`python -m figures shift DIR/shift`) changes no number, and it made the
+    stage and every stage after it run again. Not a big file's size and mtime: a copied run (new mtimes) ran its
+    big stages again, a 7B merge among them."""
+    cache = DigestCache.read(out)
+    before = dict(cache.entries)
+    digest = content_fingerprint(out / stage, hash_limit=BIG_FILE, skip=is_figure, big=cache.sha256)
+    cache.save(stage, before)
     return "no files" if digest.startswith("name:") else digest  # not the path: a data stage with nothing to make
+
+
+def legacy_output_digest(out: Path, stage: str) -> str:
+    """``output_digest`` as records before 2026-12-07 have it: a big file by its size and mtime."""
+    digest = content_fingerprint(out / stage, hash_limit=BIG_FILE, skip=is_figure)
+    return "no files" if digest.startswith("name:") else digest
+
+
+def recorded_outputs(out: Path, stage: str) -> dict[str, str]:
+    """The record's part that says what the stage's dir holds (``stale_reason`` checks it)."""
+    return {"outputs": output_digest(out, stage), "outputs_form": CONTENT}
 
 
 def upstream_closure(stage: str) -> set[str]:
@@ -414,7 +484,8 @@ def stale_reason(out: Path, name: str) -> str | None:
     changed since it completed, or a stage it reads has completed again since. None when it is whole (or its record
     is from before these were recorded: nothing to compare)."""
     st = read_state(out, name)
-    if (saved := st.get("outputs")) is not None and saved != output_digest(out, name):
+    now = output_digest if st.get("outputs_form") == CONTENT else legacy_output_digest
+    if (saved := st.get("outputs")) is not None and saved != now(out, name):
         return f"its outputs in {out / name} changed since it completed (edited or replaced by hand?)"
     read = st.get("upstream")
     if isinstance(read, dict):
@@ -432,8 +503,8 @@ def run_stage(ctx: Context, stage: Stage, fp: str) -> str:
             print(f"== {stage.name}: {reason}: running it again", file=sys.stderr)
         else:
             if "outputs" not in state:  # completed before outputs were recorded: from now on an edit is seen
-                write_state(ctx.out, stage.name, state | {"outputs": output_digest(ctx.out, stage.name),
-                                                          "upstream": upstream_digests(ctx.out, stage)})
+                write_state(ctx.out, stage.name, state | recorded_outputs(ctx.out, stage.name)
+                            | {"upstream": upstream_digests(ctx.out, stage)})
             print(f"== {stage.name}: unchanged, skipped ({state.get('seconds', 0):.0f} s when run)", file=sys.stderr)
             return "skipped"
         state = {}  # from nothing: what is left of it is not known to be whole
@@ -466,7 +537,7 @@ def run_stage(ctx: Context, stage: Stage, fp: str) -> str:
                                       "seconds": round(seconds, 1),
                                       "cpu_seconds": round(time.process_time() - c0, 1), "resumed": resumed,
                                       "versions": now, "upstream": upstream,
-                                      **({} if stage.fresh else {"outputs": output_digest(ctx.out, stage.name)})})
+                                      **({} if stage.fresh else recorded_outputs(ctx.out, stage.name))})
     print(f"== {stage.name}: done in {seconds:.1f} s", file=sys.stderr)
     return "ran"
 

@@ -321,7 +321,10 @@ def _figure2_page(r: Replication, models: list[str]) -> tuple[Any, list[tuple[An
     return fig, maps, titles
 
 
-def build(r: Replication, figdir: Path) -> Doc:
+def build(r: Replication, figdir: Path, state: RunState | None = None) -> Doc:
+    """The report of ``r``, its figures drawn into ``figdir``; ``state``: the run's (``run_state``), when the caller
+    has it already."""
+    state = run_state(r) if state is None else state
     d = Doc()
     cfg = r.cfg
     fs = findings(r)
@@ -341,7 +344,7 @@ def build(r: Replication, figdir: Path) -> Doc:
             "base LLM (Qwen2-7B-Instruct).")
     if {r.base, *r.experts} <= {f"organism-{n}" for n in ORGANISMS}:
         d.p(VALIDATION_NOTE)
-    if note := run_state_note(r):
+    if note := state.note():
         d.p(note)
     d.h(2, "Findings at a glance")
     d.p("Each line: the verdict, where the paper says it, and the paper's claim; the numbers and the criterion "
@@ -515,9 +518,10 @@ def build_report(out: Path) -> list[Path]:
     figdir = out / FIG_DIR
     # figures are drawn aside: bad results leave the previous report whole; a full disk names the figures' folder
     # (PIL's error names no file)
+    state = run_state(r)  # once: report.md's note and the warning below both say it
     with partial_dir(figdir) as tmp:
-        doc = build(r, tmp)
-    if note := run_state_note(r, markdown=False):  # the report is written all the same: what the finished stages
+        doc = build(r, tmp, state)
+    if note := state.note(markdown=False):  # the report is written all the same: what the finished stages
         print("warning: " + note, file=sys.stderr)  # hold, marked
     for name in ("report.md", "report.html"):  # a kill from here on leaves no report rather than the earlier
         (out / name).unlink(missing_ok=True)  # build's beside this one's, or pointing at figures no longer there
@@ -529,42 +533,62 @@ def build_report(out: Path) -> list[Path]:
     return [out / "report.md", out / "report.html"]
 
 
-def run_state_note(r: Replication, markdown: bool = True) -> str:
-    """What keeps the report from being one whole run, for its top (and, ``markdown`` False, as plain text for
-    stderr): the stages not completed with its settings (their sections hold no numbers of this run, their findings
-    read "not measured"), and the stages whose outputs are not those their record says
-    (``analyses.replicate.stale_reason``: edited by hand, or an upstream stage completed again since), naming the
-    stages after them. "" for a whole run. The run's folder, a name the user chose, goes in through md_text /
-    md_code (a --out named ``a*b*c`` showed in italics)."""
-    from analyses.replicate import BY_NAME, stale_reason, upstream_closure
+@dataclass
+class RunState:
+    """What keeps the report from being one whole run (``run_state``), checked once per report: the check hashes
+    every stage's outputs (``analyses.replicate.stale_reason``), and report.md's note and the stderr warning both
+    say it."""
+    out: Path
+    missing: list[str]  # stages not completed with the run's settings
+    stale: list[tuple[str, str, list[str]]]  # (stage, why it is stale, the stages after it)
+    setups: dict[str, list[str]]  # software setup → the completed stages that ran under it
 
-    text, code = (md_text, md_code) if markdown else (str, lambda s: f"`{s}`")
-    bold = (lambda s: f"**{s}**") if markdown else str
-
-    stages = [s for s in r.info["stages"] if s != "report" and s in BY_NAME]
-    missing = [s for s in stages if not r.recorded_complete(s)]
-    parts = []
-    if missing:
-        parts.append(f"{bold('Unfinished run')}: stage{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
-                     f"{'have' if len(missing) > 1 else 'has'} not completed with this run's settings; "
-                     f"{'their' if len(missing) > 1 else 'its'} tables and figures are left out and "
-                     f"{'their' if len(missing) > 1 else 'its'} findings read \"not measured\".")
-    for s in stages:
-        if s not in missing and (why := stale_reason(r.out, s)):
-            after = [t for t in stages if t != s and s in upstream_closure(t)]
+    def note(self, markdown: bool = True) -> str:
+        """The note for the report's top (and, ``markdown`` False, as plain text for stderr): the stages not
+        completed with its settings (their sections hold no numbers of this run, their findings read "not
+        measured"), the stages whose outputs are not those their record says (edited by hand, or an upstream stage
+        completed again since), naming the stages after them, and the software setups when there are several. ""
+        for a whole run. The run's folder, a name the user chose, goes in through md_text / md_code (a --out named
+        ``a*b*c`` showed in italics)."""
+        text, code = (md_text, md_code) if markdown else (str, lambda s: f"`{s}`")
+        bold = (lambda s: f"**{s}**") if markdown else str
+        missing = self.missing
+        parts = []
+        if missing:
+            parts.append(f"{bold('Unfinished run')}: stage{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                         f"{'have' if len(missing) > 1 else 'has'} not completed with this run's settings; "
+                         f"{'their' if len(missing) > 1 else 'its'} tables and figures are left out and "
+                         f"{'their' if len(missing) > 1 else 'its'} findings read \"not measured\".")
+        for s, why, after in self.stale:
             parts.append(f"{bold('Not one consistent run')}: {s}: {text(why)}"
                          + (f"; the stages after it ({', '.join(after)}) were computed from other outputs." if after
                             else "."))
-    if parts:
-        parts.append(f"Run {code(f'python -m analyses.replicate --out {r.out}')} with this config to complete and "
-                     "redo them.")
-    if len(setups := software_setups(r, [s for s in stages if s not in missing])) > 1:
-        # kept on purpose (the code digest moves with any edit; a fix that changes numbers changes the stages'
-        # fingerprints), but not silently: a Table 3 of one code beside a Table 4 of another is said so
-        parts.append(f"{bold('Stages of different software')}: " + "; ".join(
-            f"{', '.join(names)} under {setup}" for setup, names in setups.items())
-            + ". Their numbers are compared as one run's; delete a stage's record in `stages/` to run it again.")
-    return " ".join(parts)
+        if parts:
+            parts.append(f"Run {code(f'python -m analyses.replicate --out {self.out}')} with this config to complete "
+                         "and redo them.")
+        if len(self.setups) > 1:
+            # kept on purpose (the code digest moves with any edit; a fix that changes numbers changes the stages'
+            # fingerprints), but not silently: a Table 3 of one code beside a Table 4 of another is said so
+            parts.append(f"{bold('Stages of different software')}: " + "; ".join(
+                f"{', '.join(names)} under {setup}" for setup, names in self.setups.items())
+                + ". Their numbers are compared as one run's; delete a stage's record in `stages/` to run it again.")
+        return " ".join(parts)
+
+
+def run_state(r: Replication) -> RunState:
+    """The run's state as its records and stage dirs have it now (``RunState``)."""
+    from analyses.replicate import BY_NAME, stale_reason, upstream_closure
+
+    stages = [s for s in r.info["stages"] if s != "report" and s in BY_NAME]
+    missing = [s for s in stages if not r.recorded_complete(s)]
+    stale = [(s, why, [t for t in stages if t != s and s in upstream_closure(t)])
+             for s in stages if s not in missing and (why := stale_reason(r.out, s))]
+    return RunState(r.out, missing, stale, software_setups(r, [s for s in stages if s not in missing]))
+
+
+def run_state_note(r: Replication, markdown: bool = True) -> str:
+    """``run_state(r).note(markdown)``: for one note; a report that says it twice keeps its ``RunState``."""
+    return run_state(r).note(markdown)
 
 
 def software_setups(r: Replication, stages: list[str]) -> dict[str, list[str]]:

@@ -619,16 +619,17 @@ def write_results(out: Path, items: Any, scores: Any, plan: EvalPlan) -> None:
     top = scores[scores["subject"] == ALL]
     whole = sorted({r.note for r in top.itertuples() if r.n_items == 0 and r.note})
     # "scored on N items" only where the model left some of the set out (its cells say "N of M items" too); a row
-    # scored on the whole set that has a note (a 100 % score, a diff note) gives the note alone
+    # scored on the whole set that has a note (a 100 % score, a diff note) gives the note alone; a note names models
+    # (the one that cannot read a set, the reference), so it goes in through md_text as they do
     part = [f"- {md_text(r.model)} on {md_text(r.data)}: {'scored on %d items; ' % r.n_items if plan.n_unread(r.model, r.data) else ''}"
-            f"{r.note}\n" for r in top.itertuples() if r.n_items > 0 and r.note]
+            f"{md_text(r.note)}\n" for r in top.itertuples() if r.n_items > 0 and r.note]
     # MMMU's own scores count open-ended items too: a set's "(N items)" is not its size when some were left out
     skipped = [f"- {md_text(ds.name)}: {ds.n_skipped_open} open-ended items skipped; scores are over its {ds.n_items} "
                "multiple-choice items\n" for ds in plan.data if ds.n_skipped_open]
     alike = [f"- {ALIKE_MARK}; scores.csv's note gives the exact 95 % (Clopper-Pearson) interval\n"
              ] if scores[metric].isin([0.0, 1.0]).any() else []
     text = (f"# Evaluation: {title} in %, 95 % bootstrap interval\n\n{markdown_table(scores, plan, metric)}\n\n"
-            + "".join(f"- n/a: {n.removeprefix('not applicable: ')}\n" for n in whole) + "".join(part)
+            + "".join(f"- n/a: {md_text(n.removeprefix('not applicable: '))}\n" for n in whole) + "".join(part)
             + "".join(skipped) + "".join(alike))
     atomic_write_bytes(out / "table.md", text.encode())
 

@@ -841,10 +841,21 @@ def json_digest(obj: Any, *blobs: bytes) -> str:
     return h.hexdigest()[:16]
 
 
+def file_sha256(path: Path) -> bytes:
+    """The SHA-256 of a file's bytes, read in 16 MB blocks (a 15 GB checkpoint is never in memory whole)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(16 << 20):
+            h.update(block)
+    return h.digest()
+
+
 def content_fingerprint(path: str | Path, hash_limit: int = 64 << 20, recursive: bool = True,
-                        skip: Callable[[Path], bool] = lambda f: False) -> str:
+                        skip: Callable[[Path], bool] = lambda f: False,
+                        big: Callable[[Path, os.stat_result], bytes] | None = None) -> str:
     """What a model or data directory holds: file names and bytes (sizes and mtimes for files over
-    ``hash_limit``, so a 15 GB checkpoint is not read twice), so a retrained organism in the same directory
+    ``hash_limit``, so a 15 GB checkpoint is not read twice; or ``big(file, its stat)``, a digest of its bytes
+    kept elsewhere: analyses.replicate's outputs), so a retrained organism in the same directory
     counts as a changed input. ``recursive=False`` reads the top level only (a model's own files, not what
     sits in folders inside it: carriers, or a run's --out placed there)."""
     p = Path(path)
@@ -860,6 +871,8 @@ def content_fingerprint(path: str | Path, hash_limit: int = 64 << 20, recursive:
         h.update(f"{f.relative_to(p) if p.is_dir() else f.name}|{st.st_size}|".encode())
         if st.st_size <= hash_limit:
             h.update(hashlib.sha256(f.read_bytes()).digest())
+        elif big is not None:
+            h.update(big(f, st))
         else:
             h.update(str(st.st_mtime_ns).encode())
     return h.hexdigest()[:16] if files else f"name:{path}"

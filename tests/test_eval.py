@@ -875,7 +875,7 @@ def test_table_notes_say_scored_on_only_where_items_were_left_out(tmp_path):
     """table.md's note lines began "scored on N items" for every row with a note, a model that read the whole set
     (an all-right row's note, a diff note) included, as if it had been scored on part of it. Now only a row that
     left items out (plan.unreadable, the oracle) says so; the others give their note alone."""
-    from probe.eval import DataSet, EvalPlan, ModelEntry, score_table, write_results
+    from probe.eval import DataSet, EvalPlan, ModelEntry, md_text, score_table, write_results
 
     rows = [{"model": m, "data": "d", "item_id": str(i), "subject": s, "correct": 1.0, "prob_correct": 1.0,
              "p_answer": 0.5 + 0.01 * i} for m, subjects in (("whole", ("T", "I")), ("part", ("T",)))
@@ -890,9 +890,9 @@ def test_table_notes_say_scored_on_only_where_items_were_left_out(tmp_path):
              x.startswith("- part")]
     whole = scores.query("model == 'whole' and subject == 'all'")["note"].item()
     assert whole.startswith("accuracy and prob_accuracy all right")  # a note, though nothing was left out
-    assert notes == [f"- whole on d: {whole}",
+    assert notes == [f"- whole on d: {md_text(whole)}",  # as written: test_table_md_notes_are_shown_as_written
                      f"- part on d: scored on 3 items; 3 of 6 items {why}; "
-                     + scores.query("model == 'part' and subject == 'all'")["note"].item().split("; ", 1)[1]]
+                     + md_text(scores.query("model == 'part' and subject == 'all'")["note"].item().split("; ", 1)[1])]
 
 
 def test_a_zero_width_p_answer_interval_is_noted():
@@ -2815,3 +2815,36 @@ def test_the_replication_report_shows_names_holding_marks_as_written_in_md_and_h
         assert f"<th>{html.escape(name)}</th>" in page and f"<td>{html.escape(name)}</td>" in page, (name, page)
         assert re.sub(r"</?code>", "", _inline(d.blocks[1][1])) == \
             f'base {html.escape(name)}, expert {html.escape(name)}; <strong class="agrees">agrees</strong>', name
+
+
+def test_table_md_notes_are_shown_as_written(tmp_path):
+    """table.md's note lines wrote each row's note (scores.csv's ``note``) unescaped: a note names the model that
+    cannot read a set, so a model named ``a*b_<i>|c`` put italics, an HTML tag and a stray '|' into table.md. Oracle:
+    markdown-it's render of each note line is the line as written (model, set, note from scores.csv) HTML-escaped,
+    with no tag the note made."""
+    import html
+
+    from markdown_it import MarkdownIt
+
+    from probe.eval import DataSet, EvalPlan, ModelEntry, score_table, write_results
+
+    part, none = "a*b_<i>|c", "z _y_ [x](y)"
+    rows = [{"model": m, "data": "d", "item_id": str(i), "subject": s, "correct": 1.0, "prob_correct": 1.0,
+             "p_answer": 0.5 + 0.01 * i} for m, subjects in (("whole", ("T", "I")), (part, ("T",)))
+            for s in subjects for i in range(3)]
+    why = {m: f"not applicable: {m} (qwen2) cannot read image items" for m in (part, none)}
+    plan = EvalPlan([ModelEntry(m, m, "qwen2", "fp") for m in ("whole", part, none)],
+                    [DataSet("d", "d", "d", "fp", 6, 0, ["T", "I"])], {f"{m}|d": w for m, w in why.items()},
+                    {f"{part}|d": {"I": 3}, f"{none}|d": {"T": 3, "I": 3}}, {}, {}, {"generate": True})
+    scores = score_table(pd.DataFrame(rows), plan, None, 0)
+    write_results(tmp_path, pd.DataFrame(rows), scores, plan)
+    note = scores[scores["subject"] == "all"].set_index("model")["note"]
+    assert "*" in note[part] and note[none] == why[none]
+    text = (tmp_path / "table.md").read_text(encoding="utf-8")
+    notes = text.split("\n\n")[-1]
+    shown = re.findall(r"<li>(.*?)</li>", MarkdownIt("commonmark").enable(["table", "strikethrough"]).render(notes),
+                       re.S)
+    assert shown[:3] == [html.escape(x) for x in [f"n/a: {note[none].removeprefix('not applicable: ')}",
+                                                   f"whole on d: {note['whole']}",
+                                                   f"{part} on d: scored on 3 items; {note[part]}"]], notes
+    assert not re.search(r"(?<!\\)\|", notes), notes  # a '|' GitHub could read as a table cell's end

@@ -568,6 +568,35 @@ def test_figures_report_rebuilds_it_from_saved_results(quick: Path, tmp_path: Pa
     assert (copy / "report.html").is_file()
 
 
+def test_a_report_hashes_each_stages_outputs_once(quick: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """``python -m figures report`` checked the run's state (``run_state_note``: ``stale_reason`` of every stage,
+    which hashes the stage's outputs) once for report.md's note and again for its stderr warning: every stage's
+    outputs, a 7B run's merged models among them, were read twice. Oracle: the calls of the digest itself, counted
+    per stage, against the stages whose records hold outputs; the note still goes to both, in its two forms."""
+    from collections import Counter
+
+    import analyses.replicate as rep
+    from figures.report import build_report
+
+    copy = tmp_path / "copy"
+    shutil.copytree(quick, copy)
+    baseline = next((copy / "heads").rglob("baseline.json"))
+    baseline.write_text(baseline.read_text(encoding="utf-8") + "\n", encoding="utf-8")  # same numbers, other bytes
+    calls: Counter = Counter()
+    digest = rep.output_digest
+
+    def counted(out: Path, stage: str) -> str:
+        calls[stage] += 1
+        return digest(out, stage)
+
+    monkeypatch.setattr(rep, "output_digest", counted)
+    build_report(copy)
+    recorded = {s for s in STAGE_NAMES if "outputs" in rep.read_state(copy, s)}
+    assert recorded and dict(calls) == {s: 1 for s in recorded}, calls
+    warning = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning: ")]
+    assert len(warning) == 1 and "Not one consistent run: heads: its outputs in" in warning[0], warning
+    assert "**Not one consistent run**: heads: its outputs in" in (copy / "report.md").read_text(encoding="utf-8")
+
 def test_figures_report_into_a_read_only_dir_is_one_line(quick: Path, tmp_path: Path, capsys, monkeypatch) -> None:
     """Rebuilding the report of a run on a read-only mount was a traceback (OSError at .report_figures.partial); now
     exit 2 with one line naming the dir, and the saved report is left as it was."""
@@ -2165,6 +2194,85 @@ def test_a_figure_redrawn_into_a_stage_keeps_the_stage_and_those_after_it(tmp_pa
     assert [rep.run_stage(ctx, s, "fp") for s in stages.values()] == ["skipped", "skipped"]
     assert runs == {"heads": 1, "merge": 1}
 
+
+def _set_mtimes(d: Path, seconds: float) -> None:
+    """Every file below ``d`` (its stage records aside) dated ``seconds`` from now: a copy's new mtimes."""
+    t = time.time_ns() + int(seconds * 1e9)
+    for f in d.rglob("*"):
+        if f.is_file() and "stages" not in f.relative_to(d).parts:
+            os.utime(f, ns=(t, t))
+
+
+def test_a_copied_run_keeps_its_stages_and_hashes_its_big_files_once(tmp_path: Path, monkeypatch) -> None:
+    """A stage's recorded output digest took a file over 64 MB by its size and mtime, so a finished run copied with
+    ``cp -r`` (new mtimes) found its big stages "changed since it completed" and ran them again (a 7B merge rerun
+    for nothing: a 65 MB output copied read as stale). The digest is of every file's bytes now; a big file's is kept
+    by (path in the run, size, mtime) so an unchanged run hashes nothing and a copy hashes each once. Hand-built
+    stages with the threshold lowered to 8 bytes; oracle: content_fingerprint hashing every file, and the files
+    hashed, counted."""
+    from collections import Counter
+
+    import analyses.replicate as rep
+    from probe.results import content_fingerprint
+
+    monkeypatch.setattr(rep, "BIG_FILE", 8)
+    hashed: Counter = Counter()
+    real = rep.file_sha256
+    monkeypatch.setattr(rep, "file_sha256", lambda f: (hashed.update([f.relative_to(f.parents[1]).as_posix()]),
+                                                        real(f))[1])
+
+    def write(heads: Path, n: int) -> None:
+        (heads / "heads.csv").write_text("kl\n0.5\n0.25\n", encoding="utf-8")  # over 8 bytes: big here
+        (heads / "n").write_text("1", encoding="utf-8")  # small: hashed at every check, as before
+
+    run = tmp_path / "run"
+    run.mkdir()
+    stages, ctx, runs = _heads_then_merge(monkeypatch, run, write)
+    big = {"heads/heads.csv": 1, "merge/weights.bin": 1}
+    assert [rep.run_stage(ctx, s, "fp") for s in stages.values()] == ["ran", "ran"] and hashed == big
+    for s in stages:  # every byte counts, whatever the file's size
+        assert rep.read_state(run, s)["outputs"] == content_fingerprint(run / s, hash_limit=1 << 62)
+    hashed.clear()
+    assert [rep.run_stage(ctx, s, "fp") for s in stages.values()] == ["skipped", "skipped"] and not hashed
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    _set_mtimes(copy, 100)
+    ctx.out = copy
+    assert [rep.stale_reason(copy, s) for s in stages] == [None, None] and hashed == big  # once each
+    assert [rep.run_stage(ctx, s, "fp") for s in stages.values()] == ["skipped", "skipped"] and hashed == big
+    assert runs == {"heads": 1, "merge": 1}
+
+    # a byte changed, size and mtime as they were: seen where its cache entry is missing
+    csv = copy / "heads" / "heads.csv"
+    st = csv.stat()
+    csv.write_text("kl\n0.5\n0.75\n", encoding="utf-8")
+    os.utime(csv, ns=(st.st_atime_ns, st.st_mtime_ns))
+    (copy / rep.STATE_DIR / rep.DIGEST_CACHE).unlink()
+    assert "heads: its outputs in" in f"heads: {rep.stale_reason(copy, 'heads')}"
+    # a byte changed with a new mtime, the cache entry of the old one there: hashed again, seen
+    weights = run / "merge" / "weights.bin"
+    weights.write_bytes(b"kl\n0.5\n0.35\n")
+    _set_mtimes(run / "merge", 200)
+    hashed.clear()
+    assert rep.stale_reason(run, "merge") is not None and hashed == {"merge/weights.bin": 1}
+
+
+def test_a_stage_record_of_the_size_and_mtime_digest_still_reads(tmp_path: Path, monkeypatch) -> None:
+    """A record written before the digest took every file's bytes (size and mtime above the threshold) is checked
+    by the rule it was made with: kept in place, found changed when a big file's mtime moves (a copy: that stage
+    runs once more, and records the content digest)."""
+    import analyses.replicate as rep
+    from probe.results import content_fingerprint
+
+    monkeypatch.setattr(rep, "BIG_FILE", 8)
+    (tmp_path / "merge").mkdir()
+    (tmp_path / "merge" / "weights.bin").write_bytes(b"0123456789abcdef")
+    rep.write_state(tmp_path, "merge", {"status": "complete", "fingerprint": "fp",
+                                        "outputs": content_fingerprint(tmp_path / "merge", hash_limit=8)})
+    assert rep.stale_reason(tmp_path, "merge") is None
+    _set_mtimes(tmp_path, 100)
+    assert rep.stale_reason(tmp_path, "merge") is not None
 
 def test_a_report_of_an_unfinished_or_inconsistent_run_says_which_stages_at_the_top(quick: Path, tmp_path: Path,
                                                                                     capsys) -> None:
