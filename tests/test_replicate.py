@@ -1131,6 +1131,28 @@ def test_a_data_set_without_the_eval_split_is_refused_up_front(tmp_path: Path, c
     _assert_refused(tmp_path, capsys, config.replace("base_on_text = true", "base_on_text = false"), "'data.text'")
 
 
+def test_model_directories_are_relative_to_the_config_file_as_data_sets_are(tmp_path: Path, monkeypatch) -> None:
+    """The README: "relative paths are relative to the file". A model directory given relatively (a merge or a
+    fine-tuning checkpoint beside the config) was looked up from the cwd instead, so the same config exited 2
+    ("unknown model") from any other working dir, or silently took another dir of that name there. An alias stays
+    an alias; finetune.carrier names the same expert as models.experts."""
+    from analyses.replicate_config import check_machine
+
+    cfg_dir = tmp_path / "cfg"
+    (cfg_dir / "models").mkdir(parents=True)
+    (cfg_dir / "models" / "vl").symlink_to(ROOT / "probe" / "zoo" / "organisms" / "organism-vl")
+    text = DEFAULT_CONFIG.read_text(encoding="utf-8").replace('"../../probe/', f'"{ROOT}/probe/')
+    text = text.replace('experts = ["organism-vl"', 'experts = ["models/vl"')
+    config = cfg_dir / "c.toml"
+    config.write_text(text.replace('carrier = "organism-vl"', 'carrier = "models/vl"'), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)  # no models/ here
+    cfg = parse_config(config)
+    vl = Path(cfg.models.experts[0])
+    assert vl.is_absolute() and vl == cfg_dir / "models" / "vl" and cfg.finetune.carrier == str(vl)
+    assert cfg.models.base == "organism-base" and cfg.models.experts[1:] == ["organism-ov-si", "organism-video"]
+    assert Path(check_machine(cfg)[0][str(vl)]).samefile(ROOT / "probe" / "zoo" / "organisms" / "organism-vl")
+
+
 def test_the_quick_config_passes_the_config_check() -> None:
     """python -m analyses.replicate --quick (the CI run) stopped at its config check with a TypeError traceback
     once every [data] set was read there: its eval.limit went in as load_items' subjects."""
