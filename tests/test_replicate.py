@@ -1975,6 +1975,23 @@ def test_a_number_beside_a_findings_bar_is_printed_on_its_side_of_it() -> None:
     assert float(ratio) < 10, f.evidence
 
 
+def test_a_carrier_scoring_as_its_expert_prints_no_loss() -> None:
+    """A carrier with its expert's accuracy (50.0 and 50.0 on 8 video items, in a run of toolkit-made experts) read
+    "Eq. 4 shift-weighted −0.0" in the Table 5 line, a loss, beside its table's "+0.0 [+0.0, +0.0]". Oracle: the sign
+    of carrier minus expert in items (0, +1, −1 of 8)."""
+    from types import SimpleNamespace
+
+    from figures.findings import carriers_fall_short
+
+    for gained, shown in ((0, "+0.0"), (1, "+12.5"), (-1, "−12.5")):
+        acc = {("e", "e"): 4 / 8, ("average/e", "e"): (4 + gained) / 8, ("shift/e", "e"): 4 / 8}
+        run = SimpleNamespace(metric="accuracy", row=lambda model, data, acc=acc: {"accuracy": acc[model, data]})
+        r = SimpleNamespace(experts=["e"], own=["e"], data=lambda label: label, eval=lambda stage, e, run=run: run,
+                            carrier=lambda m, e: f"{m}/e")
+        evidence = carriers_fall_short(r).evidence
+        assert f"Eq. 1 average {shown};" in evidence and "Eq. 4 shift-weighted +0.0." in evidence, evidence
+
+
 def test_the_shift_table_shows_eq4_weights_only_of_a_merge_completed_with_these_settings(quick: Path,
                                                                                          tmp_path: Path) -> None:
     """A run whose [merge] settings changed (merge.alpha0 0.5 → 0.3) and that stopped before its merge stage ran
