@@ -681,6 +681,24 @@ def test_a_rerun_naming_out_another_way_keeps_the_stages_model_names(quick: Path
                                  "attn_implementation": want.attn_implementation, "description": want.description}
 
 
+def test_a_run_moved_or_copied_elsewhere_is_not_continued_there(tmp_path: Path, capsys) -> None:
+    """A finished run copied to another folder (rep2 → repc3, 11 stages of a config of toolkit-made experts) and rerun
+    there with the same command skipped every stage as unchanged, rewrote replicate.json's "out" to the new folder,
+    then stopped at the report (exit 2, "no single row for repc3/merge/average"): its tables name the merged models
+    by their paths at the first folder. The copy's own report, which `python -m figures report` rebuilt before,
+    failed from then on too. Now the rerun is refused before it writes (exit 2, one line naming both folders), and
+    replicate.json is left as it was. Oracle: the hand-written replicate.json's bytes."""
+    out = tmp_path / "copy"
+    out.mkdir()
+    marker = json.dumps({"out": str(tmp_path / "first"), "stages": STAGE_NAMES})
+    (out / "replicate.json").write_text(marker, encoding="utf-8")
+    assert replicate_in_root("--quick", "--quiet", "--out", str(out)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--out {out}: " in err[0] and str(tmp_path / "first") in err[0], err
+    assert (out / "replicate.json").read_text(encoding="utf-8") == marker
+    assert sorted(p.name for p in out.iterdir()) == ["replicate.json"]
+
+
 def test_a_killed_stage_whose_parts_ran_under_other_software_starts_again(quick: Path, capsys) -> None:
     """A stage killed, then resumed after a transformers upgrade (or an omniprobe edit): probe.eval refuses to mix
     the two setups' parts and asks for --overwrite, which this driver has not got, so every rerun failed; the
