@@ -1640,6 +1640,23 @@ def test_figure3_names_the_metric_its_runs_scored(quick: Path, tmp_path: Path) -
     assert metric_word(["accuracy", "prob_accuracy", "accuracy"]) == "accuracy or prob. accuracy"
 
 
+def test_the_figure3_paragraph_says_a_lora_run_trained_adapters(quick: Path, tmp_path: Path) -> None:
+    """A config with finetune.lora = 4 trained rank-4 LoRA adapters, yet Figure 3's paragraph read "fine-tuned 3
+    steps (batch 4, LM lr 0.0001)", as for the paper's full fine-tuning, and the report named LoRA nowhere. Oracle:
+    the rank in replicate.json's config; the full fine-tuning run's paragraph names no LoRA."""
+    from figures.__main__ import main as figures_main
+
+    copy = tmp_path / "copy"
+    shutil.copytree(quick, copy)
+    para = lambda: _section((copy / "report.md").read_text(encoding="utf-8"), "Figure 3").split("\n\n")[1]  # noqa: E731
+    assert "LoRA" not in para()
+    info = json.loads((copy / "replicate.json").read_text(encoding="utf-8"))
+    info["config"]["finetune"]["lora"] = 4
+    (copy / "replicate.json").write_text(json.dumps(info), encoding="utf-8")
+    assert cli_main(figures_main, ["report", str(copy)]) == 0
+    assert "fine-tuned through rank-4 LoRA adapters (the paper trains every weight)" in para(), para()
+
+
 @pytest.mark.parametrize("gone", ["merge/shift/merge.json", "heads/organism-base", "table3/eval.png",
                                   "trajectory/fig4a/trajectory_sketch.png", "merge/salience/merge_heads.png"])
 def test_a_report_whose_completed_stage_lost_an_output_is_refused(quick: Path, tmp_path: Path, capsys,
