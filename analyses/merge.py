@@ -781,8 +781,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ties: share of each task vector kept, by magnitude (default 0.2)")
     p.add_argument("--shard-size", default="5GB", help="max bytes per safetensors shard (default 5GB)")
     p.add_argument("--dtype", choices=list(OUT_DTYPES),
-                   help="write the merged LM in this dtype (default: the inputs' dtype; the math is fp32 either "
-                   "way); carriers keep their own")
+                   help="write the merged LM in this dtype (default: the inputs' dtype, the reference's where they "
+                   "differ; the math is fp32 either way); carriers keep their own")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads of the combine (default 1, fastest on a machine shared with other jobs; more "
                    "are faster on an idle one); the merged bits do not depend on it")

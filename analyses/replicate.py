@@ -592,6 +592,11 @@ def prepare(args: argparse.Namespace) -> tuple[Context, dict[str, str]]:
     if out.exists() and (not out.is_dir() or (has_contents(out) and not (out / MARKER).is_file())):
         raise BadInput(f"--out {out}: exists and is not a python -m analyses.replicate output")
     out = first_spelling(out)
+    if made_in := made_elsewhere(out):
+        raise BadInput(f"--out {out}: its replicate.json says the run was made in {made_in} (moved or copied here, or "
+                       "a relative --out given from another working dir): its stages name the models they evaluate "
+                       f"by their paths there, so it continues only there (python -m figures report {out} rebuilds "
+                       "its report here)")
     fps = {spec: content_fingerprint(p) for spec, p in resolved.items()}
     fps |= {d: content_fingerprint(d) for d in cfg.data.values()}
     ctx = Context(cfg, out, args.quiet, fps, resolved, {"dtype": placement.dtype, "device_type": placement.device_type},
@@ -641,6 +646,14 @@ def first_spelling(out: Path) -> Path:
     a killed eval stage's parts of "other models"."""
     saved = marked(out, "out")
     return Path(saved) if isinstance(saved, str) and Path(saved).resolve() == out.resolve() else out
+
+
+def made_elsewhere(out: Path) -> str | None:
+    """The folder ``out``'s replicate.json was made in, when that is not ``out`` from here (``first_spelling`` has
+    taken any other spelling of the same folder): continued here, its skipped stages' tables would still name the
+    merged models under that folder while the report looks for them under this one."""
+    saved = marked(out, "out")
+    return saved if isinstance(saved, str) and saved and Path(saved).resolve() != out.resolve() else None
 
 
 @releases_claims

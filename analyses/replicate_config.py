@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 import tomllib
 import types
@@ -214,7 +215,18 @@ def parse_config(path: Path) -> ReplicateConfig:
     here = Path(path).resolve().parent  # relative directories are relative to the config file, not the cwd
     data = {k: v if v.lower() == "mmmu" else str((here / v).resolve()) for k, v in cfg.data.items()}
     train = dataclasses.replace(cfg.train, data={k: str((here / v).resolve()) for k, v in cfg.train.data.items()})
-    return dataclasses.replace(cfg, data=data, train=train, source=str(path))
+    models = dataclasses.replace(cfg.models, base=_model_at(here, cfg.models.base),
+                                 experts=[_model_at(here, m) for m in cfg.models.experts])
+    finetune = dataclasses.replace(cfg.finetune, carrier=_model_at(here, cfg.finetune.carrier))
+    return dataclasses.replace(cfg, models=models, data=data, train=train, finetune=finetune, source=str(path))
+
+
+def _model_at(here: Path, spec: str) -> str:
+    """A model directory as the config file names it: absolute, links kept (its name labels the model's rows and
+    per-model dirs); an alias as it is."""
+    from probe.families import ALIASES
+
+    return spec if spec in ALIASES else os.path.normpath(here / Path(spec).expanduser())
 
 
 def saved_config(table: Any, path: Path) -> ReplicateConfig:

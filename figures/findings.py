@@ -296,7 +296,8 @@ def carriers_fall_short(r: Replication) -> Finding:
     within = lambda x: reaches(MERGE_LOSS, x)  # noqa: E731
     small = [within(x) for *_, x in losses]
     verdict = "agrees" if all(small) else ("partly" if any(small) else "disagrees")
-    ev = "; ".join(f"{md_text(e)} {METHOD_LABELS[m]} {'−' if x >= 0 else '+'}{abs(x):.{decimals(x, within)}f}"
+    # x is a loss: a carrier scoring as its expert prints +0.0, as its table's paired difference does
+    ev = "; ".join(f"{md_text(e)} {METHOD_LABELS[m]} {'−' if x > 0 else '+'}{abs(x):.{decimals(x, within)}f}"
                    for e, m, x in losses)
     return _found(carriers_fall_short, verdict, f"Carrier minus expert, points: {ev}.", crit)
 

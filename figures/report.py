@@ -461,7 +461,9 @@ def build(r: Replication, figdir: Path, state: RunState | None = None) -> Doc:
     # Figure 3
     ft = cfg["finetune"]
     d.h(2, "Figure 3: fine-tuning the Eq. 4 merge")
-    d.p(f"The Eq. 4 merge inside {md_code(ft['carrier'])}'s carrier, fine-tuned {ft['steps']} steps (batch "
+    # finetune.lora trains adapters only: said, as the paper's Figure 3 trains every weight
+    how = f"through rank-{ft['lora']} LoRA adapters (the paper trains every weight) for " if ft.get("lora") else ""
+    d.p(f"The Eq. 4 merge inside {md_code(ft['carrier'])}'s carrier, fine-tuned {how}{ft['steps']} steps (batch "
         f"{ft['batch_size']}, LM lr {ft['lm_lr']:g}) once per data choice: "
         + "; ".join(f"{md_text(n)} ({mix_text(mix)})" for n, mix in r.runs.items())
         + f". Checkpoints {r.saved_steps} evaluated on " + ", ".join(map(md_text, ft["eval_data"])) + ".")

@@ -710,6 +710,24 @@ def test_a_rerun_naming_out_another_way_keeps_the_stages_model_names(quick: Path
                                  "attn_implementation": want.attn_implementation, "description": want.description}
 
 
+def test_a_run_moved_or_copied_elsewhere_is_not_continued_there(tmp_path: Path, capsys) -> None:
+    """A finished run copied to another folder (rep2 → repc3, 11 stages of a config of toolkit-made experts) and rerun
+    there with the same command skipped every stage as unchanged, rewrote replicate.json's "out" to the new folder,
+    then stopped at the report (exit 2, "no single row for repc3/merge/average"): its tables name the merged models
+    by their paths at the first folder. The copy's own report, which `python -m figures report` rebuilt before,
+    failed from then on too. Now the rerun is refused before it writes (exit 2, one line naming both folders), and
+    replicate.json is left as it was. Oracle: the hand-written replicate.json's bytes."""
+    out = tmp_path / "copy"
+    out.mkdir()
+    marker = json.dumps({"out": str(tmp_path / "first"), "stages": STAGE_NAMES})
+    (out / "replicate.json").write_text(marker, encoding="utf-8")
+    assert replicate_in_root("--quick", "--quiet", "--out", str(out)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--out {out}: " in err[0] and str(tmp_path / "first") in err[0], err
+    assert (out / "replicate.json").read_text(encoding="utf-8") == marker
+    assert sorted(p.name for p in out.iterdir()) == ["replicate.json"]
+
+
 def test_a_killed_stage_whose_parts_ran_under_other_software_starts_again(quick: Path, capsys) -> None:
     """A stage killed, then resumed after a transformers upgrade (or an omniprobe edit): probe.eval refuses to mix
     the two setups' parts and asks for --overwrite, which this driver has not got, so every rerun failed; the
@@ -1158,6 +1176,28 @@ def test_a_data_set_without_the_eval_split_is_refused_up_front(tmp_path: Path, c
         f.rename(f.with_name(f.name.replace("validation-", "test-")))
     config = DEFAULT_CONFIG.read_text().replace('text = "../../probe/zoo/data/text"', f'text = "{text}"')
     _assert_refused(tmp_path, capsys, config.replace("base_on_text = true", "base_on_text = false"), "'data.text'")
+
+
+def test_model_directories_are_relative_to_the_config_file_as_data_sets_are(tmp_path: Path, monkeypatch) -> None:
+    """The README: "relative paths are relative to the file". A model directory given relatively (a merge or a
+    fine-tuning checkpoint beside the config) was looked up from the cwd instead, so the same config exited 2
+    ("unknown model") from any other working dir, or silently took another dir of that name there. An alias stays
+    an alias; finetune.carrier names the same expert as models.experts."""
+    from analyses.replicate_config import check_machine
+
+    cfg_dir = tmp_path / "cfg"
+    (cfg_dir / "models").mkdir(parents=True)
+    (cfg_dir / "models" / "vl").symlink_to(ROOT / "probe" / "zoo" / "organisms" / "organism-vl")
+    text = DEFAULT_CONFIG.read_text(encoding="utf-8").replace('"../../probe/', f'"{ROOT}/probe/')
+    text = text.replace('experts = ["organism-vl"', 'experts = ["models/vl"')
+    config = cfg_dir / "c.toml"
+    config.write_text(text.replace('carrier = "organism-vl"', 'carrier = "models/vl"'), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)  # no models/ here
+    cfg = parse_config(config)
+    vl = Path(cfg.models.experts[0])
+    assert vl.is_absolute() and vl == cfg_dir / "models" / "vl" and cfg.finetune.carrier == str(vl)
+    assert cfg.models.base == "organism-base" and cfg.models.experts[1:] == ["organism-ov-si", "organism-video"]
+    assert Path(check_machine(cfg)[0][str(vl)]).samefile(ROOT / "probe" / "zoo" / "organisms" / "organism-vl")
 
 
 def test_the_quick_config_passes_the_config_check() -> None:
@@ -1629,6 +1669,23 @@ def test_figure3_names_the_metric_its_runs_scored(quick: Path, tmp_path: Path) -
     assert metric_word(["accuracy", "prob_accuracy", "accuracy"]) == "accuracy or prob. accuracy"
 
 
+def test_the_figure3_paragraph_says_a_lora_run_trained_adapters(quick: Path, tmp_path: Path) -> None:
+    """A config with finetune.lora = 4 trained rank-4 LoRA adapters, yet Figure 3's paragraph read "fine-tuned 3
+    steps (batch 4, LM lr 0.0001)", as for the paper's full fine-tuning, and the report named LoRA nowhere. Oracle:
+    the rank in replicate.json's config; the full fine-tuning run's paragraph names no LoRA."""
+    from figures.__main__ import main as figures_main
+
+    copy = tmp_path / "copy"
+    shutil.copytree(quick, copy)
+    para = lambda: _section((copy / "report.md").read_text(encoding="utf-8"), "Figure 3").split("\n\n")[1]  # noqa: E731
+    assert "LoRA" not in para()
+    info = json.loads((copy / "replicate.json").read_text(encoding="utf-8"))
+    info["config"]["finetune"]["lora"] = 4
+    (copy / "replicate.json").write_text(json.dumps(info), encoding="utf-8")
+    assert cli_main(figures_main, ["report", str(copy)]) == 0
+    assert "fine-tuned through rank-4 LoRA adapters (the paper trains every weight)" in para(), para()
+
+
 @pytest.mark.parametrize("gone", ["merge/shift/merge.json", "heads/organism-base", "table3/eval.png",
                                   "trajectory/fig4a/trajectory_sketch.png", "merge/salience/merge_heads.png"])
 def test_a_report_whose_completed_stage_lost_an_output_is_refused(quick: Path, tmp_path: Path, capsys,
@@ -1980,6 +2037,23 @@ def test_a_number_beside_a_findings_bar_is_printed_on_its_side_of_it() -> None:
     assert f.verdict == "partly"
     (ratio,) = re.findall(r"vl is (\d+\.\d+)×", f.evidence)
     assert float(ratio) < 10, f.evidence
+
+
+def test_a_carrier_scoring_as_its_expert_prints_no_loss() -> None:
+    """A carrier with its expert's accuracy (50.0 and 50.0 on 8 video items, in a run of toolkit-made experts) read
+    "Eq. 4 shift-weighted −0.0" in the Table 5 line, a loss, beside its table's "+0.0 [+0.0, +0.0]". Oracle: the sign
+    of carrier minus expert in items (0, +1, −1 of 8)."""
+    from types import SimpleNamespace
+
+    from figures.findings import carriers_fall_short
+
+    for gained, shown in ((0, "+0.0"), (1, "+12.5"), (-1, "−12.5")):
+        acc = {("e", "e"): 4 / 8, ("average/e", "e"): (4 + gained) / 8, ("shift/e", "e"): 4 / 8}
+        run = SimpleNamespace(metric="accuracy", row=lambda model, data, acc=acc: {"accuracy": acc[model, data]})
+        r = SimpleNamespace(experts=["e"], own=["e"], data=lambda label: label, eval=lambda stage, e, run=run: run,
+                            carrier=lambda m, e: f"{m}/e")
+        evidence = carriers_fall_short(r).evidence
+        assert f"Eq. 1 average {shown};" in evidence and "Eq. 4 shift-weighted +0.0." in evidence, evidence
 
 
 def test_the_shift_table_shows_eq4_weights_only_of_a_merge_completed_with_these_settings(quick: Path,
