@@ -740,7 +740,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     from probe.heads import check_out_apart_from_inputs, check_same_software, saved_run_info, versions
     from probe.models import model_fingerprint, model_location, resolve_model
     from probe.results import (atomic_write_json, atomic_write_with, check_same_run_on_every_rank, claim_out_dir,
-                               lock_out_dir, read_run_json, stop_recorded)
+                               has_contents, lock_out_dir, read_run_json, stop_recorded)
     from probe.train import TrainConfig, check_finite_weights, encode, is_main_process, process_state
     from probe.train import train as train_loop
     from probe.train import wait_for_everyone
@@ -783,6 +783,8 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         check_same_run_on_every_rank(config_identity(fingerprint))
     out = cfg.out
     clear = check_previous_run(cfg, fingerprint)
+    if has_contents(out):  # this run's to resume (or to clear): claimed at once, as probe.heads claims a resume, so
+        lock_out_dir(out, shared=world > 1)  # a command running there is refused in one line before the model loads
     start, resumable = (None, {}) if clear else resume_point(out, cfg)  # --overwrite: a run from the start
     if start == cfg.steps and (out / "train_log.csv").is_file():
         saved = read_run_json(out)  # an object: check_previous_run has vouched for it
@@ -810,11 +812,6 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
                           resumable[start] / "adapter" if start is not None and cfg.lora is not None else None)
     resume = (read_state(resumable[start] / STATE, state_location(world, cfg.fsdp, placement.device), start)
               if start else None)
-    # held from here (by every rank, together), so a command running in --out is refused in one line before its
-    # checkpoints, log and run.json are deleted (refused only at claim_out_dir, after, it went on writing into the
-    # emptied dir); cleared once the rows are built
-    if clear:
-        lock_out_dir(out, shared=world > 1)
     print(placement.description, file=sys.stderr)  # after the last check: a refusal stays one line
     from probe.mmmu import EVALUATION_SPLITS
 

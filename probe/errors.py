@@ -433,7 +433,8 @@ def cli_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
     """Run a CLI entry point: exit 2 with one line for BadInput, 1 with one line for a stopped run, a full disk or
     memory running out, 1 with a traceback for anything unexpected, 130 with the one line ``interrupted`` for Ctrl-C
     (one landing in a finalizer too: ``KeptInterrupt``); the --out dirs it claimed are freed when it returns."""
-    if signal.getsignal(signal.SIGINT) is quiet_interrupt:
+    as_command = signal.getsignal(signal.SIGINT) is quiet_interrupt  # python -m <command>, not a caller's process
+    if as_command:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     print_on_any_terminal()
     kept = KeptInterrupt(sys.unraisablehook)
@@ -475,3 +476,12 @@ def cli_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
             sys.setprofile(None)
         if (results := sys.modules.get("probe.results")) is not None:
             results.release_claims()
+        if as_command and threading.current_thread() is threading.main_thread():
+            # Python's shutdown (exit callbacks: seconds with torch loaded) ends as the imports do on a Ctrl-C, not
+            # in an "Exception ignored" traceback; what the command printed goes out first (os._exit drops buffers)
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (OSError, ValueError):  # a closed pipe (| head) or stream: Python's exit reports it as before
+                    pass
+            signal.signal(signal.SIGINT, quiet_interrupt)

@@ -1021,6 +1021,26 @@ def test_cli_main_gives_a_command_pythons_own_ctrl_c_handling(monkeypatch):
         signal.signal(signal.SIGINT, previous)
 
 
+def test_a_ctrl_c_while_python_shuts_a_finished_command_down_is_the_one_line(tmp_path):
+    """A command's work ends when cli_main returns, but Python then runs its exit callbacks and frees the modules
+    (2.7-4 s after the last line of a finished analyses.finetune or probe.heads run on organism-vl, resume43): a
+    Ctrl-C landing there printed "Exception ignored in atexit callback" with a KeyboardInterrupt traceback (torch
+    registers one) and exited 0. Here an exit callback sends the SIGINT itself: the line is "interrupted", exit 130
+    (as for a Ctrl-C during the imports), and what the command printed is all there."""
+    import signal
+
+    code = ("import atexit, os, signal, sys, time\n"
+            "sys.argv = ['-m']\n"  # as under python -m probe.X: the package installs the quiet handler
+            "import probe\n"
+            "from probe.errors import cli_main\n"
+            "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(5)))\n"
+            "sys.exit(cli_main(lambda argv: print('results in DIR') or 0, []))\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(REPO)},
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a shell's & ignores it
+    assert (r.returncode, r.stderr, r.stdout) == (130, "interrupted\n", "results in DIR\n")
+
+
 def test_a_text_model_on_the_default_data_is_told_to_give_data(tmp_path, capsys):
     """``python -m probe.heads --model smollm2-135m`` (or ``tiny-qwen2``, any text LM but an organism) reads the
     default data, the bundled synthetic MMMU-format set, whose items all hold images, and stopped on ``item

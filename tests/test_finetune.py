@@ -224,6 +224,37 @@ def test_an_overwrite_while_another_run_trains_in_out_is_refused_before_deleting
     assert tree_manifest(out) == before
 
 
+@pytest.mark.parametrize("kept", ["killed", "complete"])
+def test_a_resume_while_another_command_holds_out_is_one_line_before_the_model_loads(kept, ft_run, tiny_dirs,
+                                                                                     data_dir, text_dir, tmp_path,
+                                                                                     capfd, monkeypatch):
+    """The same command started again while the first still trains in --out (a resume of the same run) was refused
+    only at its first write: after loading the model from the checkpoint, encoding every row, and printing the
+    placement line and the split warning (3 lines on stderr; measured on organism-vl, resume43); and a rerun of a
+    finished run wrote run.json's status unlocked. README: refused in one line, before the model loads, as in
+    probe.heads. The oracle: a loader that fails the test if called, stderr's whole text, the tree untouched."""
+    import shutil
+
+    import analyses.finetune as ft
+    from conftest import lock_held_elsewhere, tree_manifest
+
+    out = shutil.copytree(ft_run, tmp_path / "run")
+    if kept == "killed":  # killed after checkpoint-4: a resume would load it and train steps 5 and 6
+        shutil.rmtree(out / "checkpoint-6")
+    before = tree_manifest(out)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model loaded before --out was claimed")
+
+    monkeypatch.setattr(ft, "load_trainee", no_load)
+    with lock_held_elsewhere(out):
+        capfd.readouterr()
+        assert cli_main(ft.main, _args(tiny_dirs, data_dir, text_dir, out)) == 2
+        assert capfd.readouterr().err.strip() == (f"error: --out {out} is in use by another running command; wait "
+                                                  "for it to end or use another --out")
+    assert tree_manifest(out) == before
+
+
 @pytest.mark.parametrize("how", [["--micro-batch", "1"], ["--gradient-checkpointing"],
                                  ["--micro-batch", "3", "--gradient-checkpointing"]])
 def test_micro_batches_and_checkpointing_train_the_same_run(how, ft_run, tiny_dirs, data_dir, text_dir, tmp_path,
