@@ -347,4 +347,5 @@ def test_decomposed_accents_read_as_the_composed_ones(response, expected):
 
     nfd = unicodedata.normalize("NFD", response)
     assert nfd != response
-    assert parse_choice(nfd, OPTS4) == parse_choice(response, OPTS4) == parse_choice(_folded(response), OPTS4) == expected
+    assert parse_choice(nfd, OPTS4) == parse_choice(response, OPTS4) == expected
+    assert parse_choice(_folded(response), OPTS4) == expected
