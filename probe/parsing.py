@@ -135,16 +135,18 @@ def _cased(ch: str) -> bool:
 
 def _glued(text: str, at: int) -> bool:
     """The letter at ``at`` is one letter of a longer word in a cased script: a cased letter or a combining mark right
-    after it, or a cased letter (behind any combining marks) right before it: the D of Spanish "Día", the B of
-    Vietnamese "Bởi" (because), the C of "PRÉCÉDENT", decomposed "Ábaco" (the patterns' ASCII look-arounds took
-    these for choices). Scripts without case write a choice straight against their words ("答案是B"): still one."""
+    after it, or right before it a cased letter beyond ASCII or any cased letter carrying combining marks: the D of
+    Spanish "Día", the B of Vietnamese "Bởi" (because), the C of "PRÉCÉDENT", decomposed "Ábaco" and "ÓD" (the
+    patterns' ASCII look-arounds took these for choices). Scripts without case write a choice straight against their
+    words ("答案是B"): still one."""
     after = text[at + 1:at + 2]
     if after and (_cased(after) or unicodedata.category(after).startswith("M")):
         return True
     i = at - 1
     while i >= 0 and unicodedata.category(text[i]).startswith("M"):
         i -= 1
-    return i >= 0 and _cased(text[i])
+    # behind marks, any cased letter carries them: decomposed (NFD) "É" is an ASCII E and a combining acute
+    return i >= 0 and (_cased(text[i]) or i < at - 1 and unicodedata.category(text[i]) in ("Lu", "Ll", "Lt"))
 
 
 def _is_word(text: str, m: re.Match[str]) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 import statistics
 import zlib
 from pathlib import Path
@@ -478,3 +479,357 @@ def test_a_frozen_lms_logged_loss_is_the_mean_over_the_whole_batch(tiny_dirs):
         hook.remove()
     assert sorted(calls) == [(False, False), (True, True)]  # the text part without a graph, the image part with
     assert losses[0] == pytest.approx(want, rel=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------
+# analyses.replicate: stale stages (mut43). Hand-built stages, each copying what the stage before it wrote; the
+# oracle is that after any sequence of runs every stage holds exactly what the first one holds now.
+
+
+def _chain(monkeypatch, out: Path, names: tuple[str, ...] = ("heads", "merge", "table4"), write_first=None):
+    """Stages ``names`` in a chain, each reading the one before; the first writes ``first.csv`` stamped with its run
+    count (an upstream run again has other outputs, as its run.json times it), each later one copies it."""
+    import analyses.replicate as rep
+    from analyses.replicate import Context
+    from analyses.replicate_config import QUICK_CONFIG, parse_config
+
+    runs = dict.fromkeys(names, 0)
+
+    def first(ctx) -> None:
+        runs[names[0]] += 1
+        (ctx.out / names[0]).mkdir(exist_ok=True)
+        if write_first is None:
+            (ctx.out / names[0] / "first.csv").write_text(f"kl\n0.5\n# run {runs[names[0]]}\n", encoding="utf-8")
+        else:
+            write_first(ctx.out / names[0])
+
+    def copier(name: str, src: str):
+        def run(ctx) -> None:
+            runs[name] += 1
+            (ctx.out / name).mkdir(exist_ok=True)
+            if (f := ctx.out / src / "first.csv").exists():
+                shutil.copy(f, ctx.out / name / "first.csv")
+        return run
+
+    stages = {names[0]: rep.Stage(names[0], (), first, lambda c: None)}
+    for src, name in zip(names, names[1:]):
+        stages[name] = rep.Stage(name, (src,), copier(name, src), lambda c: None)
+    monkeypatch.setattr(rep, "BY_NAME", stages)
+    cfg = parse_config(QUICK_CONFIG)
+    ctx = Context(cfg, out, True, {}, {})
+    return stages, ctx, runs
+
+
+def _consistent(out: Path, names) -> bool:
+    held = [(out / n / "first.csv").read_bytes() for n in names]
+    return all(h == held[0] for h in held)
+
+
+def test_a_stage_two_steps_downstream_is_kept_when_nothing_changed(tmp_path, monkeypatch):
+    """A stage's record holds the outputs of the stages it reads directly (Stage.needs); comparing the ones it reads
+    through others (heads, for table4) with a record that never held them called every such stage stale, so a
+    whole run reran from its third stage on each time. Then an edit two steps up reruns all after it."""
+    import analyses.replicate as rep
+
+    stages, ctx, runs = _chain(monkeypatch, tmp_path)
+    assert [rep.run_stage(ctx, s, "fp") for s in stages.values()] == ["ran"] * 3
+    assert [rep.stale_reason(tmp_path, s) for s in stages] == [None] * 3
+    assert [rep.run_stage(ctx, s, "fp") for s in stages.values()] == ["skipped"] * 3
+    (tmp_path / "heads" / "first.csv").write_text("kl\n5.0\n", encoding="utf-8")  # edited by hand
+    assert [rep.run_stage(ctx, s, "fp") for s in stages.values()] == ["ran"] * 3
+    assert _consistent(tmp_path, stages) and runs == {"heads": 2, "merge": 2, "table4": 2}
+
+
+def test_records_from_before_outputs_were_recorded_are_kept_then_watched(tmp_path, monkeypatch):
+    """A stage completed before its record held its outputs (no "outputs", no "upstream") has nothing to compare:
+    it is kept (rerunning it would throw away a finished run's hours), and its record gains both, so an edit by hand
+    or an upstream stage run again from then on reruns what reads it."""
+    import analyses.replicate as rep
+
+    stages, ctx, runs = _chain(monkeypatch, tmp_path, ("heads", "merge"))
+    assert [rep.run_stage(ctx, s, "fp") for s in stages.values()] == ["ran"] * 2
+    for s in stages:  # as an earlier omniprobe wrote them
+        state = rep.read_state(tmp_path, s)
+        rep.write_state(tmp_path, s, {k: v for k, v in state.items() if k not in ("outputs", "upstream")})
+    assert [rep.stale_reason(tmp_path, s) for s in stages] == [None] * 2
+    assert [rep.run_stage(ctx, s, "fp") for s in stages.values()] == ["skipped"] * 2
+    assert {"outputs", "upstream"} <= set(rep.read_state(tmp_path, "merge"))
+    assert rep.run_stage(ctx, stages["heads"], "other fp") == "ran"  # --only heads with another setting
+    assert rep.run_stage(ctx, stages["heads"], "fp") == "ran"  # and back: other outputs (its stamp)
+    assert rep.run_stage(ctx, stages["merge"], "fp") == "ran" and _consistent(tmp_path, stages)
+    (tmp_path / "heads" / "first.csv").write_text("kl\n5.0\n", encoding="utf-8")  # then edited by hand
+    assert [rep.run_stage(ctx, s, "fp") for s in stages.values()] == ["ran"] * 2
+    assert _consistent(tmp_path, stages) and runs == {"heads": 4, "merge": 3}
+
+
+def test_a_stage_that_wrote_nothing_is_kept_in_a_run_dir_moved_elsewhere(tmp_path, monkeypatch):
+    """The data stage with nothing to make (given sets) leaves an empty dir; content_fingerprint names an empty dir
+    by its path, so its recorded outputs held where the run was: a run dir moved or copied elsewhere reran it and
+    every stage after it. Oracle: the same (no) files."""
+    import analyses.replicate as rep
+
+    old = tmp_path / "old"
+    old.mkdir()
+    stages, ctx, runs = _chain(monkeypatch, old, ("data", "heads"), write_first=lambda d: None)
+    assert [rep.run_stage(ctx, s, "fp") for s in stages.values()] == ["ran"] * 2
+    new = tmp_path / "new"
+    shutil.move(old, new)
+    ctx.out = new
+    assert [rep.stale_reason(new, s) for s in stages] == [None] * 2
+    assert [rep.run_stage(ctx, s, "fp") for s in stages.values()] == ["skipped"] * 2
+
+
+
+def test_the_run_state_note_names_every_stage_after_an_edited_one_and_no_unfinished_one_as_inconsistent(
+        tmp_path, monkeypatch):
+    """The report's top note of a run whose heads output was edited by hand names the stages computed from it,
+    directly or through others (merge, then table4, which reads merge), and a stage that never completed (table4
+    here, killed after merge ran again) as unfinished only: its record's upstream outputs are not a result shown.
+    Oracle: the chain as built here."""
+    import analyses.replicate as rep
+    from figures.report import run_state_note
+
+    stages, ctx, runs = _chain(monkeypatch, tmp_path)
+    assert [rep.run_stage(ctx, s, "fp") for s in stages.values()] == ["ran"] * 3
+
+    class Run:  # the part of figures.results.Replication the note reads
+        info = {"stages": [*stages, "report"]}
+        out = tmp_path
+
+        def recorded_complete(self, stage: str) -> bool:
+            return rep.read_state(tmp_path, stage).get("status") == "complete"
+
+    assert run_state_note(Run()) == ""
+    (tmp_path / "heads" / "first.csv").write_text("kl\n5.0\n", encoding="utf-8")  # edited by hand
+    note = run_state_note(Run(), markdown=False)
+    assert "heads: its outputs in" in note and "the stages after it (merge, table4)" in note, note
+    state = rep.read_state(tmp_path, "table4")
+    rep.write_state(tmp_path, "table4", state | {"status": "running", "upstream": {"merge": "an earlier output"}})
+    note = run_state_note(Run(), markdown=False)
+    assert "stage table4 has not completed" in note and "table4: stage merge" not in note, note
+
+
+
+def test_a_stage_killed_before_its_upstream_ran_again_starts_again(tmp_path, monkeypatch):
+    """The record a stage writes when it starts holds the outputs of the stages it reads: killed, then continued
+    after heads completed again with other outputs, merge would keep the parts it computed from the old ones.
+    Oracle: merge's part from before the kill is gone and its output is heads' output of now."""
+    import analyses.replicate as rep
+
+    import dataclasses
+
+    stages, ctx, runs = _chain(monkeypatch, tmp_path, ("heads", "merge"))  # stages is rep.BY_NAME
+    whole = stages["merge"]
+
+    def killed(ctx) -> None:
+        (ctx.out / "merge").mkdir(exist_ok=True)
+        (ctx.out / "merge" / "part-0").write_text("of the earlier heads", encoding="utf-8")
+        raise KeyboardInterrupt
+
+    stages["merge"] = dataclasses.replace(whole, run=killed)
+    assert rep.run_stage(ctx, stages["heads"], "fp") == "ran"
+    with pytest.raises(KeyboardInterrupt):
+        rep.run_stage(ctx, stages["merge"], "fp")
+    assert rep.run_stage(ctx, stages["heads"], "other fp") == "ran"  # --only heads with another setting
+    assert rep.run_stage(ctx, stages["heads"], "fp") == "ran"  # and back: other outputs (its stamp)
+    stages["merge"] = whole
+    assert rep.run_stage(ctx, stages["merge"], "fp") == "ran"
+    assert not (tmp_path / "merge" / "part-0").exists() and _consistent(tmp_path, stages)
+
+
+# --------------------------------------------------------------------------------------------------------
+# probe.upstream: the head-layout check on every layer, the RoPE limit from the config (mut43)
+
+
+def test_heads_reaching_o_proj_in_another_order_in_the_last_layer_alone_are_refused(load_tiny):
+    """Every decoder layer is checked, not the first alone: a model whose last layer hands o_proj its heads in
+    another order (hybrid stacks build layers of several classes) masks other channels there. Oracle: a pre-hook
+    that swaps the o_proj input blocks of the first and the last head (of two value heads) of the last layer only."""
+    from probe.models import check_head_layout
+    from probe.upstream import UpstreamChanged
+
+    loaded = load_tiny("qwen2")
+    g, last = loaded.geometry, loaded.geometry.n_layers - 1
+    assert last > 0 and g.n_kv_heads >= 2  # heads 0 and n-1 read other values: swapped, the blocks differ
+    d, h = g.head_dim, g.n_heads - 1
+
+    def swap(module, args):
+        x = args[0].clone()
+        x[..., :d], x[..., h * d:] = args[0][..., h * d:], args[0][..., :d]
+        return (x,)
+
+    check_head_layout(loaded)  # as loaded: every layer head-major
+    handle = loaded.o_proj(last).register_forward_pre_hook(swap)
+    try:
+        with pytest.raises(UpstreamChanged, match=f"decoder layer {last}'s attention put query head ({h}|0)'s"):
+            check_head_layout(loaded)
+    finally:
+        handle.remove()
+
+
+class _RopeConfig:
+    """The parts of a transformers config rope_position_limit reads (``get_text_config``, rope_parameters)."""
+
+    def __init__(self, rope_parameters=None, max_position_embeddings=None) -> None:
+        self.rope_parameters = rope_parameters
+        self.max_position_embeddings = max_position_embeddings
+
+    def get_text_config(self, decoder: bool = False):
+        return self
+
+
+def _rope_model(config: _RopeConfig, *rotaries: tuple[object, dict]) -> torch.nn.Module:
+    """A module tree holding rotary modules of the given rope_type, each with its own attributes."""
+    model = torch.nn.Module()
+    model.config = config
+    for i, (kind, attrs) in enumerate(rotaries):
+        rotary = torch.nn.Module()
+        rotary.rope_type, rotary.config = kind, config
+        for k, v in attrs.items():
+            setattr(rotary, k, v)
+        model.add_module(f"rotary{i}", rotary)
+    return model
+
+
+def test_the_rope_limit_is_the_smallest_and_read_per_layer_type_from_the_config():
+    """rope_position_limit against the config's numbers, written out here: a per-layer-type longrope reads its own
+    layer type's original_max_position_embeddings (not the config's 4096 positions); a dynamic RoPE whose module
+    keeps no original_max_seq_len takes the config's max_position_embeddings; of several limits the smallest
+    holds (past it one of the rotary embeddings already depends on the call)."""
+    from probe.upstream import rope_position_limit
+
+    per_layer = {"full_attention": {"rope_type": "longrope", "original_max_position_embeddings": 64},
+                 "sliding_attention": {"rope_type": "default"}}
+    cfg = _RopeConfig(per_layer, 4096)
+    kinds = {"full_attention": "longrope", "sliding_attention": "default"}
+    assert rope_position_limit(_rope_model(cfg, (kinds, {}))) == ("longrope", 64)
+    dyn = _RopeConfig({"rope_type": "dynamic", "factor": 2.0}, 2048)
+    assert rope_position_limit(_rope_model(dyn, ("dynamic", {}))) == ("dynamic", 2048)
+    both = _rope_model(dyn, ("dynamic", {"original_max_seq_len": 300}), ("dynamic", {"original_max_seq_len": 100}))
+    assert rope_position_limit(both) == ("dynamic", 100)
+    both = _rope_model(dyn, ("dynamic", {"original_max_seq_len": 100}), ("dynamic", {"original_max_seq_len": 300}))
+    assert rope_position_limit(both) == ("dynamic", 100)
+    assert rope_position_limit(_rope_model(_RopeConfig({"rope_type": "default"}, 4096), ("default", {}))) is None
+
+
+@pytest.mark.parametrize("params", [{"rope_type": "dynamic", "factor": 2.0},
+                                    {"full_attention": {"rope_type": "longrope",
+                                                        "original_max_position_embeddings": 64},
+                                     "sliding_attention": {"rope_type": "default"}}])
+def test_a_declared_length_dependent_rope_that_no_module_holds_is_refused(params):
+    """The config declares a dynamic RoPE, or a longrope for one layer type, but no module says so by its rope_type
+    (a release keeping it under another name): items past the limit could not be refused, so the model is."""
+    from probe.upstream import UpstreamChanged, rope_position_limit
+
+    model = _rope_model(_RopeConfig(params, 4096))
+    kind = "dynamic" if "rope_type" in params else "longrope"
+    with pytest.raises(UpstreamChanged, match=f"config declares '{kind}' RoPE"):
+        rope_position_limit(model)
+
+
+
+# --------------------------------------------------------------------------------------------------------
+# probe.models / probe.families: a checkpoint matching two layouts equally is refused by the probe (mut43)
+
+
+def test_a_checkpoint_matching_two_layouts_equally_is_refused_by_the_probe(tiny_dirs, tmp_path):
+    """A Qwen2-VL holding both its published keys (visual., model.layers.) and transformers 4's (model.visual.,
+    model.language_model.): both layouts match all their markers, so detect_layout cannot pick one. The probe falls
+    back on the family's class for a layout no row names, which loads one copy of each tensor without a word; an
+    ambiguous one must stop it as keys of two layouts do. Oracle: the keys as written here."""
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    from probe.errors import BadInput
+    from probe.models import resolve_model
+
+    d = shutil.copytree(tiny_dirs["qwen2_vl"], tmp_path / "both")
+    sd = load_file(d / "model.safetensors")
+    assert any(k.startswith("visual.") for k in sd) and any(k.startswith("model.layers.") for k in sd)
+    sd |= {"model." + k: v + 1 for k, v in sd.items() if k.startswith("visual.")}
+    sd |= {"model.language_model." + k[len("model."):]: v + 1 for k, v in sd.items() if k.startswith("model.layers.")}
+    save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(BadInput, match=rf"^{re.escape(str(d))}: ambiguous checkpoint layout"):
+        resolve_model(str(d))
+
+
+
+def test_a_single_key_of_another_layout_is_refused():
+    """One stray tensor of another layout (a transformers 4 copy of one vision block beside the published tower)
+    is as much a second copy as many: transformers keeps one of the two without a word. Oracle: the key list
+    written here, the published Qwen2-VL names and one model.visual. name."""
+    from probe.families import LayoutConflict, detect_layout
+
+    keys = ["visual.patch_embed.proj.weight", "visual.blocks.0.attn.qkv.weight", "visual.merger.mlp.0.weight",
+            "model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.norm.weight",
+            "lm_head.weight"]
+    assert detect_layout("qwen2_vl", keys).name == "qwen2_vl"
+    with pytest.raises(LayoutConflict, match=r"keys of two layouts.*model\.visual\.blocks\.0\.attn\.qkv\.weight is a "
+                                             r"tensor of layout qwen2_vl_tf4"):
+        detect_layout("qwen2_vl", [*keys, "model.visual.blocks.0.attn.qkv.weight"], "ck")
+
+
+# --------------------------------------------------------------------------------------------------------
+# figures.findings: a text verdict on a named paper column (mut43)
+
+
+@pytest.mark.parametrize("paper_delta, lo, hi, want", [
+    (-1.0, -2.0, 0.0, False), (-1.0, -2.0, -1e-9, True), (-1.0, 0.5, 2.0, False),  # a fall: below 0, not touching it
+    (1.0, 0.0, 2.0, False), (1.0, 1e-9, 2.0, True), (1.0, -2.0, -0.5, False),  # a rise: above 0, not touching it
+    (0.0, 0.0, 1.0, True), (0.0, -1.0, 0.0, True), (0.0, 1e-9, 1.0, False), (0.0, -1.0, -1e-9, False),  # none: 0 held
+])
+def test_an_interval_goes_the_papers_way_by_its_stated_rule(paper_delta, lo, hi, want):
+    """goes_as against column_criterion's words: "a fall needs a 95 % interval below 0, a rise one above 0, no
+    change one holding 0": an interval ending at 0 exactly is no measurable fall or rise, and holds 0."""
+    from figures.findings import goes_as
+
+    assert goes_as(paper_delta, lo, hi) is want
+
+
+# --------------------------------------------------------------------------------------------------------
+# probe.parsing: "A"/"I" is an article or pronoun before a lowercase word only (mut43)
+
+
+@pytest.mark.parametrize("response, expected", [
+    ("Answer: A\nExplanation: the circle is red.", "A"), ("A\n\nThe answer is A because it is red.", "A"),
+    ("The answer is A But I am unsure.", "A"), ("A Blue", "A"), ("A 5", "A"), ("A CIRCLE", "A"),
+    ("A red circle, so C", "C"), ("I think it is C", "C"), ("A água, C", "C"),
+])
+def test_an_a_before_a_capitalised_word_or_a_line_break_is_the_choice(response, expected):
+    """The module docstring's rule: an "A" or "I" followed by a lowercase word ("A red circle", "I think") is an
+    article or pronoun; followed by a capitalised word, a number or a new line ("Answer: A\\nExplanation") it is
+    the choice. Read as a word there, the commonest answer shape read nothing."""
+    from probe.parsing import parse_choice
+
+    assert parse_choice(response, ["red", "blue", "green", "yellow"]) == expected
+
+
+# --------------------------------------------------------------------------------------------------------
+# probe.eval.plan_identity: a model is its place and directory, whatever it is called (mut43)
+
+
+def _plan(tmp_path: Path, names: tuple[str, str], na: str, unread: str) -> dict:
+    """A plan as asdict(EvalPlan) keeps it (the fields plan_identity reads): two models, a text and an image set;
+    ``na`` and ``unread`` name the not-applicable and the partly unreadable pair by "model|set"."""
+    return {"models": [{"name": n, "path": str(tmp_path / p), "family": "qwen2_vl", "fingerprint": "f" + p}
+                       for n, p in zip(names, ("m0", "m1"))],
+            "data": [{"name": d, "spec": str(tmp_path / d)} for d in ("text", "image")],
+            "not_applicable": {na: "no image input"}, "unreadable": {unread: {"art": 3}},
+            "template": {}, "chat_formats": {names[0]: {"kind": "chatml"}, names[1]: {"kind": "none"}},
+            "settings": {"reference": names[0]}}
+
+
+def test_a_plan_is_the_same_run_under_other_model_names_and_another_with_other_pairs(tmp_path):
+    """A resume naming its models otherwise (an alias, its directory) continues: the not-applicable and unreadable
+    pairs, the chat formats and the reference are the models' places, not their names; the same names with another
+    pair left out is another run. Oracle: two plans written here that differ only in the names, and one that
+    leaves out the other model's pair."""
+    from probe.eval import plan_identity
+
+    a = _plan(tmp_path, ("tiny", "vl"), "tiny|image", "vl|image")
+    b = _plan(tmp_path, ("runs/tiny", "./vl"), "runs/tiny|image", "./vl|image")
+    assert plan_identity(a) == plan_identity(b)
+    assert plan_identity(a) != plan_identity(_plan(tmp_path, ("tiny", "vl"), "vl|image", "vl|image"))
+    assert plan_identity(a) != plan_identity(_plan(tmp_path, ("tiny", "vl"), "tiny|image", "tiny|image"))
+    assert a == _plan(tmp_path, ("tiny", "vl"), "tiny|image", "vl|image")  # the plan given is left as it was

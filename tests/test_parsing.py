@@ -331,3 +331,21 @@ def test_a_capital_opening_a_word_with_accented_letters_is_no_choice(response, e
     or the B of Vietnamese "Bởi" (because) was read as a choice. Oracle: the same response with its accents
     dropped, whose words are plain ASCII ones the parser already reads as words."""
     assert parse_choice(response, OPTS4) == parse_choice(_folded(response), OPTS4) == expected
+
+
+@pytest.mark.parametrize("response, expected", [
+    ("ÓD: B", "B"),  # an accented capital before the letter: NFD put an ASCII O and a combining acute there, was D
+    ("ÉB, C", "C"),  # was B
+    ("Día 3: la respuesta es C", "C"), ("Bởi vì nó màu xanh, C", "C"), ("PRÉCÉDENT, B", "B"),
+    ("A água ferve; C", "C"), ("Ábaco: C", "C"),
+])
+def test_decomposed_accents_read_as_the_composed_ones(response, expected):
+    """The same words in NFD (a base letter and combining marks: macOS file names, some tokenizers' decoding) and in
+    NFC are one response: a capital right after a decomposed accented letter was read as a choice, since the letter
+    behind the marks is an ASCII one. Oracle: the composed form, and the accents dropped."""
+    import unicodedata
+
+    nfd = unicodedata.normalize("NFD", response)
+    assert nfd != response
+    assert parse_choice(nfd, OPTS4) == parse_choice(response, OPTS4) == expected
+    assert parse_choice(_folded(response), OPTS4) == expected
