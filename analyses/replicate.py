@@ -643,6 +643,14 @@ def first_spelling(out: Path) -> Path:
     return Path(saved) if isinstance(saved, str) and Path(saved).resolve() == out.resolve() else out
 
 
+def earlier_outs(out: Path) -> list[str]:
+    """The folders a copied or moved ``out`` was run at before, as replicate.json spelt them: its stages' files name
+    the merges and checkpoints they read by their paths there, and the report reads those names as under ``out``
+    (``figures.results.Replication.model_label``), so the stages are kept rather than run again."""
+    before = [x for x in [*(marked(out, "earlier_outs") or []), marked(out, "out")] if isinstance(x, str) and x]
+    return [x for x in dict.fromkeys(before) if x != str(out)]
+
+
 @releases_claims
 def run(args: argparse.Namespace) -> Path:
     """The pipeline of parsed arguments (``build_parser``'s); returns its --out once the report is written. From
@@ -655,7 +663,8 @@ def run(args: argparse.Namespace) -> Path:
 
     p = ctx.placement
     print(p.description, file=sys.stderr)  # after the last refusal, so that one stays one line (as probe.heads)
-    atomic_write_json(out / MARKER, {"out": str(out), "config_file": ctx.cfg.source, "config": asdict(ctx.cfg),
+    atomic_write_json(out / MARKER, {"out": str(out), "earlier_outs": earlier_outs(out),
+                                     "config_file": ctx.cfg.source, "config": asdict(ctx.cfg),
                                      "placement": p.record(),
                                      "stages": [s.name for s in STAGES], "fingerprints": stage_fps,
                                      "model_content": ctx.fingerprints})

@@ -710,6 +710,53 @@ def test_a_rerun_naming_out_another_way_keeps_the_stages_model_names(quick: Path
                                  "attn_implementation": want.attn_implementation, "description": want.description}
 
 
+def test_a_copied_then_moved_run_keeps_every_stage_and_reports_as_the_original(quick: Path, tmp_path: Path,
+                                                                               capsys) -> None:
+    """``cp -r A B`` then ``python -m analyses.replicate --out B`` kept every stage (their digests are of content)
+    but the report exited 2 ("no single row for B/merge/average"): table4, table5 and steps label their rows, and
+    Figure 4b its points, by the models' paths under the --out they ran in (A), while the rerun recorded B as the
+    run's out and looked the merges up under it. Now a run reads labels under any folder it was at as under its own.
+    The original is moved away meanwhile, so nothing may read its files; the copy is then moved again (``mv B C``)
+    and rebuilt with ``python -m figures report C``. Oracles: the original's own report.md, and its scores.csv's
+    row read by the label it was written under."""
+    from figures.__main__ import main as figures_main
+    from figures.results import Replication
+
+    built = (quick / "report.md").read_text(encoding="utf-8")
+    scores = _scores(quick / "table4")
+    copy, moved, away = tmp_path / "copy", tmp_path / "moved", quick.with_name(quick.name + "-away")
+    shutil.copytree(quick, copy, symlinks=True)
+    quick.rename(away)
+    try:
+        assert replicate_in_root("--quick", "--quiet", "--out", str(copy)) == 0, capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert all(f"== {name}: unchanged, skipped" in err for name in STAGE_NAMES[:-1]), err
+        assert (copy / "report.md").read_text(encoding="utf-8") == built
+        copy.rename(moved)
+        assert cli_main(figures_main, ["report", str(moved)]) == 0, capsys.readouterr().err
+        assert (moved / "report.md").read_text(encoding="utf-8") == built
+        rep = Replication.read(moved)
+        text = rep.data("text")
+        want = _row(scores, str(quick / "merge" / "average"), Path(text).name)
+        got = rep.eval("table4").row(rep.merge_dir("average"), text)
+        assert (got["accuracy"], got["n_items"]) == (want["accuracy"], want["n_items"])
+        assert Path(rep.merge_dir("average")) == moved / "merge" / "average"
+        # a replicate.json that a rerun before earlier_outs rewrote to the copy's folder: matched by the part of
+        # each name from merge/ on
+        info = json.loads((moved / "replicate.json").read_text(encoding="utf-8"))
+        assert info["earlier_outs"] == [str(quick)] and info["out"] == str(copy)
+        (moved / "replicate.json").write_text(json.dumps({k: v for k, v in info.items() if k != "earlier_outs"}
+                                                         | {"out": str(moved)}), encoding="utf-8")
+        rep = Replication.read(moved)
+        for m in rep.methods:
+            want = _row(scores, str(quick / "merge" / m), Path(text).name)
+            assert rep.eval("table4").row(rep.merge_dir(m), text)["accuracy"] == want["accuracy"]
+        names, _ = rep.sketch("fig4b")
+        assert {rep.merge_dir(m) for m in rep.methods} <= set(names) and rep.base in names
+    finally:
+        away.rename(quick)
+
+
 def test_a_killed_stage_whose_parts_ran_under_other_software_starts_again(quick: Path, capsys) -> None:
     """A stage killed, then resumed after a transformers upgrade (or an omniprobe edit): probe.eval refuses to mix
     the two setups' parts and asks for --overwrite, which this driver has not got, so every rerun failed; the
