@@ -66,6 +66,7 @@ class Context:
     # every section, so stages completed on a CPU (float32) are not kept beside stages run on a GPU (bfloat16)
     precision: dict[str, str] | None = None
     placement: Placement | None = None  # where the stages run: the first line printed, recorded in replicate.json
+    was_at: str | None = None  # the folder replicate.json named before this run: where a record without "out" ran
 
     def section(self, name: str) -> dict[str, Any]:
         """The config section a stage's fingerprint holds, with the precision it runs in."""
@@ -494,6 +495,15 @@ def stale_reason(out: Path, name: str) -> str | None:
     return None
 
 
+def ran_elsewhere(ctx: Context, state: dict[str, Any]) -> str | None:
+    """The folder a stage's record says it ran in (its ``out``; a record from before: the one replicate.json named)
+    when that is not ``ctx.out``: the run was copied or moved since. None when it ran here, or nothing says where."""
+    ran = state.get("out", ctx.was_at)
+    if not isinstance(ran, str) or Path(ran) == ctx.out or Path(ran).resolve() == ctx.out.resolve():
+        return None
+    return ran
+
+
 def run_stage(ctx: Context, stage: Stage, fp: str) -> str:
     state = read_state(ctx.out, stage.name)
     if not stage.fresh and state.get("fingerprint") == fp and state.get("status") == "complete":
@@ -511,6 +521,12 @@ def run_stage(ctx: Context, stage: Stage, fp: str) -> str:
     sdir = ctx.out / stage.name
     upstream = upstream_digests(ctx.out, stage)
     resumed = state.get("fingerprint") == fp and not stage.fresh
+    if resumed and (moved_from := ran_elsewhere(ctx, state)):
+        # its commands name their inputs by path (merge's --shift, a heads run's data): a copy's resume was refused
+        # as another run's output ("of other options or inputs") on every rerun
+        print(f"== {stage.name}: its parts were computed in {moved_from} (the run was moved or copied since): "
+              "starting it again", file=sys.stderr)
+        resumed = False
     if resumed and isinstance(state.get("upstream"), dict) and state["upstream"] != upstream:
         # its parts were computed from the outputs an upstream stage had before it ran again
         print(f"== {stage.name}: its inputs from an upstream stage changed since it started: starting it again",
@@ -527,13 +543,13 @@ def run_stage(ctx: Context, stage: Stage, fp: str) -> str:
     print(f"== {stage.name}: {'continuing' if resumed else 'running'}", file=sys.stderr)
     t0, c0 = time.perf_counter(), time.process_time()
     started = state.get("started") if resumed else time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    write_state(ctx.out, stage.name, {"stage": stage.name, "fingerprint": fp, "status": "running",
+    write_state(ctx.out, stage.name, {"stage": stage.name, "fingerprint": fp, "status": "running", "out": str(ctx.out),
                                       "started": started, "versions": now, "upstream": upstream})
     stage.run(ctx)
     seconds = time.perf_counter() - t0
     # CPU seconds of all this process's threads: what the stage costs, whatever else shares the machine
     write_state(ctx.out, stage.name, {"stage": stage.name, "fingerprint": fp, "status": "complete",
-                                      "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                      "out": str(ctx.out), "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                       "seconds": round(seconds, 1),
                                       "cpu_seconds": round(time.process_time() - c0, 1), "resumed": resumed,
                                       "versions": now, "upstream": upstream,
@@ -594,8 +610,9 @@ def prepare(args: argparse.Namespace) -> tuple[Context, dict[str, str]]:
     out = first_spelling(out)
     fps = {spec: content_fingerprint(p) for spec, p in resolved.items()}
     fps |= {d: content_fingerprint(d) for d in cfg.data.values()}
+    was_at = marked(out, "out")
     ctx = Context(cfg, out, args.quiet, fps, resolved, {"dtype": placement.dtype, "device_type": placement.device_type},
-                  placement)
+                  placement, was_at if isinstance(was_at, str) else None)
     stage_fps = fingerprints(ctx)
     if args.only:
         wanted = set(args.only)

@@ -757,6 +757,28 @@ def test_a_copied_then_moved_run_keeps_every_stage_and_reports_as_the_original(q
         away.rename(quick)
 
 
+def test_a_stage_killed_then_copied_starts_again_in_the_copy(quick: Path, tmp_path: Path, capsys) -> None:
+    """A run killed in its merge stage, copied (or moved), then continued there: analyses.merge found the Eq. 1
+    merge finished but the Eq. 4 one "a finished analyses.merge output of other options or inputs" (its --shift
+    names the original's shift/), and every rerun exited 2. A stage's record now says where it ran; one killed
+    elsewhere starts again. Oracle: the merge's own refusal before (exit 2), and the merged weights computed again
+    equal the original's (the same inputs)."""
+    copy = tmp_path / "copy"
+    shutil.copytree(quick, copy, symlinks=True)
+    state = json.loads((copy / "stages" / "merge.json").read_text())
+    (copy / "stages" / "merge.json").write_text(json.dumps(state | {"status": "running"}))  # killed
+    assert replicate_in_root("--quick", "--quiet", "--only", "merge", "--out", str(copy)) == 0, \
+        capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"== merge: its parts were computed in {quick} (the run was moved or copied since): starting it again" \
+        in err and "== merge: running" in err
+    after = json.loads((copy / "stages" / "merge.json").read_text())
+    assert (after["status"], after["out"], after["resumed"]) == ("complete", str(copy), False)
+    for m in ("average", "shift"):
+        for f in (quick / "merge" / m).glob("*.safetensors"):
+            assert (copy / "merge" / m / f.name).read_bytes() == f.read_bytes()
+
+
 def test_a_killed_stage_whose_parts_ran_under_other_software_starts_again(quick: Path, capsys) -> None:
     """A stage killed, then resumed after a transformers upgrade (or an omniprobe edit): probe.eval refuses to mix
     the two setups' parts and asks for --overwrite, which this driver has not got, so every rerun failed; the
