@@ -649,6 +649,9 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
                              # as given, and resolved: figures merge reads the runs from any cwd
                              "resolved_runs": [str(p.resolve()) for p in cfg.salience],
                              "resolved_base_run": str(cfg.base_salience.resolve()) if cfg.base_salience else None,
+                             # and where the merge was: runs moved with it (a copied replicate run) are found
+                             # at their place relative to it (figures.merge.moved_run)
+                             "resolved_out": str(Path(cfg.out).resolve()),
                              "metric": cfg.salience_metric, "temperature": cfg.salience_temperature,
                              "rest": cfg.rest,
                              # each run's model, data, items, engine (and its warnings): what the weights came from

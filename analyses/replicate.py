@@ -66,6 +66,7 @@ class Context:
     # every section, so stages completed on a CPU (float32) are not kept beside stages run on a GPU (bfloat16)
     precision: dict[str, str] | None = None
     placement: Placement | None = None  # where the stages run: the first line printed, recorded in replicate.json
+    was_at: str | None = None  # the folder replicate.json named before this run: where a record without "out" ran
 
     def section(self, name: str) -> dict[str, Any]:
         """The config section a stage's fingerprint holds, with the precision it runs in."""
@@ -494,6 +495,15 @@ def stale_reason(out: Path, name: str) -> str | None:
     return None
 
 
+def ran_elsewhere(ctx: Context, state: dict[str, Any]) -> str | None:
+    """The folder a stage's record says it ran in (its ``out``; a record from before: the one replicate.json named)
+    when that is not ``ctx.out``: the run was copied or moved since. None when it ran here, or nothing says where."""
+    ran = state.get("out", ctx.was_at)
+    if not isinstance(ran, str) or Path(ran) == ctx.out or Path(ran).resolve() == ctx.out.resolve():
+        return None
+    return ran
+
+
 def run_stage(ctx: Context, stage: Stage, fp: str) -> str:
     state = read_state(ctx.out, stage.name)
     if not stage.fresh and state.get("fingerprint") == fp and state.get("status") == "complete":
@@ -511,6 +521,12 @@ def run_stage(ctx: Context, stage: Stage, fp: str) -> str:
     sdir = ctx.out / stage.name
     upstream = upstream_digests(ctx.out, stage)
     resumed = state.get("fingerprint") == fp and not stage.fresh
+    if resumed and (moved_from := ran_elsewhere(ctx, state)):
+        # its commands name their inputs by path (merge's --shift, a heads run's data): a copy's resume was refused
+        # as another run's output ("of other options or inputs") on every rerun
+        print(f"== {stage.name}: its parts were computed in {moved_from} (the run was moved or copied since): "
+              "starting it again", file=sys.stderr)
+        resumed = False
     if resumed and isinstance(state.get("upstream"), dict) and state["upstream"] != upstream:
         # its parts were computed from the outputs an upstream stage had before it ran again
         print(f"== {stage.name}: its inputs from an upstream stage changed since it started: starting it again",
@@ -527,13 +543,13 @@ def run_stage(ctx: Context, stage: Stage, fp: str) -> str:
     print(f"== {stage.name}: {'continuing' if resumed else 'running'}", file=sys.stderr)
     t0, c0 = time.perf_counter(), time.process_time()
     started = state.get("started") if resumed else time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    write_state(ctx.out, stage.name, {"stage": stage.name, "fingerprint": fp, "status": "running",
+    write_state(ctx.out, stage.name, {"stage": stage.name, "fingerprint": fp, "status": "running", "out": str(ctx.out),
                                       "started": started, "versions": now, "upstream": upstream})
     stage.run(ctx)
     seconds = time.perf_counter() - t0
     # CPU seconds of all this process's threads: what the stage costs, whatever else shares the machine
     write_state(ctx.out, stage.name, {"stage": stage.name, "fingerprint": fp, "status": "complete",
-                                      "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                      "out": str(ctx.out), "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                       "seconds": round(seconds, 1),
                                       "cpu_seconds": round(time.process_time() - c0, 1), "resumed": resumed,
                                       "versions": now, "upstream": upstream,
@@ -592,15 +608,11 @@ def prepare(args: argparse.Namespace) -> tuple[Context, dict[str, str]]:
     if out.exists() and (not out.is_dir() or (has_contents(out) and not (out / MARKER).is_file())):
         raise BadInput(f"--out {out}: exists and is not a python -m analyses.replicate output")
     out = first_spelling(out)
-    if made_in := made_elsewhere(out):
-        raise BadInput(f"--out {out}: its replicate.json says the run was made in {made_in} (moved or copied here, or "
-                       "a relative --out given from another working dir): its stages name the models they evaluate "
-                       f"by their paths there, so it continues only there (python -m figures report {out} rebuilds "
-                       "its report here)")
     fps = {spec: content_fingerprint(p) for spec, p in resolved.items()}
     fps |= {d: content_fingerprint(d) for d in cfg.data.values()}
+    was_at = marked(out, "out")
     ctx = Context(cfg, out, args.quiet, fps, resolved, {"dtype": placement.dtype, "device_type": placement.device_type},
-                  placement)
+                  placement, was_at if isinstance(was_at, str) else None)
     stage_fps = fingerprints(ctx)
     if args.only:
         wanted = set(args.only)
@@ -648,12 +660,12 @@ def first_spelling(out: Path) -> Path:
     return Path(saved) if isinstance(saved, str) and Path(saved).resolve() == out.resolve() else out
 
 
-def made_elsewhere(out: Path) -> str | None:
-    """The folder ``out``'s replicate.json was made in, when that is not ``out`` from here (``first_spelling`` has
-    taken any other spelling of the same folder): continued here, its skipped stages' tables would still name the
-    merged models under that folder while the report looks for them under this one."""
-    saved = marked(out, "out")
-    return saved if isinstance(saved, str) and saved and Path(saved).resolve() != out.resolve() else None
+def earlier_outs(out: Path) -> list[str]:
+    """The folders a copied or moved ``out`` was run at before, as replicate.json spelt them: its stages' files name
+    the merges and checkpoints they read by their paths there, and the report reads those names as under ``out``
+    (``figures.results.Replication.model_label``), so the stages are kept rather than run again."""
+    before = [x for x in [*(marked(out, "earlier_outs") or []), marked(out, "out")] if isinstance(x, str) and x]
+    return [x for x in dict.fromkeys(before) if x != str(out)]
 
 
 @releases_claims
@@ -668,7 +680,8 @@ def run(args: argparse.Namespace) -> Path:
 
     p = ctx.placement
     print(p.description, file=sys.stderr)  # after the last refusal, so that one stays one line (as probe.heads)
-    atomic_write_json(out / MARKER, {"out": str(out), "config_file": ctx.cfg.source, "config": asdict(ctx.cfg),
+    atomic_write_json(out / MARKER, {"out": str(out), "earlier_outs": earlier_outs(out),
+                                     "config_file": ctx.cfg.source, "config": asdict(ctx.cfg),
                                      "placement": p.record(),
                                      "stages": [s.name for s in STAGES], "fingerprints": stage_fps,
                                      "model_content": ctx.fingerprints})

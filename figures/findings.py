@@ -363,16 +363,10 @@ def steps_tradeoff(r: Replication) -> Finding:
     return _found(steps_tradeoff, verdict, ev, crit)
 
 
-def _sketch(r: Replication, fig: str) -> tuple[list[str], np.ndarray]:
-    from figures.trajectory import read_sketch
-
-    return read_sketch(r.out / "trajectory" / fig)
-
-
 def distinct_directions(r: Replication) -> Finding:
     crit = (f"every pair of runs trained on a single modality moves from step 0 to its last step in directions "
             f"whose cosine (in the weight sketch) is below {DISTINCT_COSINE}")
-    names, x = _sketch(r, "fig4a")
+    names, x = r.sketch("fig4a")
     moves = {}
     for run in r.runs:
         idx = [(int(n.rsplit("@", 1)[1]), i) for i, n in enumerate(names) if n.rsplit("@", 1)[0] == run and "@" in n]
@@ -395,7 +389,7 @@ def merge_aggregates(r: Replication) -> Finding:
     crit = ("each merged model lies no farther from the centroid of the models it merges (base and experts) than "
             "the farthest of them, in the weight sketch; true by construction for the linear merges Eq. 1 and "
             "Eq. 4, informative for TIES and salience")
-    names, x = _sketch(r, "fig4b")
+    names, x = r.sketch("fig4b")
     pos = {n: x[i] for i, n in enumerate(names)}
     inputs = np.stack([pos[n] for n in [r.base, *r.experts]])
     c = inputs.mean(0)

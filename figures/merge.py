@@ -3,9 +3,11 @@
 slices received, beside the salience heatmap of its probe.heads run (when that run is still on disk)."""
 from __future__ import annotations
 
+import os
 import re
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -139,6 +141,17 @@ def _salience_grid(run_dir: Path, metric: str, shape: tuple[int, int], table: by
     return grid
 
 
+def moved_run(run: str | None, result_dir: Path, merged_at: Any) -> str | None:
+    """A salience run gone from where the merge read it, at its place relative to the merge's dir now when it is
+    there: merge and runs moved together (``cp -r`` or ``mv`` of an analyses.replicate run, whose salience panels
+    showed "salience run not found"). ``merged_at``: where the merge was (merge.json's ``resolved_out``; older
+    merges lack it). ``check_runs_unchanged`` still holds the run found to the one the merge read."""
+    if run is None or (Path(run) / "heads.csv").is_file() or not isinstance(merged_at, str):
+        return run
+    there = Path(result_dir).resolve() / os.path.relpath(run, merged_at)
+    return str(there) if (there / "heads.csv").is_file() else run
+
+
 def read_heads(runs: list[str]) -> dict[str, bytes | None]:
     """Each salience run's heads.csv, read once (None when it is gone): the bytes fingerprinted
     (``check_runs_unchanged``) are the bytes drawn (``_salience_grid``); each was read twice."""
@@ -246,6 +259,7 @@ def draw_merge(result_dir: Path) -> list[Path]:
     if not isinstance(runs, list) or not isinstance(metric, str) \
             or not all(r is None or isinstance(r, str) for r in runs):
         raise BadInput(f"{result_dir / 'merge.json'}: 'salience' is not a salience merge's record")
+    runs = [moved_run(r, result_dir, sal.get("resolved_out")) for r in runs]
     names = list(grids)
     tables = read_heads([r for r in runs if r])
     check_runs_unchanged(result_dir, tables)

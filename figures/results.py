@@ -8,16 +8,18 @@ it is, with its key numbers, its directory and the attributes holding its data. 
 only this (``figures/`` draws from saved results alone)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, Callable, TypedDict
 
 import pandas as pd
 
 from figures import read_json, short_name
 from probe.errors import BadInput, in_path  # in_path: ~ expanded, as the commands' paths are
 
+# analyses.replicate's stages whose outputs are models that later stages evaluate or map, naming them by path
+MODEL_STAGES = ("merge", "finetune")
 METHOD_LABELS = {"average": "Eq. 1 average", "shift": "Eq. 4 shift-weighted", "salience": "salience-guided (ours)",
                  "ties": "TIES"}
 
@@ -72,9 +74,14 @@ class EvalRun:
     metric: str  # accuracy, or prob_accuracy for a --no-generate run
     data_names: dict[str, str]  # data spec as given → name in scores.csv
     info: dict[str, Any]  # its run.json
+    # a model's label in scores.csv and items.parquet → the label read back (``Replication.model_label``: the paths
+    # of a copied or moved run's own models under where it is now); empty: as written
+    labels: dict[str, str] = field(default_factory=dict)
 
     @staticmethod
-    def read(d: Path) -> "EvalRun":
+    def read(d: Path, relabel: Callable[[str], str] | None = None) -> "EvalRun":
+        """``relabel``: each model's label in the files → the label to read it back under (all as written without
+        it)."""
         from figures.eval import read_scores
 
         d = in_path(d)
@@ -86,9 +93,13 @@ class EvalRun:
             plan = info["plan"]
             metric = "accuracy" if plan["settings"]["generate"] else "prob_accuracy"
             names = {x["spec"]: x["name"] for x in plan["data"]}
+            models = [str(x["name"]) for x in plan["models"]] if relabel else []
         except (KeyError, TypeError):
             raise BadInput(f"{d / 'run.json'}: not a probe.eval run.json (no plan with settings and data)") from None
-        return EvalRun(d, s, metric, names, info)
+        labels = {m: new for m in models if relabel and (new := relabel(m)) != m}
+        if labels:
+            s = s.assign(model=s["model"].replace(labels))
+        return EvalRun(d, s, metric, names, info, labels)
 
     @_safe_repr
     def __repr__(self) -> str:
@@ -138,7 +149,8 @@ class EvalRun:
         from probe.eval import ITEM_COLUMNS
         from probe.results import read_part
 
-        return read_part(self.dir / "items.parquet", ITEM_COLUMNS)
+        items = read_part(self.dir / "items.parquet", ITEM_COLUMNS)
+        return items.assign(model=items["model"].replace(self.labels)) if self.labels else items
 
     def row(self, model: str, data_spec: str) -> Any:
         """The 'all' row of a model on a data set, by the spec the run was given (``probe/zoo/data/text``) or its
@@ -502,19 +514,50 @@ class Replication:
     def runs(self) -> dict[str, dict[str, float]]:
         return self.cfg["finetune"]["runs"]
 
-    @property
-    def named_out(self) -> Path:
-        """DIR as the run spelled it: the model names in its scores.csv start with it."""
-        return Path(self.info.get("out", self.out))
+    @cached_property
+    def label_roots(self) -> list[Path]:
+        """Every folder this run was at when a stage ran, as spelt then (replicate.json's ``out`` and
+        ``earlier_outs``: a copied or moved run's): the stages name the models they evaluate or map (merges, carriers,
+        checkpoints) by their paths under it."""
+        named = [self.info.get("out"), *(self.info.get("earlier_outs") or [])]
+        return [Path(x) for x in named if isinstance(x, str) and x]
+
+    def model_label(self, label: str) -> str:
+        """A model's label in a stage's files as this run reads it back: one of its own models (``MODEL_STAGES``)
+        named under any folder it was at (``label_roots``) is named under ``out``, where it is now; any other label
+        as written. A ``cp -r``/``mv`` of a run, rerun or rebuilt there, looked its merges up under the new folder in
+        rows named under the old one."""
+        p = Path(label)
+        for root in self.label_roots:
+            n = len(root.parts)
+            if p.parts[:n] == root.parts and len(p.parts) > n and p.parts[n] in MODEL_STAGES:
+                return str(self.out.joinpath(*p.parts[n:]))
+        if label in (self.base, *self.experts):
+            return label
+        # a run whose replicate.json a rerun in its copy rewrote before it kept earlier_outs: by the part of the
+        # path from a model stage's folder on, where that names a folder here
+        for n, part in enumerate(p.parts):
+            if part in MODEL_STAGES and len(p.parts) > n + 1 and self.out.joinpath(*p.parts[n:]).is_dir():
+                return str(self.out.joinpath(*p.parts[n:]))
+        return label
 
     def merge_dir(self, method: str) -> str:
-        return str(self.named_out / "merge" / method)
+        """The merged model's dir, under ``out``: its label in the read-back tables (``eval``)."""
+        return str(self.out / "merge" / method)
 
     def carrier(self, method: str, expert: str) -> str:
-        return str(self.named_out / "merge" / method / "carriers" / short(expert))
+        return str(self.out / "merge" / method / "carriers" / short(expert))
 
     def eval(self, *parts: str) -> EvalRun:
-        return EvalRun.read(self.out.joinpath(*parts))
+        """A stage's probe.eval output, its own models labelled under ``out`` (``model_label``)."""
+        return EvalRun.read(self.out.joinpath(*parts), self.model_label)
+
+    def sketch(self, fig: str) -> tuple[list[str], Any]:
+        """A trajectory map's point names (its own models labelled as in ``eval``) and sketch."""
+        from figures.trajectory import read_sketch
+
+        names, x = read_sketch(self.out / "trajectory" / fig)
+        return [self.model_label(n) for n in names], x
 
     @property
     def saved_steps(self) -> list[int]:

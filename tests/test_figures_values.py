@@ -246,6 +246,35 @@ def test_merge_redraw_finds_relative_salience_runs_from_another_cwd(tmp_path, mo
         np.testing.assert_allclose(grid, h.to_numpy())
 
 
+def test_merge_redraw_finds_salience_runs_moved_with_it(tmp_path, monkeypatch, drawn):
+    """A salience merge moved together with its runs (``cp -r``/``mv`` of an analyses.replicate run: merge/salience
+    beside heads/) drew every panel "salience run not found": merge.json names the runs where they were. The merge
+    records where it was too, and a run gone from there is found at its place relative to the merge. Oracle: each
+    moved run's heads.csv, pivoted; the original folder is gone, so nothing else can have been read."""
+    import torch
+    from test_analyses_salience import write_run
+
+    from analyses import merge, tiny
+
+    zoo = tiny.build_zoo(tmp_path / "zoo")
+    g = torch.Generator().manual_seed(0)
+    run = tmp_path / "run"
+    for k in range(3):
+        write_run(run / "heads" / f"e{k}", torch.rand(2, 4, generator=g) * 3)
+    assert cli_main(merge.main, ["--base", str(zoo["base"]), "--models", *(str(zoo[k]) for k in ("vl", "ov", "au")),
+                                 "--method", "salience", "--salience", *(str(run / "heads" / f"e{k}") for k in range(3)),
+                                 "--quiet", "--out", str(run / "merge" / "salience")]) == 0
+    moved = tmp_path / "moved"
+    run.rename(moved)
+    assert figures_cli("merge", moved / "merge" / "salience") == 0
+    panels = [im.get_array() for ax in drawn["merge_heads"].axes for im in ax.get_images()
+              if ax.get_title().startswith("its salience")]
+    assert len(panels) == 3
+    for k, grid in enumerate(panels):
+        h = pd.read_csv(moved / "heads" / f"e{k}" / "heads.csv").pivot(index="layer", columns="head", values="kl")
+        np.testing.assert_allclose(grid, h.to_numpy())
+
+
 def edit_cell(row: int, **cells):
     def edit(c: pd.DataFrame) -> pd.DataFrame:
         c = c.astype(object)

@@ -710,22 +710,73 @@ def test_a_rerun_naming_out_another_way_keeps_the_stages_model_names(quick: Path
                                  "attn_implementation": want.attn_implementation, "description": want.description}
 
 
-def test_a_run_moved_or_copied_elsewhere_is_not_continued_there(tmp_path: Path, capsys) -> None:
-    """A finished run copied to another folder (rep2 → repc3, 11 stages of a config of toolkit-made experts) and rerun
-    there with the same command skipped every stage as unchanged, rewrote replicate.json's "out" to the new folder,
-    then stopped at the report (exit 2, "no single row for repc3/merge/average"): its tables name the merged models
-    by their paths at the first folder. The copy's own report, which `python -m figures report` rebuilt before,
-    failed from then on too. Now the rerun is refused before it writes (exit 2, one line naming both folders), and
-    replicate.json is left as it was. Oracle: the hand-written replicate.json's bytes."""
-    out = tmp_path / "copy"
-    out.mkdir()
-    marker = json.dumps({"out": str(tmp_path / "first"), "stages": STAGE_NAMES})
-    (out / "replicate.json").write_text(marker, encoding="utf-8")
-    assert replicate_in_root("--quick", "--quiet", "--out", str(out)) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"--out {out}: " in err[0] and str(tmp_path / "first") in err[0], err
-    assert (out / "replicate.json").read_text(encoding="utf-8") == marker
-    assert sorted(p.name for p in out.iterdir()) == ["replicate.json"]
+def test_a_copied_then_moved_run_keeps_every_stage_and_reports_as_the_original(quick: Path, tmp_path: Path,
+                                                                               capsys) -> None:
+    """``cp -r A B`` then ``python -m analyses.replicate --out B`` kept every stage (their digests are of content)
+    but the report exited 2 ("no single row for B/merge/average"): table4, table5 and steps label their rows, and
+    Figure 4b its points, by the models' paths under the --out they ran in (A), while the rerun recorded B as the
+    run's out and looked the merges up under it. Now a run reads labels under any folder it was at as under its own.
+    The original is moved away meanwhile, so nothing may read its files; the copy is then moved again (``mv B C``)
+    and rebuilt with ``python -m figures report C``. Oracles: the original's own report.md, and its scores.csv's
+    row read by the label it was written under."""
+    from figures.__main__ import main as figures_main
+    from figures.results import Replication
+
+    built = (quick / "report.md").read_text(encoding="utf-8")
+    scores = _scores(quick / "table4")
+    copy, moved, away = tmp_path / "copy", tmp_path / "moved", quick.with_name(quick.name + "-away")
+    shutil.copytree(quick, copy, symlinks=True)
+    quick.rename(away)
+    try:
+        assert replicate_in_root("--quick", "--quiet", "--out", str(copy)) == 0, capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert all(f"== {name}: unchanged, skipped" in err for name in STAGE_NAMES[:-1]), err
+        assert (copy / "report.md").read_text(encoding="utf-8") == built
+        copy.rename(moved)
+        assert cli_main(figures_main, ["report", str(moved)]) == 0, capsys.readouterr().err
+        assert (moved / "report.md").read_text(encoding="utf-8") == built
+        rep = Replication.read(moved)
+        text = rep.data("text")
+        want = _row(scores, str(quick / "merge" / "average"), Path(text).name)
+        got = rep.eval("table4").row(rep.merge_dir("average"), text)
+        assert (got["accuracy"], got["n_items"]) == (want["accuracy"], want["n_items"])
+        assert Path(rep.merge_dir("average")) == moved / "merge" / "average"
+        # a replicate.json that a rerun before earlier_outs rewrote to the copy's folder: matched by the part of
+        # each name from merge/ on
+        info = json.loads((moved / "replicate.json").read_text(encoding="utf-8"))
+        assert info["earlier_outs"] == [str(quick)] and info["out"] == str(copy)
+        (moved / "replicate.json").write_text(json.dumps({k: v for k, v in info.items() if k != "earlier_outs"}
+                                                         | {"out": str(moved)}), encoding="utf-8")
+        rep = Replication.read(moved)
+        for m in rep.methods:
+            want = _row(scores, str(quick / "merge" / m), Path(text).name)
+            assert rep.eval("table4").row(rep.merge_dir(m), text)["accuracy"] == want["accuracy"]
+        names, _ = rep.sketch("fig4b")
+        assert {rep.merge_dir(m) for m in rep.methods} <= set(names) and rep.base in names
+    finally:
+        away.rename(quick)
+
+
+def test_a_stage_killed_then_copied_starts_again_in_the_copy(quick: Path, tmp_path: Path, capsys) -> None:
+    """A run killed in its merge stage, copied (or moved), then continued there: analyses.merge found the Eq. 1
+    merge finished but the Eq. 4 one "a finished analyses.merge output of other options or inputs" (its --shift
+    names the original's shift/), and every rerun exited 2. A stage's record now says where it ran; one killed
+    elsewhere starts again. Oracle: the merge's own refusal before (exit 2), and the merged weights computed again
+    equal the original's (the same inputs)."""
+    copy = tmp_path / "copy"
+    shutil.copytree(quick, copy, symlinks=True)
+    state = json.loads((copy / "stages" / "merge.json").read_text())
+    (copy / "stages" / "merge.json").write_text(json.dumps(state | {"status": "running"}))  # killed
+    assert replicate_in_root("--quick", "--quiet", "--only", "merge", "--out", str(copy)) == 0, \
+        capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"== merge: its parts were computed in {quick} (the run was moved or copied since): starting it again" \
+        in err and "== merge: running" in err
+    after = json.loads((copy / "stages" / "merge.json").read_text())
+    assert (after["status"], after["out"], after["resumed"]) == ("complete", str(copy), False)
+    for m in ("average", "shift"):
+        for f in (quick / "merge" / m).glob("*.safetensors"):
+            assert (copy / "merge" / m / f.name).read_bytes() == f.read_bytes()
 
 
 def test_a_killed_stage_whose_parts_ran_under_other_software_starts_again(quick: Path, capsys) -> None:
