@@ -42,6 +42,17 @@ def drawn_as_written(draw: Draw) -> Draw:
     return plain  # type: ignore[return-value]
 
 
+MINUS = "\u2212"  # the minus sign the paper typesets and matplotlib's axes draw (axes.unicode_minus)
+
+
+def number(x: float, spec: str = "g") -> str:
+    """``x`` formatted by ``spec`` (a format spec: "+.1f", ".3g") for the report's prose and tables and the figures'
+    texts, its minus signs (the number's and an exponent's) as U+2212: the report printed "-12.5" in one finding
+    and "−25.0" in the next. An exact zero is unsigned (-0.0 prints "+0.0", not "−0.0"). Machine-read outputs
+    (CSV, JSON) keep the ASCII '-' their parsers read."""
+    return format(x + 0, spec).replace("-", MINUS)  # x + 0: -0.0 becomes 0.0, an int stays an int
+
+
 def plain_number(text: str) -> str:
     """A tick number as matplotlib's log formatter writes it in mathtext ('$\\mathdefault{2\\times10^{-3}}$') as
     the plain text it typesets ('2×10⁻³'); any other text as it is."""
@@ -49,7 +60,7 @@ def plain_number(text: str) -> str:
     if not m:
         return text
     body = re.sub(r"\^\{(-?\d+)\}", lambda e: e[1].translate(SUPERSCRIPTS), m[1].replace("\\times", "×"))
-    return body.replace("-", "−")
+    return body.replace("-", MINUS)
 
 
 @functools.cache

@@ -10,7 +10,7 @@ from typing import Callable
 
 import numpy as np
 
-from figures import paper
+from figures import number, paper
 from figures.paper import SHIFT_RATIO
 from figures.results import METHOD_LABELS, Replication, short
 from figures.steps import metric_word
@@ -72,7 +72,7 @@ CLAIMS: dict[str, tuple[str, str]] = {
                                "averaging (Eq. 1)"),
     "carriers_fall_short": ("Table 5, §5.5", "a merged LM in a multimodal carrier keeps most of the expert's "
                             "modality skill (" + ", ".join(
-                                f"{col} " + "/".join(f"−{row[i]:.{TABLE5_DECIMALS}f}" for row in TABLE5_LOSSES)
+                                f"{col} " + "/".join(number(-row[i], f".{TABLE5_DECIMALS}f") for row in TABLE5_LOSSES)
                                 for i, col in enumerate(paper.TABLE5_COLUMNS)) + " points)"),
     # the paper's Figure 3 measured MMLU, MMLU-Pro and MMMU only: it claims no video gain
     "steps_tradeoff": ("Figure 3, §6.2", "fine-tuning the merge generally improves MMMU while text (MMLU, MMLU-Pro) "
@@ -111,12 +111,12 @@ def _column_claim(name: str, r: Replication) -> str | None:
         return None
     d, base = column_deltas(r), column_base(col)
     if name == "text_costs":
-        rows = ", ".join(f"{md_text(r.paper_name(e))} {d[e]:+.1f}" for e in r.experts)
+        rows = ", ".join(f"{md_text(r.paper_name(e))} {number(d[e], '+.1f')}" for e in r.experts)
         return (f"on {md_text(col)}, the paper's column for the text set, modality fine-tuning moves the base LLM as Table 3's "
-                f"Qwen2-7B extensions do (base {base:.1f}; {rows})")
-    rows = ", ".join(f"{METHOD_LABELS[m]} {d[m]:+.1f}" for m in PAPER_MERGES)
+                f"Qwen2-7B extensions do (base {number(base, '.1f')}; {rows})")
+    rows = ", ".join(f"{METHOD_LABELS[m]} {number(d[m], '+.1f')}" for m in PAPER_MERGES)
     return (f"on {md_text(col)}, the paper's column for the text set, merging moves the base as Table 4 shows (base "
-            f"{base:.1f}; {rows})")
+            f"{number(base, '.1f')}; {rows})")
 
 
 def goes_as(paper_delta: float, lo: float, hi: float) -> bool:
@@ -162,11 +162,11 @@ def points(x: float) -> str:
     are 0 (a lower bound of 0.975 items in 2,700, Video-MME's size, is 0.036 points: a measurable gain printed
     '+0.0')."""
     v = 100 * x
-    return f"{v:+.{decimals(v, sign)}f}"
+    return number(v, f"+.{decimals(v, sign)}f")
 
 
 def pct(x: float) -> str:
-    return f"{100 * x:.1f}"
+    return number(100 * x, ".1f")
 
 
 def interval(v: float, lo: float, hi: float) -> str:
@@ -179,8 +179,8 @@ def text_costs(r: Replication) -> Finding:
     diffs = {e: run.row(e, r.data(r.cfg["eval"]["text"])) for e in r.experts}
     # named column: MMLU-Pro, say, where the paper's extensions gain: a measured cost there is no agreement
     want = column_deltas(r) if text_column(r) else None
-    ev = "; ".join(f"{md_text(e)} {interval(x[col], x[lo], x[hi])} points" + (f" (paper {want[e]:+.1f})" if want else "")
-                   for e, x in diffs.items())
+    ev = "; ".join(f"{md_text(e)} {interval(x[col], x[lo], x[hi])} points"
+                   + (f" (paper {number(want[e], '+.1f')})" if want else "") for e, x in diffs.items())
     if want:
         ok = [e for e, x in diffs.items() if goes_as(want[e], x[lo], x[hi])]
         crit = column_criterion("each expert's paired difference to the base on the text set",
@@ -218,7 +218,7 @@ def shallow_layers(r: Replication) -> Finding:
             return _found(shallow_layers, "not measured", f"{md_text(e)}'s sweep has {n} layer: no deep half.", crit)
         shallow, deep = h[h["layer"] < n / 2]["kl"].mean(), h[h["layer"] >= n / 2]["kl"].mean()
         ok += bool(shallow > deep)
-        ev.append(f"{md_text(e)}: {shallow:.3g} vs {deep:.3g} nats")
+        ev.append(f"{md_text(e)}: {number(shallow, '.3g')} vs {number(deep, '.3g')} nats")
     verdict = "agrees" if ok == len(r.experts) else ("partly" if ok else "disagrees")
     return _found(shallow_layers, verdict, f"Mean KL, shallow vs deep half: {'; '.join(ev)}.", crit)
 
@@ -233,7 +233,7 @@ def shift_ratio(r: Replication) -> Finding:
               f"with no expert standing for Qwen2-VL (models.paper), the most shifted one ({md_text(who)})")
     crit = (f"{stands} has the largest mean Δavg and at least {SHIFT_RATIO:.0f}× every other expert's; largest "
             "but less than that is 'partly'")
-    ev = ", ".join(f"{md_text(e)} {v:.3g}" for e, v in means.items())
+    ev = ", ".join(f"{md_text(e)} {number(v, '.3g')}" for e, v in means.items())
     if len(means) < 2:  # a single expert: no other to shift less (its ratio read inf×, and the finding agreed)
         return _found(shift_ratio, "not measured", f"Mean Δavg: {ev}; no other expert to compare with.", crit)
     other = max((e for e in means if e != who), key=means.get)
@@ -241,7 +241,7 @@ def shift_ratio(r: Replication) -> Finding:
              float("inf") if means[who] > 0 else float("nan"))
     largest = means[who] > means[other]  # a tie is not "shifts most"
     verdict = "agrees" if largest and ratio >= SHIFT_RATIO else ("partly" if largest else "disagrees")
-    shown = f"{ratio:.{decimals(ratio, lambda x: x >= SHIFT_RATIO, 2)}f}" if np.isfinite(ratio) else f"{ratio}"
+    shown = number(ratio, f".{decimals(ratio, lambda x: x >= SHIFT_RATIO, 2)}f") if np.isfinite(ratio) else f"{ratio}"
     return _found(shift_ratio, verdict,
                   f"Mean Δavg: {ev}; {md_text(who)} is {shown}× the largest of the others ({md_text(other)}).", crit)
 
@@ -256,7 +256,8 @@ def merge_keeps_text(r: Replication) -> Finding:
         x = run.row(r.merge_dir(m), text)
         d, lo, hi = (x[c] for c in run.diff_columns)
         ok += goes_as(want[m], lo, hi) if want else bool(hi >= 0)
-        ev.append(f"{METHOD_LABELS[m]} {interval(d, lo, hi)} points" + (f" (paper {want[m]:+.1f})" if want else ""))
+        ev.append(f"{METHOD_LABELS[m]} {interval(d, lo, hi)} points"
+                  + (f" (paper {number(want[m], '+.1f')})" if want else ""))
     crit = (column_criterion("the paired difference to the base on text of each of the Eq. 1 and Eq. 4 merged LMs",
                              "Table 4", r) if want else
             "the paired difference to the base on text of the Eq. 1 and Eq. 4 merged LMs has a 95 % interval "
@@ -296,8 +297,9 @@ def carriers_fall_short(r: Replication) -> Finding:
     within = lambda x: reaches(MERGE_LOSS, x)  # noqa: E731
     small = [within(x) for *_, x in losses]
     verdict = "agrees" if all(small) else ("partly" if any(small) else "disagrees")
-    # x is a loss: a carrier scoring as its expert prints +0.0, as its table's paired difference does
-    ev = "; ".join(f"{md_text(e)} {METHOD_LABELS[m]} {'−' if x > 0 else '+'}{abs(x):.{decimals(x, within)}f}"
+    # x is a loss, printed as carrier minus expert (0.0 - x: a carrier scoring as its expert prints +0.0, as its
+    # table's paired difference does, not -0.0)
+    ev = "; ".join(f"{md_text(e)} {METHOD_LABELS[m]} {number(0.0 - x, f'+.{decimals(x, within)}f')}"
                    for e, m, x in losses)
     return _found(carriers_fall_short, verdict, f"Carrier minus expert, points: {ev}.", crit)
 
@@ -318,7 +320,7 @@ def steps_tradeoff(r: Replication) -> Finding:
     crit = ("in every run trained on more than one modality, each non-text set gains measurably from step 0 to the "
             "last step (the paired 95 % interval of last minus step 0 above 0), and text peaks before the last step "
             "and ends measurably below its peak (the paired interval of last minus peak below 0, at 95 % over the "
-            "K - 1 checkpoints the peak is picked from: 1 - 0.05/(K - 1) each, Bonferroni)")
+            "K − 1 checkpoints the peak is picked from: 1 − 0.05/(K − 1) each, Bonferroni)")
     text_label, labels = r.cfg["eval"]["text"], r.cfg["finetune"]["eval_data"]
     ev, verdicts, metrics = [], [], []
     multi = [n for n, mix in r.runs.items() if len(mix) > 1]
@@ -381,7 +383,7 @@ def distinct_directions(r: Replication) -> Finding:
            for a, b in pairs}
     ok = [p for p, c in cos.items() if c < DISTINCT_COSINE]
     verdict = "agrees" if len(ok) == len(cos) else ("partly" if ok else "disagrees")
-    ev = "; ".join(f"{md_text(a)}/{md_text(b)} {c:.2f}" for (a, b), c in cos.items())
+    ev = "; ".join(f"{md_text(a)}/{md_text(b)} {number(c, '.2f')}" for (a, b), c in cos.items())
     return _found(distinct_directions, verdict, f"Cosines of the runs' moves: {ev}.", crit)
 
 
@@ -397,9 +399,9 @@ def merge_aggregates(r: Replication) -> Finding:
     dist = {m: float(np.linalg.norm(pos[r.merge_dir(m)] - c)) for m in r.methods}
     ok = [m for m, d in dist.items() if d <= spread]
     verdict = "agrees" if len(ok) == len(dist) else ("partly" if ok else "disagrees")
-    ev = "; ".join(f"{METHOD_LABELS[m]} {d:.3g}" for m, d in dist.items())
-    return _found(merge_aggregates, verdict, f"Distance to the inputs' centroid: {ev} (farthest input {spread:.3g}).",
-                  crit)
+    ev = "; ".join(f"{METHOD_LABELS[m]} {number(d, '.3g')}" for m, d in dist.items())
+    return _found(merge_aggregates, verdict,
+                  f"Distance to the inputs' centroid: {ev} (farthest input {number(spread, '.3g')}).", crit)
 
 
 CHECKS: list[tuple[str, Callable[[Replication], Finding], tuple[str, ...]]] = [

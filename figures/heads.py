@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from figures import (PAGE_HEIGHT, PAGE_WIDTH, UNIT, drawn_as_written, fit_bar_labels, label_step, read_json, read_table,
-                     save_figure)
+from figures import (PAGE_HEIGHT, PAGE_WIDTH, UNIT, drawn_as_written, fit_bar_labels, label_step, number, read_json,
+                     read_table, save_figure)
 from probe.errors import BadInput
 from probe.results import HEAD_METRIC_BOUNDS
 
@@ -51,15 +51,16 @@ def extend_for(values: np.ndarray, vmin: float, vmax: float) -> str:
     return "both" if low and high else "min" if low else "max" if high else "neither"
 
 
-def clip_note(values: np.ndarray, vmin: float, vmax: float, fmt: str) -> str:
+def clip_note(values: np.ndarray, vmin: float, vmax: float, spec: str, unit: str = "") -> str:
     """What a clipped colour scale hides, for its label: how many heads lie past it and the farthest value (an
-    outlier head's magnitude is itself a finding: a sink head at 3 nats against the rest's 0.05)."""
+    outlier head's magnitude is itself a finding: a sink head at 3 nats against the rest's 0.05), formatted by
+    ``spec`` (figures.number: its minus sign as the bar's tick labels draw theirs) and followed by ``unit``."""
     v = values[np.isfinite(values)]
     past = v[(v < vmin) | (v > vmax)]
     if not past.size:
         return ""
     far = past[np.argmax(np.abs(past - (vmin + vmax) / 2))]
-    return f"\n(scale clipped at the 99th percentile; {past.size} past it, up to {fmt.format(far)})"
+    return f"\n(scale clipped at the 99th percentile; {past.size} past it, up to {number(far, spec)}{unit})"
 
 
 CELLS_LEFT_OUT = "(numbers too small for the cells: the colour bar gives them)"  # the x-label's second line
@@ -67,7 +68,8 @@ CELLS_LEFT_OUT = "(numbers too small for the cells: the colour bar gives them)" 
 
 def fit_cell_texts(ax: Any, cells: list[tuple[Any, float]], formats: list[str], shape: tuple[int, int],
                    pad: float = 1.0) -> bool:
-    """Each (text, value) of ``cells`` printed in its heatmap cell in the first of ``formats`` whose every text
+    """Each (text, value) of ``cells`` printed in its heatmap cell in the first of ``formats`` (format specs, through
+    figures.number) whose every text
     fits its cell (``pad`` points to spare each side) at the figure's present layout, so call it after
     ``tight_layout``; where none fits, the texts are removed and the colours alone give the values (returns False,
     for the caller to say so: blank cells beside maps that print theirs looked like missing values). Chosen once
@@ -81,7 +83,7 @@ def fit_cell_texts(ax: Any, cells: list[tuple[Any, float]], formats: list[str], 
     room_h = frame.height / shape[0] - 2 * pad * fig.dpi / 72
     for fmt in formats:
         for t, v in cells:
-            t.set_text(fmt.format(v))
+            t.set_text(number(v, fmt))
         boxes = [t.get_window_extent(renderer) for t, _ in cells]
         if all(b.width <= room_w and b.height <= room_h for b in boxes):
             return True
@@ -129,7 +131,8 @@ def draw_metric(heads: pd.DataFrame, baseline: dict, metric: str, out_stem: Path
         vmin, vmax = 0.0, 100.0
     im = ax.imshow(grid, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
     cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, extend=extend_for(grid, vmin, vmax))
-    note = clip_note(grid, vmin, vmax, "{:.3g}" if metric == "kl" else "{:.1f} %") if clipped else ""
+    spec = (".3g", "") if metric == "kl" else (".1f", " %")  # the value, its unit
+    note = clip_note(grid, vmin, vmax, *spec) if clipped else ""
     cbar.set_label("KL [nats]" + note if metric == "kl"
                    else metric.replace("_", " ") + f" [%] (colour centred on the baseline){note}", fontsize=8)
     if centred:
@@ -148,15 +151,15 @@ def draw_metric(heads: pd.DataFrame, baseline: dict, metric: str, out_stem: Path
     cells: list[tuple[Any, float]] = []  # (text, value) of each cell that prints its value
     if n_l * n_h <= 100:  # small grids: print the values in the cells
         # one decimal where it fits: whole percents showed 44.5 as "44" and 12.5 (of 16 items) as "12"
-        formats = ["{:.3f}", "{:.2f}"] if metric == "kl" else ["{:.1f}", "{:.0f}"] if cell >= 0.45 else ["{:.0f}"]
+        formats = [".3f", ".2f"] if metric == "kl" else [".1f", ".0f"] if cell >= 0.45 else [".0f"]
         for i in range(n_l):
             for j in range(n_h):
                 if np.isfinite(grid[i, j]):
                     r, g, b, _ = im.cmap(im.norm(grid[i, j]))
                     dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5  # text colour by cell luminance
-                    cells.append((ax.text(j, i, formats[0].format(grid[i, j]), ha="center", va="center", fontsize=7,
+                    cells.append((ax.text(j, i, number(grid[i, j], formats[0]), ha="center", va="center", fontsize=7,
                                           color="white" if dark else "black"), float(grid[i, j])))
-    base_txt = "" if metric == "kl" else f" — baseline {100 * baseline.get(metric, float('nan')):.1f} %"
+    base_txt = "" if metric == "kl" else f" — baseline {number(100 * baseline.get(metric, float('nan')), '.1f')} %"
     n = baseline.get("n_items", "?")
     # lines wrapped to the figure (about 14 characters an inch at 9 pt): a narrow grid (SmolLM2's 9 heads, 4.5 in)
     # cut a long model path and data set off at both edges

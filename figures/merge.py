@@ -325,8 +325,8 @@ def _draw_page(names: list[str], titles: list[str], sals: list[np.ndarray | None
             cb2 = fig.colorbar(im2, ax=ax2, fraction=0.046, aspect=aspect, extend=extend_for(s, vmin, vmax))
             cb2.ax.tick_params(labelsize=7)
             # the clip note in short lines: in one it ran along the bar past the panel (and off the page's foot)
-            note = "\n" + "\n".join(textwrap.wrap(clip_note(s, vmin, vmax, "{:.3g}" if metric == "kl" else
-                                                              "{:+.1f}").strip(), 26)) if clipped else ""
+            note = "\n" + "\n".join(textwrap.wrap(clip_note(s, vmin, vmax, ".3g" if metric == "kl" else
+                                                              "+.1f").strip(), 26)) if clipped else ""
             cb2.set_label(f"{what} [{unit}]" + note, fontsize=7)
         for a in (ax, ax2):
             a.tick_params(labelsize=7)

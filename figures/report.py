@@ -20,8 +20,8 @@ from typing import Any
 
 
 from figures import (bar_aspect, drawn_as_written, drop_stale_pages, fit_bar_labels, fit_stack_gaps, heatmap_ticks,
-                     heatmap_ticks_again, lay_out, page_caption, page_panels, page_split, page_stem, paper, read_json,
-                     save_figure)
+                     heatmap_ticks_again, lay_out, number, page_caption, page_panels, page_split, page_stem, paper,
+                     read_json, save_figure)
 from figures.findings import Finding, findings, interval
 from figures.merge import current_info
 from figures.results import METHOD_LABELS, EvalRun, Replication, short
@@ -163,7 +163,7 @@ def exact_legend(cells: list[tuple[str, EvalRun, str, str]]) -> str | None:
         v = r[run.metric]
         if r["n_items"] and v in (0.0, 1.0):  # the cells probe.eval's _cell marks †
             lo, hi = reported_interval(v, r[f"{run.metric}_lo"], r[f"{run.metric}_hi"], r["n_items"])
-            exact.append(f"{md_text(label)} [{100 * lo:.1f}, {100 * hi:.1f}]")
+            exact.append(f"{md_text(label)} [{number(100 * lo, '.1f')}, {number(100 * hi, '.1f')}]")
     return f"{ALIKE_MARK}; exact 95 % Clopper-Pearson intervals: {'; '.join(exact)}." if exact else None
 
 
@@ -171,11 +171,11 @@ def mix_text(mix: dict[str, float]) -> str:
     """A fine-tuning run's data mix, as markdown (its set labels through md_text)."""
     if len(mix) == 1:
         return f"{md_text(next(iter(mix)))} only"
-    return f"{':'.join(map(md_text, mix))} = {':'.join(f'{v:g}' for v in mix.values())}"
+    return f"{':'.join(map(md_text, mix))} = {':'.join(number(v) for v in mix.values())}"
 
 
 def _paper_table(d: Doc, rows: dict[str, list[float]], columns: list[str], caption: str) -> None:
-    d.table(["paper model", *map(md_text, columns)], [[md_text(k), *[f"{x:g}" for x in v]] for k, v in rows.items()],
+    d.table(["paper model", *map(md_text, columns)], [[md_text(k), *map(number, v)] for k, v in rows.items()],
             caption)
 
 
@@ -310,12 +310,12 @@ def _figure2_page(r: Replication, models: list[str]) -> tuple[Any, list[tuple[An
             ax.set_ylabel("layer", fontsize=8)
             cb = fig.colorbar(im, ax=ax, fraction=0.046, aspect=aspect, extend=extend_for(grid, vmin, vmax))
             cb.ax.tick_params(labelsize=7)
-            cb.set_label(label + (clip_note(grid, vmin, vmax, "{:.3g}" if metric == "kl" else "{:+.1f}")
+            cb.set_label(label + (clip_note(grid, vmin, vmax, ".3g" if metric == "kl" else "+.1f")
                                   if clipped else ""), fontsize=7)
             if row == 0:
                 what = "text" if m == r.base else r.own[r.experts.index(m)]
                 title = (f"{m} on {what} ({r.cfg['heads']['split']})\nbaseline prob. acc. "
-                         f"{100 * base['prob_accuracy']:.1f} % (n={base['n_items']})")
+                         f"{number(100 * base['prob_accuracy'], '.1f')} % (n={base['n_items']})")
                 ax.set_title("\n".join(textwrap.fill(line, chars) for line in title.split("\n")), fontsize=8)
                 titles.append((ax, title))
     return fig, maps, titles
@@ -383,9 +383,9 @@ def build(r: Replication, figdir: Path, state: RunState | None = None) -> Doc:
                 continue
             h, b = r.heads(m, need=("kl",))
             h = h.sort_values("kl", ascending=False)
-            top = ", ".join(f"L{x.layer}.H{x.head} ({x.kl:.2f})" for x in h.head(3).itertuples())
-            acc = "—" if b["accuracy"] != b["accuracy"] else f"{100 * b['accuracy']:.1f}"
-            rows.append([md_text(m), str(b["n_items"]), acc, f"{100 * b['prob_accuracy']:.1f}", top])
+            top = ", ".join(f"L{x.layer}.H{x.head} ({number(x.kl, '.2f')})" for x in h.head(3).itertuples())
+            acc = "—" if b["accuracy"] != b["accuracy"] else number(100 * b["accuracy"], ".1f")
+            rows.append([md_text(m), str(b["n_items"]), acc, number(100 * b["prob_accuracy"], ".1f"), top])
         d.table(["model", "items", "accuracy", "prob. accuracy", "most salient heads (KL, nats)"], rows,
                 "This run: unmasked baselines of the sweeps and their three most salient heads")
         for png in draw_figure2(r, figdir / "figure2.png"):
@@ -404,9 +404,9 @@ def build(r: Replication, figdir: Path, state: RunState | None = None) -> Doc:
             pub = paper.SHIFT_RELEASED.get(r.paper_name(e))
             # the header promises the paper model each expert stands for: it printed the expert's name alone
             stands = f"{e} ({r.paper_name(e)})" if r.paper_name(e) else e
-            rows.append([md_text(stands), f"{per[e]['mean_delta_avg']:.4g}", _times(per[e]['ratio_to_least_shifted']),
-                         f"{weight[e]:.3f}" if e in weight else "—",
-                         f"{pub[0]:g}" if pub else "—", f"{pub[1]:.3f}" if pub else "—"])
+            rows.append([md_text(stands), number(per[e]["mean_delta_avg"], ".4g"),
+                         _times(per[e]["ratio_to_least_shifted"]), number(weight[e], ".3f") if e in weight else "—",
+                         number(pub[0]) if pub else "—", number(pub[1], ".3f") if pub else "—"])
         d.table(["expert (stands for)", "mean Δavg", "× least shifted", "Eq. 4 mean weight", "paper: mean Δavg",
                  "paper: mean weight"], rows, weights_caption(cfg["merge"]["alpha0"]))
         if any(paper.SHIFT_RELEASED.get(r.paper_name(e)) for e in r.experts):  # the paper's values printed
@@ -464,7 +464,7 @@ def build(r: Replication, figdir: Path, state: RunState | None = None) -> Doc:
     # finetune.lora trains adapters only: said, as the paper's Figure 3 trains every weight
     how = f"through rank-{ft['lora']} LoRA adapters (the paper trains every weight) for " if ft.get("lora") else ""
     d.p(f"The Eq. 4 merge inside {md_code(ft['carrier'])}'s carrier, fine-tuned {how}{ft['steps']} steps (batch "
-        f"{ft['batch_size']}, LM lr {ft['lm_lr']:g}) once per data choice: "
+        f"{ft['batch_size']}, LM lr {number(ft['lm_lr'])}) once per data choice: "
         + "; ".join(f"{md_text(n)} ({mix_text(mix)})" for n, mix in r.runs.items())
         + f". Checkpoints {r.saved_steps} evaluated on " + ", ".join(map(md_text, ft["eval_data"])) + ".")
     if r.complete("steps"):
@@ -476,7 +476,7 @@ def build(r: Replication, figdir: Path, state: RunState | None = None) -> Doc:
             metrics.append(run.metric)
             for lab in ft["eval_data"]:
                 g = t[t["data"] == run.data_names[r.data(lab)]]  # in step order (Replication.steps)
-                rows.append([md_text(name), md_text(lab), " → ".join("n/a" if n == 0 else f"{100 * v:.1f}"
+                rows.append([md_text(name), md_text(lab), " → ".join("n/a" if n == 0 else number(100 * v, ".1f")
                                                    for v, n in zip(g[run.metric], g["n_items"]))])
         # a --no-generate run's are prob. accuracies: the header said "accuracy" whatever the runs scored
         d.table(["run", "data", f"{metric_word(metrics)} at steps " + ", ".join(map(str, r.saved_steps))], rows,
@@ -613,7 +613,7 @@ def timing_rows(r: Replication) -> list[list[str]]:
     this run's settings (a record of earlier settings' stage gave its time, and the "all" row added it in), and
     their sum."""
     stages = [s for s in r.info["stages"] if s != "report" and r.recorded_complete(s)]
-    fmt = lambda v: "—" if v is None else f"{v:.0f}"  # noqa: E731
+    fmt = lambda v: "—" if v is None else number(v, ".0f")  # noqa: E731
     rows = [[s, fmt(r.seconds(s)), fmt(r.seconds(s, "cpu_seconds")), "yes" if r.resumed(s) else ""]
             if s in stages else [s, "—", "—", ""] for s in r.info["stages"] if s != "report"]
     rows.append(["all", fmt(sum(r.seconds(s) or 0 for s in stages)),
@@ -640,7 +640,7 @@ def weights_caption(alpha0: float) -> str:
     mass" whatever merge.alpha0 the run used."""
     paper_mass = "" if alpha0 == 0.5 else "; the paper's column: of the 0.5 of its α0 = 0.5"
     return ("This run beside the paper's (§5.3; the values are those of the authors' released code, weights "
-            f"(1 − α0)·α_i: shares of the {1 - alpha0:g} non-base mass{paper_mass})")
+            f"(1 − α0)·α_i: shares of the {number(1 - alpha0)} non-base mass{paper_mass})")
 
 
 def released_shift_note() -> str:
@@ -648,14 +648,14 @@ def released_shift_note() -> str:
     (Qwen2-VL) about 5× the others, where §5.3 says 10 times; printed beside them, they read as bearing it out."""
     delta = {m: d for m, (d, _) in paper.SHIFT_RELEASED.items()}
     top = max(delta, key=delta.get)
-    ratios = " and ".join(f"{delta[top] / d:.1f}× {m}'s" for m, d in delta.items() if m != top)
+    ratios = " and ".join(f"{number(delta[top] / d, '.1f')}× {m}'s" for m, d in delta.items() if m != top)
     return (f"The paper columns (the released code's values) make {top}'s mean Δavg {ratios}, not the "
-            f"{paper.SHIFT_RATIO:g}× §5.3 states.")
+            f"{number(paper.SHIFT_RATIO)}× §5.3 states.")
 
 
 def _times(ratio: float | None) -> str:
     """× least shifted; shift writes null when some model did not move (no ratio to it is defined)."""
-    return "—" if ratio is None else f"{ratio:.2f}×"
+    return "—" if ratio is None else f"{number(ratio, '.2f')}×"
 
 
 SALIENCE_METRIC_LABELS = {"kl": "mean KL", "accuracy_drop": "accuracy drop",
@@ -670,15 +670,16 @@ def merges_paragraph(m: dict, heads: dict | None = None, eval_split: str = "vali
     it says that the salience rows are scored on the items that set the salience merge's weights (until 2026-12-05
     the report did not say so); a sweep of those sets' other split (MMMU's dev) is held out."""
     said = ["Eq. 1 averages the base and every expert",
-            f"Eq. 4 (α0 = {m['alpha0']:g}, τ = {m['temperature']:g}) weights the experts by softmax(Δavg/τ)"]
+            f"Eq. 4 (α0 = {number(m['alpha0'])}, τ = {number(m['temperature'])}) weights the experts by "
+            "softmax(Δavg/τ)"]
     if "salience" in m["methods"]:
         rule = ("the base (its sweep on text) and the experts compete by softmax(ŝ/τ_s)" if m["salience_base"]
-                else f"the base keeps α0 = {m['alpha0']:g} and the experts share the rest by softmax(ŝ/τ_s)")
+                else f"the base keeps α0 = {number(m['alpha0'])} and the experts share the rest by softmax(ŝ/τ_s)")
         said.append("the salience-guided merge (ours) weights each head's slices by the Figure 2 sweeps' "
                     f"{SALIENCE_METRIC_LABELS[m['salience_metric']]} (ŝ: normalised per model; τ_s = "
-                    f"{m['salience_temperature']:g}; {rule}) and the rest by Eq. 4")
+                    f"{number(m['salience_temperature'])}; {rule}) and the rest by Eq. 4")
     if "ties" in m["methods"]:
-        said.append(f"TIES trims each task vector to {m['density']:g} of its entries (λ = {m['lam']:g})")
+        said.append(f"TIES trims each task vector to {number(m['density'])} of its entries (λ = {number(m['lam'])})")
     text = "; ".join(said) + ". Each merged LM is also transplanted into every expert's carrier."
     if "salience" in m["methods"] and heads is not None and heads.get("data") == "eval" \
             and heads.get("split") == eval_split:

@@ -1281,3 +1281,16 @@ def test_every_figure_draws_names_as_written(tmp_path, monkeypatch, kind):
     assert [n for n in want if n not in plain] == [], plain
     assert {s for s, math in lines if math} <= TYPESET
     assert matplotlib.rcParams["text.parse_math"]  # the caller's setting, as it was
+
+
+def test_a_clipped_scales_note_prints_a_negative_drop_with_the_minus_sign():
+    """A colour bar's clip note on Figure 2's signed drop (and the salience merge's) printed its farthest value with
+    an ASCII '-' ('up to -40.0') beside tick labels matplotlib draws with U+2212. Oracle: the farthest value,
+    known here."""
+    from figures.heads import centred_limits, clip_note
+
+    grid = np.array([[-40.0, 0.5, -0.5, 1.0] + [0.1 * k for k in range(196)]])
+    vmin, vmax, clipped = centred_limits(grid, 0.0)
+    assert clipped and vmin > -40.0
+    note = clip_note(grid, vmin, vmax, "+.1f")
+    assert "up to \u221240.0)" in note and not re.search(r"(?<![\w.])-\d", note), note

@@ -74,7 +74,13 @@ def _tables(section: str) -> list[list[list[str]]]:
 
 
 def _numbers(cell: str) -> list[float]:
-    return [float(x) for x in re.findall(r"[-+]?\d+\.\d+", cell)]
+    """A cell's numbers, signed as the report signs them: '+', or U+2212 (an ASCII '-' is not read as a sign)."""
+    return [float(x.replace("\u2212", "-")) for x in re.findall(r"[+\u2212]?\d+\.\d+", cell)]
+
+
+def _typeset(numbers: str) -> str:
+    """Numbers as Python formats them, with the report's minus sign (U+2212)."""
+    return numbers.replace("-", "\u2212")
 
 
 def _scores(d: Path) -> pd.DataFrame:
@@ -535,6 +541,78 @@ def test_one_verdict_line_per_finding_with_its_criterion(quick: Path) -> None:
     want = "agrees" if means[vl] >= 10 * others else ("partly" if means[vl] > others else "disagrees")
     (line,) = [x for x in detailed if "§5.3, Eq. 3" in x]
     assert line.startswith(f"- **{want}**")
+
+
+# an ASCII hyphen-minus as a number's sign: not after a word character or a point (a model "Qwen2-7B", a file
+# "figure2-2.png", a range "0-3", "L0.H3"), and outside code spans (commands, paths and names as written)
+ASCII_SIGN = re.compile(r"(?<![\w.])-\d")
+
+
+def _ascii_signs(text: str) -> list[str]:
+    """Each number of ``text`` (markdown) signed with an ASCII '-', in its context."""
+    prose = re.sub(r"`[^`\n]*`", "", text)
+    return [prose[max(0, m.start() - 30):m.end() + 8] for m in ASCII_SIGN.finditer(prose)]
+
+
+def test_every_negative_number_of_the_report_has_the_minus_sign(quick: Path) -> None:
+    """report.md mixed two minus signs: Python's f"{x:+.1f}" wrote '-12.5' (the tables, most findings) and the
+    Table 5 finding a hand-written '−25.0'. Every number the report prints now takes U+2212, as the paper and
+    matplotlib's axes write it. Oracle: the stage outputs' negative paired differences (table5/*/scores.csv),
+    each found as '−x' in report.md, and no number anywhere in its prose or tables signed with '-'; report.html,
+    rendered from the same blocks, the same."""
+    cfg = parse_config(QUICK_CONFIG)
+    md = (quick / "report.md").read_text(encoding="utf-8")
+    negative = []
+    for e, label in zip(cfg.models.experts, cfg.models.own):
+        s5 = _scores(quick / "table5" / e)
+        for m in cfg.merge.methods:
+            v = _row(s5, str(quick / "merge" / m / "carriers" / e), label)["diff_accuracy"]
+            if v < -0.0005:
+                negative.append(f"\u2212{-100 * v:.1f} [")
+    assert negative, "the quick run's carriers all fall below their experts"  # the case this test is about
+    assert all(x in md for x in negative), negative
+    assert _ascii_signs(md) == []
+    page = (quick / "report.html").read_text(encoding="utf-8")
+    body = re.sub(r"<code>.*?</code>|data:image/png;base64,[^\"]*", "", page.split("</style>", 1)[1])
+    assert [x for x in ASCII_SIGN.findall(body)] == []
+    assert body.count("\u2212") >= len(negative)
+
+
+def test_findings_print_every_negative_number_with_the_minus_sign() -> None:
+    """The findings' evidence and the report's difference cells, from stand-in runs with numbers of both signs:
+    intervals '[lo, hi]', a carrier's loss, the paper's column deltas, a cosine. Oracle: each number's sign, known
+    here; no ASCII '-' before a digit."""
+    from types import SimpleNamespace
+
+    from figures.findings import _column_claim, carriers_fall_short, text_costs, weighted_beats_average
+    from figures.report import cell
+
+    n = 100
+    below = SimpleNamespace(value=-25 / n, lo=-40 / n, hi=-10 / n)
+    around = SimpleNamespace(value=5 / n, lo=-3 / n, hi=12 / n)
+    run = SimpleNamespace(paired=lambda model, ref, data: below if data == "text" else around)
+    r = SimpleNamespace(experts=["e"], own=["image"], cfg={"eval": {"text": "text"}}, data=lambda label: label,
+                        eval=lambda *parts: run, merge_dir=lambda m: m, carrier=lambda m, e: f"{m}/{e}")
+    ev = weighted_beats_average(r).evidence
+    assert "text \u221225.0 [\u221240.0, \u221210.0]" in ev and "image +5.0 [\u22123.0, +12.0]" in ev, ev
+    cost = {"diff_accuracy": -12.5 / n, "diff_lo": -20 / n, "diff_hi": 2 / n, "n_items": n}
+    t3 = SimpleNamespace(diff_columns=("diff_accuracy", "diff_lo", "diff_hi"), row=lambda model, data: cost)
+    t3r = SimpleNamespace(experts=["e"], cfg={"eval": {"text": "text"}}, data=lambda label: label,
+                          eval=lambda *parts: t3)
+    ev3 = text_costs(t3r).evidence
+    assert "e \u221212.5 [\u221220.0, +2.0] points" in ev3, ev3
+    assert cell(t3, "e", "text", diff=True) == "\u221212.5 [\u221220.0, +2.0]"
+    acc = {("e", "e"): 0.5, ("average/e", "e"): 0.25, ("shift/e", "e"): 0.75}
+    t5 = SimpleNamespace(metric="accuracy", row=lambda model, data: {"accuracy": acc[model, data]})
+    ev5 = carriers_fall_short(SimpleNamespace(experts=["e"], own=["e"], data=lambda label: label,
+                                              eval=lambda stage, e: t5, carrier=lambda m, e: f"{m}/e")).evidence
+    assert "Eq. 1 average \u221225.0;" in ev5 and "Eq. 4 shift-weighted +25.0." in ev5, ev5
+    # the paper's Table 3 deltas on IFEval: the three Qwen2-7B extensions fall there
+    named = SimpleNamespace(experts=["vl"], cfg={"paper": {"text_column": "IFEval"}},
+                            paper_name=lambda e: "Qwen2-VL-7B-Instruct")
+    claim = _column_claim("text_costs", named)
+    assert re.search(r"Qwen2-VL-7B-Instruct \u2212\d+\.\d", claim), claim
+    assert all(_ascii_signs(x) == [] for x in (ev, ev3, ev5, claim)), (ev, ev3, ev5, claim)
 
 
 def test_html_is_self_contained_and_says_the_same(quick: Path) -> None:
@@ -1514,7 +1592,7 @@ def test_eq4_against_eq1_is_decided_on_paired_intervals(quick: Path, tmp_path: P
             "partly" if t_lo > 0 or wins else "disagrees")
     assert got.verdict == want
     for label, (v, lo, hi) in zip(labels, oracle):  # the evidence prints each set's interval
-        assert f"{label} {100 * v:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]" in got.evidence
+        assert f"{label} " + _typeset(f"{100 * v:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]") in got.evidence
     assert {"as run": True, "Eq. 4 one item ahead": want == "disagrees",  # a point-estimate lead wins nothing
             "Eq. 4 right everywhere": want == "agrees", "ties": want == "disagrees"}[case]
 
@@ -1631,7 +1709,7 @@ def test_figure3_is_decided_on_paired_intervals(quick: Path, tmp_path: Path, cas
                 # the evidence prints last minus peak (step 0's 100 %), as its arrows read: down is negative
                 v, lo, hi = _paired_oracle(items[at[last]], items[at[first]], seed, Path(specs[label]).name)
                 said.append(f"{name}: text 100.0 → peak 100.0 at step 0 → {100 * sum(worst) / n:.1f} "
-                            f"({100 * v:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] from its peak)")
+                            + _typeset(f"({100 * v:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]") + " from its peak)")
                 assert v < 0
             else:
                 up &= lo > 0
@@ -2171,17 +2249,18 @@ def test_an_interval_bound_beside_the_bar_of_0_keeps_its_sign() -> None:
                         eval=lambda *parts: run, merge_dir=lambda m: m, carrier=lambda m, e: f"{m}/{e}")
     f = weighted_beats_average(r)
     assert f.verdict == "agrees"  # no loss on text, a measurable gain on the one modality
-    (lo,) = re.findall(r"image \+\d+\.\d+ \[([-+]\d+\.\d+),", f.evidence)
-    assert float(lo) > 0, f.evidence
+    (lo,) = re.findall(r"image \+\d+\.\d+ \[([+\u2212]\d+\.\d+),", f.evidence)
+    assert _numbers(lo)[0] > 0, f.evidence
     cost = {"diff_accuracy": -10 / n, "diff_lo": -20 / n, "diff_hi": -0.975 / n, "n_items": n}
     t3 = SimpleNamespace(diff_columns=("diff_accuracy", "diff_lo", "diff_hi"), row=lambda model, data: cost)
     f = text_costs(SimpleNamespace(experts=["e"], cfg={"eval": {"text": "text"}}, data=lambda label: label,
                                    eval=lambda *parts: t3))
     assert f.verdict == "agrees"
-    (hi,) = re.findall(r"e [-+]\d+\.\d+ \[[-+]\d+\.\d+, ([-+]\d+\.\d+)\]", f.evidence)
-    assert float(hi) < 0, f.evidence
+    (hi,) = re.findall(r"e [+\u2212]\d+\.\d+ \[[+\u2212]\d+\.\d+, ([+\u2212]\d+\.\d+)\]", f.evidence)
+    assert _numbers(hi)[0] < 0, f.evidence
     table = cell(t3, "e", "text", diff=True)
-    assert float(re.fullmatch(r"[-+]\d+\.\d+ \[[-+]\d+\.\d+, ([-+]\d+\.\d+)\]", table).group(1)) < 0, table
+    bounds = re.fullmatch(r"[+\u2212]\d+\.\d+ \[[+\u2212]\d+\.\d+, ([+\u2212]\d+\.\d+)\]", table)
+    assert _numbers(bounds[1])[0] < 0, table
 
 
 def test_the_finetune_carrier_split_over_gpus_is_checked_per_gpu(monkeypatch):
