@@ -589,11 +589,14 @@ def supported_families_markdown() -> str:
         aliases = [a.alias for a in ALIASES.values() if a.family == fam.name and not a.source.startswith("organism:")]
         types = ", ".join(f"`{t}`" for t in fam.model_types)
         note = f" ({fam.note})" if fam.note else ""
-        chat = (f"the first its tokenizer fits of {', '.join(fam.chat_by_tokenizer)}, else "
-                if fam.chat_by_tokenizer else "") + "".join(
-            f"{c} where a {lm} LM's tokenizer fits it, else " for lm, c in fam.chat_by_lm_tokenizer) + fam.chat + "".join(f" ({lm}: {c})" for lm, c in fam.chat_by_lm) + (
-            f", else the first its tokenizer fits of {', '.join(fam.chat_fallbacks)}"
-            if fam.chat_fallbacks else "")
+        by_tokenizer = f"the first its tokenizer fits of {', '.join(fam.chat_by_tokenizer)}, else " \
+            if fam.chat_by_tokenizer else ""
+        by_lm_tokenizer = "".join(f"{c} where a {lm} LM's tokenizer fits it, else "
+                                  for lm, c in fam.chat_by_lm_tokenizer)
+        by_lm = "".join(f" ({lm}: {c})" for lm, c in fam.chat_by_lm)
+        fallbacks = f", else the first its tokenizer fits of {', '.join(fam.chat_fallbacks)}" \
+            if fam.chat_fallbacks else ""
+        chat = by_tokenizer + by_lm_tokenizer + fam.chat + by_lm + fallbacks
         lines.append(f"| {types} | `{fam.name}`{note} | `{fam.model_class}` | {', '.join(fam.modalities)} | {chat} | "
                      f"{', '.join(commands)} | {lm_cls} | {', '.join(f'`{lay.name}`' for lay in layouts) or '-'} | "
                      f"{', '.join(f'`{a}`' for a in aliases) or '-'} |")

@@ -183,10 +183,11 @@ def tokenizer_fits(fmt: ChatFormat, tokenizer: Any) -> bool:
 def tokenizer_chat_format(family: Family, config: Mapping[str, Any], tokenizer: Any) -> str:
     """The ``CHAT_FORMATS`` key of a model of ``family`` and ``config`` read by ``tokenizer``: its row's for its LM
     type (``probe.lm_config.chat_format``) where the row has no ``chat_by_tokenizer``, ``chat_by_lm_tokenizer`` for
-    its LM type nor ``chat_fallbacks``; else the first of those formats, that one and the fallbacks the tokenizer fits
-    (``tokenizer_fits``), the last where none does. The ``llama`` row: SmolLM2 holds ChatML's tokens, Llama 3 its header tokens (3.1's template writes
-    knowledge-date lines), a Llama-2-chat tokenizer has an ``[INST]`` template, and Vicuna-1.5's Llama-2 vocabulary
-    has none of these (it would read ``<|im_start|>`` as ``<``, ``|``, …). The LLaVA rows: a Llama 3 LM's tokenizer
+    its LM type nor ``chat_fallbacks``; else the first of those formats, that one and the fallbacks the tokenizer
+    fits (``tokenizer_fits``), the last where none does. The ``llama`` row: SmolLM2 holds ChatML's tokens, Llama 3
+    its header tokens (3.1's template writes knowledge-date lines), a Llama-2-chat tokenizer has an ``[INST]``
+    template, and Vicuna-1.5's Llama-2 vocabulary has none of these (it would read ``<|im_start|>`` as ``<``, ``|``,
+    …). The LLaVA rows: a Llama 3 LM's tokenizer
     holds its header tokens, a Vicuna or Mistral LM's keeps the row's format; LLaVA-NeXT on Yi-34B (a Llama LM
     whose tokenizer holds ChatML's tokens) takes LLaVA's ``chatml_direct``."""
     name = chat_format(family, config)
