@@ -833,3 +833,164 @@ def test_a_plan_is_the_same_run_under_other_model_names_and_another_with_other_p
     assert plan_identity(a) != plan_identity(_plan(tmp_path, ("tiny", "vl"), "vl|image", "vl|image"))
     assert plan_identity(a) != plan_identity(_plan(tmp_path, ("tiny", "vl"), "tiny|image", "tiny|image"))
     assert a == _plan(tmp_path, ("tiny", "vl"), "tiny|image", "vl|image")  # the plan given is left as it was
+
+
+# --------------------------------------------------------------------------------------------------------
+# mutation round of session 43 (mut43b): probe.stats, ...
+
+
+def test_a_paired_difference_at_another_level_takes_its_percentiles_from_the_same_resamples():
+    """figures.findings asks paired_differences for 90 % intervals: the level must reach the percentiles (a level
+    dropped on the way gave the 95 % interval). Oracle: the paired resample written out, percentiles 5 and 95."""
+    from probe.stats import paired_difference
+
+    rng = np.random.default_rng(3)
+    a, b = rng.standard_normal(40), rng.standard_normal(40)
+    d = paired_difference(a, b, 11, "set|diff|accuracy", level=0.90)
+    idx = np.random.default_rng([11, zlib.crc32(b"set|diff|accuracy")]).integers(0, 40, size=(2000, 40))
+    lo, hi = np.percentile((a - b)[idx].mean(axis=1), [5, 95])
+    assert (d.value, d.lo, d.hi) == (float((a - b).mean()), lo, hi)
+
+
+def test_paired_samples_of_different_lengths_are_refused_not_broadcast():
+    """A paired difference needs one value of each model per item: numpy broadcasts a one-item sample against
+    any other, so without the check 1 vs 3 items gave a 'difference' with an interval. Oracle: the rule itself."""
+    from probe.stats import paired_difference
+
+    for a, b in ((np.ones(3), np.zeros(1)), (np.ones(1), np.zeros(3)), (np.ones(3), np.zeros(2))):
+        with pytest.raises(ValueError, match="differ in length"):
+            paired_difference(a, b, 0, "set|diff|accuracy")
+
+def test_shift_stats_streamed_in_chunks_are_the_whole_tensors():
+    """analyses.shift feeds ShiftStats a tensor in chunks (CHUNK elements); a tensor larger than one chunk whose
+    largest |Δ| lies in an early chunk must still report it (a max kept per chunk said the last chunk's).
+    Oracle: Eq. 3, max |Δ| and ‖Δ‖ / ‖θ_0‖ over the whole tensors in float64."""
+    from analyses.formulas import ShiftStats
+
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(1000, generator=g)
+    model = base + 0.01 * torch.randn(1000, generator=g)
+    model[3] += 5.0  # the largest move, in the first chunk
+    st = ShiftStats()
+    for lo in range(0, 1000, 128):
+        st.add(base[lo:lo + 128], model[lo:lo + 128])
+    d = model.double() - base.double()
+    assert st.numel == 1000
+    assert st.delta_avg == pytest.approx(float(d.abs().mean()), rel=1e-6)  # Δ taken in fp32
+    assert st.max_abs == pytest.approx(float(d.abs().max()), rel=1e-6)
+    assert st.rel_l2 == pytest.approx(float(d.norm() / base.double().norm()), rel=1e-6)
+
+def test_figures_merge_takes_task_arithmetics_affine_weights_outside_0_1():
+    """Task arithmetic θ_0 + λ Σ (θ_i − θ_0) weights [θ_0, θ_1, θ_2] by [1 − 2λ, λ, λ]: at λ = 0.7 the base's is
+    −0.4, which figures.merge's check must take (affine, not convex), while the same row of a shift merge is
+    refused. Oracle: the coefficients of that definition, written out."""
+    import pandas as pd
+
+    from figures.merge import check_weights
+    from probe.errors import BadInput
+
+    lam = 0.7
+    weights = {"base": 1 - 2 * lam, "a": lam, "b": lam}
+    rows = pd.DataFrame({"tensor": ["layers.0.mlp.up_proj.weight"] * 3, "slice": ["all"] * 3, "model": list(weights),
+                         "delta_avg": [float("nan")] * 3, "weight": list(weights.values()),
+                         "trim_threshold": [float("nan")] * 3})
+    info = {"method": "task_arithmetic", "models": ["a", "b"], "reference": "base", "n_tensors": 1,
+            "mean_weight": weights}
+    check_weights(Path("merge_weights.csv"), rows, info)
+    with pytest.raises(BadInput, match=r"must be a weight in \[0, 1\]"):
+        check_weights(Path("merge_weights.csv"), rows, info | {"method": "shift"})
+
+def test_a_subject_row_that_left_items_out_counts_that_subjects_items():
+    """scores.csv's note of a row scored on part of its items says 'N of M items …' with M that row's items (the
+    subject's, on a subject row), not the whole set's. Oracle: the items built here, 3 read of subject T and 1 read
+    of subject I, whose other 2 the model could not read."""
+    import pandas as pd
+
+    from probe.eval import DataSet, EvalPlan, ModelEntry, score_table
+
+    rows = [{"model": "part", "data": "d", "item_id": str(i), "subject": s, "correct": float(i % 2),
+             "prob_correct": float((i + 1) % 2), "p_answer": 0.3 + 0.1 * i} for s, n in (("T", 3), ("I", 1)) for i in range(n)]
+    why = "not applicable: part cannot read them"
+    plan = EvalPlan([ModelEntry("part", "part", "qwen2", "fp")], [DataSet("d", "d", "d", "fp", 6, 0, ["T", "I"])],
+                    {"part|d": why}, {"part|d": {"I": 2}}, {}, {}, {"generate": True})
+    scores = score_table(pd.DataFrame(rows), plan, None, 0).set_index("subject")
+    assert scores.loc["I", "n_items"] == 1 and scores.loc["I", "note"].startswith(f"2 of 3 items {why}")
+    assert scores.loc["all", "n_items"] == 4 and scores.loc["all", "note"].startswith(f"2 of 6 items {why}")
+    assert scores.loc["T", "note"] == ""  # nothing of T left out (and its scores vary: no other note)
+
+@pytest.mark.parametrize("n", [1, 2, 7])
+def test_a_rate_of_0_or_1_is_reported_with_the_exact_interval_down_to_one_item(n):
+    """reported_interval (scores.csv's note, table.md's †, the figures) gives a 0 % or 100 % rate the Clopper–Pearson
+    interval for any n ≥ 1, a single item included (its bootstrap interval is [v, v]); a rate in between keeps its
+    bootstrap bounds. Oracle: scipy's exact binomial interval."""
+    from scipy.stats import binomtest
+
+    from probe.stats import reported_interval
+
+    for k, v in ((n, 1.0), (0, 0.0)):
+        want = binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact")
+        assert reported_interval(v, v, v, n) == pytest.approx((want.low, want.high), abs=1e-12)
+    assert reported_interval(0.5, 0.2, 0.8, n) == (0.2, 0.8)
+
+def test_combine_is_the_weighted_sum_it_documents():
+    """analyses.formulas.combine, the in-memory θ = Σ c_j θ_j the docs name as the streaming merge's reference, with
+    affine (task arithmetic's) coefficients and a bf16 input. Oracle: the sum written out in float64."""
+    from analyses.formulas import combine
+
+    g = torch.Generator().manual_seed(0)
+    thetas = [torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g).bfloat16(), torch.randn(3, 5, generator=g)]
+    c = [1.6, -0.3, -0.3]
+    want = sum(cj * t.double() for cj, t in zip(c, thetas))
+    got = combine(thetas, c)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_kv_group_weights_average_the_query_heads_each_group_serves():
+    """A k/v_proj slice of group g is weighted by the mean ŝ of query heads g·(H/H_kv) … (g+1)·(H/H_kv) − 1 (the
+    heads that read it), for 8 heads in 2 groups (groups of 4, not a square 2 × 2 that a transposed grouping would
+    leave unchanged) and 4 heads in 2 groups (where heads 0, 2 against 0, 1 tells a strided grouping apart).
+    Oracle: ŝ, the group means and the softmax written out per group."""
+    from analyses.salience import SalienceWeights
+    from probe.lm_config import HeadGeometry
+
+    for n_heads in (8, 4):
+        n_kv, d = 2, 3
+        geom = HeadGeometry(n_layers=2, n_heads=n_heads, n_kv_heads=n_kv, head_dim=d, hidden_size=n_heads * d)
+        g = torch.Generator().manual_seed(n_heads)
+        tables = [torch.rand(2, n_heads, generator=g, dtype=torch.float64) for _ in range(3)]
+        w = SalienceWeights.build(tables, geom, temperature=0.5, alpha0=0.2, with_base=False)
+        per = n_heads // n_kv
+        shat = [t / t.mean() for t in tables]  # all positive: the clamp changes nothing
+        for layer in range(2):
+            for grp in range(n_kv):
+                z = [float(s[layer, grp * per:(grp + 1) * per].mean()) / 0.5 for s in shat]
+                e = [math.exp(v - max(z)) for v in z]
+                want = [0.2] + [0.8 * v / sum(e) for v in e]
+                assert w.group[:, layer, grp].tolist() == pytest.approx(want, rel=1e-12)
+            axis, vec = w.slice_coefficients(f"layers.{layer}.self_attn.k_proj.weight", (n_kv * d, 7))
+            assert axis == 0 and vec.shape == (4, n_kv * d)  # the base and 3 experts
+            for row in range(n_kv * d):  # row r of k_proj belongs to group r // head_dim
+                assert torch.equal(vec[:, row], w.group[:, layer, row // d])
+
+
+def test_the_exact_engines_guard_checks_the_deepest_row_of_the_first_item_once(load_tiny, monkeypatch):
+    """probe.exact's run-time guard recomputes one row with the naive oracle: the deepest head asked for (it crosses
+    the most engine-built state), on the first item only, whatever order the heads come in. Oracle: max() of the
+    heads given, and the guard's own comparison run against the naive forward."""
+    import probe.exact as exact
+    from probe.sweep import SweepConfig
+
+    loaded = load_tiny("qwen2", "eager")
+    checked = []
+    real = exact.check_against_naive
+
+    def spy(loaded, item, inputs, letter_ids, pair, got, cfg):
+        checked.append((item.id, pair))
+        return real(loaded, item, inputs, letter_ids, pair, got, cfg)
+
+    monkeypatch.setattr(exact, "check_against_naive", spy)
+    heads = [(2, 1), (3, 0), (0, 3), (1, 2)]
+    items = [make_item(with_image=False, item_id=f"validation_Art_{i}") for i in (1, 2)]
+    exact.exact_sweep(loaded, items, heads, SweepConfig(generate=False, batch_size=3))
+    assert checked == [("validation_Art_1", max(heads))]
