@@ -2609,3 +2609,32 @@ def test_the_run_state_note_shows_the_run_dir_as_written(tmp_path: Path, capsys)
     assert where in MarkdownIt("commonmark").render(note) and "<em>" not in MarkdownIt("commonmark").render(note)
     assert where in _inline(note) and "<em>" not in _inline(note), _inline(note)
     assert str(out / "heads") in run_state_note(Run(), markdown=False)
+
+
+def _config_with(tmp_path: Path, **models: str) -> Path:
+    """quick.toml copied to ``tmp_path`` with its data named absolutely and the given [models] keys replaced."""
+    text = QUICK_CONFIG.read_text(encoding="utf-8").replace("../../probe/", f"{CONFIG_DIR.parent.parent}/probe/")
+    for key, value in models.items():
+        text = re.sub(rf"(?m)^{key} = .*$", f"{key} = {json.dumps(value)}", text, count=1)
+    (tmp_path / "c.toml").write_text(text, encoding="utf-8")
+    return tmp_path / "c.toml"
+
+
+def test_a_config_models_hub_id_stays_as_written_and_a_dir_next_to_it_is_absolute(tmp_path: Path) -> None:
+    """A hub repo id ('Qwen/Qwen2-VL-7B-Instruct') that is no directory became <config dir>/Qwen/Qwen2-VL-7B-Instruct,
+    and the refusal named that path instead of what the config says. Oracle: the strings written, and the dir made."""
+    cfg = parse_config(_config_with(tmp_path, base="Qwen/Qwen2-VL-7B-Instruct"))
+    assert cfg.models.base == "Qwen/Qwen2-VL-7B-Instruct"
+    (tmp_path / "Qwen" / "Qwen2-VL-7B-Instruct").mkdir(parents=True)  # a local dir of that name: the config's
+    cfg = parse_config(_config_with(tmp_path, base="Qwen/Qwen2-VL-7B-Instruct"))
+    assert cfg.models.base == str(tmp_path / "Qwen" / "Qwen2-VL-7B-Instruct")
+    assert parse_config(_config_with(tmp_path, base="organism-base")).models.base == "organism-base"  # an alias
+
+
+def test_a_config_model_under_an_unknown_users_home_is_one_line(tmp_path: Path, capsys) -> None:
+    """``~nosuchuser/m`` as a model raised pathlib's RuntimeError from parse_config: a traceback."""
+    config = _config_with(tmp_path, base="~no-such-user-rev43/m")
+    with pytest.raises(BadInput, match="no-such-user-rev43"):
+        parse_config(config)
+    assert replicate_in_root("--config", str(config), "--out", str(tmp_path / "out")) == 2
+    assert "Traceback" not in capsys.readouterr().err and not (tmp_path / "out").exists()
