@@ -464,6 +464,12 @@ def recorded_outputs(out: Path, stage: str) -> dict[str, str]:
     return {"outputs": output_digest(out, stage), "outputs_form": CONTENT}
 
 
+def recorded_as(state: dict[str, Any]) -> list[Any]:
+    """The digests a stage reading this one may hold of its outputs: the record's, and where the record was moved
+    from size and mtime to content unchanged (``run_stage``), the one it had before."""
+    return [state.get("outputs"), *([state["legacy_outputs"]] if "legacy_outputs" in state else [])]
+
+
 def upstream_closure(stage: str) -> set[str]:
     """Every stage ``stage`` reads, directly or through others (the pipeline's graph, ``Stage.needs``)."""
     seen: set[str] = set()
@@ -490,7 +496,7 @@ def stale_reason(out: Path, name: str) -> str | None:
         return f"its outputs in {out / name} changed since it completed (edited or replaced by hand?)"
     read = st.get("upstream")
     if isinstance(read, dict):
-        if moved := [d for d in BY_NAME[name].needs if read.get(d) != read_state(out, d).get("outputs")]:
+        if moved := [d for d in BY_NAME[name].needs if read.get(d) not in recorded_as(read_state(out, d))]:
             return f"stage {', '.join(moved)} completed again since it ran, with other outputs"
     return None
 
@@ -515,6 +521,10 @@ def run_stage(ctx: Context, stage: Stage, fp: str) -> str:
             if "outputs" not in state:  # completed before outputs were recorded: from now on an edit is seen
                 write_state(ctx.out, stage.name, state | recorded_outputs(ctx.out, stage.name)
                             | {"upstream": upstream_digests(ctx.out, stage)})
+            elif state.get("outputs_form") != CONTENT:  # a big file by its mtime, just found whole: by content now
+                # (a copy, new mtimes, keeps it), the digest the stages reading it hold kept beside (stale_reason)
+                write_state(ctx.out, stage.name, state | recorded_outputs(ctx.out, stage.name)
+                            | {"legacy_outputs": state["outputs"]})
             print(f"== {stage.name}: unchanged, skipped ({state.get('seconds', 0):.0f} s when run)", file=sys.stderr)
             return "skipped"
         state = {}  # from nothing: what is left of it is not known to be whole
@@ -527,7 +537,8 @@ def run_stage(ctx: Context, stage: Stage, fp: str) -> str:
         print(f"== {stage.name}: its parts were computed in {moved_from} (the run was moved or copied since): "
               "starting it again", file=sys.stderr)
         resumed = False
-    if resumed and isinstance(state.get("upstream"), dict) and state["upstream"] != upstream:
+    if resumed and isinstance(state.get("upstream"), dict) \
+            and any(state["upstream"].get(d) not in recorded_as(read_state(ctx.out, d)) for d in stage.needs):
         # its parts were computed from the outputs an upstream stage had before it ran again
         print(f"== {stage.name}: its inputs from an upstream stage changed since it started: starting it again",
               file=sys.stderr)

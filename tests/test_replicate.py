@@ -2638,3 +2638,40 @@ def test_a_config_model_under_an_unknown_users_home_is_one_line(tmp_path: Path, 
         parse_config(config)
     assert replicate_in_root("--config", str(config), "--out", str(tmp_path / "out")) == 2
     assert "Traceback" not in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_a_stage_recorded_by_size_and_mtime_is_recorded_by_content_once_checked(tmp_path: Path, monkeypatch,
+                                                                                capsys) -> None:
+    """A record from before 2026-12-07 holds a big output file by its size and mtime (legacy_output_digest). A rerun
+    in place found it whole and skipped it, but kept that record, so a ``cp -r`` of the run (new mtimes) still ran the
+    stage again (a 7B merge), the very cost recording content was to spare. Oracle: the stage's run function, which
+    must not be called in the copy, and the copy's record then holding the content digest."""
+    from analyses import replicate as r
+
+    monkeypatch.setattr(r, "BIG_FILE", 10)  # a file of 100 bytes is "big"
+    out, copy = tmp_path / "run", tmp_path / "copy"
+    (out / "shift").mkdir(parents=True)
+    (out / "shift" / "w.bin").write_bytes(bytes(range(100)))
+    (out / r.STATE_DIR).mkdir()
+    legacy = r.legacy_output_digest(out, "shift")
+    r.write_state(out, "shift", {"stage": "shift", "fingerprint": "fp", "status": "complete", "upstream": {},
+                                 "outputs": legacy})
+    # a stage reading it, recorded then too: it holds shift's outputs as shift's record had them
+    r.write_state(out, "merge", {"stage": "merge", "fingerprint": "fm", "status": "complete",
+                                 "upstream": {"shift": legacy, "heads": None}})
+
+    def never(ctx: Context) -> None:
+        raise AssertionError("the stage ran again")
+
+    stage = r.Stage("shift", (), never, lambda c: None, lambda c, o: [o / "shift"])
+    cfg = parse_config(QUICK_CONFIG)
+    assert r.run_stage(Context(cfg, out, True, {}, {}), stage, "fp") == "skipped"
+    time.sleep(0.01)
+    shutil.copytree(out, copy, copy_function=shutil.copy)  # cp -r: new mtimes
+    assert (copy / "shift" / "w.bin").stat().st_mtime_ns != (out / "shift" / "w.bin").stat().st_mtime_ns
+    assert r.run_stage(Context(cfg, copy, True, {}, {}, was_at=str(out)), stage, "fp") == "skipped", \
+        capsys.readouterr().err
+    assert r.read_state(copy, "shift")["outputs"] == r.output_digest(copy, "shift")
+    assert r.stale_reason(copy, "merge") is None  # the record rewritten is the same outputs, not shift run again
+    (copy / "shift" / "w.bin").write_bytes(bytes(range(1, 101)))  # and an edit is still seen, by content
+    assert r.stale_reason(copy, "shift") is not None
