@@ -240,6 +240,16 @@ def _model_at(here: Path, spec: str) -> str:
     return spec if HUB_ID.fullmatch(spec) and not Path(at).exists() and not path.exists() else at
 
 
+def _not_beside(cfg: ReplicateConfig, spec: str) -> str:
+    """For a refused model kept as written (``_model_at``: a hub repo id's shape): where a folder of that name was
+    looked for, since relative folders are read beside the config."""
+    if Path(spec).is_absolute() or not cfg.source:
+        return ""
+    from probe.families import ALIASES
+
+    return "" if spec in ALIASES else f"; nor a folder beside the config ({Path(cfg.source).resolve().parent / spec})"
+
+
 def saved_config(table: Any, path: Path) -> ReplicateConfig:
     """The config a run saved in its replicate.json (``dataclasses.asdict`` of the parsed one), typed again."""
     if not isinstance(table, dict):
@@ -470,7 +480,7 @@ def check_machine(cfg: ReplicateConfig) -> tuple[dict[str, str], Placement]:
         try:
             refs[key] = resolve_model(spec)
         except BadInput as exc:
-            raise BadInput(f"config key {key!r}: {exc}") from None
+            raise BadInput(f"config key {key!r}: {exc}{_not_beside(cfg, spec)}") from None
     check_names(cfg)
     check_lm_geometry(refs)
     check_modalities_read(cfg, refs)

@@ -2620,7 +2620,7 @@ def _config_with(tmp_path: Path, **models: str) -> Path:
     return tmp_path / "c.toml"
 
 
-def test_a_config_models_hub_id_stays_as_written_and_a_dir_next_to_it_is_absolute(tmp_path: Path) -> None:
+def test_a_config_models_hub_id_stays_as_written_and_a_dir_next_to_it_is_absolute(tmp_path: Path, capsys) -> None:
     """A hub repo id ('Qwen/Qwen2-VL-7B-Instruct') that is no directory became <config dir>/Qwen/Qwen2-VL-7B-Instruct,
     and the refusal named that path instead of what the config says. Oracle: the strings written, and the dir made."""
     cfg = parse_config(_config_with(tmp_path, base="Qwen/Qwen2-VL-7B-Instruct"))
@@ -2629,6 +2629,11 @@ def test_a_config_models_hub_id_stays_as_written_and_a_dir_next_to_it_is_absolut
     cfg = parse_config(_config_with(tmp_path, base="Qwen/Qwen2-VL-7B-Instruct"))
     assert cfg.models.base == str(tmp_path / "Qwen" / "Qwen2-VL-7B-Instruct")
     assert parse_config(_config_with(tmp_path, base="organism-base")).models.base == "organism-base"  # an alias
+    config = _config_with(tmp_path, base="Qwen/Qwen2-VL-72B-Instruct")  # the refusal names it as written, and where
+    assert replicate_in_root("--config", str(config), "--out", str(tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'Qwen/Qwen2-VL-72B-Instruct'" in err and str(tmp_path / "Qwen" / "Qwen2-VL-72B-Instruct") in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
 def test_a_config_model_under_an_unknown_users_home_is_one_line(tmp_path: Path, capsys) -> None:
