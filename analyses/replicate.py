@@ -504,7 +504,9 @@ def stale_reason(out: Path, name: str) -> str | None:
 def ran_elsewhere(ctx: Context, state: dict[str, Any]) -> str | None:
     """The folder a stage's record says it ran in (its ``out``; a record from before: the one replicate.json named)
     when that is not ``ctx.out``: the run was copied or moved since. None when it ran here, or nothing says where."""
-    ran = state.get("out", ctx.was_at)
+    ran, real = state.get("out", ctx.was_at), state.get("resolved_out")
+    if isinstance(real, str):  # a relative "out" resolved from the cwd it ran in: continued from another cwd, the same
+        return None if Path(real) == ctx.out.resolve() else real  # folder had looked moved, the stage started over
     if not isinstance(ran, str) or Path(ran) == ctx.out or Path(ran).resolve() == ctx.out.resolve():
         return None
     return ran
@@ -554,13 +556,14 @@ def run_stage(ctx: Context, stage: Stage, fp: str) -> str:
     print(f"== {stage.name}: {'continuing' if resumed else 'running'}", file=sys.stderr)
     t0, c0 = time.perf_counter(), time.process_time()
     started = state.get("started") if resumed else time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    write_state(ctx.out, stage.name, {"stage": stage.name, "fingerprint": fp, "status": "running", "out": str(ctx.out),
+    where = {"out": str(ctx.out), "resolved_out": str(ctx.out.resolve())}
+    write_state(ctx.out, stage.name, {"stage": stage.name, "fingerprint": fp, "status": "running", **where,
                                       "started": started, "versions": now, "upstream": upstream})
     stage.run(ctx)
     seconds = time.perf_counter() - t0
     # CPU seconds of all this process's threads: what the stage costs, whatever else shares the machine
     write_state(ctx.out, stage.name, {"stage": stage.name, "fingerprint": fp, "status": "complete",
-                                      "out": str(ctx.out), "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                      **where, "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                       "seconds": round(seconds, 1),
                                       "cpu_seconds": round(time.process_time() - c0, 1), "resumed": resumed,
                                       "versions": now, "upstream": upstream,

@@ -2680,3 +2680,29 @@ def test_a_stage_recorded_by_size_and_mtime_is_recorded_by_content_once_checked(
     assert r.stale_reason(copy, "merge") is None  # the record rewritten is the same outputs, not shift run again
     (copy / "shift" / "w.bin").write_bytes(bytes(range(1, 101)))  # and an edit is still seen, by content
     assert r.stale_reason(copy, "shift") is not None
+
+
+def test_a_killed_stage_continued_from_another_working_dir_is_not_taken_for_a_copy(tmp_path: Path, monkeypatch,
+                                                                                   capsys) -> None:
+    """A stage's record says where it ran (its ``out``, as spelt then): a relative --out (``--out run``) killed,
+    then continued from another working dir (``--out ../run`` from a folder inside) was taken for a moved or copied
+    run, and the stage started over. Oracle: the folder is the same one (same inode), so the stage continues."""
+    from analyses import replicate as r
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run" / r.STATE_DIR).mkdir(parents=True)
+    (tmp_path / "inside").mkdir()
+
+    def killed(ctx: Context) -> None:
+        raise KeyboardInterrupt
+
+    stage = r.Stage("shift", (), killed, lambda c: None, lambda c, o: [o / "shift"])
+    cfg = parse_config(QUICK_CONFIG)
+    with pytest.raises(KeyboardInterrupt):
+        r.run_stage(Context(cfg, Path("run"), True, {}, {}), stage, "fp")
+    monkeypatch.chdir(tmp_path / "inside")
+    capsys.readouterr()
+    done = r.Stage("shift", (), lambda ctx: None, lambda c: None, lambda c, o: [o / "shift"])
+    assert r.run_stage(Context(cfg, Path("../run"), True, {}, {}), done, "fp") == "ran"
+    err = capsys.readouterr().err
+    assert "== shift: continuing" in err and "moved or copied" not in err, err
