@@ -464,6 +464,12 @@ def recorded_outputs(out: Path, stage: str) -> dict[str, str]:
     return {"outputs": output_digest(out, stage), "outputs_form": CONTENT}
 
 
+def recorded_as(state: dict[str, Any]) -> list[Any]:
+    """The digests a stage reading this one may hold of its outputs: the record's, and where the record was moved
+    from size and mtime to content unchanged (``run_stage``), the one it had before."""
+    return [state.get("outputs"), *([state["legacy_outputs"]] if "legacy_outputs" in state else [])]
+
+
 def upstream_closure(stage: str) -> set[str]:
     """Every stage ``stage`` reads, directly or through others (the pipeline's graph, ``Stage.needs``)."""
     seen: set[str] = set()
@@ -490,7 +496,7 @@ def stale_reason(out: Path, name: str) -> str | None:
         return f"its outputs in {out / name} changed since it completed (edited or replaced by hand?)"
     read = st.get("upstream")
     if isinstance(read, dict):
-        if moved := [d for d in BY_NAME[name].needs if read.get(d) != read_state(out, d).get("outputs")]:
+        if moved := [d for d in BY_NAME[name].needs if read.get(d) not in recorded_as(read_state(out, d))]:
             return f"stage {', '.join(moved)} completed again since it ran, with other outputs"
     return None
 
@@ -498,7 +504,9 @@ def stale_reason(out: Path, name: str) -> str | None:
 def ran_elsewhere(ctx: Context, state: dict[str, Any]) -> str | None:
     """The folder a stage's record says it ran in (its ``out``; a record from before: the one replicate.json named)
     when that is not ``ctx.out``: the run was copied or moved since. None when it ran here, or nothing says where."""
-    ran = state.get("out", ctx.was_at)
+    ran, real = state.get("out", ctx.was_at), state.get("resolved_out")
+    if isinstance(real, str):  # a relative "out" resolved from the cwd it ran in: continued from another cwd, the same
+        return None if Path(real) == ctx.out.resolve() else real  # folder had looked moved, the stage started over
     if not isinstance(ran, str) or Path(ran) == ctx.out or Path(ran).resolve() == ctx.out.resolve():
         return None
     return ran
@@ -515,6 +523,10 @@ def run_stage(ctx: Context, stage: Stage, fp: str) -> str:
             if "outputs" not in state:  # completed before outputs were recorded: from now on an edit is seen
                 write_state(ctx.out, stage.name, state | recorded_outputs(ctx.out, stage.name)
                             | {"upstream": upstream_digests(ctx.out, stage)})
+            elif state.get("outputs_form") != CONTENT:  # a big file by its mtime, just found whole: by content now
+                # (a copy, new mtimes, keeps it), the digest the stages reading it hold kept beside (stale_reason)
+                write_state(ctx.out, stage.name, state | recorded_outputs(ctx.out, stage.name)
+                            | {"legacy_outputs": state["outputs"]})
             print(f"== {stage.name}: unchanged, skipped ({state.get('seconds', 0):.0f} s when run)", file=sys.stderr)
             return "skipped"
         state = {}  # from nothing: what is left of it is not known to be whole
@@ -527,7 +539,8 @@ def run_stage(ctx: Context, stage: Stage, fp: str) -> str:
         print(f"== {stage.name}: its parts were computed in {moved_from} (the run was moved or copied since): "
               "starting it again", file=sys.stderr)
         resumed = False
-    if resumed and isinstance(state.get("upstream"), dict) and state["upstream"] != upstream:
+    if resumed and isinstance(state.get("upstream"), dict) \
+            and any(state["upstream"].get(d) not in recorded_as(read_state(ctx.out, d)) for d in stage.needs):
         # its parts were computed from the outputs an upstream stage had before it ran again
         print(f"== {stage.name}: its inputs from an upstream stage changed since it started: starting it again",
               file=sys.stderr)
@@ -543,13 +556,14 @@ def run_stage(ctx: Context, stage: Stage, fp: str) -> str:
     print(f"== {stage.name}: {'continuing' if resumed else 'running'}", file=sys.stderr)
     t0, c0 = time.perf_counter(), time.process_time()
     started = state.get("started") if resumed else time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    write_state(ctx.out, stage.name, {"stage": stage.name, "fingerprint": fp, "status": "running", "out": str(ctx.out),
+    where = {"out": str(ctx.out), "resolved_out": str(ctx.out.resolve())}
+    write_state(ctx.out, stage.name, {"stage": stage.name, "fingerprint": fp, "status": "running", **where,
                                       "started": started, "versions": now, "upstream": upstream})
     stage.run(ctx)
     seconds = time.perf_counter() - t0
     # CPU seconds of all this process's threads: what the stage costs, whatever else shares the machine
     write_state(ctx.out, stage.name, {"stage": stage.name, "fingerprint": fp, "status": "complete",
-                                      "out": str(ctx.out), "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                      **where, "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                       "seconds": round(seconds, 1),
                                       "cpu_seconds": round(time.process_time() - c0, 1), "resumed": resumed,
                                       "versions": now, "upstream": upstream,

@@ -221,12 +221,33 @@ def parse_config(path: Path) -> ReplicateConfig:
     return dataclasses.replace(cfg, models=models, data=data, train=train, finetune=finetune, source=str(path))
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # a hub repo's id: "Qwen/Qwen2-VL-7B-Instruct"
+
+
 def _model_at(here: Path, spec: str) -> str:
     """A model directory as the config file names it: absolute, links kept (its name labels the model's rows and
-    per-model dirs); an alias as it is."""
+    per-model dirs); an alias as it is, and a hub repo id that names no directory (next to the config or in the
+    cwd): probe.models then refuses it by the name the config gives (it had named <config dir>/Qwen/…)."""
     from probe.families import ALIASES
 
-    return spec if spec in ALIASES else os.path.normpath(here / Path(spec).expanduser())
+    if spec in ALIASES:
+        return spec
+    try:
+        path = Path(spec).expanduser()
+    except RuntimeError:  # ~user of no user here: pathlib's traceback
+        raise BadInput(f"model {spec!r}: {spec.split('/')[0]} names no user's home on this machine") from None
+    at = os.path.normpath(here / path)
+    return spec if HUB_ID.fullmatch(spec) and not Path(at).exists() and not path.exists() else at
+
+
+def _not_beside(cfg: ReplicateConfig, spec: str) -> str:
+    """For a refused model kept as written (``_model_at``: a hub repo id's shape): where a folder of that name was
+    looked for, since relative folders are read beside the config."""
+    if Path(spec).is_absolute() or not cfg.source:
+        return ""
+    from probe.families import ALIASES
+
+    return "" if spec in ALIASES else f"; nor a folder beside the config ({Path(cfg.source).resolve().parent / spec})"
 
 
 def saved_config(table: Any, path: Path) -> ReplicateConfig:
@@ -459,7 +480,7 @@ def check_machine(cfg: ReplicateConfig) -> tuple[dict[str, str], Placement]:
         try:
             refs[key] = resolve_model(spec)
         except BadInput as exc:
-            raise BadInput(f"config key {key!r}: {exc}") from None
+            raise BadInput(f"config key {key!r}: {exc}{_not_beside(cfg, spec)}") from None
     check_names(cfg)
     check_lm_geometry(refs)
     check_modalities_read(cfg, refs)

@@ -145,8 +145,10 @@ def moved_run(run: str | None, result_dir: Path, merged_at: Any) -> str | None:
     """A salience run gone from where the merge read it, at its place relative to the merge's dir now when it is
     there: merge and runs moved together (``cp -r`` or ``mv`` of an analyses.replicate run, whose salience panels
     showed "salience run not found"). ``merged_at``: where the merge was (merge.json's ``resolved_out``; older
-    merges lack it). ``check_runs_unchanged`` still holds the run found to the one the merge read."""
-    if run is None or (Path(run) / "heads.csv").is_file() or not isinstance(merged_at, str):
+    merges lack it). ``check_runs_unchanged`` holds the run found to the one the merge read, so only where the
+    manifest records what it read (``recorded_inputs``): without it a run swept again there was drawn as the merge's."""
+    if run is None or (Path(run) / "heads.csv").is_file() or not isinstance(merged_at, str) \
+            or recorded_inputs(result_dir) is None:
         return run
     there = Path(result_dir).resolve() / os.path.relpath(run, merged_at)
     return str(there) if (there / "heads.csv").is_file() else run
@@ -165,15 +167,21 @@ def read_heads(runs: list[str]) -> dict[str, bytes | None]:
     return tables
 
 
+def recorded_inputs(result_dir: Path) -> set[str] | None:
+    """The fingerprints of the inputs the merge's manifest records it read; None without that record (a merge
+    from before merges kept their request, or its manifest gone)."""
+    inputs = ((read_manifest(result_dir) or {}).get("request") or {}).get("inputs")
+    return {e[1] for e in inputs if isinstance(e, list) and len(e) == 2} if isinstance(inputs, list) else None
+
+
 def check_runs_unchanged(result_dir: Path, tables: dict[str, bytes | None]) -> None:
     """Each salience run drawn beside the weights is still the one the merge weighted by: its fingerprint
     (``run_fingerprint``) is among the inputs the merge's manifest records. A run swept again into its dir since
     (other items, another model) was drawn as if the merge had read it. A merge without that record (one from
     before merges kept their request, or written by hand) is drawn as before. ``tables``: ``read_heads(runs)``."""
-    inputs = ((read_manifest(result_dir) or {}).get("request") or {}).get("inputs")
-    if not isinstance(inputs, list):
+    recorded = recorded_inputs(result_dir)
+    if recorded is None:
         return
-    recorded = {e[1] for e in inputs if isinstance(e, list) and len(e) == 2}
     for r, table in tables.items():
         if table is not None and run_fingerprint(Path(r), table) not in recorded:  # gone: drawn as such
             raise BadInput(f"salience run {r} changed since the merge {result_dir} read it (its heads.csv or "

@@ -72,12 +72,15 @@ class DeviceQuery:
 
 
 def cuda_free_bytes(index: int) -> int | None:
-    """GPU ``index``'s free bytes (``torch.cuda.mem_get_info``: what every process, this one included, leaves), None
-    where the driver cannot say."""
+    """GPU ``index``'s free bytes for this process: what the driver says every process leaves
+    (``torch.cuda.mem_get_info``) plus the blocks torch's allocator here holds but no tensor uses (a model an earlier
+    stage of analyses.replicate loaded in this process is gone, its blocks kept: the driver counts them used, and
+    the next stage's fit checks saw that much less); None where the driver cannot say."""
     import torch
 
     try:
-        return int(torch.cuda.mem_get_info(index)[0])
+        cached = int(torch.cuda.memory_reserved(index)) - int(torch.cuda.memory_allocated(index))
+        return int(torch.cuda.mem_get_info(index)[0]) + max(cached, 0)
     except (RuntimeError, AssertionError, AttributeError):
         return None
 

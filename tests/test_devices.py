@@ -394,3 +394,20 @@ def test_a_cpu_with_an_index_is_bad_input(device):
     assert resolve_placement("cpu", query=CPU).all_devices == ("cpu",)
     with pytest.raises(BadInput, match=f"^unknown --device '{device}'; use auto, cpu, cuda or cuda:N"):
         resolve_placement(device, query=CPU)
+
+
+def test_a_gpus_free_memory_counts_this_process_cached_blocks_as_free(monkeypatch):
+    """analyses.replicate runs its stages in one process: the model a stage loaded is gone when the next resolves
+    its placement, but torch's allocator keeps its blocks reserved (no empty_cache), which the driver counts as
+    used, so the next stage's fit checks (check_fits, the finetune stage's check_trains_fits) saw that much less
+    free memory. Oracle: a hand-written GPU of 80 GiB, 30 in this process's cache (12 of them still live), 10 held
+    by another process: free = 80 − 30 − 10 + (30 − 12)."""
+    import torch
+
+    from probe import devices
+
+    g = 2 ** 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: ((80 - 30 - 10) * g, 80 * g))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda i: 30 * g)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda i: 12 * g)
+    assert devices.cuda_free_bytes(0) == (80 - 30 - 10 + 30 - 12) * g

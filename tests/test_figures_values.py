@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -274,6 +275,39 @@ def test_merge_redraw_finds_salience_runs_moved_with_it(tmp_path, monkeypatch, d
         h = pd.read_csv(moved / "heads" / f"e{k}" / "heads.csv").pivot(index="layer", columns="head", values="kl")
         np.testing.assert_allclose(grid, h.to_numpy())
 
+
+
+def test_merge_redraw_refuses_another_run_found_where_a_moved_run_would_be(tmp_path, monkeypatch, capsys, drawn):
+    """``moved_run`` finds a run gone from where the merge read it at its place relative to the merge: a different
+    run there (swept again, other saliences) must be refused as any changed run is, and with no manifest to hold it
+    to the run read (deleted by hand) it is not drawn as if read. Oracle: the merge's own record of the runs it read
+    (the manifest's inputs), and the panels of a run shown as missing (no image)."""
+    import torch
+    from test_analyses_salience import write_run
+
+    from analyses import merge, tiny
+    from probe.results import MANIFEST
+
+    zoo = tiny.build_zoo(tmp_path / "zoo")
+    g = torch.Generator().manual_seed(0)
+    run = tmp_path / "run"
+    for k in range(3):
+        write_run(run / "heads" / f"e{k}", torch.rand(2, 4, generator=g) * 3)
+    assert cli_main(merge.main, ["--base", str(zoo["base"]), "--models", *(str(zoo[k]) for k in ("vl", "ov", "au")),
+                                 "--method", "salience", "--salience", *(str(run / "heads" / f"e{k}") for k in range(3)),
+                                 "--quiet", "--out", str(run / "merge" / "salience")]) == 0
+    moved = tmp_path / "moved"
+    run.rename(moved)
+    shutil.rmtree(moved / "heads" / "e1")
+    write_run(moved / "heads" / "e1", torch.rand(2, 4, generator=g) * 3 + 5)  # not the run the merge read
+    capsys.readouterr()
+    assert figures_cli("merge", moved / "merge" / "salience") == 2
+    assert "changed since the merge" in capsys.readouterr().err
+    (moved / "merge" / "salience" / MANIFEST).unlink()  # nothing left to hold e1 to what was read
+    drawn.clear()
+    assert figures_cli("merge", moved / "merge" / "salience") == 0
+    assert not [ax for ax in drawn["merge_heads"].axes if ax.get_title().startswith("its salience")]
+    assert sum(t.get_text() == "salience run not found" for ax in drawn["merge_heads"].axes for t in ax.texts) == 3
 
 def edit_cell(row: int, **cells):
     def edit(c: pd.DataFrame) -> pd.DataFrame:

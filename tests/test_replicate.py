@@ -2609,3 +2609,100 @@ def test_the_run_state_note_shows_the_run_dir_as_written(tmp_path: Path, capsys)
     assert where in MarkdownIt("commonmark").render(note) and "<em>" not in MarkdownIt("commonmark").render(note)
     assert where in _inline(note) and "<em>" not in _inline(note), _inline(note)
     assert str(out / "heads") in run_state_note(Run(), markdown=False)
+
+
+def _config_with(tmp_path: Path, **models: str) -> Path:
+    """quick.toml copied to ``tmp_path`` with its data named absolutely and the given [models] keys replaced."""
+    text = QUICK_CONFIG.read_text(encoding="utf-8").replace("../../probe/", f"{CONFIG_DIR.parent.parent}/probe/")
+    for key, value in models.items():
+        text = re.sub(rf"(?m)^{key} = .*$", f"{key} = {json.dumps(value)}", text, count=1)
+    (tmp_path / "c.toml").write_text(text, encoding="utf-8")
+    return tmp_path / "c.toml"
+
+
+def test_a_config_models_hub_id_stays_as_written_and_a_dir_next_to_it_is_absolute(tmp_path: Path, capsys) -> None:
+    """A hub repo id ('Qwen/Qwen2-VL-7B-Instruct') that is no directory became <config dir>/Qwen/Qwen2-VL-7B-Instruct,
+    and the refusal named that path instead of what the config says. Oracle: the strings written, and the dir made."""
+    cfg = parse_config(_config_with(tmp_path, base="Qwen/Qwen2-VL-7B-Instruct"))
+    assert cfg.models.base == "Qwen/Qwen2-VL-7B-Instruct"
+    (tmp_path / "Qwen" / "Qwen2-VL-7B-Instruct").mkdir(parents=True)  # a local dir of that name: the config's
+    cfg = parse_config(_config_with(tmp_path, base="Qwen/Qwen2-VL-7B-Instruct"))
+    assert cfg.models.base == str(tmp_path / "Qwen" / "Qwen2-VL-7B-Instruct")
+    assert parse_config(_config_with(tmp_path, base="organism-base")).models.base == "organism-base"  # an alias
+    config = _config_with(tmp_path, base="Qwen/Qwen2-VL-72B-Instruct")  # the refusal names it as written, and where
+    assert replicate_in_root("--config", str(config), "--out", str(tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'Qwen/Qwen2-VL-72B-Instruct'" in err and str(tmp_path / "Qwen" / "Qwen2-VL-72B-Instruct") in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_a_config_model_under_an_unknown_users_home_is_one_line(tmp_path: Path, capsys) -> None:
+    """``~nosuchuser/m`` as a model raised pathlib's RuntimeError from parse_config: a traceback."""
+    config = _config_with(tmp_path, base="~no-such-user-rev43/m")
+    with pytest.raises(BadInput, match="no-such-user-rev43"):
+        parse_config(config)
+    assert replicate_in_root("--config", str(config), "--out", str(tmp_path / "out")) == 2
+    assert "Traceback" not in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_a_stage_recorded_by_size_and_mtime_is_recorded_by_content_once_checked(tmp_path: Path, monkeypatch,
+                                                                                capsys) -> None:
+    """A record from before 2026-12-07 holds a big output file by its size and mtime (legacy_output_digest). A rerun
+    in place found it whole and skipped it, but kept that record, so a ``cp -r`` of the run (new mtimes) still ran the
+    stage again (a 7B merge), the very cost recording content was to spare. Oracle: the stage's run function, which
+    must not be called in the copy, and the copy's record then holding the content digest."""
+    from analyses import replicate as r
+
+    monkeypatch.setattr(r, "BIG_FILE", 10)  # a file of 100 bytes is "big"
+    out, copy = tmp_path / "run", tmp_path / "copy"
+    (out / "shift").mkdir(parents=True)
+    (out / "shift" / "w.bin").write_bytes(bytes(range(100)))
+    (out / r.STATE_DIR).mkdir()
+    legacy = r.legacy_output_digest(out, "shift")
+    r.write_state(out, "shift", {"stage": "shift", "fingerprint": "fp", "status": "complete", "upstream": {},
+                                 "outputs": legacy})
+    # a stage reading it, recorded then too: it holds shift's outputs as shift's record had them
+    r.write_state(out, "merge", {"stage": "merge", "fingerprint": "fm", "status": "complete",
+                                 "upstream": {"shift": legacy, "heads": None}})
+
+    def never(ctx: Context) -> None:
+        raise AssertionError("the stage ran again")
+
+    stage = r.Stage("shift", (), never, lambda c: None, lambda c, o: [o / "shift"])
+    cfg = parse_config(QUICK_CONFIG)
+    assert r.run_stage(Context(cfg, out, True, {}, {}), stage, "fp") == "skipped"
+    time.sleep(0.01)
+    shutil.copytree(out, copy, copy_function=shutil.copy)  # cp -r: new mtimes
+    assert (copy / "shift" / "w.bin").stat().st_mtime_ns != (out / "shift" / "w.bin").stat().st_mtime_ns
+    assert r.run_stage(Context(cfg, copy, True, {}, {}, was_at=str(out)), stage, "fp") == "skipped", \
+        capsys.readouterr().err
+    assert r.read_state(copy, "shift")["outputs"] == r.output_digest(copy, "shift")
+    assert r.stale_reason(copy, "merge") is None  # the record rewritten is the same outputs, not shift run again
+    (copy / "shift" / "w.bin").write_bytes(bytes(range(1, 101)))  # and an edit is still seen, by content
+    assert r.stale_reason(copy, "shift") is not None
+
+
+def test_a_killed_stage_continued_from_another_working_dir_is_not_taken_for_a_copy(tmp_path: Path, monkeypatch,
+                                                                                   capsys) -> None:
+    """A stage's record says where it ran (its ``out``, as spelt then): a relative --out (``--out run``) killed,
+    then continued from another working dir (``--out ../run`` from a folder inside) was taken for a moved or copied
+    run, and the stage started over. Oracle: the folder is the same one (same inode), so the stage continues."""
+    from analyses import replicate as r
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run" / r.STATE_DIR).mkdir(parents=True)
+    (tmp_path / "inside").mkdir()
+
+    def killed(ctx: Context) -> None:
+        raise KeyboardInterrupt
+
+    stage = r.Stage("shift", (), killed, lambda c: None, lambda c, o: [o / "shift"])
+    cfg = parse_config(QUICK_CONFIG)
+    with pytest.raises(KeyboardInterrupt):
+        r.run_stage(Context(cfg, Path("run"), True, {}, {}), stage, "fp")
+    monkeypatch.chdir(tmp_path / "inside")
+    capsys.readouterr()
+    done = r.Stage("shift", (), lambda ctx: None, lambda c: None, lambda c, o: [o / "shift"])
+    assert r.run_stage(Context(cfg, Path("../run"), True, {}, {}), done, "fp") == "ran"
+    err = capsys.readouterr().err
+    assert "== shift: continuing" in err and "moved or copied" not in err, err
