@@ -219,6 +219,16 @@ def test_merge_redraw_refuses_damaged_weights(case, tmp_path, capsys):
     assert snapshot(tmp_path) == before
 
 
+def assert_panels_are_runs(drawn, runs: list[Path]) -> None:
+    """The merge figure's salience panels are, in order, each run's heads.csv KL pivoted to layer x head."""
+    panels = [im.get_array() for ax in drawn["merge_heads"].axes for im in ax.get_images()
+              if ax.get_title().startswith("its salience")]
+    assert len(panels) == len(runs)
+    for run, grid in zip(runs, panels):
+        h = pd.read_csv(run / "heads.csv").pivot(index="layer", columns="head", values="kl")
+        np.testing.assert_allclose(grid, h.to_numpy())
+
+
 def test_merge_redraw_finds_relative_salience_runs_from_another_cwd(tmp_path, monkeypatch, drawn):
     """merge.json recorded the --salience runs as given: relative ones, redrawn from another cwd, were not found
     (or were other runs of that name). The resolved paths are recorded too; each panel is its run's heads.csv."""
@@ -239,19 +249,13 @@ def test_merge_redraw_finds_relative_salience_runs_from_another_cwd(tmp_path, mo
     (elsewhere / "sal" / "e0").mkdir(parents=True)  # a run of the same relative name there: not the one used
     monkeypatch.chdir(elsewhere)
     assert figures_cli("merge", tmp_path / "m") == 0
-    panels = [im.get_array() for ax in drawn["merge_heads"].axes for im in ax.get_images()
-              if ax.get_title().startswith("its salience")]
-    assert len(panels) == 3
-    for k, grid in enumerate(panels):
-        h = pd.read_csv(tmp_path / "sal" / f"e{k}" / "heads.csv").pivot(index="layer", columns="head", values="kl")
-        np.testing.assert_allclose(grid, h.to_numpy())
+    assert_panels_are_runs(drawn, [tmp_path / "sal" / f"e{k}" for k in range(3)])
 
 
-def test_merge_redraw_finds_salience_runs_moved_with_it(tmp_path, monkeypatch, drawn):
-    """A salience merge moved together with its runs (``cp -r``/``mv`` of an analyses.replicate run: merge/salience
-    beside heads/) drew every panel "salience run not found": merge.json names the runs where they were. The merge
-    records where it was too, and a run gone from there is found at its place relative to the merge. Oracle: each
-    moved run's heads.csv, pivoted; the original folder is gone, so nothing else can have been read."""
+def merged_then_moved(tmp_path):
+    """A salience merge of the tiny zoo over three seeded random salience runs, laid out as analyses.replicate lays
+    them (run/heads/e<k>, run/merge/salience), then the whole folder moved (the original gone): the folder it is in
+    now and the generator that drew the runs."""
     import torch
     from test_analyses_salience import write_run
 
@@ -267,14 +271,17 @@ def test_merge_redraw_finds_salience_runs_moved_with_it(tmp_path, monkeypatch, d
                                  "--quiet", "--out", str(run / "merge" / "salience")]) == 0
     moved = tmp_path / "moved"
     run.rename(moved)
-    assert figures_cli("merge", moved / "merge" / "salience") == 0
-    panels = [im.get_array() for ax in drawn["merge_heads"].axes for im in ax.get_images()
-              if ax.get_title().startswith("its salience")]
-    assert len(panels) == 3
-    for k, grid in enumerate(panels):
-        h = pd.read_csv(moved / "heads" / f"e{k}" / "heads.csv").pivot(index="layer", columns="head", values="kl")
-        np.testing.assert_allclose(grid, h.to_numpy())
+    return moved, g
 
+
+def test_merge_redraw_finds_salience_runs_moved_with_it(tmp_path, monkeypatch, drawn):
+    """A salience merge moved together with its runs (``cp -r``/``mv`` of an analyses.replicate run: merge/salience
+    beside heads/) drew every panel "salience run not found": merge.json names the runs where they were. The merge
+    records where it was too, and a run gone from there is found at its place relative to the merge. Oracle: each
+    moved run's heads.csv, pivoted; the original folder is gone, so nothing else can have been read."""
+    moved, _ = merged_then_moved(tmp_path)
+    assert figures_cli("merge", moved / "merge" / "salience") == 0
+    assert_panels_are_runs(drawn, [moved / "heads" / f"e{k}" for k in range(3)])
 
 
 def test_merge_redraw_refuses_another_run_found_where_a_moved_run_would_be(tmp_path, monkeypatch, capsys, drawn):
@@ -285,19 +292,9 @@ def test_merge_redraw_refuses_another_run_found_where_a_moved_run_would_be(tmp_p
     import torch
     from test_analyses_salience import write_run
 
-    from analyses import merge, tiny
     from probe.results import MANIFEST
 
-    zoo = tiny.build_zoo(tmp_path / "zoo")
-    g = torch.Generator().manual_seed(0)
-    run = tmp_path / "run"
-    for k in range(3):
-        write_run(run / "heads" / f"e{k}", torch.rand(2, 4, generator=g) * 3)
-    assert cli_main(merge.main, ["--base", str(zoo["base"]), "--models", *(str(zoo[k]) for k in ("vl", "ov", "au")),
-                                 "--method", "salience", "--salience", *(str(run / "heads" / f"e{k}") for k in range(3)),
-                                 "--quiet", "--out", str(run / "merge" / "salience")]) == 0
-    moved = tmp_path / "moved"
-    run.rename(moved)
+    moved, g = merged_then_moved(tmp_path)
     shutil.rmtree(moved / "heads" / "e1")
     write_run(moved / "heads" / "e1", torch.rand(2, 4, generator=g) * 3 + 5)  # not the run the merge read
     capsys.readouterr()
