@@ -588,11 +588,6 @@ def run_state(r: Replication) -> RunState:
     return RunState(r.out, missing, stale, software_setups(r, [s for s in stages if s not in missing]))
 
 
-def run_state_note(r: Replication, markdown: bool = True) -> str:
-    """``run_state(r).note(markdown)``: for one note; a report that says it twice keeps its ``RunState``."""
-    return run_state(r).note(markdown)
-
-
 def software_setups(r: Replication, stages: list[str]) -> dict[str, list[str]]:
     """The torch, transformers and omniprobe source each completed stage ran under (its record), grouped: one key
     for a run of one setup. A record without versions counts as its own "unrecorded" setup."""

@@ -587,7 +587,7 @@ def test_the_run_state_note_names_every_stage_after_an_edited_one_and_no_unfinis
     here, killed after merge ran again) as unfinished only: its record's upstream outputs are not a result shown.
     Oracle: the chain as built here."""
     import analyses.replicate as rep
-    from figures.report import run_state_note
+    from figures.report import run_state
 
     stages, ctx, runs = _chain(monkeypatch, tmp_path)
     assert [rep.run_stage(ctx, s, "fp") for s in stages.values()] == ["ran"] * 3
@@ -599,13 +599,13 @@ def test_the_run_state_note_names_every_stage_after_an_edited_one_and_no_unfinis
         def recorded_complete(self, stage: str) -> bool:
             return rep.read_state(tmp_path, stage).get("status") == "complete"
 
-    assert run_state_note(Run()) == ""
+    assert run_state(Run()).note() == ""
     (tmp_path / "heads" / "first.csv").write_text("kl\n5.0\n", encoding="utf-8")  # edited by hand
-    note = run_state_note(Run(), markdown=False)
+    note = run_state(Run()).note(markdown=False)
     assert "heads: its outputs in" in note and "the stages after it (merge, table4)" in note, note
     state = rep.read_state(tmp_path, "table4")
     rep.write_state(tmp_path, "table4", state | {"status": "running", "upstream": {"merge": "an earlier output"}})
-    note = run_state_note(Run(), markdown=False)
+    note = run_state(Run()).note(markdown=False)
     assert "stage table4 has not completed" in note and "table4: stage merge" not in note, note
 
 

@@ -647,7 +647,7 @@ def test_figures_report_rebuilds_it_from_saved_results(quick: Path, tmp_path: Pa
 
 
 def test_a_report_hashes_each_stages_outputs_once(quick: Path, tmp_path: Path, monkeypatch, capsys) -> None:
-    """``python -m figures report`` checked the run's state (``run_state_note``: ``stale_reason`` of every stage,
+    """``python -m figures report`` checked the run's state (``run_state``: ``stale_reason`` of every stage,
     which hashes the stage's outputs) once for report.md's note and again for its stderr warning: every stage's
     outputs, a 7B run's merged models among them, were read twice. Oracle: the calls of the digest itself, counted
     per stage, against the stages whose records hold outputs; the note still goes to both, in its two forms."""
@@ -2585,7 +2585,7 @@ def test_the_run_state_note_shows_the_run_dir_as_written(tmp_path: Path, capsys)
     from markdown_it import MarkdownIt
 
     import analyses.replicate as rep
-    from figures.report import _inline, run_state_note
+    from figures.report import _inline, run_state
 
     out = tmp_path / "a*b*c"
     out.mkdir()
@@ -2604,11 +2604,11 @@ def test_the_run_state_note_shows_the_run_dir_as_written(tmp_path: Path, capsys)
         def recorded_complete(self, stage: str) -> bool:
             return True
 
-    note = run_state_note(Run())
+    note = run_state(Run()).note()
     where = html.escape(str(out / "heads"))
     assert where in MarkdownIt("commonmark").render(note) and "<em>" not in MarkdownIt("commonmark").render(note)
     assert where in _inline(note) and "<em>" not in _inline(note), _inline(note)
-    assert str(out / "heads") in run_state_note(Run(), markdown=False)
+    assert str(out / "heads") in run_state(Run()).note(markdown=False)
 
 
 def _config_with(tmp_path: Path, **models: str) -> Path:
