@@ -494,11 +494,18 @@ def stale_reason(out: Path, name: str) -> str | None:
     now = output_digest if st.get("outputs_form") == CONTENT else legacy_output_digest
     if (saved := st.get("outputs")) is not None and saved != now(out, name):
         return f"its outputs in {out / name} changed since it completed (edited or replaced by hand?)"
-    read = st.get("upstream")
-    if isinstance(read, dict):
-        if moved := [d for d in BY_NAME[name].needs if read.get(d) not in recorded_as(read_state(out, d))]:
-            return f"stage {', '.join(moved)} completed again since it ran, with other outputs"
+    if moved := upstream_moved(out, BY_NAME[name], st):
+        return f"stage {', '.join(moved)} completed again since it ran, with other outputs"
     return None
+
+
+def upstream_moved(out: Path, stage: Stage, state: dict[str, Any]) -> list[str]:
+    """The stages ``stage`` reads whose outputs are not those its record ``state`` says it read (an upstream stage
+    completed again since); [] where the record says nothing of them (from before they were recorded)."""
+    read = state.get("upstream")
+    if not isinstance(read, dict):
+        return []
+    return [d for d in stage.needs if read.get(d) not in recorded_as(read_state(out, d))]
 
 
 def ran_elsewhere(ctx: Context, state: dict[str, Any]) -> str | None:
@@ -539,8 +546,7 @@ def run_stage(ctx: Context, stage: Stage, fp: str) -> str:
         print(f"== {stage.name}: its parts were computed in {moved_from} (the run was moved or copied since): "
               "starting it again", file=sys.stderr)
         resumed = False
-    if resumed and isinstance(state.get("upstream"), dict) \
-            and any(state["upstream"].get(d) not in recorded_as(read_state(ctx.out, d)) for d in stage.needs):
+    if resumed and upstream_moved(ctx.out, stage, state):
         # its parts were computed from the outputs an upstream stage had before it ran again
         print(f"== {stage.name}: its inputs from an upstream stage changed since it started: starting it again",
               file=sys.stderr)
