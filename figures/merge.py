@@ -141,14 +141,14 @@ def _salience_grid(run_dir: Path, metric: str, shape: tuple[int, int], table: by
     return grid
 
 
-def moved_run(run: str | None, result_dir: Path, merged_at: Any) -> str | None:
+def moved_run(run: str | None, result_dir: Path, merged_at: Any, recorded: set[str] | None) -> str | None:
     """A salience run gone from where the merge read it, at its place relative to the merge's dir now when it is
     there: merge and runs moved together (``cp -r`` or ``mv`` of an analyses.replicate run, whose salience panels
     showed "salience run not found"). ``merged_at``: where the merge was (merge.json's ``resolved_out``; older
     merges lack it). ``check_runs_unchanged`` holds the run found to the one the merge read, so only where the
-    manifest records what it read (``recorded_inputs``): without it a run swept again there was drawn as the merge's."""
-    if run is None or (Path(run) / "heads.csv").is_file() or not isinstance(merged_at, str) \
-            or recorded_inputs(result_dir) is None:
+    manifest records what it read (``recorded``: ``recorded_inputs``): without it a run swept again there was drawn
+    as the merge's."""
+    if run is None or (Path(run) / "heads.csv").is_file() or not isinstance(merged_at, str) or recorded is None:
         return run
     there = Path(result_dir).resolve() / os.path.relpath(run, merged_at)
     return str(there) if (there / "heads.csv").is_file() else run
@@ -174,12 +174,12 @@ def recorded_inputs(result_dir: Path) -> set[str] | None:
     return {e[1] for e in inputs if isinstance(e, list) and len(e) == 2} if isinstance(inputs, list) else None
 
 
-def check_runs_unchanged(result_dir: Path, tables: dict[str, bytes | None]) -> None:
+def check_runs_unchanged(result_dir: Path, tables: dict[str, bytes | None], recorded: set[str] | None) -> None:
     """Each salience run drawn beside the weights is still the one the merge weighted by: its fingerprint
     (``run_fingerprint``) is among the inputs the merge's manifest records. A run swept again into its dir since
     (other items, another model) was drawn as if the merge had read it. A merge without that record (one from
-    before merges kept their request, or written by hand) is drawn as before. ``tables``: ``read_heads(runs)``."""
-    recorded = recorded_inputs(result_dir)
+    before merges kept their request, or written by hand) is drawn as before. ``tables``: ``read_heads(runs)``;
+    ``recorded``: ``recorded_inputs(result_dir)``."""
     if recorded is None:
         return
     for r, table in tables.items():
@@ -267,10 +267,11 @@ def draw_merge(result_dir: Path) -> list[Path]:
     if not isinstance(runs, list) or not isinstance(metric, str) \
             or not all(r is None or isinstance(r, str) for r in runs):
         raise BadInput(f"{result_dir / 'merge.json'}: 'salience' is not a salience merge's record")
-    runs = [moved_run(r, result_dir, sal.get("resolved_out")) for r in runs]
+    recorded = recorded_inputs(result_dir)  # the manifest, read once: finding moved runs and checking them need it
+    runs = [moved_run(r, result_dir, sal.get("resolved_out"), recorded) for r in runs]
     names = list(grids)
     tables = read_heads([r for r in runs if r])
-    check_runs_unchanged(result_dir, tables)
+    check_runs_unchanged(result_dir, tables, recorded)
     sals = [_salience_grid(Path(runs[k]), metric, grids[n].shape, tables[runs[k]])
             if k < len(runs) and runs[k] and tables[runs[k]] is not None else None for k, n in enumerate(names)]
     # one column of two heatmaps per participant, wrapped into rows on a page (4 participants: 2 × 2); past 6,
