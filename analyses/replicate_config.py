@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from analyses.finetune import RUN_ONLY_SETTINGS, check_data_label
 from probe.devices import Placement
-from probe.errors import BadInput
+from probe.errors import BadInput, in_path
 
 if TYPE_CHECKING:  # annotations only: the loop is imported when a config is checked
     from probe.train import TrainConfig
@@ -232,10 +232,7 @@ def _model_at(here: Path, spec: str) -> str:
 
     if spec in ALIASES:
         return spec
-    try:
-        path = Path(spec).expanduser()
-    except RuntimeError:  # ~user of no user here: pathlib's traceback
-        raise BadInput(f"model {spec!r}: {spec.split('/')[0]} names no user's home on this machine") from None
+    path = in_path(spec)
     at = os.path.normpath(here / path)
     return spec if HUB_ID.fullmatch(spec) and not Path(at).exists() and not path.exists() else at
 

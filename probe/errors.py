@@ -163,8 +163,12 @@ def check_counts(args: object, names: Sequence[str]) -> None:  # parsed argument
 def in_path(text: str | Path) -> Path:  # a Path too: configs and readers from Python expand theirs here
     """The argparse type of a path read, not written (a results dir to draw or merge from, a config or template
     file): ``~`` expanded as in --out and in a model's or data set's path (``figures heads '~/runs/x'`` said the
-    folder was not a directory)."""
-    return Path(text).expanduser()
+    folder was not a directory). ``~user`` of no user on this machine is bad input (pathlib raises RuntimeError,
+    which argparse lets through as a traceback)."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:
+        raise BadInput(f"{text}: {str(text).split('/')[0]} names no user's home on this machine") from None
 
 
 # --out's argparse type: the same expansion, one function under the name its callers read as "written" (a quoted
@@ -191,9 +195,9 @@ def check_out_path(out: Path, flag: str = "--out") -> None:
 
 def input_in_out(out: Path, inputs: Iterable[tuple[str, str | Path]]) -> tuple[str, Path] | None:
     """The first (name, resolved path) of ``inputs`` that ``out`` is or holds: replacing ``out`` would delete it."""
-    out_r = Path(out).expanduser().resolve()
+    out_r = in_path(out).resolve()
     for name, path in inputs:
-        p = Path(path).expanduser().resolve()
+        p = in_path(path).resolve()
         if out_r == p or out_r in p.parents:
             return name, p
     return None
@@ -201,9 +205,9 @@ def input_in_out(out: Path, inputs: Iterable[tuple[str, str | Path]]) -> tuple[s
 
 def out_inside(out: Path, dirs: Iterable[tuple[str, str | Path]]) -> tuple[str, Path] | None:
     """The first (name, resolved path) of ``dirs`` that ``out`` lies inside (strictly below it)."""
-    out_r = Path(out).expanduser().resolve()
+    out_r = in_path(out).resolve()
     for name, path in dirs:
-        p = Path(path).expanduser().resolve()
+        p = in_path(path).resolve()
         if p in out_r.parents:
             return name, p
     return None
@@ -216,7 +220,7 @@ def check_out_apart(out: Path, inputs: Iterable[tuple[str, str | Path]] = (), da
     the set's subjects, and one holding no parquet file yet (a run just started, or killed) stopped every command
     reading the set, the resume included."""
     if hit := input_in_out(out, inputs):
-        verb = "is" if Path(out).expanduser().resolve() == hit[1] else "holds"
+        verb = "is" if in_path(out).resolve() == hit[1] else "holds"
         raise BadInput(f"--out {out} {verb} the {hit[0]} {hit[1]}: a command never writes where it reads; pick an "
                        "--out outside it")
     if hit := out_inside(out, [("data set", d) for d in data]):

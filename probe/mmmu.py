@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-from probe.errors import BadInput, error_reason
+from probe.errors import BadInput, error_reason, in_path
 from probe.parsing import option_letters
 
 MAX_IMAGES = 7
@@ -197,7 +197,7 @@ def unfinished_conversion(root: Path, split: str) -> Path:
 def discover(root: str | Path, split: str) -> dict[str, list[Path]]:
     """Map subject -> its parquet files for ``split``, sorted by subject."""
     check_split(split)
-    root = Path(root).expanduser()
+    root = in_path(root)
     if not root.exists():
         raise BadInput(f"MMMU data directory not found: {root}")
     if not root.is_dir():
@@ -523,7 +523,7 @@ def resolve_data(data: str | Path, split: str = "validation", subjects: Sequence
     asked for, downloaded when missing unless HF_HUB_OFFLINE is set (probe.hub)."""
     check_split(split)  # before a download
     if str(data).lower() != "mmmu":
-        return Path(data).expanduser()
+        return in_path(data)
     from probe.hub import hub_snapshot
 
     patterns = [f"{s}/{split}-*" for s in subjects] if subjects else [f"*/{split}-*"]
@@ -541,7 +541,7 @@ def data_location(data: str | Path) -> str:
     ``..`` and links resolved, so ``text``, ``./text/``, its absolute path and a link to it are one set (a rerun typed
     from another working dir resumes), and another folder is another set."""
     spec = data_spec(data)
-    return spec if spec == "mmmu" else str(Path(spec).expanduser().resolve())
+    return spec if spec == "mmmu" else str(in_path(spec).resolve())
 
 
 def load_items(

@@ -21,7 +21,7 @@ from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from torch import nn
 
-from probe.errors import BadInput, error_reason, is_int
+from probe.errors import BadInput, error_reason, in_path, is_int
 from probe.families import (
     ALIASES,
     Family,
@@ -130,7 +130,7 @@ def model_path(spec: str, weights: bool = True) -> Path:
     """
     if spec in ALIASES:
         return _source_dir(ALIASES[spec].source, weights)
-    path = Path(spec).expanduser()
+    path = in_path(spec)
     if not path.exists():
         raise BadInput(f"unknown model {spec!r}: not a directory nor an alias (known: {known_models()})")
     return path
@@ -139,7 +139,7 @@ def model_path(spec: str, weights: bool = True) -> Path:
 def model_location(spec: str) -> str:
     """A model as a run's identity names it: an alias as it is, a directory (or GGUF file) by its absolute path with
     ``~``, ``..`` and links resolved (``data_location``'s rule for models)."""
-    return spec if spec in ALIASES else str(Path(spec).expanduser().resolve())
+    return spec if spec in ALIASES else str(in_path(spec).resolve())
 
 
 def is_gguf(path: Path) -> bool:

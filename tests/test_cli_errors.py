@@ -1819,3 +1819,20 @@ def test_a_negative_number_is_an_options_value_in_every_cli(name, monkeypatch, c
                 assert value in (action.type(text), [action.type(text)]), (action.option_strings, text, value)
             checked += 1
     assert checked or name in ("probe.families", "analyses.shift", "analyses.replicate", "figures.__main__"), name
+
+
+@pytest.mark.parametrize("argv", [
+    ["probe.eval", "--models", "organism-vl", "--data", "~no-such-user-43/d", "--out", "{tmp}/o"],
+    ["probe.eval", "--models", "~no-such-user-43/m", "--data", "probe/zoo/data/text", "--out", "{tmp}/o"],
+    ["probe.heads", "--model", "organism-vl", "--out", "~no-such-user-43/o"],
+    ["figures", "heads", "~no-such-user-43/run"],
+])
+def test_a_home_of_no_user_here_is_one_line_wherever_a_path_is_read(argv, tmp_path, capsys):
+    """``~user`` of a user this machine lacks made pathlib raise RuntimeError (argparse lets it through): a traceback
+    from each command, one path kind after another (a data set, a model, --out, a results dir). One rule now
+    (probe.errors.in_path, through which every path is expanded) and nothing written. Oracle: the user's name."""
+    name, *args = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    main = importlib.import_module("figures.__main__" if name == "figures" else name).main
+    line = one_error_line(cli_main(main, args), capsys.readouterr().err)
+    assert "~no-such-user-43" in line and "no user's home" in line, line
+    assert not (tmp_path / "o").exists()
