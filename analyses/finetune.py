@@ -936,7 +936,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train LoRA adapters of rank R (peft) on the LM's projections instead of all weights (the "
                    "vision tower and projector stay frozen); "
                    "checkpoints hold the merged weights (float32) and the adapter; under bfloat16 the frozen "
-                   "weights are held in bfloat16, half the memory, and the adapters in float32")
+                   "weights are held in bfloat16, half the memory, and the adapters in float32 (default: none, every "
+                   "weight trains)")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun --nproc-per-node K: shard every weight, gradient and AdamW moment over the K "
                    "processes (torch's FSDP2, each decoder layer and the root), instead of each process holding the "

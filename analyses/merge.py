@@ -753,41 +753,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="base LLM (dir or alias); required by --method "
                    f"{', '.join(m for m, f in METHODS.items() if f.needs_base)}; for "
                    f"{'/'.join(m for m, f in METHODS.items() if not f.needs_base)} it only supplies config, tokenizer "
-                   "and extra vocabulary rows (list it in --models to include it)")
+                   "and extra vocabulary rows (list it in --models to include it) (default: none; then the first of "
+                   "--models supplies them)")
     p.add_argument("--models", nargs="+", required=True, help="models whose LMs are merged (dirs or aliases)")
     p.add_argument("--method", choices=list(METHODS), default="shift",
                    help="average (Eq. 1), weighted (Eq. 2), shift (Eq. 4; default), salience (head salience runs "
                    "decide each head's weights), task_arithmetic, ties")
-    p.add_argument("--weights", nargs="+", type=float, help="Eq. 2 weights, one per --models entry")
+    p.add_argument("--weights", nargs="+", type=float,
+                   help="Eq. 2 weights, one per --models entry; --method weighted only, which requires them "
+                   "(default: none)")
     p.add_argument("--no-normalize", action="store_true", help="use --weights as given (default: sum to 1)")
-    p.add_argument("--alpha0", type=float, help="Eq. 4 weight of the base (default 0.5, as released)")
+    p.add_argument("--alpha0", type=float, help="Eq. 4 weight of the base (default: 0.5, as released)")
     p.add_argument("--temperature", type=float,
-                   help="Eq. 4 softmax temperature tau: alpha_i = softmax(delta_avg_i / tau) (default 1e-3)")
+                   help="Eq. 4 softmax temperature tau: alpha_i = softmax(delta_avg_i / tau) (default: 1e-3)")
     p.add_argument("--shift", type=in_path, dest="shift_dir", metavar="DIR",
-                   help="reuse Δavg from a python -m analyses.shift output dir instead of recomputing")
+                   help="reuse Δavg from a python -m analyses.shift output dir instead of recomputing (default: computed "
+                   "here from --base and --models)")
     p.add_argument("--carrier", nargs="+", default=[], dest="carriers", metavar="M",
-                   help="multimodal models to receive the merged LM (written to OUT/carriers/<name>/)")
+                   help="multimodal models to receive the merged LM (written to OUT/carriers/<name>/) (default: none, the "
+                   "merged LM alone)")
     p.add_argument("--salience", nargs="+", type=in_path, default=[], metavar="DIR",
-                   help="salience: one complete python -m probe.heads run per --models entry, same order")
+                   help="salience: one complete python -m probe.heads run per --models entry, same order; --method salience "
+                   "requires them (default: none)")
     p.add_argument("--base-salience", type=in_path, metavar="DIR",
                    help="salience: a probe.heads run of the base on text; then the base competes by salience "
-                   "too instead of keeping --alpha0")
+                   "too instead of keeping --alpha0 (default: none, the base keeps --alpha0)")
     p.add_argument("--salience-metric", choices=SALIENCE_METRICS,
-                   help="salience: heads.csv column used as s_i(L, h) (default kl)")
+                   help="salience: heads.csv column used as s_i(L, h) (default: kl)")
     p.add_argument("--salience-temperature", type=float,
-                   help="salience: softmax temperature over normalised saliences (default 1.0)")
+                   help="salience: softmax temperature over normalised saliences (default: 1.0)")
     p.add_argument("--rest", choices=("shift", "layer"), default="shift",
                    help="salience: non-head tensors by Eq. 4 (shift; default) or by the layer's mean salience")
     p.add_argument("--lambda", type=float, dest="lam",
-                   help="task_arithmetic / ties: scale of the merged task vector (default 1.0)")
+                   help="task_arithmetic / ties: scale of the merged task vector (default: 1.0)")
     p.add_argument("--density", type=float,
-                   help="ties: share of each task vector kept, by magnitude (default 0.2)")
-    p.add_argument("--shard-size", default="5GB", help="max bytes per safetensors shard (default 5GB)")
+                   help="ties: share of each task vector kept, by magnitude (default: 0.2)")
+    p.add_argument("--shard-size", default="5GB",
+                   help="largest safetensors shard: bytes, or 500MB, 2GiB (GB 10^9 bytes, GiB 2^30) (default: 5GB)")
     p.add_argument("--dtype", choices=list(OUT_DTYPES),
                    help="write the merged LM in this dtype (default: the inputs' dtype, the reference's where they "
                    "differ; the math is fp32 either way); carriers keep their own")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch threads of the combine (default 1, fastest on a machine shared with other jobs; more "
+                   help="torch threads of the combine (default: 1, fastest on a machine shared with other jobs; more "
                    "are faster on an idle one); the merged bits do not depend on it")
     add_output_args(p, "output HF model dir", figures=False)
     return p

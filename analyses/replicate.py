@@ -583,10 +583,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = ArgParser(
         prog="python -m analyses.replicate", formatter_class=_Help,
-        examples=["python -m analyses.replicate --out runs/paper            # the organisms, about 4 minutes on 2 CPU cores",
+        examples=["python -m analyses.replicate --out runs/replicate        # the organisms, about 4 minutes on 2 CPU cores",
                   "python -m analyses.replicate --quick --out /tmp/quick      # a smoke run",
-                  "python -m analyses.replicate --config analyses/configs/paper-7b.toml --out runs/paper-7b",
-                  "python -m figures report runs/paper      # rebuild report.md/html and its figures from the saved "
+                  "python -m analyses.replicate --config analyses/configs/paper-7b.toml --out runs/replicate-7b",
+                  "python -m figures report runs/replicate  # rebuild report.md/html and its figures from the saved "
                   "stages"],
         description="Run the paper's pipeline end to end (Tables 3-5, Figures 2-4, Eq. 1/3/4, salience and TIES "
         "merges), resumably, and write DIR/report.md and DIR/report.html.")
@@ -597,7 +597,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quick", action="store_true", help=f"the CI settings ({QUICK_CONFIG.name}): few items, few steps")
     p.add_argument("--only", nargs="+", choices=[s.name for s in STAGES], metavar="STAGE",
                    help=f"run only these stages (their inputs must be complete), then rebuild the report from every "
-                   f"stage's saved results: {', '.join(BY_NAME)}")
+                   f"stage's saved results: {', '.join(BY_NAME)} (default: every stage; one unchanged since it finished is "
+                   "skipped)")
     p.add_argument("--out", type=out_dir, required=True, metavar="DIR", help="output directory (one subdirectory per stage)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p

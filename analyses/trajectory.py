@@ -238,12 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
         "run.json and, unless --no-figures, trajectory_{norms,sketch}.{png,pdf}.",
     )
     p.add_argument("--base", required=True, help="base LLM (dir or alias); also the reference unless --ref")
-    p.add_argument("--experts", nargs="+", default=[], help="modality-extended models")
-    p.add_argument("--merged", nargs="+", default=[], help="merged models (e.g. python -m analyses.merge outputs)")
-    p.add_argument("--runs", nargs="+", type=in_path, default=[], help="fine-tuning run dirs holding checkpoint-<step> subdirs")
+    p.add_argument("--experts", nargs="+", default=[], help="modality-extended models (default: none)")
+    p.add_argument("--merged", nargs="+", default=[],
+                   help="merged models (e.g. python -m analyses.merge outputs) (default: none)")
+    p.add_argument("--runs", nargs="+", type=in_path, default=[],
+                   help="fine-tuning run dirs holding checkpoint-<step> subdirs (default: none)")
     p.add_argument("--ref", help="reference θ_ref for the deltas (default: --base)")
-    p.add_argument("--sketch-dim", type=int, default=256, help="sketch dimension (default 256)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sketch, PCA and t-SNE (default 0)")
+    p.add_argument("--sketch-dim", type=int, default=256, help="sketch dimension (default: 256)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sketch, PCA and t-SNE (default: 0)")
     p.add_argument("--perplexity", type=float, default=30.0, help="t-SNE perplexity, clamped to n_points - 1 (default: 30)")
     add_output_args(p, "output dir (coords.csv, points.csv, features.npz, run.json, figures)")
     return p

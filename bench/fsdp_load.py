@@ -143,11 +143,11 @@ def worker(way: str, source: str, out: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = ArgParser(prog="python bench/fsdp_load.py", description=__doc__,
                   formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=2, help="decoder layers of Qwen2-7B's shape (default 2)")
-    ap.add_argument("--vocab-size", type=int, default=32000, help="vocabulary (default 32000)")
-    ap.add_argument("--processes", type=int, default=2, help="torchrun processes (default 2)")
+    ap.add_argument("--layers", type=int, default=2, help="decoder layers of Qwen2-7B's shape (default: 2)")
+    ap.add_argument("--vocab-size", type=int, default=32000, help="vocabulary (default: 32000)")
+    ap.add_argument("--processes", type=int, default=2, help="torchrun processes (default: 2)")
     ap.add_argument("--source-dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                    help="the checkpoint's dtype (default bfloat16); it loads in float32")
+                    help="the checkpoint's dtype (default: bfloat16); it loads in float32")
     ap.add_argument("--step", action="store_true", help="measure one training step's memory beyond the shards "
                     "in float32 and under bf16 autocast instead of the loading")
     args = ap.parse_args(argv)

@@ -63,11 +63,11 @@ def peak_extra(fn: Callable[[], object]) -> tuple[float, int]:
 def main(argv: list[str] | None = None) -> int:
     ap = ArgParser(prog="python bench/lora_save.py", description=__doc__,
                   formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=2, help="decoder layers of Qwen2-7B's shape (default 2)")
-    ap.add_argument("--vocab-size", type=int, default=32000, help="vocabulary (default 32000)")
+    ap.add_argument("--layers", type=int, default=2, help="decoder layers of Qwen2-7B's shape (default: 2)")
+    ap.add_argument("--vocab-size", type=int, default=32000, help="vocabulary (default: 32000)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                    help="the frozen weights' dtype, and the source checkpoint's (default bfloat16)")
-    ap.add_argument("--rank", type=int, default=16, help="LoRA rank of the adapter (default 16)")
+                    help="the frozen weights' dtype, and the source checkpoint's (default: bfloat16)")
+    ap.add_argument("--rank", type=int, default=16, help="LoRA rank of the adapter (default: 16)")
     args = ap.parse_args(argv)
     check_counts(args, ["layers", "vocab_size", "rank"])
     torch.set_num_threads(min(4, os.cpu_count() or 1))

@@ -280,23 +280,24 @@ def mergekit_command(work: Path, method: str, dtype: str, dirs: list[Path]) -> l
 def main(argv: list[str] | None = None) -> int:
     ap = ArgParser(prog="python bench/merge.py", description=__doc__,
                   formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--k", type=int, default=3, help="number of checkpoints merged (default 3)")
-    ap.add_argument("--params-m", type=int, help="million parameters per synthetic checkpoint (default 145)")
+    ap.add_argument("--k", type=int, default=3, help="number of checkpoints merged (default: 3)")
+    ap.add_argument("--params-m", type=int, help="million parameters per synthetic checkpoint (default: 145)")
     ap.add_argument("--arch", choices=TEXT_ARCHS, help="instead of --params-m: the LM of a published architecture "
-                    "at its real tensor sizes (probe/archs.py; random weights, nothing downloaded)")
+                    "at its real tensor sizes (probe/archs.py; random weights, nothing downloaded) (default: none, "
+                    "--params-m)")
     ap.add_argument("--layers", type=int, help="with --arch: cut its depth to this many layers (disk: Qwen2-7B's 28 "
-                    "take 15.2 GB a checkpoint in bf16, 8 take 5.9 GB)")
+                    "take 15.2 GB a checkpoint in bf16, 8 take 5.9 GB) (default: all of them)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
-                    help="dtype of the synthetic checkpoints, which the merges keep (default bfloat16)")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds, median reported (default 3)")
+                    help="dtype of the synthetic checkpoints, which the merges keep (default: bfloat16)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds, median reported (default: 3)")
     ap.add_argument("--workdir", type=out_dir, help="where the synthetic checkpoints go, left there afterwards (default: a "
                     "temp dir, removed at the end unless --keep)")
     ap.add_argument("--keep", action="store_true", help="keep the temp workdir (a --workdir is always kept)")
     ap.add_argument("--no-mergekit", action="store_true", help="skip the mergekit comparison")
     ap.add_argument("--method", default="average", choices=["average", "salience", "ties", "task_arithmetic"],
-                    help="our merge method measured (default average; mergekit's counterpart: linear, ties, "
+                    help="our merge method measured (default: average; mergekit's counterpart: linear, ties, "
                     "task_arithmetic; salience has none)")
-    ap.add_argument("--threads", type=int, default=1, help="our merge's --threads (default 1, its default)")
+    ap.add_argument("--threads", type=int, default=1, help="our merge's --threads (default: 1, its default)")
     a = ap.parse_args(argv)
     check_counts(a, ("k", "params_m", "rounds", "threads", "layers"))
     if a.arch and a.params_m:

@@ -152,9 +152,10 @@ def spread_heads(heads: list[tuple[int, int]], k: int) -> list[tuple[int, int]]:
 def build_parser() -> argparse.ArgumentParser:
     p = ArgParser(prog="python bench/sweep.py", description=__doc__,
                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help=f"alias or HF dir (default {DEFAULT_MODEL})")
+    p.add_argument("--model", default=None, help=f"alias or HF dir (default: {DEFAULT_MODEL})")
     p.add_argument("--random-config", choices=sorted(a for a in ARCHS if a.endswith("7b")), default=None,
-                   help="build this architecture from its real config with random weights (no download)")
+                   help="build this architecture from its real config with random weights (no download) (default: none, "
+                        "--model)")
     p.add_argument("--layers", type=int, default=None,
                    help="--random-config: build only N decoder layers (default: all)")
     p.add_argument("--vision-layers", type=int, default=None,
@@ -182,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="masked rows per forward of the exact engine (default: 32)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     p.add_argument("--json", type=out_dir, default=None,
-                   help="write the numbers here too (strict JSON: a number not measured is null)")
+                   help="write the numbers here too (strict JSON: a number not measured is null) (default: printed "
+                        "only)")
     p.add_argument("--device", default="auto",
                    help="auto (the GPU when there is one), cpu, cuda, cuda:1 (default: auto)")
     p.add_argument("--dtype", default="auto",

@@ -66,20 +66,21 @@ def main(argv: list[str] | None = None) -> int:
     ap = ArgParser(prog="python bench/train_step.py", description=__doc__,
                   formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--organisms", nargs="+", default=list(CASES), choices=list(CASES), help="cases to time (default: all)")
-    ap.add_argument("--batch", type=int, default=24, help="rows per batch (default: 24)")
+    ap.add_argument("--batch-size", "--batch", type=int, default=24,
+                    help="rows per batch, as analyses.finetune's --batch-size (--batch: the old name) (default: 24)")
     ap.add_argument("--repeats", type=int, default=6, help="timed repeats, median reported (default: 6)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the batch drawn (default: 0)")
     args = ap.parse_args(argv)
-    check_counts(args, ("batch", "repeats", "threads"))
+    check_counts(args, ("batch_size", "repeats", "threads"))
     torch.set_num_threads(args.threads)
-    print(f"{args.threads} thread(s), batch {args.batch}, median of {args.repeats}")
+    print(f"{args.threads} thread(s), batch {args.batch_size}, median of {args.repeats}")
     print("| organism | rows (tokens) | whole batch, padded | parts + logits_to_keep | speed-up | max |Δ grad| |")
     print("|---|---|---|---|---|---|")
     for name in args.organisms:
         loaded = _load(organism_dir(f"organism-{name}"))
         loaded.model.train()
-        rows = batch_rows(loaded, name, args.batch, args.seed)
+        rows = batch_rows(loaded, name, args.batch_size, args.seed)
         lengths = sorted(r["input_ids"].shape[0] for r in rows)
         diff = max(float((a - b).abs().max()) for a, b in zip(grads(loaded, whole, rows).values(),
                                                                  grads(loaded, parts, rows).values()))

@@ -144,7 +144,8 @@ class ArgParser(argparse.ArgumentParser):
         return super().parse_known_args(args, namespace)
 
     def format_help(self) -> str:
-        text = super().format_help()
+        # a description taken from a module docstring keeps its reST ``code`` marks for pydoc; a terminal gets text
+        text = super().format_help().replace("``", "")
         return text + ("\nexamples:\n" + "".join(f"  {e}\n" for e in self.examples) if self.examples else "")
 
     def error(self, message: str) -> NoReturn:

@@ -204,7 +204,9 @@ def load_template(args: argparse.Namespace) -> PromptTemplate:
 def add_run_args(p: argparse.ArgumentParser, default_out: str, figures: str) -> None:
     """Where a resumable run goes and how loud it is (probe.heads, probe.eval)."""
     p.add_argument("--out", type=out_dir, default=Path(default_out), help="output directory")
-    p.add_argument("--overwrite", action="store_true", help="discard an existing run in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard the run already in --out (parts/ and the files named above; nothing else is "
+                   "deleted); without it the same run resumes and a different one is refused")
     p.add_argument("--no-figures", action="store_true", help=f"do not draw {figures}")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -214,9 +216,12 @@ def add_prompt_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=5, help="tokens generated for the accuracy parser")
     p.add_argument("--image-max-side", type=int, default=None,
                    help="downscale images so the longer side is at most this many pixels (default: as they are)")
-    p.add_argument("--system-prompt", default=None, help="override the system prompt of the template")
+    p.add_argument("--system-prompt", default=None,
+                   help="replace the template's system prompt (default: the template's own; the built-in one asks "
+                   "for the option's letter only)")
     p.add_argument("--template", type=in_path, default=None,
-                   help="JSON file with PromptTemplate fields (system, user, choice, assistant_prefix)")
+                   help="JSON file with PromptTemplate fields (system, user, choice, assistant_prefix); a field left "
+                   "out keeps its built-in value (default: the built-in template, probe.prompting.PromptTemplate)")
 
 
 def add_placement_args(p: argparse.ArgumentParser, attn_note: str) -> None:

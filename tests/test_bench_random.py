@@ -273,7 +273,7 @@ def test_bench_help_gives_every_default(script, monkeypatch, capsys):
     ("eval.py", ["--batch-size", "0"], "--batch-size must be ≥ 1, got 0"),
     ("eval.py", ["--items", "-1"], "--items must be ≥ 1, got -1"),
     ("train_step.py", ["--repeats", "0"], "--repeats must be ≥ 1, got 0"),
-    ("train_step.py", ["--batch", "0"], "--batch must be ≥ 1, got 0"),
+    ("train_step.py", ["--batch", "0"], "--batch-size must be ≥ 1, got 0"),
     ("merge.py", ["--rounds", "0"], "--rounds must be ≥ 1, got 0"),
     ("merge.py", ["--arch", "qwen2-7b", "--params-m", "10"], "give --arch or --params-m, not both"),
     ("merge.py", ["--layers", "2"], "--layers cuts an --arch"),

@@ -108,6 +108,16 @@ def test_help_states_each_default_once(name, capsys):
         assert len(re.findall(r"\(default\b", flat)) <= 1, flat
 
 
+@pytest.mark.parametrize("name", MODULES + BENCH)
+def test_help_shows_no_docstring_markup(name, capsys):
+    """``probe.convert --help`` and the bench scripts' (their module docstrings as description) showed reST's
+    double backquotes: ``DIR/convert-<split>.json``, ``--random-config``. A help reads as plain text."""
+    with pytest.raises(SystemExit):
+        _main(name)(["--help"])
+    out = capsys.readouterr().out
+    assert "``" not in out, [ln for ln in out.splitlines() if "``" in ln]
+
+
 def _parsers(name: str, monkeypatch) -> list:
     """The parser ``name``'s main builds, and each subcommand's: caught at its parse, before anything runs."""
     import argparse
@@ -133,7 +143,9 @@ def test_every_option_says_what_it_does_and_its_default(name, monkeypatch):
     """``probe.synthetic --help`` listed --seed, --image-size and --open-fraction bare (and bench/merge.py's --dtype,
     bench/lora_save.py's --vocab-size and --rank): no meaning, no default. Every option and positional of every
     CLI has help text, and one with a default other than None/False shows it (the shared formatter used to hide
-    a default of 0, which equals False)."""
+    a default of 0, which equals False). An option taking a value whose default is None or [] says what leaving it
+    out does: probe.heads/eval --system-prompt and --template, probe.eval --reference, probe.zoo build --steps,
+    analyses.merge --weights and 22 others did not (help44)."""
     import argparse
 
     for p in _parsers(name, monkeypatch):
@@ -145,6 +157,32 @@ def test_every_option_says_what_it_does_and_its_default(name, monkeypatch):
             shown = " ".join((p._get_formatter()._expand_help(a) or "").split())
             if a.default is not None and a.default is not False and a.default != []:
                 assert re.search(r"\bdefault\b", shown), f"{where} does not show its default {a.default!r}: {shown}"
+            elif a.nargs != 0 and not a.required and a.help != argparse.SUPPRESS:
+                # a value left out means something too (the template's system prompt, no paired differences,
+                # each organism's own steps): said, not left to the reader to guess
+                assert re.search(r"\bdefault\b", shown), f"{where} does not say what leaving it out does: {shown}"
+            # one form, argparse's own "(default: X)", not also "(default X)" in a third of them
+            assert not re.search(r"\(default(?!:)", shown), f"{where} writes its default another way: {shown}"
+
+
+# one concept, one option name in every command; another spelling is at most an alias of it (the same action)
+SYNONYMS = {"--batch": "--batch-size", "--output": "--out", "--out-dir": "--out", "--force": "--overwrite",
+            "--model-dir": "--model", "--dataset": "--data", "--n-items": "--limit", "--silent": "--quiet"}
+
+
+@pytest.mark.parametrize("name", MODULES + BENCH)
+def test_one_concept_has_one_option_name(name, monkeypatch):
+    """bench/train_step.py took its rows per batch as --batch, where analyses.finetune, probe.heads, probe.eval and
+    the other benchmarks say --batch-size. Such a spelling is kept only as an alias of the shared name."""
+    parsers = _parsers(name, monkeypatch)
+    monkeypatch.undo()
+    for p in parsers:
+        for a in p._actions:
+            odd = [o for o in a.option_strings if o in SYNONYMS and SYNONYMS[o] not in a.option_strings]
+            assert not odd, f"{p.prog} {odd[0]}: the other commands call it {SYNONYMS[odd[0]]}"
+    if name == "train_step":
+        (p,) = parsers
+        assert p.parse_args(["--batch", "5"]).batch_size == p.parse_args(["--batch-size", "5"]).batch_size == 5
 
 
 @pytest.mark.parametrize("name, kind", [("probe.heads", "heads"), ("probe.eval", "eval"), ("analyses.shift", "shift"),

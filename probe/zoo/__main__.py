@@ -23,16 +23,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="where data/, organism-*/ and quality.json are written")
     b.add_argument("--quick", action="store_true", help="tiny data and few steps (CI smoke test)")
     b.add_argument("--steps", type=int, default=None, help="override the training steps of every organism: N per "
-                   "stage, and at most N of the vision tower's pretraining")
-    b.add_argument("--seed", type=int, default=0, help="seed of the data, initialisation and training (default 0)")
+                   "stage, and at most N of the vision tower's pretraining (default: each organism's recipe; --quick: 20 "
+                   "per stage)")
+    b.add_argument("--seed", type=int, default=0, help="seed of the data, initialisation and training (default: 0)")
     b.add_argument("--threads", type=int, default=2,
-                   help="CPU threads (default 2): organism-base trains on all; the three extensions on threads // 2 "
+                   help="CPU threads (default: 2): organism-base trains on all; the three extensions on threads // 2 "
                    "each, in two processes at once when there are two or more")
     b.add_argument("--reuse", action="store_true",
                    help="keep the data and the organisms already built in --out from the same seed, sizes, "
                    "--exclude-validation and recipe (resume an interrupted build); anything else is rebuilt")
     b.add_argument("--only", nargs="+", choices=("base", "vl", "ov-si", "video"), default=None,
-                   help="build only these organisms (the others must already be in --out; with --reuse)")
+                   help="build only these organisms (the others must already be in --out; with --reuse) (default: "
+                   "all four)")
     b.add_argument("--exclude-validation", action="store_true",
                    help="train on the train splits less every validation item of any set, to measure how the "
                    "organisms generalise to what they never saw (the shipped organisms are built without it: three "
