@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="first N multiple-choice items of each data set (default: all)")
     p.add_argument("--reference", default=None,
                    help="model to compare every other one against (paired difference on the same items); "
-                   "added to --models if missing")
+                   "added to --models if missing (default: none, no paired differences)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="items per forward at most (default: 32 on a CPU, 256 on a GPU); a batch is cut where "
                         "padding would pass 10 %% of its real tokens on a CPU, 50 %% on a GPU, and one that runs out "
@@ -563,6 +563,9 @@ WIDE_SUBJECTS = 12  # past this many subjects a set's table turns to one row per
 _MD_MARKS = re.compile(r"([\\`*$<>\[\]&~|])")
 # '_' opens or closes emphasis only beside a non-alphanumeric: ``image_single`` stays as written
 _MD_UNDERSCORE = re.compile(r"(?<![^\W_])_|_(?![^\W_])")
+# what md_text escaped (a mark, or '_'), read back for the terminal; in a table row '|' stays escaped
+_MD_ESCAPED = re.compile(r"\\([\\`*$<>\[\]&~|_])")
+_MD_ESCAPED_IN_ROW = re.compile(r"\\([\\`*$<>\[\]&~_])")
 
 
 def md_text(name: str) -> str:
@@ -640,7 +643,14 @@ def summary(table_md: Path) -> str:
     per-subject tables stay in the file."""
     blocks = table_md.read_text(encoding="utf-8").strip().split("\n\n")
     notes = [blocks[-1]] if blocks[-1].startswith("- ") else []
-    return "\n".join([blocks[0].removeprefix("# ") + ":", blocks[1], *notes])
+    text = "\n".join([blocks[0].removeprefix("# ") + ":", blocks[1], *notes])
+    return "\n".join(map(_terminal_text, text.splitlines()))
+
+
+def _terminal_text(line: str) -> str:
+    """A line of table.md as a terminal shows it: ``md_text``'s escapes undone (``\\[39.8, 100.0\\]`` was printed
+    as such), but for a table row's ``\\|``, which keeps the row's cells apart."""
+    return (_MD_ESCAPED_IN_ROW if line.startswith("|") else _MD_ESCAPED).sub(r"\1", line)
 
 
 def evaluate(**options: Any) -> Any:

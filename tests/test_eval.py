@@ -2746,6 +2746,24 @@ def test_the_printed_summary_names_its_metric_and_its_marks(data_dir, text_dir, 
     assert printed[-1] == f"results in {out}/"
 
 
+def test_the_printed_summary_shows_names_and_intervals_without_markdown_escapes(tmp_path):
+    """The terminal summary printed table.md's markdown escapes: ``Clopper-Pearson \\[39.8, 100.0\\]`` under every
+    all-right row, a model ``runs/a*b`` as ``runs/a\\*b``. It shows the text as written, but for a '|' in a
+    table row, which stays escaped so the row keeps its cells."""
+    from probe.eval import md_text, summary
+
+    names = ["runs/a*b", "[x](y)", "_u_", "t\\", "a|b"]
+    table = tmp_path / "table.md"
+    table.write_text("# Evaluation: accuracy in %\n\n| model | text |\n|---|---|\n"
+                     + "".join(f"| {md_text(n)} | 50.0 |\n" for n in names) + "\n"
+                     + "".join(f"- {md_text(n)} on text: {md_text('Clopper-Pearson [39.8, 100.0]')}\n" for n in names),
+                     encoding="utf-8")
+    lines = summary(table).splitlines()
+    rows, notes = lines[3:3 + len(names)], lines[3 + len(names):]
+    assert rows == [f"| {n.replace('|', chr(92) + '|')} | 50.0 |" for n in names], rows
+    assert notes == [f"- {n} on text: Clopper-Pearson [39.8, 100.0]" for n in names], notes
+
+
 # names GFM would read as marks: emphasis, math ($ on GitHub), HTML, a link, an entity, a code span, a trailing '\'
 MARKUP_NAMES = ["a*b*c", "$x$", "<b>x</b>", "[x](y)", "a&amp;b", "`c`", "_u_", "t\\", "~~s~~", "a|b"]
 
