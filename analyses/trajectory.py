@@ -244,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", nargs="+", type=in_path, default=[],
                    help="fine-tuning run dirs holding checkpoint-<step> subdirs (default: none)")
     p.add_argument("--ref", help="reference θ_ref for the deltas (default: --base)")
-    p.add_argument("--sketch-dim", type=int, default=256, help="sketch dimension (default: 256)")
+    p.add_argument("--sketch-dim", type=int, default=256,
+                   help=f"sketch dimension, {SKETCH_DIMS.start} to {SKETCH_DIMS.stop - 1} (default: 256)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sketch, PCA and t-SNE (default: 0)")
     p.add_argument("--perplexity", type=float, default=30.0, help="t-SNE perplexity, clamped to n_points - 1 (default: 30)")
     add_output_args(p, "output dir (coords.csv, points.csv, features.npz, run.json, figures)")
