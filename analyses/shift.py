@@ -28,6 +28,7 @@ from analyses.formulas import ShiftStats
 from analyses.shift_csv import COLUMNS, COMMAND
 from analyses.writer import atomic_dir, check_output, check_replaceable, returns_finished, run_request
 from probe.errors import TENSOR_MEMORY_HINT, ArgParser, BadInput, cli_main, out_dir, parse_options
+from probe.results import results_line
 
 CHUNK = 1 << 22  # elements per streamed chunk: 16 MB of fp32 temporaries
 
@@ -181,7 +182,7 @@ def run_shift(cfg: ShiftConfig) -> dict[str, Any]:
         print(f"vocabulary sizes differ: {json.dumps(al.vocab)}", file=sys.stderr)
     if al.head:
         print(f"tied and untied lm_heads: {al.head['rule']}", file=sys.stderr)
-    print(f"results in {cfg.out}/")
+    print(results_line(cfg.out, "shift"))
     return summary
 
 

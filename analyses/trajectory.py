@@ -31,7 +31,7 @@ from analyses.finetune import checkpoint_dirs
 from analyses.sketch import SKETCH_CHUNK, SKETCH_DIMS, CountSketch
 from analyses.writer import atomic_dir, check_output, check_replaceable, returns_finished, run_request
 from probe.errors import TENSOR_MEMORY_HINT, ArgParser, BadInput, cli_main, in_path, out_dir, parse_options
-from probe.results import distinct_names, json_text
+from probe.results import distinct_names, json_text, results_line
 
 COMMAND = "analyses.trajectory"  # what its output manifests name
 
@@ -224,7 +224,7 @@ def run_trajectory(cfg: TrajectoryConfig) -> dict[str, Any]:
             from figures.trajectory import draw_trajectory
 
             draw_trajectory(tmp)
-    print(f"{len(points)} checkpoints mapped -> {cfg.out}/ (coords.csv{', figures' if cfg.figures else ''})")
+    print(f"{len(points)} checkpoints mapped; " + results_line(cfg.out, "trajectory"))
     return run
 
 

@@ -340,7 +340,7 @@ def run(args: argparse.Namespace) -> Path:
 
     from probe.devices import rank_world
     from probe.results import (atomic_write_json, atomic_write_parquet, check_same_run_on_every_rank, claim_out_dir,
-                               parts_signature, prepare_out_dir, stop_recorded)
+                               parts_signature, prepare_out_dir, results_line, stop_recorded)
 
     from probe.models import check_fits, preflight
 
@@ -428,7 +428,7 @@ def run(args: argparse.Namespace) -> Path:
                  "parts": assembled}
     atomic_write_json(out / "run.json", run_info)
     print(summary(out / "table.md"))
-    print(f"results in {out}/")
+    print(results_line(out, "eval"))
     return out
 
 

@@ -528,6 +528,8 @@ def _progress(total: int, quiet: bool, desc: str, unit: str = "run"):
 
 
 def _print_summary(out: Path, heads) -> None:
+    from probe.results import results_line
+
     base = json.loads((out / "baseline.json").read_text(encoding="utf-8"))
     acc = base["accuracy"]
     estimated = base.get("method") == "attribution"
@@ -542,7 +544,7 @@ def _print_summary(out: Path, heads) -> None:
             print(f"  L{r.layer}.H{r.head}: prob_accuracy {r.prob_accuracy:.3f} "
                   f"(drop {r.prob_accuracy_drop:+.3f}), KL {r.kl:.4f}"
                   + (" [attribution estimate]" if estimated else ""))  # as the heatmaps' titles mark it
-    print(f"results in {out}/")
+    print(results_line(out, "heads"))
 
 
 def chunk_parts(out: Path, info: dict) -> list[Path]:

@@ -265,6 +265,14 @@ def stop_recorded(out: Path, run_info: dict[str, Any]) -> Iterator[None]:
         raise
 
 
+def results_line(out: Path | str, kind: str) -> str:
+    """A finished run's last line: where its results are and the ``python -m figures`` command that draws its
+    figures again from them (which --help's examples alone said)."""
+    import shlex
+
+    return f"results in {out}/ (figures: python -m figures {kind} {shlex.quote(str(out))})"
+
+
 def output_listing(out: Path) -> list[str]:
     """Every file and folder below ``out`` but the manifest, as sorted POSIX paths relative to ``out``."""
     root = Path(out)

@@ -215,6 +215,28 @@ def test_help_says_what_the_command_writes(name, files, capsys):
     assert not [f for f in files if f not in flat], flat
 
 
+@pytest.mark.parametrize("name, argv, kind", [
+    ("probe.heads", ["--model", "organism-base", "--data", "probe/zoo/data/text", "--layers", "0", "--heads", "0",
+                     "--limit", "2", "--no-generate", "--quiet"], "heads"),
+    ("analyses.shift", ["--base", "organism-base", "--models", "organism-vl", "--quiet"], "shift")])
+def test_the_closing_line_says_where_the_results_are_and_how_to_redraw_them(name, argv, kind, tmp_path, capfd):
+    """A finished run's last line said where its results went (``results in runs/heads/``) but not how its figures
+    are drawn again, which only --help's examples showed. It names the ``python -m figures`` command, and that
+    command, run as printed, draws them (from --no-figures' run too)."""
+    import shlex
+
+    from figures.__main__ import main as figures_main
+
+    out = tmp_path / "a run"  # a space: the printed command quotes it
+    assert cli_main(_main(name), [*argv, "--no-figures", "--out", str(out)]) == 0
+    last = capfd.readouterr().out.strip().splitlines()[-1]
+    command = f"python -m figures {kind} {shlex.quote(str(out))}"
+    assert last.startswith(f"results in {out}/") and last.endswith(f"(figures: {command})"), last
+    assert not list(out.glob("*.png"))
+    assert figures_main(shlex.split(command)[3:]) == 0
+    assert list(out.glob("*.png"))
+
+
 class _Parsed(Exception):
     pass
 

@@ -2743,7 +2743,7 @@ def test_the_printed_summary_names_its_metric_and_its_marks(data_dir, text_dir, 
     assert printed[0] == "Evaluation: probability accuracy in %, 95 % bootstrap interval:"
     assert printed[1:1 + len(table[1].splitlines())] == table[1].splitlines() and "n/a" in table[1]
     assert "- n/a: tiny-qwen2 (qwen2) cannot read image items" in printed
-    assert printed[-1] == f"results in {out}/"
+    assert printed[-1] == f"results in {out}/ (figures: python -m figures eval {out})"
 
 
 def test_the_printed_summary_shows_names_and_intervals_without_markdown_escapes(tmp_path):
