@@ -738,6 +738,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     ``probe.errors.BadInput``."""
     from probe.devices import rank_world, resolve_placement
     from probe.heads import check_out_apart_from_inputs, check_same_software, saved_run_info, versions
+    from probe.lm_config import declared_quantization
     from probe.models import model_fingerprint, model_location, resolve_model
     from probe.results import (atomic_write_json, atomic_write_with, check_same_run_on_every_rank, claim_out_dir,
                                has_contents, lock_out_dir, read_run_json, stop_recorded)
@@ -766,6 +767,10 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     if ref.gguf_file is not None:  # save_pretrained refuses a model loaded from GGUF: checkpoint-0 would be a traceback
         raise BadInput(f"{cfg.model}: a GGUF model cannot be fine-tuned here (transformers cannot save its "
                        "checkpoints); fine-tune a Hugging Face model directory (safetensors) of it instead")
+    if method := declared_quantization(ref.config):  # codes and scales: checkpoint-0's save (LoRA) or the
+        # save_pretrained (full) stopped only after run.json and the log were written, and the fixed rerun was refused
+        raise BadInput(f"{cfg.model}: a quantized checkpoint ({method}, config.json quantization_config) cannot be "
+                       "fine-tuned here; fine-tune a dequantized copy (float weights, no quantization_config)")
     items, contents = read_data(cfg, ref)
     # what decides the numbers: resolved precision and device type, not the "auto" typed, the model's weights
     # (a model re-merged at the same path is another run, never one whose checkpoints a resume continues) and the

@@ -239,7 +239,7 @@ def resolve_placement(device: str = "auto", dtype: str = "auto", attn_implementa
             where = (f"devices {','.join(devices)} ({len(devices)} × {' / '.join(names)}, "
                      f"one model split by layers{gib})")
     else:
-        where = f"device cpu ({q.cpu_threads} threads)"
+        where = f"device cpu ({q.cpu_threads} thread{'' if q.cpu_threads == 1 else 's'})"
         memory, kind = ((q.cpu_memory,), "free") if q.cpu_memory else ((), "")
     return Placement(device, dtype, attn_implementation, f"{where}, dtype {dtype}, attention {attn_implementation}",
                      tuple(devices), memory, kind)

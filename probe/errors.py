@@ -279,12 +279,17 @@ def drop_partial(tmp: Path, dest: str | Path, exc: BaseException) -> NoReturn:
     raise exc
 
 
-def print_error(message: str) -> None:
-    """``error: message`` on a line of its own: progress bars still open (the run stopped inside one) are closed
-    first, else the line is glued to the bar's last update."""
+def close_progress_bars() -> None:
+    """Close the progress bars still open (the run stopped inside one): a last line printed now is not glued to a
+    bar's last update, nor followed by the bar drawn again as the run's frames are freed."""
     if (tq := sys.modules.get("tqdm")) is not None:
         for bar in list(getattr(tq.tqdm, "_instances", ())):
             bar.close()
+
+
+def print_error(message: str) -> None:
+    """``error: message`` on a line of its own (``close_progress_bars`` first)."""
+    close_progress_bars()
     print(f"error: {message}", file=sys.stderr)
 
 
@@ -472,6 +477,7 @@ def cli_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
     except Exception as exc:  # OSError, or a write error of another type (safetensors') no caller named a file for
         return say_write_stopped(exc)
     except KeyboardInterrupt:
+        close_progress_bars()
         print("interrupted", file=sys.stderr)
         return 130
     finally:  # the command's --out claims end with it (only a command that loaded probe.results can hold any)

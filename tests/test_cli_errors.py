@@ -1039,6 +1039,22 @@ def test_an_out_that_cannot_be_created_is_one_line(tmp_path, data_dir, capsys, m
     assert not denied.exists()
 
 
+def test_ctrl_c_inside_a_progress_bar_is_interrupted_on_its_own_last_line(capfd):
+    """Ctrl-C during a SmolLM2 head sweep left "...| 232/888 [03:53<14:51,  1.36s/run]interrupted" and then the
+    bar drawn again below it (closed as the run's frames were freed): the last line read was the bar. The bars
+    still open are closed first, as ``print_error`` does for an error line."""
+    from tqdm.auto import tqdm
+
+    def main(argv):
+        bar = tqdm(total=10, desc="sweep", file=sys.stderr)
+        bar.update(3)
+        raise KeyboardInterrupt
+
+    assert cli_main(main, []) == 130
+    err = capfd.readouterr().err
+    assert err.endswith("\ninterrupted\n") and err.count("interrupted") == 1, repr(err)
+
+
 def test_ctrl_c_while_a_command_imports_its_modules_is_one_line(tmp_path):
     """SIGINT while ``python -m analyses.merge`` still imported torch (a second or more) printed the import
     machinery's KeyboardInterrupt traceback; it is now the one line and exit code of an interrupted run. The

@@ -21,6 +21,13 @@ def test_auto_on_cpu_is_fp32():
     assert p.description == "device cpu (2 threads), dtype float32, attention sdpa"
 
 
+@pytest.mark.parametrize("threads, said", [(1, "(1 thread)"), (2, "(2 threads)")])
+def test_the_placement_line_counts_cpu_threads_in_english(threads, said):
+    """Under OMP_NUM_THREADS=1 every command's first line read "device cpu (1 threads)"."""
+    line = resolve_placement("cpu", "auto", query=DeviceQuery((), False, True, threads)).description
+    assert line.startswith(f"device cpu {said}, dtype float32"), line
+
+
 def test_auto_on_a_gpu_is_bf16_on_it():
     p = resolve_placement(query=ONE_GPU, local_rank=None)
     assert (p.device, p.dtype) == ("cuda:0", "bfloat16")

@@ -2160,6 +2160,27 @@ def test_a_gguf_model_is_refused_before_anything_is_written(tmp_path: Path, capf
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("lora", [(), ("--lora", "2")], ids=["full", "lora"])
+def test_a_model_whose_config_declares_a_quantization_is_refused_before_anything_is_written(lora, tmp_path, capfd):
+    """A safetensors dir saved from a GGUF load keeps the GGUF's ``quantization_config`` in its config.json (the
+    README's "dequantize it" done with transformers' own config). The LoRA run wrote run.json ("running") and the
+    log header, then stopped at checkpoint-0's save ("a quantized checkpoint ... dequantize it first"): the
+    corrected dir's rerun was then refused as "a different run" in that --out. Now one line before the model loads."""
+    from analyses.finetune import main
+    from probe.models import resolve_model
+
+    model = shutil.copytree(resolve_model("organism-base").path, tmp_path / "model")
+    config = json.loads((model / "config.json").read_text(encoding="utf-8"))
+    config["quantization_config"] = {"quant_method": "gguf", "dequantize": False, "gguf_file": "m.gguf"}
+    (model / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    args = _organism_args(tmp_path / "out", *lora)
+    args[args.index("organism-base")] = str(model)
+    assert cli_main(main, args) == 2
+    err = capfd.readouterr().err.strip()
+    assert err.startswith(f"error: {model}: ") and "quantization_config" in err and "\n" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_qwen2_5_omni_checkpoint_is_the_whole_omni_model(data_dir, tmp_path):
     """Only Qwen2.5-Omni's thinker loads (the family table's config_path): the thinker ignores logits_to_keep, so
     training stopped at the first step (RuntimeError), and its save_pretrained wrote the thinker alone (config.json
