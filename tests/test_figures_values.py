@@ -284,6 +284,23 @@ def test_merge_redraw_finds_salience_runs_moved_with_it(tmp_path, monkeypatch, d
     assert_panels_are_runs(drawn, [moved / "heads" / f"e{k}" for k in range(3)])
 
 
+def test_a_copied_merge_draws_the_runs_copied_with_it_not_the_originals_swept_again(tmp_path, monkeypatch, drawn):
+    """``cp -r A B`` of a run holding a salience merge and its runs, then A's runs swept again: B's merge drew A's
+    runs (merge.json names them, and they exist), so ``figures merge B/...`` (and B's merge stage, which redraws
+    it) was refused, "changed since the merge", though B's own copies are the runs the merge read. A merge no
+    longer where it was now draws a run beside it (at its place relative to the merge) when that is the run it
+    read (its fingerprint among the manifest's inputs). Oracle: the copy's runs' heads.csv."""
+    import torch
+    from test_analyses_salience import write_run
+
+    copy, g = merged_then_moved(tmp_path)
+    shutil.copytree(copy, tmp_path / "run")  # the original, where merge.json names the runs: copy is its copy
+    shutil.rmtree(tmp_path / "run" / "heads" / "e1")
+    write_run(tmp_path / "run" / "heads" / "e1", torch.rand(2, 4, generator=g) * 3 + 5)  # swept again
+    assert figures_cli("merge", copy / "merge" / "salience") == 0
+    assert_panels_are_runs(drawn, [copy / "heads" / f"e{k}" for k in range(3)])
+
+
 def test_an_older_merge_moved_with_its_replicate_run_finds_its_runs_by_their_digests(tmp_path, monkeypatch, drawn):
     """A salience merge written before merge.json recorded where it was (no ``resolved_out``), moved with the
     analyses.replicate run it is in: every panel said "salience run not found". Such a merge is found its runs
