@@ -691,8 +691,11 @@ def config_identity(config: Any) -> Any:
     probe.heads' rule: the model by where it is (``model_path``, ``model_location`` of its resolved directory), not
     by its name (``model``: it decides no number, the weights are ``model_fingerprint``'s), so a resume naming it
     otherwise (its alias or its directory) continues, labelled as now: it was refused as "a different run (model
-    differ)". A config that is not an object is compared as it is."""
-    return {k: v for k, v in config.items() if k != "model"} if isinstance(config, dict) else config
+    differ)". A config that is not an object is compared as it is. Paths inside a moved analyses.replicate run
+    are named where its parts named them (``probe.results.as_computed``)."""
+    from probe.results import as_computed
+
+    return as_computed({k: v for k, v in config.items() if k != "model"}) if isinstance(config, dict) else config
 
 
 def check_previous_run(cfg: FinetuneConfig, fingerprint: dict[str, Any]) -> bool:

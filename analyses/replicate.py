@@ -21,7 +21,7 @@ Resumable: a stage whose fingerprint (its config section, the content of its inp
 upstream stages' fingerprints) matches a completed ``DIR/stages/<stage>.json`` is skipped, unless its dir no longer
 holds what it wrote or a stage it read completed again since (``stale_reason``); a stage killed half-way
 continues through its command's own resume (evaluation parts, sweep chunks, fine-tuning checkpoints, the merges
-and maps finished before the kill); a stage
+and maps finished before the kill), in a copied or moved DIR too (``computed_at``); a stage
 whose inputs changed is deleted and rerun, and so is everything downstream of it. One run at a time holds DIR.
 """
 from __future__ import annotations
@@ -32,6 +32,7 @@ import re
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -42,7 +43,8 @@ from probe.devices import Placement
 from probe.errors import (ArgParser, BadInput, check_out_apart, check_out_path, cli_main, in_path, out_dir,
                           out_inside, parse_options, releases_claims)
 from probe.heads import SOFTWARE, software_differences, versions
-from probe.results import content_fingerprint, file_sha256, has_contents, json_digest, json_object, lock_out_dir
+from probe.results import (Moved, content_fingerprint, file_sha256, has_contents, json_digest, json_object,
+                           lock_out_dir, moved_inputs)
 
 MARKER = "replicate.json"  # marks DIR as ours: only then are stage dirs inside it ever deleted
 STATE_DIR = "stages"  # DIR/stages/<stage>.json: fingerprint, status, seconds (beside, not inside, the outputs)
@@ -519,6 +521,32 @@ def ran_elsewhere(ctx: Context, state: dict[str, Any]) -> str | None:
     return ran
 
 
+def computed_at(ctx: Context, state: dict[str, Any]) -> Moved | None:
+    """Where a killed stage's parts named the run's own files when that is not ``ctx.out`` as spelt now: the folder
+    its record says it ran in (``ran_elsewhere``), or where its first parts were (``parts_at``: continued in a copy,
+    then killed there again, its parts still name them there); or the same folder spelt otherwise (``--out run``
+    killed, continued as ``--out ../run`` from a folder inside: analyses.merge's request names its --shift as
+    spelt, so its finished merges were "of other options or inputs", exit 2 on every rerun). None when they name
+    them here, as spelt now."""
+    at = state.get("parts_at")
+    here = str(ctx.out.resolve())
+    if isinstance(at, dict) and isinstance(at.get("out"), str) and isinstance(at.get("resolved_out"), str):
+        then, real = at["out"], at["resolved_out"]
+    elif (real := ran_elsewhere(ctx, state)) is not None:
+        then = state.get("out", ctx.was_at)  # a record without resolved_out: ran_elsewhere's "out", as spelt
+        real = str(Path(real).resolve()) if "resolved_out" not in state and Path(real).is_absolute() else real
+    elif isinstance(state.get("out"), str) and isinstance(state.get("resolved_out"), str):
+        then, real = state["out"], state["resolved_out"]  # here, spelt as then
+    else:
+        return None
+    return None if (real, then) == (here, str(ctx.out)) else Moved(str(ctx.out), then, here, real)
+
+
+def parts_at(moved: Moved | None) -> dict[str, Any]:
+    """The record's part that says where a stage's kept parts name the run's files (``computed_at``)."""
+    return {} if moved is None else {"parts_at": {"out": moved.then, "resolved_out": moved.then_resolved}}
+
+
 def run_stage(ctx: Context, stage: Stage, fp: str) -> str:
     state = read_state(ctx.out, stage.name)
     if not stage.fresh and state.get("fingerprint") == fp and state.get("status") == "complete":
@@ -540,12 +568,6 @@ def run_stage(ctx: Context, stage: Stage, fp: str) -> str:
     sdir = ctx.out / stage.name
     upstream = upstream_digests(ctx.out, stage)
     resumed = state.get("fingerprint") == fp and not stage.fresh
-    if resumed and (moved_from := ran_elsewhere(ctx, state)):
-        # its commands name their inputs by path (merge's --shift, a heads run's data): a copy's resume was refused
-        # as another run's output ("of other options or inputs") on every rerun
-        print(f"== {stage.name}: its parts were computed in {moved_from} (the run was moved or copied since): "
-              "starting it again", file=sys.stderr)
-        resumed = False
     if resumed and upstream_moved(ctx.out, stage, state):
         # its parts were computed from the outputs an upstream stage had before it ran again
         print(f"== {stage.name}: its inputs from an upstream stage changed since it started: starting it again",
@@ -557,22 +579,44 @@ def run_stage(ctx: Context, stage: Stage, fp: str) -> str:
         then = ", ".join(f"{k} {state['versions'].get(k)} (now {now[k]})" for k in moved)
         print(f"== {stage.name}: its parts were computed under {then}: starting it again", file=sys.stderr)
         resumed = False
+    # its commands name the run's own files they read by their paths (merge's --shift, table4's merges, a heads
+    # run's generated set): parts computed before a copy or move are kept where those paths, read as where they
+    # were then, name the same inputs (the commands compare their content as before); a copy's resume was refused
+    # as another run's output ("of other options or inputs"), and then started over
+    moved = computed_at(ctx, state) if resumed else None
+    if moved is not None and moved.then_resolved != moved.now_resolved:
+        print(f"== {stage.name}: its parts were computed in {moved.then} (the run was moved or copied since): "
+              "continuing them here", file=sys.stderr)
     if sdir.exists() and not resumed and not stage.fresh:  # a fresh stage's dir holds no parts to drop
         shutil.rmtree(sdir)  # inputs or software changed (or no record): its outputs no longer belong to this run
     print(f"== {stage.name}: {'continuing' if resumed else 'running'}", file=sys.stderr)
     t0, c0 = time.perf_counter(), time.process_time()
     started = state.get("started") if resumed else time.strftime("%Y-%m-%dT%H:%M:%S%z")
     where = {"out": str(ctx.out), "resolved_out": str(ctx.out.resolve())}
-    write_state(ctx.out, stage.name, {"stage": stage.name, "fingerprint": fp, "status": "running", **where,
-                                      "started": started, "versions": now, "upstream": upstream})
-    stage.run(ctx)
+    running = {"stage": stage.name, "fingerprint": fp, "status": "running", **where, "versions": now,
+               "upstream": upstream}
+    write_state(ctx.out, stage.name, running | {"started": started} | parts_at(moved))
+    try:
+        with moved_inputs(moved) if moved is not None else nullcontext():
+            stage.run(ctx)
+    except BadInput as exc:
+        if moved is None:
+            raise
+        # a part not provably the same work here (a file over 64 MB is fingerprinted by its mtime, which cp -r
+        # renews): its command refused it, as it would on every rerun; computed again from nothing instead
+        print(f"== {stage.name}: its parts computed in {moved.then} cannot be kept here ({exc}): starting it "
+              "again", file=sys.stderr)
+        shutil.rmtree(sdir, ignore_errors=True)
+        resumed, moved, started = False, None, time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        write_state(ctx.out, stage.name, running | {"started": started})
+        stage.run(ctx)
     seconds = time.perf_counter() - t0
     # CPU seconds of all this process's threads: what the stage costs, whatever else shares the machine
     write_state(ctx.out, stage.name, {"stage": stage.name, "fingerprint": fp, "status": "complete",
                                       **where, "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                       "seconds": round(seconds, 1),
                                       "cpu_seconds": round(time.process_time() - c0, 1), "resumed": resumed,
-                                      "versions": now, "upstream": upstream,
+                                      "versions": now, "upstream": upstream, **parts_at(moved),
                                       **({} if stage.fresh else recorded_outputs(ctx.out, stage.name))})
     print(f"== {stage.name}: done in {seconds:.1f} s", file=sys.stderr)
     return "ran"

@@ -26,9 +26,9 @@ import torch
 
 from analyses.checkpoints import DTYPE_NAMES
 from probe.errors import WRITE_STOPPED, BadInput, check_out_path
-from probe.results import (MANIFEST, WRITER_TAG, atomic_write_json, claimed, copy_file, gone_entries, json_object,
-                           lock_out_dir, output_listing, partial_path, read_manifest, release_claims, remove_stale_dirs,
-                           writer_tag)
+from probe.results import (MANIFEST, WRITER_TAG, as_computed, atomic_write_json, claimed, copy_file, gone_entries,
+                           json_object, lock_out_dir, output_listing, partial_path, read_manifest, release_claims,
+                           remove_stale_dirs, writer_tag)
 
 P = ParamSpec("P")
 
@@ -305,7 +305,8 @@ def check_output(out: Path, overwrite: bool, command: str | None = None,
         manifest = read_manifest(out) or {}
         if command is not None and manifest.get("command") == command:
             if request is not None and "request" in manifest:
-                if manifest["request"] != request():
+                # inputs inside a moved analyses.replicate run: where the output named them (as_computed)
+                if as_computed(manifest["request"], resolved=False) != as_computed(request(), resolved=False):
                     raise BadInput(f"{out} holds a finished {command} output of other options or inputs; pass "
                                    "--overwrite to replace it, or use another --out")
                 if (gone := gone_entries(out, manifest)) != []:

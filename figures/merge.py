@@ -142,16 +142,39 @@ def _salience_grid(run_dir: Path, metric: str, shape: tuple[int, int], table: by
 
 
 def moved_run(run: str | None, result_dir: Path, merged_at: Any, recorded: set[str] | None) -> str | None:
-    """A salience run gone from where the merge read it, at its place relative to the merge's dir now when it is
+    """A salience run of a merge no longer where it was, at its place relative to the merge's dir now when it is
     there: merge and runs moved together (``cp -r`` or ``mv`` of an analyses.replicate run, whose salience panels
-    showed "salience run not found"). ``merged_at``: where the merge was (merge.json's ``resolved_out``; older
-    merges lack it). ``check_runs_unchanged`` holds the run found to the one the merge read, so only where the
-    manifest records what it read (``recorded``: ``recorded_inputs``): without it a run swept again there was drawn
-    as the merge's."""
-    if run is None or (Path(run) / "heads.csv").is_file() or not isinstance(merged_at, str) or recorded is None:
+    showed "salience run not found"): when the run is gone from where the merge read it, or (a copy) the one there
+    is the run read. ``merged_at``: where the merge was (merge.json's ``resolved_out``; older merges lack it:
+    ``replicate_run_place``). ``check_runs_unchanged`` holds the run found to the one the merge read, so only where
+    the manifest records what it read (``recorded``: ``recorded_inputs``): without it a run swept again there was
+    drawn as the merge's."""
+    if run is None or recorded is None:
         return run
-    there = Path(result_dir).resolve() / os.path.relpath(run, merged_at)
-    return str(there) if (there / "heads.csv").is_file() else run
+    gone = not (Path(run) / "heads.csv").is_file()
+    if not isinstance(merged_at, str):
+        return replicate_run_place(run, Path(result_dir), recorded) if gone else run
+    here = Path(result_dir).resolve()
+    there = here / os.path.relpath(run, merged_at)
+    if str(here) == merged_at or not (there / "heads.csv").is_file():
+        return run
+    # a copy (cp -r A B) whose original's runs are still there: the copy's own run when it is the one read, not A's,
+    # which a sweep since may have changed (B's drawing was then refused, its runs intact)
+    return str(there) if gone or run_fingerprint(there) in recorded else run
+
+
+def replicate_run_place(run: str, result_dir: Path, recorded: set[str]) -> str:
+    """A salience run gone from where a merge that did not record its own place (merge.json without
+    ``resolved_out``, before 2026-12-07) read it: where analyses.replicate lays it out (``DIR/heads/<model>``
+    beside ``DIR/merge/<method>``, DIR holding replicate.json), when the run there is the one the merge read (its
+    fingerprint among those the manifest records: a guess is never drawn as the merge's unless it is). Else
+    ``run``, drawn as not found. Such a merge in a moved or copied run drew every panel "salience run not
+    found"."""
+    home = result_dir.resolve().parent.parent
+    there = home / "heads" / Path(run).name
+    if not (home / "replicate.json").is_file() or not (there / "heads.csv").is_file():
+        return run
+    return str(there) if run_fingerprint(there) in recorded else run
 
 
 def read_heads(runs: list[str]) -> dict[str, bytes | None]:

@@ -148,6 +148,7 @@ def plan_identity(plan: dict[str, Any]) -> dict[str, Any]:
 
     from probe.mmmu import data_location
     from probe.models import model_location
+    from probe.results import as_computed
 
     plan = copy.deepcopy(plan)
     names = [m.pop("name") for m in plan["models"]]
@@ -162,7 +163,7 @@ def plan_identity(plan: dict[str, Any]) -> dict[str, Any]:
     plan["chat_formats"] = [plan["chat_formats"].get(n) for n in names]
     ref = plan["settings"]["reference"]
     plan["settings"]["reference"] = names.index(ref) if ref in names else ref
-    return plan
+    return as_computed(plan)  # a model or set inside a moved analyses.replicate run: where its parts named it
 
 
 def make_plan(args: argparse.Namespace) -> tuple[EvalPlan, list[ModelRef], dict[tuple[int, int], list[Item]],

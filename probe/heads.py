@@ -178,9 +178,10 @@ def plan_identity(plan: dict[str, Any]) -> dict[str, Any]:
     (``probe.results.different_run``)."""
     from probe.mmmu import data_location
     from probe.models import model_location
+    from probe.results import as_computed
 
     plan = {k: v for k, v in plan.items() if k != "model_spec"} | {"model_path": model_location(plan["model_path"])}
-    return plan | {"data_dir": data_location(plan["data_dir"])}
+    return as_computed(plan | {"data_dir": data_location(plan["data_dir"])})  # probe.eval's rule for a moved run
 
 
 def load_template(args: argparse.Namespace) -> PromptTemplate:

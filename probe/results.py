@@ -17,6 +17,7 @@ import socket
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -847,6 +848,56 @@ def json_digest(obj: Any, *blobs: bytes) -> str:
     for b in blobs:
         h.update(b"\0" + b)
     return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Moved:
+    """A folder that was elsewhere when the parts a resume keeps were computed: ``now`` was ``then`` (as spelt, and
+    resolved). analyses.replicate's run, copied or moved with a stage killed half-way: that stage's commands name
+    the merges, carriers, checkpoints and generated sets they read by their paths in the run's folder."""
+    now: str
+    then: str
+    now_resolved: str
+    then_resolved: str
+
+
+_MOVED: list[Moved] = []  # the moves ``as_computed`` reads paths through, while ``moved_inputs`` holds them
+
+
+@contextmanager
+def moved_inputs(moved: Moved) -> Iterator[None]:
+    """Within it, a run's identity names an input under ``moved.now`` as under ``moved.then`` (``as_computed``): a
+    resume then keeps the parts computed there, whose identity named it there. What the inputs hold is compared as
+    before, by content (their fingerprints are part of the identity)."""
+    _MOVED.append(moved)
+    try:
+        yield
+    finally:
+        _MOVED.remove(moved)
+
+
+def as_computed(identity: Any, resolved: bool = True) -> Any:
+    """A run's identity (JSON-like: probe.eval's and probe.heads' plans, a fine-tuning config, an analyses request)
+    with each path under a folder held moved (``moved_inputs``) named where it was then; unchanged when none is.
+    ``resolved``: the identity names paths resolved (``model_location``); else as spelt (an analyses request), where
+    a resolved one is read too."""
+    if not _MOVED:
+        return identity
+
+    def place(s: str) -> str:
+        for m in _MOVED:
+            for now, then in ([] if resolved else [(m.now, m.then)]) + [(m.now_resolved, m.then_resolved)]:
+                if s == now or s.startswith(now.rstrip(os.sep) + os.sep):
+                    return then + s[len(now):]
+        return s
+
+    def walk(o: Any) -> Any:
+        if isinstance(o, str):
+            return place(o)
+        if isinstance(o, dict):
+            return {k: walk(v) for k, v in o.items()}
+        return [walk(v) for v in o] if isinstance(o, (list, tuple)) else o
+    return walk(identity)
 
 
 def file_sha256(path: Path) -> bytes:

@@ -284,6 +284,51 @@ def test_merge_redraw_finds_salience_runs_moved_with_it(tmp_path, monkeypatch, d
     assert_panels_are_runs(drawn, [moved / "heads" / f"e{k}" for k in range(3)])
 
 
+def test_a_copied_merge_draws_the_runs_copied_with_it_not_the_originals_swept_again(tmp_path, monkeypatch, drawn):
+    """``cp -r A B`` of a run holding a salience merge and its runs, then A's runs swept again: B's merge drew A's
+    runs (merge.json names them, and they exist), so ``figures merge B/...`` (and B's merge stage, which redraws
+    it) was refused, "changed since the merge", though B's own copies are the runs the merge read. A merge no
+    longer where it was now draws a run beside it (at its place relative to the merge) when that is the run it
+    read (its fingerprint among the manifest's inputs). Oracle: the copy's runs' heads.csv."""
+    import torch
+    from test_analyses_salience import write_run
+
+    copy, g = merged_then_moved(tmp_path)
+    shutil.copytree(copy, tmp_path / "run")  # the original, where merge.json names the runs: copy is its copy
+    shutil.rmtree(tmp_path / "run" / "heads" / "e1")
+    write_run(tmp_path / "run" / "heads" / "e1", torch.rand(2, 4, generator=g) * 3 + 5)  # swept again
+    assert figures_cli("merge", copy / "merge" / "salience") == 0
+    assert_panels_are_runs(drawn, [copy / "heads" / f"e{k}" for k in range(3)])
+
+
+def test_an_older_merge_moved_with_its_replicate_run_finds_its_runs_by_their_digests(tmp_path, monkeypatch, drawn):
+    """A salience merge written before merge.json recorded where it was (no ``resolved_out``), moved with the
+    analyses.replicate run it is in: every panel said "salience run not found". Such a merge is found its runs
+    where analyses.replicate lays them (DIR/heads/<model>, DIR holding replicate.json) when each is the run the
+    merge read: its fingerprint among the manifest's inputs. Oracles: the moved runs' heads.csv; a run swept again
+    there (other saliences) is not the merge's, so it is drawn as not found, not as read."""
+    import torch
+    from test_analyses_salience import write_run
+
+    moved, g = merged_then_moved(tmp_path)
+    info = moved / "merge" / "salience" / "merge.json"
+    saved = json.loads(info.read_text(encoding="utf-8"))
+    del saved["salience"]["resolved_out"]  # an older merge
+    info.write_text(json.dumps(saved), encoding="utf-8")
+    assert figures_cli("merge", moved / "merge" / "salience") == 0  # not in a replicate run: nothing says where
+    assert sum(t.get_text() == "salience run not found" for ax in drawn["merge_heads"].axes for t in ax.texts) == 3
+    (moved / "replicate.json").write_text(json.dumps({"out": str(tmp_path / "run")}), encoding="utf-8")
+    drawn.clear()
+    assert figures_cli("merge", moved / "merge" / "salience") == 0
+    assert_panels_are_runs(drawn, [moved / "heads" / f"e{k}" for k in range(3)])
+    shutil.rmtree(moved / "heads" / "e1")
+    write_run(moved / "heads" / "e1", torch.rand(2, 4, generator=g) * 3 + 5)  # not the run the merge read
+    drawn.clear()
+    assert figures_cli("merge", moved / "merge" / "salience") == 0
+    assert sum(t.get_text() == "salience run not found" for ax in drawn["merge_heads"].axes for t in ax.texts) == 1
+    assert len([ax for ax in drawn["merge_heads"].axes if ax.get_title().startswith("its salience")]) == 2
+
+
 def test_merge_redraw_refuses_another_run_found_where_a_moved_run_would_be(tmp_path, monkeypatch, capsys, drawn):
     """``moved_run`` finds a run gone from where the merge read it at its place relative to the merge: a different
     run there (swept again, other saliences) must be refused as any changed run is, and with no manifest to hold it

@@ -835,26 +835,89 @@ def test_a_copied_then_moved_run_keeps_every_stage_and_reports_as_the_original(q
         away.rename(quick)
 
 
-def test_a_stage_killed_then_copied_starts_again_in_the_copy(quick: Path, tmp_path: Path, capsys) -> None:
-    """A run killed in its merge stage, copied (or moved), then continued there: analyses.merge found the Eq. 1
-    merge finished but the Eq. 4 one "a finished analyses.merge output of other options or inputs" (its --shift
-    names the original's shift/), and every rerun exited 2. A stage's record now says where it ran; one killed
-    elsewhere starts again. Oracle: the merge's own refusal before (exit 2), and the merged weights computed again
-    equal the original's (the same inputs)."""
+def _killed(out: Path, stage: str) -> None:
+    """``stage``'s record as a kill leaves it: running."""
+    state = json.loads((out / "stages" / f"{stage}.json").read_text())
+    (out / "stages" / f"{stage}.json").write_text(json.dumps(state | {"status": "running"}))
+
+
+def _relabelled(df: pd.DataFrame, was: Path, now: Path) -> pd.DataFrame:
+    """``df`` with every model named under ``was`` named under ``now`` instead (an eval's rows of the run's merges)."""
+    return df.replace({c: {v: v.replace(str(was), str(now), 1) for v in df[c].unique()
+                           if isinstance(v, str) and v.startswith(str(was) + "/")} for c in df.columns})
+
+
+def test_an_eval_stage_killed_then_copied_continues_in_the_copy_keeping_its_parts(quick: Path, tmp_path: Path,
+                                                                                  capsys) -> None:
+    """A run killed in table4 (three of its five parts computed), copied (``cp -r``), the original moved away,
+    then continued in the copy: the stage started over there (its commands name the merges they evaluate by their
+    paths in the original), computing its 3 finished parts again (for 7B merges, hours). The parts now name the
+    run's own files where they were computed (the record's ``out``, ``parts_at``), so the copy keeps them: 0
+    recomputed. Oracles: each kept part's inode and mtime; the uninterrupted run's scores.csv and items, its merges
+    named as the copy's."""
+    copy, away = tmp_path / "copy", quick.with_name(quick.name + "-away")
+    shutil.copytree(quick, copy, symlinks=True)
+    t4 = copy / "table4"
+    for f in ("scores.csv", "items.parquet", "table.md"):
+        (t4 / f).unlink()
+    for p in sorted((t4 / "parts").iterdir())[-2:]:  # not reached before the kill
+        p.unlink()
+    info = json.loads((t4 / "run.json").read_text())
+    (t4 / "run.json").write_text(json.dumps(info | {"status": "running"}))
+    _killed(copy, "table4")
+    kept = _identities(t4 / "parts")
+    assert len(kept) == 3
+    quick.rename(away)  # nothing may read the original
+    try:
+        assert replicate_in_root("--quick", "--quiet", "--only", "table4", "--out", str(copy)) == 0, \
+            capsys.readouterr().err
+    finally:
+        away.rename(quick)
+    err = capsys.readouterr().err
+    assert f"== table4: its parts were computed in {quick} (the run was moved or copied since): continuing them " \
+           "here" in err and "== table4: continuing" in err, err
+    now = _identities(t4 / "parts")
+    assert {k: now[k] for k in kept} == kept and len(now) == 5  # the 3 kept, the 2 left computed
+    after = json.loads((copy / "stages" / "table4.json").read_text())
+    assert (after["status"], after["out"], after["parts_at"]) == ("complete", str(copy), {
+        "out": str(quick), "resolved_out": str(quick.resolve())})
+    pd.testing.assert_frame_equal(_scores(t4), _relabelled(_scores(quick / "table4"), quick, copy))
+    pd.testing.assert_frame_equal(pd.read_parquet(t4 / "items.parquet"),
+                                  _relabelled(pd.read_parquet(quick / "table4" / "items.parquet"), quick, copy))
+
+
+def test_a_merge_stage_killed_then_copied_continues_in_the_copy(quick: Path, tmp_path: Path, capsys) -> None:
+    """A run killed in its merge stage (ties not reached), copied (or moved), then continued there: analyses.merge
+    found the Eq. 1 merge finished but the Eq. 4 one "a finished analyses.merge output of other options or inputs"
+    (its --shift names the original's shift/), and every rerun exited 2; then (3920fb6) the stage started again,
+    merging all four again. Now the three merges finished before the kill are kept (0 merged again) and ties is
+    merged. Oracles: each kept merge's files (inode, mtime), and ties' weights equal to the original's."""
     copy = tmp_path / "copy"
     shutil.copytree(quick, copy, symlinks=True)
-    state = json.loads((copy / "stages" / "merge.json").read_text())
-    (copy / "stages" / "merge.json").write_text(json.dumps(state | {"status": "running"}))  # killed
-    assert replicate_in_root("--quick", "--quiet", "--only", "merge", "--out", str(copy)) == 0, \
-        capsys.readouterr().err
+    shutil.rmtree(copy / "merge" / "ties")
+    _killed(copy, "merge")
+    def weights(m: str) -> tuple[int, int]:  # the merge's weights file: written again, even the same bytes, it is new
+        st = (copy / "merge" / m / "model.safetensors").stat()
+        return st.st_ino, st.st_mtime_ns
+
+    kept = {m: weights(m) for m in ("average", "shift", "salience")}
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the quick run had: the same bytes need the same reduction order
+    try:
+        assert replicate_in_root("--quick", "--quiet", "--only", "merge", "--out", str(copy)) == 0, \
+            capsys.readouterr().err
+    finally:
+        torch.set_num_threads(threads)
     err = capsys.readouterr().err
-    assert f"== merge: its parts were computed in {quick} (the run was moved or copied since): starting it again" \
-        in err and "== merge: running" in err
+    assert f"== merge: its parts were computed in {quick} (the run was moved or copied since): continuing them here" \
+        in err and "== merge: continuing" in err, err
+    assert {m: weights(m) for m in kept} == kept
     after = json.loads((copy / "stages" / "merge.json").read_text())
-    assert (after["status"], after["out"], after["resumed"]) == ("complete", str(copy), False)
-    for m in ("average", "shift"):
-        for f in (quick / "merge" / m).glob("*.safetensors"):
-            assert (copy / "merge" / m / f.name).read_bytes() == f.read_bytes()
+    assert (after["status"], after["out"], after["resumed"]) == ("complete", str(copy), True)
+    for f in (quick / "merge" / "ties").glob("*.safetensors"):
+        assert (copy / "merge" / "ties" / f.name).read_bytes() == f.read_bytes()
 
 
 def test_a_killed_stage_whose_parts_ran_under_other_software_starts_again(quick: Path, capsys) -> None:
@@ -2686,8 +2749,12 @@ def test_a_killed_stage_continued_from_another_working_dir_is_not_taken_for_a_co
                                                                                    capsys) -> None:
     """A stage's record says where it ran (its ``out``, as spelt then): a relative --out (``--out run``) killed,
     then continued from another working dir (``--out ../run`` from a folder inside) was taken for a moved or copied
-    run, and the stage started over. Oracle: the folder is the same one (same inode), so the stage continues."""
+    run, and the stage started over. Oracle: the folder is the same one (same inode), so the stage continues. And
+    while it does, its commands read the run's files as spelt when its parts were computed: analyses.merge's
+    request names its --shift as spelt (``run/shift``), so a merge finished before the kill was "of other options
+    or inputs" when asked as ``../run/shift`` (exit 2 on every rerun). Oracle: the first run's spelling."""
     from analyses import replicate as r
+    from probe.results import as_computed
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "run" / r.STATE_DIR).mkdir(parents=True)
@@ -2702,7 +2769,55 @@ def test_a_killed_stage_continued_from_another_working_dir_is_not_taken_for_a_co
         r.run_stage(Context(cfg, Path("run"), True, {}, {}), stage, "fp")
     monkeypatch.chdir(tmp_path / "inside")
     capsys.readouterr()
-    done = r.Stage("shift", (), lambda ctx: None, lambda c: None, lambda c, o: [o / "shift"])
+    seen: list[str] = []
+    done = r.Stage("shift", (), lambda ctx: seen.append(as_computed(str(ctx.out / "shift"), resolved=False)),
+                   lambda c: None, lambda c, o: [o / "shift"])
     assert r.run_stage(Context(cfg, Path("../run"), True, {}, {}), done, "fp") == "ran"
     err = capsys.readouterr().err
     assert "== shift: continuing" in err and "moved or copied" not in err, err
+    assert seen == [str(Path("run") / "shift")]
+
+
+def test_a_stage_continued_in_a_copy_names_the_runs_files_where_its_parts_were_computed(tmp_path: Path,
+                                                                                          capsys) -> None:
+    """A stage killed in run A, copied to B and continued there: while it runs, its commands' identities name the
+    run's own files as in A (``as_computed``), where its kept parts were computed; killed again in B, the next
+    resume there still does (the record's ``parts_at``: B is where it last ran, not where its first parts were).
+    A command that refuses a part all the same (not provably the same work) has the stage start again from
+    nothing, the identities naming B then. Oracle: the paths in A, a folder named by hand."""
+    from analyses import replicate as r
+    from probe.results import as_computed
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    (a / r.STATE_DIR).mkdir(parents=True)
+    cfg = parse_config(QUICK_CONFIG)
+    seen: list[str] = []
+
+    def stage(then: Callable[[Context], None]) -> r.Stage:
+        def run(ctx: Context) -> None:
+            seen.append(as_computed(str(ctx.out / "data" / "text")))  # a set the stage generated, in the run
+            (ctx.out / "shift").mkdir(exist_ok=True)
+            then(ctx)
+        return r.Stage("shift", (), run, lambda c: None, lambda c, o: [o / "shift"])
+
+    def killed(ctx: Context) -> None:
+        raise KeyboardInterrupt
+
+    def refused(ctx: Context) -> None:  # as a command refuses a kept part it cannot match; fresh, it computes
+        if seen[-1] != str(ctx.out / "data" / "text"):
+            raise BadInput("a part of another run")
+
+    with pytest.raises(KeyboardInterrupt):
+        r.run_stage(Context(cfg, a, True, {}, {}), stage(killed), "fp")
+    shutil.copytree(a, b)
+    capsys.readouterr()
+    with pytest.raises(KeyboardInterrupt):  # continued in the copy, and killed there
+        r.run_stage(Context(cfg, b, True, {}, {}), stage(killed), "fp")
+    assert "its parts were computed in " + str(a) in capsys.readouterr().err
+    assert r.run_stage(Context(cfg, b, True, {}, {}), stage(refused), "fp") == "ran"
+    err = capsys.readouterr().err
+    assert f"its parts computed in {a} cannot be kept here (a part of another run): starting it again" in err, err
+    assert seen == [str(a / "data" / "text")] * 3 + [str(b / "data" / "text")]
+    state = r.read_state(b, "shift")
+    assert (state["status"], state["resumed"], "parts_at" in state) == ("complete", False, False)
+    assert as_computed(str(b / "data")) == str(b / "data")  # nothing held moved once the stage returned
