@@ -46,7 +46,7 @@ from probe.families import CAUSAL_LM, LAYOUTS, causal_lm_type, check_lm_fits_cla
 from probe.families import lm_disk_key as layout_key
 from probe.lm_config import class_text_values, untie_word_embeddings
 from probe.models import loads_tied
-from probe.results import json_object, json_text
+from probe.results import json_object, json_text, results_line
 
 
 def eq1_coefficients(cfg: MergeConfig) -> list[float]:
@@ -682,6 +682,8 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
     print(f"merged {len(al.tensors)} LM tensors ({cfg.method}) -> {cfg.out}")
     for c in report["carriers"]:  # where each evaluable model went (probe.eval --models takes these dirs)
         print(f"carrier {c['source']} -> {Path(cfg.out) / 'carriers' / c['name']}")
+    if cfg.method == "salience":  # the one method python -m figures merge draws
+        print(results_line(cfg.out, "merge"))
     return report
 
 

@@ -105,7 +105,7 @@ def runs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("with_base", [False, True])
-def test_salience_merge_equals_in_memory(zoo, runs, tmp_path, with_base):
+def test_salience_merge_equals_in_memory(zoo, runs, tmp_path, with_base, capfd):
     experts = [zoo["vl"], zoo["ov"], zoo["au"]]  # Qwen2-VL, LLaVA-OneVision, Qwen2-Audio layouts
     extra = []
     if with_base:
@@ -131,6 +131,8 @@ def test_salience_merge_equals_in_memory(zoo, runs, tmp_path, with_base):
     assert list(grids) == [str(zoo["base"]), *map(str, experts)] and grids[str(zoo["vl"])].shape == (L, H)
     assert sum(g[1, 1] for g in grids.values()) == pytest.approx(1.0)
     assert [p.suffix for p in draw_merge(out)] == [".png", ".pdf"]
+    # its last line names that drawing command (it said where the merge went, not how to draw it)
+    assert capfd.readouterr().out.strip().splitlines()[-1] == f"results in {out}/ (figures: python -m figures merge {out})"
 
 
 
