@@ -279,6 +279,11 @@ def drop_partial(tmp: Path, dest: str | Path, exc: BaseException) -> NoReturn:
     raise exc
 
 
+def counted(n: int, word: str) -> str:
+    """``n`` and ``word``, plural but for one: "1 subject", "2 subjects", "0 threads"."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def print_error(message: str) -> None:
     """``error: message`` on a line of its own: progress bars still open (the run stopped inside one) are closed
     first, else the line is glued to the bar's last update."""

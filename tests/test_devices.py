@@ -21,6 +21,12 @@ def test_auto_on_cpu_is_fp32():
     assert p.description == "device cpu (2 threads), dtype float32, attention sdpa"
 
 
+def test_one_cpu_thread_is_said_in_the_singular():
+    """The device line said "device cpu (1 threads)" under OMP_NUM_THREADS=1."""
+    p = resolve_placement(query=DeviceQuery((), False, True, 1))
+    assert p.description == "device cpu (1 thread), dtype float32, attention sdpa"
+
+
 def test_auto_on_a_gpu_is_bf16_on_it():
     p = resolve_placement(query=ONE_GPU, local_rank=None)
     assert (p.device, p.dtype) == ("cuda:0", "bfloat16")
