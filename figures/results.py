@@ -16,16 +16,12 @@ from typing import Any, Callable, TypedDict
 import pandas as pd
 
 from figures import read_json, short_name
-from probe.errors import BadInput, in_path  # in_path: ~ expanded, as the commands' paths are
+from probe.errors import BadInput, counted, in_path  # in_path: ~ expanded, as the commands' paths are
 
 # analyses.replicate's stages whose outputs are models that later stages evaluate or map, naming them by path
 MODEL_STAGES = ("merge", "finetune")
 METHOD_LABELS = {"average": "Eq. 1 average", "shift": "Eq. 4 shift-weighted", "salience": "salience-guided (ours)",
                  "ties": "TIES"}
-
-
-def _count(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def _listing(entries: Any, shown: int = 4) -> str:
@@ -109,7 +105,7 @@ class EvalRun:
         models = list(dict.fromkeys(top["model"]))
         n = top.groupby("data", sort=False)["n_items"].max()
         ref = self.info.get("reference")
-        what = (f"{_count(len(models), 'model')} × {_count(len(n), 'data set')}, {self.metric}"
+        what = (f"{counted(len(models), 'model')} × {counted(len(n), 'data set')}, {self.metric}"
                 + (f", reference {short_name(ref)}" if ref else "")
                 + f"\n  models: {_listing(short_name(m) for m in models)}"
                 + f"\n  items: {_listing(f'{short_name(d, 20)} {int(k)}' for d, k in n.items())}")
@@ -196,8 +192,8 @@ class HeadSweep:
         data = b.get("data") or Path(str(plan.get("data_dir", "?"))).name
         split = b.get("split") or (plan.get("settings") or {}).get("split", "?")
         method = b.get("method") or plan.get("method", "?")
-        what = (f"{short_name(model)} on {short_name(data, 20)} ({split}), {self.heads['layer'].nunique()} layers × "
-                f"{self.heads['head'].nunique()} heads, {b['n_items']} items, baseline prob. acc. "
+        what = (f"{short_name(model)} on {short_name(data, 20)} ({split}), {counted(self.heads['layer'].nunique(), 'layer')} × "
+                f"{counted(self.heads['head'].nunique(), 'head')}, {counted(b['n_items'], 'item')}, baseline prob. acc. "
                 f"{b['prob_accuracy']:.3f}, engine {method}" + (" (approximate)" if b.get("approximate") else ""))
         return _summary(self, self.dir, what, f".heads ({len(self.heads)} rows) .baseline .info .items .grid(metric)")
 
@@ -237,7 +233,7 @@ class Shift:
         per = self.summary["per_model"]
         base = (self.summary.get("base") or {}).get("name", "?")
         deltas = _listing(f"{short_name(m)} {r['mean_delta_avg']:.3g}" for m, r in per.items())
-        what = f"{_count(len(per), 'model')} from {short_name(base)}, mean Δavg (Eq. 3): {deltas}"
+        what = f"{counted(len(per), 'model')} from {short_name(base)}, mean Δavg (Eq. 3): {deltas}"
         return _summary(self, self.dir, what, f".table ({len(self.table)} rows) .summary .per_model")
 
     @property
@@ -384,7 +380,7 @@ class FinetuneRun:
         cfg = self.info.get("config") or {}
         last = self.log.iloc[-1]
         what = (f"{short_name(cfg.get('model', '?'))} on {', '.join(cfg.get('data') or {}) or '?'}, "
-                f"{_count(len(self.log), 'step')}, checkpoints at steps {', '.join(map(str, self.checkpoints))}, "
+                f"{counted(len(self.log), 'step')}, checkpoints at steps {', '.join(map(str, self.checkpoints))}, "
                 f"last loss {last['loss']:.4g} (step {int(last['step'])})")
         return _summary(self, self.dir, what, f".log ({len(self.log)} rows) .info .checkpoints")
 

@@ -41,8 +41,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from probe.errors import (ArgParser, BadInput, RunStopped, check_counts, check_out_path, cli_main, error_reason,
-                          in_path, input_in_out, is_int, out_dir, out_inside, releases_claims)
+from probe.errors import (ArgParser, BadInput, RunStopped, check_counts, check_out_path, cli_main, counted,
+                          error_reason, in_path, input_in_out, is_int, out_dir, out_inside, releases_claims)
 from probe.mmmu import VIDEO_REF, _IMAGE_REF, check_split, fit_within, unfinished_conversion
 from probe.mmmu import _make_item as make_item  # the reader's check of one row
 from probe.mmmu import _split_files as split_files  # the reader's rule: shards complete, never two forms
@@ -647,9 +647,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         overwrite=args.overwrite, quiet=args.quiet)
     report = run(cfg)
     n = sum(report.n_items.values())
-    print(f"{n} items in {len(report.n_items)} subjects ({report.repo}, split {cfg.split}) written to {cfg.out} "
-          f"as split '{cfg.out_split}'" + (f"; {len(report.skipped)} rows left out (see "
-                                           f"convert-{cfg.out_split}.json)" if report.skipped else ""))
+    print(f"{counted(n, 'item')} in {counted(len(report.n_items), 'subject')} ({report.repo}, split {cfg.split}) "
+          f"written to {cfg.out} as split '{cfg.out_split}'"
+          + (f"; {counted(len(report.skipped), 'row')} left out (see convert-{cfg.out_split}.json)"
+             if report.skipped else ""))
     if report.missing_subjects:  # after the conversion: a refusal stays the only line on stderr
         print(missing_subjects_warning(cfg.kind, report.missing_subjects, report.repo,
                                        f"convert-{cfg.out_split}.json"), file=sys.stderr)

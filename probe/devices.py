@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from probe.errors import BadInput, ascii_int
+from probe.errors import BadInput, ascii_int, counted
 
 DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
                "float16": "float16", "fp16": "float16"}
@@ -239,7 +239,7 @@ def resolve_placement(device: str = "auto", dtype: str = "auto", attn_implementa
             where = (f"devices {','.join(devices)} ({len(devices)} × {' / '.join(names)}, "
                      f"one model split by layers{gib})")
     else:
-        where = f"device cpu ({q.cpu_threads} thread{'' if q.cpu_threads == 1 else 's'})"
+        where = f"device cpu ({counted(q.cpu_threads, 'thread')})"
         memory, kind = ((q.cpu_memory,), "free") if q.cpu_memory else ((), "")
     return Placement(device, dtype, attn_implementation, f"{where}, dtype {dtype}, attention {attn_implementation}",
                      tuple(devices), memory, kind)

@@ -279,6 +279,11 @@ def drop_partial(tmp: Path, dest: str | Path, exc: BaseException) -> NoReturn:
     raise exc
 
 
+def counted(n: int, word: str) -> str:
+    """``n`` and ``word``, plural but for one: "1 subject", "2 subjects", "0 threads"."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def close_progress_bars() -> None:
     """Close the progress bars still open (the run stopped inside one): a last line printed now is not glued to a
     bar's last update, nor followed by the bar drawn again as the run's frames are freed."""

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from probe.errors import (ArgParser, BadInput, check_counts, cli_main, parse_options, releases_claims,
+from probe.errors import (ArgParser, BadInput, check_counts, cli_main, counted, parse_options, releases_claims,
                           undone_on_bad_input)
 from probe.families import ALIASES
 from probe.heads import (_Help, _progress, add_placement_args, add_prompt_args, add_run_args,
@@ -600,7 +600,7 @@ def markdown_table(scores: Any, plan: EvalPlan, metric: str) -> str:
     for ds in plan.data:
         subs = ds.subjects
         sub = scores[scores["data"] == ds.name].set_index(["model", "subject"])
-        n = f"{ds.n_items} item{'s' if ds.n_items != 1 else ''}"
+        n = counted(ds.n_items, "item")
         cell = lambda e, s: _cell(sub.loc[(e.name, s)], metric, plan.n_unread(e.name, ds.name, s))  # noqa: E731
         if len(subs) > WIDE_SUBJECTS:
             head = [f"| {md_text(ds.name)} ({n}): subject | {' | '.join(md_text(e.name) for e in plan.models)} |",

@@ -333,6 +333,20 @@ def gate_slope(loaded, inputs, ids, layer: int, head: int, eps: float = 1e-2):
     return (outs[0] - outs[1]) / (2 * eps)
 
 
+def option_logp(logits, ids):
+    """log p over the option letters, written out here (fp32 log-softmax of their logits): the oracles' own, not
+    probe.metrics' option_log_probs, which the engines call."""
+    import torch
+
+    return torch.log_softmax(logits[..., ids].float(), dim=-1)
+
+
+def kl_nats(logp, logq) -> float:
+    """KL(p ‖ q) = Σ p (log p − log q) over the option letters, written out here, not probe.metrics'
+    kl_orig_masked (the engines' own, whose direction a swap of arguments would reverse unseen)."""
+    return float((logp.double().exp() * (logp.double() - logq.double())).sum())
+
+
 def text_inputs(loaded, text: str = "Question: What colour is the circle?\nChoices:\nA. red\nB. blue\n"):
     enc = loaded.tokenizer(text, return_tensors="pt", add_special_tokens=False)
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}

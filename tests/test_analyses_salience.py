@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from analyses import merge, tiny
-from analyses.formulas import TiesTrim, TrimSearch, delta_avg, shift_coefficients, ties_merge
+from analyses.formulas import TiesTrim, TrimSearch, ties_merge
 from conftest import canonical, change_weights_in_place
 from test_analyses_merge import run, tiny_qwen2_view
 
@@ -45,8 +45,14 @@ def write_run(path: Path, kl: torch.Tensor, status: str = "complete", layers: in
     return path
 
 
+def eq3(base: torch.Tensor, theta: torch.Tensor) -> float:
+    """Eq. 3's Δavg = mean |θ_base − θ| written out here (the fp32 difference, averaged in fp64), not
+    analyses.formulas' delta_avg: an oracle of its own for the merge, which shares that module."""
+    return float((base.float() - theta.float()).double().abs().mean())
+
+
 def in_memory_salience(base, experts, tables, tau, alpha0, base_table=None, heads=(H, KV, D), rest="shift"):
-    """DESIGN §9 written out slice by slice (loops over heads), the rest by Eq. 4 with Δavg computed directly, or
+    """DESIGN §9 written out slice by slice (loops over heads), the rest by Eq. 4 (τ 1e-3, Δavg by eq3), or
     (``rest="layer"``) a decoder layer's other tensors by the same rule on the mean ŝ of its heads.
     ``heads``: (query heads, KV heads, head width) of the LM, as its config.json states them."""
     n_heads, n_kv, d = heads
@@ -81,8 +87,9 @@ def in_memory_salience(base, experts, tables, tau, alpha0, base_table=None, head
         else:
             if rest == "layer" and parts[0] == "layers":  # embeddings, the final norm and lm_head stay on Eq. 4
                 coeffs = weights([float(t[int(parts[1])].mean()) for t in shat])
-            else:
-                coeffs = shift_coefficients([delta_avg(base[name], e[name]) for e in experts], alpha0, 1e-3)
+            else:  # Eq. 3 and 4 written out, not analyses.formulas' (which the merge itself calls)
+                deltas = torch.tensor([eq3(ref, e[name]) for e in experts], dtype=torch.float64)
+                coeffs = [alpha0, *((1 - alpha0) * torch.softmax(deltas / 1e-3, 0)).tolist()]
             acc = torch.zeros(ref.shape, dtype=torch.float32)
             for c, th in zip(coeffs, thetas):
                 acc += c * th[name].float()
@@ -289,7 +296,7 @@ def test_temperatures_so_small_that_the_logits_overflow_give_the_limit(zoo, tmp_
     # head 0: ŝ = 1 for the flat expert, 0.1 / mean(s0) < 1 for the other: the flat one's slice, whole
     assert torch.equal(got["layers.1.self_attn.q_proj.weight"][:D], th[1]["layers.1.self_attn.q_proj.weight"][:D])
     name = "layers.0.mlp.up_proj.weight"  # Eq. 4 with α0 = 0: the expert of larger Δavg, whole
-    top = max(range(2), key=lambda i: delta_avg(base[name], th[i][name]))
+    top = max(range(2), key=lambda i: eq3(base[name], th[i][name]))
     assert torch.equal(got[name], th[top][name].float())
 
 
@@ -316,7 +323,7 @@ def test_rest_shift_leaves_non_head_tensors_as_eq4(zoo, runs, tmp_path):
     base, vl = canonical(zoo["base"]), canonical(zoo["vl"])
     rows = [r for r in csv.DictReader(open(c / "merge_weights.csv"))
             if r["tensor"] == "norm.weight" and r["model"] == str(zoo["vl"])]
-    assert len(rows) == 1 and float(rows[0]["delta_avg"]) == pytest.approx(delta_avg(base["norm.weight"], vl["norm.weight"]))
+    assert len(rows) == 1 and float(rows[0]["delta_avg"]) == pytest.approx(eq3(base["norm.weight"], vl["norm.weight"]))
 
 
 def test_rest_layer_weights_a_layers_other_tensors_by_its_mean_head_salience(zoo, runs, tmp_path):

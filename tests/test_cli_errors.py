@@ -235,6 +235,10 @@ def test_the_closing_line_says_where_the_results_are_and_how_to_redraw_them(name
     assert not list(out.glob("*.png"))
     assert figures_main(shlex.split(command)[3:]) == 0
     assert list(out.glob("*.png"))
+    if kind == "heads":  # its summary counted in English: it read "1 layers × 1 heads, 2 items"
+        from figures.results import load
+
+        assert "(validation), 1 layer × 1 head, 2 items, baseline" in repr(load(out)), repr(load(out))
 
 
 class _Parsed(Exception):

@@ -228,7 +228,7 @@ def test_text_the_prompt_would_read_as_a_picture_is_left_out_and_said(tmp_path):
     write(src / "data" / "test-00000-of-00001.parquet", rows)
     res = convert("mmlu-pro", src, "--split", "test", "--out", out)
     assert res.returncode == 0, res.stderr
-    assert load_mmmu(out, "test")[1].n_multiple_choice == 2 and "1 rows left out" in res.stdout
+    assert load_mmmu(out, "test")[1].n_multiple_choice == 2 and "; 1 row left out (see" in res.stdout
     [skipped] = json.loads((out / "convert-test.json").read_text())["skipped"]
     assert skipped["row"] == "test-00000-of-00001.parquet row 0" and "<image k>" in skipped["why"]
 
@@ -376,6 +376,22 @@ def test_a_csv_saved_with_a_byte_order_mark_is_read(tmp_path):
     assert res.returncode == 0, res.stderr
     items, report = load_mmmu(out, "test")
     assert report.subjects == ["DE_DE"] and [(it.question, it.answer) for it in items] == [(r[0], r[5]) for r in rows]
+
+
+@pytest.mark.parametrize("locales", [("DE_DE",), ("AR_XY", "DE_DE")])
+def test_the_closing_line_counts_items_and_subjects_in_the_singular_for_one(tmp_path, locales):
+    """The closing line said "1 subjects" for a one-locale MMMLU; the counts are the read-back set's (load_mmmu),
+    the noun singular for one, plural otherwise (one item in the first locale, two in any other)."""
+    src, out = tmp_path / "mmmlu", tmp_path / "out"
+    for k, locale in enumerate(locales):
+        write_csv(src / "test" / f"mmlu_{locale}.csv", ["Question", "A", "B", "C", "D", "Answer", "Subject"],
+                  [[f"{locale} {i}?", "a", "b", "c", "d", "B", "anatomy"] for i in range(1 + min(k, 1))])
+    res = convert("mmmlu", src, "--out", out)
+    assert res.returncode == 0, res.stderr
+    items, report = load_mmmu(out, "test")
+    n, s = len(items), len(report.subjects)
+    words = f"{n} item{'' if n == 1 else 's'} in {s} subject{'' if s == 1 else 's'} ("
+    assert res.stdout.startswith(words) and (n, s) == ((1, 1) if len(locales) == 1 else (3, 2)), res.stdout
 
 
 @pytest.mark.parametrize("cells, n", [(["Which", " of these is red", "apple", "sky", "grass", "A", "B", "bio"], 8),

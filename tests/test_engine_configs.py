@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import make_item
+from conftest import kl_nats, make_item, option_logp
 
 
 def build_and_load(tmp_path, family: str, text: dict, attn: str = "sdpa"):
@@ -195,7 +195,6 @@ def test_exact_and_naive_equal_zeroed_o_proj_columns_in_the_first_middle_and_las
     p(answer) and KL are the zeroed model's (fp32, 1e-5), and the exact engine gives the naive loop's rows (1e-5, same
     texts), with generation at 3 rows a batch (4 heads a layer: one-row batches too) and without it at 5 rows a batch
     (batches across layers)."""
-    from probe.metrics import kl_orig_masked, option_log_probs
     from probe.prompting import PromptTemplate, build_inputs, letter_token_ids
     from probe.sweep import SweepConfig, get_engine
 
@@ -217,20 +216,20 @@ def test_exact_and_naive_equal_zeroed_o_proj_columns_in_the_first_middle_and_las
     inputs = build_inputs(m, item, PromptTemplate())
     ids = letter_token_ids(m.tokenizer, item.letters)
     with torch.no_grad():
-        base = option_log_probs(m.model(**inputs).logits[0, -1], ids)
+        base = option_logp(m.model(**inputs).logits[0, -1], ids)
         for layer, head in [(0, 1), (1, g.n_heads - 1), (2, 0)]:
             w = m.o_proj(layer).weight
             saved = w.detach().clone()
             try:
                 w[:, head * g.head_dim:(head + 1) * g.head_dim] = 0
-                zeroed = option_log_probs(m.model(**inputs).logits[0, -1], ids)
+                zeroed = option_logp(m.model(**inputs).logits[0, -1], ids)
             finally:
                 w.copy_(saved)
             assert naive.loc[(layer, head), "p_answer"] == pytest.approx(float(zeroed[-1].exp()), abs=1e-5)
-            assert naive.loc[(layer, head), "kl"] == pytest.approx(float(kl_orig_masked(base, zeroed)), abs=1e-5)
+            assert naive.loc[(layer, head), "kl"] == pytest.approx(kl_nats(base, zeroed), abs=1e-5)
         if "sliding_window" in text:  # the window acts on this prompt: without it the logits differ
             m.model.config.sliding_window = 10_000
-            wide = option_log_probs(m.model(**inputs).logits[0, -1], ids)
+            wide = option_logp(m.model(**inputs).logits[0, -1], ids)
             assert (wide - base).abs().max() > 1e-4
 
 
@@ -242,7 +241,6 @@ def test_o_proj_bias_tied_embeddings_one_kv_head_and_one_layer(tmp_path):
     and repeated: the exact engine's rows are the naive loop's, in its order, and each is the model's with the
     head's o_proj input columns zeroed in the weight (1e-6)."""
     from probe.masking import mask_heads
-    from probe.metrics import kl_orig_masked, option_log_probs
     from probe.prompting import PromptTemplate, build_inputs, letter_token_ids
     from probe.sweep import SweepConfig, get_engine
 
@@ -280,13 +278,13 @@ def test_o_proj_bias_tied_embeddings_one_kv_head_and_one_layer(tmp_path):
     ids = letter_token_ids(m.tokenizer, item.letters)
     w, d = o_proj.weight, g.head_dim
     with torch.no_grad():
-        base = option_log_probs(m.model(**inputs).logits[0, -1], ids)
+        base = option_logp(m.model(**inputs).logits[0, -1], ids)
         for row in naive[naive["layer"] >= 0].itertuples():
             saved = w.detach().clone()
             try:
                 w[:, row.head * d:(row.head + 1) * d] = 0
-                zeroed = option_log_probs(m.model(**inputs).logits[0, -1], ids)
+                zeroed = option_logp(m.model(**inputs).logits[0, -1], ids)
             finally:
                 w.copy_(saved)
             assert row.p_answer == pytest.approx(float(zeroed[-1].exp()), abs=1e-6), row.head
-            assert row.kl == pytest.approx(float(kl_orig_masked(base, zeroed)), abs=1e-6), row.head
+            assert row.kl == pytest.approx(kl_nats(base, zeroed), abs=1e-6), row.head

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import FAMILIES, gate_slope, inputs_for, make_item
+from conftest import FAMILIES, gate_slope, inputs_for, kl_nats, make_item, option_logp
 
 NUMERIC = ("kl", "p_answer", "prob_correct", "correct")
 EXACT_TEXT = ("item_id", "layer", "head", "pred", "prob_pred", "response")
@@ -207,7 +207,6 @@ def test_exact_equals_naive_and_zeroed_columns_on_a_trained_organism(organism, a
     heads given deepest first with one repeated, generation at 5 rows a batch (batches that split layers): every row
     the naive loop's, in its order, to 1e-5; the head that moves the answer most is the one whose o_proj input
     columns, zeroed in the weight, give that row's numbers."""
-    from probe.metrics import kl_orig_masked, option_log_probs
     from probe.sweep import SweepConfig, prepare_item
 
     m, items = organism(alias)
@@ -231,13 +230,13 @@ def test_exact_equals_naive_and_zeroed_columns_on_a_trained_organism(organism, a
     w = m.o_proj(layer).weight
     saved = w.detach().clone()
     with torch.no_grad():
-        clean = option_log_probs(m.model(**inputs).logits[0, -1], ids)
+        clean = option_logp(m.model(**inputs).logits[0, -1], ids)
         try:
             w[:, h * d:(h + 1) * d] = 0
-            zeroed = option_log_probs(m.model(**inputs).logits[0, -1], ids)
+            zeroed = option_logp(m.model(**inputs).logits[0, -1], ids)
         finally:
             w.copy_(saved)
-    assert top["kl"] == pytest.approx(float(kl_orig_masked(clean, zeroed)), abs=1e-5)
+    assert top["kl"] == pytest.approx(kl_nats(clean, zeroed), abs=1e-5)
     assert top["p_answer"] == pytest.approx(float(zeroed[item.letters.index(item.answer)].exp()), abs=1e-5)
 
 
@@ -249,7 +248,6 @@ def test_attribution_on_a_trained_organism_is_the_first_order_step_and_ranks_lik
     one-item rows."""
     from scipy.stats import spearmanr
 
-    from probe.metrics import kl_orig_masked, letter_log_probs
     from probe.sweep import SweepConfig, get_engine, prepare_item
 
     m, items = organism("organism-vl")
@@ -278,7 +276,7 @@ def test_attribution_on_a_trained_organism_is_the_first_order_step_and_ranks_lik
     for layer, h in zip(strongest["layer"], strongest["head"]):
         slope = gate_slope(m, inputs, ids, layer, h, eps=2e-3)
         assert float(slope.abs().max()) > 0.5  # a slope of order 1
-        want = letter_log_probs(z0 - slope)
+        want = torch.log_softmax((z0 - slope).float(), -1)
         got = attr[(attr["item_id"] == item.id) & (attr["layer"] == layer) & (attr["head"] == h)].iloc[0]
         assert got["p_answer"] == pytest.approx(float(want[idx].exp()), abs=2e-3), (layer, h)
-        assert got["kl"] == pytest.approx(float(kl_orig_masked(letter_log_probs(z0), want)), rel=1e-2, abs=1e-4)
+        assert got["kl"] == pytest.approx(kl_nats(torch.log_softmax(z0.float(), -1), want), rel=1e-2, abs=1e-4)
