@@ -1167,10 +1167,13 @@ def test_ctrl_c_while_the_next_window_is_prefetched_stops_at_once_and_the_rerun_
     monkeypatch.setattr(probe.batch, "prefetches", lambda loaded: True)  # the GPU default, on the CPU
     assert _eval(*args, "--out", tmp_path / "whole") == 0
     out = tmp_path / "run"
-    code = ("import sys, threading, time\nimport probe.batch\nprobe.batch.prefetches = lambda loaded: True\n"
+    # the thread's items take a second each once the first pair's part is on disk: the second pair's window (the
+    # first pair's, prepared as slowly, was 10 s of sleep that nothing measured)
+    code = ("import os, sys, threading, time\nimport probe.batch\nprobe.batch.prefetches = lambda loaded: True\n"
             "real = probe.batch.prepare_item\n"
             "def slow(*a, **k):\n"
-            "    if threading.current_thread() is not threading.main_thread():\n"
+            "    if threading.current_thread() is not threading.main_thread() and "
+            f"os.path.isfile({str(part_file(out, 0, 0))!r}):\n"
             "        print('preparing', flush=True)\n"
             "        time.sleep(1)\n"
             "    return real(*a, **k)\n"

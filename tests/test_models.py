@@ -996,6 +996,22 @@ def test_the_tie_check_follows_the_class_a_config_builds_not_the_key_alone(tiny_
         check_tied_head(tmp_path, config, FAMILIES[family], "lm_head.weight", "lm_head.weight", tensors.__getitem__)
 
 
+TOWER_LAYERS = ("depth", "num_hidden_layers", "encoder_layers")  # a vision or audio config's number of layers
+
+
+def towers_of_one_layer(nodes: dict, fam) -> None:
+    """Each vision or audio config beside the text config its family's default with one layer, written into the
+    config dict that holds the text config: what ties is the LM's embedding and head, and the default towers (up to
+    32 layers each, the Omni thinker's two) were most of the time of every meta-device build of a composite model."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    config = AutoConfig.for_model(**json.loads(json.dumps(nodes["top"])))
+    parent, holder = (getattr(config, fam.config_path), nodes["thinker"]) if fam.config_path else (config, nodes["top"])
+    for name in ("vision_config", "audio_config"):
+        if isinstance(tower := getattr(parent, name, None), PretrainedConfig):
+            holder[name] = tower.to_dict() | {k: 1 for k in TOWER_LAYERS if k in tower.to_dict()}
+
+
 def test_loads_tied_is_the_tie_transformers_builds_wherever_the_key_is_set(tmp_path):
     """probe.models.loads_tied answered "untied" from config.json alone wherever it said false and nowhere true,
     while Gemma 3's and InternVL's classes ignore a text config's false and tie by their own default: a tied Gemma 3
@@ -1028,6 +1044,7 @@ def test_loads_tied_is_the_tie_transformers_builds_wherever_the_key_is_set(tmp_p
                 node[last] = nodes["text"] = dict(small)
             else:
                 nodes["top"].update(small)
+            towers_of_one_layer(nodes, fam)
             for level, tie in zip(levels, ties):
                 if tie is not None:
                     nodes[level]["tie_word_embeddings"] = tie
