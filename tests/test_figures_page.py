@@ -990,3 +990,37 @@ def test_lines_told_apart_by_colour_are_told_apart_by_marker_too(tmp_path, monke
         shown = {t.get_text(): h.get_marker() for lg in legends for t, h in zip(lg.get_texts(), lg.legend_handles)}
         assert shown == markers
     plt.close("all")
+
+
+def test_eval_of_many_long_named_data_sets_goes_over_pages_with_its_text_apart(tmp_path, monkeypatch):
+    """30 data sets of MMMU subjects' names went 6 rows of 1 in panels on one page: their titles, wrapped to fit
+    their panels, took up to 6 lines, and tight_layout gave up ("cannot make Axes height small enough"), leaving
+    titles over the tick labels of the row above and over the page's title. The data sets go over pages (here two
+    of 15) where a page's rows would leave no room for a model; every page's text stays apart. 12 data sets of short
+    names stay on one page."""
+    import matplotlib.pyplot as plt
+
+    import figures.eval as fe
+
+    subjects = ["Accounting", "Agriculture", "Architecture_and_Engineering", "Art", "Art_Theory",
+                "Basic_Medical_Science", "Biology", "Chemistry", "Clinical_Medicine", "Computer_Science", "Design",
+                "Diagnostics_and_Laboratory_Medicine", "Economics", "Electronics", "Energy_and_Power", "Finance",
+                "Geography", "History", "Literature", "Manage", "Marketing", "Materials", "Math",
+                "Mechanical_Engineering", "Music", "Pharmacy", "Physics", "Psychology", "Public_Health", "Sociology"]
+    assert fe.set_pages([f"set{k}" for k in range(12)], 1.3) == [range(0, 12)]
+    figs = []
+    monkeypatch.setattr(fe, "save_png_pdf", lambda fig, d, stem: figs.append((stem, fig)) or [])
+    fe.draw_eval(write_scores(tmp_path, ["organism-vl", "organism-base", "merged"], [f"mmmu_{s}" for s in subjects]))
+    assert [stem for stem, _ in figs] == ["eval", "eval-2"]
+    assert [len([ax for ax in fig.axes if ax.get_visible()]) for _, fig in figs] == [15, 15]
+    for _, fig in figs:
+        assert overlapping_texts(fig) == []
+        renderer = fig.canvas.get_renderer()
+        for ax in [ax for ax in fig.axes if ax.get_visible()]:  # each title over its own panel, its name all there
+            title, frame = ax.title.get_window_extent(renderer), ax.get_window_extent(renderer)
+            assert frame.x0 - 1 <= title.x0 and title.x1 <= frame.x1 + 1, ax.get_title()
+            assert ax.get_title().replace("\n", "").rsplit("(n=", 1)[0] in [f"mmmu_{s}" for s in subjects]
+        w, h = fig.get_size_inches()
+        assert w <= PAGE_WIDTH + 0.01 and h <= PAGE_HEIGHT + 0.01
+    assert "data sets 16–30 of 30" in figs[1][1].texts[0].get_text()
+    plt.close("all")
