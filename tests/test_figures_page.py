@@ -1024,3 +1024,39 @@ def test_eval_of_many_long_named_data_sets_goes_over_pages_with_its_text_apart(t
         assert w <= PAGE_WIDTH + 0.01 and h <= PAGE_HEIGHT + 0.01
     assert "data sets 16–30 of 30" in figs[1][1].texts[0].get_text()
     plt.close("all")
+
+
+def test_shift_numbers_of_many_long_named_models_stay_apart_and_inside(tmp_path, monkeypatch):
+    """12 models of 40-character names: their rotated names took half the panel's height, each number had 0.37 in
+    beside the next, and separating them stacked them up over the panel's top and its title ("0.002 (2.2×)" over
+    "parameter shift from the base"). Such models get a row each (the evaluation figure's layout), their numbers
+    beside their dots: no number overlaps another, the title or the panel's frame, and no two tick labels of the
+    log axis, minor ones included (2×10⁻³ … 6×10⁻³ ran together along x), overlap."""
+    import matplotlib.pyplot as plt
+
+    import figures.shift as fs
+
+    figs = {}
+    monkeypatch.setattr(fs, "save", lambda fig, path: figs.setdefault(path.name, fig) and [])
+    names = [f"org/Qwen2-VL-7B-Instruct-merged-var{k:02d}-ab" for k in range(12)]
+    fs.draw_shift(write_shift(tmp_path / "s", names, 2, ["mlp.up_proj.weight"]))
+    fig = figs["shift_models"]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    numbers = [t for t in ax.texts if "×" in t.get_text()]
+    assert len(numbers) == 12
+    boxes = [t.get_window_extent(renderer) for t in numbers]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    frame, title = ax.get_window_extent(renderer), ax.title.get_window_extent(renderer)
+    for t, b in zip(numbers, boxes):
+        assert not b.overlaps(title), t.get_text()
+        assert frame.y0 <= b.y0 and b.y1 <= frame.y1, (t.get_text(), b, frame)
+    assert overlapping_texts(fig) == []
+    for axis in (ax.xaxis, ax.yaxis):
+        lo, hi = sorted(axis.get_view_interval())
+        ticks = [t.get_window_extent(renderer) for minor in (False, True)
+                 for loc, t in zip(axis.get_ticklocs(minor=minor), axis.get_ticklabels(minor=minor))
+                 if lo <= loc <= hi and t.get_visible() and t.get_text()]
+        assert len(ticks) >= 2 and not any(a.overlaps(b) for i, a in enumerate(ticks) for b in ticks[i + 1:])
+    plt.close("all")
