@@ -136,11 +136,12 @@ def means_panel(ax: plt.Axes, names: list[str], values: np.ndarray, colours: lis
     plain_log_ticks(ax.xaxis if across else ax.yaxis)
     (ax.set_xlabel if across else ax.set_ylabel)("mean Δavg over tensors (log)", fontsize=8)
     foot_mark = "◁ at the left" if across else "▽ at the foot"
-    ax.set_title("parameter shift from the base (Eq. 3);\n" + ("(k×): k times the least shifted" if low > 0 else
-                 f"{foot_mark}: 0, did not move (no k× ratio)"), fontsize=9)
+    ratio = low > 0 and n > 1  # one model's "(1.0×)" against itself says nothing
+    ax.set_title("parameter shift from the base (Eq. 3)" + (";\n(k×): k times the least shifted" if ratio else
+                 "" if low > 0 else f";\n{foot_mark}: 0, did not move (no k× ratio)"), fontsize=9)
     texts = []
     for i, v in enumerate(values):
-        text = f"{v:.2g}" + (f" ({v / low:.1f}×)" if low > 0 else "") if v > 0 else "0 (did not move)"
+        text = f"{v:.2g}" + (f" ({v / low:.1f}×)" if ratio else "") if v > 0 else "0 (did not move)"
         texts.append(ax.annotate(text, at(i, v if v > 0 else foot), xytext=(7, 0) if across else (0, 7),
                                  textcoords="offset points", ha="left" if across else "center",
                                  va="center" if across else "bottom", fontsize=8))

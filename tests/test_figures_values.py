@@ -1325,3 +1325,22 @@ def test_a_clipped_scales_note_prints_a_negative_drop_with_the_minus_sign():
     assert clipped and vmin > -40.0
     note = clip_note(grid, vmin, vmax, "+.1f")
     assert "up to \u221240.0)" in note and not re.search(r"(?<![\w.])-\d", note), note
+
+
+def test_shift_of_a_single_model_prints_no_ratio_to_itself(tmp_path, drawn):
+    """One model's number read "0.0013 (1.0×)" under "(k×): k times the least shifted": a ratio to itself, which
+    says nothing. A single model's number is its mean Δavg alone (the mean of its rows here), the title without the
+    ratio's key; two models keep theirs."""
+    from figures.shift import draw_shift
+
+    for models in (["organism-vl"], ["organism-vl", "organism-video"]):
+        d = write_shift(tmp_path / str(len(models)), models, 2, ["mlp.up_proj.weight"])
+        draw_shift(d)
+        ax = drawn["shift_models"].axes[0]
+        rows = pd.read_csv(d / "shift.csv")
+        means = rows.groupby("model", sort=False)["delta_avg"].mean()
+        texts = [t.get_text() for t in ax.texts]
+        if len(models) == 1:
+            assert texts == [f"{means.iloc[0]:.2g}"] and "×" not in ax.get_title()
+        else:
+            assert all("×" in t for t in texts) and "k×" in ax.get_title()
