@@ -92,6 +92,14 @@ def fit_cell_texts(ax: Any, cells: list[tuple[Any, float]], formats: list[str], 
     return False
 
 
+def on_page(fig: Any, text: Any) -> bool:
+    """Whether ``text`` lies within ``fig``'s edges at its present layout (saved without cropping, a figure cuts
+    what sticks out)."""
+    fig.draw_without_rendering()
+    box = text.get_window_extent(fig.canvas.get_renderer())
+    return fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and fig.bbox.y0 <= box.y0 and box.y1 <= fig.bbox.y1
+
+
 def _grid(heads: pd.DataFrame, metric: str) -> tuple[np.ndarray, list[int], list[int]]:
     layers = sorted(heads["layer"].unique())
     cols = sorted(heads["head"].unique())
@@ -173,6 +181,13 @@ def draw_metric(heads: pd.DataFrame, baseline: dict, metric: str, out_stem: Path
             fig.tight_layout()
 
     lay_out_page()
+    # measured: 14 characters an inch is a guess, and the title is centred over the map, left of the figure's
+    # centre (beside the colour bar): "Qwen/Qwen2-VL-72B-Instruct on image, train split (n=64 items)", 62
+    # characters over a 4.5 in figure, ran past its left edge
+    while chars > 20 and not on_page(fig, ax.title):
+        chars -= 2
+        ax.set_title("\n".join(textwrap.fill(line, chars) for line in lines), fontsize=9)
+        lay_out_page()
     if cells and not fit_cell_texts(ax, cells, formats, grid.shape):
         ax.set_xlabel(f"query head\n{CELLS_LEFT_OUT}", fontsize=8)
         lay_out_page()  # again, for the taller label

@@ -1060,3 +1060,32 @@ def test_shift_numbers_of_many_long_named_models_stay_apart_and_inside(tmp_path,
                  if lo <= loc <= hi and t.get_visible() and t.get_text()]
         assert len(ticks) >= 2 and not any(a.overlaps(b) for i, a in enumerate(ticks) for b in ticks[i + 1:])
     plt.close("all")
+
+
+@pytest.mark.parametrize("layers, heads", [(1, 1), (1, 4), (2, 2)])
+def test_a_small_grid_of_a_long_named_model_keeps_its_title_on_the_page(tmp_path, monkeypatch, layers, heads):
+    """A few heads of a 72B model (--layers 0 --heads 0..3) draw a 4.5 in figure, and its title's second line
+    "Qwen/Qwen2-VL-72B-Instruct on image, train split (n=64 items)" (62 characters, under the 63 a line that the
+    width was thought to hold) is 4.6 in at 9 pt, centred over the map, left of the figure's centre beside its colour
+    bar: it ran past the figure's left edge, "Q" cut. Every title line now lies on the page, whole."""
+    import matplotlib.pyplot as plt
+
+    import figures.heads as fh
+
+    d = write_heads(tmp_path / "h", layers, heads)
+    baseline = json.loads((d / "baseline.json").read_text())
+    baseline.update(model="Qwen/Qwen2-VL-72B-Instruct", data="image", split="train")
+    (d / "baseline.json").write_text(json.dumps(baseline))
+    figs = []
+    monkeypatch.setattr(fh, "save_figure", lambda fig, path: figs.append(fig))
+    monkeypatch.setattr(plt, "close", lambda fig=None: None)
+    fh.draw_heads(d)
+    assert len(figs) == 6  # png and pdf of the three maps
+    for fig in figs[::2]:
+        fig.canvas.draw()
+        title = fig.axes[0].title
+        box = title.get_window_extent(fig.canvas.get_renderer())
+        assert box.x0 >= fig.bbox.x0 and box.x1 <= fig.bbox.x1 and box.y1 <= fig.bbox.y1, (box, fig.bbox)
+        assert " ".join(title.get_text().split()).endswith("Qwen/Qwen2-VL-72B-Instruct on image, train split (n=64 "
+                                                           "items)")
+    plt.close("all")
