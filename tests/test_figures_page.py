@@ -1089,3 +1089,33 @@ def test_a_small_grid_of_a_long_named_model_keeps_its_title_on_the_page(tmp_path
         assert " ".join(title.get_text().split()).endswith("Qwen/Qwen2-VL-72B-Instruct on image, train split (n=64 "
                                                            "items)")
     plt.close("all")
+
+
+def test_figure2_wraps_only_the_titles_that_need_it_and_keeps_a_number_with_its_unit(tmp_path, monkeypatch):
+    """Three experts of 40-character names beside the base: the titles' first wrap took the nested grid's one
+    column for the page's two (101 characters a line), so keep_titles_apart narrowed every title, the base's short
+    one too, to "organism-base on text / (train) / baseline prob. acc. 90.0 / % (n=64)": 4 lines where 2 fit, and
+    the number on one line, its % on the next. Only a title off the page or over another is narrowed, and a value
+    keeps its unit."""
+    import matplotlib.pyplot as plt
+
+    import figures.report as fr
+    from figures.results import Replication
+
+    names = [f"Qwen2-VL-7B-Instruct-merged-variant-{k:02d}ab" for k in range(3)]
+    for k, m in enumerate([*names, "organism-base"]):
+        write_heads(tmp_path / "rep" / "heads" / m, 4, 8, seed=k)
+    cfg = {"models": {"base": "organism-base", "experts": names,
+                      "own": [f"image_single_long_set_{k}" for k in range(3)]}, "heads": {"split": "train"}}
+    figs = []
+    monkeypatch.setattr(fr, "save_figure", lambda fig, path: figs.append(fig))
+    monkeypatch.setattr(plt, "close", lambda fig=None: None)
+    (tmp_path / "f").mkdir()
+    fr.draw_figure2(Replication(tmp_path / "rep", {"config": cfg, "fingerprints": {}}), tmp_path / "f" / "figure2.png")
+    fig = figs[0]
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert len(titles) == 4
+    assert titles[3].replace("\u00a0", " ") == "organism-base on text (train)\nbaseline prob. acc. 90.0 % (n=64)"
+    assert not any(line.lstrip().startswith("%") for t in titles for line in t.split("\n"))
+    heatmap_page_is_readable(fig, 2, 0.9)
+    plt.close("all")
