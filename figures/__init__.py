@@ -236,6 +236,17 @@ def fit_page(fig: Any, pad: float = 0.1) -> None:
         fig.set_size_inches(w - max(over[0], 0) - 0.01, h - max(over[1], 0) - 0.01)
 
 
+NBSP = "\u00a0"  # a no-break space: where a title's wrap must not part a value from its unit ("90.0 %")
+
+
+def fill_lines(text: str, width: int) -> str:
+    """Each line of ``text`` wrapped to ``width`` characters (``textwrap.fill``), never at a no-break space, which
+    is then drawn as a plain space (the text read back from the figure has none)."""
+    import textwrap
+
+    return "\n".join(textwrap.fill(line, width) for line in text.split("\n")).replace(NBSP, " ")
+
+
 def label_step(cell: float, gap: float = 0.15) -> int:
     """Label every k-th row or column of a heatmap whose cells are ``cell`` inches, so 7 pt labels stay ``gap``
     inches apart."""

@@ -13,15 +13,14 @@ import html
 import re
 import shutil
 import sys
-import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 
-from figures import (bar_aspect, drawn_as_written, drop_stale_pages, fit_bar_labels, fit_stack_gaps, heatmap_ticks,
-                     heatmap_ticks_again, lay_out, number, page_caption, page_panels, page_split, page_stem, paper,
-                     read_json, save_figure)
+from figures import (NBSP, bar_aspect, drawn_as_written, drop_stale_pages, fill_lines, fit_bar_labels, fit_stack_gaps,
+                     heatmap_ticks, heatmap_ticks_again, lay_out, number, page_caption, page_panels, page_split,
+                     page_stem, paper, read_json, save_figure)
 from figures.findings import Finding, findings, interval
 from figures.merge import current_info
 from figures.results import METHOD_LABELS, EvalRun, Replication, short
@@ -278,7 +277,7 @@ def keep_titles_apart(fig: Any, titles: list[tuple[Any, str]], tries: int = 6) -
         for (ax, text), narrow in zip(titles, wrong):
             if narrow:
                 width = max(max(map(len, ax.get_title().split("\n"))) - 4, 12)
-                ax.set_title("\n".join(textwrap.fill(line, width) for line in text.split("\n")), fontsize=8)
+                ax.set_title(fill_lines(text, width), fontsize=8)
         fig.tight_layout()
 
 
@@ -321,8 +320,8 @@ def _figure2_page(r: Replication, models: list[str]) -> tuple[Any, list[tuple[An
                 what = "text" if m == r.base else r.own[r.experts.index(m)]
                 # a no-break space keeps the value with its % (textwrap put the % on a line of its own)
                 title = (f"{m} on {what} ({r.cfg['heads']['split']})\nbaseline prob. acc. "
-                         f"{number(100 * base['prob_accuracy'], '.1f')}\u00a0% (n={base['n_items']})")
-                ax.set_title("\n".join(textwrap.fill(line, chars) for line in title.split("\n")), fontsize=8)
+                         f"{number(100 * base['prob_accuracy'], '.1f')}{NBSP}% (n={base['n_items']})")
+                ax.set_title(fill_lines(title, chars), fontsize=8)
                 titles.append((ax, title))
     return fig, maps, titles
 
