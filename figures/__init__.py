@@ -236,6 +236,17 @@ def fit_page(fig: Any, pad: float = 0.1) -> None:
         fig.set_size_inches(w - max(over[0], 0) - 0.01, h - max(over[1], 0) - 0.01)
 
 
+NBSP = "\u00a0"  # a no-break space: where a title's wrap must not part a value from its unit ("90.0 %")
+
+
+def fill_lines(text: str, width: int) -> str:
+    """Each line of ``text`` wrapped to ``width`` characters (``textwrap.fill``), never at a no-break space, which
+    is then drawn as a plain space (the text read back from the figure has none)."""
+    import textwrap
+
+    return "\n".join(textwrap.fill(line, width) for line in text.split("\n")).replace(NBSP, " ")
+
+
 def label_step(cell: float, gap: float = 0.15) -> int:
     """Label every k-th row or column of a heatmap whose cells are ``cell`` inches, so 7 pt labels stay ``gap``
     inches apart."""
@@ -284,6 +295,34 @@ def spaced_ticklabels(ax: Any, axis: str = "x", gap: float = 2.0) -> None:
         if not boxes[i].overlaps(boxes[last]) and (len(kept) == 1 or not boxes[i].overlaps(boxes[kept[-1]])):
             kept.append(i)
     which.set_ticks(locs, [t.get_text() if i in kept else "" for i, t in enumerate(labels)])
+
+
+def spaced_minor_labels(ax: Any, axis: str = "x", gap: float = 2.0) -> None:
+    """Blank the minor tick labels of ``ax``'s ``axis`` (a log axis' 2×10⁻³, 3×10⁻³, … between decades) that would
+    touch a major one or a minor one kept before it (``gap`` points apart) at the figure's present layout, so call
+    it after the layout is done. Along x, where a label is as wide as its number, matplotlib labelled 2, 3, 4 and
+    6×10⁻³ less than a label's width apart ("2×10⁻³3×10⁻³4×10⁻³")."""
+    ax.figure.draw_without_rendering()
+    renderer = ax.figure.canvas.get_renderer()
+    which = ax.xaxis if axis == "x" else ax.yaxis
+    lo, hi = sorted(which.get_view_interval())
+    pad = gap * ax.figure.dpi / 72
+
+    def shown(minor: bool) -> list[tuple[float, Any]]:
+        ticks = zip(which.get_ticklocs(minor=minor), which.get_ticklabels(minor=minor))
+        return [(loc, t) for loc, t in ticks if lo <= loc <= hi and t.get_visible() and t.get_text()]
+
+    kept = [t.get_window_extent(renderer).padded(pad / 2) for _, t in shown(False)]
+    locs, texts = [], []
+    for loc, t in shown(True):
+        box = t.get_window_extent(renderer).padded(pad / 2)
+        clear = not any(box.overlaps(k) for k in kept)
+        if clear:
+            kept.append(box)
+        locs.append(loc)
+        texts.append(t.get_text() if clear else "")
+    if locs:
+        which.set_ticks(locs, texts, minor=True)
 
 
 def bar_aspect(n_panels: int) -> int:
@@ -394,9 +433,11 @@ def widen_to_hold(ax: Any, texts: list[Any], pad: float = 2.0, tries: int = 5) -
         right = max(0.0, max(b.x1 for b in boxes) + pad_px - frame.x1)
         if left < 0.5 and right < 0.5:  # pixels
             return
-        lo, hi = ax.get_xlim()
+        log = ax.get_xscale() == "log"  # grown in decades there (a log axis' pixels are even in log x)
+        lo, hi = (math.log10(x) for x in ax.get_xlim()) if log else ax.get_xlim()
         per_px = (hi - lo) / frame.width  # data units a pixel, before the range grows (so a few rounds)
-        ax.set_xlim(lo - left * per_px, hi + right * per_px)
+        lo, hi = lo - left * per_px, hi + right * per_px
+        ax.set_xlim(*((10 ** lo, 10 ** hi) if log else (lo, hi)))
 
 
 def marker_boxes(ax: Any, renderer: Any) -> list[Any]:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
-from figures import (PAGE_HEIGHT, UNIT, drawn_as_written, drop_stale_pages, name_colours, page_caption, page_grid,
-                     page_panels, page_stem, read_table, save_png_pdf, short_name)
+from figures import (PAGE_HEIGHT, PAGE_WIDTH, UNIT, drawn_as_written, drop_stale_pages, name_colours, page_caption,
+                     page_grid, page_panels, page_stem, read_table, save_png_pdf, short_name)
 from probe.errors import BadInput
 from probe.stats import reported_interval
 
@@ -84,25 +85,59 @@ def short_labels(models: list[str], width: int = 40) -> list[str]:
 
 ROW = 0.38  # inches per model row when the page has room
 MIN_ROW = 0.2  # the least: 8 pt labels of neighbouring models stay apart
+PANEL_WIDTH = 2.6  # inches a data set's panel takes where the page has room
+TITLE_CHAR, TITLE_LINE = 0.075, 0.15  # inches a character and a line of a 9 pt panel title take, about
 
 
-def eval_pages(n_models: int, n_sets: int, left: float) -> tuple[float, int]:
-    """(panel min width, models per page) for ``n_models`` rows in each of ``n_sets`` panels: panels wrapped as
-    usual (1.9 in at least) while every model gets MIN_ROW; else in as few rows as 1 in wide panels allow; and
-    where even that leaves less than MIN_ROW, the models are split over pages (eval.png, eval-2.png, ...)."""
+def title_lines(names: Sequence[str], width: float) -> int:
+    """Lines of the tallest panel title over panels ``width`` inches wide: one ("text (n=64)") where every name
+    fits with its count, else its name wrapped (``wrap_name``) and the count below."""
+    chars = max(1, int(width / TITLE_CHAR))
+    if all(len(f"{n} (n=1000)") <= chars for n in names):
+        return 1
+    return 1 + max(wrap_name(n, chars).count("\n") + 1 for n in names)
+
+
+def models_room(names: Sequence[str], min_width: float, left: float) -> float:
+    """Inches a panel row has for its models' rows when the data sets ``names`` go in panels of at least
+    ``min_width`` inches (``page_grid``) beside ``left``: a page's height over the rows, less each row's title,
+    tick labels and axis label."""
+    rows, cols = page_grid(len(names), min_width, left)
+    width = min(PANEL_WIDTH, (PAGE_WIDTH - left) / cols)  # as page_panels squeezes them to fit
+    return (PAGE_HEIGHT - 0.5) / rows - 0.8 - TITLE_LINE * (title_lines(names, width) - 1)
+
+
+def eval_pages(n_models: int, n_sets: int, left: float, names: Sequence[str] = ()) -> tuple[float, int]:
+    """(panel min width, models per page) for ``n_models`` rows in each of ``n_sets`` panels (titled ``names``):
+    panels wrapped as usual (1.9 in at least) while every model gets MIN_ROW; else in as few rows as 1 in wide
+    panels allow; and where even that leaves less than MIN_ROW, the models are split over pages (eval.png,
+    eval-2.png, ...). Titles that wrap (long data set names) take their lines from the models' room."""
+    names = list(names) or [""] * n_sets
     per_page = 0
     for min_width in (1.9, 1.0):
-        rows, _ = page_grid(n_sets, min_width, left)
-        per_page = max(1, int(((PAGE_HEIGHT - 0.5) / rows - 0.8) / MIN_ROW))
+        per_page = max(1, int(models_room(names, min_width, left) / MIN_ROW))
         if n_models <= per_page:
             return min_width, n_models
     pages = math.ceil(n_models / per_page)
     return 1.0, math.ceil(n_models / pages)  # pages as even as they can be
 
 
+def set_pages(datasets: Sequence[str], left: float) -> list[range]:
+    """The data sets over as few pages (as even as they can be) as leave each panel row room for a model at
+    least: 30 data sets of long names (MMMU's subjects) in 6 rows of 1 in panels had titles of 6 lines, and no
+    room left, so titles, tick labels and the page's title ran over one another."""
+    n = len(datasets)
+    for k in range(1, n + 1):
+        size = math.ceil(n / k)
+        pages = [range(s, min(s + size, n)) for s in range(0, n, size)]
+        if all(models_room([datasets[i] for i in p], 1.0, left) >= MIN_ROW for p in pages):
+            return pages
+    return [range(i, i + 1) for i in range(n)]
+
+
 @drawn_as_written
 def draw_eval(result_dir: Path) -> list[Path]:
-    """eval.png/pdf (and eval-2, eval-3, ... when the models do not fit one page at 8 pt)."""
+    """eval.png/pdf (and eval-2, eval-3, ... when the models, or the data sets, do not fit one page at 8 pt)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -115,18 +150,24 @@ def draw_eval(result_dir: Path) -> list[Path]:
     colour = name_colours(models)  # a model keeps its colour in every figure (up to 20 per figure) and page
     labels = dict(zip(models, short_labels(models)))
     left = 0.6 + 0.055 * max(map(len, labels.values()))  # inches for the longest label at 8 pt
-    min_width, per_page = eval_pages(len(models), len(datasets), left)
-    pages = [range(s, min(s + per_page, len(models))) for s in range(0, len(models), per_page)]
     # a rate of 0 or 100 % is drawn with its exact interval (reported_interval): the title says so where one is
     v, lo, hi = (top[f"{metric}{s}"] for s in ("", "_lo", "_hi"))
     exact = bool(((top["n_items"] > 0) & v.isin([0.0, 1.0]) & (lo == v) & (hi == v)).any())
     written: list[Path] = []
-    for k, page in enumerate(pages):
-        title = ("Evaluation, 95 % bootstrap intervals" + page_caption(pages, k, "models")
-                 + ("\n(exact Clopper-Pearson at 0 % and 100 %)" if exact else ""))
-        fig = _draw_page(top, metric, [models[i] for i in page], [labels[models[i]] for i in page], datasets, colour,
-                         left, min_width, title)
-        written += save_png_pdf(fig, result_dir, page_stem("eval", k))
+    by_sets = set_pages(datasets, left)
+    n_pages = 0
+    for j, sets in enumerate(by_sets):
+        names = [datasets[i] for i in sets]
+        min_width, per_page = eval_pages(len(models), len(names), left, names)
+        pages = [range(s, min(s + per_page, len(models))) for s in range(0, len(models), per_page)]
+        for k, page in enumerate(pages):
+            title = ("Evaluation, 95 % bootstrap intervals" + page_caption(by_sets, j, "data sets")
+                     + page_caption(pages, k, "models") + ("\n(exact Clopper-Pearson at 0 % and 100 %)" if exact
+                                                           else ""))
+            fig = _draw_page(top, metric, [models[i] for i in page], [labels[models[i]] for i in page], names,
+                             colour, left, min_width, title)
+            written += save_png_pdf(fig, result_dir, page_stem("eval", n_pages))
+            n_pages += 1
     drop_stale_pages(result_dir, "eval", written)
     return written
 
@@ -134,7 +175,7 @@ def draw_eval(result_dir: Path) -> list[Path]:
 def _draw_page(top: pd.DataFrame, metric: str, models: list[str], labels: list[str], datasets: list[str],
                colour: dict, left: float, min_width: float, title: str):
     # one panel per data set, wrapped into rows on a page (12 models × 4 sets: 2 × 2); each row has the labels
-    fig, panels = page_panels(len(datasets), 2.6, 0.8 + ROW * len(models), min_width=min_width,
+    fig, panels = page_panels(len(datasets), PANEL_WIDTH, 0.8 + ROW * len(models), min_width=min_width,
                               margin=(left, 0.5), dpi=150, sharey=True)
     colours = [colour[m] for m in models]
     y = np.arange(len(models))[::-1]
@@ -179,11 +220,38 @@ def _draw_page(top: pd.DataFrame, metric: str, models: list[str], labels: list[s
     renderer = fig.canvas.get_renderer()
     if any(ax.title.get_window_extent(renderer).width > ax.get_window_extent(renderer).width for (ax,) in panels):
         for (ax,) in panels:
-            ax.set_title(ax.get_title().replace(" (n", "\n(n"), fontsize=9)
+            name, count = ax.get_title().rsplit(" (n", 1)
+            # a name still wider than its panel (mmmu_Architecture_and_Engineering over a 1 in panel ran over
+            # its neighbours' titles) is broken into lines that fit
+            width, chars = ax.get_window_extent(renderer).width, len(name)
+            while True:
+                ax.set_title(f"{wrap_name(name, chars)}\n(n{count}", fontsize=9)
+                if chars <= 4 or ax.title.get_window_extent(renderer).width <= width:
+                    break
+                chars -= 1
         fig.tight_layout()
     if counts:  # only a page with a partly scored model: the others stay as they were drawn
         keep_inside(fig, counts)
     return fig
+
+
+SEPARATORS = "_/ -"
+BREAKS = re.compile(r"[^_/ -]*[_/ -]|[^_/ -]+$")  # a name's pieces, each with the separator ending it
+
+
+def wrap_name(name: str, chars: int) -> str:
+    """``name`` in lines of at most ``chars`` characters (and the separator ending one), broken after its '_',
+    '/', '-' or ' ' (a piece longer than a line is cut where the line ends), so it reads back from its title."""
+    lines, line = [], ""
+    for piece in BREAKS.findall(name):
+        if line and len(line + piece.rstrip(SEPARATORS)) > chars:
+            lines.append(line)
+            line = ""
+        line += piece
+        while len(line.rstrip(SEPARATORS)) > chars:
+            lines.append(line[:chars])
+            line = line[chars:]
+    return "\n".join(x.rstrip(" ") for x in [*lines, line] if x.strip(" "))
 
 
 COUNT_RISE = 5  # points from a partly scored model's dot up to its "k of n"

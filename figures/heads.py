@@ -1,15 +1,14 @@
 """Layer × head heatmaps of a head sweep, drawn only from DIR/heads.csv and DIR/baseline.json."""
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from figures import (PAGE_HEIGHT, PAGE_WIDTH, UNIT, drawn_as_written, fit_bar_labels, label_step, number, read_json,
-                     read_table, save_figure)
+from figures import (NBSP, PAGE_HEIGHT, PAGE_WIDTH, UNIT, drawn_as_written, fill_lines, fit_bar_labels, label_step,
+                     number, read_json, read_table, save_figure)
 from probe.errors import BadInput
 from probe.results import HEAD_METRIC_BOUNDS
 
@@ -92,6 +91,14 @@ def fit_cell_texts(ax: Any, cells: list[tuple[Any, float]], formats: list[str], 
     return False
 
 
+def on_page(fig: Any, text: Any) -> bool:
+    """Whether ``text`` lies within ``fig``'s edges at its present layout (saved without cropping, a figure cuts
+    what sticks out)."""
+    fig.draw_without_rendering()
+    box = text.get_window_extent(fig.canvas.get_renderer())
+    return fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and fig.bbox.y0 <= box.y0 and box.y1 <= fig.bbox.y1
+
+
 def _grid(heads: pd.DataFrame, metric: str) -> tuple[np.ndarray, list[int], list[int]]:
     layers = sorted(heads["layer"].unique())
     cols = sorted(heads["head"].unique())
@@ -159,13 +166,15 @@ def draw_metric(heads: pd.DataFrame, baseline: dict, metric: str, out_stem: Path
                     dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5  # text colour by cell luminance
                     cells.append((ax.text(j, i, number(grid[i, j], formats[0]), ha="center", va="center", fontsize=7,
                                           color="white" if dark else "black"), float(grid[i, j])))
-    base_txt = "" if metric == "kl" else f" — baseline {number(100 * baseline.get(metric, float('nan')), '.1f')} %"
+    # no-break spaces keep each value with its unit when the title wraps ("(n=64" over "items)")
+    base_pct = number(100 * baseline.get(metric, float("nan")), ".1f")
+    base_txt = "" if metric == "kl" else f" — baseline {base_pct}{NBSP}%"
     n = baseline.get("n_items", "?")
     # lines wrapped to the figure (about 14 characters an inch at 9 pt): a narrow grid (SmolLM2's 9 heads, 4.5 in)
     # cut a long model path and data set off at both edges
     chars = int(14 * fig.get_figwidth())
-    lines = f"{title}{base_txt}\n{label} (n={n} items)".strip().split("\n")
-    ax.set_title("\n".join(textwrap.fill(line, chars) for line in lines), fontsize=9)
+    text = f"{title}{base_txt}\n{label} (n={n}{NBSP}items)".strip()
+    ax.set_title(fill_lines(text, chars), fontsize=9)
 
     def lay_out_page() -> None:
         fig.tight_layout()
@@ -173,6 +182,13 @@ def draw_metric(heads: pd.DataFrame, baseline: dict, metric: str, out_stem: Path
             fig.tight_layout()
 
     lay_out_page()
+    # measured: 14 characters an inch is a guess, and the title is centred over the map, left of the figure's
+    # centre (beside the colour bar): "Qwen/Qwen2-VL-72B-Instruct on image, train split (n=64 items)", 62
+    # characters over a 4.5 in figure, ran past its left edge
+    while chars > 20 and not on_page(fig, ax.title):
+        chars -= 2
+        ax.set_title(fill_lines(text, chars), fontsize=9)
+        lay_out_page()
     if cells and not fit_cell_texts(ax, cells, formats, grid.shape):
         ax.set_xlabel(f"query head\n{CELLS_LEFT_OUT}", fontsize=8)
         lay_out_page()  # again, for the taller label

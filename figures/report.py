@@ -13,15 +13,14 @@ import html
 import re
 import shutil
 import sys
-import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 
-from figures import (bar_aspect, drawn_as_written, drop_stale_pages, fit_bar_labels, fit_stack_gaps, heatmap_ticks,
-                     heatmap_ticks_again, lay_out, number, page_caption, page_panels, page_split, page_stem, paper,
-                     read_json, save_figure)
+from figures import (NBSP, bar_aspect, drawn_as_written, drop_stale_pages, fill_lines, fit_bar_labels, fit_stack_gaps,
+                     heatmap_ticks, heatmap_ticks_again, lay_out, number, page_caption, page_panels, page_split,
+                     page_stem, paper, read_json, save_figure)
 from figures.findings import Finding, findings, interval
 from figures.merge import current_info
 from figures.results import METHOD_LABELS, EvalRun, Replication, short
@@ -270,12 +269,15 @@ def keep_titles_apart(fig: Any, titles: list[tuple[Any, str]], tries: int = 6) -
         lay_out(fig)
         boxes = [ax.title.get_window_extent(renderer) for ax, _ in titles]
         page = fig.bbox
-        if all(page.x0 <= b.x0 and b.x1 <= page.x1 for b in boxes) and not any(
-                a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:]):
+        # only those off the page or over another: narrowing every title made a short one 4 lines where 2 fit
+        wrong = [not (page.x0 <= b.x0 and b.x1 <= page.x1) or any(b.overlaps(o) for o in boxes if o is not b)
+                 for b in boxes]
+        if not any(wrong):
             return
-        for ax, text in titles:
-            width = max(max(map(len, ax.get_title().split("\n"))) - 4, 12)
-            ax.set_title("\n".join(textwrap.fill(line, width) for line in text.split("\n")), fontsize=8)
+        for (ax, text), narrow in zip(titles, wrong):
+            if narrow:
+                width = max(max(map(len, ax.get_title().split("\n"))) - 4, 12)
+                ax.set_title(fill_lines(text, width), fontsize=8)
         fig.tight_layout()
 
 
@@ -288,7 +290,9 @@ def _figure2_page(r: Replication, models: list[str]) -> tuple[Any, list[tuple[An
     fig, panels = page_panels(len(models), 3.0, 4.8, min_width=FIG2_WIDTH if len(models) <= 4 else FIG2_NARROW,
                               margin=FIG2_MARGIN, stack=2, grouped=True, dpi=110)
     # titles wrapped to their column (about 16 characters an inch at 8 pt): a long model name ran into the next
-    chars = int(14.5 * fig.get_figwidth() / panels[0][0].get_subplotspec().get_gridspec().ncols)
+    # (the page's columns: each panel's own grid, nested in the page's, has one)
+    chars = int(14.5 * fig.get_figwidth() / panels[0][0].get_subplotspec().get_topmost_subplotspec()
+                .get_gridspec().ncols)
     aspect = bar_aspect(len(models))
     maps, titles = [], []
     for k, m in enumerate(models):
@@ -314,9 +318,10 @@ def _figure2_page(r: Replication, models: list[str]) -> tuple[Any, list[tuple[An
                                   if clipped else ""), fontsize=7)
             if row == 0:
                 what = "text" if m == r.base else r.own[r.experts.index(m)]
+                # a no-break space keeps the value with its % (textwrap put the % on a line of its own)
                 title = (f"{m} on {what} ({r.cfg['heads']['split']})\nbaseline prob. acc. "
-                         f"{number(100 * base['prob_accuracy'], '.1f')} % (n={base['n_items']})")
-                ax.set_title("\n".join(textwrap.fill(line, chars) for line in title.split("\n")), fontsize=8)
+                         f"{number(100 * base['prob_accuracy'], '.1f')}{NBSP}% (n={base['n_items']})")
+                ax.set_title(fill_lines(title, chars), fontsize=8)
                 titles.append((ax, title))
     return fig, maps, titles
 

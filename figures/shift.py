@@ -18,7 +18,7 @@ from matplotlib.colors import LogNorm  # noqa: E402
 
 from figures import (PAGE_HEIGHT, PAGE_WIDTH, drawn_as_written, fit_page, label_step, name_colours,  # noqa: E402
                      name_markers, page_panels, plain_log_ticks, read_json, save_figure, separate_labels,
-                     widen_to_hold)
+                     spaced_minor_labels, widen_to_hold)
 from probe.errors import BadInput  # noqa: E402
 
 if TYPE_CHECKING:
@@ -106,6 +106,55 @@ def read_shift(result_dir: Path) -> tuple["pd.DataFrame", dict]:
     return df, check_summary(result_dir, df)
 
 
+def overlapping(texts: list) -> bool:
+    """Whether any two of ``texts`` (1 pt apart at least) overlap at the figure's present layout."""
+    fig = texts[0].figure
+    fig.draw_without_rendering()
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer).padded(fig.dpi / 72) for t in texts]
+    return any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def means_panel(ax: plt.Axes, names: list[str], values: np.ndarray, colours: list, across: bool) -> list:
+    """Each model's mean Δavg as a dot on a log axis with its number ("0.0015 (1.7×)": k times the least shifted)
+    by it: the models along x, each number above its dot, or ``across``, a row per model (its name at the left,
+    as in the evaluation figure) and its number right of its dot, for models too many for their numbers to sit
+    side by side. A model that did not move (mean 0, which a log axis has not) is an open triangle at the axis'
+    foot. Returns the numbers' texts."""
+    # dots, not bars: a bar's length on a log axis depends on where the axis starts
+    low, foot, n = values.min(), log_foot(values), len(names)
+    at = (lambda i, v: (v, n - 1 - i)) if across else (lambda i, v: (i, v))
+    for i, (v, c) in enumerate(zip(values, colours)):
+        if v > 0:
+            ax.plot(*at(i, v), "o", color=c, ms=7)
+        else:
+            ax.plot(*at(i, foot), "<" if across else "v", color=c, mfc="none", ms=7)
+    (ax.set_yticks if across else ax.set_xticks)(range(n)[::-1] if across else range(n), names)
+    (ax.set_ylim if across else ax.set_xlim)(-0.6, n - 0.4)
+    ax.grid(axis="x" if across else "y", which="both", alpha=0.3)
+    (ax.set_xscale if across else ax.set_yscale)("log")
+    plain_log_ticks(ax.xaxis if across else ax.yaxis)
+    (ax.set_xlabel if across else ax.set_ylabel)("mean Δavg over tensors (log)", fontsize=8)
+    foot_mark = "◁ at the left" if across else "▽ at the foot"
+    ratio = low > 0 and n > 1  # one model's "(1.0×)" against itself says nothing
+    ax.set_title("parameter shift from the base (Eq. 3)" + (";\n(k×): k times the least shifted" if ratio else
+                 "" if low > 0 else f";\n{foot_mark}: 0, did not move (no k× ratio)"), fontsize=9)
+    texts = []
+    for i, v in enumerate(values):
+        text = f"{v:.2g}" + (f" ({v / low:.1f}×)" if ratio else "") if v > 0 else "0 (did not move)"
+        texts.append(ax.annotate(text, at(i, v if v > 0 else foot), xytext=(7, 0) if across else (0, 7),
+                                 textcoords="offset points", ha="left" if across else "center",
+                                 va="center" if across else "bottom", fontsize=8))
+    # room for the numbers: above the dots, or right of them (widen_to_hold grows it to hold each)
+    top = values.max() * 4 if low > 0 else max(values.max(), foot) * 4
+    (ax.set_xlim if across else ax.set_ylim)(low / 3 if low > 0 else foot / 1.5, top)
+    if not across:  # slanted, each ending under its dot: centred at 20° long names ran into each other
+        plt.setp(ax.get_xticklabels(), rotation=30, ha="right", rotation_mode="anchor")
+    ax.tick_params(which="both", labelsize=7)
+    ax.tick_params(axis="y" if across else "x", labelsize=8)  # the models' names, as in the evaluation figure
+    return texts
+
+
 @drawn_as_written
 def draw_shift(result_dir: Path) -> list[Path]:
     result_dir = Path(result_dir)
@@ -152,36 +201,10 @@ def draw_shift(result_dir: Path) -> list[Path]:
     fig, panels = page_panels(2, 5.5, 3.8, min_width=max(3.3, 0.6 + 0.9 * len(models)))
     (ax1,), (ax2,) = panels
     means = df.groupby("model", sort=False)["delta_avg"].mean().reindex(models)
-    # dots, not bars: a bar's height on a log axis depends on where the axis starts; a model that did not move
-    # (mean 0, which a log axis has not) is an open triangle at the axis' foot
     m_values = means.to_numpy()
-    foot = log_foot(m_values)
     colour = name_colours(models)  # a model's colour in both panels, as in the evaluation figure
-    for i, (m, v) in enumerate(zip(models, m_values)):
-        if v > 0:
-            ax1.plot([i], [v], "o", color=colour[m], ms=7)
-        else:
-            ax1.plot([i], [foot], "v", color=colour[m], mfc="none", ms=7)
-    ax1.set_xticks(range(len(models)), [labels[m] for m in models])
-    ax1.set_xlim(-0.6, len(models) - 0.4)
-    ax1.grid(axis="y", which="both", alpha=0.3)
-    ax1.set_yscale("log")
-    plain_log_ticks(ax1.yaxis)
-    ax1.set_ylabel("mean Δavg over tensors (log)", fontsize=8)
-    low = means.min()
-    ax1.set_title("parameter shift from the base (Eq. 3);\n" + ("(k×): k times the least shifted" if low > 0 else
-                  "▽ at the foot: 0, did not move (no k× ratio)"), fontsize=9)
-    values = []
-    for i, v in enumerate(m_values):
-        text = f"{v:.2g}" + (f" ({v / low:.1f}×)" if low > 0 else "") if v > 0 else "0 (did not move)"
-        values.append(ax1.annotate(text, (i, v if v > 0 else foot), xytext=(0, 7),
-                     textcoords="offset points", ha="center", va="bottom", fontsize=8))
-    # slanted, each ending under its dot: centred at 20° long names ("seed0/checkpoint-6") ran into each other
-    plt.setp(ax1.get_xticklabels(), rotation=30, ha="right", rotation_mode="anchor")
-    if low > 0:
-        ax1.set_ylim(low / 3, means.max() * 4)  # room for the labels
-    else:
-        ax1.set_ylim(foot / 1.5, max(m_values.max(), foot) * 4)
+    names = [labels[m] for m in models]
+    values = means_panel(ax1, names, m_values, [colour[m] for m in models], across=False)
     per_layer = {m: layer_df[layer_df["model"] == m].groupby("layer")["delta_avg"].mean() for m in models}
     layer_foot = log_foot(np.concatenate([s.to_numpy() for s in per_layer.values()] or [np.zeros(0)]))
     frozen = False
@@ -208,21 +231,25 @@ def draw_shift(result_dir: Path) -> list[Path]:
     layers = sorted(layer_df["layer"].unique())
     if len(layers) == 1:  # one layer: whole-numbered ticks around it, not -0.050 ... 0.050
         ax2.set_xlim(layers[0] - 1, layers[0] + 1)
-    for ax in (ax1, ax2):
-        ax.tick_params(which="both", labelsize=7)
-    ax1.tick_params(axis="x", labelsize=8)  # the models' names, as in the evaluation figure
+    ax2.tick_params(which="both", labelsize=7)
     fig.tight_layout(w_pad=3)
     fit_page(fig)  # the size it is saved at, where the numbers are placed
     # many models: numbers that run into each other where they are ("0.0018 (1.4×)" over its neighbours' with 8
     # models; separating them stacked them far above their dots) have their ratios on a second line, every model's
     widen_to_hold(ax1, values)  # a number over the first or last dot ran onto the panel's frame
-    fig.draw_without_rendering()
-    renderer = fig.canvas.get_renderer()
-    boxes = [t.get_window_extent(renderer).padded(fig.dpi / 72) for t in values]
-    if any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:]):
+    across = False
+    if overlapping(values):
         for t in values:
             t.set_text(t.get_text().replace(" (", "\n("))
-    separate_labels(values, sides=(1,))  # models that shifted alike (0.00076 and 0.0007): one number above the other
+        if across := overlapping(values):  # still (12 models, 0.37 in apart): a row per model, its number beside it
+            ax1.clear()
+            values = means_panel(ax1, names, m_values, [colour[m] for m in models], across=True)
+            fig.tight_layout(w_pad=3)
+            fit_page(fig)
+            widen_to_hold(ax1, values)
+            spaced_minor_labels(ax1)
+    if not across:  # (across, each number is on its model's row)
+        separate_labels(values, sides=(1,))  # models that shifted alike (0.00076 and 0.0007): one above the other
     written += save(fig, result_dir / "shift_models")
     return written
 

@@ -1,6 +1,7 @@
 """Figure 3: accuracy against fine-tuning steps, drawn only from ``probe.eval`` runs over ``checkpoint-<step>`` dirs
 (``python -m figures steps DIR…``): one panel per eval run, one line per data set, 95 % intervals as bands, steps
-on a symmetric-log axis so step 0 (the start) sits beside 10, 100, 1000."""
+on a symmetric-log axis so step 0 (the start) sits beside 10, 100, 1000 (on a linear one where they were saved at one
+interval)."""
 from __future__ import annotations
 
 import re
@@ -52,6 +53,13 @@ def step_scores(result_dir: Path) -> pd.DataFrame:
         raise BadInput(f"{result_dir}: {', '.join(models)} are all step {first['step']} on {first['data']}: "
                        "checkpoints of several fine-tuning runs; evaluate each run into its own --out, one panel each")
     return s.sort_values("step")
+
+
+def evenly_saved(steps: list[int]) -> bool:
+    """Whether checkpoints were saved at one interval (0, 10, 20, …, 290): such go on a linear axis, where on the
+    symmetric-log one, 0 to 10 took a third of the panel and the last ones' markers lay 1.3 pt apart."""
+    gaps = {b - a for a, b in zip(steps, steps[1:])}
+    return len(steps) >= 3 and len(gaps) == 1
 
 
 @drawn_as_written
@@ -112,8 +120,9 @@ def _draw_page(titles: list[str], tables: list[pd.DataFrame], colour: dict, lege
                 (lo, hi), v = band[0], g[metric].iloc[0]
                 ax.errorbar(g["step"], 100 * g[metric], yerr=[[100 * (v - lo)], [100 * (hi - v)]], fmt="none",
                             color=c, alpha=0.5, capsize=3)
-        ax.set_xscale("symlog", linthresh=10)
         steps = sorted(set(t["step"]))
+        if not evenly_saved(steps):  # the paper's 0, 10, 30, 100, 200: 0 beside 10, 100, 1000
+            ax.set_xscale("symlog", linthresh=10)
         shown = steps if len(steps) <= 8 else steps[::-(-len(steps) // 8)]  # the saved steps, never log-scale ticks
         ax.set_xticks(shown, [str(s) for s in shown])
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())

@@ -990,3 +990,135 @@ def test_lines_told_apart_by_colour_are_told_apart_by_marker_too(tmp_path, monke
         shown = {t.get_text(): h.get_marker() for lg in legends for t, h in zip(lg.get_texts(), lg.legend_handles)}
         assert shown == markers
     plt.close("all")
+
+
+def test_eval_of_many_long_named_data_sets_goes_over_pages_with_its_text_apart(tmp_path, monkeypatch):
+    """30 data sets of MMMU subjects' names went 6 rows of 1 in panels on one page: their titles, wrapped to fit
+    their panels, took up to 6 lines, and tight_layout gave up ("cannot make Axes height small enough"), leaving
+    titles over the tick labels of the row above and over the page's title. The data sets go over pages (here two
+    of 15) where a page's rows would leave no room for a model; every page's text stays apart. 12 data sets of short
+    names stay on one page."""
+    import matplotlib.pyplot as plt
+
+    import figures.eval as fe
+
+    subjects = ["Accounting", "Agriculture", "Architecture_and_Engineering", "Art", "Art_Theory",
+                "Basic_Medical_Science", "Biology", "Chemistry", "Clinical_Medicine", "Computer_Science", "Design",
+                "Diagnostics_and_Laboratory_Medicine", "Economics", "Electronics", "Energy_and_Power", "Finance",
+                "Geography", "History", "Literature", "Manage", "Marketing", "Materials", "Math",
+                "Mechanical_Engineering", "Music", "Pharmacy", "Physics", "Psychology", "Public_Health", "Sociology"]
+    assert fe.set_pages([f"set{k}" for k in range(12)], 1.3) == [range(0, 12)]
+    figs = []
+    monkeypatch.setattr(fe, "save_png_pdf", lambda fig, d, stem: figs.append((stem, fig)) or [])
+    fe.draw_eval(write_scores(tmp_path, ["organism-vl", "organism-base", "merged"], [f"mmmu_{s}" for s in subjects]))
+    assert [stem for stem, _ in figs] == ["eval", "eval-2"]
+    assert [len([ax for ax in fig.axes if ax.get_visible()]) for _, fig in figs] == [15, 15]
+    for _, fig in figs:
+        assert overlapping_texts(fig) == []
+        renderer = fig.canvas.get_renderer()
+        for ax in [ax for ax in fig.axes if ax.get_visible()]:  # each title over its own panel, its name all there
+            title, frame = ax.title.get_window_extent(renderer), ax.get_window_extent(renderer)
+            assert frame.x0 - 1 <= title.x0 and title.x1 <= frame.x1 + 1, ax.get_title()
+            assert ax.get_title().replace("\n", "").rsplit("(n=", 1)[0] in [f"mmmu_{s}" for s in subjects]
+        w, h = fig.get_size_inches()
+        assert w <= PAGE_WIDTH + 0.01 and h <= PAGE_HEIGHT + 0.01
+    assert "data sets 16–30 of 30" in figs[1][1].texts[0].get_text()
+    plt.close("all")
+
+
+def test_shift_numbers_of_many_long_named_models_stay_apart_and_inside(tmp_path, monkeypatch):
+    """12 models of 40-character names: their rotated names took half the panel's height, each number had 0.37 in
+    beside the next, and separating them stacked them up over the panel's top and its title ("0.002 (2.2×)" over
+    "parameter shift from the base"). Such models get a row each (the evaluation figure's layout), their numbers
+    beside their dots: no number overlaps another, the title or the panel's frame, and no two tick labels of the
+    log axis, minor ones included (2×10⁻³ … 6×10⁻³ ran together along x), overlap."""
+    import matplotlib.pyplot as plt
+
+    import figures.shift as fs
+
+    figs = {}
+    monkeypatch.setattr(fs, "save", lambda fig, path: figs.setdefault(path.name, fig) and [])
+    names = [f"org/Qwen2-VL-7B-Instruct-merged-var{k:02d}-ab" for k in range(12)]
+    fs.draw_shift(write_shift(tmp_path / "s", names, 2, ["mlp.up_proj.weight"]))
+    fig = figs["shift_models"]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    numbers = [t for t in ax.texts if "×" in t.get_text()]
+    assert len(numbers) == 12
+    boxes = [t.get_window_extent(renderer) for t in numbers]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    frame, title = ax.get_window_extent(renderer), ax.title.get_window_extent(renderer)
+    for t, b in zip(numbers, boxes):
+        assert not b.overlaps(title), t.get_text()
+        assert frame.y0 <= b.y0 and b.y1 <= frame.y1, (t.get_text(), b, frame)
+    assert overlapping_texts(fig) == []
+    for axis in (ax.xaxis, ax.yaxis):
+        lo, hi = sorted(axis.get_view_interval())
+        ticks = [t.get_window_extent(renderer) for minor in (False, True)
+                 for loc, t in zip(axis.get_ticklocs(minor=minor), axis.get_ticklabels(minor=minor))
+                 if lo <= loc <= hi and t.get_visible() and t.get_text()]
+        assert len(ticks) >= 2 and not any(a.overlaps(b) for i, a in enumerate(ticks) for b in ticks[i + 1:])
+    plt.close("all")
+
+
+@pytest.mark.parametrize("layers, heads", [(1, 1), (1, 4), (2, 2)])
+def test_a_small_grid_of_a_long_named_model_keeps_its_title_on_the_page(tmp_path, monkeypatch, layers, heads):
+    """A few heads of a 72B model (--layers 0 --heads 0..3) draw a 4.5 in figure, and its title's second line
+    "Qwen/Qwen2-VL-72B-Instruct on image, train split (n=64 items)" (62 characters, under the 63 a line that the
+    width was thought to hold) is 4.6 in at 9 pt, centred over the map, left of the figure's centre beside its colour
+    bar: it ran past the figure's left edge, "Q" cut. Every title line now lies on the page, whole, each value
+    with its unit."""
+    import matplotlib.pyplot as plt
+
+    import figures.heads as fh
+
+    d = write_heads(tmp_path / "h", layers, heads)
+    baseline = json.loads((d / "baseline.json").read_text())
+    baseline.update(model="Qwen/Qwen2-VL-72B-Instruct", data="image", split="train")
+    (d / "baseline.json").write_text(json.dumps(baseline))
+    figs = []
+    monkeypatch.setattr(fh, "save_figure", lambda fig, path: figs.append(fig))
+    monkeypatch.setattr(plt, "close", lambda fig=None: None)
+    fh.draw_heads(d)
+    assert len(figs) == 6  # png and pdf of the three maps
+    for fig in figs[::2]:
+        fig.canvas.draw()
+        title = fig.axes[0].title
+        box = title.get_window_extent(fig.canvas.get_renderer())
+        assert box.x0 >= fig.bbox.x0 and box.x1 <= fig.bbox.x1 and box.y1 <= fig.bbox.y1, (box, fig.bbox)
+        assert " ".join(title.get_text().split()).endswith("Qwen/Qwen2-VL-72B-Instruct on image, train split (n=64 "
+                                                           "items)")
+        # a value and its unit on one line ("(n=64" over "items)" was a wrap of 1 × 1's)
+        assert not any(line.startswith(("items)", "%")) for line in title.get_text().split("\n"))
+    plt.close("all")
+
+
+def test_figure2_wraps_only_the_titles_that_need_it_and_keeps_a_number_with_its_unit(tmp_path, monkeypatch):
+    """Three experts of 40-character names beside the base: the titles' first wrap took the nested grid's one
+    column for the page's two (101 characters a line), so keep_titles_apart narrowed every title, the base's short
+    one too, to "organism-base on text / (train) / baseline prob. acc. 90.0 / % (n=64)": 4 lines where 2 fit, and
+    the number on one line, its % on the next. Only a title off the page or over another is narrowed, and a value
+    keeps its unit."""
+    import matplotlib.pyplot as plt
+
+    import figures.report as fr
+    from figures.results import Replication
+
+    names = [f"Qwen2-VL-7B-Instruct-merged-variant-{k:02d}ab" for k in range(3)]
+    for k, m in enumerate([*names, "organism-base"]):
+        write_heads(tmp_path / "rep" / "heads" / m, 4, 8, seed=k)
+    cfg = {"models": {"base": "organism-base", "experts": names,
+                      "own": [f"image_single_long_set_{k}" for k in range(3)]}, "heads": {"split": "train"}}
+    figs = []
+    monkeypatch.setattr(fr, "save_figure", lambda fig, path: figs.append(fig))
+    monkeypatch.setattr(plt, "close", lambda fig=None: None)
+    (tmp_path / "f").mkdir()
+    fr.draw_figure2(Replication(tmp_path / "rep", {"config": cfg, "fingerprints": {}}), tmp_path / "f" / "figure2.png")
+    fig = figs[0]
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert len(titles) == 4
+    assert titles[3] == "organism-base on text (train)\nbaseline prob. acc. 90.0 % (n=64)"
+    assert not any(line.lstrip().startswith("%") for t in titles for line in t.split("\n"))
+    heatmap_page_is_readable(fig, 2, 0.9)
+    plt.close("all")

@@ -1370,3 +1370,42 @@ def test_a_clipped_scales_note_prints_a_negative_drop_with_the_minus_sign():
     assert clipped and vmin > -40.0
     note = clip_note(grid, vmin, vmax, "+.1f")
     assert "up to \u221240.0)" in note and not re.search(r"(?<![\w.])-\d", note), note
+
+
+def test_shift_of_a_single_model_prints_no_ratio_to_itself(tmp_path, drawn):
+    """One model's number read "0.0013 (1.0×)" under "(k×): k times the least shifted": a ratio to itself, which
+    says nothing. A single model's number is its mean Δavg alone (the mean of its rows here), the title without the
+    ratio's key; two models keep theirs."""
+    from figures.shift import draw_shift
+
+    for models in (["organism-vl"], ["organism-vl", "organism-video"]):
+        d = write_shift(tmp_path / str(len(models)), models, 2, ["mlp.up_proj.weight"])
+        draw_shift(d)
+        ax = drawn["shift_models"].axes[0]
+        rows = pd.read_csv(d / "shift.csv")
+        means = rows.groupby("model", sort=False)["delta_avg"].mean()
+        texts = [t.get_text() for t in ax.texts]
+        if len(models) == 1:
+            assert texts == [f"{means.iloc[0]:.2g}"] and "×" not in ax.get_title()
+        else:
+            assert all("×" in t for t in texts) and "k×" in ax.get_title()
+
+
+def test_steps_saved_at_even_intervals_draw_on_a_linear_axis(tmp_path, drawn):
+    """A run saved every 10 steps (30 checkpoints, 0 … 290) drew on the symmetric-log axis meant for the paper's
+    0, 10, 30, 100, 200: step 0 to 10 took a third of the panel and the last checkpoints' markers lay 1.3 pt
+    apart, one over the next. Evenly saved checkpoints go on a linear axis, every two next ones at least a
+    marker's width (4 pt) apart; the paper's schedule keeps its log axis."""
+    for steps, scale in (([10 * k for k in range(30)], "linear"), ([0, 10, 30, 100, 200], "symlog")):
+        d = write_scores(tmp_path / scale, [f"ft/checkpoint-{s}" for s in steps], ["text", "image"])
+        assert figures_cli("steps", d) == 0
+        fig = drawn["steps"]
+        fig.draw_without_rendering()
+        ax = fig.axes[0]
+        assert ax.get_xscale() == scale
+        for line in ax.get_lines():
+            if len(line.get_xdata()) == len(steps):
+                assert sorted(line.get_xdata()) == steps
+                x = ax.transData.transform(np.c_[line.get_xdata(), line.get_ydata()])[:, 0]
+                if scale == "linear":
+                    assert np.diff(x).min() * 72 / fig.dpi >= 4
