@@ -2954,31 +2954,62 @@ def test_a_set_labelled_by_a_modality_holds_only_that_modality(data_dir, text_di
         check_label("video", "I", image)
 
 
+def _split_by_hand(model: torch.nn.Module, n_layers: int) -> list[tuple[int, int]]:
+    """(parameter bytes, buffer bytes) per GPU of an untied Qwen2 LM over two equal GPUs, written out from the
+    rule DESIGN §12 / probe.dispatch state, not from its plan: whatever the decoder reads before its first layer
+    (embeddings, rotary embedding) on the first GPU, the final norm and lm_head on the last, the layers in two
+    contiguous blocks cut where the fuller GPU holds least (every cut tried)."""
+    def group(name: str) -> str | int:
+        if name.startswith("model.layers."):
+            return int(name.split(".")[2])
+        return "post" if name.startswith(("model.norm.", "lm_head.")) else "pre"
+
+    size: dict[str | int, list[int]] = {}
+    for k, tensors in ((0, model.named_parameters()), (1, model.named_buffers())):
+        for name, t in tensors:
+            size.setdefault(group(name), [0, 0])[k] += t.numel() * t.element_size()
+    splits = []
+    for cut in range(n_layers + 1):
+        first = [size["pre"], *(size[i] for i in range(cut))]
+        last = [*(size[i] for i in range(cut, n_layers)), size["post"]]
+        splits.append([tuple(map(sum, zip(*block))) for block in (first, last)])
+    return min(splits, key=lambda s: max(p + b for p, b in s))
+
+
 def test_training_split_over_gpus_is_checked_per_gpu_before_a_weight_loads(tmp_path: Path, capfd, monkeypatch):
     """One process training a model split over its GPUs (--device auto on several) was checked for the weights
     only: the full fine-tune's gradients and AdamW moments (12 bytes a float32 parameter, 16 with the weight) went
     unchecked, so the load ran (minutes for a 72B) and the first step ran out of memory, its line advising a
-    smaller --micro-batch. Oracle: organism-base planned over two GPUs of equal memory (probe.dispatch's map), each
-    GPU's need 4 × its float32 weight bytes (every parameter trains; 4.5 × under bfloat16 autocast, its bfloat16
-    copies); a GPU 1 KB short of the fuller one's need is refused, 1 KB more passes, through analyses.finetune too."""
+    smaller --micro-batch. Oracle: organism-base (transformers' own Qwen2 built from its config, float32) split
+    over two GPUs of equal memory by hand (``_split_by_hand``); each GPU's need its weights and buffers plus a
+    gradient and two AdamW moments of each of its parameters (every one trains), plus under bfloat16 autocast
+    half its float32 bytes (their bfloat16 copies); a GPU 1 KB short of the fuller one's need is refused, 1 KB
+    more passes, through analyses.finetune too."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     from analyses.finetune import main
     from probe.devices import DeviceQuery
     from probe.dispatch import HEADROOM_BYTES, HEADROOM_FRACTION
-    from probe.models import check_spread_trains_fits, plan_for, resolve_model
+    from probe.models import check_spread_trains_fits, resolve_model
     from probe.train import TrainConfig
 
     ref = resolve_model("organism-base")
+    config = AutoConfig.from_pretrained(ref.path)
+    assert not config.tie_word_embeddings  # _split_by_hand's rule: lm_head on the last GPU
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    split = _split_by_hand(model, config.num_hidden_layers)
     gpus = ("cuda:0", "cuda:1")
-    weights = max(plan_for(ref, torch.float32, gpus).nbytes)
     device = lambda need: int((need + HEADROOM_BYTES) / HEADROOM_FRACTION) + 1  # noqa: E731
-    for autocast, per_byte in ((None, 4), ("bfloat16", 4.5)):
+    for autocast in (None, "bfloat16"):
         cfg = TrainConfig(steps=1, lr=1e-3, lm_lr=1e-3, autocast=autocast)
-        need = int(weights * per_byte)
+        need = max(4 * p + b + ((p + b) // 2 if autocast else 0) for p, b in split)
         with pytest.raises(BadInput, match=r"^organism-base: fine-tuning it split over 2 devices takes [0-9.]+ MiB "
                                            r"on cuda:[01]"):
             check_spread_trains_fits(ref, "float32", gpus, (device(need - 1024),) * 2, cfg)
         check_spread_trains_fits(ref, "float32", gpus, (device(need + 1024),) * 2, cfg)
-    machine = DeviceQuery(("NVIDIA X",) * 2, False, True, 1, (device(4 * weights - 1024),) * 2)
+    need = max(4 * p + b for p, b in split)
+    machine = DeviceQuery(("NVIDIA X",) * 2, False, True, 1, (device(need - 1024),) * 2)
     monkeypatch.setattr(DeviceQuery, "probe", staticmethod(lambda: machine))
     out = tmp_path / "split"
     args = _organism_args(out)

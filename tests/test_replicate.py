@@ -630,20 +630,30 @@ def test_html_is_self_contained_and_says_the_same(quick: Path) -> None:
 def test_figures_report_rebuilds_it_from_saved_results(quick: Path, tmp_path: Path) -> None:
     """``python -m figures report DIR`` rebuilds the same report.md from the saved results, in a fresh interpreter
     that never loads torch (figures/ draws saved results only: its check of each stage's outputs imported
-    analyses.writer, and a carrier's name analyses.merge, both torch)."""
+    analyses.writer, and a carrier's name analyses.merge, both torch). Oracle: what the run wrote. Nothing may
+    differ — report.md, report.html (figures embedded) and every file of report_figures/ byte for byte (the times
+    in the report are the stages' saved times, the figures saved without dates) — though the copy's figures were
+    left stale (table3.png another figure's, figure2.pdf gone, a figure2-2.png of no run): each is drawn again
+    from the stages' results, not kept from the folder."""
     copy = tmp_path / "copy"
     shutil.copytree(quick, copy)
-    before = (copy / "report.md").read_text()
+    figs = copy / "report_figures"
+    wrote = {p.name: p.read_bytes() for p in [copy / "report.md", copy / "report.html", *figs.iterdir()]}
+    assert {"table3.png", "figure2.pdf", "shift.png"} <= set(wrote)
     for p in ("report.md", "report.html"):
         (copy / p).unlink()
-    shutil.rmtree(copy / "report_figures")
+    shutil.copyfile(figs / "shift.png", figs / "table3.png")
+    (figs / "figure2.pdf").unlink()
+    shutil.copyfile(figs / "shift.png", figs / "figure2-2.png")
     script = ("import sys\nfrom figures.__main__ import main\nfrom probe.errors import cli_main\n"
               "print('exit', cli_main(main, ['report', sys.argv[1]]), 'torch' in sys.modules)\n")
     r = subprocess.run([sys.executable, "-c", script, str(copy)], cwd=ROOT, capture_output=True, text=True,
                        encoding="utf-8", env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=600)
     assert "exit 0 False" in r.stdout.splitlines(), r.stdout + r.stderr
-    assert (copy / "report.md").read_text() == before
-    assert (copy / "report.html").is_file()
+    assert (copy / "report.md").read_text(encoding="utf-8") == wrote["report.md"].decode()
+    assert (copy / "report.html").read_bytes() == wrote["report.html"]
+    assert sorted(p.name for p in figs.iterdir()) == sorted(set(wrote) - {"report.md", "report.html"})
+    assert [p.name for p in figs.iterdir() if p.read_bytes() != wrote[p.name]] == []
 
 
 def test_a_report_hashes_each_stages_outputs_once(quick: Path, tmp_path: Path, monkeypatch, capsys) -> None:

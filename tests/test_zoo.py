@@ -438,32 +438,59 @@ def test_shipped_configs_name_the_dtype_their_weights_hold(name):
     assert config_dtypes(organisms_root() / f"organism-{name}") == {"bfloat16"}
 
 
-def test_quick_build_one_or_two_processes(tmp_path):
+def test_quick_build_one_or_two_processes(tmp_path, monkeypatch):
     """The short build runs end to end; --threads 2 trains the extensions in two processes of one thread. Rebuilding
     the three with --threads 1 --only, one after another in this process, gives the same files byte for byte (same
-    seeds, same tokenizer, same per-process threads) and replaces just their quality.json entries."""
+    seeds, same tokenizer, same per-process threads) and replaces just their quality.json entries. Oracles: the
+    process pool the builds asked for (a spy on concurrent.futures.ProcessPoolExecutor: one of two workers, each
+    lane of extensions on one thread, all three extensions in it; none for --threads 1), and each organism's
+    tokenizer read back through transformers: ChatML's turn marks are tokens of its vocabulary (an id that names
+    them back, one token when encoded, a row of the model's embeddings), not the unknown token's id."""
+    import concurrent.futures
     import shutil
 
     from probe.models import load_model, resolve_model
     from probe.zoo.__main__ import main
 
+    pools: list[int] = []
+    lanes: list[tuple[tuple[str, ...], int]] = []
+
+    class SpyPool(concurrent.futures.ProcessPoolExecutor):
+        def __init__(self, max_workers=None, *args, **kwargs):
+            pools.append(max_workers)
+            super().__init__(max_workers, *args, **kwargs)
+
+        def submit(self, fn, /, *args, **kwargs):
+            lanes.append((tuple(args[0]), args[-1]))  # probe.zoo.build._lane(names, ..., threads)
+            return super().submit(fn, *args, **kwargs)
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", SpyPool)
     two, one = tmp_path / "2", tmp_path / "1"
     assert main(["build", "--out", str(two), "--quick", "--steps", "2", "--threads", "2"]) == 0
+    extensions = [n for n in ORGANISMS if n != "base"]
+    assert pools == [2] and len(lanes) == 2 and all(threads == 1 for _, threads in lanes)
+    assert sorted(n for lane, _ in lanes for n in lane) == sorted(extensions)
     for name in ORGANISMS:
         loaded = load_model(resolve_model(str(two / f"organism-{name}")))
-        assert loaded.tokenizer.convert_tokens_to_ids("<|im_start|>") is not None
+        tok, rows = loaded.tokenizer, loaded.model.get_input_embeddings().num_embeddings
+        for mark in ("<|im_start|>", "<|im_end|>"):
+            i = tok.convert_tokens_to_ids(mark)
+            assert isinstance(i, int) and i != tok.unk_token_id and 0 <= i < rows, (name, mark, i)
+            assert tok.convert_ids_to_tokens(i) == mark and tok.encode(mark, add_special_tokens=False) == [i]
         assert config_dtypes(two / f"organism-{name}") == {"bfloat16"}
+        built = json.loads((two / f"organism-{name}" / "organism.json").read_text(encoding="utf-8"))
+        assert built["threads"] == (2 if name == "base" else 1), name
     assert (two / "data" / "video" / "Motion" / "train-00000-of-00001.parquet").is_file()
     q = json.loads((two / "quality.json").read_text())
     assert list(q["organisms"]) == [f"organism-{n}" for n in ORGANISMS]  # the family's order, not finishing order
     assert q["train_excludes"] is None and q["train_items"] == {"text": 96, "image": 96, "image_single": 72,
                                                                 "video": 72}
     shutil.copytree(two, one)
-    extensions = [n for n in ORGANISMS if n != "base"]
     for name in extensions:  # what --only rebuilds replaces its quality.json entry
         q["organisms"][f"organism-{name}"] = {"stale": True}
     (one / "quality.json").write_text(json.dumps(q))
     assert main(["build", "--out", str(one), "--quick", "--steps", "2", "--threads", "1", "--only", *extensions]) == 0
+    assert pools == [2]  # --threads 1: no second pool, the three in this process
     after = json.loads((one / "quality.json").read_text())
     for name in extensions:
         for f in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "config.json"):
@@ -471,6 +498,7 @@ def test_quick_build_one_or_two_processes(tmp_path):
             assert a.read_bytes() == b.read_bytes(), (name, f)
         rebuilt = json.loads((one / f"organism-{name}" / "organism.json").read_text())
         assert after["organisms"][f"organism-{name}"] == {k: v for k, v in rebuilt.items() if k != "name"}
+        assert rebuilt["threads"] == 1, name
     assert after["organisms"]["organism-base"] == q["organisms"]["organism-base"]
 
 
