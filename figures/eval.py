@@ -69,18 +69,39 @@ def set_size(row: pd.Series) -> int:
 
 def short_labels(models: list[str], width: int = 40) -> list[str]:
     """Each model's name as a tick label (``short_name``: a long path keeps the whole parts of its tail that fit,
-    the part that tells runs apart), told apart: long paths that end alike (s0/ft/mixed/checkpoint-100,
-    s1/ft/mixed/checkpoint-100) would share one label, so those are named by their shortest distinct tail
-    (probe.results.distinct_names), its start and end around an ellipsis when that is still too long."""
+    the part that tells runs apart), trimmed alike and told apart. Paths of as many parts (siblings: a report's
+    merge/<method>/carriers/<expert>) of which one is too long keep one depth (``sibling_depth``): each path's own
+    most that fit read "…/merge/average/…" beside "…/rep43/merge/shift/…". Long paths that end alike
+    (s0/ft/mixed/checkpoint-100, s1/ft/mixed/checkpoint-100) would share one label, so those are named by their
+    shortest distinct tail (probe.results.distinct_names), its start and end around an ellipsis when that is
+    still too long."""
     from probe.results import distinct_names
 
     labels = [short_name(m, width) for m in models]
+    parts = [str(m).rstrip("/").split("/") for m in models]
+    for n in sorted({len(p) for p in parts if len(p) > 1}):
+        group = [i for i, p in enumerate(parts) if len(p) == n]
+        if len(group) > 1 and any(len(str(models[i])) > width for i in group):
+            depth = sibling_depth([parts[i] for i in group], width)
+            for i in group:
+                labels[i] = "…/" + "/".join(parts[i][-depth:]) if depth else labels[i]
     shared = {x for x in labels if labels.count(x) > 1}
     head = width // 2 - 1
     for i, t in enumerate(distinct_names(models)):
         if labels[i] in shared:
             labels[i] = t if len(t) <= width else t[:head] + "…" + t[-(width - head - 1):]
     return labels if len(set(labels)) == len(labels) else list(models)
+
+
+def sibling_depth(parts: list[list[str]], width: int) -> int:
+    """The most last parts of every path (``parts``: each split at '/', one count of parts for all) that fit
+    ``width`` characters behind "…/" and tell the paths apart; 0 where none does (``short_labels`` then tells
+    them apart as before)."""
+    for k in range(len(parts[0]) - 1, 0, -1):
+        tails = ["/".join(p[-k:]) for p in parts]
+        if all(len("…/" + t) <= width for t in tails):
+            return k if len(set(tails)) == len(tails) else 0
+    return 0
 
 
 ROW = 0.38  # inches per model row when the page has room

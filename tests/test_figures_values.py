@@ -69,6 +69,26 @@ def test_eval_models_whose_long_names_end_alike_keep_apart(tmp_path, drawn):
             assert x == pytest.approx(100 * row["accuracy"])
 
 
+@pytest.mark.parametrize("root", ["/tmp/rep43", "/tmp/r"])
+def test_eval_labels_of_sibling_paths_keep_one_depth(tmp_path, drawn, root):
+    """Each label kept the most whole parts that fit its own path, so the carriers of one report's merges read
+    "…/merge/average/carriers/organism-vl" beside "…/rep43/merge/shift/carriers/organism-vl" (shorter method
+    names left room for one more part), and under /tmp/r the ties carrier kept its whole path beside trimmed
+    siblings. Paths of one depth (siblings) are now trimmed alike: the same number of last parts for all, the most
+    that fit every one within 40 characters (the oracle below), and told apart."""
+    carriers = [f"{root}/merge/{m}/carriers/organism-vl" for m in ("average", "shift", "salience", "ties")]
+    models = ["organism-vl", *carriers]
+    write_scores(tmp_path, models, ["text", "image"])
+    assert figures_cli("eval", tmp_path) == 0
+    ticks = {round(t.get_position()[1]): t.get_text() for t in drawn["eval"].axes[0].get_yticklabels()}
+    labels = [ticks[k] for k in sorted(ticks)]
+    assert sorted(labels) == sorted(set(labels)) and "organism-vl" in labels
+    parts = [c.split("/") for c in carriers]
+    depth = max(k for k in range(1, 7) if all(len("…/" + "/".join(p[-k:])) <= 40 for p in parts))
+    assert depth == (4 if root == "/tmp/rep43" else 5)  # rep43's shift and ties alone fit a 5th part
+    assert sorted(x for x in labels if x != "organism-vl") == sorted("…/" + "/".join(p[-depth:]) for p in parts)
+
+
 def test_shift_models_in_folders_of_one_name_get_a_heatmap_each(tmp_path, drawn):
     """seed0/merged and seed1/merged were labelled 'merged' and "merged'", whose file names are both
     shift_heatmap_merged: the second heatmap overwrote the first."""
