@@ -71,8 +71,9 @@ def fit_cell_texts(ax: Any, cells: list[tuple[Any, float]], formats: list[str], 
     figures.number) whose every text
     fits its cell (``pad`` points to spare each side) at the figure's present layout, so call it after
     ``tight_layout``; where none fits, the texts are removed and the colours alone give the values (returns False,
-    for the caller to say so: blank cells beside maps that print theirs looked like missing values). Chosen once
-    for the whole map, so every cell reads alike. A one-layer sweep of a 28-head model has 0.19 in cells: its KL
+    for the caller to say so: blank cells beside maps that print theirs looked like missing values). Where no
+    format fits flat, each is tried turned 90° (tall narrow cells). Chosen once for the whole map, so every cell
+    reads alike. A one-layer sweep of a 28-head model has 0.19 in cells: its KL
     values ran together ("0.0330.5401.826"), as did a single head's over 100 layers."""
     fig = ax.figure
     fig.draw_without_rendering()
@@ -80,12 +81,15 @@ def fit_cell_texts(ax: Any, cells: list[tuple[Any, float]], formats: list[str], 
     frame = ax.get_window_extent(renderer)
     room_w = frame.width / shape[1] - 2 * pad * fig.dpi / 72
     room_h = frame.height / shape[0] - 2 * pad * fig.dpi / 72
-    for fmt in formats:
-        for t, v in cells:
-            t.set_text(number(v, fmt))
-        boxes = [t.get_window_extent(renderer) for t, _ in cells]
-        if all(b.width <= room_w and b.height <= room_h for b in boxes):
-            return True
+    # flat first; then turned 90°, for cells much taller than wide (a one-layer sweep's 28 heads: 0.19 in × 2 in)
+    for rotation in (0, 90):
+        for fmt in formats:
+            for t, v in cells:
+                t.set_text(number(v, fmt))
+                t.set_rotation(rotation)
+            boxes = [t.get_window_extent(renderer) for t, _ in cells]
+            if all(b.width <= room_w and b.height <= room_h for b in boxes):
+                return True
     for t, _ in cells:
         t.remove()
     return False

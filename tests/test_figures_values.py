@@ -1230,6 +1230,36 @@ def test_heatmap_numbers_in_cells_fit_their_cells_or_are_left_out(tmp_path, monk
             assert [len(t.get_text().partition(".")[2]) for t in ax.texts] == [1 if scale == 100 else 3] * 32
 
 
+def test_a_one_layer_heatmap_prints_its_numbers_turned_where_only_that_fits(tmp_path, monkeypatch):
+    """A one-layer sweep of a 28-head model (--layers 0) has cells 0.19 in wide and about 2 in high: its KL numbers
+    ("0.033") do not fit flat, and the map left them all out (saying so) though each fits turned 90°. They are now
+    printed turned, each inside its cell (text extents as drawn), reading the CSV's value; the oracle for "not
+    flat" is the same text measured at 0°."""
+    from test_figures_page import write_heads
+
+    import figures.heads
+
+    figs: list[Figure] = []
+    monkeypatch.setattr(figures.heads, "save_figure", lambda fig, path: figs.append(fig))
+    h, baseline = figures.heads.read_sweep(write_heads(tmp_path / "h", 1, 28))
+    figures.heads.draw_metric(h, baseline, "kl", tmp_path / "kl")
+    fig = figs[-1]
+    FigureCanvasAgg(fig).draw()
+    ax = fig.axes[0]
+    frame = ax.get_window_extent()
+    cell_w, cell_h = frame.width / 28, frame.height
+    assert len(ax.texts) == 28 and figures.heads.CELLS_LEFT_OUT not in ax.get_xlabel()
+    want = h.sort_values("head")["kl"].to_numpy()
+    for t in ax.texts:
+        box = t.get_window_extent()
+        assert t.get_rotation() == 90 and box.width < cell_w and box.height < cell_h, (t.get_text(), box)
+        x, y = t.get_position()
+        assert abs(float(t.get_text()) - want[round(x)]) <= 0.51 * 10.0 ** -len(t.get_text().partition(".")[2])
+    flat = ax.texts[0]
+    flat.set_rotation(0)
+    assert flat.get_window_extent().width > cell_w  # flat it would not fit: turned only where it must be
+
+
 def test_eval_draws_each_rows_score_and_interval_one_model_all_wrong_and_long_named(tmp_path, drawn):
     """Oracle test (no behaviour change): one model, a name of 120 characters, all wrong on one set, not applicable
     on another, an extra column in scores.csv: eval.png draws the dot at scores.csv's accuracy, the all-wrong row
