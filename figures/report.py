@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 
-from figures import (NBSP, bar_aspect, drawn_as_written, drop_stale_pages, fill_lines, fit_bar_labels, fit_stack_gaps,
-                     heatmap_ticks, heatmap_ticks_again, lay_out, number, page_caption, page_panels, page_split,
-                     page_stem, paper, read_json, save_figure)
+from figures import (NBSP, PAGE_HEIGHT, bar_aspect, drawn_as_written, drop_stale_pages, fill_lines, fit_bar_labels,
+                     fit_stack_gaps, heatmap_ticks, heatmap_ticks_again, lay_out, number, page_caption, page_grid,
+                     page_panels, page_split, page_stem, paper, read_json, save_figure)
 from figures.findings import Finding, findings, interval
 from figures.merge import current_info
 from figures.results import METHOD_LABELS, EvalRun, Replication, short
@@ -218,6 +218,18 @@ FIG2_WIDTH, FIG2_PANEL, FIG2_MARGIN = 2.6, 2.8, (1.2, 0.4)
 # a page of 5 or 6 models goes 2 rows × 3 columns this narrow (3 rows × 2 left each heatmap 0.6 in high, the
 # colour bars shorter than their labels); up to 4 models it stays 2 × 2
 FIG2_NARROW = 1.9
+# inches: a model's column where the page has room, the height each of its two maps gets of it (about, as laid
+# out), and what a layer's row asks for: up to 36 layers that column holds them; a 72B grid's 80 rows got 0.02 in
+# each, in maps 1.8 in high on a page 5.2 in high, so taller grids take the page's height they need
+FIG2_HEIGHT, FIG2_MAP, FIG2_LAYER = 4.8, 1.8, 0.05
+
+
+def figure2_height(layers: int, rows: int) -> float:
+    """Inches a Figure 2 column of two maps of ``layers`` rows asks for on a page of ``rows`` rows of models:
+    FIG2_HEIGHT, and for a tall grid its maps' extra height (FIG2_LAYER a layer) up to the page's share of a row;
+    never less than FIG2_HEIGHT (page_panels squeezes a page of rows that do not fit, as before)."""
+    want = FIG2_HEIGHT + 2 * max(0.0, FIG2_LAYER * layers - FIG2_MAP)
+    return max(FIG2_HEIGHT, min(want, (PAGE_HEIGHT - FIG2_MARGIN[1]) / rows))
 
 
 @drawn_as_written
@@ -286,17 +298,20 @@ def _figure2_page(r: Replication, models: list[str]) -> tuple[Any, list[tuple[An
     """The page's figure, its heatmaps ((axes, layers, heads) each) and its titles ((axes, title) each)."""
     from figures.heads import _grid, centred_limits, clip_note, extend_for, kl_limit
 
+    sweeps = [r.heads(m, need=("kl", "prob_accuracy_drop")) for m in models]
     # one column of two heatmaps per model, wrapped into rows on a page (4 models: 2 × 2; 5 or 6: 2 × 3)
-    fig, panels = page_panels(len(models), 3.0, 4.8, min_width=FIG2_WIDTH if len(models) <= 4 else FIG2_NARROW,
-                              margin=FIG2_MARGIN, stack=2, grouped=True, dpi=110)
+    min_width = FIG2_WIDTH if len(models) <= 4 else FIG2_NARROW
+    rows, _ = page_grid(len(models), min_width, FIG2_MARGIN[0])
+    height = figure2_height(max(heads["layer"].nunique() for heads, _ in sweeps), rows)
+    fig, panels = page_panels(len(models), 3.0, height, min_width=min_width, margin=FIG2_MARGIN, stack=2,
+                              grouped=True, dpi=110)
     # titles wrapped to their column (about 16 characters an inch at 8 pt): a long model name ran into the next
     # (the page's columns: each panel's own grid, nested in the page's, has one)
     chars = int(14.5 * fig.get_figwidth() / panels[0][0].get_subplotspec().get_topmost_subplotspec()
                 .get_gridspec().ncols)
     aspect = bar_aspect(len(models))
     maps, titles = [], []
-    for k, m in enumerate(models):
-        heads, base = r.heads(m, need=("kl", "prob_accuracy_drop"))
+    for k, (m, (heads, base)) in enumerate(zip(models, sweeps)):
         for row, (metric, cmap, label) in enumerate((("kl", "magma_r", "KL(orig‖masked)\n[nats]"),
                                                      ("prob_accuracy_drop", "RdBu_r", "prob. accuracy drop\n[points]"))):
             grid, layers, hs = _grid(heads, metric)

@@ -465,6 +465,41 @@ def test_figure2_of_many_models_keeps_its_labels_apart(tmp_path, monkeypatch, mo
         plt.close("all")
 
 
+def test_figure2_of_a_tall_grid_uses_the_page_height(tmp_path, monkeypatch):
+    """A 72B-like sweep (80 layers × 64 heads) drew each of Figure 2's heatmaps 1.7 in high, 0.02 in a layer, on a
+    page 5.2 in high with 3.8 in left below it. A page of one row of such models now takes the page's whole height
+    and its maps share it: each at least 3 in high (measured as laid out), texts apart and on the page. The
+    organisms' 4-layer maps keep their page (margin + one panel: 0.4 + 4.8 in), as the shipped report shows."""
+    import matplotlib.pyplot as plt
+
+    import figures.report as fr
+
+    figs = []
+    close = plt.close
+    monkeypatch.setattr(fr, "save_figure", lambda fig, path: figs.append(fig))
+    monkeypatch.setattr(plt, "close", lambda fig=None: None)
+    sizes = {}
+    for layers, heads in ((80, 64), (4, 8)):
+        figs.clear()
+        (tmp_path / f"f{layers}").mkdir()
+        fr.draw_figure2(write_replication(tmp_path / f"rep{layers}", 1, layers, heads),
+                        tmp_path / f"f{layers}" / "figure2.png")
+        fig = figs[0]
+        fig.canvas.draw()
+        maps = [ax for ax in fig.axes if ax.images and ax.images[0].colorbar is not None]
+        assert len(maps) == 4
+        sizes[layers] = fig.get_size_inches()[1], min(ax.get_position().height for ax in maps) * fig.get_figheight()
+        if layers == 80:
+            assert overlapping_texts(fig) == []
+            renderer = fig.canvas.get_renderer()
+            for t in drawn_texts(fig):
+                box = t.get_window_extent(renderer)
+                assert fig.bbox.y0 - 1 <= box.y0 and box.y1 <= fig.bbox.y1 + 1, t.get_text()
+        close("all")
+    assert sizes[80][0] == pytest.approx(PAGE_HEIGHT) and sizes[80][1] >= 3.0, sizes
+    assert sizes[4][0] == pytest.approx(0.4 + 4.8) and sizes[4][1] < 2.0, sizes
+
+
 def drawn_texts(fig) -> list:
     """Every text of ``fig`` that is drawn: the suptitle, each visible axes' titles, axis labels, texts and the tick
     labels inside its view (matplotlib keeps labels of ticks past the ends, visible but not drawn)."""
