@@ -298,23 +298,35 @@ def label_step(cell: float, gap: float = 0.15) -> int:
 def heatmap_ticks(ax: Any, rows: list[Any], cols: list[Any], fontsize: float = 7) -> None:
     """Tick labels of a heatmap drawn on ``ax`` (``rows`` down, ``cols`` across): every one while they stay 0.15 in
     apart at the axes' present size (before ``tight_layout``, which mostly widens it), else every k-th."""
-    box = ax.get_position()
-    w, h = ax.figure.get_size_inches()
-    across, down = label_step(box.width * w / max(len(cols), 1)), label_step(box.height * h / max(len(rows), 1))
+    across, down = _heatmap_steps(ax, rows, cols)
     ax.set_xticks(range(0, len(cols), across), [str(c) for c in cols[::across]], fontsize=fontsize)
     ax.set_yticks(range(0, len(rows), down), [str(r) for r in rows[::down]], fontsize=fontsize)
+
+
+def _heatmap_steps(ax: Any, rows: list[Any], cols: list[Any]) -> tuple[int, int]:
+    """``heatmap_ticks``' label steps across and down at the axes' present size."""
+    box = ax.get_position()
+    w, h = ax.figure.get_size_inches()
+    return label_step(box.width * w / max(len(cols), 1)), label_step(box.height * h / max(len(rows), 1))
 
 
 def heatmap_ticks_again(fig: Any, maps: Sequence[tuple[Any, list[Any], list[Any]]]) -> None:
     """``heatmap_ticks`` of each (axes, rows, columns) of ``maps`` again at the figure's present layout, so call it
     after ``tight_layout``; the layout is redone where the labels changed. A heatmap whose layout narrowed it (a
     colour bar and its label beside it in a page's narrower columns) had its 28 heads' labels run together
-    ("121518"), spaced for the size before."""
-    ticks = [(ax.get_xticks().tolist(), ax.get_yticks().tolist()) for ax, *_ in maps]
+    ("121518"), spaced for the size before. A heatmap whose ticks stay as they are is left alone: set again, the
+    same ticks marked the figure changed, and the next step drew the same layout once more."""
+    was_stale, changed = fig.stale, False  # (reading an axes' position marks the figure stale, moving nothing)
     for ax, rows, cols in maps:
-        heatmap_ticks(ax, rows, cols)
-    if ticks != [(ax.get_xticks().tolist(), ax.get_yticks().tolist()) for ax, *_ in maps]:
+        across, down = _heatmap_steps(ax, rows, cols)
+        if (ax.get_xticks().tolist(), ax.get_yticks().tolist()) != (list(range(0, len(cols), across)),
+                                                                    list(range(0, len(rows), down))):
+            heatmap_ticks(ax, rows, cols)
+            changed = True
+    if changed:
         fig.tight_layout()
+    else:
+        fig.stale = was_stale
 
 
 def spaced_ticklabels(axes: Any, axis: str = "x", gap: float = 2.0) -> None:
