@@ -1,6 +1,9 @@
 """Figures drawn only from saved result files (``python -m figures KIND DIR``)."""
 from __future__ import annotations
 
+import contextlib
+import copy
+import contextvars
 import functools
 import io
 import math
@@ -22,6 +25,45 @@ PLAIN_TEXT = {"text.parse_math": False}  # rcParams every figure is drawn under 
 SUPERSCRIPTS = str.maketrans("0123456789-", "⁰¹²³⁴⁵⁶⁷⁸⁹⁻")
 
 Draw = TypeVar("Draw", bound=Callable[..., Any])
+Reader = TypeVar("Reader", bound=Callable[..., Any])
+
+# what each ``read_once`` reader has read inside ``reads_once`` (None outside): (reader, its arguments) → result
+_READ: contextvars.ContextVar[dict[tuple, Any] | None] = contextvars.ContextVar("omniprobe_read", default=None)
+
+
+@contextlib.contextmanager
+def reads_once() -> Any:
+    """Inside: each ``read_once`` reader parses and checks a result file once, later calls get a copy. Its
+    lifetime is the block (one report build: ``figures.report.build_report`` read and checked each stage's scores.csv
+    up to 5 times), never longer, so a rerun's outputs are never read stale by a later build."""
+    token = _READ.set({})
+    try:
+        yield
+    finally:
+        _READ.reset(token)
+
+
+def read_once(reader: Reader) -> Reader:
+    """``reader`` (a function of a result path and options, returning what it read) read once per ``reads_once``
+    block: a deep copy of its first result each time (a caller may change what it gets), its errors raised each
+    time (not kept). Outside a block, ``reader`` as it is."""
+    @functools.wraps(reader)
+    def once(*args: Any, **kwargs: Any) -> Any:
+        key = (reader, *(str(a) if isinstance(a, Path) else a for a in args), *sorted(kwargs.items()))
+        return read_cached(key, lambda: reader(*args, **kwargs))
+
+    return once  # type: ignore[return-value]
+
+
+def read_cached(key: tuple, read: Callable[[], Any]) -> Any:
+    """``read()``, or inside ``reads_once`` a deep copy of what it returned the first time ``key`` (hashable: what
+    names the file and how it is read) was asked there."""
+    done = _READ.get()
+    if done is None:
+        return read()
+    if key not in done:
+        done[key] = read()
+    return copy.deepcopy(done[key])
 
 
 def drawn_as_written(draw: Draw) -> Draw:
@@ -171,15 +213,23 @@ def fit_stack_gaps(fig: Any, panels: Sequence[Sequence[Any]], pad: float = STACK
 
     grids = getattr(fig, STACKS, {})
     for _ in range(tries):
+        was_stale = fig.stale
+        boxes: dict[Any, Any] = {}  # each axes' tight box at this layout: measured once (it lays out every label)
+
+        def tight(a: Any) -> Any:
+            if a not in boxes:
+                boxes[a] = a.get_tightbbox(renderer)
+            return boxes[a]
+
         need = 0.0
         for panel in panels:
             for upper, lower in zip(panel, panel[1:]):
                 gap = upper.get_window_extent(renderer).y0 - lower.get_window_extent(renderer).y1
                 clear = math.inf  # between the upper axes' text (and its bars') and the lower's, one over the other
                 for u in group(upper):
-                    ub = u.get_tightbbox(renderer)
+                    ub = tight(u)
                     for lo in group(lower):
-                        lb = lo.get_tightbbox(renderer)
+                        lb = tight(lo)
                         if ub.x0 < lb.x1 and lb.x0 < ub.x1:
                             clear = min(clear, ub.y0 - lb.y1)
                 need = max(need, gap - clear + pad_px)
@@ -190,6 +240,9 @@ def fit_stack_gaps(fig: Any, panels: Sequence[Sequence[Any]], pad: float = STACK
                 grid.set_height_ratios(stack_ratios(len(panel), need / height))
                 changed = True
         if not changed:
+            # measuring marks the figure stale (tight boxes update the tick labels) though nothing moved: left as
+            # it was, so the next step's lay_out does not draw this same layout again
+            fig.stale = was_stale
             return
         fig.tight_layout()
         fig.draw_without_rendering()
@@ -256,31 +309,53 @@ def label_step(cell: float, gap: float = 0.15) -> int:
 def heatmap_ticks(ax: Any, rows: list[Any], cols: list[Any], fontsize: float = 7) -> None:
     """Tick labels of a heatmap drawn on ``ax`` (``rows`` down, ``cols`` across): every one while they stay 0.15 in
     apart at the axes' present size (before ``tight_layout``, which mostly widens it), else every k-th."""
-    box = ax.get_position()
-    w, h = ax.figure.get_size_inches()
-    across, down = label_step(box.width * w / max(len(cols), 1)), label_step(box.height * h / max(len(rows), 1))
+    across, down = _heatmap_steps(ax, rows, cols)
     ax.set_xticks(range(0, len(cols), across), [str(c) for c in cols[::across]], fontsize=fontsize)
     ax.set_yticks(range(0, len(rows), down), [str(r) for r in rows[::down]], fontsize=fontsize)
+
+
+def _heatmap_steps(ax: Any, rows: list[Any], cols: list[Any]) -> tuple[int, int]:
+    """``heatmap_ticks``' label steps across and down at the axes' present size."""
+    box = ax.get_position()
+    w, h = ax.figure.get_size_inches()
+    return label_step(box.width * w / max(len(cols), 1)), label_step(box.height * h / max(len(rows), 1))
 
 
 def heatmap_ticks_again(fig: Any, maps: Sequence[tuple[Any, list[Any], list[Any]]]) -> None:
     """``heatmap_ticks`` of each (axes, rows, columns) of ``maps`` again at the figure's present layout, so call it
     after ``tight_layout``; the layout is redone where the labels changed. A heatmap whose layout narrowed it (a
     colour bar and its label beside it in a page's narrower columns) had its 28 heads' labels run together
-    ("121518"), spaced for the size before."""
-    ticks = [(ax.get_xticks().tolist(), ax.get_yticks().tolist()) for ax, *_ in maps]
+    ("121518"), spaced for the size before. A heatmap whose ticks stay as they are is left alone: set again, the
+    same ticks marked the figure changed, and the next step drew the same layout once more."""
+    was_stale, changed = fig.stale, False  # (reading an axes' position marks the figure stale, moving nothing)
     for ax, rows, cols in maps:
-        heatmap_ticks(ax, rows, cols)
-    if ticks != [(ax.get_xticks().tolist(), ax.get_yticks().tolist()) for ax, *_ in maps]:
+        across, down = _heatmap_steps(ax, rows, cols)
+        if (ax.get_xticks().tolist(), ax.get_yticks().tolist()) != (list(range(0, len(cols), across)),
+                                                                    list(range(0, len(rows), down))):
+            heatmap_ticks(ax, rows, cols)
+            changed = True
+    if changed:
         fig.tight_layout()
+    else:
+        fig.stale = was_stale
 
 
-def spaced_ticklabels(ax: Any, axis: str = "x", gap: float = 2.0) -> None:
-    """Blank the tick labels of ``ax``'s ``axis`` that would touch a neighbour (``gap`` points apart at least) at
-    the figure's present layout, so call it after ``tight_layout``: from the first on, each kept when clear of the
-    last kept one, and the last label kept whatever (a run's final step), its crowded neighbours blanked instead.
-    The tick marks stay. Steps 3000 and 5000 on a log axis ran together as "30005000"."""
-    ax.figure.draw_without_rendering()  # tick labels where the layout puts them
+def spaced_ticklabels(axes: Any, axis: str = "x", gap: float = 2.0) -> None:
+    """Blank the tick labels of the ``axis`` of ``axes`` (one axes, or a list of axes that do not share that axis)
+    that would touch a neighbour (``gap`` points apart at least) at the figure's present layout, so call it after
+    ``tight_layout``: from the first on, each kept when clear of the last kept one, and the last label kept whatever
+    (a run's final step), its crowded neighbours blanked instead. The tick marks stay. Steps 3000 and 5000 on a log
+    axis ran together as "30005000". The figure is drawn once for all of ``axes`` (blanking one's labels moves no
+    other's), not once per axes."""
+    axes = list(axes) if isinstance(axes, (list, tuple)) else [axes]
+    if not axes:
+        return
+    axes[0].figure.draw_without_rendering()  # tick labels where the layout puts them
+    for ax in axes:
+        _space_ticklabels(ax, axis, gap)
+
+
+def _space_ticklabels(ax: Any, axis: str, gap: float) -> None:
     renderer = ax.figure.canvas.get_renderer()
     which = ax.xaxis if axis == "x" else ax.yaxis
     locs, labels = which.get_ticklocs(), which.get_ticklabels()

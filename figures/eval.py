@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from figures import (PAGE_HEIGHT, PAGE_WIDTH, UNIT, drawn_as_written, drop_stale_pages, name_colours, page_caption,
-                     page_grid, page_panels, page_stem, read_table, save_png_pdf, short_name)
+                     page_grid, page_panels, page_stem, read_once, read_table, save_png_pdf, short_name)
 from probe.errors import BadInput
 from probe.stats import reported_interval
 
@@ -23,6 +23,7 @@ DIFFS = dict.fromkeys(["diff_accuracy", "diff_lo", "diff_hi", "diff_prob_accurac
                       float)
 
 
+@read_once  # a report build asks a stage's scores.csv up to 5 times
 def read_scores(result_dir: Path) -> pd.DataFrame:
     """DIR/scores.csv of a probe.eval run, checked: its columns, numbers, one 'all' row per model and data set."""
     csv = Path(result_dir) / "scores.csv"

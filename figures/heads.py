@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from figures import (NBSP, PAGE_HEIGHT, PAGE_WIDTH, UNIT, drawn_as_written, fill_lines, fit_bar_labels, label_step,
-                     number, read_json, read_table, save_figure)
+                     number, read_json, read_once, read_table, save_figure)
 from probe.errors import BadInput
 from probe.results import HEAD_METRIC_BOUNDS
 
@@ -201,13 +201,22 @@ def draw_metric(heads: pd.DataFrame, baseline: dict, metric: str, out_stem: Path
     plt.close(fig)
 
 
+# probe.heads writes every column (accuracy empty throughout when nothing was generated): one lost from the file
+# would leave that heatmap out, its old one beside the new ones
+SWEEP_METRICS = dict.fromkeys([*PANELS, "accuracy_drop", "prob_accuracy_drop"], float)
+
+
 def read_sweep(run_dir: Path, need: tuple[str, ...] = ()) -> tuple[pd.DataFrame, dict]:
     """heads.csv (with the columns ``need``) and baseline.json of a finished head sweep, checked: BadInput naming
     the file otherwise."""
+    # a column every sweep has anyway needs no asking: the same file read once per report build whatever is needed
+    return _read_sweep(Path(run_dir), tuple(dict.fromkeys(c for c in need if c not in SWEEP_METRICS)))
+
+
+@read_once  # a report build asks each sweep 3 to 4 times (tables, findings, Figure 2)
+def _read_sweep(run_dir: Path, need: tuple[str, ...]) -> tuple[pd.DataFrame, dict]:
     source = "python -m probe.heads"
-    # probe.heads writes every column (accuracy empty throughout when nothing was generated): one lost from the
-    # file would leave that heatmap out, its old one beside the new ones
-    metrics = dict.fromkeys([*PANELS, "accuracy_drop", "prob_accuracy_drop"], float)
+    metrics = SWEEP_METRICS
     columns = {"layer": int, "head": int, **metrics, **dict.fromkeys(need, float)}
     heads = read_table(run_dir / "heads.csv", columns, {"n_items": int}, source,
                        bounds={"accuracy": UNIT, "prob_accuracy": UNIT, **HEAD_METRIC_BOUNDS}, finite=list(metrics))

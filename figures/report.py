@@ -20,7 +20,7 @@ from typing import Any
 
 from figures import (NBSP, PAGE_HEIGHT, bar_aspect, drawn_as_written, drop_stale_pages, fill_lines, fit_bar_labels,
                      fit_stack_gaps, heatmap_ticks, heatmap_ticks_again, lay_out, number, page_caption, page_grid,
-                     page_panels, page_split, page_stem, paper, read_json, save_figure)
+                     page_panels, page_split, page_stem, paper, read_json, reads_once, save_figure)
 from figures.findings import Finding, findings, interval
 from figures.merge import current_info
 from figures.results import METHOD_LABELS, EvalRun, Replication, short
@@ -536,13 +536,14 @@ def build_report(out: Path) -> list[Path]:
     from probe.results import atomic_write_bytes, partial_dir
 
     out = Path(out)
-    r = Replication.read(out)
-    figdir = out / FIG_DIR
-    # figures are drawn aside: bad results leave the previous report whole; a full disk names the figures' folder
-    # (PIL's error names no file)
-    state = run_state(r)  # once: report.md's note and the warning below both say it
-    with partial_dir(figdir) as tmp:
-        doc = build(r, tmp, state)
+    with reads_once():  # each result file read and checked once in this build (its tables, findings and figures)
+        r = Replication.read(out)
+        figdir = out / FIG_DIR
+        # figures are drawn aside: bad results leave the previous report whole; a full disk names the figures'
+        # folder (PIL's error names no file)
+        state = run_state(r)  # once: report.md's note and the warning below both say it
+        with partial_dir(figdir) as tmp:
+            doc = build(r, tmp, state)
     if note := state.note(markdown=False):  # the report is written all the same: what the finished stages
         print("warning: " + note, file=sys.stderr)  # hold, marked
     for name in ("report.md", "report.html"):  # a kill from here on leaves no report rather than the earlier

@@ -15,7 +15,7 @@ from typing import Any, Callable, TypedDict
 
 import pandas as pd
 
-from figures import read_json, short_name
+from figures import read_cached, read_json, short_name
 from probe.errors import BadInput, counted, in_path  # in_path: ~ expanded, as the commands' paths are
 
 # analyses.replicate's stages whose outputs are models that later stages evaluate or map, naming them by path
@@ -145,7 +145,8 @@ class EvalRun:
         from probe.eval import ITEM_COLUMNS
         from probe.results import read_part
 
-        items = read_part(self.dir / "items.parquet", ITEM_COLUMNS)
+        path = self.dir / "items.parquet"
+        items = read_cached((read_part, str(path)), lambda: read_part(path, ITEM_COLUMNS))  # once per report build
         return items.assign(model=items["model"].replace(self.labels)) if self.labels else items
 
     def row(self, model: str, data_spec: str) -> Any:
@@ -545,8 +546,10 @@ class Replication:
         return str(self.out / "merge" / method / "carriers" / short(expert))
 
     def eval(self, *parts: str) -> EvalRun:
-        """A stage's probe.eval output, its own models labelled under ``out`` (``model_label``)."""
-        return EvalRun.read(self.out.joinpath(*parts), self.model_label)
+        """A stage's probe.eval output, its own models labelled under ``out`` (``model_label``); read once per report
+        build (``figures.reads_once``: tables, findings and figures each ask it)."""
+        d = self.out.joinpath(*parts)
+        return read_cached((EvalRun.read, str(self.out), str(d)), lambda: EvalRun.read(d, self.model_label))
 
     def sketch(self, fig: str) -> tuple[list[str], Any]:
         """A trajectory map's point names (its own models labelled as in ``eval``) and sketch."""

@@ -90,9 +90,8 @@ def draw_steps(result_dirs: list[Path] | Path, out: Path | None = None) -> list[
             fig.suptitle(f"{what.capitalize()} against fine-tuning steps" + page_caption(pages, p, "runs"),
                          fontsize=10)
         fig.tight_layout(rect=(0, legend / fig.get_size_inches()[1], 1, 1))
-        for ax in fig.axes:  # a symmetric-log axis crowds the late steps (3000 beside 5000)
-            if ax.get_visible():
-                spaced_ticklabels(ax)
+        # a symmetric-log axis crowds the late steps (3000 beside 5000); the panels share no x axis
+        spaced_ticklabels([ax for ax in fig.axes if ax.get_visible()])
         written += save_png_pdf(fig, out or dirs[0], page_stem("steps", p))
     drop_stale_pages(out or dirs[0], "steps", written)
     return written

@@ -685,6 +685,55 @@ def test_a_report_hashes_each_stages_outputs_once(quick: Path, tmp_path: Path, m
     assert len(warning) == 1 and "Not one consistent run: heads: its outputs in" in warning[0], warning
     assert "**Not one consistent run**: heads: its outputs in" in (copy / "report.md").read_text(encoding="utf-8")
 
+
+def test_a_report_build_reads_each_result_table_once(quick: Path, tmp_path: Path, monkeypatch) -> None:
+    """A report build parsed and checked each stage's scores.csv up to 3 times and each head sweep's heads.csv up to
+    4 (tables, findings and figures each read it again: 48 reads of 21 files of a default run). Oracle: pandas'
+    readers themselves, counted per file, against every table the run's stage dirs hold (found by glob)."""
+    from collections import Counter
+
+    from figures.report import build_report
+
+    copy = tmp_path / "copy"
+    shutil.copytree(quick, copy)
+    reads: Counter = Counter()
+    for name in ("read_csv", "read_parquet"):
+        def counted(path, *args, _read=getattr(pd, name), **kwargs):
+            reads[str(path)] += 1
+            return _read(path, *args, **kwargs)
+
+        monkeypatch.setattr(pd, name, counted)
+    build_report(copy)
+    tables = {str(p) for pattern in ("*/**/scores.csv", "heads/*/heads.csv") for p in copy.glob(pattern)}
+    assert tables and tables <= set(reads), sorted(tables - set(reads))  # every eval and sweep of the run is read
+    assert {p: n for p, n in reads.items() if n > 1} == {}, reads
+
+
+def test_a_report_reads_once_within_one_build_only(tmp_path: Path) -> None:
+    """``figures.reads_once`` (one report build's reads): inside it a reader runs once per file and each caller
+    gets its own copy; outside it, and in the next build, the file is read again (a rerun's new outputs are
+    never read stale)."""
+    from figures import read_once, reads_once
+
+    path = tmp_path / "t.json"
+    runs = []
+
+    @read_once
+    def reader(p: Path) -> dict:
+        runs.append(p)
+        return json.loads(p.read_text(encoding="utf-8"))
+
+    path.write_text('{"x": [1]}', encoding="utf-8")
+    with reads_once():
+        first = reader(path)
+        first["x"].append(2)  # a caller's change stays its own
+        assert reader(path) == {"x": [1]} and len(runs) == 1
+    path.write_text('{"x": [3]}', encoding="utf-8")
+    assert reader(path) == {"x": [3]} and len(runs) == 2  # outside a build: as read now
+    with reads_once():
+        assert reader(path) == {"x": [3]} and reader(path) == {"x": [3]} and len(runs) == 3
+
+
 def test_figures_report_into_a_read_only_dir_is_one_line(quick: Path, tmp_path: Path, capsys, monkeypatch) -> None:
     """Rebuilding the report of a run on a read-only mount was a traceback (OSError at .report_figures.partial); now
     exit 2 with one line naming the dir, and the saved report is left as it was."""
