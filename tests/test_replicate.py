@@ -928,13 +928,9 @@ def test_an_eval_stage_killed_then_copied_continues_in_the_copy_keeping_its_part
     assert len(kept) == 3
     quick.rename(away)  # nothing may read the original
     try:
-        assert replicate_in_root("--quick", "--quiet", "--only", "table4", "--out", str(copy)) == 0, \
-            capsys.readouterr().err
+        _continue_in_copy("table4", copy, quick, capsys)
     finally:
         away.rename(quick)
-    err = capsys.readouterr().err
-    assert f"== table4: its parts were computed in {quick} (the run was moved or copied since): continuing them " \
-           "here" in err and "== table4: continuing" in err, err
     now = _identities(t4 / "parts")
     assert {k: now[k] for k in kept} == kept and len(now) == 5  # the 3 kept, the 2 left computed
     after = json.loads((copy / "stages" / "table4.json").read_text())
@@ -943,6 +939,15 @@ def test_an_eval_stage_killed_then_copied_continues_in_the_copy_keeping_its_part
     pd.testing.assert_frame_equal(_scores(t4), _relabelled(_scores(quick / "table4"), quick, copy))
     pd.testing.assert_frame_equal(pd.read_parquet(t4 / "items.parquet"),
                                   _relabelled(pd.read_parquet(quick / "table4" / "items.parquet"), quick, copy))
+
+
+def _continue_in_copy(stage: str, copy: Path, original: Path, capsys) -> None:
+    """``--only stage`` rerun in ``copy``, a copy of ``original`` killed in that stage: it says it continues the
+    parts computed in ``original`` here."""
+    assert replicate_in_root("--quick", "--quiet", "--only", stage, "--out", str(copy)) == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"== {stage}: its parts were computed in {original} (the run was moved or copied since): continuing " \
+           "them here" in err and f"== {stage}: continuing" in err, err
 
 
 def test_a_merge_stage_killed_then_copied_continues_in_the_copy(quick: Path, tmp_path: Path, capsys) -> None:
@@ -965,13 +970,9 @@ def test_a_merge_stage_killed_then_copied_continues_in_the_copy(quick: Path, tmp
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the quick run had: the same bytes need the same reduction order
     try:
-        assert replicate_in_root("--quick", "--quiet", "--only", "merge", "--out", str(copy)) == 0, \
-            capsys.readouterr().err
+        _continue_in_copy("merge", copy, quick, capsys)
     finally:
         torch.set_num_threads(threads)
-    err = capsys.readouterr().err
-    assert f"== merge: its parts were computed in {quick} (the run was moved or copied since): continuing them here" \
-        in err and "== merge: continuing" in err, err
     assert {m: weights(m) for m in kept} == kept
     after = json.loads((copy / "stages" / "merge.json").read_text())
     assert (after["status"], after["out"], after["resumed"]) == ("complete", str(copy), True)
