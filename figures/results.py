@@ -146,7 +146,8 @@ class EvalRun:
         from probe.results import read_part
 
         path = self.dir / "items.parquet"
-        items = read_cached((read_part, str(path)), lambda: read_part(path, ITEM_COLUMNS))  # once per report build
+        # once per report build; the key names the file and the columns it is read with (read_cached's contract)
+        items = read_cached((read_part, str(path), *ITEM_COLUMNS), lambda: read_part(path, ITEM_COLUMNS))
         return items.assign(model=items["model"].replace(self.labels)) if self.labels else items
 
     def row(self, model: str, data_spec: str) -> Any:
@@ -193,8 +194,9 @@ class HeadSweep:
         data = b.get("data") or Path(str(plan.get("data_dir", "?"))).name
         split = b.get("split") or (plan.get("settings") or {}).get("split", "?")
         method = b.get("method") or plan.get("method", "?")
-        what = (f"{short_name(model)} on {short_name(data, 20)} ({split}), {counted(self.heads['layer'].nunique(), 'layer')} × "
-                f"{counted(self.heads['head'].nunique(), 'head')}, {counted(b['n_items'], 'item')}, baseline prob. acc. "
+        layers, heads = counted(self.heads["layer"].nunique(), "layer"), counted(self.heads["head"].nunique(), "head")
+        what = (f"{short_name(model)} on {short_name(data, 20)} ({split}), {layers} × {heads}, "
+                f"{counted(b['n_items'], 'item')}, baseline prob. acc. "
                 f"{b['prob_accuracy']:.3f}, engine {method}" + (" (approximate)" if b.get("approximate") else ""))
         return _summary(self, self.dir, what, f".heads ({len(self.heads)} rows) .baseline .info .items .grid(metric)")
 

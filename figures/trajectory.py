@@ -4,7 +4,6 @@ side; fine-tuning runs as arrows in step order; base, experts and merged models 
 """
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,8 @@ matplotlib.use("Agg")
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from figures import drawn_as_written, fit_page, page_panels, place_labels, read_json, read_table  # noqa: E402
+from figures import (drawn_as_written, fill_lines, fit_page, page_panels, place_labels, read_json,  # noqa: E402
+                     read_table)
 from figures.shift import save, short_names  # noqa: E402
 from probe.errors import BadInput, is_int  # noqa: E402
 
@@ -207,7 +207,7 @@ def draw_trajectory(result_dir: Path) -> list[Path]:
                 names = ["t-SNE 1", "t-SNE 2"]
                 if info.get("perplexity_used") is not None:
                     title += f", perplexity {info['perplexity_used']:g}"
-            ax.set_title("\n".join(textwrap.fill(line, chars) for line in title.split("\n")), fontsize=9)
+            ax.set_title(fill_lines(title, chars), fontsize=9)
             ax.set_xlabel(names[0], fontsize=8)
             ax.set_ylabel(names[1], fontsize=8)
             ax.tick_params(labelsize=7)
