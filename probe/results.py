@@ -933,8 +933,55 @@ def content_fingerprint(path: str | Path, hash_limit: int = 64 << 20, recursive:
         elif big is not None:
             h.update(big(f, st))
         else:
-            h.update(str(st.st_mtime_ns).encode())
+            h.update(str(big_file_mtime(f, st)).encode())
     return h.hexdigest()[:16] if files else f"name:{path}"
+
+
+_SAME_BYTES: dict[tuple[str, int, int, str, int], bool] = {}  # (copy, size, mtime, original, its mtime) → equal
+
+
+def big_file_mtime(f: Path, st: os.stat_result) -> int:
+    """The mtime a file too big to hash enters a fingerprint with: its own, or, under a folder held moved
+    (``moved_inputs``), its original's where that is still there at the same size and holds the same bytes. ``cp -r``
+    gives a copy new mtimes, so a stage killed then copied would otherwise start again (hours on 7B shards). Safe:
+    the original's mtime is the one its parts recorded only if it is unchanged since, and the copy equals it.
+    Compared once per (copy, original) version in a process."""
+    original = _original_of(f)
+    if original is None:
+        return st.st_mtime_ns
+    try:
+        ost = original.stat()
+    except OSError:
+        return st.st_mtime_ns
+    if ost.st_size != st.st_size:
+        return st.st_mtime_ns
+    key = (str(f), st.st_size, st.st_mtime_ns, str(original), ost.st_mtime_ns)
+    if key not in _SAME_BYTES:
+        _SAME_BYTES[key] = ost.st_mtime_ns == st.st_mtime_ns or same_bytes(f, original)
+    return ost.st_mtime_ns if _SAME_BYTES[key] else st.st_mtime_ns
+
+
+def _original_of(f: Path) -> Path | None:
+    """Where ``f``, under a folder held moved, was when the kept parts were computed; None outside any."""
+    if not _MOVED:
+        return None
+    real = str(f.resolve())
+    for m in _MOVED:
+        now = m.now_resolved.rstrip(os.sep)
+        if real.startswith(now + os.sep):
+            return Path(m.then_resolved) / real[len(now) + 1:]
+    return None
+
+
+def same_bytes(a: Path, b: Path, block: int = 16 << 20) -> bool:
+    """Whether two files of one size hold the same bytes, read side by side in 16 MB blocks."""
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(block), fb.read(block)
+            if x != y:
+                return False
+            if not x:
+                return True
 
 
 # calls of gather_over_ranks in this process: every rank makes them in the same order, so the n-th call's keys in the

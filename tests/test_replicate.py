@@ -2881,3 +2881,39 @@ def test_a_stage_continued_in_a_copy_names_the_runs_files_where_its_parts_were_c
     state = r.read_state(b, "shift")
     assert (state["status"], state["resumed"], "parts_at" in state) == ("complete", False, False)
     assert as_computed(str(b / "data")) == str(b / "data")  # nothing held moved once the stage returned
+
+
+def test_a_big_input_copied_with_new_mtimes_is_the_same_input_while_its_stage_continues(tmp_path: Path) -> None:
+    """A file over the hash limit (64 MB: a 7B merge's shards) enters a command's identity by its size and mtime, so a
+    run killed in a stage and copied with ``cp -r`` (new mtimes) had that stage start again from nothing in the copy
+    (hours on 7B models). While the stage continues (``moved_inputs``), a big file under the copy that is byte for
+    byte its original, still where the parts were computed, is fingerprinted as the original. Oracle: the original
+    folder's fingerprint, the one its parts were recorded with; a byte changed at the same size, or the original
+    gone, still differ (the stage restarts, as before)."""
+    from probe.results import Moved, content_fingerprint, moved_inputs
+
+    limit = 1024  # a 4 KB "shard" stands for a 15 GB one
+    run, copy = tmp_path / "run", tmp_path / "copy"
+    (run / "merge").mkdir(parents=True)
+    (run / "merge" / "model.safetensors").write_bytes(os.urandom(4096))
+    (run / "merge" / "config.json").write_text("{}", encoding="utf-8")
+    then = content_fingerprint(run / "merge", hash_limit=limit)
+    shutil.copytree(run, copy)
+    _set_mtimes(copy, 100)  # cp -r
+    moved = Moved(str(copy), str(run), str(copy.resolve()), str(run.resolve()))
+    assert content_fingerprint(copy / "merge", hash_limit=limit) != then  # outside a continued stage: by mtime
+    shard = copy / "merge" / "model.safetensors"
+    with moved_inputs(moved):
+        assert content_fingerprint(copy / "merge", hash_limit=limit) == then
+        assert content_fingerprint(shard, hash_limit=limit) == content_fingerprint(run / "merge" / "model.safetensors",
+                                                                                  hash_limit=limit)
+        data = bytearray(shard.read_bytes())
+        data[3000] ^= 1
+        shard.write_bytes(bytes(data))
+        assert content_fingerprint(copy / "merge", hash_limit=limit) != then
+        shutil.copy2(run / "merge" / "model.safetensors", shard)  # the same bytes again, the original's mtime
+        assert content_fingerprint(copy / "merge", hash_limit=limit) == then
+        _set_mtimes(copy, 200)
+        assert content_fingerprint(copy / "merge", hash_limit=limit) == then
+        shutil.rmtree(run)  # the original gone: nothing to compare with
+        assert content_fingerprint(copy / "merge", hash_limit=limit) != then
