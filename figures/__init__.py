@@ -253,7 +253,12 @@ def page_split(n: int, min_width: float, min_height: float, margin: tuple[float,
     (``page_panels``' squeezing stops there), the pages as even as they can be (12 panels, 8 a page: 6 + 6)."""
     cols = max(1, int((PAGE_WIDTH - margin[0] + 1e-9) // min_width))
     rows = max(1, int((PAGE_HEIGHT - margin[1] + 1e-9) // min_height))
-    size = math.ceil(n / math.ceil(n / (cols * rows)))
+    return even_pages(n, cols * rows)
+
+
+def even_pages(n: int, per_page: int) -> list[range]:
+    """``n`` panels over as few pages of at most ``per_page`` as there can be, as even as they can be."""
+    size = math.ceil(n / math.ceil(n / per_page))
     return [range(s, min(s + size, n)) for s in range(0, n, size)]
 
 

@@ -500,6 +500,49 @@ def test_figure2_of_a_tall_grid_uses_the_page_height(tmp_path, monkeypatch):
     assert sizes[4][0] == pytest.approx(0.4 + 4.8) and sizes[4][1] < 2.0, sizes
 
 
+@pytest.mark.parametrize("models, grid", [(4, (80, 8)), (5, (4, 64))])
+def test_figure2_keeps_a_big_grids_cells_readable_on_pages_of_several_models(tmp_path, monkeypatch, models, grid):
+    """Only a page of one row took the page's height a tall grid needs: 3 or 4 models of 80 layers went 2 rows, each
+    map 1.58 in high (0.0197 in a layer, 2.2 pixels of the PNG; one row: 3.73 in), a quarter of a 3 models' page left
+    empty; and 5 or 6 models of 64 heads went 3 columns, each map 0.72 in wide (0.011 in a head, 1.2 pixels, so
+    neighbouring heads ran together). A page now holds fewer models where more would leave a layer's row or a head's
+    column under 0.025 in (2.75 pixels), the pages as even as they can be: measured as laid out, every map's cells
+    are at least that, every page holds more than one model, its texts apart and on the page, the page a paper's."""
+    import matplotlib.pyplot as plt
+
+    import figures.report as fr
+
+    figs = []
+    close = plt.close
+    monkeypatch.setattr(fr, "save_figure", lambda fig, path: figs.append(fig))
+    monkeypatch.setattr(plt, "close", lambda fig=None: None)
+    (tmp_path / "f").mkdir()
+    fr.draw_figure2(write_replication(tmp_path / "rep", models - 1, *grid), tmp_path / "f" / "figure2.png")
+    pages = figs[::2]  # each page saved as png and pdf
+    drawn = 0
+    for fig in pages:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        maps = [ax for ax in fig.axes if ax.images and ax.images[0].colorbar is not None]
+        assert len(maps) >= 4  # two models a page at the least (4: 2 + 2; 5: 3 + 2), no page of one where two fit
+        drawn += len(maps) // 2
+        for ax in maps:
+            box = ax.get_window_extent(renderer)
+            rows, cols = ax.images[0].get_array().shape
+            assert (rows, cols) == grid
+            assert box.height / fig.dpi / rows >= 0.025 and box.width / fig.dpi / cols >= 0.025, (
+                len(pages), box.height / fig.dpi, box.width / fig.dpi)
+        assert overlapping_texts(fig) == []
+        for t in drawn_texts(fig):
+            b = t.get_window_extent(renderer)
+            assert fig.bbox.x0 - 1 <= b.x0 and b.x1 <= fig.bbox.x1 + 1 and fig.bbox.y0 - 1 <= b.y0 \
+                and b.y1 <= fig.bbox.y1 + 1, t.get_text()
+        w, h = fig.get_size_inches()
+        assert w <= PAGE_WIDTH and h <= PAGE_HEIGHT
+    assert drawn == models
+    close("all")
+
+
 def drawn_texts(fig) -> list:
     """Every text of ``fig`` that is drawn: the suptitle, each visible axes' titles, axis labels, texts and the tick
     labels inside its view (matplotlib keeps labels of ticks past the ends, visible but not drawn)."""
