@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from figures import PAGE_HEIGHT, PAGE_WIDTH, page_grid, page_split
+from figures import PAGE_HEIGHT, PAGE_WIDTH, page_caption, page_grid, page_split
 
 SCORE_COLUMNS = ["model", "data", "subject", "n_items", "accuracy", "accuracy_lo", "accuracy_hi", "prob_accuracy",
                  "prob_accuracy_lo", "prob_accuracy_hi", "note"]
@@ -276,6 +276,13 @@ def test_page_split_keeps_panels_readable_over_even_pages():
     assert page_split(12, 2.3, 2.1, (0.6, 0.3)) == [range(0, 6), range(6, 12)]  # 8 a page
     assert page_split(3, 9.0, 12.0) == [range(0, 1), range(1, 2), range(2, 3)]  # bigger than a page: one each
 
+
+def test_a_page_of_one_panel_is_captioned_as_one():
+    """A page of one model (3 models of a 72B grid, 2 a page) was captioned "(models 3–3 of 3)"."""
+    pages = [range(0, 2), range(2, 3)]
+    assert [page_caption(pages, k, "models") for k in (0, 1)] == [" (models 1–2 of 3)", " (model 3 of 3)"]
+    assert page_caption([range(0, 1), range(1, 2)], 0, "data sets") == " (data set 1 of 2)"
+    assert page_caption([range(0, 3)], 0, "models") == ""  # one page: no caption
 
 def test_figures_of_many_panels_go_over_pages(tmp_path):
     """12 participants, runs or models: instead of squeezing 12 pairs of heatmaps onto one page (unreadable, and
