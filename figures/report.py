@@ -343,6 +343,8 @@ def _figure2_page(r: Replication, models: list[str], sweeps: list[tuple[Any, dic
     chars = int(14.5 * fig.get_figwidth() / panels[0][0].get_subplotspec().get_topmost_subplotspec()
                 .get_gridspec().ncols)
     aspect = bar_aspect(len(models))
+    if height > FIG2_HEIGHT:  # a tall grid's maps: the bars grow with them (left as they were, half the map high)
+        aspect *= (height - FIG2_TEXT[1]) / (FIG2_HEIGHT - FIG2_TEXT[1])
     maps, titles = [], []
     for k, (m, (heads, base)) in enumerate(zip(models, sweeps)):
         for row, (metric, cmap, label) in enumerate((("kl", "magma_r", "KL(orig‖masked)\n[nats]"),

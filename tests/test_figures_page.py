@@ -475,7 +475,8 @@ def test_figure2_of_many_models_keeps_its_labels_apart(tmp_path, monkeypatch, mo
 def test_figure2_of_a_tall_grid_uses_the_page_height(tmp_path, monkeypatch):
     """A 72B-like sweep (80 layers × 64 heads) drew each of Figure 2's heatmaps 1.7 in high, 0.02 in a layer, on a
     page 5.2 in high with 3.8 in left below it. A page of one row of such models now takes the page's whole height
-    and its maps share it: each at least 3 in high (measured as laid out), texts apart and on the page. The
+    and its maps share it: each at least 3 in high (measured as laid out), texts apart and on the page, each colour
+    bar as long as its map (they grow with it: at matplotlib's aspect they stayed 1.9 in, half the 3.7 in maps). The
     organisms' 4-layer maps keep their page (margin + one panel: 0.4 + 4.8 in), as the shipped report shows."""
     import matplotlib.pyplot as plt
 
@@ -496,6 +497,9 @@ def test_figure2_of_a_tall_grid_uses_the_page_height(tmp_path, monkeypatch):
         maps = [ax for ax in fig.axes if ax.images and ax.images[0].colorbar is not None]
         assert len(maps) == 4
         sizes[layers] = fig.get_size_inches()[1], min(ax.get_position().height for ax in maps) * fig.get_figheight()
+        for ax in maps:  # each colour bar as long as its map, as on a page of shorter maps (80 layers: half of it)
+            bar = ax.images[0].colorbar.ax.get_window_extent(fig.canvas.get_renderer())
+            assert bar.height >= 0.9 * ax.get_window_extent().height, (layers, bar.height / fig.dpi)
         if layers == 80:
             assert overlapping_texts(fig) == []
             renderer = fig.canvas.get_renderer()
