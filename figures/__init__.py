@@ -253,7 +253,12 @@ def page_split(n: int, min_width: float, min_height: float, margin: tuple[float,
     (``page_panels``' squeezing stops there), the pages as even as they can be (12 panels, 8 a page: 6 + 6)."""
     cols = max(1, int((PAGE_WIDTH - margin[0] + 1e-9) // min_width))
     rows = max(1, int((PAGE_HEIGHT - margin[1] + 1e-9) // min_height))
-    size = math.ceil(n / math.ceil(n / (cols * rows)))
+    return even_pages(n, cols * rows)
+
+
+def even_pages(n: int, per_page: int) -> list[range]:
+    """``n`` panels over as few pages of at most ``per_page`` as there can be, as even as they can be."""
+    size = math.ceil(n / math.ceil(n / per_page))
     return [range(s, min(s + size, n)) for s in range(0, n, size)]
 
 
@@ -263,8 +268,13 @@ def page_stem(stem: str, k: int) -> str:
 
 
 def page_caption(pages: list[range], k: int, what: str) -> str:
-    """" (what 1–6 of 12)" on a page of several, else nothing."""
-    return f" ({what} {pages[k][0] + 1}–{pages[k][-1] + 1} of {pages[-1][-1] + 1})" if len(pages) > 1 else ""
+    """" (what 1–6 of 12)" on a page of several, " (model 3 of 3)" on a page of one (``what`` less its plural s;
+    it read "models 3–3 of 3"), else nothing."""
+    if len(pages) == 1:
+        return ""
+    page, n = pages[k], pages[-1][-1] + 1
+    return f" ({what.removesuffix('s')} {page[0] + 1} of {n})" if len(page) == 1 else \
+        f" ({what} {page[0] + 1}–{page[-1] + 1} of {n})"
 
 
 def drop_stale_pages(result_dir: Path, stem: str, written: list[Path]) -> None:

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 
-from figures import (NBSP, PAGE_HEIGHT, bar_aspect, drawn_as_written, drop_stale_pages, fill_lines, fit_bar_labels,
-                     fit_stack_gaps, heatmap_ticks, heatmap_ticks_again, lay_out, number, page_caption, page_grid,
-                     page_panels, page_split, page_stem, paper, read_json, reads_once, save_figure)
+from figures import (NBSP, PAGE_HEIGHT, PAGE_WIDTH, bar_aspect, drawn_as_written, drop_stale_pages, even_pages,
+                     fill_lines, fit_bar_labels, fit_stack_gaps, heatmap_ticks, heatmap_ticks_again, lay_out, number,
+                     page_caption, page_grid, page_panels, page_stem, paper, read_json, reads_once, save_figure)
 from figures.findings import Finding, findings, interval
 from figures.merge import current_info
 from figures.results import METHOD_LABELS, EvalRun, Replication, short
@@ -213,8 +213,9 @@ def _finding_list(d: Doc, fs: list[Finding]) -> None:
     d.ul([f.line() for f in fs])
 
 
-# inches: a model's column of two heatmaps at its narrowest and lowest (titles in), and the figure's margin
-FIG2_WIDTH, FIG2_PANEL, FIG2_MARGIN = 2.6, 2.8, (1.2, 0.4)
+# inches: a model's column of two heatmaps at its narrowest where a page has 2 columns, and the figure's margin;
+# a page holds up to FIG2_MOST models (2 rows × 3 columns, or 3 rows × 2 with fewer: figure2_per_page)
+FIG2_WIDTH, FIG2_MARGIN, FIG2_MOST = 2.6, (1.2, 0.4), 6
 # a page of 5 or 6 models goes 2 rows × 3 columns this narrow (3 rows × 2 left each heatmap 0.6 in high, the
 # colour bars shorter than their labels); up to 4 models it stays 2 × 2
 FIG2_NARROW = 1.9
@@ -232,6 +233,35 @@ def figure2_height(layers: int, rows: int) -> float:
     return max(FIG2_HEIGHT, min(want, (PAGE_HEIGHT - FIG2_MARGIN[1]) / rows))
 
 
+# inches a map's cell (a layer's row, a head's column) keeps at the least, 2.75 pixels of the 110 dpi PNG: a page
+# holds fewer models rather than go under. On pages of 2 rows a 72B grid's 80 layers got 0.0197 in each (one row:
+# 0.047 in), and in 3 columns its 64 heads 0.011 in each, neighbouring heads one blur in the PNG
+FIG2_CELL = 0.025
+# inches of a model's column that are not its maps, as laid out (measured on pages of 80 × 64 and 28 × 28 grids):
+# across, the layer labels and the colour bar with its label; down, the title, tick labels and the gap between maps
+FIG2_TEXT = (1.2, 1.15)
+FIG2_COLUMN = 3.0  # inches: a model's column where the page has room
+
+
+def _figure2_grid(models: int) -> tuple[float, int, int]:
+    """A Figure 2 page of ``models``: its columns' least width, and its (rows, columns) of models (4: 2 × 2; 5 or
+    6: 2 × 3, narrower)."""
+    min_width = FIG2_WIDTH if models <= 4 else FIG2_NARROW
+    return (min_width, *page_grid(models, min_width, FIG2_MARGIN[0]))
+
+
+def figure2_per_page(layers: int, heads: int) -> int:
+    """How many models a Figure 2 page of maps of ``layers`` × ``heads`` holds: the most (up to FIG2_MOST, down to
+    2, which fit one row) whose page, as page_panels sizes it, leaves each cell FIG2_CELL inches each way."""
+    for k in range(FIG2_MOST, 2, -1):
+        _, rows, cols = _figure2_grid(k)
+        across = min(FIG2_COLUMN, (PAGE_WIDTH - FIG2_MARGIN[0]) / cols) - FIG2_TEXT[0]
+        down = (min(figure2_height(layers, rows), (PAGE_HEIGHT - FIG2_MARGIN[1]) / rows) - FIG2_TEXT[1]) / 2
+        if across >= FIG2_CELL * heads and down >= FIG2_CELL * layers:
+            return k
+    return 2
+
+
 @drawn_as_written
 def draw_figure2(r: Replication, dest: Path) -> list[Path]:
     """One panel per swept model (experts on their own data, the base on text): KL and probability-accuracy
@@ -243,10 +273,14 @@ def draw_figure2(r: Replication, dest: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     models = [m for m in [*r.experts, r.base] if (r.out / "heads" / short(m) / "heads.csv").is_file()]
-    pages = page_split(len(models), FIG2_WIDTH, FIG2_PANEL, FIG2_MARGIN) if models else []
+    sweeps = [r.heads(m, need=("kl", "prob_accuracy_drop")) for m in models]
+    # every page holds as many models, so a grid is drawn alike on each (the run's tallest and widest decide)
+    per_page = figure2_per_page(*(max(heads[c].nunique() for heads, _ in sweeps) for c in ("layer", "head"))) \
+        if models else 1
+    pages = even_pages(len(models), per_page)
     written = []
     for k, page in enumerate(pages):
-        fig, maps, titles = _figure2_page(r, [models[i] for i in page])
+        fig, maps, titles = _figure2_page(r, [models[i] for i in page], [sweeps[i] for i in page])
         fig.suptitle("Figure 2: removing one head at a time" + page_caption(pages, k, "models"), fontsize=10)
         fig.tight_layout()
         if fit_bar_labels(fig, {"KL(orig‖masked)": "KL"}):  # 5 or 6 models: bars shorter than their labels
@@ -293,23 +327,24 @@ def keep_titles_apart(fig: Any, titles: list[tuple[Any, str]], tries: int = 6) -
         fig.tight_layout()
 
 
-def _figure2_page(r: Replication, models: list[str]) -> tuple[Any, list[tuple[Any, list[int], list[int]]],
-                                                               list[tuple[Any, str]]]:
-    """The page's figure, its heatmaps ((axes, layers, heads) each) and its titles ((axes, title) each)."""
+def _figure2_page(r: Replication, models: list[str], sweeps: list[tuple[Any, dict]]
+                  ) -> tuple[Any, list[tuple[Any, list[int], list[int]]], list[tuple[Any, str]]]:
+    """The page of ``models`` (``sweeps``: their heads.csv and baseline): its figure, its heatmaps ((axes, layers,
+    heads) each) and its titles ((axes, title) each)."""
     from figures.heads import _grid, centred_limits, clip_note, extend_for, kl_limit
 
-    sweeps = [r.heads(m, need=("kl", "prob_accuracy_drop")) for m in models]
     # one column of two heatmaps per model, wrapped into rows on a page (4 models: 2 × 2; 5 or 6: 2 × 3)
-    min_width = FIG2_WIDTH if len(models) <= 4 else FIG2_NARROW
-    rows, _ = page_grid(len(models), min_width, FIG2_MARGIN[0])
+    min_width, rows, _ = _figure2_grid(len(models))
     height = figure2_height(max(heads["layer"].nunique() for heads, _ in sweeps), rows)
-    fig, panels = page_panels(len(models), 3.0, height, min_width=min_width, margin=FIG2_MARGIN, stack=2,
+    fig, panels = page_panels(len(models), FIG2_COLUMN, height, min_width=min_width, margin=FIG2_MARGIN, stack=2,
                               grouped=True, dpi=110)
     # titles wrapped to their column (about 16 characters an inch at 8 pt): a long model name ran into the next
     # (the page's columns: each panel's own grid, nested in the page's, has one)
     chars = int(14.5 * fig.get_figwidth() / panels[0][0].get_subplotspec().get_topmost_subplotspec()
                 .get_gridspec().ncols)
     aspect = bar_aspect(len(models))
+    if height > FIG2_HEIGHT:  # a tall grid's maps: the bars grow with them (left as they were, half the map high)
+        aspect *= (height - FIG2_TEXT[1]) / (FIG2_HEIGHT - FIG2_TEXT[1])
     maps, titles = [], []
     for k, (m, (heads, base)) in enumerate(zip(models, sweeps)):
         for row, (metric, cmap, label) in enumerate((("kl", "magma_r", "KL(orig‖masked)\n[nats]"),

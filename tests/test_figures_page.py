@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from figures import PAGE_HEIGHT, PAGE_WIDTH, page_grid, page_split
+from figures import PAGE_HEIGHT, PAGE_WIDTH, page_caption, page_grid, page_split
 
 SCORE_COLUMNS = ["model", "data", "subject", "n_items", "accuracy", "accuracy_lo", "accuracy_hi", "prob_accuracy",
                  "prob_accuracy_lo", "prob_accuracy_hi", "note"]
@@ -277,6 +277,13 @@ def test_page_split_keeps_panels_readable_over_even_pages():
     assert page_split(3, 9.0, 12.0) == [range(0, 1), range(1, 2), range(2, 3)]  # bigger than a page: one each
 
 
+def test_a_page_of_one_panel_is_captioned_as_one():
+    """A page of one model (3 models of a 72B grid, 2 a page) was captioned "(models 3–3 of 3)"."""
+    pages = [range(0, 2), range(2, 3)]
+    assert [page_caption(pages, k, "models") for k in (0, 1)] == [" (models 1–2 of 3)", " (model 3 of 3)"]
+    assert page_caption([range(0, 1), range(1, 2)], 0, "data sets") == " (data set 1 of 2)"
+    assert page_caption([range(0, 3)], 0, "models") == ""  # one page: no caption
+
 def test_figures_of_many_panels_go_over_pages(tmp_path):
     """12 participants, runs or models: instead of squeezing 12 pairs of heatmaps onto one page (unreadable, and
     matplotlib could not lay them out), the merge, steps and Figure 2 figures go over two pages (stem, stem-2),
@@ -468,7 +475,8 @@ def test_figure2_of_many_models_keeps_its_labels_apart(tmp_path, monkeypatch, mo
 def test_figure2_of_a_tall_grid_uses_the_page_height(tmp_path, monkeypatch):
     """A 72B-like sweep (80 layers × 64 heads) drew each of Figure 2's heatmaps 1.7 in high, 0.02 in a layer, on a
     page 5.2 in high with 3.8 in left below it. A page of one row of such models now takes the page's whole height
-    and its maps share it: each at least 3 in high (measured as laid out), texts apart and on the page. The
+    and its maps share it: each at least 3 in high (measured as laid out), texts apart and on the page, each colour
+    bar as long as its map (they grow with it: at matplotlib's aspect they stayed 1.9 in, half the 3.7 in maps). The
     organisms' 4-layer maps keep their page (margin + one panel: 0.4 + 4.8 in), as the shipped report shows."""
     import matplotlib.pyplot as plt
 
@@ -489,6 +497,9 @@ def test_figure2_of_a_tall_grid_uses_the_page_height(tmp_path, monkeypatch):
         maps = [ax for ax in fig.axes if ax.images and ax.images[0].colorbar is not None]
         assert len(maps) == 4
         sizes[layers] = fig.get_size_inches()[1], min(ax.get_position().height for ax in maps) * fig.get_figheight()
+        for ax in maps:  # each colour bar as long as its map, as on a page of shorter maps (80 layers: half of it)
+            bar = ax.images[0].colorbar.ax.get_window_extent(fig.canvas.get_renderer())
+            assert bar.height >= 0.9 * ax.get_window_extent().height, (layers, bar.height / fig.dpi)
         if layers == 80:
             assert overlapping_texts(fig) == []
             renderer = fig.canvas.get_renderer()
@@ -498,6 +509,49 @@ def test_figure2_of_a_tall_grid_uses_the_page_height(tmp_path, monkeypatch):
         close("all")
     assert sizes[80][0] == pytest.approx(PAGE_HEIGHT) and sizes[80][1] >= 3.0, sizes
     assert sizes[4][0] == pytest.approx(0.4 + 4.8) and sizes[4][1] < 2.0, sizes
+
+
+@pytest.mark.parametrize("models, grid", [(4, (80, 8)), (5, (4, 64))])
+def test_figure2_keeps_a_big_grids_cells_readable_on_pages_of_several_models(tmp_path, monkeypatch, models, grid):
+    """Only a page of one row took the page's height a tall grid needs: 3 or 4 models of 80 layers went 2 rows, each
+    map 1.58 in high (0.0197 in a layer, 2.2 pixels of the PNG; one row: 3.73 in), a quarter of a 3 models' page left
+    empty; and 5 or 6 models of 64 heads went 3 columns, each map 0.72 in wide (0.011 in a head, 1.2 pixels, so
+    neighbouring heads ran together). A page now holds fewer models where more would leave a layer's row or a head's
+    column under 0.025 in (2.75 pixels), the pages as even as they can be: measured as laid out, every map's cells
+    are at least that, every page holds more than one model, its texts apart and on the page, the page a paper's."""
+    import matplotlib.pyplot as plt
+
+    import figures.report as fr
+
+    figs = []
+    close = plt.close
+    monkeypatch.setattr(fr, "save_figure", lambda fig, path: figs.append(fig))
+    monkeypatch.setattr(plt, "close", lambda fig=None: None)
+    (tmp_path / "f").mkdir()
+    fr.draw_figure2(write_replication(tmp_path / "rep", models - 1, *grid), tmp_path / "f" / "figure2.png")
+    pages = figs[::2]  # each page saved as png and pdf
+    drawn = 0
+    for fig in pages:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        maps = [ax for ax in fig.axes if ax.images and ax.images[0].colorbar is not None]
+        assert len(maps) >= 4  # two models a page at the least (4: 2 + 2; 5: 3 + 2), no page of one where two fit
+        drawn += len(maps) // 2
+        for ax in maps:
+            box = ax.get_window_extent(renderer)
+            rows, cols = ax.images[0].get_array().shape
+            assert (rows, cols) == grid
+            assert box.height / fig.dpi / rows >= 0.025 and box.width / fig.dpi / cols >= 0.025, (
+                len(pages), box.height / fig.dpi, box.width / fig.dpi)
+        assert overlapping_texts(fig) == []
+        for t in drawn_texts(fig):
+            b = t.get_window_extent(renderer)
+            assert fig.bbox.x0 - 1 <= b.x0 and b.x1 <= fig.bbox.x1 + 1 and fig.bbox.y0 - 1 <= b.y0 \
+                and b.y1 <= fig.bbox.y1 + 1, t.get_text()
+        w, h = fig.get_size_inches()
+        assert w <= PAGE_WIDTH and h <= PAGE_HEIGHT
+    assert drawn == models
+    close("all")
 
 
 def drawn_texts(fig) -> list:
