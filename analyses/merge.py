@@ -177,7 +177,9 @@ class MergeConfig:
         check_out_outside(self.out, [*([("--shift", self.shift_dir)] if self.shift_dir else []),
                                      *(("--salience", r) for r in self.salience),
                                      *([("--base-salience", self.base_salience)] if self.base_salience else [])])
-        check_output(self.out, self.overwrite, COMMAND, lambda: merge_request(self))
+        # a merge written before 2026-12-07 fingerprinted its --shift table's figures too
+        check_output(self.out, self.overwrite, COMMAND, lambda: merge_request(self),
+                     lambda: merge_request(self, dir_figures=True))
 
     def check_float32_range(self) -> None:
         """The merge multiplies fp32 tensors by its coefficients: one past the float32 range is bad input."""
@@ -559,14 +561,16 @@ def write_carrier(carrier: Checkpoint, merged: Checkpoint, dest: Path, shard_siz
             "lm_head_added": add_head}
 
 
-def merge_request(cfg: MergeConfig, read: Mapping[Path, str] | None = None) -> dict:
+def merge_request(cfg: MergeConfig, read: Mapping[Path, str] | None = None, dir_figures: bool = False) -> dict:
     """What a merge output is computed from (``run_request``): its options, and the models, carriers, shift table
-    and salience runs it reads; ``read``: a run's fingerprint as ``load_salience`` read it (else it is read here)."""
+    (not its figures, unless ``dir_figures``: as merges before 2026-12-07 recorded it) and salience runs it reads;
+    ``read``: a run's fingerprint as ``load_salience`` read it (else it is read here)."""
     runs = [*cfg.salience, *([cfg.base_salience] if cfg.base_salience else [])]
     read = read or {}
     return run_request(cfg, [*([cfg.base] if cfg.base else []), *cfg.models, *cfg.carriers],
                        [cfg.shift_dir] if cfg.shift_dir else [],
-                       [(r, read[Path(r)] if Path(r) in read else run_fingerprint(Path(r))) for r in runs])
+                       [(r, read[Path(r)] if Path(r) in read else run_fingerprint(Path(r))) for r in runs],
+                       dir_figures)
 
 
 @returns_finished("merge.json")

@@ -279,34 +279,40 @@ class Finished(Exception):
 
 
 def run_request(cfg: object, models: Iterable[str | Path] = (), dirs: Iterable[str | Path] = (),
-                fingerprinted: Iterable[tuple[str | Path, str]] = ()) -> dict:
+                fingerprinted: Iterable[tuple[str | Path, str]] = (), dir_figures: bool = False) -> dict:
     """What an output is computed from, as its manifest keeps it: the fields of the config dataclass ``cfg`` but
     where it writes, whether it may replace, and ``threads`` (the same bits with any count), with the content
     fingerprint of every input: ``models`` (specs: a model dir's own files, as probe.eval fingerprints them),
-    ``dirs`` (shift tables: every file below them) and ``fingerprinted`` (inputs the caller fingerprints by what it
-    reads of them, as (path, fingerprint)). JSON-normal, so it compares equal to its saved copy."""
+    ``dirs`` (shift tables: every file below them but figures, which ``python -m figures`` draws into them and no
+    command reads; ``dir_figures``: figures too, as outputs written before 2026-12-07 fingerprinted them) and
+    ``fingerprinted`` (inputs the caller fingerprints by what it reads of them, as (path, fingerprint)).
+    JSON-normal, so it compares equal to its saved copy."""
     from analyses.checkpoints import resolve_model_dir
-    from probe.models import local_fingerprint
+    from probe.models import FIGURE_SUFFIXES, local_fingerprint
     from probe.results import content_fingerprint
 
     options = {k: v for k, v in asdict(cfg).items() if k not in ("out", "overwrite", "threads")}
+    skip = (lambda f: False) if dir_figures else (lambda f: f.suffix.lower() in FIGURE_SUFFIXES)
     inputs = ([[str(m), local_fingerprint(resolve_model_dir(str(m)))] for m in models]
-              + [[str(d), content_fingerprint(d)] for d in dirs] + [[str(d), fp] for d, fp in fingerprinted])
+              + [[str(d), content_fingerprint(d, skip=skip)] for d in dirs]
+              + [[str(d), fp] for d, fp in fingerprinted])
     return json.loads(json.dumps({"options": options, "inputs": inputs}, default=str))
 
 
 def check_output(out: Path, overwrite: bool, command: str | None = None,
-                 request: Callable[[], dict] | None = None) -> None:
+                 request: Callable[[], dict] | None = None, earlier: Callable[[], dict] | None = None) -> None:
     """Refuse an existing output unless asked; validated before anything is read (STYLE 5). An output ``command``
-    finished there is told apart: from the same ``request`` (``run_request``, called only then) and whole, it is
-    this run already done (``Finished``); from another request, or from before outputs kept theirs, it is refused
-    saying so."""
+    finished there is told apart: from the same ``request`` (``run_request``, called only then), or the same
+    request as an earlier omniprobe computed it (``earlier``), and whole, it is this run already done
+    (``Finished``); from another request, or from before outputs kept theirs, it is refused saying so."""
     if out.exists() and not overwrite:
         manifest = read_manifest(out) or {}
         if command is not None and manifest.get("command") == command:
             if request is not None and "request" in manifest:
                 # inputs inside a moved analyses.replicate run: where the output named them (as_computed)
-                if as_computed(manifest["request"], resolved=False) != as_computed(request(), resolved=False):
+                saved = as_computed(manifest["request"], resolved=False)
+                if saved != as_computed(request(), resolved=False) and (
+                        earlier is None or saved != as_computed(earlier(), resolved=False)):
                     raise BadInput(f"{out} holds a finished {command} output of other options or inputs; pass "
                                    "--overwrite to replace it, or use another --out")
                 if (gone := gone_entries(out, manifest)) != []:

@@ -409,6 +409,35 @@ def test_a_finished_output_rerun_is_a_no_op(zoo, tmp_path, capsys, command):
     assert json.loads((out / MANIFEST).read_text())["request"] == manifest["request"]
 
 
+def test_figures_drawn_into_a_shift_table_leave_the_merge_that_read_it_finished(zoo, tmp_path, capsys):
+    """A merge reads a --shift table's shift.csv and summary.json, not its figures. It fingerprinted every file below
+    the table, so after the README's ``python -m figures shift DIR`` drew into a table written with --no-figures, the
+    same merge rerun was refused as "of other options or inputs". Now the figures count for nothing, the data still
+    count, and an output whose manifest fingerprinted the figures too (written before) still reads as finished."""
+    from figures.shift import draw_shift
+    from probe.results import MANIFEST, content_fingerprint
+
+    table, out = tmp_path / "shift", tmp_path / "merged"
+    assert run_cli(shift.main, ["--base", zoo["base"], "--models", zoo["q1"], "--out", table, "--no-figures"],
+                   capsys)[0] == 0
+    argv = ["--base", zoo["base"], "--models", zoo["q1"], "--shift", table, "--out", out]
+    assert run_cli(merge.main, argv, capsys)[0] == 0
+    assert draw_shift(table)  # figures into the table, as `python -m figures shift` draws them
+    code = cli_main(merge.main, [str(a) for a in argv])
+    printed = capsys.readouterr()
+    assert code == 0 and f"{out} already holds this finished analyses.merge output" in printed.out, printed.err
+    # a manifest of before: the table's fingerprint over every file, figures included (the formula by hand)
+    manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+    entry = next(e for e in manifest["request"]["inputs"] if Path(e[0]) == table)
+    entry[1] = content_fingerprint(table)
+    (out / MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
+    assert run_cli(merge.main, argv, capsys)[0] == 0
+    with (table / "shift.csv").open("a", encoding="utf-8") as f:  # the data changed: another input
+        f.write("\n")
+    code, err = run_cli(merge.main, argv, capsys)
+    assert code == 2 and f"error: {out} holds a finished analyses.merge output of other options or inputs" in err
+
+
 def test_overwrite_replaces_only_an_earlier_output_of_the_same_command(zoo, tmp_path, capsys):
     """--overwrite swaps the whole --out for the new output: it used to delete whatever the folder held (``--out
     runs --overwrite`` wiped every run). Now it replaces only an earlier output of the same command holding nothing
