@@ -280,6 +280,22 @@ def pair_parts(out: Path, info: dict[str, Any]) -> list[Path]:
     return [part_file(out, m, d) for m, d in scored_pairs(info["plan"])]
 
 
+def scored_already(out: Path, plan: EvalPlan, overwrite: bool) -> set[int]:
+    """The models (indices into ``plan.models``) a resume of this very run (run.json's fingerprint is this plan's,
+    which holds each model's ``model_fingerprint``) has a part of on every data set it scores: it loads none of
+    them, so their load's checks (``preflight``, ``check_fits``: a meta build, for a GGUF file a parse of its
+    header) are not made again. Read-only, before ``prepare_out_dir``; any doubt (no run.json, another run,
+    ``--overwrite``, a part missing) leaves the model to be checked, and a part that is there is still read and
+    checked against this run as every resume's is (``read_pair_part``)."""
+    from probe.results import read_run_json
+
+    saved = read_run_json(out) if not overwrite and (out / "run.json").is_file() else None
+    if not isinstance(saved, dict) or saved.get("fingerprint") != plan.fingerprint():
+        return set()
+    pairs = scored_pairs(asdict(plan))
+    return {m for m in range(len(plan.models)) if all(part_file(out, mm, d).is_file() for mm, d in pairs if mm == m)}
+
+
 def read_pair_part(out: Path, plan: EvalPlan, scored: dict[tuple[int, int], list[Item]], m: int,
                    d: int) -> pd.DataFrame:
     """The saved part of model ``m`` on data set ``d``, checked to be of this run (the fingerprint it keeps,
@@ -346,7 +362,10 @@ def run(args: argparse.Namespace) -> Path:
     from probe.models import check_fits, preflight
 
     plan, refs, scored, template, placement = make_plan(args)
-    for ref in refs:  # a damaged or too large later model is found before the first one's results are written
+    done = scored_already(args.out, plan, args.overwrite)
+    for m, ref in enumerate(refs):  # a damaged or too large later model is found before the first one's results are
+        if m in done:  # written; one this run has scored on every set is not loaded again, so neither is it checked
+            continue
         preflight(ref)
         check_fits(ref, placement.dtype, placement.all_devices, placement.device_memory, placement.memory_kind)
     out: Path = args.out

@@ -70,7 +70,14 @@ class ModelRef:
 
     @property
     def load_kwargs(self) -> dict[str, Any]:
-        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+        """What every transformers read of the checkpoint (config, tokenizer, weights) is given; for a GGUF file,
+        those reads then share one parse of its header (``probe.upstream.parse_gguf_headers_once``)."""
+        if not self.gguf_file:
+            return {}
+        from probe.upstream import parse_gguf_headers_once
+
+        parse_gguf_headers_once()
+        return {"gguf_file": self.gguf_file}
 
 
 def _source_dir(source: str, weights: bool = True) -> Path:
@@ -107,6 +114,9 @@ def _gguf_config(path: Path) -> dict[str, Any]:
 def _gguf_config_of(path: Path, size: int, mtime_ns: int) -> dict[str, Any]:  # size, mtime: the file's version
     from transformers import AutoConfig
 
+    from probe.upstream import parse_gguf_headers_once
+
+    parse_gguf_headers_once()  # the tokenizer's read (check_prompts) and the load's reuse this parse
     try:
         return AutoConfig.from_pretrained(path.parent, gguf_file=path.name).to_dict()
     except Exception as exc:  # noqa: BLE001 - gguf parse errors come in many types

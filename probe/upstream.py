@@ -70,6 +70,59 @@ def untested_warning() -> str | None:
             f"checked against ({', '.join(TESTED_TRANSFORMERS)}); the exact engine's run-time guard stays on")
 
 
+# GGUF headers parsed in this process: (path, file version) → load_gguf_checkpoint's metadata-only result
+_GGUF_HEADERS: dict[tuple[str, tuple[int, ...]], dict[str, Any]] = {}
+GGUF_HEADERS_KEPT = 4  # each holds a vocabulary (SmolLM2's: 49,152 tokens and their merges, a few MB)
+
+
+def gguf_file_version(path: str) -> tuple[int, ...]:
+    """What tells two versions of a file at one path apart without reading it: its device, inode, size and
+    modification and change times (a file replaced, rewritten or touched is another version; ``cp -p`` keeps the
+    mtime but not the inode or ctime; the kernel stamps ctime to its clock tick, a few ms)."""
+    import os
+
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def parse_gguf_headers_once() -> None:
+    """Make transformers parse a GGUF file's header once per process and version of the file, not at every read.
+
+    transformers (checked on 5.25) reads a GGUF's config with ``modeling_gguf_pytorch_utils.load_gguf_checkpoint(
+    path, return_tensors=False)``, which parses the whole header with gguf's ``GGUFReader`` (SmolLM2-135M's ~100 MB
+    file: 2-4 s of CPU on a 2-core host, mostly its vocabulary), and does so in ``AutoConfig.from_pretrained``, in
+    ``AutoTokenizer.from_pretrained`` (for the config naming the tokenizer class) and in a model's
+    ``from_pretrained``: a rerun of a finished sweep parsed it twice, of ``probe.eval`` three times, a fresh
+    ``probe.eval`` seven (one of them the tensors' read), measured with a spy on ``GGUFReader``. Both callers import the function from its module when they call it, so the module's attribute is
+    replaced by a wrapper (idempotent) that keeps the parsed result per (path, ``gguf_file_version``) and hands out
+    deep copies (a caller may edit its dict); a call that reads tensors, or passes anything more, goes to the
+    original. A release that imports it otherwise just parses as often as before."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    parse = gguf_utils.load_gguf_checkpoint
+    if getattr(parse, "parses_once", False):
+        return
+
+    @functools.wraps(parse)
+    def once(gguf_checkpoint_path: Any, return_tensors: bool = False, *args: Any, **kwargs: Any) -> Any:
+        if return_tensors or args or any(v is not None for v in kwargs.values()):
+            return parse(gguf_checkpoint_path, return_tensors, *args, **kwargs)
+        path = str(gguf_checkpoint_path)
+        try:
+            key = (path, gguf_file_version(path))
+        except OSError:  # not there: the parser's own error
+            return parse(gguf_checkpoint_path, return_tensors)
+        if key not in _GGUF_HEADERS:
+            parsed = parse(path, return_tensors=False)
+            while len(_GGUF_HEADERS) >= GGUF_HEADERS_KEPT:
+                del _GGUF_HEADERS[next(iter(_GGUF_HEADERS))]  # the oldest first
+            _GGUF_HEADERS[key] = parsed
+        return copy.deepcopy(_GGUF_HEADERS[key])
+
+    once.parses_once = True  # type: ignore[attr-defined]
+    gguf_utils.load_gguf_checkpoint = once
+
+
 @functools.lru_cache(maxsize=None)
 def cache_kwarg(fn: Any) -> str:
     """The name under which ``fn`` (a decoder layer's or model's forward, best passed unbound: ``type(m).forward``)

@@ -3,6 +3,7 @@ direct formulas, and the CLI's outputs, resume and bad input."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -1914,6 +1915,55 @@ def test_a_model_changed_in_place_or_other_scoring_is_another_run(tiny_dirs, tex
     capfd.readouterr()
     assert _eval(*args) == 2
     assert "holds a different run (models differ)" in capfd.readouterr().err
+
+
+def flip_last_byte_keeping_mtime(f: Path) -> None:
+    """One byte of ``f`` changed (its last: a tensor's data in a safetensors file), its size and mtime as they were:
+    a change only its bytes tell."""
+    st = f.stat()
+    with open(f, "r+b") as h:
+        h.seek(-1, os.SEEK_END)
+        last = h.read(1)
+        h.seek(-1, os.SEEK_END)
+        h.write(bytes([last[0] ^ 0x01]))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_a_finished_rerun_loads_no_model_and_a_one_byte_change_is_still_another_run(tiny_dirs, text_dir, tmp_path,
+                                                                                    capfd, monkeypatch):
+    """A rerun of a finished evaluation scores nothing, so it loads no model and makes none of a load's checks
+    (``preflight``'s meta build, ``check_fits``): spies on them refuse any call. The run's identity stays as
+    strict: a copied model touched (mtime only) is the same weights and stays finished; one byte of its weights
+    changed (size and mtime kept) is another run, refused."""
+    import shutil
+
+    import probe.models
+
+    model = shutil.copytree(tiny_dirs["qwen2"], tmp_path / "model")
+    args = ["--models", model, "--data", text_dir, "--limit", "2", "--no-generate", "--no-figures", "--quiet",
+            "--out", tmp_path / "run"]
+    assert _eval(*args) == 0
+    calls: list[str] = []
+
+    def spy(name: str) -> Any:
+        def called(*a: Any, **k: Any) -> Any:
+            calls.append(name)
+            raise AssertionError(f"{name} called on a finished rerun")
+        return called
+
+    for name in ("load_model", "preflight", "check_fits", "_from_pretrained"):
+        monkeypatch.setattr(probe.models, name, spy(name))
+    scores = (tmp_path / "run" / "scores.csv").read_bytes()
+    os.utime(model / "model.safetensors")  # touched: the same bytes
+    capfd.readouterr()
+    assert _eval(*args) == 0, capfd.readouterr().err
+    assert calls == [] and (tmp_path / "run" / "scores.csv").read_bytes() == scores
+    monkeypatch.undo()  # a changed model is checked as a new run's is (preflight), then refused
+    flip_last_byte_keeping_mtime(model / "model.safetensors")
+    capfd.readouterr()
+    assert _eval(*args) == 2
+    err = capfd.readouterr().err.strip()
+    assert "holds a different run (models differ)" in err and "\n" not in err, err
 
 
 def _files(out: Path) -> dict[Path, bytes]:

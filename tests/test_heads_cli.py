@@ -454,7 +454,15 @@ def test_overwrite_under_torchrun_is_refused(base_run, data_dir, tmp_path, capfd
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
 
 
-def test_same_command_on_finished_run_is_a_noop_resume(base_run, data_dir, tmp_path, capfd):
+def test_same_command_on_finished_run_is_a_noop_resume(base_run, data_dir, tmp_path, capfd, monkeypatch):
+    """The rerun computes nothing, so it loads no model and makes none of a load's checks (spies refuse a call)."""
+    import probe.models
+
+    def refused(*a, **k):
+        raise AssertionError("a model load or its check on a finished rerun")
+
+    for name in ("load_model", "check_fits", "_from_pretrained"):
+        monkeypatch.setattr(probe.models, name, refused)
     out = tmp_path / "run"
     shutil.copytree(base_run, out)
     items_before = (out / "items.parquet").read_bytes()

@@ -167,3 +167,44 @@ def test_a_gguf_config_is_read_once_per_version_of_its_file(tmp_path):
     link.write_bytes(b"GGUF but not really")  # another version of the file at the same path
     with pytest.raises(BadInput, match="unreadable GGUF file"):
         _gguf_config(link)
+
+
+def test_a_gguf_header_is_parsed_once_per_process_and_again_when_the_file_changes(tmp_path, monkeypatch):
+    """transformers parsed a GGUF file's whole header (gguf's GGUFReader: seconds for SmolLM2) at every read:
+    the config (resolve_model), again for the tokenizer's class (check_prompts) and again for the meta build
+    (check_fits); a rerun of a finished probe.eval paid three parses. Counted with a spy on GGUFReader itself: one
+    parse for all three now, each result still the file's (the tokenizer's vocabulary equals what transformers'
+    own metadata reader, which no cache touches, reads from the file). A byte changed in place, size and mtime
+    kept, is another version: the next read parses it (and refuses it), never the kept one."""
+    import os
+    import shutil
+
+    import gguf
+    import torch
+    from transformers.integrations.gguf import read_gguf_metadata
+
+    from probe.errors import BadInput
+    from probe.models import load_tokenizer, model_path, resolve_model, skeleton_of
+
+    copy = shutil.copy(model_path("smollm2-135m"), tmp_path / "m.gguf")  # a path no earlier test has parsed
+    parses = []
+    init = gguf.GGUFReader.__init__
+    monkeypatch.setattr(gguf.GGUFReader, "__init__", lambda self, *a, **k: (parses.append(a), init(self, *a, **k))[1])
+    ref = resolve_model(str(copy))
+    tokenizer = load_tokenizer(ref)
+    skeleton = skeleton_of(ref, torch.float32)
+    assert len(parses) == 1, parses
+    metadata, _ = read_gguf_metadata(str(copy), ("tokenizer.ggml.tokens",))
+    assert tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))) == list(metadata["tokenizer.ggml.tokens"])
+    assert len(skeleton.model.layers) == metadata["llama.block_count"] == ref.geometry.n_layers
+    st = copy.stat()
+    with open(copy, "r+b") as f:  # the magic bytes broken: any real parse of this version fails
+        f.write(b"FUGG")
+    os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert copy.stat().st_size == st.st_size and copy.stat().st_mtime_ns == st.st_mtime_ns
+    with pytest.raises(BadInput, match="tokenizer|GGUF"):
+        load_tokenizer(ref)
+    from transformers import modeling_gguf_pytorch_utils
+
+    with pytest.raises(Exception, match="GGUF|magic"):  # the config's reader, which the cache sits in front of
+        modeling_gguf_pytorch_utils.load_gguf_checkpoint(str(copy), return_tensors=False)

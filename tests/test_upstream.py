@@ -609,3 +609,40 @@ def test_the_raw_first_step_check_builds_no_second_kv_cache(load_tiny, monkeypat
     monkeypatch.setattr(Cache, "update", lambda self, *a, **k: (updates.append(1), real(self, *a, **k))[1])
     check_first_step_raw(loaded.model, inputs, first)
     assert updates == []
+
+
+def test_a_gguf_header_parse_is_kept_per_version_of_the_file(tmp_path, monkeypatch):
+    """``parse_gguf_headers_once`` in front of a counting stand-in for transformers' parser (no GGUF needed): a
+    metadata read of the same file version parses once, each caller gets its own copy, a read of tensors always
+    goes through, and the file rewritten with its size and mtime kept (its ctime moves) is parsed anew."""
+    import os
+    import time
+    from pathlib import Path
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    from probe.upstream import parse_gguf_headers_once
+
+    calls: list[tuple] = []
+
+    def parse(path, return_tensors=False, model_to_load=None, torch_dtype=None):
+        calls.append((path, return_tensors))
+        return {"config": {"bytes": Path(path).read_text()}, "tensors": {} if return_tensors else None}
+
+    monkeypatch.setattr(gguf_utils, "load_gguf_checkpoint", parse)
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"one")
+    parse_gguf_headers_once()
+    parse_gguf_headers_once()  # idempotent: one wrapper
+    read = gguf_utils.load_gguf_checkpoint
+    first = read(str(f), return_tensors=False)
+    first["config"]["bytes"] = "edited by a caller"
+    assert read(str(f))["config"]["bytes"] == "one" and calls == [(str(f), False)]
+    read(str(f), return_tensors=True)
+    read(str(f), return_tensors=True)
+    assert calls.count((str(f), True)) == 2
+    st = f.stat()
+    time.sleep(0.05)  # past the kernel's coarse clock tick, which stamps ctime
+    f.write_bytes(b"two")
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert read(str(f))["config"]["bytes"] == "two" and calls.count((str(f), False)) == 2
