@@ -1037,3 +1037,36 @@ def test_each_diff_column_and_level_is_its_own_metrics_paired_bootstrap():
     for m, c in (("accuracy", "correct"), ("prob_accuracy", "prob_correct")):
         assert (got[m].value, got[m].lo, got[m].hi) == _paired_bootstrap(cols["b"][c], cols["ref"][c], 5,
                                                                          f"d|diff|{m}", level=0.9)
+
+
+# probe.batch: the tiny models' tokenizers pad with id 0, the attention mask's own fill: a mask filled with the pad
+# id passed every test, and would let a real model (Qwen's pad 151643) attend to its padding
+
+
+def test_a_nonzero_pad_id_fills_the_tokens_only_and_batched_rows_still_equal_their_items_alone(load_tiny, data_dir,
+                                                                                              monkeypatch):
+    """Oracle: each item run alone (no padding at all), its option probabilities to 1e-5, with padding of id 5."""
+    import probe.batch
+    from probe.batch import collate, evaluate_items, plan_batches
+    from probe.sweep import SweepConfig, first_token_measure, prepare_item
+
+    a = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long),
+         "mm_token_type_ids": torch.ones(1, 3, dtype=torch.long)}
+    b = {"input_ids": torch.tensor([[8]]), "attention_mask": torch.ones(1, 1, dtype=torch.long),
+         "mm_token_type_ids": torch.ones(1, 1, dtype=torch.long)}
+    out = collate([a, b], pad_id=9)
+    assert out["input_ids"].tolist() == [[5, 6, 7], [9, 9, 8]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert out["mm_token_type_ids"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    loaded = load_tiny("qwen2", "sdpa")
+    assert probe.batch.pad_token(loaded) == 0  # why the other tests could not see it
+    monkeypatch.setattr(probe.batch, "pad_token", lambda loaded: 5)
+    items = [make_item(with_image=False, n_options=n, item_id=f"validation_Art_{n}", seed=n) for n in (2, 4, 6)]
+    cfg = SweepConfig(generate=False)
+    prepared = [prepare_item(loaded, it, cfg) for it in items]
+    plan = plan_batches([p[0] for p in prepared], 3, max_padding=None)
+    assert len({prepared[i][0]["input_ids"].shape[1] for i in plan[0]}) > 1  # anti-tautology: rows were padded
+    for got, (inputs, ids) in zip(evaluate_items(loaded, items, cfg, batch_size=3, max_padding=None), prepared,
+                                  strict=True):
+        torch.testing.assert_close(got.logp.exp(), first_token_measure(loaded, inputs, ids, cfg).logp.exp(),
+                                   atol=1e-5, rtol=0)
