@@ -1070,3 +1070,74 @@ def test_a_nonzero_pad_id_fills_the_tokens_only_and_batched_rows_still_equal_the
                                   strict=True):
         torch.testing.assert_close(got.logp.exp(), first_token_measure(loaded, inputs, ids, cfg).logp.exp(),
                                    atol=1e-5, rtol=0)
+
+
+# probe.train / analyses.finetune (mut45): a step's gradient, the log's rates, the resume point
+
+
+def test_a_steps_gradient_is_its_own_batchs_not_the_sum_with_the_last_ones(tiny_dirs):
+    """Without the step's zero_grad, step 2 ran on step 1's gradient plus its own and the hand-computed AdamW test
+    still passed: both batches' answers flipped alike, so g1 ≈ g2 and Adam's m/√v barely moved (4 % of lr). Oracle:
+    the gradient at step 2 (read in on_step, after its update) is autograd's gradient of the mean cross-entropy of
+    step 2's rows, each run alone, at the weights step 1 left."""
+    from probe.models import load_model, resolve_model
+    from probe.train import TrainConfig, encode, train
+
+    torch.set_num_threads(1)
+    loaded = load_model(resolve_model(str(tiny_dirs["qwen2"])), dtype="float32")  # own copy: it is trained
+    items = [make_item(with_image=False, answer=a, item_id=f"t{i}", seed=i) for i, a in enumerate("ABCD")]
+    rows = encode(loaded, items, True)
+    params = {n: p for n, p in loaded.model.named_parameters() if p.requires_grad}
+    seen: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_step(info, state) -> None:
+        seen[info.step] = {n: (p.detach().clone(), p.grad.detach().clone()) for n, p in params.items()}
+
+    batches = iter([[0, 1], [2, 3]])
+    train(loaded, rows, TrainConfig(steps=2, lr=1e-2, lm_lr=1e-2, batch=2, warmup=0, clip=1e6),
+          log=lambda m: None, sampler=lambda gen, n: next(batches), on_step=on_step)
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(seen[1][n][0])  # the weights step 2 ran with
+    loaded.model.train()
+    total, count = 0.0, 0
+    for r in (rows[2], rows[3]):
+        logits = loaded.model(input_ids=r["input_ids"][None], attention_mask=r["attention_mask"][None]).logits[0]
+        for t in (r["labels"] != -100).nonzero()[:, 0].tolist():
+            total = total - torch.log_softmax(logits[t - 1].float(), -1)[r["labels"][t]]
+            count += 1
+    want = torch.autograd.grad(total / count, list(params.values()))
+    for (n, (_, got)), w in zip(seen[2].items(), want):
+        torch.testing.assert_close(got, w, atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_the_logs_rate_columns_are_each_groups_configured_rate_times_the_factor(tmp_path):
+    """train_log.csv's lm_lr written from --lr passed every test (their runs give both rates alike). Oracle: the
+    documented columns, lr = --lr × factor (0 under --lora) and lm_lr = --lm-lr × factor, with two distinct rates."""
+    from analyses.finetune import FinetuneConfig, append_log
+    from probe.train import StepInfo
+
+    for lora, want_lr in ((None, 2e-4 * 0.25), (4, 0.0)):
+        log = tmp_path / f"log{lora}.csv"
+        cfg = FinetuneConfig(model="m", data={"text": "d"}, out=tmp_path / "o", steps=4, lr=2e-4, lm_lr=3e-5, lora=lora)
+        append_log(log, StepInfo(step=3, loss=1.5, lr_factor=0.25, rows=[0, 1, 1], tokens=6), {0: "text", 1: "text"},
+                   cfg)
+        row = next(csv.reader(log.open(encoding="utf-8")))
+        assert row == ["3", "text=3", "1.5", repr(want_lr), repr(3e-5 * 0.25), "6"]
+
+
+def test_the_resume_point_is_the_latest_checkpoint_with_every_earlier_one_there(tmp_path):
+    """Oracle: resume_point's rule on hand-built checkpoint dirs (a trainer state in each but the last step's,
+    which needs none): the latest resumable one, unless a checkpoint the run writes before it is missing."""
+    from analyses.finetune import STATE, FinetuneConfig, resume_point
+
+    cfg = FinetuneConfig(model="m", data={"text": "d"}, out=tmp_path / "o", steps=6, save_steps=[2, 4])
+    cfg.out.mkdir()
+    for step in (0, 2, 4):
+        (cfg.out / f"checkpoint-{step}").mkdir()
+        (cfg.out / f"checkpoint-{step}" / STATE).write_bytes(b"")
+    assert resume_point(cfg.out, cfg)[0] == 4
+    (cfg.out / "checkpoint-6").mkdir()  # the last step's: done, no state needed
+    assert resume_point(cfg.out, cfg)[0] == 6
+    shutil.rmtree(cfg.out / "checkpoint-2")  # a killed --overwrite deleted it: the run goes back to step 0
+    assert resume_point(cfg.out, cfg)[0] == 0
