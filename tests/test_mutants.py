@@ -1141,3 +1141,34 @@ def test_the_resume_point_is_the_latest_checkpoint_with_every_earlier_one_there(
     assert resume_point(cfg.out, cfg)[0] == 6
     shutil.rmtree(cfg.out / "checkpoint-2")  # a killed --overwrite deleted it: the run goes back to step 0
     assert resume_point(cfg.out, cfg)[0] == 0
+
+
+# analyses.trajectory.embed_2d (mut45): when t-SNE runs, and with which seed
+
+
+def test_points_that_coincide_away_from_the_reference_get_no_tsne():
+    """Identical points whose features are not all zero (a --ref other than them): t-SNE is skipped, as for points
+    at the reference. The spread was read along each point's features (axis 1) in a mutant that every test passed:
+    their coinciding points were all zeros. Oracle: the documented rule, all points one point."""
+    from analyses.trajectory import embed_2d
+
+    x = np.tile([1.0, 2.0, 5.0, 3.0], (4, 1))
+    out, used, _ = embed_2d(x, 30.0, 0)
+    assert used is None and set(out) == {"pca"}
+
+
+def test_tsne_takes_the_runs_seed():
+    """A 1-feature map (t-SNE's init is random there) with --seed 7 is sklearn's TSNE with random_state 7, not 0's
+    (a fixed random_state passed the same-seed-twice test). Oracle: sklearn itself, called with the documented
+    settings (perplexity clamped to n − 1, exact method)."""
+    from sklearn.manifold import TSNE
+
+    from analyses.trajectory import embed_2d
+
+    x = np.array([[0.0], [1.0], [3.0], [7.0], [8.0]])
+    want = {s: TSNE(n_components=2, perplexity=4.0, init="random", random_state=s, method="exact").fit_transform(x)
+            for s in (0, 7)}
+    assert not np.allclose(want[0], want[7])
+    out, used, _ = embed_2d(x, 30.0, 7)
+    assert used == 4.0
+    np.testing.assert_array_equal(out["tsne"], want[7])
