@@ -421,9 +421,11 @@ def test_sketch_of_a_tensor_past_one_chunk_is_the_explicit_projection_of_the_com
     sb, se = load_file(b / "model.safetensors"), load_file(e / "model.safetensors")
     cs = CountSketch(3, seed=7)
     want = np.zeros(3)
+    norms = []  # and the norms feature, ‖δ‖ per tensor over every chunk (the last chunk's alone passed, mut45)
     for name in map(str, feats["tensors"]):
         key = name if name == "lm_head.weight" else "model." + name
         delta = (se[key][:sb[key].shape[0]] - sb[key]).double().reshape(-1)  # Δ in fp32 (DESIGN §5), summed in fp64
+        norms.append(float(delta.norm()))
         s = torch.zeros(3, delta.numel(), dtype=torch.float64)
         for c, lo in enumerate(range(0, delta.numel(), SKETCH_CHUNK)):
             n = min(SKETCH_CHUNK, delta.numel() - lo)
@@ -432,6 +434,7 @@ def test_sketch_of_a_tensor_past_one_chunk_is_the_explicit_projection_of_the_com
         want += (s @ delta).numpy()
     assert sb["model.embed_tokens.weight"].numel() > SKETCH_CHUNK
     np.testing.assert_allclose(feats["sketch"][1], want, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(feats["norms"][1], norms, rtol=1e-9, atol=1e-12)
 
 
 def test_pca_coords_are_the_svd_of_the_saved_features_and_a_seed_redoes_every_map(models, tmp_path):

@@ -994,3 +994,181 @@ def test_the_exact_engines_guard_checks_the_deepest_row_of_the_first_item_once(l
     items = [make_item(with_image=False, item_id=f"validation_Art_{i}") for i in (1, 2)]
     exact.exact_sweep(loaded, items, heads, SweepConfig(generate=False, batch_size=3))
     assert checked == [("validation_Art_1", max(heads))]
+
+
+# --------------------------------------------------------------------------------------------------------
+# mutation round of session 45 (mut45): probe.eval's paired differences, ...
+
+
+def _paired_bootstrap(a, b, seed: int, key: str, level: float = 0.95) -> tuple[float, float, float]:
+    """mean(a − b) and its percentile interval, the paired resample written out (DESIGN §8's stream)."""
+    d = np.asarray(a, float) - np.asarray(b, float)
+    idx = np.random.default_rng([seed, zlib.crc32(key.encode())]).integers(0, d.size, size=(2000, d.size))
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(d[idx].mean(axis=1), [tail, 100 - tail])
+    return float(d.mean()), float(lo), float(hi)
+
+
+def test_each_diff_column_and_level_is_its_own_metrics_paired_bootstrap():
+    """scores.csv's diff_prob_lo / diff_prob_hi are probability accuracy's paired interval (accuracy's in their place
+    passed every test), and paired_differences' ``level`` reaches both metrics (figures.findings asks for 90 %: the
+    level dropped in probe.eval gave 95 % and passed too). Oracle: the paired resample written out."""
+    import pandas as pd
+
+    from probe.eval import DataSet, EvalPlan, ModelEntry, paired_differences, score_table
+
+    rng = np.random.default_rng(8)
+    n = 30
+    cols = {m: {"correct": rng.integers(0, 2, n).astype(float), "prob_correct": rng.integers(0, 2, n).astype(float)}
+            for m in ("ref", "b")}
+    items = pd.DataFrame([{"model": m, "data": "d", "item_id": str(i), "subject": "S", "correct": c["correct"][i],
+                           "prob_correct": c["prob_correct"][i], "p_answer": 0.5}
+                          for m, c in cols.items() for i in range(n)])
+    plan = EvalPlan([ModelEntry("ref", "ref", "qwen2", "fp"), ModelEntry("b", "b", "qwen2", "fp")],
+                    [DataSet("d", "d", "d", "fp", n, 0, ["S"])], {}, {}, {}, {}, {})
+    row = score_table(items, plan, "ref", 5).set_index(["model", "subject"]).loc[("b", "all")]
+    want = {m: _paired_bootstrap(cols["b"][c], cols["ref"][c], 5, f"d|diff|{m}")
+            for m, c in (("accuracy", "correct"), ("prob_accuracy", "prob_correct"))}
+    assert want["accuracy"][1:] != want["prob_accuracy"][1:]  # the two intervals differ: a swap would show
+    assert row[["diff_accuracy", "diff_lo", "diff_hi"]].tolist() == list(want["accuracy"])
+    assert row[["diff_prob_accuracy", "diff_prob_lo", "diff_prob_hi"]].tolist() == list(want["prob_accuracy"])
+    got, n_paired = paired_differences(items[items["model"] == "b"], items[items["model"] == "ref"], 5, "d", level=0.9)
+    assert n_paired == n
+    for m, c in (("accuracy", "correct"), ("prob_accuracy", "prob_correct")):
+        assert (got[m].value, got[m].lo, got[m].hi) == _paired_bootstrap(cols["b"][c], cols["ref"][c], 5,
+                                                                         f"d|diff|{m}", level=0.9)
+
+
+# probe.batch: the tiny models' tokenizers pad with id 0, the attention mask's own fill: a mask filled with the pad
+# id passed every test, and would let a real model (Qwen's pad 151643) attend to its padding
+
+
+def test_a_nonzero_pad_id_fills_the_tokens_only_and_batched_rows_still_equal_their_items_alone(load_tiny, data_dir,
+                                                                                              monkeypatch):
+    """Oracle: each item run alone (no padding at all), its option probabilities to 1e-5, with padding of id 5."""
+    import probe.batch
+    from probe.batch import collate, evaluate_items, plan_batches
+    from probe.sweep import SweepConfig, first_token_measure, prepare_item
+
+    a = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long),
+         "mm_token_type_ids": torch.ones(1, 3, dtype=torch.long)}
+    b = {"input_ids": torch.tensor([[8]]), "attention_mask": torch.ones(1, 1, dtype=torch.long),
+         "mm_token_type_ids": torch.ones(1, 1, dtype=torch.long)}
+    out = collate([a, b], pad_id=9)
+    assert out["input_ids"].tolist() == [[5, 6, 7], [9, 9, 8]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert out["mm_token_type_ids"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    loaded = load_tiny("qwen2", "sdpa")
+    assert probe.batch.pad_token(loaded) == 0  # why the other tests could not see it
+    monkeypatch.setattr(probe.batch, "pad_token", lambda loaded: 5)
+    items = [make_item(with_image=False, n_options=n, item_id=f"validation_Art_{n}", seed=n) for n in (2, 4, 6)]
+    cfg = SweepConfig(generate=False)
+    prepared = [prepare_item(loaded, it, cfg) for it in items]
+    plan = plan_batches([p[0] for p in prepared], 3, max_padding=None)
+    assert len({prepared[i][0]["input_ids"].shape[1] for i in plan[0]}) > 1  # anti-tautology: rows were padded
+    for got, (inputs, ids) in zip(evaluate_items(loaded, items, cfg, batch_size=3, max_padding=None), prepared,
+                                  strict=True):
+        torch.testing.assert_close(got.logp.exp(), first_token_measure(loaded, inputs, ids, cfg).logp.exp(),
+                                   atol=1e-5, rtol=0)
+
+
+# probe.train / analyses.finetune (mut45): a step's gradient, the log's rates, the resume point
+
+
+def test_a_steps_gradient_is_its_own_batchs_not_the_sum_with_the_last_ones(tiny_dirs):
+    """Without the step's zero_grad, step 2 ran on step 1's gradient plus its own and the hand-computed AdamW test
+    still passed: both batches' answers flipped alike, so g1 ≈ g2 and Adam's m/√v barely moved (4 % of lr). Oracle:
+    the gradient at step 2 (read in on_step, after its update) is autograd's gradient of the mean cross-entropy of
+    step 2's rows, each run alone, at the weights step 1 left."""
+    from probe.models import load_model, resolve_model
+    from probe.train import TrainConfig, encode, train
+
+    torch.set_num_threads(1)
+    loaded = load_model(resolve_model(str(tiny_dirs["qwen2"])), dtype="float32")  # own copy: it is trained
+    items = [make_item(with_image=False, answer=a, item_id=f"t{i}", seed=i) for i, a in enumerate("ABCD")]
+    rows = encode(loaded, items, True)
+    params = {n: p for n, p in loaded.model.named_parameters() if p.requires_grad}
+    seen: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_step(info, state) -> None:
+        seen[info.step] = {n: (p.detach().clone(), p.grad.detach().clone()) for n, p in params.items()}
+
+    batches = iter([[0, 1], [2, 3]])
+    train(loaded, rows, TrainConfig(steps=2, lr=1e-2, lm_lr=1e-2, batch=2, warmup=0, clip=1e6),
+          log=lambda m: None, sampler=lambda gen, n: next(batches), on_step=on_step)
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(seen[1][n][0])  # the weights step 2 ran with
+    loaded.model.train()
+    total, count = 0.0, 0
+    for r in (rows[2], rows[3]):
+        logits = loaded.model(input_ids=r["input_ids"][None], attention_mask=r["attention_mask"][None]).logits[0]
+        for t in (r["labels"] != -100).nonzero()[:, 0].tolist():
+            total = total - torch.log_softmax(logits[t - 1].float(), -1)[r["labels"][t]]
+            count += 1
+    want = torch.autograd.grad(total / count, list(params.values()))
+    for (n, (_, got)), w in zip(seen[2].items(), want):
+        torch.testing.assert_close(got, w, atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_the_logs_rate_columns_are_each_groups_configured_rate_times_the_factor(tmp_path):
+    """train_log.csv's lm_lr written from --lr passed every test (their runs give both rates alike). Oracle: the
+    documented columns, lr = --lr × factor (0 under --lora) and lm_lr = --lm-lr × factor, with two distinct rates."""
+    from analyses.finetune import FinetuneConfig, append_log
+    from probe.train import StepInfo
+
+    for lora, want_lr in ((None, 2e-4 * 0.25), (4, 0.0)):
+        log = tmp_path / f"log{lora}.csv"
+        cfg = FinetuneConfig(model="m", data={"text": "d"}, out=tmp_path / "o", steps=4, lr=2e-4, lm_lr=3e-5, lora=lora)
+        append_log(log, StepInfo(step=3, loss=1.5, lr_factor=0.25, rows=[0, 1, 1], tokens=6), {0: "text", 1: "text"},
+                   cfg)
+        row = next(csv.reader(log.open(encoding="utf-8")))
+        assert row == ["3", "text=3", "1.5", repr(want_lr), repr(3e-5 * 0.25), "6"]
+
+
+def test_the_resume_point_is_the_latest_checkpoint_with_every_earlier_one_there(tmp_path):
+    """Oracle: resume_point's rule on hand-built checkpoint dirs (a trainer state in each but the last step's,
+    which needs none): the latest resumable one, unless a checkpoint the run writes before it is missing."""
+    from analyses.finetune import STATE, FinetuneConfig, resume_point
+
+    cfg = FinetuneConfig(model="m", data={"text": "d"}, out=tmp_path / "o", steps=6, save_steps=[2, 4])
+    cfg.out.mkdir()
+    for step in (0, 2, 4):
+        (cfg.out / f"checkpoint-{step}").mkdir()
+        (cfg.out / f"checkpoint-{step}" / STATE).write_bytes(b"")
+    assert resume_point(cfg.out, cfg)[0] == 4
+    (cfg.out / "checkpoint-6").mkdir()  # the last step's: done, no state needed
+    assert resume_point(cfg.out, cfg)[0] == 6
+    shutil.rmtree(cfg.out / "checkpoint-2")  # a killed --overwrite deleted it: the run goes back to step 0
+    assert resume_point(cfg.out, cfg)[0] == 0
+
+
+# analyses.trajectory.embed_2d (mut45): when t-SNE runs, and with which seed
+
+
+def test_points_that_coincide_away_from_the_reference_get_no_tsne():
+    """Identical points whose features are not all zero (a --ref other than them): t-SNE is skipped, as for points
+    at the reference. The spread was read along each point's features (axis 1) in a mutant that every test passed:
+    their coinciding points were all zeros. Oracle: the documented rule, all points one point."""
+    from analyses.trajectory import embed_2d
+
+    x = np.tile([1.0, 2.0, 5.0, 3.0], (4, 1))
+    out, used, _ = embed_2d(x, 30.0, 0)
+    assert used is None and set(out) == {"pca"}
+
+
+def test_tsne_takes_the_runs_seed():
+    """A 1-feature map (t-SNE's init is random there) with --seed 7 is sklearn's TSNE with random_state 7, not 0's
+    (a fixed random_state passed the same-seed-twice test). Oracle: sklearn itself, called with the documented
+    settings (perplexity clamped to n − 1, exact method)."""
+    from sklearn.manifold import TSNE
+
+    from analyses.trajectory import embed_2d
+
+    x = np.array([[0.0], [1.0], [3.0], [7.0], [8.0]])
+    want = {s: TSNE(n_components=2, perplexity=4.0, init="random", random_state=s, method="exact").fit_transform(x)
+            for s in (0, 7)}
+    assert not np.allclose(want[0], want[7])
+    out, used, _ = embed_2d(x, 30.0, 7)
+    assert used == 4.0
+    np.testing.assert_array_equal(out["tsne"], want[7])
