@@ -310,6 +310,28 @@ def fill_lines(text: str, width: int) -> str:
     return "\n".join(textwrap.fill(line, width) for line in text.split("\n")).replace(NBSP, " ")
 
 
+def keep_titles_apart(fig: Any, titles: list[tuple[Any, str]], tries: int = 6) -> None:
+    """Wrap each (axes, title) of ``titles`` (each line of it on its own) into shorter lines than it has, and lay the
+    figure out again, while one runs past the page's edge or into another: centred over a heatmap that a long
+    colour-bar label beside it made narrow (a clipped scale's note, 5 or 6 models), the first column of Figure 2 had
+    its title cut at the page's left edge; a merge page's 40-character participant names ran into each other."""
+    renderer = fig.canvas.get_renderer()
+    for _ in range(tries):
+        lay_out(fig)
+        boxes = [ax.title.get_window_extent(renderer) for ax, _ in titles]
+        page = fig.bbox
+        # only those off the page or over another: narrowing every title made a short one 4 lines where 2 fit
+        wrong = [not (page.x0 <= b.x0 and b.x1 <= page.x1) or any(b.overlaps(o) for o in boxes if o is not b)
+                 for b in boxes]
+        if not any(wrong):
+            return
+        for (ax, text), narrow in zip(titles, wrong):
+            if narrow:
+                width = max(max(map(len, ax.get_title().split("\n"))) - 4, 12)
+                ax.set_title(fill_lines(text, width), fontsize=8)
+        fig.tight_layout()
+
+
 def label_step(cell: float, gap: float = 0.15) -> int:
     """Label every k-th row or column of a heatmap whose cells are ``cell`` inches, so 7 pt labels stay ``gap``
     inches apart."""

@@ -14,8 +14,8 @@ import pandas as pd
 
 from analyses.merge_methods import COMMAND, METHOD_KINDS, WEIGHTS_HEADER, run_fingerprint
 from figures import (bar_aspect, drawn_as_written, drop_stale_pages, fit_bar_labels, heatmap_ticks,
-                     heatmap_ticks_again, page_caption, page_panels, page_split, page_stem, read_json, read_table,
-                     save_png_pdf)
+                     heatmap_ticks_again, keep_titles_apart, page_caption, page_panels, page_split, page_stem,
+                     read_json, read_table, save_png_pdf)
 from figures.heads import centred_limits, clip_note, extend_for, kl_limit
 from probe.errors import BadInput, error_reason
 from probe.results import HEAD_METRIC_BOUNDS
@@ -303,13 +303,14 @@ def draw_merge(result_dir: Path) -> list[Path]:
     pages = page_split(len(names), MIN_WIDTH, MIN_PANEL, MARGIN)
     written: list[Path] = []
     for p, page in enumerate(pages):
-        fig = _draw_page([names[k] for k in page], [titles[k] for k in page], [sals[k] for k in page],
-                         [k == 0 for k in page], grids, metric)
+        fig, named = _draw_page([names[k] for k in page], [titles[k] for k in page], [sals[k] for k in page],
+                                [k == 0 for k in page], grids, metric)
         fig.suptitle(f"Weight of each participant's query-head slices ({info.get('method')} merge)"
                      + page_caption(pages, p, "participants"), fontsize=10)
         fig.tight_layout()
         if fit_bar_labels(fig):  # 5 or 6 participants: bars shorter than their labels
             fig.tight_layout()
+        keep_titles_apart(fig, named)  # a long name over a narrow column ran into the next and off the page
         heatmap_ticks_again(fig, [(ax, list(range(ax.images[0].get_array().shape[0])),
                                    list(range(ax.images[0].get_array().shape[1])))
                                   for ax in fig.axes if ax.images and ax.images[0].colorbar is not None])
@@ -324,14 +325,17 @@ SALIENCE_NAMES = {"kl": ("KL", "nats"), "accuracy_drop": ("accuracy drop", "poin
 
 
 def _draw_page(names: list[str], titles: list[str], sals: list[np.ndarray | None], is_base: list[bool],
-               grids: dict[str, np.ndarray], metric: str):
+               grids: dict[str, np.ndarray], metric: str) -> tuple[Any, list[tuple[Any, str]]]:
+    """The page of participants ``names``: its figure and each participant's title ((axes, title) each)."""
     narrow = (MIN_WIDTH, MARGIN) if len(names) <= 4 else (NARROW, NARROW_MARGIN)
     fig, panels = page_panels(len(names), 2.6, 5.2, *narrow, stack=2, dpi=150)
     aspect = bar_aspect(len(names))
+    named = []
     for k, name in enumerate(names):
         ax, ax2 = panels[k]
         im = ax.imshow(grids[name], vmin=0, vmax=1, cmap="viridis", aspect="auto")
         ax.set_title(titles[k], fontsize=8)
+        named.append((ax, titles[k]))
         ax.set_xlabel("head", fontsize=8)
         ax.set_ylabel("layer", fontsize=8)
         cb = fig.colorbar(im, ax=ax, fraction=0.046, aspect=aspect)
@@ -363,4 +367,4 @@ def _draw_page(names: list[str], titles: list[str], sals: list[np.ndarray | None
         for a in (ax, ax2):
             a.tick_params(labelsize=7)
             heatmap_ticks(a, list(range(grids[name].shape[0])), list(range(grids[name].shape[1])))
-    return fig
+    return fig, named

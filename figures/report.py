@@ -19,8 +19,9 @@ from typing import Any
 
 
 from figures import (NBSP, PAGE_HEIGHT, PAGE_WIDTH, bar_aspect, drawn_as_written, drop_stale_pages, even_pages,
-                     fill_lines, fit_bar_labels, fit_stack_gaps, heatmap_ticks, heatmap_ticks_again, lay_out, number,
-                     page_caption, page_grid, page_panels, page_stem, paper, read_json, reads_once, save_figure)
+                     fill_lines, fit_bar_labels, fit_stack_gaps, heatmap_ticks, heatmap_ticks_again, keep_titles_apart,
+                     number, page_caption, page_grid, page_panels, page_stem, paper, read_json, reads_once,
+                     save_figure)
 from figures.findings import Finding, findings, interval
 from figures.merge import current_info
 from figures.results import METHOD_LABELS, EvalRun, Replication, short
@@ -303,28 +304,6 @@ def draw_figure2(r: Replication, dest: Path) -> list[Path]:
         written.append(png)
     drop_stale_pages(dest.parent, dest.stem, [*written, *(p.with_suffix(".pdf") for p in written)])
     return written
-
-
-def keep_titles_apart(fig: Any, titles: list[tuple[Any, str]], tries: int = 6) -> None:
-    """Wrap each (axes, title) of ``titles`` (each line of it on its own) into shorter lines than it has, and lay the
-    figure out again, while one runs past the
-    page's edge or into another: centred over a heatmap that a long colour-bar label beside it made narrow (a
-    clipped scale's note, 5 or 6 models), the first column's title was cut at the page's left edge."""
-    renderer = fig.canvas.get_renderer()
-    for _ in range(tries):
-        lay_out(fig)
-        boxes = [ax.title.get_window_extent(renderer) for ax, _ in titles]
-        page = fig.bbox
-        # only those off the page or over another: narrowing every title made a short one 4 lines where 2 fit
-        wrong = [not (page.x0 <= b.x0 and b.x1 <= page.x1) or any(b.overlaps(o) for o in boxes if o is not b)
-                 for b in boxes]
-        if not any(wrong):
-            return
-        for (ax, text), narrow in zip(titles, wrong):
-            if narrow:
-                width = max(max(map(len, ax.get_title().split("\n"))) - 4, 12)
-                ax.set_title(fill_lines(text, width), fontsize=8)
-        fig.tight_layout()
 
 
 def _figure2_page(r: Replication, models: list[str], sweeps: list[tuple[Any, dict]]

@@ -52,13 +52,15 @@ def write_heads(d: Path, layers: int, heads: int, seed: int = 0) -> Path:
     return d
 
 
-def write_merge(d: Path, participants: int, layers: int = 4, heads: int = 8, legacy: bool = False) -> Path:
+def write_merge(d: Path, participants: int, layers: int = 4, heads: int = 8, legacy: bool = False,
+                name: str = "expert-{k}") -> Path:
     """A salience merge's merge_weights.csv and merge.json, with a salience run per expert (the base has none);
-    ``legacy``: as analyses.merge wrote them before 2026-12-06 (the weight in an alpha column, mean_alpha)."""
+    ``legacy``: as analyses.merge wrote them before 2026-12-06 (the weight in an alpha column, mean_alpha);
+    ``name``: each participant's folder name, of its number k."""
     import pandas as pd
 
     rng = np.random.default_rng(0)
-    names = [str(d.parent / "zoo" / f"expert-{k}") for k in range(participants)]
+    names = [str(d.parent / "zoo" / name.format(k=k)) for k in range(participants)]
     weight = rng.dirichlet(np.ones(participants), size=(layers, heads))
     rows = [[f"layers.{l}.self_attn.q_proj.weight", f"rows {16 * h}:{16 * (h + 1)}", m, None, weight[l, h, k], None]
             for k, m in enumerate(names) for l in range(layers) for h in range(heads)]
@@ -561,7 +563,10 @@ def drawn_texts(fig) -> list:
     for ax in fig.axes:
         if not ax.get_visible():
             continue
-        out += [ax.title, ax._left_title, ax._right_title, ax.xaxis.label, ax.yaxis.label, *ax.texts]
+        out += [ax.title, ax._left_title, ax._right_title, *ax.texts]
+        if not ax.axison:  # set_axis_off: its axis labels and tick labels are not drawn
+            continue
+        out += [ax.xaxis.label, ax.yaxis.label]
         for axis in (ax.xaxis, ax.yaxis):
             lo, hi = sorted(axis.get_view_interval())
             eps = 1e-9 * max(1.0, hi - lo)
@@ -959,6 +964,32 @@ def test_merge_of_many_participants_keeps_its_labels_apart(tmp_path, monkeypatch
         assert len(figs) == 1
         heatmap_page_is_readable(figs[0], 3 if n > 4 else 2, 0.9)
         plt.close("all")
+
+
+LONG_NAME = "organism-qwen2-72b-instruct-expert-vlm-{k}"  # a 72B checkpoint's folder name: 40 characters
+
+
+def test_merge_of_many_long_named_participants_keeps_its_titles_apart_and_on_the_page(tmp_path, monkeypatch):
+    """6 participants go 3 columns of 1.9 in; a 40-character checkpoint name as a title (2.5 in wide at 8 pt) ran
+    into its neighbours' and 0.25 in past the page's left edge. A title is wrapped where it does not fit, as Figure
+    2's are: every drawn text apart and on the page, each title its participant's name whole."""
+    import matplotlib.pyplot as plt
+
+    import figures.merge as fm
+
+    figs = []
+    monkeypatch.setattr(fm, "save_png_pdf", lambda fig, d, stem: figs.append(fig) or [])
+    fm.draw_merge(write_merge(tmp_path / "merge", 6, name=LONG_NAME))
+    fig, = figs
+    assert overlapping_texts(fig) == []
+    renderer = fig.canvas.get_renderer()
+    for t in drawn_texts(fig):
+        b = t.get_window_extent(renderer)
+        assert fig.bbox.x0 - 1 <= b.x0 and b.x1 <= fig.bbox.x1 + 1 and fig.bbox.y0 - 1 <= b.y0 \
+            and b.y1 <= fig.bbox.y1 + 1, t.get_text()
+    titles = [ax.get_title().replace("\n", "") for ax in fig.axes if ax.get_title().startswith("organism")]
+    assert titles == [LONG_NAME.format(k=k) for k in range(6)]
+    plt.close("all")
 
 
 @pytest.mark.parametrize("models", [4, 6])
