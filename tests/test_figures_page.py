@@ -992,6 +992,46 @@ def test_merge_of_many_long_named_participants_keeps_its_titles_apart_and_on_the
     plt.close("all")
 
 
+@pytest.mark.parametrize("participants, grid", [(3, (80, 8)), (6, (4, 64)), (2, (80, 8))])
+def test_merge_keeps_a_big_grids_cells_readable(tmp_path, monkeypatch, participants, grid):
+    """A 72B merge's 80 layers × 64 heads: 3 or 4 participants went 2 rows, each map 1.46 in high (0.018 in a
+    layer), 5 or 6 went 3 columns, each map 0.86 in wide (0.013 in a head, the labels 0 11 22 … run together), and
+    a page of one row (2 participants) left its maps 1.9 in high on a page 5.6 in high. As Figure 2: a page holds
+    fewer participants where more would leave a layer's row or a head's column under 0.025 in, a page of one row of
+    tall maps takes the height they need, their colour bars as long as the maps. Measured as laid out: every
+    map's cells at least 0.025 in each way, each bar at least 0.9 of its map, texts apart and on the page."""
+    import matplotlib.pyplot as plt
+
+    import figures.merge as fm
+
+    figs = []
+    monkeypatch.setattr(fm, "save_png_pdf", lambda fig, d, stem: figs.append(fig) or [])
+    fm.draw_merge(write_merge(tmp_path / "merge", participants, *grid))
+    drawn = 0
+    for fig in figs:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        maps = [ax for ax in fig.axes if ax.images and ax.images[0].colorbar is not None]
+        drawn += sum(ax.get_title().startswith("expert-") for ax in maps)
+        for ax in maps:
+            box = ax.get_window_extent(renderer)
+            rows, cols = ax.images[0].get_array().shape
+            assert (rows, cols) == grid
+            assert box.height / fig.dpi / rows >= 0.025 and box.width / fig.dpi / cols >= 0.025, (
+                len(figs), box.height / fig.dpi, box.width / fig.dpi)
+            bar = ax.images[0].colorbar.ax.get_window_extent(renderer)
+            assert bar.height >= 0.9 * box.height, (bar.height / fig.dpi, box.height / fig.dpi)
+        assert overlapping_texts(fig) == []
+        for t in drawn_texts(fig):
+            b = t.get_window_extent(renderer)
+            assert fig.bbox.x0 - 1 <= b.x0 and b.x1 <= fig.bbox.x1 + 1 and fig.bbox.y0 - 1 <= b.y0 \
+                and b.y1 <= fig.bbox.y1 + 1, t.get_text()
+        w, h = fig.get_size_inches()
+        assert w <= PAGE_WIDTH and h <= PAGE_HEIGHT
+    assert drawn == participants
+    plt.close("all")
+
+
 @pytest.mark.parametrize("models", [4, 6])
 def test_figure2_of_a_clipped_scale_keeps_its_note_along_the_bar(tmp_path, monkeypatch, models):
     """A 7B-like sweep (28 × 28 heads, a few outlier heads) clips each colour scale, and its label gains a note
