@@ -204,6 +204,8 @@ def fit_stack_gaps(fig: Any, panels: Sequence[Sequence[Any]], pad: float = STACK
     (``tight_layout``), so call it after the layout is otherwise done. The gap between panels holds more (a title,
     the lower axes' labels), so a panel reads as one block: in Figure 2 the gap between a model's two heatmaps was
     the gap between two models'."""
+    from matplotlib.transforms import Bbox
+
     lay_out(fig)
     renderer = fig.canvas.get_renderer()
     pad_px = pad * fig.dpi / 72
@@ -218,7 +220,10 @@ def fit_stack_gaps(fig: Any, panels: Sequence[Sequence[Any]], pad: float = STACK
 
         def tight(a: Any) -> Any:
             if a not in boxes:
-                boxes[a] = a.get_tightbbox(renderer)
+                # an axes turned off (a merge page's note in place of the base's salience) draws only its texts:
+                # its empty frame asked the gap above it to hold the tick labels of the map over it
+                boxes[a] = a.get_tightbbox(renderer) if a.axison or not a.texts else Bbox.union(
+                    [t.get_window_extent(renderer) for t in a.texts])
             return boxes[a]
 
         need = 0.0

@@ -14,7 +14,7 @@ import pandas as pd
 
 from analyses.merge_methods import COMMAND, METHOD_KINDS, WEIGHTS_HEADER, run_fingerprint
 from figures import (MAP_LAYER, PAGE_HEIGHT, PAGE_WIDTH, bar_aspect, cells_per_page, drawn_as_written,
-                     drop_stale_pages, even_pages, fit_bar_labels, heatmap_ticks, heatmap_ticks_again,
+                     drop_stale_pages, even_pages, fit_bar_labels, fit_stack_gaps, heatmap_ticks, heatmap_ticks_again,
                      keep_titles_apart, page_caption, page_grid, page_panels, page_stem, read_json, read_table,
                      save_png_pdf)
 from figures.heads import centred_limits, clip_note, extend_for, kl_limit
@@ -311,8 +311,8 @@ def draw_merge(result_dir: Path) -> list[Path]:
     pages = even_pages(len(names), per_page(layers, heads))
     written: list[Path] = []
     for p, page in enumerate(pages):
-        fig, named = _draw_page([names[k] for k in page], [titles[k] for k in page], [sals[k] for k in page],
-                                [k == 0 for k in page], grids, metric)
+        fig, named, blocks = _draw_page([names[k] for k in page], [titles[k] for k in page], [sals[k] for k in page],
+                                        [k == 0 for k in page], grids, metric)
         title, caption = (f"Weight of each participant's query-head slices ({info.get('method')} merge)",
                           page_caption(pages, p, "participants"))
         sup = fig.suptitle(title + caption, fontsize=10)
@@ -322,6 +322,14 @@ def draw_merge(result_dir: Path) -> list[Path]:
         if fit_bar_labels(fig):  # 5 or 6 participants: bars shorter than their labels
             fig.tight_layout()
         keep_titles_apart(fig, named)  # a long name over a narrow column ran into the next and off the page
+        # a participant's two maps as one block: the gap between them only what their text needs, under the gap
+        # between participants (they were the same, so a salience could be read as the next participant's); its
+        # new layout can leave a bar shorter than its label: fitted again
+        for _ in range(3):
+            fit_stack_gaps(fig, blocks)
+            if not fit_bar_labels(fig):
+                break
+            fig.tight_layout()
         heatmap_ticks_again(fig, [(ax, list(range(ax.images[0].get_array().shape[0])),
                                    list(range(ax.images[0].get_array().shape[1])))
                                   for ax in fig.axes if ax.images and ax.images[0].colorbar is not None])
@@ -363,11 +371,12 @@ def per_page(layers: int, heads: int) -> int:
 
 
 def _draw_page(names: list[str], titles: list[str], sals: list[np.ndarray | None], is_base: list[bool],
-               grids: dict[str, np.ndarray], metric: str) -> tuple[Any, list[tuple[Any, str]]]:
-    """The page of participants ``names``: its figure and each participant's title ((axes, title) each)."""
+               grids: dict[str, np.ndarray], metric: str) -> tuple[Any, list[tuple[Any, str]], list[Any]]:
+    """The page of participants ``names``: its figure, each participant's title ((axes, title) each) and its
+    block (its weight map's axes above its salience's)."""
     min_width, margin, rows, _ = _page_grid(len(names))
     height = column_height(grids[names[0]].shape[0], rows)
-    fig, panels = page_panels(len(names), COLUMN[0], height, min_width, margin, stack=2, dpi=150)
+    fig, panels = page_panels(len(names), COLUMN[0], height, min_width, margin, stack=2, grouped=True, dpi=150)
     aspect = bar_aspect(len(names))
     if height > COLUMN[1]:  # a tall grid's maps: the bars grow with them (else half the map high)
         aspect *= (height - TEXT[1]) / (COLUMN[1] - TEXT[1])
@@ -408,4 +417,7 @@ def _draw_page(names: list[str], titles: list[str], sals: list[np.ndarray | None
         for a in (ax, ax2):
             a.tick_params(labelsize=7)
             heatmap_ticks(a, list(range(grids[name].shape[0])), list(range(grids[name].shape[1])))
-    return fig, named
+        if s is not None:  # the salience map below has the same heads, labelled: here they only widened the block
+            ax.set_xlabel("")
+            ax.tick_params(labelbottom=False)
+    return fig, named, panels
