@@ -20,8 +20,8 @@ from typing import Any
 
 from figures import (MAP_LAYER, NBSP, PAGE_HEIGHT, PAGE_WIDTH, bar_aspect, cells_per_page, drawn_as_written,
                      drop_stale_pages, even_pages, fill_lines, fit_bar_labels, fit_stack_gaps, heatmap_ticks,
-                     heatmap_ticks_again, keep_titles_apart, number, page_caption, page_grid, page_panels, page_stem, paper, read_json, reads_once,
-                     save_figure)
+                     heatmap_ticks_again, keep_titles_apart, number, page_caption, page_grid, page_panels, page_stem,
+                     paper, read_json, reads_once, save_figure)
 from figures.findings import Finding, findings, interval
 from figures.merge import current_info
 from figures.results import METHOD_LABELS, EvalRun, Replication, short

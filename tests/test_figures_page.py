@@ -360,7 +360,7 @@ def test_a_clipped_salience_scale_keeps_its_colour_bar_label_on_the_page(tmp_pat
     names = json.loads((d / "merge.json").read_text())
     names = [names["base"], *names["models"]]
     grids = {n: np.full((30, 9), 1 / 3) for n in names}
-    fig = _draw_page(names, names, [None, *sals], [True, False, False], grids, "kl")
+    fig, *_ = _draw_page(names, names, [None, *sals], [True, False, False], grids, "kl")
     fig.suptitle("Weight of each participant's query-head slices (salience merge)", fontsize=10)  # as draw_merge
     fig.tight_layout()
     fig.canvas.draw()  # as saved
