@@ -1034,12 +1034,13 @@ def test_merge_keeps_a_big_grids_cells_readable(tmp_path, monkeypatch, participa
     plt.close("all")
 
 
-@pytest.mark.parametrize("participants, grid", [(4, (4, 8)), (6, (28, 28))])
+@pytest.mark.parametrize("participants, grid", [(4, (4, 8)), (6, (4, 8))])
 def test_merge_groups_each_participants_two_heatmaps(tmp_path, monkeypatch, participants, grid):
     """A participant's weight map and its salience below it are one block: the gap between them was the gap between
-    two participants (0.68 in both on the shipped 4-participant page, 0.83 in with 6), so the eye could pair a
-    salience with the next participant's weights, as Figure 2's maps were before. The gap inside a block (axes to
-    axes, in inches) is now under half the gap between blocks, and the page stays readable as before."""
+    two participants (0.68 in both on the shipped 4-participant page and 6 of 4 × 8; 6 of 28 × 28: 0.83 in), so
+    the eye could pair a salience with the next participant's weights, as Figure 2's maps were before. The gap
+    inside a block (axes to axes, in inches) is now under half the gap between blocks, and the page stays readable
+    as before."""
     import matplotlib.pyplot as plt
 
     import figures.merge as fm
