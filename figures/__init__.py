@@ -204,6 +204,8 @@ def fit_stack_gaps(fig: Any, panels: Sequence[Sequence[Any]], pad: float = STACK
     (``tight_layout``), so call it after the layout is otherwise done. The gap between panels holds more (a title,
     the lower axes' labels), so a panel reads as one block: in Figure 2 the gap between a model's two heatmaps was
     the gap between two models'."""
+    from matplotlib.transforms import Bbox
+
     lay_out(fig)
     renderer = fig.canvas.get_renderer()
     pad_px = pad * fig.dpi / 72
@@ -218,7 +220,10 @@ def fit_stack_gaps(fig: Any, panels: Sequence[Sequence[Any]], pad: float = STACK
 
         def tight(a: Any) -> Any:
             if a not in boxes:
-                boxes[a] = a.get_tightbbox(renderer)
+                # an axes turned off (a merge page's note in place of the base's salience) draws only its texts:
+                # its empty frame asked the gap above it to hold the tick labels of the map over it
+                boxes[a] = a.get_tightbbox(renderer) if a.axison or not a.texts else Bbox.union(
+                    [t.get_window_extent(renderer) for t in a.texts])
             return boxes[a]
 
         need = 0.0
@@ -246,6 +251,24 @@ def fit_stack_gaps(fig: Any, panels: Sequence[Sequence[Any]], pad: float = STACK
             return
         fig.tight_layout()
         fig.draw_without_rendering()
+
+
+# inches a heatmap's cell (a layer's row, a head's column) keeps at the least on a page of several models' maps
+# (Figure 2, a merge's weight maps): a page holds fewer models rather than go under (cells_per_page). On pages of 2
+# rows a 72B grid's 80 layers got 0.018 to 0.02 in each, and in 3 columns its 64 heads 0.011 to 0.013 in each,
+# neighbouring heads one blur; MAP_LAYER: the inches a tall map asks for a layer where its page has the height
+MAP_CELL, MAP_LAYER = 0.025, 0.05
+
+
+def cells_per_page(layers: int, heads: int, most: int, room: Callable[[int], tuple[float, float]]) -> int:
+    """How many models a page of heatmaps of ``layers`` × ``heads`` holds: the most (up to ``most``, down to 2,
+    which fit one row) whose maps, ``room(k)`` inches (across, down) each on a page of k, leave each cell MAP_CELL
+    inches each way."""
+    for k in range(most, 2, -1):
+        across, down = room(k)
+        if across >= MAP_CELL * heads and down >= MAP_CELL * layers:
+            return k
+    return 2
 
 
 def page_split(n: int, min_width: float, min_height: float, margin: tuple[float, float] = (0.0, 0.0)) -> list[range]:
@@ -308,6 +331,28 @@ def fill_lines(text: str, width: int) -> str:
     import textwrap
 
     return "\n".join(textwrap.fill(line, width) for line in text.split("\n")).replace(NBSP, " ")
+
+
+def keep_titles_apart(fig: Any, titles: list[tuple[Any, str]], tries: int = 6) -> None:
+    """Wrap each (axes, title) of ``titles`` (each line of it on its own) into shorter lines than it has, and lay the
+    figure out again, while one runs past the page's edge or into another: centred over a heatmap that a long
+    colour-bar label beside it made narrow (a clipped scale's note, 5 or 6 models), the first column of Figure 2 had
+    its title cut at the page's left edge; a merge page's 40-character participant names ran into each other."""
+    renderer = fig.canvas.get_renderer()
+    for _ in range(tries):
+        lay_out(fig)
+        boxes = [ax.title.get_window_extent(renderer) for ax, _ in titles]
+        page = fig.bbox
+        # only those off the page or over another: narrowing every title made a short one 4 lines where 2 fit
+        wrong = [not (page.x0 <= b.x0 and b.x1 <= page.x1) or any(b.overlaps(o) for o in boxes if o is not b)
+                 for b in boxes]
+        if not any(wrong):
+            return
+        for (ax, text), narrow in zip(titles, wrong):
+            if narrow:
+                width = max(max(map(len, ax.get_title().split("\n"))) - 4, 12)
+                ax.set_title(fill_lines(text, width), fontsize=8)
+        fig.tight_layout()
 
 
 def label_step(cell: float, gap: float = 0.15) -> int:

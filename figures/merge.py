@@ -13,20 +13,27 @@ import numpy as np
 import pandas as pd
 
 from analyses.merge_methods import COMMAND, METHOD_KINDS, WEIGHTS_HEADER, run_fingerprint
-from figures import (bar_aspect, drawn_as_written, drop_stale_pages, fit_bar_labels, heatmap_ticks,
-                     heatmap_ticks_again, page_caption, page_panels, page_split, page_stem, read_json, read_table,
+from figures import (MAP_LAYER, PAGE_HEIGHT, PAGE_WIDTH, bar_aspect, cells_per_page, drawn_as_written,
+                     drop_stale_pages, even_pages, fit_bar_labels, fit_stack_gaps, heatmap_ticks, heatmap_ticks_again,
+                     keep_titles_apart, page_caption, page_grid, page_panels, page_stem, read_json, read_table,
                      save_png_pdf)
 from figures.heads import centred_limits, clip_note, extend_for, kl_limit
 from probe.errors import BadInput, error_reason
 from probe.results import HEAD_METRIC_BOUNDS
 from probe.results import distinct_names, read_manifest
 
-# inches: a participant's column of two heatmaps at its narrowest and lowest (with titles), and the figure's
-# margin (colour bar labels, suptitle)
-MIN_WIDTH, MIN_PANEL, MARGIN = 2.1, 2.8, (2.4, 0.4)
+# inches: a participant's column of two heatmaps at its narrowest, and the figure's margin (colour bar labels,
+# suptitle)
+MIN_WIDTH, MARGIN = 2.1, (2.4, 0.4)
 # a page of 5 or 6 participants goes 2 rows × 3 columns, each this narrow beside this margin (3 rows × 2 left each
 # heatmap 0.75 in high); up to 4 it stays 2 × 2
 NARROW, NARROW_MARGIN = 1.9, (1.2, 0.4)
+# inches: a participant's column (width, height) where the page has room; what of it is not its maps (across: layer
+# labels, colour bar and its label; down: titles, tick and head labels), as laid out on pages of 80 × 64 grids in 2
+# and 3 columns; a map's height in a column COLUMN[1] high (up to 38 layers it holds them)
+COLUMN, TEXT = (2.6, 5.2), (1.45, 1.4)
+MAP = (COLUMN[1] - TEXT[1]) / 2
+MOST = 6  # participants a page holds at the most (2 rows × 3 columns)
 Q_SLICE = re.compile(r"layers\.(\d+)\.self_attn\.q_proj\.weight$")
 # before 2026-12-06 merge_weights.csv held one "alpha" column (ties: the trim threshold, every other method: the weight)
 # and merge.json its mean per model as "mean_alpha"; such a merge is read as if written with today's columns
@@ -297,18 +304,31 @@ def draw_merge(result_dir: Path) -> list[Path]:
     check_runs_unchanged(result_dir, tables, recorded)
     sals = [_salience_grid(Path(runs[k]), metric, grids[n].shape, tables[runs[k]])
             if k < len(runs) and runs[k] and tables[runs[k]] is not None else None for k, n in enumerate(names)]
-    # one column of two heatmaps per participant, wrapped into rows on a page (4 participants: 2 × 2); past 6,
-    # further pages (merge_heads-2, ...) rather than heatmaps too small to read
+    # one column of two heatmaps per participant, wrapped into rows on a page (4 participants: 2 × 2); past 6, or
+    # where more would squeeze a big grid's cells, further pages (merge_heads-2, ...)
     titles = distinct_names(names)  # two participants in folders of one name (a/checkpoint-100, b/checkpoint-100)
-    pages = page_split(len(names), MIN_WIDTH, MIN_PANEL, MARGIN)
+    layers, heads = next(iter(grids.values())).shape  # head_weights: every participant's grid of one shape
+    pages = even_pages(len(names), per_page(layers, heads))
     written: list[Path] = []
     for p, page in enumerate(pages):
-        fig = _draw_page([names[k] for k in page], [titles[k] for k in page], [sals[k] for k in page],
-                         [k == 0 for k in page], grids, metric)
-        fig.suptitle(f"Weight of each participant's query-head slices ({info.get('method')} merge)"
-                     + page_caption(pages, p, "participants"), fontsize=10)
+        fig, named, blocks = _draw_page([names[k] for k in page], [titles[k] for k in page], [sals[k] for k in page],
+                                        [k == 0 for k in page], grids, metric)
+        title, caption = (f"Weight of each participant's query-head slices ({info.get('method')} merge)",
+                          page_caption(pages, p, "participants"))
+        sup = fig.suptitle(title + caption, fontsize=10)
+        if sup.get_window_extent(fig.canvas.get_renderer()).width > fig.bbox.width:  # a page of one column (5 in)
+            sup.set_text(f"{title}\n{caption.strip()}")
         fig.tight_layout()
         if fit_bar_labels(fig):  # 5 or 6 participants: bars shorter than their labels
+            fig.tight_layout()
+        keep_titles_apart(fig, named)  # a long name over a narrow column ran into the next and off the page
+        # a participant's two maps as one block: the gap between them only what their text needs, under the gap
+        # between participants (they were the same, so a salience could be read as the next participant's); its
+        # new layout can leave a bar shorter than its label: fitted again
+        for _ in range(3):
+            fit_stack_gaps(fig, blocks)
+            if not fit_bar_labels(fig):
+                break
             fig.tight_layout()
         heatmap_ticks_again(fig, [(ax, list(range(ax.images[0].get_array().shape[0])),
                                    list(range(ax.images[0].get_array().shape[1])))
@@ -323,15 +343,49 @@ SALIENCE_NAMES = {"kl": ("KL", "nats"), "accuracy_drop": ("accuracy drop", "poin
                   "prob_accuracy_drop": ("prob. accuracy drop", "points")}
 
 
+def _page_grid(participants: int) -> tuple[float, tuple[float, float], int, int]:
+    """A page of ``participants``: its columns' least width, its margin and its (rows, columns) (4: 2 × 2; 5 or
+    6: 2 × 3, narrower)."""
+    min_width, margin = (MIN_WIDTH, MARGIN) if participants <= 4 else (NARROW, NARROW_MARGIN)
+    return (min_width, margin, *page_grid(participants, min_width, margin[0]))
+
+
+def column_height(layers: int, rows: int) -> float:
+    """Inches a participant's column of two maps of ``layers`` rows asks for on a page of ``rows`` rows: COLUMN's,
+    and for a tall grid its maps' extra height (MAP_LAYER a layer) up to the page's share of a row (80 layers had
+    maps 1.9 in high on a page of one row 5.6 in high)."""
+    want = COLUMN[1] + 2 * max(0.0, MAP_LAYER * layers - MAP)
+    return max(COLUMN[1], min(want, (PAGE_HEIGHT - MARGIN[1]) / rows))
+
+
+def per_page(layers: int, heads: int) -> int:
+    """How many participants a page of maps of ``layers`` × ``heads`` holds (``cells_per_page``): a 72B grid's 80
+    layers went 2 rows (0.018 in a layer), its 64 heads 3 columns (0.013 in a head)."""
+    def room(k: int) -> tuple[float, float]:
+        _, margin, rows, cols = _page_grid(k)
+        width = min(margin[0] + COLUMN[0] * cols, PAGE_WIDTH)  # as page_panels sizes the page
+        height = min(margin[1] + column_height(layers, rows) * rows, PAGE_HEIGHT)
+        return width / cols - TEXT[0], ((height - margin[1]) / rows - TEXT[1]) / 2
+
+    return cells_per_page(layers, heads, MOST, room)
+
+
 def _draw_page(names: list[str], titles: list[str], sals: list[np.ndarray | None], is_base: list[bool],
-               grids: dict[str, np.ndarray], metric: str):
-    narrow = (MIN_WIDTH, MARGIN) if len(names) <= 4 else (NARROW, NARROW_MARGIN)
-    fig, panels = page_panels(len(names), 2.6, 5.2, *narrow, stack=2, dpi=150)
+               grids: dict[str, np.ndarray], metric: str) -> tuple[Any, list[tuple[Any, str]], list[Any]]:
+    """The page of participants ``names``: its figure, each participant's title ((axes, title) each) and its
+    block (its weight map's axes above its salience's)."""
+    min_width, margin, rows, _ = _page_grid(len(names))
+    height = column_height(grids[names[0]].shape[0], rows)
+    fig, panels = page_panels(len(names), COLUMN[0], height, min_width, margin, stack=2, grouped=True, dpi=150)
     aspect = bar_aspect(len(names))
+    if height > COLUMN[1]:  # a tall grid's maps: the bars grow with them (else half the map high)
+        aspect *= (height - TEXT[1]) / (COLUMN[1] - TEXT[1])
+    named = []
     for k, name in enumerate(names):
         ax, ax2 = panels[k]
         im = ax.imshow(grids[name], vmin=0, vmax=1, cmap="viridis", aspect="auto")
         ax.set_title(titles[k], fontsize=8)
+        named.append((ax, titles[k]))
         ax.set_xlabel("head", fontsize=8)
         ax.set_ylabel("layer", fontsize=8)
         cb = fig.colorbar(im, ax=ax, fraction=0.046, aspect=aspect)
@@ -363,4 +417,7 @@ def _draw_page(names: list[str], titles: list[str], sals: list[np.ndarray | None
         for a in (ax, ax2):
             a.tick_params(labelsize=7)
             heatmap_ticks(a, list(range(grids[name].shape[0])), list(range(grids[name].shape[1])))
-    return fig
+        if s is not None:  # the salience map below has the same heads, labelled: here they only widened the block
+            ax.set_xlabel("")
+            ax.tick_params(labelbottom=False)
+    return fig, named, panels

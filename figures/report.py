@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 
-from figures import (NBSP, PAGE_HEIGHT, PAGE_WIDTH, bar_aspect, drawn_as_written, drop_stale_pages, even_pages,
-                     fill_lines, fit_bar_labels, fit_stack_gaps, heatmap_ticks, heatmap_ticks_again, lay_out, number,
-                     page_caption, page_grid, page_panels, page_stem, paper, read_json, reads_once, save_figure)
+from figures import (MAP_LAYER, NBSP, PAGE_HEIGHT, PAGE_WIDTH, bar_aspect, cells_per_page, drawn_as_written,
+                     drop_stale_pages, even_pages, fill_lines, fit_bar_labels, fit_stack_gaps, heatmap_ticks,
+                     heatmap_ticks_again, keep_titles_apart, number, page_caption, page_grid, page_panels, page_stem,
+                     paper, read_json, reads_once, save_figure)
 from figures.findings import Finding, findings, interval
 from figures.merge import current_info
 from figures.results import METHOD_LABELS, EvalRun, Replication, short
@@ -222,7 +223,7 @@ FIG2_NARROW = 1.9
 # inches: a model's column where the page has room, the height each of its two maps gets of it (about, as laid
 # out), and what a layer's row asks for: up to 36 layers that column holds them; a 72B grid's 80 rows got 0.02 in
 # each, in maps 1.8 in high on a page 5.2 in high, so taller grids take the page's height they need
-FIG2_HEIGHT, FIG2_MAP, FIG2_LAYER = 4.8, 1.8, 0.05
+FIG2_HEIGHT, FIG2_MAP, FIG2_LAYER = 4.8, 1.8, MAP_LAYER
 
 
 def figure2_height(layers: int, rows: int) -> float:
@@ -233,10 +234,6 @@ def figure2_height(layers: int, rows: int) -> float:
     return max(FIG2_HEIGHT, min(want, (PAGE_HEIGHT - FIG2_MARGIN[1]) / rows))
 
 
-# inches a map's cell (a layer's row, a head's column) keeps at the least, 2.75 pixels of the 110 dpi PNG: a page
-# holds fewer models rather than go under. On pages of 2 rows a 72B grid's 80 layers got 0.0197 in each (one row:
-# 0.047 in), and in 3 columns its 64 heads 0.011 in each, neighbouring heads one blur in the PNG
-FIG2_CELL = 0.025
 # inches of a model's column that are not its maps, as laid out (measured on pages of 80 × 64 and 28 × 28 grids):
 # across, the layer labels and the colour bar with its label; down, the title, tick labels and the gap between maps
 FIG2_TEXT = (1.2, 1.15)
@@ -252,14 +249,14 @@ def _figure2_grid(models: int) -> tuple[float, int, int]:
 
 def figure2_per_page(layers: int, heads: int) -> int:
     """How many models a Figure 2 page of maps of ``layers`` × ``heads`` holds: the most (up to FIG2_MOST, down to
-    2, which fit one row) whose page, as page_panels sizes it, leaves each cell FIG2_CELL inches each way."""
-    for k in range(FIG2_MOST, 2, -1):
+    2, which fit one row) whose page, as page_panels sizes it, leaves each cell MAP_CELL inches (2.75 pixels of
+    the 110 dpi PNG) each way (``cells_per_page``)."""
+    def room(k: int) -> tuple[float, float]:
         _, rows, cols = _figure2_grid(k)
         across = min(FIG2_COLUMN, (PAGE_WIDTH - FIG2_MARGIN[0]) / cols) - FIG2_TEXT[0]
-        down = (min(figure2_height(layers, rows), (PAGE_HEIGHT - FIG2_MARGIN[1]) / rows) - FIG2_TEXT[1]) / 2
-        if across >= FIG2_CELL * heads and down >= FIG2_CELL * layers:
-            return k
-    return 2
+        return across, (min(figure2_height(layers, rows), (PAGE_HEIGHT - FIG2_MARGIN[1]) / rows) - FIG2_TEXT[1]) / 2
+
+    return cells_per_page(layers, heads, FIG2_MOST, room)
 
 
 @drawn_as_written
@@ -303,28 +300,6 @@ def draw_figure2(r: Replication, dest: Path) -> list[Path]:
         written.append(png)
     drop_stale_pages(dest.parent, dest.stem, [*written, *(p.with_suffix(".pdf") for p in written)])
     return written
-
-
-def keep_titles_apart(fig: Any, titles: list[tuple[Any, str]], tries: int = 6) -> None:
-    """Wrap each (axes, title) of ``titles`` (each line of it on its own) into shorter lines than it has, and lay the
-    figure out again, while one runs past the
-    page's edge or into another: centred over a heatmap that a long colour-bar label beside it made narrow (a
-    clipped scale's note, 5 or 6 models), the first column's title was cut at the page's left edge."""
-    renderer = fig.canvas.get_renderer()
-    for _ in range(tries):
-        lay_out(fig)
-        boxes = [ax.title.get_window_extent(renderer) for ax, _ in titles]
-        page = fig.bbox
-        # only those off the page or over another: narrowing every title made a short one 4 lines where 2 fit
-        wrong = [not (page.x0 <= b.x0 and b.x1 <= page.x1) or any(b.overlaps(o) for o in boxes if o is not b)
-                 for b in boxes]
-        if not any(wrong):
-            return
-        for (ax, text), narrow in zip(titles, wrong):
-            if narrow:
-                width = max(max(map(len, ax.get_title().split("\n"))) - 4, 12)
-                ax.set_title(fill_lines(text, width), fontsize=8)
-        fig.tight_layout()
 
 
 def _figure2_page(r: Replication, models: list[str], sweeps: list[tuple[Any, dict]]

@@ -52,13 +52,15 @@ def write_heads(d: Path, layers: int, heads: int, seed: int = 0) -> Path:
     return d
 
 
-def write_merge(d: Path, participants: int, layers: int = 4, heads: int = 8, legacy: bool = False) -> Path:
+def write_merge(d: Path, participants: int, layers: int = 4, heads: int = 8, legacy: bool = False,
+                name: str = "expert-{k}") -> Path:
     """A salience merge's merge_weights.csv and merge.json, with a salience run per expert (the base has none);
-    ``legacy``: as analyses.merge wrote them before 2026-12-06 (the weight in an alpha column, mean_alpha)."""
+    ``legacy``: as analyses.merge wrote them before 2026-12-06 (the weight in an alpha column, mean_alpha);
+    ``name``: each participant's folder name, of its number k."""
     import pandas as pd
 
     rng = np.random.default_rng(0)
-    names = [str(d.parent / "zoo" / f"expert-{k}") for k in range(participants)]
+    names = [str(d.parent / "zoo" / name.format(k=k)) for k in range(participants)]
     weight = rng.dirichlet(np.ones(participants), size=(layers, heads))
     rows = [[f"layers.{l}.self_attn.q_proj.weight", f"rows {16 * h}:{16 * (h + 1)}", m, None, weight[l, h, k], None]
             for k, m in enumerate(names) for l in range(layers) for h in range(heads)]
@@ -358,7 +360,7 @@ def test_a_clipped_salience_scale_keeps_its_colour_bar_label_on_the_page(tmp_pat
     names = json.loads((d / "merge.json").read_text())
     names = [names["base"], *names["models"]]
     grids = {n: np.full((30, 9), 1 / 3) for n in names}
-    fig = _draw_page(names, names, [None, *sals], [True, False, False], grids, "kl")
+    fig, *_ = _draw_page(names, names, [None, *sals], [True, False, False], grids, "kl")
     fig.suptitle("Weight of each participant's query-head slices (salience merge)", fontsize=10)  # as draw_merge
     fig.tight_layout()
     fig.canvas.draw()  # as saved
@@ -426,7 +428,9 @@ def heatmap_page_is_readable(fig, columns: int, min_height: float) -> list:
         for b in boxes[i + 1:]:
             assert not a.overlaps(b), (a, b)
     for ax in maps:
-        for ticks in (ax.get_xticklabels(), ax.get_yticklabels()):
+        # a map over another of the same heads (the merge page's weights over their salience) labels none
+        labelled = [ax.yaxis] + [ax.xaxis] * ax.xaxis.get_tick_params()["labelbottom"]
+        for ticks in (axis.get_ticklabels() for axis in labelled):
             shown = [t.get_window_extent(renderer) for t in ticks if t.get_text()]
             assert len(shown) >= 2 and not any(a.overlaps(b) for a, b in zip(shown, shown[1:]))
     w, h = fig.get_size_inches()
@@ -561,7 +565,10 @@ def drawn_texts(fig) -> list:
     for ax in fig.axes:
         if not ax.get_visible():
             continue
-        out += [ax.title, ax._left_title, ax._right_title, ax.xaxis.label, ax.yaxis.label, *ax.texts]
+        out += [ax.title, ax._left_title, ax._right_title, *ax.texts]
+        if not ax.axison:  # set_axis_off: its axis labels and tick labels are not drawn
+            continue
+        out += [ax.xaxis.label, ax.yaxis.label]
         for axis in (ax.xaxis, ax.yaxis):
             lo, hi = sorted(axis.get_view_interval())
             eps = 1e-9 * max(1.0, hi - lo)
@@ -959,6 +966,104 @@ def test_merge_of_many_participants_keeps_its_labels_apart(tmp_path, monkeypatch
         assert len(figs) == 1
         heatmap_page_is_readable(figs[0], 3 if n > 4 else 2, 0.9)
         plt.close("all")
+
+
+LONG_NAME = "organism-qwen2-72b-instruct-expert-vlm-{k}"  # a 72B checkpoint's folder name: 40 characters
+
+
+def test_merge_of_many_long_named_participants_keeps_its_titles_apart_and_on_the_page(tmp_path, monkeypatch):
+    """6 participants go 3 columns of 1.9 in; a 40-character checkpoint name as a title (2.5 in wide at 8 pt) ran
+    into its neighbours' and 0.25 in past the page's left edge. A title is wrapped where it does not fit, as Figure
+    2's are: every drawn text apart and on the page, each title its participant's name whole."""
+    import matplotlib.pyplot as plt
+
+    import figures.merge as fm
+
+    figs = []
+    monkeypatch.setattr(fm, "save_png_pdf", lambda fig, d, stem: figs.append(fig) or [])
+    fm.draw_merge(write_merge(tmp_path / "merge", 6, name=LONG_NAME))
+    fig, = figs
+    assert overlapping_texts(fig) == []
+    renderer = fig.canvas.get_renderer()
+    for t in drawn_texts(fig):
+        b = t.get_window_extent(renderer)
+        assert fig.bbox.x0 - 1 <= b.x0 and b.x1 <= fig.bbox.x1 + 1 and fig.bbox.y0 - 1 <= b.y0 \
+            and b.y1 <= fig.bbox.y1 + 1, t.get_text()
+    titles = [ax.get_title().replace("\n", "") for ax in fig.axes if ax.get_title().startswith("organism")]
+    assert titles == [LONG_NAME.format(k=k) for k in range(6)]
+    plt.close("all")
+
+
+@pytest.mark.parametrize("participants, grid", [(3, (80, 8)), (6, (4, 64)), (2, (80, 8))])
+def test_merge_keeps_a_big_grids_cells_readable(tmp_path, monkeypatch, participants, grid):
+    """A 72B merge's 80 layers × 64 heads: 3 or 4 participants went 2 rows, each map 1.46 in high (0.018 in a
+    layer), 5 or 6 went 3 columns, each map 0.86 in wide (0.013 in a head, the labels 0 11 22 … run together), and
+    a page of one row (2 participants) left its maps 1.9 in high on a page 5.6 in high. As Figure 2: a page holds
+    fewer participants where more would leave a layer's row or a head's column under 0.025 in, a page of one row of
+    tall maps takes the height they need, their colour bars as long as the maps. Measured as laid out: every
+    map's cells at least 0.025 in each way, each bar at least 0.9 of its map, texts apart and on the page."""
+    import matplotlib.pyplot as plt
+
+    import figures.merge as fm
+
+    figs = []
+    monkeypatch.setattr(fm, "save_png_pdf", lambda fig, d, stem: figs.append(fig) or [])
+    fm.draw_merge(write_merge(tmp_path / "merge", participants, *grid))
+    drawn = 0
+    for fig in figs:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        maps = [ax for ax in fig.axes if ax.images and ax.images[0].colorbar is not None]
+        drawn += sum(ax.get_title().startswith("expert-") for ax in maps)
+        for ax in maps:
+            box = ax.get_window_extent(renderer)
+            rows, cols = ax.images[0].get_array().shape
+            assert (rows, cols) == grid
+            assert box.height / fig.dpi / rows >= 0.025 and box.width / fig.dpi / cols >= 0.025, (
+                len(figs), box.height / fig.dpi, box.width / fig.dpi)
+            bar = ax.images[0].colorbar.ax.get_window_extent(renderer)
+            assert bar.height >= 0.9 * box.height, (bar.height / fig.dpi, box.height / fig.dpi)
+        assert overlapping_texts(fig) == []
+        for t in drawn_texts(fig):
+            b = t.get_window_extent(renderer)
+            assert fig.bbox.x0 - 1 <= b.x0 and b.x1 <= fig.bbox.x1 + 1 and fig.bbox.y0 - 1 <= b.y0 \
+                and b.y1 <= fig.bbox.y1 + 1, t.get_text()
+        w, h = fig.get_size_inches()
+        assert w <= PAGE_WIDTH and h <= PAGE_HEIGHT
+    assert drawn == participants
+    plt.close("all")
+
+
+@pytest.mark.parametrize("participants, grid", [(4, (4, 8)), (6, (4, 8))])
+def test_merge_groups_each_participants_two_heatmaps(tmp_path, monkeypatch, participants, grid):
+    """A participant's weight map and its salience below it are one block: the gap between them was the gap between
+    two participants (0.68 in both on the shipped 4-participant page and 6 of 4 × 8; 6 of 28 × 28: 0.83 in), so
+    the eye could pair a salience with the next participant's weights, as Figure 2's maps were before. The gap
+    inside a block (axes to axes, in inches) is now under half the gap between blocks, and the page stays readable
+    as before."""
+    import matplotlib.pyplot as plt
+
+    import figures.merge as fm
+
+    figs = []
+    monkeypatch.setattr(fm, "save_png_pdf", lambda fig, d, stem: figs.append(fig) or [])
+    fm.draw_merge(write_merge(tmp_path / "merge", participants, *grid))
+    fig, = figs
+    fig.canvas.draw()
+    columns: dict[float, list] = {}
+    for ax in fig.axes:  # a participant's two axes (its base's lower one turned off), not the colour bars
+        if ax.get_visible() and ax.get_label() != "<colorbar>":
+            columns.setdefault(round(ax.get_position().x0, 3), []).append(ax)
+    within, between = [], []
+    for col in columns.values():
+        col.sort(key=lambda ax: -ax.get_position().y1)
+        for i, (upper, lower) in enumerate(zip(col, col[1:])):
+            (within if i % 2 == 0 else between).append((upper.get_position().y0 - lower.get_position().y1)
+                                                         * fig.get_figheight())
+    assert len(within) == participants and len(between) == participants - len(columns)
+    assert max(within) < 0.5 * min(between), (within, between)
+    heatmap_page_is_readable(fig, 3 if participants > 4 else 2, 0.9)
+    plt.close("all")
 
 
 @pytest.mark.parametrize("models", [4, 6])
