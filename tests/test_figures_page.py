@@ -536,26 +536,37 @@ def test_figure2_keeps_a_big_grids_cells_readable_on_pages_of_several_models(tmp
     pages = figs[::2]  # each page saved as png and pdf
     drawn = 0
     for fig in pages:
-        fig.canvas.draw()
-        renderer = fig.canvas.get_renderer()
-        maps = [ax for ax in fig.axes if ax.images and ax.images[0].colorbar is not None]
+        maps = readable_maps(fig, grid)
         assert len(maps) >= 4  # two models a page at the least (4: 2 + 2; 5: 3 + 2), no page of one where two fit
         drawn += len(maps) // 2
-        for ax in maps:
-            box = ax.get_window_extent(renderer)
-            rows, cols = ax.images[0].get_array().shape
-            assert (rows, cols) == grid
-            assert box.height / fig.dpi / rows >= 0.025 and box.width / fig.dpi / cols >= 0.025, (
-                len(pages), box.height / fig.dpi, box.width / fig.dpi)
-        assert overlapping_texts(fig) == []
-        for t in drawn_texts(fig):
-            b = t.get_window_extent(renderer)
-            assert fig.bbox.x0 - 1 <= b.x0 and b.x1 <= fig.bbox.x1 + 1 and fig.bbox.y0 - 1 <= b.y0 \
-                and b.y1 <= fig.bbox.y1 + 1, t.get_text()
-        w, h = fig.get_size_inches()
-        assert w <= PAGE_WIDTH and h <= PAGE_HEIGHT
     assert drawn == models
     close("all")
+
+
+def readable_maps(fig, grid: tuple[int, int], bars: bool = False) -> list:
+    """``fig``'s heatmaps (axes with a colour bar), each checked to be of ``grid`` with cells of at least 0.025 in
+    each way (and, with ``bars``, a colour bar at least 0.9 of its height), the page's texts apart and on it, the
+    page within PAGE_WIDTH × PAGE_HEIGHT."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    maps = [ax for ax in fig.axes if ax.images and ax.images[0].colorbar is not None]
+    for ax in maps:
+        box = ax.get_window_extent(renderer)
+        rows, cols = ax.images[0].get_array().shape
+        assert (rows, cols) == grid
+        assert box.height / fig.dpi / rows >= 0.025 and box.width / fig.dpi / cols >= 0.025, (
+            box.height / fig.dpi, box.width / fig.dpi)
+        if bars:
+            bar = ax.images[0].colorbar.ax.get_window_extent(renderer)
+            assert bar.height >= 0.9 * box.height, (bar.height / fig.dpi, box.height / fig.dpi)
+    assert overlapping_texts(fig) == []
+    for t in drawn_texts(fig):
+        b = t.get_window_extent(renderer)
+        assert fig.bbox.x0 - 1 <= b.x0 and b.x1 <= fig.bbox.x1 + 1 and fig.bbox.y0 - 1 <= b.y0 \
+            and b.y1 <= fig.bbox.y1 + 1, t.get_text()
+    w, h = fig.get_size_inches()
+    assert w <= PAGE_WIDTH and h <= PAGE_HEIGHT
+    return maps
 
 
 def drawn_texts(fig) -> list:
@@ -1011,25 +1022,8 @@ def test_merge_keeps_a_big_grids_cells_readable(tmp_path, monkeypatch, participa
     fm.draw_merge(write_merge(tmp_path / "merge", participants, *grid))
     drawn = 0
     for fig in figs:
-        fig.canvas.draw()
-        renderer = fig.canvas.get_renderer()
-        maps = [ax for ax in fig.axes if ax.images and ax.images[0].colorbar is not None]
+        maps = readable_maps(fig, grid, bars=True)
         drawn += sum(ax.get_title().startswith("expert-") for ax in maps)
-        for ax in maps:
-            box = ax.get_window_extent(renderer)
-            rows, cols = ax.images[0].get_array().shape
-            assert (rows, cols) == grid
-            assert box.height / fig.dpi / rows >= 0.025 and box.width / fig.dpi / cols >= 0.025, (
-                len(figs), box.height / fig.dpi, box.width / fig.dpi)
-            bar = ax.images[0].colorbar.ax.get_window_extent(renderer)
-            assert bar.height >= 0.9 * box.height, (bar.height / fig.dpi, box.height / fig.dpi)
-        assert overlapping_texts(fig) == []
-        for t in drawn_texts(fig):
-            b = t.get_window_extent(renderer)
-            assert fig.bbox.x0 - 1 <= b.x0 and b.x1 <= fig.bbox.x1 + 1 and fig.bbox.y0 - 1 <= b.y0 \
-                and b.y1 <= fig.bbox.y1 + 1, t.get_text()
-        w, h = fig.get_size_inches()
-        assert w <= PAGE_WIDTH and h <= PAGE_HEIGHT
     assert drawn == participants
     plt.close("all")
 
