@@ -42,3 +42,15 @@ def test_an_opening_letter_without_its_own_text_right_after_it_is_no_opening_cho
     options = ["red", "blue", "green", "yellow"]
     assert parse_choice("A. Not red: the answer is B", options) == "B"
     assert parse_choice("A. red, not the answer B", options) == "A"  # its own text right after it: tier 1
+
+
+def test_options_that_are_lone_letters_leave_every_letter_a_choice():
+    """Options "A".."D" (an item whose choices are labels): they mark no echo span, so the answer phrase (tier 2)
+    decides "A is wrong; the answer is B" and "(C)" decides "A? No: (C)". A mutant that let them mark spans
+    blocked every letter tier and fell to tier 6, the earliest option text, A; every test passed. Oracle: the
+    documented rule, by hand."""
+    from probe.parsing import parse_choice
+
+    options = ["A", "B", "C", "D"]
+    assert parse_choice("A is wrong; the answer is B", options) == "B"
+    assert parse_choice("A? No: (C)", options) == "C"
