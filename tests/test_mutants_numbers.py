@@ -54,3 +54,31 @@ def test_options_that_are_lone_letters_leave_every_letter_a_choice():
     options = ["A", "B", "C", "D"]
     assert parse_choice("A is wrong; the answer is B", options) == "B"
     assert parse_choice("A? No: (C)", options) == "C"
+
+
+# --------------------------------------------------------------------------------------------------------
+# analyses.merge_methods.run_fingerprint: what of a salience run a merge's manifest depends on
+
+
+def test_a_salience_runs_fingerprint_follows_its_status_but_not_its_timestamps(tmp_path):
+    """The same heads.csv and plan with another run.json status (the run restarted, now "running") is another input
+    to the merge (else a finished merge could be kept over a run that is no longer complete); a new timestamp
+    alone is not. A mutant that left the status out passed every merge and salience test. Oracle: the docstring's
+    list of what a merge reads, checked by editing run.json by hand."""
+    import json
+
+    from analyses.merge_methods import run_fingerprint
+
+    run = tmp_path / "heads"
+    run.mkdir()
+    (run / "heads.csv").write_text("layer,head,kl\n0,0,0.5\n", encoding="utf-8")
+    info = {"plan": {"model_path": "m"}, "model_resolved_path": "/m", "status": "complete", "started": "t0"}
+
+    def fingerprint(**edit) -> str:
+        (run / "run.json").write_text(json.dumps(info | edit), encoding="utf-8")
+        return run_fingerprint(run)
+
+    done = fingerprint()
+    assert fingerprint(started="t1") == done
+    assert fingerprint(status="running") != done
+    assert fingerprint(model_resolved_path="/other") != done
