@@ -962,15 +962,13 @@ def big_file_mtime(f: Path, st: os.stat_result) -> int:
 
 
 def _original_of(f: Path) -> Path | None:
-    """Where ``f``, under a folder held moved, was when the kept parts were computed; None outside any."""
+    """Where ``f``, under a folder held moved, was when the kept parts were computed (``as_computed``'s mapping of
+    its resolved path); None outside any, or where the folder is the same one spelt otherwise."""
     if not _MOVED:
         return None
     real = str(f.resolve())
-    for m in _MOVED:
-        now = m.now_resolved.rstrip(os.sep)
-        if real.startswith(now + os.sep):
-            return Path(m.then_resolved) / real[len(now) + 1:]
-    return None
+    then = as_computed(real)
+    return None if then == real else Path(then)
 
 
 def same_bytes(a: Path, b: Path, block: int = 16 << 20) -> bool:
