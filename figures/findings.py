@@ -389,8 +389,8 @@ def distinct_directions(r: Replication) -> Finding:
 
 def merge_aggregates(r: Replication) -> Finding:
     crit = ("each merged model lies no farther from the centroid of the models it merges (base and experts) than "
-            "the farthest of them, in the weight sketch; true by construction for the linear merges Eq. 1 and "
-            "Eq. 4, informative for TIES and salience")
+            "the farthest of them, in the weight sketch; true by construction for the Eq. 1 average (their "
+            "centroid), informative for Eq. 4 (weighted tensor by tensor, it can land outside), TIES and salience")
     names, x = r.sketch("fig4b")
     pos = {n: x[i] for i, n in enumerate(names)}
     inputs = np.stack([pos[n] for n in [r.base, *r.experts]])

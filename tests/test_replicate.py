@@ -2917,3 +2917,47 @@ def test_a_big_input_copied_with_new_mtimes_is_the_same_input_while_its_stage_co
         assert content_fingerprint(copy / "merge", hash_limit=limit) == then
         shutil.rmtree(run)  # the original gone: nothing to compare with
         assert content_fingerprint(copy / "merge", hash_limit=limit) != then
+
+
+def test_figure_4_findings_measure_their_stated_geometry_and_eq4_can_land_outside() -> None:
+    """Figure 4a/4b's findings from stand-in sketches, against distances and cosines computed here. The 4b criterion
+    said its test was "true by construction for the linear merges Eq. 1 and Eq. 4"; only Eq. 1 (the average of the
+    very models, their centroid) is. Eq. 4 weighs each tensor apart, so its sketch is no convex combination of the
+    inputs' sketches: here three experts each moved one tensor of three (base at 0, expert k at 1 in tensor k) and
+    Eq. 4 with α0 = 0.2 (a config may set it) gives every tensor 0.8 of the expert that moved it, 0.953 from the
+    centroid against the farthest input's 0.829, so the finding is 'partly' and the criterion must not promise it."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from figures.findings import distinct_directions, merge_aggregates
+
+    inputs = np.eye(4)[:, 1:]  # base (0, 0, 0); expert k: 1 in tensor k
+    eq4 = 0.2 * inputs[0] + 0.8 * inputs[1:].sum(0)  # per tensor: α0 base + (1 − α0) the expert that moved it most
+    c = inputs.mean(0)
+    names = ["base", "e1", "e2", "e3", "m/average", "m/shift"]
+    x = np.vstack([inputs, c, eq4])
+    r = SimpleNamespace(base="base", experts=["e1", "e2", "e3"], methods=["average", "shift"],
+                        merge_dir=lambda m: f"m/{m}", sketch=lambda fig: (names, x))
+    found = merge_aggregates(r)
+    far = max(np.linalg.norm(p - c) for p in inputs)
+    assert far == pytest.approx(0.829, abs=1e-3) and np.linalg.norm(eq4 - c) == pytest.approx(0.953, abs=1e-3)
+    assert found.verdict == "partly", found
+    assert "Eq. 1 average 0;" in found.evidence and "Eq. 4 shift-weighted 0.953" in found.evidence, found.evidence
+    assert f"farthest input {far:.3g}" in found.evidence
+    assert "by construction for the Eq. 1 average" in found.criterion and "informative for Eq. 4" in found.criterion
+    # 4a: each run's move from its first to its last checkpoint (rows in any order), cosines computed here
+    moves = {"text": np.array([1.0, 0.0, 0.0]), "image": np.array([0.0, 2.0, 0.0]), "video": np.array([3.0, 0.3, 0.0])}
+    pts, rows = [], []
+    for run, mv in moves.items():
+        start = np.array([0.5, -1.0, 2.0])
+        for step, at in ((100, start + mv), (0, start), (10, start + 7 * np.array([0.0, 0.0, 1.0]))):
+            pts.append(f"{run}@{step}")
+            rows.append(at)
+    a = SimpleNamespace(runs={"text": ["text"], "image": ["image"], "video": ["video"], "mixed": ["text", "image"]},
+                        sketch=lambda fig: (pts, np.vstack(rows)))
+    found = distinct_directions(a)
+    cos = moves["text"] @ moves["video"] / (np.linalg.norm(moves["text"]) * np.linalg.norm(moves["video"]))
+    assert cos == pytest.approx(0.995, abs=1e-3)  # text and video move alike: one pair of three is not distinct
+    assert found.verdict == "partly", found
+    assert found.evidence == f"Cosines of the runs' moves: text/image 0.00; text/video {cos:.2f}; image/video 0.10."
