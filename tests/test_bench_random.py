@@ -142,6 +142,48 @@ def test_the_eval_bench_reports_batches_that_backed_off(load_tiny, data_dir, mon
 
 
 
+def test_the_eval_bench_alternates_its_repeats_and_reports_medians(load_tiny, data_dir, monkeypatch):
+    """bench/eval.py --repeats 3: one at a time, batched in turn and batched prefetched are timed in that order three
+    times over (alternately, so a shared host's load falls on all three alike), and each time reported is the median
+    of its three, wall and process CPU time, the speed-up the ratio of the medians; agreement is checked on every
+    repeat. Oracle: the order the paths were called in (recorded at the module's first_token_measure and
+    evaluate_items) and statistics.median of the times the fake clock handed out for them."""
+    import statistics
+
+    from conftest import text_only
+    from probe.mmmu import load_items
+
+    module = _bench_module("eval")
+    loaded = load_tiny("qwen2")
+    items = [text_only(it) for it in load_items(str(data_dir))[0][:3]]
+    calls: list[str] = []
+    measure, evaluate = module.first_token_measure, module.evaluate_items
+    monkeypatch.setattr(module, "first_token_measure", lambda *a, **k: calls.append("one") or measure(*a, **k))
+    monkeypatch.setattr(module, "evaluate_items", lambda *a, prefetch=None, **k: calls.append(
+        {False: "in turn", True: "prefetched", None: "warm-up"}[prefetch]) or evaluate(*a, prefetch=prefetch, **k))
+    walls = [5.0, 2.0, 7.0, 1.0, 9.0, 6.0, 3.0, 4.0, 8.0]  # handed out in call order
+    given: dict[str, list[tuple[float, float]]] = {}
+    real_timed = module.timed
+
+    def fake_timed(run):
+        out, _ = real_timed(run)
+        kind = calls[-1]  # the path this run called last
+        wall = walls[sum(map(len, given.values()))]
+        given.setdefault(kind, []).append((wall, wall / 2 + 0.25))
+        return out, module.Timed(wall, wall / 2 + 0.25)
+
+    monkeypatch.setattr(module, "timed", fake_timed)
+    row = module.compare("tiny", loaded, items, 2, repeats=3)
+    runs = [c for i, c in enumerate(calls) if c != "warm-up" and (c != "one" or calls[i - 1] != "one")]
+    assert runs == ["one", "in turn", "prefetched"] * 3, calls
+    med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in given.items()}
+    assert (row["one_s"], row["one_cpu_s"]) == med["one"] and (row["turn_s"], row["turn_cpu_s"]) == med["in turn"]
+    assert (row["ahead_s"], row["ahead_cpu_s"]) == med["prefetched"]
+    assert row["speedup"] == med["one"][0] / med["in turn"][0]  # the CPU's default: prepared in turn
+    assert row["speedup_cpu"] == med["one"][1] / med["in turn"][1]
+    assert row["same_text"] == row["same_prob_pred"] == "3/3" and row["max_dp"] < 1e-5
+
+
 def test_the_eval_bench_reports_windows_that_backed_off(load_tiny, data_dir, monkeypatch):
     """A window whose input preparation runs out of memory is halved too (probe.batch.evaluate_items,
     BatchLimit.windows), which cuts its batches with it: the bench's runs were then timed at smaller windows and
@@ -272,6 +314,7 @@ def test_bench_help_gives_every_default(script, monkeypatch, capsys):
     ("eval.py", ["--dtype", "float8"], "unknown --dtype 'float8'"),
     ("eval.py", ["--batch-size", "0"], "--batch-size must be ≥ 1, got 0"),
     ("eval.py", ["--items", "-1"], "--items must be ≥ 1, got -1"),
+    ("eval.py", ["--repeats", "0"], "--repeats must be ≥ 1, got 0"),
     ("train_step.py", ["--repeats", "0"], "--repeats must be ≥ 1, got 0"),
     ("train_step.py", ["--batch", "0"], "--batch-size must be ≥ 1, got 0"),
     ("merge.py", ["--rounds", "0"], "--rounds must be ≥ 1, got 0"),
