@@ -46,8 +46,10 @@ if TYPE_CHECKING:  # annotations only: the command imports torch and the model c
 LOG_COLUMNS = ["step", "modality", "loss", "lr", "lm_lr", "tokens"]
 STATE = "trainer_state.pt"
 # what the loop does with the settings, part of a run's identity here and in analyses.replicate's fine-tuning stage:
-# runs made before the schedule fix (warm-up × cosine) or on bfloat16 weights are other runs
-LOOP_IDENTITY = {"schedule": "cosine", "weights": "float32"}
+# runs made before the schedule fix (warm-up × cosine), on bfloat16 weights, or (before 2026-12-07) with weight decay
+# on biases and normalisation weights too (probe.train.decays) are other runs: refused as an older omniprobe's here,
+# rerun by replicate
+LOOP_IDENTITY = {"schedule": "cosine", "weights": "float32", "no_decay": "biases and norms"}
 # how a step runs, not what it computes: outside a run's identity here and in analyses.replicate's fine-tuning
 # stage, so a run that ran out of memory resumes with them
 RUN_ONLY_SETTINGS = ("micro_batch", "gradient_checkpointing", "fsdp")

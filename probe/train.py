@@ -5,7 +5,9 @@ on the answer letter and the end of the turn (``<|im_end|>`` in ChatML) only, so
 token is the letter the probe reads. ``train`` samples batches with a seeded generator, warms the learning rate up
 linearly to its peak, then decays it on a cosine to 5 % of the peak at the last step (``lr_factor``), clips
 gradients at 1.0, and keeps the LM and the rest (vision tower, projector) in parameter groups with their own
-learning rates (LM, projector, vision tower; a rate of 0 freezes its group, as staged VLM recipes do). A step runs
+learning rates (LM, projector, vision tower; a rate of 0 freezes its group, as staged VLM recipes do), each split in
+two: AdamW's weight decay on its weights, none on its biases and normalisation weights (``decays``, transformers'
+Trainer's rule, which LLaMA-Factory and the paper's authors' tooling follow). A step runs
 its batch in modality parts, each padded to its own length, with logits only where a label is predicted, and
 accumulates their gradients: transformers' loss and gradient of the whole batch (tested against it), at a third less
 work when clips share a batch with longer two-view images. A step whose loss or gradient norm is not finite stops
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -47,7 +50,10 @@ class TrainConfig:
     batch: int = 32
     warmup: int = 50
     seed: int = 0
-    weight_decay: float = 0.01
+    weight_decay: float = 0.01  # on the parameters ``decays`` names; biases and normalisation weights get none
+    # weight decay on every parameter, biases and norms included (the organisms' recipes were trained so and keep
+    # it, so they rebuild byte for byte); False: ``decays``' rule
+    decay_all: bool = False
     betas: tuple[float, float] = (0.9, 0.98)
     clip: float = 1.0
     min_lr_fraction: float = 0.05  # the cosine decays to this share of the peak
@@ -234,19 +240,45 @@ def is_projector_param(name: str, loaded: LoadedModel | ModelRef) -> bool:
     return any(m in name for m in loaded.family.projector_markers)
 
 
+# What trains without weight decay: biases and normalisation weights, by transformers' Trainer's rule
+# (``Trainer.get_decay_parameter_names``, which LLaMA-Factory's optimisers call too): parameters of nn.LayerNorm
+# modules, and those whose lower-cased name matches NO_DECAY_NAMES (biases, and RMSNorms named as LMs name them:
+# input_layernorm, model.norm, q_norm, ...). Plus every module whose class is a normalisation (NO_DECAY_CLASSES): the
+# Trainer's rule decays Qwen2.5-VL's and Qwen2.5-Omni's vision RMSNorms (norm1, norm2, ln_q: no nn.LayerNorm, and
+# names it does not know). Data, not family branches: each family's own RMSNorm class matches by its name.
+NO_DECAY_MODULES: tuple[type[torch.nn.Module], ...] = (torch.nn.LayerNorm,)
+NO_DECAY_CLASSES = re.compile(r"(?:Layer|RMS|Group)Norm$")
+NO_DECAY_NAMES = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
+
+
+def is_norm(module: torch.nn.Module) -> bool:
+    """Whether ``module`` normalises (its weights, and those of any module inside it, are never decayed)."""
+    return isinstance(module, NO_DECAY_MODULES) or bool(NO_DECAY_CLASSES.search(type(module).__name__))
+
+
+def decays(model: torch.nn.Module) -> set[str]:
+    """The names (``named_parameters``') of the parameters AdamW decays: all but biases and normalisation weights
+    (``is_norm``, NO_DECAY_NAMES). Names under the DDP, FSDP and peft wrappers match as the bare model's do."""
+    exempt = {id(p) for m in model.modules() if is_norm(m) for p in m.parameters()}
+    return {n for n, p in model.named_parameters() if id(p) not in exempt and not NO_DECAY_NAMES.search(n.lower())}
+
+
 def param_groups(model: torch.nn.Module, loaded: LoadedModel, cfg: TrainConfig) -> list[dict]:
-    """Optimiser groups by role: LM (``lm_lr``), projector (``projector_lr`` when given), the rest (``lr``).
-    A group whose rate is 0 is frozen (no gradients, not in the optimiser); parameters already frozen (LoRA's
-    base weights) stay frozen."""
-    roles: dict[str, list] = {"lm": [], "projector": [], "other": []}
+    """Optimiser groups by role: LM (``lm_lr``), projector (``projector_lr`` when given), the rest (``lr``), each
+    in two: its parameters AdamW decays (``decays``; all under ``cfg.decay_all``) at ``cfg.weight_decay``, and the
+    rest (biases, normalisation weights) at 0. A role whose rate is 0 is frozen (no gradients, not in the
+    optimiser); parameters already frozen (LoRA's base weights) stay frozen."""
     rates = _rates(cfg)
+    decayed = None if cfg.decay_all else decays(model)
+    groups: dict[tuple[str, bool], list] = {(r, d): [] for r in rates for d in (True, False)}
     for n, p in model.named_parameters():
         role = _role(n, loaded, cfg)
         if rates[role] == 0:
             p.requires_grad_(False)
         elif p.requires_grad:
-            roles[role].append(p)
-    return [{"params": ps, "lr": rates[r]} for r, ps in roles.items() if ps]
+            groups[role, decayed is None or n in decayed].append(p)
+    return [{"params": ps, "lr": rates[r], "weight_decay": cfg.weight_decay if d else 0.0}
+            for (r, d), ps in groups.items() if ps]
 
 
 def _rates(cfg: TrainConfig) -> dict[str, float]:
@@ -534,7 +566,7 @@ def _steps(loaded: LoadedModel, rows: list[dict], cfg: TrainConfig, log: Callabl
     if not groups:
         raise BadInput(f"nothing to train: every parameter is frozen (lr {cfg.lr}, lm_lr {cfg.lm_lr}, "
                        f"projector_lr {cfg.projector_lr}; a rate of 0 freezes its group)")
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, betas=cfg.betas)
+    opt = torch.optim.AdamW(groups, betas=cfg.betas)  # each group's weight decay its own (param_groups)
     if acc is not None:
         opt = acc.prepare(opt)
     base_lrs = [g["lr"] for g in opt.param_groups]

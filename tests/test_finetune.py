@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from conftest import make_item
 from probe.errors import BadInput, cli_main
 from probe.fsdp import unsupported as fsdp_unsupported
+from probe.tiny import BUILDERS
 from probe.train import PROCESS_GROUP_TIMEOUT_MIN
 
 # --fsdp needs torch >= 2.13 (probe.fsdp.FSDP_TORCH); an older one refuses it in one line (tested below)
@@ -1718,6 +1719,136 @@ def test_lora_adapters_train_at_the_lm_rate(tiny_dirs) -> None:
     assert [g["lr"] for g in groups] == [1e-3] and len(groups[0]["params"]) == len(trainable) > 0
 
 
+# Normalisation weights transformers' Trainer decays (its rule: nn.LayerNorm modules, names holding "bias" or a
+# norm's usual name): the tiny Qwen2.5-VL's and Omni thinker's vision RMSNorms, named norm1, norm2 and ln_q
+_TRAINER_DECAYS_NORMS = {f: {*(f"model.visual.blocks.{i}.norm{j}.weight" for i in (0, 1) for j in (1, 2)),
+                             "model.visual.merger.ln_q.weight"} for f in ("qwen2_5_vl", "qwen2_5_omni_thinker")}
+
+
+@pytest.mark.parametrize("family", [*sorted(BUILDERS), "qwen2_vl+lora"])
+def test_weight_decay_spares_biases_and_norms_as_transformers_trainer_does(family, load_tiny, tiny_dirs,
+                                                                           shared_root) -> None:
+    """Fine-tuning decayed every parameter, biases and norms included. The oracle is transformers' own
+    ``Trainer.get_decay_parameter_names`` (the Trainer and LLaMA-Factory optimise so) on each tiny family and on a
+    LoRA model, except where its rule misses a norm (``_TRAINER_DECAYS_NORMS``, listed by hand): no module whose
+    class normalises (LayerNorm, each family's RMSNorm) and no bias is decayed, and some weights are."""
+    from filelock import FileLock
+    from transformers import Trainer
+
+    from analyses.finetune import add_lora
+    from probe.models import load_model, resolve_model
+    from probe.tiny import tiny_dir
+    from probe.train import TrainConfig, param_groups
+
+    if family.endswith("+lora"):
+        loaded = add_lora(load_model(resolve_model(str(tiny_dirs[family.split("+")[0]]))), 4)
+    elif family in tiny_dirs:
+        loaded = load_tiny(family)
+    else:  # built once per session, as test_families builds them
+        with FileLock(str(shared_root / "tiny.lock")):
+            loaded = load_model(resolve_model(str(tiny_dir(family))), dtype="float32")
+    model = loaded.model
+    names = {n for n, _ in model.named_parameters()}
+    trainer = set(Trainer.get_decay_parameter_names(None, model)) & names  # it also names tied and None ones
+    missed = _TRAINER_DECAYS_NORMS.get(family, set())
+    assert missed <= trainer
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    groups = param_groups(model, loaded, TrainConfig(steps=1, lr=1e-3, lm_lr=1e-3))
+    got = {name_of[id(p)] for g in groups if g["weight_decay"] == 0.01 for p in g["params"]}
+    spared = {name_of[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert got == (trainer - missed) & trained and spared == trained - got
+    norms = {f"{m}.{n}" for m, module in model.named_modules() if type(module).__name__.endswith("Norm")
+             for n, _ in module.named_parameters(recurse=False)}
+    assert norms and not norms & got and not {n for n in names if n.endswith(".bias")} & got
+    assert any(n.endswith(".weight") for n in got)
+    if family.endswith("+lora"):
+        assert got == trained  # the adapters decay, the frozen base is in no group
+    else:
+        assert trained == names and norms <= spared
+
+
+def test_one_adamw_step_with_the_decay_groups_is_a_hand_built_adamws(load_tiny) -> None:
+    """param_groups' groups (three rates, each split into decayed and not) step as a torch AdamW built by hand:
+    rates by where a parameter sits in the tiny Qwen2-VL (LM, merger, the rest of the tower) and weight decay 0
+    for its biases and norms (*_layernorm, norm, norm1 / norm2, ln_q), all to the bit; the old rule
+    (``decay_all``, the organisms') moves the norms otherwise, so the split is seen."""
+    import dataclasses
+
+    from probe.train import TrainConfig, param_groups
+
+    loaded = load_tiny("qwen2_vl")
+    model = loaded.model
+    cfg = TrainConfig(steps=1, lr=1e-2, lm_lr=2e-2, projector_lr=3e-2, weight_decay=0.5)
+    kept = {n: p.detach().clone() for n, p in model.named_parameters()}
+    gen = torch.Generator().manual_seed(0)
+    # no weight at 0 (the tiny model's biases are), so decay shows on every one
+    start = {n: p + 0.1 + torch.rand(p.shape, generator=gen) for n, p in kept.items()}
+    grads = {n: torch.randn(p.shape, generator=gen) for n, p in model.named_parameters()}
+
+    def step(groups: list[dict]) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(start[n])
+                p.grad = grads[n].clone()
+        torch.optim.AdamW(groups, betas=cfg.betas).step()
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def rate(n: str) -> float:
+        return (cfg.lm_lr if n.startswith(("model.language_model.", "lm_head.")) else
+                cfg.projector_lr if n.startswith("model.visual.merger.") else cfg.lr)
+
+    def spared(n: str) -> bool:
+        return n.endswith(".bias") or n.split(".")[-2] in ("norm", "norm1", "norm2", "ln_q") or "_layernorm." in n
+
+    try:
+        got = step(param_groups(model, loaded, cfg))
+        hand: dict[tuple[float, bool], list] = {}
+        for n, p in model.named_parameters():
+            hand.setdefault((rate(n), spared(n)), []).append(p)
+        assert len(hand) == 6
+        want = step([{"params": ps, "lr": lr, "weight_decay": 0.0 if no else cfg.weight_decay}
+                     for (lr, no), ps in hand.items()])
+        assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in got)
+        old = step(param_groups(model, loaded, dataclasses.replace(cfg, decay_all=True)))
+        assert [n for n in got if not torch.equal(old[n], got[n])] == [n for n in got if spared(n)]
+        assert 20 < sum(map(spared, got)) < len(got)
+    finally:  # the session's cached model as it was
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(kept[n])
+                p.grad = None
+                p.requires_grad_(True)
+
+
+def test_a_run_started_with_decay_on_every_parameter_is_not_resumed_with_the_split(
+        tiny_dirs, data_dir, text_dir, tmp_path, monkeypatch, capfd) -> None:
+    """A fine-tuning run begun by the code that decayed every parameter (its run.json without ``no_decay``, its
+    optimiser state one group per rate) and resumed by this one must not continue with other optimiser groups:
+    refused in one line as an older omniprobe's run (the convention of the schedule fix), nothing in --out
+    touched."""
+    import probe.train as train_mod
+    from analyses.finetune import main
+    from conftest import tree_manifest
+
+    out = tmp_path / "old"
+    real = train_mod.train
+    monkeypatch.setattr(train_mod, "train", killed_after(real, 3))
+    monkeypatch.setattr(train_mod, "decays", lambda model: {n for n, _ in model.named_parameters()})  # the old rule
+    assert cli_main(main, _args(tiny_dirs, data_dir, text_dir, out)) == 130
+    monkeypatch.undo()
+    run = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    run["config"].pop("no_decay", None)  # as the old code wrote it
+    (out / "run.json").write_text(json.dumps(run, indent=2) + "\n", encoding="utf-8")
+    before = tree_manifest(out)
+    capfd.readouterr()
+    assert cli_main(main, _args(tiny_dirs, data_dir, text_dir, out)) == 2
+    assert capfd.readouterr().err.strip() == (
+        f"error: --out {out} holds a different run (written by an older omniprobe that did not record no_decay); "
+        "use another --out or --overwrite")
+    assert tree_manifest(out) == before
+
+
 def test_lora_merge_refuses_a_frozen_weight_that_is_not_the_sources(tiny_dirs, tmp_path) -> None:
     """The LoRA merge reads the source's tensors from disk and adds each adapter's update to the tensor its name
     maps to: a frozen weight in memory that is not that tensor as loaded (a conversion on load, a name mapped to
@@ -2368,7 +2499,7 @@ def _flipped_rows(loaded, n: int = 6):
 def _hand_steps(model, rows, batches, cfg) -> tuple[list[float], dict[str, torch.Tensor]]:
     """The oracle: each row run alone and unpadded, cross-entropy of the logit at t - 1 against token t summed over
     the labelled tokens and divided by the batch's count, autograd's gradient of it clipped at cfg.clip, then
-    AdamW (decoupled weight decay, bias-corrected moments) by hand."""
+    AdamW (decoupled weight decay, none on Qwen2's biases and *norm weights; bias-corrected moments) by hand."""
     from probe.train import lr_factor
 
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -2390,7 +2521,8 @@ def _hand_steps(model, rows, batches, cfg) -> tuple[list[float], dict[str, torch
         lr = cfg.lm_lr * lr_factor(s, cfg)
         with torch.no_grad():
             for g, (n, p) in zip(grads, params):
-                p.mul_(1 - lr * cfg.weight_decay)
+                if not (n.endswith(".bias") or "norm" in n.split(".")[-2]):
+                    p.mul_(1 - lr * cfg.weight_decay)
                 m[n] = b1 * m[n] + (1 - b1) * g
                 v[n] = b2 * v[n] + (1 - b2) * g * g
                 p.sub_(lr * (m[n] / (1 - b1 ** (s + 1))) / ((v[n] / (1 - b2 ** (s + 1))).sqrt() + 1e-8))
@@ -2856,8 +2988,9 @@ def _stopped_at(loaded, rows, cfg, step: int, **kw) -> dict:
 def test_every_group_steps_at_its_rate_times_the_written_schedule_through_a_resume(schedule, tiny_dirs,
                                                                                    monkeypatch) -> None:
     """The rates AdamW is handed at each update (read in its step, not train_log.csv's, which is computed from the
-    same factor), for the LM, projector and tower groups of a LLaVA-OV: each its configured rate times the schedule
-    written out here, warm-up and decay, and a run resumed mid-warm-up goes on at the formula's rates."""
+    same factor), for the LM, projector and tower groups of a LLaVA-OV (each in two: weights decayed, and biases
+    and norms not): each its configured rate times the schedule written out here, warm-up and decay, and a run
+    resumed mid-warm-up goes on at the formula's rates."""
     import math
 
     from probe.models import load_model, resolve_model
@@ -2876,15 +3009,22 @@ def test_every_group_steps_at_its_rate_times_the_written_schedule_through_a_resu
     cfg = TrainConfig(steps=steps, lr=rates[2], lm_lr=rates[0], projector_lr=rates[1], batch=1, warmup=warmup,
                       schedule=schedule)
     seen: list[list[float]] = []
+    decay: set[tuple[float, ...]] = set()
     real = torch.optim.AdamW.step
-    monkeypatch.setattr(torch.optim.AdamW, "step",
-                        lambda self, *a, **k: seen.append([g["lr"] for g in self.param_groups]) or real(self, *a, **k))
+
+    def step(self, *a, **k):
+        seen.append([g["lr"] for g in self.param_groups])
+        decay.add(tuple(g["weight_decay"] for g in self.param_groups))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
     loaded = load_model(resolve_model(str(tiny_dirs["llava_onevision"])), dtype="float32")
     rows = encode(loaded, [make_item(answer="B")], True)
     train(loaded, rows, cfg, log=lambda m: None)
-    want = [[r * factor(k) for r in rates] for k in range(steps)]
+    want = [[r * factor(k) for r in rates for _ in ("decayed", "not")] for k in range(steps)]
     assert want[0][0] < want[2][0] and (schedule == "overlapped" or factor(warmup - 1) == 1.0)  # the peak
     assert seen == [pytest.approx(w, rel=1e-12) for w in want]
+    assert decay == {(cfg.weight_decay, 0.0) * 3}
     loaded.model.requires_grad_(True)
     kept = _stopped_at(loaded, rows, cfg, 2)
     seen.clear()

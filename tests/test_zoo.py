@@ -135,7 +135,10 @@ def test_token_grid_matches_the_models_geometry(name):
 
 def test_stage_rates_freeze_and_group_by_role():
     """A stage's zero rates freeze their part: LLaVA's projector alignment trains the projector alone, Qwen2-VL's
-    last stage the LM alone; LoRA-style pre-frozen parameters are never unfrozen."""
+    last stage the LM alone; LoRA-style pre-frozen parameters are never unfrozen. Each rate's group is split into
+    weights decayed and biases and norms not (the recipes' ``decay_all``: one group a rate, as they were built)."""
+    import dataclasses
+
     from probe.train import TrainConfig, param_groups
     from probe.zoo.build import _load
 
@@ -149,18 +152,22 @@ def test_stage_rates_freeze_and_group_by_role():
         assert all(p.requires_grad == (n in names) for n, p in model.named_parameters())
         model.requires_grad_(True)
         groups = param_groups(model, loaded, TrainConfig(steps=1, lr=0.0, lm_lr=1e-3, projector_lr=0.0))
-        assert [g["lr"] for g in groups] == [1e-3]
+        assert [(g["lr"], g["weight_decay"]) for g in groups] == [(1e-3, 0.01), (1e-3, 0.0)]
         lm = {n for n, p in model.named_parameters() if p.requires_grad}
         assert lm and all("language_model" in n or n.startswith("lm_head") for n in lm)
         model.requires_grad_(True)
-        groups = param_groups(model, loaded, TrainConfig(steps=1, lr=4e-5, lm_lr=2e-4, projector_lr=2e-4))
-        assert [g["lr"] for g in groups] == [2e-4, 2e-4, 4e-5]
+        cfg = TrainConfig(steps=1, lr=4e-5, lm_lr=2e-4, projector_lr=2e-4)
+        groups = param_groups(model, loaded, cfg)
+        assert [(g["lr"], g["weight_decay"]) for g in groups] == [(r, d) for r in (2e-4, 2e-4, 4e-5) for d in (0.01, 0)]
+        assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+        groups = param_groups(model, loaded, dataclasses.replace(cfg, decay_all=True))
+        assert [(g["lr"], g["weight_decay"]) for g in groups] == [(2e-4, 0.01), (2e-4, 0.01), (4e-5, 0.01)]
         assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
         first = next(p for n, p in model.named_parameters() if "language_model" in n)
         first.requires_grad_(False)  # as peft leaves a base weight
         groups = param_groups(model, loaded, TrainConfig(steps=1, lr=1e-3, lm_lr=1e-3))
         assert not first.requires_grad and all(p is not first for g in groups for p in g["params"])
-        assert len(groups) == 2  # without projector_lr the projector trains with the tower, as before
+        assert len(groups) == 4  # without projector_lr the projector trains with the tower, as before
 
 
 def test_mix_in_shares():

@@ -383,7 +383,8 @@ def train(loaded: LoadedModel, rows: list[dict], recipe: Recipe, seed: int) -> l
         log(f"  stage {i + 1}/{len(recipe.stages)} {st.name or ''}: {st}")
         cfg = TrainConfig(steps=st.steps, lr=st.tower_lr, lm_lr=st.lm_lr, projector_lr=st.projector_lr,
                           batch=recipe.batch, warmup=st.warmup, seed=seed + 1000 * i,
-                          schedule="overlapped")  # the schedule the shipped organisms were trained with
+                          # the schedule and weight decay (every parameter) the shipped organisms were trained with
+                          schedule="overlapped", decay_all=True)
         losses += train_loop(loaded, rows, cfg, log=log)
     loaded.model.requires_grad_(True)
     return losses
