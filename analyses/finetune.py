@@ -746,7 +746,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     from probe.lm_config import declared_quantization
     from probe.models import model_fingerprint, model_location, resolve_model
     from probe.results import (atomic_write_json, atomic_write_with, check_same_run_on_every_rank, claim_out_dir,
-                               has_contents, lock_out_dir, read_run_json, stop_recorded)
+                               has_contents, lock_out_dir, read_run_json, remove_stale_temps, stop_recorded)
     from probe.train import TrainConfig, check_finite_weights, encode, is_main_process, process_state
     from probe.train import train as train_loop
     from probe.train import wait_for_everyone
@@ -795,6 +795,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     clear = check_previous_run(cfg, fingerprint)
     if has_contents(out):  # this run's to resume (or to clear): claimed at once, as probe.heads claims a resume, so
         lock_out_dir(out, shared=world > 1)  # a command running there is refused in one line before the model loads
+        remove_stale_temps(out)  # a SIGKILL before an atomic write's rename left its temp file (a live rank's stay)
     start, resumable = (None, {}) if clear else resume_point(out, cfg)  # --overwrite: a run from the start
     if start == cfg.steps and (out / "train_log.csv").is_file():
         saved = read_run_json(out)  # an object: check_previous_run has vouched for it

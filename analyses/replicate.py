@@ -741,7 +741,10 @@ def run(args: argparse.Namespace) -> Path:
     out = ctx.out
     # held to the end: a second run into this --out is refused rather than continue (or delete) our stages
     lock_out_dir(out)
-    from probe.results import atomic_write_json
+    from probe.results import atomic_write_json, remove_stale_temps
+
+    for d in (out, out / STATE_DIR):  # a SIGKILL before an atomic write's rename left its temp file (a live one's stay)
+        remove_stale_temps(d)
 
     p = ctx.placement
     print(p.description, file=sys.stderr)  # after the last refusal, so that one stays one line (as probe.heads)

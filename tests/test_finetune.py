@@ -478,6 +478,36 @@ def test_killed_after_its_last_checkpoint_is_marked_complete_on_rerun(ft_run, ti
     assert _log(out) == _log(ft_run)
 
 
+@pytest.mark.parametrize("where", ["after its last checkpoint", "mid-run"])
+def test_temp_files_a_sigkill_left_are_removed_by_the_resume(where, ft_run, tiny_dirs, data_dir, text_dir, tmp_path):
+    """A SIGKILL between an atomic write's temp file and its rename (run.json's final write, the log's swap at a
+    resume) left ``.run.json.PID-HOST.*.tmp`` / ``.train_log.csv.*.tmp`` in --out for good: the resume finished
+    beside them (found by a kill at each file-system write of a run, then the same command again). The next run
+    now removes a dead writer's temp files, as probe.heads and probe.eval do; the run's files stay as they were."""
+    import subprocess
+    import sys
+
+    from analyses.finetune import main
+    from probe.results import writer_tag
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    tag = f"{dead.pid}-{writer_tag().partition('-')[2]}"
+    out = shutil.copytree(ft_run, tmp_path / "run")
+    info = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps(info | {"status": "running"}))  # the kill fell before its rewrite
+    if where == "mid-run":  # killed after checkpoint-4: the resume trains steps 5 and 6 again
+        shutil.rmtree(out / "checkpoint-6")
+    stale = [out / f".run.json.{tag}.k2j_x9.tmp", out / f".train_log.csv.{tag}.a1b2.tmp"]
+    for f in stale:
+        f.write_text("{}", encoding="utf-8")
+    assert cli_main(main, _args(tiny_dirs, data_dir, text_dir, out)) == 0
+    assert not any(f.exists() for f in stale)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ft_run.iterdir())
+    assert json.loads((out / "run.json").read_text())["status"] == "complete"
+    assert _log(out) == _log(ft_run)
+
+
 class _MakesADir:
     """Unpickled, it calls os.mkdir: what a trainer state from elsewhere can make a weights_only=False load run."""
 

@@ -2038,6 +2038,34 @@ def test_a_report_killed_while_written_leaves_no_report_of_an_earlier_build(quic
     assert "4321" in (copy / "report.html").read_text()
 
 
+def test_temp_files_a_sigkill_left_in_the_runs_own_files_are_removed_by_the_rerun(quick: Path, capsys) -> None:
+    """A SIGKILL between an atomic write's temp file and its rename (replicate.json, a stage's state in stages/, the
+    digest cache, report.md or report.html) left ``.NAME.PID-HOST.*.tmp`` in --out or --out/stages for good: every
+    rerun finished beside them (found by killing runs at their file-system writes; probe.heads, probe.eval and the
+    stages' own dirs clear a dead writer's temps, the run's own files did not). A live writer's temps stay."""
+    from probe.results import writer_tag
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = writer_tag().partition("-")[2]
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        before = sorted(p.relative_to(quick) for p in quick.rglob("*"))
+        stale = [quick / f".replicate.json.{dead.pid}-{host}.k2j_x9.tmp", quick / f".report.html.{dead.pid}-{host}.a1.tmp",
+                 quick / "stages" / f".heads.json.{dead.pid}-{host}.b2.tmp"]
+        busy = quick / "stages" / f".table4.json.{live.pid}-{host}.c3.tmp"
+        for f in (*stale, busy):
+            f.write_text("{}", encoding="utf-8")
+        assert replicate_in_root("--quick", "--quiet", "--only", "report", "--out", str(quick)) == 0, \
+            capsys.readouterr().err
+        assert not any(f.exists() for f in stale) and busy.is_file()
+        busy.unlink()
+        assert sorted(p.relative_to(quick) for p in quick.rglob("*")) == before
+    finally:
+        live.kill()
+        live.wait()
+
+
 def test_a_finding_not_measured_names_the_papers_claim(quick: Path, tmp_path: Path) -> None:
     """A finding whose stage had not completed printed the report's section key and the check's function name
     ("table5: weighted beats average") in place of where the paper says it and what it claims."""
