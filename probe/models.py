@@ -897,9 +897,11 @@ def load_tokenizer(ref: ModelRef) -> Any:
             tokenizer = transformers.AutoTokenizer.from_pretrained(ref.path, **ref.load_kwargs)
     except (OSError, ValueError) as exc:
         raise BadInput(f"{ref.path}: cannot load its tokenizer ({error_reason(exc)})") from None
-    if len(tokenizer) < 2:  # no tokenizer files: transformers builds an empty tokenizer and carries on
+    # no tokenizer files: transformers builds an empty tokenizer and carries on; one with only tokenizer_config.json
+    # holds that file's special tokens alone (no text reads as any token: "option letter 'A' is not a single token")
+    if not set(tokenizer.get_vocab()) - set(special_tokens(tokenizer)):
         raise BadInput(f"{ref.path}: no tokenizer files (tokenizer.json, tokenizer_config.json, …); the tokenizer "
-                       "transformers built from it is empty")
+                       "transformers built from it is empty (special tokens at most)")
     return tokenizer
 
 
