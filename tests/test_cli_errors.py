@@ -1842,6 +1842,25 @@ def _every_command_refuses(model: Path, tmp_path: Path, capfd, want: str) -> lis
     return lines
 
 
+@pytest.mark.parametrize("text, want", [('"rms_norm_eps": NaN', "rms_norm_eps is NaN"),
+                                        ('"rope_theta": Infinity', "rope_parameters.rope_theta is Infinity"),
+                                        ('"rope_theta": -1e999', "rope_parameters.rope_theta is -Infinity")])
+def test_a_config_number_that_is_no_number_is_refused_by_every_command(tmp_path, capfd, text, want):
+    """config.json holding NaN or an infinity (no JSON number; Python's reader takes them): an rms_norm_eps of NaN
+    made every forward NaN, and probe.eval and probe.heads stopped with exit 1 saying the forward overflowed "in this
+    dtype" and to rerun with --dtype float32, the dtype they ran in; shift, merge and trajectory went on (merge wrote
+    the NaN into its output's config). Refused by every command, naming the key; the oracle is the text written."""
+    from probe.models import resolve_model
+
+    model = shutil.copytree(resolve_model("organism-base").path, tmp_path / "m")
+    cfg = (model / "config.json").read_text(encoding="utf-8")
+    key = text.split(":")[0]
+    cfg, n = re.subn(key + r': [^,\n]+', text, cfg)
+    assert n == 1
+    (model / "config.json").write_text(cfg, encoding="utf-8")
+    _every_command_refuses(model, tmp_path, capfd, f"{model}/config.json: {want}")
+
+
 def test_an_moe_text_model_is_measured_by_shift_and_refused_by_merge(tmp_path, capfd):
     """A LLaVA-OneVision checkpoint (random weights, built and saved by transformers) whose text model is Qwen2-MoE,
     layer 0 dense (mlp_only_layers), the others experts, a router and a shared expert: q/k/v_proj heads, so every
