@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 
 from analyses.align import Alignment, TensorPlan, align, check_delta_finite, check_finite, paired_chunks
-from analyses.checkpoints import (Checkpoint, add_output_args, check_inputs_and_out, check_out_outside,
+from analyses.checkpoints import (Checkpoint, add_output_args, check_each_once, check_inputs_and_out, check_out_outside,
                                   checkpoint_fingerprint, chunks, open_checkpoint, progress, quiet_progress,
                                   reserve_descriptors)
 from analyses.formulas import (FORMULAS, ShiftStats, average_coefficients, shift_coefficients,
@@ -593,6 +593,7 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
         if base and cfg.base in cfg.models:  # the base listed as an expert too: its α0 rows (shift, salience,
             names[0] = f"{cfg.base} (base)"  # task arithmetic) and its expert rows must not share one name
         check_inputs_and_out(cfg.out, models, ([base] if base else []) + carriers)  # base may be in --models
+        check_each_once(carriers, "carrier")  # --carrier X X wrote carriers/X and an identical carriers/X-2
         check_replaceable(cfg.out, cfg.overwrite, COMMAND)
         reserve_descriptors([*inputs, *carriers])
         al = align(inputs, names)  # shapes, vocab rule: all checked before anything is written
