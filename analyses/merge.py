@@ -41,7 +41,8 @@ from analyses.shift import CHUNK
 from analyses.shift_csv import read_shift_csv
 from analyses.writer import (SHARD_BYTES, Entry, ShardedWriter, atomic_dir, check_output, check_replaceable,
                              copy_side_files, parse_size, returns_finished, run_request)
-from probe.errors import TENSOR_MEMORY_HINT, ArgParser, BadInput, cli_main, in_path, out_dir, parse_options
+from probe.errors import (TENSOR_MEMORY_HINT, ArgParser, BadInput, check_threads, cli_main, in_path, out_dir,
+                          parse_options)
 from probe.families import CAUSAL_LM, LAYOUTS, causal_lm_type, check_lm_fits_class
 from probe.families import lm_disk_key as layout_key
 from probe.lm_config import class_text_values, untie_word_embeddings
@@ -133,6 +134,7 @@ class MergeConfig:
             raise BadInput(f"--shard-size must be at least 1 byte, got {self.shard_size}")
         if self.threads < 1:
             raise BadInput(f"--threads must be ≥ 1, got {self.threads}")
+        check_threads(self.threads)
         if self.dtype is not None and self.dtype not in OUT_DTYPES:
             raise BadInput(f"--dtype must be one of {', '.join(OUT_DTYPES)}, got {self.dtype!r}")
         if self.method not in METHODS:

@@ -1935,3 +1935,32 @@ def test_a_home_of_no_user_here_is_one_line_wherever_a_path_is_read(argv, tmp_pa
     line = one_error_line(cli_main(main, args), capsys.readouterr().err)
     assert "~no-such-user-43" in line and "no user's home" in line, line
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("name, argv", [
+    ("analyses.merge", ["--base", "organism-base", "--models", "organism-vl", "--method", "average", "--quiet"]),
+    ("probe.zoo.__main__", ["build", "--quick"]), ("sweep", ["--device", "cpu"]), ("eval", ["--device", "cpu"]),
+    ("train_step", []), ("merge", ["--no-mergekit"])])
+def test_a_thread_count_no_machine_can_start_is_one_line_before_anything_runs(name, argv, tmp_path, capsys):
+    """--threads 99999999999 ended every command taking it in torch.set_num_threads' ValueError traceback (past a C
+    int). Refused now before anything is read or written: more than 4 × this machine's CPUs (the oracle:
+    os.cpu_count)."""
+    out = tmp_path / "out"
+    extra = ["--out", str(out)] if name in ("analyses.merge", "probe.zoo.__main__") else []
+    extra += ["--workdir", str(out)] if name == "merge" else []
+    line = one_error_line(cli_main(_main(name), [*argv, "--threads", "99999999999", *extra]), capsys.readouterr().err)
+    assert "--threads 99999999999" in line and f"{os.cpu_count()} CPUs" in line, line
+    assert not out.exists()
+
+
+def test_a_merge_on_more_threads_than_openmp_starts_is_refused_not_aborted_half_written(tmp_path):
+    """analyses.merge --threads 100000 got as far as libgomp, which aborted the process ("libgomp: Out of memory
+    allocating 800008 bytes", exit 1) and left the partial output dir and its lock beside --out. In a subprocess: the
+    abort would take pytest with it."""
+    out = tmp_path / "m"
+    r = subprocess.run([sys.executable, "-m", "analyses.merge", "--base", "organism-base", "--models", "organism-vl",
+                        "--method", "average", "--threads", "100000", "--quiet", "--out", str(out)],
+                       capture_output=True, text=True, cwd=REPO, timeout=300)
+    line = one_error_line(r.returncode, r.stderr)
+    assert "--threads 100000" in line, line
+    assert list(tmp_path.iterdir()) == []
