@@ -1964,3 +1964,20 @@ def test_a_merge_on_more_threads_than_openmp_starts_is_refused_not_aborted_half_
     line = one_error_line(r.returncode, r.stderr)
     assert "--threads 100000" in line, line
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name, argv, flag", [
+    ("sweep", ["--random-config", "qwen2-7b", "--layers", "29", "--device", "cpu"], "--layers 29"),
+    ("sweep", ["--random-config", "qwen2-7b", "--layers", "99999999999", "--device", "cpu"], "--layers 99999999999"),
+    ("sweep", ["--random-config", "qwen2-7b", "--vocab-size", "152065", "--device", "cpu"], "--vocab-size 152065"),
+    ("sweep", ["--random-config", "qwen2-vl-7b", "--vision-layers", "33", "--device", "cpu"], "--vision-layers 33"),
+    ("merge", ["--arch", "qwen2-7b", "--layers", "99999999999", "--no-mergekit"], "--layers 99999999999")])
+def test_a_cut_of_a_published_architecture_past_its_size_is_refused_at_once(name, argv, flag, tmp_path, capsys):
+    """--layers, --vision-layers and --vocab-size cut a published architecture (probe.archs) to build it at random;
+    past its own size (Qwen2-7B: 28 layers, 152,064 rows; Qwen2-VL-7B's vision tower: 32 blocks; DESIGN §1) the
+    benchmarks built them: bench/sweep.py --layers 99999999999 and bench/merge.py --arch qwen2-7b --layers
+    99999999999 ran past 90 s building, --vocab-size 99999999999 ended as 'out of memory … lower the batch size'."""
+    extra = ["--workdir", str(tmp_path / "w")] if name == "merge" else []
+    line = one_error_line(cli_main(_main(name), [*argv, *extra]), capsys.readouterr().err)
+    assert flag in line and "cuts" in line, line
+    assert not (tmp_path / "w").exists()
