@@ -157,9 +157,11 @@ def check_run_length(loaded: LoadedModel, item: ItemLike, n_prompt: int, cfg: Sw
                     "shorten the prompt (--image-max-side) or --max-new-tokens, or leave the item out")
 
 
-def check_positions(loaded: LoadedModel, item: ItemLike, n: int, parts: str, advice: str) -> None:
+def check_positions(loaded: LoadedModel, item: ItemLike, n: int, parts: str, advice: str,
+                    use: str = "measured") -> None:
     """``check_run_length``'s refusals of a run of ``n`` positions (``parts``: what they are), shared with training
-    (probe.train.encode), which trained on such items without a word; ``advice``: how to shorten it."""
+    (probe.train.encode, which trained on such items without a word); ``advice``: how to shorten it; ``use``: what
+    the run does with the item ("trained on" for training)."""
     spans = f"item {item.id}: its run spans {n} positions ({parts}), past the"
     if loaded.rope_limit is not None and n > (limit := loaded.rope_limit[1]):
         kind = loaded.rope_limit[0]
@@ -169,7 +171,7 @@ def check_positions(loaded: LoadedModel, item: ItemLike, n: int, parts: str, adv
                        f"comparable; {advice}")
     if loaded.context_length is not None and n > loaded.context_length:
         raise BadInput(f"{spans} {loaded.context_length} positions {loaded.ref.spec} was built for "
-                       f"(max_position_embeddings): it would be measured where it never learnt anything; {advice}")
+                       f"(max_position_embeddings): it would be {use} where it never learnt anything; {advice}")
 
 
 def naive_sweep(

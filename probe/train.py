@@ -115,7 +115,7 @@ def encode(loaded: LoadedModel, items: Sequence, with_answer: bool,
         n_prompt = b["input_ids"].shape[0]
         # the answer letter and the turn's end follow the prompt when training (probe.eval refuses such an item too)
         check_positions(loaded, it, n_prompt + 2 * with_answer, f"{n_prompt} prompt" + " + 2 answer" * with_answer,
-                        "shorten the item or leave it out of the training set")
+                        "shorten the item or leave it out of the training set", "trained on")
         letter_ids = answer_token_ids(loaded, it.letters, template)
         if with_answer:
             at = b["input_ids"].device  # the model's device (build_inputs puts them there): a GPU's, not the CPU
