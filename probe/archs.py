@@ -146,7 +146,8 @@ def build_config(name: str, special: dict[str, int] | None = None, layers: int |
     # (--layers 99999999999 ran on building; a 29-layer Qwen2-7B in fp32 took the host's RAM)
     for flag, value, full, what in (("--layers", layers, arch.text["num_hidden_layers"], "decoder layers"),
                                     ("--vocab-size", vocab_size, arch.text["vocab_size"], "vocabulary rows"),
-                                    ("--vision-layers", vision_layers,
+                                    # a text LM ignores vision_layers (build_random's callers pass one)
+                                    ("--vision-layers", vision_layers if arch.vision else None,
                                      (arch.vision or {}).get(arch.vision_layers_key or "", 0), "vision layers")):
         if value and value > full:
             raise BadInput(f"{flag} {value}: it cuts {name}, which has {full:,} {what}; give 1 to {full}")
