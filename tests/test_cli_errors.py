@@ -1981,3 +1981,22 @@ def test_a_cut_of_a_published_architecture_past_its_size_is_refused_at_once(name
     line = one_error_line(cli_main(_main(name), [*argv, *extra]), capsys.readouterr().err)
     assert flag in line and "cuts" in line, line
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("damage", ["a byte no UTF-8 text holds", "a directory"])
+def test_a_replicate_config_that_is_no_text_file_is_one_line(damage, tmp_path, capsys):
+    """analyses.replicate --config FILE with a byte that is no UTF-8 (a file saved in Latin-1, or a binary) ended in a
+    UnicodeDecodeError traceback, exit 1; the config is now bad input, nothing written, the file untouched."""
+    from analyses.replicate import main
+
+    config = tmp_path / "c.toml"
+    if damage == "a directory":
+        config.mkdir()
+    else:
+        text = (REPO / "analyses/configs/quick.toml").read_bytes()
+        config.write_bytes(text.replace(b"# ", "# é ".encode("latin-1"), 1))  # é as Latin-1: no UTF-8
+    before, out = snapshot(tmp_path), tmp_path / "out"
+    line = one_error_line(cli_main(main, ["--config", str(config), "--quiet", "--out", str(out)]),
+                          capsys.readouterr().err)
+    assert f"--config {config}" in line, line
+    assert not out.exists() and snapshot(tmp_path) == before
