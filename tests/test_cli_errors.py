@@ -2000,3 +2000,30 @@ def test_a_replicate_config_that_is_no_text_file_is_one_line(damage, tmp_path, c
                           capsys.readouterr().err)
     assert f"--config {config}" in line, line
     assert not out.exists() and snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("file, text, want", [
+    ("tokenizer.json", '{"model": 5}', "cannot load its tokenizer (tokenizer.json lacks 'added_tokens')"),
+    ("generation_config.json", '{"eos_token_id": "x"}', "eos_token_id 'x' (generation_config.json, else "
+                                                        "config.json) is not a token id"),
+    ("generation_config.json", '{"eos_token_id": [2, -1]}', "eos_token_id [2, -1] (generation_config.json, else "
+                                                            "config.json) is not a token id")])
+def test_a_tokenizer_or_generation_config_of_the_wrong_shape_is_one_line(file, text, want, tmp_path, capfd):
+    """A tokenizer.json that is JSON but no tokenizer (a KeyError inside transformers) and an eos_token_id that is no
+    token id (a TypeError sorting the end ids) ended probe.eval in a traceback, exit 1, the second with its run.json
+    and lock written. Bad input now: one line naming the model, nothing written, the model untouched."""
+    from conftest import tree_manifest
+    from probe import eval as probe_eval
+    from probe.models import resolve_model
+
+    model = shutil.copytree(resolve_model("organism-base").path, tmp_path / "m")
+    (model / file).write_text(text, encoding="utf-8")
+    before, out = tree_manifest(model), tmp_path / "out"
+    capfd.readouterr()
+    code = cli_main(probe_eval.main, ["--models", str(model), "--data", str(REPO / "probe/zoo/data/text"), "--limit",
+                                      "1", "--quiet", "--device", "cpu", "--out", str(out)])
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(lines) == 1 and err.strip().endswith(lines[0]) and "Traceback" not in err, err
+    assert f"{model}" in lines[0] and want in lines[0], lines[0]
+    assert not out.exists() and tree_manifest(model) == before
