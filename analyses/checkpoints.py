@@ -412,6 +412,14 @@ def chunks(numel: int, size: int) -> Iterator[tuple[int, int]]:
 def check_inputs_and_out(out: Path, inputs: Sequence[Checkpoint], others: Sequence[Checkpoint] = ()) -> None:
     """Each of ``inputs`` once (a model listed twice would count twice in every mean and merge), and ``out`` never
     one of ``inputs``/``others`` nor a folder holding one: ``--overwrite`` replaces the whole output dir."""
+    check_each_once(inputs)
+    if hit := input_in_out(out, [(ck.name, ck.path) for ck in [*inputs, *others]]):
+        raise BadInput(f"--out {out} would replace the input {hit[0]} ({hit[1]}); pick another --out")
+
+
+def check_each_once(inputs: Sequence[Checkpoint], kind: str = "model") -> None:
+    """Each of ``inputs`` (checkpoints of one option) once, however its path is spelt: BadInput naming the first that
+    is not."""
     seen: dict[Path, str] = {}
     for ck in inputs:
         p = Path(ck.path).resolve()
@@ -419,10 +427,8 @@ def check_inputs_and_out(out: Path, inputs: Sequence[Checkpoint], others: Sequen
             # one name twice was said as "X and X are the same checkpoint"
             what = f"{ck.name} is listed twice" if ck.name == seen[p] else \
                 f"{ck.name} and {seen[p]} are the same checkpoint"
-            raise BadInput(f"{what} ({p}); list each model once")
+            raise BadInput(f"{what} ({p}); list each {kind} once")
         seen[p] = ck.name
-    if hit := input_in_out(out, [(ck.name, ck.path) for ck in [*inputs, *others]]):
-        raise BadInput(f"--out {out} would replace the input {hit[0]} ({hit[1]}); pick another --out")
 
 
 def check_out_outside(out: Path, inputs: Sequence[tuple[str, str | Path]]) -> None:

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 
 from analyses.align import Alignment, TensorPlan, align, check_delta_finite, check_finite, paired_chunks
-from analyses.checkpoints import (Checkpoint, add_output_args, check_inputs_and_out, check_out_outside,
+from analyses.checkpoints import (Checkpoint, add_output_args, check_each_once, check_inputs_and_out, check_out_outside,
                                   checkpoint_fingerprint, chunks, open_checkpoint, progress, quiet_progress,
                                   reserve_descriptors)
 from analyses.formulas import (FORMULAS, ShiftStats, average_coefficients, shift_coefficients,
@@ -41,7 +41,8 @@ from analyses.shift import CHUNK
 from analyses.shift_csv import read_shift_csv
 from analyses.writer import (SHARD_BYTES, Entry, ShardedWriter, atomic_dir, check_output, check_replaceable,
                              copy_side_files, parse_size, returns_finished, run_request)
-from probe.errors import TENSOR_MEMORY_HINT, ArgParser, BadInput, cli_main, in_path, out_dir, parse_options
+from probe.errors import (TENSOR_MEMORY_HINT, ArgParser, BadInput, check_threads, cli_main, in_path, out_dir,
+                          parse_options)
 from probe.families import CAUSAL_LM, LAYOUTS, causal_lm_type, check_lm_fits_class
 from probe.families import lm_disk_key as layout_key
 from probe.lm_config import class_text_values, untie_word_embeddings
@@ -133,6 +134,7 @@ class MergeConfig:
             raise BadInput(f"--shard-size must be at least 1 byte, got {self.shard_size}")
         if self.threads < 1:
             raise BadInput(f"--threads must be ≥ 1, got {self.threads}")
+        check_threads(self.threads)
         if self.dtype is not None and self.dtype not in OUT_DTYPES:
             raise BadInput(f"--dtype must be one of {', '.join(OUT_DTYPES)}, got {self.dtype!r}")
         if self.method not in METHODS:
@@ -593,6 +595,7 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
         if base and cfg.base in cfg.models:  # the base listed as an expert too: its α0 rows (shift, salience,
             names[0] = f"{cfg.base} (base)"  # task arithmetic) and its expert rows must not share one name
         check_inputs_and_out(cfg.out, models, ([base] if base else []) + carriers)  # base may be in --models
+        check_each_once(carriers, "carrier")  # --carrier X X wrote carriers/X and an identical carriers/X-2
         check_replaceable(cfg.out, cfg.overwrite, COMMAND)
         reserve_descriptors([*inputs, *carriers])
         al = align(inputs, names)  # shapes, vocab rule: all checked before anything is written

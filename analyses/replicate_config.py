@@ -208,6 +208,8 @@ def parse_config(path: Path) -> ReplicateConfig:
         table = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise BadInput(f"--config {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:  # a file saved in another encoding, or no text: was a traceback
+        raise BadInput(f"--config {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise BadInput(f"--config {path}: not valid TOML ({exc})") from None
     cfg = _build(ReplicateConfig, table)

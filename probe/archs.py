@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from probe.errors import BadInput
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -140,6 +142,15 @@ def build_config(name: str, special: dict[str, int] | None = None, layers: int |
     from probe.tokenizer import MEDIA_TOKENS
 
     arch = ARCHS[name]
+    # each cuts the architecture: past its own size a benchmark built a deeper or wider model than the one it names
+    # (--layers 99999999999 ran on building; a 29-layer Qwen2-7B in fp32 took the host's RAM)
+    for flag, value, full, what in (("--layers", layers, arch.text["num_hidden_layers"], "decoder layers"),
+                                    ("--vocab-size", vocab_size, arch.text["vocab_size"], "vocabulary rows"),
+                                    # a text LM ignores vision_layers (build_random's callers pass one)
+                                    ("--vision-layers", vision_layers if arch.vision else None,
+                                     (arch.vision or {}).get(arch.vision_layers_key or "", 0), "vision layers")):
+        if value and value > full:
+            raise BadInput(f"{flag} {value}: it cuts {name}, which has {full:,} {what}; give 1 to {full}")
     special = dict(special or {})
     media = {k: special.pop(k) for k, _ in MEDIA_TOKENS.get(arch.family, ()) if k in special}
     text = arch.text | special | ({"num_hidden_layers": layers} if layers else {}) | (

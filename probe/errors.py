@@ -154,11 +154,28 @@ class ArgParser(argparse.ArgumentParser):
 
 def check_counts(args: object, names: Sequence[str]) -> None:  # parsed arguments or a config dataclass
     """Options that count something (``--batch-size``, ``--items`` …) are ≥ 1 when given: BadInput naming the
-    first that is not (0 or a negative count fails later as a traceback, or loops over nothing)."""
+    first that is not (0 or a negative count fails later as a traceback, or loops over nothing). ``threads`` is
+    also held to ``check_threads``' bound."""
     for name in names:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise BadInput(f"--{name.replace('_', '-')} must be ≥ 1, got {value}")
+        if name == "threads" and value is not None:
+            check_threads(value)
+
+
+# torch threads per CPU a command may ask for: a few more than the CPUs can pay off; far more only slows the run
+THREADS_PER_CPU = 4
+
+
+def check_threads(n: int, flag: str = "--threads") -> None:
+    """A torch thread count this machine can start: at most ``THREADS_PER_CPU`` × its CPUs (at least 8). Past a C int
+    torch.set_num_threads raised a ValueError traceback; --threads 100000 made libgomp abort the process ("Out of
+    memory allocating …", exit 1) halfway through analyses.merge's output."""
+    cpus = os.cpu_count() or 1
+    if n > (limit := max(8, THREADS_PER_CPU * cpus)):
+        raise BadInput(f"{flag} {n}: more torch threads than this machine runs well (at most {limit}, "
+                       f"{THREADS_PER_CPU} × its {cpus} CPUs); OpenMP cannot even start that many")
 
 
 def in_path(text: str | Path) -> Path:  # a Path too: configs and readers from Python expand theirs here

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,7 +79,23 @@ def read_config_json(model_dir: Path) -> dict[str, Any]:
         raise BadInput(f"{path}: unreadable config.json ({exc})") from None
     if not isinstance(config, dict):  # every reader does config.get(...)
         raise BadInput(f"{path}: unreadable config.json (not a JSON object)")
+    if (bad := non_finite(config)) is not None:
+        raise BadInput(f"{path}: {bad[0]} is {json.dumps(bad[1])}, which no setting of a model can be (nor is it a JSON number); "
+                       "a damaged config.json")
     return config
+
+
+def non_finite(value: Any, key: str = "") -> tuple[str, float] | None:
+    """The first (dotted key, number) of a parsed JSON value that is NaN or infinite: Python's reader takes NaN,
+    Infinity and 1e999, which JSON has no numbers for (an rms_norm_eps of NaN made every forward NaN, reported as an
+    overflow of the run's dtype)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return key, value
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        if (hit := non_finite(v, f"{key}.{k}" if key else str(k))) is not None:
+            return hit
+    return None
 
 
 def config_model_type(model_dir: Path, config: Mapping[str, Any]) -> str:

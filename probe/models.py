@@ -636,7 +636,11 @@ class LoadedModel:
         from probe.prompting import CHAT_FORMATS, holds_tokens, model_chat_format
 
         ids = self.model.generation_config.eos_token_id
-        out = set(ids if isinstance(ids, (list, tuple)) else [] if ids is None else [ids])
+        listed = list(ids) if isinstance(ids, (list, tuple)) else [] if ids is None else [ids]
+        if not all(is_int(i) and i >= 0 for i in listed):  # a string or -1 was a traceback sorting them
+            raise BadInput(f"{self.ref.path}: eos_token_id {ids!r} (generation_config.json, else config.json) is not "
+                           "a token id: give an integer ≥ 0 or a list of them")
+        out = set(listed)
         if self.tokenizer.eos_token_id is not None:
             out.add(self.tokenizer.eos_token_id)
         end = CHAT_FORMATS[model_chat_format(self)].end
@@ -897,9 +901,13 @@ def load_tokenizer(ref: ModelRef) -> Any:
             tokenizer = transformers.AutoTokenizer.from_pretrained(ref.path, **ref.load_kwargs)
     except (OSError, ValueError) as exc:
         raise BadInput(f"{ref.path}: cannot load its tokenizer ({error_reason(exc)})") from None
-    if len(tokenizer) < 2:  # no tokenizer files: transformers builds an empty tokenizer and carries on
+    except KeyError as exc:  # JSON, but not a tokenizer's: transformers reads a key it lacks
+        raise BadInput(f"{ref.path}: cannot load its tokenizer (tokenizer.json lacks {exc})") from None
+    # no tokenizer files: transformers builds an empty tokenizer and carries on; one with only tokenizer_config.json
+    # holds that file's special tokens alone (no text reads as any token: "option letter 'A' is not a single token")
+    if not set(tokenizer.get_vocab()) - set(special_tokens(tokenizer)):
         raise BadInput(f"{ref.path}: no tokenizer files (tokenizer.json, tokenizer_config.json, …); the tokenizer "
-                       "transformers built from it is empty")
+                       "transformers built from it is empty (special tokens at most)")
     return tokenizer
 
 

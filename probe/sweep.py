@@ -153,8 +153,16 @@ def check_run_length(loaded: LoadedModel, item: ItemLike, n_prompt: int, cfg: Sw
     6,000-token question on a 1,024-position organism gave numbers, exit 0)."""
     n = n_prompt + (cfg.max_new_tokens - 1 if cfg.generate else 0)  # the last generated token is never fed back
     generated = f" + {cfg.max_new_tokens - 1} generated" if cfg.generate else ""
-    spans = f"item {item.id}: its run spans {n} positions ({n_prompt} prompt{generated}), past the"
-    advice = "shorten the prompt (--image-max-side) or --max-new-tokens, or leave the item out"
+    check_positions(loaded, item, n, f"{n_prompt} prompt{generated}",
+                    "shorten the prompt (--image-max-side) or --max-new-tokens, or leave the item out")
+
+
+def check_positions(loaded: LoadedModel, item: ItemLike, n: int, parts: str, advice: str,
+                    use: str = "measured") -> None:
+    """``check_run_length``'s refusals of a run of ``n`` positions (``parts``: what they are), shared with training
+    (probe.train.encode, which trained on such items without a word); ``advice``: how to shorten it; ``use``: what
+    the run does with the item ("trained on" for training)."""
+    spans = f"item {item.id}: its run spans {n} positions ({parts}), past the"
     if loaded.rope_limit is not None and n > (limit := loaded.rope_limit[1]):
         kind = loaded.rope_limit[0]
         kept = ", and keeps it for later calls" if "dynamic" in kind else ""
@@ -163,7 +171,7 @@ def check_run_length(loaded: LoadedModel, item: ItemLike, n_prompt: int, cfg: Sw
                        f"comparable; {advice}")
     if loaded.context_length is not None and n > loaded.context_length:
         raise BadInput(f"{spans} {loaded.context_length} positions {loaded.ref.spec} was built for "
-                       f"(max_position_embeddings): it would be measured where it never learnt anything; {advice}")
+                       f"(max_position_embeddings): it would be {use} where it never learnt anything; {advice}")
 
 
 def naive_sweep(

@@ -31,6 +31,7 @@ import torch
 from probe.errors import BadInput
 from probe.devices import rank_world
 from probe.prompting import TOKEN_KEYS, TYPE_KEYS, PromptTemplate, answer_token_ids, build_inputs, turn_end_id
+from probe.sweep import check_positions
 from probe.upstream import UpstreamChanged, check_adapters_in_lm, logits_at
 
 if TYPE_CHECKING:
@@ -118,6 +119,9 @@ def encode(loaded: LoadedModel, items: Sequence, with_answer: bool,
         b = build_inputs(loaded, it, template)
         b = {k: v[0] if k in TOKEN_KEYS else v for k, v in b.items()}
         n_prompt = b["input_ids"].shape[0]
+        # the answer letter and the turn's end follow the prompt when training (probe.eval refuses such an item too)
+        check_positions(loaded, it, n_prompt + 2 * with_answer, f"{n_prompt} prompt" + " + 2 answer" * with_answer,
+                        "shorten the item or leave it out of the training set", "trained on")
         letter_ids = answer_token_ids(loaded, it.letters, template)
         if with_answer:
             at = b["input_ids"].device  # the model's device (build_inputs puts them there): a GPU's, not the CPU

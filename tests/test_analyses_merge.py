@@ -1368,3 +1368,22 @@ def test_a_merge_of_two_copies_loads_in_transformers_bit_equal_to_the_model(tmp_
     for k, v in want.items():
         assert got[k].dtype == dtype and torch.equal(got[k], v), k
     assert (model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()) == tied
+
+
+@pytest.mark.parametrize("spelt", ["as given", "with a trailing slash"])
+def test_a_carrier_listed_twice_is_refused_as_a_model_listed_twice_is(zoo, tmp_path, capfd, spelt):
+    """``--carrier X X`` (or X and X/) wrote two identical carriers, carriers/X and carriers/X-2 (a second copy of a
+    7B model's vision tower and LM), exit 0, while ``--models X X`` is refused. Refused now in one line, nothing
+    written, the inputs untouched."""
+    from conftest import tree_manifest
+
+    out, car = tmp_path / "m", zoo["vl"]
+    again = f"{car}/" if spelt == "with a trailing slash" else car
+    before = tree_manifest(zoo["base"], car)
+    capfd.readouterr()
+    assert run(merge.main, "--base", zoo["base"], "--models", zoo["vl"], zoo["ov"], "--carrier", car, again,
+               "--method", "average", "--quiet", "--out", out) == 2
+    err = capfd.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "list each carrier once" in err, err
+    assert str(Path(car).resolve()) in err
+    assert not out.exists() and tree_manifest(zoo["base"], car) == before

@@ -1842,6 +1842,25 @@ def _every_command_refuses(model: Path, tmp_path: Path, capfd, want: str) -> lis
     return lines
 
 
+@pytest.mark.parametrize("text, want", [('"rms_norm_eps": NaN', "rms_norm_eps is NaN"),
+                                        ('"rope_theta": Infinity', "rope_parameters.rope_theta is Infinity"),
+                                        ('"rope_theta": -1e999', "rope_parameters.rope_theta is -Infinity")])
+def test_a_config_number_that_is_no_number_is_refused_by_every_command(tmp_path, capfd, text, want):
+    """config.json holding NaN or an infinity (no JSON number; Python's reader takes them): an rms_norm_eps of NaN
+    made every forward NaN, and probe.eval and probe.heads stopped with exit 1 saying the forward overflowed "in this
+    dtype" and to rerun with --dtype float32, the dtype they ran in; shift, merge and trajectory went on (merge wrote
+    the NaN into its output's config). Refused by every command, naming the key; the oracle is the text written."""
+    from probe.models import resolve_model
+
+    model = shutil.copytree(resolve_model("organism-base").path, tmp_path / "m")
+    cfg = (model / "config.json").read_text(encoding="utf-8")
+    key = text.split(":")[0]
+    cfg, n = re.subn(key + r': [^,\n]+', text, cfg)
+    assert n == 1
+    (model / "config.json").write_text(cfg, encoding="utf-8")
+    _every_command_refuses(model, tmp_path, capfd, f"{model}/config.json: {want}")
+
+
 def test_an_moe_text_model_is_measured_by_shift_and_refused_by_merge(tmp_path, capfd):
     """A LLaVA-OneVision checkpoint (random weights, built and saved by transformers) whose text model is Qwen2-MoE,
     layer 0 dense (mlp_only_layers), the others experts, a router and a shared expert: q/k/v_proj heads, so every
@@ -1916,3 +1935,95 @@ def test_a_home_of_no_user_here_is_one_line_wherever_a_path_is_read(argv, tmp_pa
     line = one_error_line(cli_main(main, args), capsys.readouterr().err)
     assert "~no-such-user-43" in line and "no user's home" in line, line
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("name, argv", [
+    ("analyses.merge", ["--base", "organism-base", "--models", "organism-vl", "--method", "average", "--quiet"]),
+    ("probe.zoo.__main__", ["build", "--quick"]), ("sweep", ["--device", "cpu"]), ("eval", ["--device", "cpu"]),
+    ("train_step", []), ("merge", ["--no-mergekit"])])
+def test_a_thread_count_no_machine_can_start_is_one_line_before_anything_runs(name, argv, tmp_path, capsys):
+    """--threads 99999999999 ended every command taking it in torch.set_num_threads' ValueError traceback (past a C
+    int). Refused now before anything is read or written: more than 4 × this machine's CPUs (the oracle:
+    os.cpu_count)."""
+    out = tmp_path / "out"
+    extra = ["--out", str(out)] if name in ("analyses.merge", "probe.zoo.__main__") else []
+    extra += ["--workdir", str(out)] if name == "merge" else []
+    line = one_error_line(cli_main(_main(name), [*argv, "--threads", "99999999999", *extra]), capsys.readouterr().err)
+    assert "--threads 99999999999" in line and f"{os.cpu_count()} CPUs" in line, line
+    assert not out.exists()
+
+
+def test_a_merge_on_more_threads_than_openmp_starts_is_refused_not_aborted_half_written(tmp_path):
+    """analyses.merge --threads 100000 got as far as libgomp, which aborted the process ("libgomp: Out of memory
+    allocating 800008 bytes", exit 1) and left the partial output dir and its lock beside --out. In a subprocess: the
+    abort would take pytest with it."""
+    out = tmp_path / "m"
+    r = subprocess.run([sys.executable, "-m", "analyses.merge", "--base", "organism-base", "--models", "organism-vl",
+                        "--method", "average", "--threads", "100000", "--quiet", "--out", str(out)],
+                       capture_output=True, text=True, cwd=REPO, timeout=300)
+    line = one_error_line(r.returncode, r.stderr)
+    assert "--threads 100000" in line, line
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name, argv, flag", [
+    ("sweep", ["--random-config", "qwen2-7b", "--layers", "29", "--device", "cpu"], "--layers 29"),
+    ("sweep", ["--random-config", "qwen2-7b", "--layers", "99999999999", "--device", "cpu"], "--layers 99999999999"),
+    ("sweep", ["--random-config", "qwen2-7b", "--vocab-size", "152065", "--device", "cpu"], "--vocab-size 152065"),
+    ("sweep", ["--random-config", "qwen2-vl-7b", "--vision-layers", "33", "--device", "cpu"], "--vision-layers 33"),
+    ("merge", ["--arch", "qwen2-7b", "--layers", "99999999999", "--no-mergekit"], "--layers 99999999999")])
+def test_a_cut_of_a_published_architecture_past_its_size_is_refused_at_once(name, argv, flag, tmp_path, capsys):
+    """--layers, --vision-layers and --vocab-size cut a published architecture (probe.archs) to build it at random;
+    past its own size (Qwen2-7B: 28 layers, 152,064 rows; Qwen2-VL-7B's vision tower: 32 blocks; DESIGN §1) the
+    benchmarks built them: bench/sweep.py --layers 99999999999 and bench/merge.py --arch qwen2-7b --layers
+    99999999999 ran past 90 s building, --vocab-size 99999999999 ended as 'out of memory … lower the batch size'."""
+    extra = ["--workdir", str(tmp_path / "w")] if name == "merge" else []
+    line = one_error_line(cli_main(_main(name), [*argv, *extra]), capsys.readouterr().err)
+    assert flag in line and "cuts" in line, line
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("damage", ["a byte no UTF-8 text holds", "a directory"])
+def test_a_replicate_config_that_is_no_text_file_is_one_line(damage, tmp_path, capsys):
+    """analyses.replicate --config FILE with a byte that is no UTF-8 (a file saved in Latin-1, or a binary) ended in a
+    UnicodeDecodeError traceback, exit 1; the config is now bad input, nothing written, the file untouched."""
+    from analyses.replicate import main
+
+    config = tmp_path / "c.toml"
+    if damage == "a directory":
+        config.mkdir()
+    else:
+        text = (REPO / "analyses/configs/quick.toml").read_bytes()
+        config.write_bytes(text.replace(b"# ", "# é ".encode("latin-1"), 1))  # é as Latin-1: no UTF-8
+    before, out = snapshot(tmp_path), tmp_path / "out"
+    line = one_error_line(cli_main(main, ["--config", str(config), "--quiet", "--out", str(out)]),
+                          capsys.readouterr().err)
+    assert f"--config {config}" in line, line
+    assert not out.exists() and snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("file, text, want", [
+    ("tokenizer.json", '{"model": 5}', "cannot load its tokenizer (tokenizer.json lacks 'added_tokens')"),
+    ("generation_config.json", '{"eos_token_id": "x"}', "eos_token_id 'x' (generation_config.json, else "
+                                                        "config.json) is not a token id"),
+    ("generation_config.json", '{"eos_token_id": [2, -1]}', "eos_token_id [2, -1] (generation_config.json, else "
+                                                            "config.json) is not a token id")])
+def test_a_tokenizer_or_generation_config_of_the_wrong_shape_is_one_line(file, text, want, tmp_path, capfd):
+    """A tokenizer.json that is JSON but no tokenizer (a KeyError inside transformers) and an eos_token_id that is no
+    token id (a TypeError sorting the end ids) ended probe.eval in a traceback, exit 1, the second with its run.json
+    and lock written. Bad input now: one line naming the model, nothing written, the model untouched."""
+    from conftest import tree_manifest
+    from probe import eval as probe_eval
+    from probe.models import resolve_model
+
+    model = shutil.copytree(resolve_model("organism-base").path, tmp_path / "m")
+    (model / file).write_text(text, encoding="utf-8")
+    before, out = tree_manifest(model), tmp_path / "out"
+    capfd.readouterr()
+    code = cli_main(probe_eval.main, ["--models", str(model), "--data", str(REPO / "probe/zoo/data/text"), "--limit",
+                                      "1", "--quiet", "--device", "cpu", "--out", str(out)])
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(lines) == 1 and err.strip().endswith(lines[0]) and "Traceback" not in err, err
+    assert f"{model}" in lines[0] and want in lines[0], lines[0]
+    assert not out.exists() and tree_manifest(model) == before

@@ -3206,3 +3206,35 @@ def test_overwrite_of_the_working_dir_with_the_hub_mmmu_is_not_refused(ft_run, t
     assert cli_main(main, [*argv, "--overwrite", "--quiet"]) == 0, capfd.readouterr().err
     assert [int(r["step"]) for r in _log(out)] == [1, 2, 3, 4]
     assert json.loads((out / "run.json").read_text())["config"]["data"]["image"] == "mmmu"
+
+
+def test_an_item_past_the_models_context_is_refused_as_probe_eval_refuses_it(tmp_path, capfd):
+    """probe.eval and probe.heads refuse an item whose run passes the model's max_position_embeddings
+    (probe.sweep.check_run_length); fine-tuning trained on it without a word: a 16,048-position question on the
+    1,024-position organism took 171 s and exit 0. The oracle is the tokenizer's own count of the question's tokens,
+    which alone passes the organism's context."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from analyses.finetune import main
+    from conftest import REPO, tree_manifest
+    from probe.models import load_tokenizer, resolve_model
+
+    ref = resolve_model("organism-base")
+    data = tmp_path / "text"
+    src = sorted((REPO / "probe/zoo/data/text").glob("*/validation-*.parquet"))[0]
+    rows = pq.read_table(src).slice(0, 2).to_pylist()
+    rows[1]["question"] = "word " * 300
+    (data / "Long").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(src)), data / "Long" / src.name)
+    context = ref.config["max_position_embeddings"]
+    assert len(load_tokenizer(ref).encode(rows[1]["question"], add_special_tokens=False)) > context
+    before, out = tree_manifest(data), tmp_path / "ft"
+    capfd.readouterr()
+    assert cli_main(main, ["--model", "organism-base", "--data", f"text={data}", "--split", "validation", "--steps",
+                           "1", "--batch-size", "1", "--device", "cpu", "--quiet", "--out", str(out)]) == 2
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and err.strip().endswith(lines[0]) and "Traceback" not in err, err
+    assert f"item {rows[1]['id']}: " in lines[0] and f"past the {context} positions" in lines[0], lines[0]
+    assert not out.exists() and tree_manifest(data) == before
