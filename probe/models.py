@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import math
 import re
 import sys
 from contextlib import contextmanager
@@ -1132,6 +1133,7 @@ def build_processor(ref: ModelRef, tokenizer: Any) -> Any:
     except (OSError, ValueError):
         raise BadInput(f"{ref.path}: cannot load its image processor config (preprocessor_config.json missing or "
                        f"unreadable), which a {ref.family.name} model needs") from None
+    check_image_processor(ref, image_processor)
     proc_cls = _processor_without_video(getattr(transformers, ref.family.processor_class))
     kwargs = processor_kwargs(ref.family, ref.config)
     saved = ref.path / "processor_config.json"
@@ -1145,6 +1147,29 @@ def build_processor(ref: ModelRef, tokenizer: Any) -> Any:
         if optional in params:
             kwargs[optional] = None
     return proc_cls(image_processor=image_processor, tokenizer=tokenizer, **kwargs)
+
+
+# image processor settings that divide or scale every image: 0 (or less) is a ZeroDivisionError deep in transformers'
+# resize (patch_size) or, silently, images resized or scaled to nothing (shortest_edge, rescale_factor, image_std)
+POSITIVE_IMAGE_SETTINGS = ("patch_size", "merge_size", "temporal_patch_size", "max_pixels", "rescale_factor", "size",
+                           "crop_size", "image_std")
+
+
+def check_image_processor(ref: ModelRef, image_processor: Any) -> None:
+    """Refuse (one line naming preprocessor_config.json and the key) a setting of POSITIVE_IMAGE_SETTINGS that is
+    not a finite number > 0, in itself or as an entry of its dict, SizeDict or list."""
+    for key in POSITIVE_IMAGE_SETTINGS:
+        value = getattr(image_processor, key, None)
+        if isinstance(value, (list, tuple)):
+            entries = {f"{key}[{i}]": v for i, v in enumerate(value)}
+        elif isinstance(value, dict) or hasattr(value, "__dict__"):  # transformers' SizeDict holds size and crop_size
+            entries = {f"{key}.{k}": v for k, v in (value if isinstance(value, dict) else vars(value)).items()}
+        else:
+            entries = {key: value}
+        for name, v in entries.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not (math.isfinite(v) and v > 0):
+                raise BadInput(f"{ref.path / 'preprocessor_config.json'}: {name} = {v}: must be a number > 0 (a "
+                               "damaged image processor config)")
 
 
 def _check_geometry(m: LoadedModel) -> None:

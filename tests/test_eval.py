@@ -2528,6 +2528,26 @@ def test_a_model_dir_missing_its_tokenizer_or_processor_is_bad_input(family, rem
     assert not out.exists()
 
 
+@pytest.mark.parametrize("change", [{"patch_size": 0}, {"merge_size": 0}, {"temporal_patch_size": -2},
+                                    {"size": {"longest_edge": 2304, "shortest_edge": 0}}, {"rescale_factor": 0}])
+def test_an_image_processor_setting_that_cannot_be_is_bad_input(change, tiny_dirs, data_dir, tmp_path, capfd):
+    """preprocessor_config.json's patch_size 0 ended in a ZeroDivisionError traceback inside transformers' resize;
+    a shortest_edge of 0 or a rescale_factor of 0 would resize or scale every image to nothing. Each is one line
+    naming the file and the key, before run.json is written."""
+    import json
+    import shutil
+
+    model = shutil.copytree(tiny_dirs["qwen2_vl"], tmp_path / "model")
+    path = model / "preprocessor_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text(encoding="utf-8")), **change}), encoding="utf-8")
+    out = tmp_path / "out"
+    assert _eval("--models", model, "--data", data_dir, "--quiet", "--out", out) == 2
+    err = capfd.readouterr().err.strip().splitlines()[-1]
+    key = next(iter(change))
+    assert err.startswith("error: ") and "preprocessor_config.json" in err and key in err, err
+    assert not out.exists()
+
+
 def test_a_name_keeps_its_colour_whatever_the_order_and_company():
     from figures import name_colours
 
