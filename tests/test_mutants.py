@@ -83,6 +83,30 @@ def test_attribution_rows_equal_the_first_order_estimate_and_rank_like_exact(loa
     assert spearmanr([r["kl"] for r in masked], exact).statistic > 0.5
 
 
+def test_attribution_restores_each_parameters_requires_grad_and_reports_every_row(load_tiny):
+    """mut46: the gates-only backward freezes the model for its pass and gives each parameter its own flag back
+    (a frozen vision tower stays frozen, a trainable LM stays trainable); progress counts the rows it returns."""
+    from probe.attribution import attribution_sweep
+    from probe.sweep import SweepConfig
+
+    loaded = load_tiny("qwen2", "eager")
+    params = list(loaded.model.parameters())
+    loaded_with = [p.requires_grad for p in params]
+    before = [i % 3 != 0 for i in range(len(params))]  # a mix, not all one flag
+    for p, w in zip(params, before):
+        p.requires_grad_(w)
+    try:
+        items = [make_item(n_options=4, answer="B", seed=s, with_image=False) for s in (0, 1)]
+        heads = [(0, 1), (3, 2)]
+        counted: list[int] = []
+        rows = attribution_sweep(loaded, items, heads, SweepConfig(generate=False), progress=counted.append)
+        assert [p.requires_grad for p in params] == before
+        assert sum(counted) == len(rows) == len(items) * (1 + len(heads))
+    finally:
+        for p, w in zip(params, loaded_with):
+            p.requires_grad_(w)
+
+
 # --------------------------------------------------------------------------------------------------------
 # probe.stats: the bootstrap, written out
 
