@@ -1348,3 +1348,26 @@ def test_reserve_descriptors_raises_the_soft_limit_when_the_files_pass_it(monkey
     monkeypatch.setattr(resource, "getrlimit", lambda what: (500, 1000))
     checkpoints.reserve_descriptors([ck])
     assert len(set_to) == 1  # within the soft limit: left as it is
+
+
+def test_gpus_of_several_sizes_are_balanced_by_their_usable_memory():
+    """Qwen2-VL-7B over an H100 and two 12 GB cards: the split is the evenest over what each device may give the
+    weights (memory · 0.92 − 1 GiB), not over the raw memory. Oracle: test_dispatch's brute force over every
+    contiguous split, with the usable bytes worked out here."""
+    from test_dispatch import H100, _evenest_split, _meta, _ratios
+
+    from probe.dispatch import plan_device_map
+
+    model, fam = _meta("qwen2-vl-7b")
+    memory = (H100, 12 * 10**9, 12 * 10**9)
+    plan = plan_device_map(model, fam.layers_path, fam.norm_path, fam.lm_head_path, ["a", "b", "c"], memory)
+
+    def nbytes(m):
+        return sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])
+
+    sizes = [nbytes(layer) for layer in model.get_submodule(fam.layers_path)]
+    last = nbytes(model.get_submodule(fam.norm_path)) + nbytes(model.get_submodule(fam.lm_head_path))
+    first = nbytes(model) - sum(sizes) - last
+    usable = [m * 0.92 - 2**30 for m in memory]
+    ends = [b for _, b in plan.layer_blocks]
+    assert _ratios(sizes, first, last, ends, usable) == _evenest_split(sizes, first, last, usable)
