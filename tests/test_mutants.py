@@ -1371,3 +1371,44 @@ def test_gpus_of_several_sizes_are_balanced_by_their_usable_memory():
     usable = [m * 0.92 - 2**30 for m in memory]
     ends = [b for _, b in plan.layer_blocks]
     assert _ratios(sizes, first, last, ends, usable) == _evenest_split(sizes, first, last, usable)
+
+
+# --------------------------------------------------------------------------------------------------------
+# probe.results (mut46): the identity rules their docstrings state, each checked directly
+
+
+def test_json_digest_ignores_key_order_and_keeps_blob_boundaries():
+    from probe.results import json_digest
+
+    assert json_digest({"a": 1, "b": [2, 3]}) == json_digest({"b": [2, 3], "a": 1})
+    assert json_digest({"a": 1}, b"ab") != json_digest({"a": 1}, b"a", b"b")
+
+
+def test_result_json_is_strict_json_for_nan_inside_tuples_too():
+    """A tuple holding NaN (a bootstrap interval) is written null, as a list's would be: strict parsers reject NaN."""
+    from probe.results import json_text
+
+    def strict(_: str):
+        raise ValueError("non-finite number in strict JSON")
+
+    assert json.loads(json_text({"ci": (0.5, float("nan")), "x": [float("inf")]}), parse_constant=strict) == \
+        {"ci": [0.5, None], "x": [None]}
+
+
+def test_as_computed_maps_paths_under_the_moved_folder_only(tmp_path):
+    """/runs/a moved from /old/a: /runs/a/x was /old/a/x; /runs/ab (another folder sharing the prefix) is itself."""
+    from probe.results import Moved, as_computed, moved_inputs
+
+    with moved_inputs(Moved("/runs/a", "/old/a", "/runs/a", "/old/a")):
+        assert as_computed({"m": ["/runs/a/x", "/runs/a", "/runs/ab/x"]}) == {"m": ["/old/a/x", "/old/a", "/runs/ab/x"]}
+
+
+def test_content_fingerprint_sees_a_renamed_file(tmp_path):
+    """A directory's fingerprint is its files' names and bytes: the same bytes under another name are another input."""
+    from probe.results import content_fingerprint
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.json").write_text("{}", encoding="utf-8")
+    before = content_fingerprint(tmp_path / "d")
+    (tmp_path / "d" / "a.json").rename(tmp_path / "d" / "b.json")
+    assert content_fingerprint(tmp_path / "d") != before
