@@ -83,6 +83,7 @@ def test_mmlu_items_keep_their_options_and_answer_and_all_is_not_counted_twice(m
         assert [it.question for it in mine] == [r["question"] for r in source]
         assert [list(it.options) for it in mine] == [r["choices"] for r in source]
         assert [it.answer for it in mine] == ["ABCD"[r["answer"]] for r in source]
+        assert [it.id for it in mine] == [f"validation_{subject}_{k}" for k in range(1, len(source) + 1)]  # MMMU's
     record = json.loads((out / "convert-validation.json").read_text())
     assert record["repo"] == "cais/mmlu" and record["n_items"] == {"abstract_algebra": 5, "anatomy": 4}
     assert not list(out.glob(".convert-*"))  # its work folder is gone
@@ -741,6 +742,11 @@ def test_video_frames_are_kept_per_video_so_a_killed_conversion_resumes(tmp_path
     os.utime(videos["a"], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     assert cached_frames(videos, cache, sample, True)["a"] == [b"A, downloaded again"] * 2  # never the old frames
     assert calls == ["a.mp4", "b.mp4", "a.mp4"]
+    st = videos["a"].stat()
+    videos["a"].write_bytes(b"a, downloaded again")  # the same size: its time alone tells it changed (mut46)
+    os.utime(videos["a"], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert cached_frames(videos, cache, sample, True)["a"] == [b"a, downloaded again"] * 2
+    assert calls == ["a.mp4", "b.mp4", "a.mp4", "a.mp4"]
 
 
 def test_video_mme_refuses_missing_videos_and_misnumbered_options(video_src, tmp_path):
@@ -808,3 +814,65 @@ def test_a_clip_of_fewer_frames_than_asked_repeats_its_nearest_frames(video_src,
     [it] = [it for it in load_mmmu(out, "test")[0] if it.subject == "medium"]
     want = [min(range(n_frames), key=lambda i: (abs(i / FPS - (k + 0.5) * n_frames / FPS / 4), -i)) for k in range(4)]
     assert [frame_index(b, 1) for b in it.frames] == want
+
+
+# --- mut46: surviving mutants -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("change, want", [
+    ({"answer": 4}, "answer index 4 is not 0-3"),
+    ({"choices": [f"c{k}" for k in range(27)], "answer": 0}, "27 options, but letters run only A-Z")])
+def test_an_mmlu_key_past_the_last_option_or_a_27th_option_is_one_line(tmp_path, change, want):
+    """An index equal to the option count, or a 27th option, is bad input (exit 2, one line), not an IndexError or
+    option_letters' ValueError ending the command in a traceback."""
+    rows = mmlu_rows("law", 3)
+    rows[1].update(change)
+    write(tmp_path / "src" / "law" / "validation-00000-of-00001.parquet", rows)
+    one_error_line(convert("mmlu", tmp_path / "src", "--out", tmp_path / "out"), f"validation-00000-of-00001."
+                   f"parquet row 1: {want}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_gpqa_refuses_options_equal_but_for_surrounding_spaces(tmp_path):
+    """The options are written stripped, so 'right 2' and 'right 2 ' would be two options of one text."""
+    rows = gpqa_rows(3)
+    rows[2][5] = rows[2][2] + " "
+    write_csv(tmp_path / "gpqa" / "gpqa_main.csv", GPQA_HEADER, rows)
+    one_error_line(convert("gpqa", tmp_path / "gpqa", "--out", tmp_path / "out"),
+                   "gpqa_main.csv row 2: two answer options are the same text")
+
+
+def test_a_long_matroska_video_cut_short_by_a_seventh_is_refused(tmp_path):
+    """Past 50 s the allowance is 2 % of the stated duration, not the 1 s floor: a 100 s video cut to three
+    quarters of its bytes ends its frames some 15 s early (measured: the frames decoded) and is refused."""
+    from fractions import Fraction
+
+    from probe.convert import sample_frames, stream_end
+
+    av = pytest.importorskip("av")
+    path = tmp_path / "long.mkv"
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("mpeg4", rate=1)
+        s.width, s.height, s.pix_fmt, s.gop_size = 16, 16, "yuv420p", 5
+        for i in range(100):
+            frame = av.VideoFrame.from_ndarray(np.full((16, 16, 3), i, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = i, Fraction(1, 1)
+            for p in s.encode(frame):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    assert len(sample_frames(path, 4, 64)) == 4  # whole: sampled
+    path.write_bytes(path.read_bytes()[: path.stat().st_size * 3 // 4])
+    with av.open(str(path)) as c:
+        end, stated = stream_end(c, c.streams.video[0]), c.duration / 1e6
+    assert stated == 100 and 2 < stated - end < 20, end  # more than 2 %, less than 20 %, and past the 1 s floor
+    with pytest.raises(BadInput, match=f"its frames end at {end:.1f} s, but the file states 100.0 s"):
+        sample_frames(path, 4, 64)
+
+
+def test_mmlu_auxiliary_train_is_no_subject(mmlu_src, tmp_path):
+    """cais/mmlu's auxiliary_train folder holds training questions of other sets (its one split: train), not an MMLU
+    subject: --split train finds no MMLU rows rather than converting those as one."""
+    one_error_line(convert("mmlu", mmlu_src, "--split", "train", "--out", tmp_path / "out"),
+                   "no train-*.parquet files in")
+    assert not (tmp_path / "out").exists()

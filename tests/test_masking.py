@@ -353,3 +353,31 @@ def test_bad_heads_and_gates_rejected(load_tiny):
     with pytest.raises(ValueError):
         HeadMask(m, {0: torch.ones(1, 2, 4)})
     assert_no_hooks(m)
+
+
+def test_a_layer_past_the_last_is_bad_input_for_head_mask_itself(load_tiny):
+    """HeadMask's own layer check (not only zero_gates'): the model's layer count, read off its module tree, is out
+    of range; a hand-made gate dict there is refused before any hook is made."""
+    m = load_tiny("qwen2")
+    n_layers = sum(1 for name, _ in m.model.named_modules() if name.endswith("self_attn.o_proj"))
+    with pytest.raises(BadInput, match=f"layer {n_layers} out of range"):
+        HeadMask(m, {n_layers: torch.ones(n_query_heads(m))})
+    assert_no_hooks(m)
+
+
+def test_an_enter_that_fails_part_way_leaves_no_hooks(load_tiny, monkeypatch):
+    """A failure while registering (here: finding layer 2's o_proj) removes the hooks already made for layers 0
+    and 1; __exit__ never runs for a failed __enter__, so nothing else would."""
+    m = load_tiny("qwen2")
+    real = type(m).o_proj
+
+    def o_proj(self, layer):
+        if layer == 2:
+            raise RuntimeError("no o_proj")
+        return real(self, layer)
+
+    monkeypatch.setattr(type(m), "o_proj", o_proj)
+    with pytest.raises(RuntimeError, match="no o_proj"):
+        with mask_heads(m, [(0, 0), (1, 1), (2, 2)]):
+            pass
+    assert_no_hooks(m)

@@ -141,7 +141,7 @@ def test_a_16_bit_greyscale_image_keeps_its_tones(tmp_path):
     the model was shown a white square. Its tones are now scaled to 8 bits (v / 257), as a viewer shows them."""
     import numpy as np
 
-    tones = np.array([[0, 257 * 64, 257 * 128, 65535]], dtype=np.uint16)
+    tones = np.array([[0, 257 * 64, 257 * 128, 65535, 255 * 256, 257 * 200 + 128]], dtype=np.uint16)  # 2 in /256's reach
     buf = io.BytesIO()
     Image.fromarray(tones).save(buf, format="PNG")
     assert Image.open(io.BytesIO(buf.getvalue())).mode.startswith("I")
@@ -149,10 +149,10 @@ def test_a_16_bit_greyscale_image_keeps_its_tones(tmp_path):
     (it,), _ = load_mmmu(tmp_path)
     shown = np.asarray(it.pil_images()[0])
     expected = np.rint(tones / 257).astype(np.uint8)
-    assert shown.shape == (1, 4, 3) and (shown == expected[..., None]).all()
+    assert shown.shape == (1, 6, 3) and (shown == expected[..., None]).all()
 
 
-@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+@pytest.mark.parametrize("orientation", range(1, 9))  # 2, 4, 5, 7 mirror too
 def test_an_exif_rotated_photo_is_shown_upright(tmp_path, orientation):
     """A phone photo is stored sideways with an EXIF orientation tag; the datasets library's Image feature and
     transformers' load_image turn it upright, the probe showed it to the model as stored. Oracle: load_image."""
@@ -170,7 +170,7 @@ def test_an_exif_rotated_photo_is_shown_upright(tmp_path, orientation):
     write(tmp_path / "data", {"Art": [row(1, image_1={"bytes": buf.getvalue(), "path": None})]})
     (it,), _ = load_mmmu(tmp_path / "data")
     shown = np.asarray(it.pil_images()[0])
-    assert shown.shape == ((20, 40, 3) if orientation in (1, 3) else (40, 20, 3))
+    assert shown.shape == ((20, 40, 3) if orientation in (1, 2, 3, 4) else (40, 20, 3))
     assert (shown == np.asarray(load_image(str(tmp_path / "photo.jpg")))).all()
 
 
@@ -743,3 +743,55 @@ def test_subjects_repeated_or_reordered_and_a_limit_across_subjects(tmp_path):
     for _ in range(2):
         items, rep = load_mmmu(tmp_path, subjects=["Bio", "Art"], limit=4)
         assert [it.id for it in items] == order[:4] and rep.subjects == ["Art", "Bio"]
+
+
+# ---- mut46: boundaries and readings that surviving mutants changed ------------------------------------------------
+
+
+def test_the_last_image_column_and_the_26th_letter_are_in_range(tmp_path):
+    """<image 7> is image_7, MMMU's last column; 26 options take letters A-Z (a 27th is refused)."""
+    write(tmp_path, {"Art": [row(1, question="<image 7> What colour?", image_1=None,
+                                 image_7={"bytes": BLUE, "path": None}),
+                             row(2, options=str([f"o{i}" for i in range(26)]), answer="Z")]})
+    first, second = load_mmmu(tmp_path)[0]
+    assert first.images == (BLUE,) and second.letters[-1] == "Z" and second.answer == "Z"
+    write(tmp_path / "more", {"Art": [row(1, options=str([f"o{i}" for i in range(27)]))]})
+    with pytest.raises(BadInput, match="27 options, but letters run only A-Z"):
+        load_mmmu(tmp_path / "more")
+
+
+def test_an_answer_padded_with_whitespace_is_its_letter(tmp_path):
+    write(tmp_path, {"Art": [row(1, answer=" B\n")]})
+    (it,), _ = load_mmmu(tmp_path)
+    assert it.answer == "B"
+
+
+def test_a_sharding_missing_its_first_part_is_refused(tmp_path):
+    """Part 00001 of 2 alone, its part 00000 absent, would score half the subject."""
+    write(tmp_path / "src", {"Art": [row(1)]})
+    _copy_as(tmp_path / "src" / "Art" / "validation-00000-of-00001.parquet",
+             tmp_path / "d" / "Art" / "validation-00001-of-00002.parquet")
+    with pytest.raises(BadInput, match=r"shard validation-00000-of-00002.parquet is missing"):
+        load_mmmu(tmp_path / "d")
+
+
+def test_downscaling_rounds_the_short_side_to_the_nearest_pixel(tmp_path):
+    """90×62 within 30: the short side is 62/3 = 20.67 pixels, shown as 21 (the nearest; 20 would be the floor)."""
+    write(tmp_path, {"Art": [row(1, image_1={"bytes": png(size=(90, 62)), "path": None})]})
+    (it,), _ = load_mmmu(tmp_path)
+    assert it.pil_images(max_side=30)[0].size == (30, round(62 * 30 / 90))
+
+
+@pytest.mark.parametrize("orientation", [5, 7])
+def test_video_frames_are_compared_by_their_upright_size(tmp_path, orientation):
+    """EXIF orientations 5 and 7 (transpose, transverse) swap width and height as 6 and 8 do: a 20×10 frame tagged
+    so is shown 10×20, the size of a plain 10×20 frame beside it. Oracle: the decoded frames' sizes."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 10), (250, 0, 0)).save(buf, format="PNG", exif=exif.tobytes())
+    r = row(1, question="<video> What happens?", options="['x', 'y']", image_1=None,
+            video=[{"bytes": buf.getvalue(), "path": None}, {"bytes": png(size=(10, 20)), "path": None}])
+    write_video_rows(tmp_path, [r])
+    (it,), _ = load_mmmu(tmp_path)
+    assert [f.size for f in it.pil_frames()] == [(10, 20), (10, 20)]

@@ -83,6 +83,30 @@ def test_attribution_rows_equal_the_first_order_estimate_and_rank_like_exact(loa
     assert spearmanr([r["kl"] for r in masked], exact).statistic > 0.5
 
 
+def test_attribution_restores_each_parameters_requires_grad_and_reports_every_row(load_tiny):
+    """mut46: the gates-only backward freezes the model for its pass and gives each parameter its own flag back
+    (a frozen vision tower stays frozen, a trainable LM stays trainable); progress counts the rows it returns."""
+    from probe.attribution import attribution_sweep
+    from probe.sweep import SweepConfig
+
+    loaded = load_tiny("qwen2", "eager")
+    params = list(loaded.model.parameters())
+    loaded_with = [p.requires_grad for p in params]
+    before = [i % 3 != 0 for i in range(len(params))]  # a mix, not all one flag
+    for p, w in zip(params, before):
+        p.requires_grad_(w)
+    try:
+        items = [make_item(n_options=4, answer="B", seed=s, with_image=False) for s in (0, 1)]
+        heads = [(0, 1), (3, 2)]
+        counted: list[int] = []
+        rows = attribution_sweep(loaded, items, heads, SweepConfig(generate=False), progress=counted.append)
+        assert [p.requires_grad for p in params] == before
+        assert sum(counted) == len(rows) == len(items) * (1 + len(heads))
+    finally:
+        for p, w in zip(params, loaded_with):
+            p.requires_grad_(w)
+
+
 # --------------------------------------------------------------------------------------------------------
 # probe.stats: the bootstrap, written out
 
@@ -1172,3 +1196,219 @@ def test_tsne_takes_the_runs_seed():
     out, used, _ = embed_2d(x, 30.0, 7)
     assert used == 4.0
     np.testing.assert_array_equal(out["tsne"], want[7])
+
+
+# --------------------------------------------------------------------------------------------------------
+# analyses.writer (mut46): shards cut where huggingface_hub's own splitter cuts them, named as it names them
+
+
+@pytest.mark.parametrize("numels, max_bytes", [((25, 25, 50, 10), 200), ((50, 10, 40, 50), 200), ((60,), 100),
+                                              ((25, 25, 10), 200)])
+def test_sharded_writer_cuts_and_names_shards_as_huggingface_hub(tmp_path, numels, max_bytes):
+    """A shard that the next tensor would fill exactly (100 + 100 of 200 bytes) still takes it, a tensor past the
+    limit gets a shard of its own, and shards are numbered from 00001; oracle: huggingface_hub's
+    split_torch_state_dict_into_shards on the same float32 tensors, the split transformers' save_pretrained makes."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    from analyses.writer import INDEX_NAME, Entry, ShardedWriter
+
+    sd = {f"t{i}": torch.full((n,), float(i)) for i, n in enumerate(numels)}
+    want = split_torch_state_dict_into_shards(sd, max_shard_size=max_bytes)
+    with ShardedWriter(tmp_path, [Entry(k, v.dtype, tuple(v.shape)) for k, v in sd.items()], max_bytes) as w:
+        for k, v in sd.items():
+            with w.tensor(k) as sink:
+                sink.write(v)
+        w.close()
+    from safetensors import safe_open
+
+    for f in tmp_path.glob("*.safetensors"):  # as save_pretrained writes them: format pt, data 8-byte aligned
+        with safe_open(str(f), "pt") as opened:
+            assert opened.metadata() == {"format": "pt"}
+        assert int.from_bytes(f.read_bytes()[:8], "little") % 8 == 0
+    if not want.is_sharded:
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+        return
+    got = json.loads((tmp_path / INDEX_NAME).read_text(encoding="utf-8"))["weight_map"]
+    assert got == want.tensor_to_filename
+
+
+@pytest.mark.parametrize("text", ["5GB", "2GiB", "500MB", "3MiB", "20KB", "7KiB"])
+def test_parse_size_reads_units_as_transformers_does(text):
+    """Oracle: transformers' own convert_file_size_to_int (save_pretrained's max_shard_size): SI for KB/MB/GB,
+    binary for KiB/MiB/GiB."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    from analyses.writer import parse_size
+
+    assert parse_size(text) == convert_file_size_to_int(text)
+
+
+def test_a_tensor_written_short_of_its_size_is_an_error(tmp_path):
+    """The header promised 16 bytes: 8 written would leave the next tensor's bytes read under this one's name."""
+    from analyses.writer import Entry, ShardedWriter
+
+    with ShardedWriter(tmp_path, [Entry("a", torch.float32, (4,)), Entry("b", torch.float32, (2,))], 10**9) as w:
+        with pytest.raises(RuntimeError, match="a: wrote 8 bytes, expected 16"):
+            with w.tensor("a") as sink:
+                sink.write(torch.zeros(2))
+
+
+# --------------------------------------------------------------------------------------------------------
+# analyses.align.check_token_ids (mut46): the last common row, and tokens tokenizer.json adds beside its vocab
+
+
+def _tokenizer_dir(path: Path, vocab: list[str], added: dict[str, int]) -> Path:
+    path.mkdir()
+    (path / "tokenizer.json").write_text(json.dumps({
+        "model": {"type": "BPE", "vocab": {t: i for i, t in enumerate(vocab)}, "merges": []},
+        "added_tokens": [{"id": i, "content": t, "special": True} for t, i in added.items()]}), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("other_vocab, other_added", [
+    ([f"t{i}" for i in range(9)] + ["x"], {"t9": 10}),  # row 9, the last compared, is another token
+    ([f"t{i}" for i in range(9)], {"<b>": 9}),  # an added token (tokenizer.json's added_tokens) at row 9 differs
+])
+def test_token_ids_are_compared_up_to_the_last_common_row_added_tokens_included(tmp_path, other_vocab, other_added):
+    """Oracle: row 9 of the reference is token t9 / <a> (its tokenizer.json says so); in the other it is not, and
+    both have 10 rows, so merging row 9 would mix two tokens."""
+    from types import SimpleNamespace
+
+    from analyses.align import check_token_ids
+    from probe.errors import BadInput
+
+    ref_vocab, ref_added = ([f"t{i}" for i in range(10)], {}) if "t9" in other_added else \
+        ([f"t{i}" for i in range(9)], {"<a>": 9})
+    ref = SimpleNamespace(path=_tokenizer_dir(tmp_path / "ref", ref_vocab, ref_added))
+    other = SimpleNamespace(path=_tokenizer_dir(tmp_path / "other", other_vocab, other_added))
+    check_token_ids([ref, other], ["ref", "other"], 9)  # rows 0-8 agree
+    with pytest.raises(BadInput, match=r"tokenizers differ: token '(t9|<a>)' is id 9 in ref"):
+        check_token_ids([ref, other], ["ref", "other"], 10)
+
+
+# --------------------------------------------------------------------------------------------------------
+# analyses.checkpoints.SafetensorsFile (mut46): a range that is not its tensor's size, a gap between two ranges
+
+
+def _raw_safetensors(path: Path, header: dict, data: bytes) -> Path:
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+    return path
+
+
+@pytest.mark.parametrize("header, size", [
+    ({"a": {"dtype": "F16", "shape": [4], "data_offsets": [0, 16]}}, 16),  # 8 bytes of F16 in a 16-byte range
+    ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+      "b": {"dtype": "F32", "shape": [2], "data_offsets": [24, 32]}}, 32),  # 8 bytes between a and b
+])
+def test_a_range_off_its_tensors_size_or_a_gap_is_corrupt_as_safetensors_says(tmp_path, header, size):
+    """Oracle: the safetensors library (transformers' reader) refuses both files; so does SafetensorsFile."""
+    from safetensors import SafetensorError, safe_open
+
+    from analyses.checkpoints import SafetensorsFile
+    from probe.errors import BadInput
+
+    f = _raw_safetensors(tmp_path / "model.safetensors", header, bytes(size))
+    with pytest.raises(SafetensorError):
+        with safe_open(str(f), "pt") as s:
+            [s.get_tensor(k) for k in s.keys()]
+    with pytest.raises(BadInput, match="corrupt"):
+        SafetensorsFile(f)
+
+
+def test_layer_module_reads_layer_numbers_of_any_width():
+    """A 28-layer model's layers.12 is layer 12 (the tiny models' 4 layers never reach two digits)."""
+    from analyses.checkpoints import layer_module
+
+    for layer in (0, 9, 12, 27, 103):
+        assert layer_module(f"layers.{layer}.self_attn.q_proj.weight") == (layer, "self_attn.q_proj.weight")
+    assert layer_module("embed_tokens.weight") == (None, "embed_tokens.weight")
+
+
+def test_reserve_descriptors_raises_the_soft_limit_when_the_files_pass_it(monkeypatch):
+    """Need past the soft limit but within the hard one: the soft limit is raised to the need (not left, to fail
+    with EMFILE hours in); past the hard one: BadInput. Oracle: the limits handed to a stand-in setrlimit."""
+    import resource
+    from types import SimpleNamespace
+
+    from analyses import checkpoints
+    from probe.errors import BadInput
+
+    ck = SimpleNamespace(_files={Path(f"/x/{i}.safetensors"): None for i in range(100)})
+    monkeypatch.setattr(checkpoints, "open_descriptors", lambda: 10)
+    set_to = []
+    monkeypatch.setattr(resource, "setrlimit", lambda what, limits: set_to.append(limits))
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (50, 1000))
+    checkpoints.reserve_descriptors([ck])
+    assert set_to == [(100 + checkpoints.FD_MARGIN + 10, 1000)]
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (50, 120))
+    with pytest.raises(BadInput, match="may open at most 120"):
+        checkpoints.reserve_descriptors([ck])
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (500, 1000))
+    checkpoints.reserve_descriptors([ck])
+    assert len(set_to) == 1  # within the soft limit: left as it is
+
+
+def test_gpus_of_several_sizes_are_balanced_by_their_usable_memory():
+    """Qwen2-VL-7B over an H100 and two 12 GB cards: the split is the evenest over what each device may give the
+    weights (memory · 0.92 − 1 GiB), not over the raw memory. Oracle: test_dispatch's brute force over every
+    contiguous split, with the usable bytes worked out here."""
+    from test_dispatch import H100, _evenest_split, _meta, _ratios
+
+    from probe.dispatch import plan_device_map
+
+    model, fam = _meta("qwen2-vl-7b")
+    memory = (H100, 12 * 10**9, 12 * 10**9)
+    plan = plan_device_map(model, fam.layers_path, fam.norm_path, fam.lm_head_path, ["a", "b", "c"], memory)
+
+    def nbytes(m):
+        return sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])
+
+    sizes = [nbytes(layer) for layer in model.get_submodule(fam.layers_path)]
+    last = nbytes(model.get_submodule(fam.norm_path)) + nbytes(model.get_submodule(fam.lm_head_path))
+    first = nbytes(model) - sum(sizes) - last
+    usable = [m * 0.92 - 2**30 for m in memory]
+    ends = [b for _, b in plan.layer_blocks]
+    assert _ratios(sizes, first, last, ends, usable) == _evenest_split(sizes, first, last, usable)
+
+
+# --------------------------------------------------------------------------------------------------------
+# probe.results (mut46): the identity rules their docstrings state, each checked directly
+
+
+def test_json_digest_ignores_key_order_and_keeps_blob_boundaries():
+    from probe.results import json_digest
+
+    assert json_digest({"a": 1, "b": [2, 3]}) == json_digest({"b": [2, 3], "a": 1})
+    assert json_digest({"a": 1}, b"ab") != json_digest({"a": 1}, b"a", b"b")
+
+
+def test_result_json_is_strict_json_for_nan_inside_tuples_too():
+    """A tuple holding NaN (a bootstrap interval) is written null, as a list's would be: strict parsers reject NaN."""
+    from probe.results import json_text
+
+    def strict(_: str):
+        raise ValueError("non-finite number in strict JSON")
+
+    assert json.loads(json_text({"ci": (0.5, float("nan")), "x": [float("inf")]}), parse_constant=strict) == \
+        {"ci": [0.5, None], "x": [None]}
+
+
+def test_as_computed_maps_paths_under_the_moved_folder_only(tmp_path):
+    """/runs/a moved from /old/a: /runs/a/x was /old/a/x; /runs/ab (another folder sharing the prefix) is itself."""
+    from probe.results import Moved, as_computed, moved_inputs
+
+    with moved_inputs(Moved("/runs/a", "/old/a", "/runs/a", "/old/a")):
+        assert as_computed({"m": ["/runs/a/x", "/runs/a", "/runs/ab/x"]}) == {"m": ["/old/a/x", "/old/a", "/runs/ab/x"]}
+
+
+def test_content_fingerprint_sees_a_renamed_file(tmp_path):
+    """A directory's fingerprint is its files' names and bytes: the same bytes under another name are another input."""
+    from probe.results import content_fingerprint
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.json").write_text("{}", encoding="utf-8")
+    before = content_fingerprint(tmp_path / "d")
+    (tmp_path / "d" / "a.json").rename(tmp_path / "d" / "b.json")
+    assert content_fingerprint(tmp_path / "d") != before

@@ -373,7 +373,10 @@ def test_video_defaults_are_the_video_processors(family, module, cls, image_cls)
      {"min_pixels": 128 * 28 * 28, "max_pixels": 28 * 28 * 300, "image_mean": [0.5] * 3}),
     ({"processor_config.json": {"video_processor": {"min_pixels": 28 * 28 * 16, "max_pixels": 28 * 28 * 40}},
       "video_preprocessor_config.json": {"max_pixels": 28 * 28 * 300}},
-     {"min_pixels": 28 * 28 * 16, "max_pixels": 28 * 28 * 40})])
+     {"min_pixels": 28 * 28 * 16, "max_pixels": 28 * 28 * 40}),
+    # a saved video processor's own "size" (as transformers writes it) over the class default's (mut46)
+    ({"video_preprocessor_config.json": {"size": {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 20}}},
+     {"size": {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 20}})])
 def test_qwen2_vl_frames_follow_the_checkpoints_video_config(files, want, tmp_path):
     """Frames are sized and normalised by the settings transformers' video processor loads (nested
     processor_config.json, then video_preprocessor_config.json, then preprocessor_config.json, over the video class's
@@ -487,3 +490,70 @@ def test_odd_and_single_frame_videos_give_the_tokens_the_models_embedding_takes(
                                                 batch["mm_token_type_ids"][0, drop + 1:]])[None]
     with pytest.raises(ValueError, match=r"(?i)video features and (video )?tokens do not match"), torch.no_grad():
         loaded.model(**short)
+
+
+def _qwen_loaded(tmp_path):
+    from types import SimpleNamespace
+
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    config = SimpleNamespace(video_token_id=7, image_token_id=8)
+    return SimpleNamespace(processor=SimpleNamespace(image_processor=Qwen2VLImageProcessorPil()),
+                           model=SimpleNamespace(config=config), ref=SimpleNamespace(path=tmp_path))
+
+
+def test_a_second_qwen_video_placeholder_is_bad_input(tmp_path):
+    """Qwen2-VL takes one video an item: a prompt holding its video token twice is refused (one line), not given
+    one video's frames for the first and a bare token for the second (mut46: a check for more than two passed)."""
+    from probe import video
+    from probe.errors import BadInput
+
+    frames = _frames()[:2]
+    batch = {"input_ids": torch.tensor([[1, 7, 2, 7, 3]]), "attention_mask": torch.ones(1, 5)}
+    with pytest.raises(BadInput, match="more than one video placeholder"):
+        video._qwen2_vl(_qwen_loaded(tmp_path), batch, frames)
+
+
+def test_a_fast_path_of_another_dtype_falls_back_to_the_full_call(monkeypatch):
+    """The run-time check compares dtype too: a fast path giving the right values in float64 is not used; the item
+    gets the full call's float32 tensors and the processor the full call from then on (mut46: a value-only check
+    passed)."""
+    from probe import upstream, video
+
+    ip = _pil_processor(**_CONFIGS["organism-size"])
+    frames = [f for f in _frames() if f.size == (64, 64)]
+    real_fast = upstream.anyres_base_views
+    monkeypatch.setattr(video, "anyres_base_views", lambda p, fr: real_fast(p, fr).double())
+    got = video._base_views(ip, frames)
+    want = _full_view_0(ip, frames)
+    assert got.dtype == want.dtype == torch.float32 and torch.equal(got, want)
+    assert video._CHECKED[ip] is None
+
+
+def test_onevision_video_tokens_for_an_odd_patch_grid_are_the_models(tmp_path):
+    """A tower whose patch grid has an odd side (the 7B's 384 / 14 = 27; here 28 / 4 = 7): the model pools each
+    frame to ⌈7/2⌉² = 16 tokens. Oracle: a random tiny LLaVA-OneVision's forward, which refuses a video token count
+    other than its own features' (mut46: ⌊7/2⌋² = 9 passed every test, the tiny towers' grids being even)."""
+    from types import SimpleNamespace
+
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    from probe import video
+
+    cfg = LlavaOnevisionConfig(
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32,
+                           num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=4),
+        text_config=dict(model_type="qwen2", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, vocab_size=64),
+        image_token_index=60, video_token_index=61, vision_feature_layer=-1)
+    torch.manual_seed(0)
+    model = LlavaOnevisionForConditionalGeneration(cfg).eval()
+    ip = _pil_processor(size={"height": 28, "width": 28}, image_grid_pinpoints=[[28, 28]])
+    loaded = SimpleNamespace(processor=SimpleNamespace(image_processor=ip), ref=SimpleNamespace(path=tmp_path),
+                             model=model)
+    frames = _frames()[:3]
+    batch = video._llava_onevision(loaded, {"input_ids": torch.tensor([[1, 61, 2]]),
+                                            "attention_mask": torch.ones(1, 3, dtype=torch.long)}, frames)
+    with torch.no_grad():
+        out = model(**batch)
+    assert out.logits.shape[1] == batch["input_ids"].shape[1] == 3 * 16 + 1 + 2
