@@ -496,11 +496,16 @@ def test_a_missing_shard_is_refused_naming_the_part(tmp_path):
     assert len(load_mmmu(tmp_path / "plain")[0]) == 2
 
 
-def test_a_shard_numbered_past_its_total_is_refused(tmp_path):
+@pytest.mark.parametrize("part, refused", [
+    ("00002-of-00002", r"part 2 of 2 is out of range"),
+    # part 00001 of 2 alone, its part 00000 absent, would score half the subject
+    ("00001-of-00002", r"shard validation-00000-of-00002.parquet is missing"),
+])
+def test_a_shard_numbered_past_its_total_or_missing_its_first_part_is_refused(tmp_path, part, refused):
     write(tmp_path / "src", {"Art": [row(1)]})
     _copy_as(tmp_path / "src" / "Art" / "validation-00000-of-00001.parquet",
-             tmp_path / "d" / "Art" / "validation-00002-of-00002.parquet")
-    with pytest.raises(BadInput, match=r"part 2 of 2 is out of range"):
+             tmp_path / "d" / "Art" / f"validation-{part}.parquet")
+    with pytest.raises(BadInput, match=refused):
         load_mmmu(tmp_path / "d")
 
 
@@ -764,15 +769,6 @@ def test_an_answer_padded_with_whitespace_is_its_letter(tmp_path):
     write(tmp_path, {"Art": [row(1, answer=" B\n")]})
     (it,), _ = load_mmmu(tmp_path)
     assert it.answer == "B"
-
-
-def test_a_sharding_missing_its_first_part_is_refused(tmp_path):
-    """Part 00001 of 2 alone, its part 00000 absent, would score half the subject."""
-    write(tmp_path / "src", {"Art": [row(1)]})
-    _copy_as(tmp_path / "src" / "Art" / "validation-00000-of-00001.parquet",
-             tmp_path / "d" / "Art" / "validation-00001-of-00002.parquet")
-    with pytest.raises(BadInput, match=r"shard validation-00000-of-00002.parquet is missing"):
-        load_mmmu(tmp_path / "d")
 
 
 def test_downscaling_rounds_the_short_side_to_the_nearest_pixel(tmp_path):
