@@ -2045,6 +2045,9 @@ def test_temp_files_a_sigkill_left_in_the_runs_own_files_are_removed_by_the_reru
     stages' own dirs clear a dead writer's temps, the run's own files did not). A live writer's temps stay."""
     from probe.results import writer_tag
 
+    # the module's run as other tests left it (one may have rerun a stage with --only, so --only report would be
+    # refused): brought up to date first, which reruns nothing when nothing is stale
+    assert replicate_in_root("--quick", "--quiet", "--out", str(quick)) == 0, capsys.readouterr().err
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     host = writer_tag().partition("-")[2]
