@@ -260,6 +260,15 @@ def fit_stack_gaps(fig: Any, panels: Sequence[Sequence[Any]], pad: float = STACK
 MAP_CELL, MAP_LAYER = 0.025, 0.05
 
 
+def stacked_maps_height(layers: int, rows: int, column: float, map_height: float, margin: float) -> float:
+    """Inches a column of two stacked heatmaps of ``layers`` rows asks for on a page of ``rows`` rows (Figure 2's
+    models, a merge page's participants): ``column``, where each map gets about ``map_height``, and for a tall grid
+    its maps' extra height (MAP_LAYER a layer) up to the page's share of a row beside ``margin`` inches; never less
+    than ``column`` (page_panels squeezes a page of rows that do not fit)."""
+    want = column + 2 * max(0.0, MAP_LAYER * layers - map_height)
+    return max(column, min(want, (PAGE_HEIGHT - margin) / rows))
+
+
 def cells_per_page(layers: int, heads: int, most: int, room: Callable[[int], tuple[float, float]]) -> int:
     """How many models a page of heatmaps of ``layers`` × ``heads`` holds: the most (up to ``most``, down to 2,
     which fit one row) whose maps, ``room(k)`` inches (across, down) each on a page of k, leave each cell MAP_CELL

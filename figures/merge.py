@@ -13,10 +13,10 @@ import numpy as np
 import pandas as pd
 
 from analyses.merge_methods import COMMAND, METHOD_KINDS, WEIGHTS_HEADER, run_fingerprint
-from figures import (MAP_LAYER, PAGE_HEIGHT, PAGE_WIDTH, bar_aspect, cells_per_page, drawn_as_written,
+from figures import (PAGE_HEIGHT, PAGE_WIDTH, bar_aspect, cells_per_page, drawn_as_written,
                      drop_stale_pages, even_pages, fit_bar_labels, fit_stack_gaps, heatmap_ticks, heatmap_ticks_again,
                      keep_titles_apart, page_caption, page_grid, page_panels, page_stem, read_json, read_table,
-                     save_png_pdf)
+                     save_png_pdf, stacked_maps_height)
 from figures.heads import centred_limits, clip_note, extend_for, kl_limit
 from probe.errors import BadInput, error_reason
 from probe.results import HEAD_METRIC_BOUNDS
@@ -351,11 +351,10 @@ def _page_grid(participants: int) -> tuple[float, tuple[float, float], int, int]
 
 
 def column_height(layers: int, rows: int) -> float:
-    """Inches a participant's column of two maps of ``layers`` rows asks for on a page of ``rows`` rows: COLUMN's,
-    and for a tall grid its maps' extra height (MAP_LAYER a layer) up to the page's share of a row (80 layers had
-    maps 1.9 in high on a page of one row 5.6 in high)."""
-    want = COLUMN[1] + 2 * max(0.0, MAP_LAYER * layers - MAP)
-    return max(COLUMN[1], min(want, (PAGE_HEIGHT - MARGIN[1]) / rows))
+    """Inches a participant's column of two maps of ``layers`` rows asks for on a page of ``rows`` rows
+    (``stacked_maps_height``): COLUMN's, and for a tall grid its maps' extra height up to the page's share of a row
+    (80 layers had maps 1.9 in high on a page of one row 5.6 in high)."""
+    return stacked_maps_height(layers, rows, COLUMN[1], MAP, MARGIN[1])
 
 
 def per_page(layers: int, heads: int) -> int:

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 
-from figures import (MAP_LAYER, NBSP, PAGE_HEIGHT, PAGE_WIDTH, bar_aspect, cells_per_page, drawn_as_written,
+from figures import (NBSP, PAGE_HEIGHT, PAGE_WIDTH, bar_aspect, cells_per_page, drawn_as_written,
                      drop_stale_pages, even_pages, fill_lines, fit_bar_labels, fit_stack_gaps, heatmap_ticks,
                      heatmap_ticks_again, keep_titles_apart, number, page_caption, page_grid, page_panels, page_stem,
-                     paper, read_json, reads_once, save_figure)
+                     paper, read_json, reads_once, save_figure, stacked_maps_height)
 from figures.findings import Finding, findings, interval
 from figures.merge import current_info
 from figures.results import METHOD_LABELS, EvalRun, Replication, short
@@ -223,15 +223,14 @@ FIG2_NARROW = 1.9
 # inches: a model's column where the page has room, the height each of its two maps gets of it (about, as laid
 # out), and what a layer's row asks for: up to 36 layers that column holds them; a 72B grid's 80 rows got 0.02 in
 # each, in maps 1.8 in high on a page 5.2 in high, so taller grids take the page's height they need
-FIG2_HEIGHT, FIG2_MAP, FIG2_LAYER = 4.8, 1.8, MAP_LAYER
+FIG2_HEIGHT, FIG2_MAP = 4.8, 1.8  # and MAP_LAYER a layer's row (figures)
 
 
 def figure2_height(layers: int, rows: int) -> float:
-    """Inches a Figure 2 column of two maps of ``layers`` rows asks for on a page of ``rows`` rows of models:
-    FIG2_HEIGHT, and for a tall grid its maps' extra height (FIG2_LAYER a layer) up to the page's share of a row;
-    never less than FIG2_HEIGHT (page_panels squeezes a page of rows that do not fit, as before)."""
-    want = FIG2_HEIGHT + 2 * max(0.0, FIG2_LAYER * layers - FIG2_MAP)
-    return max(FIG2_HEIGHT, min(want, (PAGE_HEIGHT - FIG2_MARGIN[1]) / rows))
+    """Inches a Figure 2 column of two maps of ``layers`` rows asks for on a page of ``rows`` rows of models
+    (``stacked_maps_height``): FIG2_HEIGHT, and for a tall grid its maps' extra height up to the page's share of a
+    row; never less than FIG2_HEIGHT."""
+    return stacked_maps_height(layers, rows, FIG2_HEIGHT, FIG2_MAP, FIG2_MARGIN[1])
 
 
 # inches of a model's column that are not its maps, as laid out (measured on pages of 80 × 64 and 28 × 28 grids):
