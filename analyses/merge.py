@@ -41,7 +41,7 @@ from analyses.shift import CHUNK
 from analyses.shift_csv import read_shift_csv
 from analyses.writer import (SHARD_BYTES, Entry, ShardedWriter, atomic_dir, check_output, check_replaceable,
                              copy_side_files, parse_size, returns_finished, run_request)
-from probe.errors import (TENSOR_MEMORY_HINT, ArgParser, BadInput, check_threads, cli_main, in_path, out_dir,
+from probe.errors import (TENSOR_MEMORY_HINT, ArgParser, BadInput, check_counts, cli_main, in_path, out_dir,
                           parse_options)
 from probe.families import CAUSAL_LM, LAYOUTS, causal_lm_type, check_lm_fits_class
 from probe.families import lm_disk_key as layout_key
@@ -132,9 +132,7 @@ class MergeConfig:
                            "with a negative --lambda)")
         if self.shard_size < 1:
             raise BadInput(f"--shard-size must be at least 1 byte, got {self.shard_size}")
-        if self.threads < 1:
-            raise BadInput(f"--threads must be ≥ 1, got {self.threads}")
-        check_threads(self.threads)
+        check_counts(self, ("threads",))  # ≥ 1, and no more than the machine can start (check_threads)
         if self.dtype is not None and self.dtype not in OUT_DTYPES:
             raise BadInput(f"--dtype must be one of {', '.join(OUT_DTYPES)}, got {self.dtype!r}")
         if self.method not in METHODS:
