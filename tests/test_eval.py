@@ -1195,11 +1195,14 @@ def test_ctrl_c_while_the_next_window_is_prefetched_stops_at_once_and_the_rerun_
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    err = proc.stderr.read()
+    err, after = proc.stderr.read(), proc.stdout.read()
     proc.stdout.close()
     proc.stderr.close()
     assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err, err
-    assert took < 7, took  # the item the thread was on (1 s) and the exit; its window's other 9 would take 9 s more
+    # items the thread began after Ctrl-C: none but the one it may have been starting (its window's other 9 would
+    # print 9 more); counted, not timed, as a loaded machine stretches the exit. The time only rules out a hang.
+    assert after.count("preparing") <= 1, after
+    assert took < 60, took
     assert [p.name for p in (out / "parts").iterdir()] == [part_file(out, 0, 0).name]
     kept = part_file(out, 0, 0).read_bytes()
     assert _eval(*args, "--out", out) == 0
