@@ -543,6 +543,48 @@ def test_one_verdict_line_per_finding_with_its_criterion(quick: Path) -> None:
     assert line.startswith(f"- **{want}**")
 
 
+def _run_captions(section: str) -> list[str]:
+    """The italic captions of a section's own tables ('*This run …*'), the paper's left out."""
+    return [x for x in section.splitlines() if x.startswith("*This run")]
+
+
+def _set_sizes(*dirs: Path) -> dict[str, int]:
+    """Items per data set of probe.eval outputs, counted from items.parquet (distinct subject × item id)."""
+    items = pd.concat([pd.read_parquet(d / "items.parquet") for d in dirs])
+    return items.drop_duplicates(["data", "subject", "item_id"]).groupby("data").size().to_dict()
+
+
+def test_each_evaluation_table_says_its_split_and_how_many_items(quick: Path) -> None:
+    # a reader of Tables 3-5 and Figure 3 needs n to judge an interval; the report printed no item count for them
+    import zlib
+
+    import numpy as np
+
+    cfg = parse_config(QUICK_CONFIG)
+    md = (quick / "report.md").read_text(encoding="utf-8")
+    split = cfg.eval.split
+    table5 = [quick / "table5" / e for e in cfg.models.experts]
+    steps = [quick / "steps" / n for n in cfg.finetune.runs]
+    for title, dirs in (("Table 3", [quick / "table3"]), ("Table 4", [quick / "table4"]), ("Table 5", table5),
+                        ("Figure 3", steps)):
+        (caption,) = _run_captions(_section(md, title))
+        assert f"{split} split" in caption, (title, caption)
+        for label, n in _set_sizes(*dirs).items():
+            assert re.search(rf"(?<![\w-]){re.escape(label)} {n}(?!\d)", caption), (title, label, n, caption)
+    # the resamples the intro states reproduce an interval of scores.csv (numpy's percentile bootstrap, the
+    # run's seed, the set's stream): the intervals are what the report says they are
+    intro = md.split("\n## ", 1)[0]
+    m = re.search(r"([\d,]+) bootstrap resamples", intro)
+    assert m, intro
+    n_boot = int(m.group(1).replace(",", ""))
+    t3 = pd.read_parquet(quick / "table3" / "items.parquet")
+    rng = np.random.default_rng([cfg.seed, zlib.crc32(b"text|p_answer")])
+    v = t3[(t3["model"] == cfg.models.base) & (t3["data"] == "text")]["p_answer"].to_numpy(float)
+    means = v[rng.integers(0, v.size, size=(n_boot, v.size))].mean(axis=1)
+    row = _row(_scores(quick / "table3"), cfg.models.base, "text")
+    assert np.allclose(np.percentile(means, [2.5, 97.5]), [row["p_answer_lo"], row["p_answer_hi"]], rtol=0, atol=1e-12)
+
+
 # an ASCII hyphen-minus as a number's sign: not after a word character or a point (a model "Qwen2-7B", a file
 # "figure2-2.png", a range "0-3", "L0.H3"), and outside code spans (commands, paths and names as written)
 ASCII_SIGN = re.compile(r"(?<![\w.])-\d")
