@@ -316,12 +316,23 @@ def peak_level(checkpoints: int) -> float:
     return 1 - (1 - LEVEL) / max(1, checkpoints - 1)
 
 
+def carrier_set(r: Replication) -> str:
+    """The label of the fine-tuned carrier's own set: the paper's Figure 3 fine-tunes Qwen2-weighted-all in Qwen2-VL
+    and measures MMMU, Qwen2-VL's own set (organism-vl's image in the default run)."""
+    return r.own[r.experts.index(r.cfg["finetune"]["carrier"])]
+
+
 def steps_tradeoff(r: Replication) -> Finding:
-    crit = ("in every run trained on more than one modality, each non-text set gains measurably from step 0 to the "
-            "last step (the paired 95 % interval of last minus step 0 above 0), and text peaks before the last step "
-            "and ends measurably below its peak (the paired interval of last minus peak below 0, at 95 % over the "
-            "K − 1 checkpoints the peak is picked from: 1 − 0.05/(K − 1) each, Bonferroni)")
-    text_label, labels = r.cfg["eval"]["text"], r.cfg["finetune"]["eval_data"]
+    text_label, labels, mmmu = r.cfg["eval"]["text"], r.cfg["finetune"]["eval_data"], carrier_set(r)
+    others = [x for x in labels if x not in (text_label, mmmu)]
+    # the paper measured MMMU only beside text: a set it never measured (video) is shown, not held to a gain
+    crit = (f"in every run trained on more than one modality, the carrier's own set ({md_text(mmmu)}, standing for "
+            "the paper's MMMU) gains measurably from step 0 to the last step (the paired 95 % interval of last minus "
+            "step 0 above 0), and text peaks before the last step and ends measurably below its peak (the paired "
+            "interval of last minus peak below 0, at 95 % over the K − 1 checkpoints the peak is picked from: "
+            "1 − 0.05/(K − 1) each, Bonferroni)"
+            + (f"; {', '.join(map(md_text, others))} shown, not counted (not measured in the paper's Figure 3)"
+               if others else ""))
     ev, verdicts, metrics = [], [], []
     multi = [n for n, mix in r.runs.items() if len(mix) > 1]
     for name in r.runs:
@@ -346,7 +357,8 @@ def steps_tradeoff(r: Replication) -> Finding:
                              + (f" ({interval(fall.value, fall.lo, fall.hi)} from its peak{said})" if fall else ""))
             else:
                 gain = run.paired(models[-1], models[0], r.data(label))
-                up_all &= bool(gain.lo > 0)
+                if label == mmmu:
+                    up_all &= bool(gain.lo > 0)
                 parts.append(f"{md_text(label)} {pct(v[0])} → {pct(v[-1])} ({interval(gain.value, gain.lo, gain.hi)})")
         ev.append(f"{md_text(name)}: {', '.join(parts)}")
         if name in multi:
@@ -355,7 +367,7 @@ def steps_tradeoff(r: Replication) -> Finding:
     # either half unmeasured: no verdict (a text set left out read 'disagrees', no modality set a vacuous gain, and
     # without a mixed run each single-modality run was held to gains on the sets it never trained on)
     unmeasured = ("The text set (eval.text) is not among finetune.eval_data" if text_label not in labels else
-                  "No set but text is among finetune.eval_data" if set(labels) == {text_label} else
+                  f"The carrier's own set ({md_text(mmmu)}) is not among finetune.eval_data" if mmmu not in labels else
                   "No run trains on more than one modality" if not multi else None)
     if unmeasured:
         return _found(steps_tradeoff, "not measured", f"{unmeasured}. {ev}", crit)

@@ -26,6 +26,7 @@ from figures.findings import Finding, findings, interval
 from figures.merge import current_info
 from figures.results import METHOD_LABELS, EvalRun, Replication, short
 from probe.errors import BadInput
+from probe.stats import N_BOOT
 from probe.eval import md_code, md_text
 from probe.zoo import ORGANISMS, VALIDATION_NOTE
 
@@ -363,8 +364,8 @@ def build(r: Replication, figdir: Path, state: RunState | None = None) -> Doc:
     # markdown, and a name's '*', '_', '<', '[', '$' read as marks in report.md (GFM) and report.html (_inline)
     d.p(f"Config {md_code(Path(r.info.get('config_file', '')).name)}: base {md_code(r.base)}, experts "
         + ", ".join(map(md_code, r.experts)) + f"; device {md_code(cfg['device'])}, dtype {md_code(cfg['dtype'])}, seed "
-        f"{cfg['seed']}. Accuracy in %, with 95 % bootstrap intervals over items; differences are paired (same "
-        "items). Each section sets the run beside the paper's published numbers (cited by table; the paper "
+        f"{cfg['seed']}. Accuracy in %, with 95 % bootstrap intervals over items ({N_BOOT:,} bootstrap resamples, "
+        "percentile); differences are paired (same items). Each section sets the run beside the paper's published numbers (cited by table; the paper "
         "measured 7B models on MMLU, MMMU, Video-MME and the like, so compare directions, not values) and says, "
         "per finding, whether the run agrees and by which criterion. Rebuild with `python -m figures report DIR`.")
     if any(r.paper_name(e) for e in r.experts):
@@ -388,7 +389,8 @@ def build(r: Replication, figdir: Path, state: RunState | None = None) -> Doc:
         rows = [[md_text(m), *[cell(run, m, r.data(x)) for x in labels],
                  "reference" if m == r.base else cell(run, m, text, diff=True)] for m in [r.base, *r.experts]]
         d.table(["model", *map(md_text, labels), f"{md_text(cfg['eval']['text'])}: Δ vs base"], rows,
-                f"This run ({run.metric.replace('_', ' ')}, %); n/a: the model cannot read that modality")
+                f"This run ({run.metric.replace('_', ' ')}, %; {measured_on(r, [(x, run) for x in labels])}); n/a: the "
+                "model cannot read that modality")
         if legend := exact_legend([(f"{m} on {x}", run, m, r.data(x)) for m in [r.base, *r.experts] for x in labels]):
             d.p(legend)
         for png in _copy_pages(run.dir / "eval.png", figdir / "table3.png"):
@@ -460,7 +462,8 @@ def build(r: Replication, figdir: Path, state: RunState | None = None) -> Doc:
         rows = [[md_text(r.base), cell(run, r.base, text), "reference"]]
         rows += [[METHOD_LABELS[m], cell(run, r.merge_dir(m), text), cell(run, r.merge_dir(m), text, diff=True)]
                  for m in r.methods]
-        d.table(["model", md_text(cfg["eval"]["text"]), "Δ vs base"], rows, f"This run ({run.metric.replace('_', ' ')}, %)")
+        d.table(["model", md_text(cfg["eval"]["text"]), "Δ vs base"], rows,
+                f"This run ({run.metric.replace('_', ' ')}, %; {measured_on(r, [(cfg['eval']['text'], run)])})")
         if legend := exact_legend([(name, run, m, text) for name, m in
                                    [(r.base, r.base), *((METHOD_LABELS[x], r.merge_dir(x)) for x in r.methods)]]):
             d.p(legend)
@@ -476,7 +479,8 @@ def build(r: Replication, figdir: Path, state: RunState | None = None) -> Doc:
         for m in r.methods:
             rows.append([METHOD_LABELS[m]] + [cell(runs[e], r.carrier(m, e), r.data(l))
                                               for e, l in zip(r.experts, r.own)])
-        d.table(header, rows, f"This run ({runs[r.experts[0]].metric.replace('_', ' ')}, %)")
+        d.table(header, rows, f"This run ({runs[r.experts[0]].metric.replace('_', ' ')}, %; "
+                f"{measured_on(r, [(l, runs[e]) for e, l in zip(r.experts, r.own)])})")
         if legend := exact_legend([(f"{name} on {l} ({e})", runs[e], m, r.data(l)) for e, l in zip(r.experts, r.own)
                                    for name, m in [("expert alone", e),
                                                    *((METHOD_LABELS[x], r.carrier(x, e)) for x in r.methods)]]):
@@ -499,17 +503,18 @@ def build(r: Replication, figdir: Path, state: RunState | None = None) -> Doc:
     if r.complete("steps"):
         from figures.steps import draw_steps, metric_word
 
-        rows, metrics = [], []
+        rows, metrics, scored = [], [], []
         for name in r.runs:
             run, t = r.steps(name)
             metrics.append(run.metric)
+            scored += [(lab, run) for lab in ft["eval_data"]]
             for lab in ft["eval_data"]:
                 g = t[t["data"] == run.data_names[r.data(lab)]]  # in step order (Replication.steps)
                 rows.append([md_text(name), md_text(lab), " → ".join("n/a" if n == 0 else number(100 * v, ".1f")
                                                    for v, n in zip(g[run.metric], g["n_items"]))])
         # a --no-generate run's are prob. accuracies: the header said "accuracy" whatever the runs scored
         d.table(["run", "data", f"{metric_word(metrics)} at steps " + ", ".join(map(str, r.saved_steps))], rows,
-                "This run")
+                f"This run ({measured_on(r, scored)}, at every checkpoint)")
         tmp = figdir / "_steps"
         tmp.mkdir(exist_ok=True)
         draw_steps([r.out / "steps" / n for n in r.runs], out=tmp)
@@ -657,6 +662,19 @@ def eq4_weights(r: Replication) -> dict[str, float]:
     if not isinstance(weight, dict) or not all(isinstance(v, (int, float)) for v in weight.values()):
         raise BadInput(f"{merge_json}: mean_weight is not a number per model")
     return weight
+
+
+def measured_on(r: Replication, sets: list[tuple[str, EvalRun]]) -> str:
+    """What a table's scores were measured on, for its caption: the split and each set's items, by config label
+    (``sets``: label and the probe.eval run that scored it; a label scored by several runs counts the most items
+    any of them scored). Without it a reader of a table cannot tell 12 items from 900 behind an interval."""
+    n: dict[str, int] = {}
+    for label, run in sets:
+        n[label] = max(n.get(label, 0), run.n_items(r.data(label)))
+    split = next((run.split for _, run in sets if run.split), "")
+    counts = [f"{md_text(label)} {k}" for label, k in n.items()]
+    counts[0] += " items"
+    return (f"{md_text(split)} split: " if split else "") + ", ".join(counts)
 
 
 def weights_caption(alpha0: float) -> str:

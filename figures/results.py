@@ -150,6 +150,20 @@ class EvalRun:
         items = read_cached((read_part, str(path), *ITEM_COLUMNS), lambda: read_part(path, ITEM_COLUMNS))
         return items.assign(model=items["model"].replace(self.labels)) if self.labels else items
 
+    def n_items(self, data_spec: str) -> int:
+        """Items of a data set (by spec or name): the most any model of the run scored (one that cannot read the set
+        scored none)."""
+        from probe.mmmu import data_spec as one_spelling
+
+        name = self.data_names.get(one_spelling(data_spec), data_spec)
+        top = self.scores[(self.scores["subject"] == "all") & (self.scores["data"] == name)]
+        return int(top["n_items"].max()) if len(top) else 0
+
+    @property
+    def split(self) -> str:
+        """The split the run scored (its plan's settings; "" in a run.json that does not say)."""
+        return str(self.info["plan"]["settings"].get("split") or "")
+
     def row(self, model: str, data_spec: str) -> Any:
         """The 'all' row of a model on a data set, by the spec the run was given (``probe/zoo/data/text``) or its
         name in scores.csv (``text``)."""
