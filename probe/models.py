@@ -674,7 +674,7 @@ def load_model(
     plan = None
     if len(devices) > 1:  # planned from the config alone: a model that cannot fit fails before the download
         plan = plan_for(ref, torch_dtype, devices, device_memory, memory_kind)
-        print(plan.summary(), file=sys.stderr)
+        print(plan.summary(), flush=True)  # stdout, as the placement line: a refusal in the load is stderr's one line
         device = plan.devices[0]  # inputs and embeddings
     else:
         check_fits(ref, dtype, [device], device_memory, memory_kind)

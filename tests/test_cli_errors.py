@@ -1036,10 +1036,10 @@ def test_an_out_that_cannot_be_created_is_one_line(tmp_path, data_dir, capsys, m
                                         "validation", "--steps", "1", "--batch-size", "1", "--device", "cpu"]),
                        (shift.main, ["--base", "tiny-qwen2", "--models", "tiny-qwen2-vl", "--no-figures"])):
         assert cli_main(main, [*argv, "--quiet", "--out", str(out)]) == 2
-        # the placement line and finetune's warning on training on a validation split come once the run started
-        err = [l for l in capsys.readouterr().err.strip().splitlines()
-               if not l.startswith(("device ", "warning: --split validation"))]
-        assert len(err) == 1 and "cannot create it (Permission denied)" in err[0], err
+        # the placement line (stdout) and finetune's warning on training on a validation split (after the claim)
+        # come once the run started: the refusal is the one line on stderr
+        line = one_error_line(2, capsys.readouterr().err)
+        assert "cannot create it (Permission denied)" in line, line
     assert not denied.exists()
 
 
@@ -2022,8 +2022,69 @@ def test_a_tokenizer_or_generation_config_of_the_wrong_shape_is_one_line(file, t
     capfd.readouterr()
     code = cli_main(probe_eval.main, ["--models", str(model), "--data", str(REPO / "probe/zoo/data/text"), "--limit",
                                       "1", "--quiet", "--device", "cpu", "--out", str(out)])
-    err = capfd.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert code == 2 and len(lines) == 1 and err.strip().endswith(lines[0]) and "Traceback" not in err, err
-    assert f"{model}" in lines[0] and want in lines[0], lines[0]
+    line = one_error_line(code, capfd.readouterr().err)
+    assert f"{model}" in line and want in line, line
     assert not out.exists() and tree_manifest(model) == before
+
+
+# --------------------------------------------------------------------------------------------------------
+# a host that cannot start a thread or process; load-time refusals; who holds a lock
+
+ORGANISM_RUNS = {  # organism-base on 1–2 bundled text items: each command that loads a model, a second or two
+    "probe.heads": ["--model", "{model}", "--data", "probe/zoo/data/text", "--limit", "1", "--layers", "0",
+                    "--heads", "0", "--no-generate", "--no-figures", "--quiet", "--out", "{out}"],
+    "probe.eval": ["--models", "{model}", "--data", "probe/zoo/data/text", "--limit", "1", "--no-generate",
+                   "--quiet", "--out", "{out}"],
+    "analyses.finetune": ["--model", "{model}", "--data", "text=probe/zoo/data/text", "--split", "validation",
+                          "--steps", "1", "--batch-size", "2", "--device", "cpu", "--quiet", "--out", "{out}"],
+}
+
+
+def _organism_run(command: str, model: str | Path, out: Path) -> int:
+    argv = [a.format(model=model, out=out) for a in ORGANISM_RUNS[command]]
+    return cli_main(importlib.import_module(command).main, argv)
+
+
+def _nan_copy(dest: Path) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    from probe.models import resolve_model
+
+    model = shutil.copytree(resolve_model("organism-base").path, dest)
+    weights = load_file(model / "model.safetensors")
+    key = next(k for k in weights if "layers.1.mlp.down_proj" in k)
+    weights[key][0, 0] = float("nan")
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    return model
+
+
+@pytest.mark.parametrize("command", list(ORGANISM_RUNS))
+@pytest.mark.parametrize("refusal", ["non-finite weights", "--out in use"])
+def test_a_refusal_found_as_the_model_loads_is_the_only_stderr_line(command, refusal, tmp_path, capfd):
+    """probe.heads and probe.eval printed the placement line ("device cpu (1 thread), dtype float32, attention
+    sdpa") on stderr before loading, so a checkpoint refused as it loads (a NaN weight) or an --out found in use at
+    the claim after the load left two lines on stderr; analyses.finetune's lock refusal three (its --split warning
+    too). The placement line goes to stdout now, and the warning after the claim: bad input is one stderr line.
+    Oracle: a weight set to NaN by hand; another open file description holding the lock."""
+    import fcntl
+
+    out = tmp_path / "out"
+    if refusal == "non-finite weights":
+        model, says = _nan_copy(tmp_path / "nan"), "non-finite weights"
+        held = None
+    else:
+        model, says = "organism-base", "is in use by another running command"
+        out.mkdir()
+        held = os.open(out / ".lock", os.O_CREAT | os.O_RDWR)
+        fcntl.flock(held, fcntl.LOCK_EX)
+    capfd.readouterr()
+    try:
+        code = _organism_run(command, model, out)
+    finally:
+        if held is not None:
+            os.close(held)
+    captured = capfd.readouterr()
+    line = one_error_line(code, captured.err)
+    assert says in line, line
+    if refusal == "non-finite weights":
+        assert not out.exists()
