@@ -2045,6 +2045,65 @@ def _organism_run(command: str, model: str | Path, out: Path) -> int:
     return cli_main(importlib.import_module(command).main, argv)
 
 
+def test_a_thread_that_cannot_start_is_said_as_such_not_as_a_bad_checkpoint(tmp_path, monkeypatch, capfd):
+    """On a host at its process limit (ulimit -u, a container's pids.max) transformers' loader could not start its
+    thread pool, and probe.heads said "cannot load checkpoint …/organism-base: can't start new thread", exit 2, as if
+    the checkpoint were damaged. Now one line saying what failed and what to lower, exit 1 (the host, not the input,
+    as for memory running out), nothing written. Oracle: threading.Thread.start refusing as CPython does."""
+    import threading
+
+    def refuse(self, *args, **kwargs):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    out = tmp_path / "out"
+    capfd.readouterr()
+    code = _organism_run("probe.heads", "organism-base", out)
+    err = capfd.readouterr().err
+    assert code == 1 and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: cannot start a thread (can't start new thread): ") and "--threads" in err, err
+    assert "checkpoint" not in err and not out.exists()
+
+
+def test_a_process_that_cannot_start_is_said_as_such_and_other_eagain_is_not(monkeypatch, capfd):
+    """A process pool (probe.zoo build's lanes) whose worker cannot be forked raises BlockingIOError EAGAIN from
+    multiprocessing: a traceback before. One line now, exit 1. The same errno from a non-blocking read is no such
+    failure and keeps its traceback (re-raised)."""
+    import _posixsubprocess
+    import errno
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    def refuse(*args, **kwargs):
+        raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+
+    def pool_main(argv) -> int:
+        with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+            pool.submit(abs, -1).result()
+        return 0
+
+    monkeypatch.setattr(_posixsubprocess, "fork_exec", refuse)
+    capfd.readouterr()
+    assert cli_main(pool_main) == 1
+    err = capfd.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"error: cannot start a process ({os.strerror(errno.EAGAIN)}): "), err
+    monkeypatch.undo()
+
+    def read_main(argv) -> int:
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        try:
+            os.read(r, 1)  # nothing written: EAGAIN, not a process that failed to start
+        finally:
+            os.close(r), os.close(w)
+        return 0
+
+    with pytest.raises(BlockingIOError):
+        cli_main(read_main)
+
+
 def _nan_copy(dest: Path) -> Path:
     from safetensors.torch import load_file, save_file
 
