@@ -19,7 +19,7 @@ import pytest
 from conftest import REPO
 from test_heads_cli import BASE_ARGS, base_run, cli  # noqa: F401 (base_run: the shared reference sweep)
 
-from probe.errors import REASON_CHARS, cli_main, error_reason
+from probe.errors import REASON_CHARS, BadInput, cli_main, error_reason
 
 
 def one_error_line(rc: int, err: str) -> str:
@@ -2147,3 +2147,46 @@ def test_a_refusal_found_as_the_model_loads_is_the_only_stderr_line(command, ref
     assert says in line, line
     if refusal == "non-finite weights":
         assert not out.exists()
+
+
+def test_a_lock_refusal_names_a_holder_that_writes_its_name_just_after_locking(tmp_path):
+    """A command that had taken --out's lock but not yet written "PID HOST" into it (the instant between its flock
+    and its write, or a new lock file still empty) was refused without a name: "… in use by another running
+    command; wait …". A refused command now re-reads a lock that names no live holder for a moment. Oracle: a lock
+    file created empty and held, its name written 0.2 s later."""
+    import fcntl
+    import socket
+    import threading
+
+    from probe.results import LOCK, lock_out_dir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / LOCK
+    held = os.open(lock, os.O_CREAT | os.O_RDWR)  # another open file description: refused as another process is
+    fcntl.flock(held, fcntl.LOCK_EX)
+    holder = os.getppid()  # a live process that is not this one (this process's own pid names no other holder)
+    writer = threading.Timer(0.2, lambda: os.pwrite(held, f"{holder} {socket.gethostname()}\n".encode(), 0))
+    writer.start()
+    try:
+        with pytest.raises(BadInput) as refused:
+            lock_out_dir(out)
+    finally:
+        writer.join()
+        os.close(held)
+    assert f"(pid {holder} on {socket.gethostname()})" in str(refused.value), refused.value
+
+
+def test_a_released_lock_names_nobody(tmp_path):
+    """A lock kept the name of the last command that held it after that command had let it go: one that took it
+    next and was refused-against before writing its own name was named as the earlier (possibly still running)
+    process. The name goes when the claim ends; a new claim writes its own."""
+    import socket
+
+    from probe.results import LOCK, lock_out_dir, release_claims
+
+    out = tmp_path / "out"
+    lock_out_dir(out)
+    assert (out / LOCK).read_text(encoding="utf-8") == f"{os.getpid()} {socket.gethostname()}\n"
+    release_claims()
+    assert (out / LOCK).read_text(encoding="utf-8") == ""
