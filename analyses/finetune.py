@@ -823,12 +823,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
                           resumable[start] / "adapter" if start is not None and cfg.lora is not None else None)
     resume = (read_state(resumable[start] / STATE, state_location(world, cfg.fsdp, placement.device), start)
               if start else None)
-    print(placement.description, file=sys.stderr)  # after the last check: a refusal stays one line
-    from probe.mmmu import EVALUATION_SPLITS
-
-    if cfg.split in EVALUATION_SPLITS and rank_world()[0] == 0:  # probe.eval's default split (until 2026-12-05 silent)
-        print(f"warning: --split {cfg.split} trains on the items probe.eval scores by default: checkpoints evaluated "
-              f"on them are not held out (train on a training split)", file=sys.stderr)
+    print(placement.description, flush=True)  # on stdout, as probe.heads: a refusal after it is stderr's one line
     rows, offsets = [], {}
     for label, its in items.items():
         enc = encode(loaded, its, True)
@@ -863,6 +858,12 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         if start is None:
             check_source()
             save_checkpoint(loaded, source, out / "checkpoint-0", None)
+    from probe.mmmu import EVALUATION_SPLITS
+
+    # after the claim and the processor's checks of the items: a refusal before it stays stderr's one line
+    if cfg.split in EVALUATION_SPLITS and rank_world()[0] == 0:  # probe.eval's default split (until 2026-12-05 silent)
+        print(f"warning: --split {cfg.split} trains on the items probe.eval scores by default: checkpoints evaluated "
+              f"on them are not held out (train on a training split)", file=sys.stderr)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=cfg.steps, initial=start or 0, desc="finetune", unit="step", file=sys.stderr, disable=not writer or cfg.quiet)

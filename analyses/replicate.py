@@ -747,7 +747,7 @@ def run(args: argparse.Namespace) -> Path:
         remove_stale_temps(d)
 
     p = ctx.placement
-    print(p.description, file=sys.stderr)  # after the last refusal, so that one stays one line (as probe.heads)
+    print(p.description, flush=True)  # on stdout, as probe.heads: a refusal in a stage is stderr's one line
     atomic_write_json(out / MARKER, {"out": str(out), "earlier_outs": earlier_outs(out),
                                      "config_file": ctx.cfg.source, "config": asdict(ctx.cfg),
                                      "placement": p.record(),

@@ -209,6 +209,9 @@ def heads_all_matter(r: Replication) -> Finding:
 
 
 def shallow_layers(r: Replication) -> Finding:
+    """Figure 2, §5.2: heads in shallower layers matter more. Shallow is layer < L/2, the first ⌈L/2⌉ of L layers,
+    so an odd count's middle layer is shallow: the paper names no split (its Qwen2-VL-7B has 28 layers; the
+    organisms 4), and README says this one."""
     crit = "for every expert, the mean KL of removing a head is larger in the first half of the layers than in the second"
     ev, ok = [], 0
     for e in r.experts:

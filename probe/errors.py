@@ -64,6 +64,55 @@ def out_of_memory(exc: BaseException) -> str | None:
     return None
 
 
+# CPython's RuntimeError when the OS would not start a thread (pthread_create's EAGAIN)
+THREAD_REFUSED = "can't start new thread"
+
+
+def start_refused(exc: BaseException) -> str | None:
+    """"thread" or "process" where ``exc`` (or an error it was raised from, a few links down) says this machine would
+    not start one: its limit on processes and threads (ulimit -u, a container's pids.max) is reached; None when it
+    is something else. A thread: CPython's RuntimeError ``THREAD_REFUSED`` (transformers' loader starts a thread
+    pool, probe.batch a preparing thread). A process: EAGAIN from a fork or exec whose innermost Python frame is in
+    multiprocessing or subprocess (probe.zoo build's process pool); the same errno from a non-blocking read is no
+    such failure."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return None
+        if isinstance(seen, RuntimeError) and THREAD_REFUSED in str(seen):
+            return "thread"
+        if isinstance(seen, OSError) and seen.errno == errno.EAGAIN and _in_process_start(seen):
+            return "process"
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+# where multiprocessing and subprocess fork or exec a child (os.fork, _posixsubprocess.fork_exec, os.posix_spawn)
+PROCESS_STARTS = ("_launch", "spawnv_passfds", "_execute_child", "_fork_exec", "_posix_spawn")
+
+
+def _in_process_start(exc: BaseException) -> bool:
+    """Whether the deepest frame of multiprocessing or subprocess that ``exc`` passed through starts a child."""
+    tb, last = exc.__traceback__, None
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if f"{os.sep}multiprocessing{os.sep}" in code.co_filename or code.co_filename.endswith(f"{os.sep}subprocess.py"):
+            last = code.co_name
+        tb = tb.tb_next
+    return last in PROCESS_STARTS
+
+
+def start_refused_line(exc: BaseException) -> str | None:
+    """``cli_main``'s line for a thread or process this machine would not start (``start_refused``), else None. Not
+    bad input (exit 1, as memory running out): the same command runs on a machine, or under a limit, with room."""
+    if (what := start_refused(exc)) is None:
+        return None
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else error_reason(exc)
+    return (f"cannot start a {what} ({reason}): this machine's limit on processes and threads is reached (ulimit -u, "
+            "a container's pids limit); lower --threads or OMP_NUM_THREADS, or raise the limit, then rerun (a "
+            "resumable run goes on from what it had saved)")
+
+
 def error_reason(exc: BaseException) -> str:
     """An upstream error's reason in one line: its first line, or a heading ending in ':' with the line below
     (cut at REASON_CHARS); the exception's type name when it has no message."""
@@ -462,8 +511,8 @@ class KeptInterrupt:
 
 
 def cli_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
-    """Run a CLI entry point: exit 2 with one line for BadInput, 1 with one line for a stopped run, a full disk or
-    memory running out, 1 with a traceback for anything unexpected, 130 with the one line ``interrupted`` for Ctrl-C
+    """Run a CLI entry point: exit 2 with one line for BadInput, 1 with one line for a stopped run, a full disk,
+    memory running out or a thread or process the machine would not start, 1 with a traceback for anything unexpected, 130 with the one line ``interrupted`` for Ctrl-C
     (one landing in a finalizer too: ``KeptInterrupt``); the --out dirs it claimed are freed when it returns."""
     as_command = signal.getsignal(signal.SIGINT) is quiet_interrupt  # python -m <command>, not a caller's process
     if as_command:
@@ -487,6 +536,9 @@ def cli_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
         print_error(' '.join(str(exc).split()))
         return 1
     except (MemoryError, RuntimeError) as exc:  # a batch too large for the device: one line saying what to lower
+        if (line := start_refused_line(exc)) is not None:
+            print_error(line)
+            return 1
         if (where := out_of_memory(exc)) is None:
             return say_write_stopped(exc)  # torch's own write errors are RuntimeErrors
         # a command whose own advice differs sets main.memory_hint (fine-tuning: a smaller batch is another run)
@@ -497,6 +549,9 @@ def cli_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
         print_error(f"out of memory in {where}; {hint}")
         return 1
     except Exception as exc:  # OSError, or a write error of another type (safetensors') no caller named a file for
+        if (line := start_refused_line(exc)) is not None:  # a process pool's fork refused (EAGAIN)
+            print_error(line)
+            return 1
         return say_write_stopped(exc)
     except KeyboardInterrupt:
         close_progress_bars()

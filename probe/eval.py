@@ -401,7 +401,7 @@ def run(args: argparse.Namespace) -> Path:
                           image_max_side=args.image_max_side)
         if (out / "run.json").is_file():  # a resume claims the dir at once: the same command started twice would
             claim_out_dir(out, plan.fingerprint())  # otherwise compute the same parts side by side
-        print(placement.description, file=sys.stderr)
+        print(placement.description, flush=True)  # stdout: a model refused as it loads is stderr's one line
         bar = _progress(sum(len(scored[pair]) for pair in todo), args.quiet, "eval", unit="item")
         with stop_recorded(out, run_info):  # a check that stops the run says so in run.json
             for m in sorted({m for m, _ in todo}):

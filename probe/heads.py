@@ -427,9 +427,9 @@ def run(args: argparse.Namespace) -> Path:
         if resuming := (out / "run.json").is_file():  # claimed at once: the same command started twice would
             claim_out_dir(out, plan.fingerprint())  # otherwise compute the same parts side by side
         with stop_recorded(out, run_info):  # a check that stops the run says so in run.json
-            # the fit checked before the placement's line, as eval and finetune do: a refusal stays one line
             check_fits(ref, placement.dtype, placement.all_devices, placement.device_memory, placement.memory_kind)
-            print(placement.description, file=sys.stderr)
+            # on stdout, as progress: a refusal as the model loads, or at the claim after it, is stderr's one line
+            print(placement.description, flush=True)
             loaded = load_model(ref, dtype=placement.dtype, device=device, attn_implementation=args.attn_implementation,
                                 devices=placement.all_devices, device_memory=placement.device_memory,
                                 memory_kind=placement.memory_kind)

@@ -22,7 +22,7 @@ from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from torch import nn
 
-from probe.errors import BadInput, error_reason, in_path, is_int
+from probe.errors import BadInput, error_reason, in_path, is_int, start_refused
 from probe.families import (
     ALIASES,
     Family,
@@ -674,7 +674,7 @@ def load_model(
     plan = None
     if len(devices) > 1:  # planned from the config alone: a model that cannot fit fails before the download
         plan = plan_for(ref, torch_dtype, devices, device_memory, memory_kind)
-        print(plan.summary(), file=sys.stderr)
+        print(plan.summary(), flush=True)  # stdout, as the placement line: a refusal in the load is stderr's one line
         device = plan.devices[0]  # inputs and embeddings
     else:
         check_fits(ref, dtype, [device], device_memory, memory_kind)
@@ -812,6 +812,8 @@ def _from_pretrained(ref: ModelRef, **kwargs: Any) -> Any:
             )
     except (OSError, ValueError, RuntimeError, SafetensorError, StrictDataclassError) as exc:
         # (huggingface_hub's config validation, e.g. num_hidden_layers ≠ len(layer_types), is StrictDataclassError)
+        if start_refused(exc):  # its loading threads: the machine's process limit, not the checkpoint (cli_main says)
+            raise
         raise BadInput(f"cannot load checkpoint {ref.path}: {error_reason(exc)}") from None
     if getattr(model, "use_kernels", False):  # a later release might ignore the keyword: refuse, never measure it
         from probe.upstream import UpstreamChanged

@@ -515,7 +515,21 @@ def release_claims(keep: Iterable[str] = ()) -> None:
         if (lock := _REMOVED_ON_RELEASE.pop(key, None)) is not None:  # while still held: see lock_out_dir
             lock.unlink(missing_ok=True)
         if fd >= 0:
-            os.close(fd)  # closing the descriptor frees its flock
+            unlock(fd)
+
+
+def unlock(fd: int) -> None:
+    """Let go of a lock ``lock_out_dir`` took, with the holder's name it wrote when no other holder shares it (ranks
+    of a torchrun job: the last to go clears it): a command that takes it next and is refused-against before it
+    writes its own was named as this process, which may still be running (analyses.replicate's next stage)."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # granted only where no other rank shares it now
+        os.ftruncate(fd, 0)
+    except OSError:  # another rank still holds it (BlockingIOError), or a full or read-only disk: the name stays
+        pass
+    os.close(fd)  # closing the descriptor frees its flock
 
 
 def has_contents(out: Path) -> bool:
@@ -559,6 +573,8 @@ def lock_out_dir(out: Path, shared: bool = False, beside: bool = False, drawing:
     except OSError:  # a file system without locks (some NFS mounts): run unlocked, as before
         os.close(fd)
         fd = -1
+    if fd >= 0:  # who holds it, at once, for the refusal of the next command (ranks sharing it: the last to write)
+        name_holder(fd)
     if beside and fd >= 0:
         if not same_file(fd, lock):  # its holder removed it as we opened it: ours is a lock nobody else sees
             os.close(fd)
@@ -568,15 +584,21 @@ def lock_out_dir(out: Path, shared: bool = False, beside: bool = False, drawing:
     # swapped in over a probe.heads or probe.eval run started into its --out meanwhile, deleting that run's dir as it
     # ran. Made first, then looked beside: that output's check (after its lock) finds this dir, or this look its lock
     if not beside and fd >= 0 and held_beside(out):
-        os.close(fd)
+        unlock(fd)
         raise in_use(out, lock_path(out, beside=True), drawing)
-    if fd >= 0:  # who holds it, for the refusal of the next command (ranks sharing it: the last to write)
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
-        except OSError:  # a full disk: the lock holds all the same
-            pass
     _CLAIMED[key] = fd
+
+
+def name_holder(fd: int) -> None:
+    """Write "PID HOST" into the lock open as ``fd``, which this process holds: over what is there, then cut to its
+    length, so a reader never finds it emptied by this write (a refused command that finds no live holder's name
+    reads again for a moment: ``in_use``)."""
+    name = f"{os.getpid()} {socket.gethostname()}\n".encode()
+    try:
+        os.pwrite(fd, name, 0)
+        os.ftruncate(fd, len(name))
+    except OSError:  # a full disk: the lock holds all the same
+        pass
 
 
 def held_beside(out: Path) -> bool:
@@ -613,16 +635,30 @@ def hold_drawn_dir(out: Path) -> None:
         lock_out_dir(out, beside=beside, drawing=True)
 
 
-def in_use(out: Path, lock: Path, drawing: bool = False) -> BadInput:
-    """The refusal of an --out another command holds, naming that command's process when its ``lock`` says (written
-    by ``lock_out_dir``; a holder of an earlier version, or one still writing it, wrote none)."""
+# how long a refused command waits for the lock's holder to name itself (it writes at once after its flock)
+HOLDER_NAME_WAIT = 0.5
+
+
+def lock_holder(lock: Path) -> tuple[str, str] | None:
+    """The (pid, host) ``lock`` names when that is a live process other than this one, else None."""
     try:
         pid, host = lock.read_text(encoding="utf-8").split()
-        # not a finished run's (the holder may not have written yet), nor this process's own earlier claim
+        # not a killed run's (the holder may not have written over it yet), nor this process's own earlier claim
         known = int(pid) > 0 and (host != socket.gethostname() or (int(pid) != os.getpid() and pid_alive(int(pid))))
-    except (OSError, ValueError):  # none, unreadable, or not "PID HOST"
-        known = False
-    who = f" (pid {pid} on {host})" if known else ""
+    except (OSError, ValueError):  # none, unreadable, empty or not "PID HOST"
+        return None
+    return (pid, host) if known else None
+
+
+def in_use(out: Path, lock: Path, drawing: bool = False) -> BadInput:
+    """The refusal of an --out another command holds, naming that command's process (written into ``lock`` by
+    ``lock_out_dir`` once it holds it). A lock that names no live holder yet (taken an instant ago: a new file is
+    empty until its holder writes, an old one may name a killed holder) is read again for up to
+    ``HOLDER_NAME_WAIT`` seconds; a holder of an earlier version, which writes nothing, stays unnamed."""
+    deadline = time.monotonic() + HOLDER_NAME_WAIT
+    while (holder := lock_holder(lock)) is None and time.monotonic() < deadline and lock.exists():
+        time.sleep(0.02)
+    who = f" (pid {holder[0]} on {holder[1]})" if holder else ""
     if drawing:
         return BadInput(f"{out} is in use by another running command{who}; draw it once that command has ended")
     return BadInput(f"--out {out} is in use by another running command{who}; wait for it to end or use another --out")

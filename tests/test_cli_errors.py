@@ -19,7 +19,7 @@ import pytest
 from conftest import REPO
 from test_heads_cli import BASE_ARGS, base_run, cli  # noqa: F401 (base_run: the shared reference sweep)
 
-from probe.errors import REASON_CHARS, cli_main, error_reason
+from probe.errors import REASON_CHARS, BadInput, cli_main, error_reason
 
 
 def one_error_line(rc: int, err: str) -> str:
@@ -1036,10 +1036,10 @@ def test_an_out_that_cannot_be_created_is_one_line(tmp_path, data_dir, capsys, m
                                         "validation", "--steps", "1", "--batch-size", "1", "--device", "cpu"]),
                        (shift.main, ["--base", "tiny-qwen2", "--models", "tiny-qwen2-vl", "--no-figures"])):
         assert cli_main(main, [*argv, "--quiet", "--out", str(out)]) == 2
-        # the placement line and finetune's warning on training on a validation split come once the run started
-        err = [l for l in capsys.readouterr().err.strip().splitlines()
-               if not l.startswith(("device ", "warning: --split validation"))]
-        assert len(err) == 1 and "cannot create it (Permission denied)" in err[0], err
+        # the placement line (stdout) and finetune's warning on training on a validation split (after the claim)
+        # come once the run started: the refusal is the one line on stderr
+        line = one_error_line(2, capsys.readouterr().err)
+        assert "cannot create it (Permission denied)" in line, line
     assert not denied.exists()
 
 
@@ -2022,8 +2022,171 @@ def test_a_tokenizer_or_generation_config_of_the_wrong_shape_is_one_line(file, t
     capfd.readouterr()
     code = cli_main(probe_eval.main, ["--models", str(model), "--data", str(REPO / "probe/zoo/data/text"), "--limit",
                                       "1", "--quiet", "--device", "cpu", "--out", str(out)])
-    err = capfd.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert code == 2 and len(lines) == 1 and err.strip().endswith(lines[0]) and "Traceback" not in err, err
-    assert f"{model}" in lines[0] and want in lines[0], lines[0]
+    line = one_error_line(code, capfd.readouterr().err)
+    assert f"{model}" in line and want in line, line
     assert not out.exists() and tree_manifest(model) == before
+
+
+# --------------------------------------------------------------------------------------------------------
+# a host that cannot start a thread or process; load-time refusals; who holds a lock
+
+ORGANISM_RUNS = {  # organism-base on 1–2 bundled text items: each command that loads a model, a second or two
+    "probe.heads": ["--model", "{model}", "--data", "probe/zoo/data/text", "--limit", "1", "--layers", "0",
+                    "--heads", "0", "--no-generate", "--no-figures", "--quiet", "--out", "{out}"],
+    "probe.eval": ["--models", "{model}", "--data", "probe/zoo/data/text", "--limit", "1", "--no-generate",
+                   "--quiet", "--out", "{out}"],
+    "analyses.finetune": ["--model", "{model}", "--data", "text=probe/zoo/data/text", "--split", "validation",
+                          "--steps", "1", "--batch-size", "2", "--device", "cpu", "--quiet", "--out", "{out}"],
+}
+
+
+def _organism_run(command: str, model: str | Path, out: Path) -> int:
+    argv = [a.format(model=model, out=out) for a in ORGANISM_RUNS[command]]
+    return cli_main(importlib.import_module(command).main, argv)
+
+
+def test_a_thread_that_cannot_start_is_said_as_such_not_as_a_bad_checkpoint(tmp_path, monkeypatch, capfd):
+    """On a host at its process limit (ulimit -u, a container's pids.max) transformers' loader could not start its
+    thread pool, and probe.heads said "cannot load checkpoint …/organism-base: can't start new thread", exit 2, as if
+    the checkpoint were damaged. Now one line saying what failed and what to lower, exit 1 (the host, not the input,
+    as for memory running out), nothing written. Oracle: threading.Thread.start refusing as CPython does."""
+    import threading
+
+    def refuse(self, *args, **kwargs):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    out = tmp_path / "out"
+    capfd.readouterr()
+    code = _organism_run("probe.heads", "organism-base", out)
+    err = capfd.readouterr().err
+    assert code == 1 and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: cannot start a thread (can't start new thread): ") and "--threads" in err, err
+    assert "checkpoint" not in err and not out.exists()
+
+
+def test_a_process_that_cannot_start_is_said_as_such_and_other_eagain_is_not(monkeypatch, capfd):
+    """A process pool (probe.zoo build's lanes) whose worker cannot be forked raises BlockingIOError EAGAIN from
+    multiprocessing: a traceback before. One line now, exit 1. The same errno from a non-blocking read is no such
+    failure and keeps its traceback (re-raised)."""
+    import _posixsubprocess
+    import errno
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    def refuse(*args, **kwargs):
+        raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+
+    def pool_main(argv) -> int:
+        with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+            pool.submit(abs, -1).result()
+        return 0
+
+    monkeypatch.setattr(_posixsubprocess, "fork_exec", refuse)
+    capfd.readouterr()
+    assert cli_main(pool_main) == 1
+    err = capfd.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"error: cannot start a process ({os.strerror(errno.EAGAIN)}): "), err
+    monkeypatch.undo()
+
+    def read_main(argv) -> int:
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        try:
+            os.read(r, 1)  # nothing written: EAGAIN, not a process that failed to start
+        finally:
+            os.close(r), os.close(w)
+        return 0
+
+    with pytest.raises(BlockingIOError):
+        cli_main(read_main)
+
+
+def _nan_copy(dest: Path) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    from probe.models import resolve_model
+
+    model = shutil.copytree(resolve_model("organism-base").path, dest)
+    weights = load_file(model / "model.safetensors")
+    key = next(k for k in weights if "layers.1.mlp.down_proj" in k)
+    weights[key][0, 0] = float("nan")
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    return model
+
+
+@pytest.mark.parametrize("command", list(ORGANISM_RUNS))
+@pytest.mark.parametrize("refusal", ["non-finite weights", "--out in use"])
+def test_a_refusal_found_as_the_model_loads_is_the_only_stderr_line(command, refusal, tmp_path, capfd):
+    """probe.heads and probe.eval printed the placement line ("device cpu (1 thread), dtype float32, attention
+    sdpa") on stderr before loading, so a checkpoint refused as it loads (a NaN weight) or an --out found in use at
+    the claim after the load left two lines on stderr; analyses.finetune's lock refusal three (its --split warning
+    too). The placement line goes to stdout now, and the warning after the claim: bad input is one stderr line.
+    Oracle: a weight set to NaN by hand; another open file description holding the lock."""
+    import fcntl
+
+    out = tmp_path / "out"
+    if refusal == "non-finite weights":
+        model, says = _nan_copy(tmp_path / "nan"), "non-finite weights"
+        held = None
+    else:
+        model, says = "organism-base", "is in use by another running command"
+        out.mkdir()
+        held = os.open(out / ".lock", os.O_CREAT | os.O_RDWR)
+        fcntl.flock(held, fcntl.LOCK_EX)
+    capfd.readouterr()
+    try:
+        code = _organism_run(command, model, out)
+    finally:
+        if held is not None:
+            os.close(held)
+    captured = capfd.readouterr()
+    line = one_error_line(code, captured.err)
+    assert says in line, line
+    if refusal == "non-finite weights":
+        assert not out.exists()
+
+
+def test_a_lock_refusal_names_a_holder_that_writes_its_name_just_after_locking(tmp_path):
+    """A command that had taken --out's lock but not yet written "PID HOST" into it (the instant between its flock
+    and its write, or a new lock file still empty) was refused without a name: "… in use by another running
+    command; wait …". A refused command now re-reads a lock that names no live holder for a moment. Oracle: a lock
+    file created empty and held, its name written 0.2 s later."""
+    import fcntl
+    import socket
+    import threading
+
+    from probe.results import LOCK, lock_out_dir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / LOCK
+    held = os.open(lock, os.O_CREAT | os.O_RDWR)  # another open file description: refused as another process is
+    fcntl.flock(held, fcntl.LOCK_EX)
+    holder = os.getppid()  # a live process that is not this one (this process's own pid names no other holder)
+    writer = threading.Timer(0.2, lambda: os.pwrite(held, f"{holder} {socket.gethostname()}\n".encode(), 0))
+    writer.start()
+    try:
+        with pytest.raises(BadInput) as refused:
+            lock_out_dir(out)
+    finally:
+        writer.join()
+        os.close(held)
+    assert f"(pid {holder} on {socket.gethostname()})" in str(refused.value), refused.value
+
+
+def test_a_released_lock_names_nobody(tmp_path):
+    """A lock kept the name of the last command that held it after that command had let it go: one that took it
+    next and was refused-against before writing its own name was named as the earlier (possibly still running)
+    process. The name goes when the claim ends; a new claim writes its own."""
+    import socket
+
+    from probe.results import LOCK, lock_out_dir, release_claims
+
+    out = tmp_path / "out"
+    lock_out_dir(out)
+    assert (out / LOCK).read_text(encoding="utf-8") == f"{os.getpid()} {socket.gethostname()}\n"
+    release_claims()
+    assert (out / LOCK).read_text(encoding="utf-8") == ""

@@ -111,8 +111,9 @@ def test_cli_prints_and_records_placement_and_refuses_another_on_resume(tmp_path
     args = ["--model", str(tiny_dirs["qwen2_vl"]), "--data", str(data_dir), "--limit", "2", "--layers", "0",
             "--heads", "0", "--no-generate", "--no-figures", "--quiet", "--out", str(out)]
     assert cli_main(main, args) == 0
-    err = capfd.readouterr().err
-    assert "device cpu (" in err and "dtype float32, attention sdpa" in err
+    said = capfd.readouterr()  # on stdout, as progress: stderr is left to warnings and the one line of a refusal
+    assert said.out.startswith("device cpu (") and "dtype float32, attention sdpa" in said.out.splitlines()[0]
+    assert "device cpu" not in said.err
     run = json.loads((out / "run.json").read_text())
     assert run["placement"]["device"] == "cpu" and run["placement"]["dtype"] == "float32"
     assert run["plan"]["settings"]["device_type"] == "cpu"

@@ -3076,3 +3076,16 @@ def test_figure_4_findings_measure_their_stated_geometry_and_eq4_can_land_outsid
     assert cos == pytest.approx(0.995, abs=1e-3)  # text and video move alike: one pair of three is not distinct
     assert found.verdict == "partly", found
     assert found.evidence == f"Cosines of the runs' moves: text/image 0.00; text/video {cos:.2f}; image/video 0.10."
+
+
+def test_the_shallow_layers_finding_counts_an_odd_sweeps_middle_layer_as_shallow() -> None:
+    """The paper (§5.2) says heads in shallower layers matter more, and names no split; DESIGN says nothing. The rule,
+    stated in the README: the first ⌈L/2⌉ of L layers are shallow, so a 3-layer sweep's middle layer is. Oracle:
+    means by hand of a sweep whose verdict turns on the middle layer (shallow: (0.6 + 0.2) / 2 = 0.4 < 0.5 deep)."""
+    from types import SimpleNamespace
+
+    from figures.findings import shallow_layers
+
+    sweep = pd.DataFrame({"layer": [0, 0, 1, 1, 2, 2], "head": [0, 1] * 3, "kl": [0.6, 0.6, 0.2, 0.2, 0.5, 0.5]})
+    f = shallow_layers(SimpleNamespace(experts=["e1"], heads=lambda e, need=(): (sweep, {})))
+    assert f.verdict == "disagrees" and "e1: 0.4 vs 0.5 nats" in f.evidence, f.evidence
