@@ -96,7 +96,8 @@ def _in_process_start(exc: BaseException) -> bool:
     tb, last = exc.__traceback__, None
     while tb is not None:
         code = tb.tb_frame.f_code
-        if f"{os.sep}multiprocessing{os.sep}" in code.co_filename or code.co_filename.endswith(f"{os.sep}subprocess.py"):
+        name = code.co_filename
+        if f"{os.sep}multiprocessing{os.sep}" in name or name.endswith(f"{os.sep}subprocess.py"):
             last = code.co_name
         tb = tb.tb_next
     return last in PROCESS_STARTS
@@ -512,8 +513,9 @@ class KeptInterrupt:
 
 def cli_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
     """Run a CLI entry point: exit 2 with one line for BadInput, 1 with one line for a stopped run, a full disk,
-    memory running out or a thread or process the machine would not start, 1 with a traceback for anything unexpected, 130 with the one line ``interrupted`` for Ctrl-C
-    (one landing in a finalizer too: ``KeptInterrupt``); the --out dirs it claimed are freed when it returns."""
+    memory running out or a thread or process the machine would not start, 1 with a traceback for anything
+    unexpected, 130 with the one line ``interrupted`` for Ctrl-C (one landing in a finalizer too: ``KeptInterrupt``);
+    the --out dirs it claimed are freed when it returns."""
     as_command = signal.getsignal(signal.SIGINT) is quiet_interrupt  # python -m <command>, not a caller's process
     if as_command:
         signal.signal(signal.SIGINT, signal.default_int_handler)
