@@ -117,3 +117,30 @@ def test_finetune_from_python_returns_the_run_read_back(tmp_path):
     assert run.log["step"].tolist() == [1, 2] and run.info["config"]["batch"] == 4
     assert run.checkpoints == {s: out / f"checkpoint-{s}" for s in (0, 1, 2)}
     assert all((out / f"checkpoint-{s}" / "config.json").is_file() for s in (0, 1, 2))
+
+
+def test_a_result_from_python_equals_its_output_read_back_and_not_an_edited_one(tmp_path):
+    """``shift(...) == Shift.read(dir)`` raised ValueError ("The truth value of a DataFrame is ambiguous"): the
+    dataclasses' generated ``==`` compared their frames with pandas' elementwise ``==``. The oracle: the same files
+    read again, and a copy with one number of its frame changed (or one key of its JSON)."""
+    from dataclasses import replace
+
+    from analyses import merge, shift, trajectory
+    from figures.results import Merge, Shift, Trajectory
+
+    models = ["organism-vl", "organism-video"]
+    s = shift.shift(base="organism-base", models=models, no_figures=True, quiet=True, out=tmp_path / "shift")
+    m = merge.merge(base="organism-base", models=models, method="shift", shift_dir=tmp_path / "shift", quiet=True,
+                    out=tmp_path / "merged")
+    t = trajectory.trajectory(base="organism-base", experts=models, no_figures=True, quiet=True,
+                              out=tmp_path / "traj")
+    for got, cls, frame, saved in ((s, Shift, "table", "summary"), (m, Merge, "weights", "info"),
+                                   (t, Trajectory, "coords", "info")):
+        again = cls.read(got.dir)
+        assert got == again and not (got != again)
+        edited = getattr(got, frame).copy()
+        column = next(c for c in edited.select_dtypes("number") if pd.notna(edited[c].iloc[0]))  # NaN + 1 is NaN
+        edited.loc[edited.index[0], column] += 1
+        assert got != replace(got, **{frame: edited})
+        assert got != replace(got, **{saved: {**getattr(got, saved), "edited": True}})
+    assert s != m  # another kind of result is never equal
