@@ -79,7 +79,8 @@ class EvalRun:
     """One probe.eval output: ``scores`` (scores.csv: a row per model × data set × subject, 'all' the totals, with
     95 % intervals and the paired differences to the reference), ``items`` (items.parquet: one row per model × item),
     ``row(model, data_spec)`` (an 'all' row) and ``paired(model, reference, data_spec)`` (any two models' paired
-    difference with its interval)."""
+    difference with its interval). Accuracies and their bounds are fractions in [0, 1], differences in [−1, 1] (the
+    printed table and ``note`` say %), ``p_answer`` a probability."""
 
     dir: Path
     scores: pd.DataFrame
@@ -189,7 +190,8 @@ class HeadSweep:
     """One probe.heads output: ``heads`` (heads.csv: a row per masked head, its accuracy, prob_accuracy, KL and drops
     from the baseline), ``baseline`` (baseline.json: the unmasked values, per subject too), ``info`` (run.json: the
     plan, versions, placement), ``items`` (items.parquet: one row per item × masked head, layer = head = -1 unmasked)
-    and ``grid(metric)`` (layers × heads)."""
+    and ``grid(metric)`` (layers × heads). Accuracies are fractions in [0, 1], drops (baseline − masked) in [−1, 1],
+    ``kl`` in nats (over the option letters, averaged over items), ``p_answer`` a probability."""
 
     dir: Path
     heads: pd.DataFrame
@@ -237,7 +239,7 @@ class HeadSweep:
 class Shift:
     """One analyses.shift output: ``table`` (shift.csv: a row per model × LM tensor, Δavg of Eq. 3, max |Δ|, relative
     L2) and ``summary`` (summary.json), with ``per_model`` (its per-model numbers as a frame: mean Δavg, ratio to
-    the least shifted, …)."""
+    the least shifted, …). Δavg is a mean |θ_model − θ_base| over a tensor's entries, in the weights' own units."""
 
     dir: Path
     table: pd.DataFrame

@@ -144,3 +144,34 @@ def test_a_result_from_python_equals_its_output_read_back_and_not_an_edited_one(
         assert got != replace(got, **{frame: edited})
         assert got != replace(got, **{saved: {**getattr(got, saved), "edited": True}})
     assert s != m  # another kind of result is never equal
+
+
+def test_the_python_calls_leave_torchs_threads_dtype_grad_mode_and_generator_as_they_were(tmp_path):
+    """The README's promise to a notebook: ``evaluate``, ``shift`` and ``merge`` (its ``threads`` for the call only)
+    leave torch's thread count, default dtype, grad mode and global generator as the caller set them, here none of
+    them torch's defaults. The oracle: each read before the calls (``finetune``'s generator and grad mode:
+    test_finetune)."""
+    from analyses import merge, shift
+    from probe.eval import evaluate
+
+    def state() -> tuple:
+        return (torch.get_num_threads(), torch.get_default_dtype(), torch.is_grad_enabled(), torch.get_rng_state())
+
+    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
+    try:
+        torch.set_num_threads(2)
+        torch.set_default_dtype(torch.float64)
+        torch.manual_seed(4321)
+        with torch.no_grad():
+            before = state()
+            evaluate(models=["organism-base"], data=[str(REPO / "probe/zoo/data/text")], limit=2, no_figures=True,
+                     quiet=True, out=tmp_path / "eval")
+            shift.shift(base="organism-base", models=["organism-vl"], no_figures=True, quiet=True,
+                        out=tmp_path / "shift")
+            merge.merge(base="organism-base", models=["organism-vl"], method="shift", shift_dir=tmp_path / "shift",
+                        threads=1, quiet=True, out=tmp_path / "merged")
+            after = state()
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_default_dtype(dtype)
+    assert after[:3] == before[:3] == (2, torch.float64, False) and torch.equal(after[3], before[3])
