@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from probe.errors import (ArgParser, BadInput, RunStopped, check_counts, check_out_apart, check_out_path, cli_main,
                           make_out_dir, out_dir, parse_options, releases_claims)
+from probe.devices import outside_inference_mode
 
 if TYPE_CHECKING:  # annotations only: the command imports torch and the model code when it runs
     from probe.devices import Placement
@@ -748,6 +749,7 @@ def random_state_kept(run: Callable[..., Path]) -> Callable[..., Path]:
 
 
 @releases_claims
+@outside_inference_mode  # a notebook's torch.inference_mode(): training needs a graph
 @random_state_kept
 def run_finetune(cfg: FinetuneConfig) -> Path:
     """``python -m analyses.finetune`` from Python: trains, writing ``checkpoint-<step>/``, train_log.csv and

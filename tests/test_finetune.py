@@ -3264,3 +3264,7 @@ def test_finetune_from_python_leaves_torchs_random_generator_and_grad_mode_as_th
         without = _python_finetune(tmp_path / "nograd")
         assert not torch.is_grad_enabled()
     pd.testing.assert_frame_equal(without.log, with_grad.log)  # the same losses: it trained
+    with torch.inference_mode():  # stopped so too; its model loaded as inference tensors, which no graph can save
+        inferring = _python_finetune(tmp_path / "inference")
+        assert torch.is_inference_mode_enabled()
+    pd.testing.assert_frame_equal(inferring.log, with_grad.log)
