@@ -175,3 +175,34 @@ def test_the_python_calls_leave_torchs_threads_dtype_grad_mode_and_generator_as_
         torch.set_num_threads(threads)
         torch.set_default_dtype(dtype)
     assert after[:3] == before[:3] == (2, torch.float64, False) and torch.equal(after[3], before[3])
+
+
+NOTEBOOK_DRAWS = """
+import sys
+import matplotlib
+matplotlib.use("svg")  # a notebook's backend (inline there); svg: one that needs no display
+import matplotlib.pyplot as plt
+mine = plt.figure()  # a figure the notebook has open
+import figures.eval, figures.heads, figures.merge, figures.report, figures.steps  # noqa: E401
+from analyses.shift import shift
+from analyses.trajectory import trajectory
+out = sys.argv[1]
+shift(base="organism-base", models=["organism-vl"], quiet=True, out=out + "/shift")  # draws its figures
+trajectory(base="organism-base", experts=["organism-vl"], quiet=True, out=out + "/traj")
+print(matplotlib.get_backend(), plt.get_fignums() == [mine.number])
+"""
+
+
+def test_drawing_from_python_leaves_a_notebooks_matplotlib_backend_and_its_figures(tmp_path):
+    """Importing figures.shift or figures.trajectory (``load(DIR)`` of a shift or trajectory output does) and every
+    command that draws called ``matplotlib.use("Agg")``: a notebook's inline backend became Agg (``plt.show()`` then
+    warns that Agg cannot show) and the switch closed the notebook's open figures. In a process of its own, as a
+    notebook imports them once. The oracle: the backend and open figures the script set before."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", NOTEBOOK_DRAWS, str(tmp_path)], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-1].split() == ["svg", "True"]  # after the commands' summaries
+    assert (tmp_path / "shift" / "shift_models.png").is_file() and (tmp_path / "traj" / "trajectory_norms.png").is_file()
