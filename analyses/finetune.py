@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import functools
 import json
 import math
 import os
@@ -32,10 +33,11 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from probe.errors import (ArgParser, BadInput, RunStopped, check_counts, check_out_apart, check_out_path, cli_main,
                           make_out_dir, out_dir, parse_options, releases_claims)
+from probe.devices import outside_inference_mode
 
 if TYPE_CHECKING:  # annotations only: the command imports torch and the model code when it runs
     from probe.devices import Placement
@@ -734,7 +736,21 @@ def append_log(log_path: Path, info: StepInfo, modality_of: dict[int, str], cfg:
                                 repr(info.loss), repr(lr), repr(cfg.lm_lr * info.lr_factor), info.tokens])
 
 
+def random_state_kept(run: Callable[..., Path]) -> Callable[..., Path]:
+    """``run`` with torch's random generators as they were after it (``probe.train.random_state_kept``): --seed
+    seeds them for the run only. Imported when it runs: this module loads without torch."""
+    @functools.wraps(run)
+    def wrapper(*args: Any, **kwargs: Any) -> Path:
+        from probe.train import random_state_kept as kept
+
+        with kept():
+            return run(*args, **kwargs)
+    return wrapper
+
+
 @releases_claims
+@outside_inference_mode  # a notebook's torch.inference_mode(): training needs a graph
+@random_state_kept
 def run_finetune(cfg: FinetuneConfig) -> Path:
     """``python -m analyses.finetune`` from Python: trains, writing ``checkpoint-<step>/``, train_log.csv and
     run.json into ``cfg.out`` (a killed run continues), and returns ``cfg.out``;

@@ -141,6 +141,28 @@ def page_grid(n: int, min_width: float, margin: float = 0.0) -> tuple[int, int]:
     return rows, math.ceil(n / rows)
 
 
+SUBPLOTS_KEYS = ("sharex", "sharey", "squeeze", "width_ratios", "height_ratios", "subplot_kw", "gridspec_kw")
+
+
+def new_figure(**figure: Any) -> Any:
+    """A matplotlib ``Figure`` on an Agg canvas of its own, outside pyplot: drawing never calls
+    ``matplotlib.use``, which switched a notebook's backend (inline) to Agg for the rest of its session, and pyplot
+    never holds the figure (nothing to close, nothing shown in a notebook's cell)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(**figure)
+    FigureCanvasAgg(fig)  # the renderer layouts measure text with (canvas.get_renderer)
+    return fig
+
+
+def new_subplots(nrows: int = 1, ncols: int = 1, **kwargs: Any) -> tuple[Any, Any]:
+    """``plt.subplots`` on a ``new_figure``: the same keywords, split between the figure and its axes grid."""
+    grid = {k: kwargs.pop(k) for k in SUBPLOTS_KEYS if k in kwargs}
+    fig = new_figure(**kwargs)
+    return fig, fig.subplots(nrows, ncols, **grid)
+
+
 def page_panels(n: int, width: float, height: float, min_width: float, margin: tuple[float, float] = (0.0, 0.0),
                 stack: int = 1, grouped: bool = False, **subplots: Any) -> tuple[Any, list[Any]]:
     """A figure of ``n`` panels wrapped into rows (``page_grid``) to fit a page: each panel ``width`` × ``height``
@@ -152,13 +174,12 @@ def page_panels(n: int, width: float, height: float, min_width: float, margin: t
     its own, set by ``fit_stack_gaps`` (``tight_layout`` sets only the gaps between panels), and a panel reads as
     one block (``**subplots`` then takes figure keywords only, e.g. ``dpi``). Returns the figure and, per panel in
     row-major order, its column of ``stack`` axes."""
-    import matplotlib.pyplot as plt
     import numpy as np
 
     rows, cols = page_grid(n, min_width, margin[0])
     size = (min(margin[0] + width * cols, PAGE_WIDTH), min(margin[1] + height * rows, PAGE_HEIGHT))
     if grouped:
-        fig = plt.figure(figsize=size, **subplots)
+        fig = new_figure(figsize=size, **subplots)
         setattr(fig, STACKS, {})  # each axes' nested grid, for fit_stack_gaps
         outer = fig.add_gridspec(rows, cols)
         axes = np.empty((rows * stack, cols), dtype=object)
@@ -171,7 +192,7 @@ def page_panels(n: int, width: float, height: float, min_width: float, margin: t
                     axes[stack * r + i, c] = fig.add_subplot(inner[2 * i])
                     getattr(fig, STACKS)[axes[stack * r + i, c]] = inner
     else:
-        fig, axes = plt.subplots(rows * stack, cols, figsize=size, squeeze=False, **subplots)
+        fig, axes = new_subplots(rows * stack, cols, figsize=size, squeeze=False, **subplots)
     panels = [axes[stack * (k // cols):stack * (k // cols + 1), k % cols] for k in range(rows * cols)]
     for unused in panels[n:]:
         for ax in unused:
@@ -896,12 +917,8 @@ def save_figure(fig: Any, path: Path, **savefig: Any) -> Path:
 
 
 def save_png_pdf(fig: Any, result_dir: Path, stem: str, **savefig: Any) -> list[Path]:
-    """Write ``fig`` as ``stem.png`` and ``stem.pdf`` in ``result_dir`` (``save_figure``) and close it."""
-    import matplotlib.pyplot as plt
-
-    written = [save_figure(fig, Path(result_dir) / f"{stem}.{ext}", **savefig) for ext in ("png", "pdf")]
-    plt.close(fig)
-    return written
+    """Write ``fig`` as ``stem.png`` and ``stem.pdf`` in ``result_dir`` (``save_figure``)."""
+    return [save_figure(fig, Path(result_dir) / f"{stem}.{ext}", **savefig) for ext in ("png", "pdf")]
 
 
 def _missing(path: Path, source: str) -> BadInput:
@@ -987,9 +1004,9 @@ def name_colours(names: list[str]) -> dict[str, Any]:
     from the ≤ 10 case): tab20's light half is too pale to read as a thin line or error bar on white."""
     import zlib
 
-    import matplotlib.pyplot as plt
+    import matplotlib
 
-    base = [tuple(c) for c in plt.get_cmap("tab10").colors]
+    base = [tuple(c) for c in matplotlib.colormaps["tab10"].colors]
     palette = base if len(set(names)) <= 10 else base + [(r * 0.55, g * 0.55, b * 0.55) for r, g, b in base]
     taken: set[int] = set()
     out = {}

@@ -160,10 +160,6 @@ def set_pages(datasets: Sequence[str], left: float) -> list[range]:
 @drawn_as_written
 def draw_eval(result_dir: Path) -> list[Path]:
     """eval.png/pdf (and eval-2, eval-3, ... when the models, or the data sets, do not fit one page at 8 pt)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-
     scores = read_scores(result_dir)
     top = scores[scores["subject"] == "all"]
     metric = "accuracy" if top["accuracy"].notna().any() else "prob_accuracy"

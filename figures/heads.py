@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from figures import (NBSP, PAGE_HEIGHT, PAGE_WIDTH, UNIT, drawn_as_written, fill_lines, fit_bar_labels, label_step,
-                     number, read_json, read_once, read_table, save_figure)
+                     new_subplots, number, read_json, read_once, read_table, save_figure)
 from probe.errors import BadInput
 from probe.results import HEAD_METRIC_BOUNDS
 
@@ -116,11 +116,6 @@ def _grid(heads: pd.DataFrame, metric: str) -> tuple[np.ndarray, list[int], list
 
 @drawn_as_written
 def draw_metric(heads: pd.DataFrame, baseline: dict, metric: str, out_stem: Path, label: str = "") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     grid, layers, cols = _grid(heads, metric)
     title, cmap = PANELS[metric]
     scale = 1.0 if metric == "kl" else 100.0  # accuracies drawn in %, as eval and the README give them
@@ -129,7 +124,7 @@ def draw_metric(heads: pd.DataFrame, baseline: dict, metric: str, out_stem: Path
     # a page-wide figure at most (7 in × 9 in), so its 7-9 pt text stays that size in a paper: 8 heads get 0.65 in
     # cells, a 7B grid (28 × 28) 0.19 in cells, a 72B one (80 × 64) 0.08 in cells with every other label
     cell = min(0.7 if max(n_l, n_h) <= 12 else 0.32, (PAGE_WIDTH - 1.8) / n_h, (PAGE_HEIGHT - 1.2) / n_l)
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.8 + cell * n_h), max(3.5, 1.2 + cell * n_l)), dpi=150)
+    fig, ax = new_subplots(figsize=(max(4.5, 1.8 + cell * n_h), max(3.5, 1.2 + cell * n_l)), dpi=150)
     base = baseline.get(metric)
     centred = metric != "kl" and isinstance(base, (int, float)) and np.isfinite(base)
     base = base * scale if centred else base
@@ -198,7 +193,6 @@ def draw_metric(heads: pd.DataFrame, baseline: dict, metric: str, out_stem: Path
         lay_out_page()  # again, for the taller label
     for ext in ("png", "pdf"):
         save_figure(fig, out_stem.with_suffix(f".{ext}"))
-    plt.close(fig)
 
 
 # probe.heads writes every column (accuracy empty throughout when nothing was generated): one lost from the file

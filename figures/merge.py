@@ -279,10 +279,6 @@ def read_merge(result_dir: Path) -> tuple[pd.DataFrame, dict]:
 
 @drawn_as_written
 def draw_merge(result_dir: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-
     result_dir = Path(result_dir)
     weights_csv, weights, info, legacy = merge_files(result_dir)
     grids = head_weights(weights, weights_csv)

@@ -264,11 +264,6 @@ def draw_figure2(r: Replication, dest: Path) -> list[Path]:
     """One panel per swept model (experts on their own data, the base on text): KL and probability-accuracy
     drop per (layer, head), from each sweep's heads.csv. ``dest`` is the first page's PNG; past 6 models further
     pages follow it (figure2-2.png, ...), each with its PDF. Returns the PNGs (none when no sweep is on disk)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     models = [m for m in [*r.experts, r.base] if (r.out / "heads" / short(m) / "heads.csv").is_file()]
     sweeps = [r.heads(m, need=("kl", "prob_accuracy_drop")) for m in models]
     # every page holds as many models, so a grid is drawn alike on each (the run's tallest and widest decide)
@@ -296,7 +291,6 @@ def draw_figure2(r: Replication, dest: Path) -> list[Path]:
         png = dest.with_name(page_stem(dest.stem, k) + ".png")
         save_figure(fig, png)
         save_figure(fig, png.with_suffix(".pdf"))  # vector, for a paper; the PNG is what report.md shows
-        plt.close(fig)
         written.append(png)
     drop_stale_pages(dest.parent, dest.stem, [*written, *(p.with_suffix(".pdf") for p in written)])
     return written

@@ -8,7 +8,7 @@ it is, with its key numbers, its directory and the attributes holding its data. 
 only this (``figures/`` draws from saved results alone)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, TypedDict
@@ -58,12 +58,29 @@ class ShiftRow(TypedDict):
     ratio_to_least_shifted: float | None  # None when some model did not move
 
 
-@dataclass(repr=False)
+def _same(a: Any, b: Any) -> bool:
+    """Two field values equal: frames by ``DataFrame.equals`` (same shape, dtypes and values, NaN equal to NaN),
+    anything else by ``==``."""
+    if isinstance(a, pd.DataFrame) or isinstance(b, pd.DataFrame):
+        return isinstance(a, pd.DataFrame) and isinstance(b, pd.DataFrame) and a.equals(b)
+    return bool(a == b)
+
+
+def _result_eq(self: Any, other: Any) -> Any:
+    """``==`` of two results: the same kind and every field the same (``_same``). The dataclass's own compared the
+    fields' tuples, whose frames' elementwise ``==`` has no truth value (ValueError)."""
+    if type(other) is not type(self):
+        return NotImplemented
+    return all(_same(getattr(self, f.name), getattr(other, f.name)) for f in fields(self))
+
+
+@dataclass(repr=False, eq=False)
 class EvalRun:
     """One probe.eval output: ``scores`` (scores.csv: a row per model × data set × subject, 'all' the totals, with
     95 % intervals and the paired differences to the reference), ``items`` (items.parquet: one row per model × item),
     ``row(model, data_spec)`` (an 'all' row) and ``paired(model, reference, data_spec)`` (any two models' paired
-    difference with its interval)."""
+    difference with its interval). Accuracies and their bounds are fractions in [0, 1], differences in [−1, 1] (the
+    printed table and ``note`` say %), ``p_answer`` a probability."""
 
     dir: Path
     scores: pd.DataFrame
@@ -73,6 +90,8 @@ class EvalRun:
     # a model's label in scores.csv and items.parquet → the label read back (``Replication.model_label``: the paths
     # of a copied or moved run's own models under where it is now); empty: as written
     labels: dict[str, str] = field(default_factory=dict)
+
+    __eq__ = _result_eq
 
     @staticmethod
     def read(d: Path, relabel: Callable[[str], str] | None = None) -> "EvalRun":
@@ -180,17 +199,20 @@ class EvalRun:
         return r.iloc[0]
 
 
-@dataclass(repr=False)
+@dataclass(repr=False, eq=False)
 class HeadSweep:
     """One probe.heads output: ``heads`` (heads.csv: a row per masked head, its accuracy, prob_accuracy, KL and drops
     from the baseline), ``baseline`` (baseline.json: the unmasked values, per subject too), ``info`` (run.json: the
     plan, versions, placement), ``items`` (items.parquet: one row per item × masked head, layer = head = -1 unmasked)
-    and ``grid(metric)`` (layers × heads)."""
+    and ``grid(metric)`` (layers × heads). Accuracies are fractions in [0, 1], drops (baseline − masked) in [−1, 1],
+    ``kl`` in nats (over the option letters, averaged over items), ``p_answer`` a probability."""
 
     dir: Path
     heads: pd.DataFrame
     baseline: dict[str, Any]
     info: dict[str, Any]
+
+    __eq__ = _result_eq
 
     @staticmethod
     def read(d: Path) -> "HeadSweep":
@@ -227,15 +249,17 @@ class HeadSweep:
         return self.heads.pivot(index="layer", columns="head", values=metric)
 
 
-@dataclass(repr=False)
+@dataclass(repr=False, eq=False)
 class Shift:
     """One analyses.shift output: ``table`` (shift.csv: a row per model × LM tensor, Δavg of Eq. 3, max |Δ|, relative
     L2) and ``summary`` (summary.json), with ``per_model`` (its per-model numbers as a frame: mean Δavg, ratio to
-    the least shifted, …)."""
+    the least shifted, …). Δavg is a mean |θ_model − θ_base| over a tensor's entries, in the weights' own units."""
 
     dir: Path
     table: pd.DataFrame
     summary: dict[str, Any]
+
+    __eq__ = _result_eq
 
     @staticmethod
     def read(d: Path) -> "Shift":
@@ -258,7 +282,7 @@ class Shift:
         return pd.DataFrame.from_dict(self.summary["per_model"], orient="index")
 
 
-@dataclass(repr=False)
+@dataclass(repr=False, eq=False)
 class Merge:
     """One analyses.merge output: ``weights`` (merge_weights.csv: each tensor's or slice's ``weight`` per model, ties'
     ``trim_threshold`` instead), ``info`` (merge.json: method, parameters, ``mean_weight`` per model), ``model`` (the
@@ -268,6 +292,8 @@ class Merge:
     dir: Path
     weights: pd.DataFrame
     info: dict[str, Any]
+
+    __eq__ = _result_eq
 
     @staticmethod
     def read(d: Path) -> "Merge":
@@ -311,7 +337,7 @@ class Merge:
         return head_weights(self.weights, self.dir / "merge_weights.csv")
 
 
-@dataclass(repr=False)
+@dataclass(repr=False, eq=False)
 class Trajectory:
     """One analyses.trajectory output: ``coords`` (coords.csv: a row per checkpoint × feature × method, its 2-D
     position, kind, run and step) and ``info`` (run.json: θ_ref, perplexity, PCA variance shares; ``{}`` for an
@@ -320,6 +346,8 @@ class Trajectory:
     dir: Path
     coords: pd.DataFrame
     info: dict[str, Any]
+
+    __eq__ = _result_eq
 
     @staticmethod
     def read(d: Path) -> "Trajectory":
@@ -347,7 +375,7 @@ class Trajectory:
         return pd.DataFrame(sketch, index=names)
 
 
-@dataclass(repr=False)
+@dataclass(repr=False, eq=False)
 class FinetuneRun:
     """One finished analyses.finetune run: ``log`` (train_log.csv: a row per step, its loss and rates), ``info``
     (run.json: the settings under ``config``, placement, versions) and ``checkpoints`` (step → its
@@ -357,6 +385,8 @@ class FinetuneRun:
     log: pd.DataFrame
     info: dict[str, Any]
     checkpoints: dict[int, Path]
+
+    __eq__ = _result_eq
 
     @staticmethod
     def read(d: Path) -> "FinetuneRun":

@@ -10,16 +10,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import matplotlib
+import numpy as np
+from matplotlib.artist import setp
+from matplotlib.axes import Axes
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.colors import LogNorm  # noqa: E402
-
-from figures import (PAGE_HEIGHT, PAGE_WIDTH, drawn_as_written, fit_page, label_step, name_colours,  # noqa: E402
-                     name_markers, page_panels, plain_log_ticks, read_json, save_figure, separate_labels,
+from figures import (PAGE_HEIGHT, PAGE_WIDTH, drawn_as_written, fit_page, label_step, name_colours, name_markers,
+                     new_subplots, page_panels, plain_log_ticks, read_json, save_figure, separate_labels,
                      spaced_minor_labels, widen_to_hold)
-from probe.errors import BadInput  # noqa: E402
+from probe.errors import BadInput
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -67,12 +67,11 @@ def log_foot(values: np.ndarray) -> float:
     return float(positive.min()) / 3 if len(positive) else 1e-8
 
 
-def save(fig: plt.Figure, path: Path) -> list[Path]:
+def save(fig: Figure, path: Path) -> list[Path]:
     paths = [path.with_suffix(".png"), path.with_suffix(".pdf")]
     fit_page(fig)  # cropped to what is drawn, which may stick out of the figure
     for p in paths:
         save_figure(fig, p, dpi=150, bbox_inches="tight")
-    plt.close(fig)
     return paths
 
 
@@ -115,7 +114,7 @@ def overlapping(texts: list) -> bool:
     return any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
 
 
-def means_panel(ax: plt.Axes, names: list[str], values: np.ndarray, colours: list, across: bool) -> list:
+def means_panel(ax: Axes, names: list[str], values: np.ndarray, colours: list, across: bool) -> list:
     """Each model's mean Δavg as a dot on a log axis with its number ("0.0015 (1.7×)": k times the least shifted)
     by it: the models along x, each number above its dot, or ``across``, a row per model (its name at the left,
     as in the evaluation figure) and its number right of its dot, for models too many for their numbers to sit
@@ -149,7 +148,7 @@ def means_panel(ax: plt.Axes, names: list[str], values: np.ndarray, colours: lis
     top = values.max() * 4 if low > 0 else max(values.max(), foot) * 4
     (ax.set_xlim if across else ax.set_ylim)(low / 3 if low > 0 else foot / 1.5, top)
     if not across:  # slanted, each ending under its dot: centred at 20° long names ran into each other
-        plt.setp(ax.get_xticklabels(), rotation=30, ha="right", rotation_mode="anchor")
+        setp(ax.get_xticklabels(), rotation=30, ha="right", rotation_mode="anchor")
     ax.tick_params(which="both", labelsize=7)
     ax.tick_params(axis="y" if across else "x", labelsize=8)  # the models' names, as in the evaluation figure
     return texts
@@ -179,11 +178,11 @@ def draw_shift(result_dir: Path) -> list[Path]:
         # a page at most, module names and title included: a 28-layer model with 12 tensors a layer gets
         # 0.42 × 0.22 in cells, an 80-layer one 0.09 in rows with every other layer labelled
         cell_w, cell_h = min(0.45, (PAGE_WIDTH - 2) / n_m), min(0.22, (PAGE_HEIGHT - 1.5 - below) / n_l)
-        fig, ax = plt.subplots(figsize=(max(6, cell_w * n_m + 2), max(3, cell_h * n_l + 1.5) + below))
+        fig, ax = new_subplots(figsize=(max(6, cell_w * n_m + 2), max(3, cell_h * n_l + 1.5) + below))
         values = grid.to_numpy(dtype=float)
         zero = values == 0  # unchanged tensors: the map's "under" grey; a missing tensor (NaN) stays blank
         data = np.where(zero, vmin / 10, values)
-        cmap = plt.get_cmap("viridis").with_extremes(under="0.75")
+        cmap = matplotlib.colormaps["viridis"].with_extremes(under="0.75")
         im = ax.imshow(data, aspect="auto", cmap=cmap, norm=LogNorm(vmin=vmin, vmax=max(vmax, vmin * 1.01)))
         across, down = label_step(cell_w), label_step(cell_h)
         ax.set_xticks(range(0, n_m, across), names[::across], rotation=60, ha="right", fontsize=7)

@@ -64,10 +64,6 @@ def evenly_saved(steps: list[int]) -> bool:
 
 @drawn_as_written
 def draw_steps(result_dirs: list[Path] | Path, out: Path | None = None) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-
     # one run given as a str too (from Python): list("runs/x") was its characters, "/ and / are the same eval run"
     dirs = [Path(d) for d in ([result_dirs] if isinstance(result_dirs, (str, Path)) else result_dirs)]
     seen: dict[Path, Path] = {}

@@ -7,16 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import pandas as pd
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")
-import pandas as pd  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from figures import (drawn_as_written, fill_lines, fit_page, page_panels, place_labels, read_json,  # noqa: E402
-                     read_table)
-from figures.shift import save, short_names  # noqa: E402
-from probe.errors import BadInput, is_int  # noqa: E402
+from figures import drawn_as_written, fill_lines, fit_page, page_panels, place_labels, read_json, read_table
+from figures.shift import save, short_names
+from probe.errors import BadInput, is_int
 
 STYLE = {  # kind -> marker, size, colour (None: one colour per run)
     "base": ("*", 260, "black"),

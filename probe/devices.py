@@ -13,9 +13,10 @@ layers (probe/dispatch.py). ``--device cuda:0,cuda:1`` names the GPUs explicitly
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from probe.errors import BadInput, ascii_int, counted
 
@@ -167,6 +168,23 @@ def env_index(name: str) -> int | None:
     if value < 0:
         raise BadInput(f"{name}={raw!r} in the environment: want an integer ≥ 0 (torchrun sets it)")
     return value
+
+
+R = TypeVar("R")
+
+
+def outside_inference_mode(run: Callable[..., R]) -> Callable[..., R]:
+    """``run`` with autograd available whatever its caller's mode: a notebook's ``torch.inference_mode()`` would
+    load the model as inference tensors, which no graph can use (the attribution engine's backward, a training
+    step), and ``torch.enable_grad()`` inside cannot lift it. The caller's mode is its own again after. torch is
+    imported when ``run`` runs: the commands' modules load without it."""
+    @functools.wraps(run)
+    def wrapper(*args: Any, **kwargs: Any) -> R:
+        import torch
+
+        with torch.inference_mode(False):
+            return run(*args, **kwargs)
+    return wrapper
 
 
 def rank_world() -> tuple[int, int]:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from probe.errors import (ArgParser, BadInput, ascii_int, check_counts, check_out_apart, cli_main, in_path, out_dir,
                           parse_options, releases_claims, undone_on_bad_input)
+from probe.devices import outside_inference_mode
 from probe.families import ALIASES
 
 if TYPE_CHECKING:  # annotations only: the command imports the model code when it runs, not for --help
@@ -363,6 +364,7 @@ def check_out_apart_from_inputs(out: Path, model_dirs: Sequence[Path], data: Seq
 
 @releases_claims
 @undone_on_bad_input
+@outside_inference_mode  # a notebook's inference_mode: the attribution engine's backward needs a graph
 def run(args: argparse.Namespace) -> Path:
     """The sweep of parsed arguments (``build_parser``'s); returns its --out once complete. From Python,
     ``sweep(**options)`` takes the options as keywords and returns the result read back."""

@@ -24,7 +24,7 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -496,6 +496,16 @@ def process_state(cpu: bool) -> PartialState:
     return PartialState(cpu=cpu, timeout=timedelta(minutes=PROCESS_GROUP_TIMEOUT_MIN))
 
 
+@contextlib.contextmanager
+def random_state_kept() -> Iterator[None]:
+    """torch's global random generators as they were, after a block that seeds them (``--seed``: the training loop,
+    LoRA's initialisation): a caller's notebook draws on after a run as if it had not run. The CPU's, and each GPU's
+    once CUDA is started (asking a GPU that is not would start it: a CPU run on a GPU host stays off them)."""
+    gpus = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=gpus):
+        yield
+
+
 def train(loaded: LoadedModel, rows: list[dict], cfg: TrainConfig, log: Callable[[str], None] = print,
           sampler: Sampler | None = None, on_step: Callable[[StepInfo, Any], None] | None = None,
           resume: dict | None = None) -> list[float]:
@@ -628,7 +638,8 @@ def _steps(loaded: LoadedModel, rows: list[dict], cfg: TrainConfig, log: Callabl
         reached: set[int] = set()  # FSDP: the parameters this rank's backward passes reach
         for part in chunks:
             graph = not (graphless_text and not vision_keys(part[0]))
-            with autocast(), contextlib.nullcontext() if graph else torch.no_grad():  # backward: the dtypes recorded
+            # backward: the dtypes recorded; a graph whatever the caller's grad mode (a notebook under no_grad)
+            with autocast(), torch.enable_grad() if graph else torch.no_grad():
                 part_loss = label_loss(model, collate(part, pad), n_labels)
             if lm_trains and not part_loss.requires_grad:
                 # every row runs the LM: a loss outside autograd's graph (a forward run without gradients, or

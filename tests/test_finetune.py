@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -3238,3 +3239,32 @@ def test_an_item_past_the_models_context_is_refused_as_probe_eval_refuses_it(tmp
     assert len(lines) == 1 and err.strip().endswith(lines[0]) and "Traceback" not in err, err
     assert f"item {rows[1]['id']}: " in lines[0] and f"past the {context} positions" in lines[0], lines[0]
     assert not out.exists() and tree_manifest(data) == before
+
+
+def _python_finetune(out: Path) -> Any:
+    """``analyses.finetune.finetune`` as a notebook calls it: organism-base, 2 steps of LoRA (its adapters are drawn
+    from torch's random generator too), a second or so."""
+    from analyses.finetune import finetune
+
+    return finetune(model="organism-base", data=[f"text={ZOO_TEXT}"], split="validation", steps=2, batch_size=2,
+                    lora=4, device="cpu", quiet=True, out=out)
+
+
+def test_finetune_from_python_leaves_torchs_random_generator_and_grad_mode_as_they_were(tmp_path: Path) -> None:
+    """A notebook's state is the notebook's: ``finetune`` reseeded torch's global generator (``--seed``: the
+    adapters' initialisation, the training loop), so every draw after it in the notebook was the run's seed's, and
+    under ``torch.no_grad()`` (a notebook that switched gradients off for inference) it stopped with
+    UpstreamChanged ("install transformers …"): its forwards ran without a graph. The oracles: the generator's
+    state and the grad mode read before the call, and the same run with gradients on."""
+    torch.manual_seed(1234)
+    before = torch.get_rng_state()
+    with_grad = _python_finetune(tmp_path / "grad")
+    assert torch.equal(torch.get_rng_state(), before)
+    with torch.no_grad():
+        without = _python_finetune(tmp_path / "nograd")
+        assert not torch.is_grad_enabled()
+    pd.testing.assert_frame_equal(without.log, with_grad.log)  # the same losses: it trained
+    with torch.inference_mode():  # stopped so too; its model loaded as inference tensors, which no graph can save
+        inferring = _python_finetune(tmp_path / "inference")
+        assert torch.is_inference_mode_enabled()
+    pd.testing.assert_frame_equal(inferring.log, with_grad.log)

@@ -1225,3 +1225,21 @@ def test_the_attribution_engine_halves_a_pass_that_runs_out_of_memory(tiny_dirs,
     assert _assert_same_sweep(tmp_path / "oom", tmp_path / "one", atol=0) == 0
     record = json.loads((tmp_path / "oom" / "run.json").read_text())["batching"]
     assert record == [{"chunks": [0], "batch_size": 4, "largest_batch": 1, "out_of_memory_cap": 1}]
+
+
+def test_an_attribution_sweep_from_python_runs_under_a_callers_inference_mode(tiny_dirs, data_dir, tmp_path):
+    """A notebook that wraps its probing in ``torch.inference_mode()`` (as inference code does) got a RuntimeError
+    traceback from inside autograd ("element 0 of tensors does not require grad") from ``sweep(method=
+    "attribution")``: the engine's ``enable_grad`` cannot lift inference mode, and the model loaded under it holds
+    inference tensors. The oracle: the same sweep outside inference mode; the caller's mode is on again after."""
+    from probe.heads import sweep
+
+    def attribution(out):
+        return sweep(model=str(tiny_dirs["qwen2_vl"]), data=data_dir, limit=2, layers="0", method="attribution",
+                     no_generate=True, no_figures=True, quiet=True, out=out)
+
+    plain = attribution(tmp_path / "plain")
+    with torch.inference_mode():
+        inside = attribution(tmp_path / "inside")
+        assert torch.is_inference_mode_enabled()
+    pd.testing.assert_frame_equal(inside.heads, plain.heads)

@@ -117,3 +117,92 @@ def test_finetune_from_python_returns_the_run_read_back(tmp_path):
     assert run.log["step"].tolist() == [1, 2] and run.info["config"]["batch"] == 4
     assert run.checkpoints == {s: out / f"checkpoint-{s}" for s in (0, 1, 2)}
     assert all((out / f"checkpoint-{s}" / "config.json").is_file() for s in (0, 1, 2))
+
+
+def test_a_result_from_python_equals_its_output_read_back_and_not_an_edited_one(tmp_path):
+    """``shift(...) == Shift.read(dir)`` raised ValueError ("The truth value of a DataFrame is ambiguous"): the
+    dataclasses' generated ``==`` compared their frames with pandas' elementwise ``==``. The oracle: the same files
+    read again, and a copy with one number of its frame changed (or one key of its JSON)."""
+    from dataclasses import replace
+
+    from analyses import merge, shift, trajectory
+    from figures.results import Merge, Shift, Trajectory
+
+    models = ["organism-vl", "organism-video"]
+    s = shift.shift(base="organism-base", models=models, no_figures=True, quiet=True, out=tmp_path / "shift")
+    m = merge.merge(base="organism-base", models=models, method="shift", shift_dir=tmp_path / "shift", quiet=True,
+                    out=tmp_path / "merged")
+    t = trajectory.trajectory(base="organism-base", experts=models, no_figures=True, quiet=True,
+                              out=tmp_path / "traj")
+    for got, cls, frame, saved in ((s, Shift, "table", "summary"), (m, Merge, "weights", "info"),
+                                   (t, Trajectory, "coords", "info")):
+        again = cls.read(got.dir)
+        assert got == again and not (got != again)
+        edited = getattr(got, frame).copy()
+        column = next(c for c in edited.select_dtypes("number") if pd.notna(edited[c].iloc[0]))  # NaN + 1 is NaN
+        edited.loc[edited.index[0], column] += 1
+        assert got != replace(got, **{frame: edited})
+        assert got != replace(got, **{saved: {**getattr(got, saved), "edited": True}})
+    assert s != m  # another kind of result is never equal
+
+
+def test_the_python_calls_leave_torchs_threads_dtype_grad_mode_and_generator_as_they_were(tmp_path):
+    """The README's promise to a notebook: ``evaluate``, ``shift`` and ``merge`` (its ``threads`` for the call only)
+    leave torch's thread count, default dtype, grad mode and global generator as the caller set them, here none of
+    them torch's defaults. The oracle: each read before the calls (``finetune``'s generator and grad mode:
+    test_finetune)."""
+    from analyses import merge, shift
+    from probe.eval import evaluate
+
+    def state() -> tuple:
+        return (torch.get_num_threads(), torch.get_default_dtype(), torch.is_grad_enabled(), torch.get_rng_state())
+
+    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
+    try:
+        torch.set_num_threads(2)
+        torch.set_default_dtype(torch.float64)
+        torch.manual_seed(4321)
+        with torch.no_grad():
+            before = state()
+            evaluate(models=["organism-base"], data=[str(REPO / "probe/zoo/data/text")], limit=2, no_figures=True,
+                     quiet=True, out=tmp_path / "eval")
+            shift.shift(base="organism-base", models=["organism-vl"], no_figures=True, quiet=True,
+                        out=tmp_path / "shift")
+            merge.merge(base="organism-base", models=["organism-vl"], method="shift", shift_dir=tmp_path / "shift",
+                        threads=1, quiet=True, out=tmp_path / "merged")
+            after = state()
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_default_dtype(dtype)
+    assert after[:3] == before[:3] == (2, torch.float64, False) and torch.equal(after[3], before[3])
+
+
+NOTEBOOK_DRAWS = """
+import sys
+import matplotlib
+matplotlib.use("svg")  # a notebook's backend (inline there); svg: one that needs no display
+import matplotlib.pyplot as plt
+mine = plt.figure()  # a figure the notebook has open
+import figures.eval, figures.heads, figures.merge, figures.report, figures.steps  # noqa: E401
+from analyses.shift import shift
+from analyses.trajectory import trajectory
+out = sys.argv[1]
+shift(base="organism-base", models=["organism-vl"], quiet=True, out=out + "/shift")  # draws its figures
+trajectory(base="organism-base", experts=["organism-vl"], quiet=True, out=out + "/traj")
+print(matplotlib.get_backend(), plt.get_fignums() == [mine.number])
+"""
+
+
+def test_drawing_from_python_leaves_a_notebooks_matplotlib_backend_and_its_figures(tmp_path):
+    """Importing figures.shift or figures.trajectory (``load(DIR)`` of a shift or trajectory output does) and every
+    command that draws called ``matplotlib.use("Agg")``: a notebook's inline backend became Agg (``plt.show()`` then
+    warns that Agg cannot show) and the switch closed the notebook's open figures. In a process of its own, as a
+    notebook imports them once. The oracle: the backend and open figures the script set before."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", NOTEBOOK_DRAWS, str(tmp_path)], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-1].split() == ["svg", "True"]  # after the commands' summaries
+    assert (tmp_path / "shift" / "shift_models.png").is_file() and (tmp_path / "traj" / "trajectory_norms.png").is_file()
