@@ -220,3 +220,39 @@ def test_a_merge_exactly_as_far_from_the_centroid_as_the_farthest_input_aggregat
         r = SimpleNamespace(base="base", experts=["e"], methods=["shift"], merge_dir=lambda m: f"m/{m}",
                             sketch=lambda fig, x=x: (names, x))
         assert merge_aggregates(r).verdict == verdict
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# figures.report: numbers printed beside the tables
+
+def test_the_legend_gives_the_exact_interval_of_a_0_percent_cell_as_of_a_100_percent_one() -> None:
+    """exact_legend lists every † cell (a rate of 0 % or 100 %, zero-width bootstrap interval) with its exact 95 %
+    interval. The quick run has 100 % cells only, so a mutant listing 100 % cells alone passed; here 0 of 12 and 12
+    of 12, against scipy's Clopper-Pearson; an empty cell (0 items) and a 50 % one get no entry."""
+    from scipy.stats import binomtest
+
+    from figures.report import exact_legend
+
+    rows = {"zero": (0.0, 12), "all": (1.0, 12), "none": (0.0, 0), "half": (0.5, 12)}
+    run = SimpleNamespace(metric="accuracy", row=lambda model, spec: {
+        "accuracy": rows[model][0], "accuracy_lo": rows[model][0], "accuracy_hi": rows[model][0],
+        "n_items": rows[model][1]})
+    legend = exact_legend([(m, run, m, "text") for m in rows])
+    want = []
+    for label, k in (("zero", 0), ("all", 12)):
+        ci = binomtest(k, 12).proportion_ci(confidence_level=0.95, method="exact")
+        want.append(f"{label} [{100 * ci.low:.1f}, {100 * ci.high:.1f}]")
+    assert legend is not None and legend.endswith("intervals: " + "; ".join(want) + "."), legend
+
+
+def test_a_set_scored_by_several_runs_is_captioned_with_the_most_items_any_scored() -> None:
+    """measured_on, a table's caption: 'a label scored by several runs counts the most items any of them scored'
+    (a run whose models could not read the set scored none). Text scored by runs of 12 and 8 items, in either
+    order, reads 'text 12 items'; a mutant keeping the last run's count printed 8 where the first run came first."""
+    from figures.report import measured_on
+
+    r = SimpleNamespace(data=lambda label: label)
+    run = lambda n, split="validation": SimpleNamespace(n_items=lambda spec: n, split=split)  # noqa: E731
+    for runs in ([run(12), run(8)], [run(8), run(12)]):
+        assert measured_on(r, [("text", x) for x in runs] + [("image", run(5))]) == \
+            "validation split: text 12 items, image 5"
