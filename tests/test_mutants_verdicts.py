@@ -256,3 +256,54 @@ def test_a_set_scored_by_several_runs_is_captioned_with_the_most_items_any_score
     for runs in ([run(12), run(8)], [run(8), run(12)]):
         assert measured_on(r, [("text", x) for x in runs] + [("image", run(5))]) == \
             "validation split: text 12 items, image 5"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# analyses.replicate_config: the ranges and cross-references as their messages state them
+
+@pytest.mark.parametrize("section, changes", [
+    ("merge", {"alpha0": 0.0}), ("merge", {"alpha0": 1.0}),  # [0, 1]: Eq. 4 all experts, or the base alone
+    ("merge", {"density": 1.0}),  # (0, 1]: TIES keeping every entry
+    ("finetune", {"warmup": 0}),  # ≥ 0: no warm-up
+    ("finetune", {"warmup": 199}),  # below finetune.steps (200)
+    ("finetune", {"save_steps": [0, 200]}),  # 0 .. finetune.steps, both ends
+    ("finetune", {"lr": 0.0}), ("finetune", {"lm_lr": 0.0}),  # ≥ 0 each (0 freezes that part), not both
+    ("finetune", {"lora": 1}),  # a LoRA rank ≥ 1
+    ("train", {"seed": 0}),  # ≥ 0
+    (None, {"seed": 2**32 - 1}), (None, {"seed": 0}),  # 0 .. 2^32 − 1
+])
+def test_each_config_range_accepts_its_stated_ends(section, changes) -> None:
+    """check_values's ranges as its messages state them ('must be in [0, 1]', '(0, 1]', '≥ 0', 'below
+    finetune.steps', '0..steps', '≥ 1'): each closed end is accepted on the shipped default (200 steps). The
+    refusals past each end are test_replicate's test_each_config_range_and_cross_reference_is_checked; mutants
+    refusing alpha0 = 0 or 1, density = 1, warmup = 0, lr = 0 passed every test."""
+    import dataclasses
+
+    from analyses.replicate_config import DEFAULT_CONFIG, check_values, parse_config
+
+    cfg = parse_config(DEFAULT_CONFIG)
+    assert cfg.finetune.steps == 200
+    if section is None:
+        cfg = dataclasses.replace(cfg, **changes)
+    else:
+        cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **changes)})
+    check_values(cfg)  # no BadInput
+
+
+def test_the_base_llm_is_no_paper_model_an_expert_can_stand_for() -> None:
+    """With paper.text_column named, each expert is compared with its paper model's Table 3 row (models.paper): the
+    rows of the base's three extensions, not the base's own (Qwen2-7B-Instruct, the row every difference is taken
+    from: an expert standing for it would be held to 'no change'). A mutant letting the base's row be named passed
+    every test."""
+    import dataclasses
+
+    from analyses.replicate_config import DEFAULT_CONFIG, check_values, parse_config
+    from figures.paper import BASE
+    from probe.errors import BadInput
+
+    cfg = parse_config(DEFAULT_CONFIG)
+    cfg = dataclasses.replace(cfg, paper=dataclasses.replace(cfg.paper, text_column="GPQA"))
+    check_values(cfg)  # the control: the organisms stand for the three extensions
+    paper = [BASE, *cfg.models.paper[1:]]
+    with pytest.raises(BadInput, match=r"^config key 'models.paper\[0\]': 'Qwen2-7B-Instruct' has no row"):
+        check_values(dataclasses.replace(cfg, models=dataclasses.replace(cfg.models, paper=paper)))
