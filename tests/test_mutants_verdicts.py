@@ -307,3 +307,53 @@ def test_the_base_llm_is_no_paper_model_an_expert_can_stand_for() -> None:
     paper = [BASE, *cfg.models.paper[1:]]
     with pytest.raises(BadInput, match=r"^config key 'models.paper\[0\]': 'Qwen2-7B-Instruct' has no row"):
         check_values(dataclasses.replace(cfg, models=dataclasses.replace(cfg.models, paper=paper)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# probe.heads' printed summary and probe.sweep's rows
+
+def test_the_sweep_summary_prints_each_heads_own_numbers_and_a_baseline_of_0(tmp_path, capsys) -> None:
+    """probe.heads' printed summary, by hand: a baseline accuracy of 0 (every generated answer wrong) is 0.000, not
+    'n/a' (no generation); each head line gives that head's own prob. accuracy (not the baseline's) and its drop
+    with its sign (+ where removing the head hurts, − where it helps). Mutants printing 'n/a' for 0, the baseline's
+    prob. accuracy on every head line, or the drop unsigned passed the summary's tests."""
+    import json
+
+    from probe.heads import _print_summary
+
+    (tmp_path / "baseline.json").write_text(json.dumps({"accuracy": 0.0, "prob_accuracy": 0.5, "n_items": 8,
+                                                        "n_skipped_open": 0, "method": "exact"}), encoding="utf-8")
+    heads = pd.DataFrame({"layer": [0, 1], "head": [1, 0], "kl": [0.25, 0.125], "prob_accuracy": [0.25, 0.625],
+                          "prob_accuracy_drop": [0.25, -0.125]})
+    _print_summary(tmp_path, heads)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "baseline: accuracy 0.000  prob_accuracy 0.500  n_items 8  (skipped open-ended: 0)"
+    assert lines[1:3] == ["  L0.H1: prob_accuracy 0.250 (drop +0.250), KL 0.2500",
+                          "  L1.H0: prob_accuracy 0.625 (drop -0.125), KL 0.1250"]
+
+
+def test_a_sweep_row_keeps_the_generated_answer_the_probability_choice_and_the_answer_apart() -> None:
+    """probe.sweep.measurement_row by hand, on an item whose generated answer (B, the right one), most probable letter
+    (C) and answer (B) are not all one: correct 1 (generated B), prob_correct 0 (C), p_answer the probability of B
+    (not of the most probable letter), KL(orig ‖ masked) summed here. With no generated text (--no-generate) correct
+    is NaN, not 0 (an item nobody answered is no wrong answer). Mutants scoring prob_correct on the generated answer,
+    giving the top letter's probability as p_answer or 0 for correct without generation passed every test."""
+    import math
+
+    import torch
+
+    from conftest import make_item
+    from probe.sweep import Measurement, measurement_row
+
+    item = make_item(n_options=4, answer="B", with_image=False)
+    z = [0.5, 1.0, 2.0, 0.0]
+    logp = torch.log_softmax(torch.tensor(z), -1)
+    base = torch.log_softmax(torch.tensor([1.0, 1.0, 0.0, 0.0]), -1)
+    row = measurement_row(item, 0, 1, Measurement(logp, "B"), base)
+    total = sum(math.exp(x) for x in z)
+    assert (row["pred"], row["correct"], row["prob_pred"], row["prob_correct"]) == ("B", 1.0, "C", 0.0)
+    assert row["p_answer"] == pytest.approx(math.exp(1.0) / total)
+    want_kl = sum(math.exp(b) * (b - a) for a, b in zip(logp.tolist(), base.tolist()))
+    assert row["kl"] == pytest.approx(want_kl, abs=1e-6)
+    row = measurement_row(item, 0, 1, Measurement(logp, None), base)
+    assert math.isnan(row["correct"]) and row["pred"] == "" and row["prob_correct"] == 0.0
