@@ -488,6 +488,45 @@ def test_report_numbers_equal_the_stage_outputs(quick: Path) -> None:
         assert abs(float(row[1]) - seconds) <= 0.5
 
 
+def test_the_reports_head_and_shift_tables_and_paper_tables_are_the_files_and_paper_py(quick: Path) -> None:
+    """Numbers of report.md that test_report_numbers_equal_the_stage_outputs does not read, each against its file
+    read here: Figure 2's table (a sweep's items and unmasked prob. accuracy from its baseline.json, its three
+    largest-KL heads from heads.csv, sorted here), the shift table's "× least shifted" (mean Δavg over the least
+    one's, from summary.json's means), §5.2's baseline sentence and the paper's Tables 3-5 as figures/paper.py holds
+    them (the shipped example is checked in test_paper_numbers, not what build() prints). Mutants printing the
+    baseline's prob. accuracy 1 point off, the three least salient heads, the reciprocal ratio or Table 3's rows
+    under Table 4's caption passed every test."""
+    from figures import paper
+
+    cfg = parse_config(QUICK_CONFIG)
+    md = (quick / "report.md").read_text(encoding="utf-8")
+    fig2 = _section(md, "Figure 2")
+    rows = {r[0]: r[1:] for r in _tables(fig2)[0][1:]}
+    assert list(rows) == [*cfg.models.experts, cfg.models.base]
+    for model, (items, acc, prob, top) in rows.items():
+        base = json.loads((quick / "heads" / model / "baseline.json").read_text(encoding="utf-8"))
+        assert items == str(base["n_items"]) and acc == "—"  # --no-generate sweeps: no accuracy
+        assert float(prob) == pytest.approx(100 * base["prob_accuracy"], abs=0.05)
+        h = pd.read_csv(quick / "heads" / model / "heads.csv")
+        want = h.iloc[h["kl"].to_numpy().argsort(kind="stable")[::-1][:3]]
+        assert top == ", ".join(f"L{x.layer}.H{x.head} ({x.kl:.2f})" for x in want.itertuples()), (model, top)
+    b_model, b_data, b_acc = paper.HEADS_BASELINE
+    assert f"Paper (§5.2): {b_model} scores {b_acc} % on {b_data} unmasked" in fig2
+
+    means = {e: v["mean_delta_avg"] for e, v in
+             json.loads((quick / "shift" / "summary.json").read_text(encoding="utf-8"))["per_model"].items()}
+    least = min(means.values())
+    for row, e in zip(_tables(_section(md, "Parameter shift"))[0][1:], cfg.models.experts):
+        assert row[2] == f"{means[e] / least:.2f}×", (e, row)
+
+    for title, rows, cols in (("Table 3", paper.TABLE3, paper.TABLE3_COLUMNS), ("Table 4", paper.TABLE4,
+                              paper.TABLE3_COLUMNS), ("Table 5", paper.TABLE5, paper.TABLE5_COLUMNS)):
+        section = _section(md, title)
+        printed = _tables(section[section.index(f"*Paper, {title}"):])[0]
+        assert printed[0] == ["paper model", *cols], title
+        assert {r[0]: [float(x) for x in r[1:]] for r in printed[1:]} == rows, title
+
+
 def test_every_daggered_cell_of_the_report_has_its_exact_interval(quick: Path) -> None:
     """Tables 3–5 of report.md mark a 0 % or 100 % cell † (its bootstrap interval has zero width) but gave no
     legend: 12 of 12 right read 100.0 [100.0, 100.0]† beside a figure drawing [73.5, 100]. Below each table the
