@@ -1412,3 +1412,13 @@ def test_content_fingerprint_sees_a_renamed_file(tmp_path):
     before = content_fingerprint(tmp_path / "d")
     (tmp_path / "d" / "a.json").rename(tmp_path / "d" / "b.json")
     assert content_fingerprint(tmp_path / "d") != before
+
+
+def test_an_exact_interval_of_no_items_is_refused_by_name():
+    """all_alike_interval(0, ...) is a ValueError naming the count, not a ZeroDivisionError from 1/n (a mutant
+    checking n < 0 passed every test)."""
+    from probe.stats import all_alike_interval
+
+    for right in (True, False):
+        with pytest.raises(ValueError, match="at least one item"):
+            all_alike_interval(0, right)
