@@ -557,6 +557,23 @@ def test_a_carrier_from_the_hub_cache_is_named_after_its_model(tmp_path):
     assert carrier_name(str(plain)) == "my-carrier" and carrier_name("organism-vl") == "organism-vl"
 
 
+def test_a_carrier_is_named_by_its_resolved_path_and_only_a_snapshot_by_its_model(tmp_path):
+    """carrier_name (mut47): a link to a cache snapshot is named after the model its resolved path names (a mutant
+    ignoring ``path`` named it after the link), and a directory two levels under a models--… folder but not in
+    snapshots/ keeps its own name (a mutant skipping the snapshots check named step-100 'Tiny'). Oracle: the hub
+    cache layout, models--{org}--{name}/snapshots/{commit}."""
+    from analyses.merge import carrier_name
+
+    snap = tmp_path / "models--Org--Tiny" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    link = tmp_path / "my-link"
+    link.symlink_to(snap, target_is_directory=True)
+    assert carrier_name(str(link), link.resolve()) == "Tiny"
+    step = tmp_path / "models--Org--Tiny" / "checkpoints" / "step-100"
+    step.mkdir(parents=True)
+    assert carrier_name(str(step)) == "step-100"
+
+
 def test_shift_dir_matches_models_by_path_and_fingerprint_not_by_name(zoo, tmp_path, monkeypatch, capfd):
     """--shift matched experts by their command-line name: relative dirs m1, m2 run from another directory (the
     experts swapped) reused the other pair's Δavg and swapped the α; so did a model retrained in place."""

@@ -419,3 +419,25 @@ def test_a_gpus_free_memory_counts_this_process_cached_blocks_as_free(monkeypatc
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda i: 30 * g)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda i: 12 * g)
     assert devices.cuda_free_bytes(0) == (80 - 30 - 10 + 30 - 12) * g
+
+
+@pytest.mark.parametrize("n_gpus, local_world", [(2, 2), (4, 2), (6, 3), (8, 4), (4, 1)])
+def test_torchrun_ranks_share_the_gpus_in_contiguous_even_blocks(n_gpus, local_world):
+    """gpu_share under torchrun: the ranks of a node split its GPUs into contiguous blocks of n_gpus / local_world,
+    every GPU used once. Oracle: the partition written out (block r is [r·per, (r + 1)·per)), and its union."""
+    from probe.devices import gpu_share
+
+    per = n_gpus // local_world
+    shares = [gpu_share(n_gpus, r, local_world) for r in range(local_world)]
+    assert shares == [list(range(r * per, r * per + per)) for r in range(local_world)]
+    assert sorted(i for s in shares for i in s) == list(range(n_gpus))
+
+
+@pytest.mark.parametrize("n_gpus, local_rank, local_world", [(2, 2, None), (2, 2, 4), (3, 0, 2), (6, 1, 4)])
+def test_a_rank_without_a_gpu_or_an_uneven_split_is_refused(n_gpus, local_rank, local_world):
+    """A rank numbered past the visible GPUs has none (a > check gave rank 2 of 2 GPUs cuda:2), and 3 GPUs over
+    2 ranks cannot be shared evenly (without the check each rank took 1 and a GPU sat idle): BadInput, both."""
+    from probe.devices import gpu_share
+
+    with pytest.raises(BadInput, match="--device auto"):
+        gpu_share(n_gpus, local_rank, local_world)

@@ -1111,3 +1111,15 @@ def test_fingerprints_leave_out_locks(tmp_path):
     (model / "model.safetensors").write_bytes(b"\1" * 64)
     after = local_fingerprint(model), content_fingerprint(tmp_path)
     assert after[0] != before[0] and after[1] != before[1]
+
+
+def test_a_head_layout_narrower_than_one_is_refused():
+    """A config stating no head_dim whose hidden size is below its head count (4 over 8 heads) gives heads of width
+    hidden // heads = 0: BadInput, as a stated head_dim of 0 is (a mutant checking head_dim < 0 took the layout and
+    every per-head slice was empty). Oracle: the integer division written out."""
+    from probe.lm_config import HeadGeometry
+
+    cfg = {"num_attention_heads": 8, "hidden_size": 4, "num_hidden_layers": 2}
+    assert cfg["hidden_size"] // cfg["num_attention_heads"] == 0
+    with pytest.raises(BadInput, match="at least 1 wide"):
+        HeadGeometry.from_text_config(cfg)

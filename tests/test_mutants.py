@@ -1412,3 +1412,36 @@ def test_content_fingerprint_sees_a_renamed_file(tmp_path):
     before = content_fingerprint(tmp_path / "d")
     (tmp_path / "d" / "a.json").rename(tmp_path / "d" / "b.json")
     assert content_fingerprint(tmp_path / "d") != before
+
+
+def test_an_exact_interval_of_no_items_is_refused_by_name():
+    """all_alike_interval(0, ...) is a ValueError naming the count, not a ZeroDivisionError from 1/n (a mutant
+    checking n < 0 passed every test)."""
+    from probe.stats import all_alike_interval
+
+    for right in (True, False):
+        with pytest.raises(ValueError, match="at least one item"):
+            all_alike_interval(0, right)
+
+
+def test_the_merge_formulas_against_their_written_out_definitions():
+    """Mutants of analyses.formulas (mut47) every merge test passed: Eq. 3 dividing by numel − 1, the weights'
+    normalisation without its division by the largest (1e308:1e308 overflowed to inf, shares 0) or without its
+    finiteness check (an inf weight), and Eq. 4's softmax without its max subtracted (exp(1000) overflows).
+    Oracles: numpy's mean, a 1:1 ratio, and softmax written out from Δ − max Δ."""
+    import torch
+
+    from analyses.formulas import delta_avg, normalised, shift_softmax
+
+    rng = np.random.default_rng(3)
+    a, b = rng.standard_normal((3, 5)).astype(np.float32), rng.standard_normal((3, 5)).astype(np.float32)
+    assert delta_avg(torch.from_numpy(a), torch.from_numpy(b)) == pytest.approx(
+        np.abs(a - b).astype(np.float64).mean(), rel=1e-12)  # the difference in fp32, the sum in fp64
+    assert normalised([1e308, 1e308]) == [0.5, 0.5]
+    assert normalised([3.0, 1.0]) == [0.75, 0.25]
+    with pytest.raises(ValueError, match="finite"):
+        normalised([math.inf, 1.0])
+    deltas, tau = [1.0, 1.002, 0.999], 1e-3
+    z = [(d - max(deltas)) / tau for d in deltas]
+    want = [math.exp(v) / sum(math.exp(u) for u in z) for v in z]
+    assert shift_softmax(deltas, tau) == pytest.approx(want, rel=1e-9)

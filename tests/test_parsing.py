@@ -349,3 +349,35 @@ def test_decomposed_accents_read_as_the_composed_ones(response, expected):
     assert nfd != response
     assert parse_choice(nfd, OPTS4) == parse_choice(response, OPTS4) == expected
     assert parse_choice(_folded(response), OPTS4) == expected
+
+
+@pytest.mark.parametrize("response, expected", [
+    ("[b].", "B"), ("**b**.", "B"),  # a lone lowercase letter wrapped, then punctuated: one strip left "b]" / "b**"
+    ("A or C", "A"),  # "or" follows a choice as "and" does (docstring): read as an article, A passed over for C
+    ("Never A; it is C", "C"),  # "never" rejects as "not" does: "never" left out read A
+    ("Bǅ C", "C"),  # ǅ is a titlecase letter (Lt), one word with the B: Lu/Ll alone read B
+    ("the_red_one", None),  # "_" is a word character (regex \w): "red" inside "the_red_one" is no option text
+    ("B<end_of_turn>\nThe answer is C", "B"),  # Gemma's end of turn ends the response
+])
+def test_the_parsers_documented_word_rules_each_hold(response, expected):
+    """Mutants of probe.parsing (mut47) that every other parsing test passed: the second strip of a lone letter's
+    wrapping, "or" among the words after which "A" is a choice, "never" among the negations, titlecase letters in
+    a cased word, "_" inside a word, and Gemma's <end_of_turn> among the special tokens. Oracle: the rules as the
+    module docstring states them and unicodedata's categories."""
+    import unicodedata
+
+    assert unicodedata.category("ǅ") == "Lt"
+    assert parse_choice(response, OPTS4) == expected
+
+
+def test_a_full_width_tilde_reads_as_the_ascii_one():
+    """The full-width block runs U+FF01-FF5E: its last character, "～", is "~" (a 0x5D range left it out, and an
+    option "~10 cm" answered "～10 cm" was no answer). Oracle: unicodedata's NFKC folding of the whole block."""
+    import unicodedata
+
+    from probe.parsing import _HALFWIDTH
+
+    assert unicodedata.normalize("NFKC", "～") == "~"
+    assert parse_choice("～10 cm", ["~5 cm", "~10 cm"]) == "B"
+    block = "".join(chr(c) for c in range(0xFF01, 0xFF5F))
+    assert block.translate(_HALFWIDTH) == unicodedata.normalize("NFKC", block)
