@@ -360,7 +360,8 @@ def build(r: Replication, figdir: Path, state: RunState | None = None) -> Doc:
         + ", ".join(map(md_code, r.experts)) + f"; device {md_code(cfg['device'])}, dtype {md_code(cfg['dtype'])}, seed "
         f"{cfg['seed']}. Accuracy in %, with 95 % bootstrap intervals over items ({N_BOOT:,} bootstrap resamples, "
         "percentile); differences are paired (same items). Each section sets the run beside the paper's published "
-        "numbers (cited by table; the paper measured 7B models on MMLU, MMMU, Video-MME and the like, so compare directions, not values) and says, "
+        "numbers (cited by table; the paper measured 7B models on MMLU, MMMU, Video-MME and the like, so compare "
+        "directions, not values) and says, "
         "per finding, whether the run agrees and by which criterion. Rebuild with `python -m figures report DIR`.")
     if any(r.paper_name(e) for e in r.experts):
         d.p("Stand-ins: " + "; ".join(f"{md_code(e)} for {md_text(r.paper_name(e))}" for e in r.experts)
