@@ -2819,6 +2819,9 @@ def test_the_printed_summary_names_its_metric_and_its_marks(data_dir, text_dir, 
                  "--quiet", "--no-figures", "--out", out) == 0
     printed = capfd.readouterr().out.strip().splitlines()
     table = (out / "table.md").read_text().split("\n\n")
+    # the placement line first (stdout since gaps47: a refusal is stderr's one line), then the summary
+    assert printed[0].startswith("device cpu (")
+    printed = printed[1:]
     assert printed[0] == "Evaluation: probability accuracy in %, 95 % bootstrap interval:"
     assert printed[1:1 + len(table[1].splitlines())] == table[1].splitlines() and "n/a" in table[1]
     assert "- n/a: tiny-qwen2 (qwen2) cannot read image items" in printed
