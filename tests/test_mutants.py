@@ -1445,3 +1445,85 @@ def test_the_merge_formulas_against_their_written_out_definitions():
     z = [(d - max(deltas)) / tau for d in deltas]
     want = [math.exp(v) / sum(math.exp(u) for u in z) for v in z]
     assert shift_softmax(deltas, tau) == pytest.approx(want, rel=1e-9)
+
+
+# --------------------------------------------------------------------------------------------------------
+# mutation round of session 47 (mut47c): probe.exact, probe.prompting, analyses.salience, probe.tokenizer
+
+
+def test_a_residual_edited_in_place_between_layers_reaches_the_exact_engines_masked_rows(load_tiny):
+    """A model that edits the residual in place between layer 0 and layer 1 (inside its own forward only): the clean
+    pass must see the edit as an addition (it keeps a copy of each layer's output), so rows masked at layer 0 get it
+    too. Oracle: the model's own forward with the head's o_proj columns zeroed, the edit applied by the model."""
+    from probe.exact import clean_pass, run_rows
+
+    loaded = load_tiny("qwen2", "eager")
+    g = loaded.geometry
+    item = make_item(with_image=False, item_id="validation_Art_1")
+    inputs = inputs_for(loaded, item)
+    delta = torch.randn(loaded.model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    inside = [False]
+
+    def edit(module, args, kwargs):
+        if inside[0]:  # the model's forward, not the engine calling the layer itself
+            (args[0] if args else kwargs["hidden_states"]).add_(delta)
+
+    handles = [loaded.model.register_forward_pre_hook(lambda m, a: inside.__setitem__(0, True)),
+               loaded.model.register_forward_hook(lambda m, a, o: inside.__setitem__(0, False)),
+               loaded.layers[1].register_forward_pre_hook(edit, with_kwargs=True)]
+    head = 1
+    o_proj = loaded.o_proj(0).weight
+    saved = o_proj.detach().clone()
+    try:
+        with torch.no_grad():
+            clean = clean_pass(loaded, inputs, keep_cache=False)
+            got = run_rows(loaded, clean, [(0, head)])[0]
+            o_proj[:, head * g.head_dim:(head + 1) * g.head_dim] = 0
+            want = loaded.model(**inputs).logits[0, -1]
+    finally:
+        o_proj.data.copy_(saved)
+        for h in handles:
+            h.remove()
+    torch.testing.assert_close(clean.injected[0], delta.expand_as(clean.injected[0]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_a_row_whose_first_token_ends_the_answer_generates_nothing_more_in_the_exact_engine(load_tiny):
+    """generate(do_sample=False) stops a row at its EOS, the first generated token included: greedy_continue must
+    mark a row done when its first token (from the masked rows' first-position logits) is EOS, so its answer is
+    empty. Oracle: the definition (an answer ending at once is ''), beside a row of the same prompt not forced to
+    EOS, which does write text (so the forced row would too, continued)."""
+    from probe.exact import clean_pass, greedy_continue
+    from probe.upstream import prefix_cache
+
+    loaded = load_tiny("qwen2", "eager")
+    inputs = inputs_for(loaded, make_item(with_image=False, item_id="validation_Art_1"))
+    clean = clean_pass(loaded, inputs, keep_cache=True)
+    first = clean.last_logits[None].repeat(2, 1)
+    first[0, min(loaded.eos_token_ids)] = first.max() + 10  # row 0 ends at once
+    cache = prefix_cache(clean.cache, loaded.geometry.n_layers, 2)
+    texts, bad = greedy_continue(loaded, first, cache, {}, 4, clean.last_position)
+    assert texts[0] == "" and texts[1] != "" and bad == [None, None]
+
+
+def test_each_masked_row_keeps_its_own_overflow_step(load_tiny, monkeypatch):
+    """measure_masked hands row r the first non-finite position greedy_continue found for row r (rows overflow at
+    different steps, or not at all). Oracle: the per-row positions greedy_continue returned, set here."""
+    import probe.exact as exact
+    from probe.prompting import letter_token_ids
+    from probe.sweep import SweepConfig
+
+    loaded = load_tiny("qwen2", "eager")
+    item = make_item(with_image=False, item_id="validation_Art_1")
+    clean = exact.clean_pass(loaded, inputs_for(loaded, item), keep_cache=True)
+    real = exact.greedy_continue
+    steps = [None, 2, 1]
+
+    def greedy(*a, **k):
+        texts, _ = real(*a, **k)
+        return texts, steps
+
+    monkeypatch.setattr(exact, "greedy_continue", greedy)
+    got = exact.measure_masked(loaded, clean, [(1, 0), (1, 1), (1, 2)], letter_token_ids(loaded.tokenizer, item.letters),
+                               SweepConfig(generate=True, max_new_tokens=3))
+    assert [m.overflow_step for m in got] == steps
