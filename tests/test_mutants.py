@@ -1527,3 +1527,106 @@ def test_each_masked_row_keeps_its_own_overflow_step(load_tiny, monkeypatch):
     got = exact.measure_masked(loaded, clean, [(1, 0), (1, 1), (1, 2)], letter_token_ids(loaded.tokenizer, item.letters),
                                SweepConfig(generate=True, max_new_tokens=3))
     assert [m.overflow_step for m in got] == steps
+
+
+def test_a_templates_assistant_prefix_ends_the_prompt_after_the_chat_templates_generation_prompt(load_tiny):
+    """The prompt is the system and user turns, the assistant's turn opened, then the template's assistant_prefix
+    (the letter follows it). Oracle: the tokenizer's own chat template (transformers' apply_chat_template) over the
+    user text written out here, plus the prefix."""
+    from probe.prompting import PromptTemplate, render_prompt
+
+    loaded = load_tiny("qwen2", "eager")
+    item = make_item(with_image=False, item_id="validation_Art_1")
+    template = PromptTemplate(assistant_prefix="The answer is")
+    user = f"Question: {item.question}\nChoices:\n" + "".join(f"{l}. {o}\n" for l, o in zip(item.letters, item.options))
+    want = loaded.tokenizer.apply_chat_template(
+        [{"role": "system", "content": template.system}, {"role": "user", "content": user}],
+        tokenize=False, add_generation_prompt=True) + "The answer is"
+    assert render_prompt(loaded, item, template).text == want
+
+
+class _PieceTokenizer:
+    """A vocabulary of whole pieces (the bare capitals and ' A' to ' D', no ' E'...): text is read greedily, longest
+    piece first, a character not in it as its own unknown id."""
+
+    unk_token_id = 0
+
+    def __init__(self, pieces):
+        self.vocab = {p: i + 1 for i, p in enumerate(pieces)}
+
+    def encode(self, text, add_special_tokens=False):
+        out, i = [], 0
+        while i < len(text):
+            piece = next((text[i:j] for j in range(len(text), i, -1) if text[i:j] in self.vocab), None)
+            out.append(self.vocab[piece] if piece else self.unk_token_id)
+            i += len(piece) if piece else 1
+        return out
+
+
+def test_a_vocabulary_lacking_some_spaced_capital_reads_every_letter_bare():
+    """letter_token_ids with lead ' ': where any capital A-Z lacks a ' X' token, every item's letters are read bare,
+    whatever letters this item uses (items of 4 and of 10 options read alike). Oracle: the bare letters' ids in the
+    hand-built vocabulary."""
+    import string
+
+    from probe.prompting import letter_token_ids
+
+    tok = _PieceTokenizer(list(string.ascii_uppercase) + [" A", " B", " C", " D", " "])
+    bare = [tok.vocab[c] for c in "ABCD"]
+    assert letter_token_ids(tok, "ABCD", lead=" ") == bare
+    full = _PieceTokenizer(list(string.ascii_uppercase) + [" " + c for c in string.ascii_uppercase])
+    assert letter_token_ids(full, "ABCD", lead=" ") == [full.vocab[" " + c] for c in "ABCD"]
+
+
+def test_after_a_prefix_ending_in_a_newline_the_letter_is_written_bare():
+    """answer_lead: a prefix ending in a line break ("Answer:\\n") is followed by "A", as one ending in an opening
+    bracket; one ending in a word by " A" (the rule of its docstring, each case written out)."""
+    from probe.prompting import CHAT_FORMATS, answer_lead
+
+    fmt = CHAT_FORMATS["vicuna"]  # lead " " right after the format's own prompt
+    assert [answer_lead(fmt, p) for p in ("Answer:\n", "Answer:\r\n", "Answer: (", "The answer is", "")] == \
+        ["", "", "", " ", " "]
+
+
+@pytest.mark.parametrize("prefix", ["Answer: ", "Answer:\t"])
+def test_an_assistant_prefix_ending_in_a_space_or_tab_is_refused(prefix):
+    """PromptTemplate.check refuses a prefix ending in blank space of either kind (the model writes the space with
+    the letter, as one token), naming the field."""
+    from probe.prompting import PromptTemplate
+
+    with pytest.raises(ValueError, match="assistant_prefix"):
+        PromptTemplate(assistant_prefix=prefix).check()
+    PromptTemplate(assistant_prefix=prefix.rstrip()).check()
+
+
+def test_a_video_marker_in_the_text_of_an_item_without_frames_is_refused():
+    """check_item_text: only a video item's own "<video>" reference is the data's marker; in an item without frames
+    it is text the model's tokenizer reads as its video token, refused like any special token."""
+    from probe.errors import BadInput
+    from probe.prompting import check_item_text
+
+    item = make_item(question="Which <video> shows the circle?")
+    with pytest.raises(BadInput, match="<video>"):
+        check_item_text([item], ["<image>", "<video>"], "m")
+    check_item_text([make_item()], ["<image>", "<video>"], "m")
+
+
+@pytest.mark.parametrize("misread", [0, 1])
+def test_an_anyres_cut_whose_patch_count_reaches_into_the_padding_is_not_kept(misread, monkeypatch):
+    """_own_padding keeps a window's cut only where the patch count ends on a real patch: a count one too high (its
+    last patch all zeros, the window's padding) is a misread, and the items are encoded one by one (None). Oracle:
+    two images of 2 and 3 non-zero patches padded with zeros to 4, written here."""
+    import types
+
+    import probe.prompting as prompting
+
+    pixels = torch.zeros(2, 4, 1, 2, 2)
+    pixels[0, :2], pixels[1, :3] = 1.0, 2.0
+    media = {"pixel_values": pixels, "image_sizes": torch.tensor([[8, 8], [8, 12]])}
+    monkeypatch.setattr(prompting, "anyres_patches", lambda *a: [2 + misread, 3 + misread])
+    layout = prompting.MediaLayout(prompting._anyres_rows, anyres="llava_onevision")
+    got = prompting._own_padding(types.SimpleNamespace(processor=None), layout, media)
+    if misread:
+        assert got is None
+    else:
+        assert torch.equal(got["pixel_values"], pixels[:, :3])
