@@ -1630,3 +1630,21 @@ def test_an_anyres_cut_whose_patch_count_reaches_into_the_padding_is_not_kept(mi
         assert got is None
     else:
         assert torch.equal(got["pixel_values"], pixels[:, :3])
+
+
+def test_the_built_tokenizers_chat_template_writes_chatml_with_each_media_placeholder_in_its_place():
+    """probe.tokenizer's chat template (saved with every tiny model and organism): ChatML turns, an image part as the
+    image placeholder and a video part as the video one. Oracle: the ChatML text written out here."""
+    import unicodedata
+
+    from probe.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(["a small corpus of words"], 300, image_placeholder="[IMG]", video_placeholder="[VID]")
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "image"}, {"type": "video"}, {"type": "text", "text": "Q?"}]}]
+    got = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert got == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n[IMG][VID]Q?<|im_end|>\n"
+                   "<|im_start|>assistant\n")
+    # Qwen2's NFC: compatibility forms (a ligature, a circled digit, a full-width capital) are kept, not folded
+    text = "ﬁ① Ａ"
+    assert tok.decode(tok.encode(text, add_special_tokens=False)) == unicodedata.normalize("NFC", text) == text
