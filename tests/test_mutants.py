@@ -1648,3 +1648,23 @@ def test_the_built_tokenizers_chat_template_writes_chatml_with_each_media_placeh
     # Qwen2's NFC: compatibility forms (a ligature, a circled digit, a full-width capital) are kept, not folded
     text = "ﬁ① Ａ"
     assert tok.decode(tok.encode(text, add_special_tokens=False)) == unicodedata.normalize("NFC", text) == text
+
+
+@pytest.mark.parametrize("canon, shape", [("layers.0.self_attn.q_proj.weight", (6, 8)),
+                                          ("layers.0.self_attn.o_proj.weight", (8, 6)),
+                                          ("layers.0.self_attn.k_proj.weight", (4, 8))])
+def test_a_head_owned_tensor_of_another_width_than_the_salience_geometry_is_refused(canon, shape):
+    """SalienceWeights.slice_coefficients (check_tensors' check before anything is written): q_proj rows and o_proj
+    columns must be heads x head_dim, k_proj rows kv_heads x head_dim. Oracle: 2 heads x 2 = 4 and 1 KV head x 2 = 2
+    by hand; a tensor of 6 (or 4 KV) is refused with BadInput naming it, one of the right width is not."""
+    from analyses.salience import SalienceWeights
+    from probe.errors import BadInput
+    from probe.lm_config import HeadGeometry
+
+    geo = HeadGeometry(n_layers=1, n_heads=2, n_kv_heads=1, head_dim=2, hidden_size=8)
+    w = SalienceWeights(torch.full((2, 1, 2), 0.5), torch.full((2, 1, 1), 0.5), torch.full((2, 1), 0.5), geo)
+    with pytest.raises(BadInput, match=canon.replace(".", r"\.")):
+        w.slice_coefficients(canon, shape)
+    right = tuple(2 if n == 4 else 4 if n == 6 else n for n in shape)
+    axis, vec = w.slice_coefficients(canon, right)
+    assert vec.shape == (2, right[axis])
