@@ -11,7 +11,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, NoReturn, ParamSpec, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, NoReturn, ParamSpec, Sequence, TypeVar
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -64,6 +64,21 @@ def out_of_memory(exc: BaseException) -> str | None:
     return None
 
 
+# how far down an exception's chain its causes are looked for
+CHAIN_LINKS = 8
+
+
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, then the error it was raised from (``__cause__``) or while handling (``__context__``), and so on, a
+    few links (``CHAIN_LINKS``) down: where a library's own error hides the one that says what happened."""
+    seen: BaseException | None = exc
+    for _ in range(CHAIN_LINKS):
+        if seen is None:
+            return
+        yield seen
+        seen = seen.__cause__ or seen.__context__
+
+
 # CPython's RuntimeError when the OS would not start a thread (pthread_create's EAGAIN)
 THREAD_REFUSED = "can't start new thread"
 
@@ -75,15 +90,11 @@ def start_refused(exc: BaseException) -> str | None:
     pool, probe.batch a preparing thread). A process: EAGAIN from a fork or exec whose innermost Python frame is in
     multiprocessing or subprocess (probe.zoo build's process pool); the same errno from a non-blocking read is no
     such failure."""
-    seen: BaseException | None = exc
-    for _ in range(8):
-        if seen is None:
-            return None
+    for seen in exception_chain(exc):
         if isinstance(seen, RuntimeError) and THREAD_REFUSED in str(seen):
             return "thread"
         if isinstance(seen, OSError) and seen.errno == errno.EAGAIN and _in_process_start(seen):
             return "process"
-        seen = seen.__cause__ or seen.__context__
     return None
 
 
@@ -312,10 +323,9 @@ def write_stopped(exc: BaseException, path: str | Path | None) -> OSError | None
     on device (os error 28)"), which ``cli_main`` printed as a traceback."""
     import re
 
-    code, seen = None, exc
-    # down the chain too (a few links): matplotlib's PDF writer, stopped by a full or read-only disk, fails again
-    # while it closes (zlib.error "inconsistent stream state"), and that error hid the OSError behind it
-    for _ in range(8):
+    # down the chain too: matplotlib's PDF writer, stopped by a full or read-only disk, fails again while it closes
+    # (zlib.error "inconsistent stream state"), and that error hid the OSError behind it
+    for seen in exception_chain(exc):
         if not isinstance(seen, Exception):
             return None
         if isinstance(seen, OSError):
@@ -324,7 +334,6 @@ def write_stopped(exc: BaseException, path: str | Path | None) -> OSError | None
             code = int(m.group(1)) if (m := re.search(r"\(os error (\d+)\)", str(seen))) else None
         if code in WRITE_STOPPED:
             break
-        seen = seen.__cause__ or seen.__context__
     else:
         return None
     where = str(path) if path is not None else getattr(seen, "filename", None)
