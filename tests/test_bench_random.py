@@ -72,6 +72,15 @@ def test_random_config_qwen2_vl_7b_cut_to_one_layer_runs_and_reports(tmp_path):
     hours = res["projected_hours_full_sweep"]
     assert hours["naive"] > 0 and hours["exact"] is None  # null: heads were cut, no exact projection
     assert res["full_sweep"] == "28 heads x 900 items"
+    # DESIGN §12's numbers from the raw timings, written out here: each naive run is one full forward (the clean one
+    # and one per timed head), so the full sweep costs (every head + 1) such forwards per item, × 900 items
+    per_forward = res["naive_s"] / (res["items"] * (res["naive_heads_timed"] + 1))
+    assert res["s_per_item"]["naive"] == pytest.approx(per_forward * (res["heads_swept"] + 1))
+    assert res["s_per_item"]["exact"] == pytest.approx(res["exact_s"] / res["items"])
+    assert res["s_per_item"]["attribution"] == pytest.approx(res["attribution_s"] / res["attribution_items"])
+    assert hours["naive"] == pytest.approx(per_forward * (res["layers"] * res["heads"] + 1) * 900 / 3600)
+    assert hours["attribution"] == pytest.approx(res["s_per_item"]["attribution"] * 900 / 3600)
+    assert res["speedup_exact_over_naive"] == pytest.approx(res["s_per_item"]["naive"] / res["s_per_item"]["exact"])
     # what ran: both swept heads of the one layer in one exact batch (--batch-size 32), attribution one item a pass
     assert res["batching"] == {"exact": {"batch_size": 32, "largest_batch": 2, "out_of_memory_cap": None},
                                "attribution": {"batch_size": 1, "largest_batch": 1, "out_of_memory_cap": None}}
