@@ -77,6 +77,11 @@ def test_trajectory_outputs_and_features(models, tmp_path):
     assert run["maps"] == {"norms": ["pca", "tsne"], "sketch": ["pca", "tsne"]}
     steps = [int(r["step"]) for r in csv.DictReader(open(out / "points.csv")) if r["kind"] == "run"]
     assert steps == [10, 20, 30]
+    # DESIGN §6: base, experts and merged models marked, each point by the role it was given on the command line
+    kinds = {Path(r["path"]).resolve(): r["kind"] for r in csv.DictReader(open(out / "points.csv", encoding="utf-8"))}
+    want = {models["base"]: "base", models["e1"]: "expert", models["m"]: "merged",
+            **{models["run"] / f"checkpoint-{s}": "run" for s in (10, 20, 30)}}
+    assert kinds == {Path(p).resolve(): k for p, k in want.items()}
     for f in ("trajectory_norms", "trajectory_sketch"):
         assert (out / f"{f}.png").stat().st_size > 10_000 and (out / f"{f}.pdf").is_file()
     feats = np.load(out / "features.npz")
