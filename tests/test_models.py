@@ -155,6 +155,27 @@ def test_geometry_of_tiny_families(load_tiny, family):
         assert "language_model" in name
 
 
+# DESIGN §1's table of the paper's models: alias, checkpoint, transformers class (written out here, not read from
+# probe.families). A mistyped hub id or family only showed when a GPU user's download failed or loaded another class.
+PAPER_MODELS = [
+    ("qwen2", "Qwen/Qwen2-7B-Instruct", "Qwen2ForCausalLM"),
+    ("qwen2-vl", "Qwen/Qwen2-VL-7B-Instruct", "Qwen2VLForConditionalGeneration"),
+    ("llava-ov-si", "llava-hf/llava-onevision-qwen2-7b-si-hf", "LlavaOnevisionForConditionalGeneration"),
+    ("llava-video", "lmms-lab/LLaVA-Video-7B-Qwen2", "LlavaOnevisionForConditionalGeneration"),
+    ("qwen2-audio", "Qwen/Qwen2-Audio-7B-Instruct", "Qwen2AudioForConditionalGeneration"),
+    ("qwen2-72b", "Qwen/Qwen2-72B-Instruct", "Qwen2ForCausalLM"),
+    ("qwen2-vl-72b", "Qwen/Qwen2-VL-72B-Instruct", "Qwen2VLForConditionalGeneration"),
+]
+
+
+@pytest.mark.parametrize("alias, checkpoint, model_class", PAPER_MODELS, ids=[a for a, _, _ in PAPER_MODELS])
+def test_the_paper_model_aliases_are_design_s_table(alias, checkpoint, model_class):
+    from probe.families import FAMILIES
+
+    assert ALIASES[alias].source == checkpoint
+    assert FAMILIES[ALIASES[alias].family].model_class == model_class
+
+
 def test_alias_resolves_tiny_models(tiny_dirs):
     for alias, family in (("tiny-qwen2", "qwen2"), ("tiny-qwen2-vl", "qwen2_vl"), ("tiny-llava-ov",
                                                                                    "llava_onevision")):
