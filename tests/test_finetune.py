@@ -3268,3 +3268,25 @@ def test_finetune_from_python_leaves_torchs_random_generator_and_grad_mode_as_th
         inferring = _python_finetune(tmp_path / "inference")
         assert torch.is_inference_mode_enabled()
     pd.testing.assert_frame_equal(inferring.log, with_grad.log)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen2_vl"])
+def test_a_training_row_is_the_probes_prompt_then_its_own_answer_letter_and_the_turn_end(family, load_tiny) -> None:
+    """DESIGN §10: the loss is on the answer tokens after the probe's prompt. A row is build_inputs' prompt tokens as
+    they are, then the token of the item's own answer letter (the tokenizer's, B to E here) and <|im_end|>, and only
+    those two are labelled. The other checks of a row's labels used items answering A or read the labels encode
+    wrote: a row labelled with the first option's letter whatever the answer passed them."""
+    from probe.prompting import PromptTemplate, build_inputs
+    from probe.train import encode
+
+    m = load_tiny(family)
+    items = [make_item(n_options=5, answer=a, with_image=family != "qwen2", item_id=f"validation_Test_{i}", seed=i)
+             for i, a in enumerate("BCDE")]
+    end = m.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for item, row in zip(items, encode(m, items, with_answer=True)):
+        prompt = build_inputs(m, item, PromptTemplate())["input_ids"][0]
+        n = prompt.shape[0]
+        assert torch.equal(row["input_ids"][:n], prompt)
+        want = m.tokenizer.encode(item.answer, add_special_tokens=False) + [end]
+        assert len(want) == 2 and row["input_ids"][n:].tolist() == want, item.answer
+        assert (row["labels"][:n] == -100).all() and row["labels"][n:].tolist() == want
