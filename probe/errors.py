@@ -396,7 +396,8 @@ def option_words(prog: str, key: str, action: argparse.Action, value: object) ->
     values = [value] if items is None else items
     for v in values:
         if isinstance(v, (bool, dict, set, frozenset, bytes, bytearray)) or _several(v) is not None:
-            what = "a flag's True/False" if isinstance(v, bool) else f"a {type(v).__name__}"
+            what = ("a flag's True/False" if isinstance(v, bool) else "a set (it has no order: give a list)"
+                    if isinstance(v, (set, frozenset)) else f"a {type(v).__name__}")
             raise TypeError(f"{prog}: {key} ({flag}) takes {'a list of ' if action.nargs in ('+', '*') else ''}"
                             f"text or numbers, not {what}: {v!r}")
         if action.type is in_path and not isinstance(v, (str, os.PathLike)):
