@@ -386,12 +386,11 @@ def _several(value: object) -> list[object] | None:
         return None
 
 
-def option_words(prog: str, key: str, action: argparse.Action, value: object) -> list[str]:
+def option_words(prog: str, key: str, flag: str, action: argparse.Action, value: object) -> list[str]:
     """The command-line words of keyword ``key`` = ``value`` for a non-flag option: its values as text. A value no
     word stands for is a TypeError naming the keyword (str() of it was passed on: ``out=7`` wrote into a folder 7, a
     set or a numpy array of models read as one model "['a' 'b']"); several values for a one-value option BadInput,
-    as the command line's extra words are."""
-    flag = next((o for o in action.option_strings if o.startswith("--")), action.option_strings[0])
+    as the command line's extra words are. ``flag``: the option's name in the messages."""
     items = _several(value)
     values = [value] if items is None else items
     for v in values:
@@ -432,7 +431,7 @@ def parse_options(parser: argparse.ArgumentParser, options: dict[str, object]) -
                 raise TypeError(f"{parser.prog}: {key} is a flag; give True or False, not {value!r}")
             argv += [flag] if value else []
         elif value is not None:
-            argv += [flag, *option_words(parser.prog, key, action, value)]
+            argv += [flag, *option_words(parser.prog, key, flag, action, value)]
 
     def refuse(message: str) -> NoReturn:
         raise BadInput(f"{parser.prog}: {' '.join(message.split())}")
