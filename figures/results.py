@@ -141,10 +141,14 @@ class EvalRun:
         """``model`` minus ``reference`` on a data set (by spec or name), in this run's metric, paired over the items
         both answered: the ``probe.stats.Interval`` ``probe.eval --reference`` would report (its seed, the set's
         bootstrap stream), from items.parquet, so any two models of a saved run compare as the reference does.
-        ``level``: the interval's, 95 % unless given."""
+        ``level``: the interval's, a fraction (0.9 for 90 %), 0.95 unless given."""
         from probe.eval import DataSet, paired_differences
         from probe.mmmu import data_spec as one_spelling
 
+        # a fraction: level=95 (the percentage) was numpy's "Percentiles must be in the range [0, 100]", and 0 or a
+        # negative level an interval of no meaning
+        if level is not None and (isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1):
+            raise BadInput(f"level {level!r}: give the interval's level as a fraction in (0, 1), e.g. 0.95 for 95 %")
         try:  # MMMU as mmmu: probe.eval writes the alias in one spelling (a run before wrote it as typed)
             ds = next(DataSet(**x) for x in self.info["plan"]["data"]
                       if {data_spec, one_spelling(data_spec)} & {x["spec"], x["name"]})
@@ -199,6 +203,24 @@ class EvalRun:
         return r.iloc[0]
 
 
+def _check_swept(csv: Path, heads: pd.DataFrame, info: dict[str, Any]) -> None:
+    """heads.csv holds a row for each head run.json's plan swept (its layers × heads) and no other. ``read_sweep``
+    checks the layers × heads the file itself names, so a sweep of one layer (or one head) cut at its last row lost
+    that head from both and read back short. A plan without the two lists (an older run.json) is not checked."""
+    plan = info.get("plan") if isinstance(info.get("plan"), dict) else {}
+    layers, hs = plan.get("layers"), plan.get("heads")
+    if not (isinstance(layers, list) and isinstance(hs, list)):
+        return
+    swept = pd.MultiIndex.from_product([layers, hs])
+    have = pd.MultiIndex.from_frame(heads[["layer", "head"]])
+    if len(lost := swept.difference(have)):
+        raise BadInput(f"{csv}: no row for layer {lost[0][0]} head {lost[0][1]} ({len(lost)} of the swept "
+                       f"{len(swept)} heads missing: a cut file?)")
+    if len(extra := have.difference(swept)):
+        raise BadInput(f"{csv}: a row for layer {extra[0][0]} head {extra[0][1]}, which run.json's plan did not sweep "
+                       "(rows of another run?)")
+
+
 @dataclass(repr=False, eq=False)
 class HeadSweep:
     """One probe.heads output: ``heads`` (heads.csv: a row per masked head, its accuracy, prob_accuracy, KL and drops
@@ -220,7 +242,9 @@ class HeadSweep:
 
         d = in_path(d)
         heads, baseline = read_sweep(d)
-        return HeadSweep(d, heads, baseline, read_json(d / "run.json", "python -m probe.heads"))
+        info = read_json(d / "run.json", "python -m probe.heads")
+        _check_swept(d / "heads.csv", heads, info)
+        return HeadSweep(d, heads, baseline, info)
 
     @_safe_repr
     def __repr__(self) -> str:
@@ -299,8 +323,17 @@ class Merge:
     def read(d: Path) -> "Merge":
         from figures.merge import read_merge
 
+        from probe.results import MANIFEST, gone_entries, read_manifest
+
         d = in_path(d)
-        return Merge(d, *read_merge(d))
+        merge = Merge(d, *read_merge(d))
+        # the merged model is the dir itself: a file of it deleted by hand (weights, config) leaves no loadable model
+        # (figures drawn into it, drawn again by python -m figures merge, may go)
+        gone = [e for e in gone_entries(d, read_manifest(d) or {}) or [] if not e.endswith((".png", ".pdf"))]
+        if gone:
+            raise BadInput(f"{d}: {gone[0]} is gone (its {MANIFEST} lists it); rerun the same python -m "
+                           "analyses.merge with --overwrite to write the merge again")
+        return merge
 
     @_safe_repr
     def __repr__(self) -> str:

@@ -94,6 +94,8 @@ def read_run_info(path: Path) -> dict[str, Any]:
 def read_sketch(result_dir: Path) -> tuple[list[str], Any]:
     """features.npz's point names and their weight sketches (one float64 row per name), checked: BadInput naming the
     file otherwise."""
+    import zipfile
+
     import numpy as np
 
     path = Path(result_dir) / "features.npz"
@@ -103,7 +105,8 @@ def read_sketch(result_dir: Path) -> tuple[list[str], Any]:
                 raise BadInput(f"{path}: no {' / '.join(lacking)} array (not as python -m analyses.trajectory "
                                "writes it)")
             names, sketch = [str(n) for n in z["names"]], z["sketch"].astype(np.float64)
-    except (OSError, ValueError, EOFError, AttributeError, TypeError):
+    # BadZipFile: a file cut short (its zip directory, at the end, gone), which is no OSError
+    except (OSError, ValueError, EOFError, AttributeError, TypeError, zipfile.BadZipFile):
         raise BadInput(f"{path}: not a readable .npz archive") from None
     if sketch.ndim != 2 or len(sketch) != len(names):
         raise BadInput(f"{path}: sketch is not one row per name")

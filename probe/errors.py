@@ -374,15 +374,49 @@ def print_error(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
 
 
+def _several(value: object) -> list[object] | None:
+    """``value``'s items when it holds several values in order (a list or tuple, and what a notebook holds them in:
+    a numpy array, a pandas Series or Index, dict keys, a generator), else None: a single value. A str, bytes, a
+    path, a mapping or a set is no list here (a set has no order; the others are one value or none at all)."""
+    if isinstance(value, (str, bytes, bytearray, os.PathLike, dict, set, frozenset)) or not hasattr(value, "__iter__"):
+        return None
+    try:
+        return list(value)  # type: ignore[call-overload]
+    except TypeError:  # a 0-d numpy array: iterable by type, one value
+        return None
+
+
+def option_words(prog: str, key: str, flag: str, action: argparse.Action, value: object) -> list[str]:
+    """The command-line words of keyword ``key`` = ``value`` for a non-flag option: its values as text. A value no
+    word stands for is a TypeError naming the keyword (str() of it was passed on: ``out=7`` wrote into a folder 7, a
+    set or a numpy array of models read as one model "['a' 'b']"); several values for a one-value option BadInput,
+    as the command line's extra words are. ``flag``: the option's name in the messages."""
+    items = _several(value)
+    values = [value] if items is None else items
+    for v in values:
+        if isinstance(v, (bool, dict, set, frozenset, bytes, bytearray)) or _several(v) is not None:
+            what = ("a flag's True/False" if isinstance(v, bool) else "a set (it has no order: give a list)"
+                    if isinstance(v, (set, frozenset)) else f"a {type(v).__name__}")
+            raise TypeError(f"{prog}: {key} ({flag}) takes {'a list of ' if action.nargs in ('+', '*') else ''}"
+                            f"text or numbers, not {what}: {v!r}")
+        if action.type is in_path and not isinstance(v, (str, os.PathLike)):
+            raise TypeError(f"{prog}: {key} ({flag}) is a path: give a str or a pathlib.Path, not {v!r}")
+    if action.nargs in (None, "?") and len(values) > 1:
+        raise BadInput(f"{prog}: {key} ({flag}) takes one value, not {len(values)}: "
+                       f"{', '.join(repr(str(v)) for v in values)}")
+    return [os.fspath(v) if isinstance(v, os.PathLike) else str(v) for v in values]
+
+
 def parse_options(parser: argparse.ArgumentParser, options: dict[str, object]) -> argparse.Namespace:
     """A command's arguments from Python keywords, for the functions that run a command from a notebook
     (``probe.heads.sweep``, ``probe.eval.evaluate``, ``analyses.shift.shift``, ``analyses.merge.merge``,
     ``analyses.trajectory.trajectory``, ``analyses.finetune.finetune``, ``analyses.replicate.replicate``): each
     keyword is an option by its name in ``--help`` with ``_`` for ``-`` (``batch_size=8`` is ``--batch-size 8``), or
-    by the name it is stored under where that differs (analyses.merge's ``carriers`` for ``--carrier``), a list for
-    an option of several values, True for a flag. They go through the command's own parser, so its defaults and
-    checks are the command line's; an unknown keyword is a TypeError, a value the parser refuses BadInput (never
-    SystemExit)."""
+    by the name it is stored under where that differs (analyses.merge's ``carriers`` for ``--carrier``), a list (or
+    any ordered iterable: a numpy array, a Series, dict keys) for an option of several values, True for a flag. They
+    go through the command's own parser, so its defaults and checks are the command line's; an unknown keyword, or
+    a value of a type no command-line word stands for (``option_words``: a bool for a non-flag, an int for a path,
+    a set, a dict), is a TypeError, a value the parser refuses BadInput (never SystemExit)."""
     by_dest = {a.dest: a for a in parser._actions if a.option_strings and a.dest != "help"}
     argv: list[str] = []
     for key, value in options.items():
@@ -396,10 +430,8 @@ def parse_options(parser: argparse.ArgumentParser, options: dict[str, object]) -
             if not isinstance(value, bool):
                 raise TypeError(f"{parser.prog}: {key} is a flag; give True or False, not {value!r}")
             argv += [flag] if value else []
-        elif isinstance(value, (list, tuple)):
-            argv += [flag, *map(str, value)]
         elif value is not None:
-            argv += [flag, str(value)]
+            argv += [flag, *option_words(parser.prog, key, flag, action, value)]
 
     def refuse(message: str) -> NoReturn:
         raise BadInput(f"{parser.prog}: {' '.join(message.split())}")

@@ -1335,6 +1335,64 @@ def test_keywords_parse_as_the_command_line_and_refuse_as_python_does():
         parse_options(inverted, {"plot": False})
 
 
+def _list_likes() -> list:
+    """Several values as a notebook holds them: each is the list ["a", "b"] to a loop."""
+    import numpy as np
+
+    return [np.array(["a", "b"]), pd.Series(["a", "b"]), {"a": 1, "b": 2}.keys(), (x for x in "ab"),
+            pd.Index(["a", "b"])]
+
+
+@pytest.mark.parametrize("values", _list_likes(), ids=["ndarray", "Series", "dict_keys", "generator", "Index"])
+def test_a_list_like_keyword_is_its_values_not_its_printed_form(values):
+    """``models=df["model"].unique()`` or ``models=experts.keys()``: parse_options passed only lists and tuples on as
+    several values and str() of anything else, one model named "['a' 'b']" (pyfuzz48). Any ordered iterable is its
+    values, as the same list given by hand."""
+    from probe import eval as probe_eval
+    from probe.errors import parse_options
+
+    args = parse_options(probe_eval.build_parser(), {"models": values, "data": ["d"]})
+    assert args.models == ["a", "b"]
+
+
+def test_several_values_for_a_one_value_option_are_refused_naming_the_keyword():
+    """``model=["a", "b"]`` for --model (one value) read as argparse's "unrecognized arguments: b", naming neither
+    the keyword nor the option; a list of one is that value (as before)."""
+    from probe import heads
+    from probe.errors import BadInput, parse_options
+
+    with pytest.raises(BadInput) as exc:
+        parse_options(heads.build_parser(), {"model": ["a", "b"]})
+    assert str(exc.value) == "python -m probe.heads: model (--model) takes one value, not 2: 'a', 'b'"
+    assert parse_options(heads.build_parser(), {"model": ["a"]}).model == "a"
+
+
+@pytest.mark.parametrize("options, named", [
+    ({"out": 7}, "out"),  # wrote the run into ./7
+    ({"out": 2.5}, "out"),
+    ({"template": True}, "template"),
+    ({"limit": True}, "limit"),  # a bool is no number (True == 1)
+    ({"model": {"a"}}, "model"),  # a set: str() of it, "{'a'}"
+    ({"subjects": {"x", "y"}}, "subjects"),  # a set has no order
+    ({"model": {"a": 1}}, "model"),
+    ({"model": b"a"}, "model"),  # "b'a'"
+    ({"subjects": [["x"]]}, "subjects"),  # a nested list: "['x']"
+])
+def test_a_keyword_of_no_option_type_is_a_type_error_naming_it(options, named, tmp_path, monkeypatch):
+    """A Python value no command-line word stands for (an int or float for a path, a bool for a non-flag, a set, a
+    dict, bytes, a list in a list) is a TypeError naming the keyword, as a flag given a non-bool is; str() of it was
+    passed on, ``out=7`` writing the run into a folder named 7. A Path is a path (it works), an int a number."""
+    from probe import heads
+    from probe.errors import parse_options
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TypeError, match=f"^python -m probe.heads: {named} "):
+        parse_options(heads.build_parser(), options)
+    args = parse_options(heads.build_parser(), {"out": tmp_path / "o", "template": Path("t.json"), "limit": 3})
+    assert (args.out, args.template, args.limit) == (tmp_path / "o", Path("t.json"), 3)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_unknown_keyword_lists_the_commands_options_and_help_is_none_of_them():
     """probe.errors.parse_options' TypeError for an unknown keyword lists the keywords there are: the parser's option
     dests (written out here from a parser built in the test), sorted, and not ``help`` (--help is argparse's, no

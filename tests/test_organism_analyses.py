@@ -206,3 +206,76 @@ def test_drawing_from_python_leaves_a_notebooks_matplotlib_backend_and_its_figur
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines()[-1].split() == ["svg", "True"]  # after the commands' summaries
     assert (tmp_path / "shift" / "shift_models.png").is_file() and (tmp_path / "traj" / "trajectory_norms.png").is_file()
+
+
+# --------------------------------------------------------------------------------------------------------
+# the readers (figures.results) on a damaged output: BadInput naming the file, never an object short of data
+
+
+def test_a_cut_features_npz_is_bad_input_when_the_sketch_is_read(tmp_path):
+    """``Trajectory.read(d).sketch`` on a features.npz cut short (a copy that stopped, a full disk) raised zipfile's
+    BadZipFile from inside numpy (pyfuzz48); an empty or garbled one was already BadInput. The oracle: the file's
+    first half, written here."""
+    from analyses import trajectory
+    from figures.results import Trajectory
+    from probe.errors import BadInput
+
+    out = tmp_path / "traj"
+    trajectory.trajectory(base="organism-base", experts=["organism-vl"], no_figures=True, quiet=True, out=out)
+    npz = out / "features.npz"
+    whole = npz.read_bytes()
+    npz.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(BadInput, match=f"^{npz}: not a readable .npz archive$"):
+        Trajectory.read(out).sketch
+
+
+@pytest.mark.parametrize("gone", ["model.safetensors", "config.json"])
+def test_a_merge_whose_model_files_are_gone_is_refused_when_read(tmp_path, gone):
+    """``Merge.read`` (and ``load``) read merge.json and merge_weights.csv only: a merge whose model.safetensors or
+    config.json had been deleted read back whole, its ``.model`` a dir no loader could open (pyfuzz48). The output's
+    manifest lists every file the merge wrote; one gone from it is refused, naming it."""
+    from analyses import merge
+    from figures.results import Merge, load
+    from probe.errors import BadInput
+
+    out = tmp_path / "merged"
+    merge.merge(models=["organism-base", "organism-vl"], method="average", quiet=True, out=out)
+    (out / gone).unlink()
+    for read in (Merge.read, load):
+        with pytest.raises(BadInput, match=f"^{out}: {gone} is gone"):
+            read(out)
+
+
+def test_a_sweep_of_one_layer_whose_heads_csv_lost_its_last_row_is_refused(tmp_path):
+    """heads.csv was checked to hold every swept layer × every swept head *it names*: a sweep of one layer (or one
+    head) cut at its last row lost that head from both, and ``HeadSweep.read`` returned 2 heads of 3 (pyfuzz48). The
+    heads swept are run.json's plan; the oracle: the file less its last line, written here."""
+    from figures.results import HeadSweep
+    from probe.errors import BadInput
+    from probe.heads import sweep
+
+    out = tmp_path / "heads"
+    sweep(model="organism-base", data=str(REPO / "probe/zoo/data/text"), limit=2, layers="0", heads="0-2",
+          no_figures=True, quiet=True, out=out)
+    assert len(HeadSweep.read(out).heads) == 3
+    csv = out / "heads.csv"
+    csv.write_text("".join(csv.read_text(encoding="utf-8").splitlines(keepends=True)[:-1]), encoding="utf-8")
+    with pytest.raises(BadInput, match=f"^{csv}: no row for layer 0 head 2 "):
+        HeadSweep.read(out)
+
+
+def test_an_eval_runs_paired_interval_refuses_a_level_that_is_no_fraction(tmp_path):
+    """``EvalRun.paired(..., level=95)`` (a percentage where the docstring's 95 % means 0.95) raised numpy's
+    "Percentiles must be in the range [0, 100]", and level=-0.5 or 0 returned an interval of no meaning (pyfuzz48).
+    The level is a fraction strictly between 0 and 1; 0.9 still gives an interval."""
+    from probe.errors import BadInput
+    from probe.eval import evaluate
+
+    data = str(REPO / "probe/zoo/data/text")
+    run = evaluate(models=["organism-base", "organism-vl"], data=[data], limit=2, no_figures=True, quiet=True,
+                   out=tmp_path / "eval")
+    for level in (95, 1, 0, -0.5, float("nan"), True, "0.9"):
+        with pytest.raises(BadInput, match=r"level .*a fraction in \(0, 1\), e\.g\. 0\.95"):
+            run.paired("organism-vl", "organism-base", data, level=level)
+    got = run.paired("organism-vl", "organism-base", data, level=0.9)
+    assert got.lo <= got.value <= got.hi
