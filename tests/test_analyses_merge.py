@@ -1427,4 +1427,5 @@ def test_the_order_of_the_models_changes_no_merged_bit(zoo, tmp_path, method, ex
     moved = [k for k in got[0] if not torch.equal(got[0][k], got[1][k])]
     assert not moved, f"{len(moved)} tensors differ, e.g. {moved[:3]}"
     # anti-tautology: the merge did combine the three (not the base alone)
-    assert not torch.equal(got[0]["layers.0.mlp.up_proj.weight"], canonical(zoo["base"])["layers.0.mlp.up_proj.weight"])
+    key = "layers.0.mlp.up_proj.weight"
+    assert not torch.equal(got[0][key], canonical(zoo["base"])[key])
