@@ -202,12 +202,14 @@ def resume_point(out: Path, cfg: FinetuneConfig) -> tuple[int | None, dict[int, 
 
 
 def mixed_sampler(offsets: dict[str, range], mix: dict[str, float]) -> Sampler:
-    """Each row: a modality with probability ∝ mix, then one of its rows uniformly (seeded generator)."""
+    """Each row: a modality with probability ∝ mix, then one of its rows uniformly (seeded generator); the
+    modalities are drawn in their labels' order, whatever order --data gave them in."""
     import torch
 
     from analyses.formulas import normalised
 
-    labels = [m for m in offsets if mix[m] > 0]
+    # by name, not in --data's order: the same sets listed in another order are the same training
+    labels = sorted(m for m in offsets if mix[m] > 0)
     # normalised first: multinomial sums the weights, and 1e308:1e308 would sum to inf
     weights = torch.tensor(normalised([mix[m] for m in labels]), dtype=torch.float64)
 

@@ -57,7 +57,7 @@ def normalised(weights: Sequence[float]) -> list[float]:
     if not top > 0 or not math.isfinite(top):
         raise ValueError("weights must be finite with a positive sum")
     scaled = [float(w) / top for w in weights]
-    total = sum(scaled)
+    total = math.fsum(scaled)  # correctly rounded: the same bits whatever order the models were listed in
     return [w / total for w in scaled]
 
 
@@ -70,7 +70,7 @@ def shift_softmax(deltas: Sequence[float], temperature: float) -> list[float]:
         z = [(d - top) / temperature for d in deltas]
     m = max(z)
     e = [math.exp(v - m) for v in z]
-    s = sum(e)
+    s = math.fsum(e)  # correctly rounded: the same bits whatever order the models were listed in
     return [v / s for v in e]
 
 
@@ -157,7 +157,10 @@ def salience_weights(shat: torch.Tensor, temperature: float, alpha0: float | Non
     z = shat.double() / temperature
     if not bool(torch.isfinite(z).all()):  # τ_s so small that ŝ/τ_s overflows: shift by the max first (same softmax)
         z = (shat.double() - shat.double().amax(0, keepdim=True)) / temperature
-    w = torch.softmax(z, dim=0)
+    e = (z - z.amax(0, keepdim=True)).exp()
+    # softmax over dim 0, its sum taken over the values sorted: the same bits whatever order the participants
+    # were listed in (torch.softmax sums in index order)
+    w = e / e.sort(dim=0).values.sum(0, keepdim=True)
     if alpha0 is None:
         return w
     return torch.cat([torch.full_like(w[:1], alpha0), (1.0 - alpha0) * w])

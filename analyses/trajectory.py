@@ -131,10 +131,14 @@ def stream_features(ref: Checkpoint, ckpts: Sequence[Checkpoint], names: Sequenc
 def embed_2d(x: np.ndarray, perplexity: float, seed: int) -> tuple[dict[str, np.ndarray], float | None, list[float]]:
     """PCA and t-SNE coordinates, the t-SNE perplexity used (clamped to n − 1: sklearn needs it below n; None when
     t-SNE is skipped: fewer than 3 points, or all of them one point, where its scaling divides by zero) and the
-    share of variance each principal component explains."""
+    share of variance each principal component explains. The points are embedded in the order of their values
+    (and returned in the order given): the same points listed in another order get the same bits."""
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
 
+    order = np.lexsort(x.T[::-1])  # by the first coordinate, then the next, ...; equal rows are equal wherever
+    x = x[order]
+    back = np.argsort(order)
     n = x.shape[0]
     out: dict[str, np.ndarray] = {}
     k = min(2, n, x.shape[1])
@@ -147,7 +151,7 @@ def embed_2d(x: np.ndarray, perplexity: float, seed: int) -> tuple[dict[str, np.
         used = float(min(perplexity, n - 1))
         out["tsne"] = TSNE(n_components=2, perplexity=used, init="pca" if k == 2 else "random", random_state=seed,
                            method="exact" if n <= 500 else "barnes_hut").fit_transform(x)  # exact: fast for few points
-    return out, used, explained
+    return {method: xy[back] for method, xy in out.items()}, used, explained
 
 
 def trajectory_request(cfg: TrajectoryConfig, points: Sequence[Point]) -> dict:

@@ -901,3 +901,34 @@ def test_a_bin_with_a_tensor_under_a_key_that_is_no_name_is_bad_input(zoo, tmp_p
     assert_bad(code, err, out, "pytorch_model.bin", "not a string name", repr(key))
     with pytest.raises(BadInput, match="not a string name"):
         resolve_model(str(d))
+
+
+def test_shift_and_trajectory_run_twice_reordered_or_through_a_link_give_the_same_numbers(zoo, tmp_path, capsys):
+    """Two runs into two folders write the same bytes, every file (neither records a time); the models listed in
+    another order, one of them through a symbolic link, give the same numbers per model, to the bit, each row
+    named as typed. Oracle: the first run."""
+    import pandas as pd
+
+    link = tmp_path / "link-vl"
+    link.symlink_to(zoo["vl"], target_is_directory=True)
+    typed = [zoo["vl"], zoo["ov"], zoo["q1"]]
+    variants = {"a": typed, "b": typed, "other": [zoo["q1"], zoo["ov"], link]}
+    for name, models in variants.items():
+        for main, flag in ((shift.main, "--models"), (trajectory.main, "--experts")):
+            code, err = run_cli(main, ["--base", zoo["base"], flag, *models, "--no-figures", "--quiet", "--out",
+                                       tmp_path / f"{main.__module__.split('.')[-1]}-{name}"], capsys)
+            assert code == 0, err
+    for kind in ("shift", "trajectory"):
+        a, b = tmp_path / f"{kind}-a", tmp_path / f"{kind}-b"
+        files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+        assert files and files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+        assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files), kind
+    where = {str(p): str(Path(p).resolve()) for p in [zoo["base"], *typed, link]}
+    for kind, table, col, keys in (("shift", "shift.csv", "model", ["model", "tensor"]),
+                                   ("trajectory", "coords.csv", "name", ["name", "feature", "method"])):
+        got, want = (pd.read_csv(tmp_path / f"{kind}-{v}" / table) for v in ("other", "a"))
+        assert set(got[col]) != set(want[col])  # the link's rows are named as typed
+        got[col], want[col] = got[col].map(where), want[col].map(where)
+        assert not got[col].isna().any() and not want[col].isna().any()
+        in_order = [f.sort_values(keys, ignore_index=True) for f in (got, want)]
+        pd.testing.assert_frame_equal(*in_order, check_exact=True)

@@ -1087,6 +1087,24 @@ def _items_and_scores_equal(got: Path, want: Path) -> None:
     assert (got / "scores.csv").read_bytes() == (want / "scores.csv").read_bytes()
 
 
+
+def test_models_and_data_sets_in_another_order_change_only_the_order_of_rows(two_by_two, tmp_path):
+    """--models B A --data Y X against A B / X Y: the same items and scores, every number to the bit (bootstrap
+    intervals included: each pair's resampling must not depend on its place in the run); only the rows' order
+    moves. Oracle: the uninterrupted run in the order typed."""
+    base, args = two_by_two
+    m, d = args.index("--models"), args.index("--data")
+    flipped = [*args[:m + 1], *args[m + 1:m + 3][::-1], *args[m + 3:d + 1], *args[d + 1:d + 3][::-1], *args[d + 3:]]
+    assert flipped != args and sorted(map(str, flipped)) == sorted(map(str, args))
+    assert _eval(*flipped, "--out", tmp_path / "flipped") == 0
+    for name, keys in (("items.parquet", ["model", "data", "item_id"]), ("scores.csv", ["model", "data", "subject"])):
+        read = pd.read_parquet if name.endswith(".parquet") else pd.read_csv
+        got, want = read(tmp_path / "flipped" / name), read(base / name)
+        assert not got[keys].equals(want[keys])  # the rows did come in another order
+        in_order = [f.sort_values(keys, ignore_index=True) for f in (got, want)]
+        pd.testing.assert_frame_equal(*in_order, check_exact=True)
+
+
 def test_a_run_killed_after_its_first_pair_keeps_that_pairs_batching_record(two_by_two, tmp_path):
     """probe.eval killed by SIGKILL (the kernel's out-of-memory killer: nothing runs on the way out) once its first
     pair's part is on disk: its run.json, written as it started, names no pair, and the part alone keeps that pair's

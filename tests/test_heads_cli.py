@@ -1243,3 +1243,34 @@ def test_an_attribution_sweep_from_python_runs_under_a_callers_inference_mode(ti
         inside = attribution(tmp_path / "inside")
         assert torch.is_inference_mode_enabled()
     pd.testing.assert_frame_equal(inside.heads, plain.heads)
+
+
+def test_batch_size_one_and_a_larger_batch_give_the_same_sweep(tiny_dirs, data_dir, tmp_path, capfd):
+    """--batch-size moves only the last bits (README, Resuming: compare to 1e-6): the same predictions, parsed
+    answers and texts, every number within 1e-6, whether each head runs alone or the layer's heads and items share
+    a batch. Oracle: the one-at-a-time run."""
+    args = ["--model", tiny_dirs["qwen2_vl"], "--data", data_dir, "--limit", "3", "--layers", "0", "--heads", "0-2",
+            "--max-new-tokens", "2", "--no-figures", "--quiet"]
+    for size in ("1", "8"):
+        ok(run_in_process([*args, "--batch-size", size, "--out", tmp_path / size], capfd))
+    batching = json.loads((tmp_path / "8" / "run.json").read_text(encoding="utf-8"))["batching"]
+    assert batching[0]["largest_batch"] > 1  # the larger size did batch rows together
+    _assert_same_sweep(tmp_path / "8", tmp_path / "1", atol=1e-6)  # raises where a column differs
+
+
+@pytest.mark.parametrize("method", ["exact", "attribution"])
+def test_the_same_sweep_twice_into_two_folders_writes_the_same_result_bytes(tiny_dirs, data_dir, tmp_path, capfd,
+                                                                          method):
+    """Every engine (naive: test_resume_after_kill_equals_uninterrupted) run twice gives byte-identical heads.csv,
+    items.parquet and baseline.json; run.json differs only in the fields the README names as times, the --out
+    given and the parts' stats. Oracle: the first run."""
+    args = ["--model", tiny_dirs["qwen2_vl"], "--data", data_dir, "--limit", "2", "--layers", "1", "--heads", "0-1",
+            "--method", method, "--max-new-tokens", "2", "--no-figures", "--quiet"]
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for out in runs:
+        ok(run_in_process([*args, "--out", out], capfd))
+    for name in ("heads.csv", "items.parquet", "baseline.json"):
+        assert (runs[0] / name).read_bytes() == (runs[1] / name).read_bytes(), name
+    a, b = (json.loads((out / "run.json").read_text(encoding="utf-8")) for out in runs)
+    assert a.keys() == b.keys() and a["fingerprint"] == b["fingerprint"]
+    assert {k for k in a if a[k] != b[k]} <= {"started", "finished", "elapsed_s_this_process", "argv", "parts"}
