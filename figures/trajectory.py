@@ -103,6 +103,8 @@ def read_sketch(result_dir: Path) -> tuple[list[str], Any]:
                 raise BadInput(f"{path}: no {' / '.join(lacking)} array (not as python -m analyses.trajectory "
                                "writes it)")
             names, sketch = [str(n) for n in z["names"]], z["sketch"].astype(np.float64)
+    except BadInput:  # the refusal above names what is missing (BadInput is a ValueError)
+        raise
     except (OSError, ValueError, EOFError, AttributeError, TypeError):
         raise BadInput(f"{path}: not a readable .npz archive") from None
     if sketch.ndim != 2 or len(sketch) != len(names):

@@ -1048,3 +1048,19 @@ def test_a_salience_merge_reads_each_heads_csv_once_and_records_what_it_read(zoo
     recorded = [fp for _, fp in read_manifest(out)["request"]["inputs"]]
     for d in dirs:  # an independent oracle: the fingerprint of the file's bytes, as they still are
         assert run_fingerprint(d, (d / "heads.csv").read_bytes()) in recorded
+
+
+def test_a_heads_csv_without_the_metric_is_named_so_not_unreadable(tmp_path):
+    """read_salience's own refusals inside its csv-reading block (a missing column, a short row) pass as raised: the
+    block's ``except ValueError`` (a cell that is no number) would have reworded them as "unreadable (…)" once
+    BadInput is a ValueError."""
+    from analyses.salience import read_salience
+    from probe.errors import BadInput
+    from probe.lm_config import HeadGeometry
+
+    run = write_run(tmp_path / "r", torch.ones(L, H))
+    heads = run / "heads.csv"
+    heads.write_text("layer,head\n0,0\n")
+    with pytest.raises(BadInput) as caught:
+        read_salience(run, "kl", HeadGeometry(L, H, KV, D, H * D), "e1")
+    assert str(caught.value) == f"{heads}: no 'kl' column"

@@ -459,3 +459,16 @@ def test_pca_coords_are_the_svd_of_the_saved_features_and_a_seed_redoes_every_ma
         got *= np.sign((got * want).sum(axis=0))  # an axis' sign is arbitrary
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9 * np.abs(want).max())
         np.testing.assert_allclose(run["pca_explained_variance"][feature], (sv[:2] ** 2 / (sv ** 2).sum()), rtol=1e-6)
+
+
+def test_a_features_npz_lacking_an_array_is_named_so_not_unreadable(tmp_path):
+    """read_sketch's refusal of an archive without its ``sketch`` array is raised inside the block whose ``except
+    ValueError`` says "not a readable .npz archive": it passes as raised (BadInput is a ValueError)."""
+    from figures.trajectory import read_sketch
+    from probe.errors import BadInput
+
+    np.savez(tmp_path / "features.npz", names=np.array(["a"]))
+    with pytest.raises(BadInput) as caught:
+        read_sketch(tmp_path)
+    assert str(caught.value) == (f"{tmp_path / 'features.npz'}: no sketch array (not as python -m analyses.trajectory "
+                                 "writes it)")
