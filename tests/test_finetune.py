@@ -3268,3 +3268,65 @@ def test_finetune_from_python_leaves_torchs_random_generator_and_grad_mode_as_th
         inferring = _python_finetune(tmp_path / "inference")
         assert torch.is_inference_mode_enabled()
     pd.testing.assert_frame_equal(inferring.log, with_grad.log)
+
+
+class _Forked(Exception):
+    """Raised by the recording fork_rng below: the test has what it asked for, the run stops there."""
+
+
+def _recorded_forks(monkeypatch, stop: bool) -> list[list[int]]:
+    """torch.random.fork_rng replaced by one recording the GPUs it is asked to keep (and stopping there when
+    ``stop``), with CUDA reported as never started: what this CPU machine can check of the GPU runs' keeping."""
+    import contextlib
+
+    forks: list[list[int]] = []
+
+    @contextlib.contextmanager
+    def fork_rng(devices=None, enabled=True, **_):
+        forks.append(list(devices))
+        if stop:
+            raise _Forked
+        yield
+
+    monkeypatch.setattr(torch.random, "fork_rng", fork_rng)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    return forks
+
+
+def test_random_state_kept_keeps_the_generators_of_the_gpus_it_is_given_and_of_a_started_cuda(monkeypatch):
+    """``probe.train.random_state_kept`` forked the GPUs' generators only when CUDA was started before the block:
+    a fine-tune on a GPU from a notebook that had not used CUDA yet left the GPU's generator seeded with --seed. The
+    GPUs it is given (the run's placement) are kept whether CUDA is started or not; a started CUDA's every GPU too
+    (torch.manual_seed seeds them all); a CPU run with CUDA not started asks for no GPU (that would start it)."""
+    from probe.train import random_state_kept
+
+    forks = _recorded_forks(monkeypatch, stop=False)
+    for devices in (("cuda:1", "cuda:3"), ("cpu",), ()):
+        with random_state_kept(devices):
+            pass
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with random_state_kept(("cpu",)):
+        pass
+    with random_state_kept(("cuda:3",)):
+        pass
+    assert forks == [[1, 3], [], [], [0, 1], [0, 1, 3]]
+
+
+def test_finetune_keeps_the_generators_of_the_gpus_its_placement_names(monkeypatch, tmp_path):
+    """run_finetune forks torch's generators once its placement is known, for the GPUs it trains on (here a
+    placement of cuda:1 and cuda:2 substituted for the machine's; the run stops at the fork, before any model)."""
+    import probe.devices
+    from analyses.finetune import finetune
+    from probe.devices import Placement
+
+    def placed(device, dtype, **_):
+        return Placement("cuda:1", "float32", "sdpa", "device cuda:1", devices=("cuda:1", "cuda:2"))
+
+    forks = _recorded_forks(monkeypatch, stop=True)
+    monkeypatch.setattr(probe.devices, "resolve_placement", placed)
+    with pytest.raises(_Forked):
+        finetune(model="organism-base", data=[f"text={ZOO_TEXT}"], split="validation", steps=2, batch_size=2,
+                 device="cuda", quiet=True, out=tmp_path / "out")
+    assert forks == [[1, 2]]
+    assert not (tmp_path / "out").exists()
