@@ -3276,7 +3276,8 @@ class _Forked(Exception):
 
 def _recorded_forks(monkeypatch, stop: bool) -> list[list[int]]:
     """torch.random.fork_rng replaced by one recording the GPUs it is asked to keep (and stopping there when
-    ``stop``), with CUDA reported as never started: what this CPU machine can check of the GPU runs' keeping."""
+    ``stop``), with CUDA reported as available and never started: what this CPU machine can check of the GPU runs'
+    keeping."""
     import contextlib
 
     forks: list[list[int]] = []
@@ -3290,6 +3291,7 @@ def _recorded_forks(monkeypatch, stop: bool) -> list[list[int]]:
 
     monkeypatch.setattr(torch.random, "fork_rng", fork_rng)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     return forks
 
 
@@ -3310,7 +3312,11 @@ def test_random_state_kept_keeps_the_generators_of_the_gpus_it_is_given_and_of_a
         pass
     with random_state_kept(("cuda:3",)):
         pass
-    assert forks == [[1, 3], [], [], [0, 1], [0, 1, 3]]
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a placement substituted in a test of GPU checks
+    with random_state_kept(("cuda:0", "cuda:1")):
+        pass
+    assert forks == [[1, 3], [], [], [0, 1], [0, 1, 3], []]
 
 
 def test_finetune_keeps_the_generators_of_the_gpus_its_placement_names(monkeypatch, tmp_path):
