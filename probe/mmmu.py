@@ -347,7 +347,8 @@ def unclear_options(item: Item) -> str | None:
     for j, text in enumerate(texts):
         if (i := texts.index(text)) < j:
             shown = item.options[i].strip()
-            return f"options {letters[i]} and {letters[j]} both read {shown if len(shown) <= 40 else shown[:39] + '…'!r}"
+            shown = shown if len(shown) <= 40 else shown[:39] + "…"  # one line, whatever the option's length
+            return f"options {letters[i]} and {letters[j]} both read {shown!r}"
     return None
 
 
