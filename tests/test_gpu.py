@@ -451,6 +451,7 @@ def test_a_resumed_finetune_draws_the_dropout_masks_of_the_uninterrupted_run(tmp
 FRESH_DRAWS = """
 import sys
 import torch
+import probe.train  # noqa: F401 - what a run imports before it forks, imported by both: the same start
 from analyses.finetune import finetune
 
 assert not torch.cuda.is_initialized()
