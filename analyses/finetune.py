@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import functools
 import json
 import math
 import os
@@ -33,7 +32,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from probe.errors import (ArgParser, BadInput, RunStopped, check_counts, check_out_apart, check_out_path, cli_main,
                           make_out_dir, out_dir, parse_options, releases_claims)
@@ -738,28 +737,33 @@ def append_log(log_path: Path, info: StepInfo, modality_of: dict[int, str], cfg:
                                 repr(info.loss), repr(lr), repr(cfg.lm_lr * info.lr_factor), info.tokens])
 
 
-def random_state_kept(run: Callable[..., Path]) -> Callable[..., Path]:
-    """``run`` with torch's random generators as they were after it (``probe.train.random_state_kept``): --seed
-    seeds them for the run only. Imported when it runs: this module loads without torch."""
-    @functools.wraps(run)
-    def wrapper(*args: Any, **kwargs: Any) -> Path:
-        from probe.train import random_state_kept as kept
-
-        with kept():
-            return run(*args, **kwargs)
-    return wrapper
-
-
 @releases_claims
 @outside_inference_mode  # a notebook's torch.inference_mode(): training needs a graph
-@random_state_kept
 def run_finetune(cfg: FinetuneConfig) -> Path:
     """``python -m analyses.finetune`` from Python: trains, writing ``checkpoint-<step>/``, train_log.csv and
     run.json into ``cfg.out`` (a killed run continues), and returns ``cfg.out``;
     ``figures.results.FinetuneRun.read(cfg.out)`` reads the run back (its log as a frame, step → checkpoint dir);
     ``finetune(**options)`` takes the command's options as keywords and returns it so. Bad input raises
-    ``probe.errors.BadInput``."""
+    ``probe.errors.BadInput``. --seed seeds torch's random generators for the run only
+    (``probe.train.random_state_kept``), the CPU's and those of the GPUs the run trains on: it forks them once its
+    placement names them, not before (a GPU whose CUDA is not started yet could not be kept without starting it)."""
     from probe.devices import rank_world, resolve_placement
+    from probe.train import random_state_kept
+
+    check_numbers(cfg)
+    check_out_path(cfg.out)  # before the model loads: an --out below a file is a one-line error
+    local = [d for d in cfg.data.values() if d.lower() != "mmmu"]  # mmmu: the hub's cache
+    # a set's own dir (or one holding it) is never a run's: said so, not "holds no fine-tuning run.json"
+    check_out_apart(cfg.out, [("data set", d) for d in local], data=local)
+    world = rank_world()[1]  # RANK 1 of WORLD_SIZE 1 trained, wrote nothing (not rank 0) and exited 0
+    placement = resolve_placement(cfg.device, cfg.dtype)
+    with random_state_kept(placement.all_devices):
+        return _run_placed(cfg, placement, world)
+
+
+def _run_placed(cfg: FinetuneConfig, placement: Placement, world: int) -> Path:
+    """``run_finetune`` once the run's placement is known, under ``random_state_kept``."""
+    from probe.devices import rank_world
     from probe.heads import check_out_apart_from_inputs, check_same_software, saved_run_info, versions
     from probe.lm_config import declared_quantization
     from probe.models import model_fingerprint, model_location, resolve_model
@@ -769,13 +773,6 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     from probe.train import train as train_loop
     from probe.train import wait_for_everyone
 
-    check_numbers(cfg)
-    check_out_path(cfg.out)  # before the model loads: an --out below a file is a one-line error
-    local = [d for d in cfg.data.values() if d.lower() != "mmmu"]  # mmmu: the hub's cache
-    # a set's own dir (or one holding it) is never a run's: said so, not "holds no fine-tuning run.json"
-    check_out_apart(cfg.out, [("data set", d) for d in local], data=local)
-    world = rank_world()[1]  # RANK 1 of WORLD_SIZE 1 trained, wrote nothing (not rank 0) and exited 0
-    placement = resolve_placement(cfg.device, cfg.dtype)
     on_cpu = placement.device_type == "cpu"  # how the ranks' barriers set accelerate up (wait_for_everyone)
     frozen = weights_dtype(placement, cfg.lora)
     tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, lm_lr=cfg.lm_lr, batch=cfg.batch, warmup=cfg.warmup,

@@ -139,6 +139,8 @@ def read_salience(run_dir: Path, metric: str, geometry: HeadGeometry, who: str) 
             raise BadInput(f"{heads_csv}: a row has fewer fields than the header (cut short?)")
         # pandas writes NaN as an empty cell (a --no-generate run's accuracy): NaN, for the check below to name
         cells = {(int(r["layer"]), int(r["head"])): float(r[metric]) if r[metric].strip() else math.nan for r in rows}
+    except BadInput:  # the refusals above say what is wrong themselves (BadInput is a ValueError)
+        raise
     except (OSError, ValueError, csv.Error) as exc:
         raise BadInput(f"{heads_csv}: unreadable ({exc})") from None
     want = {(layer, h) for layer in range(geometry.n_layers) for h in range(geometry.n_heads)}

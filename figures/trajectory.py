@@ -105,6 +105,8 @@ def read_sketch(result_dir: Path) -> tuple[list[str], Any]:
                 raise BadInput(f"{path}: no {' / '.join(lacking)} array (not as python -m analyses.trajectory "
                                "writes it)")
             names, sketch = [str(n) for n in z["names"]], z["sketch"].astype(np.float64)
+    except BadInput:  # the refusal above names what is missing (BadInput is a ValueError)
+        raise
     # BadZipFile: a file cut short (its zip directory, at the end, gone), which is no OSError
     except (OSError, ValueError, EOFError, AttributeError, TypeError, zipfile.BadZipFile):
         raise BadInput(f"{path}: not a readable .npz archive") from None

@@ -17,8 +17,11 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-class BadInput(Exception):
-    """Raised for anything the user can fix: a missing file, an unknown alias, an out-of-range head."""
+class BadInput(ValueError):
+    """Raised for anything the user can fix: a missing file, an unknown alias, an out-of-range head. A ValueError,
+    as Python's own refusal of a value is, so a notebook's ``except ValueError`` catches one from the Python API; a
+    ``try`` of ours that catches ValueError around code raising BadInput lets it pass first (``except BadInput:
+    raise``), and ``ArgParser`` keeps argparse from rewording one raised by an option's type."""
 
 
 class RunStopped(RuntimeError):
@@ -203,6 +206,16 @@ class ArgParser(argparse.ArgumentParser):
                          namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
         self._lists_given: set[str] = set()  # per parse: a parser may parse several command lines
         return super().parse_known_args(args, namespace)
+
+    def _get_value(self, action: argparse.Action, arg_string: str) -> Any:
+        # argparse rewords a type's ValueError as "invalid in_path value: '~x/r'": a BadInput (a ValueError) it
+        # raised says what is wrong itself, so it leaves as raised (argparse.ArgumentError carries it as __context__)
+        try:
+            return super()._get_value(action, arg_string)
+        except argparse.ArgumentError as exc:
+            if isinstance(exc.__context__, BadInput):
+                raise exc.__context__ from None
+            raise
 
     def format_help(self) -> str:
         # a description taken from a module docstring keeps its reST ``code`` marks for pydoc; a terminal gets text

@@ -335,6 +335,34 @@ def warn_animated(path: Path, animated: Sequence[tuple[str, int]]) -> None:
               "store a still image (or the frames as a <video>) if more is meant", file=sys.stderr)
 
 
+def unclear_options(item: Item) -> str | None:
+    """Why ``item``'s options are hard to tell apart, None when they are not: one empty (its letter is shown with
+    nothing after it) or two of one text, as probe.parsing compares texts (stripped, any case: an answer giving that
+    text reads as the first of them). Loaded as given, with a warning (``warn_unclear_options``): MMMU's image
+    options read "<image 2>", never empty, and a set's data is its author's to fix."""
+    texts = [o.strip().casefold() for o in item.options]
+    letters = option_letters(len(texts))
+    if "" in texts:
+        return f"option {letters[texts.index('')]} is empty"
+    for j, text in enumerate(texts):
+        if (i := texts.index(text)) < j:
+            shown = item.options[i].strip()
+            shown = shown if len(shown) <= 40 else shown[:39] + "…"  # one line, whatever the option's length
+            return f"options {letters[i]} and {letters[j]} both read {shown!r}"
+    return None
+
+
+def warn_unclear_options(path: Path, items: Sequence[Item]) -> None:
+    """One warning line for the items of the file ``path`` whose options are empty or repeated
+    (``unclear_options``): how many, and the first."""
+    unclear = [(it.id, why) for it in items if (why := unclear_options(it)) is not None]
+    if unclear:
+        (first, why), more = unclear[0], len(unclear) - 1
+        print(f"warning: {path}: {len(unclear)} item(s) with an empty or repeated option ({first!r}: {why}"
+              f"{f'; and {more} more' if more else ''}); scored as given, by letter (a generated answer giving a "
+              "repeated text reads as its first option)", file=sys.stderr)
+
+
 def _shown_size(data: bytes) -> tuple[int, int]:
     """(width, height) of an image as ``_decode`` shows it, from its header: EXIF orientations 5-8 swap them."""
     with Image.open(io.BytesIO(data)) as img:
@@ -479,6 +507,7 @@ def load_mmmu(
         for path in paths:
             files.append(str(path))
             animated: list[tuple[str, int]] = []
+            first = len(sub_items)
             for i, row in enumerate(_read_rows(path)):
                 rid = row.get("id")
                 where = f"{path.name} ({subject}) row {i} id={rid!r}"
@@ -494,6 +523,7 @@ def load_mmmu(
                     continue
                 sub_items.append(_make_item(row, subject, where, animated))
             warn_animated(path, animated)
+            warn_unclear_options(path, sub_items[first:])
         seen: set[str] = set()
         for it in sub_items:  # results are keyed by (subject, id): a repeated id would pair wrong answers
             if it.id in seen:

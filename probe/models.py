@@ -902,6 +902,8 @@ def load_tokenizer(ref: ModelRef) -> Any:
     try:
         with config_errors(ref):  # AutoTokenizer builds the config to find the tokenizer class
             tokenizer = transformers.AutoTokenizer.from_pretrained(ref.path, **ref.load_kwargs)
+    except BadInput:  # config_errors' "config.json is invalid", as it said it (a ValueError too)
+        raise
     except (OSError, ValueError) as exc:
         raise BadInput(f"{ref.path}: cannot load its tokenizer ({error_reason(exc)})") from None
     except KeyError as exc:  # JSON, but not a tokenizer's: transformers reads a key it lacks
@@ -1132,6 +1134,8 @@ def build_processor(ref: ModelRef, tokenizer: Any) -> Any:
             # usually have it), whose resizing gives other pixel values, so a GPU box's numbers would differ from
             # the CPU's and the published ones for a reason no one chose
             image_processor = transformers.AutoImageProcessor.from_pretrained(ref.path, backend="pil")
+    except BadInput:  # config_errors' "config.json is invalid", as it said it (a ValueError too)
+        raise
     except (OSError, ValueError):
         raise BadInput(f"{ref.path}: cannot load its image processor config (preprocessor_config.json missing or "
                        f"unreadable), which a {ref.family.name} model needs") from None

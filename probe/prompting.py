@@ -428,6 +428,8 @@ def encode_prompt(loaded: LoadedModel, item: ItemLike, prompt: Prompt) -> dict[s
 
             try:
                 batch = add_video_inputs(loaded, batch, prompt.frames)
+            except BadInput:  # probe.video's own refusal says what it is (a ValueError too)
+                raise
             except ValueError as exc:  # frames the processor's rules refuse, as they would an image (Qwen's 200:1)
                 raise processor_refuses(loaded, item, exc) from None
         return batch

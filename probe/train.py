@@ -497,12 +497,19 @@ def process_state(cpu: bool) -> PartialState:
 
 
 @contextlib.contextmanager
-def random_state_kept() -> Iterator[None]:
+def random_state_kept(devices: Sequence[str] = ()) -> Iterator[None]:
     """torch's global random generators as they were, after a block that seeds them (``--seed``: the training loop,
-    LoRA's initialisation): a caller's notebook draws on after a run as if it had not run. The CPU's, and each GPU's
-    once CUDA is started (asking a GPU that is not would start it: a CPU run on a GPU host stays off them)."""
-    gpus = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=gpus):
+    LoRA's initialisation): a caller's notebook draws on after a run as if it had not run. The CPU's; those of the
+    GPUs in ``devices`` (the run's placement: reading one starts CUDA there, as the run is about to); and, once
+    CUDA is started, every GPU's (torch.manual_seed seeds them all). A CPU run with CUDA not started asks no GPU,
+    which would start it; nor does a placement substituted where torch has no CUDA (tests of GPU checks). Only the
+    GPUs started before the block were kept until 2026-12-07: a GPU run from a notebook that had not used CUDA yet
+    left its GPU's generator seeded with --seed."""
+    gpus = {int(d.split(":")[1]) if ":" in d else torch.cuda.current_device() for d in devices
+            if d.startswith("cuda") and torch.cuda.is_available()}
+    if torch.cuda.is_initialized():
+        gpus |= set(range(torch.cuda.device_count()))
+    with torch.random.fork_rng(devices=sorted(gpus)):
         yield
 
 

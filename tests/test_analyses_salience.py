@@ -1068,3 +1068,19 @@ def test_the_order_of_the_experts_changes_no_merged_bit(zoo, runs, tmp_path, wit
     # anti-tautology: the experts' slices did move the merge away from the base
     assert not torch.equal(got[0]["layers.0.self_attn.q_proj.weight"],
                            canonical(zoo["base"])["layers.0.self_attn.q_proj.weight"])
+
+
+def test_a_heads_csv_without_the_metric_is_named_so_not_unreadable(tmp_path):
+    """read_salience's own refusals inside its csv-reading block (a missing column, a short row) pass as raised: the
+    block's ``except ValueError`` (a cell that is no number) would have reworded them as "unreadable (…)" once
+    BadInput is a ValueError."""
+    from analyses.salience import read_salience
+    from probe.errors import BadInput
+    from probe.lm_config import HeadGeometry
+
+    run = write_run(tmp_path / "r", torch.ones(L, H))
+    heads = run / "heads.csv"
+    heads.write_text("layer,head\n0,0\n")
+    with pytest.raises(BadInput) as caught:
+        read_salience(run, "kl", HeadGeometry(L, H, KV, D, H * D), "e1")
+    assert str(caught.value) == f"{heads}: no 'kl' column"

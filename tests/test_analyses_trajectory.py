@@ -479,3 +479,16 @@ def test_the_points_in_another_order_get_the_same_coordinates_to_the_bit():
     assert set(typed) == {"pca", "tsne"} and (used, explained) == (used_p, explained_p)
     for method in typed:
         assert np.array_equal(again[method], typed[method][perm]), method
+
+
+def test_a_features_npz_lacking_an_array_is_named_so_not_unreadable(tmp_path):
+    """read_sketch's refusal of an archive without its ``sketch`` array is raised inside the block whose ``except
+    ValueError`` says "not a readable .npz archive": it passes as raised (BadInput is a ValueError)."""
+    from figures.trajectory import read_sketch
+    from probe.errors import BadInput
+
+    np.savez(tmp_path / "features.npz", names=np.array(["a"]))
+    with pytest.raises(BadInput) as caught:
+        read_sketch(tmp_path)
+    assert str(caught.value) == (f"{tmp_path / 'features.npz'}: no sketch array (not as python -m analyses.trajectory "
+                                 "writes it)")

@@ -2248,3 +2248,63 @@ def test_a_released_lock_names_nobody(tmp_path):
     assert (out / LOCK).read_text(encoding="utf-8") == f"{os.getpid()} {socket.gethostname()}\n"
     release_claims()
     assert (out / LOCK).read_text(encoding="utf-8") == ""
+
+
+# --------------------------------------------------------------------------------------------------------
+# BadInput is a ValueError: a notebook's ``except ValueError`` catches a refused value, with the same line
+
+
+def test_a_value_the_python_api_refuses_is_a_value_error_saying_the_command_lines_line(capsys):
+    """``probe.errors.BadInput`` was a bare Exception: a notebook's ``except ValueError`` (what Python raises for a
+    bad value) missed ``evaluate(limit=0)`` and ``merge(threads=0)``. Caught so now, with the one line the
+    command prints after ``error:`` (the oracle: the CLI's own stderr), and the CLI still exits 2 with it."""
+    from analyses.merge import main as merge_main
+    from analyses.merge import merge
+    from probe.eval import evaluate
+    from probe.eval import main as eval_main
+
+    for call, main, argv in (
+            (lambda: evaluate(models=["organism-base"], data=["text"], limit=0, out="unused"), eval_main,
+             ["--models", "organism-base", "--data", "text", "--limit", "0", "--out", "unused"]),
+            (lambda: merge(models=["a", "b"], threads=0, out="unused"), merge_main,
+             ["--models", "a", "b", "--threads", "0", "--out", "unused"])):
+        try:
+            call()
+        except ValueError as exc:
+            assert isinstance(exc, BadInput)
+            said = str(exc)
+        else:
+            raise AssertionError("no error")
+        capsys.readouterr()
+        line = one_error_line(cli_main(main, argv), capsys.readouterr().err)
+        assert "\n" not in said and line == f"error: {said}", (line, said)
+    assert not Path("unused").exists()
+
+
+@pytest.mark.parametrize("name, argv", [("figures.__main__", ["heads", "~nosuchuser48/r"]),
+                                        ("analyses.merge", ["--models", "a", "b", "--out", "~nosuchuser48/o"])])
+def test_a_path_refused_while_argparse_reads_it_keeps_its_own_line(name, argv, capsys):
+    """argparse turns a ValueError from an option's type into "invalid in_path value: …": with BadInput a
+    ValueError, ``~user`` of no user (in_path's BadInput) would have lost the line that says so."""
+    capsys.readouterr()
+    line = one_error_line(cli_main(importlib.import_module(name).main, argv), capsys.readouterr().err)
+    assert line == "error: ~nosuchuser48/" + argv[-1].split("/")[1] + ": ~nosuchuser48 names no user's home on " \
+                   "this machine", line
+
+
+def test_a_refusal_of_the_video_inputs_is_not_reworded_as_the_processors(monkeypatch):
+    """encode_prompt turns the processor's ValueError (an image or frames it refuses) into "item …: …'s processor
+    refuses it"; probe.video's own BadInput ("video inputs are not supported for …") passes as it was raised."""
+    import probe.video
+    from probe.prompting import Prompt, encode_prompt
+
+    said = BadInput("video inputs are not supported for the test family")
+
+    def refuse(*_):
+        raise said
+
+    monkeypatch.setattr(probe.video, "add_video_inputs", refuse)
+    loaded = argparse.Namespace(processor=None, tokenizer=lambda *a, **k: {"input_ids": [[1]], "attention_mask": [[1]]})
+    with pytest.raises(BadInput) as caught:
+        encode_prompt(loaded, argparse.Namespace(id="x"), Prompt("t", [], [object()]))
+    assert caught.value is said

@@ -3309,3 +3309,71 @@ def test_a_training_row_is_the_probes_prompt_then_its_own_answer_letter_and_the_
         want = m.tokenizer.encode(item.answer, add_special_tokens=False) + [end]
         assert len(want) == 2 and row["input_ids"][n:].tolist() == want, item.answer
         assert (row["labels"][:n] == -100).all() and row["labels"][n:].tolist() == want
+
+
+class _Forked(Exception):
+    """Raised by the recording fork_rng below: the test has what it asked for, the run stops there."""
+
+
+def _recorded_forks(monkeypatch, stop: bool) -> list[list[int]]:
+    """torch.random.fork_rng replaced by one recording the GPUs it is asked to keep (and stopping there when
+    ``stop``), with CUDA reported as available and never started: what this CPU machine can check of the GPU runs'
+    keeping."""
+    import contextlib
+
+    forks: list[list[int]] = []
+
+    @contextlib.contextmanager
+    def fork_rng(devices=None, enabled=True, **_):
+        forks.append(list(devices))
+        if stop:
+            raise _Forked
+        yield
+
+    monkeypatch.setattr(torch.random, "fork_rng", fork_rng)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    return forks
+
+
+def test_random_state_kept_keeps_the_generators_of_the_gpus_it_is_given_and_of_a_started_cuda(monkeypatch):
+    """``probe.train.random_state_kept`` forked the GPUs' generators only when CUDA was started before the block:
+    a fine-tune on a GPU from a notebook that had not used CUDA yet left the GPU's generator seeded with --seed. The
+    GPUs it is given (the run's placement) are kept whether CUDA is started or not; a started CUDA's every GPU too
+    (torch.manual_seed seeds them all); a CPU run with CUDA not started asks for no GPU (that would start it)."""
+    from probe.train import random_state_kept
+
+    forks = _recorded_forks(monkeypatch, stop=False)
+    for devices in (("cuda:1", "cuda:3"), ("cpu",), ()):
+        with random_state_kept(devices):
+            pass
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with random_state_kept(("cpu",)):
+        pass
+    with random_state_kept(("cuda:3",)):
+        pass
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a placement substituted in a test of GPU checks
+    with random_state_kept(("cuda:0", "cuda:1")):
+        pass
+    assert forks == [[1, 3], [], [], [0, 1], [0, 1, 3], []]
+
+
+def test_finetune_keeps_the_generators_of_the_gpus_its_placement_names(monkeypatch, tmp_path):
+    """run_finetune forks torch's generators once its placement is known, for the GPUs it trains on (here a
+    placement of cuda:1 and cuda:2 substituted for the machine's; the run stops at the fork, before any model)."""
+    import probe.devices
+    from analyses.finetune import finetune
+    from probe.devices import Placement
+
+    def placed(device, dtype, **_):
+        return Placement("cuda:1", "float32", "sdpa", "device cuda:1", devices=("cuda:1", "cuda:2"))
+
+    forks = _recorded_forks(monkeypatch, stop=True)
+    monkeypatch.setattr(probe.devices, "resolve_placement", placed)
+    with pytest.raises(_Forked):
+        finetune(model="organism-base", data=[f"text={ZOO_TEXT}"], split="validation", steps=2, batch_size=2,
+                 device="cuda", quiet=True, out=tmp_path / "out")
+    assert forks == [[1, 2]]
+    assert not (tmp_path / "out").exists()

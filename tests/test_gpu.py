@@ -15,6 +15,7 @@ Stated tolerances:
 - fine-tuning in bf16 (mixed precision; with --lora the frozen weights in bf16) against fp32 on the CPU: the first
   step's loss within 2 %, the mean loss of 4 steps within 5 %, the weight update's cosine ≥ 0.9.
 - a fine-tune with dropout killed and resumed on the GPU: the uninterrupted run's weights, bit for bit.
+- a fine-tune on the GPU from a process that had not started CUDA: the GPU's generator draws after it as without it.
 - a batch that really runs out of GPU memory (probe.eval's, the exact engine's masked rows) is halved and retried:
   the numbers of a run at the smaller size, the same batches, so |Δp| ≤ 0.05 (bf16's guard tolerance), |ΔKL| as
   exact == naive, and the same predicted letters and texts on every row.
@@ -443,6 +444,44 @@ def test_a_resumed_finetune_draws_the_dropout_masks_of_the_uninterrupted_run(tmp
     assert cli_main(main, args + [str(tmp_path / "resumed")]) == 0
     got, want = ((tmp_path / d / "checkpoint-4" / "model.safetensors").read_bytes() for d in ("resumed", "whole"))
     assert got == want
+
+
+# a notebook's process that has not used CUDA yet: draws from the device's generator, after a fine-tune on it
+# ("run") or without one ("skip"); argv: run|skip DEVICE DATA OUT
+FRESH_DRAWS = """
+import sys
+import torch
+import probe.train  # noqa: F401 - what a run imports before it forks, imported by both: the same start
+from analyses.finetune import finetune
+
+assert not torch.cuda.is_initialized()
+torch.random.default_generator.manual_seed(7)  # the CPU's starts at a random seed per process (a GPU's at a fixed one)
+if sys.argv[1] == "run":
+    finetune(model="organism-base", data=[f"text={sys.argv[3]}"], split="validation", steps=2, batch_size=2,
+             lora=4, device=sys.argv[2], quiet=True, out=sys.argv[4])
+print(torch.rand(4, device=sys.argv[2]).tolist())
+"""
+
+
+def test_finetune_on_a_gpu_from_a_process_without_cuda_leaves_the_gpus_generator_as_it_was(tmp_path):
+    """``finetune`` restored the GPU's random generator only when CUDA was started before the call: from a notebook
+    that had not used the GPU yet, a run on it left the GPU's generator seeded with --seed (its draws after the call
+    were the run's seed's). The oracle: the same process's draws without the run (each in a fresh Python)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from probe.heads import default_data_for
+
+    def draws(what: str) -> str:
+        done = subprocess.run([sys.executable, "-c", FRESH_DRAWS, what, DEVICE, str(default_data_for("organism-base")),
+                               str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=600,
+                              env=dict(os.environ, PYTHONPATH=str(REPO)))
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout.strip().splitlines()[-1]
+
+    assert draws("run") == draws("skip")
+    assert (tmp_path / "out" / "run.json").is_file()  # it did train
 
 
 # torchrun runs this: analyses.finetune with --fsdp allowed in a launch of one process (refused otherwise: nothing

@@ -791,3 +791,21 @@ def test_video_frames_are_compared_by_their_upright_size(tmp_path, orientation):
     write_video_rows(tmp_path, [r])
     (it,), _ = load_mmmu(tmp_path)
     assert [f.size for f in it.pil_frames()] == [(10, 20), (10, 20)]
+
+
+def test_options_that_are_empty_or_repeated_are_loaded_with_one_warning_per_file(tmp_path, capsys):
+    """An option left empty (shown as "C. ", a letter of nothing) or two options of one text (a generated answer
+    giving that text reads as the first of them: probe.parsing's tier 6) loaded without a word. They load as given
+    (MMMU's image options read "<image 2>", never empty; a set's data is its author's), with one stderr line per
+    file naming how many items and the first; a file of clear options says nothing."""
+    write(tmp_path, {"Art": [row(1, options="['red', 'Blue', 'blue ', 'white']"), row(2),
+                             row(3, options="['red', '', 'blue']")],
+                     "Music": [row(1, "Music")]})
+    capsys.readouterr()
+    items, _ = load_mmmu(tmp_path)
+    assert [it.options for it in items][:3] == [("red", "Blue", "blue ", "white"), ("red", "green", "blue", "white"),
+                                                ("red", "", "blue")]
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"warning: {tmp_path / 'Art' / 'validation-00000-of-00001.parquet'}: 2 item(s) "), lines
+    assert "'validation_Art_1': options B and C both read 'Blue'" in lines[0] and "and 1 more" in lines[0], lines
