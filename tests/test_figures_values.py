@@ -1509,3 +1509,38 @@ def test_steps_draw_each_interval_tick_and_axis_as_written_out(tmp_path, drawn):
                            ["c/checkpoint-10x", "all"], ["d/checkpoint-20", "math"]], columns=["model", "subject"])
     got = checkpoint_rows(scores)
     assert got["model"].tolist() == ["a/checkpoint-10"] and got["step"].tolist() == [10]
+
+
+def test_merge_head_weights_put_each_slice_in_its_own_cell_and_refuse_what_is_no_head(tmp_path):
+    """figures.merge.head_weights (mut48): each q_proj slice 'rows h·d:(h+1)·d' of layer L is head h of layer L's
+    weight, 0 and 1 included, other tensors and column slices left out; a slice off a head's rows, or a head missing
+    for one model, is a one-line refusal. Mutants reading the head from the slice's end, dropping the multiple-of-width
+    check, refusing a weight of exactly 1, filling a model's cells in reverse order, or counting heads with nunique
+    (a missing middle head then an IndexError traceback) passed the merge figure tests, whose files are analyses.merge's
+    own. Oracle: the grid written out by hand."""
+    from figures.merge import head_weights
+    from probe.errors import BadInput
+
+    d, layers, heads = 4, 2, 3
+    want = {"a": np.array([[0.0, 0.25, 1.0], [0.5, 0.125, 0.75]])}
+    want["b"] = 1 - want["a"]
+    rows = [(f"layers.{l}.self_attn.q_proj.weight", f"rows {h * d}:{(h + 1) * d}", m, float(w[l, h]))
+            for m, w in want.items() for l in range(layers) for h in range(heads)]
+    rows += [("layers.0.self_attn.o_proj.weight", f"columns 0:{d}", "a", 0.3),
+             ("layers.0.mlp.up_proj.weight", "all", "b", 0.6)]
+    table = pd.DataFrame(rows[::-1], columns=["tensor", "slice", "model", "weight"])  # any row order
+    got = head_weights(table)
+    assert list(got) == ["b", "a"]  # the file's order of models
+    for m in want:
+        np.testing.assert_array_equal(got[m], want[m])
+
+    off = table.copy()
+    off.loc[off["slice"] == f"rows {d}:{2 * d}", "slice"] = f"rows {d // 2}:{d // 2 + d}"
+    with pytest.raises(BadInput, match="is not one head's rows"):
+        head_weights(off)
+    gap = table[(table["slice"] != f"rows {d}:{2 * d}") | (table["tensor"] != "layers.0.self_attn.q_proj.weight")
+                | (table["model"] != "b")]  # b's head 1 of layer 0 gone: heads 0 and 2 left there
+    everywhere = table[table["slice"] != f"rows {d}:{2 * d}"]  # head 1 gone from every layer and model
+    for cut, who in ((gap, "b"), (everywhere, "b")):
+        with pytest.raises(BadInput, match=f"no weight of layer 0 head 1 for {who}"):
+            head_weights(cut)
