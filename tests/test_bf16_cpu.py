@@ -68,3 +68,27 @@ def test_batched_evaluation_in_bf16_on_the_cpu_passes_its_guard_and_answers_as_f
     assert_answers_as_fp32(got, evaluate_items(loaded("organism-vl", "float32"), items, cfg, batch_size=4))
     assert _max_dp(got, alone) <= CPU_TOLERANCE  # every item, not only the rows the guard picks
     assert pd.Series([m.response for m in got]).equals(pd.Series([m.response for m in alone]))
+
+
+@pytest.mark.parametrize("family, data", [("qwen2_vl", "image"), ("llava_onevision", "video")])
+def test_a_bf16_models_inputs_carry_its_dtype_in_their_pixels_and_leave_the_ids_alone(family, data, tiny_dirs):
+    """build_inputs' casts (mut48): pixels (images or video frames) in the model's dtype, ids, masks and grids as
+    tokenised. Mutants leaving the pixels in fp32 or casting only ``pixel_values`` passed every bf16 test: these
+    towers cast pixels to their own dtype first, so the numbers agree, but the fp32 copy takes twice the device
+    memory (on a GPU) and a tower that does not cast would fail. Oracle: encode_prompt's CPU tensors cast by hand."""
+    from conftest import REPO
+
+    from probe.mmmu import load_items
+    from probe.models import load_model, resolve_model
+    from probe.prompting import PromptTemplate, build_inputs, encode_prompt, render_prompt
+
+    loaded = load_model(resolve_model(str(tiny_dirs[family])), dtype="bfloat16", device="cpu")
+    item = load_items(str(REPO / "probe/zoo/data" / data), limit=1)[0][0]
+    raw = encode_prompt(loaded, item, render_prompt(loaded, item, PromptTemplate(), None))
+    got = build_inputs(loaded, item, PromptTemplate())
+    floats = sorted(k for k, v in raw.items() if v.is_floating_point())
+    assert floats == [f"pixel_values{'_videos' if data == 'video' else ''}"]
+    assert sorted(got) == sorted(raw)
+    for k, v in raw.items():
+        want = v.to(torch.bfloat16) if k in floats else v
+        assert got[k].dtype == want.dtype and torch.equal(got[k], want), k

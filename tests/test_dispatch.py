@@ -390,6 +390,74 @@ def test_the_exact_engine_moves_the_residual_to_each_layers_device(load_tiny, it
         loaded.layers[2](clean.calls[1].hidden, **clean.calls[1].kwargs)
 
 
+@pytest.mark.parametrize("meta_layers, meta_norm, meta_head, injected_at", [
+    ((), True, True, None),  # the norm and LM head on the device after the last layer's: the residual follows
+    ((), False, True, None),  # the LM head alone on the next device: the norm's output follows it
+    ((), False, False, None),  # every module on the CPU, the main device elsewhere: the logits go back to it
+    ((2, 3), True, True, 2),  # an addition recorded between layers (DeepStack) joins the residual where it is
+])
+def test_the_masked_rows_tail_runs_each_module_on_its_own_device(meta_layers, meta_norm, meta_head, injected_at,
+                                                                 load_tiny, items):
+    """run_rows' hops after the layers (mut48): the final norm's input on the norm's device, the LM head's on the
+    head's, the logits on the main device (``loaded.device``), a between-layer addition on the residual's device.
+    A mutant dropping any one move passed the all-meta tail of the test above (norm, head and main device were one
+    device there). Oracle: each module's input device seen by a forward pre-hook against where its weights are; CPU
+    and "meta" stand in for two devices (a meta tensor cannot be copied back, so only moves towards meta are
+    built; the addition here sits on the CPU for that reason)."""
+    import copy
+
+    from probe.exact import clean_pass, run_rows
+    from probe.prompting import PromptTemplate, build_inputs
+    from probe.upstream import LayerCall, to_device
+
+    plain = load_tiny("qwen2", "sdpa")
+    model = copy.deepcopy(plain.model)
+    loaded = dataclasses.replace(plain, model=model)
+    text_item = dataclasses.replace(items[0], images=(), question=items[0].question.replace("<image", "(image"))
+    clean = clean_pass(loaded, build_inputs(loaded, text_item, PromptTemplate()), keep_cache=False)
+    for i in meta_layers:
+        loaded.layers[i].to("meta")
+        clean.calls[i] = LayerCall(clean.calls[i].hidden.to("meta"), to_device(clean.calls[i].kwargs, "meta"))
+    if injected_at is not None:
+        clean.injected[injected_at] = torch.zeros_like(clean.calls[0].hidden)
+    norm, head = model.get_submodule(loaded.family.norm_path), model.get_submodule(loaded.family.lm_head_path)
+    for module, on_meta in ((norm, meta_norm), (head, meta_head)):
+        if on_meta:
+            module.to("meta")
+    seen: list[tuple[str, str, str]] = []
+    watched = [(f"layer {i}", layer) for i, layer in enumerate(loaded.layers)] + [("norm", norm), ("head", head)]
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: seen.append(
+        (name, args[0].device.type, next(mod.parameters()).device.type))) for name, m in watched]
+    loaded = dataclasses.replace(loaded, device=torch.device("meta"))
+    try:
+        logits = run_rows(loaded, clean, [(0, 1), (1, 0), (3, 2)])
+    finally:
+        for h in hooks:
+            h.remove()
+    assert [name for name, _, _ in seen] == [name for name, _ in watched]
+    assert all(got == want for _, got, want in seen), seen
+    assert logits.device.type == "meta" and logits.shape == (3, model.config.vocab_size)
+
+
+def test_a_layer_call_is_kept_on_the_layers_device_keywords_included():
+    """record_layer_call(device=...) moves the residual and every tensor among the keywords, nested ones included
+    (rotary cos/sin come as a tuple), and leaves the rest as it is (mut48: a mutant moving the residual alone passed
+    the meta-device tests, which move the calls themselves). Oracle: each tensor's device and values by hand."""
+    from probe.upstream import record_layer_call
+
+    hidden, cos, sin, ids = torch.randn(1, 3, 4), torch.randn(1, 3, 2), torch.randn(1, 3, 2), torch.arange(3)[None]
+    call = record_layer_call((hidden,), {"position_embeddings": (cos, sin), "position_ids": ids, "attention_mask": None,
+                                         "extra": {"mask": [ids]}}, torch.device("meta"))
+    assert call.hidden.device.type == "meta" and call.hidden.shape == hidden.shape
+    assert isinstance(call.kwargs["position_embeddings"], tuple)
+    moved = [*call.kwargs["position_embeddings"], call.kwargs["position_ids"], call.kwargs["extra"]["mask"][0]]
+    assert [t.device.type for t in moved] == ["meta"] * 4
+    assert [t.shape for t in moved] == [cos.shape, sin.shape, ids.shape, ids.shape]
+    assert call.kwargs["attention_mask"] is None
+    kept = record_layer_call((hidden,), {"position_ids": ids})  # no device: the tensors as the hook saw them
+    assert kept.hidden is hidden and kept.kwargs["position_ids"] is ids
+
+
 def test_device_cuda_without_a_gpu_exits_2_with_one_line(tmp_path, data_dir, tiny_dirs, capfd):
     from probe.errors import cli_main
     from probe.heads import main

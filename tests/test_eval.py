@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -2966,3 +2967,56 @@ def test_table_md_notes_are_shown_as_written(tmp_path):
                                                    f"whole on d: {note['whole']}",
                                                    f"{part} on d: scored on 3 items; {note[part]}"]], notes
     assert not re.search(r"(?<!\\)\|", notes), notes  # a '|' GitHub could read as a table cell's end
+
+
+def _edit_first_question(data: Path) -> None:
+    """Rewrite the text set at ``data`` in place with its first item's question changed: same items, ids, count."""
+    from probe.mmmu import load_items
+    from probe.synthetic import MMMU_COLUMNS, write_mmmu_parquet
+
+    its = load_items(str(data))[0]
+    shutil.rmtree(data)
+    rows: dict[str, list] = {}
+    for n, it in enumerate(its):
+        rows.setdefault(it.subject, []).append(
+            {c: None for c in MMMU_COLUMNS} | {"id": it.id, "question": it.question + (" Think of a red fox." * (n == 0)),
+                                               "answer": it.answer, "options": str(list(it.options)),
+                                               "question_type": "multiple-choice", "explanation": ""})
+    write_mmmu_parquet(rows, data, "validation")
+
+
+@pytest.mark.parametrize("family, change, field", [
+    ("qwen2", ["--dtype", "bfloat16"], "dtype"),
+    ("qwen2", ["--system-prompt", "Reply with one letter."], "template"),
+    ("qwen2", ["--max-new-tokens", "4"], "max_new_tokens"),
+    ("qwen2", ["--attn-implementation", "eager"], "attn_implementation"),
+    ("qwen2", "edit the data in place", "data"),
+    ("qwen2_vl", ["--image-max-side", "20"], "image_max_side"),
+])
+def test_a_resume_that_changes_one_field_of_the_runs_identity_is_refused(family, change, field, tiny_dirs, text_dir,
+                                                                         data_dir, tmp_path, capfd):
+    """Each setting that decides the numbers is part of the run's identity (mut48: mutants leaving dtype, the
+    template, max_new_tokens, attn_implementation, image_max_side or the data's digest out of it resumed such a
+    rerun, exit 0, its parts the old setting's). A rerun into the same --out changing exactly that field is refused
+    naming it, nothing touched. Oracle: a fresh run with the change in a new dir scores other numbers (p(answer) or
+    the generated answers), where the field can change them (sdpa and eager agree on the tiny model)."""
+    from probe.eval import part_file
+
+    data = shutil.copytree(text_dir if family == "qwen2" else data_dir, tmp_path / "data")
+    base = ["--models", tiny_dirs[family], "--data", data, "--limit", "3", "--max-new-tokens", "2", "--no-figures",
+            "--quiet", "--out"]
+    out, fresh = tmp_path / "run", tmp_path / "fresh"
+    assert _eval(*base, out) == 0
+    if change == "edit the data in place":
+        _edit_first_question(data)
+        change = []
+    before = _files(out)
+    capfd.readouterr()
+    assert _eval(*base, out, *change) == 2
+    err = capfd.readouterr().err.strip()
+    assert f"holds a different run ({field} differ)" in err and "\n" not in err, err
+    assert _files(out) == before
+    assert _eval(*base, fresh, *change) == 0
+    old, new = (pd.read_parquet(part_file(d, 0, 0)) for d in (out, fresh))
+    moved = (old["p_answer"] - new["p_answer"]).abs().max() > 1e-6 or (old["response"] != new["response"]).any()
+    assert moved == (field != "attn_implementation"), (field, old[["p_answer", "response"]], new[["p_answer", "response"]])

@@ -2471,3 +2471,30 @@ def test_a_text_type_of_q_k_v_heads_and_moe_layers_is_read_as_its_attention(mode
     g = HeadGeometry.from_text_config(text_config_dict(cfg, fam))
     assert (g.n_heads * g.head_dim, g.n_kv_heads * g.head_dim) == (attn.q_proj.out_features, attn.k_proj.out_features)
     assert attn.o_proj.in_features == attn.q_proj.out_features
+
+
+def test_a_processors_tokenizer_that_adds_a_bos_by_default_is_called_without_it(load_tiny):
+    """The processor call asks for no special tokens (prompting.processor_kwargs: the chat format writes its own BOS,
+    none for Qwen). The tiny tokenizers add none either way, so a mutant dropping add_special_tokens=False passed
+    every test (mut48); a real Llama or Gemma tokenizer prepends its BOS by default. Here the tiny Qwen2-VL's
+    tokenizer is given a post-processor that prepends <|endoftext|> as a BOS: the probe's ids must be the prompt's
+    tokens alone. Oracle: the tokenizer called on the rendered text with add_special_tokens=False, and its default
+    call giving one token more (anti-tautology)."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    from probe.prompting import PromptTemplate, build_inputs, render_prompt
+
+    m = load_tiny("qwen2_vl", "sdpa")
+    processor = copy.deepcopy(m.processor)
+    tok = processor.tokenizer
+    bos = tok.convert_tokens_to_ids("<|endoftext|>")
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<|endoftext|> $A", pair="<|endoftext|> $A $B",
+                                                              special_tokens=[("<|endoftext|>", bos)])
+    m = dataclasses.replace(m, processor=processor, tokenizer=tok)
+    item = make_item(with_image=False)
+    text = render_prompt(m, item, PromptTemplate(), None).text
+    want = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok(text)["input_ids"] == [bos] + want
+    assert build_inputs(m, item, PromptTemplate())["input_ids"][0].tolist() == want

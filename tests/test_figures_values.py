@@ -1459,3 +1459,88 @@ def test_steps_saved_at_even_intervals_draw_on_a_linear_axis(tmp_path, drawn):
                 x = ax.transData.transform(np.c_[line.get_xdata(), line.get_ydata()])[:, 0]
                 if scale == "linear":
                     assert np.diff(x).min() * 72 / fig.dpi >= 4
+
+
+def test_steps_draw_each_interval_tick_and_axis_as_written_out(tmp_path, drawn):
+    """figures.steps' numbers beside the scores.csv they come from (mut48): a one-step error bar of an asymmetric
+    interval (its ends swapped passed: the test above has a symmetric one), a line at 100 % banded by the exact
+    interval of its n items (bands drawn from the bootstrap ends passed: none of the steps tests has a 0/100 %
+    line), at most 8 step ticks, every k-th saved step with k = ceil(steps / 8) (floor passed: 20 steps got 10
+    ticks), two checkpoints on the symmetric-log axis (one gap is no evenness: a 2-step rule passed) with 0 about a
+    decade from 10, as 10 from 100 (linthresh 1 passed: 0 to 10 took two), and a model
+    named with other digits than ASCII's no checkpoint (\\d passed). Oracles: the CSV's numbers by hand, 0.025^(1/16)
+    for 16 of 16 (Clopper-Pearson's lower end), ceil division written out."""
+    from matplotlib.collections import PolyCollection
+    from test_figures_page import SCORE_COLUMNS
+
+    from figures.steps import checkpoint_rows
+
+    d = tmp_path / "ft-eval"
+    d.mkdir()
+    rows = [["ft/checkpoint-10", "one", "all", 16, 0.5, 0.375, 0.875, 0.5, 0.375, 0.875, ""],
+            ["ft/checkpoint-10", "full", "all", 16, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, ""],
+            ["ft/checkpoint-1000", "full", "all", 16, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, ""],
+            ["ft/checkpoint-1000", "one", "all", 0, np.nan, np.nan, np.nan, np.nan, np.nan, np.nan, "not applicable"]]
+    pd.DataFrame(rows, columns=SCORE_COLUMNS).to_csv(d / "scores.csv", index=False)
+    assert figures_cli("steps", d) == 0
+    ax = drawn["steps"].axes[0]
+    assert ax.get_xscale() == "symlog"  # steps 10 and 1000: two checkpoints say nothing of an interval
+    x0, x10, x100, x1000 = ax.transData.transform(np.c_[[0, 10, 100, 1000], [50] * 4])[:, 0]
+    assert x100 - x10 == pytest.approx(x1000 - x100)
+    assert 0.8 < (x10 - x0) / (x100 - x10) < 1.25  # 0 beside 10, 100, 1000: about a decade (matplotlib's 1/0.9)
+    [bar] = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    [segment] = bar.lines[2][0].get_segments()
+    assert segment[:, 1].tolist() == pytest.approx([37.5, 87.5])
+    [band] = [c.get_paths()[0].vertices for c in ax.collections if isinstance(c, PolyCollection)
+              and np.ptp(c.get_paths()[0].vertices[:, 0]) > 0]  # the 100 % line's (one step's has no width)
+    ys = band[:, 1]
+    assert (ys.min(), ys.max()) == pytest.approx((100 * 0.025 ** (1 / 16), 100.0))
+
+    steps = [k * k for k in range(20)]  # 0, 1, 4, … 361: uneven
+    rows = [[f"ft/checkpoint-{s}", "t", "all", 4, 0.5, 0.25, 0.75, 0.5, 0.25, 0.75, ""] for s in steps]
+    d2 = tmp_path / "long"
+    d2.mkdir()
+    pd.DataFrame(rows, columns=SCORE_COLUMNS).to_csv(d2 / "scores.csv", index=False)
+    assert figures_cli("steps", d2) == 0
+    k = -(-len(steps) // 8)
+    assert list(drawn["steps"].axes[0].get_xticks()) == steps[::k] and len(steps[::k]) <= 8
+
+    scores = pd.DataFrame([["a/checkpoint-10", "all"], ["b/checkpoint-\u0661\u0660", "all"],
+                           ["c/checkpoint-10x", "all"], ["d/checkpoint-20", "math"]], columns=["model", "subject"])
+    got = checkpoint_rows(scores)
+    assert got["model"].tolist() == ["a/checkpoint-10"] and got["step"].tolist() == [10]
+
+
+def test_merge_head_weights_put_each_slice_in_its_own_cell_and_refuse_what_is_no_head(tmp_path):
+    """figures.merge.head_weights (mut48): each q_proj slice 'rows h·d:(h+1)·d' of layer L is head h of layer L's
+    weight, 0 and 1 included, other tensors and column slices left out; a slice off a head's rows, or a head missing
+    for one model, is a one-line refusal. Mutants reading the head from the slice's end, dropping the multiple-of-width
+    check, refusing a weight of exactly 1, filling a model's cells in reverse order, or counting heads with nunique
+    (a missing middle head then an IndexError traceback) passed the merge figure tests, whose files are analyses.merge's
+    own. Oracle: the grid written out by hand."""
+    from figures.merge import head_weights
+    from probe.errors import BadInput
+
+    d, layers, heads = 4, 2, 3
+    want = {"a": np.array([[0.0, 0.25, 1.0], [0.5, 0.125, 0.75]])}
+    want["b"] = 1 - want["a"]
+    rows = [(f"layers.{l}.self_attn.q_proj.weight", f"rows {h * d}:{(h + 1) * d}", m, float(w[l, h]))
+            for m, w in want.items() for l in range(layers) for h in range(heads)]
+    rows += [("layers.0.self_attn.o_proj.weight", f"columns 0:{d}", "a", 0.3),
+             ("layers.0.mlp.up_proj.weight", "all", "b", 0.6)]
+    table = pd.DataFrame(rows[::-1], columns=["tensor", "slice", "model", "weight"])  # any row order
+    got = head_weights(table)
+    assert list(got) == ["b", "a"]  # the file's order of models
+    for m in want:
+        np.testing.assert_array_equal(got[m], want[m])
+
+    off = table.copy()
+    off.loc[off["slice"] == f"rows {d}:{2 * d}", "slice"] = f"rows {d // 2}:{d // 2 + d}"
+    with pytest.raises(BadInput, match="is not one head's rows"):
+        head_weights(off)
+    gap = table[(table["slice"] != f"rows {d}:{2 * d}") | (table["tensor"] != "layers.0.self_attn.q_proj.weight")
+                | (table["model"] != "b")]  # b's head 1 of layer 0 gone: heads 0 and 2 left there
+    everywhere = table[table["slice"] != f"rows {d}:{2 * d}"]  # head 1 gone from every layer and model
+    for cut, who in ((gap, "b"), (everywhere, "b")):
+        with pytest.raises(BadInput, match=f"no weight of layer 0 head 1 for {who}"):
+            head_weights(cut)

@@ -1144,3 +1144,51 @@ def test_a_head_layout_narrower_than_one_is_refused():
     assert cfg["hidden_size"] // cfg["num_attention_heads"] == 0
     with pytest.raises(BadInput, match="at least 1 wide"):
         HeadGeometry.from_text_config(cfg)
+
+
+def test_a_models_processor_config_json_overrides_the_processor_settings_its_config_implies(tiny_dirs, tmp_path):
+    """load_processors builds the processor with the family's keywords resolved against config.json
+    (probe.lm_config.processor_kwargs) and lets processor_config.json, as a hub checkpoint ships it, override those
+    keywords and only those (mut48: a mutant ignoring the file passed every family and zoo test, whose files hold
+    what the config implies). Oracle: the values written into the file by hand, and the config's for a file without
+    them."""
+    from probe.models import load_processors
+
+    model = shutil.copytree(tiny_dirs["llava_onevision"], tmp_path / "model")
+    path = model / "processor_config.json"
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    config = json.loads((model / "config.json").read_text(encoding="utf-8"))
+    assert saved["vision_feature_select_strategy"] == config["vision_feature_select_strategy"] == "full"
+    _, implied = load_processors(resolve_model(str(model)))
+    assert (implied.num_image_tokens, implied.vision_feature_select_strategy) == (saved["num_image_tokens"], "full")
+    edited = saved | {"num_image_tokens": saved["num_image_tokens"] + 3, "vision_feature_select_strategy": "default",
+                      "not_a_keyword": 1}
+    path.write_text(json.dumps(edited), encoding="utf-8")
+    _, ours = load_processors(resolve_model(str(model)))
+    assert (ours.num_image_tokens, ours.vision_feature_select_strategy) == (edited["num_image_tokens"], "default")
+    assert not hasattr(ours, "not_a_keyword")
+
+
+def test_the_processor_keywords_a_config_implies_are_the_hub_processors():
+    """probe.lm_config.processor_kwargs against the processor_config.json of published checkpoints, written out:
+    llava-hf/llava-1.5-7b-hf (CLIP: patch 14, one CLS token), a LLaVA on SigLIP (no CLS token: 0, which must still
+    be passed, mut48: a mutant keeping only truthy values dropped it, and a processor_config.json could no longer
+    set it), HuggingFaceTB/SmolVLM-256M-Instruct (512 px / 16 px patches, scale factor 4: image_seq_len 64),
+    OpenGVLab/InternVL3-1B-hf (448 / 14, downsample 0.5: image_seq_length 256), google/gemma-3-4b-it (256)."""
+    from probe.families import FAMILIES
+    from probe.lm_config import processor_kwargs
+
+    clip = {"model_type": "clip_vision_model", "patch_size": 14, "image_size": 336}
+    siglip = {"model_type": "siglip_vision_model", "patch_size": 14, "image_size": 384}
+    cases = [
+        ("llava", {"vision_config": clip, "vision_feature_select_strategy": "default"},
+         {"patch_size": 14, "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1}),
+        ("llava", {"vision_config": siglip, "vision_feature_select_strategy": "full"},
+         {"patch_size": 14, "vision_feature_select_strategy": "full", "num_additional_image_tokens": 0}),
+        ("idefics3", {"vision_config": {"patch_size": 16, "image_size": 512}, "scale_factor": 4}, {"image_seq_len": 64}),
+        ("internvl", {"vision_config": {"patch_size": [14, 14], "image_size": [448, 448]}, "downsample_ratio": 0.5},
+         {"image_seq_length": 256}),
+        ("gemma3", {"mm_tokens_per_image": 256}, {"image_seq_length": 256}),
+    ]
+    for family, config, want in cases:
+        assert processor_kwargs(FAMILIES[family], config) == want, family
