@@ -8,6 +8,7 @@ it is, with its key numbers, its directory and the attributes holding its data. 
 only this (``figures/`` draws from saved results alone)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
@@ -408,6 +409,20 @@ class Trajectory:
         return pd.DataFrame(sketch, index=names)
 
 
+def _ends_its_last_line(path: Path) -> bool:
+    """Whether ``path`` is empty or ends with a line end. analyses.finetune appends train_log.csv a whole line a step
+    before run.json says complete (a kill's torn line is a "running" run's, dropped by the resume), so a finished
+    run's log without one was cut or edited."""
+    try:
+        with open(path, "rb") as f:
+            if f.seek(0, os.SEEK_END) == 0:
+                return True
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) == b"\n"
+    except OSError as exc:
+        raise BadInput(f"{path}: not a readable train_log.csv ({exc})") from None
+
+
 @dataclass(repr=False, eq=False)
 class FinetuneRun:
     """One finished analyses.finetune run: ``log`` (train_log.csv: a row per step, its loss and rates), ``info``
@@ -441,6 +456,9 @@ class FinetuneRun:
         log_path = d / "train_log.csv"
         if not log_path.is_file():
             raise BadInput(f"{d}: no train_log.csv (not a finished python -m analyses.finetune output)")
+        if not _ends_its_last_line(log_path):  # a cut inside the last number still parses: 123 tokens as 12
+            raise BadInput(f"{log_path}: its last line is cut short (no line end after it; finetune writes whole "
+                           "lines, so the file was cut or edited)")
         try:
             log = pd.DataFrame(kept_log_rows(log_path, steps), columns=LOG_COLUMNS).astype(
                 {"step": int, "loss": float, "lr": float, "lm_lr": float, "tokens": int})
