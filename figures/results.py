@@ -112,6 +112,7 @@ class EvalRun:
             models = [str(x["name"]) for x in plan["models"]] if relabel else []
         except (KeyError, TypeError):
             raise BadInput(f"{d / 'run.json'}: not a probe.eval run.json (no plan with settings and data)") from None
+        _check_scored(d / "scores.csv", s, plan)
         labels = {m: new for m in models if relabel and (new := relabel(m)) != m}
         if labels:
             s = s.assign(model=s["model"].replace(labels))
@@ -202,6 +203,26 @@ class EvalRun:
         if len(r) != 1:
             raise BadInput(f"{self.dir}/scores.csv: no single row for {model} on {data_spec}")
         return r.iloc[0]
+
+
+def _check_scored(csv: Path, scores: pd.DataFrame, plan: dict[str, Any]) -> None:
+    """scores.csv holds a row for each model × data set × subject ('all' and each of the set's subjects) of run.json's
+    plan and no other (probe.eval's score_table writes each, n/a ones included). ``read_scores`` checks the file
+    against itself, so a one-subject set cut at its last row (its subject's: 'all' is then the only row to total)
+    read back as whole. A plan without models, data names or subjects (an older run.json) is not checked."""
+    try:
+        planned = [(str(m["name"]), str(ds["name"]), subject) for m in plan["models"] for ds in plan["data"]
+                   for subject in ["all", *map(str, ds["subjects"])]]
+    except (KeyError, TypeError):
+        return
+    have = list(zip(scores["model"].astype(str), scores["data"].astype(str), scores["subject"].astype(str)))
+    have_set, planned_set = set(have), set(planned)
+    if lost := [key for key in planned if key not in have_set]:
+        raise BadInput(f"{csv}: no row for model {lost[0][0]} on data set {lost[0][1]}, subject {lost[0][2]} "
+                       f"({len(lost)} of the plan's {len(planned)} rows missing: a cut file?)")
+    if extra := [key for key in have if key not in planned_set]:
+        raise BadInput(f"{csv}: a row for model {extra[0][0]} on data set {extra[0][1]}, subject {extra[0][2]}, which "
+                       "run.json's plan did not score (rows of another run?)")
 
 
 def _check_swept(csv: Path, heads: pd.DataFrame, info: dict[str, Any]) -> None:

@@ -309,3 +309,31 @@ def test_a_finished_finetune_log_whose_last_number_was_cut_is_refused(tmp_path, 
     log.write_bytes(text[:text.rindex(b"\r\n2,") + 2] + last.encode("utf-8"))
     with pytest.raises(BadInput, match=f"^{log}: its last line is cut short"):
         FinetuneRun.read(tmp_path / "ft")
+
+
+@pytest.mark.parametrize("damage", ["lost", "extra"])
+def test_an_eval_whose_scores_csv_lost_or_gained_a_row_of_the_plan_is_refused(tmp_path, damage):
+    """``EvalRun.read`` checked scores.csv against itself: a one-subject set's file cut at its last line (its only
+    subject row; the 'all' row's total has no subject rows left to disagree with) read back as whole, as did the
+    rows of a model the run never scored (fuzz48b). The rows are run.json's plan: each model × data set × ('all' and
+    each subject). The oracle: the file less its last line, or with another model's two rows, written here."""
+    from figures.results import EvalRun
+    from probe.errors import BadInput
+    from probe.eval import evaluate
+
+    out = tmp_path / "eval"
+    evaluate(models=["organism-base"], data=[str(REPO / "probe/zoo/data/text")], limit=2, no_figures=True,
+             quiet=True, out=out)
+    csv = out / "scores.csv"
+    lines = csv.read_text(encoding="utf-8").splitlines(keepends=True)
+    assert [ln.split(",")[2] for ln in lines[1:]] == ["all", "Instruction"]  # one subject
+    EvalRun.read(out)
+    if damage == "lost":
+        csv.write_text("".join(lines[:-1]), encoding="utf-8")
+        message = f"^{csv}: no row for model organism-base on data set text, subject Instruction "
+    else:
+        csv.write_text("".join(lines + [ln.replace("organism-base", "organism-vl", 1) for ln in lines[1:]]),
+                       encoding="utf-8")
+        message = f"^{csv}: a row for model organism-vl on data set text, subject all, which run.json's plan "
+    with pytest.raises(BadInput, match=message):
+        EvalRun.read(out)
