@@ -194,7 +194,7 @@ def load_template(args: argparse.Namespace) -> PromptTemplate:
             fields = json.loads(args.template.read_text(encoding="utf-8"))
             if not isinstance(fields, dict):
                 raise TypeError(f"want a JSON object of PromptTemplate fields, got {type(fields).__name__}")
-            template = PromptTemplate(**fields)
+            template = PromptTemplate.from_dict(fields)
             template.check()
         except (OSError, json.JSONDecodeError, TypeError, ValueError) as exc:
             raise BadInput(f"--template {args.template}: {exc}") from None
