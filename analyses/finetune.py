@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from probe.errors import (ArgParser, BadInput, RunStopped, check_counts, check_out_apart, check_out_path, cli_main,
-                          make_out_dir, out_dir, parse_options, releases_claims)
+                          make_out_dir, out_dir, parse_options, releases_claims, says_out_of_memory)
 from probe.devices import outside_inference_mode
 
 if TYPE_CHECKING:  # annotations only: the command imports torch and the model code when it runs
@@ -1002,6 +1002,15 @@ def config(a: argparse.Namespace) -> FinetuneConfig:
                           gradient_checkpointing=a.gradient_checkpointing, fsdp=a.fsdp)
 
 
+# probe.errors.cli_main's out-of-memory advice, and finetune()'s: --batch-size and --dtype are the run's identity
+# (the rerun would be refused as another run), these two are not
+MEMORY_HINT = (
+    "run each step in micro-batches (--micro-batch N, e.g. half the rows so far) or with --gradient-checkpointing, "
+    "then rerun the command with them: it goes on from its last checkpoint (a smaller --batch-size or another "
+    "--dtype is another run)")
+
+
+@says_out_of_memory(MEMORY_HINT)
 def finetune(**options: Any) -> Any:
     """The fine-tuning run from Python, e.g. ``finetune(model="organism-vl", data=["text=probe/zoo/data/text"],
     split="validation", steps=20, save_steps=[0, 10], out="runs/ft")``: the options of ``python -m
@@ -1010,7 +1019,7 @@ def finetune(**options: Any) -> Any:
     read back, a ``figures.results.FinetuneRun`` (``.log``, ``.info``, ``.checkpoints``); under ``torchrun`` that is
     rank 0's answer, once it has written the last checkpoint and run.json, and every other rank returns None (its
     share of the training done; rank 0 writes the files). A refused value raises ``probe.errors.BadInput``, an
-    unknown keyword ``TypeError``."""
+    unknown keyword ``TypeError``, memory running out ``probe.errors.OutOfMemory`` with the command line's line."""
     from figures.results import FinetuneRun
     from probe.train import is_main_process
 
@@ -1023,12 +1032,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-# probe.errors.cli_main's out-of-memory advice: --batch-size and --dtype are the run's identity (the rerun would be
-# refused as another run), these two are not
-main.memory_hint = (  # type: ignore[attr-defined]
-    "run each step in micro-batches (--micro-batch N, e.g. half the rows so far) or with --gradient-checkpointing, "
-    "then rerun the command with them: it goes on from its last checkpoint (a smaller --batch-size or another "
-    "--dtype is another run)")
+main.memory_hint = MEMORY_HINT  # type: ignore[attr-defined]  # read by cli_main
 
 
 if __name__ == "__main__":

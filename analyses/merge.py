@@ -42,7 +42,7 @@ from analyses.shift_csv import read_shift_csv
 from analyses.writer import (SHARD_BYTES, Entry, ShardedWriter, atomic_dir, check_output, check_replaceable,
                              copy_side_files, parse_size, returns_finished, run_request)
 from probe.errors import (TENSOR_MEMORY_HINT, ArgParser, BadInput, check_counts, cli_main, in_path, out_dir,
-                          parse_options)
+                          parse_options, says_out_of_memory)
 from probe.families import CAUSAL_LM, LAYOUTS, causal_lm_type, check_lm_fits_class
 from probe.families import lm_disk_key as layout_key
 from probe.lm_config import class_text_values, untie_word_embeddings
@@ -850,6 +850,7 @@ def config(a: argparse.Namespace) -> MergeConfig:
     )
 
 
+@says_out_of_memory(TENSOR_MEMORY_HINT)
 def merge(**options: Any) -> Any:
     """The merge from Python, e.g. ``merge(base="organism-base", models=["organism-vl", "organism-video"],
     method="shift", carriers=["organism-vl"], out="runs/merged")``: the options of ``python -m analyses.merge

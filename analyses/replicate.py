@@ -41,7 +41,7 @@ from analyses.replicate_config import (DEFAULT_CONFIG, GENERATED, QUICK_CONFIG, 
                                        parse_config)
 from probe.devices import Placement
 from probe.errors import (ArgParser, BadInput, check_out_apart, check_out_path, cli_main, in_path, out_dir,
-                          out_inside, parse_options, releases_claims)
+                          out_inside, parse_options, releases_claims, says_out_of_memory)
 from probe.heads import SOFTWARE, software_differences, versions
 from probe.results import (Moved, content_fingerprint, file_sha256, has_contents, json_digest, json_object,
                            lock_out_dir, moved_inputs)
@@ -765,6 +765,7 @@ def run(args: argparse.Namespace) -> Path:
     return out
 
 
+@says_out_of_memory()
 def replicate(**options: Any) -> Any:
     """The whole pipeline from Python, e.g. ``replicate(quick=True, out="runs/replicate")``: the options of
     ``python -m analyses.replicate --help`` as keywords. Resumes as the command does (finished stages with the same

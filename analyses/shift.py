@@ -27,7 +27,7 @@ from analyses.checkpoints import (Checkpoint, add_output_args, check_inputs_and_
 from analyses.formulas import ShiftStats
 from analyses.shift_csv import COLUMNS, COMMAND
 from analyses.writer import atomic_dir, check_output, check_replaceable, returns_finished, run_request
-from probe.errors import TENSOR_MEMORY_HINT, ArgParser, BadInput, cli_main, out_dir, parse_options
+from probe.errors import TENSOR_MEMORY_HINT, ArgParser, BadInput, cli_main, out_dir, parse_options, says_out_of_memory
 from probe.results import results_line
 
 CHUNK = 1 << 22  # elements per streamed chunk: 16 MB of fp32 temporaries
@@ -206,6 +206,7 @@ def config(a: argparse.Namespace) -> ShiftConfig:
     return ShiftConfig(a.base, a.models, a.out, a.overwrite, a.allow_bin, not a.no_figures)
 
 
+@says_out_of_memory(TENSOR_MEMORY_HINT)
 def shift(**options: Any) -> Any:
     """The shift analysis from Python, e.g. ``shift(base="organism-base", models=["organism-vl", "organism-video"],
     out="runs/shift")``: the options of ``python -m analyses.shift --help`` as keywords (a list for several values,

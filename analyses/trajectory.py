@@ -30,7 +30,8 @@ from analyses.checkpoints import (Checkpoint, add_output_args, check_inputs_and_
 from analyses.finetune import checkpoint_dirs
 from analyses.sketch import SKETCH_CHUNK, SKETCH_DIMS, CountSketch
 from analyses.writer import atomic_dir, check_output, check_replaceable, returns_finished, run_request
-from probe.errors import TENSOR_MEMORY_HINT, ArgParser, BadInput, cli_main, in_path, out_dir, parse_options
+from probe.errors import (TENSOR_MEMORY_HINT, ArgParser, BadInput, cli_main, in_path, out_dir, parse_options,
+                          says_out_of_memory)
 from probe.results import distinct_names, json_text, results_line
 
 COMMAND = "analyses.trajectory"  # what its output manifests name
@@ -263,6 +264,7 @@ def config(a: argparse.Namespace) -> TrajectoryConfig:
                             a.perplexity, a.overwrite, a.allow_bin, not a.no_figures)
 
 
+@says_out_of_memory(TENSOR_MEMORY_HINT)
 def trajectory(**options: Any) -> Any:
     """The weight-space map from Python, e.g. ``trajectory(base="organism-base", experts=["organism-vl",
     "organism-video"], merged=["runs/merged"], out="runs/trajectory")``: the options of ``python -m

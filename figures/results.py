@@ -8,6 +8,7 @@ it is, with its key numbers, its directory and the attributes holding its data. 
 only this (``figures/`` draws from saved results alone)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
@@ -111,6 +112,7 @@ class EvalRun:
             models = [str(x["name"]) for x in plan["models"]] if relabel else []
         except (KeyError, TypeError):
             raise BadInput(f"{d / 'run.json'}: not a probe.eval run.json (no plan with settings and data)") from None
+        _check_scored(d / "scores.csv", s, plan)
         labels = {m: new for m in models if relabel and (new := relabel(m)) != m}
         if labels:
             s = s.assign(model=s["model"].replace(labels))
@@ -201,6 +203,26 @@ class EvalRun:
         if len(r) != 1:
             raise BadInput(f"{self.dir}/scores.csv: no single row for {model} on {data_spec}")
         return r.iloc[0]
+
+
+def _check_scored(csv: Path, scores: pd.DataFrame, plan: dict[str, Any]) -> None:
+    """scores.csv holds a row for each model × data set × subject ('all' and each of the set's subjects) of run.json's
+    plan and no other (probe.eval's score_table writes each, n/a ones included). ``read_scores`` checks the file
+    against itself, so a one-subject set cut at its last row (its subject's: 'all' is then the only row to total)
+    read back as whole. A plan without models, data names or subjects (an older run.json) is not checked."""
+    try:
+        planned = [(str(m["name"]), str(ds["name"]), subject) for m in plan["models"] for ds in plan["data"]
+                   for subject in ["all", *map(str, ds["subjects"])]]
+    except (KeyError, TypeError):
+        return
+    have = list(zip(scores["model"].astype(str), scores["data"].astype(str), scores["subject"].astype(str)))
+    have_set, planned_set = set(have), set(planned)
+    if lost := [key for key in planned if key not in have_set]:
+        raise BadInput(f"{csv}: no row for model {lost[0][0]} on data set {lost[0][1]}, subject {lost[0][2]} "
+                       f"({len(lost)} of the plan's {len(planned)} rows missing: a cut file?)")
+    if extra := [key for key in have if key not in planned_set]:
+        raise BadInput(f"{csv}: a row for model {extra[0][0]} on data set {extra[0][1]}, subject {extra[0][2]}, which "
+                       "run.json's plan did not score (rows of another run?)")
 
 
 def _check_swept(csv: Path, heads: pd.DataFrame, info: dict[str, Any]) -> None:
@@ -408,6 +430,20 @@ class Trajectory:
         return pd.DataFrame(sketch, index=names)
 
 
+def _ends_its_last_line(path: Path) -> bool:
+    """Whether ``path`` is empty or ends with a line end. analyses.finetune appends train_log.csv a whole line a step
+    before run.json says complete (a kill's torn line is a "running" run's, dropped by the resume), so a finished
+    run's log without one was cut or edited."""
+    try:
+        with open(path, "rb") as f:
+            if f.seek(0, os.SEEK_END) == 0:
+                return True
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) == b"\n"
+    except OSError as exc:
+        raise BadInput(f"{path}: not a readable train_log.csv ({exc})") from None
+
+
 @dataclass(repr=False, eq=False)
 class FinetuneRun:
     """One finished analyses.finetune run: ``log`` (train_log.csv: a row per step, its loss and rates), ``info``
@@ -441,6 +477,9 @@ class FinetuneRun:
         log_path = d / "train_log.csv"
         if not log_path.is_file():
             raise BadInput(f"{d}: no train_log.csv (not a finished python -m analyses.finetune output)")
+        if not _ends_its_last_line(log_path):  # a cut inside the last number still parses: 123 tokens as 12
+            raise BadInput(f"{log_path}: its last line is cut short (no line end after it; finetune writes whole "
+                           "lines, so the file was cut or edited)")
         try:
             log = pd.DataFrame(kept_log_rows(log_path, steps), columns=LOG_COLUMNS).astype(
                 {"step": int, "loss": float, "lr": float, "lm_lr": float, "tokens": int})

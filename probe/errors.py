@@ -29,6 +29,13 @@ class RunStopped(RuntimeError):
     oracle, a transformers internal that changed): exit 1 with one line saying what and why, no traceback."""
 
 
+class OutOfMemory(MemoryError, RuntimeError):
+    """Memory ran out in a command run from Python (``analyses.finetune.finetune``, ``probe.eval.evaluate`` …): the
+    one line the command line prints and exits 1 with (``memory_line``), raised from torch's own error. Not
+    BadInput: the same call runs on a machine with room. A MemoryError, as Python's own; a RuntimeError still, as
+    torch's allocator errors were, so a notebook catching those keeps catching it."""
+
+
 # A full disk or quota: not the user's input, and nothing the traceback would help with.
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 # Writes that stop for the same kind of reason: the file system went read-only mid-run (a remount, ext4's
@@ -65,6 +72,43 @@ def out_of_memory(exc: BaseException) -> str | None:
         size = re.search(r"allocate (\d+) bytes", text)
         return "RAM" + (f" (tried to allocate {int(size.group(1)) / 2**30:.2f} GiB)" if size else "")
     return None
+
+
+# cli_main's out-of-memory advice for a command that sets no main.memory_hint of its own (--batch-size is outside
+# the runs' identity, --dtype not)
+BATCH_MEMORY_HINT = (
+    "lower the batch size (--batch-size; replicate: eval.batch_size or heads.batch_size, for fine-tuning "
+    "finetune.micro_batch or finetune.gradient_checkpointing) or spread the model over more GPUs (--device auto), "
+    "then rerun (a resumable run goes on from what it had saved)")
+
+
+def memory_line(exc: BaseException, hint: str | None = None) -> str | None:
+    """The one line for memory running out (``out_of_memory``) with ``hint``'s advice (None: ``BATCH_MEMORY_HINT``),
+    else None: what ``cli_main`` prints (after ``error: ``) and ``says_out_of_memory`` raises."""
+    if isinstance(exc, OutOfMemory):
+        return str(exc)
+    if (where := out_of_memory(exc)) is None:
+        return None
+    return f"out of memory in {where}; {hint or BATCH_MEMORY_HINT}"
+
+
+def says_out_of_memory(hint: str | None = None) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """A command's Python entry point (``finetune(**options)`` …) that raises OutOfMemory with the command line's
+    line where memory runs out (``hint``: the command's ``main.memory_hint``), not torch's allocator error; what the
+    run wrote is left as the command leaves it."""
+    def decorate(run: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(run)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return run(*args, **kwargs)
+            except (MemoryError, RuntimeError) as exc:
+                if isinstance(exc, OutOfMemory) or (line := memory_line(exc, hint)) is None:
+                    raise
+                raise OutOfMemory(line) from exc
+
+        return wrapper
+
+    return decorate
 
 
 # how far down an exception's chain its causes are looked for
@@ -595,14 +639,11 @@ def cli_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
         if (line := start_refused_line(exc)) is not None:
             print_error(line)
             return 1
-        if (where := out_of_memory(exc)) is None:
+        # a command whose own advice differs sets main.memory_hint (fine-tuning: a smaller batch is another run);
+        # an OutOfMemory (a command's Python entry point run inside this one) already says its line
+        if (line := memory_line(exc, getattr(main, "memory_hint", None))) is None:
             return say_write_stopped(exc)  # torch's own write errors are RuntimeErrors
-        # a command whose own advice differs sets main.memory_hint (fine-tuning: a smaller batch is another run)
-        hint = getattr(main, "memory_hint", None) or (  # --batch-size is outside the runs' identity, --dtype not
-            "lower the batch size (--batch-size; replicate: eval.batch_size or heads.batch_size, for fine-tuning "
-            "finetune.micro_batch or finetune.gradient_checkpointing) or spread the model over more GPUs "
-            "(--device auto), then rerun (a resumable run goes on from what it had saved)")
-        print_error(f"out of memory in {where}; {hint}")
+        print_error(line)
         return 1
     except Exception as exc:  # OSError, or a write error of another type (safetensors') no caller named a file for
         if (line := start_refused_line(exc)) is not None:  # a process pool's fork refused (EAGAIN)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from probe.errors import (ArgParser, BadInput, check_counts, cli_main, counted, parse_options, releases_claims,
-                          undone_on_bad_input)
+                          says_out_of_memory, undone_on_bad_input)
 from probe.families import ALIASES
 from probe.heads import (_Help, _progress, add_placement_args, add_prompt_args, add_run_args,
                          check_out_apart_from_inputs, load_template, run_versions, saved_run_info)
@@ -673,6 +673,7 @@ def _terminal_text(line: str) -> str:
     return (_MD_ESCAPED_IN_ROW if line.startswith("|") else _MD_ESCAPED).sub(r"\1", line)
 
 
+@says_out_of_memory()
 def evaluate(**options: Any) -> Any:
     """The evaluation from Python, e.g. ``evaluate(models=["organism-base", "organism-vl"], data=["probe/zoo/data/
     text"], limit=16, reference="organism-base", out="runs/eval")``: the options of ``python -m probe.eval --help``

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from probe.errors import (ArgParser, BadInput, ascii_int, check_counts, check_out_apart, cli_main, in_path, out_dir,
-                          parse_options, releases_claims, undone_on_bad_input)
+                          parse_options, releases_claims, says_out_of_memory, undone_on_bad_input)
 from probe.devices import outside_inference_mode
 from probe.families import ALIASES
 
@@ -194,7 +194,7 @@ def load_template(args: argparse.Namespace) -> PromptTemplate:
             fields = json.loads(args.template.read_text(encoding="utf-8"))
             if not isinstance(fields, dict):
                 raise TypeError(f"want a JSON object of PromptTemplate fields, got {type(fields).__name__}")
-            template = PromptTemplate(**fields)
+            template = PromptTemplate.from_dict(fields)
             template.check()
         except (OSError, json.JSONDecodeError, TypeError, ValueError) as exc:
             raise BadInput(f"--template {args.template}: {exc}") from None
@@ -559,6 +559,7 @@ def chunk_parts(out: Path, info: dict) -> list[Path]:
     return [part_path(out, c) for c in range(-(-int(plan["n_items"]) // int(plan["settings"]["chunk_size"])))]
 
 
+@says_out_of_memory()
 def sweep(**options: Any) -> Any:
     """The head sweep from Python, e.g. ``sweep(model="organism-vl", limit=16, layers="0-1", out="runs/h")``: the
     options of ``python -m probe.heads --help`` as keywords (``batch_size=8`` for ``--batch-size 8``, True for a

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import string
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields as dataclass_fields
 from itertools import accumulate
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
@@ -64,6 +64,17 @@ class PromptTemplate:
 
     def to_dict(self) -> dict[str, str]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, given: dict[str, Any]) -> "PromptTemplate":
+        """The template of a JSON object's fields (a --template file), the rest defaults. A key that is no field is
+        a ValueError naming it and the fields (the dataclass said "__init__() got an unexpected keyword
+        argument")."""
+        known = [f.name for f in dataclass_fields(cls)]
+        if unknown := [k for k in given if k not in known]:
+            raise ValueError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} (the "
+                             f"fields of a template: {', '.join(sorted(known))})")
+        return cls(**given)
 
     def check(self) -> None:
         """Raise ValueError naming the field that cannot render: every field a string, and ``user`` / ``choice``

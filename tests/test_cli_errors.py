@@ -2308,3 +2308,26 @@ def test_a_refusal_of_the_video_inputs_is_not_reworded_as_the_processors(monkeyp
     with pytest.raises(BadInput) as caught:
         encode_prompt(loaded, argparse.Namespace(id="x"), Prompt("t", [], [object()]))
     assert caught.value is said
+
+
+def test_an_unknown_key_in_a_template_file_is_named_with_the_known_fields(tmp_path, capfd) -> None:
+    """A --template JSON file with a misspelt key ("sytem") said Python's dataclass wording, "--template t.json:
+    PromptTemplate.__init__() got an unexpected keyword argument 'sytem'" (fuzz48b). Now one line naming the file, the
+    key and the fields a template has (the oracle: dataclasses.fields of PromptTemplate), exit 2 from the command
+    line, BadInput with the same line from Python; nothing written."""
+    from dataclasses import fields
+
+    from probe import heads
+    from probe.prompting import PromptTemplate
+
+    t = tmp_path / "t.json"
+    t.write_text('{"sytem": "Answer."}', encoding="utf-8")
+    known = ", ".join(sorted(f.name for f in fields(PromptTemplate)))
+    want = f"--template {t}: unknown key 'sytem' (the fields of a template: {known})"
+    out = tmp_path / "out"
+    assert cli_main(heads.main, ["--model", "organism-base", "--template", str(t), "--quiet", "--out", str(out)]) == 2
+    err = capfd.readouterr().err
+    assert err == f"error: {want}\n", err
+    with pytest.raises(BadInput) as raised:
+        heads.sweep(model="organism-base", template=t, quiet=True, out=out)
+    assert str(raised.value) == want and not out.exists()

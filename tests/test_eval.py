@@ -3020,3 +3020,28 @@ def test_a_resume_that_changes_one_field_of_the_runs_identity_is_refused(family,
     old, new = (pd.read_parquet(part_file(d, 0, 0)) for d in (out, fresh))
     moved = (old["p_answer"] - new["p_answer"]).abs().max() > 1e-6 or (old["response"] != new["response"]).any()
     assert moved == (field != "attn_implementation"), (field, old[["p_answer", "response"]], new[["p_answer", "response"]])
+
+
+def test_an_item_too_large_for_memory_from_python_raises_the_command_lines_line(tmp_path: Path, capfd,
+                                                                                monkeypatch) -> None:
+    """``evaluate`` where one item does not fit (the batch back-off can halve no further) raised torch's
+    OutOfMemoryError, where the command line prints one line and exits 1. Now probe.errors.OutOfMemory with that
+    line (fuzz48b); the oracle: the CLI's stderr line, the same torch error raised in the same place, and the same
+    --out left behind."""
+    import probe.eval as ev
+    from probe.errors import OutOfMemory, cli_main
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity")
+
+    monkeypatch.setattr(ev, "evaluate_pair", oom)
+    data = str(REPO / "probe/zoo/data/text")
+    cli_out, py_out = tmp_path / "cli", tmp_path / "py"
+    assert cli_main(ev.main, ["--models", "organism-base", "--data", data, "--limit", "2", "--no-figures", "--quiet",
+                              "--out", str(cli_out)]) == 1
+    line = capfd.readouterr().err.strip().splitlines()[-1]
+    with pytest.raises(OutOfMemory) as raised:
+        ev.evaluate(models=["organism-base"], data=[data], limit=2, no_figures=True, quiet=True, out=py_out)
+    assert line == f"error: {raised.value}" and line.startswith("error: out of memory in GPU 0 (tried to allocate")
+    assert isinstance(raised.value.__cause__, torch.OutOfMemoryError)
+    assert sorted(p.name for p in py_out.iterdir()) == sorted(p.name for p in cli_out.iterdir())

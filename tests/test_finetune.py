@@ -3377,3 +3377,28 @@ def test_finetune_keeps_the_generators_of_the_gpus_its_placement_names(monkeypat
                  device="cuda", quiet=True, out=tmp_path / "out")
     assert forks == [[1, 2]]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_batch_too_large_for_memory_from_python_raises_the_command_lines_line(tmp_path: Path, capfd) -> None:
+    """``finetune(batch_size=10**15)`` raised torch's allocator error (a RuntimeError: "[enforce fail at
+    alloc_cpu.cpp:127] … DefaultCPUAllocator: can't allocate memory …"), where the command line says in one line what
+    to change and exits 1. Now an OutOfMemory (a MemoryError, and a RuntimeError as torch's was) with the command
+    line's own line, and the --out left as the command leaves it. Oracle: the CLI's stderr line and --out."""
+    from analyses.finetune import finetune, main
+    from probe.errors import OutOfMemory
+
+    huge = str(10**15)
+    cli_out, py_out = tmp_path / "cli", tmp_path / "py"
+    args = _organism_args(cli_out)
+    args[args.index("--batch-size") + 1] = huge
+    assert cli_main(main, args) == 1
+    line = capfd.readouterr().err.strip().splitlines()[-1]
+    with pytest.raises(OutOfMemory) as raised:
+        finetune(model="organism-base", data=[f"text={ZOO_TEXT}"], split="validation", steps=2, batch_size=int(huge),
+                 device="cpu", quiet=True, out=py_out)
+    assert isinstance(raised.value, MemoryError) and isinstance(raised.value, RuntimeError)
+    assert line == f"error: {raised.value}" and "\n" not in str(raised.value), (line, str(raised.value))
+    assert sorted(p.name for p in py_out.iterdir()) == sorted(p.name for p in cli_out.iterdir())
+    assert _log(py_out) == _log(cli_out)
+    status = [json.loads((d / "run.json").read_text(encoding="utf-8"))["status"] for d in (cli_out, py_out)]
+    assert status[0] == status[1]

@@ -279,3 +279,61 @@ def test_an_eval_runs_paired_interval_refuses_a_level_that_is_no_fraction(tmp_pa
             run.paired("organism-vl", "organism-base", data, level=level)
     got = run.paired("organism-vl", "organism-base", data, level=0.9)
     assert got.lo <= got.value <= got.hi
+
+
+def _finished_finetune_log(d):
+    """A finished analyses.finetune output written out by hand (run.json complete, 2 steps, checkpoints 0 and 2),
+    its train_log.csv as finetune appends it: one ``\\r\\n``-ended csv row a step."""
+    d.mkdir()
+    (d / "run.json").write_text(json.dumps({"command": "analyses.finetune", "status": "complete",
+                                            "config": {"steps": 2, "save_steps": [0]}}), encoding="utf-8")
+    rows = ["step,modality,loss,lr,lm_lr,tokens", "1,text=2,2.5,0.0001,0.0001,120", "2,text=2,2.25,0.0001,0.0001,123"]
+    (d / "train_log.csv").write_bytes("".join(r + "\r\n" for r in rows).encode("utf-8"))
+    for s in (0, 2):
+        (d / f"checkpoint-{s}").mkdir()
+    return d / "train_log.csv"
+
+
+@pytest.mark.parametrize("last", ["2,text=2,2.25,0.0001,0.0001,12", "2,text=2,2."], ids=["tokens", "loss"])
+def test_a_finished_finetune_log_whose_last_number_was_cut_is_refused(tmp_path, last):
+    """A finished run's train_log.csv cut inside its last number (123 tokens read back as 12, a loss 2.25 as 2.)
+    read back as a whole log of a wrong number (fuzz48b), cut inside the loss as "1 readable rows". finetune appends a whole line a step before run.json says
+    complete, and a kill's torn line is a "running" run's, which the resume drops: a finished log's last line ends
+    with its line end. The oracle: the file whole reads; cut by hand, it is BadInput naming it."""
+    from figures.results import FinetuneRun
+    from probe.errors import BadInput
+
+    log = _finished_finetune_log(tmp_path / "ft")
+    assert FinetuneRun.read(tmp_path / "ft").log["tokens"].tolist() == [120, 123]
+    text = log.read_bytes()
+    log.write_bytes(text[:text.rindex(b"\r\n2,") + 2] + last.encode("utf-8"))
+    with pytest.raises(BadInput, match=f"^{log}: its last line is cut short"):
+        FinetuneRun.read(tmp_path / "ft")
+
+
+@pytest.mark.parametrize("damage", ["lost", "extra"])
+def test_an_eval_whose_scores_csv_lost_or_gained_a_row_of_the_plan_is_refused(tmp_path, damage):
+    """``EvalRun.read`` checked scores.csv against itself: a one-subject set's file cut at its last line (its only
+    subject row; the 'all' row's total has no subject rows left to disagree with) read back as whole, as did the
+    rows of a model the run never scored (fuzz48b). The rows are run.json's plan: each model × data set × ('all' and
+    each subject). The oracle: the file less its last line, or with another model's two rows, written here."""
+    from figures.results import EvalRun
+    from probe.errors import BadInput
+    from probe.eval import evaluate
+
+    out = tmp_path / "eval"
+    evaluate(models=["organism-base"], data=[str(REPO / "probe/zoo/data/text")], limit=2, no_figures=True,
+             quiet=True, out=out)
+    csv = out / "scores.csv"
+    lines = csv.read_text(encoding="utf-8").splitlines(keepends=True)
+    assert [ln.split(",")[2] for ln in lines[1:]] == ["all", "Instruction"]  # one subject
+    EvalRun.read(out)
+    if damage == "lost":
+        csv.write_text("".join(lines[:-1]), encoding="utf-8")
+        message = f"^{csv}: no row for model organism-base on data set text, subject Instruction "
+    else:
+        csv.write_text("".join(lines + [ln.replace("organism-base", "organism-vl", 1) for ln in lines[1:]]),
+                       encoding="utf-8")
+        message = f"^{csv}: a row for model organism-vl on data set text, subject all, which run.json's plan "
+    with pytest.raises(BadInput, match=message):
+        EvalRun.read(out)
