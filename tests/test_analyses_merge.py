@@ -1429,3 +1429,38 @@ def test_the_order_of_the_models_changes_no_merged_bit(zoo, tmp_path, method, ex
     # anti-tautology: the merge did combine the three (not the base alone)
     key = "layers.0.mlp.up_proj.weight"
     assert not torch.equal(got[0][key], canonical(zoo["base"])[key])
+
+
+@pytest.mark.parametrize("method", ["average", "weighted", "shift", "task_arithmetic", "ties", "salience"])
+def test_threads_change_no_bit_of_any_method_on_tensors_torch_splits(method, tmp_path):
+    """--threads 1 and 2 write byte-identical outputs, every method (README: "`--threads` changes no bit"; only the
+    default method was run with 2 threads, on the zoo's tensors of at most 4,096 elements, which torch's kernels
+    never split: its grain is 32,768). Here every LM matrix has 65,536 elements, so the elementwise combine, TIES'
+    counts and sign election and salience's head slices run on two threads. Oracle: the one-thread merge's files
+    (merge.json aside: it holds timings)."""
+    import hashlib
+
+    from test_analyses_salience import write_run
+
+    size = {"hidden_size": 256, "intermediate_size": 256}  # 4 heads of 64, 2 KV heads, as analyses.tiny.TEXT
+    base = tiny.base_lm(0, **size)
+    assert max(t.numel() for t in base.values()) > 32768
+    models = [tiny.write_model("qwen2", tmp_path / name, lm, **size)
+              for name, lm in (("base", base), ("a", tiny.perturb(base, 0.01, 1)), ("b", tiny.perturb(base, 0.003, 2)))]
+    g = torch.Generator().manual_seed(7)
+    tables = [torch.rand(2, 4, generator=g) * 3 for _ in range(2)]  # per-head KL, 2 layers × 4 heads
+    extra = {"weighted": ["--weights", 3, 1], "ties": ["--density", 0.5],
+             "salience": ["--salience", *(write_run(tmp_path / f"s{i}", t) for i, t in enumerate(tables))]}
+    with_base = [] if method in ("average", "weighted") else ["--base", models[0]]
+    experts = models[1:] if with_base else models[:2]
+
+    def digests(out: Path) -> dict[str, str]:
+        return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(out.rglob("*")) if p.is_file() and p.name != "merge.json"}
+
+    outs = [tmp_path / f"t{n}" for n in (1, 2)]
+    for n, out in zip((1, 2), outs):
+        assert run(merge.main, *with_base, "--models", *experts, "--method", method, *extra.get(method, []),
+                   "--threads", n, "--quiet", "--out", out) == 0
+    one, two = digests(outs[0]), digests(outs[1])
+    assert "model.safetensors" in one and "merge_weights.csv" in one and two == one

@@ -3045,3 +3045,52 @@ def test_an_item_too_large_for_memory_from_python_raises_the_command_lines_line(
     assert line == f"error: {raised.value}" and line.startswith("error: out of memory in GPU 0 (tried to allocate")
     assert isinstance(raised.value.__cause__, torch.OutOfMemoryError)
     assert sorted(p.name for p in py_out.iterdir()) == sorted(p.name for p in cli_out.iterdir())
+
+
+_SCORED = ["p_answer", "prob_correct", "prob_pred"]  # what the scoring forward gives, generated or not
+
+
+def _scored(out: Path) -> pd.DataFrame:
+    """items.parquet's scoring-forward columns keyed by (model, data, item_id), in that order."""
+    return pd.read_parquet(out / "items.parquet").set_index(["model", "data", "item_id"]).sort_index()[_SCORED]
+
+
+def test_no_generate_scores_with_the_generate_runs_bits(eval_run, tmp_path):
+    """--no-generate runs one step of the same greedy generate (README, probe.eval): the option probabilities are
+    those of the generating run bit for bit, item by item, and so prob_accuracy and p_answer in scores.csv, for a
+    text model and a VL model on text and image items. Oracle: eval_run (generate, 3 new tokens)."""
+    out, args = eval_run
+    mine = tmp_path / "nogen"
+    assert _eval(*args[:-1], mine, "--no-generate", "--no-figures") == 0
+    want, got = _scored(out), _scored(mine)
+    assert len(want) > 10 and got.index.equals(want.index)
+    pd.testing.assert_frame_equal(got, want, check_exact=True)
+    cols = ["model", "data", "subject", "n_items", "prob_accuracy", "prob_accuracy_lo", "prob_accuracy_hi", "p_answer"]
+    a, b = (pd.read_csv(d / "scores.csv")[cols] for d in (out, mine))
+    pd.testing.assert_frame_equal(a, b, check_exact=True)
+    assert pd.read_csv(mine / "scores.csv")["accuracy"].isna().all()  # nothing generated: no accuracy
+
+
+@pytest.mark.parametrize("batch, tol", [(1, 0.0), (4, 1e-6)])
+def test_a_shorter_limit_or_fewer_subjects_give_those_items_the_numbers_of_the_larger_run(batch, tol, text_dir,
+                                                                                          tmp_path):
+    """--limit N and --subjects pick items; each item's numbers are those it gets in a run of more items: to the
+    bit at --batch-size 1 (the one-item path), and at a larger batch to README's batch-size tolerance (1e-6: items
+    share batches with other neighbours, so other padding and fp32 kernels; measured on organism-base and -vl,
+    batch 4, --limit 5 against 8: 5.4e-7), the same predictions. Oracle: the larger run's rows of the same items."""
+    subjects = sorted(p.name for p in text_dir.iterdir() if p.is_dir())
+    base = ["--models", "tiny-qwen2", "--data", text_dir, "--batch-size", batch, "--no-generate", "--no-figures",
+            "--quiet"]
+    assert _eval(*base, "--out", tmp_path / "all") == 0
+    assert _eval(*base, "--limit", 3, "--out", tmp_path / "limit") == 0
+    assert _eval(*base, "--subjects", subjects[-1], "--out", tmp_path / "sub") == 0
+    full = pd.read_parquet(tmp_path / "all" / "items.parquet")
+    assert len(full) > 6 and full["subject"].nunique() > 1
+    whole = _scored(tmp_path / "all")
+    for part, n in (("limit", 3), ("sub", int((full["subject"] == subjects[-1]).sum()))):
+        got = _scored(tmp_path / part)
+        assert len(got) == n and 0 < n < len(whole), part
+        want = whole.loc[got.index]
+        assert (got["prob_pred"] == want["prob_pred"]).all(), part
+        diff = float((got["p_answer"] - want["p_answer"]).abs().max())
+        assert diff <= tol, part
