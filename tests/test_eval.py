@@ -2979,9 +2979,9 @@ def _edit_first_question(data: Path) -> None:
     rows: dict[str, list] = {}
     for n, it in enumerate(its):
         rows.setdefault(it.subject, []).append(
-            {c: None for c in MMMU_COLUMNS} | {"id": it.id, "question": it.question + (" Think of a red fox." * (n == 0)),
-                                               "answer": it.answer, "options": str(list(it.options)),
-                                               "question_type": "multiple-choice", "explanation": ""})
+            {c: None for c in MMMU_COLUMNS}
+            | {"id": it.id, "question": it.question + (" Think of a red fox." * (n == 0)), "answer": it.answer,
+               "options": str(list(it.options)), "question_type": "multiple-choice", "explanation": ""})
     write_mmmu_parquet(rows, data, "validation")
 
 
@@ -3019,7 +3019,8 @@ def test_a_resume_that_changes_one_field_of_the_runs_identity_is_refused(family,
     assert _eval(*base, fresh, *change) == 0
     old, new = (pd.read_parquet(part_file(d, 0, 0)) for d in (out, fresh))
     moved = (old["p_answer"] - new["p_answer"]).abs().max() > 1e-6 or (old["response"] != new["response"]).any()
-    assert moved == (field != "attn_implementation"), (field, old[["p_answer", "response"]], new[["p_answer", "response"]])
+    assert moved == (field != "attn_implementation"), (field, old[["p_answer", "response"]],
+                                                        new[["p_answer", "response"]])
 
 
 def test_an_item_too_large_for_memory_from_python_raises_the_command_lines_line(tmp_path: Path, capfd,

@@ -297,8 +297,8 @@ def _finished_finetune_log(d):
 @pytest.mark.parametrize("last", ["2,text=2,2.25,0.0001,0.0001,12", "2,text=2,2."], ids=["tokens", "loss"])
 def test_a_finished_finetune_log_whose_last_number_was_cut_is_refused(tmp_path, last):
     """A finished run's train_log.csv cut inside its last number (123 tokens read back as 12, a loss 2.25 as 2.)
-    read back as a whole log of a wrong number (fuzz48b), cut inside the loss as "1 readable rows". finetune appends a whole line a step before run.json says
-    complete, and a kill's torn line is a "running" run's, which the resume drops: a finished log's last line ends
+    read back as a whole log of a wrong number (fuzz48b), cut inside the loss as "1 readable rows". finetune appends
+    a whole line a step before run.json says complete, and a kill's torn line is a "running" run's, which the resume drops: a finished log's last line ends
     with its line end. The oracle: the file whole reads; cut by hand, it is BadInput naming it."""
     from figures.results import FinetuneRun
     from probe.errors import BadInput
