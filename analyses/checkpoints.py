@@ -209,7 +209,7 @@ def resolve_model_dir(spec: str) -> Path:
 def _weight_files(model_dir: Path, allow_bin: bool) -> tuple[Path | None, dict[str, Path]]:
     """Map every tensor key to its file: the weights transformers loads (``probe.models.weights_entry``, so the
     analyses read what probe.eval and probe.heads run), from the index when that is it; check every shard exists.
-    Returns the index followed (None: whole files, keyed ``""``) with the map."""
+    Returns the index followed (None: whole files, each keyed by its name) with the map."""
     from probe.models import read_weight_map, weights_entry
 
     entry = weights_entry(model_dir)
@@ -229,7 +229,9 @@ def _weight_files(model_dir: Path, allow_bin: bool) -> tuple[Path | None, dict[s
         raise BadInput(f"{model_dir}: only .bin weights; pass --allow-bin to read them (weights_only)")
     if not single:
         raise BadInput(f"{model_dir}: no weight files (*.safetensors)")
-    return None, {"": f for f in single}  # "" = take all keys of these files
+    # every key of each of these files (one shared key kept only the last file: a dir of two loose files read
+    # as its second alone)
+    return None, {f.name: f for f in single}
 
 
 @dataclass

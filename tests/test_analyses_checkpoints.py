@@ -932,3 +932,79 @@ def test_shift_and_trajectory_run_twice_reordered_or_through_a_link_give_the_sam
         assert not got[col].isna().any() and not want[col].isna().any()
         in_order = [f.sort_values(keys, ignore_index=True) for f in (got, want)]
         pd.testing.assert_frame_equal(*in_order, check_exact=True)
+
+
+def test_a_sharded_bin_checkpoint_needs_allow_bin_as_a_single_one_does(zoo, tmp_path, capsys):
+    """.bin weights are read only with --allow-bin, sharded (pytorch_model.bin.index.json, as transformers writes
+    them) as well as whole: without the index check a sharded .bin was unpickled unasked (a mutant dropping it
+    passed every test). With the flag it reads as the same model's safetensors do."""
+    sd = load_file(zoo["q1"] / "model.safetensors")
+    d = tmp_path / "binshards"
+    d.mkdir()
+    (d / "config.json").write_text((zoo["q1"] / "config.json").read_text(encoding="utf-8"), encoding="utf-8")
+    keys = sorted(sd)
+    halves = {"pytorch_model-00001-of-00002.bin": keys[: len(keys) // 2],
+              "pytorch_model-00002-of-00002.bin": keys[len(keys) // 2:]}
+    for name, part in halves.items():
+        torch.save({k: sd[k] for k in part}, d / name)
+    (d / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: name for name, part in halves.items() for k in part}}), encoding="utf-8")
+    out = tmp_path / "o"
+    code, err = run_cli(shift.main, ["--base", zoo["base"], "--models", d, "--out", out, "--no-figures"], capsys)
+    assert_bad(code, err, out, "only .bin weights", "--allow-bin")
+    with open_checkpoint(str(d), allow_bin=True) as ck, open_checkpoint(str(zoo["q1"])) as want:
+        assert ck.lm == want.lm
+        for canon in want.lm:
+            assert torch.equal(ck.view(ck.lm_info(canon)), want.view(want.lm_info(canon))), canon
+
+
+def test_an_lm_tensor_under_two_keys_of_one_layout_is_refused(zoo, tmp_path, capsys):
+    """model.lm_head.weight and lm_head.weight both read as the canonical lm_head.weight in the plain layout
+    (model. is stripped from one, lm_head. kept on the other). Read one over the other, the later key in the
+    file (model.lm_head.weight) became the head while transformers loads lm_head.weight and drops the other:
+    refused, naming both keys (a mutant keeping the last passed every test)."""
+    d = corrupt_copy(zoo["q1"], tmp_path / "two_heads")
+    f = d / "model.safetensors"
+    sd = load_file(f)
+    sd["model.lm_head.weight"] = sd["lm_head.weight"] + 1
+    save_file(sd, f, metadata={"format": "pt"})
+    with pytest.raises(BadInput, match=r"two tensors map to LM name 'lm_head\.weight' "
+                                       r"\(lm_head\.weight, model\.lm_head\.weight\)"):
+        open_checkpoint(str(d))
+
+
+def test_tensors_at_offsets_off_the_8_byte_grid_read_as_the_safetensors_library_reads_them(tmp_path):
+    """safetensors packs tensors back to back, so one after an odd count of 4-byte or 2-byte values starts off the
+    8-byte grid (a norm of odd width; a fine-tuned head of odd vocabulary). Each view equals the safetensors
+    library's own load (a reader rounding offsets to 8 bytes passed every test: the zoo's tensors all have even
+    sizes; one without the empty-tensor case raised ValueError on a 0-element tensor)."""
+    from analyses.checkpoints import SafetensorsFile
+
+    g = torch.Generator().manual_seed(0)
+    want = {"a": torch.randn(3, generator=g), "b": torch.randn(5, generator=g).to(torch.bfloat16),
+            "c": torch.randn(2, 3, generator=g), "d": torch.arange(7, dtype=torch.int16),
+            "e": torch.empty(0, 3)}  # no bytes at all: torch.frombuffer refuses a count of 0
+    save_file(want, tmp_path / "odd.safetensors")
+    f = SafetensorsFile(tmp_path / "odd.safetensors")
+    assert any(info.start % 8 for info in f.tensors.values())  # the case under test occurs
+    got = load_file(tmp_path / "odd.safetensors")
+    for key, info in f.tensors.items():
+        assert torch.equal(f.view(info), got[key]) and torch.equal(got[key], want[key]), key
+    f.close()
+
+
+def test_weight_files_under_no_standard_name_are_read_together(zoo, tmp_path):
+    """Without model.safetensors or an index, every *.safetensors file of the directory is the checkpoint (the
+    documented rule of _weight_files and check_shard_keys): the LM split over two such files reads as the whole
+    model (a reader of the first file alone passed every test)."""
+    sd = load_file(zoo["q1"] / "model.safetensors")
+    d = tmp_path / "loose"
+    d.mkdir()
+    (d / "config.json").write_text((zoo["q1"] / "config.json").read_text(encoding="utf-8"), encoding="utf-8")
+    keys = sorted(sd)
+    save_file({k: sd[k] for k in keys[::2]}, d / "part-a.safetensors", metadata={"format": "pt"})
+    save_file({k: sd[k] for k in keys[1::2]}, d / "part-b.safetensors", metadata={"format": "pt"})
+    with open_checkpoint(str(d)) as ck, open_checkpoint(str(zoo["q1"])) as want:
+        assert ck.lm == want.lm
+        for canon in want.lm:
+            assert torch.equal(ck.view(ck.lm_info(canon)), want.view(want.lm_info(canon))), canon

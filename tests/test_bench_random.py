@@ -374,6 +374,98 @@ def test_the_configs_are_the_published_7b_and_72b_shapes():
         assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == billions, name
 
 
+# The published checkpoints' config.json and preprocessor_config.json values that no parameter count sees (a count
+# rounded to 10M misses OneVision's 64 extra vocabulary rows), written out from the hub files.
+_QWEN2_TEXT = {"vocab_size": 152064, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": False,
+               "max_position_embeddings": 32768}
+PUBLISHED_CONFIGS = {
+    "qwen2-7b": ({}, _QWEN2_TEXT, None),
+    "qwen2-72b": ({}, _QWEN2_TEXT | {"hidden_size": 8192, "num_hidden_layers": 80}, None),
+    "qwen2-vl-7b": ({"mrope_section": [16, 24, 24]}, _QWEN2_TEXT,
+                    {"shortest_edge": 3136, "longest_edge": 12845056, "patch_size": 14, "merge_size": 2}),
+    "qwen2-vl-72b": ({"mrope_section": [16, 24, 24]}, _QWEN2_TEXT | {"hidden_size": 8192}, None),
+    "llava-ov-7b": ({"vision_feature_layer": -1, "vision_feature_select_strategy": "full"},
+                    _QWEN2_TEXT | {"vocab_size": 152128}, None),
+}
+
+
+@pytest.mark.parametrize("name", PUBLISHED_CONFIGS)
+def test_the_configs_state_the_published_values_no_shape_shows(name):
+    """Vocabulary, RMSNorm epsilon, RoPE base and M-RoPE sections, OneVision's feature layer and strategy (the last
+    of its 26 SigLIP layers, every patch), Qwen2-VL's pixel bounds: what the published configs state. Each
+    changes what a random-weight benchmark computes or how many tokens an image becomes without changing a
+    parameter count (mutants of each passed the shape tests)."""
+    from probe.archs import build_config, image_processor_for
+
+    top, text, processor = PUBLISHED_CONFIGS[name]
+    config = build_config(name)
+    tc = config.get_text_config()
+    rope = tc.rope_parameters
+    got = {"vocab_size": tc.vocab_size, "rms_norm_eps": tc.rms_norm_eps, "rope_theta": rope["rope_theta"],
+           "tie_word_embeddings": tc.tie_word_embeddings, "max_position_embeddings": tc.max_position_embeddings,
+           "hidden_size": tc.hidden_size, "num_hidden_layers": tc.num_hidden_layers}
+    assert {k: got[k] for k in text} == text
+    if "mrope_section" in top:
+        assert list(rope["mrope_section"]) == top["mrope_section"]
+    for key in ("vision_feature_layer", "vision_feature_select_strategy"):
+        if key in top:
+            assert getattr(config, key) == top[key]
+    if name == "qwen2-vl-72b":
+        assert config.vision_config.hidden_size == 8192  # the merger projects into the 72B LM
+    if processor:
+        ip = image_processor_for(name, config)
+        # transformers 5 keeps min_pixels / max_pixels as size's shortest_edge / longest_edge (pixel counts)
+        assert {k: getattr(ip.size if k.endswith("edge") else ip, k) for k in processor} == processor
+
+
+def test_a_cut_may_keep_the_whole_architecture_but_not_pass_it():
+    """--layers, --vision-layers and --vocab-size cut the named architecture: its own size is the full model (a
+    benchmark of all 28 layers), one more is refused."""
+    from probe.archs import build_config
+    from probe.errors import BadInput
+
+    full = build_config("qwen2-vl-7b", None, layers=28, vision_layers=32, vocab_size=152064)
+    assert (full.text_config.num_hidden_layers, full.vision_config.depth, full.text_config.vocab_size) == (
+        28, 32, 152064)
+    for kwargs, flag in (({"layers": 29}, "--layers 29"), ({"vision_layers": 33}, "--vision-layers 33"),
+                         ({"vocab_size": 152065}, "--vocab-size 152065")):
+        with pytest.raises(BadInput, match=flag):
+            build_config("qwen2-vl-7b", None, **kwargs)
+
+
+def test_random_init_is_hf_s_initialisation_by_kind_of_parameter():
+    """random_init gives what HF's _init_weights gives (initializer_range 0.02): matrices and embeddings N(0, 0.02),
+    biases 0, norm scales 1, and OneVision's image_newline (a vector) N(0, 0.02); the same seed the same weights.
+    Oracle: those rules checked per parameter on a small Qwen2 (q/k/v biases, RMSNorm scales), by sample moments
+    (a mutant filling the matrices with 1, or the biases with 1, passed the bench tests: a benchmark of a model
+    whose every matrix is ones)."""
+    import transformers
+
+    from probe.archs import random_init
+
+    cfg = transformers.Qwen2Config(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    model = transformers.Qwen2ForCausalLM(cfg)
+    model.register_parameter("image_newline", torch.nn.Parameter(torch.zeros(4096)))
+    random_init(model, seed=3)
+    kinds = set()
+    for name, p in model.named_parameters():
+        if p.dim() >= 2 or name == "image_newline":
+            kinds.add("normal")
+            assert abs(p.mean().item()) < 0.002 and abs(p.std().item() - 0.02) < 0.002, name
+        elif name.endswith("bias"):
+            kinds.add("bias")
+            assert torch.count_nonzero(p) == 0, name
+        else:
+            kinds.add("norm")
+            assert name.endswith("norm.weight") and torch.all(p == 1), name
+    assert kinds == {"normal", "bias", "norm"}
+    again = transformers.Qwen2ForCausalLM(cfg)
+    again.register_parameter("image_newline", torch.nn.Parameter(torch.zeros(4096)))
+    random_init(again, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(again.parameters(), model.parameters()))
+
+
 @pytest.mark.parametrize("name", ["qwen2-7b", "qwen2-vl-7b", "llava-ov-7b", "smollm2-135m"])
 def test_each_random_build_is_a_row_whose_media_ids_are_the_tokenizers(tmp_path, name):
     """probe.archs keeps its family specifics in BUILDS (a row per family, as probe.families): every family of

@@ -245,6 +245,71 @@ def test_keys_of_two_layouts_in_one_checkpoint_are_refused(model_type, keys, str
     with pytest.raises(BadInput, match=rf"keys of two layouts.*{re.escape(stray)}.*layout {other}\b"):
         detect_layout(model_type, [*keys, stray])
 
+
+# DESIGN §1's key lists written out: (layout, canonical LM name, its safetensors key on disk)
+DISK_KEYS = [
+    ("qwen2", "lm_head.weight", "lm_head.weight"),
+    ("qwen2", "layers.3.self_attn.o_proj.weight", "model.layers.3.self_attn.o_proj.weight"),
+    ("qwen2", "embed_tokens.weight", "model.embed_tokens.weight"),
+    ("qwen2_vl", "norm.weight", "model.norm.weight"),
+    ("llava_onevision", "lm_head.weight", "language_model.lm_head.weight"),
+    ("llava_onevision", "layers.0.mlp.down_proj.weight", "language_model.model.layers.0.mlp.down_proj.weight"),
+    ("llava_onevision_tf4", "lm_head.weight", "lm_head.weight"),
+    ("llava_onevision_tf4", "layers.1.self_attn.q_proj.bias", "model.language_model.layers.1.self_attn.q_proj.bias"),
+    ("qwen2_vl_tf4", "embed_tokens.weight", "model.language_model.embed_tokens.weight"),
+    ("llava_next_original", "layers.0.input_layernorm.weight", "model.layers.0.input_layernorm.weight"),
+    ("qwen2_audio", "lm_head.weight", "language_model.lm_head.weight"),
+]
+
+
+@pytest.mark.parametrize("layout, canon, disk", DISK_KEYS)
+def test_lm_disk_key_writes_design_s_key_and_refuses_a_name_that_is_no_lm_tensor(layout, canon, disk):
+    """lm_disk_key (the key a merged or carried lm_head is written under) gives DESIGN §1's key for each layout,
+    which canonical_lm_name reads back; a name no layout reads as an LM tensor (a vision tower's, a rotary buffer's)
+    is a ValueError, not a key under the LM's prefix (a mutant without the read-back check wrote
+    model.visual.patch_embed.proj.weight for qwen2 and passed every test)."""
+    from probe.families import lm_disk_key
+
+    lay = LAYOUTS[layout]
+    assert lm_disk_key(lay, canon) == disk
+    assert canonical_lm_name(lay, disk) == canon
+    for not_lm in ("visual.patch_embed.proj.weight", "layers.0.self_attn.rotary_emb.inv_freq"):
+        with pytest.raises(ValueError, match="no disk key"):
+            lm_disk_key(lay, not_lm)
+
+
+
+@pytest.mark.parametrize("model_type, keys", [
+    ("qwen2_audio", ["language_model.model.embed_tokens.weight", "language_model.model.layers.0.mlp.up_proj.weight",
+                     "language_model.lm_head.weight"]),
+    ("qwen2_vl", ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight", "lm_head.weight"]),
+    ("llava_onevision", ["language_model.model.embed_tokens.weight", "language_model.lm_head.weight",
+                         "language_model.model.layers.0.mlp.up_proj.weight"]),
+])
+def test_a_multimodal_config_over_an_lm_without_its_tower_is_no_layout(model_type, keys):
+    """DESIGN §1: a Qwen2-Audio checkpoint holds audio_tower.…, a Qwen2-VL one visual.…, a LLaVA-OneVision one
+    vision_tower.… beside its LM. A config of that type over the LM's keys alone is a checkpoint of another kind
+    (transformers would start the tower from random weights), refused as an unknown layout rather than read
+    (a qwen2_audio row whose markers lacked audio_tower. read it, and no test saw it)."""
+    with pytest.raises(BadInput, match="unknown checkpoint layout"):
+        detect_layout(model_type, keys)
+
+
+@pytest.mark.parametrize("model_type", ["llava", "llava_qwen"])
+def test_the_original_llava_next_layout_is_read_under_either_model_type_its_code_writes(model_type):
+    """lmms-lab's LLaVA-NeXT checkpoints (LLaVA-Video-7B-Qwen2, llava-onevision-qwen2-*) come from the original
+    LLaVA code, whose configs state model_type 'llava' (LlavaConfig) or 'llava_qwen' (LlavaQwenConfig); DESIGN §1's
+    keys: the Qwen2 LM's plus model.vision_tower. and model.mm_projector.. Both types read as that layout, with the
+    LM keys as the canonical names and the tower and projector left out (a table row without 'llava' refused the
+    first as an unknown layout, and no test saw it)."""
+    keys = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.norm.weight",
+            "lm_head.weight", "model.mm_projector.0.weight", "model.image_newline",
+            "model.vision_tower.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"]
+    lay = detect_layout(model_type, keys)
+    assert lay.name == "llava_next_original" and lay.family == "llava_onevision"
+    assert [canonical_lm_name(lay, k) for k in keys] == [
+        "embed_tokens.weight", "layers.0.self_attn.q_proj.weight", "norm.weight", "lm_head.weight", None, None, None]
+
 def _pair(family: str, root: Path) -> tuple[Path, Path]:
     """Two tiny models of one family with different random weights (seeds 0 and 1)."""
     from probe.tiny import SPECS, TinySpec, build_tiny

@@ -285,6 +285,53 @@ def test_hub_alias_offline_and_not_cached_says_so(tmp_path, monkeypatch):
         resolve_model("qwen2-vl")
 
 
+def test_the_config_step_fetches_every_file_save_pretrained_writes_but_the_weights(tiny_dirs):
+    """A hub model's first step (validation) fetches META_PATTERNS, the second adds the weights. Oracle: the files
+    transformers' save_pretrained wrote for a tiny Qwen2-VL (config, generation config, tokenizer, processor, and
+    transformers 5's chat_template.jinja); a pattern list without *.jinja left the chat template behind and passed
+    every test (the fake hub served no template to miss)."""
+    import fnmatch
+
+    from probe.hub import META_PATTERNS, WEIGHT_PATTERNS
+
+    written = [f.name for f in tiny_dirs["qwen2_vl"].iterdir() if f.is_file() and not f.name.startswith(".")]
+    assert "chat_template.jinja" in written and "model.safetensors" in written
+    for name in written:
+        meta = any(fnmatch.fnmatch(name, p) for p in META_PATTERNS)
+        assert meta != name.endswith(".safetensors"), name
+        assert any(fnmatch.fnmatch(name, p) for p in WEIGHT_PATTERNS), name
+
+
+def test_hf_hub_offline_is_read_as_huggingface_hub_reads_it(monkeypatch):
+    """HF_HUB_OFFLINE as set now counts as huggingface_hub counts it (any case of its ENV_VARS_TRUE_VALUES:
+    1, ON, YES, TRUE), unset it is huggingface_hub's own constant; offline, the snapshot is asked of the cache
+    only. Oracle: huggingface_hub.constants (a mutant taking only "1", one ignoring the constant and one
+    reaching the hub offline passed every test)."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from probe.hub import hub_offline, hub_snapshot
+
+    for value in sorted(constants.ENV_VARS_TRUE_VALUES):
+        for spelt in (value, value.lower()):
+            monkeypatch.setenv("HF_HUB_OFFLINE", spelt)
+            assert hub_offline(), spelt
+    for value in ("0", "false", "no", "off", ""):
+        monkeypatch.setenv("HF_HUB_OFFLINE", value)
+        assert not hub_offline(), value
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    for const in (True, False):
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", const)
+        assert hub_offline() is const
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, **kw: calls.append(kw.get("local_files_only", False)) or "/nowhere")
+    for value, cache_only in (("1", True), ("0", False)):
+        monkeypatch.setenv("HF_HUB_OFFLINE", value)
+        hub_snapshot("Org/Model")
+        assert calls[-1] is cache_only
+
+
 def test_hub_alias_download_error_is_bad_input(monkeypatch):
     import huggingface_hub
 

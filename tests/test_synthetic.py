@@ -92,6 +92,14 @@ def test_open_fraction_and_kinds():
         generate_items(2, seed=0, kinds=("smell",))
 
 
+@pytest.mark.parametrize("n, fraction, n_open", [(3, 0.5, 2), (7, 0.3, 2), (13, 0.1, 1), (5, 0.9, 4)])
+def test_the_open_items_are_the_rounded_share(n, fraction, n_open):
+    """generate_items makes round(n * open_fraction) items open-ended (its docstring; 1.5 of 3 is 2, 4.5 of 5 is
+    4), counted here from the rows (a mutant truncating, 1 of 3, passed every test: their shares were whole)."""
+    rows = generate_items(n, seed=1, kinds=("count",), open_fraction=fraction)
+    assert sum(r["question_type"] == "open" for r in rows) == n_open
+
+
 @pytest.mark.parametrize("kind", ALL_KINDS)
 def test_answers_match_scene_and_pixels(kind):
     rows = generate_items(30, seed=11, image_size=64, kinds=(kind,), open_fraction=0.2)
@@ -136,6 +144,18 @@ def test_scene_spec_json_round_trip():
     assert SceneSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec
     img = draw_scene(spec, 96)
     assert read_scene(img) == {"left": "red", "center": "blue"}
+
+
+def test_a_framed_scene_at_64_px_has_a_2_px_border():
+    """SceneSpec.frame is a 2-px border at the 64 px the zoo's image organisms train on (the frame is what tells
+    their task images apart): the two outermost pixel rings are the frame's colour, the third is background
+    (a mutant drawing 1 px passed every test)."""
+    frame = (0, 0, 0)
+    img = draw_scene(SceneSpec((ShapeSpec("circle", "red", "center"),), frame=frame), 64)
+    for x, y in ((0, 0), (1, 1), (63, 32), (62, 32), (32, 0), (32, 1), (1, 40)):
+        assert img.getpixel((x, y)) == frame, (x, y)
+    for x, y in ((2, 2), (61, 32), (32, 2), (2, 40)):
+        assert img.getpixel((x, y)) == BACKGROUND, (x, y)
 
 
 def test_builders_are_pure_given_rng():
@@ -238,6 +258,8 @@ def test_bench_rows_read_back_half_two_image_at_the_asked_length(tmp_path, with_
     rows = mmmu_length_rows(6, 3, 32, 40, words, with_images)
     assert rows == mmmu_length_rows(6, 3, 32, 40, words, with_images)
     assert rows != mmmu_length_rows(6, 4, 32, 40, words, with_images)
+    # ids count from 1 as MMMU's do (validation_Accounting_1 is its first item)
+    assert [r["id"] for r in rows] == [f"validation_Bench_{i}" for i in range(1, 7)]
     write_mmmu_parquet({"Bench": rows}, tmp_path, "validation")
     items, report = load_items(str(tmp_path))
     assert report.n_multiple_choice == 6 and report.n_skipped_open == 0
