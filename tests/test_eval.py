@@ -2642,6 +2642,10 @@ def test_eval_figure_fits_long_model_paths(eval_run, tmp_path):
     long = "/very/long/path/to/some/experiments/of/this/lab/merged/shift-softmax-tau-0.5"
     scores.loc[scores["model"] == "tiny-qwen2", "model"] = long
     scores.to_csv(copy / "scores.csv", index=False)
+    info = json.loads((copy / "run.json").read_text(encoding="utf-8"))  # the plan renamed alike (EvalRun.read checks)
+    for m in info["plan"]["models"]:
+        m["name"] = long if m["name"] == "tiny-qwen2" else m["name"]
+    (copy / "run.json").write_text(json.dumps(info), encoding="utf-8")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # "Tight layout not applied" is a UserWarning
         draw_eval(copy)
