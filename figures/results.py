@@ -205,42 +205,48 @@ class EvalRun:
         return r.iloc[0]
 
 
+def _rows_as_planned(csv: Path, planned: list[tuple], have: list[tuple], row: Callable[[tuple], str],
+                     planned_as: str, verb: str) -> None:
+    """The rows ``have`` (their keys, read from ``csv``) are the ``planned`` ones of run.json's plan, none missing
+    and no other: ``read_scores`` and ``read_sweep`` check a file against itself only, so a set or a layer cut at
+    its last row read back as whole. ``row`` names a key in the messages, ``planned_as`` the plan's rows (``{n}``:
+    how many), ``verb`` what the plan did with them; the first missing and the first extra key are named."""
+    have_set, planned_set = set(have), set(planned)
+    if lost := [key for key in planned if key not in have_set]:
+        raise BadInput(f"{csv}: no row for {row(lost[0])} ({len(lost)} of {planned_as.format(n=len(planned))} "
+                       "missing: a cut file?)")
+    if extra := [key for key in have if key not in planned_set]:
+        raise BadInput(f"{csv}: a row for {row(extra[0])}, which run.json's plan did not {verb} (rows of another "
+                       "run?)")
+
+
 def _check_scored(csv: Path, scores: pd.DataFrame, plan: dict[str, Any]) -> None:
     """scores.csv holds a row for each model × data set × subject ('all' and each of the set's subjects) of run.json's
-    plan and no other (probe.eval's score_table writes each, n/a ones included). ``read_scores`` checks the file
-    against itself, so a one-subject set cut at its last row (its subject's: 'all' is then the only row to total)
-    read back as whole. A plan without models, data names or subjects (an older run.json) is not checked."""
+    plan and no other (probe.eval's score_table writes each, n/a ones included): a one-subject set cut at its last
+    row (its subject's: 'all' is then the only row to total) read back as whole. A plan without models, data names
+    or subjects (an older run.json) is not checked."""
     try:
         planned = [(str(m["name"]), str(ds["name"]), subject) for m in plan["models"] for ds in plan["data"]
                    for subject in ["all", *map(str, ds["subjects"])]]
     except (KeyError, TypeError):
         return
     have = list(zip(scores["model"].astype(str), scores["data"].astype(str), scores["subject"].astype(str)))
-    have_set, planned_set = set(have), set(planned)
-    if lost := [key for key in planned if key not in have_set]:
-        raise BadInput(f"{csv}: no row for model {lost[0][0]} on data set {lost[0][1]}, subject {lost[0][2]} "
-                       f"({len(lost)} of the plan's {len(planned)} rows missing: a cut file?)")
-    if extra := [key for key in have if key not in planned_set]:
-        raise BadInput(f"{csv}: a row for model {extra[0][0]} on data set {extra[0][1]}, subject {extra[0][2]}, which "
-                       "run.json's plan did not score (rows of another run?)")
+    _rows_as_planned(csv, planned, have, lambda k: f"model {k[0]} on data set {k[1]}, subject {k[2]}",
+                     "the plan's {n} rows", "score")
 
 
 def _check_swept(csv: Path, heads: pd.DataFrame, info: dict[str, Any]) -> None:
-    """heads.csv holds a row for each head run.json's plan swept (its layers × heads) and no other. ``read_sweep``
-    checks the layers × heads the file itself names, so a sweep of one layer (or one head) cut at its last row lost
-    that head from both and read back short. A plan without the two lists (an older run.json) is not checked."""
+    """heads.csv holds a row for each head run.json's plan swept (its layers × heads) and no other: a sweep of one
+    layer (or one head) cut at its last row lost that head from the file and from the layers × heads it names. A
+    plan without the two lists (an older run.json) is not checked. Keys sorted: the lowest missing or extra head
+    is named."""
     plan = info.get("plan") if isinstance(info.get("plan"), dict) else {}
     layers, hs = plan.get("layers"), plan.get("heads")
     if not (isinstance(layers, list) and isinstance(hs, list)):
         return
-    swept = pd.MultiIndex.from_product([layers, hs])
-    have = pd.MultiIndex.from_frame(heads[["layer", "head"]])
-    if len(lost := swept.difference(have)):
-        raise BadInput(f"{csv}: no row for layer {lost[0][0]} head {lost[0][1]} ({len(lost)} of the swept "
-                       f"{len(swept)} heads missing: a cut file?)")
-    if len(extra := have.difference(swept)):
-        raise BadInput(f"{csv}: a row for layer {extra[0][0]} head {extra[0][1]}, which run.json's plan did not sweep "
-                       "(rows of another run?)")
+    _rows_as_planned(csv, sorted((layer, h) for layer in layers for h in hs),
+                     sorted(zip(heads["layer"], heads["head"])), lambda k: f"layer {k[0]} head {k[1]}",
+                     "the swept {n} heads", "sweep")
 
 
 @dataclass(repr=False, eq=False)
